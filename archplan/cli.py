@@ -1,0 +1,65 @@
+"""Thin Typer shell: each command lives in `archplan/commands/<name>.py` and registers itself.
+
+`main()` maps ArchplanError / ValidationError to one line on stderr and exit code 2
+(`ARCHPLAN_DEBUG=1` shows the traceback). torch is imported lazily, inside verify/bench only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from archplan.errors import ArchplanError
+
+COMMAND_MODULES = (
+    "size", "compare", "presets", "schema", "verify", "bench", "lint", "plan", "import_hf",
+)
+
+app = typer.Typer(
+    name="archplan",
+    help=(
+        "Plan and size LLM architectures: parameters, FLOPs, KV cache, memory and token budgets, "
+        "computed analytically and checked against real PyTorch models.\n\n"
+        "Examples:\n\n"
+        "  archplan size presets/70b.yaml\n\n"
+        "  archplan compare llama-3-8b mixtral-8x7b\n\n"
+        "  archplan verify deepseek-v3\n\n"
+        "  archplan lint configs/"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"archplan.commands.{_name}").register(app)
+
+
+def main() -> None:
+    debug = os.environ.get("ARCHPLAN_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except ArchplanError as exc:
+        if debug:
+            raise
+        typer.echo(f"archplan: error: {exc.render()}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`archplan compare` (placeholder until its issue lands)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None

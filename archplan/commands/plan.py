@@ -1,0 +1,7 @@
+"""`archplan plan` (placeholder until its issue lands)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None

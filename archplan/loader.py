@@ -1,0 +1,258 @@
+"""Read a spec from YAML: safe loader, duplicate keys rejected, errors with file:line:col and field path.
+
+`load_spec` accepts a path or the name of a bundled preset (`archplan size llama-3-8b`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from archplan.errors import ArchplanError
+from archplan.spec import Spec
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+MAX_FILE_BYTES = 4 * 1024 * 1024  # a spec is a page of YAML; anything bigger is not a spec
+MAX_YAML_NODES = 200_000  # guards against alias ("billion laughs") expansion
+
+Loc = tuple[int, int]  # 1-based line, column
+
+
+@dataclass(frozen=True)
+class LoadedYaml:
+    data: Any
+    locations: dict[tuple[str | int, ...], Loc]  # field path -> where its key/item starts
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps the position of every mapping key and rejects duplicate keys."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be plain scalars", key_node.start_mark
+            )
+        if key in seen:
+            first = seen[key].start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first defined on line {first})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return {
+        loader.construct_object(k, deep=True): loader.construct_object(v, deep=True)
+        for k, v in node.value
+    }
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _count_nodes(node: yaml.Node, budget: list[int]) -> None:
+    """Walk the composed graph as construction would expand it (aliases counted each time)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ArchplanError("YAML expands to too many nodes (alias bomb?)")
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            _count_nodes(k, budget)
+            _count_nodes(v, budget)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _count_nodes(item, budget)
+
+
+def _locations(node: yaml.Node, path: tuple[str | int, ...], out: dict) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key_path = path + (k.value,)
+            out.setdefault(key_path, (k.start_mark.line + 1, k.start_mark.column + 1))
+            _locations(v, key_path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.setdefault(path + (i,), (item.start_mark.line + 1, item.start_mark.column + 1))
+            _locations(item, path + (i,), out)
+
+
+def parse_yaml(text: str, file: str) -> LoadedYaml:
+    """Parse one YAML document safely; every failure is an ArchplanError naming file:line:col."""
+    if "\x00" in text:
+        raise ArchplanError("not a text file (NUL bytes)", file=file)
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise ArchplanError("empty file; expected a mapping of spec fields", file=file)
+            _count_nodes(node, [MAX_YAML_NODES])
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        if "could not determine a constructor" in str(exc):
+            problem = f"tag not allowed ({exc.problem}); archplan loads YAML with a safe loader"
+        raise ArchplanError(
+            f"invalid YAML: {problem}", file=file,
+            line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ArchplanError(f"invalid YAML: {exc}", file=file) from None
+    except RecursionError:
+        raise ArchplanError("YAML nests too deeply", file=file) from None
+    locations: dict[tuple[str | int, ...], Loc] = {}
+    _locations(node, (), locations)
+    return LoadedYaml(data, locations)
+
+
+def read_text(path: Path) -> str:
+    if not path.exists():
+        raise ArchplanError("no such file", file=str(path))
+    if path.is_dir():
+        raise ArchplanError("is a directory; expected a YAML spec file", file=str(path))
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ArchplanError(f"file is {size:,} bytes; a spec is at most {MAX_FILE_BYTES:,}", file=str(path))
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ArchplanError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchplanError("not UTF-8 text (binary file?)", file=str(path)) from None
+
+
+def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> ArchplanError:
+    # A misspelt key also makes its intended field "missing": report the typo, it explains both.
+    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
+    loc = tuple(err["loc"])
+    # pydantic inserts the discriminator tag (e.g. 'gqa') into the path; the YAML has no such key
+    yaml_path = tuple(p for p in loc if p in _path_keys(loaded, loc))
+    line_col = None
+    for cut in range(len(yaml_path), 0, -1):
+        line_col = loaded.locations.get(yaml_path[:cut])
+        if line_col:
+            break
+    field = ".".join(str(p) for p in yaml_path) or None
+    kind = err["type"]
+    message = err["msg"]
+    if kind == "extra_forbidden":
+        parent = yaml_path[:-1]
+        names = _valid_names(loaded, parent)
+        guess = difflib.get_close_matches(str(yaml_path[-1]), names, n=1)
+        message = "unknown field" + (f"; did you mean '{guess[0]}'?" if guess else "")
+        if names:
+            message += f" (expected one of: {', '.join(sorted(names))})"
+    elif kind == "missing":
+        message = "required field is missing"
+    elif kind == "union_tag_invalid":
+        message = f"unknown kind {err['input'].get('kind')!r}; expected one of {err['ctx']['expected_tags']}"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        message = f"{message} (got {err['input']!r})"
+    return ArchplanError(
+        message, file=file, line=line_col[0] if line_col else None,
+        column=line_col[1] if line_col else None, field=field,
+    )
+
+
+def _path_keys(loaded: LoadedYaml, loc: tuple) -> set:
+    """Keys of `loc` that really occur in the YAML (drops pydantic's union-tag segments)."""
+    keys: set = set()
+    node = loaded.data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and part == node.get("kind"):
+            continue  # pydantic's discriminated-union tag, not a YAML key
+        if isinstance(node, dict) and part in node:
+            keys.add(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            keys.add(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str):
+            keys.add(part)  # a missing/unknown key at the end of the path still names the field
+            node = None
+    return keys
+
+
+def _valid_names(loaded: LoadedYaml, parent: tuple) -> list[str]:
+    node: Any = loaded.data
+    model: Any = Spec
+    for part in parent:
+        node = node[part] if isinstance(node, (dict, list)) else None
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        candidates = _models_in(field.annotation)
+        if isinstance(node, dict) and "kind" in node:
+            candidates = [c for c in candidates if _kind_of(c) == node["kind"]] or candidates
+        model = candidates[0] if candidates else None
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}).keys())
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def _kind_of(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("kind")
+    return field.default if field is not None else None
+
+
+def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
+    data = loaded.data
+    if not isinstance(data, dict):
+        raise ArchplanError(
+            f"expected a mapping of spec fields at the top level, got {type(data).__name__}", file=file
+        )
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        raise _pydantic_error(exc, loaded, file) from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def find_spec_path(name_or_path: str) -> Path:
+    """A path, or the name of a bundled preset (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    guess = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+    hint = f"; did you mean preset '{guess[0]}'?" if guess else "; `archplan presets` lists the bundled ones"
+    raise ArchplanError(f"no such file or preset{hint}", file=name_or_path)
+
+
+def load_spec(name_or_path: str | Path) -> Spec:
+    path = find_spec_path(str(name_or_path))
+    file = str(name_or_path) if not path.is_relative_to(PRESETS_DIR) else str(path.relative_to(PRESETS_DIR.parent))
+    text = read_text(path)
+    return spec_from_data(parse_yaml(text, file), file)

@@ -1,0 +1,350 @@
+"""Resolve a spec into one explicit plan per layer, with every size a final integer.
+
+This is the only reader of layout patterns (Jamba's attention-every-8th, DeepSeek's first-k-dense,
+sliding/global alternation). Everything downstream — analytic sizer and torch builder alike —
+iterates `ModelPlan.layers` and never looks at a layer index to decide what a layer is.
+
+Module paths (the keys of every per-component result, and the names in the torch model):
+  embed, pos_embed, embed_norm,
+  layers.{i}.{norm}            one entry per name in LayerPlan.norms (norm1, norm2, post_norm1, ...)
+  layers.{i}.mixer             attention / MLA / Mamba, with their internal norms
+  layers.{i}.ffn               dense FFN
+  layers.{i}.ffn.router|experts|shared|shared_gate   MoE
+  final_norm, lm_head
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from archplan.spec import (
+    GLU,
+    GQA,
+    MHA,
+    MLA,
+    MLP,
+    MQA,
+    DeepNorm,
+    Mamba1,
+    Mamba2,
+    MoE,
+    NormSpec,
+    Parallel,
+    PostNorm,
+    PreNorm,
+    Reordered,
+    Residual,
+    Rope,
+    Sandwich,
+    Spec,
+    rotary_dim,
+)
+from typing_extensions import assert_never
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    kind: Literal["rmsnorm", "layernorm"]
+    bias: bool
+    eps: float
+
+
+@dataclass(frozen=True)
+class QKNormPlan:
+    scope: Literal["head", "per_head", "full"]
+    norm: NormPlan
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """MHA/GQA/MQA; `kind` is kept for display, the sizes say everything."""
+
+    kind: Literal["mha", "gqa", "mqa"]
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    qkv_bias: bool
+    out_bias: bool
+    qk_norm: QKNormPlan | None
+    window: int | None  # sliding window of this layer, None = global
+    rotary_dim: int  # 0 when the model has no RoPE
+
+
+@dataclass(frozen=True)
+class MLAPlan:
+    n_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    window: int | None
+    norm: NormPlan  # the q/kv latent RMSNorms (DeepSeek-V2 §2.1.2)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class Mamba1Plan:
+    d_inner: int
+    d_state: int
+    d_conv: int
+    dt_rank: int
+    conv_bias: bool
+    proj_bias: bool
+    inner_norms: bool
+    norm: NormPlan  # used for Jamba's dt/B/C norms
+
+
+@dataclass(frozen=True)
+class Mamba2Plan:
+    d_inner: int
+    d_state: int
+    d_conv: int
+    head_dim: int
+    n_heads: int
+    n_groups: int
+    chunk_size: int
+    conv_bias: bool
+    proj_bias: bool
+    norm: NormPlan  # the gated RMSNorm before out_proj
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+
+@dataclass(frozen=True)
+class FFNPlan:
+    kind: Literal["mlp", "glu"]
+    d_ff: int
+    activation: Literal["relu", "gelu", "gelu_tanh", "silu"]
+    bias: bool
+
+
+@dataclass(frozen=True)
+class MoEPlan:
+    n_experts: int
+    top_k: int
+    expert: FFNPlan
+    shared: FFNPlan | None  # all shared experts fused into one FFN of width n·d_ff
+    shared_gate: bool
+    scoring: Literal["softmax", "sigmoid"]
+    normalize_top_k: bool
+    router_bias: bool
+    score_correction_bias: bool  # a buffer, never a parameter
+    routed_scale: float
+    aux_loss_coef: float
+
+
+MixerPlan = Union[AttentionPlan, MLAPlan, Mamba1Plan, Mamba2Plan]
+FFNOrMoE = Union[FFNPlan, MoEPlan]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int
+    mixer: MixerPlan
+    ffn: FFNOrMoE | None
+    norms: tuple[str, ...]  # module names of this layer's norms, in forward order
+
+    @property
+    def path(self) -> str:
+        return f"layers.{self.index}"
+
+    @property
+    def is_attention(self) -> bool:
+        return isinstance(self.mixer, (AttentionPlan, MLAPlan))
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    vocab_size: int
+    d_model: int
+    max_seq_len: int
+    tied: bool
+    embed_norm: bool
+    lm_head_bias: bool
+    position: Literal["rope", "alibi", "learned", "sinusoidal", "none"]
+    rope: Rope | None
+    norm: NormPlan
+    residual: Literal["pre", "post", "deepnorm", "parallel", "sandwich", "reordered"]
+    deepnorm_alpha: float  # residual scale; 1.0 unless deepnorm
+    deepnorm_beta: float  # init gain; 1.0 unless deepnorm
+    final_norm: bool
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def norm_plan(norm: NormSpec) -> NormPlan:
+    return NormPlan(kind=norm.kind, bias=norm.has_bias, eps=norm.eps)
+
+
+def layer_norm_names(residual: Residual, has_ffn: bool) -> tuple[str, ...]:
+    """Norms of one block. With no FFN (pure Mamba blocks) only the mixer's norms exist."""
+    match residual:
+        case PreNorm() | PostNorm() | DeepNorm():
+            names: tuple[str, ...] = ("norm1", "norm2")
+        case Parallel(shared_norm=True):
+            return ("norm1",)
+        case Parallel():
+            names = ("norm1", "norm2")
+        case Sandwich():
+            names = ("norm1", "post_norm1", "norm2", "post_norm2")
+        case Reordered():
+            names = ("post_norm1", "post_norm2")
+        case _:
+            assert_never(residual)
+    return names if has_ffn else names[: len(names) // 2]
+
+
+def _attention_plan(spec: Spec, window: int | None) -> AttentionPlan | MLAPlan:
+    attn = spec.attention
+    assert attn is not None
+    if isinstance(attn, MLA):
+        return MLAPlan(
+            n_heads=attn.n_heads,
+            q_lora_rank=attn.q_lora_rank,
+            kv_lora_rank=attn.kv_lora_rank,
+            qk_nope_head_dim=attn.qk_nope_head_dim,
+            qk_rope_head_dim=attn.qk_rope_head_dim,
+            v_head_dim=attn.v_head_dim,
+            window=window,
+            norm=NormPlan("rmsnorm", False, spec.norm.eps),
+        )
+    head_dim = attn.head_dim or spec.d_model // attn.n_heads
+    match attn:
+        case MHA():
+            n_kv = attn.n_heads
+        case GQA():
+            n_kv = attn.n_kv_heads
+        case MQA():
+            n_kv = 1
+        case _:
+            assert_never(attn)
+    rope = spec.position if isinstance(spec.position, Rope) else None
+    return AttentionPlan(
+        kind=attn.kind,
+        n_heads=attn.n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        qkv_bias=attn.qkv_bias,
+        out_bias=attn.out_bias,
+        qk_norm=(
+            QKNormPlan(attn.qk_norm.scope, norm_plan(attn.qk_norm.norm)) if attn.qk_norm else None
+        ),
+        window=window,
+        rotary_dim=rotary_dim(head_dim, rope.fraction) if rope else 0,
+    )
+
+
+def _ssm_plan(spec: Spec) -> Mamba1Plan | Mamba2Plan:
+    ssm = spec.ssm
+    match ssm:
+        case Mamba1():
+            # Gu & Dao 2023 / mamba_simple.py: dt_rank "auto" = ceil(d_model / 16)
+            dt_rank = math.ceil(spec.d_model / 16) if ssm.dt_rank == "auto" else ssm.dt_rank
+            return Mamba1Plan(
+                d_inner=ssm.expand * spec.d_model,
+                d_state=ssm.d_state,
+                d_conv=ssm.d_conv,
+                dt_rank=dt_rank,
+                conv_bias=ssm.conv_bias,
+                proj_bias=ssm.proj_bias,
+                inner_norms=ssm.inner_norms,
+                norm=NormPlan("rmsnorm", False, spec.norm.eps),
+            )
+        case Mamba2():
+            d_inner = ssm.expand * spec.d_model
+            return Mamba2Plan(
+                d_inner=d_inner,
+                d_state=ssm.d_state,
+                d_conv=ssm.d_conv,
+                head_dim=ssm.head_dim,
+                n_heads=d_inner // ssm.head_dim,
+                n_groups=ssm.n_groups,
+                chunk_size=ssm.chunk_size,
+                conv_bias=ssm.conv_bias,
+                proj_bias=ssm.proj_bias,
+                norm=NormPlan("rmsnorm", False, spec.norm.eps),
+            )
+        case None:
+            raise AssertionError("layout places an SSM layer but spec.ssm is None")
+        case _:
+            assert_never(ssm)
+
+
+def ffn_plan(ffn: MLP | GLU) -> FFNPlan:
+    return FFNPlan(kind=ffn.kind, d_ff=ffn.d_ff, activation=ffn.activation, bias=ffn.bias)
+
+
+def _moe_plan(moe: MoE) -> MoEPlan:
+    shared = None
+    if moe.shared is not None:
+        shared = FFNPlan(
+            kind=moe.expert.kind,
+            d_ff=moe.shared.n * moe.shared.d_ff,
+            activation=moe.expert.activation,
+            bias=moe.expert.bias,
+        )
+    return MoEPlan(
+        n_experts=moe.n_experts,
+        top_k=moe.top_k,
+        expert=ffn_plan(moe.expert),
+        shared=shared,
+        shared_gate=moe.shared.gate if moe.shared is not None else False,
+        scoring=moe.router.scoring,
+        normalize_top_k=moe.router.normalize_top_k,
+        router_bias=moe.router.bias,
+        score_correction_bias=moe.router.score_correction_bias,
+        routed_scale=moe.router.scale,
+        aux_loss_coef=moe.aux_loss_coef,
+    )
+
+
+def resolve(spec: Spec) -> ModelPlan:
+    layout = spec.layout
+    pattern = layout.mixers
+    window = spec.attention.sliding_window if spec.attention is not None else None
+    # Built once and shared: identical layers hold the identical (frozen) plan object.
+    global_attn = _attention_plan(spec, None) if spec.attention is not None else None
+    local_attn = _attention_plan(spec, window) if window is not None else None
+    ssm = _ssm_plan(spec) if spec.ssm is not None else None
+    dense = ffn_plan(spec.ffn) if spec.ffn is not None else None
+    moe = _moe_plan(spec.moe) if spec.moe is not None else None
+
+    layers = []
+    for i in range(spec.n_layers):
+        letter = pattern[i % len(pattern)]
+        mixer = {"A": global_attn, "S": local_attn, "M": ssm}[letter]
+        assert mixer is not None
+        is_moe = moe is not None and i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
+        ffn: FFNOrMoE | None = moe if is_moe else dense
+        layers.append(LayerPlan(i, mixer, ffn, layer_norm_names(spec.residual, ffn is not None)))
+
+    residual = spec.residual
+    return ModelPlan(
+        name=spec.name,
+        vocab_size=spec.vocab_size,
+        d_model=spec.d_model,
+        max_seq_len=spec.max_seq_len,
+        tied=spec.embedding.tied,
+        embed_norm=spec.embedding.norm,
+        lm_head_bias=spec.embedding.lm_head_bias,
+        position=spec.position.kind,
+        rope=spec.position if isinstance(spec.position, Rope) else None,
+        norm=norm_plan(spec.norm),
+        residual=residual.kind,
+        deepnorm_alpha=spec.deepnorm_alpha if isinstance(residual, DeepNorm) else 1.0,
+        deepnorm_beta=spec.deepnorm_beta if isinstance(residual, DeepNorm) else 1.0,
+        final_norm=spec.final_norm,
+        layers=tuple(layers),
+    )

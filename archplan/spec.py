@@ -1,0 +1,486 @@
+"""The architecture spec: a frozen, `extra="forbid"` Pydantic v2 tree.
+
+Every variant set is a discriminated union on `kind`. The spec only *describes*; `resolve.py`
+turns it into one explicit plan per layer with final integers, which both the analytic sizer
+and the torch builder read. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+# Sizes above this are rejected as absurd: 2^40 would already be a 1-trillion-wide matrix side.
+MAX_DIM = 1 << 24
+MAX_LAYERS = 100_000
+
+Dim = Annotated[int, Field(gt=0, le=MAX_DIM)]
+NonNegDim = Annotated[int, Field(ge=0, le=MAX_DIM)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------- norms
+class NormSpec(Frozen):
+    """RMSNorm (Zhang & Sennrich 2019: weight only) or LayerNorm (Ba et al. 2016: weight + bias)."""
+
+    kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    bias: bool = Field(True, description="LayerNorm only: learnable bias (MPT/OLMo drop it).")
+    eps: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _rms_has_no_bias(self) -> NormSpec:
+        if self.kind == "rmsnorm" and "bias" in self.model_fields_set and self.bias:
+            raise ValueError("rmsnorm has no bias; set kind: layernorm or drop `bias`")
+        return self
+
+    @property
+    def has_bias(self) -> bool:
+        return self.kind == "layernorm" and self.bias
+
+
+# ----------------------------------------------------------------------------------- positions
+class RopeScaling(Frozen):
+    """RoPE length extension as shipped by Llama 3.1 (`llama3`), DeepSeek-V3 (`yarn`) and others."""
+
+    kind: Literal["linear", "ntk", "yarn", "llama3"]
+    factor: float = Field(gt=1.0, le=1024.0)
+    original_max_positions: PositiveInt | None = None
+    # llama3 (meta-llama/llama-models `apply_scaling`)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    # yarn (Peng et al. 2023, eq. 19-20; DeepSeek-V3 `yarn_get_mscale`)
+    beta_fast: float = Field(32.0, gt=0)
+    beta_slow: float = Field(1.0, gt=0)
+    mscale: float = Field(1.0, ge=0)
+    mscale_all_dim: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_original(self) -> RopeScaling:
+        if self.kind in ("yarn", "llama3") and self.original_max_positions is None:
+            raise ValueError(f"{self.kind} scaling needs original_max_positions")
+        return self
+
+
+class Rope(Frozen):
+    """Rotary embeddings (Su et al. 2021); `fraction` < 1 rotates only the first dims (GPT-NeoX/Phi)."""
+
+    kind: Literal["rope"] = "rope"
+    theta: float = Field(10000.0, gt=1.0)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    scaling: RopeScaling | None = None
+
+
+class Alibi(Frozen):
+    """Linear attention biases (Press et al. 2022); slopes are fixed, no parameters."""
+
+    kind: Literal["alibi"] = "alibi"
+
+
+class LearnedPositions(Frozen):
+    """Absolute learned position table (GPT-2 `wpe`); its size is the spec's `max_seq_len`."""
+
+    kind: Literal["learned"] = "learned"
+
+
+class SinusoidalPositions(Frozen):
+    """Fixed sinusoids added to the embeddings (Vaswani et al. 2017, §3.5)."""
+
+    kind: Literal["sinusoidal"] = "sinusoidal"
+
+
+class NoPositions(Frozen):
+    """No positional signal (Jamba: its Mamba layers carry order)."""
+
+    kind: Literal["none"] = "none"
+
+
+Position = Annotated[
+    Union[Rope, Alibi, LearnedPositions, SinusoidalPositions, NoPositions], Field(discriminator="kind")
+]
+
+
+# ----------------------------------------------------------------------------------- attention
+class QKNorm(Frozen):
+    """Normalisation of queries and keys before the dot product.
+
+    scope `head`: one norm of width head_dim shared by all heads (Qwen3, Gemma-3);
+    `per_head`: a separate norm per head (StableLM-2 `qk_layernorm`);
+    `full`: one norm over the whole projected q (n_heads·head_dim) and k (n_kv·head_dim) (OLMo-2).
+    """
+
+    scope: Literal["head", "per_head", "full"] = "head"
+    norm: NormSpec = NormSpec()
+
+
+class _HeadAttention(Frozen):
+    n_heads: Dim
+    head_dim: Dim | None = Field(None, description="Defaults to d_model / n_heads (must divide).")
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: QKNorm | None = None
+    sliding_window: Dim | None = Field(
+        None, description="Window for the layers marked `S` in layout.mixers."
+    )
+
+
+class MHA(_HeadAttention):
+    """Multi-head attention (Vaswani et al. 2017): one K/V head per query head."""
+
+    kind: Literal["mha"] = "mha"
+
+
+class GQA(_HeadAttention):
+    """Grouped-query attention (Ainslie et al. 2023): n_heads / n_kv_heads queries share a K/V head."""
+
+    kind: Literal["gqa"] = "gqa"
+    n_kv_heads: Dim
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> GQA:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+            )
+        return self
+
+
+class MQA(_HeadAttention):
+    """Multi-query attention (Shazeer 2019): a single K/V head."""
+
+    kind: Literal["mqa"] = "mqa"
+
+
+class MLA(Frozen):
+    """Multi-head latent attention (DeepSeek-V2 §2.1, arXiv:2405.04434)."""
+
+    kind: Literal["mla"] = "mla"
+    n_heads: Dim
+    q_lora_rank: Dim | None = Field(None, description="None: a plain q_proj (DeepSeek-V2-Lite).")
+    kv_lora_rank: Dim
+    qk_nope_head_dim: Dim
+    qk_rope_head_dim: Dim
+    v_head_dim: Dim
+    sliding_window: Dim | None = None
+
+    @model_validator(mode="after")
+    def _even_rope(self) -> MLA:
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (rotary pairs)")
+        return self
+
+
+Attention = Annotated[Union[MHA, GQA, MQA, MLA], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------ SSM
+class Mamba1(Frozen):
+    """Selective SSM block (Gu & Dao 2023; state-spaces/mamba `mamba_simple.Mamba`)."""
+
+    kind: Literal["mamba1"] = "mamba1"
+    d_state: Dim = 16
+    d_conv: Dim = 4
+    expand: Dim = 2
+    dt_rank: Dim | Literal["auto"] = Field("auto", description="auto = ceil(d_model / 16).")
+    conv_bias: bool = True
+    proj_bias: bool = False
+    inner_norms: bool = Field(False, description="Jamba's RMSNorms on dt, B and C.")
+
+
+class Mamba2(Frozen):
+    """SSD block (Dao & Gu 2024; state-spaces/mamba `mamba2.Mamba2`)."""
+
+    kind: Literal["mamba2"] = "mamba2"
+    d_state: Dim = 128
+    d_conv: Dim = 4
+    expand: Dim = 2
+    head_dim: Dim = 64
+    n_groups: Dim = 1
+    chunk_size: Dim = 256
+    conv_bias: bool = True
+    proj_bias: bool = False
+
+
+SSM = Annotated[Union[Mamba1, Mamba2], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------ FFN
+class MLP(Frozen):
+    """Two-matrix FFN: down(act(up(x)))."""
+
+    kind: Literal["mlp"] = "mlp"
+    d_ff: Dim
+    activation: Literal["relu", "gelu", "gelu_tanh", "silu"] = "gelu"
+    bias: bool = False
+
+
+class GLU(Frozen):
+    """Gated three-matrix FFN (Shazeer 2020): down(act(gate(x)) * up(x)); silu = SwiGLU, gelu = GeGLU."""
+
+    kind: Literal["glu"] = "glu"
+    d_ff: Dim
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    bias: bool = False
+
+
+FFN = Annotated[Union[MLP, GLU], Field(discriminator="kind")]
+
+
+class Router(Frozen):
+    """Top-k router. softmax: Mixtral/Switch; sigmoid: DeepSeek-V3 (with a score-correction bias buffer)."""
+
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    normalize_top_k: bool = True
+    bias: bool = False
+    score_correction_bias: bool = Field(
+        False, description="DeepSeek-V3 aux-loss-free balancing bias: a buffer, not a parameter."
+    )
+    scale: float = Field(1.0, gt=0, description="Routed output scale (DeepSeek-V3 routed_scaling_factor).")
+
+
+class SharedExperts(Frozen):
+    """Always-active experts (DeepSeek-MoE); built as one FFN of width n·d_ff, as HF does."""
+
+    n: Dim = 1
+    d_ff: Dim
+    gate: bool = Field(False, description="Qwen2-MoE: sigmoid(Linear(d_model, 1)) gate on the shared output.")
+
+
+class MoE(Frozen):
+    """Routed experts replacing the dense FFN on the layers the layout marks as MoE."""
+
+    n_experts: Dim
+    top_k: Dim
+    expert: FFN
+    shared: SharedExperts | None = None
+    router: Router = Router()
+    aux_loss_coef: float = Field(0.01, ge=0, description="Switch-style load-balancing loss weight.")
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> MoE:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        return self
+
+
+# ------------------------------------------------------------------------------------- residual
+class PreNorm(Frozen):
+    """x + f(norm(x)) (GPT-2, Llama)."""
+
+    kind: Literal["pre"] = "pre"
+
+
+class PostNorm(Frozen):
+    """norm(x + f(x)) (Vaswani et al. 2017, BERT)."""
+
+    kind: Literal["post"] = "post"
+
+
+class DeepNorm(Frozen):
+    """norm(alpha·x + f(x)), with beta-scaled init (Wang et al. 2022, DeepNet, Table 1).
+
+    Defaults (decoder-only column): alpha = (2L)^(1/4), beta = (8L)^(-1/4); see `Spec.deepnorm_alpha`.
+    """
+
+    kind: Literal["deepnorm"] = "deepnorm"
+    alpha: float | None = Field(None, gt=0)
+    beta: float | None = Field(None, gt=0)
+
+
+class Parallel(Frozen):
+    """x + attn(norm(x)) + ffn(norm'(x)) (GPT-J, Falcon, GPT-NeoX); shared_norm: one norm (GPT-J, Falcon-7B)."""
+
+    kind: Literal["parallel"] = "parallel"
+    shared_norm: bool = True
+
+
+class Sandwich(Frozen):
+    """x + norm_post(f(norm_pre(x))) (Gemma-2: four norms per layer)."""
+
+    kind: Literal["sandwich"] = "sandwich"
+
+
+class Reordered(Frozen):
+    """x + norm(f(x)) (OLMo-2 'reordered norm')."""
+
+    kind: Literal["reordered"] = "reordered"
+
+
+Residual = Annotated[
+    Union[PreNorm, PostNorm, DeepNorm, Parallel, Sandwich, Reordered], Field(discriminator="kind")
+]
+
+
+# --------------------------------------------------------------------------------------- layout
+class Layout(Frozen):
+    """Which mixer and which FFN each layer gets; `resolve.py` is the only reader.
+
+    `mixers` is a pattern repeated cyclically over the layers (or spelled out in full):
+    `A` global attention, `S` sliding-window attention, `M` the SSM. Jamba: `MMMMAMMM`.
+    A layer has routed experts iff `layer >= first_dense` and `layer % moe_every == moe_offset`
+    (HF DeepSeek `first_k_dense_replace`/`moe_layer_freq`; Jamba `expert_layer_period/offset`).
+    """
+
+    mixers: str = Field("A", pattern=r"^[ASM]+$", max_length=MAX_LAYERS)
+    moe_every: PositiveInt = 1
+    moe_offset: NonNegDim = 0
+    first_dense: NonNegDim = 0
+
+    @model_validator(mode="after")
+    def _offset_in_period(self) -> Layout:
+        if self.moe_offset >= self.moe_every:
+            raise ValueError(f"moe_offset ({self.moe_offset}) must be < moe_every ({self.moe_every})")
+        return self
+
+
+# ------------------------------------------------------------------------------------ the model
+class Embedding(Frozen):
+    tied: bool = Field(False, description="LM head shares the input embedding matrix.")
+    norm: bool = Field(False, description="Norm right after the embedding (BLOOM word_embeddings_layernorm).")
+    lm_head_bias: bool = False
+
+
+class Training(Frozen):
+    """Optional training intent, read by `lint` and `plan`."""
+
+    tokens: float | None = Field(None, gt=0, le=1e18, description="Planned training tokens.")
+    target_device_memory_gib: float | None = Field(None, gt=0)
+    batch: PositiveInt = 1
+
+
+class Reference(Frozen):
+    """Where a preset comes from and what was published; golden tests read it."""
+
+    source: str
+    total_params: int | None = Field(None, ge=0)
+    active_params: int | None = Field(None, ge=0)
+    rumour: bool = False
+    notes: str | None = None
+
+
+class Spec(Frozen):
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = None
+    vocab_size: Dim
+    d_model: Dim
+    n_layers: Annotated[int, Field(gt=0, le=MAX_LAYERS)]
+    max_seq_len: Annotated[int, Field(gt=0, le=1 << 26)] = 4096
+    embedding: Embedding = Embedding()
+    position: Position = Rope()
+    norm: NormSpec = NormSpec()
+    residual: Residual = PreNorm()
+    final_norm: bool = True
+    attention: Attention | None = None
+    ssm: SSM | None = None
+    ffn: FFN | None = None
+    moe: MoE | None = None
+    layout: Layout = Layout()
+    training: Training | None = None
+    reference: Reference | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        _check_layout(self)
+        _check_attention_dims(self)
+        _check_ssm_dims(self)
+        return self
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        assert isinstance(self.residual, DeepNorm)
+        return self.residual.alpha or (2 * self.n_layers) ** 0.25
+
+    @property
+    def deepnorm_beta(self) -> float:
+        assert isinstance(self.residual, DeepNorm)
+        return self.residual.beta or (8 * self.n_layers) ** -0.25
+
+
+def _check_layout(spec: Spec) -> None:
+    layout = spec.layout
+    letters = set(layout.mixers)
+    if letters & {"A", "S"} and spec.attention is None:
+        raise ValueError("layout.mixers uses attention (A/S) but `attention` is not set")
+    if "M" in letters and spec.ssm is None:
+        raise ValueError("layout.mixers uses the SSM (M) but `ssm` is not set")
+    if spec.attention is not None and not letters & {"A", "S"}:
+        raise ValueError("`attention` is set but layout.mixers has no A or S layer")
+    if spec.ssm is not None and "M" not in letters:
+        raise ValueError("`ssm` is set but layout.mixers has no M layer; e.g. mixers: M")
+    window = spec.attention.sliding_window if spec.attention is not None else None
+    if "S" in letters and window is None:
+        raise ValueError("layout.mixers has S layers but attention.sliding_window is not set")
+    if window is not None and "S" not in letters:
+        raise ValueError("attention.sliding_window is set but no layer is S in layout.mixers")
+    if len(layout.mixers) > spec.n_layers:
+        raise ValueError(
+            f"layout.mixers has {len(layout.mixers)} letters for only {spec.n_layers} layers"
+        )
+    moe_layers = sum(
+        1 for i in range(spec.n_layers)
+        if i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
+    )
+    if spec.moe is None:
+        if layout.moe_every != 1 or layout.moe_offset or layout.first_dense:
+            raise ValueError("layout.moe_every/moe_offset/first_dense need `moe`")
+    elif moe_layers == 0:
+        raise ValueError("`moe` is set but the layout places it on no layer")
+    dense_layers = spec.n_layers - moe_layers if spec.moe is not None else spec.n_layers
+    if spec.moe is not None and dense_layers and spec.ffn is None:
+        raise ValueError(f"{dense_layers} layers are dense under the layout but `ffn` is not set")
+    if spec.ffn is None and spec.moe is None and "M" not in letters:
+        raise ValueError("attention layers need `ffn` or `moe`")
+
+
+def _check_attention_dims(spec: Spec) -> None:
+    attn = spec.attention
+    if attn is None:
+        return
+    if isinstance(attn, MLA):
+        rotary = attn.qk_rope_head_dim
+    else:
+        if attn.head_dim is None and spec.d_model % attn.n_heads:
+            raise ValueError(
+                f"d_model ({spec.d_model}) is not divisible by n_heads ({attn.n_heads}); "
+                "set attention.head_dim explicitly"
+            )
+        head_dim = attn.head_dim or spec.d_model // attn.n_heads
+        rotary = head_dim
+        if isinstance(spec.position, Rope):
+            rotary = rotary_dim(head_dim, spec.position.fraction)
+    if isinstance(spec.position, Rope) and rotary % 2:
+        raise ValueError(f"rotary dimension {rotary} is odd; RoPE rotates pairs of dimensions")
+
+
+def _check_ssm_dims(spec: Spec) -> None:
+    ssm = spec.ssm
+    if not isinstance(ssm, Mamba2):
+        return
+    d_inner = ssm.expand * spec.d_model
+    if d_inner % ssm.head_dim:
+        raise ValueError(
+            f"ssm: d_inner = expand·d_model = {d_inner} is not divisible by head_dim ({ssm.head_dim})"
+        )
+    if (d_inner // ssm.head_dim) % ssm.n_groups:
+        raise ValueError(
+            f"ssm: {d_inner // ssm.head_dim} SSM heads are not divisible by n_groups ({ssm.n_groups})"
+        )
+
+
+def rotary_dim(head_dim: int, fraction: float) -> int:
+    """Rotated dims of a head (HF GPT-NeoX/Phi: int(head_dim * partial_rotary_factor))."""
+    return int(math.floor(head_dim * fraction + 1e-9))
+
+
+# The closed variant sets, enumerated once so tests can check every member has both halves.
+UNIONS: dict[str, tuple[type[BaseModel], ...]] = {
+    "attention": (MHA, GQA, MQA, MLA),
+    "ssm": (Mamba1, Mamba2),
+    "ffn": (MLP, GLU),
+    "position": (Rope, Alibi, LearnedPositions, SinusoidalPositions, NoPositions),
+    "residual": (PreNorm, PostNorm, DeepNorm, Parallel, Sandwich, Reordered),
+}

@@ -1,0 +1,53 @@
+"""Human units for printing. Counts use SI prefixes (7.24 B); bytes use binary GiB = 2^30 (DESIGN.md)."""
+
+from __future__ import annotations
+
+_COUNT = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+_BYTES = ((1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+_FLOPS = ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+
+
+def _three_digits(value: float) -> str:
+    """Three significant digits, the precision a sizing table needs (7.24, 13.5, 671)."""
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def count(n: float) -> str:
+    """7,241,732,096 -> '7.24 B' (parameters, tokens)."""
+    for scale, suffix in _COUNT:
+        if abs(n) >= scale:
+            return f"{_three_digits(n / scale)} {suffix}"
+    return f"{n:,.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def nbytes(n: float) -> str:
+    """Bytes in binary units: 14,495,514,624 -> '13.5 GiB'."""
+    for scale, suffix in _BYTES:
+        if abs(n) >= scale:
+            return f"{_three_digits(n / scale)} {suffix}"
+    return f"{n:,.0f} B"
+
+
+def flops(n: float, unit: str = "FLOP") -> str:
+    """1.23e15 -> '1.23 PFLOP' (pass unit='FLOP/s' for rates)."""
+    for scale, prefix in _FLOPS:
+        if abs(n) >= scale:
+            return f"{_three_digits(n / scale)} {prefix}{unit}"
+    return f"{n:.3g} {unit}"
+
+
+def sci(x: float) -> str:
+    """Scientific notation for budgets: 5.76e+23."""
+    return f"{x:.3g}"
+
+
+def ratio(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
