@@ -1,7 +1,140 @@
-"""`archplan bench` (placeholder until its issue lands)."""
+"""`archplan bench`: timed forward passes through the real modules, MFU, and a roofline prediction."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from archplan.commands.options import JsonOpt, SpecArg
+from archplan.units import count, flops, nbytes, percent
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class BenchDType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    math = "math"
+    flash = "flash"
+    efficient = "efficient"
+    cudnn = "cudnn"
+
+
+def bench(
+    spec: SpecArg,
+    device: Annotated[Device, typer.Option(help="auto = cuda when available, else cpu.")] = Device.auto,
+    dtype: Annotated[BenchDType, typer.Option(help="Weights and activations dtype.")] = BenchDType.bf16,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 1,
+    seq: Annotated[int, typer.Option(min=1, help="Prompt length (prefill tokens per sequence).")] = 512,
+    decode_tokens: Annotated[int, typer.Option(min=0, help="Incremental decode steps with the real cache.")] = 16,
+    layers: Annotated[int | None, typer.Option(
+        min=1, help="Build K layers of each layer kind and extrapolate to the full depth.")] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards first.")] = 2,
+    iters: Annotated[int, typer.Option(min=1, help="Timed forwards.")] = 5,
+    compile: Annotated[bool, typer.Option("--compile", help="Run the model under torch.compile.")] = False,
+    attn_backend: Annotated[Backend, typer.Option(help="SDPA backend to force.")] = Backend.auto,
+    compare_backends: Annotated[bool, typer.Option(
+        "--compare-backends", help="Repeat the prefill under every SDPA backend available here.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time prefill and decode of SPEC through the real modules and compare with the roofline.
+
+    FLOP/s and MFU use the analytic forward FLOPs (2 FLOPs per multiply-add, attention counted
+    causal) against the device's DENSE peak (datasheet for known GPUs; on CPU and unknown devices
+    a matmul and a copy are calibrated in the same run). Peak memory: torch.cuda.max_memory_allocated
+    on GPU, peak RSS on CPU.
+
+    Examples:
+
+      archplan bench presets/7b.yaml --device cuda --layers 4
+
+      archplan bench mixtral-8x7b --layers 1 --seq 256 --json
+
+      archplan bench llama-3-8b --layers 2 --compare-backends
+    """
+    from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench
+    from archplan.dtypes import DType
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    plan = resolve(load_spec(spec))
+    cfg = BenchConfig(device=device.value, dtype=DType(dtype.value), batch=batch, seq=seq,
+                      decode_tokens=decode_tokens, layers=layers, warmup=warmup, iters=iters,
+                      compile=compile, attn_backend=attn_backend.value)
+    result = run_bench(plan, cfg)
+    if compare_backends:
+        result.backends = run_backends(plan, cfg)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    _render(result, plan.name)
+
+
+def _render(result: object, name: str) -> None:
+    from archplan.bench.runner import EXTRAPOLATION_METHOD, BenchResult
+
+    assert isinstance(result, BenchResult)
+    console = Console()
+    cfg = result.config
+    title = f"{name} on {result.device}, {result.dtype}, batch {cfg.batch} × seq {cfg.seq}"
+    table = Table(title=title, show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    t = result.prefill
+    table.add_row("prefill median", f"{1e3 * result.prefill_seconds:.2f} ms",
+                  f"p10 {1e3 * t.quantile(0.1):.2f} / p90 {1e3 * t.quantile(0.9):.2f} ms measured"
+                  + (" (built layers)" if result.extrapolation else ""))
+    table.add_row("prefill tokens/s", count(result.tokens_per_s), "")
+    table.add_row("achieved", flops(result.achieved_flops_per_s, "FLOP/s"),
+                  f"analytic {flops(result.prefill_flops)} per forward, attention causal")
+    table.add_row("MFU", percent(result.mfu), f"peak {flops(result.peak.peak_flops, 'FLOP/s')} ({result.peak.source})")
+    table.add_row("roofline prediction", f"{1e3 * result.predicted_prefill.seconds:.2f} ms",
+                  f"error {100 * result.prediction_error:+.1f}% vs measured; bandwidth "
+                  f"{nbytes(result.peak.bandwidth)}/s")
+    if result.decode_seconds_per_token is not None:
+        assert result.predicted_decode is not None
+        table.add_row("decode", f"{1e3 * result.decode_seconds_per_token:.2f} ms/token",
+                      f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; roofline "
+                      f"{1e3 * result.predicted_decode.seconds:.2f} ms")
+    table.add_row("peak memory", nbytes(result.peak_memory_bytes), result.peak_memory_method)
+    table.add_row("analytic memory", nbytes(result.analytic_memory_bytes), "weights + cache of what was built")
+    console.print(table)
+
+    kinds = Table(title="roofline by layer kind", show_header=True)
+    for col in ("kind", "layers", "FLOPs", "bytes", "predicted", "bound"):
+        kinds.add_column(col, justify="right" if col not in ("kind", "bound") else "left")
+    for row in result.predicted_prefill.rows:
+        kinds.add_row(row.kind, str(row.count), flops(row.flops), nbytes(row.bytes),
+                      f"{1e3 * row.seconds:.3f} ms", row.bound)
+    console.print(kinds)
+    if result.extrapolation is not None:
+        console.print(f"[bold]extrapolated[/bold] from {result.extrapolation.built_layers} to "
+                      f"{result.extrapolation.full_layers}: {EXTRAPOLATION_METHOD}")
+    if result.backends:
+        backends = Table(title="SDPA backends", show_header=True)
+        for col in ("backend", "median", "tokens/s", "peak memory"):
+            backends.add_column(col)
+        for row in result.backends:
+            backends.add_row(str(row["backend"]), f"{1e3 * float(row['median_s']):.2f} ms",  # type: ignore[arg-type]
+                             count(float(row["tokens_per_s"])), nbytes(float(row["peak_memory_bytes"])))  # type: ignore[arg-type]
+        console.print(backends)
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("bench")(bench)
+

@@ -1,0 +1,1 @@
+"""`archplan bench`: timed forward passes through the real modules (imports torch)."""

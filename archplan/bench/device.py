@@ -1,0 +1,138 @@
+"""The device a benchmark runs on: its peak FLOP/s and bandwidth (datasheet or calibrated), its free
+memory, and how peak memory is measured there. Imports torch: only `archplan bench` uses it."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from archplan.dtypes import DType
+from archplan.errors import ArchplanError
+from archplan.hardware import match_device_name
+
+TORCH_DTYPES: dict[DType, torch.dtype] = {
+    DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    name: str
+    peak_flops: float  # dense FLOP/s at the run's dtype
+    bandwidth: float  # bytes/s
+    source: str  # "datasheet: ..." or "calibrated in this run: ..."
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ArchplanError("--device cuda: CUDA is not available (torch "
+                            f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)")
+    return torch.device(choice)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate_matmul(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of square matmuls (2·n³ FLOPs each), best of repeated timings."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * size**3 / best
+
+
+def calibrate_copy(device: torch.device, n_bytes: int = 1 << 27, seconds: float = 0.3) -> float:
+    """Achieved bytes/s of a large tensor copy (read + write counted, as STREAM's Copy)."""
+    src = torch.empty(n_bytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n_bytes / best
+
+
+def device_peak(device: torch.device, dtype: DType) -> DevicePeak:
+    """Datasheet dense peak for known GPUs; otherwise (CPU, unknown GPU) calibrate now."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        known = match_device_name(name)
+        if known is not None and dtype.value in known.peak_flops:
+            return DevicePeak(name, known.peak(dtype.value), known.hbm_bytes_per_s,
+                              f"datasheet ({known.name}, dense {dtype.value})")
+    else:
+        name = _cpu_name()
+    flops = calibrate_matmul(device, TORCH_DTYPES[dtype])
+    bandwidth = calibrate_copy(device)
+    return DevicePeak(name, flops, bandwidth,
+                      f"calibrated in this run: {dtype.value} 1024³ matmul and a 128 MiB copy")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU ({sys.platform}, {torch.get_num_threads()} threads)"
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux resets the VmHWM high-water mark when 5 is written to clear_refs (proc(5)).
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak bytes and how they were measured."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "process peak RSS since the run began (VmHWM)"
+    # ru_maxrss is KiB on Linux: the process's lifetime high-water mark, torch import included.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (ru_maxrss)"

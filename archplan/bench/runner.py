@@ -1,0 +1,418 @@
+"""Timed forward passes through the real modules: prefill, decode with the real cache, peak memory,
+MFU against the device peak, the roofline prediction beside the measurement, and `--layers K`
+extrapolation to the full depth."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from archplan.analytic import count_params, forward_flops, kv_cache
+from archplan.bench.device import (
+    TORCH_DTYPES,
+    DevicePeak,
+    device_peak,
+    free_memory,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+    synchronize,
+)
+from archplan.bench.roofline import Roofline, layer_kind, predict_decode_step, predict_prefill
+from archplan.dtypes import DType, nbytes
+from archplan.errors import ArchplanError
+from archplan.resolve import LayerPlan, ModelPlan
+from archplan.units import nbytes as fmt_bytes
+
+BACKENDS = ("math", "flash", "efficient", "cudnn")
+# Headroom for the allocator, workspaces and the framework itself when deciding what fits.
+FIT_FRACTION = 0.85
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str = "auto"
+    dtype: DType = DType.bf16
+    batch: int = 1
+    seq: int = 512
+    decode_tokens: int = 16
+    layers: int | None = None
+    warmup: int = 2
+    iters: int = 5
+    compile: bool = False
+    attn_backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class Timing:
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@dataclass(frozen=True)
+class Extrapolation:
+    """How a `--layers K` measurement becomes a full-depth figure."""
+
+    built_layers: dict[str, int]
+    full_layers: dict[str, int]
+    block_seconds: dict[str, float]  # measured seconds of one block of each kind
+    rest_seconds: float  # embedding, final norm, head: measured total minus the blocks
+
+    def scale(self) -> float:
+        return self.rest_seconds + sum(self.full_layers[k] * self.block_seconds[k] for k in self.full_layers)
+
+
+@dataclass
+class BenchResult:
+    device: str
+    dtype: str
+    config: BenchConfig
+    peak: DevicePeak
+    prefill: Timing
+    prefill_seconds: float  # full-depth figure (extrapolated when --layers)
+    prefill_flops: int  # analytic forward FLOPs of the full model, attention causal
+    decode: Timing | None
+    decode_seconds_per_token: float | None
+    peak_memory_bytes: int
+    peak_memory_method: str
+    analytic_memory_bytes: int  # weights + KV of what was built
+    predicted_prefill: Roofline
+    predicted_decode: Roofline | None
+    extrapolation: Extrapolation | None
+    backends: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.config.batch * self.config.seq / self.prefill_seconds
+
+    @property
+    def achieved_flops_per_s(self) -> float:
+        return self.prefill_flops / self.prefill_seconds
+
+    @property
+    def mfu(self) -> float:
+        return self.achieved_flops_per_s / self.peak.peak_flops
+
+    @property
+    def prediction_error(self) -> float:
+        """(predicted − measured) / measured."""
+        return (self.predicted_prefill.seconds - self.prefill_seconds) / self.prefill_seconds
+
+    def to_json(self) -> dict[str, object]:
+        decode = None
+        if self.decode_seconds_per_token is not None:
+            assert self.predicted_decode is not None
+            decode = {
+                "ms_per_token": 1e3 * self.decode_seconds_per_token,
+                "tokens_per_s": self.config.batch / self.decode_seconds_per_token,
+                "predicted_ms_per_token": 1e3 * self.predicted_decode.seconds,
+                "steps": self.config.decode_tokens,
+            }
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch": self.config.batch,
+            "seq": self.config.seq,
+            "peak": {"flops_per_s": self.peak.peak_flops, "bandwidth_bytes_per_s": self.peak.bandwidth,
+                     "source": self.peak.source},
+            "prefill": {
+                "median_s": self.prefill_seconds,
+                "measured_median_s": self.prefill.median,
+                "p10_s": self.prefill.quantile(0.1),
+                "p90_s": self.prefill.quantile(0.9),
+                "tokens_per_s": self.tokens_per_s,
+                "flops": self.prefill_flops,
+                "flops_convention": "analytic forward, 2 FLOPs/MAC, attention causal",
+                "achieved_flops_per_s": self.achieved_flops_per_s,
+                "mfu": self.mfu,
+            },
+            "decode": decode,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_method": self.peak_memory_method,
+            "analytic_memory_bytes": self.analytic_memory_bytes,
+            "predicted": {
+                "prefill_s": self.predicted_prefill.seconds,
+                "error": self.prediction_error,
+                "by_kind": [r.__dict__ for r in self.predicted_prefill.rows],
+            },
+            "extrapolated": self.extrapolation is not None,
+            "extrapolation": None if self.extrapolation is None else {
+                "method": EXTRAPOLATION_METHOD,
+                "built_layers": self.extrapolation.built_layers,
+                "full_layers": self.extrapolation.full_layers,
+                "block_seconds": self.extrapolation.block_seconds,
+                "rest_seconds": self.extrapolation.rest_seconds,
+            },
+            "backends": self.backends,
+        }
+
+
+EXTRAPOLATION_METHOD = (
+    "built K layers of each layer kind (plus embedding and head); one extra timed pass with per-block "
+    "hooks gives each kind's block time, scaled so the blocks and the rest sum to the median; full depth "
+    "= rest + Σ_kind (layers of that kind) × block time"
+)
+
+
+def truncate(plan: ModelPlan, k: int) -> ModelPlan:
+    """The first k layers of each kind, in their original order, re-indexed from 0."""
+    taken: dict[str, int] = defaultdict(int)
+    kept: list[LayerPlan] = []
+    for layer in plan.layers:
+        kind = layer_kind(layer)
+        if taken[kind] < k:
+            taken[kind] += 1
+            kept.append(replace(layer, index=len(kept)))
+    return replace(plan, layers=tuple(kept))
+
+
+def kinds(plan: ModelPlan) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for layer in plan.layers:
+        counts[layer_kind(layer)] += 1
+    return dict(counts)
+
+
+def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
+    """What a bench run holds: weights, the cache, logits and a few activations of width D."""
+    b = nbytes(cfg.dtype)
+    tokens = cfg.batch * cfg.seq
+    weights = count_params(plan).total * b
+    cache = kv_cache(plan, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes
+    logits = tokens * plan.vocab_size * b
+    activations = 16 * tokens * plan.d_model * b
+    return int(weights + cache + logits + activations)
+
+
+def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
+    need = estimate_bytes(plan if cfg.layers is None else truncate(plan, cfg.layers), cfg)
+    if need <= FIT_FRACTION * free:
+        return
+    hint = "reduce --batch/--seq"
+    for k in (8, 4, 2, 1):
+        if estimate_bytes(truncate(plan, k), cfg) <= FIT_FRACTION * free and k < plan.n_layers:
+            hint = f"try --layers {k}"
+            break
+    raise ArchplanError(
+        f"will not fit: needs about {fmt_bytes(need)} (analytic weights + cache + logits) but the device "
+        f"has {fmt_bytes(free)} free; {hint}"
+    )
+
+
+@contextlib.contextmanager
+def sdpa_backend(name: str) -> Iterator[None]:
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    with sdpa_kernel([backend]):
+        yield
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """SDPA backends that run a small causal GQA attention on this device and dtype."""
+    q = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
+    found = []
+    for name in BACKENDS:
+        try:
+            with sdpa_backend(name):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+            found.append(name)
+        except RuntimeError:
+            continue
+    return found
+
+
+def _check_compile(device: torch.device) -> None:
+    if not torch._dynamo.is_dynamo_supported():
+        raise ArchplanError("--compile: torch.compile is not supported on this Python/platform")
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ArchplanError("--compile: torch.compile needs Triton on CUDA, and it is not installed")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
+def _time(fn: Callable[[], object], device: torch.device, n: int, progress: Progress, label: str) -> Timing:
+    task = progress.add_task(label, total=n)
+    samples = []
+    for _ in range(n):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        progress.advance(task)
+    progress.remove_task(task)
+    return Timing(tuple(samples))
+
+
+def _block_seconds(model: torch.nn.Module, plan: ModelPlan, run: Callable[[], object],
+                   device: torch.device) -> tuple[dict[str, list[float]], float]:
+    """One instrumented pass: seconds spent in each block, by kind, and the pass's total."""
+    per_kind: dict[str, list[float]] = defaultdict(list)
+    marks: list[tuple[str, object, object]] = []
+    handles = []
+    for layer, block in zip(plan.layers, model.layers):  # type: ignore[attr-defined]
+        kind = layer_kind(layer)
+
+        def pre(_m: object, _a: object, kind: str = kind) -> None:
+            marks.append((kind, _now(device), None))
+
+        def post(_m: object, _a: object, _o: object) -> None:
+            kind, start, _ = marks[-1]
+            marks[-1] = (kind, start, _now(device))
+
+        handles.append(block.register_forward_pre_hook(pre))
+        handles.append(block.register_forward_hook(post))
+    synchronize(device)
+    t0 = _now(device)
+    run()
+    t1 = _now(device)
+    synchronize(device)
+    for h in handles:
+        h.remove()
+    for kind, start, end in marks:
+        per_kind[kind].append(_elapsed(start, end))
+    return per_kind, _elapsed(t0, t1)
+
+
+def _now(device: torch.device) -> object:
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed(start: object, end: object) -> float:
+    if isinstance(start, float):
+        assert isinstance(end, float)
+        return end - start
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3  # type: ignore[attr-defined]
+
+
+def _extrapolate(full: ModelPlan, built: ModelPlan, per_kind: dict[str, list[float]], instrumented: float,
+                 median: float) -> Extrapolation:
+    block_total = sum(sum(v) for v in per_kind.values())
+    scale = median / instrumented  # remove the hooks' own overhead
+    block = {k: scale * statistics.mean(v) for k, v in per_kind.items()}
+    rest = max(0.0, median - scale * block_total)
+    return Extrapolation(kinds(built), kinds(full), block, rest)
+
+
+def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None) -> BenchResult:
+    from archplan.modules.model import build_model
+
+    console = console or Console(stderr=True)
+    device = resolve_device(cfg.device)
+    if cfg.dtype not in TORCH_DTYPES:
+        raise ArchplanError(f"--dtype {cfg.dtype.value}: bench runs fp32, bf16 or fp16")
+    torch_dtype = TORCH_DTYPES[cfg.dtype]
+    if cfg.compile:
+        _check_compile(device)
+    if cfg.attn_backend != "auto" and cfg.attn_backend not in available_backends(device, torch_dtype):
+        raise ArchplanError(f"--attn-backend {cfg.attn_backend}: not available on {device.type} "
+                            f"with {cfg.dtype.value} (available: {', '.join(available_backends(device, torch_dtype))})")
+    check_fits(plan, cfg, free_memory(device))
+    built = plan if cfg.layers is None else truncate(plan, cfg.layers)
+    peak = device_peak(device, cfg.dtype)
+    b = nbytes(cfg.dtype)
+
+    torch.manual_seed(0)
+    reset_peak_memory(device)
+    model = build_model(built, device=device.type, dtype=torch_dtype).eval()
+    forward = torch.compile(model) if cfg.compile else model
+    tokens = torch.randint(0, plan.vocab_size, (cfg.batch, cfg.seq), device=device)
+
+    def prefill() -> object:
+        with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
+            return forward(tokens)
+
+    with _progress(console) as progress:
+        _time(prefill, device, cfg.warmup, progress, "warm-up")
+        timing = _time(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")
+        extrapolation = None
+        if cfg.layers is not None and built.n_layers < plan.n_layers:
+            with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
+                per_kind, instrumented = _block_seconds(model, built, lambda: model(tokens), device)
+            extrapolation = _extrapolate(plan, built, per_kind, instrumented, timing.median)
+        decode, decode_s = _decode(model, built, cfg, device, progress, extrapolation is not None, plan)
+    peak_bytes, method = peak_memory(device)
+    prefill_s = extrapolation.scale() if extrapolation else timing.median
+    flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
+    analytic_mem = int(count_params(built).total * b + kv_cache(built, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes)
+    result = BenchResult(
+        device=peak.name, dtype=cfg.dtype.value, config=cfg, peak=peak, prefill=timing,
+        prefill_seconds=prefill_s, prefill_flops=flops, decode=decode, decode_seconds_per_token=decode_s,
+        peak_memory_bytes=peak_bytes, peak_memory_method=method, analytic_memory_bytes=analytic_mem,
+        predicted_prefill=predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth),
+        predicted_decode=(predict_decode_step(plan, cfg.batch, cfg.seq + cfg.decode_tokens // 2, b,
+                                              peak.peak_flops, peak.bandwidth) if cfg.decode_tokens else None),
+        extrapolation=extrapolation,
+    )
+    del model, forward
+    return result
+
+
+def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
+            progress: Progress, extrapolate: bool, full: ModelPlan) -> tuple[Timing | None, float | None]:
+    """Prefill into a real cache, time `decode_tokens` single-token steps (+1 instrumented step
+    when extrapolating to full depth)."""
+    if cfg.decode_tokens == 0:
+        return None, None
+    with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
+        cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 1)  # type: ignore[operator]
+        prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
+        state = {"token": model(prompt, cache=cache)[:, -1:].argmax(-1)}
+
+        def step() -> None:
+            state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
+
+        timing = _time(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens")
+        if not extrapolate:
+            return timing, timing.median
+        per_kind, instrumented = _block_seconds(model, built, step, device)
+    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale()
+
+
+def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object]]:
+    """The same prefill under each SDPA backend available here: time and peak memory."""
+    device = resolve_device(cfg.device)
+    rows: list[dict[str, object]] = []
+    for name in available_backends(device, TORCH_DTYPES[cfg.dtype]):
+        result = run_bench(plan, replace(cfg, attn_backend=name, decode_tokens=0))
+        rows.append({"backend": name, "median_s": result.prefill_seconds,
+                     "tokens_per_s": result.tokens_per_s, "peak_memory_bytes": result.peak_memory_bytes,
+                     "peak_memory_method": result.peak_memory_method})
+    return rows
