@@ -1,0 +1,126 @@
+"""`archplan bench` end to end on CPU with tiny specs: structure and sanity, never speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from archplan.bench.roofline import predict_decode_step, predict_prefill
+from archplan.bench.runner import BenchConfig, estimate_bytes, kinds, run_bench, truncate
+from archplan.cli import app
+from archplan.dtypes import DType
+from archplan.resolve import resolve
+from archplan.spec import Spec
+
+TINY = dict(
+    name="tiny", vocab_size=256, d_model=64, n_layers=4, max_seq_len=128,
+    attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+    ffn={"kind": "glu", "d_ff": 128},
+)
+TINY_HYBRID = dict(
+    name="tiny-hybrid", vocab_size=256, d_model=64, n_layers=4, max_seq_len=128,
+    position={"kind": "none"},
+    attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+    ssm={"kind": "mamba1", "d_state": 8},
+    ffn={"kind": "glu", "d_ff": 128},
+    moe={"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "d_ff": 64}},
+    layout={"mixers": "MA", "moe_every": 2, "moe_offset": 1},
+)
+FAST = BenchConfig(device="cpu", dtype=DType.fp32, batch=2, seq=16, decode_tokens=3, warmup=1, iters=3)
+
+
+def plan_of(raw: dict) -> object:
+    return resolve(Spec.model_validate(raw))
+
+
+def test_run_bench_structure_and_sanity() -> None:
+    result = run_bench(plan_of(TINY), FAST)
+    out = result.to_json()
+    assert out["prefill"]["median_s"] > 0
+    assert out["prefill"]["p10_s"] <= out["prefill"]["median_s"] <= out["prefill"]["p90_s"]
+    assert out["prefill"]["tokens_per_s"] == pytest.approx(2 * 16 / out["prefill"]["median_s"])
+    assert 0 < out["prefill"]["mfu"] <= 1
+    assert out["prefill"]["achieved_flops_per_s"] == pytest.approx(out["prefill"]["mfu"] * out["peak"]["flops_per_s"])
+    assert out["decode"]["ms_per_token"] > 0 and out["decode"]["steps"] == 3
+    assert out["peak_memory_bytes"] > 0
+    assert out["predicted"]["prefill_s"] > 0
+    assert out["extrapolated"] is False
+    assert "calibrated" in out["peak"]["source"]
+
+
+def test_truncate_keeps_k_layers_of_each_kind() -> None:
+    plan = plan_of(TINY_HYBRID)
+    assert kinds(plan) == {"mamba1+dense": 2, "gqa+moe": 2}
+    cut = truncate(plan, 1)
+    assert kinds(cut) == {"mamba1+dense": 1, "gqa+moe": 1}
+    assert [layer.index for layer in cut.layers] == [0, 1]
+    assert estimate_bytes(cut, FAST) < estimate_bytes(plan, FAST)
+
+
+def test_extrapolation_arithmetic() -> None:
+    plan = plan_of(TINY_HYBRID)
+    result = run_bench(plan, BenchConfig(**{**FAST.__dict__, "layers": 1}))
+    ext = result.extrapolation
+    assert ext is not None
+    assert ext.built_layers == {"mamba1+dense": 1, "gqa+moe": 1}
+    assert ext.full_layers == {"mamba1+dense": 2, "gqa+moe": 2}
+    expected = ext.rest_seconds + sum(ext.full_layers[k] * ext.block_seconds[k] for k in ext.full_layers)
+    assert result.prefill_seconds == pytest.approx(expected)
+    # Full depth costs more than what was built, and each block took some time.
+    assert result.prefill_seconds > ext.rest_seconds
+    assert all(v > 0 for v in ext.block_seconds.values())
+    assert result.to_json()["extrapolated"] is True
+
+
+def test_roofline_is_max_of_compute_and_memory() -> None:
+    plan = plan_of(TINY)
+    roof = predict_prefill(plan, 1, 32, 2, peak_flops=1e12, bandwidth=1e11)
+    for row in roof.rows:
+        # Each kind sums max(compute, memory) over its components: between the max and the sum.
+        compute, memory = row.flops / 1e12, row.bytes / 1e11
+        assert max(compute, memory) * (1 - 1e-9) <= row.seconds <= (compute + memory) * (1 + 1e-9)
+    assert roof.seconds == pytest.approx(sum(r.seconds for r in roof.rows))
+    # Decode at batch 1 moves every weight once per token: memory-bound on any real device.
+    step = predict_decode_step(plan, 1, 64, 2, peak_flops=1e15, bandwidth=1e9)
+    assert all(r.bound == "memory" for r in step.rows)
+
+
+def test_cli_json_contract() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "llama-2-7b", "--device", "cpu", "--dtype", "fp32", "--layers", "1",
+                                 "--seq", "8", "--decode-tokens", "2", "--warmup", "0", "--iters", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout[result.stdout.index("{"):])
+    for key in ("device", "dtype", "peak_memory_bytes", "extrapolated"):
+        assert key in out
+    assert out["extrapolated"] is True
+    for key in ("median_s", "tokens_per_s", "achieved_flops_per_s", "mfu"):
+        assert out["prefill"][key] > 0
+    assert out["decode"]["ms_per_token"] > 0
+    assert out["predicted"]["prefill_s"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda_is_exit_2() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "bench", "llama-2-7b",
+                           "--device", "cuda"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "CUDA is not available" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_too_big_model_is_exit_2_with_suggestion() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "bench", "deepseek-v3",
+                           "--device", "cpu", "--seq", "64"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "will not fit" in proc.stderr and "--layers" in proc.stderr
+    assert "Traceback" not in proc.stderr
