@@ -34,6 +34,24 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from archplan import __version__
+
+        typer.echo(f"archplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Plan and size LLM architectures."""
+
+
 for _name in COMMAND_MODULES:
     importlib.import_module(f"archplan.commands.{_name}").register(app)
 
