@@ -1,0 +1,366 @@
+"""Memory: inference weights per dtype, training model states (ZeRO) and activations (Korthikanti).
+
+Pure Python, exact integers. Every byte figure states its dtype; docs/figures.md derives each term.
+
+Sources:
+- weights: FORMULAS.md §4.1 (bytes = params x bytes(dtype); group-wise int4 adds one fp16 scale
+  per group of g weights, GPTQ/AWQ style).
+- model states: Rajbhandari et al. 2020 (ZeRO, arXiv:1910.02054) §3.1 and §5: mixed-precision Adam
+  holds 2 (16-bit weights) + 2 (16-bit grads) + K=12 (fp32 master, momentum, variance) bytes/param.
+- activations: Korthikanti et al. 2022 (arXiv:2205.05198) §4.1 / Table 2, generalised per saved
+  tensor to GQA, MLA, gated FFNs, MoE and Mamba layers (see `_mixer_bytes`, `_ffn_bytes`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Literal
+
+from typing_extensions import assert_never
+
+from archplan.dtypes import BYTES, DType
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    LayerPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MixerPlan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+)
+
+if TYPE_CHECKING:
+    from archplan.analytic.model import ParamCount
+
+Recompute = Literal["none", "selective", "full"]
+RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
+
+# Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
+ACT_BYTES = 2
+MASK_BYTES = 1
+# Cross-entropy runs on fp32 logits (Megatron `compute_activation_memory`: 4·s·b·V for output + CE).
+LOGITS_BYTES = 4
+# Token ids kept for the embedding backward (int64; Megatron's "embedding input 8·s·b").
+TOKEN_ID_BYTES = 8
+
+# ZeRO §3.1: K = 12 bytes/param of fp32 optimizer state for mixed-precision Adam.
+ADAM_MASTER_BYTES = 4
+ADAM_MOMENTUM_BYTES = 4
+ADAM_VARIANCE_BYTES = 4
+ADAM_K = ADAM_MASTER_BYTES + ADAM_MOMENTUM_BYTES + ADAM_VARIANCE_BYTES
+WEIGHT_BYTES = 2  # bf16 working weights
+GRAD_BYTES = 2  # bf16 gradients
+BYTES_PER_PARAM = WEIGHT_BYTES + GRAD_BYTES + ADAM_K  # 16, ZeRO's convention (Megatron uses 18)
+
+STATES_CONVENTION = (
+    "mixed-precision Adam, ZeRO convention (Rajbhandari et al. 2020 §3.1): bf16 weights 2 B + "
+    "bf16 grads 2 B + fp32 master 4 B + Adam m 4 B + Adam v 4 B = 16 B/param "
+    "(Megatron's fp32-main-grad convention would be 18 B/param)"
+)
+
+INFERENCE_DTYPES: tuple[DType, ...] = (DType.fp32, DType.bf16, DType.fp8, DType.int8, DType.int4)
+
+
+def dtype_bytes(n_elements: int, dtype: DType | str) -> int:
+    """Bytes of n elements in dtype; int4 packs two per byte (rounded up to whole bytes)."""
+    return math.ceil(n_elements * Fraction(BYTES[DType(dtype)]))
+
+
+def weights_bytes(params: ParamCount, dtype: DType | str) -> int:
+    """All unique parameters stored in one dtype (FORMULAS §4.1; no quantisation metadata)."""
+    return dtype_bytes(params.total, dtype)
+
+
+def int4_grouped_bytes(params: ParamCount, group: int = 128) -> int:
+    """GPTQ/AWQ-style int4: matmul weights at 4 bits + one fp16 scale per `group` weights; the
+    embedding, LM head, norms, biases and convolutions stay bf16 (FORMULAS §4.1: Llama-3-8B g=128
+    -> 5,700,591,616 B). The LM-head weight (V·D, also when tied) is part of P_matmul but is kept bf16.
+    """
+    quantised = params.matmul - params.embedding  # the LM-head weight is V·D, tied or not
+    bits = Fraction(4) + Fraction(16, group)
+    return math.ceil(quantised * bits / 8) + dtype_bytes(params.total - quantised, DType.bf16)
+
+
+# ------------------------------------------------------------------------------ model states
+@dataclass(frozen=True)
+class ModelStates:
+    """Per-GPU bytes of weights, gradients and Adam states under a ZeRO stage."""
+
+    weights: int
+    grads: int
+    master_weights: int
+    adam_m: int
+    adam_v: int
+
+    @property
+    def optimizer(self) -> int:
+        return self.master_weights + self.adam_m + self.adam_v
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+
+def zero_model_states(n_params: int, stage: int = 0, dp: int = 1) -> ModelStates:
+    """ZeRO §5 / Figure 1, per data-parallel rank (N_d = dp):
+    stage 0 (2+2+K)Ψ; stage 1 (P_os) 2Ψ+2Ψ+KΨ/N_d; stage 2 (P_os+g) 2Ψ+(2+K)Ψ/N_d;
+    stage 3 (P_os+g+p) (2+2+K)Ψ/N_d. A shard is rounded up to whole bytes.
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    if dp < 1:
+        raise ValueError(f"data-parallel size must be >= 1, got {dp}")
+
+    def shard(bytes_per_param: int, sharded: bool) -> int:
+        return math.ceil(Fraction(n_params * bytes_per_param, dp if sharded else 1))
+
+    return ModelStates(
+        weights=shard(WEIGHT_BYTES, stage >= 3),
+        grads=shard(GRAD_BYTES, stage >= 2),
+        master_weights=shard(ADAM_MASTER_BYTES, stage >= 1),
+        adam_m=shard(ADAM_MOMENTUM_BYTES, stage >= 1),
+        adam_v=shard(ADAM_VARIANCE_BYTES, stage >= 1),
+    )
+
+
+# ------------------------------------------------------------------------------- activations
+def korthikanti_layer_bytes(
+    s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False,
+    recompute: Recompute = "none",
+) -> int:
+    """Korthikanti et al. 2022, Table 2, for one GPT layer (LayerNorm, 4h GeLU MLP, dropout), in bytes.
+
+    The rows, with t the tensor-parallel size:
+      none:      sbh(10 + 24/t + 5as/(ht))        (t=1: sbh(34 + 5as/h))
+      +SP:       sbh/t (34 + 5as/h)
+      selective: sbh(10 + 24/t); with SP 34sbh/t
+      full:      2sbh (only the layer input)
+    """
+    sbh = Fraction(s * b * h)
+    match recompute:
+        case "full":
+            value = 2 * sbh
+        case "selective":
+            value = 34 * sbh / t if sequence_parallel else sbh * (10 + Fraction(24, t))
+        case "none":
+            core = Fraction(5 * a * s, h * t)
+            value = sbh / t * (34 + Fraction(5 * a * s, h)) if sequence_parallel else sbh * (
+                10 + Fraction(24, t) + core
+            )
+        case _:
+            assert_never(recompute)
+    return math.ceil(value)
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Activation bytes held for the backward pass of one micro-batch (one replica, no TP/PP).
+
+    `by_component`: module path -> bytes kept across the step (`layers.{i}` is the block input
+    kept under full recompute). `working_set`: the largest layer's activations, re-materialised
+    while that layer runs its backward under full recompute (0 otherwise).
+    """
+
+    micro_batch: int
+    seq_len: int
+    recompute: Recompute
+    by_component: dict[str, int]
+    working_set: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_component.values()) + self.working_set
+
+
+def _ffn_inner_bytes(ffn: FFNPlan, tokens: int) -> int:
+    """Tensors of width d_ff that eager autograd saves per token.
+
+    mlp: activation input (fc1 output) + activation output (fc2 input): 2 tensors, Korthikanti's
+    8sbh + 8sbh for d_ff = 4h. glu: gate output (activation input), act(gate) and up (both saved by
+    the product), and the product (down input): 4 tensors.
+    """
+    match ffn.kind:
+        case "mlp":
+            n_tensors = 2
+        case "glu":
+            n_tensors = 4
+        case _:
+            assert_never(ffn.kind)
+    return n_tensors * ACT_BYTES * tokens * ffn.d_ff
+
+
+def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, recompute: Recompute,
+                 dropout: bool) -> int:
+    tokens = s * b
+    core_kept = recompute == "none"  # selective recompute re-runs the attention core (Korthikanti §5)
+    match mixer:
+        case AttentionPlan():
+            q_width = mixer.n_heads * mixer.head_dim
+            kv_width = mixer.n_kv_heads * mixer.head_dim
+            # QKV input + Q + K + V + output-projection input (Korthikanti: 2 + 4 + 2 + 2 for MHA)
+            value = ACT_BYTES * tokens * (h + q_width + 2 * kv_width + q_width)
+            if mixer.qk_norm is not None:
+                value += ACT_BYTES * tokens * (q_width + kv_width)  # the norms' inputs
+            if core_kept:
+                # softmax output over the full s x s score matrix, query heads
+                value += ACT_BYTES * mixer.n_heads * s * s * b
+                if dropout:
+                    value += (MASK_BYTES + ACT_BYTES) * mixer.n_heads * s * s * b
+            if dropout:
+                value += MASK_BYTES * tokens * h
+            return value
+        case MLAPlan():
+            qk = mixer.qk_head_dim
+            # q latent norm input + q_b input (without q_lora, q_proj reads the block input)
+            q_latent = 2 * mixer.q_lora_rank if mixer.q_lora_rank is not None else 0
+            # input, q latent, kv latent norm input + kv_b input, Q, K, V, o_proj input
+            value = ACT_BYTES * tokens * (
+                h + q_latent + 2 * mixer.kv_lora_rank
+                + 2 * mixer.n_heads * qk + 2 * mixer.n_heads * mixer.v_head_dim
+            )
+            if core_kept:
+                value += ACT_BYTES * mixer.n_heads * s * s * b
+                if dropout:
+                    value += (MASK_BYTES + ACT_BYTES) * mixer.n_heads * s * s * b
+            if dropout:
+                value += MASK_BYTES * tokens * h
+            return value
+        case Mamba1Plan():
+            # Tensors mamba_ssm's fused `mamba_inner_fn` saves (the (d_inner x N) states are
+            # recomputed in the backward, Gu & Dao 2023 §3.3.2): in_proj input, xz, conv output,
+            # x_proj output, delta, scan output, out_proj input.
+            di, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
+            width = h + 2 * di + di + (r + 2 * n) + di + di + di
+            if mixer.inner_norms:
+                width += r + 2 * n  # Jamba's dt/B/C norm outputs (their inputs are x_proj's output)
+            return ACT_BYTES * tokens * width
+        case Mamba2Plan():
+            # mamba_ssm `mamba_split_conv1d_scan_combined` saves: in_proj input, zxbcdt, conv output,
+            # dt and its cumulative sum (fp32), scan output, gated-norm output (out_proj input).
+            zxbcdt = 2 * mixer.d_inner + 2 * mixer.n_groups * mixer.d_state + mixer.n_heads
+            width = h + zxbcdt + mixer.conv_dim + mixer.d_inner + mixer.d_inner
+            return ACT_BYTES * tokens * width + 2 * 4 * tokens * mixer.n_heads
+        case _:
+            assert_never(mixer)
+
+
+def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_shared: bool,
+               dropout: bool) -> dict[str, int]:
+    """Per module path. `input_shared`: a parallel block with one norm feeds the mixer and the FFN
+    the same tensor, already counted with the mixer."""
+    x_bytes = 0 if input_shared else ACT_BYTES * tokens * h
+    mask = MASK_BYTES * tokens * h if dropout else 0
+    match ffn:
+        case FFNPlan():
+            return {path: x_bytes + _ffn_inner_bytes(ffn, tokens) + mask}
+        case MoEPlan():
+            k = ffn.top_k
+            out = {
+                # router input (also the shared experts' input), softmax probabilities, top-k weights
+                f"{path}.router": x_bytes + ACT_BYTES * tokens * (ffn.n_experts + k) + mask,
+                # dispatched copies of the input, each copy's FFN intermediates, and the expert
+                # outputs the weighted combine saves
+                f"{path}.experts": ACT_BYTES * tokens * k * h
+                + k * _ffn_inner_bytes(ffn.expert, tokens) + ACT_BYTES * tokens * k * h,
+            }
+            if ffn.shared is not None:
+                out[f"{path}.shared"] = _ffn_inner_bytes(ffn.shared, tokens)
+                if ffn.shared_gate:
+                    # sigmoid gate output and the shared output it multiplies
+                    out[f"{path}.shared_gate"] = ACT_BYTES * tokens * (1 + h)
+            return out
+        case _:
+            assert_never(ffn)
+
+
+def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, recompute: Recompute,
+                 dropout: bool) -> dict[str, int]:
+    h = plan.d_model
+    tokens = s * b
+    out = {f"{layer.path}.{name}": ACT_BYTES * tokens * h for name in layer.norms}  # norm inputs
+    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, recompute, dropout)
+    if layer.ffn is not None:
+        shared_input = plan.residual == "parallel" and len(layer.norms) == 1
+        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout)
+    return out
+
+
+def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
+                      dropout: bool = False) -> ActivationMemory:
+    """Activations of one micro-batch, per saved tensor (Korthikanti et al. 2022 §4.1 generalised).
+
+    `dropout=True` adds Korthikanti's dropout masks and outputs; with it a GPT layer (MHA, LayerNorm,
+    4h GeLU MLP) gives exactly 34sbh + 5as²b. Modern LLMs train without dropout, and the spec has
+    no dropout field, so `size` uses dropout=False.
+    """
+    s, b, h = seq_len, micro_batch, plan.d_model
+    tokens = s * b
+    out: dict[str, int] = {"embed": TOKEN_ID_BYTES * tokens}
+    if dropout:
+        out["embed"] += MASK_BYTES * tokens * h
+    if plan.embed_norm:
+        out["embed_norm"] = ACT_BYTES * tokens * h
+    working_set = 0
+    for layer in plan.layers:
+        full = _layer_bytes(layer, plan, s, b, "none", dropout)
+        match recompute:
+            case "full":
+                out[layer.path] = ACT_BYTES * tokens * h  # only the block input is kept
+                working_set = max(working_set, sum(full.values()))
+            case "selective":
+                out |= _layer_bytes(layer, plan, s, b, "selective", dropout)
+            case "none":
+                out |= full
+            case _:
+                assert_never(recompute)
+    if plan.final_norm:
+        out["final_norm"] = ACT_BYTES * tokens * h
+    # LM-head input and the fp32 logits the cross-entropy keeps (Megatron: 4sbh(1 + V/h) with the norm)
+    out["lm_head"] = ACT_BYTES * tokens * h + LOGITS_BYTES * tokens * plan.vocab_size
+    return ActivationMemory(b, s, recompute, out, working_set)
+
+
+# ---------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes per replica (or per ZeRO rank) for one training step with Adam."""
+
+    n_params: int
+    zero_stage: int
+    dp: int
+    states: ModelStates
+    activations: ActivationMemory
+    convention: str = STATES_CONVENTION
+
+    @property
+    def weights(self) -> int:
+        return self.states.weights
+
+    @property
+    def grads(self) -> int:
+        return self.states.grads
+
+    @property
+    def optimizer(self) -> int:
+        return self.states.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.states.total + self.activations.total
+
+
+def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_len: int,
+                    recompute: Recompute = "none", zero_stage: int = 0, dp: int = 1) -> TrainingMemory:
+    """Model states over all unique parameters (every expert has weights, grads and Adam states)
+    plus the activations of one micro-batch of `seq_len` tokens per sequence."""
+    return TrainingMemory(
+        n_params=params.total,
+        zero_stage=zero_stage,
+        dp=dp,
+        states=zero_model_states(params.total, zero_stage, dp),
+        activations=activation_memory(plan, micro_batch, seq_len, recompute),
+    )

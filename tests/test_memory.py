@@ -1,0 +1,209 @@
+"""Memory figures against FORMULAS.md §4: weights per dtype, ZeRO Figure 1, Korthikanti Table 2,
+and the per-tensor activation count reducing to Korthikanti's 34sbh + 5as²b for a GPT block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from archplan.analytic.memory import (
+    activation_memory,
+    dtype_bytes,
+    korthikanti_layer_bytes,
+    training_memory,
+    zero_model_states,
+)
+from archplan.resolve import ModelPlan, resolve
+from archplan.spec import Spec
+
+
+def plan_of(**fields: Any) -> ModelPlan:
+    return resolve(Spec.model_validate({"name": "t", **fields}))
+
+
+def gpt_block(h: int = 256, a: int = 8, layers: int = 2, vocab: int = 1000) -> ModelPlan:
+    """Korthikanti's block: MHA, LayerNorm, 4h GeLU MLP, pre-norm."""
+    return plan_of(vocab_size=vocab, d_model=h, n_layers=layers, position={"kind": "learned"},
+                   norm={"kind": "layernorm"}, attention={"kind": "mha", "n_heads": a},
+                   ffn={"kind": "mlp", "d_ff": 4 * h, "activation": "gelu", "bias": True})
+
+
+def layer_sum(by_component: dict[str, int], index: int) -> int:
+    prefix = f"layers.{index}"
+    return sum(v for k, v in by_component.items() if k == prefix or k.startswith(prefix + "."))
+
+
+LLAMA3_8B = dict(
+    vocab_size=128256, d_model=4096, n_layers=32, max_seq_len=8192,
+    position={"kind": "rope", "theta": 500000.0},
+    attention={"kind": "gqa", "n_heads": 32, "n_kv_heads": 8},
+    ffn={"kind": "glu", "d_ff": 14336},
+)
+
+
+# ----------------------------------------------------------------------------------- weights
+def test_weight_bytes_per_dtype_llama3_8b() -> None:
+    n = 8_030_261_248  # FORMULAS §4.1 worked example
+    assert dtype_bytes(n, "fp32") == 32_121_044_992
+    assert dtype_bytes(n, "bf16") == 16_060_522_496
+    assert dtype_bytes(n, "fp8") == dtype_bytes(n, "int8") == 8_030_261_248
+    assert dtype_bytes(n, "int4") == 4_015_130_624
+    assert dtype_bytes(3, "int4") == 2  # two weights per byte, rounded up to whole bytes
+
+
+def test_weights_and_int4_group_from_param_count() -> None:
+    from archplan.analytic import count_params
+    from archplan.analytic.memory import int4_grouped_bytes, weights_bytes
+
+    params = count_params(plan_of(**LLAMA3_8B))
+    assert params.total == 8_030_261_248
+    assert weights_bytes(params, "bf16") == 16_060_522_496
+    assert weights_bytes(params, "int4") == 4_015_130_624
+    # FORMULAS §4.1: int4-g128 linear layers (6,979,321,856 weights) + bf16 embedding/head/norms
+    assert int4_grouped_bytes(params, 128) == 5_700_591_616
+
+
+# ------------------------------------------------------------------------------ model states
+def test_zero_figure_1() -> None:
+    # Rajbhandari et al. 2020, Figure 1: Ψ = 7.5B, K = 12, N_d = 64
+    psi = 7_500_000_000
+    got = [zero_model_states(psi, stage, dp=64).total for stage in range(4)]
+    assert got == [120_000_000_000, 31_406_250_000, 16_640_625_000, 1_875_000_000]
+
+
+def test_zero_llama3_8b_dp8() -> None:
+    psi = 8_030_261_248  # FORMULAS §4.2: 128.484 / 44.166 / 30.113 / 16.061 GB
+    got = [zero_model_states(psi, stage, dp=8).total / 1e9 for stage in range(4)]
+    assert got == pytest.approx([128.484, 44.166, 30.113, 16.061], abs=5e-4)
+
+
+def test_zero_breakdown_is_16_bytes_per_param() -> None:
+    states = zero_model_states(1000)
+    assert (states.weights, states.grads, states.master_weights, states.adam_m, states.adam_v) == (
+        2000, 2000, 4000, 4000, 4000)
+    assert states.optimizer == 12_000 and states.total == 16_000
+
+
+@pytest.mark.parametrize(("stage", "dp"), [(4, 1), (0, 0)])
+def test_zero_rejects_bad_arguments(stage: int, dp: int) -> None:
+    with pytest.raises(ValueError):
+        zero_model_states(10, stage, dp)
+
+
+# ------------------------------------------------------------------------------- activations
+@pytest.mark.parametrize(
+    ("t", "sp", "recompute", "expected"),
+    [
+        (1, False, "none", 2_868_903_936),
+        (8, False, "none", 578_813_952),
+        (8, True, "none", 358_612_992),
+        (8, False, "selective", 327_155_712),
+        (8, True, "selective", 106_954_752),
+        (8, False, "full", 50_331_648),
+    ],
+)
+def test_korthikanti_table2_gpt3(t: int, sp: bool, recompute: Any, expected: int) -> None:
+    # FORMULAS §4.3 worked GPT-3 175B per layer: s 2048, b 1, h 12288, a 96
+    assert korthikanti_layer_bytes(2048, 1, 12288, 96, t, sp, recompute) == expected
+
+
+@pytest.mark.parametrize(
+    ("recompute", "expected"),
+    [("none", 3_254_779_904), ("selective", 570_425_344), ("full", 33_554_432)],
+)
+def test_korthikanti_7b_class(recompute: Any, expected: int) -> None:
+    assert korthikanti_layer_bytes(4096, 1, 4096, 32, 1, False, recompute) == expected
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_per_tensor_count_reduces_to_korthikanti_for_a_gpt_block(recompute: Any) -> None:
+    s, b, h, a = 128, 3, 256, 8
+    acts = activation_memory(gpt_block(h, a), micro_batch=b, seq_len=s, recompute=recompute,
+                             dropout=True)
+    expected = korthikanti_layer_bytes(s, b, h, a, 1, False, recompute)
+    assert layer_sum(acts.by_component, 0) == layer_sum(acts.by_component, 1) == expected
+
+
+def test_full_recompute_keeps_layer_inputs_plus_one_layer_working_set() -> None:
+    s, b, h, a = 64, 2, 128, 4
+    plan = gpt_block(h, a, layers=3)
+    full = activation_memory(plan, b, s, "full", dropout=True)
+    none = activation_memory(plan, b, s, "none", dropout=True)
+    for i in range(3):
+        assert full.by_component[f"layers.{i}"] == korthikanti_layer_bytes(s, b, h, a, 1, False, "full")
+    assert full.working_set == layer_sum(none.by_component, 0)
+    assert none.working_set == 0
+
+
+def test_outside_layers_follow_megatron() -> None:
+    # Megatron compute_activation_memory (p = 1): output layer + CE 4sbh(1 + V/h), embedding ids 8sb
+    s, b, h, v = 32, 2, 64, 500
+    acts = activation_memory(gpt_block(h, 4, vocab=v), b, s)
+    assert acts.by_component["final_norm"] + acts.by_component["lm_head"] == 4 * s * b * h + 4 * s * b * v
+    assert acts.by_component["embed"] == 8 * s * b
+
+
+def test_gqa_stores_smaller_k_and_v() -> None:
+    s, b = 16, 1
+    common = dict(vocab_size=100, d_model=256, n_layers=1, ffn={"kind": "glu", "d_ff": 512})
+    mha = activation_memory(plan_of(**common, attention={"kind": "mha", "n_heads": 8}), b, s)
+    gqa = activation_memory(
+        plan_of(**common, attention={"kind": "gqa", "n_heads": 8, "n_kv_heads": 2}), b, s)
+    # K and V shrink from 8 to 2 heads of 32: 2 tensors x 2 bytes x s·b x (256 - 64)
+    assert mha.by_component["layers.0.mixer"] - gqa.by_component["layers.0.mixer"] == 2 * 2 * s * b * 192
+
+
+def test_glu_saves_four_intermediates_mlp_two() -> None:
+    s, b, f = 8, 1, 100
+    common = dict(vocab_size=100, d_model=64, n_layers=1, attention={"kind": "mha", "n_heads": 4})
+    glu = activation_memory(plan_of(**common, ffn={"kind": "glu", "d_ff": f}), b, s)
+    mlp = activation_memory(plan_of(**common, ffn={"kind": "mlp", "d_ff": f}), b, s)
+    assert glu.by_component["layers.0.ffn"] == 2 * s * b * 64 + 4 * 2 * s * b * f
+    assert mlp.by_component["layers.0.ffn"] == 2 * s * b * 64 + 2 * 2 * s * b * f
+
+
+def test_moe_experts_scale_with_top_k_and_selective_leaves_them() -> None:
+    s, b = 16, 2
+
+    def moe_plan(k: int) -> ModelPlan:
+        return plan_of(vocab_size=100, d_model=64, n_layers=1, attention={"kind": "mha", "n_heads": 4},
+                       moe={"n_experts": 8, "top_k": k, "expert": {"kind": "glu", "d_ff": 32},
+                            "shared": {"n": 1, "d_ff": 32}})
+
+    one = activation_memory(moe_plan(1), b, s).by_component
+    two = activation_memory(moe_plan(2), b, s).by_component
+    per_copy = 2 * s * b * 64 + 4 * 2 * s * b * 32 + 2 * s * b * 64  # input copy + GLU + output
+    assert two["layers.0.ffn.experts"] - one["layers.0.ffn.experts"] == per_copy
+    assert one["layers.0.ffn.shared"] == 4 * 2 * s * b * 32
+    sel = activation_memory(moe_plan(2), b, s, "selective").by_component
+    assert sel["layers.0.ffn.experts"] == two["layers.0.ffn.experts"]
+    assert sel["layers.0.mixer"] < two["layers.0.mixer"]
+
+
+def test_mamba_layers_have_no_quadratic_term() -> None:
+    plan = plan_of(vocab_size=100, d_model=64, n_layers=2, ssm={"kind": "mamba1"},
+                   layout={"mixers": "M"})
+    short = activation_memory(plan, 1, 64, "none").by_component["layers.0.mixer"]
+    long = activation_memory(plan, 1, 128, "none").by_component["layers.0.mixer"]
+    assert long == 2 * short
+    assert activation_memory(plan, 1, 64, "selective").by_component["layers.0.mixer"] == short
+
+
+def test_parallel_shared_norm_counts_the_block_input_once() -> None:
+    common = dict(vocab_size=100, d_model=64, n_layers=1, attention={"kind": "mqa", "n_heads": 4},
+                  ffn={"kind": "mlp", "d_ff": 256})
+    seq = activation_memory(plan_of(**common), 1, 8).by_component
+    par = activation_memory(plan_of(**common, residual={"kind": "parallel"}), 1, 8).by_component
+    assert seq["layers.0.ffn"] - par["layers.0.ffn"] == 2 * 8 * 64
+
+
+def test_training_memory_totals() -> None:
+    from archplan.analytic import count_params
+
+    plan = gpt_block()
+    params = count_params(plan)
+    mem = training_memory(plan, params, micro_batch=2, seq_len=64, recompute="selective")
+    assert mem.states.total == 16 * params.total
+    assert mem.total == 16 * params.total + mem.activations.total
+    assert mem.activations == activation_memory(plan, 2, 64, "selective")
