@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,8 +15,10 @@ from typing_extensions import assert_never
 
 from archplan.resolve import FFNPlan
 
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
 
-def activation(name: str) -> Callable[[Tensor], Tensor]:
+
+def activation(name: Activation) -> Callable[[Tensor], Tensor]:
     """gelu = exact erf GELU (Hendrycks & Gimpel 2016); gelu_tanh = its tanh approximation (GPT-2)."""
     match name:
         case "relu":
@@ -27,7 +30,7 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
         case "silu":
             return F.silu
         case _:
-            raise ValueError(f"unknown activation {name!r}")
+            assert_never(name)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,161 @@
+"""MHA / GQA / MQA (one module: the sizes say which) through `F.scaled_dot_product_attention`.
+
+Masks: causal, sliding window (key j visible from query i iff i − W < j ≤ i, HF Mistral), ALiBi
+biases. Without a cache and without window/ALiBi the call is `is_causal=True` so GPU kernels
+(flash / memory-efficient) apply; otherwise an explicit mask from absolute positions. On meta,
+SDPA is counted as the full T² square over the query heads (docs/architecture.md, FLOPs).
+
+The KV cache (`cache.KVState`) is written in place; sliding layers use a rolling buffer of the
+window's length (Mistral 7B §2, "rolling buffer cache").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import assert_never
+
+from archplan.errors import ArchplanError
+from archplan.modules.cache import KVState
+from archplan.modules.norms import HeadwiseNorm, build_norm
+from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary
+from archplan.resolve import AttentionPlan, QKNormPlan
+from archplan.spec import Rope
+
+
+def cache_step(
+    buffers: list[Tensor], news: list[Tensor], dim: int, seen: int, window: int | None
+) -> tuple[list[Tensor], Tensor]:
+    """Append T new entries (along `dim`) to cache buffers; return what to attend and its positions.
+
+    Plain cache: slot = position; the keys are the buffer's first seen + T slots.
+    Rolling buffer (window): slot = position % L; the keys are the old slots (with the positions
+    they hold) followed by the new entries, gathered *before* writing, because with T > L the new
+    tokens overwrite keys that earlier queries of this same call still see. Only Python ints and
+    arange arithmetic decide the positions, so this stays static and runs on meta.
+    """
+    capacity = buffers[0].shape[dim]
+    n_new = news[0].shape[dim]
+    device = buffers[0].device
+    if window is None:
+        if seen + n_new > capacity:
+            raise ArchplanError(f"KV cache holds {capacity} tokens; {seen} cached + {n_new} new exceed it")
+        for buf, new in zip(buffers, news):
+            buf.narrow(dim, seen, n_new).copy_(new)
+        return [buf.narrow(dim, 0, seen + n_new) for buf in buffers], torch.arange(seen + n_new, device=device)
+    n_old = min(seen, capacity)
+    slot_L = torch.arange(n_old, device=device)
+    # slot j holds the latest position p < seen with p ≡ j (mod capacity)
+    old_pos = slot_L if seen <= capacity else (seen - 1) - ((seen - 1 - slot_L) % capacity)
+    keys = [torch.cat([buf.narrow(dim, 0, n_old), new], dim=dim) for buf, new in zip(buffers, news)]
+    positions = torch.cat([old_pos, torch.arange(seen, seen + n_new, device=device)])
+    n_keep = min(n_new, capacity)
+    slots = torch.arange(seen + n_new - n_keep, seen + n_new, device=device) % capacity
+    for buf, new in zip(buffers, news):
+        buf.index_copy_(dim, slots, new.narrow(dim, n_new - n_keep, n_keep))
+    return keys, positions
+
+
+def attention_mask(
+    qpos_T: Tensor, kpos_S: Tensor, window: int | None, alibi: Alibi | None, dtype: torch.dtype
+) -> Tensor:
+    """Boolean (T, S) mask (True = attend), or with ALiBi a float (H, T, S) additive bias."""
+    delta_TS = qpos_T[:, None] - kpos_S[None, :]
+    allowed_TS = delta_TS >= 0
+    if window is not None:
+        allowed_TS = allowed_TS & (delta_TS < window)
+    if alibi is None:
+        return allowed_TS
+    bias_HTS = alibi(qpos_T, kpos_S).masked_fill(~allowed_TS[None], float("-inf"))
+    return bias_HTS.to(dtype)
+
+
+def sdpa(
+    q_BHTD: Tensor,
+    k_BHSD: Tensor,
+    v_BHSDv: Tensor,
+    qpos_T: Tensor,
+    kpos_S: Tensor,
+    *,
+    window: int | None,
+    alibi: Alibi | None,
+    cached: bool,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal attention over (cached +) new keys; GQA/MQA through `enable_gqa` (no K/V repeat)."""
+    gqa = k_BHSD.shape[1] != q_BHTD.shape[1]
+    if not cached and window is None and alibi is None:
+        return F.scaled_dot_product_attention(
+            q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
+    return F.scaled_dot_product_attention(
+        q_BHTD, k_BHSD, v_BHSDv, attn_mask=mask, scale=scale, enable_gqa=gqa
+    )
+
+
+def _qk_norms(
+    qk: QKNormPlan, n_heads: int, n_kv: int, head_dim: int
+) -> tuple[nn.Module, nn.Module]:
+    """Qwen3/Gemma-3 `head` (shared over heads), StableLM-2 `per_head`, OLMo-2 `full` (over H·Dh)."""
+    match qk.scope:
+        case "head":
+            return build_norm(qk.norm, head_dim), build_norm(qk.norm, head_dim)
+        case "per_head":
+            return HeadwiseNorm(n_heads, head_dim, qk.norm), HeadwiseNorm(n_kv, head_dim, qk.norm)
+        case "full":
+            return build_norm(qk.norm, n_heads * head_dim), build_norm(qk.norm, n_kv * head_dim)
+        case _:
+            assert_never(qk.scope)
+
+
+class Attention(nn.Module):
+    """Params: D·H·Dh + 2·D·Hkv·Dh + H·Dh·D (+ H·Dh + 2·Hkv·Dh qkv bias, + D out bias, + qk-norms)."""
+
+    def __init__(self, plan: AttentionPlan, d_model: int, rope: Rope | None, alibi: bool) -> None:
+        super().__init__()
+        self.plan = plan
+        h, hkv, dh = plan.n_heads, plan.n_kv_heads, plan.head_dim
+        self.q_proj = nn.Linear(d_model, h * dh, bias=plan.qkv_bias)
+        self.k_proj = nn.Linear(d_model, hkv * dh, bias=plan.qkv_bias)
+        self.v_proj = nn.Linear(d_model, hkv * dh, bias=plan.qkv_bias)
+        self.o_proj = nn.Linear(h * dh, d_model, bias=plan.out_bias)
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
+        if plan.qk_norm is not None:
+            self.q_norm, self.k_norm = _qk_norms(plan.qk_norm, h, hkv, dh)
+        self.rotary = RotaryEmbedding(plan.rotary_dim, rope) if rope is not None and plan.rotary_dim else None
+        self.alibi = Alibi(h) if alibi else None
+
+    def new_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVState:
+        p = self.plan
+        length = min(p.window, max_len) if p.window is not None else max_len
+        shape = (batch, p.n_kv_heads, length, p.head_dim)
+        return KVState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x_BTD: Tensor, state: KVState | None = None) -> Tensor:
+        p = self.plan
+        b, t, _ = x_BTD.shape
+        q_BTX, k_BTX, v_BTX = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        scope = p.qk_norm.scope if p.qk_norm is not None else None
+        if scope == "full" and self.q_norm is not None and self.k_norm is not None:
+            q_BTX, k_BTX = self.q_norm(q_BTX), self.k_norm(k_BTX)
+        q = q_BTX.view(b, t, p.n_heads, p.head_dim).transpose(1, 2)
+        k = k_BTX.view(b, t, p.n_kv_heads, p.head_dim).transpose(1, 2)
+        v = v_BTX.view(b, t, p.n_kv_heads, p.head_dim).transpose(1, 2)
+        if scope in ("head", "per_head") and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        offset = state.seen if state is not None else 0
+        if self.rotary is not None:
+            cos, sin = self.rotary(offset, t)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qpos_T = torch.arange(offset, offset + t, device=x_BTD.device)
+        if state is None:
+            kpos_S = qpos_T
+        else:
+            (k, v), kpos_S = cache_step([state.k_BHLD, state.v_BHLD], [k, v], 2, state.seen, p.window)
+            state.advance(t)
+        out_BHTDh = sdpa(q, k, v, qpos_T, kpos_S, window=p.window, alibi=self.alibi, cached=state is not None)
+        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim))
+

@@ -1,0 +1,189 @@
+"""Position signals: RoPE (with partial rotary and length-extension scaling), ALiBi, sinusoids.
+
+Learned absolute positions are a plain `nn.Embedding(max_seq_len, D)` built by the model.
+No table here is a parameter: all are non-persistent buffers rebuilt by `reset_buffers()`, so
+`meta → to_empty → reset_buffers()` gives the same values as a direct build. Tables come from
+Python floats (a few hundred numbers), and per-position angles from an elementwise outer
+product, never a matmul: the FLOP counter must see only the model's true matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import assert_never
+
+from archplan.spec import Rope, RopeScaling
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature (Peng et al. 2023, eq. 22; DeepSeek-V3 `yarn_get_mscale`)."""
+    if factor <= 1.0:
+        return 1.0
+    return 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(freqs: list[float], dim: int, theta: float, s: RopeScaling) -> list[float]:
+    """YaRN "NTK-by-parts" blend (Peng et al. 2023, eq. 18-20; HF `_compute_yarn_parameters`)."""
+    assert s.original_max_positions is not None
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(s.original_max_positions / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(s.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # HF: avoid a zero-width ramp
+    out = []
+    for i, f in enumerate(freqs):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        extrapolation = 1.0 - ramp  # 1: keep the original frequency (high-frequency dims)
+        out.append(f / s.factor * (1.0 - extrapolation) + f * extrapolation)
+    return out
+
+
+def _llama3(freqs: list[float], s: RopeScaling) -> list[float]:
+    """Llama 3.1 frequency-dependent scaling (meta-llama/llama-models `apply_scaling`)."""
+    assert s.original_max_positions is not None
+    low_wavelen = s.original_max_positions / s.low_freq_factor
+    high_wavelen = s.original_max_positions / s.high_freq_factor
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen or s.high_freq_factor == s.low_freq_factor:
+            out.append(f / s.factor)
+        else:
+            smooth = (s.original_max_positions / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor
+            )
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return out
+
+
+def rope_frequencies(rotary_dim: int, rope: Rope) -> tuple[list[float], float]:
+    """Inverse frequencies θ^(−2i/R) for i < R/2 (Su et al. 2021, eq. 15), scaled, and the cos/sin gain."""
+    theta = rope.theta
+    s = rope.scaling
+    if s is not None and s.kind == "ntk":
+        # NTK-aware base change (bloc97 2023; HF `_compute_dynamic_ntk_parameters` at its max length)
+        theta = theta * s.factor ** (rotary_dim / (rotary_dim - 2)) if rotary_dim > 2 else theta
+    freqs = [theta ** (-(2 * i) / rotary_dim) for i in range(rotary_dim // 2)]
+    if s is None:
+        return freqs, 1.0
+    match s.kind:
+        case "linear":
+            # Position interpolation (Chen et al. 2023): positions / factor ≡ frequencies / factor
+            return [f / s.factor for f in freqs], 1.0
+        case "ntk":
+            return freqs, 1.0
+        case "yarn":
+            if s.mscale and s.mscale_all_dim:
+                gain = yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+            else:
+                gain = yarn_mscale(s.factor)
+            return _yarn(freqs, rotary_dim, theta, s), gain
+        case "llama3":
+            return _llama3(freqs, s), 1.0
+        case _:
+            assert_never(s.kind)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions [offset, offset + T); rotates the first `rotary_dim` dims."""
+
+    inv_freq: Tensor
+
+    def __init__(self, rotary_dim: int, rope: Rope) -> None:
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.rope = rope
+        self.register_buffer("inv_freq", torch.empty(rotary_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        freqs, self.gain = rope_frequencies(self.rotary_dim, self.rope)
+        # kept in fp32 whatever the model dtype: bf16 frequencies lose long-range positions
+        self.inv_freq = torch.tensor(freqs, dtype=torch.float32, device=self.inv_freq.device)
+
+    def forward(self, offset: int, length: int) -> tuple[Tensor, Tensor]:
+        pos_T = torch.arange(offset, offset + length, device=self.inv_freq.device, dtype=torch.float32)
+        angle_TR2 = pos_T[:, None] * self.inv_freq[None, :]  # elementwise outer product, not a matmul
+        angle_TR = torch.cat([angle_TR2, angle_TR2], dim=-1)
+        return angle_TR.cos() * self.gain, angle_TR.sin() * self.gain
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x_BHTDh: Tensor, cos_TR: Tensor, sin_TR: Tensor) -> Tensor:
+    """Rotate the first R dims in GPT-NeoX half-split layout (HF `apply_rotary_pos_emb`); the rest pass."""
+    r = cos_TR.shape[-1]
+    rot, rest = x_BHTDh[..., :r], x_BHTDh[..., r:]
+    cos, sin = cos_TR.to(x_BHTDh.dtype), sin_TR.to(x_BHTDh.dtype)
+    rotated = rot * cos + rotate_half(rot) * sin
+    return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """Head slopes from Press et al. 2022 §3 (ofirpress/attention_with_linear_biases `get_slopes`).
+
+    For 2^k heads: the geometric sequence starting at 2^(−8/n) with that ratio. Otherwise the
+    slopes of the closest lower power of two, then every other slope of twice that many.
+    """
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return power_of_2(n_heads)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: n_heads - closest]
+
+
+class Alibi(nn.Module):
+    """Bias slope_h · (key_pos − query_pos) added to the scores (Press et al. 2022, eq. in §3)."""
+
+    slopes: Tensor
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.register_buffer("slopes", torch.empty(n_heads), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.slopes = torch.tensor(alibi_slopes(self.n_heads), dtype=torch.float32, device=self.slopes.device)
+
+    def forward(self, qpos_T: Tensor, kpos_S: Tensor) -> Tensor:
+        distance_TS = (kpos_S[None, :] - qpos_T[:, None]).float()
+        return self.slopes[:, None, None] * distance_TS[None]  # (H, T, S), elementwise
+
+
+class SinusoidalPositions(nn.Module):
+    """PE(p, 2i) = sin(p / 10000^(2i/D)), PE(p, 2i+1) = cos(...) (Vaswani et al. 2017, §3.5)."""
+
+    inv_freq: Tensor
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.register_buffer("inv_freq", torch.empty((d_model + 1) // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        freqs = [10000.0 ** (-(2 * i) / self.d_model) for i in range((self.d_model + 1) // 2)]
+        self.inv_freq = torch.tensor(freqs, dtype=torch.float32, device=self.inv_freq.device)
+
+    def forward(self, offset: int, length: int) -> Tensor:
+        pos_T = torch.arange(offset, offset + length, device=self.inv_freq.device, dtype=torch.float32)
+        angle_TF = pos_T[:, None] * self.inv_freq[None, :]
+        # interleave sin (even dims) and cos (odd dims), then drop the extra dim of an odd D
+        pe_TF2 = torch.stack([angle_TF.sin(), angle_TF.cos()], dim=-1)
+        return pe_TF2.flatten(-2)[:, : self.d_model]
