@@ -1,7 +1,67 @@
-"""`archplan lint` (placeholder until its issue lands)."""
+"""`archplan lint PATH...`: rule-coded checks of spec files, for CI and pre-commit.
+
+Exit 0 clean (or only warnings/info without --strict), 1 findings, 2 unusable input or usage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from archplan.commands.options import JsonOpt
+from archplan.errors import ArchplanError
+from archplan.lint.engine import LintConfig, lint_paths, load_config, parse_codes
+from archplan.lint.formats import Format, render
+
+PathsArg = Annotated[
+    list[str],
+    typer.Argument(help="Spec files, folders (searched recursively for *.yaml/*.yml) or globs.",
+                   show_default=False),
+]
+CodesOpt = Annotated[
+    list[str],
+    typer.Option(help="Rule codes or prefixes, comma-separated or repeated (AP003,AP01).",
+                 show_default=False),
+]
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command()
+    def lint(
+        paths: PathsArg,
+        fmt: Annotated[Format, typer.Option(
+            "--format", help="text, json, github (workflow annotations) or sarif (2.1.0)."
+        )] = Format.text,
+        select: CodesOpt = [],
+        ignore: CodesOpt = [],
+        strict: Annotated[bool, typer.Option(help="Warnings fail too (exit 1).")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Check spec files for shape, efficiency and training-budget mistakes.
+
+        Rules, rationale and sources: docs/rules.md. Defaults for --select/--ignore/--strict come
+        from \\[tool.archplan.lint] in the nearest pyproject.toml; --select replaces its select,
+        --ignore adds to its ignore.
+
+        Examples:
+
+          archplan lint configs/
+
+          archplan lint 'configs/**/*.yaml' --format github --strict
+
+          archplan lint presets/ --ignore AP007,AP008 --format sarif > lint.sarif
+        """
+        if as_json and fmt not in (Format.text, Format.json):
+            raise ArchplanError(f"--json and --format {fmt.value} contradict each other")
+        config = load_config(Path.cwd())
+        selected = parse_codes(select) or config.select
+        config = LintConfig(selected, config.ignore + parse_codes(ignore), strict or config.strict,
+                            config.source)
+        result = lint_paths(paths, config)
+        sys.stdout.write(render(result, Format.json if as_json else fmt))
+        # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
+        # returns an Exit's code instead of exiting with it.
+        raise SystemExit(result.exit_code(config.strict))

@@ -1,7 +1,54 @@
-"""`archplan schema` (placeholder until its issue lands)."""
+"""`archplan schema`: the JSON Schema of the spec, for editors (yaml-language-server) and CI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from archplan.commands.options import ForceOpt
+from archplan.errors import ArchplanError
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what Pydantic 2 generates
+
+
+def render_schema() -> str:
+    """The schema text `docs/spec.schema.json` holds; stable, so a test can compare it byte for byte."""
+    from archplan.spec import Spec
+
+    schema = {"$schema": SCHEMA_DIALECT, **Spec.model_json_schema()}
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command()
+    def schema(
+        output: Annotated[Path | None, typer.Option(
+            "--output", "-o", help="Write to this file instead of stdout.", show_default=False,
+        )] = None,
+        force: ForceOpt = False,
+    ) -> None:
+        """Print the JSON Schema of a spec (Pydantic), for editor completion and validation.
+
+        Put `# yaml-language-server: $schema=<path>/spec.schema.json` at the top of a spec to get
+        completion and checking in editors that use yaml-language-server (VS Code YAML, Neovim).
+
+        Examples:
+
+          archplan schema > spec.schema.json
+
+          archplan schema --output docs/spec.schema.json --force
+        """
+        text = render_schema()
+        if output is None:
+            typer.echo(text, nl=False)
+            return
+        if output.exists() and not force:
+            raise ArchplanError("exists; pass --force to overwrite", file=str(output))
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ArchplanError(f"cannot write: {exc.strerror}", file=str(output)) from None
+        typer.echo(f"wrote {output}", err=True)

@@ -1,0 +1,264 @@
+"""Run the rules over files: discovery, configuration, and turning every failure into a finding.
+
+A file that cannot be read or validated is still lint input: its problem becomes a finding
+(AP001/AP002, or a validator rule's own code) with the line the loader located. Only unusable
+*invocations* are ArchplanErrors (exit 2): a path that does not exist, a glob matching nothing,
+an unknown rule code, a malformed `[tool.archplan.lint]` table.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from archplan.errors import ArchplanError
+from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
+from archplan.loader import LoadedYaml, parse_yaml, read_text, spec_from_data
+
+YAML_SUFFIXES = (".yaml", ".yml")
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: Severity
+    file: str
+    line: int  # 1-based; 1 when the problem has no better place (a binary file, a model-level error)
+    column: int
+    message: str
+    fix: str | None = None
+    field: str | None = None  # dotted YAML path, when the finding concerns one field
+
+    @property
+    def rule(self) -> Rule:
+        return BY_CODE[self.code]
+
+
+@dataclass(frozen=True)
+class LintConfig:
+    select: tuple[str, ...] = ()  # codes or code prefixes; empty = every rule
+    ignore: tuple[str, ...] = ()
+    strict: bool = False  # warnings fail too (info never does)
+    source: str | None = None  # the pyproject.toml it came from
+
+
+@dataclass
+class LintResult:
+    files: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    rules: tuple[Rule, ...] = RULES
+
+    def counts(self) -> dict[Severity, int]:
+        out: dict[Severity, int] = {s: 0 for s in SEVERITIES}
+        for finding in self.findings:
+            out[finding.severity] += 1
+        return out
+
+    def exit_code(self, strict: bool) -> int:
+        counts = self.counts()
+        failing = counts["error"] + (counts["warning"] if strict else 0)
+        return 1 if failing else 0
+
+
+# ------------------------------------------------------------------------------ discovery
+def _walk_yaml(root: Path) -> Iterable[Path]:
+    """YAML files under a folder, recursively; hidden folders/files (.git, .github) are skipped.
+
+    os.walk does not follow symlinked folders, so a link cycle cannot make this loop.
+    """
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith(YAML_SUFFIXES) and not name.startswith("."):
+                path = Path(folder, name)
+                if path.is_file():
+                    yield path
+
+
+def discover(paths: Sequence[str]) -> list[Path]:
+    """Files, folders (recursive *.yaml/*.yml) and globs, de-duplicated, in a stable order."""
+    if not paths:
+        raise ArchplanError("no paths given; e.g. `archplan lint configs/`")
+    found: list[Path] = []
+    for arg in paths:
+        if glob.has_magic(arg) and not Path(arg).exists():
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise ArchplanError("glob matches nothing", file=arg)
+            for match in matches:
+                path = Path(match)
+                found.extend(_walk_yaml(path) if path.is_dir() else [path] if path.is_file() else [])
+            continue
+        path = Path(arg)
+        if path.is_dir():
+            found.extend(_walk_yaml(path))
+        elif path.is_file():
+            found.append(path)
+        elif path.exists():
+            raise ArchplanError("not a regular file or folder", file=arg)
+        else:
+            raise ArchplanError("no such file or folder", file=arg)
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise ArchplanError(f"no *.yaml or *.yml files under {', '.join(paths)}")
+    return unique
+
+
+# ---------------------------------------------------------------------------------- config
+def find_pyproject(start: Path) -> Path | None:
+    """The nearest pyproject.toml at or above `start` (as ruff and black look for theirs)."""
+    for folder in (start, *start.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _codes(value: object, key: str, source: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ArchplanError(f"[tool.archplan.lint] {key} must be a list of rule codes", file=source)
+    return tuple(value)
+
+
+def load_config(start: Path) -> LintConfig:
+    path = find_pyproject(start)
+    if path is None:
+        return LintConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ArchplanError(f"cannot read: {exc}", file=str(path)) from None
+    table = data.get("tool", {}).get("archplan", {}).get("lint")
+    if table is None:
+        return LintConfig()
+    source = str(path)
+    if not isinstance(table, dict):
+        raise ArchplanError("[tool.archplan.lint] must be a table", file=source)
+    unknown = set(table) - {"select", "ignore", "strict"}
+    if unknown:
+        raise ArchplanError(
+            f"[tool.archplan.lint] unknown key(s) {', '.join(sorted(unknown))}; "
+            "expected select, ignore, strict", file=source,
+        )
+    strict = table.get("strict", False)
+    if not isinstance(strict, bool):
+        raise ArchplanError("[tool.archplan.lint] strict must be true or false", file=source)
+    return LintConfig(
+        select=_codes(table.get("select", []), "select", source),
+        ignore=_codes(table.get("ignore", []), "ignore", source),
+        strict=strict,
+        source=source,
+    )
+
+
+def parse_codes(values: Sequence[str]) -> tuple[str, ...]:
+    """`--select AP003,AP007 --select AP01` -> ('AP003', 'AP007', 'AP01')."""
+    return tuple(code.strip().upper() for value in values for code in value.split(",") if code.strip())
+
+
+def select_rules(select: Sequence[str], ignore: Sequence[str]) -> tuple[Rule, ...]:
+    """Rules whose code starts with a selected code (all if none), minus the ignored ones."""
+    for code in (*select, *ignore):
+        if not any(rule.code.startswith(code) for rule in RULES):
+            raise ArchplanError(
+                f"unknown rule code {code!r}; codes are {RULES[0].code}-{RULES[-1].code} "
+                "(see docs/rules.md)"
+            )
+
+    def matches(rule: Rule, codes: Sequence[str]) -> bool:
+        return any(rule.code.startswith(code) for code in codes)
+
+    return tuple(
+        rule for rule in RULES
+        if (not select or matches(rule, select)) and not matches(rule, ignore)
+    )
+
+
+# ---------------------------------------------------------------------------------- linting
+def _locate(loaded: LoadedYaml, path: FieldPath) -> tuple[int, int]:
+    """Where a field is written; a default (unwritten) field points at its nearest written parent."""
+    for cut in range(len(path), 0, -1):
+        where = loaded.locations.get(path[:cut])
+        if where is not None:
+            return where
+    return (1, 1)
+
+
+def _dotted(path: FieldPath) -> str:
+    return ".".join(map(str, path))
+
+
+def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str, rules: Sequence[Rule]) -> list[Finding]:
+    """A validation failure: a validator rule's code if its message is recognised, else AP002."""
+    for rule in RULES:
+        if not isinstance(rule.detect, Recognise):
+            continue
+        match = rule.detect.pattern.search(error.message)
+        if match is None:
+            continue
+        if rule not in rules:
+            return []
+        at = next((p for p in rule.detect.at if p in loaded.locations), None)
+        line, column = _locate(loaded, at) if at else (error.line or 1, error.column or 1)
+        return [Finding(
+            rule.code, rule.severity, file, line, column, error.message,
+            rule.detect.fix(match), _dotted(at) if at else error.field,
+        )]
+    return _input_finding("AP002", error, file, rules)
+
+
+def _input_finding(code: str, error: ArchplanError, file: str, rules: Sequence[Rule]) -> list[Finding]:
+    rule = BY_CODE[code]
+    if rule not in rules:
+        return []
+    return [Finding(
+        rule.code, rule.severity, file, error.line or 1, error.column or 1, error.message,
+        None, error.field,
+    )]
+
+
+def lint_text(text: str, file: str, rules: Sequence[Rule] = RULES) -> list[Finding]:
+    """Lint one spec's text; every problem comes back as a finding, never as an exception."""
+    try:
+        loaded = parse_yaml(text, file)
+    except ArchplanError as error:
+        return _input_finding("AP001", error, file, rules)
+    try:
+        spec = spec_from_data(loaded, file)
+    except ArchplanError as error:
+        return _invalid_spec(error, loaded, file, rules)
+    ctx = SpecContext(spec, loaded)
+    findings: list[Finding] = []
+    for rule in rules:
+        if isinstance(rule.detect, Recognise) or rule.detect is None:
+            continue
+        for hit in rule.detect(ctx):
+            findings.append(_from_hit(rule, hit, loaded, file))
+    return findings
+
+
+def _from_hit(rule: Rule, hit: Hit, loaded: LoadedYaml, file: str) -> Finding:
+    line, column = _locate(loaded, hit.path)
+    return Finding(rule.code, rule.severity, file, line, column, hit.message, hit.fix, _dotted(hit.path))
+
+
+def lint_file(path: Path, rules: Sequence[Rule] = RULES) -> list[Finding]:
+    file = str(path)
+    try:
+        text = read_text(path)
+    except ArchplanError as error:
+        return _input_finding("AP001", error, file, rules)
+    return lint_text(text, file, rules)
+
+
+def lint_paths(paths: Sequence[str], config: LintConfig) -> LintResult:
+    rules = select_rules(config.select, config.ignore)
+    files = discover(paths)
+    findings = [finding for path in files for finding in lint_file(path, rules)]
+    findings.sort(key=lambda f: (f.file, f.line, f.column, f.code))
+    return LintResult([str(p) for p in files], findings, rules)

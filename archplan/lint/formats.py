@@ -1,0 +1,170 @@
+"""Render lint results: compiler-style text, JSON, GitHub workflow commands, SARIF 2.1.0."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import PurePath
+from typing import Any
+from urllib.parse import quote
+
+from typing_extensions import assert_never
+
+from archplan import __version__
+from archplan.lint.engine import Finding, LintResult
+from archplan.lint.rules import Rule, Severity
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    github = "github"
+    sarif = "sarif"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 or word == "info" else "s")
+
+
+def summary(result: LintResult) -> str:
+    counts = result.counts()
+    files = _plural(len(result.files), "file")
+    if not result.findings:
+        return f"{files} checked, no findings"
+    parts = [_plural(counts[s], s) for s in ("error", "warning", "info") if counts[s]]
+    return f"{files} checked: {', '.join(parts)}"
+
+
+def render_text(result: LintResult) -> str:
+    lines: list[str] = []
+    for f in result.findings:
+        lines.append(f"{f.file}:{f.line}:{f.column}: {f.code} {f.severity}: {f.message}")
+        if f.fix:
+            lines.append(f"    fix: {f.fix}")
+    lines.append(summary(result))
+    return "\n".join(lines) + "\n"
+
+
+def _finding_json(f: Finding) -> dict[str, Any]:
+    return {
+        "code": f.code, "name": f.rule.name, "severity": f.severity, "file": f.file, "line": f.line,
+        "column": f.column, "field": f.field, "message": f.message, "fix": f.fix,
+    }
+
+
+def render_json(result: LintResult) -> str:
+    return json.dumps({
+        "version": __version__,
+        "files": result.files,
+        "summary": result.counts(),
+        "findings": [_finding_json(f) for f in result.findings],
+    }, indent=2) + "\n"
+
+
+def _escape_data(text: str) -> str:
+    # GitHub Actions toolkit `escapeData` (actions/toolkit packages/core/src/command.ts)
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    # toolkit `escapeProperty`: data escapes plus ':' and ','
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def _github_command(severity: Severity) -> str:
+    match severity:
+        case "error":
+            return "error"
+        case "warning":
+            return "warning"
+        case "info":
+            return "notice"
+        case _:
+            assert_never(severity)
+
+
+def render_github(result: LintResult) -> str:
+    """One workflow command per finding, so each shows inline on the pull request's diff."""
+    lines = []
+    for f in result.findings:
+        props = ",".join((
+            f"file={_escape_property(PurePath(f.file).as_posix())}",
+            f"line={f.line}",
+            f"col={f.column}",
+            f"title={_escape_property(f'{f.code} {f.rule.name}')}",
+        ))
+        message = f.message + (f"\nfix: {f.fix}" if f.fix else "")
+        lines.append(f"::{_github_command(f.severity)} {props}::{_escape_data(message)}")
+    lines.append(summary(result))
+    return "\n".join(lines) + "\n"
+
+
+def _sarif_level(severity: Severity) -> str:
+    match severity:
+        case "error":
+            return "error"
+        case "warning":
+            return "warning"
+        case "info":
+            return "note"
+        case _:
+            assert_never(severity)
+
+
+def _sarif_rule(rule: Rule) -> dict[str, Any]:
+    return {
+        "id": rule.code,
+        "name": rule.name,
+        "shortDescription": {"text": rule.title},
+        "fullDescription": {"text": rule.rationale},
+        "help": {"text": f"{rule.rationale}\nSource: {rule.source}\nSee docs/rules.md#{rule.code.lower()}"},
+        "defaultConfiguration": {"level": _sarif_level(rule.severity)},
+    }
+
+
+def render_sarif(result: LintResult) -> str:
+    """SARIF 2.1.0 (OASIS), the format GitHub code scanning accepts via upload-sarif."""
+    index = {rule.code: i for i, rule in enumerate(result.rules)}
+    results = []
+    for f in result.findings:
+        text = f.message + (f" Fix: {f.fix}" if f.fix else "")
+        results.append({
+            "ruleId": f.code,
+            "ruleIndex": index[f.code],
+            "level": _sarif_level(f.severity),
+            "message": {"text": text},
+            "locations": [{
+                "physicalLocation": {
+                    "artifactLocation": {"uri": quote(PurePath(f.file).as_posix())},
+                    "region": {"startLine": f.line, "startColumn": f.column},
+                },
+            }],
+        })
+    log = {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {
+                "name": "archplan",
+                "version": __version__,
+                "rules": [_sarif_rule(rule) for rule in result.rules],
+            }},
+            "artifacts": [{"location": {"uri": quote(PurePath(f).as_posix())}} for f in result.files],
+            "results": results,
+        }],
+    }
+    return json.dumps(log, indent=2) + "\n"
+
+
+def render(result: LintResult, fmt: Format) -> str:
+    match fmt:
+        case Format.text:
+            return render_text(result)
+        case Format.json:
+            return render_json(result)
+        case Format.github:
+            return render_github(result)
+        case Format.sarif:
+            return render_sarif(result)
+        case _:
+            assert_never(fmt)

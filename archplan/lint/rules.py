@@ -1,0 +1,482 @@
+"""The lint rules: one registry, each rule with its code, severity, rationale and source.
+
+Three kinds of rule, by what they read:
+- input rules (AP001, AP002): produced by the engine when a file is not YAML or not a valid spec;
+- validator rules (AP003-AP006): mistakes the spec validator already rejects. They arrive as a
+  schema error; the engine recognises the validator's message and files it under the rule's own
+  code, pointing at the field to change and with a fix worked out from the numbers;
+- spec rules (AP007+): small functions over a validated spec and its YAML locations.
+
+Rules are attention-type aware: MHA/GQA/MQA rules read `spec.attention` only when it is one of
+those (MLA has no head_dim or n_kv_heads, Mamba layers have no heads at all).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal, Union
+
+from archplan.loader import LoadedYaml
+from archplan.resolve import ModelPlan, resolve
+from archplan.spec import GQA, MHA, MQA, MLA, PostNorm, Rope, Spec
+from archplan.units import count, nbytes
+
+Severity = Literal["error", "warning", "info"]
+FieldPath = tuple[Union[str, int], ...]
+
+# Tensor-core alignment in elements for 16-bit operands on A100-class GPUs: 128 bytes = 64 halves
+# (NVIDIA Deep Learning Performance, "Matrix Multiplication Background", §2.2 Tensor Core Requirements).
+ALIGN = 64
+# ~20 training tokens per parameter: the D/N ratio of Hoffmann et al. 2022 Table 3 (20.0-21.6).
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+# Beyond this many times the Chinchilla ratio we say so (Llama-3-8B: 15T tokens, ~94x).
+FAR_ABOVE = 5.0
+# MoE expert counts from which DeepSeekMoE-style shared experts are the norm (DeepSeek-V2/V3: 160/256).
+MANY_EXPERTS = 64
+# Post-LN trains at 12-24 layers with warm-up (BERT-large is 24); deeper stacks diverge
+# (Xiong et al. 2020; Wang et al. 2022 DeepNet §1, Fig. 1).
+POST_NORM_MAX_LAYERS = 24
+KV_DTYPE_BYTES = 2  # bf16 cache, the serving default; the spec has no cache dtype
+
+
+@dataclass(frozen=True)
+class Hit:
+    """What a rule reports: the YAML field it concerns, a message and, where it helps, a fix."""
+
+    path: FieldPath
+    message: str
+    fix: str | None = None
+
+
+class SpecContext:
+    """A validated spec, its YAML (for locations and what was written) and its plan, resolved once."""
+
+    def __init__(self, spec: Spec, loaded: LoadedYaml) -> None:
+        self.spec = spec
+        self.loaded = loaded
+
+    @cached_property
+    def plan(self) -> ModelPlan:
+        return resolve(self.spec)
+
+    def written(self, path: FieldPath) -> bool:
+        """Whether the YAML spells this field out (defaults are not written)."""
+        return path in self.loaded.locations
+
+
+Check = Callable[[SpecContext], Iterator[Hit]]
+
+
+@dataclass(frozen=True)
+class Recognise:
+    """A spec-validator message this rule names, where in the YAML to point, and the fix."""
+
+    pattern: re.Pattern[str]
+    at: tuple[FieldPath, ...]  # first of these written in the YAML is the finding's location
+    fix: Callable[[re.Match[str]], str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    name: str
+    severity: Severity
+    title: str
+    rationale: str
+    source: str
+    detect: Check | Recognise | None  # None: produced by the engine itself (input rules)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _nearest(values: list[int], target: int, k: int = 3) -> list[int]:
+    return sorted(sorted(values, key=lambda v: (abs(v - target), v))[:k])
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _aligned_choices(n: int) -> str:
+    down = n // ALIGN * ALIGN
+    up = _round_up(n, ALIGN)
+    return f"{down} or {up}" if down else f"{up}"
+
+
+# ------------------------------------------------------------------------- validator rules
+def _gqa_fix(m: re.Match[str]) -> str:
+    n_heads = int(m["heads"])
+    return (
+        f"n_kv_heads must divide n_heads ({n_heads}): one of "
+        f"{', '.join(map(str, _divisors(n_heads)))}"
+    )
+
+
+def _head_dim_fix(m: re.Match[str]) -> str:
+    d_model, n_heads = int(m["d"]), int(m["heads"])
+    near = _nearest([h for h in _divisors(d_model) if h > 1], n_heads)
+    return (
+        f"use n_heads dividing d_model ({', '.join(map(str, near))} are nearest), or write "
+        f"attention.head_dim explicitly (then n_heads·head_dim may differ from d_model, as in Gemma)"
+    )
+
+
+def _rotary_fix(m: re.Match[str]) -> str:
+    # Both validator messages (head rotary width, MLA qk_rope_head_dim) carry the odd width.
+    dim = int(m["dim"] or m["dim2"])
+    return f"rotate {dim - 1} or {dim + 1} dimensions: change head_dim, position.fraction or qk_rope_head_dim"
+
+
+def _top_k_fix(m: re.Match[str]) -> str:
+    return f"top_k must be at most n_experts ({m['experts']}); Mixtral routes 2 of 8, DeepSeek-V3 8 of 256"
+
+
+# ---------------------------------------------------------------------------- spec rules
+def _head_attention(spec: Spec) -> MHA | GQA | MQA | None:
+    """The attention config if it is a per-head family (MHA/GQA/MQA); MLA and SSM-only: None."""
+    attn = spec.attention
+    if isinstance(attn, (MHA, GQA, MQA)):
+        return attn
+    return None
+
+
+def check_vocab(ctx: SpecContext) -> Iterator[Hit]:
+    vocab = ctx.spec.vocab_size
+    if vocab % ALIGN:
+        padded = _round_up(vocab, ALIGN)
+        yield Hit(
+            ("vocab_size",),
+            f"vocab_size {vocab:,} is not a multiple of {ALIGN}: the embedding and LM-head matmuls "
+            "fall off the tensor-core fast path",
+            f"pad to {padded:,} (+{padded - vocab} unused rows), as nanoGPT pads GPT-2's 50,257 to 50,304",
+        )
+
+
+def check_ffn_width(ctx: SpecContext) -> Iterator[Hit]:
+    spec = ctx.spec
+    widths: list[tuple[FieldPath, int]] = []
+    if spec.ffn is not None:
+        widths.append((("ffn", "d_ff"), spec.ffn.d_ff))
+    if spec.moe is not None:
+        widths.append((("moe", "expert", "d_ff"), spec.moe.expert.d_ff))
+        if spec.moe.shared is not None:
+            widths.append((("moe", "shared", "d_ff"), spec.moe.shared.d_ff))
+    for path, d_ff in widths:
+        if d_ff % ALIGN:
+            yield Hit(
+                path,
+                f"{'.'.join(map(str, path))} {d_ff:,} is not a multiple of {ALIGN}: every FFN matmul "
+                "pays tile-quantisation waste",
+                f"use {_aligned_choices(d_ff)} (Llama rounds its SwiGLU width with multiple_of=256)",
+            )
+
+
+def check_head_dim(ctx: SpecContext) -> Iterator[Hit]:
+    attn = _head_attention(ctx.spec)
+    if attn is None:
+        return
+    head_dim = attn.head_dim or ctx.spec.d_model // attn.n_heads
+    if head_dim % ALIGN:
+        written = ctx.written(("attention", "head_dim"))
+        path: FieldPath = ("attention", "head_dim") if written else ("attention", "n_heads")
+        how = "" if written else f" (d_model {ctx.spec.d_model:,} / n_heads {attn.n_heads})"
+        yield Hit(
+            path,
+            f"head_dim {head_dim}{how} is not a multiple of {ALIGN}: QKᵀ and AV run on padded tiles",
+            f"head_dim {_aligned_choices(head_dim)}",
+        )
+
+
+def check_top1_balancing(ctx: SpecContext) -> Iterator[Hit]:
+    moe = ctx.spec.moe
+    if moe is None or moe.top_k != 1:
+        return
+    if moe.aux_loss_coef == 0 and not moe.router.score_correction_bias:
+        yield Hit(
+            ("moe", "aux_loss_coef") if ctx.written(("moe", "aux_loss_coef")) else ("moe", "top_k"),
+            "top-1 routing with no load balancing (aux_loss_coef 0, no score_correction_bias): "
+            "the router collapses onto a few experts",
+            "set moe.aux_loss_coef: 0.01 (Switch Transformer) or moe.router.score_correction_bias: true "
+            "(DeepSeek-V3 auxiliary-loss-free balancing)",
+        )
+
+
+def check_shared_experts(ctx: SpecContext) -> Iterator[Hit]:
+    moe = ctx.spec.moe
+    if moe is None or moe.shared is not None or moe.n_experts < MANY_EXPERTS:
+        return
+    yield Hit(
+        ("moe", "n_experts"),
+        f"{moe.n_experts} fine-grained experts and no shared expert: common knowledge is learnt "
+        "again by many experts",
+        "consider moe.shared: {n: 1, d_ff: <expert d_ff>} (DeepSeekMoE shared-expert isolation; "
+        "DeepSeek-V3: 256 routed + 1 shared)",
+    )
+
+
+def check_context(ctx: SpecContext) -> Iterator[Hit]:
+    spec = ctx.spec
+    # Learned positions need no check here: the spec sizes their table from max_seq_len itself.
+    # ALiBi and sinusoids extrapolate by construction; plain RoPE declares no trained range.
+    if not isinstance(spec.position, Rope) or spec.position.scaling is None:
+        return
+    scaling = spec.position.scaling
+    original = scaling.original_max_positions
+    if original is None:
+        return
+    reach = int(original * scaling.factor)
+    if spec.max_seq_len > reach:
+        yield Hit(
+            ("max_seq_len",),
+            f"max_seq_len {spec.max_seq_len:,} is {spec.max_seq_len / reach:.2f}× the range "
+            f"{scaling.kind} scaling extends RoPE to (original_max_positions {original:,} × factor "
+            f"{scaling.factor:g} = {reach:,})",
+            f"raise position.scaling.factor to {math.ceil(spec.max_seq_len / original)} or lower "
+            f"max_seq_len to {reach:,}, unless long-context training covers the rest",
+        )
+
+
+def _tokens_per_param(ctx: SpecContext) -> tuple[float, int, float] | None:
+    training = ctx.spec.training
+    if training is None or training.tokens is None:
+        return None
+    from archplan.analytic import count_params
+
+    # Active parameters: what each token trains (= total for a dense model); Chinchilla's N is dense.
+    n_params = count_params(ctx.plan).active
+    return training.tokens, n_params, training.tokens / n_params
+
+
+def check_undertrained(ctx: SpecContext) -> Iterator[Hit]:
+    budget = _tokens_per_param(ctx)
+    if budget is None:
+        return
+    tokens, n_params, ratio = budget
+    if ratio < CHINCHILLA_TOKENS_PER_PARAM:
+        yield Hit(
+            ("training", "tokens"),
+            f"{count(tokens)} tokens for {count(n_params)} active parameters is {ratio:.1f} tokens/param, "
+            f"{CHINCHILLA_TOKENS_PER_PARAM / ratio:.1f}× below the compute-optimal ~20",
+            f"train on ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens, or size the model to "
+            f"≈{count(tokens / CHINCHILLA_TOKENS_PER_PARAM)} parameters for this budget",
+        )
+
+
+def check_overtrained(ctx: SpecContext) -> Iterator[Hit]:
+    budget = _tokens_per_param(ctx)
+    if budget is None:
+        return
+    tokens, n_params, ratio = budget
+    if ratio > FAR_ABOVE * CHINCHILLA_TOKENS_PER_PARAM:
+        yield Hit(
+            ("training", "tokens"),
+            f"{count(tokens)} tokens for {count(n_params)} active parameters is {ratio:,.0f} tokens/param, "
+            f"{ratio / CHINCHILLA_TOKENS_PER_PARAM:.1f}× the compute-optimal ~20",
+            "fine if deliberate (a smaller model trained longer is cheaper to serve); "
+            f"compute-optimal for these parameters is ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens",
+        )
+
+
+def check_kv_cache(ctx: SpecContext) -> Iterator[Hit]:
+    training = ctx.spec.training
+    if training is None or training.target_device_memory_gib is None:
+        return
+    from archplan.analytic import kv_cache
+
+    context = ctx.spec.max_seq_len
+    per_sequence = kv_cache(ctx.plan, context, batch=1, dtype_bytes=KV_DTYPE_BYTES).bytes
+    total = per_sequence * training.batch  # KV and SSM state are both per sequence, linear in batch
+    budget = training.target_device_memory_gib * (1 << 30)
+    if total > budget:
+        fits = int(budget // per_sequence)
+        yield Hit(
+            ("training", "target_device_memory_gib"),
+            f"the KV cache alone at max_seq_len {context:,} × batch {training.batch} is {nbytes(total)} "
+            f"(bf16), over target_device_memory_gib {training.target_device_memory_gib:g} GiB",
+            (f"batch ≤ {fits} fits the cache" if fits else "not even one sequence fits")
+            + "; or fewer KV heads (GQA/MQA/MLA), a sliding window, or an 8-bit cache (half the bytes)",
+        )
+
+
+def check_post_norm_depth(ctx: SpecContext) -> Iterator[Hit]:
+    spec = ctx.spec
+    if isinstance(spec.residual, PostNorm) and spec.n_layers > POST_NORM_MAX_LAYERS:
+        yield Hit(
+            ("residual",),
+            f"post-norm residual with {spec.n_layers} layers: Post-LN stacks this deep diverge "
+            "without special care",
+            "use residual: {kind: deepnorm} (DeepNet: α = (2L)^¼, β = (8L)^-¼) or residual: {kind: pre}",
+        )
+
+
+# ------------------------------------------------------------------------------- registry
+_NVIDIA_GEMM = (
+    "NVIDIA Deep Learning Performance Guide, 'Matrix Multiplication Background' (§2.2 Tensor Core "
+    "Requirements; §3.1 Tile Quantization), "
+    "https://docs.nvidia.com/deeplearning/performance/dl-performance-matrix-multiplication/"
+)
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "AP001", "invalid-yaml", "error", "File is not readable YAML",
+        "The file could not be read as one safe YAML mapping: a syntax error, tabs used for "
+        "indentation, a duplicate key (YAML says last-wins; archplan refuses, since one of the two "
+        "values is a mistake), a `!!python` tag, an alias bomb, binary content or an oversized file.",
+        "YAML 1.1 spec §3.2.1.3 (keys are unique); PyYAML safe_load",
+        None,
+    ),
+    Rule(
+        "AP002", "schema", "error", "Not a valid archplan spec",
+        "A field is unknown, missing, of the wrong type or out of range, or the parts do not fit "
+        "together (layout letters without their mixer, MoE placed on no layer, ...).",
+        "archplan/spec.py (the Pydantic model; `archplan schema` prints it as JSON Schema)",
+        None,
+    ),
+    Rule(
+        "AP003", "gqa-groups", "error", "n_heads not divisible by n_kv_heads",
+        "Grouped-query attention shares each K/V head among n_heads / n_kv_heads query heads; the "
+        "groups must be equal, so n_kv_heads must divide n_heads.",
+        "Ainslie et al. 2023, GQA (arXiv:2305.13245) §2.2",
+        Recognise(
+            re.compile(r"n_heads \((?P<heads>\d+)\) must be divisible by n_kv_heads \((?P<kv>\d+)\)"),
+            (("attention", "n_kv_heads"),),
+            _gqa_fix,
+        ),
+    ),
+    Rule(
+        "AP004", "implicit-head-dim", "error", "d_model not divisible by n_heads with head_dim implicit",
+        "Without an explicit head_dim, archplan (like most codebases) uses d_model / n_heads; when "
+        "that is not an integer the heads cannot tile the model width. An explicit head_dim may "
+        "legitimately make n_heads·head_dim differ from d_model (Gemma-7B: 16 × 256 = 4096 ≠ 3072), "
+        "so only the implicit case is an error.",
+        "Vaswani et al. 2017 §3.2.2 (d_k = d_model / h); HF Gemma config (head_dim explicit)",
+        Recognise(
+            re.compile(r"d_model \((?P<d>\d+)\) is not divisible by n_heads \((?P<heads>\d+)\)"),
+            (("attention", "n_heads"),),
+            _head_dim_fix,
+        ),
+    ),
+    Rule(
+        "AP005", "odd-rotary", "error", "Odd rotary dimension",
+        "RoPE rotates pairs of dimensions (x_2i, x_2i+1) by the angle m·θ_i; an odd rotary width "
+        "leaves one dimension without a partner. The rotary width is head_dim·position.fraction for "
+        "MHA/GQA/MQA and qk_rope_head_dim for MLA.",
+        "Su et al. 2021, RoFormer (arXiv:2104.09864) §3.2.2, eq. 15",
+        Recognise(
+            re.compile(r"rotary dimension (?P<dim>\d+) is odd|qk_rope_head_dim \((?P<dim2>\d+)\) must be even"),
+            (
+                ("attention", "qk_rope_head_dim"), ("position", "fraction"),
+                ("attention", "head_dim"), ("attention", "n_heads"),
+            ),
+            _rotary_fix,
+        ),
+    ),
+    Rule(
+        "AP006", "top-k-experts", "error", "top_k exceeds n_experts",
+        "A token cannot be routed to more distinct experts than exist.",
+        "Shazeer et al. 2017, Outrageously Large Neural Networks (arXiv:1701.06538) §2.1 (top-k gating)",
+        Recognise(
+            re.compile(r"top_k \((?P<k>\d+)\) exceeds n_experts \((?P<experts>\d+)\)"),
+            (("moe", "top_k"),),
+            _top_k_fix,
+        ),
+    ),
+    Rule(
+        "AP007", "vocab-alignment", "warning", "Vocabulary not a multiple of 64",
+        "The embedding gather is cheap, but the LM head is a (tokens × d_model) · (d_model × vocab) "
+        "matmul; a vocabulary that is not a multiple of 64 puts it on padded tensor-core tiles. "
+        "Karpathy measured ~25% faster nanoGPT training by padding GPT-2's 50,257 to 50,304; the "
+        "extra rows are never predicted after training.",
+        "karpathy/nanoGPT model.py (vocab_size 50304, 'padded up to nearest multiple of 64 for "
+        "efficiency'); " + _NVIDIA_GEMM,
+        check_vocab,
+    ),
+    Rule(
+        "AP008", "ffn-alignment", "warning", "FFN width not a multiple of 64",
+        "FFN matmuls are most of a dense model's FLOPs. With 16-bit operands, A100-class tensor "
+        "cores reach full efficiency when the matrix dimensions are multiples of 64 elements "
+        "(128 bytes); other sizes waste part of the last tile (tile quantisation).",
+        _NVIDIA_GEMM + "; Touvron et al. 2023 / meta-llama model.py (FeedForward multiple_of)",
+        check_ffn_width,
+    ),
+    Rule(
+        "AP009", "head-dim-alignment", "warning", "Attention head_dim not a multiple of 64",
+        "head_dim is the inner dimension of QKᵀ and the output width of AV in every head; attention "
+        "kernels (cuBLAS, FlashAttention) tile it in steps of 32-64 and pad the rest. MHA/GQA/MQA "
+        "only: MLA's per-head widths and Mamba heads are sized by their own designs.",
+        _NVIDIA_GEMM + "; Dao 2023, FlashAttention-2 (arXiv:2307.08691) §3",
+        check_head_dim,
+    ),
+    Rule(
+        "AP010", "top1-no-balancing", "warning", "Top-1 routing without load balancing",
+        "With a single expert per token and nothing pushing the router towards uniform load, a few "
+        "experts win early and the rest starve (routing collapse). Switch Transformer adds an "
+        "auxiliary loss α·N·Σ f_i·P_i with α = 10⁻²; DeepSeek-V3 instead biases the routing scores.",
+        "Fedus et al. 2021, Switch Transformers (arXiv:2101.03961) §2.2 eq. 4; DeepSeek-V3 technical "
+        "report (arXiv:2412.19437) §2.1.2",
+        check_top1_balancing,
+    ),
+    Rule(
+        "AP011", "moe-no-shared", "info", "Many experts and no shared expert",
+        "Fine-grained MoE (dozens to hundreds of small experts) tends to relearn common knowledge in "
+        "many experts; isolating one or two always-active shared experts removes that redundancy.",
+        "Dai et al. 2024, DeepSeekMoE (arXiv:2401.06066) §3.2 (shared expert isolation)",
+        check_shared_experts,
+    ),
+    Rule(
+        "AP012", "context-beyond-positions", "warning", "Context beyond the positional scheme's range",
+        "RoPE length-extension methods (linear/NTK/YaRN/Llama-3 scaling) stretch the trained range "
+        "original_max_positions by the scaling factor; a max_seq_len beyond that product relies on "
+        "extrapolation, which degrades quickly. (Learned position tables are sized from max_seq_len, "
+        "so they cannot be exceeded in a spec; ALiBi and sinusoids have no trained range.)",
+        "Peng et al. 2023, YaRN (arXiv:2309.00071) §2-3; Chen et al. 2023, Position Interpolation "
+        "(arXiv:2306.15595)",
+        check_context,
+    ),
+    Rule(
+        "AP013", "undertrained", "warning", "Training budget below ~20 tokens per parameter",
+        "Hoffmann et al. find compute-optimal models see about 20 tokens per parameter; fewer "
+        "tokens leave the same compute better spent on a smaller model trained longer. N is the "
+        "active parameter count (= total for dense models).",
+        "Hoffmann et al. 2022, Chinchilla (arXiv:2203.15556) Table 3",
+        check_undertrained,
+    ),
+    Rule(
+        "AP014", "overtrained", "info", "Training budget far above ~20 tokens per parameter",
+        "More than 5× the Chinchilla ratio is often deliberate (a smaller model is cheaper to "
+        "serve: Llama-3-8B saw 15T tokens, ~1,900 per parameter) but also what a units slip "
+        "(tokens vs. billions of tokens) looks like, so it is reported with the factor.",
+        "Hoffmann et al. 2022 Table 3; Sardana & Frankle 2023, Beyond Chinchilla-Optimal "
+        "(arXiv:2401.00448)",
+        check_overtrained,
+    ),
+    Rule(
+        "AP015", "kv-cache-memory", "error", "KV cache exceeds the target device memory",
+        "At max_seq_len and training.batch the KV cache (bf16, per attention layer 2·n_kv·head_dim "
+        "per token, MLA its latent, sliding windows capped, SSM layers their constant state) must "
+        "fit in training.target_device_memory_gib before any weight is loaded.",
+        "DeepSeek-V2 (arXiv:2405.04434) §2.1.4 Table 1; Mistral 7B (arXiv:2310.06825) §2 (rolling "
+        "buffer); archplan/analytic/kv.py",
+        check_kv_cache,
+    ),
+    Rule(
+        "AP016", "deep-post-norm", "warning", "Deep post-norm stack without DeepNorm",
+        "Post-LN puts the norm after the residual sum, so gradients near the output are large and "
+        "deep stacks diverge without long warm-up; DeepNorm up-weights the residual (α) and "
+        "down-scales the initialisation (β) and trains 1,000 layers.",
+        "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture "
+        "(arXiv:2002.04745); Wang et al. 2022, DeepNet (arXiv:2203.00555) Table 1",
+        check_post_norm_depth,
+    ),
+)
+
+
+
+BY_CODE: dict[str, Rule] = {rule.code: rule for rule in RULES}
