@@ -1,0 +1,132 @@
+"""Selective SSM mixers: Mamba-1 (Gu & Dao 2023) and Mamba-2 / SSD (Dao & Gu 2024).
+
+Parameters: FORMULAS §1.8 (state-spaces/mamba `mamba_simple.Mamba`; Jamba adds RMSNorms on dt, B, C,
+HF `JambaMambaMixer`) and §1.9 (`mamba2.Mamba2`: in_proj order [z, x, B, C, dt], dt_bias/A_log/D of
+H each, gated RMSNorm over d_inner). Counted FLOPs follow docs/architecture.md "FLOPs convention".
+"""
+
+from __future__ import annotations
+
+import math
+
+from archplan.analytic.norms import norm_flops, norm_params
+from archplan.resolve import Mamba1Plan, Mamba2Plan
+
+# SiLU on a vector element (see ffn.ACTIVATION_FLOPS) and softplus log(1 + exp(x)): our estimates.
+_SILU = 4
+_SOFTPLUS = 3
+
+
+# ---------------------------------------------------------------------------------------- Mamba-1
+def mamba1_matmul_params(m: Mamba1Plan, d_model: int) -> int:
+    """in_proj D×2·d_inner, x_proj d_inner×(R + 2N), dt_proj R×d_inner, out_proj d_inner×D."""
+    return (
+        d_model * 2 * m.d_inner
+        + m.d_inner * (m.dt_rank + 2 * m.d_state)
+        + m.dt_rank * m.d_inner
+        + m.d_inner * d_model
+    )
+
+
+def mamba1_params(m: Mamba1Plan, d_model: int) -> int:
+    params = mamba1_matmul_params(m, d_model)
+    params += m.d_inner * m.d_conv + (m.d_inner if m.conv_bias else 0)  # depthwise conv1d
+    params += m.d_inner  # dt_proj bias (always present in mamba_simple.py)
+    params += m.d_inner * m.d_state + m.d_inner  # A_log, D
+    if m.proj_bias:
+        params += 2 * m.d_inner + d_model  # in_proj and out_proj biases
+    if m.inner_norms:
+        params += norm_params(m.norm, m.dt_rank) + 2 * norm_params(m.norm, m.d_state)
+    return params
+
+
+def mamba1_counted_flops(m: Mamba1Plan, d_model: int, batch: int, seq_len: int) -> int:
+    """Linears + causal depthwise conv (left padding, T outputs) + the scan's C contraction only."""
+    rows = batch * seq_len
+    conv = 2 * rows * m.d_inner * m.d_conv
+    scan_output = 2 * rows * m.d_inner * m.d_state  # einsum('btdn,btn->btd', h, C)
+    return 2 * rows * mamba1_matmul_params(m, d_model) + conv + scan_output
+
+
+def mamba1_elementwise_per_token(m: Mamba1Plan) -> int:
+    """Gu's ~9·d_inner·N for the selective scan (state-spaces/mamba issue #110) minus the 2·d_inner·N
+    counted above; D skip and z gate d_inner each (VMamba `flops_selective_scan_fn`, citing #110);
+    SiLU on x and z and softplus on dt (our estimates); Jamba's inner norms."""
+    flops = 7 * m.d_inner * m.d_state + 2 * m.d_inner
+    flops += 2 * _SILU * m.d_inner + _SOFTPLUS * m.d_inner
+    if m.inner_norms:
+        flops += norm_flops(m.norm, m.dt_rank) + 2 * norm_flops(m.norm, m.d_state)
+    return flops
+
+
+def mamba1_decode_counted_flops(m: Mamba1Plan) -> int:
+    """One recurrent step: conv over the K cached columns and the C contraction of the new state."""
+    return 2 * m.d_inner * m.d_conv + 2 * m.d_inner * m.d_state
+
+
+def mamba1_state_elements(m: Mamba1Plan) -> int:
+    """conv_state d_inner×d_conv + ssm_state d_inner×N per sequence (FORMULAS §6.2)."""
+    return m.d_inner * m.d_conv + m.d_inner * m.d_state
+
+
+# ---------------------------------------------------------------------------------------- Mamba-2
+def mamba2_matmul_params(m: Mamba2Plan, d_model: int) -> int:
+    """in_proj D×(2·d_inner + 2·G·N + H) and out_proj d_inner×D."""
+    in_out = 2 * m.d_inner + 2 * m.n_groups * m.d_state + m.n_heads
+    return d_model * in_out + m.d_inner * d_model
+
+
+def mamba2_params(m: Mamba2Plan, d_model: int) -> int:
+    params = mamba2_matmul_params(m, d_model)
+    params += m.conv_dim * m.d_conv + (m.conv_dim if m.conv_bias else 0)
+    params += 3 * m.n_heads  # dt_bias, A_log, D
+    params += norm_params(m.norm, m.d_inner)  # gated RMSNorm before out_proj
+    if m.proj_bias:
+        params += 2 * m.d_inner + 2 * m.n_groups * m.d_state + m.n_heads + d_model
+    return params
+
+
+def ssd_chunks(m: Mamba2Plan, seq_len: int) -> tuple[int, int]:
+    """(q, n_c): chunk length min(chunk_size, T) and the number of chunks of the padded sequence."""
+    q = min(m.chunk_size, seq_len)
+    return q, math.ceil(seq_len / q)
+
+
+def ssd_counted_flops(m: Mamba2Plan, batch: int, seq_len: int) -> int:
+    """The four einsums of `ssd_minimal.py` per chunk (Dao & Gu 2024 §6, Listing 1):
+    C·Bᵀ 2q²NG, (CBᵀ∘L)·X 2q²PH, chunk states 2qNPH, state → output 2qNPH."""
+    q, n_chunks = ssd_chunks(m, seq_len)
+    n, p, h, g = m.d_state, m.head_dim, m.n_heads, m.n_groups
+    per_chunk = 2 * q * q * n * g + 2 * q * q * p * h + 2 * q * n * p * h + 2 * q * n * p * h
+    return batch * n_chunks * per_chunk
+
+
+def mamba2_counted_flops(m: Mamba2Plan, d_model: int, batch: int, seq_len: int) -> int:
+    rows = batch * seq_len
+    conv = 2 * rows * m.conv_dim * m.d_conv
+    return 2 * rows * mamba2_matmul_params(m, d_model) + conv + ssd_counted_flops(m, batch, seq_len)
+
+
+def mamba2_elementwise(m: Mamba2Plan, batch: int, seq_len: int) -> int:
+    """Our estimate of what `ssd_minimal.py` does outside the einsums, for B sequences of T tokens.
+
+    Per chunk: exp(segsum) and the mask product on the q×q×H decay matrix (2·q²·H) and the
+    inter-chunk recurrence on H·P·N states (2 each). Per token: softplus(dt + dt_bias) and dt·A (4·H),
+    dt·x (d_inner), D skip (2·d_inner), SiLU on the conv output, gate SiLU(z)·y (5·d_inner) and the
+    gated RMSNorm (4·d_inner).
+    """
+    q, n_chunks = ssd_chunks(m, seq_len)
+    per_chunk = 2 * q * q * m.n_heads + 2 * m.n_heads * m.head_dim * m.d_state
+    per_token = (_SOFTPLUS + 1) * m.n_heads + 3 * m.d_inner + _SILU * m.conv_dim
+    per_token += (_SILU + 1) * m.d_inner + norm_flops(m.norm, m.d_inner)
+    return batch * (n_chunks * per_chunk + seq_len * per_token)
+
+
+def mamba2_decode_counted_flops(m: Mamba2Plan) -> int:
+    """One recurrent step (`Mamba2.step`): conv over the cached columns and y = C·h over H·P·N."""
+    return 2 * m.conv_dim * m.d_conv + 2 * m.n_heads * m.head_dim * m.d_state
+
+
+def mamba2_state_elements(m: Mamba2Plan) -> int:
+    """conv_state conv_dim×d_conv + ssm_state H×P×N per sequence (FORMULAS §6.2)."""
+    return m.conv_dim * m.d_conv + m.n_heads * m.head_dim * m.d_state
