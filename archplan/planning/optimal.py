@@ -1,0 +1,152 @@
+"""From a budget to the compute-optimal (N, D) under a scaling law, and the IsoFLOP alternatives.
+
+The laws themselves live in `archplan.analytic.scaling` (FORMULAS §5); this module only chooses one,
+inverts it when the user gives N or D instead of C, and tabulates the IsoFLOP profile:
+- `chinchilla`: Hoffmann et al. 2022 Approach 3 with the constants as printed (App. D.2);
+- `epoch`: the Besiroglu et al. 2024 refit of Approach 3 (arXiv:2404.10102);
+- `20x`: D = 20·N with C = 6ND (Hoffmann Table 3's D/N ratio, FORMULAS §5.3). This rule has no
+  loss of its own, so its predicted losses are evaluated with the Besiroglu fit (said in the output).
+N is every parameter, embeddings included (Hoffmann App. F); C = 6ND (Hoffmann eq. 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from typing_extensions import assert_never
+
+from archplan.analytic.scaling import (
+    FLOPS_PER_PARAM_TOKEN,
+    LAWS,
+    Law,
+    compute_optimal,
+    loss,
+    twenty_tokens,
+)
+from archplan.errors import ArchplanError
+
+
+class LawChoice(str, Enum):
+    chinchilla = "chinchilla"
+    epoch = "epoch"
+    twenty = "20x"
+
+
+LAW_KEYS: dict[LawChoice, str] = {
+    LawChoice.chinchilla: "hoffmann2022",
+    LawChoice.epoch: "besiroglu2024",
+    LawChoice.twenty: "besiroglu2024",  # the loss the 20x rule is scored with
+}
+
+# The IsoFLOP view: N at these multiples of N_opt, D = C/(6N) (Hoffmann §3.2, Figure 3).
+ISOFLOP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+# Budgets we accept: a 1e15-FLOP model is a toy, 1e32 is far beyond any cluster; outside this the
+# laws are extrapolated by more than 10 orders of magnitude from the data they were fitted on.
+MIN_COMPUTE = 1e15
+MAX_COMPUTE = 1e32
+
+
+@dataclass(frozen=True)
+class Point:
+    params: float
+    tokens: float
+    loss: float
+
+    @property
+    def compute(self) -> float:
+        return FLOPS_PER_PARAM_TOKEN * self.params * self.tokens
+
+
+@dataclass(frozen=True)
+class Optimum:
+    law: LawChoice
+    loss_law: Law  # the fit every loss below is evaluated with
+    compute: float
+    optimal: Point
+    isoflop: tuple[tuple[float, Point], ...]  # (N / N_opt, point) at fixed C
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.optimal.tokens / self.optimal.params
+
+
+def allocate(choice: LawChoice, compute: float) -> tuple[float, float]:
+    """(N_opt, D_opt) for C under the chosen rule."""
+    match choice:
+        case LawChoice.chinchilla | LawChoice.epoch:
+            return compute_optimal(LAWS[LAW_KEYS[choice]], compute)
+        case LawChoice.twenty:
+            return twenty_tokens(compute)
+        case _:
+            assert_never(choice)
+
+
+def _invert(choice: LawChoice, target: float, index: int) -> float:
+    """The budget C whose optimum has N (index 0) or D (index 1) equal to `target`.
+
+    N_opt(C) and D_opt(C) are increasing power laws of C for every rule, so bisection on log C
+    inverts them without restating the closed forms here.
+    """
+    lo, hi = math.log(MIN_COMPUTE) - 20, math.log(MAX_COMPUTE) + 20
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if allocate(choice, math.exp(mid))[index] < target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)
+
+
+def _check_compute(compute: float, what: str) -> None:
+    if not math.isfinite(compute) or compute < MIN_COMPUTE or compute > MAX_COMPUTE:
+        raise ArchplanError(
+            f"{what} implies a budget of {compute:.3g} FLOPs; plan works between "
+            f"{MIN_COMPUTE:.0e} and {MAX_COMPUTE:.0e} FLOPs"
+        )
+
+
+def budget(choice: LawChoice, *, compute: float | None = None, params: float | None = None,
+           tokens: float | None = None) -> float:
+    """The compute budget from exactly one of C, N or D (N or D: the C for which it is optimal)."""
+    given = [(name, value) for name, value in (("--compute", compute), ("--params", params),
+                                               ("--tokens", tokens)) if value is not None]
+    if len(given) != 1:
+        raise ArchplanError("give exactly one of --compute, --params or --tokens")
+    name, value = given[0]
+    if not math.isfinite(value) or value <= 0:
+        raise ArchplanError(f"{name} must be a positive number, got {value}")
+    if compute is not None:
+        result = compute
+    elif params is not None:
+        result = _invert(choice, params, 0)
+    else:
+        assert tokens is not None
+        result = _invert(choice, tokens, 1)
+    _check_compute(result, name)
+    return result
+
+
+def optimum(choice: LawChoice, compute: float) -> Optimum:
+    _check_compute(compute, "--compute")
+    fit = LAWS[LAW_KEYS[choice]]
+    n_opt, d_opt = allocate(choice, compute)
+    points = []
+    for factor in ISOFLOP_FACTORS:
+        n = n_opt * factor
+        d = compute / (FLOPS_PER_PARAM_TOKEN * n)
+        points.append((factor, Point(n, d, loss(fit, n, d))))
+    return Optimum(choice, fit, compute, Point(n_opt, d_opt, loss(fit, n_opt, d_opt)), tuple(points))
+
+
+def isoflop_curve(result: Optimum, n_points: int = 81, span: float = 10.0) -> list[Point]:
+    """Loss along the IsoFLOP line from N_opt/span to N_opt·span (for the plot)."""
+    n_opt, compute = result.optimal.params, result.compute
+    out = []
+    for i in range(n_points):
+        n = n_opt * span ** (2 * i / (n_points - 1) - 1)
+        d = compute / (FLOPS_PER_PARAM_TOKEN * n)
+        out.append(Point(n, d, loss(result.loss_law, n, d)))
+    return out
