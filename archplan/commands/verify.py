@@ -1,7 +1,317 @@
-"""`archplan verify` (placeholder until its issue lands)."""
+"""`archplan verify SPEC`: the analytic figures against a real model built from the same spec.
+
+Builds the model on meta, compares parameters and counted forward FLOPs component by component,
+checks training FLOPs with a real backward, and on small models also runs fvcore and measures the
+KV/SSM cache on a real instance (`archplan.crosscheck`). Exit 0 when everything matches exactly,
+1 with the diff, 2 on bad input. torch is imported inside the command only (cli.py loads every
+command module, and `size`/`lint` must stay torch-free).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from archplan import units
+from archplan.commands.options import JsonOpt, SpecArg
+from archplan.errors import ArchplanError
+from archplan.loader import load_spec
+from archplan.resolve import ModelPlan, resolve
+
+if TYPE_CHECKING:
+    from archplan.crosscheck import CrossCheck, FlopRow, Row
+
+DEFAULT_SEQ = 128
+# Above this many layers, runs of identical passing layers are shown as one row (failures never are).
+AGGREGATE_ABOVE_LAYERS = 8
+# Progress bars only where a pass takes long enough to watch.
+PROGRESS_ABOVE_LAYERS = 16
+
+OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command(
+        "verify",
+        help=(
+            "Build the model (meta device) and check every analytic number against it, component by "
+            "component: parameters (numel), forward FLOPs (FlopCounterMode), training FLOPs (a real "
+            "backward); on small models also fvcore and the measured KV cache. Exit 0 when all match "
+            "exactly, 1 with the diff, 2 on bad input.\n\n"
+            "Example:\n\n  archplan verify presets/deepseek-v3.yaml --seq 64 --json"
+        ),
+    )(verify)
+
+
+def verify(
+    spec: SpecArg,
+    seq: Annotated[int | None, typer.Option("--seq", min=1, help="Sequence length of the counted forward (default: min(128, max_seq_len)).")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch of the counted forward.")] = 1,
+    device: Annotated[Device, typer.Option("--device", help="Device of the real instance (fvcore, measured KV cache).")] = Device.cpu,
+    cpu_check: Annotated[bool | None, typer.Option("--cpu-check/--no-cpu-check", help="Force (or skip) the real-instance checks; default: only below 50M parameters.", show_default=False)] = None,
+    backward: Annotated[bool, typer.Option("--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.")] = True,
+    all_layers: Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    plan = resolve(load_spec(spec))
+    seq_len = _seq_len(plan, seq)
+    import torch  # lazy: only verify and bench may import torch
+
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise ArchplanError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
+    from archplan.crosscheck import crosscheck
+
+    console = Console()
+    with _progress(enabled=not as_json and len(plan.layers) > PROGRESS_ABOVE_LAYERS) as progress:
+        result = crosscheck(
+            plan, seq_len=seq_len, batch=batch, backward=backward, real=cpu_check,
+            real_device=device.value, progress=progress,
+        )
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        render(result, console, aggregate=not all_layers and len(plan.layers) > AGGREGATE_ABOVE_LAYERS)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _seq_len(plan: ModelPlan, seq: int | None) -> int:
+    if seq is None:
+        return min(DEFAULT_SEQ, plan.max_seq_len)
+    if seq > plan.max_seq_len:
+        raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
+    return seq
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A transient rich progress bar on stderr (build, forward, backward), only on a terminal."""
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console, transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+
+    with bar:
+        yield update
+
+
+# ---------------------------------------------------------------------------------- rendering
+@dataclass(frozen=True)
+class _Line:
+    """One displayed row: a component, or a run of identical layers folded into one."""
+
+    component: str
+    kind: str
+    params: Row | None
+    flops: FlopRow | None
+    repeat: int = 1
+
+
+def _layer_of(component: str) -> int | None:
+    parts = component.split(".")
+    return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() else None
+
+
+def _suffix(component: str) -> str:
+    return ".".join(component.split(".")[2:])
+
+
+def _lines(result: CrossCheck, aggregate: bool) -> list[_Line]:
+    params = {row.component: row for row in result.params}
+    flops = {row.component: row for row in result.flops}
+    from archplan.crosscheck import ordered  # lazy: crosscheck imports torch
+
+    names = ordered(params.keys() | flops.keys())
+    lines = [
+        _Line(name, result.layer_kinds.get(".".join(name.split(".")[:2]), "") if _layer_of(name) is not None else "",
+              params.get(name), flops.get(name))
+        for name in names
+    ]
+    if not aggregate:
+        return lines
+    return _fold_layers(lines)
+
+
+def _signature(block: Sequence[_Line]) -> tuple:
+    return tuple(
+        (_suffix(line.component), line.kind,
+         None if line.params is None else (line.params.analytic, line.params.built),
+         None if line.flops is None else (line.flops.analytic, line.flops.built, line.flops.elementwise))
+        for line in block
+    )
+
+
+def _fold_layers(lines: list[_Line]) -> list[_Line]:
+    """Fold runs of consecutive layers with identical, passing rows into `layers.a-b.x ×n`."""
+    out: list[_Line] = []
+    blocks: list[tuple[int, list[_Line]]] = []
+    for line in lines:
+        layer = _layer_of(line.component)
+        if layer is None:
+            out.extend(_flush(blocks))
+            blocks = []
+            out.append(line)
+        elif blocks and blocks[-1][0] == layer:
+            blocks[-1][1].append(line)
+        else:
+            blocks.append((layer, [line]))
+    out.extend(_flush(blocks))
+    return out
+
+
+def _flush(blocks: list[tuple[int, list[_Line]]]) -> list[_Line]:
+    out: list[_Line] = []
+    i = 0
+    while i < len(blocks):
+        start, block = blocks[i]
+        j = i + 1
+        passing = all(_line_ok(line) for line in block)
+        while passing and j < len(blocks) and _signature(blocks[j][1]) == _signature(block):
+            j += 1
+        end = blocks[j - 1][0]
+        if j - i == 1:
+            out.extend(block)
+        else:
+            out.extend(
+                _Line(f"layers.{start}-{end}.{_suffix(line.component)}", line.kind, line.params,
+                      line.flops, repeat=j - i)
+                for line in block
+            )
+        i = j
+    return out
+
+
+def _line_ok(line: _Line) -> bool:
+    return (line.params is None or line.params.ok) and (line.flops is None or line.flops.ok)
+
+
+def _mark(ok: bool) -> str:
+    return OK if ok else BAD
+
+
+def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
+    table = Table(
+        title=f"archplan verify — {result.name} (batch {result.batch}, seq {result.seq_len})",
+        caption=(
+            "FLOPs: counted by FlopCounterMode on meta for one forward (2 per multiply-add; matmuls, "
+            "convs, attention full T²). elementwise: analytic-only (norms, softmax, activations, "
+            "scan updates). Folded rows (×n) show the per-layer figures."
+        ),
+    )
+    for col, justify in (("component", "left"), ("kind", "left"), ("×", "right"),
+                         ("params analytic", "right"), ("params built", "right"), ("", "center"),
+                         ("FLOPs analytic", "right"), ("FLOPs counted", "right"), (" ", "center"),
+                         ("elementwise", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for line in _lines(result, aggregate):
+        p, f = line.params, line.flops
+        table.add_row(
+            line.component, line.kind, str(line.repeat) if line.repeat > 1 else "",
+            units.count(p.analytic) if p else "", units.count(p.built) if p else "", _mark(p.ok) if p else "",
+            units.flops(f.analytic) if f else "", units.flops(f.built) if f else "", _mark(f.ok) if f else "",
+            units.flops(f.elementwise) if f and f.elementwise else "",
+        )
+    table.add_section()
+    table.add_row(
+        "total", "", "", f"{result.params_analytic:,}", f"{result.params_built:,}",
+        _mark(result.params_analytic == result.params_built),
+        f"{result.flops_analytic:,}", f"{result.flops_counted:,}",
+        _mark(result.flops_analytic == result.flops_counted), "",
+    )
+    console.print(table)
+    _render_ops(result, console)
+    if result.training is not None:
+        t = result.training
+        console.print(
+            f"training FLOPs (forward + backward on meta, one step at batch {result.batch} × seq "
+            f"{result.seq_len}): analytic {t.analytic:,}, counted {t.built:,} {_mark(t.ok)}"
+        )
+    _render_real(result, console)
+    _render_diff(result, console)
+
+
+def _render_ops(result: CrossCheck, console: Console) -> None:
+    table = Table(title="ops dispatched in the forward (FLOPs as FlopCounterMode counts them)")
+    for col in ("op", "calls", "FLOPs", "formula"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    counted = [op for op in result.ops if op.has_formula or op.suspicious]
+    for op in counted:
+        formula = "yes" if op.has_formula else "[red]none (matmul-like work missed)[/red]"
+        table.add_row(op.op, f"{op.calls:,}", f"{op.flops:,}", formula)
+    console.print(table)
+    zero = [op for op in result.ops if not op.has_formula and not op.suspicious]
+    if zero:
+        console.print("0 FLOPs (no formula; elementwise, analytic-only): " + ", ".join(
+            f"{op.op} ×{op.calls}" for op in zero))
+
+
+def _render_real(result: CrossCheck, console: Console) -> None:
+    real = result.real
+    if real is None:
+        console.print("real-instance checks (fvcore, measured KV cache): skipped "
+                      "(model ≥ 50M parameters; --cpu-check forces them)")
+        return
+    table = Table(title=f"KV/SSM cache after a prefill of {result.seq_len} tokens ({real.device}, "
+                        f"{real.dtype_bytes} bytes/element)")
+    for col in ("component", "analytic bytes", "measured bytes", ""):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for row in real.kv:
+        table.add_row(row.component, f"{row.analytic:,}", f"{row.built:,}", _mark(row.ok))
+    console.print(table)
+    fv = real.fvcore
+    if fv is None:
+        return
+    if fv.error is not None:
+        console.print(f"fvcore FlopCountAnalysis failed: {fv.error}")
+        return
+    table = Table(title="fvcore FlopCountAnalysis (multiply-adds × 2; norms elementwise)")
+    for col in ("component", "analytic counted", "fvcore × 2", "", "fvcore skipped"):
+        table.add_column(col, justify="left" if col in ("component", "fvcore skipped") else "right")
+    marks = {"ok": OK, "mismatch": BAD, "incomplete": "[yellow]~[/yellow]"}
+    for r in fv.rows:
+        skipped = ", ".join(f"{op} ×{n}" for op, n in r.skipped.items())
+        table.add_row(r.component, f"{r.analytic:,}", f"{r.fvcore:,}", marks[r.status], skipped)
+    console.print(table)
+
+
+def _render_diff(result: CrossCheck, console: Console) -> None:
+    failures = result.failures
+    if not failures and not result.suspicious_ops and (result.real is None or result.real.ok):
+        console.print("[green]all figures match exactly[/green]")
+        return
+    console.print("[red]differences (analytic vs built):[/red]")
+    for row in failures:
+        ops = getattr(row, "ops", None)
+        detail = f"  ops: {dict(ops)}" if ops else ""
+        console.print(f"  {row.component}: analytic {row.analytic:,}, built {row.built:,} "
+                      f"(diff {row.built - row.analytic:+,}){detail}", markup=False)
+    for op in result.suspicious_ops:
+        console.print(f"  op {op.op} ran {op.calls}× with no FLOP formula: counted total misses it",
+                      markup=False)
+    if result.real is not None and result.real.fvcore is not None:
+        for r in result.real.fvcore.rows:
+            if r.status == "mismatch":
+                console.print(f"  fvcore {r.component}: analytic {r.analytic:,}, fvcore×2 {r.fvcore:,}",
+                              markup=False)

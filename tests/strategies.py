@@ -1,0 +1,307 @@
+"""Hypothesis strategies for valid, tiny specs that reach every variant the spec accepts.
+
+`MEMBERS` lists, per union of `archplan.spec.UNIONS`, the strategy of each member; `specs(only=...)`
+forces chosen members (e.g. `only={"attention": MLA}`), which is how tests/test_unions.py proves
+each member is generated and handled by both halves. Values are drawn so that every validator in
+spec.py passes by construction (no `assume`), keeping the property tests fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from archplan.spec import (
+    GLU,
+    GQA,
+    MHA,
+    MLA,
+    MLP,
+    MQA,
+    Alibi,
+    DeepNorm,
+    LearnedPositions,
+    Mamba1,
+    Mamba2,
+    NoPositions,
+    Parallel,
+    PostNorm,
+    PreNorm,
+    Reordered,
+    Rope,
+    Sandwich,
+    SinusoidalPositions,
+    Spec,
+)
+
+D_MODELS = (8, 16, 24, 32)
+HEADS = (1, 2, 4)  # all divide every D_MODELS entry, leaving an even head_dim
+
+
+@dataclass(frozen=True)
+class Case:
+    """A spec and the (batch, seq) its forward is counted at."""
+
+    spec: Spec
+    batch: int
+    seq: int
+
+
+Draw = Callable[[st.SearchStrategy[Any]], Any]
+MemberStrategy = Callable[[Draw, int], dict[str, Any]]  # (draw, d_model) -> the member's fields
+
+
+def _norm(draw: Draw) -> dict[str, Any]:
+    if draw(st.booleans()):
+        return {"kind": "rmsnorm"}
+    return {"kind": "layernorm", "bias": draw(st.booleans())}
+
+
+def _head_fields(draw: Draw, d_model: int) -> dict[str, Any]:
+    n_heads = draw(st.sampled_from(HEADS))
+    head_dim = draw(st.sampled_from((None, 2, 4, 6, 8)))
+    fields: dict[str, Any] = {
+        "n_heads": n_heads,
+        "qkv_bias": draw(st.booleans()),
+        "out_bias": draw(st.booleans()),
+    }
+    if head_dim is not None:
+        fields["head_dim"] = head_dim
+    if draw(st.booleans()):
+        fields["qk_norm"] = {"scope": draw(st.sampled_from(("head", "per_head", "full"))), "norm": _norm(draw)}
+    return fields
+
+
+def _mha(draw: Draw, d_model: int) -> dict[str, Any]:
+    return {"kind": "mha", **_head_fields(draw, d_model)}
+
+
+def _gqa(draw: Draw, d_model: int) -> dict[str, Any]:
+    fields = _head_fields(draw, d_model)
+    n_kv = draw(st.sampled_from([k for k in HEADS if fields["n_heads"] % k == 0]))
+    return {"kind": "gqa", "n_kv_heads": n_kv, **fields}
+
+
+def _mqa(draw: Draw, d_model: int) -> dict[str, Any]:
+    return {"kind": "mqa", **_head_fields(draw, d_model)}
+
+
+def _mla(draw: Draw, d_model: int) -> dict[str, Any]:
+    return {
+        "kind": "mla",
+        "n_heads": draw(st.integers(1, 3)),
+        "q_lora_rank": draw(st.sampled_from((None, 4, 6))),
+        "kv_lora_rank": draw(st.integers(2, 8)),
+        "qk_nope_head_dim": draw(st.integers(1, 6)),
+        "qk_rope_head_dim": draw(st.sampled_from((2, 4))),
+        "v_head_dim": draw(st.integers(1, 6)),
+    }
+
+
+def _mamba1(draw: Draw, d_model: int) -> dict[str, Any]:
+    return {
+        "kind": "mamba1",
+        "d_state": draw(st.integers(1, 4)),
+        "d_conv": draw(st.integers(1, 4)),
+        "expand": draw(st.integers(1, 2)),
+        "dt_rank": draw(st.sampled_from(("auto", 1, 3))),
+        "conv_bias": draw(st.booleans()),
+        "proj_bias": draw(st.booleans()),
+        "inner_norms": draw(st.booleans()),
+    }
+
+
+def _mamba2(draw: Draw, d_model: int) -> dict[str, Any]:
+    expand = draw(st.integers(1, 2))
+    head_dim = draw(st.sampled_from((2, 4, 8)))  # divides expand·d_model for every D_MODELS entry
+    n_heads = expand * d_model // head_dim
+    return {
+        "kind": "mamba2",
+        "d_state": draw(st.integers(1, 8)),
+        "d_conv": draw(st.integers(1, 4)),
+        "expand": expand,
+        "head_dim": head_dim,
+        "n_groups": draw(st.sampled_from([g for g in (1, 2, 4) if n_heads % g == 0])),
+        # small chunks so short sequences span several (padded) chunks
+        "chunk_size": draw(st.sampled_from((2, 3, 4, 8, 256))),
+        "conv_bias": draw(st.booleans()),
+        "proj_bias": draw(st.booleans()),
+    }
+
+
+def _ffn(kind: str) -> MemberStrategy:
+    def draw_ffn(draw: Draw, d_model: int) -> dict[str, Any]:
+        acts = ("relu", "gelu", "gelu_tanh", "silu")
+        return {
+            "kind": kind,
+            "d_ff": draw(st.integers(1, 24)),
+            "activation": draw(st.sampled_from(acts)),
+            "bias": draw(st.booleans()),
+        }
+
+    return draw_ffn
+
+
+def _rope(draw: Draw, d_model: int) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "kind": "rope",
+        "theta": draw(st.sampled_from((10000.0, 500000.0))),
+        "fraction": draw(st.sampled_from((1.0, 0.5, 0.25))),
+    }
+    scaling = draw(st.sampled_from((None, "linear", "ntk", "yarn", "llama3")))
+    if scaling is not None:
+        fields["scaling"] = {"kind": scaling, "factor": draw(st.sampled_from((2.0, 4.0, 8.0)))}
+        if scaling in ("yarn", "llama3"):
+            fields["scaling"]["original_max_positions"] = draw(st.sampled_from((8, 16)))
+        if scaling == "yarn":
+            fields["scaling"]["mscale_all_dim"] = draw(st.sampled_from((0.0, 1.0)))
+    return fields
+
+
+def _fixed(kind: str, **extra: Callable[[Draw], Any]) -> MemberStrategy:
+    def draw_fixed(draw: Draw, d_model: int) -> dict[str, Any]:
+        return {"kind": kind, **{name: make(draw) for name, make in extra.items()}}
+
+    return draw_fixed
+
+
+def _optional_positive(draw: Draw) -> float | None:
+    return draw(st.sampled_from((None, 0.5, 2.0)))
+
+
+# One strategy per member of every union in spec.UNIONS (tests/test_unions.py checks the keys).
+MEMBERS: dict[str, dict[type[BaseModel], MemberStrategy]] = {
+    "attention": {MHA: _mha, GQA: _gqa, MQA: _mqa, MLA: _mla},
+    "ssm": {Mamba1: _mamba1, Mamba2: _mamba2},
+    "ffn": {MLP: _ffn("mlp"), GLU: _ffn("glu")},
+    "position": {
+        Rope: _rope,
+        Alibi: _fixed("alibi"),
+        LearnedPositions: _fixed("learned"),
+        SinusoidalPositions: _fixed("sinusoidal"),
+        NoPositions: _fixed("none"),
+    },
+    "residual": {
+        PreNorm: _fixed("pre"),
+        PostNorm: _fixed("post"),
+        DeepNorm: _fixed("deepnorm", alpha=_optional_positive, beta=_optional_positive),
+        Parallel: _fixed("parallel", shared_norm=lambda draw: draw(st.booleans())),
+        Sandwich: _fixed("sandwich"),
+        Reordered: _fixed("reordered"),
+    },
+}
+
+
+def _member(draw: Draw, union: str, only: Mapping[str, type[BaseModel]], d_model: int) -> dict[str, Any]:
+    members = MEMBERS[union]
+    cls = only[union] if union in only else draw(st.sampled_from(list(members)))
+    fields = members[cls](draw, d_model)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return fields
+
+
+def _fix_rotary(attention: dict[str, Any], position: dict[str, Any], d_model: int) -> None:
+    """RoPE rotates pairs: shrink `fraction` until the rotated dims are even (spec._check_attention_dims)."""
+    if position["kind"] != "rope" or attention["kind"] == "mla":
+        return
+    head_dim = attention.get("head_dim") or d_model // attention["n_heads"]
+    for fraction in (position["fraction"], 0.5, 1.0):
+        if int(head_dim * fraction + 1e-9) % 2 == 0:
+            position["fraction"] = fraction
+            return
+
+
+def _pattern(draw: Draw, n_layers: int, attention: bool, ssm: bool) -> str:
+    letters = [letter for letter, on in (("A", attention), ("S", attention), ("M", ssm)) if on]
+    required = (["M"] if ssm else []) + ([draw(st.sampled_from(("A", "S")))] if attention else [])
+    length = draw(st.integers(len(required), n_layers))
+    body = draw(st.lists(st.sampled_from(letters), min_size=length - len(required), max_size=length - len(required)))
+    return "".join(draw(st.permutations(required + body)))
+
+
+def _moe_layers(n_layers: int, every: int, offset: int, first_dense: int) -> int:
+    return sum(1 for i in range(n_layers) if i >= first_dense and i % every == offset)
+
+
+@st.composite
+def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case:
+    """A valid spec (tiny dims) with the batch and sequence length to count it at."""
+    only = dict(only or {})
+    unknown = set(only) - set(MEMBERS)
+    if unknown:
+        raise KeyError(f"no strategy for unions {sorted(unknown)}")
+    d_model = draw(st.sampled_from(D_MODELS))
+    n_layers = draw(st.integers(1, 4))
+    shape = draw(st.sampled_from(("attention", "ssm", "hybrid")))
+    has_attention = "attention" in only or shape in ("attention", "hybrid")
+    has_ssm = "ssm" in only or shape in ("ssm", "hybrid")
+    if has_attention and has_ssm and n_layers < 2:
+        n_layers = 2
+    pattern = _pattern(draw, n_layers, has_attention, has_ssm)
+
+    data: dict[str, Any] = {
+        "name": "hypothesis",
+        "vocab_size": draw(st.integers(2, 40)),
+        "d_model": d_model,
+        "n_layers": n_layers,
+        "max_seq_len": draw(st.integers(16, 48)),
+        "embedding": {
+            "tied": draw(st.booleans()), "norm": draw(st.booleans()), "lm_head_bias": draw(st.booleans()),
+        },
+        "position": _member(draw, "position", only, d_model),
+        "norm": _norm(draw),
+        "residual": _member(draw, "residual", only, d_model),
+        "final_norm": draw(st.booleans()),
+    }
+    layout: dict[str, Any] = {"mixers": pattern}
+    if has_attention:
+        attention = _member(draw, "attention", only, d_model)
+        if "S" in pattern:
+            attention["sliding_window"] = draw(st.integers(1, 12))
+        _fix_rotary(attention, data["position"], d_model)
+        data["attention"] = attention
+    if has_ssm:
+        data["ssm"] = _member(draw, "ssm", only, d_model)
+
+    use_moe = draw(st.booleans())
+    if use_moe:
+        n_experts = draw(st.integers(1, 4))
+        moe: dict[str, Any] = {
+            "n_experts": n_experts,
+            "top_k": draw(st.integers(1, n_experts)),
+            "expert": _member(draw, "ffn", {}, d_model),
+            "router": {
+                "scoring": draw(st.sampled_from(("softmax", "sigmoid"))),
+                "normalize_top_k": draw(st.booleans()),
+                "bias": draw(st.booleans()),
+                "score_correction_bias": draw(st.booleans()),
+                "scale": draw(st.sampled_from((1.0, 2.5))),
+            },
+            "aux_loss_coef": draw(st.sampled_from((0.0, 0.01))),
+        }
+        if draw(st.booleans()):
+            moe["shared"] = {"n": draw(st.integers(1, 2)), "d_ff": draw(st.integers(1, 16)),
+                             "gate": draw(st.booleans())}
+        data["moe"] = moe
+        every = draw(st.integers(1, 3))
+        offset = draw(st.integers(0, every - 1))
+        first_dense = draw(st.integers(0, n_layers - 1))
+        if _moe_layers(n_layers, every, offset, first_dense) == 0:
+            offset, first_dense = 0, 0
+        layout.update(moe_every=every, moe_offset=offset, first_dense=first_dense)
+        dense_layers = n_layers - _moe_layers(n_layers, every, offset, first_dense)
+        need_ffn = dense_layers > 0 or "ffn" in only
+    else:
+        # attention-only stacks need an FFN; a stack with Mamba layers may have none (pure Mamba blocks)
+        need_ffn = not has_ssm or "ffn" in only or draw(st.booleans())
+    if need_ffn:
+        data["ffn"] = _member(draw, "ffn", only, d_model)
+    data["layout"] = layout
+
+    spec = Spec.model_validate(data)
+    seq = draw(st.integers(1, 16))
+    return Case(spec=spec, batch=draw(st.integers(1, 2)), seq=seq)
