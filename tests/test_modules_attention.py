@@ -1,0 +1,310 @@
+"""Attention modules on CPU with tiny dims: causality, windows, ALiBi, GQA/MQA equivalences, RoPE.
+
+Each module is built straight from a hand-written plan, so these tests need nothing but
+archplan.modules.{attention,mla,positions,norms}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from archplan.modules.attention import Attention, attention_mask
+from archplan.modules.mla import MLA
+from archplan.modules.positions import (
+    Alibi,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    alibi_slopes,
+    apply_rotary,
+    rope_frequencies,
+)
+from archplan.resolve import AttentionPlan, MLAPlan, NormPlan, QKNormPlan
+from archplan.spec import Rope, RopeScaling
+
+D = 32
+RMS = NormPlan("rmsnorm", False, 1e-6)
+ROPE = Rope(theta=10000.0)
+
+
+def attn_plan(
+    n_heads: int = 4,
+    n_kv: int = 4,
+    head_dim: int = 8,
+    window: int | None = None,
+    rotary: int = 8,
+    qk: QKNormPlan | None = None,
+    bias: bool = False,
+) -> AttentionPlan:
+    kind = "mha" if n_kv == n_heads else ("mqa" if n_kv == 1 else "gqa")
+    return AttentionPlan(kind, n_heads, n_kv, head_dim, bias, bias, qk, window, rotary)
+
+
+def mla_plan(q_lora: int | None = 12, window: int | None = None) -> MLAPlan:
+    return MLAPlan(
+        n_heads=4, q_lora_rank=q_lora, kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4,
+        v_head_dim=5, window=window, norm=RMS,
+    )
+
+
+def make(kind: str) -> torch.nn.Module:
+    """One module per attention flavour the spec accepts."""
+    torch.manual_seed(0)
+    match kind:
+        case "mha":
+            return Attention(attn_plan(), D, ROPE, alibi=False)
+        case "gqa":
+            return Attention(attn_plan(n_kv=2), D, ROPE, alibi=False)
+        case "mqa":
+            return Attention(attn_plan(n_kv=1), D, ROPE, alibi=False)
+        case "partial_rope":
+            return Attention(attn_plan(rotary=4, qk=QKNormPlan("head", RMS)), D, ROPE, alibi=False)
+        case "window":
+            return Attention(attn_plan(n_kv=2, window=3), D, ROPE, alibi=False)
+        case "alibi":
+            return Attention(attn_plan(rotary=0, bias=True), D, None, alibi=True)
+        case "alibi_window":
+            return Attention(attn_plan(n_heads=6, n_kv=3, rotary=0, window=4), D, None, alibi=True)
+        case "mla":
+            return MLA(mla_plan(), D, ROPE, alibi=False)
+        case "mla_no_q_lora":
+            return MLA(mla_plan(q_lora=None), D, ROPE, alibi=False)
+        case "mla_window":
+            return MLA(mla_plan(window=3), D, ROPE, alibi=False)
+    raise AssertionError(kind)
+
+
+KINDS = ["mha", "gqa", "mqa", "partial_rope", "window", "alibi", "alibi_window", "mla", "mla_no_q_lora", "mla_window"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causality(kind: str) -> None:
+    """Changing token t+1 leaves every output at positions ≤ t unchanged (and does change t+1)."""
+    module = make(kind).eval()
+    x = torch.randn(2, 9, D)
+    t = 4
+    x2 = x.clone()
+    x2[:, t + 1] += torch.randn(2, D)
+    with torch.no_grad():
+        y, y2 = module(x), module(x2)
+    torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(y[:, t + 1], y2[:, t + 1])
+
+
+@pytest.mark.parametrize("kind", ["window", "mla_window", "alibi_window"])
+def test_sliding_window_forgets(kind: str) -> None:
+    """With window W, the output at t depends on tokens t−W+1..t only (Mistral 7B §2)."""
+    module = make(kind).eval()
+    window = module.plan.window
+    x = torch.randn(1, 10, D)
+    t = 8
+    x2 = x.clone()
+    x2[:, t - window] += 5.0  # just outside the window of t
+    with torch.no_grad():
+        y, y2 = module(x), module(x2)
+    torch.testing.assert_close(y[:, t], y2[:, t], rtol=0, atol=1e-6)
+    x3 = x.clone()
+    x3[:, t - window + 1] += 5.0  # the oldest token inside it
+    with torch.no_grad():
+        assert not torch.allclose(module(x3)[:, t], y[:, t])
+
+
+def test_window_mask_shape() -> None:
+    pos = torch.arange(5)
+    mask = attention_mask(pos, pos, 2, None, torch.float32)
+    expected = torch.tensor([[i - 2 < j <= i for j in range(5)] for i in range(5)])
+    assert torch.equal(mask, expected)
+
+
+def _copy_attention(src: Attention, dst: Attention, repeat_kv: int) -> None:
+    """dst gets src's weights; its K/V heads are src's repeated `repeat_kv` times (group-major)."""
+    dh = src.plan.head_dim
+    with torch.no_grad():
+        dst.q_proj.weight.copy_(src.q_proj.weight)
+        dst.o_proj.weight.copy_(src.o_proj.weight)
+        for name in ("k_proj", "v_proj"):
+            w = getattr(src, name).weight.view(src.plan.n_kv_heads, dh, D)
+            getattr(dst, name).weight.copy_(w.repeat_interleave(repeat_kv, dim=0).reshape(-1, D))
+
+
+@pytest.mark.parametrize("n_kv", [4, 1])
+def test_gqa_against_expanded_mha(n_kv: int) -> None:
+    """GQA with Hkv heads equals MHA whose K/V heads repeat each KV head H/Hkv times (Ainslie et al. 2023)."""
+    torch.manual_seed(1)
+    gqa = Attention(attn_plan(n_kv=n_kv), D, ROPE, alibi=False)
+    mha = Attention(attn_plan(n_kv=4), D, ROPE, alibi=False)
+    _copy_attention(gqa, mha, 4 // n_kv)
+    x = torch.randn(2, 7, D)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_with_all_kv_heads_is_mha() -> None:
+    torch.manual_seed(2)
+    gqa = Attention(AttentionPlan("gqa", 4, 4, 8, False, False, None, None, 8), D, ROPE, alibi=False)
+    mha = Attention(attn_plan(), D, ROPE, alibi=False)
+    mha.load_state_dict(gqa.state_dict())
+    x = torch.randn(2, 7, D)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), rtol=0, atol=0)
+
+
+def test_mqa_equals_gqa_with_one_kv_head() -> None:
+    torch.manual_seed(3)
+    mqa = Attention(attn_plan(n_kv=1), D, ROPE, alibi=False)
+    gqa = Attention(AttentionPlan("gqa", 4, 1, 8, False, False, None, None, 8), D, ROPE, alibi=False)
+    gqa.load_state_dict(mqa.state_dict())
+    assert mqa.k_proj.weight.shape == (8, D)
+    x = torch.randn(2, 7, D)
+    with torch.no_grad():
+        torch.testing.assert_close(mqa(x), gqa(x), rtol=0, atol=0)
+
+
+SCALINGS = [
+    None,
+    RopeScaling(kind="linear", factor=4.0),
+    RopeScaling(kind="ntk", factor=4.0),
+    RopeScaling(kind="yarn", factor=8.0, original_max_positions=64),
+    RopeScaling(kind="llama3", factor=8.0, original_max_positions=64),
+]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s.kind if s else "plain")
+def test_rope_depends_only_on_offset(scaling: RopeScaling | None) -> None:
+    """⟨R_m q, R_n k⟩ is a function of m − n (Su et al. 2021, eq. 16), for every scaling."""
+    rope = RotaryEmbedding(8, Rope(theta=500.0, scaling=scaling))
+    q = torch.randn(1, 1, 1, 12, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 12, dtype=torch.float64)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        cos_m, sin_m = (t.double() for t in rope(m, 1))
+        cos_n, sin_n = (t.double() for t in rope(n, 1))
+        return (apply_rotary(q, cos_m, sin_m) * apply_rotary(k, cos_n, sin_n)).sum()
+
+    torch.testing.assert_close(score(7, 3), score(20, 16), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(score(3, 3), score(40, 40), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+def test_partial_rotary_leaves_tail_untouched() -> None:
+    rope = RotaryEmbedding(4, ROPE)
+    x = torch.randn(1, 2, 3, 10)
+    cos, sin = rope(5, 3)
+    y = apply_rotary(x, cos, sin)
+    assert torch.equal(y[..., 4:], x[..., 4:])
+    assert not torch.allclose(y[..., :4], x[..., :4])
+    # a rotation: the norm of each rotated pair block is preserved
+    torch.testing.assert_close(y[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1))
+
+
+def test_rope_scaling_formulas() -> None:
+    """Spot values from each scaling's defining formula."""
+    base = rope_frequencies(8, Rope(theta=10000.0))[0]
+    assert base == pytest.approx([10000.0 ** (-i / 4) for i in range(4)])
+    linear = rope_frequencies(8, Rope(scaling=RopeScaling(kind="linear", factor=4.0)))[0]
+    assert linear == pytest.approx([f / 4 for f in base])
+    ntk = rope_frequencies(8, Rope(scaling=RopeScaling(kind="ntk", factor=4.0)))[0]
+    ntk_theta = 10000.0 * 4.0 ** (8 / 6)
+    assert ntk == pytest.approx([ntk_theta ** (-i / 4) for i in range(4)])
+    llama3 = rope_frequencies(8, Rope(scaling=RopeScaling(kind="llama3", factor=8.0, original_max_positions=64)))[0]
+    # wavelength 2π/f < 64/4 keeps f; > 64/1 divides by 8 (meta-llama `apply_scaling`)
+    assert llama3[0] == base[0]
+    assert llama3[3] == pytest.approx(base[3] / 8)
+    yarn, gain = rope_frequencies(8, Rope(scaling=RopeScaling(kind="yarn", factor=8.0, original_max_positions=64)))
+    assert yarn[0] == base[0] and yarn[3] == pytest.approx(base[3] / 8)
+    assert gain == pytest.approx(0.1 * math.log(8.0) + 1.0)
+
+
+def test_alibi_slopes_press_et_al() -> None:
+    """ofirpress/attention_with_linear_biases: 2^(−8i/n) for n = 2^k; else fill from 2n's odd slots."""
+    assert alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
+    # 12 heads: the 8-head slopes, then slopes 1, 3, 5, 7 (0-based even index) of the 16-head set
+    sixteen = [2.0 ** (-(i + 1) / 2) for i in range(16)]
+    assert alibi_slopes(12) == pytest.approx(alibi_slopes(8) + sixteen[0::2][:4])
+    assert alibi_slopes(12)[8:] == pytest.approx([2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
+
+
+def test_alibi_bias_is_linear_in_distance() -> None:
+    alibi = Alibi(4)
+    pos = torch.arange(5)
+    bias = alibi(pos, pos)
+    assert bias.shape == (4, 5, 5)
+    slopes = alibi_slopes(4)
+    assert slopes == [0.25, 0.0625, 0.015625, 0.00390625]
+    for h in range(4):
+        for i in range(5):
+            for j in range(5):
+                assert bias[h, i, j].item() == pytest.approx(slopes[h] * (j - i))
+
+
+def test_sinusoidal_table() -> None:
+    pe = SinusoidalPositions(6)(0, 4)
+    p, i = 3, 2
+    assert pe[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 6)), abs=1e-6)
+    assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 6)), abs=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["head", "per_head", "full"])
+@pytest.mark.parametrize("norm", [RMS, NormPlan("layernorm", True, 1e-5)])
+def test_qk_norm_params(scope: str, norm: NormPlan) -> None:
+    """q/k norms per scope: Dh each, (H + Hkv)·Dh, or (H + Hkv)·Dh over the whole projections."""
+    plan = attn_plan(n_kv=2, qk=QKNormPlan(scope, norm))  # type: ignore[arg-type]
+    module = Attention(plan, D, ROPE, alibi=False)
+    per = 2 if norm.bias else 1
+    expected = {"head": 2 * 8, "per_head": (4 + 2) * 8, "full": (4 + 2) * 8}[scope] * per
+    assert module.q_norm is not None and module.k_norm is not None
+    got = sum(p.numel() for m in (module.q_norm, module.k_norm) for p in m.parameters())
+    assert got == expected
+    with torch.no_grad():
+        assert module(torch.randn(1, 5, D)).shape == (1, 5, D)
+
+
+def test_attention_numel() -> None:
+    """FORMULAS §1.3: 2·D·H·Dh + 2·D·Hkv·Dh (+ H·Dh + 2·Hkv·Dh + D biases)."""
+    module = Attention(attn_plan(n_kv=2, bias=True), D, ROPE, alibi=False)
+    assert sum(p.numel() for p in module.parameters()) == 2 * D * 32 + 2 * D * 16 + (32 + 2 * 16) + D
+
+
+@pytest.mark.parametrize("q_lora", [12, None])
+def test_mla_numel(q_lora: int | None) -> None:
+    """FORMULAS §1.4 with H=4, Q=12, C=10, Dn=6, R=4, Dv=5."""
+    module = MLA(mla_plan(q_lora), D, ROPE, alibi=False)
+    q = D * 12 + 12 + 12 * 4 * 10 if q_lora else D * 4 * 10
+    expected = q + D * (10 + 4) + 10 + 10 * 4 * (6 + 5) + 4 * 5 * D
+    assert sum(p.numel() for p in module.parameters()) == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_flops(kind: str) -> None:
+    """On meta: 2·rows·in·out per projection plus 2·B·T²·H·(Dqk + Dv) for the core, nothing else."""
+    with torch.device("meta"):
+        module = make(kind).to(torch.bfloat16)
+    b, t = 2, 6
+    x = torch.zeros(b, t, D, device="meta", dtype=torch.bfloat16)
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    matrices = sum(p.numel() for p in module.parameters() if p.dim() == 2)
+    plan = module.plan
+    if isinstance(plan, MLAPlan):
+        core = 2 * b * t * t * plan.n_heads * (plan.qk_head_dim + plan.v_head_dim)
+    else:
+        core = 2 * b * t * t * plan.n_heads * 2 * plan.head_dim
+    assert counter.get_total_flops() == 2 * b * t * matrices + core
+
+
+def test_rope_buffers_survive_meta_to_empty() -> None:
+    rope = Rope(theta=5000.0, scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=32))
+    direct = Attention(attn_plan(), D, rope, alibi=True)
+    with torch.device("meta"):
+        lazy = Attention(attn_plan(), D, rope, alibi=True)
+    lazy = lazy.to_empty(device="cpu")
+    for module in lazy.modules():
+        if isinstance(module, (RotaryEmbedding, Alibi)):
+            module.reset_buffers()
+    assert lazy.rotary is not None and direct.rotary is not None and lazy.alibi is not None
+    assert torch.equal(lazy.rotary.inv_freq, direct.rotary.inv_freq)
+    assert torch.equal(lazy.alibi.slopes, torch.tensor(alibi_slopes(4)))
+    assert lazy.rotary.inv_freq.dtype == torch.float32
