@@ -1,0 +1,312 @@
+"""`plan --solve`: complete a partial spec so its analytic totals hit published (or rumoured) figures.
+
+A partial spec is a spec YAML in which some sizes are unknown: written as `solve` (or `"?"`), or,
+for the required ones, simply left out. What can be solved for:
+
+| path | kind | values tried |
+|---|---|---|
+| `ffn.d_ff` | width | any positive multiple of `--multiple` |
+| `moe.expert.d_ff` | width | same |
+| `moe.shared.d_ff` | width | same (left out: equal to the expert width, as DeepSeek-MoE) |
+| `moe.top_k` | choice | 1 .. min(n_experts, 16) |
+| `moe.n_experts` | choice | powers of two, 2 .. 256 |
+| `moe.shared.n` (or `moe.shared: solve`) | choice | 0 (no shared expert) .. 4 |
+
+Every choice combination is enumerated. For each, the parameter counts are affine in the widths
+(every FFN parameter count is linear in d_ff), so `count_params` at a base point and one unit step
+per width gives the exact coefficients, and the widths come from least squares on the relative
+errors against the targets (exactly determined when there are as many widths as targets), rounded
+to the neighbouring multiples and counted again exactly. A solution is a candidate whose every
+target is met within the tolerance; otherwise the nearest candidate is reported, with its errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from archplan.analytic import count_params
+from archplan.errors import ArchplanError
+from archplan.loader import LoadedYaml, parse_yaml, read_text, spec_from_data
+from archplan.resolve import resolve
+from archplan.spec import Spec
+
+MARKERS = ("solve", "?")
+TOP_K_MAX = 16
+EXPERT_CHOICES: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
+SHARED_MAX = 4
+MAX_COMBINATIONS = 20_000  # enumeration guard: choices multiply
+
+Path_ = tuple[str, ...]
+FFN_D_FF: Path_ = ("ffn", "d_ff")
+EXPERT_D_FF: Path_ = ("moe", "expert", "d_ff")
+SHARED_D_FF: Path_ = ("moe", "shared", "d_ff")
+TOP_K: Path_ = ("moe", "top_k")
+N_EXPERTS: Path_ = ("moe", "n_experts")
+SHARED_N: Path_ = ("moe", "shared", "n")
+
+WIDTHS: tuple[Path_, ...] = (FFN_D_FF, EXPERT_D_FF, SHARED_D_FF)
+CHOICES: tuple[Path_, ...] = (N_EXPERTS, TOP_K, SHARED_N)
+SOLVABLE = WIDTHS + CHOICES
+
+
+def dotted(path: Path_) -> str:
+    return ".".join(path)
+
+
+@dataclass(frozen=True)
+class Targets:
+    total: float | None
+    active: float | None
+
+    def items(self) -> list[tuple[Literal["total", "active"], float]]:
+        out: list[tuple[Literal["total", "active"], float]] = []
+        if self.total is not None:
+            out.append(("total", self.total))
+        if self.active is not None:
+            out.append(("active", self.active))
+        return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    values: dict[str, int]  # dotted path -> value (shared.n 0 = no shared experts)
+    spec: Spec
+    total: int
+    active: int
+    errors: dict[str, float]  # "total"/"active" -> achieved/target - 1
+
+    @property
+    def worst(self) -> float:
+        return max(abs(e) for e in self.errors.values())
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    unknowns: tuple[str, ...]
+    tied: tuple[str, ...]  # widths set equal to another unknown (shared d_ff = expert d_ff)
+    targets: Targets
+    tolerance: float
+    multiple: int
+    candidates: tuple[Candidate, ...]  # best first; the solutions are those within tolerance
+
+    @property
+    def solutions(self) -> tuple[Candidate, ...]:
+        return tuple(c for c in self.candidates if c.worst <= self.tolerance)
+
+    @property
+    def solved(self) -> bool:
+        return bool(self.solutions)
+
+    @property
+    def nearest(self) -> Candidate:
+        return self.candidates[0]
+
+
+def _get(data: Any, path: Path_) -> Any:
+    node = data
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _has(data: Any, path: Path_) -> bool:
+    node = data
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _set(data: dict, path: Path_, value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def _is_marker(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in MARKERS
+
+
+def _markers(node: Any, path: Path_ = ()) -> list[Path_]:
+    """Every path whose value is a `solve` marker (to reject the ones we cannot solve for)."""
+    if _is_marker(node):
+        return [path]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _markers(v, path + (str(k),))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _markers(v, path + (str(i),))]
+    return []
+
+
+def find_unknowns(data: dict) -> tuple[list[Path_], list[Path_]]:
+    """(unknown paths, tied widths). `moe.shared: solve` means an unknown count of shared experts."""
+    if _is_marker(_get(data, ("moe", "shared"))):
+        data["moe"]["shared"] = {"n": "solve"}
+    unknown: list[Path_] = []
+    for path in _markers(data):
+        if path not in SOLVABLE:
+            raise ArchplanError(
+                f"cannot solve for {dotted(path)}; solvable: {', '.join(dotted(p) for p in SOLVABLE)}"
+            )
+        unknown.append(path)
+    # required sizes left out are unknowns too
+    if isinstance(data.get("ffn"), dict) and "d_ff" not in data["ffn"]:
+        unknown.append(FFN_D_FF)
+    moe = data.get("moe")
+    if isinstance(moe, dict):
+        if "n_experts" not in moe:
+            unknown.append(N_EXPERTS)
+        if "top_k" not in moe:
+            unknown.append(TOP_K)
+        if isinstance(moe.get("expert"), dict) and "d_ff" not in moe["expert"]:
+            unknown.append(EXPERT_D_FF)
+    tied: list[Path_] = []
+    shared = _get(data, ("moe", "shared"))
+    if isinstance(shared, dict) and "d_ff" not in shared:
+        tied.append(SHARED_D_FF)
+    if not unknown:
+        raise ArchplanError(
+            "nothing to solve: mark sizes as `solve` (or leave out d_ff/top_k/n_experts); "
+            f"solvable: {', '.join(dotted(p) for p in SOLVABLE)}"
+        )
+    return sorted(set(unknown), key=SOLVABLE.index), tied
+
+
+def _choice_values(path: Path_, assigned: dict[Path_, int], data: dict) -> list[int]:
+    if path == N_EXPERTS:
+        return list(EXPERT_CHOICES)
+    if path == TOP_K:
+        n_experts = assigned.get(N_EXPERTS, _get(data, N_EXPERTS))
+        if not isinstance(n_experts, int) or n_experts < 1:
+            raise ArchplanError("moe.n_experts must be a positive integer to solve for moe.top_k")
+        return list(range(1, min(n_experts, TOP_K_MAX) + 1))
+    if path == SHARED_N:
+        return list(range(0, SHARED_MAX + 1))
+    raise AssertionError(path)
+
+
+def _choice_combinations(choices: list[Path_], data: dict) -> list[dict[Path_, int]]:
+    combos: list[dict[Path_, int]] = [{}]
+    for path in choices:  # CHOICES order: n_experts before top_k, which depends on it
+        combos = [c | {path: v} for c in combos for v in _choice_values(path, c, data)]
+        if len(combos) > MAX_COMBINATIONS:
+            raise ArchplanError(f"more than {MAX_COMBINATIONS:,} combinations to try; fix some sizes")
+    return combos
+
+
+def _fill(data: dict, values: dict[Path_, int], tied: list[Path_]) -> dict:
+    out = copy.deepcopy(data)
+    for path, value in values.items():
+        _set(out, path, value)
+    if SHARED_D_FF in tied and _has(out, ("moe", "shared")):
+        _set(out, SHARED_D_FF, _get(out, EXPERT_D_FF))
+    if values.get(SHARED_N) == 0:
+        del out["moe"]["shared"]
+    return out
+
+
+def _counts(spec: Spec) -> tuple[int, int]:
+    params = count_params(resolve(spec))
+    return params.total, params.active
+
+
+def _least_squares(rows: list[tuple[float, list[float], float]]) -> list[float]:
+    """argmin_w Σ ((c + a·w − T)/T)² for one or two widths (normal equations, solved directly)."""
+    k = len(rows[0][1])
+    ata = [[sum(a[i] * a[j] / t**2 for _, a, t in rows) for j in range(k)] for i in range(k)]
+    atb = [sum(a[i] * (t - c) / t**2 for c, a, t in rows) for i in range(k)]
+    if k == 1:
+        return [atb[0] / ata[0][0]] if ata[0][0] else [math.nan]
+    det = ata[0][0] * ata[1][1] - ata[0][1] * ata[1][0]
+    if abs(det) < 1e-12 * abs(ata[0][0] * ata[1][1]) or det == 0:
+        # the widths move the targets together: fix the second at the first's scale
+        w = atb[0] / ata[0][0] if ata[0][0] else math.nan
+        return [w, w]
+    return [(atb[0] * ata[1][1] - atb[1] * ata[0][1]) / det,
+            (atb[1] * ata[0][0] - atb[0] * ata[1][0]) / det]
+
+
+def _roundings(value: float, multiple: int) -> list[int]:
+    if not math.isfinite(value) or value <= multiple:
+        return [multiple]
+    low = multiple * math.floor(value / multiple)
+    return sorted({low, low + multiple})
+
+
+def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, multiple: int = 1,
+          keep: int = 10) -> SolveResult:
+    if targets.total is None and targets.active is None:
+        raise ArchplanError("--solve needs --total and/or --active")
+    for name, value in targets.items():
+        if not math.isfinite(value) or value <= 0:
+            raise ArchplanError(f"--{name} must be a positive number, got {value}")
+    if not 0 <= tolerance < 1:
+        raise ArchplanError(f"--tol must be in [0, 1), got {tolerance}")
+    if multiple < 1:
+        raise ArchplanError(f"--multiple must be a positive integer, got {multiple}")
+    file = str(partial)
+    loaded = parse_yaml(read_text(Path(partial)), file)
+    if not isinstance(loaded.data, dict):
+        raise ArchplanError("expected a mapping of spec fields at the top level", file=file)
+    data = loaded.data
+    unknown, tied = find_unknowns(data)
+    widths = [p for p in unknown if p in WIDTHS]
+    choices = [p for p in unknown if p in CHOICES]
+    goals = targets.items()
+    if len(widths) > len(goals):
+        raise ArchplanError(
+            f"{len(widths)} unknown widths ({', '.join(dotted(p) for p in widths)}) but only "
+            f"{len(goals)} target(s); give both --total and --active, or fix a width"
+        )
+
+    def build(values: dict[Path_, int]) -> Spec:
+        filled = _fill(data, values, tied)
+        return spec_from_data(LoadedYaml(filled, loaded.locations), file)
+
+    base_width = 1024
+    candidates: dict[tuple, Candidate] = {}
+    first_error: ArchplanError | None = None
+    for combo in _choice_combinations(choices, data):
+        base = combo | {p: base_width for p in widths}
+        try:
+            base_counts = _counts(build(base))
+        except ArchplanError as exc:
+            first_error = first_error or exc
+            continue
+        # exact affine coefficients: one unit step (of base_width) per width
+        slopes = []
+        for path in widths:
+            stepped = _counts(build(base | {path: 2 * base_width}))
+            slopes.append([(s - b) / base_width for s, b in zip(stepped, base_counts)])
+        rows = []
+        for name, target in goals:
+            index = 0 if name == "total" else 1
+            a = [slope[index] for slope in slopes]
+            rows.append((base_counts[index] - sum(ai * base_width for ai in a), a, target))
+        optimum = _least_squares(rows) if widths else []
+        for rounded in itertools.product(*(_roundings(w, multiple) for w in optimum)):
+            values = combo | dict(zip(widths, rounded))
+            spec = build(values)
+            total, active = _counts(spec)
+            errors = {name: (total if name == "total" else active) / target - 1
+                      for name, target in goals}
+            key = tuple(sorted(values.items()))
+            candidates[key] = Candidate({dotted(p): v for p, v in values.items()}, spec, total,
+                                        active, errors)
+    if not candidates:
+        assert first_error is not None
+        raise first_error
+    ranked = sorted(candidates.values(), key=lambda c: (c.worst, sum(c.values.values())))
+    return SolveResult(
+        unknowns=tuple(dotted(p) for p in unknown), tied=tuple(dotted(p) for p in tied),
+        targets=targets, tolerance=tolerance, multiple=multiple, candidates=tuple(ranked[:keep]),
+    )
