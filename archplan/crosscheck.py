@@ -143,7 +143,8 @@ class CrossCheck:
     params: tuple[Row, ...]
     flops: tuple[FlopRow, ...]
     ops: tuple[OpCount, ...]
-    training: Row | None
+    training: Row | None  # one forward + backward at (batch, seq) against 3 x the analytic forward
+    training_per_token: int | None  # analytic training_flops_per_token at seq (batch-independent)
     training_ops: Mapping[str, int]
     real: RealCheck | None
     layer_kinds: Mapping[str, str]  # layers.i -> "gqa S4096 + moe", for display
@@ -226,7 +227,7 @@ class CrossCheck:
             "flops": {"analytic": self.flops_analytic, "counted": self.flops_counted},
             "training_flops": None if self.training is None else {
                 "analytic": self.training.analytic, "counted": self.training.built,
-                "ops": dict(self.training_ops),
+                "analytic_per_token": self.training_per_token, "ops": dict(self.training_ops),
             },
             "components": components,
             "ops": [
@@ -355,10 +356,6 @@ def _model_inputs(plan: ModelPlan, batch: int, seq_len: int, device: str) -> tor
     return tokens_BT.to(device)
 
 
-def _logits(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 @contextmanager
 def _layer_progress(model: ArchplanModel, stage: str, progress: Progress | None) -> Iterator[None]:
     """Advance `progress` as each layer finishes its forward (big models take seconds per pass)."""
@@ -481,21 +478,24 @@ def crosscheck(
     ))
 
     training: Row | None = None
+    training_per_token: int | None = None
     training_ops: dict[str, int] = {}
     if backward:
         for p in model.parameters():
             p.requires_grad_(True)
 
         def train_step() -> None:
-            _logits(model(tokens_BT)).float().sum().backward()
+            model(tokens_BT).float().sum().backward()
 
         with _layer_progress(model, "count forward+backward FLOPs (meta)", progress):
             own_train, _ = _count(model, train_step)
         for ops in own_train.values():
             for op, n in ops.items():
                 training_ops[op] = training_ops.get(op, 0) + n
-        analytic_train = training_flops_per_token(plan, seq_len) * batch * seq_len
-        training = Row("forward+backward", analytic_train, sum(training_ops.values()))
+        # 3 x the analytic forward, exactly: training_flops_per_token is this total divided by
+        # the tokens and rounded, so it is compared in total, not per token.
+        training = Row("forward+backward", 3 * flops.forward("full"), sum(training_ops.values()))
+        training_per_token = training_flops_per_token(plan, seq_len)
 
     real_check: RealCheck | None = None
     if real is None:
@@ -512,6 +512,7 @@ def crosscheck(
         flops=flop_rows,
         ops=op_rows,
         training=training,
+        training_per_token=training_per_token,
         training_ops=training_ops,
         real=real_check,
         layer_kinds={layer.path: layer_kind(layer) for layer in plan.layers},
