@@ -1,7 +1,78 @@
-"""`archplan compare` (placeholder until its issue lands)."""
+"""`archplan compare A B [more]`: the `size` figures side by side, with ratios against the first."""
+
+from __future__ import annotations
+
+import json
 
 import typer
 
+from archplan.commands.options import JsonOpt, SpecsArg
+from archplan.commands.size import (
+    AttentionChoice,
+    AttentionOpt,
+    BatchOpt,
+    ContextOpt,
+    GpuOpt,
+    KVDtypeOpt,
+    LawOpt,
+    MfuOpt,
+    MicroBatchOpt,
+    PlotOpt,
+    RecomputeChoice,
+    RecomputeOpt,
+    SeqOpt,
+    TokensOpt,
+    size_options,
+)
+from archplan.dtypes import DType
+from archplan.errors import ArchplanError
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command(
+        "compare",
+        help=(
+            "The `size` figures of two or more specs side by side, with ratios against the first "
+            "column. Options apply to every spec (--context, --seq, --tokens: each spec's own "
+            "default when omitted).\n\n"
+            "Examples:\n\n"
+            "  archplan compare llama-3-8b mixtral-8x7b\n\n"
+            "  archplan compare presets/7b.yaml presets/70b.yaml deepseek-v3 --context 32768 --json"
+        ),
+    )
+    def compare(
+        specs: SpecsArg,
+        context: ContextOpt = None,
+        batch: BatchOpt = 1,
+        kv_dtype: KVDtypeOpt = DType.bf16,
+        seq: SeqOpt = None,
+        micro_batch: MicroBatchOpt = 1,
+        recompute: RecomputeOpt = RecomputeChoice.none,
+        tokens: TokensOpt = None,
+        gpu: GpuOpt = None,
+        mfu: MfuOpt = 0.4,
+        law: LawOpt = None,
+        attention: AttentionOpt = AttentionChoice.full,
+        as_json: JsonOpt = False,
+        plot: PlotOpt = None,
+    ) -> None:
+        from archplan.loader import load_spec
+        from archplan.report import size_report
+
+        if len(specs) < 2:
+            raise ArchplanError("compare needs at least two specs (use `archplan size` for one)")
+        opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
+                            law, attention)
+        reports = [size_report(load_spec(spec), opts, source=spec) for spec in specs]
+        if plot is not None:
+            from archplan.plot import plot_compare
+
+            plot_compare(reports, plot)
+        if as_json:
+            typer.echo(json.dumps(reports, indent=2))
+        else:
+            from archplan.render import print_compare
+
+            print_compare(reports)
+            if plot is not None:
+                typer.echo(f"figure written to {plot}")

@@ -1,7 +1,130 @@
-"""`archplan size` (placeholder until its issue lands)."""
+"""`archplan size SPEC`: parameters, FLOPs, KV cache, memory and the Chinchilla budget of one spec."""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from archplan.commands.options import JsonOpt, SpecArg
+from archplan.dtypes import DType
+from archplan.errors import ArchplanError
+
+if TYPE_CHECKING:
+    from archplan.report import SizeOptions
+
+
+# Closed choices, spelled as in archplan.analytic.memory.RECOMPUTE_MODES and scaling.LAWS (a test
+# checks they agree); kept here so loading the CLI does not import the analytic package.
+class RecomputeChoice(str, Enum):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
+class LawChoice(str, Enum):
+    hoffmann2022 = "hoffmann2022"
+    hoffmann2022_tex = "hoffmann2022-tex"
+    besiroglu2024 = "besiroglu2024"
+
+
+class AttentionChoice(str, Enum):
+    full = "full"
+    causal = "causal"
+
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgtp]?)\s*$", re.IGNORECASE)
+
+
+def parse_amount(text: str, option: str) -> float:
+    """'15T', '1.4e12', '300B' -> a float (SI suffixes K M B/G T P)."""
+    match = _AMOUNT.match(text)
+    if match is None:
+        raise ArchplanError(f"expected a number such as 1.4e12 or 15T, got {text!r}", field=option)
+    return float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+
+
+ContextOpt = Annotated[int | None, typer.Option("--context", help="KV-cache context length [default: the spec's max_seq_len].")]
+BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences in the KV cache.")]
+KVDtypeOpt = Annotated[DType, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
+SeqOpt = Annotated[int | None, typer.Option("--seq", help="Training/prefill sequence length for FLOPs and activations [default: min(4096, max_seq_len)].")]
+MicroBatchOpt = Annotated[int, typer.Option("--micro-batch", help="Sequences per micro-batch for activation memory.")]
+RecomputeOpt = Annotated[RecomputeChoice, typer.Option("--recompute", help="Activation recomputation (Korthikanti et al. 2022).")]
+TokensOpt = Annotated[str | None, typer.Option("--tokens", help="Training tokens, e.g. 15T or 1.4e12 [default: 20 per parameter].")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, mi300x, ...")]
+MfuOpt = Annotated[float, typer.Option("--mfu", help="Model-FLOPs utilisation for GPU-hours.")]
+LawOpt = Annotated[list[LawChoice] | None, typer.Option("--law", help="Approach-3 fit(s) to show (repeatable) [default: hoffmann2022, besiroglu2024].")]
+AttentionOpt = Annotated[AttentionChoice, typer.Option("--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
+PlotOpt = Annotated[str | None, typer.Option("--plot", help="Write a figure (PNG/SVG/PDF by suffix); needs matplotlib.")]
+
+
+def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,
+                 recompute: RecomputeChoice, tokens: str | None, gpu: str | None, mfu: float,
+                 laws: list[LawChoice] | None, attention: AttentionChoice) -> SizeOptions:
+    """The typed options, shared by `size` and `compare`."""
+    from archplan.analytic.scaling import DEFAULT_LAWS
+    from archplan.report import SizeOptions
+
+    return SizeOptions(
+        context=context, batch=batch, kv_dtype=DType(kv_dtype), seq=seq, micro_batch=micro_batch,
+        recompute=recompute.value,
+        tokens=parse_amount(tokens, "--tokens") if tokens is not None else None,
+        gpu=gpu, mfu=mfu,
+        laws=tuple(x.value for x in laws) if laws else DEFAULT_LAWS,
+        attention=attention.value,
+    )
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command(
+        "size",
+        help=(
+            "Parameters, FLOPs per token, KV cache, inference and training memory, and the "
+            "Chinchilla budget of one spec (analytic, no torch).\n\n"
+            "Examples:\n\n"
+            "  archplan size presets/70b.yaml\n\n"
+            "  archplan size llama-3-8b --context 8192 --batch 4 --kv-dtype fp8\n\n"
+            "  archplan size mixtral-8x7b --seq 4096 --micro-batch 2 --recompute selective "
+            "--tokens 2T --gpu h100 --mfu 0.4 --json"
+        ),
+    )
+    def size(
+        spec: SpecArg,
+        context: ContextOpt = None,
+        batch: BatchOpt = 1,
+        kv_dtype: KVDtypeOpt = DType.bf16,
+        seq: SeqOpt = None,
+        micro_batch: MicroBatchOpt = 1,
+        recompute: RecomputeOpt = RecomputeChoice.none,
+        tokens: TokensOpt = None,
+        gpu: GpuOpt = None,
+        mfu: MfuOpt = 0.4,
+        law: LawOpt = None,
+        attention: AttentionOpt = AttentionChoice.full,
+        as_json: JsonOpt = False,
+        plot: PlotOpt = None,
+    ) -> None:
+        from archplan.loader import load_spec
+        from archplan.report import size_report
+
+        opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
+                            law, attention)
+        loaded = load_spec(spec)
+        report = size_report(loaded, opts, source=spec)
+        if plot is not None:
+            from archplan.plot import plot_size
+            from archplan.resolve import resolve
+
+            plot_size(resolve(loaded), report, opts, plot)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            from archplan.render import print_size
+
+            print_size(report)
+            if plot is not None:
+                typer.echo(f"figure written to {plot}")

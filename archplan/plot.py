@@ -1,0 +1,133 @@
+"""Figures for `size --plot` and `compare --plot` (matplotlib, an optional dependency).
+
+size: (left) inference memory vs context length — bf16 weights + KV cache (+ SSM state) at the
+chosen batch and KV dtype; (right) training memory per replica vs sequence length — model states
+(16 B/param) + activations for each recompute mode at the chosen micro-batch.
+compare: grouped bars of the headline figures, one panel per unit.
+Every number plotted comes from the same analytic functions as the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from archplan.errors import ArchplanError
+
+if TYPE_CHECKING:
+    from archplan.report import SizeOptions
+    from archplan.resolve import ModelPlan
+
+GiB = 1 << 30
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ArchplanError(
+            "--plot needs matplotlib, which is not installed; pip install 'archplan[plot]'"
+        ) from None
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _check_target(path: str) -> Path:
+    target = Path(path)
+    if target.suffix.lower() not in FIGURE_SUFFIXES:
+        raise ArchplanError(f"figure file must end in {', '.join(FIGURE_SUFFIXES)}", field="--plot",
+                            file=path)
+    if not target.parent.is_dir():
+        raise ArchplanError("directory does not exist", field="--plot", file=path)
+    return target
+
+
+def sweep_lengths(limit: int) -> list[int]:
+    """Powers of two from 256 up to `limit`, plus `limit` itself."""
+    lengths = [1 << k for k in range(8, 27) if (1 << k) < limit]
+    return lengths + [limit]
+
+
+def _save(fig: Any, target: Path) -> None:
+    try:
+        fig.savefig(target, bbox_inches="tight", dpi=120)
+    except OSError as exc:
+        raise ArchplanError(f"cannot write figure: {exc.strerror}", file=str(target)) from None
+
+
+def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: str) -> None:
+    from archplan.analytic import count_params, kv_cache
+    from archplan.analytic.memory import RECOMPUTE_MODES, training_memory
+    from archplan.dtypes import BYTES
+
+    target = _check_target(path)
+    plt = _pyplot()
+    params = count_params(plan)
+    kv = report["kv_cache"]
+    contexts = sweep_lengths(max(kv["context"], 256))
+    caches = [kv_cache(plan, context=t, batch=kv["batch"], dtype_bytes=BYTES[opts.kv_dtype]) for t in contexts]
+    weights = report["memory"]["weights_by_dtype"]["bf16"]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    attention_kv = [(c.bytes - c.ssm_state_bytes) / GiB for c in caches]
+    ssm = [c.ssm_state_bytes / GiB for c in caches]
+    stack = [[weights / GiB] * len(contexts), attention_kv]
+    labels = ["weights (bf16)", f"KV cache ({kv['dtype']}, batch {kv['batch']})"]
+    if any(ssm):
+        stack.append(ssm)
+        labels.append("SSM state")
+    left.stackplot(contexts, *stack, labels=labels, alpha=0.85)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("context length (tokens)")
+    left.set_ylabel("GiB")
+    left.set_title(f"{report['name']}: inference memory vs context")
+    left.legend(loc="upper left")
+
+    seq_limit = max(report["flops"]["seq_len"], 256)
+    seqs = sweep_lengths(seq_limit)
+    states = report["memory"]["training"]
+    model_states = (states["weights"] + states["grads"] + states["optimizer"]) / GiB
+    right.axhline(model_states, color="black", linestyle="--", label="model states (16 B/param)")
+    for mode in RECOMPUTE_MODES:
+        totals = [training_memory(plan, params, opts.micro_batch, s, mode).total / GiB for s in seqs]
+        right.plot(seqs, totals, marker="o", label=f"+ activations, recompute {mode}")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("sequence length (tokens)")
+    right.set_ylabel("GiB per replica")
+    right.set_title(f"training memory, micro-batch {opts.micro_batch}")
+    right.legend(loc="upper left")
+    _save(fig, target)
+    plt.close(fig)
+
+
+def plot_compare(reports: Sequence[dict[str, Any]], path: str) -> None:
+    target = _check_target(path)
+    plt = _pyplot()
+    panels: list[tuple[str, list[tuple[str, Any]]]] = [
+        ("parameters (billions)", [
+            ("total", lambda r: r["params"]["total"] / 1e9),
+            ("active", lambda r: r["params"]["active"] / 1e9)]),
+        ("FLOPs per token (GFLOP)", [
+            (f"forward ({reports[0]['flops']['attention']})", lambda r: r["flops"]["forward_per_token"] / 1e9),
+            (f"training ({reports[0]['flops']['attention']})", lambda r: r["flops"]["training_per_token"] / 1e9)]),
+        ("memory (GiB)", [
+            ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"] / GiB),
+            ("KV cache", lambda r: r["kv_cache"]["bytes"] / GiB),
+            ("training / replica", lambda r: r["memory"]["training_bytes"] / GiB)]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    width = 0.8 / len(reports)
+    for ax, (title, series) in zip(axes, panels):
+        for i, r in enumerate(reports):
+            xs = [j + (i - (len(reports) - 1) / 2) * width for j in range(len(series))]
+            ax.bar(xs, [get(r) for _, get in series], width, label=r["name"])
+        ax.set_xticks(range(len(series)), [name for name, _ in series])
+        ax.set_title(title)
+    axes[0].legend()
+    _save(fig, target)
+    plt.close(fig)

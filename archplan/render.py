@@ -1,0 +1,256 @@
+"""Rich tables for `size` and `compare`, read from the report object of `archplan.report`.
+
+Counts use SI prefixes (7.24 B), bytes binary units (GiB = 2^30), FLOPs SI (archplan.units).
+Each table carries its convention in its caption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from archplan import units
+
+BAR_WIDTH = 28
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of `fraction` x width cells, in eighths of a cell."""
+    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
+    full, part = divmod(eighths, 8)
+    return "█" * full + (_EIGHTHS[part] if part else "")
+
+
+class _Section(Table):
+    """A table whose convention note prints below it at full console width (not wrapped to the
+    table's width as a rich caption would be)."""
+
+    note: str | None = None
+
+
+def _table(title: str, note: str | None = None, *columns: tuple[str, str]) -> _Section:
+    table = _Section(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.note = note
+    for name, justify in columns:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    return table
+
+
+def _with_note(table: _Section) -> Group:
+    parts: list[Any] = [table]
+    if table.note:
+        parts.append(Text(table.note, style="dim"))
+    return Group(*parts)
+
+
+def _params_tables(r: dict[str, Any]) -> list[_Section]:
+    p = r["params"]
+    total, active = p["total"], p["active"]
+    summary = _table("Parameters", p["convention"], ("", "left"), ("count", "right"), ("exact", "right"))
+    rows = [("total", total), ("active per token", active), ("embedding (V·D)", p["embedding"])]
+    if p["position_embedding"]:
+        rows.append(("position table", p["position_embedding"]))
+    rows.append(("non-embedding", p["non_embedding"]))
+    rows.append(("LM head" + (" (tied: bias only)" if p["tied_embeddings"] else ""), p["lm_head"]))
+    rows.append(("matmul weights (P_matmul)", p["matmul"]))
+    for name, value in rows:
+        summary.add_row(name, units.count(value), f"{value:,}")
+
+    kinds = _table("Parameters by component", None, ("component", "left"), ("total", "right"),
+                   ("% total", "right"), ("active", "right"), ("% active", "right"), ("", "left"))
+    for kind, entry in p["by_kind"].items():
+        kinds.add_row(kind, units.count(entry["total"]), units.percent(entry["total"] / total),
+                      units.count(entry["active"]), units.percent(entry["active"] / active),
+                      bar(entry["total"] / total, 20))
+    return [summary, kinds]
+
+
+def _flops_table(r: dict[str, Any]) -> _Section:
+    f = r["flops"]
+    table = _table(f"FLOPs per token (training/prefill at seq {f['seq_len']:,})", f["convention"],
+                   ("", "left"), ("attention full", "right"), ("attention causal", "right"))
+    table.add_row("forward", units.flops(f["forward_per_token_full"]), units.flops(f["forward_per_token_causal"]))
+    table.add_row("training (fwd + bwd)", units.flops(f["training_per_token_full"]),
+                  units.flops(f["training_per_token_causal"]))
+    if f["recompute"] != "none":
+        col = 1 if f["attention"] == "full" else 2
+        cells = ["", ""]
+        cells[col - 1] = units.flops(f["training_per_token_with_recompute"])
+        table.add_row(f"training with {f['recompute']} recompute", *cells)
+    table.add_row("6·N_active (approximation)", units.flops(f["six_n_active"]), "")
+    table.add_row(f"decode, one token at context {f['decode_context']:,}", "", units.flops(f["decode_per_token"]))
+    table.add_row(Text("elementwise (analytic only, not in the above)", style="dim"),
+                  units.flops(f["elementwise_per_token"]), "")
+    return table
+
+
+def _kv_table(r: dict[str, Any]) -> _Section:
+    kv = r["kv_cache"]
+    table = _table(f"KV cache ({kv['dtype']})", kv["convention"], ("", "left"), ("bytes", "right"))
+    table.add_row("per token (one sequence)", units.nbytes(kv["bytes_per_token"]))
+    if kv["naive_mla_bytes_per_token"] is not None:
+        table.add_row("per token, MLA without absorption", units.nbytes(kv["naive_mla_bytes_per_token"]))
+    table.add_row(f"context {kv['context']:,} x batch {kv['batch']:,}", units.nbytes(kv["bytes"]))
+    if kv["ssm_state_bytes"]:
+        table.add_row("  of which SSM state (constant)", units.nbytes(kv["ssm_state_bytes"]))
+    return table
+
+
+def _inference_table(r: dict[str, Any]) -> _Section:
+    m, kv = r["memory"], r["kv_cache"]
+    table = _table(
+        "Inference memory", f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
+        "int4-g128: matmul weights at 4 bits + an fp16 scale per 128, the rest bf16; no runtime overhead",
+        ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))
+    peak = max(m["inference_bytes_by_dtype"].values())
+    for dtype, weights in m["weights_by_dtype"].items():
+        total = m["inference_bytes_by_dtype"][dtype]
+        table.add_row(dtype, units.nbytes(weights), units.nbytes(total), bar(total / peak))
+    return table
+
+
+def _training_table(r: dict[str, Any]) -> _Section:
+    t = r["memory"]["training"]
+    total = r["memory"]["training_bytes"]
+    table = _table(
+        f"Training memory per replica (micro-batch {t['micro_batch']}, seq {t['seq_len']:,}, "
+        f"recompute {t['recompute']})",
+        t["convention"] + "; activations per Korthikanti et al. 2022, per saved tensor (docs/figures.md)",
+        ("", "left"), ("bytes", "right"), ("share", "right"), ("", "left"))
+    rows = [("weights (bf16, 2 B/param)", t["weights"]), ("gradients (bf16, 2 B/param)", t["grads"]),
+            ("fp32 master weights (4 B/param)", t["master_weights"]), ("Adam m (fp32, 4 B/param)", t["adam_m"]),
+            ("Adam v (fp32, 4 B/param)", t["adam_v"]), ("activations", t["activations"])]
+    for name, value in rows:
+        table.add_row(name, units.nbytes(value), units.percent(value / total), bar(value / total))
+    table.add_row(Text("total", style="bold"), Text(units.nbytes(total), style="bold"), "", "")
+    return table
+
+
+def _chinchilla_table(r: dict[str, Any]) -> _Section:
+    c = r["chinchilla"]
+    caption = (f"N = {c['n_params_kind']} parameters ({units.count(c['n_params'])}; active "
+               f"{units.count(c['active_params'])}); C = 6·N·D (Hoffmann et al. 2022 eq. 4); "
+               f"{c['tokens_per_param']} tokens/param = {units.count(c['optimal_tokens'])} tokens")
+    table = _table(f"Chinchilla budget: D = {units.count(c['tokens'])} tokens, "
+                   f"C = {units.sci(c['training_flops'])} FLOPs", caption,
+                   ("Approach-3 fit", "left"), ("loss at N, D", "right"), ("N_opt for C", "right"),
+                   ("D_opt for C", "right"), ("D_opt/N_opt", "right"))
+    for entry in c["laws"].values():
+        table.add_row(entry["title"], f"{entry['loss']:.4f}", units.count(entry["optimal_params"]),
+                      units.count(entry["optimal_tokens"]), f"{entry['optimal_tokens'] / entry['optimal_params']:.1f}")
+    return table
+
+
+def _gpu_table(r: dict[str, Any]) -> _Section | None:
+    g = r["chinchilla"]["gpu"]
+    if g is None:
+        return None
+    table = _table(f"GPU time on {g['name']}", g["convention"], ("", "left"), ("", "right"))
+    table.add_row("dense bf16 peak used", units.flops(g["peak_flops_per_s"], "FLOP/s"))
+    table.add_row("MFU", units.percent(g["mfu"]))
+    table.add_row("training FLOPs", units.sci(g["training_flops"]))
+    table.add_row("GPU-hours", f"{g['gpu_hours']:,.0f}")
+    table.add_row("GPU-days", f"{g['gpu_hours'] / 24:,.1f}")
+    return table
+
+
+def size_renderable(r: dict[str, Any]) -> Group:
+    header = Text(r["name"], style="bold")
+    if r["description"]:
+        header.append(f" — {r['description']}", style="")
+    parts: list[Any] = [header, *_params_tables(r), _flops_table(r), _kv_table(r), _inference_table(r),
+                        _training_table(r), _chinchilla_table(r)]
+    gpu = _gpu_table(r)
+    if gpu is not None:
+        parts.append(gpu)
+    spaced: list[Any] = []
+    for part in parts:
+        spaced.extend([_with_note(part) if isinstance(part, _Section) else part, Text("")])
+    return Group(*spaced)
+
+
+def print_size(r: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(size_renderable(r))
+
+
+# ----------------------------------------------------------------------------------- compare
+Figure = tuple[str, Callable[[dict[str, Any]], float | None], Callable[[float], str]]
+
+
+def _law_value(key: str, field: str) -> Callable[[dict[str, Any]], float | None]:
+    def get(r: dict[str, Any]) -> float | None:
+        entry = r["chinchilla"]["laws"].get(key)
+        return None if entry is None else entry[field]
+    return get
+
+
+def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
+    first = reports[0]
+    f, kv, t = first["flops"], first["kv_cache"], first["memory"]["training"]
+    figures: list[Figure] = [
+        ("train seq", lambda r: r["flops"]["seq_len"], lambda x: f"{x:,.0f}"),
+        ("KV context", lambda r: r["kv_cache"]["context"], lambda x: f"{x:,.0f}"),
+        ("params total", lambda r: r["params"]["total"], units.count),
+        ("params active", lambda r: r["params"]["active"], units.count),
+        ("params embedding", lambda r: r["params"]["embedding"], units.count),
+        ("params non-emb.", lambda r: r["params"]["non_embedding"], units.count),
+        (f"forward/token ({f['attention']})", lambda r: r["flops"]["forward_per_token"], units.flops),
+        (f"train/token ({f['attention']})", lambda r: r["flops"]["training_per_token"], units.flops),
+        ("train/token (causal)" if f["attention"] == "full" else "train/token (full)",
+         lambda r: r["flops"]["training_per_token_causal" if f["attention"] == "full" else "training_per_token_full"],
+         units.flops),
+        ("decode/token at context", lambda r: r["flops"]["decode_per_token"], units.flops),
+        (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"], units.nbytes),
+        ("KV cache at context", lambda r: r["kv_cache"]["bytes"], units.nbytes),
+        ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"], units.nbytes),
+        ("weights int4", lambda r: r["memory"]["weights_by_dtype"]["int4"], units.nbytes),
+        ("inference bf16 + KV", lambda r: r["memory"]["inference_bytes_by_dtype"]["bf16"], units.nbytes),
+        ("train model states 16 B/p",
+         lambda r: r["memory"]["training"]["weights"] + r["memory"]["training"]["grads"]
+         + r["memory"]["training"]["optimizer"], units.nbytes),
+        (f"train activations ({t['recompute']})", lambda r: r["memory"]["training"]["activations"], units.nbytes),
+        ("train memory / replica", lambda r: r["memory"]["training_bytes"], units.nbytes),
+        ("tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
+        ("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci),
+    ]
+    for key, entry in first["chinchilla"]["laws"].items():
+        figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}"))
+        figures.append((f"N_opt ({key})", _law_value(key, "optimal_params"), units.count))
+    if first["chinchilla"]["gpu"] is not None:
+        figures.append(("GPU-hours", lambda r: r["chinchilla"]["gpu"]["gpu_hours"], lambda x: f"{x:,.0f}"))
+    return figures
+
+
+def compare_rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
+    return [(name, [get(r) for r in reports]) for name, get, _ in compare_figures(reports)]
+
+
+def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
+    first = reports[0]
+    settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
+                f"{first['kv_cache']['batch']:,}. " + first["flops"]["convention"])
+    table = _table("Comparison", settings, ("figure", "left"),
+                   *[(r["name"], "right") for r in reports])
+    table.columns[0].no_wrap = True
+    for name, get, fmt in compare_figures(reports):
+        base = get(first)
+        cells = []
+        for i, r in enumerate(reports):
+            value = get(r)
+            if value is None:
+                cells.append("—")
+            elif i == 0 or not base:
+                cells.append(fmt(value))
+            else:
+                cells.append(f"{fmt(value)} ({units.ratio(value / base)})")
+        table.add_row(name, *cells)
+    return table
+
+
+def print_compare(reports: Sequence[dict[str, Any]], console: Console | None = None) -> None:
+    (console or Console()).print(_with_note(compare_table(reports)))

@@ -1,0 +1,276 @@
+"""The `size` figures of one spec as a JSON-ready object: built once, rendered by `size` and `compare`.
+
+The object is the `--json` contract documented in docs/json.md; every printed number comes from it.
+Conventions are stored beside the numbers so a reader of the JSON knows what each figure counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from typing_extensions import assert_never
+
+from archplan.analytic import count_params, decode_flops_per_token, forward_flops, kv_cache
+from archplan.analytic import training_flops_per_token
+from archplan.analytic.memory import (
+    BYTES_PER_PARAM,
+    INFERENCE_DTYPES,
+    STATES_CONVENTION,
+    Recompute,
+    int4_grouped_bytes,
+    training_memory,
+    weights_bytes,
+)
+from archplan.analytic.model import ParamCount
+from archplan.analytic.scaling import (
+    DEFAULT_LAWS,
+    TOKENS_PER_PARAM,
+    compute_optimal,
+    gpu_hours,
+    law,
+    loss,
+    training_flops,
+)
+from archplan.dtypes import BYTES, DType
+from archplan.errors import ArchplanError
+from archplan.hardware import accelerator
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    resolve,
+)
+from archplan.spec import Spec
+
+Attention = Literal["full", "causal"]
+
+DEFAULT_TRAIN_SEQ = 4096  # capped at the spec's max_seq_len (a learned position table ends there)
+MAX_CONTEXT = 1 << 26
+MAX_BATCH = 1 << 20
+MAX_TOKENS = 1e18
+
+FLOPS_CONVENTION = (
+    "2 FLOPs per multiply-add; embedding lookups not counted; LM head counted; "
+    "training = 3 x forward (backward = 2 x forward)"
+)
+PARAMS_CONVENTION = "unique parameters (tied weights once, buffers excluded); active = what one token touches"
+KV_CONVENTION = (
+    "K and V of every attention layer (MLA: the absorbed latent + rope key); sliding windows cap a "
+    "layer at its window; SSM layers hold a constant state per sequence"
+)
+CHINCHILLA_N = "total"  # MoE: the scaling laws were fitted on dense models; N = every parameter
+
+# Display order of the component kinds (docs/figures.md §Parameters).
+KINDS = ("embedding", "attention", "ssm", "ffn", "moe router", "moe routed experts",
+         "moe shared experts", "norms", "lm_head")
+
+
+@dataclass(frozen=True)
+class SizeOptions:
+    """What `archplan size` was asked for; None means "derive from the spec"."""
+
+    context: int | None = None
+    batch: int = 1
+    kv_dtype: DType = DType.bf16
+    seq: int | None = None
+    micro_batch: int = 1
+    recompute: Recompute = "none"
+    tokens: float | None = None
+    gpu: str | None = None
+    mfu: float = 0.4
+    laws: tuple[str, ...] = field(default=DEFAULT_LAWS)
+    attention: Attention = "full"
+
+    def check(self) -> None:
+        """Option values a user typed: out-of-range values are ArchplanErrors (one line, exit 2)."""
+        for name, value, upper in (("--context", self.context, MAX_CONTEXT), ("--batch", self.batch, MAX_BATCH),
+                                   ("--seq", self.seq, MAX_CONTEXT), ("--micro-batch", self.micro_batch, MAX_BATCH)):
+            if value is not None and not 0 < value <= upper:
+                raise ArchplanError(f"must be between 1 and {upper:,}, got {value:,}", field=name)
+        if self.tokens is not None and not 0 < self.tokens <= MAX_TOKENS:
+            raise ArchplanError(f"must be between 1 and {MAX_TOKENS:.0e}, got {self.tokens:g}", field="--tokens")
+        if not 0 < self.mfu <= 1:
+            raise ArchplanError(f"must be in (0, 1], got {self.mfu:g}", field="--mfu")
+        for key in self.laws:
+            law(key)
+        if self.gpu is not None:
+            accelerator(self.gpu)
+
+
+def component_kinds(plan: ModelPlan) -> dict[str, str]:
+    """Module path -> display kind, read from the plan (never from the path's spelling)."""
+    kinds = {"embed": "embedding", "pos_embed": "embedding", "embed_norm": "norms",
+             "final_norm": "norms", "lm_head": "lm_head"}
+    for layer in plan.layers:
+        for name in layer.norms:
+            kinds[f"{layer.path}.{name}"] = "norms"
+        match layer.mixer:
+            case AttentionPlan() | MLAPlan():
+                kinds[f"{layer.path}.mixer"] = "attention"
+            case Mamba1Plan() | Mamba2Plan():
+                kinds[f"{layer.path}.mixer"] = "ssm"
+            case _:
+                assert_never(layer.mixer)
+        ffn = layer.ffn
+        match ffn:
+            case None:
+                pass
+            case FFNPlan():
+                kinds[f"{layer.path}.ffn"] = "ffn"
+            case MoEPlan():
+                kinds[f"{layer.path}.ffn.router"] = "moe router"
+                kinds[f"{layer.path}.ffn.experts"] = "moe routed experts"
+                kinds[f"{layer.path}.ffn.shared"] = "moe shared experts"
+                kinds[f"{layer.path}.ffn.shared_gate"] = "moe shared experts"
+            case _:
+                assert_never(ffn)
+    return kinds
+
+
+def params_by_kind(plan: ModelPlan, params: ParamCount) -> dict[str, dict[str, int]]:
+    kinds = component_kinds(plan)
+    out: dict[str, dict[str, int]] = {}
+    for path, n in params.by_component.items():
+        entry = out.setdefault(kinds[path], {"total": 0, "active": 0})
+        entry["total"] += n
+        entry["active"] += params.active_by_component[path]
+    return {kind: out[kind] for kind in KINDS if kind in out}
+
+
+def _per_token(value: int, tokens: int) -> int | float:
+    return value // tokens if value % tokens == 0 else value / tokens
+
+
+def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dict[str, Any]:
+    """Every `size` figure of one spec (the `--json` object)."""
+    opts.check()
+    plan = resolve(spec)
+    params = count_params(plan)
+    context = opts.context if opts.context is not None else plan.max_seq_len
+    seq = opts.seq if opts.seq is not None else min(DEFAULT_TRAIN_SEQ, plan.max_seq_len)
+
+    fwd = forward_flops(plan, seq_len=seq, batch=1)
+    training = {att: training_flops_per_token(plan, seq, attention=att, recompute="none")
+                for att in ("full", "causal")}
+    hardware = training_flops_per_token(plan, seq, attention=opts.attention, recompute=opts.recompute)
+    kv = kv_cache(plan, context=context, batch=opts.batch, dtype_bytes=BYTES[opts.kv_dtype])
+
+    weights = {dtype.value: weights_bytes(params, dtype) for dtype in INFERENCE_DTYPES}
+    weights["int4-g128"] = int4_grouped_bytes(params, 128)
+    train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute)
+    states = train_mem.states
+
+    n_chinchilla = params.total
+    optimal_tokens = TOKENS_PER_PARAM * n_chinchilla
+    tokens = opts.tokens if opts.tokens is not None else float(optimal_tokens)
+    budget = training_flops(n_chinchilla, tokens)
+    laws = {}
+    for key in opts.laws:
+        fit = law(key)
+        n_opt, d_opt = compute_optimal(fit, budget)
+        laws[key] = {
+            "title": fit.title, "E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta,
+            "loss": loss(fit, n_chinchilla, tokens),
+            "optimal_params": n_opt, "optimal_tokens": d_opt, "optimal_loss": loss(fit, n_opt, d_opt),
+        }
+    gpu = None
+    if opts.gpu is not None:
+        acc = accelerator(opts.gpu)
+        peak = acc.peak("bf16")
+        model_flops = training[opts.attention] * tokens
+        gpu = {
+            "key": acc.key, "name": acc.name, "dtype": "bf16", "peak_flops_per_s": peak, "mfu": opts.mfu,
+            "training_flops": model_flops,
+            "gpu_hours": gpu_hours(model_flops, peak, opts.mfu),
+            "convention": "model FLOPs (training FLOPs per token at --seq, no recompute) x tokens, "
+                          "at the dense bf16 peak x MFU",
+        }
+
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "source": source,
+        "params": {
+            "total": params.total,
+            "active": params.active,
+            "embedding": params.embedding,
+            "position_embedding": params.position_embedding,
+            "lm_head": params.lm_head,
+            "non_embedding": params.non_embedding,
+            "matmul": params.matmul,
+            "matmul_active": params.matmul_active,
+            "tied_embeddings": plan.tied,
+            "by_kind": params_by_kind(plan, params),
+            "by_component": dict(params.by_component),
+            "active_by_component": dict(params.active_by_component),
+            "convention": PARAMS_CONVENTION,
+        },
+        "flops": {
+            "attention": opts.attention,
+            "seq_len": seq,
+            "forward_per_token": _per_token(fwd.forward(opts.attention), seq),
+            "training_per_token": training[opts.attention],
+            "forward_per_token_full": _per_token(fwd.forward("full"), seq),
+            "forward_per_token_causal": _per_token(fwd.forward("causal"), seq),
+            "training_per_token_full": training["full"],
+            "training_per_token_causal": training["causal"],
+            "recompute": opts.recompute,
+            "training_per_token_with_recompute": hardware,
+            "elementwise_per_token": _per_token(fwd.elementwise, seq),
+            "six_n_active": 6 * params.active,
+            "decode_per_token": decode_flops_per_token(plan, context),
+            "decode_context": context,
+            "convention": FLOPS_CONVENTION,
+        },
+        "kv_cache": {
+            "dtype": opts.kv_dtype.value,
+            "context": context,
+            "batch": opts.batch,
+            "bytes_per_token": kv.bytes_per_token,
+            "bytes": kv.bytes,
+            "ssm_state_bytes": kv.ssm_state_bytes,
+            "naive_mla_bytes_per_token": kv.naive_mla_bytes_per_token,
+            "by_component": dict(kv.by_component),
+            "convention": KV_CONVENTION,
+        },
+        "memory": {
+            "weights_dtype": "bf16",
+            "weights_bytes": weights["bf16"],
+            "weights_by_dtype": weights,
+            "inference_bytes_by_dtype": {dtype: value + kv.bytes for dtype, value in weights.items()},
+            "training_bytes": train_mem.total,
+            "training": {
+                "micro_batch": opts.micro_batch,
+                "seq_len": seq,
+                "recompute": opts.recompute,
+                "bytes_per_param": BYTES_PER_PARAM,
+                "weights": states.weights,
+                "grads": states.grads,
+                "master_weights": states.master_weights,
+                "adam_m": states.adam_m,
+                "adam_v": states.adam_v,
+                "optimizer": states.optimizer,
+                "activations": train_mem.activations.total,
+                "activations_working_set": train_mem.activations.working_set,
+                "activations_by_component": dict(train_mem.activations.by_component),
+                "convention": STATES_CONVENTION,
+            },
+        },
+        "chinchilla": {
+            "n_params": n_chinchilla,
+            "n_params_kind": CHINCHILLA_N,
+            "active_params": params.active,
+            "tokens_per_param": TOKENS_PER_PARAM,
+            "optimal_tokens": optimal_tokens,
+            "tokens": tokens,
+            "training_flops": budget,
+            "laws": laws,
+            "gpu": gpu,
+        },
+    }
+
