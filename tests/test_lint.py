@@ -1,0 +1,336 @@
+"""`archplan lint`: every rule against its failing and passing fixture, hostile files, exit codes,
+rule selection, pyproject configuration and the four output formats."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from archplan.cli import main
+from archplan.lint import RULES, lint_file, lint_text
+from archplan.lint.engine import discover, load_config
+from archplan.errors import ArchplanError
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "lint_fixtures"
+EXPECT = re.compile(r"^# expect: (\d+):(\d+)")
+
+CLEAN = """\
+name: tiny
+vocab_size: 32000
+d_model: 512
+n_layers: 4
+attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}
+ffn: {kind: glu, d_ff: 1408}
+"""
+WARNS = CLEAN.replace("vocab_size: 32000", "vocab_size: 50257")  # AP007 warning only
+BROKEN = CLEAN.replace("n_kv_heads: 2", "n_kv_heads: 3")  # AP003 error
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["archplan", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------ the registry
+def test_codes_are_unique_and_sequential() -> None:
+    assert [r.code for r in RULES] == [f"AP{i:03d}" for i in range(1, len(RULES) + 1)]
+    assert len({r.name for r in RULES}) == len(RULES)
+    for rule in RULES:
+        assert rule.title and rule.rationale and rule.source, rule.code
+
+
+def test_every_rule_is_documented_with_bad_and_good_example() -> None:
+    doc = (ROOT / "docs" / "rules.md").read_text(encoding="utf-8")
+    sections = re.split(r"^## ", doc, flags=re.M)[1:]
+    by_code = {s.split()[0]: s for s in sections}
+    assert sorted(by_code) == [r.code for r in RULES]
+    for rule in RULES:
+        section = by_code[rule.code]
+        assert rule.severity in section and rule.name in section, rule.code
+        assert "Bad" in section and "Good" in section, rule.code
+
+
+def test_every_fixture_belongs_to_a_rule() -> None:
+    names = {p.name for p in FIXTURES.glob("*.yaml")}
+    assert names == {f"{r.code}_{kind}.yaml" for r in RULES for kind in ("fail", "pass")}
+
+
+# --------------------------------------------------------------------- one rule, two fixtures
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.code)
+def test_failing_fixture_raises_exactly_its_rule_where_expected(rule) -> None:
+    path = FIXTURES / f"{rule.code}_fail.yaml"
+    expect = EXPECT.match(path.read_text(encoding="utf-8"))
+    assert expect, f"{path.name} lacks its '# expect: LINE:COL' header"
+    findings = lint_file(path)
+    assert [f.code for f in findings] == [rule.code]
+    finding = findings[0]
+    assert (finding.line, finding.column) == (int(expect[1]), int(expect[2]))
+    assert finding.severity == rule.severity
+    assert finding.message
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.code)
+def test_passing_fixture_is_clean(rule) -> None:
+    assert lint_file(FIXTURES / f"{rule.code}_pass.yaml") == []
+
+
+def test_recognised_validator_errors_carry_a_worked_fix() -> None:
+    (finding,) = lint_text(BROKEN, "x.yaml")
+    assert finding.code == "AP003" and finding.field == "attention.n_kv_heads"
+    assert finding.fix is not None and "1, 2, 4, 8" in finding.fix
+
+
+def test_mla_odd_rope_is_the_rotary_rule_at_its_field() -> None:
+    text = CLEAN.replace(
+        "attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}",
+        "attention:\n  kind: mla\n  n_heads: 8\n  kv_lora_rank: 256\n  qk_nope_head_dim: 64\n"
+        "  qk_rope_head_dim: 33\n  v_head_dim: 64",
+    )
+    (finding,) = lint_text(text, "mla.yaml")
+    assert finding.code == "AP005" and finding.line == 10 and finding.field == "attention.qk_rope_head_dim"
+
+
+def test_mla_and_mamba_are_not_checked_with_head_rules() -> None:
+    # MLA per-head widths off the 64 grid are its own design, not an MHA head_dim (AP009).
+    mla = CLEAN.replace(
+        "attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}",
+        "attention: {kind: mla, n_heads: 8, kv_lora_rank: 200, qk_nope_head_dim: 100, "
+        "qk_rope_head_dim: 30, v_head_dim: 100}",
+    )
+    assert lint_text(mla, "mla.yaml") == []
+    mamba = "name: m\nvocab_size: 32000\nd_model: 480\nn_layers: 4\nlayout: {mixers: M}\nssm: {kind: mamba1}\n"
+    assert lint_text(mamba, "mamba.yaml") == []
+
+
+def test_explicit_head_dim_off_grid_points_at_head_dim() -> None:
+    text = CLEAN.replace("n_kv_heads: 2}", "n_kv_heads: 2, head_dim: 80}")
+    (finding,) = lint_text(text, "x.yaml")
+    assert finding.code == "AP009" and finding.field == "attention.head_dim"
+
+
+def test_moe_expert_and_shared_widths_are_checked() -> None:
+    text = CLEAN.replace(
+        "ffn: {kind: glu, d_ff: 1408}",
+        "moe:\n  n_experts: 8\n  top_k: 2\n  expert: {kind: glu, d_ff: 1400}\n  shared: {n: 1, d_ff: 1000}",
+    )
+    assert [(f.code, f.field) for f in lint_text(text, "x.yaml")] == [
+        ("AP008", "moe.expert.d_ff"), ("AP008", "moe.shared.d_ff"),
+    ]
+
+
+# ----------------------------------------------------------------------------- hostile files
+def _alias_bomb() -> str:
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        cur = chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 10)}]")
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE: dict[str, bytes] = {
+    "binary.yaml": bytes(range(256)) * 4,
+    "latin1.yaml": "name: caf\xe9\n".encode("latin-1"),
+    "huge.yaml": b"# padding\n" * 500_000,
+    "bomb.yaml": _alias_bomb().encode(),
+    "python.yaml": b"name: !!python/object/apply:os.system ['echo pwned']\n",
+    "duplicate.yaml": CLEAN.replace("n_layers: 4\n", "n_layers: 4\nn_layers: 8\n").encode(),
+    "tabs.yaml": CLEAN.replace("vocab_size: 32000\n", "vocab_size: 32000\nffn:\n\td_ff: 3\n").encode(),
+    "empty.yaml": b"",
+    "scalar.yaml": b"just a string\n",
+    "deep.yaml": b"[" * 5000 + b"]" * 5000 + b"\n",
+    "two-docs.yaml": (CLEAN + "---\n" + CLEAN).encode(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_file_is_one_finding_not_a_traceback(name, tmp_path, monkeypatch, capsys) -> None:
+    path = tmp_path / name
+    path.write_bytes(HOSTILE[name])
+    (finding,) = lint_file(path)
+    assert finding.code in ("AP001", "AP002") and finding.severity == "error"
+    assert finding.line >= 1 and finding.column >= 1
+    code, out, err = run_cli(monkeypatch, capsys, "lint", str(path))
+    assert code == 1 and "Traceback" not in out + err and f"{finding.code} error" in out
+
+
+def test_duplicate_key_is_an_error_not_last_wins(tmp_path) -> None:
+    path = write(tmp_path, "dup.yaml", HOSTILE["duplicate.yaml"].decode())
+    (finding,) = lint_file(path)
+    assert finding.code == "AP001" and finding.line == 5 and "duplicate key 'n_layers'" in finding.message
+
+
+def test_tab_indentation_is_located(tmp_path) -> None:
+    (finding,) = lint_file(write(tmp_path, "tabs.yaml", HOSTILE["tabs.yaml"].decode()))
+    assert finding.code == "AP001" and finding.line == 4
+
+
+# ------------------------------------------------------------------------------- exit codes
+def test_exit_codes(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # no pyproject.toml above a pytest tmp dir
+    clean, warns, broken = (write(tmp_path, n, t) for n, t in
+                            (("clean.yaml", CLEAN), ("warns.yaml", WARNS), ("broken.yaml", BROKEN)))
+    assert run_cli(monkeypatch, capsys, "lint", str(clean))[0] == 0
+    assert run_cli(monkeypatch, capsys, "lint", str(warns))[0] == 0
+    assert run_cli(monkeypatch, capsys, "lint", str(warns), "--strict")[0] == 1
+    assert run_cli(monkeypatch, capsys, "lint", str(broken))[0] == 1
+    assert run_cli(monkeypatch, capsys, "lint", str(broken), "--ignore", "AP003")[0] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no/such/dir"], "no such file or folder"),
+    (["nothing-*.yaml"], "glob matches nothing"),
+    (["empty"], "no *.yaml or *.yml files"),
+    (["clean.yaml", "--select", "AP999"], "unknown rule code 'AP999'"),
+    (["clean.yaml", "--json", "--format", "sarif"], "contradict"),
+])
+def test_unusable_invocation_exits_2(args, message, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "clean.yaml", CLEAN)
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(monkeypatch, capsys, "lint", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- selection, config
+def test_select_and_ignore_take_codes_and_prefixes(tmp_path) -> None:
+    text = WARNS.replace("d_ff: 1408", "d_ff: 1400")  # AP007 + AP008
+    path = write(tmp_path, "x.yaml", text)
+    from archplan.lint.engine import LintConfig, lint_paths
+
+    def codes(select: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:
+        return [f.code for f in lint_paths([str(path)], LintConfig(select, ignore)).findings]
+
+    assert codes() == ["AP007", "AP008"]
+    assert codes(select=("AP007",)) == ["AP007"]
+    assert codes(select=("AP00",), ignore=("AP008",)) == ["AP007"]
+    assert codes(ignore=("AP0",)) == []
+
+
+def test_pyproject_config_sets_defaults_and_cli_overrides(tmp_path, monkeypatch, capsys) -> None:
+    write(tmp_path, "pyproject.toml", '[tool.archplan.lint]\nignore = ["AP008"]\nstrict = true\n')
+    sub = tmp_path / "configs"
+    write(sub, "x.yaml", WARNS.replace("d_ff: 1408", "d_ff: 1400"))
+    monkeypatch.chdir(sub)  # found by walking up from the working directory
+    config = load_config(Path.cwd())
+    assert config.ignore == ("AP008",) and config.strict
+    code, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", "json")
+    assert code == 1  # strict from the config: the AP007 warning fails
+    assert [f["code"] for f in json.loads(out)["findings"]] == ["AP007"]
+    code, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--select", "AP008", "--json")
+    assert [f["code"] for f in json.loads(out)["findings"]] == []  # select replaced, ignore kept
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[tool.archplan.lint]\nselect = "AP001"\n', "must be a list"),
+    ('[tool.archplan.lint]\nstrict = "yes"\n', "strict must be true or false"),
+    ('[tool.archplan.lint]\nexclude = []\n', "unknown key(s) exclude"),
+    ("[tool.archplan.lint\n", "cannot read"),
+])
+def test_bad_pyproject_config_exits_2(toml, message, tmp_path, monkeypatch, capsys) -> None:
+    write(tmp_path, "pyproject.toml", toml)
+    write(tmp_path, "x.yaml", CLEAN)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "lint", "x.yaml")
+    assert code == 2 and message in err
+
+
+def test_discovery_recurses_skips_hidden_and_dedupes(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.yaml", "deep/b.yml", "deep/c.txt", ".hidden/d.yaml", "deep/.e.yaml"):
+        write(tmp_path, name, CLEAN)
+    found = discover([".", "a.yaml", "deep/*.yml"])
+    assert [p.as_posix() for p in found] == ["a.yaml", "deep/b.yml"]
+    with pytest.raises(ArchplanError):
+        discover([])
+
+
+# ----------------------------------------------------------------------------------- formats
+def test_text_format_has_location_code_and_fix(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "w.yaml", WARNS)
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", "w.yaml")
+    lines = out.splitlines()
+    assert lines[0].startswith("w.yaml:2:1: AP007 warning: vocab_size 50,257")
+    assert lines[1].strip().startswith("fix: pad to 50,304")
+    assert lines[-1] == "1 file checked: 1 warning"
+
+
+def test_github_format_is_workflow_commands(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "w.yaml", WARNS)
+    write(tmp_path, "b.yaml", BROKEN)
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", "github")
+    first, second = out.splitlines()[:2]
+    assert first.startswith("::error file=b.yaml,line=5,col=36,title=AP003 gqa-groups::n_heads (8)")
+    assert "%0Afix: " in first  # the fix goes on a second line of the annotation, escaped
+    assert second.startswith("::warning file=w.yaml,line=2,col=1,title=AP007 vocab-alignment::")
+
+
+def test_sarif_format(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "w.yaml", WARNS)
+    write(tmp_path, "b.yaml", BROKEN)
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", "sarif")
+    log = json.loads(out)
+    assert log["version"] == "2.1.0"
+    (run,) = log["runs"]
+    rules = run["tool"]["driver"]["rules"]
+    assert [r["id"] for r in rules] == [r.code for r in RULES]
+    levels = [(r["ruleId"], r["level"]) for r in run["results"]]
+    assert levels == [("AP003", "error"), ("AP007", "warning")]
+    for result in run["results"]:
+        assert rules[result["ruleIndex"]]["id"] == result["ruleId"]
+    region = run["results"][0]["locations"][0]["physicalLocation"]
+    assert region["artifactLocation"]["uri"] == "b.yaml"
+    assert region["region"] == {"startLine": 5, "startColumn": 36}
+
+
+def test_json_format(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "b.yaml", BROKEN)
+    code, out, _ = run_cli(monkeypatch, capsys, "lint", "b.yaml", "--json")
+    data = json.loads(out)
+    assert code == 1 and data["files"] == ["b.yaml"]
+    assert data["summary"] == {"error": 1, "warning": 0, "info": 0}
+    (finding,) = data["findings"]
+    assert finding["code"] == "AP003" and finding["line"] == 5 and finding["field"] == "attention.n_kv_heads"
+
+
+# ---------------------------------------------------------------------------- presets, torch
+def test_presets_have_no_errors() -> None:
+    from archplan.lint.engine import LintConfig, lint_paths
+
+    result = lint_paths([str(ROOT / "presets")], LintConfig())
+    assert len(result.files) >= 1
+    errors = [f"{f.file}:{f.line}: {f.code} {f.message}" for f in result.findings if f.severity == "error"]
+    assert errors == []
+
+
+def test_lint_never_imports_torch() -> None:
+    code = (
+        "import sys\n"
+        "from archplan.cli import main\n"
+        f"sys.argv = ['archplan', 'lint', {str(FIXTURES)!r}, '--format', 'json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'lint imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["error"] > 0
