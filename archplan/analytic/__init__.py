@@ -4,6 +4,22 @@ Every figure is keyed by module path (docs/architecture.md) so it can be compare
 component, with the torch model built from the same plan.
 """
 
+from archplan.analytic.flops import (
+    FlopCount,
+    decode_flops_per_token,
+    forward_flops,
+    training_flops_per_token,
+)
+from archplan.analytic.kv import KVCache, kv_cache
 from archplan.analytic.model import ParamCount, count_params
 
-__all__ = ["ParamCount", "count_params"]
+__all__ = [
+    "FlopCount",
+    "KVCache",
+    "ParamCount",
+    "count_params",
+    "decode_flops_per_token",
+    "forward_flops",
+    "kv_cache",
+    "training_flops_per_token",
+]

@@ -1,0 +1,281 @@
+"""FLOPs of one forward at (batch, seq_len), keyed by module path, in two parts.
+
+*Counted*: exactly what `torch.utils.flop_counter.FlopCounterMode` sees on the meta device for the
+torch model built from the same plan (docs/architecture.md "FLOPs convention": matmuls at
+2·rows·in·out without bias adds, convolutions, SDPA over the full T² square whatever the mask,
+grouped expert matmuls over the B·T·K routed rows, the SSD einsums). A multiply-add is 2 FLOPs
+(Kaplan et al. 2020 Table 1; Hoffmann et al. 2022 App. F).
+*Elementwise*: our documented estimates of what the counter does not see (norms, softmax,
+activations, RoPE, scan updates, residual adds); `archplan verify` shows them as analytic-only.
+
+Training and decode per token follow FORMULAS §2.8-2.9 (PaLM App. B / torchtitan: backward =
+2 × forward; full recompute adds a forward; selective recompute re-runs the attention core,
+Korthikanti et al. 2022 §5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from typing_extensions import assert_never
+
+from archplan.analytic.attention import (
+    attention_core_causal_flops,
+    attention_core_flops,
+    attention_elementwise_per_token,
+    attention_matmul_params,
+    mla_core_causal_flops,
+    mla_core_flops,
+    mla_decode_core_flops,
+    mla_elementwise_per_token,
+    mla_matmul_params,
+)
+from archplan.analytic.embedding import lm_head_matmul_params
+from archplan.analytic.ffn import ffn_elementwise_per_token, ffn_matmul_params
+from archplan.analytic.mamba import (
+    mamba1_counted_flops,
+    mamba1_decode_counted_flops,
+    mamba1_elementwise_per_token,
+    mamba2_counted_flops,
+    mamba2_decode_counted_flops,
+    mamba2_elementwise,
+)
+from archplan.analytic.model import layer_paths, matmul_params
+from archplan.analytic.moe import moe_counted_flops, moe_elementwise_per_token
+from archplan.analytic.norms import norm_flops
+from archplan.analytic.positions import alibi_flops, position_add_flops
+from archplan.errors import ArchplanError
+from archplan.resolve import (
+    AttentionPlan,
+    FFNOrMoE,
+    FFNPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MixerPlan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+)
+
+AttentionConvention = Literal["full", "causal"]
+Recompute = Literal["none", "selective", "full"]
+ATTENTION_CONVENTIONS: tuple[str, ...] = ("full", "causal")
+RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    batch: int
+    seq_len: int
+    counted_by_component: dict[str, int]  # FlopCounterMode on meta, one forward at (batch, seq_len)
+    elementwise_by_component: dict[str, int]  # analytic-only estimates, same keys
+    attention_full: int  # the attention-core (QKᵀ + AV) part of `counted`, dense T²
+    attention_causal: int  # the same, only attended pairs: Σ_t min(t, window)
+    counted: int  # sum(counted_by_component.values()), attention full
+    elementwise: int
+
+    def forward(self, attention: AttentionConvention = "full") -> int:
+        """Counted forward FLOPs with the attention core counted full (T²) or causal (attended pairs)."""
+        _check_choice("attention", attention, ATTENTION_CONVENTIONS)
+        match attention:
+            case "full":
+                return self.counted
+            case "causal":
+                return self.counted - self.attention_full + self.attention_causal
+            case _:
+                assert_never(attention)
+
+    def attention_core(self, attention: AttentionConvention = "full") -> int:
+        _check_choice("attention", attention, ATTENTION_CONVENTIONS)
+        return self.attention_full if attention == "full" else self.attention_causal
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ArchplanError(f"{what} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _check_positive(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArchplanError(f"{what} must be a positive integer (got {value!r})")
+
+
+# ------------------------------------------------------------------------------------- per mixer
+@dataclass(frozen=True)
+class _MixerFlops:
+    counted: int  # includes the attention core, full square
+    core_full: int
+    core_causal: int
+    elementwise: int
+
+
+def _mixer_flops(
+    plan: ModelPlan, mixer: MixerPlan, batch: int, seq_len: int, residual: int
+) -> _MixerFlops:
+    d = plan.d_model
+    rows = batch * seq_len
+    match mixer:
+        case AttentionPlan():
+            full = attention_core_flops(mixer, batch, seq_len)
+            scores = batch * seq_len * seq_len  # full square per head, as the kernel computes
+            # Chinchilla App. F: softmax 3·heads·T² per sequence; ALiBi adds its bias to every score
+            softmax = 3 * mixer.n_heads * scores
+            alibi = alibi_flops(mixer.n_heads, scores) if plan.position == "alibi" else 0
+            return _MixerFlops(
+                counted=2 * rows * attention_matmul_params(mixer, d) + full,
+                core_full=full,
+                core_causal=attention_core_causal_flops(mixer, batch, seq_len),
+                elementwise=rows * attention_elementwise_per_token(mixer) + softmax + alibi + residual,
+            )
+        case MLAPlan():
+            full = mla_core_flops(mixer, batch, seq_len)
+            softmax = 3 * mixer.n_heads * batch * seq_len * seq_len
+            return _MixerFlops(
+                counted=2 * rows * mla_matmul_params(mixer, d) + full,
+                core_full=full,
+                core_causal=mla_core_causal_flops(mixer, batch, seq_len),
+                elementwise=rows * mla_elementwise_per_token(mixer) + softmax + residual,
+            )
+        case Mamba1Plan():
+            return _MixerFlops(
+                counted=mamba1_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=rows * mamba1_elementwise_per_token(mixer) + residual,
+            )
+        case Mamba2Plan():
+            return _MixerFlops(
+                counted=mamba2_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=mamba2_elementwise(mixer, batch, seq_len) + residual,
+            )
+        case _:
+            assert_never(mixer)
+
+
+def _ffn_flops(
+    d_model: int, ffn: FFNOrMoE, batch: int, seq_len: int, residual: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """({part: counted}, {part: elementwise}); '' is a dense FFN, else the MoE submodules.
+    The residual add is booked on the dense FFN or on the routed experts."""
+    rows = batch * seq_len
+    match ffn:
+        case FFNPlan():
+            counted = {"": 2 * rows * ffn_matmul_params(ffn, d_model)}
+            return counted, {"": rows * ffn_elementwise_per_token(ffn) + residual}
+        case MoEPlan():
+            elementwise = {k: rows * v for k, v in moe_elementwise_per_token(ffn, d_model).items()}
+            elementwise["experts"] += residual
+            return moe_counted_flops(ffn, d_model, batch, seq_len), elementwise
+        case _:
+            assert_never(ffn)
+
+
+# ------------------------------------------------------------------------------------- the model
+def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
+    _check_positive("seq_len", seq_len)
+    _check_positive("batch", batch)
+    d = plan.d_model
+    rows = batch * seq_len
+    norm = rows * norm_flops(plan.norm, d)
+    # x + f(x): D adds per token and sub-block; DeepNorm's norm(α·x + f(x)) (Wang et al. 2022) also scales
+    residual = rows * d * (2 if plan.residual == "deepnorm" else 1)
+
+    counted: dict[str, int] = {"embed": 0}
+    elementwise: dict[str, int] = {"embed": 0}
+    if plan.position == "learned":
+        counted["pos_embed"] = 0
+        elementwise["pos_embed"] = rows * position_add_flops(plan)
+    else:
+        elementwise["embed"] = rows * position_add_flops(plan)  # sinusoidal add, else 0
+    if plan.embed_norm:
+        counted["embed_norm"] = 0
+        elementwise["embed_norm"] = norm
+
+    core_full = core_causal = 0
+    for layer in plan.layers:
+        mixer = _mixer_flops(plan, layer.mixer, batch, seq_len, residual)
+        core_full += mixer.core_full
+        core_causal += mixer.core_causal
+        ffn_counted: dict[str, int] = {}
+        ffn_elementwise: dict[str, int] = {}
+        if layer.ffn is not None:
+            ffn_counted, ffn_elementwise = _ffn_flops(d, layer.ffn, batch, seq_len, residual)
+        counted |= layer_paths(layer, mixer.counted, ffn_counted, 0)
+        elementwise |= layer_paths(layer, mixer.elementwise, ffn_elementwise, norm)
+
+    if plan.final_norm:
+        counted["final_norm"] = 0
+        elementwise["final_norm"] = norm
+    counted["lm_head"] = 2 * rows * lm_head_matmul_params(plan)
+    elementwise["lm_head"] = rows * plan.vocab_size if plan.lm_head_bias else 0
+    return FlopCount(
+        batch=batch,
+        seq_len=seq_len,
+        counted_by_component=counted,
+        elementwise_by_component=elementwise,
+        attention_full=core_full,
+        attention_causal=core_causal,
+        counted=sum(counted.values()),
+        elementwise=sum(elementwise.values()),
+    )
+
+
+def _per_token(total: int, tokens: int) -> int:
+    """Integer FLOPs per token, rounded half up (exact whenever the total divides evenly)."""
+    return (2 * total + tokens) // (2 * tokens)
+
+
+def training_flops_per_token(
+    plan: ModelPlan,
+    seq_len: int,
+    attention: AttentionConvention = "full",
+    recompute: Recompute = "none",
+) -> int:
+    """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B), per token.
+
+    Full recompute re-runs every forward (+1 forward); selective recompute re-runs only the attention
+    core, QKᵀ/softmax/AV (Korthikanti et al. 2022 §5; FORMULAS §2.9 item 3).
+    """
+    _check_choice("attention", attention, ATTENTION_CONVENTIONS)
+    _check_choice("recompute", recompute, RECOMPUTE_MODES)
+    flops = forward_flops(plan, seq_len, batch=1)
+    forward = flops.forward(attention)
+    match recompute:
+        case "none":
+            extra = 0
+        case "selective":
+            extra = flops.attention_core(attention)
+        case "full":
+            extra = forward
+        case _:
+            assert_never(recompute)
+    return _per_token(3 * forward + extra, seq_len)
+
+
+def _mixer_decode_flops(mixer: MixerPlan, keys: int) -> int:
+    """Context-dependent counted FLOPs of one new token attending `keys` cached positions."""
+    match mixer:
+        case AttentionPlan():
+            attended = keys if mixer.window is None else min(keys, mixer.window)
+            return 2 * mixer.n_heads * (mixer.head_dim + mixer.head_dim) * attended
+        case MLAPlan():
+            attended = keys if mixer.window is None else min(keys, mixer.window)
+            return mla_decode_core_flops(mixer, attended)
+        case Mamba1Plan():
+            return mamba1_decode_counted_flops(mixer)
+        case Mamba2Plan():
+            return mamba2_decode_counted_flops(mixer)
+        case _:
+            assert_never(mixer)
+
+
+def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
+    """One new token at context t (FORMULAS §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
+    MLA with the absorbed latent cache, SSM layers one recurrent step."""
+    _check_positive("context", context)
+    return 2 * matmul_params(plan, active=True) + sum(
+        _mixer_decode_flops(layer.mixer, context) for layer in plan.layers
+    )

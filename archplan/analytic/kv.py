@@ -1,0 +1,87 @@
+"""Inference cache: attention KV (FORMULAS §3; DeepSeek-V2 §2.1.4 Table 1) and SSM states (§6.2).
+
+Per attention layer and token: K and V, 2·Hkv·Dh elements (MHA/GQA/MQA); MLA's absorbed cache holds
+the latent and the shared RoPE key, kv_lora_rank + qk_rope_head_dim (DeepSeek-V3 `inference/model.py`
+kv_cache + pe_cache). A sliding-window layer keeps at most W positions (Mistral 7B §2, rolling
+buffer). A Mamba layer keeps a constant state per sequence: conv + SSM state (mamba_ssm
+`allocate_inference_cache`). These are the shapes `model.new_cache(batch, max_len)` allocates
+(docs/architecture.md "Cache contract"), all in one dtype of `dtype_bytes` per element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from typing_extensions import assert_never
+
+from archplan.analytic.mamba import mamba1_state_elements, mamba2_state_elements
+from archplan.errors import ArchplanError
+from archplan.resolve import AttentionPlan, Mamba1Plan, Mamba2Plan, MixerPlan, MLAPlan, ModelPlan
+
+
+@dataclass(frozen=True)
+class KVCache:
+    dtype_bytes: float
+    bytes_per_token: int  # per sequence, all attention layers, window NOT applied
+    bytes: int  # batch x context, sliding windows capped, + SSM states
+    ssm_state_bytes: int  # batch x constant per-sequence SSM state (conv + ssm), 0 if no SSM layer
+    by_component: dict[str, int]  # layers.i.mixer -> bytes for (batch, context)
+    naive_mla_bytes_per_token: int | None  # MLA without absorption: full K (n_h·(nope+rope)) and V (n_h·v)
+
+
+@dataclass(frozen=True)
+class _LayerCache:
+    per_token: int  # elements per cached position
+    window: int | None  # cap on cached positions, None = the whole context
+    state: int  # constant elements per sequence
+
+
+def _layer_cache(mixer: MixerPlan) -> _LayerCache:
+    match mixer:
+        case AttentionPlan():
+            return _LayerCache(2 * mixer.n_kv_heads * mixer.head_dim, mixer.window, 0)
+        case MLAPlan():
+            return _LayerCache(mixer.kv_lora_rank + mixer.qk_rope_head_dim, mixer.window, 0)
+        case Mamba1Plan():
+            return _LayerCache(0, None, mamba1_state_elements(mixer))
+        case Mamba2Plan():
+            return _LayerCache(0, None, mamba2_state_elements(mixer))
+        case _:
+            assert_never(mixer)
+
+
+def _bytes(elements: int, dtype_bytes: float) -> int:
+    """Whole bytes; sub-byte dtypes (int4) pack two elements per byte, an odd one still takes a byte."""
+    return math.ceil(elements * dtype_bytes)
+
+
+def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float = 2) -> KVCache:
+    for what, value in (("context", context), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArchplanError(f"{what} must be a positive integer (got {value!r})")
+    if not dtype_bytes > 0:
+        raise ArchplanError(f"dtype_bytes must be positive (got {dtype_bytes!r})")
+
+    by_component: dict[str, int] = {}
+    per_token = state_elements = 0
+    naive_mla: int | None = None
+    for layer in plan.layers:
+        cache = _layer_cache(layer.mixer)
+        positions = context if cache.window is None else min(context, cache.window)
+        by_component[f"{layer.path}.mixer"] = _bytes(
+            batch * (positions * cache.per_token + cache.state), dtype_bytes
+        )
+        per_token += cache.per_token
+        state_elements += cache.state
+        if isinstance(layer.mixer, MLAPlan):
+            m = layer.mixer
+            naive_mla = (naive_mla or 0) + m.n_heads * (m.qk_head_dim + m.v_head_dim)
+    return KVCache(
+        dtype_bytes=dtype_bytes,
+        bytes_per_token=_bytes(per_token, dtype_bytes),
+        bytes=sum(by_component.values()),
+        ssm_state_bytes=_bytes(batch * state_elements, dtype_bytes),
+        by_component=by_component,
+        naive_mla_bytes_per_token=_bytes(naive_mla, dtype_bytes) if naive_mla is not None else None,
+    )

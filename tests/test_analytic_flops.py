@@ -1,0 +1,187 @@
+"""Analytic FLOPs against FORMULAS.md §2 and §6 vectors and the docs/architecture.md convention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from archplan.analytic import count_params, decode_flops_per_token, forward_flops, training_flops_per_token
+from archplan.analytic.attention import attended_pairs
+from archplan.errors import ArchplanError
+from archplan.loader import load_spec
+from archplan.resolve import ModelPlan, resolve
+from archplan.spec import Spec
+
+
+def plan(**fields: Any) -> ModelPlan:
+    return resolve(Spec.model_validate({"name": "t", **fields}))
+
+
+def tiny_llama(**over: Any) -> ModelPlan:
+    """FORMULAS §2.7: h 256, f 688, 4 layers, 8 query / 2 KV heads of 32, V 1000, untied."""
+    fields: dict[str, Any] = {
+        "vocab_size": 1000, "d_model": 256, "n_layers": 4,
+        "attention": {"kind": "gqa", "n_heads": 8, "n_kv_heads": 2},
+        "ffn": {"kind": "glu", "d_ff": 688},
+    }
+    return plan(**(fields | over))
+
+
+def test_tiny_llama_flopcounter_vector() -> None:
+    """HF's eager FlopCounterMode forward 1,682,968,576 minus its 4,096-FLOP RoPE-table bmm."""
+    flops = forward_flops(tiny_llama(), seq_len=128, batch=2)
+    assert flops.counted == 1_682_964_480
+    assert flops.attention_full == 4 * 2 * 128 * 128 * 8 * 32 * 4  # 134,217,728
+    assert flops.counted - flops.attention_full == 2 * 2 * 128 * count_params(tiny_llama()).matmul
+    # forward + backward = 3 × forward (the HF figure 5,048,897,536 less 4,096)
+    assert training_flops_per_token(tiny_llama(), 128) * 128 == 3 * 1_682_964_480 // 2
+
+
+def test_llama_3_8b_training_and_decode() -> None:
+    p = resolve(load_spec("llama-3-8b"))
+    assert training_flops_per_token(p, 8192) == 57_912_852_480  # 6·P_matmul + 12·L·H·Q·T
+    # Megatron's causal figure 51,470,401,536 halves T² exactly; counting the diagonal too
+    # (Σ_t t = T(T+1)/2) adds 6·H·Dh·L per token.
+    assert training_flops_per_token(p, 8192, attention="causal") == 51_470_401_536 + 6 * 32 * 128 * 32
+    assert decode_flops_per_token(p, 8192) == 19_304_284_160
+
+
+def test_recompute_modes() -> None:
+    p = tiny_llama()
+    f = forward_flops(p, 128)
+    assert training_flops_per_token(p, 128, recompute="full") * 128 == 4 * f.counted
+    assert training_flops_per_token(p, 128, recompute="selective") * 128 == 3 * f.counted + f.attention_full
+    causal = training_flops_per_token(p, 128, attention="causal", recompute="selective")
+    assert causal * 128 == 3 * f.forward("causal") + f.attention_causal
+
+
+def test_attended_pairs() -> None:
+    assert attended_pairs(5, None) == 15
+    assert attended_pairs(5, 10) == 15
+    assert attended_pairs(5, 2) == sum(min(t, 2) for t in range(1, 6))
+    assert attended_pairs(10_000, 4096) == sum(min(t, 4096) for t in range(1, 10_001))
+
+
+def test_sliding_window_full_vs_causal() -> None:
+    """The kernel computes the full square whatever the mask; causal counts Σ_t min(t, W) pairs."""
+    p = resolve(load_spec("mistral-7b"))
+    f = forward_flops(p, 8192)
+    per_pair = 2 * 32 * (128 + 128)
+    assert f.attention_full == 32 * per_pair * 8192 * 8192
+    assert f.attention_causal == 32 * per_pair * attended_pairs(8192, 4096)
+    assert decode_flops_per_token(p, 100_000) == decode_flops_per_token(p, 4096)
+    assert decode_flops_per_token(p, 4096) - decode_flops_per_token(p, 4095) == 32 * 4 * 32 * 128
+
+
+def test_keys_match_params() -> None:
+    for name in ("jamba-v0.1", "deepseek-v3", "gpt2", "bloom-560m", "hybrid-ssm-moe"):
+        p = resolve(load_spec(name))
+        f = forward_flops(p, 64)
+        keys = count_params(p).by_component.keys()
+        assert f.counted_by_component.keys() == keys == f.elementwise_by_component.keys()
+        assert f.counted == sum(f.counted_by_component.values())
+        assert f.elementwise == sum(f.elementwise_by_component.values())
+
+
+def test_mamba_130m_counted() -> None:
+    """FORMULAS §6.1, HF MambaForCausalLM at B 1, T 64: aten.mm 16,418,340,864 and the C-contraction
+    bmm 75,497,472 match; its padded conv (T + K − 1 outputs) is replaced by our left-padded one."""
+    p = plan(vocab_size=50280, d_model=768, n_layers=24, position={"kind": "none"},
+             ssm={"kind": "mamba1"}, layout={"mixers": "M"}, embedding={"tied": True})
+    conv = 24 * 2 * 64 * 1536 * 4
+    assert forward_flops(p, 64).counted == 16_418_340_864 + 75_497_472 + conv
+    assert forward_flops(p, 64).attention_full == 0
+
+
+def test_mamba1_scan_elementwise_is_seven_dn() -> None:
+    """Gu's 9·d_inner·N per token (mamba issue #110), of which 2·d_inner·N are counted."""
+    def mixer(n: int) -> tuple[int, int]:
+        p = plan(vocab_size=100, d_model=64, n_layers=1, position={"kind": "none"},
+                 ssm={"kind": "mamba1", "d_state": n}, layout={"mixers": "M"})
+        f = forward_flops(p, 10)
+        return f.counted_by_component["layers.0.mixer"], f.elementwise_by_component["layers.0.mixer"]
+
+    (c16, e16), (c17, e17) = mixer(16), mixer(17)
+    assert e17 - e16 == 7 * 128 * 10
+    # one more state dim: x_proj grows by 2 outputs (2·2·d_inner FLOPs) and the C contraction by 2·d_inner
+    assert c17 - c16 == 10 * (2 * 128 * 2 + 2 * 128)
+
+
+@pytest.mark.parametrize(("seq_len", "q", "chunks"), [(100, 100, 1), (256, 256, 1), (300, 256, 2), (1024, 256, 4)])
+def test_mamba2_ssd_chunks(seq_len: int, q: int, chunks: int) -> None:
+    """docs/architecture.md: n_c·(2q²NG + 2q²PH + 2qNPH + 2qNPH), q = min(chunk, T), T padded."""
+    p = plan(vocab_size=100, d_model=128, n_layers=1, position={"kind": "none"},
+             ssm={"kind": "mamba2", "d_state": 16, "head_dim": 32, "n_groups": 2}, layout={"mixers": "M"})
+    d, d_inner, n, g, heads, head_dim = 128, 256, 16, 2, 8, 32
+    conv_dim = d_inner + 2 * g * n
+    linears = 2 * seq_len * (d * (2 * d_inner + 2 * g * n + heads) + d_inner * d)
+    conv = 2 * seq_len * conv_dim * 4
+    ssd = chunks * (2 * q * q * n * g + 2 * q * q * head_dim * heads + 4 * q * n * head_dim * heads)
+    batch = 3
+    f = forward_flops(p, seq_len, batch=batch)
+    assert f.counted_by_component["layers.0.mixer"] == batch * (linears + conv + ssd)
+
+
+def test_moe_counts_routed_rows() -> None:
+    """Mixtral: router 2·D·E and top-2 experts of 3·D·F per token; inactive experts cost nothing."""
+    p = resolve(load_spec("mixtral-8x7b"))
+    f = forward_flops(p, 16, batch=2)
+    rows = 32
+    assert f.counted_by_component["layers.0.ffn.router"] == 2 * rows * 4096 * 8
+    assert f.counted_by_component["layers.0.ffn.experts"] == 2 * rows * 2 * 3 * 4096 * 14336
+    assert decode_flops_per_token(p, 1) == 2 * count_params(p).matmul_active + 32 * 4 * 32 * 128
+
+
+def test_shared_expert_and_gate_flops() -> None:
+    p = resolve(load_spec("hybrid-ssm-moe"))
+    f = forward_flops(p, 8)
+    assert f.counted_by_component["layers.1.ffn.shared"] == 2 * 8 * 3 * 2048 * 1408
+    assert f.counted_by_component["layers.1.ffn.shared_gate"] == 2 * 8 * 2048
+
+
+def test_mla_core_and_decode() -> None:
+    """Prefill SDPA with Dqk = 192, Dv = 128; decode with the absorbed latent (FORMULAS §2.8)."""
+    p = resolve(load_spec("deepseek-v3"))
+    f = forward_flops(p, 32)
+    assert f.attention_full == 61 * 2 * 32 * 32 * 128 * (192 + 128)
+    assert f.attention_causal == 61 * 2 * attended_pairs(32, None) * 128 * (192 + 128)
+    per_key = 61 * (2 * 128 * (512 + 64) + 2 * 128 * 512)
+    assert decode_flops_per_token(p, 11) - decode_flops_per_token(p, 10) == per_key
+    assert decode_flops_per_token(p, 1) == 2 * count_params(p).matmul_active + per_key
+
+
+def test_elementwise_estimates() -> None:
+    """Softmax 3·H·T² per sequence (Chinchilla App. F) and ALiBi's bias add on every score."""
+    base = tiny_llama()
+    alibi = tiny_llama(position={"kind": "alibi"})
+    rope_free = tiny_llama(position={"kind": "none"})
+    t = 64
+    mixer = "layers.0.mixer"
+    e_none = forward_flops(rope_free, t).elementwise_by_component[mixer]
+    assert forward_flops(alibi, t).elementwise_by_component[mixer] - e_none == 8 * t * t
+    assert forward_flops(base, t).elementwise_by_component[mixer] - e_none == t * 3 * 32 * (8 + 2)
+    assert e_none == 3 * 8 * t * t + t * 256  # softmax + residual add
+    assert forward_flops(base, t).elementwise_by_component["layers.0.norm1"] == t * 4 * 256
+
+
+def test_lm_head_counted_when_tied() -> None:
+    p = resolve(load_spec("gpt2"))
+    assert forward_flops(p, 10).counted_by_component["lm_head"] == 2 * 10 * 768 * 50257
+    assert forward_flops(p, 10).counted_by_component["pos_embed"] == 0
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: forward_flops(p, 0),
+        lambda p: forward_flops(p, 8, batch=-1),
+        lambda p: training_flops_per_token(p, 8, attention="half"),
+        lambda p: training_flops_per_token(p, 8, recompute="some"),
+        lambda p: decode_flops_per_token(p, 0),
+        lambda p: forward_flops(p, 8).forward("sparse"),
+    ],
+)
+def test_bad_arguments(call: Any) -> None:
+    with pytest.raises(ArchplanError):
+        call(tiny_llama())
