@@ -106,11 +106,14 @@ class ArchplanModel(nn.Module):
         return self.lm_head(x_BTD)
 
     def aux_loss(self) -> Tensor:
-        """Σ over MoE layers of coef · load-balancing loss of the last forward (Switch, Fedus et al. 2021 eq. 4)."""
+        """Σ over MoE layers of their last forward's coef-weighted load-balancing loss (`moe.load_balancing_loss`).
+
+        0 for a dense model or before the first forward.
+        """
         total = torch.zeros((), device=self.embed.weight.device, dtype=torch.float32)
         for layer in self.layers:
-            if isinstance(layer.ffn, MoEFFN):
-                total = total + layer.ffn.plan.aux_loss_coef * layer.ffn.last_aux_loss.float()
+            if isinstance(layer.ffn, MoEFFN) and layer.ffn.last_aux_loss is not None:
+                total = total + layer.ffn.last_aux_loss.float()
         return total
 
 

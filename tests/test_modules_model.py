@@ -1,0 +1,285 @@
+"""The whole model: module paths, numel per component against transformers' counts, FLOPs on meta,
+every residual wiring, tied heads, DeepNorm init, devices."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from archplan.errors import ArchplanError
+from archplan.loader import load_spec
+from archplan.modules.attention import Attention
+from archplan.modules.ffn import GLU
+from archplan.modules.mla import MLA
+from archplan.modules.model import ArchplanModel, build_model
+from archplan.modules.moe import MoEFFN
+from archplan.modules.norms import LayerNorm, RMSNorm
+from archplan.modules.positions import RotaryEmbedding
+from archplan.resolve import resolve
+from archplan.spec import Spec
+
+EXPECTED = json.loads((Path(__file__).parent / "fixtures" / "expected.json").read_text())["models"]
+
+
+def tiny(**overrides: Any) -> Spec:
+    base: dict[str, Any] = dict(
+        name="tiny", vocab_size=50, d_model=32, n_layers=2, max_seq_len=64,
+        attention=dict(kind="gqa", n_heads=4, n_kv_heads=2), ffn=dict(kind="glu", d_ff=48),
+    )
+    base.update(overrides)
+    return Spec.model_validate(base)
+
+
+def buckets(model: ArchplanModel) -> dict[str, int]:
+    """numel by the buckets of tests/fixtures/expected.json `breakdown`, from module types only."""
+    out: dict[str, int] = defaultdict(int)
+
+    def add(bucket: str, module: nn.Module | None) -> None:
+        if module is not None:
+            out[bucket] += sum(p.numel() for p in module.parameters())
+
+    add("embedding", model.embed)
+    add("position_embedding", model.pos_embed)
+    add("norm", model.embed_norm)
+    add("norm", model.final_norm)
+    if not model.plan.tied:
+        add("lm_head", model.lm_head)
+    for block, layer in zip(model.layers, model.plan.layers):
+        for name in layer.norms:
+            add("norm", getattr(block, name))
+        add("attention" if layer.is_attention else "ssm", block.mixer)
+        if isinstance(block.ffn, MoEFFN):
+            add("moe_router", block.ffn.router)
+            add("moe_routed_experts", block.ffn.experts)
+            add("moe_shared_experts", block.ffn.shared)
+            add("moe_shared_experts", block.ffn.shared_gate)
+        else:
+            add("mlp", block.ffn)
+    return {k: v for k, v in out.items() if v}
+
+
+PRESETS = {
+    "gpt2": "gpt2",
+    "llama-2-7b": "llama-2-7b",
+    "llama-3-8b": "llama-3-8b",
+    "llama-3-70b": "llama-3-70b",
+    "mistral-7b": "mistral-7b-v0.1",
+    "mixtral-8x7b": "mixtral-8x7b-v0.1",
+    "deepseek-v3": "deepseek-v3",
+    "falcon-7b": "falcon-7b",
+    "bloom-560m": "bloom-560m",
+    "qwen2.5-7b": "qwen2.5-7b",
+    "gemma-2b": "gemma-2b",
+    "jamba-v0.1": "jamba-v0.1",
+    "mamba-2.8b": "mamba-2.8b",
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_numel_per_component_matches_transformers(preset: str) -> None:
+    """Meta build of each preset == transformers' meta build of the HF config, bucket by bucket."""
+    expected = EXPECTED[PRESETS[preset]]
+    model = build_model(load_spec(preset))
+    assert buckets(model) == expected["breakdown"]
+    assert sum(p.numel() for p in model.parameters()) == expected["total_params"]
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_module_paths_are_the_contract() -> None:
+    """docs/architecture.md: parameter names start with the component paths."""
+    model = build_model(tiny(position=dict(kind="learned"), embedding=dict(norm=True, lm_head_bias=True)))
+    names = {n for n, _ in model.named_parameters()}
+    assert {"embed.weight", "pos_embed.weight", "embed_norm.weight", "final_norm.weight", "lm_head.weight",
+            "lm_head.bias", "layers.0.norm1.weight", "layers.0.norm2.weight",
+            "layers.1.mixer.q_proj.weight", "layers.1.ffn.down_proj.weight"} <= names
+    roots = {n.split(".")[0] for n in names}
+    assert roots == {"embed", "pos_embed", "embed_norm", "layers", "final_norm", "lm_head"}
+
+
+def test_deepseek_v3_builds_on_meta_quickly() -> None:
+    """671B parameters, nothing allocated; MLA + 256-expert MoE layers, first 3 dense."""
+    spec = Spec.model_validate(dict(
+        name="deepseek-v3-inline", vocab_size=129280, d_model=7168, n_layers=61, max_seq_len=163840,
+        position=dict(kind="rope", theta=10000.0, scaling=dict(
+            kind="yarn", factor=40.0, original_max_positions=4096, beta_fast=32, beta_slow=1,
+            mscale=1.0, mscale_all_dim=1.0)),
+        norm=dict(kind="rmsnorm", eps=1e-6),
+        attention=dict(kind="mla", n_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+        ffn=dict(kind="glu", d_ff=18432),
+        moe=dict(n_experts=256, top_k=8, expert=dict(kind="glu", d_ff=2048), shared=dict(n=1, d_ff=2048),
+                 router=dict(scoring="sigmoid", score_correction_bias=True, scale=2.5)),
+        layout=dict(first_dense=3),
+    ))
+    start = time.perf_counter()
+    model = build_model(spec)
+    assert time.perf_counter() - start < 20  # seconds, not the minutes a real allocation would take
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED["deepseek-v3"]["total_params"]
+    assert isinstance(model.layers[0].mixer, MLA) and not isinstance(model.layers[2].ffn, MoEFFN)
+    assert isinstance(model.layers[3].ffn, MoEFFN)
+    logits = model(torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    assert logits.shape == (1, 4, 129280) and logits.device.type == "meta"
+
+
+def _matmul_params(model: ArchplanModel) -> int:
+    """Weights of every Linear (one per-token matmul each), plus embed.weight once more when the
+    head is tied to it; embedding lookups and norms are not matmuls."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return linear + (model.embed.weight.numel() if model.plan.tied else 0)
+
+
+DENSE_VARIANTS: dict[str, dict[str, Any]] = {
+    "gqa_rope": {},
+    "mha_alibi": dict(position=dict(kind="alibi"), attention=dict(kind="mha", n_heads=4, qkv_bias=True)),
+    "mqa_learned_tied": dict(position=dict(kind="learned"), embedding=dict(tied=True, lm_head_bias=True),
+                             attention=dict(kind="mqa", n_heads=4, out_bias=True)),
+    "sinusoidal_mlp": dict(position=dict(kind="sinusoidal"), ffn=dict(kind="mlp", d_ff=40, activation="relu")),
+    "window": dict(attention=dict(kind="gqa", n_heads=4, n_kv_heads=2, sliding_window=3),
+                   layout=dict(mixers="SA")),
+    "qk_norm_partial": dict(position=dict(kind="rope", fraction=0.5),
+                            attention=dict(kind="gqa", n_heads=4, n_kv_heads=2, head_dim=12,
+                                           qk_norm=dict(scope="per_head"))),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(DENSE_VARIANTS))
+def test_meta_forward_flops(variant: str) -> None:
+    """docs/architecture.md: 2·B·T·P_matmul + Σ_layers 2·B·T²·H·(Dqk + Dv), and no other counted op."""
+    spec = tiny(**DENSE_VARIANTS[variant])
+    model = build_model(spec)
+    b, t = 2, 7
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(b, t, dtype=torch.long, device="meta"))
+    core = 0
+    for layer in resolve(spec).layers:
+        assert isinstance(layer.mixer, type(resolve(spec).layers[0].mixer))
+        core += 2 * b * t * t * layer.mixer.n_heads * 2 * layer.mixer.head_dim  # type: ignore[union-attr]
+    assert counter.get_total_flops() == 2 * b * t * _matmul_params(model) + core
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert ops <= {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"}
+
+
+RESIDUALS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "pre": (dict(kind="pre"), ("norm1", "norm2")),
+    "post": (dict(kind="post"), ("norm1", "norm2")),
+    "deepnorm": (dict(kind="deepnorm"), ("norm1", "norm2")),
+    "parallel_shared": (dict(kind="parallel", shared_norm=True), ("norm1",)),
+    "parallel_two": (dict(kind="parallel", shared_norm=False), ("norm1", "norm2")),
+    "sandwich": (dict(kind="sandwich"), ("norm1", "post_norm1", "norm2", "post_norm2")),
+    "reordered": (dict(kind="reordered"), ("post_norm1", "post_norm2")),
+}
+
+
+@pytest.mark.parametrize("residual", sorted(RESIDUALS))
+def test_every_residual_builds_runs_and_is_causal(residual: str) -> None:
+    wiring, norms = RESIDUALS[residual]
+    spec = tiny(residual=wiring, norm=dict(kind="layernorm", bias=False))
+    torch.manual_seed(0)
+    model = build_model(spec, device="cpu")
+    block = model.layers[0]
+    for name in norms:
+        assert isinstance(getattr(block, name), LayerNorm)
+    n_norm_params = sum(p.numel() for n, p in block.named_parameters() if n.split(".")[0] in norms)
+    assert n_norm_params == len(norms) * 32
+    tokens = torch.randint(0, 50, (2, 8))
+    changed = tokens.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 50
+    with torch.no_grad():
+        y, y2 = model(tokens), model(changed)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, :5], y2[:, :5], rtol=0, atol=1e-5)
+    assert not torch.allclose(y[:, 5], y2[:, 5])
+
+
+def test_post_norm_and_deepnorm_wiring() -> None:
+    """post: y = n2(h + g(h)), h = n1(x + f(x)); deepnorm the same with α·x (Wang et al. 2022, eq. 3)."""
+    for wiring, alpha in [(dict(kind="post"), 1.0), (dict(kind="deepnorm", alpha=1.7), 1.7)]:
+        torch.manual_seed(4)
+        model = build_model(tiny(residual=wiring, n_layers=1), device="cpu")
+        block = model.layers[0]
+        x = torch.randn(1, 5, 32)
+        with torch.no_grad():
+            h = block.norm1(alpha * x + block.mixer(x))
+            expected = block.norm2(alpha * h + block.ffn(h))
+            torch.testing.assert_close(block(x), expected)
+
+
+def test_deepnorm_beta_init() -> None:
+    """DeepNet: v/o projections and FFN matrices scaled by β = (8L)^(-1/4); q/k untouched."""
+    spec_pre = tiny(n_layers=2)
+    spec_deep = tiny(n_layers=2, residual=dict(kind="deepnorm"))
+    beta = (8 * 2) ** -0.25
+    torch.manual_seed(5)
+    plain = build_model(spec_pre, device="cpu")
+    torch.manual_seed(5)
+    deep = build_model(spec_deep, device="cpu")
+    for a, b in zip(plain.layers, deep.layers):
+        assert isinstance(a.mixer, Attention) and isinstance(b.mixer, Attention)
+        torch.testing.assert_close(b.mixer.q_proj.weight, a.mixer.q_proj.weight)
+        torch.testing.assert_close(b.mixer.v_proj.weight, beta * a.mixer.v_proj.weight)
+        torch.testing.assert_close(b.mixer.o_proj.weight, beta * a.mixer.o_proj.weight)
+        assert isinstance(a.ffn, GLU) and isinstance(b.ffn, GLU)
+        torch.testing.assert_close(b.ffn.down_proj.weight, beta * a.ffn.down_proj.weight)
+
+
+def test_tied_head_shares_the_embedding() -> None:
+    model = build_model(tiny(embedding=dict(tied=True, lm_head_bias=True)), device="cpu")
+    assert [n for n, _ in model.lm_head.named_parameters()] == ["bias"]
+    x = torch.randint(0, 50, (1, 3))
+    with torch.no_grad():
+        model.lm_head.bias.fill_(0.5)
+        logits = model(x)
+        hidden = model.final_norm(model.layers[1](model.layers[0](model.embed(x))))
+    torch.testing.assert_close(logits, hidden @ model.embed.weight.T + 0.5)
+    untied = build_model(tiny(), device="cpu")
+    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in model.parameters()) == 50 * 32 - 50
+
+
+def test_dtypes_and_buffers() -> None:
+    meta = build_model(tiny())
+    assert meta.embed.weight.dtype == torch.bfloat16
+    cpu = build_model(tiny(), device="cpu")
+    assert cpu.embed.weight.dtype == torch.float32
+    half = build_model(tiny(), device="cpu", dtype=torch.bfloat16)
+    rope = [m for m in half.modules() if isinstance(m, RotaryEmbedding)]
+    assert rope and all(m.inv_freq.dtype == torch.float32 for m in rope)
+    assert all(isinstance(m, RMSNorm) for m in (half.final_norm, half.layers[0].norm1))
+    # meta → to_empty → reset_buffers recovers the tables a direct build computes
+    lazy = meta.to_empty(device="cpu")
+    lazy.reset_buffers()
+    assert torch.equal(lazy.layers[0].mixer.rotary.inv_freq, cpu.layers[0].mixer.rotary.inv_freq)
+    assert not any(isinstance(b, torch.Tensor) and b.requires_grad for b in cpu.buffers())
+
+
+def test_bad_devices_are_user_errors() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ArchplanError, match="CUDA"):
+            build_model(tiny(), device="cuda")
+    with pytest.raises(ArchplanError, match="device"):
+        build_model(tiny(), device="no-such-device")
+
+
+def test_dense_aux_loss_is_zero() -> None:
+    model = build_model(tiny(), device="cpu")
+    model(torch.randint(0, 50, (1, 4)))
+    assert model.aux_loss().item() == 0.0
+
+
+def test_moe_aux_loss_sums_layers() -> None:
+    spec = tiny(moe=dict(n_experts=4, top_k=2, expert=dict(kind="glu", d_ff=16), aux_loss_coef=0.1),
+                layout=dict(moe_every=2, moe_offset=1), n_layers=4)
+    model = build_model(spec, device="cpu")
+    model(torch.randint(0, 50, (2, 6)))
+    moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEFFN)]
+    assert len(moe) == 2
+    expected = sum(m.last_aux_loss for m in moe)
+    torch.testing.assert_close(model.aux_loss(), expected.float())
+    assert model.aux_loss().item() > 0
