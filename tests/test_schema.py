@@ -1,0 +1,84 @@
+"""`archplan schema`: the committed docs/spec.schema.json is what the code generates, and it
+validates every preset (the presets point editors at it)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from archplan.cli import main
+from archplan.commands.schema import render_schema
+from archplan.loader import parse_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_FILE = ROOT / "docs" / "spec.schema.json"
+PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+MODELINE = "# yaml-language-server: $schema=../docs/spec.schema.json"
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["archplan", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def test_committed_schema_is_up_to_date() -> None:
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == render_schema(), (
+        "docs/spec.schema.json is stale: run `archplan schema --output docs/spec.schema.json --force`"
+    )
+
+
+def test_schema_uses_draft_2020_12(validator) -> None:
+    assert validator.schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert validator.schema["title"] == "Spec"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_schema_validates_preset(preset: Path, validator) -> None:
+    text = preset.read_text(encoding="utf-8")
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in validator.iter_errors(parse_yaml(text, preset.name).data)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_points_editors_at_the_schema(preset: Path) -> None:
+    assert preset.read_text(encoding="utf-8").splitlines()[0] == MODELINE
+
+
+def test_schema_rejects_what_the_spec_rejects(validator) -> None:
+    clean = ROOT / "tests" / "lint_fixtures" / "AP003_pass.yaml"
+    good = parse_yaml(clean.read_text(encoding="utf-8"), clean.name).data
+    assert validator.is_valid(good)
+    assert not validator.is_valid({**good, "n_layer": 4})  # unknown field (extra="forbid")
+    assert not validator.is_valid({**good, "d_model": 0})  # out of range
+    assert not validator.is_valid({**good, "position": {"kind": "rotary"}})  # unknown kind
+
+
+def test_schema_command_prints_and_writes(tmp_path, monkeypatch, capsys) -> None:
+    assert run_cli(monkeypatch, "schema") == 0
+    assert capsys.readouterr().out == render_schema()
+    target = tmp_path / "spec.schema.json"
+    assert run_cli(monkeypatch, "schema", "--output", str(target)) == 0
+    assert target.read_text(encoding="utf-8") == render_schema()
+    target.write_text("old", encoding="utf-8")
+    assert run_cli(monkeypatch, "schema", "--output", str(target)) == 2
+    assert "--force" in capsys.readouterr().err
+    assert target.read_text(encoding="utf-8") == "old"
+    assert run_cli(monkeypatch, "schema", "-o", str(target), "--force") == 0
+    assert target.read_text(encoding="utf-8") == render_schema()
