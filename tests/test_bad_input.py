@@ -1,0 +1,191 @@
+"""Bad input: every case exits with code 2 and one line naming the file (and the field), no traceback.
+
+The CLI is run in-process through `archplan.cli.main` (the function the console script calls),
+so the ArchplanError -> one line mapping is the one users get; one case also runs the console
+script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from archplan.cli import main
+
+BASE = """\
+name: tiny
+vocab_size: 1000
+d_model: 64
+n_layers: 2
+attention: {kind: gqa, n_heads: 4, n_kv_heads: 2}
+ffn: {kind: glu, d_ff: 128}
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Outcome:
+    """Run `archplan ARGV` in-process exactly as the console script does."""
+    monkeypatch.setattr(sys, "argv", ["archplan", *argv])
+    monkeypatch.delenv("ARCHPLAN_DEBUG", raising=False)
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return Outcome(code, out, err)
+
+
+def assert_one_line_error(outcome: Outcome, *needles: str) -> str:
+    assert outcome.code == 2, outcome
+    lines = outcome.stderr.strip().splitlines()
+    assert len(lines) == 1, outcome.stderr
+    assert lines[0].startswith("archplan: error: ")
+    assert "Traceback" not in outcome.stderr + outcome.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def spec_file(tmp_path: Path, text: str, name: str = "spec.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    return lambda *argv: run_main(list(argv), capsys, monkeypatch)
+
+
+def test_base_spec_is_valid(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the cases below break this file in exactly one place each
+    outcome = cli("size", spec_file(tmp_path, BASE), "--json")
+    assert outcome.code == 0 and '"total"' in outcome.stdout
+
+
+def test_missing_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    missing = str(tmp_path / "nope.yaml")
+    assert_one_line_error(cli("size", missing), missing, "no such file")
+
+
+def test_unknown_preset_name_suggests_one(cli) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(cli("size", "llama-3-8"), "llama-3-8", "did you mean")
+
+
+def test_directory(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(cli("size", str(tmp_path)), str(tmp_path), "directory")
+
+
+def test_empty_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, "")
+    assert_one_line_error(cli("size", path), path, "empty")
+
+
+def test_non_mapping_yaml(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, "- 1\n- 2\n")
+    assert_one_line_error(cli("size", path), path, "mapping", "list")
+
+
+def test_malformed_yaml_has_line_and_column(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, "name: x\nvocab_size: [1, 2\n")
+    line = assert_one_line_error(cli("size", path), "invalid YAML")
+    assert line.startswith(f"archplan: error: {path}:3:1:")
+
+
+def test_unknown_field_suggests_the_closest(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace("n_layers", "n_layer"))
+    assert_one_line_error(cli("size", path), f"{path}:4:1", "n_layer", "unknown field",
+                          "did you mean 'n_layers'")
+
+
+def test_unknown_nested_field(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace("d_ff: 128", "dff: 128"))
+    assert_one_line_error(cli("size", path), path, "ffn.dff", "did you mean 'd_ff'")
+
+
+def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: big"))
+    assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "integer", "'big'")
+
+
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ("d_model: 64", "d_model: 0", "d_model"),
+    ("n_layers: 2", "n_layers: -3", "n_layers"),
+    ("d_ff: 128", "d_ff: 0", "ffn.d_ff"),
+])
+def test_zero_or_negative_size(cli, tmp_path: Path, old: str, new: str, field: str) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace(old, new))
+    assert_one_line_error(cli("size", path), path, field, "greater than 0")
+
+
+def test_heads_not_divisible_by_kv_heads(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace("n_kv_heads: 2", "n_kv_heads: 3"))
+    assert_one_line_error(cli("size", path), f"{path}:5:1", "attention", "divisible")
+
+
+def test_odd_rotary_dimension(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace("n_kv_heads: 2}", "n_kv_heads: 2, head_dim: 7}"))
+    assert_one_line_error(cli("size", path), path, "rotary dimension 7 is odd")
+
+
+def test_top_k_exceeds_experts(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    moe = "moe: {n_experts: 4, top_k: 5, expert: {kind: glu, d_ff: 32}}"
+    path = spec_file(tmp_path, BASE.replace("ffn: {kind: glu, d_ff: 128}", moe))
+    assert_one_line_error(cli("size", path), f"{path}:6:1", "moe", "top_k (5) exceeds n_experts (4)")
+
+
+def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 1000000000000"))
+    assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "less than or equal")
+
+
+def test_python_tag_is_refused_and_never_runs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "pwned"
+    text = f'name: !!python/object/apply:os.system ["touch {marker}"]\n' + BASE.split("\n", 1)[1]
+    path = spec_file(tmp_path, text)
+    assert_one_line_error(cli("size", path), f"{path}:1:7", "tag not allowed", "safe loader")
+    assert not marker.exists()
+
+
+def test_compare_names_the_bad_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    good = spec_file(tmp_path, BASE, "good.yaml")
+    bad = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: -1"), "bad.yaml")
+    assert_one_line_error(cli("compare", good, bad), bad, "d_model")
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), [
+    ("--context", "0", "--context"),
+    ("--batch", "-2", "--batch"),
+    ("--seq", "100000000000", "--seq"),
+    ("--micro-batch", "0", "--micro-batch"),
+    ("--tokens", "lots", "--tokens"),
+    ("--tokens", "0", "--tokens"),
+    ("--mfu", "1.5", "--mfu"),
+    ("--gpu", "tpu-v9", "unknown GPU"),
+])
+def test_bad_option_values(cli, tmp_path: Path, option: str, value: str, needle: str) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(cli("size", spec_file(tmp_path, BASE), option, value), needle)
+
+
+def test_compare_needs_two_specs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(cli("compare", spec_file(tmp_path, BASE)), "at least two")
+
+
+def test_console_script_prints_one_line(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, BASE.replace("n_layers", "n_layer"))
+    proc = subprocess.run([sys.executable, "-m", "archplan.cli", "size", path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "did you mean 'n_layers'" in proc.stderr
+    assert "Traceback" not in proc.stderr
