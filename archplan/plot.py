@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 GiB = 1 << 30
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+SEQ_SWEEP_CAP = 32768
 
 
 def _pyplot() -> Any:
@@ -68,7 +69,7 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     plt = _pyplot()
     params = count_params(plan)
     kv = report["kv_cache"]
-    contexts = sweep_lengths(max(kv["context"], 256))
+    contexts = sweep_lengths(max(kv["context"], plan.max_seq_len, 256))
     caches = [kv_cache(plan, context=t, batch=kv["batch"], dtype_bytes=BYTES[opts.kv_dtype]) for t in contexts]
     weights = report["memory"]["weights_by_dtype"]["bf16"]
 
@@ -87,7 +88,8 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     left.set_title(f"{report['name']}: inference memory vs context")
     left.legend(loc="upper left")
 
-    seq_limit = max(report["flops"]["seq_len"], 256)
+    # up to the spec's context (at most 32K: eager attention's s² activations dwarf the rest beyond)
+    seq_limit = max(report["flops"]["seq_len"], min(plan.max_seq_len, SEQ_SWEEP_CAP), 256)
     seqs = sweep_lengths(seq_limit)
     states = report["memory"]["training"]
     model_states = (states["weights"] + states["grads"] + states["optimizer"]) / GiB
@@ -96,7 +98,7 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
         totals = [training_memory(plan, params, opts.micro_batch, s, mode).total / GiB for s in seqs]
         right.plot(seqs, totals, marker="o", label=f"+ activations, recompute {mode}")
     right.set_xscale("log", base=2)
-    right.set_yscale("log")
+    right.set_ylim(bottom=0)
     right.set_xlabel("sequence length (tokens)")
     right.set_ylabel("GiB per replica")
     right.set_title(f"training memory, micro-batch {opts.micro_batch}")

@@ -1,0 +1,217 @@
+"""`archplan size` and `archplan presets`: the --json contract (docs/json.md), FORMULAS test vectors
+end to end, option handling and the human table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from archplan.analytic.memory import RECOMPUTE_MODES
+from archplan.analytic.scaling import LAWS
+from archplan.cli import app
+from archplan.commands.size import LawChoice, RecomputeChoice, parse_amount
+from archplan.errors import ArchplanError
+from archplan.loader import preset_names
+
+runner = CliRunner()
+FIXTURES = Path(__file__).parent / "fixtures"
+
+CONTRACT = [
+    "params.total", "params.active", "params.embedding", "params.by_component",
+    "flops.forward_per_token", "flops.training_per_token", "flops.attention",
+    "kv_cache.bytes_per_token", "kv_cache.bytes", "memory.weights_bytes", "memory.training_bytes",
+    "chinchilla.optimal_tokens", "chinchilla.training_flops",
+]
+
+
+def size_json(*argv: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["size", *argv, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def dig(obj: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = obj[part]
+    return obj
+
+
+def test_json_contract_keys_and_types() -> None:
+    r = size_json("llama-3-8b")
+    for key in CONTRACT:
+        value = dig(r, key)
+        assert value is not None, key
+    assert r["flops"]["attention"] in ("full", "causal")
+    assert all(isinstance(k, str) and isinstance(v, int) for k, v in r["params"]["by_component"].items())
+    assert isinstance(r["params"]["total"], int) and isinstance(r["kv_cache"]["bytes"], int)
+
+
+def test_llama3_8b_matches_formulas_vectors() -> None:
+    r = size_json("llama-3-8b", "--seq", "8192", "--context", "8192")
+    expected = json.loads((FIXTURES / "expected.json").read_text())
+    assert r["params"]["total"] == 8_030_261_248 == expected["models"]["llama-3-8b"]["total_params"]
+    assert r["params"]["embedding"] == 128256 * 4096
+    assert sum(r["params"]["by_component"].values()) == r["params"]["total"]
+    assert sum(k["total"] for k in r["params"]["by_kind"].values()) == r["params"]["total"]
+    # FORMULAS §7: recommended training FLOPs (6·P_matmul + 12LHQT) and decode at 8192 (§2.8)
+    assert r["flops"]["training_per_token"] == 57_912_852_480
+    assert r["flops"]["forward_per_token"] * 3 == r["flops"]["training_per_token"]
+    assert r["flops"]["decode_per_token"] == 19_304_284_160
+    assert r["flops"]["six_n_active"] == 48_181_567_488
+    # FORMULAS §3 and §4.1
+    assert r["kv_cache"]["bytes_per_token"] == 131_072
+    assert r["kv_cache"]["bytes"] == 1 << 30
+    assert r["memory"]["weights_bytes"] == 16_060_522_496
+    assert r["memory"]["weights_by_dtype"] == {
+        "fp32": 32_121_044_992, "bf16": 16_060_522_496, "fp8": 8_030_261_248, "int8": 8_030_261_248,
+        "int4": 4_015_130_624, "int4-g128": 5_700_591_616}
+    t = r["memory"]["training"]
+    assert t["weights"] + t["grads"] + t["optimizer"] == 16 * r["params"]["total"]
+    assert r["memory"]["training_bytes"] == 16 * r["params"]["total"] + t["activations"]
+
+
+def test_chinchilla_block() -> None:
+    r = size_json("mixtral-8x7b")
+    c = r["chinchilla"]
+    total, active = 46_702_792_704, 12_879_925_248
+    assert (r["params"]["total"], r["params"]["active"]) == (total, active)
+    assert c["n_params_kind"] == "total" and c["n_params"] == total and c["active_params"] == active
+    assert c["optimal_tokens"] == 20 * total
+    assert c["tokens"] == 20 * total
+    assert c["training_flops"] == pytest.approx(6 * total * 20 * total)
+    assert set(c["laws"]) == {"hoffmann2022", "besiroglu2024"}
+    hoff = c["laws"]["hoffmann2022"]
+    assert hoff["loss"] == pytest.approx(1.69 + 406.4 / total**0.34 + 410.7 / (20 * total) ** 0.28)
+    assert 6 * hoff["optimal_params"] * hoff["optimal_tokens"] == pytest.approx(c["training_flops"])
+
+
+def test_tokens_gpu_and_law_options() -> None:
+    r = size_json("llama-3-8b", "--tokens", "15T", "--gpu", "h100", "--mfu", "0.5",
+                  "--law", "besiroglu2024", "--law", "hoffmann2022-tex")
+    c = r["chinchilla"]
+    assert c["tokens"] == 15e12
+    assert c["training_flops"] == pytest.approx(6 * r["params"]["total"] * 15e12)
+    assert list(c["laws"]) == ["besiroglu2024", "hoffmann2022-tex"]
+    g = c["gpu"]
+    assert g["peak_flops_per_s"] == 989.4e12 and g["dtype"] == "bf16"
+    assert g["training_flops"] == pytest.approx(r["flops"]["training_per_token"] * 15e12)
+    assert g["gpu_hours"] == pytest.approx(g["training_flops"] / (989.4e12 * 0.5) / 3600)
+
+
+def test_attention_convention_and_recompute() -> None:
+    full = size_json("llama-3-8b")
+    causal = size_json("llama-3-8b", "--attention", "causal")
+    assert causal["flops"]["attention"] == "causal"
+    assert causal["flops"]["training_per_token"] == full["flops"]["training_per_token_causal"]
+    assert causal["flops"]["training_per_token"] < full["flops"]["training_per_token"]
+    acts = {m: size_json("llama-3-8b", "--recompute", m)["memory"]["training"]["activations"]
+            for m in RECOMPUTE_MODES}
+    assert acts["none"] > acts["selective"] > acts["full"]
+    with_full = size_json("llama-3-8b", "--recompute", "full")["flops"]
+    assert with_full["training_per_token_with_recompute"] == pytest.approx(
+        4 * with_full["forward_per_token"], rel=1e-9)
+
+
+def test_kv_options() -> None:
+    base = size_json("llama-3-8b", "--context", "4096")
+    fp8 = size_json("llama-3-8b", "--context", "4096", "--batch", "4", "--kv-dtype", "fp8")
+    assert fp8["kv_cache"]["dtype"] == "fp8"
+    assert fp8["kv_cache"]["bytes_per_token"] * 2 == base["kv_cache"]["bytes_per_token"]
+    assert fp8["kv_cache"]["bytes"] == 2 * base["kv_cache"]["bytes"]  # x4 batch, /2 bytes
+    assert fp8["memory"]["inference_bytes_by_dtype"]["bf16"] == (
+        fp8["memory"]["weights_bytes"] + fp8["kv_cache"]["bytes"])
+
+
+def test_ssm_state_and_sliding_window() -> None:
+    jamba = size_json("jamba-v0.1", "--context", "1024")
+    assert jamba["kv_cache"]["bytes_per_token"] == 16_384  # FORMULAS §3: 4 attention layers
+    assert jamba["kv_cache"]["ssm_state_bytes"] > 0
+    assert jamba["params"]["by_kind"]["ssm"]["total"] > 0
+    mistral = size_json("mistral-7b", "--context", "32768")
+    assert mistral["kv_cache"]["bytes"] == 32 * 4096 * 2 * 8 * 128 * 2  # capped at the window
+
+
+def test_path_and_preset_name_agree() -> None:
+    preset = Path(__file__).resolve().parents[1] / "archplan" / "presets" / "gpt2.yaml"
+    by_path = size_json(str(preset))
+    by_name = size_json("gpt2")
+    assert by_path["params"] == by_name["params"] and by_path["params"]["total"] == 124_439_808
+
+
+def test_human_output_has_units_and_conventions() -> None:
+    result = runner.invoke(app, ["size", "llama-3-8b", "--gpu", "h100"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "8.03 B" in out and "GiB" in out and "GFLOP" in out
+    assert "2 FLOPs per multiply-add; embedding lookups not counted; LM head counted" in out
+    assert "16 B/param" in out and "Korthikanti" in out
+    assert "N = total parameters" in out and "Besiroglu" in out and "Hoffmann" in out
+    assert "989 TFLOP/s" in out  # the dense bf16 peak used is printed
+    for kind in ("embedding", "attention", "ffn", "norms", "lm_head"):
+        assert kind in out
+
+
+def test_moe_component_kinds_in_table() -> None:
+    result = runner.invoke(app, ["size", "deepseek-v3"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    for kind in ("moe router", "moe routed experts", "moe shared experts"):
+        assert kind in result.stdout
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from archplan.plot import _pyplot
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails
+    with pytest.raises(ArchplanError, match=r"pip install 'archplan\[plot\]'"):
+        _pyplot()
+
+
+def test_plot_rejects_unknown_suffix(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["size", "gpt2", "--plot", str(tmp_path / "figure.txt")])
+    assert isinstance(result.exception, ArchplanError) and "--plot" in str(result.exception)
+
+
+def test_plot_writes_a_figure(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    size_png, compare_svg = tmp_path / "size.png", tmp_path / "compare.svg"
+    assert runner.invoke(app, ["size", "jamba-v0.1", "--plot", str(size_png)]).exit_code == 0
+    assert size_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert runner.invoke(app, ["compare", "gpt2", "bloom-560m", "--plot", str(compare_svg)]).exit_code == 0
+    assert "<svg" in compare_svg.read_text()
+
+
+@pytest.mark.parametrize(("text", "value"), [("15T", 15e12), ("1.4e12", 1.4e12), ("300B", 3e11),
+                                              ("2.5k", 2500.0), ("7", 7.0)])
+def test_parse_amount(text: str, value: float) -> None:
+    assert parse_amount(text, "--tokens") == value
+
+
+def test_cli_choices_match_the_library() -> None:
+    assert tuple(m.value for m in RecomputeChoice) == RECOMPUTE_MODES
+    assert {m.value for m in LawChoice} == set(LAWS)
+
+
+def test_presets_command_lists_every_preset() -> None:
+    result = runner.invoke(app, ["presets", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == preset_names()
+    by_name = {r["name"]: r for r in rows}
+    assert (by_name["mixtral-8x7b"]["total"], by_name["mixtral-8x7b"]["active"]) == (
+        46_702_792_704, 12_879_925_248)
+    assert all(r["description"] and r["active"] <= r["total"] for r in rows)
+    table = runner.invoke(app, ["presets"], env={"COLUMNS": "160"})
+    assert table.exit_code == 0 and "46.7 B" in table.stdout and "llama-3-8b" in table.stdout
+
+
+def test_every_preset_sizes() -> None:
+    for name in preset_names():
+        r = size_json(name, "--seq", "512", "--context", "2048")
+        assert r["params"]["total"] == sum(r["params"]["by_component"].values()), name
+        assert r["memory"]["training_bytes"] > r["memory"]["weights_bytes"] > 0, name
+        assert math.isfinite(r["chinchilla"]["laws"]["besiroglu2024"]["loss"]), name
