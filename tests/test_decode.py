@@ -15,7 +15,7 @@ from archplan.errors import ArchplanError
 from archplan.modules.cache import KVState, LatentState
 from archplan.modules.model import ArchplanModel, build_model
 from archplan.modules.positions import apply_rotary
-from archplan.resolve import AttentionPlan, MLAPlan, resolve
+from archplan.resolve import AttentionPlan, Mamba1Plan, Mamba2Plan, MLAPlan, resolve
 from archplan.spec import Spec
 
 VOCAB = 61
@@ -53,6 +53,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         position=dict(kind="rope", scaling=dict(kind="yarn", factor=4.0, original_max_positions=16,
                                                 mscale=1.0, mscale_all_dim=1.0))),
     "mla_window": dict(attention={**MLA_ATTN, "sliding_window": 3}, layout=dict(mixers="AS")),
+    "jamba_like": dict(
+        n_layers=4, position=dict(kind="none"), layout=dict(mixers="MAMM", moe_every=2, moe_offset=1),
+        ssm=dict(kind="mamba1", d_state=8, d_conv=4, inner_norms=True),
+        moe=dict(n_experts=4, top_k=2, expert=dict(kind="glu", d_ff=16))),
+    "mamba1_only": dict(attention=None, ffn=None, layout=dict(mixers="M"),
+                        ssm=dict(kind="mamba1", d_state=8, d_conv=3, dt_rank=5, conv_bias=False, proj_bias=True)),
     "moe": dict(n_layers=3, moe=dict(n_experts=4, top_k=2, expert=dict(kind="glu", d_ff=16),
                                      shared=dict(n=1, d_ff=16)), layout=dict(first_dense=1)),
 }
@@ -116,10 +122,14 @@ def _contract_bytes(spec_: Spec, batch: int, context: int, element: int) -> int:
         elif isinstance(m, MLAPlan):
             length = min(m.window, context) if m.window is not None else context
             total += (m.kv_lora_rank + m.qk_rope_head_dim) * length
+        elif isinstance(m, Mamba1Plan):
+            total += m.d_inner * m.d_conv + m.d_inner * m.d_state  # conv + SSM state, any context
+        elif isinstance(m, Mamba2Plan):
+            total += m.conv_dim * m.d_conv + m.n_heads * m.head_dim * m.d_state
     return batch * total * element
 
 
-@pytest.mark.parametrize("variant", ["gqa_rope", "window_rolling", "mla", "mla_window", "mqa_learned_tied"])
+@pytest.mark.parametrize("variant", ["gqa_rope", "window_rolling", "mla", "mla_window", "mqa_learned_tied", "jamba_like"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_bytes_after_prefill(variant: str, dtype: torch.dtype) -> None:
     s = spec(**VARIANTS[variant])
@@ -135,7 +145,7 @@ def test_cache_bytes_after_prefill(variant: str, dtype: torch.dtype) -> None:
             assert isinstance(state, KVState)
             length = min(layer.mixer.window or context, context)
             assert state.k_BHLD.shape == (batch, layer.mixer.n_kv_heads, length, layer.mixer.head_dim)
-        else:
+        elif isinstance(layer.mixer, MLAPlan):
             assert isinstance(state, LatentState)
             assert state.ckv_BLR.shape[2] == 10 and state.kpe_BLP.shape[2] == 4
 
