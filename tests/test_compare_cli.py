@@ -1,0 +1,64 @@
+"""`archplan compare`: the same figures as `size`, side by side, ratios against the first column."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from typer.testing import CliRunner
+
+from archplan.cli import app
+from archplan.loader import load_spec
+from archplan.render import compare_rows
+from archplan.report import SizeOptions, size_report
+
+runner = CliRunner()
+
+
+def compare_json(*argv: str) -> list[dict[str, Any]]:
+    result = runner.invoke(app, ["compare", *argv, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_json_is_a_list_of_size_objects() -> None:
+    reports = compare_json("llama-3-8b", "mixtral-8x7b", "gpt2", "--context", "4096")
+    assert [r["name"] for r in reports] == ["llama-3-8b", "mixtral-8x7b", "gpt2"]
+    for r in reports:
+        single = runner.invoke(app, ["size", r["source"], "--context", "4096", "--json"])
+        assert json.loads(single.stdout) == r  # exactly what `size` prints for that spec
+
+
+def test_options_apply_to_every_spec() -> None:
+    reports = compare_json("llama-3-8b", "mistral-7b", "--context", "16384", "--batch", "2",
+                           "--seq", "1024", "--tokens", "1T")
+    for r in reports:
+        assert (r["kv_cache"]["context"], r["kv_cache"]["batch"]) == (16384, 2)
+        assert r["flops"]["seq_len"] == 1024
+        assert r["chinchilla"]["tokens"] == 1e12
+    # Mistral's sliding window caps its cache at 4096 of the 16384 positions
+    assert reports[1]["kv_cache"]["bytes"] * 4 == reports[0]["kv_cache"]["bytes"]
+
+
+def test_ratios_against_the_first_column() -> None:
+    opts = SizeOptions(context=4096)
+    reports = [size_report(load_spec(name), opts, source=name) for name in ("llama-3-8b", "mixtral-8x7b")]
+    rows = dict(compare_rows(reports))
+    assert rows["params total"] == [8_030_261_248, 46_702_792_704]
+    assert rows["params active"] == [8_030_261_248, 12_879_925_248]
+    result = runner.invoke(app, ["compare", "llama-3-8b", "mixtral-8x7b", "--context", "4096"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("params total"))
+    assert "8.03 B" in line and "46.7 B (5.82×)" in line
+    active = next(ln for ln in result.stdout.splitlines() if ln.startswith("params active"))
+    assert f"({12_879_925_248 / 8_030_261_248:.2f}×)" in active
+    assert "ratios (×) against llama-3-8b" in result.stdout
+
+
+def test_gpu_hours_row_when_asked() -> None:
+    result = runner.invoke(app, ["compare", "gpt2", "bloom-560m", "--gpu", "a100", "--law", "besiroglu2024"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "GPU-hours" in result.stdout and "N_opt (besiroglu2024)" in result.stdout
+    assert "hoffmann2022" not in result.stdout

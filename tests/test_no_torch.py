@@ -1,0 +1,57 @@
+"""`size`, `compare` and `presets` never import torch (nor does loading the CLI): checked in a
+fresh interpreter, since this test process may already have torch loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, sys
+from archplan.cli import main
+sys.argv = ["archplan", *json.loads(sys.argv[1])]
+code = 0
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "fvcore") if m in sys.modules)
+print("\\nMODULES=" + json.dumps(heavy), file=sys.stderr)
+sys.exit(code or 0)
+"""
+
+
+def loaded_modules(argv: list[str]) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    marker = proc.stderr.rsplit("MODULES=", 1)[1]
+    return json.loads(marker)
+
+
+@pytest.mark.parametrize("argv", [
+    ["size", "deepseek-v3", "--json"],
+    ["size", "jamba-v0.1", "--recompute", "selective", "--gpu", "h100"],
+    ["compare", "llama-3-8b", "mixtral-8x7b", "hybrid-ssm-moe"],
+    ["presets"],
+])
+def test_command_never_imports_torch(argv: list[str]) -> None:
+    assert loaded_modules(argv) == []  # neither torch nor fvcore
+
+
+def test_importing_the_cli_does_not_import_torch() -> None:
+    code = "import sys, archplan.cli; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_analytic_package_has_no_torch_import() -> None:
+    code = ("import sys, archplan.analytic, archplan.analytic.memory, archplan.analytic.scaling, "
+            "archplan.report, archplan.render; print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
