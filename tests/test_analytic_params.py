@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -192,3 +194,8 @@ def test_lm_head_bias_and_untied() -> None:
     assert untied.lm_head == 1000 * 256 + 1000
     assert untied.total - tied.total == 1000 * 256
     assert untied.non_embedding == tied.non_embedding
+
+
+def test_analytic_never_imports_torch() -> None:
+    code = "import sys, archplan.analytic; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

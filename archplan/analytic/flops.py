@@ -274,7 +274,8 @@ def _mixer_decode_flops(mixer: MixerPlan, keys: int) -> int:
 
 def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
     """One new token at context t (FORMULAS §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
-    MLA with the absorbed latent cache, SSM layers one recurrent step."""
+    MLA with the absorbed latent cache, SSM layers one recurrent step. P_matmul,active counts the
+    router and the shared experts with the top_k routed ones (torchtitan's choice, FORMULAS §2.9 item 5)."""
     _check_positive("context", context)
     return 2 * matmul_params(plan, active=True) + sum(
         _mixer_decode_flops(layer.mixer, context) for layer in plan.layers
