@@ -63,6 +63,13 @@ class SpecContext:
     def plan(self) -> ModelPlan:
         return resolve(self.spec)
 
+    @cached_property
+    def active_params(self) -> int:
+        """Parameters one token trains (= total for dense models); read by both budget rules."""
+        from archplan.analytic import count_params
+
+        return count_params(self.plan).active
+
     def written(self, path: FieldPath) -> bool:
         """Whether the YAML spells this field out (defaults are not written)."""
         return path in self.loaded.locations
@@ -247,10 +254,9 @@ def _tokens_per_param(ctx: SpecContext) -> tuple[float, int, float] | None:
     training = ctx.spec.training
     if training is None or training.tokens is None:
         return None
-    from archplan.analytic import count_params
-
-    # Active parameters: what each token trains (= total for a dense model); Chinchilla's N is dense.
-    n_params = count_params(ctx.plan).active
+    # Active parameters: what each token trains; Chinchilla's N (total, embeddings included) is
+    # for dense models, where the two are the same.
+    n_params = ctx.active_params
     return training.tokens, n_params, training.tokens / n_params
 
 
