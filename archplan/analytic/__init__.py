@@ -11,7 +11,17 @@ from archplan.analytic.flops import (
     training_flops_per_token,
 )
 from archplan.analytic.kv import KVCache, kv_cache
+from archplan.analytic.memory import (
+    ActivationMemory,
+    ModelStates,
+    TrainingMemory,
+    activation_memory,
+    training_memory,
+    weights_bytes,
+    zero_model_states,
+)
 from archplan.analytic.model import ParamCount, count_params
+from archplan.analytic.scaling import LAWS, Law, compute_optimal, loss, twenty_tokens
 
 __all__ = [
     "FlopCount",
@@ -22,4 +32,16 @@ __all__ = [
     "forward_flops",
     "kv_cache",
     "training_flops_per_token",
+    "ActivationMemory",
+    "ModelStates",
+    "TrainingMemory",
+    "activation_memory",
+    "training_memory",
+    "weights_bytes",
+    "zero_model_states",
+    "LAWS",
+    "Law",
+    "compute_optimal",
+    "loss",
+    "twenty_tokens",
 ]
