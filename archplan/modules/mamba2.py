@@ -1,0 +1,231 @@
+"""Mamba-2 / SSD mixer (Dao & Gu 2024) in pure PyTorch, with its constant decode state.
+
+Parameter layout is state-spaces/mamba `mamba2.Mamba2` (no d_mlp split): in_proj D → [z, x, B, C, dt]
+= 2·I + 2·G·N + Hs, depthwise conv1d over X = I + 2·G·N channels, dt_bias / A_log / D of Hs each,
+the gated RMSNorm `norm` (I), out_proj I → D.
+
+The SSD layer runs chunked as `ssd_minimal.py` (Dao & Gu 2024 §6, Listing 1) with the matmuls
+written out so the counter sees exactly what docs/architecture.md counts per chunk of q tokens:
+C·Bᵀ per group (2·q²·N·G), (C·Bᵀ ∘ L)·X per head (2·q²·P·Hs), chunk states (2·q·N·P·Hs), state →
+output (2·q·N·P·Hs); the recurrence between chunks is an elementwise loop. `ssd_reference` is
+the token-by-token recurrence (`Mamba2.step`), kept beside it so a test proves them equal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archplan.modules.cache import LayerState
+from archplan.modules.mamba1 import causal_depthwise_conv
+from archplan.resolve import Mamba2Plan
+
+# mamba2.Mamba2 defaults: A ~ U(1, 16), Δ ~ logU(1e-3, 1e-1) floored at 1e-4.
+_A_MIN, _A_MAX = 1.0, 16.0
+_DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+@dataclass(eq=False)
+class Mamba2State(LayerState):
+    """Constant decode state (`Mamba2.allocate_inference_cache`): the last W conv inputs over the
+    X = I + 2·G·N conv channels (B, X, W) and the SSM state (B, Hs, P, N)."""
+
+    conv_BXW: Tensor
+    ssm_BHsPN: Tensor
+    seen: int = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [self.conv_BXW, self.ssm_BHsPN]
+
+
+class GatedRMSNorm(nn.Module):
+    """rmsnorm(y ⊙ SiLU(z)) · w over groups of I/G channels (mamba_ssm `RMSNormGated` with
+    norm_before_gate=False and group_size = d_inner / ngroups, as `mamba2.Mamba2` builds it)."""
+
+    def __init__(self, dim: int, n_groups: int, eps: float) -> None:
+        super().__init__()
+        self.n_groups = n_groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, y_BTI: Tensor, z_BTI: Tensor) -> Tensor:
+        g = (y_BTI.float() * F.silu(z_BTI.float())).unflatten(-1, (self.n_groups, -1))
+        g = F.rms_norm(g, (g.shape[-1],), None, self.eps).flatten(-2)
+        return (g * self.weight.float()).to(y_BTI.dtype)
+
+
+def segsum(x: Tensor) -> Tensor:
+    """(..., q) → (..., q, q): out[i, j] = Σ_{k=j+1..i} x_k for i ≥ j, −inf above the diagonal.
+
+    The stable cumulative-sum form of ssd_minimal.py `segsum` (no difference of two cumsums, so
+    no cancellation); exp of it is the causal decay matrix L of Dao & Gu 2024 eq. 4.
+    """
+    q = x.shape[-1]
+    x = x[..., None].expand(*x.shape, q)
+    strict = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device), diagonal=-1)
+    x_segsum = torch.cumsum(x.masked_fill(~strict, 0), dim=-2)
+    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device), diagonal=0)
+    return x_segsum.masked_fill(~causal, -torch.inf)
+
+
+def ssd_chunked(
+    x_BTHsP: Tensor,
+    dt_BTHs: Tensor,
+    A_Hs: Tensor,
+    B_BTGN: Tensor,
+    C_BTGN: Tensor,
+    chunk_size: int,
+    h0_BHsPN: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """SSD, chunked (ssd_minimal.py `ssd_minimal_discrete` with X·Δ, A·Δ): y (B, T, Hs, P) without
+    the D skip, and the final state (B, Hs, P, N); fp32.
+
+    q = min(chunk_size, T); T is padded with Δ = 0 to n_c·q tokens (decay 1, input 0: the state
+    passes through unchanged), as docs/architecture.md counts it. Heads are kept as (G, Hs/G) so
+    B and C are contracted per group without being repeated per head.
+    """
+    b, t, hs, p = x_BTHsP.shape
+    g, n = B_BTGN.shape[-2:]
+    q = min(chunk_size, t)
+    n_chunks = math.ceil(t / q)
+    pad = n_chunks * q - t
+    dt = F.pad(dt_BTHs.float(), (0, 0, 0, pad))
+    x_BCLGJP = F.pad(x_BTHsP.float() * dt[:, :t, :, None], (0, 0, 0, 0, 0, pad)).reshape(
+        b, n_chunks, q, g, hs // g, p
+    )
+    a_BGJCL = (dt * A_Hs.float()).reshape(b, n_chunks, q, g, hs // g).permute(0, 3, 4, 1, 2)
+    B_BCLGN = F.pad(B_BTGN.float(), (0, 0, 0, 0, 0, pad)).reshape(b, n_chunks, q, g, n)
+    C_BCLGN = F.pad(C_BTGN.float(), (0, 0, 0, 0, 0, pad)).reshape(b, n_chunks, q, g, n)
+    a_cum_BGJCL = torch.cumsum(a_BGJCL, dim=-1)
+
+    # 1. within chunks (diagonal blocks): Y = (C·Bᵀ ∘ L)·X
+    cb_BCGLS = torch.einsum("bclgn,bcsgn->bcgls", C_BCLGN, B_BCLGN)
+    decay_BCGJLS = torch.exp(segsum(a_BGJCL)).permute(0, 3, 1, 2, 4, 5)
+    y_diag_BCLGJP = torch.einsum("bcgjls,bcsgjp->bclgjp", cb_BCGLS[:, :, :, None] * decay_BCGJLS, x_BCLGJP)
+
+    # 2. each chunk's final state from its own inputs: Σ_s exp(A_cum[-1] − A_cum[s]) · B_s ⊗ X_s
+    to_end_BCLGJ = torch.exp(a_cum_BGJCL[..., -1:] - a_cum_BGJCL).permute(0, 3, 4, 1, 2)
+    states_BCGJPN = torch.einsum("bclgn,bclgjp->bcgjpn", B_BCLGN, x_BCLGJP * to_end_BCLGJ[..., None])
+
+    # 3. states entering each chunk: an elementwise recurrence over chunks
+    chunk_decay_BCGJ = torch.exp(a_cum_BGJCL[..., -1]).permute(0, 3, 1, 2)
+    if h0_BHsPN is None:
+        state_BGJPN = torch.zeros_like(states_BCGJPN[:, 0])
+    else:
+        state_BGJPN = h0_BHsPN.float().reshape(b, g, hs // g, p, n)
+    entering = []
+    for c in range(n_chunks):
+        entering.append(state_BGJPN)
+        state_BGJPN = torch.addcmul(states_BCGJPN[:, c], chunk_decay_BCGJ[:, c, ..., None, None], state_BGJPN)
+    entering_BCGJPN = torch.stack(entering, dim=1)
+
+    # 4. entering state → outputs: C_l · state, decayed by exp(A_cum[l])
+    from_start_BCLGJ = torch.exp(a_cum_BGJCL).permute(0, 3, 4, 1, 2)
+    y_off_BCLGJP = torch.einsum("bclgn,bcgjpn->bclgjp", C_BCLGN, entering_BCGJPN) * from_start_BCLGJ[..., None]
+
+    y_BTHsP = (y_diag_BCLGJP + y_off_BCLGJP).reshape(b, n_chunks * q, hs, p)[:, :t]
+    return y_BTHsP, state_BGJPN.reshape(b, hs, p, n)
+
+
+def ssd_reference(
+    x_BTHsP: Tensor,
+    dt_BTHs: Tensor,
+    A_Hs: Tensor,
+    B_BTGN: Tensor,
+    C_BTGN: Tensor,
+    h0_BHsPN: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Token by token, as `Mamba2.step`: h = exp(Δ·A)·h + Δ·x ⊗ B, y = h·C (tests only)."""
+    b, t, hs, p = x_BTHsP.shape
+    g, n = B_BTGN.shape[-2:]
+    per_group = hs // g
+    h = h0_BHsPN.float() if h0_BHsPN is not None else torch.zeros(b, hs, p, n, device=x_BTHsP.device)
+    ys = []
+    for s in range(t):
+        dt = dt_BTHs[:, s].float()
+        Bh = B_BTGN[:, s].float().repeat_interleave(per_group, dim=1)
+        Ch = C_BTGN[:, s].float().repeat_interleave(per_group, dim=1)
+        dx = x_BTHsP[:, s].float() * dt[..., None]
+        h = torch.exp(dt * A_Hs.float())[..., None, None] * h + dx[..., None] * Bh[:, :, None, :]
+        ys.append((h * Ch[:, :, None, :]).sum(-1))
+    return torch.stack(ys, dim=1), h
+
+
+class Mamba2Mixer(nn.Module):
+    """mamba2.Mamba2: in_proj → [z, xBC, dt]; causal conv + SiLU on xBC → x, B, C; SSD with
+    Δ = softplus(dt + dt_bias) and the D skip; gated RMSNorm with z; out_proj."""
+
+    def __init__(self, plan: Mamba2Plan, d_model: int) -> None:
+        super().__init__()
+        self.plan = plan
+        i, hs = plan.d_inner, plan.n_heads
+        gn = plan.n_groups * plan.d_state
+        self.in_proj = nn.Linear(d_model, 2 * i + 2 * gn + hs, bias=plan.proj_bias)
+        self.conv1d = nn.Conv1d(plan.conv_dim, plan.conv_dim, plan.d_conv, groups=plan.conv_dim, bias=plan.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(hs))
+        self.A_log = nn.Parameter(torch.empty(hs))
+        self.D = nn.Parameter(torch.empty(hs))
+        self.norm = GatedRMSNorm(i, plan.n_groups, plan.norm.eps)
+        self.out_proj = nn.Linear(i, d_model, bias=plan.proj_bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba2.Mamba2.__init__: dt_bias = softplus⁻¹(Δ), Δ ~ logU(dt_min, dt_max); A ~ U(1, 16)
+        stored as log; D = 1."""
+        with torch.no_grad():
+            dt = torch.exp(
+                torch.rand_like(self.dt_bias) * (math.log(_DT_MAX) - math.log(_DT_MIN)) + math.log(_DT_MIN)
+            ).clamp(min=_DT_FLOOR)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(_A_MIN, _A_MAX)))
+            self.D.fill_(1.0)
+        self.norm.reset_parameters()
+
+    def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> Mamba2State:
+        """Constant in `max_len` (kept for the common `new_state` signature)."""
+        plan = self.plan
+        return Mamba2State(
+            conv_BXW=torch.zeros(batch, plan.conv_dim, plan.d_conv, device=device, dtype=dtype),
+            ssm_BHsPN=torch.zeros(
+                batch, plan.n_heads, plan.head_dim, plan.d_state, device=device, dtype=dtype
+            ),
+        )
+
+    def forward(self, x_BTD: Tensor, state: Mamba2State | None = None) -> Tensor:
+        """Full sequence (state=None) or continuation of `state` (prefill fills it, T=1 decodes)."""
+        plan = self.plan
+        b, t, _ = x_BTD.shape
+        i, hs, p, g, n = plan.d_inner, plan.n_heads, plan.head_dim, plan.n_groups, plan.d_state
+        z_BTI, xbc_BTX, dt_BTHs = self.in_proj(x_BTD).split([i, plan.conv_dim, hs], dim=-1)
+        context = state.conv_BXW if state is not None else None
+        conv_BXT, next_context_BXW = causal_depthwise_conv(
+            xbc_BTX.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, context
+        )
+        x_BTI, B_BTGN, C_BTGN = F.silu(conv_BXT.transpose(1, 2)).split([i, g * n, g * n], dim=-1)
+        x_BTHsP = x_BTI.reshape(b, t, hs, p)
+        dt_BTHs = F.softplus(dt_BTHs.float() + self.dt_bias.float())
+        A_Hs = -torch.exp(self.A_log.float())
+        h0 = state.ssm_BHsPN if state is not None else None
+        y_BTHsP, h_BHsPN = ssd_chunked(
+            x_BTHsP,
+            dt_BTHs,
+            A_Hs,
+            B_BTGN.reshape(b, t, g, n),
+            C_BTGN.reshape(b, t, g, n),
+            plan.chunk_size,
+            h0,
+        )
+        y_BTHsP = y_BTHsP + x_BTHsP.float() * self.D.float()[:, None]
+        y_BTI = self.norm(y_BTHsP.reshape(b, t, i).to(x_BTD.dtype), z_BTI)
+        if state is not None:
+            state.conv_BXW.copy_(next_context_BXW.detach())
+            state.ssm_BHsPN.copy_(h_BHsPN.detach())
+            state.advance(t)
+        return self.out_proj(y_BTI)
