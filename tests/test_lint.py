@@ -176,6 +176,13 @@ def test_hostile_file_is_one_finding_not_a_traceback(name, tmp_path, monkeypatch
     assert code == 1 and "Traceback" not in out + err and f"{finding.code} error" in out
 
 
+def test_a_huge_value_is_not_echoed_in_full(tmp_path) -> None:
+    path = write(tmp_path, "long.yaml", CLEAN.replace("name: tiny", "name: " + "a" * 100_000))
+    (finding,) = lint_file(path)
+    assert finding.code == "AP002" and "at most 200 characters" in finding.message
+    assert len(finding.message) < 400 and finding.message.endswith("more characters)")
+
+
 def test_duplicate_key_is_an_error_not_last_wins(tmp_path) -> None:
     path = write(tmp_path, "dup.yaml", HOSTILE["duplicate.yaml"].decode())
     (finding,) = lint_file(path)

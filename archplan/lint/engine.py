@@ -21,6 +21,7 @@ from archplan.loader import LoadedYaml, parse_yaml, read_text, spec_from_data
 
 YAML_SUFFIXES = (".yaml", ".yml")
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+MAX_MESSAGE = 300  # characters of a finding's message (one line in CI logs and annotations)
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,19 @@ def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str, rules: Se
     return _input_finding("AP002", error, file, rules)
 
 
+def _clip(message: str) -> str:
+    """Validation messages quote the offending value; a 4 MB string must not become a 4 MB line."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE:,} more characters)"
+
+
 def _input_finding(code: str, error: ArchplanError, file: str, rules: Sequence[Rule]) -> list[Finding]:
     rule = BY_CODE[code]
     if rule not in rules:
         return []
     return [Finding(
-        rule.code, rule.severity, file, error.line or 1, error.column or 1, error.message,
+        rule.code, rule.severity, file, error.line or 1, error.column or 1, _clip(error.message),
         None, error.field,
     )]
 
