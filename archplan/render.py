@@ -64,6 +64,8 @@ def _params_tables(r: dict[str, Any]) -> list[_Section]:
     kinds = _table("Parameters by component", None, ("component", "left"), ("total", "right"),
                    ("% total", "right"), ("active", "right"), ("% active", "right"), ("", "left"))
     for kind, entry in p["by_kind"].items():
+        if entry["total"] == 0:  # e.g. a tied LM head without bias
+            continue
         kinds.add_row(kind, units.count(entry["total"]), units.percent(entry["total"] / total),
                       units.count(entry["active"]), units.percent(entry["active"] / active),
                       bar(entry["total"] / total, 20))
