@@ -1,7 +1,575 @@
-"""`archplan plan` (placeholder until its issue lands)."""
+"""`archplan plan`: a budget to a compute-optimal spec, a partial spec to a complete one (--solve),
+or a spec to a cluster layout (SPEC --gpus N --gpu KEY). docs/plan.md states every model used."""
+
+from __future__ import annotations
+
+import json
+import math
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from archplan.commands.options import ForceOpt, JsonOpt
+from archplan.errors import ArchplanError
 
+if TYPE_CHECKING:
+    from archplan.planning.design import Design
+    from archplan.planning.optimal import Optimum
+    from archplan.planning.parallel import Evaluated, SearchResult
+    from archplan.planning.solve import SolveResult
+    from archplan.spec import Spec
+
+
+# Choices spelled as archplan.planning.design.Family and archplan.planning.optimal.LawChoice (a test
+# checks they agree); kept here so loading the CLI does not import the analytic package.
+class FamilyChoice(str, Enum):
+    dense = "dense"
+    moe = "moe"
+    hybrid = "hybrid"
+    hybrid_moe = "hybrid-moe"
+
+
+class LawOption(str, Enum):
+    chinchilla = "chinchilla"
+    epoch = "epoch"
+    twenty = "20x"
+
+
+HELP = (
+    "Plan an architecture: from a compute budget to a compute-optimal spec, from a partial spec to "
+    "the missing sizes (--solve), or from a spec to a cluster layout (SPEC --gpus N --gpu KEY). "
+    "Analytic, no torch; the models are stated in docs/plan.md.\n\n"
+    "Examples:\n\n"
+    "  archplan plan --compute 1e24 --family moe -o moe.yaml\n\n"
+    "  archplan plan --params 70e9 --law chinchilla --json\n\n"
+    "  archplan plan --solve partial.yaml --total 1.8e12 --active 220e9\n\n"
+    "  archplan plan llama-3-70b --gpus 1024 --gpu h100 --seq 8192 --global-batch-tokens 4M"
+)
+
+DEFAULT_BUDGET_SEQ = 8192
+TOP_LAYOUTS = 5
+
+
+def _amount(text: str | None, option: str) -> float | None:
+    from archplan.commands.size import parse_amount
+
+    return parse_amount(text, option) if text is not None else None
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+# ------------------------------------------------------------------------------------- budget
+def _budget(compute: float | None, params: float | None, tokens: float | None, family: FamilyChoice,
+            law: LawOption, vocab: int, seq: int) -> tuple[Optimum, Design]:
+    from archplan.planning.design import Family, design
+    from archplan.planning.optimal import LawChoice, budget, optimum
+    from archplan.units import count, sci
+
+    choice = LawChoice(law.value)
+    result = optimum(choice, budget(choice, compute=compute, params=params, tokens=tokens))
+    fam = Family(family.value)
+    n_opt, d_opt = result.optimal.params, result.optimal.tokens
+    name = f"plan-{fam.value}-{count(n_opt).replace(' ', '')}"
+    description = (
+        f"archplan plan: compute-optimal under {choice.value} for C = {sci(result.compute)} FLOPs "
+        f"(N = {count(n_opt)} {'active' if fam in (Family.moe, Family.hybrid_moe) else 'total'}, "
+        f"D = {count(d_opt)} tokens)"
+    )
+    made = design(fam, n_opt, vocab=vocab, seq=seq, name=name, tokens=round(d_opt),
+                  description=description)
+    return result, made
+
+
+def _budget_json(result: Optimum, made: Design, written: str | None) -> dict[str, Any]:
+    from archplan.planning import spec_data
+
+    spec = made.spec
+    return {
+        "mode": "budget",
+        "law": result.law.value,
+        "loss_law": result.loss_law.key,
+        "compute": result.compute,
+        "optimal": {
+            "params": result.optimal.params,
+            "tokens": result.optimal.tokens,
+            "loss": result.optimal.loss,
+            "tokens_per_param": result.tokens_per_param,
+        },
+        "isoflop": [
+            {"factor": f, "params": p.params, "tokens": p.tokens, "loss": p.loss}
+            for f, p in result.isoflop
+        ],
+        "family": made.family.value,
+        "target": {"kind": made.target_kind, "params": made.target},
+        "design": {
+            "total_params": made.params.total,
+            "active_params": made.params.active,
+            "error": made.error,
+            "n_layers": spec.n_layers,
+            "d_model": spec.d_model,
+            "recipe_layers": made.recipe_layers,
+            "recipe_d_model": made.recipe_width,
+        },
+        "spec": spec_data(spec),
+        "written": written,
+    }
+
+
+def _ffn_text(spec: Spec) -> str:
+    parts = []
+    if spec.ffn is not None:
+        parts.append(f"SwiGLU d_ff {spec.ffn.d_ff:,}")
+    if spec.moe is not None:
+        moe = spec.moe
+        shared = f" + {moe.shared.n} shared" if moe.shared else ""
+        parts.append(f"MoE {moe.n_experts} experts top-{moe.top_k}{shared}, expert d_ff "
+                     f"{moe.expert.d_ff:,}")
+    return "; ".join(parts)
+
+
+def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
+    from rich.table import Table
+
+    from archplan.units import count, percent, sci
+
+    console = _console()
+    opt = result.optimal
+    law_title = {"chinchilla": "Hoffmann et al. 2022 Approach 3 (as printed)",
+                 "epoch": "Besiroglu et al. 2024 (Epoch AI refit)",
+                 "20x": "20 tokens per parameter (Hoffmann Table 3)"}[result.law.value]
+    console.print(f"[bold]Compute-optimal allocation[/] — {law_title}; C = {sci(result.compute)} FLOPs "
+                  "(C = 6·N·D; N counts every parameter, embeddings included)")
+    console.print(f"  N_opt {count(opt.params)}   D_opt {count(opt.tokens)}   D/N "
+                  f"{result.tokens_per_param:.1f}   predicted loss {opt.loss:.4f} "
+                  f"({result.loss_law.title})")
+    table = Table(title="IsoFLOP alternatives (same C)", title_justify="left")
+    for col in ("N / N_opt", "N", "D", "D/N", "loss", "Δ loss"):
+        table.add_column(col, justify="right")
+    for factor, point in result.isoflop:
+        table.add_row(f"{factor:g}×", count(point.params), count(point.tokens),
+                      f"{point.tokens / point.params:.1f}", f"{point.loss:.4f}",
+                      f"{point.loss - opt.loss:+.4f}")
+    console.print(table)
+    spec = made.spec
+    attn = spec.attention
+    heads = f"{attn.n_heads} heads / {attn.n_kv_heads} KV × 128" if attn is not None and hasattr(
+        attn, "n_kv_heads") else ""
+    layout = f", mixers {spec.layout.mixers}" if spec.ssm is not None else ""
+    console.print(
+        f"[bold]Generated spec[/] {spec.name} ({made.family.value}; target = {made.target_kind} "
+        f"params {count(made.target)})\n"
+        f"  {spec.n_layers} layers × d_model {spec.d_model:,}{layout}; {heads}; {_ffn_text(spec)}; "
+        f"vocab {spec.vocab_size:,}; RoPE, pre-RMSNorm\n"
+        f"  total {made.params.total:,}  active {made.params.active:,}  "
+        f"({made.target_kind} {made.error:+.2%} from target; recipe shape at this size "
+        f"{made.recipe_layers:.0f} × {made.recipe_width:,.0f})"
+    )
+    if written:
+        console.print(f"  written to {written}")
+
+
+def _plot_budget(result: Optimum, made: Design, path: str) -> None:
+    from archplan.planning.optimal import isoflop_curve
+    from archplan.units import count, sci
+
+    plt = _pyplot()
+    target = _figure_target(path)
+    curve = isoflop_curve(result)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([p.params for p in curve], [p.loss for p in curve], color="C0",
+            label=f"IsoFLOP C = {sci(result.compute)} ({result.loss_law.key})")
+    opt = result.optimal
+    ax.scatter([opt.params], [opt.loss], color="C3", zorder=3,
+               label=f"optimum ({result.law.value}): N {count(opt.params)}, D {count(opt.tokens)}")
+    for factor, point in result.isoflop:
+        if factor != 1.0:
+            ax.scatter([point.params], [point.loss], color="C1", s=14, zorder=3)
+            ax.annotate(f"{factor:g}×", (point.params, point.loss), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.axvline(made.achieved, color="C2", linestyle="--", linewidth=1,
+               label=f"generated spec ({made.target_kind}) {count(made.achieved)}")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("predicted loss L(N, D = C / 6N)")
+    ax.set_title("archplan plan: loss along the IsoFLOP curve")
+    ax.legend(fontsize=8)
+    _save(fig, target)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------- plots
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ArchplanError(
+            "--plot needs matplotlib, which is not installed; pip install 'archplan[plot]'"
+        ) from None
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_target(path: str) -> Path:
+    target = Path(path)
+    if target.suffix.lower() not in FIGURE_SUFFIXES:
+        raise ArchplanError(f"figure file must end in {', '.join(FIGURE_SUFFIXES)}", field="--plot",
+                            file=path)
+    if not target.parent.is_dir():
+        raise ArchplanError("directory does not exist", field="--plot", file=path)
+    return target
+
+
+def _save(fig: Any, target: Path) -> None:
+    try:
+        fig.savefig(target, bbox_inches="tight", dpi=120)
+    except OSError as exc:
+        raise ArchplanError(f"cannot write figure: {exc.strerror}", file=str(target)) from None
+
+
+def _plot_layouts(result: SearchResult, path: str) -> None:
+    plt = _pyplot()
+    target = _figure_target(path)
+    rows = result.ranked[:TOP_LAYOUTS]
+    gib = float(1 << 30)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    labels = [e.layout.label for e in rows]
+    left = [0.0] * len(rows)
+    for name in ("weights", "grads", "optimizer", "activations"):
+        values = [getattr(e.memory, name) / gib for e in rows]
+        ax.barh(labels, values, left=left, label=name)
+        left = [a + b for a, b in zip(left, values)]
+    ax.axvline(result.usable_bytes / gib, color="k", linestyle="--", linewidth=1,
+               label="usable per GPU")
+    ax.invert_yaxis()
+    ax.set_xlabel("GiB per GPU (most loaded pipeline stage)")
+    ax.set_title(f"{result.gpus} × {result.gpu.name}: fastest layouts")
+    ax.legend(fontsize=8)
+    _save(fig, target)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------- solve
+def _solve_json(result: SolveResult, written: str | None) -> dict[str, Any]:
+    from archplan.planning import spec_data
+
+    return {
+        "mode": "solve",
+        "unknowns": list(result.unknowns),
+        "tied": list(result.tied),
+        "targets": {k: v for k, v in result.targets.items()},
+        "tolerance": result.tolerance,
+        "multiple": result.multiple,
+        "solved": result.solved,
+        "candidates": [
+            {"values": c.values, "total_params": c.total, "active_params": c.active,
+             "errors": c.errors, "within_tolerance": c.worst <= result.tolerance}
+            for c in result.candidates
+        ],
+        "spec": spec_data(result.nearest.spec) if result.solved else None,
+        "nearest": spec_data(result.nearest.spec),
+        "written": written,
+    }
+
+
+def _print_solve(result: SolveResult, written: str | None) -> None:
+    from rich.table import Table
+
+    from archplan.units import count, percent
+
+    console = _console()
+    goals = ", ".join(f"{name} {count(value)}" for name, value in result.targets.items())
+    tied = f"; tied: {', '.join(result.tied)} = moe.expert.d_ff" if result.tied else ""
+    console.print(f"[bold]Solve[/] {', '.join(result.unknowns)}{tied}\n  targets: {goals}; "
+                  f"tolerance {percent(result.tolerance)}; widths in multiples of {result.multiple}")
+    table = Table()
+    for col in result.unknowns:
+        table.add_column(col, justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("active", justify="right")
+    for name, _ in result.targets.items():
+        table.add_column(f"Δ {name}", justify="right")
+    table.add_column("ok")
+    for c in result.candidates[:TOP_LAYOUTS]:
+        table.add_row(*(f"{c.values[u]:,}" for u in result.unknowns), f"{c.total:,}", f"{c.active:,}",
+                      *(f"{c.errors[name]:+.3%}" for name, _ in result.targets.items()),
+                      "✓" if c.worst <= result.tolerance else "✗")
+    console.print(table)
+    best = result.nearest
+    if result.solved:
+        console.print(f"solved: {len(result.solutions)} candidate(s) within tolerance; best "
+                      + ", ".join(f"{k} = {v:,}" for k, v in best.values.items()))
+    else:
+        console.print(
+            "[bold red]no integer solution[/] within tolerance; nearest: "
+            + ", ".join(f"{k} = {v:,}" for k, v in best.values.items())
+            + " ("
+            + ", ".join(f"{name} off by {best.errors[name]:+.3%}" for name, _ in result.targets.items())
+            + ")"
+        )
+    if written:
+        console.print(f"written to {written}")
+
+
+# ------------------------------------------------------------------------------------- layout
+def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[float, str]:
+    """Tokens to price the training run: --tokens, else the spec's, else the law's D for its N."""
+    if tokens is not None:
+        return tokens, "--tokens"
+    if spec.training is not None and spec.training.tokens is not None:
+        return spec.training.tokens, "spec training.tokens"
+    from archplan.analytic import count_params
+    from archplan.planning.optimal import LawChoice, allocate, budget
+    from archplan.resolve import resolve
+
+    params = count_params(resolve(spec))
+    n = params.active if spec.moe is not None else params.total
+    choice = LawChoice(law.value)
+    d = allocate(choice, budget(choice, params=n))[1]
+    which = "active" if spec.moe is not None else "total"
+    return d, f"compute-optimal D for N = {which} params under {choice.value}"
+
+
+def _layout_row(e: Evaluated, tokens: float) -> dict[str, Any]:
+    from archplan.planning.parallel import training_days
+
+    lay, mem, t = e.layout, e.memory, e.time
+    return {
+        "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "zero": lay.zero,
+        "recompute": lay.recompute, "micro_batch": lay.micro_batch, "microbatches": lay.microbatches,
+        "global_batch_tokens": e.global_batch_tokens,
+        "memory": {"stage": mem.stage, "weights": mem.weights, "grads": mem.grads,
+                   "optimizer": mem.optimizer, "activations": mem.activations, "total": mem.total},
+        "step_time": {"compute": t.compute, "tp": t.tp, "ep": t.ep, "pp_p2p": t.pp_p2p,
+                      "bubble": t.bubble, "dp": t.dp, "total": t.total},
+        "mfu": e.mfu,
+        "training_days": training_days(e, tokens),
+    }
+
+
+def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -> dict[str, Any]:
+    return {
+        "mode": "layout",
+        "spec": spec.name,
+        "gpus": result.gpus,
+        "gpu": result.gpu.key,
+        "seq": result.seq,
+        "mfu": result.hfu,
+        "headroom": result.headroom,
+        "usable_bytes_per_gpu": result.usable_bytes,
+        "network": {"intra_node_bytes_per_s": result.net.intra_node,
+                    "inter_node_bytes_per_s": result.net.inter_node,
+                    "gpus_per_node": result.net.gpus_per_node, "source": result.net.source},
+        "model_flops_per_token": result.model_flops_per_token,
+        "training_tokens": tokens,
+        "training_tokens_source": source,
+        "feasible": result.feasible,
+        "reasons": list(result.reasons),
+        "considered": result.considered,
+        "fitting": result.fitting,
+        "layouts": [_layout_row(e, tokens) for e in result.ranked[:TOP_LAYOUTS]],
+    }
+
+
+def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) -> None:
+    from rich.table import Table
+
+    from archplan.planning.parallel import training_days
+    from archplan.units import count, nbytes, percent
+
+    console = _console()
+    net = result.net
+    console.print(
+        f"[bold]Cluster layouts[/] for {spec.name} on {result.gpus} × {result.gpu.name} "
+        f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "
+        f"seq {result.seq:,}; compute at {percent(result.hfu)} of the bf16 dense peak; "
+        f"links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} GB/s across "
+        f"({net.source}); {result.fitting:,} of {result.considered:,} layouts fit"
+    )
+    if not result.feasible:
+        for reason in result.reasons:
+            console.print(f"[bold red]infeasible:[/] {reason}")
+        return
+    table = Table(title=f"fastest {min(TOP_LAYOUTS, len(result.ranked))} (per-GPU memory of the most "
+                  "loaded stage, bf16 + fp32 Adam, 16 B/param)", title_justify="left")
+    for col in ("#", "layout", "m", "weights", "grads", "optim.", "activ.", "total", "step s",
+                "comm+bubble", "MFU", "days"):
+        table.add_column(col, justify="right" if col not in ("layout",) else "left")
+    for i, e in enumerate(result.ranked[:TOP_LAYOUTS], 1):
+        mem, t = e.memory, e.time
+        overhead = (t.total - t.compute) / t.total
+        table.add_row(str(i), e.layout.label, str(e.layout.microbatches), nbytes(mem.weights),
+                      nbytes(mem.grads), nbytes(mem.optimizer), nbytes(mem.activations),
+                      nbytes(mem.total), f"{t.total:.2f}", percent(overhead), percent(e.mfu),
+                      f"{training_days(e, tokens):.1f}")
+    console.print(table)
+    best = result.ranked[0]
+    console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
+                  f"per step as run; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
+                  "causal, no recompute) / (step time × GPUs × peak)")
+
+
+# --------------------------------------------------------------------------------- the command
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command("plan", help=HELP)
+    def plan(
+        spec: Annotated[str | None, typer.Argument(
+            help="Spec YAML or preset: search cluster layouts for it (with --gpus, --gpu).",
+            show_default=False)] = None,
+        compute: Annotated[str | None, typer.Option(
+            "--compute", help="Training budget in FLOPs, e.g. 1e24.")] = None,
+        params: Annotated[str | None, typer.Option(
+            "--params", help="Plan for this N instead (the budget for which it is optimal), e.g. 70e9.")] = None,
+        tokens: Annotated[str | None, typer.Option(
+            "--tokens", help="Plan for this D instead; with SPEC: training tokens to price, e.g. 15T.")] = None,
+        family: Annotated[FamilyChoice, typer.Option(
+            "--family", help="Architecture family of the generated spec.")] = FamilyChoice.dense,
+        law: Annotated[LawOption, typer.Option(
+            "--law", help="chinchilla: Hoffmann 2022 Approach 3; epoch: Besiroglu 2024 refit; 20x: D = 20N.")] = LawOption.epoch,
+        vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary of the generated spec.")] = 128256,
+        seq: Annotated[int | None, typer.Option(
+            "--seq", help="Budget: max_seq_len of the generated spec [8192]; SPEC: training sequence length [min(8192, max_seq_len)].")] = None,
+        output: Annotated[str | None, typer.Option("-o", "--output", help="Write the generated/solved spec here.")] = None,
+        force: ForceOpt = False,
+        as_json: JsonOpt = False,
+        plot: Annotated[str | None, typer.Option(
+            "--plot", help="Figure (PNG/SVG/PDF): loss along the IsoFLOP curve, or the layouts' memory.")] = None,
+        solve: Annotated[str | None, typer.Option(
+            "--solve", help="Partial spec YAML: sizes marked `solve` (or left out) are solved for.")] = None,
+        total: Annotated[str | None, typer.Option("--total", help="Target total parameters, e.g. 1.8e12.")] = None,
+        active: Annotated[str | None, typer.Option("--active", help="Target active parameters, e.g. 220e9.")] = None,
+        tol: Annotated[float, typer.Option("--tol", help="Relative tolerance on each target.")] = 0.01,
+        multiple: Annotated[int, typer.Option("--multiple", help="Solved widths are multiples of this.")] = 1,
+        gpus: Annotated[int | None, typer.Option("--gpus", help="Number of GPUs.")] = None,
+        gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h200, b200, mi300x, ...")] = "h100",
+        global_batch_tokens: Annotated[str, typer.Option(
+            "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.")] = "4M",
+        mfu: Annotated[float, typer.Option(
+            "--mfu", help="Fraction of the bf16 dense peak the compute runs at (communication and bubbles come on top).")] = 0.4,
+        headroom: Annotated[float, typer.Option(
+            "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).")] = 0.1,
+        gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per NVLink domain [8].")] = None,
+        nvlink_gbs: Annotated[float | None, typer.Option("--nvlink-gbs", help="In-node bandwidth per GPU, GB/s one way.")] = None,
+        ib_gbs: Annotated[float | None, typer.Option("--ib-gbs", help="Inter-node bandwidth per GPU, GB/s one way.")] = None,
+    ) -> None:
+        modes = [name for name, on in (("SPEC", spec is not None), ("--solve", solve is not None))
+                 if on]
+        if len(modes) > 1:
+            raise ArchplanError("give either SPEC (layout search) or --solve, not both")
+        if solve is not None:
+            _run_solve(solve, total, active, tol, multiple, output, force, as_json, plot)
+        elif spec is not None:
+            if output is not None:
+                raise ArchplanError("-o writes a generated or solved spec; the layout search writes none")
+            if gpus is None:
+                raise ArchplanError("the layout search needs --gpus (and --gpu)")
+            _run_layout(spec, gpus, gpu, seq, global_batch_tokens, mfu, headroom, gpus_per_node,
+                        nvlink_gbs, ib_gbs, _amount(tokens, "--tokens"), law, as_json, plot)
+        else:
+            if total is not None or active is not None:
+                raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
+            if gpus is not None:
+                raise ArchplanError("--gpus goes with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
+            _run_budget(_amount(compute, "--compute"), _amount(params, "--params"),
+                        _amount(tokens, "--tokens"), family, law, vocab,
+                        seq if seq is not None else DEFAULT_BUDGET_SEQ, output, force, as_json, plot)
+
+
+def _check_output(output: str | None, force: bool) -> None:
+    if output is not None and Path(output).exists() and not force:
+        raise ArchplanError("file exists; pass --force to overwrite", file=output, field="-o")
+
+
+def _run_budget(compute: float | None, params: float | None, tokens: float | None,
+                family: FamilyChoice, law: LawOption, vocab: int, seq: int, output: str | None,
+                force: bool, as_json: bool, plot: str | None) -> None:
+    from archplan.planning import write_spec
+
+    _check_output(output, force)
+    if vocab < 1 or seq < 1:
+        raise ArchplanError("--vocab and --seq must be positive")
+    result, made = _budget(compute, params, tokens, family, law, vocab, seq)
+    if output is not None:
+        write_spec(made.spec, output, force=force, header=(
+            f"generated by archplan plan --{'compute' if compute is not None else 'params' if params is not None else 'tokens'} "
+            f"{compute or params or tokens:.4g} --family {family.value} --law {law.value} --vocab {vocab}"))
+    if plot is not None:
+        _plot_budget(result, made, plot)
+    if as_json:
+        typer.echo(json.dumps(_budget_json(result, made, output), indent=2))
+    else:
+        _print_budget(result, made, output)
+        if plot is not None:
+            typer.echo(f"figure written to {plot}")
+
+
+def _run_solve(partial: str, total: str | None, active: str | None, tol: float, multiple: int,
+               output: str | None, force: bool, as_json: bool, plot: str | None) -> None:
+    from archplan.planning import write_spec
+    from archplan.planning.solve import Targets, solve
+
+    if plot is not None:
+        raise ArchplanError("--plot draws a budget's IsoFLOP curve or a layout search, not a solve")
+    _check_output(output, force)
+    result = solve(partial, Targets(_amount(total, "--total"), _amount(active, "--active")),
+                   tolerance=tol, multiple=multiple)
+    written = None
+    if output is not None and result.solved:
+        best = result.nearest
+        write_spec(best.spec, output, force=force, header=(
+            f"solved by archplan plan --solve {partial}: "
+            + ", ".join(f"{k} = {v}" for k, v in best.values.items())))
+        written = output
+    if as_json:
+        typer.echo(json.dumps(_solve_json(result, written), indent=2))
+    else:
+        _print_solve(result, written)
+        if output is not None and not result.solved:
+            typer.echo(f"nothing written to {output}: no candidate within tolerance")
+    if not result.solved:
+        # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
+        # returns an Exit's code instead of exiting with it.
+        raise SystemExit(1)
+
+
+def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str, mfu: float,
+                headroom: float, gpus_per_node: int | None, nvlink_gbs: float | None,
+                ib_gbs: float | None, tokens: float | None, law: LawOption, as_json: bool,
+                plot: str | None) -> None:
+    from archplan.hardware import accelerator
+    from archplan.loader import load_spec
+    from archplan.planning.parallel import interconnect, search
+    from archplan.resolve import resolve
+
+    spec = load_spec(name)
+    device = accelerator(gpu_key)
+    batch_tokens = _amount(batch_text, "--global-batch-tokens")
+    assert batch_tokens is not None
+    if not math.isfinite(batch_tokens) or batch_tokens <= 0:
+        raise ArchplanError("--global-batch-tokens must be positive")
+    net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
+    result = search(resolve(spec), device, gpus, seq=seq or min(DEFAULT_BUDGET_SEQ, spec.max_seq_len),
+                    global_batch_tokens=batch_tokens, hfu=mfu, net=net, headroom=headroom)
+    train_tokens, source = _training_tokens(spec, tokens, law)
+    plotted = plot is not None and result.feasible
+    if plotted:
+        assert plot is not None
+        _plot_layouts(result, plot)
+    if as_json:
+        typer.echo(json.dumps(_layout_json(spec, result, train_tokens, source), indent=2))
+    else:
+        _print_layout(spec, result, train_tokens, source)
+        if plotted:
+            typer.echo(f"figure written to {plot}")
+    if not result.feasible:
+        raise SystemExit(1)

@@ -1,2 +1,60 @@
 """`archplan plan`: budgets to compute-optimal sizes (optimal), sizes to recipe specs (design),
-partial specs to complete ones (solve), and specs to cluster layouts (parallel)."""
+partial specs to complete ones (solve), and specs to cluster layouts (parallel).
+
+Also the one way plan writes a spec: only the fields that differ from the schema defaults (plus
+every `kind`, which the discriminated unions need), read back with the loader before returning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from archplan.errors import ArchplanError
+from archplan.spec import Spec
+
+
+# Top-level blocks written even at their defaults: a reader of the file should see the conventions.
+ALWAYS_WRITTEN = frozenset({"position", "norm", "residual"})
+
+
+def spec_data(model: BaseModel, always: frozenset[str] = ALWAYS_WRITTEN) -> dict[str, Any]:
+    """A spec (or sub-model) as plain data: `kind` first, then the non-default fields in schema order."""
+    out: dict[str, Any] = {}
+    fields = type(model).model_fields
+    for name in sorted(fields, key=lambda n: n != "kind"):
+        value = getattr(model, name)
+        info = fields[name]
+        if name != "kind" and name not in always and not info.is_required() and value == info.default:
+            continue
+        out[name] = spec_data(value, frozenset()) if isinstance(value, BaseModel) else value
+    return out
+
+
+def spec_yaml(spec: Spec, header: str) -> str:
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    body = yaml.safe_dump(spec_data(spec), sort_keys=False, default_flow_style=None, width=100,
+                          allow_unicode=True)
+    return comments + body
+
+
+def write_spec(spec: Spec, path: str, *, force: bool, header: str) -> None:
+    """Write `spec` to `path` (refusing to overwrite without force) and check it loads back equal."""
+    from archplan.loader import load_spec
+
+    target = Path(path)
+    if target.exists() and not force:
+        raise ArchplanError("file exists; pass --force to overwrite", file=path, field="-o")
+    if target.suffix not in (".yaml", ".yml"):
+        raise ArchplanError("output must be a .yaml or .yml file", file=path, field="-o")
+    if not target.parent.is_dir():
+        raise ArchplanError("directory does not exist", file=path, field="-o")
+    try:
+        target.write_text(spec_yaml(spec, header), encoding="utf-8")
+    except OSError as exc:
+        raise ArchplanError(f"cannot write: {exc.strerror}", file=path) from None
+    if load_spec(target) != spec:
+        raise ArchplanError("written spec does not load back identical (please report)", file=path)
