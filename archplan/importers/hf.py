@@ -1,0 +1,1279 @@
+"""Hugging Face `config.json` -> archplan `Spec`, exact to the model transformers builds from it.
+
+One registry, `FAMILIES`, keyed by `model_type`: each entry is a small converter function plus the
+defaults transformers' `configuration_<family>.py` applies when a key is absent (transformers 5.24,
+the version `tests/fixtures/expected.json` was recorded with). Shared helpers read what every
+Llama-like family spells the same way (dims, RoPE, sliding windows, MoE placement).
+
+Every key of the config must be accounted for: read by the converter, listed as not changing size
+or compute (dropout, token ids, init ranges...), or pinned to the value transformers hard-codes
+(`HFConfig.fixed`). Anything else is an `ArchplanError` naming the field: an importer that guesses
+would print a confident wrong number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from archplan.errors import ArchplanError
+from archplan.spec import (
+    GLU,
+    GQA,
+    MHA,
+    MLA,
+    MLP,
+    MQA,
+    Alibi,
+    Embedding,
+    Layout,
+    LearnedPositions,
+    Mamba1,
+    Mamba2,
+    MoE,
+    NoPositions,
+    NormSpec,
+    Parallel,
+    PreNorm,
+    QKNorm,
+    Reference,
+    Reordered,
+    Rope,
+    RopeScaling,
+    Router,
+    Sandwich,
+    SharedExperts,
+    Spec,
+    rotary_dim,
+)
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config.json is a few KB; anything this big is not one
+
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
+
+# transformers' ACT2FN names -> the spec's activations. gelu_new, gelu_fast and gelu_pytorch_tanh
+# are all 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Hendrycks & Gimpel 2016, eq. in §2).
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+# Keys that change neither the parameter count nor the compute of one forward: training-time
+# dropout and init, token ids, serving/runtime switches, generation defaults that old configs
+# carry, and bookkeeping. Read nowhere, accepted everywhere.
+IGNORED_EVERYWHERE = frozenset({
+    "_name_or_path", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
+    "quantization_config", "use_cache", "initializer_range", "bos_token_id", "eos_token_id",
+    "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+    "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "emb_pdrop",
+    "classifier_dropout", "output_attentions", "output_hidden_states", "return_dict",
+    "use_return_dict", "id2label", "label2id", "num_labels", "problem_type",
+    "chunk_size_feed_forward", "output_router_logits", "router_jitter_noise", "task_specific_params",
+    "torchscript", "pruned_heads", "tie_encoder_decoder", "is_decoder", "finetuning_task", "prefix",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss", "use_bfloat16", "xla_device",
+    "_attn_implementation", "attn_implementation", "_commit_hash", "pretraining_tp",
+})
+
+_ABSENT = object()
+
+
+# ------------------------------------------------------------------------------- config reader
+class HFConfig:
+    """A config.json dict read key by key: every read marks the key, leftovers are unknown fields.
+
+    A key absent from the file takes the family's transformers default; `aliases` are the other
+    spellings transformers' `attribute_map` accepts (GPT-2 `n_embd` for `hidden_size`, ...).
+    """
+
+    def __init__(self, data: Mapping[str, Any], *, file: str, model_type: str,
+                 defaults: Mapping[str, Any], aliases: Mapping[str, str]) -> None:
+        self.data = data
+        self.file = file
+        self.model_type = model_type
+        self.defaults = defaults
+        self.aliases = aliases  # spelling in the file -> canonical name
+        self.used: set[str] = {"model_type"}
+        self.notes: list[str] = []
+
+    # -- raw access
+    def _spelling(self, name: str) -> str | None:
+        spellings = [name] + [alt for alt, canon in self.aliases.items() if canon == name]
+        present = [s for s in spellings if s in self.data]
+        self.used.update(spellings)
+        if len(present) > 1 and len({json.dumps(self.data[s], sort_keys=True) for s in present}) > 1:
+            raise self.error(name, f"given twice with different values ({', '.join(present)})")
+        return present[0] if present else None
+
+    def has(self, name: str) -> bool:
+        return self._spelling(name) is not None
+
+    def get(self, name: str, default: Any = _ABSENT) -> Any:
+        """The file's value, else the explicit `default`, else the family default."""
+        key = self._spelling(name)
+        if key is not None:
+            return self.data[key]
+        if default is not _ABSENT:
+            return default
+        if name in self.defaults:
+            return self.defaults[name]
+        raise self.error(name, f"required field is missing (model_type {self.model_type!r} has no default)")
+
+    def error(self, name: str, message: str) -> ArchplanError:
+        return ArchplanError(message, file=self.file, field=name)
+
+    # -- typed access
+    def int_(self, name: str, default: Any = _ABSENT) -> int:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected an integer, got {value!r}")
+        if value <= 0:
+            raise self.error(name, f"expected a positive integer, got {value}")
+        return value
+
+    def opt_int(self, name: str, default: Any = _ABSENT) -> int | None:
+        """An integer or null (null = 'derive it', as transformers' `getattr(...) or ...` does)."""
+        if self.get(name, default) is None:
+            return None
+        return self.int_(name, default)
+
+    def count(self, name: str, default: Any = _ABSENT) -> int:
+        """A non-negative integer (0 allowed: 'no dense prefix', 'no shared expert')."""
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.error(name, f"expected a non-negative integer, got {value!r}")
+        return value
+
+    def float_(self, name: str, default: Any = _ABSENT) -> float:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(name, f"expected a number, got {value!r}")
+        return float(value)
+
+    def bool_(self, name: str, default: Any = _ABSENT) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {value!r}")
+        return value
+
+    def str_(self, name: str, default: Any = _ABSENT) -> str:
+        value = self.get(name, default)
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {value!r}")
+        return value
+
+    def dict_(self, name: str) -> dict[str, Any] | None:
+        value = self.get(name, None)
+        if value is not None and not isinstance(value, dict):
+            raise self.error(name, f"expected a mapping or null, got {value!r}")
+        return value
+
+    def int_list(self, name: str) -> list[int]:
+        value = self.get(name, None)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise self.error(name, f"expected a list of layer indices, got {value!r}")
+        return value
+
+    def activation(self, name: str, default: Any = _ABSENT) -> Activation:
+        act = self.str_(name, default)
+        if act not in ACTIVATIONS:
+            raise self.error(name, f"cannot express activation {act!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+        return ACTIVATIONS[act]
+
+    # -- fields that must not change anything
+    def ignore(self, *names: str) -> None:
+        """Fields this family accepts that change neither size nor compute (reason at the call)."""
+        for name in names:
+            self._spelling(name)
+
+    def fixed(self, name: str, expected: Any, why: str) -> None:
+        """transformers hard-codes this; a config asking for anything else cannot be honoured exactly."""
+        key = self._spelling(name)
+        if key is not None and self.data[key] != expected:
+            raise self.error(name, f"cannot express {name}={self.data[key]!r}: {why}")
+
+    def leftovers(self) -> list[str]:
+        return sorted(k for k in self.data if k not in self.used and k not in IGNORED_EVERYWHERE)
+
+
+# ------------------------------------------------------------------------------ shared helpers
+@dataclass(frozen=True)
+class Dims:
+    """The sizes every decoder family has, read once."""
+
+    vocab: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    max_pos: int | None
+
+
+def read_dims(cfg: HFConfig, *, head_dim_key: bool = True, kv_key: str | None = "num_key_value_heads",
+              max_pos_key: str | None = "max_position_embeddings") -> Dims:
+    """HF Llama-style names. head_dim: `getattr(config, "head_dim", None) or hidden // heads`
+    (LlamaAttention and its copies); families whose modeling never reads a head_dim pass False."""
+    d_model = cfg.int_("hidden_size")
+    n_heads = cfg.int_("num_attention_heads")
+    # absent and without a family default = derived, as the getattr(...) fallbacks do
+    n_kv = (cfg.opt_int(kv_key, cfg.defaults.get(kv_key)) if kv_key else None) or n_heads
+    head_dim = (cfg.opt_int("head_dim", cfg.defaults.get("head_dim")) if head_dim_key else None) or d_model // n_heads
+    return Dims(
+        vocab=cfg.int_("vocab_size"),
+        d_model=d_model,
+        n_layers=cfg.int_("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv=n_kv,
+        head_dim=head_dim,
+        max_pos=cfg.int_(max_pos_key) if max_pos_key else None,
+    )
+
+
+def attention(cfg: HFConfig, dims: Dims, *, qkv_bias: bool = False, out_bias: bool = False,
+              qk_norm: QKNorm | None = None, window: int | None = None) -> MHA | GQA | MQA:
+    """The attention kind follows from the head counts (Vaswani MHA, Shazeer MQA, Ainslie GQA)."""
+    common: dict[str, Any] = dict(
+        n_heads=dims.n_heads, head_dim=dims.head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+    )
+    if qk_norm is not None:
+        common["qk_norm"] = qk_norm
+    if window is not None:
+        common["sliding_window"] = window
+    if dims.n_kv == dims.n_heads:
+        return MHA(kind="mha", **common)
+    if dims.n_kv == 1:
+        return MQA(kind="mqa", **common)
+    if dims.n_heads % dims.n_kv:
+        raise cfg.error("num_key_value_heads",
+                        f"{dims.n_heads} query heads are not divisible by {dims.n_kv} key/value heads")
+    return GQA(kind="gqa", n_kv_heads=dims.n_kv, **common)
+
+
+def rms(cfg: HFConfig, key: str = "rms_norm_eps") -> NormSpec:
+    return NormSpec(kind="rmsnorm", eps=cfg.float_(key))
+
+
+def layer_norm(cfg: HFConfig, key: str, *, bias: bool = True) -> NormSpec:
+    return NormSpec(kind="layernorm", bias=bias, eps=cfg.float_(key))
+
+
+# RoPE scaling types (transformers `ROPE_INIT_FUNCTIONS`) -> spec kinds, with the keys each reads.
+_ROPE_KINDS: dict[str, tuple[Literal["linear", "ntk", "yarn", "llama3"], frozenset[str]]] = {
+    "linear": ("linear", frozenset({"factor"})),
+    "dynamic": ("ntk", frozenset({"factor", "original_max_position_embeddings"})),
+    "yarn": ("yarn", frozenset({"factor", "original_max_position_embeddings", "beta_fast",
+                                "beta_slow", "mscale", "mscale_all_dim", "truncate"})),
+    "llama3": ("llama3", frozenset({"factor", "original_max_position_embeddings",
+                                    "low_freq_factor", "high_freq_factor"})),
+}
+_ROPE_SCALING_FIELDS = {  # config key -> RopeScaling field
+    "factor": "factor", "original_max_position_embeddings": "original_max_positions",
+    "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+    "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
+    "mscale_all_dim": "mscale_all_dim",
+}
+
+
+def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 10000.0) -> Rope:
+    """RoPE from either spelling: legacy top-level `rope_theta`/`rope_scaling`/`partial_rotary_factor`
+    or transformers 5's `rope_parameters` dict (modeling_rope_utils.convert_rope_params_to_dict)."""
+    params = cfg.dict_("rope_parameters") or {}
+    legacy = cfg.dict_("rope_scaling")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise cfg.error("rope_parameters", "cannot express per-layer-type RoPE parameters")
+    theta = float(params.get("rope_theta", cfg.float_("rope_theta", theta)))
+    fraction = float(params.get("partial_rotary_factor", cfg.float_("partial_rotary_factor", fraction)))
+    scaling_src, where = (legacy, "rope_scaling") if legacy else (params, "rope_parameters")
+    kind_name = scaling_src.get("rope_type", scaling_src.get("type", "default"))
+    scaling: RopeScaling | None = None
+    if kind_name != "default":
+        if kind_name not in _ROPE_KINDS:
+            raise cfg.error(f"{where}.rope_type",
+                            f"cannot express RoPE scaling {kind_name!r}; supported: {', '.join(_ROPE_KINDS)}")
+        kind, keys = _ROPE_KINDS[kind_name]
+        bookkeeping = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+        unknown = sorted(set(scaling_src) - keys - bookkeeping)
+        if unknown:
+            raise cfg.error(f"{where}.{unknown[0]}", f"cannot express this {kind_name} RoPE field")
+        values: dict[str, Any] = {
+            _ROPE_SCALING_FIELDS[k]: v for k, v in scaling_src.items()
+            if k in _ROPE_SCALING_FIELDS and v is not None
+        }
+        if kind in ("yarn", "llama3") and "original_max_positions" not in values and dims.max_pos:
+            # transformers' _compute_yarn_parameters falls back to max_position_embeddings
+            values["original_max_positions"] = dims.max_pos
+        try:
+            scaling = RopeScaling(kind=kind, **values)
+        except ValidationError as exc:
+            raise cfg.error(where, _pydantic_message(exc)) from None
+    out: dict[str, Any] = {"kind": "rope", "theta": theta}
+    if fraction != 1.0:
+        out["fraction"] = fraction
+    if scaling is not None:
+        out["scaling"] = scaling
+    return Rope(**out)
+
+
+def compress_mixers(letters: Sequence[str]) -> str:
+    """Shortest cyclic pattern that spells the per-layer letters (Layout.mixers repeats it)."""
+    n = len(letters)
+    for period in range(1, n + 1):
+        if all(letters[i] == letters[i % period] for i in range(n)):
+            return "".join(letters[:period])
+    return "".join(letters)
+
+
+def window_letters(cfg: HFConfig, n_layers: int, window: int | None) -> list[str]:
+    """Per-layer A/S from an explicit `layer_types` list (transformers 5 configs), else uniform."""
+    types = cfg.get("layer_types", None)
+    if types is None:
+        return ["S" if window is not None else "A"] * n_layers
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise cfg.error("layer_types", f"expected a list of {n_layers} layer types")
+    letters = []
+    for t in types:
+        if t == "full_attention":
+            letters.append("A")
+        elif t == "sliding_attention":
+            # a 'sliding' layer without a window attends globally (Qwen2Attention.sliding_window = None)
+            letters.append("S" if window is not None else "A")
+        else:
+            raise cfg.error("layer_types", f"cannot express layer type {t!r}")
+    return letters
+
+
+def moe_layout(cfg: HFConfig, n_layers: int, moe_layers: Sequence[int], fields: str) -> dict[str, int]:
+    """Fit `first_dense`, `moe_every`, `moe_offset` to the exact set of MoE layers, or refuse.
+
+    The spec places MoE on layer i iff i >= first_dense and i % moe_every == moe_offset. The layers
+    must then be an arithmetic progression that runs to the last layer its step allows.
+    """
+    layers = sorted(moe_layers)
+    if not layers:
+        return {}
+    if len(layers) == 1:
+        every = n_layers - layers[0]
+    else:
+        every = layers[1] - layers[0]
+    ok = all(b - a == every for a, b in zip(layers, layers[1:])) and layers[-1] + every >= n_layers
+    if not ok:
+        raise cfg.error(fields, f"cannot express MoE on layers {layers} with layout.first_dense/"
+                                "moe_every/moe_offset (an arithmetic run to the last layer)")
+    layout = {"moe_every": every, "moe_offset": layers[0] % every,
+              "first_dense": max(0, layers[0] - every + 1)}
+    return {k: v for k, v in layout.items() if v != (1 if k == "moe_every" else 0)}
+
+
+def glu(d_ff: int, act: Activation, *, bias: bool = False) -> GLU:
+    return GLU(kind="glu", d_ff=d_ff, activation=act, bias=bias)
+
+
+def mlp(d_ff: int, act: Activation, *, bias: bool) -> MLP:
+    return MLP(kind="mlp", d_ff=d_ff, activation=act, bias=bias)
+
+
+def base(dims: Dims, *, tied: bool, lm_head_bias: bool = False, embed_norm: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"vocab_size": dims.vocab, "d_model": dims.d_model, "n_layers": dims.n_layers}
+    if dims.max_pos is not None:
+        out["max_seq_len"] = dims.max_pos
+    emb: dict[str, bool] = {"tied": tied}
+    if lm_head_bias:
+        emb["lm_head_bias"] = True
+    if embed_norm:
+        emb["norm"] = True
+    out["embedding"] = Embedding(**emb)
+    return out
+
+
+def tied(cfg: HFConfig) -> bool:
+    return cfg.bool_("tie_word_embeddings")
+
+
+def all_layers_window(cfg: HFConfig) -> int | None:
+    """Mistral/Mixtral/Phi-3: `sliding_window` (null = global) applies to every layer."""
+    return cfg.opt_int("sliding_window")
+
+
+# ------------------------------------------------------------------------------------ registry
+Converter = Callable[[HFConfig], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Family:
+    convert: Converter
+    defaults: Mapping[str, Any]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    ignored: frozenset[str] = frozenset()
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def family(model_type: str, *, defaults: Mapping[str, Any], aliases: Mapping[str, str] | None = None,
+           ignored: Sequence[str] = ()) -> Callable[[Converter], Converter]:
+    def register(fn: Converter) -> Converter:
+        FAMILIES[model_type] = Family(fn, defaults, aliases or {}, frozenset(ignored))
+        return fn
+    return register
+
+
+# Defaults below are transformers 5.24's configuration_<family>.py values (dataclass fields and
+# __post_init__), limited to the fields that change size or compute.
+_LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=None, hidden_act="silu",
+              max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              attention_bias=False, mlp_bias=False, head_dim=None)
+
+
+def _llama_like(cfg: HFConfig, *, qkv_bias: bool = False, out_bias: bool = False,
+                mlp_bias: bool = False, act: Activation | None = None, theta: float = 10000.0,
+                window: int | None = None, qk_norm: QKNorm | None = None) -> dict[str, Any]:
+    """Llama (modeling_llama.py) and its copies: pre-RMSNorm, GQA, gated FFN, RoPE. Biases are the
+    caller's: each family decides which config key (if any) transformers reads for them."""
+    dims = read_dims(cfg)
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": rope(cfg, dims, theta=theta),
+        "norm": rms(cfg),
+        "attention": attention(cfg, dims, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm,
+                               window=window),
+        "ffn": glu(cfg.int_("intermediate_size"), act or cfg.activation("hidden_act"), bias=mlp_bias),
+        "layout": Layout(mixers="S" if window is not None else "A"),
+    }
+
+
+@family("llama", defaults=_LLAMA)
+def _llama(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_llama.py: attention_bias puts a bias on q, k, v and o; mlp_bias on all three FFN mats."""
+    bias = cfg.bool_("attention_bias")
+    return _llama_like(cfg, qkv_bias=bias, out_bias=bias, mlp_bias=cfg.bool_("mlp_bias"))
+
+
+_MISTRAL = {**_LLAMA, "intermediate_size": 14336, "num_key_value_heads": 8,
+            "max_position_embeddings": 131072, "sliding_window": 4096}
+
+
+def _no_llama_biases(cfg: HFConfig, family_name: str) -> None:
+    """Families whose attention and MLP hard-code bias=False: the Llama keys may only say so."""
+    cfg.fixed("attention_bias", False, f"transformers' {family_name} builds no attention biases")
+    cfg.fixed("mlp_bias", False, f"transformers' {family_name} builds no MLP biases")
+
+
+@family("mistral", defaults=_MISTRAL)
+def _mistral(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_mistral.py: Llama without biases; `sliding_window` (default 4096) on every layer."""
+    _no_llama_biases(cfg, "Mistral")
+    return _llama_like(cfg, window=all_layers_window(cfg))
+
+
+def _moe(cfg: HFConfig, *, n_experts: int, top_k: int, expert_ff: int, act: Activation,
+         normalize: bool, shared: SharedExperts | None = None) -> MoE:
+    """A softmax top-k MoE (Switch/Mixtral routing) with the family's aux-loss coefficient."""
+    if top_k > n_experts:
+        raise cfg.error("num_experts_per_tok", f"top-k {top_k} exceeds the {n_experts} experts")
+    out: dict[str, Any] = dict(
+        n_experts=n_experts, top_k=top_k, expert=glu(expert_ff, act),
+        router=Router(scoring="softmax", normalize_top_k=normalize),
+        aux_loss_coef=cfg.float_("router_aux_loss_coef"),
+    )
+    if shared is not None:
+        out["shared"] = shared
+    return MoE(**out)
+
+
+def place_moe(cfg: HFConfig, spec: dict[str, Any], *, mixers: str, moe: Callable[[], MoE],
+              moe_layers: Sequence[int], dense_ff: int, fields: str) -> dict[str, Any]:
+    """Put experts on exactly `moe_layers` and the dense FFN (width dense_ff) on the others."""
+    n_layers = spec["n_layers"]
+    act = spec["ffn"].activation
+    spec.pop("ffn")
+    if not moe_layers:
+        spec["ffn"] = glu(dense_ff, act)
+        spec["layout"] = Layout(mixers=mixers)
+        return spec
+    if len(moe_layers) < n_layers:
+        spec["ffn"] = glu(dense_ff, act)
+    spec["moe"] = moe()
+    spec["layout"] = Layout(mixers=mixers, **moe_layout(cfg, n_layers, moe_layers, fields))
+    return spec
+
+
+@family("mixtral", defaults={**_MISTRAL, "sliding_window": None, "rms_norm_eps": 1e-5,
+                             "num_local_experts": 8, "num_experts_per_tok": 2,
+                             "router_aux_loss_coef": 0.001},
+        aliases={"num_experts": "num_local_experts"})
+def _mixtral(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_mixtral.py: Mistral with a softmax top-k (renormalised) MoE on every layer."""
+    _no_llama_biases(cfg, "Mixtral")
+    window = all_layers_window(cfg)
+    spec = _llama_like(cfg, theta=1e6, window=window)  # MixtralConfig.default_theta
+    ff, act = spec["ffn"].d_ff, spec["ffn"].activation
+    return place_moe(
+        cfg, spec, mixers=spec["layout"].mixers, moe_layers=range(spec["n_layers"]), dense_ff=ff,
+        fields="num_local_experts",
+        moe=lambda: _moe(cfg, n_experts=cfg.int_("num_local_experts"), top_k=cfg.int_("num_experts_per_tok"),
+                         expert_ff=ff, act=act, normalize=True),
+    )
+
+
+_QWEN2 = {**_LLAMA, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+          "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 4096,
+          "max_window_layers": 28}
+
+
+def qwen_window(cfg: HFConfig, n_layers: int, default_sliding: Callable[[int, int], bool]) -> tuple[int | None, str]:
+    """Qwen2/Qwen3(-MoE) `__post_init__`: a window only if use_sliding_window; without explicit
+    layer_types, layer i slides iff default_sliding(i, max_window_layers)."""
+    window = cfg.opt_int("sliding_window")
+    if not cfg.bool_("use_sliding_window"):
+        window = None
+    max_window = cfg.count("max_window_layers")
+    if cfg.get("layer_types", None) is None and window is not None:
+        letters = ["S" if default_sliding(i, max_window) else "A" for i in range(n_layers)]
+    else:
+        letters = window_letters(cfg, n_layers, window)
+    return (window if "S" in letters else None), compress_mixers(letters)
+
+
+@family("qwen2", defaults=_QWEN2)
+def _qwen2(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_qwen2.py: Llama with q/k/v bias (o without); sliding layers i >= max_window_layers."""
+    cfg.fixed("use_mrope", False, "multimodal RoPE sections (Qwen2-VL) are not a text-model feature")
+    window, mixers = qwen_window(cfg, cfg.int_("num_hidden_layers"), lambda i, m: i >= m)
+    spec = _llama_like(cfg, qkv_bias=True, window=window)
+    spec["layout"] = Layout(mixers=mixers)
+    return spec
+
+
+def qk_head_norm(cfg: HFConfig) -> QKNorm:
+    """Qwen3: one RMSNorm of width head_dim shared by all heads (modeling_qwen3.py q_norm/k_norm)."""
+    return QKNorm(scope="head", norm=rms(cfg))
+
+
+@family("qwen3", defaults={**_QWEN2, "head_dim": 128})
+def _qwen3(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_qwen3.py: Llama + per-head-dim q/k RMSNorm; head_dim defaults to 128, not d/H."""
+    window, mixers = qwen_window(cfg, cfg.int_("num_hidden_layers"), lambda i, m: i >= m)
+    bias = cfg.bool_("attention_bias")
+    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, qk_norm=qk_head_norm(cfg), window=window)
+    spec["layout"] = Layout(mixers=mixers)
+    return spec
+
+
+def sparse_layers(cfg: HFConfig, n_layers: int, n_experts: int) -> list[int]:
+    """Qwen2/3-MoE decoder layer: experts iff i not in mlp_only_layers and (i+1) % step == 0."""
+    step = cfg.int_("decoder_sparse_step")
+    dense = set(cfg.int_list("mlp_only_layers"))
+    return [i for i in range(n_layers) if i not in dense and n_experts > 0 and (i + 1) % step == 0]
+
+
+def _sparse_fields(cfg: HFConfig) -> str:
+    return "mlp_only_layers" if cfg.int_list("mlp_only_layers") else "decoder_sparse_step"
+
+
+_QWEN_MOE = {**_QWEN2, "hidden_size": 2048, "num_hidden_layers": 24, "decoder_sparse_step": 1,
+             "norm_topk_prob": False, "mlp_only_layers": None, "router_aux_loss_coef": 0.001}
+
+
+@family("qwen2_moe", defaults={**_QWEN_MOE, "intermediate_size": 5632, "num_attention_heads": 16,
+                               "num_key_value_heads": 16, "moe_intermediate_size": 1408,
+                               "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
+                               "num_experts": 60, "qkv_bias": True})
+def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_qwen2_moe.py: routed experts + one shared expert behind a sigmoid(Linear(D,1)) gate;
+    default sliding layers are the even ones below max_window_layers (Qwen2MoeConfig.__post_init__)."""
+    _no_llama_biases(cfg, "Qwen2-MoE")
+    n_layers = cfg.int_("num_hidden_layers")
+    window, mixers = qwen_window(cfg, n_layers, lambda i, m: bool((i + 1) % 2) and i < m)
+    spec = _llama_like(cfg, qkv_bias=cfg.bool_("qkv_bias"), window=window)
+    n_experts = cfg.count("num_experts")
+    shared_ff = cfg.count("shared_expert_intermediate_size")
+    if shared_ff == 0:
+        raise cfg.error("shared_expert_intermediate_size",
+                        "cannot express a zero-width shared expert (transformers still builds its gate)")
+    return place_moe(
+        cfg, spec, mixers=mixers, moe_layers=sparse_layers(cfg, n_layers, n_experts),
+        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg),
+        moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
+                         expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
+                         normalize=cfg.bool_("norm_topk_prob"),
+                         shared=SharedExperts(n=1, d_ff=shared_ff, gate=True)),
+    )
+
+
+@family("qwen3_moe", defaults={**_QWEN_MOE, "intermediate_size": 6144, "num_attention_heads": 32,
+                               "num_key_value_heads": 4, "moe_intermediate_size": 768,
+                               "num_experts_per_tok": 8, "num_experts": 128},
+        aliases={"num_local_experts": "num_experts"})
+def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_qwen3_moe.py: Qwen3 attention (q/k head norm; head_dim = getattr or d/H, no 128
+    default here) + routed experts; the window (if use_sliding_window) is on every layer."""
+    window = cfg.opt_int("sliding_window")
+    if not cfg.bool_("use_sliding_window"):
+        window = None
+    n_layers = cfg.int_("num_hidden_layers")
+    bias = cfg.bool_("attention_bias")
+    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, qk_norm=qk_head_norm(cfg), window=window)
+    n_experts = cfg.count("num_experts")
+    return place_moe(
+        cfg, spec, mixers=spec["layout"].mixers, moe_layers=sparse_layers(cfg, n_layers, n_experts),
+        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg),
+        moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
+                         expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
+                         normalize=cfg.bool_("norm_topk_prob")),
+    )
+
+
+_GEMMA = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+              num_attention_heads=16, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
+              max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              attention_bias=False)
+
+
+def gemma_act(cfg: HFConfig, key: str) -> Activation:
+    """GemmaConfig.__post_init__: the legacy "gelu" of the official releases means the tanh form."""
+    act = cfg.activation(key)
+    return "gelu_tanh" if act == "gelu" else act
+
+
+@family("gemma", defaults=_GEMMA, ignored=("hidden_activation",))  # GemmaMLP reads hidden_act only
+def _gemma(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_gemma.py: Llama with GeGLU, (1+w) RMSNorm (still D weights), head_dim default 256,
+    tied head, embeddings scaled by sqrt(D) (no parameters)."""
+    cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
+    bias = cfg.bool_("attention_bias")
+    return _llama_like(cfg, qkv_bias=bias, out_bias=bias, act=gemma_act(cfg, "hidden_act"))
+
+
+@family("gemma2", defaults={**_GEMMA, "hidden_size": 2304, "intermediate_size": 9216,
+                            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096},
+        # Gemma2MLP reads hidden_activation; logit soft-capping and the query pre-attention scalar
+        # are elementwise scalings without parameters or matmuls
+        ignored=("hidden_act", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"))
+def _gemma2(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_gemma2.py: four RMSNorms per block (sandwich), sliding window on even layers."""
+    cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
+    n_layers = cfg.int_("num_hidden_layers")
+    window = cfg.opt_int("sliding_window")
+    if cfg.get("layer_types", None) is None:
+        # Gemma2Config.__post_init__: "sliding_attention" if (i + 1) % 2 else "full_attention"
+        letters = ["S" if (i + 1) % 2 and window is not None else "A" for i in range(n_layers)]
+    else:
+        letters = window_letters(cfg, n_layers, window)
+    bias = cfg.bool_("attention_bias")
+    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, act=gemma_act(cfg, "hidden_activation"),
+                       window=window if "S" in letters else None)
+    spec["residual"] = Sandwich(kind="sandwich")
+    spec["layout"] = Layout(mixers=compress_mixers(letters))
+    return spec
+
+
+@family("phi", defaults=dict(vocab_size=51200, hidden_size=2048, intermediate_size=8192,
+                             num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=None,
+                             hidden_act="gelu_new", max_position_embeddings=2048, layer_norm_eps=1e-5,
+                             tie_word_embeddings=False, qk_layernorm=False))
+def _phi(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_phi.py: one LayerNorm feeding attention and MLP in parallel (x + attn + mlp), biases
+    on every Linear incl. the LM head, partial RoPE (default 0.5), optional per-head-dim qk LayerNorm."""
+    dims = read_dims(cfg)
+    qk = QKNorm(scope="head", norm=layer_norm(cfg, "layer_norm_eps")) if cfg.bool_("qk_layernorm") else None
+    return {
+        **base(dims, tied=tied(cfg), lm_head_bias=True),
+        "position": rope(cfg, dims, fraction=0.5),
+        "norm": layer_norm(cfg, "layer_norm_eps"),
+        "residual": Parallel(kind="parallel", shared_norm=True),
+        "attention": attention(cfg, dims, qkv_bias=True, out_bias=True, qk_norm=qk),
+        "ffn": mlp(cfg.int_("intermediate_size"), cfg.activation("hidden_act"), bias=True),
+    }
+
+
+@family("phi3", defaults=dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                              hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5,
+                              tie_word_embeddings=False, sliding_window=None),
+        ignored=("original_max_position_embeddings",))  # read by LongRoPE only, which is refused
+def _phi3(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_phi3.py: fused qkv_proj and gate_up_proj (same sizes as split), no biases, RMSNorm,
+    optional window on every layer. LongRoPE ('su'/'longrope'; Phi3 maps 'yarn' to it) is refused."""
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = cfg.dict_(key) or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in ("su", "yarn", "longrope"):
+            raise cfg.error(key, f"cannot express Phi-3 {kind!r} (LongRoPE: per-dimension rescale factors)")
+    return _llama_like(cfg, qkv_bias=False, out_bias=False, window=all_layers_window(cfg))
+
+
+_LN_EPS = 1e-5
+
+
+@family("gpt2", defaults=dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                              n_inner=None, activation_function="gelu_new", layer_norm_epsilon=_LN_EPS,
+                              tie_word_embeddings=True),
+        aliases={"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                 "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"},
+        # n_ctx: legacy duplicate of n_positions; summary_*: the sequence-classification head;
+        # attention scalings and fp32 upcast change numerics, not size or matmuls
+        ignored=("n_ctx", "summary_type", "summary_use_proj", "summary_activation",
+                 "summary_proj_to_labels", "summary_first_dropout", "scale_attn_weights",
+                 "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"))
+def _gpt2(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_gpt2.py: learned positions (wpe), pre-LayerNorm, biased Conv1D projections, tied head."""
+    cfg.fixed("add_cross_attention", False, "cross-attention blocks belong to an encoder-decoder")
+    d = cfg.int_("n_embd")
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"),
+                n_heads=cfg.int_("n_head"), n_kv=cfg.int_("n_head"), head_dim=d // cfg.int_("n_head"),
+                max_pos=cfg.int_("n_positions"))
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": LearnedPositions(kind="learned"),
+        "norm": layer_norm(cfg, "layer_norm_epsilon"),
+        "attention": attention(cfg, dims, qkv_bias=True, out_bias=True),
+        "ffn": mlp(cfg.opt_int("n_inner") or 4 * d, cfg.activation("activation_function"), bias=True),
+    }
+
+
+@family("gpt_neox", defaults=dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44,
+                                  num_attention_heads=64, intermediate_size=24576, hidden_act="gelu",
+                                  max_position_embeddings=2048, layer_norm_eps=_LN_EPS,
+                                  tie_word_embeddings=False, use_parallel_residual=True,
+                                  attention_bias=True))
+def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_gpt_neox.py: fused MHA qkv, biased MLP, two LayerNorms; parallel residual
+    x + attn(ln1 x) + mlp(ln2 x) by default; partial RoPE `rotary_pct` (default 0.25)."""
+    dims = read_dims(cfg, head_dim_key=False, kv_key=None)
+    if cfg.has("rotary_pct") and not cfg.has("partial_rotary_factor"):
+        fraction = cfg.float_("rotary_pct")
+    else:
+        fraction = 0.25
+    theta = cfg.float_("rotary_emb_base") if cfg.has("rotary_emb_base") else 10000.0
+    bias = cfg.bool_("attention_bias")
+    parallel = cfg.bool_("use_parallel_residual")
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": rope(cfg, dims, fraction=fraction, theta=theta),
+        "norm": layer_norm(cfg, "layer_norm_eps"),
+        "residual": Parallel(kind="parallel", shared_norm=False) if parallel else PreNorm(kind="pre"),
+        "attention": attention(cfg, dims, qkv_bias=bias, out_bias=bias),
+        "ffn": mlp(cfg.int_("intermediate_size"), cfg.activation("hidden_act"), bias=True),
+    }
+
+
+@family("gptj", defaults=dict(vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16,
+                              rotary_dim=64, n_inner=None, activation_function="gelu_new",
+                              layer_norm_epsilon=_LN_EPS, tie_word_embeddings=False),
+        aliases={"max_position_embeddings": "n_positions", "hidden_size": "n_embd",
+                 "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"})
+def _gptj(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_gptj.py: parallel block on one LayerNorm, unbiased q/k/v/out, biased MLP (4D default),
+    LM head with bias, RoPE on the first `rotary_dim` dims of each head (null = all)."""
+    d, h = cfg.int_("n_embd"), cfg.int_("n_head")
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"), n_heads=h,
+                n_kv=h, head_dim=d // h, max_pos=cfg.int_("n_positions"))
+    rot = cfg.opt_int("rotary_dim") or dims.head_dim
+    if rot > dims.head_dim or rotary_dim(dims.head_dim, rot / dims.head_dim) != rot:
+        raise cfg.error("rotary_dim", f"cannot express rotary_dim {rot} for head_dim {dims.head_dim}")
+    return {
+        **base(dims, tied=tied(cfg), lm_head_bias=True),
+        "position": rope(cfg, dims, fraction=rot / dims.head_dim),
+        "norm": layer_norm(cfg, "layer_norm_epsilon"),
+        "residual": Parallel(kind="parallel", shared_norm=True),
+        "attention": attention(cfg, dims),
+        "ffn": mlp(cfg.opt_int("n_inner") or 4 * d, cfg.activation("activation_function"), bias=True),
+    }
+
+
+@family("falcon", defaults=dict(vocab_size=65024, hidden_size=4544, num_hidden_layers=32,
+                                num_attention_heads=71, num_ln_in_parallel_attn=None,
+                                layer_norm_epsilon=_LN_EPS, num_kv_heads=None, alibi=False,
+                                new_decoder_architecture=False, multi_query=True, parallel_attn=True,
+                                bias=False, max_position_embeddings=2048, ffn_hidden_size=None,
+                                activation="gelu", tie_word_embeddings=True),
+        aliases={"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers"})
+def _falcon(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_falcon.py FalconAttention/FalconDecoderLayer. K/V heads: new_decoder_architecture ->
+    num_kv_heads (GQA); else multi_query -> 1; else all heads (qkv = 3·D). Norms: parallel with
+    num_ln_in_parallel_attn == 2 (the new-architecture default) -> ln_attn + ln_mlp; parallel
+    otherwise -> one shared input_layernorm; sequential -> pre-norm with two LayerNorms."""
+    cfg.fixed("apply_residual_connection_post_layernorm", False,
+              "a residual taken after the LayerNorm is not a residual kind archplan has")
+    d, h = cfg.int_("hidden_size"), cfg.int_("num_attention_heads")
+    new_arch, multi_query = cfg.bool_("new_decoder_architecture"), cfg.bool_("multi_query")
+    parallel = cfg.bool_("parallel_attn")
+    n_ln = cfg.get("num_ln_in_parallel_attn")
+    if n_ln is None and new_arch:
+        n_ln = 2
+    if new_arch and not parallel:
+        raise cfg.error("parallel_attn", "cannot express new_decoder_architecture with parallel_attn=false "
+                                         "(transformers' FalconDecoderLayer has no MLP input for it)")
+    if not new_arch and parallel and n_ln == 2:
+        raise cfg.error("num_ln_in_parallel_attn", "cannot express num_ln_in_parallel_attn=2 without "
+                                                   "new_decoder_architecture (transformers builds norms it never calls)")
+    if n_ln not in (None, 1, 2):
+        raise cfg.error("num_ln_in_parallel_attn", f"expected 1 or 2, got {n_ln!r}")
+    n_kv = cfg.opt_int("num_kv_heads") or h
+    if not new_arch:
+        n_kv = 1 if multi_query else h
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
+                n_heads=h, n_kv=n_kv, head_dim=d // h, max_pos=cfg.int_("max_position_embeddings"))
+    bias = cfg.bool_("bias")
+    if parallel:
+        residual: Parallel | PreNorm = Parallel(kind="parallel", shared_norm=n_ln != 2)
+    else:
+        residual = PreNorm(kind="pre")
+    position = Alibi(kind="alibi") if cfg.bool_("alibi") else rope(cfg, dims)
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": position,
+        "norm": layer_norm(cfg, "layer_norm_epsilon"),
+        "residual": residual,
+        "attention": attention(cfg, dims, qkv_bias=bias, out_bias=bias),
+        "ffn": mlp(cfg.opt_int("ffn_hidden_size") or 4 * d, cfg.activation("activation"), bias=bias),
+    }
+
+
+@family("bloom", defaults=dict(vocab_size=250880, hidden_size=64, n_layer=2, n_head=8,
+                               layer_norm_epsilon=_LN_EPS, tie_word_embeddings=True),
+        aliases={"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"},
+        # Megatron-DeepSpeed fusion/precision switches and tensor-parallel slicing: numerics only
+        ignored=("slow_but_exact", "masked_softmax_fusion", "bias_dropout_fusion", "skip_bias_add",
+                 "skip_bias_add_qkv", "attention_softmax_in_fp32", "offset_alibi", "seq_length"))
+def _bloom(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_bloom.py: ALiBi, LayerNorm after the embedding, biased fused qkv/dense, MLP of
+    4·D with bloom_gelu (the tanh form), tied head."""
+    cfg.fixed("apply_residual_connection_post_layernorm", False,
+              "a residual taken after the LayerNorm is not a residual kind archplan has")
+    cfg.fixed("n_inner", None, "transformers' BloomMLP always builds 4·hidden_size")
+    d, h = cfg.int_("hidden_size"), cfg.int_("n_head")
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"), n_heads=h,
+                n_kv=h, head_dim=d // h, max_pos=None)
+    return {
+        **base(dims, tied=tied(cfg), embed_norm=True),
+        "position": Alibi(kind="alibi"),
+        "norm": layer_norm(cfg, "layer_norm_epsilon"),
+        "attention": attention(cfg, dims, qkv_bias=True, out_bias=True),
+        "ffn": mlp(4 * d, "gelu_tanh", bias=True),
+    }
+
+
+_MPT_ATTN_FIXED = {"attn_type": "multihead_attention", "alibi": True, "qk_ln": False, "prefix_lm": False}
+# clip_qkv clamps, softmax_scale rescales, alibi_bias_max shapes the (parameter-free) slopes
+_MPT_ATTN_IGNORED = frozenset({"attn_pdrop", "attn_impl", "clip_qkv", "softmax_scale",
+                               "attn_uses_sequence_id", "alibi_bias_max"})
+
+
+@family("mpt", defaults=dict(d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048, vocab_size=50368,
+                             layer_norm_epsilon=_LN_EPS, tie_word_embeddings=True),
+        aliases={"num_attention_heads": "n_heads", "hidden_size": "d_model", "num_hidden_layers": "n_layers"},
+        # learned_pos_emb is unused when ALiBi is on (the only mode transformers builds);
+        # logit_scale multiplies logits; embedding_fraction scales embedding gradients; init_* are init
+        ignored=("learned_pos_emb", "logit_scale", "embedding_fraction", "init_device", "init_config",
+                 "verbose", "use_pad_tok_in_ffn"))
+def _mpt(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_mpt.py: transformers hard-codes MHA without biases, MLP 4·D exact GELU, LayerNorms
+    without bias, ALiBi, tied head; configs asking for other values are refused, not approximated."""
+    why = "transformers' MPT port ignores it (always 4·d_model, no biases, ALiBi, MHA)"
+    cfg.fixed("expansion_ratio", 4, why)
+    cfg.fixed("no_bias", True, why)
+    norm_type = cfg.str_("norm_type", "low_precision_layernorm")
+    if norm_type not in ("low_precision_layernorm", "layernorm"):
+        raise cfg.error("norm_type", f"cannot express norm_type={norm_type!r}: transformers' MPT builds LayerNorm")
+    attn_cfg = cfg.dict_("attn_config") or {}
+    for key, value in attn_cfg.items():
+        if key in _MPT_ATTN_FIXED and value != _MPT_ATTN_FIXED[key]:
+            raise cfg.error(f"attn_config.{key}", f"cannot express {key}={value!r}: {why}")
+        if key not in _MPT_ATTN_FIXED and key not in _MPT_ATTN_IGNORED:
+            raise cfg.error(f"attn_config.{key}", "unknown field; it may change the architecture")
+    d, h = cfg.int_("d_model"), cfg.int_("n_heads")
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layers"), n_heads=h,
+                n_kv=h, head_dim=d // h, max_pos=cfg.int_("max_seq_len"))
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": Alibi(kind="alibi"),
+        "norm": layer_norm(cfg, "layer_norm_epsilon", bias=False),
+        "attention": attention(cfg, dims),
+        "ffn": mlp(4 * d, "gelu", bias=False),
+    }
+
+
+@family("stablelm", defaults=dict(vocab_size=50304, intermediate_size=6912, hidden_size=2560,
+                                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                  hidden_act="silu", max_position_embeddings=4096, layer_norm_eps=_LN_EPS,
+                                  tie_word_embeddings=False, use_qkv_bias=False, qk_layernorm=False,
+                                  use_parallel_residual=False))
+def _stablelm(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_stablelm.py: LayerNorms with bias, SwiGLU, partial RoPE (default 0.25), optional q/k
+    LayerNorm per head (a separate bias-free norm per head), optional parallel residual on one norm."""
+    dims = read_dims(cfg, head_dim_key=False)
+    qk = (QKNorm(scope="per_head", norm=layer_norm(cfg, "layer_norm_eps", bias=False))
+          if cfg.bool_("qk_layernorm") else None)
+    parallel = cfg.bool_("use_parallel_residual")
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": rope(cfg, dims, fraction=0.25),
+        "norm": layer_norm(cfg, "layer_norm_eps"),
+        "residual": Parallel(kind="parallel", shared_norm=True) if parallel else PreNorm(kind="pre"),
+        "attention": attention(cfg, dims, qkv_bias=cfg.bool_("use_qkv_bias"), qk_norm=qk),
+        "ffn": glu(cfg.int_("intermediate_size"), cfg.activation("hidden_act")),
+    }
+
+
+_OLMO = {**_LLAMA, "vocab_size": 50304, "rms_norm_eps": 1e-5}
+
+
+@family("olmo", defaults=_OLMO, ignored=("clip_qkv",))
+def _olmo(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_olmo.py OlmoLayerNorm: F.layer_norm with no weight and no bias. The spec's norms
+    always carry a weight, so the count would be off by (2L+1)·D: refuse rather than approximate."""
+    raise cfg.error("model_type", "cannot express OLMo's non-parametric LayerNorm (no weight, no bias): "
+                                  "spec.norm has no parameter-free variant")
+
+
+@family("olmo2", defaults=_OLMO)
+def _olmo2(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_olmo2.py: 'reordered' norms x + norm(f(x)) and RMSNorm over the whole q (H·Dh) and
+    k (Hkv·Dh) projections."""
+    bias = cfg.bool_("attention_bias")
+    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, qk_norm=QKNorm(scope="full", norm=rms(cfg)))
+    spec["residual"] = Reordered(kind="reordered")
+    return spec
+
+
+@family("olmoe", defaults={**_OLMO, "hidden_size": 2048, "intermediate_size": 2048, "num_hidden_layers": 16,
+                           "num_attention_heads": 16, "max_position_embeddings": 4096,
+                           "num_experts_per_tok": 8, "num_experts": 64, "norm_topk_prob": False,
+                           "router_aux_loss_coef": 0.01},
+        aliases={"num_local_experts": "num_experts"},
+        ignored=("clip_qkv",))  # clamps activations
+def _olmoe(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_olmoe.py: pre-RMSNorm, full-width q/k RMSNorm, routed experts on every layer."""
+    dims = read_dims(cfg)
+    if dims.head_dim * dims.n_heads != dims.d_model:
+        # OlmoeAttention sizes q_norm by hidden_size and k_norm by (hidden // heads) · n_kv
+        raise cfg.error("head_dim", "cannot express OLMoE q/k norms when head_dim · heads != hidden_size")
+    bias = cfg.bool_("attention_bias")
+    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, qk_norm=QKNorm(scope="full", norm=rms(cfg)))
+    ff, act = spec["ffn"].d_ff, spec["ffn"].activation
+    return place_moe(
+        cfg, spec, mixers="A", moe_layers=range(dims.n_layers), dense_ff=ff, fields="num_experts",
+        moe=lambda: _moe(cfg, n_experts=cfg.int_("num_experts"), top_k=cfg.int_("num_experts_per_tok"),
+                         expert_ff=ff, act=act, normalize=cfg.bool_("norm_topk_prob")),
+    )
+
+
+_DEEPSEEK = dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False, first_k_dense_replace=0,
+                 kv_lora_rank=512, q_lora_rank=1536, n_routed_experts=64, n_shared_experts=2,
+                 qk_nope_head_dim=128, qk_rope_head_dim=64, routed_scaling_factor=1.0,
+                 norm_topk_prob=False, v_head_dim=128, num_experts_per_tok=None,
+                 moe_intermediate_size=1407)
+# num_key_value_heads/head_dim: MLA ignores them (keys and values come from the latent);
+# n_group/topk_group/topk_method: group-limited expert selection, no parameters and the same
+# top-k matmuls; ep_size: expert parallelism; rope_interleave: a layout of the same rotation.
+_DEEPSEEK_IGNORED = ("num_key_value_heads", "head_dim", "n_group", "topk_group", "topk_method",
+                     "ep_size", "rope_interleave", "aux_loss_alpha", "seq_aux")
+
+
+def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
+    """modeling_deepseek_v2/v3.py: MLA (DeepSeek-V2 §2.1) and DeepSeekMoE; layer i has experts iff
+    i >= first_k_dense_replace. V2 routes by softmax, V3 by sigmoid with a score-correction buffer."""
+    name = "DeepseekV3" if v3 else "DeepseekV2"
+    cfg.fixed("attention_bias", False, "the spec's MLA has no projection biases")
+    cfg.fixed("mlp_bias", False, "the spec's MoE experts have no biases")
+    cfg.fixed("moe_layer_freq", 1, f"transformers' {name}DecoderLayer ignores it while DeepSeek's own "
+                                   "code places experts every moe_layer_freq-th layer; refusing to pick one")
+    cfg.fixed("scoring_func", "sigmoid" if v3 else "softmax", f"transformers' {name} router fixes its scoring")
+    if v3 and cfg.has("num_nextn_predict_layers") and cfg.count("num_nextn_predict_layers"):
+        cfg.notes.append("num_nextn_predict_layers: transformers does not build the multi-token-prediction "
+                         "module, so neither does this spec")
+    dims = read_dims(cfg, head_dim_key=False, kv_key=None)
+    cfg.ignore(*_DEEPSEEK_IGNORED)
+    attn = MLA(kind="mla", n_heads=dims.n_heads, q_lora_rank=cfg.opt_int("q_lora_rank"),
+               kv_lora_rank=cfg.int_("kv_lora_rank"), qk_nope_head_dim=cfg.int_("qk_nope_head_dim"),
+               qk_rope_head_dim=cfg.int_("qk_rope_head_dim"), v_head_dim=cfg.int_("v_head_dim"))
+    act = cfg.activation("hidden_act")
+    spec: dict[str, Any] = {
+        **base(dims, tied=tied(cfg)),
+        "position": rope(cfg, dims),
+        "norm": rms(cfg),
+        "attention": attn,
+        "ffn": glu(cfg.int_("intermediate_size"), act),
+    }
+    n_routed = cfg.opt_int("n_routed_experts")
+    first = cfg.count("first_k_dense_replace")
+    # DeepseekV2/V3DecoderLayer: experts iff layer_idx >= first_k_dense_replace (none without experts)
+    layers = range(min(first, dims.n_layers), dims.n_layers) if n_routed is not None else range(0)
+
+    def moe() -> MoE:
+        assert n_routed is not None
+        top_k = cfg.opt_int("num_experts_per_tok")
+        if top_k is None:
+            raise cfg.error("num_experts_per_tok", "required when n_routed_experts is set")
+        n_shared = cfg.count("n_shared_experts")
+        if n_shared == 0:
+            raise cfg.error("n_shared_experts", f"cannot express 0: transformers' {name}Moe always builds "
+                                                "its shared MLP")
+        router = Router(scoring="sigmoid" if v3 else "softmax", normalize_top_k=cfg.bool_("norm_topk_prob"),
+                        score_correction_bias=v3, scale=cfg.float_("routed_scaling_factor"))
+        expert_ff = cfg.int_("moe_intermediate_size")
+        if top_k > n_routed:
+            raise cfg.error("num_experts_per_tok", f"top-k {top_k} exceeds the {n_routed} experts")
+        return MoE(n_experts=n_routed, top_k=top_k, expert=glu(expert_ff, act),
+                   shared=SharedExperts(n=n_shared, d_ff=expert_ff), router=router)
+
+    if n_routed is None:  # a dense DeepSeek: the MoE keys describe nothing that is built
+        cfg.ignore("num_experts_per_tok", "n_shared_experts", "norm_topk_prob", "routed_scaling_factor",
+                   "moe_intermediate_size")
+    return place_moe(cfg, spec, mixers="A", moe=moe, moe_layers=layers,
+                     dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace")
+
+
+@family("deepseek_v2", defaults=_DEEPSEEK, aliases={"num_experts": "n_routed_experts"})
+def _deepseek_v2(cfg: HFConfig) -> dict[str, Any]:
+    return _deepseek(cfg, v3=False)
+
+
+@family("deepseek_v3", defaults={**_DEEPSEEK, "vocab_size": 129280, "hidden_size": 7168,
+                                 "intermediate_size": 18432, "moe_intermediate_size": 2048,
+                                 "num_hidden_layers": 61, "num_attention_heads": 128,
+                                 "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+                                 "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+                                 "norm_topk_prob": True, "max_position_embeddings": 4096},
+        aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"})
+def _deepseek_v3(cfg: HFConfig) -> dict[str, Any]:
+    return _deepseek(cfg, v3=True)
+
+
+def _expand(cfg: HFConfig, key: str, d_model: int) -> int:
+    """The spec's expand is an integer; HF computes int(expand · hidden)."""
+    expand = cfg.float_(key)
+    if not expand.is_integer() or expand <= 0:
+        raise cfg.error(key, f"cannot express a non-integer expand ({expand}); the spec's ssm.expand is an integer")
+    return int(expand)
+
+
+_MAMBA_IGNORED = ("residual_in_fp32", "time_step_scale", "time_step_min", "time_step_max",
+                  "time_step_init_scheme", "time_step_floor", "time_step_limit", "rescale_prenorm_residual",
+                  "use_mambapy", "use_associative_scan", "fused_add_norm", "pad_vocab_size_multiple",
+                  "use_mamba_kernels")  # init ranges, kernel choice, fp32 residual, vocab padding (already applied)
+
+
+@family("mamba", defaults=dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=32,
+                               layer_norm_epsilon=_LN_EPS, expand=2, conv_kernel=4, use_bias=False,
+                               use_conv_bias=True, hidden_act="silu", time_step_rank="auto",
+                               tie_word_embeddings=True),
+        ignored=_MAMBA_IGNORED)
+def _mamba(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_mamba.py: RMSNorm -> MambaMixer per block (Gu & Dao 2023), no FFN, no positions."""
+    cfg.fixed("rms_norm", True, "transformers' MambaBlock always uses RMSNorm")
+    cfg.fixed("n_layer", cfg.int_("num_hidden_layers"), "transformers' MambaConfig reads num_hidden_layers")
+    cfg.fixed("hidden_act", "silu", "the spec's Mamba block gates with SiLU")
+    d = cfg.int_("hidden_size")
+    expand = _expand(cfg, "expand", d)
+    if cfg.has("intermediate_size") and cfg.get("intermediate_size") != expand * d:
+        raise cfg.error("intermediate_size", f"must equal expand · hidden_size = {expand * d} "
+                                             "(MambaConfig recomputes it)")
+    dt_rank = cfg.get("time_step_rank")
+    if dt_rank != "auto":
+        dt_rank = cfg.int_("time_step_rank")
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
+                n_heads=1, n_kv=1, head_dim=d, max_pos=None)
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": NoPositions(kind="none"),
+        "norm": rms(cfg, "layer_norm_epsilon"),
+        "ssm": Mamba1(kind="mamba1", d_state=cfg.int_("state_size"), d_conv=cfg.int_("conv_kernel"),
+                      expand=expand, dt_rank=dt_rank, conv_bias=cfg.bool_("use_conv_bias"),
+                      proj_bias=cfg.bool_("use_bias")),
+        "layout": Layout(mixers="M"),
+    }
+
+
+@family("mamba2", defaults=dict(num_heads=128, head_dim=64, vocab_size=32768, hidden_size=4096,
+                                state_size=128, num_hidden_layers=64, layer_norm_epsilon=_LN_EPS,
+                                expand=2, conv_kernel=4, n_groups=8, use_bias=False, use_conv_bias=True,
+                                hidden_act="silu", chunk_size=256, tie_word_embeddings=False),
+        ignored=(*_MAMBA_IGNORED, "time_step_rank"))  # Mamba2Mixer has no dt projection
+def _mamba2(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_mamba2.py: RMSNorm -> Mamba2Mixer (Dao & Gu 2024 SSD) with its gated RMSNorm."""
+    cfg.fixed("rms_norm", True, "transformers' Mamba2Block always uses RMSNorm")
+    cfg.fixed("n_layer", cfg.int_("num_hidden_layers"), "transformers' Mamba2Config reads num_hidden_layers")
+    cfg.fixed("norm_before_gate", False, "transformers' MambaRMSNormGated gates before normalising")
+    cfg.fixed("hidden_act", "silu", "the spec's Mamba-2 block gates with SiLU")
+    d = cfg.int_("hidden_size")
+    expand = _expand(cfg, "expand", d)
+    n_heads, head_dim = cfg.int_("num_heads"), cfg.int_("head_dim")
+    if n_heads * head_dim != expand * d:
+        raise cfg.error("num_heads", f"num_heads · head_dim = {n_heads * head_dim} must equal "
+                                     f"expand · hidden_size = {expand * d} (Mamba2Config.validate_architecture)")
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
+                n_heads=1, n_kv=1, head_dim=d, max_pos=None)
+    return {
+        **base(dims, tied=tied(cfg)),
+        "position": NoPositions(kind="none"),
+        "norm": rms(cfg, "layer_norm_epsilon"),
+        "ssm": Mamba2(kind="mamba2", d_state=cfg.int_("state_size"), d_conv=cfg.int_("conv_kernel"),
+                      expand=expand, head_dim=head_dim, n_groups=cfg.int_("n_groups"),
+                      chunk_size=cfg.int_("chunk_size"), conv_bias=cfg.bool_("use_conv_bias"),
+                      proj_bias=cfg.bool_("use_bias")),
+        "layout": Layout(mixers="M"),
+    }
+
+
+@family("jamba", defaults=dict(vocab_size=65536, tie_word_embeddings=False, hidden_size=4096,
+                               intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-6,
+                               max_position_embeddings=262144, num_experts_per_tok=2, num_experts=16,
+                               expert_layer_period=2, expert_layer_offset=1, attn_layer_period=8,
+                               attn_layer_offset=4, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+                               mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False,
+                               router_aux_loss_coef=0.001),
+        aliases={"num_local_experts": "num_experts"},
+        ignored=(*_MAMBA_IGNORED, "num_logits_to_keep"))  # logits of the last token only at inference
+def _jamba(cfg: HFConfig) -> dict[str, Any]:
+    """modeling_jamba.py: attention on i % attn_layer_period == attn_layer_offset, Mamba (with dt/B/C
+    RMSNorms) elsewhere; experts on i % expert_layer_period == expert_layer_offset; no RoPE."""
+    cfg.fixed("sliding_window", None, "transformers' Jamba attention never applies a window")
+    dims = read_dims(cfg, head_dim_key=True)
+    a_period, a_offset = cfg.int_("attn_layer_period"), cfg.count("attn_layer_offset")
+    e_period, e_offset = cfg.int_("expert_layer_period"), cfg.count("expert_layer_offset")
+    for key, off, per in (("attn_layer_offset", a_offset, a_period), ("expert_layer_offset", e_offset, e_period)):
+        if off >= per:
+            raise cfg.error(key, f"offset {off} must be smaller than its period {per}")
+    letters = ["A" if i % a_period == a_offset else "M" for i in range(dims.n_layers)]
+    if "A" not in letters or "M" not in letters:
+        raise cfg.error("attn_layer_period", "cannot express a Jamba without both attention and Mamba layers")
+    dt_rank = cfg.get("mamba_dt_rank")
+    if dt_rank != "auto":
+        dt_rank = cfg.int_("mamba_dt_rank")
+    act = cfg.activation("hidden_act")
+    spec: dict[str, Any] = {
+        **base(dims, tied=tied(cfg)),
+        "position": NoPositions(kind="none"),
+        "norm": rms(cfg),
+        "attention": attention(cfg, dims),
+        "ssm": Mamba1(kind="mamba1", d_state=cfg.int_("mamba_d_state"), d_conv=cfg.int_("mamba_d_conv"),
+                      expand=_expand(cfg, "mamba_expand", dims.d_model), dt_rank=dt_rank,
+                      conv_bias=cfg.bool_("mamba_conv_bias"), proj_bias=cfg.bool_("mamba_proj_bias"),
+                      inner_norms=True),
+        "ffn": glu(cfg.int_("intermediate_size"), act),
+    }
+    n_experts = cfg.int_("num_experts")
+    # JambaConfig.layers_num_experts: a layer with one expert is a plain JambaMLP
+    layers = [i for i in range(dims.n_layers) if i % e_period == e_offset] if n_experts > 1 else []
+    if not layers:
+        cfg.ignore("num_experts_per_tok", "router_aux_loss_coef")
+    return place_moe(
+        cfg, spec, mixers=compress_mixers(letters), moe_layers=layers,
+        dense_ff=cfg.int_("intermediate_size"), fields="expert_layer_period",
+        # JambaSparseMoeBlock: softmax then top-k, the selected weights left unnormalised
+        moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
+                         expert_ff=cfg.int_("intermediate_size"), act=act, normalize=False),
+    )
+
+
+# ------------------------------------------------------------------------------------ entry points
+def _pydantic_message(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def config_path(path: str | Path) -> Path:
+    """CONFIG may be the config.json itself or the model folder holding it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+        if not p.exists():
+            raise ArchplanError("folder has no config.json", file=str(path))
+    elif not p.exists():
+        raise ArchplanError("no such file", file=str(path))
+    return p
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ArchplanError(f"file is {size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}",
+                                file=str(path))
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ArchplanError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ArchplanError("not UTF-8 text (binary file?)", file=str(path)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArchplanError(f"invalid JSON: {exc.msg}", file=str(path), line=exc.lineno, column=exc.colno) from None
+    except RecursionError:
+        raise ArchplanError("invalid JSON: nests too deeply", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise ArchplanError(f"expected a JSON object at the top level, got {type(data).__name__}", file=str(path))
+    return data
+
+
+def model_name(path: Path) -> str:
+    """`.../Meta-Llama-3-8B/config.json` -> 'Meta-Llama-3-8B'; `llama-3-8b.json` -> 'llama-3-8b'."""
+    if path.name == "config.json" and path.resolve().parent.name:
+        return path.resolve().parent.name
+    return path.stem
+
+
+def spec_from_config(data: Mapping[str, Any], *, file: str, name: str) -> Spec:
+    """Convert one parsed config.json; every refusal is an ArchplanError naming the field."""
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str):
+        raise ArchplanError("no model_type; is this a Hugging Face config.json?", file=file, field="model_type")
+    fam = FAMILIES.get(model_type)
+    if fam is None:
+        raise ArchplanError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}",
+                            file=file, field="model_type")
+    cfg = HFConfig(data, file=file, model_type=model_type, defaults=fam.defaults, aliases=fam.aliases)
+    cfg.ignore(*fam.ignored)
+    fields = fam.convert(cfg)
+    unknown = cfg.leftovers()
+    if unknown:
+        raise cfg.error(unknown[0], f"unknown field for model_type {model_type!r}; it may change the "
+                                    "architecture and archplan will not guess (docs/import.md)")
+    arch = data.get("architectures")
+    described = f" ({arch[0]})" if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
+    reference: dict[str, Any] = {"source": f"Hugging Face config.json: {file}"}
+    if cfg.notes:
+        reference["notes"] = "; ".join(cfg.notes)
+    try:
+        return Spec(
+            name=name,
+            description=f"Imported from a Hugging Face {model_type} config{described}.",
+            **fields,
+            reference=Reference(**reference),
+        )
+    except ValidationError as exc:
+        raise ArchplanError(f"the config maps to an invalid spec: {_pydantic_message(exc)}", file=file) from None
+
+
+def import_hf(path: str | Path) -> Spec:
+    """Read CONFIG (a config.json or a folder holding one) and return its spec."""
+    p = config_path(path)
+    file = str(p)
+    return spec_from_config(read_config(p), file=file, name=model_name(p))
