@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def _spec(i: int, rng: random.Random) -> str:
-    """One valid spec; roughly a third carry a lint finding (misaligned vocab/FFN, budgets...)."""
+    """One spec; many carry findings (alignment, budgets, post-norm depth, a few invalid GQA groups)."""
     n_heads = rng.choice([8, 12, 16, 32, 64])
     head_dim = rng.choice([64, 64, 128, 128, 80])
     d_model = n_heads * head_dim
@@ -49,10 +49,14 @@ def _spec(i: int, rng: random.Random) -> str:
         lines.append(f"ssm: {{kind: {rng.choice(['mamba1', 'mamba2'])}}}")
         lines.append("layout: {mixers: MMMAMMMM}" if n_layers >= 8 else "layout: {mixers: MA}")
     elif kind == "gqa":
-        lines.append(f"attention: {{kind: gqa, n_heads: {n_heads}, n_kv_heads: {n_heads // 8 or 1}}}")
+        # 1 in 20 has a KV-head count that does not divide the heads: a validator error (AP003)
+        n_kv = 5 if rng.random() < 0.05 else n_heads // 8 or 1
+        lines.append(f"attention: {{kind: gqa, n_heads: {n_heads}, n_kv_heads: {n_kv}}}")
     else:
         lines.append(f"attention: {{kind: {kind}, n_heads: {n_heads}}}")
     lines.append(f"position: {rng.choice(['{kind: rope, theta: 500000.0}', '{kind: alibi}', '{kind: rope}'])}")
+    if rng.random() < 0.1:
+        lines.append("residual: {kind: post}")
     if rng.random() < 0.3:
         experts = rng.choice([8, 16, 64, 128])
         lines.append(
