@@ -38,7 +38,7 @@ FAR_ABOVE = 5.0
 # MoE expert counts from which DeepSeekMoE-style shared experts are the norm (DeepSeek-V2/V3: 160/256).
 MANY_EXPERTS = 64
 # Post-LN trains at 12-24 layers with warm-up (BERT-large is 24); deeper stacks diverge
-# (Xiong et al. 2020; Wang et al. 2022 DeepNet §1, Fig. 1).
+# (Xiong et al. 2020; Wang et al. 2022, DeepNet).
 POST_NORM_MAX_LAYERS = 24
 KV_DTYPE_BYTES = 2  # bf16 cache, the serving default; the spec has no cache dtype
 
