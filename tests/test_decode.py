@@ -59,6 +59,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         moe=dict(n_experts=4, top_k=2, expert=dict(kind="glu", d_ff=16))),
     "mamba1_only": dict(attention=None, ffn=None, layout=dict(mixers="M"),
                         ssm=dict(kind="mamba1", d_state=8, d_conv=3, dt_rank=5, conv_bias=False, proj_bias=True)),
+    "mamba2_hybrid": dict(
+        n_layers=3, layout=dict(mixers="MSM"), norm=dict(kind="layernorm"),
+        attention=dict(kind="gqa", n_heads=4, n_kv_heads=2, sliding_window=3),
+        ssm=dict(kind="mamba2", d_state=8, d_conv=4, head_dim=8, n_groups=2, chunk_size=3)),
+    "mamba2_only": dict(attention=None, ffn=None, layout=dict(mixers="M"), residual=dict(kind="sandwich"),
+                        ssm=dict(kind="mamba2", d_state=4, d_conv=2, head_dim=16, chunk_size=2, proj_bias=True)),
     "moe": dict(n_layers=3, moe=dict(n_experts=4, top_k=2, expert=dict(kind="glu", d_ff=16),
                                      shared=dict(n=1, d_ff=16)), layout=dict(first_dense=1)),
 }
@@ -129,7 +135,7 @@ def _contract_bytes(spec_: Spec, batch: int, context: int, element: int) -> int:
     return batch * total * element
 
 
-@pytest.mark.parametrize("variant", ["gqa_rope", "window_rolling", "mla", "mla_window", "mqa_learned_tied", "jamba_like"])
+@pytest.mark.parametrize("variant", ["gqa_rope", "window_rolling", "mla", "mla_window", "mqa_learned_tied", "jamba_like", "mamba2_hybrid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_bytes_after_prefill(variant: str, dtype: torch.dtype) -> None:
     s = spec(**VARIANTS[variant])
