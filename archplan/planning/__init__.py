@@ -34,10 +34,19 @@ def spec_data(model: BaseModel, always: frozenset[str] = ALWAYS_WRITTEN) -> dict
     return out
 
 
+# Blocks of prose, written one field per line rather than as an inline mapping.
+BLOCK_STYLE = frozenset({"reference"})
+
+
 def spec_yaml(spec: Spec, header: str) -> str:
+    """YAML in the presets' style: small sub-blocks inline, prose blocks one field per line."""
     comments = "".join(f"# {line}\n" for line in header.splitlines())
-    body = yaml.safe_dump(spec_data(spec), sort_keys=False, default_flow_style=None, width=100,
-                          allow_unicode=True)
+    body = "".join(
+        yaml.safe_dump({key: value}, sort_keys=False, width=100, allow_unicode=True,
+                       default_flow_style=None if isinstance(value, dict) and key not in BLOCK_STYLE
+                       else False)
+        for key, value in spec_data(spec).items()
+    )
     return comments + body
 
 
