@@ -1,7 +1,78 @@
-"""`archplan import_hf` (placeholder until its issue lands)."""
+"""`archplan import hf CONFIG [-o spec.yaml] [--force]`: a Hugging Face config.json becomes a spec.
+
+The conversion lives in `archplan.importers.hf`; this module only reads arguments, writes the YAML
+and reports. No torch: the importer and the spec are pure Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from archplan.commands.options import ForceOpt, JsonOpt
+from archplan.errors import ArchplanError
+
+import_app = typer.Typer(
+    name="import",
+    help="Turn another tool's model description into an archplan spec.",
+    no_args_is_help=True,
+)
+
+# The JSON schema `archplan schema` writes into the repository's docs/ (beside presets/).
+SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "spec.schema.json"
+
+
+def schema_reference(out: Path | None) -> str:
+    """The schema path as the YAML file will see it: relative to where the YAML is written."""
+    base = (out.resolve().parent if out is not None else Path.cwd())
+    try:
+        return os.path.relpath(SCHEMA_PATH, base)
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(SCHEMA_PATH)
+
+
+@import_app.command("hf")
+def hf(
+    config: Annotated[str, typer.Argument(help="A Hugging Face config.json, or the model folder holding one.",
+                                          show_default=False)],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the spec here (default: stdout).",
+                                                show_default=False)] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a Hugging Face config.json into an archplan spec (YAML), exact to transformers' count.
+
+    Fields that change neither size nor compute (dropout, token ids, init ranges) are ignored; a field that changes the architecture in a way the spec cannot express stops the import (exit 2) and is named. With --json, stdout is one JSON object (the spec's fields, and where the YAML went).
+
+    Examples:
+
+      archplan import hf ~/models/Meta-Llama-3-8B -o llama-3-8b.yaml
+
+      archplan import hf config.json > spec.yaml && archplan size spec.yaml
+    """
+    from archplan.importers import explicit_fields, spec_yaml
+    from archplan.importers.hf import import_hf
+
+    if output is not None and output.exists() and not force:
+        raise ArchplanError("exists; pass --force to overwrite", file=str(output))
+    spec = import_hf(config)
+    text = spec_yaml(spec, schema_reference(output))
+    if output is not None:
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ArchplanError(f"cannot write: {exc.strerror}", file=str(output)) from None
+    if as_json:
+        typer.echo(json.dumps({"output": str(output) if output else None, "spec": explicit_fields(spec)}))
+    elif output is None:
+        typer.echo(text, nl=False)
+    else:
+        typer.echo(f"wrote {output} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})", err=True)
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.add_typer(import_app, name="import")

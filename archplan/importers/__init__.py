@@ -18,7 +18,7 @@ from archplan.spec import Spec
 LINE_WIDTH = 100  # a mapping whose flow form fits on one line is written as {a: 1, b: 2}
 
 
-def _explicit(model: BaseModel) -> dict[str, Any]:
+def explicit_fields(model: BaseModel) -> dict[str, Any]:
     """The fields a model was built with (model_fields_set), recursively; `kind` always, and first."""
     out: dict[str, Any] = {}
     if "kind" in type(model).model_fields:
@@ -31,7 +31,7 @@ def _explicit(model: BaseModel) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, BaseModel):
-        return _explicit(value)
+        return explicit_fields(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
@@ -63,4 +63,4 @@ def _block(data: dict[str, Any], indent: int = 0) -> list[str]:
 def spec_yaml(spec: Spec, schema: str | None = None) -> str:
     """YAML text that loads back into an equal Spec; first line points editors at the JSON schema."""
     head = [f"# yaml-language-server: $schema={schema}"] if schema else []
-    return "\n".join(head + _block(_explicit(spec))) + "\n"
+    return "\n".join(head + _block(explicit_fields(spec))) + "\n"
