@@ -59,7 +59,9 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     debug = os.environ.get("ARCHPLAN_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns typer.Exit's code instead of raising it.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except ArchplanError as exc:
         if debug:
             raise

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from archplan.errors import ArchplanError
 from archplan.spec import Spec
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-MAX_FILE_BYTES = 4 * 1024 * 1024  # a spec is a page of YAML; anything bigger is not a spec
+MAX_FILE_BYTES = 1024 * 1024  # a spec is a page of YAML; anything bigger is not a spec
 MAX_YAML_NODES = 200_000  # guards against alias ("billion laughs") expansion
 
 Loc = tuple[int, int]  # 1-based line, column
@@ -29,8 +30,24 @@ class LoadedYaml:
     locations: dict[tuple[str | int, ...], Loc]  # field path -> where its key/item starts
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser when present: 5x faster on `lint` of hundreds of specs.
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     """SafeLoader that keeps the position of every mapping key and rejects duplicate keys."""
+
+
+# YAML 1.1 (PyYAML) reads `2.0e12` (no exponent sign) as a string; YAML 1.2 and users mean a float.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -163,7 +180,8 @@ def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> Arch
     elif message.startswith("Value error, "):
         message = message[len("Value error, "):]
     elif "input" in err and not isinstance(err["input"], (dict, list)):
-        message = f"{message} (got {err['input']!r})"
+        got = repr(err["input"])
+        message = f"{message} (got {got[:80] + '…' if len(got) > 80 else got})"
     return ArchplanError(
         message, file=file, line=line_col[0] if line_col else None,
         column=line_col[1] if line_col else None, field=field,

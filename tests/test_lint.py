@@ -180,7 +180,7 @@ def test_a_huge_value_is_not_echoed_in_full(tmp_path) -> None:
     path = write(tmp_path, "long.yaml", CLEAN.replace("name: tiny", "name: " + "a" * 100_000))
     (finding,) = lint_file(path)
     assert finding.code == "AP002" and "at most 200 characters" in finding.message
-    assert len(finding.message) < 400 and finding.message.endswith("more characters)")
+    assert len(finding.message) < 400 and "a" * 1000 not in finding.message
 
 
 def test_duplicate_key_is_an_error_not_last_wins(tmp_path) -> None:
