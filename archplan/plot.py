@@ -70,7 +70,8 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     params = count_params(plan)
     kv = report["kv_cache"]
     contexts = sweep_lengths(max(kv["context"], plan.max_seq_len, 256))
-    caches = [kv_cache(plan, context=t, batch=kv["batch"], dtype_bytes=BYTES[opts.kv_dtype]) for t in contexts]
+    caches = [kv_cache(plan, context=t, batch=kv["batch"], dtype_bytes=BYTES[opts.kv_dtype])
+              for t in contexts]
     weights = report["memory"]["weights_by_dtype"]["bf16"]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -110,13 +111,14 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
 def plot_compare(reports: Sequence[dict[str, Any]], path: str) -> None:
     target = _check_target(path)
     plt = _pyplot()
+    attention = reports[0]["flops"]["attention"]
     panels: list[tuple[str, list[tuple[str, Any]]]] = [
         ("parameters (billions)", [
             ("total", lambda r: r["params"]["total"] / 1e9),
             ("active", lambda r: r["params"]["active"] / 1e9)]),
         ("FLOPs per token (GFLOP)", [
-            (f"forward ({reports[0]['flops']['attention']})", lambda r: r["flops"]["forward_per_token"] / 1e9),
-            (f"training ({reports[0]['flops']['attention']})", lambda r: r["flops"]["training_per_token"] / 1e9)]),
+            (f"forward ({attention})", lambda r: r["flops"]["forward_per_token"] / 1e9),
+            (f"training ({attention})", lambda r: r["flops"]["training_per_token"] / 1e9)]),
         ("memory (GiB)", [
             ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"] / GiB),
             ("KV cache", lambda r: r["kv_cache"]["bytes"] / GiB),

@@ -76,7 +76,8 @@ def _flops_table(r: dict[str, Any]) -> _Section:
     f = r["flops"]
     table = _table(f"FLOPs per token (training/prefill at seq {f['seq_len']:,})", f["convention"],
                    ("", "left"), ("attention full", "right"), ("attention causal", "right"))
-    table.add_row("forward", units.flops(f["forward_per_token_full"]), units.flops(f["forward_per_token_causal"]))
+    table.add_row("forward", units.flops(f["forward_per_token_full"]),
+                  units.flops(f["forward_per_token_causal"]))
     table.add_row("training (fwd + bwd)", units.flops(f["training_per_token_full"]),
                   units.flops(f["training_per_token_causal"]))
     if f["recompute"] != "none":
@@ -85,7 +86,8 @@ def _flops_table(r: dict[str, Any]) -> _Section:
         cells[col - 1] = units.flops(f["training_per_token_with_recompute"])
         table.add_row(f"training with {f['recompute']} recompute", *cells)
     table.add_row("6·N_active (approximation)", units.flops(f["six_n_active"]), "")
-    table.add_row(f"decode, one token at context {f['decode_context']:,}", "", units.flops(f["decode_per_token"]))
+    table.add_row(f"decode, one token at context {f['decode_context']:,}", "",
+                  units.flops(f["decode_per_token"]))
     table.add_row(Text("elementwise (analytic only, not in the above)", style="dim"),
                   units.flops(f["elementwise_per_token"]), "")
     return table
@@ -106,7 +108,8 @@ def _kv_table(r: dict[str, Any]) -> _Section:
 def _inference_table(r: dict[str, Any]) -> _Section:
     m, kv = r["memory"], r["kv_cache"]
     table = _table(
-        "Inference memory", f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
+        "Inference memory",
+        f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
         "int4-g128: matmul weights at 4 bits + an fp16 scale per 128, the rest bf16; no runtime overhead",
         ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))
     peak = max(m["inference_bytes_by_dtype"].values())
@@ -125,7 +128,8 @@ def _training_table(r: dict[str, Any]) -> _Section:
         t["convention"] + "; activations per Korthikanti et al. 2022, per saved tensor (docs/figures.md)",
         ("", "left"), ("bytes", "right"), ("share", "right"), ("", "left"))
     rows = [("weights (bf16, 2 B/param)", t["weights"]), ("gradients (bf16, 2 B/param)", t["grads"]),
-            ("fp32 master weights (4 B/param)", t["master_weights"]), ("Adam m (fp32, 4 B/param)", t["adam_m"]),
+            ("fp32 master weights (4 B/param)", t["master_weights"]),
+            ("Adam m (fp32, 4 B/param)", t["adam_m"]),
             ("Adam v (fp32, 4 B/param)", t["adam_v"]), ("activations", t["activations"])]
     for name, value in rows:
         table.add_row(name, units.nbytes(value), units.percent(value / total), bar(value / total))
@@ -144,7 +148,8 @@ def _chinchilla_table(r: dict[str, Any]) -> _Section:
                    ("D_opt for C", "right"), ("D_opt/N_opt", "right"))
     for entry in c["laws"].values():
         table.add_row(entry["title"], f"{entry['loss']:.4f}", units.count(entry["optimal_params"]),
-                      units.count(entry["optimal_tokens"]), f"{entry['optimal_tokens'] / entry['optimal_params']:.1f}")
+                      units.count(entry["optimal_tokens"]),
+                      f"{entry['optimal_tokens'] / entry['optimal_params']:.1f}")
     return table
 
 
@@ -194,6 +199,7 @@ def _law_value(key: str, field: str) -> Callable[[dict[str, Any]], float | None]
 def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
     first = reports[0]
     f, kv, t = first["flops"], first["kv_cache"], first["memory"]["training"]
+    other = "training_per_token_causal" if f["attention"] == "full" else "training_per_token_full"
     figures: list[Figure] = [
         ("train seq", lambda r: r["flops"]["seq_len"], lambda x: f"{x:,.0f}"),
         ("KV context", lambda r: r["kv_cache"]["context"], lambda x: f"{x:,.0f}"),
@@ -204,7 +210,7 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         (f"forward/token ({f['attention']})", lambda r: r["flops"]["forward_per_token"], units.flops),
         (f"train/token ({f['attention']})", lambda r: r["flops"]["training_per_token"], units.flops),
         ("train/token (causal)" if f["attention"] == "full" else "train/token (full)",
-         lambda r: r["flops"]["training_per_token_causal" if f["attention"] == "full" else "training_per_token_full"],
+         lambda r: r["flops"][other],
          units.flops),
         ("decode/token at context", lambda r: r["flops"]["decode_per_token"], units.flops),
         (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"], units.nbytes),
@@ -215,7 +221,8 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         ("train model states 16 B/p",
          lambda r: r["memory"]["training"]["weights"] + r["memory"]["training"]["grads"]
          + r["memory"]["training"]["optimizer"], units.nbytes),
-        (f"train activations ({t['recompute']})", lambda r: r["memory"]["training"]["activations"], units.nbytes),
+        (f"train activations ({t['recompute']})", lambda r: r["memory"]["training"]["activations"],
+         units.nbytes),
         ("train memory / replica", lambda r: r["memory"]["training_bytes"], units.nbytes),
         ("tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
         ("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci),

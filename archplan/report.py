@@ -88,12 +88,14 @@ class SizeOptions:
 
     def check(self) -> None:
         """Option values a user typed: out-of-range values are ArchplanErrors (one line, exit 2)."""
-        for name, value, upper in (("--context", self.context, MAX_CONTEXT), ("--batch", self.batch, MAX_BATCH),
-                                   ("--seq", self.seq, MAX_CONTEXT), ("--micro-batch", self.micro_batch, MAX_BATCH)):
+        lengths = (("--context", self.context, MAX_CONTEXT), ("--batch", self.batch, MAX_BATCH),
+                   ("--seq", self.seq, MAX_CONTEXT), ("--micro-batch", self.micro_batch, MAX_BATCH))
+        for name, value, upper in lengths:
             if value is not None and not 0 < value <= upper:
                 raise ArchplanError(f"must be between 1 and {upper:,}, got {value:,}", field=name)
         if self.tokens is not None and not 0 < self.tokens <= MAX_TOKENS:
-            raise ArchplanError(f"must be between 1 and {MAX_TOKENS:.0e}, got {self.tokens:g}", field="--tokens")
+            raise ArchplanError(f"must be between 1 and {MAX_TOKENS:.0e}, got {self.tokens:g}",
+                                field="--tokens")
         if not 0 < self.mfu <= 1:
             raise ArchplanError(f"must be in (0, 1], got {self.mfu:g}", field="--mfu")
         for key in self.laws:
@@ -153,6 +155,13 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
     params = count_params(plan)
     context = opts.context if opts.context is not None else plan.max_seq_len
     seq = opts.seq if opts.seq is not None else min(DEFAULT_TRAIN_SEQ, plan.max_seq_len)
+    if plan.position == "learned":
+        # a learned position table has max_seq_len rows: no position exists beyond it
+        for option, length in (("--context", context), ("--seq", seq)):
+            if length > plan.max_seq_len:
+                raise ArchplanError(
+                    f"{length:,} exceeds the learned position table of {spec.name} "
+                    f"(max_seq_len {plan.max_seq_len:,})", field=option)
 
     fwd = forward_flops(plan, seq_len=seq, batch=1)
     training = {att: training_flops_per_token(plan, seq, attention=att, recompute="none")

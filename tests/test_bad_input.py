@@ -178,6 +178,12 @@ def test_bad_option_values(cli, tmp_path: Path, option: str, value: str, needle:
     assert_one_line_error(cli("size", spec_file(tmp_path, BASE), option, value), needle)
 
 
+@pytest.mark.parametrize("option", ["--context", "--seq"])
+def test_length_beyond_a_learned_position_table(cli, option: str) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(cli("size", "gpt2", option, "2048"), option, "learned position table",
+                          "max_seq_len 1,024")
+
+
 def test_compare_needs_two_specs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(cli("compare", spec_file(tmp_path, BASE)), "at least two")
 

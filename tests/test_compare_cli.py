@@ -22,10 +22,10 @@ def compare_json(*argv: str) -> list[dict[str, Any]]:
 
 
 def test_json_is_a_list_of_size_objects() -> None:
-    reports = compare_json("llama-3-8b", "mixtral-8x7b", "gpt2", "--context", "4096")
+    reports = compare_json("llama-3-8b", "mixtral-8x7b", "gpt2", "--context", "1024")
     assert [r["name"] for r in reports] == ["llama-3-8b", "mixtral-8x7b", "gpt2"]
     for r in reports:
-        single = runner.invoke(app, ["size", r["source"], "--context", "4096", "--json"])
+        single = runner.invoke(app, ["size", r["source"], "--context", "1024", "--json"])
         assert json.loads(single.stdout) == r  # exactly what `size` prints for that spec
 
 

@@ -211,7 +211,7 @@ def test_presets_command_lists_every_preset() -> None:
 
 def test_every_preset_sizes() -> None:
     for name in preset_names():
-        r = size_json(name, "--seq", "512", "--context", "2048")
+        r = size_json(name, "--seq", "512", "--context", "1024")
         assert r["params"]["total"] == sum(r["params"]["by_component"].values()), name
         assert r["memory"]["training_bytes"] > r["memory"]["weights_bytes"] > 0, name
         assert math.isfinite(r["chinchilla"]["laws"]["besiroglu2024"]["loss"]), name

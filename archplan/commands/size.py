@@ -48,18 +48,28 @@ def parse_amount(text: str, option: str) -> float:
     return float(match.group(1)) * _SUFFIX[match.group(2).lower()]
 
 
-ContextOpt = Annotated[int | None, typer.Option("--context", help="KV-cache context length [default: the spec's max_seq_len].")]
+ContextOpt = Annotated[int | None, typer.Option(
+    "--context", help="KV-cache context length (default: the spec's max_seq_len).")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences in the KV cache.")]
 KVDtypeOpt = Annotated[DType, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
-SeqOpt = Annotated[int | None, typer.Option("--seq", help="Training/prefill sequence length for FLOPs and activations [default: min(4096, max_seq_len)].")]
-MicroBatchOpt = Annotated[int, typer.Option("--micro-batch", help="Sequences per micro-batch for activation memory.")]
-RecomputeOpt = Annotated[RecomputeChoice, typer.Option("--recompute", help="Activation recomputation (Korthikanti et al. 2022).")]
-TokensOpt = Annotated[str | None, typer.Option("--tokens", help="Training tokens, e.g. 15T or 1.4e12 [default: 20 per parameter].")]
-GpuOpt = Annotated[str | None, typer.Option("--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, mi300x, ...")]
+SeqOpt = Annotated[int | None, typer.Option(
+    "--seq", help="Training/prefill sequence length for FLOPs and activations "
+                  "(default: min(4096, max_seq_len)).")]
+MicroBatchOpt = Annotated[int, typer.Option(
+    "--micro-batch", help="Sequences per micro-batch for activation memory.")]
+RecomputeOpt = Annotated[RecomputeChoice, typer.Option(
+    "--recompute", help="Activation recomputation (Korthikanti et al. 2022).")]
+TokensOpt = Annotated[str | None, typer.Option(
+    "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: 20 per parameter).")]
+GpuOpt = Annotated[str | None, typer.Option(
+    "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, mi300x, ...")]
 MfuOpt = Annotated[float, typer.Option("--mfu", help="Model-FLOPs utilisation for GPU-hours.")]
-LawOpt = Annotated[list[LawChoice] | None, typer.Option("--law", help="Approach-3 fit(s) to show (repeatable) [default: hoffmann2022, besiroglu2024].")]
-AttentionOpt = Annotated[AttentionChoice, typer.Option("--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
-PlotOpt = Annotated[str | None, typer.Option("--plot", help="Write a figure (PNG/SVG/PDF by suffix); needs matplotlib.")]
+LawOpt = Annotated[list[LawChoice] | None, typer.Option(
+    "--law", help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024).")]
+AttentionOpt = Annotated[AttentionChoice, typer.Option(
+    "--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
+PlotOpt = Annotated[str | None, typer.Option(
+    "--plot", help="Write a figure (PNG/SVG/PDF by suffix); needs matplotlib.")]
 
 
 def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,
