@@ -160,9 +160,10 @@ def _gpu_table(r: dict[str, Any]) -> _Section | None:
     table = _table(f"GPU time on {g['name']}", g["convention"], ("", "left"), ("", "right"))
     table.add_row("dense bf16 peak used", units.flops(g["peak_flops_per_s"], "FLOP/s"))
     table.add_row("MFU", units.percent(g["mfu"]))
-    table.add_row("training FLOPs", units.sci(g["training_flops"]))
+    table.add_row("model FLOPs (training FLOPs/token x D)", units.sci(g["training_flops"]))
     table.add_row("GPU-hours", f"{g['gpu_hours']:,.0f}")
     table.add_row("GPU-days", f"{g['gpu_hours'] / 24:,.1f}")
+    table.add_row("GPU-hours for the 6·N·D budget", f"{g['gpu_hours_6nd']:,.0f}")
     return table
 
 

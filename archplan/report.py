@@ -196,8 +196,9 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "key": acc.key, "name": acc.name, "dtype": "bf16", "peak_flops_per_s": peak, "mfu": opts.mfu,
             "training_flops": model_flops,
             "gpu_hours": gpu_hours(model_flops, peak, opts.mfu),
-            "convention": "model FLOPs (training FLOPs per token at --seq, no recompute) x tokens, "
-                          "at the dense bf16 peak x MFU",
+            "gpu_hours_6nd": gpu_hours(budget, peak, opts.mfu),
+            "convention": "gpu_hours: model FLOPs (training FLOPs per token at --seq, no recompute) x "
+                          "tokens; gpu_hours_6nd: the 6·N_total·D budget; both at the dense bf16 peak x MFU",
         }
 
     return {

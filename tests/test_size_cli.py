@@ -101,6 +101,7 @@ def test_tokens_gpu_and_law_options() -> None:
     assert g["peak_flops_per_s"] == 989.4e12 and g["dtype"] == "bf16"
     assert g["training_flops"] == pytest.approx(r["flops"]["training_per_token"] * 15e12)
     assert g["gpu_hours"] == pytest.approx(g["training_flops"] / (989.4e12 * 0.5) / 3600)
+    assert g["gpu_hours_6nd"] == pytest.approx(c["training_flops"] / (989.4e12 * 0.5) / 3600)
 
 
 def test_attention_convention_and_recompute() -> None:
