@@ -1,0 +1,488 @@
+"""`archplan plan`: compute-optimal allocation against Hoffmann et al. 2022 (FORMULAS §5), recipe specs
+within 2% of the target, the partial-spec solver, the cluster layout search, and the CLI contract."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from archplan.analytic import count_params
+from archplan.analytic.memory import activation_memory
+from archplan.analytic.scaling import LAWS
+from archplan.cli import main
+from archplan.commands.plan import FamilyChoice, LawOption
+from archplan.errors import ArchplanError
+from archplan.hardware import accelerator
+from archplan.loader import PRESETS_DIR, load_spec
+from archplan.planning import spec_data, spec_yaml
+from archplan.planning.design import RECIPES, Family, design, recipe_shape
+from archplan.planning.optimal import LawChoice, budget, optimum
+from archplan.planning.parallel import ClusterLayout, _Model, evaluate, interconnect, search
+from archplan.planning.solve import Targets, solve
+from archplan.resolve import resolve
+from archplan.spec import Spec
+
+H100 = accelerator("h100")
+NET = interconnect(H100)
+
+
+def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        *argv: str) -> tuple[int, str, str]:
+    """Run the real entry point (exit codes as a shell sees them)."""
+    monkeypatch.setattr(sys, "argv", ["archplan", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- scaling laws
+# FORMULAS §5.1 table: C -> (rounded N_opt, D_opt), (Besiroglu N_opt, D_opt); 5 significant digits.
+HOFFMANN_TABLE = {
+    1e20: ((6.4486e8, 2.5846e10), (8.5348e8, 1.9528e10)),
+    1e21: ((1.8242e9, 9.1363e10), (2.7785e9, 5.9985e10)),
+    1e22: ((5.1605e9, 3.2297e11), (9.0452e9, 1.8426e11)),
+    5.76e23: ((3.2190e10, 2.9823e12), (7.2249e10, 1.3287e12)),
+    1e24: ((4.1297e10, 4.0358e12), (9.5861e10, 1.7386e12)),
+    1e25: ((1.1682e11, 1.4267e13), (3.1207e11, 5.3407e12)),
+    1e26: ((3.3048e11, 5.0432e13), (1.0159e12, 1.6405e13)),
+}
+TABLE_TOLERANCE = 1e-4  # the table prints 5 significant digits
+
+
+@pytest.mark.parametrize("compute", sorted(HOFFMANN_TABLE))
+def test_compute_optimal_table(compute: float) -> None:
+    (hn, hd), (bn, bd) = HOFFMANN_TABLE[compute]
+    chinchilla = optimum(LawChoice.chinchilla, compute).optimal
+    epoch = optimum(LawChoice.epoch, compute).optimal
+    assert chinchilla.params == pytest.approx(hn, rel=TABLE_TOLERANCE)
+    assert chinchilla.tokens == pytest.approx(hd, rel=TABLE_TOLERANCE)
+    assert epoch.params == pytest.approx(bn, rel=TABLE_TOLERANCE)
+    assert epoch.tokens == pytest.approx(bd, rel=TABLE_TOLERANCE)
+
+
+def test_losses_at_the_gopher_budget() -> None:
+    """FORMULAS §5.1: loss at the optimum for C = 5.76e23 is 1.9307 (rounded) / 1.9744 (Besiroglu)."""
+    assert optimum(LawChoice.chinchilla, 5.76e23).optimal.loss == pytest.approx(1.9307, abs=1e-4)
+    assert optimum(LawChoice.epoch, 5.76e23).optimal.loss == pytest.approx(1.9744, abs=1e-4)
+
+
+@pytest.mark.parametrize("choice,key", [(LawChoice.chinchilla, "hoffmann2022"),
+                                        (LawChoice.epoch, "besiroglu2024")])
+@pytest.mark.parametrize("compute", [3e19, 2e22, 7e25])
+def test_closed_form(choice: LawChoice, key: str, compute: float) -> None:
+    """N_opt = G·(C/6)^a, D_opt = C/(6·N_opt), G = (αA/(βB))^(1/(α+β)), a = β/(α+β) (Hoffmann App. D.2),
+    computed here from the fitted constants alone."""
+    law = LAWS[key]
+    g = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+    a = law.beta / (law.alpha + law.beta)
+    n = g * (compute / 6) ** a
+    result = optimum(choice, compute)
+    assert result.optimal.params == pytest.approx(n, rel=1e-9)
+    assert result.optimal.tokens == pytest.approx(compute / (6 * n), rel=1e-9)
+    # the optimum is the minimum of the IsoFLOP profile
+    assert all(p.loss >= result.optimal.loss - 1e-12 for _, p in result.isoflop)
+
+
+# Hoffmann et al. 2022 Table 3 (Approach 1): parameters, FLOPs, tokens. The 67B row prints 1.5T, a
+# rounding of C/(6N) = 1.433T (its 6ND/C is 1.0469, FORMULAS §5.2); that row uses C/(6N).
+TABLE3 = [
+    (400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
+    (67e9, 5.76e23, 5.76e23 / (6 * 67e9)), (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),
+    (520e9, 3.43e25, 11.0e12), (1e12, 1.27e26, 21.2e12), (10e12, 1.30e28, 216.2e12),
+]
+
+
+@pytest.mark.parametrize("params,compute,tokens", TABLE3)
+def test_twenty_tokens_rule_against_table3(params: float, compute: float, tokens: float) -> None:
+    result = optimum(LawChoice.twenty, compute).optimal
+    assert result.params == pytest.approx(params, rel=0.05)
+    assert result.tokens == pytest.approx(tokens, rel=0.05)
+    assert result.tokens == pytest.approx(20 * result.params)
+
+
+@pytest.mark.parametrize("choice", list(LawChoice))
+def test_budget_from_params_or_tokens_inverts_the_law(choice: LawChoice) -> None:
+    n, d = optimum(choice, 3e23).optimal.params, optimum(choice, 3e23).optimal.tokens
+    assert budget(choice, params=n) == pytest.approx(3e23, rel=1e-9)
+    assert budget(choice, tokens=d) == pytest.approx(3e23, rel=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"compute": 1e24, "params": 7e9}, {"compute": -1.0},
+                                    {"compute": 1e40}, {"params": float("nan")}])
+def test_budget_rejects_bad_input(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ArchplanError):
+        budget(LawChoice.epoch, **kwargs)
+
+
+# ----------------------------------------------------------------------------------- design
+def test_recipe_curve_passes_through_the_seed_recipes() -> None:
+    for _, layers, width in RECIPES:
+        spec = Spec(name="r", vocab_size=32000, d_model=width, n_layers=layers,
+                    attention={"kind": "gqa", "n_heads": width // 128, "n_kv_heads": 8},
+                    ffn={"kind": "glu", "d_ff": round(3.5 * width / 256) * 256})
+        l_r, d_r = recipe_shape(count_params(resolve(spec)).non_embedding)
+        assert (l_r, d_r) == (pytest.approx(layers), pytest.approx(width))
+
+
+@pytest.mark.parametrize("preset", ["llama-3-8b", "llama-3-70b"])
+def test_dense_design_finds_the_llama3_recipe(preset: str) -> None:
+    """Llama 3 8B/70B are exactly the seed recipe (GQA-8, d_ff 3.5d, untied, vocab 128256)."""
+    reference = load_spec(preset)
+    target = count_params(resolve(reference)).total
+    made = design(Family.dense, target, vocab=128256)
+    assert (made.spec.n_layers, made.spec.d_model) == (reference.n_layers, reference.d_model)
+    assert made.spec.ffn is not None and reference.ffn is not None
+    assert made.spec.ffn.d_ff == reference.ffn.d_ff
+    assert made.params.total == target
+
+
+@pytest.mark.parametrize("family", list(Family))
+@pytest.mark.parametrize("target", [6e8, 9e9, 6e10])
+def test_design_within_two_percent_and_valid(family: Family, target: float, tmp_path: Path) -> None:
+    made = design(family, target, vocab=128256, name="t", tokens=20 * target)
+    params = count_params(resolve(made.spec))
+    achieved = params.active if family in (Family.moe, Family.hybrid_moe) else params.total
+    assert abs(achieved / target - 1) <= 0.02
+    assert made.achieved == achieved
+    spec = made.spec
+    assert spec.attention is not None and spec.attention.head_dim == 128
+    assert spec.position.kind == "rope" and spec.norm.kind == "rmsnorm" and spec.residual.kind == "pre"
+    if spec.d_model >= 1024:
+        assert spec.attention.n_kv_heads == 8  # type: ignore[union-attr]
+    width = spec.ffn.d_ff if spec.ffn is not None else spec.moe.expert.d_ff  # type: ignore[union-attr]
+    assert width % 128 == 0
+    if family is Family.dense:
+        assert width % 256 == 0 and 0.75 <= width / (3.5 * spec.d_model) <= 1.33
+    if family in (Family.moe, Family.hybrid_moe):
+        assert params.total > params.active
+    if family in (Family.hybrid, Family.hybrid_moe):
+        assert spec.ssm is not None and spec.ssm.kind == "mamba2" and "A" in spec.layout.mixers
+    # YAML round trip through the loader
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_yaml(spec, "test"))
+    assert load_spec(str(path)) == spec
+
+
+def test_design_too_small_for_the_vocabulary() -> None:
+    with pytest.raises(ArchplanError, match="vocab"):
+        design(Family.dense, 5e7, vocab=128256)
+
+
+def test_spec_data_round_trips_every_preset() -> None:
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        spec = load_spec(path.stem)
+        assert Spec.model_validate(spec_data(spec)) == spec, path.stem
+
+
+# ------------------------------------------------------------------------------------ solve
+MIXTRAL_TOTAL, MIXTRAL_ACTIVE = 46_702_792_704, 12_879_925_248
+
+
+def _partial(tmp_path: Path, preset: str, edit: Any) -> Path:
+    data = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text())
+    data.pop("reference", None)
+    edit(data)
+    path = tmp_path / f"{preset}-partial.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_solve_finds_mixtral_expert_width(tmp_path: Path) -> None:
+    path = _partial(tmp_path, "mixtral-8x7b", lambda d: d["moe"]["expert"].update(d_ff="solve"))
+    result = solve(path, Targets(MIXTRAL_TOTAL, MIXTRAL_ACTIVE), tolerance=0)
+    assert result.solved and result.unknowns == ("moe.expert.d_ff",)
+    best = result.nearest
+    assert best.values == {"moe.expert.d_ff": 14336}
+    assert (best.total, best.active) == (MIXTRAL_TOTAL, MIXTRAL_ACTIVE)
+    assert best.spec == load_spec("mixtral-8x7b").model_copy(update={"reference": None})
+
+
+def test_solve_finds_mixtral_from_totals_with_experts_and_top_k_unknown(tmp_path: Path) -> None:
+    def edit(d: dict) -> None:
+        del d["moe"]["n_experts"], d["moe"]["top_k"], d["moe"]["expert"]["d_ff"]
+
+    result = solve(_partial(tmp_path, "mixtral-8x7b", edit), Targets(MIXTRAL_TOTAL, MIXTRAL_ACTIVE),
+                   tolerance=0)
+    assert result.solved
+    assert result.nearest.values == {"moe.n_experts": 8, "moe.top_k": 2, "moe.expert.d_ff": 14336}
+
+
+def test_solve_dense_width_from_total(tmp_path: Path) -> None:
+    path = _partial(tmp_path, "llama-3-8b", lambda d: d["ffn"].pop("d_ff"))
+    result = solve(path, Targets(8_030_261_248, None), tolerance=0, multiple=256)
+    assert result.solved and result.nearest.values == {"ffn.d_ff": 14336}
+
+
+def test_solve_reports_no_integer_solution_with_the_nearest(tmp_path: Path) -> None:
+    path = _partial(tmp_path, "mixtral-8x7b", lambda d: d["moe"]["expert"].update(d_ff="solve"))
+    result = solve(path, Targets(MIXTRAL_TOTAL + 1, MIXTRAL_ACTIVE), tolerance=0)
+    assert not result.solved
+    assert result.nearest.values == {"moe.expert.d_ff": 14336}
+    assert result.nearest.errors["total"] == pytest.approx(-1 / (MIXTRAL_TOTAL + 1))
+    # inconsistent targets (more active than total): nothing comes near
+    far = solve(path, Targets(MIXTRAL_ACTIVE, MIXTRAL_TOTAL), tolerance=0.01)
+    assert not far.solved and far.nearest.worst > 0.5
+
+
+def test_solve_shared_experts(tmp_path: Path) -> None:
+    """A DeepSeek-MoE-style spec with 2 shared experts of the expert width is found back."""
+    spec = Spec(name="small-moe", vocab_size=1000, d_model=256, n_layers=4,
+                attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+                moe={"n_experts": 16, "top_k": 4, "expert": {"kind": "glu", "d_ff": 384},
+                     "shared": {"n": 2, "d_ff": 384}})
+    params = count_params(resolve(spec))
+    data = spec_data(spec)
+    data["moe"]["shared"] = "solve"
+    data["moe"]["expert"]["d_ff"] = "solve"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = solve(path, Targets(params.total, params.active), tolerance=0)
+    assert result.solved and result.tied == ("moe.shared.d_ff",)
+    assert result.nearest.values == {"moe.expert.d_ff": 384, "moe.shared.n": 2}
+    assert result.nearest.spec == spec
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(d_model="solve"), "cannot solve for d_model"),
+    (lambda d: None, "nothing to solve"),
+    (lambda d: (d["moe"].update(shared={"n": 1, "d_ff": "solve"}),
+                d["moe"]["expert"].update(d_ff="solve")), "2 unknown widths"),
+])
+def test_solve_rejects(tmp_path: Path, edit: Any, message: str) -> None:
+    path = _partial(tmp_path, "mixtral-8x7b", edit)
+    with pytest.raises(ArchplanError, match=message):
+        solve(path, Targets(MIXTRAL_TOTAL, None))
+
+
+def test_rumoured_presets_are_solver_output(tmp_path: Path) -> None:
+    """The presets are what the documented solves give; 8 experts cannot match the GPT-4 rumour."""
+    for name, targets, tol, multiple in (("gpt-4-rumored", Targets(1.8e12, 220e9), 0.07, 128),
+                                         ("claude-3-opus-rumored", Targets(200e9, None), 0.01, 256)):
+        preset = load_spec(name)
+        assert preset.reference is not None and preset.reference.rumour
+
+        def edit(d: dict) -> None:
+            if "moe" in d:
+                d["moe"]["n_experts"] = "solve"
+                d["moe"]["expert"]["d_ff"] = "solve"
+            else:
+                d["ffn"]["d_ff"] = "solve"
+
+        result = solve(_partial(tmp_path, name, edit), targets, tolerance=tol, multiple=multiple)
+        assert result.solved
+        assert result.nearest.spec == preset.model_copy(
+            update={"reference": None, "description": result.nearest.spec.description})
+
+    def eight(d: dict) -> None:
+        d["moe"].update(n_experts=8, top_k="solve")
+        d["moe"]["expert"]["d_ff"] = "solve"
+
+    result = solve(_partial(tmp_path, "gpt-4-rumored", eight), Targets(1.8e12, 220e9), tolerance=0.07)
+    assert not result.solved and result.nearest.worst > 0.2
+
+
+# ----------------------------------------------------------------------------------- layout
+def _search(name: str, gpus: int, seq: int = 4096, **kw: Any) -> Any:
+    return search(resolve(load_spec(name)), H100, gpus, seq=seq, global_batch_tokens=4e6, hfu=0.4,
+                  net=NET, **kw)
+
+
+def test_7b_fits_on_8_gpus_without_tp() -> None:
+    result = _search("llama-2-7b", 8)
+    assert result.feasible
+    assert any(e.layout.tp == 1 and e.layout.pp == 1 for e in result.ranked)
+    assert all(e.memory.total <= result.usable_bytes for e in result.ranked)
+    times = [e.time.total for e in result.ranked]
+    assert times == sorted(times)
+
+
+def test_405b_on_8_gpus_is_infeasible_with_the_reason() -> None:
+    result = _search("llama-3.1-405b", 8)
+    assert not result.feasible and not result.ranked
+    assert "model states alone" in result.reasons[0]
+    assert result.tightest is not None and result.tightest.memory.total > result.usable_bytes
+
+
+def test_memory_per_gpu_decreases_with_zero_stage() -> None:
+    plan = resolve(load_spec("llama-3-8b"))
+    model = _Model(plan, 4096)
+    totals = []
+    for zero in (0, 1, 2, 3):
+        layout = ClusterLayout(tp=1, pp=1, dp=8, ep=1, zero=zero, recompute="full", micro_batch=1,
+                               microbatches=4)
+        mem = evaluate(model, H100, NET, layout, 4096, 0.4, H100.memory_bytes).memory
+        totals.append(mem.weights + mem.grads + mem.optimizer)
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    # ZeRO (Rajbhandari et al. 2020 §5): baseline 16Ψ; stage 3 16Ψ/N_d (+ gathered layers)
+    psi = count_params(plan).total
+    assert totals[0] == 16 * psi
+    assert 16 * psi / 8 < totals[3] < 16 * psi / 8 * 1.1
+
+
+def test_first_pipeline_stage_holds_p_microbatches() -> None:
+    """1F1B: stage 0 of p keeps min(p, m) micro-batches (Korthikanti §4.2.3), sharded over TP+SP."""
+    plan = resolve(load_spec("llama-3-8b"))
+    model = _Model(plan, 2048)
+    acts = activation_memory(plan, 1, 2048, "selective").by_component
+    stage0 = sum(v for k, v in acts.items() if k.startswith("layers.") and int(k.split(".")[1]) < 8)
+    for m, in_flight in ((16, 4), (2, 2)):
+        layout = ClusterLayout(tp=2, pp=4, dp=1, ep=1, zero=1, recompute="selective", micro_batch=1,
+                               microbatches=m)
+        mem = evaluate(model, H100, NET, layout, 2048, 0.4, H100.memory_bytes).memory
+        expected = stage0 * in_flight / 2 + acts["embed"] * in_flight
+        assert mem.stage == 0
+        assert mem.activations == pytest.approx(expected, abs=1)
+
+
+def test_bubble_and_tp_communication_model() -> None:
+    plan = resolve(load_spec("llama-3-8b"))
+    model = _Model(plan, 2048)
+    p, m, t = 4, 12, 2
+    layout = ClusterLayout(tp=t, pp=p, dp=1, ep=1, zero=0, recompute="none", micro_batch=1,
+                           microbatches=m)
+    time = evaluate(model, H100, NET, layout, 2048, 0.4, H100.memory_bytes).time
+    pipeline = time.compute + time.tp + time.ep + time.pp_p2p + time.bubble
+    assert time.bubble / pipeline == pytest.approx((p - 1) / (m + p - 1))
+    assert time.dp == 0.0
+    # 8 layers per stage × 2 sub-blocks × (forward + backward), 2(t−1)/t × 2·s·b·h bytes at NVLink
+    per_mb = 8 * 2 * 2 * (2 * (t - 1) / t) * (2 * 2048 * 4096) / NET.intra_node
+    assert time.tp == pytest.approx(m * per_mb)
+
+
+def test_moe_layouts_use_expert_parallelism() -> None:
+    result = _search("mixtral-8x7b", 64)
+    assert result.feasible
+    with_ep = [e for e in result.ranked if e.layout.ep > 1]
+    assert with_ep and all(e.time.ep > 0 for e in with_ep)
+    assert all(e.time.ep == 0 for e in result.ranked if e.layout.ep == 1)
+
+
+@pytest.mark.parametrize("kwargs", [{"hfu": 0.0}, {"headroom": 1.0}, {"seq": 10**7}])
+def test_search_rejects_bad_input(kwargs: dict[str, Any]) -> None:
+    args = {"seq": 4096, "global_batch_tokens": 4e6, "hfu": 0.4, "net": NET} | kwargs
+    with pytest.raises(ArchplanError):
+        search(resolve(load_spec("llama-2-7b")), H100, 8, **args)
+
+
+# -------------------------------------------------------------------------------------- CLI
+def test_cli_choices_match_the_library() -> None:
+    assert [c.value for c in FamilyChoice] == [f.value for f in Family]
+    assert [c.value for c in LawOption] == [c.value for c in LawChoice]
+
+
+def test_cli_budget_json_contract(capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "--compute", "1e22", "--law", "chinchilla",
+                       "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["compute"] == 1e22 and r["law"] == "chinchilla"
+    assert r["optimal"]["params"] == pytest.approx(5.1605e9, rel=1e-4)
+    assert r["optimal"]["tokens"] == pytest.approx(3.2297e11, rel=1e-4)
+    assert r["optimal"]["loss"] > 1.69
+    spec = Spec.model_validate(r["spec"])
+    assert count_params(resolve(spec)).total == pytest.approx(r["optimal"]["params"], rel=0.02)
+    assert spec.training is not None and spec.training.tokens == round(r["optimal"]["tokens"])
+
+
+def test_cli_writes_a_spec_that_lints(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "moe.yaml"
+    code, out, _ = run(capsys, monkeypatch, "plan", "--params", "2e9", "--family", "moe",
+                       "--law", "20x", "-o", str(target))
+    assert code == 0 and "written to" in out
+    spec = load_spec(str(target))
+    assert spec.moe is not None and spec.training is not None
+    assert count_params(resolve(spec)).active == pytest.approx(2e9, rel=0.02)
+    code, out, err = run(capsys, monkeypatch, "lint", str(target))
+    assert code == 0, out + err
+    # an existing file is kept without --force (exit 2, one line), replaced with it
+    code, _, err = run(capsys, monkeypatch, "plan", "--params", "1e9", "-o", str(target))
+    assert code == 2 and "--force" in err and err.count("\n") == 1
+    assert load_spec(str(target)) == spec
+    code, _, _ = run(capsys, monkeypatch, "plan", "--params", "1e9", "-o", str(target), "--force")
+    assert code == 0 and load_spec(str(target)).moe is None
+
+
+def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "iso.svg"
+    code, _, _ = run(capsys, monkeypatch, "plan", "--compute", "1e21", "--plot", str(figure))
+    assert code == 0 and figure.read_text().lstrip().startswith("<?xml")
+
+
+def test_cli_plot_without_matplotlib(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    code, _, err = run(capsys, monkeypatch, "plan", "--compute", "1e21", "--plot",
+                       str(tmp_path / "x.png"))
+    assert code == 2 and "matplotlib" in err and err.count("\n") == 1
+
+
+def test_cli_solve_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _partial(tmp_path, "mixtral-8x7b", lambda d: d["moe"]["expert"].update(d_ff="solve"))
+    out_file = tmp_path / "solved.yaml"
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "46702792704",
+                       "--active", "12.879925248B", "--tol", "0", "-o", str(out_file), "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["solved"] and r["candidates"][0]["values"] == {"moe.expert.d_ff": 14336}
+    assert load_spec(str(out_file)).moe.expert.d_ff == 14336  # type: ignore[union-attr]
+    other = tmp_path / "none.yaml"
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "1e9",
+                       "--active", "12.9e9", "-o", str(other))
+    assert code == 1 and "no integer solution" in out and not other.exists()
+
+
+def test_cli_layout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-2-7b", "--gpus", "8", "--gpu", "h100",
+                       "--seq", "4096", "--global-batch-tokens", "2M", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["feasible"] and 1 <= len(r["layouts"]) <= 5
+    best = r["layouts"][0]
+    assert set(best["memory"]) == {"stage", "weights", "grads", "optimizer", "activations", "total"}
+    assert best["memory"]["total"] <= r["usable_bytes_per_gpu"]
+    assert best["training_days"] > 0 and 0 < best["mfu"] < 0.4
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "8")
+    assert code == 1 and "infeasible" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan"],
+    ["plan", "--compute", "1e24", "--params", "7e9"],
+    ["plan", "--compute", "lots"],
+    ["plan", "llama-2-7b"],
+    ["plan", "llama-2-7b", "--gpus", "8", "--gpu", "tpu-v9"],
+    ["plan", "--compute", "1e24", "--total", "1e9"],
+    ["plan", "--solve", "missing.yaml", "--total", "1e9"],
+])
+def test_cli_bad_input_is_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, *argv)
+    assert code == 2 and err.startswith("archplan: error:") and err.count("\n") == 1
+
+
+def test_plan_does_not_import_torch() -> None:
+    probe = (
+        "import sys\nfrom archplan.cli import main\n"
+        "sys.argv = ['archplan', 'plan', '--compute', '1e21', '--family', 'hybrid', '--json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert math.isfinite(json.loads(proc.stdout)["optimal"]["loss"])
