@@ -1,0 +1,474 @@
+"""`archplan import hf`: every reference config imports to transformers' exact count, tiny configs of
+the other families match counts derived by hand from transformers' modeling code, and bad input
+exits 2 naming the field. No transformers needed (benchmarks/hf_parity.py builds the real models).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archplan.analytic import count_params
+from archplan.cli import main
+from archplan.errors import ArchplanError
+from archplan.importers import spec_yaml
+from archplan.importers.hf import FAMILIES, import_hf, spec_from_config
+from archplan.loader import load_spec, parse_yaml, spec_from_data
+from archplan.resolve import resolve
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text())["models"]
+
+COVERAGE = (
+    "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe gemma gemma2 phi phi3 gpt2 gpt_neox gptj "
+    "falcon bloom mpt stablelm olmo olmo2 olmoe deepseek_v2 deepseek_v3 mamba mamba2 jamba"
+).split()
+
+
+def lin(n_in: int, n_out: int, bias: bool = False) -> int:
+    """nn.Linear(n_in, n_out, bias) (and GPT-2's Conv1D): weight + optional bias."""
+    return n_in * n_out + (n_out if bias else 0)
+
+
+@dataclass(frozen=True)
+class Case:
+    config: dict[str, Any]
+    total: int
+    active: int | None = None  # None: dense, active == total
+
+
+# Tiny configs of the families without a reference fixture (and the quirks the fixtures miss).
+# Each expected count is spelled as the modules transformers 5.24 builds (modeling_<family>.py), so
+# the arithmetic is the derivation. V = 128, D = 64 throughout; untied unless the family ties.
+V, D = 128, 64
+EMB = V * D
+TINY: dict[str, Case] = {
+    # LlamaAttention: attention_bias on q, k, v AND o; LlamaMLP: mlp_bias on gate/up/down; tied head
+    "llama-biased-tied-llama3rope": Case(
+        dict(model_type="llama", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, attention_bias=True, mlp_bias=True,
+             tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=512,
+             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        EMB + 2 * (lin(D, 64, True) + 2 * lin(D, 32, True) + lin(64, D, True)
+                   + 2 * lin(D, 96, True) + lin(96, D, True) + 2 * D) + D),
+    # MistralAttention with explicit head_dim 32 (q: 4·32 = 128 wide); window on every layer
+    "mistral-window": Case(
+        dict(model_type="mistral", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, intermediate_size=96, sliding_window=32),
+        2 * EMB + 2 * (lin(D, 128) + 2 * lin(D, 64) + lin(128, D) + 3 * D * 96 + 2 * D) + D),
+    # MixtralSparseMoeBlock: router Linear(D, 4) + experts (4, 2·48, D) and (4, D, 48)
+    "mixtral-window": Case(
+        dict(model_type="mixtral", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+             sliding_window=32),
+        2 * EMB + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + D * 4 + 4 * 3 * D * 48 + 2 * D) + D,
+        2 * EMB + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + D * 4 + 2 * 3 * D * 48 + 2 * D) + D),
+    # Qwen2Attention: bias on q/k/v only; layer 0 global, 1-2 sliding (i >= max_window_layers)
+    "qwen2-max-window-layers": Case(
+        dict(model_type="qwen2", vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, use_sliding_window=True, sliding_window=16,
+             max_window_layers=1, tie_word_embeddings=True),
+        EMB + 3 * (lin(D, 64, True) + 2 * lin(D, 32, True) + lin(64, D) + 3 * D * 96 + 2 * D) + D),
+    # Qwen3Attention: q_norm/k_norm RMSNorm(head_dim = 32) each
+    "qwen3": Case(
+        dict(model_type="qwen3", vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, intermediate_size=96, tie_word_embeddings=True,
+             use_sliding_window=True, sliding_window=16, max_window_layers=1),
+        EMB + 3 * (lin(D, 128) + 2 * lin(D, 64) + lin(128, D) + 2 * 32 + 3 * D * 96 + 2 * D) + D),
+    # Qwen2MoeSparseMoeBlock: gate Linear(D,4), experts 4·3·D·32, shared_expert 3·D·48,
+    # shared_expert_gate Linear(D,1); layer 0 in mlp_only_layers is a dense Qwen2MoeMLP(96)
+    "qwen2_moe-mlp-only": Case(
+        dict(model_type="qwen2_moe", vocab_size=V, hidden_size=D, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
+             shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]),
+        2 * EMB + D + 4 * (lin(D, 64, True) + 2 * lin(D, 32, True) + lin(64, D) + 2 * D)
+        + 3 * D * 96 + 3 * (D * 4 + 4 * 3 * D * 32 + 3 * D * 48 + D),
+        2 * EMB + D + 4 * (lin(D, 64, True) + 2 * lin(D, 32, True) + lin(64, D) + 2 * D)
+        + 3 * D * 96 + 3 * (D * 4 + 2 * 3 * D * 32 + 3 * D * 48 + D)),
+    # decoder_sparse_step 2: experts where (i+1) % 2 == 0, i.e. layers 1 and 3; MHA without bias
+    "qwen2_moe-sparse-step": Case(
+        dict(model_type="qwen2_moe", vocab_size=V, hidden_size=D, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+             shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
+             qkv_bias=False),
+        2 * EMB + D + 4 * (4 * lin(D, 64) + 2 * D) + 2 * 3 * D * 96
+        + 2 * (D * 4 + 4 * 3 * D * 32 + 3 * D * 48 + D),
+        2 * EMB + D + 4 * (4 * lin(D, 64) + 2 * D) + 2 * 3 * D * 96
+        + 2 * (D * 4 + 2 * 3 * D * 32 + 3 * D * 48 + D)),
+    # Qwen3MoeAttention head_dim = getattr(config, "head_dim", D/H) = 16 (no 128 default here)
+    "qwen3_moe": Case(
+        dict(model_type="qwen3_moe", vocab_size=V, hidden_size=D, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+             num_experts_per_tok=2, decoder_sparse_step=2),
+        2 * EMB + D + 4 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 2 * 16 + 2 * D)
+        + 2 * 3 * D * 96 + 2 * (D * 4 + 4 * 3 * D * 32),
+        2 * EMB + D + 4 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 2 * 16 + 2 * D)
+        + 2 * 3 * D * 96 + 2 * (D * 4 + 2 * 3 * D * 32)),
+    # GemmaAttention MQA with head_dim 32; tied by default; "gelu" means the tanh GeGLU
+    "gemma": Case(
+        dict(model_type="gemma", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=32, intermediate_size=128, hidden_act="gelu"),
+        EMB + 2 * (lin(D, 128) + 2 * lin(D, 32) + lin(128, D) + 3 * D * 128 + 2 * D) + D),
+    # Gemma2DecoderLayer: input/post_attention/pre_feedforward/post_feedforward RMSNorms
+    "gemma2": Case(
+        dict(model_type="gemma2", vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, intermediate_size=128, sliding_window=16),
+        EMB + 3 * (lin(D, 128) + 2 * lin(D, 64) + lin(128, D) + 3 * D * 128 + 4 * D) + D),
+    # PhiAttention: biased q/k/v/dense, q/k LayerNorm(head_dim 16, weight+bias); PhiMLP fc1/fc2 biased;
+    # one input_layernorm per block; final LayerNorm; lm_head with bias
+    "phi": Case(
+        dict(model_type="phi", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=128, qk_layernorm=True, partial_rotary_factor=0.5),
+        EMB + lin(D, V, True) + 2 * (4 * lin(D, 64, True) + 2 * 2 * 16 + lin(D, 128, True)
+                                     + lin(128, D, True) + 2 * D) + 2 * D),
+    # Phi3Attention qkv_proj (64 + 2·32) and Phi3MLP gate_up_proj (2·96): split sizes, no biases
+    "phi3": Case(
+        dict(model_type="phi3", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, sliding_window=32, partial_rotary_factor=0.5,
+             pad_token_id=0),
+        2 * EMB + 2 * (lin(D, 64 + 2 * 32) + lin(64, D) + lin(D, 2 * 96) + lin(96, D) + 2 * D) + D),
+    # GPT2: wte + wpe(256), biased c_attn(3D)/c_proj, MLP n_inner 96, LayerNorms with bias, tied
+    "gpt2-n_inner": Case(
+        dict(model_type="gpt2", vocab_size=V, n_embd=D, n_layer=2, n_head=4, n_positions=256, n_inner=96),
+        EMB + 256 * D + 2 * (lin(D, 3 * D, True) + lin(D, D, True) + lin(D, 96, True) + lin(96, D, True)
+                             + 2 * 2 * D) + 2 * D),
+    # GPTNeoXLayer: input + post_attention LayerNorms, biased fused qkv/dense and MLP; untied embed_out
+    "gpt_neox-parallel": Case(
+        dict(model_type="gpt_neox", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=256, rotary_pct=0.25),
+        2 * EMB + 2 * (lin(D, 3 * D, True) + lin(D, D, True) + lin(D, 256, True) + lin(256, D, True)
+                       + 2 * 2 * D) + 2 * D),
+    "gpt_neox-sequential": Case(
+        dict(model_type="gpt_neox", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=256, use_parallel_residual=False, attention_bias=False, tie_word_embeddings=True),
+        EMB + 2 * (lin(D, 3 * D) + lin(D, D) + lin(D, 256, True) + lin(256, D, True) + 2 * 2 * D) + 2 * D),
+    # GPTJBlock: one ln_1, unbiased q/k/v/out, fc_in/fc_out (n_inner None -> 4D) biased; lm_head biased
+    "gptj": Case(
+        dict(model_type="gptj", vocab_size=V, n_embd=D, n_layer=2, n_head=4, rotary_dim=8),
+        EMB + lin(D, V, True) + 2 * (4 * lin(D, D) + lin(D, 4 * D, True) + lin(4 * D, D, True) + 2 * D) + 2 * D),
+    # FalconAttention new_decoder_architecture: qkv (H + 2·Hkv)·Dh; ln_attn + ln_mlp; tied; no bias
+    "falcon-new-arch": Case(
+        dict(model_type="falcon", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_kv_heads=2, new_decoder_architecture=True, multi_query=False),
+        EMB + 2 * (lin(D, (4 + 2 * 2) * 16) + lin(D, D) + lin(D, 4 * D) + lin(4 * D, D) + 2 * 2 * D) + 2 * D),
+    # multi_query false, old architecture: qkv = 3·D; sequential -> input + post_attention LayerNorm
+    "falcon-sequential-alibi": Case(
+        dict(model_type="falcon", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             multi_query=False, parallel_attn=False, bias=True, alibi=True, tie_word_embeddings=False),
+        2 * EMB + 2 * (lin(D, 3 * D, True) + lin(D, D, True) + lin(D, 4 * D, True) + lin(4 * D, D, True)
+                       + 2 * 2 * D) + 2 * D),
+    # BloomModel: word_embeddings_layernorm, biased qkv/dense/MLP(4D), tied
+    "bloom": Case(
+        dict(model_type="bloom", vocab_size=V, hidden_size=D, n_layer=2, n_head=4),
+        EMB + 2 * D + 2 * (lin(D, 3 * D, True) + lin(D, D, True) + lin(D, 4 * D, True) + lin(4 * D, D, True)
+                           + 2 * 2 * D) + 2 * D),
+    # MptBlock: LayerNorms with their bias set to None, Wqkv/out_proj/up/down without bias, tied
+    "mpt": Case(
+        dict(model_type="mpt", vocab_size=V, d_model=D, n_heads=4, n_layers=2, max_seq_len=256,
+             attn_config={"alibi": True, "attn_type": "multihead_attention", "clip_qkv": 8.0}),
+        EMB + 2 * (lin(D, 3 * D) + lin(D, D) + lin(D, 4 * D) + lin(4 * D, D) + 2 * D) + D),
+    # StableLmLayerNormPerHead: one bias-free LayerNorm(16) per head, 4 for q and 2 for k
+    "stablelm-qk-norm": Case(
+        dict(model_type="stablelm", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, qk_layernorm=True, use_qkv_bias=True),
+        2 * EMB + 2 * (lin(D, 64, True) + 2 * lin(D, 32, True) + lin(64, D) + (4 + 2) * 16
+                       + 3 * D * 96 + 2 * 2 * D) + 2 * D),
+    # use_parallel_residual: no post_attention_layernorm
+    "stablelm-parallel": Case(
+        dict(model_type="stablelm", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, intermediate_size=96, use_parallel_residual=True),
+        2 * EMB + 2 * (4 * lin(D, D) + 3 * D * 96 + 2 * D) + 2 * D),
+    # Olmo2Attention q_norm RMSNorm(H·Dh = 64), k_norm RMSNorm(Hkv·Dh = 32); post-attention and
+    # post-feedforward RMSNorms only
+    "olmo2": Case(
+        dict(model_type="olmo2", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96),
+        2 * EMB + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 64 + 32 + 3 * D * 96 + 2 * D) + D),
+    # OlmoeSparseMoeBlock: gate Linear(D, 4), experts 4·3·D·32 on every layer
+    "olmoe": Case(
+        dict(model_type="olmoe", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+        2 * EMB + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 64 + 32 + D * 4 + 4 * 3 * D * 32 + 2 * D) + D,
+        2 * EMB + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 64 + 32 + D * 4 + 2 * 3 * D * 32 + 2 * D) + D),
+    # DeepseekV2Attention with q_lora_rank null: q_proj D -> H·(16+8); kv_a_proj_with_mqa D -> 32+8,
+    # kv_a_layernorm 32, kv_b_proj 32 -> H·(16+16), o_proj H·16 -> D. Layer 0 dense (first_k 1);
+    # DeepseekV2Moe: router (4, D), experts 4·3·D·16, shared MLP of width 2·16
+    "deepseek_v2-lite": Case(
+        dict(model_type="deepseek_v2", vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4,
+             q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+             intermediate_size=96, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+             n_shared_experts=2, first_k_dense_replace=1, max_position_embeddings=256,
+             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}),
+        2 * EMB + D + 3 * (lin(D, 4 * 24) + lin(D, 32 + 8) + 32 + lin(32, 4 * 32) + lin(4 * 16, D) + 2 * D)
+        + 3 * D * 96 + 2 * (4 * D + 4 * 3 * D * 16 + 3 * D * 32),
+        2 * EMB + D + 3 * (lin(D, 4 * 24) + lin(D, 32 + 8) + 32 + lin(32, 4 * 32) + lin(4 * 16, D) + 2 * D)
+        + 3 * D * 96 + 2 * (4 * D + 2 * 3 * D * 16 + 3 * D * 32)),
+    # q_lora_rank 24: q_a_proj D -> 24, q_a_layernorm 24, q_b_proj 24 -> H·24; one shared expert;
+    # e_score_correction_bias is a buffer, not a parameter
+    "deepseek_v3": Case(
+        dict(model_type="deepseek_v3", vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4,
+             q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+             intermediate_size=96, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1),
+        2 * EMB + D + 3 * (lin(D, 24) + 24 + lin(24, 4 * 24) + lin(D, 40) + 32 + lin(32, 128) + lin(64, D) + 2 * D)
+        + 3 * D * 96 + 2 * (4 * D + 4 * 3 * D * 16 + 3 * D * 16),
+        2 * EMB + D + 3 * (lin(D, 24) + 24 + lin(24, 4 * 24) + lin(D, 40) + 32 + lin(32, 128) + lin(64, D) + 2 * D)
+        + 3 * D * 96 + 2 * (4 * D + 2 * 3 * D * 16 + 3 * D * 16)),
+    # MambaMixer, d_inner 128, N 8, dt_rank auto = ceil(64/16) = 4, use_bias on in/out_proj:
+    # in_proj D -> 256, conv1d 128·4 + 128, x_proj 128 -> 4 + 2·8, dt_proj 4 -> 128 (+bias),
+    # A_log 128·8, D 128, out_proj 128 -> D; one RMSNorm per block; tied
+    "mamba-auto-dt": Case(
+        dict(model_type="mamba", vocab_size=V, hidden_size=D, num_hidden_layers=2, state_size=8, expand=2,
+             conv_kernel=4, time_step_rank="auto", use_bias=True),
+        EMB + 2 * (lin(D, 256, True) + 128 * 4 + 128 + lin(128, 4 + 16) + lin(4, 128, True) + 128 * 8 + 128
+                   + lin(128, D, True) + D) + D),
+    # Mamba2Mixer, d_inner 128, 8 heads of 16, G 2, N 16: in_proj D -> 2·128 + 2·2·16 + 8, conv over
+    # 128 + 2·2·16 = 192 channels (+bias), dt_bias/A_log/D 8 each, gated RMSNorm 128, out_proj
+    "mamba2": Case(
+        dict(model_type="mamba2", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_heads=8, head_dim=16,
+             expand=2, n_groups=2, state_size=16, conv_kernel=4, tie_word_embeddings=True),
+        EMB + 2 * (lin(D, 2 * 128 + 2 * 2 * 16 + 8) + 192 * 4 + 192 + 3 * 8 + 128 + lin(128, D) + D) + D),
+    # JambaMambaMixer (dt/B/C RMSNorms 4 + 8 + 8) on layers 0, 2; attention on 1, 3 (period 2,
+    # offset 1); JambaSparseMoeBlock (router (4, D), 4·3·D·96) on 0, 2; JambaMLP(96) on 1, 3
+    "jamba": Case(
+        dict(model_type="jamba", vocab_size=V, hidden_size=D, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, attn_layer_period=2, attn_layer_offset=1,
+             expert_layer_period=2, expert_layer_offset=0, num_experts=4, num_experts_per_tok=2,
+             mamba_d_state=8, mamba_dt_rank="auto"),
+        2 * EMB + D + 2 * (lin(D, 256) + 128 * 4 + 128 + lin(128, 4 + 16) + lin(4, 128, True) + 128 * 8 + 128
+                           + lin(128, D) + 4 + 8 + 8 + 4 * D + 4 * 3 * D * 96 + 2 * D)
+        + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 3 * D * 96 + 2 * D),
+        2 * EMB + D + 2 * (lin(D, 256) + 128 * 4 + 128 + lin(128, 4 + 16) + lin(4, 128, True) + 128 * 8 + 128
+                           + lin(128, D) + 4 + 8 + 8 + 4 * D + 2 * 3 * D * 96 + 2 * D)
+        + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 3 * D * 96 + 2 * D)),
+}
+
+
+def counts(config: dict[str, Any], name: str = "tiny") -> tuple[int, int]:
+    pc = count_params(resolve(spec_from_config(config, file=name, name=name)))
+    return pc.total, pc.active
+
+
+# ------------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_reference_configs_import_exactly(name: str) -> None:
+    ref = EXPECTED[name]
+    spec = import_hf(FIXTURES / ref["config_file"])
+    pc = count_params(resolve(spec))
+    assert pc.total == ref["total_params"]
+    assert pc.active == ref["active_params"]
+    assert pc.embedding == ref["embedding_params"]
+    assert pc.position_embedding == ref["position_embedding_params"]
+    assert pc.non_embedding == ref["non_embedding_params"]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_tiny_configs_match_hand_derived_counts(name: str) -> None:
+    case = TINY[name]
+    assert counts(case.config, name) == (case.total, case.active if case.active is not None else case.total)
+
+
+def test_every_covered_model_type_is_registered_and_exercised() -> None:
+    assert set(COVERAGE) == set(FAMILIES)
+    exercised = {c.config["model_type"] for c in TINY.values()} | {r["model_type"] for r in EXPECTED.values()}
+    # olmo is registered only to refuse it by name (see test_olmo_refused_naming_the_norm)
+    assert exercised == set(COVERAGE) - {"olmo"}
+
+
+# ------------------------------------------------------------------------------- family quirks
+def spec_of(config: dict[str, Any]):  # noqa: ANN201 - a Spec; the name reads better than the type
+    return spec_from_config(config, file="config.json", name="t")
+
+
+def test_layouts_follow_transformers_layer_rules() -> None:
+    assert spec_of(TINY["qwen2-max-window-layers"].config).layout.mixers == "ASS"
+    assert spec_of(TINY["gemma2"].config).layout.mixers == "SA"
+    assert spec_of(TINY["mistral-window"].config).layout.mixers == "S"
+    qwen_moe = spec_of(TINY["qwen2_moe-sparse-step"].config).layout
+    assert (qwen_moe.moe_every, qwen_moe.moe_offset, qwen_moe.first_dense) == (2, 1, 0)
+    assert spec_of(TINY["qwen2_moe-mlp-only"].config).layout.first_dense == 1
+    jamba = spec_of(TINY["jamba"].config).layout
+    assert (jamba.mixers, jamba.moe_every, jamba.moe_offset) == ("MA", 2, 0)
+
+
+def test_explicit_layer_types_override_the_default_pattern() -> None:
+    config = {**TINY["qwen2-max-window-layers"].config,
+              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    windows = [layer.mixer.window for layer in resolve(spec_of(config)).layers]  # type: ignore[union-attr]
+    assert windows == [16, None, 16]
+
+
+def test_rope_fields_and_both_spellings() -> None:
+    llama = spec_of(TINY["llama-biased-tied-llama3rope"].config).position
+    assert llama.kind == "rope" and llama.theta == 500000.0
+    assert llama.scaling is not None and llama.scaling.kind == "llama3" and llama.scaling.original_max_positions == 64
+    # transformers 5 writes rope_parameters instead of rope_theta/rope_scaling
+    v5 = {k: v for k, v in TINY["llama-biased-tied-llama3rope"].config.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    assert spec_of(v5).position == llama
+    assert spec_of(TINY["gpt_neox-parallel"].config).position.fraction == 0.25
+    assert spec_of(TINY["phi"].config).position.fraction == 0.5
+    assert spec_of(TINY["gptj"].config).position.fraction == 8 / 16
+    deepseek = spec_of(TINY["deepseek_v2-lite"].config).position.scaling
+    assert deepseek is not None and (deepseek.kind, deepseek.mscale) == ("yarn", 0.707)
+
+
+def test_mistral_window_defaults_to_4096_when_absent() -> None:
+    config = {k: v for k, v in TINY["mistral-window"].config.items() if k != "sliding_window"}
+    attn = spec_of(config).attention
+    assert attn is not None and attn.sliding_window == 4096
+
+
+def test_falcon_7b_is_mqa_with_one_shared_norm() -> None:
+    spec = import_hf(FIXTURES / "hf-configs" / "falcon-7b.json")
+    assert spec.attention is not None and spec.attention.kind == "mqa"
+    assert spec.residual.kind == "parallel" and spec.residual.shared_norm
+
+
+def test_deepseek_v3_notes_the_unbuilt_mtp_module() -> None:
+    spec = import_hf(FIXTURES / "hf-configs" / "deepseek-v3.json")
+    assert spec.reference is not None and "num_nextn_predict_layers" in (spec.reference.notes or "")
+    assert spec.moe is not None and spec.moe.router.score_correction_bias
+
+
+def test_ignored_fields_are_quiet_and_change_nothing() -> None:
+    noisy = {**TINY["olmo2"].config, "attention_dropout": 0.1, "initializer_range": 0.5, "bos_token_id": 7,
+             "torch_dtype": "bfloat16", "use_cache": False, "transformers_version": "4.0",
+             "architectures": ["Olmo2ForCausalLM"], "quantization_config": {"quant_method": "fp8"}}
+    assert counts(noisy) == counts(TINY["olmo2"].config)
+
+
+# ----------------------------------------------------------------------------------- refusals
+def refusal(config: dict[str, Any]) -> ArchplanError:
+    with pytest.raises(ArchplanError) as info:
+        spec_of(config)
+    return info.value
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"model_type": "t5"}, "model_type"),
+    ({"some_new_switch": True}, "some_new_switch"),
+    ({"hidden_act": "quick_gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9}}, "rope_scaling.attention_factor"),
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+])
+def test_llama_refusals_name_the_field(change: dict[str, Any], field: str) -> None:
+    assert refusal({**TINY["llama-biased-tied-llama3rope"].config, **change}).field == field
+
+
+@pytest.mark.parametrize(("case", "change", "field"), [
+    ("qwen2_moe-mlp-only", {"mlp_only_layers": [1]}, "mlp_only_layers"),  # experts on 0, 2, 3
+    ("mpt", {"expansion_ratio": 3}, "expansion_ratio"),
+    ("mpt", {"attn_config": {"alibi": False}}, "attn_config.alibi"),
+    ("deepseek_v3", {"moe_layer_freq": 2}, "moe_layer_freq"),
+    ("deepseek_v2-lite", {"attention_bias": True}, "attention_bias"),
+    ("mistral-window", {"attention_bias": True}, "attention_bias"),
+    ("mamba2", {"num_heads": 4}, "num_heads"),
+    ("mamba-auto-dt", {"expand": 1.5}, "expand"),
+    ("phi3", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}}, "rope_scaling"),
+    ("gpt2-n_inner", {"add_cross_attention": True}, "add_cross_attention"),
+    ("bloom", {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
+    ("jamba", {"sliding_window": 16}, "sliding_window"),
+])
+def test_family_refusals_name_the_field(case: str, change: dict[str, Any], field: str) -> None:
+    err = refusal({**TINY[case].config, **change})
+    assert err.field == field
+
+
+def test_olmo_refused_naming_the_norm() -> None:
+    err = refusal(dict(model_type="olmo", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4))
+    assert "non-parametric LayerNorm" in err.message
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["archplan", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def test_cli_stdout_yaml_loads_back_equal(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    path = FIXTURES / "hf-configs" / "mixtral-8x7b-v0.1.json"
+    code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(path))
+    assert code == 0
+    assert out.startswith("# yaml-language-server: $schema=") and out.splitlines()[0].endswith("spec.schema.json")
+    spec = spec_from_data(parse_yaml(out, "stdout"), "stdout")
+    assert spec == import_hf(path)
+    assert spec.reference is not None and str(path) in spec.reference.source
+
+
+def test_cli_folder_and_output_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tmp_path / "Tiny-Qwen3"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY["qwen3"].config))
+    out = tmp_path / "spec.yaml"
+    assert run_cli(capsys, monkeypatch, "import", "hf", str(model), "-o", str(out))[0] == 0
+    spec = load_spec(out)
+    assert spec.name == "Tiny-Qwen3"
+    assert count_params(resolve(spec)).total == TINY["qwen3"].total
+    code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(model), "-o", str(out))
+    assert code == 2 and "--force" in err
+    assert run_cli(capsys, monkeypatch, "import", "hf", str(model), "-o", str(out), "--force")[0] == 0
+
+
+def test_cli_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(FIXTURES / "hf-configs" / "gpt2.json"), "--json")
+    assert code == 0
+    assert json.loads(out)["spec"]["position"] == {"kind": "learned"}
+
+
+def test_cli_invalid_json_names_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text('{\n  "model_type": "llama",\n  "hidden_size": 64,,\n}\n')
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(bad))
+    assert code == 2 and out == ""
+    assert f"{bad}:3:21: invalid JSON" in err  # the second comma
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ('[1, 2]', "JSON object"),
+    ('{"vocab_size": 10}', "model_type"),
+    ('{"model_type": "llama", "hidden_size": 64, "flux_capacitor": 1}', "flux_capacitor"),
+])
+def test_cli_bad_configs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                content: str, needle: str) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text(content)
+    code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(tmp_path))
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_cli_missing_folder_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(tmp_path))
+    assert code == 2 and "no config.json" in err
+
+
+def test_spec_yaml_round_trips_every_fixture() -> None:
+    for path in sorted((FIXTURES / "hf-configs").glob("*.json")):
+        spec = import_hf(path)
+        assert spec_from_data(parse_yaml(spec_yaml(spec), "t"), "t") == spec, path.name
+
+
+def test_import_does_not_load_torch() -> None:
+    code = ("import sys, archplan.cli; from archplan.importers.hf import import_hf; "
+            f"import_hf({str(FIXTURES / 'hf-configs' / 'jamba-v0.1.json')!r}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
