@@ -37,6 +37,7 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
     spec = importlib.util.spec_from_file_location("test_import_hf", ROOT / "tests" / "test_import_hf.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return {name: case.config for name, case in module.TINY.items()}
 
@@ -110,7 +111,8 @@ def main() -> int:
             table.add_row(r["name"], r["model_type"], f"{r['archplan_total']:,}", f"{r['transformers_total']:,}",
                           f"{r['archplan_active']:,}", f"{r['transformers_active']:,}",
                           "yes" if r["match"] else "[red]NO[/red]")
-        Console().print(table)
+        # wide enough for full integers when piped to a file
+        Console(width=None if sys.stdout.isatty() else 150).print(table)
         print(f"{matched}/{len(rows)} exact")
     return 0 if matched == len(rows) else 1
 
