@@ -171,7 +171,7 @@ class SearchResult:
     headroom: float
     usable_bytes: int
     model_flops_per_token: int
-    ranked: tuple[Evaluated, ...]  # every fitting layout, fastest first
+    ranked: tuple[Evaluated, ...]  # every fitting layout, least time per token first
     considered: int  # layouts evaluated
     fitting: int  # of which fit
     reasons: tuple[str, ...] = field(default=())  # why nothing fits, when `ranked` is empty
@@ -469,7 +469,9 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
                 f"{nbytes(16 * model.params.total)} over {gpus} GPUs is "
                 f"{nbytes(16 * model.params.total / gpus)} each before activations"
             )
-    evaluated.sort(key=lambda e: (e.time.total, e.memory.total))
+    # Rank by time per token: rounding m to whole micro-batches changes the batch as run by a few
+    # percent between layouts, so raw step times are not comparable.
+    evaluated.sort(key=lambda e: (e.time.total / e.global_batch_tokens, e.memory.total))
     return SearchResult(
         gpu=gpu, gpus=gpus, net=net, seq=seq, hfu=hfu, headroom=headroom, usable_bytes=usable,
         model_flops_per_token=model.model_flops, ranked=tuple(evaluated),
