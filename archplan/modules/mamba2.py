@@ -116,10 +116,13 @@ def ssd_chunked(
 
     # 3. states entering each chunk: an elementwise recurrence over chunks
     chunk_decay_BCGJ = torch.exp(a_cum_BGJCL[..., -1]).permute(0, 3, 1, 2)
-    if h0_BHsPN is None:
-        state_BGJPN = torch.zeros_like(states_BCGJPN[:, 0])
-    else:
-        state_BGJPN = h0_BHsPN.float().reshape(b, g, hs // g, p, n)
+    # The first entering state is h0 (or zero) written as 0·states[0] (+ h0): with n_c = 1 the
+    # chunk states would otherwise feed only the returned final state, autograd would skip their
+    # backward, and a forward+backward would count less than 3× the forward. This way all four
+    # einsums are differentiated whatever n_c, as the fused kernels do (mamba_chunk_scan_combined).
+    state_BGJPN = states_BCGJPN[:, 0] * 0.0
+    if h0_BHsPN is not None:
+        state_BGJPN = state_BGJPN + h0_BHsPN.float().reshape(b, g, hs // g, p, n)
     entering = []
     for c in range(n_chunks):
         entering.append(state_BGJPN)
