@@ -163,6 +163,35 @@ def test_glu_saves_four_intermediates_mlp_two() -> None:
     assert mlp.by_component["layers.0.ffn"] == 2 * s * b * 64 + 2 * 2 * s * b * f
 
 
+@pytest.mark.parametrize("kind", ["mlp", "glu"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_ffn_count_is_what_autograd_saves(kind: Any, act: Any, bias: bool) -> None:
+    """Independent check: the bytes of the non-parameter tensors autograd saves in archplan's torch
+    FFN (saved-tensor hooks, bf16, CPU) equal the analytic per-tensor count."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.memory import _ffn_bytes
+    from archplan.modules.ffn import build_ffn
+    from archplan.resolve import FFNPlan
+
+    plan, d_model, tokens = FFNPlan(kind, 48, act, bias), 32, 10
+    module = build_ffn(plan, d_model).to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x_BTD = torch.randn(2, tokens // 2, d_model, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x_BTD)
+    expected = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=False, dropout=False)["ffn"]
+    assert sum(saved.values()) == expected
+
+
 def test_moe_experts_scale_with_top_k_and_selective_leaves_them() -> None:
     s, b = 16, 2
 

@@ -177,17 +177,27 @@ class ActivationMemory:
 
 
 def _ffn_inner_bytes(ffn: FFNPlan, tokens: int) -> int:
-    """Tensors of width d_ff that eager autograd saves per token.
+    """Tensors of width d_ff that eager autograd saves per token (checked with saved-tensor hooks
+    on archplan's torch FFNs in tests/test_memory.py).
 
-    mlp: activation input (fc1 output) + activation output (fc2 input): 2 tensors, Korthikanti's
-    8sbh + 8sbh for d_ff = 4h. glu: gate output (activation input), act(gate) and up (both saved by
-    the product), and the product (down input): 4 tensors.
+    mlp: the activation input (fc1 output) and its output (fc2 input): Korthikanti's 8sbh + 8sbh
+    for d_ff = 4h. glu: the gate output (activation input), act(gate) and up (both saved by the
+    product) and the product (down input). ReLU's backward reads its *output* (aten
+    threshold_backward), the very tensor the next op saves, so it adds no tensor of its own;
+    GELU and SiLU read their input, one extra tensor.
     """
+    match ffn.activation:
+        case "relu":
+            activation_input = 0
+        case "gelu" | "gelu_tanh" | "silu":
+            activation_input = 1
+        case _:
+            assert_never(ffn.activation)
     match ffn.kind:
         case "mlp":
-            n_tensors = 2
+            n_tensors = 1 + activation_input
         case "glu":
-            n_tensors = 4
+            n_tensors = 3 + activation_input
         case _:
             assert_never(ffn.kind)
     return n_tensors * ACT_BYTES * tokens * ffn.d_ff
