@@ -368,6 +368,19 @@ def test_moe_layouts_use_expert_parallelism() -> None:
     assert all(e.time.ep == 0 for e in result.ranked if e.layout.ep == 1)
 
 
+def test_interconnect_overrides() -> None:
+    net = interconnect(H100, intra_gbs=100, gpus_per_node=4)
+    assert (net.intra_node, net.inter_node, net.gpus_per_node) == (100e9, NET.inter_node, 4)
+    assert net.source == "user-given"
+    with pytest.raises(ArchplanError):
+        interconnect(H100, inter_gbs=-1)
+    # a slower fabric never makes the best layout faster
+    slow = search(resolve(load_spec("llama-2-7b")), H100, 16, seq=4096, global_batch_tokens=4e6,
+                  hfu=0.4, net=interconnect(H100, intra_gbs=50, inter_gbs=5))
+    fast = _search("llama-2-7b", 16)
+    assert slow.ranked[0].time.total >= fast.ranked[0].time.total
+
+
 @pytest.mark.parametrize("kwargs", [{"hfu": 0.0}, {"headroom": 1.0}, {"seq": 10**7}])
 def test_search_rejects_bad_input(kwargs: dict[str, Any]) -> None:
     args = {"seq": 4096, "global_batch_tokens": 4e6, "hfu": 0.4, "net": NET} | kwargs

@@ -156,10 +156,12 @@ def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
                       f"{point.tokens / point.params:.1f}", f"{point.loss:.4f}",
                       f"{point.loss - opt.loss:+.4f}")
     console.print(table)
+    from archplan.spec import GQA
+
     spec = made.spec
     attn = spec.attention
-    heads = f"{attn.n_heads} heads / {attn.n_kv_heads} KV × 128" if attn is not None and hasattr(
-        attn, "n_kv_heads") else ""
+    assert isinstance(attn, GQA)  # every recipe uses grouped-query attention
+    heads = f"{attn.n_heads} heads / {attn.n_kv_heads} KV × {attn.head_dim}"
     layout = f", mixers {spec.layout.mixers}" if spec.ssm is not None else ""
     console.print(
         f"[bold]Generated spec[/] {spec.name} ({made.family.value}; target = {made.target_kind} "

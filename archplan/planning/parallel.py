@@ -88,12 +88,18 @@ INTERCONNECTS: dict[str, Interconnect] = {
 
 def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs: float | None = None,
                  gpus_per_node: int | None = None) -> Interconnect:
-    base = INTERCONNECTS[gpu.key]
+    """The GPU's table entry, with any of its figures overridden (GB/s = 1e9 bytes/s, one way)."""
     for name, value in (("--nvlink-gbs", intra_gbs), ("--ib-gbs", inter_gbs)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ArchplanError(f"{name} must be a positive number of GB/s, got {value}")
     if gpus_per_node is not None and gpus_per_node < 1:
         raise ArchplanError(f"--gpus-per-node must be positive, got {gpus_per_node}")
+    base = INTERCONNECTS.get(gpu.key)
+    if base is None:
+        if intra_gbs is None or inter_gbs is None:
+            raise ArchplanError(f"no interconnect figures on record for {gpu.name}; "
+                                "pass --nvlink-gbs and --ib-gbs")
+        base = Interconnect(intra_gbs * GB, inter_gbs * GB, 8, "user-given")
     return Interconnect(
         intra_gbs * GB if intra_gbs is not None else base.intra_node,
         inter_gbs * GB if inter_gbs is not None else base.inter_node,
@@ -295,10 +301,6 @@ def _stages(n_layers: int, pp: int) -> list[range]:
     return out
 
 
-def _states(params: int, zero: int, dp: int) -> ModelStates:
-    return zero_model_states(params, zero, dp)
-
-
 def _ring(bytes_: float, n: int, bandwidth: float, factor: float = 2.0) -> float:
     """Ring collective time: all-reduce moves 2·(n−1)/n × bytes per GPU, reduce-scatter and
     all-gather (n−1)/n (Patarasuk & Yuan 2009; NCCL's busbw convention)."""
@@ -332,8 +334,8 @@ def evaluate(model: _Model, gpu: Accelerator, net: Interconnect, layout: Cluster
             flops += model.last_flops
         dense_local = math.ceil(sharded / tp) + replicated
         expert_local = math.ceil(experts / (tp * ep))
-        s_dense = _states(dense_local, zero, dp)
-        s_exp = _states(expert_local, zero, max(1, dp // ep))
+        s_dense: ModelStates = zero_model_states(dense_local, zero, dp)
+        s_exp: ModelStates = zero_model_states(expert_local, zero, max(1, dp // ep))
         weights = s_dense.weights + s_exp.weights
         if zero == 3:
             biggest = max((x.sharded / tp + x.replicated + x.experts / (tp * ep) for x in layers),
@@ -370,7 +372,9 @@ def evaluate(model: _Model, gpu: Accelerator, net: Interconnect, layout: Cluster
     compute_only = slowest - slowest_tp - slowest_ep
     # data parallel gradient traffic of the most loaded GPU
     dp_bw = net.intra_node if tp * dp <= net.gpus_per_node else net.inter_node
-    dense_params = max(model.first_sharded, model.last_sharded) / tp
+    ends = model.first_sharded + model.last_sharded if pp == 1 else max(model.first_sharded,
+                                                                         model.last_sharded)
+    dense_params = ends / tp
     dense_params += sum(x.sharded / tp + x.replicated for x in model.layers) / pp
     expert_params = sum(x.experts for x in model.layers) / (tp * ep * pp)
     dp_time = 0.0
