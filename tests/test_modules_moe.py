@@ -1,0 +1,261 @@
+"""MoE module: routing, load-balancing loss, grouped dispatch ≡ per-expert loop, FLOPs on meta."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from archplan.analytic.moe import moe_counted_flops, moe_params
+from archplan.modules.flop_formulas import grouped_mm_flop, register
+from archplan.modules.moe import MoEFFN, experts_loop, load_balancing_loss, route
+from archplan.resolve import FFNPlan, MoEPlan
+
+
+def plan(
+    kind: str = "glu",
+    d_ff: int = 16,
+    n_experts: int = 6,
+    top_k: int = 2,
+    scoring: str = "softmax",
+    normalize: bool = True,
+    correction: bool = False,
+    bias: bool = False,
+    shared: bool = False,
+    gate: bool = False,
+    scale: float = 1.0,
+    coef: float = 0.01,
+) -> MoEPlan:
+    act = "silu" if kind == "glu" else "gelu"
+    return MoEPlan(
+        n_experts=n_experts,
+        top_k=top_k,
+        expert=FFNPlan(kind, d_ff, act, bias),  # type: ignore[arg-type]
+        shared=FFNPlan(kind, 2 * d_ff, act, bias) if shared else None,  # type: ignore[arg-type]
+        shared_gate=gate,
+        scoring=scoring,  # type: ignore[arg-type]
+        normalize_top_k=normalize,
+        router_bias=bias,
+        score_correction_bias=correction,
+        routed_scale=scale,
+        aux_loss_coef=coef,
+    )
+
+
+def naive_route(logits: torch.Tensor, p: MoEPlan, correction: torch.Tensor | None) -> tuple[list, list]:
+    """Per token, in Python: scores, pick the K best (by score + correction), weights from scores."""
+    experts, weights = [], []
+    for row in logits.tolist():
+        if p.scoring == "softmax":
+            z = sum(math.exp(v - max(row)) for v in row)
+            scores = [math.exp(v - max(row)) / z for v in row]
+        else:
+            scores = [1 / (1 + math.exp(-v)) for v in row]
+        keys = [s + (correction[e].item() if correction is not None else 0.0) for e, s in enumerate(scores)]
+        chosen = sorted(range(len(row)), key=lambda e: -keys[e])[: p.top_k]
+        w = [scores[e] for e in chosen]
+        if p.normalize_top_k:
+            w = [v / sum(w) for v in w]
+        experts.append(chosen)
+        weights.append([v * p.routed_scale for v in w])
+    return experts, weights
+
+
+@pytest.mark.parametrize(
+    ("scoring", "normalize", "correction"),
+    [("softmax", True, False), ("softmax", False, False), ("sigmoid", True, True), ("sigmoid", False, True),
+     ("sigmoid", True, False)],
+)
+def test_route_matches_per_token_reference(scoring: str, normalize: bool, correction: bool) -> None:
+    torch.manual_seed(0)
+    p = plan(scoring=scoring, normalize=normalize, correction=correction, scale=2.5, top_k=3)
+    logits = torch.randn(20, p.n_experts)
+    bias = torch.randn(p.n_experts) if correction else None
+    experts, weights, scores = route(logits, p, bias)
+    want_e, want_w = naive_route(logits, p, bias)
+    assert experts.tolist() == want_e
+    torch.testing.assert_close(weights, torch.tensor(want_w), rtol=1e-5, atol=1e-6)
+    assert scores.shape == (20, p.n_experts)
+
+
+def test_correction_bias_steers_selection_not_weights() -> None:
+    """DeepSeek-V3 eq. 16: a large bias on expert 0 selects it everywhere, weighted by its raw score."""
+    p = plan(scoring="sigmoid", normalize=False, correction=True, top_k=1)
+    logits = torch.randn(8, p.n_experts)
+    bias = torch.zeros(p.n_experts)
+    bias[0] = 100.0
+    experts, weights, _ = route(logits, p, bias)
+    assert (experts == 0).all()
+    torch.testing.assert_close(weights[:, 0], logits[:, 0].sigmoid())
+
+
+def test_correction_bias_is_a_buffer() -> None:
+    moe = MoEFFN(plan(scoring="sigmoid", correction=True), 8)
+    names = {n for n, _ in moe.named_parameters()}
+    assert "score_correction_bias" not in names
+    assert "score_correction_bias" in dict(moe.named_buffers())
+    assert "score_correction_bias" in moe.state_dict()
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_aux_loss_uniform_routing_equals_coef(scoring: str) -> None:
+    """Uniform probabilities: E·Σ_e f_e·(1/E) = Σ f_e = 1, whatever the (tie-broken) selection."""
+    moe = MoEFFN(plan(scoring=scoring, coef=0.03), 8)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    moe(torch.randn(2, 5, 8))
+    assert moe.last_aux_loss is not None
+    torch.testing.assert_close(moe.last_aux_loss, torch.tensor(0.03))
+
+
+def test_aux_loss_formula_on_imbalanced_routing() -> None:
+    scores = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])
+    counts = torch.tensor([2, 1, 1])  # top-2 of 2 tokens
+    f = [c / 4 for c in (2, 1, 1)]
+    p = [(0.7 + 0.5) / 2, (0.2 + 0.3) / 2, (0.1 + 0.2) / 2]
+    want = 0.5 * 3 * sum(a * b for a, b in zip(f, p))
+    assert load_balancing_loss(scores, counts, 2, 0.5).item() == pytest.approx(want)
+    # all tokens on one expert with probability 1: the maximum, coef·E
+    one = torch.tensor([[1.0, 0.0, 0.0]] * 4)
+    assert load_balancing_loss(one, torch.tensor([4, 0, 0]), 1, 0.5).item() == pytest.approx(1.5)
+
+
+CASES = list(
+    itertools.product(
+        ["glu", "mlp"],  # expert kind
+        [(16, 24), (6, 10)],  # (d_model, d_ff): aligned grouped_mm rows, and the zero-padded path
+        [("softmax", True, False), ("sigmoid", True, True), ("softmax", False, False)],
+        [False, True],  # biases, shared experts + gate
+    )
+)
+
+
+@pytest.mark.parametrize(("kind", "dims", "routing", "extras"), CASES)
+def test_grouped_dispatch_equals_expert_loop(kind: str, dims: tuple[int, int], routing: tuple, extras: bool) -> None:
+    torch.manual_seed(1)
+    d, f = dims
+    scoring, normalize, correction = routing
+    p = plan(kind, f, scoring=scoring, normalize=normalize, correction=correction, bias=extras,
+             shared=extras, gate=extras, scale=1.5)
+    moe = MoEFFN(p, d)
+    if moe.score_correction_bias is not None:
+        moe.score_correction_bias.normal_()
+    x = torch.randn(3, 7, d, requires_grad=True)
+    y = moe(x)
+    y_ref = experts_loop(moe, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    probe = torch.randn_like(y)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *moe.parameters()])
+    grads_ref = torch.autograd.grad((y_ref * probe).sum(), [x, *moe.parameters()], allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref if g_ref is not None else torch.zeros_like(g), rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_bf16_matches_fp32_loop() -> None:
+    torch.manual_seed(2)
+    moe = MoEFFN(plan("glu", 32, n_experts=4, shared=True), 16)
+    x = torch.randn(2, 9, 16)
+    want = experts_loop(moe, x)
+    got = moe.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+def test_unrouted_experts_get_zero_gradient() -> None:
+    """Only the chosen experts compute: experts no token picks get exactly zero gradient."""
+    moe = MoEFFN(plan("glu", 8, n_experts=4, top_k=1, bias=True), 8)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        assert moe.router.bias is not None
+        moe.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
+    moe(torch.randn(1, 5, 8)).sum().backward()
+    grad = moe.experts.w_up_EFD.grad
+    assert grad is not None
+    assert grad[2].abs().sum() > 0
+    assert (grad[[0, 1, 3]] == 0).all()
+
+
+def expected_flops(p: MoEPlan, d: int, n: int) -> int:
+    mats = 3 if p.expert.kind == "glu" else 2
+    flops = 2 * n * d * p.n_experts + 2 * n * p.top_k * mats * d * p.expert.d_ff
+    if p.shared is not None:
+        flops += 2 * n * mats * d * p.shared.d_ff
+    if p.shared_gate:
+        flops += 2 * n * d
+    return flops
+
+
+@pytest.mark.parametrize(("kind", "dims", "dtype"), [
+    ("glu", (16, 24), torch.bfloat16),  # grouped_mm on meta
+    ("glu", (16, 24), torch.float32),  # grouped_mm after a free meta cast to bf16
+    ("mlp", (6, 10), torch.bfloat16),  # unaligned: per-row weight gather + einsum on meta
+    ("glu", (12, 20), torch.float32),  # aligned for fp32 but not for bf16
+])
+def test_flops_on_meta_match_formula(kind: str, dims: tuple[int, int], dtype: torch.dtype) -> None:
+    d, f = dims
+    p = plan(kind, f, n_experts=8, top_k=3, shared=True, gate=True, bias=True)
+    with torch.device("meta"):
+        moe = MoEFFN(p, d).to(dtype)
+    x = torch.empty(2, 5, d, device="meta", dtype=dtype)
+    with FlopCounterMode(display=False) as counter:
+        y = moe(x)
+    assert y.shape == (2, 5, d) and y.device.type == "meta"
+    assert counter.get_total_flops() == expected_flops(p, d, 10)
+    assert counter.get_total_flops() == sum(moe_counted_flops(p, d, 2, 5).values())
+
+
+def test_flops_on_cpu_match_formula() -> None:
+    p = plan("glu", 24, n_experts=8, top_k=2, shared=True, gate=True)
+    moe = MoEFFN(p, 16)
+    with FlopCounterMode(display=False) as counter:
+        moe(torch.randn(2, 5, 16))
+    assert counter.get_total_flops() == expected_flops(p, 16, 10)
+
+
+def test_training_flops_on_meta_are_three_forwards() -> None:
+    p = plan("glu", 24, n_experts=8, top_k=2, shared=True, gate=True)
+    with torch.device("meta"):
+        moe = MoEFFN(p, 16).bfloat16()
+    x = torch.empty(2, 5, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        moe(x).float().sum().backward()
+    assert counter.get_total_flops() == 3 * expected_flops(p, 16, 10)
+
+
+def test_params_match_analytic() -> None:
+    for p in [plan("glu", 24, shared=True, gate=True, bias=True, correction=True, scoring="sigmoid"),
+              plan("mlp", 10, bias=True), plan("glu", 8)]:
+        moe = MoEFFN(p, 12)
+        built = {name: sum(t.numel() for t in getattr(moe, name).parameters())
+                 for name in ("router", "experts", "shared", "shared_gate") if getattr(moe, name) is not None}
+        assert built == moe_params(p, 12)
+
+
+def test_expert_weights_are_3d_and_linear_shaped() -> None:
+    moe = MoEFFN(plan("glu", 24, n_experts=5, bias=True), 16)
+    ex = moe.experts
+    assert ex.w_gate_EFD is not None and ex.w_gate_EFD.shape == (5, 24, 16)
+    assert ex.w_up_EFD.shape == (5, 24, 16) and ex.w_down_EDF.shape == (5, 16, 24)
+    assert ex.b_up_EF is not None and ex.b_up_EF.shape == (5, 24)
+    assert ex.b_down_ED is not None and ex.b_down_ED.shape == (5, 16)
+    mlp = MoEFFN(plan("mlp", 24, n_experts=5), 16).experts
+    assert mlp.w_gate_EFD is None and mlp.b_up_EF is None
+
+
+def test_grouped_mm_formula_layouts_and_idempotent_registration() -> None:
+    register()
+    register()
+    assert grouped_mm_flop((10, 4), (3, 4, 6)) == 2 * 10 * 4 * 6
+    assert grouped_mm_flop((3, 10, 4), (3, 4, 6)) == 2 * 3 * 10 * 4 * 6
+    assert grouped_mm_flop((4, 10), (10, 6)) == 2 * 4 * 10 * 6
+    assert grouped_mm_flop((3, 10, 4), (4, 6)) == 2 * 10 * 4 * 6
+    x = torch.randn(10, 8)
+    w = torch.randn(3, 8, 4)
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)
+    with FlopCounterMode(display=False) as counter:
+        y = F.grouped_mm(x, w, offs=offs)
+    assert counter.get_total_flops() == 2 * 10 * 8 * 4
+    torch.testing.assert_close(y, torch.cat([x[:3] @ w[0], x[3:] @ w[2]]))
