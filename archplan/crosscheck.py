@@ -89,8 +89,13 @@ class OpCount:
     @property
     def suspicious(self) -> bool:
         """Matmul-like work the counter cannot see: the counted total would silently miss it."""
-        name = self.op.split(".")[-1]
-        return not self.has_formula and any(word in name for word in MATMUL_LIKE)
+        return not self.has_formula and _matmul_like(self.op)
+
+
+def _matmul_like(op: str) -> bool:
+    """`aten._grouped_mm`, `aten::scaled_dot_product_attention`, ...: ops that carry matmul work."""
+    name = op.replace("::", ".").split(".")[-1]
+    return any(word in name for word in MATMUL_LIKE)
 
 
 @dataclass(frozen=True)
@@ -250,8 +255,16 @@ def _order_key(name: str) -> tuple[int, int, str]:
         return (head[name], 0, "")
     parts = name.split(".")
     if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
-        return (3, int(parts[1]), ".".join(parts[2:]))
+        suffix = ".".join(parts[2:])
+        return (3, int(parts[1]) * 100 + _IN_LAYER.get(suffix, 99), suffix)
     return (6, 0, name)
+
+
+# forward order inside a block (sandwich: norm1, mixer, post_norm1, norm2, ffn, post_norm2)
+_IN_LAYER = {name: rank for rank, name in enumerate((
+    "norm1", "mixer", "post_norm1", "norm2", "ffn", "ffn.router", "ffn.experts", "ffn.shared",
+    "ffn.shared_gate", "post_norm2",
+))}
 
 
 def ordered(names: Iterable[str]) -> list[str]:
@@ -378,10 +391,46 @@ def _layer_progress(model: ArchplanModel, stage: str, progress: Progress | None)
             handle.remove()
 
 
-def _count(model: ArchplanModel, run: Callable[[], None]) -> tuple[dict[str, Counter[str]], Counter[Any]]:
-    """Run under FlopCounterMode and the op log; exclusive counts keyed by our module paths."""
+_TORCH_CONV_BACKWARD = flop_registry[torch.ops.aten.convolution_backward]
+
+
+def _conv_backward_flop(
+    grad_out: Any, x: Any, w: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
+    transposed: bool, output_padding: Any, groups: int, output_mask: list[bool],
+    out_val: Any = None, **kwargs: Any,
+) -> int:
+    """torch's convolution_backward formula with grad_weight divided by `groups`.
+
+    torch 2.13 `conv_backward_flop` computes grad_weight as a conv over transposed shapes that
+    lose the group division, so a depthwise conv (Mamba's, groups = channels) has its weight
+    gradient counted `channels` times over (fixed upstream in pytorch PR 183405, `// _groups`).
+    With the fix the backward of every conv is exactly 2 x its forward, as for matmuls.
+    """
+    common = (grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+    grad_input = _TORCH_CONV_BACKWARD(*common, [output_mask[0], False], out_val=out_val)
+    grad_weight = _TORCH_CONV_BACKWARD(*common, [False, output_mask[1]], out_val=out_val)
+    return int(grad_input) + int(grad_weight) // groups
+
+
+_conv_backward_flop._get_raw = True  # type: ignore[attr-defined]  # takes tensors; torch's formula maps shapes
+COUNTER_FIXES = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+
+
+@dataclass(frozen=True)
+class _Counted:
+    own: dict[str, Counter[str]]  # exclusive FLOPs per module path, per op
+    total: Counter[str]  # FlopCounterMode's "Global": every op counted, per op
+    calls: Counter[Any]  # every dispatched op packet -> calls
+
+
+def _count(model: ArchplanModel, run: Callable[[], None]) -> _Counted:
+    """Run under FlopCounterMode and the op log; exclusive counts keyed by our module paths.
+
+    Module attribution is exact in the forward. In the backward, torch's ModuleTracker is
+    approximate (multi-grad hooks), so training is compared on the global total only.
+    """
     root = type(model).__name__
-    with FlopCounterMode(display=False) as counter, _OpLog() as log:
+    with FlopCounterMode(display=False, custom_mapping=COUNTER_FIXES) as counter, _OpLog() as log:
         run()
     inclusive: dict[str, dict[str, int]] = {}
     for module, ops in counter.get_flop_counts().items():
@@ -398,7 +447,7 @@ def _count(model: ArchplanModel, run: Callable[[], None]) -> tuple[dict[str, Cou
     own = exclusive_counts(inclusive)
     if outside:
         own["(outside)"] = outside
-    return own, log.calls
+    return _Counted(own, Counter(global_ops), log.calls)
 
 
 def _by_component(
@@ -406,6 +455,8 @@ def _by_component(
 ) -> dict[str, Counter[str]]:
     out: dict[str, Counter[str]] = {}
     for path, ops in own.items():
+        if not ops:
+            continue
         comp = lookup(path) or f"{UNMAPPED} {path or '(root)'}"
         out.setdefault(comp, Counter()).update(ops)
     return out
@@ -453,7 +504,8 @@ def crosscheck(
             model(tokens_BT)
 
     with _layer_progress(model, "count forward FLOPs (meta)", progress):
-        own, calls = _count(model, forward)
+        fwd = _count(model, forward)
+    own, calls = fwd.own, fwd.calls
     flop_keys = flops.counted_by_component.keys() | flops.elementwise_by_component.keys()
     counted = _by_component(own, _prefix_index(flop_keys))
     flop_rows = tuple(
@@ -488,10 +540,7 @@ def crosscheck(
             model(tokens_BT).float().sum().backward()
 
         with _layer_progress(model, "count forward+backward FLOPs (meta)", progress):
-            own_train, _ = _count(model, train_step)
-        for ops in own_train.values():
-            for op, n in ops.items():
-                training_ops[op] = training_ops.get(op, 0) + n
+            training_ops = dict(_count(model, train_step).total)
         # 3 x the analytic forward, exactly: training_flops_per_token is this total divided by
         # the tokens and rounded, so it is compared in total, not per token.
         training = Row("forward+backward", 3 * flops.forward("full"), sum(training_ops.values()))
@@ -560,14 +609,15 @@ def _fvcore_check(
     def no_flops(inputs: Any, outputs: Any) -> int:
         return 0
 
-    analysis = FlopCountAnalysis(model, (tokens_BT,))
-    analysis.set_op_handle(**{op: no_flops for op in FVCORE_ELEMENTWISE_OPS})
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    analysis.tracer_warnings("none")
     try:
         with warnings.catch_warnings():
+            # fvcore traces with torch.jit, which warns about its own deprecation on every call
             warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(model, (tokens_BT,))
+            analysis.set_op_handle(**{op: no_flops for op in FVCORE_ELEMENTWISE_OPS})
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            analysis.tracer_warnings("none")
             by_module = analysis.by_module_and_operator()
             skipped_by_module = {name: analysis.unsupported_ops(name) for name in by_module}
     except Exception as exc:  # noqa: BLE001  fvcore's JIT tracing fails on some models: report it
@@ -576,15 +626,17 @@ def _fvcore_check(
     own = exclusive_counts({name: {op: 2 * int(n) for op, n in ops.items()} for name, ops in by_module.items()})
     skipped_own = exclusive_counts(skipped_by_module)
     lookup = _prefix_index(counted_by_component)
-    fv_by_comp = _by_component(own, lookup)
+    fv_by_comp = {comp: sum(ops.values()) for comp, ops in _by_component(own, lookup).items()}
     skipped_by_comp = _by_component(skipped_own, lookup)
+    # fvcore also lists every elementwise op it skips; only matmul-like ones can hide counted FLOPs
+    shown = counted_by_component.keys() | {comp for comp, n in fv_by_comp.items() if n}
     rows = tuple(
         FvcoreRow(
             comp,
             counted_by_component.get(comp, 0),
-            sum(fv_by_comp.get(comp, Counter()).values()),
-            dict(skipped_by_comp.get(comp, Counter())),
+            fv_by_comp.get(comp, 0),
+            {op: n for op, n in skipped_by_comp.get(comp, Counter()).items() if _matmul_like(op)},
         )
-        for comp in ordered(counted_by_component.keys() | fv_by_comp.keys())
+        for comp in ordered(shown)
     )
     return FvcoreCheck(rows=rows, total=sum(row.fvcore for row in rows), error=None)

@@ -75,6 +75,9 @@ def verify(
     from archplan.crosscheck import crosscheck
 
     console = Console()
+    if not console.is_terminal:
+        # piped or captured: no terminal width to honour, so don't wrap the component names
+        console = Console(width=200)
     with _progress(enabled=not as_json and len(plan.layers) > PROGRESS_ABOVE_LAYERS) as progress:
         result = crosscheck(
             plan, seq_len=seq_len, batch=batch, backward=backward, real=cpu_check,
