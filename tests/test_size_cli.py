@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,10 @@ def test_moe_component_kinds_in_table() -> None:
         assert kind in result.stdout
 
 
-def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from archplan.plot import _pyplot
 
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the import now fails
     with pytest.raises(ArchplanError, match=r"pip install 'archplan\[plot\]'"):
         _pyplot()
 
