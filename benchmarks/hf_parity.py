@@ -1,7 +1,8 @@
 """Parameter parity: `archplan import hf` + the analytic sizer vs the model transformers builds.
 
-For every reference config in tests/fixtures/hf-configs/ and every tiny inline config of
-tests/test_import_hf.py (the families without a real fixture), builds the transformers model on the
+For every reference config in tests/fixtures/hf-configs/ and every inline config of
+tests/test_import_hf.py (tiny configs of the families without a real fixture, and typical full
+configs with the key sets of public checkpoints), builds the transformers model on the
 meta device (AutoModelForCausalLM.from_config, as tests/fixtures/expected.json was recorded) and
 compares total and active parameters with count_params(resolve(imported spec)).
 
@@ -17,6 +18,7 @@ transformers is optional for archplan; without it this script says so and exits 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import sys
@@ -32,21 +34,23 @@ FIXTURES = ROOT / "tests" / "fixtures"
 DROPPED = ("auto_map", "quantization_config")
 
 
-def tiny_configs() -> dict[str, dict[str, Any]]:
-    """The inline configs of tests/test_import_hf.py (one source of truth for both)."""
+def inline_configs() -> dict[str, dict[str, Any]]:
+    """The inline tiny and typical configs of tests/test_import_hf.py (one source for both)."""
     spec = importlib.util.spec_from_file_location("test_import_hf", ROOT / "tests" / "test_import_hf.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
-    return {name: case.config for name, case in module.TINY.items()}
+    return {**{f"tiny/{k}": c.config for k, c in module.TINY.items()},
+            **{f"typical/{k}": c.config for k, c in module.TYPICAL.items()}}
 
 
 def transformers_counts(config: dict[str, Any]) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {k: v for k, v in config.items() if k not in DROPPED and k != "model_type"}
+    # deep copy: transformers fills defaults into nested dicts (rope_scaling) in place
+    kwargs = {k: copy.deepcopy(v) for k, v in config.items() if k not in DROPPED and k != "model_type"}
     hf_config = AutoConfig.for_model(config["model_type"], **kwargs)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
@@ -83,7 +87,7 @@ def main() -> int:
     cases: dict[str, dict[str, Any]] = {
         p.stem: json.loads(p.read_text()) for p in sorted((FIXTURES / "hf-configs").glob("*.json"))
     }
-    cases.update({f"tiny/{k}": v for k, v in tiny_configs().items()})
+    cases.update(inline_configs())
     rows = []
     for name, config in cases.items():
         start = time.perf_counter()

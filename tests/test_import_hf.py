@@ -6,6 +6,7 @@ exits 2 naming the field. No transformers needed (benchmarks/hf_parity.py builds
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -252,6 +253,206 @@ TINY: dict[str, Case] = {
 }
 
 
+# Typical full configs: the key sets of public config.json files (transcribed by hand, not
+# downloaded), so the importer is tested on every key real checkpoints carry, not only on the
+# fields it reads. Counts recorded from transformers 5.24 on the meta device by
+# benchmarks/hf_parity.py (which rebuilds and compares them on every run).
+TYPICAL: dict[str, Case] = {
+    "phi-2": Case(
+        {"_name_or_path": "microsoft/phi-2", "architectures": ["PhiForCausalLM"], "attention_dropout": 0.0,
+         "bos_token_id": 50256, "embd_pdrop": 0.0, "eos_token_id": 50256, "hidden_act": "gelu_new",
+         "hidden_size": 2560, "initializer_range": 0.02, "intermediate_size": 10240, "layer_norm_eps": 1e-05,
+         "max_position_embeddings": 2048, "model_type": "phi", "num_attention_heads": 32,
+         "num_hidden_layers": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4,
+         "qk_layernorm": False, "resid_pdrop": 0.1, "rope_scaling": None, "rope_theta": 10000.0,
+         "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.37.0",
+         "use_cache": True, "vocab_size": 51200},
+        2_779_683_840),
+    "pythia-1b": Case(
+        {"architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
+         "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192, "layer_norm_eps": 1e-05,
+         "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 8,
+         "num_hidden_layers": 16, "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+         "torch_dtype": "float16", "transformers_version": "4.24.0", "use_cache": True,
+         "use_parallel_residual": True, "vocab_size": 50304},
+        1_011_781_632),
+    "gpt-j-6b": Case(
+        {"activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "attn_pdrop": 0.0,
+         "bos_token_id": 50256, "embd_pdrop": 0.0, "eos_token_id": 50256, "gradient_checkpointing": False,
+         "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gptj", "n_embd": 4096,
+         "n_head": 16, "n_inner": None, "n_layer": 28, "n_positions": 2048, "resid_pdrop": 0.0, "rotary": True,
+         "rotary_dim": 64, "scale_attn_weights": True, "summary_activation": None, "summary_first_dropout": 0.1,
+         "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+         "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50, "temperature": 1.0}},
+         "tie_word_embeddings": False, "tokenizer_class": "GPT2Tokenizer",
+         "transformers_version": "4.18.0.dev0", "use_cache": True, "vocab_size": 50400},
+        6_050_882_784),
+    "falcon-40b": Case(
+        {"alibi": False, "apply_residual_connection_post_layernorm": False,
+         "architectures": ["FalconForCausalLM"], "attention_dropout": 0.0, "bias": False, "bos_token_id": 11,
+         "eos_token_id": 11, "hidden_dropout": 0.0, "hidden_size": 8192, "initializer_range": 0.02,
+         "layer_norm_epsilon": 1e-05, "model_type": "falcon", "new_decoder_architecture": True,
+         "num_attention_heads": 128, "num_hidden_layers": 60, "num_kv_heads": 8, "parallel_attn": True,
+         "torch_dtype": "bfloat16", "transformers_version": "4.27.4", "use_cache": True, "vocab_size": 65024},
+        41_303_293_952),
+    "mpt-7b": Case(
+        {"architectures": ["MPTForCausalLM"], "attn_config": {"alibi": True, "alibi_bias_max": 8,
+         "attn_impl": "torch", "attn_pdrop": 0, "attn_type": "multihead_attention",
+         "attn_uses_sequence_id": False, "clip_qkv": None, "prefix_lm": False, "qk_ln": False,
+         "softmax_scale": None}, "d_model": 4096, "emb_pdrop": 0, "embedding_fraction": 1.0,
+         "expansion_ratio": 4,
+         "init_config": {"emb_init_std": None, "init_div_is_residual": True, "name": "kaiming_normal_"},
+         "init_device": "cpu", "learned_pos_emb": True, "logit_scale": None, "max_seq_len": 2048,
+         "model_type": "mpt", "n_heads": 32, "n_layers": 32, "no_bias": True,
+         "norm_type": "low_precision_layernorm", "resid_pdrop": 0, "tokenizer_name": "EleutherAI/gpt-neox-20b",
+         "torch_dtype": "bfloat16", "transformers_version": "4.28.1", "use_cache": False, "verbose": 0,
+         "vocab_size": 50432},
+        6_649_286_656),
+    "stablelm-2-1_6b": Case(
+        {"architectures": ["StableLmForCausalLM"], "bos_token_id": 100257, "eos_token_id": 100257,
+         "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": 2048, "initializer_range": 0.02,
+         "intermediate_size": 5632, "layer_norm_eps": 1e-05, "max_position_embeddings": 4096,
+         "model_type": "stablelm", "num_attention_heads": 32, "num_hidden_layers": 24,
+         "num_key_value_heads": 32, "partial_rotary_factor": 0.25, "qk_layernorm": False, "rope_scaling": None,
+         "rope_theta": 10000, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+         "transformers_version": "4.38.0", "use_cache": True, "use_parallel_residual": False,
+         "use_qkv_bias": True, "vocab_size": 100352},
+        1_644_515_328),
+    "qwen1.5-moe-a2.7b": Case(
+        {"architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+         "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048,
+         "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 8192,
+         "max_window_layers": 21, "model_type": "qwen2_moe", "moe_intermediate_size": 1408,
+         "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+         "num_hidden_layers": 24, "num_key_value_heads": 16, "output_router_logits": False,
+         "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+         "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
+         "torch_dtype": "bfloat16", "transformers_version": "4.39.0.dev0", "use_cache": True,
+         "use_sliding_window": False, "vocab_size": 151936},
+        14_315_784_192, 2_689_173_504),
+    "qwen3-30b-a3b": Case(
+        {"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+         "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+         "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+         "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": True,
+         "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+         "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+         "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+         "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+        30_532_122_624, 3_353_032_704),
+    "qwen3-8b": Case(
+        {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+         "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288,
+         "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3",
+         "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+         "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+         "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
+         "use_sliding_window": False, "vocab_size": 151936},
+        8_190_735_360),
+    "deepseek-v2-lite": Case(
+        {"architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}, "aux_loss_alpha": 0.001,
+         "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+         "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512,
+         "max_position_embeddings": 163840, "model_type": "deepseek_v2", "moe_intermediate_size": 1408,
+         "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+         "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+         "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128,
+         "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1,
+         "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+         "type": "yarn"}, "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+         "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy",
+         "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128,
+         "vocab_size": 102400},
+        15_706_484_224, 2_661_150_208),
+    "olmoe-1b-7b": Case(
+        {"architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "clip_qkv": None, "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048,
+         "initializer_range": 0.02, "intermediate_size": 1024, "max_position_embeddings": 4096,
+         "model_type": "olmoe", "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 64,
+         "num_experts_per_tok": 8, "num_hidden_layers": 16, "num_key_value_heads": 16,
+         "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+         "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+         "torch_dtype": "float32", "transformers_version": "4.43.0.dev0", "use_cache": True,
+         "vocab_size": 50304},
+        6_919_161_856, 1_282_017_280),
+    "olmo-2-7b": Case(
+        {"architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+         "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "olmo2",
+         "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "pad_token_id": 100277,
+         "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 500000, "tie_word_embeddings": False,
+         "torch_dtype": "float32", "transformers_version": "4.47.0.dev0", "use_cache": True,
+         "vocab_size": 100352},
+        7_298_617_344),
+    "gemma-2-9b": Case(
+        {"architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+         "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+         "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584, "initializer_range": 0.02,
+         "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "gemma2",
+         "num_attention_heads": 16, "num_hidden_layers": 42, "num_key_value_heads": 8, "pad_token_id": 0,
+         "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+         "sliding_window_size": 4096, "torch_dtype": "float32", "transformers_version": "4.42.0.dev0",
+         "use_cache": True, "vocab_size": 256000},
+        9_241_705_984),
+    "phi-3-mini-4k": Case(
+        {"_name_or_path": "Phi-3-mini-4k-instruct", "architectures": ["Phi3ForCausalLM"],
+         "attention_dropout": 0.0, "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 32000,
+         "hidden_act": "silu", "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 8192,
+         "max_position_embeddings": 4096, "model_type": "phi3", "num_attention_heads": 32,
+         "num_hidden_layers": 32, "num_key_value_heads": 32, "original_max_position_embeddings": 4096,
+         "pad_token_id": 32000, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": None,
+         "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+         "transformers_version": "4.40.2", "use_cache": True, "attention_bias": False, "vocab_size": 32064},
+        3_821_079_552),
+    "mamba-codestral-7b": Case(
+        {"architectures": ["Mamba2ForCausalLM"], "bos_token_id": 0, "chunk_size": 256, "conv_kernel": 4,
+         "eos_token_id": 0, "expand": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 4096,
+         "initializer_range": 0.1, "layer_norm_epsilon": 1e-05, "model_type": "mamba2", "n_groups": 8,
+         "norm_before_gate": True, "num_heads": 128, "num_hidden_layers": 64, "pad_token_id": 0,
+         "rescale_prenorm_residual": False, "residual_in_fp32": True, "rms_norm": True, "state_size": 128,
+         "tie_word_embeddings": False, "time_step_floor": 0.0001, "time_step_init_scheme": "random",
+         "time_step_limit": [0.0, math.inf], "time_step_max": 0.1, "time_step_min": 0.001,
+         "time_step_rank": 256, "time_step_scale": 1.0, "torch_dtype": "bfloat16",
+         "transformers_version": "4.44.0.dev0", "use_bias": False, "use_cache": True, "use_conv_bias": True,
+         "vocab_size": 32768},
+        7_285_403_648),
+    "bloom-7b1": Case(
+        {"apply_residual_connection_post_layernorm": False, "architectures": ["BloomForCausalLM"],
+         "attention_dropout": 0.0, "attention_softmax_in_fp32": True, "bias_dropout_fusion": True,
+         "bos_token_id": 1, "eos_token_id": 2, "hidden_dropout": 0.0, "hidden_size": 4096,
+         "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "masked_softmax_fusion": True,
+         "model_type": "bloom", "n_head": 32, "n_inner": None, "n_layer": 30, "offset_alibi": 100,
+         "pad_token_id": 3, "pretraining_tp": 1, "skip_bias_add": True, "skip_bias_add_qkv": False,
+         "slow_but_exact": False, "unk_token_id": 0, "use_cache": True, "vocab_size": 250880},
+        7_069_016_064),
+    "llama-3.1-8b": Case(
+        {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+         "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+         "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+         "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0,
+         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+         "rope_type": "llama3"}, "rope_theta": 500000.0, "tie_word_embeddings": False,
+         "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_cache": True,
+         "vocab_size": 128256},
+        8_030_261_248),
+    "gemma-7b": Case(
+        {"architectures": ["GemmaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "bos_token_id": 2, "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+         "hidden_activation": None, "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 24576,
+         "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 16,
+         "num_hidden_layers": 28, "num_key_value_heads": 16, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+         "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+         "transformers_version": "4.38.0.dev0", "use_cache": True, "vocab_size": 256000},
+        8_537_680_896),
+}
+
+
 def counts(config: dict[str, Any], name: str = "tiny") -> tuple[int, int]:
     pc = count_params(resolve(spec_from_config(config, file=name, name=name)))
     return pc.total, pc.active
@@ -273,6 +474,12 @@ def test_reference_configs_import_exactly(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_tiny_configs_match_hand_derived_counts(name: str) -> None:
     case = TINY[name]
+    assert counts(case.config, name) == (case.total, case.active if case.active is not None else case.total)
+
+
+@pytest.mark.parametrize("name", sorted(TYPICAL))
+def test_typical_full_configs_import_exactly(name: str) -> None:
+    case = TYPICAL[name]
     assert counts(case.config, name) == (case.total, case.active if case.active is not None else case.total)
 
 

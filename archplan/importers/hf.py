@@ -88,6 +88,7 @@ IGNORED_EVERYWHERE = frozenset({
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss", "use_bfloat16", "xla_device",
     "_attn_implementation", "attn_implementation", "_commit_hash", "pretraining_tp",
+    "gradient_checkpointing", "tokenizer_name", "cache_implementation",
 })
 
 _ABSENT = object()
@@ -622,7 +623,10 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
 @family("qwen3_moe", defaults={**_QWEN_MOE, "intermediate_size": 6144, "num_attention_heads": 32,
                                "num_key_value_heads": 4, "moe_intermediate_size": 768,
                                "num_experts_per_tok": 8, "num_experts": 128},
-        aliases={"num_local_experts": "num_experts"})
+        aliases={"num_local_experts": "num_experts"},
+        # Qwen3MoeConfig has no max_window_layers (Qwen3 configs carry it): unread, the window if
+        # any is on every layer
+        ignored=("max_window_layers",))
 def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen3_moe.py: Qwen3 attention (q/k head norm; head_dim = getattr or d/H, no 128
     default here) + routed experts; the window (if use_sliding_window) is on every layer."""
@@ -668,7 +672,9 @@ def _gemma(cfg: HFConfig) -> dict[str, Any]:
                             "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096},
         # Gemma2MLP reads hidden_activation; logit soft-capping and the query pre-attention scalar
         # are elementwise scalings without parameters or matmuls
-        ignored=("hidden_act", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"))
+        # sliding_window_size: a legacy duplicate of sliding_window that transformers never reads
+        ignored=("hidden_act", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
+                 "sliding_window_size"))
 def _gemma2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma2.py: four RMSNorms per block (sandwich), sliding window on even layers."""
     cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
@@ -719,6 +725,7 @@ def _phi3(cfg: HFConfig) -> dict[str, Any]:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind in ("su", "yarn", "longrope"):
             raise cfg.error(key, f"cannot express Phi-3 {kind!r} (LongRoPE: per-dimension rescale factors)")
+    _no_llama_biases(cfg, "Phi-3")
     return _llama_like(cfg, qkv_bias=False, out_bias=False, window=all_layers_window(cfg))
 
 
@@ -781,10 +788,15 @@ def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
                               rotary_dim=64, n_inner=None, activation_function="gelu_new",
                               layer_norm_epsilon=_LN_EPS, tie_word_embeddings=False),
         aliases={"max_position_embeddings": "n_positions", "hidden_size": "n_embd",
-                 "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"})
+                 "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"},
+        # GPTJAttention scales by sqrt(head_dim) whatever scale_attn_weights says; summary_*: the
+        # sequence-classification head of the GPT-2 config it was copied from
+        ignored=("scale_attn_weights", "summary_type", "summary_use_proj", "summary_activation",
+                 "summary_proj_to_labels", "summary_first_dropout"))
 def _gptj(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gptj.py: parallel block on one LayerNorm, unbiased q/k/v/out, biased MLP (4D default),
     LM head with bias, RoPE on the first `rotary_dim` dims of each head (null = all)."""
+    cfg.fixed("rotary", True, "GPT-J always rotates (the flag of the original mesh-transformer-jax config)")
     d, h = cfg.int_("n_embd"), cfg.int_("n_head")
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("n_positions"))
@@ -1112,12 +1124,13 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
                                 state_size=128, num_hidden_layers=64, layer_norm_epsilon=_LN_EPS,
                                 expand=2, conv_kernel=4, n_groups=8, use_bias=False, use_conv_bias=True,
                                 hidden_act="silu", chunk_size=256, tie_word_embeddings=False),
-        ignored=(*_MAMBA_IGNORED, "time_step_rank"))  # Mamba2Mixer has no dt projection
+        # time_step_rank: Mamba2Mixer has no dt projection; norm_before_gate: transformers always
+        # gates first (norm_before_gate=False); either order is the same weights, elementwise ops
+        ignored=(*_MAMBA_IGNORED, "time_step_rank", "norm_before_gate"))
 def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mamba2.py: RMSNorm -> Mamba2Mixer (Dao & Gu 2024 SSD) with its gated RMSNorm."""
     cfg.fixed("rms_norm", True, "transformers' Mamba2Block always uses RMSNorm")
     cfg.fixed("n_layer", cfg.int_("num_hidden_layers"), "transformers' Mamba2Config reads num_hidden_layers")
-    cfg.fixed("norm_before_gate", False, "transformers' MambaRMSNormGated gates before normalising")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba-2 block gates with SiLU")
     d = cfg.int_("hidden_size")
     expand = _expand(cfg, "expand", d)
