@@ -293,6 +293,12 @@ _ROPE_SCALING_FIELDS = {  # config key -> RopeScaling field
 }
 
 
+def _number(cfg: HFConfig, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise cfg.error(name, f"expected a number, got {value!r}")
+    return float(value)
+
+
 def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 10000.0) -> Rope:
     """RoPE from either spelling: legacy top-level `rope_theta`/`rope_scaling`/`partial_rotary_factor`
     or transformers 5's `rope_parameters` dict (modeling_rope_utils.convert_rope_params_to_dict)."""
@@ -300,8 +306,9 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     legacy = cfg.dict_("rope_scaling")
     if any(isinstance(v, dict) for v in params.values()):
         raise cfg.error("rope_parameters", "cannot express per-layer-type RoPE parameters")
-    theta = float(params.get("rope_theta", cfg.float_("rope_theta", theta)))
-    fraction = float(params.get("partial_rotary_factor", cfg.float_("partial_rotary_factor", fraction)))
+    theta = _number(cfg, "rope_parameters.rope_theta", params.get("rope_theta", cfg.float_("rope_theta", theta)))
+    fraction = _number(cfg, "rope_parameters.partial_rotary_factor",
+                       params.get("partial_rotary_factor", cfg.float_("partial_rotary_factor", fraction)))
     scaling_src, where = (legacy, "rope_scaling") if legacy else (params, "rope_parameters")
     kind_name = scaling_src.get("rope_type", scaling_src.get("type", "default"))
     scaling: RopeScaling | None = None
@@ -842,6 +849,9 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
     if n_ln not in (None, 1, 2):
         raise cfg.error("num_ln_in_parallel_attn", f"expected 1 or 2, got {n_ln!r}")
     n_kv = cfg.opt_int("num_kv_heads") or h
+    if not new_arch and not multi_query and n_kv != h:
+        raise cfg.error("num_kv_heads", "cannot express num_kv_heads without new_decoder_architecture or "
+                                        "multi_query (transformers' fused qkv is then 3·hidden_size)")
     if not new_arch:
         n_kv = 1 if multi_query else h
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
@@ -1075,7 +1085,7 @@ def _deepseek_v3(cfg: HFConfig) -> dict[str, Any]:
     return _deepseek(cfg, v3=True)
 
 
-def _expand(cfg: HFConfig, key: str, d_model: int) -> int:
+def _expand(cfg: HFConfig, key: str) -> int:
     """The spec's expand is an integer; HF computes int(expand · hidden)."""
     expand = cfg.float_(key)
     if not expand.is_integer() or expand <= 0:
@@ -1100,7 +1110,7 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
     cfg.fixed("n_layer", cfg.int_("num_hidden_layers"), "transformers' MambaConfig reads num_hidden_layers")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba block gates with SiLU")
     d = cfg.int_("hidden_size")
-    expand = _expand(cfg, "expand", d)
+    expand = _expand(cfg, "expand")
     if cfg.has("intermediate_size") and cfg.get("intermediate_size") != expand * d:
         raise cfg.error("intermediate_size", f"must equal expand · hidden_size = {expand * d} "
                                              "(MambaConfig recomputes it)")
@@ -1133,7 +1143,7 @@ def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     cfg.fixed("n_layer", cfg.int_("num_hidden_layers"), "transformers' Mamba2Config reads num_hidden_layers")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba-2 block gates with SiLU")
     d = cfg.int_("hidden_size")
-    expand = _expand(cfg, "expand", d)
+    expand = _expand(cfg, "expand")
     n_heads, head_dim = cfg.int_("num_heads"), cfg.int_("head_dim")
     if n_heads * head_dim != expand * d:
         raise cfg.error("num_heads", f"num_heads · head_dim = {n_heads * head_dim} must equal "
@@ -1185,7 +1195,7 @@ def _jamba(cfg: HFConfig) -> dict[str, Any]:
         "norm": rms(cfg),
         "attention": attention(cfg, dims),
         "ssm": Mamba1(kind="mamba1", d_state=cfg.int_("mamba_d_state"), d_conv=cfg.int_("mamba_d_conv"),
-                      expand=_expand(cfg, "mamba_expand", dims.d_model), dt_rank=dt_rank,
+                      expand=_expand(cfg, "mamba_expand"), dt_rank=dt_rank,
                       conv_bias=cfg.bool_("mamba_conv_bias"), proj_bias=cfg.bool_("mamba_proj_bias"),
                       inner_norms=True),
         "ffn": glu(cfg.int_("intermediate_size"), act),
