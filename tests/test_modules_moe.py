@@ -193,6 +193,7 @@ def expected_flops(p: MoEPlan, d: int, n: int) -> int:
     ("glu", (16, 24), torch.float32),  # grouped_mm after a free meta cast to bf16
     ("mlp", (6, 10), torch.bfloat16),  # unaligned: per-row weight gather + einsum on meta
     ("glu", (12, 20), torch.float32),  # aligned for fp32 but not for bf16
+    ("mlp", (1, 3), torch.float32),  # d_model = 1: a size-1 contraction still counts
 ])
 def test_flops_on_meta_match_formula(kind: str, dims: tuple[int, int], dtype: torch.dtype) -> None:
     d, f = dims

@@ -10,8 +10,10 @@ discretised with zero-order hold on A and Euler on B, Alg. 2) runs as a two-leve
 `selective_scan_ref`, kept beside it so a test proves them equal.
 
 Counted FLOPs (docs/architecture.md): the Linears, the depthwise conv on a left-padded input
-(exactly T outputs: 2·B·T·I·W) and the scan's output contraction einsum('btin,btn->bti', h, C)
-(2·B·T·I·N). Every other scan op is elementwise.
+(exactly T outputs: 2·B·T·I·W) and the scan's output contraction y_t = h_t·C_t, i.e.
+einsum('btin,btn->bti', h, C) (2·B·T·I·N). Every other scan op is elementwise. Contractions are
+written as `matmul`, never `einsum`: torch.einsum turns a contraction over a size-1 dim (N = 1)
+into an uncounted elementwise product, matmul always reaches bmm.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def selective_scan(
         h_BCIN = step(j, h_BCIN)
         # the last chunk holds real tokens only up to position t − 1; skip its padded steps
         real = n_chunks if j < chunk - pad else n_chunks - 1
-        y_BcI = torch.einsum("bcin,bcn->bci", h_BCIN[:, :real], C_BCLN[:, :real, j])
+        y_BcI = torch.matmul(h_BCIN[:, :real], C_BCLN[:, :real, j, :, None]).squeeze(-1)
         ys.append(F.pad(y_BcI, (0, 0, 0, n_chunks - real)))
     y_BTI = torch.stack(ys, dim=2).reshape(b, n_chunks * chunk, i)[:, :t]
     return y_BTI, state_BIN

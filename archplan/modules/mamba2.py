@@ -105,21 +105,29 @@ def ssd_chunked(
     C_BCLGN = F.pad(C_BTGN.float(), (0, 0, 0, 0, 0, pad)).reshape(b, n_chunks, q, g, n)
     a_cum_BGJCL = torch.cumsum(a_BGJCL, dim=-1)
 
-    # 1. within chunks (diagonal blocks): Y = (C·Bᵀ ∘ L)·X
-    cb_BCGLS = torch.einsum("bclgn,bcsgn->bcgls", C_BCLGN, B_BCLGN)
-    decay_BCGJLS = torch.exp(segsum(a_BGJCL)).permute(0, 3, 1, 2, 4, 5)
-    y_diag_BCLGJP = torch.einsum("bcgjls,bcsgjp->bclgjp", cb_BCGLS[:, :, :, None] * decay_BCGJLS, x_BCLGJP)
+    # Contractions are matmuls, never einsum: torch.einsum turns a contraction over a size-1 dim
+    # (q = 1 when decoding, N = 1) into an uncounted elementwise product; matmul always reaches bmm.
+    C_BCGLN = C_BCLGN.permute(0, 1, 3, 2, 4)
+    B_BCGLN = B_BCLGN.permute(0, 1, 3, 2, 4)
+    x_BCGJLP = x_BCLGJP.permute(0, 1, 3, 4, 2, 5)
 
-    # 2. each chunk's final state from its own inputs: Σ_s exp(A_cum[-1] − A_cum[s]) · B_s ⊗ X_s
-    to_end_BCLGJ = torch.exp(a_cum_BGJCL[..., -1:] - a_cum_BGJCL).permute(0, 3, 4, 1, 2)
-    states_BCGJPN = torch.einsum("bclgn,bclgjp->bcgjpn", B_BCLGN, x_BCLGJP * to_end_BCLGJ[..., None])
+    # 1. within chunks (diagonal blocks): Y = (C·Bᵀ ∘ L)·X
+    cb_BCGLS = torch.matmul(C_BCGLN, B_BCGLN.transpose(-1, -2))
+    decay_BCGJLS = torch.exp(segsum(a_BGJCL)).permute(0, 3, 1, 2, 4, 5)
+    y_diag_BCGJLP = torch.matmul(cb_BCGLS[:, :, :, None] * decay_BCGJLS, x_BCGJLP)
+
+    # 2. each chunk's final state from its own inputs: Σ_s exp(A_cum[-1] − A_cum[s]) · X_s ⊗ B_s,
+    #    heads of a group stacked as rows (J·P) so B is contracted once per group, never repeated
+    to_end_BCGJL = torch.exp(a_cum_BGJCL[..., -1:] - a_cum_BGJCL).permute(0, 3, 1, 2, 4)
+    xd_BCG_JP_L = (x_BCGJLP * to_end_BCGJL[..., None]).transpose(-1, -2).reshape(b, n_chunks, g, -1, q)
+    states_BCGJPN = torch.matmul(xd_BCG_JP_L, B_BCGLN).reshape(b, n_chunks, g, hs // g, p, n)
 
     # 3. states entering each chunk: an elementwise recurrence over chunks
     chunk_decay_BCGJ = torch.exp(a_cum_BGJCL[..., -1]).permute(0, 3, 1, 2)
     # The first entering state is h0 (or zero) written as 0·states[0] (+ h0): with n_c = 1 the
     # chunk states would otherwise feed only the returned final state, autograd would skip their
     # backward, and a forward+backward would count less than 3× the forward. This way all four
-    # einsums are differentiated whatever n_c, as the fused kernels do (mamba_chunk_scan_combined).
+    # contractions are differentiated whatever n_c, as the fused kernels do (mamba_chunk_scan_combined).
     state_BGJPN = states_BCGJPN[:, 0] * 0.0
     if h0_BHsPN is not None:
         state_BGJPN = state_BGJPN + h0_BHsPN.float().reshape(b, g, hs // g, p, n)
@@ -130,10 +138,13 @@ def ssd_chunked(
     entering_BCGJPN = torch.stack(entering, dim=1)
 
     # 4. entering state → outputs: C_l · state, decayed by exp(A_cum[l])
-    from_start_BCLGJ = torch.exp(a_cum_BGJCL).permute(0, 3, 4, 1, 2)
-    y_off_BCLGJP = torch.einsum("bclgn,bcgjpn->bclgjp", C_BCLGN, entering_BCGJPN) * from_start_BCLGJ[..., None]
+    from_start_BCGJL = torch.exp(a_cum_BGJCL).permute(0, 3, 1, 2, 4)
+    states_BCG_N_JP = entering_BCGJPN.reshape(b, n_chunks, g, -1, n).transpose(-1, -2)
+    y_off_BCGLJP = torch.matmul(C_BCGLN, states_BCG_N_JP).reshape(b, n_chunks, g, q, hs // g, p)
+    y_off_BCGJLP = y_off_BCGLJP.transpose(3, 4) * from_start_BCGJL[..., None]
 
-    y_BTHsP = (y_diag_BCLGJP + y_off_BCLGJP).reshape(b, n_chunks * q, hs, p)[:, :t]
+    y_BCLGJP = (y_diag_BCGJLP + y_off_BCGJLP).permute(0, 1, 4, 2, 3, 5)
+    y_BTHsP = y_BCLGJP.reshape(b, n_chunks * q, hs, p)[:, :t]
     return y_BTHsP, state_BGJPN.reshape(b, hs, p, n)
 
 

@@ -111,8 +111,8 @@ def _grouped_linear(
     Three static-shape routes to the same product, chosen from shapes/dtype/device only:
     - aligned rows (the case of real model widths): grouped_mm directly; on meta its shape
       check wants bf16, and casting a meta tensor is free, so meta casts;
-    - meta with unaligned widths (toy specs): the per-row weight gather contracted with einsum,
-      which allocates nothing on meta and counts exactly 2·M·I·O there (DESIGN.md §4);
+    - meta with unaligned widths (toy specs): the per-row weight gather contracted by a batched
+      matmul, which allocates nothing on meta and counts exactly 2·M·I·O there (DESIGN.md §4);
     - real devices with unaligned widths: zero-pad I and O to 16-byte rows (zeros add nothing)
       and slice the result; never a per-row weight gather, which would materialise M·O·I values.
     """
@@ -121,7 +121,8 @@ def _grouped_linear(
     run_dtype = torch.bfloat16 if on_meta else x_MI.dtype
     aligned = _aligned(i, run_dtype) == i and _aligned(o, run_dtype) == o
     if on_meta and not aligned:
-        y_MO = torch.einsum("mi,moi->mo", x_MI, w_EOI[expert_M])
+        # matmul, not einsum: einsum makes a size-1 contraction (I = 1) an uncounted product
+        y_MO = torch.matmul(x_MI[:, None, :], w_EOI[expert_M].transpose(-2, -1)).squeeze(1)
     elif on_meta:
         y_MO = F.grouped_mm(x_MI.bfloat16(), w_EOI.bfloat16().transpose(-2, -1), offs=offs_E)
         y_MO = y_MO.to(x_MI.dtype)

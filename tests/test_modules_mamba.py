@@ -1,0 +1,284 @@
+"""Mamba-1 / Mamba-2 mixers: fast scans ≡ sequential references (outputs and gradients), decode
+≡ full forward, causal conv, constant state bytes, parameter layout and FLOPs on meta."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from archplan.analytic.mamba import (
+    mamba1_counted_flops,
+    mamba1_params,
+    mamba1_state_elements,
+    mamba2_counted_flops,
+    mamba2_params,
+    mamba2_state_elements,
+)
+from archplan.modules.mamba1 import Mamba1Mixer, scan_chunk_len, selective_scan, selective_scan_reference
+from archplan.modules.mamba2 import Mamba2Mixer, ssd_chunked, ssd_reference
+from archplan.resolve import Mamba1Plan, Mamba2Plan, NormPlan
+
+NORM = NormPlan("rmsnorm", False, 1e-5)
+
+
+def m1_plan(inner_norms: bool = False, proj_bias: bool = False, conv_bias: bool = True) -> Mamba1Plan:
+    return Mamba1Plan(d_inner=12, d_state=4, d_conv=4, dt_rank=3, conv_bias=conv_bias,
+                      proj_bias=proj_bias, inner_norms=inner_norms, norm=NORM)
+
+
+def m2_plan(n_groups: int = 2, chunk_size: int = 4, proj_bias: bool = False) -> Mamba2Plan:
+    return Mamba2Plan(d_inner=16, d_state=4, d_conv=4, head_dim=4, n_heads=4, n_groups=n_groups,
+                      chunk_size=chunk_size, conv_bias=True, proj_bias=proj_bias, norm=NORM)
+
+
+def assert_same_grads(fast: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
+                      inputs: list[torch.Tensor]) -> None:
+    probe = torch.randn_like(fast[0])
+    g_fast = torch.autograd.grad((fast[0] * probe).sum() + fast[1].sum(), inputs)
+    g_ref = torch.autograd.grad((ref[0] * probe).sum() + ref[1].sum(), inputs)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- Mamba-1
+@pytest.mark.parametrize("seq_len", [1, 2, 9, 16, 37])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_selective_scan_equals_sequential(seq_len: int, with_h0: bool) -> None:
+    torch.manual_seed(seq_len)
+    b, i, n = 2, 6, 5
+    u = torch.randn(b, seq_len, i, requires_grad=True)
+    dt = torch.rand(b, seq_len, i).mul(2).requires_grad_()
+    A = (-torch.rand(i, n) * 10).requires_grad_()
+    B = torch.randn(b, seq_len, n, requires_grad=True)
+    C = torch.randn(b, seq_len, n, requires_grad=True)
+    h0 = torch.randn(b, i, n, requires_grad=True) if with_h0 else None
+    inputs = [u, dt, A, B, C] + ([h0] if h0 is not None else [])
+    fast = selective_scan(u, dt, A, B, C, h0)
+    ref = selective_scan_reference(u, dt, A, B, C, h0)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert_same_grads(fast, ref, inputs)
+
+
+def test_selective_scan_stable_for_huge_decay() -> None:
+    """Δ·A of −1e4 per step: decays underflow to 0 (the true value), never inf·0 = NaN."""
+    b, t, i, n = 1, 20, 3, 2
+    u, B, C = torch.randn(b, t, i), torch.randn(b, t, n), torch.randn(b, t, n)
+    dt = torch.full((b, t, i), 100.0)
+    A = torch.full((i, n), -100.0)
+    y, h = selective_scan(u, dt, A, B, C, None)
+    y_ref, h_ref = selective_scan_reference(u, dt, A, B, C, None)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(h, h_ref)
+
+
+def test_scan_chunk_len_is_ceil_sqrt() -> None:
+    assert [scan_chunk_len(t) for t in (1, 2, 4, 5, 512, 2048)] == [1, 2, 2, 3, 23, 46]
+
+
+@pytest.mark.parametrize("inner_norms", [False, True])
+def test_mamba1_decode_equals_full_forward(inner_norms: bool) -> None:
+    torch.manual_seed(0)
+    mixer = Mamba1Mixer(m1_plan(inner_norms=inner_norms, proj_bias=True), 8)
+    x = torch.randn(2, 11, 8)
+    full = mixer(x)
+    state = mixer.new_state(2, 64, "cpu", torch.float32)
+    pieces = [mixer(x[:, :5], state), mixer(x[:, 5:7], state)]  # prefill, then a 2-token chunk
+    pieces += [mixer(x[:, t : t + 1], state) for t in range(7, 11)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert state.seen == 11
+
+
+def test_mamba1_conv_is_causal() -> None:
+    torch.manual_seed(0)
+    mixer = Mamba1Mixer(m1_plan(), 8)
+    x = torch.randn(1, 10, 8)
+    y = mixer(x)
+    x2 = x.clone()
+    x2[:, 6] += 1.0
+    y2 = mixer(x2)
+    torch.testing.assert_close(y2[:, :6], y[:, :6])
+    assert not torch.allclose(y2[:, 6], y[:, 6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba1_state_bytes(dtype: torch.dtype) -> None:
+    p = m1_plan()
+    state = Mamba1Mixer(p, 8).new_state(3, 1000, "cpu", dtype)
+    assert [tuple(t.shape) for t in state.tensors()] == [(3, 12, 4), (3, 12, 4)]
+    elems = p.d_inner * p.d_conv + p.d_inner * p.d_state
+    assert elems == mamba1_state_elements(p)
+    assert state.nbytes() == 3 * elems * dtype.itemsize
+
+
+def test_mamba1_layout_is_mamba_simple() -> None:
+    p = m1_plan(inner_norms=True, proj_bias=True)
+    shapes = {n: tuple(t.shape) for n, t in Mamba1Mixer(p, 8).named_parameters()}
+    i, n, r, d, w = 12, 4, 3, 8, 4
+    assert shapes == {
+        "in_proj.weight": (2 * i, d), "in_proj.bias": (2 * i,),
+        "conv1d.weight": (i, 1, w), "conv1d.bias": (i,),
+        "x_proj.weight": (r + 2 * n, i),
+        "dt_proj.weight": (i, r), "dt_proj.bias": (i,),
+        "A_log": (i, n), "D": (i,),
+        "out_proj.weight": (d, i), "out_proj.bias": (d,),
+        "dt_layernorm.weight": (r,), "b_layernorm.weight": (n,), "c_layernorm.weight": (n,),
+    }
+
+
+@pytest.mark.parametrize("plan", [m1_plan(), m1_plan(inner_norms=True, proj_bias=True, conv_bias=False)])
+def test_mamba1_params_match_analytic(plan: Mamba1Plan) -> None:
+    assert sum(p.numel() for p in Mamba1Mixer(plan, 8).parameters()) == mamba1_params(plan, 8)
+
+
+def test_mamba1_init_follows_mamba_simple() -> None:
+    mixer = Mamba1Mixer(m1_plan(), 8)
+    torch.testing.assert_close(-torch.exp(mixer.A_log[0]), -torch.arange(1.0, 5.0))
+    assert (mixer.D == 1).all()
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert (dt >= 1e-4 - 1e-7).all() and (dt <= 0.1 + 1e-6).all()
+
+
+@pytest.mark.parametrize(("seq_len", "d_state"), [(1, 4), (7, 4), (16, 4), (5, 1)])
+def test_mamba1_flops_on_meta(seq_len: int, d_state: int) -> None:
+    """Exact counts, also for contractions over a size-1 dim (N = 1), which einsum would drop."""
+    p = replace(m1_plan(inner_norms=True), d_state=d_state)
+    with torch.device("meta"):
+        mixer = Mamba1Mixer(p, 8)
+    with FlopCounterMode(display=False) as counter:
+        y = mixer(torch.empty(2, seq_len, 8, device="meta"))
+    assert y.shape == (2, seq_len, 8)
+    b, t, d, i, n, w, r = 2, seq_len, 8, 12, d_state, 4, 3
+    linears = d * 2 * i + i * (r + 2 * n) + r * i + i * d
+    want = 2 * b * t * linears + 2 * b * t * i * w + 2 * b * t * i * n
+    assert counter.get_total_flops() == want == mamba1_counted_flops(p, d, b, t)
+
+
+def test_mamba1_bf16_runs() -> None:
+    mixer = Mamba1Mixer(m1_plan(), 8).to(torch.bfloat16)
+    x = torch.randn(1, 6, 8, dtype=torch.bfloat16)
+    y = mixer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    ref = Mamba1Mixer(m1_plan(), 8)
+    ref.load_state_dict({k: v.float() for k, v in mixer.state_dict().items()})
+    torch.testing.assert_close(y.float(), ref(x.float()), rtol=5e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------------------------- Mamba-2
+@pytest.mark.parametrize(("seq_len", "chunk"), [(8, 4), (13, 4), (3, 8), (1, 4), (16, 16)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_ssd_chunked_equals_sequential(seq_len: int, chunk: int, with_h0: bool) -> None:
+    torch.manual_seed(seq_len * chunk)
+    b, hs, p, g, n = 2, 4, 3, 2, 5
+    x = torch.randn(b, seq_len, hs, p, requires_grad=True)
+    dt = torch.rand(b, seq_len, hs).mul(2).requires_grad_()
+    A = (-torch.rand(hs) * 5).requires_grad_()
+    B = torch.randn(b, seq_len, g, n, requires_grad=True)
+    C = torch.randn(b, seq_len, g, n, requires_grad=True)
+    h0 = torch.randn(b, hs, p, n, requires_grad=True) if with_h0 else None
+    inputs = [x, dt, A, B, C] + ([h0] if h0 is not None else [])
+    fast = ssd_chunked(x, dt, A, B, C, chunk, h0)
+    ref = ssd_reference(x, dt, A, B, C, h0)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert_same_grads(fast, ref, inputs)
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_decode_equals_full_forward(n_groups: int) -> None:
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(m2_plan(n_groups=n_groups, proj_bias=True), 8)
+    x = torch.randn(2, 11, 8)
+    full = mixer(x)
+    state = mixer.new_state(2, 64, "cpu", torch.float32)
+    pieces = [mixer(x[:, :6], state), mixer(x[:, 6:8], state)]
+    pieces += [mixer(x[:, t : t + 1], state) for t in range(8, 11)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert state.seen == 11
+
+
+def test_mamba2_conv_is_causal() -> None:
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(m2_plan(), 8)
+    x = torch.randn(1, 10, 8)
+    x2 = x.clone()
+    x2[:, 5] -= 1.0
+    y, y2 = mixer(x), mixer(x2)
+    torch.testing.assert_close(y2[:, :5], y[:, :5])
+    assert not torch.allclose(y2[:, 5], y[:, 5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba2_state_bytes(dtype: torch.dtype) -> None:
+    p = m2_plan()
+    state = Mamba2Mixer(p, 8).new_state(3, 1000, "cpu", dtype)
+    conv_dim = p.d_inner + 2 * p.n_groups * p.d_state
+    assert [tuple(t.shape) for t in state.tensors()] == [(3, conv_dim, 4), (3, 4, 4, 4)]
+    elems = conv_dim * p.d_conv + p.n_heads * p.head_dim * p.d_state
+    assert elems == mamba2_state_elements(p)
+    assert state.nbytes() == 3 * elems * dtype.itemsize
+
+
+def test_mamba2_layout_is_mamba2() -> None:
+    p = m2_plan(proj_bias=True)
+    shapes = {n: tuple(t.shape) for n, t in Mamba2Mixer(p, 8).named_parameters()}
+    i, gn, hs, d, w = 16, 2 * 4, 4, 8, 4
+    assert shapes == {
+        "in_proj.weight": (2 * i + 2 * gn + hs, d), "in_proj.bias": (2 * i + 2 * gn + hs,),
+        "conv1d.weight": (i + 2 * gn, 1, w), "conv1d.bias": (i + 2 * gn,),
+        "dt_bias": (hs,), "A_log": (hs,), "D": (hs,),
+        "norm.weight": (i,),
+        "out_proj.weight": (d, i), "out_proj.bias": (d,),
+    }
+    assert sum(math.prod(s) for s in shapes.values()) == mamba2_params(p, 8)
+
+
+def test_mamba2_gated_norm_is_groupwise() -> None:
+    """mamba_ssm RMSNormGated(group_size = d_inner / ngroups): each group normalised on its own."""
+    mixer = Mamba2Mixer(m2_plan(n_groups=2), 8)
+    y, z = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+    out = mixer.norm(y, z)
+    gated = y * torch.nn.functional.silu(z)
+    for g in range(2):
+        part = gated[..., 8 * g : 8 * (g + 1)]
+        want = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + 1e-5)
+        torch.testing.assert_close(out[..., 8 * g : 8 * (g + 1)], want)
+
+
+@pytest.mark.parametrize(("seq_len", "chunk", "d_state"), [(1, 4, 4), (4, 4, 4), (11, 4, 4), (16, 4, 4), (5, 1, 1)])
+def test_mamba2_flops_on_meta(seq_len: int, chunk: int, d_state: int) -> None:
+    """Exact counts, also when q = 1 (decode) or N = 1 makes a contraction dim of size 1."""
+    p = replace(m2_plan(chunk_size=chunk), d_state=d_state)
+    with torch.device("meta"):
+        mixer = Mamba2Mixer(p, 8)
+    with FlopCounterMode(display=False) as counter:
+        y = mixer(torch.empty(2, seq_len, 8, device="meta"))
+    assert y.shape == (2, seq_len, 8)
+    b, t, d, i, n, w, hs, pp, g = 2, seq_len, 8, 16, d_state, 4, 4, 4, 2
+    q = min(chunk, t)
+    n_chunks = math.ceil(t / q)
+    conv_dim = i + 2 * g * n
+    ssd = b * n_chunks * (2 * q * q * n * g + 2 * q * q * pp * hs + 2 * (2 * q * n * pp * hs))
+    want = 2 * b * t * (d * (2 * i + 2 * g * n + hs) + i * d) + 2 * b * t * conv_dim * w + ssd
+    assert counter.get_total_flops() == want == mamba2_counted_flops(p, d, b, t)
+
+
+@pytest.mark.parametrize("seq_len", [3, 11])
+def test_mamba2_backward_counts_three_forwards(seq_len: int) -> None:
+    """All four SSD contractions are differentiated even with one chunk (training = 3× forward)."""
+    with torch.device("meta"):
+        mixer = Mamba2Mixer(m2_plan(chunk_size=16), 8)
+    x = torch.empty(1, seq_len, 8, device="meta", requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        mixer(x)
+    forward = counter.get_flop_counts()["Global"]
+    with FlopCounterMode(display=False) as counter:
+        mixer(x).sum().backward()
+    both = counter.get_flop_counts()["Global"]
+    for op in (torch.ops.aten.mm, torch.ops.aten.bmm):
+        assert both[op] == 3 * forward[op]
