@@ -604,8 +604,6 @@ def _real_check(
 def _fvcore_check(
     model: ArchplanModel, tokens_BT: torch.Tensor, counted_by_component: Mapping[str, int]
 ) -> FvcoreCheck:
-    from fvcore.nn import FlopCountAnalysis
-
     def no_flops(inputs: Any, outputs: Any) -> int:
         return 0
 
@@ -613,6 +611,8 @@ def _fvcore_check(
         with warnings.catch_warnings():
             # fvcore traces with torch.jit, which warns about its own deprecation on every call
             warnings.simplefilter("ignore")
+            from fvcore.nn import FlopCountAnalysis  # optional dependency, imported when used
+
             analysis = FlopCountAnalysis(model, (tokens_BT,))
             analysis.set_op_handle(**{op: no_flops for op in FVCORE_ELEMENTWISE_OPS})
             analysis.unsupported_ops_warnings(False)

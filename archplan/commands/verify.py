@@ -147,11 +147,14 @@ def _lines(result: CrossCheck, aggregate: bool) -> list[_Line]:
     from archplan.crosscheck import ordered  # lazy: crosscheck imports torch
 
     names = ordered(params.keys() | flops.keys())
-    lines = [
-        _Line(name, result.layer_kinds.get(".".join(name.split(".")[:2]), "") if _layer_of(name) is not None else "",
-              params.get(name), flops.get(name))
-        for name in names
-    ]
+    lines = []
+    labelled: set[str] = set()
+    for name in names:
+        layer = ".".join(name.split(".")[:2]) if _layer_of(name) is not None else ""
+        # the layer's kind on its first row only
+        kind = result.layer_kinds.get(layer, "") if layer and layer not in labelled else ""
+        labelled.add(layer)
+        lines.append(_Line(name, kind, params.get(name), flops.get(name)))
     if not aggregate:
         return lines
     return _fold_layers(lines)
