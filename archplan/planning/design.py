@@ -31,6 +31,7 @@ from archplan.analytic import ParamCount, count_params
 from archplan.errors import ArchplanError
 from archplan.resolve import resolve
 from archplan.spec import (
+    MAX_LAYERS,
     GLU,
     GQA,
     Embedding,
@@ -197,6 +198,30 @@ def _achieved(params: ParamCount, kind: str) -> int:
     return params.active if kind == "active" else params.total
 
 
+@dataclass(frozen=True)
+class _Depth:
+    """N(L) for one (family, d, f): the layout repeats every `period` layers, so the exact count at
+    any depth is the non-layer part plus the per-position layer counts of one period, both read from
+    `count_params` of a one-period spec (its by-component keys are module paths, `layers.{i}.…`)."""
+
+    fixed: int
+    per_position: tuple[int, ...]
+
+    def at(self, n_layers: int) -> int:
+        whole, rest = divmod(n_layers, len(self.per_position))
+        return self.fixed + whole * sum(self.per_position) + sum(self.per_position[:rest])
+
+
+def _depth(spec: Spec, kind: str) -> _Depth:
+    params = _counts(spec)
+    by = params.active_by_component if kind == "active" else params.by_component
+    per = [0] * spec.n_layers
+    for path, value in by.items():
+        if path.startswith("layers."):
+            per[int(path.split(".")[1])] += value
+    return _Depth(_achieved(params, kind) - sum(per), tuple(per))
+
+
 # d_model candidates: multiples of 128 below 1024 (heads < 8: one KV head per query head), then
 # multiples of 1024 so that 8 KV heads divide the d/128 query heads.
 D_MODEL_CANDIDATES: tuple[int, ...] = tuple(range(256, 1024, 128)) + tuple(1024 * k for k in range(1, 129))
@@ -207,8 +232,8 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
            tolerance: float = TOLERANCE) -> Design:
     """The recipe spec whose N (total, or active for MoE families) is within `tolerance` of target."""
     kind = target_kind(family)
-    min_layers = len(HYBRID_MIXERS) if family in (Family.hybrid, Family.hybrid_moe) else 1
-    best: tuple[float, Spec, ParamCount, float, float] | None = None
+    period = len(HYBRID_MIXERS) if family in (Family.hybrid, Family.hybrid_moe) else 1
+    best: tuple[float, int, int, int, float, float] | None = None  # score, d, L, f, L_r, d_r
     # Branch and bound: visit widths closest to the recipe first; the shape part of the score is a
     # lower bound, so stop once it exceeds the best score found.
     candidates = []
@@ -218,7 +243,6 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
             l_r, d_r = recipe_shape(trunk_target)
             candidates.append((abs(math.log(d / d_r)), d, l_r, d_r))
     step = _multiple(family)
-    period = len(HYBRID_MIXERS) if min_layers > 1 else 2
     for bound, d, l_r, d_r in sorted(candidates):
         if best is not None and bound >= best[0]:
             break
@@ -229,30 +253,27 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
         for f in widths:
             if best is not None and bound + 2 * abs(math.log(f / f_r)) >= best[0]:
                 break
-            # N is affine in L over whole layout periods: probe two depths, then count exactly.
-            n1 = _achieved(_counts(build(family, d_model=d, n_layers=period, width=f, vocab=vocab,
-                                         seq=seq)), kind)
-            n2 = _achieved(_counts(build(family, d_model=d, n_layers=2 * period, width=f,
-                                         vocab=vocab, seq=seq)), kind)
-            guess = period + (target - n1) * period / (n2 - n1)
-            for layers in range(max(min_layers, math.floor(guess) - 1), math.ceil(guess) + 2):
-                spec = build(family, d_model=d, n_layers=layers, width=f, vocab=vocab, seq=seq)
-                params = _counts(spec)
-                error = _achieved(params, kind) / target - 1
+            depth = _depth(build(family, d_model=d, n_layers=period, width=f, vocab=vocab, seq=seq),
+                           kind)
+            guess = period * (target - depth.fixed) / sum(depth.per_position)
+            for layers in range(max(period, math.floor(guess) - 1),
+                                min(MAX_LAYERS, math.ceil(guess) + 2)):
+                error = depth.at(layers) / target - 1
                 if abs(error) > tolerance:
                     continue
                 score = (abs(math.log(d / d_r)) + abs(math.log(layers / l_r))
                          + 2 * abs(math.log(f / f_r)) + 10 * abs(error))
                 if best is None or score < best[0]:
-                    best = (score, spec, params, l_r, d_r)
+                    best = (score, d, layers, f, l_r, d_r)
     if best is None:
         raise ArchplanError(
             f"no {family.value} recipe spec within {tolerance:.0%} of {target:.3g} {kind} parameters "
             f"at vocab {vocab} (the embeddings alone take 2·V·d; try a smaller --vocab or a larger budget)"
         )
-    _, spec, params, l_r, d_r = best
-    final = spec.model_copy(update=dict(
-        name=name, description=description,
-        training=Training(tokens=tokens) if tokens is not None else None,
-    ))
-    return Design(final, family, target, kind, params, l_r, d_r)
+    _, d, layers, f, l_r, d_r = best
+    spec = build(family, d_model=d, n_layers=layers, width=f, vocab=vocab, seq=seq, name=name,
+                 tokens=tokens, description=description)
+    params = _counts(spec)
+    # the per-position shortcut is exact; the full count confirms it
+    assert abs(_achieved(params, kind) / target - 1) <= tolerance, (spec, target)
+    return Design(spec, family, target, kind, params, l_r, d_r)

@@ -43,10 +43,10 @@ LAW_KEYS: dict[LawChoice, str] = {
 # The IsoFLOP view: N at these multiples of N_opt, D = C/(6N) (Hoffmann §3.2, Figure 3).
 ISOFLOP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
-# Budgets we accept: a 1e15-FLOP model is a toy, 1e32 is far beyond any cluster; outside this the
+# Budgets we accept: a 1e15-FLOP model is a toy, 1e30 is 2000× the largest runs of 2025; outside this the
 # laws are extrapolated by more than 10 orders of magnitude from the data they were fitted on.
 MIN_COMPUTE = 1e15
-MAX_COMPUTE = 1e32
+MAX_COMPUTE = 1e30
 
 
 @dataclass(frozen=True)
