@@ -43,8 +43,9 @@ LAW_KEYS: dict[LawChoice, str] = {
 # The IsoFLOP view: N at these multiples of N_opt, D = C/(6N) (Hoffmann §3.2, Figure 3).
 ISOFLOP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
-# Budgets we accept: a 1e15-FLOP model is a toy, 1e30 is 2000× the largest runs of 2025; outside this the
-# laws are extrapolated by more than 10 orders of magnitude from the data they were fitted on.
+# Budgets we accept: below 1e15 FLOPs the optimum is smaller than any vocabulary's embeddings, and
+# 1e30 is thousands of times any training run reported so far; beyond either end the laws (fitted on
+# runs of about 6e18-3e21 FLOPs, Hoffmann et al. 2022 §3.2) would be extrapolated absurdly far.
 MIN_COMPUTE = 1e15
 MAX_COMPUTE = 1e30
 
