@@ -253,6 +253,36 @@ def test_solve_shared_experts(tmp_path: Path) -> None:
     assert result.nearest.spec == spec
 
 
+def test_solve_two_widths_from_two_targets(tmp_path: Path) -> None:
+    """Jamba: the dense FFN and the expert width are both unknown; total and active separate them."""
+    reference = count_params(resolve(load_spec("jamba-v0.1")))
+
+    def edit(d: dict) -> None:
+        d["ffn"]["d_ff"] = "solve"
+        d["moe"]["expert"]["d_ff"] = "solve"
+
+    result = solve(_partial(tmp_path, "jamba-v0.1", edit), Targets(reference.total, reference.active),
+                   tolerance=0)
+    assert result.solved
+    assert result.nearest.values == {"ffn.d_ff": 14336, "moe.expert.d_ff": 14336}
+
+
+def test_solve_refuses_widths_the_targets_cannot_separate(tmp_path: Path) -> None:
+    spec = Spec(name="mixed", vocab_size=1000, d_model=256, n_layers=4,
+                attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+                ffn={"kind": "glu", "d_ff": 512}, layout={"moe_every": 2},
+                moe={"n_experts": 8, "top_k": 2, "expert": {"kind": "glu", "d_ff": 384},
+                     "shared": {"n": 1, "d_ff": 512}})
+    params = count_params(resolve(spec))
+    data = spec_data(spec)
+    data["ffn"]["d_ff"] = "solve"
+    data["moe"]["shared"]["d_ff"] = "solve"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ArchplanError, match="cannot separate"):
+        solve(path, Targets(params.total, params.active))
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d.update(d_model="solve"), "cannot solve for d_model"),
     (lambda d: None, "nothing to solve"),

@@ -227,10 +227,11 @@ def _least_squares(rows: list[tuple[float, list[float], float]]) -> list[float]:
     if k == 1:
         return [atb[0] / ata[0][0]] if ata[0][0] else [math.nan]
     det = ata[0][0] * ata[1][1] - ata[0][1] * ata[1][0]
-    if abs(det) < 1e-12 * abs(ata[0][0] * ata[1][1]) or det == 0:
-        # the widths move the targets together: fix the second at the first's scale
-        w = atb[0] / ata[0][0] if ata[0][0] else math.nan
-        return [w, w]
+    if abs(det) <= 1e-9 * ata[0][0] * ata[1][1]:
+        raise ArchplanError(
+            "the two unknown widths move the targets in proportion (e.g. a dense FFN and shared "
+            "experts, both always active), so the targets cannot separate them; fix one"
+        )
     return [(atb[0] * ata[1][1] - atb[1] * ata[0][1]) / det,
             (atb[1] * ata[0][0] - atb[0] * ata[1][0]) / det]
 
