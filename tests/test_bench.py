@@ -77,20 +77,20 @@ def test_extrapolation_arithmetic() -> None:
 
 def test_roofline_is_max_of_compute_and_memory() -> None:
     plan = plan_of(TINY)
-    roof = predict_prefill(plan, 1, 32, 2, peak_flops=1e12, bandwidth=1e11)
+    roof = predict_prefill(plan, 1, 32, 2, peak=1e12, bandwidth=1e11)
     for row in roof.rows:
         # Each kind sums max(compute, memory) over its components: between the max and the sum.
         compute, memory = row.flops / 1e12, row.bytes / 1e11
         assert max(compute, memory) * (1 - 1e-9) <= row.seconds <= (compute + memory) * (1 + 1e-9)
     assert roof.seconds == pytest.approx(sum(r.seconds for r in roof.rows))
     # Decode at batch 1 moves every weight once per token: memory-bound on any real device.
-    step = predict_decode_step(plan, 1, 64, 2, peak_flops=1e15, bandwidth=1e9)
+    step = predict_decode_step(plan, 1, 64, 2, peak=1e15, bandwidth=1e9)
     assert all(r.bound == "memory" for r in step.rows)
 
 
 def test_cli_json_contract() -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["bench", "llama-2-7b", "--device", "cpu", "--dtype", "fp32", "--layers", "1",
+    result = runner.invoke(app, ["bench", "gpt2", "--device", "cpu", "--dtype", "fp32", "--layers", "1",
                                  "--seq", "8", "--decode-tokens", "2", "--warmup", "0", "--iters", "1", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout[result.stdout.index("{"):])
@@ -119,8 +119,8 @@ def test_too_big_model_is_exit_2_with_suggestion() -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "bench", "deepseek-v3",
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "bench", "llama-3-70b",
                            "--device", "cpu", "--seq", "64"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "will not fit" in proc.stderr and "--layers" in proc.stderr
+    assert "will not fit" in proc.stderr and "try --layers" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -203,7 +203,8 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
     need = estimate_bytes(plan if cfg.layers is None else truncate(plan, cfg.layers), cfg)
     if need <= FIT_FRACTION * free:
         return
-    hint = "reduce --batch/--seq"
+    smallest = estimate_bytes(truncate(plan, 1), cfg)
+    hint = (f"even --layers 1 needs about {fmt_bytes(smallest)}: reduce --batch/--seq or use a bigger device")
     for k in (8, 4, 2, 1):
         if estimate_bytes(truncate(plan, k), cfg) <= FIT_FRACTION * free and k < plan.n_layers:
             hint = f"try --layers {k}"
