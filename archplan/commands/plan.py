@@ -383,6 +383,21 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -
     }
 
 
+BAR_WIDTH = 24
+BAR_STYLES = (("weights", "blue"), ("grads", "yellow"), ("optimizer", "green"),
+              ("activations", "red"))
+
+
+def _memory_bar(e: Evaluated, usable: int) -> Any:
+    """Stacked bar of the per-GPU memory, full width = the usable memory."""
+    from rich.text import Text
+
+    bar = Text()
+    for name, style in BAR_STYLES:
+        bar.append("█" * round(BAR_WIDTH * getattr(e.memory, name) / usable), style=style)
+    return bar
+
+
 def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) -> None:
     from rich.table import Table
 
@@ -404,17 +419,20 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) 
         return
     table = Table(title=f"fastest {min(TOP_LAYOUTS, len(result.ranked))} (per-GPU memory of the most "
                   "loaded stage, bf16 + fp32 Adam, 16 B/param)", title_justify="left")
-    for col in ("#", "layout", "m", "weights", "grads", "optim.", "activ.", "total", "step s",
-                "comm+bubble", "MFU", "days"):
-        table.add_column(col, justify="right" if col not in ("layout",) else "left")
+    for col in ("#", "layout", "m", "weights", "grads", "optim.", "activ.", "total", "of usable",
+                "step s", "comm+bubble", "MFU", "days"):
+        table.add_column(col, justify="left" if col in ("layout", "of usable") else "right")
     for i, e in enumerate(result.ranked[:TOP_LAYOUTS], 1):
         mem, t = e.memory, e.time
         overhead = (t.total - t.compute) / t.total
         table.add_row(str(i), e.layout.label, str(e.layout.microbatches), nbytes(mem.weights),
                       nbytes(mem.grads), nbytes(mem.optimizer), nbytes(mem.activations),
-                      nbytes(mem.total), f"{t.total:.2f}", percent(overhead), percent(e.mfu),
+                      nbytes(mem.total), _memory_bar(e, result.usable_bytes), f"{t.total:.2f}",
+                      percent(overhead), percent(e.mfu),
                       f"{training_days(e, tokens):.1f}")
     console.print(table)
+    console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
+                  + f"; full width = {nbytes(result.usable_bytes)}")
     best = result.ranked[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
                   f"per step as run; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
