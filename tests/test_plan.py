@@ -515,6 +515,9 @@ def test_cli_layout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     ["plan", "llama-2-7b", "--gpus", "8", "--gpu", "tpu-v9"],
     ["plan", "--compute", "1e24", "--total", "1e9"],
     ["plan", "--solve", "missing.yaml", "--total", "1e9"],
+    ["plan", "--solve", "missing.yaml", "--total", "1e9", "--compute", "1e24"],
+    ["plan", "llama-2-7b", "--gpus", "8", "--params", "7e9"],
+    ["plan", "llama-2-7b", "--gpus", "8", "--seq", "100000"],
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:

@@ -486,7 +486,11 @@ def register(app: typer.Typer) -> None:
                  if on]
         if len(modes) > 1:
             raise ArchplanError("give either SPEC (layout search) or --solve, not both")
+        if (solve is not None or spec is not None) and (compute is not None or params is not None):
+            raise ArchplanError("--compute/--params plan from a budget; they go without SPEC or --solve")
         if solve is not None:
+            if tokens is not None or gpus is not None:
+                raise ArchplanError("--solve takes --total/--active, not --tokens or --gpus")
             _run_solve(solve, total, active, tol, multiple, output, force, as_json, plot)
         elif spec is not None:
             if output is not None:
