@@ -482,9 +482,7 @@ def register(app: typer.Typer) -> None:
         nvlink_gbs: Annotated[float | None, typer.Option("--nvlink-gbs", help="In-node bandwidth per GPU, GB/s one way.")] = None,
         ib_gbs: Annotated[float | None, typer.Option("--ib-gbs", help="Inter-node bandwidth per GPU, GB/s one way.")] = None,
     ) -> None:
-        modes = [name for name, on in (("SPEC", spec is not None), ("--solve", solve is not None))
-                 if on]
-        if len(modes) > 1:
+        if spec is not None and solve is not None:
             raise ArchplanError("give either SPEC (layout search) or --solve, not both")
         if (solve is not None or spec is not None) and (compute is not None or params is not None):
             raise ArchplanError("--compute/--params plan from a budget; they go without SPEC or --solve")
