@@ -51,7 +51,9 @@ def counted_flops(fn: Callable[[], object]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--d-ff", type=int, default=1024, help="per-expert GLU width")
     parser.add_argument("--experts", type=int, default=8)
@@ -80,7 +82,8 @@ def main() -> None:
     rows = args.tokens * k
     x_sorted = torch.randn(rows, d, dtype=dtype)
     offs = torch.linspace(rows / e, rows, e).round().to(torch.int32)
-    expert_of_row = torch.repeat_interleave(torch.arange(e), torch.diff(offs, prepend=torch.zeros(1, dtype=torch.int32)))
+    rows_per_expert = torch.diff(offs, prepend=torch.zeros(1, dtype=torch.int32))
+    expert_of_row = torch.repeat_interleave(torch.arange(e), rows_per_expert)
 
     runs: dict[str, Callable[[], object]] = {
         "grouped (archplan MoEFFN)": lambda: moe(x),
@@ -93,7 +96,9 @@ def main() -> None:
         for name, fn in runs.items():
             seconds = timed(fn, args.iters)
             flops = counted_flops(fn)
-            results.append({"name": name, "median_s": seconds, "flops": flops, "flops_per_s": flops / seconds})
+            results.append(
+                {"name": name, "median_s": seconds, "flops": flops, "flops_per_s": flops / seconds}
+            )
     dense_rate = results[-1]["flops_per_s"]
     for r in results:
         r["vs_dense"] = r["flops_per_s"] / dense_rate

@@ -250,7 +250,9 @@ def test_mamba2_gated_norm_is_groupwise() -> None:
         torch.testing.assert_close(out[..., 8 * g : 8 * (g + 1)], want)
 
 
-@pytest.mark.parametrize(("seq_len", "chunk", "d_state"), [(1, 4, 4), (4, 4, 4), (11, 4, 4), (16, 4, 4), (5, 1, 1)])
+@pytest.mark.parametrize(
+    ("seq_len", "chunk", "d_state"), [(1, 4, 4), (4, 4, 4), (11, 4, 4), (16, 4, 4), (5, 1, 1)]
+)
 def test_mamba2_flops_on_meta(seq_len: int, chunk: int, d_state: int) -> None:
     """Exact counts, also when q = 1 (decode) or N = 1 makes a contraction dim of size 1."""
     p = replace(m2_plan(chunk_size=chunk), d_state=d_state)

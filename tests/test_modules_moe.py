@@ -135,7 +135,9 @@ CASES = list(
 
 
 @pytest.mark.parametrize(("kind", "dims", "routing", "extras"), CASES)
-def test_grouped_dispatch_equals_expert_loop(kind: str, dims: tuple[int, int], routing: tuple, extras: bool) -> None:
+def test_grouped_dispatch_equals_expert_loop(
+    kind: str, dims: tuple[int, int], routing: tuple[str, bool, bool], extras: bool
+) -> None:
     torch.manual_seed(1)
     d, f = dims
     scoring, normalize, correction = routing
@@ -152,7 +154,8 @@ def test_grouped_dispatch_equals_expert_loop(kind: str, dims: tuple[int, int], r
     grads = torch.autograd.grad((y * probe).sum(), [x, *moe.parameters()])
     grads_ref = torch.autograd.grad((y_ref * probe).sum(), [x, *moe.parameters()], allow_unused=True)
     for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref if g_ref is not None else torch.zeros_like(g), rtol=1e-4, atol=1e-5)
+        want = g_ref if g_ref is not None else torch.zeros_like(g)
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
 def test_dispatch_bf16_matches_fp32_loop() -> None:

@@ -138,7 +138,8 @@ def selective_scan_reference(
     ys = []
     for s in range(t):
         dt = dt_BTI[:, s].float()
-        h = torch.exp(dt[..., None] * A) * h + (dt * u_BTI[:, s].float())[..., None] * B_BTN[:, s, None].float()
+        dtu = (dt * u_BTI[:, s].float())[..., None]
+        h = torch.exp(dt[..., None] * A) * h + dtu * B_BTN[:, s, None].float()
         ys.append((h * C_BTN[:, s, None].float()).sum(-1))
     return torch.stack(ys, dim=1), h
 
@@ -178,7 +179,9 @@ class Mamba1Mixer(nn.Module):
             self.A_log.copy_(torch.log(a).expand_as(self.A_log))
             self.D.fill_(1.0)
 
-    def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> Mamba1State:
+    def new_state(
+        self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> Mamba1State:
         """Constant in `max_len` (kept for the common `new_state` signature): an SSM's state does not grow."""
         i = self.plan.d_inner
         return Mamba1State(

@@ -6,8 +6,8 @@ the gated RMSNorm `norm` (I), out_proj I → D.
 
 The SSD layer runs chunked as `ssd_minimal.py` (Dao & Gu 2024 §6, Listing 1) with the matmuls
 written out so the counter sees exactly what docs/architecture.md counts per chunk of q tokens:
-C·Bᵀ per group (2·q²·N·G), (C·Bᵀ ∘ L)·X per head (2·q²·P·Hs), chunk states (2·q·N·P·Hs), state →
-output (2·q·N·P·Hs); the recurrence between chunks is an elementwise loop. `ssd_reference` is
+C·Bᵀ per group (2·q²·N·G), (C·Bᵀ ∘ L)·X per head (2·q²·P·Hs), chunk states (2·q·N·P·Hs),
+state → output (2·q·N·P·Hs); the recurrence between chunks is an elementwise loop. `ssd_reference` is
 the token-by-token recurrence (`Mamba2.step`), kept beside it so a test proves them equal.
 """
 
@@ -182,7 +182,8 @@ class Mamba2Mixer(nn.Module):
         i, hs = plan.d_inner, plan.n_heads
         gn = plan.n_groups * plan.d_state
         self.in_proj = nn.Linear(d_model, 2 * i + 2 * gn + hs, bias=plan.proj_bias)
-        self.conv1d = nn.Conv1d(plan.conv_dim, plan.conv_dim, plan.d_conv, groups=plan.conv_dim, bias=plan.conv_bias)
+        x = plan.conv_dim
+        self.conv1d = nn.Conv1d(x, x, plan.d_conv, groups=x, bias=plan.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(hs))
         self.A_log = nn.Parameter(torch.empty(hs))
         self.D = nn.Parameter(torch.empty(hs))
@@ -202,7 +203,9 @@ class Mamba2Mixer(nn.Module):
             self.D.fill_(1.0)
         self.norm.reset_parameters()
 
-    def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> Mamba2State:
+    def new_state(
+        self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> Mamba2State:
         """Constant in `max_len` (kept for the common `new_state` signature)."""
         plan = self.plan
         return Mamba2State(
