@@ -174,6 +174,17 @@ def test_design_within_two_percent_and_valid(family: Family, target: float, tmp_
     assert load_spec(str(path)) == spec
 
 
+@pytest.mark.parametrize("family", list(Family))
+def test_generated_specs_pass_verify(family: Family) -> None:
+    """The torch model built from a generated spec agrees with the analytic counts (archplan verify)."""
+    pytest.importorskip("torch")
+    from archplan.crosscheck import crosscheck
+
+    made = design(family, optimum(LawChoice.epoch, 1e18).optimal.params, vocab=32000)
+    result = crosscheck(resolve(made.spec), seq_len=64, batch=1, backward=True, real=False)
+    assert result.ok
+
+
 def test_design_too_small_for_the_vocabulary() -> None:
     with pytest.raises(ArchplanError, match="vocab"):
         design(Family.dense, 5e7, vocab=128256)
