@@ -178,3 +178,17 @@ def test_cache_overflow_is_a_user_error() -> None:
     learned = build_model(spec(position=dict(kind="learned"), max_seq_len=8), device="cpu")
     with pytest.raises(ArchplanError, match="learned"):
         learned.new_cache(1, 9)
+
+
+@pytest.mark.parametrize("variant", ["jamba_like", "mamba2_hybrid", "mla_window", "window_alibi"])
+def test_decode_runs_on_meta(variant: str) -> None:
+    """The cache path is static too: prefill and steps on meta, states stay on meta, bytes as contracted."""
+    s = spec(**VARIANTS[variant])
+    model = build_model(s)
+    cache = model.new_cache(2, 12)
+    for n in (5, 1, 4):
+        logits = model(torch.zeros(2, n, dtype=torch.long, device="meta"), cache=cache)
+        assert logits.shape == (2, n, VOCAB) and logits.device.type == "meta"
+    assert cache.seen == 10 and all(state.seen == 10 for state in cache.layers)
+    assert all(t.device.type == "meta" for t in cache.tensors())
+    assert cache.nbytes() == _contract_bytes(s, 2, 12, 2)
