@@ -153,7 +153,7 @@ def test_cache_bytes_after_prefill(variant: str, dtype: torch.dtype) -> None:
             assert state.k_BHLD.shape == (batch, layer.mixer.n_kv_heads, length, layer.mixer.head_dim)
         elif isinstance(layer.mixer, MLAPlan):
             assert isinstance(state, LatentState)
-            assert state.ckv_BLR.shape[2] == 10 and state.kpe_BLP.shape[2] == 4
+            assert state.ckv_BLR.shape[2] == 10 and state.kpe_BLR.shape[2] == 4
 
 
 def test_llama_3_8b_cache_on_meta() -> None:

@@ -15,7 +15,13 @@ Shape suffixes name every multi-rank tensor (`x_BTD`, `w_EFD`). The letters:
     I    Mamba d_inner                  N    SSM state size (d_state)
     W    conv width (d_conv)            P    Mamba-2 head dim
     G    Mamba-2 groups                 Hs   Mamba-2 SSM heads
-    Rdt  Mamba-1 dt_rank
+    Rdt  Mamba-1 dt_rank                X    a projection's fused output width (H·Dh, H·(Dn+R), ...)
+    1    a literal size-1 axis (the depthwise conv weight `weight_C1W`, C its channels)
+
+Local to a file, where the loop structure needs more letters:
+    chunked scans (mamba1.py, mamba2.py): C chunks, L positions within a chunk, S source
+        positions within a chunk, J SSM heads per group;
+    moe.py: N the B·T flattened tokens, I and O a grouped matmul's input and output widths.
 
 The modules receive final integers from `archplan.resolve`; no size is derived here.
 """

@@ -66,11 +66,11 @@ class LatentState(LayerState):
     """
 
     ckv_BLR: Tensor
-    kpe_BLP: Tensor
+    kpe_BLR: Tensor
     seen: int = 0
 
     def tensors(self) -> list[Tensor]:
-        return [self.ckv_BLR, self.kpe_BLP]
+        return [self.ckv_BLR, self.kpe_BLR]
 
     @property
     def capacity(self) -> int:

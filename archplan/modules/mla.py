@@ -88,7 +88,7 @@ class MLA(nn.Module):
             kpos_S = qpos_T
         else:
             (ckv_BTC, kpe_BTR), kpos_S = cache_step(
-                [state.ckv_BLR, state.kpe_BLP], [ckv_BTC, kpe_BTR], 1, state.seen, p.window
+                [state.ckv_BLR, state.kpe_BLR], [ckv_BTC, kpe_BTR], 1, state.seen, p.window
             )
             state.advance(t)
         s = ckv_BTC.shape[1]

@@ -111,8 +111,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, offset: int, length: int) -> tuple[Tensor, Tensor]:
         pos_T = torch.arange(offset, offset + length, device=self.inv_freq.device, dtype=torch.float32)
-        angle_TR2 = pos_T[:, None] * self.inv_freq[None, :]  # elementwise outer product, not a matmul
-        angle_TR = torch.cat([angle_TR2, angle_TR2], dim=-1)
+        half = pos_T[:, None] * self.inv_freq[None, :]  # (T, R/2): elementwise outer product, not a matmul
+        angle_TR = torch.cat([half, half], dim=-1)
         return angle_TR.cos() * self.gain, angle_TR.sin() * self.gain
 
 
@@ -183,7 +183,7 @@ class SinusoidalPositions(nn.Module):
 
     def forward(self, offset: int, length: int) -> Tensor:
         pos_T = torch.arange(offset, offset + length, device=self.inv_freq.device, dtype=torch.float32)
-        angle_TF = pos_T[:, None] * self.inv_freq[None, :]
+        angle = pos_T[:, None] * self.inv_freq[None, :]  # (T, ⌈D/2⌉)
         # interleave sin (even dims) and cos (odd dims), then drop the extra dim of an odd D
-        pe_TF2 = torch.stack([angle_TF.sin(), angle_TF.cos()], dim=-1)
-        return pe_TF2.flatten(-2)[:, : self.d_model]
+        pe = torch.stack([angle.sin(), angle.cos()], dim=-1)  # (T, ⌈D/2⌉, 2)
+        return pe.flatten(-2)[:, : self.d_model]
