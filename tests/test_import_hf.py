@@ -552,6 +552,9 @@ def test_ignored_fields_are_quiet_and_change_nothing() -> None:
              "torch_dtype": "bfloat16", "use_cache": False, "transformers_version": "4.0",
              "architectures": ["Olmo2ForCausalLM"], "quantization_config": {"quant_method": "fp8"}}
     assert counts(noisy) == counts(TINY["olmo2"].config)
+    # with ALiBi, FalconModel builds no rotary embedding: its RoPE keys describe nothing
+    alibi = {**TINY["falcon-sequential-alibi"].config, "rope_theta": 10000.0}
+    assert spec_of(alibi).position.kind == "alibi"
 
 
 # ----------------------------------------------------------------------------------- refusals

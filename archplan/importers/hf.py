@@ -861,7 +861,11 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
         residual: Parallel | PreNorm = Parallel(kind="parallel", shared_norm=n_ln != 2)
     else:
         residual = PreNorm(kind="pre")
-    position = Alibi(kind="alibi") if cfg.bool_("alibi") else rope(cfg, dims)
+    if cfg.bool_("alibi"):
+        cfg.ignore("rope_theta", "rope_scaling", "rope_parameters")  # FalconModel builds no rotary then
+        position: Alibi | Rope = Alibi(kind="alibi")
+    else:
+        position = rope(cfg, dims)
     return {
         **base(dims, tied=tied(cfg)),
         "position": position,
