@@ -18,9 +18,9 @@ import pytest
 from archplan.analytic import count_params
 from archplan.cli import main
 from archplan.errors import ArchplanError
-from archplan.importers import spec_yaml
-from archplan.importers.hf import FAMILIES, import_hf, spec_from_config
+from archplan.importers import FAMILIES, import_hf, spec_from_config
 from archplan.loader import load_spec, parse_yaml, spec_from_data
+from archplan.planning import spec_yaml
 from archplan.resolve import resolve
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -671,10 +671,11 @@ def test_cli_missing_folder_config(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 2 and "no config.json" in err
 
 
-def test_spec_yaml_round_trips_every_fixture() -> None:
-    for path in sorted((FIXTURES / "hf-configs").glob("*.json")):
-        spec = import_hf(path)
-        assert spec_from_data(parse_yaml(spec_yaml(spec), "t"), "t") == spec, path.name
+def test_written_yaml_round_trips_every_config() -> None:
+    specs = [import_hf(path) for path in sorted((FIXTURES / "hf-configs").glob("*.json"))]
+    specs += [spec_of(case.config) for case in (*TINY.values(), *TYPICAL.values())]
+    for spec in specs:
+        assert spec_from_data(parse_yaml(spec_yaml(spec, "header"), "t"), "t") == spec, spec.name
 
 
 def test_import_does_not_load_torch() -> None:

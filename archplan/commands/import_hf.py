@@ -54,22 +54,19 @@ def hf(
 
       archplan import hf config.json > spec.yaml && archplan size spec.yaml
     """
-    from archplan.importers import explicit_fields, spec_yaml
     from archplan.importers.hf import import_hf
+    from archplan.planning import spec_data, spec_yaml, write_spec
 
     if output is not None and output.exists() and not force:
-        raise ArchplanError("exists; pass --force to overwrite", file=str(output))
+        raise ArchplanError("file exists; pass --force to overwrite", file=str(output), field="-o")
     spec = import_hf(config)
-    text = spec_yaml(spec, schema_reference(output))
+    header = f"yaml-language-server: $schema={schema_reference(output)}"
     if output is not None:
-        try:
-            output.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise ArchplanError(f"cannot write: {exc.strerror}", file=str(output)) from None
+        write_spec(spec, str(output), force=force, header=header)
     if as_json:
-        typer.echo(json.dumps({"output": str(output) if output else None, "spec": explicit_fields(spec)}))
+        typer.echo(json.dumps({"output": str(output) if output else None, "spec": spec_data(spec)}))
     elif output is None:
-        typer.echo(text, nl=False)
+        typer.echo(spec_yaml(spec, header), nl=False)
     else:
         typer.echo(f"wrote {output} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})", err=True)
 
