@@ -38,13 +38,14 @@ TINY_HYBRID = Spec.model_validate({
 })
 
 
-def test_component_of_takes_the_longest_dotted_prefix() -> None:
-    comps = ["layers.1.ffn", "layers.1.ffn.experts", "layers.11.ffn", "embed"]
-    assert cc.component_of("layers.1.ffn.experts.w_up_EFD", comps) == "layers.1.ffn.experts"
-    assert cc.component_of("layers.1.ffn.up.weight", comps) == "layers.1.ffn"
-    assert cc.component_of("layers.11.ffn.up.weight", comps) == "layers.11.ffn"
-    assert cc.component_of("layers.1.ffnx.weight", comps) is None  # a prefix must end at a dot
-    assert cc.component_of("embed.weight", comps) == "embed"
+def test_component_lookup_takes_the_longest_dotted_prefix() -> None:
+    lookup = cc.component_lookup(["layers.1.ffn", "layers.1.ffn.experts", "layers.11.ffn", "embed"])
+    assert lookup("layers.1.ffn.experts.w_up_EFD") == "layers.1.ffn.experts"
+    assert lookup("layers.1.ffn.up.weight") == "layers.1.ffn"
+    assert lookup("layers.11.ffn.up.weight") == "layers.11.ffn"
+    assert lookup("layers.1.ffnx.weight") is None  # a prefix must end at a dot
+    assert lookup("embed.weight") == "embed"
+    assert lookup("embed") == "embed"
 
 
 def test_exclusive_counts_subtract_the_nearest_counted_descendant() -> None:
