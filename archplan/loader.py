@@ -151,6 +151,9 @@ def read_text(path: Path) -> str:
         raise ArchplanError("not UTF-8 text (binary file?)", file=str(path)) from None
 
 
+_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", re.S)
+
+
 def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> ArchplanError:
     # A misspelt key also makes its intended field "missing": report the typo, it explains both.
     errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
@@ -179,6 +182,14 @@ def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> Arch
         message = f"unknown kind {err['input'].get('kind')!r}; expected one of {err['ctx']['expected_tags']}"
     elif message.startswith("Value error, "):
         message = message[len("Value error, "):]
+        # Cross-field checks run on the whole spec; their message starts with the field to change.
+        named = _FIELD_PREFIX.match(message)
+        if named and not yaml_path:
+            yaml_path = tuple(named.group(1).split("."))
+            message = named.group(2)
+            field = named.group(1)
+            line_col = next((loaded.locations[yaml_path[:cut]] for cut in range(len(yaml_path), 0, -1)
+                             if yaml_path[:cut] in loaded.locations), None)
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         got = repr(err["input"])
         message = f"{message} (got {got[:80] + '…' if len(got) > 80 else got})"

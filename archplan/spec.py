@@ -404,21 +404,21 @@ def _check_layout(spec: Spec) -> None:
     layout = spec.layout
     letters = set(layout.mixers)
     if letters & {"A", "S"} and spec.attention is None:
-        raise ValueError("layout.mixers uses attention (A/S) but `attention` is not set")
+        raise ValueError("layout.mixers: uses attention (A/S) but `attention` is not set")
     if "M" in letters and spec.ssm is None:
-        raise ValueError("layout.mixers uses the SSM (M) but `ssm` is not set")
+        raise ValueError("layout.mixers: uses the SSM (M) but `ssm` is not set")
     if spec.attention is not None and not letters & {"A", "S"}:
-        raise ValueError("`attention` is set but layout.mixers has no A or S layer")
+        raise ValueError("attention: set, but layout.mixers has no A or S layer")
     if spec.ssm is not None and "M" not in letters:
-        raise ValueError("`ssm` is set but layout.mixers has no M layer; e.g. mixers: M")
+        raise ValueError("ssm: set, but layout.mixers has no M layer; e.g. mixers: M")
     window = spec.attention.sliding_window if spec.attention is not None else None
     if "S" in letters and window is None:
-        raise ValueError("layout.mixers has S layers but attention.sliding_window is not set")
+        raise ValueError("layout.mixers: has S layers but attention.sliding_window is not set")
     if window is not None and "S" not in letters:
-        raise ValueError("attention.sliding_window is set but no layer is S in layout.mixers")
+        raise ValueError("attention.sliding_window: set, but no layer is S in layout.mixers")
     if len(layout.mixers) > spec.n_layers:
         raise ValueError(
-            f"layout.mixers has {len(layout.mixers)} letters for only {spec.n_layers} layers"
+            f"layout.mixers: {len(layout.mixers)} letters for only {spec.n_layers} layers"
         )
     moe_layers = sum(
         1 for i in range(spec.n_layers)
@@ -426,14 +426,14 @@ def _check_layout(spec: Spec) -> None:
     )
     if spec.moe is None:
         if layout.moe_every != 1 or layout.moe_offset or layout.first_dense:
-            raise ValueError("layout.moe_every/moe_offset/first_dense need `moe`")
+            raise ValueError("layout: moe_every/moe_offset/first_dense need `moe`")
     elif moe_layers == 0:
-        raise ValueError("`moe` is set but the layout places it on no layer")
+        raise ValueError("moe: set, but the layout places it on no layer")
     dense_layers = spec.n_layers - moe_layers if spec.moe is not None else spec.n_layers
     if spec.moe is not None and dense_layers and spec.ffn is None:
-        raise ValueError(f"{dense_layers} layers are dense under the layout but `ffn` is not set")
+        raise ValueError(f"ffn: {dense_layers} layers are dense under the layout but `ffn` is not set")
     if spec.ffn is None and spec.moe is None and "M" not in letters:
-        raise ValueError("attention layers need `ffn` or `moe`")
+        raise ValueError("ffn: attention layers need `ffn` or `moe`")
 
 
 def _check_attention_dims(spec: Spec) -> None:
@@ -441,11 +441,11 @@ def _check_attention_dims(spec: Spec) -> None:
     if attn is None:
         return
     if isinstance(attn, MLA):
-        rotary = attn.qk_rope_head_dim
+        rotary = head_dim = attn.qk_rope_head_dim
     else:
         if attn.head_dim is None and spec.d_model % attn.n_heads:
             raise ValueError(
-                f"d_model ({spec.d_model}) is not divisible by n_heads ({attn.n_heads}); "
+                f"attention.n_heads: d_model ({spec.d_model}) is not divisible by n_heads ({attn.n_heads}); "
                 "set attention.head_dim explicitly"
             )
         head_dim = attn.head_dim or spec.d_model // attn.n_heads
@@ -453,7 +453,8 @@ def _check_attention_dims(spec: Spec) -> None:
         if isinstance(spec.position, Rope):
             rotary = rotary_dim(head_dim, spec.position.fraction)
     if isinstance(spec.position, Rope) and rotary % 2:
-        raise ValueError(f"rotary dimension {rotary} is odd; RoPE rotates pairs of dimensions")
+        field = "position.fraction" if rotary != head_dim else "attention.head_dim"
+        raise ValueError(f"{field}: rotary dimension {rotary} is odd; RoPE rotates pairs of dimensions")
 
 
 def _check_ssm_dims(spec: Spec) -> None:
@@ -463,11 +464,11 @@ def _check_ssm_dims(spec: Spec) -> None:
     d_inner = ssm.expand * spec.d_model
     if d_inner % ssm.head_dim:
         raise ValueError(
-            f"ssm: d_inner = expand·d_model = {d_inner} is not divisible by head_dim ({ssm.head_dim})"
+            f"ssm.head_dim: d_inner = expand·d_model = {d_inner} is not divisible by head_dim ({ssm.head_dim})"
         )
     if (d_inner // ssm.head_dim) % ssm.n_groups:
         raise ValueError(
-            f"ssm: {d_inner // ssm.head_dim} SSM heads are not divisible by n_groups ({ssm.n_groups})"
+            f"ssm.n_groups: {d_inner // ssm.head_dim} SSM heads are not divisible by n_groups ({ssm.n_groups})"
         )
 
 
