@@ -32,16 +32,17 @@ from archplan.resolve import FFNPlan, MoEPlan
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def timed(fn: Callable[[], object], iters: int) -> float:
-    """Median seconds of `iters` calls after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(runs: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
+    """Median seconds per run, the runs interleaved round-robin after two warm-up rounds, so a
+    change in machine load (shared CPUs) hits every path alike."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(iters + 2):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= 2:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def counted_flops(fn: Callable[[], object]) -> int:
@@ -91,14 +92,13 @@ def main() -> None:
         "experts only (3 grouped_mm)": lambda: moe.experts(x_sorted, offs, expert_of_row),
         "dense GLU of width K·F (+ router)": lambda: (dense(x), moe.router(x)),
     }
-    results = []
     with torch.inference_mode():
-        for name, fn in runs.items():
-            seconds = timed(fn, args.iters)
-            flops = counted_flops(fn)
-            results.append(
-                {"name": name, "median_s": seconds, "flops": flops, "flops_per_s": flops / seconds}
-            )
+        seconds = timed(runs, args.iters)
+        flops = {name: counted_flops(fn) for name, fn in runs.items()}
+    results = [
+        {"name": n, "median_s": seconds[n], "flops": flops[n], "flops_per_s": flops[n] / seconds[n]}
+        for n in runs
+    ]
     dense_rate = results[-1]["flops_per_s"]
     for r in results:
         r["vs_dense"] = r["flops_per_s"] / dense_rate

@@ -2,8 +2,8 @@
 
 Dispatch (DESIGN.md §4) has static shapes, so one path serves meta, CPU and GPU:
   1. score the N = B·T tokens, pick K experts each (`route`);
-  2. sort the M = N·K (token, expert) pairs by expert (`argsort`), count rows per expert with a
-     scatter-add and turn the counts into group ends (`cumsum`);
+  2. sort the M = N·K (token, expert) pairs by expert (`argsort`) and find where each expert's
+     rows end (`searchsorted` on the sorted ids: the grouped_mm offsets);
   3. gather the rows in that order and run every expert's matmuls at once with
      `torch.nn.functional.grouped_mm` (no Python loop over tokens or experts, no compute on
      unrouted tokens);
@@ -228,11 +228,13 @@ class MoEFFN(nn.Module):
         order_M = expert_M.argsort(stable=True)
         token_M = order_M // top_k  # pair m = token·K + k
         expert_sorted_M = expert_M[order_M]
-        # rows per expert: a scatter-add keeps the shape static (bincount's is data-dependent)
-        # and, unlike one_hot(...).sum(0), never materialises an M×E table.
-        counts_E = torch.zeros(n_experts, dtype=torch.int64, device=x_ND.device)
-        counts_E = counts_E.scatter_add(0, expert_M, torch.ones_like(expert_M))
-        offs_E = counts_E.cumsum(0).to(torch.int32)
+        # Group ends: in the sorted ids, where each expert's run stops. searchsorted has a static
+        # (E,) shape (bincount's is data-dependent), never materialises the M×E table of
+        # one_hot(...).sum(0), and avoids scatter-add's serialised collisions on CPU.
+        experts_E = torch.arange(n_experts, device=x_ND.device)
+        ends_E = torch.searchsorted(expert_sorted_M, experts_E, right=True)
+        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+        offs_E = ends_E.to(torch.int32)
         y_MD = self.experts(x_ND[token_M], offs_E, expert_sorted_M)
         y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
         out_ND = torch.zeros_like(x_ND).index_add(0, token_M, y_MD.to(x_ND.dtype))
