@@ -81,10 +81,14 @@ def sdpa(
     window: int | None,
     alibi: Alibi | None,
     cached: bool,
+    gqa: bool,
     scale: float | None = None,
 ) -> Tensor:
-    """Causal attention over (cached +) new keys; GQA/MQA through `enable_gqa` (no K/V repeat)."""
-    gqa = k_BHSD.shape[1] != q_BHTD.shape[1]
+    """Causal attention over (cached +) new keys; GQA/MQA through `enable_gqa` (no K/V repeat).
+
+    `gqa` comes from the plan's integers, not from tensor shapes, so a JIT trace (fvcore) sees a
+    Python bool.
+    """
     if not cached and window is None and alibi is None:
         return F.scaled_dot_product_attention(
             q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
@@ -156,6 +160,9 @@ class Attention(nn.Module):
         else:
             (k, v), kpos_S = cache_step([state.k_BHLD, state.v_BHLD], [k, v], 2, state.seen, p.window)
             state.advance(t)
-        out_BHTDh = sdpa(q, k, v, qpos_T, kpos_S, window=p.window, alibi=self.alibi, cached=state is not None)
+        out_BHTDh = sdpa(
+            q, k, v, qpos_T, kpos_S,
+            window=p.window, alibi=self.alibi, cached=state is not None, gqa=p.n_kv_heads != p.n_heads,
+        )
         return self.o_proj(out_BHTDh.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim))
 

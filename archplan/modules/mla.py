@@ -98,6 +98,6 @@ class MLA(nn.Module):
         q_BHTX = torch.cat([q_nope, q_pe], dim=-1)
         out_BHTDv = sdpa(
             q_BHTX, k_BHSX, v_BHSDv, qpos_T, kpos_S,
-            window=p.window, alibi=self.alibi, cached=state is not None, scale=self.scale,
+            window=p.window, alibi=self.alibi, cached=state is not None, gqa=False, scale=self.scale,
         )
         return self.o_proj(out_BHTDv.transpose(1, 2).reshape(b, t, h * dv))
