@@ -283,3 +283,16 @@ def test_moe_aux_loss_sums_layers() -> None:
     expected = sum(m.last_aux_loss for m in moe)
     torch.testing.assert_close(model.aux_loss(), expected.float())
     assert model.aux_loss().item() > 0
+
+
+@pytest.mark.parametrize("variant", ["gqa_rope", "mqa_learned_tied", "window"])
+def test_fvcore_traces_the_model(variant: str) -> None:
+    """fvcore JIT-traces the forward (GQA flags are Python bools) and counts every Linear:
+    its multiply-adds × 2 equal 2·B·T·P_matmul; SDPA is the op it skips (FORMULAS §2.7)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    model = build_model(tiny(**DENSE_VARIANTS[variant]), device="cpu").eval()
+    tokens = torch.randint(0, 50, (2, 5))
+    analysis = FlopCountAnalysis(model, tokens).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert 2 * analysis.total() == 2 * 2 * 5 * _matmul_params(model)
+    assert "aten::scaled_dot_product_attention" in analysis.unsupported_ops()
