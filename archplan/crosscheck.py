@@ -11,7 +11,7 @@ docs/architecture.md). What it compares (DESIGN.md §5, FORMULAS.md §2.7 and §
   (batch, seq); the counter keys its figures by module ("ArchplanModel.layers.0.mixer", every
   enclosing module included), so each module's *exclusive* count is recovered by subtracting its
   nearest counted descendants, then mapped to a component like the parameters. Every aten op the
-  forward dispatched is listed with its count, 0 for those the counter has no formula for; the
+  counter executed in the forward is listed with its count, 0 for those it has no formula for; the
   analytic elementwise part (norms, softmax, activations, scan updates) is shown as analytic-only;
 - training FLOPs: a real forward + backward on meta under the counter, against the analytic
   training FLOPs (backward = 2 x forward matmuls, Kaplan et al. 2020 §2.1; PaLM App. B);
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
@@ -321,18 +320,6 @@ def _op_name(op: Any) -> str:
     return str(op).removeprefix("<OpOverloadPacket(op='").removesuffix("')>")
 
 
-class _OpLog(TorchDispatchMode):
-    """Records every aten op dispatched, so ops without a FLOP formula are listed with 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[Any] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.calls[func.overloadpacket] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def layer_kind(layer: LayerPlan) -> str:
     """Short label of what a layer is, e.g. `gqa S4096 + glu` or `mamba2`."""
     mixer = layer.mixer
@@ -410,38 +397,62 @@ _conv_backward_flop._get_raw = True  # type: ignore[attr-defined]  # takes tenso
 COUNTER_FIXES = {torch.ops.aten.convolution_backward: _conv_backward_flop}
 
 
+class _ListingCounter(FlopCounterMode):
+    """FlopCounterMode that also lists every op it executes, so ops without a formula show as 0.
+
+    `_count_flops` is where FlopCounterMode's dispatch mode hands over every executed op (after
+    its own decompositions, torch/utils/flop_counter.py); hooking it lists exactly the ops the
+    counter evaluated, without a second dispatch mode on the stack.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping=COUNTER_FIXES)
+        self.calls: Counter[Any] = Counter()
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        self.calls[func_packet] += 1
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
 @dataclass(frozen=True)
 class _Counted:
-    own: dict[str, Counter[str]]  # exclusive FLOPs per module path, per op
-    total: Counter[str]  # FlopCounterMode's "Global": every op counted, per op
-    calls: Counter[Any]  # every dispatched op packet -> calls
+    own: dict[str, Counter[str]]  # forward: exclusive FLOPs per module path, per op
+    calls: dict[Any, tuple[int, bool]]  # forward: every executed op packet -> (calls, has a formula)
+    training: Counter[str] | None  # forward + backward, per op (FlopCounterMode's "Global")
 
 
-def _count(model: ArchplanModel, run: Callable[[], None]) -> _Counted:
-    """Run under FlopCounterMode and the op log; exclusive counts keyed by our module paths.
+def _count(model: ArchplanModel, tokens_BT: torch.Tensor, backward: bool) -> _Counted:
+    """One forward (and its backward) under FlopCounterMode and the op log.
 
-    Module attribution is exact in the forward. In the backward, torch's ModuleTracker is
-    approximate (multi-grad hooks), so training is compared on the global total only.
+    The forward's figures are read before the backward starts, so one pass serves both checks.
+    Module attribution is exact in the forward; in the backward torch's ModuleTracker is only
+    approximate (multi-grad hooks), so training is compared on the global total.
     """
     root = type(model).__name__
-    with FlopCounterMode(display=False, custom_mapping=COUNTER_FIXES) as counter, _OpLog() as log:
-        run()
+    with _ListingCounter() as counter:
+        with torch.set_grad_enabled(backward):
+            logits_BTV = model(tokens_BT)
+        forward_counts = counter.get_flop_counts()  # copies
+        calls = {op: (n, op in counter.flop_registry) for op, n in counter.calls.items()}
+        if backward:
+            logits_BTV.float().sum().backward()
+    training = None
+    if backward:
+        training = Counter({_op_name(op): n for op, n in counter.get_flop_counts()["Global"].items()})
     inclusive: dict[str, dict[str, int]] = {}
-    for module, ops in counter.get_flop_counts().items():
+    for module, ops in forward_counts.items():
         if module == "Global":
             continue
         # ModuleTracker names the root by its class and children "Root.fqn" (torch/utils/module_tracker.py)
         path = "" if module == root else module.removeprefix(root + ".")
         inclusive[path] = {_op_name(op): n for op, n in ops.items()}
-    global_ops = {_op_name(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
     # FLOPs outside the model's own forward (none expected) are kept under the pseudo-path "(outside)".
-    outside = Counter(global_ops)
+    outside = Counter({_op_name(op): n for op, n in forward_counts.get("Global", {}).items()})
     outside.subtract(inclusive.get("", {}))
-    outside = Counter({op: n for op, n in outside.items() if n})
     own = exclusive_counts(inclusive)
-    if outside:
-        own["(outside)"] = outside
-    return _Counted(own, Counter(global_ops), log.calls)
+    if +outside:
+        own["(outside)"] = +outside
+    return _Counted(own, calls, training)
 
 
 def _by_component(
@@ -492,14 +503,12 @@ def crosscheck(
     )
 
     tokens_BT = _model_inputs(plan, batch, seq_len, "meta")
-
-    def forward() -> None:
-        with torch.no_grad():
-            model(tokens_BT)
-
-    with _layer_progress(model, "count forward FLOPs (meta)", progress):
-        fwd = _count(model, forward)
-    own, calls = fwd.own, fwd.calls
+    for p in model.parameters():
+        p.requires_grad_(backward)
+    stage = "count forward+backward FLOPs (meta)" if backward else "count forward FLOPs (meta)"
+    with _layer_progress(model, stage, progress):
+        counts = _count(model, tokens_BT, backward)
+    own, calls = counts.own, counts.calls
     flop_keys = flops.counted_by_component.keys() | flops.elementwise_by_component.keys()
     counted = _by_component(own, component_lookup(flop_keys))
     flop_rows = tuple(
@@ -517,8 +526,8 @@ def crosscheck(
         per_op.update(ops)
     op_rows = tuple(sorted(
         (
-            OpCount(_op_name(op), n, per_op.get(_op_name(op), 0), op in flop_registry)
-            for op, n in calls.items()
+            OpCount(_op_name(op), n, per_op.get(_op_name(op), 0), has_formula)
+            for op, (n, has_formula) in calls.items()
         ),
         key=lambda o: (-o.flops, o.op),
     ))
@@ -526,15 +535,8 @@ def crosscheck(
     training: Row | None = None
     training_per_token: int | None = None
     training_ops: dict[str, int] = {}
-    if backward:
-        for p in model.parameters():
-            p.requires_grad_(True)
-
-        def train_step() -> None:
-            model(tokens_BT).float().sum().backward()
-
-        with _layer_progress(model, "count forward+backward FLOPs (meta)", progress):
-            training_ops = dict(_count(model, train_step).total)
+    if counts.training is not None:
+        training_ops = dict(counts.training)
         # 3 x the analytic forward, exactly: training_flops_per_token is this total divided by
         # the tokens and rounded, so it is compared in total, not per token.
         training = Row("forward+backward", 3 * flops.forward("full"), sum(training_ops.values()))
