@@ -56,14 +56,28 @@ def register(app: typer.Typer) -> None:
     )(verify)
 
 
+SeqOpt = Annotated[int | None, typer.Option(
+    "--seq", min=1, help="Sequence length of the counted forward (default: min(128, max_seq_len)).",
+    show_default=False)]
+BatchOpt = Annotated[int, typer.Option("--batch", min=1, help="Batch of the counted forward.")]
+DeviceOpt = Annotated[Device, typer.Option(
+    "--device", help="Device of the real instance (fvcore, measured KV cache).")]
+CpuCheckOpt = Annotated[bool | None, typer.Option(
+    "--cpu-check/--no-cpu-check", show_default=False,
+    help="Force (or skip) the real-instance checks (default: only below 50M parameters).")]
+BackwardOpt = Annotated[bool, typer.Option(
+    "--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.")]
+AllLayersOpt = Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.")]
+
+
 def verify(
     spec: SpecArg,
-    seq: Annotated[int | None, typer.Option("--seq", min=1, help="Sequence length of the counted forward (default: min(128, max_seq_len)).")] = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch of the counted forward.")] = 1,
-    device: Annotated[Device, typer.Option("--device", help="Device of the real instance (fvcore, measured KV cache).")] = Device.cpu,
-    cpu_check: Annotated[bool | None, typer.Option("--cpu-check/--no-cpu-check", help="Force (or skip) the real-instance checks; default: only below 50M parameters.", show_default=False)] = None,
-    backward: Annotated[bool, typer.Option("--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.")] = True,
-    all_layers: Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.")] = False,
+    seq: SeqOpt = None,
+    batch: BatchOpt = 1,
+    device: DeviceOpt = Device.cpu,
+    cpu_check: CpuCheckOpt = None,
+    backward: BackwardOpt = True,
+    all_layers: AllLayersOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     plan = resolve(load_spec(spec))
