@@ -7,6 +7,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -296,3 +297,211 @@ def test_fvcore_traces_the_model(variant: str) -> None:
     analysis = FlopCountAnalysis(model, tokens).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     assert 2 * analysis.total() == 2 * 2 * 5 * _matmul_params(model)
     assert "aten::scaled_dot_product_attention" in analysis.unsupported_ops()
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with Hugging Face transformers (optional dependency): the same random weights give the
+# same logits, which pins every convention (RoPE layout and scalings, ALiBi, MLA, qk-norms,
+# residual wirings, fused-QKV layouts) to the reference implementations.
+
+HF = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+          max_position_embeddings=64, rms_norm_eps=1e-5)
+OURS: dict[str, Any] = dict(name="parity", vocab_size=50, d_model=32, n_layers=2, max_seq_len=64,
+                            ffn=dict(kind="glu", d_ff=48))
+StateDict = dict[str, torch.Tensor]
+
+
+def _renamer(pairs: list[tuple[str, str]]) -> Callable[[StateDict], StateDict]:
+    """HF name → ours for every layer, weight and bias; `{i}` is the layer index."""
+    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "final_norm.weight",
+           "model.norm.bias": "final_norm.bias", "lm_head.weight": "lm_head.weight"}
+
+    def convert(sd: StateDict) -> StateDict:
+        out = {ours: sd[hf] for hf, ours in top.items() if hf in sd}
+        for i in range(2):
+            for hf, ours in pairs:
+                for suffix in ("weight", "bias"):
+                    key = f"{hf.format(i=i)}.{suffix}"
+                    if key in sd:
+                        out[f"{ours.format(i=i)}.{suffix}"] = sd[key]
+        return out
+
+    return convert
+
+
+def _llama_pairs(norms: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    attn = [(f"model.layers.{{i}}.self_attn.{n}", f"layers.{{i}}.mixer.{n}")
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+    mlp = [(f"model.layers.{{i}}.mlp.{n}", f"layers.{{i}}.ffn.{n}") for n in ("gate_proj", "up_proj", "down_proj")]
+    return attn + mlp + [(f"model.layers.{{i}}.{hf}", f"layers.{{i}}.{ours}") for hf, ours in norms]
+
+
+PRE_NORMS = (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2"))
+MLA_PAIRS = [(f"model.layers.{{i}}.self_attn.{hf}", f"layers.{{i}}.mixer.{ours}") for hf, ours in [
+    ("q_a_proj", "q_a_proj"), ("q_a_layernorm", "q_a_norm"), ("q_b_proj", "q_b_proj"), ("q_proj", "q_proj"),
+    ("kv_a_proj_with_mqa", "kv_a_proj_with_mqa"), ("kv_a_layernorm", "kv_a_norm"), ("kv_b_proj", "kv_b_proj"),
+    ("o_proj", "o_proj")]]
+
+
+def _gpt2(sd: StateDict) -> StateDict:
+    """GPT-2 Conv1D weights are (in, out): transpose; c_attn stacks q, k, v."""
+    out = {"embed.weight": sd["transformer.wte.weight"], "pos_embed.weight": sd["transformer.wpe.weight"],
+           "final_norm.weight": sd["transformer.ln_f.weight"], "final_norm.bias": sd["transformer.ln_f.bias"]}
+    for i in range(2):
+        p, o = f"transformer.h.{i}.", f"layers.{i}."
+        for name, w, b in zip("qkv", sd[p + "attn.c_attn.weight"].T.chunk(3), sd[p + "attn.c_attn.bias"].chunk(3)):
+            out[o + f"mixer.{name}_proj.weight"], out[o + f"mixer.{name}_proj.bias"] = w, b
+        for hf, ours in (("attn.c_proj", "mixer.o_proj"), ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj")):
+            out[o + ours + ".weight"], out[o + ours + ".bias"] = sd[p + hf + ".weight"].T, sd[p + hf + ".bias"]
+        for hf, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[o + ours + ".weight"], out[o + ours + ".bias"] = sd[p + hf + ".weight"], sd[p + hf + ".bias"]
+    return out
+
+
+def _bloom(sd: StateDict, heads: int = 6, head_dim: int = 8, d: int = 48) -> StateDict:
+    """BLOOM's fused query_key_value rows are grouped per head: (H, 3, Dh)."""
+    out = {"embed.weight": sd["transformer.word_embeddings.weight"]}
+    for s in ("weight", "bias"):
+        out[f"embed_norm.{s}"] = sd[f"transformer.word_embeddings_layernorm.{s}"]
+        out[f"final_norm.{s}"] = sd[f"transformer.ln_f.{s}"]
+    for i in range(2):
+        p, o = f"transformer.h.{i}.", f"layers.{i}."
+        w = sd[p + "self_attention.query_key_value.weight"].view(heads, 3, head_dim, d)
+        b = sd[p + "self_attention.query_key_value.bias"].view(heads, 3, head_dim)
+        for j, name in enumerate("qkv"):
+            out[o + f"mixer.{name}_proj.weight"] = w[:, j].reshape(heads * head_dim, d)
+            out[o + f"mixer.{name}_proj.bias"] = b[:, j].reshape(heads * head_dim)
+        for hf, ours in (("self_attention.dense", "mixer.o_proj"), ("mlp.dense_h_to_4h", "ffn.up_proj"),
+                         ("mlp.dense_4h_to_h", "ffn.down_proj"), ("input_layernorm", "norm1"),
+                         ("post_attention_layernorm", "norm2")):
+            for s in ("weight", "bias"):
+                out[o + f"{ours}.{s}"] = sd[p + f"{hf}.{s}"]
+    return out
+
+
+def _falcon(sd: StateDict, heads: int = 4, head_dim: int = 8) -> StateDict:
+    """Falcon-7B MQA fused rows: all query heads, then the one key head, then the one value head."""
+    out = {"embed.weight": sd["transformer.word_embeddings.weight"],
+           "final_norm.weight": sd["transformer.ln_f.weight"], "final_norm.bias": sd["transformer.ln_f.bias"]}
+    q = heads * head_dim
+    for i in range(2):
+        p, o = f"transformer.h.{i}.", f"layers.{i}."
+        w = sd[p + "self_attention.query_key_value.weight"]
+        out[o + "mixer.q_proj.weight"], out[o + "mixer.k_proj.weight"] = w[:q], w[q : q + head_dim]
+        out[o + "mixer.v_proj.weight"] = w[q + head_dim :]
+        out[o + "mixer.o_proj.weight"] = sd[p + "self_attention.dense.weight"]
+        out[o + "ffn.up_proj.weight"] = sd[p + "mlp.dense_h_to_4h.weight"]
+        out[o + "ffn.down_proj.weight"] = sd[p + "mlp.dense_4h_to_h.weight"]
+        out[o + "norm1.weight"], out[o + "norm1.bias"] = sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"]
+    return out
+
+
+def _stablelm(sd: StateDict) -> StateDict:
+    """StableLM's per-head q/k LayerNorms are a ModuleList of norms: stack them into (H, Dh)."""
+    out = _renamer(_llama_pairs((("input_layernorm", "norm1"),)))(sd)
+    for i in range(2):
+        for hf, ours, heads in (("q_layernorm", "q_norm", 4), ("k_layernorm", "k_norm", 2)):
+            norms = [sd[f"model.layers.{i}.self_attn.{hf}.norms.{j}.weight"] for j in range(heads)]
+            out[f"layers.{i}.mixer.{ours}.weight"] = torch.stack(norms)
+    return out
+
+
+def _yarn(hf: bool, **extra: float) -> dict[str, Any]:
+    if hf:
+        return {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "original_max_position_embeddings": 16, **extra}
+    return {"kind": "rope", "theta": 1000.0, "scaling": {"kind": "yarn", "factor": 4.0, "original_max_positions": 16, **extra}}
+
+
+MLA_DIMS = dict(kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
+
+HF_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Callable[[StateDict], StateDict]]] = {
+    "llama3_scaling": (
+        "llama",
+        {**HF, "num_key_value_heads": 2, "rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+        {**OURS, "position": {"kind": "rope", "theta": 500000.0, "scaling": {
+            "kind": "llama3", "factor": 8.0, "original_max_positions": 16}},
+         "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2}},
+        _renamer(_llama_pairs(PRE_NORMS)),
+    ),
+    "qwen3_qk_norm_yarn": (
+        "qwen3",
+        {**HF, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-6, "rope_parameters": _yarn(True)},
+        {**OURS, "norm": {"eps": 1e-6}, "position": _yarn(False),
+         "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "qk_norm": {"scope": "head", "norm": {"eps": 1e-6}}}},
+        _renamer(_llama_pairs(PRE_NORMS)),
+    ),
+    "mistral_window_mqa": (
+        "mistral",
+        {**HF, "num_key_value_heads": 1, "sliding_window": 5},
+        {**OURS, "attention": {"kind": "mqa", "n_heads": 4, "sliding_window": 5}, "layout": {"mixers": "S"}},
+        _renamer(_llama_pairs(PRE_NORMS)),
+    ),
+    "olmo2_reordered_full_qk_norm": (
+        "olmo2",
+        {**HF, "num_key_value_heads": 2, "rms_norm_eps": 1e-6},
+        {**OURS, "norm": {"eps": 1e-6}, "residual": {"kind": "reordered"},
+         "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "qk_norm": {"scope": "full", "norm": {"eps": 1e-6}}}},
+        _renamer(_llama_pairs((("post_attention_layernorm", "post_norm1"), ("post_feedforward_layernorm", "post_norm2")))),
+    ),
+    "stablelm_parallel_per_head_partial": (
+        "stablelm",
+        {**HF, "num_key_value_heads": 2, "qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+        {**OURS, "norm": {"kind": "layernorm"}, "residual": {"kind": "parallel"}, "position": {"kind": "rope", "fraction": 0.5},
+         "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "qkv_bias": True,
+                       "qk_norm": {"scope": "per_head", "norm": {"kind": "layernorm", "bias": False}}}},
+        _stablelm,
+    ),
+    "gpt2_learned_tied": (
+        "gpt2",
+        dict(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48),
+        {**OURS, "position": {"kind": "learned"}, "embedding": {"tied": True}, "norm": {"kind": "layernorm"},
+         "attention": {"kind": "mha", "n_heads": 4, "qkv_bias": True, "out_bias": True},
+         "ffn": {"kind": "mlp", "d_ff": 48, "activation": "gelu_tanh", "bias": True}},
+        _gpt2,
+    ),
+    "bloom_alibi_6_heads": (
+        "bloom",
+        dict(vocab_size=50, hidden_size=48, n_layer=2, n_head=6),
+        {**OURS, "d_model": 48, "position": {"kind": "alibi"}, "embedding": {"tied": True, "norm": True},
+         "norm": {"kind": "layernorm"}, "attention": {"kind": "mha", "n_heads": 6, "qkv_bias": True, "out_bias": True},
+         "ffn": {"kind": "mlp", "d_ff": 192, "activation": "gelu_tanh", "bias": True}},
+        _bloom,
+    ),
+    "falcon_parallel_mqa": (
+        "falcon",
+        dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        {**OURS, "embedding": {"tied": True}, "norm": {"kind": "layernorm"}, "residual": {"kind": "parallel"},
+         "attention": {"kind": "mqa", "n_heads": 4}, "ffn": {"kind": "mlp", "d_ff": 128, "activation": "gelu"}},
+        _falcon,
+    ),
+    **{
+        f"deepseek_v3_mla_q_lora_{q_lora}": (
+            "deepseek_v3",
+            {**HF, "num_key_value_heads": 4, "q_lora_rank": q_lora, **MLA_DIMS, "first_k_dense_replace": 2,
+             "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8, "rope_interleave": False,
+             "rms_norm_eps": 1e-6, "rope_parameters": _yarn(True, mscale=1.0, mscale_all_dim=1.0)},
+            {**OURS, "norm": {"eps": 1e-6}, "position": _yarn(False, mscale=1.0, mscale_all_dim=1.0),
+             "attention": {"kind": "mla", "n_heads": 4, "q_lora_rank": q_lora, **MLA_DIMS}},
+            _renamer(_llama_pairs(PRE_NORMS) + MLA_PAIRS),
+        )
+        for q_lora in (12, None)
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_logits_match_transformers(case: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    model_type, hf_config, spec_dict, convert = HF_CASES[case]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **hf_config)
+    config._attn_implementation = "eager"
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ours = build_model(Spec.model_validate(spec_dict), device="cpu").eval()
+    ours.load_state_dict(convert(reference.state_dict()), strict=True)
+    tokens = torch.randint(0, spec_dict["vocab_size"], (2, 24))  # longer than every window / original context
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), reference(tokens).logits, rtol=1e-5, atol=1e-5)
