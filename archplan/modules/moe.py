@@ -7,7 +7,8 @@ Dispatch (DESIGN.md §4) has static shapes, so one path serves meta, CPU and GPU
   3. gather the rows in that order and run every expert's matmuls at once with
      `torch.nn.functional.grouped_mm` (no Python loop over tokens or experts, no compute on
      unrouted tokens);
-  4. weight each row by its routing weight and scatter-add it back to its token (`index_add`).
+  4. put the rows back in (token, k) order (gather by the inverse permutation) and sum each
+     token's K rows weighted by its routing weights.
 No `nonzero`/`bincount`/`torch.where(mask)`/`.tolist()`: nothing depends on the data's values.
 
 Counted FLOPs (docs/architecture.md): router 2·N·D·E, experts 2·M·D·F per matrix (the grouped_mm
@@ -236,9 +237,13 @@ class MoEFFN(nn.Module):
         counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
         offs_E = ends_E.to(torch.int32)
         y_MD = self.experts(x_ND[token_M], offs_E, expert_sorted_M)
-        y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
-        out_ND = torch.zeros_like(x_ND).index_add(0, token_M, y_MD.to(x_ND.dtype))
-        return out_ND, counts_E
+        # Back to (token, k) order and a weighted sum over k: a gather and a reduction, both
+        # parallel. (An index_add of the M rows onto N tokens hits every token K times, which the
+        # CPU kernel serialises: 116 ms vs ~25 ms for this gather at N=2048, K=2, D=1024, 2 threads.)
+        # mul + sum, not bmm: the combine is elementwise work in the FLOP convention.
+        y_NKD = y_MD[order_M.argsort()].reshape(-1, top_k, y_MD.shape[-1])
+        out_ND = (y_NKD * weights_NK[..., None].to(y_NKD.dtype)).sum(dim=1)
+        return out_ND.to(x_ND.dtype), counts_E
 
     def _shared(self, x_ND: Tensor) -> Tensor:
         assert self.shared is not None
