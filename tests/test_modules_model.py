@@ -433,21 +433,31 @@ MAMBA_RULES = [(r"^backbone\.embeddings\.", "embed."), (r"^backbone\.norm_f\.", 
                (r"^backbone\.layers\.(\d+)\.norm\.", r"layers.\1.norm1."), (r"^backbone\.layers\.", "layers.")]
 
 
-def _mixtral(sd: StateDict) -> StateDict:
-    """HF stores each layer's experts fused: gate_up_proj (E, 2F, D) = [gate; up], down_proj (E, D, F)."""
-    rules = [(r"^model\.embed_tokens\.", "embed."), (r"^model\.norm\.", "final_norm."),
-             (r"\.self_attn\.", ".mixer."), (r"\.input_layernorm\.", ".norm1."),
-             (r"\.post_attention_layernorm\.", ".norm2."), (r"\.mlp\.gate\.", ".ffn.router."), (r"^model\.", "")]
-    out = {}
-    for name, tensor in _regex_renamer(rules)(sd).items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix("mlp.experts.gate_up_proj")
-            out[prefix + "ffn.experts.w_gate_EFD"], out[prefix + "ffn.experts.w_up_EFD"] = tensor.chunk(2, dim=1)
-        elif name.endswith("mlp.experts.down_proj"):
-            out[name.removesuffix("mlp.experts.down_proj") + "ffn.experts.w_down_EDF"] = tensor
-        else:
-            out[name] = tensor
-    return out
+def _fused_experts(rules: list[tuple[str, str]]) -> Callable[[StateDict], StateDict]:
+    """Rename, then split HF's fused experts: gate_up_proj (E, 2F, D) = [gate; up], down_proj (E, D, F)."""
+
+    def convert(sd: StateDict) -> StateDict:
+        out = {}
+        for name, tensor in _regex_renamer(rules)(sd).items():
+            if name.endswith("ffn.experts.gate_up_proj"):
+                prefix = name.removesuffix("gate_up_proj")
+                out[prefix + "w_gate_EFD"], out[prefix + "w_up_EFD"] = tensor.chunk(2, dim=1)
+            elif name.endswith("ffn.experts.down_proj"):
+                out[name.removesuffix("down_proj") + "w_down_EDF"] = tensor
+            else:
+                out[name] = tensor
+        return out
+
+    return convert
+
+
+MIXTRAL_RULES = [(r"^model\.embed_tokens\.", "embed."), (r"^model\.norm\.", "final_norm."),
+                 (r"\.self_attn\.", ".mixer."), (r"\.input_layernorm\.", ".norm1."),
+                 (r"\.post_attention_layernorm\.", ".norm2."), (r"\.mlp\.gate\.", ".ffn.router."),
+                 (r"\.mlp\.", ".ffn."), (r"^model\.", "")]
+JAMBA_RULES = [(r"^model\.embed_tokens\.", "embed."), (r"^model\.final_layernorm\.", "final_norm."),
+               (r"\.(self_attn|mamba)\.", ".mixer."), (r"\.input_layernorm\.", ".norm1."),
+               (r"\.pre_ff_layernorm\.", ".norm2."), (r"\.feed_forward\.", ".ffn."), (r"^model\.", "")]
 
 
 MLA_DIMS = dict(kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
@@ -537,7 +547,19 @@ HF_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Callable[[StateDi
          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
         {**OURS, "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2}, "ffn": None,
          "moe": {"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "d_ff": 16}}},
-        _mixtral,
+        _fused_experts(MIXTRAL_RULES),
+    ),
+    "jamba_hybrid": (
+        "jamba",
+        {**HF, "num_hidden_layers": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+         "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 4, "attn_layer_offset": 1,
+         "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 2, "rms_norm_eps": 1e-6},
+        {**OURS, "n_layers": 4, "norm": {"eps": 1e-6}, "position": {"kind": "none"},
+         "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+         "ssm": {"kind": "mamba1", "d_state": 8, "d_conv": 4, "dt_rank": 2, "inner_norms": True},
+         "moe": {"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "d_ff": 48}, "router": {"normalize_top_k": False}},
+         "layout": {"mixers": "MAMM", "moe_every": 2, "moe_offset": 1}},
+        _fused_experts(JAMBA_RULES),
     ),
     **{
         f"deepseek_v3_mla_q_lora_{q_lora}": (
