@@ -89,10 +89,14 @@ def sdpa(
     `gqa` comes from the plan's integers, not from tensor shapes, so a JIT trace (fvcore) sees a
     Python bool.
     """
-    if not cached and window is None and alibi is None:
-        return F.scaled_dot_product_attention(
-            q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
-        )
+    if window is None and alibi is None:
+        if not cached:
+            return F.scaled_dot_product_attention(
+                q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+        if q_BHTD.shape[2] == 1:
+            # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
+            return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
     mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
     return F.scaled_dot_product_attention(
         q_BHTD, k_BHSD, v_BHSDv, attn_mask=mask, scale=scale, enable_gqa=gqa
