@@ -110,3 +110,19 @@ def test_a_deep_preset_folds_identical_layers(monkeypatch, capsys) -> None:  # t
     assert "layers.0-31.mixer" in out and "layers.5.mixer" not in out
     code, out, _ = run(monkeypatch, capsys, "llama-2-7b", "--seq", "16", "--no-backward", "--all-layers")
     assert code == 0 and "layers.31.mixer" in out
+
+
+def test_a_failing_layer_is_never_folded(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    real_count = cc.count_params
+
+    def off(plan):  # type: ignore[no-untyped-def]
+        pc = real_count(plan)
+        return dataclasses.replace(pc, by_component={**pc.by_component, "layers.5.mixer": 0})
+
+    monkeypatch.setattr(cc, "count_params", off)
+    code, out, _ = run(monkeypatch, capsys, "llama-2-7b", "--seq", "16", "--no-backward")
+    assert code == 1
+    assert "layers.0-4.mixer" in out and "layers.6-31.mixer" in out
+    row = next(line for line in out.splitlines() if "│ layers.5.mixer" in line)
+    assert "✗" in row
+    assert "layers.5.mixer: analytic 0, built 67,108,864" in out
