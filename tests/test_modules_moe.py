@@ -158,10 +158,11 @@ def test_grouped_dispatch_equals_expert_loop(
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
-def test_dispatch_bf16_matches_fp32_loop() -> None:
+@pytest.mark.parametrize(("d", "f"), [(16, 32), (12, 20)])  # bf16 rows aligned; zero-padded
+def test_dispatch_bf16_matches_fp32_loop(d: int, f: int) -> None:
     torch.manual_seed(2)
-    moe = MoEFFN(plan("glu", 32, n_experts=4, shared=True), 16)
-    x = torch.randn(2, 9, 16)
+    moe = MoEFFN(plan("glu", f, n_experts=4, shared=True), d)
+    x = torch.randn(2, 9, d)
     want = experts_loop(moe, x)
     got = moe.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
