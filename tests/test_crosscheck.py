@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from archplan import crosscheck as cc
-from archplan.analytic import count_params
+from archplan.analytic import FlopCount, ParamCount, count_params
 from archplan.loader import load_spec, preset_names
-from archplan.resolve import resolve
+from archplan.resolve import ModelPlan, resolve
 from archplan.spec import Spec
 
 TINY = Spec.model_validate({
@@ -117,7 +117,7 @@ def test_real_instance_measures_the_cache_and_runs_fvcore(spec: Spec) -> None:
     {"kind": "mamba1", "d_state": 4},
     {"kind": "mamba2", "d_state": 4, "head_dim": 4, "chunk_size": 4},
 ], ids=lambda s: s["kind"])
-def test_fvcore_agrees_exactly_on_a_model_it_can_trace(ssm: dict) -> None:
+def test_fvcore_agrees_exactly_on_a_model_it_can_trace(ssm: dict[str, object]) -> None:
     spec = Spec.model_validate({
         "name": "tiny-ssm", "vocab_size": 32, "d_model": 16, "n_layers": 2, "max_seq_len": 32,
         "ssm": ssm, "layout": {"mixers": "M"}, "ffn": {"kind": "glu", "d_ff": 24},
@@ -137,7 +137,7 @@ def test_fvcore_agrees_exactly_on_a_model_it_can_trace(ssm: dict) -> None:
 def test_a_planted_parameter_disagreement_fails_on_that_component(monkeypatch: pytest.MonkeyPatch) -> None:
     real_count = cc.count_params
 
-    def off_by_one(plan):  # type: ignore[no-untyped-def]
+    def off_by_one(plan: ModelPlan) -> ParamCount:
         pc = real_count(plan)
         by_comp = dict(pc.by_component)
         by_comp["layers.1.mixer"] += 1
@@ -152,7 +152,7 @@ def test_a_planted_parameter_disagreement_fails_on_that_component(monkeypatch: p
 def test_a_parameter_outside_every_component_is_a_failure_row(monkeypatch: pytest.MonkeyPatch) -> None:
     real_count = cc.count_params
 
-    def without_final_norm(plan):  # type: ignore[no-untyped-def]
+    def without_final_norm(plan: ModelPlan) -> ParamCount:
         pc = real_count(plan)
         by_comp = {k: v for k, v in pc.by_component.items() if k != "final_norm"}
         return dataclasses.replace(pc, by_component=by_comp)
@@ -169,7 +169,7 @@ def test_a_planted_flop_disagreement_fails_with_the_ops_of_that_component(
 ) -> None:
     real_flops = cc.forward_flops
 
-    def more_flops(plan, seq_len, batch=1):  # type: ignore[no-untyped-def]
+    def more_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
         fc = real_flops(plan, seq_len, batch)
         by_comp = dict(fc.counted_by_component)
         by_comp["lm_head"] += 2

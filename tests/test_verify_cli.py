@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from archplan import crosscheck as cc
+from archplan.analytic import ParamCount
 from archplan.cli import main
+from archplan.resolve import ModelPlan
 
 TINY_YAML = """\
 name: tiny-verify
@@ -24,7 +26,9 @@ ffn: {kind: glu, d_ff: 24}
 """
 
 
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+def run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "argv", ["archplan", "verify", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -40,7 +44,9 @@ def tiny(tmp_path: Path) -> Path:
     return path
 
 
-def test_exit_0_and_a_table_when_everything_matches(monkeypatch, capsys, tiny: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exit_0_and_a_table_when_everything_matches(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
     code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8")
     assert code == 0
     assert "layers.1.mixer" in out and "✓" in out and "✗" not in out
@@ -48,7 +54,9 @@ def test_exit_0_and_a_table_when_everything_matches(monkeypatch, capsys, tiny: P
     assert "KV/SSM cache" in out  # a tiny model also gets the real-instance checks
 
 
-def test_json_shape(monkeypatch, capsys, tiny: Path) -> None:  # type: ignore[no-untyped-def]
+def test_json_shape(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
     code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--batch", "2", "--json")
     assert code == 0
     data = json.loads(out)
@@ -66,12 +74,15 @@ def test_json_shape(monkeypatch, capsys, tiny: Path) -> None:  # type: ignore[no
     assert data["real"]["kv_cache"] and all(row["ok"] for row in data["real"]["kv_cache"])
 
 
-def test_exit_1_with_the_diff_on_a_disagreement(monkeypatch, capsys, tiny: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exit_1_with_the_diff_on_a_disagreement(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
     real_count = cc.count_params
 
-    def off(plan):  # type: ignore[no-untyped-def]
+    def off(plan: ModelPlan) -> ParamCount:
         pc = real_count(plan)
-        return dataclasses.replace(pc, by_component={**pc.by_component, "layers.0.ffn": pc.by_component["layers.0.ffn"] + 5})
+        by_component = {**pc.by_component, "layers.0.ffn": pc.by_component["layers.0.ffn"] + 5}
+        return dataclasses.replace(pc, by_component=by_component)
 
     monkeypatch.setattr(cc, "count_params", off)
     code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-cpu-check")
@@ -86,25 +97,33 @@ def test_exit_1_with_the_diff_on_a_disagreement(monkeypatch, capsys, tiny: Path)
     assert bad == ["layers.0.ffn"]
 
 
-def test_exit_2_on_a_missing_spec(monkeypatch, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exit_2_on_a_missing_spec(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     code, out, err = run(monkeypatch, capsys, str(tmp_path / "nope.yaml"))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "no such file" in err
 
 
-def test_exit_2_when_seq_exceeds_max_seq_len(monkeypatch, capsys, tiny: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exit_2_when_seq_exceeds_max_seq_len(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
     code, _, err = run(monkeypatch, capsys, str(tiny), "--seq", "33")
     assert code == 2 and "max_seq_len" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
-def test_exit_2_for_cuda_without_cuda(monkeypatch, capsys, tiny: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exit_2_for_cuda_without_cuda(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
     code, out, err = run(monkeypatch, capsys, str(tiny), "--device", "cuda")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "CUDA is not available" in err
 
 
-def test_a_deep_preset_folds_identical_layers(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_deep_preset_folds_identical_layers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(monkeypatch, capsys, "llama-2-7b", "--seq", "16", "--no-backward")
     assert code == 0
     assert "layers.0-31.mixer" in out and "layers.5.mixer" not in out
@@ -112,10 +131,12 @@ def test_a_deep_preset_folds_identical_layers(monkeypatch, capsys) -> None:  # t
     assert code == 0 and "layers.31.mixer" in out
 
 
-def test_a_failing_layer_is_never_folded(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_layer_is_never_folded(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     real_count = cc.count_params
 
-    def off(plan):  # type: ignore[no-untyped-def]
+    def off(plan: ModelPlan) -> ParamCount:
         pc = real_count(plan)
         return dataclasses.replace(pc, by_component={**pc.by_component, "layers.5.mixer": 0})
 
