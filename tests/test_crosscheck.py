@@ -201,3 +201,25 @@ def test_json_shape() -> None:
     names = [c["component"] for c in out["components"]]
     assert names[0] == "embed" and "layers.1.mixer" in names and names[-1] == "lm_head"
     assert out["training_flops"]["counted"] == 3 * out["flops"]["counted"]
+
+
+def test_fvcore_blind_spots_are_reported_as_incomplete_not_hidden() -> None:
+    spec = Spec.model_validate({
+        "name": "tiny-ssm-moe", "vocab_size": 32, "d_model": 16, "n_layers": 2, "max_seq_len": 32,
+        "ssm": {"kind": "mamba1", "d_state": 4}, "layout": {"mixers": "M"},
+        "moe": {"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "d_ff": 8},
+                "shared": {"d_ff": 8, "gate": True}},
+    })
+    result = cc.crosscheck(resolve(spec), seq_len=8, backward=False, real=True)
+    assert result.real is not None and result.real.fvcore is not None
+    fv = result.real.fvcore
+    assert fv.error is None, fv.error
+    status = {row.component: row for row in fv.rows}
+    # fvcore has no handle for aten::_grouped_mm: the experts are flagged, everything else agrees
+    for i in range(2):
+        experts = status[f"layers.{i}.ffn.experts"]
+        assert experts.status == "incomplete" and "aten::_grouped_mm" in experts.skipped
+        assert status[f"layers.{i}.ffn.router"].status == "ok"
+        assert status[f"layers.{i}.ffn.shared"].status == "ok"
+    assert [r.component for r in fv.rows if r.status != "ok"] == ["layers.0.ffn.experts", "layers.1.ffn.experts"]
+    assert fv.ok and result.ok
