@@ -112,7 +112,7 @@ def test_sliding_window_forgets(kind: str) -> None:
         assert not torch.allclose(module(x3)[:, t], y[:, t])
 
 
-def test_window_mask_shape() -> None:
+def test_window_mask_values() -> None:
     pos = torch.arange(5)
     mask = attention_mask(pos, pos, 2, None, torch.float32)
     expected = torch.tensor([[i - 2 < j <= i for j in range(5)] for i in range(5)])
