@@ -49,6 +49,7 @@ class NormPlan:
     kind: Literal["rmsnorm", "layernorm"]
     bias: bool
     eps: float
+    affine: bool = True  # False: no weight and no bias (OLMo-1)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class ModelPlan:
 
 
 def norm_plan(norm: NormSpec) -> NormPlan:
-    return NormPlan(kind=norm.kind, bias=norm.has_bias, eps=norm.eps)
+    return NormPlan(kind=norm.kind, bias=norm.has_bias, eps=norm.eps, affine=norm.affine)
 
 
 def layer_norm_names(residual: Residual, has_ffn: bool) -> tuple[str, ...]:

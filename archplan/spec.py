@@ -31,16 +31,19 @@ class NormSpec(Frozen):
     kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     bias: bool = Field(True, description="LayerNorm only: learnable bias (MPT/OLMo drop it).")
     eps: float = Field(1e-5, gt=0, lt=1)
+    affine: bool = Field(True, description="False: no learnable weight or bias (OLMo-1's LayerNorm).")
 
     @model_validator(mode="after")
     def _rms_has_no_bias(self) -> NormSpec:
         if self.kind == "rmsnorm" and "bias" in self.model_fields_set and self.bias:
             raise ValueError("rmsnorm has no bias; set kind: layernorm or drop `bias`")
+        if not self.affine and "bias" in self.model_fields_set and self.bias:
+            raise ValueError("a norm with affine: false has no bias; drop `bias`")
         return self
 
     @property
     def has_bias(self) -> bool:
-        return self.kind == "layernorm" and self.bias
+        return self.kind == "layernorm" and self.bias and self.affine
 
 
 # ----------------------------------------------------------------------------------- positions

@@ -192,6 +192,11 @@ TINY: dict[str, Case] = {
         dict(model_type="olmo2", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=96),
         2 * EMB + 2 * (lin(D, 64) + 2 * lin(D, 32) + lin(64, D) + 64 + 32 + 3 * D * 96 + 2 * D) + D),
+    # OlmoLayerNorm has no weight and no bias: only Linear weights count (MHA, SwiGLU, untied head)
+    "olmo": Case(
+        dict(model_type="olmo", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=96),
+        2 * EMB + 2 * (4 * lin(D, D) + 3 * D * 96)),
     # OlmoeSparseMoeBlock: gate Linear(D, 4), experts 4·3·D·32 on every layer
     "olmoe": Case(
         dict(model_type="olmoe", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
@@ -486,8 +491,7 @@ def test_typical_full_configs_import_exactly(name: str) -> None:
 def test_every_covered_model_type_is_registered_and_exercised() -> None:
     assert set(COVERAGE) == set(FAMILIES)
     exercised = {c.config["model_type"] for c in TINY.values()} | {r["model_type"] for r in EXPECTED.values()}
-    # olmo is registered only to refuse it by name (see test_olmo_refused_naming_the_norm)
-    assert exercised == set(COVERAGE) - {"olmo"}
+    assert exercised == set(COVERAGE)
 
 
 # ------------------------------------------------------------------------------- family quirks
@@ -596,9 +600,9 @@ def test_family_refusals_name_the_field(case: str, change: dict[str, Any], field
     assert err.field == field
 
 
-def test_olmo_refused_naming_the_norm() -> None:
-    err = refusal(dict(model_type="olmo", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4))
-    assert "non-parametric LayerNorm" in err.message
+def test_olmo_norms_have_no_parameters() -> None:
+    spec = spec_of(TINY["olmo"].config)
+    assert spec.norm.kind == "layernorm" and not spec.norm.affine and not spec.norm.has_bias
 
 
 # ---------------------------------------------------------------------------------------- CLI

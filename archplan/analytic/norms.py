@@ -13,6 +13,8 @@ from archplan.resolve import NormPlan
 
 
 def norm_params(norm: NormPlan, width: int) -> int:
+    if not norm.affine:  # OLMo-1 `OlmoLayerNorm`: F.layer_norm(x, shape, None, None)
+        return 0
     return width * (2 if norm.bias else 1)
 
 

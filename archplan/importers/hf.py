@@ -967,10 +967,12 @@ _OLMO = {**_LLAMA, "vocab_size": 50304, "rms_norm_eps": 1e-5}
 
 @family("olmo", defaults=_OLMO, ignored=("clip_qkv",))
 def _olmo(cfg: HFConfig) -> dict[str, Any]:
-    """modeling_olmo.py OlmoLayerNorm: F.layer_norm with no weight and no bias. The spec's norms
-    always carry a weight, so the count would be off by (2L+1)·D: refuse rather than approximate."""
-    raise cfg.error("model_type", "cannot express OLMo's non-parametric LayerNorm (no weight, no bias): "
-                                  "spec.norm has no parameter-free variant")
+    """modeling_olmo.py: Llama's attention and SwiGLU, but every norm is `OlmoLayerNorm`,
+    F.layer_norm with no weight and no bias at a fixed eps 1e-5 (Groeneveld et al. 2024 §2.1)."""
+    bias = cfg.bool_("attention_bias")
+    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias)
+    spec["norm"] = NormSpec(kind="layernorm", affine=False, eps=1e-5)
+    return spec
 
 
 @family("olmo2", defaults=_OLMO)
