@@ -15,7 +15,8 @@ Shape suffixes name every multi-rank tensor (`x_BTD`, `w_EFD`). The letters:
     I    Mamba d_inner                  N    SSM state size (d_state)
     W    conv width (d_conv)            P    Mamba-2 head dim
     G    Mamba-2 groups                 Hs   Mamba-2 SSM heads
-    Rdt  Mamba-1 dt_rank                X    a projection's fused output width (H·Dh, H·(Dn+R), ...)
+    Rdt  Mamba-1 dt_rank                X    a projection's fused output width (H·Dh, H·(Dn+R), ...);
+                                             in mamba2.py the conv width I + 2·G·N
     1    a literal size-1 axis (the depthwise conv weight `weight_C1W`, C its channels)
 
 Local to a file, where the loop structure needs more letters:
