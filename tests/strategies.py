@@ -56,9 +56,12 @@ MemberStrategy = Callable[[Draw, int], dict[str, Any]]  # (draw, d_model) -> the
 
 
 def _norm(draw: Draw) -> dict[str, Any]:
-    if draw(st.booleans()):
-        return {"kind": "rmsnorm"}
-    return {"kind": "layernorm", "bias": draw(st.booleans())}
+    kind = draw(st.sampled_from(("rmsnorm", "layernorm")))
+    if not draw(st.integers(0, 3)):  # now and then parameter-free (OLMo-1's LayerNorm)
+        return {"kind": kind, "affine": False}
+    if kind == "rmsnorm":
+        return {"kind": kind}
+    return {"kind": kind, "bias": draw(st.booleans())}
 
 
 def _head_fields(draw: Draw, d_model: int) -> dict[str, Any]:

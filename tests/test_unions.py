@@ -74,6 +74,7 @@ OPTIONS: dict[str, Callable[[Case], bool]] = {
     and c.spec.attention.q_lora_rank is None,
     "qk norm": lambda c: c.spec.attention is not None and getattr(c.spec.attention, "qk_norm", None) is not None,
     "tied embedding": lambda c: c.spec.embedding.tied,
+    "parameter-free norms": lambda c: not c.spec.norm.affine,
     "mamba2 over several chunks": lambda c: c.spec.ssm is not None and c.spec.ssm.kind == "mamba2"
     and c.seq > c.spec.ssm.chunk_size,
 }
