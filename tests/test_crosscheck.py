@@ -107,9 +107,12 @@ def test_real_instance_measures_the_cache_and_runs_fvcore(spec: Spec) -> None:
     assert [r for r in result.real.kv if not r.ok] == []
     fv = result.real.fvcore
     assert fv is not None
-    # fvcore either counts (then every component it fully saw agrees) or its failure is reported
-    assert fv.error is not None or fv.rows
+    assert fv.error is None, fv.error
+    # fvcore skips SDPA and grouped_mm (flagged incomplete); every component it fully sees agrees
     assert [r for r in fv.rows if r.status == "mismatch"] == []
+    incomplete = {op for r in fv.rows if r.status == "incomplete" for op in r.skipped}
+    assert incomplete <= {"aten::scaled_dot_product_attention", "aten::_grouped_mm"}
+    assert any(r.component.endswith(".ffn") or r.component.endswith(".shared") for r in fv.rows if r.status == "ok")
     assert result.ok
 
 
