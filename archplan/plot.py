@@ -24,7 +24,7 @@ FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 SEQ_SWEEP_CAP = 32768
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -37,7 +37,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _check_target(path: str) -> Path:
+def figure_target(path: str) -> Path:
     target = Path(path)
     if target.suffix.lower() not in FIGURE_SUFFIXES:
         raise ArchplanError(f"figure file must end in {', '.join(FIGURE_SUFFIXES)}", field="--plot",
@@ -53,7 +53,7 @@ def sweep_lengths(limit: int) -> list[int]:
     return lengths + [limit]
 
 
-def _save(fig: Any, target: Path) -> None:
+def save(fig: Any, target: Path) -> None:
     try:
         fig.savefig(target, bbox_inches="tight", dpi=120)
     except OSError as exc:
@@ -65,8 +65,8 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     from archplan.analytic.memory import RECOMPUTE_MODES, training_memory
     from archplan.dtypes import BYTES
 
-    target = _check_target(path)
-    plt = _pyplot()
+    target = figure_target(path)
+    plt = pyplot()
     params = count_params(plan)
     kv = report["kv_cache"]
     contexts = sweep_lengths(max(kv["context"], plan.max_seq_len, 256))
@@ -104,13 +104,13 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     right.set_ylabel("GiB per replica")
     right.set_title(f"training memory, micro-batch {opts.micro_batch}")
     right.legend(loc="upper left")
-    _save(fig, target)
+    save(fig, target)
     plt.close(fig)
 
 
 def plot_compare(reports: Sequence[dict[str, Any]], path: str) -> None:
-    target = _check_target(path)
-    plt = _pyplot()
+    target = figure_target(path)
+    plt = pyplot()
     attention = reports[0]["flops"]["attention"]
     panels: list[tuple[str, list[tuple[str, Any]]]] = [
         ("parameters (billions)", [
@@ -133,5 +133,5 @@ def plot_compare(reports: Sequence[dict[str, Any]], path: str) -> None:
         ax.set_xticks(range(len(series)), [name for name, _ in series])
         ax.set_title(title)
     axes[0].legend()
-    _save(fig, target)
+    save(fig, target)
     plt.close(fig)

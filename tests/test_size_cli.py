@@ -166,11 +166,11 @@ def test_moe_component_kinds_in_table() -> None:
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from archplan.plot import _pyplot
+    from archplan.plot import pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the import now fails
     with pytest.raises(ArchplanError, match=r"pip install 'archplan\[plot\]'"):
-        _pyplot()
+        pyplot()
 
 
 def test_plot_rejects_unknown_suffix(tmp_path: Path) -> None:

@@ -382,7 +382,6 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
                                               peak.peak_flops, peak.bandwidth) if cfg.decode_tokens else None),
         extrapolation=extrapolation,
     )
-    del model, forward
     return result
 
 

@@ -136,7 +136,7 @@ def _ffn_text(spec: Spec) -> str:
 def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
     from rich.table import Table
 
-    from archplan.units import count, percent, sci
+    from archplan.units import count, sci
 
     console = _console()
     opt = result.optimal
@@ -178,10 +178,11 @@ def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
 
 def _plot_budget(result: Optimum, made: Design, path: str) -> None:
     from archplan.planning.optimal import isoflop_curve
+    from archplan.plot import figure_target, pyplot, save
     from archplan.units import count, sci
 
-    plt = _pyplot()
-    target = _figure_target(path)
+    plt = pyplot()
+    target = figure_target(path)
     curve = isoflop_curve(result)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([p.params for p in curve], [p.loss for p in curve], color="C0",
@@ -201,47 +202,16 @@ def _plot_budget(result: Optimum, made: Design, path: str) -> None:
     ax.set_ylabel("predicted loss L(N, D = C / 6N)")
     ax.set_title("archplan plan: loss along the IsoFLOP curve")
     ax.legend(fontsize=8)
-    _save(fig, target)
+    save(fig, target)
     plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------- plots
-FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ArchplanError(
-            "--plot needs matplotlib, which is not installed; pip install 'archplan[plot]'"
-        ) from None
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _figure_target(path: str) -> Path:
-    target = Path(path)
-    if target.suffix.lower() not in FIGURE_SUFFIXES:
-        raise ArchplanError(f"figure file must end in {', '.join(FIGURE_SUFFIXES)}", field="--plot",
-                            file=path)
-    if not target.parent.is_dir():
-        raise ArchplanError("directory does not exist", field="--plot", file=path)
-    return target
-
-
-def _save(fig: Any, target: Path) -> None:
-    try:
-        fig.savefig(target, bbox_inches="tight", dpi=120)
-    except OSError as exc:
-        raise ArchplanError(f"cannot write figure: {exc.strerror}", file=str(target)) from None
-
-
 def _plot_layouts(result: SearchResult, path: str) -> None:
-    plt = _pyplot()
-    target = _figure_target(path)
+    from archplan.plot import figure_target, pyplot, save
+
+    plt = pyplot()
+    target = figure_target(path)
     rows = result.ranked[:TOP_LAYOUTS]
     gib = float(1 << 30)
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
@@ -257,7 +227,7 @@ def _plot_layouts(result: SearchResult, path: str) -> None:
     ax.set_xlabel("GiB per GPU (most loaded pipeline stage)")
     ax.set_title(f"{result.gpus} × {result.gpu.name}: fastest layouts")
     ax.legend(fontsize=8)
-    _save(fig, target)
+    save(fig, target)
     plt.close(fig)
 
 

@@ -22,7 +22,7 @@ from typing import Literal, Union
 
 from archplan.loader import LoadedYaml
 from archplan.resolve import ModelPlan, resolve
-from archplan.spec import GQA, MHA, MQA, MLA, PostNorm, Rope, Spec
+from archplan.spec import GQA, MHA, MQA, PostNorm, Rope, Spec
 from archplan.units import count, nbytes
 
 Severity = Literal["error", "warning", "info"]
