@@ -9,9 +9,18 @@ import torch
 from typer.testing import CliRunner
 
 from archplan.bench.roofline import predict_decode_step, predict_prefill
-from archplan.bench.runner import BenchConfig, estimate_bytes, kinds, run_bench, truncate
+from archplan.bench.runner import (
+    BenchConfig,
+    available_backends,
+    compare_backends,
+    estimate_bytes,
+    kinds,
+    run_bench,
+    truncate,
+)
 from archplan.cli import app
 from archplan.dtypes import DType
+from archplan.errors import ArchplanError
 from archplan.resolve import resolve
 from archplan.spec import Spec
 
@@ -124,3 +133,18 @@ def test_too_big_model_is_exit_2_with_suggestion() -> None:
     assert proc.returncode == 2
     assert "will not fit" in proc.stderr and "try --layers" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_compare_backends_runs_each_available_backend() -> None:
+    found = available_backends(torch.device("cpu"), torch.float32)
+    assert "math" in found
+    rows = compare_backends(plan_of(TINY), FAST)
+    assert [r["backend"] for r in rows] == found
+    assert all(float(r["median_s"]) > 0 and int(r["peak_memory_bytes"]) > 0 for r in rows)
+
+
+def test_unavailable_backend_is_a_clear_error() -> None:
+    if "efficient" in available_backends(torch.device("cpu"), torch.float32):
+        pytest.skip("efficient attention runs on this CPU build")
+    with pytest.raises(ArchplanError, match="not available"):
+        run_bench(plan_of(TINY), BenchConfig(**{**FAST.__dict__, "attn_backend": "efficient"}))
