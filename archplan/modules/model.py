@@ -46,14 +46,14 @@ class ArchplanModel(nn.Module):
         self.plan = plan
         d = plan.d_model
         self.embed = nn.Embedding(plan.vocab_size, d)
-        self.pos_embed: nn.Module | None = None
+        self.pos_embed: nn.Module | None
         match plan.position:
             case "learned":
                 self.pos_embed = nn.Embedding(plan.max_seq_len, d)
             case "sinusoidal":
                 self.pos_embed = SinusoidalPositions(d)
             case "rope" | "alibi" | "none":
-                pass  # applied inside attention (rope, alibi) or absent
+                self.pos_embed = None  # rope and alibi act inside attention; none has no signal
             case _:
                 assert_never(plan.position)
         self.embed_norm = build_norm(plan.norm, d) if plan.embed_norm else None
