@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import glob
 import os
-import tomllib
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, packaged for Python 3.10
+    import tomli as tomllib
 
 from archplan.errors import ArchplanError
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
