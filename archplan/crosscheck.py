@@ -397,16 +397,58 @@ _conv_backward_flop._get_raw = True  # type: ignore[attr-defined]  # takes tenso
 COUNTER_FIXES = {torch.ops.aten.convolution_backward: _conv_backward_flop}
 
 
+class _ForwardTracker:
+    """The module attribution FlopCounterMode reads (`parents`), tracked in the forward only.
+
+    torch's ModuleTracker also registers two multi-grad hooks per module call to attribute the
+    backward, approximately (torch/utils/module_tracker.py); training is compared on the global
+    total, so those hooks (and the per-module bookkeeping of every backward op they cause) are
+    pure overhead here. Names follow ModuleTracker's: the root by its class, children
+    "Root.fqn", so FlopCounterMode's keys are unchanged. During the backward `parents` is just
+    {"Global"}.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        root = type(model).__name__
+        self._names = {mod: f"{root}.{fqn}" if fqn else root for fqn, mod in model.named_modules()}
+        self.parents: set[str] = {"Global"}
+        self._handles: list[Any] = []
+
+    def _name(self, mod: torch.nn.Module) -> str:
+        return self._names.get(mod) or type(mod).__name__
+
+    def _enter(self, mod: torch.nn.Module, _: Any) -> None:
+        self.parents.add(self._name(mod))
+
+    def _exit(self, mod: torch.nn.Module, _: Any, __: Any) -> None:
+        self.parents.discard(self._name(mod))
+
+    def __enter__(self) -> _ForwardTracker:
+        self._handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+            torch.nn.modules.module.register_module_forward_hook(self._exit),
+        ]
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.parents = {"Global"}
+
+
 class _ListingCounter(FlopCounterMode):
     """FlopCounterMode that also lists every op it executes, so ops without a formula show as 0.
 
     `_count_flops` is where FlopCounterMode's dispatch mode hands over every executed op (after
     its own decompositions, torch/utils/flop_counter.py); hooking it lists exactly the ops the
-    counter evaluated, without a second dispatch mode on the stack.
+    counter evaluated, without a second dispatch mode on the stack. Module attribution comes
+    from `_ForwardTracker` instead of torch's ModuleTracker (same names, forward only).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(display=False, custom_mapping=COUNTER_FIXES)
+        self.mod_tracker = _ForwardTracker(model)  # type: ignore[assignment]
         self.calls: Counter[Any] = Counter()
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
@@ -425,11 +467,12 @@ def _count(model: ArchplanModel, tokens_BT: torch.Tensor, backward: bool) -> _Co
     """One forward (and its backward) under FlopCounterMode and the op log.
 
     The forward's figures are read before the backward starts, so one pass serves both checks.
-    Module attribution is exact in the forward; in the backward torch's ModuleTracker is only
-    approximate (multi-grad hooks), so training is compared on the global total.
+    Module attribution is exact in the forward; in the backward it could only be approximate
+    (torch's ModuleTracker uses multi-grad hooks), so training is compared on the global total
+    and `_ForwardTracker` follows the forward alone.
     """
     root = type(model).__name__
-    with _ListingCounter() as counter:
+    with _ListingCounter(model) as counter:
         with torch.set_grad_enabled(backward):
             logits_BTV = model(tokens_BT)
         forward_counts = counter.get_flop_counts()  # copies
