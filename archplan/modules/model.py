@@ -112,8 +112,9 @@ class ArchplanModel(nn.Module):
         """
         total = torch.zeros((), device=self.embed.weight.device, dtype=torch.float32)
         for layer in self.layers:
-            if isinstance(layer.ffn, MoEFFN) and layer.ffn.last_aux_loss is not None:
-                total = total + layer.ffn.last_aux_loss.float()
+            loss = layer.ffn.last_aux_loss if isinstance(layer.ffn, MoEFFN) else None
+            if loss is not None:
+                total = total + loss.float()
         return total
 
 
