@@ -25,6 +25,18 @@ from archplan.resolve import ModelPlan, resolve
 from archplan.spec import Spec
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """`nn.Embedding(num, dim)` on the current default device, initialised as torch does (N(0, 1),
+    same RNG draw at the same point of the build), except on meta, where there is nothing to
+    initialise: `normal_` is the one init whose meta kernel is a Python reference, and its first
+    call imports torch._dynamo (~1 s, torch/_compile.py `_disable_dynamo`)."""
+    weight_VD = torch.empty(num, dim)
+    embedding = nn.Embedding(num, dim, _weight=weight_VD)
+    if weight_VD.device.type != "meta":
+        embedding.reset_parameters()
+    return embedding
+
+
 class TiedLMHead(nn.Module):
     """The LM head of a tied model: logits = x · embed.weightᵀ (+ its own bias, the only parameter)."""
 
@@ -45,11 +57,11 @@ class ArchplanModel(nn.Module):
         super().__init__()
         self.plan = plan
         d = plan.d_model
-        self.embed = nn.Embedding(plan.vocab_size, d)
+        self.embed = _embedding(plan.vocab_size, d)
         self.pos_embed: nn.Module | None
         match plan.position:
             case "learned":
-                self.pos_embed = nn.Embedding(plan.max_seq_len, d)
+                self.pos_embed = _embedding(plan.max_seq_len, d)
             case "sinusoidal":
                 self.pos_embed = SinusoidalPositions(d)
             case "rope" | "alibi" | "none":
