@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, flop_registry
 
 from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
 from archplan.modules import flop_formulas  # noqa: F401  registers the aten._grouped_mm formula
@@ -437,19 +437,65 @@ class _ForwardTracker:
         self.parents = {"Global"}
 
 
+# Metadata queries torch's dispatch mode declines (NotImplemented) before anything else
+# (torch/utils/flop_counter.py `_FlopCounterMode.__torch_dispatch__`): left to it unchanged.
+_METADATA_QUERIES = frozenset({
+    torch.ops.aten.sym_is_contiguous.default, torch.ops.aten.is_contiguous.default,
+    torch.ops.aten.is_contiguous.memory_format, torch.ops.aten.is_strides_like_format.default,
+    torch.ops.aten.is_non_overlapping_and_dense.default, torch.ops.aten.size.default,
+    torch.ops.aten.sym_size.default, torch.ops.aten.stride.default, torch.ops.aten.sym_stride.default,
+    torch.ops.aten.storage_offset.default, torch.ops.aten.sym_storage_offset.default,
+    torch.ops.aten.numel.default, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default,
+    torch.ops.prim.layout.default,
+})
+
+
+class _DirectMode(_FlopCounterMode):
+    """FlopCounterMode's dispatch mode without its per-op re-entry for ops that cannot decompose.
+
+    For every op without a FLOP formula torch's mode re-enters itself and calls
+    `func.decompose()`, then executes and counts the op when that returns NotImplemented
+    (torch/utils/flop_counter.py). `decompose` does something only for an op with a
+    CompositeImplicitAutograd kernel (torch/_ops.py `OpOverload.decompose`, `_can_decompose`);
+    any other op goes straight to execute-and-count here, the very path torch's mode ends on.
+    Everything else (formulas, metadata queries, higher-order ops, decompositions) is torch's.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if (
+            isinstance(func, torch._ops.OpOverload)
+            and func not in self.counter.flop_registry
+            and func not in _METADATA_QUERIES
+            and not func._can_decompose()
+        ):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            return self.counter._count_flops(func._overloadpacket, out, args, kwargs)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 class _ListingCounter(FlopCounterMode):
     """FlopCounterMode that also lists every op it executes, so ops without a formula show as 0.
 
     `_count_flops` is where FlopCounterMode's dispatch mode hands over every executed op (after
     its own decompositions, torch/utils/flop_counter.py); hooking it lists exactly the ops the
     counter evaluated, without a second dispatch mode on the stack. Module attribution comes
-    from `_ForwardTracker` instead of torch's ModuleTracker (same names, forward only).
+    from `_ForwardTracker` instead of torch's ModuleTracker (same names, forward only), dispatch
+    from `_DirectMode`.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(display=False, custom_mapping=COUNTER_FIXES)
         self.mod_tracker = _ForwardTracker(model)  # type: ignore[assignment]
         self.calls: Counter[Any] = Counter()
+
+    def __enter__(self) -> _ListingCounter:
+        # FlopCounterMode.__enter__ with `_DirectMode` in place of torch's dispatch mode
+        self.flop_counts.clear()
+        self.mod_tracker.__enter__()
+        self.mode = _DirectMode(self)
+        self.mode.__enter__()
+        return self
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
         self.calls[func_packet] += 1
