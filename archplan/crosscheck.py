@@ -453,18 +453,19 @@ _METADATA_QUERIES = frozenset({
 class _DirectMode(_FlopCounterMode):
     """FlopCounterMode's dispatch mode without its per-op re-entry for ops that cannot decompose.
 
-    For every op without a FLOP formula torch's mode re-enters itself and calls
-    `func.decompose()`, then executes and counts the op when that returns NotImplemented
+    torch's mode re-enters itself and calls `func.decompose()` for every op (its "has a formula"
+    test compares the OpOverload with the registry's OpOverloadPacket keys, so it never
+    matches), then executes and counts the op when that returns NotImplemented
     (torch/utils/flop_counter.py). `decompose` does something only for an op with a
     CompositeImplicitAutograd kernel (torch/_ops.py `OpOverload.decompose`, `_can_decompose`);
-    any other op goes straight to execute-and-count here, the very path torch's mode ends on.
-    Everything else (formulas, metadata queries, higher-order ops, decompositions) is torch's.
+    any other op goes straight to execute-and-count here, the very path torch's mode ends on,
+    where `_count_flops` applies the formulas. Metadata queries, higher-order ops and
+    decompositions stay torch's.
     """
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if (
             isinstance(func, torch._ops.OpOverload)
-            and func not in self.counter.flop_registry
             and func not in _METADATA_QUERIES
             and not func._can_decompose()
         ):
