@@ -228,7 +228,7 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         ("tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
         ("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci),
     ]
-    for key, entry in first["chinchilla"]["laws"].items():
+    for key in first["chinchilla"]["laws"]:
         figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}"))
         figures.append((f"N_opt ({key})", _law_value(key, "optimal_params"), units.count))
     if first["chinchilla"]["gpu"] is not None:
