@@ -91,13 +91,15 @@ def _main() -> None:
     except typer.Abort:
         typer.echo("Aborted.", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:
+        # Usage errors (unknown option, missing argument, bad value): typer's own message and
+        # exit code 2. Their base class has no `show`; every concrete usage error does.
+        show = getattr(exc, "show", None)
+        if show is None:
+            typer.echo(f"archplan: error: {exc}", err=True)
+        else:
+            show()
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archplan.commands.options import JsonOpt, SpecArg
+from archplan.commands.requires import require_torch
 from archplan.units import count, flops, nbytes, percent
 
 
@@ -66,6 +67,7 @@ def bench(
 
       archplan bench llama-3-8b --layers 2 --compare-backends
     """
+    require_torch("bench")
     from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench
     from archplan.dtypes import DType
     from archplan.loader import load_spec

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from archplan import units
 from archplan.commands.options import JsonOpt, SpecArg
+from archplan.commands.requires import require_torch
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.resolve import ModelPlan, resolve
@@ -80,6 +81,7 @@ def verify(
     all_layers: AllLayersOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
+    require_torch("verify")
     plan = resolve(load_spec(spec))
     seq_len = _seq_len(plan, seq)
     import torch  # lazy: only verify and bench may import torch

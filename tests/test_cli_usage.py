@@ -1,0 +1,48 @@
+"""The CLI shell: usage errors and a missing torch extra are one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from archplan.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("size", "--no-such-option", "gpt2"), "No such option"),
+    (("size",), "Missing argument"),
+    (("plan", "--compute"), "requires an argument"),
+    (("no-such-command",), "No such command"),
+])
+def test_usage_errors_exit_2_without_traceback(args: tuple[str, ...], message: str) -> None:
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_version() -> None:
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("archplan ")
+
+
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_missing_torch_is_one_line(command: str, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setattr(sys, "argv", ["archplan", command, "gpt2"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"`archplan {command}` needs PyTorch" in err and "Traceback" not in err
