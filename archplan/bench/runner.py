@@ -164,8 +164,9 @@ class BenchResult:
 
 EXTRAPOLATION_METHOD = (
     "built K layers of each layer kind (plus embedding and head); one extra timed pass with per-block "
-    "hooks gives each kind's block time, scaled so the blocks and the rest sum to the median; full depth "
-    "= rest + Σ_kind (layers of that kind) × block time"
+    "hooks (on the eager modules, also under --compile) gives each kind's share of the time, scaled so "
+    "the blocks and the rest sum to the median; full depth = rest + Σ_kind (layers of that kind) × "
+    "block time"
 )
 
 
