@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from archplan.dtypes import DType
-from archplan.errors import ArchplanError
 from archplan.hardware import match_device_name
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {
@@ -26,15 +25,6 @@ class DevicePeak:
     peak_flops: float  # dense FLOP/s at the run's dtype
     bandwidth: float  # bytes/s
     source: str  # "datasheet: ..." or "calibrated in this run: ..."
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ArchplanError("--device cuda: CUDA is not available (torch "
-                            f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)")
-    return torch.device(choice)
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,12 +23,12 @@ from archplan.bench.device import (
     free_memory,
     peak_memory,
     reset_peak_memory,
-    resolve_device,
     synchronize,
 )
 from archplan.bench.roofline import Roofline, layer_kind, predict_decode_step, predict_prefill
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
+from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import LayerPlan, ModelPlan
 from archplan.units import nbytes as fmt_bytes
 
@@ -334,8 +334,6 @@ def _extrapolate(full: ModelPlan, built: ModelPlan, per_kind: dict[str, list[flo
 
 
 def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None) -> BenchResult:
-    from archplan.modules.model import build_model
-
     console = console or Console(stderr=True)
     device = resolve_device(cfg.device)
     if cfg.dtype not in TORCH_DTYPES:

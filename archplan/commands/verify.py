@@ -84,11 +84,10 @@ def verify(
     require_torch("verify")
     plan = resolve(load_spec(spec))
     seq_len = _seq_len(plan, seq)
-    import torch  # lazy: only verify and bench may import torch
+    from archplan.crosscheck import crosscheck  # imports torch: only verify and bench may
+    from archplan.modules.model import resolve_device
 
-    if device is Device.cuda and not torch.cuda.is_available():
-        raise ArchplanError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
-    from archplan.crosscheck import crosscheck
+    resolve_device(device.value)  # fail before the meta build, not after it
 
     console = Console()
     if not console.is_terminal:

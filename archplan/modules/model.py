@@ -151,13 +151,19 @@ def _deepnorm_init(model: ArchplanModel, beta: float) -> None:
                 w.mul_(beta)
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device from a CLI choice; `auto` is cuda when available, else cpu. The one place
+    that turns an unusable device into a one-line error (build_model, verify, bench)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ArchplanError(f"unknown device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArchplanError("--device cuda: no CUDA device is available on this machine")
+        built = "with" if torch.version.cuda else "without"
+        raise ArchplanError(f"--device cuda: CUDA is not available (torch {torch.__version__}, built "
+                            f"{built} CUDA); use --device cpu")
     return dev
 
 
@@ -170,7 +176,7 @@ def build_model(
     itself in its constructor (PyTorch defaults, Mamba's own A/D/dt init), then DeepNorm's β.
     """
     plan = spec_or_plan if isinstance(spec_or_plan, ModelPlan) else resolve(spec_or_plan)
-    dev = _device(device)
+    dev = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "meta" else torch.float32
     with torch.device(dev):
