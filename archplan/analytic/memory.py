@@ -65,6 +65,20 @@ STATES_CONVENTION = (
 INFERENCE_DTYPES: tuple[DType, ...] = (DType.fp32, DType.bf16, DType.fp8, DType.int8, DType.int4)
 
 
+def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, core_kept: bool, dropout: bool) -> int:
+    """What the attention core keeps beyond its projections (Korthikanti et al. 2022 §4.1): the
+    softmax output over the s x s scores per query head (2as²b), with dropout also its mask and
+    output (as²b + 2as²b), and the attention-output dropout mask (sbh)."""
+    value = 0
+    if core_kept:
+        value += ACT_BYTES * n_heads * s * s * b
+        if dropout:
+            value += (MASK_BYTES + ACT_BYTES) * n_heads * s * s * b
+    if dropout:
+        value += MASK_BYTES * s * b * h
+    return value
+
+
 def dtype_bytes(n_elements: int, dtype: DType | str) -> int:
     """Bytes of n elements in dtype; int4 packs two per byte (rounded up to whole bytes)."""
     return math.ceil(n_elements * Fraction(BYTES[DType(dtype)]))
@@ -215,14 +229,7 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, recompute: Recompute,
             value = ACT_BYTES * tokens * (h + q_width + 2 * kv_width + q_width)
             if mixer.qk_norm is not None:
                 value += ACT_BYTES * tokens * (q_width + kv_width)  # the norms' inputs
-            if core_kept:
-                # softmax output over the full s x s score matrix, query heads
-                value += ACT_BYTES * mixer.n_heads * s * s * b
-                if dropout:
-                    value += (MASK_BYTES + ACT_BYTES) * mixer.n_heads * s * s * b
-            if dropout:
-                value += MASK_BYTES * tokens * h
-            return value
+            return value + _attention_core_bytes(mixer.n_heads, s, b, h, core_kept, dropout)
         case MLAPlan():
             qk = mixer.qk_head_dim
             # q latent norm input + q_b input (without q_lora, q_proj reads the block input)
@@ -232,13 +239,7 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, recompute: Recompute,
                 h + q_latent + 2 * mixer.kv_lora_rank
                 + 2 * mixer.n_heads * qk + 2 * mixer.n_heads * mixer.v_head_dim
             )
-            if core_kept:
-                value += ACT_BYTES * mixer.n_heads * s * s * b
-                if dropout:
-                    value += (MASK_BYTES + ACT_BYTES) * mixer.n_heads * s * s * b
-            if dropout:
-                value += MASK_BYTES * tokens * h
-            return value
+            return value + _attention_core_bytes(mixer.n_heads, s, b, h, core_kept, dropout)
         case Mamba1Plan():
             # Tensors mamba_ssm's fused `mamba_inner_fn` saves (the (d_inner x N) states are
             # recomputed in the backward, Gu & Dao 2023 §3.3.2): in_proj input, xz, conv output,
