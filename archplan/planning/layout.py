@@ -1,0 +1,199 @@
+"""One cluster layout, parsed and validated once, read by both interpreters of it:
+`planning/` (analytic per-rank memory, collectives, step time) and `distributed/` (torch's
+DeviceMesh, DTensor plans, FSDP2, pipelining, the fake process group).
+
+Neither side re-derives degrees or pipeline-stage boundaries: both read `Layout` and
+`pipeline_chunks`.
+
+Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti et al. 2022):
+- world = tp · cp · pp · dp. Ranks are ordered tp fastest, then cp, dp, pp (Megatron's default
+  `order="tp-cp-ep-dp-pp"`), so a TP group is tp consecutive ranks inside one node.
+- ep divides dp · cp: experts are sharded over ep ranks taken from the data(-context)-parallel
+  group, whose remaining dp·cp/ep ranks replicate each expert (expert data parallelism).
+- vpp: virtual pipeline stages (model chunks) per pipeline rank, for the interleaved 1F1B schedule.
+- zero: 0 (plain DP), 1 (optimizer states sharded over dp), 2 (+ gradients), 3 (+ parameters,
+  FSDP). Rajbhandari et al. 2020 §5.
+- recompute: none | selective (Korthikanti §4.3: the attention core) | full (every layer's input
+  kept, the layer recomputed in the backward).
+- mb: sequences per micro-batch.
+- sp: sequence parallelism over the TP group for the norms/dropout regions (Korthikanti §4.2.2);
+  meaningless (and ignored) at tp = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import get_args
+
+from archplan.analytic.memory import RECOMPUTE_MODES, Recompute
+from archplan.errors import ArchplanError
+
+INT_FIELDS: tuple[str, ...] = ("tp", "cp", "pp", "vpp", "dp", "ep", "zero", "mb")
+LAYOUT_FIELDS: tuple[str, ...] = (*INT_FIELDS, "recompute", "sp")
+_ON = {"on", "true", "1", "yes"}
+_OFF = {"off", "false", "0", "no"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A complete layout: every degree and mode fixed."""
+
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    ep: int = 1
+    zero: int = 1
+    recompute: Recompute = "none"
+    mb: int = 1
+    sp: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks that replicate one expert shard (the expert weights' data-parallel group)."""
+        return self.dp * self.cp // self.ep
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.sp and self.tp > 1
+
+    @property
+    def label(self) -> str:
+        parts = [f"TP{self.tp}"]
+        if self.cp > 1:
+            parts.append(f"CP{self.cp}")
+        parts.append(f"PP{self.pp}" + (f"×v{self.vpp}" if self.vpp > 1 else ""))
+        parts.append(f"DP{self.dp}")
+        if self.ep > 1:
+            parts.append(f"EP{self.ep}")
+        parts.append("FSDP/ZeRO-3" if self.zero == 3 else f"ZeRO-{self.zero}")
+        parts.append(f"{self.recompute} mb{self.mb}" + (" SP" if self.sequence_parallel else ""))
+        return " ".join(parts)
+
+    @property
+    def spec(self) -> str:
+        """The `--layout` text that reproduces exactly this layout."""
+        return ",".join(
+            f"{name}={'on' if value is True else 'off' if value is False else value}"
+            for name, value in ((f.name, getattr(self, f.name)) for f in fields(self))
+        )
+
+
+@dataclass(frozen=True)
+class PartialLayout:
+    """What the user fixed with `--layout`; None = let the search choose."""
+
+    tp: int | None = None
+    cp: int | None = None
+    pp: int | None = None
+    vpp: int | None = None
+    dp: int | None = None
+    ep: int | None = None
+    zero: int | None = None
+    recompute: Recompute | None = None
+    mb: int | None = None
+    sp: bool | None = None
+
+    @property
+    def given(self) -> dict[str, int | str | bool]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def admits(self, layout: Layout) -> bool:
+        return all(getattr(layout, name) == value for name, value in self.given.items())
+
+    def complete(self) -> Layout | None:
+        """The one layout this fixes, when every field is given (sp and vpp default to on / 1)."""
+        given = self.given
+        needed = set(LAYOUT_FIELDS) - {"sp", "vpp"}
+        if not needed <= given.keys():
+            return None
+        return replace(Layout(), **given)
+
+
+def parse_layout(text: str) -> PartialLayout:
+    """`tp=8,cp=1,pp=16,vpp=2,dp=128,ep=1,zero=1,recompute=none,mb=1,sp=on` (any subset)."""
+    values: dict[str, int | str | bool] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip().lower(), raw.strip().lower()
+        if not sep or not raw:
+            raise ArchplanError(f"--layout: '{item}' is not NAME=VALUE (names: {', '.join(LAYOUT_FIELDS)})")
+        if name not in LAYOUT_FIELDS:
+            raise ArchplanError(f"--layout: unknown field '{name}' (expected one of {', '.join(LAYOUT_FIELDS)})")
+        if name in values:
+            raise ArchplanError(f"--layout: '{name}' is given twice")
+        if name == "recompute":
+            if raw not in get_args(Recompute):
+                raise ArchplanError(f"--layout: recompute={raw} is not one of {', '.join(RECOMPUTE_MODES)}")
+            values[name] = raw
+        elif name == "sp":
+            if raw not in _ON | _OFF:
+                raise ArchplanError(f"--layout: sp={raw} is not on or off")
+            values[name] = raw in _ON
+        else:
+            try:
+                number = int(raw)
+            except ValueError:
+                raise ArchplanError(f"--layout: {name}={raw} is not an integer") from None
+            low = 0 if name == "zero" else 1
+            if number < low or (name == "zero" and number > 3):
+                expected = "0, 1, 2 or 3" if name == "zero" else "a positive integer"
+                raise ArchplanError(f"--layout: {name}={raw} must be {expected}")
+            values[name] = number
+    return PartialLayout(**values)  # type: ignore[arg-type]
+
+
+def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_node: int,
+                 n_experts: int = 0) -> None:
+    """Raise ArchplanError (one line) when the layout cannot exist; fitting in memory is not
+    judged here (a layout that exists but does not fit is printed with its breakdown)."""
+    if gpus is not None and layout.world != gpus:
+        raise ArchplanError(f"--layout: tp·cp·pp·dp = {layout.tp}·{layout.cp}·{layout.pp}·{layout.dp} "
+                            f"= {layout.world} ranks, but --gpus is {gpus}")
+    if layout.tp > gpus_per_node:
+        raise ArchplanError(f"--layout: tp={layout.tp} spans more than one node of {gpus_per_node} GPUs "
+                            "(tensor parallelism needs the in-node links)")
+    if (layout.dp * layout.cp) % layout.ep:
+        raise ArchplanError(f"--layout: ep={layout.ep} must divide dp·cp = {layout.dp * layout.cp}")
+    if layout.ep > 1 and not n_experts:
+        raise ArchplanError(f"--layout: ep={layout.ep} but the model has no routed experts")
+    if n_experts and n_experts % layout.ep:
+        raise ArchplanError(f"--layout: ep={layout.ep} does not divide the {n_experts} routed experts")
+    if layout.pp * layout.vpp > n_layers + 2:
+        raise ArchplanError(f"--layout: pp·vpp = {layout.pp * layout.vpp} model chunks for {n_layers} layers")
+    if layout.vpp > 1 and layout.pp == 1:
+        raise ArchplanError("--layout: vpp > 1 needs pp > 1 (virtual stages interleave a pipeline)")
+
+
+def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1) -> tuple[tuple[range, ...], ...]:
+    """Layer ranges per pipeline rank, one range per virtual stage (model chunk).
+
+    Chunk c (of pp·vpp, in model order) lives on rank c % pp (Narayanan et al. 2021 §2.2.2,
+    interleaved schedule). When the embedding and the LM head, each counted as one layer's worth
+    of work, make the chunks even — n_layers + 2 divisible by pp·vpp — the first chunk holds one
+    layer fewer (it also holds the embedding) and the last one fewer (it holds the head), as the
+    Llama 3 405B run did (Llama Team 2024 §3.3.2: 126 layers on 16 stages). Otherwise the layers
+    split as evenly as they can, the extra ones on the last chunks: their ranks hold fewer
+    in-flight micro-batches under 1F1B, so they have memory to spare.
+    """
+    chunks = pp * vpp
+    if chunks > 1 and (n_layers + 2) % chunks == 0 and n_layers + 2 > chunks:
+        size = (n_layers + 2) // chunks
+        sizes = [size] * chunks
+        sizes[0] -= 1
+        sizes[-1] -= 1
+    else:
+        base, extra = divmod(n_layers, chunks)
+        sizes = [base + (1 if c >= chunks - extra else 0) for c in range(chunks)]
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
+    return tuple(tuple(ranges[c] for c in range(rank, chunks, pp)) for rank in range(pp))
