@@ -1,9 +1,10 @@
-"""Figures for `size --plot` and `compare --plot` (matplotlib, an optional dependency).
+"""Figures for `size --plot`, `compare --plot` and `bench --seq a,b,c --plot` (matplotlib, optional).
 
 size: (left) inference memory vs context length — bf16 weights + KV cache (+ SSM state) at the
 chosen batch and KV dtype; (right) training memory per replica vs sequence length — model states
 (16 B/param) + activations for each recompute mode at the chosen micro-batch.
 compare: grouped bars of the headline figures, one panel per unit.
+bench --seq a,b,c: prefill time and peak memory against sequence length, measured and analytic.
 Every number plotted comes from the same analytic functions as the tables.
 """
 
@@ -133,5 +134,37 @@ def plot_compare(reports: Sequence[dict[str, Any]], path: str) -> None:
         ax.set_xticks(range(len(series)), [name for name, _ in series])
         ax.set_title(title)
     axes[0].legend()
+    save(fig, target)
+    plt.close(fig)
+
+
+def plot_sweep(sweeps: Sequence[dict[str, Any]], path: str) -> None:
+    """`bench --seq a,b,c --plot`: prefill time and peak memory against sequence length, log-log,
+    one colour per spec; solid = measured, dashed = analytic prediction; k = fitted exponent."""
+    target = figure_target(path)
+    plt = pyplot()
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, sweep in enumerate(sweeps):
+        colour = f"C{i % 10}"
+        points = sweep["points"]
+        seqs = [p["seq"] for p in points]
+        k = sweep["exponent"]
+        time_ax.plot(seqs, [p["seconds"] for p in points], marker="o", color=colour,
+                     label=f"{sweep['name']} (k={k['time']:.2f}; analytic {k['time_analytic']:.2f})")
+        time_ax.plot(seqs, [p["predicted_s"] for p in points], linestyle="--", color=colour)
+        mem_ax.plot(seqs, [p["peak_memory_bytes"] / GiB for p in points], marker="o", color=colour,
+                    label=f"{sweep['name']} (k={k['memory']:.2f}; analytic {k['memory_analytic']:.2f})")
+        mem_ax.plot(seqs, [p["predicted_memory_bytes"] / GiB for p in points], linestyle="--", color=colour)
+    first = sweeps[0]
+    for ax, ylabel, title in (
+        (time_ax, "seconds", f"prefill time, {first['device']}, {first['dtype']}"),
+        (mem_ax, "GiB", "peak memory (weights included)"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + "; dashed = analytic")
+        ax.legend(loc="upper left", fontsize="small")
     save(fig, target)
     plt.close(fig)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from archplan.commands.options import JsonOpt, SpecArg
+from archplan.commands.options import JsonOpt, SpecsArg
 from archplan.commands.requires import require_torch
 from archplan.units import count, flops, nbytes, percent
 
@@ -36,11 +36,13 @@ class Backend(str, Enum):
 
 
 def bench(
-    spec: SpecArg,
+    specs: SpecsArg,
     device: Annotated[Device, typer.Option(help="auto = cuda when available, else cpu.")] = Device.auto,
     dtype: Annotated[BenchDType, typer.Option(help="Weights and activations dtype.")] = BenchDType.bf16,
     batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 1,
-    seq: Annotated[int, typer.Option(min=1, help="Prompt length (prefill tokens per sequence).")] = 512,
+    seq: Annotated[str, typer.Option(help=(
+        "Prompt length (prefill tokens per sequence); several, comma-separated (1k,2k,4k; k = 1024), "
+        "sweep it: time and memory vs length with their growth exponents."))] = "512",
     decode_tokens: Annotated[int, typer.Option(min=0, help="Incremental decode steps with the real cache.")] = 16,
     layers: Annotated[int | None, typer.Option(
         min=1, help="Build K layers of each layer kind and extrapolate to the full depth.")] = None,
@@ -51,6 +53,8 @@ def bench(
     compare_backends: Annotated[bool, typer.Option(
         "--compare-backends", help="Repeat the prefill under every SDPA backend available here.")] = False,
     as_json: JsonOpt = False,
+    plot: Annotated[str | None, typer.Option(help="With a --seq sweep: write time and memory vs length "
+                                             "(PNG/SVG/PDF by suffix); needs matplotlib.")] = None,
 ) -> None:
     """Time prefill and decode of SPEC through the real modules and compare with the roofline.
 
@@ -66,15 +70,30 @@ def bench(
       archplan bench mixtral-8x7b --layers 1 --seq 256 --json
 
       archplan bench llama-3-8b --layers 2 --compare-backends
+
+      archplan bench llama-3-8b mamba-2.8b --layers 1 --seq 1k,2k,4k --plot sweep.png
     """
     require_torch("bench")
-    from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench
+    from archplan.bench.growth import parse_lengths
     from archplan.dtypes import DType
+    from archplan.errors import ArchplanError
+
+    lengths = parse_lengths(seq)
+    if len(lengths) > 1 or len(specs) > 1 or plot is not None:
+        from archplan.bench.sweep import SweepConfig, sweep_command
+
+        if compile or compare_backends:
+            raise ArchplanError("--compile and --compare-backends run one length; drop them from a --seq sweep")
+        sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
+                                         warmup, iters, attn_backend.value), plot, as_json)
+        return
+    spec = specs[0]
+    from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench
     from archplan.loader import load_spec
     from archplan.resolve import resolve
 
     plan = resolve(load_spec(spec))
-    cfg = BenchConfig(device=device.value, dtype=DType(dtype.value), batch=batch, seq=seq,
+    cfg = BenchConfig(device=device.value, dtype=DType(dtype.value), batch=batch, seq=lengths[0],
                       decode_tokens=decode_tokens, layers=layers, warmup=warmup, iters=iters,
                       compile=compile, attn_backend=attn_backend.value)
     result = run_bench(plan, cfg)

@@ -1,0 +1,88 @@
+"""How prefill cost grows with sequence length: the log-log exponent fit, and the analytic peak
+memory of one inference prefill that `bench --seq a,b,c` puts beside the measurement.
+
+Pure Python (no torch): the predictions come from the same analytic counts as `size`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Literal
+
+from archplan.analytic import activation_memory, count_params
+from archplan.analytic.memory import ACT_BYTES
+from archplan.errors import ArchplanError
+from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
+
+# "fused": the attention core never holds the T×S scores (FlashAttention, Dao et al. 2022; torch's
+# CPU flash kernel and the CUDA flash / memory-efficient / cuDNN backends). "materialised": SDPA's
+# math backend, which holds the scores and their softmax (two B·H·T·S tensors) at once.
+AttentionCore = Literal["fused", "materialised"]
+
+_LENGTH = re.compile(r"^\s*([0-9]+)\s*([km]?)\s*$", re.IGNORECASE)
+# Context lengths are binary: an "8K context" is 8,192 tokens, "1M" is 1,048,576.
+_LENGTH_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20}
+
+
+def parse_lengths(text: str, option: str = "--seq") -> list[int]:
+    """'1k,2k,4k' -> [1024, 2048, 4096] (k = 1024, m = 1024²); a plain number is taken as is."""
+    lengths = []
+    for part in text.split(","):
+        match = _LENGTH.match(part)
+        if match is None or int(match.group(1)) == 0:
+            raise ArchplanError(f"expected lengths such as 512 or 1k,2k,4k (k = 1024), got {text!r}",
+                                field=option)
+        lengths.append(int(match.group(1)) * _LENGTH_SUFFIX[match.group(2).lower()])
+    if len(set(lengths)) != len(lengths):
+        raise ArchplanError(f"a length appears twice in {text!r}", field=option)
+    return sorted(lengths)
+
+
+def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Slope k of the least-squares line log y = k·log x + c: y grows as x^k over the range."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError("an exponent needs at least two (x, y) points")
+    if min(xs) <= 0 or min(ys) <= 0:
+        raise ValueError("an exponent fit needs positive values")
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    sxx = sum((x - mx) ** 2 for x in lx)
+    if sxx == 0:
+        raise ValueError("an exponent needs at least two distinct x values")
+    return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sxx
+
+
+def _scores_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float) -> int:
+    """The largest layer's scores and their softmax when the core is materialised (2·B·H·T·T)."""
+    heads = [layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, AttentionPlan | MLAPlan)]
+    return int(2 * max(heads, default=0) * batch * seq * seq * dtype_bytes)
+
+
+def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float,
+                       core: AttentionCore = "fused") -> int:
+    """Peak bytes of one inference prefill (no cache), as predicted from the analytic counts.
+
+    weights + the largest layer's working set + the logits. Inference frees a layer's tensors when
+    the next layer starts, so one layer's worth is live: we take the tensors training would keep for
+    that layer without the attention scores (Korthikanti et al. 2022 §4.1 generalised, as
+    `activation_memory(..., "selective")`, at the run's dtype), plus the residual stream, plus the
+    scores when the core is materialised. The logits are (B, T, V) in the run's dtype.
+    """
+    tokens = batch * seq
+    weights = count_params(plan).total * dtype_bytes
+    saved = activation_memory(plan, batch, seq, "selective").by_component
+    per_layer: dict[str, int] = defaultdict(int)
+    for path, value in saved.items():
+        parts = path.split(".")
+        if parts[0] == "layers":
+            per_layer[parts[1]] += value
+    layer = max(per_layer.values(), default=0) * dtype_bytes / ACT_BYTES
+    residual = tokens * plan.d_model * dtype_bytes
+    if core == "materialised":
+        layer += _scores_bytes(plan, batch, seq, dtype_bytes)
+    logits = tokens * plan.vocab_size * dtype_bytes
+    return int(weights + residual + max(layer, logits))

@@ -1,0 +1,263 @@
+"""`archplan bench SPEC... --seq 1k,2k,...`: prefill time and peak memory against sequence length,
+each beside its analytic prediction, and the growth exponents of both fitted over the sweep.
+
+One model is built per spec and run at every length. Timed passes go round the lengths in turn
+(warm-up round, then `iters` rounds), so a burst of load on a shared machine lands on every length
+alike; each length keeps the fastest of its samples (contention only ever adds time, the reasoning
+of Python's `timeit`). Peak memory is measured in one extra pass per length: on CUDA with
+`torch.cuda.max_memory_allocated`, elsewhere with torch's `MemTracker`, which follows every tensor
+the real forward allocates (weights registered as external). Both include the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from archplan.analytic import count_params, forward_flops
+from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, free_memory, synchronize
+from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
+from archplan.bench.roofline import predict_prefill
+from archplan.bench.runner import BenchConfig, _progress, _time, check_fits, sdpa_backend, truncate
+from archplan.dtypes import DType, nbytes
+from archplan.errors import ArchplanError
+from archplan.modules.model import build_model, resolve_device
+from archplan.resolve import ModelPlan
+from archplan.units import count, nbytes as fmt_bytes
+
+TIME_CONVENTION = ("fastest of the timed passes; analytic = roofline of the analytic forward FLOPs "
+                   "(2 FLOPs/MAC, attention causal) and bytes against the device peak")
+MEMORY_CONVENTION = ("weights + the largest layer's activations + logits, at the run's dtype "
+                     "(attention scores only when the backend materialises them)")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    lengths: tuple[int, ...]
+    device: str = "auto"
+    dtype: DType = DType.bf16
+    batch: int = 1
+    layers: int | None = None
+    warmup: int = 1
+    iters: int = 3
+    attn_backend: str = "auto"
+
+    @property
+    def core(self) -> AttentionCore:
+        return "materialised" if self.attn_backend == "math" else "fused"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    seq: int
+    samples: tuple[float, ...]  # seconds of each timed pass
+    peak_bytes: int  # measured
+    predicted_seconds: float  # roofline of the built model
+    predicted_bytes: int  # prefill_peak_bytes of the built model
+    flops: int  # analytic forward FLOPs of the built model, attention causal
+
+    @property
+    def seconds(self) -> float:
+        return min(self.samples)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    name: str
+    device: str
+    dtype: str
+    config: SweepConfig
+    peak: DevicePeak
+    built_layers: int
+    full_layers: int
+    params: int  # parameters of the built model
+    memory_method: str
+    points: tuple[SweepPoint, ...]
+
+    def _exponent(self, values: list[float]) -> float:
+        return fit_exponent([p.seq for p in self.points], values)
+
+    @property
+    def time_exponent(self) -> float:
+        return self._exponent([p.seconds for p in self.points])
+
+    @property
+    def analytic_time_exponent(self) -> float:
+        return self._exponent([p.predicted_seconds for p in self.points])
+
+    @property
+    def memory_exponent(self) -> float:
+        return self._exponent([float(p.peak_bytes) for p in self.points])
+
+    @property
+    def analytic_memory_exponent(self) -> float:
+        return self._exponent([float(p.predicted_bytes) for p in self.points])
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch": self.config.batch,
+            "attn_backend": self.config.attn_backend,
+            "built_layers": self.built_layers,
+            "full_layers": self.full_layers,
+            "params": self.params,
+            "peak": {"flops_per_s": self.peak.peak_flops, "bandwidth_bytes_per_s": self.peak.bandwidth,
+                     "source": self.peak.source},
+            "time_convention": TIME_CONVENTION,
+            "memory_convention": MEMORY_CONVENTION,
+            "memory_method": self.memory_method,
+            "points": [{
+                "seq": p.seq,
+                "seconds": p.seconds,
+                "samples_s": list(p.samples),
+                "tokens_per_s": self.config.batch * p.seq / p.seconds,
+                "predicted_s": p.predicted_seconds,
+                "flops": p.flops,
+                "peak_memory_bytes": p.peak_bytes,
+                "predicted_memory_bytes": p.predicted_bytes,
+            } for p in self.points],
+            "exponent": {
+                "range": [self.points[0].seq, self.points[-1].seq],
+                "fit": "least squares of log y on log seq",
+                "time": self.time_exponent,
+                "time_analytic": self.analytic_time_exponent,
+                "memory": self.memory_exponent,
+                "memory_analytic": self.analytic_memory_exponent,
+            },
+        }
+
+
+def _peak_bytes(model: torch.nn.Module, run: object, device: torch.device) -> tuple[int, str]:
+    """Peak bytes of one forward, weights included."""
+    assert callable(run)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        run()
+    return (tracker.get_tracker_snapshot("peak")[device]["Total"],
+            "torch MemTracker: every tensor of the forward, weights included")
+
+
+def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Console) -> SweepResult:
+    """Prefill of `plan` at every length of `cfg.lengths` through one built model."""
+    device = resolve_device(cfg.device)
+    longest = max(cfg.lengths)
+    if plan.position == "learned" and longest > plan.max_seq_len:
+        raise ArchplanError(f"{longest} tokens exceed the learned position table ({plan.max_seq_len})",
+                            field="--seq")
+    check_fits(plan, BenchConfig(device=cfg.device, dtype=cfg.dtype, batch=cfg.batch, seq=longest,
+                                 decode_tokens=0, layers=cfg.layers), free_memory(device))
+    built = plan if cfg.layers is None else truncate(plan, cfg.layers)
+    b = nbytes(cfg.dtype)
+
+    torch.manual_seed(0)
+    model = build_model(built, device=device.type, dtype=TORCH_DTYPES[cfg.dtype]).eval()
+    tokens = {t: torch.randint(0, plan.vocab_size, (cfg.batch, t), device=device) for t in cfg.lengths}
+
+    def prefill(t: int) -> object:
+        with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
+            return model(tokens[t])
+
+    samples: dict[int, list[float]] = {t: [] for t in cfg.lengths}
+    with _progress(console) as progress:
+        for round_ in range(cfg.warmup + cfg.iters):
+            for t in cfg.lengths:
+                label = f"{plan.name}: {'warm-up' if round_ < cfg.warmup else 'prefill'} {cfg.batch}×{t}"
+                timing = _time(lambda t=t: prefill(t), device, 1, progress, label)
+                if round_ >= cfg.warmup:
+                    samples[t].extend(timing.samples)
+    points = []
+    method = ""
+    for t in cfg.lengths:
+        measured, method = _peak_bytes(model, lambda t=t: prefill(t), device)
+        points.append(SweepPoint(
+            seq=t, samples=tuple(samples[t]), peak_bytes=measured,
+            predicted_seconds=predict_prefill(built, cfg.batch, t, b, peak.peak_flops, peak.bandwidth).seconds,
+            predicted_bytes=prefill_peak_bytes(built, cfg.batch, t, b, cfg.core),
+            flops=forward_flops(built, t, cfg.batch).forward("causal"),
+        ))
+    return SweepResult(
+        name=plan.name, device=peak.name, dtype=cfg.dtype.value, config=cfg, peak=peak,
+        built_layers=built.n_layers, full_layers=plan.n_layers, params=count_params(built).total,
+        memory_method=method, points=tuple(points),
+    )
+
+
+def run_sweeps(plans: list[ModelPlan], cfg: SweepConfig, console: Console | None = None) -> list[SweepResult]:
+    """Every plan over the same lengths, against one device calibration."""
+    if len(cfg.lengths) < 2:
+        raise ArchplanError("a sweep needs at least two lengths", field="--seq")
+    if cfg.dtype not in TORCH_DTYPES:
+        raise ArchplanError(f"--dtype {cfg.dtype.value}: bench runs fp32, bf16 or fp16")
+    peak = device_peak(resolve_device(cfg.device), cfg.dtype)
+    return [_run_sweep(plan, cfg, peak, console or Console(stderr=True)) for plan in plans]
+
+
+def length(tokens: int) -> str:
+    """A sequence length as it is spoken: 16384 -> 16k, 1048576 -> 1M (binary, as --seq reads it)."""
+    for unit, suffix in ((1 << 20, "M"), (1 << 10, "k")):
+        if tokens % unit == 0:
+            return f"{tokens // unit}{suffix}"
+    return str(tokens)
+
+
+def render(results: list[SweepResult], console: Console | None = None) -> None:
+    console = console or Console()
+    for r in results:
+        layers = (f"{r.built_layers} of {r.full_layers} layers built" if r.built_layers < r.full_layers
+                  else f"{r.built_layers} layers")
+        table = Table(title=f"{r.name} on {r.device}, {r.dtype}, batch {r.config.batch}, {layers}, "
+                            f"{count(r.params)} params, SDPA {r.config.attn_backend}")
+        for col in ("seq", "prefill", "analytic", "tokens/s", "peak memory", "analytic memory"):
+            table.add_column(col, justify="right")
+        for p in r.points:
+            table.add_row(length(p.seq), f"{1e3 * p.seconds:.1f} ms", f"{1e3 * p.predicted_seconds:.1f} ms",
+                          count(r.config.batch * p.seq / p.seconds), fmt_bytes(p.peak_bytes),
+                          fmt_bytes(p.predicted_bytes))
+        table.add_row("exponent k", f"{r.time_exponent:.2f}", f"{r.analytic_time_exponent:.2f}", "",
+                      f"{r.memory_exponent:.2f}", f"{r.analytic_memory_exponent:.2f}", style="bold")
+        console.print(table)
+    console.print(f"time: {TIME_CONVENTION}.\nmemory: measured by {results[0].memory_method}; analytic = "
+                  f"{MEMORY_CONVENTION}.\nexponent k: least-squares slope of log y on log seq over "
+                  f"{length(results[0].points[0].seq)}–{length(results[0].points[-1].seq)} (y ∝ seq^k).")
+
+
+def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json: bool) -> None:
+    """`archplan bench SPEC... --seq a,b,c [--plot FILE] [--json]`."""
+    import json
+
+    import typer
+
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    if plot is not None:
+        from archplan.plot import figure_target, pyplot
+
+        figure_target(plot)  # a bad path or a missing matplotlib fails before the sweep runs
+        pyplot()
+    results = run_sweeps([resolve(load_spec(spec)) for spec in specs], cfg)
+    report = [r.to_json() for r in results]
+    if plot is not None:
+        from archplan.plot import plot_sweep
+
+        plot_sweep(report, plot)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    render(results)
+    if plot is not None:
+        typer.echo(f"figure written to {plot}")
