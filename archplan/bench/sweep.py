@@ -5,12 +5,14 @@ One model is built per spec and run at every length. Timed passes go round the l
 (warm-up round, then `iters` rounds), so a burst of load on a shared machine lands on every length
 alike; each length keeps the fastest of its samples (contention only ever adds time, the reasoning
 of Python's `timeit`). Peak memory is measured in one extra pass per length: on CUDA with
-`torch.cuda.max_memory_allocated`, elsewhere with torch's `MemTracker`, which follows every tensor
-the real forward allocates (weights registered as external). Both include the weights.
+`torch.cuda.max_memory_allocated`, elsewhere with the torch profiler's memory tracking, which sees
+every allocation of the CPU allocator during the real forward (inside fused kernels too), added to
+the bytes of the weights. Both include the weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -132,23 +134,36 @@ class SweepResult:
         }
 
 
-def _peak_bytes(model: torch.nn.Module, run: object, device: torch.device) -> tuple[int, str]:
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (tied weights once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
+def _peak_bytes(model: torch.nn.Module, run: Callable[[], object], device: torch.device) -> tuple[int, str]:
     """Peak bytes of one forward, weights included."""
-    assert callable(run)
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         run()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.profiler import ProfilerActivity, profile
 
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker:
+    # The profiler's memory tracking records every allocation and free of the CPU allocator, also
+    # those inside a fused kernel (SDPA's scores), which a dispatch-level tracker cannot see.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    return (tracker.get_tracker_snapshot("peak")[device]["Total"],
-            "torch MemTracker: every tensor of the forward, weights included")
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),  # type: ignore[union-attr]
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return (_weight_bytes(model) + peak,
+            "weights + the peak of the CPU allocator's allocations during the forward (torch.profiler, "
+            "profile_memory=True)")
 
 
 def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Console) -> SweepResult:
@@ -196,13 +211,14 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
     )
 
 
-def run_sweeps(plans: list[ModelPlan], cfg: SweepConfig, console: Console | None = None) -> list[SweepResult]:
-    """Every plan over the same lengths, against one device calibration."""
+def run_sweeps(plans: list[ModelPlan], cfg: SweepConfig, console: Console | None = None,
+               peak: DevicePeak | None = None) -> list[SweepResult]:
+    """Every plan over the same lengths, against one device calibration (`peak`, or made now)."""
     if len(cfg.lengths) < 2:
         raise ArchplanError("a sweep needs at least two lengths", field="--seq")
     if cfg.dtype not in TORCH_DTYPES:
         raise ArchplanError(f"--dtype {cfg.dtype.value}: bench runs fp32, bf16 or fp16")
-    peak = device_peak(resolve_device(cfg.device), cfg.dtype)
+    peak = peak or device_peak(resolve_device(cfg.device), cfg.dtype)
     return [_run_sweep(plan, cfg, peak, console or Console(stderr=True)) for plan in plans]
 
 
