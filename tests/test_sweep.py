@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -86,6 +87,15 @@ def test_predicted_memory_starts_at_the_weights_and_grows_linearly_when_fused() 
     assert fit_exponent(sizes, activations) == pytest.approx(1.0, abs=1e-3)
     scores = [prefill_peak_bytes(plan, 1, t, 4, "materialised") - weights for t in sizes]
     assert fit_exponent(sizes, scores) > 1.9
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards are dominated by thread synchronisation on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _sweep(args: list[str]) -> list[dict]:
