@@ -40,6 +40,9 @@ from archplan.resolve import (
     FFNPlan,
     Mamba1Plan,
     Mamba2Plan,
+    HyenaPlan,
+    S4Plan,
+    StripedHyenaPlan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -116,6 +119,8 @@ def component_kinds(plan: ModelPlan) -> dict[str, str]:
                 kinds[f"{layer.path}.mixer"] = "attention"
             case Mamba1Plan() | Mamba2Plan():
                 kinds[f"{layer.path}.mixer"] = "ssm"
+            case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+                kinds[f"{layer.path}.mixer"] = "long conv"
             case _:
                 assert_never(layer.mixer)
         ffn = layer.ffn
