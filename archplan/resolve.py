@@ -150,6 +150,7 @@ class HyenaPlan:
     trainable_positions: bool
     modulation: bool
     bias: bool
+    sin_freq: float  # initial Sin frequency (init only)
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,7 @@ def _long_conv_plan(spec: Spec) -> LongConvPlan:
                 trainable_positions=conv.trainable_positions,
                 modulation=conv.modulation,
                 bias=conv.bias,
+                sin_freq=conv.sin_freq,
             )
         case StripedHyena():
             return StripedHyenaPlan(

@@ -260,6 +260,7 @@ class Hyena(Frozen):
         True, description="Positional features z are a parameter (safari LM configs) or a buffer (HyenaDNA)."
     )
     modulation: bool = Field(True, description="Exponential decay window on the filter (safari ExponentialModulation).")
+    sin_freq: float = Field(1.0, gt=0, le=1e4, description="Initial frequency w of the Sin activations (safari `w`; 14 in the Pile configs).")
     bias: bool = Field(True, description="Biases of in_proj and out_proj.")
 
     @model_validator(mode="after")

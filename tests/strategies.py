@@ -164,6 +164,7 @@ def _hyena(draw: Draw, d_model: int) -> dict[str, Any]:
         "trainable_positions": draw(st.booleans()),
         "modulation": draw(st.booleans()),
         "bias": draw(st.booleans()),
+        "sin_freq": draw(st.sampled_from((1.0, 14.0))),
     }
 
 

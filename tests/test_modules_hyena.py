@@ -27,7 +27,7 @@ D = 8
 
 def hyena(order: int = 2, trainable: bool = True, modulation: bool = True, short: int = 3) -> HyenaPlan:
     return HyenaPlan(order=order, filter_order=6, filter_depth=2, emb_dim=5, short_filter=short, l_max=32,
-                     trainable_positions=trainable, modulation=modulation, bias=True)
+                     trainable_positions=trainable, modulation=modulation, bias=True, sin_freq=1.0)
 
 
 def striped(groups: int = 1, state: int = 3, short: int = 3, bias: bool = True) -> StripedHyenaPlan:
@@ -52,7 +52,7 @@ PLANS = [hyena(), hyena(order=3, trainable=False, modulation=False, short=1), st
 def test_hyena_closed_form() -> None:
     """4D² + 81D + 78,144 per operator for the safari LM configs (order 2, k 3, F 64, E 33, M 2, l_max 2048)."""
     p = HyenaPlan(order=2, filter_order=64, filter_depth=2, emb_dim=33, short_filter=3, l_max=2048,
-                  trainable_positions=True, modulation=True, bias=True)
+                  trainable_positions=True, modulation=True, bias=True, sin_freq=14.0)
     for d in (64, 768, 864):
         assert hyena_params(p, d) == 4 * d * d + 81 * d + 78_144
         with torch.device("meta"):

@@ -89,7 +89,7 @@ class HyenaFilter(nn.Module):
         self.mlp_in = nn.Linear(plan.emb_dim, f)
         self.mlp_inner = nn.ModuleList(nn.Linear(f, f) for _ in range(plan.filter_depth))
         self.mlp_out = nn.Linear(f, channels, bias=False)
-        self.freq = nn.Parameter(torch.ones(1, f))  # safari Sin(w=1), train_freq=True
+        self.freq = nn.Parameter(torch.empty(1, f))  # safari Sin(dim=F, w), train_freq=True
         self.register_buffer("deltas", torch.empty(1, 1, channels) if plan.modulation else None)
         self.bias = nn.Parameter(torch.empty(channels))
         self.reset_parameters()
@@ -97,7 +97,7 @@ class HyenaFilter(nn.Module):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             nn.init.normal_(self.bias)
-            nn.init.ones_(self.freq)
+            nn.init.constant_(self.freq, self.plan.sin_freq)
             if isinstance(self.z, nn.Parameter):
                 self.z.copy_(positional_features(self.plan.l_max, self.plan.emb_dim, self.z.device)[0])
             if self.deltas is not None:
