@@ -47,6 +47,8 @@ class KVCache:
     ssm_state_bytes: int  # batch x constant per-sequence SSM state (conv + ssm, S4, FIR + modal), 0 if none
     by_component: dict[str, int]  # layers.i.mixer -> bytes for (batch, context)
     naive_mla_bytes_per_token: int | None  # MLA without absorption: full K (n_h·(nope+rope)) and V (n_h·v)
+    # Hyena layers' long-convolution inputs, (order−1)·D per token: part of bytes_per_token, shown apart
+    conv_bytes_per_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
         raise ArchplanError(f"dtype_bytes must be positive (got {dtype_bytes!r})")
 
     by_component: dict[str, int] = {}
-    per_token = state_elements = state_fp32 = 0
+    per_token = state_elements = state_fp32 = conv_per_token = 0
     naive_mla: int | None = None
     for layer in plan.layers:
         cache = _layer_cache(layer.mixer, plan.d_model)
@@ -103,6 +105,8 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
         per_token += cache.per_token
         state_elements += cache.state
         state_fp32 += cache.state_fp32
+        if isinstance(layer.mixer, HyenaPlan):
+            conv_per_token += cache.per_token
         if isinstance(layer.mixer, MLAPlan):
             m = layer.mixer
             naive_mla = (naive_mla or 0) + m.n_heads * (m.qk_head_dim + m.v_head_dim)
@@ -113,4 +117,5 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
         ssm_state_bytes=_bytes(batch * state_elements, dtype_bytes) + batch * state_fp32 * FP32_BYTES,
         by_component=by_component,
         naive_mla_bytes_per_token=_bytes(naive_mla, dtype_bytes) if naive_mla is not None else None,
+        conv_bytes_per_token=_bytes(conv_per_token, dtype_bytes),
     )
