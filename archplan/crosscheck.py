@@ -55,8 +55,9 @@ from typing_extensions import assert_never
 SMALL_MODEL_PARAMS = 50_000_000
 UNMAPPED = "(unmapped)"
 # Ops that carry matmul-like work: if the counter saw one without a formula, the counted total is
-# missing real FLOPs (e.g. CPU SDPA kernels, pytorch issue 195460), so verify flags it.
-MATMUL_LIKE = ("mm", "matmul", "conv", "einsum", "attention", "linear", "addbmm", "baddbmm", "dot")
+# missing real FLOPs (e.g. CPU SDPA kernels, pytorch issue 195460), so verify flags it. FFTs count
+# too: fvcore has no handle for them, so a long-conv row there is "incomplete", not a mismatch.
+MATMUL_LIKE = ("mm", "matmul", "conv", "einsum", "attention", "linear", "addbmm", "baddbmm", "dot", "fft")
 # fvcore counts norms at ~5 FLOPs per element ("5 is just a rough estimate", fvcore flop_count.py);
 # in our convention they are elementwise (analytic-only), so their handles are neutralised.
 FVCORE_ELEMENTWISE_OPS = (
