@@ -1306,3 +1306,7 @@ def import_hf(path: str | Path) -> Spec:
     p = config_path(path)
     file = str(p)
     return spec_from_config(read_config(p), file=file, name=model_name(p))
+
+
+# Families converted in modules of their own register themselves on import (after FAMILIES exists).
+from archplan.importers import stripedhyena  # noqa: E402,F401

@@ -49,7 +49,18 @@ from archplan.analytic.memory import (
 )
 from archplan.errors import ArchplanError
 from archplan.hardware import Accelerator
-from archplan.resolve import AttentionPlan, FFNPlan, Mamba1Plan, Mamba2Plan, MLAPlan, ModelPlan, MoEPlan
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    HyenaPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
+)
 from archplan.units import nbytes
 
 GB = 1e9
@@ -274,6 +285,10 @@ class _Model:
                 case Mamba2Plan():
                     if mixer.n_heads % tp or (mixer.n_groups % tp and tp % mixer.n_groups):
                         return f"{mixer.n_heads} SSM heads / {mixer.n_groups} groups do not split {tp} ways"
+                case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+                    # long convolutions are per channel: TP splits the d_model channels
+                    if self.plan.d_model % tp:
+                        return f"d_model {self.plan.d_model} does not split {tp} ways"
             ffn = layer.ffn
             widths = []
             match ffn:
