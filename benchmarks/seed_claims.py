@@ -101,6 +101,18 @@ def _mixer_parts(scale: Scale) -> dict[str, dict[str, Any]]:
         "attention": {"position": {"kind": "rope", "theta": 10000.0}, "attention": attention,
                       "layout": {"mixers": "A"}},
         "mamba": {"position": {"kind": "none"}, "ssm": mamba, "layout": {"mixers": "M"}},
+        # the s4d-lm preset's layer: N = 64, one shared (A, B)
+        "s4d": {"position": {"kind": "none"}, "long_conv": {"kind": "s4d", "d_state": 64, "n_ssm": 1},
+                "layout": {"mixers": "H"}},
+        # the hyena-153m preset's operator (safari Pile config; filter MLP width 64, narrower in --quick
+        # so the tiny family can still match parameters), its filter as long as the sweep; the
+        # positional features a buffer (HyenaDNA), not l_max·emb_dim trainable values per layer
+        "hyena": {"position": {"kind": "none"},
+                  "long_conv": {"kind": "hyena", "order": 2, "filter_order": min(64, scale.d_model // 4),
+                                "filter_depth": 2, "emb_dim": 33,
+                                "short_filter": 3, "l_max": max(scale.lengths), "sin_freq": 14.0,
+                                "trainable_positions": False},
+                  "layout": {"mixers": "H"}},
         "hybrid": {"position": {"kind": "rope", "theta": 10000.0}, "attention": attention, "ssm": mamba,
                    "layout": {"mixers": "M" * (scale.n_layers - 1) + "A"}},
     }
