@@ -100,4 +100,4 @@ def test_committed_specs_are_the_generated_ones(tmp_path) -> None:
 
 def test_main_writes_the_specs(tmp_path, capsys) -> None:
     assert seed_claims.main(["--write-specs", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.count("wrote") == len(list(tmp_path.iterdir())) == 7
+    assert capsys.readouterr().out.count("wrote") == len(list(tmp_path.iterdir())) == 9
