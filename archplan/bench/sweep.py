@@ -12,7 +12,10 @@ the bytes of the weights. Both include the weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +144,20 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
+@contextlib.contextmanager
+def _silent_stderr() -> Iterator[None]:
+    """Kineto writes a line to file descriptor 2 when a profile starts and stops; drop just those."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _peak_bytes(model: torch.nn.Module, run: Callable[[], object], device: torch.device) -> tuple[int, str]:
     """Peak bytes of one forward, weights included."""
     if device.type == "cuda":
@@ -153,8 +170,14 @@ def _peak_bytes(model: torch.nn.Module, run: Callable[[], object], device: torch
 
     # The profiler's memory tracking records every allocation and free of the CPU allocator, also
     # those inside a fused kernel (SDPA's scores), which a dispatch-level tracker cannot see.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _silent_stderr():
+        prof.start()
+    try:
         run()
+    finally:
+        with _silent_stderr():
+            prof.stop()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),  # type: ignore[union-attr]
                     key=lambda e: e.start_ns())
     live = peak = 0
