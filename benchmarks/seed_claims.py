@@ -453,6 +453,16 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
                      f"{member['speedup_vs_attention_at_longest']:.2f}×"])
     out += _table(["spec", "params", *(f"ms at {length(t)}" for t in lengths), "time k (measured / analytic)",
                    "memory k (measured / analytic)", f"speed vs attention at {length(lengths[-1])}"], rows)
+    members = growth["details"]["members"]
+    for name in ("s4d", "hyena"):
+        if name in members:
+            r = members[name]
+            gap = abs(r["time_exponent"] - r["time_exponent_analytic"])
+            out += [f"Goal (issue 12) for **{name}**: at {length(lengths[-1])} its forward is "
+                    f"{r['speedup_vs_attention_at_longest']:.2f}× attention's speed "
+                    f"({'met' if r['speedup_vs_attention_at_longest'] > 1 else 'NOT met'}); its time exponent "
+                    f"{r['time_exponent']:.2f} is {gap:.2f} from the analytic {r['time_exponent_analytic']:.2f} "
+                    f"({'within' if gap <= EXPONENT_TOLERANCE else 'NOT within'} {EXPONENT_TOLERANCE}).", ""]
     mem_rows = [[name, *(f"{p['peak_memory_bytes'] / 2**20:,.0f} / {p['predicted_memory_bytes'] / 2**20:,.0f}"
                          for p in s["points"])] for name, s in sweeps.items()]
     out += ["Peak memory, measured / analytic (MiB):", "",
@@ -565,12 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-specs", type=Path, help="write the generated specs as YAML into this folder")
     parser.add_argument("--specs", type=Path, default=ROOT / "benchmarks" / "specs",
                         help="folder of the frontier variants given to `archplan compare`")
+    parser.add_argument("--from-json", type=Path, help="render --doc/--plot from an earlier --json output, no run")
     args = parser.parse_args(argv)
     if args.write_specs is not None:
         for path in write_specs(args.write_specs):
             print(f"wrote {path}")
         return 0
-    result = run(args.quick, args.specs)
+    result = json.loads(args.from_json.read_text()) if args.from_json else run(args.quick, args.specs)
     if args.plot is not None:
         from archplan.plot import plot_sweep
 
