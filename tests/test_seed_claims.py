@@ -101,3 +101,11 @@ def test_committed_specs_are_the_generated_ones(tmp_path) -> None:
 def test_main_writes_the_specs(tmp_path, capsys) -> None:
     assert seed_claims.main(["--write-specs", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("wrote") == len(list(tmp_path.iterdir())) == 9
+
+
+def test_main_renders_the_page_from_an_earlier_json(quick, tmp_path, capsys) -> None:
+    saved, doc = tmp_path / "claims.json", tmp_path / "page.md"
+    saved.write_text(json.dumps(quick[0], default=str))
+    assert seed_claims.main(["--from-json", str(saved), "--doc", str(doc)]) == 0
+    assert doc.read_text().startswith("# The guide's claims")
+    assert "holds" in capsys.readouterr().out
