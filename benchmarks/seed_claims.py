@@ -423,6 +423,11 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
         f"torch {m['torch']}, {m['platform']}; {m['date']}. Calibrated here: fp32 1024³ matmul "
         f"{m['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s, copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s.",
         "",
+        *([f"**Warning:** other jobs shared the CPU during this run (load average "
+           f"{m['load_average_1m_at_start']:.1f} on {m['cores']} cores at the start; the fp32 matmul calibrated at "
+           f"{m['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s), so every time, speed ratio and time exponent below "
+           "is noise-dominated. Memory, parameter and cache figures do not depend on load. Rerun on a quiet "
+           "machine before trusting a timing.", ""] if m["load_average_1m_at_start"] > m["cores"] * 0.5 else []),
         *_table(["claim", "archplan's figure", "verdict"],
                 [[c, v["figure"], f"**{v['verdict']}**"] for c, v in claims.items()]),
     ]
