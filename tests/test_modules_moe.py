@@ -453,3 +453,13 @@ def test_deepnorm_init_scales_expert_weights_not_biases() -> None:
         torch.testing.assert_close(ea.w_down_EDF, beta * eb.w_down_EDF)
         torch.testing.assert_close(ea.b_up_EF, eb.b_up_EF)
         torch.testing.assert_close(ea.b_down_ED, eb.b_down_ED)
+
+
+def test_fvcore_traces_group_limited_routing() -> None:
+    """fvcore's jit trace of the group mask (a scatter of a bool Scalar once crashed its alias
+    analysis): it runs, and counts the fp32 router as N·D·E multiply-adds."""
+    fvcore_nn = pytest.importorskip("fvcore.nn")
+    moe = MoEFFN(plan(scoring="sigmoid", correction=True, n_experts=8, groups=(4, 2), scope="sequence"), 16)
+    analysis = fvcore_nn.FlopCountAnalysis(moe, (torch.randn(2, 5, 16),))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert analysis.by_module()["router"] == 10 * 16 * 8

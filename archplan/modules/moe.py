@@ -273,7 +273,9 @@ def _group_mask(select_NE: Tensor, plan: MoEPlan) -> Tensor:
         case _:
             assert_never(plan.group_score)
     keep_NG = group_NG.topk(plan.topk_group, dim=-1).indices
-    mask_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter(1, keep_NG, True)
+    # scatter of a tensor, not of the scalar True: fvcore's jit trace has no schema for a bool Scalar
+    kept_NK = torch.ones_like(keep_NG, dtype=torch.bool)
+    mask_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter(1, keep_NG, kept_NK)
     return mask_NG[:, :, None].expand(n, plan.n_group, per).reshape(n, e)
 
 
