@@ -463,3 +463,17 @@ def test_fvcore_traces_group_limited_routing() -> None:
     analysis = fvcore_nn.FlopCountAnalysis(moe, (torch.randn(2, 5, 16),))
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     assert analysis.by_module()["router"] == 10 * 16 * 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_dispatch_matches_the_expert_loop(dtype: torch.dtype, tol: float) -> None:
+    """On CUDA: bf16 through grouped_mm (SM >= 80), fp32 through the per-expert loop; both equal
+    the reference loop, and the router stays fp32."""
+    torch.manual_seed(9)
+    p = plan("glu", 32, n_experts=8, top_k=2, scoring="sigmoid", correction=True, groups=(4, 2), shared=True)
+    moe = MoEFFN(p, 64).to("cuda", dtype).eval()
+    assert moe.router.weight.dtype == torch.float32
+    x = torch.randn(2, 16, 64, device="cuda", dtype=dtype)
+    want = experts_loop(moe, x).float()
+    torch.testing.assert_close(moe(x).float(), want, rtol=tol, atol=tol)
