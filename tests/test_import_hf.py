@@ -727,6 +727,27 @@ def test_configs_transformers_writes_import_and_size_exactly(entry: dict[str, An
     assert (pc.total, pc.active) == transformers_counts(transformers, hf_config)
 
 
+# DeepseekV2Config's default num_experts_per_tok is None: 64 experts and no top-k, which
+# transformers' router cannot route either (topk(k=None)); the importer refuses it by name.
+REFUSED_DEFAULTS = {"deepseek_v2": "num_experts_per_tok"}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_default_configs_transformers_writes_import_and_size_exactly(model_type: str) -> None:
+    """Each family's full-size default config (no kwargs: Llama-7B, DeepSeek-V3 671B, ...), built
+    by transformers on meta."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.AutoConfig.for_model(model_type)
+    data = json.loads(hf_config.to_json_string(use_diff=False))
+    if model_type in REFUSED_DEFAULTS:
+        assert refusal(data).field == REFUSED_DEFAULTS[model_type]
+        return
+    imported = convert_config(data, file="config.json", name=model_type, strict=True)
+    assert imported.ignored == ()
+    pc = count_params(resolve(imported.spec))
+    assert (pc.total, pc.active) == transformers_counts(transformers, hf_config)
+
+
 @pytest.mark.parametrize("name", sorted(HUB_LEGACY))
 def test_hub_configs_with_legacy_keys_import_exactly(name: str) -> None:
     imported = read_hf(FIXTURES / "hf-configs" / name, strict=True)
