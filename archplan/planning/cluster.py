@@ -50,8 +50,11 @@ of the column-parallel projections (Korthikanti Table 2: sbh(10 + 24/t) vs 34·s
 with sequence parallelism the column input is kept sequence-sharded and re-gathered in the backward
 (Megatron-LM's choice). attention_kernel "flash" (the default) keeps no s×s probabilities, only the
 fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1), and a fused SwiGLU that keeps [gate |
-up] and recomputes act(gate) (Megatron-LM `bias_swiglu_impl`); "eager" keeps what plain torch
-autograd keeps (the s×s probabilities unless recompute is selective, act(gate) as well). Full recompute keeps the block inputs, plus one layer's whole activations while it is
+up] and recomputes act(gate) (Megatron-LM `bias_swiglu_impl`), and memory-efficient norms that keep
+their output (already kept as the next projection's input) instead of their input (Apex
+`FusedRMSNorm(memory_efficient=True)`, Megatron-LM `--memory-efficient-layer-norm`); "eager" keeps
+what plain torch autograd keeps (the s×s probabilities unless recompute is selective, act(gate),
+each norm's input). Full recompute keeps the block inputs, plus one layer's whole activations while it is
 re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al.
 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·p + 1 chunk forwards
 (Megatron's interleaved schedule), so rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
@@ -69,7 +72,8 @@ LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token)
   in the forward, again in the backward, and a reduce-scatter of their gradients; "ring"
   (Megatron-Core): cp − 1 K/V sends and receives in the forward, twice that in the backward.
 - PP: per chunk boundary and micro-batch, the activation (forward) and its gradient (backward),
-  sequence-sharded over tp under SP (Megatron scatters the p2p tensor over the TP ranks).
+  1/tp of it per rank (Narayanan et al. 2021 §4.1: scattered over the TP ranks before the send,
+  all-gathered over NVLink after; sequence-sharded already under SP).
 - EP, per MoE layer and micro-batch: a dispatch and a combine all-to-all of the k routed copies of
   the rank's tokens in the forward and the backward (Lepikhin et al. 2020), + 2 under full recompute.
 - DP over dp·cp (experts over dp·cp/ep), one record per pipeline chunk's layers + one for the
@@ -96,8 +100,9 @@ from archplan.planning.records import Collective, RankMemory
 from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
 from archplan.resolve import AttentionPlan, FFNPlan, LayerPlan, MLAPlan, ModelPlan, MoEPlan
 
-# "flash": the fused kernels of Megatron-LM / torchtitan-class runs (FlashAttention, fused SwiGLU);
-# "eager": what plain torch autograd keeps (s×s probabilities, every GLU intermediate).
+# "flash": the fused kernels of Megatron-LM-class runs (FlashAttention, fused SwiGLU, memory-
+# efficient norms); "eager": what plain torch autograd keeps (s×s probabilities, every GLU
+# intermediate, each norm's input beside its output).
 AttentionKernel = Literal["flash", "eager"]
 ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("flash", "eager")
 CPComm = Literal["all_gather", "ring"]
@@ -157,6 +162,7 @@ class LayerActs:
     lse: int  # flash attention's log-sum-exp (kept instead of `core`)
     block_input: int  # what full recompute keeps
     glu_extra: int  # the activation's output eager GLUs keep and fused ones recompute
+    norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
 
 
 class ModelData:
@@ -183,7 +189,8 @@ class ModelData:
             heads = _heads(layer)
             self.acts.append(LayerActs(kept, replicated, kept["none"] - kept["selective"],
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
-                                       ACT_BYTES * seq * _glu_width(layer)))
+                                       ACT_BYTES * seq * _glu_width(layer),
+                                       ACT_BYTES * seq * h * len(layer.norms)))
         self.first_act = acts["none"]["embed"] + acts["none"].get("embed_norm", 0)
         self.final_norm_act = acts["none"].get("final_norm", 0)
         self.head_input_act = ACT_BYTES * seq * h
@@ -329,17 +336,18 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     tp, sp = layout.tp, layout.sequence_parallel
     if recompute == "full":
         return acts.block_input / (tp if sp else 1)
-    kept = acts.kept[recompute]
+    kept, replicated = acts.kept[recompute], acts.replicated
     match kernel:
         case "flash":
-            kept = acts.kept["selective"] + acts.lse - acts.glu_extra
+            kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs
+            replicated -= acts.norm_inputs
         case "eager":
             pass
         case _:
             assert_never(kernel)
     if sp:
         return kept / tp
-    return acts.replicated + (kept - acts.replicated) / tp
+    return replicated + (kept - replicated) / tp
 
 
 def _working_set(data: ModelData, layers: range, layout: Layout, kernel: AttentionKernel) -> float:
@@ -543,7 +551,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for routed, n in ep_calls.items():
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)
-        p2p = act // (tp if sp else 1)
+        p2p = act // tp  # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink
         if not chunk.first:
             add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)")
             add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)")
