@@ -154,7 +154,7 @@ class SearchResult:
 
     @property
     def feasible(self) -> bool:
-        return bool(self.ranked)
+        return any(e.fits for e in self.ranked)
 
 
 def tp_problem(plan: ModelPlan, tp: int) -> str | None:
