@@ -362,6 +362,26 @@ def _layout_row(e: Evaluated, tokens: float, usable: int) -> dict[str, Any]:
     }
 
 
+# Where the layout model is known to be optimistic (docs/validation.md): what a user should check.
+ZERO3_CAUTION_RANKS = 384
+
+
+def _notes(result: SearchResult) -> list[str]:
+    notes = []
+    if result.ranked:
+        best = result.ranked[0].layout
+        if best.zero == 3 and best.dp * best.cp >= ZERO3_CAUTION_RANKS:
+            notes.append(
+                f"the top layout re-gathers parameters (ZeRO-3/FSDP) over {best.dp * best.cp} ranks: on the "
+                "published ZeRO-3 runs at 384-1,536 ranks (Narayanan et al. 2021 Table 2) this model "
+                "predicted 28-44% more throughput than measured; compare with the best ZeRO-1 layout "
+                "(--layout zero=1), which is what large published runs chose")
+    if not result.calibrated:
+        notes.append(f"no calibration for {result.gpu.name}: its kernel efficiencies are the Hopper "
+                     "fractions scaled to its peak")
+    return notes
+
+
 def _efficiency_text(result: SearchResult) -> str:
     settings, k = result.settings, result.kernels
     if settings.efficiency is not None:
@@ -406,6 +426,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -
         "reasons": list(result.reasons),
         "considered": result.considered,
         "fitting": result.fitting,
+        "notes": _notes(result),
         "layouts": [_layout_row(e, tokens, result.usable_bytes) for e in shown],
     }
 
@@ -478,6 +499,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) 
                       f"{nbytes(rows[0].memory.total)} > {nbytes(result.usable_bytes)} usable")
     console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
                   + f"; full width = {nbytes(result.usable_bytes)}")
+    for note in _notes(result):
+        console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
                   f"per step as run; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
