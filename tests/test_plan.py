@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from archplan.analytic import count_params
-from archplan.analytic.memory import activation_memory
 from archplan.analytic.scaling import LAWS
 from archplan.cli import main
 from archplan.commands.plan import FamilyChoice, LawOption
@@ -24,8 +23,8 @@ from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning import spec_data, spec_yaml
 from archplan.planning.design import RECIPES, Family, design, recipe_shape
 from archplan.planning.optimal import LawChoice, budget, optimum
-from archplan.planning.cluster import rank_memory, step_collectives
-from archplan.planning.layout import Layout, parse_layout
+from archplan.planning.cluster import rank_memory
+from archplan.planning.layout import Layout
 from archplan.planning.parallel import Settings, interconnect, search
 from archplan.planning.solve import Targets, solve
 from archplan.resolve import resolve

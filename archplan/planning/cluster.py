@@ -7,8 +7,8 @@ Public API (stable; `distributed/` cross-checks against it):
     rank_memory(plan, layout, seq, *, microbatches, stage=None, states=MEGATRON,
                 attention_kernel="flash") -> RankMemory
     step_collectives(plan, layout, seq, *, microbatches, stage=None, states=MEGATRON,
-                     grad_reduce=None, cp_comm="all_gather", overlap=frozenset({"dp"}))
-        -> tuple[Collective, ...]
+                     grad_reduce=None, cp_comm="all_gather", overlap=frozenset({"dp"}),
+                     attention_kernel="flash") -> tuple[Collective, ...]
     StatesConvention, ZERO (16 B/param), MEGATRON (18 B/param), FSDP2 (16 B/param + bf16 copies),
     STATES = {"zero": ZERO, "megatron": MEGATRON, "fsdp2": FSDP2}
 
@@ -350,7 +350,7 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     return replicated + (kept - replicated) / tp
 
 
-def _working_set(data: ModelData, layers: range, layout: Layout, kernel: AttentionKernel) -> float:
+def _working_set(data: ModelData, layers: list[int], layout: Layout, kernel: AttentionKernel) -> float:
     """One layer's whole activations, re-materialised during its backward under full recompute."""
     return max((_layer_act(data.acts[i], layout, "none", kernel) for i in layers), default=0.0)
 
@@ -411,9 +411,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             ends = (data.final_norm_act + data.head_input_act) / (tp if layout.sequence_parallel else 1)
             activations += (ends + data.logits_act / tp) * scale
     if mode == "full":
-        layers = range(0)
-        for chunk in chunks:
-            layers = chunk.layers if len(chunk.layers) > len(layers) else layers
+        layers = [i for chunk in chunks for i in chunk.layers]
         activations += _working_set(data, layers, layout, kernel) * scale
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
 

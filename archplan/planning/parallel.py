@@ -11,7 +11,7 @@ a partial `--layout` admits and ranks the fitting ones by time per token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
