@@ -440,3 +440,17 @@ def test_plan_layout_mode_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["layouts"]
+
+
+def test_fixed_ep_skips_splits_it_does_not_divide(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--seq", "4096",
+                       "--layout", "ep=8,tp=2", "--json")
+    assert code == 0
+    assert all(row["ep"] == 8 and (row["dp"] * row["cp"]) % 8 == 0 for row in json.loads(out)["layouts"])
+
+
+def test_fp8_needs_a_gpu_with_fp8(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "a100",
+                       "--precision", "fp8")
+    assert code == 2 and "fp8" in err and err.count("\n") == 1

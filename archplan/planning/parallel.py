@@ -303,7 +303,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in zeros for r in modes):
-                    if dp * mb > sequences and "mb" not in g:
+                    if dp * mb > sequences and "mb" not in g or (dp * cp) % ep:
                         continue
                     out.append(Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, dp=dp, ep=ep, zero=zero,  # type: ignore[arg-type]
                                       recompute=mode, mb=mb, sp=sp))  # type: ignore[arg-type]
@@ -316,6 +316,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     """Rank the layouts `fixed` admits; with every field fixed, exactly one is evaluated (and kept
     even when it does not fit, with keep_unfit)."""
     sequences = _check_inputs(plan, gpus, seq, global_batch_tokens, headroom, settings)
+    if settings.precision == "fp8":
+        gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
     complete = fixed.complete()
