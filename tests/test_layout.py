@@ -454,3 +454,14 @@ def test_fp8_needs_a_gpu_with_fp8(capsys: pytest.CaptureFixture[str], monkeypatc
     code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "a100",
                        "--precision", "fp8")
     assert code == 2 and "fp8" in err and err.count("\n") == 1
+
+
+def test_zero3_over_many_ranks_carries_the_validation_note(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "512", "--seq", "4096",
+                       "--layout", "tp=1,pp=1,cp=1,zero=3", "--json")
+    assert code == 0
+    notes = json.loads(out)["notes"]
+    assert len(notes) == 1 and "ZeRO-3" in notes[0] and "Table 2" in notes[0]
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--json")
+    assert json.loads(out)["notes"] == []
