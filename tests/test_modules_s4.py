@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic.s4 import complex_fft_flops, real_fft_flops, s4_counted_flops, s4_params, s4_state_fp32_elements
 from archplan.modules import fft_flops  # noqa: F401  registers the FFT formulas
+from archplan.modules import s4 as s4_module
 from archplan.modules.s4 import S4Mixer, fft_causal_conv
 from archplan.resolve import S4Plan
 
@@ -147,3 +148,20 @@ def test_fft_convention() -> None:
     assert real_fft_flops(4096) == 2.5 * 4096 * 12
     assert complex_fft_flops(4096) == 5 * 4096 * 12
     assert real_fft_flops(6) == 5 * 6 * math.ceil(math.log2(6)) // 2
+
+
+def test_s4d_chunked_basis_changes_neither_values_nor_counted_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The basis made BASIS_CHUNK positions at a time: same kernel, prefill state and FLOPs."""
+    m = mixer(plan(False))
+    x = torch.randn(2, 11, D_MODEL)
+    whole_state = m.new_state(2, 11, "cpu", torch.float32)
+    whole = m(x, whole_state)
+    monkeypatch.setattr(s4_module, "BASIS_CHUNK", 4)
+    chunked_state = m.new_state(2, 11, "cpu", torch.float32)
+    torch.testing.assert_close(m(x, chunked_state), whole)
+    torch.testing.assert_close(chunked_state.x_BHM2, whole_state.x_BHM2)
+    with torch.device("meta"):
+        meta = S4Mixer(plan(False), D_MODEL)
+    with FlopCounterMode(display=False) as counter:
+        meta(torch.zeros(2, 11, D_MODEL, device="meta"))
+    assert counter.get_total_flops() == s4_counted_flops(plan(False), D_MODEL, 2, 11)

@@ -21,13 +21,15 @@ The convolution is y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T] (no wrap-around), the
 
 Decode: x ← Ā·x + B̄·u, y = 2·Re(C·x) + D·u, with x (B, H, N', 2) in fp32 (complex64 in the
 reference), 4·B·H·N bytes per layer whatever the model dtype. A prefill into a fresh state runs the
-convolution and takes the final state as Σ_j V[:, T−1−j]·u_j (one real matmul); a continuation
-runs the recurrence token by token.
+convolution and takes the final state as Σ_j V[:, T−1−j]·u_j (real matmuls over the same basis);
+a continuation runs the recurrence token by token. S4D generates its basis in chunks of
+BASIS_CHUNK positions, so memory stays O(H·N) per chunk instead of O(H·N·T).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,9 @@ from archplan.resolve import S4Plan
 
 # s4d.py / s4.py defaults: Δ ~ logU(1e-3, 1e-1)
 _DT_MIN, _DT_MAX = 1e-3, 1e-1
+# S4D kernel positions generated at once: bounds the basis to H·N·512 floats (counted FLOPs are the
+# same whatever the chunking: the C contraction is 2·H·N per position)
+BASIS_CHUNK = 512
 
 
 def fft_causal_conv(u_BCT: Tensor, k_KT: Tensor, expand: int = 1) -> Tensor:
@@ -137,13 +142,17 @@ class S4Mixer(nn.Module):
         dB_HM = d0_HM * dt_b_HM - c_H1 * q_HM * (w_HM * dt_b_HM).sum(-1, keepdim=True)
         return dA_HMM, dB_HM, dA_HMM
 
-    def _basis(self, length: int) -> Tensor:
-        """Real (H, N, T): rows [Re; Im] of B̄·Ā^l for l < T (see the module docstring)."""
+    def _basis_chunks(self, length: int) -> Iterator[tuple[int, Tensor]]:
+        """(start, real (H, N, c)): rows [Re; Im] of B̄·Ā^l for l in start … start + c − 1, covering
+        l < T. S4D yields chunks of at most BASIS_CHUNK positions, so the basis never exists whole
+        (H·N·T floats: 3 GiB at H = 768, N = 64, T = 16k); S4's doubling needs it whole: one chunk."""
         dA, dB_HM, log_dA = self._discrete()
         if not self.plan.dplr:
-            l_T = torch.arange(length, device=dB_HM.device, dtype=torch.float32)
-            v_HMT = dB_HM[:, :, None] * torch.exp(log_dA[:, :, None] * l_T)
-            return torch.cat([v_HMT.real, v_HMT.imag], dim=1)
+            for start in range(0, length, BASIS_CHUNK):
+                l_T = torch.arange(start, min(start + BASIS_CHUNK, length), device=dB_HM.device, dtype=torch.float32)
+                v_HMT = dB_HM[:, :, None] * torch.exp(log_dA[:, :, None] * l_T)
+                yield start, torch.cat([v_HMT.real, v_HMT.imag], dim=1)
+            return
         block_HNN = torch.cat(
             [torch.cat([dA.real, -dA.imag], dim=2), torch.cat([dA.imag, dA.real], dim=2)], dim=1
         )
@@ -155,13 +164,28 @@ class S4Mixer(nn.Module):
             cols += need
             if cols < length:
                 power_HNN = power_HNN @ power_HNN
-        return v_HNT
+        yield 0, v_HNT
+
+    def _c_row(self) -> Tensor:
+        """(H, 1, N) = [Re C, −Im C]: Re(C·v) = Re C·Re v − Im C·Im v as one real contraction."""
+        c_HM2 = self.C.float()
+        return torch.cat([c_HM2[..., 0], -c_HM2[..., 1]], dim=1)[:, None, :]
+
+    def _kernel_and_state(self, length: int, u_BHT: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """K (H, T) = 2·Re(C·B̄·Ā^l), fp32; with `u`, also the state after it from zero,
+        x_T = Σ_j B̄·Ā^(T−1−j)·u_j as (H, N, B): the basis contracted with u read backwards."""
+        row_H1N = self._c_row()
+        ks, x_HNB = [], None
+        u_rev_HTB = u_BHT.flip(-1).permute(1, 2, 0) if u_BHT is not None else None
+        for start, basis_HNC in self._basis_chunks(length):
+            ks.append(2 * (row_H1N @ basis_HNC)[:, 0])
+            if u_rev_HTB is not None:
+                part_HNB = basis_HNC @ u_rev_HTB[:, start:start + basis_HNC.shape[-1]]
+                x_HNB = part_HNB if x_HNB is None else x_HNB + part_HNB
+        return torch.cat(ks, dim=-1), x_HNB
 
     def kernel(self, length: int) -> Tensor:
-        """K (H, T) = 2·Re(C·B̄·Ā^l), fp32."""
-        c_HM2 = self.C.float()
-        row_H1N = torch.cat([c_HM2[..., 0], -c_HM2[..., 1]], dim=1)[:, None, :]
-        return 2 * (row_H1N @ self._basis(length))[:, 0]
+        return self._kernel_and_state(length, None)[0]
 
     # ------------------------------------------------------------------------------ decoding
     def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> S4State:
@@ -190,14 +214,9 @@ class S4Mixer(nn.Module):
         if state is not None and state.seen > 0:
             y_BHT = self._recurrence(u_BHT, state)
         else:
-            basis_HNT = self._basis(t)
-            c_HM2 = self.C.float()
-            row_H1N = torch.cat([c_HM2[..., 0], -c_HM2[..., 1]], dim=1)[:, None, :]
-            k_HT = 2 * (row_H1N @ basis_HNT)[:, 0]
+            k_HT, x_HNB = self._kernel_and_state(t, u_BHT if state is not None else None)
             y_BHT = fft_causal_conv(u_BHT, k_HT)
-            if state is not None:
-                # x_T = Σ_j B̄·Ā^(T−1−j)·u_j: the basis read backwards, contracted with u
-                x_HNB = basis_HNT.flip(-1) @ u_BHT.permute(1, 2, 0)
+            if state is not None and x_HNB is not None:
                 h, n, b = x_HNB.shape
                 state.x_BHM2.copy_(x_HNB.reshape(h, 2, n // 2, b).permute(3, 0, 2, 1).detach())
         if state is not None:
