@@ -8,9 +8,9 @@ buffers, as the reference's `register(name, tensor, lr=0.0)` does.
 
 Kernel generation (the counted path uses real matmuls only: FlopCounterMode counts a complex
 matmul as a real one, about 4 x low):
-- S4D (zero-order hold, s4d.py): Ā = exp(Δ·A), B̄ = (Ā − 1)/A · B, elementwise; the basis
-  V[:, l] = B̄·Ā^l (H, N', T) is built elementwise and its real and imaginary parts stacked into a
-  real (H, N, T) tensor, so K = 2·Re(C·V) = 2·[Re C, −Im C]·V is one real bmm.
+- S4D (zero-order hold, s4d.py): Ā = exp(Δ·A), B̄ = (Ā − 1)/A · B, elementwise; K_l =
+  2·Re Σ C·B̄·Ā^l is the Vandermonde product, one real bmm [Re w, −Im w]·[Re Ā^j; Im Ā^j] per
+  chunk of positions (w = C·B̄·Ā^start), 2·H·N per position in all.
 - S4 (bilinear, Gu et al. 2022 App. C.2): Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A) with A = Λ − P·P*. The
   inverse of the diagonal-plus-rank-one matrix is the Woodbury identity, so Ā = diag(d) + q·rᵀ and
   B̄ come out elementwise, exactly. Instead of the Cauchy kernel at the FFT nodes (which computes
@@ -21,15 +21,14 @@ The convolution is y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T] (no wrap-around), the
 
 Decode: x ← Ā·x + B̄·u, y = 2·Re(C·x) + D·u, with x (B, H, N', 2) in fp32 (complex64 in the
 reference), 4·B·H·N bytes per layer whatever the model dtype. A prefill into a fresh state runs the
-convolution and takes the final state as Σ_j V[:, T−1−j]·u_j (real matmuls over the same basis);
-a continuation runs the recurrence token by token. S4D generates its basis in chunks of
-BASIS_CHUNK positions, so memory stays O(H·N) per chunk instead of O(H·N·T).
+convolution and takes the final state as Σ_j Ā^(T−1−j)·B̄·u_j (real matmuls over the same basis);
+a continuation runs the recurrence token by token. S4D works in chunks of BASIS_CHUNK positions,
+so its memory is O(H·N·BASIS_CHUNK), not O(H·N·T).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +40,8 @@ from archplan.resolve import S4Plan
 
 # s4d.py / s4.py defaults: Δ ~ logU(1e-3, 1e-1)
 _DT_MIN, _DT_MAX = 1e-3, 1e-1
-# S4D kernel positions generated at once: bounds the basis to H·N·512 floats (counted FLOPs are the
-# same whatever the chunking: the C contraction is 2·H·N per position)
+# S4D kernel positions per chunk: the basis is H·N·512 floats (counted FLOPs are the same whatever
+# the chunking: the contraction is 2·H·N per position)
 BASIS_CHUNK = 512
 
 
@@ -142,17 +141,9 @@ class S4Mixer(nn.Module):
         dB_HM = d0_HM * dt_b_HM - c_H1 * q_HM * (w_HM * dt_b_HM).sum(-1, keepdim=True)
         return dA_HMM, dB_HM, dA_HMM
 
-    def _basis_chunks(self, length: int) -> Iterator[tuple[int, Tensor]]:
-        """(start, real (H, N, c)): rows [Re; Im] of B̄·Ā^l for l in start … start + c − 1, covering
-        l < T. S4D yields chunks of at most BASIS_CHUNK positions, so the basis never exists whole
-        (H·N·T floats: 3 GiB at H = 768, N = 64, T = 16k); S4's doubling needs it whole: one chunk."""
-        dA, dB_HM, log_dA = self._discrete()
-        if not self.plan.dplr:
-            for start in range(0, length, BASIS_CHUNK):
-                l_T = torch.arange(start, min(start + BASIS_CHUNK, length), device=dB_HM.device, dtype=torch.float32)
-                v_HMT = dB_HM[:, :, None] * torch.exp(log_dA[:, :, None] * l_T)
-                yield start, torch.cat([v_HMT.real, v_HMT.imag], dim=1)
-            return
+    def _dplr_basis(self, length: int) -> Tensor:
+        """S4: real (H, N, T), rows [Re; Im] of Ā^l·B̄ for l < T, by doubling (module docstring)."""
+        dA, dB_HM, _ = self._discrete()
         block_HNN = torch.cat(
             [torch.cat([dA.real, -dA.imag], dim=2), torch.cat([dA.imag, dA.real], dim=2)], dim=1
         )
@@ -164,25 +155,48 @@ class S4Mixer(nn.Module):
             cols += need
             if cols < length:
                 power_HNN = power_HNN @ power_HNN
-        yield 0, v_HNT
+        return v_HNT
 
-    def _c_row(self) -> Tensor:
-        """(H, 1, N) = [Re C, −Im C]: Re(C·v) = Re C·Re v − Im C·Im v as one real contraction."""
-        c_HM2 = self.C.float()
-        return torch.cat([c_HM2[..., 0], -c_HM2[..., 1]], dim=1)[:, None, :]
+    @staticmethod
+    def _real_row(w_HM: Tensor) -> Tensor:
+        """(H, 1, N) = [Re w, −Im w]: Re(w·v) = Re w·Re v − Im w·Im v as one real contraction."""
+        return torch.cat([w_HM.real, -w_HM.imag], dim=1)[:, None, :]
 
     def _kernel_and_state(self, length: int, u_BHT: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """K (H, T) = 2·Re(C·B̄·Ā^l), fp32; with `u`, also the state after it from zero,
-        x_T = Σ_j B̄·Ā^(T−1−j)·u_j as (H, N, B): the basis contracted with u read backwards."""
-        row_H1N = self._c_row()
-        ks, x_HNB = [], None
+        """K (H, T) = 2·Re(C·Ā^l·B̄), fp32; with `u`, also the state after it from zero,
+        x_T = Σ_j Ā^(T−1−j)·B̄·u_j, complex (B, H, M).
+
+        S4D works in chunks of c = BASIS_CHUNK positions on one basis z^j, j < c (z = Ā): the chunk
+        at s is z^s·z^j, so its kernel is 2·Re((C·B̄·z^s)·z^j), one (H, 1, N) × (H, N, c) bmm, and
+        no (H, N, T) tensor or T·H·N exponentials are ever made. S4 contracts its doubling basis."""
         u_rev_HTB = u_BHT.flip(-1).permute(1, 2, 0) if u_BHT is not None else None
-        for start, basis_HNC in self._basis_chunks(length):
-            ks.append(2 * (row_H1N @ basis_HNC)[:, 0])
+        c_HM = torch.view_as_complex(self.C.float().contiguous())
+        if self.plan.dplr:
+            basis_HNT = self._dplr_basis(length)
+            k_HT = 2 * (self._real_row(c_HM) @ basis_HNT)[:, 0]
+            if u_rev_HTB is None:
+                return k_HT, None
+            x_HNB = basis_HNT @ u_rev_HTB
+            m = self.plan.modes
+            return k_HT, torch.complex(x_HNB[:, :m], x_HNB[:, m:]).permute(2, 0, 1)
+        _, dB_HM, log_dA_HM = self._discrete()
+        chunk = min(BASIS_CHUNK, length)
+        j_C = torch.arange(chunk, device=dB_HM.device, dtype=torch.float32)
+        # z^j = e^(j·Re log z)·(cos, sin)(j·Im log z): real ops (torch's complex exp is ~3x slower on CPU)
+        mag_HMC = torch.exp(log_dA_HM.real[:, :, None] * j_C)
+        phase_HMC = log_dA_HM.imag[:, :, None] * j_C
+        base_HNC = torch.cat([mag_HMC * torch.cos(phase_HMC), mag_HMC * torch.sin(phase_HMC)], dim=1)
+        m = self.plan.modes
+        ks, x_BHM = [], None
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            b_zs_HM = dB_HM * torch.exp(log_dA_HM * start)
+            ks.append(2 * (self._real_row(c_HM * b_zs_HM) @ base_HNC[:, :, :n])[:, 0])
             if u_rev_HTB is not None:
-                part_HNB = basis_HNC @ u_rev_HTB[:, start:start + basis_HNC.shape[-1]]
-                x_HNB = part_HNB if x_HNB is None else x_HNB + part_HNB
-        return torch.cat(ks, dim=-1), x_HNB
+                part_HNB = base_HNC[:, :, :n] @ u_rev_HTB[:, start:start + n]
+                part_BHM = (b_zs_HM[:, :, None] * torch.complex(part_HNB[:, :m], part_HNB[:, m:])).permute(2, 0, 1)
+                x_BHM = part_BHM if x_BHM is None else x_BHM + part_BHM
+        return torch.cat(ks, dim=-1), x_BHM
 
     def kernel(self, length: int) -> Tensor:
         return self._kernel_and_state(length, None)[0]
@@ -214,11 +228,10 @@ class S4Mixer(nn.Module):
         if state is not None and state.seen > 0:
             y_BHT = self._recurrence(u_BHT, state)
         else:
-            k_HT, x_HNB = self._kernel_and_state(t, u_BHT if state is not None else None)
+            k_HT, x_BHM = self._kernel_and_state(t, u_BHT if state is not None else None)
             y_BHT = fft_causal_conv(u_BHT, k_HT)
-            if state is not None and x_HNB is not None:
-                h, n, b = x_HNB.shape
-                state.x_BHM2.copy_(x_HNB.reshape(h, 2, n // 2, b).permute(3, 0, 2, 1).detach())
+            if state is not None and x_BHM is not None:
+                state.x_BHM2.copy_(torch.view_as_real(x_BHM.detach()))
         if state is not None:
             state.advance(t)
         y_BHT = y_BHT + self.D.float()[:, None] * u_BHT
