@@ -106,8 +106,9 @@ def s4_backward_adjust(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int
 
 
 def s4_elementwise(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
-    """Our estimate: the kernel basis (exp, cos, sin, the complex B̄ product: 8 per mode, position and
-    channel), the spectrum product (6 per complex bin), D skip (2), GELU, GLU, per token and channel."""
+    """Our estimate: kernel generation (the chunk basis' exp, cos, sin and the per-chunk products,
+    bounded by 8 per mode, position and channel), the spectrum product (6 per complex bin), D skip
+    (2), GELU and GLU per token and channel."""
     h = d_model
     basis = 8 * h * m.modes * seq_len
     bins = fft_length(seq_len) // 2 + 1
