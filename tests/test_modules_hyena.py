@@ -151,9 +151,12 @@ def test_cache_bytes_match_analytic(plan: HyenaPlan | StripedHyenaPlan, dtype: t
     assert state.nbytes() == expected
 
 
-def test_hyena_cache_beyond_l_max_is_a_user_error() -> None:
+def test_hyena_beyond_l_max_is_a_user_error() -> None:
+    m = build(hyena())
     with pytest.raises(ArchplanError, match="l_max"):
-        build(hyena()).new_state(1, 33, "cpu", torch.float32)
+        m.new_state(1, 33, "cpu", torch.float32)
+    with pytest.raises(ArchplanError, match="l_max"):
+        m(torch.zeros(1, 33, D))
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=repr)
