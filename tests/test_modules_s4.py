@@ -165,3 +165,19 @@ def test_s4d_chunked_basis_changes_neither_values_nor_counted_flops(monkeypatch:
     with FlopCounterMode(display=False) as counter:
         meta(torch.zeros(2, 11, D_MODEL, device="meta"))
     assert counter.get_total_flops() == s4_counted_flops(plan(False), D_MODEL, 2, 11)
+
+
+def test_verify_lists_the_fft_ops_with_their_formulas() -> None:
+    """The op table shows the FFTs with registered formulas; without one they would be flagged."""
+    from archplan.crosscheck import crosscheck
+    from archplan.resolve import resolve
+    from archplan.spec import Spec
+
+    spec = Spec(name="t", vocab_size=32, d_model=8, n_layers=1, max_seq_len=32,
+                long_conv={"kind": "s4d", "d_state": 4}, layout={"mixers": "H"})
+    result = crosscheck(resolve(spec), seq_len=10, batch=1, real=False)
+    ops = {op.op: op for op in result.ops}
+    for name in ("aten._fft_r2c", "aten._fft_c2r"):
+        assert ops[name].has_formula and ops[name].flops > 0 and not ops[name].suspicious
+    assert result.ok
+    assert result.training is not None and "aten._fft_c2c" in result.training_ops  # rfft's backward
