@@ -170,3 +170,21 @@ def test_flops_on_meta_match_analytic(plan: HyenaPlan | StripedHyenaPlan, seq_le
         assert counter.get_total_flops() == hyena_counted_flops(plan, D, 2, seq_len)
     else:
         assert counter.get_total_flops() == striped_counted_flops(plan, D, 2, seq_len)
+
+
+@pytest.mark.parametrize("modulation", [False, True])
+def test_hyena_filter_is_the_sin_mlp_times_the_decay_window(modulation: bool) -> None:
+    """h = MLP(z)·exp(−t·|δ|) (safari HyenaFilter.filter + ExponentialModulation, shift 0), with one
+    shared Sin frequency initialised to `sin_freq`."""
+    p = HyenaPlan(order=2, filter_order=6, filter_depth=1, emb_dim=5, short_filter=3, l_max=32,
+                  trainable_positions=False, modulation=modulation, bias=True, sin_freq=14.0)
+    m = build(p)
+    f = m.filter
+    assert torch.equal(f.freq.detach(), torch.full((1, 6), 14.0))
+    z, t = positional_features(32, 5, "cpu")
+    h = torch.sin(f.freq * f.mlp_in(z[:, :9]))
+    h = torch.sin(f.freq * f.mlp_inner[0](h))
+    h = f.mlp_out(h)
+    if modulation:
+        h = h * torch.exp(-t[:, :9] * f.deltas.abs())
+    torch.testing.assert_close(f(9).detach(), h[0].T.detach())
