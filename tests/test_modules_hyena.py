@@ -188,3 +188,20 @@ def test_hyena_filter_is_the_sin_mlp_times_the_decay_window(modulation: bool) ->
     if modulation:
         h = h * torch.exp(-t[:, :9] * f.deltas.abs())
     torch.testing.assert_close(f(9).detach(), h[0].T.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("plan", [*PLANS, "s4d", "s4"], ids=repr)
+def test_cuda_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan | str) -> None:
+    """On CUDA (cuFFT, fp32): prefill + steps ≡ one forward, for every long-conv mixer."""
+    from archplan.modules.s4 import S4Mixer
+    from archplan.resolve import S4Plan
+
+    torch.manual_seed(0)
+    m = S4Mixer(S4Plan(dplr=plan == "s4", d_state=8, n_ssm=2, ssm_buffers=False), D) if isinstance(plan, str) else build(plan)
+    m = m.cuda()
+    x = torch.randn(2, 11, D, device="cuda")
+    full = m(x)
+    state = m.new_state(2, 11, "cuda", torch.float32)
+    out = torch.cat([m(x[:, :6], state), m(x[:, 6:7], state), m(x[:, 7:], state)], 1)
+    torch.testing.assert_close(out, full, rtol=1e-3, atol=1e-3)
