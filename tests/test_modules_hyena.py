@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic.hyena import (
+    hyena_buffer_elements,
     hyena_cache_per_token,
     hyena_counted_flops,
     hyena_params,
@@ -205,3 +206,9 @@ def test_cuda_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan
     state = m.new_state(2, 11, "cuda", torch.float32)
     out = torch.cat([m(x[:, :6], state), m(x[:, 6:7], state), m(x[:, 7:], state)], 1)
     torch.testing.assert_close(out, full, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("plan", [hyena(), hyena(trainable=False), hyena(modulation=False)], ids=repr)
+def test_hyena_buffers_match_analytic(plan: HyenaPlan) -> None:
+    """Buffers (positional table when not trained, its time axis, modulation deltas) are stated apart."""
+    assert sum(b.numel() for b in build(plan).buffers()) == hyena_buffer_elements(plan, D)

@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from archplan.analytic.s4 import complex_fft_flops, real_fft_flops, s4_counted_flops, s4_params, s4_state_fp32_elements
+from archplan.analytic.s4 import (
+    complex_fft_flops,
+    real_fft_flops,
+    s4_buffer_elements,
+    s4_counted_flops,
+    s4_params,
+    s4_state_fp32_elements,
+)
 from archplan.modules import fft_flops  # noqa: F401  registers the FFT formulas
 from archplan.modules import s4 as s4_module
 from archplan.modules.s4 import S4Mixer, fft_causal_conv
@@ -181,3 +188,10 @@ def test_verify_lists_the_fft_ops_with_their_formulas() -> None:
         assert ops[name].has_formula and ops[name].flops > 0 and not ops[name].suspicious
     assert result.ok
     assert result.training is not None and "aten._fft_c2c" in result.training_ops  # rfft's backward
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("buffers", [False, True])
+def test_buffers_match_analytic(dplr: bool, buffers: bool) -> None:
+    p = plan(dplr, n_ssm=2, buffers=buffers)
+    assert sum(b.numel() for b in S4Mixer(p, D_MODEL).buffers()) == s4_buffer_elements(p, D_MODEL)
