@@ -46,8 +46,8 @@ def build(plan: HyenaPlan | StripedHyenaPlan, seed: int = 0) -> HyenaMixer | Str
     return m
 
 
-PLANS = [hyena(), hyena(order=3, trainable=False, modulation=False, short=1), striped(), striped(groups=2, short=1, bias=False),
-         striped(groups=4, state=1, short=4)]
+PLANS = [hyena(), hyena(order=3, trainable=False, modulation=False, short=1), striped(),
+         striped(groups=2, short=1, bias=False), striped(groups=4, state=1, short=4)]
 
 
 def test_hyena_closed_form() -> None:
@@ -199,8 +199,10 @@ def test_cuda_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan
     from archplan.resolve import S4Plan
 
     torch.manual_seed(0)
-    m = S4Mixer(S4Plan(dplr=plan == "s4", d_state=8, n_ssm=2, ssm_buffers=False), D) if isinstance(plan, str) else build(plan)
-    m = m.cuda()
+    if isinstance(plan, str):
+        m = S4Mixer(S4Plan(dplr=plan == "s4", d_state=8, n_ssm=2, ssm_buffers=False), D).cuda()
+    else:
+        m = build(plan).cuda()
     x = torch.randn(2, 11, D, device="cuda")
     full = m(x)
     state = m.new_state(2, 11, "cuda", torch.float32)

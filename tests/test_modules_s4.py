@@ -55,7 +55,8 @@ def test_kernel_equals_the_naive_closed_form(dplr: bool) -> None:
     length = 13
     dt = torch.exp(m.log_dt.detach()).double()
     rep = D_MODEL // m.plan.n_ssm
-    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double()).repeat_interleave(rep, 0)
+    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double())
+    lam = lam.repeat_interleave(rep, 0)
     b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
     c = torch.view_as_complex(m.C.detach().double().contiguous())
     if dplr:
