@@ -1434,3 +1434,7 @@ def read_hf(path: str | Path, *, strict: bool = False) -> Imported:
 def import_hf(path: str | Path, *, strict: bool = False) -> Spec:
     """Read CONFIG (a config.json or a folder holding one) and return its spec."""
     return read_hf(path, strict=strict).spec
+
+
+# Families converted in modules of their own register themselves on import (after FAMILIES exists).
+from archplan.importers import stripedhyena  # noqa: E402,F401

@@ -31,7 +31,18 @@ from archplan.planning.cluster import (
 from archplan.planning.layout import Layout, PartialLayout, check_layout
 from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for
 from archplan.planning.records import RankMemory
-from archplan.resolve import AttentionPlan, FFNPlan, Mamba1Plan, Mamba2Plan, MLAPlan, ModelPlan, MoEPlan
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    HyenaPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
+)
 from archplan.units import nbytes
 
 GB = 1e9
@@ -174,6 +185,10 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
             case Mamba2Plan():
                 if mixer.n_heads % tp or (mixer.n_groups % tp and tp % mixer.n_groups):
                     return f"{mixer.n_heads} SSM heads / {mixer.n_groups} groups do not split {tp} ways"
+            case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+                # long convolutions are per channel: TP splits the d_model channels
+                if plan.d_model % tp:
+                    return f"d_model {plan.d_model} does not split {tp} ways"
         widths: list[int] = []
         match layer.ffn:
             case FFNPlan():
