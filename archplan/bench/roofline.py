@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from archplan.analytic import count_params, forward_flops, kv_cache
+from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -148,17 +148,11 @@ def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, p
 
 def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: float, peak: float,
                         bandwidth: float) -> Roofline:
-    """One decode step: `batch` new tokens, each attending to `context` cached tokens."""
+    """One decode step: `batch` new tokens, each attending `context` keys (itself included)."""
     params = count_params(plan)
     kv = kv_cache(plan, context, batch, dtype_bytes)
-    # One new token: the matmuls of a 1-token forward, plus attention over the cached context
-    # (FORMULAS §2.8: 4·n_h·d_h·t per layer, window-capped).
-    one = forward_flops(plan, 1, 1)
-    flops_by_path: dict[str, float] = {p: batch * v for p, v in one.counted_by_component.items()}
-    for path, per_key in _attention_core_per_key(plan).items():
-        window = plan.layers[int(path.split(".")[1])].mixer.window  # type: ignore[union-attr]
-        keys = min(context, window) if window else context
-        flops_by_path[path] += batch * per_key * keys
+    # The analytic decode step (docs/formulas.md §2.8), MLA absorbed: what FlopCounterMode counts
+    flops_by_path: dict[str, float] = dict(decode_flops(plan, context, batch).counted_by_component)
     bytes_by_path: dict[str, float] = {}
     for path in params.by_component:
         routed = batch * _top_k_of(plan, path)
@@ -183,7 +177,8 @@ def _is_layer_body(path: str) -> bool:
 
 
 def _attention_core_per_key(plan: ModelPlan) -> dict[str, float]:
-    """QKᵀ+AV FLOPs of one query against one key, per attention layer (docs/architecture.md)."""
+    """QKᵀ+AV FLOPs of one query against one key in the cache-less forward (MLA expanded), per
+    attention layer (docs/architecture.md)."""
     core: dict[str, float] = {}
     for layer in plan.layers:
         match layer.mixer:

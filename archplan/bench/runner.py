@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -403,6 +404,20 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
             return timing, timing.median
         per_kind, instrumented = _block_seconds(model, built, step, device)
     return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale()
+
+
+def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:
+    """FlopCounterMode on meta for one decode step: `batch` new tokens, each attending `context`
+    keys (itself included), after a prefill of context − 1 tokens into the real cache path. What
+    `analytic.decode_flops(plan, context, batch)` predicts exactly (tests/test_decode.py)."""
+    model = build_model(plan)
+    cache = model.new_cache(batch, context)
+    with torch.no_grad():
+        if context > 1:
+            model(torch.zeros(batch, context - 1, dtype=torch.long, device="meta"), cache=cache)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(batch, 1, dtype=torch.long, device="meta"), cache=cache)
+    return counter.get_total_flops()
 
 
 def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object]]:
