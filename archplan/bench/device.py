@@ -9,8 +9,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
+import statistics
+from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
+
+from archplan.bench.roofline import DecodeRates
 from archplan.dtypes import DType
 from archplan.hardware import match_device_name
 
@@ -63,6 +68,73 @@ def calibrate_copy(device: torch.device, n_bytes: int = 1 << 27, seconds: float 
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n_bytes / best
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+class DecodeCalibration:
+    """The rates that bound a decode step at `rows` rows (the decode batch), measured in the run.
+
+    - GEMV bandwidth, once: `F.linear` at `rows` rows streaming 4096×4096 weights, `weight_bytes`
+      in all (256 MiB: beyond any CPU last-level cache or GPU L2), bytes/s; the skinny-matmul
+      rate is the same calls' FLOP/s.
+    - op overhead, sampled between the timed decode steps (`sample`), so both see the same load on
+      a shared machine: a chain of tiny non-matmul ops (view, multiply, cast, add), per op;
+    - call overhead, sampled likewise: the same chain with a one-token SDPA over 128 keys in each
+      link, less the chain's other ops: the decode pattern of a kernel that fans out to the thread
+      pool (or launches on CUDA) right after a few single-threaded ops. On a loaded CPU this is
+      where a step waits for a descheduled worker thread.
+    Medians over the samples, as the step time is the median of the steps. On CUDA the chains
+    measure the host's issue rate (one synchronisation at the end).
+    """
+
+    LINKS = 8
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, rows: int, weight_bytes: int = 1 << 28) -> None:
+        self.device, self.rows, self.dtype = device, rows, dtype
+        self.element = torch.finfo(dtype).bits // 8
+        width = 4096
+        weights = [torch.randn(width, width, device=device, dtype=dtype)
+                   for _ in range(max(2, weight_bytes // (width * width * self.element)))]
+        xs = torch.randn(rows, width, device=device, dtype=dtype)
+
+        def stream() -> None:
+            for w in weights:
+                F.linear(xs, w)
+
+        stream()
+        per_call = statistics.median(_seconds(stream, device) for _ in range(5)) / len(weights)
+        self.bandwidth = width * width * self.element / per_call
+        self.x = torch.randn(rows, 256, device=device, dtype=dtype)
+        self.q = torch.randn(rows, 4, 1, 64, device=device, dtype=dtype)
+        self.kv = torch.randn(rows, 4, 128, 64, device=device, dtype=dtype)
+        self.others: list[float] = []
+        self.calls: list[float] = []
+        for _ in range(3):
+            self.sample()
+
+    def _chain(self, attend: bool) -> None:
+        y = self.x
+        for _ in range(self.LINKS):
+            y = (y.view(self.rows, 16, 16) * 0.5).view(self.rows, 256).to(self.dtype) + self.x
+            if attend:
+                F.scaled_dot_product_attention(self.q, self.kv, self.kv)
+
+    def sample(self) -> None:
+        self.others.append(_seconds(lambda: self._chain(False), self.device))
+        self.calls.append(_seconds(lambda: self._chain(True), self.device))
+
+    def rates(self) -> DecodeRates:
+        op_seconds = statistics.median(self.others) / (4 * self.LINKS)
+        call_seconds = max(statistics.median(self.calls) / self.LINKS - 4 * op_seconds, op_seconds)
+        return DecodeRates(gemv_bandwidth=self.bandwidth, skinny_flops=2 * self.rows * self.bandwidth / self.element,
+                           call_seconds=call_seconds, op_seconds=op_seconds, overlap=self.device.type == "cuda")
 
 
 def device_peak(device: torch.device, dtype: DType) -> DevicePeak:

@@ -1,15 +1,29 @@
 """Roofline prediction for a bench run (Williams, Waterman & Patterson 2009, "Roofline").
 
-Each component runs in time max(FLOPs / peak FLOP/s, bytes moved / bandwidth); the run's prediction
-is the sum over components, reported per layer kind. Pure Python (no torch), from the analytic
-counts of the same plan the benchmark builds.
+Prefill: each component runs in time max(FLOPs / peak FLOP/s, bytes moved / copy bandwidth); the
+prediction is the sum over components, reported per layer kind. Pure Python (no torch), from the
+analytic counts of the same plan the benchmark builds.
+
+Decode is priced by what bounds a one-token step (docs/benchmarks.md, "Decode model"): each
+component's weights stream through skinny matmuls at the decode batch, far below copy bandwidth
+on CPU, and every dispatched op pays a fixed overhead that a 1-token step cannot amortise:
+
+    work(kind)  = Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate)
+    step        = Σ_kinds max(work, matmul-like calls × call overhead) + other ops × op overhead
+
+On CPU a call's fixed cost (BLAS entry, thread-pool wake-up) and its weight streaming overlap, and
+the GEMV bandwidth is measured with those costs inside it, so a kind pays the larger of the two;
+the other ops run in sequence and add. On CUDA the host issues kernels ahead of the device, so the
+step is max(Σ work, Σ host overhead). The rates are calibrated at the decode batch in the same
+run (`bench/device.py`); the op counts are dispatched ops counted once on the built model.
 
 Bytes moved per component (stated in docs/benchmarks.md):
 - prefill: its weights once (MoE: only the experts the B·T·K routed rows can reach, min(E, B·T·K)),
   plus its activation input and output (2·B·T·D elements), plus, for attention, the K/V it writes;
-- decode (one token per sequence): its weights once (MoE: min(E, B·K) experts), plus the cache it
-  reads at the current context (KV, MLA latent or SSM state).
-Elementwise FLOPs are not priced separately: they are memory-bound and covered by the activation bytes.
+- decode (one token per sequence): its weights once (MoE: min(E, B·K) experts; the embedding only
+  the B rows it looks up), plus the cache it reads at the current context (KV, MLA latent or SSM state).
+Elementwise FLOPs are not priced separately: they are memory-bound and covered by the activation
+bytes (prefill) or by the per-op overhead (decode).
 """
 
 from __future__ import annotations
@@ -37,19 +51,46 @@ class RooflineRow:
     count: int  # layers of this kind
     flops: float
     bytes: float
-    seconds: float
-    bound: str  # "compute" or "memory"
+    seconds: float  # prefill: work; decode: max(work, call overhead) + op overhead
+    bound: str  # "memory", "compute" or "overhead": the largest term
+    work: float = 0.0  # Σ_components max(FLOPs / rate, bytes / bandwidth)
+    ops: int = 0  # dispatched ops per step, all layers of this kind (decode)
+    call_overhead: float = 0.0  # seconds: matmul-like calls × call overhead (decode)
+    op_overhead: float = 0.0  # seconds: other ops × op overhead (decode)
 
 
 @dataclass(frozen=True)
 class Roofline:
     rows: tuple[RooflineRow, ...]
-    peak_flops: float
-    bandwidth: float
+    peak_flops: float  # the compute rate priced (decode: the skinny-matmul rate)
+    bandwidth: float  # the bandwidth priced (decode: the GEMV bandwidth)
+    overlap: bool = False  # CUDA decode: the host issues kernels ahead of the device
 
     @property
     def seconds(self) -> float:
+        if self.overlap:
+            return max(sum(r.work for r in self.rows), sum(r.call_overhead + r.op_overhead for r in self.rows))
         return sum(r.seconds for r in self.rows)
+
+
+@dataclass(frozen=True)
+class OpCount:
+    """Dispatched ops of one decode step: matmul-like kernel calls (BLAS / SDPA / grouped matmul,
+    which wake the CPU thread pool or launch a GEMM) and every other op (elementwise, copies, views)."""
+
+    calls: int
+    others: int
+
+
+@dataclass(frozen=True)
+class DecodeRates:
+    """What bounds a decode step on a device, calibrated at the decode batch (`bench/device.py`)."""
+
+    gemv_bandwidth: float  # bytes/s of weights streamed through skinny matmuls
+    skinny_flops: float  # FLOP/s of those same matmuls
+    call_seconds: float  # fixed cost of one matmul-like call
+    op_seconds: float  # fixed cost of any other dispatched op
+    overlap: bool  # CUDA: the host runs ahead of the device
 
 
 def layer_kind(layer: LayerPlan) -> str:
@@ -98,10 +139,13 @@ def _layer_of(path: str) -> int | None:
 
 
 def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: dict[str, float],
-             peak: float, bandwidth: float) -> Roofline:
+             peak: float, bandwidth: float, overhead_by_kind: dict[str, tuple[int, float, float]] | None = None,
+             overlap: bool = False) -> Roofline:
+    """Sum max(compute, memory) per component into its layer kind; then each kind's (ops, call
+    overhead, op overhead): seconds = max(work, call overhead) + op overhead (see the module doc)."""
     flops_by_kind: dict[str, float] = defaultdict(float)
     bytes_by_kind: dict[str, float] = defaultdict(float)
-    seconds_by_kind: dict[str, float] = defaultdict(float)
+    work_by_kind: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for layer in plan.layers:
         counts[layer_kind(layer)] += 1
@@ -112,13 +156,18 @@ def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: di
         f, b = flops_by_path.get(path, 0.0), bytes_by_path.get(path, 0.0)
         flops_by_kind[kind] += f
         bytes_by_kind[kind] += b
-        seconds_by_kind[kind] += max(f / peak, b / bandwidth)
-    rows = tuple(
-        RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind], seconds_by_kind[kind],
-                    "compute" if flops_by_kind[kind] / peak >= bytes_by_kind[kind] / bandwidth else "memory")
-        for kind in sorted(seconds_by_kind, key=lambda k: (k == "embed+head", k))
-    )
-    return Roofline(rows, peak, bandwidth)
+        work_by_kind[kind] += max(f / peak, b / bandwidth)
+    overheads = overhead_by_kind or {}
+    rows = []
+    for kind in sorted(set(work_by_kind) | set(overheads), key=lambda k: (k == "embed+head", k)):
+        ops, calls, others = overheads.get(kind, (0, 0.0, 0.0))
+        work = work_by_kind[kind]
+        terms = {"memory": bytes_by_kind[kind] / bandwidth, "compute": flops_by_kind[kind] / peak,
+                 "overhead": calls + others}
+        rows.append(RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind],
+                                max(work, calls) + others, max(terms, key=terms.__getitem__), work, ops,
+                                calls, others))
+    return Roofline(tuple(rows), peak, bandwidth, overlap)
 
 
 def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, peak: float,
@@ -146,9 +195,13 @@ def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, p
     return _predict(plan, flops_by_path, bytes_by_path, peak, bandwidth)
 
 
-def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: float, peak: float,
-                        bandwidth: float) -> Roofline:
-    """One decode step: `batch` new tokens, each attending `context` keys (itself included)."""
+def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: float, rates: DecodeRates,
+                        ops_by_kind: dict[str, OpCount]) -> Roofline:
+    """One decode step: `batch` new tokens, each attending `context` keys (itself included).
+
+    `ops_by_kind`: dispatched ops of ONE layer of each kind, and of "embed+head" (the rest of the
+    step), as counted on the built model; every layer of a kind is priced alike.
+    """
     params = count_params(plan)
     kv = kv_cache(plan, context, batch, dtype_bytes)
     # The analytic decode step (docs/formulas.md §2.8), MLA absorbed: what FlopCounterMode counts
@@ -158,9 +211,22 @@ def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: 
         routed = batch * _top_k_of(plan, path)
         weight = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
         bytes_by_path[path] = weight + kv.by_component.get(path, 0)
+    # a lookup reads B rows of the tables, not the tables; a tied head still reads the whole matrix
+    for table in ("embed", "pos_embed"):
+        if table in bytes_by_path:
+            bytes_by_path[table] = batch * plan.d_model * dtype_bytes
     if plan.tied:
         bytes_by_path["lm_head"] = bytes_by_path.get("lm_head", 0) + plan.vocab_size * plan.d_model * dtype_bytes
-    return _predict(plan, flops_by_path, bytes_by_path, peak, bandwidth)
+    counts = defaultdict(int, {"embed+head": 1})
+    for layer in plan.layers:
+        counts[layer_kind(layer)] += 1
+    overhead_by_kind = {
+        kind: (counts[kind] * (ops.calls + ops.others), counts[kind] * ops.calls * rates.call_seconds,
+               counts[kind] * ops.others * rates.op_seconds)
+        for kind, ops in ops_by_kind.items()
+    }
+    return _predict(plan, flops_by_path, bytes_by_path, rates.skinny_flops, rates.gemv_bandwidth,
+                    overhead_by_kind, rates.overlap)
 
 
 def _top_k_of(plan: ModelPlan, path: str) -> int:
