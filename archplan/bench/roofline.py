@@ -8,13 +8,11 @@ Decode is priced by what bounds a one-token step (docs/benchmarks.md, "Decode mo
 component's weights stream through skinny matmuls at the decode batch, far below copy bandwidth
 on CPU, and every dispatched op pays a fixed overhead that a 1-token step cannot amortise:
 
-    work(kind)  = Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate)
-    step        = Σ_kinds max(work, matmul-like calls × call overhead) + other ops × op overhead
+    step = Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate)
+           + matmuls × matmul overhead + attention kernels × attention overhead + other ops × op overhead
 
-On CPU a call's fixed cost (BLAS entry, thread-pool wake-up) and its weight streaming overlap, and
-the GEMV bandwidth is measured with those costs inside it, so a kind pays the larger of the two;
-the other ops run in sequence and add. On CUDA the host issues kernels ahead of the device, so the
-step is max(Σ work, Σ host overhead). The rates are calibrated at the decode batch in the same
+CPU runs it all in sequence (the sum); on CUDA the host issues kernels ahead of the device, so the
+step is max(Σ work, Σ overhead). The rates are calibrated at the decode batch in the same
 run (`bench/device.py`); the op counts are dispatched ops counted once on the built model.
 
 Bytes moved per component (stated in docs/benchmarks.md):
@@ -51,12 +49,11 @@ class RooflineRow:
     count: int  # layers of this kind
     flops: float
     bytes: float
-    seconds: float  # prefill: work; decode: max(work, call overhead) + op overhead
+    seconds: float  # work + overhead
     bound: str  # "memory", "compute" or "overhead": the largest term
     work: float = 0.0  # Σ_components max(FLOPs / rate, bytes / bandwidth)
     ops: int = 0  # dispatched ops per step, all layers of this kind (decode)
-    call_overhead: float = 0.0  # seconds: matmul-like calls × call overhead (decode)
-    op_overhead: float = 0.0  # seconds: other ops × op overhead (decode)
+    overhead: float = 0.0  # seconds: their fixed per-op costs (decode)
 
 
 @dataclass(frozen=True)
@@ -69,17 +66,22 @@ class Roofline:
     @property
     def seconds(self) -> float:
         if self.overlap:
-            return max(sum(r.work for r in self.rows), sum(r.call_overhead + r.op_overhead for r in self.rows))
+            return max(sum(r.work for r in self.rows), sum(r.overhead for r in self.rows))
         return sum(r.seconds for r in self.rows)
 
 
 @dataclass(frozen=True)
 class OpCount:
-    """Dispatched ops of one decode step: matmul-like kernel calls (BLAS / SDPA / grouped matmul,
-    which wake the CPU thread pool or launch a GEMM) and every other op (elementwise, copies, views)."""
+    """Dispatched ops of one decode step: matmuls (mm/addmm/bmm/linear/grouped), attention kernels
+    (SDPA), and every other op (elementwise, copies, views)."""
 
-    calls: int
+    matmuls: int
+    attention: int
     others: int
+
+    @property
+    def total(self) -> int:
+        return self.matmuls + self.attention + self.others
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,13 @@ class DecodeRates:
 
     gemv_bandwidth: float  # bytes/s of weights streamed through skinny matmuls
     skinny_flops: float  # FLOP/s of those same matmuls
-    call_seconds: float  # fixed cost of one matmul-like call
+    matmul_seconds: float  # fixed cost of one matmul call
+    attention_seconds: float  # fixed cost of one attention kernel call
     op_seconds: float  # fixed cost of any other dispatched op
     overlap: bool  # CUDA: the host runs ahead of the device
+
+    def overhead(self, ops: OpCount) -> float:
+        return ops.matmuls * self.matmul_seconds + ops.attention * self.attention_seconds + ops.others * self.op_seconds
 
 
 def layer_kind(layer: LayerPlan) -> str:
@@ -139,10 +145,9 @@ def _layer_of(path: str) -> int | None:
 
 
 def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: dict[str, float],
-             peak: float, bandwidth: float, overhead_by_kind: dict[str, tuple[int, float, float]] | None = None,
+             peak: float, bandwidth: float, overhead_by_kind: dict[str, tuple[int, float]] | None = None,
              overlap: bool = False) -> Roofline:
-    """Sum max(compute, memory) per component into its layer kind; then each kind's (ops, call
-    overhead, op overhead): seconds = max(work, call overhead) + op overhead (see the module doc)."""
+    """Sum max(compute, memory) per component into its layer kind, plus each kind's (ops, overhead)."""
     flops_by_kind: dict[str, float] = defaultdict(float)
     bytes_by_kind: dict[str, float] = defaultdict(float)
     work_by_kind: dict[str, float] = defaultdict(float)
@@ -160,13 +165,12 @@ def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: di
     overheads = overhead_by_kind or {}
     rows = []
     for kind in sorted(set(work_by_kind) | set(overheads), key=lambda k: (k == "embed+head", k)):
-        ops, calls, others = overheads.get(kind, (0, 0.0, 0.0))
+        ops, overhead = overheads.get(kind, (0, 0.0))
         work = work_by_kind[kind]
         terms = {"memory": bytes_by_kind[kind] / bandwidth, "compute": flops_by_kind[kind] / peak,
-                 "overhead": calls + others}
-        rows.append(RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind],
-                                max(work, calls) + others, max(terms, key=terms.__getitem__), work, ops,
-                                calls, others))
+                 "overhead": overhead}
+        rows.append(RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind], work + overhead,
+                                max(terms, key=terms.__getitem__), work, ops, overhead))
     return Roofline(tuple(rows), peak, bandwidth, overlap)
 
 
@@ -220,11 +224,8 @@ def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: 
     counts = defaultdict(int, {"embed+head": 1})
     for layer in plan.layers:
         counts[layer_kind(layer)] += 1
-    overhead_by_kind = {
-        kind: (counts[kind] * (ops.calls + ops.others), counts[kind] * ops.calls * rates.call_seconds,
-               counts[kind] * ops.others * rates.op_seconds)
-        for kind, ops in ops_by_kind.items()
-    }
+    overhead_by_kind = {kind: (counts[kind] * ops.total, counts[kind] * rates.overhead(ops))
+                        for kind, ops in ops_by_kind.items()}
     return _predict(plan, flops_by_path, bytes_by_path, rates.skinny_flops, rates.gemv_bandwidth,
                     overhead_by_kind, rates.overlap)
 

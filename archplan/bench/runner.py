@@ -201,10 +201,10 @@ EXTRAPOLATION_METHOD = (
 
 
 DECODE_MODEL = (
-    "Σ_kinds max(Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate), matmul-like calls × "
-    "call overhead) + other ops × op overhead (CUDA: max of device work and host overhead); rates "
-    "calibrated at the decode batch between the timed steps, ops dispatched in one step of the built "
-    "model, per layer kind"
+    "Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate) + matmuls × matmul overhead + "
+    "attention kernels × attention overhead + other ops × op overhead (CUDA: max of device work and "
+    "overhead); rates calibrated at the decode batch in this run, ops dispatched in one step of the "
+    "built model, per layer kind"
 )
 
 
@@ -446,18 +446,22 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
 class _OpCounter(TorchDispatchMode):
     """Dispatched ops by layer kind (block hooks set the kind; everything else is "embed+head")."""
 
+    MATMULS = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution")
+
     def __init__(self) -> None:
         super().__init__()
         self.kind = "embed+head"
-        self.calls: dict[str, int] = defaultdict(int)
-        self.others: dict[str, int] = defaultdict(int)
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         name = func.overloadpacket.__name__
-        # matmul-like: what enters BLAS / wakes the CPU thread pool or launches a GEMM kernel
-        matmul = name in ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution") \
-            or name.startswith(("_scaled_dot_product", "scaled_dot_product"))
-        (self.calls if matmul else self.others)[self.kind] += 1
+        if name in self.MATMULS:
+            group = "matmuls"
+        elif name.startswith(("_scaled_dot_product", "scaled_dot_product")):
+            group = "attention"
+        else:
+            group = "others"
+        self.counts[self.kind][group] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -479,7 +483,7 @@ def _count_ops(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], objec
     for h in handles:
         h.remove()
     built = kinds(plan) | {"embed+head": 1}
-    return {kind: OpCount(round(counter.calls[kind] / n), round(counter.others[kind] / n))
+    return {kind: OpCount(*(round(counter.counts[kind][g] / n) for g in ("matmuls", "attention", "others")))
             for kind, n in built.items()}
 
 
