@@ -402,6 +402,8 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     peak = device_peak(device, cfg.dtype)
     b = nbytes(cfg.dtype)
 
+    # before the peak-memory window: its 256 MiB of streamed weights are not the model's
+    calibration = DecodeCalibration(device, torch_dtype, cfg.batch) if cfg.decode_tokens else None
     torch.manual_seed(0)
     reset_peak_memory(device)
     model = build_model(built, device=device.type, dtype=torch_dtype).eval()
@@ -421,7 +423,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
                 per_kind, instrumented = _block_seconds(model, built, lambda: model(tokens), device)
             extrapolation = _extrapolate(plan, built, per_kind, instrumented, timing.median)
         decode, decode_s, ops_by_kind, rates = _decode(model, built, cfg, device, progress,
-                                                       extrapolation is not None, plan)
+                                                       extrapolation is not None, plan, calibration)
     peak_bytes, method = peak_memory(device)
     prefill_s = extrapolation.scale() if extrapolation else timing.median
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
@@ -488,12 +490,12 @@ def _count_ops(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], objec
 
 
 def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
-            progress: Progress, extrapolate: bool, full: ModelPlan
+            progress: Progress, extrapolate: bool, full: ModelPlan, calibration: DecodeCalibration | None
             ) -> tuple[Timing | None, float | None, dict[str, OpCount] | None, DecodeRates | None]:
-    """Prefill into a real cache, calibrate the decode rates right before timing `decode_tokens`
-    single-token steps (the same load on a shared machine), then one step counting its dispatched
-    ops (+1 instrumented step when extrapolating to full depth)."""
-    if cfg.decode_tokens == 0:
+    """Prefill into a real cache, time `decode_tokens` single-token steps with the calibration's
+    overhead samples between them (the same load on a shared machine), then one step counting its
+    dispatched ops (+1 instrumented step when extrapolating to full depth)."""
+    if cfg.decode_tokens == 0 or calibration is None:
         return None, None, None, None
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
         cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 2)  # type: ignore[operator]
@@ -503,7 +505,6 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
         def step() -> None:
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
-        calibration = DecodeCalibration(device, TORCH_DTYPES[cfg.dtype], cfg.batch)
         timing = _time(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
                        between=calibration.sample)
         rates = calibration.rates()
