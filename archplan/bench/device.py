@@ -81,8 +81,8 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
 class DecodeCalibration:
     """The rates that bound a decode step at `rows` rows (the decode batch), measured in the run.
 
-    - GEMV bandwidth and matmul call overhead, once: `F.linear` at `rows` rows streaming 256 MiB of
-      weights (beyond any CPU last-level cache or GPU L2) twice, as 1024×1024 and as 4096×4096
+    - GEMV bandwidth and matmul call overhead, once: `F.linear` at `rows` rows streaming 128 MiB of
+      weights (beyond a CPU last-level cache or GPU L2) twice, as 1024×1024 and as 4096×4096
       matrices; per call t = overhead + bytes / bandwidth, solved from the two. On CPU the
       overhead is the BLAS call and its thread team (at some batches MKL's small-M GEMM waits for
       a descheduled worker on a loaded machine); on CUDA a launch. The skinny-matmul rate is the
@@ -99,7 +99,7 @@ class DecodeCalibration:
 
     LINKS = 8
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, rows: int, weight_bytes: int = 1 << 28) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, rows: int, weight_bytes: int = 1 << 27) -> None:
         self.device, self.rows, self.dtype = device, rows, dtype
         self.element = torch.finfo(dtype).bits // 8
         per_call: dict[int, float] = {}
@@ -113,7 +113,7 @@ class DecodeCalibration:
                     F.linear(xs, w)
 
             stream()
-            per_call[width] = statistics.median(_seconds(stream, device) for _ in range(5)) / len(weights)
+            per_call[width] = statistics.median(_seconds(stream, device) for _ in range(3)) / len(weights)
             del weights
         small, large = 1024 * 1024 * self.element, 4096 * 4096 * self.element
         slope = (per_call[4096] - per_call[1024]) / (large - small)

@@ -402,7 +402,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     peak = device_peak(device, cfg.dtype)
     b = nbytes(cfg.dtype)
 
-    # before the peak-memory window: its 256 MiB of streamed weights are not the model's
+    # before the peak-memory window: its 128 MiB of streamed weights are not the model's
     calibration = DecodeCalibration(device, torch_dtype, cfg.batch) if cfg.decode_tokens else None
     torch.manual_seed(0)
     reset_peak_memory(device)
