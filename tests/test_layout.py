@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
@@ -34,7 +35,8 @@ from archplan.planning.parallel import Settings, interconnect, search
 from archplan.planning.pricing import Rates, gemm_time
 from archplan.planning.records import tally
 from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
-from archplan.resolve import resolve
+from archplan.resolve import StripedHyenaPlan, resolve
+from archplan.spec import S4, S4D, Hyena, StripedHyena
 from strategies import Case, cases
 from test_plan import run
 
@@ -74,6 +76,58 @@ def test_tensor_names_and_shapes_are_the_torch_modules(case: Case) -> None:
     built = {n: tuple(p.shape) for n, p in build_model(plan, device="meta").named_parameters()}
     assert isinstance(torch.Size((1,)), tuple)
     assert {t.name: t.shape for t in _all_tensors(plan)} == built
+
+
+LONG_CONV_PRESETS = ("hyena-153m", "stripedhyena-7b", "s4d-lm")
+
+
+@pytest.mark.parametrize("name", LONG_CONV_PRESETS)
+def test_long_conv_preset_tensors_are_the_torch_modules(name: str) -> None:
+    pytest.importorskip("torch")
+    from archplan.modules.model import build_model
+
+    plan = _plan(name)
+    built = {n: tuple(p.shape) for n, p in build_model(plan, device="meta").named_parameters()}
+    assert {t.name: t.shape for t in _all_tensors(plan)} == built
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+@pytest.mark.parametrize("member", [S4D, S4, Hyena, StripedHyena])
+def test_long_conv_tensors_are_the_torch_modules(member: Any, data: Any) -> None:
+    """Every long-conv option (S4 DPLR, trainable vs buffer SSM tensors and positions, filter
+    groups, FIR bias) against the torch model built on meta."""
+    pytest.importorskip("torch")
+    from archplan.modules.model import build_model
+
+    plan = resolve(data.draw(cases(only={"long_conv": member})).spec)
+    built = {n: tuple(p.shape) for n, p in build_model(plan, device="meta").named_parameters()}
+    assert {t.name: t.shape for t in _all_tensors(plan)} == built
+
+
+def test_long_conv_tensor_parallel_shards() -> None:
+    """Channels split over tp; shared filter-MLP trunk replicated; one modal filter per channel."""
+    sh = _plan("stripedhyena-7b")  # d 4096, state_size 2, filter_groups 1
+    layer = next(l for l in sh.layers if isinstance(l.mixer, StripedHyenaPlan))
+    local = {t.name.split(".", 2)[-1]: t.local_shape(8) for t in layer_tensors(layer, sh)}
+    assert local["mixer.projections.weight"] == (3 * 4096 // 8, 4096)
+    assert local["mixer.short_filter_weight"] == (3 * 4096 // 8, 1, 3)
+    assert local["mixer.poles"] == (4096 // 8, 2, 1, 2) == local["mixer.residues"]
+    assert local["mixer.D"] == (512,)
+    assert local["mixer.out_filter_dense.weight"] == (4096, 512)
+    assert local["mixer.out_filter_dense.bias"] == (4096,)
+    hy = _plan("hyena-153m")  # d 864, order 2, filter order 64, emb_dim 33
+    local = {t.name.split(".", 2)[-1]: t for t in layer_tensors(hy.layers[0], hy)}
+    assert local["mixer.in_proj.weight"].local_shape(4) == (3 * 864 // 4, 864)
+    assert local["mixer.filter.mlp_in.weight"].local_shape(4) == (64, 33)  # replicated trunk
+    assert local["mixer.filter.mlp_out.weight"].local_shape(4) == (864 // 4, 64)
+    assert local["mixer.filter.mlp_out.weight"].per_position
+    assert not local["mixer.in_proj.weight"].per_position
+    s4 = _plan("s4d-lm")
+    local = {t.name.split(".", 2)[-1]: t.local_shape(4) for t in layer_tensors(s4.layers[0], s4)}
+    assert local["mixer.C"] == (768 // 4, 32, 2)
+    assert local["mixer.output_linear.weight"] == (2 * 768, 768 // 4)  # row-parallel before the GLU
+    assert local["mixer.B"] == (1, 32, 2)  # the single SSM copy on every rank
 
 
 def test_tensor_parallel_shards() -> None:
