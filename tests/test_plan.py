@@ -25,7 +25,7 @@ from archplan.planning.design import RECIPES, Family, design, recipe_shape
 from archplan.planning.optimal import LawChoice, budget, optimum
 from archplan.planning.cluster import rank_memory
 from archplan.planning.layout import Layout, parse_layout
-from archplan.planning.parallel import Settings, interconnect, search, tp_problem
+from archplan.planning.parallel import Settings, cp_problem, interconnect, search, tp_problem
 from archplan.planning.solve import Targets, solve
 from archplan.resolve import resolve
 from archplan.spec import Spec
@@ -558,10 +558,17 @@ def test_stripedhyena_fixed_layout_is_evaluated(capsys: pytest.CaptureFixture[st
     assert best["step_time"]["tp"] > 0 and best["step_time"]["cp"] > 0 and best["step_time"]["bubble"] > 0
 
 
-def test_long_conv_tp_must_split_the_channels() -> None:
+def test_long_conv_tp_and_cp_must_split_the_channels() -> None:
     odd = resolve(load_spec("s4d-lm").model_copy(update={"d_model": 772}))
     assert tp_problem(odd, 4) is None
     assert tp_problem(odd, 8) == "d_model 772 does not split 8 ways"
     with pytest.raises(ArchplanError, match="tp=8: d_model 772"):
         search(odd, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
                fixed=parse_layout("tp=8,cp=1,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1"))
+    # under CP the channels split over tp·cp (the sequence <-> channel all-to-all)
+    assert cp_problem(odd, 4, 1) is None and cp_problem(odd, 2, 2) is None
+    assert cp_problem(odd, 4, 2) == "long convolutions split d_model 772 over tp·cp = 8 channel shards"
+    with pytest.raises(ArchplanError, match="cp=2: long convolutions"):
+        search(odd, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
+               fixed=parse_layout("tp=4,cp=2,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1"))
+    assert cp_problem(resolve(load_spec("llama-3-8b")), 8, 16) is None  # attention needs no channel split

@@ -46,7 +46,8 @@ ZeRO-3 under ZERO/MEGATRON also holds two layers' gathered bf16 weights (`tempor
 al. 2022 §4, per saved tensor) at the rank's tokens, mb·seq/cp (context parallelism splits the
 sequence; with its load balancing every rank holds 2 of the 2·cp chunks). Under tensor parallelism
 everything is split over tp except, without sequence parallelism, the norm inputs and the inputs
-of the column-parallel projections (Korthikanti Table 2: sbh(10 + 24/t) vs 34·sbh/t, dropout aside);
+of the column-parallel projections (Korthikanti Table 2: sbh(10 + 24/t) vs 34·sbh/t, dropout aside;
+S4 keeps its 2h GLU input whole instead, `_mixer_whole`);
 with sequence parallelism the column input is kept sequence-sharded and re-gathered in the backward
 (Megatron-LM's choice). attention_kernel "flash" (the default) keeps no s×s probabilities, only the
 fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1), and a fused SwiGLU that keeps [gate |

@@ -13,8 +13,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   convention, it recomputes the scores); eager: two batched GEMMs over the full s×s square and the
   softmax's s×s traffic at HBM bandwidth.
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
-  scan) at `hbm` × the HBM bandwidth, 2 B per element read or written; the backward moves twice
-  the forward's bytes. Without sequence parallelism the norms and residual adds run on the whole
+  scan, the long convolutions' FFTs, gates and filter generation: `_long_conv`) at `hbm` × the HBM
+  bandwidth, 2 B per element read or written (fp32 for the FFTs); the backward moves twice the
+  forward's bytes. Hyena's implicit filter MLP is GEMMs on seq rows (once per position). Without sequence parallelism the norms and residual adds run on the whole
   sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time).
 - recompute: full re-runs the forward, selective the eager attention core.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
@@ -198,9 +199,10 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             routed = math.ceil(tokens * moe.top_k * ep / moe.n_experts)
             gemm += gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
         elif len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
-            fp8 = not t.name.endswith(("router.weight", "shared_gate.weight"))
             # Hyena's filter MLP runs once per position of the whole sequence (every CP rank
-            # generates its channels' filters at full length), not per token
+            # generates its channels' filters at full length), not per token, and in bf16 (the
+            # Sin features of an implicit filter are what fp8 recipes keep out of fp8, like routers)
+            fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
             gemm += gemm_time(seq if t.per_position else tokens, shape[0], shape[1], rates, fp8)
     # attention core
     attn_fwd = attn_bwd = 0.0
