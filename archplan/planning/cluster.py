@@ -569,10 +569,10 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         # sequence shards by an all-to-all under SP (a free slice without), and the row-parallel
         # output_linear reduces 2·d_model partial sums before the GLU
         if sp:
-            add("all_to_all", "tp", tp, act // tp, m * s4 * (fwd + 1), f"{span} S4 input to channel shards (SP)",
-                tp_over)
-            add("reduce_scatter", "tp", tp, 2 * act, m * s4 * fwd, f"{span} S4 output_linear, 2·d_model (SP)",
-                tp_over)
+            add("all_to_all", "tp", tp, act // tp, m * s4 * (fwd + 1),
+                f"{span} S4 input to channel shards (SP)", tp_over)
+            add("reduce_scatter", "tp", tp, 2 * act, m * s4 * fwd,
+                f"{span} S4 output_linear, 2·d_model (SP)", tp_over)
             add("all_gather", "tp", tp, 2 * act, m * s4, f"{span} S4 output_linear gradient (SP)", tp_over)
         else:
             add("all_reduce", "tp", tp, 2 * act, m * s4 * fwd, f"{span} S4 output_linear, 2·d_model (TP)",
@@ -615,7 +615,8 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 case _:
                     assert_never(cp_comm)
         for sent, n in conv_calls.items():  # forward (again under full recompute) and backward
-            add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} long-conv sequence <-> channel shards (CP)")
+            add("all_to_all", "cp", cp, sent, m * n * (fwd + 1),
+                f"{span} long-conv sequence <-> channel shards (CP)")
         for routed, n in ep_calls.items():
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)

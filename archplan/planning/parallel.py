@@ -206,8 +206,8 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
 def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
     """Why CP degree cp cannot split this model's long convolutions: their CP ranks trade sequence
     shards for channel shards (`cluster.long_conv_exchange`), d_model over tp·cp ranks."""
-    if cp > 1 and any(isinstance(l.mixer, (S4Plan, HyenaPlan, StripedHyenaPlan)) for l in plan.layers) \
-            and plan.d_model % (tp * cp):
+    long_conv = any(isinstance(l.mixer, (S4Plan, HyenaPlan, StripedHyenaPlan)) for l in plan.layers)
+    if cp > 1 and long_conv and plan.d_model % (tp * cp):
         return f"long convolutions split d_model {plan.d_model} over tp·cp = {tp * cp} channel shards"
     return None
 

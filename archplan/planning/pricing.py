@@ -15,8 +15,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
   scan, the long convolutions' FFTs, gates and filter generation: `_long_conv`) at `hbm` × the HBM
   bandwidth, 2 B per element read or written (fp32 for the FFTs); the backward moves twice the
-  forward's bytes. Hyena's implicit filter MLP is GEMMs on seq rows (once per position). Without sequence parallelism the norms and residual adds run on the whole
-  sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time).
+  forward's bytes. Without sequence parallelism the norms and residual adds run on the whole
+  sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time). Hyena's
+  implicit filter MLP is GEMMs on seq rows (once per position, not per token).
 - recompute: full re-runs the forward, selective the eager attention core.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
   fraction of the dense peak.
@@ -44,6 +45,7 @@ from typing import Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.attention import attended_pairs
+from archplan.analytic.s4 import log2_ceil
 from archplan.hardware import GEMM_HALF_DIM, Accelerator, KernelEfficiency
 from archplan.planning.cluster import (
     ACT_BYTES,
@@ -58,7 +60,6 @@ from archplan.planning.cluster import (
 )
 from archplan.planning.layout import Layout
 from archplan.planning.records import Collective, RankMemory
-from archplan.analytic.s4 import log2_ceil
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -199,9 +200,9 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             routed = math.ceil(tokens * moe.top_k * ep / moe.n_experts)
             gemm += gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
         elif len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
-            # Hyena's filter MLP runs once per position of the whole sequence (every CP rank
-            # generates its channels' filters at full length), not per token, and in bf16 (the
-            # Sin features of an implicit filter are what fp8 recipes keep out of fp8, like routers)
+            # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
+            # its tensor-parallel shard of it over the full length), not per token, and in bf16
+            # (like the router, a small precision-sensitive GEMM that fp8 recipes keep out of fp8)
             fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
             gemm += gemm_time(seq if t.per_position else tokens, shape[0], shape[1], rates, fp8)
     # attention core
@@ -315,7 +316,7 @@ def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Lay
             o = mixer.order
             pointwise = ACT_BYTES * h * (2 * (o + 1) + 6 * (o - 1) + 3) / tp
             channels = (o - 1) * h
-            window = 2 * FP32_BYTES * seq * channels / tp if mixer.modulation else 0.0
+            window = 2 * FP32_BYTES * seq * channels / ranks if mixer.modulation else 0.0
             per_micro = FFT_FILTER_BYTES * seq * channels / ranks + window
             return pointwise + FFT_CONV_BYTES * channels / tp, per_micro, 0.0
         case StripedHyenaPlan():
