@@ -102,6 +102,8 @@ def _kv_table(r: dict[str, Any]) -> _Section:
     if kv.get("conv_bytes_per_token"):
         table.add_row("  of which Hyena long-conv inputs (grow per token)", units.nbytes(kv["conv_bytes_per_token"]))
     table.add_row(f"context {kv['context']:,} x batch {kv['batch']:,}", units.nbytes(kv["bytes"]))
+    if kv.get("filter_cache_bytes"):
+        table.add_row("  of which Hyena filters (fp32, once for the batch)", units.nbytes(kv["filter_cache_bytes"]))
     if kv["ssm_state_bytes"]:
         table.add_row("  of which SSM / S4 / FIR + modal state (constant)", units.nbytes(kv["ssm_state_bytes"]))
     return table

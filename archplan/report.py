@@ -253,6 +253,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "ssm_state_bytes": kv.ssm_state_bytes,
             "naive_mla_bytes_per_token": kv.naive_mla_bytes_per_token,
             "conv_bytes_per_token": kv.conv_bytes_per_token,
+            "filter_cache_bytes": kv.filter_cache_bytes,
             "by_component": dict(kv.by_component),
             "convention": KV_CONVENTION,
         },

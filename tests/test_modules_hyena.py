@@ -11,6 +11,7 @@ from archplan.analytic.hyena import (
     hyena_buffer_elements,
     hyena_cache_per_token,
     hyena_counted_flops,
+    hyena_filter_cache_per_token,
     hyena_params,
     hyena_state_elements,
     striped_counted_flops,
@@ -146,6 +147,7 @@ def test_cache_bytes_match_analytic(plan: HyenaPlan | StripedHyenaPlan, dtype: t
     state = build(plan).new_state(3, 20, "cpu", dtype)
     if isinstance(plan, HyenaPlan):
         expected = 3 * (20 * hyena_cache_per_token(plan, D) + hyena_state_elements(plan, D)) * size
+        expected += 20 * hyena_filter_cache_per_token(plan, D) * 4  # the filters: fp32, once for the batch
     else:
         fir, modal = striped_state_elements(plan, D)
         expected = 3 * (fir * size + modal * 4)  # the modal state is fp32 (complex64) whatever the dtype

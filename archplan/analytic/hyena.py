@@ -104,6 +104,12 @@ def hyena_cache_per_token(m: HyenaPlan, d_model: int) -> int:
     return hyena_filter_channels(m, d_model)
 
 
+def hyena_filter_cache_per_token(m: HyenaPlan, d_model: int) -> int:
+    """The long filters' taps, (N_o − 1)·D per cached position: fp32, computed once per cache and
+    shared by the batch (they depend on no input), so no decode step reruns the filter MLP."""
+    return hyena_filter_channels(m, d_model)
+
+
 def hyena_state_elements(m: HyenaPlan, d_model: int) -> int:
     """The short conv's last k − 1 inputs over (N_o+1)·D channels."""
     return (m.order + 1) * d_model * (m.short_filter - 1)

@@ -20,10 +20,14 @@ matmul as a real one, about 4 x low):
 The convolution is y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T] (no wrap-around), then + D·u.
 
 Decode: x ← Ā·x + B̄·u, y = 2·Re(C·x) + D·u, with x (B, H, N', 2) in fp32 (complex64 in the
-reference), 4·B·H·N bytes per layer whatever the model dtype. A prefill into a fresh state runs the
-convolution and takes the final state as Σ_j Ā^(T−1−j)·B̄·u_j (real matmuls over the same basis);
-a continuation runs the recurrence token by token. S4D works in chunks of BASIS_CHUNK positions,
-so its memory is O(H·N·BASIS_CHUNK), not O(H·N·T).
+reference), 4·B·H·N bytes per layer whatever the model dtype. The step is elementwise for both:
+S4D's Ā is diagonal, and S4 applies Ā = diag(a) + q·rᵀ in its DPLR form, a⊙x + q·(rᵀx), O(N)
+per channel (state-spaces/s4 step mode "linear"), never the dense N × N matrix. A prefill of
+T > 1 tokens into a fresh state runs the convolution and takes the final state as
+Σ_j Ā^(T−1−j)·B̄·u_j (real matmuls over the same basis); a single token, or any continuation,
+runs the recurrence token by token (from a zero state one step is the T = 1 convolution, without
+building a kernel). S4D works in chunks of BASIS_CHUNK positions, so its memory is
+O(H·N·BASIS_CHUNK), not O(H·N·T).
 """
 
 from __future__ import annotations
@@ -57,6 +61,32 @@ def fft_causal_conv(u_BCT: Tensor, k_KT: Tensor, expand: int = 1) -> Tensor:
     if expand > 1:
         k_f = k_f.repeat_interleave(expand, dim=0)
     return torch.fft.irfft(u_f * k_f, n=n)[..., :t]
+
+
+@dataclass(frozen=True)
+class _Discrete:
+    """The discretised SSM per channel, complex: Ā = diag(a) + q·rᵀ (S4D: q = r = None), B̄, and
+    for S4D log a = Δ·A."""
+
+    a_HM: Tensor
+    b_HM: Tensor
+    log_a_HM: Tensor | None = None
+    q_HM: Tensor | None = None
+    r_HM: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        """Ā as (H, M, M): diag(a) + q·rᵀ."""
+        dense_HMM = torch.diag_embed(self.a_HM)
+        if self.q_HM is not None and self.r_HM is not None:
+            dense_HMM = dense_HMM + self.q_HM[:, :, None] * self.r_HM[:, None, :]
+        return dense_HMM
+
+    def step(self, x_BHM: Tensor, u_BH1: Tensor) -> Tensor:
+        """x ← Ā·x + B̄·u, elementwise: a⊙x (+ q·(rᵀx) for S4)."""
+        next_BHM = self.a_HM * x_BHM + self.b_HM * u_BH1
+        if self.q_HM is not None and self.r_HM is not None:
+            next_BHM = next_BHM + self.q_HM * (self.r_HM * x_BHM).sum(-1, keepdim=True)
+        return next_BHM
 
 
 @dataclass(eq=False)
@@ -114,16 +144,15 @@ class S4Mixer(nn.Module):
         """(S, ...) -> (H, ...): each SSM copy serves H / S consecutive channels."""
         return t_S.float().repeat_interleave(self.d_model // self.plan.n_ssm, dim=0)
 
-    def _discrete(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(Ā, B̄, log Ā): S4D gives Ā (H, M) diagonal and log Ā = Δ·A; S4 gives Ā (H, M, M) dense
-        and no log. Complex, elementwise only (never a complex matmul)."""
+    def _discrete(self) -> _Discrete:
+        """Ā and B̄ from (Δ, A, B, P): complex, elementwise only (never a complex matmul)."""
         dt_H = torch.exp(self.log_dt.float())
         lam_HM = torch.complex(-torch.exp(self._per_channel(self.A_log_real)), self._per_channel(self.A_imag))
         b_HM = torch.view_as_complex(self._per_channel(self.B).contiguous())
         if not self.plan.dplr:
             dtA_HM = dt_H[:, None] * lam_HM
             dA_HM = torch.exp(dtA_HM)
-            return dA_HM, (dA_HM - 1) / lam_HM * b_HM, dtA_HM
+            return _Discrete(dA_HM, (dA_HM - 1) / lam_HM * b_HM, log_a_HM=dtA_HM)
         p_HM = torch.view_as_complex(self._per_channel(self.P).contiguous())
         half = (dt_H / 2)[:, None]
         # A1 = (I − Δ/2·(Λ − p p*))⁻¹ = D0 − c·q·wᵀ (Woodbury), D0 = 1/(1 − Δ/2·Λ), q = D0·p,
@@ -136,14 +165,14 @@ class S4Mixer(nn.Module):
         a0_HM = 1 + half * lam_HM
         # Ā = A1·A0 = diag(D0·a0) + q·rᵀ, r = −Δ/2·(1 − c·s)·p* − c·w·a0 (expanded by hand)
         r_HM = -half * (1 - c_H1 * s_H1) * p_HM.conj() - c_H1 * w_HM * a0_HM
-        dA_HMM = torch.diag_embed(d0_HM * a0_HM) + q_HM[:, :, None] * r_HM[:, None, :]
         dt_b_HM = dt_H[:, None] * b_HM
         dB_HM = d0_HM * dt_b_HM - c_H1 * q_HM * (w_HM * dt_b_HM).sum(-1, keepdim=True)
-        return dA_HMM, dB_HM, dA_HMM
+        return _Discrete(d0_HM * a0_HM, dB_HM, q_HM=q_HM, r_HM=r_HM)
 
     def _dplr_basis(self, length: int) -> Tensor:
         """S4: real (H, N, T), rows [Re; Im] of Ā^l·B̄ for l < T, by doubling (module docstring)."""
-        dA, dB_HM, _ = self._discrete()
+        disc = self._discrete()
+        dA, dB_HM = disc.dense(), disc.b_HM
         block_HNN = torch.cat(
             [torch.cat([dA.real, -dA.imag], dim=2), torch.cat([dA.imag, dA.real], dim=2)], dim=1
         )
@@ -179,7 +208,9 @@ class S4Mixer(nn.Module):
             x_HNB = basis_HNT @ u_rev_HTB
             m = self.plan.modes
             return k_HT, torch.complex(x_HNB[:, :m], x_HNB[:, m:]).permute(2, 0, 1)
-        _, dB_HM, log_dA_HM = self._discrete()
+        disc = self._discrete()
+        dB_HM, log_dA_HM = disc.b_HM, disc.log_a_HM
+        assert log_dA_HM is not None  # S4D
         chunk = min(BASIS_CHUNK, length)
         j_C = torch.arange(chunk, device=dB_HM.device, dtype=torch.float32)
         # z^j = e^(j·Re log z)·(cos, sin)(j·Im log z): real ops (torch's complex exp is ~3x slower on CPU)
@@ -207,17 +238,13 @@ class S4Mixer(nn.Module):
         return S4State(torch.zeros(batch, self.d_model, self.plan.modes, 2, device=device, dtype=torch.float32))
 
     def _recurrence(self, u_BHT: Tensor, state: S4State) -> Tensor:
-        """The step mode, token by token: x ← Ā·x + B̄·u_t, y_t = 2·Re(C·x)."""
-        dA, dB_HM, _ = self._discrete()
+        """The step mode, token by token: x ← Ā·x + B̄·u_t, y_t = 2·Re(C·x), all elementwise."""
+        disc = self._discrete()
         c_HM = torch.view_as_complex(self.C.float().contiguous())
         x_BHM = torch.view_as_complex(state.x_BHM2)
         ys = []
         for t in range(u_BHT.shape[-1]):
-            u_BH1 = u_BHT[:, :, t, None]
-            if self.plan.dplr:
-                x_BHM = (dA @ x_BHM[..., None])[..., 0] + dB_HM * u_BH1
-            else:
-                x_BHM = dA * x_BHM + dB_HM * u_BH1
+            x_BHM = disc.step(x_BHM, u_BHT[:, :, t, None])
             ys.append(2 * (c_HM * x_BHM).sum(-1).real)
         state.x_BHM2.copy_(torch.view_as_real(x_BHM))
         return torch.stack(ys, dim=-1)
@@ -225,7 +252,9 @@ class S4Mixer(nn.Module):
     def forward(self, x_BTD: Tensor, state: S4State | None = None) -> Tensor:
         t = x_BTD.shape[1]
         u_BHT = x_BTD.transpose(1, 2).float()
-        if state is not None and state.seen > 0:
+        # a single token into a fresh state steps too: the recurrence from zero is the T = 1
+        # convolution, and decoding costs the same at every position (docs/architecture.md)
+        if state is not None and (state.seen > 0 or t == 1):
             y_BHT = self._recurrence(u_BHT, state)
         else:
             k_HT, x_BHM = self._kernel_and_state(t, u_BHT if state is not None else None)
