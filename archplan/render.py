@@ -88,6 +88,8 @@ def _flops_table(r: dict[str, Any]) -> _Section:
     table.add_row("6·N_active (approximation)", units.flops(f["six_n_active"]), "")
     table.add_row(f"decode, one token at context {f['decode_context']:,}", "",
                   units.flops(f["decode_per_token"]))
+    table.add_row(Text("decode elementwise (analytic only, not in the above)", style="dim"), "",
+                  units.flops(f["decode_elementwise_per_token"]))
     table.add_row(Text("elementwise (analytic only, not in the above)", style="dim"),
                   units.flops(f["elementwise_per_token"]), "")
     return table
