@@ -189,3 +189,35 @@ def test_lm_head_counted_when_tied() -> None:
 def test_bad_arguments(call: Any) -> None:
     with pytest.raises(ArchplanError):
         call(tiny_llama())
+
+
+def test_decode_elementwise_is_kept_apart() -> None:
+    """A decode step's elementwise estimate: the softmax grows 3·H per attended key (Mistral's window
+    caps it), everything else is the T = 1 forward's estimate; counted and elementwise share keys."""
+    from archplan.analytic import decode_flops
+
+    p = resolve(load_spec("mistral-7b"))
+    step = decode_flops(p, 100, 2)
+    assert step.counted_by_component.keys() == step.elementwise_by_component.keys()
+    assert decode_flops(p, 101, 2).elementwise - step.elementwise == 2 * 32 * 3 * 32
+    assert decode_flops(p, 5000, 1).elementwise == decode_flops(p, 4096, 1).elementwise
+    fwd = forward_flops(p, 1, 2)
+    assert decode_flops(p, 1, 2).elementwise == fwd.elementwise  # one key: the softmax of T = 1
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+def test_s4_decode_step_is_the_output_linear_plus_an_elementwise_recurrence(dplr: bool) -> None:
+    """S4D / S4 (H 8, N 4: 2 complex modes) decode: counted = 2·H·2H per sequence, whatever the
+    context; the recurrence (18 per mode, + 16 DPLR), D skip, GELU, GLU per sequence and channel,
+    the discretisation once for the batch (20 or 60 per mode and channel), the residual add."""
+    from archplan.analytic import decode_flops
+
+    p = plan(vocab_size=2, d_model=8, n_layers=1, max_seq_len=16, position={"kind": "none"},
+             norm={"kind": "rmsnorm", "affine": False}, final_norm=False, layout={"mixers": "H"},
+             long_conv={"kind": "s4" if dplr else "s4d", "d_state": 4})
+    for context in (1, 9):
+        step = decode_flops(p, context, 3)
+        assert step.counted_by_component["layers.0.mixer"] == 3 * 2 * 8 * 16
+        per_mode = 18 + (16 if dplr else 0)
+        discretise = (60 if dplr else 20) * 8 * 2
+        assert step.elementwise_by_component["layers.0.mixer"] == 3 * 8 * (per_mode * 2 + 15) + discretise + 3 * 8

@@ -11,10 +11,12 @@ from archplan.analytic.hyena import (
     hyena_buffer_elements,
     hyena_cache_per_token,
     hyena_counted_flops,
+    hyena_decode_counted_flops,
     hyena_filter_cache_per_token,
     hyena_params,
     hyena_state_elements,
     striped_counted_flops,
+    striped_decode_counted_flops,
     striped_params,
     striped_state_elements,
 )
@@ -216,3 +218,29 @@ def test_cuda_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan
 def test_hyena_buffers_match_analytic(plan: HyenaPlan) -> None:
     """Buffers (positional table when not trained, its time axis, modulation deltas) are stated apart."""
     assert sum(b.numel() for b in build(plan).buffers()) == hyena_buffer_elements(plan, D)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+@pytest.mark.parametrize("prefill", [0, 1, 6])
+def test_a_decode_step_counts_what_analytic_says(plan: HyenaPlan | StripedHyenaPlan, prefill: int) -> None:
+    """One token after `prefill` tokens (none: a fresh state). Hyena: projections, short conv and one
+    bmm over the prefill + 1 cached inputs, no filter MLP (the cache holds the filters); StripedHyena:
+    projections and FIR, the modal step is elementwise."""
+    with torch.device("meta"):
+        m = HyenaMixer(plan, D) if isinstance(plan, HyenaPlan) else StripedHyenaMixer(plan, D)
+    state = m.new_state(2, 8, "meta", torch.float32)
+    if prefill:
+        m(torch.zeros(2, prefill, D, device="meta"), state)
+    with FlopCounterMode(display=False) as counter:
+        m(torch.zeros(2, 1, D, device="meta"), state)
+    if isinstance(plan, HyenaPlan):
+        assert counter.get_total_flops() == 2 * hyena_decode_counted_flops(plan, D, prefill + 1)
+    else:
+        assert counter.get_total_flops() == 2 * striped_decode_counted_flops(plan, D)
+
+
+def test_hyena_cache_holds_the_filters_reversed() -> None:
+    m = build(hyena())
+    state = m.new_state(2, 20, "cpu", torch.float32)
+    torch.testing.assert_close(state.filter_rev_CL.flip(-1), m.filter(20).detach())
+    assert not state.filter_rev_CL.requires_grad

@@ -14,6 +14,7 @@ from archplan.analytic.s4 import (
     real_fft_flops,
     s4_buffer_elements,
     s4_counted_flops,
+    s4_decode_counted_flops,
     s4_params,
     s4_state_fp32_elements,
 )
@@ -196,3 +197,28 @@ def test_verify_lists_the_fft_ops_with_their_formulas() -> None:
 def test_buffers_match_analytic(dplr: bool, buffers: bool) -> None:
     p = plan(dplr, n_ssm=2, buffers=buffers)
     assert sum(b.numel() for b in S4Mixer(p, D_MODEL).buffers()) == s4_buffer_elements(p, D_MODEL)
+
+
+def test_dplr_step_is_the_dense_step() -> None:
+    """S4's step applies Ā = diag(a) + q·rᵀ in O(N) (a⊙x + q·(rᵀx)): equal to the dense Ā·x."""
+    m = mixer(plan(True))
+    disc = m._discrete()
+    x = torch.randn(2, D_MODEL, m.plan.modes, dtype=torch.complex64)
+    u = torch.randn(2, D_MODEL, 1)
+    dense = (disc.dense() @ x[..., None])[..., 0] + disc.b_HM * u
+    torch.testing.assert_close(disc.step(x, u).detach(), dense.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("prefill", [0, 5])
+def test_a_decode_step_counts_the_output_linear_only(dplr: bool, prefill: int) -> None:
+    """One token, into a fresh state or after a prefill, steps the recurrence (elementwise): the
+    counter sees the output Linear(H, 2H) alone, `s4_decode_counted_flops` per sequence."""
+    with torch.device("meta"):
+        m = S4Mixer(plan(dplr), D_MODEL)
+    state = m.new_state(3, 8, "meta", torch.float32)
+    if prefill:
+        m(torch.zeros(3, prefill, D_MODEL, device="meta"), state)
+    with FlopCounterMode(display=False) as counter:
+        m(torch.zeros(3, 1, D_MODEL, device="meta"), state)
+    assert counter.get_total_flops() == 3 * s4_decode_counted_flops(D_MODEL) == 3 * 2 * D_MODEL * 2 * D_MODEL
