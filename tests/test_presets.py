@@ -36,7 +36,7 @@ def test_every_fixture_model_has_a_preset() -> None:
 def test_preset_header_and_reference(name: str) -> None:
     path = PRESETS_DIR / f"{name}.yaml"
     first = path.read_text().splitlines()[0]
-    assert first == "# yaml-language-server: $schema=../docs/spec.schema.json"
+    assert first == "# yaml-language-server: $schema=../spec.schema.json"
     spec = load_spec(name)
     assert spec.name == name
     ref = spec.reference
