@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import flop_registry
 
 from archplan import crosscheck as cc
 from archplan.analytic import FlopCount, ParamCount, count_params
-from archplan.contraction import contraction_shaped
+from archplan.contraction import ContractionDetector, contraction_shaped
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS
 from archplan.loader import load_spec, preset_names
 from archplan.resolve import ModelPlan, resolve
@@ -104,6 +105,20 @@ def test_an_indexed_update_is_not_a_contraction() -> None:
     assert contraction_shaped([(1, 32), (32, 32)], [(1, 32)])
     assert not contraction_shaped([(1, 32), (32, 32)], [(1, 32)], indexed=True)
     assert contraction_shaped([(8, 4), (3, 4, 5)], [(8, 5)], indexed=True)  # grouped mm with offsets
+
+
+def test_a_decomposition_tells_square_attention_from_an_update() -> None:
+    """T = S = D: attention's signature is an update's; what the op decomposes into is not."""
+    detect = ContractionDetector(flop_registry)
+    q_BHTD = torch.empty(1, 2, 4, 4, device="meta")
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert detect(attention, (q_BHTD, q_BHTD, q_BHTD), {}, attention(q_BHTD, q_BHTD, q_BHTD))
+    softmax_backward = torch.ops.aten._softmax_backward_data.default
+    args = (q_BHTD, q_BHTD, -1, torch.float32)
+    assert not detect(softmax_backward, args, {}, softmax_backward(*args))
+    mv = torch.ops.aten.mv.default  # decomposes to mul + sum: caught by its shapes
+    w, x = torch.empty(6, 4, device="meta"), torch.empty(4, device="meta")
+    assert detect(mv, (w, x), {}, mv(w, x))
 
 
 @pytest.mark.parametrize(("operands", "outputs"), [
