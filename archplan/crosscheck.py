@@ -119,6 +119,7 @@ class FvcoreRow:
     fvcore: int
     known: Mapping[str, int]  # traced op -> FLOPs by formula (not counted by fvcore)
     skipped: Mapping[str, int]  # traced ops fvcore skipped without a formula -> calls
+    ops: Mapping[str, int] = field(default_factory=dict)  # fvcore's own count per op (x 2)
 
     @property
     def ok(self) -> bool:
@@ -270,7 +271,8 @@ class CrossCheck:
                     "ran": fv.not_run is None, "not_run": fv.not_run, "ok": fv.ok, "total": fv.total,
                     "rows": [
                         {"component": r.component, "analytic": r.analytic, "fvcore": r.fvcore,
-                         "known": dict(r.known), "skipped": dict(r.skipped), "ok": r.ok}
+                         "ops": dict(r.ops), "known": dict(r.known), "skipped": dict(r.skipped),
+                         "ok": r.ok}
                         for r in fv.rows
                     ],
                 },
@@ -792,12 +794,14 @@ def _fvcore_check(
     rows = []
     for comp in ordered(shown):
         ops = by_comp.get(comp, Counter())
+        own_ops = {op: n for op, n in ops.items() if not op.startswith(KNOWN_PREFIX)}
         rows.append(FvcoreRow(
             comp,
             counted_by_component.get(comp, 0),
-            sum(n for op, n in ops.items() if not op.startswith(KNOWN_PREFIX)),
+            sum(own_ops.values()),
             {op.removeprefix(KNOWN_PREFIX): n for op, n in ops.items() if op.startswith(KNOWN_PREFIX)},
             dict(skipped_by_comp.get(comp, Counter())),
+            own_ops,
         ))
     return FvcoreCheck(rows=tuple(rows))
 

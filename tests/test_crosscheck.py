@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 
 import pytest
 import torch
@@ -298,8 +299,10 @@ def test_an_fvcore_mismatch_on_attention_fails_that_component(monkeypatch: pytes
                         dataclasses.replace(sdpa, formula=lambda shapes: sdpa.formula(shapes) + 2))
     result = cc.crosscheck(resolve(TINY), seq_len=8, backward=False, real=True)
     assert result.real is not None
-    bad = [row.component for row in result.real.fvcore.rows if not row.ok]
-    assert bad == ["layers.0.mixer", "layers.1.mixer"]
+    bad = [row for row in result.real.fvcore.rows if not row.ok]
+    assert [row.component for row in bad] == ["layers.0.mixer", "layers.1.mixer"]
+    # per op: fvcore's own count (the projections) and the formula's share, each shown
+    assert all(set(row.ops) == {"linear"} and sum(row.ops.values()) == row.fvcore for row in bad)
     assert not result.ok
     assert {c.name: c.status for c in result.checks}["fvcore"] == "mismatch"
 
@@ -317,7 +320,9 @@ def test_an_absent_fvcore_is_not_run_never_a_match(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_crashing_fvcore_is_not_run_with_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fvcore.nn
+    with warnings.catch_warnings():  # fvcore's import scripts with torch.jit, which warns
+        warnings.simplefilter("ignore")
+        import fvcore.nn
 
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("tracer exploded\nsecond line of a JIT error")

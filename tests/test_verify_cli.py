@@ -6,6 +6,7 @@ import dataclasses
 import importlib.metadata
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from archplan import crosscheck as cc
 from archplan.analytic import ParamCount
 from archplan.cli import main
 from archplan.commands.requires import torch_release
+from archplan.flop_registry import FVCORE_FORMULAS
 from archplan.resolve import ModelPlan
 
 TINY_YAML = """\
@@ -175,7 +177,9 @@ def test_an_absent_fvcore_is_reported_as_not_run_never_as_a_match(
 def test_a_crashing_fvcore_is_reported_as_not_run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
 ) -> None:
-    import fvcore.nn
+    with warnings.catch_warnings():  # fvcore's import scripts with torch.jit, which warns
+        warnings.simplefilter("ignore")
+        import fvcore.nn
 
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("cannot trace")
@@ -249,3 +253,16 @@ def test_an_old_torch_is_refused_in_one_line(
 ])
 def test_torch_release_reads_major_minor(version: str, release: tuple[int, int]) -> None:
     assert torch_release(version) == release
+
+
+def test_an_fvcore_mismatch_fails_with_its_ops(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    sdpa = FVCORE_FORMULAS["aten::scaled_dot_product_attention"]
+    monkeypatch.setitem(FVCORE_FORMULAS, "aten::scaled_dot_product_attention",
+                        dataclasses.replace(sdpa, formula=lambda shapes: sdpa.formula(shapes) + 2))
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-backward")
+    assert code == 1
+    line = next(line for line in out.splitlines() if line.startswith("  fvcore layers.0.mixer:"))
+    assert "(linear " in line and "known " in line and "aten::scaled_dot_product_attention" in line
+    assert "mismatch: fvcore" in _summary(out)

@@ -359,10 +359,12 @@ def _render_diff(result: CrossCheck, console: Console) -> None:
     if result.real is not None:
         for r in result.real.fvcore.rows:
             if not r.ok:
-                known = f" + known {sum(r.known.values()):,}" if r.known else ""
+                counted = ", ".join(f"{op} {n:,}" for op, n in r.ops.items())
+                known = ", ".join(f"{op} {n:,}" for op, n in r.known.items())
                 skipped = ", ".join(f"{op} ×{n}" for op, n in r.skipped.items())
-                console.print(f"  fvcore {r.component}: analytic {r.analytic:,}, fvcore×2 {r.fvcore:,}"
-                              f"{known}; fvcore skipped: {skipped or 'nothing'}", markup=False)
+                console.print(f"  fvcore {r.component}: analytic {r.analytic:,}, fvcore×2 {r.fvcore:,} "
+                              f"({counted or 'no ops'}) + known {sum(r.known.values()):,} ({known or 'none'}); "
+                              f"fvcore skipped: {skipped or 'nothing'}", markup=False)
     console.print(summary_line(result.checks), soft_wrap=True)
 
 
