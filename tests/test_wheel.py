@@ -9,6 +9,7 @@ from the source tree or an editable install.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -33,9 +34,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
     shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
+    # The installed setuptools builds offline; without one (Python 3.12 ships none) pip fetches
+    # the build backend pyproject.toml names.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp / "wheels"), str(source)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp / "wheels"),
+         str(source)],
         check=True, capture_output=True, timeout=300,
     )
     (wheel,) = (tmp / "wheels").glob("archplan-*.whl")
