@@ -11,8 +11,8 @@ the op's name:
   `b (K,) -> (…, M)` (mv), and one chained product on a third operand `(…, M, N) · c (…, N, P)`
   (attention: softmax(QKᵀ)V). An output shaped like the right (matrix) operand is an update
   of it (scatter, softmax backward), not a product, and so is an output shaped like any
-  operand when the op also takes integer index tensors (index_put with accumulate); pointwise ops (the op's `pointwise`
-  tag) never contract;
+  operand when the op also takes integer index tensors (index_put with accumulate);
+  pointwise ops (the op's `pointwise` tag) never contract;
 - decomposition: an op torch can decompose (torch._decomp) carries matmul work when its
   decomposition, run on the same operands, dispatches ops the counter prices above 0 FLOPs.
   This catches what shapes cannot tell from an update, e.g. square attention (T = S, Dv = D)

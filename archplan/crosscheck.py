@@ -769,7 +769,8 @@ def _fvcore_check(
         try:
             from fvcore.nn import FlopCountAnalysis  # optional dependency, imported when used
         except ImportError as exc:
-            return FvcoreCheck(rows=(), not_run=f"fvcore is not installed ({_first_line(exc)}): pip install fvcore")
+            reason = f"fvcore is not installed ({_first_line(exc)}): pip install fvcore"
+            return FvcoreCheck(rows=(), not_run=reason)
         try:
             analysis = FlopCountAnalysis(model, (tokens_BT,))
             analysis.set_op_handle(**{op: _no_flops for op in FVCORE_ELEMENTWISE_OPS})

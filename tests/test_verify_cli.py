@@ -188,7 +188,8 @@ def test_a_crashing_fvcore_is_reported_as_not_run(
     code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-backward")
     assert code == 0 and "all figures match" not in out
     summary = _summary(out)
-    assert "not run: training FLOPs (no backward requested), fvcore (fvcore failed: RuntimeError: cannot trace)" in summary
+    assert ("not run: training FLOPs (no backward requested), "
+            "fvcore (fvcore failed: RuntimeError: cannot trace)") in summary
     assert summary.startswith("match exactly: parameters, forward FLOPs, KV cache;")
 
 

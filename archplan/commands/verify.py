@@ -4,8 +4,8 @@ Builds the model on meta, compares parameters and counted forward FLOPs componen
 checks training FLOPs with a real backward, and on small models also runs fvcore and measures the
 KV/SSM cache on a real instance (`archplan.crosscheck`). Exit 0 when no check disagrees, 1 with
 the diff, 2 on bad input; a check that did not run (fvcore absent or failing, no real instance)
-is reported as "not run" with its reason and never counted as a match. torch is imported inside the command only (cli.py loads every
-command module, and `size`/`lint` must stay torch-free).
+is reported as "not run" with its reason and never counted as a match. torch is imported inside
+the command only (cli.py loads every command module, and `size`/`lint` must stay torch-free).
 """
 
 from __future__ import annotations
