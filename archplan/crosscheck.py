@@ -45,7 +45,18 @@ from archplan.analytic import count_params, forward_flops, kv_cache, training_fl
 from archplan.contraction import ContractionDetector
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
 from archplan.modules.model import ArchplanModel, build_model
-from archplan.resolve import AttentionPlan, LayerPlan, Mamba1Plan, Mamba2Plan, MLAPlan, ModelPlan, MoEPlan
+from archplan.resolve import (
+    AttentionPlan,
+    HyenaPlan,
+    LayerPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
+)
 from typing_extensions import assert_never
 
 # A real (non-meta) instance is built only below this size unless asked for (fp32 on CPU: 200 MB).
@@ -180,7 +191,7 @@ class CrossCheck:
     flops: tuple[FlopRow, ...]
     ops: tuple[OpCount, ...]  # forward
     backward_ops: tuple[OpCount, ...]  # backward only (empty without a backward)
-    training: Row | None  # one forward + backward at (batch, seq) against 3 x the analytic forward
+    training: Row | None  # one forward + backward at (batch, seq) against the analytic training FLOPs
     training_per_token: int | None  # analytic training_flops_per_token at seq (batch-independent)
     training_ops: Mapping[str, int]
     real: RealCheck | None
@@ -393,6 +404,12 @@ def layer_kind(layer: LayerPlan) -> str:
             label = "mamba1"
         case Mamba2Plan():
             label = "mamba2"
+        case S4Plan():
+            label = "s4" if mixer.dplr else "s4d"
+        case HyenaPlan():
+            label = f"hyena order {mixer.order}"
+        case StripedHyenaPlan():
+            label = "stripedhyena"
         case _:
             assert_never(mixer)
     ffn = layer.ffn
@@ -692,9 +709,10 @@ def crosscheck(
     training_ops: dict[str, int] = {}
     if counts.training is not None:
         training_ops = dict(counts.training)
-        # 3 x the analytic forward, exactly: training_flops_per_token is this total divided by
-        # the tokens and rounded, so it is compared in total, not per token.
-        training = Row("forward+backward", 3 * flops.forward("full"), sum(training_ops.values()))
+        # 3 x the analytic forward + the FFT convolutions' backward adjustment (analytic/s4.py),
+        # exactly: training_flops_per_token is this total divided by the tokens and rounded, so it
+        # is compared in total, not per token.
+        training = Row("forward+backward", flops.training("full"), sum(training_ops.values()))
         training_per_token = training_flops_per_token(plan, seq_len)
 
     real_check: RealCheck | None = None
@@ -816,10 +834,18 @@ def _known_handle(jit_op: str) -> Callable[[list[Any], list[Any]], Counter[str]]
     formula = FVCORE_FORMULAS[jit_op].formula
 
     def handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
-        shapes = [v.type().sizes() if v.isCompleteTensor() else None for v in inputs]
-        return Counter({KNOWN_PREFIX + jit_op: formula(shapes)})
+        return Counter({KNOWN_PREFIX + jit_op: formula([_traced(v) for v in inputs],
+                                                       [_traced(v) for v in outputs])})
 
     return handle
+
+
+def _traced(value: Any) -> Any:
+    """A traced input as `flop_registry.Traced` has it: a tensor's shape, a constant's value, or None."""
+    if value.isCompleteTensor():
+        return value.type().sizes()
+    constant = value.toIValue()  # None unless the value is a constant of the trace
+    return None if isinstance(constant, torch.Tensor) else constant
 
 
 def _first_line(exc: BaseException) -> str:

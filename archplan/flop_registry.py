@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
+from archplan.modules import fft_flops
 from archplan.modules.flop_formulas import grouped_mm_flop
 
 Shape = Sequence[int]
@@ -38,9 +39,15 @@ class CounterFormula:
     source: str
 
 
+# A traced op's inputs (or outputs) as an fvcore formula sees them: a tensor's shape, a constant's
+# value (an int, a list of ints, None), or None for anything else (e.g. an int the trace computes).
+Traced = list[Any]
+TracedFormula = Callable[[Traced, Traced], int]  # (inputs, outputs) -> FLOPs
+
+
 @dataclass(frozen=True)
 class FvcoreFormula:
-    formula: Callable[[list[Shape | None]], int]  # traced input shapes (None: not a tensor)
+    formula: TracedFormula
     source: str
 
 
@@ -58,12 +65,10 @@ def counter_formula(op: Any, source: str) -> Callable[[Callable[..., int]], Call
     return register
 
 
-def fvcore_formula(
-    jit_op: str, source: str
-) -> Callable[[Callable[[list[Shape | None]], int]], Callable[[list[Shape | None]], int]]:
+def fvcore_formula(jit_op: str, source: str) -> Callable[[TracedFormula], TracedFormula]:
     """Register the FLOPs of a traced op fvcore has no handle for (`aten::name`)."""
 
-    def register(formula: Callable[[list[Shape | None]], int]) -> Callable[[list[Shape | None]], int]:
+    def register(formula: TracedFormula) -> TracedFormula:
         FVCORE_FORMULAS[jit_op] = FvcoreFormula(formula, source)
         return formula
 
@@ -80,6 +85,11 @@ def formula_source(op: Any) -> str | None:
 counter_formula(
     torch.ops.aten._grouped_mm, "archplan.modules.flop_formulas: 2·M·K·N per grouped product"
 )(grouped_mm_flop)
+
+FFT_SOURCE = "archplan.modules.fft_flops: 2.5·n·⌈log2 n⌉ per real FFT, 5·n·⌈log2 n⌉ per complex one"
+counter_formula(torch.ops.aten._fft_r2c, FFT_SOURCE)(fft_flops.fft_r2c_flop)
+counter_formula(torch.ops.aten._fft_c2r, FFT_SOURCE)(fft_flops.fft_c2r_flop)
+counter_formula(torch.ops.aten._fft_c2c, FFT_SOURCE)(fft_flops.fft_c2c_flop)
 
 _TORCH_CONV_BACKWARD = flop_registry[torch.ops.aten.convolution_backward]
 
@@ -113,16 +123,48 @@ conv_backward_flop._get_raw = True  # type: ignore[attr-defined]  # takes tensor
     "aten::scaled_dot_product_attention",
     "torch.utils.flop_counter.sdpa_flop_count: QKᵀ and AV over the full T×S square",
 )
-def sdpa_traced_flop(shapes: list[Shape | None]) -> int:
-    query, key, value = shapes[:3]
+def sdpa_traced_flop(inputs: Traced, outputs: Traced) -> int:
+    query, key, value = inputs[:3]
     if query is None or key is None or value is None:
         raise ValueError("scaled_dot_product_attention traced without complete shapes")
     return int(sdpa_flop_count(query, key, value))
 
 
 @fvcore_formula("aten::_grouped_mm", "archplan.modules.flop_formulas: 2·M·K·N per grouped product")
-def grouped_mm_traced_flop(shapes: list[Shape | None]) -> int:
-    a, b = shapes[:2]
+def grouped_mm_traced_flop(inputs: Traced, outputs: Traced) -> int:
+    a, b = inputs[:2]
     if a is None or b is None:
         raise ValueError("_grouped_mm traced without complete shapes")
     return grouped_mm_flop(a, b)
+
+
+def _fft_axis(inputs: Traced, op: str) -> tuple[Shape, int, int | None]:
+    """(input shape, transform axis, n if a constant) of a traced `torch.fft.rfft/irfft(x, n, dim)`."""
+    shape, n, dim = inputs[:3]
+    if shape is None or not isinstance(dim, int):
+        raise ValueError(f"{op} traced without a complete shape or a constant dim")
+    return shape, dim % len(shape), n if isinstance(n, int) else None
+
+
+@fvcore_formula("aten::fft_rfft", FFT_SOURCE)
+def rfft_traced_flop(inputs: Traced, outputs: Traced) -> int:
+    """The input is zero-padded (or cut) to n along `dim`, then transformed, as `_fft_r2c` counts.
+
+    n computed inside the trace (`2 * x.shape[-1]`) is no constant: it is read off the output's
+    n // 2 + 1 bins as the even 2·(bins − 1); an odd n would then differ by one transform point
+    and show as a mismatch, never as a match.
+    """
+    shape, axis, n = _fft_axis(inputs, "fft_rfft")
+    out = outputs[0]
+    length = n if n is not None else shape[axis] if out is None else 2 * (out[axis] - 1)
+    return fft_flops.fft_r2c_flop([*shape[:axis], length, *shape[axis + 1:]], [axis], 0, True)
+
+
+@fvcore_formula("aten::fft_irfft", FFT_SOURCE)
+def irfft_traced_flop(inputs: Traced, outputs: Traced) -> int:
+    """A real output of n points along `dim` (its length, or 2·(m − 1) for m complex inputs)."""
+    shape, axis, n = _fft_axis(inputs, "fft_irfft")
+    out = outputs[0]
+    length = n if n is not None else 2 * (shape[axis] - 1) if out is None else out[axis]
+    out_shape = [*shape[:axis], length, *shape[axis + 1:]]
+    return fft_flops.fft_c2r_flop(shape, [axis], 0, length, out_shape=out_shape)

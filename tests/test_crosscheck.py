@@ -292,11 +292,25 @@ def test_fvcore_blind_spots_are_priced_apart_and_the_rest_checked() -> None:
     assert all(row.ok for row in fv.rows) and fv.ok and result.ok
 
 
+@pytest.mark.parametrize("long_conv", [
+    {"kind": "s4d", "d_state": 4}, {"kind": "hyena", "order": 2, "l_max": 32}, {"kind": "stripedhyena"},
+], ids=lambda c: c["kind"])
+def test_fvcore_checks_long_convolutions_with_the_ffts_priced_apart(long_conv: dict[str, object]) -> None:
+    spec = Spec.model_validate({"name": "tiny-long-conv", "vocab_size": 32, "d_model": 8, "n_layers": 1,
+                                "max_seq_len": 32, "long_conv": long_conv, "layout": {"mixers": "H"}})
+    result = cc.crosscheck(resolve(spec), seq_len=10, batch=1, real=True)
+    assert result.real is not None
+    mixer = next(row for row in result.real.fvcore.rows if row.component == "layers.0.mixer")
+    assert set(mixer.known) == {"aten::fft_rfft", "aten::fft_irfft"} and mixer.fvcore > 0
+    assert mixer.ok and result.ok
+    assert all(c.status == "match" for c in result.checks)
+
+
 def test_an_fvcore_mismatch_on_attention_fails_that_component(monkeypatch: pytest.MonkeyPatch) -> None:
     """Attention is checked, not excused: fvcore's projections + the SDPA formula must add up."""
     sdpa = FVCORE_FORMULAS["aten::scaled_dot_product_attention"]
     monkeypatch.setitem(FVCORE_FORMULAS, "aten::scaled_dot_product_attention",
-                        dataclasses.replace(sdpa, formula=lambda shapes: sdpa.formula(shapes) + 2))
+                        dataclasses.replace(sdpa, formula=lambda ins, outs: sdpa.formula(ins, outs) + 2))
     result = cc.crosscheck(resolve(TINY), seq_len=8, backward=False, real=True)
     assert result.real is not None
     bad = [row for row in result.real.fvcore.rows if not row.ok]

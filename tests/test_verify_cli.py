@@ -261,7 +261,7 @@ def test_an_fvcore_mismatch_fails_with_its_ops(
 ) -> None:
     sdpa = FVCORE_FORMULAS["aten::scaled_dot_product_attention"]
     monkeypatch.setitem(FVCORE_FORMULAS, "aten::scaled_dot_product_attention",
-                        dataclasses.replace(sdpa, formula=lambda shapes: sdpa.formula(shapes) + 2))
+                        dataclasses.replace(sdpa, formula=lambda ins, outs: sdpa.formula(ins, outs) + 2))
     code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-backward")
     assert code == 1
     line = next(line for line in out.splitlines() if line.startswith("  fvcore layers.0.mixer:"))

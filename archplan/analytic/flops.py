@@ -41,7 +41,18 @@ from archplan.analytic.mamba import (
     mamba2_decode_counted_flops,
     mamba2_elementwise,
 )
+from archplan.analytic.hyena import (
+    hyena_backward_adjust,
+    hyena_counted_flops,
+    hyena_decode_flops,
+    hyena_elementwise,
+    striped_backward_adjust,
+    striped_counted_flops,
+    striped_decode_flops,
+    striped_elementwise,
+)
 from archplan.analytic.model import layer_paths, matmul_params
+from archplan.analytic.s4 import s4_backward_adjust, s4_counted_flops, s4_decode_flops, s4_elementwise
 from archplan.analytic.moe import moe_counted_flops, moe_elementwise_per_token
 from archplan.analytic.norms import norm_flops
 from archplan.analytic.positions import alibi_flops, position_add_flops
@@ -50,12 +61,15 @@ from archplan.resolve import (
     AttentionPlan,
     FFNOrMoE,
     FFNPlan,
+    HyenaPlan,
     Mamba1Plan,
     Mamba2Plan,
     MixerPlan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
 )
 
 AttentionConvention = Literal["full", "causal"]
@@ -74,6 +88,13 @@ class FlopCount:
     attention_causal: int  # the same, only attended pairs: Σ_t min(t, window)
     counted: int  # sum(counted_by_component.values()), attention full
     elementwise: int
+    # backward counted FLOPs minus 2 x forward counted: 0 for matmuls and convs; an FFT convolution's
+    # irfft has a 1 x backward (one rfft), and kernels built from buffers need no gradient (s4.py)
+    backward_adjust: int = 0
+
+    def training(self, attention: AttentionConvention = "full") -> int:
+        """Counted forward + backward of this (batch, seq_len) step: 3 x forward + backward_adjust."""
+        return 3 * self.forward(attention) + self.backward_adjust
 
     def forward(self, attention: AttentionConvention = "full") -> int:
         """Counted forward FLOPs with the attention core counted full (T²) or causal (attended pairs)."""
@@ -108,6 +129,7 @@ class _MixerFlops:
     core_full: int
     core_causal: int
     elementwise: int
+    backward_adjust: int = 0
 
 
 def _mixer_flops(
@@ -150,6 +172,30 @@ def _mixer_flops(
                 core_full=0,
                 core_causal=0,
                 elementwise=mamba2_elementwise(mixer, batch, seq_len) + residual,
+            )
+        case S4Plan():
+            return _MixerFlops(
+                counted=s4_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=s4_elementwise(mixer, d, batch, seq_len) + residual,
+                backward_adjust=s4_backward_adjust(mixer, d, batch, seq_len),
+            )
+        case HyenaPlan():
+            return _MixerFlops(
+                counted=hyena_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=hyena_elementwise(mixer, d, batch, seq_len) + residual,
+                backward_adjust=hyena_backward_adjust(mixer, d, batch, seq_len),
+            )
+        case StripedHyenaPlan():
+            return _MixerFlops(
+                counted=striped_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=striped_elementwise(mixer, d, batch, seq_len) + residual,
+                backward_adjust=striped_backward_adjust(mixer, d, batch, seq_len),
             )
         case _:
             assert_never(mixer)
@@ -194,9 +240,10 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
         counted["embed_norm"] = 0
         elementwise["embed_norm"] = norm
 
-    core_full = core_causal = 0
+    core_full = core_causal = backward_adjust = 0
     for layer in plan.layers:
         mixer = _mixer_flops(plan, layer.mixer, batch, seq_len, residual)
+        backward_adjust += mixer.backward_adjust
         core_full += mixer.core_full
         core_causal += mixer.core_causal
         ffn_counted: dict[str, int] = {}
@@ -220,6 +267,7 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
         attention_causal=core_causal,
         counted=sum(counted.values()),
         elementwise=sum(elementwise.values()),
+        backward_adjust=backward_adjust,
     )
 
 
@@ -252,10 +300,10 @@ def training_flops_per_token(
             extra = forward
         case _:
             assert_never(recompute)
-    return _per_token(3 * forward + extra, seq_len)
+    return _per_token(flops.training(attention) + extra, seq_len)
 
 
-def _mixer_decode_flops(mixer: MixerPlan, keys: int) -> int:
+def _mixer_decode_flops(mixer: MixerPlan, d_model: int, keys: int) -> int:
     """Context-dependent counted FLOPs of one new token attending `keys` cached positions."""
     match mixer:
         case AttentionPlan():
@@ -268,15 +316,22 @@ def _mixer_decode_flops(mixer: MixerPlan, keys: int) -> int:
             return mamba1_decode_counted_flops(mixer)
         case Mamba2Plan():
             return mamba2_decode_counted_flops(mixer)
+        case S4Plan():
+            return s4_decode_flops(mixer, d_model)
+        case HyenaPlan():
+            return hyena_decode_flops(mixer, d_model, keys)
+        case StripedHyenaPlan():
+            return striped_decode_flops(mixer, d_model)
         case _:
             assert_never(mixer)
 
 
 def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
     """One new token at context t (FORMULAS §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
-    MLA with the absorbed latent cache, SSM layers one recurrent step. P_matmul,active counts the
+    MLA with the absorbed latent cache, SSM / S4 / StripedHyena layers one recurrent step, Hyena
+    layers a direct convolution over the t cached inputs. P_matmul,active counts the
     router and the shared experts with the top_k routed ones (torchtitan's choice, FORMULAS §2.9 item 5)."""
     _check_positive("context", context)
     return 2 * matmul_params(plan, active=True) + sum(
-        _mixer_decode_flops(layer.mixer, context) for layer in plan.layers
+        _mixer_decode_flops(layer.mixer, plan.d_model, context) for layer in plan.layers
     )

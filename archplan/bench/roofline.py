@@ -24,6 +24,9 @@ from archplan.resolve import (
     LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
+    HyenaPlan,
+    S4Plan,
+    StripedHyenaPlan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -63,6 +66,12 @@ def layer_kind(layer: LayerPlan) -> str:
             mixer = "mamba1"
         case Mamba2Plan():
             mixer = "mamba2"
+        case S4Plan() as m:
+            mixer = "s4" if m.dplr else "s4d"
+        case HyenaPlan():
+            mixer = "hyena"
+        case StripedHyenaPlan():
+            mixer = "stripedhyena"
         case _:
             assert_never(layer.mixer)
     match layer.ffn:
@@ -191,7 +200,7 @@ def _attention_core_per_key(plan: ModelPlan) -> dict[str, float]:
                 core[f"{layer.path}.mixer"] = 4 * a.n_heads * a.head_dim
             case MLAPlan() as m:
                 core[f"{layer.path}.mixer"] = 2 * m.n_heads * (m.qk_head_dim + m.v_head_dim)
-            case Mamba1Plan() | Mamba2Plan():
+            case Mamba1Plan() | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
                 pass
             case _:
                 assert_never(layer.mixer)
