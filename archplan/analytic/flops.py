@@ -27,7 +27,7 @@ from archplan.analytic.attention import (
     attention_matmul_params,
     mla_core_causal_flops,
     mla_core_flops,
-    mla_decode_core_flops,
+    mla_decode_flops,
     mla_elementwise_per_token,
     mla_matmul_params,
 )
@@ -35,10 +35,8 @@ from archplan.analytic.embedding import lm_head_matmul_params
 from archplan.analytic.ffn import ffn_elementwise_per_token, ffn_matmul_params
 from archplan.analytic.mamba import (
     mamba1_counted_flops,
-    mamba1_decode_counted_flops,
     mamba1_elementwise_per_token,
     mamba2_counted_flops,
-    mamba2_decode_counted_flops,
     mamba2_elementwise,
 )
 from archplan.analytic.hyena import (
@@ -51,7 +49,7 @@ from archplan.analytic.hyena import (
     striped_decode_flops,
     striped_elementwise,
 )
-from archplan.analytic.model import layer_paths, matmul_params
+from archplan.analytic.model import layer_paths, matmul_params, mixer_matmul_params
 from archplan.analytic.s4 import s4_backward_adjust, s4_counted_flops, s4_decode_flops, s4_elementwise
 from archplan.analytic.moe import moe_counted_flops, moe_elementwise_per_token
 from archplan.analytic.norms import norm_flops
@@ -303,35 +301,76 @@ def training_flops_per_token(
     return _per_token(flops.training(attention) + extra, seq_len)
 
 
-def _mixer_decode_flops(mixer: MixerPlan, d_model: int, keys: int) -> int:
-    """Context-dependent counted FLOPs of one new token attending `keys` cached positions."""
+@dataclass(frozen=True)
+class DecodeFlops:
+    """Counted FLOPs of one decode step: `batch` sequences each feed one new token that attends
+    `context` keys (itself included; sliding-window layers min(context, W), SSM layers one
+    recurrent step). Exactly what FlopCounterMode counts on meta for that step of the torch model
+    with its cache (MLA in the cheaper of its two forms, `attention.mla_decode_flops`)."""
+
+    batch: int
+    context: int
+    counted_by_component: dict[str, int]
+
+    @property
+    def counted(self) -> int:
+        return sum(self.counted_by_component.values())
+
+
+def _mixer_decode_flops(mixer: MixerPlan, d_model: int, context: int) -> int:
+    """Counted FLOPs of one sequence's mixer for one new token at `context` (docs/formulas.md §2.8)."""
     match mixer:
         case AttentionPlan():
-            attended = keys if mixer.window is None else min(keys, mixer.window)
-            return 2 * mixer.n_heads * (mixer.head_dim + mixer.head_dim) * attended
+            attended = context if mixer.window is None else min(context, mixer.window)
+            core = 2 * mixer.n_heads * (mixer.head_dim + mixer.head_dim) * attended
+            return 2 * attention_matmul_params(mixer, d_model) + core
         case MLAPlan():
-            attended = keys if mixer.window is None else min(keys, mixer.window)
-            return mla_decode_core_flops(mixer, attended)
+            attended = context if mixer.window is None else min(context, mixer.window)
+            return mla_decode_flops(mixer, d_model, attended)
         case Mamba1Plan():
-            return mamba1_decode_counted_flops(mixer)
+            # one recurrent step is the T = 1 forward from the cached conv/SSM states: the
+            # conv over the K cached columns and the C contraction of the new state
+            return mamba1_counted_flops(mixer, d_model, 1, 1)
         case Mamba2Plan():
-            return mamba2_decode_counted_flops(mixer)
+            # the module continues through the same chunked SSD with one token (q = 1): C·Bᵀ,
+            # (CBᵀ∘L)·X, the chunk state and state → output all run (`ssd_counted_flops` at T = 1)
+            return mamba2_counted_flops(mixer, d_model, 1, 1)
+        # long convolutions: the token's projections plus one recurrent step (S4, StripedHyena) or,
+        # for Hyena, a direct convolution over the `context` cached inputs
         case S4Plan():
-            return s4_decode_flops(mixer, d_model)
+            return 2 * mixer_matmul_params(mixer, d_model) + s4_decode_flops(mixer, d_model)
         case HyenaPlan():
-            return hyena_decode_flops(mixer, d_model, keys)
+            return 2 * mixer_matmul_params(mixer, d_model) + hyena_decode_flops(mixer, d_model, context)
         case StripedHyenaPlan():
-            return striped_decode_flops(mixer, d_model)
+            return 2 * mixer_matmul_params(mixer, d_model) + striped_decode_flops(mixer, d_model)
         case _:
             assert_never(mixer)
 
 
-def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
-    """One new token at context t (FORMULAS §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
-    MLA with the absorbed latent cache, SSM / S4 / StripedHyena layers one recurrent step, Hyena
-    layers a direct convolution over the t cached inputs. P_matmul,active counts the
-    router and the shared experts with the top_k routed ones (torchtitan's choice, FORMULAS §2.9 item 5)."""
+def decode_flops(plan: ModelPlan, context: int, batch: int = 1) -> DecodeFlops:
+    """One decode step, by module path (docs/formulas.md §2.8): the matmuls of one token per
+    sequence (MoE: router, shared and the top_k routed experts), plus each mixer's cache part."""
     _check_positive("context", context)
-    return 2 * matmul_params(plan, active=True) + sum(
-        _mixer_decode_flops(layer.mixer, plan.d_model, context) for layer in plan.layers
-    )
+    _check_positive("batch", batch)
+    d = plan.d_model
+    counted: dict[str, int] = {"embed": 0}
+    if plan.position == "learned":
+        counted["pos_embed"] = 0
+    if plan.embed_norm:
+        counted["embed_norm"] = 0
+    for layer in plan.layers:
+        ffn: dict[str, int] = {}
+        if layer.ffn is not None:
+            ffn, _ = _ffn_flops(d, layer.ffn, batch, 1, 0)
+        counted |= layer_paths(layer, batch * _mixer_decode_flops(layer.mixer, d, context), ffn, 0)
+    if plan.final_norm:
+        counted["final_norm"] = 0
+    counted["lm_head"] = 2 * batch * lm_head_matmul_params(plan)
+    return DecodeFlops(batch=batch, context=context, counted_by_component=counted)
+
+
+def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
+    """One new token at context t (docs/formulas.md §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
+    MLA absorbed (`attention.mla_decode_flops`), SSM layers one recurrent step. P_matmul,active counts
+    the router and the shared experts with the top_k routed ones (torchtitan's choice)."""
+    return decode_flops(plan, context, 1).counted

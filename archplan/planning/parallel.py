@@ -203,6 +203,15 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
     return None
 
 
+def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
+    """Why CP degree cp cannot split this model's long convolutions: their CP ranks trade sequence
+    shards for channel shards (`cluster.long_conv_exchange`), d_model over tp·cp ranks."""
+    long_conv = any(isinstance(l.mixer, (S4Plan, HyenaPlan, StripedHyenaPlan)) for l in plan.layers)
+    if cp > 1 and long_conv and plan.d_model % (tp * cp):
+        return f"long convolutions split d_model {plan.d_model} over tp·cp = {tp * cp} channel shards"
+    return None
+
+
 class Evaluator:
     """Prices layouts of one model on one cluster; the per-layer work is computed once."""
 
@@ -303,7 +312,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
             tp_reasons[int(tp)] = why
             continue
         for cp in cps:
-            if (gpus // tp) % cp or seq % cp:
+            if (gpus // tp) % cp or seq % cp or cp_problem(plan, tp, cp):
                 continue
             rest = gpus // (tp * cp)
             pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= n_layers]
@@ -344,6 +353,9 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
             raise ArchplanError(f"--layout: tp={complete.tp}: {why}")
         if seq % complete.cp:
             raise ArchplanError(f"--layout: cp={complete.cp} does not divide --seq {seq}")
+        why = cp_problem(plan, complete.tp, complete.cp)
+        if why:
+            raise ArchplanError(f"--layout: cp={complete.cp}: {why}")
         _check_states(settings.states, complete)
         layouts, tp_reasons = [complete], {}
     else:
