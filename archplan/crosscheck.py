@@ -2,7 +2,7 @@
 
 The analytic half (`archplan.analytic`, pure Python) and the torch half (`archplan.modules`)
 never share counting code; this module is where they meet, component by component (module path,
-docs/architecture.md). What it compares (DESIGN.md §5, FORMULAS.md §2.7 and §2.10):
+docs/architecture.md). What it compares (docs/architecture.md "Cross-check", docs/formulas.md §2.7 and §2.10):
 
 - parameters: every named parameter of the meta model is mapped to its component by the longest
   dotted prefix among the analytic `by_component` keys; `numel` per component must equal the
@@ -19,7 +19,7 @@ docs/architecture.md). What it compares (DESIGN.md §5, FORMULAS.md §2.7 and §
 - training FLOPs: a real forward + backward on meta under the counter, against the analytic
   training FLOPs (backward = 2 x forward matmuls, Kaplan et al. 2020 §2.1; PaLM App. B);
 - on a small real instance (CPU by default): fvcore's `FlopCountAnalysis` (multiply-adds, so x2;
-  FORMULAS §2.7), with norms switched off since they are elementwise in our convention, compared
+  docs/formulas.md §2.7), with norms switched off since they are elementwise in our convention, compared
   per component on the ops fvcore counts, the ops it skips priced apart (`FvcoreRow`); and the
   KV/SSM cache measured after a prefill with the real cache against `analytic.kv_cache`.
 
@@ -663,7 +663,7 @@ def crosscheck(
 
     if progress is not None:
         progress("build (meta, bf16)", 0, 1)
-    # bf16: on meta grouped_mm's shape check wants bf16 inputs (DESIGN.md §4)
+    # bf16: on meta grouped_mm's shape check wants bf16 inputs (docs/architecture.md "Torch modules")
     model = build_model(plan, device="meta", dtype=torch.bfloat16)
     if progress is not None:
         progress("build (meta, bf16)", 1, 1)
