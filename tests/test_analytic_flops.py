@@ -1,4 +1,4 @@
-"""Analytic FLOPs against FORMULAS.md §2 and §6 vectors and the docs/architecture.md convention."""
+"""Analytic FLOPs against docs/formulas.md §2 and §6 vectors and the docs/architecture.md convention."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def plan(**fields: Any) -> ModelPlan:
 
 
 def tiny_llama(**over: Any) -> ModelPlan:
-    """FORMULAS §2.7: h 256, f 688, 4 layers, 8 query / 2 KV heads of 32, V 1000, untied."""
+    """docs/formulas.md §2.7: h 256, f 688, 4 layers, 8 query / 2 KV heads of 32, V 1000, untied."""
     fields: dict[str, Any] = {
         "vocab_size": 1000, "d_model": 256, "n_layers": 4,
         "attention": {"kind": "gqa", "n_heads": 8, "n_kv_heads": 2},
@@ -85,7 +85,7 @@ def test_keys_match_params() -> None:
 
 
 def test_mamba_130m_counted() -> None:
-    """FORMULAS §6.1, HF MambaForCausalLM at B 1, T 64: aten.mm 16,418,340,864 and the C-contraction
+    """docs/formulas.md §6.1, HF MambaForCausalLM at B 1, T 64: aten.mm 16,418,340,864 and the C-contraction
     bmm 75,497,472 match; its padded conv (T + K − 1 outputs) is replaced by our left-padded one."""
     p = plan(vocab_size=50280, d_model=768, n_layers=24, position={"kind": "none"},
              ssm={"kind": "mamba1"}, layout={"mixers": "M"}, embedding={"tied": True})

@@ -123,7 +123,7 @@ def test_rolling_buffer_keeps_the_last_window() -> None:
 
 
 def _contract_bytes(spec_: Spec, batch: int, context: int, element: int) -> int:
-    """2·Hkv·Dh per token per attention layer, (C + R) for MLA, window-capped (FORMULAS §3)."""
+    """2·Hkv·Dh per token per attention layer, (C + R) for MLA, window-capped (docs/formulas.md §3)."""
     total = 0
     for layer in resolve(spec_).layers:
         m = layer.mixer
@@ -162,7 +162,8 @@ def test_cache_bytes_after_prefill(variant: str, dtype: torch.dtype) -> None:
 
 
 def test_llama_3_8b_cache_on_meta() -> None:
-    """Llama-3-8B at 8192 tokens in bf16: 131,072 B/token (FORMULAS §3) → exactly 1 GiB; nothing allocated."""
+    """Llama-3-8B at 8192 tokens in bf16: 131,072 B/token (docs/formulas.md §3) → exactly 1 GiB;
+    nothing allocated."""
     from archplan.loader import load_spec
 
     model = build_model(load_spec("llama-3-8b"))

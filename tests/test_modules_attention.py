@@ -264,14 +264,14 @@ def test_qk_norm_params(scope: str, norm: NormPlan) -> None:
 
 
 def test_attention_numel() -> None:
-    """FORMULAS §1.3: 2·D·H·Dh + 2·D·Hkv·Dh (+ H·Dh + 2·Hkv·Dh + D biases)."""
+    """docs/formulas.md §1.3: 2·D·H·Dh + 2·D·Hkv·Dh (+ H·Dh + 2·Hkv·Dh + D biases)."""
     module = Attention(attn_plan(n_kv=2, bias=True), D, ROPE, alibi=False)
     assert sum(p.numel() for p in module.parameters()) == 2 * D * 32 + 2 * D * 16 + (32 + 2 * 16) + D
 
 
 @pytest.mark.parametrize("q_lora", [12, None])
 def test_mla_numel(q_lora: int | None) -> None:
-    """FORMULAS §1.4 with H=4, Q=12, C=10, Dn=6, R=4, Dv=5."""
+    """docs/formulas.md §1.4 with H=4, Q=12, C=10, Dn=6, R=4, Dv=5."""
     module = MLA(mla_plan(q_lora), D, ROPE, alibi=False)
     q = D * 12 + 12 + 12 * 4 * 10 if q_lora else D * 4 * 10
     expected = q + D * (10 + 4) + 10 + 10 * 4 * (6 + 5) + 4 * 5 * D

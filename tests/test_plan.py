@@ -1,4 +1,4 @@
-"""`archplan plan`: compute-optimal allocation against Hoffmann et al. 2022 (FORMULAS §5), recipe specs
+"""`archplan plan`: compute-optimal allocation against Hoffmann et al. 2022 (docs/formulas.md §5), recipe specs
 within 2% of the target, the partial-spec solver, the cluster layout search, and the CLI contract."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 
 
 # ----------------------------------------------------------------------------- scaling laws
-# FORMULAS §5.1 table: C -> (rounded N_opt, D_opt), (Besiroglu N_opt, D_opt); 5 significant digits.
+# docs/formulas.md §5.1 table: C -> (rounded N_opt, D_opt), (Besiroglu N_opt, D_opt); 5 significant digits.
 HOFFMANN_TABLE = {
     1e20: ((6.4486e8, 2.5846e10), (8.5348e8, 1.9528e10)),
     1e21: ((1.8242e9, 9.1363e10), (2.7785e9, 5.9985e10)),
@@ -73,7 +73,7 @@ def test_compute_optimal_table(compute: float) -> None:
 
 
 def test_losses_at_the_gopher_budget() -> None:
-    """FORMULAS §5.1: loss at the optimum for C = 5.76e23 is 1.9307 (rounded) / 1.9744 (Besiroglu)."""
+    """docs/formulas.md §5.1: loss at the optimum for C = 5.76e23 is 1.9307 (rounded) / 1.9744 (Besiroglu)."""
     assert optimum(LawChoice.chinchilla, 5.76e23).optimal.loss == pytest.approx(1.9307, abs=1e-4)
     assert optimum(LawChoice.epoch, 5.76e23).optimal.loss == pytest.approx(1.9744, abs=1e-4)
 
@@ -96,7 +96,7 @@ def test_closed_form(choice: LawChoice, key: str, compute: float) -> None:
 
 
 # Hoffmann et al. 2022 Table 3 (Approach 1): parameters, FLOPs, tokens. The 67B row prints 1.5T, a
-# rounding of C/(6N) = 1.433T (its 6ND/C is 1.0469, FORMULAS §5.2); that row uses C/(6N).
+# rounding of C/(6N) = 1.433T (its 6ND/C is 1.0469, docs/formulas.md §5.2); that row uses C/(6N).
 TABLE3 = [
     (400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
     (67e9, 5.76e23, 5.76e23 / (6 * 67e9)), (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),

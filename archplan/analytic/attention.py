@@ -1,6 +1,6 @@
 """Attention mixers: MHA/GQA/MQA (one formula, n_kv heads) and DeepSeek MLA.
 
-Parameters: FORMULAS §1.3 (HF `LlamaAttention`, Megatron `theoretical_memory_usage.py`) and §1.4
+Parameters: docs/formulas.md §1.3 (HF `LlamaAttention`, Megatron `theoretical_memory_usage.py`) and §1.4
 (DeepSeek-V3 `inference/model.py` class `MLA`, HF `DeepseekV3Attention`).
 Counted FLOPs follow docs/architecture.md: projections 2·rows·in·out (bias adds not counted) and the
 attention core 2·B·T²·H·Dqk + 2·B·T²·H·Dv, the full square SDPA computes whatever the mask.
@@ -42,7 +42,7 @@ def qk_norm_params(qk: QKNormPlan, a: AttentionPlan) -> int:
 
 
 def attention_matmul_params(a: AttentionPlan, d_model: int) -> int:
-    """W_q, W_k, W_v, W_o: 2·D·H·Dh + 2·D·Hkv·Dh (FORMULAS §1.3)."""
+    """W_q, W_k, W_v, W_o: 2·D·H·Dh + 2·D·Hkv·Dh (docs/formulas.md §1.3)."""
     q = a.n_heads * a.head_dim
     kv = a.n_kv_heads * a.head_dim
     return 2 * d_model * q + 2 * d_model * kv
@@ -77,7 +77,7 @@ def attention_elementwise_per_token(a: AttentionPlan) -> int:
 
 # ------------------------------------------------------------------------------------------- MLA
 def mla_matmul_params(m: MLAPlan, d_model: int) -> int:
-    """q_a/q_b (or q_proj), kv_a_proj_with_mqa, kv_b_proj, o_proj (FORMULAS §1.4)."""
+    """q_a/q_b (or q_proj), kv_a_proj_with_mqa, kv_b_proj, o_proj (docs/formulas.md §1.4)."""
     if m.q_lora_rank is not None:
         q = d_model * m.q_lora_rank + m.q_lora_rank * m.n_heads * m.qk_head_dim
     else:

@@ -8,7 +8,7 @@ grouped expert matmuls over the B·T·K routed rows, the SSD einsums). A multipl
 *Elementwise*: our documented estimates of what the counter does not see (norms, softmax,
 activations, RoPE, scan updates, residual adds); `archplan verify` shows them as analytic-only.
 
-Training and decode per token follow FORMULAS §2.8-2.9 (PaLM App. B / torchtitan: backward =
+Training and decode per token follow docs/formulas.md §2.8-2.9 (PaLM App. B / torchtitan: backward =
 2 × forward; full recompute adds a forward; selective recompute re-runs the attention core,
 Korthikanti et al. 2022 §5).
 """
@@ -295,7 +295,7 @@ def training_flops_per_token(
     """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B), per token.
 
     Full recompute re-runs every forward (+1 forward); selective recompute re-runs only the attention
-    core, QKᵀ/softmax/AV (Korthikanti et al. 2022 §5; FORMULAS §2.9 item 3).
+    core, QKᵀ/softmax/AV (Korthikanti et al. 2022 §5; docs/formulas.md §2.9 item 3).
     """
     _check_choice("attention", attention, ATTENTION_CONVENTIONS)
     _check_choice("recompute", recompute, RECOMPUTE_MODES)

@@ -1,4 +1,4 @@
-"""Inference cache: attention KV (FORMULAS §3; DeepSeek-V2 §2.1.4 Table 1) and SSM states (§6.2).
+"""Inference cache: attention KV (docs/formulas.md §3; DeepSeek-V2 §2.1.4 Table 1) and SSM states (§6.2).
 
 Per attention layer and token: K and V, 2·Hkv·Dh elements (MHA/GQA/MQA); MLA's absorbed cache holds
 the latent and the shared RoPE key, kv_lora_rank + qk_rope_head_dim (DeepSeek-V3 `inference/model.py`

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from archplan.commands.options import ForceOpt, JsonOpt
+from archplan.commands.schema import schema_file
 from archplan.errors import ArchplanError
 
 import_app = typer.Typer(
@@ -22,8 +23,8 @@ import_app = typer.Typer(
     no_args_is_help=True,
 )
 
-# The JSON schema `archplan schema` writes into the repository's docs/ (beside presets/).
-SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "spec.schema.json"
+# The JSON schema shipped in the package (beside presets/), wherever the package is installed.
+SCHEMA_PATH = schema_file()
 
 
 def schema_reference(out: Path | None) -> str:
