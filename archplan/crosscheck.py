@@ -2,7 +2,7 @@
 
 The analytic half (`archplan.analytic`, pure Python) and the torch half (`archplan.modules`)
 never share counting code; this module is where they meet, component by component (module path,
-docs/architecture.md). What it compares (DESIGN.md §5, FORMULAS.md §2.7 and §2.10):
+docs/architecture.md). What it compares (docs/architecture.md "Cross-check", docs/formulas.md §2.7 and §2.10):
 
 - parameters: every named parameter of the meta model is mapped to its component by the longest
   dotted prefix among the analytic `by_component` keys; `numel` per component must equal the
@@ -11,13 +11,20 @@ docs/architecture.md). What it compares (DESIGN.md §5, FORMULAS.md §2.7 and §
   (batch, seq); the counter keys its figures by module ("ArchplanModel.layers.0.mixer", every
   enclosing module included), so each module's *exclusive* count is recovered by subtracting its
   nearest counted descendants, then mapped to a component like the parameters. Every aten op the
-  counter executed in the forward is listed with its count, 0 for those it has no formula for; the
-  analytic elementwise part (norms, softmax, activations, scan updates) is shown as analytic-only;
+  counter executed, in the forward and in the backward, is listed with its count and the source
+  of its formula (`flop_registry`), 0 for those it has none for; an op without a formula whose
+  signature contracts a dimension (`archplan.contraction`) fails the check, since the counted
+  total would miss its FLOPs. The analytic elementwise part (norms, softmax, activations, scan
+  updates) is shown as analytic-only;
 - training FLOPs: a real forward + backward on meta under the counter, against the analytic
   training FLOPs (backward = 2 x forward matmuls, Kaplan et al. 2020 §2.1; PaLM App. B);
 - on a small real instance (CPU by default): fvcore's `FlopCountAnalysis` (multiply-adds, so x2;
-  FORMULAS §2.7), with norms switched off since they are elementwise in our convention, and the
+  docs/formulas.md §2.7), with norms switched off since they are elementwise in our convention, compared
+  per component on the ops fvcore counts, the ops it skips priced apart (`FvcoreRow`); and the
   KV/SSM cache measured after a prefill with the real cache against `analytic.kv_cache`.
+
+Each check reports whether it ran (`CrossCheck.checks`): an fvcore that is absent or fails, or a
+check that was not requested, is "not run" with its reason, never a match.
 
 torch is imported here; only `archplan verify` (lazily) and the tests import this module.
 """
@@ -32,10 +39,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
-from archplan.modules import fft_flops, flop_formulas  # noqa: F401  register aten._grouped_mm and FFT formulas
+from archplan.contraction import ContractionDetector
+from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
 from archplan.modules.model import ArchplanModel, build_model
 from archplan.resolve import (
     AttentionPlan,
@@ -54,15 +62,13 @@ from typing_extensions import assert_never
 # A real (non-meta) instance is built only below this size unless asked for (fp32 on CPU: 200 MB).
 SMALL_MODEL_PARAMS = 50_000_000
 UNMAPPED = "(unmapped)"
-# Ops that carry matmul-like work: if the counter saw one without a formula, the counted total is
-# missing real FLOPs (e.g. CPU SDPA kernels, pytorch issue 195460), so verify flags it. FFTs count
-# too: fvcore has no handle for them, so a long-conv row there is "incomplete", not a mismatch.
-MATMUL_LIKE = ("mm", "matmul", "conv", "einsum", "attention", "linear", "addbmm", "baddbmm", "dot", "fft")
 # fvcore counts norms at ~5 FLOPs per element ("5 is just a rough estimate", fvcore flop_count.py);
 # in our convention they are elementwise (analytic-only), so their handles are neutralised.
 FVCORE_ELEMENTWISE_OPS = (
     "aten::batch_norm", "aten::group_norm", "aten::layer_norm", "aten::instance_norm",
 )
+# fvcore op keys of the ops priced by `flop_registry.FVCORE_FORMULAS` (FLOPs, not fvcore's count)
+KNOWN_PREFIX = "known:"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -90,51 +96,61 @@ class FlopRow(Row):
 
 @dataclass(frozen=True)
 class OpCount:
-    """An aten op the forward dispatched: how often, and the FLOPs the counter gave it."""
+    """An aten op the model dispatched: how often, the FLOPs the counter gave it, and why."""
 
     op: str
     calls: int
     flops: int
-    has_formula: bool
+    formula: str | None  # where the counter's formula comes from; None: counted as 0
+    contracting: bool = False  # some call had a matmul-shaped signature (`contraction_shaped`)
+
+    @property
+    def has_formula(self) -> bool:
+        return self.formula is not None
 
     @property
     def suspicious(self) -> bool:
-        """Matmul-like work the counter cannot see: the counted total would silently miss it."""
-        return not self.has_formula and _matmul_like(self.op)
-
-
-def _matmul_like(op: str) -> bool:
-    """`aten._grouped_mm`, `aten::scaled_dot_product_attention`, ...: ops that carry matmul work."""
-    name = op.replace("::", ".").split(".")[-1]
-    return any(word in name for word in MATMUL_LIKE)
+        """Matmul work the counter cannot see: the counted total would silently miss it."""
+        return not self.has_formula and self.contracting
 
 
 @dataclass(frozen=True)
 class FvcoreRow:
-    """fvcore's count (multiply-adds x 2) of one component against the analytic counted FLOPs."""
+    """fvcore's count of one component against the analytic counted FLOPs.
+
+    `fvcore` is what fvcore itself counted (multiply-adds x 2); `known` are the ops fvcore has
+    no handle for, priced by the counter's own formulas from their traced shapes
+    (`flop_registry.FVCORE_FORMULAS`). The row matches when analytic = fvcore + known: every
+    other op of the component is checked by fvcore, and a skipped op nobody prices shows up as a
+    mismatch (listed in `skipped`), never as an excuse.
+    """
 
     component: str
     analytic: int
     fvcore: int
-    skipped: Mapping[str, int]  # ops fvcore could not count inside this component
+    known: Mapping[str, int]  # traced op -> FLOPs by formula (not counted by fvcore)
+    skipped: Mapping[str, int]  # traced ops fvcore skipped without a formula -> calls
+    ops: Mapping[str, int] = field(default_factory=dict)  # fvcore's own count per op (x 2)
 
     @property
-    def status(self) -> Literal["ok", "mismatch", "incomplete"]:
-        if self.analytic == self.fvcore:
-            return "ok"
-        # A difference where fvcore skipped ops is fvcore's blind spot, reported, not a failure.
-        return "incomplete" if self.skipped else "mismatch"
+    def ok(self) -> bool:
+        return self.analytic == self.fvcore + sum(self.known.values())
 
 
 @dataclass(frozen=True)
 class FvcoreCheck:
+    """fvcore's run: its rows, or why it did not run (absent, or failed while tracing)."""
+
     rows: tuple[FvcoreRow, ...]
-    total: int
-    error: str | None  # fvcore failed outright (JIT trace): the message, shown as is
+    not_run: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(row.fvcore for row in self.rows)
 
     @property
     def ok(self) -> bool:
-        return all(row.status != "mismatch" for row in self.rows)
+        return all(row.ok for row in self.rows)
 
 
 @dataclass(frozen=True)
@@ -144,11 +160,26 @@ class RealCheck:
     device: str
     dtype_bytes: int
     kv: tuple[Row, ...]  # layers.i.mixer -> cache bytes after prefilling seq tokens
-    fvcore: FvcoreCheck | None
+    fvcore: FvcoreCheck
 
-    @property
-    def ok(self) -> bool:
-        return all(row.ok for row in self.kv) and (self.fvcore is None or self.fvcore.ok)
+
+CheckStatus = Literal["match", "mismatch", "not run"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One of verify's checks: whether it ran, and whether every figure in it matched."""
+
+    name: str
+    status: CheckStatus
+    detail: str = ""  # why it did not run, or what disagreed
+
+
+def _check(name: str, ran: str | None, ok: bool, detail: str = "") -> Check:
+    """`ran`: None when the check ran, else the reason it did not."""
+    if ran is not None:
+        return Check(name, "not run", ran)
+    return Check(name, "match" if ok else "mismatch", "" if ok else detail)
 
 
 @dataclass(frozen=True)
@@ -158,11 +189,13 @@ class CrossCheck:
     seq_len: int
     params: tuple[Row, ...]
     flops: tuple[FlopRow, ...]
-    ops: tuple[OpCount, ...]
+    ops: tuple[OpCount, ...]  # forward
+    backward_ops: tuple[OpCount, ...]  # backward only (empty without a backward)
     training: Row | None  # one forward + backward at (batch, seq) against the analytic training FLOPs
     training_per_token: int | None  # analytic training_flops_per_token at seq (batch-independent)
     training_ops: Mapping[str, int]
     real: RealCheck | None
+    real_not_run: str  # why there is no real instance (when `real` is None)
     layer_kinds: Mapping[str, str]  # layers.i -> "gqa S4096 + moe", for display
 
     @property
@@ -183,7 +216,8 @@ class CrossCheck:
 
     @property
     def suspicious_ops(self) -> tuple[OpCount, ...]:
-        return tuple(op for op in self.ops if op.suspicious)
+        """Forward and backward ops with matmul work and no formula (each fails verify)."""
+        return tuple(op for op in (*self.ops, *self.backward_ops) if op.suspicious)
 
     @property
     def failures(self) -> tuple[Row, ...]:
@@ -195,12 +229,32 @@ class CrossCheck:
         return tuple(rows)
 
     @property
-    def ok(self) -> bool:
+    def checks(self) -> tuple[Check, ...]:
+        """Every check, in the order verify runs them: ran and matched, mismatched, or not run."""
+        def uncounted(ops: Iterable[OpCount]) -> str:
+            names = [op.op for op in ops if op.suspicious]
+            return f"matmul work with no FLOP formula: {', '.join(names)}" if names else ""
+
+        real, why_not_real = self.real, self.real_not_run
+        fv = real.fvcore if real is not None else None
         return (
-            not self.failures
-            and not self.suspicious_ops
-            and (self.real is None or self.real.ok)
+            _check("parameters", None, all(row.ok for row in self.params), "components differ"),
+            _check("forward FLOPs", None,
+                   all(row.ok for row in self.flops) and not uncounted(self.ops),
+                   uncounted(self.ops) or "components differ"),
+            _check("training FLOPs", None if self.training is not None else "no backward requested",
+                   self.training is not None and self.training.ok and not uncounted(self.backward_ops),
+                   uncounted(self.backward_ops) or "forward + backward total differs"),
+            _check("KV cache", None if real is not None else why_not_real,
+                   real is not None and all(row.ok for row in real.kv), "layers differ"),
+            _check("fvcore", why_not_real if fv is None else fv.not_run,
+                   fv is not None and fv.ok, "components differ"),
         )
+
+    @property
+    def ok(self) -> bool:
+        """No check disagreed. A check that did not run is not a failure, nor a match."""
+        return all(check.status != "mismatch" for check in self.checks)
 
     def to_json(self) -> dict[str, Any]:
         params = {row.component: row for row in self.params}
@@ -223,19 +277,22 @@ class CrossCheck:
             real = {
                 "device": self.real.device,
                 "dtype_bytes": self.real.dtype_bytes,
-                "ok": self.real.ok,
                 "kv_cache": [_row_json(row) for row in self.real.kv],
-                "fvcore": None if fv is None else {
-                    "ok": fv.ok, "total": fv.total, "error": fv.error,
+                "fvcore": {
+                    "ran": fv.not_run is None, "not_run": fv.not_run, "ok": fv.ok, "total": fv.total,
                     "rows": [
                         {"component": r.component, "analytic": r.analytic, "fvcore": r.fvcore,
-                         "skipped": dict(r.skipped), "status": r.status}
+                         "ops": dict(r.ops), "known": dict(r.known), "skipped": dict(r.skipped),
+                         "ok": r.ok}
                         for r in fv.rows
                     ],
                 },
             }
         return {
             "ok": self.ok,
+            "checks": [
+                {"check": c.name, "status": c.status, "detail": c.detail} for c in self.checks
+            ],
             "spec": self.name,
             "batch": self.batch,
             "seq_len": self.seq_len,
@@ -246,13 +303,16 @@ class CrossCheck:
                 "analytic_per_token": self.training_per_token, "ops": dict(self.training_ops),
             },
             "components": components,
-            "ops": [
-                {"op": o.op, "calls": o.calls, "flops": o.flops, "has_formula": o.has_formula}
-                for o in self.ops
-            ],
+            "ops": [_op_json(o) for o in self.ops],
+            "backward_ops": [_op_json(o) for o in self.backward_ops],
             "uncounted_matmul_ops": [o.op for o in self.suspicious_ops],
             "real": real,
         }
+
+
+def _op_json(op: OpCount) -> dict[str, Any]:
+    return {"op": op.op, "calls": op.calls, "flops": op.flops, "formula": op.formula,
+            "contracting": op.contracting}
 
 
 def _row_json(row: Row) -> dict[str, Any]:
@@ -390,31 +450,6 @@ def _layer_progress(model: ArchplanModel, stage: str, progress: Progress | None)
             handle.remove()
 
 
-_TORCH_CONV_BACKWARD = flop_registry[torch.ops.aten.convolution_backward]
-
-
-def _conv_backward_flop(
-    grad_out: Any, x: Any, w: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
-    transposed: bool, output_padding: Any, groups: int, output_mask: list[bool],
-    out_val: Any = None, **kwargs: Any,
-) -> int:
-    """torch's convolution_backward formula with grad_weight divided by `groups`.
-
-    torch 2.13 `conv_backward_flop` computes grad_weight as a conv over transposed shapes that
-    lose the group division, so a depthwise conv (Mamba's, groups = channels) has its weight
-    gradient counted `channels` times over (fixed upstream in pytorch PR 183405, `// _groups`).
-    With the fix the backward of every conv is exactly 2 x its forward, as for matmuls.
-    """
-    common = (grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
-    grad_input = _TORCH_CONV_BACKWARD(*common, [output_mask[0], False], out_val=out_val)
-    grad_weight = _TORCH_CONV_BACKWARD(*common, [False, output_mask[1]], out_val=out_val)
-    return int(grad_input) + int(grad_weight) // groups
-
-
-_conv_backward_flop._get_raw = True  # type: ignore[attr-defined]  # takes tensors; torch's formula maps shapes
-COUNTER_FIXES = {torch.ops.aten.convolution_backward: _conv_backward_flop}
-
-
 class _ForwardTracker:
     """The module attribution FlopCounterMode reads (`parents`), tracked in the forward only.
 
@@ -469,7 +504,7 @@ _METADATA_QUERIES = frozenset({
 
 
 class _DirectMode(_FlopCounterMode):
-    """FlopCounterMode's dispatch mode without its per-op re-entry for ops that cannot decompose.
+    """FlopCounterMode's dispatch mode, decomposing only what can decompose, noting every op.
 
     torch's mode re-enters itself and calls `func.decompose()` for every op (its "has a formula"
     test compares the OpOverload with the registry's OpOverloadPacket keys, so it never
@@ -477,36 +512,50 @@ class _DirectMode(_FlopCounterMode):
     (torch/utils/flop_counter.py). `decompose` does something only for an op with a
     CompositeImplicitAutograd kernel (torch/_ops.py `OpOverload.decompose`, `_can_decompose`);
     any other op goes straight to execute-and-count here, the very path torch's mode ends on,
-    where `_count_flops` applies the formulas. Metadata queries, higher-order ops and
-    decompositions stay torch's.
+    where `_count_flops` applies the formulas, after `_ListingCounter.note` has seen the call.
+    Metadata queries and higher-order ops stay torch's.
     """
 
+    counter: _ListingCounter
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if (
-            isinstance(func, torch._ops.OpOverload)
-            and func not in _METADATA_QUERIES
-            and not func._can_decompose()
-        ):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            return self.counter._count_flops(func._overloadpacket, out, args, kwargs)
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        if not isinstance(func, torch._ops.OpOverload) or func in _METADATA_QUERIES:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        kwargs = kwargs or {}
+        if func._can_decompose():
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        self.counter.note(func, args, kwargs, out)
+        return self.counter._count_flops(func._overloadpacket, out, args, kwargs)
+
+
+@dataclass
+class _OpLog:
+    """The ops one phase (forward, or backward) executed: calls, and which contracted."""
+
+    calls: Counter[Any] = field(default_factory=Counter)
+    contracting: set[Any] = field(default_factory=set)
 
 
 class _ListingCounter(FlopCounterMode):
     """FlopCounterMode that also lists every op it executes, so ops without a formula show as 0.
 
-    `_count_flops` is where FlopCounterMode's dispatch mode hands over every executed op (after
-    its own decompositions, torch/utils/flop_counter.py); hooking it lists exactly the ops the
-    counter evaluated, without a second dispatch mode on the stack. Module attribution comes
-    from `_ForwardTracker` instead of torch's ModuleTracker (same names, forward only), dispatch
-    from `_DirectMode`.
+    `_DirectMode` hands every executed op (after decompositions) to `note`, which logs the call
+    and, for an op without a formula, whether its signature contracts a dimension
+    (`archplan.contraction`); `log` is swapped between the forward and the backward. Formulas:
+    torch's registry plus `flop_registry.COUNTER_FORMULAS`. Module attribution comes from
+    `_ForwardTracker` instead of torch's ModuleTracker (same names, forward only).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(display=False, custom_mapping=COUNTER_FIXES)
+        custom = {op: entry.formula for op, entry in COUNTER_FORMULAS.items()}
+        super().__init__(display=False, custom_mapping=custom)
         self.mod_tracker = _ForwardTracker(model)  # type: ignore[assignment]
-        self.calls: Counter[Any] = Counter()
+        self.log = _OpLog()
+        self._contracts = ContractionDetector(self.flop_registry)
 
     def __enter__(self) -> _ListingCounter:
         # FlopCounterMode.__enter__ with `_DirectMode` in place of torch's dispatch mode
@@ -516,15 +565,19 @@ class _ListingCounter(FlopCounterMode):
         self.mode.__enter__()
         return self
 
-    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
-        self.calls[func_packet] += 1
-        return super()._count_flops(func_packet, out, args, kwargs)
+    def note(self, func: Any, args: Any, kwargs: Mapping[str, Any], out: Any) -> None:
+        packet = func._overloadpacket
+        self.log.calls[packet] += 1
+        if packet not in self.flop_registry and packet not in self.log.contracting:
+            if self._contracts(func, args, kwargs, out):
+                self.log.contracting.add(packet)
 
 
 @dataclass(frozen=True)
 class _Counted:
     own: dict[str, Counter[str]]  # forward: exclusive FLOPs per module path, per op
-    calls: dict[Any, tuple[int, bool]]  # forward: every executed op packet -> (calls, has a formula)
+    forward: _OpLog
+    backward: _OpLog | None
     training: Counter[str] | None  # forward + backward, per op (FlopCounterMode's "Global")
 
 
@@ -537,13 +590,15 @@ def _count(model: ArchplanModel, tokens_BT: torch.Tensor, backward: bool) -> _Co
     and `_ForwardTracker` follows the forward alone.
     """
     root = type(model).__name__
+    backward_log = None
     with _ListingCounter(model) as counter:
         with torch.set_grad_enabled(backward):
             logits_BTV = model(tokens_BT)
         forward_counts = counter.get_flop_counts()  # copies
-        calls = {op: (n, op in counter.flop_registry) for op, n in counter.calls.items()}
+        forward_log, counter.log = counter.log, _OpLog()
         if backward:
             logits_BTV.float().sum().backward()
+            backward_log = counter.log
     training = None
     if backward:
         training = Counter({_op_name(op): n for op, n in counter.get_flop_counts()["Global"].items()})
@@ -560,7 +615,19 @@ def _count(model: ArchplanModel, tokens_BT: torch.Tensor, backward: bool) -> _Co
     own = exclusive_counts(inclusive)
     if +outside:
         own["(outside)"] = +outside
-    return _Counted(own, calls, training)
+    return _Counted(own, forward_log, backward_log, training)
+
+
+def _op_rows(log: _OpLog, flops: Mapping[str, int]) -> tuple[OpCount, ...]:
+    """One row per executed op, largest FLOPs first; `flops` per op name (0 when absent)."""
+    return tuple(sorted(
+        (
+            OpCount(_op_name(op), n, flops.get(_op_name(op), 0), formula_source(op),
+                    op in log.contracting)
+            for op, n in log.calls.items()
+        ),
+        key=lambda o: (-o.flops, o.op),
+    ))
 
 
 def _by_component(
@@ -596,7 +663,7 @@ def crosscheck(
 
     if progress is not None:
         progress("build (meta, bf16)", 0, 1)
-    # bf16: on meta grouped_mm's shape check wants bf16 inputs (DESIGN.md §4)
+    # bf16: on meta grouped_mm's shape check wants bf16 inputs (docs/architecture.md "Torch modules")
     model = build_model(plan, device="meta", dtype=torch.bfloat16)
     if progress is not None:
         progress("build (meta, bf16)", 1, 1)
@@ -616,7 +683,7 @@ def crosscheck(
     stage = "count forward+backward FLOPs (meta)" if backward else "count forward FLOPs (meta)"
     with _layer_progress(model, stage, progress):
         counts = _count(model, tokens_BT, backward)
-    own, calls = counts.own, counts.calls
+    own = counts.own
     flop_keys = flops.counted_by_component.keys() | flops.elementwise_by_component.keys()
     counted = _by_component(own, component_lookup(flop_keys))
     flop_rows = tuple(
@@ -632,13 +699,10 @@ def crosscheck(
     per_op: Counter[str] = Counter()
     for ops in own.values():
         per_op.update(ops)
-    op_rows = tuple(sorted(
-        (
-            OpCount(_op_name(op), n, per_op.get(_op_name(op), 0), has_formula)
-            for op, (n, has_formula) in calls.items()
-        ),
-        key=lambda o: (-o.flops, o.op),
-    ))
+    op_rows = _op_rows(counts.forward, per_op)
+    backward_rows: tuple[OpCount, ...] = ()
+    if counts.backward is not None and counts.training is not None:
+        backward_rows = _op_rows(counts.backward, counts.training - per_op)
 
     training: Row | None = None
     training_per_token: int | None = None
@@ -652,8 +716,10 @@ def crosscheck(
         training_per_token = training_flops_per_token(plan, seq_len)
 
     real_check: RealCheck | None = None
+    real_not_run = "no real instance requested"
     if real is None:
         real = params.total < SMALL_MODEL_PARAMS
+        real_not_run = f"model ≥ {SMALL_MODEL_PARAMS // 1_000_000}M parameters"
     if real:
         real_check = _real_check(plan, seq_len, batch, real_device, fvcore, flops.counted_by_component,
                                  progress)
@@ -665,10 +731,12 @@ def crosscheck(
         params=param_rows,
         flops=flop_rows,
         ops=op_rows,
+        backward_ops=backward_rows,
         training=training,
         training_per_token=training_per_token,
         training_ops=training_ops,
         real=real_check,
+        real_not_run=real_not_run,
         layer_kinds={layer.path: layer_kind(layer) for layer in plan.layers},
     )
 
@@ -702,46 +770,84 @@ def _real_check(
         for layer, state in zip(plan.layers, cache.layers, strict=True)
     )
 
-    fv = _fvcore_check(model, tokens_BT, counted_by_component) if fvcore else None
+    fv = (
+        _fvcore_check(model, tokens_BT, counted_by_component) if fvcore
+        else FvcoreCheck(rows=(), not_run="not requested")
+    )
     return RealCheck(device=device, dtype_bytes=dtype_bytes, kv=kv_rows, fvcore=fv)
 
 
 def _fvcore_check(
     model: ArchplanModel, tokens_BT: torch.Tensor, counted_by_component: Mapping[str, int]
 ) -> FvcoreCheck:
-    def no_flops(inputs: Any, outputs: Any) -> int:
-        return 0
-
-    try:
-        with warnings.catch_warnings():
-            # fvcore traces with torch.jit, which warns about its own deprecation on every call
-            warnings.simplefilter("ignore")
+    """fvcore's count per component, or why it did not run (absent, or failed while tracing)."""
+    with warnings.catch_warnings():
+        # fvcore traces with torch.jit, which warns about its own deprecation (on import, too)
+        warnings.simplefilter("ignore")
+        try:
             from fvcore.nn import FlopCountAnalysis  # optional dependency, imported when used
-
+        except ImportError as exc:
+            reason = f"fvcore is not installed ({_first_line(exc)}): pip install fvcore"
+            return FvcoreCheck(rows=(), not_run=reason)
+        try:
             analysis = FlopCountAnalysis(model, (tokens_BT,))
-            analysis.set_op_handle(**{op: no_flops for op in FVCORE_ELEMENTWISE_OPS})
+            analysis.set_op_handle(**{op: _no_flops for op in FVCORE_ELEMENTWISE_OPS})
+            analysis.set_op_handle(**{op: _known_handle(op) for op in FVCORE_FORMULAS})
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             analysis.tracer_warnings("none")
             by_module = analysis.by_module_and_operator()
             skipped_by_module = {name: analysis.unsupported_ops(name) for name in by_module}
-    except Exception as exc:  # noqa: BLE001  fvcore's JIT tracing fails on some models: report it
-        return FvcoreCheck(rows=(), total=0, error=f"{type(exc).__name__}: {exc}".strip())
-    # fvcore counts one multiply-add as one flop (fvcore/nn/flop_count.py): x2 to compare
-    own = exclusive_counts({name: {op: 2 * int(n) for op, n in ops.items()} for name, ops in by_module.items()})
-    skipped_own = exclusive_counts(skipped_by_module)
+        except Exception as exc:  # noqa: BLE001  any failure of the optional tool is reported, not raised
+            return FvcoreCheck(rows=(), not_run=f"fvcore failed: {type(exc).__name__}: {_first_line(exc)}")
+    # fvcore counts one multiply-add as one flop (fvcore/nn/flop_count.py): x2 to compare; the
+    # known ops' handles return FLOPs already
+    own = exclusive_counts({
+        name: {op: n if op.startswith(KNOWN_PREFIX) else 2 * int(n) for op, n in ops.items()}
+        for name, ops in by_module.items()
+    })
     lookup = component_lookup(counted_by_component)
-    fv_by_comp = {comp: sum(ops.values()) for comp, ops in _by_component(own, lookup).items()}
-    skipped_by_comp = _by_component(skipped_own, lookup)
-    # fvcore also lists every elementwise op it skips; only matmul-like ones can hide counted FLOPs
-    shown = counted_by_component.keys() | {comp for comp, n in fv_by_comp.items() if n}
-    rows = tuple(
-        FvcoreRow(
+    by_comp = _by_component(own, lookup)
+    skipped_by_comp = _by_component(exclusive_counts(skipped_by_module), lookup)
+    shown = counted_by_component.keys() | {comp for comp, ops in by_comp.items() if sum(ops.values())}
+    rows = []
+    for comp in ordered(shown):
+        ops = by_comp.get(comp, Counter())
+        own_ops = {op: n for op, n in ops.items() if not op.startswith(KNOWN_PREFIX)}
+        rows.append(FvcoreRow(
             comp,
             counted_by_component.get(comp, 0),
-            fv_by_comp.get(comp, 0),
-            {op: n for op, n in skipped_by_comp.get(comp, Counter()).items() if _matmul_like(op)},
-        )
-        for comp in ordered(shown)
-    )
-    return FvcoreCheck(rows=rows, total=sum(row.fvcore for row in rows), error=None)
+            sum(own_ops.values()),
+            {op.removeprefix(KNOWN_PREFIX): n for op, n in ops.items() if op.startswith(KNOWN_PREFIX)},
+            dict(skipped_by_comp.get(comp, Counter())),
+            own_ops,
+        ))
+    return FvcoreCheck(rows=tuple(rows))
+
+
+def _no_flops(inputs: Any, outputs: Any) -> int:
+    return 0
+
+
+def _known_handle(jit_op: str) -> Callable[[list[Any], list[Any]], Counter[str]]:
+    """An fvcore handle giving the op's FLOPs by formula, under a key kept apart from fvcore's."""
+    formula = FVCORE_FORMULAS[jit_op].formula
+
+    def handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+        return Counter({KNOWN_PREFIX + jit_op: formula([_traced(v) for v in inputs],
+                                                       [_traced(v) for v in outputs])})
+
+    return handle
+
+
+def _traced(value: Any) -> Any:
+    """A traced input as `flop_registry.Traced` has it: a tensor's shape, a constant's value, or None."""
+    if value.isCompleteTensor():
+        return value.type().sizes()
+    constant = value.toIValue()  # None unless the value is a constant of the trace
+    return None if isinstance(constant, torch.Tensor) else constant
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,4 +1,4 @@
-"""Bytes per element of the storage dtypes archplan prices (FORMULAS.md §4.1)."""
+"""Bytes per element of the storage dtypes archplan prices (docs/formulas.md §4.1)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from pydantic import BaseModel, ValidationError
 from archplan.errors import ArchplanError
 from archplan.spec import Spec
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+# The presets are package data (pyproject.toml `package-data`): found through the package, so an
+# installed wheel and a checkout read the same files.
+PRESETS_DIR = Path(str(resources.files("archplan") / "presets"))
 MAX_FILE_BYTES = 1024 * 1024  # a spec is a page of YAML; anything bigger is not a spec
 MAX_YAML_NODES = 200_000  # guards against alias ("billion laughs") expansion
 

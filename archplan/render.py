@@ -88,6 +88,8 @@ def _flops_table(r: dict[str, Any]) -> _Section:
     table.add_row("6·N_active (approximation)", units.flops(f["six_n_active"]), "")
     table.add_row(f"decode, one token at context {f['decode_context']:,}", "",
                   units.flops(f["decode_per_token"]))
+    table.add_row(Text("decode elementwise (analytic only, not in the above)", style="dim"), "",
+                  units.flops(f["decode_elementwise_per_token"]))
     table.add_row(Text("elementwise (analytic only, not in the above)", style="dim"),
                   units.flops(f["elementwise_per_token"]), "")
     return table
@@ -102,6 +104,8 @@ def _kv_table(r: dict[str, Any]) -> _Section:
     if kv.get("conv_bytes_per_token"):
         table.add_row("  of which Hyena long-conv inputs (grow per token)", units.nbytes(kv["conv_bytes_per_token"]))
     table.add_row(f"context {kv['context']:,} x batch {kv['batch']:,}", units.nbytes(kv["bytes"]))
+    if kv.get("filter_cache_bytes"):
+        table.add_row("  of which Hyena filters (fp32, once for the batch)", units.nbytes(kv["filter_cache_bytes"]))
     if kv["ssm_state_bytes"]:
         table.add_row("  of which SSM / S4 / FIR + modal state (constant)", units.nbytes(kv["ssm_state_bytes"]))
     return table

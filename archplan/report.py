@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from typing_extensions import assert_never
 
-from archplan.analytic import count_params, decode_flops_per_token, forward_flops, kv_cache
+from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
 from archplan.analytic import training_flops_per_token
 from archplan.analytic.memory import (
     BYTES_PER_PARAM,
@@ -208,6 +208,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                           "tokens; gpu_hours_6nd: the 6·N_total·D budget; both at the dense bf16 peak x MFU",
         }
 
+    decode = decode_flops(plan, context, 1)
     return {
         "name": spec.name,
         "description": spec.description,
@@ -240,7 +241,8 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "training_per_token_with_recompute": hardware,
             "elementwise_per_token": _per_token(fwd.elementwise, seq),
             "six_n_active": 6 * params.active,
-            "decode_per_token": decode_flops_per_token(plan, context),
+            "decode_per_token": decode.counted,
+            "decode_elementwise_per_token": decode.elementwise,
             "decode_context": context,
             "convention": FLOPS_CONVENTION,
         },
@@ -253,6 +255,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "ssm_state_bytes": kv.ssm_state_bytes,
             "naive_mla_bytes_per_token": kv.naive_mla_bytes_per_token,
             "conv_bytes_per_token": kv.conv_bytes_per_token,
+            "filter_cache_bytes": kv.filter_cache_bytes,
             "by_component": dict(kv.by_component),
             "convention": KV_CONVENTION,
         },

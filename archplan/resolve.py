@@ -184,6 +184,10 @@ class MoEPlan:
     score_correction_bias: bool  # a buffer, never a parameter
     routed_scale: float
     aux_loss_coef: float
+    aux_loss_scope: Literal["batch", "sequence"] = "batch"
+    n_group: int | None = None  # group-limited routing (None: every expert is a candidate)
+    topk_group: int | None = None
+    group_score: Literal["max", "top2_sum"] = "top2_sum"
 
 
 LongConvPlan = Union[S4Plan, HyenaPlan, StripedHyenaPlan]
@@ -389,6 +393,10 @@ def _moe_plan(moe: MoE) -> MoEPlan:
         score_correction_bias=moe.router.score_correction_bias,
         routed_scale=moe.router.scale,
         aux_loss_coef=moe.aux_loss_coef,
+        aux_loss_scope=moe.aux_loss_scope,
+        n_group=moe.router.n_group,
+        topk_group=moe.router.topk_group,
+        group_score=moe.router.group_score,
     )
 
 

@@ -312,7 +312,13 @@ FFN = Annotated[Union[MLP, GLU], Field(discriminator="kind")]
 
 
 class Router(Frozen):
-    """Top-k router. softmax: Mixtral/Switch; sigmoid: DeepSeek-V3 (with a score-correction bias buffer)."""
+    """Top-k router. softmax: Mixtral/Switch; sigmoid: DeepSeek-V3 (with a score-correction bias buffer).
+
+    Group-limited routing (DeepSeek-V2 §2.1.3 device-limited routing, DeepSeek-V3 §2.1.2 node-limited
+    routing, as transformers' DeepseekV2/V3TopkRouter): the experts form `n_group` equal groups, each
+    token keeps its `topk_group` best groups and picks its top_k experts inside them. It changes
+    which experts a token uses, never a count.
+    """
 
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     normalize_top_k: bool = True
@@ -321,6 +327,19 @@ class Router(Frozen):
         False, description="DeepSeek-V3 aux-loss-free balancing bias: a buffer, not a parameter."
     )
     scale: float = Field(1.0, gt=0, description="Routed output scale (DeepSeek-V3 routed_scaling_factor).")
+    n_group: Dim | None = Field(None, description="Group-limited routing: number of equal expert groups.")
+    topk_group: Dim | None = Field(None, description="Group-limited routing: groups each token may use.")
+    group_score: Literal["max", "top2_sum"] = Field(
+        "top2_sum", description="A group's score: its best expert (DeepSeek-V2 group_limited_greedy) or "
+                                "the sum of its best two (DeepSeek-V3 noaux_tc).")
+
+    @model_validator(mode="after")
+    def _groups_paired(self) -> Router:
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError("n_group and topk_group go together (group-limited routing)")
+        if self.n_group is not None and self.topk_group is not None and self.topk_group > self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+        return self
 
 
 class SharedExperts(Frozen):
@@ -339,12 +358,25 @@ class MoE(Frozen):
     expert: FFN
     shared: SharedExperts | None = None
     router: Router = Router()
-    aux_loss_coef: float = Field(0.01, ge=0, description="Switch-style load-balancing loss weight.")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Load-balancing loss weight (Switch α, DeepSeek aux_loss_alpha).")
+    aux_loss_scope: Literal["batch", "sequence"] = Field(
+        "batch", description="Balance pooled over the batch's tokens (Switch Transformer eq. 4-6, GShard) or "
+                             "per sequence, then averaged (DeepSeek-V3 eq. 17-20; HF seq_aux).")
 
     @model_validator(mode="after")
     def _k_fits(self) -> MoE:
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        groups, keep = self.router.n_group, self.router.topk_group
+        if groups is not None and keep is not None:
+            if self.n_experts % groups:
+                raise ValueError(f"router.n_group ({groups}) must divide n_experts ({self.n_experts})")
+            per_group = self.n_experts // groups
+            if self.router.group_score == "top2_sum" and per_group < 2:
+                raise ValueError(f"router.group_score top2_sum needs groups of 2+ experts (got {per_group})")
+            if self.top_k > keep * per_group:
+                raise ValueError(f"top_k ({self.top_k}) exceeds the {keep * per_group} experts of "
+                                 f"router.topk_group ({keep}) groups")
         return self
 
 

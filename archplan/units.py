@@ -1,4 +1,5 @@
-"""Human units for printing. Counts use SI prefixes (7.24 B); bytes use binary GiB = 2^30 (DESIGN.md)."""
+"""Human units for printing. Counts use SI prefixes (7.24 B); bytes use binary GiB = 2^30
+(docs/architecture.md "Counting conventions")."""
 
 from __future__ import annotations
 

@@ -331,7 +331,14 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
                 "scale": draw(st.sampled_from((1.0, 2.5))),
             },
             "aux_loss_coef": draw(st.sampled_from((0.0, 0.01))),
+            "aux_loss_scope": draw(st.sampled_from(("batch", "sequence"))),
         }
+        if draw(st.booleans()):  # group-limited routing: n_group divides E, the kept groups hold top_k
+            groups = draw(st.sampled_from([g for g in range(1, n_experts + 1) if n_experts % g == 0]))
+            per = n_experts // groups
+            moe["router"].update(
+                n_group=groups, topk_group=draw(st.integers(-(-moe["top_k"] // per), groups)),
+                group_score=draw(st.sampled_from(("max", "top2_sum") if per >= 2 else ("max",))))
         if draw(st.booleans()):
             moe["shared"] = {"n": draw(st.integers(1, 2)), "d_ff": draw(st.integers(1, 16)),
                              "gate": draw(st.booleans())}

@@ -1,4 +1,4 @@
-"""Analytic FLOPs against FORMULAS.md §2 and §6 vectors and the docs/architecture.md convention."""
+"""Analytic FLOPs against docs/formulas.md §2 and §6 vectors and the docs/architecture.md convention."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def plan(**fields: Any) -> ModelPlan:
 
 
 def tiny_llama(**over: Any) -> ModelPlan:
-    """FORMULAS §2.7: h 256, f 688, 4 layers, 8 query / 2 KV heads of 32, V 1000, untied."""
+    """docs/formulas.md §2.7: h 256, f 688, 4 layers, 8 query / 2 KV heads of 32, V 1000, untied."""
     fields: dict[str, Any] = {
         "vocab_size": 1000, "d_model": 256, "n_layers": 4,
         "attention": {"kind": "gqa", "n_heads": 8, "n_kv_heads": 2},
@@ -85,7 +85,7 @@ def test_keys_match_params() -> None:
 
 
 def test_mamba_130m_counted() -> None:
-    """FORMULAS §6.1, HF MambaForCausalLM at B 1, T 64: aten.mm 16,418,340,864 and the C-contraction
+    """docs/formulas.md §6.1, HF MambaForCausalLM at B 1, T 64: aten.mm 16,418,340,864 and the C-contraction
     bmm 75,497,472 match; its padded conv (T + K − 1 outputs) is replaced by our left-padded one."""
     p = plan(vocab_size=50280, d_model=768, n_layers=24, position={"kind": "none"},
              ssm={"kind": "mamba1"}, layout={"mixers": "M"}, embedding={"tied": True})
@@ -141,14 +141,18 @@ def test_shared_expert_and_gate_flops() -> None:
 
 
 def test_mla_core_and_decode() -> None:
-    """Prefill SDPA with Dqk = 192, Dv = 128; decode with the absorbed latent (FORMULAS §2.8)."""
+    """Prefill SDPA with Dqk = 192, Dv = 128; decode absorbed (DeepSeek-V2 §2.1.2): per key
+    2·H·(C+R) + 2·H·C = 278,528, W_UK/W_UV once per token (2·H·C·(Dn+Dv) = 33,554,432, what the
+    expanded form would pay per cached key); a single key runs expanded (2·H·(Dqk+Dv) = 81,920)."""
     p = resolve(load_spec("deepseek-v3"))
     f = forward_flops(p, 32)
     assert f.attention_full == 61 * 2 * 32 * 32 * 128 * (192 + 128)
     assert f.attention_causal == 61 * 2 * attended_pairs(32, None) * 128 * (192 + 128)
-    per_key = 61 * (2 * 128 * (512 + 64) + 2 * 128 * 512)
-    assert decode_flops_per_token(p, 11) - decode_flops_per_token(p, 10) == per_key
-    assert decode_flops_per_token(p, 1) == 2 * count_params(p).matmul_active + per_key
+    per_key = 2 * 128 * (512 + 64) + 2 * 128 * 512
+    assert per_key == 278_528 and 2 * 128 * 512 * (128 + 128) == 33_554_432
+    assert decode_flops_per_token(p, 11) - decode_flops_per_token(p, 10) == 61 * per_key
+    assert decode_flops_per_token(p, 2) == 2 * count_params(p).matmul_active + 61 * 2 * per_key
+    assert decode_flops_per_token(p, 1) == 2 * count_params(p).matmul_active + 61 * 2 * 128 * (192 + 128)
 
 
 def test_elementwise_estimates() -> None:
@@ -185,3 +189,35 @@ def test_lm_head_counted_when_tied() -> None:
 def test_bad_arguments(call: Any) -> None:
     with pytest.raises(ArchplanError):
         call(tiny_llama())
+
+
+def test_decode_elementwise_is_kept_apart() -> None:
+    """A decode step's elementwise estimate: the softmax grows 3·H per attended key (Mistral's window
+    caps it), everything else is the T = 1 forward's estimate; counted and elementwise share keys."""
+    from archplan.analytic import decode_flops
+
+    p = resolve(load_spec("mistral-7b"))
+    step = decode_flops(p, 100, 2)
+    assert step.counted_by_component.keys() == step.elementwise_by_component.keys()
+    assert decode_flops(p, 101, 2).elementwise - step.elementwise == 2 * 32 * 3 * 32
+    assert decode_flops(p, 5000, 1).elementwise == decode_flops(p, 4096, 1).elementwise
+    fwd = forward_flops(p, 1, 2)
+    assert decode_flops(p, 1, 2).elementwise == fwd.elementwise  # one key: the softmax of T = 1
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+def test_s4_decode_step_is_the_output_linear_plus_an_elementwise_recurrence(dplr: bool) -> None:
+    """S4D / S4 (H 8, N 4: 2 complex modes) decode: counted = 2·H·2H per sequence, whatever the
+    context; the recurrence (18 per mode, + 16 DPLR), D skip, GELU, GLU per sequence and channel,
+    the discretisation once for the batch (20 or 60 per mode and channel), the residual add."""
+    from archplan.analytic import decode_flops
+
+    p = plan(vocab_size=2, d_model=8, n_layers=1, max_seq_len=16, position={"kind": "none"},
+             norm={"kind": "rmsnorm", "affine": False}, final_norm=False, layout={"mixers": "H"},
+             long_conv={"kind": "s4" if dplr else "s4d", "d_state": 4})
+    for context in (1, 9):
+        step = decode_flops(p, context, 3)
+        assert step.counted_by_component["layers.0.mixer"] == 3 * 2 * 8 * 16
+        per_mode = 18 + (16 if dplr else 0)
+        discretise = (60 if dplr else 20) * 8 * 2
+        assert step.elementwise_by_component["layers.0.mixer"] == 3 * 8 * (per_mode * 2 + 15) + discretise + 3 * 8

@@ -1,4 +1,4 @@
-"""KV cache and SSM state against FORMULAS.md §3 and §6.2."""
+"""KV cache and SSM state against docs/formulas.md §3 and §6.2."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_mla_absorbed_and_naive() -> None:
 
 
 def test_mamba_states() -> None:
-    """mamba-130m 737,280 and mamba2-130m 4,890,624 state elements per sequence (FORMULAS §6.2)."""
+    """mamba-130m 737,280 and mamba2-130m 4,890,624 state elements per sequence (docs/formulas.md §6.2)."""
     m1 = plan(vocab_size=50280, d_model=768, n_layers=24, position={"kind": "none"},
               ssm={"kind": "mamba1"}, layout={"mixers": "M"}, embedding={"tied": True})
     m2 = plan(vocab_size=50288, d_model=768, n_layers=24, position={"kind": "none"},

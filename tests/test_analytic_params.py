@@ -1,4 +1,4 @@
-"""Analytic parameter counts, component by component, against FORMULAS.md §1 worked examples."""
+"""Analytic parameter counts, component by component, against docs/formulas.md §1 worked examples."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def llama_like(**over: Any) -> dict[str, Any]:
 
 
 def test_mamba_130m() -> None:
-    """FORMULAS §1.8: 3,771,648 per layer; 129,135,360 total (HF MambaForCausalLM on meta)."""
+    """docs/formulas.md §1.8: 3,771,648 per layer; 129,135,360 total (HF MambaForCausalLM on meta)."""
     p = count(vocab_size=50280, d_model=768, n_layers=24, position={"kind": "none"},
               ssm={"kind": "mamba1"}, layout={"mixers": "M"}, embedding={"tied": True})
     assert p.by_component["layers.0.mixer"] + p.by_component["layers.0.norm1"] == 3_771_648
@@ -40,7 +40,7 @@ def test_mamba_130m() -> None:
 
 
 def test_mamba2_130m() -> None:
-    """FORMULAS §1.9: 3,765,320 per layer; 128,989,632 total (HF Mamba2ForCausalLM on meta)."""
+    """docs/formulas.md §1.9: 3,765,320 per layer; 128,989,632 total (HF Mamba2ForCausalLM on meta)."""
     p = count(vocab_size=50288, d_model=768, n_layers=24, position={"kind": "none"},
               ssm={"kind": "mamba2"}, layout={"mixers": "M"}, embedding={"tied": True})
     assert p.by_component["layers.0.mixer"] + p.by_component["layers.0.norm1"] == 3_765_320
@@ -72,13 +72,13 @@ def test_llama_3_8b_components_and_matmul() -> None:
     assert p.by_component["layers.0.mixer"] == 41_943_040
     assert p.by_component["layers.0.ffn"] == 176_160_768
     assert p.by_component["layers.0.norm1"] == p.by_component["layers.0.norm2"] == 4096
-    assert p.matmul == 7_504_658_432  # FORMULAS §2.4: 6·P_matmul = 45,027,950,592
+    assert p.matmul == 7_504_658_432  # docs/formulas.md §2.4: 6·P_matmul = 45,027,950,592
     assert p.matmul == p.matmul_active
 
 
 def test_falcon_mqa_parallel_shared_norm() -> None:
     p = count_params(resolve(load_spec("falcon-7b")))
-    assert p.by_component["layers.0.mixer"] == 41_877_504  # FORMULAS §1.3
+    assert p.by_component["layers.0.mixer"] == 41_877_504  # docs/formulas.md §1.3
     assert p.by_component["layers.0.ffn"] == 165_183_488  # §1.5, no bias
     assert p.by_component["layers.0.norm1"] == 2 * 4544
     assert "layers.0.norm2" not in p.by_component
@@ -93,7 +93,7 @@ def test_gpt2_biases_and_learned_positions() -> None:
     p = count_params(resolve(load_spec("gpt2")))
     assert p.by_component["pos_embed"] == p.position_embedding == 1024 * 768
     assert p.by_component["layers.0.mixer"] == 4 * 768 * 768 + 3 * 768 + 768
-    assert p.by_component["layers.0.ffn"] == 4_722_432  # FORMULAS §1.5
+    assert p.by_component["layers.0.ffn"] == 4_722_432  # docs/formulas.md §1.5
     assert p.by_component["final_norm"] == 2 * 768
 
 

@@ -9,6 +9,7 @@ layers.py) spelled out below, and for the 7B the count built from the reference 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,9 +77,14 @@ def test_a_tiny_stripedhyena_verifies_exactly() -> None:
     ({"smeared_gqa": True}, "smeared_gqa"),
     ({"proj_groups": 3}, "proj_groups"),
     ({"num_filters": 3000}, "num_filters"),
-    ({"mystery": 1}, "mystery"),
+    ({"mystery": 1}, "mystery"),  # an unknown key: refused under --strict (docs/import.md key policy)
 ])
 def test_refusals_name_the_field(change: dict[str, object], field: str) -> None:
     config = {"model_type": "stripedhyena", "attn_layer_idxs": [1], **change}
     with pytest.raises(ArchplanError, match=field):
-        spec_from_config(config, file="config.json", name="t")
+        spec_from_config(config, file="config.json", name="t", strict=True)
+
+
+def test_the_published_configs_have_no_unread_key() -> None:
+    for name in ("stripedhyena-7b", "evo-1-8k-base", "evo-1-131k-base"):
+        spec_from_config(json.loads((FIXTURES / f"{name}.json").read_text()), file=name, name=name, strict=True)

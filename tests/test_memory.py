@@ -1,4 +1,4 @@
-"""Memory figures against FORMULAS.md §4: weights per dtype, ZeRO Figure 1, Korthikanti Table 2,
+"""Memory figures against docs/formulas.md §4: weights per dtype, ZeRO Figure 1, Korthikanti Table 2,
 and the per-tensor activation count reducing to Korthikanti's 34sbh + 5as²b for a GPT block."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ LLAMA3_8B = dict(
 
 # ----------------------------------------------------------------------------------- weights
 def test_weight_bytes_per_dtype_llama3_8b() -> None:
-    n = 8_030_261_248  # FORMULAS §4.1 worked example
+    n = 8_030_261_248  # docs/formulas.md §4.1 worked example
     assert dtype_bytes(n, "fp32") == 32_121_044_992
     assert dtype_bytes(n, "bf16") == 16_060_522_496
     assert dtype_bytes(n, "fp8") == dtype_bytes(n, "int8") == 8_030_261_248
@@ -60,7 +60,7 @@ def test_weights_and_int4_group_from_param_count() -> None:
     assert params.total == 8_030_261_248
     assert weights_bytes(params, "bf16") == 16_060_522_496
     assert weights_bytes(params, "int4") == 4_015_130_624
-    # FORMULAS §4.1: int4-g128 linear layers (6,979,321,856 weights) + bf16 embedding/head/norms
+    # docs/formulas.md §4.1: int4-g128 linear layers (6,979,321,856 weights) + bf16 embedding/head/norms
     assert int4_grouped_bytes(params, 128) == 5_700_591_616
 
 
@@ -73,7 +73,7 @@ def test_zero_figure_1() -> None:
 
 
 def test_zero_llama3_8b_dp8() -> None:
-    psi = 8_030_261_248  # FORMULAS §4.2: 128.484 / 44.166 / 30.113 / 16.061 GB
+    psi = 8_030_261_248  # docs/formulas.md §4.2: 128.484 / 44.166 / 30.113 / 16.061 GB
     got = [zero_model_states(psi, stage, dp=8).total / 1e9 for stage in range(4)]
     assert got == pytest.approx([128.484, 44.166, 30.113, 16.061], abs=5e-4)
 
@@ -104,7 +104,7 @@ def test_zero_rejects_bad_arguments(stage: int, dp: int) -> None:
     ],
 )
 def test_korthikanti_table2_gpt3(t: int, sp: bool, recompute: Any, expected: int) -> None:
-    # FORMULAS §4.3 worked GPT-3 175B per layer: s 2048, b 1, h 12288, a 96
+    # docs/formulas.md §4.3 worked GPT-3 175B per layer: s 2048, b 1, h 12288, a 96
     assert korthikanti_layer_bytes(2048, 1, 12288, 96, t, sp, recompute) == expected
 
 

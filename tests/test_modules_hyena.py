@@ -8,11 +8,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic.hyena import (
+    hyena_buffer_elements,
     hyena_cache_per_token,
     hyena_counted_flops,
+    hyena_decode_counted_flops,
+    hyena_filter_cache_per_token,
     hyena_params,
     hyena_state_elements,
     striped_counted_flops,
+    striped_decode_counted_flops,
     striped_params,
     striped_state_elements,
 )
@@ -45,8 +49,8 @@ def build(plan: HyenaPlan | StripedHyenaPlan, seed: int = 0) -> HyenaMixer | Str
     return m
 
 
-PLANS = [hyena(), hyena(order=3, trainable=False, modulation=False, short=1), striped(), striped(groups=2, short=1, bias=False),
-         striped(groups=4, state=1, short=4)]
+PLANS = [hyena(), hyena(order=3, trainable=False, modulation=False, short=1), striped(),
+         striped(groups=2, short=1, bias=False), striped(groups=4, state=1, short=4)]
 
 
 def test_hyena_closed_form() -> None:
@@ -145,15 +149,19 @@ def test_cache_bytes_match_analytic(plan: HyenaPlan | StripedHyenaPlan, dtype: t
     state = build(plan).new_state(3, 20, "cpu", dtype)
     if isinstance(plan, HyenaPlan):
         expected = 3 * (20 * hyena_cache_per_token(plan, D) + hyena_state_elements(plan, D)) * size
+        expected += 20 * hyena_filter_cache_per_token(plan, D) * 4  # the filters: fp32, once for the batch
     else:
         fir, modal = striped_state_elements(plan, D)
         expected = 3 * (fir * size + modal * 4)  # the modal state is fp32 (complex64) whatever the dtype
     assert state.nbytes() == expected
 
 
-def test_hyena_cache_beyond_l_max_is_a_user_error() -> None:
+def test_hyena_beyond_l_max_is_a_user_error() -> None:
+    m = build(hyena())
     with pytest.raises(ArchplanError, match="l_max"):
-        build(hyena()).new_state(1, 33, "cpu", torch.float32)
+        m.new_state(1, 33, "cpu", torch.float32)
+    with pytest.raises(ArchplanError, match="l_max"):
+        m(torch.zeros(1, 33, D))
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=repr)
@@ -167,3 +175,72 @@ def test_flops_on_meta_match_analytic(plan: HyenaPlan | StripedHyenaPlan, seq_le
         assert counter.get_total_flops() == hyena_counted_flops(plan, D, 2, seq_len)
     else:
         assert counter.get_total_flops() == striped_counted_flops(plan, D, 2, seq_len)
+
+
+@pytest.mark.parametrize("modulation", [False, True])
+def test_hyena_filter_is_the_sin_mlp_times_the_decay_window(modulation: bool) -> None:
+    """h = MLP(z)·exp(−t·|δ|) (safari HyenaFilter.filter + ExponentialModulation, shift 0), with one
+    shared Sin frequency initialised to `sin_freq`."""
+    p = HyenaPlan(order=2, filter_order=6, filter_depth=1, emb_dim=5, short_filter=3, l_max=32,
+                  trainable_positions=False, modulation=modulation, bias=True, sin_freq=14.0)
+    m = build(p)
+    f = m.filter
+    assert torch.equal(f.freq.detach(), torch.full((1, 6), 14.0))
+    z, t = positional_features(32, 5, "cpu")
+    h = torch.sin(f.freq * f.mlp_in(z[:, :9]))
+    h = torch.sin(f.freq * f.mlp_inner[0](h))
+    h = f.mlp_out(h)
+    if modulation:
+        h = h * torch.exp(-t[:, :9] * f.deltas.abs())
+    torch.testing.assert_close(f(9).detach(), h[0].T.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("plan", [*PLANS, "s4d", "s4"], ids=repr)
+def test_cuda_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan | str) -> None:
+    """On CUDA (cuFFT, fp32): prefill + steps ≡ one forward, for every long-conv mixer."""
+    from archplan.modules.s4 import S4Mixer
+    from archplan.resolve import S4Plan
+
+    torch.manual_seed(0)
+    if isinstance(plan, str):
+        m = S4Mixer(S4Plan(dplr=plan == "s4", d_state=8, n_ssm=2, ssm_buffers=False), D).cuda()
+    else:
+        m = build(plan).cuda()
+    x = torch.randn(2, 11, D, device="cuda")
+    full = m(x)
+    state = m.new_state(2, 11, "cuda", torch.float32)
+    out = torch.cat([m(x[:, :6], state), m(x[:, 6:7], state), m(x[:, 7:], state)], 1)
+    torch.testing.assert_close(out, full, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("plan", [hyena(), hyena(trainable=False), hyena(modulation=False)], ids=repr)
+def test_hyena_buffers_match_analytic(plan: HyenaPlan) -> None:
+    """Buffers (positional table when not trained, its time axis, modulation deltas) are stated apart."""
+    assert sum(b.numel() for b in build(plan).buffers()) == hyena_buffer_elements(plan, D)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+@pytest.mark.parametrize("prefill", [0, 1, 6])
+def test_a_decode_step_counts_what_analytic_says(plan: HyenaPlan | StripedHyenaPlan, prefill: int) -> None:
+    """One token after `prefill` tokens (none: a fresh state). Hyena: projections, short conv and one
+    bmm over the prefill + 1 cached inputs, no filter MLP (the cache holds the filters); StripedHyena:
+    projections and FIR, the modal step is elementwise."""
+    with torch.device("meta"):
+        m = HyenaMixer(plan, D) if isinstance(plan, HyenaPlan) else StripedHyenaMixer(plan, D)
+    state = m.new_state(2, 8, "meta", torch.float32)
+    if prefill:
+        m(torch.zeros(2, prefill, D, device="meta"), state)
+    with FlopCounterMode(display=False) as counter:
+        m(torch.zeros(2, 1, D, device="meta"), state)
+    if isinstance(plan, HyenaPlan):
+        assert counter.get_total_flops() == 2 * hyena_decode_counted_flops(plan, D, prefill + 1)
+    else:
+        assert counter.get_total_flops() == 2 * striped_decode_counted_flops(plan, D)
+
+
+def test_hyena_cache_holds_the_filters_reversed() -> None:
+    m = build(hyena())
+    state = m.new_state(2, 20, "cpu", torch.float32)
+    torch.testing.assert_close(state.filter_rev_CL.flip(-1), m.filter(20).detach())
+    assert not state.filter_rev_CL.requires_grad

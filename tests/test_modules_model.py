@@ -290,7 +290,7 @@ def test_moe_aux_loss_sums_layers() -> None:
 @pytest.mark.parametrize("variant", ["gqa_rope", "mqa_learned_tied", "window"])
 def test_fvcore_traces_the_model(variant: str) -> None:
     """fvcore JIT-traces the forward (GQA flags are Python bools) and counts every Linear:
-    its multiply-adds × 2 equal 2·B·T·P_matmul; SDPA is the op it skips (FORMULAS §2.7)."""
+    its multiply-adds × 2 equal 2·B·T·P_matmul; SDPA is the op it skips (docs/formulas.md §2.7)."""
     from fvcore.nn import FlopCountAnalysis
 
     model = build_model(tiny(**DENSE_VARIANTS[variant]), device="cpu").eval()

@@ -9,8 +9,17 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from archplan.analytic.s4 import complex_fft_flops, real_fft_flops, s4_counted_flops, s4_params, s4_state_fp32_elements
+from archplan.analytic.s4 import (
+    complex_fft_flops,
+    real_fft_flops,
+    s4_buffer_elements,
+    s4_counted_flops,
+    s4_decode_counted_flops,
+    s4_params,
+    s4_state_fp32_elements,
+)
 from archplan.modules import fft_flops  # noqa: F401  registers the FFT formulas
+from archplan.modules import s4 as s4_module
 from archplan.modules.s4 import S4Mixer, fft_causal_conv
 from archplan.resolve import S4Plan
 
@@ -47,7 +56,8 @@ def test_kernel_equals_the_naive_closed_form(dplr: bool) -> None:
     length = 13
     dt = torch.exp(m.log_dt.detach()).double()
     rep = D_MODEL // m.plan.n_ssm
-    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double()).repeat_interleave(rep, 0)
+    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double())
+    lam = lam.repeat_interleave(rep, 0)
     b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
     c = torch.view_as_complex(m.C.detach().double().contiguous())
     if dplr:
@@ -147,3 +157,68 @@ def test_fft_convention() -> None:
     assert real_fft_flops(4096) == 2.5 * 4096 * 12
     assert complex_fft_flops(4096) == 5 * 4096 * 12
     assert real_fft_flops(6) == 5 * 6 * math.ceil(math.log2(6)) // 2
+
+
+def test_s4d_chunked_basis_changes_neither_values_nor_counted_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The basis made BASIS_CHUNK positions at a time: same kernel, prefill state and FLOPs."""
+    m = mixer(plan(False))
+    x = torch.randn(2, 11, D_MODEL)
+    whole_state = m.new_state(2, 11, "cpu", torch.float32)
+    whole = m(x, whole_state)
+    monkeypatch.setattr(s4_module, "BASIS_CHUNK", 4)
+    chunked_state = m.new_state(2, 11, "cpu", torch.float32)
+    torch.testing.assert_close(m(x, chunked_state), whole)
+    torch.testing.assert_close(chunked_state.x_BHM2, whole_state.x_BHM2)
+    with torch.device("meta"):
+        meta = S4Mixer(plan(False), D_MODEL)
+    with FlopCounterMode(display=False) as counter:
+        meta(torch.zeros(2, 11, D_MODEL, device="meta"))
+    assert counter.get_total_flops() == s4_counted_flops(plan(False), D_MODEL, 2, 11)
+
+
+def test_verify_lists_the_fft_ops_with_their_formulas() -> None:
+    """The op table shows the FFTs with registered formulas; without one they would be flagged."""
+    from archplan.crosscheck import crosscheck
+    from archplan.resolve import resolve
+    from archplan.spec import Spec
+
+    spec = Spec(name="t", vocab_size=32, d_model=8, n_layers=1, max_seq_len=32,
+                long_conv={"kind": "s4d", "d_state": 4}, layout={"mixers": "H"})
+    result = crosscheck(resolve(spec), seq_len=10, batch=1, real=False)
+    ops = {op.op: op for op in result.ops}
+    for name in ("aten._fft_r2c", "aten._fft_c2r"):
+        assert ops[name].has_formula and ops[name].flops > 0 and not ops[name].suspicious
+    assert result.ok
+    assert result.training is not None and "aten._fft_c2c" in result.training_ops  # rfft's backward
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("buffers", [False, True])
+def test_buffers_match_analytic(dplr: bool, buffers: bool) -> None:
+    p = plan(dplr, n_ssm=2, buffers=buffers)
+    assert sum(b.numel() for b in S4Mixer(p, D_MODEL).buffers()) == s4_buffer_elements(p, D_MODEL)
+
+
+def test_dplr_step_is_the_dense_step() -> None:
+    """S4's step applies Ā = diag(a) + q·rᵀ in O(N) (a⊙x + q·(rᵀx)): equal to the dense Ā·x."""
+    m = mixer(plan(True))
+    disc = m._discrete()
+    x = torch.randn(2, D_MODEL, m.plan.modes, dtype=torch.complex64)
+    u = torch.randn(2, D_MODEL, 1)
+    dense = (disc.dense() @ x[..., None])[..., 0] + disc.b_HM * u
+    torch.testing.assert_close(disc.step(x, u).detach(), dense.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("prefill", [0, 5])
+def test_a_decode_step_counts_the_output_linear_only(dplr: bool, prefill: int) -> None:
+    """One token, into a fresh state or after a prefill, steps the recurrence (elementwise): the
+    counter sees the output Linear(H, 2H) alone, `s4_decode_counted_flops` per sequence."""
+    with torch.device("meta"):
+        m = S4Mixer(plan(dplr), D_MODEL)
+    state = m.new_state(3, 8, "meta", torch.float32)
+    if prefill:
+        m(torch.zeros(3, prefill, D_MODEL, device="meta"), state)
+    with FlopCounterMode(display=False) as counter:
+        m(torch.zeros(3, 1, D_MODEL, device="meta"), state)
+    assert counter.get_total_flops() == 3 * s4_decode_counted_flops(D_MODEL) == 3 * 2 * D_MODEL * 2 * D_MODEL

@@ -1,4 +1,4 @@
-"""`archplan plan`: compute-optimal allocation against Hoffmann et al. 2022 (FORMULAS §5), recipe specs
+"""`archplan plan`: compute-optimal allocation against Hoffmann et al. 2022 (docs/formulas.md §5), recipe specs
 within 2% of the target, the partial-spec solver, the cluster layout search, and the CLI contract."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from archplan.analytic import count_params
-from archplan.analytic.memory import activation_memory
 from archplan.analytic.scaling import LAWS
 from archplan.cli import main
 from archplan.commands.plan import FamilyChoice, LawOption
@@ -24,7 +23,9 @@ from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning import spec_data, spec_yaml
 from archplan.planning.design import RECIPES, Family, design, recipe_shape
 from archplan.planning.optimal import LawChoice, budget, optimum
-from archplan.planning.parallel import ClusterLayout, _Model, evaluate, interconnect, search
+from archplan.planning.cluster import rank_memory
+from archplan.planning.layout import Layout, parse_layout
+from archplan.planning.parallel import Settings, cp_problem, interconnect, search, tp_problem
 from archplan.planning.solve import Targets, solve
 from archplan.resolve import resolve
 from archplan.spec import Spec
@@ -47,7 +48,7 @@ def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 
 
 # ----------------------------------------------------------------------------- scaling laws
-# FORMULAS §5.1 table: C -> (rounded N_opt, D_opt), (Besiroglu N_opt, D_opt); 5 significant digits.
+# docs/formulas.md §5.1 table: C -> (rounded N_opt, D_opt), (Besiroglu N_opt, D_opt); 5 significant digits.
 HOFFMANN_TABLE = {
     1e20: ((6.4486e8, 2.5846e10), (8.5348e8, 1.9528e10)),
     1e21: ((1.8242e9, 9.1363e10), (2.7785e9, 5.9985e10)),
@@ -72,7 +73,7 @@ def test_compute_optimal_table(compute: float) -> None:
 
 
 def test_losses_at_the_gopher_budget() -> None:
-    """FORMULAS §5.1: loss at the optimum for C = 5.76e23 is 1.9307 (rounded) / 1.9744 (Besiroglu)."""
+    """docs/formulas.md §5.1: loss at the optimum for C = 5.76e23 is 1.9307 (rounded) / 1.9744 (Besiroglu)."""
     assert optimum(LawChoice.chinchilla, 5.76e23).optimal.loss == pytest.approx(1.9307, abs=1e-4)
     assert optimum(LawChoice.epoch, 5.76e23).optimal.loss == pytest.approx(1.9744, abs=1e-4)
 
@@ -95,7 +96,7 @@ def test_closed_form(choice: LawChoice, key: str, compute: float) -> None:
 
 
 # Hoffmann et al. 2022 Table 3 (Approach 1): parameters, FLOPs, tokens. The 67B row prints 1.5T, a
-# rounding of C/(6N) = 1.433T (its 6ND/C is 1.0469, FORMULAS §5.2); that row uses C/(6N).
+# rounding of C/(6N) = 1.433T (its 6ND/C is 1.0469, docs/formulas.md §5.2); that row uses C/(6N).
 TABLE3 = [
     (400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
     (67e9, 5.76e23, 5.76e23 / (6 * 67e9)), (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),
@@ -335,8 +336,7 @@ def test_rumoured_presets_are_solver_output(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- layout
 def _search(name: str, gpus: int, seq: int = 4096, **kw: Any) -> Any:
-    return search(resolve(load_spec(name)), H100, gpus, seq=seq, global_batch_tokens=4e6, hfu=0.4,
-                  net=NET, **kw)
+    return search(resolve(load_spec(name)), H100, gpus, seq=seq, global_batch_tokens=4e6, net=NET, **kw)
 
 
 def test_7b_fits_on_8_gpus_without_tp() -> None:
@@ -357,48 +357,16 @@ def test_405b_on_8_gpus_is_infeasible_with_the_reason() -> None:
 
 def test_memory_per_gpu_decreases_with_zero_stage() -> None:
     plan = resolve(load_spec("llama-3-8b"))
-    model = _Model(plan, 4096)
     totals = []
     for zero in (0, 1, 2, 3):
-        layout = ClusterLayout(tp=1, pp=1, dp=8, ep=1, zero=zero, recompute="full", micro_batch=1,
-                               microbatches=4)
-        mem = evaluate(model, H100, NET, layout, 4096, 0.4, H100.memory_bytes).memory
-        totals.append(mem.weights + mem.grads + mem.optimizer)
+        layout = Layout(tp=1, pp=1, dp=8, zero=zero, recompute="full", mb=1)
+        mem = rank_memory(plan, layout, 4096, microbatches=4)
+        totals.append(mem.model_states)
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
-    # ZeRO (Rajbhandari et al. 2020 §5): baseline 16Ψ; stage 3 16Ψ/N_d (+ gathered layers)
+    # Megatron's 18 B/param unsharded; ZeRO-3 shards all 18 (its gathered layers are temporary)
     psi = count_params(plan).total
-    assert totals[0] == 16 * psi
-    assert 16 * psi / 8 < totals[3] < 16 * psi / 8 * 1.1
-
-
-def test_first_pipeline_stage_holds_p_microbatches() -> None:
-    """1F1B: stage 0 of p keeps min(p, m) micro-batches (Korthikanti §4.2.3), sharded over TP+SP."""
-    plan = resolve(load_spec("llama-3-8b"))
-    model = _Model(plan, 2048)
-    acts = activation_memory(plan, 1, 2048, "selective").by_component
-    stage0 = sum(v for k, v in acts.items() if k.startswith("layers.") and int(k.split(".")[1]) < 8)
-    for m, in_flight in ((16, 4), (2, 2)):
-        layout = ClusterLayout(tp=2, pp=4, dp=1, ep=1, zero=1, recompute="selective", micro_batch=1,
-                               microbatches=m)
-        mem = evaluate(model, H100, NET, layout, 2048, 0.4, H100.memory_bytes).memory
-        expected = stage0 * in_flight / 2 + acts["embed"] * in_flight
-        assert mem.stage == 0
-        assert mem.activations == pytest.approx(expected, abs=1)
-
-
-def test_bubble_and_tp_communication_model() -> None:
-    plan = resolve(load_spec("llama-3-8b"))
-    model = _Model(plan, 2048)
-    p, m, t = 4, 12, 2
-    layout = ClusterLayout(tp=t, pp=p, dp=1, ep=1, zero=0, recompute="none", micro_batch=1,
-                           microbatches=m)
-    time = evaluate(model, H100, NET, layout, 2048, 0.4, H100.memory_bytes).time
-    pipeline = time.compute + time.tp + time.ep + time.pp_p2p + time.bubble
-    assert time.bubble / pipeline == pytest.approx((p - 1) / (m + p - 1))
-    assert time.dp == 0.0
-    # 8 layers per stage × 2 sub-blocks × (forward + backward), 2(t−1)/t × 2·s·b·h bytes at NVLink
-    per_mb = 8 * 2 * 2 * (2 * (t - 1) / t) * (2 * 2048 * 4096) / NET.intra_node
-    assert time.tp == pytest.approx(m * per_mb)
+    assert totals[0] == 18 * psi
+    assert totals[3] == pytest.approx(18 * psi / 8, abs=16)
 
 
 def test_moe_layouts_use_expert_parallelism() -> None:
@@ -417,17 +385,19 @@ def test_interconnect_overrides() -> None:
         interconnect(H100, inter_gbs=-1)
     # a slower fabric never makes the best layout faster
     slow = search(resolve(load_spec("llama-2-7b")), H100, 16, seq=4096, global_batch_tokens=4e6,
-                  hfu=0.4, net=interconnect(H100, intra_gbs=50, inter_gbs=5))
+                  net=interconnect(H100, intra_gbs=50, inter_gbs=5))
     fast = _search("llama-2-7b", 16)
+
     def per_token(e: Any) -> float:
         return e.time.total / e.global_batch_tokens
 
     assert per_token(slow.ranked[0]) >= per_token(fast.ranked[0])
 
 
-@pytest.mark.parametrize("kwargs", [{"hfu": 0.0}, {"headroom": 1.0}, {"seq": 10**7}])
+@pytest.mark.parametrize("kwargs", [{"settings": Settings(efficiency=0.0)}, {"headroom": 1.0},
+                                    {"seq": 10**7}])
 def test_search_rejects_bad_input(kwargs: dict[str, Any]) -> None:
-    args = {"seq": 4096, "global_batch_tokens": 4e6, "hfu": 0.4, "net": NET} | kwargs
+    args = {"seq": 4096, "global_batch_tokens": 4e6, "net": NET} | kwargs
     with pytest.raises(ArchplanError):
         search(resolve(load_spec("llama-2-7b")), H100, 8, **args)
 
@@ -511,9 +481,12 @@ def test_cli_layout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     r = json.loads(out)
     assert r["feasible"] and 1 <= len(r["layouts"]) <= 5
     best = r["layouts"][0]
-    assert set(best["memory"]) == {"stage", "weights", "grads", "optimizer", "activations", "total"}
+    assert set(best["memory"]) == {"stage", "parameters", "gradients", "optimizer", "activations",
+                                   "temporary", "collective_buffers", "total", "usable", "fits"}
     assert best["memory"]["total"] <= r["usable_bytes_per_gpu"]
-    assert best["training_days"] > 0 and 0 < best["mfu"] < 0.4
+    assert best["training_days"] > 0 and 0 < best["mfu"] < 1
+    assert best["tokens_per_s_per_gpu"] == pytest.approx(
+        best["global_batch_tokens"] / best["step_time"]["total"] / 8)
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "8")
     assert code == 1 and "infeasible" in out
 
@@ -546,3 +519,56 @@ def test_plan_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert math.isfinite(json.loads(proc.stdout)["optimal"]["loss"])
+
+
+# ------------------------------------------------------------------ every preset, every mixer
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_plans_on_64_h100(name: str, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan PRESET --gpus 64 --gpu h100` for every mixer family (long convolutions included):
+    ranked layouts whose step-time terms are finite and non-negative, or the reason none fits."""
+    code, out, err = run(capsys, monkeypatch, "plan", name, "--gpus", "64", "--gpu", "h100", "--json")
+    assert code in (0, 1), err
+    r = json.loads(out)
+    assert r["feasible"] == (code == 0)
+    if not r["feasible"]:
+        assert r["reasons"] and "does not fit" in r["reasons"][0]
+        return
+    for layout in r["layouts"]:
+        times = layout["step_time"]
+        assert all(math.isfinite(v) and v >= 0 for v in times.values())
+        assert times["total"] > 0 and 0 < layout["mfu"] < 1
+        assert layout["memory"]["total"] <= r["usable_bytes_per_gpu"]
+
+
+def test_stripedhyena_fixed_layout_is_evaluated(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A given layout of the StripedHyena hybrid (attention + long-conv layers), CP included."""
+    given = "tp=4,cp=2,pp=2,vpp=1,dp=4,ep=1,zero=1,recompute=none,mb=1,sp=on"
+    code, out, err = run(capsys, monkeypatch, "plan", "stripedhyena-7b", "--gpus", "64", "--gpu", "h100",
+                         "--seq", "32768", "--layout", given, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert len(r["layouts"]) == 1 and r["considered"] == 1
+    best = r["layouts"][0]
+    assert best["layout"] == given
+    assert best["step_time"]["tp"] > 0 and best["step_time"]["cp"] > 0 and best["step_time"]["bubble"] > 0
+
+
+def test_long_conv_tp_and_cp_must_split_the_channels() -> None:
+    odd = resolve(load_spec("s4d-lm").model_copy(update={"d_model": 772}))
+    assert tp_problem(odd, 4) is None
+    assert tp_problem(odd, 8) == "d_model 772 does not split 8 ways"
+    with pytest.raises(ArchplanError, match="tp=8: d_model 772"):
+        search(odd, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
+               fixed=parse_layout("tp=8,cp=1,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1"))
+    # under CP the channels split over tp·cp (the sequence <-> channel all-to-all)
+    assert cp_problem(odd, 4, 1) is None and cp_problem(odd, 2, 2) is None
+    assert cp_problem(odd, 4, 2) == "long convolutions split d_model 772 over tp·cp = 8 channel shards"
+    with pytest.raises(ArchplanError, match="cp=2: long convolutions"):
+        search(odd, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
+               fixed=parse_layout("tp=4,cp=2,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1"))
+    assert cp_problem(resolve(load_spec("llama-3-8b")), 8, 16) is None  # attention needs no channel split

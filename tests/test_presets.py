@@ -36,7 +36,7 @@ def test_every_fixture_model_has_a_preset() -> None:
 def test_preset_header_and_reference(name: str) -> None:
     path = PRESETS_DIR / f"{name}.yaml"
     first = path.read_text().splitlines()[0]
-    assert first == "# yaml-language-server: $schema=../docs/spec.schema.json"
+    assert first == "# yaml-language-server: $schema=../spec.schema.json"
     spec = load_spec(name)
     assert spec.name == name
     ref = spec.reference
@@ -90,7 +90,7 @@ def test_llama_3_1_405b_by_arithmetic() -> None:
 
 
 def test_hybrid_example_by_arithmetic() -> None:
-    """The hand count in presets/hybrid-ssm-moe.yaml, rebuilt from the module formulas of FORMULAS §1.9."""
+    """The hand count in presets/hybrid-ssm-moe.yaml, rebuilt from the module formulas of docs/formulas.md §1.9."""
     d, d_inner, n, heads = 2048, 4096, 128, 64
     conv_dim = d_inner + 2 * n
     mamba = d * (2 * d_inner + 2 * n + heads) + d_inner * d + conv_dim * 5 + 3 * heads + d_inner

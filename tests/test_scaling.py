@@ -1,4 +1,4 @@
-"""Chinchilla scaling laws against FORMULAS.md §5 (closed form, Table 3, the 20x rule)."""
+"""Chinchilla scaling laws against docs/formulas.md §5 (closed form, Table 3, the 20x rule)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_closed_form_coefficients(key: str, G: float, a: float, b: float) -> Non
     assert law.b == pytest.approx(b, abs=5e-7)
 
 
-# FORMULAS §5.1 table: N_opt / D_opt (4 significant digits printed)
+# docs/formulas.md §5.1 table: N_opt / D_opt (4 significant digits printed)
 @pytest.mark.parametrize(
     ("key", "compute", "n_opt", "d_opt"),
     [
@@ -87,7 +87,7 @@ def test_twenty_tokens_rule() -> None:
 # Hoffmann et al. 2022 Table 3 (Approach 1 projections): params, FLOPs, tokens
 TABLE3 = [
     (400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
-    (67e9, 5.76e23, 1.433e12),  # printed '1.5 Trillion' is rounded (FORMULAS §5.2)
+    (67e9, 5.76e23, 1.433e12),  # printed '1.5 Trillion' is rounded (docs/formulas.md §5.2)
     (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),
     (520e9, 3.43e25, 11.0e12), (1e12, 1.27e26, 21.2e12), (10e12, 1.30e28, 216.2e12),
 ]
@@ -95,7 +95,7 @@ TABLE3 = [
 
 @pytest.mark.parametrize(("params", "compute", "tokens"), TABLE3)
 def test_table3_rows_within_five_percent(params: float, compute: float, tokens: float) -> None:
-    # FORMULAS §5.2: Table 3's own rounding reaches 4.7%, hence the 5% tolerance.
+    # docs/formulas.md §5.2: Table 3's own rounding reaches 4.7%, hence the 5% tolerance.
     for fit in (approach1, twenty_tokens):
         n, d = fit(compute)
         assert n == pytest.approx(params, rel=0.05), fit.__name__

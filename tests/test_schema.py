@@ -1,4 +1,4 @@
-"""`archplan schema`: the committed docs/spec.schema.json is what the code generates, and it
+"""`archplan schema`: the committed archplan/spec.schema.json is what the code generates, and it
 validates every preset (the presets point editors at it)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from archplan.commands.schema import render_schema
 from archplan.loader import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_FILE = ROOT / "docs" / "spec.schema.json"
+SCHEMA_FILE = ROOT / "archplan" / "spec.schema.json"
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
-MODELINE = "# yaml-language-server: $schema=../docs/spec.schema.json"
+MODELINE = "# yaml-language-server: $schema=../spec.schema.json"
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
@@ -39,7 +39,7 @@ def validator() -> jsonschema.protocols.Validator:
 
 def test_committed_schema_is_up_to_date() -> None:
     assert SCHEMA_FILE.read_text(encoding="utf-8") == render_schema(), (
-        "docs/spec.schema.json is stale: run `archplan schema --output docs/spec.schema.json --force`"
+        "archplan/spec.schema.json is stale: run `archplan schema --output archplan/spec.schema.json --force`"
     )
 
 

@@ -1,4 +1,4 @@
-"""`archplan size` and `archplan presets`: the --json contract (docs/json.md), FORMULAS test vectors
+"""`archplan size` and `archplan presets`: the --json contract (docs/json.md), docs/formulas.md test vectors
 end to end, option handling and the human table."""
 
 from __future__ import annotations
@@ -59,12 +59,12 @@ def test_llama3_8b_matches_formulas_vectors() -> None:
     assert r["params"]["embedding"] == 128256 * 4096
     assert sum(r["params"]["by_component"].values()) == r["params"]["total"]
     assert sum(k["total"] for k in r["params"]["by_kind"].values()) == r["params"]["total"]
-    # FORMULAS §7: recommended training FLOPs (6·P_matmul + 12LHQT) and decode at 8192 (§2.8)
+    # docs/formulas.md §7: recommended training FLOPs (6·P_matmul + 12LHQT) and decode at 8192 (§2.8)
     assert r["flops"]["training_per_token"] == 57_912_852_480
     assert r["flops"]["forward_per_token"] * 3 == r["flops"]["training_per_token"]
     assert r["flops"]["decode_per_token"] == 19_304_284_160
     assert r["flops"]["six_n_active"] == 48_181_567_488
-    # FORMULAS §3 and §4.1
+    # docs/formulas.md §3 and §4.1
     assert r["kv_cache"]["bytes_per_token"] == 131_072
     assert r["kv_cache"]["bytes"] == 1 << 30
     assert r["memory"]["weights_bytes"] == 16_060_522_496
@@ -131,7 +131,7 @@ def test_kv_options() -> None:
 
 def test_ssm_state_and_sliding_window() -> None:
     jamba = size_json("jamba-v0.1", "--context", "1024")
-    assert jamba["kv_cache"]["bytes_per_token"] == 16_384  # FORMULAS §3: 4 attention layers
+    assert jamba["kv_cache"]["bytes_per_token"] == 16_384  # docs/formulas.md §3: 4 attention layers
     assert jamba["kv_cache"]["ssm_state_bytes"] > 0
     assert jamba["params"]["by_kind"]["ssm"]["total"] > 0
     mistral = size_json("mistral-7b", "--context", "32768")

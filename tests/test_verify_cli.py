@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import torch
 from archplan import crosscheck as cc
 from archplan.analytic import ParamCount
 from archplan.cli import main
+from archplan.commands.requires import torch_release
+from archplan.flop_registry import FVCORE_FORMULAS
 from archplan.resolve import ModelPlan
 
 TINY_YAML = """\
@@ -147,3 +151,119 @@ def test_a_failing_layer_is_never_folded(
     row = next(line for line in out.splitlines() if "│ layers.5.mixer" in line)
     assert "✗" in row
     assert "layers.5.mixer: analytic 0, built 67,108,864" in out
+
+
+def _summary(out: str) -> str:
+    """The last line verify prints: which checks matched, disagreed, or did not run."""
+    return out.strip().splitlines()[-1]
+
+
+def test_an_absent_fvcore_is_reported_as_not_run_never_as_a_match(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "fvcore.nn", None)  # `from fvcore.nn import ...` raises ImportError
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8")
+    assert code == 0  # nothing disagreed
+    assert "all figures match" not in out
+    matched, _, not_run = _summary(out).partition("not run:")
+    assert matched.startswith("match exactly: parameters, forward FLOPs, training FLOPs, KV cache")
+    assert "fvcore" not in matched and "fvcore (fvcore is not installed" in not_run
+    assert "fvcore FlopCountAnalysis: not run (fvcore is not installed" in out
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--json")
+    checks = {c["check"]: c for c in json.loads(out)["checks"]}
+    assert checks["fvcore"]["status"] == "not run" and "not installed" in checks["fvcore"]["detail"]
+
+
+def test_a_crashing_fvcore_is_reported_as_not_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    with warnings.catch_warnings():  # fvcore's import scripts with torch.jit, which warns
+        warnings.simplefilter("ignore")
+        import fvcore.nn
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(fvcore.nn, "FlopCountAnalysis", crash)
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-backward")
+    assert code == 0 and "all figures match" not in out
+    summary = _summary(out)
+    assert ("not run: training FLOPs (no backward requested), "
+            "fvcore (fvcore failed: RuntimeError: cannot trace)") in summary
+    assert summary.startswith("match exactly: parameters, forward FLOPs, KV cache;")
+
+
+def test_checks_that_did_not_run_on_a_big_model_are_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(monkeypatch, capsys, "gpt2", "--seq", "8", "--no-backward")
+    assert code == 0 and "all figures match" not in out
+    assert _summary(out) == (
+        "match exactly: parameters, forward FLOPs; not run: training FLOPs (no backward requested), "
+        "KV cache (model ≥ 50M parameters), fvcore (model ≥ 50M parameters)"
+    )
+
+
+def test_all_figures_match_only_when_every_check_ran(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8")
+    assert code == 0
+    assert _summary(out) == (
+        "all figures match exactly (parameters, forward FLOPs, training FLOPs, KV cache, fvcore)"
+    )
+
+
+def test_an_unregistered_matmul_op_fails_verify(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    def linear_with_mv(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        extra = torch.mv(self.weight, x.reshape(-1, x.shape[-1])[0]).sum()
+        return torch.nn.functional.linear(x, self.weight, self.bias) + 0 * extra
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", linear_with_mv)
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-cpu-check")
+    assert code == 1
+    assert "op aten.mv ran" in out and "in the forward" in out and "in the backward" in out
+    assert "none: matmul-shaped" in out
+    assert "mismatch: forward FLOPs, training FLOPs" in _summary(out)
+    assert "all figures match" not in out
+
+
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_an_old_torch_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path, command: str
+) -> None:
+    real_version = importlib.metadata.version
+
+    def version(name: str) -> str:
+        return "2.7.1+cpu" if name == "torch" else real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(sys, "argv", ["archplan", command, str(tiny)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert "needs PyTorch 2.8 or newer" in err and "found 2.7.1+cpu" in err
+
+
+@pytest.mark.parametrize(("version", "release"), [
+    ("2.13.0+cpu", (2, 13)), ("2.8.0a0+gitabc", (2, 8)), ("3.0.0", (3, 0)), ("2.6.0", (2, 6)),
+])
+def test_torch_release_reads_major_minor(version: str, release: tuple[int, int]) -> None:
+    assert torch_release(version) == release
+
+
+def test_an_fvcore_mismatch_fails_with_its_ops(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    sdpa = FVCORE_FORMULAS["aten::scaled_dot_product_attention"]
+    monkeypatch.setitem(FVCORE_FORMULAS, "aten::scaled_dot_product_attention",
+                        dataclasses.replace(sdpa, formula=lambda ins, outs: sdpa.formula(ins, outs) + 2))
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-backward")
+    assert code == 1
+    line = next(line for line in out.splitlines() if line.startswith("  fvcore layers.0.mixer:"))
+    assert "(linear " in line and "known " in line and "aten::scaled_dot_product_attention" in line
+    assert "mismatch: fvcore" in _summary(out)

@@ -1,7 +1,7 @@
-"""Token embedding, embedding norm and LM head (FORMULAS §1.1; Kaplan et al. 2020 Table 1).
+"""Token embedding, embedding norm and LM head (docs/formulas.md §1.1; Kaplan et al. 2020 Table 1).
 
 The embedding is a lookup (0 counted FLOPs); the LM head is a matmul 2·D·V per token and takes part
-in P_matmul even when its weight is tied to the embedding (FORMULAS §0: "the LM head (counted even
+in P_matmul even when its weight is tied to the embedding (docs/formulas.md §0: "the LM head (counted even
 when tied)").
 """
 

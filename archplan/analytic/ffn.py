@@ -1,6 +1,6 @@
 """Dense FFNs: two-matrix MLP and gated three-matrix GLU (SwiGLU/GeGLU).
 
-Parameters FORMULAS §1.5: MLP 2·D·F (+F+D biases), GLU 3·D·F (+2F+D biases) (Shazeer 2020; Megatron
+Parameters docs/formulas.md §1.5: MLP 2·D·F (+F+D biases), GLU 3·D·F (+2F+D biases) (Shazeer 2020; Megatron
 `theoretical_memory_usage.py` dense_mlp_params). Counted FLOPs: 2 per weight per token.
 """
 

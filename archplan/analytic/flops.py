@@ -8,7 +8,7 @@ grouped expert matmuls over the B·T·K routed rows, the SSD einsums). A multipl
 *Elementwise*: our documented estimates of what the counter does not see (norms, softmax,
 activations, RoPE, scan updates, residual adds); `archplan verify` shows them as analytic-only.
 
-Training and decode per token follow FORMULAS §2.8-2.9 (PaLM App. B / torchtitan: backward =
+Training and decode per token follow docs/formulas.md §2.8-2.9 (PaLM App. B / torchtitan: backward =
 2 × forward; full recompute adds a forward; selective recompute re-runs the attention core,
 Korthikanti et al. 2022 §5).
 """
@@ -27,7 +27,7 @@ from archplan.analytic.attention import (
     attention_matmul_params,
     mla_core_causal_flops,
     mla_core_flops,
-    mla_decode_core_flops,
+    mla_decode_flops,
     mla_elementwise_per_token,
     mla_matmul_params,
 )
@@ -35,24 +35,30 @@ from archplan.analytic.embedding import lm_head_matmul_params
 from archplan.analytic.ffn import ffn_elementwise_per_token, ffn_matmul_params
 from archplan.analytic.mamba import (
     mamba1_counted_flops,
-    mamba1_decode_counted_flops,
     mamba1_elementwise_per_token,
     mamba2_counted_flops,
-    mamba2_decode_counted_flops,
     mamba2_elementwise,
 )
 from archplan.analytic.hyena import (
     hyena_backward_adjust,
     hyena_counted_flops,
-    hyena_decode_flops,
+    hyena_decode_counted_flops,
+    hyena_decode_elementwise,
     hyena_elementwise,
     striped_backward_adjust,
     striped_counted_flops,
-    striped_decode_flops,
+    striped_decode_counted_flops,
+    striped_decode_elementwise,
     striped_elementwise,
 )
-from archplan.analytic.model import layer_paths, matmul_params
-from archplan.analytic.s4 import s4_backward_adjust, s4_counted_flops, s4_decode_flops, s4_elementwise
+from archplan.analytic.model import layer_paths
+from archplan.analytic.s4 import (
+    s4_backward_adjust,
+    s4_counted_flops,
+    s4_decode_counted_flops,
+    s4_decode_elementwise,
+    s4_elementwise,
+)
 from archplan.analytic.moe import moe_counted_flops, moe_elementwise_per_token
 from archplan.analytic.norms import norm_flops
 from archplan.analytic.positions import alibi_flops, position_add_flops
@@ -220,14 +226,18 @@ def _ffn_flops(
 
 
 # ------------------------------------------------------------------------------------- the model
+def _residual_flops(plan: ModelPlan, rows: int) -> int:
+    """x + f(x): D adds per token and sub-block; DeepNorm's norm(α·x + f(x)) (Wang et al. 2022) also scales."""
+    return rows * plan.d_model * (2 if plan.residual == "deepnorm" else 1)
+
+
 def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
     _check_positive("seq_len", seq_len)
     _check_positive("batch", batch)
     d = plan.d_model
     rows = batch * seq_len
     norm = rows * norm_flops(plan.norm, d)
-    # x + f(x): D adds per token and sub-block; DeepNorm's norm(α·x + f(x)) (Wang et al. 2022) also scales
-    residual = rows * d * (2 if plan.residual == "deepnorm" else 1)
+    residual = _residual_flops(plan, rows)
 
     counted: dict[str, int] = {"embed": 0}
     elementwise: dict[str, int] = {"embed": 0}
@@ -285,7 +295,7 @@ def training_flops_per_token(
     """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B), per token.
 
     Full recompute re-runs every forward (+1 forward); selective recompute re-runs only the attention
-    core, QKᵀ/softmax/AV (Korthikanti et al. 2022 §5; FORMULAS §2.9 item 3).
+    core, QKᵀ/softmax/AV (Korthikanti et al. 2022 §5; docs/formulas.md §2.9 item 3).
     """
     _check_choice("attention", attention, ATTENTION_CONVENTIONS)
     _check_choice("recompute", recompute, RECOMPUTE_MODES)
@@ -303,35 +313,96 @@ def training_flops_per_token(
     return _per_token(flops.training(attention) + extra, seq_len)
 
 
-def _mixer_decode_flops(mixer: MixerPlan, d_model: int, keys: int) -> int:
-    """Context-dependent counted FLOPs of one new token attending `keys` cached positions."""
+@dataclass(frozen=True)
+class DecodeFlops:
+    """One decode step: `batch` sequences each feed one new token that attends `context` keys
+    (itself included; sliding-window layers min(context, W), SSM and S4 / StripedHyena layers one
+    recurrent step, Hyena a direct convolution over `context` cached inputs). `counted` is exactly
+    what FlopCounterMode counts on meta for that step of the torch model with its cache (MLA in the
+    cheaper of its two forms, `attention.mla_decode_flops`); `elementwise` is our estimate of the
+    rest, as in `FlopCount` (softmax over the attended keys, recurrence updates, norms, gates)."""
+
+    batch: int
+    context: int
+    counted_by_component: dict[str, int]
+    elementwise_by_component: dict[str, int]
+
+    @property
+    def counted(self) -> int:
+        return sum(self.counted_by_component.values())
+
+    @property
+    def elementwise(self) -> int:
+        return sum(self.elementwise_by_component.values())
+
+
+@dataclass(frozen=True)
+class _MixerDecode:
+    counted: int
+    elementwise: int
+
+
+def _mixer_decode(plan: ModelPlan, mixer: MixerPlan, context: int, batch: int, residual: int) -> _MixerDecode:
+    """One mixer for one new token in each of `batch` sequences at `context` (docs/formulas.md §2.8).
+    Work shared by the batch (S4's discretisation) is counted once, not per sequence."""
+    d = plan.d_model
     match mixer:
         case AttentionPlan():
-            attended = keys if mixer.window is None else min(keys, mixer.window)
-            return 2 * mixer.n_heads * (mixer.head_dim + mixer.head_dim) * attended
+            attended = context if mixer.window is None else min(context, mixer.window)
+            core = 2 * mixer.n_heads * (mixer.head_dim + mixer.head_dim) * attended
+            alibi = alibi_flops(mixer.n_heads, attended) if plan.position == "alibi" else 0
+            per_token = attention_elementwise_per_token(mixer) + 3 * mixer.n_heads * attended + alibi
+            return _MixerDecode(
+                counted=batch * (2 * attention_matmul_params(mixer, d) + core),
+                elementwise=batch * per_token + residual,
+            )
         case MLAPlan():
-            attended = keys if mixer.window is None else min(keys, mixer.window)
-            return mla_decode_core_flops(mixer, attended)
+            attended = context if mixer.window is None else min(context, mixer.window)
+            per_token = mla_elementwise_per_token(mixer) + 3 * mixer.n_heads * attended
+            return _MixerDecode(batch * mla_decode_flops(mixer, d, attended), batch * per_token + residual)
         case Mamba1Plan():
-            return mamba1_decode_counted_flops(mixer)
+            # one recurrent step is the T = 1 forward from the cached conv/SSM states: the
+            # conv over the K cached columns and the C contraction of the new state
+            return _MixerDecode(
+                mamba1_counted_flops(mixer, d, batch, 1), batch * mamba1_elementwise_per_token(mixer) + residual
+            )
         case Mamba2Plan():
-            return mamba2_decode_counted_flops(mixer)
+            # the module continues through the same chunked SSD with one token (q = 1): C·Bᵀ,
+            # (CBᵀ∘L)·X, the chunk state and state → output all run (`ssd_counted_flops` at T = 1)
+            return _MixerDecode(mamba2_counted_flops(mixer, d, batch, 1), mamba2_elementwise(mixer, batch, 1) + residual)
         case S4Plan():
-            return s4_decode_flops(mixer, d_model)
+            return _MixerDecode(batch * s4_decode_counted_flops(d), s4_decode_elementwise(mixer, d, batch) + residual)
         case HyenaPlan():
-            return hyena_decode_flops(mixer, d_model, keys)
+            return _MixerDecode(
+                batch * hyena_decode_counted_flops(mixer, d, context),
+                batch * hyena_decode_elementwise(mixer, d) + residual,
+            )
         case StripedHyenaPlan():
-            return striped_decode_flops(mixer, d_model)
+            return _MixerDecode(
+                batch * striped_decode_counted_flops(mixer, d), batch * striped_decode_elementwise(mixer, d) + residual
+            )
         case _:
             assert_never(mixer)
 
 
-def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
-    """One new token at context t (FORMULAS §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
-    MLA with the absorbed latent cache, SSM / S4 / StripedHyena layers one recurrent step, Hyena
-    layers a direct convolution over the t cached inputs. P_matmul,active counts the
-    router and the shared experts with the top_k routed ones (torchtitan's choice, FORMULAS §2.9 item 5)."""
+def decode_flops(plan: ModelPlan, context: int, batch: int = 1) -> DecodeFlops:
+    """One decode step, by module path (docs/formulas.md §2.8): the forward of one token per sequence
+    (embeddings, norms, FFN or MoE with its router, shared and top_k routed experts, LM head), with
+    each mixer reading its cache instead (`_mixer_decode`)."""
     _check_positive("context", context)
-    return 2 * matmul_params(plan, active=True) + sum(
-        _mixer_decode_flops(layer.mixer, plan.d_model, context) for layer in plan.layers
-    )
+    _check_positive("batch", batch)
+    step = forward_flops(plan, 1, batch)
+    counted = dict(step.counted_by_component)
+    elementwise = dict(step.elementwise_by_component)
+    for layer in plan.layers:
+        mixer = _mixer_decode(plan, layer.mixer, context, batch, _residual_flops(plan, batch))
+        counted[f"{layer.path}.mixer"] = mixer.counted
+        elementwise[f"{layer.path}.mixer"] = mixer.elementwise
+    return DecodeFlops(batch, context, counted, elementwise)
+
+
+def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
+    """One new token at context t (docs/formulas.md §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
+    MLA absorbed (`attention.mla_decode_flops`), SSM layers one recurrent step. P_matmul,active counts
+    the router and the shared experts with the top_k routed ones (torchtitan's choice)."""
+    return decode_flops(plan, context, 1).counted

@@ -92,15 +92,30 @@ def hyena_elementwise(m: HyenaPlan, d_model: int, batch: int, seq_len: int) -> i
     return seq_len * per_position + (m.order - 1) * per_order + batch * seq_len * d_model
 
 
-def hyena_decode_flops(m: HyenaPlan, d_model: int, context: int) -> int:
-    """One new token at context t: the short conv, the filter MLP for the new position, and each long
-    convolution as a direct dot product over the t cached inputs (no constant-size state exists)."""
+def hyena_decode_counted_flops(m: HyenaPlan, d_model: int, context: int) -> int:
+    """One new token of one sequence at `context` (itself included), counted: in_proj and out_proj,
+    the short conv over (N_o+1)·D channels, and each long convolution as the direct sum
+    Σ_j h[t − j]·v_j over the `context` cached inputs (one bmm, 2·D·context). The filters were
+    computed when the cache was made (modules/hyena.py `new_state`), never per step."""
     inner = (m.order + 1) * d_model
-    return 2 * inner * m.short_filter + _filter_mlp_flops(m, d_model, 1) + (m.order - 1) * 2 * d_model * context
+    long_convs = (m.order - 1) * 2 * d_model * context
+    return 2 * hyena_matmul_params(m, d_model) + 2 * inner * m.short_filter + long_convs
+
+
+def hyena_decode_elementwise(m: HyenaPlan, d_model: int) -> int:
+    """Our estimate per sequence and step: per order the gate v·x_i and the skip v·bias + add (3·D),
+    and the final gate (D), as in `hyena_elementwise` per token."""
+    return (m.order - 1) * 3 * d_model + d_model
 
 
 def hyena_cache_per_token(m: HyenaPlan, d_model: int) -> int:
     """Inputs of the order−1 long convolutions: (N_o − 1)·D values per past token (a growing cache)."""
+    return hyena_filter_channels(m, d_model)
+
+
+def hyena_filter_cache_per_token(m: HyenaPlan, d_model: int) -> int:
+    """The long filters' taps, (N_o − 1)·D per cached position: fp32, computed once per cache and
+    shared by the batch (they depend on no input), so no decode step reruns the filter MLP."""
     return hyena_filter_channels(m, d_model)
 
 
@@ -160,10 +175,17 @@ def striped_elementwise(m: StripedHyenaPlan, d_model: int, batch: int, seq_len: 
     return basis + 6 * batch * d_model * bins + 4 * batch * seq_len * d_model
 
 
-def striped_decode_flops(m: StripedHyenaPlan, d_model: int) -> int:
-    """One step (stripedhyena engine `step_fir`, `step_iir`): FIR over k taps on 3D channels, the modal
-    update x ← p·x + u (8 per complex pole) and y = Re Σ r·x (4 per pole), per channel."""
-    return 2 * 3 * d_model * m.short_filter + 12 * d_model * m.state_size
+def striped_decode_counted_flops(m: StripedHyenaPlan, d_model: int) -> int:
+    """One step of one sequence, counted: projections, out_filter_dense and the short FIR over its k
+    taps on 3D channels (stripedhyena engine `step_fir`). The modal update is elementwise."""
+    return 2 * striped_matmul_params(d_model) + 2 * 3 * d_model * m.short_filter
+
+
+def striped_decode_elementwise(m: StripedHyenaPlan, d_model: int) -> int:
+    """Our estimate per sequence and step (stripedhyena engine `step_iir`): the modal update
+    x ← p·x + u (8 per complex pole) and y = Re Σ r·x (4 per pole) per channel, x1·v, D skip and
+    the x2 gate (4 per channel)."""
+    return 12 * d_model * m.state_size + 4 * d_model
 
 
 def striped_state_elements(m: StripedHyenaPlan, d_model: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Inference cache: attention KV (FORMULAS §3; DeepSeek-V2 §2.1.4 Table 1) and SSM states (§6.2).
+"""Inference cache: attention KV (docs/formulas.md §3; DeepSeek-V2 §2.1.4 Table 1) and SSM states (§6.2).
 
 Per attention layer and token: K and V, 2·Hkv·Dh elements (MHA/GQA/MQA); MLA's absorbed cache holds
 the latent and the shared RoPE key, kv_lora_rank + qk_rope_head_dim (DeepSeek-V3 `inference/model.py`
@@ -7,7 +7,8 @@ buffer). A Mamba layer keeps a constant state per sequence: conv + SSM state (ma
 `allocate_inference_cache`); S4/S4D a complex state of N/2 modes per channel in fp32 (4·H·N bytes);
 StripedHyena its FIR tail 3D·(k−1) plus the modal state D·S complex64; plain Hyena has no constant
 state: exact decoding keeps the inputs of its order−1 long convolutions, (order−1)·D values per
-token, a cache that grows like the KV cache (+ its short conv tail). These are the shapes `model.new_cache(batch, max_len)` allocates
+token, a cache that grows like the KV cache (+ its short conv tail), and its (order−1)·D filter
+taps per position computed once for the batch in fp32 (the filters depend on no input). These are the shapes `model.new_cache(batch, max_len)` allocates
 (docs/architecture.md "Cache contract"), all in one dtype of `dtype_bytes` per element.
 """
 
@@ -18,7 +19,12 @@ from dataclasses import dataclass
 
 from typing_extensions import assert_never
 
-from archplan.analytic.hyena import hyena_cache_per_token, hyena_state_elements, striped_state_elements
+from archplan.analytic.hyena import (
+    hyena_cache_per_token,
+    hyena_filter_cache_per_token,
+    hyena_state_elements,
+    striped_state_elements,
+)
 from archplan.analytic.mamba import mamba1_state_elements, mamba2_state_elements
 from archplan.analytic.s4 import s4_state_fp32_elements
 from archplan.errors import ArchplanError
@@ -49,6 +55,8 @@ class KVCache:
     naive_mla_bytes_per_token: int | None  # MLA without absorption: full K (n_h·(nope+rope)) and V (n_h·v)
     # Hyena layers' long-convolution inputs, (order−1)·D per token: part of bytes_per_token, shown apart
     conv_bytes_per_token: int = 0
+    # Hyena layers' filters over the context, fp32, held once for the batch: part of `bytes`
+    filter_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class _LayerCache:
     window: int | None  # cap on cached positions, None = the whole context
     state: int  # constant elements per sequence
     state_fp32: int = 0  # constant elements per sequence held in fp32 whatever the dtype
+    shared_fp32_per_token: int = 0  # elements per cached position held once for the batch, fp32
 
 
 def _layer_cache(mixer: MixerPlan, d_model: int) -> _LayerCache:
@@ -73,7 +82,8 @@ def _layer_cache(mixer: MixerPlan, d_model: int) -> _LayerCache:
             return _LayerCache(0, None, 0, s4_state_fp32_elements(mixer, d_model))
         case HyenaPlan():
             return _LayerCache(
-                hyena_cache_per_token(mixer, d_model), None, hyena_state_elements(mixer, d_model)
+                hyena_cache_per_token(mixer, d_model), None, hyena_state_elements(mixer, d_model),
+                shared_fp32_per_token=hyena_filter_cache_per_token(mixer, d_model),
             )
         case StripedHyenaPlan():
             return _LayerCache(0, None, *striped_state_elements(mixer, d_model))
@@ -94,14 +104,15 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
         raise ArchplanError(f"dtype_bytes must be positive (got {dtype_bytes!r})")
 
     by_component: dict[str, int] = {}
-    per_token = state_elements = state_fp32 = conv_per_token = 0
+    per_token = state_elements = state_fp32 = conv_per_token = shared = 0
     naive_mla: int | None = None
     for layer in plan.layers:
         cache = _layer_cache(layer.mixer, plan.d_model)
         positions = context if cache.window is None else min(context, cache.window)
         by_component[f"{layer.path}.mixer"] = _bytes(
             batch * (positions * cache.per_token + cache.state), dtype_bytes
-        ) + batch * cache.state_fp32 * FP32_BYTES
+        ) + (batch * cache.state_fp32 + positions * cache.shared_fp32_per_token) * FP32_BYTES
+        shared += positions * cache.shared_fp32_per_token * FP32_BYTES
         per_token += cache.per_token
         state_elements += cache.state
         state_fp32 += cache.state_fp32
@@ -118,4 +129,5 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
         by_component=by_component,
         naive_mla_bytes_per_token=_bytes(naive_mla, dtype_bytes) if naive_mla is not None else None,
         conv_bytes_per_token=_bytes(conv_per_token, dtype_bytes),
+        filter_cache_bytes=shared,
     )

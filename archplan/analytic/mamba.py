@@ -1,6 +1,6 @@
 """Selective SSM mixers: Mamba-1 (Gu & Dao 2023) and Mamba-2 / SSD (Dao & Gu 2024).
 
-Parameters: FORMULAS §1.8 (state-spaces/mamba `mamba_simple.Mamba`; Jamba adds RMSNorms on dt, B, C,
+Parameters: docs/formulas.md §1.8 (state-spaces/mamba `mamba_simple.Mamba`; Jamba adds RMSNorms on dt, B, C,
 HF `JambaMambaMixer`) and §1.9 (`mamba2.Mamba2`: in_proj order [z, x, B, C, dt], dt_bias/A_log/D of
 H each, gated RMSNorm over d_inner). Counted FLOPs follow docs/architecture.md "FLOPs convention".
 """
@@ -59,13 +59,8 @@ def mamba1_elementwise_per_token(m: Mamba1Plan) -> int:
     return flops
 
 
-def mamba1_decode_counted_flops(m: Mamba1Plan) -> int:
-    """One recurrent step: conv over the K cached columns and the C contraction of the new state."""
-    return 2 * m.d_inner * m.d_conv + 2 * m.d_inner * m.d_state
-
-
 def mamba1_state_elements(m: Mamba1Plan) -> int:
-    """conv_state d_inner×d_conv + ssm_state d_inner×N per sequence (FORMULAS §6.2)."""
+    """conv_state d_inner×d_conv + ssm_state d_inner×N per sequence (docs/formulas.md §6.2)."""
     return m.d_inner * m.d_conv + m.d_inner * m.d_state
 
 
@@ -122,11 +117,6 @@ def mamba2_elementwise(m: Mamba2Plan, batch: int, seq_len: int) -> int:
     return batch * (n_chunks * per_chunk + seq_len * per_token)
 
 
-def mamba2_decode_counted_flops(m: Mamba2Plan) -> int:
-    """One recurrent step (`Mamba2.step`): conv over the cached columns and y = C·h over H·P·N."""
-    return 2 * m.conv_dim * m.d_conv + 2 * m.n_heads * m.head_dim * m.d_state
-
-
 def mamba2_state_elements(m: Mamba2Plan) -> int:
-    """conv_state conv_dim×d_conv + ssm_state H×P×N per sequence (FORMULAS §6.2)."""
+    """conv_state conv_dim×d_conv + ssm_state H×P×N per sequence (docs/formulas.md §6.2)."""
     return m.conv_dim * m.d_conv + m.n_heads * m.head_dim * m.d_state

@@ -3,7 +3,7 @@
 Pure Python, exact integers. Every byte figure states its dtype; docs/figures.md derives each term.
 
 Sources:
-- weights: FORMULAS.md §4.1 (bytes = params x bytes(dtype); group-wise int4 adds one fp16 scale
+- weights: docs/formulas.md §4.1 (bytes = params x bytes(dtype); group-wise int4 adds one fp16 scale
   per group of g weights, GPTQ/AWQ style).
 - model states: Rajbhandari et al. 2020 (ZeRO, arXiv:1910.02054) §3.1 and §5: mixed-precision Adam
   holds 2 (16-bit weights) + 2 (16-bit grads) + K=12 (fp32 master, momentum, variance) bytes/param.
@@ -90,13 +90,13 @@ def dtype_bytes(n_elements: int, dtype: DType | str) -> int:
 
 
 def weights_bytes(params: ParamCount, dtype: DType | str) -> int:
-    """All unique parameters stored in one dtype (FORMULAS §4.1; no quantisation metadata)."""
+    """All unique parameters stored in one dtype (docs/formulas.md §4.1; no quantisation metadata)."""
     return dtype_bytes(params.total, dtype)
 
 
 def int4_grouped_bytes(params: ParamCount, group: int = 128) -> int:
     """GPTQ/AWQ-style int4: matmul weights at 4 bits + one fp16 scale per `group` weights; the
-    embedding, LM head, norms, biases and convolutions stay bf16 (FORMULAS §4.1: Llama-3-8B g=128
+    embedding, LM head, norms, biases and convolutions stay bf16 (docs/formulas.md §4.1: Llama-3-8B g=128
     -> 5,700,591,616 B). The LM-head weight (V·D, also when tied) is part of P_matmul but is kept bf16.
     """
     quantised = params.matmul - params.embedding  # the LM-head weight is V·D, tied or not

@@ -2,7 +2,7 @@
 
 `total` counts unique parameters exactly as `sum(p.numel() for p in model.parameters())` does for the
 torch model built from the same plan (tied weights once, buffers never); `active` drops the
-(E - top_k) routed experts a token does not reach (FORMULAS §1.7).
+(E - top_k) routed experts a token does not reach (docs/formulas.md §1.7).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ParamCount:
     position_embedding: int  # learned position table, else 0
     lm_head: int  # untied head weight (+bias); tied: its bias only
     non_embedding: int  # total - embedding - position_embedding - untied lm_head weight
-    matmul: int  # P_matmul (FORMULAS §0): per-token matmul weights, LM head included even when tied
+    matmul: int  # P_matmul (docs/formulas.md §0): per-token matmul weights, LM head included even when tied
     matmul_active: int
 
 
@@ -167,7 +167,7 @@ def _components(plan: ModelPlan, active: bool) -> dict[str, int]:
 
 
 def matmul_params(plan: ModelPlan, active: bool) -> int:
-    """P_matmul (FORMULAS §0): every weight a token multiplies, LM head included even when tied."""
+    """P_matmul (docs/formulas.md §0): every weight a token multiplies, LM head included even when tied."""
     d = plan.d_model
     total = lm_head_matmul_params(plan)
     for layer in plan.layers:

@@ -1,6 +1,6 @@
 """Mixture of experts: router, routed experts (3-D weights), fused shared experts, shared gate.
 
-Parameters FORMULAS §1.7: router D·E (+E bias), E routed experts, shared experts fused into one FFN
+Parameters docs/formulas.md §1.7: router D·E (+E bias), E routed experts, shared experts fused into one FFN
 of width n·d_ff (as HF DeepSeek builds them), Qwen2-MoE shared gate Linear(D, 1). DeepSeek-V3's
 score-correction bias is a buffer and is never counted. Active = router + top_k experts + shared.
 Counted FLOPs (docs/architecture.md): router 2·B·T·D·E; experts via grouped_mm over the B·T·K routed

@@ -1,7 +1,7 @@
 """Normalisation layers: parameters and the (analytic-only) elementwise FLOPs of one application.
 
 RMSNorm (Zhang & Sennrich 2019) holds a weight of the normalised width; LayerNorm (Ba et al. 2016)
-a weight and a bias unless the bias is switched off (FORMULAS §1.6; Megatron
+a weight and a bias unless the bias is switched off (docs/formulas.md §1.6; Megatron
 `theoretical_memory_usage.py` norm_size = 1 for RMSNorm, 2 for LayerNorm).
 """
 

@@ -1,6 +1,6 @@
 """Position encodings: parameters (only a learned table has any) and elementwise FLOPs.
 
-FORMULAS §1.2: learned absolute = n_ctx·D (GPT-2 `wpe`); sinusoidal, RoPE and ALiBi carry no
+docs/formulas.md §1.2: learned absolute = n_ctx·D (GPT-2 `wpe`); sinusoidal, RoPE and ALiBi carry no
 parameters (RoPE `inv_freq` and ALiBi slopes are buffers or constants).
 """
 

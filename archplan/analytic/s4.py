@@ -106,8 +106,9 @@ def s4_backward_adjust(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int
 
 
 def s4_elementwise(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
-    """Our estimate: the kernel basis (exp, cos, sin, the complex B̄ product: 8 per mode, position and
-    channel), the spectrum product (6 per complex bin), D skip (2), GELU, GLU, per token and channel."""
+    """Our estimate: kernel generation (the chunk basis' exp, cos, sin and the per-chunk products,
+    bounded by 8 per mode, position and channel), the spectrum product (6 per complex bin), D skip
+    (2), GELU and GLU per token and channel."""
     h = d_model
     basis = 8 * h * m.modes * seq_len
     bins = fft_length(seq_len) // 2 + 1
@@ -115,12 +116,24 @@ def s4_elementwise(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
     return basis + spectrum + batch * seq_len * h * (2 + _GELU + _GLU)
 
 
-def s4_decode_flops(m: S4Plan, d_model: int) -> int:
-    """One recurrent step: S4D x ← Ā⊙x + B̄·u (8 per complex mode) and y = 2·Re(C·x) (4 per mode);
-    S4 the dense Ā on the real N-vector (2·N²) and the C contraction (2·N), per channel."""
-    if m.dplr:
-        return d_model * (2 * m.d_state**2 + 2 * m.d_state)
-    return d_model * 12 * m.modes
+def s4_decode_counted_flops(d_model: int) -> int:
+    """One decode step of one sequence, counted: the output Linear(H, 2H) only. The recurrence is
+    elementwise for both S4D (diagonal Ā) and S4 (Ā = diag(a) + q·rᵀ applied in O(N)), and a single
+    token into a fresh state steps too (modules/s4.py), so no kernel or FFT runs while decoding."""
+    return 2 * s4_matmul_params(d_model)
+
+
+def s4_decode_elementwise(m: S4Plan, d_model: int, batch: int) -> int:
+    """Our estimate of one decode step, elementwise. Per sequence, channel and complex mode: the
+    update a⊙x + B̄·u (10: a complex product, a complex-by-real product, an add) and the output
+    Re Σ C·x (8: a complex product and the complex sum); S4 adds q·(rᵀx) (16: two complex products
+    and their adds). Per sequence and channel: D skip (2),
+    GELU, GLU. Once for the batch: the discretisation Ā, B̄ from (Δ, A, B, P), recomputed each step,
+    exp and a complex division per mode (S4D, 20) or the Woodbury terms (S4, 60)."""
+    h = d_model
+    per_mode = 18 + (16 if m.dplr else 0)
+    discretise = (60 if m.dplr else 20) * h * m.modes
+    return batch * h * (per_mode * m.modes + 2 + _GELU + _GLU) + discretise
 
 
 def s4_state_fp32_elements(m: S4Plan, d_model: int) -> int:

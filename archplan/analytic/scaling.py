@@ -1,4 +1,4 @@
-"""Scaling laws: Chinchilla budgets (FORMULAS.md §5).
+"""Scaling laws: Chinchilla budgets (docs/formulas.md §5).
 
 - Approach 3 (Hoffmann et al. 2022 §3.3, App. D.2): L(N, D) = E + A/N^α + B/D^β, minimised under
   C = 6ND (eq. 4) in closed form: N_opt = G·(C/6)^a, D_opt = G⁻¹·(C/6)^b with
@@ -6,7 +6,7 @@
 - Fits: Hoffmann's printed (rounded) constants, the unrounded TeX-source values, and the Epoch AI
   replication (Besiroglu et al. 2024, arXiv:2404.10102).
 - The ~20 tokens/parameter rule (D/N of Table 3): N = sqrt(C/120), D = 20N.
-- Approach 1 (Table 3): a least-squares fit of log N on log C over Table 3 (DERIVED in FORMULAS §5.2).
+- Approach 1 (Table 3): a least-squares fit of log N on log C over Table 3 (DERIVED in docs/formulas.md §5.2).
 N and D are total parameters (embeddings included, Hoffmann App. F) and training tokens.
 """
 
@@ -20,7 +20,7 @@ from archplan.errors import ArchplanError
 TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022 Table 3 (D/N 20.0-21.6) and Chinchilla itself (70B, 1.4T)
 FLOPS_PER_PARAM_TOKEN = 6  # C ≈ 6ND (Hoffmann eq. 4, Kaplan §2.1): forward 2N + backward 4N
 
-# Approach 1 prefactor and exponent, fitted over Table 3 (FORMULAS §5.2, DERIVED): N_opt ≈ k·C^a
+# Approach 1 prefactor and exponent, fitted over Table 3 (docs/formulas.md §5.2, DERIVED): N_opt ≈ k·C^a
 APPROACH1_K = 0.099159
 APPROACH1_A = 0.49810
 
@@ -78,7 +78,7 @@ def compute_optimal(law: Law, compute: float) -> tuple[float, float]:
 
 
 def twenty_tokens(compute: float) -> tuple[float, float]:
-    """D = 20N with C = 6ND: N = sqrt(C/120), D = 20N (FORMULAS §5.3)."""
+    """D = 20N with C = 6ND: N = sqrt(C/120), D = 20N (docs/formulas.md §5.3)."""
     n = math.sqrt(compute / (FLOPS_PER_PARAM_TOKEN * TOKENS_PER_PARAM))
     return n, TOKENS_PER_PARAM * n
 

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 
 from archplan.errors import ArchplanError
 
+# `F.grouped_mm` / `aten._grouped_mm` (MoE experts) and `aten.sym_is_contiguous` (the FLOP
+# counter's metadata queries) first ship in torch 2.8; pyproject.toml declares the same range.
+MIN_TORCH = (2, 8)
+INSTALL = "pip install 'torch>=2.8,<3' && pip install -e '.[torch]'"
+
 
 def require_torch(command: str) -> None:
-    """`verify` and `bench` build real models; everything else runs without torch (a 2 GB wheel)."""
+    """`verify` and `bench` build real models; everything else runs without torch (a 2 GB wheel).
+
+    The version is read from the installed distribution's metadata, so an old torch is refused
+    before anything imports it (an import would fail on the missing ops with a traceback).
+    """
     if importlib.util.find_spec("torch") is None:
+        raise ArchplanError(f"`archplan {command}` needs PyTorch, which is not installed: {INSTALL}")
+    version = importlib.metadata.version("torch")
+    if torch_release(version) < MIN_TORCH:
         raise ArchplanError(
-            f"`archplan {command}` needs PyTorch, which is not installed: "
-            "pip install torch==2.13.0 && pip install -e '.[torch]' (any torch 2.6+ works)"
+            f"`archplan {command}` needs PyTorch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer "
+            f"(grouped_mm, sym_is_contiguous); found {version}: {INSTALL}"
         )
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string: '2.13.0+cpu' -> (2, 13), '2.8.0a0+git' -> (2, 8)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ArchplanError(f"cannot read the installed PyTorch version {version!r}")
+    return int(match.group(1)), int(match.group(2))

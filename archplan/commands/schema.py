@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -12,10 +13,16 @@ from archplan.commands.options import ForceOpt
 from archplan.errors import ArchplanError
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what Pydantic 2 generates
+SCHEMA_NAME = "spec.schema.json"  # package data of `archplan`, beside presets/ (whose modelines use it)
+
+
+def schema_file() -> Path:
+    """The schema shipped in the package, on disk: in the checkout or in site-packages alike."""
+    return Path(str(resources.files("archplan") / SCHEMA_NAME))
 
 
 def render_schema() -> str:
-    """The schema text `docs/spec.schema.json` holds; stable, so a test can compare it byte for byte."""
+    """The text of the shipped `archplan/spec.schema.json`; stable, so a test compares it byte for byte."""
     from archplan.spec import Spec
 
     schema = {"$schema": SCHEMA_DIALECT, **Spec.model_json_schema()}
@@ -34,12 +41,13 @@ def register(app: typer.Typer) -> None:
 
         Put `# yaml-language-server: $schema=<path>/spec.schema.json` at the top of a spec to get
         completion and checking in editors that use yaml-language-server (VS Code YAML, Neovim).
+        The package ships it too (`archplan/spec.schema.json`, which `archplan import hf` points at).
 
         Examples:
 
           archplan schema > spec.schema.json
 
-          archplan schema --output docs/spec.schema.json --force
+          archplan schema --output archplan/spec.schema.json --force
         """
         text = render_schema()
         if output is None:

@@ -2,9 +2,10 @@
 
 Builds the model on meta, compares parameters and counted forward FLOPs component by component,
 checks training FLOPs with a real backward, and on small models also runs fvcore and measures the
-KV/SSM cache on a real instance (`archplan.crosscheck`). Exit 0 when everything matches exactly,
-1 with the diff, 2 on bad input. torch is imported inside the command only (cli.py loads every
-command module, and `size`/`lint` must stay torch-free).
+KV/SSM cache on a real instance (`archplan.crosscheck`). Exit 0 when no check disagrees, 1 with
+the diff, 2 on bad input; a check that did not run (fvcore absent or failing, no real instance)
+is reported as "not run" with its reason and never counted as a match. torch is imported inside
+the command only (cli.py loads every command module, and `size`/`lint` must stay torch-free).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from archplan import units
@@ -28,7 +30,7 @@ from archplan.loader import load_spec
 from archplan.resolve import ModelPlan, resolve
 
 if TYPE_CHECKING:
-    from archplan.crosscheck import CrossCheck, FlopRow, Row
+    from archplan.crosscheck import Check, CrossCheck, FlopRow, Row
 
 DEFAULT_SEQ = 128
 # Above this many layers, runs of identical passing layers are shown as one row (failures never are).
@@ -50,8 +52,9 @@ def register(app: typer.Typer) -> None:
         help=(
             "Build the model (meta device) and check every analytic number against it, component by "
             "component: parameters (numel), forward FLOPs (FlopCounterMode), training FLOPs (a real "
-            "backward); on small models also fvcore and the measured KV cache. Exit 0 when all match "
-            "exactly, 1 with the diff, 2 on bad input.\n\n"
+            "backward); on small models also fvcore and the measured KV cache. An op with no FLOP "
+            "formula and a matmul-shaped signature fails. Exit 0 when no check disagrees (checks that "
+            "could not run are listed as not run), 1 with the diff, 2 on bad input.\n\n"
             "Example:\n\n  archplan verify presets/deepseek-v3.yaml --seq 64 --json"
         ),
     )(verify)
@@ -82,6 +85,24 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     require_torch("verify")
+    raise typer.Exit(verify_model(
+        spec, seq=seq, batch=batch, device=device, cpu_check=cpu_check, backward=backward,
+        all_layers=all_layers, as_json=as_json,
+    ))
+
+
+def verify_model(
+    spec: str,
+    *,
+    seq: int | None,
+    batch: int,
+    device: Device,
+    cpu_check: bool | None,
+    backward: bool,
+    all_layers: bool,
+    as_json: bool,
+) -> int:
+    """The model check: analytic figures against the built model; returns the exit code."""
     plan = resolve(load_spec(spec))
     seq_len = _seq_len(plan, seq)
     from archplan.crosscheck import crosscheck  # imports torch: only verify and bench may
@@ -102,7 +123,7 @@ def verify(
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
         render(result, console, aggregate=not all_layers and len(plan.layers) > AGGREGATE_ABOVE_LAYERS)
-    raise typer.Exit(0 if result.ok else 1)
+    return 0 if result.ok else 1
 
 
 def _seq_len(plan: ModelPlan, seq: int | None) -> int:
@@ -237,8 +258,9 @@ def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
         title=f"archplan verify — {result.name} (batch {result.batch}, seq {result.seq_len})",
         caption=(
             "FLOPs: counted by FlopCounterMode on meta for one forward (2 per multiply-add; matmuls, "
-            "convs, attention full T², FFTs 2.5·n·⌈log2 n⌉ per real transform of length n = 2T). elementwise: analytic-only (norms, softmax, activations, "
-            "scan updates). Folded rows (×n) show the per-layer figures."
+            "convs, attention full T², FFTs 2.5·n·⌈log2 n⌉ per real transform of length n = 2T). "
+            "elementwise: analytic-only (norms, softmax, activations, scan updates). Folded rows (×n) "
+            "show the per-layer figures."
         ),
     )
     for col, justify in (("component", "left"), ("kind", "left"), ("×", "right"),
@@ -274,25 +296,29 @@ def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
 
 
 def _render_ops(result: CrossCheck, console: Console) -> None:
-    table = Table(title="ops dispatched in the forward (FLOPs as FlopCounterMode counts them)")
-    for col in ("op", "calls", "FLOPs", "formula"):
-        table.add_column(col, justify="left" if col == "op" else "right")
-    counted = [op for op in result.ops if op.has_formula or op.suspicious]
-    for op in counted:
-        formula = "yes" if op.has_formula else "[red]none (matmul-like work missed)[/red]"
-        table.add_row(op.op, f"{op.calls:,}", f"{op.flops:,}", formula)
-    console.print(table)
-    zero = [op for op in result.ops if not op.has_formula and not op.suspicious]
-    if zero:
-        console.print("0 FLOPs (no formula; elementwise, analytic-only): " + ", ".join(
-            f"{op.op} ×{op.calls}" for op in zero))
+    phases = [("forward", result.ops)]
+    if result.training is not None:
+        phases.append(("backward", result.backward_ops))
+    for phase, ops in phases:
+        table = Table(title=f"ops dispatched in the {phase} (FLOPs as FlopCounterMode counts them)")
+        for col in ("op", "calls", "FLOPs", "formula"):
+            table.add_column(col, justify="left" if col in ("op", "formula") else "right")
+        for op in ops:
+            if op.has_formula or op.suspicious:
+                formula = op.formula or "[red]none: matmul-shaped, its FLOPs are missed[/red]"
+                table.add_row(op.op, f"{op.calls:,}", f"{op.flops:,}", formula)
+        console.print(table)
+        zero = [op for op in ops if not op.has_formula and not op.suspicious]
+        if zero:
+            console.print(f"0 FLOPs in the {phase} (no formula, no contraction; elementwise, analytic-only): "
+                          + ", ".join(f"{op.op} ×{op.calls}" for op in zero))
 
 
 def _render_real(result: CrossCheck, console: Console) -> None:
     real = result.real
     if real is None:
-        console.print("real-instance checks (fvcore, measured KV cache): skipped "
-                      "(model ≥ 50M parameters; --cpu-check forces them)")
+        console.print(f"real-instance checks (fvcore, measured KV cache): not run ({result.real_not_run}; "
+                      "--cpu-check forces them)")
         return
     table = Table(title=f"KV/SSM cache after a prefill of {result.seq_len} tokens ({real.device}, "
                         f"{real.dtype_bytes} bytes/element)")
@@ -302,37 +328,60 @@ def _render_real(result: CrossCheck, console: Console) -> None:
         table.add_row(row.component, f"{row.analytic:,}", f"{row.built:,}", _mark(row.ok))
     console.print(table)
     fv = real.fvcore
-    if fv is None:
+    if fv.not_run is not None:
+        console.print(f"[yellow]fvcore FlopCountAnalysis: not run[/yellow] ({fv.not_run})")
         return
-    if fv.error is not None:
-        console.print(f"fvcore FlopCountAnalysis failed: {fv.error}")
-        return
-    table = Table(title="fvcore FlopCountAnalysis (multiply-adds × 2; norms elementwise)")
-    for col in ("component", "analytic counted", "fvcore × 2", "", "fvcore skipped"):
-        table.add_column(col, justify="left" if col in ("component", "fvcore skipped") else "right")
-    marks = {"ok": OK, "mismatch": BAD, "incomplete": "[yellow]~[/yellow]"}
+    table = Table(
+        title="fvcore FlopCountAnalysis (multiply-adds × 2; norms elementwise)",
+        caption="known: ops fvcore skips, priced by the counter's own formula from their traced "
+                "shapes; the row matches when analytic = fvcore × 2 + known.",
+    )
+    for col in ("component", "analytic counted", "fvcore × 2", "known (skipped by fvcore)", ""):
+        table.add_column(col, justify="left" if col in ("component", "known (skipped by fvcore)") else "right")
     for r in fv.rows:
-        skipped = ", ".join(f"{op} ×{n}" for op, n in r.skipped.items())
-        table.add_row(r.component, f"{r.analytic:,}", f"{r.fvcore:,}", marks[r.status], skipped)
+        known = ", ".join(f"{op} {n:,}" for op, n in r.known.items())
+        table.add_row(r.component, f"{r.analytic:,}", f"{r.fvcore:,}", known, _mark(r.ok))
     console.print(table)
 
 
 def _render_diff(result: CrossCheck, console: Console) -> None:
     failures = result.failures
-    if not failures and not result.suspicious_ops and (result.real is None or result.real.ok):
-        console.print("[green]all figures match exactly[/green]")
-        return
-    console.print("[red]differences (analytic vs built):[/red]")
+    if failures or result.suspicious_ops or not result.ok:
+        console.print("[red]differences (analytic vs built):[/red]")
     for row in failures:
         ops = getattr(row, "ops", None)
         detail = f"  ops: {dict(ops)}" if ops else ""
         console.print(f"  {row.component}: analytic {row.analytic:,}, built {row.built:,} "
                       f"(diff {row.built - row.analytic:+,}){detail}", markup=False)
     for op in result.suspicious_ops:
-        console.print(f"  op {op.op} ran {op.calls}× with no FLOP formula: counted total misses it",
-                      markup=False)
-    if result.real is not None and result.real.fvcore is not None:
+        phase = "forward" if op in result.ops else "backward"
+        console.print(f"  op {op.op} ran {op.calls}× in the {phase} with no FLOP formula and a "
+                      "matmul-shaped signature: the counted total misses its FLOPs", markup=False)
+    if result.real is not None:
         for r in result.real.fvcore.rows:
-            if r.status == "mismatch":
-                console.print(f"  fvcore {r.component}: analytic {r.analytic:,}, fvcore×2 {r.fvcore:,}",
-                              markup=False)
+            if not r.ok:
+                counted = ", ".join(f"{op} {n:,}" for op, n in r.ops.items())
+                known = ", ".join(f"{op} {n:,}" for op, n in r.known.items())
+                skipped = ", ".join(f"{op} ×{n}" for op, n in r.skipped.items())
+                console.print(f"  fvcore {r.component}: analytic {r.analytic:,}, fvcore×2 {r.fvcore:,} "
+                              f"({counted or 'no ops'}) + known {sum(r.known.values()):,} ({known or 'none'}); "
+                              f"fvcore skipped: {skipped or 'nothing'}", markup=False)
+    console.print(summary_line(result.checks), soft_wrap=True)
+
+
+def summary_line(checks: Sequence[Check]) -> str:
+    """What ran and matched, what disagreed, what did not run (and why): never "match" for the last."""
+    by_status: dict[str, list[Check]] = {"match": [], "mismatch": [], "not run": []}
+    for check in checks:
+        by_status[check.status].append(check)
+    if not by_status["mismatch"] and not by_status["not run"]:
+        return "[green]all figures match exactly[/green] (" + ", ".join(c.name for c in checks) + ")"
+    parts = []
+    if by_status["match"]:
+        parts.append("[green]match exactly:[/green] " + ", ".join(c.name for c in by_status["match"]))
+    if by_status["mismatch"]:
+        parts.append("[red]mismatch:[/red] " + ", ".join(c.name for c in by_status["mismatch"]))
+    if by_status["not run"]:
+        parts.append("[yellow]not run:[/yellow] " + ", ".join(
+            f"{c.name} ({escape(c.detail)})" for c in by_status["not run"]))
+    return "; ".join(parts)

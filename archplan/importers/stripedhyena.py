@@ -29,7 +29,7 @@ _DEFAULTS = dict(
 
 # Runtime switches (kernels, dtypes, prefill method, checkpoint column order, parallel layout, init)
 # that change neither the parameters nor the FLOPs of one forward.
-_IGNORED = (
+_INERT = (
     "hyena_layer_idxs", "split_k0", "column_split_hyena", "column_split", "pipe_parallel_size",
     "pile_parallel_size", "use_flash_attn", "use_flash_attention_2", "use_flash_rmsnorm",
     "use_flash_depthwise", "use_flashfft", "use_laughing_hyena", "inference_mode", "prefill_style",
@@ -41,13 +41,13 @@ _IGNORED = (
 
 def _inner_mlp_size(cfg: HFConfig, d: int) -> int:
     if cfg.get("inner_mlp_size") is not None:
-        cfg.ignore("inner_size_multiple_of", "model_parallel_size")  # only size a null inner_mlp_size
+        cfg.inert("inner_size_multiple_of", "model_parallel_size")  # only size a null inner_mlp_size
         return cfg.int_("inner_mlp_size")
     multiple = cfg.int_("inner_size_multiple_of") * cfg.int_("model_parallel_size")
     return -(-int(2 * d * 4 / 3) // multiple) * multiple
 
 
-@family("stripedhyena", defaults=_DEFAULTS, aliases={"max_sequence_len": "max_seqlen"}, ignored=_IGNORED)
+@family("stripedhyena", defaults=_DEFAULTS, aliases={"max_sequence_len": "max_seqlen"}, inert=_INERT)
 def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
     cfg.fixed("smeared_gqa", False, "flash-attn would run MHA over GQA-shaped projections")
     cfg.fixed("bidirectional", False, "archplan's mixers are causal")
@@ -76,7 +76,7 @@ def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
         # positional_embeddings.py LinearlyScaledRotaryEmbedding: positions divided by the factor
         scaling = RopeScaling(kind="linear", factor=cfg.float_("rotary_emb_scaling_factor"))
     else:
-        cfg.ignore("rotary_emb_scaling_factor")
+        cfg.inert("rotary_emb_scaling_factor")
     spec: dict[str, Any] = {
         "vocab_size": vocab,
         "d_model": d,
@@ -99,5 +99,5 @@ def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
             GQA(n_heads=heads, n_kv_heads=heads // groups, **bias) if groups > 1 else MHA(n_heads=heads, **bias)
         )
     else:
-        cfg.ignore("qkv_proj_bias", "mha_out_proj_bias", "rotary_emb_base")
+        cfg.inert("qkv_proj_bias", "mha_out_proj_bias", "rotary_emb_base")
     return spec

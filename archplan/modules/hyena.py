@@ -14,7 +14,12 @@ every layer of the MLP, as safari builds it), times an exponential decay window 
 
 Decoding: Hyena has no constant-size state. The cache keeps the short conv's last k − 1 inputs and
 the inputs of each long convolution, (N_o − 1)·D values per past token, so a continuation convolves
-the whole history with the filter (exact); it grows with the context like a KV cache.
+the whole history with the filter (exact); it grows with the context like a KV cache. The filters
+depend on no input, so `new_state` computes them once for the cache's max_len positions (fp32,
+shared by the batch, stored reversed) and no forward with a cache runs the filter MLP again. One
+new token at position p is the direct convolution y_p = Σ_{j ≤ p} h[p − j]·v_j: one bmm of the
+p + 1 cached inputs with the p + 1 reversed taps, 2·D·(p + 1) FLOPs per channel group and
+sequence; several tokens (a prefill, a chunk) convolve the cached history by FFT.
 """
 
 from __future__ import annotations
@@ -64,14 +69,26 @@ def positional_features(length: int, emb_dim: int, device: torch.device | str | 
 
 @dataclass(eq=False)
 class HyenaState(LayerState):
-    """Short conv tail (B, (N_o+1)·D, k − 1) and the long convolutions' inputs (B, (N_o−1)·D, L)."""
+    """Short conv tail (B, (N_o+1)·D, k − 1), the long convolutions' inputs (B, (N_o−1)·D, L), and
+    their filters reversed ((N_o−1)·D, L), fp32, once for the batch: filter_rev[:, L − 1 − l] = h[l]."""
 
     tail_BCJ: Tensor
     history_BCL: Tensor
+    filter_rev_CL: Tensor
     seen: int = 0
 
     def tensors(self) -> list[Tensor]:
-        return [self.tail_BCJ, self.history_BCL]
+        return [self.tail_BCJ, self.history_BCL, self.filter_rev_CL]
+
+    def convolve(self, lo: int, hi: int, t: int) -> Tensor:
+        """Long convolution of channels lo:hi for the t newest cached inputs, fp32 (B, hi − lo, t)."""
+        end = self.seen + t
+        history_BDP = self.history_BCL[:, lo:hi, :end].float()
+        taps_DP = self.filter_rev_CL[lo:hi, self.filter_rev_CL.shape[-1] - end:]
+        if t == 1:
+            # Σ_j h[p − j]·v_j as a (D, B, P) × (D, P, 1) bmm: the real work of a step, counted
+            return (history_BDP.transpose(0, 1) @ taps_DP[:, :, None]).permute(1, 0, 2)
+        return fft_causal_conv(history_BDP, taps_DP.flip(-1))[..., self.seen:]
 
 
 class HyenaFilter(nn.Module):
@@ -139,29 +156,33 @@ class HyenaMixer(nn.Module):
         if max_len > self.plan.l_max:
             raise ArchplanError(f"cache length {max_len} exceeds the Hyena filter length l_max {self.plan.l_max}")
         inner = (self.plan.order + 1) * self.d_model
+        with torch.no_grad():
+            filter_rev_CL = self.filter(max_len).flip(-1).to(device)
         return HyenaState(
             tail_BCJ=torch.zeros(batch, inner, self.plan.short_filter - 1, device=device, dtype=dtype),
             history_BCL=torch.zeros(batch, (self.plan.order - 1) * self.d_model, max_len, device=device, dtype=dtype),
+            filter_rev_CL=filter_rev_CL,
         )
 
     def forward(self, x_BTD: Tensor, state: HyenaState | None = None) -> Tensor:
         d, t = self.d_model, x_BTD.shape[1]
         seen = state.seen if state is not None else 0
+        if seen + t > self.plan.l_max:
+            raise ArchplanError(f"position {seen + t - 1} is beyond the Hyena filter length l_max {self.plan.l_max}")
         u_BCT = self.in_proj(x_BTD).transpose(1, 2)
         tail = state.tail_BCJ if state is not None else None
         u_BCT, next_tail = causal_short_conv(u_BCT, self.short_filter.weight, self.short_filter.bias, tail)
         *xs, v_BDT = u_BCT.split(d, dim=1)
-        h_CL = self.filter(seen + t)
+        h_CL = self.filter(t) if state is None else None
         bias_C = self.filter.bias
         for o, x_BDT in enumerate(reversed(xs[1:])):
             v_BDT = v_BDT * x_BDT
-            h_DL = h_CL[o * d:(o + 1) * d]
-            if state is None:
-                conv_BDT = fft_causal_conv(v_BDT, h_DL)
+            if h_CL is not None:
+                conv_BDT = fft_causal_conv(v_BDT, h_CL[o * d:(o + 1) * d])
             else:
-                history = state.history_BCL[:, o * d:(o + 1) * d]
-                history[..., seen:seen + t] = v_BDT.detach()
-                conv_BDT = fft_causal_conv(history[..., :seen + t], h_DL)[..., seen:]
+                assert state is not None
+                state.history_BCL[:, o * d:(o + 1) * d, seen:seen + t] = v_BDT.detach()
+                conv_BDT = state.convolve(o * d, (o + 1) * d, t)
             v_BDT = (conv_BDT + v_BDT.float() * bias_C[o * d:(o + 1) * d, None].float()).to(x_BTD.dtype)
         if state is not None:
             state.tail_BCJ.copy_(next_tail.detach())

@@ -53,7 +53,7 @@ def causal_depthwise_conv(
 
     The input is left-padded by W−1 columns — zeros for a fresh sequence, or the columns a
     previous call left in the decode state — so the counted convolution is the true one (not T+W−1
-    outputs sliced to T, which is how mamba_simple pads; DESIGN.md "Counting conventions").
+    outputs sliced to T, which is how mamba_simple pads; docs/architecture.md "Counting conventions").
     """
     w = weight_C1W.shape[-1]
     if context_BCW is None:

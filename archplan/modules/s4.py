@@ -8,9 +8,9 @@ buffers, as the reference's `register(name, tensor, lr=0.0)` does.
 
 Kernel generation (the counted path uses real matmuls only: FlopCounterMode counts a complex
 matmul as a real one, about 4 x low):
-- S4D (zero-order hold, s4d.py): Ā = exp(Δ·A), B̄ = (Ā − 1)/A · B, elementwise; the basis
-  V[:, l] = B̄·Ā^l (H, N', T) is built elementwise and its real and imaginary parts stacked into a
-  real (H, N, T) tensor, so K = 2·Re(C·V) = 2·[Re C, −Im C]·V is one real bmm.
+- S4D (zero-order hold, s4d.py): Ā = exp(Δ·A), B̄ = (Ā − 1)/A · B, elementwise; K_l =
+  2·Re Σ C·B̄·Ā^l is the Vandermonde product, one real bmm [Re w, −Im w]·[Re Ā^j; Im Ā^j] per
+  chunk of positions (w = C·B̄·Ā^start), 2·H·N per position in all.
 - S4 (bilinear, Gu et al. 2022 App. C.2): Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A) with A = Λ − P·P*. The
   inverse of the diagonal-plus-rank-one matrix is the Woodbury identity, so Ā = diag(d) + q·rᵀ and
   B̄ come out elementwise, exactly. Instead of the Cauchy kernel at the FFT nodes (which computes
@@ -20,9 +20,14 @@ matmul as a real one, about 4 x low):
 The convolution is y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T] (no wrap-around), then + D·u.
 
 Decode: x ← Ā·x + B̄·u, y = 2·Re(C·x) + D·u, with x (B, H, N', 2) in fp32 (complex64 in the
-reference), 4·B·H·N bytes per layer whatever the model dtype. A prefill into a fresh state runs the
-convolution and takes the final state as Σ_j V[:, T−1−j]·u_j (one real matmul); a continuation
-runs the recurrence token by token.
+reference), 4·B·H·N bytes per layer whatever the model dtype. The step is elementwise for both:
+S4D's Ā is diagonal, and S4 applies Ā = diag(a) + q·rᵀ in its DPLR form, a⊙x + q·(rᵀx), O(N)
+per channel (state-spaces/s4 step mode "linear"), never the dense N × N matrix. A prefill of
+T > 1 tokens into a fresh state runs the convolution and takes the final state as
+Σ_j Ā^(T−1−j)·B̄·u_j (real matmuls over the same basis); a single token, or any continuation,
+runs the recurrence token by token (from a zero state one step is the T = 1 convolution, without
+building a kernel). S4D works in chunks of BASIS_CHUNK positions, so its memory is
+O(H·N·BASIS_CHUNK), not O(H·N·T).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from archplan.resolve import S4Plan
 
 # s4d.py / s4.py defaults: Δ ~ logU(1e-3, 1e-1)
 _DT_MIN, _DT_MAX = 1e-3, 1e-1
+# S4D kernel positions per chunk: the basis is H·N·512 floats (counted FLOPs are the same whatever
+# the chunking: the contraction is 2·H·N per position)
+BASIS_CHUNK = 512
 
 
 def fft_causal_conv(u_BCT: Tensor, k_KT: Tensor, expand: int = 1) -> Tensor:
@@ -53,6 +61,32 @@ def fft_causal_conv(u_BCT: Tensor, k_KT: Tensor, expand: int = 1) -> Tensor:
     if expand > 1:
         k_f = k_f.repeat_interleave(expand, dim=0)
     return torch.fft.irfft(u_f * k_f, n=n)[..., :t]
+
+
+@dataclass(frozen=True)
+class _Discrete:
+    """The discretised SSM per channel, complex: Ā = diag(a) + q·rᵀ (S4D: q = r = None), B̄, and
+    for S4D log a = Δ·A."""
+
+    a_HM: Tensor
+    b_HM: Tensor
+    log_a_HM: Tensor | None = None
+    q_HM: Tensor | None = None
+    r_HM: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        """Ā as (H, M, M): diag(a) + q·rᵀ."""
+        dense_HMM = torch.diag_embed(self.a_HM)
+        if self.q_HM is not None and self.r_HM is not None:
+            dense_HMM = dense_HMM + self.q_HM[:, :, None] * self.r_HM[:, None, :]
+        return dense_HMM
+
+    def step(self, x_BHM: Tensor, u_BH1: Tensor) -> Tensor:
+        """x ← Ā·x + B̄·u, elementwise: a⊙x (+ q·(rᵀx) for S4)."""
+        next_BHM = self.a_HM * x_BHM + self.b_HM * u_BH1
+        if self.q_HM is not None and self.r_HM is not None:
+            next_BHM = next_BHM + self.q_HM * (self.r_HM * x_BHM).sum(-1, keepdim=True)
+        return next_BHM
 
 
 @dataclass(eq=False)
@@ -110,16 +144,15 @@ class S4Mixer(nn.Module):
         """(S, ...) -> (H, ...): each SSM copy serves H / S consecutive channels."""
         return t_S.float().repeat_interleave(self.d_model // self.plan.n_ssm, dim=0)
 
-    def _discrete(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(Ā, B̄, log Ā): S4D gives Ā (H, M) diagonal and log Ā = Δ·A; S4 gives Ā (H, M, M) dense
-        and no log. Complex, elementwise only (never a complex matmul)."""
+    def _discrete(self) -> _Discrete:
+        """Ā and B̄ from (Δ, A, B, P): complex, elementwise only (never a complex matmul)."""
         dt_H = torch.exp(self.log_dt.float())
         lam_HM = torch.complex(-torch.exp(self._per_channel(self.A_log_real)), self._per_channel(self.A_imag))
         b_HM = torch.view_as_complex(self._per_channel(self.B).contiguous())
         if not self.plan.dplr:
             dtA_HM = dt_H[:, None] * lam_HM
             dA_HM = torch.exp(dtA_HM)
-            return dA_HM, (dA_HM - 1) / lam_HM * b_HM, dtA_HM
+            return _Discrete(dA_HM, (dA_HM - 1) / lam_HM * b_HM, log_a_HM=dtA_HM)
         p_HM = torch.view_as_complex(self._per_channel(self.P).contiguous())
         half = (dt_H / 2)[:, None]
         # A1 = (I − Δ/2·(Λ − p p*))⁻¹ = D0 − c·q·wᵀ (Woodbury), D0 = 1/(1 − Δ/2·Λ), q = D0·p,
@@ -132,18 +165,14 @@ class S4Mixer(nn.Module):
         a0_HM = 1 + half * lam_HM
         # Ā = A1·A0 = diag(D0·a0) + q·rᵀ, r = −Δ/2·(1 − c·s)·p* − c·w·a0 (expanded by hand)
         r_HM = -half * (1 - c_H1 * s_H1) * p_HM.conj() - c_H1 * w_HM * a0_HM
-        dA_HMM = torch.diag_embed(d0_HM * a0_HM) + q_HM[:, :, None] * r_HM[:, None, :]
         dt_b_HM = dt_H[:, None] * b_HM
         dB_HM = d0_HM * dt_b_HM - c_H1 * q_HM * (w_HM * dt_b_HM).sum(-1, keepdim=True)
-        return dA_HMM, dB_HM, dA_HMM
+        return _Discrete(d0_HM * a0_HM, dB_HM, q_HM=q_HM, r_HM=r_HM)
 
-    def _basis(self, length: int) -> Tensor:
-        """Real (H, N, T): rows [Re; Im] of B̄·Ā^l for l < T (see the module docstring)."""
-        dA, dB_HM, log_dA = self._discrete()
-        if not self.plan.dplr:
-            l_T = torch.arange(length, device=dB_HM.device, dtype=torch.float32)
-            v_HMT = dB_HM[:, :, None] * torch.exp(log_dA[:, :, None] * l_T)
-            return torch.cat([v_HMT.real, v_HMT.imag], dim=1)
+    def _dplr_basis(self, length: int) -> Tensor:
+        """S4: real (H, N, T), rows [Re; Im] of Ā^l·B̄ for l < T, by doubling (module docstring)."""
+        disc = self._discrete()
+        dA, dB_HM = disc.dense(), disc.b_HM
         block_HNN = torch.cat(
             [torch.cat([dA.real, -dA.imag], dim=2), torch.cat([dA.imag, dA.real], dim=2)], dim=1
         )
@@ -157,11 +186,51 @@ class S4Mixer(nn.Module):
                 power_HNN = power_HNN @ power_HNN
         return v_HNT
 
+    @staticmethod
+    def _real_row(w_HM: Tensor) -> Tensor:
+        """(H, 1, N) = [Re w, −Im w]: Re(w·v) = Re w·Re v − Im w·Im v as one real contraction."""
+        return torch.cat([w_HM.real, -w_HM.imag], dim=1)[:, None, :]
+
+    def _kernel_and_state(self, length: int, u_BHT: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """K (H, T) = 2·Re(C·Ā^l·B̄), fp32; with `u`, also the state after it from zero,
+        x_T = Σ_j Ā^(T−1−j)·B̄·u_j, complex (B, H, M).
+
+        S4D works in chunks of c = BASIS_CHUNK positions on one basis z^j, j < c (z = Ā): the chunk
+        at s is z^s·z^j, so its kernel is 2·Re((C·B̄·z^s)·z^j), one (H, 1, N) × (H, N, c) bmm, and
+        no (H, N, T) tensor or T·H·N exponentials are ever made. S4 contracts its doubling basis."""
+        u_rev_HTB = u_BHT.flip(-1).permute(1, 2, 0) if u_BHT is not None else None
+        c_HM = torch.view_as_complex(self.C.float().contiguous())
+        if self.plan.dplr:
+            basis_HNT = self._dplr_basis(length)
+            k_HT = 2 * (self._real_row(c_HM) @ basis_HNT)[:, 0]
+            if u_rev_HTB is None:
+                return k_HT, None
+            x_HNB = basis_HNT @ u_rev_HTB
+            m = self.plan.modes
+            return k_HT, torch.complex(x_HNB[:, :m], x_HNB[:, m:]).permute(2, 0, 1)
+        disc = self._discrete()
+        dB_HM, log_dA_HM = disc.b_HM, disc.log_a_HM
+        assert log_dA_HM is not None  # S4D
+        chunk = min(BASIS_CHUNK, length)
+        j_C = torch.arange(chunk, device=dB_HM.device, dtype=torch.float32)
+        # z^j = e^(j·Re log z)·(cos, sin)(j·Im log z): real ops (torch's complex exp is ~3x slower on CPU)
+        mag_HMC = torch.exp(log_dA_HM.real[:, :, None] * j_C)
+        phase_HMC = log_dA_HM.imag[:, :, None] * j_C
+        base_HNC = torch.cat([mag_HMC * torch.cos(phase_HMC), mag_HMC * torch.sin(phase_HMC)], dim=1)
+        m = self.plan.modes
+        ks, x_BHM = [], None
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            b_zs_HM = dB_HM * torch.exp(log_dA_HM * start)
+            ks.append(2 * (self._real_row(c_HM * b_zs_HM) @ base_HNC[:, :, :n])[:, 0])
+            if u_rev_HTB is not None:
+                part_HNB = base_HNC[:, :, :n] @ u_rev_HTB[:, start:start + n]
+                part_BHM = (b_zs_HM[:, :, None] * torch.complex(part_HNB[:, :m], part_HNB[:, m:])).permute(2, 0, 1)
+                x_BHM = part_BHM if x_BHM is None else x_BHM + part_BHM
+        return torch.cat(ks, dim=-1), x_BHM
+
     def kernel(self, length: int) -> Tensor:
-        """K (H, T) = 2·Re(C·B̄·Ā^l), fp32."""
-        c_HM2 = self.C.float()
-        row_H1N = torch.cat([c_HM2[..., 0], -c_HM2[..., 1]], dim=1)[:, None, :]
-        return 2 * (row_H1N @ self._basis(length))[:, 0]
+        return self._kernel_and_state(length, None)[0]
 
     # ------------------------------------------------------------------------------ decoding
     def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> S4State:
@@ -169,17 +238,13 @@ class S4Mixer(nn.Module):
         return S4State(torch.zeros(batch, self.d_model, self.plan.modes, 2, device=device, dtype=torch.float32))
 
     def _recurrence(self, u_BHT: Tensor, state: S4State) -> Tensor:
-        """The step mode, token by token: x ← Ā·x + B̄·u_t, y_t = 2·Re(C·x)."""
-        dA, dB_HM, _ = self._discrete()
+        """The step mode, token by token: x ← Ā·x + B̄·u_t, y_t = 2·Re(C·x), all elementwise."""
+        disc = self._discrete()
         c_HM = torch.view_as_complex(self.C.float().contiguous())
         x_BHM = torch.view_as_complex(state.x_BHM2)
         ys = []
         for t in range(u_BHT.shape[-1]):
-            u_BH1 = u_BHT[:, :, t, None]
-            if self.plan.dplr:
-                x_BHM = (dA @ x_BHM[..., None])[..., 0] + dB_HM * u_BH1
-            else:
-                x_BHM = dA * x_BHM + dB_HM * u_BH1
+            x_BHM = disc.step(x_BHM, u_BHT[:, :, t, None])
             ys.append(2 * (c_HM * x_BHM).sum(-1).real)
         state.x_BHM2.copy_(torch.view_as_real(x_BHM))
         return torch.stack(ys, dim=-1)
@@ -187,19 +252,15 @@ class S4Mixer(nn.Module):
     def forward(self, x_BTD: Tensor, state: S4State | None = None) -> Tensor:
         t = x_BTD.shape[1]
         u_BHT = x_BTD.transpose(1, 2).float()
-        if state is not None and state.seen > 0:
+        # a single token into a fresh state steps too: the recurrence from zero is the T = 1
+        # convolution, and decoding costs the same at every position (docs/architecture.md)
+        if state is not None and (state.seen > 0 or t == 1):
             y_BHT = self._recurrence(u_BHT, state)
         else:
-            basis_HNT = self._basis(t)
-            c_HM2 = self.C.float()
-            row_H1N = torch.cat([c_HM2[..., 0], -c_HM2[..., 1]], dim=1)[:, None, :]
-            k_HT = 2 * (row_H1N @ basis_HNT)[:, 0]
+            k_HT, x_BHM = self._kernel_and_state(t, u_BHT if state is not None else None)
             y_BHT = fft_causal_conv(u_BHT, k_HT)
-            if state is not None:
-                # x_T = Σ_j B̄·Ā^(T−1−j)·u_j: the basis read backwards, contracted with u
-                x_HNB = basis_HNT.flip(-1) @ u_BHT.permute(1, 2, 0)
-                h, n, b = x_HNB.shape
-                state.x_BHM2.copy_(x_HNB.reshape(h, 2, n // 2, b).permute(3, 0, 2, 1).detach())
+            if state is not None and x_BHM is not None:
+                state.x_BHM2.copy_(torch.view_as_real(x_BHM.detach()))
         if state is not None:
             state.advance(t)
         y_BHT = y_BHT + self.D.float()[:, None] * u_BHT

@@ -15,7 +15,8 @@ one real bmm. (`column_split_hyena` only permutes checkpoint columns; it changes
 Decode (stripedhyena RecurrentInferenceParams): the FIR's last k − 1 inputs (B, 3D, k − 1) and the
 modal state x (B, D, S) complex, fp32 pairs: x ← p·x + u, y = x2·(Re Σ r·x + D·u). A prefill into
 a fresh state runs the FFT path and takes x_T = Σ_j p^(T−1−j)·u_j (one matmul with the same basis),
-as the reference's `prefill_via_modal_fft` does by FFT; a continuation steps token by token.
+as the reference's `prefill_via_modal_fft` does by FFT; a single token, or any continuation,
+steps token by token (from a zero state one step is the T = 1 convolution, without a filter).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class StripedHyenaMixer(nn.Module):
         z_BCT, next_tail = causal_short_conv(z_BCT, self.short_filter_weight, self.short_filter_bias, tail)
         x2_BDT, x1_BDT, v_BDT = z_BCT.split(d, dim=1)
         u_BDT = (x1_BDT * v_BDT).float()
-        if state is not None and state.seen > 0:
+        # a single token into a fresh state steps too: decoding costs the same at every position
+        if state is not None and (state.seen > 0 or t == 1):
             y_BDT = self._recurrence(u_BDT, state)
         else:
             basis_GNT = self._basis(t)

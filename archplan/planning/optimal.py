@@ -1,10 +1,10 @@
 """From a budget to the compute-optimal (N, D) under a scaling law, and the IsoFLOP alternatives.
 
-The laws themselves live in `archplan.analytic.scaling` (FORMULAS §5); this module only chooses one,
+The laws themselves live in `archplan.analytic.scaling` (docs/formulas.md §5); this module only chooses one,
 inverts it when the user gives N or D instead of C, and tabulates the IsoFLOP profile:
 - `chinchilla`: Hoffmann et al. 2022 Approach 3 with the constants as printed (App. D.2);
 - `epoch`: the Besiroglu et al. 2024 refit of Approach 3 (arXiv:2404.10102);
-- `20x`: D = 20·N with C = 6ND (Hoffmann Table 3's D/N ratio, FORMULAS §5.3). This rule has no
+- `20x`: D = 20·N with C = 6ND (Hoffmann Table 3's D/N ratio, docs/formulas.md §5.3). This rule has no
   loss of its own, so its predicted losses are evaluated with the Besiroglu fit (said in the output).
 N is every parameter, embeddings included (Hoffmann App. F); C = 6ND (Hoffmann eq. 4).
 """

@@ -1,0 +1,82 @@
+"""A wheel built from the repository works on its own: presets, sizing and the schema path.
+
+The wheel is built from a copy of the source tree (symlinks kept as links, build outputs left
+out), installed into a fresh venv, and run with the working directory outside the repository.
+The venv sees the system site-packages for the dependencies (pydantic, typer, ... without a
+download), so the test asserts that `archplan` itself is imported from the venv's copy, never
+from the source tree or an editable install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_OUTPUTS = (".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache", ".venv")
+
+
+def _run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+    assert result.returncode == 0, f"{args}: {result.stderr[-2000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
+    # The installed setuptools builds offline; without one (Python 3.12 ships none) pip fetches
+    # the build backend pyproject.toml names.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp / "wheels"),
+         str(source)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = (tmp / "wheels").glob("archplan-*.whl")
+    env = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)],
+                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install",
+                    "-q", "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
+    return env
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_is_what_runs(venv: Path, tmp_path: Path) -> None:
+    out = _run(venv / "bin" / "python", "-c",
+               "import archplan, archplan.loader as l, archplan.commands.schema as s;"
+               "print(archplan.__file__); print(l.PRESETS_DIR); print(s.schema_file())", cwd=tmp_path)
+    package, presets, schema = (Path(line) for line in out.stdout.splitlines())
+    site = venv / "lib"
+    assert package.is_relative_to(site) and presets.is_relative_to(site) and schema.is_relative_to(site)
+    assert len(list(presets.glob("*.yaml"))) == len(list((ROOT / "archplan" / "presets").glob("*.yaml")))
+    assert schema.is_file() and json.loads(schema.read_text())["title"] == "Spec"
+
+
+@pytest.mark.slow
+def test_presets_and_size_run_from_the_wheel(venv: Path, tmp_path: Path) -> None:
+    listing = _run(venv / "bin" / "archplan", "presets", "--json", cwd=tmp_path)
+    names = {row["name"] for row in json.loads(listing.stdout)}
+    assert {"llama-3-8b", "deepseek-v3", "mamba-2.8b"} <= names
+    size = _run(venv / "bin" / "archplan", "size", "llama-3-8b", "--json", cwd=tmp_path)
+    assert json.loads(size.stdout)["params"]["total"] == 8_030_261_248  # Meta's Llama 3 8B
+
+
+@pytest.mark.slow
+def test_an_imported_spec_points_at_the_installed_schema(venv: Path, tmp_path: Path) -> None:
+    config = ROOT / "tests" / "fixtures" / "hf-configs" / "llama-3-8b.json"
+    _run(venv / "bin" / "archplan", "import", "hf", config, "-o", tmp_path / "spec.yaml", cwd=tmp_path)
+    modeline = (tmp_path / "spec.yaml").read_text().splitlines()[0]
+    reference = modeline.removeprefix("# yaml-language-server: $schema=")
+    schema = (tmp_path / reference).resolve()
+    assert schema.is_file() and schema.is_relative_to(venv.resolve())
