@@ -1,0 +1,547 @@
+"""The layout model: what one rank holds and which collectives it calls, as data.
+
+Public API (stable; `distributed/` cross-checks against it):
+
+    most_loaded_stage(plan, layout, seq, *, microbatches, states=MEGATRON,
+                      attention_kernel="flash") -> int
+    rank_memory(plan, layout, seq, *, microbatches, stage=None, states=MEGATRON,
+                attention_kernel="flash") -> RankMemory
+    step_collectives(plan, layout, seq, *, microbatches, stage=None, states=MEGATRON,
+                     grad_reduce=None, cp_comm="all_gather", overlap=frozenset({"dp"}))
+        -> tuple[Collective, ...]
+    StatesConvention, ZERO (16 B/param), MEGATRON (18 B/param), FSDP2 (16 B/param + bf16 copies),
+    STATES = {"zero": ZERO, "megatron": MEGATRON, "fsdp2": FSDP2}
+
+`stage` is a pipeline rank (0 … pp−1); None = the most loaded one. Everything is for rank 0 of
+that pipeline rank's tensor/context/data-parallel groups (rank 0 holds the largest shard of an
+uneven split: torch.chunk and FSDP2 put the remainder last).
+
+**Parameters of a rank** (`planning/shards.py`, tensor by tensor): the layers of the rank's model
+chunks (`layout.pipeline_chunks`), plus the embedding (+ learned positions, embedding norm) on the
+first chunk and the final norm + LM head on the last. A tied head is counted once when one rank
+holds both ends (pp = 1); with pp > 1 the last stage holds a copy (Megatron's shared embedding).
+Tensor parallelism splits each tensor as `shards.Tensor.local_shape` says; experts are split over
+ep. Expert tensors replicate over the expert data-parallel group (dp·cp/ep ranks), everything else
+over the dp·cp ranks (context-parallel ranks hold the same weights: Megatron reduces gradients over
+the data × context group).
+
+**Model states** (`StatesConvention`): per parameter, `param_bytes` at rest, `grad_bytes`,
+`optimizer_bytes`; ZeRO (Rajbhandari et al. 2020 §5) shards the optimizer states at zero ≥ 1, the
+gradients at ≥ 2 and the parameters at 3 over the data-parallel group. ZERO and MEGATRON shard one
+flat buffer per group, ceil(N/d) elements per rank (DeepSpeed's and Megatron's distributed
+optimizer's contiguous buffers); FSDP2 shards every tensor on dim 0 into ceil(dim0/d)-row chunks
+and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_param`).
+- ZERO, 16 B/param: bf16 weights 2 + bf16 grads 2 + fp32 master, m, v 12 (ZeRO §3.1).
+- MEGATRON, 18 B/param: bf16 weights 2 + fp32 main grads 4 + 12 (Megatron-LM forces fp32 main-grad
+  accumulation with bf16, `accumulate_allreduce_grads_in_fp32`).
+- FSDP2 (torch `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), 16 B/param: fp32
+  sharded parameters 4 (they are the master weights) + fp32 sharded grads 4 + Adam m, v 8; the
+  bf16 unsharded compute copies are `temporary`: the whole stage's at zero = 2
+  (reshard_after_forward=False keeps them from the forward to the backward), two layers' at
+  zero = 3 (the one computing and the prefetched next). FSDP2 always shards its parameters, so it
+  takes zero 2 or 3 only.
+ZeRO-3 under ZERO/MEGATRON also holds two layers' gathered bf16 weights (`temporary`).
+
+**Activations** of one micro-batch per layer: `analytic.memory.activation_memory` (Korthikanti et
+al. 2022 §4, per saved tensor) at the rank's tokens, mb·seq/cp (context parallelism splits the
+sequence; with its load balancing every rank holds 2 of the 2·cp chunks). Under tensor parallelism
+everything is split over tp except, without sequence parallelism, the norm inputs and the inputs
+of the column-parallel projections (Korthikanti Table 2: sbh(10 + 24/t) vs 34·sbh/t, dropout aside);
+with sequence parallelism the column input is kept sequence-sharded and re-gathered in the backward
+(Megatron-LM's choice). attention_kernel "flash" (the default) keeps no s×s probabilities, only the
+fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1), and a fused SwiGLU that keeps [gate |
+up] and recomputes act(gate) (Megatron-LM `bias_swiglu_impl`); "eager" keeps what plain torch
+autograd keeps (the s×s probabilities unless recompute is selective, act(gate) as well). Full recompute keeps the block inputs, plus one layer's whole activations while it is
+re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al.
+2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·p + 1 chunk forwards
+(Megatron's interleaved schedule), so rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
+(Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
+LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token).
+
+**Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
+- TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
+  the forward and of the input gradient in the backward (Shoeybi et al. 2019 §3); with SP an
+  all-gather + reduce-scatter in the forward and a reduce-scatter + all-gather + the re-gather of
+  the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones.
+  The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
+  input under SP) add one each way.
+- CP, per attention layer and micro-batch: "all_gather" (Llama 3 §3.3.2): an all-gather of K and V
+  in the forward, again in the backward, and a reduce-scatter of their gradients; "ring"
+  (Megatron-Core): cp − 1 K/V sends and receives in the forward, twice that in the backward.
+- PP: per chunk boundary and micro-batch, the activation (forward) and its gradient (backward),
+  sequence-sharded over tp under SP (Megatron scatters the p2p tensor over the TP ranks).
+- EP, per MoE layer and micro-batch: a dispatch and a combine all-to-all of the k routed copies of
+  the rank's tokens in the forward and the backward (Lepikhin et al. 2020), + 2 under full recompute.
+- DP over dp·cp (experts over dp·cp/ep), one record per pipeline chunk's layers + one for the
+  ends: zero 0 an all-reduce of the gradients per step; 1 a reduce-scatter per step and an
+  all-gather of the updated bf16 parameters (Megatron's distributed optimizer); 2 a reduce-scatter
+  per micro-batch and the all-gather per step; 3 an all-gather in the forward and the backward and
+  a reduce-scatter per micro-batch (ZeRO §7.2.2). Gradients reduce in `grad_reduce` bytes (default
+  the convention's gradient dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from typing_extensions import assert_never
+
+from archplan.analytic.memory import RECOMPUTE_MODES, Recompute, activation_memory
+from archplan.errors import ArchplanError
+from archplan.planning.layout import Layout, pipeline_chunks
+from archplan.planning.records import Collective, RankMemory
+from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
+from archplan.resolve import AttentionPlan, FFNPlan, LayerPlan, MLAPlan, ModelPlan, MoEPlan
+
+# "flash": the fused kernels of Megatron-LM / torchtitan-class runs (FlashAttention, fused SwiGLU);
+# "eager": what plain torch autograd keeps (s×s probabilities, every GLU intermediate).
+AttentionKernel = Literal["flash", "eager"]
+ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("flash", "eager")
+CPComm = Literal["all_gather", "ring"]
+CP_COMMS: tuple[CPComm, ...] = ("all_gather", "ring")
+Overlap = Literal["dp", "tp", "ep"]
+OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "ep")
+ACT_BYTES = 2
+LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
+LOGIT_BYTES = 4
+TOKEN_ID_BYTES = 8
+FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
+
+
+@dataclass(frozen=True)
+class StatesConvention:
+    """Bytes per parameter of the model states and how they shard (see the module docstring)."""
+
+    key: str
+    param_bytes: int  # at rest
+    grad_bytes: int
+    optimizer_bytes: int
+    per_tensor: bool  # FSDP2's dim-0 chunks of every tensor, else one flat buffer
+    params_always_sharded: bool  # FSDP2: the parameters at rest are the sharded master copy
+    compute_copy_bytes: int  # FSDP2's unsharded bf16 copies (temporary); 0 otherwise
+    description: str
+
+    @property
+    def bytes_per_param(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+ZERO = StatesConvention("zero", 2, 2, 12, False, False, 0,
+                        "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param (ZeRO §3.1)")
+MEGATRON = StatesConvention("megatron", 2, 4, 12, False, False, 0,
+                            "bf16 weights + fp32 main grads + fp32 master, m, v = 18 B/param "
+                            "(Megatron-LM)")
+FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2,
+                         "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
+                         "unsharded compute copies as temporary (torch FSDP2 mixed precision)")
+STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2)}
+
+
+def _check_states(states: StatesConvention, layout: Layout) -> None:
+    if states.params_always_sharded and layout.zero < 2:
+        raise ArchplanError(f"--states {states.key} always shards parameters: zero must be 2 "
+                            "(reshard_after_forward=False) or 3")
+
+
+# ----------------------------------------------------------------------------- per-layer data
+@dataclass(frozen=True)
+class LayerActs:
+    """Activation bytes of one sequence of `seq` tokens through one layer, unsharded."""
+
+    kept: dict[str, int]  # recompute mode -> bytes kept (eager attention)
+    replicated: int  # kept bytes not split over tp without SP (norm + column inputs)
+    core: int  # eager attention's s×s tensors (dropped by flash and by selective recompute)
+    lse: int  # flash attention's log-sum-exp (kept instead of `core`)
+    block_input: int  # what full recompute keeps
+    glu_extra: int  # the activation's output eager GLUs keep and fused ones recompute
+
+
+class ModelData:
+    """What the layout model needs from a plan at one sequence length, computed once."""
+
+    def __init__(self, plan: ModelPlan, seq: int) -> None:
+        self.plan = plan
+        self.seq = seq
+        h = plan.d_model
+        self.layer_tensors: tuple[tuple[Tensor, ...], ...] = tuple(
+            tuple(layer_tensors(layer, plan)) for layer in plan.layers)
+        self.first = tuple(first_tensors(plan))
+        self.last_tied_copy = tuple(last_tensors(plan, tied_copy=True))
+        self.last = tuple(last_tensors(plan, tied_copy=False))
+        acts = {mode: activation_memory(plan, 1, seq, mode).by_component for mode in RECOMPUTE_MODES}
+        self.acts: list[LayerActs] = []
+        for layer in plan.layers:
+            kept = {mode: sum(v for k, v in acts[mode].items() if k.startswith(layer.path + "."))
+                    for mode in ("none", "selective")}
+            kept["full"] = acts["full"][layer.path]
+            shared_input = plan.residual == "parallel" and len(layer.norms) == 1
+            columns = 1 + (layer.ffn is not None and not shared_input)
+            replicated = ACT_BYTES * seq * h * (len(layer.norms) + columns)
+            heads = _heads(layer)
+            self.acts.append(LayerActs(kept, replicated, kept["none"] - kept["selective"],
+                                       LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
+                                       ACT_BYTES * seq * _glu_width(layer)))
+        self.first_act = acts["none"]["embed"] + acts["none"].get("embed_norm", 0)
+        self.final_norm_act = acts["none"].get("final_norm", 0)
+        self.head_input_act = ACT_BYTES * seq * h
+        self.logits_act = LOGIT_BYTES * seq * plan.vocab_size
+        self.n_experts = max((l.ffn.n_experts for l in plan.layers if isinstance(l.ffn, MoEPlan)),
+                             default=0)
+
+
+def _glu_width(layer: LayerPlan) -> int:
+    """Per token, the widths of gated FFNs whose activation reads its input (SiLU, GELU): eager
+    autograd keeps act(gate) beside gate, up and their product; a fused SwiGLU (Megatron-LM's
+    `bias_swiglu_impl`) keeps only [gate | up] and the product and recomputes act(gate)."""
+    def width(f: FFNPlan | None) -> int:
+        return f.d_ff if f is not None and f.kind == "glu" and f.activation != "relu" else 0
+
+    match layer.ffn:
+        case FFNPlan():
+            return width(layer.ffn)
+        case MoEPlan():
+            return layer.ffn.top_k * width(layer.ffn.expert) + width(layer.ffn.shared)
+        case _:
+            return 0
+
+
+def _heads(layer: LayerPlan) -> int:
+    match layer.mixer:
+        case AttentionPlan() | MLAPlan():
+            return layer.mixer.n_heads
+        case _:
+            return 0
+
+
+@lru_cache(maxsize=32)
+def model_data(plan: ModelPlan, seq: int) -> ModelData:
+    return ModelData(plan, seq)
+
+
+@lru_cache(maxsize=65536)
+def _local_numel(tensors: tuple[Tensor, ...], tp: int, ep: int) -> tuple[int, int]:
+    """(dense, expert) elements of these tensors on tp/ep rank 0."""
+    dense = expert = 0
+    for t in tensors:
+        n = t.local_numel(tp, ep)
+        if t.expert:
+            expert += n
+        else:
+            dense += n
+    return dense, expert
+
+
+@lru_cache(maxsize=65536)
+def _fsdp_numel(tensors: tuple[Tensor, ...], tp: int, ep: int, dp: int, edp: int) -> tuple[int, int]:
+    """(dense, expert) elements of FSDP2's padded dim-0 shards of these tensors (rank 0)."""
+    dense = expert = 0
+    for t in tensors:
+        shape = t.local_shape(tp, ep)
+        rest = math.prod(shape[1:])
+        if t.expert:
+            expert += math.ceil(shape[0] / edp) * rest
+        else:
+            dense += math.ceil(shape[0] / dp) * rest
+    return dense, expert
+
+
+# ----------------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class Chunk:
+    """One model chunk (virtual stage) of a pipeline rank."""
+
+    index: int  # in model order, 0 … pp·vpp − 1
+    layers: range
+    first: bool
+    last: bool
+
+
+def rank_chunks(n_layers: int, layout: Layout, stage: int) -> tuple[Chunk, ...]:
+    chunks = pipeline_chunks(n_layers, layout.pp, layout.vpp)[stage]
+    total = layout.pp * layout.vpp
+    return tuple(Chunk(stage + v * layout.pp, layers, stage + v * layout.pp == 0,
+                       stage + v * layout.pp == total - 1) for v, layers in enumerate(chunks))
+
+
+def chunk_tensors(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor, ...]:
+    out: list[Tensor] = []
+    if chunk.first:
+        out += data.first
+    for i in chunk.layers:
+        out += data.layer_tensors[i]
+    if chunk.last:
+        out += data.last_tied_copy if layout.pp > 1 else data.last
+    return tuple(out)
+
+
+def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
+    """Micro-batches whose activations each of the rank's chunks holds at the schedule's peak."""
+    p, v, m = layout.pp, layout.vpp, microbatches
+    if v == 1:
+        return (min(p - stage, m),)
+    forwards = min(m * v, 2 * (p - stage - 1) + (v - 1) * p + 1)
+    counts = [0] * v
+    for i in range(forwards):
+        counts[(i // p) % v] += 1
+    return tuple(counts)
+
+
+def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: AttentionKernel) -> float:
+    """Kept bytes of one sequence through one layer on one rank (before the cp split)."""
+    tp, sp = layout.tp, layout.sequence_parallel
+    if recompute == "full":
+        return acts.block_input / (tp if sp else 1)
+    kept = acts.kept[recompute]
+    match kernel:
+        case "flash":
+            kept = acts.kept["selective"] + acts.lse - acts.glu_extra
+        case "eager":
+            pass
+        case _:
+            assert_never(kernel)
+    if sp:
+        return kept / tp
+    return acts.replicated + (kept - acts.replicated) / tp
+
+
+def _working_set(data: ModelData, layers: range, layout: Layout, kernel: AttentionKernel) -> float:
+    """One layer's whole activations, re-materialised during its backward under full recompute."""
+    return max((_layer_act(data.acts[i], layout, "none", kernel) for i in layers), default=0.0)
+
+
+def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
+            states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
+    tp, ep, zero = layout.tp, layout.ep, layout.zero
+    dp = layout.dp * layout.cp
+    edp = layout.expert_dp
+    chunks = rank_chunks(len(data.plan.layers), layout, stage)
+    dense = expert = 0
+    shard_dense = shard_expert = 0
+    biggest_layer = 0
+    for chunk in chunks:
+        tensors = chunk_tensors(data, layout, chunk)
+        d, e = _local_numel(tensors, tp, ep)
+        dense += d
+        expert += e
+        if states.per_tensor:
+            sd, se = _fsdp_numel(tensors, tp, ep, dp, edp)
+        else:
+            sd, se = math.ceil(d / dp), math.ceil(e / edp)
+        shard_dense += sd
+        shard_expert += se
+        for i in chunk.layers:
+            biggest_layer = max(biggest_layer, sum(_local_numel(data.layer_tensors[i], tp, ep)))
+    full = dense + expert
+    shard = shard_dense + shard_expert
+    params_sharded = zero >= 3 or states.params_always_sharded
+    parameters = states.param_bytes * (shard if params_sharded else full)
+    gradients = states.grad_bytes * (shard if zero >= 2 else full)
+    optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
+    temporary = 0
+    if states.compute_copy_bytes:
+        temporary = states.compute_copy_bytes * (full if zero == 2 else FSDP_PREFETCH_LAYERS * biggest_layer)
+    elif zero >= 3:
+        temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
+    # activations
+    mb, cp = layout.mb, layout.cp
+    scale = mb / cp  # sequences per micro-batch, split over the context-parallel ranks
+    mode = layout.recompute
+    activations = 0.0
+    counts = in_flight(layout, microbatches, stage)
+    for chunk, count in zip(chunks, counts):
+        per_mb = sum(_layer_act(data.acts[i], layout, mode, kernel) for i in chunk.layers)
+        if chunk.first:
+            per_mb += data.first_act  # token ids (int64), whole on every tp rank
+        activations += per_mb * count * scale
+        if chunk.last:
+            ends = (data.final_norm_act + data.head_input_act) / (tp if layout.sequence_parallel else 1)
+            activations += (ends + data.logits_act / tp) * scale
+    if mode == "full":
+        layers = range(0)
+        for chunk in chunks:
+            layers = chunk.layers if len(chunk.layers) > len(layers) else layers
+        activations += _working_set(data, layers, layout, kernel) * scale
+    return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
+
+
+def _check(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, stage: int | None,
+           kernel: str) -> None:
+    if microbatches < 1:
+        raise ArchplanError(f"microbatches must be positive, got {microbatches}")
+    if stage is not None and not 0 <= stage < layout.pp:
+        raise ArchplanError(f"stage {stage} is not a pipeline rank of pp={layout.pp}")
+    if kernel not in ATTENTION_KERNELS:
+        raise ArchplanError(f"attention kernel '{kernel}' is not one of {', '.join(ATTENTION_KERNELS)}")
+    if seq % layout.cp:
+        raise ArchplanError(f"--seq {seq} does not split over cp={layout.cp} ranks")
+
+
+def most_loaded_stage(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
+                      states: StatesConvention = MEGATRON,
+                      attention_kernel: AttentionKernel = "flash") -> int:
+    """The pipeline rank whose rank needs the most memory (ties: the first)."""
+    _check(plan, layout, seq, microbatches, None, attention_kernel)
+    _check_states(states, layout)
+    data = model_data(plan, seq)
+    totals = [_memory(data, layout, s, microbatches, states, attention_kernel).total
+              for s in range(layout.pp)]
+    return totals.index(max(totals))
+
+
+def rank_memory(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
+                stage: int | None = None, states: StatesConvention = MEGATRON,
+                attention_kernel: AttentionKernel = "flash") -> RankMemory:
+    """Peak bytes by category on rank 0 of pipeline rank `stage` (None: the most loaded)."""
+    if stage is None:
+        stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,
+                                  attention_kernel=attention_kernel)
+    _check(plan, layout, seq, microbatches, stage, attention_kernel)
+    _check_states(states, layout)
+    return _memory(model_data(plan, seq), layout, stage, microbatches, states, attention_kernel)
+
+
+# ------------------------------------------------------------------------------ collectives
+def _kv_bytes(layer: LayerPlan, tokens: int, tp: int) -> int:
+    """K and V of the rank's heads over `tokens` (what context parallelism exchanges), bf16."""
+    match layer.mixer:
+        case AttentionPlan():
+            a = layer.mixer
+            return 2 * ACT_BYTES * tokens * math.ceil(a.n_kv_heads / tp) * a.head_dim
+        case MLAPlan():
+            m = layer.mixer
+            return ACT_BYTES * tokens * math.ceil(m.n_heads / tp) * (m.qk_head_dim + m.v_head_dim)
+        case _:
+            return 0
+
+
+def _dp_records(tensors: tuple[Tensor, ...], what: str, layout: Layout, m: int,
+                states: StatesConvention, grad_reduce: int, overlappable: bool) -> list[Collective]:
+    tp, ep, zero = layout.tp, layout.ep, layout.zero
+    groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, False),
+              ("expert_dp", layout.expert_dp, True))
+    local = _local_numel(tensors, tp, ep)
+    fsdp = _fsdp_numel(tensors, tp, ep, layout.dp * layout.cp, layout.expert_dp)
+    out: list[Collective] = []
+    for (mesh, size, expert), n, shard in zip(groups, local, fsdp):
+        if n == 0 or size == 1:
+            continue
+        padded = (shard if states.per_tensor else math.ceil(n / size)) * size
+        label = f"{what}{' experts' if expert else ''}"
+        grads = ("all_reduce", n * grad_reduce) if zero == 0 else ("reduce_scatter", padded * grad_reduce)
+        grad_calls = m if zero >= 2 else 1
+        out.append(Collective(grads[0], mesh, size, grads[1], grad_calls,  # type: ignore[arg-type]
+                              f"{label} gradients (DP)", overlappable))
+        if zero >= 1:
+            gathers = 2 * m if zero == 3 else 1
+            out.append(Collective("all_gather", mesh, size, padded * ACT_BYTES, gathers,
+                                  f"{label} bf16 parameters (DP)", overlappable))
+    return out
+
+
+def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: StatesConvention,
+                 grad_reduce: int, cp_comm: CPComm, overlap: frozenset[str]) -> list[Collective]:
+    plan = data.plan
+    tp, cp, ep, sp = layout.tp, layout.cp, layout.ep, layout.sequence_parallel
+    tokens = layout.mb * data.seq // cp
+    act = ACT_BYTES * tokens * plan.d_model
+    fwd = 2 if layout.recompute == "full" else 1  # forward passes (the recomputed one again)
+    tp_over, ep_over = "tp" in overlap, "ep" in overlap
+    out: list[Collective] = []
+
+    def add(kind: str, mesh: str, size: int, nbytes: int, count: int, what: str,
+            overlappable: bool = False) -> None:
+        if size > 1 and count:
+            out.append(Collective(kind, mesh, size, nbytes, count, what, overlappable))  # type: ignore[arg-type]
+
+    for chunk in rank_chunks(len(plan.layers), layout, stage):
+        span = f"layers {chunk.layers.start}-{chunk.layers.stop - 1}" if chunk.layers else "no layers"
+        sub_blocks = sum(1 + (plan.layers[i].ffn is not None) for i in chunk.layers)
+        if sp:
+            add("all_gather", "tp", tp, act, m * sub_blocks * (fwd + 2), f"{span} SP inputs", tp_over)
+            add("reduce_scatter", "tp", tp, act, m * sub_blocks * (fwd + 1), f"{span} SP outputs", tp_over)
+        else:
+            add("all_reduce", "tp", tp, act, m * sub_blocks * (fwd + 1), f"{span} TP outputs", tp_over)
+        if chunk.first:
+            add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
+            if sp:
+                add("all_gather", "tp", tp, act, m, "embedding output gradient (SP)")
+        if chunk.last:
+            add("all_gather" if sp else "all_reduce", "tp", tp, act, m, "LM-head input (TP)")
+            if sp:
+                add("reduce_scatter", "tp", tp, act, m, "LM-head input gradient (SP)")
+            add("all_reduce", "tp", tp, LOGIT_BYTES * tokens, 3 * m,
+                "vocab-parallel cross-entropy max, sum-exp, target logit")
+        kv_calls: dict[int, int] = {}
+        ep_calls: dict[int, int] = {}
+        for i in chunk.layers:
+            layer = plan.layers[i]
+            kv = _kv_bytes(layer, tokens * cp, tp)
+            if kv:
+                kv_calls[kv] = kv_calls.get(kv, 0) + 1
+            if isinstance(layer.ffn, MoEPlan):
+                routed = ACT_BYTES * (tokens // tp if sp else tokens) * layer.ffn.top_k * plan.d_model
+                ep_calls[routed] = ep_calls.get(routed, 0) + 1
+        for kv, n in kv_calls.items():
+            match cp_comm:
+                case "all_gather":
+                    add("all_gather", "cp", cp, kv, m * n * (fwd + 1), f"{span} K/V (CP)")
+                    add("reduce_scatter", "cp", cp, kv, m * n, f"{span} K/V gradients (CP)")
+                case "ring":
+                    steps = m * n * (cp - 1) * (fwd + 2)
+                    add("send", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
+                    add("recv", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
+                case _:
+                    assert_never(cp_comm)
+        for routed, n in ep_calls.items():
+            add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
+                ep_over)
+        p2p = act // (tp if sp else 1)
+        if not chunk.first:
+            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)")
+            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)")
+        if not chunk.last:
+            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output (PP)")
+            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output gradient (PP)")
+        # data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) + the ends
+        dp_over = "dp" in overlap
+        for i in chunk.layers:
+            out += _dp_records(data.layer_tensors[i], f"layers.{i}", layout, m, states, grad_reduce, dp_over)
+        if chunk.first:
+            out += _dp_records(data.first, "embedding", layout, m, states, grad_reduce, dp_over)
+        if chunk.last:
+            last = data.last_tied_copy if layout.pp > 1 else data.last
+            out += _dp_records(last, "final norm + LM head", layout, m, states, grad_reduce, dp_over)
+        if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
+            embed = _local_numel((data.first[0],), tp, ep)[0]
+            add("all_reduce", "pp", 2, embed * grad_reduce, 1, "tied embedding gradient (first + last stage)")
+    return out
+
+
+def step_collectives(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
+                     stage: int | None = None, states: StatesConvention = MEGATRON,
+                     grad_reduce: int | None = None, cp_comm: CPComm = "all_gather",
+                     overlap: frozenset[str] = frozenset({"dp"}),
+                     attention_kernel: AttentionKernel = "flash") -> tuple[Collective, ...]:
+    """Every collective rank 0 of pipeline rank `stage` calls in one optimizer step.
+
+    grad_reduce: bytes per gradient element on the wire (2 bf16, 4 fp32; default the convention's
+    gradient bytes). overlap: which communication may hide behind compute ("dp": the gradient
+    reduce and parameter gathers, as Megatron's --overlap-grad-reduce/--overlap-param-gather and
+    FSDP's prefetch do; "tp": TP communication, when the run overlaps it; "ep": the all-to-all).
+    """
+    if stage is None:
+        stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,
+                                  attention_kernel=attention_kernel)
+    _check(plan, layout, seq, microbatches, stage, attention_kernel)
+    _check_states(states, layout)
+    if cp_comm not in CP_COMMS:
+        raise ArchplanError(f"CP communication '{cp_comm}' is not one of {', '.join(CP_COMMS)}")
+    unknown = set(overlap) - set(OVERLAPS)
+    if unknown:
+        raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (expected {', '.join(OVERLAPS)})")
+    reduce_bytes = states.grad_bytes if grad_reduce is None else grad_reduce
+    return tuple(_collectives(model_data(plan, seq), layout, stage, microbatches, states,
+                              reduce_bytes, cp_comm, frozenset(overlap)))

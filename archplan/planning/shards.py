@@ -1,0 +1,264 @@
+"""Every parameter tensor of a model, with its shape and how tensor parallelism splits it, so a
+rank's share is counted tensor by tensor (FSDP2 pads each tensor's dim 0, Megatron's distributed
+optimizer pads one flat buffer: the two differ by a few elements per tensor, and the torch side
+measures one of them exactly).
+
+Shapes are the (out, in) layout of `nn.Linear.weight` and the (E, F, D) / (E, D, F) layout of
+stacked expert weights, as a checkpoint stores them. Splits (Megatron-LM, Shoeybi et al. 2019 §3;
+torch `ColwiseParallel` / `RowwiseParallel`):
+- column: dim 0 split over tp (q/k/v, up/gate, in_proj; their biases). Heads are indivisible
+  units: with fewer KV heads than tp ranks, each rank holds one whole KV head (replicated).
+- row: dim 1 split over tp (o_proj, down_proj, out_proj); the bias stays whole.
+- vocab: dim 0 (the vocabulary) split over tp in torch.chunk's way, ceil(V/tp) rows on rank 0
+  (VocabParallelEmbedding, a colwise LM head).
+- replicated: norms, routers, the shared-expert gate, MLA's low-rank down-projections.
+- expert_column / expert_row: stacked experts, dim 0 (experts) over ep, the FFN width (dim 1 /
+  dim 2) over tp (Megatron-Core's expert tensor parallelism equal to tp).
+Mamba mixers split like Megatron-Core's MambaMixer: everything indexed by d_inner or SSM heads
+column-wise, out_proj row-wise; Mamba-1's x_proj (input d_inner) row-wise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+from operator import mul
+from typing import Literal
+
+from typing_extensions import assert_never
+
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    LayerPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    NormPlan,
+)
+
+Split = Literal["column", "row", "vocab", "replicated", "expert_column", "expert_row"]
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One parameter: its module path + name, full shape, split, and the indivisible units of dim 0
+    under a column split (heads; 0 = every row is a unit)."""
+
+    name: str
+    shape: tuple[int, ...]
+    split: Split
+    units: int = 0
+
+    @property
+    def numel(self) -> int:
+        return reduce(mul, self.shape, 1)
+
+    @property
+    def expert(self) -> bool:
+        return self.split in ("expert_column", "expert_row")
+
+    def local_shape(self, tp: int, ep: int = 1) -> tuple[int, ...]:
+        """The shape on tensor-parallel rank 0 (and expert-parallel rank 0)."""
+        shape = list(self.shape)
+        match self.split:
+            case "column":
+                units = self.units or shape[0]
+                shape[0] = math.ceil(units / tp) * (shape[0] // units)
+            case "row":
+                shape[1] = math.ceil(shape[1] / tp)
+            case "vocab":
+                shape[0] = math.ceil(shape[0] / tp)
+            case "replicated":
+                pass
+            case "expert_column":
+                shape[0] = shape[0] // ep
+                if len(shape) > 1:
+                    shape[1] = math.ceil(shape[1] / tp)
+            case "expert_row":
+                shape[0] = shape[0] // ep
+                if len(shape) > 2:
+                    shape[2] = math.ceil(shape[2] / tp)
+            case _:
+                assert_never(self.split)
+        return tuple(shape)
+
+    def local_numel(self, tp: int, ep: int = 1) -> int:
+        return reduce(mul, self.local_shape(tp, ep), 1)
+
+
+def _norm(path: str, norm: NormPlan, width: int, split: Split = "replicated") -> list[Tensor]:
+    if not norm.affine:
+        return []
+    out = [Tensor(f"{path}.weight", (width,), split)]
+    if norm.bias:
+        out.append(Tensor(f"{path}.bias", (width,), split))
+    return out
+
+
+def _linear(path: str, out: int, inp: int, bias: bool, split: Split, units: int = 0) -> list[Tensor]:
+    tensors = [Tensor(f"{path}.weight", (out, inp), split, units)]
+    if bias:
+        # a row-split linear adds its bias once, after the reduction: the bias stays whole
+        tensors.append(Tensor(f"{path}.bias", (out,), "replicated" if split == "row" else split, units))
+    return tensors
+
+
+def _attention(path: str, a: AttentionPlan, d: int) -> list[Tensor]:
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    out = (_linear(f"{path}.q_proj", q, d, a.qkv_bias, "column", a.n_heads)
+           + _linear(f"{path}.k_proj", kv, d, a.qkv_bias, "column", a.n_kv_heads)
+           + _linear(f"{path}.v_proj", kv, d, a.qkv_bias, "column", a.n_kv_heads)
+           + _linear(f"{path}.o_proj", d, q, a.out_bias, "row"))
+    if a.qk_norm is not None:
+        norm = a.qk_norm.norm
+        match a.qk_norm.scope:
+            case "head":
+                out += _norm(f"{path}.q_norm", norm, a.head_dim) + _norm(f"{path}.k_norm", norm, a.head_dim)
+            case "per_head":
+                for name, heads in (("q_norm", a.n_heads), ("k_norm", a.n_kv_heads)):
+                    out += [Tensor(t.name, (heads, a.head_dim), "column", heads)
+                            for t in _norm(f"{path}.{name}", norm, a.head_dim)]
+            case "full":
+                out += [Tensor(t.name, t.shape, "column", a.n_heads)
+                        for t in _norm(f"{path}.q_norm", norm, q)]
+                out += [Tensor(t.name, t.shape, "column", a.n_kv_heads)
+                        for t in _norm(f"{path}.k_norm", norm, kv)]
+            case _:
+                assert_never(a.qk_norm.scope)
+    return out
+
+
+def _mla(path: str, m: MLAPlan, d: int) -> list[Tensor]:
+    h = m.n_heads
+    out: list[Tensor] = []
+    if m.q_lora_rank is None:
+        out += _linear(f"{path}.q_proj", h * m.qk_head_dim, d, False, "column", h)
+    else:
+        out += _linear(f"{path}.q_a_proj", m.q_lora_rank, d, False, "replicated")
+        out += _norm(f"{path}.q_a_layernorm", m.norm, m.q_lora_rank)
+        out += _linear(f"{path}.q_b_proj", h * m.qk_head_dim, m.q_lora_rank, False, "column", h)
+    out += _linear(f"{path}.kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, d, False,
+                   "replicated")
+    out += _norm(f"{path}.kv_a_layernorm", m.norm, m.kv_lora_rank)
+    out += _linear(f"{path}.kv_b_proj", h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank,
+                   False, "column", h)
+    out += _linear(f"{path}.o_proj", d, h * m.v_head_dim, False, "row")
+    return out
+
+
+def _conv(path: str, channels: int, width: int, bias: bool) -> list[Tensor]:
+    out = [Tensor(f"{path}.weight", (channels, 1, width), "column")]
+    if bias:
+        out.append(Tensor(f"{path}.bias", (channels,), "column"))
+    return out
+
+
+def _mamba1(path: str, m: Mamba1Plan, d: int) -> list[Tensor]:
+    i, n, r = m.d_inner, m.d_state, m.dt_rank
+    out = _linear(f"{path}.in_proj", 2 * i, d, m.proj_bias, "column")
+    out += _conv(f"{path}.conv1d", i, m.d_conv, m.conv_bias)
+    out += [Tensor(f"{path}.x_proj.weight", (r + 2 * n, i), "row")]
+    out += _linear(f"{path}.dt_proj", i, r, True, "column")
+    out += [Tensor(f"{path}.A_log", (i, n), "column"), Tensor(f"{path}.D", (i,), "column")]
+    out += _linear(f"{path}.out_proj", d, i, m.proj_bias, "row")
+    if m.inner_norms:
+        out += (_norm(f"{path}.dt_layernorm", m.norm, r) + _norm(f"{path}.b_layernorm", m.norm, n)
+                + _norm(f"{path}.c_layernorm", m.norm, n))
+    return out
+
+
+def _mamba2(path: str, m: Mamba2Plan, d: int) -> list[Tensor]:
+    width = 2 * m.d_inner + 2 * m.n_groups * m.d_state + m.n_heads
+    out = _linear(f"{path}.in_proj", width, d, m.proj_bias, "column")
+    out += _conv(f"{path}.conv1d", m.conv_dim, m.d_conv, m.conv_bias)
+    out += [Tensor(f"{path}.{name}", (m.n_heads,), "column") for name in ("dt_bias", "A_log", "D")]
+    out += _norm(f"{path}.norm", m.norm, m.d_inner, "column")
+    out += _linear(f"{path}.out_proj", d, m.d_inner, m.proj_bias, "row")
+    return out
+
+
+def _ffn(path: str, f: FFNPlan, d: int) -> list[Tensor]:
+    out: list[Tensor] = []
+    if f.kind == "glu":
+        out += _linear(f"{path}.gate_proj", f.d_ff, d, f.bias, "column")
+    out += _linear(f"{path}.up_proj", f.d_ff, d, f.bias, "column")
+    out += _linear(f"{path}.down_proj", d, f.d_ff, f.bias, "row")
+    return out
+
+
+def _moe(path: str, m: MoEPlan, d: int) -> list[Tensor]:
+    e, f = m.n_experts, m.expert.d_ff
+    out = _linear(f"{path}.router", e, d, m.router_bias, "replicated")
+    glu = m.expert.kind == "glu"
+    experts = f"{path}.experts"
+    if glu:
+        out.append(Tensor(f"{experts}.w_gate_EFD", (e, f, d), "expert_column"))
+    out.append(Tensor(f"{experts}.w_up_EFD", (e, f, d), "expert_column"))
+    out.append(Tensor(f"{experts}.w_down_EDF", (e, d, f), "expert_row"))
+    if m.expert.bias:
+        if glu:
+            out.append(Tensor(f"{experts}.b_gate_EF", (e, f), "expert_column"))
+        out.append(Tensor(f"{experts}.b_up_EF", (e, f), "expert_column"))
+        # added after the row-split reduction, like a row linear's bias: whole on every tp rank
+        out.append(Tensor(f"{experts}.b_down_ED", (e, d), "expert_column"))
+    if m.shared is not None:
+        out += _ffn(f"{path}.shared", m.shared, d)
+    if m.shared_gate:
+        out += _linear(f"{path}.shared_gate", 1, d, False, "replicated")
+    return out
+
+
+def layer_tensors(layer: LayerPlan, plan: ModelPlan) -> list[Tensor]:
+    """Every parameter of one block, by module path (`layers.{i}.…`)."""
+    d, p = plan.d_model, layer.path
+    out: list[Tensor] = []
+    for name in layer.norms:
+        out += _norm(f"{p}.{name}", plan.norm, d)
+    match layer.mixer:
+        case AttentionPlan():
+            out += _attention(f"{p}.mixer", layer.mixer, d)
+        case MLAPlan():
+            out += _mla(f"{p}.mixer", layer.mixer, d)
+        case Mamba1Plan():
+            out += _mamba1(f"{p}.mixer", layer.mixer, d)
+        case Mamba2Plan():
+            out += _mamba2(f"{p}.mixer", layer.mixer, d)
+        case _:
+            assert_never(layer.mixer)
+    match layer.ffn:
+        case FFNPlan():
+            out += _ffn(f"{p}.ffn", layer.ffn, d)
+        case MoEPlan():
+            out += _moe(f"{p}.ffn", layer.ffn, d)
+        case None:
+            pass
+        case _:
+            assert_never(layer.ffn)
+    return out
+
+
+def first_tensors(plan: ModelPlan) -> list[Tensor]:
+    """What the first pipeline stage holds before its layers: embedding, learned positions, the
+    embedding norm (BLOOM)."""
+    out = [Tensor("embed.weight", (plan.vocab_size, plan.d_model), "vocab")]
+    if plan.position == "learned":
+        out.append(Tensor("pos_embed.weight", (plan.max_seq_len, plan.d_model), "replicated"))
+    if plan.embed_norm:
+        out += _norm("embed_norm", plan.norm, plan.d_model)
+    return out
+
+
+def last_tensors(plan: ModelPlan, *, tied_copy: bool) -> list[Tensor]:
+    """What the last pipeline stage holds after its layers: final norm and LM head. A tied head is
+    the embedding itself at one stage; across stages the last one holds a copy (Megatron's shared
+    embedding, kept in sync by an all-reduce of the two gradients), `tied_copy`."""
+    out = _norm("final_norm", plan.norm, plan.d_model) if plan.final_norm else []
+    if not plan.tied or tied_copy:
+        out.append(Tensor("lm_head.weight", (plan.vocab_size, plan.d_model), "vocab"))
+    if plan.lm_head_bias:
+        out.append(Tensor("lm_head.bias", (plan.vocab_size,), "vocab"))
+    return out
