@@ -11,7 +11,7 @@ second is measured by `FSDPMemTracker` (per-category peak, statistics reset on r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -31,11 +31,14 @@ DEVICE = torch.device("cpu")
 
 # FSDPMemTracker's reference types → the categories of `records.RankMemory`. The bf16 compute
 # copies FSDP2 gathers (and frees) are temporary; buffers (RoPE tables, the router's correction
-# bias) are not parameters and are counted as temporary too.
+# bias) are not parameters and are counted as temporary too. AdamW's per-parameter `step` is a
+# 0-d fp32 tensor that torch keeps on the CPU beside CUDA parameters (torch.optim.adam, `_init_group`
+# without capturable/fused); here the device is the CPU, so its bytes are taken out of `optimizer`
+# and reported apart (`adam_step_bytes`).
 CATEGORY = {
     "Sharded Param": "parameters",
     "Sharded Grad": "gradients",
-    "Unsharded Grad": "gradients",
+    "Unsharded Grad": "temporary",  # the full gradient before its reduce-scatter (zero 2/3)
     "OptState": "optimizer",
     "Activation": "activations",
     "Inputs": "activations",
@@ -58,6 +61,7 @@ class Measured:
     layers: tuple[int, ...]
     memory: RankMemory
     peak_by_reftype: dict[str, int]
+    adam_step_bytes: int
     collectives: tuple[Collective, ...]
 
 
@@ -118,6 +122,8 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         with tracker, recorder:
             runner.train_step(batches)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
+    memory = _rank_memory([peak, *samples])
     return Measured(layout, stage, rank, seq, microbatches, in_flight(stage, layout.pp, microbatches),
-                    tuple(int(i) for i in module.layers), _rank_memory([peak, *samples]),
-                    {_name(k): v for k, v in peak.items()}, recorder.records())
+                    tuple(int(i) for i in module.layers), replace(memory, optimizer=memory.optimizer - steps),
+                    {_name(k): v for k, v in peak.items()}, steps, recorder.records())

@@ -18,9 +18,12 @@ Each layer is one FSDP unit; the stage's ends (embedding, final norm, head) are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 from torch.distributed.tensor import Replicate, Shard
@@ -95,6 +98,38 @@ def _expert_parallel(stage: Stage, mesh: LayoutMesh, balanced: bool) -> None:
         moe.experts = ExpertParallel(local, e, group, balanced=balanced)
 
 
+# The attention core that selective recompute re-runs (Korthikanti et al. 2022 §4.3); on CPU and
+# under FakeTensorMode SDPA dispatches to the flash-for-CPU kernel.
+ATTENTION_CORE_OPS = frozenset({
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+})
+
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_RECOMPUTE if op in ATTENTION_CORE_OPS else CheckpointPolicy.MUST_SAVE
+
+
+def _recompute(stage: Stage, recompute: str) -> None:
+    """Activation checkpointing per layer, before FSDP as torchtitan applies it: full keeps each
+    layer's input and re-runs the layer in the backward; selective re-runs only the attention core
+    (torch's selective activation checkpointing with a policy over the SDPA ops)."""
+    match recompute:
+        case "none":
+            return
+        case "full":
+            context_fn = noop_context_fn
+        case "selective":
+            context_fn = partial(create_selective_checkpoint_contexts, _selective_policy)
+        case _:
+            raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
+    for name, block in list(stage.layers.items()):
+        stage.layers[name] = checkpoint_wrapper(block, context_fn=context_fn, preserve_rng_state=False)
+
+
 def _fsdp(stage: Stage, mesh: LayoutMesh) -> tuple[FSDPModule, ...]:
     zero = mesh.layout.zero
     units: list[FSDPModule] = []
@@ -123,4 +158,5 @@ def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool) -> Sharded:
                             "chunks are not built as separate stages)")
     _tensor_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
+    _recompute(stage, mesh.layout.recompute)
     return Sharded(stage, _fsdp(stage, mesh))
