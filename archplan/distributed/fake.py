@@ -4,8 +4,8 @@ The recipe (docs/distributed.md): the fake process group acting as the first ran
 pipeline stage; the DeviceMesh, the stage built on meta from archplan's modules and sharded with
 torch's own APIs (`shard`) outside FakeTensorMode (FSDP2 + TP builds its meshes with a
 data-dependent op that FakeTensorMode refuses); then, inside FakeTensorMode, `to_empty`, AdamW, and
-two training steps of the 1F1B schedule (`step`): the first creates the optimizer states, the
-second is measured by `FSDPMemTracker` (per-category peak, statistics reset on re-entry) and by
+two training steps of the 1F1B schedule (`step`): the first (one micro-batch) creates the optimizer
+states, the second is measured by `FSDPMemTracker` (per-category peak, statistics reset on re-entry) and by
 `CollectiveRecorder` (every collective of one step).
 """
 
@@ -117,7 +117,8 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
                               torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE))
                    for _ in range(microbatches)]
         with tracker:
-            runner.train_step(batches)
+            # the first step only creates AdamW's states: one micro-batch does it
+            runner.train_step(batches[:1])
         samples.clear()
         with tracker, recorder:
             runner.train_step(batches)
