@@ -11,7 +11,7 @@ uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through 
   reduce-scattered once, after the last backward (`set_requires_gradient_sync` on it only);
 - zero=0: `replicate` (FSDP2's replicate mode, DDP semantics): gradients all-reduced once per step.
 Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
-reduction (`reduce_dtype`). Experts shard over their own data-parallel group (expert_dp).
+reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests). Experts shard over their own data-parallel group (expert_dp).
 Each layer is one FSDP unit; the stage's ends (embedding, final norm, head) are the root unit.
 """
 
@@ -92,9 +92,12 @@ def _expert_parallel(stage: Stage, mesh: LayoutMesh, balanced: bool) -> None:
         if not isinstance(moe, MoEFFN):
             continue
         e = moe.plan.n_experts
-        with torch.device(moe.experts.w_up_EFD.device):
+        with torch.device("meta"):
             local = Experts(moe.plan.expert, e // ep, stage.plan.d_model)
-        local.to(moe.experts.w_up_EFD.dtype)
+        # this rank's experts: rows [r·E/ep, (r+1)·E/ep) of every expert tensor (free on meta)
+        start = mesh["ep"].get_local_rank() * (e // ep)
+        for name, full in moe.experts.named_parameters():
+            setattr(local, name, nn.Parameter(full.detach().narrow(0, start, e // ep).clone()))
         moe.experts = ExpertParallel(local, e, group, balanced=balanced)
 
 
@@ -123,35 +126,42 @@ def _recompute(stage: Stage, recompute: str) -> None:
         case "full":
             context_fn = noop_context_fn
         case "selective":
-            context_fn = partial(create_selective_checkpoint_contexts, _selective_policy)
+            # FSDP2 writes its gathered weights in place between the forward and the recompute
+            context_fn = partial(create_selective_checkpoint_contexts, _selective_policy,
+                                 allow_cache_entry_mutation=True)
         case _:
             raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
     for name, block in list(stage.layers.items()):
         stage.layers[name] = checkpoint_wrapper(block, context_fn=context_fn, preserve_rng_state=False)
 
 
-def _fsdp(stage: Stage, mesh: LayoutMesh) -> tuple[FSDPModule, ...]:
+def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple[FSDPModule, ...]:
     zero = mesh.layout.zero
     units: list[FSDPModule] = []
     if zero == 0:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         for block in stage.layers.values():
-            units.append(replicate(block, mesh=mesh["dp"], mp_policy=MIXED))
-        units.append(replicate(stage, mesh=mesh["dp"], mp_policy=MIXED))
+            units.append(replicate(block, mesh=mesh["dp"], mp_policy=policy))
+        units.append(replicate(stage, mesh=mesh["dp"], mp_policy=policy))
         return tuple(units)
     reshard = zero == 3
     for block in stage.layers.values():
         moe = block.ffn
         if isinstance(moe, MoEFFN) and isinstance(moe.experts, ExpertParallel):
-            units.append(fully_shard(moe.experts, mesh=mesh["expert_dp"], mp_policy=MIXED,
-                                     reshard_after_forward=reshard))
-        units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=MIXED, reshard_after_forward=reshard))
-    units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=MIXED, reshard_after_forward=reshard))
+            experts = fully_shard(moe.experts, mesh=mesh["expert_dp"], mp_policy=policy,
+                                  reshard_after_forward=reshard)
+            # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
+            # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
+            # expert gradient scaling)
+            experts.set_gradient_divide_factor(mesh.layout.dp)
+            units.append(experts)
+        units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+    units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     return tuple(units)
 
 
-def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool) -> Sharded:
+def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool = True) -> Sharded:
     """Apply the layout's parallelisms in torchtitan's order: TP, EP, then FSDP over dp."""
     if mesh.layout.vpp > 1:
         raise ArchplanError("--layout: vpp > 1 is not run on torch.distributed (the interleaved schedule's "
@@ -159,4 +169,4 @@ def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool) -> Sharded:
     _tensor_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     _recompute(stage, mesh.layout.recompute)
-    return Sharded(stage, _fsdp(stage, mesh))
+    return Sharded(stage, _fsdp(stage, mesh, MIXED if mixed else MixedPrecisionPolicy()))
