@@ -59,10 +59,19 @@ _OPS: dict[Any, tuple[CollectiveKind, int, int]] = {
 _GATHER_FROM_INPUT = {_f.all_gather_into_tensor.default, _f.all_gather_into_tensor_coalesced.default}
 
 
+def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...]) -> MeshDim:
+    """The mesh dimension of a call on a group that several dimensions share (ep = dp when
+    expert_dp = 1): only expert parallelism calls all-to-all; the others are data parallelism's."""
+    if len(dims) == 1:
+        return dims[0]
+    preferred = ("ep",) if kind == "all_to_all" else ("dp", "expert_dp", "tp", "pp")
+    return next(d for d in (*preferred, *dims) if d in dims)
+
+
 class CollectiveRecorder(TorchDispatchMode):
     """Counts (kind, mesh dim, group size, bytes, op) of every collective issued inside it."""
 
-    def __init__(self, dims_by_group: dict[str, MeshDim], group_sizes: dict[str, int]) -> None:
+    def __init__(self, dims_by_group: dict[str, tuple[MeshDim, ...]], group_sizes: dict[str, int]) -> None:
         super().__init__()
         self.dims_by_group = dims_by_group
         self.group_sizes = group_sizes
@@ -76,7 +85,7 @@ class CollectiveRecorder(TorchDispatchMode):
             name = _group_name(args[group_at])
             size = self.group_sizes[name]
             nbytes = _nbytes(args[tensor_at]) * (size if func in _GATHER_FROM_INPUT else 1)
-            self.calls[(kind, self.dims_by_group[name], size, nbytes, func.__name__)] += 1
+            self.calls[(kind, _dim(kind, self.dims_by_group[name]), size, nbytes, func.__name__)] += 1
         return func(*args, **(kwargs or {}))
 
     def records(self) -> tuple[Collective, ...]:

@@ -79,8 +79,9 @@ def _categories(snapshot: dict[str, int]) -> dict[str, int]:
 
 def _rank_memory(snapshots: list[dict[str, int]]) -> RankMemory:
     """Each category's largest value over the snapshots: the tracker's peak (where the transient
-    gathered weights and collective buffers are largest) and one before each backward (where the
-    in-flight micro-batches' activations are, the most of them before the first backward)."""
+    gathered weights and collective buffers are largest), one before each backward (where the
+    in-flight micro-batches' activations are, the most of them before the first backward) and one
+    before the optimizer step (where every gradient exists)."""
     per = [_categories(s) for s in snapshots]
     return RankMemory(**{name: max(p[name] for p in per) for name in RankMemory.__dataclass_fields__})
 
@@ -94,7 +95,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     sharded = shard_stage(module, mesh, balanced=True)
     local_seq = seq // layout.tp if layout.sequence_parallel else seq
     hidden = (layout.mb, local_seq, plan.d_model)
-    group_sizes = {mesh[d].get_group().group_name: mesh[d].size() for d in mesh.dims_by_group.values()}
+    group_sizes = {name: mesh[dims[0]].size() for name, dims in mesh.dims_by_group.items()}
     recorder = CollectiveRecorder(mesh.dims_by_group, group_sizes)
     with FakeTensorMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
@@ -112,7 +113,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
             samples.append(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
 
         runner = StageRunner(sharded, mesh, optimizer, hidden, DEVICE, before_forward=tracker.reset_mod_stats,
-                             before_backward=sample)
+                             sample=sample)
         batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE),
                               torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE))
                    for _ in range(microbatches)]

@@ -59,13 +59,14 @@ class LayoutMesh:
         return self.dp if dim == "dp" else self.root[dim]
 
     @property
-    def dims_by_group(self) -> dict[str, MeshDim]:
-        """Process-group name → mesh dimension, to name the dimension of each recorded collective."""
-        names: dict[str, MeshDim] = {}
+    def dims_by_group(self) -> dict[str, tuple[MeshDim, ...]]:
+        """Process-group name → the mesh dimensions over it (ep and dp share one when expert_dp = 1)."""
+        names: dict[str, tuple[MeshDim, ...]] = {}
         for dim in (*MESH_DIMS, "dp"):
             mesh = self[dim]
             if mesh.size() > 1:
-                names[mesh.get_group().group_name] = dim
+                name = mesh.get_group().group_name
+                names[name] = (*names.get(name, ()), dim)
         return names
 
     @property

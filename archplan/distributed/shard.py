@@ -157,6 +157,15 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
             experts.set_gradient_divide_factor(mesh.layout.dp)
             units.append(experts)
         units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+    # the ends as torchtitan shards them: the embedding one unit, final norm + head another (one
+    # unit together when tied: the head reads the embedding's weight), the stage the root
+    ends = [[stage.embed, stage.pos_embed, stage.embed_norm], [stage.final_norm, stage.lm_head]]
+    if stage.plan.tied:
+        ends = [ends[0] + ends[1]]
+    for group in ends:
+        present = [m for m in group if m is not None and any(True for _ in m.parameters())]
+        if present:
+            units.append(fully_shard(present, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     return tuple(units)
 

@@ -57,7 +57,7 @@ class StageRunner:
     def __init__(self, sharded: Sharded, mesh: LayoutMesh, optimizer: torch.optim.Optimizer,
                  hidden_shape: tuple[int, ...], device: torch.device,
                  before_forward: Callable[[], None] | None = None,
-                 before_backward: Callable[[], None] | None = None) -> None:
+                 sample: Callable[[], None] | None = None) -> None:
         self.sharded = sharded
         self.stage = sharded.stage
         self.mesh = mesh
@@ -68,7 +68,7 @@ class StageRunner:
         self.index = mesh.stage
         self.losses: list[Tensor] = []
         self.before_forward = before_forward
-        self.before_backward = before_backward
+        self.sample = sample
 
     def _peer(self, offset: int) -> int:
         assert self.pp_group is not None
@@ -99,8 +99,8 @@ class StageRunner:
         return out, (inp if not self.stage.first else None)
 
     def backward(self, out: Tensor, inp: Tensor | None, last: bool) -> None:
-        if self.before_backward is not None:
-            self.before_backward()
+        if self.sample is not None:
+            self.sample()
         root = self.sharded.units[-1]
         zero = self.mesh.layout.zero
         root.set_is_last_backward(last)
@@ -129,6 +129,8 @@ class StageRunner:
             else:
                 done += 1
                 self.backward(*held.pop(i), last=done == m)
+        if self.sample is not None:
+            self.sample()  # the gradients' peak: all of them, before the step frees them
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
