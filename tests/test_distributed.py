@@ -4,7 +4,6 @@ measures model states and the collectives of a step on the fake process group.""
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 

@@ -12,11 +12,8 @@ SDPA-only context manager that archplan's attention paths (masks, ALiBi, MLA) do
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -34,14 +31,6 @@ def init_fake_world(world: int, rank: int) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-
-
-def init_real_world(device_type: str) -> None:
-    """The process group of a torchrun worker: gloo on CPU, NCCL on CUDA (env:// from torchrun)."""
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
 
 
 def stage_rank(layout: Layout, stage: int) -> int:

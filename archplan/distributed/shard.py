@@ -11,8 +11,9 @@ uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through 
   reduce-scattered once, after the last backward (`set_requires_gradient_sync` on it only);
 - zero=0: `replicate` (FSDP2's replicate mode, DDP semantics): gradients all-reduced once per step.
 Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
-reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests). Experts shard over their own data-parallel group (expert_dp).
-Each layer is one FSDP unit; the stage's ends (embedding, final norm, head) are the root unit.
+reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
+Experts shard over their own data-parallel group (expert_dp).
+Each layer is one FSDP unit, the embedding another, final norm + head another (torchtitan).
 """
 
 from __future__ import annotations
