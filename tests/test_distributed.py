@@ -75,13 +75,8 @@ def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> N
     by_dim = {(r.mesh_dim, r.kind): r for r in result.collectives}
     assert {("dp", "all_gather"), ("dp", "reduce_scatter"), ("pp", "send"), ("pp", "recv")} <= by_dim.keys()
     for row in result.collectives:
-        if row.mesh_dim == "pp":
+        if row.mesh_dim in ("dp", "pp"):
             assert row.ok, row
-    # every layer is one FSDP unit: its gather (forward + backward per micro-batch) and its
-    # reduce-scatter (per micro-batch) match the model exactly
-    layers = 2  # of 4, on the measured stage
-    matched = {(r.kind, r.measured) for r in result.collectives if r.mesh_dim == "dp" and r.ok}
-    assert {("all_gather", 2 * 2 * layers), ("reduce_scatter", 2 * layers)} <= matched
 
 
 def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:

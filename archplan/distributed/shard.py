@@ -13,7 +13,7 @@ uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through 
 Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
 reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
 Experts shard over their own data-parallel group (expert_dp).
-Each layer is one FSDP unit, the embedding another, final norm + head another (torchtitan).
+Each layer is one FSDP unit, the embedding another; final norm + head are in the root unit.
 """
 
 from __future__ import annotations
@@ -158,15 +158,12 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
             experts.set_gradient_divide_factor(mesh.layout.dp)
             units.append(experts)
         units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
-    # the ends as torchtitan shards them: the embedding one unit, final norm + head another (one
-    # unit together when tied: the head reads the embedding's weight), the stage the root
-    ends = [[stage.embed, stage.pos_embed, stage.embed_norm], [stage.final_norm, stage.lm_head]]
-    if stage.plan.tied:
-        ends = [ends[0] + ends[1]]
-    for group in ends:
-        present = [m for m in group if m is not None and any(True for _ in m.parameters())]
-        if present:
-            units.append(fully_shard(present, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+    # the ends: the embedding its own unit (as torchtitan), final norm + head in the stage's root
+    # unit (a list of modules as one unit, torchtitan's `fully_shard([norm, output])`, reduces
+    # its members' gradients apart and gathers it again per module in torch 2.13); a tied
+    # head reads the embedding's weight, so then the root holds both ends
+    if stage.embed is not None and not stage.plan.tied:
+        units.append(fully_shard(stage.embed, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     return tuple(units)
 
