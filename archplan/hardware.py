@@ -2,7 +2,8 @@
 datasheets print first), HBM bandwidth and memory. Shared by size (GPU-hours), plan and bench.
 
 Sources: NVIDIA A100 datasheet (2021), H100 datasheet (SXM5 / PCIe columns, sparse figures halved),
-H200 product brief (2024), DGX/HGX B200 datasheet (per-GPU, sparse halved), L4 and L40S datasheets,
+H200 product brief (2024), H800 (the H100 SXM5 die with NVLink cut to 400 GB/s; DeepSeek-AI 2024
+§3.1), DGX/HGX B200 datasheet (per-GPU, sparse halved), L4 and L40S datasheets,
 Ada "AD102" whitepaper App. A (RTX 4090, FP32-accumulate tensor figures), AMD Instinct MI300X
 datasheet, NVIDIA V100 datasheet.
 """
@@ -48,6 +49,9 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("h100-sxm", "NVIDIA H100 SXM5 80GB",
                 _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
                 3.35e12, 80 * GiB, ("h100", "h100-80gb")),
+    Accelerator("h800", "NVIDIA H800 SXM5 80GB",
+                _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
+                3.35e12, 80 * GiB, ("h800-sxm",)),
     Accelerator("h100-pcie", "NVIDIA H100 PCIe 80GB",
                 _tf(fp32=51.2, tf32=378, bf16=756, fp16=756, fp8=1513, int8=1513), 2.0e12, 80 * GiB),
     Accelerator("h200", "NVIDIA H200 SXM 141GB",
@@ -85,10 +89,81 @@ def accelerator(key: str) -> Accelerator:
 def match_device_name(name: str) -> Accelerator | None:
     """Map a torch device name ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB') to a table entry, if any."""
     lowered = name.lower()
-    for probe, key in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-sxm"),
+    for probe, key in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-sxm"), ("h800", "h800"),
                        ("b200", "b200"), ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
                        ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"), ("mi300x", "mi300x"),
                        ("v100", "v100")):
         if probe in lowered:
             return _BY_KEY[key]
     return None
+
+
+# ------------------------------------------------------------------------ achieved efficiencies
+@dataclass(frozen=True)
+class KernelEfficiency:
+    """What the kernels of one GPU family achieve, for `plan`'s per-kernel-class step-time model
+    (docs/plan.md "Compute model"). Calibrated once per family, never per run.
+
+    gemm: fraction of the dense peak large GEMMs reach; a GEMM whose smallest dimension is x runs at
+      gemm · x/(x + GEMM_HALF_DIM) of it, and never faster than its operands stream from HBM.
+    attention_fwd / attention_bwd: FlashAttention-2 FLOP/s at head dim 128, causal, long sequences
+      (the backward at FlashAttention's 2.5 × forward FLOPs convention); head dim 64 runs at
+      `attention_hd64` of that.
+    hbm: fraction of the HBM bandwidth elementwise kernels (norms, activations, rotary, softmax,
+      the optimizer step) reach.
+    intra_link / inter_link: NCCL bus bandwidth over the one-direction link figure (nccl-tests).
+    latency: seconds per collective call (NCCL's small-message latency).
+    """
+
+    family: str
+    gemm: float
+    attention_fwd: float
+    attention_bwd: float
+    attention_hd64: float
+    hbm: float
+    intra_link: float
+    inter_link: float
+    latency: float
+    source: str
+
+
+GEMM_HALF_DIM = 48  # one 128×128 tile's worth of M/N/K; cuBLAS tile quantisation (our estimate)
+
+KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
+    "ampere": KernelEfficiency(
+        "ampere (A100)", gemm=0.67, attention_fwd=190 * TERA, attention_bwd=160 * TERA,
+        attention_hd64=0.85, hbm=0.80, intra_link=0.78, inter_link=0.90, latency=20e-6,
+        source=("gemm: calibrated on Narayanan et al. 2021 Table 1 and Korthikanti et al. 2022 Table 5 "
+                "(docs/validation.md); attention: Dao 2023 (FlashAttention-2) Fig. 4-5, A100 causal "
+                "hd128 ~190 TF/s forward, ~160 backward; hbm: STREAM-class copies ~1.6 of 2.0 TB/s; "
+                "links: nccl-tests all-reduce bus bandwidth ~235 of 300 GB/s NVLink 3, ~23 of 25 GB/s "
+                "per HDR NIC")),
+    "hopper": KernelEfficiency(
+        "hopper (H100/H800/H200)", gemm=0.66, attention_fwd=335 * TERA, attention_bwd=290 * TERA,
+        attention_hd64=0.80, hbm=0.80, intra_link=0.80, inter_link=0.90, latency=20e-6,
+        source=("gemm: calibrated on Llama 3 Table 4 (docs/validation.md); attention: Shah et al. 2024 "
+                "(FlashAttention-3) Fig. 5-6, FlashAttention-2 on H100 causal hd128 ~335 TF/s forward, "
+                "~290 backward; hbm and links: nccl-tests NVLink 4 ~360 of 450 GB/s, NDR ~45 of 50 GB/s")),
+}
+
+# Families without a calibration fall back to the Hopper fractions (stated in the output).
+FAMILY_OF: dict[str, str] = {
+    "a100-40gb": "ampere", "a100-80gb": "ampere",
+    "h100-sxm": "hopper", "h100-pcie": "hopper", "h200": "hopper", "h800": "hopper",
+}
+
+
+def kernel_efficiency(gpu: Accelerator) -> tuple[KernelEfficiency, bool]:
+    """The GPU's family constants and whether they were calibrated on that family."""
+    family = FAMILY_OF.get(gpu.key)
+    if family is None:
+        hopper = KERNEL_EFFICIENCY["hopper"]
+        scale = gpu.peak("bf16") / ACCELERATORS_BY_KEY["h100-sxm"].peak("bf16")
+        return KernelEfficiency(f"uncalibrated ({gpu.name}, Hopper fractions)", hopper.gemm,
+                                hopper.attention_fwd * scale, hopper.attention_bwd * scale,
+                                hopper.attention_hd64, hopper.hbm, hopper.intra_link,
+                                hopper.inter_link, hopper.latency, hopper.source), False
+    return KERNEL_EFFICIENCY[family], True
+
+
+ACCELERATORS_BY_KEY = {a.key: a for a in ACCELERATORS}

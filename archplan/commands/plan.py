@@ -17,7 +17,7 @@ from archplan.errors import ArchplanError
 if TYPE_CHECKING:
     from archplan.planning.design import Design
     from archplan.planning.optimal import Optimum
-    from archplan.planning.parallel import Evaluated, SearchResult
+    from archplan.planning.parallel import Evaluated, SearchResult, Settings
     from archplan.planning.solve import SolveResult
     from archplan.spec import Spec
 
@@ -37,6 +37,35 @@ class LawOption(str, Enum):
     twenty = "20x"
 
 
+class StatesChoice(str, Enum):
+    megatron = "megatron"
+    zero = "zero"
+    fsdp2 = "fsdp2"
+
+
+class KernelChoice(str, Enum):
+    flash = "flash"
+    eager = "eager"
+
+
+class GradReduceChoice(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class CPCommChoice(str, Enum):
+    all_gather = "all_gather"
+    ring = "ring"
+
+
+class PrecisionChoice(str, Enum):
+    bf16 = "bf16"
+    fp8 = "fp8"
+
+
+LAYOUT_PANEL = "Cluster layout (SPEC --gpus N)"
+MODEL_PANEL = "Layout model (how the run is carried out)"
+
 HELP = (
     "Plan an architecture: from a compute budget to a compute-optimal spec, from a partial spec to "
     "the missing sizes (--solve), or from a spec to a cluster layout (SPEC --gpus N --gpu KEY). "
@@ -45,7 +74,9 @@ HELP = (
     "  archplan plan --compute 1e24 --family moe -o moe.yaml\n\n"
     "  archplan plan --params 70e9 --law chinchilla --json\n\n"
     "  archplan plan --solve partial.yaml --total 1.8e12 --active 220e9\n\n"
-    "  archplan plan llama-3-70b --gpus 1024 --gpu h100 --seq 8192 --global-batch-tokens 4M"
+    "  archplan plan llama-3-70b --gpus 1024 --gpu h100 --seq 8192 --global-batch-tokens 4M\n\n"
+    "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100 --seq 8192 --global-batch-tokens 16M "
+    "--layout tp=8,cp=1,pp=16,vpp=4,dp=128,ep=1,zero=1,recompute=none,mb=1"
 )
 
 DEFAULT_BUDGET_SEQ = 8192
@@ -217,7 +248,7 @@ def _plot_layouts(result: SearchResult, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
     labels = [e.layout.label for e in rows]
     left = [0.0] * len(rows)
-    for name in ("weights", "grads", "optimizer", "activations"):
+    for name in ("parameters", "gradients", "optimizer", "activations", "temporary"):
         values = [getattr(e.memory, name) / gib for e in rows]
         ax.barh(labels, values, left=left, label=name)
         left = [a + b for a, b in zip(left, values)]
@@ -312,31 +343,77 @@ def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[
     return d, f"compute-optimal D for N = {which} params under {choice.value}"
 
 
-def _layout_row(e: Evaluated, tokens: float) -> dict[str, Any]:
+def _layout_row(e: Evaluated, tokens: float, usable: int) -> dict[str, Any]:
     from archplan.planning.parallel import training_days
 
-    lay, mem, t = e.layout, e.memory, e.time
+    lay, mem = e.layout, e.memory
     return {
-        "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "zero": lay.zero,
-        "recompute": lay.recompute, "micro_batch": lay.micro_batch, "microbatches": lay.microbatches,
+        "layout": lay.spec, "label": lay.label,
+        "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp, "ep": lay.ep,
+        "zero": lay.zero, "recompute": lay.recompute, "mb": lay.mb, "sp": lay.sequence_parallel,
+        "microbatches": e.microbatches,
         "global_batch_tokens": e.global_batch_tokens,
-        "memory": {"stage": mem.stage, "weights": mem.weights, "grads": mem.grads,
-                   "optimizer": mem.optimizer, "activations": mem.activations, "total": mem.total},
-        "step_time": {"compute": t.compute, "tp": t.tp, "ep": t.ep, "pp_p2p": t.pp_p2p,
-                      "bubble": t.bubble, "dp": t.dp, "total": t.total},
+        "memory": {"stage": e.stage, **mem.as_dict(), "total": mem.total, "usable": usable,
+                   "fits": e.fits},
+        "step_time": {"stage": e.time_stage, **e.time.as_dict()},
         "mfu": e.mfu,
+        "tokens_per_s_per_gpu": e.tokens_per_s_per_gpu,
         "training_days": training_days(e, tokens),
     }
 
 
+# Where the layout model is known to be optimistic (docs/validation.md): what a user should check.
+ZERO3_CAUTION_RANKS = 384
+
+
+def _notes(result: SearchResult) -> list[str]:
+    notes = []
+    if result.ranked:
+        best = result.ranked[0].layout
+        if best.zero == 3 and best.dp * best.cp >= ZERO3_CAUTION_RANKS:
+            notes.append(
+                f"the top layout re-gathers parameters (ZeRO-3/FSDP) over {best.dp * best.cp} ranks: on the "
+                "published ZeRO-3 runs at 384-1,536 ranks (Narayanan et al. 2021 Table 2) this model "
+                "predicted 28-44% more throughput than measured; compare with the best ZeRO-1 layout "
+                "(--layout zero=1), which is what large published runs chose")
+    if not result.calibrated:
+        notes.append(f"no calibration for {result.gpu.name}: its kernel efficiencies are the Hopper "
+                     "fractions scaled to its peak")
+    return notes
+
+
+def _efficiency_text(result: SearchResult) -> str:
+    settings, k = result.settings, result.kernels
+    if settings.efficiency is not None:
+        return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
+                "of the dense peak (user-measured); elementwise and optimizer at HBM bandwidth")
+    calibrated = "" if result.calibrated else " [not calibrated on this GPU]"
+    return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
+            f"{settings.precision} peak by shape, attention at {k.attention_fwd / 1e12:.0f}/"
+            f"{k.attention_bwd / 1e12:.0f} TFLOP/s fwd/bwd ({settings.attention_kernel}), elementwise "
+            f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
+
+
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -> dict[str, Any]:
+    settings = result.settings
+    shown = result.ranked[:TOP_LAYOUTS] if result.ranked else (
+        (result.tightest,) if result.tightest is not None else ())
     return {
         "mode": "layout",
         "spec": spec.name,
         "gpus": result.gpus,
         "gpu": result.gpu.key,
         "seq": result.seq,
-        "mfu": result.hfu,
+        "fixed": {k: v for k, v in result.fixed.given.items()},
+        "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
+                       "calibrated": result.calibrated, "description": _efficiency_text(result)},
+        "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
+                   "description": settings.states.description},
+        "attention_kernel": settings.attention_kernel,
+        "grad_reduce_bytes": settings.reduce_bytes,
+        "cp_comm": settings.cp_comm,
+        "overlap": sorted(settings.overlap),
+        "precision": settings.precision,
         "headroom": result.headroom,
         "usable_bytes_per_gpu": result.usable_bytes,
         "network": {"intra_node_bytes_per_s": result.net.intra_node,
@@ -349,13 +426,14 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -
         "reasons": list(result.reasons),
         "considered": result.considered,
         "fitting": result.fitting,
-        "layouts": [_layout_row(e, tokens) for e in result.ranked[:TOP_LAYOUTS]],
+        "notes": _notes(result),
+        "layouts": [_layout_row(e, tokens, result.usable_bytes) for e in shown],
     }
 
 
 BAR_WIDTH = 24
-BAR_STYLES = (("weights", "blue"), ("grads", "yellow"), ("optimizer", "green"),
-              ("activations", "red"))
+BAR_STYLES = (("parameters", "blue"), ("gradients", "yellow"), ("optimizer", "green"),
+              ("activations", "red"), ("temporary", "magenta"))
 
 
 def _memory_bar(e: Evaluated, usable: int) -> Any:
@@ -368,45 +446,65 @@ def _memory_bar(e: Evaluated, usable: int) -> Any:
     return bar
 
 
-def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) -> None:
+def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: float, title: str) -> Any:
     from rich.table import Table
 
     from archplan.planning.parallel import training_days
+    from archplan.units import nbytes, percent
+
+    table = Table(title=title, title_justify="left")
+    for col in ("#", "layout", "m", "params", "grads", "optim.", "activ.", "temp.", "total", "of usable",
+                "step s", "comm+bubble", "MFU", "tok/s/GPU", "days"):
+        table.add_column(col, justify="left" if col in ("layout", "of usable") else "right")
+    for i, e in enumerate(rows, 1):
+        mem, t = e.memory, e.time
+        overhead = (t.total - t.compute) / t.total
+        table.add_row(str(i), e.layout.label, str(e.microbatches), nbytes(mem.parameters),
+                      nbytes(mem.gradients), nbytes(mem.optimizer), nbytes(mem.activations),
+                      nbytes(mem.temporary), nbytes(mem.total)
+                      + ("" if e.fits else " ✗"), _memory_bar(e, result.usable_bytes), f"{t.total:.2f}",
+                      percent(overhead), percent(e.mfu), f"{e.tokens_per_s_per_gpu:,.0f}",
+                      f"{training_days(e, tokens):.1f}")
+    return table
+
+
+def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) -> None:
     from archplan.units import count, nbytes, percent
 
     console = _console()
-    net = result.net
+    net, settings = result.net, result.settings
+    fixed = f"; fixed: {result.fixed.given}" if result.fixed.given else ""
     console.print(
         f"[bold]Cluster layouts[/] for {spec.name} on {result.gpus} × {result.gpu.name} "
         f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "
-        f"seq {result.seq:,}; compute at {percent(result.hfu)} of the bf16 dense peak; "
-        f"links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} GB/s across "
-        f"({net.source}); {result.fitting:,} of {result.considered:,} layouts fit"
-    )
-    if not result.feasible:
-        for reason in result.reasons:
-            console.print(f"[bold red]infeasible:[/] {reason}")
+        f"seq {result.seq:,}; links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} "
+        f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")
+    console.print(f"  {_efficiency_text(result)}")
+    console.print(f"  states: {settings.states.description}; gradients reduced in "
+                  f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: "
+                  f"{', '.join(sorted(settings.overlap)) or 'none'}; CP K/V by {settings.cp_comm}")
+    for reason in result.reasons:
+        console.print(f"[bold red]infeasible:[/] {reason}")
+    if not result.ranked:
+        if result.tightest is not None:
+            console.print(_layout_table((result.tightest,), result, tokens,
+                                        "the layout needing the least memory (does not fit)"))
         return
-    table = Table(title=f"fastest {min(TOP_LAYOUTS, len(result.ranked))} (per-GPU memory of the most "
-                  "loaded stage, bf16 + fp32 Adam, 16 B/param)", title_justify="left")
-    for col in ("#", "layout", "m", "weights", "grads", "optim.", "activ.", "total", "of usable",
-                "step s", "comm+bubble", "MFU", "days"):
-        table.add_column(col, justify="left" if col in ("layout", "of usable") else "right")
-    for i, e in enumerate(result.ranked[:TOP_LAYOUTS], 1):
-        mem, t = e.memory, e.time
-        overhead = (t.total - t.compute) / t.total
-        table.add_row(str(i), e.layout.label, str(e.layout.microbatches), nbytes(mem.weights),
-                      nbytes(mem.grads), nbytes(mem.optimizer), nbytes(mem.activations),
-                      nbytes(mem.total), _memory_bar(e, result.usable_bytes), f"{t.total:.2f}",
-                      percent(overhead), percent(e.mfu),
-                      f"{training_days(e, tokens):.1f}")
-    console.print(table)
+    rows = result.ranked[:TOP_LAYOUTS]
+    title = ("the given layout" if result.fixed.complete() is not None else
+             f"fastest {len(rows)}") + " (per-GPU memory of the most loaded pipeline rank)"
+    console.print(_layout_table(rows, result, tokens, title))
+    if not rows[0].fits:
+        console.print(f"[bold red]does not fit:[/] pipeline rank {rows[0].stage} needs "
+                      f"{nbytes(rows[0].memory.total)} > {nbytes(result.usable_bytes)} usable")
     console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
                   + f"; full width = {nbytes(result.usable_bytes)}")
-    best = result.ranked[0]
+    for note in _notes(result):
+        console.print(f"[yellow]note:[/] {note}")
+    best = rows[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
                   f"per step as run; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
-                  "causal, no recompute) / (step time × GPUs × peak)")
+                  "causal, no recompute) / (step time × GPUs × bf16 peak)")
 
 
 # --------------------------------------------------------------------------------- the command
@@ -440,17 +538,46 @@ def register(app: typer.Typer) -> None:
         active: Annotated[str | None, typer.Option("--active", help="Target active parameters, e.g. 220e9.")] = None,
         tol: Annotated[float, typer.Option("--tol", help="Relative tolerance on each target.")] = 0.01,
         multiple: Annotated[int, typer.Option("--multiple", help="Solved widths are multiples of this.")] = 1,
-        gpus: Annotated[int | None, typer.Option("--gpus", help="Number of GPUs.")] = None,
-        gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h200, b200, mi300x, ...")] = "h100",
+        gpus: Annotated[int | None, typer.Option("--gpus", help="Number of GPUs.", rich_help_panel=LAYOUT_PANEL)] = None,
+        gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h800, h200, b200, mi300x, ...",
+                                         rich_help_panel=LAYOUT_PANEL)] = "h100",
         global_batch_tokens: Annotated[str, typer.Option(
-            "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.")] = "4M",
-        mfu: Annotated[float, typer.Option(
-            "--mfu", help="Fraction of the bf16 dense peak the compute runs at (communication and bubbles come on top).")] = 0.4,
+            "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.", rich_help_panel=LAYOUT_PANEL)] = "4M",
+        layout: Annotated[str | None, typer.Option(
+            "--layout", help="Fix layout fields: tp=8,cp=1,pp=16,vpp=2,dp=128,ep=1,zero=1,recompute=none,mb=1,sp=on "
+            "(any subset; the rest is searched; all but vpp/sp given = exactly that layout).",
+            rich_help_panel=LAYOUT_PANEL)] = None,
+        efficiency: Annotated[float | None, typer.Option(
+            "--efficiency", help="Your measured GEMM + attention efficiency (fraction of the dense peak) "
+            "instead of the per-GPU-family compute model.", rich_help_panel=MODEL_PANEL)] = None,
+        mfu: Annotated[float | None, typer.Option("--mfu", hidden=True)] = None,
+        states: Annotated[StatesChoice, typer.Option(
+            "--states", help="Model-state convention: megatron 18 B/param (fp32 main grads), zero 16 B/param, "
+            "fsdp2 (fp32 sharded params + grads, bf16 compute copies).", rich_help_panel=MODEL_PANEL)] = StatesChoice.megatron,
+        attention: Annotated[KernelChoice, typer.Option(
+            "--attention", help="flash: FlashAttention + fused kernels (no s×s memory); eager: plain torch autograd.",
+            rich_help_panel=MODEL_PANEL)] = KernelChoice.flash,
+        grad_reduce: Annotated[GradReduceChoice | None, typer.Option(
+            "--grad-reduce", help="Gradient reduction dtype [the states' gradient dtype].",
+            rich_help_panel=MODEL_PANEL)] = None,
+        cp_comm: Annotated[CPCommChoice, typer.Option(
+            "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
+            rich_help_panel=MODEL_PANEL)] = CPCommChoice.all_gather,
+        overlap: Annotated[str, typer.Option(
+            "--overlap", help="Communication hidden behind compute: any of dp,tp,ep, or none.",
+            rich_help_panel=MODEL_PANEL)] = "dp",
+        precision: Annotated[PrecisionChoice, typer.Option(
+            "--precision", help="bf16, or fp8 GEMMs inside the blocks (router and LM head stay bf16).",
+            rich_help_panel=MODEL_PANEL)] = PrecisionChoice.bf16,
         headroom: Annotated[float, typer.Option(
-            "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).")] = 0.1,
-        gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per NVLink domain [8].")] = None,
-        nvlink_gbs: Annotated[float | None, typer.Option("--nvlink-gbs", help="In-node bandwidth per GPU, GB/s one way.")] = None,
-        ib_gbs: Annotated[float | None, typer.Option("--ib-gbs", help="Inter-node bandwidth per GPU, GB/s one way.")] = None,
+            "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
+            rich_help_panel=LAYOUT_PANEL)] = 0.1,
+        gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per NVLink domain [8].",
+                                                          rich_help_panel=LAYOUT_PANEL)] = None,
+        nvlink_gbs: Annotated[float | None, typer.Option("--nvlink-gbs", help="In-node bandwidth per GPU, GB/s one way.",
+                                                         rich_help_panel=LAYOUT_PANEL)] = None,
+        ib_gbs: Annotated[float | None, typer.Option("--ib-gbs", help="Inter-node bandwidth per GPU, GB/s one way.",
+                                                     rich_help_panel=LAYOUT_PANEL)] = None,
     ) -> None:
         if spec is not None and solve is not None:
             raise ArchplanError("give either SPEC (layout search) or --solve, not both")
@@ -465,13 +592,17 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("-o writes a generated or solved spec; the layout search writes none")
             if gpus is None:
                 raise ArchplanError("the layout search needs --gpus (and --gpu)")
-            _run_layout(spec, gpus, gpu, seq, global_batch_tokens, mfu, headroom, gpus_per_node,
-                        nvlink_gbs, ib_gbs, _amount(tokens, "--tokens"), law, as_json, plot)
+            if mfu is not None:
+                raise ArchplanError("plan's --mfu is now --efficiency (the kernels' fraction of peak); "
+                                    "MFU is an output of the compute model")
+            settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision)
+            _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
+                        gpus_per_node, nvlink_gbs, ib_gbs, _amount(tokens, "--tokens"), law, as_json, plot)
         else:
             if total is not None or active is not None:
                 raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
-            if gpus is not None:
-                raise ArchplanError("--gpus goes with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
+            if gpus is not None or layout is not None:
+                raise ArchplanError("--gpus/--layout go with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
             _run_budget(_amount(compute, "--compute"), _amount(params, "--params"),
                         _amount(tokens, "--tokens"), family, law, vocab,
                         seq if seq is not None else DEFAULT_BUDGET_SEQ, output, force, as_json, plot)
@@ -534,15 +665,37 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
         raise SystemExit(1)
 
 
-def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str, mfu: float,
-                headroom: float, gpus_per_node: int | None, nvlink_gbs: float | None,
-                ib_gbs: float | None, tokens: float | None, law: LawOption, as_json: bool,
-                plot: str | None) -> None:
+def _settings(efficiency: float | None, states: StatesChoice, attention: KernelChoice,
+              grad_reduce: GradReduceChoice | None, cp_comm: CPCommChoice, overlap: str,
+              precision: PrecisionChoice) -> Settings:
+    from archplan.planning.cluster import OVERLAPS, STATES
+    from archplan.planning.parallel import Settings
+
+    parts = {p.strip().lower() for p in overlap.split(",") if p.strip()}
+    if parts == {"none"}:
+        parts = set()
+    unknown = parts - set(OVERLAPS)
+    if unknown:
+        raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
+    return Settings(
+        states=STATES[states.value], attention_kernel=attention.value,  # type: ignore[arg-type]
+        grad_reduce=None if grad_reduce is None else (4 if grad_reduce is GradReduceChoice.fp32 else 2),
+        cp_comm=cp_comm.value, overlap=frozenset(parts), precision=precision.value,  # type: ignore[arg-type]
+        efficiency=efficiency,
+    )
+
+
+def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str,
+                layout_text: str | None, settings: Settings, headroom: float,
+                gpus_per_node: int | None, nvlink_gbs: float | None, ib_gbs: float | None,
+                tokens: float | None, law: LawOption, as_json: bool, plot: str | None) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
+    from archplan.planning.layout import PartialLayout, parse_layout
     from archplan.planning.parallel import interconnect, search
     from archplan.resolve import resolve
 
+    fixed = parse_layout(layout_text) if layout_text is not None else PartialLayout()
     spec = load_spec(name)
     device = accelerator(gpu_key)
     batch_tokens = _amount(batch_text, "--global-batch-tokens")
@@ -550,8 +703,10 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     if not math.isfinite(batch_tokens) or batch_tokens <= 0:
         raise ArchplanError("--global-batch-tokens must be positive")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
+    single = fixed.complete() is not None
     result = search(resolve(spec), device, gpus, seq=seq or min(DEFAULT_BUDGET_SEQ, spec.max_seq_len),
-                    global_batch_tokens=batch_tokens, hfu=mfu, net=net, headroom=headroom)
+                    global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
+                    fixed=fixed, keep_unfit=single)
     train_tokens, source = _training_tokens(spec, tokens, law)
     plotted = plot is not None and result.feasible
     if plotted:

@@ -50,8 +50,11 @@ of the column-parallel projections (Korthikanti Table 2: sbh(10 + 24/t) vs 34·s
 with sequence parallelism the column input is kept sequence-sharded and re-gathered in the backward
 (Megatron-LM's choice). attention_kernel "flash" (the default) keeps no s×s probabilities, only the
 fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1), and a fused SwiGLU that keeps [gate |
-up] and recomputes act(gate) (Megatron-LM `bias_swiglu_impl`); "eager" keeps what plain torch
-autograd keeps (the s×s probabilities unless recompute is selective, act(gate) as well). Full recompute keeps the block inputs, plus one layer's whole activations while it is
+up] and recomputes act(gate) (Megatron-LM `bias_swiglu_impl`), and memory-efficient norms that keep
+their output (already kept as the next projection's input) instead of their input (Apex
+`FusedRMSNorm(memory_efficient=True)`, Megatron-LM `--memory-efficient-layer-norm`); "eager" keeps
+what plain torch autograd keeps (the s×s probabilities unless recompute is selective, act(gate),
+each norm's input). Full recompute keeps the block inputs, plus one layer's whole activations while it is
 re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al.
 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·p + 1 chunk forwards
 (Megatron's interleaved schedule), so rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
@@ -69,7 +72,8 @@ LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token)
   in the forward, again in the backward, and a reduce-scatter of their gradients; "ring"
   (Megatron-Core): cp − 1 K/V sends and receives in the forward, twice that in the backward.
 - PP: per chunk boundary and micro-batch, the activation (forward) and its gradient (backward),
-  sequence-sharded over tp under SP (Megatron scatters the p2p tensor over the TP ranks).
+  1/tp of it per rank (Narayanan et al. 2021 §4.1: scattered over the TP ranks before the send,
+  all-gathered over NVLink after; sequence-sharded already under SP).
 - EP, per MoE layer and micro-batch: a dispatch and a combine all-to-all of the k routed copies of
   the rank's tokens in the forward and the backward (Lepikhin et al. 2020), + 2 under full recompute.
 - DP over dp·cp (experts over dp·cp/ep), one record per pipeline chunk's layers + one for the
@@ -96,8 +100,9 @@ from archplan.planning.records import Collective, RankMemory
 from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
 from archplan.resolve import AttentionPlan, FFNPlan, LayerPlan, MLAPlan, ModelPlan, MoEPlan
 
-# "flash": the fused kernels of Megatron-LM / torchtitan-class runs (FlashAttention, fused SwiGLU);
-# "eager": what plain torch autograd keeps (s×s probabilities, every GLU intermediate).
+# "flash": the fused kernels of Megatron-LM-class runs (FlashAttention, fused SwiGLU, memory-
+# efficient norms); "eager": what plain torch autograd keeps (s×s probabilities, every GLU
+# intermediate, each norm's input beside its output).
 AttentionKernel = Literal["flash", "eager"]
 ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("flash", "eager")
 CPComm = Literal["all_gather", "ring"]
@@ -157,6 +162,7 @@ class LayerActs:
     lse: int  # flash attention's log-sum-exp (kept instead of `core`)
     block_input: int  # what full recompute keeps
     glu_extra: int  # the activation's output eager GLUs keep and fused ones recompute
+    norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
 
 
 class ModelData:
@@ -183,13 +189,48 @@ class ModelData:
             heads = _heads(layer)
             self.acts.append(LayerActs(kept, replicated, kept["none"] - kept["selective"],
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
-                                       ACT_BYTES * seq * _glu_width(layer)))
+                                       ACT_BYTES * seq * _glu_width(layer),
+                                       ACT_BYTES * seq * h * len(layer.norms)))
         self.first_act = acts["none"]["embed"] + acts["none"].get("embed_norm", 0)
         self.final_norm_act = acts["none"].get("final_norm", 0)
         self.head_input_act = ACT_BYTES * seq * h
         self.logits_act = LOGIT_BYTES * seq * plan.vocab_size
         self.n_experts = max((l.ffn.n_experts for l in plan.layers if isinstance(l.ffn, MoEPlan)),
                              default=0)
+        self._numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
+        self._acts: dict[tuple[int, bool, str, str], list[float]] = {}
+
+
+    def numel(self, tp: int, ep: int) -> tuple[list[int], list[int]]:
+        """Per layer, (dense, expert) parameter elements on tp/ep rank 0."""
+        key = (tp, ep)
+        if key not in self._numel:
+            pairs = [_local_numel(t, tp, ep) for t in self.layer_tensors]
+            self._numel[key] = ([d for d, _ in pairs], [e for _, e in pairs])
+        return self._numel[key]
+
+    def fsdp(self, tp: int, ep: int, dp: int, edp: int) -> tuple[list[int], list[int]]:
+        """Per layer, (dense, expert) elements of FSDP2's padded dim-0 shards on rank 0."""
+        key = (tp, ep, dp, edp)
+        if key not in self._fsdp:
+            pairs = [_fsdp_numel(t, tp, ep, dp, edp) for t in self.layer_tensors]
+            self._fsdp[key] = ([d for d, _ in pairs], [e for _, e in pairs])
+        return self._fsdp[key]
+
+    def ends(self, first: bool, last: bool, pp: int) -> tuple[Tensor, ...]:
+        """The embedding / head tensors a chunk holds besides its layers."""
+        out: tuple[Tensor, ...] = self.first if first else ()
+        if last:
+            out += self.last_tied_copy if pp > 1 else self.last
+        return out
+
+    def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel) -> list[float]:
+        """Per layer, bytes one sequence keeps on one rank (before the cp split)."""
+        key = (layout.tp, layout.sequence_parallel, recompute, kernel)
+        if key not in self._acts:
+            self._acts[key] = [_layer_act(a, layout, recompute, kernel) for a in self.acts]
+        return self._acts[key]
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -266,15 +307,16 @@ def rank_chunks(n_layers: int, layout: Layout, stage: int) -> tuple[Chunk, ...]:
                        stage + v * layout.pp == total - 1) for v, layers in enumerate(chunks))
 
 
-def chunk_tensors(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor, ...]:
-    out: list[Tensor] = []
-    if chunk.first:
-        out += data.first
-    for i in chunk.layers:
-        out += data.layer_tensors[i]
-    if chunk.last:
-        out += data.last_tied_copy if layout.pp > 1 else data.last
-    return tuple(out)
+@lru_cache(maxsize=4096)
+def representative_stages(n_layers: int, pp: int, vpp: int) -> tuple[int, ...]:
+    """One pipeline rank per distinct set of chunk sizes and ends: the lowest, which holds the
+    most in-flight micro-batches of its group, so it is the group's most loaded rank (memory) and
+    every rank of the group takes the same time."""
+    seen: dict[tuple[object, ...], int] = {}
+    for stage, ranges in enumerate(pipeline_chunks(n_layers, pp, vpp)):
+        key = (tuple(len(r) for r in ranges), stage == 0, stage == pp - 1)
+        seen.setdefault(key, stage)
+    return tuple(sorted(seen.values()))
 
 
 def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
@@ -294,17 +336,18 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     tp, sp = layout.tp, layout.sequence_parallel
     if recompute == "full":
         return acts.block_input / (tp if sp else 1)
-    kept = acts.kept[recompute]
+    kept, replicated = acts.kept[recompute], acts.replicated
     match kernel:
         case "flash":
-            kept = acts.kept["selective"] + acts.lse - acts.glu_extra
+            kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs
+            replicated -= acts.norm_inputs
         case "eager":
             pass
         case _:
             assert_never(kernel)
     if sp:
         return kept / tp
-    return acts.replicated + (kept - acts.replicated) / tp
+    return replicated + (kept - replicated) / tp
 
 
 def _working_set(data: ModelData, layers: range, layout: Layout, kernel: AttentionKernel) -> float:
@@ -321,19 +364,26 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     dense = expert = 0
     shard_dense = shard_expert = 0
     biggest_layer = 0
+    numel_d, numel_e = data.numel(tp, ep)
+    fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else ([], [])
     for chunk in chunks:
-        tensors = chunk_tensors(data, layout, chunk)
-        d, e = _local_numel(tensors, tp, ep)
+        lo, hi = chunk.layers.start, chunk.layers.stop
+        ends = data.ends(chunk.first, chunk.last, layout.pp)
+        d, e = _local_numel(ends, tp, ep)
+        d += sum(numel_d[lo:hi])
+        e += sum(numel_e[lo:hi])
         dense += d
         expert += e
         if states.per_tensor:
-            sd, se = _fsdp_numel(tensors, tp, ep, dp, edp)
+            sd, se = _fsdp_numel(ends, tp, ep, dp, edp)
+            sd += sum(fsdp_d[lo:hi])
+            se += sum(fsdp_e[lo:hi])
         else:
             sd, se = math.ceil(d / dp), math.ceil(e / edp)
         shard_dense += sd
         shard_expert += se
-        for i in chunk.layers:
-            biggest_layer = max(biggest_layer, sum(_local_numel(data.layer_tensors[i], tp, ep)))
+        if hi > lo:
+            biggest_layer = max(biggest_layer, max(a + b for a, b in zip(numel_d[lo:hi], numel_e[lo:hi])))
     full = dense + expert
     shard = shard_dense + shard_expert
     params_sharded = zero >= 3 or states.params_always_sharded
@@ -351,8 +401,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     mode = layout.recompute
     activations = 0.0
     counts = in_flight(layout, microbatches, stage)
+    per_layer = data.layer_acts(layout, mode, kernel)
     for chunk, count in zip(chunks, counts):
-        per_mb = sum(_layer_act(data.acts[i], layout, mode, kernel) for i in chunk.layers)
+        per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         activations += per_mb * count * scale
@@ -386,9 +437,9 @@ def most_loaded_stage(plan: ModelPlan, layout: Layout, seq: int, *, microbatches
     _check(plan, layout, seq, microbatches, None, attention_kernel)
     _check_states(states, layout)
     data = model_data(plan, seq)
-    totals = [_memory(data, layout, s, microbatches, states, attention_kernel).total
-              for s in range(layout.pp)]
-    return totals.index(max(totals))
+    stages = representative_stages(len(plan.layers), layout.pp, layout.vpp)
+    totals = [_memory(data, layout, s, microbatches, states, attention_kernel).total for s in stages]
+    return stages[totals.index(max(totals))]
 
 
 def rank_memory(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
@@ -417,13 +468,14 @@ def _kv_bytes(layer: LayerPlan, tokens: int, tp: int) -> int:
             return 0
 
 
-def _dp_records(tensors: tuple[Tensor, ...], what: str, layout: Layout, m: int,
-                states: StatesConvention, grad_reduce: int, overlappable: bool) -> list[Collective]:
-    tp, ep, zero = layout.tp, layout.ep, layout.zero
+def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout: Layout, m: int,
+               states: StatesConvention, grad_reduce: int, overlappable: bool,
+               calls: int = 1) -> list[Collective]:
+    """Gradient reduction and parameter gathers of `local` (dense, expert) elements whose FSDP2
+    shards are `fsdp`; `calls` tensors' worth merged into one record (bytes summed)."""
     groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, False),
               ("expert_dp", layout.expert_dp, True))
-    local = _local_numel(tensors, tp, ep)
-    fsdp = _fsdp_numel(tensors, tp, ep, layout.dp * layout.cp, layout.expert_dp)
+    zero = layout.zero
     out: list[Collective] = []
     for (mesh, size, expert), n, shard in zip(groups, local, fsdp):
         if n == 0 or size == 1:
@@ -442,7 +494,8 @@ def _dp_records(tensors: tuple[Tensor, ...], what: str, layout: Layout, m: int,
 
 
 def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: StatesConvention,
-                 grad_reduce: int, cp_comm: CPComm, overlap: frozenset[str]) -> list[Collective]:
+                 grad_reduce: int, cp_comm: CPComm, overlap: frozenset[str],
+                 per_layer: bool = True) -> list[Collective]:
     plan = data.plan
     tp, cp, ep, sp = layout.tp, layout.cp, layout.ep, layout.sequence_parallel
     tokens = layout.mb * data.seq // cp
@@ -498,22 +551,33 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for routed, n in ep_calls.items():
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)
-        p2p = act // (tp if sp else 1)
+        p2p = act // tp  # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink
         if not chunk.first:
             add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)")
             add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)")
         if not chunk.last:
             add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output (PP)")
             add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output gradient (PP)")
-        # data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) + the ends
+        # data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) + the ends,
+        # or, per_layer=False, one per chunk with the bytes summed (what pricing needs)
         dp_over = "dp" in overlap
-        for i in chunk.layers:
-            out += _dp_records(data.layer_tensors[i], f"layers.{i}", layout, m, states, grad_reduce, dp_over)
-        if chunk.first:
-            out += _dp_records(data.first, "embedding", layout, m, states, grad_reduce, dp_over)
-        if chunk.last:
-            last = data.last_tied_copy if layout.pp > 1 else data.last
-            out += _dp_records(last, "final norm + LM head", layout, m, states, grad_reduce, dp_over)
+        dp, edp = layout.dp * layout.cp, layout.expert_dp
+        numel_d, numel_e = data.numel(tp, ep)
+        fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
+        lo, hi = chunk.layers.start, chunk.layers.stop
+        if per_layer:
+            for i in chunk.layers:
+                out += _dp_records((numel_d[i], numel_e[i]), (fsdp_d[i], fsdp_e[i]), f"layers.{i}",
+                                   layout, m, states, grad_reduce, dp_over)
+        elif hi > lo:
+            out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
+                               (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
+                               grad_reduce, dp_over)
+        for flag, tensors, what in ((chunk.first, data.first, "embedding"),
+                                    (chunk.last, data.ends(False, True, layout.pp), "final norm + LM head")):
+            if flag and tensors:
+                out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
+                                   what, layout, m, states, grad_reduce, dp_over)
         if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
             embed = _local_numel((data.first[0],), tp, ep)[0]
             add("all_reduce", "pp", 2, embed * grad_reduce, 1, "tied embedding gradient (first + last stage)")

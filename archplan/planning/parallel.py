@@ -1,62 +1,49 @@
-"""Cluster layout search: data, tensor, pipeline and expert parallel degrees, ZeRO stage and
-recompute mode, ranked by an estimated step time; each kept layout fits in GPU memory with headroom.
+"""Cluster layout search and evaluation: tensor, context, pipeline (with virtual stages), data and
+expert parallel degrees, ZeRO stage, recompute mode and micro-batch size, each priced by the
+layout model: `cluster.py` lists what a rank holds and every collective it calls, `pricing.py`
+prices them with the per-kernel-class compute model. A layout fits if the most loaded pipeline
+rank's memory is at most (1 − headroom) × the GPU memory. docs/plan.md §4 states every term.
 
-Memory per GPU (the worst pipeline stage; bf16 mixed-precision Adam, 16 B/param, ZeRO convention):
-- model states: `analytic.memory.zero_model_states` (Rajbhandari et al. 2020 §5) over the GPU's
-  shard: a stage's layers (PP), split over t tensor-parallel ranks (Megatron: attention heads, FFN
-  width, vocabulary; norms and routers replicated), experts split over EP × TP; ZeRO shards over
-  the data-parallel group (dp ranks; dp/ep for expert weights, their data-parallel group).
-  ZeRO-3/FSDP also holds the gathered bf16 weights of the layer being computed and of the
-  prefetched next one.
-- activations: `analytic.memory.activation_memory` (Korthikanti et al. 2022 §4, per saved tensor) of
-  one micro-batch, divided by t (tensor + sequence parallelism, Korthikanti §4.2.2: every activation
-  is split over the t ranks), times the micro-batches in flight under 1F1B (Narayanan et al. 2021
-  §2.2): stage j of p holds min(p − j, m), so the first stage holds p (Korthikanti §4.2.3: "(L/p)·p").
-  The first stage also keeps the token ids, the last the final norm input and the fp32 logits.
-
-Step time (no overlap of communication with compute is assumed: an upper bound):
-- compute: the training FLOPs of a stage (forward + backward + recompute, attention causal) at
-  `hfu` × the dense bf16 peak, per micro-batch;
-- TP: per layer and micro-batch, one all-reduce (or its reduce-scatter + all-gather pair under SP)
-  of the s·b·h bf16 activations per sub-block in the forward and one in the backward (another
-  forward with full recompute), each moving 2·(t−1)/t × bytes per GPU at the intra-node bandwidth
-  (Megatron-LM, Shoeybi et al. 2019 §3, Fig. 4);
-- EP: per MoE layer and micro-batch, an all-to-all to dispatch and one to combine, forward and
-  backward, each moving (ep−1)/ep of the k routed copies of the GPU's tokens (Lepikhin et al. 2020
-  GShard); intra-node if tp·ep GPUs fit in a node, else inter-node;
-- PP: the 1F1B bubble: a step takes (m + p − 1) slots of the slowest stage (bubble fraction
-  (p−1)/(m+p−1), Narayanan et al. 2021 §2.2.1) plus the activation send/receive between stages;
-- DP: after the pipeline flush, ZeRO-0/1 all-reduce the bf16 gradients once per step
-  (2·(d−1)/d × 2Ψ bytes); ZeRO-2 reduce-scatters every micro-batch's gradients into their owner's
-  shard ((d−1)/d × 2Ψ each, since the gradients are partitioned) and all-gathers the updated
-  weights once; ZeRO-3/FSDP gathers the weights in the forward and the backward and reduce-scatters
-  the gradients of every micro-batch (3 × (d−1)/d × 2Ψ, ZeRO §7.2.2's 1.5× of data parallelism);
-  at the inter-node bandwidth unless the data-parallel group fits in one node.
+`evaluate` prices one layout (`--layout` with every field given); `search` enumerates the layouts
+a partial `--layout` admits and ranks the fitting ones by time per token.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
 from archplan.analytic import count_params
-from archplan.analytic.flops import forward_flops, training_flops_per_token
-from archplan.analytic.memory import (
-    RECOMPUTE_MODES,
-    ModelStates,
-    Recompute,
-    activation_memory,
-    zero_model_states,
-)
+from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
-from archplan.hardware import Accelerator
+from archplan.hardware import Accelerator, KernelEfficiency, kernel_efficiency
+from archplan.planning.cluster import (
+    MEGATRON,
+    AttentionKernel,
+    CPComm,
+    ModelData,
+    StatesConvention,
+    _check_states,
+    _memory,
+    model_data,
+    representative_stages,
+)
+from archplan.planning.layout import Layout, PartialLayout, check_layout
+from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for
+from archplan.planning.records import RankMemory
 from archplan.resolve import AttentionPlan, FFNPlan, Mamba1Plan, Mamba2Plan, MLAPlan, ModelPlan, MoEPlan
 from archplan.units import nbytes
 
 GB = 1e9
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
-MICRO_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16)
+MICRO_BATCHES: tuple[int, ...] = (1, 2, 4, 8)
 TP_DEGREES: tuple[int, ...] = (1, 2, 4, 8, 16)
-FSDP_PREFETCH_LAYERS = 2  # the layer being computed and the next one, gathered in bf16
+CP_DEGREES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+MAX_VPP = 8
+# Context parallelism is searched only where each rank keeps at least this many tokens of a
+# sequence: below it the K/V exchange outweighs the attention it splits (Llama 3 used CP only at
+# 128K, Llama Team 2024 §3.3.2).
+CP_MIN_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -76,6 +63,8 @@ INTERCONNECTS: dict[str, Interconnect] = {
     "a100-80gb": Interconnect(300 * GB, 25 * GB, 8, "NVLink 3 600 GB/s bidir.; HDR IB 200 Gb/s"),
     "h100-sxm": Interconnect(450 * GB, 50 * GB, 8, "NVLink 4 900 GB/s bidir.; NDR IB 400 Gb/s"),
     "h100-pcie": Interconnect(64 * GB, 50 * GB, 8, "PCIe 5 x16 64 GB/s; NDR IB 400 Gb/s"),
+    "h800": Interconnect(200 * GB, 50 * GB, 8, "NVLink 400 GB/s bidir. (DeepSeek-AI 2024 §3.1 measures "
+                         "~160 GB/s); IB 400 Gb/s"),
     "h200": Interconnect(450 * GB, 50 * GB, 8, "NVLink 4 900 GB/s bidir.; NDR IB 400 Gb/s"),
     "b200": Interconnect(900 * GB, 50 * GB, 8, "NVLink 5 1.8 TB/s bidir.; ConnectX-7 400 Gb/s"),
     "l4": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
@@ -108,63 +97,40 @@ def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs:
     )
 
 
-@dataclass(frozen=True)
-class ClusterLayout:
-    tp: int
-    pp: int
-    dp: int
-    ep: int
-    zero: int
-    recompute: Recompute
-    micro_batch: int  # sequences per micro-batch
-    microbatches: int  # m, per pipeline per step
-
-    @property
-    def label(self) -> str:
-        zero = "FSDP/ZeRO-3" if self.zero == 3 else f"ZeRO-{self.zero}"
-        ep = f" EP{self.ep}" if self.ep > 1 else ""
-        return f"TP{self.tp} PP{self.pp} DP{self.dp}{ep} {zero} {self.recompute} b{self.micro_batch}"
 
 
 @dataclass(frozen=True)
-class GpuMemory:
-    """Bytes on the most loaded GPU (pipeline stage `stage`)."""
+class Settings:
+    """How the run is carried out, beside its layout (the CLI's options)."""
 
-    stage: int
-    weights: int
-    grads: int
-    optimizer: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
-
-
-@dataclass(frozen=True)
-class StepTime:
-    """Seconds per optimizer step and where they go."""
-
-    compute: float  # all micro-batches through the slowest stage, without the bubble
-    tp: float
-    ep: float
-    pp_p2p: float
-    bubble: float
-    dp: float
+    states: StatesConvention = MEGATRON
+    attention_kernel: AttentionKernel = "flash"
+    grad_reduce: int | None = None  # bytes per gradient element on the wire; None = the states'
+    cp_comm: CPComm = "all_gather"
+    overlap: frozenset[str] = frozenset({"dp"})
+    precision: Precision = "bf16"
+    efficiency: float | None = None  # the user's measured GEMM + attention efficiency
 
     @property
-    def total(self) -> float:
-        return self.compute + self.tp + self.ep + self.pp_p2p + self.bubble + self.dp
+    def reduce_bytes(self) -> int:
+        return self.states.grad_bytes if self.grad_reduce is None else self.grad_reduce
 
 
 @dataclass(frozen=True)
 class Evaluated:
-    layout: ClusterLayout
-    memory: GpuMemory
+    layout: Layout
+    microbatches: int  # m, per pipeline per step
+    stage: int  # the most loaded pipeline rank (memory)
+    memory: RankMemory
+    time_stage: int  # the pipeline rank that sets the step time
     time: StepTime
-    global_batch_tokens: int  # as run: m · dp · b · seq
-    mfu: float  # model FLOPs (no recompute) / (step time · GPUs · peak)
+    global_batch_tokens: int  # as run: m · dp · mb · seq
+    mfu: float  # model FLOPs (causal, no recompute) / (step time · GPUs · bf16 peak)
     fits: bool
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.global_batch_tokens / self.time.total / self.layout.world
 
 
 @dataclass(frozen=True)
@@ -173,7 +139,9 @@ class SearchResult:
     gpus: int
     net: Interconnect
     seq: int
-    hfu: float
+    settings: Settings
+    kernels: KernelEfficiency
+    calibrated: bool  # the GPU's family has calibrated constants
     headroom: float
     usable_bytes: int
     model_flops_per_token: int
@@ -182,308 +150,238 @@ class SearchResult:
     fitting: int  # of which fit
     reasons: tuple[str, ...] = field(default=())  # why nothing fits, when `ranked` is empty
     tightest: Evaluated | None = None  # the least memory any layout needs
+    fixed: PartialLayout = field(default_factory=PartialLayout)
 
     @property
     def feasible(self) -> bool:
-        return bool(self.ranked)
+        return any(e.fits for e in self.ranked)
 
 
-@dataclass(frozen=True)
-class _Layer:
-    """One layer's aggregates for the search (params split by how TP/EP shard them)."""
+def tp_problem(plan: ModelPlan, tp: int) -> str | None:
+    """Why TP degree tp cannot split this model (Megatron splits heads and FFN columns)."""
+    for layer in plan.layers:
+        mixer = layer.mixer
+        match mixer:
+            case AttentionPlan():
+                if mixer.n_heads % tp or (mixer.n_kv_heads % tp and tp % mixer.n_kv_heads):
+                    return f"{mixer.n_heads} query / {mixer.n_kv_heads} KV heads do not split {tp} ways"
+            case MLAPlan():
+                if mixer.n_heads % tp:
+                    return f"{mixer.n_heads} heads do not split {tp} ways"
+            case Mamba1Plan():
+                if mixer.d_inner % tp:
+                    return f"d_inner {mixer.d_inner} does not split {tp} ways"
+            case Mamba2Plan():
+                if mixer.n_heads % tp or (mixer.n_groups % tp and tp % mixer.n_groups):
+                    return f"{mixer.n_heads} SSM heads / {mixer.n_groups} groups do not split {tp} ways"
+        widths: list[int] = []
+        match layer.ffn:
+            case FFNPlan():
+                widths = [layer.ffn.d_ff]
+            case MoEPlan():
+                widths = [layer.ffn.expert.d_ff] + ([layer.ffn.shared.d_ff] if layer.ffn.shared else [])
+            case None:
+                pass
+        for width in widths:
+            if width % tp:
+                return f"FFN width {width} does not split {tp} ways"
+    return None
 
-    sharded: int  # split over TP (attention/SSM projections, FFN, shared experts)
-    replicated: int  # norms, router, shared-expert gate
-    experts: int  # routed experts, split over EP × TP
-    flops: float  # share of the model's counted forward FLOPs
-    sub_blocks: int  # residual branches: TP collectives per pass
-    moe_top_k: int  # 0 for a dense layer
-    act: dict[str, int]  # recompute mode -> activation bytes of one sequence (b = 1, unsharded)
-    working: int  # the layer's whole activations (re-materialised under full recompute)
 
+class Evaluator:
+    """Prices layouts of one model on one cluster; the per-layer work is computed once."""
 
-class _Model:
-    """What the search needs from the plan, computed once."""
-
-    def __init__(self, plan: ModelPlan, seq: int) -> None:
+    def __init__(self, plan: ModelPlan, gpu: Accelerator, net: Interconnect, seq: int,
+                 settings: Settings, usable: int) -> None:
         self.plan = plan
-        params = count_params(plan)
-        self.params = params
-        by = params.by_component
-        flops = forward_flops(plan, seq, batch=1)
-        counted = flops.counted_by_component
-        total_counted = flops.counted
-        acts = {mode: activation_memory(plan, 1, seq, mode) for mode in RECOMPUTE_MODES}
-        self.layers: list[_Layer] = []
-        for layer in plan.layers:
-            p = layer.path
-            norms = sum(by[f"{p}.{n}"] for n in layer.norms)
-            sharded = by[f"{p}.mixer"]
-            replicated = norms
-            experts = 0
-            top_k = 0
-            match layer.ffn:
-                case FFNPlan():
-                    sharded += by[f"{p}.ffn"]
-                case MoEPlan():
-                    experts = by[f"{p}.ffn.experts"]
-                    replicated += by[f"{p}.ffn.router"] + by.get(f"{p}.ffn.shared_gate", 0)
-                    sharded += by.get(f"{p}.ffn.shared", 0)
-                    top_k = layer.ffn.top_k
-                case None:
-                    pass
-            keys = [k for k in counted if k == p or k.startswith(p + ".")]
-            act = {mode: sum(v for k, v in acts[mode].by_component.items()
-                             if k == p or k.startswith(p + ".")) for mode in RECOMPUTE_MODES}
-            working = act["none"]
-            self.layers.append(_Layer(
-                sharded, replicated, experts, sum(counted[k] for k in keys) / total_counted,
-                1 + (layer.ffn is not None), top_k, act, working,
-            ))
-        # embeddings: vocab-parallel over TP (Megatron VocabParallelEmbedding), on the first stage;
-        # the untied LM head (or, tied, a copy of the embedding) and the final norm on the last.
-        self.first_sharded = by["embed"] + by.get("pos_embed", 0)
-        self.first_replicated = by.get("embed_norm", 0)
-        self.last_sharded = by["lm_head"] + (by["embed"] if plan.tied else 0)
-        self.last_replicated = by.get("final_norm", 0)
-        self.first_flops = counted["embed"] / total_counted
-        self.last_flops = counted["lm_head"] / total_counted
-        self.first_act = {m: acts[m].by_component["embed"] + acts[m].by_component.get("embed_norm", 0)
-                          for m in RECOMPUTE_MODES}
-        self.last_act = {m: acts[m].by_component.get("final_norm", 0) + acts[m].by_component["lm_head"]
-                         for m in RECOMPUTE_MODES}
-        self.train_flops = {m: training_flops_per_token(plan, seq, "causal", m) for m in RECOMPUTE_MODES}
-        self.model_flops = self.train_flops["none"]
-        self.n_experts = max((l.ffn.n_experts for l in plan.layers if isinstance(l.ffn, MoEPlan)),
-                             default=0)
+        self.gpu = gpu
+        self.net = net
+        self.seq = seq
+        self.settings = settings
+        self.usable = usable
+        self.data: ModelData = model_data(plan, seq)
+        self.kernels, self.calibrated = kernel_efficiency(gpu)
+        self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
+                                                  settings.precision))
+        self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
+        self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 
-    def tp_ok(self, tp: int) -> str | None:
-        """Why TP degree tp cannot split this model (Megatron splits heads and FFN columns)."""
-        for layer in self.plan.layers:
-            mixer = layer.mixer
-            match mixer:
-                case AttentionPlan():
-                    if mixer.n_heads % tp or (mixer.n_kv_heads % tp and tp % mixer.n_kv_heads):
-                        return f"{mixer.n_heads} query / {mixer.n_kv_heads} KV heads do not split {tp} ways"
-                case MLAPlan():
-                    if mixer.n_heads % tp:
-                        return f"{mixer.n_heads} heads do not split {tp} ways"
-                case Mamba1Plan():
-                    if mixer.d_inner % tp:
-                        return f"d_inner {mixer.d_inner} does not split {tp} ways"
-                case Mamba2Plan():
-                    if mixer.n_heads % tp or (mixer.n_groups % tp and tp % mixer.n_groups):
-                        return f"{mixer.n_heads} SSM heads / {mixer.n_groups} groups do not split {tp} ways"
-            ffn = layer.ffn
-            widths = []
-            match ffn:
-                case FFNPlan():
-                    widths = [ffn.d_ff]
-                case MoEPlan():
-                    widths = [ffn.expert.d_ff] + ([ffn.shared.d_ff] if ffn.shared else [])
-                case None:
-                    pass
-            for width in widths:
-                if width % tp:
-                    return f"FFN width {width} does not split {tp} ways"
-        return None
+    def memory(self, layout: Layout, m: int) -> tuple[int, RankMemory]:
+        s = self.settings
+        worst: tuple[int, RankMemory] | None = None
+        for stage in representative_stages(len(self.plan.layers), layout.pp, layout.vpp):
+            mem = _memory(self.data, layout, stage, m, s.states, s.attention_kernel)
+            if worst is None or mem.total > worst[1].total:
+                worst = (stage, mem)
+        assert worst is not None
+        return worst
 
-
-def _stages(n_layers: int, pp: int) -> list[range]:
-    """Contiguous layer ranges; the extra layers of an uneven split go to the last stages, whose
-    fewer in-flight micro-batches leave them memory to spare."""
-    base, extra = divmod(n_layers, pp)
-    out, start = [], 0
-    for j in range(pp):
-        size = base + (1 if j >= pp - extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
-def _ring(bytes_: float, n: int, bandwidth: float, factor: float = 2.0) -> float:
-    """Ring collective time: all-reduce moves 2·(n−1)/n × bytes per GPU, reduce-scatter and
-    all-gather (n−1)/n (Patarasuk & Yuan 2009; NCCL's busbw convention)."""
-    return factor * (n - 1) / n * bytes_ / bandwidth if n > 1 else 0.0
-
-
-def evaluate(model: _Model, gpu: Accelerator, net: Interconnect, layout: ClusterLayout, seq: int,
-             hfu: float, usable: int) -> Evaluated:
-    tp, pp, dp, ep, zero = layout.tp, layout.pp, layout.dp, layout.ep, layout.zero
-    b, m, mode = layout.micro_batch, layout.microbatches, layout.recompute
-    h = model.plan.d_model
-    peak = gpu.peak("bf16")
-    tokens_mb = seq * b  # tokens per micro-batch per pipeline
-    worst: GpuMemory | None = None
-    slowest = 0.0
-    slowest_tp = slowest_ep = 0.0
-    for j, stage in enumerate(_stages(len(model.layers), pp)):
-        layers = [model.layers[i] for i in stage]
-        sharded = sum(x.sharded for x in layers)
-        replicated = sum(x.replicated for x in layers)
-        experts = sum(x.experts for x in layers)
-        flops = sum(x.flops for x in layers)
-        act = sum(x.act[mode] for x in layers)
-        if j == 0:
-            sharded += model.first_sharded
-            replicated += model.first_replicated
-            flops += model.first_flops
-        if j == pp - 1:
-            sharded += model.last_sharded
-            replicated += model.last_replicated
-            flops += model.last_flops
-        dense_local = math.ceil(sharded / tp) + replicated
-        expert_local = math.ceil(experts / (tp * ep))
-        s_dense: ModelStates = zero_model_states(dense_local, zero, dp)
-        s_exp: ModelStates = zero_model_states(expert_local, zero, max(1, dp // ep))
-        weights = s_dense.weights + s_exp.weights
-        if zero == 3:
-            biggest = max((x.sharded / tp + x.replicated + x.experts / (tp * ep) for x in layers),
-                          default=0)
-            weights += math.ceil(FSDP_PREFETCH_LAYERS * 2 * biggest)
-        in_flight = min(pp - j, m)
-        activations = act * b * in_flight / tp
-        if j == 0:
-            activations += model.first_act[mode] * b * in_flight
-        if j == pp - 1:
-            activations += model.last_act[mode] * b / tp
-        if mode == "full":
-            activations += max((x.working for x in layers), default=0) * b / tp
-        mem = GpuMemory(j, weights, s_dense.grads + s_exp.grads,
-                        s_dense.optimizer + s_exp.optimizer, math.ceil(activations))
-        if worst is None or mem.total > worst.total:
-            worst = mem
-        # time of one micro-batch through this stage (forward + backward)
-        compute = model.train_flops[mode] * flops * tokens_mb / (tp * peak * hfu)
-        passes = 3 if mode == "full" else 2  # forward, backward (+ the recomputed forward)
-        msg = 2 * tokens_mb * h  # bf16 activations of the micro-batch
-        tp_time = sum(x.sub_blocks for x in layers) * passes * _ring(msg, tp, net.intra_node)
-        ep_bw = net.intra_node if tp * ep <= net.gpus_per_node else net.inter_node
-        ep_time = sum(2 * passes * _ring(msg / tp * x.moe_top_k, ep, ep_bw, 1.0)
-                      for x in layers if x.moe_top_k)
-        total = compute + tp_time + ep_time
-        if total > slowest:
-            slowest, slowest_tp, slowest_ep = total, tp_time, ep_time
-    assert worst is not None
-    # activations (forward) and their gradients (backward) cross each stage boundary
-    pp_bw = net.inter_node if tp * dp * pp > net.gpus_per_node else net.intra_node
-    p2p = 2 * (2 * tokens_mb * h / tp) / pp_bw if pp > 1 else 0.0
-    per_slot = slowest + p2p
-    compute_only = slowest - slowest_tp - slowest_ep
-    # data parallel gradient traffic of the most loaded GPU
-    dp_bw = net.intra_node if tp * dp <= net.gpus_per_node else net.inter_node
-    ends = model.first_sharded + model.last_sharded if pp == 1 else max(model.first_sharded,
-                                                                         model.last_sharded)
-    dense_params = ends / tp
-    dense_params += sum(x.sharded / tp + x.replicated for x in model.layers) / pp
-    expert_params = sum(x.experts for x in model.layers) / (tp * ep * pp)
-    dp_time = 0.0
-    for n_params, group in ((dense_params, dp), (expert_params, max(1, dp // ep))):
-        grad_bytes = 2 * n_params
-        match zero:
-            case 0 | 1:
-                dp_time += _ring(grad_bytes, group, dp_bw)
-            case 2:
-                dp_time += (m + 1) * _ring(grad_bytes, group, dp_bw, 1.0)
-            case 3:
-                dp_time += 3 * m * _ring(grad_bytes, group, dp_bw, 1.0)
-    time = StepTime(
-        compute=m * compute_only, tp=m * slowest_tp, ep=m * slowest_ep, pp_p2p=m * p2p,
-        bubble=(pp - 1) * per_slot, dp=dp_time,
-    )
-    batch_tokens = m * dp * b * seq
-    mfu = model.model_flops * batch_tokens / (time.total * tp * pp * dp * peak)
-    return Evaluated(layout, worst, time, batch_tokens, mfu, worst.total <= usable)
+    def evaluate(self, layout: Layout, m: int, memory: tuple[int, RankMemory] | None = None) -> Evaluated:
+        s = self.settings
+        stage, mem = memory or self.memory(layout, m)
+        time, time_stage = price(self.data, self.pricer, layout, m, self.network, s.states,
+                                 s.attention_kernel, s.reduce_bytes, s.cp_comm, s.overlap)
+        tokens = m * layout.dp * layout.mb * self.seq
+        mfu = self.model_flops * tokens / (time.total * layout.world * self.gpu.peak("bf16"))
+        return Evaluated(layout, m, stage, mem, time_stage, time, tokens, mfu, mem.total <= self.usable)
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_batch_tokens: float,
-           hfu: float, net: Interconnect, headroom: float = 0.1,
-           zero_stages: tuple[int, ...] = ZERO_STAGES,
-           recompute_modes: tuple[Recompute, ...] = RECOMPUTE_MODES) -> SearchResult:
+def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: float, headroom: float,
+                  settings: Settings) -> int:
     if gpus < 1:
         raise ArchplanError(f"--gpus must be positive, got {gpus}")
-    if not 0 < hfu <= 1:
-        raise ArchplanError(f"--mfu must be in (0, 1], got {hfu}")
+    if settings.efficiency is not None and not 0 < settings.efficiency <= 1:
+        raise ArchplanError(f"--efficiency must be in (0, 1], got {settings.efficiency}")
     if not 0 <= headroom < 1:
         raise ArchplanError(f"--headroom must be in [0, 1), got {headroom}")
     if seq < 1:
         raise ArchplanError(f"--seq must be positive, got {seq}")
     if seq > plan.max_seq_len:
         raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len {plan.max_seq_len}")
+    if settings.grad_reduce not in (None, 2, 4):
+        raise ArchplanError(f"gradient reduction must be 2 (bf16) or 4 (fp32) bytes, got {settings.grad_reduce}")
     sequences = round(global_batch_tokens / seq)
     if sequences < 1:
         raise ArchplanError(
-            f"--global-batch-tokens {global_batch_tokens:.3g} is less than one sequence of {seq}"
-        )
-    model = _Model(plan, seq)
-    usable = int(gpu.memory_bytes * (1 - headroom))
-    reasons: list[str] = []
-    evaluated: list[Evaluated] = []
-    considered = 0
-    tightest: Evaluated | None = None
-    tp_reasons = {}
-    for tp in TP_DEGREES:
-        if tp > net.gpus_per_node or gpus % tp:
+            f"--global-batch-tokens {global_batch_tokens:.3g} is less than one sequence of {seq}")
+    return sequences
+
+
+def _microbatches(sequences: int, dp: int, mb: int) -> int:
+    return max(1, round(sequences / (dp * mb)))
+
+
+def _vpps(n_layers: int, pp: int) -> list[int]:
+    """Virtual stages that split the layers evenly (n or n + 2 divisible, as pipeline_chunks)."""
+    if pp == 1:
+        return [1]
+    return [v for v in range(1, MAX_VPP + 1)
+            if v == 1 or (pp * v < n_layers and (n_layers % (pp * v) == 0 or (n_layers + 2) % (pp * v) == 0))]
+
+
+def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences: int, net: Interconnect,
+               fixed: PartialLayout, settings: Settings) -> tuple[list[Layout], dict[int, str]]:
+    """Every layout the fixed fields admit (and why some TP degrees were skipped)."""
+    n_layers = len(plan.layers)
+    out: list[Layout] = []
+    tp_reasons: dict[int, str] = {}
+    g = fixed.given
+    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.gpus_per_node]
+    cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
+    zeros = [g["zero"]] if "zero" in g else [z for z in ZERO_STAGES
+                                            if not settings.states.params_always_sharded or z >= 2]
+    # with flash kernels selective recompute is what the attention kernel already does: the same
+    # layout as "none", not searched twice
+    modes = [g["recompute"]] if "recompute" in g else (
+        ["none", "full"] if settings.attention_kernel == "flash" else ["none", "selective", "full"])
+    mbs = [g["mb"]] if "mb" in g else list(MICRO_BATCHES)
+    sp = g.get("sp", True)
+    for tp in tps:
+        if gpus % tp:
             continue
-        why = model.tp_ok(tp)
+        why = tp_problem(plan, tp)
         if why:
-            tp_reasons[tp] = why
+            tp_reasons[int(tp)] = why
             continue
-        for pp in _divisors(gpus // tp):
-            if pp > len(model.layers):
-                break
-            dp = gpus // (tp * pp)
-            eps = [e for e in _divisors(math.gcd(model.n_experts, dp))] if model.n_experts else [1]
-            for ep in eps:
-                for b in MICRO_BATCHES:
-                    if dp * b > sequences:
-                        break
-                    m = max(1, round(sequences / (dp * b)))
-                    for zero in zero_stages:
-                        for mode in recompute_modes:
-                            layout = ClusterLayout(tp, pp, dp, ep, zero, mode, b, m)
-                            result = evaluate(model, gpu, net, layout, seq, hfu, usable)
-                            considered += 1
-                            if tightest is None or result.memory.total <= tightest.memory.total:
-                                tightest = result
-                            if result.fits:
-                                evaluated.append(result)
-    if not evaluated:
-        if tightest is None:
-            reasons.append(
-                f"no layout: {gpus} GPUs admit no TP×PP×DP split with TP ≤ {net.gpus_per_node} "
-                f"(TP within a node), PP ≤ {len(model.layers)} layers and DP ≤ {sequences} sequences "
-                "per step"
-                + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items())
-            )
-        else:
-            mem = tightest.memory
-            states = mem.weights + mem.grads + mem.optimizer
-            what = "model states alone" if states > usable else "model states + activations"
-            reasons.append(
-                f"does not fit even at maximum sharding ({tightest.layout.label}): stage "
-                f"{mem.stage} needs {nbytes(mem.total)} per GPU (weights {nbytes(mem.weights)}, grads "
-                f"{nbytes(mem.grads)}, optimizer {nbytes(mem.optimizer)}, activations "
-                f"{nbytes(mem.activations)}) > {nbytes(usable)} usable of {nbytes(gpu.memory_bytes)}; "
-                f"{what} exceed it: {model.params.total:,} params × 16 B = "
-                f"{nbytes(16 * model.params.total)} over {gpus} GPUs is "
-                f"{nbytes(16 * model.params.total / gpus)} each before activations"
-            )
-    # Rank by time per token: rounding m to whole micro-batches changes the batch as run by a few
-    # percent between layouts, so raw step times are not comparable.
-    evaluated.sort(key=lambda e: (e.time.total / e.global_batch_tokens, e.memory.total))
+        for cp in cps:
+            if (gpus // tp) % cp or seq % cp:
+                continue
+            rest = gpus // (tp * cp)
+            pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= n_layers]
+            for pp in pps:
+                if rest % pp:
+                    continue
+                dp = rest // pp
+                if "dp" in g and g["dp"] != dp:
+                    continue
+                eps = [g["ep"]] if "ep" in g else (
+                    _divisors(math.gcd(data.n_experts, dp * cp)) if data.n_experts else [1])
+                vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
+                for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
+                                                for b in mbs for z in zeros for r in modes):
+                    if dp * mb > sequences and "mb" not in g:
+                        continue
+                    out.append(Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, dp=dp, ep=ep, zero=zero,  # type: ignore[arg-type]
+                                      recompute=mode, mb=mb, sp=sp))  # type: ignore[arg-type]
+    return out, tp_reasons
+
+
+def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_batch_tokens: float,
+           net: Interconnect, headroom: float = 0.1, settings: Settings = Settings(),
+           fixed: PartialLayout = PartialLayout(), keep_unfit: bool = False) -> SearchResult:
+    """Rank the layouts `fixed` admits; with every field fixed, exactly one is evaluated (and kept
+    even when it does not fit, with keep_unfit)."""
+    sequences = _check_inputs(plan, gpus, seq, global_batch_tokens, headroom, settings)
+    usable = int(gpu.memory_bytes * (1 - headroom))
+    evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
+    complete = fixed.complete()
+    if complete is not None:
+        check_layout(complete, n_layers=len(plan.layers), gpus=gpus, gpus_per_node=net.gpus_per_node,
+                     n_experts=evaluator.data.n_experts)
+        why = tp_problem(plan, complete.tp)
+        if why:
+            raise ArchplanError(f"--layout: tp={complete.tp}: {why}")
+        if seq % complete.cp:
+            raise ArchplanError(f"--layout: cp={complete.cp} does not divide --seq {seq}")
+        _check_states(settings.states, complete)
+        layouts, tp_reasons = [complete], {}
+    else:
+        for name, value in fixed.given.items():
+            if name in ("tp", "cp", "pp", "dp") and gpus % int(value):
+                raise ArchplanError(f"--layout: {name}={value} does not divide --gpus {gpus}")
+        layouts, tp_reasons = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
+    ranked: list[Evaluated] = []
+    tightest: Evaluated | None = None
+    tightest_mem: tuple[Layout, int, tuple[int, RankMemory]] | None = None
+    for layout in layouts:
+        m = _microbatches(sequences, layout.dp, layout.mb)
+        memory = evaluator.memory(layout, m)
+        if memory[1].total <= usable or keep_unfit and complete is not None:
+            ranked.append(evaluator.evaluate(layout, m, memory))
+        elif tightest_mem is None or memory[1].total < tightest_mem[2][1].total:
+            tightest_mem = (layout, m, memory)
+    fitting = [e for e in ranked if e.fits]
+    if tightest_mem is not None and not fitting:
+        tightest = evaluator.evaluate(tightest_mem[0], tightest_mem[1], tightest_mem[2])
+    reasons = _reasons(plan, gpus, usable, gpu, net, sequences, tightest, tp_reasons, layouts, fixed)
+    # time per token: rounding m to whole micro-batches moves the batch as run by a few percent
+    ranked.sort(key=lambda e: (not e.fits, e.time.total / e.global_batch_tokens, e.memory.total))
     return SearchResult(
-        gpu=gpu, gpus=gpus, net=net, seq=seq, hfu=hfu, headroom=headroom, usable_bytes=usable,
-        model_flops_per_token=model.model_flops, ranked=tuple(evaluated),
-        considered=considered, fitting=len(evaluated), reasons=tuple(reasons), tightest=tightest,
+        gpu=gpu, gpus=gpus, net=net, seq=seq, settings=settings, kernels=evaluator.kernels,
+        calibrated=evaluator.calibrated, headroom=headroom, usable_bytes=usable,
+        model_flops_per_token=evaluator.model_flops,
+        ranked=tuple(e for e in ranked if e.fits or keep_unfit), considered=len(layouts),
+        fitting=len(fitting), reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
+        fixed=fixed,
     )
+
+
+def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Interconnect,
+             sequences: int, tightest: Evaluated | None, tp_reasons: dict[int, str],
+             layouts: list[Layout], fixed: PartialLayout) -> tuple[str, ...]:
+    if not layouts:
+        given = f" with {fixed.given}" if fixed.given else ""
+        return (f"no layout{given}: {gpus} GPUs admit no TP×CP×PP×DP split with TP ≤ "
+                f"{net.gpus_per_node} (TP within a node), PP ≤ {len(plan.layers)} layers and DP·mb ≤ "
+                f"{sequences} sequences per step" + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()),)
+    if tightest is None:
+        return ()
+    mem = tightest.memory
+    what = "model states alone" if mem.model_states > usable else "model states + activations"
+    total = count_params(plan).total
+    return (f"does not fit even at the least memory ({tightest.layout.label}): pipeline rank "
+            f"{tightest.stage} needs {nbytes(mem.total)} per GPU (parameters {nbytes(mem.parameters)}, "
+            f"gradients {nbytes(mem.gradients)}, optimizer {nbytes(mem.optimizer)}, activations "
+            f"{nbytes(mem.activations)}, temporary {nbytes(mem.temporary)}) > {nbytes(usable)} usable of "
+            f"{nbytes(gpu.memory_bytes)}; {what} exceed it: {total:,} params × 16 B = "
+            f"{nbytes(16 * total)} over {gpus} GPUs is {nbytes(16 * total / gpus)} each before "
+            "activations",)
 
 
 def training_days(result: Evaluated, tokens: float) -> float:
     """Wall-clock days to train on `tokens` at this layout's step time and global batch."""
     return tokens / result.global_batch_tokens * result.time.total / 86400
-

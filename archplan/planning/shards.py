@@ -139,11 +139,11 @@ def _mla(path: str, m: MLAPlan, d: int) -> list[Tensor]:
         out += _linear(f"{path}.q_proj", h * m.qk_head_dim, d, False, "column", h)
     else:
         out += _linear(f"{path}.q_a_proj", m.q_lora_rank, d, False, "replicated")
-        out += _norm(f"{path}.q_a_layernorm", m.norm, m.q_lora_rank)
+        out += _norm(f"{path}.q_a_norm", m.norm, m.q_lora_rank)
         out += _linear(f"{path}.q_b_proj", h * m.qk_head_dim, m.q_lora_rank, False, "column", h)
     out += _linear(f"{path}.kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, d, False,
                    "replicated")
-    out += _norm(f"{path}.kv_a_layernorm", m.norm, m.kv_lora_rank)
+    out += _norm(f"{path}.kv_a_norm", m.norm, m.kv_lora_rank)
     out += _linear(f"{path}.kv_b_proj", h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank,
                    False, "column", h)
     out += _linear(f"{path}.o_proj", d, h * m.v_head_dim, False, "row")

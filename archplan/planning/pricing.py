@@ -1,0 +1,385 @@
+"""Step time of a layout: the per-kernel-class compute model and the price of `cluster.py`'s
+collectives, with the overlaps real runs have. docs/plan.md "Compute model" states each term.
+
+Compute, per micro-batch on one rank (b·s/cp tokens):
+- GEMMs (every linear of the rank's layers and the LM head; stacked experts per local expert, at
+  the tokens routed to it, b·s·k·ep/E): 2·M·N·K FLOPs at `gemm` × x/(x + GEMM_HALF_DIM) of the
+  peak, x the smallest of M, N, K, but never faster than the bf16 operands stream from HBM (a
+  roofline: skinny per-GPU matmuls under TP or fine-grained experts run slower). The backward is
+  2 GEMMs of the same shapes (input and weight gradients). `--precision fp8`: the GEMMs inside the
+  blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1).
+- attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
+  and head dim, causal pairs only, backward at 2.5 × the forward FLOPs (FlashAttention's own
+  convention, it recomputes the scores); eager: two batched GEMMs over the full s×s square and the
+  softmax's s×s traffic at HBM bandwidth.
+- elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
+  scan) at `hbm` × the HBM bandwidth, 2 B per element read or written; the backward moves twice
+  the forward's bytes. Without sequence parallelism the norms and residual adds run on the whole
+  sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time).
+- recompute: full re-runs the forward, selective the eager attention core.
+- `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
+  fraction of the dense peak.
+- the optimizer step: 30 B per parameter of the rank's optimizer shard (Adam reads fp32 master,
+  m, v and the gradient and writes master, m, v and the bf16 weights) at HBM bandwidth.
+
+Communication (records from `cluster.step_collectives`): ring time wire_bytes / (link × achieved
+fraction) + a latency per call, in-node when the group's ranks share a node (ranks ordered tp, cp,
+dp, pp, Megatron's default). TP, CP, EP and PP transfers sit in each micro-batch's critical path
+unless the run overlaps them ("tp", "ep" in `overlap`: hidden behind that micro-batch's GEMMs /
+compute). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-reduce /
+--overlap-param-gather, FSDP's prefetch) hides behind the backward (gradients) and forward
+(parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
+
+Pipeline: m micro-batch slots of the slowest pipeline rank plus the bubble, (p − 1)/v slots
+(Narayanan et al. 2021 §2.2: (p − 1)/m of the ideal time, divided by v virtual stages).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from typing_extensions import assert_never
+
+from archplan.analytic.attention import attended_pairs
+from archplan.hardware import GEMM_HALF_DIM, Accelerator, KernelEfficiency
+from archplan.planning.cluster import (
+    ACT_BYTES,
+    AttentionKernel,
+    CPComm,
+    ModelData,
+    StatesConvention,
+    _collectives,
+    _memory,
+    rank_chunks,
+    representative_stages,
+)
+from archplan.planning.layout import Layout
+from archplan.planning.records import Collective, RankMemory
+from archplan.resolve import AttentionPlan, FFNPlan, LayerPlan, Mamba1Plan, Mamba2Plan, MLAPlan, MoEPlan
+
+Precision = Literal["bf16", "fp8"]
+PRECISIONS: tuple[Precision, ...] = ("bf16", "fp8")
+OPTIMIZER_BYTES_PER_PARAM = 30
+# fp32 logits written and read by the fused softmax-cross-entropy, per vocabulary entry; the
+# backward (the fp32 logit gradient written and read by the head's GEMMs) is twice that, as for
+# every elementwise kernel here
+CE_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Network:
+    """Per-GPU one-direction bandwidths (bytes/s) and GPUs per node."""
+
+    intra_node: float
+    inter_node: float
+    gpus_per_node: int
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What one GPU achieves, resolved once per evaluation."""
+
+    peak: float  # bf16 dense FLOP/s
+    fp8_peak: float
+    eff: KernelEfficiency
+    efficiency: float | None  # the user's override of GEMM + attention efficiency
+    hbm: float  # achieved bytes/s
+    precision: Precision
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step on the slowest pipeline rank, and where they go."""
+
+    gemm: float  # m micro-batches, forward + backward + recompute
+    attention: float
+    elementwise: float
+    tp: float  # exposed communication, m micro-batches
+    cp: float
+    ep: float
+    pp_p2p: float
+    bubble: float
+    dp: float  # exposed data-parallel traffic
+    optimizer: float
+    recompute: float  # the recomputed forward work, m micro-batches
+
+    @property
+    def compute(self) -> float:
+        return self.gemm + self.attention + self.elementwise + self.recompute
+
+    @property
+    def total(self) -> float:
+        return (self.compute + self.tp + self.cp + self.ep + self.pp_p2p + self.bubble + self.dp
+                + self.optimizer)
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in (
+            "gemm", "attention", "elementwise", "recompute", "compute", "tp", "cp", "ep", "pp_p2p", "bubble",
+            "dp", "optimizer", "total")}
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    """Seconds of one micro-batch through some layers on one rank, by class and pass."""
+
+    gemm_fwd: float = 0.0
+    attn_fwd: float = 0.0
+    attn_bwd: float = 0.0
+    elem_fwd: float = 0.0
+    recompute: float = 0.0  # extra forward work of the recompute mode
+
+    def __add__(self, other: _MicroBatch) -> _MicroBatch:
+        return _MicroBatch(self.gemm_fwd + other.gemm_fwd, self.attn_fwd + other.attn_fwd,
+                           self.attn_bwd + other.attn_bwd, self.elem_fwd + other.elem_fwd,
+                           self.recompute + other.recompute)
+
+    @property
+    def forward(self) -> float:
+        return self.gemm_fwd + self.attn_fwd + self.elem_fwd
+
+    @property
+    def backward(self) -> float:
+        return 2 * self.gemm_fwd + self.attn_bwd + 2 * self.elem_fwd + self.recompute
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+def gemm_time(m: int, n: int, k: int, rates: Rates, fp8: bool = False, count: int = 1) -> float:
+    """One M×K by K×N matmul (count of them): FLOPs at the shape's efficiency, or HBM-bound."""
+    if min(m, n, k) <= 0:
+        return 0.0
+    peak = rates.fp8_peak if fp8 and rates.precision == "fp8" else rates.peak
+    x = min(m, n, k)
+    eff = rates.efficiency if rates.efficiency is not None else rates.eff.gemm * x / (x + GEMM_HALF_DIM)
+    flops = 2 * m * n * k * count
+    operands = ACT_BYTES * (m * k + k * n + m * n) * count
+    return max(flops / (peak * eff), operands / rates.hbm)
+
+
+def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
+                 recompute: str) -> _MicroBatch:
+    layer: LayerPlan = data.plan.layers[i]
+    h, tp, ep, cp, mb = data.plan.d_model, layout.tp, layout.ep, layout.cp, layout.mb
+    seq = data.seq
+    tokens = mb * seq // cp
+    gemm = 0.0
+    for t in data.layer_tensors[i]:
+        shape = t.local_shape(tp, ep)
+        if t.expert and t.name.endswith(("_EFD", "_EDF")):
+            moe = layer.ffn
+            assert isinstance(moe, MoEPlan)
+            routed = math.ceil(tokens * moe.top_k * ep / moe.n_experts)
+            gemm += gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
+        elif len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
+            fp8 = not t.name.endswith(("router.weight", "shared_gate.weight"))
+            gemm += gemm_time(tokens, shape[0], shape[1], rates, fp8)
+    # attention core
+    attn_fwd = attn_bwd = 0.0
+    core_recompute = 0.0
+    elem = 0.0
+    heads = dqk = dv = 0
+    window = None
+    match layer.mixer:
+        case AttentionPlan():
+            a = layer.mixer
+            heads, dqk, dv, window = math.ceil(a.n_heads / tp), a.head_dim, a.head_dim, a.window
+            elem += 2 * ACT_BYTES * (a.n_heads + a.n_kv_heads) * a.head_dim / tp if a.rotary_dim else 0
+        case MLAPlan():
+            m = layer.mixer
+            heads, dqk, dv, window = math.ceil(m.n_heads / tp), m.qk_head_dim, m.v_head_dim, m.window
+        case Mamba1Plan() | Mamba2Plan():
+            # the scan and the convolution stream the mixer's tensors: as many bytes as it keeps
+            elem += 2 * data.acts[i].kept["none"] / seq / tp
+        case _:
+            assert_never(layer.mixer)
+    if heads:
+        match kernel:
+            case "flash":
+                flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (dqk + dv)
+                hd = 1.0 if dqk > 64 else rates.eff.attention_hd64
+                fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
+                            else rates.eff.attention_fwd * hd)
+                bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
+                            else rates.eff.attention_bwd * hd)
+                attn_fwd = flops / fwd_rate
+                attn_bwd = 2.5 * flops / bwd_rate
+            case "eager":
+                q = seq // cp
+                count = mb * heads
+                core = gemm_time(q, seq, dqk, rates, count=count) + gemm_time(q, dv, seq, rates, count=count)
+                softmax = count * q * seq * ACT_BYTES / rates.hbm
+                attn_fwd = core + 2 * softmax
+                attn_bwd = 2 * core + 3 * softmax
+                core_recompute = attn_fwd
+            case _:
+                assert_never(kernel)
+    # elementwise bytes per token, forward
+    sub_blocks = 1 + (layer.ffn is not None)
+    sequence = ACT_BYTES * h * (2 * len(layer.norms) + 3 * sub_blocks)
+    elem += sequence / tp if layout.sequence_parallel else sequence
+
+    def act_bytes(f: FFNPlan) -> float:
+        return ACT_BYTES * f.d_ff * (3 if f.kind == "glu" else 2) / tp
+
+    match layer.ffn:
+        case FFNPlan():
+            elem += act_bytes(layer.ffn)
+        case MoEPlan():
+            moe = layer.ffn
+            elem += moe.top_k * act_bytes(moe.expert) + 4 * ACT_BYTES * moe.top_k * h
+            if moe.shared is not None:
+                elem += act_bytes(moe.shared)
+        case None:
+            pass
+        case _:
+            assert_never(layer.ffn)
+    elem_fwd = elem * tokens / rates.hbm
+    micro = _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd)
+    match recompute:
+        case "full":
+            extra = micro.forward
+        case "selective":
+            extra = core_recompute
+        case _:
+            extra = 0.0
+    return _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd, extra)
+
+
+def _head_micro(data: ModelData, layout: Layout, rates: Rates) -> _MicroBatch:
+    """The LM head GEMM (bf16) and the vocab-parallel cross-entropy of the last chunk."""
+    tokens = layout.mb * data.seq // layout.cp
+    vocab = math.ceil(data.plan.vocab_size / layout.tp)
+    gemm = gemm_time(tokens, vocab, data.plan.d_model, rates)
+    return _MicroBatch(gemm, 0.0, 0.0, tokens * vocab * CE_BYTES / rates.hbm)
+
+
+class Pricer:
+    """Per-layer micro-batch times for one layout configuration, summed per pipeline rank."""
+
+    def __init__(self, data: ModelData, rates: Rates) -> None:
+        self.data = data
+        self.rates = rates
+        self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
+
+    def layers(self, layout: Layout, kernel: AttentionKernel) -> list[_MicroBatch]:
+        key = (layout.tp, layout.ep, layout.cp, layout.mb, layout.sequence_parallel, kernel,
+               layout.recompute)
+        if key not in self._layers:
+            self._layers[key] = [_layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute)
+                                 for i in range(len(self.data.plan.layers))]
+        return self._layers[key]
+
+    def stage(self, layout: Layout, stage: int, kernel: AttentionKernel) -> _MicroBatch:
+        per_layer = self.layers(layout, kernel)
+        total = _MicroBatch()
+        for chunk in rank_chunks(len(per_layer), layout, stage):
+            for micro in per_layer[chunk.layers.start:chunk.layers.stop]:
+                total = total + micro
+            if chunk.last:
+                total = total + _head_micro(self.data, layout, self.rates)
+        return total
+
+
+def _spans_nodes(mesh: str, layout: Layout, net: Network) -> bool:
+    """Whether a group of this mesh dimension leaves the node (ranks ordered tp, cp, dp, pp)."""
+    extent = {
+        "tp": layout.tp,
+        "cp": layout.tp * layout.cp,
+        "ep": layout.tp * layout.ep,
+        "dp": layout.tp * layout.cp * layout.dp,
+        "dp_cp": layout.tp * layout.cp * layout.dp,
+        "expert_dp": layout.tp * layout.cp * layout.dp,
+        "pp": layout.world,
+    }[mesh]
+    return extent > net.gpus_per_node
+
+
+def collective_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency) -> float:
+    """Seconds for all `count` calls of one record."""
+    if c.group_size <= 1:
+        return 0.0
+    across = _spans_nodes(c.mesh_dim, layout, net)
+    bandwidth = net.inter_node * eff.inter_link if across else net.intra_node * eff.intra_link
+    return c.count * (c.wire_bytes / bandwidth + eff.latency)
+
+
+def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, net: Network,
+          states: StatesConvention, kernel: AttentionKernel, grad_reduce: int, cp_comm: CPComm,
+          overlap: frozenset[str]) -> tuple[StepTime, int]:
+    """The step time and the pipeline rank that sets it."""
+    m, p, v = microbatches, layout.pp, layout.vpp
+    rates = pricer.rates
+    best: tuple[float, int, _MicroBatch, dict[str, float], float, float] | None = None
+    stages = representative_stages(len(data.plan.layers), p, v)
+    for stage in stages:
+        micro = pricer.stage(layout, stage, kernel)
+        records = _collectives(data, layout, stage, m, states, grad_reduce, cp_comm, overlap,
+                               per_layer=False)
+        comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
+        grads = gathers = 0.0
+        for record in records:
+            t = collective_time(record, layout, net, rates.eff)
+            match record.mesh_dim:
+                case "tp" | "cp" | "ep":
+                    comm[record.mesh_dim] += t
+                case "pp":
+                    comm["pp"] += t
+                case "dp" | "dp_cp" | "expert_dp":
+                    if record.kind == "all_gather":
+                        gathers += t
+                    else:
+                        grads += t
+        # exposed per micro-batch
+        if "tp" in overlap:
+            comm["tp"] = max(0.0, comm["tp"] - m * 3 * micro.gemm_fwd)
+        if "ep" in overlap:
+            comm["ep"] = max(0.0, comm["ep"] - m * micro.total)
+        per_slot = micro.total + sum(comm.values()) / m
+        if best is None or per_slot > best[0]:
+            best = (per_slot, stage, micro, comm, grads, gathers)
+    assert best is not None
+    per_slot, stage, micro, comm, grads, gathers = best
+    n_layers = max(1, sum(len(c.layers) for c in rank_chunks(len(data.plan.layers), layout, stage)))
+    dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
+    memory: RankMemory = _memory(data, layout, stage, m, states, kernel)
+    optimizer = memory.optimizer / states.optimizer_bytes * OPTIMIZER_BYTES_PER_PARAM / rates.hbm
+    time = StepTime(
+        gemm=m * 3 * micro.gemm_fwd,
+        attention=m * (micro.attn_fwd + micro.attn_bwd),
+        elementwise=m * 3 * micro.elem_fwd,
+        tp=comm["tp"], cp=comm["cp"], ep=comm["ep"], pp_p2p=comm["pp"],
+        bubble=(p - 1) / v * per_slot, dp=dp, optimizer=optimizer, recompute=m * micro.recompute,
+    )
+    return time, stage
+
+
+def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBatch,
+                n_layers: int, overlapped: bool) -> float:
+    """Data-parallel seconds not hidden behind compute (see the module docstring)."""
+    if not overlapped:
+        return grads + gathers
+
+    def hide(total: float, window: float) -> float:
+        # everything but the last layer's bucket can overlap
+        return max(total - window, total / n_layers)
+
+    match zero:
+        case 0 | 1:
+            return hide(grads, micro.backward) + hide(gathers, micro.forward)
+        case 2:
+            return m * hide(grads / m, micro.backward) + hide(gathers, micro.forward)
+        case 3:
+            ag = gathers / (2 * m)
+            return m * (hide(ag, micro.forward) + hide(ag + grads / m, micro.backward))
+        case _:
+            raise ValueError(f"ZeRO stage must be 0-3, got {zero}")
+
+
+def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
+              precision: Precision) -> Rates:
+    fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
+    return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision)

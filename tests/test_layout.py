@@ -1,0 +1,442 @@
+"""The layout model (`planning/shards.py`, `cluster.py`, `pricing.py`, `parallel.py`): every tensor
+of a rank, model states under each convention, activations under TP/SP/CP/PP/recompute/kernels,
+every collective of a step, the step-time terms, and the `--layout` CLI contract."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from archplan.analytic import count_params
+from archplan.errors import ArchplanError
+from archplan.hardware import KERNEL_EFFICIENCY, accelerator, kernel_efficiency
+from archplan.loader import PRESETS_DIR, load_spec
+from archplan.planning.cluster import (
+    FSDP2,
+    MEGATRON,
+    ZERO,
+    in_flight,
+    model_data,
+    most_loaded_stage,
+    rank_memory,
+    representative_stages,
+    step_collectives,
+)
+from archplan.planning.layout import Layout, parse_layout, pipeline_chunks
+from archplan.planning.parallel import Settings, interconnect, search
+from archplan.planning.pricing import Rates, gemm_time
+from archplan.planning.records import tally
+from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
+from archplan.resolve import resolve
+from strategies import Case, cases
+from test_plan import run
+
+H100 = accelerator("h100")
+NET = interconnect(H100)
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _plan(name: str) -> Any:
+    return resolve(load_spec(name))
+
+
+def _all_tensors(plan: Any) -> list[Any]:
+    return (first_tensors(plan) + [t for layer in plan.layers for t in layer_tensors(layer, plan)]
+            + last_tensors(plan, tied_copy=False))
+
+
+# ------------------------------------------------------------------------------ tensor inventory
+@pytest.mark.parametrize("name", PRESETS)
+def test_tensor_inventory_sums_to_the_parameter_count(name: str) -> None:
+    plan = _plan(name)
+    params = count_params(plan)
+    assert sum(t.numel for t in _all_tensors(plan)) == params.total
+    for layer in plan.layers:
+        counted = sum(v for k, v in params.by_component.items() if k.startswith(layer.path + "."))
+        assert sum(t.numel for t in layer_tensors(layer, plan)) == counted
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_tensor_names_and_shapes_are_the_torch_modules(case: Case) -> None:
+    """Same names and shapes as archplan's torch model (built on meta), tensor by tensor."""
+    torch = pytest.importorskip("torch")
+    from archplan.modules.model import build_model
+
+    plan = resolve(case.spec)
+    built = {n: tuple(p.shape) for n, p in build_model(plan, device="meta").named_parameters()}
+    assert isinstance(torch.Size((1,)), tuple)
+    assert {t.name: t.shape for t in _all_tensors(plan)} == built
+
+
+def test_tensor_parallel_shards() -> None:
+    plan = _plan("llama-3.1-405b")  # 128 query heads, 8 KV heads of 128, d 16384, d_ff 53248
+    local = {t.name.split(".", 2)[-1]: t.local_shape(16) for t in layer_tensors(plan.layers[0], plan)}
+    assert local["mixer.q_proj.weight"] == (128 * 128 // 16, 16384)
+    assert local["mixer.k_proj.weight"] == (128, 16384)  # one whole KV head per rank (replicated)
+    assert local["mixer.o_proj.weight"] == (16384, 128 * 128 // 16)
+    assert local["ffn.down_proj.weight"] == (16384, 53248 // 16)
+    assert local["norm1.weight"] == (16384,)
+    embed = first_tensors(plan)[0]
+    assert embed.local_shape(8) == (math.ceil(128256 / 8), 16384)  # torch.chunk: rank 0's rows
+    moe = _plan("deepseek-v3")
+    experts = {t.name.rsplit(".", 1)[-1]: t.local_shape(2, 64) for t in layer_tensors(moe.layers[3], moe)
+               if t.expert}
+    assert experts["w_up_EFD"] == (4, 1024, 7168) and experts["w_down_EDF"] == (4, 7168, 1024)
+
+
+# ---------------------------------------------------------------------------------- model states
+def test_tied_embedding_counted_once_at_pp1() -> None:
+    """gemma-2b TP1 DP8: the stage holds 2.51 B parameters (the tied head is the embedding)."""
+    plan = _plan("gemma-2b")
+    layout = Layout(tp=1, pp=1, dp=8, zero=0)
+    mem = rank_memory(plan, layout, 8192, microbatches=1, states=ZERO)
+    assert mem.parameters == 2 * count_params(plan).total
+    assert mem.parameters / 2 == pytest.approx(2.51e9, rel=0.002)
+    # across stages the last one holds a copy of the tied embedding (Megatron's shared embedding)
+    two = Layout(tp=1, pp=2, dp=4, zero=0)
+    stages = [rank_memory(plan, two, 8192, microbatches=4, stage=s, states=ZERO).parameters / 2
+              for s in (0, 1)]
+    assert sum(stages) == count_params(plan).total + 256000 * 2048
+
+
+@pytest.mark.parametrize("states,per_param", [(ZERO, 16), (MEGATRON, 18), (FSDP2, 16)])
+def test_bytes_per_param_of_each_convention(states: Any, per_param: int) -> None:
+    plan = _plan("llama-3-8b")
+    zero = 2 if states is FSDP2 else 0
+    dp = 1
+    mem = rank_memory(plan, Layout(dp=dp, zero=zero), 4096, microbatches=1, states=states)
+    assert states.bytes_per_param == per_param
+    assert mem.model_states == per_param * count_params(plan).total
+
+
+def test_flat_and_fsdp2_shards_pad_as_their_frameworks() -> None:
+    """ZeRO/Megatron: ceil(N/d) of one flat buffer; FSDP2: ceil(dim0/d) rows of every tensor."""
+    plan = _plan("gpt2")
+    dp = 7
+    tensors = _all_tensors(plan)
+    n = sum(t.numel for t in tensors)
+    flat = rank_memory(plan, Layout(dp=dp, zero=3), 1024, microbatches=1, states=ZERO)
+    assert flat.parameters == 2 * math.ceil(n / dp)
+    fsdp = rank_memory(plan, Layout(dp=dp, zero=3), 1024, microbatches=1, states=FSDP2)
+    rows = sum(math.ceil(t.shape[0] / dp) * math.prod(t.shape[1:]) for t in tensors)
+    assert fsdp.parameters == 4 * rows and fsdp.gradients == 4 * rows and fsdp.optimizer == 8 * rows
+    assert rows > math.ceil(n / dp)  # the padding is real
+    with pytest.raises(ArchplanError, match="zero must be 2"):
+        rank_memory(plan, Layout(dp=dp, zero=1), 1024, microbatches=1, states=FSDP2)
+
+
+def test_fsdp2_compute_copies_are_temporary() -> None:
+    plan = _plan("llama-3-8b")
+    keep = rank_memory(plan, Layout(dp=8, zero=2), 4096, microbatches=1, states=FSDP2)
+    reshard = rank_memory(plan, Layout(dp=8, zero=3), 4096, microbatches=1, states=FSDP2)
+    assert keep.temporary == 2 * count_params(plan).total  # the whole stage, bf16
+    assert 0 < reshard.temporary < keep.temporary / 10  # two layers
+
+
+def test_experts_shard_over_ep_and_their_dp_group() -> None:
+    plan = _plan("mixtral-8x7b")
+    one = rank_memory(plan, Layout(dp=8, ep=1, zero=1), 4096, microbatches=1)
+    eight = rank_memory(plan, Layout(dp=8, ep=8, zero=1), 4096, microbatches=1)
+    assert eight.parameters < one.parameters / 4
+
+
+# ----------------------------------------------------------------------------------- activations
+def test_korthikanti_table2_rows_on_a_gpt_layer() -> None:
+    """sbh(10 + 24/t) replicated-input row vs 34·sbh/t with SP (no dropout: 34 → 34 − 5, masks)."""
+    data = model_data(_plan("gpt2"), 1024)
+    acts = data.acts[0]
+    from archplan.planning.cluster import _layer_act
+
+    t = 4
+    sp = _layer_act(acts, Layout(tp=t, sp=True), "selective", "eager")
+    no_sp = _layer_act(acts, Layout(tp=t, sp=False), "selective", "eager")
+    assert sp == acts.kept["selective"] / t
+    assert no_sp == acts.replicated + (acts.kept["selective"] - acts.replicated) / t
+    assert _layer_act(acts, Layout(tp=t, sp=True), "full", "eager") == acts.block_input / t
+    assert _layer_act(acts, Layout(tp=1), "none", "eager") == acts.kept["none"]
+
+
+def test_flash_keeps_no_seq_squared_term() -> None:
+    plan = _plan("llama-3-8b")
+    layout = Layout(tp=8, dp=1, recompute="none")
+    small, big = (rank_memory(plan, layout, s, microbatches=1, attention_kernel=k).activations
+                  for s, k in ((2048, "flash"), (4096, "flash")))
+    assert big == pytest.approx(2 * small, rel=1e-3)
+    eager = [rank_memory(plan, layout, s, microbatches=1, attention_kernel="eager").activations
+             for s in (2048, 4096)]
+    assert eager[1] > 2.2 * eager[0]
+
+
+def test_context_parallelism_splits_the_sequence() -> None:
+    plan = _plan("llama-3-8b")
+    one = rank_memory(plan, Layout(tp=8, cp=1, dp=2, recompute="none"), 32768, microbatches=1)
+    two = rank_memory(plan, Layout(tp=8, cp=2, dp=1, recompute="none"), 32768, microbatches=1)
+    assert two.activations < 0.55 * one.activations
+
+
+def test_interleaved_in_flight_matches_korthikanti() -> None:
+    """Rank 0 of p with v virtual stages holds p·(1 + (p − 1)/(p·v)) micro-batches' worth."""
+    for p, v in ((4, 2), (8, 3), (16, 4)):
+        counts = in_flight(Layout(pp=p, vpp=v), 10 * p, 0)
+        assert sum(counts) / v == pytest.approx(p * (1 + (p - 1) / (p * v)))
+    assert in_flight(Layout(pp=4), 16, 0) == (4,) and in_flight(Layout(pp=4), 2, 1) == (2,)
+
+
+def test_most_loaded_stage_is_searched_exactly() -> None:
+    plan = _plan("llama-3.1-405b")
+    layout = Layout(tp=8, pp=16, dp=128, zero=1, recompute="none")
+    every = [rank_memory(plan, layout, 8192, microbatches=16, stage=s).total for s in range(16)]
+    stage = most_loaded_stage(plan, layout, 8192, microbatches=16)
+    assert every[stage] == max(every)
+    assert stage in representative_stages(126, 16, 1)
+    assert [len(r) for r in pipeline_chunks(126, 16)[0]] == [7]  # the first stage holds one fewer
+
+
+# ----------------------------------------------------------------------------------- collectives
+def _by(records: tuple[Any, ...], mesh: str) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for r in records:
+        if r.mesh_dim == mesh:
+            calls, size = out.get(r.kind, (0, r.bytes))
+            out[r.kind] = (calls + r.count, r.bytes)
+    return out
+
+
+def test_tp_collectives_with_and_without_sp() -> None:
+    plan = _plan("llama-3-8b")  # 32 layers, one stage
+    m, s, h = 4, 4096, 4096
+    act = 2 * s * h
+    no_sp = _by(step_collectives(plan, Layout(tp=8, sp=False), s, microbatches=m), "tp")
+    # 2 sub-blocks × 32 layers × (forward + backward), + embedding output + LM-head input grad
+    assert no_sp["all_reduce"][0] == m * (64 * 2 + 2) + 3 * m
+    sp = _by(step_collectives(plan, Layout(tp=8, sp=True), s, microbatches=m), "tp")
+    assert sp["all_gather"] == (m * (64 * 3 + 2), act)
+    assert sp["reduce_scatter"] == (m * (64 * 2 + 2), act)
+    full = _by(step_collectives(plan, Layout(tp=8, sp=True, recompute="full"), s, microbatches=m), "tp")
+    assert full["all_gather"][0] == sp["all_gather"][0] + m * 64
+
+
+@pytest.mark.parametrize("comm", ["all_gather", "ring"])
+def test_cp_exchanges_k_and_v(comm: str) -> None:
+    plan = _plan("llama-3-8b")  # 8 KV heads of 128
+    s, cp, m = 32768, 4, 2
+    records = step_collectives(plan, Layout(tp=8, cp=cp, dp=1), s, microbatches=m, cp_comm=comm)  # type: ignore[arg-type]
+    kv = 2 * 2 * s * 1 * 128  # K and V of the rank's one KV head over the whole sequence
+    got = _by(records, "cp")
+    if comm == "all_gather":
+        assert got["all_gather"] == (m * 32 * 2, kv) and got["reduce_scatter"] == (m * 32, kv)
+    else:
+        assert got["send"] == (m * 32 * (cp - 1) * 3, kv // cp) == got["recv"]
+
+
+def test_pp_sends_a_tp_shard_per_chunk_boundary() -> None:
+    plan = _plan("llama-3-8b")
+    m, s = 8, 4096
+    layout = Layout(tp=2, pp=4, vpp=2, dp=1)
+    middle = _by(step_collectives(plan, layout, s, microbatches=m, stage=1), "pp")
+    assert middle["send"] == (2 * 2 * m, 2 * s * 4096 // 2)  # 2 chunks × (fwd out, bwd grad)
+    first = _by(step_collectives(plan, layout, s, microbatches=m, stage=0), "pp")
+    assert first["send"][0] == 3 * m  # chunk 0 has no input to receive
+
+
+def test_ep_all_to_all_moves_the_routed_copies() -> None:
+    plan = _plan("mixtral-8x7b")  # top-2, d 4096, 32 MoE layers
+    m, s = 2, 4096
+    got = _by(step_collectives(plan, Layout(dp=8, ep=8), s, microbatches=m), "ep")
+    assert got["all_to_all"] == (m * 32 * 4, 2 * s * 2 * 4096)
+
+
+@pytest.mark.parametrize("zero,kinds", [
+    (0, {"all_reduce": 1}), (1, {"reduce_scatter": 1, "all_gather": 1}),
+    (2, {"reduce_scatter": 4, "all_gather": 1}), (3, {"reduce_scatter": 4, "all_gather": 8}),
+])
+def test_dp_collectives_per_zero_stage(zero: int, kinds: dict[str, int]) -> None:
+    plan = _plan("llama-3-8b")
+    records = [r for r in step_collectives(plan, Layout(dp=8, zero=zero), 4096, microbatches=4,
+                                           states=ZERO) if r.mesh_dim == "dp"]
+    per_layer = [r for r in records if r.what.startswith("layers.5 ")]
+    assert {r.kind: r.count for r in per_layer} == kinds
+    n = sum(t.numel for t in layer_tensors(plan.layers[5], plan))
+    grads = next(r for r in per_layer if r.kind != "all_gather")
+    padded = math.ceil(n / 8) * 8
+    assert grads.bytes == 2 * (n if zero == 0 else padded)
+    fp32 = step_collectives(plan, Layout(dp=8, zero=zero), 4096, microbatches=4, states=ZERO,
+                            grad_reduce=4)
+    assert sum(r.bytes for r in fp32 if "gradients" in r.what) == 2 * sum(
+        r.bytes for r in records if "gradients" in r.what)
+    assert all(r.overlappable for r in records)
+
+
+def test_per_layer_and_per_chunk_records_price_the_same() -> None:
+    from archplan.planning.cluster import _collectives
+
+    plan = _plan("deepseek-v3")
+    layout = Layout(pp=16, dp=128, ep=64, zero=1)
+    data = model_data(plan, 4096)
+    args = (data, layout, 3, 16, MEGATRON, 4, "all_gather", frozenset({"dp"}))
+    fine, coarse = _collectives(*args, per_layer=True), _collectives(*args, per_layer=False)
+    assert sum(r.wire_bytes * r.count for r in fine) == pytest.approx(
+        sum(r.wire_bytes * r.count for r in coarse))
+    assert sum(tally(fine).values()) > sum(tally(coarse).values())
+
+
+# ------------------------------------------------------------------------------------ step time
+def _evaluate(name: str, text: str, seq: int = 4096, batch: float = 4e6, **kw: Any) -> Any:
+    fixed = parse_layout(text)
+    layout = fixed.complete()
+    assert layout is not None
+    result = search(_plan(name), H100, layout.world, seq=seq, global_batch_tokens=batch, net=NET,
+                    fixed=fixed, keep_unfit=True, settings=Settings(**kw))
+    return result.ranked[0]
+
+
+def test_bubble_is_p_minus_1_over_v_slots() -> None:
+    base = "tp=2,cp=1,pp=4,dp=1,ep=1,zero=0,recompute=none,mb=1"
+    one = _evaluate("llama-3-8b", base + ",vpp=1", batch=16 * 4096)
+    two = _evaluate("llama-3-8b", base + ",vpp=2", batch=16 * 4096)
+    slot = (one.time.total - one.time.bubble - one.time.dp - one.time.optimizer) / one.microbatches
+    assert one.time.bubble == pytest.approx(3 * slot)
+    assert two.time.bubble < 0.6 * one.time.bubble
+
+
+def test_overlap_hides_dp_and_tp_traffic() -> None:
+    text = "tp=8,cp=1,pp=1,dp=16,ep=1,zero=1,recompute=none,mb=1"
+    hidden = _evaluate("llama-3-70b", text)
+    exposed = _evaluate("llama-3-70b", text, overlap=frozenset())
+    assert hidden.time.dp < exposed.time.dp
+    with_tp = _evaluate("llama-3-70b", text, overlap=frozenset({"dp", "tp"}))
+    assert with_tp.time.tp < hidden.time.tp
+    assert hidden.time.compute == exposed.time.compute
+
+
+def test_sequence_parallelism_saves_elementwise_time() -> None:
+    text = "tp=8,cp=1,pp=1,dp=16,ep=1,zero=1,recompute=none,mb=1,sp="
+    on, off = _evaluate("llama-3-70b", text + "on"), _evaluate("llama-3-70b", text + "off")
+    assert on.time.elementwise < off.time.elementwise
+    assert on.time.gemm == off.time.gemm
+
+
+def test_fp8_runs_the_block_gemms_at_the_fp8_peak() -> None:
+    text = "tp=8,cp=1,pp=1,dp=16,ep=1,zero=1,recompute=none,mb=1"
+    bf16, fp8 = _evaluate("llama-3-70b", text), _evaluate("llama-3-70b", text, precision="fp8")
+    assert 0.5 * bf16.time.gemm < fp8.time.gemm < 0.6 * bf16.time.gemm  # the LM head stays bf16
+    assert fp8.mfu > bf16.mfu  # MFU stays against the bf16 peak
+
+
+def test_efficiency_override_prices_big_gemms_at_that_fraction() -> None:
+    eff, _ = kernel_efficiency(H100)
+    rates = Rates(H100.peak("bf16"), H100.peak("fp8"), eff, 0.5, H100.hbm_bytes_per_s, "bf16")
+    n = 8192
+    assert gemm_time(n, n, n, rates) == pytest.approx(2 * n**3 / (0.5 * H100.peak("bf16")))
+    model = replace(rates, efficiency=None)
+    # a skinny GEMM runs at a lower efficiency, or HBM-bound
+    assert gemm_time(n, 64, n, model) / (2 * n * 64 * n) > gemm_time(n, n, n, model) / (2 * n**3)
+
+
+def test_recompute_costs_a_forward() -> None:
+    text = "tp=8,cp=1,pp=1,dp=16,ep=1,zero=1,mb=1,recompute="
+    none, full = _evaluate("llama-3-70b", text + "none"), _evaluate("llama-3-70b", text + "full")
+    assert full.time.recompute == pytest.approx(none.time.compute / 3, rel=0.1)
+    assert full.memory.activations < none.memory.activations / 5
+
+
+def test_calibration_constants_are_per_family() -> None:
+    assert set(KERNEL_EFFICIENCY) == {"ampere", "hopper"}
+    assert kernel_efficiency(accelerator("a100"))[0] is KERNEL_EFFICIENCY["ampere"]
+    for key in ("h100", "h800", "h200"):
+        assert kernel_efficiency(accelerator(key)) == (KERNEL_EFFICIENCY["hopper"], True)
+    assert not kernel_efficiency(accelerator("b200"))[1]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+LLAMA_405B = ["plan", "llama-3.1-405b", "--gpus", "16384", "--gpu", "h100", "--seq", "8192",
+              "--global-batch-tokens", "16M"]
+
+
+def test_cli_layout_evaluates_exactly_one(capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, *LLAMA_405B, "--layout",
+                       "tp=8,cp=1,pp=16,vpp=4,dp=128,ep=1,zero=1,recompute=none,mb=1", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["considered"] == 1 and len(r["layouts"]) == 1
+    row = r["layouts"][0]
+    assert (row["tp"], row["pp"], row["vpp"], row["dp"]) == (8, 16, 4, 128)
+    assert row["memory"]["fits"] and row["tokens_per_s_per_gpu"] > 0 and 0 < row["mfu"] < 1
+    assert row["step_time"]["bubble"] > 0 and row["microbatches"] == 15
+    assert r["efficiency"]["override"] is None and r["states"]["bytes_per_param"] == 18
+
+
+def test_cli_layout_that_does_not_fit_exits_1_with_its_breakdown(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = ["--layout", "tp=8,cp=1,pp=16,vpp=4,dp=128,ep=1,zero=0,recompute=none,mb=4"]
+    code, out, _ = run(capsys, monkeypatch, *LLAMA_405B, *layout)
+    assert code == 1 and "does not fit" in out
+    code, out, _ = run(capsys, monkeypatch, *LLAMA_405B, *layout, "--json")
+    row = json.loads(out)["layouts"][0]
+    assert code == 1 and not row["memory"]["fits"]
+    assert row["memory"]["total"] == sum(row["memory"][k] for k in (
+        "parameters", "gradients", "optimizer", "activations", "temporary", "collective_buffers"))
+    assert row["memory"]["total"] > row["memory"]["usable"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("tp=16,cp=1,pp=8,dp=128,ep=1,zero=1,recompute=none,mb=1", "node"),
+    ("tp=8,cp=1,pp=16,dp=64,ep=1,zero=1,recompute=none,mb=1", "--gpus"),
+    ("tp=8,cp=1,pp=16,dp=128,ep=2,zero=1,recompute=none,mb=1", "routed experts"),
+    ("tp=8,pp=3", "divide"),
+    ("tp=8,warp=2", "unknown field"),
+])
+def test_cli_impossible_layout_is_one_line_exit_2(text: str, message: str,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, *LLAMA_405B, "--layout", text)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_cli_partial_layout_searches_the_rest(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "64", "--seq", "4096",
+                       "--layout", "tp=2,recompute=full", "--efficiency", "0.5", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert all(row["tp"] == 2 and row["recompute"] == "full" for row in r["layouts"])
+    assert r["efficiency"]["override"] == 0.5 and "--efficiency 0.5" in r["efficiency"]["description"]
+
+
+def test_cli_mfu_is_renamed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--mfu", "0.4")
+    assert code == 2 and "--efficiency" in err
+
+
+def test_cli_overlap_and_states_options(capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "16", "--seq", "4096",
+                       "--states", "fsdp2", "--overlap", "none", "--grad-reduce", "bf16",
+                       "--attention", "eager", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["overlap"] == [] and r["grad_reduce_bytes"] == 2 and r["attention_kernel"] == "eager"
+    assert all(row["zero"] >= 2 for row in r["layouts"])  # FSDP2 always shards its parameters
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "16", "--overlap", "pp")
+    assert code == 2 and "--overlap" in err
+
+
+def test_plan_layout_mode_does_not_import_torch() -> None:
+    probe = (
+        "import sys\nfrom archplan.cli import main\n"
+        "sys.argv = ['archplan', 'plan', 'llama-3-8b', '--gpus', '64', '--layout', 'tp=8', '--json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layouts"]
