@@ -101,3 +101,26 @@ def test_refusals_are_one_line(fake_world: None) -> None:
     layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1").complete()
     with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism"):
         check_layout_run(plan, layout, 32, microbatches=1)
+
+
+@pytest.mark.parametrize("layout", [
+    "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
+    "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1",
+    "tp=1,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=full,mb=1",
+], ids=["tp2", "pp2", "fsdp2"])
+def test_bench_nproc_two_gloo_workers(layout: str) -> None:
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--nproc", "2", "--seq", "32",
+                                   "--iters", "2", "--warmup", "1", "--layout", layout, "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["world"] == 2 and result["backend"] == "gloo"
+    assert len(result["step_seconds"]) == 2 and all(s > 0 for s in result["step_seconds"])
+    dp = parse_layout(layout).dp
+    assert result["tokens_per_step"] == 32 * result["microbatches"] * dp
+    assert len(result["peak_memory_bytes"]) == 2 and min(result["peak_memory_bytes"]) > 0
+    assert 0 < result["mfu"] < 1
+    assert result["predicted_step_seconds"] is None  # CPU: plan models GPUs only

@@ -51,6 +51,16 @@ def bench(
     compare_backends: Annotated[bool, typer.Option(
         "--compare-backends", help="Repeat the prefill under every SDPA backend available here.")] = False,
     as_json: JsonOpt = False,
+    layout: Annotated[str | None, typer.Option(
+        help="Run a cluster layout on torch.distributed (tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1): "
+             "timed training steps and prefill through the sharded modules (docs/distributed.md).",
+        show_default=False)] = None,
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="With --layout: start this many local workers through torchrun (default: the layout's "
+                    "world size); under torchrun / SLURM this process is a worker instead.",
+        show_default=False)] = None,
+    microbatches: Annotated[int | None, typer.Option(
+        min=1, help="With --layout: micro-batches per step (default: pp).", show_default=False)] = None,
 ) -> None:
     """Time prefill and decode of SPEC through the real modules and compare with the roofline.
 
@@ -66,8 +76,16 @@ def bench(
       archplan bench mixtral-8x7b --layers 1 --seq 256 --json
 
       archplan bench llama-3-8b --layers 2 --compare-backends
+
+      archplan bench llama-3-8b --nproc 2 --seq 128 --layout tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1
     """
     require_torch("bench")
+    if layout is not None:
+        from archplan.distributed.bench import bench_layout  # imports torch.distributed
+
+        bench_layout(spec, layout, nproc=nproc, seq=seq, microbatches=microbatches, warmup=warmup, steps=iters,
+                     as_json=as_json)
+        return
     from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench
     from archplan.dtypes import DType
     from archplan.loader import load_spec

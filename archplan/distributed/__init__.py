@@ -9,5 +9,7 @@
 - `comms`: a dispatch mode recording every collective (kind, mesh dimension, bytes);
 - `step`: one training step of a stage under the 1F1B schedule's in-flight micro-batches;
 - `fake`: `verify --layout`: the step at full world size on the fake process group, measured;
-- `workers`: `bench --nproc`: real processes through torchrun.
+- `workers`, `bench`: `bench --layout [--nproc N]`: real processes through torchrun.
+- `parity`: the equivalence check of the 2-process gloo tests.
+- `check`, `render`: verify --layout beside `planning.cluster`.
 """

@@ -50,8 +50,8 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
     runner = StageRunner(sharded, mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
     logits = full_logits(stage(tokens))
     logit_diff = (logits - ref_logits).abs().max().item()
-    with runner._loss_context()():
-        loss = runner._loss(stage(tokens), labels)
+    with runner.loss_context()():
+        loss = runner.loss(stage(tokens), labels)
         loss.backward()
     grad_diff = 0.0
     for name, p in stage.named_parameters():

@@ -67,17 +67,23 @@ class StageRunner:
         self.pp_group = mesh["pp"].get_group() if mesh.layout.pp > 1 else None
         self.index = mesh.stage
         self.losses: list[Tensor] = []
+        self.pending: list[dist.Work] = []
         self.before_forward = before_forward
         self.sample = sample
 
-    def _peer(self, offset: int) -> int:
+    def peer(self, offset: int) -> int:
         assert self.pp_group is not None
         return dist.get_global_rank(self.pp_group, self.index + offset)
 
-    def _loss(self, logits: Tensor, labels_BT: Tensor) -> Tensor:
+    def send(self, tensor: Tensor, offset: int) -> None:
+        """Non-blocking, as PipelineStage's batched P2P: with blocking sends, stage j's forward
+        send and stage j+1's backward send wait on each other in 1F1B's steady state."""
+        self.pending.append(dist.isend(tensor, self.peer(offset), group=self.pp_group))
+
+    def loss(self, logits: Tensor, labels_BT: Tensor) -> Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels_BT.flatten())
 
-    def _loss_context(self) -> Callable[[], object]:
+    def loss_context(self) -> Callable[[], object]:
         return loss_parallel if self.mesh.layout.tp > 1 else nullcontext
 
     def forward(self, batch: MicroBatch, m: int) -> tuple[Tensor, Tensor | None]:
@@ -87,15 +93,15 @@ class StageRunner:
             inp = batch.tokens_BT
         else:
             inp = torch.empty(self.hidden_shape, dtype=COMPUTE_DTYPE, device=self.device)
-            dist.recv(inp, self._peer(-1), group=self.pp_group)
+            dist.recv(inp, self.peer(-1), group=self.pp_group)
             inp.requires_grad_(True)
         out = self.stage(inp)
         if self.stage.last:
-            with self._loss_context()():
-                out = self._loss(out, batch.labels_BT) / m
+            with self.loss_context()():
+                out = self.loss(out, batch.labels_BT) / m
             self.losses.append(out.detach())
         else:
-            dist.send(out.detach(), self._peer(1), group=self.pp_group)
+            self.send(out.detach(), 1)
         return out, (inp if not self.stage.first else None)
 
     def backward(self, out: Tensor, inp: Tensor | None, last: bool) -> None:
@@ -109,15 +115,15 @@ class StageRunner:
         if zero in (0, 1):
             root.set_requires_gradient_sync(last)
         if self.stage.last:
-            with self._loss_context()():
+            with self.loss_context()():
                 out.backward()
         else:
             grad = torch.empty_like(out)
-            dist.recv(grad, self._peer(1), group=self.pp_group)
+            dist.recv(grad, self.peer(1), group=self.pp_group)
             out.backward(grad)
         if inp is not None:
             assert inp.grad is not None
-            dist.send(inp.grad, self._peer(-1), group=self.pp_group)
+            self.send(inp.grad, -1)
 
     def train_step(self, batches: list[MicroBatch]) -> None:
         m = len(batches)
@@ -131,6 +137,9 @@ class StageRunner:
                 self.backward(*held.pop(i), last=done == m)
         if self.sample is not None:
             self.sample()  # the gradients' peak: all of them, before the step frees them
+        for work in self.pending:
+            work.wait()
+        self.pending.clear()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
