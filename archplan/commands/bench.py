@@ -27,6 +27,12 @@ class BenchDType(str, Enum):
     fp16 = "fp16"
 
 
+class Recompute(str, Enum):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
 class Backend(str, Enum):
     auto = "auto"
     math = "math"
@@ -61,6 +67,10 @@ def bench(
         show_default=False)] = None,
     microbatches: Annotated[int | None, typer.Option(
         min=1, help="With --layout: micro-batches per step (default: pp).", show_default=False)] = None,
+    train: Annotated[bool, typer.Option(
+        "--train", help="Time a single-device training step (forward + backward + AdamW) and compare its "
+                        "peak memory with size's training memory.")] = False,
+    recompute: Annotated[Recompute, typer.Option(help="With --train: activation recompute.")] = Recompute.none,
 ) -> None:
     """Time prefill and decode of SPEC through the real modules and compare with the roofline.
 
@@ -77,9 +87,17 @@ def bench(
 
       archplan bench llama-3-8b --layers 2 --compare-backends
 
+      archplan bench gpt2 --train --seq 256 --recompute full
+
       archplan bench llama-3-8b --nproc 2 --seq 128 --layout tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1
     """
     require_torch("bench")
+    if train:
+        from archplan.distributed.train_render import bench_train
+
+        bench_train(spec, device=device.value, dtype=dtype.value, batch=batch, seq=seq,
+                    recompute=recompute.value, iters=iters, as_json=as_json)
+        return
     if layout is not None:
         from archplan.distributed.bench import bench_layout  # imports torch.distributed
 

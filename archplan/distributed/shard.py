@@ -117,7 +117,7 @@ def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) 
     return CheckpointPolicy.PREFER_RECOMPUTE if op in ATTENTION_CORE_OPS else CheckpointPolicy.MUST_SAVE
 
 
-def _recompute(stage: Stage, recompute: str) -> None:
+def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> None:
     """Activation checkpointing per layer, before FSDP as torchtitan applies it: full keeps each
     layer's input and re-runs the layer in the backward; selective re-runs only the attention core
     (torch's selective activation checkpointing with a policy over the SDPA ops)."""
@@ -132,8 +132,9 @@ def _recompute(stage: Stage, recompute: str) -> None:
                                  allow_cache_entry_mutation=True)
         case _:
             raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
-    for name, block in list(stage.layers.items()):
-        stage.layers[name] = checkpoint_wrapper(block, context_fn=context_fn, preserve_rng_state=False)
+    names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
+    for name in names:
+        layers[name] = checkpoint_wrapper(layers[name], context_fn=context_fn, preserve_rng_state=False)
 
 
 def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple[FSDPModule, ...]:
@@ -175,5 +176,5 @@ def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool =
                             "chunks are not built as separate stages)")
     _tensor_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
-    _recompute(stage, mesh.layout.recompute)
+    apply_recompute(stage.layers, mesh.layout.recompute)
     return Sharded(stage, _fsdp(stage, mesh, MIXED if mixed else MixedPrecisionPolicy()))
