@@ -124,3 +124,22 @@ def test_bench_nproc_two_gloo_workers(layout: str) -> None:
     assert len(result["peak_memory_bytes"]) == 2 and min(result["peak_memory_bytes"]) > 0
     assert 0 < result["mfu"] < 1
     assert result["predicted_step_seconds"] is None  # CPU: plan models GPUs only
+
+
+@pytest.mark.parametrize(("recompute", "code"), [("full", 0), ("none", 1)])
+def test_bench_train_states_exact(recompute: str, code: int) -> None:
+    """Model states (fp32 weights + fp32 grads + AdamW m, v = size's 16 B/param) equal exactly;
+    with full recompute the activations are within the tolerance, without it this tiny model's
+    autocast weight copies (saved for the backward) put them outside, and the exit code says so."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--train", "--device", "cpu",
+                                   "--seq", "64", "--iters", "1", "--recompute", recompute, "--json"])
+    assert out.exit_code == code, out.output
+    result = json.loads(out.output)
+    m = result["measured"]
+    assert m["Parameter"] + m["Gradient"] + m["Optstate"] == result["analytic_states"]
+    assert result["states_ok"] is True and result["total_ok"] is True
+    assert result["activations_ok"] is (recompute == "full")
