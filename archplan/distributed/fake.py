@@ -22,7 +22,7 @@ from archplan.distributed.comms import CollectiveRecorder
 from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
 from archplan.distributed.shard import shard_stage
 from archplan.distributed.stage import build_stage
-from archplan.distributed.step import MicroBatch, StageRunner, in_flight
+from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.planning.layout import Layout
 from archplan.planning.records import Collective, RankMemory
 from archplan.resolve import ModelPlan
@@ -126,6 +126,6 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
     memory = _rank_memory([peak, *samples])
-    return Measured(layout, stage, rank, seq, microbatches, in_flight(stage, layout.pp, microbatches),
+    return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
                     tuple(int(i) for i in module.layers), replace(memory, optimizer=memory.optimizer - steps),
                     {_name(k): v for k, v in peak.items()}, steps, recorder.records())

@@ -47,10 +47,6 @@ def one_f_one_b(stage: int, pp: int, m: int) -> list[tuple[str, int]]:
     return order
 
 
-def in_flight(stage: int, pp: int, m: int) -> int:
-    return min(pp - stage, m)
-
-
 class StageRunner:
     """Runs training steps of one sharded stage; `hidden_shape` is the hidden states' local shape."""
 
@@ -67,6 +63,7 @@ class StageRunner:
         self.pp_group = mesh["pp"].get_group() if mesh.layout.pp > 1 else None
         self.index = mesh.stage
         self.losses: list[Tensor] = []
+        self.most_in_flight = 0  # micro-batches whose activations were held at once
         self.pending: list[dist.Work] = []
         self.before_forward = before_forward
         self.sample = sample
@@ -132,6 +129,7 @@ class StageRunner:
         for op, i in one_f_one_b(self.index, self.mesh.layout.pp, m):
             if op == "F":
                 held[i] = self.forward(batches[i], m)
+                self.most_in_flight = max(self.most_in_flight, len(held))
             else:
                 done += 1
                 self.backward(*held.pop(i), last=done == m)
