@@ -35,17 +35,29 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, flop_registry
 
 from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
-from archplan.modules import flop_formulas  # noqa: F401  registers the aten._grouped_mm formula
+from archplan.modules import fft_flops, flop_formulas  # noqa: F401  register aten._grouped_mm and FFT formulas
 from archplan.modules.model import ArchplanModel, build_model
-from archplan.resolve import AttentionPlan, LayerPlan, Mamba1Plan, Mamba2Plan, MLAPlan, ModelPlan, MoEPlan
+from archplan.resolve import (
+    AttentionPlan,
+    HyenaPlan,
+    LayerPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
+)
 from typing_extensions import assert_never
 
 # A real (non-meta) instance is built only below this size unless asked for (fp32 on CPU: 200 MB).
 SMALL_MODEL_PARAMS = 50_000_000
 UNMAPPED = "(unmapped)"
 # Ops that carry matmul-like work: if the counter saw one without a formula, the counted total is
-# missing real FLOPs (e.g. CPU SDPA kernels, pytorch issue 195460), so verify flags it.
-MATMUL_LIKE = ("mm", "matmul", "conv", "einsum", "attention", "linear", "addbmm", "baddbmm", "dot")
+# missing real FLOPs (e.g. CPU SDPA kernels, pytorch issue 195460), so verify flags it. FFTs count
+# too: fvcore has no handle for them, so a long-conv row there is "incomplete", not a mismatch.
+MATMUL_LIKE = ("mm", "matmul", "conv", "einsum", "attention", "linear", "addbmm", "baddbmm", "dot", "fft")
 # fvcore counts norms at ~5 FLOPs per element ("5 is just a rough estimate", fvcore flop_count.py);
 # in our convention they are elementwise (analytic-only), so their handles are neutralised.
 FVCORE_ELEMENTWISE_OPS = (
@@ -147,7 +159,7 @@ class CrossCheck:
     params: tuple[Row, ...]
     flops: tuple[FlopRow, ...]
     ops: tuple[OpCount, ...]
-    training: Row | None  # one forward + backward at (batch, seq) against 3 x the analytic forward
+    training: Row | None  # one forward + backward at (batch, seq) against the analytic training FLOPs
     training_per_token: int | None  # analytic training_flops_per_token at seq (batch-independent)
     training_ops: Mapping[str, int]
     real: RealCheck | None
@@ -332,6 +344,12 @@ def layer_kind(layer: LayerPlan) -> str:
             label = "mamba1"
         case Mamba2Plan():
             label = "mamba2"
+        case S4Plan():
+            label = "s4" if mixer.dplr else "s4d"
+        case HyenaPlan():
+            label = f"hyena order {mixer.order}"
+        case StripedHyenaPlan():
+            label = "stripedhyena"
         case _:
             assert_never(mixer)
     ffn = layer.ffn
@@ -627,9 +645,10 @@ def crosscheck(
     training_ops: dict[str, int] = {}
     if counts.training is not None:
         training_ops = dict(counts.training)
-        # 3 x the analytic forward, exactly: training_flops_per_token is this total divided by
-        # the tokens and rounded, so it is compared in total, not per token.
-        training = Row("forward+backward", 3 * flops.forward("full"), sum(training_ops.values()))
+        # 3 x the analytic forward + the FFT convolutions' backward adjustment (analytic/s4.py),
+        # exactly: training_flops_per_token is this total divided by the tokens and rounded, so it
+        # is compared in total, not per token.
+        training = Row("forward+backward", flops.training("full"), sum(training_ops.values()))
         training_per_token = training_flops_per_token(plan, seq_len)
 
     real_check: RealCheck | None = None

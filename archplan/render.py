@@ -99,9 +99,11 @@ def _kv_table(r: dict[str, Any]) -> _Section:
     table.add_row("per token (one sequence)", units.nbytes(kv["bytes_per_token"]))
     if kv["naive_mla_bytes_per_token"] is not None:
         table.add_row("per token, MLA without absorption", units.nbytes(kv["naive_mla_bytes_per_token"]))
+    if kv.get("conv_bytes_per_token"):
+        table.add_row("  of which Hyena long-conv inputs (grow per token)", units.nbytes(kv["conv_bytes_per_token"]))
     table.add_row(f"context {kv['context']:,} x batch {kv['batch']:,}", units.nbytes(kv["bytes"]))
     if kv["ssm_state_bytes"]:
-        table.add_row("  of which SSM state (constant)", units.nbytes(kv["ssm_state_bytes"]))
+        table.add_row("  of which SSM / S4 / FIR + modal state (constant)", units.nbytes(kv["ssm_state_bytes"]))
     return table
 
 

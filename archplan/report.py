@@ -40,6 +40,9 @@ from archplan.resolve import (
     FFNPlan,
     Mamba1Plan,
     Mamba2Plan,
+    HyenaPlan,
+    S4Plan,
+    StripedHyenaPlan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -56,17 +59,19 @@ MAX_TOKENS = 1e18
 
 FLOPS_CONVENTION = (
     "2 FLOPs per multiply-add; embedding lookups not counted; LM head counted; "
-    "training = 3 x forward (backward = 2 x forward)"
+    "training = 3 x forward (backward = 2 x forward; an FFT convolution's irfft backward is 1 x); "
+    "FFTs: 2.5·n·⌈log2 n⌉ per real transform of length n = 2T, 5·n·⌈log2 n⌉ per complex one"
 )
 PARAMS_CONVENTION = "unique parameters (tied weights once, buffers excluded); active = what one token touches"
 KV_CONVENTION = (
     "K and V of every attention layer (MLA: the absorbed latent + rope key); sliding windows cap a "
-    "layer at its window; SSM layers hold a constant state per sequence"
+    "layer at its window; SSM layers hold a constant state per sequence (S4/S4D and StripedHyena's modal "
+    "state in fp32 whatever the dtype); Hyena layers keep their long-convolution inputs, (order−1)·D per token"
 )
 CHINCHILLA_N = "total"  # MoE: the scaling laws were fitted on dense models; N = every parameter
 
 # Display order of the component kinds (docs/figures.md §Parameters).
-KINDS = ("embedding", "attention", "ssm", "ffn", "moe router", "moe routed experts",
+KINDS = ("embedding", "attention", "ssm", "long conv", "ffn", "moe router", "moe routed experts",
          "moe shared experts", "norms", "lm_head")
 
 
@@ -116,6 +121,8 @@ def component_kinds(plan: ModelPlan) -> dict[str, str]:
                 kinds[f"{layer.path}.mixer"] = "attention"
             case Mamba1Plan() | Mamba2Plan():
                 kinds[f"{layer.path}.mixer"] = "ssm"
+            case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+                kinds[f"{layer.path}.mixer"] = "long conv"
             case _:
                 assert_never(layer.mixer)
         ffn = layer.ffn
@@ -245,6 +252,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "bytes": kv.bytes,
             "ssm_state_bytes": kv.ssm_state_bytes,
             "naive_mla_bytes_per_token": kv.naive_mla_bytes_per_token,
+            "conv_bytes_per_token": kv.conv_bytes_per_token,
             "by_component": dict(kv.by_component),
             "convention": KV_CONVENTION,
         },

@@ -7,7 +7,7 @@ iterates `ModelPlan.layers` and never looks at a layer index to decide what a la
 Module paths (the keys of every per-component result, and the names in the torch model):
   embed, pos_embed, embed_norm,
   layers.{i}.{norm}            one entry per name in LayerPlan.norms (norm1, norm2, post_norm1, ...)
-  layers.{i}.mixer             attention / MLA / Mamba, with their internal norms
+  layers.{i}.mixer             attention / MLA / Mamba / S4 / Hyena, with their internal norms
   layers.{i}.ffn               dense FFN
   layers.{i}.ffn.router|experts|shared|shared_gate   MoE
   final_norm, lm_head
@@ -26,7 +26,10 @@ from archplan.spec import (
     MLA,
     MLP,
     MQA,
+    S4,
+    S4D,
     DeepNorm,
+    Hyena,
     Mamba1,
     Mamba2,
     MoE,
@@ -39,6 +42,7 @@ from archplan.spec import (
     Rope,
     Sandwich,
     Spec,
+    StripedHyena,
     rotary_dim,
 )
 from typing_extensions import assert_never
@@ -120,6 +124,46 @@ class Mamba2Plan:
 
 
 @dataclass(frozen=True)
+class S4Plan:
+    """S4D (dplr False) or S4 DPLR layer over d_model channels H (Gu et al. 2022)."""
+
+    dplr: bool
+    d_state: int  # N; N/2 complex modes are stored
+    n_ssm: int  # copies of (A, B, P), each shared by H / n_ssm channels
+    ssm_buffers: bool  # A, B, P, log Δ are buffers (not parameters)
+
+    @property
+    def modes(self) -> int:
+        return self.d_state // 2
+
+
+@dataclass(frozen=True)
+class HyenaPlan:
+    """Hyena operator (Poli et al. 2023; safari HyenaOperator)."""
+
+    order: int
+    filter_order: int  # F
+    filter_depth: int  # inner Linear(F, F) layers
+    emb_dim: int  # E
+    short_filter: int  # k
+    l_max: int
+    trainable_positions: bool
+    modulation: bool
+    bias: bool
+    sin_freq: float  # initial Sin frequency (init only)
+
+
+@dataclass(frozen=True)
+class StripedHyenaPlan:
+    """StripedHyena's hyena mixer (togethercomputer/stripedhyena ParallelHyenaFilter + projections)."""
+
+    short_filter: int
+    short_filter_bias: bool
+    state_size: int
+    filter_groups: int  # channels per modal filter
+
+
+@dataclass(frozen=True)
 class FFNPlan:
     kind: Literal["mlp", "glu"]
     d_ff: int
@@ -140,9 +184,14 @@ class MoEPlan:
     score_correction_bias: bool  # a buffer, never a parameter
     routed_scale: float
     aux_loss_coef: float
+    aux_loss_scope: Literal["batch", "sequence"] = "batch"
+    n_group: int | None = None  # group-limited routing (None: every expert is a candidate)
+    topk_group: int | None = None
+    group_score: Literal["max", "top2_sum"] = "top2_sum"
 
 
-MixerPlan = Union[AttentionPlan, MLAPlan, Mamba1Plan, Mamba2Plan]
+LongConvPlan = Union[S4Plan, HyenaPlan, StripedHyenaPlan]
+MixerPlan = Union[AttentionPlan, MLAPlan, Mamba1Plan, Mamba2Plan, S4Plan, HyenaPlan, StripedHyenaPlan]
 FFNOrMoE = Union[FFNPlan, MoEPlan]
 
 
@@ -283,6 +332,42 @@ def _ssm_plan(spec: Spec) -> Mamba1Plan | Mamba2Plan:
             assert_never(ssm)
 
 
+def _long_conv_plan(spec: Spec) -> LongConvPlan:
+    conv = spec.long_conv
+    match conv:
+        case S4D() | S4():
+            return S4Plan(
+                dplr=isinstance(conv, S4),
+                d_state=conv.d_state,
+                n_ssm=conv.n_ssm if conv.n_ssm is not None else spec.d_model,
+                ssm_buffers=conv.ssm_buffers,
+            )
+        case Hyena():
+            return HyenaPlan(
+                order=conv.order,
+                filter_order=conv.filter_order,
+                filter_depth=conv.filter_depth,
+                emb_dim=conv.emb_dim,
+                short_filter=conv.short_filter,
+                l_max=conv.l_max,
+                trainable_positions=conv.trainable_positions,
+                modulation=conv.modulation,
+                bias=conv.bias,
+                sin_freq=conv.sin_freq,
+            )
+        case StripedHyena():
+            return StripedHyenaPlan(
+                short_filter=conv.short_filter,
+                short_filter_bias=conv.short_filter_bias,
+                state_size=conv.state_size,
+                filter_groups=conv.filter_groups,
+            )
+        case None:
+            raise AssertionError("layout places a long-convolution layer but spec.long_conv is None")
+        case _:
+            assert_never(conv)
+
+
 def ffn_plan(ffn: MLP | GLU) -> FFNPlan:
     return FFNPlan(kind=ffn.kind, d_ff=ffn.d_ff, activation=ffn.activation, bias=ffn.bias)
 
@@ -308,6 +393,10 @@ def _moe_plan(moe: MoE) -> MoEPlan:
         score_correction_bias=moe.router.score_correction_bias,
         routed_scale=moe.router.scale,
         aux_loss_coef=moe.aux_loss_coef,
+        aux_loss_scope=moe.aux_loss_scope,
+        n_group=moe.router.n_group,
+        topk_group=moe.router.topk_group,
+        group_score=moe.router.group_score,
     )
 
 
@@ -319,13 +408,14 @@ def resolve(spec: Spec) -> ModelPlan:
     global_attn = _attention_plan(spec, None) if spec.attention is not None else None
     local_attn = _attention_plan(spec, window) if window is not None else None
     ssm = _ssm_plan(spec) if spec.ssm is not None else None
+    long_conv = _long_conv_plan(spec) if spec.long_conv is not None else None
     dense = ffn_plan(spec.ffn) if spec.ffn is not None else None
     moe = _moe_plan(spec.moe) if spec.moe is not None else None
 
     layers = []
     for i in range(spec.n_layers):
         letter = pattern[i % len(pattern)]
-        mixer = {"A": global_attn, "S": local_attn, "M": ssm}[letter]
+        mixer = {"A": global_attn, "S": local_attn, "M": ssm, "H": long_conv}[letter]
         assert mixer is not None
         is_moe = moe is not None and i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
         ffn: FFNOrMoE | None = moe if is_moe else dense

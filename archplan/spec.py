@@ -11,6 +11,7 @@ import math
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from typing_extensions import assert_never
 
 # Sizes above this are rejected as absurd: 2^40 would already be a 1-trillion-wide matrix side.
 MAX_DIM = 1 << 24
@@ -211,6 +212,83 @@ class Mamba2(Frozen):
 SSM = Annotated[Union[Mamba1, Mamba2], Field(discriminator="kind")]
 
 
+# ------------------------------------------------------------------- long convolutions (letter H)
+class _S4Fields(Frozen):
+    d_state: Dim = Field(64, description="N: state size; N/2 complex modes are kept (conjugate pairs).")
+    n_ssm: Dim | None = Field(
+        None, description="Copies of (A, B): None = one per channel (d_model, the s4 code default); 1 in the published configs."
+    )
+    ssm_buffers: bool = Field(
+        False, description="A, B (and P) and log Δ registered as buffers (the s4 code's lr=0.0), not parameters."
+    )
+
+
+class S4D(_S4Fields):
+    """Diagonal SSM layer (Gu et al. 2022, "On the Parameterization and Initialization of Diagonal
+    State Space Models"; state-spaces/s4 `models/s4/s4.py` FFTConv with `mode: diag`).
+
+    Kernel K_l = 2·Re Σ_n C_n·B̄_n·exp(Δ·A_n)^l over N/2 conjugate-pair modes (ZOH), applied by an
+    FFT convolution of length 2T; D skip, GELU, then Linear(H, 2H) + GLU. Decodes as a recurrence.
+    """
+
+    kind: Literal["s4d"] = "s4d"
+
+
+class S4(_S4Fields):
+    """S4 with the diagonal-plus-low-rank A = Λ − P·P* (Gu et al. 2022, "Efficiently Modeling Long
+    Sequences with Structured State Spaces", §3; s4.py `SSMKernelDPLR`, rank 1, bilinear step)."""
+
+    kind: Literal["s4"] = "s4"
+
+
+class Hyena(Frozen):
+    """Hyena operator (Poli et al. 2023, "Hyena Hierarchy", §3; HazyResearch/safari
+    `src/models/sequence/hyena.py` HyenaOperator + HyenaFilter).
+
+    in_proj to (order+1)·D, a short causal depthwise conv, then order−1 gated long convolutions whose
+    filters an MLP (Sin activations) generates from positional features, then out_proj.
+    """
+
+    kind: Literal["hyena"] = "hyena"
+    order: Annotated[int, Field(ge=2, le=16)] = 2
+    filter_order: Dim = Field(64, description="Width F of the implicit filter MLP.")
+    filter_depth: Annotated[int, Field(ge=0, le=64)] = Field(2, description="Inner Linear(F, F) + Sin layers.")
+    emb_dim: Dim = Field(3, description="Positional features E = 1 + 2·bands (odd, >= 3): t, cos, sin.")
+    short_filter: Dim = Field(3, description="Taps of the short causal depthwise conv.")
+    l_max: Dim = Field(description="Longest filter; the positional table has l_max rows.")
+    trainable_positions: bool = Field(
+        True, description="Positional features z are a parameter (safari LM configs) or a buffer (HyenaDNA)."
+    )
+    modulation: bool = Field(True, description="Exponential decay window on the filter (safari ExponentialModulation).")
+    sin_freq: float = Field(1.0, gt=0, le=1e4, description="Initial frequency w of the Sin activations (safari `w`; 14 in the Pile configs).")
+    bias: bool = Field(True, description="Biases of in_proj and out_proj.")
+
+    @model_validator(mode="after")
+    def _odd_features(self) -> Hyena:
+        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be odd and >= 3: 1 time feature + cos/sin pairs")
+        return self
+
+
+class StripedHyena(Frozen):
+    """The hyena mixer of StripedHyena (Poli et al. 2023, togethercomputer/stripedhyena `model.py`
+    ParallelGatedConvBlock without its norms and MLP, which are the layer's norms and `ffn`).
+
+    projections Linear(D, 3D) → short depthwise FIR over 3D channels → x2, x1, v;
+    y = x2 · (h ∗ (x1·v) + D_skip·x1·v) with the modal long filter h(t) = Re Σ_s r_s·p_s^t;
+    out_filter_dense Linear(D, D). Decodes with the FIR tail and the modal state.
+    """
+
+    kind: Literal["stripedhyena"] = "stripedhyena"
+    short_filter: Dim = 3
+    short_filter_bias: bool = True
+    state_size: Dim = Field(2, description="Poles (and residues) per filter.")
+    filter_groups: Dim = Field(1, description="Channels sharing one modal filter (hyena_filter_groups).")
+
+
+LongConv = Annotated[Union[S4D, S4, Hyena, StripedHyena], Field(discriminator="kind")]
+
+
 # ------------------------------------------------------------------------------------------ FFN
 class MLP(Frozen):
     """Two-matrix FFN: down(act(up(x)))."""
@@ -234,7 +312,13 @@ FFN = Annotated[Union[MLP, GLU], Field(discriminator="kind")]
 
 
 class Router(Frozen):
-    """Top-k router. softmax: Mixtral/Switch; sigmoid: DeepSeek-V3 (with a score-correction bias buffer)."""
+    """Top-k router. softmax: Mixtral/Switch; sigmoid: DeepSeek-V3 (with a score-correction bias buffer).
+
+    Group-limited routing (DeepSeek-V2 §2.1.3 device-limited routing, DeepSeek-V3 §2.1.2 node-limited
+    routing, as transformers' DeepseekV2/V3TopkRouter): the experts form `n_group` equal groups, each
+    token keeps its `topk_group` best groups and picks its top_k experts inside them. It changes
+    which experts a token uses, never a count.
+    """
 
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     normalize_top_k: bool = True
@@ -243,6 +327,19 @@ class Router(Frozen):
         False, description="DeepSeek-V3 aux-loss-free balancing bias: a buffer, not a parameter."
     )
     scale: float = Field(1.0, gt=0, description="Routed output scale (DeepSeek-V3 routed_scaling_factor).")
+    n_group: Dim | None = Field(None, description="Group-limited routing: number of equal expert groups.")
+    topk_group: Dim | None = Field(None, description="Group-limited routing: groups each token may use.")
+    group_score: Literal["max", "top2_sum"] = Field(
+        "top2_sum", description="A group's score: its best expert (DeepSeek-V2 group_limited_greedy) or "
+                                "the sum of its best two (DeepSeek-V3 noaux_tc).")
+
+    @model_validator(mode="after")
+    def _groups_paired(self) -> Router:
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError("n_group and topk_group go together (group-limited routing)")
+        if self.n_group is not None and self.topk_group is not None and self.topk_group > self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+        return self
 
 
 class SharedExperts(Frozen):
@@ -261,12 +358,25 @@ class MoE(Frozen):
     expert: FFN
     shared: SharedExperts | None = None
     router: Router = Router()
-    aux_loss_coef: float = Field(0.01, ge=0, description="Switch-style load-balancing loss weight.")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Load-balancing loss weight (Switch α, DeepSeek aux_loss_alpha).")
+    aux_loss_scope: Literal["batch", "sequence"] = Field(
+        "batch", description="Balance pooled over the batch's tokens (Switch Transformer eq. 4-6, GShard) or "
+                             "per sequence, then averaged (DeepSeek-V3 eq. 17-20; HF seq_aux).")
 
     @model_validator(mode="after")
     def _k_fits(self) -> MoE:
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        groups, keep = self.router.n_group, self.router.topk_group
+        if groups is not None and keep is not None:
+            if self.n_experts % groups:
+                raise ValueError(f"router.n_group ({groups}) must divide n_experts ({self.n_experts})")
+            per_group = self.n_experts // groups
+            if self.router.group_score == "top2_sum" and per_group < 2:
+                raise ValueError(f"router.group_score top2_sum needs groups of 2+ experts (got {per_group})")
+            if self.top_k > keep * per_group:
+                raise ValueError(f"top_k ({self.top_k}) exceeds the {keep * per_group} experts of "
+                                 f"router.topk_group ({keep}) groups")
         return self
 
 
@@ -323,12 +433,13 @@ class Layout(Frozen):
     """Which mixer and which FFN each layer gets; `resolve.py` is the only reader.
 
     `mixers` is a pattern repeated cyclically over the layers (or spelled out in full):
-    `A` global attention, `S` sliding-window attention, `M` the SSM. Jamba: `MMMMAMMM`.
+    `A` global attention, `S` sliding-window attention, `M` the SSM (`ssm`: Mamba), `H` the long
+    convolution (`long_conv`: S4D, S4, Hyena or StripedHyena). Jamba: `MMMMAMMM`; StripedHyena-7B: `HA`.
     A layer has routed experts iff `layer >= first_dense` and `layer % moe_every == moe_offset`
     (HF DeepSeek `first_k_dense_replace`/`moe_layer_freq`; Jamba `expert_layer_period/offset`).
     """
 
-    mixers: str = Field("A", pattern=r"^[ASM]+$", max_length=MAX_LAYERS)
+    mixers: str = Field("A", pattern=r"^[ASMH]+$", max_length=MAX_LAYERS)
     moe_every: PositiveInt = 1
     moe_offset: NonNegDim = 0
     first_dense: NonNegDim = 0
@@ -379,6 +490,7 @@ class Spec(Frozen):
     final_norm: bool = True
     attention: Attention | None = None
     ssm: SSM | None = None
+    long_conv: LongConv | None = None
     ffn: FFN | None = None
     moe: MoE | None = None
     layout: Layout = Layout()
@@ -390,6 +502,7 @@ class Spec(Frozen):
         _check_layout(self)
         _check_attention_dims(self)
         _check_ssm_dims(self)
+        _check_long_conv(self)
         return self
 
     @property
@@ -414,6 +527,10 @@ def _check_layout(spec: Spec) -> None:
         raise ValueError("attention: set, but layout.mixers has no A or S layer")
     if spec.ssm is not None and "M" not in letters:
         raise ValueError("ssm: set, but layout.mixers has no M layer; e.g. mixers: M")
+    if "H" in letters and spec.long_conv is None:
+        raise ValueError("layout.mixers: uses a long convolution (H) but `long_conv` is not set")
+    if spec.long_conv is not None and "H" not in letters:
+        raise ValueError("long_conv: set, but layout.mixers has no H layer; e.g. mixers: H")
     window = spec.attention.sliding_window if spec.attention is not None else None
     if "S" in letters and window is None:
         raise ValueError("layout.mixers: has S layers but attention.sliding_window is not set")
@@ -435,7 +552,7 @@ def _check_layout(spec: Spec) -> None:
     dense_layers = spec.n_layers - moe_layers if spec.moe is not None else spec.n_layers
     if spec.moe is not None and dense_layers and spec.ffn is None:
         raise ValueError(f"ffn: {dense_layers} layers are dense under the layout but `ffn` is not set")
-    if spec.ffn is None and spec.moe is None and "M" not in letters:
+    if spec.ffn is None and spec.moe is None and not letters & {"M", "H"}:
         raise ValueError("ffn: attention layers need `ffn` or `moe`")
 
 
@@ -475,6 +592,33 @@ def _check_ssm_dims(spec: Spec) -> None:
         )
 
 
+def _check_long_conv(spec: Spec) -> None:
+    conv = spec.long_conv
+    match conv:
+        case None:
+            return
+        case S4D() | S4():
+            if conv.d_state % 2:
+                raise ValueError(f"long_conv.d_state ({conv.d_state}) must be even: modes come in conjugate pairs")
+            if conv.n_ssm is not None and spec.d_model % conv.n_ssm:
+                raise ValueError(
+                    f"long_conv.n_ssm: d_model ({spec.d_model}) is not divisible by n_ssm ({conv.n_ssm})"
+                )
+        case Hyena():
+            if conv.l_max < spec.max_seq_len:
+                raise ValueError(
+                    f"long_conv.l_max ({conv.l_max}) is shorter than max_seq_len ({spec.max_seq_len}): "
+                    "the implicit filter has no positions beyond l_max"
+                )
+        case StripedHyena():
+            if spec.d_model % conv.filter_groups:
+                raise ValueError(
+                    f"long_conv.filter_groups: d_model ({spec.d_model}) is not divisible by filter_groups ({conv.filter_groups})"
+                )
+        case _:
+            assert_never(conv)
+
+
 def rotary_dim(head_dim: int, fraction: float) -> int:
     """Rotated dims of a head (HF GPT-NeoX/Phi: int(head_dim * partial_rotary_factor))."""
     return int(math.floor(head_dim * fraction + 1e-9))
@@ -484,6 +628,7 @@ def rotary_dim(head_dim: int, fraction: float) -> int:
 UNIONS: dict[str, tuple[type[BaseModel], ...]] = {
     "attention": (MHA, GQA, MQA, MLA),
     "ssm": (Mamba1, Mamba2),
+    "long_conv": (S4D, S4, Hyena, StripedHyena),
     "ffn": (MLP, GLU),
     "position": (Rope, Alibi, LearnedPositions, SinusoidalPositions, NoPositions),
     "residual": (PreNorm, PostNorm, DeepNorm, Parallel, Sandwich, Reordered),

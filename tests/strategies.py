@@ -19,11 +19,14 @@ from archplan.spec import (
     GLU,
     GQA,
     MHA,
+    S4,
+    S4D,
     MLA,
     MLP,
     MQA,
     Alibi,
     DeepNorm,
+    Hyena,
     LearnedPositions,
     Mamba1,
     Mamba2,
@@ -36,6 +39,7 @@ from archplan.spec import (
     Sandwich,
     SinusoidalPositions,
     Spec,
+    StripedHyena,
 )
 
 D_MODELS = (8, 16, 24, 32)
@@ -136,6 +140,44 @@ def _mamba2(draw: Draw, d_model: int) -> dict[str, Any]:
     }
 
 
+def _s4(kind: str) -> MemberStrategy:
+    def draw_s4(draw: Draw, d_model: int) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "d_state": draw(st.sampled_from((2, 4, 6))),
+            "n_ssm": draw(st.sampled_from((None, 1, 2, 4, 8))),  # all divide every D_MODELS entry
+            "ssm_buffers": draw(st.booleans()),
+        }
+
+    return draw_s4
+
+
+def _hyena(draw: Draw, d_model: int) -> dict[str, Any]:
+    return {
+        "kind": "hyena",
+        "order": draw(st.integers(2, 3)),
+        "filter_order": draw(st.integers(1, 6)),
+        "filter_depth": draw(st.integers(0, 2)),
+        "emb_dim": draw(st.sampled_from((3, 5, 7))),
+        "short_filter": draw(st.integers(1, 4)),
+        "l_max": draw(st.sampled_from((48, 64))),  # >= every drawn max_seq_len
+        "trainable_positions": draw(st.booleans()),
+        "modulation": draw(st.booleans()),
+        "bias": draw(st.booleans()),
+        "sin_freq": draw(st.sampled_from((1.0, 14.0))),
+    }
+
+
+def _stripedhyena(draw: Draw, d_model: int) -> dict[str, Any]:
+    return {
+        "kind": "stripedhyena",
+        "short_filter": draw(st.integers(1, 4)),
+        "short_filter_bias": draw(st.booleans()),
+        "state_size": draw(st.integers(1, 3)),
+        "filter_groups": draw(st.sampled_from((1, 2, 4, 8))),
+    }
+
+
 def _ffn(kind: str) -> MemberStrategy:
     def draw_ffn(draw: Draw, d_model: int) -> dict[str, Any]:
         acts = ("relu", "gelu", "gelu_tanh", "silu")
@@ -180,6 +222,7 @@ def _optional_positive(draw: Draw) -> float | None:
 MEMBERS: dict[str, dict[type[BaseModel], MemberStrategy]] = {
     "attention": {MHA: _mha, GQA: _gqa, MQA: _mqa, MLA: _mla},
     "ssm": {Mamba1: _mamba1, Mamba2: _mamba2},
+    "long_conv": {S4D: _s4("s4d"), S4: _s4("s4"), Hyena: _hyena, StripedHyena: _stripedhyena},
     "ffn": {MLP: _ffn("mlp"), GLU: _ffn("glu")},
     "position": {
         Rope: _rope,
@@ -218,9 +261,10 @@ def _fix_rotary(attention: dict[str, Any], position: dict[str, Any], d_model: in
             return
 
 
-def _pattern(draw: Draw, n_layers: int, attention: bool, ssm: bool) -> str:
-    letters = [letter for letter, on in (("A", attention), ("S", attention), ("M", ssm)) if on]
-    required = (["M"] if ssm else []) + ([draw(st.sampled_from(("A", "S")))] if attention else [])
+def _pattern(draw: Draw, n_layers: int, attention: bool, ssm: bool, conv: bool) -> str:
+    letters = [letter for letter, on in (("A", attention), ("S", attention), ("M", ssm), ("H", conv)) if on]
+    required = (["M"] if ssm else []) + (["H"] if conv else [])
+    required += [draw(st.sampled_from(("A", "S")))] if attention else []
     length = draw(st.integers(len(required), n_layers))
     body = draw(st.lists(st.sampled_from(letters), min_size=length - len(required), max_size=length - len(required)))
     return "".join(draw(st.permutations(required + body)))
@@ -239,12 +283,12 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         raise KeyError(f"no strategy for unions {sorted(unknown)}")
     d_model = draw(st.sampled_from(D_MODELS))
     n_layers = draw(st.integers(1, 4))
-    shape = draw(st.sampled_from(("attention", "ssm", "hybrid")))
-    has_attention = "attention" in only or shape in ("attention", "hybrid")
-    has_ssm = "ssm" in only or shape in ("ssm", "hybrid")
-    if has_attention and has_ssm and n_layers < 2:
-        n_layers = 2
-    pattern = _pattern(draw, n_layers, has_attention, has_ssm)
+    shape = draw(st.sampled_from(("attention", "ssm", "hybrid", "conv", "conv hybrid")))
+    has_attention = "attention" in only or shape in ("attention", "hybrid", "conv hybrid")
+    has_ssm = "ssm" in only or shape in ("ssm", "hybrid") or (shape == "conv hybrid" and draw(st.booleans()))
+    has_conv = "long_conv" in only or shape in ("conv", "conv hybrid")
+    n_layers = max(n_layers, has_attention + has_ssm + has_conv)
+    pattern = _pattern(draw, n_layers, has_attention, has_ssm, has_conv)
 
     data: dict[str, Any] = {
         "name": "hypothesis",
@@ -269,6 +313,8 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         data["attention"] = attention
     if has_ssm:
         data["ssm"] = _member(draw, "ssm", only, d_model)
+    if has_conv:
+        data["long_conv"] = _member(draw, "long_conv", only, d_model)
 
     use_moe = draw(st.booleans())
     if use_moe:
@@ -285,7 +331,14 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
                 "scale": draw(st.sampled_from((1.0, 2.5))),
             },
             "aux_loss_coef": draw(st.sampled_from((0.0, 0.01))),
+            "aux_loss_scope": draw(st.sampled_from(("batch", "sequence"))),
         }
+        if draw(st.booleans()):  # group-limited routing: n_group divides E, the kept groups hold top_k
+            groups = draw(st.sampled_from([g for g in range(1, n_experts + 1) if n_experts % g == 0]))
+            per = n_experts // groups
+            moe["router"].update(
+                n_group=groups, topk_group=draw(st.integers(-(-moe["top_k"] // per), groups)),
+                group_score=draw(st.sampled_from(("max", "top2_sum") if per >= 2 else ("max",))))
         if draw(st.booleans()):
             moe["shared"] = {"n": draw(st.integers(1, 2)), "d_ff": draw(st.integers(1, 16)),
                              "gate": draw(st.booleans())}
@@ -299,8 +352,8 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         dense_layers = n_layers - _moe_layers(n_layers, every, offset, first_dense)
         need_ffn = dense_layers > 0 or "ffn" in only
     else:
-        # attention-only stacks need an FFN; a stack with Mamba layers may have none (pure Mamba blocks)
-        need_ffn = not has_ssm or "ffn" in only or draw(st.booleans())
+        # attention-only stacks need an FFN; a stack with Mamba or long-conv layers may have none
+        need_ffn = not (has_ssm or has_conv) or "ffn" in only or draw(st.booleans())
     if need_ffn:
         data["ffn"] = _member(draw, "ffn", only, d_model)
     data["layout"] = layout

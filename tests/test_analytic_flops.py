@@ -141,14 +141,18 @@ def test_shared_expert_and_gate_flops() -> None:
 
 
 def test_mla_core_and_decode() -> None:
-    """Prefill SDPA with Dqk = 192, Dv = 128; decode with the absorbed latent (FORMULAS §2.8)."""
+    """Prefill SDPA with Dqk = 192, Dv = 128; decode absorbed (DeepSeek-V2 §2.1.2): per key
+    2·H·(C+R) + 2·H·C = 278,528, W_UK/W_UV once per token (2·H·C·(Dn+Dv) = 33,554,432, what the
+    expanded form would pay per cached key); a single key runs expanded (2·H·(Dqk+Dv) = 81,920)."""
     p = resolve(load_spec("deepseek-v3"))
     f = forward_flops(p, 32)
     assert f.attention_full == 61 * 2 * 32 * 32 * 128 * (192 + 128)
     assert f.attention_causal == 61 * 2 * attended_pairs(32, None) * 128 * (192 + 128)
-    per_key = 61 * (2 * 128 * (512 + 64) + 2 * 128 * 512)
-    assert decode_flops_per_token(p, 11) - decode_flops_per_token(p, 10) == per_key
-    assert decode_flops_per_token(p, 1) == 2 * count_params(p).matmul_active + per_key
+    per_key = 2 * 128 * (512 + 64) + 2 * 128 * 512
+    assert per_key == 278_528 and 2 * 128 * 512 * (128 + 128) == 33_554_432
+    assert decode_flops_per_token(p, 11) - decode_flops_per_token(p, 10) == 61 * per_key
+    assert decode_flops_per_token(p, 2) == 2 * count_params(p).matmul_active + 61 * 2 * per_key
+    assert decode_flops_per_token(p, 1) == 2 * count_params(p).matmul_active + 61 * 2 * 128 * (192 + 128)
 
 
 def test_elementwise_estimates() -> None:

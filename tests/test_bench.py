@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from archplan.bench.roofline import predict_decode_step, predict_prefill
+from archplan.analytic import decode_flops, decode_flops_per_token
+from archplan.bench.roofline import DecodeRates, OpCount, predict_decode_step, predict_prefill
 from archplan.bench.runner import (
     BenchConfig,
     available_backends,
@@ -93,8 +95,57 @@ def test_roofline_is_max_of_compute_and_memory() -> None:
         assert max(compute, memory) * (1 - 1e-9) <= row.seconds <= (compute + memory) * (1 + 1e-9)
     assert roof.seconds == pytest.approx(sum(r.seconds for r in roof.rows))
     # Decode at batch 1 moves every weight once per token: memory-bound on any real device.
-    step = predict_decode_step(plan, 1, 64, 2, peak=1e15, bandwidth=1e9)
+    step = predict_decode_step(plan, 1, 64, 2, DecodeRates(1e9, 1e15, 0.0, 0.0, 0.0, overlap=False), {})
     assert all(r.bound == "memory" for r in step.rows)
+
+
+RATES = DecodeRates(gemv_bandwidth=1e9, skinny_flops=1e9, matmul_seconds=2e-5, attention_seconds=5e-5,
+                    op_seconds=2e-6, overlap=False)
+OPS = {"gqa+dense": OpCount(matmuls=7, attention=1, others=50), "embed+head": OpCount(matmuls=1, attention=0, others=6)}
+
+
+def test_decode_model_structure() -> None:
+    """Work from the analytic decode step plus each kind's ops at their overheads; monotone in context."""
+    plan = plan_of(TINY)
+    step = predict_decode_step(plan, 2, 32, 4, RATES, OPS)
+    layers = next(r for r in step.rows if r.kind == "gqa+dense")
+    assert layers.ops == 4 * 58 and layers.work > 0
+    assert layers.overhead == pytest.approx(4 * (7 * 2e-5 + 5e-5 + 50 * 2e-6))
+    assert layers.seconds == pytest.approx(layers.work + layers.overhead)
+    assert step.seconds == pytest.approx(sum(r.seconds for r in step.rows))
+    # FLOPs are the analytic decode step's, component for component
+    assert sum(r.flops for r in step.rows) == decode_flops(plan, 32, 2).counted
+    # the embedding reads the looked-up rows only; the final norm and the head their weights
+    head = next(r for r in step.rows if r.kind == "embed+head")
+    assert head.bytes == 4 * (2 * 64 + 64 + 64 * 256)
+    # more context, more cache read, never faster; more ops, never faster
+    times = [predict_decode_step(plan, 2, c, 4, RATES, OPS).seconds for c in (1, 8, 64, 128)]
+    assert times == sorted(times) and times[0] < times[-1]
+    slower = predict_decode_step(plan, 2, 32, 4, RATES, {**OPS, "gqa+dense": OpCount(70, 1, 50)})
+    assert slower.seconds > step.seconds
+    # CUDA: the host issues ahead of the device, the step is the larger of the two
+    cuda = predict_decode_step(plan, 2, 32, 4, replace(RATES, overlap=True), OPS)
+    assert cuda.seconds == pytest.approx(max(sum(r.work for r in cuda.rows), sum(r.overhead for r in cuda.rows)))
+
+
+MLA_TINY = dict(
+    name="tiny-mla", vocab_size=256, d_model=64, n_layers=2, max_seq_len=128,
+    attention={"kind": "mla", "n_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 32, "qk_nope_head_dim": 8,
+               "qk_rope_head_dim": 8, "v_head_dim": 8},
+    ffn={"kind": "glu", "d_ff": 128},
+)
+
+
+def test_bench_mla_decode_flops_equal_size() -> None:
+    """bench's counted decode FLOPs (meta, the absorbed step) equal `size`'s decode FLOPs × batch."""
+    plan = plan_of(MLA_TINY)
+    out = run_bench(plan, FAST).to_json()["decode"]
+    assert out["context"] == 16 + 2
+    assert out["flops_counted"] == out["flops"] == FAST.batch * decode_flops_per_token(plan, out["context"])
+    for key in ("gemv_bandwidth", "skinny_flops", "matmul_seconds", "attention_seconds", "op_seconds"):
+        assert out["rates"][key] > 0
+    ops = out["ops_per_layer"]["mla+dense"]
+    assert ops["matmuls"] > 0 and ops["attention"] == 1 and out["predicted_ms_per_token"] > 0
 
 
 def test_cli_json_contract() -> None:

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 
 from strategies import Case, cases
 
+from archplan.analytic import decode_flops
+from archplan.bench.runner import counted_decode_flops
 from archplan.errors import ArchplanError
 from archplan.modules.cache import KVState, LatentState
 from archplan.modules.model import ArchplanModel, build_model
@@ -156,7 +158,7 @@ def test_cache_bytes_after_prefill(variant: str, dtype: torch.dtype) -> None:
             assert state.k_BHLD.shape == (batch, layer.mixer.n_kv_heads, length, layer.mixer.head_dim)
         elif isinstance(layer.mixer, MLAPlan):
             assert isinstance(state, LatentState)
-            assert state.ckv_BLR.shape[2] == 10 and state.kpe_BLR.shape[2] == 4
+            assert state.ckv_BLC.shape[2] == 10 and state.kpe_BLR.shape[2] == 4
 
 
 def test_llama_3_8b_cache_on_meta() -> None:
@@ -210,3 +212,23 @@ def test_decode_equals_forward_for_generated_specs(case: Case) -> None:
         full = model(tokens)
         incremental = decode(model, tokens, [prefill] + [1] * (seq - prefill), max_len=seq)
     torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_decode_step_flops_on_meta_for_generated_specs(case: Case) -> None:
+    """One decode step counted on meta = `analytic.decode_flops` exactly, at and past any window."""
+    plan = resolve(case.spec)
+    for context in (1, 2, case.seq + 3):
+        assert counted_decode_flops(plan, context, case.batch) == decode_flops(plan, context, case.batch).counted
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "llama-3-8b", "mixtral-8x7b", "jamba-v0.1", "mamba-2.8b"])
+def test_decode_step_flops_on_meta_for_presets(preset: str) -> None:
+    """DeepSeek-V3 decodes absorbed: its counted step equals `size`'s decode FLOPs × batch."""
+    from archplan.analytic import decode_flops_per_token
+    from archplan.loader import load_spec
+
+    plan = resolve(load_spec(preset))
+    counted = counted_decode_flops(plan, 40, 2)
+    assert counted == decode_flops(plan, 40, 2).counted == 2 * decode_flops_per_token(plan, 40)

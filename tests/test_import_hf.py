@@ -1,10 +1,13 @@
 """`archplan import hf`: every reference config imports to transformers' exact count, tiny configs of
-the other families match counts derived by hand from transformers' modeling code, and bad input
-exits 2 naming the field. No transformers needed (benchmarks/hf_parity.py builds the real models).
+the other families match counts derived by hand from transformers' modeling code, the configs
+transformers itself writes for every family import and size exactly (against the model transformers
+builds on meta), the key policy reports or refuses what it does not know, and bad input exits 2
+naming the field.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -18,7 +21,7 @@ import pytest
 from archplan.analytic import count_params
 from archplan.cli import main
 from archplan.errors import ArchplanError
-from archplan.importers import FAMILIES, import_hf, spec_from_config
+from archplan.importers import FAMILIES, convert_config, import_hf, read_hf, spec_from_config
 from archplan.loader import load_spec, parse_yaml, spec_from_data
 from archplan.planning import spec_yaml
 from archplan.resolve import resolve
@@ -28,7 +31,7 @@ EXPECTED = json.loads((FIXTURES / "expected.json").read_text())["models"]
 
 COVERAGE = (
     "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe gemma gemma2 phi phi3 gpt2 gpt_neox gptj "
-    "falcon bloom mpt stablelm olmo olmo2 olmoe deepseek_v2 deepseek_v3 mamba mamba2 jamba"
+    "falcon bloom mpt stablelm olmo olmo2 olmoe deepseek_v2 deepseek_v3 mamba mamba2 jamba stripedhyena"
 ).split()
 
 
@@ -50,6 +53,16 @@ class Case:
 V, D = 128, 64
 EMB = V * D
 TINY: dict[str, Case] = {
+    # stripedhyena model.py: hyena blocks (projections + bias, FIR 3D·k + bias, D, poles and residues
+    # D·S·2 each, out_filter_dense + bias) and one MHA block, both with two RMSNorms and the gated MLP
+    "stripedhyena": Case(
+        dict(model_type="stripedhyena", vocab_size=V, hidden_size=D, num_layers=3, num_attention_heads=4,
+             proj_groups=1, attn_layer_idxs=[1], inner_mlp_size=96, state_size=2, qkv_proj_bias=True, num_filters=D,
+             tie_embeddings=True),
+        EMB + D
+        + 2 * (lin(D, 3 * D, True) + 3 * D * 3 + 3 * D + D + 2 * D * 2 * 2 + lin(D, D, True) + 2 * D + 3 * D * 96)
+        + (lin(D, 3 * D, True) + lin(D, D) + 2 * D + 3 * D * 96),
+    ),
     # LlamaAttention: attention_bias on q, k, v AND o; LlamaMLP: mlp_bias on gate/up/down; tied head
     "llama-biased-tied-llama3rope": Case(
         dict(model_type="llama", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
@@ -570,7 +583,6 @@ def refusal(config: dict[str, Any]) -> ArchplanError:
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"model_type": "t5"}, "model_type"),
-    ({"some_new_switch": True}, "some_new_switch"),
     ({"hidden_act": "quick_gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9}}, "rope_scaling.attention_factor"),
@@ -659,7 +671,6 @@ def test_cli_invalid_json_names_line_and_column(tmp_path: Path, capsys: pytest.C
 @pytest.mark.parametrize(("content", "needle"), [
     ('[1, 2]', "JSON object"),
     ('{"vocab_size": 10}', "model_type"),
-    ('{"model_type": "llama", "hidden_size": 64, "flux_capacitor": 1}', "flux_capacitor"),
 ])
 def test_cli_bad_configs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                 content: str, needle: str) -> None:
@@ -687,3 +698,151 @@ def test_import_does_not_load_torch() -> None:
             f"import_hf({str(FIXTURES / 'hf-configs' / 'jamba-v0.1.json')!r}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------- the key policy
+FAMILY_CONFIGS = json.loads((FIXTURES / "hf_families.json").read_text())["families"]
+# Real Hub config.json files with legacy keys (output_past, n_ctx, d_inner, d_model, ssm_cfg...), and
+# their parameter counts (transformers' `model.parameters()`, the tied head counted once).
+HUB_LEGACY = {"gpt2-xl.json": 1_557_611_200, "mamba-130m-hf.json": 129_135_360}
+
+
+def transformers_counts(transformers: Any, hf_config: Any) -> tuple[int, int]:
+    """Total and active parameters of the model transformers builds on meta. Active: minus the
+    (E - top_k) unused experts of each routed-expert tensor (leading dim E), as expected.json."""
+    torch = pytest.importorskip("torch")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    total = sum(p.numel() for p in model.parameters())
+    top_k = getattr(hf_config, "num_experts_per_tok", None)
+    inactive = sum((p.shape[0] - top_k) * (p.numel() // p.shape[0])
+                   for name, p in model.named_parameters() if ".experts." in name and top_k)
+    return total, total - inactive
+
+
+# Families whose modeling code is Hub remote code, not part of transformers: AutoConfig cannot write
+# their config; tests/test_import_stripedhyena.py checks them against the reference implementation.
+REMOTE_CODE = {"stripedhyena"}
+
+
+def test_family_list_covers_every_registered_model_type() -> None:
+    assert sorted(f["model_type"] for f in FAMILY_CONFIGS) == sorted(set(FAMILIES) - REMOTE_CODE)
+
+
+@pytest.mark.parametrize("entry", FAMILY_CONFIGS, ids=[f["model_type"] for f in FAMILY_CONFIGS])
+def test_configs_transformers_writes_import_and_size_exactly(entry: dict[str, Any], tmp_path: Path) -> None:
+    """The config.json transformers 5 writes (every key, defaults included) imports with no key
+    left unaccounted for, and sizes exactly as the model transformers builds from it."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.AutoConfig.for_model(entry["model_type"], **copy.deepcopy(entry["kwargs"]))
+    hf_config.to_json_file(tmp_path / "config.json", use_diff=False)
+    imported = read_hf(tmp_path, strict=True)
+    assert imported.ignored == ()
+    pc = count_params(resolve(imported.spec))
+    assert (pc.total, pc.active) == transformers_counts(transformers, hf_config)
+
+
+# DeepseekV2Config's default num_experts_per_tok is None: 64 experts and no top-k, which
+# transformers' router cannot route either (topk(k=None)); the importer refuses it by name.
+REFUSED_DEFAULTS = {"deepseek_v2": "num_experts_per_tok"}
+
+
+@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - REMOTE_CODE))
+def test_default_configs_transformers_writes_import_and_size_exactly(model_type: str) -> None:
+    """Each family's full-size default config (no kwargs: Llama-7B, DeepSeek-V3 671B, ...), built
+    by transformers on meta."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.AutoConfig.for_model(model_type)
+    data = json.loads(hf_config.to_json_string(use_diff=False))
+    if model_type in REFUSED_DEFAULTS:
+        assert refusal(data).field == REFUSED_DEFAULTS[model_type]
+        return
+    imported = convert_config(data, file="config.json", name=model_type, strict=True)
+    assert imported.ignored == ()
+    pc = count_params(resolve(imported.spec))
+    assert (pc.total, pc.active) == transformers_counts(transformers, hf_config)
+
+
+@pytest.mark.parametrize("name", sorted(HUB_LEGACY))
+def test_hub_configs_with_legacy_keys_import_exactly(name: str) -> None:
+    imported = read_hf(FIXTURES / "hf-configs" / name, strict=True)
+    assert imported.ignored == ()
+    assert count_params(resolve(imported.spec)).total == HUB_LEGACY[name]
+
+
+@pytest.mark.parametrize("name", sorted(HUB_LEGACY))
+def test_hub_legacy_counts_are_transformers_counts(name: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    data = json.loads((FIXTURES / "hf-configs" / name).read_text())
+    hf_config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    assert transformers_counts(transformers, hf_config)[0] == HUB_LEGACY[name]
+
+
+def test_unknown_keys_are_reported_not_guessed() -> None:
+    base = TINY["llama-biased-tied-llama3rope"].config
+    imported = convert_config({**base, "flux_capacitor": 1, "another": "x"}, file="c.json", name="t")
+    assert imported.ignored == ("another", "flux_capacitor")
+    assert count_params(resolve(imported.spec)) == count_params(resolve(spec_of(base)))
+    assert imported.spec.reference is not None and "flux_capacitor" in (imported.spec.reference.notes or "")
+    with pytest.raises(ArchplanError) as info:
+        convert_config({**base, "flux_capacitor": 1, "another": "x"}, file="c.json", name="t", strict=True)
+    assert info.value.field == "another, flux_capacitor"
+    # inside MPT's attn_config sub-config too
+    mpt = {**TINY["mpt"].config, "attn_config": {"alibi": True, "new_knob": 3, "model_type": ""}}
+    assert convert_config(mpt, file="c.json", name="t").ignored == ("attn_config.new_knob",)
+
+
+@pytest.mark.parametrize(("case", "change", "field"), [
+    ("mamba-auto-dt", {"d_inner": 100}, "d_inner"),  # must be expand · hidden_size
+    ("mamba-auto-dt", {"intermediate_size": 100}, "intermediate_size"),
+    ("mamba-auto-dt", {"d_model": 32}, "d_model"),
+    ("mamba2", {"n_layer": 7}, "n_layer"),
+    ("deepseek_v3", {"qk_head_dim": 100}, "qk_head_dim"),  # must be qk_nope_head_dim + qk_rope_head_dim
+    ("gpt2-n_inner", {"n_ctx": 512}, "n_ctx"),  # must be n_positions
+    ("gemma2", {"sliding_window_size": 8}, "sliding_window_size"),
+])
+def test_derived_keys_must_agree(case: str, change: dict[str, Any], field: str) -> None:
+    assert refusal({**TINY[case].config, **change}).field == field
+
+
+def test_consistent_derived_keys_and_unused_windows_are_accepted() -> None:
+    mamba = TINY["mamba-auto-dt"].config
+    d, expand = mamba["hidden_size"], mamba.get("expand", 2)
+    assert counts({**mamba, "d_inner": expand * d, "d_model": d}) == counts(mamba)
+    ds = TINY["deepseek_v3"].config
+    assert counts({**ds, "qk_head_dim": ds["qk_nope_head_dim"] + ds["qk_rope_head_dim"]}) == counts(ds)
+    # Qwen2MoeConfig writes sliding_window 0 when use_sliding_window is false
+    qwen = {**TINY["qwen2_moe-sparse-step"].config, "use_sliding_window": False, "sliding_window": 0}
+    assert counts(qwen) == counts(TINY["qwen2_moe-sparse-step"].config)
+    assert spec_of(qwen).attention.sliding_window is None  # type: ignore[union-attr]
+
+
+def test_deepseek_routing_and_balance_keys_are_read() -> None:
+    v3 = {**TINY["deepseek_v3"].config, "n_group": 2, "topk_group": 1, "aux_loss_alpha": 0.003, "seq_aux": True}
+    moe = spec_of(v3).moe
+    assert moe is not None
+    assert (moe.router.n_group, moe.router.topk_group, moe.router.group_score) == (2, 1, "top2_sum")
+    assert (moe.aux_loss_coef, moe.aux_loss_scope) == (0.003, "sequence")
+    assert spec_of({**v3, "seq_aux": False}).moe.aux_loss_scope == "batch"  # type: ignore[union-attr]
+    v2 = {**TINY["deepseek_v2-lite"].config, "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}
+    router = spec_of(v2).moe.router  # type: ignore[union-attr]
+    assert (router.n_group, router.topk_group, router.group_score) == (2, 1, "max")
+    greedy = spec_of({**v2, "topk_method": "greedy"}).moe.router  # type: ignore[union-attr]
+    assert greedy.n_group is None  # DeepseekV2TopkRouter reads the groups only when grouping
+    assert refusal({**v2, "n_group": 3}).field == "n_group"  # 4 experts in 3 groups
+    assert refusal({**v2, "topk_method": "noaux_tc"}).field == "topk_method"
+    assert refusal({**v2, "norm_topk_prob": True}).field == "norm_topk_prob"
+
+
+def test_cli_reports_ignored_keys_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY["qwen3"].config, "flux_capacitor": 1, "warp": 2}))
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(config))
+    assert code == 0 and out.startswith("# yaml-language-server")
+    assert err.strip() == f"{config}: ignored keys (not read by the importer; --strict refuses them): flux_capacitor, warp"
+    code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(config), "--json")
+    assert code == 0 and json.loads(out)["ignored"] == ["flux_capacitor", "warp"]
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(config), "--strict")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "flux_capacitor, warp" in err

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
@@ -34,7 +35,8 @@ from archplan.planning.parallel import Settings, interconnect, search
 from archplan.planning.pricing import Rates, gemm_time
 from archplan.planning.records import tally
 from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
-from archplan.resolve import resolve
+from archplan.resolve import StripedHyenaPlan, resolve
+from archplan.spec import S4, S4D, Hyena, StripedHyena
 from strategies import Case, cases
 from test_plan import run
 
@@ -74,6 +76,58 @@ def test_tensor_names_and_shapes_are_the_torch_modules(case: Case) -> None:
     built = {n: tuple(p.shape) for n, p in build_model(plan, device="meta").named_parameters()}
     assert isinstance(torch.Size((1,)), tuple)
     assert {t.name: t.shape for t in _all_tensors(plan)} == built
+
+
+LONG_CONV_PRESETS = ("hyena-153m", "stripedhyena-7b", "s4d-lm")
+
+
+@pytest.mark.parametrize("name", LONG_CONV_PRESETS)
+def test_long_conv_preset_tensors_are_the_torch_modules(name: str) -> None:
+    pytest.importorskip("torch")
+    from archplan.modules.model import build_model
+
+    plan = _plan(name)
+    built = {n: tuple(p.shape) for n, p in build_model(plan, device="meta").named_parameters()}
+    assert {t.name: t.shape for t in _all_tensors(plan)} == built
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+@pytest.mark.parametrize("member", [S4D, S4, Hyena, StripedHyena])
+def test_long_conv_tensors_are_the_torch_modules(member: Any, data: Any) -> None:
+    """Every long-conv option (S4 DPLR, trainable vs buffer SSM tensors and positions, filter
+    groups, FIR bias) against the torch model built on meta."""
+    pytest.importorskip("torch")
+    from archplan.modules.model import build_model
+
+    plan = resolve(data.draw(cases(only={"long_conv": member})).spec)
+    built = {n: tuple(p.shape) for n, p in build_model(plan, device="meta").named_parameters()}
+    assert {t.name: t.shape for t in _all_tensors(plan)} == built
+
+
+def test_long_conv_tensor_parallel_shards() -> None:
+    """Channels split over tp; shared filter-MLP trunk replicated; one modal filter per channel."""
+    sh = _plan("stripedhyena-7b")  # d 4096, state_size 2, filter_groups 1
+    layer = next(l for l in sh.layers if isinstance(l.mixer, StripedHyenaPlan))
+    local = {t.name.split(".", 2)[-1]: t.local_shape(8) for t in layer_tensors(layer, sh)}
+    assert local["mixer.projections.weight"] == (3 * 4096 // 8, 4096)
+    assert local["mixer.short_filter_weight"] == (3 * 4096 // 8, 1, 3)
+    assert local["mixer.poles"] == (4096 // 8, 2, 1, 2) == local["mixer.residues"]
+    assert local["mixer.D"] == (512,)
+    assert local["mixer.out_filter_dense.weight"] == (4096, 512)
+    assert local["mixer.out_filter_dense.bias"] == (4096,)
+    hy = _plan("hyena-153m")  # d 864, order 2, filter order 64, emb_dim 33
+    local = {t.name.split(".", 2)[-1]: t for t in layer_tensors(hy.layers[0], hy)}
+    assert local["mixer.in_proj.weight"].local_shape(4) == (3 * 864 // 4, 864)
+    assert local["mixer.filter.mlp_in.weight"].local_shape(4) == (64, 33)  # replicated trunk
+    assert local["mixer.filter.mlp_out.weight"].local_shape(4) == (864 // 4, 64)
+    assert local["mixer.filter.mlp_out.weight"].per_position
+    assert not local["mixer.in_proj.weight"].per_position
+    s4 = _plan("s4d-lm")
+    local = {t.name.split(".", 2)[-1]: t.local_shape(4) for t in layer_tensors(s4.layers[0], s4)}
+    assert local["mixer.C"] == (768 // 4, 32, 2)
+    assert local["mixer.output_linear.weight"] == (2 * 768, 768 // 4)  # row-parallel before the GLU
+    assert local["mixer.B"] == (1, 32, 2)  # the single SSM copy on every rank
 
 
 def test_tensor_parallel_shards() -> None:
@@ -288,6 +342,43 @@ def test_per_layer_and_per_chunk_records_price_the_same() -> None:
     assert sum(tally(fine).values()) > sum(tally(coarse).values())
 
 
+def test_s4_tp_collectives_reduce_2d_before_the_glu() -> None:
+    """S4 has no column projection: row-parallel output_linear (2·d_model) and the input's channel
+    slices (shards._s4); its FFN sub-block keeps Megatron's pattern."""
+    plan = _plan("s4d-lm")  # 12 S4D layers + GELU MLP, d 768
+    n, m, s, h, tp = len(plan.layers), 2, 2048, 768, 4
+    act = 2 * s * h
+    no_sp = _by(step_collectives(plan, Layout(tp=tp, sp=False), s, microbatches=m), "tp")
+    # all-reduces: FFN fwd + bwd per layer, S4 forward, embedding, LM-head input grad, 3 for the CE
+    assert no_sp["all_reduce"][0] == m * (2 * n + n + 2) + 3 * m
+    assert no_sp["all_gather"] == (m * n, act)  # the S4 input gradient's channel slices
+    sp = _by(step_collectives(plan, Layout(tp=tp, sp=True), s, microbatches=m), "tp")
+    assert sp["all_to_all"] == (m * n * 2, act // tp)
+    assert sp["reduce_scatter"][0] == m * (2 * n + 1 + 1) + m * n
+    records = step_collectives(plan, Layout(tp=tp, sp=True), s, microbatches=m)
+    assert any(r.bytes == 2 * act and r.kind == "reduce_scatter" for r in records)
+
+
+def test_s4_glu_input_stays_whole_without_sp() -> None:
+    plan = _plan("s4d-lm")
+    data = model_data(plan, 2048)
+    layer = data.acts[0]
+    assert layer.replicated == 2 * 2048 * 768 * (len(plan.layers[0].norms) + 1 + 2)
+
+
+def test_cp_moves_long_conv_channels_by_all_to_all() -> None:
+    plan = _plan("stripedhyena-7b")  # HA: 16 StripedHyena + 16 attention layers, d 4096
+    s, cp, tp, m = 32768, 4, 2, 2
+    records = step_collectives(plan, Layout(tp=tp, cp=cp, dp=1), s, microbatches=m)
+    got = [r for r in records if r.mesh_dim == "cp" and r.kind == "all_to_all"]
+    tokens = s // cp
+    hyena = sum(isinstance(l.mixer, StripedHyenaPlan) for l in plan.layers)
+    # in: the 3D FIR channels, out: D, forward and backward
+    assert {(r.bytes, r.count) for r in got} == {(2 * tokens * 3 * 4096 // tp, m * hyena * 2),
+                                                 (2 * tokens * 4096 // tp, m * hyena * 2)}
+    assert _by(records, "cp")["all_gather"][0] == m * (len(plan.layers) - hyena) * 2  # K/V of the A layers
+
+
 # ------------------------------------------------------------------------------------ step time
 def _evaluate(name: str, text: str, seq: int = 4096, batch: float = 4e6, **kw: Any) -> Any:
     fixed = parse_layout(text)
@@ -440,3 +531,58 @@ def test_plan_layout_mode_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["layouts"]
+
+
+def test_fixed_ep_skips_splits_it_does_not_divide(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--seq", "4096",
+                       "--layout", "ep=8,tp=2", "--json")
+    assert code == 0
+    assert all(row["ep"] == 8 and (row["dp"] * row["cp"]) % 8 == 0 for row in json.loads(out)["layouts"])
+
+
+def test_fp8_needs_a_gpu_with_fp8(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "a100",
+                       "--precision", "fp8")
+    assert code == 2 and "fp8" in err and err.count("\n") == 1
+
+
+def test_zero3_over_many_ranks_carries_the_validation_note(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "512", "--seq", "4096",
+                       "--layout", "tp=1,pp=1,cp=1,zero=3", "--json")
+    assert code == 0
+    notes = json.loads(out)["notes"]
+    assert len(notes) == 1 and "ZeRO-3" in notes[0] and "Table 2" in notes[0]
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--json")
+    assert json.loads(out)["notes"] == []
+
+
+def test_long_conv_ffts_are_priced_at_hbm_bandwidth() -> None:
+    """FFT convolutions are memory-bound elementwise work, not GEMMs: the GEMM-efficiency override
+    leaves them alone, and the FFT bytes per token are there (pricing.FFT_CONV_BYTES)."""
+    from archplan.planning.pricing import FFT_CONV_BYTES, Pricer, rates_for
+
+    plan = _plan("s4d-lm")
+    eff, _ = kernel_efficiency(H100)
+    layout = Layout(tp=1, dp=1, mb=1)
+    data = model_data(plan, 2048)
+    model = Pricer(data, rates_for(H100, eff, None, "bf16")).layers(layout, "flash")[0]
+    fixed = Pricer(data, rates_for(H100, eff, 0.3, "bf16")).layers(layout, "flash")[0]
+    assert model.elem_fwd == fixed.elem_fwd and model.gemm_fwd != fixed.gemm_fwd
+    hbm = H100.hbm_bytes_per_s * eff.hbm
+    assert model.elem_fwd > FFT_CONV_BYTES * 768 * 2048 / hbm
+
+
+def test_hyena_filter_mlp_runs_per_position_not_per_token() -> None:
+    from archplan.planning.pricing import Pricer, rates_for
+
+    plan = _plan("hyena-153m")
+    eff, _ = kernel_efficiency(H100)
+    rates = rates_for(H100, eff, None, "bf16")
+    data = model_data(plan, 2048)
+    filt = sum(gemm_time(2048, t.shape[0], t.shape[1], rates) for t in data.layer_tensors[0]
+               if t.per_position and t.name.endswith(".weight"))
+    assert filt > 0
+    one, two = (Pricer(data, rates).layers(Layout(mb=mb), "flash")[0].gemm_fwd for mb in (1, 2))
+    assert two - filt == pytest.approx(2 * (one - filt))

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from archplan.modules.attention import Attention, attention_mask
+from archplan.analytic.attention import mla_decode_flops
+from archplan.modules.attention import Attention, attention_mask, cache_step
 from archplan.modules.mla import MLA
 from archplan.modules.positions import (
     Alibi,
@@ -308,3 +309,70 @@ def test_rope_buffers_survive_meta_to_empty() -> None:
     assert torch.equal(lazy.rotary.inv_freq, direct.rotary.inv_freq)
     assert torch.equal(lazy.alibi.slopes, torch.tensor(alibi_slopes(4)))
     assert lazy.rotary.inv_freq.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------- MLA decode forms
+def _absorbed_vs_expanded(module: MLA, steps: list[int], batch: int = 2) -> int:
+    """Feed `steps` chunks through a cache; at each, both forms over the same cache rows must agree
+    (fp64). Returns how many chunks the module itself would run absorbed."""
+    module = module.double()
+    state = module.new_state(batch, sum(steps), torch.device("cpu"), torch.float64)
+    absorbed_steps = 0
+    for t in steps:
+        x = torch.randn(batch, t, D, dtype=torch.float64)
+        qpos = torch.arange(state.seen, state.seen + t)
+        q_nope, q_pe, latent = module.project(x, state.seen)
+        # the cache rows the module attends: the same `cache_step` its forward uses, on a copy
+        probe = module.new_state(batch, sum(steps), torch.device("cpu"), torch.float64)
+        probe.latent_BLX.copy_(state.latent_BLX)
+        (keys, ), kpos = cache_step([probe.latent_BLX], [latent], 1, state.seen, module.plan.window)
+        absorbed = module.attend_absorbed(q_nope, q_pe, keys, qpos, kpos)
+        expanded = module.attend_expanded(q_nope, q_pe, keys, qpos, kpos, cached=True)
+        torch.testing.assert_close(absorbed, expanded, rtol=1e-10, atol=1e-10)
+        absorbed_steps += module.absorbs(t, keys.shape[1])
+        out = module(x, state)
+        torch.testing.assert_close(out, module.o_proj(absorbed if module.absorbs(t, keys.shape[1]) else expanded))
+    return absorbed_steps
+
+
+@pytest.mark.parametrize("kind", ["mla", "mla_no_q_lora", "mla_window", "mla_no_rope", "mla_alibi_window"])
+def test_mla_absorbed_equals_expanded(kind: str) -> None:
+    """DeepSeek-V2 §2.1.2: attention in the latent space through W_UK / W_UV is the same attention."""
+    torch.manual_seed(0)
+    match kind:
+        case "mla_no_rope":
+            module = MLA(mla_plan(), D, None, alibi=False)
+        case "mla_alibi_window":
+            module = MLA(mla_plan(window=3), D, None, alibi=True)
+        case _:
+            module = make(kind)  # type: ignore[assignment]
+    # prefill, single steps (absorbed), a chunk, more steps
+    assert _absorbed_vs_expanded(module, [4, 1, 1, 3, 1, 1, 1]) >= 5
+
+
+def test_mla_picks_the_cheaper_form() -> None:
+    """H·(T·C·(Dn+Dv) + T·S·(2C+R)) vs H·(S·C·(Dn+Dv) + T·S·(Dn+R+Dv)) multiply-adds; ties expanded."""
+    module = MLA(mla_plan(), D, ROPE, alibi=False)  # C=10, Dn=6, R=4, Dv=5
+    assert not module.absorbs(1, 1)  # 110 + 24 vs 110 + 15
+    assert module.absorbs(1, 2)
+    assert not module.absorbs(8, 8)  # prefill into an empty cache: 2C ≥ Dn + Dv
+    wide = MLA(MLAPlan(n_heads=2, q_lora_rank=None, kv_lora_rank=2, qk_nope_head_dim=6, qk_rope_head_dim=2,
+                       v_head_dim=6, window=None, norm=RMS), D, ROPE, alibi=False)
+    assert wide.absorbs(8, 8)  # 2C < Dn + Dv: absorbed even at T = S
+    assert _absorbed_vs_expanded(wide, [5, 1, 2]) == 3
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("keys", [1, 2, 7])
+def test_mla_decode_flops_on_meta(keys: int, window: int | None) -> None:
+    """One decode step counted on meta = analytic `mla_decode_flops` (min of the two forms), exactly."""
+    with torch.device("meta"):
+        module = MLA(mla_plan(window=window), D, ROPE, alibi=False).to(torch.bfloat16)
+    b = 3
+    state = module.new_state(b, 8, torch.device("meta"), torch.bfloat16)
+    if keys > 1:
+        module(torch.zeros(b, keys - 1, D, device="meta", dtype=torch.bfloat16), state)
+    with FlopCounterMode(display=False) as counter:
+        module(torch.zeros(b, 1, D, device="meta", dtype=torch.bfloat16), state)
+    attended = min(keys, window) if window else keys
+    assert counter.get_total_flops() == b * mla_decode_flops(module.plan, D, attended)

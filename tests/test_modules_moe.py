@@ -1,9 +1,13 @@
-"""MoE module: routing, load-balancing loss, grouped dispatch ≡ per-expert loop, FLOPs on meta."""
+"""MoE module: routing (group-limited included) against per-token references, the fp32 router, the
+load-balancing loss (per batch and per sequence) and its gradient, no graph kept between forwards,
+grouped dispatch ≡ per-expert loop, FLOPs on meta."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
+import weakref
 
 import pytest
 import torch
@@ -12,8 +16,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic.moe import moe_counted_flops, moe_params
 from archplan.modules.flop_formulas import grouped_mm_flop, register
-from archplan.modules.moe import MoEFFN, experts_loop, load_balancing_loss, route
+from archplan.modules.model import build_model
+from archplan.modules.moe import (
+    MoEFFN,
+    experts_loop,
+    grouped_mm_path,
+    load_balancing_loss,
+    per_expert_linear,
+    route,
+)
 from archplan.resolve import FFNPlan, MoEPlan
+from archplan.spec import Spec
 
 
 def plan(
@@ -29,6 +42,9 @@ def plan(
     gate: bool = False,
     scale: float = 1.0,
     coef: float = 0.01,
+    scope: str = "batch",
+    groups: tuple[int, int] | None = None,  # (n_group, topk_group)
+    group_score: str = "top2_sum",
 ) -> MoEPlan:
     act = "silu" if kind == "glu" else "gelu"
     return MoEPlan(
@@ -43,6 +59,10 @@ def plan(
         score_correction_bias=correction,
         routed_scale=scale,
         aux_loss_coef=coef,
+        aux_loss_scope=scope,  # type: ignore[arg-type]
+        n_group=groups[0] if groups else None,
+        topk_group=groups[1] if groups else None,
+        group_score=group_score,  # type: ignore[arg-type]
     )
 
 
@@ -56,7 +76,15 @@ def naive_route(logits: torch.Tensor, p: MoEPlan, correction: torch.Tensor | Non
         else:
             scores = [1 / (1 + math.exp(-v)) for v in row]
         keys = [s + (correction[e].item() if correction is not None else 0.0) for e, s in enumerate(scores)]
-        chosen = sorted(range(len(row)), key=lambda e: -keys[e])[: p.top_k]
+        candidates = list(range(len(row)))
+        if p.n_group is not None and p.topk_group is not None:
+            # DeepSeek group-limited routing: rank the groups, keep the experts of the best topk_group
+            per = len(row) // p.n_group
+            groups = [keys[g * per:(g + 1) * per] for g in range(p.n_group)]
+            rank = [max(g) if p.group_score == "max" else sum(sorted(g)[-2:]) for g in groups]
+            kept = sorted(range(p.n_group), key=lambda g: -rank[g])[: p.topk_group]
+            candidates = [e for e in candidates if e // per in kept]
+        chosen = sorted(candidates, key=lambda e: -keys[e])[: p.top_k]
         w = [scores[e] for e in chosen]
         if p.normalize_top_k:
             w = [v / sum(w) for v in w]
@@ -93,12 +121,56 @@ def test_correction_bias_steers_selection_not_weights() -> None:
     torch.testing.assert_close(weights[:, 0], logits[:, 0].sigmoid())
 
 
+@pytest.mark.parametrize(("scoring", "correction", "groups", "group_score"), [
+    ("sigmoid", True, (4, 2), "top2_sum"),  # DeepSeek-V3 noaux_tc
+    ("sigmoid", False, (3, 1), "top2_sum"),
+    ("softmax", False, (4, 2), "max"),  # DeepSeek-V2 group_limited_greedy
+    ("softmax", False, (2, 2), "max"),  # every group kept: plain top-k
+])
+def test_group_limited_routing_matches_per_token_reference(
+    scoring: str, correction: bool, groups: tuple[int, int], group_score: str
+) -> None:
+    torch.manual_seed(3)
+    p = plan(n_experts=12, top_k=3, scoring=scoring, correction=correction, groups=groups,
+             group_score=group_score, scale=2.5)
+    logits = torch.randn(64, 12)
+    bias = torch.randn(12) if correction else None
+    experts, weights, _ = route(logits, p, bias)
+    want_e, want_w = naive_route(logits, p, bias)
+    assert experts.tolist() == want_e
+    torch.testing.assert_close(weights, torch.tensor(want_w), rtol=1e-5, atol=1e-6)
+    if groups[1] < groups[0]:  # the limit binds: some token's plain top-k leaves its groups
+        plain = route(logits, plan(n_experts=12, top_k=3, scoring=scoring, correction=correction, scale=2.5), bias)
+        assert plain[0].tolist() != want_e
+
+
+def test_router_and_correction_bias_stay_fp32() -> None:
+    """A bf16 model keeps its router weight and correction bias in fp32 and routes on fp32 logits."""
+    moe = MoEFFN(plan(scoring="sigmoid", correction=True, bias=True), 8).to(torch.bfloat16)
+    assert moe.experts.w_up_EFD.dtype == torch.bfloat16
+    assert moe.router.weight.dtype == moe.router.bias.dtype == torch.float32  # type: ignore[union-attr]
+    assert moe.router.score_correction_bias is not None and moe.router.score_correction_bias.dtype == torch.float32
+    assert moe.router(torch.randn(5, 8, dtype=torch.bfloat16)).dtype == torch.float32
+    with torch.device("meta"):
+        meta = MoEFFN(plan(scoring="sigmoid", correction=True), 8).to(torch.bfloat16)
+    real = meta.to_empty(device="cpu")
+    assert real.router.weight.dtype == torch.float32 and real.router.weight.device.type == "cpu"
+    # near-tie logits a bf16 router would merge: fp32 keeps them apart
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    x[0, 0] = 1
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.bias.zero_()  # type: ignore[union-attr]
+        moe.router.weight[:2, 0] = torch.tensor([1.0, 1.0 + 2**-12])
+    assert moe.router(x)[0, 1] > moe.router(x)[0, 0]
+
+
 def test_correction_bias_is_a_buffer() -> None:
     moe = MoEFFN(plan(scoring="sigmoid", correction=True), 8)
     names = {n for n, _ in moe.named_parameters()}
-    assert "score_correction_bias" not in names
-    assert "score_correction_bias" in dict(moe.named_buffers())
-    assert "score_correction_bias" in moe.state_dict()
+    assert not any("score_correction_bias" in n for n in names)
+    assert "router.score_correction_bias" in dict(moe.named_buffers())
+    assert "router.score_correction_bias" in moe.state_dict()
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
@@ -112,16 +184,94 @@ def test_aux_loss_uniform_routing_equals_coef(scoring: str) -> None:
     torch.testing.assert_close(moe.last_aux_loss, torch.tensor(0.03))
 
 
+def per_group_loss(scores: list[list[float]], experts: list[list[int]], coef: float) -> float:
+    """E · Σ_e f_e · P_e over one group of tokens, in Python (DeepSeek-V3 eq. 17-20)."""
+    n_experts, t, k = len(scores[0]), len(scores), len(experts[0])
+    f = [sum(row.count(e) for row in experts) / (t * k) for e in range(n_experts)]
+    p = [sum(row[e] / sum(row) for row in scores) / t for e in range(n_experts)]
+    return coef * n_experts * sum(a * b for a, b in zip(f, p))
+
+
 def test_aux_loss_formula_on_imbalanced_routing() -> None:
     scores = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])
-    counts = torch.tensor([2, 1, 1])  # top-2 of 2 tokens
-    f = [c / 4 for c in (2, 1, 1)]
-    p = [(0.7 + 0.5) / 2, (0.2 + 0.3) / 2, (0.1 + 0.2) / 2]
-    want = 0.5 * 3 * sum(a * b for a, b in zip(f, p))
-    assert load_balancing_loss(scores, counts, 2, 0.5).item() == pytest.approx(want)
+    experts = torch.tensor([[0, 1], [0, 2]])  # top-2 of 2 tokens
+    want = 0.5 * 3 * sum(a * b for a, b in zip([2 / 4, 1 / 4, 1 / 4], [0.6, 0.25, 0.15]))
+    assert load_balancing_loss(scores, experts, 1, 0.5).item() == pytest.approx(want)
     # all tokens on one expert with probability 1: the maximum, coef·E
     one = torch.tensor([[1.0, 0.0, 0.0]] * 4)
-    assert load_balancing_loss(one, torch.tensor([4, 0, 0]), 1, 0.5).item() == pytest.approx(1.5)
+    assert load_balancing_loss(one, torch.zeros(4, 1, dtype=torch.long), 1, 0.5).item() == pytest.approx(1.5)
+
+
+def test_sequence_and_batch_balance_losses() -> None:
+    """Per sequence (DeepSeek-V3 eq. 17-20, seq_aux): the mean of each sequence's loss; per batch
+    (Switch eq. 4-6): one loss over the pooled tokens. Two sequences each using one expert only are
+    perfectly balanced as a batch and maximally unbalanced per sequence."""
+    torch.manual_seed(4)
+    scores = torch.rand(2 * 5, 4)
+    experts = torch.randint(0, 4, (10, 2))
+    seqs = [(scores[i * 5:(i + 1) * 5].tolist(), experts[i * 5:(i + 1) * 5].tolist()) for i in range(2)]
+    want_seq = sum(per_group_loss(s, e, 0.1) for s, e in seqs) / 2
+    assert load_balancing_loss(scores, experts, 2, 0.1).item() == pytest.approx(want_seq, rel=1e-6)
+    want_batch = per_group_loss(scores.tolist(), experts.tolist(), 0.1)
+    assert load_balancing_loss(scores, experts, 1, 0.1).item() == pytest.approx(want_batch, rel=1e-6)
+    split = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
+    picks = torch.tensor([[0]] * 3 + [[1]] * 3)
+    assert load_balancing_loss(split, picks, 1, 1.0).item() == pytest.approx(1.0)
+    assert load_balancing_loss(split, picks, 2, 1.0).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_module_aux_loss_uses_its_scope(scope: str) -> None:
+    torch.manual_seed(5)
+    p = plan(scoring="sigmoid", correction=True, coef=0.2, scope=scope, groups=(3, 2), top_k=2)
+    moe = MoEFFN(p, 8)
+    x = torch.randn(3, 4, 8)
+    moe(x)
+    experts, _, scores = route(moe.router(x.reshape(12, 8)), p, moe.router.score_correction_bias)
+    want = load_balancing_loss(scores, experts, 3 if scope == "sequence" else 1, 0.2)
+    assert moe.last_aux_loss is not None
+    torch.testing.assert_close(moe.last_aux_loss, want.detach())
+    moe.eval()
+    moe(x)
+    assert moe.last_aux_loss is None  # no balance loss outside training
+
+
+def test_no_graph_is_kept_between_forwards() -> None:
+    """Every tensor the forward saves for backward dies with the output: the module keeps a
+    detached loss, never the scores or their graph."""
+    moe = MoEFFN(plan(scoring="sigmoid", correction=True, coef=0.1, shared=True), 8)
+    x = torch.randn(2, 6, 8)
+    saved: list[weakref.ref[torch.Tensor]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # a detached alias, held by the graph alone (returning `t` itself would make an output's
+        # node and its saved output a reference cycle)
+        alias = t.detach()
+        saved.append(weakref.ref(alias))
+        return alias
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = moe(x)
+    alive = [r for r in saved if r() is not None]
+    assert alive  # the graph exists while the output does
+    assert moe.last_aux_loss is not None and moe.last_aux_loss.grad_fn is None
+    del out
+    gc.collect()
+    assert [r for r in saved if r() is not None] == []
+
+
+def test_aux_loss_reaches_the_router_gradient() -> None:
+    """The attached loss adds exactly ∂(aux)/∂θ to the gradient taken through the output."""
+    torch.manual_seed(6)
+    p = plan(scoring="softmax", coef=0.5, scope="sequence")
+    moe = MoEFFN(p, 8)
+    x = torch.randn(2, 5, 8)
+    probe = torch.randn(2, 5, 8)
+    got = torch.autograd.grad((moe(x) * probe).sum(), moe.router.weight)[0]
+    experts, _, scores = route(moe.router(x.reshape(10, 8)), p, None)
+    explicit = (experts_loop(moe, x) * probe).sum() + load_balancing_loss(scores, experts, 2, 0.5)
+    want = torch.autograd.grad(explicit, moe.router.weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 CASES = list(
@@ -143,9 +293,9 @@ def test_grouped_dispatch_equals_expert_loop(
     scoring, normalize, correction = routing
     p = plan(kind, f, scoring=scoring, normalize=normalize, correction=correction, bias=extras,
              shared=extras, gate=extras, scale=1.5)
-    moe = MoEFFN(p, d)
-    if moe.score_correction_bias is not None:
-        moe.score_correction_bias.normal_()
+    moe = MoEFFN(p, d).eval()  # the balance loss's gradient is tested on its own above
+    if moe.router.score_correction_bias is not None:
+        moe.router.score_correction_bias.normal_()
     x = torch.randn(3, 7, d, requires_grad=True)
     y = moe(x)
     y_ref = experts_loop(moe, x)
@@ -264,3 +414,66 @@ def test_grouped_mm_formula_layouts_and_idempotent_registration() -> None:
         y = F.grouped_mm(x, w, offs=offs)
     assert counter.get_total_flops() == 2 * 10 * 8 * 4
     torch.testing.assert_close(y, torch.cat([x[:3] @ w[0], x[3:] @ w[2]]))
+
+
+def test_grouped_mm_path_follows_the_documented_support() -> None:
+    """grouped_mm's docstring: bf16 on CUDA SM >= 80. Elsewhere on CUDA: a per-expert loop."""
+    cuda, cpu, meta = torch.device("cuda"), torch.device("cpu"), torch.device("meta")
+    assert grouped_mm_path(cuda, torch.bfloat16, (9, 0)) == "grouped"
+    assert grouped_mm_path(cuda, torch.float32, (9, 0)) == "loop"
+    assert grouped_mm_path(cuda, torch.bfloat16, (7, 5)) == "loop"
+    assert grouped_mm_path(cpu, torch.float32, None) == "grouped"
+    assert grouped_mm_path(meta, torch.float32, None) == "meta"
+
+
+def test_per_expert_loop_equals_grouped_mm_and_counts_the_same() -> None:
+    torch.manual_seed(7)
+    x = torch.randn(11, 8)
+    w = torch.randn(4, 6, 8)
+    offs = torch.tensor([3, 3, 9, 11], dtype=torch.int32)  # expert 1 gets no rows
+    with FlopCounterMode(display=False) as counter:
+        got = per_expert_linear(x, w, offs)
+    torch.testing.assert_close(got, F.grouped_mm(x, w.transpose(-2, -1), offs=offs))
+    assert counter.get_total_flops() == 2 * 11 * 8 * 6
+
+
+def test_deepnorm_init_scales_expert_weights_not_biases() -> None:
+    spec = dict(name="t", vocab_size=32, d_model=16, n_layers=2, max_seq_len=16, residual={"kind": "deepnorm"},
+                attention={"kind": "mha", "n_heads": 2},
+                ffn=None, moe={"n_experts": 4, "top_k": 2, "expert": {"kind": "mlp", "d_ff": 16, "bias": True}})
+    torch.manual_seed(8)
+    deep = build_model(Spec.model_validate(spec), device="cpu")
+    torch.manual_seed(8)
+    pre = build_model(Spec.model_validate({**spec, "residual": {"kind": "pre"}}), device="cpu")
+    beta = deep.plan.deepnorm_beta
+    assert beta < 1
+    for a, b in zip(deep.layers, pre.layers):
+        ea, eb = a.ffn.experts, b.ffn.experts  # type: ignore[union-attr]
+        torch.testing.assert_close(ea.w_up_EFD, beta * eb.w_up_EFD)
+        torch.testing.assert_close(ea.w_down_EDF, beta * eb.w_down_EDF)
+        torch.testing.assert_close(ea.b_up_EF, eb.b_up_EF)
+        torch.testing.assert_close(ea.b_down_ED, eb.b_down_ED)
+
+
+def test_fvcore_traces_group_limited_routing() -> None:
+    """fvcore's jit trace of the group mask (a scatter of a bool Scalar once crashed its alias
+    analysis): it runs, and counts the fp32 router as N·D·E multiply-adds."""
+    fvcore_nn = pytest.importorskip("fvcore.nn")
+    moe = MoEFFN(plan(scoring="sigmoid", correction=True, n_experts=8, groups=(4, 2), scope="sequence"), 16)
+    analysis = fvcore_nn.FlopCountAnalysis(moe, (torch.randn(2, 5, 16),))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert analysis.by_module()["router"] == 10 * 16 * 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_dispatch_matches_the_expert_loop(dtype: torch.dtype, tol: float) -> None:
+    """On CUDA: bf16 through grouped_mm (SM >= 80), fp32 through the per-expert loop; both equal
+    the reference loop, and the router stays fp32."""
+    torch.manual_seed(9)
+    p = plan("glu", 32, n_experts=8, top_k=2, scoring="sigmoid", correction=True, groups=(4, 2), shared=True)
+    moe = MoEFFN(p, 64).to("cuda", dtype).eval()
+    assert moe.router.weight.dtype == torch.float32
+    x = torch.randn(2, 16, 64, device="cuda", dtype=dtype)
+    want = experts_loop(moe, x).float()
+    torch.testing.assert_close(moe(x).float(), want, rtol=tol, atol=tol)

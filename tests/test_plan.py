@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from archplan.analytic import count_params
-from archplan.analytic.memory import activation_memory
 from archplan.analytic.scaling import LAWS
 from archplan.cli import main
 from archplan.commands.plan import FamilyChoice, LawOption
@@ -24,9 +23,9 @@ from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning import spec_data, spec_yaml
 from archplan.planning.design import RECIPES, Family, design, recipe_shape
 from archplan.planning.optimal import LawChoice, budget, optimum
-from archplan.planning.cluster import rank_memory, step_collectives
+from archplan.planning.cluster import rank_memory
 from archplan.planning.layout import Layout, parse_layout
-from archplan.planning.parallel import Settings, interconnect, search
+from archplan.planning.parallel import Settings, cp_problem, interconnect, search, tp_problem
 from archplan.planning.solve import Targets, solve
 from archplan.resolve import resolve
 from archplan.spec import Spec
@@ -520,3 +519,56 @@ def test_plan_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert math.isfinite(json.loads(proc.stdout)["optimal"]["loss"])
+
+
+# ------------------------------------------------------------------ every preset, every mixer
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_plans_on_64_h100(name: str, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan PRESET --gpus 64 --gpu h100` for every mixer family (long convolutions included):
+    ranked layouts whose step-time terms are finite and non-negative, or the reason none fits."""
+    code, out, err = run(capsys, monkeypatch, "plan", name, "--gpus", "64", "--gpu", "h100", "--json")
+    assert code in (0, 1), err
+    r = json.loads(out)
+    assert r["feasible"] == (code == 0)
+    if not r["feasible"]:
+        assert r["reasons"] and "does not fit" in r["reasons"][0]
+        return
+    for layout in r["layouts"]:
+        times = layout["step_time"]
+        assert all(math.isfinite(v) and v >= 0 for v in times.values())
+        assert times["total"] > 0 and 0 < layout["mfu"] < 1
+        assert layout["memory"]["total"] <= r["usable_bytes_per_gpu"]
+
+
+def test_stripedhyena_fixed_layout_is_evaluated(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A given layout of the StripedHyena hybrid (attention + long-conv layers), CP included."""
+    given = "tp=4,cp=2,pp=2,vpp=1,dp=4,ep=1,zero=1,recompute=none,mb=1,sp=on"
+    code, out, err = run(capsys, monkeypatch, "plan", "stripedhyena-7b", "--gpus", "64", "--gpu", "h100",
+                         "--seq", "32768", "--layout", given, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert len(r["layouts"]) == 1 and r["considered"] == 1
+    best = r["layouts"][0]
+    assert best["layout"] == given
+    assert best["step_time"]["tp"] > 0 and best["step_time"]["cp"] > 0 and best["step_time"]["bubble"] > 0
+
+
+def test_long_conv_tp_and_cp_must_split_the_channels() -> None:
+    odd = resolve(load_spec("s4d-lm").model_copy(update={"d_model": 772}))
+    assert tp_problem(odd, 4) is None
+    assert tp_problem(odd, 8) == "d_model 772 does not split 8 ways"
+    with pytest.raises(ArchplanError, match="tp=8: d_model 772"):
+        search(odd, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
+               fixed=parse_layout("tp=8,cp=1,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1"))
+    # under CP the channels split over tp·cp (the sequence <-> channel all-to-all)
+    assert cp_problem(odd, 4, 1) is None and cp_problem(odd, 2, 2) is None
+    assert cp_problem(odd, 4, 2) == "long convolutions split d_model 772 over tp·cp = 8 channel shards"
+    with pytest.raises(ArchplanError, match="cp=2: long convolutions"):
+        search(odd, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
+               fixed=parse_layout("tp=4,cp=2,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1"))
+    assert cp_problem(resolve(load_spec("llama-3-8b")), 8, 16) is None  # attention needs no channel split

@@ -25,7 +25,7 @@ MEMBER_IDS = [(union, member) for union, members in UNIONS.items() for member in
 def uses(spec: Spec, union: str, member: type[BaseModel]) -> bool:
     """Whether `spec` contains `member` in the place its union is used."""
     match union:
-        case "attention" | "ssm" | "position" | "residual":
+        case "attention" | "ssm" | "long_conv" | "position" | "residual":
             return isinstance(getattr(spec, union), member)
         case "ffn":
             return isinstance(spec.ffn, member) or (spec.moe is not None and isinstance(spec.moe.expert, member))
@@ -62,6 +62,8 @@ def test_both_halves_handle_every_member(union: str, member: type[BaseModel]) ->
 OPTIONS: dict[str, Callable[[Case], bool]] = {
     "sliding-window layers": lambda c: "S" in c.spec.layout.mixers,
     "attention/SSM hybrid": lambda c: {"A", "M"} <= set(c.spec.layout.mixers),
+    "attention/long-conv hybrid": lambda c: {"A", "H"} <= set(c.spec.layout.mixers),
+    "mamba/long-conv hybrid": lambda c: {"M", "H"} <= set(c.spec.layout.mixers),
     "blocks without FFN": lambda c: c.spec.ffn is None and c.spec.moe is None,
     "moe every 2nd layer": lambda c: c.spec.moe is not None and c.spec.layout.moe_every > 1,
     "moe first dense": lambda c: c.spec.moe is not None and c.spec.layout.first_dense > 0,

@@ -5,7 +5,9 @@ component, with the torch model built from the same plan.
 """
 
 from archplan.analytic.flops import (
+    DecodeFlops,
     FlopCount,
+    decode_flops,
     decode_flops_per_token,
     forward_flops,
     training_flops_per_token,
@@ -24,10 +26,12 @@ from archplan.analytic.model import ParamCount, count_params
 from archplan.analytic.scaling import LAWS, Law, compute_optimal, loss, twenty_tokens
 
 __all__ = [
+    "DecodeFlops",
     "FlopCount",
     "KVCache",
     "ParamCount",
     "count_params",
+    "decode_flops",
     "decode_flops_per_token",
     "forward_flops",
     "kv_cache",

@@ -115,11 +115,22 @@ def mla_elementwise_per_token(m: MLAPlan) -> int:
     return flops
 
 
-def mla_decode_core_flops(m: MLAPlan, keys: int) -> int:
-    """One new token with the absorbed latent cache (DeepSeek-V3 `inference/model.py`, attn_impl="absorb").
+def mla_decode_flops(m: MLAPlan, d_model: int, keys: int) -> int:
+    """Counted FLOPs of MLA for one new token of one sequence attending `keys` cached latent rows
+    (itself included): the cheaper of the two forms (DeepSeek-V2 §2.1.2), as `modules/mla.py` picks.
 
-    Scores over (kv_lora_rank + rope) per head and key, the weighted sum over kv_lora_rank per head and
-    key (FORMULAS §2.8). The absorbed W_UK/W_UV products cost 2·(kv_b_proj weights), the same as the
-    non-absorbed kv_b_proj, so they stay inside 2·P_matmul.
+    Per new token: q_a/q_b (or q_proj), kv_a_proj_with_mqa and o_proj, 2·(their weights); plus
+    - absorbed (DeepSeek-V3 `inference/model.py`, attn_impl="absorb"): q_nope·W_UK and out·W_UV,
+      2·H·C·(Dn+Dv) per new token, and per key 2·H·(C+R) for the scores + 2·H·C for the
+      weighted sum of latents (DeepSeek-V3: 33,554,432 per token, 278,528 per key);
+    - expanded: kv_b_proj re-expands every key, 2·H·C·(Dn+Dv) per key (33,554,432 per key for
+      DeepSeek-V3), plus SDPA 2·H·(Dn+R+Dv) per key.
+    Absorbed is cheaper iff keys·(2C − Dn − Dv) < (keys − 1)·C·(Dn + Dv): from 2 keys on for
+    DeepSeek-V3 (768·keys < 131,072·(keys − 1)); at a single key the expanded form.
     """
-    return 2 * m.n_heads * (m.kv_lora_rank + m.qk_rope_head_dim) * keys + 2 * m.n_heads * m.kv_lora_rank * keys
+    h, c, dn, r, dv = m.n_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    kv_b = c * h * (dn + dv)
+    projections = 2 * (mla_matmul_params(m, d_model) - kv_b)
+    absorbed = 2 * kv_b + 2 * h * (2 * c + r) * keys
+    expanded = 2 * kv_b * keys + 2 * h * (dn + r + dv) * keys
+    return projections + min(absorbed, expanded)

@@ -27,7 +27,7 @@ from archplan.analytic.attention import (
     attention_matmul_params,
     mla_core_causal_flops,
     mla_core_flops,
-    mla_decode_core_flops,
+    mla_decode_flops,
     mla_elementwise_per_token,
     mla_matmul_params,
 )
@@ -35,13 +35,22 @@ from archplan.analytic.embedding import lm_head_matmul_params
 from archplan.analytic.ffn import ffn_elementwise_per_token, ffn_matmul_params
 from archplan.analytic.mamba import (
     mamba1_counted_flops,
-    mamba1_decode_counted_flops,
     mamba1_elementwise_per_token,
     mamba2_counted_flops,
-    mamba2_decode_counted_flops,
     mamba2_elementwise,
 )
-from archplan.analytic.model import layer_paths, matmul_params
+from archplan.analytic.hyena import (
+    hyena_backward_adjust,
+    hyena_counted_flops,
+    hyena_decode_flops,
+    hyena_elementwise,
+    striped_backward_adjust,
+    striped_counted_flops,
+    striped_decode_flops,
+    striped_elementwise,
+)
+from archplan.analytic.model import layer_paths, matmul_params, mixer_matmul_params
+from archplan.analytic.s4 import s4_backward_adjust, s4_counted_flops, s4_decode_flops, s4_elementwise
 from archplan.analytic.moe import moe_counted_flops, moe_elementwise_per_token
 from archplan.analytic.norms import norm_flops
 from archplan.analytic.positions import alibi_flops, position_add_flops
@@ -50,12 +59,15 @@ from archplan.resolve import (
     AttentionPlan,
     FFNOrMoE,
     FFNPlan,
+    HyenaPlan,
     Mamba1Plan,
     Mamba2Plan,
     MixerPlan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
 )
 
 AttentionConvention = Literal["full", "causal"]
@@ -74,6 +86,13 @@ class FlopCount:
     attention_causal: int  # the same, only attended pairs: Σ_t min(t, window)
     counted: int  # sum(counted_by_component.values()), attention full
     elementwise: int
+    # backward counted FLOPs minus 2 x forward counted: 0 for matmuls and convs; an FFT convolution's
+    # irfft has a 1 x backward (one rfft), and kernels built from buffers need no gradient (s4.py)
+    backward_adjust: int = 0
+
+    def training(self, attention: AttentionConvention = "full") -> int:
+        """Counted forward + backward of this (batch, seq_len) step: 3 x forward + backward_adjust."""
+        return 3 * self.forward(attention) + self.backward_adjust
 
     def forward(self, attention: AttentionConvention = "full") -> int:
         """Counted forward FLOPs with the attention core counted full (T²) or causal (attended pairs)."""
@@ -108,6 +127,7 @@ class _MixerFlops:
     core_full: int
     core_causal: int
     elementwise: int
+    backward_adjust: int = 0
 
 
 def _mixer_flops(
@@ -150,6 +170,30 @@ def _mixer_flops(
                 core_full=0,
                 core_causal=0,
                 elementwise=mamba2_elementwise(mixer, batch, seq_len) + residual,
+            )
+        case S4Plan():
+            return _MixerFlops(
+                counted=s4_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=s4_elementwise(mixer, d, batch, seq_len) + residual,
+                backward_adjust=s4_backward_adjust(mixer, d, batch, seq_len),
+            )
+        case HyenaPlan():
+            return _MixerFlops(
+                counted=hyena_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=hyena_elementwise(mixer, d, batch, seq_len) + residual,
+                backward_adjust=hyena_backward_adjust(mixer, d, batch, seq_len),
+            )
+        case StripedHyenaPlan():
+            return _MixerFlops(
+                counted=striped_counted_flops(mixer, d, batch, seq_len),
+                core_full=0,
+                core_causal=0,
+                elementwise=striped_elementwise(mixer, d, batch, seq_len) + residual,
+                backward_adjust=striped_backward_adjust(mixer, d, batch, seq_len),
             )
         case _:
             assert_never(mixer)
@@ -194,9 +238,10 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
         counted["embed_norm"] = 0
         elementwise["embed_norm"] = norm
 
-    core_full = core_causal = 0
+    core_full = core_causal = backward_adjust = 0
     for layer in plan.layers:
         mixer = _mixer_flops(plan, layer.mixer, batch, seq_len, residual)
+        backward_adjust += mixer.backward_adjust
         core_full += mixer.core_full
         core_causal += mixer.core_causal
         ffn_counted: dict[str, int] = {}
@@ -220,6 +265,7 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
         attention_causal=core_causal,
         counted=sum(counted.values()),
         elementwise=sum(elementwise.values()),
+        backward_adjust=backward_adjust,
     )
 
 
@@ -252,31 +298,79 @@ def training_flops_per_token(
             extra = forward
         case _:
             assert_never(recompute)
-    return _per_token(3 * forward + extra, seq_len)
+    return _per_token(flops.training(attention) + extra, seq_len)
 
 
-def _mixer_decode_flops(mixer: MixerPlan, keys: int) -> int:
-    """Context-dependent counted FLOPs of one new token attending `keys` cached positions."""
+@dataclass(frozen=True)
+class DecodeFlops:
+    """Counted FLOPs of one decode step: `batch` sequences each feed one new token that attends
+    `context` keys (itself included; sliding-window layers min(context, W), SSM layers one
+    recurrent step). Exactly what FlopCounterMode counts on meta for that step of the torch model
+    with its cache (MLA in the cheaper of its two forms, `attention.mla_decode_flops`)."""
+
+    batch: int
+    context: int
+    counted_by_component: dict[str, int]
+
+    @property
+    def counted(self) -> int:
+        return sum(self.counted_by_component.values())
+
+
+def _mixer_decode_flops(mixer: MixerPlan, d_model: int, context: int) -> int:
+    """Counted FLOPs of one sequence's mixer for one new token at `context` (docs/formulas.md §2.8)."""
     match mixer:
         case AttentionPlan():
-            attended = keys if mixer.window is None else min(keys, mixer.window)
-            return 2 * mixer.n_heads * (mixer.head_dim + mixer.head_dim) * attended
+            attended = context if mixer.window is None else min(context, mixer.window)
+            core = 2 * mixer.n_heads * (mixer.head_dim + mixer.head_dim) * attended
+            return 2 * attention_matmul_params(mixer, d_model) + core
         case MLAPlan():
-            attended = keys if mixer.window is None else min(keys, mixer.window)
-            return mla_decode_core_flops(mixer, attended)
+            attended = context if mixer.window is None else min(context, mixer.window)
+            return mla_decode_flops(mixer, d_model, attended)
         case Mamba1Plan():
-            return mamba1_decode_counted_flops(mixer)
+            # one recurrent step is the T = 1 forward from the cached conv/SSM states: the
+            # conv over the K cached columns and the C contraction of the new state
+            return mamba1_counted_flops(mixer, d_model, 1, 1)
         case Mamba2Plan():
-            return mamba2_decode_counted_flops(mixer)
+            # the module continues through the same chunked SSD with one token (q = 1): C·Bᵀ,
+            # (CBᵀ∘L)·X, the chunk state and state → output all run (`ssd_counted_flops` at T = 1)
+            return mamba2_counted_flops(mixer, d_model, 1, 1)
+        # long convolutions: the token's projections plus one recurrent step (S4, StripedHyena) or,
+        # for Hyena, a direct convolution over the `context` cached inputs
+        case S4Plan():
+            return 2 * mixer_matmul_params(mixer, d_model) + s4_decode_flops(mixer, d_model)
+        case HyenaPlan():
+            return 2 * mixer_matmul_params(mixer, d_model) + hyena_decode_flops(mixer, d_model, context)
+        case StripedHyenaPlan():
+            return 2 * mixer_matmul_params(mixer, d_model) + striped_decode_flops(mixer, d_model)
         case _:
             assert_never(mixer)
 
 
-def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
-    """One new token at context t (FORMULAS §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
-    MLA with the absorbed latent cache, SSM layers one recurrent step. P_matmul,active counts the
-    router and the shared experts with the top_k routed ones (torchtitan's choice, FORMULAS §2.9 item 5)."""
+def decode_flops(plan: ModelPlan, context: int, batch: int = 1) -> DecodeFlops:
+    """One decode step, by module path (docs/formulas.md §2.8): the matmuls of one token per
+    sequence (MoE: router, shared and the top_k routed experts), plus each mixer's cache part."""
     _check_positive("context", context)
-    return 2 * matmul_params(plan, active=True) + sum(
-        _mixer_decode_flops(layer.mixer, context) for layer in plan.layers
-    )
+    _check_positive("batch", batch)
+    d = plan.d_model
+    counted: dict[str, int] = {"embed": 0}
+    if plan.position == "learned":
+        counted["pos_embed"] = 0
+    if plan.embed_norm:
+        counted["embed_norm"] = 0
+    for layer in plan.layers:
+        ffn: dict[str, int] = {}
+        if layer.ffn is not None:
+            ffn, _ = _ffn_flops(d, layer.ffn, batch, 1, 0)
+        counted |= layer_paths(layer, batch * _mixer_decode_flops(layer.mixer, d, context), ffn, 0)
+    if plan.final_norm:
+        counted["final_norm"] = 0
+    counted["lm_head"] = 2 * batch * lm_head_matmul_params(plan)
+    return DecodeFlops(batch=batch, context=context, counted_by_component=counted)
+
+
+def decode_flops_per_token(plan: ModelPlan, context: int) -> int:
+    """One new token at context t (docs/formulas.md §2.8): 2·P_matmul,active + Σ_attention 4·H·Dh·min(t, W),
+    MLA absorbed (`attention.mla_decode_flops`), SSM layers one recurrent step. P_matmul,active counts
+    the router and the shared experts with the top_k routed ones (torchtitan's choice)."""
+    return decode_flops(plan, context, 1).counted

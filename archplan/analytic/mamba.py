@@ -59,11 +59,6 @@ def mamba1_elementwise_per_token(m: Mamba1Plan) -> int:
     return flops
 
 
-def mamba1_decode_counted_flops(m: Mamba1Plan) -> int:
-    """One recurrent step: conv over the K cached columns and the C contraction of the new state."""
-    return 2 * m.d_inner * m.d_conv + 2 * m.d_inner * m.d_state
-
-
 def mamba1_state_elements(m: Mamba1Plan) -> int:
     """conv_state d_inner×d_conv + ssm_state d_inner×N per sequence (FORMULAS §6.2)."""
     return m.d_inner * m.d_conv + m.d_inner * m.d_state
@@ -120,11 +115,6 @@ def mamba2_elementwise(m: Mamba2Plan, batch: int, seq_len: int) -> int:
     per_token = (_SOFTPLUS + 1) * m.n_heads + 3 * m.d_inner + _SILU * m.conv_dim
     per_token += (_SILU + 1) * m.d_inner + norm_flops(m.norm, m.d_inner)
     return batch * (n_chunks * per_chunk + seq_len * per_token)
-
-
-def mamba2_decode_counted_flops(m: Mamba2Plan) -> int:
-    """One recurrent step (`Mamba2.step`): conv over the cached columns and y = C·h over H·P·N."""
-    return 2 * m.conv_dim * m.d_conv + 2 * m.n_heads * m.head_dim * m.d_state
 
 
 def mamba2_state_elements(m: Mamba2Plan) -> int:

@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Literal
 
 from typing_extensions import assert_never
 
+from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes
+from archplan.analytic.s4 import s4_activation_bytes
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
+    HyenaPlan,
     LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
@@ -31,6 +34,8 @@ from archplan.resolve import (
     MLAPlan,
     ModelPlan,
     MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
 )
 
 if TYPE_CHECKING:
@@ -255,6 +260,12 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, recompute: Recompute,
             zxbcdt = 2 * mixer.d_inner + 2 * mixer.n_groups * mixer.d_state + mixer.n_heads
             width = h + zxbcdt + mixer.conv_dim + mixer.d_inner + mixer.d_inner
             return ACT_BYTES * tokens * width + 2 * 4 * tokens * mixer.n_heads
+        case S4Plan():
+            return s4_activation_bytes(mixer, h, b, s, ACT_BYTES)
+        case HyenaPlan():
+            return hyena_activation_bytes(mixer, h, b, s, ACT_BYTES)
+        case StripedHyenaPlan():
+            return striped_activation_bytes(mixer, h, b, s, ACT_BYTES)
         case _:
             assert_never(mixer)
 

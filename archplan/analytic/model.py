@@ -31,6 +31,13 @@ from archplan.analytic.mamba import (
     mamba2_matmul_params,
     mamba2_params,
 )
+from archplan.analytic.hyena import (
+    hyena_matmul_params,
+    hyena_params,
+    striped_matmul_params,
+    striped_params,
+)
+from archplan.analytic.s4 import s4_matmul_params, s4_params
 from archplan.analytic.moe import moe_active_params, moe_matmul_params, moe_params
 from archplan.analytic.norms import norm_params
 from archplan.analytic.positions import position_table_params
@@ -38,6 +45,7 @@ from archplan.resolve import (
     AttentionPlan,
     FFNOrMoE,
     FFNPlan,
+    HyenaPlan,
     LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
@@ -45,6 +53,8 @@ from archplan.resolve import (
     MLAPlan,
     ModelPlan,
     MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
 )
 
 
@@ -72,6 +82,12 @@ def mixer_params(mixer: MixerPlan, d_model: int) -> int:
             return mamba1_params(mixer, d_model)
         case Mamba2Plan():
             return mamba2_params(mixer, d_model)
+        case S4Plan():
+            return s4_params(mixer, d_model)
+        case HyenaPlan():
+            return hyena_params(mixer, d_model)
+        case StripedHyenaPlan():
+            return striped_params(mixer, d_model)
         case _:
             assert_never(mixer)
 
@@ -86,6 +102,12 @@ def mixer_matmul_params(mixer: MixerPlan, d_model: int) -> int:
             return mamba1_matmul_params(mixer, d_model)
         case Mamba2Plan():
             return mamba2_matmul_params(mixer, d_model)
+        case S4Plan():
+            return s4_matmul_params(d_model)
+        case HyenaPlan():
+            return hyena_matmul_params(mixer, d_model)
+        case StripedHyenaPlan():
+            return striped_matmul_params(d_model)
         case _:
             assert_never(mixer)
 

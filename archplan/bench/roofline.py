@@ -1,15 +1,27 @@
 """Roofline prediction for a bench run (Williams, Waterman & Patterson 2009, "Roofline").
 
-Each component runs in time max(FLOPs / peak FLOP/s, bytes moved / bandwidth); the run's prediction
-is the sum over components, reported per layer kind. Pure Python (no torch), from the analytic
-counts of the same plan the benchmark builds.
+Prefill: each component runs in time max(FLOPs / peak FLOP/s, bytes moved / copy bandwidth); the
+prediction is the sum over components, reported per layer kind. Pure Python (no torch), from the
+analytic counts of the same plan the benchmark builds.
+
+Decode is priced by what bounds a one-token step (docs/benchmarks.md, "Decode model"): each
+component's weights stream through skinny matmuls at the decode batch, far below copy bandwidth
+on CPU, and every dispatched op pays a fixed overhead that a 1-token step cannot amortise:
+
+    step = Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate)
+           + matmuls × matmul overhead + attention kernels × attention overhead + other ops × op overhead
+
+CPU runs it all in sequence (the sum); on CUDA the host issues kernels ahead of the device, so the
+step is max(Σ work, Σ overhead). The rates are calibrated at the decode batch in the same
+run (`bench/device.py`); the op counts are dispatched ops counted once on the built model.
 
 Bytes moved per component (stated in docs/benchmarks.md):
 - prefill: its weights once (MoE: only the experts the B·T·K routed rows can reach, min(E, B·T·K)),
   plus its activation input and output (2·B·T·D elements), plus, for attention, the K/V it writes;
-- decode (one token per sequence): its weights once (MoE: min(E, B·K) experts), plus the cache it
-  reads at the current context (KV, MLA latent or SSM state).
-Elementwise FLOPs are not priced separately: they are memory-bound and covered by the activation bytes.
+- decode (one token per sequence): its weights once (MoE: min(E, B·K) experts; the embedding only
+  the B rows it looks up), plus the cache it reads at the current context (KV, MLA latent or SSM state).
+Elementwise FLOPs are not priced separately: they are memory-bound and covered by the activation
+bytes (prefill) or by the per-op overhead (decode).
 """
 
 from __future__ import annotations
@@ -17,13 +29,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from archplan.analytic import count_params, forward_flops, kv_cache
+from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
     LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
+    HyenaPlan,
+    S4Plan,
+    StripedHyenaPlan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -37,19 +52,54 @@ class RooflineRow:
     count: int  # layers of this kind
     flops: float
     bytes: float
-    seconds: float
-    bound: str  # "compute" or "memory"
+    seconds: float  # work + overhead
+    bound: str  # "memory", "compute" or "overhead": the largest term
+    work: float = 0.0  # Σ_components max(FLOPs / rate, bytes / bandwidth)
+    ops: int = 0  # dispatched ops per step, all layers of this kind (decode)
+    overhead: float = 0.0  # seconds: their fixed per-op costs (decode)
 
 
 @dataclass(frozen=True)
 class Roofline:
     rows: tuple[RooflineRow, ...]
-    peak_flops: float
-    bandwidth: float
+    peak_flops: float  # the compute rate priced (decode: the skinny-matmul rate)
+    bandwidth: float  # the bandwidth priced (decode: the GEMV bandwidth)
+    overlap: bool = False  # CUDA decode: the host issues kernels ahead of the device
 
     @property
     def seconds(self) -> float:
+        if self.overlap:
+            return max(sum(r.work for r in self.rows), sum(r.overhead for r in self.rows))
         return sum(r.seconds for r in self.rows)
+
+
+@dataclass(frozen=True)
+class OpCount:
+    """Dispatched ops of one decode step: matmuls (mm/addmm/bmm/linear/grouped), attention kernels
+    (SDPA), and every other op (elementwise, copies, views)."""
+
+    matmuls: int
+    attention: int
+    others: int
+
+    @property
+    def total(self) -> int:
+        return self.matmuls + self.attention + self.others
+
+
+@dataclass(frozen=True)
+class DecodeRates:
+    """What bounds a decode step on a device, calibrated at the decode batch (`bench/device.py`)."""
+
+    gemv_bandwidth: float  # bytes/s of weights streamed through skinny matmuls
+    skinny_flops: float  # FLOP/s of those same matmuls
+    matmul_seconds: float  # fixed cost of one matmul call
+    attention_seconds: float  # fixed cost of one attention kernel call
+    op_seconds: float  # fixed cost of any other dispatched op
+    overlap: bool  # CUDA: the host runs ahead of the device
+
+    def overhead(self, ops: OpCount) -> float:
+        return ops.matmuls * self.matmul_seconds + ops.attention * self.attention_seconds + ops.others * self.op_seconds
 
 
 def layer_kind(layer: LayerPlan) -> str:
@@ -63,6 +113,12 @@ def layer_kind(layer: LayerPlan) -> str:
             mixer = "mamba1"
         case Mamba2Plan():
             mixer = "mamba2"
+        case S4Plan() as m:
+            mixer = "s4" if m.dplr else "s4d"
+        case HyenaPlan():
+            mixer = "hyena"
+        case StripedHyenaPlan():
+            mixer = "stripedhyena"
         case _:
             assert_never(layer.mixer)
     match layer.ffn:
@@ -98,10 +154,12 @@ def _layer_of(path: str) -> int | None:
 
 
 def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: dict[str, float],
-             peak: float, bandwidth: float) -> Roofline:
+             peak: float, bandwidth: float, overhead_by_kind: dict[str, tuple[int, float]] | None = None,
+             overlap: bool = False) -> Roofline:
+    """Sum max(compute, memory) per component into its layer kind, plus each kind's (ops, overhead)."""
     flops_by_kind: dict[str, float] = defaultdict(float)
     bytes_by_kind: dict[str, float] = defaultdict(float)
-    seconds_by_kind: dict[str, float] = defaultdict(float)
+    work_by_kind: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for layer in plan.layers:
         counts[layer_kind(layer)] += 1
@@ -112,13 +170,17 @@ def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: di
         f, b = flops_by_path.get(path, 0.0), bytes_by_path.get(path, 0.0)
         flops_by_kind[kind] += f
         bytes_by_kind[kind] += b
-        seconds_by_kind[kind] += max(f / peak, b / bandwidth)
-    rows = tuple(
-        RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind], seconds_by_kind[kind],
-                    "compute" if flops_by_kind[kind] / peak >= bytes_by_kind[kind] / bandwidth else "memory")
-        for kind in sorted(seconds_by_kind, key=lambda k: (k == "embed+head", k))
-    )
-    return Roofline(rows, peak, bandwidth)
+        work_by_kind[kind] += max(f / peak, b / bandwidth)
+    overheads = overhead_by_kind or {}
+    rows = []
+    for kind in sorted(set(work_by_kind) | set(overheads), key=lambda k: (k == "embed+head", k)):
+        ops, overhead = overheads.get(kind, (0, 0.0))
+        work = work_by_kind[kind]
+        terms = {"memory": bytes_by_kind[kind] / bandwidth, "compute": flops_by_kind[kind] / peak,
+                 "overhead": overhead}
+        rows.append(RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind], work + overhead,
+                                max(terms, key=terms.__getitem__), work, ops, overhead))
+    return Roofline(tuple(rows), peak, bandwidth, overlap)
 
 
 def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, peak: float,
@@ -146,27 +208,35 @@ def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, p
     return _predict(plan, flops_by_path, bytes_by_path, peak, bandwidth)
 
 
-def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: float, peak: float,
-                        bandwidth: float) -> Roofline:
-    """One decode step: `batch` new tokens, each attending to `context` cached tokens."""
+def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: float, rates: DecodeRates,
+                        ops_by_kind: dict[str, OpCount]) -> Roofline:
+    """One decode step: `batch` new tokens, each attending `context` keys (itself included).
+
+    `ops_by_kind`: dispatched ops of ONE layer of each kind, and of "embed+head" (the rest of the
+    step), as counted on the built model; every layer of a kind is priced alike.
+    """
     params = count_params(plan)
     kv = kv_cache(plan, context, batch, dtype_bytes)
-    # One new token: the matmuls of a 1-token forward, plus attention over the cached context
-    # (FORMULAS §2.8: 4·n_h·d_h·t per layer, window-capped).
-    one = forward_flops(plan, 1, 1)
-    flops_by_path: dict[str, float] = {p: batch * v for p, v in one.counted_by_component.items()}
-    for path, per_key in _attention_core_per_key(plan).items():
-        window = plan.layers[int(path.split(".")[1])].mixer.window  # type: ignore[union-attr]
-        keys = min(context, window) if window else context
-        flops_by_path[path] += batch * per_key * keys
+    # The analytic decode step (docs/formulas.md §2.8), MLA absorbed: what FlopCounterMode counts
+    flops_by_path: dict[str, float] = dict(decode_flops(plan, context, batch).counted_by_component)
     bytes_by_path: dict[str, float] = {}
     for path in params.by_component:
         routed = batch * _top_k_of(plan, path)
         weight = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
         bytes_by_path[path] = weight + kv.by_component.get(path, 0)
+    # a lookup reads B rows of the tables, not the tables; a tied head still reads the whole matrix
+    for table in ("embed", "pos_embed"):
+        if table in bytes_by_path:
+            bytes_by_path[table] = batch * plan.d_model * dtype_bytes
     if plan.tied:
         bytes_by_path["lm_head"] = bytes_by_path.get("lm_head", 0) + plan.vocab_size * plan.d_model * dtype_bytes
-    return _predict(plan, flops_by_path, bytes_by_path, peak, bandwidth)
+    counts = defaultdict(int, {"embed+head": 1})
+    for layer in plan.layers:
+        counts[layer_kind(layer)] += 1
+    overhead_by_kind = {kind: (counts[kind] * ops.total, counts[kind] * rates.overhead(ops))
+                        for kind, ops in ops_by_kind.items()}
+    return _predict(plan, flops_by_path, bytes_by_path, rates.skinny_flops, rates.gemv_bandwidth,
+                    overhead_by_kind, rates.overlap)
 
 
 def _top_k_of(plan: ModelPlan, path: str) -> int:
@@ -183,7 +253,8 @@ def _is_layer_body(path: str) -> bool:
 
 
 def _attention_core_per_key(plan: ModelPlan) -> dict[str, float]:
-    """QKᵀ+AV FLOPs of one query against one key, per attention layer (docs/architecture.md)."""
+    """QKᵀ+AV FLOPs of one query against one key in the cache-less forward (MLA expanded), per
+    attention layer (docs/architecture.md)."""
     core: dict[str, float] = {}
     for layer in plan.layers:
         match layer.mixer:
@@ -191,7 +262,7 @@ def _attention_core_per_key(plan: ModelPlan) -> dict[str, float]:
                 core[f"{layer.path}.mixer"] = 4 * a.n_heads * a.head_dim
             case MLAPlan() as m:
                 core[f"{layer.path}.mixer"] = 2 * m.n_heads * (m.qk_head_dim + m.v_head_dim)
-            case Mamba1Plan() | Mamba2Plan():
+            case Mamba1Plan() | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
                 pass
             case _:
                 assert_never(layer.mixer)

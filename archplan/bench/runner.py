@@ -14,18 +14,28 @@ from dataclasses import dataclass, field, replace
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from archplan.analytic import count_params, forward_flops, kv_cache
+from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
 from archplan.bench.device import (
     TORCH_DTYPES,
     DevicePeak,
+    DecodeCalibration,
     device_peak,
     free_memory,
     peak_memory,
     reset_peak_memory,
     synchronize,
 )
-from archplan.bench.roofline import Roofline, layer_kind, predict_decode_step, predict_prefill
+from archplan.bench.roofline import (
+    DecodeRates,
+    OpCount,
+    Roofline,
+    layer_kind,
+    predict_decode_step,
+    predict_prefill,
+)
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
@@ -94,6 +104,7 @@ class BenchResult:
     predicted_prefill: Roofline
     predicted_decode: Roofline | None
     extrapolation: Extrapolation | None
+    decode_model: DecodeModel | None = None
     backends: list[dict[str, object]] = field(default_factory=list)
 
     @property
@@ -109,6 +120,13 @@ class BenchResult:
         return self.achieved_flops_per_s / self.peak.peak_flops
 
     @property
+    def decode_prediction_error(self) -> float | None:
+        """(predicted − measured) / measured for one decode step."""
+        if self.decode_seconds_per_token is None or self.predicted_decode is None:
+            return None
+        return (self.predicted_decode.seconds - self.decode_seconds_per_token) / self.decode_seconds_per_token
+
+    @property
     def prediction_error(self) -> float:
         """(predicted − measured) / measured."""
         return (self.predicted_prefill.seconds - self.prefill_seconds) / self.prefill_seconds
@@ -117,11 +135,23 @@ class BenchResult:
         decode = None
         if self.decode_seconds_per_token is not None:
             assert self.predicted_decode is not None
+            assert self.decode_model is not None
+            dm = self.decode_model
             decode = {
                 "ms_per_token": 1e3 * self.decode_seconds_per_token,
                 "tokens_per_s": self.config.batch / self.decode_seconds_per_token,
                 "predicted_ms_per_token": 1e3 * self.predicted_decode.seconds,
+                "error": self.decode_prediction_error,
                 "steps": self.config.decode_tokens,
+                "context": dm.context,
+                "flops": dm.flops,
+                "flops_counted": dm.flops_counted,
+                "flops_convention": "one step, batch × 1 new token at `context` keys (itself included), "
+                                    "2 FLOPs/MAC; counted = FlopCounterMode on meta, full model",
+                "model": DECODE_MODEL,
+                "rates": dm.rates.__dict__,
+                "ops_per_layer": {kind: ops.__dict__ for kind, ops in dm.ops_by_kind.items()},
+                "by_kind": [r.__dict__ for r in self.predicted_decode.rows],
             }
         return {
             "device": self.device,
@@ -168,6 +198,25 @@ EXTRAPOLATION_METHOD = (
     "the blocks and the rest sum to the median; full depth = rest + Σ_kind (layers of that kind) × "
     "block time"
 )
+
+
+DECODE_MODEL = (
+    "Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate) + matmuls × matmul overhead + "
+    "attention kernels × attention overhead + other ops × op overhead (CUDA: max of device work and "
+    "overhead); rates calibrated at the decode batch in this run, ops dispatched in one step of the "
+    "built model, per layer kind"
+)
+
+
+@dataclass(frozen=True)
+class DecodeModel:
+    """What the decode prediction was made from, and the FLOP check beside it."""
+
+    context: int  # keys the median timed step attends (itself included)
+    rates: DecodeRates
+    ops_by_kind: dict[str, OpCount]  # one layer of each kind, and "embed+head"
+    flops: int  # analytic decode_flops(plan, context, batch), full model
+    flops_counted: int  # FlopCounterMode on meta for the same step, full model
 
 
 def truncate(plan: ModelPlan, k: int) -> ModelPlan:
@@ -258,7 +307,9 @@ def _progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, transient=True)
 
 
-def _time(fn: Callable[[], object], device: torch.device, n: int, progress: Progress, label: str) -> Timing:
+def _time(fn: Callable[[], object], device: torch.device, n: int, progress: Progress, label: str,
+          between: Callable[[], None] | None = None) -> Timing:
+    """n timed calls of fn; `between` runs untimed after each (the decode calibration's samples)."""
     task = progress.add_task(label, total=n)
     samples = []
     for _ in range(n):
@@ -273,6 +324,8 @@ def _time(fn: Callable[[], object], device: torch.device, n: int, progress: Prog
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
+        if between is not None:
+            between()
         progress.advance(task)
     progress.remove_task(task)
     return Timing(tuple(samples))
@@ -349,6 +402,8 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     peak = device_peak(device, cfg.dtype)
     b = nbytes(cfg.dtype)
 
+    # before the peak-memory window: its 128 MiB of streamed weights are not the model's
+    calibration = DecodeCalibration(device, torch_dtype, cfg.batch) if cfg.decode_tokens else None
     torch.manual_seed(0)
     reset_peak_memory(device)
     model = build_model(built, device=device.type, dtype=torch_dtype).eval()
@@ -367,42 +422,113 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
             with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
                 per_kind, instrumented = _block_seconds(model, built, lambda: model(tokens), device)
             extrapolation = _extrapolate(plan, built, per_kind, instrumented, timing.median)
-        decode, decode_s = _decode(model, built, cfg, device, progress, extrapolation is not None, plan)
+        decode, decode_s, ops_by_kind, rates = _decode(model, built, cfg, device, progress,
+                                                       extrapolation is not None, plan, calibration)
     peak_bytes, method = peak_memory(device)
     prefill_s = extrapolation.scale() if extrapolation else timing.median
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
     analytic_mem = int(count_params(built).total * b + kv_cache(built, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes)
-    result = BenchResult(
+    decode_model = predicted_decode = None
+    if ops_by_kind is not None and rates is not None:
+        # the timed steps attend seq + 1 … seq + decode_tokens keys: price the median one
+        context = cfg.seq + (cfg.decode_tokens + 1) // 2
+        decode_model = DecodeModel(context, rates, ops_by_kind,
+                                   decode_flops(plan, context, cfg.batch).counted,
+                                   counted_decode_flops(plan, context, cfg.batch))
+        predicted_decode = predict_decode_step(plan, cfg.batch, context, b, decode_model.rates, ops_by_kind)
+    return BenchResult(
         device=peak.name, dtype=cfg.dtype.value, config=cfg, peak=peak, prefill=timing,
         prefill_seconds=prefill_s, prefill_flops=flops, decode=decode, decode_seconds_per_token=decode_s,
         peak_memory_bytes=peak_bytes, peak_memory_method=method, analytic_memory_bytes=analytic_mem,
         predicted_prefill=predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth),
-        predicted_decode=(predict_decode_step(plan, cfg.batch, cfg.seq + cfg.decode_tokens // 2, b,
-                                              peak.peak_flops, peak.bandwidth) if cfg.decode_tokens else None),
-        extrapolation=extrapolation,
+        predicted_decode=predicted_decode, extrapolation=extrapolation, decode_model=decode_model,
     )
-    return result
+
+
+class _OpCounter(TorchDispatchMode):
+    """Dispatched ops by layer kind (block hooks set the kind; everything else is "embed+head")."""
+
+    MATMULS = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kind = "embed+head"
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name in self.MATMULS:
+            group = "matmuls"
+        elif name.startswith(("_scaled_dot_product", "scaled_dot_product")):
+            group = "attention"
+        else:
+            group = "others"
+        self.counts[self.kind][group] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> dict[str, OpCount]:
+    """Ops of one decode step, per ONE layer of each kind (the built layers of a kind averaged)."""
+    counter = _OpCounter()
+    handles = []
+    for layer, block in zip(plan.layers, model.layers):  # type: ignore[attr-defined]
+
+        def enter(_m: object, _a: object, kind: str = layer_kind(layer)) -> None:
+            counter.kind = kind
+
+        def leave(_m: object, _a: object, _o: object) -> None:
+            counter.kind = "embed+head"
+
+        handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    with counter:
+        step()
+    for h in handles:
+        h.remove()
+    built = kinds(plan) | {"embed+head": 1}
+    return {kind: OpCount(*(round(counter.counts[kind][g] / n) for g in ("matmuls", "attention", "others")))
+            for kind, n in built.items()}
 
 
 def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
-            progress: Progress, extrapolate: bool, full: ModelPlan) -> tuple[Timing | None, float | None]:
-    """Prefill into a real cache, time `decode_tokens` single-token steps (+1 instrumented step
-    when extrapolating to full depth)."""
-    if cfg.decode_tokens == 0:
-        return None, None
+            progress: Progress, extrapolate: bool, full: ModelPlan, calibration: DecodeCalibration | None
+            ) -> tuple[Timing | None, float | None, dict[str, OpCount] | None, DecodeRates | None]:
+    """Prefill into a real cache, time `decode_tokens` single-token steps with the calibration's
+    overhead samples between them (the same load on a shared machine), then one step counting its
+    dispatched ops (+1 instrumented step when extrapolating to full depth)."""
+    if cfg.decode_tokens == 0 or calibration is None:
+        return None, None, None, None
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
-        cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 1)  # type: ignore[operator]
+        cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 2)  # type: ignore[operator]
         prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
         state = {"token": model(prompt, cache=cache)[:, -1:].argmax(-1)}
 
         def step() -> None:
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
-        timing = _time(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens")
+        timing = _time(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
+                       between=calibration.sample)
+        rates = calibration.rates()
+        ops = _count_ops(model, built, step)
         if not extrapolate:
-            return timing, timing.median
+            return timing, timing.median, ops, rates
         per_kind, instrumented = _block_seconds(model, built, step, device)
-    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale()
+    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale(), ops, rates
+
+
+def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:
+    """FlopCounterMode on meta for one decode step: `batch` new tokens, each attending `context`
+    keys (itself included), after a prefill of context − 1 tokens into the real cache path. What
+    `analytic.decode_flops(plan, context, batch)` predicts exactly (tests/test_decode.py)."""
+    # no parameter requires grad: torch's ModuleTracker (inside FlopCounterMode) hooks autograd on
+    # module inputs that do, and fails on a parameter slice fed as an input (Hyena's positions)
+    model = build_model(plan).requires_grad_(False)
+    cache = model.new_cache(batch, context)
+    with torch.no_grad():
+        if context > 1:
+            model(torch.zeros(batch, context - 1, dtype=torch.long, device="meta"), cache=cache)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(batch, 1, dtype=torch.long, device="meta"), cache=cache)
+    return counter.get_total_flops()
 
 
 def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object]]:

@@ -147,8 +147,9 @@ def _render(result: object, name: str) -> None:
     if result.decode_seconds_per_token is not None:
         assert result.predicted_decode is not None
         table.add_row("decode", f"{1e3 * result.decode_seconds_per_token:.2f} ms/token",
-                      f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; roofline "
-                      f"{1e3 * result.predicted_decode.seconds:.2f} ms")
+                      f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; predicted "
+                      f"{1e3 * result.predicted_decode.seconds:.2f} ms, error "
+                      f"{100 * (result.decode_prediction_error or 0):+.1f}% (decode model, docs/benchmarks.md)")
     table.add_row("peak memory", nbytes(result.peak_memory_bytes), result.peak_memory_method)
     table.add_row("analytic memory", nbytes(result.analytic_memory_bytes), "weights + cache of what was built")
     console.print(table)

@@ -43,28 +43,38 @@ def hf(
                                                 show_default=False)] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 2) a key the importer does not "
+                                                           "account for, instead of reporting it.")] = False,
 ) -> None:
     """Convert a Hugging Face config.json into an archplan spec (YAML), exact to transformers' count.
 
-    Fields that change neither size nor compute (dropout, token ids, init ranges) are ignored; a field that changes the architecture in a way the spec cannot express stops the import (exit 2) and is named. With --json, stdout is one JSON object (the spec's fields, and where the YAML went).
+    Keys that change size or compute are read; keys every PretrainedConfig carries, keys a family derives from others (checked for consistency) and aliases are accepted; any other key is reported on stderr as ignored (--strict: exit 2). A value the spec cannot express stops the import (exit 2) and is named. With --json, stdout is one JSON object (the spec's fields, the ignored keys, and where the YAML went).
 
     Examples:
 
       archplan import hf ~/models/Meta-Llama-3-8B -o llama-3-8b.yaml
 
       archplan import hf config.json > spec.yaml && archplan size spec.yaml
+
+      archplan import hf config.json --strict -o spec.yaml
     """
-    from archplan.importers.hf import import_hf
+    from archplan.importers.hf import read_hf
     from archplan.planning import spec_data, spec_yaml, write_spec
 
     if output is not None and output.exists() and not force:
         raise ArchplanError("file exists; pass --force to overwrite", file=str(output), field="-o")
-    spec = import_hf(config)
+    imported = read_hf(config, strict=strict)
+    spec = imported.spec
+    if imported.ignored:
+        # one line, so scripts can grep it; the keys also go into the spec's reference.notes
+        typer.echo(f"{config}: ignored keys (not read by the importer; --strict refuses them): "
+                   f"{', '.join(imported.ignored)}", err=True)
     header = f"yaml-language-server: $schema={schema_reference(output)}"
     if output is not None:
         write_spec(spec, str(output), force=force, header=header)
     if as_json:
-        typer.echo(json.dumps({"output": str(output) if output else None, "spec": spec_data(spec)}))
+        typer.echo(json.dumps({"output": str(output) if output else None, "ignored": list(imported.ignored),
+                               "spec": spec_data(spec)}))
     elif output is None:
         typer.echo(spec_yaml(spec, header), nl=False)
     else:

@@ -193,7 +193,7 @@ def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
     attn = spec.attention
     assert isinstance(attn, GQA)  # every recipe uses grouped-query attention
     heads = f"{attn.n_heads} heads / {attn.n_kv_heads} KV × {attn.head_dim}"
-    layout = f", mixers {spec.layout.mixers}" if spec.ssm is not None else ""
+    layout = f", mixers {spec.layout.mixers}" if spec.ssm is not None or spec.long_conv is not None else ""
     console.print(
         f"[bold]Generated spec[/] {spec.name} ({made.family.value}; target = {made.target_kind} "
         f"params {count(made.target)})\n"

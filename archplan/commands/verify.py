@@ -251,7 +251,7 @@ def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
         title=f"archplan verify — {result.name} (batch {result.batch}, seq {result.seq_len})",
         caption=(
             "FLOPs: counted by FlopCounterMode on meta for one forward (2 per multiply-add; matmuls, "
-            "convs, attention full T²). elementwise: analytic-only (norms, softmax, activations, "
+            "convs, attention full T², FFTs 2.5·n·⌈log2 n⌉ per real transform of length n = 2T). elementwise: analytic-only (norms, softmax, activations, "
             "scan updates). Folded rows (×n) show the per-layer figures."
         ),
     )

@@ -2,13 +2,14 @@
 
 One registry, `FAMILIES`, keyed by `model_type`: each entry is a small converter function plus the
 defaults transformers' `configuration_<family>.py` applies when a key is absent (transformers 5.24,
-the version `tests/fixtures/expected.json` was recorded with). Shared helpers read what every
-Llama-like family spells the same way (dims, RoPE, sliding windows, MoE placement).
+the version `tests/fixtures/expected.json` was recorded with), and two tables: the family's inert
+keys and its derived keys. Shared helpers read what every Llama-like family spells the same way
+(dims, RoPE, sliding windows, MoE placement).
 
-Every key of the config must be accounted for: read by the converter, listed as not changing size
-or compute (dropout, token ids, init ranges...), or pinned to the value transformers hard-codes
-(`HFConfig.fixed`). Anything else is an `ArchplanError` naming the field: an importer that guesses
-would print a confident wrong number.
+Every key of the config is accounted for by the key policy below (`COMMON_KEYS`, `Family.inert`,
+`Family.derived`, `HFConfig.fixed`, or a converter's read). A key nothing accounts for is returned
+in `Imported.ignored`: the CLI reports it on stderr, and `--strict` refuses it, since an importer
+that silently drops a key it does not know may print a confident wrong number.
 """
 
 from __future__ import annotations
@@ -69,34 +70,51 @@ ACTIVATIONS: dict[str, Activation] = {
     "relu": "relu",
 }
 
-# Keys that change neither the parameter count nor the compute of one forward: training-time
-# dropout and init, token ids, serving/runtime switches, generation defaults that old configs
-# carry, and bookkeeping. Read nowhere, accepted everywhere.
-IGNORED_EVERYWHERE = frozenset({
+# The key policy (docs/import.md, "Fields"). Every key of a config.json is one of:
+#   read     - a converter reads it: it changes size or compute in transformers' modeling code;
+#   common   - every `PretrainedConfig` carries it (below), or it never changes size or compute
+#              in any family (dropout, init ranges, token ids, cache and generation switches);
+#   inert    - the family's own keys that change neither size nor compute (`Family.inert`);
+#   derived  - a duplicate of keys that are read (an alias written twice, or a value the family's
+#              configuration class derives): accepted when consistent, refused otherwise
+#              (`Family.derived`);
+#   fixed    - a key transformers hard-codes, accepted only at that value (`HFConfig.fixed`);
+#   ignored  - anything else: reported on stderr, an error under `--strict`.
+
+# `PretrainedConfig` attributes (transformers 5 `configuration_utils.py`, and the v4 ones old configs
+# still carry: generation defaults, TF/XLA switches, `output_past` of transformers 2-3).
+PRETRAINED_CONFIG_KEYS = frozenset({
     "_name_or_path", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
-    "quantization_config", "use_cache", "initializer_range", "bos_token_id", "eos_token_id",
-    "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
-    "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "emb_pdrop",
-    "classifier_dropout", "output_attentions", "output_hidden_states", "return_dict",
-    "use_return_dict", "id2label", "label2id", "num_labels", "problem_type",
-    "chunk_size_feed_forward", "output_router_logits", "router_jitter_noise", "task_specific_params",
-    "torchscript", "pruned_heads", "tie_encoder_decoder", "is_decoder", "finetuning_task", "prefix",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss", "use_bfloat16", "xla_device",
-    "_attn_implementation", "attn_implementation", "_commit_hash", "pretraining_tp",
-    "gradient_checkpointing", "tokenizer_name", "cache_implementation",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "output_past", "output_attentions", "output_hidden_states", "return_dict",
+    "use_return_dict", "torchscript", "pruned_heads", "chunk_size_feed_forward", "id2label",
+    "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params", "prefix",
+    "tokenizer_class", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
+    "decoder_start_token_id", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss",
+    "use_bfloat16", "xla_device", "gradient_checkpointing", "_attn_implementation",
+    "attn_implementation", "_attn_implementation_autoset", "_commit_hash", "model_type",
 })
+# Keys many families carry that change neither the parameter count nor one forward's matmuls:
+# training-time dropout and init, serving/runtime switches, quantisation storage metadata.
+NEVER_SIZE_OR_COMPUTE = frozenset({
+    "quantization_config", "use_cache", "initializer_range", "attention_dropout", "hidden_dropout",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "emb_pdrop", "classifier_dropout",
+    "output_router_logits", "router_jitter_noise", "pretraining_tp", "tokenizer_name",
+    "cache_implementation",
+})
+COMMON_KEYS = PRETRAINED_CONFIG_KEYS | NEVER_SIZE_OR_COMPUTE
 
 _ABSENT = object()
 
 
 # ------------------------------------------------------------------------------- config reader
 class HFConfig:
-    """A config.json dict read key by key: every read marks the key, leftovers are unknown fields.
+    """A config.json dict read key by key: every read marks the key; `unread()` is what is left.
 
     A key absent from the file takes the family's transformers default; `aliases` are the other
     spellings transformers' `attribute_map` accepts (GPT-2 `n_embd` for `hidden_size`, ...).
@@ -110,6 +128,7 @@ class HFConfig:
         self.defaults = defaults
         self.aliases = aliases  # spelling in the file -> canonical name
         self.used: set[str] = {"model_type"}
+        self.unread_nested: list[str] = []  # "attn_config.x": unknown keys inside a sub-config
         self.notes: list[str] = []
 
     # -- raw access
@@ -199,8 +218,8 @@ class HFConfig:
         return ACTIVATIONS[act]
 
     # -- fields that must not change anything
-    def ignore(self, *names: str) -> None:
-        """Fields this family accepts that change neither size nor compute (reason at the call)."""
+    def inert(self, *names: str) -> None:
+        """Fields that change neither size nor compute in this case (the reason at the call)."""
         for name in names:
             self._spelling(name)
 
@@ -210,8 +229,10 @@ class HFConfig:
         if key is not None and self.data[key] != expected:
             raise self.error(name, f"cannot express {name}={self.data[key]!r}: {why}")
 
-    def leftovers(self) -> list[str]:
-        return sorted(k for k in self.data if k not in self.used and k not in IGNORED_EVERYWHERE)
+    def unread(self) -> list[str]:
+        """Keys no rule accounted for: the importer's `ignored` list."""
+        top = [k for k in self.data if k not in self.used and k not in COMMON_KEYS]
+        return sorted(top + self.unread_nested)
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -425,22 +446,44 @@ Converter = Callable[[HFConfig], dict[str, Any]]
 
 
 @dataclass(frozen=True)
+class Derived:
+    """A key that duplicates what is read: `value(cfg)` is what it must equal (`rule` says how)."""
+
+    value: Callable[[HFConfig], Any]
+    rule: str
+
+
+@dataclass(frozen=True)
 class Family:
     convert: Converter
     defaults: Mapping[str, Any]
     aliases: Mapping[str, str] = field(default_factory=dict)
-    ignored: frozenset[str] = frozenset()
+    inert: frozenset[str] = frozenset()
+    derived: Mapping[str, Derived] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
 
 
 def family(model_type: str, *, defaults: Mapping[str, Any], aliases: Mapping[str, str] | None = None,
-           ignored: Sequence[str] = ()) -> Callable[[Converter], Converter]:
+           inert: Sequence[str] = (), derived: Mapping[str, Derived] | None = None,
+           ) -> Callable[[Converter], Converter]:
     def register(fn: Converter) -> Converter:
-        FAMILIES[model_type] = Family(fn, defaults, aliases or {}, frozenset(ignored))
+        FAMILIES[model_type] = Family(fn, defaults, aliases or {}, frozenset(inert), derived or {})
         return fn
     return register
+
+
+def check_derived(cfg: HFConfig, derived: Mapping[str, Derived]) -> None:
+    """A derived key present in the file must equal what transformers derives: a config that says
+    two different things is refused rather than read one way."""
+    for key, rule in derived.items():
+        if key not in cfg.data:
+            continue
+        cfg.used.add(key)
+        expected = rule.value(cfg)
+        if cfg.data[key] != expected:
+            raise cfg.error(key, f"{cfg.data[key]!r} contradicts {rule.rule} = {expected!r}")
 
 
 # Defaults below are transformers 5.24's configuration_<family>.py values (dataclass fields and
@@ -547,12 +590,19 @@ _QWEN2 = {**_LLAMA, "vocab_size": 151936, "intermediate_size": 22016, "num_key_v
           "max_window_layers": 28}
 
 
+def sliding_window_if(cfg: HFConfig) -> int | None:
+    """Qwen2/Qwen3(-MoE): `sliding_window` counts only if `use_sliding_window`; otherwise its value
+    (Qwen2MoeConfig writes 0 there, Qwen3MoeConfig null) describes nothing that is built."""
+    if not cfg.bool_("use_sliding_window"):
+        cfg.inert("sliding_window")
+        return None
+    return cfg.opt_int("sliding_window")
+
+
 def qwen_window(cfg: HFConfig, n_layers: int, default_sliding: Callable[[int, int], bool]) -> tuple[int | None, str]:
     """Qwen2/Qwen3(-MoE) `__post_init__`: a window only if use_sliding_window; without explicit
     layer_types, layer i slides iff default_sliding(i, max_window_layers)."""
-    window = cfg.opt_int("sliding_window")
-    if not cfg.bool_("use_sliding_window"):
-        window = None
+    window = sliding_window_if(cfg)
     max_window = cfg.count("max_window_layers")
     if cfg.get("layer_types", None) is None and window is not None:
         letters = ["S" if default_sliding(i, max_window) else "A" for i in range(n_layers)]
@@ -633,13 +683,11 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
         aliases={"num_local_experts": "num_experts"},
         # Qwen3MoeConfig has no max_window_layers (Qwen3 configs carry it): unread, the window if
         # any is on every layer
-        ignored=("max_window_layers",))
+        inert=("max_window_layers",))
 def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen3_moe.py: Qwen3 attention (q/k head norm; head_dim = getattr or d/H, no 128
     default here) + routed experts; the window (if use_sliding_window) is on every layer."""
-    window = cfg.opt_int("sliding_window")
-    if not cfg.bool_("use_sliding_window"):
-        window = None
+    window = sliding_window_if(cfg)
     n_layers = cfg.int_("num_hidden_layers")
     bias = cfg.bool_("attention_bias")
     spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, qk_norm=qk_head_norm(cfg), window=window)
@@ -665,7 +713,7 @@ def gemma_act(cfg: HFConfig, key: str) -> Activation:
     return "gelu_tanh" if act == "gelu" else act
 
 
-@family("gemma", defaults=_GEMMA, ignored=("hidden_activation",))  # GemmaMLP reads hidden_act only
+@family("gemma", defaults=_GEMMA, inert=("hidden_activation",))  # GemmaMLP reads hidden_act only
 def _gemma(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma.py: Llama with GeGLU, (1+w) RMSNorm (still D weights), head_dim default 256,
     tied head, embeddings scaled by sqrt(D) (no parameters)."""
@@ -679,9 +727,9 @@ def _gemma(cfg: HFConfig) -> dict[str, Any]:
                             "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096},
         # Gemma2MLP reads hidden_activation; logit soft-capping and the query pre-attention scalar
         # are elementwise scalings without parameters or matmuls
-        # sliding_window_size: a legacy duplicate of sliding_window that transformers never reads
-        ignored=("hidden_act", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
-                 "sliding_window_size"))
+        inert=("hidden_act", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
+        # a legacy duplicate of sliding_window that transformers never reads
+        derived={"sliding_window_size": Derived(lambda cfg: cfg.opt_int("sliding_window"), "sliding_window")})
 def _gemma2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma2.py: four RMSNorms per block (sandwich), sliding window on even layers."""
     cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
@@ -723,7 +771,7 @@ def _phi(cfg: HFConfig) -> dict[str, Any]:
                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
                               hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5,
                               tie_word_embeddings=False, sliding_window=None),
-        ignored=("original_max_position_embeddings",))  # read by LongRoPE only, which is refused
+        inert=("original_max_position_embeddings",))  # read by LongRoPE only, which is refused
 def _phi3(cfg: HFConfig) -> dict[str, Any]:
     """modeling_phi3.py: fused qkv_proj and gate_up_proj (same sizes as split), no biases, RMSNorm,
     optional window on every layer. LongRoPE ('su'/'longrope'; Phi3 maps 'yarn' to it) is refused."""
@@ -744,11 +792,13 @@ _LN_EPS = 1e-5
                               tie_word_embeddings=True),
         aliases={"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
                  "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"},
-        # n_ctx: legacy duplicate of n_positions; summary_*: the sequence-classification head;
-        # attention scalings and fp32 upcast change numerics, not size or matmuls
-        ignored=("n_ctx", "summary_type", "summary_use_proj", "summary_activation",
+        # summary_*: the sequence-classification head; attention scalings and fp32 upcast change
+        # numerics, not size or matmuls
+        inert=("summary_type", "summary_use_proj", "summary_activation",
                  "summary_proj_to_labels", "summary_first_dropout", "scale_attn_weights",
-                 "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"))
+                 "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"),
+        # n_ctx: the context of OpenAI's original hparams.json, a duplicate of n_positions
+        derived={"n_ctx": Derived(lambda cfg: cfg.int_("n_positions"), "n_positions")})
 def _gpt2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gpt2.py: learned positions (wpe), pre-LayerNorm, biased Conv1D projections, tied head."""
     cfg.fixed("add_cross_attention", False, "cross-attention blocks belong to an encoder-decoder")
@@ -798,7 +848,7 @@ def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
                  "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"},
         # GPTJAttention scales by sqrt(head_dim) whatever scale_attn_weights says; summary_*: the
         # sequence-classification head of the GPT-2 config it was copied from
-        ignored=("scale_attn_weights", "summary_type", "summary_use_proj", "summary_activation",
+        inert=("scale_attn_weights", "summary_type", "summary_use_proj", "summary_activation",
                  "summary_proj_to_labels", "summary_first_dropout"))
 def _gptj(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gptj.py: parallel block on one LayerNorm, unbiased q/k/v/out, biased MLP (4D default),
@@ -862,7 +912,7 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
     else:
         residual = PreNorm(kind="pre")
     if cfg.bool_("alibi"):
-        cfg.ignore("rope_theta", "rope_scaling", "rope_parameters")  # FalconModel builds no rotary then
+        cfg.inert("rope_theta", "rope_scaling", "rope_parameters")  # FalconModel builds no rotary then
         position: Alibi | Rope = Alibi(kind="alibi")
     else:
         position = rope(cfg, dims)
@@ -880,7 +930,7 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
                                layer_norm_epsilon=_LN_EPS, tie_word_embeddings=True),
         aliases={"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"},
         # Megatron-DeepSpeed fusion/precision switches and tensor-parallel slicing: numerics only
-        ignored=("slow_but_exact", "masked_softmax_fusion", "bias_dropout_fusion", "skip_bias_add",
+        inert=("slow_but_exact", "masked_softmax_fusion", "bias_dropout_fusion", "skip_bias_add",
                  "skip_bias_add_qkv", "attention_softmax_in_fp32", "offset_alibi", "seq_length"))
 def _bloom(cfg: HFConfig) -> dict[str, Any]:
     """modeling_bloom.py: ALiBi, LayerNorm after the embedding, biased fused qkv/dense, MLP of
@@ -901,8 +951,9 @@ def _bloom(cfg: HFConfig) -> dict[str, Any]:
 
 
 _MPT_ATTN_FIXED = {"attn_type": "multihead_attention", "alibi": True, "qk_ln": False, "prefix_lm": False}
-# clip_qkv clamps, softmax_scale rescales, alibi_bias_max shapes the (parameter-free) slopes
-_MPT_ATTN_IGNORED = frozenset({"attn_pdrop", "attn_impl", "clip_qkv", "softmax_scale",
+# clip_qkv clamps, softmax_scale rescales, alibi_bias_max shapes the (parameter-free) slopes;
+# transformers 5 writes attn_config as a sub-config, with every PretrainedConfig key (COMMON_KEYS)
+_MPT_ATTN_INERT = frozenset({"attn_pdrop", "attn_impl", "clip_qkv", "softmax_scale",
                                "attn_uses_sequence_id", "alibi_bias_max"})
 
 
@@ -911,7 +962,7 @@ _MPT_ATTN_IGNORED = frozenset({"attn_pdrop", "attn_impl", "clip_qkv", "softmax_s
         aliases={"num_attention_heads": "n_heads", "hidden_size": "d_model", "num_hidden_layers": "n_layers"},
         # learned_pos_emb is unused when ALiBi is on (the only mode transformers builds);
         # logit_scale multiplies logits; embedding_fraction scales embedding gradients; init_* are init
-        ignored=("learned_pos_emb", "logit_scale", "embedding_fraction", "init_device", "init_config",
+        inert=("learned_pos_emb", "logit_scale", "embedding_fraction", "init_device", "init_config",
                  "verbose", "use_pad_tok_in_ffn"))
 def _mpt(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mpt.py: transformers hard-codes MHA without biases, MLP 4·D exact GELU, LayerNorms
@@ -926,8 +977,8 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
     for key, value in attn_cfg.items():
         if key in _MPT_ATTN_FIXED and value != _MPT_ATTN_FIXED[key]:
             raise cfg.error(f"attn_config.{key}", f"cannot express {key}={value!r}: {why}")
-        if key not in _MPT_ATTN_FIXED and key not in _MPT_ATTN_IGNORED:
-            raise cfg.error(f"attn_config.{key}", "unknown field; it may change the architecture")
+        if key not in _MPT_ATTN_FIXED and key not in _MPT_ATTN_INERT and key not in COMMON_KEYS:
+            cfg.unread_nested.append(f"attn_config.{key}")
     d, h = cfg.int_("d_model"), cfg.int_("n_heads")
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layers"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("max_seq_len"))
@@ -965,7 +1016,7 @@ def _stablelm(cfg: HFConfig) -> dict[str, Any]:
 _OLMO = {**_LLAMA, "vocab_size": 50304, "rms_norm_eps": 1e-5}
 
 
-@family("olmo", defaults=_OLMO, ignored=("clip_qkv",))
+@family("olmo", defaults=_OLMO, inert=("clip_qkv",))
 def _olmo(cfg: HFConfig) -> dict[str, Any]:
     """modeling_olmo.py: Llama's attention and SwiGLU, but every norm is `OlmoLayerNorm`,
     F.layer_norm with no weight and no bias at a fixed eps 1e-5 (Groeneveld et al. 2024 §2.1)."""
@@ -990,7 +1041,7 @@ def _olmo2(cfg: HFConfig) -> dict[str, Any]:
                            "num_experts_per_tok": 8, "num_experts": 64, "norm_topk_prob": False,
                            "router_aux_loss_coef": 0.01},
         aliases={"num_local_experts": "num_experts"},
-        ignored=("clip_qkv",))  # clamps activations
+        inert=("clip_qkv",))  # clamps activations
 def _olmoe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_olmoe.py: pre-RMSNorm, full-width q/k RMSNorm, routed experts on every layer."""
     dims = read_dims(cfg)
@@ -1013,12 +1064,50 @@ _DEEPSEEK = dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, n
                  kv_lora_rank=512, q_lora_rank=1536, n_routed_experts=64, n_shared_experts=2,
                  qk_nope_head_dim=128, qk_rope_head_dim=64, routed_scaling_factor=1.0,
                  norm_topk_prob=False, v_head_dim=128, num_experts_per_tok=None,
-                 moe_intermediate_size=1407)
-# num_key_value_heads/head_dim: MLA ignores them (keys and values come from the latent);
-# n_group/topk_group/topk_method: group-limited expert selection, no parameters and the same
-# top-k matmuls; ep_size: expert parallelism; rope_interleave: a layout of the same rotation.
-_DEEPSEEK_IGNORED = ("num_key_value_heads", "head_dim", "n_group", "topk_group", "topk_method",
-                     "ep_size", "rope_interleave", "aux_loss_alpha", "seq_aux")
+                 moe_intermediate_size=1407, topk_method="greedy", n_group=None, topk_group=None,
+                 aux_loss_alpha=0.001, seq_aux=True)
+# num_key_value_heads: MLA ignores it (keys and values come from the latent); ep_size: expert
+# parallelism; rope_interleave: a layout of the same rotation.
+_DEEPSEEK_INERT = ("num_key_value_heads", "ep_size", "rope_interleave")
+# DeepseekV2/V3Config.__post_init__ derives both (and overwrites what the file says)
+_DEEPSEEK_DERIVED = {
+    "qk_head_dim": Derived(lambda cfg: cfg.int_("qk_nope_head_dim") + cfg.int_("qk_rope_head_dim"),
+                           "qk_nope_head_dim + qk_rope_head_dim"),
+    "head_dim": Derived(lambda cfg: cfg.int_("qk_rope_head_dim"), "qk_rope_head_dim"),
+}
+
+
+def _deepseek_normalizes(cfg: HFConfig, v3: bool) -> bool:
+    """V3 renormalises the top-k weights iff norm_topk_prob (DeepseekV3TopkRouter); transformers'
+    DeepseekV2TopkRouter never does, while DeepSeek's own V2 code honours the key: refuse to pick."""
+    if v3:
+        return cfg.bool_("norm_topk_prob")
+    cfg.fixed("norm_topk_prob", False, "transformers' DeepseekV2TopkRouter ignores it while DeepSeek's "
+                                       "code renormalises; refusing to pick one")
+    return False
+
+
+def _deepseek_groups(cfg: HFConfig, v3: bool) -> dict[str, Any]:
+    """Group-limited routing. V2 (DeepseekV2TopkRouter): only with topk_method group_limited_greedy,
+    a group scored by its best expert. V3 (DeepseekV3TopkRouter): always, a group scored by the sum
+    of its best two (noaux_tc); null n_group/topk_group = no grouping."""
+    if v3:
+        cfg.fixed("topk_method", "noaux_tc", "transformers' DeepseekV3TopkRouter always routes noaux_tc "
+                                             "while DeepSeek's code honours the key; refusing to pick one")
+        score = "top2_sum"
+    else:
+        method = cfg.str_("topk_method")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise cfg.error("topk_method", f"cannot express {method!r}: transformers' DeepseekV2TopkRouter "
+                                           "routes greedy or group_limited_greedy")
+        if method == "greedy":
+            cfg.inert("n_group", "topk_group")  # DeepseekV2TopkRouter reads them only when grouping
+            return {}
+        score = "max"
+    groups, keep = cfg.opt_int("n_group"), cfg.opt_int("topk_group")
+    if groups is None or keep is None:
+        return {}
+    return {"n_group": groups, "topk_group": keep, "group_score": score}
 
 
 def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
@@ -1034,7 +1123,7 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         cfg.notes.append("num_nextn_predict_layers: transformers does not build the multi-token-prediction "
                          "module, so neither does this spec")
     dims = read_dims(cfg, head_dim_key=False, kv_key=None)
-    cfg.ignore(*_DEEPSEEK_IGNORED)
+    cfg.inert(*_DEEPSEEK_INERT)
     attn = MLA(kind="mla", n_heads=dims.n_heads, q_lora_rank=cfg.opt_int("q_lora_rank"),
                kv_lora_rank=cfg.int_("kv_lora_rank"), qk_nope_head_dim=cfg.int_("qk_nope_head_dim"),
                qk_rope_head_dim=cfg.int_("qk_rope_head_dim"), v_head_dim=cfg.int_("v_head_dim"))
@@ -1060,22 +1149,30 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         if n_shared == 0:
             raise cfg.error("n_shared_experts", f"cannot express 0: transformers' {name}Moe always builds "
                                                 "its shared MLP")
-        router = Router(scoring="sigmoid" if v3 else "softmax", normalize_top_k=cfg.bool_("norm_topk_prob"),
-                        score_correction_bias=v3, scale=cfg.float_("routed_scaling_factor"))
+        router = Router(scoring="sigmoid" if v3 else "softmax", normalize_top_k=_deepseek_normalizes(cfg, v3),
+                        score_correction_bias=v3, scale=cfg.float_("routed_scaling_factor"),
+                        **_deepseek_groups(cfg, v3))
         expert_ff = cfg.int_("moe_intermediate_size")
         if top_k > n_routed:
             raise cfg.error("num_experts_per_tok", f"top-k {top_k} exceeds the {n_routed} experts")
-        return MoE(n_experts=n_routed, top_k=top_k, expert=glu(expert_ff, act),
-                   shared=SharedExperts(n=n_shared, d_ff=expert_ff), router=router)
+        # DeepSeek's configuration_deepseek.py: aux_loss_alpha (default 0.001) weights the balance
+        # loss, seq_aux (default true) takes it per sequence (DeepSeek-V3 eq. 17-20)
+        balance = dict(aux_loss_coef=cfg.float_("aux_loss_alpha"),
+                       aux_loss_scope="sequence" if cfg.bool_("seq_aux") else "batch")
+        try:
+            return MoE(n_experts=n_routed, top_k=top_k, expert=glu(expert_ff, act),
+                       shared=SharedExperts(n=n_shared, d_ff=expert_ff), router=router, **balance)
+        except ValidationError as exc:
+            raise cfg.error("n_group", _pydantic_message(exc)) from None
 
     if n_routed is None:  # a dense DeepSeek: the MoE keys describe nothing that is built
-        cfg.ignore("num_experts_per_tok", "n_shared_experts", "norm_topk_prob", "routed_scaling_factor",
-                   "moe_intermediate_size")
+        cfg.inert("num_experts_per_tok", "n_shared_experts", "norm_topk_prob", "routed_scaling_factor",
+                  "moe_intermediate_size", "n_group", "topk_group", "topk_method", "aux_loss_alpha", "seq_aux")
     return place_moe(cfg, spec, mixers="A", moe=moe, moe_layers=layers,
                      dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace")
 
 
-@family("deepseek_v2", defaults=_DEEPSEEK, aliases={"num_experts": "n_routed_experts"})
+@family("deepseek_v2", defaults=_DEEPSEEK, aliases={"num_experts": "n_routed_experts"}, derived=_DEEPSEEK_DERIVED)
 def _deepseek_v2(cfg: HFConfig) -> dict[str, Any]:
     return _deepseek(cfg, v3=False)
 
@@ -1085,8 +1182,10 @@ def _deepseek_v2(cfg: HFConfig) -> dict[str, Any]:
                                  "num_hidden_layers": 61, "num_attention_heads": 128,
                                  "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
                                  "num_experts_per_tok": 8, "first_k_dense_replace": 3,
-                                 "norm_topk_prob": True, "max_position_embeddings": 4096},
-        aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"})
+                                 "norm_topk_prob": True, "max_position_embeddings": 4096,
+                                 "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4},
+        aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+        derived=_DEEPSEEK_DERIVED)
 def _deepseek_v3(cfg: HFConfig) -> dict[str, Any]:
     return _deepseek(cfg, v3=True)
 
@@ -1099,27 +1198,33 @@ def _expand(cfg: HFConfig, key: str) -> int:
     return int(expand)
 
 
-_MAMBA_IGNORED = ("residual_in_fp32", "time_step_scale", "time_step_min", "time_step_max",
+_MAMBA_INERT = ("residual_in_fp32", "time_step_scale", "time_step_min", "time_step_max",
                   "time_step_init_scheme", "time_step_floor", "time_step_limit", "rescale_prenorm_residual",
                   "use_mambapy", "use_associative_scan", "fused_add_norm", "pad_vocab_size_multiple",
                   "use_mamba_kernels")  # init ranges, kernel choice, fp32 residual, vocab padding (already applied)
+# The mamba_ssm names the original checkpoints carry beside transformers' own, and what
+# MambaConfig derives: `intermediate_size = int(expand · hidden_size)` (configuration_mamba.py).
+_MAMBA_DERIVED = {
+    "intermediate_size": Derived(lambda cfg: _expand(cfg, "expand") * cfg.int_("hidden_size"),
+                                 "expand · hidden_size"),
+    "d_inner": Derived(lambda cfg: _expand(cfg, "expand") * cfg.int_("hidden_size"), "expand · hidden_size"),
+    "d_model": Derived(lambda cfg: cfg.int_("hidden_size"), "hidden_size"),
+    "n_layer": Derived(lambda cfg: cfg.int_("num_hidden_layers"), "num_hidden_layers"),
+}
 
 
 @family("mamba", defaults=dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=32,
                                layer_norm_epsilon=_LN_EPS, expand=2, conv_kernel=4, use_bias=False,
                                use_conv_bias=True, hidden_act="silu", time_step_rank="auto",
                                tie_word_embeddings=True),
-        ignored=_MAMBA_IGNORED)
+        inert=_MAMBA_INERT, derived=_MAMBA_DERIVED)
 def _mamba(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mamba.py: RMSNorm -> MambaMixer per block (Gu & Dao 2023), no FFN, no positions."""
     cfg.fixed("rms_norm", True, "transformers' MambaBlock always uses RMSNorm")
-    cfg.fixed("n_layer", cfg.int_("num_hidden_layers"), "transformers' MambaConfig reads num_hidden_layers")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba block gates with SiLU")
+    cfg.fixed("ssm_cfg", {}, "mamba_ssm's per-layer overrides, which transformers' MambaConfig never reads")
     d = cfg.int_("hidden_size")
     expand = _expand(cfg, "expand")
-    if cfg.has("intermediate_size") and cfg.get("intermediate_size") != expand * d:
-        raise cfg.error("intermediate_size", f"must equal expand · hidden_size = {expand * d} "
-                                             "(MambaConfig recomputes it)")
     dt_rank = cfg.get("time_step_rank")
     if dt_rank != "auto":
         dt_rank = cfg.int_("time_step_rank")
@@ -1142,11 +1247,10 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
                                 hidden_act="silu", chunk_size=256, tie_word_embeddings=False),
         # time_step_rank: Mamba2Mixer has no dt projection; norm_before_gate: transformers always
         # gates first (norm_before_gate=False); either order is the same weights, elementwise ops
-        ignored=(*_MAMBA_IGNORED, "time_step_rank", "norm_before_gate"))
+        inert=(*_MAMBA_INERT, "time_step_rank", "norm_before_gate"), derived=_MAMBA_DERIVED)
 def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mamba2.py: RMSNorm -> Mamba2Mixer (Dao & Gu 2024 SSD) with its gated RMSNorm."""
     cfg.fixed("rms_norm", True, "transformers' Mamba2Block always uses RMSNorm")
-    cfg.fixed("n_layer", cfg.int_("num_hidden_layers"), "transformers' Mamba2Config reads num_hidden_layers")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba-2 block gates with SiLU")
     d = cfg.int_("hidden_size")
     expand = _expand(cfg, "expand")
@@ -1177,7 +1281,7 @@ def _mamba2(cfg: HFConfig) -> dict[str, Any]:
                                mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False,
                                router_aux_loss_coef=0.001),
         aliases={"num_local_experts": "num_experts"},
-        ignored=(*_MAMBA_IGNORED, "num_logits_to_keep"))  # logits of the last token only at inference
+        inert=(*_MAMBA_INERT, "num_logits_to_keep"))  # logits of the last token only at inference
 def _jamba(cfg: HFConfig) -> dict[str, Any]:
     """modeling_jamba.py: attention on i % attn_layer_period == attn_layer_offset, Mamba (with dt/B/C
     RMSNorms) elsewhere; experts on i % expert_layer_period == expert_layer_offset; no RoPE."""
@@ -1210,7 +1314,7 @@ def _jamba(cfg: HFConfig) -> dict[str, Any]:
     # JambaConfig.layers_num_experts: a layer with one expert is a plain JambaMLP
     layers = [i for i in range(dims.n_layers) if i % e_period == e_offset] if n_experts > 1 else []
     if not layers:
-        cfg.ignore("num_experts_per_tok", "router_aux_loss_coef")
+        cfg.inert("num_experts_per_tok", "router_aux_loss_coef")
     return place_moe(
         cfg, spec, mixers=compress_mixers(letters), moe_layers=layers,
         dense_ff=cfg.int_("intermediate_size"), fields="expert_layer_period",
@@ -1269,8 +1373,19 @@ def model_name(path: Path) -> str:
     return path.stem
 
 
-def spec_from_config(data: Mapping[str, Any], *, file: str, name: str) -> Spec:
-    """Convert one parsed config.json; every refusal is an ArchplanError naming the field."""
+@dataclass(frozen=True)
+class Imported:
+    """A converted config and the keys no rule accounted for (reported, never guessed at)."""
+
+    spec: Spec
+    ignored: tuple[str, ...]
+
+
+def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: bool = False) -> Imported:
+    """Convert one parsed config.json; every refusal is an ArchplanError naming the field.
+
+    `strict`: a key the policy does not account for is an error too (one error naming them all).
+    """
     model_type = data.get("model_type")
     if not isinstance(model_type, str):
         raise ArchplanError("no model_type; is this a Hugging Face config.json?", file=file, field="model_type")
@@ -1279,19 +1394,22 @@ def spec_from_config(data: Mapping[str, Any], *, file: str, name: str) -> Spec:
         raise ArchplanError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}",
                             file=file, field="model_type")
     cfg = HFConfig(data, file=file, model_type=model_type, defaults=fam.defaults, aliases=fam.aliases)
-    cfg.ignore(*fam.ignored)
+    cfg.inert(*fam.inert)
     fields = fam.convert(cfg)
-    unknown = cfg.leftovers()
-    if unknown:
-        raise cfg.error(unknown[0], f"unknown field for model_type {model_type!r}; it may change the "
-                                    "architecture and archplan will not guess (docs/import.md)")
+    check_derived(cfg, fam.derived)
+    ignored = tuple(cfg.unread())
+    if ignored and strict:
+        raise cfg.error(", ".join(ignored), f"not read by the {model_type} importer, which does not know "
+                                            "whether it changes the model (--strict; docs/import.md)")
     arch = data.get("architectures")
     described = f" ({arch[0]})" if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
     reference: dict[str, Any] = {"source": f"Hugging Face config.json: {file}"}
+    if ignored:
+        cfg.notes.append(f"keys not read (not known to change size or compute): {', '.join(ignored)}")
     if cfg.notes:
         reference["notes"] = "; ".join(cfg.notes)
     try:
-        return Spec(
+        spec = Spec(
             name=name,
             description=f"Imported from a Hugging Face {model_type} config{described}.",
             **fields,
@@ -1299,10 +1417,24 @@ def spec_from_config(data: Mapping[str, Any], *, file: str, name: str) -> Spec:
         )
     except ValidationError as exc:
         raise ArchplanError(f"the config maps to an invalid spec: {_pydantic_message(exc)}", file=file) from None
+    return Imported(spec, ignored)
 
 
-def import_hf(path: str | Path) -> Spec:
-    """Read CONFIG (a config.json or a folder holding one) and return its spec."""
+def spec_from_config(data: Mapping[str, Any], *, file: str, name: str, strict: bool = False) -> Spec:
+    """`convert_config`'s spec alone (ignored keys stay recorded in `reference.notes`)."""
+    return convert_config(data, file=file, name=name, strict=strict).spec
+
+
+def read_hf(path: str | Path, *, strict: bool = False) -> Imported:
+    """Read CONFIG (a config.json or a folder holding one): its spec and the keys ignored."""
     p = config_path(path)
-    file = str(p)
-    return spec_from_config(read_config(p), file=file, name=model_name(p))
+    return convert_config(read_config(p), file=str(p), name=model_name(p), strict=strict)
+
+
+def import_hf(path: str | Path, *, strict: bool = False) -> Spec:
+    """Read CONFIG (a config.json or a folder holding one) and return its spec."""
+    return read_hf(path, strict=strict).spec
+
+
+# Families converted in modules of their own register themselves on import (after FAMILIES exists).
+from archplan.importers import stripedhyena  # noqa: E402,F401

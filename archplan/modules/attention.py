@@ -30,10 +30,12 @@ def cache_step(
     """Append T new entries (along `dim`) to cache buffers; return what to attend and its positions.
 
     Plain cache: slot = position; the keys are the buffer's first seen + T slots.
-    Rolling buffer (window): slot = position % L; the keys are the old slots (with the positions
-    they hold) followed by the new entries, gathered *before* writing, because with T > L the new
-    tokens overwrite keys that earlier queries of this same call still see. Only Python ints and
-    arange arithmetic decide the positions, so this stays static and runs on meta.
+    Rolling buffer (window W): slot = position % L; the keys are the old positions the first new
+    query can still see, (seen − W, seen), gathered *before* writing (with T > L the new tokens
+    overwrite keys that earlier queries of this same call still see), followed by the new entries.
+    A single decode step thus attends exactly min(seen + 1, W) keys, the count the analytic decode
+    FLOPs use. Only Python ints and arange arithmetic decide the positions, so this stays static
+    and runs on meta.
     """
     capacity = buffers[0].shape[dim]
     n_new = news[0].shape[dim]
@@ -44,11 +46,9 @@ def cache_step(
         for buf, new in zip(buffers, news):
             buf.narrow(dim, seen, n_new).copy_(new)
         return [buf.narrow(dim, 0, seen + n_new) for buf in buffers], torch.arange(seen + n_new, device=device)
-    n_old = min(seen, capacity)
-    slot_L = torch.arange(n_old, device=device)
-    # slot j holds the latest position p < seen with p ≡ j (mod capacity)
-    old_pos = slot_L if seen <= capacity else (seen - 1) - ((seen - 1 - slot_L) % capacity)
-    keys = [torch.cat([buf.narrow(dim, 0, n_old), new], dim=dim) for buf, new in zip(buffers, news)]
+    n_old = min(seen, capacity, window - 1)
+    old_pos = torch.arange(seen - n_old, seen, device=device)
+    keys = [torch.cat([buf.index_select(dim, old_pos % capacity), new], dim=dim) for buf, new in zip(buffers, news)]
     positions = torch.cat([old_pos, torch.arange(seen, seen + n_new, device=device)])
     n_keep = min(n_new, capacity)
     slots = torch.arange(seen + n_new - n_keep, seen + n_new, device=device) % capacity

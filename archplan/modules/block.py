@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from typing_extensions import assert_never
 
 from archplan.modules.attention import Attention
+from archplan.modules.hyena import HyenaMixer
 from archplan.modules.cache import LayerState
 from archplan.modules.ffn import build_ffn
 from archplan.modules.mamba1 import Mamba1Mixer
@@ -23,10 +24,13 @@ from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
 from archplan.modules.norms import build_norm
+from archplan.modules.s4 import S4Mixer
+from archplan.modules.stripedhyena import StripedHyenaMixer
 from archplan.resolve import (
     AttentionPlan,
     FFNOrMoE,
     FFNPlan,
+    HyenaPlan,
     LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
@@ -34,6 +38,8 @@ from archplan.resolve import (
     MLAPlan,
     ModelPlan,
     MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
 )
 
 
@@ -48,6 +54,12 @@ def build_mixer(mixer: MixerPlan, model: ModelPlan) -> nn.Module:
             return Mamba1Mixer(mixer, model.d_model)
         case Mamba2Plan():
             return Mamba2Mixer(mixer, model.d_model)
+        case S4Plan():
+            return S4Mixer(mixer, model.d_model)
+        case HyenaPlan():
+            return HyenaMixer(mixer, model.d_model)
+        case StripedHyenaPlan():
+            return StripedHyenaMixer(mixer, model.d_model)
         case _:
             assert_never(mixer)
 

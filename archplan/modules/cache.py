@@ -62,19 +62,30 @@ class KVState(LayerState):
 class LatentState(LayerState):
     """MLA's absorbed cache (DeepSeek-V2 §2.1.3): the compressed latent c_kv and the shared rope key.
 
-    (B, L, kv_lora_rank) + (B, L, qk_rope_head_dim); rolling like `KVState` when windowed.
+    One buffer (B, L, kv_lora_rank + qk_rope_head_dim), latent first: the key of the absorbed
+    attention is a whole row and its value the latent part, so decode reads the cache in place (the
+    layout of DeepSeek's FlashMLA `kv_cache`, 512 + 64 wide). `ckv_BLC` / `kpe_BLR` are views of it.
+    Rolling like `KVState` when windowed.
     """
 
-    ckv_BLR: Tensor
-    kpe_BLR: Tensor
+    latent_BLX: Tensor
+    kv_lora_rank: int
     seen: int = 0
 
     def tensors(self) -> list[Tensor]:
-        return [self.ckv_BLR, self.kpe_BLR]
+        return [self.latent_BLX]
+
+    @property
+    def ckv_BLC(self) -> Tensor:
+        return self.latent_BLX[..., : self.kv_lora_rank]
+
+    @property
+    def kpe_BLR(self) -> Tensor:
+        return self.latent_BLX[..., self.kv_lora_rank :]
 
     @property
     def capacity(self) -> int:
-        return self.ckv_BLR.shape[1]
+        return self.latent_BLX.shape[1]
 
 
 @dataclass(eq=False)

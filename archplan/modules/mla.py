@@ -3,11 +3,21 @@
 Queries: x → q_a_proj (D→Q) → q_a_norm → q_b_proj (Q→H·(Dn+R)), or one q_proj when q_lora_rank
 is None (DeepSeek-V2-Lite). Keys/values: x → kv_a_proj_with_mqa (D→C+R) splits into the latent
 c_kv (normed by kv_a_norm) and one rotary key k_pe shared by all heads; kv_b_proj (C→H·(Dn+Dv))
-expands c_kv into per-head k_nope and v. RoPE touches only the R-dim parts (decoupled RoPE, §2.1.3).
+holds W_UK (H, Dn, C) and W_UV (H, Dv, C). RoPE touches only the R-dim parts (decoupled RoPE, §2.1.3).
 
-The decode cache is the absorbed one DeepSeek serves with: c_kv (B, L, C) and k_pe (B, L, R);
-keys and values are re-expanded from it through kv_b_proj at each step (same math as the
-weight-absorbed form, which only reorders the matmuls).
+The decode cache is the absorbed one DeepSeek serves with, [c_kv | k_pe] (B, L, C+R). Two forms
+compute the same attention (DeepSeek-V2 §2.1.2, "absorb"):
+
+- expanded: k_nope, v = W_UK·c_kv, W_UV·c_kv for every key, then SDPA with Dqk = Dn+R, Dv;
+  multiply-adds per sequence, T queries over S keys: H·(S·C·(Dn+Dv) + T·S·(Dn+R+Dv)).
+- absorbed (DeepSeek-V3 `attn_impl="absorb"`, vLLM/SGLang MLA decode): q_nope·W_UK → latent space,
+  one-KV-head SDPA with key [c_kv | k_pe] (C+R) and value c_kv (C), then the output through W_UV:
+  H·(T·C·(Dn+Dv) + T·S·(2C+R)); the cached keys are never re-expanded.
+
+A forward with a cache takes the form with fewer multiply-adds at its (T, S), ties expanded: decode
+(T = 1) is absorbed as soon as it attends two keys for every published MLA. The cache-less forward
+(training, prefill, `verify`) is always expanded, the form DeepSeek's and HF's training code
+differentiate; at T = S it is also the cheaper one whenever 2·C ≥ Dn + Dv (DeepSeek-V2/V3: 1024 vs 256).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from archplan.spec import Rope
 
 
 class MLA(nn.Module):
-    """Params (DeepSeek-V2 §2.1 / FORMULAS §1.4): D·Q + Q + Q·H·(Dn+R) (or D·H·(Dn+R)) + D·(C+R) + C
+    """Params (DeepSeek-V2 §2.1; docs/formulas.md §1.4): D·Q + Q + Q·H·(Dn+R) (or D·H·(Dn+R)) + D·(C+R) + C
     + C·H·(Dn+Dv) + H·Dv·D."""
 
     def __init__(self, plan: MLAPlan, d_model: int, rope: Rope | None, alibi: bool) -> None:
@@ -59,10 +69,17 @@ class MLA(nn.Module):
     def new_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LatentState:
         p = self.plan
         length = min(p.window, max_len) if p.window is not None else max_len
-        return LatentState(
-            torch.zeros(batch, length, p.kv_lora_rank, device=device, dtype=dtype),
-            torch.zeros(batch, length, p.qk_rope_head_dim, device=device, dtype=dtype),
-        )
+        width = p.kv_lora_rank + p.qk_rope_head_dim
+        return LatentState(torch.zeros(batch, length, width, device=device, dtype=dtype), p.kv_lora_rank)
+
+    def absorbs(self, new: int, keys: int) -> bool:
+        """Whether `new` cached queries over `keys` keys run absorbed: strictly fewer multiply-adds
+        than expanded (module docstring; the attention core and the W_UK/W_UV products)."""
+        p = self.plan
+        c, dn, r, dv = p.kv_lora_rank, p.qk_nope_head_dim, p.qk_rope_head_dim, p.v_head_dim
+        absorbed = new * c * (dn + dv) + new * keys * (2 * c + r)
+        expanded = keys * c * (dn + dv) + new * keys * (dn + r + dv)
+        return absorbed < expanded
 
     def _queries(self, x_BTD: Tensor) -> Tensor:
         if self.q_proj is not None:
@@ -70,34 +87,72 @@ class MLA(nn.Module):
         assert self.q_a_proj is not None and self.q_a_norm is not None and self.q_b_proj is not None
         return self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BTD)))
 
-    def forward(self, x_BTD: Tensor, state: LatentState | None = None) -> Tensor:
+    def project(self, x_BTD: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q_nope (B, H, T, Dn), rotated q_pe (B, H, T, R) and the new cache rows [c_kv | k_pe] (B, T, C+R)."""
         p = self.plan
         b, t, _ = x_BTD.shape
-        h, dn, r, dv, c = p.n_heads, p.qk_nope_head_dim, p.qk_rope_head_dim, p.v_head_dim, p.kv_lora_rank
-        q_BHTX = self._queries(x_BTD).view(b, t, h, dn + r).transpose(1, 2)
+        dn, r, c = p.qk_nope_head_dim, p.qk_rope_head_dim, p.kv_lora_rank
+        q_BHTX = self._queries(x_BTD).view(b, t, p.n_heads, dn + r).transpose(1, 2)
         q_nope, q_pe = q_BHTX.split([dn, r], dim=-1)
         ckv_BTC, kpe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([c, r], dim=-1)
         ckv_BTC = self.kv_a_norm(ckv_BTC)
-        offset = state.seen if state is not None else 0
         if self.rotary is not None:
             cos, sin = self.rotary(offset, t)
             q_pe = apply_rotary(q_pe, cos, sin)
             kpe_BTR = apply_rotary(kpe_BTR, cos, sin)
+        return q_nope, q_pe, torch.cat([ckv_BTC, kpe_BTR], dim=-1)
+
+    def forward(self, x_BTD: Tensor, state: LatentState | None = None) -> Tensor:
+        p = self.plan
+        b, t, _ = x_BTD.shape
+        offset = state.seen if state is not None else 0
+        q_nope, q_pe, latent_BTX = self.project(x_BTD, offset)
         qpos_T = torch.arange(offset, offset + t, device=x_BTD.device)
         if state is None:
-            kpos_S = qpos_T
+            keys_BSX, kpos_S = latent_BTX, qpos_T
         else:
-            (ckv_BTC, kpe_BTR), kpos_S = cache_step(
-                [state.ckv_BLR, state.kpe_BLR], [ckv_BTC, kpe_BTR], 1, state.seen, p.window
-            )
+            (keys_BSX,), kpos_S = cache_step([state.latent_BLX], [latent_BTX], 1, state.seen, p.window)
             state.advance(t)
-        s = ckv_BTC.shape[1]
-        kv_BHSX = self.kv_b_proj(ckv_BTC).view(b, s, h, dn + dv).transpose(1, 2)
+        cached = state is not None
+        if cached and self.absorbs(t, keys_BSX.shape[1]):
+            out_BTX = self.attend_absorbed(q_nope, q_pe, keys_BSX, qpos_T, kpos_S)
+        else:
+            out_BTX = self.attend_expanded(q_nope, q_pe, keys_BSX, qpos_T, kpos_S, cached)
+        return self.o_proj(out_BTX)
+
+    def attend_expanded(self, q_nope: Tensor, q_pe: Tensor, keys_BSX: Tensor, qpos_T: Tensor, kpos_S: Tensor,
+                        cached: bool) -> Tensor:
+        """Every key re-expanded through kv_b_proj, then SDPA over H heads; returns (B, T, H·Dv)."""
+        p = self.plan
+        b, h, t, _ = q_nope.shape
+        s = keys_BSX.shape[1]
+        dn, dv, r = p.qk_nope_head_dim, p.v_head_dim, p.qk_rope_head_dim
+        ckv_BSC, kpe_BSR = keys_BSX.split([p.kv_lora_rank, r], dim=-1)
+        kv_BHSX = self.kv_b_proj(ckv_BSC).view(b, s, h, dn + dv).transpose(1, 2)
         k_nope, v_BHSDv = kv_BHSX.split([dn, dv], dim=-1)
-        k_BHSX = torch.cat([k_nope, kpe_BTR[:, None].expand(b, h, s, r)], dim=-1)
+        k_BHSX = torch.cat([k_nope, kpe_BSR[:, None].expand(b, h, s, r)], dim=-1)
         q_BHTX = torch.cat([q_nope, q_pe], dim=-1)
         out_BHTDv = sdpa(
             q_BHTX, k_BHSX, v_BHSDv, qpos_T, kpos_S,
-            window=p.window, alibi=self.alibi, cached=state is not None, gqa=False, scale=self.scale,
+            window=p.window, alibi=self.alibi, cached=cached, gqa=False, scale=self.scale,
         )
-        return self.o_proj(out_BHTDv.transpose(1, 2).reshape(b, t, h * dv))
+        return out_BHTDv.transpose(1, 2).reshape(b, t, h * dv)
+
+    def attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, keys_BSX: Tensor, qpos_T: Tensor,
+                        kpos_S: Tensor) -> Tensor:
+        """Attention in the latent space (DeepSeek-V3 `inference/model.py` MLA.forward, attn_impl="absorb"):
+        q_nope·W_UK (H, B·T, C), one-KV-head SDPA over the cache rows, the output through W_UVᵀ;
+        returns (B, T, H·Dv). bmm over the heads, not einsum (docs/architecture.md, FLOPs)."""
+        p = self.plan
+        b, h, t, dn = q_nope.shape
+        c, dv = p.kv_lora_rank, p.v_head_dim
+        w_uk_HDnC, w_uv_HDvC = self.kv_b_proj.weight.view(h, dn + dv, c).split([dn, dv], dim=1)
+        qlat_HNC = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, dn), w_uk_HDnC)
+        q_BHTX = torch.cat([qlat_HNC.view(h, b, t, c).transpose(0, 1), q_pe], dim=-1)
+        k_B1SX = keys_BSX[:, None]
+        out_BHTC = sdpa(
+            q_BHTX, k_B1SX, k_B1SX[..., :c], qpos_T, kpos_S,
+            window=p.window, alibi=self.alibi, cached=True, gqa=True, scale=self.scale,
+        )
+        out_HNDv = torch.bmm(out_BHTC.transpose(0, 1).reshape(h, b * t, c), w_uv_HDvC.transpose(1, 2))
+        return out_HNDv.view(h, b, t, dv).permute(1, 2, 0, 3).reshape(b, t, h * dv)

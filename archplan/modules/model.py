@@ -118,9 +118,11 @@ class ArchplanModel(nn.Module):
         return self.lm_head(x_BTD)
 
     def aux_loss(self) -> Tensor:
-        """Σ over MoE layers of their last forward's coef-weighted load-balancing loss (`moe.load_balancing_loss`).
+        """Σ over MoE layers of their last forward's coef-weighted load-balancing loss (`moe.load_balancing_loss`),
+        detached, for logging: the gradient of anything computed from that forward's output already
+        includes it (`moe._AttachAuxLoss`).
 
-        0 for a dense model or before the first forward.
+        0 for a dense model, in eval mode, or before the first forward.
         """
         total = torch.zeros((), device=self.embed.weight.device, dtype=torch.float32)
         for layer in self.layers:
@@ -144,9 +146,10 @@ def _deepnorm_init(model: ArchplanModel, beta: float) -> None:
             ffn = layer.ffn
             if isinstance(ffn, (MLP, GLU)):
                 matrices += [p for p in ffn.parameters() if p.dim() == 2]
-            elif isinstance(ffn, MoEFFN):
-                experts = [ffn.experts] + ([ffn.shared] if ffn.shared is not None else [])
-                matrices += [p for m in experts for p in m.parameters() if p.dim() >= 2]
+            elif isinstance(ffn, MoEFFN):  # weights only: the experts' (E, F) biases are 2-D too
+                matrices += ffn.experts.weights()
+                if ffn.shared is not None:
+                    matrices += [p for p in ffn.shared.parameters() if p.dim() == 2]
             for w in matrices:
                 w.mul_(beta)
 

@@ -1,7 +1,8 @@
 """Mixture of experts: router, routed experts as 3-D weights, fused shared experts, shared gate.
 
-Dispatch (DESIGN.md §4) has static shapes, so one path serves meta, CPU and GPU:
-  1. score the N = B·T tokens, pick K experts each (`route`);
+Dispatch has static shapes, so one path serves meta, CPU and GPU:
+  1. score the N = B·T tokens in fp32 (`Router`), pick K experts each (`route`), optionally inside
+     the token's best expert groups (DeepSeek group-limited routing);
   2. sort the M = N·K (token, expert) pairs by expert (`argsort`) and find where each expert's
      rows end (`searchsorted` on the sorted ids: the grouped_mm offsets);
   3. gather the rows in that order and run every expert's matmuls at once with
@@ -13,6 +14,11 @@ No `nonzero`/`bincount`/`torch.where(mask)`/`.tolist()`: nothing depends on the 
 
 Counted FLOPs (docs/architecture.md): router 2·N·D·E, experts 2·M·D·F per matrix (the grouped_mm
 formula registered in `flop_formulas`), shared experts as a dense FFN, shared gate 2·N·D.
+
+The load-balancing loss is computed in the forward pass and attached to the layer's output by an
+identity whose backward feeds it a gradient of 1 (Megatron-LM `MoEAuxLossAutoScaler`): it joins
+every gradient taken through the output, and the module keeps only a detached copy for logging,
+never the scores or their autograd graph.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from archplan.modules.ffn import MLP, GLU, activation, build_ffn
 from archplan.resolve import FFNPlan, MoEPlan
 
 flop_formulas.register()
+
+# torch.nn.functional.grouped_mm's docstring: "Inputs are currently expected to be torch.bfloat16
+# values on CUDA devices with SM >= 80". Anything else on CUDA takes a loop of per-expert matmuls.
+_CUDA_GROUPED_MM_DTYPE = torch.bfloat16
+_CUDA_GROUPED_MM_MIN_SM = (8, 0)
 
 # grouped_mm's kernels want every stride of both operands to be a multiple of 16 bytes
 # (aten/src/ATen/native/GroupedMMUtils.h); on meta its shape check also wants bf16 inputs.
@@ -72,6 +83,10 @@ class Experts(nn.Module):
             if param is not None:
                 nn.init.uniform_(param, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
 
+    def weights(self) -> list[nn.Parameter]:
+        """The 3-D weight matrices, without the biases (what DeepNorm's init scales)."""
+        return [w for w in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF) if w is not None]
+
     def forward(self, x_MD: Tensor, offs_E: Tensor, expert_M: Tensor) -> Tensor:
         """Rows of `x_MD` sorted by expert; expert e owns rows [offs_E[e-1], offs_E[e])."""
         up_MF = _grouped_linear(x_MD, self.w_up_EFD, offs_E, self.b_up_EF, expert_M)
@@ -104,27 +119,54 @@ class Experts(nn.Module):
         return linear(self.w_down_EDF, self.b_down_ED, h)
 
 
+def grouped_mm_path(device: torch.device, dtype: torch.dtype, sm: tuple[int, int] | None) -> str:
+    """Which kernel runs the experts' grouped matmul (shapes, dtype and device only, never data):
+    "meta" (grouped_mm after a free cast to bf16, the dtype its meta shape check wants), "grouped"
+    (grouped_mm: CPU in fp32/bf16, CUDA in bf16 on SM >= 80) or "loop" (CUDA otherwise: one matmul
+    per expert, exact in the model's dtype)."""
+    match device.type:
+        case "meta":
+            return "meta"
+        case "cuda":
+            ok = dtype == _CUDA_GROUPED_MM_DTYPE and sm is not None and sm >= _CUDA_GROUPED_MM_MIN_SM
+            return "grouped" if ok else "loop"
+        case _:
+            return "grouped"
+
+
+def per_expert_linear(x_MI: Tensor, w_EOI: Tensor, offs_E: Tensor) -> Tensor:
+    """y[r] = w[e(r)] @ x[r] as one matmul per expert over its rows (the CUDA fallback). The group
+    ends come to the host once per call (one sync); an expert with no rows multiplies 0 rows."""
+    ends = offs_E.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat([x_MI[a:b] @ w_EOI[e].transpose(0, 1) for e, (a, b) in enumerate(zip(starts, ends))])
+
+
 def _grouped_linear(
     x_MI: Tensor, w_EOI: Tensor, offs_E: Tensor, b_EO: Tensor | None, expert_M: Tensor
 ) -> Tensor:
     """y[r] = w[e(r)] @ x[r] (+ b[e(r)]) for rows sorted by expert: one grouped_mm.
 
-    Three static-shape routes to the same product, chosen from shapes/dtype/device only:
+    Static-shape routes to the same product, chosen from shapes/dtype/device only (`grouped_mm_path`):
     - aligned rows (the case of real model widths): grouped_mm directly; on meta its shape
       check wants bf16, and casting a meta tensor is free, so meta casts;
     - meta with unaligned widths (toy specs): the per-row weight gather contracted by a batched
-      matmul, which allocates nothing on meta and counts exactly 2·M·I·O there (DESIGN.md §4);
+      matmul, which allocates nothing on meta and counts exactly 2·M·I·O there;
     - real devices with unaligned widths: zero-pad I and O to 16-byte rows (zeros add nothing)
-      and slice the result; never a per-row weight gather, which would materialise M·O·I values.
+      and slice the result; never a per-row weight gather, which would materialise M·O·I values;
+    - CUDA outside grouped_mm's documented bf16/SM80 support: a loop of per-expert matmuls.
     """
     _, o, i = w_EOI.shape
-    on_meta = x_MI.device.type == "meta"
-    run_dtype = torch.bfloat16 if on_meta else x_MI.dtype
+    sm = torch.cuda.get_device_capability(x_MI.device) if x_MI.device.type == "cuda" else None
+    path = grouped_mm_path(x_MI.device, x_MI.dtype, sm)
+    run_dtype = torch.bfloat16 if path == "meta" else x_MI.dtype
     aligned = _aligned(i, run_dtype) == i and _aligned(o, run_dtype) == o
-    if on_meta and not aligned:
+    if path == "loop":
+        y_MO = per_expert_linear(x_MI, w_EOI, offs_E)
+    elif path == "meta" and not aligned:
         # matmul, not einsum: einsum makes a size-1 contraction (I = 1) an uncounted product
         y_MO = torch.matmul(x_MI[:, None, :], w_EOI[expert_M].transpose(-2, -1)).squeeze(1)
-    elif on_meta:
+    elif path == "meta":
         y_MO = F.grouped_mm(x_MI.bfloat16(), w_EOI.bfloat16().transpose(-2, -1), offs=offs_E)
         y_MO = y_MO.to(x_MI.dtype)
     elif aligned:
@@ -139,6 +181,50 @@ def _grouped_linear(
     return y_MO
 
 
+class Router(nn.Module):
+    """Linear(D, E) router (+ bias) and DeepSeek-V3's score-correction bias, kept and computed in fp32
+    whatever the model's dtype: the reference routers do (transformers' DeepseekV3TopkRouter keeps
+    `gate.weight` and `e_score_correction_bias` in fp32 and computes F.linear on fp32 casts), since
+    bf16 logits turn near-ties into different expert choices.
+
+    `score_correction_bias` is persistent (checkpoints carry it) but not trained by gradient
+    (DeepSeek-V3 §2.1.2 updates it by ±γ steps, which bf16 would round away): a buffer, never a
+    parameter.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, *, bias: bool, correction: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(n_experts, dtype=torch.float32)) if bias else None
+        self.score_correction_bias: Tensor | None
+        if correction:
+            self.register_buffer("score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
+        else:
+            self.score_correction_bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init (the same draws in the same order), a zero correction bias."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight.shape[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.score_correction_bias is not None:
+            nn.init.zeros_(self.score_correction_bias)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # nn.Module's signature
+        """Device moves and `to_empty` apply; dtype casts (`model.to(bf16)`) do not: stays fp32."""
+
+        def keep_fp32(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out.float() if out.is_floating_point() else out
+
+        return super()._apply(keep_fp32, recurse)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        return F.linear(x_ND.float(), self.weight, self.bias)  # (N, E) fp32 logits
+
+
 def route(
     logits_NE: Tensor, plan: MoEPlan, correction_E: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,8 +233,9 @@ def route(
     softmax (Switch / Mixtral `MixtralSparseMoeBlock`): weights are the softmax probabilities of
     the chosen experts. sigmoid (DeepSeek-V3 §2.1.2, eq. 13-16): σ(logits) per expert; the
     aux-loss-free correction bias only steers *selection* (eq. 16), weights use the raw scores.
-    normalize_top_k divides the K weights by their sum; routed_scale multiplies them
-    (DeepSeek-V3 `routed_scaling_factor`).
+    Group-limited routing (n_group): selection only among the experts of the token's topk_group
+    best groups (`_group_mask`). normalize_top_k divides the K weights by their sum; routed_scale
+    multiplies them (DeepSeek-V3 `routed_scaling_factor`).
     """
     logits = logits_NE.float()
     match plan.scoring:
@@ -159,6 +246,8 @@ def route(
         case _:
             assert_never(plan.scoring)
     select_NE = scores_NE if correction_E is None else scores_NE + correction_E.float()
+    if plan.n_group is not None:
+        select_NE = select_NE.masked_fill(~_group_mask(select_NE, plan), float("-inf"))
     experts_NK = select_NE.topk(plan.top_k, dim=-1).indices
     weights_NK = scores_NE.gather(-1, experts_NK)
     if plan.normalize_top_k:
@@ -167,75 +256,107 @@ def route(
     return experts_NK, weights_NK * plan.routed_scale, scores_NE
 
 
-def load_balancing_loss(scores_NE: Tensor, counts_E: Tensor, top_k: int, coef: float) -> Tensor:
-    """coef · E · Σ_e f_e · P_e (Fedus et al. 2022, Switch Transformer eq. 4-6).
+def _group_mask(select_NE: Tensor, plan: MoEPlan) -> Tensor:
+    """(N, E) bool: expert e is in one of the token's topk_group best groups. Experts form n_group
+    contiguous groups (DeepSeek-V2 §2.1.3, V3 §2.1.2); a group scores its best expert ("max",
+    transformers' DeepseekV2TopkRouter group_limited_greedy) or its best two summed ("top2_sum",
+    DeepseekV3TopkRouter), on the selection scores (correction bias included)."""
+    assert plan.n_group is not None and plan.topk_group is not None
+    n, e = select_NE.shape
+    per = e // plan.n_group
+    grouped_NGP = select_NE.reshape(n, plan.n_group, per)
+    match plan.group_score:
+        case "max":
+            group_NG = grouped_NGP.amax(dim=-1)
+        case "top2_sum":
+            group_NG = grouped_NGP.topk(2, dim=-1).values.sum(dim=-1)
+        case _:
+            assert_never(plan.group_score)
+    keep_NG = group_NG.topk(plan.topk_group, dim=-1).indices
+    # scatter of a tensor, not of the scalar True: fvcore's jit trace has no schema for a bool Scalar
+    kept_NK = torch.ones_like(keep_NG, dtype=torch.bool)
+    mask_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter(1, keep_NG, kept_NK)
+    return mask_NG[:, :, None].expand(n, plan.n_group, per).reshape(n, e)
 
-    f_e: fraction of the N·K routed pairs sent to expert e (Switch's top-1 fraction generalised
-    to top-k as in DeepSeek-V3 eq. 18, f_i = E/(K·T)·count_i, up to the E factor kept here);
-    P_e: mean routing probability of e, with scores renormalised to sum to 1 per token (a no-op
-    for softmax; DeepSeek-V3 eq. 19 s'_i for sigmoid scores). Uniform routing gives exactly coef.
+
+def load_balancing_loss(scores_NE: Tensor, experts_NK: Tensor, n_groups: int, coef: float) -> Tensor:
+    """coef · mean over token groups of E · Σ_e f_e · P_e.
+
+    Per group of T tokens (the whole batch: Switch Transformer eq. 4-6, GShard; one sequence:
+    DeepSeek-V3 eq. 17-20, then averaged over the batch as DeepSeek's `seq_aux`):
+    f_e = count_e / (T·K), the fraction of the group's T·K routed pairs sent to e (DeepSeek-V3 eq. 18,
+    f_i = E/(K·T)·count_i, up to the E factor kept outside); P_e = mean over the T tokens of e's
+    score renormalised to sum to 1 per token (a no-op for softmax; eq. 19 s'_i for sigmoid).
+    Uniform routing gives exactly coef. The tokens are grouped as N = n_groups · T, in order.
     """
-    n_tokens, n_experts = scores_NE.shape
-    f_E = counts_E.float() / (n_tokens * top_k)
-    p_E = (scores_NE / scores_NE.sum(dim=-1, keepdim=True)).mean(dim=0)
-    return coef * n_experts * (f_E * p_E).sum()
+    n, n_experts = scores_NE.shape
+    top_k = experts_NK.shape[1]
+    t = n // n_groups
+    probs_GTE = (scores_NE / scores_NE.sum(dim=-1, keepdim=True)).reshape(n_groups, t, n_experts)
+    p_GE = probs_GTE.mean(dim=1)
+    # scatter_add keeps a static (G, E) shape (bincount's depends on the data)
+    picks_GM = experts_NK.reshape(n_groups, t * top_k)
+    counts_GE = torch.zeros_like(p_GE).scatter_add_(1, picks_GM, torch.ones_like(picks_GM, dtype=p_GE.dtype))
+    f_GE = counts_GE / (t * top_k)
+    return coef * n_experts * (f_GE * p_GE).sum(dim=-1).mean()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the layer output whose backward also gives the aux loss a gradient of 1, so the
+    loss joins every gradient taken through the output and its graph lives exactly as long as the
+    output's (Megatron-LM `moe_utils.MoEAuxLossAutoScaler`)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, out: Tensor, aux: Tensor) -> Tensor:
+        ctx.save_for_backward(aux)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        (aux,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad_out, torch.ones_like(aux)
 
 
 class MoEFFN(nn.Module):
     """Routed experts (+ fused shared experts, + Qwen2-MoE shared gate) replacing a dense FFN.
 
     Submodules are the component paths of docs/architecture.md: `router`, `experts`, `shared`,
-    `shared_gate`. `last_aux_loss` is the load-balancing loss of the latest forward, computed
-    when read from the scores and group ends that forward kept (a pass that never reads it,
-    such as verify's FLOP count on meta, skips the loss's ops).
+    `shared_gate`. In training mode with aux_loss_coef > 0 the forward computes the load-balancing
+    loss (per batch or per sequence, `plan.aux_loss_scope`), attaches it to the output's gradient
+    (`_AttachAuxLoss`) and keeps only its detached value in `last_aux_loss`, for logging.
     """
 
     def __init__(self, plan: MoEPlan, d_model: int) -> None:
         super().__init__()
         self.plan = plan
-        self.router = nn.Linear(d_model, plan.n_experts, bias=plan.router_bias)
-        # DeepSeek-V3 `e_score_correction_bias`: persistent (checkpoints carry it), not trained by
-        # gradient, hence a buffer and never counted as a parameter.
-        self.score_correction_bias: Tensor | None
-        if plan.score_correction_bias:
-            self.register_buffer("score_correction_bias", torch.zeros(plan.n_experts))
-        else:
-            self.score_correction_bias = None
+        self.router = Router(d_model, plan.n_experts, bias=plan.router_bias, correction=plan.score_correction_bias)
         self.experts = Experts(plan.expert, plan.n_experts, d_model)
         self.shared: MLP | GLU | None = build_ffn(plan.shared, d_model) if plan.shared else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if plan.shared_gate else None
-        self._aux_inputs: tuple[Tensor, Tensor] | None = None  # (scores_NE, ends_E) of the last forward
+        self.last_aux_loss: Tensor | None = None  # detached: no graph is kept between forwards
 
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
         self.experts.reset_parameters()
-        if self.score_correction_bias is not None:
-            nn.init.zeros_(self.score_correction_bias)
-
-    @property
-    def last_aux_loss(self) -> Tensor | None:
-        """coef-weighted load-balancing loss of the latest forward (None before the first)."""
-        if self._aux_inputs is None:
-            return None
-        scores_NE, ends_E = self._aux_inputs
-        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-        return load_balancing_loss(scores_NE, counts_E, self.plan.top_k, self.plan.aux_loss_coef)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
-        experts_NK, weights_NK, scores_NE = route(self.router(x_ND), self.plan, self.score_correction_bias)
-        routed_ND, ends_E = self._dispatch(x_ND, experts_NK, weights_NK)
-        self._aux_inputs = (scores_NE, ends_E)
+        experts_NK, weights_NK, scores_NE = route(self.router(x_ND), self.plan, self.router.score_correction_bias)
+        out_ND = self._dispatch(x_ND, experts_NK, weights_NK)
         if self.shared is not None:
-            routed_ND = routed_ND + self._shared(x_ND)
-        return routed_ND.reshape(b, t, d)
+            out_ND = out_ND + self._shared(x_ND)
+        self.last_aux_loss = None
+        if self.training and self.plan.aux_loss_coef > 0:
+            groups = b if self.plan.aux_loss_scope == "sequence" else 1
+            aux = load_balancing_loss(scores_NE, experts_NK, groups, self.plan.aux_loss_coef)
+            self.last_aux_loss = aux.detach()
+            if torch.is_grad_enabled() and aux.requires_grad:
+                out_ND = _AttachAuxLoss.apply(out_ND, aux)
+        return out_ND.reshape(b, t, d)
 
-    def _dispatch(self, x_ND: Tensor, experts_NK: Tensor, weights_NK: Tensor) -> tuple[Tensor, Tensor]:
-        """Sort the N·K pairs by expert, run all experts as one grouped matmul, scatter back.
-
-        Returns the combined output and each expert's group end in the sorted rows (ends_E).
-        """
+    def _dispatch(self, x_ND: Tensor, experts_NK: Tensor, weights_NK: Tensor) -> Tensor:
+        """Sort the N·K pairs by expert, run all experts as one grouped matmul, scatter back."""
         n_experts, top_k = self.plan.n_experts, self.plan.top_k
         expert_M = experts_NK.reshape(-1)
         order_M = expert_M.argsort(stable=True)
@@ -256,7 +377,7 @@ class MoEFFN(nn.Module):
         # mul + sum, not bmm: the combine is elementwise work in the FLOP convention.
         y_NKD = y_MD[order_M.argsort()].reshape(-1, top_k, y_MD.shape[-1])
         out_ND = (y_NKD * weights_NK[..., None].to(y_NKD.dtype)).sum(dim=1)
-        return out_ND.to(x_ND.dtype), ends_E
+        return out_ND.to(x_ND.dtype)
 
     def _shared(self, x_ND: Tensor) -> Tensor:
         assert self.shared is not None
@@ -275,7 +396,7 @@ def experts_loop(moe: MoEFFN, x_BTD: Tensor) -> Tensor:
     """
     b, t, d = x_BTD.shape
     x_ND = x_BTD.reshape(b * t, d)
-    experts_NK, weights_NK, _ = route(moe.router(x_ND), moe.plan, moe.score_correction_bias)
+    experts_NK, weights_NK, _ = route(moe.router(x_ND), moe.plan, moe.router.score_correction_bias)
     out_ND = torch.zeros_like(x_ND)
     for e in range(moe.plan.n_experts):
         token_R, slot_R = torch.where(experts_NK == e)

@@ -7,8 +7,8 @@ Public API (stable; `distributed/` cross-checks against it):
     rank_memory(plan, layout, seq, *, microbatches, stage=None, states=MEGATRON,
                 attention_kernel="flash") -> RankMemory
     step_collectives(plan, layout, seq, *, microbatches, stage=None, states=MEGATRON,
-                     grad_reduce=None, cp_comm="all_gather", overlap=frozenset({"dp"}))
-        -> tuple[Collective, ...]
+                     grad_reduce=None, cp_comm="all_gather", overlap=frozenset({"dp"}),
+                     attention_kernel="flash") -> tuple[Collective, ...]
     StatesConvention, ZERO (16 B/param), MEGATRON (18 B/param), FSDP2 (16 B/param + bf16 copies),
     STATES = {"zero": ZERO, "megatron": MEGATRON, "fsdp2": FSDP2}
 
@@ -46,7 +46,8 @@ ZeRO-3 under ZERO/MEGATRON also holds two layers' gathered bf16 weights (`tempor
 al. 2022 §4, per saved tensor) at the rank's tokens, mb·seq/cp (context parallelism splits the
 sequence; with its load balancing every rank holds 2 of the 2·cp chunks). Under tensor parallelism
 everything is split over tp except, without sequence parallelism, the norm inputs and the inputs
-of the column-parallel projections (Korthikanti Table 2: sbh(10 + 24/t) vs 34·sbh/t, dropout aside);
+of the column-parallel projections (Korthikanti Table 2: sbh(10 + 24/t) vs 34·sbh/t, dropout aside;
+S4 keeps its 2h GLU input whole instead, `_mixer_whole`);
 with sequence parallelism the column input is kept sequence-sharded and re-gathered in the backward
 (Megatron-LM's choice). attention_kernel "flash" (the default) keeps no s×s probabilities, only the
 fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1), and a fused SwiGLU that keeps [gate |
@@ -67,7 +68,14 @@ LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token)
   all-gather + reduce-scatter in the forward and a reduce-scatter + all-gather + the re-gather of
   the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones.
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
-  input under SP) add one each way.
+  input under SP) add one each way. Hyena and StripedHyena follow that pattern (column-parallel
+  projections in, row-parallel out, depthwise convolutions local to a rank's channels, see
+  `shards.py`); S4 has no input projection: without SP an all-reduce of its row-parallel
+  output_linear's 2·d_model partial sums forward and an all-gather of the input gradient's channel
+  slices backward; with SP an all-to-all from sequence to channel shards each way, a
+  reduce-scatter of the 2·d_model sums forward and its all-gather backward.
+- CP, per long-conv layer and micro-batch (`long_conv_exchange`): an all-to-all from sequence to
+  channel shards before the convolutions and one back after, in the forward and the backward.
 - CP, per attention layer and micro-batch: "all_gather" (Llama 3 §3.3.2): an all-gather of K and V
   in the forward, again in the backward, and a reduce-scatter of their gradients; "ring"
   (Megatron-Core): cp − 1 K/V sends and receives in the forward, twice that in the backward.
@@ -98,7 +106,17 @@ from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, pipeline_chunks
 from archplan.planning.records import Collective, RankMemory
 from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
-from archplan.resolve import AttentionPlan, FFNPlan, LayerPlan, MLAPlan, ModelPlan, MoEPlan
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    HyenaPlan,
+    LayerPlan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
+)
 
 # "flash": the fused kernels of Megatron-LM-class runs (FlashAttention, fused SwiGLU, memory-
 # efficient norms); "eager": what plain torch autograd keeps (s×s probabilities, every GLU
@@ -184,8 +202,8 @@ class ModelData:
                     for mode in ("none", "selective")}
             kept["full"] = acts["full"][layer.path]
             shared_input = plan.residual == "parallel" and len(layer.norms) == 1
-            columns = 1 + (layer.ffn is not None and not shared_input)
-            replicated = ACT_BYTES * seq * h * (len(layer.norms) + columns)
+            ffn_column = layer.ffn is not None and not shared_input
+            replicated = ACT_BYTES * seq * (h * (len(layer.norms) + ffn_column) + _mixer_whole(layer, h))
             heads = _heads(layer)
             self.acts.append(LayerActs(kept, replicated, kept["none"] - kept["selective"],
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
@@ -247,6 +265,37 @@ def _glu_width(layer: LayerPlan) -> int:
             return layer.ffn.top_k * width(layer.ffn.expert) + width(layer.ffn.shared)
         case _:
             return 0
+
+
+def _mixer_whole(layer: LayerPlan, h: int) -> int:
+    """Per token, what the mixer keeps whole on every tp rank without SP: the input of its
+    column-parallel projection (h); S4 has none (it convolves its rank's slice of the input
+    channels, `shards._s4`) but keeps the 2h input of the GLU that follows its row-parallel
+    output_linear, reduced whole on every rank."""
+    match layer.mixer:
+        case S4Plan():
+            return 2 * h
+        case _:
+            return h
+
+
+def long_conv_exchange(layer: LayerPlan, h: int) -> tuple[int, int]:
+    """Per token, (in, out) channels a long-conv mixer moves between sequence and channel shards
+    under context parallelism (0, 0 for other mixers). A causal long convolution needs every
+    earlier position, so its CP ranks trade sequence shards for channel shards by an all-to-all,
+    run every depthwise operation (short conv, gates, FFT convolutions) on whole sequences of
+    their channels, and trade back (the head-sharding all-to-all of DeepSpeed-Ulysses, Jacobs
+    et al. 2023, applied to channels): in, what the mixer's first convolution reads (S4 its input,
+    Hyena the (N_o+1)·D short-conv channels, StripedHyena the 3D FIR channels); out, D."""
+    match layer.mixer:
+        case S4Plan():
+            return h, h
+        case HyenaPlan():
+            return (layer.mixer.order + 1) * h, h
+        case StripedHyenaPlan():
+            return 3 * h, h
+        case _:
+            return 0, 0
 
 
 def _heads(layer: LayerPlan) -> int:
@@ -350,7 +399,7 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     return replicated + (kept - replicated) / tp
 
 
-def _working_set(data: ModelData, layers: range, layout: Layout, kernel: AttentionKernel) -> float:
+def _working_set(data: ModelData, layers: list[int], layout: Layout, kernel: AttentionKernel) -> float:
     """One layer's whole activations, re-materialised during its backward under full recompute."""
     return max((_layer_act(data.acts[i], layout, "none", kernel) for i in layers), default=0.0)
 
@@ -411,9 +460,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             ends = (data.final_norm_act + data.head_input_act) / (tp if layout.sequence_parallel else 1)
             activations += (ends + data.logits_act / tp) * scale
     if mode == "full":
-        layers = range(0)
-        for chunk in chunks:
-            layers = chunk.layers if len(chunk.layers) > len(layers) else layers
+        layers = [i for chunk in chunks for i in chunk.layers]
         activations += _working_set(data, layers, layout, kernel) * scale
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
 
@@ -511,12 +558,26 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
 
     for chunk in rank_chunks(len(plan.layers), layout, stage):
         span = f"layers {chunk.layers.start}-{chunk.layers.stop - 1}" if chunk.layers else "no layers"
-        sub_blocks = sum(1 + (plan.layers[i].ffn is not None) for i in chunk.layers)
+        s4 = sum(isinstance(plan.layers[i].mixer, S4Plan) for i in chunk.layers)
+        sub_blocks = sum(1 + (plan.layers[i].ffn is not None) for i in chunk.layers) - s4
         if sp:
             add("all_gather", "tp", tp, act, m * sub_blocks * (fwd + 2), f"{span} SP inputs", tp_over)
             add("reduce_scatter", "tp", tp, act, m * sub_blocks * (fwd + 1), f"{span} SP outputs", tp_over)
         else:
             add("all_reduce", "tp", tp, act, m * sub_blocks * (fwd + 1), f"{span} TP outputs", tp_over)
+        # S4 (shards._s4): no column projection; its channel slice of the input comes from the
+        # sequence shards by an all-to-all under SP (a free slice without), and the row-parallel
+        # output_linear reduces 2·d_model partial sums before the GLU
+        if sp:
+            add("all_to_all", "tp", tp, act // tp, m * s4 * (fwd + 1),
+                f"{span} S4 input to channel shards (SP)", tp_over)
+            add("reduce_scatter", "tp", tp, 2 * act, m * s4 * fwd,
+                f"{span} S4 output_linear, 2·d_model (SP)", tp_over)
+            add("all_gather", "tp", tp, 2 * act, m * s4, f"{span} S4 output_linear gradient (SP)", tp_over)
+        else:
+            add("all_reduce", "tp", tp, 2 * act, m * s4 * fwd, f"{span} S4 output_linear, 2·d_model (TP)",
+                tp_over)
+            add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
         if chunk.first:
             add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
             if sp:
@@ -529,11 +590,16 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 "vocab-parallel cross-entropy max, sum-exp, target logit")
         kv_calls: dict[int, int] = {}
         ep_calls: dict[int, int] = {}
+        conv_calls: dict[int, int] = {}
         for i in chunk.layers:
             layer = plan.layers[i]
             kv = _kv_bytes(layer, tokens * cp, tp)
             if kv:
                 kv_calls[kv] = kv_calls.get(kv, 0) + 1
+            for channels in long_conv_exchange(layer, plan.d_model):
+                if channels:
+                    sent = ACT_BYTES * tokens * channels // tp
+                    conv_calls[sent] = conv_calls.get(sent, 0) + 1
             if isinstance(layer.ffn, MoEPlan):
                 routed = ACT_BYTES * (tokens // tp if sp else tokens) * layer.ffn.top_k * plan.d_model
                 ep_calls[routed] = ep_calls.get(routed, 0) + 1
@@ -548,6 +614,9 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                     add("recv", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
                 case _:
                     assert_never(cp_comm)
+        for sent, n in conv_calls.items():  # forward (again under full recompute) and backward
+            add("all_to_all", "cp", cp, sent, m * n * (fwd + 1),
+                f"{span} long-conv sequence <-> channel shards (CP)")
         for routed, n in ep_calls.items():
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)

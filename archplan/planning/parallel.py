@@ -11,7 +11,7 @@ a partial `--layout` admits and ranks the fitting ones by time per token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
@@ -31,7 +31,18 @@ from archplan.planning.cluster import (
 from archplan.planning.layout import Layout, PartialLayout, check_layout
 from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for
 from archplan.planning.records import RankMemory
-from archplan.resolve import AttentionPlan, FFNPlan, Mamba1Plan, Mamba2Plan, MLAPlan, ModelPlan, MoEPlan
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    HyenaPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    ModelPlan,
+    MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
+)
 from archplan.units import nbytes
 
 GB = 1e9
@@ -174,6 +185,10 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
             case Mamba2Plan():
                 if mixer.n_heads % tp or (mixer.n_groups % tp and tp % mixer.n_groups):
                     return f"{mixer.n_heads} SSM heads / {mixer.n_groups} groups do not split {tp} ways"
+            case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+                # long convolutions are per channel: TP splits the d_model channels
+                if plan.d_model % tp:
+                    return f"d_model {plan.d_model} does not split {tp} ways"
         widths: list[int] = []
         match layer.ffn:
             case FFNPlan():
@@ -185,6 +200,15 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
         for width in widths:
             if width % tp:
                 return f"FFN width {width} does not split {tp} ways"
+    return None
+
+
+def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
+    """Why CP degree cp cannot split this model's long convolutions: their CP ranks trade sequence
+    shards for channel shards (`cluster.long_conv_exchange`), d_model over tp·cp ranks."""
+    long_conv = any(isinstance(l.mixer, (S4Plan, HyenaPlan, StripedHyenaPlan)) for l in plan.layers)
+    if cp > 1 and long_conv and plan.d_model % (tp * cp):
+        return f"long convolutions split d_model {plan.d_model} over tp·cp = {tp * cp} channel shards"
     return None
 
 
@@ -288,7 +312,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
             tp_reasons[int(tp)] = why
             continue
         for cp in cps:
-            if (gpus // tp) % cp or seq % cp:
+            if (gpus // tp) % cp or seq % cp or cp_problem(plan, tp, cp):
                 continue
             rest = gpus // (tp * cp)
             pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= n_layers]
@@ -303,7 +327,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in zeros for r in modes):
-                    if dp * mb > sequences and "mb" not in g:
+                    if dp * mb > sequences and "mb" not in g or (dp * cp) % ep:
                         continue
                     out.append(Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, dp=dp, ep=ep, zero=zero,  # type: ignore[arg-type]
                                       recompute=mode, mb=mb, sp=sp))  # type: ignore[arg-type]
@@ -316,6 +340,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     """Rank the layouts `fixed` admits; with every field fixed, exactly one is evaluated (and kept
     even when it does not fit, with keep_unfit)."""
     sequences = _check_inputs(plan, gpus, seq, global_batch_tokens, headroom, settings)
+    if settings.precision == "fp8":
+        gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
     complete = fixed.complete()
@@ -327,6 +353,9 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
             raise ArchplanError(f"--layout: tp={complete.tp}: {why}")
         if seq % complete.cp:
             raise ArchplanError(f"--layout: cp={complete.cp} does not divide --seq {seq}")
+        why = cp_problem(plan, complete.tp, complete.cp)
+        if why:
+            raise ArchplanError(f"--layout: cp={complete.cp}: {why}")
         _check_states(settings.states, complete)
         layouts, tp_reasons = [complete], {}
     else:

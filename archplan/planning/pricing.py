@@ -13,9 +13,11 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   convention, it recomputes the scores); eager: two batched GEMMs over the full s×s square and the
   softmax's s×s traffic at HBM bandwidth.
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
-  scan) at `hbm` × the HBM bandwidth, 2 B per element read or written; the backward moves twice
-  the forward's bytes. Without sequence parallelism the norms and residual adds run on the whole
-  sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time).
+  scan, the long convolutions' FFTs, gates and filter generation: `_long_conv`) at `hbm` × the HBM
+  bandwidth, 2 B per element read or written (fp32 for the FFTs); the backward moves twice the
+  forward's bytes. Without sequence parallelism the norms and residual adds run on the whole
+  sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time). Hyena's
+  implicit filter MLP is GEMMs on seq rows (once per position, not per token).
 - recompute: full re-runs the forward, selective the eager attention core.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
   fraction of the dense peak.
@@ -43,6 +45,7 @@ from typing import Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.attention import attended_pairs
+from archplan.analytic.s4 import log2_ceil
 from archplan.hardware import GEMM_HALF_DIM, Accelerator, KernelEfficiency
 from archplan.planning.cluster import (
     ACT_BYTES,
@@ -57,7 +60,18 @@ from archplan.planning.cluster import (
 )
 from archplan.planning.layout import Layout
 from archplan.planning.records import Collective, RankMemory
-from archplan.resolve import AttentionPlan, FFNPlan, LayerPlan, Mamba1Plan, Mamba2Plan, MLAPlan, MoEPlan
+from archplan.resolve import (
+    AttentionPlan,
+    FFNPlan,
+    HyenaPlan,
+    LayerPlan,
+    Mamba1Plan,
+    Mamba2Plan,
+    MLAPlan,
+    MoEPlan,
+    S4Plan,
+    StripedHyenaPlan,
+)
 
 Precision = Literal["bf16", "fp8"]
 PRECISIONS: tuple[Precision, ...] = ("bf16", "fp8")
@@ -66,6 +80,17 @@ OPTIMIZER_BYTES_PER_PARAM = 30
 # backward (the fp32 logit gradient written and read by the head's GEMMs) is twice that, as for
 # every elementwise kernel here
 CE_BYTES = 8
+# FFT convolutions (S4, Hyena, StripedHyena) are not GEMMs: cuFFT runs on the CUDA cores and at
+# these lengths is bound by memory traffic, not by its 2.5·n·log2 n FLOPs (Fu et al. 2023,
+# FlashFFTConv §1-2: the FFT convolution is I/O-bound and uses no tensor cores). So they are
+# priced at HBM bandwidth, in fp32 as the modules convolve: length n = 2T, T + 1 complex bins, per
+# channel and sequence the rfft reads 4·2T and writes 8·T bytes, the spectrum product reads two
+# spectra and writes one (24·T), the irfft reads 8·T and writes 4·2T: 56 bytes per position. Each
+# distinct filter's rfft (4·2T + 8·T) runs once per micro-batch, whatever the batch. One pass over
+# HBM per transform: a lower bound for cuFFT's multi-pass plans of the longest lengths.
+FFT_CONV_BYTES = 56
+FFT_FILTER_BYTES = 16
+FP32_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -175,12 +200,16 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             routed = math.ceil(tokens * moe.top_k * ep / moe.n_experts)
             gemm += gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
         elif len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
-            fp8 = not t.name.endswith(("router.weight", "shared_gate.weight"))
-            gemm += gemm_time(tokens, shape[0], shape[1], rates, fp8)
+            # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
+            # its tensor-parallel shard of it over the full length), not per token, and in bf16
+            # (like the router, a small precision-sensitive GEMM that fp8 recipes keep out of fp8)
+            fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
+            gemm += gemm_time(seq if t.per_position else tokens, shape[0], shape[1], rates, fp8)
     # attention core
     attn_fwd = attn_bwd = 0.0
     core_recompute = 0.0
-    elem = 0.0
+    elem = 0.0  # bytes per token
+    elem_extra = 0.0  # bytes per micro-batch, whatever its tokens (long-conv filter generation)
     heads = dqk = dv = 0
     window = None
     match layer.mixer:
@@ -194,6 +223,11 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case Mamba1Plan() | Mamba2Plan():
             # the scan and the convolution stream the mixer's tensors: as many bytes as it keeps
             elem += 2 * data.acts[i].kept["none"] / seq / tp
+        case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+            per_token, per_micro, filter_gemm = _long_conv(layer.mixer, h, layout, seq, rates)
+            elem += per_token
+            elem_extra += per_micro
+            gemm += filter_gemm
         case _:
             assert_never(layer.mixer)
     if heads:
@@ -237,7 +271,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             pass
         case _:
             assert_never(layer.ffn)
-    elem_fwd = elem * tokens / rates.hbm
+    elem_fwd = (elem * tokens + elem_extra) / rates.hbm
     micro = _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd)
     match recompute:
         case "full":
@@ -247,6 +281,51 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case _:
             extra = 0.0
     return _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd, extra)
+
+
+def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Layout, seq: int,
+               rates: Rates) -> tuple[float, float, float]:
+    """A long-conv mixer's work besides its token GEMMs, on one rank: (HBM bytes per token, HBM
+    bytes per micro-batch, GEMM seconds per micro-batch). A rank convolves d/tp channels (d/(tp·cp)
+    under CP, over whole sequences: `cluster.long_conv_exchange`), so per token the FFT traffic is
+    FFT_CONV_BYTES per channel whatever cp. Pointwise work (gates, skips, activations; 2 B per
+    element read or written, the elementwise convention) per token and channel: S4 the D skip (3)
+    and GELU (2) on its channels and the GLU (2h read, h written) on whole rows unless SP; Hyena
+    the short conv (2 per channel of the (N_o+1)·D), per order the gate and the bias skip (6), the
+    final gate (3); StripedHyena the FIR (2 per channel of the 3D), x1·v (3), the D skip and x2
+    gate (6). Filter generation per micro-batch, fp32: S4D contracts its N-row basis per position
+    (4·N bytes read per channel and position); S4 (DPLR) builds the basis by doubling, N×N GEMMs
+    (`archplan.modules.s4`); StripedHyena writes and reads its 2S-row modal basis (8·2S); Hyena's
+    filter MLP GEMMs are priced with the other GEMMs (per position), its decay window writes and
+    reads the filter (8 per value)."""
+    tp, sp = layout.tp, layout.sequence_parallel
+    ranks = tp * layout.cp  # the channel shards of the filters
+    match mixer:
+        case S4Plan():
+            pointwise = ACT_BYTES * (5 * h / tp + 3 * h / (tp if sp else 1))
+            convs, filters = h / tp, h / ranks
+            n = mixer.d_state
+            basis = FP32_BYTES * n * seq * filters
+            doubling = 0.0
+            if mixer.dplr:
+                count = math.ceil(filters)
+                doubling = (gemm_time(n, seq, n, rates, count=count)
+                            + gemm_time(n, n, n, rates, count=count * max(log2_ceil(seq) - 1, 0)))
+            return pointwise + FFT_CONV_BYTES * convs, basis + FFT_FILTER_BYTES * seq * filters, doubling
+        case HyenaPlan():
+            o = mixer.order
+            pointwise = ACT_BYTES * h * (2 * (o + 1) + 6 * (o - 1) + 3) / tp
+            channels = (o - 1) * h
+            window = 2 * FP32_BYTES * seq * channels / ranks if mixer.modulation else 0.0
+            per_micro = FFT_FILTER_BYTES * seq * channels / ranks + window
+            return pointwise + FFT_CONV_BYTES * channels / tp, per_micro, 0.0
+        case StripedHyenaPlan():
+            pointwise = ACT_BYTES * h * (2 * 3 + 3 + 6) / tp
+            filters = h / mixer.filter_groups / ranks
+            basis = 2 * FP32_BYTES * 2 * mixer.state_size * seq * filters
+            return pointwise + FFT_CONV_BYTES * h / tp, basis + FFT_FILTER_BYTES * seq * filters, 0.0
+        case _:
+            assert_never(mixer)
 
 
 def _head_micro(data: ModelData, layout: Layout, rates: Rates) -> _MicroBatch:

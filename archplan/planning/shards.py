@@ -16,6 +16,14 @@ torch `ColwiseParallel` / `RowwiseParallel`):
   dim 2) over tp (Megatron-Core's expert tensor parallelism equal to tp).
 Mamba mixers split like Megatron-Core's MambaMixer: everything indexed by d_inner or SSM heads
 column-wise, out_proj row-wise; Mamba-1's x_proj (input d_inner) row-wise.
+Long-convolution mixers (S4/S4D, Hyena, StripedHyena) split their d_model channels over tp, as
+Megatron splits heads: every convolution is depthwise (per channel), so a rank convolves its own
+channels with no communication; the projections into the channels are column-parallel, the
+projection out row-parallel, per-channel parameters (filters, skips, poles and residues) follow
+their channels, and small tensors shared by all channels are replicated (their gradients are
+summed over tp, as Megatron does for norm weights under sequence parallelism). Each function says
+why, with its source. `per_position` marks weights applied once per sequence position (Hyena's
+implicit filter MLP), not once per token: pricing runs them on seq rows.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing_extensions import assert_never
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
+    HyenaPlan,
     LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
@@ -38,6 +47,8 @@ from archplan.resolve import (
     ModelPlan,
     MoEPlan,
     NormPlan,
+    S4Plan,
+    StripedHyenaPlan,
 )
 
 Split = Literal["column", "row", "vocab", "replicated", "expert_column", "expert_row"]
@@ -46,12 +57,14 @@ Split = Literal["column", "row", "vocab", "replicated", "expert_column", "expert
 @dataclass(frozen=True)
 class Tensor:
     """One parameter: its module path + name, full shape, split, and the indivisible units of dim 0
-    under a column split (heads; 0 = every row is a unit)."""
+    under a column split (heads; 0 = every row is a unit); `per_position`: applied once per sequence
+    position, whatever the batch (Hyena's filter MLP), instead of once per token."""
 
     name: str
     shape: tuple[int, ...]
     split: Split
     units: int = 0
+    per_position: bool = False
 
     @property
     def numel(self) -> int:
@@ -181,6 +194,75 @@ def _mamba2(path: str, m: Mamba2Plan, d: int) -> list[Tensor]:
     return out
 
 
+def _s4(path: str, m: S4Plan, d: int) -> list[Tensor]:
+    """archplan.modules.s4.S4Mixer (state-spaces/s4 `models/s4/s4.py`): the SSM runs per channel H,
+    so D, C and log Δ split with the channels. The S = n_ssm copies of (A, B, P) serve H/S
+    consecutive channels each: they split as units (a rank holds the copies its channels use, the
+    single copy of S = 1 on every rank, like a KV head under GQA). There is no input projection: a
+    rank convolves its slice of the block input's channels. output_linear (H -> 2H, then the GLU)
+    is row-parallel on those channels (Shoeybi et al. 2019 §3's second GEMM): its 2H partial sums
+    are reduced before the GLU, which then runs on whole rows; its bias is added once, after."""
+    s, modes = m.n_ssm, m.modes
+    out = [Tensor(f"{path}.D", (d,), "column"), Tensor(f"{path}.C", (d, modes, 2), "column")]
+    out += _linear(f"{path}.output_linear", 2 * d, d, True, "row")
+    if m.ssm_buffers:  # registered as buffers (lr 0 in the reference): no gradient, no optimizer state
+        return out
+    out.append(Tensor(f"{path}.log_dt", (d,), "column"))
+    ssm = {"B": (s, modes, 2), "A_log_real": (s, modes), "A_imag": (s, modes)}
+    if m.dplr:
+        ssm["P"] = (s, modes, 2)
+    return out + [Tensor(f"{path}.{name}", shape, "column", s) for name, shape in ssm.items()]
+
+
+def _hyena(path: str, m: HyenaPlan, d: int) -> list[Tensor]:
+    """archplan.modules.hyena.HyenaMixer (safari HyenaOperator; Poli et al. 2023 §3). in_proj
+    (D -> (N_o+1)·D) is column-parallel: each rank takes its channel slice of every one of the
+    N_o + 1 projections (as Megatron interleaves a fused QKV), so the depthwise short conv over those
+    channels, the gates x_i·v and the long convolutions stay local; out_proj is row-parallel. The
+    implicit filter's output layer mlp_out (F -> (N_o−1)·D) has one row per channel's filter and
+    splits with the channels (a rank generates only its channels' filters), as does the filter's
+    skip bias. The filter MLP's trunk (mlp_in, mlp_inner, the shared Sin frequency, trainable
+    positional features) is F-wide and shared by every channel: replicated, run in full on every
+    rank (a few F × F GEMMs per position). The positional table when not trained, t and the
+    modulation deltas are buffers, not parameters."""
+    inner, f = (m.order + 1) * d, m.filter_order
+    channels = d * (m.order - 1)
+    out = _linear(f"{path}.in_proj", inner, d, m.bias, "column")
+    out += _conv(f"{path}.short_filter", inner, m.short_filter, True)
+    flt = f"{path}.filter"
+    if m.trainable_positions:
+        out.append(Tensor(f"{flt}.z", (1, m.l_max, m.emb_dim), "replicated"))
+    trunk = _linear(f"{flt}.mlp_in", f, m.emb_dim, True, "replicated")
+    for j in range(m.filter_depth):
+        trunk += _linear(f"{flt}.mlp_inner.{j}", f, f, True, "replicated")
+    trunk += _linear(f"{flt}.mlp_out", channels, f, False, "column")
+    out += [Tensor(t.name, t.shape, t.split, t.units, per_position=True) for t in trunk]
+    out += [Tensor(f"{flt}.freq", (1, f), "replicated"), Tensor(f"{flt}.bias", (channels,), "column")]
+    out += _linear(f"{path}.out_proj", d, d, m.bias, "row")
+    return out
+
+
+def _striped_hyena(path: str, m: StripedHyenaPlan, d: int) -> list[Tensor]:
+    """archplan.modules.stripedhyena.StripedHyenaMixer (togethercomputer/stripedhyena `model.py`
+    ParallelGatedConvBlock + ParallelHyenaFilter). projections (D -> 3D) are column-parallel: the
+    reference's `column_split_hyena` (`utils.column_split`) lays its 3D outputs out per head as
+    [x2_h | x1_h | v_h], the layout of a Megatron column split (the checkpoints come from a
+    tensor-parallel trainer), so a rank holds whole (x2, x1, v) triples of its channels. The short
+    FIR (3D channels) follows those columns; the D skip follows the channels; the D/g modal
+    filters' poles and residues split as units (filter c serves channels c·g … c·g + g − 1), the
+    one filter of g = D on every rank. out_filter_dense is row-parallel."""
+    out = _linear(f"{path}.projections", 3 * d, d, True, "column")
+    out.append(Tensor(f"{path}.short_filter_weight", (3 * d, 1, m.short_filter), "column"))
+    if m.short_filter_bias:
+        out.append(Tensor(f"{path}.short_filter_bias", (3 * d,), "column"))
+    filters = d // m.filter_groups
+    out.append(Tensor(f"{path}.D", (d,), "column"))
+    out += [Tensor(f"{path}.{name}", (filters, m.state_size, 1, 2), "column", filters)
+            for name in ("poles", "residues")]
+    out += _linear(f"{path}.out_filter_dense", d, d, True, "row")
+    return out
+
+
 def _ffn(path: str, f: FFNPlan, d: int) -> list[Tensor]:
     out: list[Tensor] = []
     if f.kind == "glu":
@@ -227,6 +309,12 @@ def layer_tensors(layer: LayerPlan, plan: ModelPlan) -> list[Tensor]:
             out += _mamba1(f"{p}.mixer", layer.mixer, d)
         case Mamba2Plan():
             out += _mamba2(f"{p}.mixer", layer.mixer, d)
+        case S4Plan():
+            out += _s4(f"{p}.mixer", layer.mixer, d)
+        case HyenaPlan():
+            out += _hyena(f"{p}.mixer", layer.mixer, d)
+        case StripedHyenaPlan():
+            out += _striped_hyena(f"{p}.mixer", layer.mixer, d)
         case _:
             assert_never(layer.mixer)
     match layer.ffn:

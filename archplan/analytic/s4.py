@@ -1,0 +1,139 @@
+"""S4D (Gu et al. 2022, "On the Parameterization and Initialization of Diagonal State Space Models")
+and S4 with a diagonal-plus-low-rank A (Gu et al. 2022, "Efficiently Modeling Long Sequences with
+Structured State Spaces"), as built by `archplan.modules.s4`.
+
+Layer over H = d_model channels, N' = N/2 complex modes (conjugate pairs), S = n_ssm copies of
+(A, B, P) (state-spaces/s4 `models/s4/s4.py`, `register(name, tensor, lr)`: lr 0.0 = buffer):
+  trainable always:   D (H), C (H, N', 2), output Linear(H, 2H) + bias (GLU halves it back to H)
+  trainable or buffer (`ssm_buffers`): log Δ (H), B (S, N', 2), log(−Re A) and Im A (S, N') each,
+                      P (S, N', 2) for S4 (rank 1)
+Counted FLOPs of one forward (docs/architecture.md "FLOPs convention"; FFTs: docs/formulas.md, the
+registered convention 2.5·n·⌈log2 n⌉ per real FFT of length n, 5·n·⌈log2 n⌉ per complex FFT):
+  kernel: S4D K = 2·[Re C̃, −Im C̃]·V with V (H, N, T) the real and imaginary parts of B̄·Ā^l:
+          one bmm, 2·H·N·T. S4 builds V = [B̄, Ā·B̄, Ā²·B̄, …] by doubling on the real (N × N) block
+          form of the dense Ā: T − 1 columns of matrix-vector work (2·H·N²·(T−1)) and ⌈log2 T⌉ − 1
+          squarings (2·H·N³ each), then the same C contraction.
+  conv:   rfft(u) (B·H transforms) and rfft(K) (H), irfft (B·H), all of length n = 2T.
+  output: Linear(H, 2H), 2·B·T·H·2H.
+"""
+
+from __future__ import annotations
+
+from archplan.resolve import S4Plan
+
+# GELU on the SSM output (ffn.ACTIVATION_FLOPS's estimate) and the GLU's sigmoid + product.
+_GELU = 8
+_GLU = 5
+
+
+def fft_length(seq_len: int) -> int:
+    """FFT length of a causal long convolution over T tokens: 2T (no circular wrap-around)."""
+    return 2 * seq_len
+
+
+def log2_ceil(n: int) -> int:
+    return (n - 1).bit_length()
+
+
+def real_fft_flops(n: int) -> int:
+    """One real FFT (rfft or irfft) of length n: 2.5·n·⌈log2 n⌉ (the usual radix-2 count)."""
+    return 5 * n * log2_ceil(n) // 2
+
+
+def complex_fft_flops(n: int) -> int:
+    """One complex FFT of length n: 5·n·⌈log2 n⌉."""
+    return 5 * n * log2_ceil(n)
+
+
+def fft_conv_flops(channels: int, kernels: int, batch: int, seq_len: int) -> tuple[int, int]:
+    """(r2c FLOPs, c2r FLOPs) of y = irfft(rfft(u)·rfft(k)) over `channels` input channels per
+    sequence and `kernels` distinct filters."""
+    one = real_fft_flops(fft_length(seq_len))
+    return (batch * channels + kernels) * one, batch * channels * one
+
+
+def s4_ssm_params(m: S4Plan, d_model: int) -> int:
+    """The tensors `ssm_buffers` turns into buffers: log Δ, B, A (real and imaginary), P."""
+    per_copy = 2 * m.modes + 2 * m.modes + (2 * m.modes if m.dplr else 0)
+    return d_model + m.n_ssm * per_copy
+
+
+def s4_matmul_params(d_model: int) -> int:
+    """The output Linear(H, 2H) before the GLU."""
+    return d_model * 2 * d_model
+
+
+def s4_params(m: S4Plan, d_model: int) -> int:
+    h = d_model
+    params = h + 2 * h * m.modes + s4_matmul_params(h) + 2 * h  # D, C, output linear + bias
+    return params + (0 if m.ssm_buffers else s4_ssm_params(m, d_model))
+
+
+def s4_buffer_elements(m: S4Plan, d_model: int) -> int:
+    """Elements held as buffers (not parameters) when `ssm_buffers`, else 0."""
+    return s4_ssm_params(m, d_model) if m.ssm_buffers else 0
+
+
+def _doubling_flops(m: S4Plan, d_model: int, seq_len: int) -> int:
+    """S4: V_l = Ā^l·B̄ for l < T by doubling on the real N × N block form (see the module docstring)."""
+    n = m.d_state
+    squarings = max(log2_ceil(seq_len) - 1, 0)
+    return 2 * d_model * n * n * (seq_len - 1) + squarings * 2 * d_model * n**3
+
+
+def s4_kernel_flops(m: S4Plan, d_model: int, seq_len: int) -> int:
+    contraction = 2 * d_model * m.d_state * seq_len
+    return contraction + (_doubling_flops(m, d_model, seq_len) if m.dplr else 0)
+
+
+def s4_counted_flops(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
+    r2c, c2r = fft_conv_flops(d_model, d_model, batch, seq_len)
+    output = 2 * batch * seq_len * s4_matmul_params(d_model)
+    return s4_kernel_flops(m, d_model, seq_len) + r2c + c2r + output
+
+
+def s4_backward_adjust(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
+    """Backward counted FLOPs minus 2 × forward. irfft's gradient is one rfft (1 × its forward,
+    torch `fft_c2r_backward`); rfft's is one complex FFT (2 ×). With `ssm_buffers` the kernel basis
+    needs no gradient: the C contraction's backward is 1 × its forward, S4's doubling has none."""
+    _, c2r = fft_conv_flops(d_model, d_model, batch, seq_len)
+    adjust = -c2r
+    if m.ssm_buffers:
+        adjust -= 2 * d_model * m.d_state * seq_len
+        if m.dplr:
+            adjust -= 2 * _doubling_flops(m, d_model, seq_len)
+    return adjust
+
+
+def s4_elementwise(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
+    """Our estimate: kernel generation (the chunk basis' exp, cos, sin and the per-chunk products,
+    bounded by 8 per mode, position and channel), the spectrum product (6 per complex bin), D skip
+    (2), GELU and GLU per token and channel."""
+    h = d_model
+    basis = 8 * h * m.modes * seq_len
+    bins = fft_length(seq_len) // 2 + 1
+    spectrum = 6 * batch * h * bins
+    return basis + spectrum + batch * seq_len * h * (2 + _GELU + _GLU)
+
+
+def s4_decode_flops(m: S4Plan, d_model: int) -> int:
+    """One recurrent step: S4D x ← Ā⊙x + B̄·u (8 per complex mode) and y = 2·Re(C·x) (4 per mode);
+    S4 the dense Ā on the real N-vector (2·N²) and the C contraction (2·N), per channel."""
+    if m.dplr:
+        return d_model * (2 * m.d_state**2 + 2 * m.d_state)
+    return d_model * 12 * m.modes
+
+
+def s4_state_fp32_elements(m: S4Plan, d_model: int) -> int:
+    """Decode state (B = 1): N/2 complex modes per channel held in fp32 whatever the model dtype,
+    H·N floats = 4·H·N bytes (s4.py `default_state`, complex64)."""
+    return d_model * m.d_state
+
+
+def s4_activation_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int) -> int:
+    """Saved for the backward (our estimate of eager autograd): the layer input and its fp32 copy,
+    both spectra (complex64, n/2 + 1 bins), the conv output, GELU input and output, GLU input (2H)."""
+    h, tokens = d_model, batch * seq_len
+    bins = fft_length(seq_len) // 2 + 1
+    spectra = 8 * (batch * h + h) * bins
+    return act_bytes * tokens * (h + h + h + 2 * h) + 4 * tokens * h + spectra

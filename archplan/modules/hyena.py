@@ -1,0 +1,171 @@
+"""The Hyena operator (Poli et al. 2023, "Hyena Hierarchy", §3, Alg. 1-3), in the layout of
+HazyResearch/safari `src/models/sequence/hyena.py` (HyenaOperator, HyenaFilter, PositionalEmbedding,
+Sin, ExponentialModulation).
+
+    u = in_proj(x)                                  (B, (N_o+1)·D, T)
+    u = short causal depthwise conv(u)              k taps, left padded (exactly T outputs)
+    x_0 … x_{N_o−1}, v = split(u)
+    for o, x_i in enumerate(reversed(x_1 … x_{N_o−1})):
+        v = v·x_i;  v = h_o ∗ v + bias_o·v          FFT convolution of length 2T
+    y = out_proj(v·x_0)
+The filters h (N_o−1 of width D) come from an MLP over positional features z = [t, cos(f·w), −sin(f·w)]
+(E = 1 + 2·bands), with Sin(freq·x) activations (one `Sin`, hence one frequency vector, shared by
+every layer of the MLP, as safari builds it), times an exponential decay window exp(−t·|δ|).
+
+Decoding: Hyena has no constant-size state. The cache keeps the short conv's last k − 1 inputs and
+the inputs of each long convolution, (N_o − 1)·D values per past token, so a continuation convolves
+the whole history with the filter (exact); it grows with the context like a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archplan.errors import ArchplanError
+from archplan.modules.cache import LayerState
+from archplan.modules.s4 import fft_causal_conv
+from archplan.resolve import HyenaPlan
+
+# safari ExponentialModulation defaults
+_FAST_DECAY_PCT, _SLOW_DECAY_PCT, _TARGET = 0.3, 1.5, 1e-2
+
+
+def causal_short_conv(
+    x_BCT: Tensor, weight_C1K: Tensor, bias_C: Tensor | None, tail_BCJ: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv with exactly T outputs, and its next tail (the last k − 1 inputs, J = k − 1).
+
+    Left padding by k − 1 columns (zeros, or the tail a previous call left) makes the counted
+    convolution the true one; safari pads both sides and slices (T + k − 1 outputs computed)."""
+    k = weight_C1K.shape[-1]
+    if tail_BCJ is None:
+        x_pad = F.pad(x_BCT, (k - 1, 0))
+    else:
+        x_pad = torch.cat([tail_BCJ.to(x_BCT.dtype), x_BCT], dim=-1)
+    y_BCT = F.conv1d(x_pad, weight_C1K, bias_C, groups=x_BCT.shape[1])
+    return y_BCT, x_pad[..., x_pad.shape[-1] - (k - 1):]
+
+
+def positional_features(length: int, emb_dim: int, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """safari PositionalEmbedding: z (1, L, E) = [t, cos(f·w), −sin(f·w)] and t (1, L, 1) in [0, 1]."""
+    bands = (emb_dim - 1) // 2
+    t_L = torch.linspace(0, 1, length, device=device)
+    w_L = 2 * math.pi * torch.arange(length, device=device, dtype=torch.float32) / length
+    f_F = torch.linspace(1e-4, bands - 1, bands, device=device)
+    fw_LF = w_L[:, None] * f_F[None, :]
+    z_LE = torch.cat([t_L[:, None], torch.cos(fw_LF), -torch.sin(fw_LF)], dim=-1)
+    return z_LE[None], t_L[None, :, None]
+
+
+@dataclass(eq=False)
+class HyenaState(LayerState):
+    """Short conv tail (B, (N_o+1)·D, k − 1) and the long convolutions' inputs (B, (N_o−1)·D, L)."""
+
+    tail_BCJ: Tensor
+    history_BCL: Tensor
+    seen: int = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [self.tail_BCJ, self.history_BCL]
+
+
+class HyenaFilter(nn.Module):
+    """Implicit long filters: MLP(z) · decay window; `bias` is the long convolution's skip term."""
+
+    def __init__(self, plan: HyenaPlan, channels: int) -> None:
+        super().__init__()
+        self.plan = plan
+        f = plan.filter_order
+        if plan.trainable_positions:
+            self.z = nn.Parameter(torch.empty(1, plan.l_max, plan.emb_dim))
+        else:
+            self.register_buffer("z", torch.empty(1, plan.l_max, plan.emb_dim), persistent=False)
+        self.register_buffer("t", torch.empty(1, plan.l_max, 1), persistent=False)
+        self.mlp_in = nn.Linear(plan.emb_dim, f)
+        self.mlp_inner = nn.ModuleList(nn.Linear(f, f) for _ in range(plan.filter_depth))
+        self.mlp_out = nn.Linear(f, channels, bias=False)
+        self.freq = nn.Parameter(torch.empty(1, f))  # safari Sin(dim=F, w), train_freq=True
+        self.register_buffer("deltas", torch.empty(1, 1, channels) if plan.modulation else None)
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.bias)
+            nn.init.constant_(self.freq, self.plan.sin_freq)
+            if isinstance(self.z, nn.Parameter):
+                self.z.copy_(positional_features(self.plan.l_max, self.plan.emb_dim, self.z.device)[0])
+            if self.deltas is not None:
+                max_decay = math.log(_TARGET) / _FAST_DECAY_PCT
+                min_decay = math.log(_TARGET) / _SLOW_DECAY_PCT
+                channels = self.deltas.shape[-1]
+                self.deltas.copy_(torch.linspace(min_decay, max_decay, channels, device=self.deltas.device)[None, None])
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        z, t = positional_features(self.plan.l_max, self.plan.emb_dim, self.t.device)
+        self.t = t.to(self.t.dtype)
+        if not isinstance(self.z, nn.Parameter):
+            self.z = z.to(self.z.dtype)
+
+    def forward(self, length: int) -> Tensor:
+        """The filters (C, L) for positions 0 … length − 1, fp32."""
+        h_1LF = torch.sin(self.freq * self.mlp_in(self.z[:, :length]))
+        for layer in self.mlp_inner:
+            h_1LF = torch.sin(self.freq * layer(h_1LF))
+        h_1LC = self.mlp_out(h_1LF).float()
+        if self.deltas is not None:
+            h_1LC = h_1LC * torch.exp(-self.t[:, :length].float() * self.deltas.float().abs())
+        return h_1LC[0].transpose(0, 1)
+
+
+class HyenaMixer(nn.Module):
+    def __init__(self, plan: HyenaPlan, d_model: int) -> None:
+        super().__init__()
+        self.plan = plan
+        self.d_model = d_model
+        inner = (plan.order + 1) * d_model
+        self.in_proj = nn.Linear(d_model, inner, bias=plan.bias)
+        self.short_filter = nn.Conv1d(inner, inner, plan.short_filter, groups=inner, bias=True)
+        self.filter = HyenaFilter(plan, d_model * (plan.order - 1))
+        self.out_proj = nn.Linear(d_model, d_model, bias=plan.bias)
+
+    def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> HyenaState:
+        if max_len > self.plan.l_max:
+            raise ArchplanError(f"cache length {max_len} exceeds the Hyena filter length l_max {self.plan.l_max}")
+        inner = (self.plan.order + 1) * self.d_model
+        return HyenaState(
+            tail_BCJ=torch.zeros(batch, inner, self.plan.short_filter - 1, device=device, dtype=dtype),
+            history_BCL=torch.zeros(batch, (self.plan.order - 1) * self.d_model, max_len, device=device, dtype=dtype),
+        )
+
+    def forward(self, x_BTD: Tensor, state: HyenaState | None = None) -> Tensor:
+        d, t = self.d_model, x_BTD.shape[1]
+        seen = state.seen if state is not None else 0
+        if seen + t > self.plan.l_max:
+            raise ArchplanError(f"position {seen + t - 1} is beyond the Hyena filter length l_max {self.plan.l_max}")
+        u_BCT = self.in_proj(x_BTD).transpose(1, 2)
+        tail = state.tail_BCJ if state is not None else None
+        u_BCT, next_tail = causal_short_conv(u_BCT, self.short_filter.weight, self.short_filter.bias, tail)
+        *xs, v_BDT = u_BCT.split(d, dim=1)
+        h_CL = self.filter(seen + t)
+        bias_C = self.filter.bias
+        for o, x_BDT in enumerate(reversed(xs[1:])):
+            v_BDT = v_BDT * x_BDT
+            h_DL = h_CL[o * d:(o + 1) * d]
+            if state is None:
+                conv_BDT = fft_causal_conv(v_BDT, h_DL)
+            else:
+                history = state.history_BCL[:, o * d:(o + 1) * d]
+                history[..., seen:seen + t] = v_BDT.detach()
+                conv_BDT = fft_causal_conv(history[..., :seen + t], h_DL)[..., seen:]
+            v_BDT = (conv_BDT + v_BDT.float() * bias_C[o * d:(o + 1) * d, None].float()).to(x_BTD.dtype)
+        if state is not None:
+            state.tail_BCJ.copy_(next_tail.detach())
+            state.advance(t)
+        return self.out_proj((v_BDT * xs[0]).transpose(1, 2))

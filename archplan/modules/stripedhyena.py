@@ -1,0 +1,127 @@
+"""StripedHyena's hyena mixer (Poli et al. 2023, StripedHyena; togethercomputer/stripedhyena
+`model.py` ParallelGatedConvBlock's projections / ParallelHyenaFilter / out_filter_dense, `engine.py`
+parallel_fir, parallel_iir, step_fir, step_iir). The block's two RMSNorms and gated MLP are the
+layer's `norm1`, `norm2` and GLU `ffn` (archplan/modules/block.py), attention blocks are `A` layers.
+
+    z = projections(x)                                       (B, 3D, T)
+    z = short FIR (depthwise, k taps, optional bias)         left padded
+    x2, x1, v = split(z);  u = x1·v
+    y = x2 · (h ∗ u + D·u),  h(t) = Re Σ_s r_s·p_s^t           FFT convolution of length 2T
+    out = out_filter_dense(y)
+Modal filter: poles p and residues r are (D/g, S, 1, 2) real pairs; filter c serves channels
+c·g … c·g + g − 1 (g = filter_groups). h is built as [Re r, −Im r]·[|p|^t cos tθ; |p|^t sin tθ],
+one real bmm. (`column_split_hyena` only permutes checkpoint columns; it changes no shape.)
+
+Decode (stripedhyena RecurrentInferenceParams): the FIR's last k − 1 inputs (B, 3D, k − 1) and the
+modal state x (B, D, S) complex, fp32 pairs: x ← p·x + u, y = x2·(Re Σ r·x + D·u). A prefill into
+a fresh state runs the FFT path and takes x_T = Σ_j p^(T−1−j)·u_j (one matmul with the same basis),
+as the reference's `prefill_via_modal_fft` does by FFT; a continuation steps token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from archplan.modules.cache import LayerState
+from archplan.modules.hyena import causal_short_conv
+from archplan.modules.s4 import fft_causal_conv
+from archplan.resolve import StripedHyenaPlan
+
+
+@dataclass(eq=False)
+class StripedHyenaState(LayerState):
+    fir_BCJ: Tensor  # (B, 3D, k − 1), activation dtype
+    modal_BDS2: Tensor  # (B, D, S, 2), fp32 (complex64 in the reference)
+    seen: int = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [self.fir_BCJ, self.modal_BDS2]
+
+
+class StripedHyenaMixer(nn.Module):
+    """Letters: D channels, G = D/g filters, S poles, T positions."""
+
+    def __init__(self, plan: StripedHyenaPlan, d_model: int) -> None:
+        super().__init__()
+        self.plan = plan
+        self.d_model = d_model
+        filters = d_model // plan.filter_groups
+        self.projections = nn.Linear(d_model, 3 * d_model)
+        self.short_filter_weight = nn.Parameter(torch.empty(3 * d_model, 1, plan.short_filter))
+        self.short_filter_bias = nn.Parameter(torch.empty(3 * d_model)) if plan.short_filter_bias else None
+        self.D = nn.Parameter(torch.empty(d_model))
+        self.poles = nn.Parameter(torch.empty(filters, plan.state_size, 1, 2))
+        self.residues = nn.Parameter(torch.empty(filters, plan.state_size, 1, 2))
+        self.out_filter_dense = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """stripedhyena ParallelHyenaFilter.__init__: FIR and its bias N(0, 1), D = 0, poles
+        (1e-2·N, 1e-3·N) (real, imaginary), residues N(0, 1)."""
+        with torch.no_grad():
+            nn.init.normal_(self.short_filter_weight)
+            if self.short_filter_bias is not None:
+                nn.init.normal_(self.short_filter_bias)
+            nn.init.zeros_(self.D)
+            nn.init.normal_(self.poles[..., 0], std=1e-2)
+            nn.init.normal_(self.poles[..., 1], std=1e-3)
+            nn.init.normal_(self.residues)
+
+    def _basis(self, length: int) -> Tensor:
+        """(G, 2S, T): rows [Re; Im] of p_s^t, fp32 (0^0 = 1, so a zero pole is a one-tap filter)."""
+        p_GS2 = self.poles.float()[:, :, 0]
+        mag_GS1 = torch.hypot(p_GS2[..., 0], p_GS2[..., 1])[..., None]
+        angle_GS1 = torch.atan2(p_GS2[..., 1], p_GS2[..., 0])[..., None]
+        t_T = torch.arange(length, device=p_GS2.device, dtype=torch.float32)
+        power_GST = torch.pow(mag_GS1, t_T)
+        return torch.cat([power_GST * torch.cos(angle_GS1 * t_T), power_GST * torch.sin(angle_GS1 * t_T)], dim=1)
+
+    def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> StripedHyenaState:
+        d, p = self.d_model, self.plan
+        return StripedHyenaState(
+            fir_BCJ=torch.zeros(batch, 3 * d, p.short_filter - 1, device=device, dtype=dtype),
+            modal_BDS2=torch.zeros(batch, d, p.state_size, 2, device=device, dtype=torch.float32),
+        )
+
+    def _recurrence(self, u_BDT: Tensor, state: StripedHyenaState) -> Tensor:
+        """stripedhyena engine `step_iir`, token by token: x ← p·x + u_t, y_t = Re Σ r·x."""
+        g = self.plan.filter_groups
+        p_DS = torch.view_as_complex(self.poles.float()[:, :, 0].contiguous()).repeat_interleave(g, dim=0)
+        r_DS = torch.view_as_complex(self.residues.float()[:, :, 0].contiguous()).repeat_interleave(g, dim=0)
+        x_BDS = torch.view_as_complex(state.modal_BDS2)
+        ys = []
+        for t in range(u_BDT.shape[-1]):
+            x_BDS = p_DS * x_BDS + u_BDT[:, :, t, None]
+            ys.append((r_DS * x_BDS).sum(-1).real)
+        state.modal_BDS2.copy_(torch.view_as_real(x_BDS))
+        return torch.stack(ys, dim=-1)
+
+    def forward(self, x_BTD: Tensor, state: StripedHyenaState | None = None) -> Tensor:
+        d, t, g = self.d_model, x_BTD.shape[1], self.plan.filter_groups
+        z_BCT = self.projections(x_BTD).transpose(1, 2)
+        tail = state.fir_BCJ if state is not None else None
+        z_BCT, next_tail = causal_short_conv(z_BCT, self.short_filter_weight, self.short_filter_bias, tail)
+        x2_BDT, x1_BDT, v_BDT = z_BCT.split(d, dim=1)
+        u_BDT = (x1_BDT * v_BDT).float()
+        if state is not None and state.seen > 0:
+            y_BDT = self._recurrence(u_BDT, state)
+        else:
+            basis_GNT = self._basis(t)
+            r_GS2 = self.residues.float()[:, :, 0]
+            row_G1N = torch.cat([r_GS2[..., 0], -r_GS2[..., 1]], dim=1)[:, None, :]
+            h_GT = (row_G1N @ basis_GNT)[:, 0]
+            y_BDT = fft_causal_conv(u_BDT, h_GT, expand=g)
+            if state is not None:
+                # x_T = Σ_j p^(T−1−j)·u_j per channel: the basis read backwards, contracted with u
+                basis_DNT = basis_GNT.repeat_interleave(g, dim=0).flip(-1)
+                x_DNB = basis_DNT @ u_BDT.permute(1, 2, 0)
+                s = self.plan.state_size
+                state.modal_BDS2.copy_(x_DNB.reshape(d, 2, s, -1).permute(3, 0, 2, 1).detach())
+        if state is not None:
+            state.fir_BCJ.copy_(next_tail.detach())
+            state.advance(t)
+        y_BDT = x2_BDT.float() * (y_BDT + self.D.float()[:, None] * u_BDT)
+        return self.out_filter_dense(y_BDT.transpose(1, 2).to(x_BTD.dtype))

@@ -1,0 +1,216 @@
+"""Hyena operator and StripedHyena mixer: the safari / stripedhyena closed forms, convolution mode
+≡ cached / recurrent mode (prefill then step), causality, gradients, cache bytes, FLOPs on meta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from archplan.analytic.hyena import (
+    hyena_buffer_elements,
+    hyena_cache_per_token,
+    hyena_counted_flops,
+    hyena_params,
+    hyena_state_elements,
+    striped_counted_flops,
+    striped_params,
+    striped_state_elements,
+)
+from archplan.errors import ArchplanError
+from archplan.modules import fft_flops  # noqa: F401  registers the FFT formulas
+from archplan.modules.hyena import HyenaMixer, causal_short_conv, positional_features
+from archplan.modules.stripedhyena import StripedHyenaMixer
+from archplan.resolve import HyenaPlan, StripedHyenaPlan
+
+D = 8
+
+
+def hyena(order: int = 2, trainable: bool = True, modulation: bool = True, short: int = 3) -> HyenaPlan:
+    return HyenaPlan(order=order, filter_order=6, filter_depth=2, emb_dim=5, short_filter=short, l_max=32,
+                     trainable_positions=trainable, modulation=modulation, bias=True, sin_freq=1.0)
+
+
+def striped(groups: int = 1, state: int = 3, short: int = 3, bias: bool = True) -> StripedHyenaPlan:
+    return StripedHyenaPlan(short_filter=short, short_filter_bias=bias, state_size=state, filter_groups=groups)
+
+
+def build(plan: HyenaPlan | StripedHyenaPlan, seed: int = 0) -> HyenaMixer | StripedHyenaMixer:
+    torch.manual_seed(seed)
+    if isinstance(plan, HyenaPlan):
+        return HyenaMixer(plan, D)
+    m = StripedHyenaMixer(plan, D)
+    with torch.no_grad():  # poles well inside the unit circle, D skip on, so every term shows
+        m.poles.copy_(0.6 * torch.rand_like(m.poles) + 0.2)
+        m.D.normal_()
+    return m
+
+
+PLANS = [hyena(), hyena(order=3, trainable=False, modulation=False, short=1), striped(),
+         striped(groups=2, short=1, bias=False), striped(groups=4, state=1, short=4)]
+
+
+def test_hyena_closed_form() -> None:
+    """4D² + 81D + 78,144 per operator for the safari LM configs (order 2, k 3, F 64, E 33, M 2, l_max 2048)."""
+    p = HyenaPlan(order=2, filter_order=64, filter_depth=2, emb_dim=33, short_filter=3, l_max=2048,
+                  trainable_positions=True, modulation=True, bias=True, sin_freq=14.0)
+    for d in (64, 768, 864):
+        assert hyena_params(p, d) == 4 * d * d + 81 * d + 78_144
+        with torch.device("meta"):
+            assert sum(t.numel() for t in HyenaMixer(p, d).parameters()) == hyena_params(p, d)
+
+
+def test_stripedhyena_7b_mixer_count() -> None:
+    """StripedHyena-7B hyena block 243,380,224 = mixer + two RMSNorms (2D) + gated MLP 3·D·14336."""
+    d = 4096
+    assert striped_params(striped(state=2), d) + 2 * d + 3 * d * 14336 == 243_380_224
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+def test_params_match_analytic(plan: HyenaPlan | StripedHyenaPlan) -> None:
+    count = hyena_params(plan, D) if isinstance(plan, HyenaPlan) else striped_params(plan, D)
+    assert sum(t.numel() for t in build(plan).parameters()) == count
+
+
+def test_positional_features_are_safari_s() -> None:
+    """z = [t, Re e^{−i f w}, Im e^{−i f w}], w = 2π·l/L, f = linspace(1e-4, bands − 1, bands)."""
+    z, t = positional_features(16, 5, "cpu")
+    w = 2 * torch.pi * torch.arange(16) / 16
+    f = torch.linspace(1e-4, 1, 2)
+    e = torch.exp(-1j * f[None] * w[:, None])
+    torch.testing.assert_close(z[0], torch.cat([torch.linspace(0, 1, 16)[:, None], e.real, e.imag], -1))
+    torch.testing.assert_close(t[0, :, 0], torch.linspace(0, 1, 16))
+
+
+def test_short_conv_is_causal_left_padded() -> None:
+    x, w = torch.randn(1, 2, 6), torch.randn(2, 1, 3)
+    y, tail = causal_short_conv(x, w, None, None)
+    ref = torch.nn.functional.conv1d(x, w, padding=2, groups=2)[..., :6]  # safari: pad both sides, keep T
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(tail, x[..., -2:])
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+@pytest.mark.parametrize("schedule", [(11,), (4, 1, 6), (1,) * 11])
+def test_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan, schedule: tuple[int, ...]) -> None:
+    """Prefill then steps ≡ one forward (StripedHyena: FFT prefill, then the modal recurrence)."""
+    m = build(plan)
+    x = torch.randn(2, sum(schedule), D)
+    full = m(x)
+    state = m.new_state(2, sum(schedule), "cpu", torch.float32)
+    outs, start = [], 0
+    for n in schedule:
+        outs.append(m(x[:, start:start + n], state))
+        start += n
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_stripedhyena_filter_is_the_modal_sum() -> None:
+    """h(t) = Re Σ_s r_s·p_s^t (stripedhyena `compute_filter`), against complex powers."""
+    m = build(striped(groups=2))
+    basis = m._basis(9)
+    r = m.residues.detach()[:, :, 0]
+    row = torch.cat([r[..., 0], -r[..., 1]], dim=1)[:, None, :]
+    h = (row @ basis)[:, 0]
+    p = torch.view_as_complex(m.poles.detach()[:, :, 0].contiguous())
+    rc = torch.view_as_complex(r.contiguous())
+    ref = torch.stack([(rc * p**t).sum(-1).real for t in range(9)], -1)
+    torch.testing.assert_close(h.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+def test_causal(plan: HyenaPlan | StripedHyenaPlan) -> None:
+    m = build(plan)
+    x = torch.randn(1, 10, D)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 6:] += torch.randn(1, 4, D)
+    torch.testing.assert_close(m(x2)[:, :6], y[:, :6], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(m(x2)[:, 6:], y[:, 6:])
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+def test_gradients_reach_every_parameter(plan: HyenaPlan | StripedHyenaPlan) -> None:
+    m = build(plan)
+    x = torch.randn(2, 9, D, requires_grad=True)
+    m(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_match_analytic(plan: HyenaPlan | StripedHyenaPlan, dtype: torch.dtype) -> None:
+    size = torch.finfo(dtype).bits // 8
+    state = build(plan).new_state(3, 20, "cpu", dtype)
+    if isinstance(plan, HyenaPlan):
+        expected = 3 * (20 * hyena_cache_per_token(plan, D) + hyena_state_elements(plan, D)) * size
+    else:
+        fir, modal = striped_state_elements(plan, D)
+        expected = 3 * (fir * size + modal * 4)  # the modal state is fp32 (complex64) whatever the dtype
+    assert state.nbytes() == expected
+
+
+def test_hyena_beyond_l_max_is_a_user_error() -> None:
+    m = build(hyena())
+    with pytest.raises(ArchplanError, match="l_max"):
+        m.new_state(1, 33, "cpu", torch.float32)
+    with pytest.raises(ArchplanError, match="l_max"):
+        m(torch.zeros(1, 33, D))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+@pytest.mark.parametrize("seq_len", [1, 5, 16])
+def test_flops_on_meta_match_analytic(plan: HyenaPlan | StripedHyenaPlan, seq_len: int) -> None:
+    with torch.device("meta"):
+        m = HyenaMixer(plan, D) if isinstance(plan, HyenaPlan) else StripedHyenaMixer(plan, D)
+    with FlopCounterMode(display=False) as counter:
+        m(torch.zeros(2, seq_len, D, device="meta"))
+    if isinstance(plan, HyenaPlan):
+        assert counter.get_total_flops() == hyena_counted_flops(plan, D, 2, seq_len)
+    else:
+        assert counter.get_total_flops() == striped_counted_flops(plan, D, 2, seq_len)
+
+
+@pytest.mark.parametrize("modulation", [False, True])
+def test_hyena_filter_is_the_sin_mlp_times_the_decay_window(modulation: bool) -> None:
+    """h = MLP(z)·exp(−t·|δ|) (safari HyenaFilter.filter + ExponentialModulation, shift 0), with one
+    shared Sin frequency initialised to `sin_freq`."""
+    p = HyenaPlan(order=2, filter_order=6, filter_depth=1, emb_dim=5, short_filter=3, l_max=32,
+                  trainable_positions=False, modulation=modulation, bias=True, sin_freq=14.0)
+    m = build(p)
+    f = m.filter
+    assert torch.equal(f.freq.detach(), torch.full((1, 6), 14.0))
+    z, t = positional_features(32, 5, "cpu")
+    h = torch.sin(f.freq * f.mlp_in(z[:, :9]))
+    h = torch.sin(f.freq * f.mlp_inner[0](h))
+    h = f.mlp_out(h)
+    if modulation:
+        h = h * torch.exp(-t[:, :9] * f.deltas.abs())
+    torch.testing.assert_close(f(9).detach(), h[0].T.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("plan", [*PLANS, "s4d", "s4"], ids=repr)
+def test_cuda_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan | str) -> None:
+    """On CUDA (cuFFT, fp32): prefill + steps ≡ one forward, for every long-conv mixer."""
+    from archplan.modules.s4 import S4Mixer
+    from archplan.resolve import S4Plan
+
+    torch.manual_seed(0)
+    if isinstance(plan, str):
+        m = S4Mixer(S4Plan(dplr=plan == "s4", d_state=8, n_ssm=2, ssm_buffers=False), D).cuda()
+    else:
+        m = build(plan).cuda()
+    x = torch.randn(2, 11, D, device="cuda")
+    full = m(x)
+    state = m.new_state(2, 11, "cuda", torch.float32)
+    out = torch.cat([m(x[:, :6], state), m(x[:, 6:7], state), m(x[:, 7:], state)], 1)
+    torch.testing.assert_close(out, full, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("plan", [hyena(), hyena(trainable=False), hyena(modulation=False)], ids=repr)
+def test_hyena_buffers_match_analytic(plan: HyenaPlan) -> None:
+    """Buffers (positional table when not trained, its time axis, modulation deltas) are stated apart."""
+    assert sum(b.numel() for b in build(plan).buffers()) == hyena_buffer_elements(plan, D)

@@ -1,0 +1,198 @@
+"""S4D and S4 (DPLR) layers: kernel generation ≡ the closed forms computed naively, convolution
+mode ≡ recurrent mode (prefill, then step), causality, gradients, state bytes, FFT FLOP formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from archplan.analytic.s4 import (
+    complex_fft_flops,
+    real_fft_flops,
+    s4_buffer_elements,
+    s4_counted_flops,
+    s4_params,
+    s4_state_fp32_elements,
+)
+from archplan.modules import fft_flops  # noqa: F401  registers the FFT formulas
+from archplan.modules import s4 as s4_module
+from archplan.modules.s4 import S4Mixer, fft_causal_conv
+from archplan.resolve import S4Plan
+
+D_MODEL = 6
+
+
+def plan(dplr: bool, d_state: int = 8, n_ssm: int = 3, buffers: bool = False) -> S4Plan:
+    return S4Plan(dplr=dplr, d_state=d_state, n_ssm=n_ssm, ssm_buffers=buffers)
+
+
+def mixer(p: S4Plan, seed: int = 0) -> S4Mixer:
+    torch.manual_seed(seed)
+    m = S4Mixer(p, D_MODEL)
+    with torch.no_grad():
+        if p.dplr:  # a larger low-rank term than the init, so its effect is visible
+            m.P.mul_(3.0)
+    return m
+
+
+def test_fft_causal_conv_is_the_direct_convolution() -> None:
+    torch.manual_seed(0)
+    u, k = torch.randn(2, 3, 11), torch.randn(3, 11)
+    direct = torch.stack(
+        [sum(k[:, j] * u[..., t - j] for j in range(t + 1)) for t in range(11)], dim=-1
+    )
+    torch.testing.assert_close(fft_causal_conv(u, k), direct, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+def test_kernel_equals_the_naive_closed_form(dplr: bool) -> None:
+    """S4D: K_l = 2·Re Σ C·B̄·Ā^l (ZOH); S4: Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A), A = Λ − p·p*, by dense
+    complex linear algebra (torch.linalg), against the Woodbury + doubling path."""
+    m = mixer(plan(dplr))
+    length = 13
+    dt = torch.exp(m.log_dt.detach()).double()
+    rep = D_MODEL // m.plan.n_ssm
+    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double())
+    lam = lam.repeat_interleave(rep, 0)
+    b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
+    c = torch.view_as_complex(m.C.detach().double().contiguous())
+    if dplr:
+        p = torch.view_as_complex(m.P.detach().double().contiguous()).repeat_interleave(rep, 0)
+        a = torch.diag_embed(lam) - p[:, :, None] * p.conj()[:, None, :]
+        eye = torch.eye(lam.shape[1], dtype=a.dtype)
+        half = (dt / 2)[:, None, None]
+        inv = torch.linalg.inv(eye - half * a)
+        da = inv @ (eye + half * a)
+        db = (inv @ (dt[:, None] * b)[..., None])[..., 0]
+        powers = [torch.linalg.matrix_power(da, l) @ db[..., None] for l in range(length)]
+        ref = torch.stack([2 * (c * v[..., 0]).sum(-1).real for v in powers], dim=-1)
+    else:
+        da = torch.exp(dt[:, None] * lam)
+        db = (da - 1) / lam * b
+        ref = torch.stack([2 * (c * db * da**l).sum(-1).real for l in range(length)], dim=-1)
+    torch.testing.assert_close(m.kernel(length).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("schedule", [(12,), (5, 1, 6), (1,) * 12, (7, 5)])
+def test_convolution_mode_equals_recurrent_mode(dplr: bool, schedule: tuple[int, ...]) -> None:
+    """Prefill (convolution into a fresh state), then steps (the recurrence), ≡ the full forward."""
+    m = mixer(plan(dplr))
+    x = torch.randn(2, sum(schedule), D_MODEL)
+    full = m(x)
+    state = m.new_state(2, sum(schedule), "cpu", torch.float32)
+    outs, start = [], 0
+    for n in schedule:
+        outs.append(m(x[:, start:start + n], state))
+        start += n
+    assert state.seen == sum(schedule)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+def test_causal(dplr: bool) -> None:
+    m = mixer(plan(dplr))
+    x = torch.randn(1, 10, D_MODEL)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 6:] += torch.randn(1, 4, D_MODEL)
+    torch.testing.assert_close(m(x2)[:, :6], y[:, :6])
+    assert not torch.allclose(m(x2)[:, 6:], y[:, 6:])
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("buffers", [False, True])
+def test_gradients_reach_every_parameter(dplr: bool, buffers: bool) -> None:
+    m = mixer(plan(dplr, buffers=buffers))
+    x = torch.randn(2, 9, D_MODEL, requires_grad=True)
+    m(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    names = {name for name, _ in m.named_parameters()}
+    ssm = {"log_dt", "B", "A_log_real", "A_imag"} | ({"P"} if dplr else set())
+    assert (ssm & names == set()) if buffers else ssm <= names
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("buffers", [False, True])
+def test_params_match_analytic(dplr: bool, buffers: bool) -> None:
+    p = plan(dplr, n_ssm=2, buffers=buffers)
+    assert sum(t.numel() for t in S4Mixer(p, D_MODEL).parameters()) == s4_params(p, D_MODEL)
+
+
+def test_reference_s4_block_count() -> None:
+    """state-spaces/s4 standalone S4 block, H = 256, N = 64, n_ssm = H: 197,632 parameters (built)."""
+    assert s4_params(S4Plan(dplr=True, d_state=64, n_ssm=256, ssm_buffers=False), 256) == 197_632
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_is_fp32_4_bytes_per_h_n(dtype: torch.dtype) -> None:
+    """4·B·H·N bytes per layer whatever the model dtype (complex64 N/2 modes)."""
+    p = plan(False)
+    state = S4Mixer(p, D_MODEL).new_state(3, 100, "cpu", dtype)
+    assert state.nbytes() == 4 * 3 * D_MODEL * p.d_state == 4 * 3 * s4_state_fp32_elements(p, D_MODEL)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("seq_len", [1, 2, 7, 16])
+def test_flops_on_meta_match_analytic(dplr: bool, seq_len: int) -> None:
+    p = plan(dplr)
+    with torch.device("meta"):
+        m = S4Mixer(p, D_MODEL)
+    x = torch.zeros(2, seq_len, D_MODEL, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        m(x)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counter.get_total_flops() == s4_counted_flops(p, D_MODEL, 2, seq_len)
+    assert counts["aten._fft_r2c"] == (2 * D_MODEL + D_MODEL) * real_fft_flops(2 * seq_len)
+
+
+def test_fft_convention() -> None:
+    """2.5·n·log2 n per real FFT, 5·n·log2 n per complex one; log2 rounded up off powers of two."""
+    assert real_fft_flops(4096) == 2.5 * 4096 * 12
+    assert complex_fft_flops(4096) == 5 * 4096 * 12
+    assert real_fft_flops(6) == 5 * 6 * math.ceil(math.log2(6)) // 2
+
+
+def test_s4d_chunked_basis_changes_neither_values_nor_counted_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The basis made BASIS_CHUNK positions at a time: same kernel, prefill state and FLOPs."""
+    m = mixer(plan(False))
+    x = torch.randn(2, 11, D_MODEL)
+    whole_state = m.new_state(2, 11, "cpu", torch.float32)
+    whole = m(x, whole_state)
+    monkeypatch.setattr(s4_module, "BASIS_CHUNK", 4)
+    chunked_state = m.new_state(2, 11, "cpu", torch.float32)
+    torch.testing.assert_close(m(x, chunked_state), whole)
+    torch.testing.assert_close(chunked_state.x_BHM2, whole_state.x_BHM2)
+    with torch.device("meta"):
+        meta = S4Mixer(plan(False), D_MODEL)
+    with FlopCounterMode(display=False) as counter:
+        meta(torch.zeros(2, 11, D_MODEL, device="meta"))
+    assert counter.get_total_flops() == s4_counted_flops(plan(False), D_MODEL, 2, 11)
+
+
+def test_verify_lists_the_fft_ops_with_their_formulas() -> None:
+    """The op table shows the FFTs with registered formulas; without one they would be flagged."""
+    from archplan.crosscheck import crosscheck
+    from archplan.resolve import resolve
+    from archplan.spec import Spec
+
+    spec = Spec(name="t", vocab_size=32, d_model=8, n_layers=1, max_seq_len=32,
+                long_conv={"kind": "s4d", "d_state": 4}, layout={"mixers": "H"})
+    result = crosscheck(resolve(spec), seq_len=10, batch=1, real=False)
+    ops = {op.op: op for op in result.ops}
+    for name in ("aten._fft_r2c", "aten._fft_c2r"):
+        assert ops[name].has_formula and ops[name].flops > 0 and not ops[name].suspicious
+    assert result.ok
+    assert result.training is not None and "aten._fft_c2c" in result.training_ops  # rfft's backward
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+@pytest.mark.parametrize("buffers", [False, True])
+def test_buffers_match_analytic(dplr: bool, buffers: bool) -> None:
+    p = plan(dplr, n_ssm=2, buffers=buffers)
+    assert sum(b.numel() for b in S4Mixer(p, D_MODEL).buffers()) == s4_buffer_elements(p, D_MODEL)
