@@ -23,7 +23,7 @@ from archplan.resolve import resolve  # noqa: E402
 
 PRESETS = Path(__file__).parent.parent / "archplan" / "presets"
 DENSE = "tp=8,cp=1,pp=4,dp=32,ep=1,zero=3,recompute=full,mb=1"
-# tp=1 where archplan.distributed refuses TP (MoE, MLA, Mamba, ALiBi) or pp=1 (tied embeddings)
+# tp=1 where archplan.distributed refuses TP (MoE, MLA, Mamba, S4, Hyena, ALiBi), pp=1 with tied embeddings
 MOE = "tp=1,cp=1,pp=4,dp=256,ep=8,zero=3,recompute=full,mb=1"
 TIED = "tp=1,cp=1,pp=1,dp=1024,ep=1,zero=3,recompute=full,mb=1"
 LAYOUTS = {
@@ -32,7 +32,9 @@ LAYOUTS = {
     "qwen2.5-7b": "tp=1,cp=1,pp=4,dp=256,ep=1,zero=2,recompute=selective,mb=1",
     "deepseek-v3": MOE, "frontier-1t-moe": MOE, "gpt-4-rumored": MOE, "hybrid-ssm-moe": MOE,
     "jamba-v0.1": MOE, "mixtral-8x7b": MOE,
+    "stripedhyena-7b": "tp=1,cp=1,pp=4,dp=256,ep=1,zero=3,recompute=none,mb=1",
     "bloom-560m": TIED, "falcon-7b": TIED, "gemma-2b": TIED, "gpt2": TIED, "mamba-2.8b": TIED,
+    "hyena-153m": TIED, "s4d-lm": TIED,
 }
 SLOW = {"bloom-560m", "claude-3-opus-rumored", "deepseek-v3", "falcon-7b", "frontier-1t-moe",
         "gpt-4-rumored", "jamba-v0.1", "llama-3.1-405b", "mamba-2.8b"}

@@ -32,10 +32,13 @@ from torch.distributed.tensor.parallel import (
 from archplan.errors import ArchplanError
 from archplan.modules.attention import Attention
 from archplan.modules.ffn import GLU, MLP
+from archplan.modules.hyena import HyenaMixer
 from archplan.modules.mamba1 import Mamba1Mixer
 from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
+from archplan.modules.s4 import S4Mixer
+from archplan.modules.stripedhyena import StripedHyenaMixer
 from archplan.resolve import ModelPlan
 
 
@@ -105,6 +108,8 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
             return "MoE layers under tensor parallelism (experts shard over ep; use tp=1 with ep)"
         case Mamba1Mixer() | Mamba2Mixer():
             return "Mamba mixers under tensor parallelism (the selective scan's projections are not split)"
+        case S4Mixer() | HyenaMixer() | StripedHyenaMixer():
+            return "long-convolution mixers (S4, Hyena) under tensor parallelism (their projections are not split)"
         case MLP() | GLU():
             return None if module.up_proj.out_features % tp == 0 else f"d_ff {module.up_proj.out_features} over tp={tp}"
         case _:
