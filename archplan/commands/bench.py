@@ -27,6 +27,12 @@ class BenchDType(str, Enum):
     fp16 = "fp16"
 
 
+class Recompute(str, Enum):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
 class Backend(str, Enum):
     auto = "auto"
     math = "math"
@@ -55,6 +61,20 @@ def bench(
     as_json: JsonOpt = False,
     plot: Annotated[str | None, typer.Option(help="With a --seq sweep: write time and memory vs length "
                                              "(PNG/SVG/PDF by suffix); needs matplotlib.")] = None,
+    layout: Annotated[str | None, typer.Option(
+        help="Run a cluster layout on torch.distributed (tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1): "
+             "timed training steps and prefill through the sharded modules (docs/distributed.md).",
+        show_default=False)] = None,
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="With --layout: start this many local workers through torchrun (default: the layout's "
+                    "world size); under torchrun / SLURM this process is a worker instead.",
+        show_default=False)] = None,
+    microbatches: Annotated[int | None, typer.Option(
+        min=1, help="With --layout: micro-batches per step (default: pp).", show_default=False)] = None,
+    train: Annotated[bool, typer.Option(
+        "--train", help="Time a single-device training step (forward + backward + AdamW) and compare its "
+                        "peak memory with size's training memory.")] = False,
+    recompute: Annotated[Recompute, typer.Option(help="With --train: activation recompute.")] = Recompute.none,
 ) -> None:
     """Time prefill and decode of SPEC through the real modules and compare with the roofline.
 
@@ -71,6 +91,10 @@ def bench(
 
       archplan bench llama-3-8b --layers 2 --compare-backends
 
+      archplan bench gpt2 --train --seq 256 --recompute full
+
+      archplan bench llama-3-8b --nproc 2 --seq 128 --layout tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1
+
       archplan bench llama-3-8b mamba-2.8b --layers 1 --seq 1k,2k,4k --plot sweep.png
     """
     require_torch("bench")
@@ -79,6 +103,20 @@ def bench(
     from archplan.errors import ArchplanError
 
     lengths = parse_lengths(seq)
+    if train or layout is not None:
+        if len(lengths) > 1 or len(specs) > 1:
+            raise ArchplanError("--train and --layout run one spec at one length; drop the --seq sweep")
+        if train:
+            from archplan.distributed.train_render import bench_train
+
+            bench_train(specs[0], device=device.value, dtype=dtype.value, batch=batch, seq=lengths[0],
+                        recompute=recompute.value, iters=iters, as_json=as_json)
+        else:
+            from archplan.distributed.bench import bench_layout  # imports torch.distributed
+
+            bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
+                         warmup=warmup, steps=iters, as_json=as_json)
+        return
     if len(lengths) > 1 or len(specs) > 1 or plot is not None:
         from archplan.bench.sweep import SweepConfig, sweep_command
 

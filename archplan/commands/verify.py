@@ -55,7 +55,9 @@ def register(app: typer.Typer) -> None:
             "backward); on small models also fvcore and the measured KV cache. An op with no FLOP "
             "formula and a matmul-shaped signature fails. Exit 0 when no check disagrees (checks that "
             "could not run are listed as not run), 1 with the diff, 2 on bad input.\n\n"
-            "Example:\n\n  archplan verify presets/deepseek-v3.yaml --seq 64 --json"
+            "Examples:\n\n  archplan verify presets/deepseek-v3.yaml --seq 64 --json\n\n"
+            "  archplan verify presets/llama-3.1-405b.yaml --seq 8192 "
+            "--layout tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1"
         ),
     )(verify)
 
@@ -72,6 +74,12 @@ CpuCheckOpt = Annotated[bool | None, typer.Option(
 BackwardOpt = Annotated[bool, typer.Option(
     "--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.")]
 AllLayersOpt = Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.")]
+LayoutOpt = Annotated[str | None, typer.Option(
+    "--layout", help="Verify a cluster layout instead (tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1): "
+    "one rank's training step at full world size on torch's fake process group, memory and collectives "
+    "beside plan's (docs/distributed.md).", show_default=False)]
+MicrobatchesOpt = Annotated[int | None, typer.Option(
+    "--microbatches", min=1, help="Micro-batches per step with --layout (default: pp).", show_default=False)]
 
 
 def verify(
@@ -83,8 +91,15 @@ def verify(
     backward: BackwardOpt = True,
     all_layers: AllLayersOpt = False,
     as_json: JsonOpt = False,
+    layout: LayoutOpt = None,
+    microbatches: MicrobatchesOpt = None,
 ) -> None:
     require_torch("verify")
+    if layout is not None:
+        from archplan.distributed.render import verify_layout  # imports torch.distributed
+
+        plan = resolve(load_spec(spec))
+        verify_layout(plan, layout, _seq_len(plan, seq), microbatches, as_json)
     raise typer.Exit(verify_model(
         spec, seq=seq, batch=batch, device=device, cpu_check=cpu_check, backward=backward,
         all_layers=all_layers, as_json=as_json,

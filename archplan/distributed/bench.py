@@ -1,0 +1,63 @@
+"""`archplan bench --layout`: the launcher / worker dispatch and the table (`workers` runs it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
+from archplan.errors import ArchplanError
+from archplan.loader import load_spec
+from archplan.planning.layout import parse_layout
+from archplan.resolve import resolve
+from archplan.units import count, nbytes, percent
+
+
+def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, microbatches: int | None,
+                 warmup: int, steps: int, as_json: bool) -> None:
+    plan = resolve(load_spec(spec))
+    layout = parse_layout(layout_text).complete()
+    if layout is None:
+        raise ArchplanError("--layout: bench needs every field (tp, cp, pp, dp, ep, zero, recompute, mb)")
+    if seq > plan.max_seq_len:
+        raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
+    m = microbatches or layout.pp
+    if under_launcher():
+        result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup)
+        if result is None:
+            return
+        write_result(result)
+    else:
+        n = nproc or layout.world
+        if n != layout.world:
+            raise ArchplanError(f"--nproc {n}: the layout has {layout.world} ranks")
+        argv = [spec, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
+                "--warmup", str(warmup), "--iters", str(steps)]
+        result = launch(argv, n)
+    if as_json:
+        typer.echo(json.dumps(asdict(result), indent=2))
+    elif not under_launcher() or result is not None:
+        render(result)
+
+
+def render(r: DistBench) -> None:
+    table = Table(title=f"{r.name}: {r.layout} on {r.world} {r.device} processes ({r.backend}), seq {r.seq}, "
+                        f"{r.microbatches} micro-batches")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    step = sorted(r.step_seconds)[len(r.step_seconds) // 2]
+    table.add_row("training step median", f"{1e3 * step:.1f} ms",
+                  f"{r.steps} timed; forward + backward (1F1B) + AdamW; {count(r.tokens_per_step)} tokens")
+    table.add_row("training tokens/s", count(r.train_tokens_per_s), "all ranks")
+    table.add_row("MFU", percent(r.mfu), f"{count(r.flops_per_token)} FLOP/token (training, causal, "
+                  f"2 per multiply-add); peak {r.peak_flops:.3g} FLOP/s per device ({r.peak_source})")
+    table.add_row("prefill tokens/s", count(r.prefill_tokens_per_s), "forward only, same sharded modules")
+    table.add_row("peak memory per rank", " / ".join(nbytes(b) for b in r.peak_memory_bytes), r.peak_memory_method)
+    predicted = f"{1e3 * r.predicted_step_seconds:.1f} ms" if r.predicted_step_seconds is not None else "—"
+    table.add_row("plan's predicted step", predicted, r.prediction_note)
+    Console().print(table)

@@ -1,0 +1,108 @@
+"""`verify --layout`: the measured rank (`fake.measure`) beside the layout model
+(`planning.cluster`), component by component, with the tolerances of docs/distributed.md:
+
+- model states (parameters, gradients, optimizer states): exact, under the FSDP2 convention of
+  `cluster` (what this side runs) and its fp32 gradient reduction (`shard.MIXED.reduce_dtype`);
+- activations: within ACTIVATION_TOLERANCE of the analytic figure (the "flash" kernel of
+  `cluster`, what SDPA is on CPU: no s×s probabilities kept). Plain torch autograd keeps tensors the
+  analytic per-tensor model of fused kernels does not (the GLU's act(gate), fp32 norm copies);
+- collectives: the tally of (kind, mesh dim, group size, bytes) → calls, exact on both sides:
+  every call the model prices is seen, every call seen is priced.
+Temporary and collective buffers are shown, not judged (the tracker's peak of transient copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archplan.distributed.fake import Measured, measure
+from archplan.planning import cluster
+from archplan.planning.layout import Layout
+from archplan.planning.records import MEMORY_CATEGORIES, Collective, RankMemory, tally
+from archplan.resolve import ModelPlan
+
+ACTIVATION_TOLERANCE = 0.25
+EXACT = ("parameters", "gradients", "optimizer")
+REDUCE_BYTES = 4  # fp32 gradient reduction (shard.MIXED)
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    category: str
+    analytic: int
+    measured: int
+    judged: str  # "exact" | "±25%" | "shown"
+
+    @property
+    def ok(self) -> bool:
+        match self.judged:
+            case "exact":
+                return self.analytic == self.measured
+            case "shown":
+                return True
+            case _:
+                return abs(self.measured - self.analytic) <= ACTIVATION_TOLERANCE * max(self.analytic, 1)
+
+
+@dataclass(frozen=True)
+class CollectiveRow:
+    kind: str
+    mesh_dim: str
+    group_size: int
+    bytes: int
+    analytic: int  # calls per step
+    measured: int
+
+    @property
+    def ok(self) -> bool:
+        return self.analytic == self.measured
+
+
+@dataclass(frozen=True)
+class LayoutCheck:
+    name: str
+    measured: Measured
+    memory: tuple[MemoryRow, ...]
+    collectives: tuple[CollectiveRow, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.memory) and all(r.ok for r in self.collectives)
+
+    def to_json(self) -> dict[str, object]:
+        m = self.measured
+        return {
+            "name": self.name, "layout": m.layout.spec, "world": m.layout.world, "stage": m.stage,
+            "rank": m.rank, "seq": m.seq, "microbatches": m.microbatches, "in_flight": m.in_flight,
+            "layers": list(m.layers), "ok": self.ok, "activation_tolerance": ACTIVATION_TOLERANCE,
+            "memory": [{"category": r.category, "analytic": r.analytic, "measured": r.measured,
+                        "judged": r.judged, "ok": r.ok} for r in self.memory],
+            "tracker_peak": m.peak_by_reftype,
+            "collectives": [{"kind": r.kind, "mesh_dim": r.mesh_dim, "group_size": r.group_size,
+                             "bytes": r.bytes, "analytic": r.analytic, "measured": r.measured,
+                             "ok": r.ok} for r in self.collectives],
+        }
+
+
+def _memory_rows(analytic: RankMemory, measured: RankMemory) -> tuple[MemoryRow, ...]:
+    def judged(name: str) -> str:
+        return "exact" if name in EXACT else f"±{ACTIVATION_TOLERANCE:.0%}" if name == "activations" else "shown"
+
+    return tuple(MemoryRow(name, getattr(analytic, name), getattr(measured, name), judged(name))
+                 for name in MEMORY_CATEGORIES)
+
+
+def _collective_rows(analytic: tuple[Collective, ...], measured: tuple[Collective, ...]) -> tuple[CollectiveRow, ...]:
+    a, m = tally(analytic), tally(measured)
+    return tuple(CollectiveRow(*key, a.get(key, 0), m.get(key, 0)) for key in sorted(a.keys() | m.keys()))
+
+
+def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int) -> LayoutCheck:
+    states = cluster.FSDP2
+    stage = cluster.most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states)
+    analytic_memory = cluster.rank_memory(plan, layout, seq, microbatches=microbatches, stage=stage, states=states)
+    analytic_calls = cluster.step_collectives(plan, layout, seq, microbatches=microbatches, stage=stage,
+                                              states=states, grad_reduce=REDUCE_BYTES)
+    measured = measure(plan, layout, seq, microbatches=microbatches, stage=stage)
+    return LayoutCheck(plan.name, measured, _memory_rows(analytic_memory, measured.memory),
+                       _collective_rows(analytic_calls, measured.collectives))

@@ -1,0 +1,93 @@
+"""Every collective a rank issues, as `planning.records.Collective` records: a dispatch mode over
+torch's functional collectives (what DTensor redistributions and the expert all-to-all call) and
+the c10d ops (what FSDP2 and point-to-point call).
+
+`CommDebugMode` counts the same ops but keeps neither bytes nor process groups; this keeps both,
+with the byte convention of `records` (all_gather: output; reduce_scatter: input; all_to_all:
+send buffer; all_reduce: the tensor). It records the op as issued, before any backend runs it, so
+the fake process group's fallback (all-to-all through all-gather) never shows: the expert
+all-to-all is recorded as what the model asked for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch._C._distributed_c10d import ProcessGroup
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from archplan.planning.records import Collective, CollectiveKind, MeshDim
+
+_f = torch.ops._c10d_functional
+_c = torch.ops.c10d
+
+
+def _nbytes(t: Any) -> int:
+    if isinstance(t, (list, tuple)):
+        return sum(_nbytes(x) for x in t)
+    return t.numel() * t.element_size()
+
+
+def _group_name(group: Any) -> str:
+    """Functional collectives name their group; c10d ops pass the group as a TorchScript object."""
+    if isinstance(group, str):
+        return group
+    return ProcessGroup.unbox(group).group_name
+
+
+# op → (kind, (index of the counted tensor(s), index of the group))
+_OPS: dict[Any, tuple[CollectiveKind, int, int]] = {
+    _f.all_reduce.default: ("all_reduce", 0, 2),
+    _f.all_reduce_coalesced.default: ("all_reduce", 0, 2),
+    _f.all_gather_into_tensor.default: ("all_gather", 0, 2),  # input × group size, below
+    _f.all_gather_into_tensor_coalesced.default: ("all_gather", 0, 2),
+    _f.reduce_scatter_tensor.default: ("reduce_scatter", 0, 3),
+    _f.reduce_scatter_tensor_coalesced.default: ("reduce_scatter", 0, 3),
+    _f.all_to_all_single.default: ("all_to_all", 0, 3),
+    _c.allreduce_.default: ("all_reduce", 0, 1),
+    _c.allreduce_coalesced_.default: ("all_reduce", 0, 1),
+    _c._allgather_base_.default: ("all_gather", 0, 2),
+    _c.allgather_into_tensor_coalesced_.default: ("all_gather", 0, 2),
+    _c._reduce_scatter_base_.default: ("reduce_scatter", 1, 2),
+    _c.reduce_scatter_tensor_coalesced_.default: ("reduce_scatter", 1, 2),
+    _c.alltoall_base_.default: ("all_to_all", 1, 2),
+    _c.send.default: ("send", 0, 1),
+    _c.recv_.default: ("recv", 0, 1),
+}
+_GATHER_FROM_INPUT = {_f.all_gather_into_tensor.default, _f.all_gather_into_tensor_coalesced.default}
+
+
+def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...]) -> MeshDim:
+    """The mesh dimension of a call on a group that several dimensions share (ep = dp when
+    expert_dp = 1): only expert parallelism calls all-to-all; the others are data parallelism's."""
+    if len(dims) == 1:
+        return dims[0]
+    preferred = ("ep",) if kind == "all_to_all" else ("dp", "expert_dp", "tp", "pp")
+    return next(d for d in (*preferred, *dims) if d in dims)
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """Counts (kind, mesh dim, group size, bytes, op) of every collective issued inside it."""
+
+    def __init__(self, dims_by_group: dict[str, tuple[MeshDim, ...]], group_sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.dims_by_group = dims_by_group
+        self.group_sizes = group_sizes
+        self.calls: Counter[tuple[CollectiveKind, MeshDim, int, int, str]] = Counter()
+        self.enabled = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        entry = _OPS.get(func)
+        if entry is not None and self.enabled:
+            kind, tensor_at, group_at = entry
+            name = _group_name(args[group_at])
+            size = self.group_sizes[name]
+            nbytes = _nbytes(args[tensor_at]) * (size if func in _GATHER_FROM_INPUT else 1)
+            self.calls[(kind, _dim(kind, self.dims_by_group[name]), size, nbytes, func.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def records(self) -> tuple[Collective, ...]:
+        return tuple(Collective(kind, dim, size, nbytes, count, what=op)
+                     for (kind, dim, size, nbytes, op), count in sorted(self.calls.items()))

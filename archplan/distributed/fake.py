@@ -1,0 +1,131 @@
+"""`verify --layout`: one rank's training step at full world size, in one process, allocating nothing.
+
+The recipe (docs/distributed.md): the fake process group acting as the first rank of the measured
+pipeline stage; the DeviceMesh, the stage built on meta from archplan's modules and sharded with
+torch's own APIs (`shard`) outside FakeTensorMode (FSDP2 + TP builds its meshes with a
+data-dependent op that FakeTensorMode refuses); then, inside FakeTensorMode, `to_empty`, AdamW, and
+two training steps of the 1F1B schedule (`step`): the first (one micro-batch) creates the optimizer
+states, the second is measured by `FSDPMemTracker` (per-category peak, statistics reset on re-entry) and by
+`CollectiveRecorder` (every collective of one step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+from archplan.distributed.comms import CollectiveRecorder
+from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
+from archplan.distributed.shard import shard_stage
+from archplan.distributed.stage import build_stage
+from archplan.distributed.step import MicroBatch, StageRunner
+from archplan.planning.layout import Layout
+from archplan.planning.records import Collective, RankMemory
+from archplan.resolve import ModelPlan
+
+DEVICE = torch.device("cpu")
+
+# FSDPMemTracker's reference types → the categories of `records.RankMemory`. The bf16 compute
+# copies FSDP2 gathers (and frees) are temporary; buffers (RoPE tables, the router's correction
+# bias) are not parameters and are counted as temporary too. AdamW's per-parameter `step` is a
+# 0-d fp32 tensor that torch keeps on the CPU beside CUDA parameters (torch.optim.adam, `_init_group`
+# without capturable/fused); here the device is the CPU, so its bytes are taken out of `optimizer`
+# and reported apart (`adam_step_bytes`).
+CATEGORY = {
+    "Sharded Param": "parameters",
+    "Sharded Grad": "gradients",
+    "Unsharded Grad": "temporary",  # the full gradient before its reduce-scatter (zero 2/3)
+    "OptState": "optimizer",
+    "Activation": "activations",
+    "Inputs": "activations",
+    "Temp": "temporary",
+    "Unsharded Param": "temporary",
+    "Buffer": "temporary",
+    "All Gather": "collective_buffers",
+    "Reduce Scatter": "collective_buffers",
+}
+
+
+@dataclass(frozen=True)
+class Measured:
+    layout: Layout
+    stage: int
+    rank: int
+    seq: int
+    microbatches: int
+    in_flight: int
+    layers: tuple[int, ...]
+    memory: RankMemory
+    peak_by_reftype: dict[str, int]
+    adam_step_bytes: int
+    collectives: tuple[Collective, ...]
+
+
+def _name(reftype: object) -> str:
+    return reftype.value if isinstance(reftype, Enum) else str(reftype)
+
+
+def _categories(snapshot: dict[str, int]) -> dict[str, int]:
+    totals = dict.fromkeys(RankMemory.__dataclass_fields__, 0)
+    for reftype, nbytes in snapshot.items():
+        if _name(reftype) in CATEGORY:
+            totals[CATEGORY[_name(reftype)]] += nbytes
+    return totals
+
+
+def _rank_memory(snapshots: list[dict[str, int]]) -> RankMemory:
+    """Each category's largest value over the snapshots: the tracker's peak (where the transient
+    gathered weights and collective buffers are largest), one before each backward (where the
+    in-flight micro-batches' activations are, the most of them before the first backward) and one
+    before the optimizer step (where every gradient exists)."""
+    per = [_categories(s) for s in snapshots]
+    return RankMemory(**{name: max(p[name] for p in per) for name in RankMemory.__dataclass_fields__})
+
+
+def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, stage: int) -> Measured:
+    """Rank `stage_rank(layout, stage)`'s peak memory by category and its collectives in one step."""
+    rank = stage_rank(layout, stage)
+    init_fake_world(layout.world, rank)
+    mesh = build_mesh(layout, "cpu")
+    module = build_stage(plan, layout, stage, "meta")
+    sharded = shard_stage(module, mesh, balanced=True)
+    local_seq = seq // layout.tp if layout.sequence_parallel else seq
+    hidden = (layout.mb, local_seq, plan.d_model)
+    group_sizes = {name: mesh[dims[0]].size() for name, dims in mesh.dims_by_group.items()}
+    recorder = CollectiveRecorder(mesh.dims_by_group, group_sizes)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        module.to_empty(device=DEVICE)
+        for sub in module.modules():
+            if hasattr(sub, "reset_buffers"):
+                sub.reset_buffers()
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+        tracker = FSDPMemTracker(module, optimizer)
+        # FSDPMemTracker refuses a second forward of its root in one iteration (it keeps per-module
+        # statistics per call); the micro-batches are such calls. Clearing the per-module
+        # statistics before each forward, as its error message advises, keeps the global peak.
+        samples: list[dict[str, int]] = []
+
+        def sample() -> None:
+            samples.append(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
+
+        runner = StageRunner(sharded, mesh, optimizer, hidden, DEVICE, before_forward=tracker.reset_mod_stats,
+                             sample=sample)
+        batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE),
+                              torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE))
+                   for _ in range(microbatches)]
+        with tracker:
+            # the first step only creates AdamW's states: one micro-batch does it
+            runner.train_step(batches[:1])
+        samples.clear()
+        with tracker, recorder:
+            runner.train_step(batches)
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
+    memory = _rank_memory([peak, *samples])
+    return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
+                    tuple(int(i) for i in module.layers), replace(memory, optimizer=memory.optimizer - steps),
+                    {_name(k): v for k, v in peak.items()}, steps, recorder.records())

@@ -1,0 +1,75 @@
+"""The process group and the DeviceMesh of a `Layout`.
+
+Mesh dimensions, slowest first: ("pp", "expert_dp", "ep", "tp"), with ("expert_dp", "ep")
+flattened into "dp". This is Megatron-LM's rank order (`order="tp-cp-ep-dp-pp"`,
+docs of `planning.layout`): a TP group is tp consecutive ranks, the ep ranks sharing experts come
+next, and the data-parallel group of dense weights is expert_dp × ep. Every dimension is kept
+even at size 1, so the plans never branch on which ones exist.
+
+Context parallelism (cp > 1) is refused here: torch's `context_parallel` is an experimental
+SDPA-only context manager that archplan's attention paths (masks, ALiBi, MLA) do not all take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from archplan.errors import ArchplanError
+from archplan.planning.layout import Layout
+from archplan.planning.records import MeshDim
+
+MESH_DIMS: tuple[MeshDim, ...] = ("pp", "expert_dp", "ep", "tp")
+
+
+def init_fake_world(world: int, rank: int) -> None:
+    """One process acting as `rank` of `world` (torch's fake backend: collectives do nothing)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+
+
+def stage_rank(layout: Layout, stage: int) -> int:
+    """The first global rank of pipeline stage `stage` (pp is the slowest mesh dimension)."""
+    return stage * layout.dp * layout.cp * layout.tp
+
+
+@dataclass(frozen=True)
+class LayoutMesh:
+    layout: Layout
+    root: DeviceMesh  # (pp, expert_dp, ep, tp)
+    dp: DeviceMesh  # expert_dp × ep flattened: the dense weights' data-parallel group
+
+    def __getitem__(self, dim: MeshDim) -> DeviceMesh:
+        return self.dp if dim == "dp" else self.root[dim]
+
+    @property
+    def dims_by_group(self) -> dict[str, tuple[MeshDim, ...]]:
+        """Process-group name → the mesh dimensions over it (ep and dp share one when expert_dp = 1)."""
+        names: dict[str, tuple[MeshDim, ...]] = {}
+        for dim in (*MESH_DIMS, "dp"):
+            mesh = self[dim]
+            if mesh.size() > 1:
+                name = mesh.get_group().group_name
+                names[name] = (*names.get(name, ()), dim)
+        return names
+
+    @property
+    def stage(self) -> int:
+        return self.root.get_coordinate()[0]
+
+
+def build_mesh(layout: Layout, device_type: str) -> LayoutMesh:
+    """The DeviceMesh of `layout` over the initialised default process group."""
+    if layout.cp > 1:
+        raise ArchplanError("--layout: cp > 1 is not run on torch.distributed (archplan.distributed.mesh: "
+                            "torch's context_parallel takes plain SDPA only)")
+    if dist.get_world_size() != layout.world:
+        raise ArchplanError(f"--layout needs {layout.world} ranks, the process group has {dist.get_world_size()}")
+    root = init_device_mesh(device_type, (layout.pp, layout.expert_dp, layout.ep, layout.tp),
+                            mesh_dim_names=MESH_DIMS)
+    return LayoutMesh(layout, root, root["expert_dp", "ep"]._flatten("dp"))

@@ -1,0 +1,57 @@
+"""Rich tables (and the exit code) of `verify --layout`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from archplan import units
+from archplan.distributed.check import LayoutCheck, check_layout_run
+from archplan.errors import ArchplanError
+from archplan.planning.layout import check_layout, parse_layout
+from archplan.resolve import ModelPlan, MoEPlan
+
+OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
+GPUS_PER_NODE = 8
+
+
+def render(result: LayoutCheck, console: Console) -> None:
+    m = result.measured
+    console.print(f"[bold]archplan verify --layout[/bold] — {result.name}: {m.layout.label}, {m.layout.world:,} ranks "
+                  f"(fake process group), seq {m.seq}, {m.microbatches} micro-batches; measured rank {m.rank} = "
+                  f"pipeline stage {m.stage} (layers {m.layers[0]}–{m.layers[-1]}), {m.in_flight} in flight (1F1B)"
+                  if m.layers else f"stage {m.stage}")
+    table = Table(title="per-rank peak memory by category (analytic: planning.cluster, FSDP2 states)")
+    for col in ("category", "analytic", "measured", "difference", "judged", ""):
+        table.add_column(col, justify="left" if col in ("category", "judged") else "right")
+    for r in result.memory:
+        table.add_row(r.category, units.nbytes(r.analytic), units.nbytes(r.measured),
+                      f"{r.measured - r.analytic:+,} B", r.judged, OK if r.ok else BAD)
+    console.print(table)
+    console.print(f"  (AdamW's 0-d `step` tensors, kept on the host beside CUDA parameters: {m.adam_step_bytes:,} B, "
+                  "not counted)")
+    calls = Table(title="collectives per optimizer step (calls; bytes per call, records.py convention)")
+    for col in ("kind", "mesh dim", "group", "bytes/call", "analytic", "measured", ""):
+        calls.add_column(col, justify="left" if col in ("kind", "mesh dim") else "right")
+    for c in result.collectives:
+        calls.add_row(c.kind, c.mesh_dim, str(c.group_size), f"{c.bytes:,}", str(c.analytic), str(c.measured),
+                      OK if c.ok else BAD)
+    console.print(calls)
+    console.print(OK + " all match" if result.ok else BAD + " measured and analytic differ (see ✗ rows)")
+
+
+def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool) -> None:
+    layout = parse_layout(layout_text).complete()
+    if layout is None:
+        raise ArchplanError("--layout: verify needs every field (tp, cp, pp, dp, ep, zero, recompute, mb)")
+    experts = max((layer.ffn.n_experts for layer in plan.layers if isinstance(layer.ffn, MoEPlan)), default=0)
+    check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts)
+    result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        render(result, Console(width=160))
+    raise typer.Exit(0 if result.ok else 1)

@@ -1,0 +1,180 @@
+"""Shard a `Stage` over a `LayoutMesh`: tensor/sequence parallel plans (`plans`), experts over the
+ep dimension (`expert`), then FSDP2 (`fully_shard`) over the data-parallel dimension.
+
+ZeRO stages on FSDP2 (Rajbhandari et al. 2020 §5; FSDP2 keeps every parameter sharded between
+uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through the step):
+- zero=3: `reshard_after_forward=True`: gather in each micro-batch's forward and backward,
+  reduce-scatter each micro-batch's gradients;
+- zero=2: gathered once per step and kept (`reshard_after_forward=False`, no reshard after a
+  backward but the last), gradients reduce-scattered every micro-batch;
+- zero=1: as zero=2, but gradients accumulate unsharded over the micro-batches and are
+  reduce-scattered once, after the last backward (`set_requires_gradient_sync` on it only);
+- zero=0: `replicate` (FSDP2's replicate mode, DDP semantics): gradients all-reduced once per step.
+Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
+reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
+Experts shard over their own data-parallel group (expert_dp).
+Each layer is one FSDP unit, the embedding another; final norm + head are in the root unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+
+from archplan.distributed.expert import ExpertParallel
+from archplan.distributed.mesh import LayoutMesh
+from archplan.distributed.plans import check_tp, module_plan, norm_plan, residual_layout
+from archplan.distributed.stage import Stage
+from archplan.errors import ArchplanError
+from archplan.modules.block import Block
+from archplan.modules.model import TiedLMHead
+from archplan.modules.moe import Experts, MoEFFN
+
+MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Sharded:
+    stage: Stage
+    units: tuple[FSDPModule, ...]  # every FSDP unit, the root last
+
+
+def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
+    layout = mesh.layout
+    tp, sp = layout.tp, layout.sequence_parallel
+    check_tp(stage.plan, stage, tp, sp, layout.pp)
+    if tp == 1:
+        return
+    tp_mesh = mesh["tp"]
+    seq = residual_layout(sp)
+    norm = norm_plan(sp)
+    for block in stage.layers.values():
+        assert isinstance(block, Block)
+        for sub in (block.mixer, block.ffn):
+            tp_plan = module_plan(sub, sp) if sub is not None else None
+            if tp_plan is None:
+                continue
+            parallelize_module(sub, tp_mesh, tp_plan.styles)
+            if tp_plan.local_plan is not None:
+                sub.plan = tp_plan.local_plan(sub.plan, tp)
+        if norm is not None:
+            for name in ("norm1", "norm2", "post_norm1", "post_norm2"):
+                if hasattr(block, name):
+                    parallelize_module(getattr(block, name), tp_mesh, norm_plan(sp))
+    if stage.embed is not None and stage.first:
+        parallelize_module(stage.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
+    for end in (stage.embed_norm, stage.final_norm):
+        if end is not None and norm is not None:
+            parallelize_module(end, tp_mesh, norm_plan(sp))
+    if isinstance(stage.lm_head, TiedLMHead):
+        # x · embed.weightᵀ with the weight vocabulary-sharded: the logits come out Shard(-1)
+        parallelize_module(stage.lm_head, tp_mesh, PrepareModuleInput(
+            input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)))
+    elif stage.lm_head is not None:
+        parallelize_module(stage.lm_head, tp_mesh, ColwiseParallel(
+            input_layouts=seq, output_layouts=Shard(-1), use_local_output=False))
+
+
+def _expert_parallel(stage: Stage, mesh: LayoutMesh, balanced: bool) -> None:
+    ep = mesh.layout.ep
+    if ep == 1:
+        return
+    group = mesh["ep"].get_group()
+    for block in stage.layers.values():
+        moe = block.ffn
+        if not isinstance(moe, MoEFFN):
+            continue
+        e = moe.plan.n_experts
+        with torch.device("meta"):
+            local = Experts(moe.plan.expert, e // ep, stage.plan.d_model)
+        # this rank's experts: rows [r·E/ep, (r+1)·E/ep) of every expert tensor (free on meta)
+        start = mesh["ep"].get_local_rank() * (e // ep)
+        for name, full in moe.experts.named_parameters():
+            setattr(local, name, nn.Parameter(full.detach().narrow(0, start, e // ep).clone()))
+        moe.experts = ExpertParallel(local, e, group, balanced=balanced)
+
+
+# The attention core that selective recompute re-runs (Korthikanti et al. 2022 §4.3); on CPU and
+# under FakeTensorMode SDPA dispatches to the flash-for-CPU kernel.
+ATTENTION_CORE_OPS = frozenset({
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+})
+
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_RECOMPUTE if op in ATTENTION_CORE_OPS else CheckpointPolicy.MUST_SAVE
+
+
+def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> None:
+    """Activation checkpointing per layer, before FSDP as torchtitan applies it: full keeps each
+    layer's input and re-runs the layer in the backward; selective re-runs only the attention core
+    (torch's selective activation checkpointing with a policy over the SDPA ops)."""
+    match recompute:
+        case "none":
+            return
+        case "full":
+            context_fn = noop_context_fn
+        case "selective":
+            # FSDP2 writes its gathered weights in place between the forward and the recompute
+            context_fn = partial(create_selective_checkpoint_contexts, _selective_policy,
+                                 allow_cache_entry_mutation=True)
+        case _:
+            raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
+    names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
+    for name in names:
+        layers[name] = checkpoint_wrapper(layers[name], context_fn=context_fn, preserve_rng_state=False)
+
+
+def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple[FSDPModule, ...]:
+    zero = mesh.layout.zero
+    units: list[FSDPModule] = []
+    if zero == 0:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for block in stage.layers.values():
+            units.append(replicate(block, mesh=mesh["dp"], mp_policy=policy))
+        units.append(replicate(stage, mesh=mesh["dp"], mp_policy=policy))
+        return tuple(units)
+    reshard = zero == 3
+    for block in stage.layers.values():
+        moe = block.ffn
+        if isinstance(moe, MoEFFN) and isinstance(moe.experts, ExpertParallel):
+            experts = fully_shard(moe.experts, mesh=mesh["expert_dp"], mp_policy=policy,
+                                  reshard_after_forward=reshard)
+            # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
+            # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
+            # expert gradient scaling)
+            experts.set_gradient_divide_factor(mesh.layout.dp)
+            units.append(experts)
+        units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+    # the ends: the embedding its own unit (as torchtitan), final norm + head in the stage's root
+    # unit (a list of modules as one unit, torchtitan's `fully_shard([norm, output])`, reduces
+    # its members' gradients apart and gathers it again per module in torch 2.13); a tied
+    # head reads the embedding's weight, so then the root holds both ends
+    if stage.embed is not None and not stage.plan.tied:
+        units.append(fully_shard(stage.embed, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+    units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+    return tuple(units)
+
+
+def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool = True) -> Sharded:
+    """Apply the layout's parallelisms in torchtitan's order: TP, EP, then FSDP over dp."""
+    if mesh.layout.vpp > 1:
+        raise ArchplanError("--layout: vpp > 1 is not run on torch.distributed (the interleaved schedule's "
+                            "chunks are not built as separate stages)")
+    _tensor_parallel(stage, mesh)
+    _expert_parallel(stage, mesh, balanced)
+    apply_recompute(stage.layers, mesh.layout.recompute)
+    return Sharded(stage, _fsdp(stage, mesh, MIXED if mixed else MixedPrecisionPolicy()))

@@ -1,0 +1,147 @@
+"""One training step of a pipeline stage: its micro-batches in 1F1B order, then AdamW.
+
+1F1B (Narayanan et al. 2021 §2.2.1; torch.distributed.pipelining `Schedule1F1B`): stage j of p
+runs min(p − j − 1, m) warm-up forwards, then alternates one forward and one backward, then
+drains the remaining backwards; so it holds at most min(p − j, m) micro-batches' activations at
+once. Between stages the hidden states go forward and their gradients back with send / recv over
+the pp mesh dimension (what `PipelineStage` does, written out here: its shape-inference handshake
+and batched P2P need data that the fake process group does not move).
+
+ZeRO on FSDP2 (see `shard`): every backward but the last keeps the gathered weights under ZeRO-1/2
+and skips the gradient reduction under ZeRO-0/1, as `PipelineStage.backward_maybe_with_nosync`
+does for FSDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from archplan.distributed.mesh import LayoutMesh
+from archplan.distributed.shard import Sharded
+
+COMPUTE_DTYPE = torch.bfloat16  # FSDP2's param_dtype: what flows between stages
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    tokens_BT: Tensor  # the first stage's input
+    labels_BT: Tensor  # the last stage's targets
+
+
+def one_f_one_b(stage: int, pp: int, m: int) -> list[tuple[str, int]]:
+    """("F" | "B", micro-batch) in the order stage `stage` runs them."""
+    warmup = min(pp - stage - 1, m)
+    order = [("F", i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [("F", warmup + i), ("B", i)]
+    order += [("B", i) for i in range(m - warmup, m)]
+    return order
+
+
+class StageRunner:
+    """Runs training steps of one sharded stage; `hidden_shape` is the hidden states' local shape."""
+
+    def __init__(self, sharded: Sharded, mesh: LayoutMesh, optimizer: torch.optim.Optimizer,
+                 hidden_shape: tuple[int, ...], device: torch.device,
+                 before_forward: Callable[[], None] | None = None,
+                 sample: Callable[[], None] | None = None) -> None:
+        self.sharded = sharded
+        self.stage = sharded.stage
+        self.mesh = mesh
+        self.optimizer = optimizer
+        self.hidden_shape = hidden_shape
+        self.device = device
+        self.pp_group = mesh["pp"].get_group() if mesh.layout.pp > 1 else None
+        self.index = mesh.stage
+        self.losses: list[Tensor] = []
+        self.most_in_flight = 0  # micro-batches whose activations were held at once
+        self.pending: list[dist.Work] = []
+        self.before_forward = before_forward
+        self.sample = sample
+
+    def peer(self, offset: int) -> int:
+        assert self.pp_group is not None
+        return dist.get_global_rank(self.pp_group, self.index + offset)
+
+    def send(self, tensor: Tensor, offset: int) -> None:
+        """Non-blocking, as PipelineStage's batched P2P: with blocking sends, stage j's forward
+        send and stage j+1's backward send wait on each other in 1F1B's steady state."""
+        self.pending.append(dist.isend(tensor, self.peer(offset), group=self.pp_group))
+
+    def loss(self, logits: Tensor, labels_BT: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels_BT.flatten())
+
+    def loss_context(self) -> Callable[[], object]:
+        return loss_parallel if self.mesh.layout.tp > 1 else nullcontext
+
+    def forward(self, batch: MicroBatch, m: int) -> tuple[Tensor, Tensor | None]:
+        if self.before_forward is not None:
+            self.before_forward()
+        if self.stage.first:
+            inp = batch.tokens_BT
+        else:
+            inp = torch.empty(self.hidden_shape, dtype=COMPUTE_DTYPE, device=self.device)
+            dist.recv(inp, self.peer(-1), group=self.pp_group)
+            inp.requires_grad_(True)
+        out = self.stage(inp)
+        if self.stage.last:
+            with self.loss_context()():
+                out = self.loss(out, batch.labels_BT) / m
+            self.losses.append(out.detach())
+        else:
+            self.send(out.detach(), 1)
+        return out, (inp if not self.stage.first else None)
+
+    def backward(self, out: Tensor, inp: Tensor | None, last: bool) -> None:
+        if self.sample is not None:
+            self.sample()
+        root = self.sharded.units[-1]
+        zero = self.mesh.layout.zero
+        root.set_is_last_backward(last)
+        if zero in (1, 2):
+            root.set_reshard_after_backward(last)
+        if zero in (0, 1):
+            root.set_requires_gradient_sync(last)
+        if self.stage.last:
+            with self.loss_context()():
+                out.backward()
+        else:
+            grad = torch.empty_like(out)
+            dist.recv(grad, self.peer(1), group=self.pp_group)
+            out.backward(grad)
+        if inp is not None:
+            assert inp.grad is not None
+            self.send(inp.grad, -1)
+
+    def train_step(self, batches: list[MicroBatch]) -> None:
+        m = len(batches)
+        held: dict[int, tuple[Tensor, Tensor | None]] = {}
+        done = 0
+        for op, i in one_f_one_b(self.index, self.mesh.layout.pp, m):
+            if op == "F":
+                held[i] = self.forward(batches[i], m)
+                self.most_in_flight = max(self.most_in_flight, len(held))
+            else:
+                done += 1
+                self.backward(*held.pop(i), last=done == m)
+        if self.sample is not None:
+            self.sample()  # the gradients' peak: all of them, before the step frees them
+        for work in self.pending:
+            work.wait()
+        self.pending.clear()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def full_logits(logits: Tensor) -> Tensor:
+    """Logits of a stage's head as one plain tensor (a vocabulary-sharded DTensor under TP)."""
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits

@@ -1,0 +1,138 @@
+"""`archplan bench --train`: one device, forward + backward + AdamW, measured peak memory beside
+`size`'s training memory (`analytic.memory.training_memory`) for the same micro-batch, recompute
+mode and dtype.
+
+Mixed precision as torch runs it on one device: fp32 weights (the master copy), bf16 compute under
+`torch.autocast`, fp32 gradients, AdamW m and v in fp32: 4 + 4 + 8 = 16 B/param, the total of the
+ZeRO convention `size` prints (its split is 2 + 2 + 12: bf16 weights and grads, fp32 master + m + v).
+So model states are compared as one total, exactly; activations within the verify tolerance.
+`--dtype fp32` runs without autocast (the same 16 B/param, fp32 activations).
+
+Memory: on CPU torch's `MemTracker` over real tensors (parameters, gradients, optimizer states,
+activations, temporaries, at the tracked peak); on CUDA `torch.cuda.max_memory_allocated`. Two
+steps run first so AdamW's states exist; the measured step follows a reset of the statistics.
+Recompute uses the same checkpointing as the distributed stages (`shard.apply_recompute`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+from archplan.analytic import count_params
+from archplan.analytic.memory import Recompute, training_memory
+from archplan.bench.device import synchronize
+from archplan.distributed.check import ACTIVATION_TOLERANCE
+from archplan.distributed.shard import apply_recompute
+from archplan.modules.model import build_model, resolve_device
+from archplan.resolve import ModelPlan
+
+WARMUP_STEPS = 2  # the first creates AdamW's states
+
+
+@dataclass(frozen=True)
+class TrainBench:
+    name: str
+    device: str
+    dtype: str
+    batch: int
+    seq: int
+    recompute: str
+    step_seconds: list[float]
+    measured: dict[str, int]  # category → bytes at the peak (CPU); {"total": …} on CUDA
+    method: str
+    analytic_states: int
+    analytic_activations: int
+    states_ok: bool | None  # None where the method has no categories (CUDA)
+    activations_ok: bool | None
+    total_ok: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.total_ok and self.states_ok is not False and self.activations_ok is not False
+
+
+def _name(reftype: object) -> str:
+    return reftype.value if isinstance(reftype, Enum) else str(reftype)
+
+
+def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: int, recompute: Recompute,
+                iters: int) -> TrainBench:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    model = build_model(plan, dev, torch.float32)
+    apply_recompute(model.layers, recompute)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, plan.vocab_size, (batch, seq), device=dev)
+    labels = torch.roll(tokens, -1, dims=1)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def step(probe: Callable[[str], None] = lambda _: None) -> None:
+        with autocast:
+            logits = model(tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        probe("after forward")  # every saved activation alive
+        loss.backward()
+        probe("before step")  # parameters, every gradient, AdamW's states
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    samples = []
+    for _ in range(iters):
+        synchronize(dev)
+        start = time.perf_counter()
+        step()
+        synchronize(dev)
+        samples.append(time.perf_counter() - start)
+    analytic = training_memory(plan, count_params(plan), batch, seq, recompute)
+    analytic_states = analytic.states.total
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)  # model states at rest, inputs
+        step()
+        total = torch.cuda.max_memory_allocated(dev)
+        measured = {"total": total, "at_rest": base}
+        method = "torch.cuda.max_memory_allocated"
+        states_ok = activations_ok = None
+    else:
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        probes: dict[str, dict[str, int]] = {}
+
+        def probe(when: str) -> None:
+            snapshot = next(iter(tracker.get_tracker_snapshot("current").values()))
+            probes[when] = {_name(k): v for k, v in snapshot.items()}
+
+        with tracker:
+            step(probe)
+        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        # AdamW's 0-d `step` tensors: on the host beside CUDA parameters, not model states
+        steps = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
+        at_step = probes["before step"]
+        measured = {
+            "Parameter": at_step.get("Parameter", 0), "Gradient": at_step.get("Gradient", 0),
+            "Optstate": at_step.get("Optstate", 0) - steps,
+            "Activation": probes["after forward"].get("Activation", 0),
+            "Temp": next((v for k, v in peak.items() if _name(k) == "Temp"), 0),
+            "Total": next(v for k, v in peak.items() if _name(k) == "Total") - steps,
+        }
+        total = measured["Total"]
+        method = ("torch.distributed._tools.MemTracker on real CPU tensors: states before the optimizer step, "
+                  "activations after the forward, total and temporaries at the peak")
+        states = measured["Parameter"] + measured["Gradient"] + measured["Optstate"]
+        states_ok = states == analytic_states
+        acts = measured["Activation"]
+        activations_ok = abs(acts - analytic.activations.total) <= ACTIVATION_TOLERANCE * analytic.activations.total
+    total_ok = abs(total - analytic.total) <= ACTIVATION_TOLERANCE * analytic.total
+    return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
+                      analytic_states, analytic.activations.total, states_ok, activations_ok, total_ok)

@@ -1,0 +1,61 @@
+"""`archplan bench --train`: the table and the exit code (`train` measures)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from archplan.distributed.check import ACTIVATION_TOLERANCE
+from archplan.distributed.train import TrainBench, train_bench
+from archplan.errors import ArchplanError
+from archplan.loader import load_spec
+from archplan.resolve import resolve
+from archplan.units import nbytes
+
+OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
+
+
+def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, recompute: str, iters: int,
+                as_json: bool) -> None:
+    if dtype not in ("bf16", "fp32"):
+        raise ArchplanError(f"--train --dtype {dtype}: training runs fp32 weights with bf16 autocast or plain fp32")
+    plan = resolve(load_spec(spec))
+    if seq > plan.max_seq_len:
+        raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
+    result = train_bench(plan, device=device, dtype=dtype, batch=batch, seq=seq, recompute=recompute,  # type: ignore[arg-type]
+                         iters=iters)
+    if as_json:
+        typer.echo(json.dumps({**asdict(result), "ok": result.ok}, indent=2))
+    else:
+        render(result)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else OK if ok else BAD
+
+
+def render(r: TrainBench) -> None:
+    step = sorted(r.step_seconds)[len(r.step_seconds) // 2]
+    table = Table(title=f"{r.name} training step on {r.device}, {r.dtype}, batch {r.batch} × seq {r.seq}, "
+                        f"recompute {r.recompute}: {1e3 * step:.1f} ms median")
+    for col in ("figure", "analytic (size)", "measured", ""):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    m = r.measured
+    if "Total" in m:
+        states = m.get("Parameter", 0) + m.get("Gradient", 0) + m.get("Optstate", 0)
+        table.add_row("model states (16 B/param)", nbytes(r.analytic_states), nbytes(states), _mark(r.states_ok))
+        table.add_row(f"activations (±{ACTIVATION_TOLERANCE:.0%})", nbytes(r.analytic_activations),
+                      nbytes(m.get("Activation", 0)), _mark(r.activations_ok))
+        table.add_row("temporary", "", nbytes(m.get("Temp", 0)), "")
+        total = m["Total"]
+    else:
+        total = m["total"]
+    table.add_row(f"peak total (±{ACTIVATION_TOLERANCE:.0%})", nbytes(r.analytic_states + r.analytic_activations),
+                  nbytes(total), _mark(r.total_ok))
+    Console().print(table)
+    Console().print(f"  measured with {r.method}; GiB = 2^30 B")

@@ -1,0 +1,193 @@
+"""`archplan bench SPEC --layout ... [--nproc N]`: real processes, real collectives.
+
+Each worker (a torchrun process: gloo on CPU, NCCL on CUDA) builds its pipeline stage from
+archplan's modules, shards it exactly as `verify --layout` does (`shard.shard_stage`), and times
+training steps (1F1B micro-batches, backward, AdamW; `step.StageRunner`) and forward-only prefill
+through the same sharded modules. Rank 0 gathers every rank's peak memory and reports tokens/s,
+MFU and `plan`'s predicted step time for the layout on that GPU.
+
+On one machine `launch` starts the workers itself through `torch.distributed.run`; under a user's
+torchrun / SLURM launcher (RANK and WORLD_SIZE set) the same `archplan bench` runs as a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from archplan.analytic.flops import training_flops_per_token
+from archplan.bench.device import device_peak, peak_memory, reset_peak_memory, synchronize
+from archplan.dtypes import DType
+from archplan.distributed.mesh import build_mesh
+from archplan.distributed.shard import shard_stage
+from archplan.distributed.stage import build_stage
+from archplan.distributed.step import COMPUTE_DTYPE, MicroBatch, StageRunner
+from archplan.errors import ArchplanError
+from archplan.planning.layout import Layout
+from archplan.resolve import ModelPlan
+
+OUT_ENV = "ARCHPLAN_BENCH_OUT"  # where rank 0 writes its JSON when `launch` started the workers
+SEED = 0
+
+
+@dataclass(frozen=True)
+class DistBench:
+    name: str
+    layout: str
+    world: int
+    backend: str
+    device: str
+    seq: int
+    microbatches: int
+    steps: int
+    step_seconds: list[float]
+    prefill_seconds: list[float]
+    tokens_per_step: int
+    train_tokens_per_s: float
+    prefill_tokens_per_s: float
+    flops_per_token: int  # training, causal attention, 2 FLOPs per multiply-add
+    peak_flops: float  # per device, dense bf16 (datasheet on known GPUs; calibrated on CPU)
+    peak_source: str
+    mfu: float
+    peak_memory_bytes: list[int]  # per rank
+    peak_memory_method: str
+    predicted_step_seconds: float | None
+    prediction_note: str
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _prediction(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.device) -> tuple[float | None, str]:
+    """plan's step time for this layout on this GPU (none on CPU: no accelerator model)."""
+    if device.type != "cuda":
+        return None, "plan models GPUs only; no prediction on CPU"
+    from archplan.hardware import match_device_name
+    from archplan.planning.cluster import FSDP2
+    from archplan.planning.parallel import Evaluator, Settings, interconnect
+
+    gpu = match_device_name(torch.cuda.get_device_name(device))
+    if gpu is None:
+        return None, f"{torch.cuda.get_device_name(device)} is not in archplan's hardware table"
+    settings = Settings(states=FSDP2, grad_reduce=4)
+    evaluator = Evaluator(plan, gpu, interconnect(gpu), seq, settings, usable=1 << 62)
+    return evaluator.evaluate(layout, m).time.total, f"plan --layout on {gpu.name}, FSDP2 states, fp32 reduce"
+
+
+def _batches(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.device, dp_rank: int) -> list[MicroBatch]:
+    gen = torch.Generator().manual_seed(SEED + 1 + dp_rank)
+    out = []
+    for _ in range(m):
+        tokens = torch.randint(0, plan.vocab_size, (layout.mb, seq), generator=gen)
+        out.append(MicroBatch(tokens.to(device), torch.roll(tokens, -1, dims=1).to(device)))
+    return out
+
+
+def _prefill(runner: StageRunner, batches: list[MicroBatch]) -> None:
+    """Forward-only through the pipeline: each stage receives, computes and sends each micro-batch."""
+    stage = runner.stage
+    with torch.no_grad():
+        for batch in batches:
+            if stage.first:
+                x = batch.tokens_BT
+            else:
+                x = torch.empty(runner.hidden_shape, dtype=COMPUTE_DTYPE, device=runner.device)
+                dist.recv(x, runner.peer(-1), group=runner.pp_group)
+            out = stage(x)
+            if not stage.last:
+                runner.send(out, 1)
+        for work in runner.pending:
+            work.wait()
+        runner.pending.clear()
+
+
+def _timed(fn, device: torch.device, n: int) -> list[float]:  # type: ignore[no-untyped-def]
+    samples = []
+    for _ in range(n):
+        synchronize(device)
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        dist.barrier()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, steps: int,
+               warmup: int) -> DistBench | None:
+    """One worker's part; rank 0 returns the gathered result, the others None."""
+    device = _device()
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+    if dist.get_world_size() != layout.world:
+        raise ArchplanError(f"--layout needs {layout.world} ranks; this run has {dist.get_world_size()}")
+    mesh = build_mesh(layout, device.type)
+    torch.manual_seed(SEED)  # every replica of a shard starts from the same weights
+    stage = build_stage(plan, layout, mesh.stage, device, torch.float32)
+    sharded = shard_stage(stage, mesh, balanced=False)
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4)
+    local_seq = seq // layout.tp if layout.sequence_parallel else seq
+    runner = StageRunner(sharded, mesh, optimizer, (layout.mb, local_seq, plan.d_model), device)
+    batches = _batches(plan, layout, seq, microbatches, device, mesh["dp"].get_local_rank())
+    for _ in range(warmup):
+        runner.train_step(batches)
+    reset_peak_memory(device)
+    step_s = _timed(lambda: runner.train_step(batches), device, steps)
+    memory, method = peak_memory(device)
+    prefill_s = _timed(lambda: _prefill(runner, batches), device, steps)
+    memories: list[int | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(memories, memory)
+    if dist.get_rank() != 0:
+        return None
+    tokens = microbatches * layout.mb * seq * layout.dp
+    step, prefill = statistics.median(step_s), statistics.median(prefill_s)
+    flops_per_token = training_flops_per_token(plan, seq, "causal", "none")
+    peak = device_peak(device, DType.bf16)  # FSDP2 computes in bf16 (shard.MIXED)
+    predicted, note = _prediction(plan, layout, seq, microbatches, device)
+    return DistBench(
+        plan.name, layout.spec, layout.world, dist.get_backend(), device.type, seq, microbatches, steps,
+        step_s, prefill_s, tokens, tokens / step, tokens / prefill, flops_per_token, peak.peak_flops,
+        peak.source, flops_per_token * tokens / step / (layout.world * peak.peak_flops),
+        [int(m) for m in memories if m is not None], method, predicted, note)
+
+
+def under_launcher() -> bool:
+    """True inside torchrun / a SLURM job started through torchrun (the worker side)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def write_result(result: DistBench) -> None:
+    out = os.environ.get(OUT_ENV)
+    if out:
+        Path(out).write_text(json.dumps(asdict(result)))
+
+
+def launch(argv: list[str], nproc: int) -> DistBench:
+    """Start `nproc` workers of `archplan bench argv` on this machine through torch.distributed.run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "rank0.json")
+        env = {**os.environ, OUT_ENV: str(out), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "archplan.cli", "bench", *argv]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ArchplanError(f"bench --nproc {nproc}: the workers failed ({tail[0]})")
+        return DistBench(**json.loads(out.read_text()))

@@ -1,0 +1,90 @@
+"""verify --layout on every preset at a plan-like layout for 1,024 GPUs, and on the Llama 3 405B
+layout (TP8 PP16 DP128, 16,384 ranks; Llama Team 2024 §3.3.2), at small --seq to stay fast.
+
+Model states must equal planning.cluster exactly. Data-parallel, pipeline and expert traffic must
+be the same calls with the same bytes; tensor-parallel traffic differs where torch's DTensor plans
+differ from the Megatron model (docs/distributed.md, benchmarks/verify_layout_scale.md).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+
+from archplan.distributed.check import LayoutCheck, check_layout_run  # noqa: E402
+from archplan.loader import load_spec  # noqa: E402
+from archplan.planning.layout import parse_layout  # noqa: E402
+from archplan.resolve import resolve  # noqa: E402
+
+PRESETS = Path(__file__).parent.parent / "archplan" / "presets"
+DENSE = "tp=8,cp=1,pp=4,dp=32,ep=1,zero=3,recompute=full,mb=1"
+# tp=1 where archplan.distributed refuses TP (MoE, MLA, Mamba, S4, Hyena, ALiBi), pp=1 with tied embeddings
+MOE = "tp=1,cp=1,pp=4,dp=256,ep=8,zero=3,recompute=full,mb=1"
+TIED = "tp=1,cp=1,pp=1,dp=1024,ep=1,zero=3,recompute=full,mb=1"
+LAYOUTS = {
+    "70b": DENSE, "7b": DENSE, "llama-2-7b": DENSE, "llama-3-70b": DENSE, "llama-3-8b": DENSE,
+    "llama-3.1-405b": DENSE, "mistral-7b": DENSE, "claude-3-opus-rumored": DENSE,
+    "qwen2.5-7b": "tp=1,cp=1,pp=4,dp=256,ep=1,zero=2,recompute=selective,mb=1",
+    "deepseek-v3": MOE, "frontier-1t-moe": MOE, "gpt-4-rumored": MOE, "hybrid-ssm-moe": MOE,
+    "jamba-v0.1": MOE, "mixtral-8x7b": MOE,
+    "stripedhyena-7b": "tp=1,cp=1,pp=4,dp=256,ep=1,zero=3,recompute=none,mb=1",
+    "bloom-560m": TIED, "falcon-7b": TIED, "gemma-2b": TIED, "gpt2": TIED, "mamba-2.8b": TIED,
+    "hyena-153m": TIED, "s4d-lm": TIED,
+}
+SLOW = {"bloom-560m", "claude-3-opus-rumored", "deepseek-v3", "falcon-7b", "frontier-1t-moe",
+        "gpt-4-rumored", "jamba-v0.1", "llama-3.1-405b", "mamba-2.8b"}
+
+
+@pytest.fixture()
+def fake_world():
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _bytes_by_kind(result: LayoutCheck, dims: set[str], side: str) -> Counter[tuple[str, str]]:
+    out: Counter[tuple[str, str]] = Counter()
+    for row in result.collectives:
+        if row.mesh_dim in dims:
+            out[(row.kind, row.mesh_dim)] += row.bytes * getattr(row, side)
+    return out
+
+
+def _check(result: LayoutCheck, tied: bool) -> None:
+    rows = {r.category: r for r in result.memory}
+    for name in ("parameters", "gradients", "optimizer"):
+        assert rows[name].measured == rows[name].analytic > 0, rows[name]
+    others = {"dp", "pp", "ep", "expert_dp"}
+    if tied:
+        # a tied head reads the embedding's weight, so torch shards both ends as one FSDP unit:
+        # the same bytes as the model's two records, in one call each way
+        assert _bytes_by_kind(result, others, "measured") == _bytes_by_kind(result, others, "analytic")
+    else:
+        for row in result.collectives:
+            if row.mesh_dim in others:
+                assert row.ok, row
+    assert any(r.measured for r in result.collectives)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in sorted(LAYOUTS)])
+def test_every_preset_at_a_1024_gpu_layout(fake_world: None, name: str) -> None:
+    assert {p.stem for p in PRESETS.glob("*.yaml")} == LAYOUTS.keys()
+    plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
+    layout = parse_layout(LAYOUTS[name]).complete()
+    assert layout is not None and layout.world == 1024
+    _check(check_layout_run(plan, layout, 32, microbatches=1), tied=plan.tied)
+
+
+@pytest.mark.slow
+def test_llama_405b_at_16384_ranks(fake_world: None) -> None:
+    plan = resolve(load_spec(PRESETS / "llama-3.1-405b.yaml"))
+    layout = parse_layout("tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1").complete()
+    result = check_layout_run(plan, layout, 256, microbatches=16)
+    assert result.measured.layout.world == 16_384
+    _check(result, tied=False)
