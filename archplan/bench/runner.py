@@ -38,6 +38,7 @@ from archplan.bench.roofline import (
 )
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
+from archplan.modules.attention import sdpa
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import LayerPlan, ModelPlan
 from archplan.units import nbytes as fmt_bytes
@@ -279,13 +280,16 @@ def sdpa_backend(name: str) -> Iterator[None]:
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """SDPA backends that run a small causal GQA attention on this device and dtype."""
+    """SDPA backends that run a small causal attention on this device and dtype, called the way
+    `modules.attention.sdpa` calls it for a GQA model (4 query heads over 2 K/V heads)."""
     q = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
+    kv = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
+    pos = torch.arange(64, device=device)
     found = []
     for name in BACKENDS:
         try:
             with sdpa_backend(name):
-                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+                sdpa(q, kv, kv, pos, pos, window=None, alibi=None, cached=False, gqa=True)
             found.append(name)
         except RuntimeError:
             continue

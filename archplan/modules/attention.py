@@ -89,6 +89,16 @@ def sdpa(
     `gqa` comes from the plan's integers, not from tensor shapes, so a JIT trace (fvcore) sees a
     Python bool.
     """
+    if gqa and q_BHTD.device.type == "cuda":
+        # CUDA's fused kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch
+        # 2.11 sdp_utils: "both fused kernels require query, key and value to have the same
+        # num_heads"), so SDPA would silently fall back to the math kernel and its T×S scores.
+        # Repeating K/V per query group (as Hugging Face's `repeat_kv` does) keeps them eligible;
+        # the FLOPs are the same, and meta/CPU (where FLOPs are counted) keep `enable_gqa`.
+        group = q_BHTD.shape[1] // k_BHSD.shape[1]
+        k_BHSD = k_BHSD.repeat_interleave(group, dim=1)
+        v_BHSDv = v_BHSDv.repeat_interleave(group, dim=1)
+        gqa = False
     if window is None and alibi is None:
         if not cached:
             return F.scaled_dot_product_attention(
