@@ -11,9 +11,12 @@ window's length (Mistral 7B §2, "rolling buffer cache").
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import assert_never
 
 from archplan.errors import ArchplanError
@@ -71,6 +74,24 @@ def attention_mask(
     return bias_HTS.to(dtype)
 
 
+_CACHED_KERNELS = (
+    (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+    (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+    (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
+)
+
+
+def _cached_kernels(q: Tensor) -> AbstractContextManager[object]:
+    """Keep cached (decode) calls off cuDNN's SDPA when another kernel is allowed: cuDNN builds an
+    execution plan per (query, key) shape, and the key length grows by one every decode step, so
+    each step rebuilt the plan — 1.3 ms of host time per call, 24 ms per layer-step, measured on an
+    H200 with torch 2.11 (docs/benchmarks.md). A backend the caller pinned is left as it is."""
+    if q.device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
+        return nullcontext()
+    allowed = [backend for backend, enabled in _CACHED_KERNELS if enabled()]
+    return sdpa_kernel(allowed) if allowed else nullcontext()
+
+
 def sdpa(
     q_BHTD: Tensor,
     k_BHSD: Tensor,
@@ -99,6 +120,14 @@ def sdpa(
         k_BHSD = k_BHSD.repeat_interleave(group, dim=1)
         v_BHSDv = v_BHSDv.repeat_interleave(group, dim=1)
         gqa = False
+    if cached:
+        with _cached_kernels(q_BHTD):
+            return _sdpa_call(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, window, alibi, cached, gqa, scale)
+    return _sdpa_call(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, window, alibi, cached, gqa, scale)
+
+
+def _sdpa_call(q_BHTD: Tensor, k_BHSD: Tensor, v_BHSDv: Tensor, qpos_T: Tensor, kpos_S: Tensor,
+               window: int | None, alibi: Alibi | None, cached: bool, gqa: bool, scale: float | None) -> Tensor:
     if window is None and alibi is None:
         if not cached:
             return F.scaled_dot_product_attention(
