@@ -401,6 +401,11 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     kept, replicated = acts.kept[recompute], acts.replicated
     column = replicated - acts.norm_inputs  # the column-parallel projections' inputs
     match kernel:
+        case "flash" if engine == "torch":
+            # a fused SDPA kernel inside plain autograd: act(gate) is kept and each norm keeps its
+            # input as the fp32 copy it computes on (archplan.modules.norms: x.float())
+            kept = acts.kept["selective"] + acts.lse + acts.norm_inputs
+            replicated += acts.norm_inputs
         case "flash":
             kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs
             replicated -= acts.norm_inputs
