@@ -55,19 +55,13 @@ def _bytes_by_kind(result: LayoutCheck, dims: set[str], side: str) -> Counter[tu
     return out
 
 
-def _check(result: LayoutCheck, tied: bool) -> None:
+def _check(result: LayoutCheck) -> None:
     rows = {r.category: r for r in result.memory}
     for name in ("parameters", "gradients", "optimizer"):
         assert rows[name].measured == rows[name].analytic > 0, rows[name]
-    others = {"dp", "pp", "ep", "expert_dp"}
-    if tied:
-        # a tied head reads the embedding's weight, so torch shards both ends as one FSDP unit:
-        # the same bytes as the model's two records, in one call each way
-        assert _bytes_by_kind(result, others, "measured") == _bytes_by_kind(result, others, "analytic")
-    else:
-        for row in result.collectives:
-            if row.mesh_dim in others:
-                assert row.ok, row
+    # every collective, tensor parallelism's included: same calls, same bytes (torch engine)
+    for row in result.collectives:
+        assert row.ok, row
     assert any(r.measured for r in result.collectives)
 
 
@@ -78,7 +72,7 @@ def test_every_preset_at_a_1024_gpu_layout(fake_world: None, name: str) -> None:
     plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
     layout = parse_layout(LAYOUTS[name]).complete()
     assert layout is not None and layout.world == 1024
-    _check(check_layout_run(plan, layout, 32, microbatches=1), tied=plan.tied)
+    _check(check_layout_run(plan, layout, 32, microbatches=1))
 
 
 @pytest.mark.slow
@@ -87,4 +81,4 @@ def test_llama_405b_at_16384_ranks(fake_world: None) -> None:
     layout = parse_layout("tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1").complete()
     result = check_layout_run(plan, layout, 256, microbatches=16)
     assert result.measured.layout.world == 16_384
-    _check(result, tied=False)
+    _check(result)
