@@ -62,11 +62,21 @@ re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 
 (Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token).
 
+**Engines** (`StatesConvention.engine`): "megatron" (ZERO, MEGATRON: `plan`'s default) is what
+is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant checkpointing,
+what `verify --layout` runs and measures) differs in five places: under SP the column input is
+saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-block), the LM
+head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
+micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
+layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
+unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept).
+
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
   the forward and of the input gradient in the backward (Shoeybi et al. 2019 §3); with SP an
   all-gather + reduce-scatter in the forward and a reduce-scatter + all-gather + the re-gather of
   the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones.
+  Under SP the norm weights' gradients are summed over tp (one all-reduce per step).
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
   input under SP) add one each way. Hyena and StripedHyena follow that pattern (column-parallel
   projections in, row-parallel out, depthwise convolutions local to a rank's channels, see
