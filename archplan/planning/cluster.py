@@ -60,7 +60,9 @@ re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 
 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·p + 1 chunk forwards
 (Megatron's interleaved schedule), so rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
 (Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
-LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token).
+LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
+recompute those are freed before the layers are re-run, so the larger of them and the re-run
+layer counts, not both.
 
 **Engines** (`StatesConvention.engine`): "megatron" (ZERO, MEGATRON: `plan`'s default) is what
 is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant checkpointing,
@@ -487,6 +489,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     activations = 0.0
     counts = in_flight(layout, microbatches, stage)
     per_layer = data.layer_acts(layout, mode, kernel, states.engine)
+    head = 0.0
     for chunk, count in zip(chunks, counts):
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
@@ -496,10 +499,14 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
             head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
-            activations += (ends + data.logits_act / tp) * scale
+            head = (ends + data.logits_act / tp) * scale
     if mode == "full":
+        # a layer is re-run in the backward after the loss's and the head's backward freed the
+        # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         layers = [i for chunk in chunks for i in chunk.layers]
-        activations += _working_set(data, layers, layout, kernel, states.engine) * scale
+        activations += max(head, _working_set(data, layers, layout, kernel, states.engine) * scale)
+    else:
+        activations += head
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
 
 
