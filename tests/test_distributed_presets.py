@@ -1,9 +1,9 @@
 """verify --layout on every preset at a plan-like layout for 1,024 GPUs, and on the Llama 3 405B
 layout (TP8 PP16 DP128, 16,384 ranks; Llama Team 2024 §3.3.2), at small --seq to stay fast.
 
-Model states must equal planning.cluster exactly. Data-parallel, pipeline and expert traffic must
-be the same calls with the same bytes; tensor-parallel traffic differs where torch's DTensor plans
-differ from the Megatron model (docs/distributed.md, benchmarks/verify_layout_scale.md).
+Model states must equal planning.cluster exactly, and every collective (tensor-parallel traffic
+included) must be the same calls with the same bytes, under cluster's torch engine (the FSDP2
+states convention; docs/distributed.md, "the `engine` convention").
 """
 
 from __future__ import annotations
