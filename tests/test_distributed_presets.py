@@ -1,9 +1,9 @@
 """verify --layout on every preset at a plan-like layout for 1,024 GPUs, and on the Llama 3 405B
 layout (TP8 PP16 DP128, 16,384 ranks; Llama Team 2024 §3.3.2), at small --seq to stay fast.
 
-Model states must equal planning.cluster exactly. Data-parallel, pipeline and expert traffic must
-be the same calls with the same bytes; tensor-parallel traffic differs where torch's DTensor plans
-differ from the Megatron model (docs/distributed.md, benchmarks/verify_layout_scale.md).
+Model states must equal planning.cluster exactly, and every collective (tensor-parallel traffic
+included) must be the same calls with the same bytes, under cluster's torch engine (the FSDP2
+states convention; docs/distributed.md, "the `engine` convention").
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ LAYOUTS = {
     "bloom-560m": TIED, "falcon-7b": TIED, "gemma-2b": TIED, "gpt2": TIED, "mamba-2.8b": TIED,
     "hyena-153m": TIED, "s4d-lm": TIED,
 }
+# the selective scan runs a Python loop over the sequence: a shorter one keeps it to seconds
+SEQ = {"mamba-2.8b": 8}
 SLOW = {"bloom-560m", "claude-3-opus-rumored", "deepseek-v3", "falcon-7b", "frontier-1t-moe",
         "gpt-4-rumored", "jamba-v0.1", "llama-3.1-405b", "mamba-2.8b"}
 
@@ -55,19 +57,13 @@ def _bytes_by_kind(result: LayoutCheck, dims: set[str], side: str) -> Counter[tu
     return out
 
 
-def _check(result: LayoutCheck, tied: bool) -> None:
+def _check(result: LayoutCheck) -> None:
     rows = {r.category: r for r in result.memory}
     for name in ("parameters", "gradients", "optimizer"):
         assert rows[name].measured == rows[name].analytic > 0, rows[name]
-    others = {"dp", "pp", "ep", "expert_dp"}
-    if tied:
-        # a tied head reads the embedding's weight, so torch shards both ends as one FSDP unit:
-        # the same bytes as the model's two records, in one call each way
-        assert _bytes_by_kind(result, others, "measured") == _bytes_by_kind(result, others, "analytic")
-    else:
-        for row in result.collectives:
-            if row.mesh_dim in others:
-                assert row.ok, row
+    # every collective, tensor parallelism's included: same calls, same bytes (torch engine)
+    for row in result.collectives:
+        assert row.ok, row
     assert any(r.measured for r in result.collectives)
 
 
@@ -78,7 +74,7 @@ def test_every_preset_at_a_1024_gpu_layout(fake_world: None, name: str) -> None:
     plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
     layout = parse_layout(LAYOUTS[name]).complete()
     assert layout is not None and layout.world == 1024
-    _check(check_layout_run(plan, layout, 32, microbatches=1), tied=plan.tied)
+    _check(check_layout_run(plan, layout, SEQ.get(name, 32), microbatches=1))
 
 
 @pytest.mark.slow
@@ -87,4 +83,14 @@ def test_llama_405b_at_16384_ranks(fake_world: None) -> None:
     layout = parse_layout("tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1").complete()
     result = check_layout_run(plan, layout, 256, microbatches=16)
     assert result.measured.layout.world == 16_384
-    _check(result, tied=False)
+    _check(result)
+
+
+def test_tp_layout_passes_whole(fake_world: None) -> None:
+    """A TP=2 SP layout passes every judged row: model states and collectives exact, activations
+    within ACTIVATION_TOLERANCE (the torch engine: DTensor's gathered column inputs, act(gate),
+    fp32 norm inputs)."""
+    plan = resolve(load_spec(PRESETS / "llama-3-8b.yaml"))
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=4,ep=1,zero=3,recompute=none,mb=1").complete()
+    result = check_layout_run(plan, layout, 256, microbatches=1)
+    assert result.ok, [r for r in (*result.memory, *result.collectives) if not r.ok]

@@ -210,12 +210,12 @@ def test_korthikanti_table2_rows_on_a_gpt_layer() -> None:
     from archplan.planning.cluster import _layer_act
 
     t = 4
-    sp = _layer_act(acts, Layout(tp=t, sp=True), "selective", "eager")
-    no_sp = _layer_act(acts, Layout(tp=t, sp=False), "selective", "eager")
+    sp = _layer_act(acts, Layout(tp=t, sp=True), "selective", "eager", "megatron")
+    no_sp = _layer_act(acts, Layout(tp=t, sp=False), "selective", "eager", "megatron")
     assert sp == acts.kept["selective"] / t
     assert no_sp == acts.replicated + (acts.kept["selective"] - acts.replicated) / t
-    assert _layer_act(acts, Layout(tp=t, sp=True), "full", "eager") == acts.block_input / t
-    assert _layer_act(acts, Layout(tp=1), "none", "eager") == acts.kept["none"]
+    assert _layer_act(acts, Layout(tp=t, sp=True), "full", "eager", "megatron") == acts.block_input / t
+    assert _layer_act(acts, Layout(tp=1), "none", "eager", "megatron") == acts.kept["none"]
 
 
 def test_flash_keeps_no_seq_squared_term() -> None:
@@ -276,6 +276,51 @@ def test_tp_collectives_with_and_without_sp() -> None:
     assert sp["reduce_scatter"] == (m * (64 * 2 + 2), act)
     full = _by(step_collectives(plan, Layout(tp=8, sp=True, recompute="full"), s, microbatches=m), "tp")
     assert full["all_gather"][0] == sp["all_gather"][0] + m * 64
+
+
+def _tp_records(plan: Any, layout: Layout, s: int, m: int, states: Any) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for r in step_collectives(plan, layout, s, microbatches=m, states=states):
+        if r.mesh_dim == "tp":
+            out[(r.kind, r.bytes)] = out.get((r.kind, r.bytes), 0) + r.count
+    return out
+
+
+def test_sp_engines_megatron_and_torch() -> None:
+    """What `verify --layout` measured on torch (docs/distributed.md) beside Megatron-LM's SP."""
+    plan = _plan("llama-3-8b")  # 32 layers, 2 norms each + the final norm, one stage
+    m, s, h = 4, 4096, 4096
+    act = 2 * s * h
+    layout = Layout(tp=8, sp=True, zero=3)
+    meg = _tp_records(plan, layout, s, m, MEGATRON)
+    torch_ = _tp_records(plan, layout, s, m, FSDP2)
+    # Megatron re-gathers the column input in the backward; DTensor saved it gathered
+    assert meg[("all_gather", act)] == m * (64 * 3 + 2)
+    assert torch_[("all_gather", act)] == m * (64 * 2 + 2)
+    # norm-weight gradients summed over tp: Megatron once per step in fp32 main grads, DTensor
+    # each norm's bf16 Partial gradient per micro-batch
+    assert meg[("all_reduce", 65 * h * MEGATRON.grad_bytes)] == 1
+    assert torch_[("all_reduce", 2 * h)] == m * 65
+    # full recompute: torch's non-reentrant checkpoint stops before each layer's last reduction
+    full = replace(layout, recompute="full")
+    assert (_tp_records(plan, full, s, m, FSDP2)[("reduce_scatter", act)]
+            == _tp_records(plan, full, s, m, MEGATRON)[("reduce_scatter", act)] - m * 32)
+    # activations: DTensor keeps each sub-block's gathered input, b·s·h bf16 not split over tp
+    no_rc = replace(layout, recompute="none")
+    gap = (rank_memory(plan, no_rc, s, microbatches=1, states=FSDP2).activations
+           - rank_memory(plan, no_rc, s, microbatches=1, states=ZERO).activations)
+    assert gap > 64 * act * (1 - 1 / 8)
+
+
+def test_tied_ends_one_fsdp_unit_under_torch() -> None:
+    plan = _plan("gemma-2b")
+    layout = Layout(tp=1, dp=8, zero=3)
+    kw: dict[str, Any] = {"microbatches": 1}
+    torch_ = [r for r in step_collectives(plan, layout, 512, states=FSDP2, **kw) if "embedding" in r.what]
+    meg = [r for r in step_collectives(plan, layout, 512, states=ZERO, **kw)
+           if "embedding" in r.what or "LM head" in r.what]
+    assert len(torch_) == 2 and len(meg) == 4  # gather + reduce-scatter, one unit vs two
+    assert sum(r.bytes for r in torch_ if r.kind == "all_gather") > max(r.bytes for r in meg if r.kind == "all_gather")
 
 
 @pytest.mark.parametrize("comm", ["all_gather", "ring"])

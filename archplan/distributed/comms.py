@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch._C._distributed_c10d import ProcessGroup
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from archplan.planning.records import Collective, CollectiveKind, MeshDim
@@ -79,6 +80,11 @@ class CollectiveRecorder(TorchDispatchMode):
         self.enabled = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if any(issubclass(t, DTensor) for t in types):
+            # a mode runs with itself popped; deferring lets DTensor dispatch with this mode still
+            # on the stack, so the collectives its op handlers issue inside an op (loss_parallel's
+            # all-reduces of the max, the sum of exponentials and the target logit) are seen
+            return NotImplemented
         entry = _OPS.get(func)
         if entry is not None and self.enabled:
             kind, tensor_at, group_at = entry

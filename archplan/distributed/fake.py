@@ -11,12 +11,16 @@ states, the second is measured by `FSDPMemTracker` (per-category peak, statistic
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.utils._python_dispatch import _disable_current_modes
 
 from archplan.distributed.comms import CollectiveRecorder
 from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
@@ -65,6 +69,26 @@ class Measured:
     collectives: tuple[Collective, ...]
 
 
+@contextmanager
+def _loss_meta_untracked() -> Iterator[None]:
+    """loss_parallel's op handlers derive each output's global shape by running the op on fake
+    tensors of the global shape (`parallel.loss._propagate_tensor_meta`), in the fake mode they
+    detect: ours, so the memory tracker counted them (two tokens × whole-vocabulary fp32 tensors on
+    the last stage). A real run uses a private fake mode there and allocates nothing; here it
+    runs with the current modes popped, which gives it a private one again."""
+    original = parallel_loss._propagate_tensor_meta
+
+    def untracked(*args: object, **kwargs: object) -> object:
+        with _disable_current_modes():
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    parallel_loss._propagate_tensor_meta = untracked  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        parallel_loss._propagate_tensor_meta = original
+
+
 def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
@@ -97,7 +121,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     hidden = (layout.mb, local_seq, plan.d_model)
     group_sizes = {name: mesh[dims[0]].size() for name, dims in mesh.dims_by_group.items()}
     recorder = CollectiveRecorder(mesh.dims_by_group, group_sizes)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with _loss_meta_untracked(), FakeTensorMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):

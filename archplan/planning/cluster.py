@@ -60,13 +60,25 @@ re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 
 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·p + 1 chunk forwards
 (Megatron's interleaved schedule), so rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
 (Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
-LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token).
+LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
+recompute those are freed before the layers are re-run, so the larger of them and the re-run
+layer counts, not both.
+
+**Engines** (`StatesConvention.engine`): "megatron" (ZERO, MEGATRON: `plan`'s default) is what
+is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant checkpointing,
+what `verify --layout` runs and measures) differs in five places: under SP the column input is
+saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-block), the LM
+head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
+micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
+layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
+unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
   the forward and of the input gradient in the backward (Shoeybi et al. 2019 §3); with SP an
   all-gather + reduce-scatter in the forward and a reduce-scatter + all-gather + the re-gather of
   the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones.
+  Under SP the norm weights' gradients are summed over tp (one all-reduce per step).
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
   input under SP) add one each way. Hyena and StripedHyena follow that pattern (column-parallel
   projections in, row-parallel out, depthwise convolutions local to a rank's channels, see
@@ -125,6 +137,10 @@ AttentionKernel = Literal["flash", "eager"]
 ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("flash", "eager")
 CPComm = Literal["all_gather", "ring"]
 CP_COMMS: tuple[CPComm, ...] = ("all_gather", "ring")
+# Whose tensor / sequence parallelism: "megatron" (Megatron-LM's hand-written layers) or "torch"
+# (DTensor parallel styles + FSDP2 + non-reentrant checkpointing, what `verify --layout` runs);
+# where they differ is listed in the module docstring.
+Engine = Literal["megatron", "torch"]
 Overlap = Literal["dp", "tp", "ep"]
 OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "ep")
 ACT_BYTES = 2
@@ -145,6 +161,7 @@ class StatesConvention:
     per_tensor: bool  # FSDP2's dim-0 chunks of every tensor, else one flat buffer
     params_always_sharded: bool  # FSDP2: the parameters at rest are the sharded master copy
     compute_copy_bytes: int  # FSDP2's unsharded bf16 copies (temporary); 0 otherwise
+    engine: Engine  # whose tensor / sequence parallelism runs beside these states
     description: str
 
     @property
@@ -152,12 +169,12 @@ class StatesConvention:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
 
 
-ZERO = StatesConvention("zero", 2, 2, 12, False, False, 0,
+ZERO = StatesConvention("zero", 2, 2, 12, False, False, 0, "megatron",
                         "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param (ZeRO §3.1)")
-MEGATRON = StatesConvention("megatron", 2, 4, 12, False, False, 0,
+MEGATRON = StatesConvention("megatron", 2, 4, 12, False, False, 0, "megatron",
                             "bf16 weights + fp32 main grads + fp32 master, m, v = 18 B/param "
                             "(Megatron-LM)")
-FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2,
+FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2, "torch",
                          "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
                          "unsharded compute copies as temporary (torch FSDP2 mixed precision)")
 STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2)}
@@ -209,6 +226,12 @@ class ModelData:
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
                                        ACT_BYTES * seq * _glu_width(layer),
                                        ACT_BYTES * seq * h * len(layer.norms)))
+        # elements of each sequence-parallel norm tensor (the block norms and the ends' norms)
+        self.sp_norms: list[list[int]] = [
+            [t.numel for t in tensors if any(t.name.startswith(f"{layer.path}.{n}.") for n in layer.norms)]
+            for layer, tensors in zip(plan.layers, self.layer_tensors)]
+        self.sp_norms_first = [t.numel for t in self.first if t.name.startswith("embed_norm.")]
+        self.sp_norms_last = [t.numel for t in self.last if t.name.startswith("final_norm.")]
         self.first_act = acts["none"]["embed"] + acts["none"].get("embed_norm", 0)
         self.final_norm_act = acts["none"].get("final_norm", 0)
         self.head_input_act = ACT_BYTES * seq * h
@@ -217,7 +240,7 @@ class ModelData:
                              default=0)
         self._numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
-        self._acts: dict[tuple[int, bool, str, str], list[float]] = {}
+        self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
 
 
     def numel(self, tp: int, ep: int) -> tuple[list[int], list[int]]:
@@ -243,11 +266,12 @@ class ModelData:
             out += self.last_tied_copy if pp > 1 else self.last
         return out
 
-    def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel) -> list[float]:
+    def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
+                   engine: Engine) -> list[float]:
         """Per layer, bytes one sequence keeps on one rank (before the cp split)."""
-        key = (layout.tp, layout.sequence_parallel, recompute, kernel)
+        key = (layout.tp, layout.sequence_parallel, recompute, kernel, engine)
         if key not in self._acts:
-            self._acts[key] = [_layer_act(a, layout, recompute, kernel) for a in self.acts]
+            self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine) for a in self.acts]
         return self._acts[key]
 
 
@@ -380,13 +404,20 @@ def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: AttentionKernel) -> float:
+def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
+               engine: Engine) -> float:
     """Kept bytes of one sequence through one layer on one rank (before the cp split)."""
     tp, sp = layout.tp, layout.sequence_parallel
     if recompute == "full":
         return acts.block_input / (tp if sp else 1)
     kept, replicated = acts.kept[recompute], acts.replicated
+    column = replicated - acts.norm_inputs  # the column-parallel projections' inputs
     match kernel:
+        case "flash" if engine == "torch":
+            # a fused SDPA kernel inside plain autograd: act(gate) is kept and each norm keeps its
+            # input as the fp32 copy it computes on (archplan.modules.norms: x.float())
+            kept = acts.kept["selective"] + acts.lse + acts.norm_inputs
+            replicated += acts.norm_inputs
         case "flash":
             kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs
             replicated -= acts.norm_inputs
@@ -395,13 +426,20 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
         case _:
             assert_never(kernel)
     if sp:
-        return kept / tp
+        match engine:
+            case "megatron":  # the column input kept sequence-sharded, re-gathered in the backward
+                return kept / tp
+            case "torch":  # DTensor's matmul saves its gathered (Replicate) input
+                return column + (kept - column) / tp
+            case _:
+                assert_never(engine)
     return replicated + (kept - replicated) / tp
 
 
-def _working_set(data: ModelData, layers: list[int], layout: Layout, kernel: AttentionKernel) -> float:
+def _working_set(data: ModelData, layers: list[int], layout: Layout, kernel: AttentionKernel,
+                 engine: Engine) -> float:
     """One layer's whole activations, re-materialised during its backward under full recompute."""
-    return max((_layer_act(data.acts[i], layout, "none", kernel) for i in layers), default=0.0)
+    return max((_layer_act(data.acts[i], layout, "none", kernel, engine) for i in layers), default=0.0)
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -450,18 +488,25 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     mode = layout.recompute
     activations = 0.0
     counts = in_flight(layout, microbatches, stage)
-    per_layer = data.layer_acts(layout, mode, kernel)
+    per_layer = data.layer_acts(layout, mode, kernel, states.engine)
+    head = 0.0
     for chunk, count in zip(chunks, counts):
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         activations += per_mb * count * scale
         if chunk.last:
-            ends = (data.final_norm_act + data.head_input_act) / (tp if layout.sequence_parallel else 1)
-            activations += (ends + data.logits_act / tp) * scale
+            # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
+            head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
+            ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
+            head = (ends + data.logits_act / tp) * scale
     if mode == "full":
+        # a layer is re-run in the backward after the loss's and the head's backward freed the
+        # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         layers = [i for chunk in chunks for i in chunk.layers]
-        activations += _working_set(data, layers, layout, kernel) * scale
+        activations += max(head, _working_set(data, layers, layout, kernel, states.engine) * scale)
+    else:
+        activations += head
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
 
 
@@ -549,7 +594,9 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     act = ACT_BYTES * tokens * plan.d_model
     fwd = 2 if layout.recompute == "full" else 1  # forward passes (the recomputed one again)
     tp_over, ep_over = "tp" in overlap, "ep" in overlap
+    engine = states.engine
     out: list[Collective] = []
+    norm_grads: dict[int, int] = {}  # elements -> tensors: sequence-parallel norm weights
 
     def add(kind: str, mesh: str, size: int, nbytes: int, count: int, what: str,
             overlappable: bool = False) -> None:
@@ -560,11 +607,17 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         span = f"layers {chunk.layers.start}-{chunk.layers.stop - 1}" if chunk.layers else "no layers"
         s4 = sum(isinstance(plan.layers[i].mixer, S4Plan) for i in chunk.layers)
         sub_blocks = sum(1 + (plan.layers[i].ffn is not None) for i in chunk.layers) - s4
+        # torch's non-reentrant checkpoint stops the re-run once the last saved tensor is rebuilt,
+        # before each layer's last row-parallel reduction (torch.utils.checkpoint, early stop)
+        skipped = len(chunk.layers) if fwd == 2 and engine == "torch" else 0
+        outputs = m * (sub_blocks * (fwd + 1) - skipped)
         if sp:
-            add("all_gather", "tp", tp, act, m * sub_blocks * (fwd + 2), f"{span} SP inputs", tp_over)
-            add("reduce_scatter", "tp", tp, act, m * sub_blocks * (fwd + 1), f"{span} SP outputs", tp_over)
+            # Megatron re-gathers the column input in the backward; DTensor saved it gathered
+            regather = 1 if engine == "megatron" else 0
+            add("all_gather", "tp", tp, act, m * sub_blocks * (fwd + 1 + regather), f"{span} SP inputs", tp_over)
+            add("reduce_scatter", "tp", tp, act, outputs, f"{span} SP outputs", tp_over)
         else:
-            add("all_reduce", "tp", tp, act, m * sub_blocks * (fwd + 1), f"{span} TP outputs", tp_over)
+            add("all_reduce", "tp", tp, act, outputs, f"{span} TP outputs", tp_over)
         # S4 (shards._s4): no column projection; its channel slice of the input comes from the
         # sequence shards by an all-to-all under SP (a free slice without), and the row-parallel
         # output_linear reduces 2·d_model partial sums before the GLU
@@ -588,6 +641,13 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 add("reduce_scatter", "tp", tp, act, m, "LM-head input gradient (SP)")
             add("all_reduce", "tp", tp, LOGIT_BYTES * tokens, 3 * m,
                 "vocab-parallel cross-entropy max, sum-exp, target logit")
+        if sp and tp > 1:
+            for i in chunk.layers:
+                for n in data.sp_norms[i]:
+                    norm_grads[n] = norm_grads.get(n, 0) + 1
+            for flag, norms in ((chunk.first, data.sp_norms_first), (chunk.last, data.sp_norms_last)):
+                for n in norms if flag else ():
+                    norm_grads[n] = norm_grads.get(n, 0) + 1
         kv_calls: dict[int, int] = {}
         ep_calls: dict[int, int] = {}
         conv_calls: dict[int, int] = {}
@@ -642,14 +702,31 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
                                grad_reduce, dp_over)
-        for flag, tensors, what in ((chunk.first, data.first, "embedding"),
-                                    (chunk.last, data.ends(False, True, layout.pp), "final norm + LM head")):
+        ends = ((chunk.first, data.first, "embedding"),
+                (chunk.last, data.ends(False, True, layout.pp), "final norm + LM head"))
+        if engine == "torch" and plan.tied and chunk.first and chunk.last:
+            # FSDP2: the tied head reads the embedding's weight, so one unit holds both ends
+            ends = ((True, data.first + data.ends(False, True, layout.pp), "embedding + final norm + LM head"),)
+        for flag, tensors, what in ends:
             if flag and tensors:
                 out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
                                    what, layout, m, states, grad_reduce, dp_over)
         if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
             embed = _local_numel((data.first[0],), tp, ep)[0]
             add("all_reduce", "pp", 2, embed * grad_reduce, 1, "tied embedding gradient (first + last stage)")
+    # sequence-parallel norm weights see a rank's tokens only: their gradients are summed over tp
+    # (Korthikanti et al. 2022 §4.2.2); DTensor all-reduces each one's Partial bf16 gradient per
+    # micro-batch, Megatron-LM all its main grads at once per step (`_allreduce_layernorm_grads`)
+    match engine:
+        case "torch":
+            for n, count in norm_grads.items():
+                add("all_reduce", "tp", tp, n * ACT_BYTES, m * count, "sequence-parallel norm weight gradients")
+        case "megatron":
+            total = sum(n * count for n, count in norm_grads.items())
+            add("all_reduce", "tp", tp, total * states.grad_bytes, 1 if total else 0,
+                "sequence-parallel norm weight gradients")
+        case _:
+            assert_never(engine)
     return out
 
 
