@@ -502,6 +502,9 @@ def test_cli_layout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     ["plan", "--solve", "missing.yaml", "--total", "1e9", "--compute", "1e24"],
     ["plan", "llama-2-7b", "--gpus", "8", "--params", "7e9"],
     ["plan", "llama-2-7b", "--gpus", "8", "--seq", "100000"],
+    # a partial layout that cannot exist: tp beyond a node, given degrees not dividing the GPUs
+    ["plan", "llama-2-7b", "--gpus", "32", "--layout", "tp=16"],
+    ["plan", "llama-2-7b", "--gpus", "32", "--layout", "tp=8,pp=3"],
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:

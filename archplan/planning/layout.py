@@ -22,6 +22,7 @@ Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import get_args
 
@@ -170,6 +171,21 @@ def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_no
         raise ArchplanError(f"--layout: pp·vpp = {layout.pp * layout.vpp} model chunks for {n_layers} layers")
     if layout.vpp > 1 and layout.pp == 1:
         raise ArchplanError("--layout: vpp > 1 needs pp > 1 (virtual stages interleave a pipeline)")
+
+
+def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int) -> None:
+    """The checks a partial layout allows before the search fills it in: a given tp within a node,
+    and the given degrees dividing the GPUs (one-line ArchplanError)."""
+    given = fixed.given
+    tp = int(given.get("tp", 1))
+    if tp > gpus_per_node:
+        raise ArchplanError(f"--layout: tp={tp} spans more than one node of {gpus_per_node} GPUs "
+                            "(tensor parallelism needs the in-node links)")
+    degrees = {name: int(given[name]) for name in ("tp", "cp", "pp", "dp") if name in given}
+    product = math.prod(degrees.values())
+    if gpus % product:
+        named = "·".join(f"{name}={value}" for name, value in degrees.items())
+        raise ArchplanError(f"--layout: {named} = {product} ranks does not divide --gpus {gpus}")
 
 
 def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1) -> tuple[tuple[range, ...], ...]:

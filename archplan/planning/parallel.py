@@ -28,7 +28,7 @@ from archplan.planning.cluster import (
     model_data,
     representative_stages,
 )
-from archplan.planning.layout import Layout, PartialLayout, check_layout
+from archplan.planning.layout import Layout, PartialLayout, check_layout, check_partial
 from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for
 from archplan.planning.records import RankMemory
 from archplan.resolve import (
@@ -344,6 +344,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
+    check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node)
     complete = fixed.complete()
     if complete is not None:
         check_layout(complete, n_layers=len(plan.layers), gpus=gpus, gpus_per_node=net.gpus_per_node,
