@@ -81,12 +81,12 @@ _CACHED_KERNELS = (
 )
 
 
-def _cached_kernels(q: Tensor) -> AbstractContextManager[object]:
+def _kernels(q: Tensor, cached: bool) -> AbstractContextManager[object]:
     """Keep cached (decode) calls off cuDNN's SDPA when another kernel is allowed: cuDNN builds an
     execution plan per (query, key) shape, and the key length grows by one every decode step, so
     each step rebuilt the plan — 1.3 ms of host time per call, 24 ms per layer-step, measured on an
     H200 with torch 2.11 (docs/benchmarks.md). A backend the caller pinned is left as it is."""
-    if q.device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
+    if not cached or q.device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
         return nullcontext()
     allowed = [backend for backend, enabled in _CACHED_KERNELS if enabled()]
     return sdpa_kernel(allowed) if allowed else nullcontext()
@@ -120,26 +120,19 @@ def sdpa(
         k_BHSD = k_BHSD.repeat_interleave(group, dim=1)
         v_BHSDv = v_BHSDv.repeat_interleave(group, dim=1)
         gqa = False
-    if cached:
-        with _cached_kernels(q_BHTD):
-            return _sdpa_call(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, window, alibi, cached, gqa, scale)
-    return _sdpa_call(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, window, alibi, cached, gqa, scale)
-
-
-def _sdpa_call(q_BHTD: Tensor, k_BHSD: Tensor, v_BHSDv: Tensor, qpos_T: Tensor, kpos_S: Tensor,
-               window: int | None, alibi: Alibi | None, cached: bool, gqa: bool, scale: float | None) -> Tensor:
-    if window is None and alibi is None:
-        if not cached:
-            return F.scaled_dot_product_attention(
-                q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
-            )
-        if q_BHTD.shape[2] == 1:
-            # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
-            return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
-    mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
-    return F.scaled_dot_product_attention(
-        q_BHTD, k_BHSD, v_BHSDv, attn_mask=mask, scale=scale, enable_gqa=gqa
-    )
+    with _kernels(q_BHTD, cached):
+        if window is None and alibi is None:
+            if not cached:
+                return F.scaled_dot_product_attention(
+                    q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
+                )
+            if q_BHTD.shape[2] == 1:
+                # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
+                return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
+        mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
+        return F.scaled_dot_product_attention(
+            q_BHTD, k_BHSD, v_BHSDv, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
 
 
 def _qk_norms(

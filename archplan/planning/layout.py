@@ -151,6 +151,12 @@ def parse_layout(text: str) -> PartialLayout:
     return PartialLayout(**values)  # type: ignore[arg-type]
 
 
+def _check_tp_in_node(tp: int, gpus_per_node: int) -> None:
+    if tp > gpus_per_node:
+        raise ArchplanError(f"--layout: tp={tp} spans more than one node of {gpus_per_node} GPUs "
+                            "(tensor parallelism needs the in-node links)")
+
+
 def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_node: int,
                  n_experts: int = 0) -> None:
     """Raise ArchplanError (one line) when the layout cannot exist; fitting in memory is not
@@ -158,9 +164,7 @@ def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_no
     if gpus is not None and layout.world != gpus:
         raise ArchplanError(f"--layout: tp·cp·pp·dp = {layout.tp}·{layout.cp}·{layout.pp}·{layout.dp} "
                             f"= {layout.world} ranks, but --gpus is {gpus}")
-    if layout.tp > gpus_per_node:
-        raise ArchplanError(f"--layout: tp={layout.tp} spans more than one node of {gpus_per_node} GPUs "
-                            "(tensor parallelism needs the in-node links)")
+    _check_tp_in_node(layout.tp, gpus_per_node)
     if (layout.dp * layout.cp) % layout.ep:
         raise ArchplanError(f"--layout: ep={layout.ep} must divide dp·cp = {layout.dp * layout.cp}")
     if layout.ep > 1 and not n_experts:
@@ -177,10 +181,7 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int) -> Non
     """The checks a partial layout allows before the search fills it in: a given tp within a node,
     and the given degrees dividing the GPUs (one-line ArchplanError)."""
     given = fixed.given
-    tp = int(given.get("tp", 1))
-    if tp > gpus_per_node:
-        raise ArchplanError(f"--layout: tp={tp} spans more than one node of {gpus_per_node} GPUs "
-                            "(tensor parallelism needs the in-node links)")
+    _check_tp_in_node(int(given.get("tp", 1)), gpus_per_node)
     degrees = {name: int(given[name]) for name in ("tp", "cp", "pp", "dp") if name in given}
     product = math.prod(degrees.values())
     if gpus % product:
