@@ -131,7 +131,7 @@ GEMM_HALF_DIM = 48  # one 128×128 tile's worth of M/N/K; cuBLAS tile quantisati
 
 KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
     "ampere": KernelEfficiency(
-        "ampere (A100)", gemm=0.67, attention_fwd=190 * TERA, attention_bwd=160 * TERA,
+        "ampere (A100)", gemm=0.71, attention_fwd=190 * TERA, attention_bwd=160 * TERA,
         attention_hd64=0.85, hbm=0.80, intra_link=0.78, inter_link=0.90, latency=20e-6,
         source=("gemm: calibrated on Narayanan et al. 2021 Table 1 and Korthikanti et al. 2022 Table 5 "
                 "(docs/validation.md); attention: Dao 2023 (FlashAttention-2) Fig. 4-5, A100 causal "

@@ -70,3 +70,54 @@ def test_published_figures_use_the_sources_conventions() -> None:
     llama = by_name["Llama 3 405B 8K, 16,384 GPUs"]
     plan = bench.plan_for(llama["model"], data["models"], data["gpt_sizes"])
     assert bench.published_tokens(llama, plan) == pytest.approx(400e12 / (6 * 405.85e9 + 12 * 126 * 128 * 128 * 8192), rel=1e-3)
+
+
+def test_interleaved_round_of_n_microbatches_follows_megatron() -> None:
+    """The interleaved schedule's warm-up, 2(p − r − 1) + (v − 1)·N chunk forwards (Megatron-LM
+    `get_pp_rank_microbatches`), + the first steady-state forward, taken round by round (N
+    micro-batches through chunk 0, then chunk 1, …: `get_schedule_table`)."""
+    from archplan.planning.cluster import in_flight
+    from archplan.planning.layout import Layout, group_problem
+
+    depth_first = Layout(pp=16, vpp=4, dp=64)
+    assert in_flight(depth_first, 32, 1) == (29, 16, 16, 16)  # 2·14 + 3·16 + 1 = 77
+    assert in_flight(Layout(pp=16, vpp=4, group=16, dp=64), 32, 1) == (29, 16, 16, 16)
+    assert in_flight(Layout(pp=16, vpp=4, group=32, dp=64), 32, 1) == (32, 32, 32, 29)  # 28 + 96 + 1
+    assert in_flight(Layout(pp=16, vpp=4, group=20, dp=64), 36, 0) == (31, 20, 20, 20)  # 30 + 60 + 1
+    assert group_problem(Layout(pp=16, vpp=4, group=20), 32) is not None  # last round 12 < 16
+    assert group_problem(Layout(pp=16, vpp=4, group=8), 32) is not None  # N < pp
+    assert group_problem(Layout(pp=16, vpp=4, group=20), 36) is None  # last round 16
+
+
+def test_a_given_round_that_cannot_run_is_a_one_line_error() -> None:
+    from archplan.errors import ArchplanError
+    from archplan.hardware import accelerator
+    from archplan.loader import load_spec
+    from archplan.planning.layout import parse_layout
+    from archplan.planning.parallel import interconnect, search
+    from archplan.resolve import resolve
+
+    plan, gpu = resolve(load_spec("llama-3.1-405b")), accelerator("h100")
+    fixed = parse_layout("tp=8,cp=1,pp=16,vpp=4,group=20,dp=64,ep=1,zero=1,recompute=none,mb=1")
+    with pytest.raises(ArchplanError, match="last round"):
+        search(plan, gpu, 8192, seq=8192, global_batch_tokens=2048 * 8192, net=interconnect(gpu),
+               fixed=fixed, headroom=0.0)
+
+
+def test_no_round_length_lets_llama_3_interleave_at_8192_gpus() -> None:
+    """Llama 3 405B at 8,192 GPUs (m = 32 micro-batches of 8K): every round N that Megatron admits
+    (16 or 32) holds at least the depth-first warm-up, so interleaving does not fit in 80 GB under
+    this model (docs/validation.md); v = 1 does."""
+    from archplan.hardware import accelerator
+    from archplan.loader import load_spec
+    from archplan.planning.layout import parse_layout
+    from archplan.planning.parallel import interconnect, search
+    from archplan.resolve import resolve
+
+    plan, gpu = resolve(load_spec("llama-3.1-405b")), accelerator("h100")
+    base = "tp=8,cp=1,pp=16,dp=64,ep=1,zero=1,recompute=none,mb=1"
+    for vpp, group in ((1, 0), (4, 16), (4, 32), (2, 16), (2, 32)):
+        fixed = parse_layout(f"{base},vpp={vpp},group={group}")
+        result = search(plan, gpu, 8192, seq=8192, global_batch_tokens=2048 * 8192,
+                        net=interconnect(gpu), fixed=fixed, headroom=0.0, keep_unfit=True)
+        assert result.ranked[0].fits == (vpp == 1), (vpp, group)

@@ -57,8 +57,8 @@ their output (already kept as the next projection's input) instead of their inpu
 what plain torch autograd keeps (the s×s probabilities unless recompute is selective, act(gate),
 each norm's input). Full recompute keeps the block inputs, plus one layer's whole activations while it is
 re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al.
-2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·p + 1 chunk forwards
-(Megatron's interleaved schedule), so rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
+2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,
+N = p unless the layout's `group` sets it (Megatron's interleaved schedule), so at N = p rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
 (Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
 recompute those are freed before the layers are re-run, so the larger of them and the re-run
@@ -393,14 +393,24 @@ def representative_stages(n_layers: int, pp: int, vpp: int) -> tuple[int, ...]:
 
 
 def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
-    """Micro-batches whose activations each of the rank's chunks holds at the schedule's peak."""
-    p, v, m = layout.pp, layout.vpp, microbatches
+    """Micro-batches whose activations each of the rank's chunks holds at the schedule's peak.
+    Interleaved: the warm-up of Megatron-LM's `get_pp_rank_microbatches`, 2(p − r − 1) + (v − 1)·N
+    chunk forwards, + the first steady-state forward, at most m·v; the forwards run in rounds of N
+    micro-batches through chunk 0, then 1, …, the last round taking every remaining micro-batch
+    (`get_schedule_table`)."""
+    p, v, m, n = layout.pp, layout.vpp, microbatches, layout.microbatch_group
     if v == 1:
         return (min(p - stage, m),)
-    forwards = min(m * v, 2 * (p - stage - 1) + (v - 1) * p + 1)
+    forwards = min(m * v, 2 * (p - stage - 1) + (v - 1) * n + 1)
     counts = [0] * v
-    for i in range(forwards):
-        counts[(i // p) % v] += 1
+    start = 0
+    while forwards > 0:
+        size = m - start if start + n >= m else n
+        for chunk in range(v):
+            take = min(size, forwards)
+            counts[chunk] += take
+            forwards -= take
+        start += size
     return tuple(counts)
 
 

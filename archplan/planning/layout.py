@@ -11,6 +11,10 @@ Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti e
 - ep divides dp · cp: experts are sharded over ep ranks taken from the data(-context)-parallel
   group, whose remaining dp·cp/ep ranks replicate each expert (expert data parallelism).
 - vpp: virtual pipeline stages (model chunks) per pipeline rank, for the interleaved 1F1B schedule.
+- group: N, the micro-batches a pipeline rank runs through one model chunk before the next, in the
+  interleaved schedule (Llama Team 2024 §3.3.2, Figure 6: the "tunable" schedule between
+  depth-first, N = pp, and breadth-first, N = m; Megatron-LM's
+  `microbatch_group_size_per_vp_stage`). 0 = pp, Megatron's default; meaningless at vpp = 1.
 - zero: 0 (plain DP), 1 (optimizer states sharded over dp), 2 (+ gradients), 3 (+ parameters,
   FSDP). Rajbhandari et al. 2020 §5.
 - recompute: none | selective (Korthikanti §4.3: the attention core) | full (every layer's input
@@ -29,7 +33,7 @@ from typing import get_args
 from archplan.analytic.memory import RECOMPUTE_MODES, Recompute
 from archplan.errors import ArchplanError
 
-INT_FIELDS: tuple[str, ...] = ("tp", "cp", "pp", "vpp", "dp", "ep", "zero", "mb")
+INT_FIELDS: tuple[str, ...] = ("tp", "cp", "pp", "vpp", "group", "dp", "ep", "zero", "mb")
 LAYOUT_FIELDS: tuple[str, ...] = (*INT_FIELDS, "recompute", "sp")
 _ON = {"on", "true", "1", "yes"}
 _OFF = {"off", "false", "0", "no"}
@@ -43,6 +47,7 @@ class Layout:
     cp: int = 1
     pp: int = 1
     vpp: int = 1
+    group: int = 0
     dp: int = 1
     ep: int = 1
     zero: int = 1
@@ -53,6 +58,11 @@ class Layout:
     @property
     def world(self) -> int:
         return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def microbatch_group(self) -> int:
+        """N: micro-batches per model-chunk round of the interleaved schedule (pp unless given)."""
+        return self.group or self.pp
 
     @property
     def expert_dp(self) -> int:
@@ -68,7 +78,8 @@ class Layout:
         parts = [f"TP{self.tp}"]
         if self.cp > 1:
             parts.append(f"CP{self.cp}")
-        parts.append(f"PP{self.pp}" + (f"×v{self.vpp}" if self.vpp > 1 else ""))
+        parts.append(f"PP{self.pp}" + (f"×v{self.vpp}" if self.vpp > 1 else "")
+                     + (f" N{self.group}" if self.vpp > 1 and self.group not in (0, self.pp) else ""))
         parts.append(f"DP{self.dp}")
         if self.ep > 1:
             parts.append(f"EP{self.ep}")
@@ -93,6 +104,7 @@ class PartialLayout:
     cp: int | None = None
     pp: int | None = None
     vpp: int | None = None
+    group: int | None = None
     dp: int | None = None
     ep: int | None = None
     zero: int | None = None
@@ -108,16 +120,17 @@ class PartialLayout:
         return all(getattr(layout, name) == value for name, value in self.given.items())
 
     def complete(self) -> Layout | None:
-        """The one layout this fixes, when every field is given (sp and vpp default to on / 1)."""
+        """The one layout this fixes, when every field is given (sp, vpp and group default to on, 1
+        and pp)."""
         given = self.given
-        needed = set(LAYOUT_FIELDS) - {"sp", "vpp"}
+        needed = set(LAYOUT_FIELDS) - {"sp", "vpp", "group"}
         if not needed <= given.keys():
             return None
         return replace(Layout(), **given)
 
 
 def parse_layout(text: str) -> PartialLayout:
-    """`tp=8,cp=1,pp=16,vpp=2,dp=128,ep=1,zero=1,recompute=none,mb=1,sp=on` (any subset)."""
+    """`tp=8,cp=1,pp=16,vpp=2,group=16,dp=128,ep=1,zero=1,recompute=none,mb=1,sp=on` (any subset)."""
     values: dict[str, int | str | bool] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -143,7 +156,7 @@ def parse_layout(text: str) -> PartialLayout:
                 number = int(raw)
             except ValueError:
                 raise ArchplanError(f"--layout: {name}={raw} is not an integer") from None
-            low = 0 if name == "zero" else 1
+            low = 0 if name in ("zero", "group") else 1
             if number < low or (name == "zero" and number > 3):
                 expected = "0, 1, 2 or 3" if name == "zero" else "a positive integer"
                 raise ArchplanError(f"--layout: {name}={raw} must be {expected}")
@@ -175,6 +188,21 @@ def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_no
         raise ArchplanError(f"--layout: pp·vpp = {layout.pp * layout.vpp} model chunks for {n_layers} layers")
     if layout.vpp > 1 and layout.pp == 1:
         raise ArchplanError("--layout: vpp > 1 needs pp > 1 (virtual stages interleave a pipeline)")
+
+
+def group_problem(layout: Layout, microbatches: int) -> str | None:
+    """Why the interleaved schedule cannot run N = group micro-batches per round over m micro-batches
+    (Megatron-LM `forward_backward_pipelining_with_interleaving`: N in [pp, m], and the last round,
+    m mod N, is 0 or at least pp: a shorter round waits on its own earlier chunks — a dependency
+    bubble)."""
+    if layout.vpp == 1 or layout.group == 0:
+        return None
+    n, p, m = layout.group, layout.pp, microbatches
+    if not p <= n <= m:
+        return f"group={n} must lie in [pp, m] = [{p}, {m}] (m micro-batches per step)"
+    if 0 < m % n < p:
+        return f"group={n}: the last round holds m mod N = {m % n} < pp = {p} micro-batches"
+    return None
 
 
 def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int) -> None:

@@ -28,7 +28,7 @@ from archplan.planning.cluster import (
     model_data,
     representative_stages,
 )
-from archplan.planning.layout import Layout, PartialLayout, check_layout, check_partial
+from archplan.planning.layout import Layout, PartialLayout, check_layout, check_partial, group_problem
 from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for
 from archplan.planning.records import RankMemory
 from archplan.resolve import (
@@ -329,8 +329,13 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                                                 for b in mbs for z in zeros for r in modes):
                     if dp * mb > sequences and "mb" not in g or (dp * cp) % ep:
                         continue
-                    out.append(Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, dp=dp, ep=ep, zero=zero,  # type: ignore[arg-type]
-                                      recompute=mode, mb=mb, sp=sp))  # type: ignore[arg-type]
+                    # the interleaved schedule's round N stays at pp unless given: in this model a
+                    # longer round only lengthens the warm-up (its gain, more time to hide the p2p
+                    # transfers, is not priced)
+                    layout = Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, group=int(g.get("group", 0)), dp=dp,
+                                    ep=ep, zero=zero, recompute=mode, mb=mb, sp=sp)  # type: ignore[arg-type]
+                    if group_problem(layout, _microbatches(sequences, dp, mb)) is None:
+                        out.append(layout)
     return out, tp_reasons
 
 
@@ -358,6 +363,9 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         if why:
             raise ArchplanError(f"--layout: cp={complete.cp}: {why}")
         _check_states(settings.states, complete)
+        why = group_problem(complete, _microbatches(sequences, complete.dp, complete.mb))
+        if why:
+            raise ArchplanError(f"--layout: {why}")
         layouts, tp_reasons = [complete], {}
     else:
         for name, value in fixed.given.items():
