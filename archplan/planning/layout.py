@@ -89,10 +89,12 @@ class Layout:
 
     @property
     def spec(self) -> str:
-        """The `--layout` text that reproduces exactly this layout."""
+        """The `--layout` text that reproduces exactly this layout (group only when it is not the
+        default round, pp)."""
         return ",".join(
             f"{name}={'on' if value is True else 'off' if value is False else value}"
             for name, value in ((f.name, getattr(self, f.name)) for f in fields(self))
+            if not (name == "group" and value == 0)
         )
 
 
