@@ -131,7 +131,8 @@ def evaluate_run(run: dict[str, Any], models: dict[str, Any], sizes: dict[str, l
         evaluated += result.ranked or ([result.tightest] if result.tightest else [])
     evaluated.sort(key=lambda e: (not e.fits, -e.tokens_per_s_per_gpu))
     best = evaluated[0]
-    searched = tuple(f for f in LAYOUT_FIELDS if f not in fixed.given)
+    # the interleaved round N keeps its default (pp) unless the source states it: not searched
+    searched = tuple(f for f in LAYOUT_FIELDS if f not in fixed.given and f != "group")
     found: list[tuple[float | None, str | None]] = []
     for constraint in ("", run.get("constraints", "")):
         if not with_search or not run.get("fits", True):

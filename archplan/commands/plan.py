@@ -349,7 +349,8 @@ def _layout_row(e: Evaluated, tokens: float, usable: int) -> dict[str, Any]:
     lay, mem = e.layout, e.memory
     return {
         "layout": lay.spec, "label": lay.label,
-        "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp, "ep": lay.ep,
+        "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "vpp": lay.vpp, "group": lay.microbatch_group,
+        "dp": lay.dp, "ep": lay.ep,
         "zero": lay.zero, "recompute": lay.recompute, "mb": lay.mb, "sp": lay.sequence_parallel,
         "microbatches": e.microbatches,
         "global_batch_tokens": e.global_batch_tokens,
@@ -545,7 +546,8 @@ def register(app: typer.Typer) -> None:
             "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.", rich_help_panel=LAYOUT_PANEL)] = "4M",
         layout: Annotated[str | None, typer.Option(
             "--layout", help="Fix layout fields: tp=8,cp=1,pp=16,vpp=2,dp=128,ep=1,zero=1,recompute=none,mb=1,sp=on "
-            "(any subset; the rest is searched; all but vpp/sp given = exactly that layout).",
+            "(any subset; the rest is searched; all but vpp/sp given = exactly that layout); group=N sets the "
+            "interleaved schedule's micro-batches per round (default pp).",
             rich_help_panel=LAYOUT_PANEL)] = None,
         efficiency: Annotated[float | None, typer.Option(
             "--efficiency", help="Your measured GEMM + attention efficiency (fraction of the dense peak) "

@@ -33,7 +33,9 @@ compute). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-
 (parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
 
 Pipeline: m micro-batch slots of the slowest pipeline rank plus the bubble, (p − 1)/v slots
-(Narayanan et al. 2021 §2.2: (p − 1)/m of the ideal time, divided by v virtual stages).
+(Narayanan et al. 2021 §2.2: (p − 1)/m of the ideal time, divided by v virtual stages), whatever
+the interleaved round N (`Layout.group`): Megatron-LM admits only rounds that leave no dependency
+bubble (`layout.group_problem`), and a longer round changes the warm-up's memory, not the bubble.
 """
 
 from __future__ import annotations
