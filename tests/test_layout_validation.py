@@ -121,3 +121,15 @@ def test_no_round_length_lets_llama_3_interleave_at_8192_gpus() -> None:
         result = search(plan, gpu, 8192, seq=8192, global_batch_tokens=2048 * 8192,
                         net=interconnect(gpu), fixed=fixed, headroom=0.0, keep_unfit=True)
         assert result.ranked[0].fits == (vpp == 1), (vpp, group)
+
+
+def test_fewer_microbatches_than_stages_wait_on_their_own_chunks() -> None:
+    """With m ≥ p the bubble is (p − 1)/v slots; with m < p a micro-batch's trip through all p·v
+    chunks is the critical path: p + (m − 1)/v slots in all, m + p − 1 at v = 1 (1F1B)."""
+    from archplan.planning.pricing import bubble_slots
+
+    assert bubble_slots(32, 16, 4) == pytest.approx(15 / 4)
+    assert bubble_slots(16, 16, 4) == pytest.approx(15 / 4)  # the two forms meet at m = p
+    assert 1 + bubble_slots(1, 2, 8) == pytest.approx(2.0)  # one micro-batch: p slots, whatever v
+    assert 4 + bubble_slots(4, 8, 1) == pytest.approx(4 + 8 - 1)
+    assert 4 + bubble_slots(4, 8, 2) == pytest.approx(8 + 3 / 2)

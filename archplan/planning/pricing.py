@@ -33,7 +33,8 @@ compute). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-
 (parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
 
 Pipeline: m micro-batch slots of the slowest pipeline rank plus the bubble, (p − 1)/v slots
-(Narayanan et al. 2021 §2.2: (p − 1)/m of the ideal time, divided by v virtual stages), whatever
+(Narayanan et al. 2021 §2.2: (p − 1)/m of the ideal time, divided by v virtual stages) when
+m ≥ p, p − m + (m − 1)/v slots with fewer micro-batches than stages (`bubble_slots`), whatever
 the interleaved round N (`Layout.group`): Megatron-LM admits only rounds that leave no dependency
 bubble (`layout.group_problem`), and a longer round changes the warm-up's memory, not the bubble.
 """
@@ -433,9 +434,22 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         attention=m * (micro.attn_fwd + micro.attn_bwd),
         elementwise=m * 3 * micro.elem_fwd,
         tp=comm["tp"], cp=comm["cp"], ep=comm["ep"], pp_p2p=comm["pp"],
-        bubble=(p - 1) / v * per_slot, dp=dp, optimizer=optimizer, recompute=m * micro.recompute,
+        bubble=bubble_slots(m, p, v) * per_slot, dp=dp, optimizer=optimizer, recompute=m * micro.recompute,
     )
     return time, stage
+
+
+def bubble_slots(m: int, p: int, v: int) -> float:
+    """Idle micro-batch slots of a pipeline step beyond the m a rank works: (p − 1)/v with at least
+    p micro-batches (Narayanan et al. 2021 §2.2). With fewer, a micro-batch's forward through all
+    p·v chunks (each 1/v of a slot) is the critical path and no rank is ever busy when the next
+    chunk arrives: the forwards end after p·v + m − 1 chunk times, the backwards likewise, so the
+    step is p + (m − 1)/v slots (at v = 1 the usual m + p − 1; at m = p both forms agree). These are
+    the dependency bubbles Megatron-LM refuses (a round shorter than pp) and Llama Team 2024 §3.3.2
+    accepts to run fewer micro-batches than stages."""
+    if m >= p:
+        return (p - 1) / v
+    return p - m + (m - 1) / v
 
 
 def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBatch,
