@@ -23,6 +23,7 @@ reason), and AdamW runs its foreach implementation on every device (torch's defa
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -70,19 +71,23 @@ class TrainBench:
 
 
 class WeightCopies(TorchDispatchMode):
-    """Bytes of autocast's low-precision copies of the parameters (`aten._to_copy` of a Parameter):
-    cached for the forward and saved by the matmuls for the backward, they are the 16-bit compute
-    weights of size's model states, which MemTracker files under activations."""
+    """Autocast's low-precision copies of the parameters (`aten._to_copy` of a Parameter): saved by
+    the matmuls for the backward, they are the 16-bit compute weights of size's model states,
+    which MemTracker files under activations. `alive()`: the bytes of those not yet freed (a
+    checkpointed layer frees its copies with the rest of its forward)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.bytes = 0
+        self.copies: list[weakref.ref[torch.UntypedStorage]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter):
-            self.bytes += out.untyped_storage().nbytes()
+            self.copies.append(weakref.ref(out.untyped_storage()))
         return out
+
+    def alive(self) -> int:
+        return sum(storage.nbytes() for ref in self.copies if (storage := ref()) is not None)
 
 
 def _name(reftype: object) -> str:
@@ -139,11 +144,12 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         tracker.track_external(model, optimizer)
         probes: dict[str, dict[str, int]] = {}
 
+        copies = WeightCopies()
+
         def probe(when: str) -> None:
             snapshot = next(iter(tracker.get_tracker_snapshot("current").values()))
-            probes[when] = {_name(k): v for k, v in snapshot.items()}
+            probes[when] = {_name(k): v for k, v in snapshot.items()} | {"WeightCopies": copies.alive()}
 
-        copies = WeightCopies()
         with tracker:
             step(probe, copies)
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
@@ -154,7 +160,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
             "Parameter": at_step.get("Parameter", 0), "Gradient": at_step.get("Gradient", 0),
             "Optstate": at_step.get("Optstate", 0) - steps,
             "Activation": probes["after forward"].get("Activation", 0),
-            "WeightCopies": copies.bytes,
+            "WeightCopies": probes["after forward"]["WeightCopies"],
             "Temp": next((v for k, v in peak.items() if _name(k) == "Temp"), 0),
             "Total": next(v for k, v in peak.items() if _name(k) == "Total") - steps,
         }
@@ -163,7 +169,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
                   "activations after the forward (less autocast's weight copies), total and temporaries at the peak")
         states = measured["Parameter"] + measured["Gradient"] + measured["Optstate"]
         states_ok = states == analytic_states
-        acts = measured["Activation"] - copies.bytes
+        acts = measured["Activation"] - measured["WeightCopies"]
         kept = analytic.activations.kept
         activations_ok = abs(acts - kept) <= ACTIVATION_TOLERANCE * kept
     total_ok = abs(total - analytic.total) <= PEAK_TOLERANCE * analytic.total
