@@ -73,7 +73,12 @@ def test_llama3_8b_matches_formulas_vectors() -> None:
         "int4": 4_015_130_624, "int4-g128": 5_700_591_616}
     t = r["memory"]["training"]
     assert t["weights"] + t["grads"] + t["optimizer"] == 16 * r["params"]["total"]
-    assert r["memory"]["training_bytes"] == 16 * r["params"]["total"] + t["activations"]
+    # the peak of the step (docs/figures.md §5.3): the loss backward at a 128K vocabulary
+    assert t["peak_phase"] == "loss backward"
+    assert t["phases"]["loss backward"] == t["activations"] + t["loss_backward"]
+    assert t["loss_backward"] == 2 * 4 * t["micro_batch"] * t["seq_len"] * 128_256
+    assert t["optimizer_step"] == 4 * r["params"]["total"] and t["tied_grad_sum"] == 0
+    assert r["memory"]["training_bytes"] == 16 * r["params"]["total"] + max(t["phases"].values())
 
 
 def test_chinchilla_block() -> None:
