@@ -147,3 +147,22 @@ def test_bench_train_states_exact(recompute: str, phase: str) -> None:
     assert result["analytic_peak_phase"] == phase
     assert result["activations_ok"] is False
     assert m["Activation"] - m["WeightCopies"] > 1.25 * result["analytic_activations"]
+
+
+def test_bench_train_layers_builds_the_truncated_model() -> None:
+    """`--train --layers 1` builds one layer and compares it with size's figure for that model."""
+    from typer.testing import CliRunner
+
+    from archplan.analytic import count_params
+    from archplan.bench.runner import truncate
+    from archplan.cli import app
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    spec = str(FIXTURES / "tiny-llama.yaml")
+    out = CliRunner().invoke(app, ["bench", spec, "--train", "--device", "cpu", "--seq", "32", "--iters", "1",
+                                   "--layers", "1", "--dtype", "fp32", "--json"])
+    result = json.loads(out.output)
+    one_layer = count_params(truncate(resolve(load_spec(spec)), 1)).total
+    assert result["analytic_states"] == 16 * one_layer
+    assert result["states_ok"] is True and result["total_ok"] is True
