@@ -138,12 +138,12 @@ def _training_table(r: dict[str, Any]) -> _Section:
             ("fp32 master weights (4 B/param)", t["master_weights"]),
             ("Adam m (fp32, 4 B/param)", t["adam_m"]),
             ("Adam v (fp32, 4 B/param)", t["adam_v"]),
-            (f"peak beyond the states: {t['peak_phase']}", t["phases"][t["peak_phase"]])]
+            (f"step peak: {t['peak_phase']}", t["phases"][t["peak_phase"]])]
     for name, value in rows:
         table.add_row(name, units.nbytes(value), units.percent(value / total), bar(value / total))
     table.add_row(Text("total (peak of the step)", style="bold"), Text(units.nbytes(total), style="bold"), "", "")
-    table.add_row("  activations kept by the forward", units.nbytes(t["activations"]), "", "")
-    table.add_row("  cross-entropy backward (2 fp32 n×V)", units.nbytes(t["loss_backward"]), "", "")
+    table.add_row("  activations kept", units.nbytes(t["activations"]), "", "")
+    table.add_row("  loss backward (2 fp32 n×V)", units.nbytes(t["loss_backward"]), "", "")
     return table
 
 
