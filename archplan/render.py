@@ -131,7 +131,8 @@ def _training_table(r: dict[str, Any]) -> _Section:
     table = _table(
         f"Training memory per replica (micro-batch {t['micro_batch']}, seq {t['seq_len']:,}, "
         f"recompute {t['recompute']})",
-        t["convention"] + "; activations per Korthikanti et al. 2022, per saved tensor, eager attention; "
+        t["convention"] + f"; activations per Korthikanti et al. 2022, per saved tensor, {t['activation_dtype']}, "
+        f"{t['attention_kernel']} attention; "
         "total = the states + the step's largest transient phase (docs/figures.md §5)",
         ("", "left"), ("bytes", "right"), ("share", "right"), ("", "left"))
     rows = [("weights (bf16, 2 B/param)", t["weights"]), ("gradients (bf16, 2 B/param)", t["grads"]),

@@ -14,8 +14,8 @@ steps run first so AdamW's states exist; the measured step follows a reset of th
 Recompute uses the same checkpointing as the distributed stages (`shard.apply_recompute`).
 
 The analytic side is `size`'s peak of the step at the run's activation dtype and with the fused
-attention kernel SDPA runs (no s x s probabilities kept): `training_memory(...,
-activation_dtype=dtype, attention_kernel="flash")`. The step is the one that model describes:
+attention kernel SDPA runs (no s x s probabilities kept): `archplan size SPEC --micro-batch B
+--seq S --recompute R --activation-dtype DTYPE --attention-kernel flash`. The step is the one that model describes:
 the logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
