@@ -10,9 +10,10 @@ Sources:
 - activations: Korthikanti et al. 2022 (arXiv:2205.05198) §4.1 / Table 2, generalised per saved
   tensor to GQA, MLA, gated FFNs, MoE and Mamba layers (see `_mixer_bytes`, `_ffn_bytes`).
 - the peak of one step (`TrainingMemory.total`): archplan's own accounting, measured with
-  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of three
+  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of four
   moments: the loss backward (everything the forward kept + the cross-entropy's two fp32 n×V
-  gradients), the re-run of a layer under full recompute, and AdamW's step temporary.
+  gradients), the re-run of a layer under full recompute, a tied weight's gradient sum, and
+  AdamW's step temporary.
 """
 
 from __future__ import annotations
