@@ -97,8 +97,9 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     model_states = (states["weights"] + states["grads"] + states["optimizer"]) / GiB
     right.axhline(model_states, color="black", linestyle="--", label="model states (16 B/param)")
     for mode in RECOMPUTE_MODES:
-        totals = [training_memory(plan, params, opts.micro_batch, s, mode).total / GiB for s in seqs]
-        right.plot(seqs, totals, marker="o", label=f"+ activations, recompute {mode}")
+        totals = [training_memory(plan, params, opts.micro_batch, s, mode, activation_dtype=opts.activation_dtype,
+                                  attention_kernel=opts.attention_kernel).total / GiB for s in seqs]
+        right.plot(seqs, totals, marker="o", label=f"step peak, recompute {mode}")
     right.set_xscale("log", base=2)
     right.set_ylim(bottom=0)
     right.set_xlabel("sequence length (tokens)")

@@ -131,15 +131,20 @@ def _training_table(r: dict[str, Any]) -> _Section:
     table = _table(
         f"Training memory per replica (micro-batch {t['micro_batch']}, seq {t['seq_len']:,}, "
         f"recompute {t['recompute']})",
-        t["convention"] + "; activations per Korthikanti et al. 2022, per saved tensor (docs/figures.md)",
+        t["convention"] + f"; activations per Korthikanti et al. 2022, per saved tensor, {t['activation_dtype']}, "
+        f"{t['attention_kernel']} attention; "
+        "total = the states + the step's largest transient phase (docs/figures.md §5)",
         ("", "left"), ("bytes", "right"), ("share", "right"), ("", "left"))
     rows = [("weights (bf16, 2 B/param)", t["weights"]), ("gradients (bf16, 2 B/param)", t["grads"]),
             ("fp32 master weights (4 B/param)", t["master_weights"]),
             ("Adam m (fp32, 4 B/param)", t["adam_m"]),
-            ("Adam v (fp32, 4 B/param)", t["adam_v"]), ("activations", t["activations"])]
+            ("Adam v (fp32, 4 B/param)", t["adam_v"]),
+            (f"step peak: {t['peak_phase']}", t["phases"][t["peak_phase"]])]
     for name, value in rows:
         table.add_row(name, units.nbytes(value), units.percent(value / total), bar(value / total))
-    table.add_row(Text("total", style="bold"), Text(units.nbytes(total), style="bold"), "", "")
+    table.add_row(Text("total (peak of the step)", style="bold"), Text(units.nbytes(total), style="bold"), "", "")
+    table.add_row("  activations kept", units.nbytes(t["activations"]), "", "")
+    table.add_row("  loss backward (2 fp32 n×V)", units.nbytes(t["loss_backward"]), "", "")
     return table
 
 

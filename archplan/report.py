@@ -17,6 +17,7 @@ from archplan.analytic.memory import (
     BYTES_PER_PARAM,
     INFERENCE_DTYPES,
     STATES_CONVENTION,
+    AttentionKernel,
     Recompute,
     int4_grouped_bytes,
     training_memory,
@@ -85,6 +86,8 @@ class SizeOptions:
     seq: int | None = None
     micro_batch: int = 1
     recompute: Recompute = "none"
+    attention_kernel: AttentionKernel = "eager"
+    activation_dtype: DType = DType.bf16
     tokens: float | None = None
     gpu: str | None = None
     mfu: float = 0.4
@@ -178,7 +181,8 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
 
     weights = {dtype.value: weights_bytes(params, dtype) for dtype in INFERENCE_DTYPES}
     weights["int4-g128"] = int4_grouped_bytes(params, 128)
-    train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute)
+    train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute,
+                                activation_dtype=opts.activation_dtype, attention_kernel=opts.attention_kernel)
     states = train_mem.states
 
     n_chinchilla = params.total
@@ -276,8 +280,15 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                 "adam_m": states.adam_m,
                 "adam_v": states.adam_v,
                 "optimizer": states.optimizer,
-                "activations": train_mem.activations.total,
+                "activations": train_mem.activations.kept,
                 "activations_working_set": train_mem.activations.working_set,
+                "loss_backward": train_mem.activations.loss_backward,
+                "tied_grad_sum": train_mem.tied_grad_sum,
+                "optimizer_step": train_mem.optimizer_step,
+                "phases": dict(train_mem.phases),
+                "peak_phase": train_mem.peak_phase,
+                "attention_kernel": opts.attention_kernel,
+                "activation_dtype": opts.activation_dtype.value,
                 "activations_by_component": dict(train_mem.activations.by_component),
                 "convention": STATES_CONVENTION,
             },

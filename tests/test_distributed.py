@@ -126,20 +126,43 @@ def test_bench_nproc_two_gloo_workers(layout: str) -> None:
     assert result["predicted_step_seconds"] is None  # CPU: plan models GPUs only
 
 
-@pytest.mark.parametrize(("recompute", "code"), [("full", 0), ("none", 1)])
-def test_bench_train_states_exact(recompute: str, code: int) -> None:
-    """Model states (fp32 weights + fp32 grads + AdamW m, v = size's 16 B/param) equal exactly;
-    with full recompute the activations are within the tolerance, without it this tiny model's
-    autocast weight copies (saved for the backward) put them outside, and the exit code says so."""
+@pytest.mark.parametrize(("recompute", "phase"), [("full", "optimizer step"), ("none", "loss backward")])
+def test_bench_train_states_exact(recompute: str, phase: str) -> None:
+    """Model states (fp32 weights + fp32 grads + AdamW m, v = size's 16 B/param) equal exactly and
+    the step's peak is within PEAK_TOLERANCE of size's, at the moment size names (with full
+    recompute this tiny model's AdamW temporary outweighs its activations). The activations kept
+    are not: at d_model 64 torch's fp32 residual stream and fp32 RMSNorm inputs (autocast keeps
+    them fp32; size counts 16-bit tensors) put them outside ±25%, and the exit code says so."""
     from typer.testing import CliRunner
 
     from archplan.cli import app
 
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--train", "--device", "cpu",
                                    "--seq", "64", "--iters", "1", "--recompute", recompute, "--json"])
-    assert out.exit_code == code, out.output
+    assert out.exit_code == 1, out.output
     result = json.loads(out.output)
     m = result["measured"]
     assert m["Parameter"] + m["Gradient"] + m["Optstate"] == result["analytic_states"]
     assert result["states_ok"] is True and result["total_ok"] is True
-    assert result["activations_ok"] is (recompute == "full")
+    assert result["analytic_peak_phase"] == phase
+    assert result["activations_ok"] is False
+    assert m["Activation"] - m["WeightCopies"] > 1.25 * result["analytic_activations"]
+
+
+def test_bench_train_layers_builds_the_truncated_model() -> None:
+    """`--train --layers 1` builds one layer and compares it with size's figure for that model."""
+    from typer.testing import CliRunner
+
+    from archplan.analytic import count_params
+    from archplan.bench.runner import truncate
+    from archplan.cli import app
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    spec = str(FIXTURES / "tiny-llama.yaml")
+    out = CliRunner().invoke(app, ["bench", spec, "--train", "--device", "cpu", "--seq", "32", "--iters", "1",
+                                   "--layers", "1", "--dtype", "fp32", "--json"])
+    result = json.loads(out.output)
+    one_layer = count_params(truncate(resolve(load_spec(spec)), 1)).total
+    assert result["analytic_states"] == 16 * one_layer
+    assert result["states_ok"] is True and result["total_ok"] is True

@@ -3,6 +3,7 @@ and the per-tensor activation count reducing to Korthikanti's 34sbh + 5as²b for
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -140,8 +141,38 @@ def test_outside_layers_follow_megatron() -> None:
     # Megatron compute_activation_memory (p = 1): output layer + CE 4sbh(1 + V/h), embedding ids 8sb
     s, b, h, v = 32, 2, 64, 500
     acts = activation_memory(gpt_block(h, 4, vocab=v), b, s)
-    assert acts.by_component["final_norm"] + acts.by_component["lm_head"] == 4 * s * b * h + 4 * s * b * v
-    assert acts.by_component["embed"] == 8 * s * b
+    kept = acts.by_component
+    assert kept["final_norm"] + kept["lm_head"] + kept["loss"] == 4 * s * b * h + 4 * s * b * v
+    assert kept["embed"] == 8 * s * b
+    # archplan's own accounting of torch's cross-entropy backward: nll_loss's and log_softmax's
+    # fp32 input gradients, two n x V tensors beside everything kept
+    assert acts.loss_backward == 2 * 4 * s * b * v
+    assert acts.peak == acts.kept + acts.loss_backward
+
+
+def test_activation_dtype_and_flash_kernel() -> None:
+    s, b, h, a, v = 64, 2, 128, 4, 500
+    plan = gpt_block(h, a, vocab=v)
+    eager = activation_memory(plan, b, s).by_component
+    fp32 = activation_memory(plan, b, s, activation_dtype="fp32").by_component
+    assert fp32["layers.0.mixer"] == 2 * eager["layers.0.mixer"]
+    assert fp32["loss"] == eager["loss"] and fp32["embed"] == eager["embed"]  # fp32 and int64 either way
+    flash = activation_memory(plan, b, s, attention_kernel="flash").by_component
+    selective = activation_memory(plan, b, s, "selective").by_component
+    # a fused kernel keeps no s x s probabilities, only the fp32 log-sum-exp per head and query
+    assert flash["layers.0.mixer"] == selective["layers.0.mixer"] + 4 * a * s * b
+    assert activation_memory(plan, b, s, "selective", attention_kernel="flash").by_component == selective
+
+
+def test_full_recompute_peak_is_the_larger_of_loss_and_rerun() -> None:
+    s, b, h, a = 64, 2, 128, 4
+    for v in (50, 50_000):  # a small vocabulary peaks at the re-run layer, a large one at the loss
+        full = activation_memory(gpt_block(h, a, layers=3, vocab=v), b, s, "full")
+        ends = sum(full.by_component[k] for k in ("final_norm", "lm_head", "loss"))
+        rerun = full.kept - ends + full.working_set
+        assert full.phases == {"loss backward": full.kept + full.loss_backward, "layer re-run": rerun}
+        assert full.peak == max(rerun, full.kept + full.loss_backward)
+    assert full.peak == full.kept + full.loss_backward
 
 
 def test_gqa_stores_smaller_k_and_v() -> None:
@@ -234,5 +265,9 @@ def test_training_memory_totals() -> None:
     params = count_params(plan)
     mem = training_memory(plan, params, micro_batch=2, seq_len=64, recompute="selective")
     assert mem.states.total == 16 * params.total
-    assert mem.total == 16 * params.total + mem.activations.total
     assert mem.activations == activation_memory(plan, 2, 64, "selective")
+    assert mem.optimizer_step == 4 * params.total  # foreach AdamW's fp32 sqrt(v) temporary
+    assert mem.tied_grad_sum == (2 * 4 * plan.vocab_size * plan.d_model if plan.tied else 0)
+    assert mem.total == 16 * params.total + max(mem.activations.peak, mem.optimizer_step, mem.tied_grad_sum)
+    sharded = training_memory(plan, params, micro_batch=2, seq_len=64, zero_stage=1, dp=4)
+    assert sharded.optimizer_step == math.ceil(params.total / 4) * 4

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from archplan.analytic.memory import RECOMPUTE_MODES
+from archplan.analytic.memory import ATTENTION_KERNELS, RECOMPUTE_MODES
 from archplan.analytic.scaling import LAWS
 from archplan.cli import app
-from archplan.commands.size import LawChoice, RecomputeChoice, parse_amount
+from archplan.commands.size import KernelChoice, LawChoice, RecomputeChoice, parse_amount
 from archplan.errors import ArchplanError
 from archplan.loader import preset_names
 
@@ -73,7 +73,12 @@ def test_llama3_8b_matches_formulas_vectors() -> None:
         "int4": 4_015_130_624, "int4-g128": 5_700_591_616}
     t = r["memory"]["training"]
     assert t["weights"] + t["grads"] + t["optimizer"] == 16 * r["params"]["total"]
-    assert r["memory"]["training_bytes"] == 16 * r["params"]["total"] + t["activations"]
+    # the peak of the step (docs/figures.md §5.3): the loss backward at a 128K vocabulary
+    assert t["peak_phase"] == "loss backward"
+    assert t["phases"]["loss backward"] == t["activations"] + t["loss_backward"]
+    assert t["loss_backward"] == 2 * 4 * t["micro_batch"] * t["seq_len"] * 128_256
+    assert t["optimizer_step"] == 4 * r["params"]["total"] and t["tied_grad_sum"] == 0
+    assert r["memory"]["training_bytes"] == 16 * r["params"]["total"] + max(t["phases"].values())
 
 
 def test_chinchilla_block() -> None:
@@ -195,6 +200,21 @@ def test_parse_amount(text: str, value: float) -> None:
 
 def test_cli_choices_match_the_library() -> None:
     assert tuple(m.value for m in RecomputeChoice) == RECOMPUTE_MODES
+    assert tuple(m.value for m in KernelChoice) == ATTENTION_KERNELS
+
+
+def test_attention_kernel_and_activation_dtype() -> None:
+    """gpt2 (12 heads), micro-batch 8 x 1024: the flash kernel drops the s x s probabilities
+    (2·12·1024²·8 B per layer) and keeps the fp32 log-sum-exp (4·12·1024·8 B per layer)."""
+    args = ("gpt2", "--seq", "1024", "--micro-batch", "8")
+    eager = size_json(*args)["memory"]["training"]
+    flash = size_json(*args, "--attention-kernel", "flash")["memory"]["training"]
+    assert (flash["attention_kernel"], flash["activation_dtype"]) == ("flash", "bf16")
+    assert eager["activations"] - flash["activations"] == 12 * (2 * 12 * 1024**2 * 8 - 4 * 12 * 1024 * 8)
+    fp32 = size_json(*args, "--attention-kernel", "flash", "--activation-dtype", "fp32")["memory"]["training"]
+    # the 16-bit tensors double; token ids (int64), log-sum-exps and log-probabilities (fp32) do not
+    fixed = 8 * 8 * 1024 + 12 * 4 * 12 * 1024 * 8 + 4 * 8 * 1024 * 50257
+    assert fp32["activations"] - fixed == 2 * (flash["activations"] - fixed)
     assert {m.value for m in LawChoice} == set(LAWS)
 
 

@@ -9,6 +9,11 @@ Sources:
   holds 2 (16-bit weights) + 2 (16-bit grads) + K=12 (fp32 master, momentum, variance) bytes/param.
 - activations: Korthikanti et al. 2022 (arXiv:2205.05198) §4.1 / Table 2, generalised per saved
   tensor to GQA, MLA, gated FFNs, MoE and Mamba layers (see `_mixer_bytes`, `_ffn_bytes`).
+- the peak of one step (`TrainingMemory.total`): archplan's own accounting, measured with
+  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of four
+  moments: the loss backward (everything the forward kept + the cross-entropy's two fp32 n×V
+  gradients), the re-run of a layer under full recompute, a tied weight's gradient sum, and
+  AdamW's step temporary.
 """
 
 from __future__ import annotations
@@ -43,12 +48,22 @@ if TYPE_CHECKING:
 
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
+# "eager": the attention core in plain autograd keeps its s x s probabilities (Korthikanti's rows);
+# "flash": a fused kernel (FlashAttention, torch SDPA) keeps the fp32 log-sum-exp instead.
+AttentionKernel = Literal["eager", "flash"]
+ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("eager", "flash")
+Phase = Literal["loss backward", "layer re-run", "tied gradient sum", "optimizer step"]
 
 # Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
 ACT_BYTES = 2
 MASK_BYTES = 1
-# Cross-entropy runs on fp32 logits (Megatron `compute_activation_memory`: 4·s·b·V for output + CE).
+# The cross-entropy runs on fp32 logits (Megatron `compute_activation_memory`: 4·s·b·V for output +
+# CE): torch's log_softmax keeps its fp32 output for the backward, and the loss backward then forms
+# two more fp32 n×V tensors, nll_loss's gradient and log_softmax's input gradient (aten
+# nll_loss_backward, _log_softmax_backward_data: archplan's own accounting, measured).
 LOGITS_BYTES = 4
+CE_BACKWARD_TENSORS = 2
+LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1)
 # Token ids kept for the embedding backward (int64; Megatron's "embedding input 8·s·b").
 TOKEN_ID_BYTES = 8
 
@@ -60,6 +75,14 @@ ADAM_K = ADAM_MASTER_BYTES + ADAM_MOMENTUM_BYTES + ADAM_VARIANCE_BYTES
 WEIGHT_BYTES = 2  # bf16 working weights
 GRAD_BYTES = 2  # bf16 gradients
 BYTES_PER_PARAM = WEIGHT_BYTES + GRAD_BYTES + ADAM_K  # 16, ZeRO's convention (Megatron uses 18)
+# AdamW's step forms sqrt(v) for every parameter as one fp32 temporary (torch `_multi_tensor_adam`,
+# the foreach implementation torch picks on GPUs) while the states and gradients are all alive.
+ADAM_STEP_TEMP_BYTES = 4
+# A weight used twice (tied embedding and LM head) receives two gradients, which autograd sums out
+# of place: two extra V x D gradients, in fp32 as mixed precision accumulates them (torch AMP: the
+# fp32 parameter's dtype; Megatron-LM: fp32 main_grad), alive at the end of the backward.
+TIED_GRAD_COPIES = 2
+TIED_GRAD_BYTES = 4
 
 STATES_CONVENTION = (
     "mixed-precision Adam, ZeRO convention (Rajbhandari et al. 2020 §3.1): bf16 weights 2 B + "
@@ -70,15 +93,25 @@ STATES_CONVENTION = (
 INFERENCE_DTYPES: tuple[DType, ...] = (DType.fp32, DType.bf16, DType.fp8, DType.int8, DType.int4)
 
 
-def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, core_kept: bool, dropout: bool) -> int:
-    """What the attention core keeps beyond its projections (Korthikanti et al. 2022 §4.1): the
-    softmax output over the s x s scores per query head (2as²b), with dropout also its mask and
-    output (as²b + 2as²b), and the attention-output dropout mask (sbh)."""
+def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, act: int, recompute: Recompute,
+                          kernel: AttentionKernel, dropout: bool) -> int:
+    """What the attention core keeps beyond its projections (Korthikanti et al. 2022 §4.1): eager,
+    without recompute, the softmax output over the s x s scores per query head (2as²b), with
+    dropout also its mask and output (as²b + 2as²b); selective recompute re-runs the core and keeps
+    none of it (Korthikanti §5). A fused kernel keeps the fp32 log-sum-exp per head and query
+    instead, 4as·b (Dao et al. 2022 §3.1), unless the core is re-run. The attention-output dropout
+    mask (sbh) either way."""
     value = 0
-    if core_kept:
-        value += ACT_BYTES * n_heads * s * s * b
-        if dropout:
-            value += (MASK_BYTES + ACT_BYTES) * n_heads * s * s * b
+    if recompute == "none":
+        match kernel:
+            case "eager":
+                value += act * n_heads * s * s * b
+                if dropout:
+                    value += (MASK_BYTES + act) * n_heads * s * s * b
+            case "flash":
+                value += LSE_BYTES * n_heads * s * b
+            case _:
+                assert_never(kernel)
     if dropout:
         value += MASK_BYTES * s * b * h
     return value
@@ -189,13 +222,32 @@ class ActivationMemory:
     recompute: Recompute
     by_component: dict[str, int]
     working_set: int
+    loss_backward: int
 
     @property
-    def total(self) -> int:
-        return sum(self.by_component.values()) + self.working_set
+    def kept(self) -> int:
+        """Everything the forward keeps for the backward: what is alive when the loss is computed."""
+        return sum(self.by_component.values())
+
+    @property
+    def phases(self) -> dict[Phase, int]:
+        """Activation bytes alive at the two candidate peaks of the backward: the loss backward
+        (everything kept + the cross-entropy's two fp32 n×V gradients) and, under full recompute,
+        the re-run of the largest layer, when the loss and head tensors are already freed."""
+        ends = sum(self.by_component.get(k, 0) for k in END_COMPONENTS)
+        return {"loss backward": self.kept + self.loss_backward,
+                "layer re-run": self.kept - ends + self.working_set if self.working_set else 0}
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
 
 
-def _ffn_inner_bytes(ffn: FFNPlan, tokens: int) -> int:
+# The tensors the loss and the head keep, freed before full recompute re-runs the last layer.
+END_COMPONENTS = ("final_norm", "lm_head", "loss")
+
+
+def _ffn_inner_bytes(ffn: FFNPlan, tokens: int, act: int) -> int:
     """Tensors of width d_ff that eager autograd saves per token (checked with saved-tensor hooks
     on archplan's torch FFNs in tests/test_memory.py).
 
@@ -219,32 +271,31 @@ def _ffn_inner_bytes(ffn: FFNPlan, tokens: int) -> int:
             n_tensors = 3 + activation_input
         case _:
             assert_never(ffn.kind)
-    return n_tensors * ACT_BYTES * tokens * ffn.d_ff
+    return n_tensors * act * tokens * ffn.d_ff
 
 
-def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, recompute: Recompute,
-                 dropout: bool) -> int:
+def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: Recompute,
+                 kernel: AttentionKernel, dropout: bool) -> int:
     tokens = s * b
-    core_kept = recompute == "none"  # selective recompute re-runs the attention core (Korthikanti §5)
     match mixer:
         case AttentionPlan():
             q_width = mixer.n_heads * mixer.head_dim
             kv_width = mixer.n_kv_heads * mixer.head_dim
             # QKV input + Q + K + V + output-projection input (Korthikanti: 2 + 4 + 2 + 2 for MHA)
-            value = ACT_BYTES * tokens * (h + q_width + 2 * kv_width + q_width)
+            value = act * tokens * (h + q_width + 2 * kv_width + q_width)
             if mixer.qk_norm is not None:
-                value += ACT_BYTES * tokens * (q_width + kv_width)  # the norms' inputs
-            return value + _attention_core_bytes(mixer.n_heads, s, b, h, core_kept, dropout)
+                value += act * tokens * (q_width + kv_width)  # the norms' inputs
+            return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, kernel, dropout)
         case MLAPlan():
             qk = mixer.qk_head_dim
             # q latent norm input + q_b input (without q_lora, q_proj reads the block input)
             q_latent = 2 * mixer.q_lora_rank if mixer.q_lora_rank is not None else 0
             # input, q latent, kv latent norm input + kv_b input, Q, K, V, o_proj input
-            value = ACT_BYTES * tokens * (
+            value = act * tokens * (
                 h + q_latent + 2 * mixer.kv_lora_rank
                 + 2 * mixer.n_heads * qk + 2 * mixer.n_heads * mixer.v_head_dim
             )
-            return value + _attention_core_bytes(mixer.n_heads, s, b, h, core_kept, dropout)
+            return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, kernel, dropout)
         case Mamba1Plan():
             # Tensors mamba_ssm's fused `mamba_inner_fn` saves (the (d_inner x N) states are
             # recomputed in the backward, Gu & Dao 2023 §3.3.2): in_proj input, xz, conv output,
@@ -253,109 +304,122 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, recompute: Recompute,
             width = h + 2 * di + di + (r + 2 * n) + di + di + di
             if mixer.inner_norms:
                 width += r + 2 * n  # Jamba's dt/B/C norm outputs (their inputs are x_proj's output)
-            return ACT_BYTES * tokens * width
+            return act * tokens * width
         case Mamba2Plan():
             # mamba_ssm `mamba_split_conv1d_scan_combined` saves: in_proj input, zxbcdt, conv output,
             # dt and its cumulative sum (fp32), scan output, gated-norm output (out_proj input).
             zxbcdt = 2 * mixer.d_inner + 2 * mixer.n_groups * mixer.d_state + mixer.n_heads
             width = h + zxbcdt + mixer.conv_dim + mixer.d_inner + mixer.d_inner
-            return ACT_BYTES * tokens * width + 2 * 4 * tokens * mixer.n_heads
+            return act * tokens * width + 2 * 4 * tokens * mixer.n_heads
         case S4Plan():
-            return s4_activation_bytes(mixer, h, b, s, ACT_BYTES)
+            return s4_activation_bytes(mixer, h, b, s, act)
         case HyenaPlan():
-            return hyena_activation_bytes(mixer, h, b, s, ACT_BYTES)
+            return hyena_activation_bytes(mixer, h, b, s, act)
         case StripedHyenaPlan():
-            return striped_activation_bytes(mixer, h, b, s, ACT_BYTES)
+            return striped_activation_bytes(mixer, h, b, s, act)
         case _:
             assert_never(mixer)
 
 
 def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_shared: bool,
-               dropout: bool) -> dict[str, int]:
+               dropout: bool, act: int = ACT_BYTES) -> dict[str, int]:
     """Per module path. `input_shared`: a parallel block with one norm feeds the mixer and the FFN
     the same tensor, already counted with the mixer."""
-    x_bytes = 0 if input_shared else ACT_BYTES * tokens * h
+    x_bytes = 0 if input_shared else act * tokens * h
     mask = MASK_BYTES * tokens * h if dropout else 0
     match ffn:
         case FFNPlan():
-            return {path: x_bytes + _ffn_inner_bytes(ffn, tokens) + mask}
+            return {path: x_bytes + _ffn_inner_bytes(ffn, tokens, act) + mask}
         case MoEPlan():
             k = ffn.top_k
             out = {
                 # router input (also the shared experts' input), softmax probabilities, top-k weights
-                f"{path}.router": x_bytes + ACT_BYTES * tokens * (ffn.n_experts + k) + mask,
+                f"{path}.router": x_bytes + act * tokens * (ffn.n_experts + k) + mask,
                 # dispatched copies of the input, each copy's FFN intermediates, and the expert
                 # outputs the weighted combine saves
-                f"{path}.experts": ACT_BYTES * tokens * k * h
-                + k * _ffn_inner_bytes(ffn.expert, tokens) + ACT_BYTES * tokens * k * h,
+                f"{path}.experts": act * tokens * k * h
+                + k * _ffn_inner_bytes(ffn.expert, tokens, act) + act * tokens * k * h,
             }
             if ffn.shared is not None:
-                out[f"{path}.shared"] = _ffn_inner_bytes(ffn.shared, tokens)
+                out[f"{path}.shared"] = _ffn_inner_bytes(ffn.shared, tokens, act)
                 if ffn.shared_gate:
                     # sigmoid gate output and the shared output it multiplies
-                    out[f"{path}.shared_gate"] = ACT_BYTES * tokens * (1 + h)
+                    out[f"{path}.shared_gate"] = act * tokens * (1 + h)
             return out
         case _:
             assert_never(ffn)
 
 
-def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, recompute: Recompute,
-                 dropout: bool) -> dict[str, int]:
+def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, recompute: Recompute,
+                 kernel: AttentionKernel, dropout: bool) -> dict[str, int]:
     h = plan.d_model
     tokens = s * b
-    out = {f"{layer.path}.{name}": ACT_BYTES * tokens * h for name in layer.norms}  # norm inputs
-    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, recompute, dropout)
+    out = {f"{layer.path}.{name}": act * tokens * h for name in layer.norms}  # norm inputs
+    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
-        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout)
+        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act)
     return out
 
 
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
-                      dropout: bool = False) -> ActivationMemory:
+                      dropout: bool = False, activation_dtype: DType | str = DType.bf16,
+                      attention_kernel: AttentionKernel = "eager") -> ActivationMemory:
     """Activations of one micro-batch, per saved tensor (Korthikanti et al. 2022 §4.1 generalised).
 
     `dropout=True` adds Korthikanti's dropout masks and outputs; with it a GPT layer (MHA, LayerNorm,
     4h GeLU MLP) gives exactly 34sbh + 5as²b. Modern LLMs train without dropout, and the spec has
-    no dropout field, so `size` uses dropout=False.
+    no dropout field, so `size` uses dropout=False. `activation_dtype` is the dtype of the saved
+    activations (Korthikanti: 16-bit); token ids, log-sum-exps and the loss stay int64 / fp32.
     """
     s, b, h = seq_len, micro_batch, plan.d_model
+    act = int(BYTES[DType(activation_dtype)])
     tokens = s * b
     out: dict[str, int] = {"embed": TOKEN_ID_BYTES * tokens}
     if dropout:
         out["embed"] += MASK_BYTES * tokens * h
     if plan.embed_norm:
-        out["embed_norm"] = ACT_BYTES * tokens * h
+        out["embed_norm"] = act * tokens * h
     working_set = 0
     for layer in plan.layers:
-        full = _layer_bytes(layer, plan, s, b, "none", dropout)
+        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout)
         match recompute:
             case "full":
-                out[layer.path] = ACT_BYTES * tokens * h  # only the block input is kept
+                out[layer.path] = act * tokens * h  # only the block input is kept
                 working_set = max(working_set, sum(full.values()))
             case "selective":
-                out |= _layer_bytes(layer, plan, s, b, "selective", dropout)
+                out |= _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout)
             case "none":
                 out |= full
             case _:
                 assert_never(recompute)
     if plan.final_norm:
-        out["final_norm"] = ACT_BYTES * tokens * h
-    # LM-head input and the fp32 logits the cross-entropy keeps (Megatron: 4sbh(1 + V/h) with the norm)
-    out["lm_head"] = ACT_BYTES * tokens * h + LOGITS_BYTES * tokens * plan.vocab_size
-    return ActivationMemory(b, s, recompute, out, working_set)
+        out["final_norm"] = act * tokens * h
+    # The LM-head input and the fp32 log-probabilities the cross-entropy keeps; with the final
+    # norm's input this is Megatron's 4sbh(1 + V/h) (`theoretical_memory_usage.py`).
+    out["lm_head"] = act * tokens * h
+    out["loss"] = LOGITS_BYTES * tokens * plan.vocab_size
+    loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
+    return ActivationMemory(b, s, recompute, out, working_set, loss_backward)
 
 
 # ---------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class TrainingMemory:
-    """Bytes per replica (or per ZeRO rank) for one training step with Adam."""
+    """Bytes per replica (or per ZeRO rank) at the peak of one training step with AdamW.
+
+    `total` = model states + the largest of: the activations' phases (`ActivationMemory.phases`),
+    the tied weight's gradient sum and the optimizer step's temporary (both when no activation is
+    alive).
+    """
 
     n_params: int
     zero_stage: int
     dp: int
     states: ModelStates
     activations: ActivationMemory
+    tied_grad_sum: int
+    optimizer_step: int
     convention: str = STATES_CONVENTION
 
     @property
@@ -371,18 +435,37 @@ class TrainingMemory:
         return self.states.optimizer
 
     @property
+    def phases(self) -> dict[Phase, int]:
+        """Bytes beyond the model states at each candidate peak of the step."""
+        return {**self.activations.phases, "tied gradient sum": self.tied_grad_sum,
+                "optimizer step": self.optimizer_step}
+
+    @property
+    def peak_phase(self) -> Phase:
+        phases = self.phases
+        return max(phases, key=lambda k: phases[k])
+
+    @property
     def total(self) -> int:
-        return self.states.total + self.activations.total
+        return self.states.total + max(self.phases.values())
 
 
 def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_len: int,
-                    recompute: Recompute = "none", zero_stage: int = 0, dp: int = 1) -> TrainingMemory:
+                    recompute: Recompute = "none", zero_stage: int = 0, dp: int = 1,
+                    activation_dtype: DType | str = DType.bf16,
+                    attention_kernel: AttentionKernel = "eager") -> TrainingMemory:
     """Model states over all unique parameters (every expert has weights, grads and Adam states)
-    plus the activations of one micro-batch of `seq_len` tokens per sequence."""
+    plus the peak of one micro-batch of `seq_len` tokens per sequence through the step. The step's
+    temporary spans the parameters whose optimizer states this rank holds (ZeRO stage >= 1 shards
+    them)."""
+    states = zero_model_states(params.total, zero_stage, dp)
     return TrainingMemory(
         n_params=params.total,
         zero_stage=zero_stage,
         dp=dp,
-        states=zero_model_states(params.total, zero_stage, dp),
-        activations=activation_memory(plan, micro_batch, seq_len, recompute),
+        states=states,
+        activations=activation_memory(plan, micro_batch, seq_len, recompute,
+                                      activation_dtype=activation_dtype, attention_kernel=attention_kernel),
+        tied_grad_sum=TIED_GRAD_COPIES * TIED_GRAD_BYTES * plan.vocab_size * plan.d_model if plan.tied else 0,
+        optimizer_step=states.adam_v * ADAM_STEP_TEMP_BYTES // ADAM_VARIANCE_BYTES,
     )

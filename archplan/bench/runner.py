@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,6 +36,7 @@ from archplan.bench.roofline import (
     predict_decode_step,
     predict_prefill,
 )
+from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.attention import sdpa
@@ -60,19 +61,6 @@ class BenchConfig:
     iters: int = 5
     compile: bool = False
     attn_backend: str = "auto"
-
-
-@dataclass(frozen=True)
-class Timing:
-    samples: tuple[float, ...]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 @dataclass(frozen=True)
@@ -306,35 +294,6 @@ def _check_compile(device: torch.device) -> None:
             raise ArchplanError("--compile: torch.compile needs Triton on CUDA, and it is not installed")
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeRemainingColumn(), console=console, transient=True)
-
-
-def _time(fn: Callable[[], object], device: torch.device, n: int, progress: Progress, label: str,
-          between: Callable[[], None] | None = None) -> Timing:
-    """n timed calls of fn; `between` runs untimed after each (the decode calibration's samples)."""
-    task = progress.add_task(label, total=n)
-    samples = []
-    for _ in range(n):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        if between is not None:
-            between()
-        progress.advance(task)
-    progress.remove_task(task)
-    return Timing(tuple(samples))
-
-
 def _block_seconds(model: torch.nn.Module, plan: ModelPlan, run: Callable[[], object],
                    device: torch.device) -> tuple[dict[str, list[float]], float]:
     """One instrumented pass: seconds spent in each block, by kind, and the pass's total."""
@@ -418,9 +377,9 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
         with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
             return forward(tokens)
 
-    with _progress(console) as progress:
-        _time(prefill, device, cfg.warmup, progress, "warm-up")
-        timing = _time(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")
+    with progress_bar(console) as progress:
+        time_calls(prefill, device, cfg.warmup, progress, "warm-up")
+        timing = time_calls(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")
         extrapolation = None
         if cfg.layers is not None and built.n_layers < plan.n_layers:
             with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
@@ -509,7 +468,7 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
         def step() -> None:
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
-        timing = _time(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
+        timing = time_calls(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
                        between=calibration.sample)
         rates = calibration.rates()
         ops = _count_ops(model, built, step)

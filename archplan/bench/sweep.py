@@ -26,7 +26,8 @@ from archplan.analytic import count_params, forward_flops
 from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, free_memory, synchronize
 from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
 from archplan.bench.roofline import predict_prefill
-from archplan.bench.runner import BenchConfig, _progress, _time, check_fits, sdpa_backend, truncate
+from archplan.bench.runner import BenchConfig, check_fits, sdpa_backend, truncate
+from archplan.bench.timing import progress_bar, time_calls
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
@@ -210,11 +211,11 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
             return model(tokens[t])
 
     samples: dict[int, list[float]] = {t: [] for t in cfg.lengths}
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         for round_ in range(cfg.warmup + cfg.iters):
             for t in cfg.lengths:
                 label = f"{plan.name}: {'warm-up' if round_ < cfg.warmup else 'prefill'} {cfg.batch}×{t}"
-                timing = _time(lambda t=t: prefill(t), device, 1, progress, label)
+                timing = time_calls(lambda t=t: prefill(t), device, 1, progress, label)
                 if round_ >= cfg.warmup:
                     samples[t].extend(timing.samples)
     points = []

@@ -110,7 +110,7 @@ def bench(
             from archplan.distributed.train_render import bench_train
 
             bench_train(specs[0], device=device.value, dtype=dtype.value, batch=batch, seq=lengths[0],
-                        recompute=recompute.value, iters=iters, as_json=as_json)
+                        recompute=recompute.value, iters=iters, as_json=as_json, layers=layers)
         else:
             from archplan.distributed.bench import bench_layout  # imports torch.distributed
 

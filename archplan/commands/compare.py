@@ -8,11 +8,15 @@ import typer
 
 from archplan.commands.options import JsonOpt, SpecsArg
 from archplan.commands.size import (
+    ActDTypeChoice,
+    ActDTypeOpt,
     AttentionChoice,
     AttentionOpt,
     BatchOpt,
     ContextOpt,
     GpuOpt,
+    KernelChoice,
+    KernelOpt,
     KVDtypeOpt,
     LawOpt,
     MfuOpt,
@@ -48,6 +52,8 @@ def register(app: typer.Typer) -> None:
         seq: SeqOpt = None,
         micro_batch: MicroBatchOpt = 1,
         recompute: RecomputeOpt = RecomputeChoice.none,
+        attention_kernel: KernelOpt = KernelChoice.eager,
+        activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = 0.4,
@@ -62,7 +68,7 @@ def register(app: typer.Typer) -> None:
         if len(specs) < 2:
             raise ArchplanError("compare needs at least two specs (use `archplan size` for one)")
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention)
+                            law, attention, attention_kernel, activation_dtype)
         reports = [size_report(load_spec(spec), opts, source=spec) for spec in specs]
         if plot is not None:
             from archplan.plot import plot_compare

@@ -25,6 +25,16 @@ class RecomputeChoice(str, Enum):
     full = "full"
 
 
+class KernelChoice(str, Enum):
+    eager = "eager"
+    flash = "flash"
+
+
+class ActDTypeChoice(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class LawChoice(str, Enum):
     hoffmann2022 = "hoffmann2022"
     hoffmann2022_tex = "hoffmann2022-tex"
@@ -59,6 +69,12 @@ MicroBatchOpt = Annotated[int, typer.Option(
     "--micro-batch", help="Sequences per micro-batch for activation memory.")]
 RecomputeOpt = Annotated[RecomputeChoice, typer.Option(
     "--recompute", help="Activation recomputation (Korthikanti et al. 2022).")]
+KernelOpt = Annotated[KernelChoice, typer.Option(
+    "--attention-kernel", help="Training activations of the attention core: eager keeps the s×s "
+                               "probabilities without recompute (Korthikanti's rows); flash (FlashAttention, "
+                               "torch SDPA) keeps an fp32 log-sum-exp instead.")]
+ActDTypeOpt = Annotated[ActDTypeChoice, typer.Option(
+    "--activation-dtype", help="Dtype of the saved training activations (fp32: a run without autocast).")]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: 20 per parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
@@ -74,14 +90,17 @@ PlotOpt = Annotated[str | None, typer.Option(
 
 def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,
                  recompute: RecomputeChoice, tokens: str | None, gpu: str | None, mfu: float,
-                 laws: list[LawChoice] | None, attention: AttentionChoice) -> SizeOptions:
+                 laws: list[LawChoice] | None, attention: AttentionChoice,
+                 attention_kernel: KernelChoice = KernelChoice.eager,
+                 activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16) -> SizeOptions:
     """The typed options, shared by `size` and `compare`."""
     from archplan.analytic.scaling import DEFAULT_LAWS
     from archplan.report import SizeOptions
 
     return SizeOptions(
         context=context, batch=batch, kv_dtype=DType(kv_dtype), seq=seq, micro_batch=micro_batch,
-        recompute=recompute.value,
+        recompute=recompute.value, attention_kernel=attention_kernel.value,
+        activation_dtype=DType(activation_dtype.value),
         tokens=parse_amount(tokens, "--tokens") if tokens is not None else None,
         gpu=gpu, mfu=mfu,
         laws=tuple(x.value for x in laws) if laws else DEFAULT_LAWS,
@@ -99,7 +118,8 @@ def register(app: typer.Typer) -> None:
             "  archplan size presets/70b.yaml\n\n"
             "  archplan size llama-3-8b --context 8192 --batch 4 --kv-dtype fp8\n\n"
             "  archplan size mixtral-8x7b --seq 4096 --micro-batch 2 --recompute selective "
-            "--tokens 2T --gpu h100 --mfu 0.4 --json"
+            "--tokens 2T --gpu h100 --mfu 0.4 --json\n\n"
+            "  archplan size gpt2 --seq 1024 --micro-batch 8 --attention-kernel flash"
         ),
     )
     def size(
@@ -110,6 +130,8 @@ def register(app: typer.Typer) -> None:
         seq: SeqOpt = None,
         micro_batch: MicroBatchOpt = 1,
         recompute: RecomputeOpt = RecomputeChoice.none,
+        attention_kernel: KernelOpt = KernelChoice.eager,
+        activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = 0.4,
@@ -122,7 +144,7 @@ def register(app: typer.Typer) -> None:
         from archplan.report import size_report
 
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention)
+                            law, attention, attention_kernel, activation_dtype)
         loaded = load_spec(spec)
         report = size_report(loaded, opts, source=spec)
         if plot is not None:

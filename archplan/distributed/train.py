@@ -12,11 +12,18 @@ Memory: on CPU torch's `MemTracker` over real tensors (parameters, gradients, op
 activations, temporaries, at the tracked peak); on CUDA `torch.cuda.max_memory_allocated`. Two
 steps run first so AdamW's states exist; the measured step follows a reset of the statistics.
 Recompute uses the same checkpointing as the distributed stages (`shard.apply_recompute`).
+
+The analytic side is `size`'s peak of the step at the run's activation dtype and with the fused
+attention kernel SDPA runs (no s x s probabilities kept): `archplan size SPEC --micro-batch B
+--seq S --recompute R --activation-dtype DTYPE --attention-kernel flash`. The step is the one that model describes:
+the logits are dropped before the backward (torchtitan's train step does `del pred` for the same
+reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +31,8 @@ from enum import Enum
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from archplan.analytic import count_params
 from archplan.analytic.memory import Recompute, training_memory
@@ -34,6 +43,12 @@ from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import ModelPlan
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
+# The spread of size's step peak against MemTracker over gpt2, Llama-, MoE- and Mamba-shaped models,
+# every recompute mode, bf16 and fp32 (docs/benchmarks.md): +0.1 to +10.1 %, mostly the gradients
+# size keeps allocated through the step (16 B/param) where torch holds 12 + 2 per matmul weight at
+# the loss backward; outside it, Mamba without recompute (the reference scan keeps far more than
+# the fused kernel size counts), which the exit code flags.
+PEAK_TOLERANCE = 0.15
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,9 @@ class TrainBench:
     measured: dict[str, int]  # category → bytes at the peak (CPU); {"total": …} on CUDA
     method: str
     analytic_states: int
-    analytic_activations: int
+    analytic_activations: int  # kept by the forward
+    analytic_total: int  # the peak of the step
+    analytic_peak_phase: str
     states_ok: bool | None  # None where the method has no categories (CUDA)
     activations_ok: bool | None
     total_ok: bool
@@ -58,27 +75,49 @@ class TrainBench:
         return self.total_ok and self.states_ok is not False and self.activations_ok is not False
 
 
+class WeightCopies(TorchDispatchMode):
+    """Autocast's low-precision copies of the parameters (`aten._to_copy` of a Parameter): saved by
+    the matmuls for the backward, they are the 16-bit compute weights of size's model states,
+    which MemTracker files under activations. `alive()`: the bytes of those not yet freed (a
+    checkpointed layer frees its copies with the rest of its forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[weakref.ref[torch.UntypedStorage]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter):
+            self.copies.append(weakref.ref(out.untyped_storage()))
+        return out
+
+    def alive(self) -> int:
+        return sum(storage.nbytes() for ref in self.copies if (storage := ref()) is not None)
+
+
 def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
 
 def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: int, recompute: Recompute,
                 iters: int) -> TrainBench:
+    """One training step of `plan` as built (the caller truncates it for `--layers`)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     dev = resolve_device(device)
     torch.manual_seed(0)
     model = build_model(plan, dev, torch.float32)
     apply_recompute(model.layers, recompute)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     tokens = torch.randint(0, plan.vocab_size, (batch, seq), device=dev)
     labels = torch.roll(tokens, -1, dims=1)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
-    def step(probe: Callable[[str], None] = lambda _: None) -> None:
-        with autocast:
+    def step(probe: Callable[[str], None] = lambda _: None, copies: WeightCopies | None = None) -> None:
+        with autocast, copies if copies is not None else nullcontext():
             logits = model(tokens)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        del logits  # only the cross-entropy's fp32 log-probabilities stay for the backward
         probe("after forward")  # every saved activation alive
         loss.backward()
         probe("before step")  # parameters, every gradient, AdamW's states
@@ -94,7 +133,8 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         step()
         synchronize(dev)
         samples.append(time.perf_counter() - start)
-    analytic = training_memory(plan, count_params(plan), batch, seq, recompute)
+    analytic = training_memory(plan, count_params(plan), batch, seq, recompute, activation_dtype=dtype,
+                               attention_kernel="flash")
     analytic_states = analytic.states.total
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -109,12 +149,14 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         tracker.track_external(model, optimizer)
         probes: dict[str, dict[str, int]] = {}
 
+        copies = WeightCopies()
+
         def probe(when: str) -> None:
             snapshot = next(iter(tracker.get_tracker_snapshot("current").values()))
-            probes[when] = {_name(k): v for k, v in snapshot.items()}
+            probes[when] = {_name(k): v for k, v in snapshot.items()} | {"WeightCopies": copies.alive()}
 
         with tracker:
-            step(probe)
+            step(probe, copies)
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
         # AdamW's 0-d `step` tensors: on the host beside CUDA parameters, not model states
         steps = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
@@ -123,16 +165,19 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
             "Parameter": at_step.get("Parameter", 0), "Gradient": at_step.get("Gradient", 0),
             "Optstate": at_step.get("Optstate", 0) - steps,
             "Activation": probes["after forward"].get("Activation", 0),
+            "WeightCopies": probes["after forward"]["WeightCopies"],
             "Temp": next((v for k, v in peak.items() if _name(k) == "Temp"), 0),
             "Total": next(v for k, v in peak.items() if _name(k) == "Total") - steps,
         }
         total = measured["Total"]
         method = ("torch.distributed._tools.MemTracker on real CPU tensors: states before the optimizer step, "
-                  "activations after the forward, total and temporaries at the peak")
+                  "activations after the forward (less autocast's weight copies), total and temporaries at the peak")
         states = measured["Parameter"] + measured["Gradient"] + measured["Optstate"]
         states_ok = states == analytic_states
-        acts = measured["Activation"]
-        activations_ok = abs(acts - analytic.activations.total) <= ACTIVATION_TOLERANCE * analytic.activations.total
-    total_ok = abs(total - analytic.total) <= ACTIVATION_TOLERANCE * analytic.total
+        acts = measured["Activation"] - measured["WeightCopies"]
+        kept = analytic.activations.kept
+        activations_ok = abs(acts - kept) <= ACTIVATION_TOLERANCE * kept
+    total_ok = abs(total - analytic.total) <= PEAK_TOLERANCE * analytic.total
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
-                      analytic_states, analytic.activations.total, states_ok, activations_ok, total_ok)
+                      analytic_states, analytic.activations.kept, analytic.total, analytic.peak_phase,
+                      states_ok, activations_ok, total_ok)

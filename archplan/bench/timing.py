@@ -1,0 +1,55 @@
+"""Timed calls shared by `bench` (runner) and its `--seq` sweep: CUDA events on GPU, perf_counter
+on CPU, under one transient rich progress bar."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+@dataclass(frozen=True)
+class Timing:
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, n: int, progress: Progress, label: str,
+               between: Callable[[], None] | None = None) -> Timing:
+    """n timed calls of fn; `between` runs untimed after each (the decode calibration's samples)."""
+    task = progress.add_task(label, total=n)
+    samples = []
+    for _ in range(n):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        if between is not None:
+            between()
+        progress.advance(task)
+    progress.remove_task(task)
+    return Timing(tuple(samples))
