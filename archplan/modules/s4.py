@@ -226,8 +226,9 @@ class S4Mixer(nn.Module):
         disc = self._discrete()
         dB_HM, log_dA_HM = disc.b_HM, disc.log_a_HM
         assert log_dA_HM is not None  # S4D
-        chunk = basis_chunk(length)
-        full, rest = divmod(length, chunk)
+        # int(): under torch.jit tracing (fvcore) a size arrives as a 0-d tensor
+        chunk = basis_chunk(int(length))
+        full, rest = divmod(int(length), chunk)
         starts_S = torch.arange(full + (rest > 0), device=dB_HM.device, dtype=torch.float32) * chunk
         base_HNC = _powers(log_dA_HM, torch.arange(chunk, device=dB_HM.device, dtype=torch.float32))
         m = self.plan.modes
