@@ -450,7 +450,7 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
         "keeps freed memory in the process (glibc `mallopt`, as torch's CUDA caching allocator does): with "
         "glibc's defaults every block over 32 MiB is unmapped on free, so from 8k tokens each pass faults and "
         "zeroes its activations afresh, system time that grows with the size class, not with FLOPs or bytes "
-        "(at 16k about half of seed-s4d's pass; `archplan/bench/sweep.py`).",
+        "(at 16k a third of seed-s4d's pass; `archplan/bench/sweep.py`).",
         "",
     ]
     rows = []

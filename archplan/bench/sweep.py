@@ -13,7 +13,7 @@ On CPU under glibc the sweep keeps freed memory in the process (`mallopt`: no mm
 torch's CUDA caching allocator does. By default glibc serves every block over 32 MiB by mmap and
 unmaps it on free, so from 8k-16k tokens each pass faults and zeroes its activations afresh: on
 seed-s4d at 16k, 348k page faults and 0.57 s of system time in a 1.09 s pass (8k -> 16k took 2.6x;
-1.0 s and 2.0x without them), a cost of the allocator's size class that no FLOP or byte count has.
+0.72 s and 2.0x without them), a cost of the allocator's size class that no FLOP or byte count has.
 """
 
 from __future__ import annotations
