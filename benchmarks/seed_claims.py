@@ -446,7 +446,11 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
         "the peak of every tensor of the forward (torch `MemTracker`, weights included). The exponent k is "
         "the least-squares slope of log y on log n over the sweep; the analytic k is the same fit of the "
         "roofline time (analytic FLOPs, attention causal, and bytes against the calibrated peak) and of "
-        "the analytic peak memory. Attention runs SDPA's default CPU kernel (fused, O(n) memory).",
+        "the analytic peak memory. Attention runs SDPA's default CPU kernel (fused, O(n) memory). The sweep "
+        "keeps freed memory in the process (glibc `mallopt`, as torch's CUDA caching allocator does): with "
+        "glibc's defaults every block over 32 MiB is unmapped on free, so from 8k tokens each pass faults and "
+        "zeroes its activations afresh, system time that grows with the size class, not with FLOPs or bytes "
+        "(at 16k a third of seed-s4d's pass; `archplan/bench/sweep.py`).",
         "",
     ]
     rows = []

@@ -159,13 +159,16 @@ def test_fft_convention() -> None:
     assert real_fft_flops(6) == 5 * 6 * math.ceil(math.log2(6)) // 2
 
 
-def test_s4d_chunked_basis_changes_neither_values_nor_counted_flops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The basis made BASIS_CHUNK positions at a time: same kernel, prefill state and FLOPs."""
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11, 16])
+def test_s4d_chunked_basis_changes_neither_values_nor_counted_flops(monkeypatch: pytest.MonkeyPatch,
+                                                                     chunk: int) -> None:
+    """The basis made `chunk` positions at a time (whole chunks, a partial one, a single one): same
+    kernel, prefill state and FLOPs as the default √T chunks."""
     m = mixer(plan(False))
     x = torch.randn(2, 11, D_MODEL)
     whole_state = m.new_state(2, 11, "cpu", torch.float32)
     whole = m(x, whole_state)
-    monkeypatch.setattr(s4_module, "BASIS_CHUNK", 4)
+    monkeypatch.setattr(s4_module, "basis_chunk", lambda length: chunk)
     chunked_state = m.new_state(2, 11, "cpu", torch.float32)
     torch.testing.assert_close(m(x, chunked_state), whole)
     torch.testing.assert_close(chunked_state.x_BHM2, whole_state.x_BHM2)
@@ -174,6 +177,12 @@ def test_s4d_chunked_basis_changes_neither_values_nor_counted_flops(monkeypatch:
     with FlopCounterMode(display=False) as counter:
         meta(torch.zeros(2, 11, D_MODEL, device="meta"))
     assert counter.get_total_flops() == s4_counted_flops(plan(False), D_MODEL, 2, 11)
+
+
+def test_s4d_basis_chunk_is_near_the_square_root() -> None:
+    for length in (1, 2, 11, 2048, 4096, 16384, 1 << 20):
+        chunk = s4_module.basis_chunk(length)
+        assert chunk & (chunk - 1) == 0 and chunk * chunk <= 2 * length and length < 2 * chunk * chunk
 
 
 def test_verify_lists_the_fft_ops_with_their_formulas() -> None:

@@ -10,7 +10,7 @@ Layer over H = d_model channels, N' = N/2 complex modes (conjugate pairs), S = n
 Counted FLOPs of one forward (docs/architecture.md "FLOPs convention"; FFTs: docs/formulas.md, the
 registered convention 2.5·n·⌈log2 n⌉ per real FFT of length n, 5·n·⌈log2 n⌉ per complex FFT):
   kernel: S4D K = 2·[Re C̃, −Im C̃]·V with V (H, N, T) the real and imaginary parts of B̄·Ā^l:
-          one bmm, 2·H·N·T. S4 builds V = [B̄, Ā·B̄, Ā²·B̄, …] by doubling on the real (N × N) block
+          2·H·N·T, as bmm of the chunk starts' rows with a √T-position basis (l = s·c + j). S4 builds V = [B̄, Ā·B̄, Ā²·B̄, …] by doubling on the real (N × N) block
           form of the dense Ā: T − 1 columns of matrix-vector work (2·H·N²·(T−1)) and ⌈log2 T⌉ − 1
           squarings (2·H·N³ each), then the same C contraction.
   conv:   rfft(u) (B·H transforms) and rfft(K) (H), irfft (B·H), all of length n = 2T.
@@ -106,8 +106,8 @@ def s4_backward_adjust(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int
 
 
 def s4_elementwise(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
-    """Our estimate: kernel generation (the chunk basis' exp, cos, sin and the per-chunk products,
-    bounded by 8 per mode, position and channel), the spectrum product (6 per complex bin), D skip
+    """Our estimate: kernel generation (the basis' and chunk starts' exp, cos, sin and products,
+    O(H·M·√T) since the two-level split, bounded here by 8 per mode, position and channel), the spectrum product (6 per complex bin), D skip
     (2), GELU and GLU per token and channel."""
     h = d_model
     basis = 8 * h * m.modes * seq_len

@@ -9,8 +9,9 @@ buffers, as the reference's `register(name, tensor, lr=0.0)` does.
 Kernel generation (the counted path uses real matmuls only: FlopCounterMode counts a complex
 matmul as a real one, about 4 x low):
 - S4D (zero-order hold, s4d.py): Ā = exp(Δ·A), B̄ = (Ā − 1)/A · B, elementwise; K_l =
-  2·Re Σ C·B̄·Ā^l is the Vandermonde product, one real bmm [Re w, −Im w]·[Re Ā^j; Im Ā^j] per
-  chunk of positions (w = C·B̄·Ā^start), 2·H·N per position in all.
+  2·Re Σ C·B̄·Ā^l is the Vandermonde product, split in two levels: l = s·c + j with c ≈ √T, one
+  real bmm of the rows [Re w_s, −Im w_s] of every chunk start (w_s = C·B̄·Ā^(s·c)) with the
+  basis [Re Ā^j; Im Ā^j], 2·H·N per position in all.
 - S4 (bilinear, Gu et al. 2022 App. C.2): Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A) with A = Λ − P·P*. The
   inverse of the diagonal-plus-rank-one matrix is the Woodbury identity, so Ā = diag(d) + q·rᵀ and
   B̄ come out elementwise, exactly. Instead of the Cauchy kernel at the FFT nodes (which computes
@@ -26,8 +27,8 @@ per channel (state-spaces/s4 step mode "linear"), never the dense N × N matrix.
 T > 1 tokens into a fresh state runs the convolution and takes the final state as
 Σ_j Ā^(T−1−j)·B̄·u_j (real matmuls over the same basis); a single token, or any continuation,
 runs the recurrence token by token (from a zero state one step is the T = 1 convolution, without
-building a kernel). S4D works in chunks of BASIS_CHUNK positions, so its memory is
-O(H·N·BASIS_CHUNK), not O(H·N·T).
+building a kernel). S4D's two levels cost O(H·N·√T) exponentials and memory besides the kernel
+(H·T), not O(H·N·T).
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ from archplan.resolve import S4Plan
 
 # s4d.py / s4.py defaults: Δ ~ logU(1e-3, 1e-1)
 _DT_MIN, _DT_MAX = 1e-3, 1e-1
-# S4D kernel positions per chunk: the basis is H·N·512 floats (counted FLOPs are the same whatever
-# the chunking: the contraction is 2·H·N per position)
-BASIS_CHUNK = 512
+
+
+def basis_chunk(length: int) -> int:
+    """S4D positions per chunk c: a power of two near √T. The basis z^j (j < c) costs H·M·c
+    exponentials and sines, the chunk starts z^(s·c) H·M·⌈T/c⌉ more, least when c ≈ √T; the
+    counted FLOPs are the same whatever c (the contraction is 2·H·N per position)."""
+    return 1 << (length.bit_length() // 2)
+
+
+def _powers(log_z_HM: Tensor, exponents_P: Tensor) -> Tensor:
+    """(H, N, P) real rows [Re; Im] of z^p = e^(p·Re log z)·(cos, sin)(p·Im log z), real ops only
+    (torch's complex exp is ~3x slower on CPU)."""
+    mag_HMP = torch.exp(log_z_HM.real[:, :, None] * exponents_P)
+    phase_HMP = log_z_HM.imag[:, :, None] * exponents_P
+    return torch.cat([mag_HMP * torch.cos(phase_HMP), mag_HMP * torch.sin(phase_HMP)], dim=1)
 
 
 def fft_causal_conv(u_BCT: Tensor, k_KT: Tensor, expand: int = 1) -> Tensor:
@@ -195,9 +208,11 @@ class S4Mixer(nn.Module):
         """K (H, T) = 2·Re(C·Ā^l·B̄), fp32; with `u`, also the state after it from zero,
         x_T = Σ_j Ā^(T−1−j)·B̄·u_j, complex (B, H, M).
 
-        S4D works in chunks of c = BASIS_CHUNK positions on one basis z^j, j < c (z = Ā): the chunk
-        at s is z^s·z^j, so its kernel is 2·Re((C·B̄·z^s)·z^j), one (H, 1, N) × (H, N, c) bmm, and
-        no (H, N, T) tensor or T·H·N exponentials are ever made. S4 contracts its doubling basis."""
+        S4D works in chunks of c = basis_chunk(T) positions on one basis z^j, j < c (z = Ā): the
+        chunk at s·c is z^(s·c)·z^j, so its kernel is 2·Re((C·B̄·z^(s·c))·z^j), and all chunks are one
+        (H, S, N) × (H, N, c) bmm: no (H, N, T) tensor, T·H·N exponentials or per-chunk Python loop
+        (at a fixed c = 512 the basis alone was ~40 ms a layer on CPU, whatever T). S4 contracts its
+        doubling basis."""
         u_rev_HTB = u_BHT.flip(-1).permute(1, 2, 0) if u_BHT is not None else None
         c_HM = torch.view_as_complex(self.C.float().contiguous())
         if self.plan.dplr:
@@ -211,23 +226,36 @@ class S4Mixer(nn.Module):
         disc = self._discrete()
         dB_HM, log_dA_HM = disc.b_HM, disc.log_a_HM
         assert log_dA_HM is not None  # S4D
-        chunk = min(BASIS_CHUNK, length)
-        j_C = torch.arange(chunk, device=dB_HM.device, dtype=torch.float32)
-        # z^j = e^(j·Re log z)·(cos, sin)(j·Im log z): real ops (torch's complex exp is ~3x slower on CPU)
-        mag_HMC = torch.exp(log_dA_HM.real[:, :, None] * j_C)
-        phase_HMC = log_dA_HM.imag[:, :, None] * j_C
-        base_HNC = torch.cat([mag_HMC * torch.cos(phase_HMC), mag_HMC * torch.sin(phase_HMC)], dim=1)
+        # int(): under torch.jit tracing (fvcore) a size arrives as a 0-d tensor
+        chunk = basis_chunk(int(length))
+        full, rest = divmod(int(length), chunk)
+        starts_S = torch.arange(full + (rest > 0), device=dB_HM.device, dtype=torch.float32) * chunk
+        base_HNC = _powers(log_dA_HM, torch.arange(chunk, device=dB_HM.device, dtype=torch.float32))
         m = self.plan.modes
-        ks, x_BHM = [], None
-        for start in range(0, length, chunk):
-            n = min(chunk, length - start)
-            b_zs_HM = dB_HM * torch.exp(log_dA_HM * start)
-            ks.append(2 * (self._real_row(c_HM * b_zs_HM) @ base_HNC[:, :, :n])[:, 0])
-            if u_rev_HTB is not None:
-                part_HNB = base_HNC[:, :, :n] @ u_rev_HTB[:, start:start + n]
-                part_BHM = (b_zs_HM[:, :, None] * torch.complex(part_HNB[:, :m], part_HNB[:, m:])).permute(2, 0, 1)
-                x_BHM = part_BHM if x_BHM is None else x_BHM + part_BHM
-        return torch.cat(ks, dim=-1), x_BHM
+        zs_HNS = _powers(log_dA_HM, starts_S)
+        b_zs_HMS = dB_HM[:, :, None] * torch.complex(zs_HNS[:, :m], zs_HNS[:, m:])
+        # (H, S, N) rows [Re w_s, −Im w_s] of every chunk start w_s = C·B̄·z^(s·c)
+        w_HMS = c_HM[:, :, None] * b_zs_HMS
+        rows_HSN = torch.cat([w_HMS.real, -w_HMS.imag], dim=1).transpose(1, 2)
+        # whole chunks in one bmm, a partial last chunk in another: 2·H·N per position either way
+        ks = [(rows_HSN[:, :full] @ base_HNC).flatten(1)] if full else []
+        if rest:
+            ks.append((rows_HSN[:, full:] @ base_HNC[:, :, :rest])[:, 0])
+        k_HT = 2 * torch.cat(ks, dim=-1)
+        if u_rev_HTB is None:
+            return k_HT, None
+        # x_T = Σ_s B̄·z^(s·c)·Σ_j z^j·u_rev[s·c + j]: the inner sums of every chunk and sequence as
+        # one (H, N, c) × (H, c, S·B) bmm (the partial chunk apart), then the S chunk starts
+        batch = u_rev_HTB.shape[-1]
+        parts = []
+        if full:
+            u_HCX = u_rev_HTB[:, :full * chunk].unflatten(1, (full, chunk)).transpose(1, 2).flatten(2)
+            parts.append((base_HNC @ u_HCX).unflatten(2, (full, batch)))
+        if rest:
+            parts.append((base_HNC[:, :, :rest] @ u_rev_HTB[:, full * chunk:])[:, :, None])
+        part_HNSB = torch.cat(parts, dim=2)
+        x_HMB = (b_zs_HMS[..., None] * torch.complex(part_HNSB[:, :m], part_HNSB[:, m:])).sum(2)
+        return k_HT, x_HMB.permute(2, 0, 1)
 
     def kernel(self, length: int) -> Tensor:
         return self._kernel_and_state(length, None)[0]
