@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from torch import nn
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -39,7 +40,7 @@ from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
-from archplan.resolve import ModelPlan
+from archplan.resolve import ModelPlan, MoEPlan
 
 
 def residual_layout(sp: bool) -> Placement:
@@ -72,14 +73,104 @@ def attention_plan(module: Attention, sp: bool) -> TPPlan:
                                                    n_kv_heads=plan.n_kv_heads // tp))
 
 
-def ffn_plan(module: MLP | GLU, sp: bool) -> TPPlan:
+class Replicated(ParallelStyle):
+    """Parameters replicated over tp as DTensors (torchtitan's `NoParallel`): the module runs on the
+    gathered Replicate input, and where its output's gradient arrives as a Partial sum (each rank's
+    heads or tokens contribute a part) DTensor reduces its weight gradients over tp."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh)
+
+
+class LocalWithPartialGrad(ParallelStyle):
+    """The module's Replicate DTensor output becomes this rank's local tensor, its gradient declared
+    a Partial sum (`to_local(grad_placements=(Partial(),))`): each rank's heads use their local copy,
+    and DTensor sums the parts over tp where the gradient meets the replicated weights before it."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_local(_module: nn.Module, _inputs: object, out: DTensor) -> object:
+            return out.to_local(grad_placements=(Partial(),))
+
+        module.register_forward_hook(to_local)
+        return module
+
+
+class RowShardParallel(ParallelStyle):
+    """torch's `SequenceParallel` on the flattened (B·T/tp, D) rows of an MoE layer (sequence dim 0),
+    its parameters replicated as DTensors but its buffers left plain (distribute_module would
+    replicate the router's score-correction bias too, which the routing then adds to plain scores):
+    the rows are this rank's tokens, so the weight gradients come out Partial and are summed
+    over tp."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            replicated = DTensor.from_local(param, device_mesh, [Replicate()], run_check=False)
+            module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+
+        def shard_rows(_module: nn.Module, inputs: tuple[object, ...]) -> tuple[object, ...]:
+            return tuple(DTensor.from_local(x, device_mesh, [Shard(0)], run_check=False) for x in inputs)
+
+        def to_local(_module: nn.Module, _inputs: object, out: DTensor) -> object:
+            return out.to_local()
+
+        module.register_forward_pre_hook(shard_rows)
+        module.register_forward_hook(to_local)
+        return module
+
+
+def mla_plan(module: MLA, sp: bool) -> TPPlan:
+    """DeepSeek-V3's tensor-parallel MLA (torchtitan `deepseek_v3/infra/parallelize.py`): the latent
+    down-projections and their norms are replicated (they run on every rank's gathered input), the
+    up-projections q_b_proj / kv_b_proj (q_proj without a query latent) column-parallel over the
+    heads, o_proj row-parallel. The latent c_kv stays a Replicate DTensor into kv_b_proj, so its
+    gradient returns as a Partial sum; the rotary key k_pe, which every head reads, is made local
+    with a Partial gradient (`LocalWithPartialGrad`): torch sums both over tp in the backward, and
+    all-reduces the replicated weights' gradients."""
     styles: dict[str, ParallelStyle] = {
-        "": PrepareModuleInput(input_layouts=(residual_layout(sp),), desired_input_layouts=(Replicate(),)),
+        "": _gathered_input(sp),
+        "kv_a_proj_with_mqa": Replicated(),
+        "kv_a_norm": Replicated(),
+        "k_pe": LocalWithPartialGrad(),
+        "kv_b_proj": ColwiseParallel(),
+        "o_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+    if module.q_proj is not None:
+        styles["q_proj"] = ColwiseParallel()
+    else:
+        styles |= {"q_a_proj": Replicated(), "q_a_norm": Replicated(), "q_b_proj": ColwiseParallel()}
+    return TPPlan(styles, lambda plan, tp: replace(plan, n_heads=plan.n_heads // tp))
+
+
+def _ffn_styles(module: MLP | GLU, outside: Placement) -> dict[str, ParallelStyle]:
+    styles: dict[str, ParallelStyle] = {
+        "": PrepareModuleInput(input_layouts=(outside,), desired_input_layouts=(Replicate(),)),
         "up_proj": ColwiseParallel(),
-        "down_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
+        "down_proj": RowwiseParallel(output_layouts=outside),
     }
     if isinstance(module, GLU):
         styles["gate_proj"] = ColwiseParallel()
+    return styles
+
+
+def ffn_plan(module: MLP | GLU, sp: bool) -> TPPlan:
+    return TPPlan(_ffn_styles(module, residual_layout(sp)))
+
+
+def moe_plan(module: MoEFFN, sp: bool) -> TPPlan:
+    """An MoE layer under tensor + sequence parallelism, as Megatron-Core runs it with expert tensor
+    parallelism 1 (`MoELayer`, `TopKRouter`, `SharedExpertMLP`): each tp rank routes its own
+    sequence shard (the flattened (B·T/tp, D) rows) with the router replicated, its rows go through
+    the expert all-to-all over ep (`expert.py`) to whole experts, and come back to the same shard.
+    The router's and the shared gate's weights see only the rank's tokens: their gradients are
+    summed over tp (Megatron marks them `sequence_parallel`; here DTensor's Partial → Replicate).
+    Shared experts are a tensor-parallel FFN on those rows: gathered over tp, column/row-parallel,
+    reduce-scattered back. Without SP every tp rank would route the same tokens (Megatron-Core
+    refuses it too: `refusal`)."""
+    styles: dict[str, ParallelStyle] = {"router": RowShardParallel()}
+    if module.shared_gate is not None:
+        styles["shared_gate"] = RowShardParallel()
+    if module.shared is not None:
+        styles |= {f"shared.{k}" if k else "shared": v for k, v in _ffn_styles(module.shared, Shard(0)).items()}
     return TPPlan(styles)
 
 
@@ -102,10 +193,16 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
                 return "ALiBi under tensor parallelism (the slope table is per global head)"
             return None
         case MLA():
-            return ("MLA under tensor parallelism (its rotary key k_pe is shared by all heads, so its "
-                    "gradient needs a TP reduction DTensor's plans do not express); use tp=1 with ep/pp/dp")
+            if module.plan.n_heads % tp:
+                return f"{module.plan.n_heads} MLA heads do not split over tp={tp}"
+            if module.alibi is not None:
+                return "ALiBi under tensor parallelism (the slope table is per global head)"
+            return None
         case MoEFFN():
-            return "MoE layers under tensor parallelism (experts shard over ep; use tp=1 with ep)"
+            shared = module.shared
+            if shared is not None and shared.up_proj.out_features % tp:
+                return f"shared-expert d_ff {shared.up_proj.out_features} over tp={tp}"
+            return None
         case Mamba1Mixer() | Mamba2Mixer():
             return "Mamba mixers under tensor parallelism (the selective scan's projections are not split)"
         case S4Mixer() | HyenaMixer() | StripedHyenaMixer():
@@ -127,6 +224,9 @@ def model_refusal(plan: ModelPlan, tp: int, sp: bool, pp: int) -> str | None:
         return "a tied head with a bias under tensor parallelism"
     if sp and plan.position in ("learned", "sinusoidal"):
         return "absolute positions added to a sequence-parallel residual stream"
+    if not sp and any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers):
+        # Megatron-Core's MoELayer raises the same: every tp rank would route the same tokens
+        return "MoE layers under tensor parallelism without sequence parallelism"
     return None
 
 
@@ -134,8 +234,12 @@ def module_plan(module: nn.Module, sp: bool) -> TPPlan | None:
     match module:
         case Attention():
             return attention_plan(module, sp)
+        case MLA():
+            return mla_plan(module, sp)
         case MLP() | GLU():
             return ffn_plan(module, sp)
+        case MoEFFN():
+            return moe_plan(module, sp)
         case _:
             return None
 

@@ -12,7 +12,8 @@ uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through 
 - zero=0: `replicate` (FSDP2's replicate mode, DDP semantics): gradients all-reduced once per step.
 Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
 reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
-Experts shard over their own data-parallel group (expert_dp).
+Experts shard over the ranks that hold the same experts (`mesh.experts`: expert_dp × tp, experts
+being whole on every tp rank).
 Each layer is one FSDP unit, the embedding another; final norm + head are in the root unit.
 """
 
@@ -151,8 +152,12 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
     for block in stage.layers.values():
         moe = block.ffn
         if isinstance(moe, MoEFFN) and isinstance(moe.experts, ExpertParallel):
-            experts = fully_shard(moe.experts, mesh=mesh["expert_dp"], mp_policy=policy,
-                                  reshard_after_forward=reshard)
+            # fewer local experts than shards: shard the FFN width instead of padding dim 0
+            # (torchtitan `apply_fsdp`'s `_experts_shard_placement_fn`)
+            replicas = mesh.experts.size()
+            experts = fully_shard(moe.experts, mesh=mesh.experts, mp_policy=policy,
+                                  reshard_after_forward=reshard,
+                                  shard_placement_fn=lambda p: Shard(1) if p.shape[0] < replicas else Shard(0))
             # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
             # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
             # expert gradient scaling)
