@@ -300,6 +300,17 @@ def _tp_ffn(layer: LayerPlan) -> bool:
             return False
 
 
+def _ends_in_tp_reduction(layer: LayerPlan) -> bool:
+    """Whether nothing is saved for the backward after the layer's last row-parallel reduction
+    (`modules.moe.MoEFFN.forward`): a routed-only MoE layer ends in the experts' combine, whose
+    inputs are saved, and a training load-balancing loss is computed after the shared experts."""
+    match layer.ffn:
+        case MoEPlan():
+            return layer.ffn.shared is not None and layer.ffn.aux_loss_coef == 0
+        case _:
+            return True
+
+
 def _sp_summed(layer: LayerPlan, name: str) -> bool:
     """A tensor that sees only a rank's sequence shard under SP: a block norm, or an MoE layer's
     router and shared gate (Megatron-Core marks them `sequence_parallel`; `distributed.plans`)."""
@@ -653,9 +664,8 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         s4 = sum(isinstance(plan.layers[i].mixer, S4Plan) for i in chunk.layers)
         sub_blocks = sum(1 + _tp_ffn(plan.layers[i]) for i in chunk.layers) - s4
         # torch's non-reentrant checkpoint stops the re-run once the last saved tensor is rebuilt,
-        # before each layer's last row-parallel reduction (torch.utils.checkpoint, early stop): a
-        # routed-only MoE layer ends in the experts' combine, whose output is saved
-        ends_tp = sum(plan.layers[i].ffn is None or _tp_ffn(plan.layers[i]) for i in chunk.layers)
+        # before each layer's last row-parallel reduction (torch.utils.checkpoint, early stop)
+        ends_tp = sum(_ends_in_tp_reduction(plan.layers[i]) for i in chunk.layers)
         skipped = ends_tp if fwd == 2 and engine == "torch" else 0
         outputs = m * (sub_blocks * (fwd + 1) - skipped)
         if sp:
