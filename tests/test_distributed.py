@@ -44,7 +44,11 @@ def _worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None
     ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
     ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
     ("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
-], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "ep2"])
+    # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
+    # sequence shard to whole experts, reduced over tp); full recompute re-runs both
+    ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
+], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
     mp.spawn(_worker, args=(str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
@@ -151,7 +152,9 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
     reshard = zero == 3
     for block in stage.layers.values():
         moe = block.ffn
-        if isinstance(moe, MoEFFN) and isinstance(moe.experts, ExpertParallel):
+        # experts are their own unit whenever other ranks hold them than the dense weights (ep
+        # splits them; under tp every tp rank holds them whole and feeds them its own tokens)
+        if isinstance(moe, MoEFFN) and (mesh.layout.ep > 1 or mesh.layout.tp > 1):
             # fewer local experts than shards: shard the FFN width instead of padding dim 0
             # (torchtitan `apply_fsdp`'s `_experts_shard_placement_fn`)
             replicas = mesh.experts.size()
@@ -162,6 +165,10 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
             # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
             # expert gradient scaling)
             experts.set_gradient_divide_factor(mesh.layout.dp)
+            if mesh.experts.size() > 1 and dist.get_backend(mesh.experts.get_group()) == "gloo":
+                # a factor other than the group size is a PREMUL_SUM reduction, which gloo lacks:
+                # sum, then divide (the same reduce-scatter)
+                experts.set_force_sum_reduction_for_comms(True)
             units.append(experts)
         units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     # the ends: the embedding its own unit (as torchtitan), final norm + head in the stage's root
