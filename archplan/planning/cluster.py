@@ -21,7 +21,9 @@ chunks (`layout.pipeline_chunks`), plus the embedding (+ learned positions, embe
 first chunk and the final norm + LM head on the last. A tied head is counted once when one rank
 holds both ends (pp = 1); with pp > 1 the last stage holds a copy (Megatron's shared embedding).
 Tensor parallelism splits each tensor as `shards.Tensor.local_shape` says; experts are split over
-ep. Expert tensors replicate over the expert data-parallel group (dp·cp/ep ranks), everything else
+ep. Expert tensors replicate over the expert data-parallel group (dp·cp/ep ranks) × tp (experts
+are whole on every tp rank: `expert_replicas`; FSDP2 shards their dim 1 when a rank has fewer
+experts than that group has ranks, torchtitan's placement), everything else
 over the dp·cp ranks (context-parallel ranks hold the same weights: Megatron reduces gradients over
 the data × context group).
 
@@ -78,7 +80,13 @@ unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inp
   the forward and of the input gradient in the backward (Shoeybi et al. 2019 §3); with SP an
   all-gather + reduce-scatter in the forward and a reduce-scatter + all-gather + the re-gather of
   the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones.
-  Under SP the norm weights' gradients are summed over tp (one all-reduce per step).
+  Under SP the norm weights' gradients are summed over tp (one all-reduce per step), and so
+  are an MoE layer's router and shared gate's, which see only the rank's sequence shard; MLA's
+  latent down-projections and their norms run replicated on every rank's gathered input and feed
+  only its heads, so theirs are summed over tp with or without SP (torchtitan's DeepSeek-V3 plan).
+  MoE layers run with expert tensor parallelism 1 (Megatron-Core's MoE with SP): each tp rank
+  routes its own sequence shard to whole experts (no TP collective), only shared experts are a
+  tensor-parallel sub-block; expert gradients reduce over expert_dp × tp (`expert_replicas`).
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
   input under SP) add one each way. Hyena and StripedHyena follow that pattern (column-parallel
   projections in, row-parallel out, depthwise convolutions local to a rank's channels, see
@@ -95,7 +103,8 @@ unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inp
   1/tp of it per rank (Narayanan et al. 2021 §4.1: scattered over the TP ranks before the send,
   all-gathered over NVLink after; sequence-sharded already under SP).
 - EP, per MoE layer and micro-batch: a dispatch and a combine all-to-all of the k routed copies of
-  the rank's tokens in the forward and the backward (Lepikhin et al. 2020), + 2 under full recompute.
+  the rank's tokens (its sequence shard under SP) in the forward and the backward (Lepikhin et al.
+  2020), + 2 under full recompute.
 - DP over dp·cp (experts over dp·cp/ep), one record per pipeline chunk's layers + one for the
   ends: zero 0 an all-reduce of the gradients per step; 1 a reduce-scatter per step and an
   all-gather of the updated bf16 parameters (Megatron's distributed optimizer); 2 a reduce-scatter
