@@ -48,7 +48,10 @@ def _worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None
     # sequence shard to whole experts, reduced over tp); full recompute re-runs both
     ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
     ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
-], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute"])
+    # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
+    ("tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute",
+        "tp2-mqa-alibi"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
     mp.spawn(_worker, args=(str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module
@@ -38,6 +39,7 @@ from archplan.modules.mamba1 import Mamba1Mixer
 from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
+from archplan.modules.positions import Alibi, alibi_slopes
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
 from archplan.resolve import ModelPlan, MoEPlan
@@ -50,10 +52,32 @@ def residual_layout(sp: bool) -> Placement:
 
 @dataclass(frozen=True)
 class TPPlan:
-    """Styles by submodule path ("" = the module itself) and the local plan of a shard."""
+    """Styles by submodule path ("" = the module itself), the local plan of a shard, and what else
+    a rank's shard keeps of its own (`localize(module, tp_rank, tp)`: ALiBi slopes of its heads)."""
 
     styles: dict[str, ParallelStyle]
     local_plan: Callable[[object, int], object] | None = None
+    localize: Callable[[nn.Module, int, int], None] | None = None
+
+
+class RankAlibi(Alibi):
+    """The ALiBi slopes of one tp rank's heads: rows [start, start + count) of the global table
+    (Press et al. 2022 §3; BLOOM's Megatron-DeepSpeed slices them the same way)."""
+
+    def __init__(self, total: int, start: int, count: int) -> None:
+        self.total, self.start = total, start
+        super().__init__(count)
+
+    def reset_buffers(self) -> None:
+        table = alibi_slopes(self.total)[self.start:self.start + self.n_heads]
+        self.slopes = torch.tensor(table, dtype=torch.float32, device=self.slopes.device)
+
+
+def _rank_alibi(module: nn.Module, rank: int, tp: int) -> None:
+    alibi = getattr(module, "alibi", None)
+    if alibi is not None:
+        count = alibi.n_heads // tp
+        module.alibi = RankAlibi(alibi.n_heads, rank * count, count).to(alibi.slopes.device)
 
 
 def _gathered_input(sp: bool) -> PrepareModuleInput:
@@ -62,15 +86,19 @@ def _gathered_input(sp: bool) -> PrepareModuleInput:
 
 
 def attention_plan(module: Attention, sp: bool) -> TPPlan:
+    """Megatron's attention: q/k/v column-parallel over the heads, o_proj row-parallel. With one KV
+    head (MQA) and tp > 1 every rank keeps that head whole (Megatron replicates KV heads below tp):
+    k_proj / v_proj replicated, their outputs local with Partial gradients (`SharedByHeads`)."""
+    kv = SharedByHeads() if module.plan.n_kv_heads == 1 else ColwiseParallel()
     styles: dict[str, ParallelStyle] = {
         "": _gathered_input(sp),
         "q_proj": ColwiseParallel(),
-        "k_proj": ColwiseParallel(),
-        "v_proj": ColwiseParallel(),
+        "k_proj": kv,
+        "v_proj": kv,
         "o_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
     }
     return TPPlan(styles, lambda plan, tp: replace(plan, n_heads=plan.n_heads // tp,
-                                                   n_kv_heads=plan.n_kv_heads // tp))
+                                                   n_kv_heads=max(1, plan.n_kv_heads // tp)), _rank_alibi)
 
 
 class Replicated(ParallelStyle):
@@ -118,6 +146,14 @@ class RowShardParallel(ParallelStyle):
         return module
 
 
+class SharedByHeads(ParallelStyle):
+    """A projection every rank's heads read (MQA's one KV head): replicated weights on the gathered
+    input, the output made local with a Partial gradient, so torch sums its gradient over tp."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return LocalWithPartialGrad()._apply(Replicated()._apply(module, device_mesh), device_mesh)
+
+
 def mla_plan(module: MLA, sp: bool) -> TPPlan:
     """DeepSeek-V3's tensor-parallel MLA (torchtitan `deepseek_v3/infra/parallelize.py`): the latent
     down-projections and their norms are replicated (they run on every rank's gathered input), the
@@ -138,7 +174,7 @@ def mla_plan(module: MLA, sp: bool) -> TPPlan:
         styles["q_proj"] = ColwiseParallel()
     else:
         styles |= {"q_a_proj": Replicated(), "q_a_norm": Replicated(), "q_b_proj": ColwiseParallel()}
-    return TPPlan(styles, lambda plan, tp: replace(plan, n_heads=plan.n_heads // tp))
+    return TPPlan(styles, lambda plan, tp: replace(plan, n_heads=plan.n_heads // tp), _rank_alibi)
 
 
 def _ffn_styles(module: MLP | GLU, outside: Placement) -> dict[str, ParallelStyle]:
@@ -184,19 +220,15 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
     match module:
         case Attention():
             p = module.plan
-            if p.n_heads % tp or p.n_kv_heads % tp:
+            if p.n_heads % tp or p.n_kv_heads % tp and p.n_kv_heads != 1:
                 return (f"{p.n_heads} query / {p.n_kv_heads} key-value heads do not split over tp={tp} "
-                        "(Megatron replicates KV heads below tp; archplan does not)")
+                        "(KV heads are replicated below tp only for one KV head)")
             if p.qk_norm is not None:
                 return "qk-norm under tensor parallelism (its weights see only a rank's heads)"
-            if module.alibi is not None:
-                return "ALiBi under tensor parallelism (the slope table is per global head)"
             return None
         case MLA():
             if module.plan.n_heads % tp:
                 return f"{module.plan.n_heads} MLA heads do not split over tp={tp}"
-            if module.alibi is not None:
-                return "ALiBi under tensor parallelism (the slope table is per global head)"
             return None
         case MoEFFN():
             shared = module.shared

@@ -67,6 +67,8 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
             parallelize_module(sub, tp_mesh, tp_plan.styles)
             if tp_plan.local_plan is not None:
                 sub.plan = tp_plan.local_plan(sub.plan, tp)
+            if tp_plan.localize is not None:
+                tp_plan.localize(sub, tp_mesh.get_local_rank(), tp)
         if norm is not None:
             for name in ("norm1", "norm2", "post_norm1", "post_norm2"):
                 if hasattr(block, name):

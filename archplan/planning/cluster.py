@@ -330,10 +330,17 @@ def _sp_summed(layer: LayerPlan, name: str) -> bool:
 
 
 def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
-    """MLA's replicated latent down-projections and norms: run whole on every rank, read by the
-    rank's heads only, so their gradients are partial sums over tp (torchtitan's DeepSeek-V3 plan)."""
-    return isinstance(layer.mixer, MLAPlan) and tensor.split == "replicated" and tensor.name.startswith(
-        f"{layer.path}.mixer.")
+    """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
+    partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
+    and MQA's one KV head (k_proj, v_proj), which Megatron replicates on every tp rank."""
+    mixer = f"{layer.path}.mixer."
+    match layer.mixer:
+        case MLAPlan():
+            return tensor.split == "replicated" and tensor.name.startswith(mixer)
+        case AttentionPlan():
+            return layer.mixer.n_kv_heads == 1 and tensor.name.startswith((f"{mixer}k_proj.", f"{mixer}v_proj."))
+        case _:
+            return False
 
 
 def _glu_width(layer: LayerPlan) -> int:
