@@ -105,8 +105,9 @@ def test_refusals_are_one_line(fake_world: None) -> None:
     from archplan.errors import ArchplanError
 
     plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
-    layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1").complete()
-    with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism"):
+    # MoE under tp needs sequence parallelism (each tp rank routes its own sequence shard)
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1,sp=off").complete()
+    with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism without sequence parallelism"):
         check_layout_run(plan, layout, 32, microbatches=1)
 
 
