@@ -66,9 +66,7 @@ TIED = "tp=1,cp=1,pp=1,dp=1024,ep=1,zero=3,recompute=full,mb=1"
 FALLBACK = {
     "falcon-7b": TIED, "gpt2": TIED, "mamba-2.8b": TIED,
     "hyena-153m": TIED,
-    "frontier-1t-moe": "tp=4,cp=1,pp=2,dp=128,ep=2,zero=3,recompute=full,mb=1",
-    "gpt-4-rumored": "tp=2,cp=1,pp=2,dp=256,ep=16,zero=3,recompute=full,mb=1",
-    "hybrid-ssm-moe": MOE, "jamba-v0.1": MOE,
+    "frontier-1t-moe": MOE, "gpt-4-rumored": MOE, "hybrid-ssm-moe": MOE, "jamba-v0.1": MOE,
     "mixtral-8x7b": "tp=8,cp=1,pp=2,dp=64,ep=8,zero=2,recompute=none,mb=1",
     "stripedhyena-7b": "tp=1,cp=1,pp=4,dp=256,ep=1,zero=3,recompute=none,mb=1",
 }
