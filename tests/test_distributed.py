@@ -44,7 +44,14 @@ def _worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None
     ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
     ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
     ("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
-], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "ep2"])
+    # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
+    # sequence shard to whole experts, reduced over tp); full recompute re-runs both
+    ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
+    # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
+    ("tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute",
+        "tp2-mqa-alibi"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
     mp.spawn(_worker, args=(str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -98,8 +105,9 @@ def test_refusals_are_one_line(fake_world: None) -> None:
     from archplan.errors import ArchplanError
 
     plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
-    layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1").complete()
-    with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism"):
+    # MoE under tp needs sequence parallelism (each tp rank routes its own sequence shard)
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1,sp=off").complete()
+    with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism without sequence parallelism"):
         check_layout_run(plan, layout, 32, microbatches=1)
 
 

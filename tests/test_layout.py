@@ -143,7 +143,8 @@ def test_tensor_parallel_shards() -> None:
     moe = _plan("deepseek-v3")
     experts = {t.name.rsplit(".", 1)[-1]: t.local_shape(2, 64) for t in layer_tensors(moe.layers[3], moe)
                if t.expert}
-    assert experts["w_up_EFD"] == (4, 1024, 7168) and experts["w_down_EDF"] == (4, 7168, 1024)
+    # expert tensor parallelism 1: E/ep whole experts on every tp rank
+    assert experts["w_up_EFD"] == (4, 2048, 7168) and experts["w_down_EDF"] == (4, 7168, 2048)
 
 
 # ---------------------------------------------------------------------------------- model states

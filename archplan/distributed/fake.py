@@ -119,8 +119,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     sharded = shard_stage(module, mesh, balanced=True)
     local_seq = seq // layout.tp if layout.sequence_parallel else seq
     hidden = (layout.mb, local_seq, plan.d_model)
-    group_sizes = {name: mesh[dims[0]].size() for name, dims in mesh.dims_by_group.items()}
-    recorder = CollectiveRecorder(mesh.dims_by_group, group_sizes)
+    recorder = CollectiveRecorder(mesh.dims_by_group, mesh.group_sizes)
     with _loss_meta_untracked(), FakeTensorMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():

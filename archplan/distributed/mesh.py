@@ -43,20 +43,30 @@ class LayoutMesh:
     layout: Layout
     root: DeviceMesh  # (pp, expert_dp, ep, tp)
     dp: DeviceMesh  # expert_dp × ep flattened: the dense weights' data-parallel group
+    # the ranks holding the same experts: expert_dp, × tp when tp > 1 (experts are whole on every
+    # tp rank, expert tensor parallelism 1, and each tp rank feeds them its own tokens)
+    experts: DeviceMesh
 
     def __getitem__(self, dim: MeshDim) -> DeviceMesh:
         return self.dp if dim == "dp" else self.root[dim]
+
+    def _groups(self) -> list[tuple[MeshDim, DeviceMesh]]:
+        return [*((dim, self[dim]) for dim in (*MESH_DIMS, "dp")), ("expert_dp", self.experts)]
 
     @property
     def dims_by_group(self) -> dict[str, tuple[MeshDim, ...]]:
         """Process-group name → the mesh dimensions over it (ep and dp share one when expert_dp = 1)."""
         names: dict[str, tuple[MeshDim, ...]] = {}
-        for dim in (*MESH_DIMS, "dp"):
-            mesh = self[dim]
+        for dim, mesh in self._groups():
             if mesh.size() > 1:
                 name = mesh.get_group().group_name
-                names[name] = (*names.get(name, ()), dim)
+                if dim not in names.get(name, ()):
+                    names[name] = (*names.get(name, ()), dim)
         return names
+
+    @property
+    def group_sizes(self) -> dict[str, int]:
+        return {mesh.get_group().group_name: mesh.size() for _, mesh in self._groups() if mesh.size() > 1}
 
     @property
     def stage(self) -> int:
@@ -72,4 +82,5 @@ def build_mesh(layout: Layout, device_type: str) -> LayoutMesh:
         raise ArchplanError(f"--layout needs {layout.world} ranks, the process group has {dist.get_world_size()}")
     root = init_device_mesh(device_type, (layout.pp, layout.expert_dp, layout.ep, layout.tp),
                             mesh_dim_names=MESH_DIMS)
-    return LayoutMesh(layout, root, root["expert_dp", "ep"]._flatten("dp"))
+    experts = root["expert_dp"] if layout.tp == 1 else root["expert_dp", "tp"]._flatten("expert_dp_tp")
+    return LayoutMesh(layout, root, root["expert_dp", "ep"]._flatten("dp"), experts)

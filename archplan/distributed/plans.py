@@ -19,8 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -37,9 +39,10 @@ from archplan.modules.mamba1 import Mamba1Mixer
 from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
+from archplan.modules.positions import Alibi, alibi_slopes
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
-from archplan.resolve import ModelPlan
+from archplan.resolve import ModelPlan, MoEPlan
 
 
 def residual_layout(sp: bool) -> Placement:
@@ -49,10 +52,32 @@ def residual_layout(sp: bool) -> Placement:
 
 @dataclass(frozen=True)
 class TPPlan:
-    """Styles by submodule path ("" = the module itself) and the local plan of a shard."""
+    """Styles by submodule path ("" = the module itself), the local plan of a shard, and what else
+    a rank's shard keeps of its own (`localize(module, tp_rank, tp)`: ALiBi slopes of its heads)."""
 
     styles: dict[str, ParallelStyle]
     local_plan: Callable[[object, int], object] | None = None
+    localize: Callable[[nn.Module, int, int], None] | None = None
+
+
+class RankAlibi(Alibi):
+    """The ALiBi slopes of one tp rank's heads: rows [start, start + count) of the global table
+    (Press et al. 2022 §3; BLOOM's Megatron-DeepSpeed slices them the same way)."""
+
+    def __init__(self, total: int, start: int, count: int) -> None:
+        self.total, self.start = total, start
+        super().__init__(count)
+
+    def reset_buffers(self) -> None:
+        table = alibi_slopes(self.total)[self.start:self.start + self.n_heads]
+        self.slopes = torch.tensor(table, dtype=torch.float32, device=self.slopes.device)
+
+
+def _rank_alibi(module: nn.Module, rank: int, tp: int) -> None:
+    alibi = getattr(module, "alibi", None)
+    if alibi is not None:
+        count = alibi.n_heads // tp
+        module.alibi = RankAlibi(alibi.n_heads, rank * count, count).to(alibi.slopes.device)
 
 
 def _gathered_input(sp: bool) -> PrepareModuleInput:
@@ -61,25 +86,127 @@ def _gathered_input(sp: bool) -> PrepareModuleInput:
 
 
 def attention_plan(module: Attention, sp: bool) -> TPPlan:
+    """Megatron's attention: q/k/v column-parallel over the heads, o_proj row-parallel. With one KV
+    head (MQA) and tp > 1 every rank keeps that head whole (Megatron replicates KV heads below tp):
+    k_proj / v_proj replicated, their outputs local with Partial gradients (`SharedByHeads`)."""
+    kv = SharedByHeads() if module.plan.n_kv_heads == 1 else ColwiseParallel()
     styles: dict[str, ParallelStyle] = {
         "": _gathered_input(sp),
         "q_proj": ColwiseParallel(),
-        "k_proj": ColwiseParallel(),
-        "v_proj": ColwiseParallel(),
+        "k_proj": kv,
+        "v_proj": kv,
         "o_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
     }
     return TPPlan(styles, lambda plan, tp: replace(plan, n_heads=plan.n_heads // tp,
-                                                   n_kv_heads=plan.n_kv_heads // tp))
+                                                   n_kv_heads=max(1, plan.n_kv_heads // tp)), _rank_alibi)
 
 
-def ffn_plan(module: MLP | GLU, sp: bool) -> TPPlan:
+class Replicated(ParallelStyle):
+    """Parameters replicated over tp as DTensors (torchtitan's `NoParallel`): the module runs on the
+    gathered Replicate input, and where its output's gradient arrives as a Partial sum (each rank's
+    heads or tokens contribute a part) DTensor reduces its weight gradients over tp."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh)
+
+
+class LocalWithPartialGrad(ParallelStyle):
+    """The module's Replicate DTensor output becomes this rank's local tensor, its gradient declared
+    a Partial sum (`to_local(grad_placements=(Partial(),))`): each rank's heads use their local copy,
+    and DTensor sums the parts over tp where the gradient meets the replicated weights before it."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_local(_module: nn.Module, _inputs: object, out: DTensor) -> object:
+            return out.to_local(grad_placements=(Partial(),))
+
+        module.register_forward_hook(to_local)
+        return module
+
+
+class RowShardParallel(ParallelStyle):
+    """torch's `SequenceParallel` on the flattened (B·T/tp, D) rows of an MoE layer (sequence dim 0),
+    its parameters replicated as DTensors but its buffers left plain (distribute_module would
+    replicate the router's score-correction bias too, which the routing then adds to plain scores):
+    the rows are this rank's tokens, so the weight gradients come out Partial and are summed
+    over tp."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            replicated = DTensor.from_local(param, device_mesh, [Replicate()], run_check=False)
+            module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+
+        def shard_rows(_module: nn.Module, inputs: tuple[object, ...]) -> tuple[object, ...]:
+            return tuple(DTensor.from_local(x, device_mesh, [Shard(0)], run_check=False) for x in inputs)
+
+        def to_local(_module: nn.Module, _inputs: object, out: DTensor) -> object:
+            return out.to_local()
+
+        module.register_forward_pre_hook(shard_rows)
+        module.register_forward_hook(to_local)
+        return module
+
+
+class SharedByHeads(ParallelStyle):
+    """A projection every rank's heads read (MQA's one KV head): replicated weights on the gathered
+    input, the output made local with a Partial gradient, so torch sums its gradient over tp."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return LocalWithPartialGrad()._apply(Replicated()._apply(module, device_mesh), device_mesh)
+
+
+def mla_plan(module: MLA, sp: bool) -> TPPlan:
+    """DeepSeek-V3's tensor-parallel MLA (torchtitan `deepseek_v3/infra/parallelize.py`): the latent
+    down-projections and their norms are replicated (they run on every rank's gathered input), the
+    up-projections q_b_proj / kv_b_proj (q_proj without a query latent) column-parallel over the
+    heads, o_proj row-parallel. The latent c_kv stays a Replicate DTensor into kv_b_proj, so its
+    gradient returns as a Partial sum; the rotary key k_pe, which every head reads, is made local
+    with a Partial gradient (`LocalWithPartialGrad`): torch sums both over tp in the backward, and
+    all-reduces the replicated weights' gradients."""
     styles: dict[str, ParallelStyle] = {
-        "": PrepareModuleInput(input_layouts=(residual_layout(sp),), desired_input_layouts=(Replicate(),)),
+        "": _gathered_input(sp),
+        "kv_a_proj_with_mqa": Replicated(),
+        "kv_a_norm": Replicated(),
+        "k_pe": LocalWithPartialGrad(),
+        "kv_b_proj": ColwiseParallel(),
+        "o_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+    if module.q_proj is not None:
+        styles["q_proj"] = ColwiseParallel()
+    else:
+        styles |= {"q_a_proj": Replicated(), "q_a_norm": Replicated(), "q_b_proj": ColwiseParallel()}
+    return TPPlan(styles, lambda plan, tp: replace(plan, n_heads=plan.n_heads // tp), _rank_alibi)
+
+
+def _ffn_styles(module: MLP | GLU, outside: Placement) -> dict[str, ParallelStyle]:
+    styles: dict[str, ParallelStyle] = {
+        "": PrepareModuleInput(input_layouts=(outside,), desired_input_layouts=(Replicate(),)),
         "up_proj": ColwiseParallel(),
-        "down_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
+        "down_proj": RowwiseParallel(output_layouts=outside),
     }
     if isinstance(module, GLU):
         styles["gate_proj"] = ColwiseParallel()
+    return styles
+
+
+def ffn_plan(module: MLP | GLU, sp: bool) -> TPPlan:
+    return TPPlan(_ffn_styles(module, residual_layout(sp)))
+
+
+def moe_plan(module: MoEFFN, sp: bool) -> TPPlan:
+    """An MoE layer under tensor + sequence parallelism, as Megatron-Core runs it with expert tensor
+    parallelism 1 (`MoELayer`, `TopKRouter`, `SharedExpertMLP`): each tp rank routes its own
+    sequence shard (the flattened (B·T/tp, D) rows) with the router replicated, its rows go through
+    the expert all-to-all over ep (`expert.py`) to whole experts, and come back to the same shard.
+    The router's and the shared gate's weights see only the rank's tokens: their gradients are
+    summed over tp (Megatron marks them `sequence_parallel`; here DTensor's Partial → Replicate).
+    Shared experts are a tensor-parallel FFN on those rows: gathered over tp, column/row-parallel,
+    reduce-scattered back. Without SP every tp rank would route the same tokens (Megatron-Core
+    refuses it too: `refusal`)."""
+    styles: dict[str, ParallelStyle] = {"router": RowShardParallel()}
+    if module.shared_gate is not None:
+        styles["shared_gate"] = RowShardParallel()
+    if module.shared is not None:
+        styles |= {f"shared.{k}" if k else "shared": v for k, v in _ffn_styles(module.shared, Shard(0)).items()}
     return TPPlan(styles)
 
 
@@ -93,19 +220,21 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
     match module:
         case Attention():
             p = module.plan
-            if p.n_heads % tp or p.n_kv_heads % tp:
+            if p.n_heads % tp or p.n_kv_heads % tp and p.n_kv_heads != 1:
                 return (f"{p.n_heads} query / {p.n_kv_heads} key-value heads do not split over tp={tp} "
-                        "(Megatron replicates KV heads below tp; archplan does not)")
+                        "(KV heads are replicated below tp only for one KV head)")
             if p.qk_norm is not None:
                 return "qk-norm under tensor parallelism (its weights see only a rank's heads)"
-            if module.alibi is not None:
-                return "ALiBi under tensor parallelism (the slope table is per global head)"
             return None
         case MLA():
-            return ("MLA under tensor parallelism (its rotary key k_pe is shared by all heads, so its "
-                    "gradient needs a TP reduction DTensor's plans do not express); use tp=1 with ep/pp/dp")
+            if module.plan.n_heads % tp:
+                return f"{module.plan.n_heads} MLA heads do not split over tp={tp}"
+            return None
         case MoEFFN():
-            return "MoE layers under tensor parallelism (experts shard over ep; use tp=1 with ep)"
+            shared = module.shared
+            if shared is not None and shared.up_proj.out_features % tp:
+                return f"shared-expert d_ff {shared.up_proj.out_features} over tp={tp}"
+            return None
         case Mamba1Mixer() | Mamba2Mixer():
             return "Mamba mixers under tensor parallelism (the selective scan's projections are not split)"
         case S4Mixer() | HyenaMixer() | StripedHyenaMixer():
@@ -127,6 +256,9 @@ def model_refusal(plan: ModelPlan, tp: int, sp: bool, pp: int) -> str | None:
         return "a tied head with a bias under tensor parallelism"
     if sp and plan.position in ("learned", "sinusoidal"):
         return "absolute positions added to a sequence-parallel residual stream"
+    if not sp and any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers):
+        # Megatron-Core's MoELayer raises the same: every tp rank would route the same tokens
+        return "MoE layers under tensor parallelism without sequence parallelism"
     return None
 
 
@@ -134,8 +266,12 @@ def module_plan(module: nn.Module, sp: bool) -> TPPlan | None:
     match module:
         case Attention():
             return attention_plan(module, sp)
+        case MLA():
+            return mla_plan(module, sp)
         case MLP() | GLU():
             return ffn_plan(module, sp)
+        case MoEFFN():
+            return moe_plan(module, sp)
         case _:
             return None
 

@@ -12,7 +12,8 @@ uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through 
 - zero=0: `replicate` (FSDP2's replicate mode, DDP semantics): gradients all-reduced once per step.
 Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
 reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
-Experts shard over their own data-parallel group (expert_dp).
+Experts shard over the ranks that hold the same experts (`mesh.experts`: expert_dp × tp, experts
+being whole on every tp rank).
 Each layer is one FSDP unit, the embedding another; final norm + head are in the root unit.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
@@ -65,6 +67,8 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
             parallelize_module(sub, tp_mesh, tp_plan.styles)
             if tp_plan.local_plan is not None:
                 sub.plan = tp_plan.local_plan(sub.plan, tp)
+            if tp_plan.localize is not None:
+                tp_plan.localize(sub, tp_mesh.get_local_rank(), tp)
         if norm is not None:
             for name in ("norm1", "norm2", "post_norm1", "post_norm2"):
                 if hasattr(block, name):
@@ -150,13 +154,23 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
     reshard = zero == 3
     for block in stage.layers.values():
         moe = block.ffn
-        if isinstance(moe, MoEFFN) and isinstance(moe.experts, ExpertParallel):
-            experts = fully_shard(moe.experts, mesh=mesh["expert_dp"], mp_policy=policy,
-                                  reshard_after_forward=reshard)
+        # experts are their own unit whenever other ranks hold them than the dense weights (ep
+        # splits them; under tp every tp rank holds them whole and feeds them its own tokens)
+        if isinstance(moe, MoEFFN) and (mesh.layout.ep > 1 or mesh.layout.tp > 1):
+            # fewer local experts than shards: shard the FFN width instead of padding dim 0
+            # (torchtitan `apply_fsdp`'s `_experts_shard_placement_fn`)
+            replicas = mesh.experts.size()
+            experts = fully_shard(moe.experts, mesh=mesh.experts, mp_policy=policy,
+                                  reshard_after_forward=reshard,
+                                  shard_placement_fn=lambda p: Shard(1) if p.shape[0] < replicas else Shard(0))
             # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
             # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
             # expert gradient scaling)
             experts.set_gradient_divide_factor(mesh.layout.dp)
+            if mesh.experts.size() > 1 and dist.get_backend(mesh.experts.get_group()) == "gloo":
+                # a factor other than the group size is a PREMUL_SUM reduction, which gloo lacks:
+                # sum, then divide (the same reduce-scatter)
+                experts.set_force_sum_reduction_for_comms(True)
             units.append(experts)
         units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     # the ends: the embedding its own unit (as torchtitan), final norm + head in the stage's root

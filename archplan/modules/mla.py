@@ -56,6 +56,9 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(plan.q_lora_rank, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d_model, plan.kv_lora_rank + r, bias=False)
         self.kv_a_norm = build_norm(plan.norm, plan.kv_lora_rank)
+        # the rotary key every head shares: a hook point where a tensor-parallel plan hands each
+        # rank its local copy, whose gradient is then summed over the ranks' heads (plans.py)
+        self.k_pe = nn.Identity()
         self.kv_b_proj = nn.Linear(plan.kv_lora_rank, h * (plan.qk_nope_head_dim + plan.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * plan.v_head_dim, d_model, bias=False)
         self.rotary = RotaryEmbedding(r, rope) if rope is not None else None
@@ -89,6 +92,11 @@ class MLA(nn.Module):
 
     def project(self, x_BTD: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         """q_nope (B, H, T, Dn), rotated q_pe (B, H, T, R) and the new cache rows [c_kv | k_pe] (B, T, C+R)."""
+        q_nope, q_pe, ckv_BTC, kpe_BTR = self._project(x_BTD, offset)
+        return q_nope, q_pe, torch.cat([ckv_BTC, kpe_BTR], dim=-1)
+
+    def _project(self, x_BTD: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q_nope, rotated q_pe, the normed latent c_kv (B, T, C) and the rotated k_pe (B, T, R)."""
         p = self.plan
         b, t, _ = x_BTD.shape
         dn, r, c = p.qk_nope_head_dim, p.qk_rope_head_dim, p.kv_lora_rank
@@ -96,38 +104,44 @@ class MLA(nn.Module):
         q_nope, q_pe = q_BHTX.split([dn, r], dim=-1)
         ckv_BTC, kpe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([c, r], dim=-1)
         ckv_BTC = self.kv_a_norm(ckv_BTC)
+        kpe_BTR = self.k_pe(kpe_BTR)
         if self.rotary is not None:
             cos, sin = self.rotary(offset, t)
             q_pe = apply_rotary(q_pe, cos, sin)
             kpe_BTR = apply_rotary(kpe_BTR, cos, sin)
-        return q_nope, q_pe, torch.cat([ckv_BTC, kpe_BTR], dim=-1)
+        return q_nope, q_pe, ckv_BTC, kpe_BTR
 
     def forward(self, x_BTD: Tensor, state: LatentState | None = None) -> Tensor:
         p = self.plan
         b, t, _ = x_BTD.shape
-        offset = state.seen if state is not None else 0
-        q_nope, q_pe, latent_BTX = self.project(x_BTD, offset)
-        qpos_T = torch.arange(offset, offset + t, device=x_BTD.device)
         if state is None:
-            keys_BSX, kpos_S = latent_BTX, qpos_T
-        else:
-            (keys_BSX,), kpos_S = cache_step([state.latent_BLX], [latent_BTX], 1, state.seen, p.window)
-            state.advance(t)
-        cached = state is not None
-        if cached and self.absorbs(t, keys_BSX.shape[1]):
+            # no cache: c_kv and k_pe go to the expansion as they are, never concatenated (under
+            # tensor parallelism c_kv is replicated over tp and k_pe this rank's share of it)
+            q_nope, q_pe, ckv_BTC, kpe_BTR = self._project(x_BTD, 0)
+            qpos_T = torch.arange(t, device=x_BTD.device)
+            return self.o_proj(self._expand(q_nope, q_pe, ckv_BTC, kpe_BTR, qpos_T, qpos_T, False))
+        q_nope, q_pe, latent_BTX = self.project(x_BTD, state.seen)
+        qpos_T = torch.arange(state.seen, state.seen + t, device=x_BTD.device)
+        (keys_BSX,), kpos_S = cache_step([state.latent_BLX], [latent_BTX], 1, state.seen, p.window)
+        state.advance(t)
+        if self.absorbs(t, keys_BSX.shape[1]):
             out_BTX = self.attend_absorbed(q_nope, q_pe, keys_BSX, qpos_T, kpos_S)
         else:
-            out_BTX = self.attend_expanded(q_nope, q_pe, keys_BSX, qpos_T, kpos_S, cached)
+            out_BTX = self.attend_expanded(q_nope, q_pe, keys_BSX, qpos_T, kpos_S, True)
         return self.o_proj(out_BTX)
 
     def attend_expanded(self, q_nope: Tensor, q_pe: Tensor, keys_BSX: Tensor, qpos_T: Tensor, kpos_S: Tensor,
                         cached: bool) -> Tensor:
         """Every key re-expanded through kv_b_proj, then SDPA over H heads; returns (B, T, H·Dv)."""
+        ckv_BSC, kpe_BSR = keys_BSX.split([self.plan.kv_lora_rank, self.plan.qk_rope_head_dim], dim=-1)
+        return self._expand(q_nope, q_pe, ckv_BSC, kpe_BSR, qpos_T, kpos_S, cached)
+
+    def _expand(self, q_nope: Tensor, q_pe: Tensor, ckv_BSC: Tensor, kpe_BSR: Tensor, qpos_T: Tensor,
+                kpos_S: Tensor, cached: bool) -> Tensor:
         p = self.plan
         b, h, t, _ = q_nope.shape
-        s = keys_BSX.shape[1]
+        s = kpe_BSR.shape[1]
         dn, dv, r = p.qk_nope_head_dim, p.v_head_dim, p.qk_rope_head_dim
-        ckv_BSC, kpe_BSR = keys_BSX.split([p.kv_lora_rank, r], dim=-1)
         kv_BHSX = self.kv_b_proj(ckv_BSC).view(b, s, h, dn + dv).transpose(1, 2)
         k_nope, v_BHSDv = kv_BHSX.split([dn, dv], dim=-1)
         k_BHSX = torch.cat([k_nope, kpe_BSR[:, None].expand(b, h, s, r)], dim=-1)

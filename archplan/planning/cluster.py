@@ -21,7 +21,9 @@ chunks (`layout.pipeline_chunks`), plus the embedding (+ learned positions, embe
 first chunk and the final norm + LM head on the last. A tied head is counted once when one rank
 holds both ends (pp = 1); with pp > 1 the last stage holds a copy (Megatron's shared embedding).
 Tensor parallelism splits each tensor as `shards.Tensor.local_shape` says; experts are split over
-ep. Expert tensors replicate over the expert data-parallel group (dp·cp/ep ranks), everything else
+ep. Expert tensors replicate over the expert data-parallel group (dp·cp/ep ranks) × tp (experts
+are whole on every tp rank: `expert_replicas`; FSDP2 shards their dim 1 when a rank has fewer
+experts than that group has ranks, torchtitan's placement), everything else
 over the dp·cp ranks (context-parallel ranks hold the same weights: Megatron reduces gradients over
 the data × context group).
 
@@ -78,7 +80,13 @@ unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inp
   the forward and of the input gradient in the backward (Shoeybi et al. 2019 §3); with SP an
   all-gather + reduce-scatter in the forward and a reduce-scatter + all-gather + the re-gather of
   the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones.
-  Under SP the norm weights' gradients are summed over tp (one all-reduce per step).
+  Under SP the norm weights' gradients are summed over tp (one all-reduce per step), and so
+  are an MoE layer's router and shared gate's, which see only the rank's sequence shard; MLA's
+  latent down-projections and their norms run replicated on every rank's gathered input and feed
+  only its heads, so theirs are summed over tp with or without SP (torchtitan's DeepSeek-V3 plan).
+  MoE layers run with expert tensor parallelism 1 (Megatron-Core's MoE with SP): each tp rank
+  routes its own sequence shard to whole experts (no TP collective), only shared experts are a
+  tensor-parallel sub-block; expert gradients reduce over expert_dp × tp (`expert_replicas`).
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
   input under SP) add one each way. Hyena and StripedHyena follow that pattern (column-parallel
   projections in, row-parallel out, depthwise convolutions local to a rank's channels, see
@@ -95,7 +103,8 @@ unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inp
   1/tp of it per rank (Narayanan et al. 2021 §4.1: scattered over the TP ranks before the send,
   all-gathered over NVLink after; sequence-sharded already under SP).
 - EP, per MoE layer and micro-batch: a dispatch and a combine all-to-all of the k routed copies of
-  the rank's tokens in the forward and the backward (Lepikhin et al. 2020), + 2 under full recompute.
+  the rank's tokens (its sequence shard under SP) in the forward and the backward (Lepikhin et al.
+  2020), + 2 under full recompute.
 - DP over dp·cp (experts over dp·cp/ep), one record per pipeline chunk's layers + one for the
   ends: zero 0 an all-reduce of the gradients per step; 1 a reduce-scatter per step and an
   all-gather of the updated bf16 parameters (Megatron's distributed optimizer); 2 a reduce-scatter
@@ -180,6 +189,14 @@ FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2, "torch",
 STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2)}
 
 
+def expert_replicas(layout: Layout) -> int:
+    """Ranks holding the same experts, over which their gradients reduce: the expert data-parallel
+    group (dp·cp/ep) × tp, since experts are whole on every tp rank (expert tensor parallelism 1,
+    `shards.py`) and each tp rank routes its own tokens to them (Megatron-Core's expert data-parallel
+    group with ETP = 1 spans the tensor-parallel ranks too)."""
+    return layout.expert_dp * layout.tp
+
+
 def _check_states(states: StatesConvention, layout: Layout) -> None:
     if states.params_always_sharded and layout.zero < 2:
         raise ArchplanError(f"--states {states.key} always shards parameters: zero must be 2 "
@@ -219,17 +236,21 @@ class ModelData:
                     for mode in ("none", "selective")}
             kept["full"] = acts["full"][layer.path]
             shared_input = plan.residual == "parallel" and len(layer.norms) == 1
-            ffn_column = layer.ffn is not None and not shared_input
+            ffn_column = _tp_ffn(layer) and not shared_input
             replicated = ACT_BYTES * seq * (h * (len(layer.norms) + ffn_column) + _mixer_whole(layer, h))
             heads = _heads(layer)
             self.acts.append(LayerActs(kept, replicated, kept["none"] - kept["selective"],
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
                                        ACT_BYTES * seq * _glu_width(layer),
                                        ACT_BYTES * seq * h * len(layer.norms)))
-        # elements of each sequence-parallel norm tensor (the block norms and the ends' norms)
-        self.sp_norms: list[list[int]] = [
-            [t.numel for t in tensors if any(t.name.startswith(f"{layer.path}.{n}.") for n in layer.norms)]
-            for layer, tensors in zip(plan.layers, self.layer_tensors)]
+        # elements of each replicated tensor whose gradient is summed over tp: under SP those that
+        # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
+        # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
+        # norms, which feed every rank's heads (`_tp_summed`)
+        self.sp_norms: list[list[int]] = [[t.numel for t in tensors if _sp_summed(layer, t.name)]
+                                          for layer, tensors in zip(plan.layers, self.layer_tensors)]
+        self.tp_summed: list[list[int]] = [[t.numel for t in tensors if _tp_summed(layer, t)]
+                                           for layer, tensors in zip(plan.layers, self.layer_tensors)]
         self.sp_norms_first = [t.numel for t in self.first if t.name.startswith("embed_norm.")]
         self.sp_norms_last = [t.numel for t in self.last if t.name.startswith("final_norm.")]
         self.first_act = acts["none"]["embed"] + acts["none"].get("embed_norm", 0)
@@ -273,6 +294,53 @@ class ModelData:
         if key not in self._acts:
             self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine) for a in self.acts]
         return self._acts[key]
+
+
+def _tp_ffn(layer: LayerPlan) -> bool:
+    """Whether the FFN is a tensor-parallel sub-block (gathered input, row-parallel output): a dense
+    FFN, or an MoE layer's shared experts. Routed experts are whole on every tp rank (expert tensor
+    parallelism 1), fed by each rank's own sequence shard: no TP collective of their own."""
+    match layer.ffn:
+        case FFNPlan():
+            return True
+        case MoEPlan():
+            return layer.ffn.shared is not None
+        case _:
+            return False
+
+
+def _ends_in_tp_reduction(layer: LayerPlan) -> bool:
+    """Whether nothing is saved for the backward after the layer's last row-parallel reduction
+    (`modules.moe.MoEFFN.forward`): a routed-only MoE layer ends in the experts' combine, whose
+    inputs are saved, and a training load-balancing loss is computed after the shared experts."""
+    match layer.ffn:
+        case MoEPlan():
+            return layer.ffn.shared is not None and layer.ffn.aux_loss_coef == 0
+        case _:
+            return True
+
+
+def _sp_summed(layer: LayerPlan, name: str) -> bool:
+    """A tensor that sees only a rank's sequence shard under SP: a block norm, or an MoE layer's
+    router and shared gate (Megatron-Core marks them `sequence_parallel`; `distributed.plans`)."""
+    if any(name.startswith(f"{layer.path}.{n}.") for n in layer.norms):
+        return True
+    return isinstance(layer.ffn, MoEPlan) and name.startswith(
+        (f"{layer.path}.ffn.router.", f"{layer.path}.ffn.shared_gate."))
+
+
+def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
+    """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
+    partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
+    and MQA's one KV head (k_proj, v_proj), which Megatron replicates on every tp rank."""
+    mixer = f"{layer.path}.mixer."
+    match layer.mixer:
+        case MLAPlan():
+            return tensor.split == "replicated" and tensor.name.startswith(mixer)
+        case AttentionPlan():
+            return layer.mixer.n_kv_heads == 1 and tensor.name.startswith((f"{mixer}k_proj.", f"{mixer}v_proj."))
+        case _:
+            return False
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -355,7 +423,11 @@ def _fsdp_numel(tensors: tuple[Tensor, ...], tp: int, ep: int, dp: int, edp: int
     for t in tensors:
         shape = t.local_shape(tp, ep)
         rest = math.prod(shape[1:])
-        if t.expert:
+        if t.expert and shape[0] < edp:
+            # fewer local experts than shards: FSDP2 shards dim 1 instead (`distributed.shard`,
+            # torchtitan's `_experts_shard_placement_fn`)
+            expert += shape[0] * math.ceil(shape[1] / edp) * math.prod(shape[2:])
+        elif t.expert:
             expert += math.ceil(shape[0] / edp) * rest
         else:
             dense += math.ceil(shape[0] / dp) * rest
@@ -456,7 +528,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
     tp, ep, zero = layout.tp, layout.ep, layout.zero
     dp = layout.dp * layout.cp
-    edp = layout.expert_dp
+    edp = expert_replicas(layout)
     chunks = rank_chunks(len(data.plan.layers), layout, stage)
     dense = expert = 0
     shard_dense = shard_expert = 0
@@ -576,7 +648,7 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
     """Gradient reduction and parameter gathers of `local` (dense, expert) elements whose FSDP2
     shards are `fsdp`; `calls` tensors' worth merged into one record (bytes summed)."""
     groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, False),
-              ("expert_dp", layout.expert_dp, True))
+              ("expert_dp", expert_replicas(layout), True))
     zero = layout.zero
     out: list[Collective] = []
     for (mesh, size, expert), n, shard in zip(groups, local, fsdp):
@@ -606,7 +678,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     tp_over, ep_over = "tp" in overlap, "ep" in overlap
     engine = states.engine
     out: list[Collective] = []
-    norm_grads: dict[int, int] = {}  # elements -> tensors: sequence-parallel norm weights
+    norm_grads: dict[int, int] = {}  # elements -> tensors: replicated weights summed over tp
 
     def add(kind: str, mesh: str, size: int, nbytes: int, count: int, what: str,
             overlappable: bool = False) -> None:
@@ -616,10 +688,11 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     for chunk in rank_chunks(len(plan.layers), layout, stage):
         span = f"layers {chunk.layers.start}-{chunk.layers.stop - 1}" if chunk.layers else "no layers"
         s4 = sum(isinstance(plan.layers[i].mixer, S4Plan) for i in chunk.layers)
-        sub_blocks = sum(1 + (plan.layers[i].ffn is not None) for i in chunk.layers) - s4
+        sub_blocks = sum(1 + _tp_ffn(plan.layers[i]) for i in chunk.layers) - s4
         # torch's non-reentrant checkpoint stops the re-run once the last saved tensor is rebuilt,
         # before each layer's last row-parallel reduction (torch.utils.checkpoint, early stop)
-        skipped = len(chunk.layers) if fwd == 2 and engine == "torch" else 0
+        ends_tp = sum(_ends_in_tp_reduction(plan.layers[i]) for i in chunk.layers)
+        skipped = ends_tp if fwd == 2 and engine == "torch" else 0
         outputs = m * (sub_blocks * (fwd + 1) - skipped)
         if sp:
             # Megatron re-gathers the column input in the backward; DTensor saved it gathered
@@ -657,6 +730,10 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                     norm_grads[n] = norm_grads.get(n, 0) + 1
             for flag, norms in ((chunk.first, data.sp_norms_first), (chunk.last, data.sp_norms_last)):
                 for n in norms if flag else ():
+                    norm_grads[n] = norm_grads.get(n, 0) + 1
+        if tp > 1:
+            for i in chunk.layers:
+                for n in data.tp_summed[i]:
                     norm_grads[n] = norm_grads.get(n, 0) + 1
         kv_calls: dict[int, int] = {}
         ep_calls: dict[int, int] = {}
@@ -700,7 +777,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         # data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) + the ends,
         # or, per_layer=False, one per chunk with the bytes summed (what pricing needs)
         dp_over = "dp" in overlap
-        dp, edp = layout.dp * layout.cp, layout.expert_dp
+        dp, edp = layout.dp * layout.cp, expert_replicas(layout)
         numel_d, numel_e = data.numel(tp, ep)
         fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
         lo, hi = chunk.layers.start, chunk.layers.stop
@@ -730,11 +807,12 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     match engine:
         case "torch":
             for n, count in norm_grads.items():
-                add("all_reduce", "tp", tp, n * ACT_BYTES, m * count, "sequence-parallel norm weight gradients")
+                add("all_reduce", "tp", tp, n * ACT_BYTES, m * count,
+                    "replicated weight gradients summed over tp (SP norms, routers, MLA latents)")
         case "megatron":
             total = sum(n * count for n, count in norm_grads.items())
             add("all_reduce", "tp", tp, total * states.grad_bytes, 1 if total else 0,
-                "sequence-parallel norm weight gradients")
+                "replicated weight gradients summed over tp (SP norms, routers, MLA latents)")
         case _:
             assert_never(engine)
     return out

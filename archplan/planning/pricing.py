@@ -200,7 +200,9 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         if t.expert and t.name.endswith(("_EFD", "_EDF")):
             moe = layer.ffn
             assert isinstance(moe, MoEPlan)
-            routed = math.ceil(tokens * moe.top_k * ep / moe.n_experts)
+            # whole experts on every tp rank, each fed its own sequence shard under SP (shards.py)
+            own = tokens // tp if layout.sequence_parallel else tokens
+            routed = math.ceil(own * moe.top_k * ep / moe.n_experts)
             gemm += gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
         elif len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
             # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs

@@ -12,8 +12,10 @@ torch `ColwiseParallel` / `RowwiseParallel`):
 - vocab: dim 0 (the vocabulary) split over tp in torch.chunk's way, ceil(V/tp) rows on rank 0
   (VocabParallelEmbedding, a colwise LM head).
 - replicated: norms, routers, the shared-expert gate, MLA's low-rank down-projections.
-- expert_column / expert_row: stacked experts, dim 0 (experts) over ep, the FFN width (dim 1 /
-  dim 2) over tp (Megatron-Core's expert tensor parallelism equal to tp).
+- expert_column / expert_row: stacked experts, dim 0 (experts) over ep, whole on every tp rank:
+  expert tensor parallelism 1 (Megatron-Core `--expert-tensor-parallel-size 1`, torchtitan's
+  default), each tp rank feeding them its own sequence shard of tokens; so they replicate over
+  tp × the expert data-parallel group (`cluster.expert_replicas`).
 Mamba mixers split like Megatron-Core's MambaMixer: everything indexed by d_inner or SSM heads
 column-wise, out_proj row-wise; Mamba-1's x_proj (input d_inner) row-wise.
 Long-convolution mixers (S4/S4D, Hyena, StripedHyena) split their d_model channels over tp, as
@@ -87,14 +89,8 @@ class Tensor:
                 shape[0] = math.ceil(shape[0] / tp)
             case "replicated":
                 pass
-            case "expert_column":
+            case "expert_column" | "expert_row":
                 shape[0] = shape[0] // ep
-                if len(shape) > 1:
-                    shape[1] = math.ceil(shape[1] / tp)
-            case "expert_row":
-                shape[0] = shape[0] // ep
-                if len(shape) > 2:
-                    shape[2] = math.ceil(shape[2] / tp)
             case _:
                 assert_never(self.split)
         return tuple(shape)
@@ -285,7 +281,6 @@ def _moe(path: str, m: MoEPlan, d: int) -> list[Tensor]:
         if glu:
             out.append(Tensor(f"{experts}.b_gate_EF", (e, f), "expert_column"))
         out.append(Tensor(f"{experts}.b_up_EF", (e, f), "expert_column"))
-        # added after the row-split reduction, like a row linear's bias: whole on every tp rank
         out.append(Tensor(f"{experts}.b_down_ED", (e, d), "expert_column"))
     if m.shared is not None:
         out += _ffn(f"{path}.shared", m.shared, d)
