@@ -67,18 +67,8 @@ def _check(result: LayoutCheck) -> None:
     assert any(r.measured for r in result.collectives)
 
 
-# Known difference, kept visible: on gpt-4-rumored's last stage torch gathers (and reduce-scatters)
-# the root FSDP unit as two collectives of 0.27 GB and 3.29 GB where the layout model prices one of
-# 3.56 GB. Parameters, gradients and optimizer states match, and the bytes agree in total; the split
-# of the root unit's parameters into two flat buffers is not modelled yet.
-KNOWN_MISMATCH = {"gpt-4-rumored": "root FSDP unit gathered as two collectives, priced as one"}
-
-
 def _marks(name: str) -> list[pytest.MarkDecorator]:
-    marks = [pytest.mark.slow] if name in SLOW else []
-    if name in KNOWN_MISMATCH:
-        marks.append(pytest.mark.xfail(reason=KNOWN_MISMATCH[name], strict=True))
-    return marks
+    return [pytest.mark.slow] if name in SLOW else []
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in sorted(LAYOUTS)])

@@ -159,11 +159,12 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
             experts.set_gradient_divide_factor(mesh.layout.dp)
             units.append(experts)
         units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
-    # the ends: the embedding its own unit (as torchtitan), final norm + head in the stage's root
-    # unit (a list of modules as one unit, torchtitan's `fully_shard([norm, output])`, reduces
-    # its members' gradients apart and gathers it again per module in torch 2.13); a tied
-    # head reads the embedding's weight, so then the root holds both ends
-    if stage.embed is not None and not stage.plan.tied:
+    # the ends: the embedding its own unit (as torchtitan), everything else (learned positions,
+    # embedding norm, final norm, head) in the stage's root unit (a list of modules as one unit,
+    # torchtitan's `fully_shard([norm, output])`, reduces its members' gradients apart and
+    # gathers it again per module in torch 2.13); a tied head on the same stage reads the
+    # embedding's weight, so then the root holds both ends (`cluster._fsdp_end_units`)
+    if stage.embed is not None and not isinstance(stage.lm_head, TiedLMHead):
         units.append(fully_shard(stage.embed, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
     return tuple(units)

@@ -180,6 +180,18 @@ FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2, "torch",
 STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2)}
 
 
+def _fsdp_end_units(data: ModelData, first: bool, last: bool, pp: int) -> tuple[tuple[tuple[Tensor, ...], str], ...]:
+    """The FSDP2 units of a stage's ends (`distributed.shard._fsdp`): the embedding module is its
+    own unit unless the stage's head reads its weight (tied, both ends on one stage); everything
+    else (learned positions, the embedding norm, final norm, head) is in the stage's root unit.
+    FSDP2 gathers and reduces one flat buffer per unit (`FSDPParamGroup`), so one record each."""
+    ends = data.ends(first, last, pp)
+    if data.plan.tied and first and last:
+        return ((ends, "embedding + final norm + LM head (root unit)"),)
+    embed = tuple(t for t in ends if t.name.startswith("embed.")) if first else ()
+    return ((embed, "embedding"), (tuple(t for t in ends if t not in embed), "stage root unit"))
+
+
 def _check_states(states: StatesConvention, layout: Layout) -> None:
     if states.params_always_sharded and layout.zero < 2:
         raise ArchplanError(f"--states {states.key} always shards parameters: zero must be 2 "
@@ -702,13 +714,16 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
                                grad_reduce, dp_over)
-        ends = ((chunk.first, data.first, "embedding"),
-                (chunk.last, data.ends(False, True, layout.pp), "final norm + LM head"))
-        if engine == "torch" and plan.tied and chunk.first and chunk.last:
-            # FSDP2: the tied head reads the embedding's weight, so one unit holds both ends
-            ends = ((True, data.first + data.ends(False, True, layout.pp), "embedding + final norm + LM head"),)
-        for flag, tensors, what in ends:
-            if flag and tensors:
+        match engine:
+            case "megatron":
+                ends = ((data.first if chunk.first else (), "embedding"),
+                        (data.ends(False, chunk.last, layout.pp), "final norm + LM head"))
+            case "torch":
+                ends = _fsdp_end_units(data, chunk.first, chunk.last, layout.pp)
+            case _:
+                assert_never(engine)
+        for tensors, what in ends:
+            if tensors:
                 out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
                                    what, layout, m, states, grad_reduce, dp_over)
         if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
