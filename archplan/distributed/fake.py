@@ -20,6 +20,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from archplan.distributed.comms import CollectiveRecorder
@@ -42,7 +44,7 @@ DEVICE = torch.device("cpu")
 CATEGORY = {
     "Sharded Param": "parameters",
     "Sharded Grad": "gradients",
-    "Unsharded Grad": "temporary",  # the full gradient before its reduce-scatter (zero 2/3)
+    "Unsharded Grad": "temporary",  # a unit's whole gradient before its reduce-scatter
     "OptState": "optimizer",
     "Activation": "activations",
     "Inputs": "activations",
@@ -93,6 +95,26 @@ def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
 
+# ZeRO-1 on FSDP2: gradients accumulate unsharded over the micro-batches before the last (no
+# gradient sync), upcast to fp32 in each FSDPParam's `unsharded_accumulated_grad`
+# (`to_accumulated_grad_if_needed`), a tensor FSDPMemTracker files as "Temp"; `sample` reads them
+# off the FSDP units and files them as gradients
+ACCUMULATED_GRAD = "Accumulated Grad"
+CATEGORY[ACCUMULATED_GRAD] = "gradients"
+
+
+def _accumulated_grad_bytes(units: tuple[FSDPModule, ...]) -> int:
+    total = 0
+    for unit in units:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        for param in group.fsdp_params if group is not None else ():
+            grad = param.unsharded_accumulated_grad
+            if grad is not None:
+                local = grad.to_local() if isinstance(grad, DTensor) else grad
+                total += local.numel() * local.element_size()
+    return total
+
+
 def _categories(snapshot: dict[str, int]) -> dict[str, int]:
     totals = dict.fromkeys(RankMemory.__dataclass_fields__, 0)
     for reftype, nbytes in snapshot.items():
@@ -101,12 +123,21 @@ def _categories(snapshot: dict[str, int]) -> dict[str, int]:
     return totals
 
 
-def _rank_memory(snapshots: list[dict[str, int]]) -> RankMemory:
+def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMemory:
     """Each category's largest value over the snapshots: the tracker's peak (where the transient
     gathered weights and collective buffers are largest), one before each backward (where the
-    in-flight micro-batches' activations are, the most of them before the first backward) and one
-    before the optimizer step (where every gradient exists)."""
-    per = [_categories(s) for s in snapshots]
+    in-flight micro-batches' activations are, the most of them before the first backward, and
+    ZeRO-1's accumulated gradients before the last) and one before the optimizer step (where
+    every gradient exists). The tracker files what AdamW's step allocates while it runs (foreach
+    intermediates) as optimizer state: at the peak, whatever exceeds the states held between
+    steps (the samples') is temporary."""
+    per = [_categories(s) for s in samples]
+    at_peak = _categories(peak)
+    held = max(p["optimizer"] for p in per)
+    step_buffers = max(at_peak["optimizer"] - held, 0)
+    at_peak["optimizer"] -= step_buffers
+    at_peak["temporary"] += step_buffers
+    per.append(at_peak)
     return RankMemory(**{name: max(p[name] for p in per) for name in RankMemory.__dataclass_fields__})
 
 
@@ -119,8 +150,12 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     sharded = shard_stage(module, mesh, balanced=True)
     local_seq = seq // layout.tp if layout.sequence_parallel else seq
     hidden = (layout.mb, local_seq, plan.d_model)
-    group_sizes = {name: mesh[dims[0]].size() for name, dims in mesh.dims_by_group.items()}
-    recorder = CollectiveRecorder(mesh.dims_by_group, group_sizes)
+    dims_by_group = mesh.dims_by_group
+    group_sizes = {name: mesh[dims[0]].size() for name, dims in dims_by_group.items()}
+    if sharded.tied is not None:  # the two end stages' embedding group: a pipeline-parallel pair
+        dims_by_group[sharded.tied.group_name] = ("pp",)
+        group_sizes[sharded.tied.group_name] = sharded.tied.size()
+    recorder = CollectiveRecorder(dims_by_group, group_sizes)
     with _loss_meta_untracked(), FakeTensorMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
@@ -134,7 +169,12 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         samples: list[dict[str, int]] = []
 
         def sample() -> None:
-            samples.append(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
+            current = dict(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
+            accumulated = _accumulated_grad_bytes(sharded.units)
+            if accumulated:
+                current["Temp"] = current.get("Temp", 0) - accumulated
+                current[ACCUMULATED_GRAD] = accumulated
+            samples.append(current)
 
         runner = StageRunner(sharded, mesh, optimizer, hidden, DEVICE, before_forward=tracker.reset_mod_stats,
                              sample=sample)
@@ -149,7 +189,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
             runner.train_step(batches)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
-    memory = _rank_memory([peak, *samples])
+    memory = _rank_memory(peak, samples)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
                     tuple(int(i) for i in module.layers), replace(memory, optimizer=memory.optimizer - steps),
                     {_name(k): v for k, v in peak.items()}, steps, recorder.records())

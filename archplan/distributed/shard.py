@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 from torch.distributed.tensor import Replicate, Shard
@@ -37,6 +39,7 @@ from archplan.errors import ArchplanError
 from archplan.modules.block import Block
 from archplan.modules.model import TiedLMHead
 from archplan.modules.moe import Experts, MoEFFN
+from archplan.planning.records import MeshDim
 
 MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -45,12 +48,29 @@ MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.floa
 class Sharded:
     stage: Stage
     units: tuple[FSDPModule, ...]  # every FSDP unit, the root last
+    # tied embeddings over pp > 1: this rank and its peer on the other end stage (`tied_group`)
+    tied: dist.ProcessGroup | None = None
+
+
+def tied_group(stage: Stage, mesh: LayoutMesh) -> dist.ProcessGroup | None:
+    """Megatron's embedding group (`parallel_state._EMBEDDING_GROUP`; Shoeybi et al. 2019 §3): with
+    tied embeddings over pp > 1 the first stage holds the embedding and the last a copy as its
+    head; the two ranks at the same (dp, tp) coordinate of the end stages all-reduce their copies'
+    gradients each step (`step.StageRunner`), so the copies, updated alike, stay equal. Only the
+    two members create the group (`use_local_synchronization`)."""
+    layout = mesh.layout
+    if not stage.plan.tied or layout.pp == 1 or not (stage.first or stage.last):
+        return None
+    span = layout.world // layout.pp  # ranks per pipeline stage (pp is the slowest mesh dimension)
+    rank = dist.get_rank()
+    first = rank % span
+    return dist.new_group([first, first + (layout.pp - 1) * span], use_local_synchronization=True)
 
 
 def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
     layout = mesh.layout
     tp, sp = layout.tp, layout.sequence_parallel
-    check_tp(stage.plan, stage, tp, sp, layout.pp)
+    check_tp(stage.plan, stage, tp, sp)
     if tp == 1:
         return
     tp_mesh = mesh["tp"]
@@ -139,34 +159,33 @@ def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> No
 
 def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple[FSDPModule, ...]:
     zero = mesh.layout.zero
-    units: list[FSDPModule] = []
-    if zero == 0:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
 
-        for block in stage.layers.values():
-            units.append(replicate(block, mesh=mesh["dp"], mp_policy=policy))
-        units.append(replicate(stage, mesh=mesh["dp"], mp_policy=policy))
-        return tuple(units)
-    reshard = zero == 3
+    def unit(module: nn.Module, dim: MeshDim) -> FSDPModule:
+        if zero == 0:
+            # FSDP2's replicate mode: whole fp32 parameters and gradients, one gradient all-reduce
+            # per unit (`DDPMeshInfo`), the same units and mixed precision as the sharded stages
+            return replicate(module, mesh=mesh[dim], mp_policy=policy)
+        return fully_shard(module, mesh=mesh[dim], mp_policy=policy, reshard_after_forward=zero == 3)
+
+    units: list[FSDPModule] = []
     for block in stage.layers.values():
         moe = block.ffn
         if isinstance(moe, MoEFFN) and isinstance(moe.experts, ExpertParallel):
-            experts = fully_shard(moe.experts, mesh=mesh["expert_dp"], mp_policy=policy,
-                                  reshard_after_forward=reshard)
+            experts = unit(moe.experts, "expert_dp")
             # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
             # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
             # expert gradient scaling)
             experts.set_gradient_divide_factor(mesh.layout.dp)
             units.append(experts)
-        units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+        units.append(unit(block, "dp"))
     # the ends: the embedding its own unit (as torchtitan), everything else (learned positions,
     # embedding norm, final norm, head) in the stage's root unit (a list of modules as one unit,
     # torchtitan's `fully_shard([norm, output])`, reduces its members' gradients apart and
     # gathers it again per module in torch 2.13); a tied head on the same stage reads the
     # embedding's weight, so then the root holds both ends (`cluster._fsdp_end_units`)
     if stage.embed is not None and not isinstance(stage.lm_head, TiedLMHead):
-        units.append(fully_shard(stage.embed, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
-    units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+        units.append(unit(stage.embed, "dp"))
+    units.append(unit(stage, "dp"))
     return tuple(units)
 
 
@@ -178,4 +197,4 @@ def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool =
     _tensor_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
-    return Sharded(stage, _fsdp(stage, mesh, MIXED if mixed else MixedPrecisionPolicy()))
+    return Sharded(stage, _fsdp(stage, mesh, MIXED if mixed else MixedPrecisionPolicy()), tied_group(stage, mesh))

@@ -122,6 +122,17 @@ class StageRunner:
             assert inp.grad is not None
             self.send(inp.grad, -1)
 
+    def sync_tied_gradient(self) -> None:
+        """Sum the embedding's gradient with its copy's on the other end stage (Megatron's
+        `_allreduce_word_embedding_grads`, after the data-parallel reduction): this rank's shard
+        of it, which its peer's shard matches row for row (the same FSDP2 split of the same shape)."""
+        if self.sharded.tied is None:
+            return
+        assert self.stage.embed is not None
+        grad = self.stage.embed.weight.grad
+        assert grad is not None
+        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.sharded.tied)
+
     def train_step(self, batches: list[MicroBatch]) -> None:
         m = len(batches)
         held: dict[int, tuple[Tensor, Tensor | None]] = {}
@@ -133,6 +144,7 @@ class StageRunner:
             else:
                 done += 1
                 self.backward(*held.pop(i), last=done == m)
+        self.sync_tied_gradient()
         if self.sample is not None:
             self.sample()  # the gradients' peak: all of them, before the step frees them
         for work in self.pending:
