@@ -143,3 +143,69 @@ def test_bench_train_states_exact(recompute: str, code: int) -> None:
     assert m["Parameter"] + m["Gradient"] + m["Optstate"] == result["analytic_states"]
     assert result["states_ok"] is True and result["total_ok"] is True
     assert result["activations_ok"] is (recompute == "full")
+
+
+def _states_and_collectives_exact(measured: object, analytic_memory: object, analytic_calls: tuple) -> None:
+    from archplan.planning.records import tally
+
+    for name in ("parameters", "gradients", "optimizer"):
+        assert getattr(measured.memory, name) == getattr(analytic_memory, name) > 0, name
+    assert tally(measured.collectives) == tally(analytic_calls)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
+@pytest.mark.parametrize("stage", [0, 3])
+def test_fake_verify_tied_embeddings_across_stages(fake_world: None, zero: int, stage: int) -> None:
+    """Tied embeddings at pp = 4: the first stage's embedding (its own FSDP unit, the learned
+    positions in the root unit) and the last stage's copy as head all-reduce their gradients over
+    a 2-rank group once per step: the rank's FSDP2 shard (zero ≥ 1) or the whole gradient (zero 0)."""
+    from archplan.distributed.fake import measure
+    from archplan.planning import cluster
+
+    plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
+    layout = parse_layout(f"tp=1,cp=1,pp=4,dp=3,ep=1,zero={zero},recompute=none,mb=1").complete()
+    kw = {"microbatches": 2, "stage": stage, "states": cluster.FSDP2}
+    measured = measure(plan, layout, 32, microbatches=2, stage=stage)
+    _states_and_collectives_exact(measured, cluster.rank_memory(plan, layout, 32, **kw),
+                                  cluster.step_collectives(plan, layout, 32, grad_reduce=4, **kw))
+    [tied] = [c for c in measured.collectives if c.mesh_dim == "pp" and c.kind == "all_reduce"]
+    rows = -(-plan.vocab_size // 3) if zero else plan.vocab_size
+    assert (tied.group_size, tied.bytes, tied.count) == (2, rows * plan.d_model * 4, 1)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.parametrize("microbatches", [1, 3])
+def test_fake_verify_zero_0_and_1(fake_world: None, zero: int, microbatches: int) -> None:
+    """ZeRO-0 (FSDP2's replicate: one gradient all-reduce per unit and step) and ZeRO-1 (FSDP2,
+    one reduce-scatter and one gather per unit and step; with several micro-batches the fp32
+    unsharded gradients accumulate, the vocabulary-parallel embedding's whole under TP, and the
+    SP norm weights' gradients are all-reduced once, in fp32), TP=2 with SP, PP=2: model states
+    and every collective exact."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    dp = 2 if microbatches == 1 else 4
+    layout = parse_layout(f"tp=2,cp=1,pp=2,dp={dp},ep=1,zero={zero},recompute=selective,mb=1").complete()
+    result = check_layout_run(plan, layout, 32, microbatches=microbatches)
+    rows = {r.category: r for r in result.memory}
+    for name in ("parameters", "gradients", "optimizer"):
+        assert rows[name].measured == rows[name].analytic > 0, rows[name]
+    for row in result.collectives:
+        assert row.ok, row
+    dp_kinds = {r.kind for r in result.collectives if r.mesh_dim == "dp" and r.measured}
+    assert dp_kinds == ({"all_reduce"} if zero == 0 else {"reduce_scatter", "all_gather"})
+
+
+def test_fake_verify_zero_1_experts(fake_world: None) -> None:
+    """ZeRO-0/1 units over expert_dp for the experts, dp for the rest (EP=2 of DP=4)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
+    for zero in (0, 1):
+        layout = parse_layout(f"tp=1,cp=1,pp=1,dp=4,ep=2,zero={zero},recompute=full,mb=1").complete()
+        result = check_layout_run(plan, layout, 32, microbatches=2)
+        for row in result.memory:
+            assert row.ok or row.judged != "exact", row
+        for row in result.collectives:
+            assert row.ok, row
+        assert any(r.mesh_dim == "expert_dp" and r.measured for r in result.collectives)
