@@ -184,6 +184,9 @@ def test_fake_verify_zero_0_and_1(fake_world: None, zero: int, microbatches: int
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    # one layout per case: a second fake world whose TP mesh has the same shape as the previous
+    # one's can be handed that world's (destroyed) process groups by DTensor (meshes compare
+    # equal by shape and names), so consecutive cases differ in dp
     dp = 2 if microbatches == 1 else 4
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={dp},ep=1,zero={zero},recompute=selective,mb=1").complete()
     result = check_layout_run(plan, layout, 32, microbatches=microbatches)

@@ -30,20 +30,7 @@ def init_fake_world(world: int, rank: int) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    _forget_old_meshes()
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-
-
-def _forget_old_meshes() -> None:
-    """DTensor caches sharding decisions by DeviceMesh, and meshes compare equal by shape and
-    names, not by process group: a second world of the same shape in one process would be handed
-    the first world's (destroyed) groups. Clear those caches with the world they belong to."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._redistribute import _gen_transform_infos, clear_redistribute_planner_cache
-
-    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-    _gen_transform_infos.cache_clear()  # its flattened-mesh transforms hold a mesh
-    clear_redistribute_planner_cache()
 
 
 def stage_rank(layout: Layout, stage: int) -> int:
