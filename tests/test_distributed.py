@@ -43,8 +43,9 @@ def _worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None
     ("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
     ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
     ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
     ("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
-], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "ep2"])
+], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "zero0-replicate", "ep2"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
     mp.spawn(_worker, args=(str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -53,6 +54,29 @@ def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) ->
         assert result["grads"] < TOLERANCE, result
         losses = result["losses"]
         assert losses[-1] < losses[0], losses
+
+
+def _pipeline_worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None:
+    from archplan.distributed.parity import pipeline_parity
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        result = pipeline_parity(resolve(load_spec(spec)), parse_layout(layout_text).complete())
+        Path(out, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_tied_embeddings_across_two_gloo_stages_equal_one(tmp_path: Path, zero: int) -> None:
+    """PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy
+    of the embedding included, equal the one-process model's (the copies' gradients summed)."""
+    layout = f"tp=1,cp=1,pp=2,dp=1,ep=1,zero={zero},recompute=none,mb=1"
+    mp.spawn(_pipeline_worker, args=(str(FIXTURES / "tiny-gpt.yaml"), layout, _free_port(), str(tmp_path)),
+             nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"{rank}.json").read_text())["weights"] < TOLERANCE
 
 
 @pytest.fixture()

@@ -48,6 +48,7 @@ MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.floa
 class Sharded:
     stage: Stage
     units: tuple[FSDPModule, ...]  # every FSDP unit, the root last
+    compute_dtype: torch.dtype  # what the stage computes in and sends to the next: FSDP2's param_dtype
     # tied embeddings over pp > 1: this rank and its peer on the other end stage (`tied_group`)
     tied: dist.ProcessGroup | None = None
 
@@ -197,4 +198,5 @@ def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool =
     _tensor_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
-    return Sharded(stage, _fsdp(stage, mesh, MIXED if mixed else MixedPrecisionPolicy()), tied_group(stage, mesh))
+    policy = MIXED if mixed else MixedPrecisionPolicy()
+    return Sharded(stage, _fsdp(stage, mesh, policy), policy.param_dtype or torch.float32, tied_group(stage, mesh))

@@ -28,8 +28,6 @@ from torch.distributed.tensor.parallel import loss_parallel
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.shard import Sharded
 
-COMPUTE_DTYPE = torch.bfloat16  # FSDP2's param_dtype: what flows between stages
-
 
 @dataclass(frozen=True)
 class MicroBatch:
@@ -89,7 +87,7 @@ class StageRunner:
         if self.stage.first:
             inp = batch.tokens_BT
         else:
-            inp = torch.empty(self.hidden_shape, dtype=COMPUTE_DTYPE, device=self.device)
+            inp = torch.empty(self.hidden_shape, dtype=self.sharded.compute_dtype, device=self.device)
             dist.recv(inp, self.peer(-1), group=self.pp_group)
             inp.requires_grad_(True)
         out = self.stage(inp)

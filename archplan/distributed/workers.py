@@ -32,7 +32,7 @@ from archplan.dtypes import DType
 from archplan.distributed.mesh import build_mesh
 from archplan.distributed.shard import shard_stage
 from archplan.distributed.stage import build_stage
-from archplan.distributed.step import COMPUTE_DTYPE, MicroBatch, StageRunner
+from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout
 from archplan.resolve import ModelPlan
@@ -105,7 +105,7 @@ def _prefill(runner: StageRunner, batches: list[MicroBatch]) -> None:
             if stage.first:
                 x = batch.tokens_BT
             else:
-                x = torch.empty(runner.hidden_shape, dtype=COMPUTE_DTYPE, device=runner.device)
+                x = torch.empty(runner.hidden_shape, dtype=runner.sharded.compute_dtype, device=runner.device)
                 dist.recv(x, runner.peer(-1), group=runner.pp_group)
             out = stage(x)
             if not stage.last:
