@@ -97,3 +97,24 @@ def test_tp_layout_passes_whole(fake_world: None) -> None:
     layout = parse_layout("tp=2,cp=1,pp=1,dp=4,ep=1,zero=3,recompute=none,mb=1").complete()
     result = check_layout_run(plan, layout, 256, microbatches=1)
     assert result.ok, [r for r in (*result.memory, *result.collectives) if not r.ok]
+
+
+# ZeRO-0 (FSDP2's replicate), ZeRO-1 (FSDP2, gradients accumulated unsharded over 4 micro-batches)
+# and tied embeddings across pipeline stages (the end stages' 2-rank gradient all-reduce), 1,024 GPUs
+ZERO_AND_TIED = {
+    "gpt2": ("tp=1,cp=1,pp=4,dp=256,ep=1,zero=1,recompute=full,mb=1", []),
+    "gemma-2b": ("tp=1,cp=1,pp=2,dp=512,ep=1,zero=0,recompute=none,mb=1", []),
+    "llama-3-8b": ("tp=8,cp=1,pp=4,dp=32,ep=1,zero=1,recompute=full,mb=1", [pytest.mark.slow]),
+    "mixtral-8x7b": ("tp=1,cp=1,pp=4,dp=256,ep=8,zero=0,recompute=full,mb=1", [pytest.mark.slow]),
+}
+
+
+@pytest.mark.parametrize(("name", "layout"), [pytest.param(n, lay, marks=marks, id=n)
+                                              for n, (lay, marks) in ZERO_AND_TIED.items()])
+def test_zero_0_1_and_tied_embeddings_across_stages(fake_world: None, name: str, layout: str) -> None:
+    plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
+    result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=4)
+    _check(result)
+    if plan.tied:
+        assert any(r.kind == "all_reduce" and r.mesh_dim == "pp" and r.group_size == 2 and r.measured
+                   for r in result.collectives)
