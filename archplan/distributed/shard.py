@@ -13,7 +13,10 @@ uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through 
 Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
 reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
 Experts shard over their own data-parallel group (expert_dp).
-Each layer is one FSDP unit, the embedding another; final norm + head are in the root unit.
+Each layer is one FSDP unit (its experts another), the embedding another; everything else (learned
+positions, embedding norm, final norm, head) is in the stage's root unit.
+Tied embeddings over pp > 1: the last stage's head is a copy of the embedding, its gradient summed
+with the first stage's each step over a 2-rank group (`tied_group`, Megatron's embedding group).
 """
 
 from __future__ import annotations

@@ -70,12 +70,14 @@ layer counts, not both.
 
 **Engines** (`StatesConvention.engine`): "megatron" (ZERO, MEGATRON: `plan`'s default) is what
 is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant checkpointing,
-what `verify --layout` runs and measures) differs in five places: under SP the column input is
+what `verify --layout` runs and measures) differs in these places: under SP the column input is
 saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-block), the LM
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
 micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
 layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
-unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept).
+unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
+records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
+stage's root unit), and its tied-embedding all-reduce across stages is of the rank's FSDP2 shard.
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
