@@ -20,14 +20,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from archplan.distributed.comms import CollectiveRecorder
 from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
-from archplan.distributed.shard import shard_stage
-from archplan.distributed.stage import build_stage
+from archplan.distributed.shard import Sharded, shard_stage
+from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.planning.layout import Layout
 from archplan.planning.records import Collective, RankMemory
@@ -141,49 +142,68 @@ def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMem
     return RankMemory(**{name: max(p[name] for p in per) for name in RankMemory.__dataclass_fields__})
 
 
+def _tracker(chunks: tuple[Sharded, ...], optimizer: torch.optim.Optimizer) -> FSDPMemTracker:
+    """FSDPMemTracker over every model chunk of the rank. It takes one FSDP module and walks
+    `.modules()` / `.buffers()` of it to instrument the units; a rank's chunks under vpp > 1 are
+    separate FSDP roots, each run on its own (torchtitan's model parts), and a container of them
+    cannot be an FSDP module without being their root. So the tracker is built on the first chunk
+    and walks all of them."""
+    tracker = FSDPMemTracker(chunks[0].stage, optimizer)
+    if len(chunks) > 1:
+        tracker._root_mod = nn.ModuleList(c.stage for c in chunks)
+    return tracker
+
+
 def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, stage: int) -> Measured:
     """Rank `stage_rank(layout, stage)`'s peak memory by category and its collectives in one step."""
     rank = stage_rank(layout, stage)
     init_fake_world(layout.world, rank)
     mesh = build_mesh(layout, "cpu")
-    module = build_stage(plan, layout, stage, "meta")
-    sharded = shard_stage(module, mesh, balanced=True)
+    chunks = tuple(shard_stage(chunk, mesh, balanced=True) for chunk in build_chunks(plan, layout, stage, "meta"))
+    module = nn.ModuleList(c.stage for c in chunks)
     local_seq = seq // layout.tp if layout.sequence_parallel else seq
     hidden = (layout.mb, local_seq, plan.d_model)
     dims_by_group = mesh.dims_by_group
     group_sizes = {name: mesh[dims[0]].size() for name, dims in dims_by_group.items()}
-    if sharded.tied is not None:  # the two end stages' embedding group: a pipeline-parallel pair
-        dims_by_group[sharded.tied.group_name] = ("pp",)
-        group_sizes[sharded.tied.group_name] = sharded.tied.size()
+    for tied in (c.tied for c in chunks if c.tied is not None):  # the end stages' embedding group: a pp pair
+        dims_by_group[tied.group_name] = ("pp",)
+        group_sizes[tied.group_name] = tied.size()
     recorder = CollectiveRecorder(dims_by_group, group_sizes)
+    units = tuple(u for c in chunks for u in c.units)
     with _loss_meta_untracked(), FakeTensorMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):
                 sub.reset_buffers()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-        tracker = FSDPMemTracker(module, optimizer)
+        tracker = _tracker(chunks, optimizer)
         # FSDPMemTracker refuses a second forward of its root in one iteration (it keeps per-module
         # statistics per call); the micro-batches are such calls. Clearing the per-module
-        # statistics before each forward, as its error message advises, keeps the global peak.
+        # statistics before each forward, as its error message advises (`reset_mod_stats`), keeps
+        # the global peak; only the chunk about to run forward: the others' backwards look theirs up.
         samples: list[dict[str, int]] = []
+
+        def forget(chunk: nn.Module) -> None:
+            for sub in chunk.modules():
+                tracker.memory_tracking.pop(sub, None)
 
         def sample() -> None:
             current = dict(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
-            accumulated = _accumulated_grad_bytes(sharded.units)
+            accumulated = _accumulated_grad_bytes(units)
             if accumulated:
                 current["Temp"] = current.get("Temp", 0) - accumulated
                 current[ACCUMULATED_GRAD] = accumulated
             samples.append(current)
 
-        runner = StageRunner(sharded, mesh, optimizer, hidden, DEVICE, before_forward=tracker.reset_mod_stats,
+        runner = StageRunner(chunks, mesh, optimizer, hidden, DEVICE, before_forward=forget,
                              sample=sample)
         batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE),
                               torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE))
                    for _ in range(microbatches)]
         with tracker:
-            # the first step only creates AdamW's states: one micro-batch does it
-            runner.train_step(batches[:1])
+            # the first step only creates AdamW's states: one micro-batch does it (the interleaved
+            # schedule runs them in groups of pp)
+            runner.train_step(batches[:1 if layout.vpp == 1 else layout.pp])
         samples.clear()
         with tracker, recorder:
             runner.train_step(batches)
@@ -191,5 +211,5 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
     memory = _rank_memory(peak, samples)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
-                    tuple(int(i) for i in module.layers), replace(memory, optimizer=memory.optimizer - steps),
+                    tuple(int(i) for c in chunks for i in c.stage.layers), replace(memory, optimizer=memory.optimizer - steps),
                     {_name(k): v for k, v in peak.items()}, steps, recorder.records())

@@ -51,7 +51,7 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
     ep_rank = mesh["ep"].get_local_rank()
     sharded = shard_stage(stage, mesh, balanced=False, mixed=False)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=3e-3)
-    runner = StageRunner(sharded, mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
+    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
     logits = full_logits(stage(tokens))
     logit_diff = (logits - ref_logits).abs().max().item()
     with runner.loss_context()():
@@ -94,7 +94,7 @@ def pipeline_parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, lr: float
     stage.load_state_dict({k: initial[k] for k in stage.state_dict()})
     sharded = shard_stage(stage, mesh, balanced=False, mixed=False)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=lr)
-    runner = StageRunner(sharded, mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
+    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
     runner.train_step([MicroBatch(tokens, labels)])
     diff = 0.0
     for name, p in stage.named_parameters():

@@ -195,9 +195,6 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
 
 def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool = True) -> Sharded:
     """Apply the layout's parallelisms in torchtitan's order: TP, EP, then FSDP over dp."""
-    if mesh.layout.vpp > 1:
-        raise ArchplanError("--layout: vpp > 1 is not run on torch.distributed (the interleaved schedule's "
-                            "chunks are not built as separate stages)")
     _tensor_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
