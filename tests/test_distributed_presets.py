@@ -118,3 +118,14 @@ def test_zero_0_1_and_tied_embeddings_across_stages(fake_world: None, name: str,
     if plan.tied:
         assert any(r.kind == "all_reduce" and r.mesh_dim == "pp" and r.group_size == 2 and r.measured
                    for r in result.collectives)
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_at_1024_gpus(fake_world: None) -> None:
+    """vpp = 2 (Megatron's interleaved 1F1B) on llama-3-8b TP8 PP4 DP32: the last rank's two model
+    chunks, 8 micro-batches; model states and every collective exact."""
+    plan = resolve(load_spec(PRESETS / "llama-3-8b.yaml"))
+    layout = parse_layout("tp=8,cp=1,pp=4,vpp=2,dp=32,ep=1,zero=3,recompute=full,mb=1").complete()
+    result = check_layout_run(plan, layout, 32, microbatches=8)
+    assert result.measured.layers == (12, 13, 14, 15, 28, 29, 30, 31)
+    _check(result)
