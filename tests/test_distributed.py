@@ -282,3 +282,21 @@ def test_fake_verify_interleaved_pipeline(fake_world: None, zero: int) -> None:
         assert row.ok, row
     sends = sum(r.measured for r in result.collectives if r.kind == "send")
     assert sends == 3 * 4  # chunk 0: outputs; chunk 2: outputs and input gradients; 4 micro-batches
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_fake_verify_tied_embeddings_across_stages_under_tp(fake_world: None, stage: int) -> None:
+    """TP=2 (no SP: tiny-gpt's learned positions) with tied embeddings over PP=2, ZeRO-1 with two
+    micro-batches: the last stage's copy is vocabulary-sharded as the head, the first stage's
+    embedding gradient accumulates whole over the vocabulary (DTensor's embedding backward), and
+    the pipeline sends the whole replicated hidden states; states and collectives exact."""
+    from archplan.distributed.fake import measure
+    from archplan.planning import cluster
+
+    plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
+    # dp differs per case: see test_fake_verify_zero_0_and_1
+    layout = parse_layout(f"tp=2,cp=1,pp=2,dp={2 + stage},ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
+    kw = {"microbatches": 2, "stage": stage, "states": cluster.FSDP2}
+    measured = measure(plan, layout, 32, microbatches=2, stage=stage)
+    _states_and_collectives_exact(measured, cluster.rank_memory(plan, layout, 32, **kw),
+                                  cluster.step_collectives(plan, layout, 32, grad_reduce=4, **kw))

@@ -93,7 +93,7 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
             for name in ("norm1", "norm2", "post_norm1", "post_norm2"):
                 if hasattr(block, name):
                     parallelize_module(getattr(block, name), tp_mesh, norm_plan(sp))
-    if stage.embed is not None and stage.first:
+    if stage.embed is not None:  # the first stage's embedding, or the last one's tied copy (its head)
         parallelize_module(stage.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
     for end in (stage.embed_norm, stage.final_norm):
         if end is not None and norm is not None:

@@ -705,7 +705,9 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for routed, n in ep_calls.items():
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)
-        p2p = act // tp  # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink
+        # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink (Megatron); the
+        # torch engine sends what the stage holds: the sequence shard under SP, else the whole
+        p2p = act // tp if sp or engine == "megatron" else act
         if not chunk.first:
             add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)")
             add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)")
