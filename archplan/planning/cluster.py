@@ -77,7 +77,8 @@ micro-batch (Megatron: all of them once per step, fp32), full recompute does not
 layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
 unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
 records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
-stage's root unit), and its tied-embedding all-reduce across stages is of the rank's FSDP2 shard.
+stage's root unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
+and without SP its pipeline sends carry the whole hidden states (no scatter over tp).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
