@@ -208,10 +208,10 @@ def test_fake_verify_zero_0_and_1(fake_world: None, zero: int, microbatches: int
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
-    # one layout per case: a second fake world whose TP mesh has the same shape as the previous
-    # one's can be handed that world's (destroyed) process groups by DTensor (meshes compare
-    # equal by shape and names), so consecutive cases differ in dp
-    dp = 2 if microbatches == 1 else 4
+    # a world size of its own per TP case in this file: a second fake world whose TP mesh has the
+    # shape of an earlier one's can be handed that world's (destroyed) process groups by DTensor
+    # (meshes compare equal by shape and names; docs/distributed.md)
+    dp = 2 if microbatches == 1 else 6
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={dp},ep=1,zero={zero},recompute=selective,mb=1").complete()
     result = check_layout_run(plan, layout, 32, microbatches=microbatches)
     rows = {r.category: r for r in result.memory}
@@ -294,8 +294,8 @@ def test_fake_verify_tied_embeddings_across_stages_under_tp(fake_world: None, st
     from archplan.planning import cluster
 
     plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
-    # dp differs per case: see test_fake_verify_zero_0_and_1
-    layout = parse_layout(f"tp=2,cp=1,pp=2,dp={2 + stage},ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
+    # a world size of its own per case: see test_fake_verify_zero_0_and_1
+    layout = parse_layout(f"tp=2,cp=1,pp=2,dp={3 + 2 * stage},ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
     kw = {"microbatches": 2, "stage": stage, "states": cluster.FSDP2}
     measured = measure(plan, layout, 32, microbatches=2, stage=stage)
     _states_and_collectives_exact(measured, cluster.rank_memory(plan, layout, 32, **kw),
