@@ -42,7 +42,13 @@ DEVICE = torch.device("cpu")
 # 0-d fp32 tensor that torch keeps on the CPU beside CUDA parameters (torch.optim.adam, `_init_group`
 # without capturable/fused); here the device is the CPU, so its bytes are taken out of `optimizer`
 # and reported apart (`adam_step_bytes`).
+# ZeRO-0/1 on FSDP2: gradients accumulate unreduced over the micro-batches before the last (no
+# gradient sync), upcast to fp32 in each FSDPParam's `unsharded_accumulated_grad`
+# (`to_accumulated_grad_if_needed`), a tensor FSDPMemTracker files as "Temp"; `sample` reads them
+# off the FSDP units and files them under this name, as gradients
+ACCUMULATED_GRAD = "Accumulated Grad"
 CATEGORY = {
+    ACCUMULATED_GRAD: "gradients",
     "Sharded Param": "parameters",
     "Sharded Grad": "gradients",
     "Unsharded Grad": "temporary",  # a unit's whole gradient before its reduce-scatter
@@ -94,14 +100,6 @@ def _loss_meta_untracked() -> Iterator[None]:
 
 def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
-
-
-# ZeRO-1 on FSDP2: gradients accumulate unsharded over the micro-batches before the last (no
-# gradient sync), upcast to fp32 in each FSDPParam's `unsharded_accumulated_grad`
-# (`to_accumulated_grad_if_needed`), a tensor FSDPMemTracker files as "Temp"; `sample` reads them
-# off the FSDP units and files them as gradients
-ACCUMULATED_GRAD = "Accumulated Grad"
-CATEGORY[ACCUMULATED_GRAD] = "gradients"
 
 
 def _accumulated_grad_bytes(units: tuple[FSDPModule, ...]) -> int:
@@ -210,6 +208,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
     memory = _rank_memory(peak, samples)
+    layers = tuple(int(i) for c in chunks for i in c.stage.layers)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
-                    tuple(int(i) for c in chunks for i in c.stage.layers), replace(memory, optimizer=memory.optimizer - steps),
+                    layers, replace(memory, optimizer=memory.optimizer - steps),
                     {_name(k): v for k, v in peak.items()}, steps, recorder.records())
