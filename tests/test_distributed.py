@@ -208,9 +208,9 @@ def test_fake_verify_zero_0_and_1(fake_world: None, zero: int, microbatches: int
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
-    # a world size of its own per TP case in this file: a second fake world whose TP mesh has the
-    # shape of an earlier one's can be handed that world's (destroyed) process groups by DTensor
-    # (meshes compare equal by shape and names; docs/distributed.md)
+    # a world size of its own per TP case in this file: a later fake world whose TP mesh has an
+    # earlier one's shape can be handed that world's destroyed process groups (docs/distributed.md,
+    # "Several fake worlds in one process")
     dp = 2 if microbatches == 1 else 6
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={dp},ep=1,zero={zero},recompute=selective,mb=1").complete()
     result = check_layout_run(plan, layout, 32, microbatches=microbatches)
