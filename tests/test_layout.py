@@ -184,8 +184,13 @@ def test_flat_and_fsdp2_shards_pad_as_their_frameworks() -> None:
     rows = sum(math.ceil(t.shape[0] / dp) * math.prod(t.shape[1:]) for t in tensors)
     assert fsdp.parameters == 4 * rows and fsdp.gradients == 4 * rows and fsdp.optimizer == 8 * rows
     assert rows > math.ceil(n / dp)  # the padding is real
-    with pytest.raises(ArchplanError, match="zero must be 2"):
-        rank_memory(plan, Layout(dp=dp, zero=1), 1024, microbatches=1, states=FSDP2)
+    # FSDP2's ZeRO-1: gradients whole while they accumulate over micro-batches, sharded with one
+    z1 = rank_memory(plan, Layout(dp=dp, zero=1), 1024, microbatches=2, states=FSDP2)
+    assert (z1.parameters, z1.gradients, z1.optimizer) == (4 * rows, 4 * n, 8 * rows)
+    assert rank_memory(plan, Layout(dp=dp, zero=1), 1024, microbatches=1, states=FSDP2).gradients == 4 * rows
+    # FSDP2's replicate (zero 0): everything whole
+    z0 = rank_memory(plan, Layout(dp=dp, zero=0), 1024, microbatches=1, states=FSDP2)
+    assert (z0.parameters, z0.gradients, z0.optimizer) == (4 * n, 4 * n, 8 * n)
 
 
 def test_fsdp2_compute_copies_are_temporary() -> None:

@@ -20,12 +20,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from archplan.distributed.comms import CollectiveRecorder
 from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
-from archplan.distributed.shard import shard_stage
-from archplan.distributed.stage import build_stage
+from archplan.distributed.shard import Sharded, shard_stage
+from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.planning.layout import Layout
 from archplan.planning.records import Collective, RankMemory
@@ -39,10 +42,16 @@ DEVICE = torch.device("cpu")
 # 0-d fp32 tensor that torch keeps on the CPU beside CUDA parameters (torch.optim.adam, `_init_group`
 # without capturable/fused); here the device is the CPU, so its bytes are taken out of `optimizer`
 # and reported apart (`adam_step_bytes`).
+# ZeRO-0/1 on FSDP2: gradients accumulate unreduced over the micro-batches before the last (no
+# gradient sync), upcast to fp32 in each FSDPParam's `unsharded_accumulated_grad`
+# (`to_accumulated_grad_if_needed`), a tensor FSDPMemTracker files as "Temp"; `sample` reads them
+# off the FSDP units and files them under this name, as gradients
+ACCUMULATED_GRAD = "Accumulated Grad"
 CATEGORY = {
+    ACCUMULATED_GRAD: "gradients",
     "Sharded Param": "parameters",
     "Sharded Grad": "gradients",
-    "Unsharded Grad": "temporary",  # the full gradient before its reduce-scatter (zero 2/3)
+    "Unsharded Grad": "temporary",  # a unit's whole gradient before its reduce-scatter
     "OptState": "optimizer",
     "Activation": "activations",
     "Inputs": "activations",
@@ -93,6 +102,18 @@ def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
 
+def _accumulated_grad_bytes(units: tuple[FSDPModule, ...]) -> int:
+    total = 0
+    for unit in units:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        for param in group.fsdp_params if group is not None else ():
+            grad = param.unsharded_accumulated_grad
+            if grad is not None:
+                local = grad.to_local() if isinstance(grad, DTensor) else grad
+                total += local.numel() * local.element_size()
+    return total
+
+
 def _categories(snapshot: dict[str, int]) -> dict[str, int]:
     totals = dict.fromkeys(RankMemory.__dataclass_fields__, 0)
     for reftype, nbytes in snapshot.items():
@@ -101,13 +122,34 @@ def _categories(snapshot: dict[str, int]) -> dict[str, int]:
     return totals
 
 
-def _rank_memory(snapshots: list[dict[str, int]]) -> RankMemory:
+def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMemory:
     """Each category's largest value over the snapshots: the tracker's peak (where the transient
     gathered weights and collective buffers are largest), one before each backward (where the
-    in-flight micro-batches' activations are, the most of them before the first backward) and one
-    before the optimizer step (where every gradient exists)."""
-    per = [_categories(s) for s in snapshots]
+    in-flight micro-batches' activations are, the most of them before the first backward, and
+    ZeRO-1's accumulated gradients before the last) and one before the optimizer step (where
+    every gradient exists). The tracker files what AdamW's step allocates while it runs (foreach
+    intermediates) as optimizer state: at the peak, whatever exceeds the states held between
+    steps (the samples') is temporary."""
+    per = [_categories(s) for s in samples]
+    at_peak = _categories(peak)
+    held = max(p["optimizer"] for p in per)
+    step_buffers = max(at_peak["optimizer"] - held, 0)
+    at_peak["optimizer"] -= step_buffers
+    at_peak["temporary"] += step_buffers
+    per.append(at_peak)
     return RankMemory(**{name: max(p[name] for p in per) for name in RankMemory.__dataclass_fields__})
+
+
+def _tracker(chunks: tuple[Sharded, ...], optimizer: torch.optim.Optimizer) -> FSDPMemTracker:
+    """FSDPMemTracker over every model chunk of the rank. It takes one FSDP module and walks
+    `.modules()` / `.buffers()` of it to instrument the units; a rank's chunks under vpp > 1 are
+    separate FSDP roots, each run on its own (torchtitan's model parts), and a container of them
+    cannot be an FSDP module without being their root. So the tracker is built on the first chunk
+    and walks all of them."""
+    tracker = FSDPMemTracker(chunks[0].stage, optimizer)
+    if len(chunks) > 1:
+        tracker._root_mod = nn.ModuleList(c.stage for c in chunks)
+    return tracker
 
 
 def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, stage: int) -> Measured:
@@ -115,40 +157,58 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     rank = stage_rank(layout, stage)
     init_fake_world(layout.world, rank)
     mesh = build_mesh(layout, "cpu")
-    module = build_stage(plan, layout, stage, "meta")
-    sharded = shard_stage(module, mesh, balanced=True)
+    chunks = tuple(shard_stage(chunk, mesh, balanced=True) for chunk in build_chunks(plan, layout, stage, "meta"))
+    module = nn.ModuleList(c.stage for c in chunks)
     local_seq = seq // layout.tp if layout.sequence_parallel else seq
     hidden = (layout.mb, local_seq, plan.d_model)
-    recorder = CollectiveRecorder(mesh.dims_by_group, mesh.group_sizes)
+    dims_by_group = mesh.dims_by_group
+    group_sizes = mesh.group_sizes
+    for tied in (c.tied for c in chunks if c.tied is not None):  # the end stages' embedding group: a pp pair
+        dims_by_group[tied.group_name] = ("pp",)
+        group_sizes[tied.group_name] = tied.size()
+    recorder = CollectiveRecorder(dims_by_group, group_sizes)
+    units = tuple(u for c in chunks for u in c.units)
     with _loss_meta_untracked(), FakeTensorMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):
                 sub.reset_buffers()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-        tracker = FSDPMemTracker(module, optimizer)
+        tracker = _tracker(chunks, optimizer)
         # FSDPMemTracker refuses a second forward of its root in one iteration (it keeps per-module
         # statistics per call); the micro-batches are such calls. Clearing the per-module
-        # statistics before each forward, as its error message advises, keeps the global peak.
+        # statistics before each forward, as its error message advises (`reset_mod_stats`), keeps
+        # the global peak; only the chunk about to run forward: the others' backwards look theirs up.
         samples: list[dict[str, int]] = []
 
-        def sample() -> None:
-            samples.append(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
+        def forget(chunk: nn.Module) -> None:
+            for sub in chunk.modules():
+                tracker.memory_tracking.pop(sub, None)
 
-        runner = StageRunner(sharded, mesh, optimizer, hidden, DEVICE, before_forward=tracker.reset_mod_stats,
+        def sample() -> None:
+            current = dict(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
+            accumulated = _accumulated_grad_bytes(units)
+            if accumulated:
+                current["Temp"] = current.get("Temp", 0) - accumulated
+                current[ACCUMULATED_GRAD] = accumulated
+            samples.append(current)
+
+        runner = StageRunner(chunks, mesh, optimizer, hidden, DEVICE, before_forward=forget,
                              sample=sample)
         batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE),
                               torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE))
                    for _ in range(microbatches)]
         with tracker:
-            # the first step only creates AdamW's states: one micro-batch does it
-            runner.train_step(batches[:1])
+            # the first step only creates AdamW's states: one micro-batch does it (the interleaved
+            # schedule runs them in groups of pp)
+            runner.train_step(batches[:1 if layout.vpp == 1 else layout.pp])
         samples.clear()
         with tracker, recorder:
             runner.train_step(batches)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
-    memory = _rank_memory([peak, *samples])
+    memory = _rank_memory(peak, samples)
+    layers = tuple(int(i) for c in chunks for i in c.stage.layers)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
-                    tuple(int(i) for i in module.layers), replace(memory, optimizer=memory.optimizer - steps),
+                    layers, replace(memory, optimizer=memory.optimizer - steps),
                     {_name(k): v for k, v in peak.items()}, steps, recorder.records())

@@ -7,6 +7,10 @@ copies its weights into a stage of pp = 1, shards it (`shard_stage`, fp32), runs
 and compares: logits gathered from the vocabulary shards, each parameter's gradient gathered from
 its DTensor shards (FSDP over dp, TP over tp); a rank's local experts against their rows of the
 one-process expert gradients.
+
+`pipeline_parity` checks a pipeline of pp ranks the same way after one AdamW step: every stage's
+weights against the one-process model's, the tied embedding's copy on the last stage included
+(it matches only if the two copies' gradients were summed, `StageRunner.sync_tied_gradient`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
     ep_rank = mesh["ep"].get_local_rank()
     sharded = shard_stage(stage, mesh, balanced=False, mixed=False)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=3e-3)
-    runner = StageRunner(sharded, mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
+    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
     logits = full_logits(stage(tokens))
     logit_diff = (logits - ref_logits).abs().max().item()
     with runner.loss_context()():
@@ -70,3 +74,31 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
     losses = [float(x) for x in runner.losses]
     dist.barrier()
     return {"logits": logit_diff, "grads": grad_diff, "losses": losses}  # type: ignore[dict-item]
+
+
+def pipeline_parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, lr: float = 3e-3) -> dict[str, float]:
+    """Max abs difference between this rank's stage weights after one training step of the
+    pipeline (one micro-batch) and the one-process model's after one step on the same batch."""
+    torch.manual_seed(SEED)
+    reference = build_model(plan, "cpu", torch.float32)
+    tokens = torch.randint(0, plan.vocab_size, (layout.mb, seq), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(tokens, -1, dims=1)
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=lr)
+    F.cross_entropy(reference(tokens).flatten(0, 1), labels.flatten()).backward()
+    ref_optimizer.step()
+    expected = dict(reference.named_parameters())
+
+    mesh = build_mesh(layout, "cpu")
+    stage = build_stage(plan, layout, mesh.stage, "cpu", torch.float32)
+    stage.load_state_dict({k: initial[k] for k in stage.state_dict()})
+    sharded = shard_stage(stage, mesh, balanced=False, mixed=False)
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=lr)
+    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
+    runner.train_step([MicroBatch(tokens, labels)])
+    diff = 0.0
+    for name, p in stage.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        diff = max(diff, (_full(p.detach()) - expected[name].detach()).abs().max().item())
+    dist.barrier()
+    return {"weights": diff}

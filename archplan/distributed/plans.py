@@ -245,9 +245,7 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
             return None
 
 
-def model_refusal(plan: ModelPlan, tp: int, sp: bool, pp: int) -> str | None:
-    if pp > 1 and plan.tied:
-        return "tied embeddings across pipeline stages (the head's copy of the embedding is not kept in sync)"
+def model_refusal(plan: ModelPlan, tp: int, sp: bool) -> str | None:
     if tp == 1:
         return None
     if plan.vocab_size % tp:
@@ -276,8 +274,8 @@ def module_plan(module: nn.Module, sp: bool) -> TPPlan | None:
             return None
 
 
-def check_tp(plan: ModelPlan, model: nn.Module, tp: int, sp: bool, pp: int) -> None:
-    reasons = [model_refusal(plan, tp, sp, pp)]
+def check_tp(plan: ModelPlan, model: nn.Module, tp: int, sp: bool) -> None:
+    reasons = [model_refusal(plan, tp, sp)]
     if tp > 1:
         reasons += [refusal(m, plan, tp) for m in model.modules()]
     first = next((r for r in reasons if r), None)

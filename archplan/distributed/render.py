@@ -18,11 +18,23 @@ OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 GPUS_PER_NODE = 8
 
 
+def _spans(layers: tuple[int, ...]) -> str:
+    """Layer indices as runs: "12–15, 28–31" (a rank's model chunks under vpp > 1)."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def render(result: LayoutCheck, console: Console) -> None:
     m = result.measured
+    schedule = "1F1B" if m.layout.vpp == 1 else f"interleaved 1F1B, {m.layout.vpp} chunks"
     console.print(f"[bold]archplan verify --layout[/bold] — {result.name}: {m.layout.label}, {m.layout.world:,} ranks "
                   f"(fake process group), seq {m.seq}, {m.microbatches} micro-batches; measured rank {m.rank} = "
-                  f"pipeline stage {m.stage} (layers {m.layers[0]}–{m.layers[-1]}), {m.in_flight} in flight (1F1B)"
+                  f"pipeline stage {m.stage} (layers {_spans(m.layers)}), {m.in_flight} in flight ({schedule})"
                   if m.layers else f"stage {m.stage}")
     table = Table(title="per-rank peak memory by category (analytic: planning.cluster, FSDP2 states)")
     for col in ("category", "analytic", "measured", "difference", "judged", ""):

@@ -14,11 +14,15 @@ Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`)
 reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
 Experts shard over the ranks that hold the same experts (`mesh.experts`: expert_dp × tp, experts
 being whole on every tp rank).
-Each layer is one FSDP unit, the embedding another; final norm + head are in the root unit.
+Each layer is one FSDP unit (its experts another), the embedding another; everything else (learned
+positions, embedding norm, final norm, head) is in the stage's root unit.
+Tied embeddings over pp > 1: the last stage's head is a copy of the embedding, its gradient summed
+with the first stage's each step over a 2-rank group (`tied_group`, Megatron's embedding group).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,6 +31,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 from torch.distributed.tensor import Replicate, Shard
@@ -47,12 +53,30 @@ MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.floa
 class Sharded:
     stage: Stage
     units: tuple[FSDPModule, ...]  # every FSDP unit, the root last
+    compute_dtype: torch.dtype  # what the stage computes in and sends to the next: FSDP2's param_dtype
+    # tied embeddings over pp > 1: this rank and its peer on the other end stage (`tied_group`)
+    tied: dist.ProcessGroup | None = None
+
+
+def tied_group(stage: Stage, mesh: LayoutMesh) -> dist.ProcessGroup | None:
+    """Megatron's embedding group (`parallel_state._EMBEDDING_GROUP`; Shoeybi et al. 2019 §3): with
+    tied embeddings over pp > 1 the first stage holds the embedding and the last a copy as its
+    head; the two ranks at the same (dp, tp) coordinate of the end stages all-reduce their copies'
+    gradients each step (`step.StageRunner`), so the copies, updated alike, stay equal. Only the
+    two members create the group (`use_local_synchronization`)."""
+    layout = mesh.layout
+    if not stage.plan.tied or layout.pp == 1 or not (stage.first or stage.last):
+        return None
+    span = layout.world // layout.pp  # ranks per pipeline stage (pp is the slowest mesh dimension)
+    rank = dist.get_rank()
+    first = rank % span
+    return dist.new_group([first, first + (layout.pp - 1) * span], use_local_synchronization=True)
 
 
 def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
     layout = mesh.layout
     tp, sp = layout.tp, layout.sequence_parallel
-    check_tp(stage.plan, stage, tp, sp, layout.pp)
+    check_tp(stage.plan, stage, tp, sp)
     if tp == 1:
         return
     tp_mesh = mesh["tp"]
@@ -73,7 +97,7 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
             for name in ("norm1", "norm2", "post_norm1", "post_norm2"):
                 if hasattr(block, name):
                     parallelize_module(getattr(block, name), tp_mesh, norm_plan(sp))
-    if stage.embed is not None and stage.first:
+    if stage.embed is not None:  # the first stage's embedding, or the last one's tied copy (its head)
         parallelize_module(stage.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
     for end in (stage.embed_norm, stage.final_norm):
         if end is not None and norm is not None:
@@ -143,15 +167,15 @@ def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> No
 
 def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple[FSDPModule, ...]:
     zero = mesh.layout.zero
-    units: list[FSDPModule] = []
-    if zero == 0:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
 
-        for block in stage.layers.values():
-            units.append(replicate(block, mesh=mesh["dp"], mp_policy=policy))
-        units.append(replicate(stage, mesh=mesh["dp"], mp_policy=policy))
-        return tuple(units)
-    reshard = zero == 3
+    def unit(module: nn.Module, group: DeviceMesh, **sharding: Callable[[nn.Parameter], Shard]) -> FSDPModule:
+        if zero == 0:
+            # FSDP2's replicate mode: whole fp32 parameters and gradients, one gradient all-reduce
+            # per unit (`DDPMeshInfo`), the same units and mixed precision as the sharded stages
+            return replicate(module, mesh=group, mp_policy=policy)
+        return fully_shard(module, mesh=group, mp_policy=policy, reshard_after_forward=zero == 3, **sharding)
+
+    units: list[FSDPModule] = []
     for block in stage.layers.values():
         moe = block.ffn
         # experts are their own unit whenever other ranks hold them than the dense weights (ep
@@ -160,9 +184,8 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
             # fewer local experts than shards: shard the FFN width instead of padding dim 0
             # (torchtitan `apply_fsdp`'s `_experts_shard_placement_fn`)
             replicas = mesh.experts.size()
-            experts = fully_shard(moe.experts, mesh=mesh.experts, mp_policy=policy,
-                                  reshard_after_forward=reshard,
-                                  shard_placement_fn=lambda p: Shard(1) if p.shape[0] < replicas else Shard(0))
+            experts = unit(moe.experts, mesh.experts,
+                           shard_placement_fn=lambda p: Shard(1) if p.shape[0] < replicas else Shard(0))
             # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
             # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
             # expert gradient scaling)
@@ -172,23 +195,22 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
                 # sum, then divide (the same reduce-scatter)
                 experts.set_force_sum_reduction_for_comms(True)
             units.append(experts)
-        units.append(fully_shard(block, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
-    # the ends: the embedding its own unit (as torchtitan), final norm + head in the stage's root
-    # unit (a list of modules as one unit, torchtitan's `fully_shard([norm, output])`, reduces
-    # its members' gradients apart and gathers it again per module in torch 2.13); a tied
-    # head reads the embedding's weight, so then the root holds both ends
-    if stage.embed is not None and not stage.plan.tied:
-        units.append(fully_shard(stage.embed, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
-    units.append(fully_shard(stage, mesh=mesh["dp"], mp_policy=policy, reshard_after_forward=reshard))
+        units.append(unit(block, mesh["dp"]))
+    # the ends: the embedding its own unit (as torchtitan), everything else (learned positions,
+    # embedding norm, final norm, head) in the stage's root unit (a list of modules as one unit,
+    # torchtitan's `fully_shard([norm, output])`, reduces its members' gradients apart and
+    # gathers it again per module in torch 2.13); a tied head on the same stage reads the
+    # embedding's weight, so then the root holds both ends (`cluster._fsdp_end_units`)
+    if stage.embed is not None and not isinstance(stage.lm_head, TiedLMHead):
+        units.append(unit(stage.embed, mesh["dp"]))
+    units.append(unit(stage, mesh["dp"]))
     return tuple(units)
 
 
 def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool = True) -> Sharded:
     """Apply the layout's parallelisms in torchtitan's order: TP, EP, then FSDP over dp."""
-    if mesh.layout.vpp > 1:
-        raise ArchplanError("--layout: vpp > 1 is not run on torch.distributed (the interleaved schedule's "
-                            "chunks are not built as separate stages)")
     _tensor_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
-    return Sharded(stage, _fsdp(stage, mesh, MIXED if mixed else MixedPrecisionPolicy()))
+    policy = MIXED if mixed else MixedPrecisionPolicy()
+    return Sharded(stage, _fsdp(stage, mesh, policy), policy.param_dtype or torch.float32, tied_group(stage, mesh))

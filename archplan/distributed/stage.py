@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dataclasses import replace
 
+from archplan.errors import ArchplanError
 from archplan.modules.block import Block
 from archplan.modules.model import ArchplanModel, TiedLMHead, resolve_device
 from archplan.modules.positions import SinusoidalPositions
@@ -58,18 +59,36 @@ class Stage(nn.Module):
         return self.lm_head(x)
 
 
-def stage_layers(plan: ModelPlan, layout: Layout, stage: int) -> list[int]:
-    return [i for chunk in pipeline_chunks(len(plan.layers), layout.pp, layout.vpp)[stage] for i in chunk]
-
-
-def build_stage(plan: ModelPlan, layout: Layout, stage: int, device: str | torch.device = "meta",
-                dtype: torch.dtype = torch.float32) -> Stage:
-    """Stage `stage` of `layout`, fp32 master weights by default (mixed precision casts to bf16)."""
-    dev = resolve_device(device)
-    with torch.device(dev):
-        stage_module = Stage(plan, stage_layers(plan, layout, stage), first=stage == 0, last=stage == layout.pp - 1)
+def _built(stage_module: Stage, dtype: torch.dtype) -> Stage:
     stage_module.to(dtype)
     for module in stage_module.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
     return stage_module
+
+
+def build_stage(plan: ModelPlan, layout: Layout, stage: int, device: str | torch.device = "meta",
+                dtype: torch.dtype = torch.float32) -> Stage:
+    """Stage `stage` of `layout` (one model chunk per pipeline rank), fp32 master weights by
+    default (mixed precision casts to bf16)."""
+    if layout.vpp > 1:
+        raise ArchplanError("--layout: vpp > 1 runs on the fake process group only (verify --layout): "
+                            "bench and the equivalence checks build one module per pipeline rank")
+    [chunk] = build_chunks(plan, layout, stage, device, dtype)
+    return chunk
+
+
+def build_chunks(plan: ModelPlan, layout: Layout, stage: int, device: str | torch.device = "meta",
+                 dtype: torch.dtype = torch.float32) -> list[Stage]:
+    """The model chunks (virtual stages) of pipeline rank `stage`, in model order: chunk c of
+    pp·vpp on rank c % pp (`pipeline_chunks`); the first chunk of the model holds the embedding,
+    the last the head."""
+    dev = resolve_device(device)
+    total = layout.pp * layout.vpp
+    out = []
+    for v, layers in enumerate(pipeline_chunks(len(plan.layers), layout.pp, layout.vpp)[stage]):
+        index = stage + v * layout.pp
+        with torch.device(dev):
+            chunk = Stage(plan, list(layers), first=index == 0, last=index == total - 1)
+        out.append(_built(chunk, dtype))
+    return out

@@ -7,9 +7,17 @@ once. Between stages the hidden states go forward and their gradients back with 
 the pp mesh dimension (what `PipelineStage` does, written out here: its shape-inference handshake
 and batched P2P need data that the fake process group does not move).
 
-ZeRO on FSDP2 (see `shard`): every backward but the last keeps the gathered weights under ZeRO-1/2
-and skips the gradient reduction under ZeRO-0/1, as `PipelineStage.backward_maybe_with_nosync`
-does for FSDP.
+Interleaved 1F1B (Narayanan et al. 2021 §2.2.2; Megatron-LM
+`forward_backward_pipelining_with_interleaving`): rank j holds v model chunks (each its own
+`Stage` and FSDP root, as torchtitan's model parts), runs min(2(p − j − 1) + (v − 1)·p, m·v)
+warm-up chunk forwards, then one forward and one backward alternately; forward k runs chunk
+(k mod p·v) div p on micro-batch (k div p·v)·p + k mod p, backwards the chunks in reverse. The
+first chunk of rank 0 receives nothing and the last chunk of rank p − 1 sends nothing; every other
+chunk receives from rank j − 1 and sends to rank j + 1, modulo p.
+
+ZeRO on FSDP2 (see `shard`): every backward of a chunk but its last keeps the gathered weights
+under ZeRO-1/2 and skips the gradient reduction under ZeRO-0/1, as
+`PipelineStage.backward_maybe_with_nosync` does for FSDP.
 """
 
 from __future__ import annotations
@@ -21,14 +29,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from archplan.distributed.mesh import LayoutMesh
+from archplan.errors import ArchplanError
 from archplan.distributed.shard import Sharded
-
-COMPUTE_DTYPE = torch.bfloat16  # FSDP2's param_dtype: what flows between stages
 
 
 @dataclass(frozen=True)
@@ -47,15 +54,39 @@ def one_f_one_b(stage: int, pp: int, m: int) -> list[tuple[str, int]]:
     return order
 
 
-class StageRunner:
-    """Runs training steps of one sharded stage; `hidden_shape` is the hidden states' local shape."""
+def interleaved_1f1b(stage: int, pp: int, vpp: int, m: int) -> list[tuple[str, int, int]]:
+    """("F" | "B", chunk, micro-batch) in the order pipeline rank `stage` runs them."""
+    if vpp == 1:
+        return [(op, 0, i) for op, i in one_f_one_b(stage, pp, m)]
+    if m % pp:
+        raise ArchplanError(f"--microbatches {m}: the interleaved schedule (vpp > 1) runs them in groups of pp={pp}")
+    total, group = m * vpp, pp * vpp
+    warmup = min(2 * (pp - stage - 1) + (vpp - 1) * pp, total)
 
-    def __init__(self, sharded: Sharded, mesh: LayoutMesh, optimizer: torch.optim.Optimizer,
+    def chunk(k: int, forward: bool) -> int:
+        c = (k % group) // pp
+        return c if forward else vpp - 1 - c
+
+    def micro(k: int) -> int:
+        return (k // group) * pp + k % pp
+
+    order = [("F", chunk(k, True), micro(k)) for k in range(warmup)]
+    for i in range(total - warmup):
+        order += [("F", chunk(warmup + i, True), micro(warmup + i)), ("B", chunk(i, False), micro(i))]
+    order += [("B", chunk(i, False), micro(i)) for i in range(total - warmup, total)]
+    return order
+
+
+class StageRunner:
+    """Runs training steps of one pipeline rank's sharded model chunks (one unless vpp > 1);
+    `hidden_shape` is the hidden states' local shape."""
+
+    def __init__(self, chunks: tuple[Sharded, ...], mesh: LayoutMesh, optimizer: torch.optim.Optimizer,
                  hidden_shape: tuple[int, ...], device: torch.device,
-                 before_forward: Callable[[], None] | None = None,
+                 before_forward: Callable[[nn.Module], None] | None = None,
                  sample: Callable[[], None] | None = None) -> None:
-        self.sharded = sharded
-        self.stage = sharded.stage
+        self.chunks = chunks
+        self.stage = chunks[0].stage  # the rank's first chunk (its only one at vpp = 1)
         self.mesh = mesh
         self.optimizer = optimizer
         self.hidden_shape = hidden_shape
@@ -63,14 +94,15 @@ class StageRunner:
         self.pp_group = mesh["pp"].get_group() if mesh.layout.pp > 1 else None
         self.index = mesh.stage
         self.losses: list[Tensor] = []
-        self.most_in_flight = 0  # micro-batches whose activations were held at once
+        self.most_in_flight = 0  # micro-batches whose activations were held at once (all chunks)
         self.pending: list[dist.Work] = []
         self.before_forward = before_forward
         self.sample = sample
 
     def peer(self, offset: int) -> int:
+        """The pipeline rank `offset` away (modulo pp: interleaved chunks wrap around)."""
         assert self.pp_group is not None
-        return dist.get_global_rank(self.pp_group, self.index + offset)
+        return dist.get_global_rank(self.pp_group, (self.index + offset) % self.mesh.layout.pp)
 
     def send(self, tensor: Tensor, offset: int) -> None:
         """Non-blocking, as PipelineStage's batched P2P: with blocking sends, stage j's forward
@@ -83,35 +115,36 @@ class StageRunner:
     def loss_context(self) -> Callable[[], object]:
         return loss_parallel if self.mesh.layout.tp > 1 else nullcontext
 
-    def forward(self, batch: MicroBatch, m: int) -> tuple[Tensor, Tensor | None]:
+    def forward(self, chunk: Sharded, batch: MicroBatch, m: int) -> tuple[Tensor, Tensor | None]:
+        stage = chunk.stage
         if self.before_forward is not None:
-            self.before_forward()
-        if self.stage.first:
+            self.before_forward(stage)
+        if stage.first:
             inp = batch.tokens_BT
         else:
-            inp = torch.empty(self.hidden_shape, dtype=COMPUTE_DTYPE, device=self.device)
+            inp = torch.empty(self.hidden_shape, dtype=chunk.compute_dtype, device=self.device)
             dist.recv(inp, self.peer(-1), group=self.pp_group)
             inp.requires_grad_(True)
-        out = self.stage(inp)
-        if self.stage.last:
+        out = stage(inp)
+        if stage.last:
             with self.loss_context()():
                 out = self.loss(out, batch.labels_BT) / m
             self.losses.append(out.detach())
         else:
             self.send(out.detach(), 1)
-        return out, (inp if not self.stage.first else None)
+        return out, (inp if not stage.first else None)
 
-    def backward(self, out: Tensor, inp: Tensor | None, last: bool) -> None:
+    def backward(self, chunk: Sharded, out: Tensor, inp: Tensor | None, last: bool) -> None:
         if self.sample is not None:
             self.sample()
-        root = self.sharded.units[-1]
+        root = chunk.units[-1]
         zero = self.mesh.layout.zero
         root.set_is_last_backward(last)
         if zero in (1, 2):
             root.set_reshard_after_backward(last)
         if zero in (0, 1):
             root.set_requires_gradient_sync(last)
-        if self.stage.last:
+        if chunk.stage.last:
             with self.loss_context()():
                 out.backward()
         else:
@@ -122,17 +155,31 @@ class StageRunner:
             assert inp.grad is not None
             self.send(inp.grad, -1)
 
+    def sync_tied_gradient(self) -> None:
+        """Sum the embedding's gradient with its copy's on the other end stage (Megatron's
+        `_allreduce_word_embedding_grads`, after the data-parallel reduction): this rank's shard
+        of it, which its peer's shard matches row for row (the same FSDP2 split of the same shape)."""
+        for chunk in self.chunks:
+            if chunk.tied is None:
+                continue
+            assert chunk.stage.embed is not None
+            grad = chunk.stage.embed.weight.grad
+            assert grad is not None
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=chunk.tied)
+
     def train_step(self, batches: list[MicroBatch]) -> None:
         m = len(batches)
-        held: dict[int, tuple[Tensor, Tensor | None]] = {}
-        done = 0
-        for op, i in one_f_one_b(self.index, self.mesh.layout.pp, m):
+        layout = self.mesh.layout
+        held: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
+        done = [0] * len(self.chunks)
+        for op, c, i in interleaved_1f1b(self.index, layout.pp, layout.vpp, m):
             if op == "F":
-                held[i] = self.forward(batches[i], m)
+                held[c, i] = self.forward(self.chunks[c], batches[i], m)
                 self.most_in_flight = max(self.most_in_flight, len(held))
             else:
-                done += 1
-                self.backward(*held.pop(i), last=done == m)
+                done[c] += 1
+                self.backward(self.chunks[c], *held.pop((c, i)), last=done[c] == m)
+        self.sync_tied_gradient()
         if self.sample is not None:
             self.sample()  # the gradients' peak: all of them, before the step frees them
         for work in self.pending:

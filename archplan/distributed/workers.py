@@ -32,7 +32,7 @@ from archplan.dtypes import DType
 from archplan.distributed.mesh import build_mesh
 from archplan.distributed.shard import shard_stage
 from archplan.distributed.stage import build_stage
-from archplan.distributed.step import COMPUTE_DTYPE, MicroBatch, StageRunner
+from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout
 from archplan.resolve import ModelPlan
@@ -105,7 +105,7 @@ def _prefill(runner: StageRunner, batches: list[MicroBatch]) -> None:
             if stage.first:
                 x = batch.tokens_BT
             else:
-                x = torch.empty(runner.hidden_shape, dtype=COMPUTE_DTYPE, device=runner.device)
+                x = torch.empty(runner.hidden_shape, dtype=runner.chunks[0].compute_dtype, device=runner.device)
                 dist.recv(x, runner.peer(-1), group=runner.pp_group)
             out = stage(x)
             if not stage.last:
@@ -144,7 +144,7 @@ def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, 
     sharded = shard_stage(stage, mesh, balanced=False)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4)
     local_seq = seq // layout.tp if layout.sequence_parallel else seq
-    runner = StageRunner(sharded, mesh, optimizer, (layout.mb, local_seq, plan.d_model), device)
+    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, local_seq, plan.d_model), device)
     batches = _batches(plan, layout, seq, microbatches, device, mesh["dp"].get_local_rank())
     for _ in range(warmup):
         runner.train_step(batches)

@@ -40,8 +40,12 @@ and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_pa
   sharded parameters 4 (they are the master weights) + fp32 sharded grads 4 + Adam m, v 8; the
   bf16 unsharded compute copies are `temporary`: the whole stage's at zero = 2
   (reshard_after_forward=False keeps them from the forward to the backward), two layers' at
-  zero = 3 (the one computing and the prefetched next). FSDP2 always shards its parameters, so it
-  takes zero 2 or 3 only.
+  zero = 3 (the one computing and the prefetched next). FSDP2 shards its parameters at every
+  zero ≥ 1 (`distributed/shard.py`): zero = 1 keeps the bf16 copies as zero = 2 does and
+  accumulates fp32 *unsharded* gradients over the micro-batches, reduce-scattered after the last
+  backward, so the gradients are whole with m > 1 micro-batches and sharded with one (its only
+  backward reduce-scatters each unit's gradient as it is produced); zero = 0 is FSDP2's
+  replicate mode: whole fp32 parameters, gradients and optimizer states.
 ZeRO-3 under ZERO/MEGATRON also holds two layers' gathered bf16 weights (`temporary`).
 
 **Activations** of one micro-batch per layer: `analytic.memory.activation_memory` (Korthikanti et
@@ -68,12 +72,15 @@ layer counts, not both.
 
 **Engines** (`StatesConvention.engine`): "megatron" (ZERO, MEGATRON: `plan`'s default) is what
 is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant checkpointing,
-what `verify --layout` runs and measures) differs in five places: under SP the column input is
+what `verify --layout` runs and measures) differs in these places: under SP the column input is
 saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-block), the LM
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
 micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
 layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
-unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept).
+unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
+records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
+stage's root unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
+and without SP its pipeline sends carry the whole hidden states (no scatter over tp).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
@@ -168,7 +175,7 @@ class StatesConvention:
     grad_bytes: int
     optimizer_bytes: int
     per_tensor: bool  # FSDP2's dim-0 chunks of every tensor, else one flat buffer
-    params_always_sharded: bool  # FSDP2: the parameters at rest are the sharded master copy
+    params_always_sharded: bool  # FSDP2: the parameters at rest are the sharded master copy (zero ≥ 1)
     compute_copy_bytes: int  # FSDP2's unsharded bf16 copies (temporary); 0 otherwise
     engine: Engine  # whose tensor / sequence parallelism runs beside these states
     description: str
@@ -197,10 +204,23 @@ def expert_replicas(layout: Layout) -> int:
     return layout.expert_dp * layout.tp
 
 
-def _check_states(states: StatesConvention, layout: Layout) -> None:
-    if states.params_always_sharded and layout.zero < 2:
-        raise ArchplanError(f"--states {states.key} always shards parameters: zero must be 2 "
-                            "(reshard_after_forward=False) or 3")
+def _fsdp_accumulates(layout: Layout, microbatches: int) -> bool:
+    """FSDP2 under zero 0/1 skips the gradient reduction on every backward but the last
+    (`set_requires_gradient_sync`), so with several micro-batches it accumulates the unreduced
+    gradients in fp32 (`FSDPParam.unsharded_accumulated_grad`)."""
+    return layout.zero <= 1 and microbatches > 1
+
+
+def _fsdp_end_units(data: ModelData, first: bool, last: bool, pp: int) -> tuple[tuple[tuple[Tensor, ...], str], ...]:
+    """The FSDP2 units of a stage's ends (`distributed.shard._fsdp`): the embedding module is its
+    own unit unless the stage's head reads its weight (tied, both ends on one stage); everything
+    else (learned positions, the embedding norm, final norm, head) is in the stage's root unit.
+    FSDP2 gathers and reduces one flat buffer per unit (`FSDPParamGroup`), so one record each."""
+    ends = data.ends(first, last, pp)
+    if data.plan.tied and first and last:
+        return ((ends, "embedding + final norm + LM head (root unit)"),)
+    embed = tuple(t for t in ends if t.name.startswith("embed.")) if first else ()
+    return ((embed, "embedding"), (tuple(t for t in ends if t not in embed), "stage root unit"))
 
 
 # ----------------------------------------------------------------------------- per-layer data
@@ -555,13 +575,21 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             biggest_layer = max(biggest_layer, max(a + b for a, b in zip(numel_d[lo:hi], numel_e[lo:hi])))
     full = dense + expert
     shard = shard_dense + shard_expert
-    params_sharded = zero >= 3 or states.params_always_sharded
+    params_sharded = zero >= 3 or (states.params_always_sharded and zero >= 1)
+    # FSDP2's ZeRO-1 accumulates unsharded gradients over the micro-batches; with one, its only
+    # backward reduce-scatters each unit's gradient as it is produced (the module docstring)
+    grads_sharded = zero >= 2 or (zero == 1 and states.params_always_sharded and microbatches == 1)
     parameters = states.param_bytes * (shard if params_sharded else full)
-    gradients = states.grad_bytes * (shard if zero >= 2 else full)
+    gradients = states.grad_bytes * (shard if grads_sharded else full)
+    if states.engine == "torch" and _fsdp_accumulates(layout, microbatches) and chunks[0].first:
+        # DTensor's embedding backward gives the vocabulary-parallel weight's gradient Replicate
+        # (whole vocabulary on every tp rank); FSDP2 accumulates it so until the reduction
+        gradients += states.grad_bytes * (data.first[0].numel - _local_numel(data.first[:1], tp, ep)[0])
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
     temporary = 0
     if states.compute_copy_bytes:
-        temporary = states.compute_copy_bytes * (full if zero == 2 else FSDP_PREFETCH_LAYERS * biggest_layer)
+        kept = zero in (1, 2)  # reshard_after_forward=False: the stage's bf16 copies held through the step
+        temporary = states.compute_copy_bytes * (full if kept else FSDP_PREFETCH_LAYERS * biggest_layer)
     elif zero >= 3:
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
     # activations
@@ -609,7 +637,6 @@ def most_loaded_stage(plan: ModelPlan, layout: Layout, seq: int, *, microbatches
                       attention_kernel: AttentionKernel = "flash") -> int:
     """The pipeline rank whose rank needs the most memory (ties: the first)."""
     _check(plan, layout, seq, microbatches, None, attention_kernel)
-    _check_states(states, layout)
     data = model_data(plan, seq)
     stages = representative_stages(len(plan.layers), layout.pp, layout.vpp)
     totals = [_memory(data, layout, s, microbatches, states, attention_kernel).total for s in stages]
@@ -624,7 +651,6 @@ def rank_memory(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
         stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,
                                   attention_kernel=attention_kernel)
     _check(plan, layout, seq, microbatches, stage, attention_kernel)
-    _check_states(states, layout)
     return _memory(model_data(plan, seq), layout, stage, microbatches, states, attention_kernel)
 
 
@@ -767,7 +793,9 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for routed, n in ep_calls.items():
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)
-        p2p = act // tp  # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink
+        # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink (Megatron); the
+        # torch engine sends what the stage holds: the sequence shard under SP, else the whole
+        p2p = act // tp if sp or engine == "megatron" else act
         if not chunk.first:
             add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)")
             add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)")
@@ -789,22 +817,35 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
                                grad_reduce, dp_over)
-        ends = ((chunk.first, data.first, "embedding"),
-                (chunk.last, data.ends(False, True, layout.pp), "final norm + LM head"))
-        if engine == "torch" and plan.tied and chunk.first and chunk.last:
-            # FSDP2: the tied head reads the embedding's weight, so one unit holds both ends
-            ends = ((True, data.first + data.ends(False, True, layout.pp), "embedding + final norm + LM head"),)
-        for flag, tensors, what in ends:
-            if flag and tensors:
+        match engine:
+            case "megatron":
+                ends = ((data.first if chunk.first else (), "embedding"),
+                        (data.ends(False, chunk.last, layout.pp), "final norm + LM head"))
+            case "torch":
+                ends = _fsdp_end_units(data, chunk.first, chunk.last, layout.pp)
+            case _:
+                assert_never(engine)
+        for tensors, what in ends:
+            if tensors:
                 out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
                                    what, layout, m, states, grad_reduce, dp_over)
         if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
-            embed = _local_numel((data.first[0],), tp, ep)[0]
+            # Megatron all-reduces the whole main grad; FSDP2 (zero ≥ 1) the rank's dim-0 shard,
+            # split alike on both end stages (`distributed.step.StageRunner.sync_tied_gradient`)
+            sharded = engine == "torch" and layout.zero >= 1
+            embed = (_fsdp_numel((data.first[0],), tp, ep, dp, edp) if sharded
+                     else _local_numel((data.first[0],), tp, ep))[0]
             add("all_reduce", "pp", 2, embed * grad_reduce, 1, "tied embedding gradient (first + last stage)")
     # sequence-parallel norm weights see a rank's tokens only: their gradients are summed over tp
     # (Korthikanti et al. 2022 §4.2.2); DTensor all-reduces each one's Partial bf16 gradient per
     # micro-batch, Megatron-LM all its main grads at once per step (`_allreduce_layernorm_grads`)
     match engine:
+        case "torch" if _fsdp_accumulates(layout, m):
+            # the Partial gradients accumulate unreduced in fp32 (FSDP2's `unsharded_accumulated_grad`)
+            # and are all-reduced once, at the last backward's gradient reduction
+            for n, count in norm_grads.items():
+                add("all_reduce", "tp", tp, n * grad_reduce, count,
+                    "replicated weight gradients summed over tp (SP norms, routers, MLA latents)")
         case "torch":
             for n, count in norm_grads.items():
                 add("all_reduce", "tp", tp, n * ACT_BYTES, m * count,
@@ -834,7 +875,6 @@ def step_collectives(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
         stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,
                                   attention_kernel=attention_kernel)
     _check(plan, layout, seq, microbatches, stage, attention_kernel)
-    _check_states(states, layout)
     if cp_comm not in CP_COMMS:
         raise ArchplanError(f"CP communication '{cp_comm}' is not one of {', '.join(CP_COMMS)}")
     unknown = set(overlap) - set(OVERLAPS)

@@ -23,7 +23,6 @@ from archplan.planning.cluster import (
     CPComm,
     ModelData,
     StatesConvention,
-    _check_states,
     _memory,
     model_data,
     representative_stages,
@@ -362,7 +361,6 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         why = cp_problem(plan, complete.tp, complete.cp)
         if why:
             raise ArchplanError(f"--layout: cp={complete.cp}: {why}")
-        _check_states(settings.states, complete)
         why = group_problem(complete, _microbatches(sequences, complete.dp, complete.mb))
         if why:
             raise ArchplanError(f"--layout: {why}")
