@@ -12,8 +12,11 @@ SDPA-only context manager that archplan's attention paths (masks, ALiBi, MLA) do
 
 from __future__ import annotations
 
+import functools
+import gc
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -30,7 +33,21 @@ def init_fake_world(world: int, rank: int) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    _forget_meshes()
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+
+
+def _forget_meshes() -> None:
+    """Drop DTensor's sharding caches before a new world. A DeviceMesh compares equal to an earlier
+    world's mesh of the same shape and names (`DeviceMesh.__eq__` ignores its process groups), so a
+    cached output spec would hand the new world the old mesh, whose groups no longer exist ("Could
+    not resolve the process group"). The caches live in C++ (the dispatch fast path) and in
+    functools caches across `torch.distributed.tensor`."""
+    torch._C._clear_DTensor_sharding_propagator_cache()
+    for obj in gc.get_objects():
+        if isinstance(obj, functools._lru_cache_wrapper) and \
+                getattr(obj, "__module__", "").startswith("torch.distributed.tensor"):
+            obj.cache_clear()
 
 
 def stage_rank(layout: Layout, stage: int) -> int:
