@@ -36,8 +36,10 @@ from archplan.resolve import ModelPlan
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution")
 GROUPS = ("matmuls", "attention", "others")
 # Fresh weights streamed per calibrated call: beyond a CPU last-level cache (32 MiB here) and a
-# GPU's L2 (50 MB on H100, 60 MB on H200), so every call reads its weight from memory, as a step does.
+# GPU's L2 (50 MB on H100, 60 MB on H200), so every call reads its weight from memory, as a step of
+# a real model does; at most MAX_COPIES copies, so a toy model's weights stay cache-sized, as in its step.
 STREAM_BYTES = 1 << 27
+MAX_COPIES = 64
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ class Replay:
         with torch.inference_mode():
             for kind, groups in self.recorded.calls.items():
                 for group in ("attention", "others"):
+                    if not groups[group]:
+                        continue
                     synchronize(self.device)
                     start = time.perf_counter()
                     for call in groups[group]:
@@ -193,12 +197,12 @@ def _signature(call: Call) -> object:
 
 def _stream(call: Call, device: torch.device) -> tuple[float, float]:
     """Seconds per call (and host seconds to issue it) re-issued on fresh copies of its weight,
-    enough of them to stream STREAM_BYTES past the caches; medians of three passes."""
+    enough of them to stream STREAM_BYTES past the caches (at most MAX_COPIES); medians of three passes."""
     assert call.weight is not None
     w = call.args[call.weight]
     size = w.numel() * w.element_size()
     copies = [torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=device).fill_(1 / 64)
-              for _ in range(max(1, math.ceil(STREAM_BYTES / max(size, 1))))]
+              for _ in range(min(MAX_COPIES, max(1, math.ceil(STREAM_BYTES / max(size, 1)))))]
     argss = [call.args[:call.weight] + (c,) + call.args[call.weight + 1:] for c in copies]
 
     def once() -> tuple[float, float]:
