@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from archplan.bench.decode import Call, RecordedStep, Replay, _weight_bytes, decode_rates, record_step
+from archplan.bench.decode import Call, RecordedStep, Replay, WeightStreams, _weight_bytes, decode_rates, record_step
 from archplan.modules.model import build_model
 from archplan.resolve import resolve
 from archplan.spec import Spec
@@ -87,9 +87,12 @@ def test_grouped_mm_reads_only_the_experts_that_own_rows() -> None:
 def test_decode_rates_on_cpu() -> None:
     """Every kind gets a bandwidth from its own weight matmuls; CPU folds the call cost into it."""
     _, recorded = _decode(replay=False)
-    sampler = Replay(recorded, CPU)
+    sampler, streams = Replay(recorded, CPU), WeightStreams(recorded, CPU)
     sampler.sample()
-    rates = decode_rates(recorded, sampler, CPU)
+    streams.sample()
+    # one stream per distinct weight call: the two attention layers' q/k/v/o share their shapes
+    assert len(streams.streams) < sum(len(g["matmuls"]) for g in recorded.calls.values())
+    rates = decode_rates(recorded, sampler, streams)
     assert set(rates.gemv_bandwidth) == set(recorded.built)
     assert all(v > 0 for v in rates.gemv_bandwidth.values())
     assert rates.matmul_seconds == 0 and not rates.overlap

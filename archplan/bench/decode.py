@@ -7,7 +7,8 @@ hooks set the kind; everything outside the blocks is "embed+head"), in three gro
 - weight matmuls: matmuls with an operand on a parameter's storage (mm, addmm, grouped_mm, ...).
   Their time is priced as the weights' bytes over a GEMV bandwidth calibrated on those same calls:
   each distinct call re-issued at its recorded shapes, strides and dtype on fresh copies of the
-  weight, streamed past the last-level cache (CPU) or L2 (GPU), in the same run;
+  weight, streamed past the last-level cache (CPU) or L2 (GPU), between the timed steps
+  (`WeightStreams.sample`);
 - attention kernels (SDPA), and
 - every other op (norms, rotary, cache writes, views, activations, argmax, matmuls on the cache):
   priced by re-issuing the recorded calls with their recorded arguments (`Replay.sample`, between
@@ -195,56 +196,74 @@ def _signature(call: Call) -> object:
     return call.func, _key(call.args), _key(sorted(call.kwargs.items()))
 
 
-def _stream(call: Call, device: torch.device) -> tuple[float, float]:
-    """Seconds per call (and host seconds to issue it) re-issued on fresh copies of its weight,
-    enough of them to stream STREAM_BYTES past the caches (at most MAX_COPIES); medians of three passes."""
-    assert call.weight is not None
-    w = call.args[call.weight]
-    size = w.numel() * w.element_size()
-    copies = [torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=device).fill_(1 / 64)
-              for _ in range(min(MAX_COPIES, max(1, math.ceil(STREAM_BYTES / max(size, 1)))))]
-    argss = [call.args[:call.weight] + (c,) + call.args[call.weight + 1:] for c in copies]
+class WeightStreams:
+    """Each distinct weight matmul of the step, re-issued on fresh copies of its weight (enough to
+    stream STREAM_BYTES past the caches, at most MAX_COPIES). `sample` (between the timed steps, as
+    `Replay.sample`: memory bandwidth on a shared machine drifts too) times one pass over each:
+    seconds per call, and the host's seconds to issue it."""
 
-    def once() -> tuple[float, float]:
-        synchronize(device)
-        start = time.perf_counter()
-        for args in argss:
-            call.run(args)
-        issued = time.perf_counter()
-        synchronize(device)
-        return time.perf_counter() - start, issued - start
-
-    once()  # first touch of the fresh pages
-    total, host = zip(*(once() for _ in range(3)))
-    return statistics.median(total) / len(copies), statistics.median(host) / len(copies)
-
-
-def decode_rates(recorded: RecordedStep, replay: Replay, device: torch.device) -> DecodeRates:
-    """GEMV bandwidth per layer kind from its weight matmuls (see the module docstring), with the
-    replayed per-layer costs. A weight matmul's call cost is inside its calibrated time, so on CPU
-    (all in sequence) it is priced by the bandwidth; on CUDA the host issues it ahead of the
-    device, so its host cost joins the overhead instead (`matmul_seconds`)."""
-    timed: dict[tuple[object, ...], tuple[float, float]] = {}
-    bandwidth: dict[str, float] = {}
-    host_total = calls_total = 0.0
-    with torch.inference_mode():
-        for kind, groups in recorded.calls.items():
-            nbytes = seconds = 0.0
+    def __init__(self, recorded: RecordedStep, device: torch.device) -> None:
+        self.device = device
+        self.streams: dict[object, tuple[Call, list[tuple[Any, ...]]]] = {}
+        self.samples: dict[object, list[tuple[float, float]]] = defaultdict(list)
+        for groups in recorded.calls.values():
             for call in groups["matmuls"]:
                 key = _signature(call)
-                if key not in timed:
-                    timed[key] = _stream(call, device)
-                nbytes += _weight_bytes(call)
-                seconds += timed[key][0]
-                host_total += timed[key][1]
-                calls_total += 1
-            if seconds > 0:
-                bandwidth[kind] = nbytes / seconds
+                if key in self.streams:
+                    continue
+                assert call.weight is not None
+                w = call.args[call.weight]
+                n = min(MAX_COPIES, max(1, math.ceil(STREAM_BYTES / max(w.numel() * w.element_size(), 1))))
+                copies = [torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=device).fill_(1 / 64)
+                          for _ in range(n)]
+                self.streams[key] = (call, [call.args[:call.weight] + (c,) + call.args[call.weight + 1:]
+                                            for c in copies])
+        self._pass(record=False)  # first touch of the fresh pages
+
+    def _pass(self, record: bool) -> None:
+        with torch.inference_mode():
+            for key, (call, argss) in self.streams.items():
+                synchronize(self.device)
+                start = time.perf_counter()
+                for args in argss:
+                    call.run(args)
+                issued = time.perf_counter()
+                synchronize(self.device)
+                if record:
+                    self.samples[key].append(((time.perf_counter() - start) / len(argss),
+                                              (issued - start) / len(argss)))
+
+    def sample(self) -> None:
+        self._pass(record=True)
+
+    def per_call(self, call: Call) -> tuple[float, float]:
+        """Median seconds of one call, and of its host issue."""
+        total, host = zip(*self.samples[_signature(call)])
+        return statistics.median(total), statistics.median(host)
+
+
+def decode_rates(recorded: RecordedStep, replay: Replay, streams: WeightStreams) -> DecodeRates:
+    """GEMV bandwidth per layer kind from its own weight matmuls (their weight bytes over their
+    calibrated seconds), with the replayed per-layer costs. A weight matmul's call cost is inside its
+    calibrated time, so on CPU (all in sequence) the bandwidth prices it; on CUDA the host issues it
+    ahead of the device, so its host cost joins the overhead instead (`matmul_seconds`)."""
+    bandwidth: dict[str, float] = {}
+    host_total = calls_total = 0.0
+    for kind, groups in recorded.calls.items():
+        nbytes = seconds = 0.0
+        for call in groups["matmuls"]:
+            total, host = streams.per_call(call)
+            nbytes += _weight_bytes(call)
+            seconds += total
+            host_total += host
+            calls_total += 1
+        if seconds > 0:
+            bandwidth[kind] = nbytes / seconds
     # a kind without weight matmuls (none in the presets) reads weights at the step's typical rate
     typical = statistics.median(bandwidth.values())
+    cuda = streams.device.type == "cuda"
     return DecodeRates(
         gemv_bandwidth={kind: bandwidth.get(kind, typical) for kind in recorded.built},
-        matmul_seconds=host_total / calls_total if device.type == "cuda" else 0.0,
-        attention_seconds=replay.per_layer("attention"), op_seconds=replay.per_layer("others"),
-        overlap=device.type == "cuda",
+        matmul_seconds=host_total / calls_total if cuda else 0.0,
+        attention_seconds=replay.per_layer("attention"), op_seconds=replay.per_layer("others"), overlap=cuda,
     )

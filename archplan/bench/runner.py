@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
-from archplan.bench.decode import RecordedStep, Replay, decode_rates, record_step
+from archplan.bench.decode import RecordedStep, Replay, WeightStreams, decode_rates, record_step
 from archplan.bench.device import (
     TORCH_DTYPES,
     DevicePeak,
@@ -202,9 +202,9 @@ EXTRAPOLATION_METHOD = (
 
 DECODE_MODEL = (
     "Σ_kinds layers × (weight bytes / the kind's GEMV bandwidth + its other ops' replayed seconds) "
-    "(CUDA: max of weight time and host time); ops recorded in one decode step of the built model; "
-    "bandwidth from those weight matmuls re-issued on fresh weights, the other ops re-issued as "
-    "recorded between the timed steps, in this run"
+    "(CUDA: max of weight time and host time); calls recorded in one decode step of the built model; "
+    "bandwidth from its weight matmuls re-issued on fresh weights, other ops re-issued as recorded, "
+    "both sampled between the timed steps of this run"
 )
 
 
@@ -423,11 +423,9 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
             with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
                 per_kind, instrumented = _block_seconds(model, built, lambda: model(tokens), device)
             extrapolation = _extrapolate(plan, built, per_kind, instrumented, timing.median)
-        decode, decode_s, recorded, replay = _decode(model, built, cfg, device, progress,
-                                                     extrapolation is not None, plan)
-    # before the GEMV calibration: its fresh copies of the weights are not the model's
-    peak_bytes, method = peak_memory(device)
-    rates = None if recorded is None or replay is None else decode_rates(recorded, replay, device)
+        decode, decode_s, calibrated, (peak_bytes, method) = _decode(model, built, cfg, device, progress,
+                                                                     extrapolation is not None, plan)
+    recorded, rates = calibrated if calibrated is not None else (None, None)
     prefill_s = extrapolation.scale() if extrapolation else timing.median
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
     analytic_mem = int(count_params(built).total * b + kv_cache(built, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes)
@@ -452,12 +450,14 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
 
 def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
             progress: Progress, extrapolate: bool, full: ModelPlan
-            ) -> tuple[Timing | None, float | None, RecordedStep | None, Replay | None]:
+            ) -> tuple[Timing | None, float | None, tuple[RecordedStep, DecodeRates] | None, tuple[int, str]]:
     """Prefill into a real cache, record one step's dispatched calls (`bench/decode.py`; it is also
-    the warm-up), time `decode_tokens` single-token steps with the replay's samples between them
-    (the same load on a shared machine), then one instrumented step when extrapolating to full depth."""
+    the warm-up), time `decode_tokens` single-token steps with the calibration's samples between them
+    (the same load on a shared machine), then one instrumented step when extrapolating to full depth.
+    The peak memory is read after the recorded step (every later step has its footprint), before
+    the calibration's fresh weights exist."""
     if cfg.decode_tokens == 0:
-        return None, None, None, None
+        return None, None, None, peak_memory(device)
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
         cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 2)  # type: ignore[operator]
         prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
@@ -467,13 +467,21 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
         recorded = record_step(model, built, step)
-        replay = Replay(recorded, device)
+        peak = peak_memory(device)
+        replay, streams = Replay(recorded, device), WeightStreams(recorded, device)
+
+        def calibrate() -> None:
+            replay.sample()
+            streams.sample()
+
         timing = _time(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
-                       between=replay.sample)
+                       between=calibrate)
+        calibrated = recorded, decode_rates(recorded, replay, streams)
+        del streams  # its fresh weights
         if not extrapolate:
-            return timing, timing.median, recorded, replay
+            return timing, timing.median, calibrated, peak
         per_kind, instrumented = _block_seconds(model, built, step, device)
-    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale(), recorded, replay
+    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale(), calibrated, peak
 
 
 def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:
