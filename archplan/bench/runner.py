@@ -477,7 +477,6 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
         timing = _time(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
                        between=calibrate)
         calibrated = recorded, decode_rates(recorded, replay, streams)
-        del streams  # its fresh weights
         if not extrapolate:
             return timing, timing.median, calibrated, peak
         per_kind, instrumented = _block_seconds(model, built, step, device)
