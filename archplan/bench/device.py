@@ -9,13 +9,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-import statistics
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 
-from archplan.bench.roofline import DecodeRates
 from archplan.dtypes import DType
 from archplan.hardware import match_device_name
 
@@ -68,84 +63,6 @@ def calibrate_copy(device: torch.device, n_bytes: int = 1 << 27, seconds: float 
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n_bytes / best
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-class DecodeCalibration:
-    """The rates that bound a decode step at `rows` rows (the decode batch), measured in the run.
-
-    - GEMV bandwidth and matmul call overhead, once: `F.linear` at `rows` rows streaming 128 MiB of
-      weights (beyond a CPU last-level cache or GPU L2) twice, as 1024×1024 and as 4096×4096
-      matrices; per call t = overhead + bytes / bandwidth, solved from the two. On CPU the
-      overhead is the BLAS call and its thread team (at some batches MKL's small-M GEMM waits for
-      a descheduled worker on a loaded machine); on CUDA a launch. The skinny-matmul rate is the
-      same calls' FLOP/s at that bandwidth.
-    - op overhead, sampled between the timed decode steps (`sample`), so both see the same load on a
-      shared machine: a chain of tiny non-matmul ops (view, multiply, cast, add), per op;
-    - attention call overhead, sampled likewise: the same chain with a one-token SDPA over 128
-      keys in each link, less the chain's other ops. On CPU the kernel fans out to ATen's thread
-      pool right after single-threaded ops; on a loaded machine that is where a step waits for a
-      descheduled worker (9 ms per call in a profile of a 4-layer decode here).
-    Medians, as the step time is the median of the steps. On CUDA the chains measure the host's
-    issue rate (one synchronisation at the end).
-    """
-
-    LINKS = 8
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, rows: int, weight_bytes: int = 1 << 27) -> None:
-        self.device, self.rows, self.dtype = device, rows, dtype
-        self.element = torch.finfo(dtype).bits // 8
-        per_call: dict[int, float] = {}
-        for width in (1024, 4096):
-            weights = [torch.randn(width, width, device=device, dtype=dtype)
-                       for _ in range(max(2, weight_bytes // (width * width * self.element)))]
-            xs = torch.randn(rows, width, device=device, dtype=dtype)
-
-            def stream() -> None:
-                for w in weights:
-                    F.linear(xs, w)
-
-            stream()
-            per_call[width] = statistics.median(_seconds(stream, device) for _ in range(3)) / len(weights)
-            del weights
-        small, large = 1024 * 1024 * self.element, 4096 * 4096 * self.element
-        slope = (per_call[4096] - per_call[1024]) / (large - small)
-        if slope * large > per_call[4096] or slope <= 0:  # noise inverted the pair: no overhead seen
-            slope = per_call[4096] / large
-        self.bandwidth = 1 / slope
-        self.matmul_seconds = per_call[1024] - slope * small
-        self.x = torch.randn(rows, 256, device=device, dtype=dtype)
-        self.q = torch.randn(rows, 4, 1, 64, device=device, dtype=dtype)
-        self.kv = torch.randn(rows, 4, 128, 64, device=device, dtype=dtype)
-        self.others: list[float] = []
-        self.attention: list[float] = []
-        for _ in range(3):
-            self.sample()
-
-    def _chain(self, attend: bool) -> None:
-        y = self.x
-        for _ in range(self.LINKS):
-            y = (y.view(self.rows, 16, 16) * 0.5).view(self.rows, 256).to(self.dtype) + self.x
-            if attend:
-                F.scaled_dot_product_attention(self.q, self.kv, self.kv)
-
-    def sample(self) -> None:
-        self.others.append(_seconds(lambda: self._chain(False), self.device))
-        self.attention.append(_seconds(lambda: self._chain(True), self.device))
-
-    def rates(self) -> DecodeRates:
-        op_seconds = statistics.median(self.others) / (4 * self.LINKS)
-        attention_seconds = max(statistics.median(self.attention) / self.LINKS - 4 * op_seconds, op_seconds)
-        return DecodeRates(gemv_bandwidth=self.bandwidth, skinny_flops=2 * self.rows * self.bandwidth / self.element,
-                           matmul_seconds=max(self.matmul_seconds, op_seconds), attention_seconds=attention_seconds,
-                           op_seconds=op_seconds, overlap=self.device.type == "cuda")
 
 
 def device_peak(device: torch.device, dtype: DType) -> DevicePeak:

@@ -4,24 +4,25 @@ Prefill: each component runs in time max(FLOPs / peak FLOP/s, bytes moved / copy
 prediction is the sum over components, reported per layer kind. Pure Python (no torch), from the
 analytic counts of the same plan the benchmark builds.
 
-Decode is priced by what bounds a one-token step (docs/benchmarks.md, "Decode model"): each
-component's weights stream through skinny matmuls at the decode batch, far below copy bandwidth
-on CPU, and every dispatched op pays a fixed overhead that a 1-token step cannot amortise:
+Decode is priced by what bounds a one-token step (docs/benchmarks.md, "`bench` decode model"): the
+weights stream through matmuls at the decode batch, at a GEMV bandwidth far below copy bandwidth on
+CPU, and every other dispatched op (norms, rotary, cache writes, attention over the cache) costs
+what it costs once, which a 1-token step cannot amortise:
 
-    step = Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate)
-           + matmuls × matmul overhead + attention kernels × attention overhead + other ops × op overhead
+    step = Σ_kinds layers × (weight bytes / GEMV bandwidth of the kind + replayed seconds of its other ops)
 
 CPU runs it all in sequence (the sum); on CUDA the host issues kernels ahead of the device, so the
-step is max(Σ work, Σ overhead). The rates are calibrated at the decode batch in the same
-run (`bench/device.py`); the op counts are dispatched ops counted once on the built model.
+step is max(Σ weight time, Σ host time of all ops). The bandwidth and the replayed seconds are
+measured in the same run on the calls the step dispatches (`bench/decode.py`).
 
 Bytes moved per component (stated in docs/benchmarks.md):
 - prefill: its weights once (MoE: only the experts the B·T·K routed rows can reach, min(E, B·T·K)),
   plus its activation input and output (2·B·T·D elements), plus, for attention, the K/V it writes;
 - decode (one token per sequence): its weights once (MoE: min(E, B·K) experts; the embedding only
-  the B rows it looks up), plus the cache it reads at the current context (KV, MLA latent or SSM state).
+  the B rows it looks up). The cache (KV, MLA latent or SSM state) is read by the attention and
+  other ops whose replayed time is the overhead, so it is not priced again as bytes.
 Elementwise FLOPs are not priced separately: they are memory-bound and covered by the activation
-bytes (prefill) or by the per-op overhead (decode).
+bytes (prefill) or by the replayed ops (decode).
 """
 
 from __future__ import annotations
@@ -54,16 +55,16 @@ class RooflineRow:
     bytes: float
     seconds: float  # work + overhead
     bound: str  # "memory", "compute" or "overhead": the largest term
-    work: float = 0.0  # Σ_components max(FLOPs / rate, bytes / bandwidth)
+    work: float = 0.0  # prefill: Σ_components max(FLOPs / rate, bytes / bandwidth); decode: bytes / GEMV bandwidth
     ops: int = 0  # dispatched ops per step, all layers of this kind (decode)
-    overhead: float = 0.0  # seconds: their fixed per-op costs (decode)
+    overhead: float = 0.0  # seconds of the ops other than weight reads (decode)
 
 
 @dataclass(frozen=True)
 class Roofline:
     rows: tuple[RooflineRow, ...]
-    peak_flops: float  # the compute rate priced (decode: the skinny-matmul rate)
-    bandwidth: float  # the bandwidth priced (decode: the GEMV bandwidth)
+    peak_flops: float  # the compute rate priced (decode: none, 0: its matmuls' time is in the bandwidth)
+    bandwidth: float  # the bandwidth priced (decode: weight bytes / weight seconds, all kinds together)
     overlap: bool = False  # CUDA decode: the host issues kernels ahead of the device
 
     @property
@@ -75,8 +76,8 @@ class Roofline:
 
 @dataclass(frozen=True)
 class OpCount:
-    """Dispatched ops of one decode step: matmuls (mm/addmm/bmm/linear/grouped), attention kernels
-    (SDPA), and every other op (elementwise, copies, views)."""
+    """Dispatched ops of one decode step: matmuls reading a weight (mm/addmm/grouped_mm/...),
+    attention kernels (SDPA), and every other op (elementwise, copies, views, matmuls on the cache)."""
 
     matmuls: int
     attention: int
@@ -89,17 +90,18 @@ class OpCount:
 
 @dataclass(frozen=True)
 class DecodeRates:
-    """What bounds a decode step on a device, calibrated at the decode batch (`bench/device.py`)."""
+    """What bounds a decode step on a device, measured in the run (`bench/decode.py`), per layer kind
+    (and "embed+head")."""
 
-    gemv_bandwidth: float  # bytes/s of weights streamed through skinny matmuls
-    skinny_flops: float  # FLOP/s of those same matmuls
-    matmul_seconds: float  # fixed cost of one matmul call
-    attention_seconds: float  # fixed cost of one attention kernel call
-    op_seconds: float  # fixed cost of any other dispatched op
+    gemv_bandwidth: dict[str, float]  # bytes/s of weights through the kind's own matmul calls
+    matmul_seconds: float  # host cost of issuing one weight matmul (CUDA; on CPU it is in the bandwidth: 0)
+    attention_seconds: dict[str, float]  # one layer's attention kernels, replayed
+    op_seconds: dict[str, float]  # one layer's other ops, replayed
     overlap: bool  # CUDA: the host runs ahead of the device
 
-    def overhead(self, ops: OpCount) -> float:
-        return ops.matmuls * self.matmul_seconds + ops.attention * self.attention_seconds + ops.others * self.op_seconds
+    def overhead(self, kind: str, ops: OpCount) -> float:
+        """Seconds of one layer of `kind` beyond its weight reads."""
+        return ops.matmuls * self.matmul_seconds + self.attention_seconds[kind] + self.op_seconds[kind]
 
 
 def layer_kind(layer: LayerPlan) -> str:
@@ -154,33 +156,24 @@ def _layer_of(path: str) -> int | None:
 
 
 def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: dict[str, float],
-             peak: float, bandwidth: float, overhead_by_kind: dict[str, tuple[int, float]] | None = None,
-             overlap: bool = False) -> Roofline:
-    """Sum max(compute, memory) per component into its layer kind, plus each kind's (ops, overhead)."""
+             peak: float, bandwidth: float) -> Roofline:
+    """Sum max(compute, memory) per component into its layer kind."""
     flops_by_kind: dict[str, float] = defaultdict(float)
     bytes_by_kind: dict[str, float] = defaultdict(float)
     work_by_kind: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for layer in plan.layers:
-        counts[layer_kind(layer)] += 1
-    counts["embed+head"] = 1
+    counts = _kind_counts(plan)
     for path in set(flops_by_path) | set(bytes_by_path):
-        index = _layer_of(path)
-        kind = layer_kind(plan.layers[index]) if index is not None else "embed+head"
+        kind = _kind_of(plan, path)
         f, b = flops_by_path.get(path, 0.0), bytes_by_path.get(path, 0.0)
         flops_by_kind[kind] += f
         bytes_by_kind[kind] += b
         work_by_kind[kind] += max(f / peak, b / bandwidth)
-    overheads = overhead_by_kind or {}
     rows = []
-    for kind in sorted(set(work_by_kind) | set(overheads), key=lambda k: (k == "embed+head", k)):
-        ops, overhead = overheads.get(kind, (0, 0.0))
+    for kind in sorted(work_by_kind, key=lambda k: (k == "embed+head", k)):
         work = work_by_kind[kind]
-        terms = {"memory": bytes_by_kind[kind] / bandwidth, "compute": flops_by_kind[kind] / peak,
-                 "overhead": overhead}
-        rows.append(RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind], work + overhead,
-                                max(terms, key=terms.__getitem__), work, ops, overhead))
-    return Roofline(tuple(rows), peak, bandwidth, overlap)
+        bound = "compute" if flops_by_kind[kind] / peak > bytes_by_kind[kind] / bandwidth else "memory"
+        rows.append(RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind], work, bound, work))
+    return Roofline(tuple(rows), peak, bandwidth)
 
 
 def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, peak: float,
@@ -213,30 +206,53 @@ def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: 
     """One decode step: `batch` new tokens, each attending `context` keys (itself included).
 
     `ops_by_kind`: dispatched ops of ONE layer of each kind, and of "embed+head" (the rest of the
-    step), as counted on the built model; every layer of a kind is priced alike.
+    step), as counted on the built model; every layer of a kind is priced alike. FLOPs are reported
+    (the analytic step, what FlopCounterMode counts), not priced: at the decode batch a weight
+    matmul's time is its calibrated bandwidth's, compute included.
     """
     params = count_params(plan)
-    kv = kv_cache(plan, context, batch, dtype_bytes)
-    # The analytic decode step (docs/formulas.md §2.8), MLA absorbed: what FlopCounterMode counts
-    flops_by_path: dict[str, float] = dict(decode_flops(plan, context, batch).counted_by_component)
+    flops_by_path = decode_flops(plan, context, batch).counted_by_component
     bytes_by_path: dict[str, float] = {}
     for path in params.by_component:
         routed = batch * _top_k_of(plan, path)
-        weight = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
-        bytes_by_path[path] = weight + kv.by_component.get(path, 0)
+        bytes_by_path[path] = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
     # a lookup reads B rows of the tables, not the tables; a tied head still reads the whole matrix
     for table in ("embed", "pos_embed"):
         if table in bytes_by_path:
             bytes_by_path[table] = batch * plan.d_model * dtype_bytes
     if plan.tied:
         bytes_by_path["lm_head"] = bytes_by_path.get("lm_head", 0) + plan.vocab_size * plan.d_model * dtype_bytes
-    counts = defaultdict(int, {"embed+head": 1})
+    counts = _kind_counts(plan)
+    flops_by_kind: dict[str, float] = defaultdict(float)
+    bytes_by_kind: dict[str, float] = defaultdict(float)
+    for path in set(flops_by_path) | set(bytes_by_path):
+        kind = _kind_of(plan, path)
+        flops_by_kind[kind] += flops_by_path.get(path, 0.0)
+        bytes_by_kind[kind] += bytes_by_path.get(path, 0.0)
+    rows = []
+    for kind in sorted(counts, key=lambda k: (k == "embed+head", k)):
+        ops = ops_by_kind.get(kind, OpCount(0, 0, 0))
+        work = bytes_by_kind[kind] / rates.gemv_bandwidth[kind]
+        overhead = counts[kind] * rates.overhead(kind, ops)
+        rows.append(RooflineRow(kind, counts[kind], flops_by_kind[kind], bytes_by_kind[kind], work + overhead,
+                                "memory" if work >= overhead else "overhead", work, counts[kind] * ops.total,
+                                overhead))
+    weight_seconds = sum(r.work for r in rows)
+    return Roofline(tuple(rows), 0.0, sum(r.bytes for r in rows) / weight_seconds if weight_seconds else 0.0,
+                    rates.overlap)
+
+
+def _kind_counts(plan: ModelPlan) -> dict[str, int]:
+    """Layers of each kind, and "embed+head": 1 (the rest of the model)."""
+    counts: dict[str, int] = defaultdict(int, {"embed+head": 1})
     for layer in plan.layers:
         counts[layer_kind(layer)] += 1
-    overhead_by_kind = {kind: (counts[kind] * ops.total, counts[kind] * rates.overhead(ops))
-                        for kind, ops in ops_by_kind.items()}
-    return _predict(plan, flops_by_path, bytes_by_path, rates.skinny_flops, rates.gemv_bandwidth,
-                    overhead_by_kind, rates.overlap)
+    return dict(counts)
+
+
+def _kind_of(plan: ModelPlan, path: str) -> str:
+    index = _layer_of(path)
+    return layer_kind(plan.layers[index]) if index is not None else "embed+head"
 
 
 def _top_k_of(plan: ModelPlan, path: str) -> int:

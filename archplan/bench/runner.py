@@ -14,14 +14,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
+from archplan.bench.decode import RecordedStep, Replay, WeightStreams, decode_rates, record_step
 from archplan.bench.device import (
     TORCH_DTYPES,
     DevicePeak,
-    DecodeCalibration,
     device_peak,
     free_memory,
     peak_memory,
@@ -190,10 +189,10 @@ EXTRAPOLATION_METHOD = (
 
 
 DECODE_MODEL = (
-    "Σ_components max(bytes / GEMV bandwidth, FLOPs / skinny-matmul rate) + matmuls × matmul overhead + "
-    "attention kernels × attention overhead + other ops × op overhead (CUDA: max of device work and "
-    "overhead); rates calibrated at the decode batch in this run, ops dispatched in one step of the "
-    "built model, per layer kind"
+    "Σ_kinds layers × (weight bytes / the kind's GEMV bandwidth + its other ops' replayed seconds) "
+    "(CUDA: max of weight time and host time); calls recorded in one decode step of the built model; "
+    "bandwidth from its weight matmuls re-issued on fresh weights, other ops re-issued as recorded, "
+    "both sampled between the timed steps of this run"
 )
 
 
@@ -365,8 +364,6 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     peak = device_peak(device, cfg.dtype)
     b = nbytes(cfg.dtype)
 
-    # before the peak-memory window: its 128 MiB of streamed weights are not the model's
-    calibration = DecodeCalibration(device, torch_dtype, cfg.batch) if cfg.decode_tokens else None
     torch.manual_seed(0)
     reset_peak_memory(device)
     model = build_model(built, device=device.type, dtype=torch_dtype).eval()
@@ -385,16 +382,18 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
             with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
                 per_kind, instrumented = _block_seconds(model, built, lambda: model(tokens), device)
             extrapolation = _extrapolate(plan, built, per_kind, instrumented, timing.median)
-        decode, decode_s, ops_by_kind, rates = _decode(model, built, cfg, device, progress,
-                                                       extrapolation is not None, plan, calibration)
-    peak_bytes, method = peak_memory(device)
+        decode, decode_s, calibrated, (peak_bytes, method) = _decode(model, built, cfg, device, progress,
+                                                                     extrapolation is not None, plan)
+    recorded, rates = calibrated if calibrated is not None else (None, None)
     prefill_s = extrapolation.scale() if extrapolation else timing.median
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
     analytic_mem = int(count_params(built).total * b + kv_cache(built, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes)
     decode_model = predicted_decode = None
-    if ops_by_kind is not None and rates is not None:
-        # the timed steps attend seq + 1 … seq + decode_tokens keys: price the median one
-        context = cfg.seq + (cfg.decode_tokens + 1) // 2
+    if recorded is not None and rates is not None:
+        # after the recorded step, the timed steps attend seq + 2 … seq + decode_tokens + 1 keys:
+        # price the median one
+        context = cfg.seq + 1 + (cfg.decode_tokens + 1) // 2
+        ops_by_kind = recorded.ops()
         decode_model = DecodeModel(context, rates, ops_by_kind,
                                    decode_flops(plan, context, cfg.batch).counted,
                                    counted_decode_flops(plan, context, cfg.batch))
@@ -408,58 +407,16 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     )
 
 
-class _OpCounter(TorchDispatchMode):
-    """Dispatched ops by layer kind (block hooks set the kind; everything else is "embed+head")."""
-
-    MATMULS = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kind = "embed+head"
-        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        name = func.overloadpacket.__name__
-        if name in self.MATMULS:
-            group = "matmuls"
-        elif name.startswith(("_scaled_dot_product", "scaled_dot_product")):
-            group = "attention"
-        else:
-            group = "others"
-        self.counts[self.kind][group] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _count_ops(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> dict[str, OpCount]:
-    """Ops of one decode step, per ONE layer of each kind (the built layers of a kind averaged)."""
-    counter = _OpCounter()
-    handles = []
-    for layer, block in zip(plan.layers, model.layers):  # type: ignore[attr-defined]
-
-        def enter(_m: object, _a: object, kind: str = layer_kind(layer)) -> None:
-            counter.kind = kind
-
-        def leave(_m: object, _a: object, _o: object) -> None:
-            counter.kind = "embed+head"
-
-        handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
-    with counter:
-        step()
-    for h in handles:
-        h.remove()
-    built = kinds(plan) | {"embed+head": 1}
-    return {kind: OpCount(*(round(counter.counts[kind][g] / n) for g in ("matmuls", "attention", "others")))
-            for kind, n in built.items()}
-
-
 def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
-            progress: Progress, extrapolate: bool, full: ModelPlan, calibration: DecodeCalibration | None
-            ) -> tuple[Timing | None, float | None, dict[str, OpCount] | None, DecodeRates | None]:
-    """Prefill into a real cache, time `decode_tokens` single-token steps with the calibration's
-    overhead samples between them (the same load on a shared machine), then one step counting its
-    dispatched ops (+1 instrumented step when extrapolating to full depth)."""
-    if cfg.decode_tokens == 0 or calibration is None:
-        return None, None, None, None
+            progress: Progress, extrapolate: bool, full: ModelPlan
+            ) -> tuple[Timing | None, float | None, tuple[RecordedStep, DecodeRates] | None, tuple[int, str]]:
+    """Prefill into a real cache, record one step's dispatched calls (`bench/decode.py`; it is also
+    the warm-up), time `decode_tokens` single-token steps with the calibration's samples between them
+    (the same load on a shared machine), then one instrumented step when extrapolating to full depth.
+    The peak memory is read after the recorded step (every later step has its footprint), before
+    the calibration's fresh weights exist."""
+    if cfg.decode_tokens == 0:
+        return None, None, None, peak_memory(device)
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
         cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 2)  # type: ignore[operator]
         prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
@@ -468,14 +425,21 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
         def step() -> None:
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
+        recorded = record_step(model, built, step)
+        peak = peak_memory(device)
+        replay, streams = Replay(recorded, device), WeightStreams(recorded, device)
+
+        def calibrate() -> None:
+            replay.sample()
+            streams.sample()
+
         timing = time_calls(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
-                       between=calibration.sample)
-        rates = calibration.rates()
-        ops = _count_ops(model, built, step)
+                            between=calibrate)
+        calibrated = recorded, decode_rates(recorded, replay, streams)
         if not extrapolate:
-            return timing, timing.median, ops, rates
+            return timing, timing.median, calibrated, peak
         per_kind, instrumented = _block_seconds(model, built, step, device)
-    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale(), ops, rates
+    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale(), calibrated, peak
 
 
 def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:

@@ -1,0 +1,100 @@
+"""`bench/decode.py`: what a decode step dispatches and how it is re-issued. Behaviour, never speed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from archplan.bench.decode import Call, RecordedStep, Replay, WeightStreams, _weight_bytes, decode_rates, record_step
+from archplan.modules.model import build_model
+from archplan.resolve import resolve
+from archplan.spec import Spec
+
+TINY_HYBRID = dict(
+    name="tiny-hybrid", vocab_size=256, d_model=64, n_layers=4, max_seq_len=128,
+    position={"kind": "none"},
+    attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+    ssm={"kind": "mamba1", "d_state": 8},
+    ffn={"kind": "glu", "d_ff": 128},
+    moe={"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "d_ff": 64}},
+    layout={"mixers": "MA", "moe_every": 2, "moe_offset": 1},
+)
+CPU = torch.device("cpu")
+
+
+def _decode(replay: bool) -> tuple[torch.Tensor, RecordedStep]:
+    """Three decode steps of the tiny hybrid after a recorded one; with `replay`, the recorded calls
+    are re-issued after each step, as bench does between its timed steps."""
+    plan = resolve(Spec.model_validate(TINY_HYBRID))
+    torch.manual_seed(0)
+    model = build_model(plan, device="cpu", dtype=torch.float32).eval()
+    logits = []
+    with torch.inference_mode():
+        cache = model.new_cache(2, 32)
+        state = {"token": model(torch.randint(0, 256, (2, 16)), cache=cache)[:, -1:].argmax(-1)}
+
+        def step() -> None:
+            out = model(state["token"], cache=cache)
+            logits.append(out)
+            state["token"] = out[:, -1:].argmax(-1)
+
+        recorded = record_step(model, plan, step)
+        sampler = Replay(recorded, CPU)
+        for _ in range(3):
+            step()
+            if replay:
+                sampler.sample()
+    return torch.cat(logits), recorded
+
+
+def test_replay_leaves_the_model_state_alone() -> None:
+    """Cache writes and in-place SSM state updates replay into private copies: the decode that follows
+    is the decode without replays, bit for bit (KV cache, Mamba conv/SSM state, MoE routing)."""
+    plain, _ = _decode(replay=False)
+    replayed, recorded = _decode(replay=True)
+    assert torch.equal(plain, replayed)
+    assert recorded.built == {"embed+head": 1, "mamba1+dense": 2, "gqa+moe": 2}
+
+
+def test_recorded_groups() -> None:
+    """Weight matmuls are the calls reading a parameter: each Linear once per layer, the experts'
+    grouped matmuls; attention is one SDPA per attention layer; everything else is 'others'."""
+    _, recorded = _decode(replay=False)
+    ops = recorded.ops()
+    assert ops["gqa+moe"].attention == 1 and ops["mamba1+dense"].attention == 0
+    # embed+head: the head's one matmul (untied); the lookup is not a matmul
+    assert ops["embed+head"].matmuls == 1
+    # attention q/k/v/o (4), router (1), experts' up/gate/down as grouped_mm (3)
+    assert ops["gqa+moe"].matmuls == 8
+    names = {c.func.overloadpacket.__name__ for c in recorded.calls["gqa+moe"]["matmuls"]}
+    assert "_grouped_mm" in names
+    for kind in recorded.built:
+        assert all(c.weight is not None for c in recorded.calls[kind]["matmuls"])
+        assert all(c.weight is None for g in ("attention", "others") for c in recorded.calls[kind][g])
+
+
+def test_grouped_mm_reads_only_the_experts_that_own_rows() -> None:
+    w = torch.zeros(4, 8, 16)  # 4 experts of 8×16
+    x = torch.zeros(3, 8)
+    offs = torch.tensor([1, 1, 3, 3], dtype=torch.int32)  # experts 0 and 2 own rows; 1 and 3 none
+    call = Call(torch.ops.aten._grouped_mm.default, (x, w, offs), {}, 1)
+    assert _weight_bytes(call) == 2 * 8 * 16 * 4
+    dense = Call(torch.ops.aten.mm.default, (x, torch.zeros(8, 16).t().t()), {}, 1)
+    assert _weight_bytes(dense) == 8 * 16 * 4
+    assert F.grouped_mm(x, w, offs=offs).shape == (3, 16)
+
+
+def test_decode_rates_on_cpu() -> None:
+    """Every kind gets a bandwidth from its own weight matmuls; CPU folds the call cost into it."""
+    _, recorded = _decode(replay=False)
+    sampler, streams = Replay(recorded, CPU), WeightStreams(recorded, CPU)
+    sampler.sample()
+    streams.sample()
+    # one stream per distinct weight call: the two attention layers' q/k/v/o share their shapes
+    assert len(streams.streams) < sum(len(g["matmuls"]) for g in recorded.calls.values())
+    rates = decode_rates(recorded, sampler, streams)
+    assert set(rates.gemv_bandwidth) == set(recorded.built)
+    assert all(v > 0 for v in rates.gemv_bandwidth.values())
+    assert rates.matmul_seconds == 0 and not rates.overlap
+    assert rates.attention_seconds["gqa+moe"] > 0 and rates.attention_seconds["mamba1+dense"] == 0
+    assert all(rates.op_seconds[kind] > 0 for kind in recorded.built)
