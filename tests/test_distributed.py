@@ -239,9 +239,6 @@ def test_fake_verify_zero_0_and_1(fake_world: None, zero: int, microbatches: int
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
-    # a world size of its own per TP case in this file: a later fake world whose TP mesh has an
-    # earlier one's shape can be handed that world's destroyed process groups (docs/distributed.md,
-    # "Several fake worlds in one process")
     dp = 2 if microbatches == 1 else 6
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={dp},ep=1,zero={zero},recompute=selective,mb=1").complete()
     result = check_layout_run(plan, layout, 32, microbatches=microbatches)
@@ -325,7 +322,6 @@ def test_fake_verify_tied_embeddings_across_stages_under_tp(fake_world: None, st
     from archplan.planning import cluster
 
     plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
-    # a world size of its own per case: see test_fake_verify_zero_0_and_1
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={3 + 2 * stage},ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
     kw = {"microbatches": 2, "stage": stage, "states": cluster.FSDP2}
     measured = measure(plan, layout, 32, microbatches=2, stage=stage)

@@ -185,8 +185,7 @@ def test_zero_0_1_and_tied_embeddings_across_stages(fake_world: None, name: str,
 @pytest.mark.slow
 def test_interleaved_pipeline_at_1024_gpus(fake_world: None) -> None:
     """vpp = 2 (Megatron's interleaved 1F1B) on llama-3-8b TP2 PP4 DP128: the last rank's two model
-    chunks, 8 micro-batches; model states and every collective exact. A mesh shape no other case
-    here uses (docs/distributed.md, "Several fake worlds in one process")."""
+    chunks, 8 micro-batches; model states and every collective exact."""
     plan = resolve(load_spec(PRESETS / "llama-3-8b.yaml"))
     layout = parse_layout("tp=2,cp=1,pp=4,vpp=2,dp=128,ep=1,zero=3,recompute=full,mb=1").complete()
     result = check_layout_run(plan, layout, 32, microbatches=8)
