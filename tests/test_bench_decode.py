@@ -9,16 +9,8 @@ from archplan.bench.decode import Call, RecordedStep, Replay, WeightStreams, _we
 from archplan.modules.model import build_model
 from archplan.resolve import resolve
 from archplan.spec import Spec
+from test_bench import TINY_HYBRID
 
-TINY_HYBRID = dict(
-    name="tiny-hybrid", vocab_size=256, d_model=64, n_layers=4, max_seq_len=128,
-    position={"kind": "none"},
-    attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
-    ssm={"kind": "mamba1", "d_state": 8},
-    ffn={"kind": "glu", "d_ff": 128},
-    moe={"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "d_ff": 64}},
-    layout={"mixers": "MA", "moe_every": 2, "moe_offset": 1},
-)
 CPU = torch.device("cpu")
 
 

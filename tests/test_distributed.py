@@ -27,13 +27,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None:
-    from archplan.distributed.parity import parity
+def _worker(rank: int, check: str, spec: str, layout_text: str, port: int, out: str) -> None:
+    """One of two gloo ranks running `archplan.distributed.parity.<check>`."""
+    from archplan.distributed import parity
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        result = parity(resolve(load_spec(spec)), parse_layout(layout_text).complete())
+        result = getattr(parity, check)(resolve(load_spec(spec)), parse_layout(layout_text).complete())
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -54,7 +55,7 @@ def _worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None
 ], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "zero0-replicate", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute",
         "tp2-mqa-alibi"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
-    mp.spawn(_worker, args=(str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=("parity", str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result["logits"] < TOLERANCE, result
@@ -63,24 +64,12 @@ def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) ->
         assert losses[-1] < losses[0], losses
 
 
-def _pipeline_worker(rank: int, spec: str, layout_text: str, port: int, out: str) -> None:
-    from archplan.distributed.parity import pipeline_parity
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        result = pipeline_parity(resolve(load_spec(spec)), parse_layout(layout_text).complete())
-        Path(out, f"{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("zero", [0, 3])
 def test_tied_embeddings_across_two_gloo_stages_equal_one(tmp_path: Path, zero: int) -> None:
     """PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy
     of the embedding included, equal the one-process model's (the copies' gradients summed)."""
     layout = f"tp=1,cp=1,pp=2,dp=1,ep=1,zero={zero},recompute=none,mb=1"
-    mp.spawn(_pipeline_worker, args=(str(FIXTURES / "tiny-gpt.yaml"), layout, _free_port(), str(tmp_path)),
+    mp.spawn(_worker, args=("pipeline_parity", str(FIXTURES / "tiny-gpt.yaml"), layout, _free_port(), str(tmp_path)),
              nprocs=2, join=True)
     for rank in range(2):
         assert json.loads((tmp_path / f"{rank}.json").read_text())["weights"] < TOLERANCE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -17,3 +18,11 @@ SpecsArg = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+
+
+class KernelChoice(str, Enum):
+    """The attention kernel a memory or step-time figure assumes: eager keeps the s×s scores
+    (Korthikanti et al. 2022's 5·a·s² term), flash does not (Dao et al. 2022)."""
+
+    eager = "eager"
+    flash = "flash"

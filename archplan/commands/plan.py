@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from archplan.commands.options import ForceOpt, JsonOpt
+from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice
 from archplan.errors import ArchplanError
 
 if TYPE_CHECKING:
@@ -41,11 +41,6 @@ class StatesChoice(str, Enum):
     megatron = "megatron"
     zero = "zero"
     fsdp2 = "fsdp2"
-
-
-class KernelChoice(str, Enum):
-    flash = "flash"
-    eager = "eager"
 
 
 class GradReduceChoice(str, Enum):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from archplan.commands.options import JsonOpt, SpecArg
+from archplan.commands.options import JsonOpt, KernelChoice, SpecArg
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 
@@ -23,11 +23,6 @@ class RecomputeChoice(str, Enum):
     none = "none"
     selective = "selective"
     full = "full"
-
-
-class KernelChoice(str, Enum):
-    eager = "eager"
-    flash = "flash"
 
 
 class ActDTypeChoice(str, Enum):
