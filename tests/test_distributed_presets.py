@@ -61,7 +61,9 @@ REFUSED = {
 MOE = "tp=1,cp=1,pp=4,dp=256,ep=8,zero=3,recompute=full,mb=1"
 TIED = "tp=1,cp=1,pp=1,dp=1024,ep=1,zero=3,recompute=full,mb=1"
 FALLBACK = {
-    "gpt2": TIED, "mamba-2.8b": TIED, "hyena-153m": TIED,
+    "gpt2": TIED, "hyena-153m": TIED,
+    # tied embeddings over pp = 4 (Megatron's embedding group): 16 of its 64 layers on the rank
+    "mamba-2.8b": "tp=1,cp=1,pp=4,dp=256,ep=1,zero=3,recompute=full,mb=1",
     "gpt-4-rumored": MOE, "hybrid-ssm-moe": MOE, "jamba-v0.1": MOE,
     "stripedhyena-7b": "tp=1,cp=1,pp=4,dp=256,ep=1,zero=3,recompute=none,mb=1",
 }
@@ -71,7 +73,7 @@ SEQ = {"mamba-2.8b": 8}
 # plan's top layouts of the largest presets hold many layers on the measured rank; seconds per
 # case on the shared 2-core machine (under load): 70b 80, claude-3-opus-rumored 116, deepseek-v3
 # 130, frontier-1t-moe 349 (interleaved, its 4 chunks' 61 MoE layers), llama-3-70b 98,
-# llama-3.1-405b 198 (the others 6-36, mamba-2.8b's fallback 87).
+# llama-3.1-405b 198 (the others 6-36).
 # They run with `-m heavy` (not in the default run, pyproject's addopts); by default they run at a
 # pp = 4 layout of the same kind instead (CHEAPER, 10-16 s each).
 HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "llama-3-70b", "llama-3.1-405b"}
