@@ -189,12 +189,20 @@ def test_bench_train_layers_builds_the_truncated_model() -> None:
     assert result["states_ok"] is True and result["total_ok"] is True
 
 
-def _states_and_collectives_exact(measured: object, analytic_memory: object, analytic_calls: tuple) -> None:
+def _stage_exact(plan: object, layout: object, stage: int) -> object:
+    """Measure `stage` on the fake world (seq 32, two micro-batches, FSDP2 states) and check its
+    model states and collectives equal the analytic ones; the measurement, for further checks."""
+    from archplan.distributed.fake import measure
+    from archplan.planning import cluster
     from archplan.planning.records import tally
 
+    kw = {"microbatches": 2, "stage": stage, "states": cluster.FSDP2}
+    measured = measure(plan, layout, 32, microbatches=2, stage=stage)
+    analytic = cluster.rank_memory(plan, layout, 32, **kw)
     for name in ("parameters", "gradients", "optimizer"):
-        assert getattr(measured.memory, name) == getattr(analytic_memory, name) > 0, name
-    assert tally(measured.collectives) == tally(analytic_calls)
+        assert getattr(measured.memory, name) == getattr(analytic, name) > 0, name
+    assert tally(measured.collectives) == tally(cluster.step_collectives(plan, layout, 32, grad_reduce=4, **kw))
+    return measured
 
 
 @pytest.mark.parametrize("zero", [0, 1, 3])
@@ -203,15 +211,9 @@ def test_fake_verify_tied_embeddings_across_stages(fake_world: None, zero: int, 
     """Tied embeddings at pp = 4: the first stage's embedding (its own FSDP unit, the learned
     positions in the root unit) and the last stage's copy as head all-reduce their gradients over
     a 2-rank group once per step: the rank's FSDP2 shard (zero ≥ 1) or the whole gradient (zero 0)."""
-    from archplan.distributed.fake import measure
-    from archplan.planning import cluster
-
     plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
     layout = parse_layout(f"tp=1,cp=1,pp=4,dp=3,ep=1,zero={zero},recompute=none,mb=1").complete()
-    kw = {"microbatches": 2, "stage": stage, "states": cluster.FSDP2}
-    measured = measure(plan, layout, 32, microbatches=2, stage=stage)
-    _states_and_collectives_exact(measured, cluster.rank_memory(plan, layout, 32, **kw),
-                                  cluster.step_collectives(plan, layout, 32, grad_reduce=4, **kw))
+    measured = _stage_exact(plan, layout, stage)
     [tied] = [c for c in measured.collectives if c.mesh_dim == "pp" and c.kind == "all_reduce"]
     rows = -(-plan.vocab_size // 3) if zero else plan.vocab_size
     assert (tied.group_size, tied.bytes, tied.count) == (2, rows * plan.d_model * 4, 1)
@@ -307,12 +309,6 @@ def test_fake_verify_tied_embeddings_across_stages_under_tp(fake_world: None, st
     micro-batches: the last stage's copy is vocabulary-sharded as the head, the first stage's
     embedding gradient accumulates whole over the vocabulary (DTensor's embedding backward), and
     the pipeline sends the whole replicated hidden states; states and collectives exact."""
-    from archplan.distributed.fake import measure
-    from archplan.planning import cluster
-
     plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={3 + 2 * stage},ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
-    kw = {"microbatches": 2, "stage": stage, "states": cluster.FSDP2}
-    measured = measure(plan, layout, 32, microbatches=2, stage=stage)
-    _states_and_collectives_exact(measured, cluster.rank_memory(plan, layout, 32, **kw),
-                                  cluster.step_collectives(plan, layout, 32, grad_reduce=4, **kw))
+    _stage_exact(plan, layout, stage)

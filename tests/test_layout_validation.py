@@ -5,31 +5,19 @@ not. The table itself is benchmarks/published_runs.py's, written up in docs/vali
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOLERANCE = 0.20
 MEDIAN_GOAL = 0.10
 
 
-def _benchmark() -> Any:
-    spec = importlib.util.spec_from_file_location("published_runs", ROOT / "benchmarks" / "published_runs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["published_runs"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def rows() -> list[tuple[dict[str, Any], Any]]:
-    bench = _benchmark()
+    bench = load_benchmark("published_runs")
     runs = bench.load()["runs"]
     found = bench.rows(with_search=False)
     assert [r.name for r in found] == [run["name"] for run in runs]
@@ -60,7 +48,7 @@ def test_holdouts_are_marked_and_converted(rows: list[tuple[dict[str, Any], Any]
 def test_published_figures_use_the_sources_conventions() -> None:
     """Narayanan's 137 TF/s for the 1.7B model is 3.53 s/iter (its Table 1 arithmetic); Llama 3's
     41% BF16 MFU of 989 TF/s with 6N + 12·L·H·Q·T."""
-    bench = _benchmark()
+    bench = load_benchmark("published_runs")
     data = bench.load()
     by_name = {run["name"]: run for run in data["runs"]}
     run = by_name["Narayanan T1 1.7B"]

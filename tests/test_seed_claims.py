@@ -3,28 +3,16 @@ figures that do not depend on timing are checked against independent arithmetic.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_scripts import ROOT, load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
 GiB = 1 << 30
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("seed_claims", ROOT / "benchmarks" / "seed_claims.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["seed_claims"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-seed_claims = _load()
+seed_claims = load_benchmark("seed_claims")
 
 
 @pytest.fixture(scope="module")
