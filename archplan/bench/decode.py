@@ -138,8 +138,9 @@ class Replay:
 
     Replayed under inference mode with the recorded arguments (the real cache included), so each
     call sees the shapes, strides, dtypes and kernels of the step; a call that writes into a tensor
-    (a cache write) writes into a private copy of it made when recorded. On CUDA one synchronisation ends each group: a group of small ops
-    measures the host's issue rate, which is what bounds it there. Medians over the samples.
+    (a cache write) writes into a private copy of it made when recorded. On CUDA one
+    synchronisation ends each group: a group of small ops measures the host's issue rate, which is
+    what bounds it there. Medians over the samples.
     """
 
     def __init__(self, recorded: RecordedStep, device: torch.device) -> None:
