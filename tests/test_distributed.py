@@ -21,58 +21,77 @@ FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
 TOLERANCE = 1e-4  # fp32: only the order of the sums differs between one and two processes
 
 
+# Every gloo equivalence case: (check in archplan.distributed.parity, spec, layout). All of them run
+# in ONE pair of processes (`gloo_results`): a pair per case paid two torch imports and a process
+# group each, which on a loaded 2-core machine cost minutes.
+GLOO_CASES: dict[str, tuple[str, str, str]] = {
+    "tp2": ("parity", "tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    "fsdp2-full-recompute": ("parity", "tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
+    "zero1-selective": ("parity", "tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
+    "zero0-replicate": ("parity", "tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
+    "ep2": ("parity", "tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
+    # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
+    # sequence shard to whole experts, reduced over tp); full recompute re-runs both
+    "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    "tp2-mla-moe-full-recompute": ("parity", "tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
+    # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
+    "tp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    # PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy of
+    # the embedding included, equal the one-process model's (the copies' gradients summed)
+    "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
+    "tied-pp2-zero3": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
+}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank: int, check: str, spec: str, layout_text: str, port: int, out: str) -> None:
-    """One of two gloo ranks running `archplan.distributed.parity.<check>`."""
+def _worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks running every case of GLOO_CASES in turn, one result file per case."""
+    from datetime import timedelta
+
     from archplan.distributed import parity
+    from archplan.distributed.mesh import forget_meshes
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=timedelta(minutes=5))
     try:
-        result = getattr(parity, check)(resolve(load_spec(spec)), parse_layout(layout_text).complete())
-        Path(out, f"{rank}.json").write_text(json.dumps(result))
+        for case, (check, spec, layout_text) in GLOO_CASES.items():
+            forget_meshes()  # each case builds its own meshes over the one world
+            try:
+                result = getattr(parity, check)(resolve(load_spec(FIXTURES / spec)), parse_layout(layout_text).complete())
+            except Exception as exc:
+                raise RuntimeError(f"gloo case {case}") from exc
+            Path(out, f"{case}-{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("spec", "layout"), [
-    ("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
-    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
-    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
-    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
-    ("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
-    # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
-    # sequence shard to whole experts, reduced over tp); full recompute re-runs both
-    ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
-    ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
-    # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
-    ("tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
-], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "zero0-replicate", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute",
-        "tp2-mqa-alibi"])
-def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
-    mp.spawn(_worker, args=("parity", str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c, (check, _, _) in GLOO_CASES.items() if check == "parity"])
+def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
-        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        result = json.loads((gloo_results / f"{case}-{rank}.json").read_text())
         assert result["logits"] < TOLERANCE, result
         assert result["grads"] < TOLERANCE, result
         losses = result["losses"]
         assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("zero", [0, 3])
-def test_tied_embeddings_across_two_gloo_stages_equal_one(tmp_path: Path, zero: int) -> None:
-    """PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy
-    of the embedding included, equal the one-process model's (the copies' gradients summed)."""
-    layout = f"tp=1,cp=1,pp=2,dp=1,ep=1,zero={zero},recompute=none,mb=1"
-    mp.spawn(_worker, args=("pipeline_parity", str(FIXTURES / "tiny-gpt.yaml"), layout, _free_port(), str(tmp_path)),
-             nprocs=2, join=True)
+@pytest.mark.parametrize("case", [c for c, (check, _, _) in GLOO_CASES.items() if check == "pipeline_parity"])
+def test_tied_embeddings_across_two_gloo_stages_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
-        assert json.loads((tmp_path / f"{rank}.json").read_text())["weights"] < TOLERANCE
+        assert json.loads((gloo_results / f"{case}-{rank}.json").read_text())["weights"] < TOLERANCE
 
 
 @pytest.fixture()

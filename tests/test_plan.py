@@ -369,6 +369,15 @@ def test_memory_per_gpu_decreases_with_zero_stage() -> None:
     assert totals[3] == pytest.approx(18 * psi / 8, abs=16)
 
 
+def test_fsdp2_search_runs_every_zero_stage() -> None:
+    """Under --states fsdp2 the search ranks replicate (zero 0) and unsharded-gradient (zero 1)
+    layouts beside the sharded ones, as verify --layout runs all four."""
+    from archplan.planning.cluster import STATES
+
+    result = _search("llama-3-8b", 8, settings=Settings(states=STATES["fsdp2"]))
+    assert {e.layout.zero for e in result.ranked} == {0, 1, 2, 3}
+
+
 def test_moe_layouts_use_expert_parallelism() -> None:
     result = _search("mixtral-8x7b", 64)
     assert result.feasible

@@ -33,12 +33,13 @@ def init_fake_world(world: int, rank: int) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    _forget_meshes()
+    forget_meshes()
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
 
 
-def _forget_meshes() -> None:
-    """Drop DTensor's sharding caches before a new world. A DeviceMesh compares equal to an earlier
+def forget_meshes() -> None:
+    """Drop DTensor's sharding caches before a new world (or a new set of meshes in one world, as
+    the gloo tests build case after case). A DeviceMesh compares equal to an earlier
     world's mesh of the same shape and names (`DeviceMesh.__eq__` ignores its process groups), so a
     cached output spec would hand the new world the old mesh, whose groups no longer exist ("Could
     not resolve the process group"). The caches live in C++ (the dispatch fast path) and in

@@ -295,8 +295,9 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     g = fixed.given
     tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.gpus_per_node]
     cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
-    zeros = [g["zero"]] if "zero" in g else [z for z in ZERO_STAGES
-                                            if not settings.states.params_always_sharded or z >= 2]
+    # FSDP2 runs every stage too (zero 0: `replicate`; 1: gradients accumulated unsharded;
+    # 2: reshard_after_forward=False; 3: resharded; `distributed/shard.py`)
+    zeros = [g["zero"]] if "zero" in g else list(ZERO_STAGES)
     # with flash kernels selective recompute is what the attention kernel already does: the same
     # layout as "none", not searched twice
     modes = [g["recompute"]] if "recompute" in g else (
