@@ -40,6 +40,8 @@ GLOO_CASES: dict[str, tuple[str, str, str]] = {
     # the embedding included, equal the one-process model's (the copies' gradients summed)
     "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
     "tied-pp2-zero3": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
+    # interleaved (vpp = 2): two model chunks per rank, the tied copy on rank 1's second chunk
+    "tied-pp2-vpp2": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
 }
 
 
@@ -145,9 +147,10 @@ def test_refusals_are_one_line(fake_world: None) -> None:
 
 @pytest.mark.parametrize("layout", [
     "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
-    "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1",
+    # interleaved: each worker runs two model chunks (the plain 1F1B pipeline is the gloo cases')
+    "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1",
     "tp=1,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=full,mb=1",
-], ids=["tp2", "pp2", "fsdp2"])
+], ids=["tp2", "pp2-vpp2", "fsdp2"])
 def test_bench_nproc_two_gloo_workers(layout: str) -> None:
     from typer.testing import CliRunner
 

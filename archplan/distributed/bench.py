@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from archplan.distributed.render import schedule_name
 from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
@@ -52,7 +53,8 @@ def render(r: DistBench) -> None:
     table.add_column("note")
     step = sorted(r.step_seconds)[len(r.step_seconds) // 2]
     table.add_row("training step median", f"{1e3 * step:.1f} ms",
-                  f"{r.steps} timed; forward + backward (1F1B) + AdamW; {count(r.tokens_per_step)} tokens")
+                  f"{r.steps} timed; forward + backward ({schedule_name(parse_layout(r.layout).complete())}) + AdamW; "
+                  f"{count(r.tokens_per_step)} tokens")
     table.add_row("training tokens/s", count(r.train_tokens_per_s), "all ranks")
     table.add_row("MFU", percent(r.mfu), f"{count(r.flops_per_token)} FLOP/token (training, causal, "
                   f"2 per multiply-add); peak {r.peak_flops:.3g} FLOP/s per device ({r.peak_source})")

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from archplan.distributed.mesh import build_mesh
 from archplan.distributed.shard import shard_stage
-from archplan.distributed.stage import Stage, build_stage
+from archplan.distributed.stage import Stage, build_chunks, build_stage
 from archplan.distributed.step import MicroBatch, StageRunner, full_logits
 from archplan.modules.model import build_model
 from archplan.planning.layout import Layout
@@ -77,8 +77,11 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
 
 
 def pipeline_parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, lr: float = 3e-3) -> dict[str, float]:
-    """Max abs difference between this rank's stage weights after one training step of the
-    pipeline (one micro-batch) and the one-process model's after one step on the same batch."""
+    """Max abs difference between this rank's stage weights (every model chunk of it under
+    vpp > 1) after one training step of the pipeline and the one-process model's after one step on
+    the same batch. The step runs pp micro-batches of that batch (the interleaved schedule's group;
+    one at vpp = 1), each loss divided by their count, so the gradient is the one batch's."""
+    microbatches = 1 if layout.vpp == 1 else layout.pp
     torch.manual_seed(SEED)
     reference = build_model(plan, "cpu", torch.float32)
     tokens = torch.randint(0, plan.vocab_size, (layout.mb, seq), generator=torch.Generator().manual_seed(1))
@@ -90,14 +93,15 @@ def pipeline_parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, lr: float
     expected = dict(reference.named_parameters())
 
     mesh = build_mesh(layout, "cpu")
-    stage = build_stage(plan, layout, mesh.stage, "cpu", torch.float32)
-    stage.load_state_dict({k: initial[k] for k in stage.state_dict()})
-    sharded = shard_stage(stage, mesh, balanced=False, mixed=False)
-    optimizer = torch.optim.AdamW(stage.parameters(), lr=lr)
-    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
-    runner.train_step([MicroBatch(tokens, labels)])
+    stages = build_chunks(plan, layout, mesh.stage, "cpu", torch.float32)
+    for stage in stages:
+        stage.load_state_dict({k: initial[k] for k in stage.state_dict()})
+    chunks = tuple(shard_stage(stage, mesh, balanced=False, mixed=False) for stage in stages)
+    optimizer = torch.optim.AdamW([p for stage in stages for p in stage.parameters()], lr=lr)
+    runner = StageRunner(chunks, mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
+    runner.train_step([MicroBatch(tokens, labels) for _ in range(microbatches)])
     diff = 0.0
-    for name, p in stage.named_parameters():
+    for name, p in ((n, p) for stage in stages for n, p in stage.named_parameters()):
         name = name.replace("_checkpoint_wrapped_module.", "")
         diff = max(diff, (_full(p.detach()) - expected[name].detach()).abs().max().item())
     dist.barrier()

@@ -11,7 +11,7 @@ from rich.table import Table
 from archplan import units
 from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.errors import ArchplanError
-from archplan.planning.layout import check_layout, parse_layout
+from archplan.planning.layout import Layout, check_layout, parse_layout
 from archplan.resolve import ModelPlan, MoEPlan
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
@@ -29,9 +29,13 @@ def _spans(layers: tuple[int, ...]) -> str:
     return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
+def schedule_name(layout: Layout) -> str:
+    return "1F1B" if layout.vpp == 1 else f"interleaved 1F1B, {layout.vpp} chunks"
+
+
 def render(result: LayoutCheck, console: Console) -> None:
     m = result.measured
-    schedule = "1F1B" if m.layout.vpp == 1 else f"interleaved 1F1B, {m.layout.vpp} chunks"
+    schedule = schedule_name(m.layout)
     console.print(f"[bold]archplan verify --layout[/bold] — {result.name}: {m.layout.label}, {m.layout.world:,} ranks "
                   f"(fake process group), seq {m.seq}, {m.microbatches} micro-batches; measured rank {m.rank} = "
                   f"pipeline stage {m.stage} (layers {_spans(m.layers)}), {m.in_flight} in flight ({schedule})"

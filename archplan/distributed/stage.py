@@ -69,11 +69,10 @@ def _built(stage_module: Stage, dtype: torch.dtype) -> Stage:
 
 def build_stage(plan: ModelPlan, layout: Layout, stage: int, device: str | torch.device = "meta",
                 dtype: torch.dtype = torch.float32) -> Stage:
-    """Stage `stage` of `layout` (one model chunk per pipeline rank), fp32 master weights by
+    """Stage `stage` of `layout` where it is one model chunk (vpp = 1), fp32 master weights by
     default (mixed precision casts to bf16)."""
     if layout.vpp > 1:
-        raise ArchplanError("--layout: vpp > 1 runs on the fake process group only (verify --layout): "
-                            "bench and the equivalence checks build one module per pipeline rank")
+        raise ArchplanError("--layout: vpp > 1 gives a pipeline rank several model chunks (build_chunks)")
     [chunk] = build_chunks(plan, layout, stage, device, dtype)
     return chunk
 

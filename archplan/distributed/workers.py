@@ -31,7 +31,7 @@ from archplan.bench.device import device_peak, peak_memory, reset_peak_memory, s
 from archplan.dtypes import DType
 from archplan.distributed.mesh import build_mesh
 from archplan.distributed.shard import shard_stage
-from archplan.distributed.stage import build_stage
+from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout
@@ -98,18 +98,23 @@ def _batches(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.de
 
 
 def _prefill(runner: StageRunner, batches: list[MicroBatch]) -> None:
-    """Forward-only through the pipeline: each stage receives, computes and sends each micro-batch."""
-    stage = runner.stage
+    """Forward-only through the pipeline: each of the rank's model chunks, in model order,
+    receives, computes and sends each micro-batch. Chunk by chunk, then micro-batch by micro-batch,
+    every rank waits only on work that comes earlier in that order on another rank (chunk c of
+    micro-batch i needs chunk c of i on the previous rank, or chunk c − 1 of i on the last), and the
+    sends do not block, so interleaved chunks (vpp > 1) cannot deadlock."""
     with torch.no_grad():
-        for batch in batches:
-            if stage.first:
-                x = batch.tokens_BT
-            else:
-                x = torch.empty(runner.hidden_shape, dtype=runner.chunks[0].compute_dtype, device=runner.device)
-                dist.recv(x, runner.peer(-1), group=runner.pp_group)
-            out = stage(x)
-            if not stage.last:
-                runner.send(out, 1)
+        for chunk in runner.chunks:
+            stage = chunk.stage
+            for batch in batches:
+                if stage.first:
+                    x = batch.tokens_BT
+                else:
+                    x = torch.empty(runner.hidden_shape, dtype=chunk.compute_dtype, device=runner.device)
+                    dist.recv(x, runner.peer(-1), group=runner.pp_group)
+                out = stage(x)
+                if not stage.last:
+                    runner.send(out, 1)
         for work in runner.pending:
             work.wait()
         runner.pending.clear()
@@ -140,11 +145,11 @@ def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, 
         raise ArchplanError(f"--layout needs {layout.world} ranks; this run has {dist.get_world_size()}")
     mesh = build_mesh(layout, device.type)
     torch.manual_seed(SEED)  # every replica of a shard starts from the same weights
-    stage = build_stage(plan, layout, mesh.stage, device, torch.float32)
-    sharded = shard_stage(stage, mesh, balanced=False)
-    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4)
+    chunks = tuple(shard_stage(chunk, mesh, balanced=False)
+                   for chunk in build_chunks(plan, layout, mesh.stage, device, torch.float32))
+    optimizer = torch.optim.AdamW([p for c in chunks for p in c.stage.parameters()], lr=1e-4)
     local_seq = seq // layout.tp if layout.sequence_parallel else seq
-    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, local_seq, plan.d_model), device)
+    runner = StageRunner(chunks, mesh, optimizer, (layout.mb, local_seq, plan.d_model), device)
     batches = _batches(plan, layout, seq, microbatches, device, mesh["dp"].get_local_rank())
     for _ in range(warmup):
         runner.train_step(batches)
