@@ -210,6 +210,37 @@ def moe_plan(module: MoEFFN, sp: bool) -> TPPlan:
     return TPPlan(styles)
 
 
+class SequenceShardedPositions(ParallelStyle):
+    """Absolute positions added to a sequence-parallel residual stream: every tp rank computes the
+    whole (T, D) table (a learned table replicated as a DTensor, its position ids made Replicate),
+    and keeps the rows of its own sequence shard (Replicate → Shard(0), a local slice in torch.chunk's
+    way, as the residual stream's Shard(1)). In the backward DTensor all-gathers the (T, D) gradient
+    of the rows, so every rank's table gradient is whole and equal, no all-reduce of the table
+    (Megatron-LM adds the positions before scattering the sequence, `LanguageModelEmbedding`: the
+    same all-gather, of the whole embedding gradient)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if isinstance(module, nn.Embedding):  # a learned table
+            def replicate_ids(_module: nn.Module, inputs: tuple[object, ...], mesh: DeviceMesh) -> tuple[object, ...]:
+                return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                             if isinstance(x, torch.Tensor) else x for x in inputs)
+
+            module = distribute_module(module, device_mesh, input_fn=replicate_ids)
+
+        def own_rows(_module: nn.Module, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+            if not isinstance(out, DTensor):  # a computed table (sinusoidal): the same on every rank
+                out = DTensor.from_local(out, device_mesh, [Replicate()], run_check=False)
+            return out.redistribute(device_mesh, [Shard(0)]).to_local()
+
+        module.register_forward_hook(own_rows)
+        return module
+
+
+def positions_plan(sp: bool) -> ParallelStyle | None:
+    """Without SP the residual stream is whole on every rank and the positions are added as they are."""
+    return SequenceShardedPositions() if sp else None
+
+
 def norm_plan(sp: bool) -> ParallelStyle | None:
     # use_local_output: the residual stream stays plain local tensors between sub-blocks
     return SequenceParallel(use_local_output=True) if sp else None
@@ -248,12 +279,8 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
 def model_refusal(plan: ModelPlan, tp: int, sp: bool) -> str | None:
     if tp == 1:
         return None
-    if plan.vocab_size % tp:
-        return f"vocabulary {plan.vocab_size} over tp={tp}"
     if plan.tied and plan.lm_head_bias:
         return "a tied head with a bias under tensor parallelism"
-    if sp and plan.position in ("learned", "sinusoidal"):
-        return "absolute positions added to a sequence-parallel residual stream"
     if not sp and any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers):
         # Megatron-Core's MoELayer raises the same: every tp rank would route the same tokens
         return "MoE layers under tensor parallelism without sequence parallelism"

@@ -741,9 +741,17 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 tp_over)
             add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
         if chunk.first:
-            add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
+            # Megatron-LM adds learned positions to the whole embedding output, all-reduced, and
+            # scatters the sum over the sequence (`LanguageModelEmbedding`: no reduce-scatter then)
+            scattered = sp and not (engine == "megatron" and plan.position == "learned")
+            add("reduce_scatter" if scattered else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
             if sp:
                 add("all_gather", "tp", tp, act, m, "embedding output gradient (SP)")
+            if sp and engine == "torch" and plan.position == "learned":
+                # each rank adds its shard's rows of the replicated table; DTensor all-gathers their
+                # gradient (`distributed.plans.SequenceShardedPositions`), summed over the batch
+                add("all_gather", "tp", tp, ACT_BYTES * (data.seq // cp) * plan.d_model, m,
+                    "learned positions gradient (SP)")
         if chunk.last:
             add("all_gather" if sp else "all_reduce", "tp", tp, act, m, "LM-head input (TP)")
             if sp:
