@@ -64,6 +64,68 @@ def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) ->
         assert losses[-1] < losses[0], losses
 
 
+def _variant(tmp_path: Path, fixture: str, name: str, **fields: object) -> str:
+    """A copy of a fixture spec with top-level fields replaced, written under tmp_path."""
+    import yaml
+
+    spec = yaml.safe_load((FIXTURES / fixture).read_text()) | {"name": name, **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _qk(scope: str, kind: str, kv: int) -> dict[str, object]:
+    attention = {"kind": "mqa" if kv == 1 else "gqa", "n_heads": 4,
+                 "qk_norm": {"scope": scope, "norm": {"kind": kind}}}
+    return {"attention": attention | ({"n_kv_heads": kv} if kv > 1 else {})}
+
+
+# tensor-parallel edge cases, as variants of two fixtures: a vocabulary tp does not divide with
+# absolute positions under SP (GPT-2 at tp=2), and qk-norm of every scope, with MQA's whole KV head
+TP_EDGES: dict[str, tuple[str, dict[str, object]]] = {
+    "odd-vocab-learned": ("tiny-gpt-odd-vocab.yaml", {}),
+    "odd-vocab-sinusoidal": ("tiny-gpt-odd-vocab.yaml", {"position": {"kind": "sinusoidal"}}),
+    "qk-full-rmsnorm": ("tiny-qk-norm.yaml", {}),
+    "qk-head-rmsnorm": ("tiny-qk-norm.yaml", _qk("head", "rmsnorm", 2)),
+    "qk-per-head-layernorm": ("tiny-qk-norm.yaml", _qk("per_head", "layernorm", 2)),
+    "qk-full-layernorm-mqa": ("tiny-qk-norm.yaml", _qk("full", "layernorm", 1)),
+    "qk-per-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("per_head", "rmsnorm", 1)),
+}
+TP_EDGES_DEFAULT = ("odd-vocab-learned", "qk-full-rmsnorm")  # one process pair in the default run
+
+
+def _parity_worker(rank: int, specs: list[str], layout_text: str, port: int, out: str) -> None:
+    """One of two gloo ranks running `parity.parity` on several specs in turn (one start-up)."""
+    from archplan.distributed import parity
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        for i, spec in enumerate(specs):
+            result = parity.parity(resolve(load_spec(spec)), parse_layout(layout_text).complete())
+            Path(out, f"{rank}-{i}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("names", [
+    pytest.param(TP_EDGES_DEFAULT, id="default"),
+    pytest.param(tuple(n for n in TP_EDGES if n not in TP_EDGES_DEFAULT), id="rest", marks=pytest.mark.heavy),
+])
+def test_tp_edge_cases_two_gloo_processes_equal_one(tmp_path: Path, names: tuple[str, ...]) -> None:
+    """TP=2 with SP: the uneven vocabulary split (torch.chunk: 251 + 250 rows), each rank adding its
+    sequence shard's positions, and qk-norm (replicated, per head, or normalised across the ranks'
+    heads) give the logits and gradients of one process, and the loss falls."""
+    specs = [_variant(tmp_path, TP_EDGES[n][0], n, **TP_EDGES[n][1]) for n in names]
+    layout = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
+    mp.spawn(_parity_worker, args=(specs, layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for i, name in enumerate(names):
+        for rank in range(2):
+            result = json.loads((tmp_path / f"{rank}-{i}.json").read_text())
+            assert result["logits"] < TOLERANCE and result["grads"] < TOLERANCE, (name, result)
+            assert result["losses"][-1] < result["losses"][0], (name, result)
+
+
 @pytest.mark.parametrize("zero", [0, 3])
 def test_tied_embeddings_across_two_gloo_stages_equal_one(tmp_path: Path, zero: int) -> None:
     """PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy
@@ -312,3 +374,28 @@ def test_fake_verify_tied_embeddings_across_stages_under_tp(fake_world: None, st
     plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={3 + 2 * stage},ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
     _stage_exact(plan, layout, stage)
+
+
+HEAVY = pytest.mark.heavy  # seconds each on the shared 2-core machine: the default run keeps one case per feature
+
+
+@pytest.mark.parametrize(("name", "layout", "stage"), [
+    # the first stage: the vocabulary-parallel embedding's 251 of 501 rows, each rank's positions,
+    # ZeRO-1 over two micro-batches (the unreduced gradients accumulate); the last: the tied copy
+    ("odd-vocab-learned", "tp=2,cp=1,pp=2,dp=3,ep=1,zero=1,recompute=none,mb=1", 0),
+    ("odd-vocab-learned", "tp=2,cp=1,pp=2,dp=3,ep=1,zero=3,recompute=full,mb=1", 1),
+    pytest.param(*("odd-vocab-sinusoidal", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 0), marks=HEAVY),
+    ("qk-full-rmsnorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 0),
+    pytest.param(*("qk-head-rmsnorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=1", 0), marks=HEAVY),
+    pytest.param(*("qk-per-head-layernorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", 0), marks=HEAVY),
+    pytest.param(*("qk-full-layernorm-mqa", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", 0), marks=HEAVY),
+    pytest.param(*("qk-per-head-rmsnorm-mqa", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=1", 0), marks=HEAVY),
+])
+def test_fake_verify_tp_edge_cases(fake_world: None, tmp_path: Path, name: str, layout: str, stage: int) -> None:
+    """The same cases on the fake world (seq 32, two micro-batches): model states and every
+    collective exact, the positions' gradient all-gather and the qk-norm statistics' all-reduces
+    included."""
+    plan = resolve(load_spec(_variant(tmp_path, TP_EDGES[name][0], name, **TP_EDGES[name][1])))
+    measured = _stage_exact(plan, parse_layout(layout).complete(), stage)
+    kinds = {(c.kind, c.mesh_dim) for c in measured.collectives}
+    assert ("all_gather", "tp") in kinds

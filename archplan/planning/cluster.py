@@ -162,6 +162,7 @@ OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "ep")
 ACT_BYTES = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 LOGIT_BYTES = 4
+STAT_BYTES = 4  # fp32 norm statistics
 TOKEN_ID_BYTES = 8
 FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
 
@@ -358,9 +359,26 @@ def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
         case MLAPlan():
             return tensor.split == "replicated" and tensor.name.startswith(mixer)
         case AttentionPlan():
-            return layer.mixer.n_kv_heads == 1 and tensor.name.startswith((f"{mixer}k_proj.", f"{mixer}v_proj."))
+            if layer.mixer.n_kv_heads == 1 and tensor.name.startswith(
+                    (f"{mixer}k_proj.", f"{mixer}v_proj.", f"{mixer}k_norm.")):
+                return True
+            # a qk-norm shared by the heads (scope `head`) runs replicated on each rank's heads
+            return tensor.split == "replicated" and tensor.name.startswith((f"{mixer}q_norm.", f"{mixer}k_norm."))
         case _:
             return False
+
+
+def width_sharded_stats(layer: LayerPlan) -> list[int]:
+    """Per qk-norm normalising across the tp ranks' heads (scope `full`, OLMo-2: over
+    n_heads·head_dim), the fp32 statistics per token it sums over tp
+    (`distributed.plans.width_sharded_norm`): RMSNorm the sum of squares, LayerNorm the sum too.
+    One KV head is whole on every rank: its k-norm needs none."""
+    match layer.mixer:
+        case AttentionPlan(qk_norm=qk) if qk is not None and qk.scope == "full":
+            stats = 1 if qk.norm.kind == "rmsnorm" else 2
+            return [stats] * (1 if layer.mixer.n_kv_heads == 1 else 2)
+        case _:
+            return []
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -769,6 +787,11 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             for i in chunk.layers:
                 for n in data.tp_summed[i]:
                     norm_grads[n] = norm_grads.get(n, 0) + 1
+        if tp > 1:
+            stats = [n for i in chunk.layers for n in width_sharded_stats(plan.layers[i])]
+            for n in sorted(set(stats)):  # forward (again under full recompute) and backward
+                add("all_reduce", "tp", tp, STAT_BYTES * n * tokens, m * stats.count(n) * (fwd + 1),
+                    f"{span} qk-norm statistics over the heads' width (TP)", tp_over)
         kv_calls: dict[int, int] = {}
         ep_calls: dict[int, int] = {}
         conv_calls: dict[int, int] = {}
