@@ -383,7 +383,7 @@ HEAVY = pytest.mark.heavy  # seconds each on the shared 2-core machine: the defa
     # the first stage: the vocabulary-parallel embedding's 251 of 501 rows, each rank's positions,
     # ZeRO-1 over two micro-batches (the unreduced gradients accumulate); the last: the tied copy
     ("odd-vocab-learned", "tp=2,cp=1,pp=2,dp=3,ep=1,zero=1,recompute=none,mb=1", 0),
-    ("odd-vocab-learned", "tp=2,cp=1,pp=2,dp=3,ep=1,zero=3,recompute=full,mb=1", 1),
+    pytest.param(*("odd-vocab-learned", "tp=2,cp=1,pp=2,dp=3,ep=1,zero=3,recompute=full,mb=1", 1), marks=HEAVY),
     pytest.param(*("odd-vocab-sinusoidal", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 0), marks=HEAVY),
     ("qk-full-rmsnorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 0),
     pytest.param(*("qk-head-rmsnorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=1", 0), marks=HEAVY),
