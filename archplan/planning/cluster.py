@@ -95,7 +95,12 @@ and without SP its pipeline sends carry the whole hidden states (no scatter over
   routes its own sequence shard to whole experts (no TP collective), only shared experts are a
   tensor-parallel sub-block; expert gradients reduce over expert_dp × tp (`expert_replicas`).
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
-  input under SP) add one each way. Hyena and StripedHyena follow that pattern (column-parallel
+  input under SP) add one each way. Learned positions under SP: Megatron-LM all-reduces the
+  embedding output, adds the positions whole and scatters (`LanguageModelEmbedding`); the torch
+  engine reduce-scatters it, each rank adds its shard's rows and DTensor all-gathers their (s, h)
+  gradient. qk-norm: one shared by the heads (scope `head`) and MQA's k-norm have their gradients
+  summed over tp; one over n_heads·head_dim (OLMo-2) all-reduces each token's fp32 statistics per
+  norm, forward (again under full recompute) and backward (`width_sharded_stats`). Hyena and StripedHyena follow that pattern (column-parallel
   projections in, row-parallel out, depthwise convolutions local to a rank's channels, see
   `shards.py`); S4 has no input projection: without SP an all-reduce of its row-parallel
   output_linear's 2·d_model partial sums forward and an all-gather of the input gradient's channel
@@ -353,7 +358,8 @@ def _sp_summed(layer: LayerPlan, name: str) -> bool:
 def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
     """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
     partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
-    and MQA's one KV head (k_proj, v_proj), which Megatron replicates on every tp rank."""
+    MQA's one KV head (k_proj, v_proj, its k-norm), which Megatron replicates on every tp rank, and a
+    qk-norm shared by the heads (`distributed.plans.qk_norm_styles`)."""
     mixer = f"{layer.path}.mixer."
     match layer.mixer:
         case MLAPlan():
