@@ -21,27 +21,59 @@ FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
 TOLERANCE = 1e-4  # fp32: only the order of the sums differs between one and two processes
 
 
-# Every gloo equivalence case: (check in archplan.distributed.parity, spec, layout). All of them run
-# in ONE pair of processes (`gloo_results`): a pair per case paid two torch imports and a process
-# group each, which on a loaded 2-core machine cost minutes.
-GLOO_CASES: dict[str, tuple[str, str, str]] = {
-    "tp2": ("parity", "tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
-    "fsdp2-full-recompute": ("parity", "tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
-    "zero1-selective": ("parity", "tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
-    "zero0-replicate": ("parity", "tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
-    "ep2": ("parity", "tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
+def _variant(directory: Path, fixture: str, name: str, **fields: object) -> Path:
+    """A copy of a fixture spec with top-level fields replaced, written under `directory`."""
+    import yaml
+
+    spec = yaml.safe_load((FIXTURES / fixture).read_text()) | {"name": name, **fields}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _qk(scope: str, kind: str, kv: int) -> dict[str, object]:
+    attention = {"kind": "mqa" if kv == 1 else "gqa", "n_heads": 4,
+                 "qk_norm": {"scope": scope, "norm": {"kind": kind}}}
+    return {"attention": attention | ({"n_kv_heads": kv} if kv > 1 else {})}
+
+
+# tensor-parallel edge cases, as variants of two fixtures: a vocabulary tp does not divide with
+# absolute positions under SP (GPT-2 at tp=2), and qk-norm of every scope, with MQA's whole KV head
+TP_EDGES: dict[str, tuple[str, dict[str, object]]] = {
+    "odd-vocab-learned": ("tiny-gpt-odd-vocab.yaml", {}),
+    "odd-vocab-sinusoidal": ("tiny-gpt-odd-vocab.yaml", {"position": {"kind": "sinusoidal"}}),
+    "qk-full-rmsnorm": ("tiny-qk-norm.yaml", {}),
+    "qk-head-rmsnorm": ("tiny-qk-norm.yaml", _qk("head", "rmsnorm", 2)),
+    "qk-per-head-layernorm": ("tiny-qk-norm.yaml", _qk("per_head", "layernorm", 2)),
+    "qk-full-layernorm-mqa": ("tiny-qk-norm.yaml", _qk("full", "layernorm", 1)),
+    "qk-per-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("per_head", "rmsnorm", 1)),
+}
+TP2 = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
+
+# Every gloo equivalence case: (check in archplan.distributed.parity, fixture, top-level fields
+# replaced, layout). All of them run in ONE pair of processes (`gloo_results`): a pair per case
+# paid two torch imports and a process group each, which on a loaded 2-core machine cost minutes.
+GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
+    "tp2": ("parity", "tiny-llama.yaml", {}, TP2),
+    "fsdp2-full-recompute": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
+    "zero1-selective": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
+    "zero0-replicate": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
+    "ep2": ("parity", "tiny-moe.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
     # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
     # sequence shard to whole experts, reduced over tp); full recompute re-runs both
-    "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
-    "tp2-mla-moe-full-recompute": ("parity", "tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
+    "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", {}, TP2),
+    "tp2-mla-moe-full-recompute": ("parity", "tiny-mla-moe.yaml", {}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
     # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
-    "tp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    "tp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", {}, TP2),
+    # TP=2 with SP: the uneven vocabulary split (torch.chunk: 251 + 250 rows), each rank adding its
+    # sequence shard's positions, qk-norm replicated, per head, or normalised across the ranks' heads
+    **{f"tp2-{name}": ("parity", fixture, fields, TP2) for name, (fixture, fields) in TP_EDGES.items()},
     # PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy of
     # the embedding included, equal the one-process model's (the copies' gradients summed)
-    "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
-    "tied-pp2-zero3": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
+    "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
+    "tied-pp2-zero3": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
     # interleaved (vpp = 2): two model chunks per rank, the tied copy on rank 1's second chunk
-    "tied-pp2-vpp2": ("pipeline_parity", "tiny-gpt.yaml", "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
+    "tied-pp2-vpp2": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
 }
 
 
@@ -62,10 +94,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
                             timeout=timedelta(minutes=5))
     try:
-        for case, (check, spec, layout_text) in GLOO_CASES.items():
+        for case, (check, fixture, fields, layout_text) in GLOO_CASES.items():
+            spec = _variant(Path(out), fixture, f"{case}-{rank}", **fields) if fields else FIXTURES / fixture
             forget_meshes()  # each case builds its own meshes over the one world
             try:
-                result = getattr(parity, check)(resolve(load_spec(FIXTURES / spec)), parse_layout(layout_text).complete())
+                result = getattr(parity, check)(resolve(load_spec(spec)), parse_layout(layout_text).complete())
             except Exception as exc:
                 raise RuntimeError(f"gloo case {case}") from exc
             Path(out, f"{case}-{rank}.json").write_text(json.dumps(result))
@@ -80,7 +113,7 @@ def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", [c for c, (check, _, _) in GLOO_CASES.items() if check == "parity"])
+@pytest.mark.parametrize("case", [c for c, (check, *_) in GLOO_CASES.items() if check == "parity"])
 def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
         result = json.loads((gloo_results / f"{case}-{rank}.json").read_text())
@@ -90,7 +123,7 @@ def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
         assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("case", [c for c, (check, _, _) in GLOO_CASES.items() if check == "pipeline_parity"])
+@pytest.mark.parametrize("case", [c for c, (check, *_) in GLOO_CASES.items() if check == "pipeline_parity"])
 def test_tied_embeddings_across_two_gloo_stages_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
         assert json.loads((gloo_results / f"{case}-{rank}.json").read_text())["weights"] < TOLERANCE
@@ -334,3 +367,28 @@ def test_fake_verify_tied_embeddings_across_stages_under_tp(fake_world: None, st
     plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
     layout = parse_layout(f"tp=2,cp=1,pp=2,dp={3 + 2 * stage},ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
     _stage_exact(plan, layout, stage)
+
+
+HEAVY = pytest.mark.heavy  # seconds each on the shared 2-core machine: the default run keeps one case per feature
+
+
+@pytest.mark.parametrize(("name", "layout", "stage"), [
+    # the first stage: the vocabulary-parallel embedding's 251 of 501 rows, each rank's positions,
+    # ZeRO-1 over two micro-batches (the unreduced gradients accumulate); the last: the tied copy
+    ("odd-vocab-learned", "tp=2,cp=1,pp=2,dp=3,ep=1,zero=1,recompute=none,mb=1", 0),
+    pytest.param(*("odd-vocab-learned", "tp=2,cp=1,pp=2,dp=3,ep=1,zero=3,recompute=full,mb=1", 1), marks=HEAVY),
+    pytest.param(*("odd-vocab-sinusoidal", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 0), marks=HEAVY),
+    ("qk-full-rmsnorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 0),
+    pytest.param(*("qk-head-rmsnorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=1", 0), marks=HEAVY),
+    pytest.param(*("qk-per-head-layernorm", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", 0), marks=HEAVY),
+    pytest.param(*("qk-full-layernorm-mqa", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", 0), marks=HEAVY),
+    pytest.param(*("qk-per-head-rmsnorm-mqa", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=1", 0), marks=HEAVY),
+])
+def test_fake_verify_tp_edge_cases(fake_world: None, tmp_path: Path, name: str, layout: str, stage: int) -> None:
+    """The same cases on the fake world (seq 32, two micro-batches): model states and every
+    collective exact, the positions' gradient all-gather and the qk-norm statistics' all-reduces
+    included."""
+    plan = resolve(load_spec(_variant(tmp_path, TP_EDGES[name][0], name, **TP_EDGES[name][1])))
+    measured = _stage_exact(plan, parse_layout(layout).complete(), stage)
+    kinds = {(c.kind, c.mesh_dim) for c in measured.collectives}
+    assert ("all_gather", "tp") in kinds

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
+from typing_extensions import assert_never
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -39,10 +41,11 @@ from archplan.modules.mamba1 import Mamba1Mixer
 from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
+from archplan.modules.norms import LayerNorm, RMSNorm
 from archplan.modules.positions import Alibi, alibi_slopes
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
-from archplan.resolve import ModelPlan, MoEPlan
+from archplan.resolve import AttentionPlan, ModelPlan, MoEPlan
 
 
 def residual_layout(sp: bool) -> Placement:
@@ -96,7 +99,7 @@ def attention_plan(module: Attention, sp: bool) -> TPPlan:
         "k_proj": kv,
         "v_proj": kv,
         "o_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
-    }
+    } | qk_norm_styles(module.plan)
     return TPPlan(styles, lambda plan, tp: replace(plan, n_heads=plan.n_heads // tp,
                                                    n_kv_heads=max(1, plan.n_kv_heads // tp)), _rank_alibi)
 
@@ -124,19 +127,26 @@ class LocalWithPartialGrad(ParallelStyle):
 
 
 class RowShardParallel(ParallelStyle):
-    """torch's `SequenceParallel` on the flattened (B·T/tp, D) rows of an MoE layer (sequence dim 0),
-    its parameters replicated as DTensors but its buffers left plain (distribute_module would
-    replicate the router's score-correction bias too, which the routing then adds to plain scores):
-    the rows are this rank's tokens, so the weight gradients come out Partial and are summed
-    over tp."""
+    """Input rows that are this rank's own, weights whole on every rank: torch's `SequenceParallel`
+    on the flattened (B·T/tp, D) rows of an MoE layer (sequence dim 0, the default), or a qk-norm
+    on the rank's heads (dim 1 of (B, H/tp, T, Dh); `qk_norm_styles`). Parameters replicated as
+    DTensors (`weights`; Shard(0) for per-head weights that follow their heads), buffers left
+    plain (distribute_module would replicate the router's score-correction bias too, which the
+    routing then adds to plain scores). The input is made a DTensor sharded on `dim`, so the
+    gradients of replicated weights come out Partial and are summed over tp."""
+
+    def __init__(self, dim: int = 0, weights: Placement = Replicate()) -> None:
+        super().__init__()
+        self.dim, self.weights = dim, weights
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for name, param in list(module.named_parameters(recurse=False)):
-            replicated = DTensor.from_local(param, device_mesh, [Replicate()], run_check=False)
-            module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+            # src_data_rank=None: every rank splits its own copy (the same seed built them)
+            local = distribute_tensor(param.detach(), device_mesh, [self.weights], src_data_rank=None)
+            module.register_parameter(name, nn.Parameter(local, requires_grad=param.requires_grad))
 
         def shard_rows(_module: nn.Module, inputs: tuple[object, ...]) -> tuple[object, ...]:
-            return tuple(DTensor.from_local(x, device_mesh, [Shard(0)], run_check=False) for x in inputs)
+            return tuple(DTensor.from_local(x, device_mesh, [Shard(self.dim)], run_check=False) for x in inputs)
 
         def to_local(_module: nn.Module, _inputs: object, out: DTensor) -> object:
             return out.to_local()
@@ -144,6 +154,75 @@ class RowShardParallel(ParallelStyle):
         module.register_forward_pre_hook(shard_rows)
         module.register_forward_hook(to_local)
         return module
+
+
+def _sum_over(stats: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Each rank's partial sums → their total on every rank: one all-reduce forward, and one of the
+    gradient backward (each rank's gradient of the total is its own heads' part)."""
+    total = DTensor.from_local(stats, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+    return total.to_local(grad_placements=(Partial(),))
+
+
+def width_sharded_norm(norm: RMSNorm | LayerNorm, mesh: DeviceMesh, width: int, x: torch.Tensor) -> torch.Tensor:
+    """`norm` over a width split across tp ranks (OLMo-2's qk-norm over n_heads·head_dim, each rank
+    holding its heads' columns): RMSNorm from the all-reduced sum of squares, LayerNorm from the
+    all-reduced [sum, sum of squares] (one call), in fp32 as `modules.norms` computes; the weights
+    are the rank's columns (Shard(0))."""
+    x32 = x.float()
+    match norm:
+        case RMSNorm():
+            mean_sq = _sum_over(x32.pow(2).sum(-1, keepdim=True), mesh) / width
+            y = x32 * torch.rsqrt(mean_sq + norm.eps)
+        case LayerNorm():
+            sums = _sum_over(torch.cat([x32.sum(-1, keepdim=True), x32.pow(2).sum(-1, keepdim=True)], -1), mesh)
+            mean, mean_sq = (sums / width).split(1, dim=-1)
+            y = (x32 - mean) * torch.rsqrt(mean_sq - mean.pow(2) + norm.eps)
+        case _:
+            assert_never(norm)
+    if norm.weight is not None:
+        y = y * norm.weight.to_local().float()
+    if isinstance(norm, LayerNorm) and norm.bias is not None:
+        y = y + norm.bias.to_local().float()
+    return y.type_as(x)
+
+
+class WidthShardedNorm(ParallelStyle):
+    """A norm whose normalised width is split over tp (`width_sharded_norm`): weights Shard(0), the
+    module's forward replaced by the distributed one (DTensor's own layer/RMS norm would all-gather
+    the whole input to Replicate first, b·s·n_heads·head_dim per call, where the statistics need
+    one fp32 value, or two, per token)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        assert isinstance(module, RMSNorm | LayerNorm)
+        width = module.shape[0]
+        for name, param in list(module.named_parameters(recurse=False)):
+            local = distribute_tensor(param.detach(), device_mesh, [Shard(0)], src_data_rank=None)
+            module.register_parameter(name, nn.Parameter(local, requires_grad=param.requires_grad))
+        module.forward = partial(width_sharded_norm, module, device_mesh, width)  # type: ignore[method-assign]
+        return module
+
+
+def qk_norm_styles(plan: AttentionPlan) -> dict[str, ParallelStyle]:
+    """qk-norm under tp (each rank holds whole heads): `head` (one head_dim-wide norm shared by
+    the heads) is replicated on the rank's heads, its weight gradients summed over tp; `per_head`
+    weights follow their heads (Shard(0), local); `full` (over n_heads·head_dim) normalises across
+    the ranks (`WidthShardedNorm`). One KV head (MQA) is whole on every rank: its k-norm is
+    replicated whatever the scope, its gradients summed over tp."""
+    if plan.qk_norm is None:
+        return {}
+    scope = plan.qk_norm.scope
+    match scope:
+        case "head":
+            q: ParallelStyle = RowShardParallel(dim=1)
+        case "per_head":
+            q = RowShardParallel(dim=1, weights=Shard(0))
+        case "full":
+            q = WidthShardedNorm()
+        case _:
+            assert_never(scope)
+    # the one KV head's rows: its heads dim, or for `full` (B, T, Dh) its batch dim
+    k = RowShardParallel(dim=0 if scope == "full" else 1) if plan.n_kv_heads == 1 else q
+    return {"q_norm": q, "k_norm": k}
 
 
 class SharedByHeads(ParallelStyle):
@@ -210,6 +289,37 @@ def moe_plan(module: MoEFFN, sp: bool) -> TPPlan:
     return TPPlan(styles)
 
 
+class SequenceShardedPositions(ParallelStyle):
+    """Absolute positions added to a sequence-parallel residual stream: every tp rank computes the
+    whole (T, D) table (a learned table replicated as a DTensor, its position ids made Replicate),
+    and keeps the rows of its own sequence shard (Replicate → Shard(0), a local slice in torch.chunk's
+    way, as the residual stream's Shard(1)). In the backward DTensor all-gathers the (T, D) gradient
+    of the rows, so every rank's table gradient is whole and equal, no all-reduce of the table
+    (Megatron-LM adds the positions before scattering the sequence, `LanguageModelEmbedding`: the
+    same all-gather, of the whole embedding gradient)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if isinstance(module, nn.Embedding):  # a learned table
+            def replicate_ids(_module: nn.Module, inputs: tuple[object, ...], mesh: DeviceMesh) -> tuple[object, ...]:
+                return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                             if isinstance(x, torch.Tensor) else x for x in inputs)
+
+            module = distribute_module(module, device_mesh, input_fn=replicate_ids)
+
+        def own_rows(_module: nn.Module, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+            if not isinstance(out, DTensor):  # a computed table (sinusoidal): the same on every rank
+                out = DTensor.from_local(out, device_mesh, [Replicate()], run_check=False)
+            return out.redistribute(device_mesh, [Shard(0)]).to_local()
+
+        module.register_forward_hook(own_rows)
+        return module
+
+
+def positions_plan(sp: bool) -> ParallelStyle | None:
+    """Without SP the residual stream is whole on every rank and the positions are added as they are."""
+    return SequenceShardedPositions() if sp else None
+
+
 def norm_plan(sp: bool) -> ParallelStyle | None:
     # use_local_output: the residual stream stays plain local tensors between sub-blocks
     return SequenceParallel(use_local_output=True) if sp else None
@@ -223,8 +333,6 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
             if p.n_heads % tp or p.n_kv_heads % tp and p.n_kv_heads != 1:
                 return (f"{p.n_heads} query / {p.n_kv_heads} key-value heads do not split over tp={tp} "
                         "(KV heads are replicated below tp only for one KV head)")
-            if p.qk_norm is not None:
-                return "qk-norm under tensor parallelism (its weights see only a rank's heads)"
             return None
         case MLA():
             if module.plan.n_heads % tp:
@@ -248,12 +356,8 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
 def model_refusal(plan: ModelPlan, tp: int, sp: bool) -> str | None:
     if tp == 1:
         return None
-    if plan.vocab_size % tp:
-        return f"vocabulary {plan.vocab_size} over tp={tp}"
     if plan.tied and plan.lm_head_bias:
         return "a tied head with a bias under tensor parallelism"
-    if sp and plan.position in ("learned", "sinusoidal"):
-        return "absolute positions added to a sequence-parallel residual stream"
     if not sp and any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers):
         # Megatron-Core's MoELayer raises the same: every tp rank would route the same tokens
         return "MoE layers under tensor parallelism without sequence parallelism"

@@ -39,7 +39,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 from archplan.distributed.expert import ExpertParallel
 from archplan.distributed.mesh import LayoutMesh
-from archplan.distributed.plans import check_tp, module_plan, norm_plan, residual_layout
+from archplan.distributed.plans import check_tp, module_plan, norm_plan, positions_plan, residual_layout
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
 from archplan.modules.block import Block
@@ -99,6 +99,9 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
                     parallelize_module(getattr(block, name), tp_mesh, norm_plan(sp))
     if stage.embed is not None:  # the first stage's embedding, or the last one's tied copy (its head)
         parallelize_module(stage.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
+    positions = positions_plan(sp)
+    if stage.pos_embed is not None and positions is not None:
+        parallelize_module(stage.pos_embed, tp_mesh, positions)
     for end in (stage.embed_norm, stage.final_norm):
         if end is not None and norm is not None:
             parallelize_module(end, tp_mesh, norm_plan(sp))

@@ -95,7 +95,12 @@ and without SP its pipeline sends carry the whole hidden states (no scatter over
   routes its own sequence shard to whole experts (no TP collective), only shared experts are a
   tensor-parallel sub-block; expert gradients reduce over expert_dp × tp (`expert_replicas`).
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
-  input under SP) add one each way. Hyena and StripedHyena follow that pattern (column-parallel
+  input under SP) add one each way. Learned positions under SP: Megatron-LM all-reduces the
+  embedding output, adds the positions whole and scatters (`LanguageModelEmbedding`); the torch
+  engine reduce-scatters it, each rank adds its shard's rows and DTensor all-gathers their (s, h)
+  gradient. qk-norm: one shared by the heads (scope `head`) and MQA's k-norm have their gradients
+  summed over tp; one over n_heads·head_dim (OLMo-2) all-reduces each token's fp32 statistics per
+  norm, forward (again under full recompute) and backward (`width_sharded_stats`). Hyena and StripedHyena follow that pattern (column-parallel
   projections in, row-parallel out, depthwise convolutions local to a rank's channels, see
   `shards.py`); S4 has no input projection: without SP an all-reduce of its row-parallel
   output_linear's 2·d_model partial sums forward and an all-gather of the input gradient's channel
@@ -162,6 +167,7 @@ OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "ep")
 ACT_BYTES = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 LOGIT_BYTES = 4
+STAT_BYTES = 4  # fp32 norm statistics
 TOKEN_ID_BYTES = 8
 FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
 
@@ -352,15 +358,33 @@ def _sp_summed(layer: LayerPlan, name: str) -> bool:
 def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
     """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
     partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
-    and MQA's one KV head (k_proj, v_proj), which Megatron replicates on every tp rank."""
+    MQA's one KV head (k_proj, v_proj, its k-norm), which Megatron replicates on every tp rank, and a
+    qk-norm shared by the heads (`distributed.plans.qk_norm_styles`)."""
     mixer = f"{layer.path}.mixer."
     match layer.mixer:
         case MLAPlan():
             return tensor.split == "replicated" and tensor.name.startswith(mixer)
         case AttentionPlan():
-            return layer.mixer.n_kv_heads == 1 and tensor.name.startswith((f"{mixer}k_proj.", f"{mixer}v_proj."))
+            if layer.mixer.n_kv_heads == 1 and tensor.name.startswith(
+                    (f"{mixer}k_proj.", f"{mixer}v_proj.", f"{mixer}k_norm.")):
+                return True
+            # a qk-norm shared by the heads (scope `head`) runs replicated on each rank's heads
+            return tensor.split == "replicated" and tensor.name.startswith((f"{mixer}q_norm.", f"{mixer}k_norm."))
         case _:
             return False
+
+
+def width_sharded_stats(layer: LayerPlan) -> list[int]:
+    """Per qk-norm normalising across the tp ranks' heads (scope `full`, OLMo-2: over
+    n_heads·head_dim), the fp32 statistics per token it sums over tp
+    (`distributed.plans.width_sharded_norm`): RMSNorm the sum of squares, LayerNorm the sum too.
+    One KV head is whole on every rank: its k-norm needs none."""
+    match layer.mixer:
+        case AttentionPlan(qk_norm=qk) if qk is not None and qk.scope == "full":
+            stats = 1 if qk.norm.kind == "rmsnorm" else 2
+            return [stats] * (1 if layer.mixer.n_kv_heads == 1 else 2)
+        case _:
+            return []
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -741,9 +765,17 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 tp_over)
             add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
         if chunk.first:
-            add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
+            # Megatron-LM adds learned positions to the whole embedding output, all-reduced, and
+            # scatters the sum over the sequence (`LanguageModelEmbedding`: no reduce-scatter then)
+            scattered = sp and not (engine == "megatron" and plan.position == "learned")
+            add("reduce_scatter" if scattered else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
             if sp:
                 add("all_gather", "tp", tp, act, m, "embedding output gradient (SP)")
+            if sp and engine == "torch" and plan.position == "learned":
+                # each rank adds its shard's rows of the replicated table; DTensor all-gathers their
+                # gradient (`distributed.plans.SequenceShardedPositions`), summed over the batch
+                add("all_gather", "tp", tp, ACT_BYTES * (data.seq // cp) * plan.d_model, m,
+                    "learned positions gradient (SP)")
         if chunk.last:
             add("all_gather" if sp else "all_reduce", "tp", tp, act, m, "LM-head input (TP)")
             if sp:
@@ -761,6 +793,11 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             for i in chunk.layers:
                 for n in data.tp_summed[i]:
                     norm_grads[n] = norm_grads.get(n, 0) + 1
+        if tp > 1:
+            stats = [n for i in chunk.layers for n in width_sharded_stats(plan.layers[i])]
+            for n in sorted(set(stats)):  # forward (again under full recompute) and backward
+                add("all_reduce", "tp", tp, STAT_BYTES * n * tokens, m * stats.count(n) * (fwd + 1),
+                    f"{span} qk-norm statistics over the heads' width (TP)", tp_over)
         kv_calls: dict[int, int] = {}
         ep_calls: dict[int, int] = {}
         conv_calls: dict[int, int] = {}
