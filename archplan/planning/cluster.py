@@ -139,6 +139,7 @@ from archplan.resolve import (
     FFNPlan,
     HyenaPlan,
     LayerPlan,
+    Mamba1Plan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -352,11 +353,16 @@ def _sp_summed(layer: LayerPlan, name: str) -> bool:
 def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
     """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
     partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
-    and MQA's one KV head (k_proj, v_proj), which Megatron replicates on every tp rank."""
+    MQA's one KV head (k_proj, v_proj), which Megatron replicates on every tp rank, Jamba's dt/B/C
+    norms inside Mamba-1 (on x_proj's reduced output, read by every channel) and Hyena's implicit
+    filter trunk (run whole on every rank, feeding only its channels' filters)."""
     mixer = f"{layer.path}.mixer."
     match layer.mixer:
         case MLAPlan():
             return tensor.split == "replicated" and tensor.name.startswith(mixer)
+        case Mamba1Plan() | HyenaPlan():
+            # the row-parallel out_proj's bias is replicated too, but added after the reduction
+            return tensor.split == "replicated" and tensor.name.startswith(mixer) and ".out_proj." not in tensor.name
         case AttentionPlan():
             return layer.mixer.n_kv_heads == 1 and tensor.name.startswith((f"{mixer}k_proj.", f"{mixer}v_proj."))
         case _:
@@ -740,6 +746,17 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             add("all_reduce", "tp", tp, 2 * act, m * s4 * fwd, f"{span} S4 output_linear, 2·d_model (TP)",
                 tp_over)
             add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
+        # Mamba-1 (`distributed.plans.mamba1_plan`): x_proj contracts the rank's d_inner channels;
+        # its dt_rank + 2·d_state partial sums are all-reduced in the forward (again under full
+        # recompute), and their gradient, returned in parts by each rank's channels, in the backward
+        x_proj: dict[int, int] = {}
+        for i in chunk.layers:
+            mixer = plan.layers[i].mixer
+            if isinstance(mixer, Mamba1Plan):
+                width = ACT_BYTES * tokens * (mixer.dt_rank + 2 * mixer.d_state)
+                x_proj[width] = x_proj.get(width, 0) + 1
+        for width, n in x_proj.items():
+            add("all_reduce", "tp", tp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (TP)", tp_over)
         if chunk.first:
             add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
             if sp:
