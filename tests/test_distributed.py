@@ -52,8 +52,14 @@ def _worker(rank: int, check: str, spec: str, layout_text: str, port: int, out: 
     ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
     # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
     ("tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    # Mamba-1 with Jamba's inner norms (x_proj's partial sums, B/C read by both ranks' channels),
+    # Mamba-2 (heads and groups split), Hyena (replicated filter trunk) and StripedHyena, by channel
+    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
+    ("tiny-hyena.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2,sp=off"),
 ], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "zero0-replicate", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute",
-        "tp2-mqa-alibi"])
+        "tp2-mqa-alibi", "tp2-mamba1", "tp2-mamba2-full-recompute", "tp2-hyena", "tp2-stripedhyena-no-sp"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
     mp.spawn(_worker, args=("parity", str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
