@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
@@ -424,6 +425,74 @@ def striped_hyena_plan(module: StripedHyenaMixer, sp: bool) -> TPPlan:
     return TPPlan(styles, localize=_local_channels)
 
 
+class SSMCopies(ParallelStyle):
+    """S4's S copies of (A, B, P) (H/S channels each): split with the channels when S divides over
+    tp (plain local tensors, as `OwnTensors`); one copy is read by every rank's channels, so its
+    parameters are Replicate DTensors, made local at the module's `copies` hook with a Partial
+    gradient, summed over tp (as MQA's one KV head). Buffers (the reference's lr = 0) stay whole."""
+
+    def __init__(self, names: tuple[str, ...], copies: int) -> None:
+        super().__init__()
+        self.names, self.n = names, copies
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if self.n % device_mesh.size() == 0:
+            return OwnTensors({name: (0, (self.n,)) for name in self.names})._apply(module, device_mesh)
+        OwnTensors({}, replicated=tuple(n for n in self.names if n in module._parameters))._apply(module, device_mesh)
+
+        def to_local(_module: nn.Module, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+            return out.to_local(grad_placements=(Partial(),)) if isinstance(out, DTensor) else out
+
+        module.copies.register_forward_hook(to_local)
+        return module
+
+
+class ChannelShardedInput(ParallelStyle):
+    """A mixer's (b, s, d) input as this rank's d/tp channels of the whole sequence. Under SP an
+    all-to-all from sequence shards to channel shards (torch's autograd-aware functional
+    `all_to_all_single`, an all-to-all back in the backward; DTensor's own Shard(1) -> Shard(2)
+    runs an all-gather on a CPU mesh); without SP a local slice of the Replicate input, whose
+    gradient DTensor all-gathers from the ranks' channel slices."""
+
+    def __init__(self, sp: bool) -> None:
+        super().__init__()
+        self.sp = sp
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp, group = device_mesh.size(), device_mesh.get_group()
+
+        def to_channels(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            x_BSD, *rest = inputs
+            if self.sp:
+                b, s, d = x_BSD.shape
+                send_PBSC = x_BSD.unflatten(2, (tp, d // tp)).movedim(2, 0).contiguous()
+                recv_PBSC = all_to_all_single_autograd(send_PBSC, None, None, group)
+                x_BTC = recv_PBSC.movedim(0, 1).reshape(b, tp * s, d // tp)
+            else:
+                whole = DTensor.from_local(x_BSD, device_mesh, [Replicate()], run_check=False)
+                x_BTC = whole.redistribute(placements=[Shard(2)]).to_local()
+            return (x_BTC, *rest)
+
+        module.register_forward_pre_hook(to_channels)
+        return module
+
+
+def s4_plan(module: S4Mixer, sp: bool) -> TPPlan:
+    """S4 / S4D over tp ranks by channel: it has no input projection, so its input goes from the
+    residual layout straight to channel shards (`ChannelShardedInput`); D, C and log Δ follow the channels, the S
+    SSM copies split with them or stay replicated (`SSMCopies`); output_linear (H → 2H) is
+    row-parallel, its 2H partial sums reduced (reduce-scattered under SP) before the GLU."""
+    d, s = module.d_model, module.plan.n_ssm
+    own = {name: (0, (d,)) for name in ("D", "C", "log_dt")}
+    copies = tuple(name for name in ("B", "A_log_real", "A_imag", "P") if hasattr(module, name))
+    styles: dict[str, ParallelStyle] = {
+        "": Composed(ChannelShardedInput(sp), OwnTensors(own), SSMCopies(copies, s)),
+        "output_linear": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+    return TPPlan(styles, lambda plan, tp: replace(plan, n_ssm=plan.n_ssm // tp if plan.n_ssm % tp == 0 else plan.n_ssm),
+                  _local_channels)
+
+
 def norm_plan(sp: bool) -> ParallelStyle | None:
     # use_local_output: the residual stream stays plain local tensors between sub-blocks
     return SequenceParallel(use_local_output=True) if sp else None
@@ -459,7 +528,10 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
                         "(B and C replicated for fewer groups than tp ranks is not built)")
             return None
         case S4Mixer():
-            return "S4 mixers under tensor parallelism (no channel-sharded plan for its input yet)"
+            d, s = module.d_model, module.plan.n_ssm
+            if d % tp or s % tp and s != 1:
+                return f"S4's {d} channels / {s} SSM copies over tp={tp} (one copy is replicated, more must split)"
+            return None
         case HyenaMixer() | StripedHyenaMixer():
             d = module.d_model
             filters = module.poles.shape[0] if isinstance(module, StripedHyenaMixer) else d
@@ -503,6 +575,8 @@ def module_plan(module: nn.Module, sp: bool) -> TPPlan | None:
             return hyena_plan(module, sp)
         case StripedHyenaMixer():
             return striped_hyena_plan(module, sp)
+        case S4Mixer():
+            return s4_plan(module, sp)
         case _:
             return None
 

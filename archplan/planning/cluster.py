@@ -354,8 +354,9 @@ def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
     """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
     partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
     MQA's one KV head (k_proj, v_proj), which Megatron replicates on every tp rank, Jamba's dt/B/C
-    norms inside Mamba-1 (on x_proj's reduced output, read by every channel) and Hyena's implicit
-    filter trunk (run whole on every rank, feeding only its channels' filters)."""
+    norms inside Mamba-1 (on x_proj's reduced output, read by every channel), Hyena's implicit
+    filter trunk (run whole on every rank, feeding only its channels' filters) and S4's one SSM
+    copy (read by every channel)."""
     mixer = f"{layer.path}.mixer."
     match layer.mixer:
         case MLAPlan():
@@ -363,6 +364,9 @@ def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
         case Mamba1Plan() | HyenaPlan():
             # the row-parallel out_proj's bias is replicated too, but added after the reduction
             return tensor.split == "replicated" and tensor.name.startswith(mixer) and ".out_proj." not in tensor.name
+        case S4Plan():
+            # S4's one SSM copy of (A, B, P), read by every rank's channels (`shards._s4`)
+            return layer.mixer.n_ssm == 1 and tensor.units == 1 and tensor.name.startswith(mixer)
         case AttentionPlan():
             return layer.mixer.n_kv_heads == 1 and tensor.name.startswith((f"{mixer}k_proj.", f"{mixer}v_proj."))
         case _:
