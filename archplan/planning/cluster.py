@@ -100,7 +100,13 @@ and without SP its pipeline sends carry the whole hidden states (no scatter over
   `shards.py`); S4 has no input projection: without SP an all-reduce of its row-parallel
   output_linear's 2·d_model partial sums forward and an all-gather of the input gradient's channel
   slices backward; with SP an all-to-all from sequence to channel shards each way, a
-  reduce-scatter of the 2·d_model sums forward and its all-gather backward.
+  reduce-scatter of the 2·d_model sums forward and its all-gather backward. Mamba-1's x_proj
+  contracts the rank's d_inner channels: its dt_rank + 2·d_state partial sums per token are
+  all-reduced in the forward (again under full recompute) and their gradient in the backward
+  (Megatron's reduce / copy pair; `distributed.plans.mamba1_plan`). Weights run whole on every
+  rank and feeding only its heads or channels have their gradients summed over tp with the SP
+  norms': MLA's latents, MQA's KV head, Jamba's dt/B/C norms, Hyena's filter trunk, S4's single
+  SSM copy.
 - CP, per long-conv layer and micro-batch (`long_conv_exchange`): an all-to-all from sequence to
   channel shards before the convolutions and one back after, in the forward and the backward.
 - CP, per attention layer and micro-batch: "all_gather" (Llama 3 §3.3.2): an all-gather of K and V
