@@ -65,14 +65,21 @@ SEQ = {"mamba-2.8b": 8}
 # 130, frontier-1t-moe 349 (interleaved, its 4 chunks' 61 MoE layers), llama-3-70b 98,
 # llama-3.1-405b 198 (the others 6-36).
 # They run with `-m heavy` (not in the default run, pyproject's addopts); by default they run at a
-# pp = 4 layout of the same kind instead (CHEAPER, 10-16 s each).
-HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "llama-3-70b", "llama-3.1-405b"}
+# pp = 4 layout of the same kind instead (CHEAPER, 10-16 s each). jamba-v0.1, mamba-2.8b and
+# stripedhyena-7b are pp = 1 at their top layouts too (every layer on the rank; not timed on a quiet
+# machine): by default they run at pp = 4 with the top layout's tp, so their mixers' TP plans run.
+HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "llama-3-70b", "llama-3.1-405b",
+         "jamba-v0.1", "mamba-2.8b", "stripedhyena-7b"}
 DENSE = "tp=8,cp=1,pp=4,dp=32,ep=1,zero=3,recompute=full,mb=1"
 CHEAPER = {"70b": DENSE, "claude-3-opus-rumored": DENSE, "llama-3-70b": DENSE,
            # llama-3.1-405b: test_llama_405b_at_16384_ranks
            "deepseek-v3": "tp=2,cp=1,pp=4,dp=128,ep=64,zero=2,recompute=full,mb=1",
-           "frontier-1t-moe": MOE}
-SLOW = {"gpt-4-rumored", "mamba-2.8b"}
+           "frontier-1t-moe": MOE,
+           "jamba-v0.1": "tp=4,cp=1,pp=4,dp=64,ep=16,zero=2,recompute=none,mb=1",
+           # tied embeddings over pp = 4 (Megatron's embedding group)
+           "mamba-2.8b": "tp=2,cp=1,pp=4,dp=128,ep=1,zero=2,recompute=none,mb=1",
+           "stripedhyena-7b": "tp=4,cp=1,pp=4,dp=64,ep=1,zero=2,recompute=none,mb=1"}
+SLOW = {"gpt-4-rumored"}
 
 
 @pytest.fixture()
@@ -125,7 +132,7 @@ def test_heavy_presets_at_a_pp4_layout(fake_world: None, name: str) -> None:
     plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
     layout = parse_layout(CHEAPER[name]).complete()
     assert layout is not None and layout.world == GPUS
-    _check(check_layout_run(plan, layout, 32, microbatches=1))
+    _check(check_layout_run(plan, layout, SEQ.get(name, 32), microbatches=1))
 
 
 def test_refusals_are_listed() -> None:
