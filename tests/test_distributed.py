@@ -68,6 +68,14 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     # TP=2 with SP: the uneven vocabulary split (torch.chunk: 251 + 250 rows), each rank adding its
     # sequence shard's positions, qk-norm replicated, per head, or normalised across the ranks' heads
     **{f"tp2-{name}": ("parity", fixture, fields, TP2) for name, (fixture, fields) in TP_EDGES.items()},
+    # Mamba-1 with Jamba's inner norms (x_proj's partial sums, B/C read by both ranks' channels),
+    # Mamba-2 (heads and groups split), Hyena (replicated filter trunk) and StripedHyena, by channel
+    "tp2-mamba1": ("parity", "tiny-mamba.yaml", {}, TP2),
+    "tp2-hyena": ("parity", "tiny-hyena.yaml", {}, TP2),
+    "tp2-mamba2-full-recompute": ("parity", "tiny-mamba2.yaml", {}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
+    "tp2-stripedhyena-no-sp": ("parity", "tiny-stripedhyena.yaml", {}, TP2 + ",sp=off"),
+    # S4D: its input to channel shards by an all-to-all, one SSM copy replicated over tp
+    "tp2-s4d": ("parity", "tiny-s4d.yaml", {}, TP2),
     # PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy of
     # the embedding included, equal the one-process model's (the copies' gradients summed)
     "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
@@ -165,6 +173,38 @@ def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
     # ep = dp here (expert_dp = 1): the all-to-all is still named for expert parallelism
     [a2a] = [r for r in result.collectives if r.kind == "all_to_all"]
     assert a2a.mesh_dim == "ep" and a2a.measured == a2a.analytic == 2 * 2 * 2  # 2 layers, dispatch+combine, fwd+bwd
+
+
+@pytest.mark.parametrize(("spec", "layout"), [
+    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
+    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1"),
+    ("tiny-hyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1"),
+    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1,sp=off"),
+    ("tiny-s4d.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
+], ids=["mamba1-full-recompute", "mamba2-zero2", "hyena", "stripedhyena-no-sp", "s4d-full-recompute"])
+def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: str, layout: str) -> None:
+    """Model states and every collective (x_proj's all-reduces, S4's all-to-all, the replicated
+    tensors' gradient sums) as planning.cluster prices them, two micro-batches."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / spec))
+    result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=2)
+    rows = {r.category: r for r in result.memory}
+    for name in ("parameters", "gradients", "optimizer"):
+        assert rows[name].measured == rows[name].analytic > 0
+    for row in result.collectives:
+        assert row.ok, row
+    assert any(r.mesh_dim == "tp" and r.measured for r in result.collectives)
+
+
+def test_mamba2_with_fewer_groups_than_tp_is_refused(fake_world: None) -> None:
+    from archplan.distributed.check import check_layout_run
+    from archplan.errors import ArchplanError
+
+    plan = resolve(load_spec(FIXTURES / "tiny-mamba2.yaml"))  # 2 groups
+    layout = parse_layout("tp=4,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
+    with pytest.raises(ArchplanError, match="4 Mamba-2 heads / 2 groups do not split over tp=4"):
+        check_layout_run(plan, layout, 32, microbatches=1)
 
 
 def test_refusals_are_one_line(fake_world: None) -> None:

@@ -400,8 +400,9 @@ def test_s4_tp_collectives_reduce_2d_before_the_glu() -> None:
     n, m, s, h, tp = len(plan.layers), 2, 2048, 768, 4
     act = 2 * s * h
     no_sp = _by(step_collectives(plan, Layout(tp=tp, sp=False), s, microbatches=m), "tp")
-    # all-reduces: FFN fwd + bwd per layer, S4 forward, embedding, LM-head input grad, 3 for the CE
-    assert no_sp["all_reduce"][0] == m * (2 * n + n + 2) + 3 * m
+    # all-reduces: FFN fwd + bwd per layer, S4 forward, embedding, LM-head input grad, 3 for the CE,
+    # and once per step the gradients of the one SSM copy every rank's channels read (Megatron)
+    assert no_sp["all_reduce"][0] == m * (2 * n + n + 2) + 3 * m + 1
     assert no_sp["all_gather"] == (m * n, act)  # the S4 input gradient's channel slices
     sp = _by(step_collectives(plan, Layout(tp=tp, sp=True), s, microbatches=m), "tp")
     assert sp["all_to_all"] == (m * n * 2, act // tp)
@@ -607,6 +608,18 @@ def test_zero3_over_many_ranks_carries_the_validation_note(capsys: pytest.Captur
     assert len(notes) == 1 and "ZeRO-3" in notes[0] and "Table 2" in notes[0]
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--json")
     assert json.loads(out)["notes"] == []
+
+
+def test_mamba1_x_proj_partial_sums_are_all_reduced_under_tp() -> None:
+    """Mamba-1's x_proj contracts the rank's d_inner channels: its dt_rank + 2·d_state outputs are
+    all-reduced forward (again under full recompute) and backward, per layer and micro-batch
+    (checked against torch by tests/test_distributed.py's fake verify)."""
+    plan = _plan("mamba-2.8b")  # 64 Mamba-1 layers, dt_rank 160, d_state 16
+    n, m, s = len(plan.layers), 2, 2048
+    for recompute, passes in (("none", 2), ("full", 3)):
+        records = step_collectives(plan, Layout(tp=2, recompute=recompute), s, microbatches=m)
+        [x_proj] = [r for r in records if "x_proj" in r.what]
+        assert (x_proj.kind, x_proj.bytes, x_proj.count) == ("all_reduce", 2 * s * (160 + 2 * 16), m * n * passes)
 
 
 def test_long_conv_ffts_are_priced_at_hbm_bandwidth() -> None:

@@ -15,6 +15,8 @@ weights against the one-process model's, the tied embedding's copy on the last s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,6 +35,17 @@ SEED = 0
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _tp_views(stage: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Parameter name -> how its sharded form reads off the one-process tensor, for parameters
+    whose tensor-parallel form is not torch's contiguous split (`plans.FusedColwiseParallel`'s
+    rank-grouped rows, `plans.OwnTensors`' plain channel slices)."""
+    views = {}
+    for path, module in stage.named_modules():
+        for name, view in getattr(module, "tp_views", {}).items():
+            views[f"{path}.{name}".replace("_checkpoint_wrapped_module.", "")] = view
+    return views
 
 
 def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) -> dict[str, float]:
@@ -58,6 +71,7 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
         loss = runner.loss(stage(tokens), labels)
         loss.backward()
     grad_diff = 0.0
+    views = _tp_views(stage)
     for name, p in stage.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
         grad = _full(p.grad)
@@ -66,7 +80,7 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
             e_local = grad.shape[0]
             expected = ref_grads[full_name].narrow(0, ep_rank * e_local, e_local)
         else:
-            expected = ref_grads[name]
+            expected = views.get(name, lambda t: t)(ref_grads[name])
         grad_diff = max(grad_diff, (grad - expected).abs().max().item())
     optimizer.zero_grad(set_to_none=True)
     for _ in range(steps):

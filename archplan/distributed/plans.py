@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from typing_extensions import assert_never
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     SequenceParallel,
 )
+from typing_extensions import assert_never
 
 from archplan.errors import ArchplanError
 from archplan.modules.attention import Attention
@@ -320,6 +321,288 @@ def positions_plan(sp: bool) -> ParallelStyle | None:
     return SequenceShardedPositions() if sp else None
 
 
+# ------------------------------------------------------------- SSM and long-convolution mixers
+Parts = tuple[int, ...]
+
+
+def rank_channels(t: torch.Tensor, dim: int, parts: Parts, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s channels of a tensor whose `dim` concatenates blocks of `parts` channels (a
+    fused projection's [x | z], a conv over [x | B | C]): its 1/tp of every block, in block order."""
+    chunks, start = [], 0
+    for size in parts:
+        n = size // tp
+        chunks.append(t.narrow(dim, start + rank * n, n))
+        start += size
+    return torch.cat(chunks, dim)
+
+
+def _record_view(module: nn.Module, name: str, view: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """How a parameter's stored form (its DTensor's global tensor, or a plain local slice) reads
+    off the unsharded one (`parity` compares gradients through it)."""
+    module.__dict__.setdefault("tp_views", {})[name] = view
+
+
+class FusedColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a Linear whose outputs are several column blocks (Mamba's in_proj
+    [x | z] or [z | x | B | C | dt], Hyena's N_o + 1 projections): each rank keeps its 1/tp of every
+    block, as Megatron-LM lays out a fused QKV per rank, so its local output is the same blocks at
+    1/tp width and the module splits it as before. The DTensor is Shard(0) over those rank-ordered
+    rows: its global tensor is the unsharded weight with rows regrouped by rank (`rank_channels`)."""
+
+    def __init__(self, parts: Parts, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.parts = parts
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        rank, tp = device_mesh.get_local_rank(), device_mesh.size()
+        for pname, param in list(module.named_parameters()):
+            local = rank_channels(param.detach(), 0, self.parts, rank, tp).clone()
+            sharded = DTensor.from_local(local, device_mesh, [Shard(0)], run_check=False)
+            module.register_parameter(pname, nn.Parameter(sharded, requires_grad=param.requires_grad))
+            parts = self.parts
+            _record_view(module, pname, lambda full, p=parts, n=tp: torch.cat(
+                [rank_channels(full, 0, p, r, n) for r in range(n)]))
+
+
+class OwnTensors(ParallelStyle):
+    """A module's own parameters and buffers (not its submodules'): `channels` ones replaced by this
+    rank's channels (`rank_channels`, name -> (dim, parts)) as plain tensors, since a per-channel
+    tensor (a depthwise conv's taps, A_log, D, a filter's decay) meets only that rank's channels
+    and its gradient needs no reduction (Megatron-Core's MambaMixer stores them per rank the same
+    way); `replicated` ones as Replicate DTensors, read by every rank's channels, whose Partial
+    gradients DTensor sums over tp."""
+
+    def __init__(self, channels: dict[str, tuple[int, Parts]], replicated: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.channels, self.replicated = channels, replicated
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        rank, tp = device_mesh.get_local_rank(), device_mesh.size()
+        for name, (dim, parts) in self.channels.items():
+            full = getattr(module, name)
+            local = rank_channels(full.detach(), dim, parts, rank, tp).clone()
+            if name in module._parameters:
+                module.register_parameter(name, nn.Parameter(local, requires_grad=full.requires_grad))
+                _record_view(module, name, lambda t, d=dim, p=parts: rank_channels(t, d, p, rank, tp))
+            else:
+                module._buffers[name] = local
+        for name in self.replicated:
+            param = module._parameters[name]
+            assert param is not None
+            replicated = DTensor.from_local(param.detach(), device_mesh, [Replicate()], run_check=False)
+            module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+        return module
+
+
+class ReplicatedOnInput(ParallelStyle):
+    """`Replicated`, its plain tensor inputs taken as Replicate DTensors (the same on every rank:
+    Hyena's positional features when they are a buffer)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(_module: nn.Module, inputs: tuple[object, ...], mesh: DeviceMesh) -> tuple[object, ...]:
+            return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                         if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+        return distribute_module(module, device_mesh, input_fn=to_dtensor)
+
+
+class RowwiseReplicated(RowwiseParallel):
+    """A row-parallel Linear whose output every rank reads whole (Mamba-1's x_proj): its partial
+    sums all-reduced in the forward, and in the backward the parts of its gradient that each
+    rank's consumers return (Partial) all-reduced once before the Linear's own backward: Megatron's
+    reduce / copy-to-region pair. Plain DTensor would keep that gradient Partial and gather the
+    weight and the input instead (measured: four collectives of the weight's and the input's size
+    where one of the output's suffices). The output is re-entered `from_local` as Replicate, whose
+    backward redistributes the arriving Partial gradient to Replicate."""
+
+    def __init__(self) -> None:
+        super().__init__(input_layouts=Shard(-1), output_layouts=Replicate(), use_local_output=False)
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts: tuple[Placement, ...], use_local_output: bool, mod: nn.Module,
+                           outputs: DTensor, device_mesh: DeviceMesh) -> DTensor:
+        reduced = outputs.redistribute(placements=output_layouts)
+        return DTensor.from_local(reduced.to_local(), device_mesh, output_layouts, run_check=False)
+
+
+def mamba1_plan(module: Mamba1Mixer, sp: bool) -> TPPlan:
+    """Mamba-1 over tp ranks (the Mamba authors' and Megatron's split of d_inner): in_proj
+    column-parallel on both halves [x | z]; the depthwise conv1d, A_log and D per channel, local;
+    x_proj contracts the rank's channels, so its (dt_rank + 2·d_state)-wide output is a partial sum,
+    all-reduced (`RowwiseParallel` to Replicate); dt_proj column-parallel from that replicated
+    dt_rank input; Jamba's dt/B/C norms replicated on it. B and C enter the scan made local with a
+    Partial gradient (`LocalWithPartialGrad` at the `bc` hook): every channel reads them. out_proj
+    row-parallel. The rank's parts of the gradients of B, C and the dt input come back as a Partial
+    sum that DTensor all-reduces before x_proj's backward."""
+    i = module.plan.d_inner
+    styles: dict[str, ParallelStyle] = {
+        "": Composed(_gathered_input(sp), OwnTensors({"A_log": (0, (i,)), "D": (0, (i,))})),
+        "in_proj": FusedColwiseParallel((i, i)),
+        "conv1d": OwnTensors({"weight": (0, (i,))} | ({"bias": (0, (i,))} if module.conv1d.bias is not None else {})),
+        "x_proj": RowwiseReplicated(),
+        "dt_proj": ColwiseParallel(),
+        "bc": LocalWithPartialGrad(),
+        "out_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+    if module.dt_layernorm is not None:
+        styles |= {name: Replicated() for name in ("dt_layernorm", "b_layernorm", "c_layernorm")}
+    return TPPlan(styles, lambda plan, tp: replace(plan, d_inner=plan.d_inner // tp))
+
+
+class Composed(ParallelStyle):
+    """Several styles on one module, applied in order (a mixer's input preparation and its own
+    per-channel tensors share the path "")."""
+
+    def __init__(self, *styles: ParallelStyle) -> None:
+        super().__init__()
+        self.styles = styles
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for style in self.styles:
+            module = style._apply(module, device_mesh)
+        return module
+
+
+def _bias(module: nn.Module, name: str, dim_parts: tuple[int, Parts]) -> dict[str, tuple[int, Parts]]:
+    return {name: dim_parts} if getattr(module, name, None) is not None else {}
+
+
+def mamba2_plan(module: Mamba2Mixer, sp: bool) -> TPPlan:
+    """Mamba-2 over tp ranks as Dao & Gu 2024 §8 designed it (and Megatron-Core's MambaMixer): each
+    rank holds Hs/tp heads and G/tp whole groups, so in_proj is column-parallel per block
+    [z | x | B | C | dt], the depthwise conv over [x | B | C], dt_bias, A_log, D and the gated
+    RMSNorm's weight (its groups whole on a rank) are per-channel and local, out_proj row-parallel:
+    one reduction per mixer, as an attention block."""
+    p = module.plan
+    i, gn, hs = p.d_inner, p.n_groups * p.d_state, p.n_heads
+    conv = (0, (i, gn, gn))
+    styles: dict[str, ParallelStyle] = {
+        "": Composed(_gathered_input(sp), OwnTensors({name: (0, (hs,)) for name in ("dt_bias", "A_log", "D")})),
+        "in_proj": FusedColwiseParallel((i, i, gn, gn, hs)),
+        "conv1d": OwnTensors({"weight": conv} | _bias(module.conv1d, "bias", conv)),
+        "norm": OwnTensors({"weight": (0, (i,))}),
+        "out_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+
+    def local_groups(mixer: nn.Module, _rank: int, tp: int) -> None:
+        mixer.norm.n_groups //= tp
+
+    return TPPlan(styles, lambda plan, tp: replace(plan, d_inner=plan.d_inner // tp, n_heads=plan.n_heads // tp,
+                                                   n_groups=plan.n_groups // tp), local_groups)
+
+
+def _local_channels(mixer: nn.Module, _rank: int, tp: int) -> None:
+    mixer.d_model //= tp
+
+
+def hyena_plan(module: HyenaMixer, sp: bool) -> TPPlan:
+    """Hyena (Poli et al. 2023) over tp ranks, split by channel as Megatron splits heads: in_proj
+    column-parallel on each of its N_o + 1 blocks, so the depthwise short conv, the gates and the
+    long convolutions run on the rank's channels; the implicit filter's output layer mlp_out and
+    its skip bias and decay per channel (a rank generates its channels' filters only); the
+    filter's trunk (positional features, mlp_in, mlp_inner, the Sin frequency) replicated, run
+    whole on every rank, its gradients summed over tp; out_proj row-parallel."""
+    d, o = module.d_model, module.plan.order
+    inner, filters = (0, (d,) * (o + 1)), (d,) * (o - 1)
+    flt = module.filter
+    trunk = ("freq", "z") if isinstance(flt.z, nn.Parameter) else ("freq",)
+    styles: dict[str, ParallelStyle] = {
+        "": _gathered_input(sp),
+        "in_proj": FusedColwiseParallel(inner[1]),
+        "short_filter": OwnTensors({"weight": inner} | _bias(module.short_filter, "bias", inner)),
+        "filter": OwnTensors({"bias": (0, filters)} | _bias(flt, "deltas", (2, filters)), replicated=trunk),
+        "filter.mlp_in": ReplicatedOnInput(),
+        "filter.mlp_out": FusedColwiseParallel(filters),
+        "out_proj": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+    styles |= {f"filter.mlp_inner.{j}": Replicated() for j in range(len(flt.mlp_inner))}
+    return TPPlan(styles, localize=_local_channels)
+
+
+def striped_hyena_plan(module: StripedHyenaMixer, sp: bool) -> TPPlan:
+    """StripedHyena's hyena mixer over tp ranks (the reference trains with Megatron-style column
+    splits, `column_split_hyena`): projections column-parallel on each of [x2 | x1 | v], the short
+    FIR's taps and bias on those channels, D and the modal filters' poles and residues (filter c
+    serves channels c·g … c·g + g − 1) local; out_filter_dense row-parallel."""
+    d, filters = module.d_model, module.poles.shape[0]
+    fir = (0, (d, d, d))
+    own = {"short_filter_weight": fir, "D": (0, (d,)), "poles": (0, (filters,)), "residues": (0, (filters,))}
+    styles: dict[str, ParallelStyle] = {
+        "": Composed(_gathered_input(sp), OwnTensors(own | _bias(module, "short_filter_bias", fir))),
+        "projections": FusedColwiseParallel(fir[1]),
+        "out_filter_dense": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+    return TPPlan(styles, localize=_local_channels)
+
+
+class SSMCopies(ParallelStyle):
+    """S4's S copies of (A, B, P) (H/S channels each): split with the channels when S divides over
+    tp (plain local tensors, as `OwnTensors`); one copy is read by every rank's channels, so its
+    parameters are Replicate DTensors, made local at the module's `copies` hook with a Partial
+    gradient, summed over tp (as MQA's one KV head). Buffers (the reference's lr = 0) stay whole."""
+
+    def __init__(self, names: tuple[str, ...], copies: int) -> None:
+        super().__init__()
+        self.names, self.n = names, copies
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if self.n % device_mesh.size() == 0:
+            return OwnTensors({name: (0, (self.n,)) for name in self.names})._apply(module, device_mesh)
+        OwnTensors({}, replicated=tuple(n for n in self.names if n in module._parameters))._apply(module, device_mesh)
+
+        def to_local(_module: nn.Module, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+            return out.to_local(grad_placements=(Partial(),)) if isinstance(out, DTensor) else out
+
+        module.copies.register_forward_hook(to_local)
+        return module
+
+
+class ChannelShardedInput(ParallelStyle):
+    """A mixer's (b, s, d) input as this rank's d/tp channels of the whole sequence. Under SP an
+    all-to-all from sequence shards to channel shards (torch's autograd-aware functional
+    `all_to_all_single`, an all-to-all back in the backward; DTensor's own Shard(1) -> Shard(2)
+    runs an all-gather on a CPU mesh); without SP a local slice of the Replicate input, whose
+    gradient DTensor all-gathers from the ranks' channel slices."""
+
+    def __init__(self, sp: bool) -> None:
+        super().__init__()
+        self.sp = sp
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp, group = device_mesh.size(), device_mesh.get_group()
+
+        def to_channels(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            x_BSD, *rest = inputs
+            if self.sp:
+                b, s, d = x_BSD.shape
+                send_PBSC = x_BSD.unflatten(2, (tp, d // tp)).movedim(2, 0).contiguous()
+                recv_PBSC = all_to_all_single_autograd(send_PBSC, None, None, group)
+                x_BTC = recv_PBSC.movedim(0, 1).reshape(b, tp * s, d // tp)
+            else:
+                whole = DTensor.from_local(x_BSD, device_mesh, [Replicate()], run_check=False)
+                x_BTC = whole.redistribute(placements=[Shard(2)]).to_local()
+            return (x_BTC, *rest)
+
+        module.register_forward_pre_hook(to_channels)
+        return module
+
+
+def s4_plan(module: S4Mixer, sp: bool) -> TPPlan:
+    """S4 / S4D over tp ranks by channel: it has no input projection, so its input goes from the
+    residual layout straight to channel shards (`ChannelShardedInput`); D, C and log Δ follow the channels, the S
+    SSM copies split with them or stay replicated (`SSMCopies`); output_linear (H → 2H) is
+    row-parallel, its 2H partial sums reduced (reduce-scattered under SP) before the GLU."""
+    d, s = module.d_model, module.plan.n_ssm
+    own = {name: (0, (d,)) for name in ("D", "C", "log_dt")}
+    copies = tuple(name for name in ("B", "A_log_real", "A_imag", "P") if hasattr(module, name))
+    styles: dict[str, ParallelStyle] = {
+        "": Composed(ChannelShardedInput(sp), OwnTensors(own), SSMCopies(copies, s)),
+        "output_linear": RowwiseParallel(output_layouts=residual_layout(sp)),
+    }
+    return TPPlan(styles, lambda plan, tp: replace(plan, n_ssm=plan.n_ssm // tp if plan.n_ssm % tp == 0 else plan.n_ssm),
+                  _local_channels)
+
+
 def norm_plan(sp: bool) -> ParallelStyle | None:
     # use_local_output: the residual stream stays plain local tensors between sub-blocks
     return SequenceParallel(use_local_output=True) if sp else None
@@ -343,10 +626,24 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
             if shared is not None and shared.up_proj.out_features % tp:
                 return f"shared-expert d_ff {shared.up_proj.out_features} over tp={tp}"
             return None
-        case Mamba1Mixer() | Mamba2Mixer():
-            return "Mamba mixers under tensor parallelism (the selective scan's projections are not split)"
-        case S4Mixer() | HyenaMixer() | StripedHyenaMixer():
-            return "long-convolution mixers (S4, Hyena) under tensor parallelism (their projections are not split)"
+        case Mamba1Mixer():
+            i = module.plan.d_inner
+            return None if i % tp == 0 else f"Mamba d_inner {i} over tp={tp}"
+        case Mamba2Mixer():
+            p = module.plan
+            if p.n_heads % tp or p.n_groups % tp:
+                return (f"{p.n_heads} Mamba-2 heads / {p.n_groups} groups do not split over tp={tp} "
+                        "(B and C replicated for fewer groups than tp ranks is not built)")
+            return None
+        case S4Mixer():
+            d, s = module.d_model, module.plan.n_ssm
+            if d % tp or s % tp and s != 1:
+                return f"S4's {d} channels / {s} SSM copies over tp={tp} (one copy is replicated, more must split)"
+            return None
+        case HyenaMixer() | StripedHyenaMixer():
+            d = module.d_model
+            filters = module.poles.shape[0] if isinstance(module, StripedHyenaMixer) else d
+            return None if d % tp == 0 and filters % tp == 0 else f"{d} channels / {filters} filters over tp={tp}"
         case MLP() | GLU():
             return None if module.up_proj.out_features % tp == 0 else f"d_ff {module.up_proj.out_features} over tp={tp}"
         case _:
@@ -374,6 +671,16 @@ def module_plan(module: nn.Module, sp: bool) -> TPPlan | None:
             return ffn_plan(module, sp)
         case MoEFFN():
             return moe_plan(module, sp)
+        case Mamba1Mixer():
+            return mamba1_plan(module, sp)
+        case Mamba2Mixer():
+            return mamba2_plan(module, sp)
+        case HyenaMixer():
+            return hyena_plan(module, sp)
+        case StripedHyenaMixer():
+            return striped_hyena_plan(module, sp)
+        case S4Mixer():
+            return s4_plan(module, sp)
         case _:
             return None
 

@@ -162,6 +162,9 @@ class Mamba1Mixer(nn.Module):
         self.dt_layernorm = RMSNorm(r, plan.norm.eps) if plan.inner_norms else None
         self.b_layernorm = RMSNorm(n, plan.norm.eps) if plan.inner_norms else None
         self.c_layernorm = RMSNorm(n, plan.norm.eps) if plan.inner_norms else None
+        # B and C, which every channel's scan reads: under tensor parallelism each rank's channels
+        # contribute a part of their gradients (`distributed.plans.mamba1_plan`)
+        self.bc = nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -202,6 +205,7 @@ class Mamba1Mixer(nn.Module):
         dt_BTR, b_BTN, c_BTN = self.x_proj(x_BTI).split([r, n, n], dim=-1)
         if self.dt_layernorm is not None and self.b_layernorm is not None and self.c_layernorm is not None:
             dt_BTR, b_BTN, c_BTN = self.dt_layernorm(dt_BTR), self.b_layernorm(b_BTN), self.c_layernorm(c_BTN)
+        b_BTN, c_BTN = self.bc(b_BTN), self.bc(c_BTN)
         dt_BTI = F.softplus(self.dt_proj(dt_BTR).float())
         A_IN = -torch.exp(self.A_log.float())
         h0 = state.ssm_BIN if state is not None else None

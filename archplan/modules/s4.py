@@ -128,6 +128,9 @@ class S4Mixer(nn.Module):
         ssm = {"log_dt": (h,), "B": (s, m, 2), "A_log_real": (s, m), "A_imag": (s, m)}
         if plan.dplr:
             ssm["P"] = (s, m, 2)
+        # the S copies of (A, B, P), each read by H/S channels: under tensor parallelism with one
+        # copy, every rank's channels contribute a part of its gradient (`distributed.plans.s4_plan`)
+        self.copies = nn.Identity()
         for name, shape in ssm.items():
             if plan.ssm_buffers:
                 self.register_buffer(name, torch.empty(shape))
@@ -155,7 +158,7 @@ class S4Mixer(nn.Module):
     # ----------------------------------------------------------------------- discretisation
     def _per_channel(self, t_S: Tensor) -> Tensor:
         """(S, ...) -> (H, ...): each SSM copy serves H / S consecutive channels."""
-        return t_S.float().repeat_interleave(self.d_model // self.plan.n_ssm, dim=0)
+        return self.copies(t_S).float().repeat_interleave(self.d_model // self.plan.n_ssm, dim=0)
 
     def _discrete(self) -> _Discrete:
         """Ā and B̄ from (Δ, A, B, P): complex, elementwise only (never a complex matmul)."""

@@ -105,7 +105,13 @@ and without SP its pipeline sends carry the whole hidden states (no scatter over
   `shards.py`); S4 has no input projection: without SP an all-reduce of its row-parallel
   output_linear's 2·d_model partial sums forward and an all-gather of the input gradient's channel
   slices backward; with SP an all-to-all from sequence to channel shards each way, a
-  reduce-scatter of the 2·d_model sums forward and its all-gather backward.
+  reduce-scatter of the 2·d_model sums forward and its all-gather backward. Mamba-1's x_proj
+  contracts the rank's d_inner channels: its dt_rank + 2·d_state partial sums per token are
+  all-reduced in the forward (again under full recompute) and their gradient in the backward
+  (Megatron's reduce / copy pair; `distributed.plans.mamba1_plan`). Weights run whole on every
+  rank and feeding only its heads or channels have their gradients summed over tp with the SP
+  norms': MLA's latents, MQA's KV head, Jamba's dt/B/C norms, Hyena's filter trunk, S4's single
+  SSM copy.
 - CP, per long-conv layer and micro-batch (`long_conv_exchange`): an all-to-all from sequence to
   channel shards before the convolutions and one back after, in the forward and the backward.
 - CP, per attention layer and micro-batch: "all_gather" (Llama 3 §3.3.2): an all-gather of K and V
@@ -144,6 +150,7 @@ from archplan.resolve import (
     FFNPlan,
     HyenaPlan,
     LayerPlan,
+    Mamba1Plan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -358,12 +365,21 @@ def _sp_summed(layer: LayerPlan, name: str) -> bool:
 def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
     """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
     partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
-    MQA's one KV head (k_proj, v_proj, its k-norm), which Megatron replicates on every tp rank, and a
-    qk-norm shared by the heads (`distributed.plans.qk_norm_styles`)."""
+    MQA's one KV head (k_proj, v_proj, its k-norm), which Megatron replicates on every tp rank, a
+    qk-norm shared by the heads (`distributed.plans.qk_norm_styles`), Jamba's dt/B/C norms inside
+    Mamba-1 (on x_proj's reduced output, read by every channel), Hyena's implicit filter trunk (run
+    whole on every rank, feeding only its channels' filters) and S4's one SSM copy (read by every
+    channel)."""
     mixer = f"{layer.path}.mixer."
     match layer.mixer:
         case MLAPlan():
             return tensor.split == "replicated" and tensor.name.startswith(mixer)
+        case Mamba1Plan() | HyenaPlan():
+            # the row-parallel out_proj's bias is replicated too, but added after the reduction
+            return tensor.split == "replicated" and tensor.name.startswith(mixer) and ".out_proj." not in tensor.name
+        case S4Plan():
+            # S4's one SSM copy of (A, B, P), read by every rank's channels (`shards._s4`)
+            return layer.mixer.n_ssm == 1 and tensor.units == 1 and tensor.name.startswith(mixer)
         case AttentionPlan():
             if layer.mixer.n_kv_heads == 1 and tensor.name.startswith(
                     (f"{mixer}k_proj.", f"{mixer}v_proj.", f"{mixer}k_norm.")):
@@ -764,6 +780,17 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             add("all_reduce", "tp", tp, 2 * act, m * s4 * fwd, f"{span} S4 output_linear, 2·d_model (TP)",
                 tp_over)
             add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
+        # Mamba-1 (`distributed.plans.mamba1_plan`): x_proj contracts the rank's d_inner channels;
+        # its dt_rank + 2·d_state partial sums are all-reduced in the forward (again under full
+        # recompute), and their gradient, returned in parts by each rank's channels, in the backward
+        x_proj: dict[int, int] = {}
+        for i in chunk.layers:
+            mixer = plan.layers[i].mixer
+            if isinstance(mixer, Mamba1Plan):
+                width = ACT_BYTES * tokens * (mixer.dt_rank + 2 * mixer.d_state)
+                x_proj[width] = x_proj.get(width, 0) + 1
+        for width, n in x_proj.items():
+            add("all_reduce", "tp", tp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (TP)", tp_over)
         if chunk.first:
             # Megatron-LM adds learned positions to the whole embedding output, all-reduced, and
             # scatters the sum over the sequence (`LanguageModelEmbedding`: no reduce-scatter then)

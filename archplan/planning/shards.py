@@ -17,7 +17,9 @@ torch `ColwiseParallel` / `RowwiseParallel`):
   default), each tp rank feeding them its own sequence shard of tokens; so they replicate over
   tp × the expert data-parallel group (`cluster.expert_replicas`).
 Mamba mixers split like Megatron-Core's MambaMixer: everything indexed by d_inner or SSM heads
-column-wise, out_proj row-wise; Mamba-1's x_proj (input d_inner) row-wise.
+column-wise, out_proj row-wise; Mamba-1's x_proj (input d_inner) row-wise, its small output
+(dt_rank + 2·d_state) reduced over tp and read whole by every rank (Jamba's dt/B/C norms on it
+replicated).
 Long-convolution mixers (S4/S4D, Hyena, StripedHyena) split their d_model channels over tp, as
 Megatron splits heads: every convolution is depthwise (per channel), so a rank convolves its own
 channels with no communication; the projections into the channels are column-parallel, the
