@@ -184,8 +184,8 @@ EXTRAPOLATION_METHOD = (
     "built K layers of each layer kind (plus embedding and head); one extra timed pass with per-block "
     "hooks (on the eager modules, also under --compile) gives each kind's share of the time, scaled so "
     "the blocks and the rest sum to the median; full depth = rest + Σ_kind (layers of that kind) × "
-    "block time. Decode: the hooks time every timed step's blocks; each step is extrapolated so "
-    "from its own split, and the median of those is the decode figure"
+    "block time. Decode: the hooks time every timed step's blocks, each step is extrapolated the same "
+    "way from its own split (unscaled), and the decode figure is the median of those"
 )
 
 
