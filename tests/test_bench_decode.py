@@ -90,3 +90,23 @@ def test_decode_rates_on_cpu() -> None:
     assert rates.matmul_seconds == 0 and not rates.overlap
     assert rates.attention_seconds["gqa+moe"] > 0 and rates.attention_seconds["mamba1+dense"] == 0
     assert all(rates.op_seconds[kind] > 0 for kind in recorded.built)
+
+
+def test_decode_extrapolated_from_each_timed_step() -> None:
+    """--layers 1 of a model with two layers of each kind: every timed step is extrapolated from its
+    own blocks (rest + 2 × blocks, more than the step and less than twice it), so the median of those
+    lies between the built step's median and twice it; the prediction is for the full depth."""
+    from dataclasses import replace
+
+    from archplan.bench.runner import BenchConfig, run_bench
+    from archplan.dtypes import DType
+
+    plan = resolve(Spec.model_validate(TINY_HYBRID))
+    cfg = BenchConfig(device="cpu", dtype=DType.fp32, batch=1, seq=8, decode_tokens=3, warmup=1, iters=1)
+    result = run_bench(plan, replace(cfg, layers=1))
+    assert result.decode is not None and result.decode_seconds_per_token is not None
+    built = result.decode.median
+    assert built < result.decode_seconds_per_token < 2 * built
+    assert result.predicted_decode is not None
+    assert {r.kind: r.count for r in result.predicted_decode.rows} == {"embed+head": 1, "mamba1+dense": 2,
+                                                                       "gqa+moe": 2}

@@ -233,3 +233,21 @@ def test_decode_step_flops_on_meta_for_presets(preset: str) -> None:
     plan = resolve(load_spec(preset))
     counted = counted_decode_flops(plan, 40, 2)
     assert counted == decode_flops(plan, 40, 2).counted == 2 * decode_flops_per_token(plan, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_mamba1_one_token_step_is_the_chunked_scan_bit_for_bit(dtype: torch.dtype, with_h0: bool) -> None:
+    """A Mamba-1 decode step skips the chunked scan's no-op work at T = 1 and changes no bit of y or
+    of the state it returns."""
+    from archplan.modules.mamba1 import chunked_scan, selective_scan
+
+    torch.manual_seed(0)
+    b, i, n = 2, 40, 8
+    u, B, C = torch.randn(b, 1, i).to(dtype), torch.randn(b, 1, n).to(dtype), torch.randn(b, 1, n).to(dtype)
+    dt, A = torch.rand(b, 1, i), -3 * torch.rand(i, n)
+    h0 = torch.randn(b, i, n).to(dtype) if with_h0 else None
+    y, h = selective_scan(u, dt, A, B, C, h0)
+    y_chunked, h_chunked = chunked_scan(u, dt, A, B, C, h0)
+    assert y.shape == y_chunked.shape == (b, 1, i) and h.shape == h_chunked.shape == (b, i, n)
+    assert torch.equal(y, y_chunked) and torch.equal(h, h_chunked)

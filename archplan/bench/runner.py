@@ -184,7 +184,8 @@ EXTRAPOLATION_METHOD = (
     "built K layers of each layer kind (plus embedding and head); one extra timed pass with per-block "
     "hooks (on the eager modules, also under --compile) gives each kind's share of the time, scaled so "
     "the blocks and the rest sum to the median; full depth = rest + Σ_kind (layers of that kind) × "
-    "block time"
+    "block time. Decode: the hooks time every timed step's blocks, each step is extrapolated the same "
+    "way from its own split (unscaled), and the decode figure is the median of those"
 )
 
 
@@ -293,34 +294,48 @@ def _check_compile(device: torch.device) -> None:
             raise ArchplanError("--compile: torch.compile needs Triton on CUDA, and it is not installed")
 
 
-def _block_seconds(model: torch.nn.Module, plan: ModelPlan, run: Callable[[], object],
-                   device: torch.device) -> tuple[dict[str, list[float]], float]:
-    """One instrumented pass: seconds spent in each block, by kind, and the pass's total."""
-    per_kind: dict[str, list[float]] = defaultdict(list)
+@contextlib.contextmanager
+def _block_clock(model: torch.nn.Module, plan: ModelPlan, device: torch.device,
+                 on: bool = True) -> Iterator[list[tuple[str, object, object]]]:
+    """Hooks marking each block's start and end (kind, start, end) while the context is open;
+    `on=False` installs none (the list stays empty)."""
     marks: list[tuple[str, object, object]] = []
     handles = []
-    for layer, block in zip(plan.layers, model.layers):  # type: ignore[attr-defined]
-        kind = layer_kind(layer)
+    for layer, block in zip(plan.layers, model.layers) if on else ():  # type: ignore[attr-defined]
 
-        def pre(_m: object, _a: object, kind: str = kind) -> None:
+        def pre(_m: object, _a: object, kind: str = layer_kind(layer)) -> None:
             marks.append((kind, _now(device), None))
 
         def post(_m: object, _a: object, _o: object) -> None:
             kind, start, _ = marks[-1]
             marks[-1] = (kind, start, _now(device))
 
-        handles.append(block.register_forward_pre_hook(pre))
-        handles.append(block.register_forward_hook(post))
-    synchronize(device)
-    t0 = _now(device)
-    run()
-    t1 = _now(device)
-    synchronize(device)
-    for h in handles:
-        h.remove()
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    try:
+        yield marks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _per_kind(marks: list[tuple[str, object, object]]) -> dict[str, list[float]]:
+    """Seconds spent in each block, by kind, from a `_block_clock`'s marks."""
+    per_kind: dict[str, list[float]] = defaultdict(list)
     for kind, start, end in marks:
         per_kind[kind].append(_elapsed(start, end))
-    return per_kind, _elapsed(t0, t1)
+    return per_kind
+
+
+def _block_seconds(model: torch.nn.Module, plan: ModelPlan, run: Callable[[], object],
+                   device: torch.device) -> tuple[dict[str, list[float]], float]:
+    """One instrumented pass: seconds spent in each block, by kind, and the pass's total."""
+    with _block_clock(model, plan, device) as marks:
+        synchronize(device)
+        t0 = _now(device)
+        run()
+        t1 = _now(device)
+        synchronize(device)
+    return _per_kind(marks), _elapsed(t0, t1)
 
 
 def _now(device: torch.device) -> object:
@@ -412,13 +427,14 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
             ) -> tuple[Timing | None, float | None, tuple[RecordedStep, DecodeRates] | None, tuple[int, str]]:
     """Prefill into a real cache, record one step's dispatched calls (`bench/decode.py`; it is also
     the warm-up), time `decode_tokens` single-token steps with the calibration's samples between them
-    (the same load on a shared machine), then one instrumented step when extrapolating to full depth.
+    (the same load on a shared machine); when extrapolating to full depth, block hooks time each
+    timed step's blocks.
     The peak memory is read after the recorded step (every later step has its footprint), before
     the calibration's fresh weights exist."""
     if cfg.decode_tokens == 0:
         return None, None, None, peak_memory(device)
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
-        cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 2)  # type: ignore[operator]
+        cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 1)  # type: ignore[operator]
         prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
         state = {"token": model(prompt, cache=cache)[:, -1:].argmax(-1)}
 
@@ -429,17 +445,24 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
         peak = peak_memory(device)
         replay, streams = Replay(recorded, device), WeightStreams(recorded, device)
 
-        def calibrate() -> None:
-            replay.sample()
-            streams.sample()
+        steps: list[dict[str, list[float]]] = []  # each timed step's blocks, when extrapolating
+        with _block_clock(model, built, device, on=extrapolate) as marks:
 
-        timing = time_calls(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
-                            between=calibrate)
+            def calibrate() -> None:
+                steps.append(_per_kind(marks))
+                marks.clear()
+                replay.sample()
+                streams.sample()
+
+            timing = time_calls(step, device, cfg.decode_tokens, progress, f"decode {cfg.decode_tokens} tokens",
+                                between=calibrate)
         calibrated = recorded, decode_rates(recorded, replay, streams)
-        if not extrapolate:
-            return timing, timing.median, calibrated, peak
-        per_kind, instrumented = _block_seconds(model, built, step, device)
-    return timing, _extrapolate(full, built, per_kind, instrumented, timing.median).scale(), calibrated, peak
+    if not extrapolate:
+        return timing, timing.median, calibrated, peak
+    # each timed step extrapolated from its own split between the blocks and the rest, then the
+    # median: one step's split, multiplied by full/built layers, carries that step's noise
+    full_depth = [_extrapolate(full, built, per_kind, t, t).scale() for per_kind, t in zip(steps, timing.samples)]
+    return timing, statistics.median(full_depth), calibrated, peak
 
 
 def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:

@@ -6,8 +6,9 @@ dt_layernorm / b_layernorm / c_layernorm) when `inner_norms`.
 
 The scan h_t = exp(Δ_t·A) ⊙ h_{t−1} + Δ_t·B_t·x_t, y_t = C_t·h_t (Gu & Dao 2023, eq. 2a-2b
 discretised with zero-order hold on A and Euler on B, Alg. 2) runs as a two-level chunked scan
-(`selective_scan`); `selective_scan_reference` is the per-timestep loop of mamba's
-`selective_scan_ref`, kept beside it so a test proves them equal.
+(`selective_scan`; one token, a decode step, as one step without the chunking);
+`selective_scan_reference` is the per-timestep loop of mamba's `selective_scan_ref`, kept beside
+it so a test proves them equal.
 
 Counted FLOPs (docs/architecture.md): the Linears, the depthwise conv on a left-padded input
 (exactly T outputs: 2·B·T·I·W) and the scan's output contraction y_t = h_t·C_t, i.e.
@@ -72,6 +73,16 @@ def scan_chunk_len(seq_len: int) -> int:
 def selective_scan(
     u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None
 ) -> tuple[Tensor, Tensor]:
+    """y (B, T, I) without the D skip, and the final state (B, I, N); fp32: one token (a decode
+    step) by `selective_step`, more by `chunked_scan`."""
+    if u_BTI.shape[1] == 1:
+        return selective_step(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN)
+    return chunked_scan(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN)
+
+
+def chunked_scan(
+    u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Fast selective scan: y (B, T, I) without the D skip, and the final state (B, I, N); fp32.
 
     Two-level chunked form of the linear recurrence h_t = a_t ⊙ h_{t−1} + b_t with a = exp(Δ·A),
@@ -126,6 +137,25 @@ def selective_scan(
         ys.append(F.pad(y_BcI, (0, 0, 0, n_chunks - real)))
     y_BTI = torch.stack(ys, dim=2).reshape(b, n_chunks * chunk, i)[:, :t]
     return y_BTI, state_BIN
+
+
+def selective_step(
+    u_B1I: Tensor, dt_B1I: Tensor, A_IN: Tensor, B_B1N: Tensor, C_B1N: Tensor, h0_BIN: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """One token of the scan: h = exp(Δ·A) ⊙ h0 + Δ·x·B, y = h·C; fp32, as `selective_scan`.
+
+    The chunked form at T = 1 computes the same values through the same ops, plus work that is a
+    no-op there (padding by 0, a first pass from a zero state, the chunk-decay pass repeating the
+    step, stacks of one chunk): about twice the ops of a decode step, each paid in full at one
+    token. Bit-identical to it (tests/test_decode.py).
+    """
+    A = A_IN.float()
+    a_BIN = torch.exp(dt_B1I.float()[:, 0, :, None] * A)
+    b_BIN = (dt_B1I * u_B1I).float()[:, 0, :, None] * B_B1N.float()[:, 0, None, :]
+    h0 = h0_BIN.float() if h0_BIN is not None else torch.zeros_like(b_BIN)
+    h_BIN = torch.addcmul(b_BIN, a_BIN, h0)
+    y_B1I = torch.matmul(h_BIN[:, None], C_B1N.float()[:, :, :, None]).squeeze(-1)
+    return y_B1I, h_BIN
 
 
 def selective_scan_reference(
