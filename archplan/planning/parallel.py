@@ -182,7 +182,8 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
                 if mixer.d_inner % tp:
                     return f"d_inner {mixer.d_inner} does not split {tp} ways"
             case Mamba2Plan():
-                if mixer.n_heads % tp or (mixer.n_groups % tp and tp % mixer.n_groups):
+                # Megatron-Core's MambaMixer asserts ngroups % tp == 0: a rank holds whole B/C groups
+                if mixer.n_heads % tp or mixer.n_groups % tp:
                     return f"{mixer.n_heads} SSM heads / {mixer.n_groups} groups do not split {tp} ways"
             case S4Plan() | HyenaPlan() | StripedHyenaPlan():
                 # long convolutions are per channel: TP splits the d_model channels
