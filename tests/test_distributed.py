@@ -52,8 +52,13 @@ def _worker(rank: int, check: str, spec: str, layout_text: str, port: int, out: 
     ("tiny-mla-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
     # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
     ("tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    # context parallelism: each rank holds chunks r and 3 − r of four (causal mask by position,
+    # RoPE at the global positions), K/V all-gathered, their gradients reduce-scattered back;
+    # with ALiBi the bias also comes from the global positions
+    ("tiny-llama.yaml", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
+    ("tiny-mqa-alibi.yaml", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
 ], ids=["tp2", "fsdp2-full-recompute", "zero1-selective", "zero0-replicate", "ep2", "tp2-mla-moe", "tp2-mla-moe-full-recompute",
-        "tp2-mqa-alibi"])
+        "tp2-mqa-alibi", "cp2-full-recompute", "cp2-mqa-alibi"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, spec: str, layout: str) -> None:
     mp.spawn(_worker, args=("parity", str(FIXTURES / spec), layout, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

@@ -65,7 +65,7 @@ def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...]) -> MeshDim:
     expert_dp = 1): only expert parallelism calls all-to-all; the others are data parallelism's."""
     if len(dims) == 1:
         return dims[0]
-    preferred = ("ep",) if kind == "all_to_all" else ("dp", "expert_dp", "tp", "pp")
+    preferred = ("ep",) if kind == "all_to_all" else ("dp", "dp_cp", "expert_dp", "tp", "cp", "pp")
     return next(d for d in (*preferred, *dims) if d in dims)
 
 

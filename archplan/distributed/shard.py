@@ -37,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 from torch.distributed.tensor import Replicate, Shard
 
+from archplan.distributed.context import apply_context_parallel
 from archplan.distributed.expert import ExpertParallel
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.plans import check_tp, module_plan, norm_plan, residual_layout
@@ -208,8 +209,9 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
 
 
 def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool = True) -> Sharded:
-    """Apply the layout's parallelisms in torchtitan's order: TP, EP, then FSDP over dp."""
+    """Apply the layout's parallelisms in torchtitan's order: TP, CP, EP, then FSDP over dp (× cp)."""
     _tensor_parallel(stage, mesh)
+    apply_context_parallel(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
     policy = MIXED if mixed else MixedPrecisionPolicy()
