@@ -118,6 +118,32 @@ def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
     assert a2a.mesh_dim == "ep" and a2a.measured == a2a.analytic == 2 * 2 * 2  # 2 layers, dispatch+combine, fwd+bwd
 
 
+@pytest.mark.parametrize(("layout", "seq", "gathers"), [
+    # TP + SP + CP + PP, ZeRO-1, full recompute: two layers per stage, K/V gathered in the
+    # forward and again in the recompute, their gradients reduce-scattered once
+    ("tp=2,cp=2,pp=2,dp=2,ep=1,zero=1,recompute=full,mb=1", 64, 2 * 2 * 2),
+    # cp = 4 = the whole world (dp × cp shares the cp group), selective recompute keeps the gather
+    ("tp=1,cp=4,pp=1,dp=1,ep=1,zero=3,recompute=selective,mb=1", 64, 4),
+])
+def test_fake_verify_context_parallel_exact(fake_world: None, layout: str, seq: int, gathers: int) -> None:
+    """Context parallelism on the fake process group: model states and every collective (the K/V
+    all-gathers and their gradients' reduce-scatters over cp, DP over dp × cp) as the layout model."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    parsed = parse_layout(layout).complete()
+    result = check_layout_run(plan, parsed, seq, microbatches=parsed.pp)
+    for row in result.memory:
+        if row.judged == "exact":
+            assert row.ok and row.measured > 0, row
+    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    cp_rows = {r.kind: r for r in result.collectives if r.mesh_dim == "cp"}
+    assert cp_rows.keys() == {"all_gather", "reduce_scatter"}
+    assert cp_rows["all_gather"].measured == gathers
+    assert cp_rows["reduce_scatter"].measured == result.measured.microbatches * len(result.measured.layers)
+    assert {r.mesh_dim for r in result.collectives} >= {"dp_cp"}
+
+
 def test_refusals_are_one_line(fake_world: None) -> None:
     from archplan.distributed.check import check_layout_run
     from archplan.errors import ArchplanError

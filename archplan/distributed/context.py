@@ -3,8 +3,8 @@
 Llama 3 §3.3.2 (Dubey et al. 2024): the sequence is cut into 2·cp chunks and cp rank r holds
 chunks r and 2·cp − 1 − r, so every rank has the same causal work; each attention layer
 all-gathers K and V of the whole sequence and attends its local queries to them. Here the
-gather is one functional collective over the cp group (`all_gather_tensor_autograd` of K and V
-stacked), whose backward reduce-scatters their gradients back to the ranks that produced them;
+gather is one functional collective over the cp group (K and V stacked, `GatherKV`), whose
+backward reduce-scatters their gradients back to the ranks that produced them;
 the queries rotate at their global positions (RoPE) and the causal mask (with a sliding window
 and ALiBi when the layer has them) comes from the global positions of queries and keys.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+import torch.distributed._functional_collectives as funcol
 
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.stage import Stage
@@ -53,6 +53,32 @@ def shard_sequence(x_BT: Tensor, rank: int, cp: int) -> Tensor:
     return x_BT.index_select(1, chunk_positions(rank, cp, x_BT.shape[1] // cp, x_BT.device))
 
 
+def _waited(t: Tensor) -> Tensor:
+    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+class GatherKV(torch.autograd.Function):
+    """All-gather along `dim` over the cp group; the backward reduce-scatters the gradient.
+
+    torch's own differentiable all-gather (`all_gather_single_autograd`) is not used: under
+    selective activation checkpointing (`shard.apply_recompute`) its recomputation replays the
+    cached outputs out of order ("Recomputed values ... have different metadata"); a Function
+    records one autograd node of its own and runs the same functional collectives."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, dim: int,  # type: ignore[override]
+                group: dist.ProcessGroup, size: int) -> Tensor:
+        ctx.dim, ctx.group, ctx.size = dim, group, size  # type: ignore[attr-defined]
+        gathered = _waited(funcol.all_gather_single(x.contiguous(), 0, group))
+        return torch.cat(gathered.chunk(size, 0), dim)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        dim, group, size = ctx.dim, ctx.group, ctx.size  # type: ignore[attr-defined]
+        stacked = torch.cat(grad.chunk(size, dim), 0).contiguous()
+        return _waited(funcol.reduce_scatter_single(stacked, "sum", 0, group)), None, None, None
+
+
 @dataclass(frozen=True)
 class ContextShard:
     """`modules.attention.SequenceShard` of one cp rank."""
@@ -68,7 +94,7 @@ class ContextShard:
         return torch.cat([chunk_positions(r, self.cp, t, device) for r in range(self.cp)])
 
     def gather(self, x: Tensor, dim: int) -> Tensor:
-        return all_gather_tensor_autograd(x, dim, self.group)
+        return GatherKV.apply(x, dim, self.group, self.cp)
 
 
 def refusal(stage: Stage) -> str | None:

@@ -538,10 +538,22 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     return replicated + (kept - replicated) / tp
 
 
-def _working_set(data: ModelData, layers: list[int], layout: Layout, kernel: AttentionKernel,
-                 engine: Engine) -> float:
-    """One layer's whole activations, re-materialised during its backward under full recompute."""
-    return max((_layer_act(data.acts[i], layout, "none", kernel, engine) for i in layers), default=0.0)
+def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> float:
+    """Bytes one micro-batch keeps through one attention layer beyond the per-token model under
+    the torch engine's context parallelism (`distributed/context.py`, measured by verify
+    --layout): SDPA saves the all-gathered K and V of the whole sequence (the per-token model
+    counts the rank's own), and the mask of the rank's queries against every key in the compute
+    dtype (T/cp × T, × the rank's heads with ALiBi), which SDPA keeps for the backward. Megatron's
+    all-gather CP (Transformer Engine, FlashAttention with bottom-right causal alignment) keeps
+    neither: it re-gathers K/V in the backward."""
+    plan, cp = data.plan, layout.cp
+    mixer = plan.layers[layer].mixer
+    if cp == 1 or engine == "megatron" or not isinstance(mixer, AttentionPlan):
+        return 0.0
+    seq = data.seq
+    kv = layout.mb * _kv_bytes(plan.layers[layer], seq, layout.tp) * (cp - 1) / cp
+    heads = math.ceil(mixer.n_heads / layout.tp) if plan.position == "alibi" else 1
+    return kv + ACT_BYTES * heads * (seq // cp) * seq
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -605,6 +617,8 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         activations += per_mb * count * scale
+        if mode != "full":
+            activations += count * sum(_cp_kept(data, layout, i, states.engine) for i in chunk.layers)
         if chunk.last:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
             head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
@@ -614,7 +628,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         layers = [i for chunk in chunks for i in chunk.layers]
-        activations += max(head, _working_set(data, layers, layout, kernel, states.engine) * scale)
+        rerun = max((_layer_act(data.acts[i], layout, "none", kernel, states.engine) * scale
+                     + _cp_kept(data, layout, i, states.engine) for i in layers), default=0.0)
+        activations += max(head, rerun)
     else:
         activations += head
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
@@ -779,7 +795,10 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for kv, n in kv_calls.items():
             match cp_comm:
                 case "all_gather":
-                    add("all_gather", "cp", cp, kv, m * n * (fwd + 1), f"{span} K/V (CP)")
+                    # Megatron (Transformer Engine) re-gathers K/V in the backward; torch's
+                    # autograd all-gather saved them gathered (`distributed/context.py`)
+                    regather = 1 if engine == "megatron" else 0
+                    add("all_gather", "cp", cp, kv, m * n * (fwd + regather), f"{span} K/V (CP)")
                     add("reduce_scatter", "cp", cp, kv, m * n, f"{span} K/V gradients (CP)")
                 case "ring":
                     steps = m * n * (cp - 1) * (fwd + 2)
