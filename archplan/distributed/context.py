@@ -22,7 +22,8 @@ are replicated over cp and reduced over dp × cp (`mesh.LayoutMesh.dp`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,7 +33,8 @@ import torch.distributed._functional_collectives as funcol
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
-from archplan.modules.attention import Attention
+from archplan.modules.attention import Attention, attention_mask
+from archplan.modules.positions import Alibi
 
 
 def chunk_positions(rank: int, cp: int, t: int, device: torch.device | str = "cpu") -> Tensor:
@@ -81,17 +83,46 @@ class GatherKV(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class ContextShard:
-    """`modules.attention.SequenceShard` of one cp rank."""
+    """`modules.attention.SequenceShard` of one cp rank. Positions and masks depend on the
+    length only, so they are built once (`prepare`, before the stage's layers run) and shared by
+    every layer and micro-batch: SDPA keeps its mask for the backward, and a mask per layer and
+    micro-batch would be T/cp × T × 2 bytes each (2 GiB at 128K tokens over cp = 16). Built
+    outside the layers, they are no ops of a layer's selective-recompute region either, whose
+    re-run must repeat the forward's ops in order."""
 
     group: dist.ProcessGroup
     rank: int
     cp: int
+    alibi: Alibi | None  # the layers' ALiBi (the same slopes in every layer)
+    windows: tuple[int | None, ...]  # the distinct windows of the stage's attention layers
+    built: dict[tuple[object, ...], Tensor] = field(default_factory=dict, compare=False)
+
+    def prepare(self, t: int, dtype: torch.dtype, device: torch.device) -> None:
+        for window in self.windows:
+            self.mask(t, window, self.alibi, dtype, device)
+
+    def _cached(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
+        if key not in self.built:
+            self.built[key] = build()
+        return self.built[key]
 
     def positions(self, t: int, device: torch.device) -> Tensor:
-        return chunk_positions(self.rank, self.cp, t, device)
+        return self._cached(("q", t, device), lambda: chunk_positions(self.rank, self.cp, t, device))
 
     def key_positions(self, t: int, device: torch.device) -> Tensor:
-        return torch.cat([chunk_positions(r, self.cp, t, device) for r in range(self.cp)])
+        return self._cached(("k", t, device), lambda: torch.cat(
+            [chunk_positions(r, self.cp, t, device) for r in range(self.cp)]))
+
+    def mask(self, t: int, window: int | None, alibi: Alibi | None, dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+        def build() -> Tensor:
+            allowed = attention_mask(self.positions(t, device), self.key_positions(t, device), window, alibi, dtype)
+            if alibi is not None:
+                return allowed  # already the additive bias in `dtype`
+            # additive, in the compute dtype: SDPA would convert a boolean mask on every call
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+        return self._cached(("mask", t, window, alibi is not None, dtype, device), build)
 
     def gather(self, x: Tensor, dim: int) -> Tensor:
         return GatherKV.apply(x, dim, self.group, self.cp)
@@ -108,14 +139,27 @@ def refusal(stage: Stage) -> str | None:
     return None
 
 
-def apply_context_parallel(stage: Stage, mesh: LayoutMesh) -> None:
-    """Every attention layer of the stage gathers K/V over the cp mesh dimension."""
-    cp = mesh.layout.cp
-    if cp == 1:
-        return
+def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.dtype) -> ContextShard | None:
+    """Every attention layer of the stage gathers K/V over the cp mesh dimension; the shared
+    positions and masks are built by a forward pre-hook of the stage, from its input's length
+    (the first stage's token ids; later stages' hidden states, sequence-sharded under SP)."""
+    layout = mesh.layout
+    if layout.cp == 1:
+        return None
     why = refusal(stage)
     if why is not None:
         raise ArchplanError(f"--layout: not run on torch.distributed: {why}")
-    shard = ContextShard(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), cp)
-    for block in stage.layers.values():
-        block.mixer.context = shard
+    mixers = [block.mixer for block in stage.layers.values()]
+    windows = tuple(dict.fromkeys(m.plan.window for m in mixers))
+    shard = ContextShard(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), layout.cp,
+                         mixers[0].alibi if mixers else None, windows)
+    for mixer in mixers:
+        mixer.context = shard
+    split = layout.tp if layout.sequence_parallel else 1
+
+    def prepare(module: Stage, args: tuple[Tensor, ...]) -> None:
+        x = args[0]
+        shard.prepare(x.shape[1] * (1 if module.first else split), compute_dtype, x.device)
+
+    stage.register_forward_pre_hook(prepare)
+    return shard

@@ -109,13 +109,13 @@ def sdpa(
     cached: bool,
     gqa: bool,
     scale: float | None = None,
-    by_position: bool = False,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Causal attention over (cached +) new keys; GQA/MQA through `enable_gqa` (no K/V repeat).
 
     `gqa` comes from the plan's integers, not from tensor shapes, so a JIT trace (fvcore) sees a
-    Python bool. `by_position`: the mask from the positions even when causal alone would do (the
-    keys of a context-parallel rank are not in sequence order).
+    Python bool. `mask`: one already built (context parallelism: the keys are not in sequence
+    order, and the layers share one mask, `SequenceShard.mask`).
     """
     if gqa and q_BHTD.device.type == "cuda":
         # CUDA's fused kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch
@@ -128,7 +128,7 @@ def sdpa(
         v_BHSDv = v_BHSDv.repeat_interleave(group, dim=1)
         gqa = False
     with _kernels(q_BHTD, cached):
-        if window is None and alibi is None and not by_position:
+        if window is None and alibi is None and mask is None:
             if not cached:
                 return F.scaled_dot_product_attention(
                     q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
@@ -136,7 +136,8 @@ def sdpa(
             if q_BHTD.shape[2] == 1:
                 # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
                 return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
-        mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
+        if mask is None:
+            mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
         return F.scaled_dot_product_attention(
             q_BHTD, k_BHSD, v_BHSDv, attn_mask=mask, scale=scale, enable_gqa=gqa
         )
@@ -170,6 +171,12 @@ class SequenceShard(Protocol):
 
     def gather(self, x: Tensor, dim: int) -> Tensor:
         """Every rank's `x` concatenated along `dim` (differentiable)."""
+        ...
+
+    def mask(self, t: int, window: int | None, alibi: Alibi | None, dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+        """The additive (T, S) mask (H, T, S with ALiBi) of the rank's queries against the gathered
+        keys, built once and shared by every layer and micro-batch."""
         ...
 
 
@@ -242,4 +249,5 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = shard.gather(torch.stack([k, v]), 3).unbind(0)
         return sdpa(q, k, v, qpos_T, shard.key_positions(t, q.device), window=p.window, alibi=self.alibi,
-                    cached=False, gqa=p.n_kv_heads != p.n_heads, by_position=True)
+                    cached=False, gqa=p.n_kv_heads != p.n_heads,
+                    mask=shard.mask(t, p.window, self.alibi, q.dtype, q.device))

@@ -541,19 +541,29 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
 def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> float:
     """Bytes one micro-batch keeps through one attention layer beyond the per-token model under
     the torch engine's context parallelism (`distributed/context.py`, measured by verify
-    --layout): SDPA saves the all-gathered K and V of the whole sequence (the per-token model
-    counts the rank's own), and the mask of the rank's queries against every key in the compute
-    dtype (T/cp × T, × the rank's heads with ALiBi), which SDPA keeps for the backward. Megatron's
-    all-gather CP (Transformer Engine, FlashAttention with bottom-right causal alignment) keeps
-    neither: it re-gathers K/V in the backward."""
+    --layout): SDPA saves the all-gathered K and V of the whole sequence, where the per-token
+    model counts the rank's own. Megatron's all-gather CP (Transformer Engine) re-gathers them in
+    the backward instead."""
     plan, cp = data.plan, layout.cp
-    mixer = plan.layers[layer].mixer
-    if cp == 1 or engine == "megatron" or not isinstance(mixer, AttentionPlan):
+    if cp == 1 or engine == "megatron" or not isinstance(plan.layers[layer].mixer, AttentionPlan):
         return 0.0
-    seq = data.seq
-    kv = layout.mb * _kv_bytes(plan.layers[layer], seq, layout.tp) * (cp - 1) / cp
-    heads = math.ceil(mixer.n_heads / layout.tp) if plan.position == "alibi" else 1
-    return kv + ACT_BYTES * heads * (seq // cp) * seq
+    return layout.mb * _kv_bytes(plan.layers[layer], data.seq, layout.tp) * (cp - 1) / cp
+
+
+def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
+    """Bytes a model chunk holds once under the torch engine's context parallelism: the global
+    positions of the rank's tokens and of the gathered keys (int64) and, per distinct window,
+    the additive mask of its queries against every key in the compute dtype (T/cp × T, × the
+    rank's heads with ALiBi), shared by the layers and micro-batches and kept by SDPA for the
+    backward. FlashAttention with bottom-right causal alignment (Transformer Engine) needs none."""
+    plan, cp, seq = data.plan, layout.cp, data.seq
+    mixers = [plan.layers[i].mixer for i in layers]
+    attention = [m for m in mixers if isinstance(m, AttentionPlan)]
+    if cp == 1 or engine == "megatron" or not attention:
+        return 0
+    heads = math.ceil(attention[0].n_heads / layout.tp) if plan.position == "alibi" else 1
+    windows = {m.window for m in attention}
+    return TOKEN_ID_BYTES * (seq // cp + seq) + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -616,7 +626,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
-        activations += per_mb * count * scale
+        activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, states.engine)
         if mode != "full":
             activations += count * sum(_cp_kept(data, layout, i, states.engine) for i in chunk.layers)
         if chunk.last:
