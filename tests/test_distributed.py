@@ -153,6 +153,11 @@ def test_refusals_are_one_line(fake_world: None) -> None:
     layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1,sp=off").complete()
     with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism without sequence parallelism"):
         check_layout_run(plan, layout, 32, microbatches=1)
+    # context parallelism gathers K/V of MHA/GQA/MQA attention only
+    mla = resolve(load_spec(FIXTURES / "tiny-mla-moe.yaml"))
+    layout = parse_layout("tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
+    with pytest.raises(ArchplanError, match="under context parallelism"):
+        check_layout_run(mla, layout, 32, microbatches=1)
 
 
 @pytest.mark.parametrize("layout", [

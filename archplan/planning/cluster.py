@@ -80,7 +80,9 @@ layer's last row-parallel reduction (the checkpoint stops early), tied ends at p
 unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
 records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
 stage's root unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
-and without SP its pipeline sends carry the whole hidden states (no scatter over tp).
+without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
+all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per model chunk, the
+positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
