@@ -60,12 +60,19 @@ _OPS: dict[Any, tuple[CollectiveKind, int, int]] = {
 _GATHER_FROM_INPUT = {_f.all_gather_into_tensor.default, _f.all_gather_into_tensor_coalesced.default}
 
 
-def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...]) -> MeshDim:
+def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...], functional: bool) -> MeshDim:
     """The mesh dimension of a call on a group that several dimensions share (ep = dp when
-    expert_dp = 1): only expert parallelism calls all-to-all; the others are data parallelism's."""
+    expert_dp = 1, cp = dp × cp when dp = 1): only expert parallelism calls all-to-all, and only
+    context parallelism calls functional collectives on the cp group (FSDP2 calls c10d ops); the
+    others are data parallelism's."""
     if len(dims) == 1:
         return dims[0]
-    preferred = ("ep",) if kind == "all_to_all" else ("dp", "expert_dp", "tp", "pp")
+    if kind == "all_to_all":
+        preferred: tuple[MeshDim, ...] = ("ep",)
+    elif functional and "cp" in dims:
+        preferred = ("cp",)
+    else:
+        preferred = ("dp", "dp_cp", "expert_dp", "tp", "cp", "pp")
     return next(d for d in (*preferred, *dims) if d in dims)
 
 
@@ -91,7 +98,8 @@ class CollectiveRecorder(TorchDispatchMode):
             name = _group_name(args[group_at])
             size = self.group_sizes[name]
             nbytes = _nbytes(args[tensor_at]) * (size if func in _GATHER_FROM_INPUT else 1)
-            self.calls[(kind, _dim(kind, self.dims_by_group[name]), size, nbytes, func.__name__)] += 1
+            dim = _dim(kind, self.dims_by_group[name], func.namespace == "_c10d_functional")
+            self.calls[(kind, dim, size, nbytes, func.__name__)] += 1
         return func(*args, **(kwargs or {}))
 
     def records(self) -> tuple[Collective, ...]:

@@ -159,7 +159,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     mesh = build_mesh(layout, "cpu")
     chunks = tuple(shard_stage(chunk, mesh, balanced=True) for chunk in build_chunks(plan, layout, stage, "meta"))
     module = nn.ModuleList(c.stage for c in chunks)
-    local_seq = seq // layout.tp if layout.sequence_parallel else seq
+    local_seq = seq // layout.cp // (layout.tp if layout.sequence_parallel else 1)
     hidden = (layout.mb, local_seq, plan.d_model)
     dims_by_group = mesh.dims_by_group
     group_sizes = mesh.group_sizes
@@ -195,8 +195,9 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
 
         runner = StageRunner(chunks, mesh, optimizer, hidden, DEVICE, before_forward=forget,
                              sample=sample)
-        batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE),
-                              torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE))
+        # the rank's tokens: seq / cp of each sequence (their values do not matter here)
+        batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq // layout.cp), device=DEVICE),
+                              torch.randint(0, plan.vocab_size, (layout.mb, seq // layout.cp), device=DEVICE))
                    for _ in range(microbatches)]
         with tracker:
             # the first step only creates AdamW's states: one micro-batch does it (the interleaved

@@ -1,13 +1,12 @@
 """The process group and the DeviceMesh of a `Layout`.
 
-Mesh dimensions, slowest first: ("pp", "expert_dp", "ep", "tp"), with ("expert_dp", "ep")
-flattened into "dp". This is Megatron-LM's rank order (`order="tp-cp-ep-dp-pp"`,
-docs of `planning.layout`): a TP group is tp consecutive ranks, the ep ranks sharing experts come
-next, and the data-parallel group of dense weights is expert_dp × ep. Every dimension is kept
-even at size 1, so the plans never branch on which ones exist.
-
-Context parallelism (cp > 1) is refused here: torch's `context_parallel` is an experimental
-SDPA-only context manager that archplan's attention paths (masks, ALiBi, MLA) do not all take.
+Mesh dimensions, slowest first: ("pp", "expert_dp", "ep", "cp", "tp"), with ("expert_dp", "ep",
+"cp") flattened into "dp". This is Megatron-LM's rank order (`order="tp-cp-ep-dp-pp"`,
+docs of `planning.layout`): a TP group is tp consecutive ranks, the context-parallel ranks of a
+sequence come next, then the ep ranks sharing experts, and the data-parallel group of dense
+weights is dp × cp (context-parallel ranks hold the same weights; Megatron reduces gradients over
+the data × context group). Every dimension is kept even at size 1, so the plans never branch on
+which ones exist. Here ep divides dp (expert_dp = dp / ep); the layout model allows ep | dp·cp.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout
 from archplan.planning.records import MeshDim
 
-MESH_DIMS: tuple[MeshDim, ...] = ("pp", "expert_dp", "ep", "tp")
+MESH_DIMS: tuple[MeshDim, ...] = ("pp", "expert_dp", "ep", "cp", "tp")
 
 
 def init_fake_world(world: int, rank: int) -> None:
@@ -59,17 +58,27 @@ def stage_rank(layout: Layout, stage: int) -> int:
 @dataclass(frozen=True)
 class LayoutMesh:
     layout: Layout
-    root: DeviceMesh  # (pp, expert_dp, ep, tp)
-    dp: DeviceMesh  # expert_dp × ep flattened: the dense weights' data-parallel group
-    # the ranks holding the same experts: expert_dp, × tp when tp > 1 (experts are whole on every
-    # tp rank, expert tensor parallelism 1, and each tp rank feeds them its own tokens)
+    root: DeviceMesh  # (pp, expert_dp, ep, cp, tp)
+    dp: DeviceMesh  # expert_dp × ep × cp flattened: the dense weights' data(-context)-parallel group
+    # the ranks holding the same experts: expert_dp × cp, × tp when tp > 1 (experts are whole on
+    # every tp rank, expert tensor parallelism 1, and each tp rank feeds them its own tokens)
     experts: DeviceMesh
 
     def __getitem__(self, dim: MeshDim) -> DeviceMesh:
-        return self.dp if dim == "dp" else self.root[dim]
+        return self.dp if dim in ("dp", "dp_cp") else self.root[dim]
+
+    @property
+    def dp_name(self) -> MeshDim:
+        """The dense weights' reduction group as `planning.cluster` names it."""
+        return "dp_cp" if self.layout.cp > 1 else "dp"
+
+    @property
+    def data_rank(self) -> int:
+        """Which data-parallel replica this rank is (its cp ranks share the sequences)."""
+        return self.dp.get_local_rank() // self.layout.cp
 
     def _groups(self) -> list[tuple[MeshDim, DeviceMesh]]:
-        return [*((dim, self[dim]) for dim in (*MESH_DIMS, "dp")), ("expert_dp", self.experts)]
+        return [*((dim, self[dim]) for dim in MESH_DIMS), (self.dp_name, self.dp), ("expert_dp", self.experts)]
 
     @property
     def dims_by_group(self) -> dict[str, tuple[MeshDim, ...]]:
@@ -93,12 +102,14 @@ class LayoutMesh:
 
 def build_mesh(layout: Layout, device_type: str) -> LayoutMesh:
     """The DeviceMesh of `layout` over the initialised default process group."""
-    if layout.cp > 1:
-        raise ArchplanError("--layout: cp > 1 is not run on torch.distributed (archplan.distributed.mesh: "
-                            "torch's context_parallel takes plain SDPA only)")
     if dist.get_world_size() != layout.world:
         raise ArchplanError(f"--layout needs {layout.world} ranks, the process group has {dist.get_world_size()}")
-    root = init_device_mesh(device_type, (layout.pp, layout.expert_dp, layout.ep, layout.tp),
+    if layout.dp % layout.ep:
+        raise ArchplanError(f"--layout: ep={layout.ep} must divide dp={layout.dp} on torch.distributed "
+                            "(the expert mesh takes its ep ranks from the data-parallel ranks)")
+    root = init_device_mesh(device_type, (layout.pp, layout.dp // layout.ep, layout.ep, layout.cp, layout.tp),
                             mesh_dim_names=MESH_DIMS)
-    experts = root["expert_dp"] if layout.tp == 1 else root["expert_dp", "tp"]._flatten("expert_dp_tp")
-    return LayoutMesh(layout, root, root["expert_dp", "ep"]._flatten("dp"), experts)
+    cp = ("cp",) if layout.cp > 1 else ()
+    replicas = ("expert_dp", *cp, *(("tp",) if layout.tp > 1 else ()))
+    experts = root[replicas]._flatten("expert_dp_tp") if len(replicas) > 1 else root["expert_dp"]
+    return LayoutMesh(layout, root, root["expert_dp", "ep", *cp]._flatten("dp"), experts)

@@ -6,7 +6,9 @@ Every rank builds the whole model with the same seed (so every rank holds the on
 copies its weights into a stage of pp = 1, shards it (`shard_stage`, fp32), runs the same batch,
 and compares: logits gathered from the vocabulary shards, each parameter's gradient gathered from
 its DTensor shards (FSDP over dp, TP over tp); a rank's local experts against their rows of the
-one-process expert gradients.
+one-process expert gradients. Under context parallelism each rank runs its chunks of the sequence
+(`context.shard_sequence`) and its logits are compared at their positions; its loss is the mean
+over its tokens, and FSDP's mean over dp × cp makes the gradients the one-process mean's.
 
 `pipeline_parity` checks a pipeline of pp ranks the same way after one AdamW step: every stage's
 weights against the one-process model's, the tied embedding's copy on the last stage included
@@ -22,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from archplan.distributed.context import chunk_positions, shard_sequence
 from archplan.distributed.mesh import build_mesh
 from archplan.distributed.shard import shard_stage
 from archplan.distributed.stage import Stage, build_chunks, build_stage
@@ -59,12 +62,18 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 4) ->
     ref_grads = {name: p.grad for name, p in reference.named_parameters()}
 
     mesh = build_mesh(layout, "cpu")
+    # context parallelism: this rank's chunks of the sequence, compared with the same positions
+    # of the one-process logits (cp = 1: the whole sequence)
+    cp_rank = mesh["cp"].get_local_rank()
+    tokens, labels = (shard_sequence(x, cp_rank, layout.cp) for x in (tokens, labels))
+    positions = chunk_positions(cp_rank, layout.cp, seq // layout.cp) if layout.cp > 1 else torch.arange(seq)
+    ref_logits = ref_logits[:, positions]
     stage: Stage = build_stage(plan, layout, 0, "cpu", torch.float32)
     stage.load_state_dict(reference.state_dict())
     ep_rank = mesh["ep"].get_local_rank()
     sharded = shard_stage(stage, mesh, balanced=False, mixed=False)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=3e-3)
-    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq, plan.d_model), torch.device("cpu"))
+    runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq // layout.cp, plan.d_model), torch.device("cpu"))
     logits = full_logits(stage(tokens))
     logit_diff = (logits - ref_logits).abs().max().item()
     with runner.loss_context()():

@@ -37,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 from torch.distributed.tensor import Replicate, Shard
 
+from archplan.distributed.context import ContextShard, apply_context_parallel
 from archplan.distributed.expert import ExpertParallel
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.plans import check_tp, module_plan, norm_plan, positions_plan, residual_layout
@@ -56,6 +57,7 @@ class Sharded:
     compute_dtype: torch.dtype  # what the stage computes in and sends to the next: FSDP2's param_dtype
     # tied embeddings over pp > 1: this rank and its peer on the other end stage (`tied_group`)
     tied: dist.ProcessGroup | None = None
+    context: ContextShard | None = None  # cp > 1: the rank's positions and shared masks
 
 
 def tied_group(stage: Stage, mesh: LayoutMesh) -> dist.ProcessGroup | None:
@@ -211,9 +213,11 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
 
 
 def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool = True) -> Sharded:
-    """Apply the layout's parallelisms in torchtitan's order: TP, EP, then FSDP over dp."""
+    """Apply the layout's parallelisms in torchtitan's order: TP, CP, EP, then FSDP over dp (× cp)."""
+    policy = MIXED if mixed else MixedPrecisionPolicy()
+    compute_dtype = policy.param_dtype or torch.float32
     _tensor_parallel(stage, mesh)
+    context = apply_context_parallel(stage, mesh, compute_dtype)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
-    policy = MIXED if mixed else MixedPrecisionPolicy()
-    return Sharded(stage, _fsdp(stage, mesh, policy), policy.param_dtype or torch.float32, tied_group(stage, mesh))
+    return Sharded(stage, _fsdp(stage, mesh, policy), compute_dtype, tied_group(stage, mesh), context)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from archplan.analytic.flops import training_flops_per_token
 from archplan.bench.device import device_peak, peak_memory, reset_peak_memory, synchronize
 from archplan.dtypes import DType
+from archplan.distributed.context import shard_sequence
 from archplan.distributed.mesh import build_mesh
 from archplan.distributed.shard import shard_stage
 from archplan.distributed.stage import build_chunks
@@ -88,12 +89,15 @@ def _prediction(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch
     return evaluator.evaluate(layout, m).time.total, f"plan --layout on {gpu.name}, FSDP2 states, fp32 reduce"
 
 
-def _batches(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.device, dp_rank: int) -> list[MicroBatch]:
+def _batches(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.device, dp_rank: int,
+             cp_rank: int) -> list[MicroBatch]:
+    """The data-parallel replica's sequences, this cp rank's chunks of them."""
     gen = torch.Generator().manual_seed(SEED + 1 + dp_rank)
     out = []
     for _ in range(m):
         tokens = torch.randint(0, plan.vocab_size, (layout.mb, seq), generator=gen)
-        out.append(MicroBatch(tokens.to(device), torch.roll(tokens, -1, dims=1).to(device)))
+        labels = torch.roll(tokens, -1, dims=1)
+        out.append(MicroBatch(*(shard_sequence(x, cp_rank, layout.cp).to(device) for x in (tokens, labels))))
     return out
 
 
@@ -148,9 +152,9 @@ def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, 
     chunks = tuple(shard_stage(chunk, mesh, balanced=False)
                    for chunk in build_chunks(plan, layout, mesh.stage, device, torch.float32))
     optimizer = torch.optim.AdamW([p for c in chunks for p in c.stage.parameters()], lr=1e-4)
-    local_seq = seq // layout.tp if layout.sequence_parallel else seq
+    local_seq = seq // layout.cp // (layout.tp if layout.sequence_parallel else 1)
     runner = StageRunner(chunks, mesh, optimizer, (layout.mb, local_seq, plan.d_model), device)
-    batches = _batches(plan, layout, seq, microbatches, device, mesh["dp"].get_local_rank())
+    batches = _batches(plan, layout, seq, microbatches, device, mesh.data_rank, mesh["cp"].get_local_rank())
     for _ in range(warmup):
         runner.train_step(batches)
     reset_peak_memory(device)

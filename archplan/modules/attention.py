@@ -7,11 +7,16 @@ SDPA is counted as the full T² square over the query heads (docs/architecture.m
 
 The KV cache (`cache.KVState`) is written in place; sliding layers use a rolling buffer of the
 window's length (Mistral 7B §2, "rolling buffer cache").
+
+Context parallelism (`SequenceShard`, set by `archplan.distributed.context`): the module holds
+some of the sequence's tokens, rotates them at their global positions, gathers every rank's K and
+V (Llama 3 §3.3.2) and masks by positions.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +109,13 @@ def sdpa(
     cached: bool,
     gqa: bool,
     scale: float | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Causal attention over (cached +) new keys; GQA/MQA through `enable_gqa` (no K/V repeat).
 
     `gqa` comes from the plan's integers, not from tensor shapes, so a JIT trace (fvcore) sees a
-    Python bool.
+    Python bool. `mask`: one already built (context parallelism: the keys are not in sequence
+    order, and the layers share one mask, `SequenceShard.mask`).
     """
     if gqa and q_BHTD.device.type == "cuda":
         # CUDA's fused kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch
@@ -121,7 +128,7 @@ def sdpa(
         v_BHSDv = v_BHSDv.repeat_interleave(group, dim=1)
         gqa = False
     with _kernels(q_BHTD, cached):
-        if window is None and alibi is None:
+        if window is None and alibi is None and mask is None:
             if not cached:
                 return F.scaled_dot_product_attention(
                     q_BHTD, k_BHSD, v_BHSDv, is_causal=True, scale=scale, enable_gqa=gqa
@@ -129,7 +136,8 @@ def sdpa(
             if q_BHTD.shape[2] == 1:
                 # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
                 return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
-        mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
+        if mask is None:
+            mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
         return F.scaled_dot_product_attention(
             q_BHTD, k_BHSD, v_BHSDv, attn_mask=mask, scale=scale, enable_gqa=gqa
         )
@@ -150,6 +158,28 @@ def _qk_norms(
             assert_never(qk.scope)
 
 
+class SequenceShard(Protocol):
+    """A context-parallel rank's part of the sequence (`archplan.distributed.context`)."""
+
+    def positions(self, t: int, device: torch.device) -> Tensor:
+        """Global positions of the rank's `t` tokens."""
+        ...
+
+    def key_positions(self, t: int, device: torch.device) -> Tensor:
+        """Global positions of the gathered keys, in the order `gather` returns them."""
+        ...
+
+    def gather(self, x: Tensor, dim: int) -> Tensor:
+        """Every rank's `x` concatenated along `dim` (differentiable)."""
+        ...
+
+    def mask(self, t: int, window: int | None, alibi: Alibi | None, dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+        """The additive (T, S) mask (H, T, S with ALiBi) of the rank's queries against the gathered
+        keys, built once and shared by every layer and micro-batch."""
+        ...
+
+
 class Attention(nn.Module):
     """Params: D·H·Dh + 2·D·Hkv·Dh + H·Dh·D (+ H·Dh + 2·Hkv·Dh qkv bias, + D out bias, + qk-norms)."""
 
@@ -167,6 +197,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = _qk_norms(plan.qk_norm, h, hkv, dh)
         self.rotary = RotaryEmbedding(plan.rotary_dim, rope) if rope is not None and plan.rotary_dim else None
         self.alibi = Alibi(h) if alibi else None
+        self.context: SequenceShard | None = None
 
     def new_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVState:
         p = self.plan
@@ -186,6 +217,9 @@ class Attention(nn.Module):
         v = v_BTX.view(b, t, p.n_kv_heads, p.head_dim).transpose(1, 2)
         if scope in ("head", "per_head") and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.context is not None and state is None:
+            return self.o_proj(self._context_parallel(q, k, v, self.context).transpose(1, 2).reshape(
+                b, t, p.n_heads * p.head_dim))
         offset = state.seen if state is not None else 0
         if self.rotary is not None:
             cos, sin = self.rotary(offset, t)
@@ -202,3 +236,18 @@ class Attention(nn.Module):
         )
         return self.o_proj(out_BHTDh.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim))
 
+
+    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, shard: SequenceShard) -> Tensor:
+        """Rotate at the rank's global positions, gather K and V of the whole sequence in one
+        call (its backward reduce-scatters their gradients) and attend under the causal mask of
+        the positions (the rank's chunks are not contiguous)."""
+        p = self.plan
+        t = q.shape[2]
+        qpos_T = shard.positions(t, q.device)
+        if self.rotary is not None:
+            cos, sin = self.rotary.at(qpos_T)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = shard.gather(torch.stack([k, v]), 3).unbind(0)
+        return sdpa(q, k, v, qpos_T, shard.key_positions(t, q.device), window=p.window, alibi=self.alibi,
+                    cached=False, gqa=p.n_kv_heads != p.n_heads,
+                    mask=shard.mask(t, p.window, self.alibi, q.dtype, q.device))

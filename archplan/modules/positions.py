@@ -110,8 +110,11 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = torch.tensor(freqs, dtype=torch.float32, device=self.inv_freq.device)
 
     def forward(self, offset: int, length: int) -> tuple[Tensor, Tensor]:
-        pos_T = torch.arange(offset, offset + length, device=self.inv_freq.device, dtype=torch.float32)
-        half = pos_T[:, None] * self.inv_freq[None, :]  # (T, R/2): elementwise outer product, not a matmul
+        return self.at(torch.arange(offset, offset + length, device=self.inv_freq.device))
+
+    def at(self, pos_T: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin tables for the given positions (context parallelism: a rank's chunks)."""
+        half = pos_T.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, R/2): elementwise, not a matmul
         angle_TR = torch.cat([half, half], dim=-1)
         return angle_TR.cos() * self.gain, angle_TR.sin() * self.gain
 

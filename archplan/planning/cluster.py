@@ -80,7 +80,9 @@ layer's last row-parallel reduction (the checkpoint stops early), tied ends at p
 unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
 records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
 stage's root unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
-and without SP its pipeline sends carry the whole hidden states (no scatter over tp).
+without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
+all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per model chunk, the
+positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
@@ -578,10 +580,32 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     return replicated + (kept - replicated) / tp
 
 
-def _working_set(data: ModelData, layers: list[int], layout: Layout, kernel: AttentionKernel,
-                 engine: Engine) -> float:
-    """One layer's whole activations, re-materialised during its backward under full recompute."""
-    return max((_layer_act(data.acts[i], layout, "none", kernel, engine) for i in layers), default=0.0)
+def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> float:
+    """Bytes one micro-batch keeps through one attention layer beyond the per-token model under
+    the torch engine's context parallelism (`distributed/context.py`, measured by verify
+    --layout): SDPA saves the all-gathered K and V of the whole sequence, where the per-token
+    model counts the rank's own. Megatron's all-gather CP (Transformer Engine) re-gathers them in
+    the backward instead."""
+    plan, cp = data.plan, layout.cp
+    if cp == 1 or engine == "megatron" or not isinstance(plan.layers[layer].mixer, AttentionPlan):
+        return 0.0
+    return layout.mb * _kv_bytes(plan.layers[layer], data.seq, layout.tp) * (cp - 1) / cp
+
+
+def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
+    """Bytes a model chunk holds once under the torch engine's context parallelism: the global
+    positions of the rank's tokens and of the gathered keys (int64) and, per distinct window,
+    the additive mask of its queries against every key in the compute dtype (T/cp × T, × the
+    rank's heads with ALiBi), shared by the layers and micro-batches and kept by SDPA for the
+    backward. FlashAttention with bottom-right causal alignment (Transformer Engine) needs none."""
+    plan, cp, seq = data.plan, layout.cp, data.seq
+    mixers = [plan.layers[i].mixer for i in layers]
+    attention = [m for m in mixers if isinstance(m, AttentionPlan)]
+    if cp == 1 or engine == "megatron" or not attention:
+        return 0
+    heads = math.ceil(attention[0].n_heads / layout.tp) if plan.position == "alibi" else 1
+    windows = {m.window for m in attention}
+    return TOKEN_ID_BYTES * (seq // cp + seq) + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -644,7 +668,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
-        activations += per_mb * count * scale
+        activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, states.engine)
+        if mode != "full":
+            activations += count * sum(_cp_kept(data, layout, i, states.engine) for i in chunk.layers)
         if chunk.last:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
             head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
@@ -654,7 +680,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         layers = [i for chunk in chunks for i in chunk.layers]
-        activations += max(head, _working_set(data, layers, layout, kernel, states.engine) * scale)
+        rerun = max((_layer_act(data.acts[i], layout, "none", kernel, states.engine) * scale
+                     + _cp_kept(data, layout, i, states.engine) for i in layers), default=0.0)
+        activations += max(head, rerun)
     else:
         activations += head
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
@@ -843,7 +871,10 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for kv, n in kv_calls.items():
             match cp_comm:
                 case "all_gather":
-                    add("all_gather", "cp", cp, kv, m * n * (fwd + 1), f"{span} K/V (CP)")
+                    # Megatron (Transformer Engine) re-gathers K/V in the backward; torch's
+                    # autograd all-gather saved them gathered (`distributed/context.py`)
+                    regather = 1 if engine == "megatron" else 0
+                    add("all_gather", "cp", cp, kv, m * n * (fwd + regather), f"{span} K/V (CP)")
                     add("reduce_scatter", "cp", cp, kv, m * n, f"{span} K/V gradients (CP)")
                 case "ring":
                     steps = m * n * (cp - 1) * (fwd + 2)
