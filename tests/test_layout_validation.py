@@ -6,6 +6,7 @@ not. The table itself is benchmarks/published_runs.py's, written up in docs/vali
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -121,3 +122,39 @@ def test_fewer_microbatches_than_stages_wait_on_their_own_chunks() -> None:
     assert 1 + bubble_slots(1, 2, 8) == pytest.approx(2.0)  # one micro-batch: p slots, whatever v
     assert 4 + bubble_slots(4, 8, 1) == pytest.approx(4 + 8 - 1)
     assert 4 + bubble_slots(4, 8, 2) == pytest.approx(8 + 3 / 2)
+
+
+def test_node_limited_routing_bounds_the_ib_copies_of_a_token() -> None:
+    """DeepSeek-V3 §2.1.2 / §3.2.2: 8 expert groups, each token in its best 4; over 8 nodes (one
+    group per node) a token crosses IB to ≤ 4 nodes, 4·7/8 remote copies on average instead of
+    8·63/64, and NVLink forwards its 8 copies inside the nodes at the same time. FP8 dispatch
+    (§3.3.3): the to-expert half of the calls in 1 B + a 4 B scale per 128 elements."""
+    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.layout import Layout
+    from archplan.planning.parallel import interconnect
+    from archplan.planning.pricing import Network, ep_all_to_all_time, nodes_per_token, uniform_moe
+    from archplan.planning.records import Collective
+    from archplan.resolve import resolve
+
+    moe = uniform_moe(resolve(load_spec("deepseek-v3")))
+    assert moe is not None and (moe.n_group, moe.topk_group, moe.top_k) == (8, 4, 8)
+    assert [nodes_per_token(moe, n) for n in (2, 8, 16)] == [2, 4, 8]
+    assert nodes_per_token(replace(moe, n_group=None, topk_group=None), 8) is None
+    assert nodes_per_token(moe, 3) is None  # groups straddle nodes: no bound claimed
+
+    gpu = accelerator("h800")
+    eff, _ = kernel_efficiency(gpu)
+    net = interconnect(gpu)
+    network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
+    layout = Layout(pp=16, dp=128, ep=64)
+    per_copy = 2 * 4096 * 7168  # one bf16 copy of a micro-batch's tokens
+    record = Collective("all_to_all", "ep", 64, 8 * per_copy, 2, "dispatch + combine")
+    ib = 8 * per_copy / 8 * 4 * 7 / 8 / (net.inter_node * eff.inter_link)
+    nvlink = 8 * per_copy * 7 / 8 / (net.intra_node * eff.intra_link)
+    limited = ep_all_to_all_time(record, layout, network, eff, moe, "bf16")
+    assert limited == pytest.approx(2 * (max(ib, nvlink) + eff.latency))
+    unlimited = ep_all_to_all_time(record, layout, network, eff, None, "bf16")
+    assert unlimited == pytest.approx(2 * (record.wire_bytes / (net.inter_node * eff.inter_link) + eff.latency))
+    fp8 = ep_all_to_all_time(record, layout, network, eff, moe, "fp8")
+    assert fp8 - 2 * eff.latency == pytest.approx((1 + 4 / 128 + 2) / 4 * (limited - 2 * eff.latency))
