@@ -350,6 +350,7 @@ class Pricer:
     def __init__(self, data: ModelData, rates: Rates) -> None:
         self.data = data
         self.rates = rates
+        self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
 
     def layers(self, layout: Layout, kernel: AttentionKernel) -> list[_MicroBatch]:
@@ -454,7 +455,6 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     rates = pricer.rates
     best: tuple[float, int, _MicroBatch, dict[str, float], float, float] | None = None
     stages = representative_stages(len(data.plan.layers), p, v)
-    moe = uniform_moe(data.plan)
     for stage in stages:
         micro = pricer.stage(layout, stage, kernel)
         records = _collectives(data, layout, stage, m, states, grad_reduce, cp_comm, overlap,
@@ -462,7 +462,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
         grads = gathers = 0.0
         for record in records:
-            t = (ep_all_to_all_time(record, layout, net, rates.eff, moe, rates.precision)
+            t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.precision)
                  if record.mesh_dim == "ep" else collective_time(record, layout, net, rates.eff))
             match record.mesh_dim:
                 case "tp" | "cp" | "ep":
