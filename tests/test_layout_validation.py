@@ -5,6 +5,7 @@ not. The table itself is benchmarks/published_runs.py's, written up in docs/vali
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import replace
 from typing import Any
@@ -158,3 +159,42 @@ def test_node_limited_routing_bounds_the_ib_copies_of_a_token() -> None:
     assert unlimited == pytest.approx(2 * (record.wire_bytes / (net.inter_node * eff.inter_link) + eff.latency))
     fp8 = ep_all_to_all_time(record, layout, network, eff, moe, "fp8")
     assert fp8 - 2 * eff.latency == pytest.approx((1 + 4 / 128 + 2) / 4 * (limited - 2 * eff.latency))
+
+
+def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
+    """Dao 2023 §4.1: FlashAttention-2 is ~1.3-1.5× faster than FlashAttention in Triton forward
+    and ~2× backward; `--flash-impl triton` changes the attention core's time only."""
+    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.pricing import Pricer, rates_for
+    from archplan.resolve import resolve
+
+    gpu = accelerator("a100-80gb")
+    eff, _ = kernel_efficiency(gpu)
+    data = model_data(resolve(load_spec("llama-3-8b")), 4096)
+    layout = Layout(mb=1)
+    fa2, triton = (Pricer(data, rates_for(gpu, eff, None, "bf16", impl)).layers(layout, "flash")[0]
+                   for impl in ("fa2", "triton"))
+    assert triton.attn_fwd == pytest.approx(1.4 * fa2.attn_fwd)
+    assert triton.attn_bwd == pytest.approx(2.0 * fa2.attn_bwd)
+    assert (triton.gemm_fwd, triton.elem_fwd) == (fa2.gemm_fwd, fa2.elem_fwd)
+    eager = Pricer(data, rates_for(gpu, eff, None, "bf16", "triton")).layers(layout, "eager")[0]
+    assert eager == Pricer(data, rates_for(gpu, eff, None, "bf16", "fa2")).layers(layout, "eager")[0]
+
+
+def test_plan_flash_impl_option_reaches_the_model(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_plan import run
+
+    args = ("plan", "llama-3-8b", "--gpus", "8", "--gpu", "a100", "--seq", "8192", "--global-batch-tokens", "1M",
+            "--layout", "tp=1,pp=1,dp=8,cp=1,ep=1,zero=3,recompute=full,mb=1", "--json")
+    found = {}
+    for impl in ("fa2", "triton"):
+        code, out, _ = run(capsys, monkeypatch, *args, "--flash-impl", impl)
+        data = json.loads(out)
+        assert code == 0 and data["flash_impl"] == impl
+        found[impl] = data["layouts"][0]["tokens_per_s_per_gpu"]
+    assert found["triton"] < found["fa2"]
+    assert "136/80 TFLOP/s fwd/bwd (flash, triton)" in data["efficiency"]["description"]

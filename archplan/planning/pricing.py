@@ -9,7 +9,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   2 GEMMs of the same shapes (input and weight gradients). `--precision fp8`: the GEMMs inside the
   blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
-  and head dim, causal pairs only, backward at 2.5 × the forward FLOPs (FlashAttention's own
+  and head dim (the Triton FlashAttention at its measured fraction of it, `FLASH_IMPL_SPEED`,
+  when the run used that kernel), causal pairs only, backward at 2.5 × the forward FLOPs (FlashAttention's own
   convention, it recomputes the scores); eager: two batched GEMMs over the full s×s square and the
   softmax's s×s traffic at HBM bandwidth.
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
@@ -49,7 +50,7 @@ from typing_extensions import assert_never
 
 from archplan.analytic.attention import attended_pairs
 from archplan.analytic.s4 import log2_ceil
-from archplan.hardware import GEMM_HALF_DIM, Accelerator, KernelEfficiency
+from archplan.hardware import FLASH_IMPL_SPEED, GEMM_HALF_DIM, Accelerator, FlashImpl, KernelEfficiency
 from archplan.planning.cluster import (
     ACT_BYTES,
     AttentionKernel,
@@ -118,6 +119,7 @@ class Rates:
     efficiency: float | None  # the user's override of GEMM + attention efficiency
     hbm: float  # achieved bytes/s
     precision: Precision
+    flash: FlashImpl = "fa2"  # which FlashAttention implementation runs the flash attention core
 
 
 @dataclass(frozen=True)
@@ -243,10 +245,11 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             case "flash":
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (dqk + dv)
                 hd = 1.0 if dqk > 64 else rates.eff.attention_hd64
+                fwd_speed, bwd_speed = FLASH_IMPL_SPEED[rates.flash]
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_fwd * hd)
+                            else rates.eff.attention_fwd * hd * fwd_speed)
                 bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_bwd * hd)
+                            else rates.eff.attention_bwd * hd * bwd_speed)
                 attn_fwd = flops / fwd_rate
                 attn_bwd = 2.5 * flops / bwd_rate
             case "eager":
@@ -534,6 +537,6 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 
 
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
-              precision: Precision) -> Rates:
+              precision: Precision, flash: FlashImpl = "fa2") -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
-    return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision)
+    return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash)
