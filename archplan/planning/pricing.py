@@ -10,9 +10,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
   and head dim (the Triton FlashAttention at its measured fraction of it, `FLASH_IMPL_SPEED`,
-  when the run used that kernel), causal pairs only, backward at 2.5 × the forward FLOPs (FlashAttention's own
-  convention, it recomputes the scores); eager: two batched GEMMs over the full s×s square and the
-  softmax's s×s traffic at HBM bandwidth.
+  when the run used that kernel), causal pairs only, backward at 2.5 × the forward FLOPs
+  (FlashAttention's own convention, it recomputes the scores); eager: two batched GEMMs over the
+  full s×s square and the softmax's s×s traffic at HBM bandwidth.
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
   scan, the long convolutions' FFTs, gates and filter generation: `_long_conv`) at `hbm` × the HBM
   bandwidth, 2 B per element read or written (fp32 for the FFTs); the backward moves twice the
@@ -427,13 +427,13 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     down-projections) travel in FP8 with one fp32 scale per 1×128 tile, as the expert GEMMs
     quantize them anyway; the combines stay bf16.
 
-    Node-limited routing (DeepSeek-V3 §2.1.2; its all-to-all kernels, §3.2.2): when the router bounds the nodes a token
-    reaches (`nodes_per_token`) and the group spans nodes, a token crosses IB once per remote
-    target node, to the GPU of the same in-node index, which forwards it over NVLink to the GPUs
-    holding its experts; the IB and NVLink legs overlap (§3.2.2). Per token and direction, IB
-    carries M·(nodes − 1)/nodes copies (the token's own node is one of the `nodes` equally
-    likely), NVLink the k copies that land on another GPU of their node, (g − 1)/g of them with g
-    EP ranks per node. Without such a bound every copy is priced as a ring all-to-all over the
+    Node-limited routing (DeepSeek-V3 §2.1.2; its all-to-all kernels, §3.2.2): when the router
+    bounds the nodes a token reaches (`nodes_per_token`) and the group spans nodes, a token
+    crosses IB once per remote target node, to the GPU of the same in-node index, which forwards
+    it over NVLink to the GPUs holding its experts; the IB and NVLink legs overlap (§3.2.2). Per
+    token and direction, IB carries M·(nodes − 1)/nodes copies (the token's own node is one of
+    the `nodes` equally likely), NVLink the k copies that land on another GPU of their node,
+    (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a ring all-to-all over the
     slower link (`collective_time`)."""
     if c.group_size <= 1:
         return 0.0
