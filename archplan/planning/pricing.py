@@ -433,8 +433,8 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     it over NVLink to the GPUs holding its experts; the IB and NVLink legs overlap (§3.2.2). Per
     token and direction, IB carries M·(nodes − 1)/nodes copies (the token's own node is one of
     the `nodes` equally likely), NVLink the k copies that land on another GPU of their node,
-    (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a ring all-to-all over the
-    slower link (`collective_time`)."""
+    (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a
+    ring all-to-all over the slower link (`collective_time`)."""
     if c.group_size <= 1:
         return 0.0
     to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if precision == "fp8" else ACT_BYTES
