@@ -11,6 +11,7 @@ datasheet, NVIDIA V100 datasheet.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from archplan.errors import ArchplanError
 
@@ -126,6 +127,16 @@ class KernelEfficiency:
     latency: float
     source: str
 
+
+# FlashAttention implementations: the FA2 kernel the family rates above describe, or the Triton
+# FlashAttention a run used instead (e.g. llm-foundry's `attn_impl: triton`): Dao 2023
+# (FlashAttention-2) §4.1 measures FlashAttention-2 "around 1.3-1.5× faster than FlashAttention in
+# Triton in the forward pass and around 2× faster in the backward pass" (A100, causal and not,
+# head dim 64 and 128); the Triton kernel runs at 1/1.4 (the range's middle) and 1/2 of the FA2
+# rates, forward and backward, on every family (the only published ratio; not fitted).
+FlashImpl = Literal["fa2", "triton"]
+FLASH_IMPLS: tuple[FlashImpl, ...] = ("fa2", "triton")
+FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "triton": (1 / 1.4, 1 / 2)}
 
 GEMM_HALF_DIM = 48  # one 128×128 tile's worth of M/N/K; cuBLAS tile quantisation (our estimate)
 

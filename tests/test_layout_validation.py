@@ -5,7 +5,9 @@ not. The table itself is benchmarks/published_runs.py's, written up in docs/vali
 
 from __future__ import annotations
 
+import json
 import statistics
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -121,3 +123,78 @@ def test_fewer_microbatches_than_stages_wait_on_their_own_chunks() -> None:
     assert 1 + bubble_slots(1, 2, 8) == pytest.approx(2.0)  # one micro-batch: p slots, whatever v
     assert 4 + bubble_slots(4, 8, 1) == pytest.approx(4 + 8 - 1)
     assert 4 + bubble_slots(4, 8, 2) == pytest.approx(8 + 3 / 2)
+
+
+def test_node_limited_routing_bounds_the_ib_copies_of_a_token() -> None:
+    """DeepSeek-V3 §2.1.2 / §3.2.2: 8 expert groups, each token in its best 4; over 8 nodes (one
+    group per node) a token crosses IB to ≤ 4 nodes, 4·7/8 remote copies on average instead of
+    8·63/64, and NVLink forwards its 8 copies inside the nodes at the same time. FP8 dispatch
+    (§3.3.3): the to-expert half of the calls in 1 B + a 4 B scale per 128 elements."""
+    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.layout import Layout
+    from archplan.planning.parallel import interconnect
+    from archplan.planning.pricing import Network, ep_all_to_all_time, nodes_per_token, uniform_moe
+    from archplan.planning.records import Collective
+    from archplan.resolve import resolve
+
+    moe = uniform_moe(resolve(load_spec("deepseek-v3")))
+    assert moe is not None and (moe.n_group, moe.topk_group, moe.top_k) == (8, 4, 8)
+    assert [nodes_per_token(moe, n) for n in (2, 8, 16)] == [2, 4, 8]
+    assert nodes_per_token(replace(moe, n_group=None, topk_group=None), 8) is None
+    assert nodes_per_token(moe, 3) is None  # groups straddle nodes: no bound claimed
+
+    gpu = accelerator("h800")
+    eff, _ = kernel_efficiency(gpu)
+    net = interconnect(gpu)
+    network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
+    layout = Layout(pp=16, dp=128, ep=64)
+    per_copy = 2 * 4096 * 7168  # one bf16 copy of a micro-batch's tokens
+    record = Collective("all_to_all", "ep", 64, 8 * per_copy, 2, "dispatch + combine")
+    ib = 8 * per_copy / 8 * 4 * 7 / 8 / (net.inter_node * eff.inter_link)
+    nvlink = 8 * per_copy * 7 / 8 / (net.intra_node * eff.intra_link)
+    limited = ep_all_to_all_time(record, layout, network, eff, moe, "bf16")
+    assert limited == pytest.approx(2 * (max(ib, nvlink) + eff.latency))
+    unlimited = ep_all_to_all_time(record, layout, network, eff, None, "bf16")
+    assert unlimited == pytest.approx(2 * (record.wire_bytes / (net.inter_node * eff.inter_link) + eff.latency))
+    fp8 = ep_all_to_all_time(record, layout, network, eff, moe, "fp8")
+    assert fp8 - 2 * eff.latency == pytest.approx((1 + 4 / 128 + 2) / 4 * (limited - 2 * eff.latency))
+
+
+def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
+    """Dao 2023 §4.1: FlashAttention-2 is ~1.3-1.5× faster than FlashAttention in Triton forward
+    and ~2× backward; `--flash-impl triton` changes the attention core's time only."""
+    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.pricing import Pricer, rates_for
+    from archplan.resolve import resolve
+
+    gpu = accelerator("a100-80gb")
+    eff, _ = kernel_efficiency(gpu)
+    data = model_data(resolve(load_spec("llama-3-8b")), 4096)
+    layout = Layout(mb=1)
+    fa2, triton = (Pricer(data, rates_for(gpu, eff, None, "bf16", impl)).layers(layout, "flash")[0]
+                   for impl in ("fa2", "triton"))
+    assert triton.attn_fwd == pytest.approx(1.4 * fa2.attn_fwd)
+    assert triton.attn_bwd == pytest.approx(2.0 * fa2.attn_bwd)
+    assert (triton.gemm_fwd, triton.elem_fwd) == (fa2.gemm_fwd, fa2.elem_fwd)
+    eager = Pricer(data, rates_for(gpu, eff, None, "bf16", "triton")).layers(layout, "eager")[0]
+    assert eager == Pricer(data, rates_for(gpu, eff, None, "bf16", "fa2")).layers(layout, "eager")[0]
+
+
+def test_plan_flash_impl_option_reaches_the_model(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_plan import run
+
+    args = ("plan", "llama-3-8b", "--gpus", "8", "--gpu", "a100", "--seq", "8192", "--global-batch-tokens", "1M",
+            "--layout", "tp=1,pp=1,dp=8,cp=1,ep=1,zero=3,recompute=full,mb=1", "--json")
+    found = {}
+    for impl in ("fa2", "triton"):
+        code, out, _ = run(capsys, monkeypatch, *args, "--flash-impl", impl)
+        data = json.loads(out)
+        assert code == 0 and data["flash_impl"] == impl
+        found[impl] = data["layouts"][0]["tokens_per_s_per_gpu"]
+    assert found["triton"] < found["fa2"]
+    assert "136/80 TFLOP/s fwd/bwd (flash, triton)" in data["efficiency"]["description"]

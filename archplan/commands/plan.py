@@ -58,6 +58,13 @@ class PrecisionChoice(str, Enum):
     fp8 = "fp8"
 
 
+class FlashImplChoice(str, Enum):
+    """Which FlashAttention implementation runs `--attention flash` (hardware.FLASH_IMPL_SPEED)."""
+
+    fa2 = "fa2"
+    triton = "triton"
+
+
 LAYOUT_PANEL = "Cluster layout (SPEC --gpus N)"
 MODEL_PANEL = "Layout model (how the run is carried out)"
 
@@ -383,10 +390,15 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.efficiency is not None:
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
                 "of the dense peak (user-measured); elementwise and optimizer at HBM bandwidth")
+    from archplan.hardware import FLASH_IMPL_SPEED
+
     calibrated = "" if result.calibrated else " [not calibrated on this GPU]"
+    fwd, bwd = FLASH_IMPL_SPEED[settings.flash_impl]
+    kernel = (f"flash, {settings.flash_impl}" if settings.attention_kernel == "flash"
+              else settings.attention_kernel)
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
-            f"{settings.precision} peak by shape, attention at {k.attention_fwd / 1e12:.0f}/"
-            f"{k.attention_bwd / 1e12:.0f} TFLOP/s fwd/bwd ({settings.attention_kernel}), elementwise "
+            f"{settings.precision} peak by shape, attention at {k.attention_fwd * fwd / 1e12:.0f}/"
+            f"{k.attention_bwd * bwd / 1e12:.0f} TFLOP/s fwd/bwd ({kernel}), elementwise "
             f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
 
 
@@ -410,6 +422,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -
         "cp_comm": settings.cp_comm,
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
+        "flash_impl": settings.flash_impl,
         "headroom": result.headroom,
         "usable_bytes_per_gpu": result.usable_bytes,
         "network": {"intra_node_bytes_per_s": result.net.intra_node,
@@ -566,6 +579,10 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[PrecisionChoice, typer.Option(
             "--precision", help="bf16, or fp8 GEMMs inside the blocks (router and LM head stay bf16).",
             rich_help_panel=MODEL_PANEL)] = PrecisionChoice.bf16,
+        flash_impl: Annotated[FlashImplChoice, typer.Option(
+            "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), or triton (FlashAttention "
+            "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward).",
+            rich_help_panel=MODEL_PANEL)] = FlashImplChoice.fa2,
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
@@ -592,7 +609,8 @@ def register(app: typer.Typer) -> None:
             if mfu is not None:
                 raise ArchplanError("plan's --mfu is now --efficiency (the kernels' fraction of peak); "
                                     "MFU is an output of the compute model")
-            settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision)
+            settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
+                                 flash_impl)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, _amount(tokens, "--tokens"), law, as_json, plot)
         else:
@@ -664,7 +682,7 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
 
 def _settings(efficiency: float | None, states: StatesChoice, attention: KernelChoice,
               grad_reduce: GradReduceChoice | None, cp_comm: CPCommChoice, overlap: str,
-              precision: PrecisionChoice) -> Settings:
+              precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -678,7 +696,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         states=STATES[states.value], attention_kernel=attention.value,  # type: ignore[arg-type]
         grad_reduce=None if grad_reduce is None else (4 if grad_reduce is GradReduceChoice.fp32 else 2),
         cp_comm=cp_comm.value, overlap=frozenset(parts), precision=precision.value,  # type: ignore[arg-type]
-        efficiency=efficiency,
+        efficiency=efficiency, flash_impl=flash_impl.value,  # type: ignore[arg-type]
     )
 
 

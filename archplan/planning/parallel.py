@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
-from archplan.hardware import Accelerator, KernelEfficiency, kernel_efficiency
+from archplan.hardware import Accelerator, FlashImpl, KernelEfficiency, kernel_efficiency
 from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
@@ -120,6 +120,7 @@ class Settings:
     overlap: frozenset[str] = frozenset({"dp"})
     precision: Precision = "bf16"
     efficiency: float | None = None  # the user's measured GEMM + attention efficiency
+    flash_impl: FlashImpl = "fa2"  # the FlashAttention implementation (hardware.FLASH_IMPL_SPEED)
 
     @property
     def reduce_bytes(self) -> int:
@@ -226,7 +227,7 @@ class Evaluator:
         self.data: ModelData = model_data(plan, seq)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
-                                                  settings.precision))
+                                                  settings.precision, settings.flash_impl))
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 

@@ -9,9 +9,10 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   2 GEMMs of the same shapes (input and weight gradients). `--precision fp8`: the GEMMs inside the
   blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
-  and head dim, causal pairs only, backward at 2.5 × the forward FLOPs (FlashAttention's own
-  convention, it recomputes the scores); eager: two batched GEMMs over the full s×s square and the
-  softmax's s×s traffic at HBM bandwidth.
+  and head dim (the Triton FlashAttention at its measured fraction of it, `FLASH_IMPL_SPEED`,
+  when the run used that kernel), causal pairs only, backward at 2.5 × the forward FLOPs
+  (FlashAttention's own convention, it recomputes the scores); eager: two batched GEMMs over the
+  full s×s square and the softmax's s×s traffic at HBM bandwidth.
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
   scan, the long convolutions' FFTs, gates and filter generation: `_long_conv`) at `hbm` × the HBM
   bandwidth, 2 B per element read or written (fp32 for the FFTs); the backward moves twice the
@@ -49,7 +50,7 @@ from typing_extensions import assert_never
 
 from archplan.analytic.attention import attended_pairs
 from archplan.analytic.s4 import log2_ceil
-from archplan.hardware import GEMM_HALF_DIM, Accelerator, KernelEfficiency
+from archplan.hardware import FLASH_IMPL_SPEED, GEMM_HALF_DIM, Accelerator, FlashImpl, KernelEfficiency
 from archplan.planning.cluster import (
     ACT_BYTES,
     AttentionKernel,
@@ -71,6 +72,7 @@ from archplan.resolve import (
     Mamba1Plan,
     Mamba2Plan,
     MLAPlan,
+    ModelPlan,
     MoEPlan,
     S4Plan,
     StripedHyenaPlan,
@@ -94,6 +96,8 @@ CE_BYTES = 8
 FFT_CONV_BYTES = 56
 FFT_FILTER_BYTES = 16
 FP32_BYTES = 4
+FP8_BYTES = 1
+FP8_SCALE_TILE = 128  # one fp32 scale per 1×128 activation tile (DeepSeek-V3 §3.3.2)
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class Rates:
     efficiency: float | None  # the user's override of GEMM + attention efficiency
     hbm: float  # achieved bytes/s
     precision: Precision
+    flash: FlashImpl = "fa2"  # which FlashAttention implementation runs the flash attention core
 
 
 @dataclass(frozen=True)
@@ -240,10 +245,11 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             case "flash":
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (dqk + dv)
                 hd = 1.0 if dqk > 64 else rates.eff.attention_hd64
+                fwd_speed, bwd_speed = FLASH_IMPL_SPEED[rates.flash]
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_fwd * hd)
+                            else rates.eff.attention_fwd * hd * fwd_speed)
                 bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_bwd * hd)
+                            else rates.eff.attention_bwd * hd * bwd_speed)
                 attn_fwd = flops / fwd_rate
                 attn_bwd = 2.5 * flops / bwd_rate
             case "eager":
@@ -347,6 +353,7 @@ class Pricer:
     def __init__(self, data: ModelData, rates: Rates) -> None:
         self.data = data
         self.rates = rates
+        self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
 
     def layers(self, layout: Layout, kernel: AttentionKernel) -> list[_MicroBatch]:
@@ -391,6 +398,58 @@ def collective_time(c: Collective, layout: Layout, net: Network, eff: KernelEffi
     return c.count * (c.wire_bytes / bandwidth + eff.latency)
 
 
+def uniform_moe(plan: ModelPlan) -> MoEPlan | None:
+    """The routing every MoE layer shares (None: no MoE layer, or layers that route differently)."""
+    found = {layer.ffn for layer in plan.layers if isinstance(layer.ffn, MoEPlan)}
+    return found.pop() if len(found) == 1 else None
+
+
+def nodes_per_token(moe: MoEPlan, nodes: int) -> int | None:
+    """At most how many nodes one token's routed copies reach under node-limited routing
+    (DeepSeek-AI 2024, DeepSeek-V3 §2.1.2: each token to at most M = topk_group nodes, the expert
+    groups laid out one or more whole groups per node), or None when the router does not bound it
+    (no group limit, or groups that straddle nodes)."""
+    if moe.n_group is None or moe.topk_group is None:
+        return None
+    if moe.n_group % nodes == 0:  # whole groups on each node: M groups reach ≤ M nodes
+        return min(moe.topk_group, nodes, moe.top_k)
+    if nodes % moe.n_group == 0:  # each group spans nodes/n_group whole nodes
+        return min(moe.topk_group * nodes // moe.n_group, nodes, moe.top_k)
+    return None
+
+
+def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency,
+                       moe: MoEPlan | None, precision: Precision) -> float:
+    """Seconds for all calls of one MoE dispatch + combine record (half its calls each way).
+
+    FP8 dispatch (DeepSeek-V3 §3.3.3, "Low-Precision Communication"): under `--precision fp8` the
+    activations sent to the experts (the forward dispatch and the backward's gradient before the
+    down-projections) travel in FP8 with one fp32 scale per 1×128 tile, as the expert GEMMs
+    quantize them anyway; the combines stay bf16.
+
+    Node-limited routing (DeepSeek-V3 §2.1.2; its all-to-all kernels, §3.2.2): when the router
+    bounds the nodes a token reaches (`nodes_per_token`) and the group spans nodes, a token
+    crosses IB once per remote target node, to the GPU of the same in-node index, which forwards
+    it over NVLink to the GPUs holding its experts; the IB and NVLink legs overlap (§3.2.2). Per
+    token and direction, IB carries M·(nodes − 1)/nodes copies (the token's own node is one of
+    the `nodes` equally likely), NVLink the k copies that land on another GPU of their node,
+    (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a
+    ring all-to-all over the slower link (`collective_time`)."""
+    if c.group_size <= 1:
+        return 0.0
+    to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if precision == "fp8" else ACT_BYTES
+    scale = (to_experts + ACT_BYTES) / (2 * ACT_BYTES)
+    nodes = math.ceil(layout.tp * layout.ep / net.gpus_per_node)
+    reach = nodes_per_token(moe, nodes) if moe is not None and nodes > 1 else None
+    if moe is None or reach is None:
+        return scale * (collective_time(c, layout, net, eff) - c.count * eff.latency) + c.count * eff.latency
+    per_rank_node = layout.ep / nodes
+    ib = c.bytes / moe.top_k * reach * (nodes - 1) / nodes
+    nvlink = c.bytes * (per_rank_node - 1) / per_rank_node
+    seconds = max(ib / (net.inter_node * eff.inter_link), nvlink / (net.intra_node * eff.intra_link))
+    return c.count * (scale * seconds + eff.latency)
+
+
 def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, net: Network,
           states: StatesConvention, kernel: AttentionKernel, grad_reduce: int, cp_comm: CPComm,
           overlap: frozenset[str]) -> tuple[StepTime, int]:
@@ -406,7 +465,8 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
         grads = gathers = 0.0
         for record in records:
-            t = collective_time(record, layout, net, rates.eff)
+            t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.precision)
+                 if record.mesh_dim == "ep" else collective_time(record, layout, net, rates.eff))
             match record.mesh_dim:
                 case "tp" | "cp" | "ep":
                     comm[record.mesh_dim] += t
@@ -477,6 +537,6 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 
 
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
-              precision: Precision) -> Rates:
+              precision: Precision, flash: FlashImpl = "fa2") -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
-    return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision)
+    return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash)
