@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from benchmark_scripts import load_benchmark
 
+pytestmark = pytest.mark.xdist_group("test_layout_validation")
+
 DEFAULT_TOLERANCE = 0.20
 MEDIAN_GOAL = 0.10
 

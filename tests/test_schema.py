@@ -14,6 +14,8 @@ from archplan.cli import main
 from archplan.commands.schema import render_schema
 from archplan.loader import parse_yaml
 
+pytestmark = pytest.mark.xdist_group("test_schema")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "archplan" / "spec.schema.json"
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from benchmark_scripts import ROOT, load_benchmark
 
+pytestmark = pytest.mark.xdist_group("test_seed_claims")
+
 GiB = 1 << 30
 
 
