@@ -29,11 +29,13 @@ import torch
 from torch import Tensor
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.tensor import DTensor
 
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
 from archplan.modules.attention import Attention, attention_mask
+from archplan.modules.mla import MLA
 from archplan.modules.positions import Alibi
 
 
@@ -60,7 +62,9 @@ def _waited(t: Tensor) -> Tensor:
 
 
 class GatherKV(torch.autograd.Function):
-    """All-gather along `dim` over the cp group; the backward reduce-scatters the gradient.
+    """All-gather along `dim` over the cp group; the backward reduce-scatters the gradient. A
+    DTensor over tp (MLA's replicated latent under TP) is gathered by its local tensor and keeps
+    its placements; its gradient keeps the gradient's (a Partial sum over the tp ranks' heads).
 
     torch's own differentiable all-gather (`all_gather_single_autograd`) is not used: under
     selective activation checkpointing (`shard.apply_recompute`) its recomputation replays the
@@ -71,14 +75,23 @@ class GatherKV(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, dim: int,  # type: ignore[override]
                 group: dist.ProcessGroup, size: int) -> Tensor:
         ctx.dim, ctx.group, ctx.size = dim, group, size  # type: ignore[attr-defined]
-        gathered = _waited(funcol.all_gather_single(x.contiguous(), 0, group))
-        return torch.cat(gathered.chunk(size, 0), dim)
+        local = x.to_local() if isinstance(x, DTensor) else x
+        gathered = _waited(funcol.all_gather_single(local.contiguous(), 0, group))
+        return _like(x, torch.cat(gathered.chunk(size, 0), dim))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         dim, group, size = ctx.dim, ctx.group, ctx.size  # type: ignore[attr-defined]
-        stacked = torch.cat(grad.chunk(size, dim), 0).contiguous()
-        return _waited(funcol.reduce_scatter_single(stacked, "sum", 0, group)), None, None, None
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        stacked = torch.cat(local.chunk(size, dim), 0).contiguous()
+        return _like(grad, _waited(funcol.reduce_scatter_single(stacked, "sum", 0, group))), None, None, None
+
+
+def _like(template: Tensor, local: Tensor) -> Tensor:
+    """`local` as a DTensor with `template`'s mesh and placements when `template` is one."""
+    if isinstance(template, DTensor):
+        return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False)
+    return local
 
 
 @dataclass(frozen=True)
@@ -131,9 +144,9 @@ class ContextShard:
 def refusal(stage: Stage) -> str | None:
     """Why this stage cannot run context-parallel, or None."""
     for i, block in stage.layers.items():
-        if not isinstance(block.mixer, Attention):
-            return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (only MHA/GQA/MQA "
-                    "attention gathers K/V here)")
+        if not isinstance(block.mixer, Attention | MLA):
+            return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (only attention "
+                    "gathers K/V here)")
     if stage.plan.position in ("learned", "sinusoidal"):
         return f"{stage.plan.position} positions under context parallelism (the embedding adds them by local index)"
     return None

@@ -205,10 +205,16 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
 
 
 def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
-    """Why CP degree cp cannot split this model's long convolutions: their CP ranks trade sequence
-    shards for channel shards (`cluster.long_conv_exchange`), d_model over tp·cp ranks."""
+    """Why CP degree cp cannot split this model. Long convolutions trade sequence shards for
+    channel shards (`cluster.long_conv_exchange`), d_model over tp·cp ranks. A selective scan's
+    state runs through the whole sequence and is exchanged by no context-parallel scheme here
+    (verify --layout builds none), so Mamba layers refuse cp > 1."""
+    if cp == 1:
+        return None
+    if any(isinstance(l.mixer, (Mamba1Plan, Mamba2Plan)) for l in plan.layers):
+        return "Mamba layers under context parallelism (no selective-scan state exchange is built)"
     long_conv = any(isinstance(l.mixer, (S4Plan, HyenaPlan, StripedHyenaPlan)) for l in plan.layers)
-    if cp > 1 and long_conv and plan.d_model % (tp * cp):
+    if long_conv and plan.d_model % (tp * cp):
         return f"long convolutions split d_model {plan.d_model} over tp·cp = {tp * cp} channel shards"
     return None
 
