@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor
@@ -36,7 +36,7 @@ from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
 from archplan.modules.attention import Attention, attention_mask
 from archplan.modules.mla import MLA
-from archplan.modules.positions import Alibi
+from archplan.modules.positions import Alibi, SinusoidalPositions
 
 
 def chunk_positions(rank: int, cp: int, t: int, device: torch.device | str = "cpu") -> Tensor:
@@ -147,9 +147,28 @@ def refusal(stage: Stage) -> str | None:
         if not isinstance(block.mixer, Attention | MLA):
             return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (only attention "
                     "gathers K/V here)")
-    if stage.plan.position in ("learned", "sinusoidal"):
-        return f"{stage.plan.position} positions under context parallelism (the embedding adds them by local index)"
     return None
+
+
+def global_positions(stage: Stage, shard: ContextShard) -> None:
+    """Absolute positions (learned, sinusoidal) added at the rank's global positions: the stage
+    asks for rows 0 … T/cp − 1, the hook hands the learned table the rank's position ids
+    (before TP's hooks turn them into a DTensor) and replaces the sinusoidal rows by those at
+    the rank's positions (before SP keeps its sequence shard of them); prepended, so they run
+    ahead of `plans.SequenceShardedPositions`."""
+    match stage.pos_embed:
+        case nn.Embedding():
+            def ids(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                return (shard.positions(args[0].shape[0], args[0].device),)
+
+            stage.pos_embed.register_forward_pre_hook(ids, prepend=True)
+        case SinusoidalPositions():
+            def rows(module: SinusoidalPositions, _args: object, out: Tensor) -> Tensor:
+                return module.at(shard.positions(out.shape[0], out.device))
+
+            stage.pos_embed.register_forward_hook(rows, prepend=True)
+        case _:  # RoPE and ALiBi act inside attention (at the global positions); none has no table
+            pass
 
 
 def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.dtype) -> ContextShard | None:
@@ -168,6 +187,7 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
                          mixers[0].alibi if mixers else None, windows)
     for mixer in mixers:
         mixer.context = shard
+    global_positions(stage, shard)
     split = layout.tp if layout.sequence_parallel else 1
 
     def prepare(module: Stage, args: tuple[Tensor, ...]) -> None:
