@@ -248,7 +248,7 @@ def test_fake_verify_context_parallel_exact(fake_world: None, layout: str, seq: 
     # MLA under TP + SP + CP: the latent, a Replicate DTensor over tp, gathered over cp by its
     # local tensor (C + R per token on every tp rank), its gradient a Partial sum reduce-scattered
     pytest.param("tiny-mla.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1", id="mla-tp2-full-recompute",
-                 marks=HEAVY),
+                 marks=pytest.mark.heavy),
     pytest.param("tiny-mla.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", id="mla-tp2"),
     # learned positions at the rank's global positions, then SP's sequence shard of them
     pytest.param("tiny-gpt-odd-vocab.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", id="learned-tp2"),
