@@ -23,20 +23,26 @@ are replicated over cp and reduced over dp × cp (`mesh.LayoutMesh.dp`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor
+from typing_extensions import assert_never
 
 from archplan.distributed.mesh import LayoutMesh
+from archplan.distributed.plans import Parts, rank_channels
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
 from archplan.modules.attention import Attention, attention_mask
 from archplan.modules.mla import MLA
+from archplan.modules.hyena import HyenaMixer
 from archplan.modules.positions import Alibi, SinusoidalPositions
+from archplan.modules.s4 import S4Mixer
+from archplan.modules.stripedhyena import StripedHyenaMixer
 
 
 def chunk_positions(rank: int, cp: int, t: int, device: torch.device | str = "cpu") -> Tensor:
@@ -140,13 +146,41 @@ class ContextShard:
     def gather(self, x: Tensor, dim: int) -> Tensor:
         return GatherKV.apply(x, dim, self.group, self.cp)
 
+    def to_channels(self, x_BTC: Tensor, parts: Parts) -> Tensor:
+        """The rank's T/cp tokens of C channels (blocks of `parts`) → every token, in sequence
+        order, of its C/cp channels (its 1/cp of every block, `plans.rank_channels`): one
+        all-to-all (DeepSpeed-Ulysses, Jacobs et al. 2023, over channels), then the load-balanced
+        chunk order undone."""
+        t, device = x_BTC.shape[1], x_BTC.device
+        send_PBTC = torch.stack([rank_channels(x_BTC, 2, parts, j, self.cp) for j in range(self.cp)])
+        recv_PBTC = all_to_all_single_autograd(send_PBTC.contiguous(), None, None, self.group)
+        return recv_PBTC.movedim(0, 1).flatten(1, 2).index_select(1, self._sequence_order(t, device))
 
-def refusal(stage: Stage) -> str | None:
-    """Why this stage cannot run context-parallel, or None."""
+    def to_sequence(self, y_BSC: Tensor) -> Tensor:
+        """`to_channels` back for one block: every token of the rank's C/cp channels → its own
+        T/cp tokens of all C channels, in the rank's chunk order."""
+        t, device = y_BSC.shape[1] // self.cp, y_BSC.device
+        send_PBTC = y_BSC.index_select(1, self.key_positions(t, device)).unflatten(1, (self.cp, t)).movedim(1, 0)
+        recv_PBTC = all_to_all_single_autograd(send_PBTC.contiguous(), None, None, self.group)
+        return recv_PBTC.movedim(0, 2).flatten(2)
+
+    def _sequence_order(self, t: int, device: torch.device) -> Tensor:
+        return self._cached(("order", t, device), lambda: self.key_positions(t, device).argsort())
+
+
+def refusal(stage: Stage, cp: int) -> str | None:
+    """Why this stage cannot run context-parallel over cp ranks, or None."""
     for i, block in stage.layers.items():
-        if not isinstance(block.mixer, Attention | MLA):
-            return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (only attention "
-                    "gathers K/V here)")
+        match block.mixer:
+            case Attention() | MLA():
+                pass
+            case HyenaMixer() | StripedHyenaMixer() | S4Mixer():
+                why = _channel_problem(block.mixer, cp)
+                if why:
+                    return f"layer {i}: {why} under context parallelism (channel shards)"
+            case _:
+                return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (no exchange "
+                        "of a selective scan's state is built)")
     return None
 
 
@@ -178,15 +212,20 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
     layout = mesh.layout
     if layout.cp == 1:
         return None
-    why = refusal(stage)
+    why = refusal(stage, layout.cp)
     if why is not None:
         raise ArchplanError(f"--layout: not run on torch.distributed: {why}")
     mixers = [block.mixer for block in stage.layers.values()]
-    windows = tuple(dict.fromkeys(m.plan.window for m in mixers))
+    attention = [m for m in mixers if isinstance(m, Attention | MLA)]
+    windows = tuple(dict.fromkeys(m.plan.window for m in attention))
     shard = ContextShard(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), layout.cp,
-                         mixers[0].alibi if mixers else None, windows)
+                         attention[0].alibi if attention else None, windows)
     for mixer in mixers:
-        mixer.context = shard
+        match mixer:
+            case Attention() | MLA():
+                mixer.context = shard
+            case HyenaMixer() | StripedHyenaMixer() | S4Mixer():
+                long_conv_context(mixer, shard)
     global_positions(stage, shard)
     split = layout.tp if layout.sequence_parallel else 1
 
@@ -196,3 +235,118 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
 
     stage.register_forward_pre_hook(prepare)
     return shard
+
+
+# ------------------------------------------------------------------------- long convolutions
+LongConv = HyenaMixer | StripedHyenaMixer | S4Mixer
+
+
+def _channel_problem(mixer: LongConv, cp: int) -> str | None:
+    """Channels (and the tensors shared by groups of them) that do not split over cp, after tp."""
+    d = mixer.d_model
+    match mixer:
+        case StripedHyenaMixer():
+            filters = mixer.poles.shape[0]
+            return None if d % cp == 0 and filters % cp == 0 else f"{d} channels / {filters} filters over cp={cp}"
+        case S4Mixer():
+            n = mixer.plan.n_ssm
+            if d % cp or n % cp and n != 1:
+                return f"S4's {d} channels / {n} SSM copies over cp={cp} (one copy is read whole, more must split)"
+            return None
+        case HyenaMixer():
+            return None if d % cp == 0 else f"{d} channels over cp={cp}"
+        case _:
+            assert_never(mixer)
+
+
+def _channel_tensors(mixer: LongConv) -> tuple[Parts, dict[str, tuple[int, Parts]]]:
+    """The blocks of the mixer's first convolution's channels, and its per-channel tensors
+    (dotted name → dim, blocks): the rank keeps its 1/cp of each block of each."""
+    d = mixer.d_model
+    match mixer:
+        case HyenaMixer():
+            o = mixer.plan.order
+            inner, filters = (d,) * (o + 1), (d,) * (o - 1)
+            tensors = {"short_filter.weight": (0, inner), "short_filter.bias": (0, inner),
+                       "filter.bias": (0, filters)}
+            return inner, tensors
+        case StripedHyenaMixer():
+            fir, groups = (d, d, d), (mixer.poles.shape[0],)
+            tensors = {"short_filter_weight": (0, fir), "D": (0, (d,)), "poles": (0, groups),
+                       "residues": (0, groups)}
+            if mixer.short_filter_bias is not None:
+                tensors["short_filter_bias"] = (0, fir)
+            return fir, tensors
+        case S4Mixer():
+            tensors = {name: (0, (d,)) for name in ("D", "C", "log_dt")}
+            n = mixer.plan.n_ssm
+            if n > 1:
+                copies = ("B", "A_log_real", "A_imag") + (("P",) if mixer.plan.dplr else ())
+                tensors |= {name: (0, (n,)) for name in copies}
+            return (d,), tensors
+        case _:
+            assert_never(mixer)
+
+
+def long_conv_context(mixer: LongConv, shard: ContextShard) -> None:
+    """A long-convolution mixer under context parallelism (`cluster.long_conv_exchange`): a
+    causal convolution reads every earlier position, so the rank trades its T/cp tokens of the
+    first convolution's input for every token of 1/cp of the channels (`ContextShard.to_channels`:
+    after Hyena's in_proj or StripedHyena's projections, S4's input), runs the depthwise part
+    (short conv, gates, long convolutions) on whole sequences of its channels, and trades back
+    before the output projection (`to_sequence`). Weights stay replicated over cp (their
+    gradients reduce over dp × cp): during the forward the per-channel ones are replaced by the
+    rank's slices, differentiable views of them (each channel's gradient comes from the one rank
+    that ran it); Hyena's filter runs whole and hands on the rank's rows."""
+    rank, cp = shard.rank, shard.cp
+    first, tensors = _channel_tensors(mixer)
+    d = mixer.d_model
+    whole: dict[str, Tensor] = {}
+
+    def owners(name: str) -> tuple[nn.Module, dict[str, Tensor | None], str]:
+        path, _, leaf = name.rpartition(".")
+        module = mixer.get_submodule(path) if path else mixer
+        table = module._parameters if leaf in module._parameters else module._buffers
+        return module, table, leaf
+
+    def slice_in(_module: nn.Module, _args: object) -> None:
+        for name, (dim, parts) in tensors.items():
+            _, table, leaf = owners(name)
+            tensor = table[leaf]
+            assert tensor is not None
+            whole[name] = tensor
+            table[leaf] = rank_channels(tensor, dim, parts, rank, cp)
+
+    def restore(_module: nn.Module, _args: object, _out: object) -> None:
+        for name, tensor in whole.items():
+            _, table, leaf = owners(name)
+            table[leaf] = tensor
+        whole.clear()
+
+    mixer.register_forward_pre_hook(slice_in)
+    mixer.register_forward_hook(restore)
+    mixer.d_model = d // cp
+
+    def to_channels(_module: nn.Module, _args: object, out: Tensor) -> Tensor:
+        return shard.to_channels(out, first)
+
+    def to_sequence(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return (shard.to_sequence(args[0]), *args[1:])
+
+    match mixer:
+        case HyenaMixer():
+            mixer.in_proj.register_forward_hook(to_channels)
+            mixer.filter.register_forward_hook(
+                lambda _m, _a, h_CL: rank_channels(h_CL, 0, tensors["filter.bias"][1], rank, cp))
+            mixer.out_proj.register_forward_pre_hook(to_sequence, prepend=True)
+        case StripedHyenaMixer():
+            mixer.projections.register_forward_hook(to_channels)
+            mixer.out_filter_dense.register_forward_pre_hook(to_sequence, prepend=True)
+        case S4Mixer():
+            # after TP's own exchange to channel shards (`plans.ChannelShardedInput`)
+            mixer.register_forward_pre_hook(lambda _m, args: (shard.to_channels(args[0], first), *args[1:]))
+            mixer.output_linear.register_forward_pre_hook(to_sequence, prepend=True)
+            if mixer.plan.n_ssm > 1:
+                mixer.plan = replace(mixer.plan, n_ssm=mixer.plan.n_ssm // cp)
+        case _:
+            assert_never(mixer)
