@@ -1,4 +1,5 @@
-"""Context parallelism: the sequence split over the cp mesh dimension, K/V all-gathered.
+"""Context parallelism: the sequence split over the cp mesh dimension, K/V all-gathered,
+long convolutions' channels exchanged.
 
 Llama 3 §3.3.2 (Dubey et al. 2024): the sequence is cut into 2·cp chunks and cp rank r holds
 chunks r and 2·cp − 1 − r, so every rank has the same causal work; each attention layer
@@ -13,6 +14,12 @@ attention replaces the CUDA SDPA kernels only (`aten._scaled_dot_product_flash_a
 `_efficient_attention`, cuDNN) and refuses any other ("CP only supports flash attention and
 memory efficient attention now"), so it cannot run on the CPU, in FakeTensorMode or in the gloo
 tests, and it takes `is_causal` SDPA without masks, windows or ALiBi.
+
+MLA gathers its latent [c_kv | k_pe] instead (C + R per token, `MLA._context_parallel`), and
+each rank expands the keys and values of its heads; long convolutions (S4/S4D, Hyena,
+StripedHyena) trade sequence shards for channel shards by an all-to-all and back
+(`long_conv_context`); learned and sinusoidal positions are added at the rank's global positions
+(`global_positions`). Mamba layers are refused (`refusal`).
 
 Everything else runs on the rank's tokens as it is: the norms, projections and FFNs are
 per-token, the loss is the mean over the rank's tokens (the same count on every rank, so the

@@ -117,7 +117,8 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 - CP, per long-conv layer and micro-batch (`long_conv_exchange`): an all-to-all from sequence to
   channel shards before the convolutions and one back after, in the forward and the backward.
 - CP, per attention layer and micro-batch: "all_gather" (Llama 3 §3.3.2): an all-gather of K and V
-  in the forward, again in the backward, and a reduce-scatter of their gradients; "ring"
+  in the forward, again in the backward, and a reduce-scatter of their gradients (MLA under the
+  torch engine: of its latent [c_kv | k_pe], `_kv_bytes`); "ring"
   (Megatron-Core): cp − 1 K/V sends and receives in the forward, twice that in the backward.
 - PP: per chunk boundary and micro-batch, the activation (forward) and its gradient (backward),
   1/tp of it per rank (Narayanan et al. 2021 §4.1: scattered over the TP ranks before the send,
