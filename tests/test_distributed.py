@@ -89,7 +89,7 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
                        "tp=1,cp=2,pp=1,dp=1,ep=1,zero=0,recompute=selective,mb=2"),
     # long convolutions: the first convolution's input all-to-all'd to whole sequences of half
     # the channels, the per-channel weights sliced, the output all-to-all'd back to the rank's chunks
-    "cp2-hyena": ("parity", "tiny-hyena.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
+    "cp2-hyena-selective": ("parity", "tiny-hyena.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=selective,mb=2"),
     "cp2-stripedhyena-full-recompute": ("parity", "tiny-stripedhyena.yaml", {},
                                         "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
     "cp2-s4d-selective": ("parity", "tiny-s4d.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=selective,mb=2"),
@@ -260,7 +260,8 @@ def test_fake_verify_context_parallel_exact(fake_world: None, layout: str, seq: 
     pytest.param("tiny-gpt-odd-vocab.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", id="learned-tp2"),
     # S4D: TP's all-to-all to channel shards over tp, then CP's over cp; full recompute re-runs both
     pytest.param("tiny-s4d.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1", id="s4d-tp2-full-recompute"),
-    pytest.param("tiny-hyena.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", id="hyena-tp2"),
+    pytest.param("tiny-hyena.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", id="hyena-tp2",
+                 marks=pytest.mark.heavy),
     # StripedHyena's hybrid: attention gathers K/V, the hyena layers exchange channels
     pytest.param("tiny-stripedhyena.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
                  id="stripedhyena-tp2", marks=pytest.mark.heavy),

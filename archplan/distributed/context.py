@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor
 from typing_extensions import assert_never
 
@@ -100,6 +99,22 @@ class GatherKV(torch.autograd.Function):
         return _like(grad, _waited(funcol.reduce_scatter_single(stacked, "sum", 0, group))), None, None, None
 
 
+class AllToAll(torch.autograd.Function):
+    """All-to-all of equal dim-0 splits over the cp group; the backward is the all-to-all of the
+    gradient. An autograd Function for the reason `GatherKV` is one: torch's differentiable
+    `all_to_all_single_autograd` is replayed out of order by selective recomputation."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor,  # type: ignore[override]
+                group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group  # type: ignore[attr-defined]
+        return _waited(funcol.all_to_all_single(x.contiguous(), None, None, group))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return _waited(funcol.all_to_all_single(grad.contiguous(), None, None, ctx.group)), None  # type: ignore[attr-defined]
+
+
 def _like(template: Tensor, local: Tensor) -> Tensor:
     """`local` as a DTensor with `template`'s mesh and placements when `template` is one."""
     if isinstance(template, DTensor):
@@ -121,11 +136,14 @@ class ContextShard:
     cp: int
     alibi: Alibi | None  # the layers' ALiBi (the same slopes in every layer)
     windows: tuple[int | None, ...]  # the distinct windows of the stage's attention layers
+    exchanges: bool  # the stage has long convolutions (their sequence order, `to_channels`)
     built: dict[tuple[object, ...], Tensor] = field(default_factory=dict, compare=False)
 
     def prepare(self, t: int, dtype: torch.dtype, device: torch.device) -> None:
         for window in self.windows:
             self.mask(t, window, self.alibi, dtype, device)
+        if self.exchanges:
+            self._sequence_order(t, device)
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
         if key not in self.built:
@@ -160,7 +178,7 @@ class ContextShard:
         chunk order undone."""
         t, device = x_BTC.shape[1], x_BTC.device
         send_PBTC = torch.stack([rank_channels(x_BTC, 2, parts, j, self.cp) for j in range(self.cp)])
-        recv_PBTC = all_to_all_single_autograd(send_PBTC.contiguous(), None, None, self.group)
+        recv_PBTC = AllToAll.apply(send_PBTC, self.group)
         return recv_PBTC.movedim(0, 1).flatten(1, 2).index_select(1, self._sequence_order(t, device))
 
     def to_sequence(self, y_BSC: Tensor) -> Tensor:
@@ -168,7 +186,7 @@ class ContextShard:
         T/cp tokens of all C channels, in the rank's chunk order."""
         t, device = y_BSC.shape[1] // self.cp, y_BSC.device
         send_PBTC = y_BSC.index_select(1, self.key_positions(t, device)).unflatten(1, (self.cp, t)).movedim(1, 0)
-        recv_PBTC = all_to_all_single_autograd(send_PBTC.contiguous(), None, None, self.group)
+        recv_PBTC = AllToAll.apply(send_PBTC, self.group)
         return recv_PBTC.movedim(0, 2).flatten(2)
 
     def _sequence_order(self, t: int, device: torch.device) -> Tensor:
@@ -226,7 +244,8 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
     attention = [m for m in mixers if isinstance(m, Attention | MLA)]
     windows = tuple(dict.fromkeys(m.plan.window for m in attention))
     shard = ContextShard(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), layout.cp,
-                         attention[0].alibi if attention else None, windows)
+                         attention[0].alibi if attention else None, windows,
+                         any(isinstance(m, HyenaMixer | StripedHyenaMixer | S4Mixer) for m in mixers))
     for mixer in mixers:
         match mixer:
             case Attention() | MLA():

@@ -610,15 +610,21 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     positions of the rank's tokens and of the gathered keys (int64) and, per distinct window,
     the additive mask of its queries against every key in the compute dtype (T/cp × T, × the
     rank's heads with ALiBi), shared by the layers and micro-batches and kept by SDPA for the
-    backward. FlashAttention with bottom-right causal alignment (Transformer Engine) needs none."""
+    backward; with long convolutions, the gathered keys' positions and their sequence order
+    (`distributed.context.ContextShard.to_channels`). FlashAttention with bottom-right causal
+    alignment (Transformer Engine) needs none."""
     plan, cp, seq = data.plan, layout.cp, data.seq
     mixers = [plan.layers[i].mixer for i in layers]
     attention = [m for m in mixers if isinstance(m, AttentionPlan | MLAPlan)]
-    if cp == 1 or engine == "megatron" or not attention:
+    long_conv = any(long_conv_exchange(plan.layers[i], 1)[0] for i in layers)
+    if cp == 1 or engine == "megatron" or not (attention or long_conv):
         return 0
+    ids = (seq // cp if attention else 0) + seq + (seq if long_conv else 0)
+    if not attention:
+        return TOKEN_ID_BYTES * ids
     heads = math.ceil(attention[0].n_heads / layout.tp) if plan.position == "alibi" else 1
     windows = {m.window for m in attention}
-    return TOKEN_ID_BYTES * (seq // cp + seq) + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
+    return TOKEN_ID_BYTES * ids + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
