@@ -83,6 +83,18 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     # with ALiBi the bias also comes from the global positions
     "cp2-full-recompute": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
     "cp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
+    # MLA: the latent [c_kv | k_pe] gathered (k_pe rotated at the keys' global positions), each
+    # rank expanding every key; learned and sinusoidal positions added at the rank's positions
+    "cp2-mla-full-recompute": ("parity", "tiny-mla.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
+    "cp2-learned": ("parity", "tiny-gpt-odd-vocab.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
+    "cp2-sinusoidal": ("parity", "tiny-gpt-odd-vocab.yaml", {"position": {"kind": "sinusoidal"}},
+                       "tp=1,cp=2,pp=1,dp=1,ep=1,zero=0,recompute=selective,mb=2"),
+    # long convolutions: the first convolution's input all-to-all'd to whole sequences of half
+    # the channels, the per-channel weights sliced, the output all-to-all'd back to the rank's chunks
+    "cp2-hyena-selective": ("parity", "tiny-hyena.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=selective,mb=2"),
+    "cp2-stripedhyena-full-recompute": ("parity", "tiny-stripedhyena.yaml", {},
+                                        "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
+    "cp2-s4d-selective": ("parity", "tiny-s4d.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=selective,mb=2"),
     # PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy of
     # the embedding included, equal the one-process model's (the copies' gradients summed)
     "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
@@ -240,6 +252,36 @@ def test_fake_verify_context_parallel_exact(fake_world: None, layout: str, seq: 
     assert {r.mesh_dim for r in result.collectives} >= {"dp_cp"}
 
 
+@pytest.mark.parametrize(("spec", "layout"), [
+    # MLA under TP + SP + CP: the latent, a Replicate DTensor over tp, gathered over cp by its
+    # local tensor (C + R per token on every tp rank), its gradient a Partial sum reduce-scattered
+    pytest.param("tiny-mla.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1", id="mla-tp2-full-recompute",
+                 marks=pytest.mark.heavy),
+    pytest.param("tiny-mla.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", id="mla-tp2"),
+    # learned positions at the rank's global positions, then SP's sequence shard of them
+    pytest.param("tiny-gpt-odd-vocab.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", id="learned-tp2"),
+    # S4D: TP's all-to-all to channel shards over tp, then CP's over cp; full recompute re-runs both
+    pytest.param("tiny-s4d.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1", id="s4d-tp2-full-recompute"),
+    pytest.param("tiny-hyena.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", id="hyena-tp2",
+                 marks=pytest.mark.heavy),
+    # StripedHyena's hybrid: attention gathers K/V, the hyena layers exchange channels
+    pytest.param("tiny-stripedhyena.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
+                 id="stripedhyena-tp2", marks=pytest.mark.heavy),
+])
+def test_fake_verify_context_parallel_mixers_exact(fake_world: None, spec: str, layout: str) -> None:
+    """Model states and every collective, the cp exchange of each mixer included, as the layout
+    model prices them (`cluster._kv_bytes`, `cluster.long_conv_exchange`)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / spec))
+    result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=1)
+    for row in result.memory:
+        if row.judged == "exact":
+            assert row.ok and row.measured > 0, row
+    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    assert any(r.mesh_dim == "cp" and r.measured for r in result.collectives)
+
+
 def test_refusals_are_one_line(fake_world: None) -> None:
     from archplan.distributed.check import check_layout_run
     from archplan.errors import ArchplanError
@@ -249,11 +291,11 @@ def test_refusals_are_one_line(fake_world: None) -> None:
     layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1,sp=off").complete()
     with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism without sequence parallelism"):
         check_layout_run(plan, layout, 32, microbatches=1)
-    # context parallelism gathers K/V of MHA/GQA/MQA attention only
-    mla = resolve(load_spec(FIXTURES / "tiny-mla-moe.yaml"))
+    # no context-parallel exchange of a selective scan's state is built
+    mamba = resolve(load_spec(FIXTURES / "tiny-mamba.yaml"))
     layout = parse_layout("tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
     with pytest.raises(ArchplanError, match="under context parallelism"):
-        check_layout_run(mla, layout, 32, microbatches=1)
+        check_layout_run(mamba, layout, 32, microbatches=1)
 
 
 @pytest.mark.parametrize("layout", [

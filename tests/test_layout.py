@@ -35,7 +35,7 @@ from archplan.planning.parallel import Settings, interconnect, search
 from archplan.planning.pricing import Rates, gemm_time
 from archplan.planning.records import tally
 from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
-from archplan.resolve import StripedHyenaPlan, resolve
+from archplan.resolve import MLAPlan, StripedHyenaPlan, resolve
 from archplan.spec import S4, S4D, Hyena, StripedHyena
 from strategies import Case, cases
 from test_plan import run
@@ -340,6 +340,20 @@ def test_cp_exchanges_k_and_v(comm: str) -> None:
         assert got["all_gather"] == (m * 32 * 2, kv) and got["reduce_scatter"] == (m * 32, kv)
     else:
         assert got["send"] == (m * 32 * (cp - 1) * 3, kv // cp) == got["recv"]
+
+
+def test_cp_mla_gathers_the_latent_under_torch_and_expanded_kv_under_megatron() -> None:
+    """DeepSeek-V3's MLA under CP: the torch engine (verify's) all-gathers [c_kv | k_pe], 512 + 64
+    per token on every tp rank; Megatron (Transformer Engine) the expanded K/V of the rank's heads."""
+    plan = _plan("deepseek-v3")
+    s, tp, cp, m = 32768, 8, 4, 1
+    mla = sum(isinstance(layer.mixer, MLAPlan) for layer in plan.layers)
+    layout = Layout(tp=tp, cp=cp, pp=1, dp=1, ep=1)
+    torch_ = _by(step_collectives(plan, layout, s, microbatches=m, states=FSDP2), "cp")
+    megatron = _by(step_collectives(plan, layout, s, microbatches=m, states=ZERO), "cp")
+    assert torch_["all_gather"] == (m * mla, 2 * s * (512 + 64))
+    assert megatron["all_gather"] == (m * mla * 2, 2 * s * (128 // tp) * (192 + 128))
+    assert torch_["reduce_scatter"][1] * 8 < megatron["reduce_scatter"][1]
 
 
 def test_pp_sends_a_tp_shard_per_chunk_boundary() -> None:

@@ -584,3 +584,13 @@ def test_long_conv_tp_and_cp_must_split_the_channels() -> None:
         search(odd, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
                fixed=parse_layout("tp=4,cp=2,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1"))
     assert cp_problem(resolve(load_spec("llama-3-8b")), 8, 16) is None  # attention needs no channel split
+
+
+def test_mamba_refuses_context_parallelism() -> None:
+    """No context-parallel exchange of a selective scan's state is built, so plan proposes none."""
+    mamba = resolve(load_spec("mamba-2.8b"))
+    assert cp_problem(mamba, 1, 1) is None
+    assert cp_problem(mamba, 1, 2) == "Mamba layers under context parallelism (no selective-scan state exchange is built)"
+    with pytest.raises(ArchplanError, match="cp=2: Mamba layers under context parallelism"):
+        search(mamba, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
+               fixed=parse_layout("tp=1,cp=2,pp=1,dp=32,ep=1,zero=1,recompute=none,mb=1"))

@@ -1,4 +1,5 @@
-"""Context parallelism: the sequence split over the cp mesh dimension, K/V all-gathered.
+"""Context parallelism: the sequence split over the cp mesh dimension, K/V all-gathered,
+long convolutions' channels exchanged.
 
 Llama 3 §3.3.2 (Dubey et al. 2024): the sequence is cut into 2·cp chunks and cp rank r holds
 chunks r and 2·cp − 1 − r, so every rank has the same causal work; each attention layer
@@ -14,6 +15,12 @@ attention replaces the CUDA SDPA kernels only (`aten._scaled_dot_product_flash_a
 memory efficient attention now"), so it cannot run on the CPU, in FakeTensorMode or in the gloo
 tests, and it takes `is_causal` SDPA without masks, windows or ALiBi.
 
+MLA gathers its latent [c_kv | k_pe] instead (C + R per token, `MLA._context_parallel`), and
+each rank expands the keys and values of its heads; long convolutions (S4/S4D, Hyena,
+StripedHyena) trade sequence shards for channel shards by an all-to-all and back
+(`long_conv_context`); learned and sinusoidal positions are added at the rank's global positions
+(`global_positions`). Mamba layers are refused (`refusal`).
+
 Everything else runs on the rank's tokens as it is: the norms, projections and FFNs are
 per-token, the loss is the mean over the rank's tokens (the same count on every rank, so the
 mean over dp × cp of the ranks' gradients is the gradient of the global mean), and the weights
@@ -23,18 +30,25 @@ are replicated over cp and reduced over dp × cp (`mesh.LayoutMesh.dp`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.tensor import DTensor
+from typing_extensions import assert_never
 
 from archplan.distributed.mesh import LayoutMesh
+from archplan.distributed.plans import Parts, rank_channels
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
 from archplan.modules.attention import Attention, attention_mask
-from archplan.modules.positions import Alibi
+from archplan.modules.mla import MLA
+from archplan.modules.hyena import HyenaMixer
+from archplan.modules.positions import Alibi, SinusoidalPositions
+from archplan.modules.s4 import S4Mixer
+from archplan.modules.stripedhyena import StripedHyenaMixer
 
 
 def chunk_positions(rank: int, cp: int, t: int, device: torch.device | str = "cpu") -> Tensor:
@@ -60,7 +74,9 @@ def _waited(t: Tensor) -> Tensor:
 
 
 class GatherKV(torch.autograd.Function):
-    """All-gather along `dim` over the cp group; the backward reduce-scatters the gradient.
+    """All-gather along `dim` over the cp group; the backward reduce-scatters the gradient. A
+    DTensor over tp (MLA's replicated latent under TP) is gathered by its local tensor and keeps
+    its placements; its gradient keeps the gradient's (a Partial sum over the tp ranks' heads).
 
     torch's own differentiable all-gather (`all_gather_single_autograd`) is not used: under
     selective activation checkpointing (`shard.apply_recompute`) its recomputation replays the
@@ -71,14 +87,39 @@ class GatherKV(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, dim: int,  # type: ignore[override]
                 group: dist.ProcessGroup, size: int) -> Tensor:
         ctx.dim, ctx.group, ctx.size = dim, group, size  # type: ignore[attr-defined]
-        gathered = _waited(funcol.all_gather_single(x.contiguous(), 0, group))
-        return torch.cat(gathered.chunk(size, 0), dim)
+        local = x.to_local() if isinstance(x, DTensor) else x
+        gathered = _waited(funcol.all_gather_single(local.contiguous(), 0, group))
+        return _like(x, torch.cat(gathered.chunk(size, 0), dim))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         dim, group, size = ctx.dim, ctx.group, ctx.size  # type: ignore[attr-defined]
-        stacked = torch.cat(grad.chunk(size, dim), 0).contiguous()
-        return _waited(funcol.reduce_scatter_single(stacked, "sum", 0, group)), None, None, None
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        stacked = torch.cat(local.chunk(size, dim), 0).contiguous()
+        return _like(grad, _waited(funcol.reduce_scatter_single(stacked, "sum", 0, group))), None, None, None
+
+
+class AllToAll(torch.autograd.Function):
+    """All-to-all of equal dim-0 splits over the cp group; the backward is the all-to-all of the
+    gradient. An autograd Function for the reason `GatherKV` is one: torch's differentiable
+    `all_to_all_single_autograd` is replayed out of order by selective recomputation."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor,  # type: ignore[override]
+                group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group  # type: ignore[attr-defined]
+        return _waited(funcol.all_to_all_single(x.contiguous(), None, None, group))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return _waited(funcol.all_to_all_single(grad.contiguous(), None, None, ctx.group)), None  # type: ignore[attr-defined]
+
+
+def _like(template: Tensor, local: Tensor) -> Tensor:
+    """`local` as a DTensor with `template`'s mesh and placements when `template` is one."""
+    if isinstance(template, DTensor):
+        return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False)
+    return local
 
 
 @dataclass(frozen=True)
@@ -95,11 +136,14 @@ class ContextShard:
     cp: int
     alibi: Alibi | None  # the layers' ALiBi (the same slopes in every layer)
     windows: tuple[int | None, ...]  # the distinct windows of the stage's attention layers
+    exchanges: bool  # the stage has long convolutions (their sequence order, `to_channels`)
     built: dict[tuple[object, ...], Tensor] = field(default_factory=dict, compare=False)
 
     def prepare(self, t: int, dtype: torch.dtype, device: torch.device) -> None:
         for window in self.windows:
             self.mask(t, window, self.alibi, dtype, device)
+        if self.exchanges:
+            self._sequence_order(t, device)
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
         if key not in self.built:
@@ -127,16 +171,63 @@ class ContextShard:
     def gather(self, x: Tensor, dim: int) -> Tensor:
         return GatherKV.apply(x, dim, self.group, self.cp)
 
+    def to_channels(self, x_BTC: Tensor, parts: Parts) -> Tensor:
+        """The rank's T/cp tokens of C channels (blocks of `parts`) → every token, in sequence
+        order, of its C/cp channels (its 1/cp of every block, `plans.rank_channels`): one
+        all-to-all (DeepSpeed-Ulysses, Jacobs et al. 2023, over channels), then the load-balanced
+        chunk order undone."""
+        t, device = x_BTC.shape[1], x_BTC.device
+        send_PBTC = torch.stack([rank_channels(x_BTC, 2, parts, j, self.cp) for j in range(self.cp)])
+        recv_PBTC = AllToAll.apply(send_PBTC, self.group)
+        return recv_PBTC.movedim(0, 1).flatten(1, 2).index_select(1, self._sequence_order(t, device))
 
-def refusal(stage: Stage) -> str | None:
-    """Why this stage cannot run context-parallel, or None."""
+    def to_sequence(self, y_BSC: Tensor) -> Tensor:
+        """`to_channels` back for one block: every token of the rank's C/cp channels → its own
+        T/cp tokens of all C channels, in the rank's chunk order."""
+        t, device = y_BSC.shape[1] // self.cp, y_BSC.device
+        send_PBTC = y_BSC.index_select(1, self.key_positions(t, device)).unflatten(1, (self.cp, t)).movedim(1, 0)
+        recv_PBTC = AllToAll.apply(send_PBTC, self.group)
+        return recv_PBTC.movedim(0, 2).flatten(2)
+
+    def _sequence_order(self, t: int, device: torch.device) -> Tensor:
+        return self._cached(("order", t, device), lambda: self.key_positions(t, device).argsort())
+
+
+def refusal(stage: Stage, cp: int) -> str | None:
+    """Why this stage cannot run context-parallel over cp ranks, or None."""
     for i, block in stage.layers.items():
-        if not isinstance(block.mixer, Attention):
-            return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (only MHA/GQA/MQA "
-                    "attention gathers K/V here)")
-    if stage.plan.position in ("learned", "sinusoidal"):
-        return f"{stage.plan.position} positions under context parallelism (the embedding adds them by local index)"
+        match block.mixer:
+            case Attention() | MLA():
+                pass
+            case HyenaMixer() | StripedHyenaMixer() | S4Mixer():
+                why = _channel_problem(block.mixer, cp)
+                if why:
+                    return f"layer {i}: {why} under context parallelism (channel shards)"
+            case _:
+                return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (no exchange "
+                        "of a selective scan's state is built)")
     return None
+
+
+def global_positions(stage: Stage, shard: ContextShard) -> None:
+    """Absolute positions (learned, sinusoidal) added at the rank's global positions: the stage
+    asks for rows 0 … T/cp − 1, the hook hands the learned table the rank's position ids
+    (before TP's hooks turn them into a DTensor) and replaces the sinusoidal rows by those at
+    the rank's positions (before SP keeps its sequence shard of them); prepended, so they run
+    ahead of `plans.SequenceShardedPositions`."""
+    match stage.pos_embed:
+        case nn.Embedding():
+            def ids(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                return (shard.positions(args[0].shape[0], args[0].device),)
+
+            stage.pos_embed.register_forward_pre_hook(ids, prepend=True)
+        case SinusoidalPositions():
+            def rows(module: SinusoidalPositions, _args: object, out: Tensor) -> Tensor:
+                return module.at(shard.positions(out.shape[0], out.device))
+
+            stage.pos_embed.register_forward_hook(rows, prepend=True)
+        case _:  # RoPE and ALiBi act inside attention (at the global positions); none has no table
+            pass
 
 
 def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.dtype) -> ContextShard | None:
@@ -146,15 +237,22 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
     layout = mesh.layout
     if layout.cp == 1:
         return None
-    why = refusal(stage)
+    why = refusal(stage, layout.cp)
     if why is not None:
         raise ArchplanError(f"--layout: not run on torch.distributed: {why}")
     mixers = [block.mixer for block in stage.layers.values()]
-    windows = tuple(dict.fromkeys(m.plan.window for m in mixers))
+    attention = [m for m in mixers if isinstance(m, Attention | MLA)]
+    windows = tuple(dict.fromkeys(m.plan.window for m in attention))
     shard = ContextShard(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), layout.cp,
-                         mixers[0].alibi if mixers else None, windows)
+                         attention[0].alibi if attention else None, windows,
+                         any(isinstance(m, HyenaMixer | StripedHyenaMixer | S4Mixer) for m in mixers))
     for mixer in mixers:
-        mixer.context = shard
+        match mixer:
+            case Attention() | MLA():
+                mixer.context = shard
+            case HyenaMixer() | StripedHyenaMixer() | S4Mixer():
+                long_conv_context(mixer, shard)
+    global_positions(stage, shard)
     split = layout.tp if layout.sequence_parallel else 1
 
     def prepare(module: Stage, args: tuple[Tensor, ...]) -> None:
@@ -163,3 +261,118 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
 
     stage.register_forward_pre_hook(prepare)
     return shard
+
+
+# ------------------------------------------------------------------------- long convolutions
+LongConv = HyenaMixer | StripedHyenaMixer | S4Mixer
+
+
+def _channel_problem(mixer: LongConv, cp: int) -> str | None:
+    """Channels (and the tensors shared by groups of them) that do not split over cp, after tp."""
+    d = mixer.d_model
+    match mixer:
+        case StripedHyenaMixer():
+            filters = mixer.poles.shape[0]
+            return None if d % cp == 0 and filters % cp == 0 else f"{d} channels / {filters} filters over cp={cp}"
+        case S4Mixer():
+            n = mixer.plan.n_ssm
+            if d % cp or n % cp and n != 1:
+                return f"S4's {d} channels / {n} SSM copies over cp={cp} (one copy is read whole, more must split)"
+            return None
+        case HyenaMixer():
+            return None if d % cp == 0 else f"{d} channels over cp={cp}"
+        case _:
+            assert_never(mixer)
+
+
+def _channel_tensors(mixer: LongConv) -> tuple[Parts, dict[str, tuple[int, Parts]]]:
+    """The blocks of the mixer's first convolution's channels, and its per-channel tensors
+    (dotted name → dim, blocks): the rank keeps its 1/cp of each block of each."""
+    d = mixer.d_model
+    match mixer:
+        case HyenaMixer():
+            o = mixer.plan.order
+            inner, filters = (d,) * (o + 1), (d,) * (o - 1)
+            tensors = {"short_filter.weight": (0, inner), "short_filter.bias": (0, inner),
+                       "filter.bias": (0, filters)}
+            return inner, tensors
+        case StripedHyenaMixer():
+            fir, groups = (d, d, d), (mixer.poles.shape[0],)
+            tensors = {"short_filter_weight": (0, fir), "D": (0, (d,)), "poles": (0, groups),
+                       "residues": (0, groups)}
+            if mixer.short_filter_bias is not None:
+                tensors["short_filter_bias"] = (0, fir)
+            return fir, tensors
+        case S4Mixer():
+            tensors = {name: (0, (d,)) for name in ("D", "C", "log_dt")}
+            n = mixer.plan.n_ssm
+            if n > 1:
+                copies = ("B", "A_log_real", "A_imag") + (("P",) if mixer.plan.dplr else ())
+                tensors |= {name: (0, (n,)) for name in copies}
+            return (d,), tensors
+        case _:
+            assert_never(mixer)
+
+
+def long_conv_context(mixer: LongConv, shard: ContextShard) -> None:
+    """A long-convolution mixer under context parallelism (`cluster.long_conv_exchange`): a
+    causal convolution reads every earlier position, so the rank trades its T/cp tokens of the
+    first convolution's input for every token of 1/cp of the channels (`ContextShard.to_channels`:
+    after Hyena's in_proj or StripedHyena's projections, S4's input), runs the depthwise part
+    (short conv, gates, long convolutions) on whole sequences of its channels, and trades back
+    before the output projection (`to_sequence`). Weights stay replicated over cp (their
+    gradients reduce over dp × cp): during the forward the per-channel ones are replaced by the
+    rank's slices, differentiable views of them (each channel's gradient comes from the one rank
+    that ran it); Hyena's filter runs whole and hands on the rank's rows."""
+    rank, cp = shard.rank, shard.cp
+    first, tensors = _channel_tensors(mixer)
+    d = mixer.d_model
+    whole: dict[str, Tensor] = {}
+
+    def owners(name: str) -> tuple[nn.Module, dict[str, Tensor | None], str]:
+        path, _, leaf = name.rpartition(".")
+        module = mixer.get_submodule(path) if path else mixer
+        table = module._parameters if leaf in module._parameters else module._buffers
+        return module, table, leaf
+
+    def slice_in(_module: nn.Module, _args: object) -> None:
+        for name, (dim, parts) in tensors.items():
+            _, table, leaf = owners(name)
+            tensor = table[leaf]
+            assert tensor is not None
+            whole[name] = tensor
+            table[leaf] = rank_channels(tensor, dim, parts, rank, cp)
+
+    def restore(_module: nn.Module, _args: object, _out: object) -> None:
+        for name, tensor in whole.items():
+            _, table, leaf = owners(name)
+            table[leaf] = tensor
+        whole.clear()
+
+    mixer.register_forward_pre_hook(slice_in)
+    mixer.register_forward_hook(restore)
+    mixer.d_model = d // cp
+
+    def to_channels(_module: nn.Module, _args: object, out: Tensor) -> Tensor:
+        return shard.to_channels(out, first)
+
+    def to_sequence(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return (shard.to_sequence(args[0]), *args[1:])
+
+    match mixer:
+        case HyenaMixer():
+            mixer.in_proj.register_forward_hook(to_channels)
+            mixer.filter.register_forward_hook(
+                lambda _m, _a, h_CL: rank_channels(h_CL, 0, tensors["filter.bias"][1], rank, cp))
+            mixer.out_proj.register_forward_pre_hook(to_sequence, prepend=True)
+        case StripedHyenaMixer():
+            mixer.projections.register_forward_hook(to_channels)
+            mixer.out_filter_dense.register_forward_pre_hook(to_sequence, prepend=True)
+        case S4Mixer():
+            # after TP's own exchange to channel shards (`plans.ChannelShardedInput`)
+            mixer.register_forward_pre_hook(lambda _m, args: (shard.to_channels(args[0], first), *args[1:]))
+            mixer.output_linear.register_forward_pre_hook(to_sequence, prepend=True)
+            if mixer.plan.n_ssm > 1:
+                mixer.plan = replace(mixer.plan, n_ssm=mixer.plan.n_ssm // cp)
+        case _:
+            assert_never(mixer)

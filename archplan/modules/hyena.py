@@ -165,11 +165,12 @@ class HyenaMixer(nn.Module):
         )
 
     def forward(self, x_BTD: Tensor, state: HyenaState | None = None) -> Tensor:
-        d, t = self.d_model, x_BTD.shape[1]
+        d = self.d_model
         seen = state.seen if state is not None else 0
+        u_BCT = self.in_proj(x_BTD).transpose(1, 2)
+        t = u_BCT.shape[2]  # the length convolved: the whole sequence under context parallelism
         if seen + t > self.plan.l_max:
             raise ArchplanError(f"position {seen + t - 1} is beyond the Hyena filter length l_max {self.plan.l_max}")
-        u_BCT = self.in_proj(x_BTD).transpose(1, 2)
         tail = state.tail_BCJ if state is not None else None
         u_BCT, next_tail = causal_short_conv(u_BCT, self.short_filter.weight, self.short_filter.bias, tail)
         *xs, v_BDT = u_BCT.split(d, dim=1)

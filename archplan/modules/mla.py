@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from archplan.modules.attention import cache_step, sdpa
+from archplan.modules.attention import SequenceShard, cache_step, sdpa
 from archplan.modules.cache import LatentState
 from archplan.modules.norms import build_norm
 from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, yarn_mscale
@@ -63,6 +63,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(h * plan.v_head_dim, d_model, bias=False)
         self.rotary = RotaryEmbedding(r, rope) if rope is not None else None
         self.alibi = Alibi(h) if alibi else None
+        self.context: SequenceShard | None = None  # context parallelism (`distributed.context`)
         self.scale = 1.0 / math.sqrt(plan.qk_head_dim)
         scaling = rope.scaling if rope is not None else None
         if scaling is not None and scaling.kind == "yarn" and scaling.mscale_all_dim:
@@ -95,25 +96,52 @@ class MLA(nn.Module):
         q_nope, q_pe, ckv_BTC, kpe_BTR = self._project(x_BTD, offset)
         return q_nope, q_pe, torch.cat([ckv_BTC, kpe_BTR], dim=-1)
 
-    def _project(self, x_BTD: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q_nope, rotated q_pe, the normed latent c_kv (B, T, C) and the rotated k_pe (B, T, R)."""
+    def _latent(self, x_BTD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q_nope, q_pe (not rotated), the normed latent c_kv (B, T, C) and k_pe (B, T, R) before
+        the per-rank hook and the rotation."""
         p = self.plan
         b, t, _ = x_BTD.shape
         dn, r, c = p.qk_nope_head_dim, p.qk_rope_head_dim, p.kv_lora_rank
         q_BHTX = self._queries(x_BTD).view(b, t, p.n_heads, dn + r).transpose(1, 2)
         q_nope, q_pe = q_BHTX.split([dn, r], dim=-1)
         ckv_BTC, kpe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([c, r], dim=-1)
-        ckv_BTC = self.kv_a_norm(ckv_BTC)
+        return q_nope, q_pe, self.kv_a_norm(ckv_BTC), kpe_BTR
+
+    def _project(self, x_BTD: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q_nope, rotated q_pe, the normed latent c_kv (B, T, C) and the rotated k_pe (B, T, R)."""
+        q_nope, q_pe, ckv_BTC, kpe_BTR = self._latent(x_BTD)
         kpe_BTR = self.k_pe(kpe_BTR)
         if self.rotary is not None:
-            cos, sin = self.rotary(offset, t)
+            cos, sin = self.rotary(offset, x_BTD.shape[1])
             q_pe = apply_rotary(q_pe, cos, sin)
             kpe_BTR = apply_rotary(kpe_BTR, cos, sin)
         return q_nope, q_pe, ckv_BTC, kpe_BTR
 
+    def _context_parallel(self, x_BTD: Tensor, shard: SequenceShard) -> Tensor:
+        """Context parallelism with the latent gathered: every rank's [c_kv | k_pe] (C + R per
+        token, the rows of the decode cache) in one all-gather over cp, then each rank expands
+        the keys and values of its heads for the whole sequence and attends its queries at their
+        global positions. The expanded K/V would be H·(Dn + R + Dv) per token (40,960 vs 576 for
+        DeepSeek-V3, DeepSeek-V2 §2.1.2's cache ratio): the gather is that much smaller, at the
+        cost of re-expanding every key on every rank (kv_b_proj over T instead of T/cp tokens)."""
+        p = self.plan
+        t, device = x_BTD.shape[1], x_BTD.device
+        q_nope, q_pe, ckv_BTC, kpe_BTR = self._latent(x_BTD)
+        latent_BSX = shard.gather(torch.cat([ckv_BTC, kpe_BTR], dim=-1), 1)
+        ckv_BSC, kpe_BSR = latent_BSX.split([p.kv_lora_rank, p.qk_rope_head_dim], dim=-1)
+        kpe_BSR = self.k_pe(kpe_BSR)
+        qpos_T, kpos_S = shard.positions(t, device), shard.key_positions(t, device)
+        if self.rotary is not None:
+            q_pe = apply_rotary(q_pe, *self.rotary.at(qpos_T))
+            kpe_BSR = apply_rotary(kpe_BSR, *self.rotary.at(kpos_S))
+        mask = shard.mask(t, p.window, self.alibi, q_nope.dtype, device)
+        return self._expand(q_nope, q_pe, ckv_BSC, kpe_BSR, qpos_T, kpos_S, False, mask)
+
     def forward(self, x_BTD: Tensor, state: LatentState | None = None) -> Tensor:
         p = self.plan
         b, t, _ = x_BTD.shape
+        if state is None and self.context is not None:
+            return self.o_proj(self._context_parallel(x_BTD, self.context))
         if state is None:
             # no cache: c_kv and k_pe go to the expansion as they are, never concatenated (under
             # tensor parallelism c_kv is replicated over tp and k_pe this rank's share of it)
@@ -137,7 +165,7 @@ class MLA(nn.Module):
         return self._expand(q_nope, q_pe, ckv_BSC, kpe_BSR, qpos_T, kpos_S, cached)
 
     def _expand(self, q_nope: Tensor, q_pe: Tensor, ckv_BSC: Tensor, kpe_BSR: Tensor, qpos_T: Tensor,
-                kpos_S: Tensor, cached: bool) -> Tensor:
+                kpos_S: Tensor, cached: bool, mask: Tensor | None = None) -> Tensor:
         p = self.plan
         b, h, t, _ = q_nope.shape
         s = kpe_BSR.shape[1]
@@ -148,7 +176,7 @@ class MLA(nn.Module):
         q_BHTX = torch.cat([q_nope, q_pe], dim=-1)
         out_BHTDv = sdpa(
             q_BHTX, k_BHSX, v_BHSDv, qpos_T, kpos_S,
-            window=p.window, alibi=self.alibi, cached=cached, gqa=False, scale=self.scale,
+            window=p.window, alibi=self.alibi, cached=cached, gqa=False, scale=self.scale, mask=mask,
         )
         return out_BHTDv.transpose(1, 2).reshape(b, t, h * dv)
 

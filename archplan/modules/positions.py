@@ -185,8 +185,11 @@ class SinusoidalPositions(nn.Module):
         self.inv_freq = torch.tensor(freqs, dtype=torch.float32, device=self.inv_freq.device)
 
     def forward(self, offset: int, length: int) -> Tensor:
-        pos_T = torch.arange(offset, offset + length, device=self.inv_freq.device, dtype=torch.float32)
-        angle = pos_T[:, None] * self.inv_freq[None, :]  # (T, ⌈D/2⌉)
+        return self.at(torch.arange(offset, offset + length, device=self.inv_freq.device))
+
+    def at(self, pos_T: Tensor) -> Tensor:
+        """The table's rows at the given positions (context parallelism: a rank's chunks)."""
+        angle = pos_T.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, ⌈D/2⌉)
         # interleave sin (even dims) and cos (odd dims), then drop the extra dim of an odd D
         pe = torch.stack([angle.sin(), angle.cos()], dim=-1)  # (T, ⌈D/2⌉, 2)
         return pe.flatten(-2)[:, : self.d_model]

@@ -101,8 +101,9 @@ class StripedHyenaMixer(nn.Module):
         return torch.stack(ys, dim=-1)
 
     def forward(self, x_BTD: Tensor, state: StripedHyenaState | None = None) -> Tensor:
-        d, t, g = self.d_model, x_BTD.shape[1], self.plan.filter_groups
+        d, g = self.d_model, self.plan.filter_groups
         z_BCT = self.projections(x_BTD).transpose(1, 2)
+        t = z_BCT.shape[2]  # the length convolved: the whole sequence under context parallelism
         tail = state.fir_BCJ if state is not None else None
         z_BCT, next_tail = causal_short_conv(z_BCT, self.short_filter_weight, self.short_filter_bias, tail)
         x2_BDT, x1_BDT, v_BDT = z_BCT.split(d, dim=1)

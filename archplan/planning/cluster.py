@@ -117,7 +117,8 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 - CP, per long-conv layer and micro-batch (`long_conv_exchange`): an all-to-all from sequence to
   channel shards before the convolutions and one back after, in the forward and the backward.
 - CP, per attention layer and micro-batch: "all_gather" (Llama 3 §3.3.2): an all-gather of K and V
-  in the forward, again in the backward, and a reduce-scatter of their gradients; "ring"
+  in the forward, again in the backward, and a reduce-scatter of their gradients (MLA under the
+  torch engine: of its latent [c_kv | k_pe], `_kv_bytes`); "ring"
   (Megatron-Core): cp − 1 K/V sends and receives in the forward, twice that in the backward.
 - PP: per chunk boundary and micro-batch, the activation (forward) and its gradient (backward),
   1/tp of it per rank (Narayanan et al. 2021 §4.1: scattered over the TP ranks before the send,
@@ -584,12 +585,24 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> flo
     """Bytes one micro-batch keeps through one attention layer beyond the per-token model under
     the torch engine's context parallelism (`distributed/context.py`, measured by verify
     --layout): SDPA saves the all-gathered K and V of the whole sequence, where the per-token
-    model counts the rank's own. Megatron's all-gather CP (Transformer Engine) re-gathers them in
-    the backward instead."""
-    plan, cp = data.plan, layout.cp
-    if cp == 1 or engine == "megatron" or not isinstance(plan.layers[layer].mixer, AttentionPlan):
+    model counts the rank's own; MLA keeps, for the keys of the other ranks, the gathered latent
+    [c_kv | k_pe] (kv_b_proj's input, `_kv_bytes`), kv_b_proj's output [K_nope | V] (Dn + Dv per
+    head, V a view of it) and SDPA's K (Dn + R per head). Megatron's
+    all-gather CP (Transformer Engine) re-gathers them in the backward instead."""
+    plan, cp, tp = data.plan, layout.cp, layout.tp
+    mixer = plan.layers[layer].mixer
+    if cp == 1 or engine == "megatron":
         return 0.0
-    return layout.mb * _kv_bytes(plan.layers[layer], data.seq, layout.tp) * (cp - 1) / cp
+    match mixer:
+        case AttentionPlan():
+            per_sequence = _kv_bytes(plan.layers[layer], data.seq, tp, engine)
+        case MLAPlan():
+            heads = math.ceil(mixer.n_heads / tp)
+            per_sequence = _kv_bytes(plan.layers[layer], data.seq, tp, engine) + ACT_BYTES * data.seq * heads * (
+                mixer.qk_head_dim + mixer.qk_nope_head_dim + mixer.v_head_dim)
+        case _:
+            return 0.0
+    return layout.mb * per_sequence * (cp - 1) / cp
 
 
 def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
@@ -597,15 +610,21 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     positions of the rank's tokens and of the gathered keys (int64) and, per distinct window,
     the additive mask of its queries against every key in the compute dtype (T/cp × T, × the
     rank's heads with ALiBi), shared by the layers and micro-batches and kept by SDPA for the
-    backward. FlashAttention with bottom-right causal alignment (Transformer Engine) needs none."""
+    backward; with long convolutions, the gathered keys' positions and their sequence order
+    (`distributed.context.ContextShard.to_channels`). FlashAttention with bottom-right causal
+    alignment (Transformer Engine) needs none."""
     plan, cp, seq = data.plan, layout.cp, data.seq
     mixers = [plan.layers[i].mixer for i in layers]
-    attention = [m for m in mixers if isinstance(m, AttentionPlan)]
-    if cp == 1 or engine == "megatron" or not attention:
+    attention = [m for m in mixers if isinstance(m, AttentionPlan | MLAPlan)]
+    long_conv = any(long_conv_exchange(plan.layers[i], 1)[0] for i in layers)
+    if cp == 1 or engine == "megatron" or not (attention or long_conv):
         return 0
+    ids = (seq // cp if attention else 0) + seq + (seq if long_conv else 0)
+    if not attention:
+        return TOKEN_ID_BYTES * ids
     heads = math.ceil(attention[0].n_heads / layout.tp) if plan.position == "alibi" else 1
     windows = {m.window for m in attention}
-    return TOKEN_ID_BYTES * (seq // cp + seq) + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
+    return TOKEN_ID_BYTES * ids + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -723,15 +742,24 @@ def rank_memory(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
 
 
 # ------------------------------------------------------------------------------ collectives
-def _kv_bytes(layer: LayerPlan, tokens: int, tp: int) -> int:
-    """K and V of the rank's heads over `tokens` (what context parallelism exchanges), bf16."""
+def _kv_bytes(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> int:
+    """What context parallelism exchanges per attention layer over `tokens`, bf16: K and V of the
+    rank's heads; for MLA, Megatron-Core (Transformer Engine's CP) the expanded K and V of its
+    heads, the torch engine the latent [c_kv | k_pe] of the decode cache (C + R per token, the same
+    on every tp rank; `modules.mla.MLA._context_parallel`), each rank then expanding every key."""
     match layer.mixer:
         case AttentionPlan():
             a = layer.mixer
             return 2 * ACT_BYTES * tokens * math.ceil(a.n_kv_heads / tp) * a.head_dim
         case MLAPlan():
             m = layer.mixer
-            return ACT_BYTES * tokens * math.ceil(m.n_heads / tp) * (m.qk_head_dim + m.v_head_dim)
+            match engine:
+                case "megatron":
+                    return ACT_BYTES * tokens * math.ceil(m.n_heads / tp) * (m.qk_head_dim + m.v_head_dim)
+                case "torch":
+                    return ACT_BYTES * tokens * (m.kv_lora_rank + m.qk_rope_head_dim)
+                case _:
+                    assert_never(engine)
         case _:
             return 0
 
@@ -858,7 +886,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         conv_calls: dict[int, int] = {}
         for i in chunk.layers:
             layer = plan.layers[i]
-            kv = _kv_bytes(layer, tokens * cp, tp)
+            kv = _kv_bytes(layer, tokens * cp, tp, engine)
             if kv:
                 kv_calls[kv] = kv_calls.get(kv, 0) + 1
             for channels in long_conv_exchange(layer, plan.d_model):

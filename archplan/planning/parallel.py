@@ -205,11 +205,25 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
 
 
 def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
-    """Why CP degree cp cannot split this model's long convolutions: their CP ranks trade sequence
-    shards for channel shards (`cluster.long_conv_exchange`), d_model over tp·cp ranks."""
-    long_conv = any(isinstance(l.mixer, (S4Plan, HyenaPlan, StripedHyenaPlan)) for l in plan.layers)
-    if cp > 1 and long_conv and plan.d_model % (tp * cp):
-        return f"long convolutions split d_model {plan.d_model} over tp·cp = {tp * cp} channel shards"
+    """Why CP degree cp cannot split this model. Long convolutions trade sequence shards for
+    channel shards (`cluster.long_conv_exchange`): d_model over tp·cp ranks, and what groups of
+    channels share (StripedHyena's modal filters, S4's SSM copies beyond one) with them
+    (`distributed.context.long_conv_context`). A selective scan's state runs through the whole
+    sequence and no context-parallel exchange of it is built (verify --layout runs none), so Mamba
+    layers refuse cp > 1."""
+    if cp == 1:
+        return None
+    shards = tp * cp
+    for layer in plan.layers:
+        match layer.mixer:
+            case Mamba1Plan() | Mamba2Plan():
+                return "Mamba layers under context parallelism (no selective-scan state exchange is built)"
+            case S4Plan() | HyenaPlan() | StripedHyenaPlan() if plan.d_model % shards:
+                return f"long convolutions split d_model {plan.d_model} over tp·cp = {shards} channel shards"
+            case StripedHyenaPlan(filter_groups=g) if (plan.d_model // g) % shards:
+                return f"{plan.d_model // g} modal filters do not split over tp·cp = {shards} channel shards"
+            case S4Plan(n_ssm=n) if n != 1 and n != tp and n % shards:
+                return f"{n} S4 SSM copies do not split over tp·cp = {shards} channel shards"
     return None
 
 
