@@ -194,6 +194,22 @@ def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
     assert a2a.mesh_dim == "ep" and a2a.measured == a2a.analytic == 2 * 2 * 2  # 2 layers, dispatch+combine, fwd+bwd
 
 
+def test_fake_verify_moe_without_expert_parallelism(fake_world: None) -> None:
+    """ep = tp = 1: the dp ranks hold every expert as they hold the dense weights, so torch keeps
+    the experts in the block's FSDP unit, and plan's records must be that one unit's (a separate
+    expert_dp record was priced before)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1").complete()
+    result = check_layout_run(plan, layout, 32, microbatches=1)
+    rows = {r.category: r for r in result.memory}
+    for name in ("parameters", "gradients", "optimizer"):
+        assert rows[name].measured == rows[name].analytic > 0
+    assert all(r.ok for r in result.collectives), [r for r in result.collectives if not r.ok]
+    assert not any(r.mesh_dim == "expert_dp" for r in result.collectives)
+
+
 @pytest.mark.parametrize(("spec", "layout"), [
     ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
     ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1"),

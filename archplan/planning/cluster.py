@@ -467,12 +467,20 @@ def model_data(plan: ModelPlan, seq: int) -> ModelData:
 
 
 @lru_cache(maxsize=65536)
+def _own_unit(t: Tensor, tp: int, ep: int) -> bool:
+    """Whether an expert tensor is sharded and reduced apart from the dense weights: only when
+    other ranks hold it than hold them (ep splits the experts; under tp every tp rank holds them
+    whole). At ep = tp = 1 the same dp·cp ranks hold both, so they share the block's FSDP unit
+    (`distributed.shard`) and its records."""
+    return t.expert and (ep > 1 or tp > 1)
+
+
 def _local_numel(tensors: tuple[Tensor, ...], tp: int, ep: int) -> tuple[int, int]:
     """(dense, expert) elements of these tensors on tp/ep rank 0."""
     dense = expert = 0
     for t in tensors:
         n = t.local_numel(tp, ep)
-        if t.expert:
+        if _own_unit(t, tp, ep):
             expert += n
         else:
             dense += n
@@ -486,11 +494,12 @@ def _fsdp_numel(tensors: tuple[Tensor, ...], tp: int, ep: int, dp: int, edp: int
     for t in tensors:
         shape = t.local_shape(tp, ep)
         rest = math.prod(shape[1:])
-        if t.expert and shape[0] < edp:
+        own = _own_unit(t, tp, ep)
+        if own and shape[0] < edp:
             # fewer local experts than shards: FSDP2 shards dim 1 instead (`distributed.shard`,
             # torchtitan's `_experts_shard_placement_fn`)
             expert += shape[0] * math.ceil(shape[1] / edp) * math.prod(shape[2:])
-        elif t.expert:
+        elif own:
             expert += math.ceil(shape[0] / edp) * rest
         else:
             dense += math.ceil(shape[0] / dp) * rest
