@@ -12,6 +12,7 @@ layout; the largest run it under `-m heavy` and a cheaper layout of the same kin
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -65,6 +66,10 @@ HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "gpt-
 # (70b), an MoE stand-in (deepseek-v3, jamba-v0.1), long convolution (hyena-153m, s4d-lm).
 SAME_KIND = {"7b", "falcon-7b", "llama-2-7b", "mistral-7b", "qwen2.5-7b",
              "claude-3-opus-rumored", "llama-3-70b", "frontier-1t-moe", "gpt-4-rumored", "stripedhyena-7b"}
+# 32 layers on the measured rank at their pp = 1 top layouts (TP4 + SP; mixtral also EP8): by
+# default they run at pp = 4 with the top layout's tp, ep and zero (8 layers), so the same sharding
+# runs at a quarter of the cost; the top layout itself with `-m heavy`.
+PP4_OF_TOP = {"llama-3-8b", "mixtral-8x7b"}
 DENSE = "tp=8,cp=1,pp=4,dp=32,ep=1,zero=3,recompute=full,mb=1"
 CHEAPER = {"70b": DENSE, "claude-3-opus-rumored": DENSE, "llama-3-70b": DENSE,
            # llama-3.1-405b: test_llama_405b_at_16384_ranks
@@ -104,7 +109,7 @@ def _check(result: LayoutCheck) -> None:
 
 
 def _marks(name: str) -> list[pytest.MarkDecorator]:
-    return [pytest.mark.heavy] if name in HEAVY or name in SAME_KIND else []
+    return [pytest.mark.heavy] if name in HEAVY or name in SAME_KIND or name in PP4_OF_TOP else []
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
@@ -126,6 +131,16 @@ def test_heavy_presets_at_a_pp4_layout(fake_world: None, name: str) -> None:
     _check(check_layout_run(plan, layout, SEQ.get(name, 32), microbatches=1))
 
 
+@pytest.mark.parametrize("name", sorted(PP4_OF_TOP))
+def test_top_layout_at_pp4(fake_world: None, name: str) -> None:
+    plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
+    top = plan_top_layout(name)
+    assert top.pp == 1
+    layout = replace(top, pp=4, dp=top.dp // 4)
+    assert layout.world == GPUS
+    _check(check_layout_run(plan, layout, 32, microbatches=1))
+
+
 def test_stand_ins_are_for_heavy_presets() -> None:
     assert CHEAPER.keys() <= HEAVY <= set(NAMES)
 
@@ -144,7 +159,7 @@ def test_tp_layout_passes_whole(fake_world: None) -> None:
     within ACTIVATION_TOLERANCE (the torch engine: DTensor's gathered column inputs, act(gate),
     fp32 norm inputs)."""
     plan = resolve(load_spec(PRESETS / "llama-3-8b.yaml"))
-    layout = parse_layout("tp=2,cp=1,pp=1,dp=4,ep=1,zero=3,recompute=none,mb=1").complete()
+    layout = parse_layout("tp=2,cp=1,pp=4,dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
     result = check_layout_run(plan, layout, 256, microbatches=1)
     assert result.ok, [r for r in (*result.memory, *result.collectives) if not r.ok]
 
@@ -157,7 +172,7 @@ def test_tp_layout_passes_whole(fake_world: None) -> None:
 ZERO_AND_TIED = {
     "gpt2": ("tp=1,cp=1,pp=4,dp=256,ep=1,zero=1,recompute=full,mb=1", []),
     "gemma-2b": ("tp=1,cp=1,pp=2,dp=512,ep=1,zero=0,recompute=none,mb=1", []),
-    "mixtral-8x7b": ("tp=1,cp=1,pp=4,dp=256,ep=8,zero=0,recompute=full,mb=1", [pytest.mark.slow]),
+    "mixtral-8x7b": ("tp=1,cp=1,pp=4,dp=256,ep=8,zero=0,recompute=full,mb=1", [pytest.mark.heavy]),
 }
 
 
@@ -172,7 +187,7 @@ def test_zero_0_1_and_tied_embeddings_across_stages(fake_world: None, name: str,
                    for r in result.collectives)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # CI budget: tests/test_distributed.py runs vpp = 2 on tiny specs by default
 def test_interleaved_pipeline_at_1024_gpus(fake_world: None) -> None:
     """vpp = 2 (Megatron's interleaved 1F1B) on llama-3-8b TP2 PP4 DP128: the last rank's two model
     chunks, 8 micro-batches; model states and every collective exact."""
