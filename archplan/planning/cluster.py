@@ -608,6 +608,18 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     return TOKEN_ID_BYTES * (seq // cp + seq) + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
 
 
+def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) -> float:
+    """Bytes of one sequence's chunk output kept until that chunk's backward (the last chunk's is
+    the loss). torch's pipelining keeps each stage output for its backward
+    (`PipelineStage.forward_one_chunk`'s `fwd_cache`), and so does the torch engine's `step`;
+    Megatron-LM frees its data once sent and keeps only its autograd node
+    (`deallocate_output_tensor`, on with `deallocate_pipeline_outputs`, which megatron.training
+    sets), so under full recompute a Megatron chunk keeps its layers' inputs alone."""
+    if chunk.last or engine == "megatron":
+        return 0.0
+    return ACT_BYTES * data.seq * data.plan.d_model / (layout.tp if layout.sequence_parallel else 1)
+
+
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
     tp, ep, zero = layout.tp, layout.ep, layout.zero
@@ -668,6 +680,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
+        per_mb += _held_output(data, layout, chunk, states.engine)
         activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, states.engine)
         if mode != "full":
             activations += count * sum(_cp_kept(data, layout, i, states.engine) for i in chunk.layers)
