@@ -657,9 +657,14 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     grads_sharded = zero >= 2 or (zero == 1 and states.params_always_sharded and microbatches == 1)
     parameters = states.param_bytes * (shard if params_sharded else full)
     gradients = states.grad_bytes * (shard if grads_sharded else full)
-    if states.engine == "torch" and _fsdp_accumulates(layout, microbatches) and chunks[0].first:
+    head_reads_embedding = data.plan.tied and chunks[-1].last  # both ends on this rank (pp = 1)
+    if (states.engine == "torch" and _fsdp_accumulates(layout, microbatches) and chunks[0].first
+            and not head_reads_embedding):
         # DTensor's embedding backward gives the vocabulary-parallel weight's gradient Replicate
-        # (whole vocabulary on every tp rank); FSDP2 accumulates it so until the reduction
+        # (whole vocabulary on every tp rank); FSDP2 accumulates it so until the reduction. A
+        # tied head's Shard(0) gradient of the same weight comes first (the head runs backward
+        # before the embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only
+        # the rank's rows are accumulated then (measured by verify --layout)
         gradients += states.grad_bytes * (data.first[0].numel - _local_numel(data.first[:1], tp, ep)[0])
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
     temporary = 0
