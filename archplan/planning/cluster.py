@@ -77,7 +77,7 @@ saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-b
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
 micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
 layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
-unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
+unit, each non-last model chunk's output is kept until its backward (`_held_output`); and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
 records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
 stage's root unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
