@@ -154,6 +154,13 @@ class StageRunner:
         if inp is not None:
             assert inp.grad is not None
             self.send(inp.grad, -1)
+            # torch's ModTracker (inside the memory trackers) hooks every module input with a
+            # multi-grad hook whose closure holds the input's grad node; that node reaches this leaf
+            # (its AccumulateGrad holds it) and is held from C++, a cycle gc never frees. Megatron's
+            # pseudo-free (`deallocate_output_tensor`: swap `.data` for an empty tensor) releases
+            # the storage whoever holds the leaf, as a run without a tracker frees it here.
+            inp.grad = None
+            inp.data = torch.empty(0, dtype=inp.dtype, device=inp.device)
 
     def sync_tied_gradient(self) -> None:
         """Sum the embedding's gradient with its copy's on the other end stage (Megatron's

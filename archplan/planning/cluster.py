@@ -77,7 +77,7 @@ saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-b
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
 micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
 layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
-unit; and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
+unit, each non-last model chunk's output is kept until its backward (`_held_output`); and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
 records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
 stage's root unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
@@ -636,6 +636,18 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     return TOKEN_ID_BYTES * ids + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
 
 
+def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) -> float:
+    """Bytes of one sequence's chunk output kept until that chunk's backward (the last chunk's is
+    the loss). torch's pipelining keeps each stage output for its backward
+    (`PipelineStage.forward_one_chunk`'s `fwd_cache`), and so does the torch engine's `step`;
+    Megatron-LM frees its data once sent and keeps only its autograd node
+    (`deallocate_output_tensor`, on with `deallocate_pipeline_outputs`, which megatron.training
+    sets), so under full recompute a Megatron chunk keeps its layers' inputs alone."""
+    if chunk.last or engine == "megatron":
+        return 0.0
+    return ACT_BYTES * data.seq * data.plan.d_model / (layout.tp if layout.sequence_parallel else 1)
+
+
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
     tp, ep, zero = layout.tp, layout.ep, layout.zero
@@ -673,9 +685,14 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     grads_sharded = zero >= 2 or (zero == 1 and states.params_always_sharded and microbatches == 1)
     parameters = states.param_bytes * (shard if params_sharded else full)
     gradients = states.grad_bytes * (shard if grads_sharded else full)
-    if states.engine == "torch" and _fsdp_accumulates(layout, microbatches) and chunks[0].first:
+    head_reads_embedding = data.plan.tied and chunks[-1].last  # both ends on this rank (pp = 1)
+    if (states.engine == "torch" and _fsdp_accumulates(layout, microbatches) and chunks[0].first
+            and not head_reads_embedding):
         # DTensor's embedding backward gives the vocabulary-parallel weight's gradient Replicate
-        # (whole vocabulary on every tp rank); FSDP2 accumulates it so until the reduction
+        # (whole vocabulary on every tp rank); FSDP2 accumulates it so until the reduction. A
+        # tied head's Shard(0) gradient of the same weight comes first (the head runs backward
+        # before the embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only
+        # the rank's rows are accumulated then (measured by verify --layout)
         gradients += states.grad_bytes * (data.first[0].numel - _local_numel(data.first[:1], tp, ep)[0])
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
     temporary = 0
@@ -696,6 +713,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
+        per_mb += _held_output(data, layout, chunk, states.engine)
         activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, states.engine)
         if mode != "full":
             activations += count * sum(_cp_kept(data, layout, i, states.engine) for i in chunk.layers)
