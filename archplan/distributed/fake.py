@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+from torch._guards import active_fake_mode
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -143,6 +144,9 @@ def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMem
     return RankMemory(**{name: max(p[name] for p in per) for name in RankMemory.__dataclass_fields__})
 
 
+_DEVICE = torch.ops.prim.device.default
+
+
 class StepTracker(FSDPMemTracker):
     """FSDPMemTracker with the same figures at a lower cost per op (every op of the step passes
     through it):
@@ -151,7 +155,11 @@ class StepTracker(FSDPMemTracker):
       (a weak-reference dereference per unit per op, through `checkpoint_wrapper.__getattr__`);
       the global peak below is torch's own second loop, unchanged;
     - collectives counted in this dispatch (`recorder`, when set) rather than by a second mode
-      stacked above it: the same ops, DTensor's deferred alike (`CollectiveRecorder`)."""
+      stacked above it: the same ops, DTensor's deferred alike (`CollectiveRecorder`);
+    - `prim.device` (a fake tensor's `.device`, about half of the ops it sees: autograd and
+      DTensor ask every tensor's device) returns a device, no tensor: of torch's handling only
+      the peak update applies (an unsharded weight's `resize_` raises the current snapshot
+      between ops), the rest (reference type, tracking the outputs) has nothing to act on."""
 
     recorder: CollectiveRecorder | None = None
 
@@ -162,7 +170,14 @@ class StepTracker(FSDPMemTracker):
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if self.recorder is not None and not any(issubclass(t, DTensor) for t in types):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # as torch's: DTensor runs first, its local ops come back here
+        if func is _DEVICE:
+            device = func(*args, **(kwargs or {}))
+            if active_fake_mode() is self._fake_mode_on_entry:
+                self._update_peak_stats(None)
+            return device
+        if self.recorder is not None:
             self.recorder.count(func, args)
         return super().__torch_dispatch__(func, types, args, kwargs)
 
