@@ -92,6 +92,13 @@ class CollectiveRecorder(TorchDispatchMode):
             # on the stack, so the collectives its op handlers issue inside an op (loss_parallel's
             # all-reduces of the max, the sum of exponentials and the target logit) are seen
             return NotImplemented
+        self.count(func, args)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, func: Any, args: tuple[Any, ...]) -> None:
+        """Record `func` if it is a collective: what the mode does for each op, callable from
+        another mode's dispatch (`fake.StepTracker` counts in its own, one Python mode per op
+        fewer)."""
         entry = _OPS.get(func)
         if entry is not None and self.enabled:
             kind, tensor_at, group_at = entry
@@ -100,7 +107,6 @@ class CollectiveRecorder(TorchDispatchMode):
             nbytes = _nbytes(args[tensor_at]) * (size if func in _GATHER_FROM_INPUT else 1)
             dim = _dim(kind, self.dims_by_group[name], func.namespace == "_c10d_functional")
             self.calls[(kind, dim, size, nbytes, func.__name__)] += 1
-        return func(*args, **(kwargs or {}))
 
     def records(self) -> tuple[Collective, ...]:
         return tuple(Collective(kind, dim, size, nbytes, count, what=op)
