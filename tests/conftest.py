@@ -6,9 +6,9 @@ runs keep hypothesis's random exploration (and its example database) to find new
 
 Under pytest-xdist (`-n auto`, the README's and CI's test command) each worker is a process of its
 own on a core of its own: torch's intra-op pool is held to one thread per worker, before any test
-imports torch, so two workers on two cores do not fight over four threads. Modules whose
-module-scoped fixture is expensive (two gloo processes, a wheel build, the published-runs table)
-carry `pytest.mark.xdist_group`, so `--dist loadgroup` runs each such module on one worker and the
+imports torch, so two workers on two cores do not fight over four threads. Tests sharing an
+expensive module-scoped fixture (the one pair of gloo processes, a wheel build, the published-runs
+table) carry `pytest.mark.xdist_group`, so `--dist loadgroup` runs them on one worker and the
 fixture once.
 """
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-
-pytestmark = pytest.mark.xdist_group("test_distributed")
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
@@ -18,6 +17,9 @@ import torch.multiprocessing as mp  # noqa: E402
 from archplan.loader import load_spec  # noqa: E402
 from archplan.planning.layout import parse_layout  # noqa: E402
 from archplan.resolve import resolve  # noqa: E402
+
+if TYPE_CHECKING:
+    from archplan.distributed.check import LayoutCheck
 
 FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
 TOLERANCE = 1e-4  # fp32: only the order of the sums differs between one and two processes
@@ -140,6 +142,11 @@ def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# under pytest-xdist (--dist loadgroup) every case of the one gloo pair runs on the same worker
+GLOO_GROUP = pytest.mark.xdist_group("gloo")
+
+
+@GLOO_GROUP
 @pytest.mark.parametrize("case", [c for c, (check, *_) in GLOO_CASES.items() if check == "parity"])
 def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
@@ -150,6 +157,7 @@ def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
         assert losses[-1] < losses[0], losses
 
 
+@GLOO_GROUP
 @pytest.mark.parametrize("case", [c for c, (check, *_) in GLOO_CASES.items() if check == "pipeline_parity"])
 def test_tied_embeddings_across_two_gloo_stages_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
@@ -163,16 +171,21 @@ def fake_world():
         dist.destroy_process_group()
 
 
-def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> None:
+def _states_exact(spec: str, layout: str, microbatches: int) -> LayoutCheck:
+    """verify --layout at seq 32 on a tiny fixture; model states asserted exact."""
     from archplan.distributed.check import check_layout_run
 
-    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
-    layout = parse_layout("tp=2,cp=1,pp=2,dp=4,ep=1,zero=3,recompute=full,mb=1").complete()
-    result = check_layout_run(plan, layout, 32, microbatches=2)
+    plan = resolve(load_spec(FIXTURES / spec))
+    result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=microbatches)
     rows = {r.category: r for r in result.memory}
     for name in ("parameters", "gradients", "optimizer"):
         assert rows[name].measured == rows[name].analytic > 0
-    assert rows["activations"].measured > 0
+    return result
+
+
+def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> None:
+    result = _states_exact("tiny-llama.yaml", "tp=2,cp=1,pp=2,dp=4,ep=1,zero=3,recompute=full,mb=1", 2)
+    assert {r.category: r for r in result.memory}["activations"].measured > 0
     by_dim = {(r.mesh_dim, r.kind): r for r in result.collectives}
     assert {("dp", "all_gather"), ("dp", "reduce_scatter"), ("pp", "send"), ("pp", "recv")} <= by_dim.keys()
     for row in result.collectives:
@@ -181,14 +194,7 @@ def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> N
 
 
 def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
-    from archplan.distributed.check import check_layout_run
-
-    plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
-    layout = parse_layout("tp=1,cp=1,pp=1,dp=4,ep=4,zero=3,recompute=none,mb=1").complete()
-    result = check_layout_run(plan, layout, 32, microbatches=1)
-    rows = {r.category: r for r in result.memory}
-    for name in ("parameters", "gradients", "optimizer"):
-        assert rows[name].measured == rows[name].analytic > 0
+    result = _states_exact("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=4,ep=4,zero=3,recompute=none,mb=1", 1)
     # ep = dp here (expert_dp = 1): the all-to-all is still named for expert parallelism
     [a2a] = [r for r in result.collectives if r.kind == "all_to_all"]
     assert a2a.mesh_dim == "ep" and a2a.measured == a2a.analytic == 2 * 2 * 2  # 2 layers, dispatch+combine, fwd+bwd
@@ -198,14 +204,7 @@ def test_fake_verify_moe_without_expert_parallelism(fake_world: None) -> None:
     """ep = tp = 1: the dp ranks hold every expert as they hold the dense weights, so torch keeps
     the experts in the block's FSDP unit, and plan's records must be that one unit's (a separate
     expert_dp record was priced before)."""
-    from archplan.distributed.check import check_layout_run
-
-    plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
-    layout = parse_layout("tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1").complete()
-    result = check_layout_run(plan, layout, 32, microbatches=1)
-    rows = {r.category: r for r in result.memory}
-    for name in ("parameters", "gradients", "optimizer"):
-        assert rows[name].measured == rows[name].analytic > 0
+    result = _states_exact("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", 1)
     assert all(r.ok for r in result.collectives), [r for r in result.collectives if not r.ok]
     assert not any(r.mesh_dim == "expert_dp" for r in result.collectives)
 
