@@ -77,9 +77,10 @@ saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-b
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
 micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
 layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
-unit, each non-last model chunk's output is kept until its backward (`_held_output`); and its "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP
-records are FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the
-stage's root unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
+unit, each non-last model chunk's output is kept until its backward (`_held_output`); and its
+"flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP records are
+FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
+unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
 all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per model chunk, the
 positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
@@ -466,7 +467,6 @@ def model_data(plan: ModelPlan, seq: int) -> ModelData:
     return ModelData(plan, seq)
 
 
-@lru_cache(maxsize=65536)
 def _own_unit(t: Tensor, tp: int, ep: int) -> bool:
     """Whether an expert tensor is sharded and reduced apart from the dense weights: only when
     other ranks hold it than hold them (ep splits the experts; under tp every tp rank holds them
@@ -475,6 +475,7 @@ def _own_unit(t: Tensor, tp: int, ep: int) -> bool:
     return t.expert and (ep > 1 or tp > 1)
 
 
+@lru_cache(maxsize=65536)
 def _local_numel(tensors: tuple[Tensor, ...], tp: int, ep: int) -> tuple[int, int]:
     """(dense, expert) elements of these tensors on tp/ep rank 0."""
     dense = expert = 0
