@@ -18,8 +18,9 @@ tests, and it takes `is_causal` SDPA without masks, windows or ALiBi.
 MLA gathers its latent [c_kv | k_pe] instead (C + R per token, `MLA._context_parallel`), and
 each rank expands the keys and values of its heads; long convolutions (S4/S4D, Hyena,
 StripedHyena) trade sequence shards for channel shards by an all-to-all and back
-(`long_conv_context`); learned and sinusoidal positions are added at the rank's global positions
-(`global_positions`). Mamba layers are refused (`refusal`).
+(`long_conv_context`), and so do Mamba-1 and Mamba-2 around their convolution and selective scan
+(`mamba_context`, after Megatron-Core's `MambaContextParallel`); learned and sinusoidal positions
+are added at the rank's global positions (`global_positions`).
 
 Everything else runs on the rank's tokens as it is: the norms, projections and FFNs are
 per-token, the loss is the mean over the rank's tokens (the same count on every rank, so the
@@ -46,6 +47,8 @@ from archplan.errors import ArchplanError
 from archplan.modules.attention import Attention, attention_mask
 from archplan.modules.mla import MLA
 from archplan.modules.hyena import HyenaMixer
+from archplan.modules.mamba1 import Mamba1Mixer
+from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.positions import Alibi, SinusoidalPositions
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
@@ -115,6 +118,28 @@ class AllToAll(torch.autograd.Function):
         return _waited(funcol.all_to_all_single(grad.contiguous(), None, None, ctx.group)), None  # type: ignore[attr-defined]
 
 
+class AllReduce(torch.autograd.Function):
+    """Sum over the cp group of partial sums every rank then reads whole (Mamba-1's x_proj over
+    its channel shards); the backward sums the parts of the gradient that each rank's channels
+    return (Megatron's reduce / copy pair in one node). A DTensor over tp is reduced by its local
+    tensor and keeps its placements, as in `GatherKV`."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor,  # type: ignore[override]
+                group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group  # type: ignore[attr-defined]
+        return _like(x, _summed(x, group))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return _like(grad, _summed(grad, ctx.group)), None  # type: ignore[attr-defined]
+
+
+def _summed(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    local = x.to_local() if isinstance(x, DTensor) else x
+    return _waited(funcol.all_reduce(local.contiguous(), "sum", group))
+
+
 def _like(template: Tensor, local: Tensor) -> Tensor:
     """`local` as a DTensor with `template`'s mesh and placements when `template` is one."""
     if isinstance(template, DTensor):
@@ -181,13 +206,14 @@ class ContextShard:
         recv_PBTC = AllToAll.apply(send_PBTC, self.group)
         return recv_PBTC.movedim(0, 1).flatten(1, 2).index_select(1, self._sequence_order(t, device))
 
-    def to_sequence(self, y_BSC: Tensor) -> Tensor:
-        """`to_channels` back for one block: every token of the rank's C/cp channels → its own
-        T/cp tokens of all C channels, in the rank's chunk order."""
+    def to_sequence(self, y_BSC: Tensor, blocks: int = 1) -> Tensor:
+        """`to_channels` back for `blocks` equal blocks side by side: every token of the rank's
+        C/cp channels → its own T/cp tokens of all C channels, in the rank's chunk order."""
         t, device = y_BSC.shape[1] // self.cp, y_BSC.device
         send_PBTC = y_BSC.index_select(1, self.key_positions(t, device)).unflatten(1, (self.cp, t)).movedim(1, 0)
         recv_PBTC = AllToAll.apply(send_PBTC, self.group)
-        return recv_PBTC.movedim(0, 2).flatten(2)
+        # (B, t, source rank, block, C/(cp·blocks)) → each block's channels in rank order
+        return recv_PBTC.movedim(0, 2).unflatten(3, (blocks, -1)).transpose(2, 3).flatten(2)
 
     def _sequence_order(self, t: int, device: torch.device) -> Tensor:
         return self._cached(("order", t, device), lambda: self.key_positions(t, device).argsort())
@@ -203,9 +229,12 @@ def refusal(stage: Stage, cp: int) -> str | None:
                 why = _channel_problem(block.mixer, cp)
                 if why:
                     return f"layer {i}: {why} under context parallelism (channel shards)"
+            case Mamba1Mixer() | Mamba2Mixer():
+                why = _mamba_problem(block.mixer, cp)
+                if why:
+                    return f"layer {i}: {why} under context parallelism (Megatron-Core's head/channel shards)"
             case _:
-                return (f"layer {i}: {type(block.mixer).__name__} under context parallelism (no exchange "
-                        "of a selective scan's state is built)")
+                return f"layer {i}: {type(block.mixer).__name__} under context parallelism (no exchange is built)"
     return None
 
 
@@ -245,13 +274,15 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
     windows = tuple(dict.fromkeys(m.plan.window for m in attention))
     shard = ContextShard(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), layout.cp,
                          attention[0].alibi if attention else None, windows,
-                         any(isinstance(m, HyenaMixer | StripedHyenaMixer | S4Mixer) for m in mixers))
+                         any(isinstance(m, LongConv | Mamba) for m in mixers))
     for mixer in mixers:
         match mixer:
             case Attention() | MLA():
                 mixer.context = shard
             case HyenaMixer() | StripedHyenaMixer() | S4Mixer():
                 long_conv_context(mixer, shard)
+            case Mamba1Mixer() | Mamba2Mixer():
+                mamba_context(mixer, shard)
     global_positions(stage, shard)
     split = layout.tp if layout.sequence_parallel else 1
 
@@ -314,6 +345,40 @@ def _channel_tensors(mixer: LongConv) -> tuple[Parts, dict[str, tuple[int, Parts
             assert_never(mixer)
 
 
+def _rows(dim: int, parts: Parts, rank: int, cp: int) -> Callable[[Tensor], Tensor]:
+    return lambda t: rank_channels(t, dim, parts, rank, cp)
+
+
+def _sliced_while_running(mixer: nn.Module, rows: dict[str, Callable[[Tensor], Tensor]]) -> None:
+    """During the mixer's forward, each named parameter or buffer (dotted path → how the rank's
+    channels read off it) is replaced by the rank's slice of it, a differentiable view (each
+    channel's gradient comes from the one rank that ran it), and restored after. A DTensor over
+    tp is sliced by its local tensor and keeps its placements (Mamba-1's x_proj and dt_proj)."""
+    whole: dict[str, Tensor] = {}
+
+    def owners(name: str) -> tuple[dict[str, Tensor | None], str]:
+        path, _, leaf = name.rpartition(".")
+        module = mixer.get_submodule(path) if path else mixer
+        return (module._parameters if leaf in module._parameters else module._buffers), leaf
+
+    def slice_in(_module: nn.Module, _args: object) -> None:
+        for name, read in rows.items():
+            table, leaf = owners(name)
+            tensor = table[leaf]
+            assert tensor is not None
+            whole[name] = tensor
+            table[leaf] = _like(tensor, read(tensor.to_local() if isinstance(tensor, DTensor) else tensor))
+
+    def restore(_module: nn.Module, _args: object, _out: object) -> None:
+        for name, tensor in whole.items():
+            table, leaf = owners(name)
+            table[leaf] = tensor
+        whole.clear()
+
+    mixer.register_forward_pre_hook(slice_in)
+    mixer.register_forward_hook(restore)
+
+
 def long_conv_context(mixer: LongConv, shard: ContextShard) -> None:
     """A long-convolution mixer under context parallelism (`cluster.long_conv_exchange`): a
     causal convolution reads every earlier position, so the rank trades its T/cp tokens of the
@@ -327,30 +392,7 @@ def long_conv_context(mixer: LongConv, shard: ContextShard) -> None:
     rank, cp = shard.rank, shard.cp
     first, tensors = _channel_tensors(mixer)
     d = mixer.d_model
-    whole: dict[str, Tensor] = {}
-
-    def owners(name: str) -> tuple[nn.Module, dict[str, Tensor | None], str]:
-        path, _, leaf = name.rpartition(".")
-        module = mixer.get_submodule(path) if path else mixer
-        table = module._parameters if leaf in module._parameters else module._buffers
-        return module, table, leaf
-
-    def slice_in(_module: nn.Module, _args: object) -> None:
-        for name, (dim, parts) in tensors.items():
-            _, table, leaf = owners(name)
-            tensor = table[leaf]
-            assert tensor is not None
-            whole[name] = tensor
-            table[leaf] = rank_channels(tensor, dim, parts, rank, cp)
-
-    def restore(_module: nn.Module, _args: object, _out: object) -> None:
-        for name, tensor in whole.items():
-            _, table, leaf = owners(name)
-            table[leaf] = tensor
-        whole.clear()
-
-    mixer.register_forward_pre_hook(slice_in)
-    mixer.register_forward_hook(restore)
+    _sliced_while_running(mixer, {name: _rows(dim, parts, rank, cp) for name, (dim, parts) in tensors.items()})
     mixer.d_model = d // cp
 
     def to_channels(_module: nn.Module, _args: object, out: Tensor) -> Tensor:
@@ -374,5 +416,98 @@ def long_conv_context(mixer: LongConv, shard: ContextShard) -> None:
             mixer.output_linear.register_forward_pre_hook(to_sequence, prepend=True)
             if mixer.plan.n_ssm > 1:
                 mixer.plan = replace(mixer.plan, n_ssm=mixer.plan.n_ssm // cp)
+        case _:
+            assert_never(mixer)
+
+
+# ------------------------------------------------------------------------- selective scans
+Mamba = Mamba1Mixer | Mamba2Mixer
+
+
+def _mamba_problem(mixer: Mamba, cp: int) -> str | None:
+    """Megatron-Core's `MambaContextParallel` rules on the tp rank's sizes: Mamba-2's heads split
+    over cp, and its groups either split over cp or each go whole to cp/groups ranks; Mamba-1 (no
+    context parallelism there) splits its d_inner channels."""
+    match mixer:
+        case Mamba1Mixer():
+            i = mixer.plan.d_inner
+            return None if i % cp == 0 else f"Mamba d_inner {i} per tp rank over cp={cp}"
+        case Mamba2Mixer():
+            h, g = mixer.plan.n_heads, mixer.plan.n_groups
+            if h % cp or g % cp and cp % g:
+                return f"{h} Mamba-2 heads / {g} groups per tp rank over cp={cp} (groups must split or divide cp)"
+            return None
+        case _:
+            assert_never(mixer)
+
+
+def _spread(t: Tensor, dim: int, parts: Parts, blocks: tuple[int, ...], groups: int, r: int) -> tuple[Tensor, Parts]:
+    """`t` with each of the `groups` groups of channels in `blocks` repeated r times in place, and
+    the widened parts: Mamba-2's B and C when a tp rank holds fewer groups than cp ranks, so that
+    cp rank c receives whole group c // r with its heads (Megatron-Core `pre_conv_ssm`)."""
+    if r == 1:
+        return t, parts
+    pieces, sizes = list(t.split(parts, dim)), list(parts)
+    for k in blocks:
+        pieces[k] = pieces[k].unflatten(dim, (groups, -1)).repeat_interleave(r, dim).flatten(dim, dim + 1)
+        sizes[k] *= r
+    return torch.cat(pieces, dim), tuple(sizes)
+
+
+def mamba_context(mixer: Mamba, shard: ContextShard) -> None:
+    """A Mamba mixer under context parallelism (`cluster.mamba_exchange`), as Megatron-Core's
+    `MambaContextParallel`: in_proj runs on the rank's T/cp tokens; its output is traded for every
+    token of 1/cp of the channels (`ContextShard.to_channels`), so the causal conv1d and the
+    selective scan run on whole sequences of the rank's channels (Mamba-1) or heads with their
+    groups' B and C (Mamba-2), with the rank's slices of the per-channel weights; the scan's
+    output is traded back before out_proj (`to_sequence`). Mamba-1's x_proj contracts the rank's
+    channels: its dt_rank + 2·d_state partial sums are all-reduced over cp (`AllReduce`), as over tp
+    (`plans.RowwiseReplicated`), and dt_proj computes the rank's channels only. Mamba-2's gated
+    RMSNorm runs on the rank's channels when it holds whole groups; when groups are spread over
+    ranks, y and the gate z go back together before it (Megatron gates inside its fused scan
+    kernel and sends y alone)."""
+    rank, cp = shard.rank, shard.cp
+
+    def to_sequence(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return (shard.to_sequence(args[0]), *args[1:])
+
+    match mixer:
+        case Mamba1Mixer():
+            i = mixer.plan.d_inner
+            # every tensor indexed by d_inner: A_log, D, the conv's taps and bias, dt_proj's rows
+            rows = {name: _rows(0, (i,), rank, cp) for name, _ in mixer.named_parameters()
+                    if name.split(".")[0] in ("A_log", "D", "conv1d", "dt_proj")}
+            _sliced_while_running(mixer, rows | {"x_proj.weight": _rows(1, (i,), rank, cp)})
+            mixer.in_proj.register_forward_hook(lambda _m, _a, out: shard.to_channels(out, (i, i)))
+            mixer.x_proj.register_forward_hook(lambda _m, _a, out: AllReduce.apply(out, shard.group))
+            mixer.out_proj.register_forward_pre_hook(to_sequence, prepend=True)
+            mixer.plan = replace(mixer.plan, d_inner=i // cp)
+        case Mamba2Mixer():
+            p = mixer.plan
+            i, hs, g, gn = p.d_inner, p.n_heads, p.n_groups, p.n_groups * p.d_state
+            r = max(cp // g, 1)
+            conv = (i, gn, gn)
+
+            def conv_rows(t: Tensor) -> Tensor:
+                spread, parts = _spread(t, 0, conv, (1, 2), g, r)
+                return rank_channels(spread, 0, parts, rank, cp)
+
+            def to_channels(_module: nn.Module, _args: object, out: Tensor) -> Tensor:
+                return shard.to_channels(*_spread(out, 2, (i, i, gn, gn, hs), (2, 3), g, r))
+
+            rows = {name: conv_rows for name, _ in mixer.conv1d.named_parameters(prefix="conv1d")}
+            rows |= {name: _rows(0, (hs,), rank, cp) for name in ("dt_bias", "A_log", "D")}
+            mixer.in_proj.register_forward_hook(to_channels)
+            if r == 1:  # whole groups on the rank: its heads' norm groups run where they are
+                rows["norm.weight"] = _rows(0, (i,), rank, cp)
+                mixer.norm.n_groups //= cp
+                mixer.out_proj.register_forward_pre_hook(to_sequence, prepend=True)
+            else:
+                def yz_to_sequence(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                    return tuple(shard.to_sequence(torch.cat(args, -1), 2).chunk(2, -1))
+
+                mixer.norm.register_forward_pre_hook(yz_to_sequence)
+            _sliced_while_running(mixer, rows)
+            mixer.plan = replace(p, d_inner=i // cp, n_heads=hs // cp, n_groups=g * r // cp)
         case _:
             assert_never(mixer)

@@ -223,9 +223,11 @@ class Mamba2Mixer(nn.Module):
     def forward(self, x_BTD: Tensor, state: Mamba2State | None = None) -> Tensor:
         """Full sequence (state=None) or continuation of `state` (prefill fills it, T=1 decodes)."""
         plan = self.plan
-        b, t, _ = x_BTD.shape
         i, hs, p, g, n = plan.d_inner, plan.n_heads, plan.head_dim, plan.n_groups, plan.d_state
         z_BTI, xbc_BTX, dt_BTHs = self.in_proj(x_BTD).split([i, plan.conv_dim, hs], dim=-1)
+        # the scan's tokens: under context parallelism in_proj's output is the whole sequence of
+        # the rank's heads, not the T/cp tokens it read (distributed/context.py `mamba_context`)
+        b, t, _ = xbc_BTX.shape
         context = state.conv_BXW if state is not None else None
         conv_BXT, next_context_BXW = causal_depthwise_conv(
             xbc_BTX.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, context

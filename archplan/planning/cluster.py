@@ -117,6 +117,10 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
   SSM copy.
 - CP, per long-conv layer and micro-batch (`long_conv_exchange`): an all-to-all from sequence to
   channel shards before the convolutions and one back after, in the forward and the backward.
+- CP, per Mamba layer and micro-batch (`mamba_exchange`, Megatron-Core's `MambaContextParallel`):
+  the same pair around the conv1d and the selective scan (in_proj's output to whole sequences of
+  the rank's channels or heads, the scan's output back); Mamba-1's x_proj partial sums over the
+  rank's channels all-reduced over cp too, for the whole sequence, forward and backward.
 - CP, per attention layer and micro-batch: "all_gather" (Llama 3 §3.3.2): an all-gather of K and V
   in the forward, again in the backward, and a reduce-scatter of their gradients (MLA under the
   torch engine: of its latent [c_kv | k_pe], `_kv_bytes`); "ring"
@@ -155,6 +159,7 @@ from archplan.resolve import (
     HyenaPlan,
     LayerPlan,
     Mamba1Plan,
+    Mamba2Plan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -454,6 +459,28 @@ def long_conv_exchange(layer: LayerPlan, h: int) -> tuple[int, int]:
             return 0, 0
 
 
+def mamba_exchange(layer: LayerPlan, tp: int, cp: int, engine: Engine) -> tuple[int, ...]:
+    """Per token, the channels of each all-to-all a Mamba mixer's tp rank sends each way under
+    context parallelism (() for other mixers): in_proj's output to channel shards, the scan's
+    output back (Megatron-Core `MambaContextParallel.pre_conv_ssm` / `post_conv_ssm`; the
+    DeepSpeed-Ulysses exchange of Jacobs et al. 2023 over channels). Mamba-1 sends [x | z] (2I)
+    and gets y (I) back. Mamba-2 sends [z | x | B | C | dt], 2I + 2·G·N + Hs, where a tp rank with
+    fewer groups g = G/tp than cp repeats each group's B and C for its cp/g ranks (r = cp/g), and
+    gets y back; the torch engine's gated RMSNorm (one module) then takes the gate z back with y
+    (2I) when groups span ranks, where Megatron gates inside its fused scan kernel."""
+    mixer = layer.mixer
+    match mixer:
+        case Mamba1Plan():
+            return 2 * mixer.d_inner // tp, mixer.d_inner // tp
+        case Mamba2Plan():
+            i, g = mixer.d_inner // tp, max(mixer.n_groups // tp, 1)
+            r = max(cp // g, 1)
+            back = 2 * i if r > 1 and engine == "torch" else i
+            return 2 * i + 2 * g * r * mixer.d_state + mixer.n_heads // tp, back
+        case _:
+            return ()
+
+
 def _heads(layer: LayerPlan) -> int:
     match layer.mixer:
         case AttentionPlan() | MLAPlan():
@@ -626,7 +653,8 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     plan, cp, seq = data.plan, layout.cp, data.seq
     mixers = [plan.layers[i].mixer for i in layers]
     attention = [m for m in mixers if isinstance(m, AttentionPlan | MLAPlan)]
-    long_conv = any(long_conv_exchange(plan.layers[i], 1)[0] for i in layers)
+    long_conv = any(long_conv_exchange(plan.layers[i], 1)[0] or mamba_exchange(plan.layers[i], 1, cp, engine)
+                    for i in layers)
     if cp == 1 or engine == "megatron" or not (attention or long_conv):
         return 0
     ids = (seq // cp if attention else 0) + seq + (seq if long_conv else 0)
@@ -866,15 +894,17 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
         # Mamba-1 (`distributed.plans.mamba1_plan`): x_proj contracts the rank's d_inner channels;
         # its dt_rank + 2·d_state partial sums are all-reduced in the forward (again under full
-        # recompute), and their gradient, returned in parts by each rank's channels, in the backward
+        # recompute), and their gradient, returned in parts by each rank's channels, in the backward;
+        # under CP for the whole sequence of the rank's channels, over tp and then over cp
         x_proj: dict[int, int] = {}
         for i in chunk.layers:
             mixer = plan.layers[i].mixer
             if isinstance(mixer, Mamba1Plan):
-                width = ACT_BYTES * tokens * (mixer.dt_rank + 2 * mixer.d_state)
+                width = ACT_BYTES * tokens * cp * (mixer.dt_rank + 2 * mixer.d_state)
                 x_proj[width] = x_proj.get(width, 0) + 1
         for width, n in x_proj.items():
             add("all_reduce", "tp", tp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (TP)", tp_over)
+            add("all_reduce", "cp", cp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (CP)")
         if chunk.first:
             # Megatron-LM adds learned positions to the whole embedding output, all-reduced, and
             # scatters the sum over the sequence (`LanguageModelEmbedding`: no reduce-scatter then)
@@ -912,6 +942,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         kv_calls: dict[int, int] = {}
         ep_calls: dict[int, int] = {}
         conv_calls: dict[int, int] = {}
+        scan_calls: dict[int, int] = {}
         for i in chunk.layers:
             layer = plan.layers[i]
             kv = _kv_bytes(layer, tokens * cp, tp, engine)
@@ -921,6 +952,9 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 if channels:
                     sent = ACT_BYTES * tokens * channels // tp
                     conv_calls[sent] = conv_calls.get(sent, 0) + 1
+            for channels in mamba_exchange(layer, tp, cp, engine):
+                sent = ACT_BYTES * tokens * channels
+                scan_calls[sent] = scan_calls.get(sent, 0) + 1
             if isinstance(layer.ffn, MoEPlan):
                 routed = ACT_BYTES * (tokens // tp if sp else tokens) * layer.ffn.top_k * plan.d_model
                 ep_calls[routed] = ep_calls.get(routed, 0) + 1
@@ -941,6 +975,8 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for sent, n in conv_calls.items():  # forward (again under full recompute) and backward
             add("all_to_all", "cp", cp, sent, m * n * (fwd + 1),
                 f"{span} long-conv sequence <-> channel shards (CP)")
+        for sent, n in scan_calls.items():  # forward (again under full recompute) and backward
+            add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} Mamba sequence <-> head shards (CP)")
         for routed, n in ep_calls.items():
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)

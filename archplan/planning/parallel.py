@@ -208,16 +208,20 @@ def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
     """Why CP degree cp cannot split this model. Long convolutions trade sequence shards for
     channel shards (`cluster.long_conv_exchange`): d_model over tp·cp ranks, and what groups of
     channels share (StripedHyena's modal filters, S4's SSM copies beyond one) with them
-    (`distributed.context.long_conv_context`). A selective scan's state runs through the whole
-    sequence and no context-parallel exchange of it is built (verify --layout runs none), so Mamba
-    layers refuse cp > 1."""
+    (`distributed.context.long_conv_context`). Mamba layers do the same around their conv1d and
+    selective scan (`cluster.mamba_exchange`) under Megatron-Core's `MambaContextParallel` rules:
+    Mamba-1's d_inner and Mamba-2's heads split over tp·cp, and a tp rank's Mamba-2 groups either
+    split over cp or each go whole to cp/groups ranks."""
     if cp == 1:
         return None
     shards = tp * cp
     for layer in plan.layers:
         match layer.mixer:
-            case Mamba1Plan() | Mamba2Plan():
-                return "Mamba layers under context parallelism (no selective-scan state exchange is built)"
+            case Mamba1Plan(d_inner=i) if i % shards:
+                return f"Mamba d_inner {i} does not split over tp·cp = {shards} channel shards"
+            case Mamba2Plan(n_heads=h, n_groups=g) if h % shards or g // tp % cp and cp % max(g // tp, 1):
+                return (f"{h} Mamba-2 heads / {g} groups over tp·cp = {shards}: heads split over tp·cp, a tp "
+                        f"rank's groups split over cp or divide it (Megatron-Core)")
             case S4Plan() | HyenaPlan() | StripedHyenaPlan() if plan.d_model % shards:
                 return f"long convolutions split d_model {plan.d_model} over tp·cp = {shards} channel shards"
             case StripedHyenaPlan(filter_groups=g) if (plan.d_model // g) % shards:
