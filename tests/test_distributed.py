@@ -53,6 +53,8 @@ TP_EDGES: dict[str, tuple[str, dict[str, object]]] = {
     "qk-per-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("per_head", "rmsnorm", 1)),
 }
 TP2 = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
+MAMBA2_ONE_GROUP = {"kind": "mamba2", "d_state": 16, "d_conv": 4, "expand": 2, "head_dim": 32, "n_groups": 1,
+                    "chunk_size": 8}
 
 # Every gloo equivalence case: (check in archplan.distributed.parity, fixture, top-level fields
 # replaced, layout). All of them run in ONE pair of processes (`gloo_results`): a pair per case
@@ -97,6 +99,14 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     "cp2-stripedhyena-full-recompute": ("parity", "tiny-stripedhyena.yaml", {},
                                         "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
     "cp2-s4d-selective": ("parity", "tiny-s4d.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=selective,mb=2"),
+    # Mamba (Megatron-Core's MambaContextParallel): in_proj's output to whole sequences of half the
+    # channels / heads, conv1d and scan there, the output back; Jamba-shaped Mamba-1 + attention with
+    # x_proj's partial sums all-reduced over cp; Mamba-2 with a group per rank, and with its one
+    # group's B and C repeated for both ranks (the gated norm after the exchange back)
+    "cp2-mamba1-selective": ("parity", "tiny-mamba.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=selective,mb=2"),
+    "cp2-mamba2-full-recompute": ("parity", "tiny-mamba2.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
+    "cp2-mamba2-one-group": ("parity", "tiny-mamba2.yaml", {"ssm": MAMBA2_ONE_GROUP},
+                             "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
     # PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy of
     # the embedding included, equal the one-process model's (the copies' gradients summed)
     "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
@@ -297,6 +307,39 @@ def test_fake_verify_context_parallel_mixers_exact(fake_world: None, spec: str, 
     assert any(r.mesh_dim == "cp" and r.measured for r in result.collectives)
 
 
+@pytest.mark.parametrize(("spec", "layout", "cp_calls"), [
+    # Jamba-shaped Mamba-1 + attention under TP + SP + CP, full recompute: per Mamba layer [x | z]
+    # out and y back, x_proj's sums over tp then cp, each forward, again in the recompute, backward
+    pytest.param("tiny-mamba.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1",
+                 {("all_to_all", 2 * 16 * 128), ("all_to_all", 2 * 16 * 64), ("all_reduce", 2 * 32 * 24),
+                  ("all_gather", 2 * 32 * 2 * 16), ("reduce_scatter", 2 * 32 * 2 * 16)}, id="mamba1-tp2-full-recompute",
+                 marks=pytest.mark.heavy),
+    # Mamba-2, 2 groups: one per tp rank, repeated for both cp ranks; y and the gate z back together
+    pytest.param("tiny-mamba2.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=selective,mb=1",
+                 {("all_to_all", 2 * 16 * (128 + 2 * 2 * 16 + 2)), ("all_to_all", 2 * 16 * 128)}, id="mamba2-tp2-spread"),
+    pytest.param("tiny-mamba.yaml", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=selective,mb=1", None,
+                 id="mamba1-selective", marks=pytest.mark.heavy),
+    # a group per cp rank: the gated norm on the rank's heads, y alone back
+    pytest.param("tiny-mamba2.yaml", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
+                 {("all_to_all", 2 * 16 * (256 + 2 * 2 * 16 + 4)), ("all_to_all", 2 * 16 * 128)}, id="mamba2",
+                 marks=pytest.mark.heavy),
+])
+def test_fake_verify_mamba_context_parallel_exact(fake_world: None, spec: str, layout: str,
+                                                  cp_calls: set[tuple[str, int]] | None) -> None:
+    """Model states and every collective, the Mamba exchanges over cp included, as the layout
+    model prices them (`cluster.mamba_exchange`); bytes per call (bf16, 32 tokens, 16 per cp rank)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / spec))
+    result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=1)
+    for row in result.memory:
+        if row.judged == "exact":
+            assert row.ok and row.measured > 0, row
+    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    seen = {(r.kind, r.bytes) for r in result.collectives if r.mesh_dim == "cp" and r.measured}
+    assert seen == cp_calls if cp_calls is not None else seen
+
+
 def test_refusals_are_one_line(fake_world: None) -> None:
     from archplan.distributed.check import check_layout_run
     from archplan.errors import ArchplanError
@@ -306,10 +349,10 @@ def test_refusals_are_one_line(fake_world: None) -> None:
     layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=1,sp=off").complete()
     with pytest.raises(ArchplanError, match="MoE layers under tensor parallelism without sequence parallelism"):
         check_layout_run(plan, layout, 32, microbatches=1)
-    # no context-parallel exchange of a selective scan's state is built
-    mamba = resolve(load_spec(FIXTURES / "tiny-mamba.yaml"))
-    layout = parse_layout("tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
-    with pytest.raises(ArchplanError, match="under context parallelism"):
+    # Megatron-Core's MambaContextParallel gives every cp rank at least one Mamba-2 head
+    mamba = resolve(load_spec(FIXTURES / "tiny-mamba2.yaml"))
+    layout = parse_layout("tp=1,cp=8,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
+    with pytest.raises(ArchplanError, match="4 Mamba-2 heads / 2 groups per tp rank over cp=8"):
         check_layout_run(mamba, layout, 32, microbatches=1)
 
 

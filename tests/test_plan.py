@@ -27,8 +27,10 @@ from archplan.planning.cluster import rank_memory
 from archplan.planning.layout import Layout, parse_layout
 from archplan.planning.parallel import Settings, cp_problem, interconnect, search, tp_problem
 from archplan.planning.solve import Targets, solve
-from archplan.resolve import resolve
+from archplan.resolve import ModelPlan, resolve
 from archplan.spec import Spec
+
+DISTRIBUTED = Path(__file__).parent / "fixtures" / "distributed"
 
 H100 = accelerator("h100")
 NET = interconnect(H100)
@@ -586,11 +588,45 @@ def test_long_conv_tp_and_cp_must_split_the_channels() -> None:
     assert cp_problem(resolve(load_spec("llama-3-8b")), 8, 16) is None  # attention needs no channel split
 
 
-def test_mamba_refuses_context_parallelism() -> None:
-    """No context-parallel exchange of a selective scan's state is built, so plan proposes none."""
-    mamba = resolve(load_spec("mamba-2.8b"))
-    assert cp_problem(mamba, 1, 1) is None
-    assert cp_problem(mamba, 1, 2) == "Mamba layers under context parallelism (no selective-scan state exchange is built)"
-    with pytest.raises(ArchplanError, match="cp=2: Mamba layers under context parallelism"):
-        search(mamba, H100, 64, seq=2048, global_batch_tokens=1e6, net=NET,
-               fixed=parse_layout("tp=1,cp=2,pp=1,dp=32,ep=1,zero=1,recompute=none,mb=1"))
+def test_mamba_context_parallelism_follows_megatron_rules() -> None:
+    """Mamba layers split over tp·cp as Megatron-Core's MambaContextParallel: Mamba-1's d_inner
+    channels, Mamba-2's heads, and a tp rank's groups split over cp or dividing it."""
+    mamba = resolve(load_spec("mamba-2.8b"))  # d_inner 5120
+    assert cp_problem(mamba, 1, 2) is None and cp_problem(mamba, 4, 8) is None
+    assert cp_problem(mamba, 1, 3) == "Mamba d_inner 5120 does not split over tp·cp = 3 channel shards"
+    with pytest.raises(ArchplanError, match="cp=3: Mamba d_inner 5120"):
+        search(mamba, H100, 96, seq=1536, global_batch_tokens=1e6, net=NET,
+               fixed=parse_layout("tp=1,cp=3,pp=1,dp=32,ep=1,zero=1,recompute=none,mb=1"))
+
+    def mamba2(d_model: int, groups: int) -> ModelPlan:  # head_dim 32, expand 2: d_model / 16 heads
+        ssm = {"kind": "mamba2", "d_state": 16, "expand": 2, "head_dim": 32, "n_groups": groups}
+        data = spec_data(load_spec(DISTRIBUTED / "tiny-mamba2.yaml")) | {"d_model": d_model, "ssm": ssm}
+        return resolve(Spec.model_validate(data))
+
+    four = mamba2(64, 2)  # 4 heads in 2 groups
+    assert cp_problem(four, 1, 2) is None  # a group per cp rank
+    assert cp_problem(four, 1, 4) is None and cp_problem(four, 2, 2) is None  # each group on 2 ranks
+    assert cp_problem(four, 1, 8) == ("4 Mamba-2 heads / 2 groups over tp·cp = 8: heads split over tp·cp, "
+                                      "a tp rank's groups split over cp or divide it (Megatron-Core)")
+    assert cp_problem(mamba2(192, 3), 1, 2) is not None  # 12 heads split, 3 groups neither split nor divide 2
+
+
+def test_mamba_exchange_bytes() -> None:
+    """Per token, the channels each Mamba all-to-all sends (`cluster.mamba_exchange`)."""
+    from archplan.planning.cluster import mamba_exchange, step_collectives
+
+    layer = resolve(load_spec(DISTRIBUTED / "tiny-mamba2.yaml")).layers[0]  # I 128, 4 heads, 2 groups, N 16
+    assert mamba_exchange(layer, 1, 2, "torch") == (2 * 128 + 2 * 2 * 16 + 4, 128)
+    # tp = 2: one group per tp rank, repeated for its 2 cp ranks; the gate goes back with y (torch)
+    assert mamba_exchange(layer, 2, 2, "torch") == (2 * 64 + 2 * 1 * 2 * 16 + 2, 2 * 64)
+    assert mamba_exchange(layer, 2, 2, "megatron") == (2 * 64 + 2 * 1 * 2 * 16 + 2, 64)
+    jamba = resolve(load_spec(DISTRIBUTED / "tiny-mamba.yaml"))  # Mamba-1 (I 128, dt_rank 8, N 8) + GQA
+    assert mamba_exchange(jamba.layers[0], 2, 4, "torch") == (128, 64)
+    assert mamba_exchange(jamba.layers[1], 2, 4, "torch") == ()
+    # x_proj's dt_rank + 2N partial sums for the whole sequence (32 tokens, bf16), over tp then cp:
+    # forward, recompute, backward (tests/test_distributed.py measures the same on the fake PG)
+    layout = parse_layout("tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1").complete()
+    calls = {(c.kind, c.mesh_dim, c.bytes): c.count for c in step_collectives(jamba, layout, 32, microbatches=1)
+             if c.what.endswith("Mamba x_proj partial sums (CP)") or "Mamba sequence" in c.what}
+    assert calls == {("all_reduce", "cp", 2 * 32 * 24): 3, ("all_to_all", "cp", 2 * 16 * 128): 3,
+                     ("all_to_all", "cp", 2 * 16 * 64): 3}
