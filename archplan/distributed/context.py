@@ -161,7 +161,7 @@ class ContextShard:
     cp: int
     alibi: Alibi | None  # the layers' ALiBi (the same slopes in every layer)
     windows: tuple[int | None, ...]  # the distinct windows of the stage's attention layers
-    exchanges: bool  # the stage has long convolutions (their sequence order, `to_channels`)
+    exchanges: bool  # the stage has long convolutions or Mamba layers (their sequence order, `to_channels`)
     built: dict[tuple[object, ...], Tensor] = field(default_factory=dict, compare=False)
 
     def prepare(self, t: int, dtype: torch.dtype, device: torch.device) -> None:
