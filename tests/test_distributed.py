@@ -193,6 +193,19 @@ def _states_exact(spec: str, layout: str, microbatches: int) -> LayoutCheck:
     return result
 
 
+def _all_exact(spec: str, layout: str, seq: int = 32, microbatches: int = 1) -> LayoutCheck:
+    """verify --layout on a tiny fixture; every exact-judged memory row and every collective match."""
+    from archplan.distributed.check import check_layout_run
+
+    result = check_layout_run(resolve(load_spec(FIXTURES / spec)), parse_layout(layout).complete(), seq,
+                              microbatches=microbatches)
+    for row in result.memory:
+        if row.judged == "exact":
+            assert row.ok and row.measured > 0, row
+    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    return result
+
+
 def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> None:
     result = _states_exact("tiny-llama.yaml", "tp=2,cp=1,pp=2,dp=4,ep=1,zero=3,recompute=full,mb=1", 2)
     assert {r.category: r for r in result.memory}["activations"].measured > 0
@@ -261,15 +274,7 @@ def test_mamba2_with_fewer_groups_than_tp_is_refused(fake_world: None) -> None:
 def test_fake_verify_context_parallel_exact(fake_world: None, layout: str, seq: int, gathers: int) -> None:
     """Context parallelism on the fake process group: model states and every collective (the K/V
     all-gathers and their gradients' reduce-scatters over cp, DP over dp × cp) as the layout model."""
-    from archplan.distributed.check import check_layout_run
-
-    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
-    parsed = parse_layout(layout).complete()
-    result = check_layout_run(plan, parsed, seq, microbatches=parsed.pp)
-    for row in result.memory:
-        if row.judged == "exact":
-            assert row.ok and row.measured > 0, row
-    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    result = _all_exact("tiny-llama.yaml", layout, seq, microbatches=parse_layout(layout).complete().pp)
     cp_rows = {r.kind: r for r in result.collectives if r.mesh_dim == "cp"}
     assert cp_rows.keys() == {"all_gather", "reduce_scatter"}
     assert cp_rows["all_gather"].measured == gathers
@@ -296,14 +301,7 @@ def test_fake_verify_context_parallel_exact(fake_world: None, layout: str, seq: 
 def test_fake_verify_context_parallel_mixers_exact(fake_world: None, spec: str, layout: str) -> None:
     """Model states and every collective, the cp exchange of each mixer included, as the layout
     model prices them (`cluster._kv_bytes`, `cluster.long_conv_exchange`)."""
-    from archplan.distributed.check import check_layout_run
-
-    plan = resolve(load_spec(FIXTURES / spec))
-    result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=1)
-    for row in result.memory:
-        if row.judged == "exact":
-            assert row.ok and row.measured > 0, row
-    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    result = _all_exact(spec, layout)
     assert any(r.mesh_dim == "cp" and r.measured for r in result.collectives)
 
 
@@ -328,14 +326,7 @@ def test_fake_verify_mamba_context_parallel_exact(fake_world: None, spec: str, l
                                                   cp_calls: set[tuple[str, int]] | None) -> None:
     """Model states and every collective, the Mamba exchanges over cp included, as the layout
     model prices them (`cluster.mamba_exchange`); bytes per call (bf16, 32 tokens, 16 per cp rank)."""
-    from archplan.distributed.check import check_layout_run
-
-    plan = resolve(load_spec(FIXTURES / spec))
-    result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=1)
-    for row in result.memory:
-        if row.judged == "exact":
-            assert row.ok and row.measured > 0, row
-    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    result = _all_exact(spec, layout)
     seen = {(r.kind, r.bytes) for r in result.collectives if r.mesh_dim == "cp" and r.measured}
     assert seen == cp_calls if cp_calls is not None else seen
 
