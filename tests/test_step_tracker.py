@@ -1,8 +1,9 @@
 """verify --layout's `fake.StepTracker` (torch's FSDPMemTracker at a lower cost per op, collectives
-counted in its own dispatch) measures exactly what FSDPMemTracker with `comms.CollectiveRecorder`
-stacked above it measures: every memory figure, the tracker's peak by reference type and every
-collective record, on a TP + SP + FSDP layout with selective recompute (one layer, one
-micro-batch after the warm-up step: cheap, CI budget)."""
+counted in its own dispatch) measures exactly what FSDPMemTracker (with recomputed tensors filed as
+activations, `fake.RecomputeAsActivations`) with `comms.CollectiveRecorder` stacked above it
+measures: every memory figure, the tracker's peak by reference type and every collective record,
+on a TP + SP + FSDP layout with selective recompute (one layer, one micro-batch after the warm-up
+step: cheap, CI budget); and MLA-shaped attention keeps no T × S scores in the fake run."""
 
 from __future__ import annotations
 
