@@ -43,11 +43,13 @@ def test_pipeline_rank_holds_layer_inputs_and_chunk_outputs(fake_world: None, la
     """The first pipeline rank (no head) under full recompute holds, per in-flight micro-batch of
     each chunk, its layers' inputs, the chunk's output until its backward (torch engine) and the
     token ids; each received hidden state is freed after its chunk's backward (torch's ModTracker
-    used to keep every one alive: 3x this at vpp = 2). The tracker samples before each backward,
-    so the re-run layer's working set that `cluster` adds is not in the measured figure. What is
-    left (≤ 11 % here, at vpp = 2) is the input gradients already sent, which the pending send
-    works hold until the step's end (torch's `PipelineScheduleMulti` waits on its sends there
-    too) and the token ids of the micro-batches already run."""
+    used to keep every one alive: 3x this at vpp = 2). At the peak, a layer re-run in the backward
+    adds its whole activations, which `cluster` counts: the measurement files them as activations
+    (`fake.RecomputeAsActivations`; FSDPMemTracker filed them as temporary, and the measured
+    figure was the held tensors alone, below the analytic one). What the measurement holds
+    beyond the model here (+25 % at d_model 64) is small tensors the per-tensor model leaves out
+    (rotary tables' products) and the input gradients already sent, which the pending send works
+    hold until the step's end (torch's `PipelineScheduleMulti` waits on its sends there too)."""
     from archplan.distributed.fake import measure
 
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
@@ -60,8 +62,7 @@ def test_pipeline_rank_holds_layer_inputs_and_chunk_outputs(fake_world: None, la
                         + (data.first_act if c.first else 0))
                for c, count in zip(cluster.rank_chunks(len(plan.layers), parsed, 0), cluster.in_flight(parsed, m, 0)))
     analytic = cluster.rank_memory(plan, parsed, seq, microbatches=m, stage=0, states=cluster.FSDP2).activations
-    assert abs(measured - held) <= 0.15 * held, (measured, held)
-    assert held < analytic
+    assert held < analytic <= measured, (held, analytic, measured)
 
 
 def test_megatron_frees_chunk_outputs_torch_keeps_them() -> None:

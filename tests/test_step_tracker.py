@@ -1,8 +1,9 @@
 """verify --layout's `fake.StepTracker` (torch's FSDPMemTracker at a lower cost per op, collectives
-counted in its own dispatch) measures exactly what FSDPMemTracker with `comms.CollectiveRecorder`
-stacked above it measures: every memory figure, the tracker's peak by reference type and every
-collective record, on a TP + SP + FSDP layout with selective recompute (one layer, one
-micro-batch after the warm-up step: cheap, CI budget)."""
+counted in its own dispatch) measures exactly what FSDPMemTracker (with recomputed tensors filed as
+activations, `fake.RecomputeAsActivations`) with `comms.CollectiveRecorder` stacked above it
+measures: every memory figure, the tracker's peak by reference type and every collective record,
+on a TP + SP + FSDP layout with selective recompute (one layer, one micro-batch after the warm-up
+step: cheap, CI budget); and MLA-shaped attention keeps no T × S scores in the fake run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E402
 
 from archplan.distributed import fake  # noqa: E402
 from archplan.distributed.comms import CollectiveRecorder  # noqa: E402
@@ -24,8 +24,9 @@ from archplan.resolve import resolve  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
 
 
-class TorchTracker(FSDPMemTracker):
-    """The reference: torch's tracker unchanged, the recorder its own dispatch mode above it."""
+class TorchTracker(fake.RecomputeAsActivations):
+    """The reference: torch's tracker (with verify's filing of recomputed tensors as activations,
+    `fake.RecomputeAsActivations`), the recorder its own dispatch mode above it."""
 
     recorder: CollectiveRecorder | None = None
 
@@ -63,3 +64,24 @@ def test_step_tracker_measures_what_torchs_tracker_does(fake_world: None, monkey
     reference = fake.measure(plan, layout, 32, microbatches=1, stage=0)
     assert ours.collectives and ours.memory.activations > 0
     assert ours == reference
+
+
+def test_unequal_head_sizes_run_cudas_kernel_keeping_no_scores() -> None:
+    """MLA's attention (value heads narrower than the query's) under verify's fake run keeps what
+    CUDA's memory-efficient kernel keeps, no T × S probabilities (the CPU's math kernel's);
+    equal head sizes keep SDPA's own choice."""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    heads, t = 2, 64
+    saved: list[tuple[int, ...]] = []
+    with fake._cuda_attention_kernel(), FakeTensorMode(), \
+            torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x, lambda x: x):
+        q = torch.randn(1, heads, t, 24, requires_grad=True)
+        out = F.scaled_dot_product_attention(q, q, q[..., :16], is_causal=True)
+        out.sum().backward()
+        equal = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert out.shape == (1, heads, t, 16) and q.grad is not None and q.grad.shape == q.shape
+    assert equal.shape == q.shape
+    assert saved and not any(shape[-2:] == (t, t) for shape in saved), saved
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention

@@ -14,14 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
+import weakref
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 from torch._guards import active_fake_mode
 from torch import nn
@@ -102,6 +105,40 @@ def _loss_meta_untracked() -> Iterator[None]:
         parallel_loss._propagate_tensor_meta = original
 
 
+@contextmanager
+def _cuda_attention_kernel() -> Iterator[None]:
+    """SDPA with a value head size other than the query's (MLA: 128 against 192 for DeepSeek-V3)
+    through the kernel CUDA's selector picks for it, the memory-efficient one (torch sdp_utils:
+    flash needs equal head sizes, memory-efficient does not), rather than the CPU's choice, the
+    math kernel (flash-for-CPU needs them equal too), whose autograd keeps the T × S
+    probabilities per head, and whose backward makes their gradient: 2 × 4.3 GB for a
+    DeepSeek-V3 layer at 4,096 tokens (128 heads, bf16). The memory-efficient kernel keeps its
+    output and the fp32 log-sum-exp, what `planning.cluster`'s "flash" model counts. Under
+    FakeTensorMode the kernel's meta function gives its outputs (nothing runs), autograd its
+    derivative (`_scaled_dot_product_efficient_attention_backward`), and DTensor has sharding
+    rules for both. Equal head sizes keep the CPU's flash kernel (no s×s either). Patched on
+    `torch.nn.functional` as `_loss_meta_untracked` patches: a torch-function mode would not
+    reach the layers re-run by activation checkpointing inside the backward."""
+    original = F.scaled_dot_product_attention
+
+    def cuda_choice(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        if query.shape[-1] == value.shape[-1]:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        assert not enable_gqa and dropout_p == 0.0, "MLA's attention: no GQA, no dropout"
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, grad, 0.0, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = cuda_choice  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
@@ -147,9 +184,49 @@ def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMem
 _DEVICE = torch.ops.prim.device.default
 
 
-class StepTracker(FSDPMemTracker):
-    """FSDPMemTracker with the same figures at a lower cost per op (every op of the step passes
-    through it):
+class RecomputeAsActivations(FSDPMemTracker):
+    """FSDPMemTracker, corrected: what a checkpointed layer's recompute allocates in the backward is
+    filed as activations, as torch's trackers define them ("tensors produced during the forward
+    pass and recomputation in activation checkpointing", `_FSDPRefType.ACT`). FSDPMemTracker
+    detects a recompute by an FSDP unit's pre-forward running in the backward; with the units
+    around the checkpoint wrappers (torchtitan's order, `shard.apply_recompute`) the recompute
+    re-runs the wrapped layer inside its unit and no unit's pre-forward runs, so the re-run
+    layer's tensors were filed as temporary (only an MoE layer's experts, a unit of their own
+    inside the layer, were seen). The wrapped layers' forward hooks mark the region instead;
+    the exit hook runs on the exception too (`always_call`): the non-reentrant checkpoint stops
+    the recompute early by raising once the last tensor it needs is recomputed."""
+
+    _recompute_hooks: tuple[Any, ...] = ()
+
+    def _register_module_and_optimizer_hooks(self) -> None:
+        super()._register_module_and_optimizer_hooks()
+        layers = [m._checkpoint_wrapped_module for m in self._root_mod.modules()
+                  if isinstance(m, CheckpointWrapper)]
+        self._recompute_hooks = tuple(
+            h for layer in layers
+            for h in (layer.register_forward_pre_hook(self._recompute_begins),
+                      layer.register_forward_hook(self._recompute_ends, always_call=True)))
+
+    def _deregister_module_and_optimizer_hooks(self) -> None:
+        super()._deregister_module_and_optimizer_hooks()
+        for handle in self._recompute_hooks:
+            handle.remove()
+        self._recompute_hooks = ()
+
+    def _recompute_begins(self, layer: nn.Module, args: object) -> None:
+        if self._mod_tracker.is_bw and self._ac_mod is None:
+            self._ac_mod = weakref.ref(layer)
+            self._in_ac = True
+
+    def _recompute_ends(self, layer: nn.Module, args: object, output: object) -> None:
+        if self._ac_mod is not None and self._ac_mod() is layer:
+            self._ac_mod = None
+            self._in_ac = False
+
+
+class StepTracker(RecomputeAsActivations):
+    """RecomputeAsActivations with the same figures at a lower cost per op (every op of the step
+    passes through it):
     - the global peak only: torch's `_update_peak_stats` also walks every FSDP unit it tracks on
       each op to update the per-module peaks of `memory_tracking`, which `measure` never reads
       (a weak-reference dereference per unit per op, through `checkpoint_wrapper.__getattr__`);
@@ -210,7 +287,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         group_sizes[tied.group_name] = tied.size()
     recorder = CollectiveRecorder(dims_by_group, group_sizes)
     units = tuple(u for c in chunks for u in c.units)
-    with _loss_meta_untracked(), FakeTensorMode(allow_non_fake_inputs=True):
+    with _loss_meta_untracked(), _cuda_attention_kernel(), FakeTensorMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):
