@@ -131,6 +131,28 @@ def _copy_attention(src: Attention, dst: Attention, repeat_kv: int) -> None:
             getattr(dst, name).weight.copy_(w.repeat_interleave(repeat_kv, dim=0).reshape(-1, D))
 
 
+
+def test_cpu_sdpa_with_narrower_values_runs_the_fused_kernel() -> None:
+    """MLA's d_v < d_qk on CPU: V zero-padded to d_qk so SDPA takes its fused CPU kernel (keeps
+    the output and log-sum-exp) instead of the math kernel (fp32 copies of Q, K, V and the T×S
+    probabilities); same values and gradients as softmax(QKᵀ·scale)·V."""
+    from archplan.modules.attention import sdpa
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 8, 12, requires_grad=True), torch.randn(1, 2, 8, 12, requires_grad=True)
+    v = torch.randn(1, 2, 8, 4, requires_grad=True)
+    pos = torch.arange(8)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sdpa(q, k, v, pos, pos, window=None, alibi=None, cached=False, gqa=False, scale=0.3)
+    assert not any(t.shape[-2:] == (8, 8) for t in saved)  # no T×S tensor kept
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), -torch.inf)
+    ref = scores.softmax(-1) @ v
+    torch.testing.assert_close(out, ref)
+    probe = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * probe).sum(), (q, k, v)), torch.autograd.grad((ref * probe).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
 @pytest.mark.parametrize("n_kv", [4, 1])
 def test_gqa_against_expanded_mha(n_kv: int) -> None:
     """GQA with Hkv heads equals MHA whose K/V heads repeat each KV head H/Hkv times (Ainslie et al. 2023)."""

@@ -117,6 +117,18 @@ def sdpa(
     Python bool. `mask`: one already built (context parallelism: the keys are not in sequence
     order, and the layers share one mask, `SequenceShard.mask`).
     """
+    d_qk, d_v = q_BHTD.shape[-1], v_BHSDv.shape[-1]
+    if d_v < d_qk and q_BHTD.device.type == "cpu" and not torch.jit.is_tracing():
+        # MLA (d_qk ≠ d_v): torch's fused CPU kernel (`_scaled_dot_product_flash_attention_for_cpu`)
+        # takes one head dim for Q, K and V, else SDPA runs its math kernel, which on CPU upcasts
+        # bf16 Q, K, V to fp32 copies and keeps the T×S probabilities (fp32) for the backward.
+        # Zero columns of V give zero output columns, so padding V to d_qk and slicing the output
+        # is exact (Hugging Face's DeepSeek-V3 does the same for flash_attention_2). CUDA's
+        # memory-efficient kernel takes d_v ≠ d_qk; meta (where FLOPs are counted) and a JIT
+        # trace (fvcore prices SDPA from the traced shapes) keep the unpadded V.
+        padded_BHSX = F.pad(v_BHSDv, (0, d_qk - d_v))
+        return sdpa(q_BHTD, k_BHSD, padded_BHSX, qpos_T, kpos_S, window=window, alibi=alibi, cached=cached,
+                    gqa=gqa, scale=scale, mask=mask)[..., :d_v]
     if gqa and q_BHTD.device.type == "cuda":
         # CUDA's fused kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch
         # 2.11 sdp_utils: "both fused kernels require query, key and value to have the same
