@@ -447,6 +447,18 @@ def test_fake_verify_zero_1_experts(fake_world: None) -> None:
         assert any(r.mesh_dim == "expert_dp" and r.measured for r in result.collectives)
 
 
+def test_fake_verify_expert_parallel_selective(fake_world: None) -> None:
+    """Experts in their own FSDP2 unit inside a layer under selective recompute (used to raise
+    torch's CheckpointError: the unit's gathers and casts fell inside the replayed region)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=4,ep=4,zero=2,recompute=selective,mb=1").complete()
+    result = check_layout_run(plan, layout, 8, microbatches=1)
+    assert all(row.ok for row in result.memory if row.judged == "exact")
+    assert all(row.ok for row in result.collectives)
+
+
 def test_selective_recompute_lets_profiler_markers_differ() -> None:
     """FSDP2's hooks of a unit inside a checkpointed layer (the experts under ep > 1; tiny-moe at
     dp=4, ep=4, zero=2, selective recompute raised this) open more record_function markers in the

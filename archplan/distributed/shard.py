@@ -189,19 +189,25 @@ def _selective_contexts() -> tuple[TorchDispatchMode, TorchDispatchMode]:
 def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> None:
     """Activation checkpointing per layer, before FSDP as torchtitan applies it: full keeps each
     layer's input and re-runs the layer in the backward; selective re-runs only the attention core
-    (torch's selective activation checkpointing with a policy over the SDPA ops)."""
+    (torch's selective activation checkpointing with a policy over the SDPA ops). Its region is
+    each layer's mixer, which holds the core: the policy saves every other op, so a region over the
+    whole layer re-ran nothing more, but took in the FSDP2 hooks of units inside the layer (the
+    experts under ep > 1), whose gathers and casts differ between the forward and the re-run and
+    shifted the region's per-op replay (torch's CheckpointError "Recomputed values ... have
+    different metadata"; tiny-moe, dp=4, ep=4, selective)."""
+    names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
     match recompute:
         case "none":
             return
         case "full":
-            context_fn = noop_context_fn
+            for name in names:
+                layers[name] = checkpoint_wrapper(layers[name], context_fn=noop_context_fn, preserve_rng_state=False)
         case "selective":
-            context_fn = _selective_contexts
+            for name in names:
+                block = layers[name]
+                block.mixer = checkpoint_wrapper(block.mixer, context_fn=_selective_contexts, preserve_rng_state=False)
         case _:
             raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
-    names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
-    for name in names:
-        layers[name] = checkpoint_wrapper(layers[name], context_fn=context_fn, preserve_rng_state=False)
 
 
 def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple[FSDPModule, ...]:
