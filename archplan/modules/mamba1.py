@@ -114,6 +114,7 @@ def _scan(
     u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None,
     D_I: Tensor | None, dt_softplus: bool,
 ) -> tuple[Tensor, Tensor]:
+    """The scan as plain ops: what `_ChunkedScan` runs forward (and autograd would differentiate)."""
     chunks = _Chunks.of(u_BTI.shape[1])
     states, state_BIN = _scan_states(chunks, u_BTI, _delta(dt_BTI, dt_softplus), A_IN, B_BTN, h0_BIN)
     return _with_skip(_contract(chunks, states, C_BTN), u_BTI, D_I), state_BIN
