@@ -481,6 +481,41 @@ def test_fake_verify_zero_1_experts(fake_world: None) -> None:
         assert any(r.mesh_dim == "expert_dp" and r.measured for r in result.collectives)
 
 
+def test_fake_verify_expert_parallel_selective(fake_world: None) -> None:
+    """Experts in their own FSDP2 unit inside a layer under selective recompute (used to raise
+    torch's CheckpointError: the unit's gathers and casts fell inside the replayed region)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=4,ep=4,zero=2,recompute=selective,mb=1").complete()
+    result = check_layout_run(plan, layout, 8, microbatches=1)
+    assert all(row.ok for row in result.memory if row.judged == "exact")
+    assert all(row.ok for row in result.collectives)
+
+
+def test_selective_recompute_lets_profiler_markers_differ() -> None:
+    """FSDP2's hooks of a unit inside a checkpointed layer (the experts under ep > 1; tiny-moe at
+    dp=4, ep=4, zero=2, selective recompute raised this) open more record_function markers in the
+    re-run than in the forward; selective recompute passes them through, as torch passes detach."""
+    from torch.utils.checkpoint import checkpoint
+
+    from archplan.distributed.shard import _selective_contexts
+
+    calls: list[int] = []
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        for _ in calls:  # one marker in the forward, two in the re-run
+            with torch.autograd.profiler.record_function("marker"):
+                pass
+        return (x * 2).sin()
+
+    x = torch.randn(4, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False, context_fn=_selective_contexts).sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(x.grad, 2 * torch.cos(2 * x.detach()))
+
+
 @pytest.mark.parametrize(("stage", "pp", "vpp", "m"), [(0, 4, 2, 8), (3, 4, 2, 8), (1, 2, 3, 4), (0, 4, 2, 4)])
 def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, pp: int, vpp: int, m: int) -> None:
     """Megatron's interleaved 1F1B: every (chunk, micro-batch) forward once, its backward once and

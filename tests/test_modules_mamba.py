@@ -18,7 +18,14 @@ from archplan.analytic.mamba import (
     mamba2_params,
     mamba2_state_elements,
 )
-from archplan.modules.mamba1 import Mamba1Mixer, scan_chunk_len, selective_scan, selective_scan_reference
+from archplan.modules.mamba1 import (
+    Mamba1Mixer,
+    _scan,
+    chunked_scan,
+    scan_chunk_len,
+    selective_scan,
+    selective_scan_reference,
+)
 from archplan.modules.mamba2 import Mamba2Mixer, ssd_chunked, ssd_reference
 from archplan.resolve import Mamba1Plan, Mamba2Plan, NormPlan
 
@@ -62,6 +69,35 @@ def test_selective_scan_equals_sequential(seq_len: int, with_h0: bool) -> None:
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-5)
     assert_same_grads(fast, ref, inputs)
+
+
+@pytest.mark.parametrize("seq_len", [2, 9, 16])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_scan_unit_recomputes_states_with_plain_autograd_gradients(seq_len: int, with_h0: bool) -> None:
+    """`chunked_scan` (the autograd unit: saves its inputs, recomputes the states in the backward)
+    gives the values and gradients of the same ops under plain autograd, softplus and D skip included,
+    and keeps nothing for the backward but its inputs."""
+    torch.manual_seed(seq_len)
+    b, i, n = 2, 6, 5
+    u = torch.randn(b, seq_len, i, requires_grad=True)
+    dt = torch.randn(b, seq_len, i, requires_grad=True)
+    A = (-torch.rand(i, n) * 10).requires_grad_()
+    B = torch.randn(b, seq_len, n, requires_grad=True)
+    C = torch.randn(b, seq_len, n, requires_grad=True)
+    D = torch.randn(i, requires_grad=True)
+    h0 = torch.randn(b, i, n, requires_grad=True) if with_h0 else None
+    inputs = [u, dt, A, B, C, D] + ([h0] if h0 is not None else [])
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        unit = chunked_scan(u, dt, A, B, C, h0, D_I=D, dt_softplus=True)
+    plain = _scan(u, dt, A, B, C, h0, D, True)
+    assert torch.equal(unit[0], plain[0]) and torch.equal(unit[1], plain[1])
+    assert {t.untyped_storage().data_ptr() for t in saved} == {t.untyped_storage().data_ptr() for t in inputs}
+    probe = torch.randn_like(unit[0])
+    g_unit = torch.autograd.grad((unit[0] * probe).sum() + unit[1].sum(), inputs)
+    g_plain = torch.autograd.grad((plain[0] * probe).sum() + plain[1].sum(), inputs)
+    for a, b_ in zip(g_unit, g_plain):
+        torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)
 
 
 def test_selective_scan_stable_for_huge_decay() -> None:

@@ -22,15 +22,21 @@ with the first stage's each step over a 2-rank group (`tied_group`, Megatron's e
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    _CachedTorchDispatchMode,
+    _CachingTorchDispatchMode,
+    noop_context_fn,
+)
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -150,24 +156,58 @@ def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) 
     return CheckpointPolicy.PREFER_RECOMPUTE if op in ATTENTION_CORE_OPS else CheckpointPolicy.MUST_SAVE
 
 
+def _passes_profiler_ops(mode: type[TorchDispatchMode]) -> type[TorchDispatchMode]:
+    """torch's SAC dispatch mode `mode`, letting the profiler's record_function markers through
+    as it lets `aten.detach` through (`SAC_IGNORED_OPS`: "AC inserts different number of detach
+    during forward and recompute"). The markers are bookkeeping, not results, and FSDP2's hooks of
+    a unit inside the layer (the experts under ep > 1) open a different number of them in the
+    re-run than in the forward: their work depends on whether the weights are gathered yet (at
+    zero 1/2 they stay gathered). Counted, the re-run's extra marker raised torch's "invocation
+    index ... encountered during backward but not found in storage"."""
+
+    class PassesProfilerOps(mode):  # type: ignore[misc, valid-type]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.namespace == "profiler":
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return PassesProfilerOps
+
+
+_SavingMode = _passes_profiler_ops(_CachingTorchDispatchMode)
+_ReplayingMode = _passes_profiler_ops(_CachedTorchDispatchMode)
+
+
+def _selective_contexts() -> tuple[TorchDispatchMode, TorchDispatchMode]:
+    """`create_selective_checkpoint_contexts(_selective_policy, allow_cache_entry_mutation=True)`
+    (FSDP2 writes its gathered weights in place between the forward and the recompute) with
+    profiler markers passed through."""
+    storage: dict[object, dict[int, object]] = defaultdict(dict)
+    return _SavingMode(_selective_policy, storage), _ReplayingMode(None, storage, True)
+
+
 def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> None:
     """Activation checkpointing per layer, before FSDP as torchtitan applies it: full keeps each
     layer's input and re-runs the layer in the backward; selective re-runs only the attention core
-    (torch's selective activation checkpointing with a policy over the SDPA ops)."""
+    (torch's selective activation checkpointing with a policy over the SDPA ops). Its region is
+    each layer's mixer, which holds the core: the policy saves every other op, so a region over the
+    whole layer re-ran nothing more, but took in the FSDP2 hooks of units inside the layer (the
+    experts under ep > 1), whose gathers and casts differ between the forward and the re-run and
+    shifted the region's per-op replay (torch's CheckpointError "Recomputed values ... have
+    different metadata"; tiny-moe, dp=4, ep=4, selective)."""
+    names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
     match recompute:
         case "none":
             return
         case "full":
-            context_fn = noop_context_fn
+            for name in names:
+                layers[name] = checkpoint_wrapper(layers[name], context_fn=noop_context_fn, preserve_rng_state=False)
         case "selective":
-            # FSDP2 writes its gathered weights in place between the forward and the recompute
-            context_fn = partial(create_selective_checkpoint_contexts, _selective_policy,
-                                 allow_cache_entry_mutation=True)
+            for name in names:
+                block = layers[name]
+                block.mixer = checkpoint_wrapper(block.mixer, context_fn=_selective_contexts, preserve_rng_state=False)
         case _:
             raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
-    names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
-    for name in names:
-        layers[name] = checkpoint_wrapper(layers[name], context_fn=context_fn, preserve_rng_state=False)
 
 
 def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple[FSDPModule, ...]:

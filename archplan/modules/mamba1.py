@@ -71,42 +71,98 @@ def scan_chunk_len(seq_len: int) -> int:
 
 
 def selective_scan(
-    u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None
+    u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None,
+    *, D_I: Tensor | None = None, dt_softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """y (B, T, I) without the D skip, and the final state (B, I, N); fp32: one token (a decode
-    step) by `selective_step`, more by `chunked_scan`."""
+    """y (B, T, I), plus the D skip u·D when `D_I` is given, and the final state (B, I, N); fp32.
+    Δ is `dt_BTI`, or softplus(dt_BTI) with `dt_softplus` (mamba_ssm `selective_scan_fn`'s
+    delta_softplus, which the mixer uses so the scan's saved Δ is the dt_proj output). One token
+    (a decode step) by `selective_step`, more by `chunked_scan`."""
     if u_BTI.shape[1] == 1:
-        return selective_step(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN)
-    return chunked_scan(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN)
+        y_B1I, h_BIN = selective_step(u_BTI, _delta(dt_BTI, dt_softplus), A_IN, B_BTN, C_BTN, h0_BIN)
+        return _with_skip(y_B1I, u_BTI, D_I), h_BIN
+    return chunked_scan(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I=D_I, dt_softplus=dt_softplus)
+
+
+def _delta(dt_BTI: Tensor, softplus: bool) -> Tensor:
+    return F.softplus(dt_BTI.float()) if softplus else dt_BTI
+
+
+def _with_skip(y_BTI: Tensor, u_BTI: Tensor, D_I: Tensor | None) -> Tensor:
+    return y_BTI + u_BTI.float() * D_I.float() if D_I is not None else y_BTI
 
 
 def chunked_scan(
-    u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None
+    u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None,
+    *, D_I: Tensor | None = None, dt_softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Fast selective scan: y (B, T, I) without the D skip, and the final state (B, I, N); fp32.
+    """Fast selective scan: y (B, T, I) (with the D skip and Δ as in `selective_scan`), and the
+    final state (B, I, N); fp32.
 
     Two-level chunked form of the linear recurrence h_t = a_t ⊙ h_{t−1} + b_t with a = exp(Δ·A),
-    b = Δ·x·B. T is cut into n_c chunks of L ≈ √T, and every step below works on all chunks at
-    once, so there are ≈ 3√T Python steps instead of T, each on a (B, n_c, I, N) tensor small
-    enough to stay in cache (no (B, T, I, N) tensor is ever materialised):
+    b = Δ·x·B (`_ChunkedScan`). As one autograd unit it keeps only its inputs for the backward and
+    recomputes the states there, as mamba_ssm's fused `selective_scan` does (Gu & Dao 2023
+    §3.3.2): plain autograd would keep exp(Δ·A) and the new state of every step, 2·B·T·I·N fp32.
+    """
+    if torch.jit.is_tracing():
+        # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+        return _scan(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I, dt_softplus)
+    return _ChunkedScan.apply(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I, dt_softplus)
+
+
+def _scan(
+    u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None,
+    D_I: Tensor | None, dt_softplus: bool,
+) -> tuple[Tensor, Tensor]:
+    """The scan as plain ops: what `_ChunkedScan` runs forward (and autograd would differentiate)."""
+    chunks = _Chunks.of(u_BTI.shape[1])
+    states, state_BIN = _scan_states(chunks, u_BTI, _delta(dt_BTI, dt_softplus), A_IN, B_BTN, h0_BIN)
+    return _with_skip(_contract(chunks, states, C_BTN), u_BTI, D_I), state_BIN
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """T cut into n_c chunks of L = ⌈√T⌉ tokens, the last padded by `pad`."""
+
+    t: int
+    length: int
+    count: int
+    pad: int
+
+    @classmethod
+    def of(cls, t: int) -> _Chunks:
+        length = scan_chunk_len(t)
+        count = math.ceil(t / length)
+        return cls(t, length, count, count * length - t)
+
+    def split(self, x_BTK: Tensor) -> Tensor:
+        """(B, T, K) → (B, n_c, L, K) in fp32, padded with zeros."""
+        return F.pad(x_BTK.float(), (0, 0, 0, self.pad)).reshape(x_BTK.shape[0], self.count, self.length, -1)
+
+    def real(self, j: int) -> int:
+        """Chunks holding a real token at step j: the last one only up to position t − 1."""
+        return self.count if j < self.length - self.pad else self.count - 1
+
+
+def _scan_states(
+    chunks: _Chunks, u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, h0_BIN: Tensor | None
+) -> tuple[list[Tensor], Tensor]:
+    """The state after each step j of every chunk (L tensors (B, n_c, I, N)) and the final state.
+
+    Every step works on all chunks at once, so there are ≈ 3√T Python steps instead of T, each
+    on a (B, n_c, I, N) tensor small enough to stay in cache:
       1. each chunk's state at its end, starting from zero (L steps);
       2. the state entering each chunk (n_c steps on (B, I, N)); a chunk's total decay is
          Π exp(Δ_t·A) = exp((Σ Δ_t)·A);
-      3. the L steps again from the true entering states, contracting each h_t with C_t.
+      3. the L steps again from the true entering states.
     Only decays ≤ 1 are multiplied (never exp(−cumsum), as the log-space trick needs), so it is
     exact for any Δ. Padding T up to n_c·L with Δ = 0 gives a = 1, b = 0: padded steps leave the
-    state unchanged, and their outputs are neither computed by the contraction nor returned, so
-    the contraction counts exactly 2·B·T·I·N.
+    state unchanged. Elementwise only: the one contraction is `_contract`'s.
     """
-    b, t, i = u_BTI.shape
-    chunk = scan_chunk_len(t)
-    n_chunks = math.ceil(t / chunk)
-    pad = n_chunks * chunk - t
     A = A_IN.float()
-    dt_BCLI = F.pad(dt_BTI.float(), (0, 0, 0, pad)).reshape(b, n_chunks, chunk, i)
-    dtu_BCLI = F.pad((dt_BTI * u_BTI).float(), (0, 0, 0, pad)).reshape(b, n_chunks, chunk, i)
-    B_BCLN = F.pad(B_BTN.float(), (0, 0, 0, pad)).reshape(b, n_chunks, chunk, -1)
-    C_BCLN = F.pad(C_BTN.float(), (0, 0, 0, pad)).reshape(b, n_chunks, chunk, -1)
+    dt_BCLI = chunks.split(dt_BTI)
+    dtu_BCLI = chunks.split(dt_BTI * u_BTI)
+    B_BCLN = chunks.split(B_BTN)
 
     def step(j: int, h_BCIN: Tensor) -> Tensor:
         # a and b of step j for every chunk, rebuilt in each pass rather than kept: holding all
@@ -116,27 +172,95 @@ def chunked_scan(
         b_BCIN = dtu_BCLI[:, :, j, :, None] * B_BCLN[:, :, j, None, :]
         return torch.addcmul(b_BCIN, a_BCIN, h_BCIN)
 
-    h_BCIN = torch.zeros(b, n_chunks, i, A.shape[1], device=u_BTI.device)
-    for j in range(chunk):
+    b, i = u_BTI.shape[0], u_BTI.shape[2]
+    h_BCIN = torch.zeros(b, chunks.count, i, A.shape[1], device=u_BTI.device)
+    for j in range(chunks.length):
         h_BCIN = step(j, h_BCIN)
 
     chunk_decay_BCIN = torch.exp(dt_BCLI.sum(dim=2)[..., None] * A)
     state_BIN = h0_BIN.float() if h0_BIN is not None else torch.zeros_like(h_BCIN[:, 0])
     entering = []
-    for c in range(n_chunks):
+    for c in range(chunks.count):
         entering.append(state_BIN)
         state_BIN = torch.addcmul(h_BCIN[:, c], chunk_decay_BCIN[:, c], state_BIN)
 
     h_BCIN = torch.stack(entering, dim=1)
-    ys = []
-    for j in range(chunk):
+    states = []
+    for j in range(chunks.length):
         h_BCIN = step(j, h_BCIN)
-        # the last chunk holds real tokens only up to position t − 1; skip its padded steps
-        real = n_chunks if j < chunk - pad else n_chunks - 1
+        states.append(h_BCIN)
+    return states, state_BIN
+
+
+def _contract(chunks: _Chunks, states: list[Tensor], C_BTN: Tensor) -> Tensor:
+    """y_t = h_t·C_t (B, T, I): one matmul per step over the chunks holding a real token there, so
+    padded steps are never contracted and the count is exactly 2·B·T·I·N."""
+    C_BCLN = chunks.split(C_BTN)
+    ys = []
+    for j, h_BCIN in enumerate(states):
+        real = chunks.real(j)
         y_BcI = torch.matmul(h_BCIN[:, :real], C_BCLN[:, :real, j, :, None]).squeeze(-1)
-        ys.append(F.pad(y_BcI, (0, 0, 0, n_chunks - real)))
-    y_BTI = torch.stack(ys, dim=2).reshape(b, n_chunks * chunk, i)[:, :t]
-    return y_BTI, state_BIN
+        ys.append(F.pad(y_BcI, (0, 0, 0, chunks.count - real)))
+    b, i = h_BCIN.shape[0], h_BCIN.shape[2]
+    return torch.stack(ys, dim=2).reshape(b, chunks.count * chunks.length, i)[:, : chunks.t]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan saving only its inputs; the backward recomputes the states (elementwise)
+    and differentiates the contraction by the two matmuls autograd would run for it, so a forward +
+    backward executes the same counted ops as plain autograd (docs/architecture.md: backward =
+    2 × the forward's contraction) and the same gradients, within rounding."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, C_BTN: Tensor, h0_BIN: Tensor | None,
+        D_I: Tensor | None, dt_softplus: bool,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I)
+        ctx.dt_softplus = dt_softplus
+        ctx.set_materialize_grads(False)
+        return _scan(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I, dt_softplus)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy_BTI: Tensor | None, dstate_BIN: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[:7]
+        with torch.enable_grad():
+            inputs = tuple(None if x is None else x.detach().requires_grad_(need)
+                           for x, need in zip(ctx.saved_tensors, needs))
+            u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I = inputs
+            chunks = _Chunks.of(u_BTI.shape[1])
+            states, state_BIN = _scan_states(chunks, u_BTI, _delta(dt_BTI, ctx.dt_softplus), A_IN, B_BTN, h0_BIN)
+            outputs: list[Tensor] = []
+            grads: list[Tensor] = []
+            if dy_BTI is not None:
+                if D_I is not None:
+                    outputs.append(u_BTI.float() * D_I.float())  # the D skip
+                    grads.append(dy_BTI)
+                # matmul(h (B, c, I, N), C (B, c, N, 1))'s backward: dh = dy·Cᵀ, dC = hᵀ·dy
+                C_BCLN = chunks.split(C_BTN)
+                dy_BCLI = chunks.split(dy_BTI)
+                dC = []
+                for j, h_BCIN in enumerate(states):
+                    real = chunks.real(j)
+                    dy_Bc1I = dy_BCLI[:, :real, j, :, None]
+                    dh_BcIN = torch.matmul(dy_Bc1I, C_BCLN[:, :real, j, None, :])
+                    outputs.append(h_BCIN)
+                    grads.append(F.pad(dh_BcIN, (0, 0, 0, 0, 0, chunks.count - real)))
+                    if needs[4]:
+                        dC_BcN = torch.matmul(h_BCIN[:, :real].detach().transpose(-1, -2), dy_Bc1I).squeeze(-1)
+                        dC.append(F.pad(dC_BcN, (0, 0, 0, chunks.count - real)))
+                if needs[4]:
+                    outputs.append(C_BCLN)
+                    grads.append(torch.stack(dC, dim=2))
+            if dstate_BIN is not None:
+                outputs.append(state_BIN)
+                grads.append(dstate_BIN)
+            wanted = [x for x, need in zip(inputs, needs) if need]
+            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs else [None] * len(wanted))
+        return (*(next(found) if need else None for need in needs), None)
 
 
 def selective_step(
@@ -236,11 +360,11 @@ class Mamba1Mixer(nn.Module):
         if self.dt_layernorm is not None and self.b_layernorm is not None and self.c_layernorm is not None:
             dt_BTR, b_BTN, c_BTN = self.dt_layernorm(dt_BTR), self.b_layernorm(b_BTN), self.c_layernorm(c_BTN)
         b_BTN, c_BTN = self.bc(b_BTN), self.bc(c_BTN)
-        dt_BTI = F.softplus(self.dt_proj(dt_BTR).float())
         A_IN = -torch.exp(self.A_log.float())
         h0 = state.ssm_BIN if state is not None else None
-        y_BTI, h_BIN = selective_scan(x_BTI, dt_BTI, A_IN, b_BTN, c_BTN, h0)
-        y_BTI = y_BTI + x_BTI.float() * self.D.float()
+        # softplus and the D skip inside the scan, as mamba_ssm's selective_scan_fn(delta_softplus=True)
+        y_BTI, h_BIN = selective_scan(x_BTI, self.dt_proj(dt_BTR), A_IN, b_BTN, c_BTN, h0, D_I=self.D,
+                                      dt_softplus=True)
         y_BTI = y_BTI.to(x_BTD.dtype) * F.silu(z_BTI)
         if state is not None:
             state.conv_BIW.copy_(next_context_BIW.detach())
