@@ -142,9 +142,10 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, TypeVar
 
 from typing_extensions import assert_never
 
@@ -186,6 +187,7 @@ LOGIT_BYTES = 4
 STAT_BYTES = 4  # fp32 norm statistics
 TOKEN_ID_BYTES = 8
 FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,34 @@ class LayerActs:
     norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
 
 
+@dataclass(frozen=True)
+class ChunkLayers:
+    """What `_collectives` counts over a model chunk's layers, whatever the layout: a search
+    prices the same few layer ranges for hundreds of layouts. Each `(key, layers)` tuple lists
+    the distinct keys in the order the layers first show them (the order of the records built
+    from them), with how many layers have each."""
+
+    s4: int  # S4 mixers (no column-parallel input)
+    sub_blocks: int  # tensor-parallel sub-blocks (mixer + dense or shared FFN), S4 aside
+    ends_tp: int  # layers that end in a row-parallel reduction (`_ends_in_tp_reduction`)
+    x_proj: tuple[tuple[int, int], ...]  # Mamba-1 x_proj width per token, dt_rank + 2·d_state
+    stats: tuple[tuple[int, int], ...]  # width-sharded qk-norm statistics, sorted
+    kv: tuple[tuple[LayerPlan, int], ...]  # one layer per distinct attention mixer (`_kv_bytes`)
+    conv: tuple[tuple[int, int], ...]  # long-conv channels exchanged under CP, in and out
+    scan: tuple[tuple[tuple[LayerPlan, int], int], ...]  # (a layer per distinct Mamba mixer, direction)
+    top_k: tuple[tuple[int, int], ...]  # MoE layers' routed copies per token
+    sp_norms: tuple[tuple[int, int], ...]  # elements of the tensors summed over tp under SP
+    tp_summed: tuple[tuple[int, int], ...]  # elements of the tensors summed over tp at any tp
+
+
+def _first_seen(keys: Iterable[T]) -> tuple[tuple[T, int], ...]:
+    """(key, occurrences) per distinct key, in the order the keys first occur."""
+    counts: dict[T, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return tuple(counts.items())
+
+
 class ModelData:
     """What the layout model needs from a plan at one sequence length, computed once."""
 
@@ -273,9 +303,10 @@ class ModelData:
         self.last = tuple(last_tensors(plan, tied_copy=False))
         acts = {mode: activation_memory(plan, 1, seq, mode).by_component for mode in RECOMPUTE_MODES}
         self.acts: list[LayerActs] = []
+        per_layer = {mode: _by_layer(acts[mode], [layer.path for layer in plan.layers])
+                     for mode in ("none", "selective")}
         for layer in plan.layers:
-            kept = {mode: sum(v for k, v in acts[mode].items() if k.startswith(layer.path + "."))
-                    for mode in ("none", "selective")}
+            kept = {mode: per_layer[mode][layer.path] for mode in ("none", "selective")}
             kept["full"] = acts["full"][layer.path]
             shared_input = plan.residual == "parallel" and len(layer.norms) == 1
             ffn_column = _tp_ffn(layer) and not shared_input
@@ -304,6 +335,14 @@ class ModelData:
         self._numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
+        self._chunks: dict[tuple[int, int], ChunkLayers] = {}
+        self._stage_params: dict[tuple[int | bool, ...], tuple[int, int, int]] = {}
+
+    def chunk_layers(self, layers: range) -> ChunkLayers:
+        key = (layers.start, layers.stop)
+        if key not in self._chunks:
+            self._chunks[key] = _chunk_layers(self, layers)
+        return self._chunks[key]
 
 
     def numel(self, tp: int, ep: int) -> tuple[list[int], list[int]]:
@@ -322,6 +361,14 @@ class ModelData:
             self._fsdp[key] = ([d for d, _ in pairs], [e for _, e in pairs])
         return self._fsdp[key]
 
+    def stage_params(self, layout: Layout, stage: int, per_tensor: bool) -> tuple[int, int, int]:
+        """`_stage_params`, once per split: layouts that differ in zero, recompute or micro-batches
+        hold the same parameters."""
+        key = (layout.tp, layout.ep, layout.dp * layout.cp, layout.pp, layout.vpp, stage, per_tensor)
+        if key not in self._stage_params:
+            self._stage_params[key] = _stage_params(self, layout, stage, per_tensor)
+        return self._stage_params[key]
+
     def ends(self, first: bool, last: bool, pp: int) -> tuple[Tensor, ...]:
         """The embedding / head tensors a chunk holds besides its layers."""
         out: tuple[Tensor, ...] = self.first if first else ()
@@ -336,6 +383,42 @@ class ModelData:
         if key not in self._acts:
             self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine) for a in self.acts]
         return self._acts[key]
+
+
+def _chunk_layers(data: ModelData, layers: range) -> ChunkLayers:
+    chosen = [data.plan.layers[i] for i in layers]
+    first_with = {layer.mixer: layer for layer in reversed(chosen)}  # the first layer of each mixer
+    stats = [n for layer in chosen for n in width_sharded_stats(layer)]
+    s4 = sum(isinstance(layer.mixer, S4Plan) for layer in chosen)
+    return ChunkLayers(
+        s4=s4,
+        sub_blocks=sum(1 + _tp_ffn(layer) for layer in chosen) - s4,
+        ends_tp=sum(_ends_in_tp_reduction(layer) for layer in chosen),
+        x_proj=_first_seen(layer.mixer.dt_rank + 2 * layer.mixer.d_state for layer in chosen
+                           if isinstance(layer.mixer, Mamba1Plan)),
+        stats=tuple((n, stats.count(n)) for n in sorted(set(stats))),
+        kv=tuple((first_with[mixer], n) for mixer, n in _first_seen(
+            layer.mixer for layer in chosen if isinstance(layer.mixer, AttentionPlan | MLAPlan))),
+        conv=_first_seen(c for layer in chosen for c in long_conv_exchange(layer, data.plan.d_model) if c),
+        scan=_first_seen((first_with[layer.mixer], way) for layer in chosen
+                         if isinstance(layer.mixer, Mamba1Plan | Mamba2Plan) for way in (0, 1)),
+        top_k=_first_seen(layer.ffn.top_k for layer in chosen if isinstance(layer.ffn, MoEPlan)),
+        sp_norms=_first_seen(n for i in layers for n in data.sp_norms[i]),
+        tp_summed=_first_seen(n for i in layers for n in data.tp_summed[i]),
+    )
+
+
+def _by_layer(components: dict[str, int], paths: list[str]) -> dict[str, int]:
+    """Per layer path, the sum of the components inside it (`path.…`), in one pass over the
+    components (a scan of them per layer is quadratic in the layers: 126 for Llama 3.1 405B)."""
+    out = dict.fromkeys(paths, 0)
+    for key, value in components.items():
+        parts = key.split(".")
+        for end in range(1, len(parts)):
+            prefix = ".".join(parts[:end])
+            if prefix in out:
+                out[prefix] += value
+    return out
 
 
 def _tp_ffn(layer: LayerPlan) -> bool:
@@ -546,10 +629,15 @@ class Chunk:
 
 
 def rank_chunks(n_layers: int, layout: Layout, stage: int) -> tuple[Chunk, ...]:
-    chunks = pipeline_chunks(n_layers, layout.pp, layout.vpp)[stage]
-    total = layout.pp * layout.vpp
-    return tuple(Chunk(stage + v * layout.pp, layers, stage + v * layout.pp == 0,
-                       stage + v * layout.pp == total - 1) for v, layers in enumerate(chunks))
+    return _rank_chunks(n_layers, layout.pp, layout.vpp, stage)
+
+
+@lru_cache(maxsize=16384)  # the search prices each (pp, vpp) split's stages for many layouts
+def _rank_chunks(n_layers: int, pp: int, vpp: int, stage: int) -> tuple[Chunk, ...]:
+    chunks = pipeline_chunks(n_layers, pp, vpp)[stage]
+    total = pp * vpp
+    return tuple(Chunk(stage + v * pp, layers, stage + v * pp == 0, stage + v * pp == total - 1)
+                 for v, layers in enumerate(chunks))
 
 
 @lru_cache(maxsize=4096)
@@ -618,6 +706,12 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     return replicated + (kept - replicated) / tp
 
 
+def _cp_keeps_gathered(layout: Layout, engine: Engine) -> bool:
+    """Whether context parallelism keeps anything beyond the per-token model (`_cp_kept`,
+    `_cp_shared`): only the torch engine's, and only with cp > 1."""
+    return layout.cp > 1 and engine != "megatron"
+
+
 def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> float:
     """Bytes one micro-batch keeps through one attention layer beyond the per-token model under
     the torch engine's context parallelism (`distributed/context.py`, measured by verify
@@ -626,10 +720,10 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> flo
     [c_kv | k_pe] (kv_b_proj's input, `_kv_bytes`), kv_b_proj's output [K_nope | V] (Dn + Dv per
     head, V a view of it) and SDPA's K (Dn + R per head). Megatron's
     all-gather CP (Transformer Engine) re-gathers them in the backward instead."""
+    if not _cp_keeps_gathered(layout, engine):
+        return 0.0
     plan, cp, tp = data.plan, layout.cp, layout.tp
     mixer = plan.layers[layer].mixer
-    if cp == 1 or engine == "megatron":
-        return 0.0
     match mixer:
         case AttentionPlan():
             per_sequence = _kv_bytes(plan.layers[layer], data.seq, tp, engine)
@@ -650,12 +744,14 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     backward; with long convolutions, the gathered keys' positions and their sequence order
     (`distributed.context.ContextShard.to_channels`). FlashAttention with bottom-right causal
     alignment (Transformer Engine) needs none."""
+    if not _cp_keeps_gathered(layout, engine):
+        return 0
     plan, cp, seq = data.plan, layout.cp, data.seq
     mixers = [plan.layers[i].mixer for i in layers]
     attention = [m for m in mixers if isinstance(m, AttentionPlan | MLAPlan)]
     long_conv = any(long_conv_exchange(plan.layers[i], 1)[0] or mamba_exchange(plan.layers[i], 1, cp, engine)
                     for i in layers)
-    if cp == 1 or engine == "megatron" or not (attention or long_conv):
+    if not (attention or long_conv):
         return 0
     ids = (seq // cp if attention else 0) + seq + (seq if long_conv else 0)
     if not attention:
@@ -677,18 +773,18 @@ def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) 
     return ACT_BYTES * data.seq * data.plan.d_model / (layout.tp if layout.sequence_parallel else 1)
 
 
-def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
-            states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
-    tp, ep, zero = layout.tp, layout.ep, layout.zero
+def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool) -> tuple[int, int, int]:
+    """Parameter elements of rank 0 of pipeline rank `stage`: (whole, its data-parallel shard, the
+    biggest layer's), sharded as `per_tensor` says (FSDP2's dim-0 chunks, else flat buffers)."""
+    tp, ep = layout.tp, layout.ep
     dp = layout.dp * layout.cp
     edp = expert_replicas(layout)
-    chunks = rank_chunks(len(data.plan.layers), layout, stage)
     dense = expert = 0
     shard_dense = shard_expert = 0
     biggest_layer = 0
     numel_d, numel_e = data.numel(tp, ep)
-    fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else ([], [])
-    for chunk in chunks:
+    fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if per_tensor else ([], [])
+    for chunk in rank_chunks(len(data.plan.layers), layout, stage):
         lo, hi = chunk.layers.start, chunk.layers.stop
         ends = data.ends(chunk.first, chunk.last, layout.pp)
         d, e = _local_numel(ends, tp, ep)
@@ -696,7 +792,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         e += sum(numel_e[lo:hi])
         dense += d
         expert += e
-        if states.per_tensor:
+        if per_tensor:
             sd, se = _fsdp_numel(ends, tp, ep, dp, edp)
             sd += sum(fsdp_d[lo:hi])
             se += sum(fsdp_e[lo:hi])
@@ -706,8 +802,14 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         shard_expert += se
         if hi > lo:
             biggest_layer = max(biggest_layer, max(a + b for a, b in zip(numel_d[lo:hi], numel_e[lo:hi])))
-    full = dense + expert
-    shard = shard_dense + shard_expert
+    return dense + expert, shard_dense + shard_expert, biggest_layer
+
+
+def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
+            states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
+    tp, ep, zero = layout.tp, layout.ep, layout.zero
+    chunks = rank_chunks(len(data.plan.layers), layout, stage)
+    full, shard, biggest_layer = data.stage_params(layout, stage, states.per_tensor)
     params_sharded = zero >= 3 or (states.params_always_sharded and zero >= 1)
     # FSDP2's ZeRO-1 accumulates unsharded gradients over the micro-batches; with one, its only
     # backward reduce-scatters each unit's gradient as it is produced (the module docstring)
@@ -744,7 +846,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         per_mb += _held_output(data, layout, chunk, states.engine)
         activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, states.engine)
-        if mode != "full":
+        if mode != "full" and _cp_keeps_gathered(layout, states.engine):
             activations += count * sum(_cp_kept(data, layout, i, states.engine) for i in chunk.layers)
         if chunk.last:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
@@ -755,8 +857,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         layers = [i for chunk in chunks for i in chunk.layers]
-        rerun = max((_layer_act(data.acts[i], layout, "none", kernel, states.engine) * scale
-                     + _cp_kept(data, layout, i, states.engine) for i in layers), default=0.0)
+        whole = data.layer_acts(layout, "none", kernel, states.engine)
+        rerun = max((whole[i] * scale + _cp_kept(data, layout, i, states.engine) for i in layers),
+                    default=0.0)
         activations += max(head, rerun)
     else:
         activations += head
@@ -865,12 +968,11 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
 
     for chunk in rank_chunks(len(plan.layers), layout, stage):
         span = f"layers {chunk.layers.start}-{chunk.layers.stop - 1}" if chunk.layers else "no layers"
-        s4 = sum(isinstance(plan.layers[i].mixer, S4Plan) for i in chunk.layers)
-        sub_blocks = sum(1 + _tp_ffn(plan.layers[i]) for i in chunk.layers) - s4
+        counted = data.chunk_layers(chunk.layers)
+        s4, sub_blocks = counted.s4, counted.sub_blocks
         # torch's non-reentrant checkpoint stops the re-run once the last saved tensor is rebuilt,
         # before each layer's last row-parallel reduction (torch.utils.checkpoint, early stop)
-        ends_tp = sum(_ends_in_tp_reduction(plan.layers[i]) for i in chunk.layers)
-        skipped = ends_tp if fwd == 2 and engine == "torch" else 0
+        skipped = counted.ends_tp if fwd == 2 and engine == "torch" else 0
         outputs = m * (sub_blocks * (fwd + 1) - skipped)
         if sp:
             # Megatron re-gathers the column input in the backward; DTensor saved it gathered
@@ -896,13 +998,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         # its dt_rank + 2·d_state partial sums are all-reduced in the forward (again under full
         # recompute), and their gradient, returned in parts by each rank's channels, in the backward;
         # under CP for the whole sequence of the rank's channels, over tp and then over cp
-        x_proj: dict[int, int] = {}
-        for i in chunk.layers:
-            mixer = plan.layers[i].mixer
-            if isinstance(mixer, Mamba1Plan):
-                width = ACT_BYTES * tokens * cp * (mixer.dt_rank + 2 * mixer.d_state)
-                x_proj[width] = x_proj.get(width, 0) + 1
-        for width, n in x_proj.items():
+        for width, n in _merged(counted.x_proj, lambda per_token: ACT_BYTES * tokens * cp * per_token):
             add("all_reduce", "tp", tp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (TP)", tp_over)
             add("all_reduce", "cp", cp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (CP)")
         if chunk.first:
@@ -924,41 +1020,21 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             add("all_reduce", "tp", tp, LOGIT_BYTES * tokens, 3 * m,
                 "vocab-parallel cross-entropy max, sum-exp, target logit")
         if sp and tp > 1:
-            for i in chunk.layers:
-                for n in data.sp_norms[i]:
-                    norm_grads[n] = norm_grads.get(n, 0) + 1
+            _count_into(norm_grads, counted.sp_norms)
             for flag, norms in ((chunk.first, data.sp_norms_first), (chunk.last, data.sp_norms_last)):
-                for n in norms if flag else ():
-                    norm_grads[n] = norm_grads.get(n, 0) + 1
+                _count_into(norm_grads, ((n, 1) for n in norms) if flag else ())
         if tp > 1:
-            for i in chunk.layers:
-                for n in data.tp_summed[i]:
-                    norm_grads[n] = norm_grads.get(n, 0) + 1
-        if tp > 1:
-            stats = [n for i in chunk.layers for n in width_sharded_stats(plan.layers[i])]
-            for n in sorted(set(stats)):  # forward (again under full recompute) and backward
-                add("all_reduce", "tp", tp, STAT_BYTES * n * tokens, m * stats.count(n) * (fwd + 1),
+            _count_into(norm_grads, counted.tp_summed)
+            for n, count in counted.stats:  # forward (again under full recompute) and backward
+                add("all_reduce", "tp", tp, STAT_BYTES * n * tokens, m * count * (fwd + 1),
                     f"{span} qk-norm statistics over the heads' width (TP)", tp_over)
-        kv_calls: dict[int, int] = {}
-        ep_calls: dict[int, int] = {}
-        conv_calls: dict[int, int] = {}
-        scan_calls: dict[int, int] = {}
-        for i in chunk.layers:
-            layer = plan.layers[i]
-            kv = _kv_bytes(layer, tokens * cp, tp, engine)
-            if kv:
-                kv_calls[kv] = kv_calls.get(kv, 0) + 1
-            for channels in long_conv_exchange(layer, plan.d_model):
-                if channels:
-                    sent = ACT_BYTES * tokens * channels // tp
-                    conv_calls[sent] = conv_calls.get(sent, 0) + 1
-            for channels in mamba_exchange(layer, tp, cp, engine):
-                sent = ACT_BYTES * tokens * channels
-                scan_calls[sent] = scan_calls.get(sent, 0) + 1
-            if isinstance(layer.ffn, MoEPlan):
-                routed = ACT_BYTES * (tokens // tp if sp else tokens) * layer.ffn.top_k * plan.d_model
-                ep_calls[routed] = ep_calls.get(routed, 0) + 1
-        for kv, n in kv_calls.items():
+        kv_calls = _merged(counted.kv, lambda layer: _kv_bytes(layer, tokens * cp, tp, engine))
+        conv_calls = _merged(counted.conv, lambda channels: ACT_BYTES * tokens * channels // tp)
+        ep_calls = _merged(counted.top_k, lambda top_k: ACT_BYTES * (tokens // tp if sp else tokens) * top_k
+                           * plan.d_model)
+        scan_calls = _merged(counted.scan,
+                             lambda key: ACT_BYTES * tokens * mamba_exchange(key[0], tp, cp, engine)[key[1]])
+        for kv, n in kv_calls:
             match cp_comm:
                 case "all_gather":
                     # Megatron (Transformer Engine) re-gathers K/V in the backward; torch's
@@ -972,12 +1048,12 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                     add("recv", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
                 case _:
                     assert_never(cp_comm)
-        for sent, n in conv_calls.items():  # forward (again under full recompute) and backward
+        for sent, n in conv_calls:  # forward (again under full recompute) and backward
             add("all_to_all", "cp", cp, sent, m * n * (fwd + 1),
                 f"{span} long-conv sequence <-> channel shards (CP)")
-        for sent, n in scan_calls.items():  # forward (again under full recompute) and backward
+        for sent, n in scan_calls:  # forward (again under full recompute) and backward
             add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} Mamba sequence <-> head shards (CP)")
-        for routed, n in ep_calls.items():
+        for routed, n in ep_calls:
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)
         # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink (Megatron); the
@@ -1044,6 +1120,19 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         case _:
             assert_never(engine)
     return out
+
+
+def _count_into(counts: dict[int, int], more: Iterable[tuple[int, int]]) -> None:
+    for key, n in more:
+        counts[key] = counts.get(key, 0) + n
+
+
+def _merged(counted: tuple[tuple[T, int], ...], value: Callable[[T], int]) -> list[tuple[int, int]]:
+    """(value, layers) per distinct value of the counted keys, in first-seen order: the layers a
+    record of that many bytes stands for (distinct keys may give equal bytes)."""
+    merged: dict[int, int] = {}
+    _count_into(merged, ((value(key), n) for key, n in counted))
+    return list(merged.items())
 
 
 def step_collectives(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,

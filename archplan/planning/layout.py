@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import get_args
 
 from archplan.analytic.memory import RECOMPUTE_MODES, Recompute
@@ -219,6 +220,8 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int) -> Non
         raise ArchplanError(f"--layout: {named} = {product} ranks does not divide --gpus {gpus}")
 
 
+# cached: the search asks for the same few (pp, vpp) splits once per layout and stage
+@lru_cache(maxsize=4096)
 def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1) -> tuple[tuple[range, ...], ...]:
     """Layer ranges per pipeline rank, one range per virtual stage (model chunk).
 

@@ -231,6 +231,19 @@ def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class StageMemory:
+    """Memory of each representative pipeline rank of one layout (`representative_stages`)."""
+
+    by_stage: dict[int, RankMemory]
+
+    @property
+    def worst(self) -> tuple[int, RankMemory]:
+        """The most loaded rank (ties: the first) and its memory."""
+        stage = max(self.by_stage, key=lambda s: self.by_stage[s].total)
+        return stage, self.by_stage[stage]
+
+
 class Evaluator:
     """Prices layouts of one model on one cluster; the per-layer work is computed once."""
 
@@ -249,21 +262,18 @@ class Evaluator:
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 
-    def memory(self, layout: Layout, m: int) -> tuple[int, RankMemory]:
+    def memory(self, layout: Layout, m: int) -> StageMemory:
         s = self.settings
-        worst: tuple[int, RankMemory] | None = None
-        for stage in representative_stages(len(self.plan.layers), layout.pp, layout.vpp):
-            mem = _memory(self.data, layout, stage, m, s.states, s.attention_kernel)
-            if worst is None or mem.total > worst[1].total:
-                worst = (stage, mem)
-        assert worst is not None
-        return worst
+        return StageMemory({stage: _memory(self.data, layout, stage, m, s.states, s.attention_kernel)
+                            for stage in representative_stages(len(self.plan.layers), layout.pp, layout.vpp)})
 
-    def evaluate(self, layout: Layout, m: int, memory: tuple[int, RankMemory] | None = None) -> Evaluated:
+    def evaluate(self, layout: Layout, m: int, memory: StageMemory | None = None) -> Evaluated:
         s = self.settings
-        stage, mem = memory or self.memory(layout, m)
+        memory = memory or self.memory(layout, m)
+        stage, mem = memory.worst
+        # the rank that sets the step time is one of those whose memory is already known
         time, time_stage = price(self.data, self.pricer, layout, m, self.network, s.states,
-                                 s.attention_kernel, s.reduce_bytes, s.cp_comm, s.overlap)
+                                 s.attention_kernel, s.reduce_bytes, s.cp_comm, s.overlap, memory.by_stage)
         tokens = m * layout.dp * layout.mb * self.seq
         mfu = self.model_flops * tokens / (time.total * layout.world * self.gpu.peak("bf16"))
         return Evaluated(layout, m, stage, mem, time_stage, time, tokens, mfu, mem.total <= self.usable)
@@ -393,13 +403,14 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         layouts, tp_reasons = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
     ranked: list[Evaluated] = []
     tightest: Evaluated | None = None
-    tightest_mem: tuple[Layout, int, tuple[int, RankMemory]] | None = None
+    tightest_mem: tuple[Layout, int, StageMemory] | None = None
     for layout in layouts:
         m = _microbatches(sequences, layout.dp, layout.mb)
         memory = evaluator.memory(layout, m)
-        if memory[1].total <= usable or keep_unfit and complete is not None:
+        total = memory.worst[1].total
+        if total <= usable or keep_unfit and complete is not None:
             ranked.append(evaluator.evaluate(layout, m, memory))
-        elif tightest_mem is None or memory[1].total < tightest_mem[2][1].total:
+        elif tightest_mem is None or total < tightest_mem[2].worst[1].total:
             tightest_mem = (layout, m, memory)
     fitting = [e for e in ranked if e.fits]
     if tightest_mem is not None and not fitting:

@@ -43,7 +43,8 @@ bubble (`layout.group_problem`), and a longer round changes the warm-up's memory
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from typing_extensions import assert_never
@@ -58,12 +59,11 @@ from archplan.planning.cluster import (
     ModelData,
     StatesConvention,
     _collectives,
-    _memory,
     rank_chunks,
     representative_stages,
 )
 from archplan.planning.layout import Layout
-from archplan.planning.records import Collective, RankMemory
+from archplan.planning.records import Collective, MeshDim, RankMemory
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -354,38 +354,68 @@ class Pricer:
         self.data = data
         self.rates = rates
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
+        self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
+        self._stages: dict[tuple[object, ...], _MicroBatch] = {}
+
+    @staticmethod
+    def _key(layout: Layout, kernel: AttentionKernel) -> tuple[object, ...]:
+        """What a layer's micro-batch time depends on (the head's too)."""
+        return (layout.tp, layout.ep, layout.cp, layout.mb, layout.sequence_parallel, kernel,
+                layout.recompute)
 
     def layers(self, layout: Layout, kernel: AttentionKernel) -> list[_MicroBatch]:
-        key = (layout.tp, layout.ep, layout.cp, layout.mb, layout.sequence_parallel, kernel,
-               layout.recompute)
+        key = self._key(layout, kernel)
         if key not in self._layers:
-            self._layers[key] = [_layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute)
-                                 for i in range(len(self.data.plan.layers))]
+            first: dict[int, _MicroBatch] = {}
+            for i in sorted(set(self._twins)):
+                first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute)
+            self._layers[key] = [first[twin] for twin in self._twins]
         return self._layers[key]
 
     def stage(self, layout: Layout, stage: int, kernel: AttentionKernel) -> _MicroBatch:
-        per_layer = self.layers(layout, kernel)
-        total = _MicroBatch()
-        for chunk in rank_chunks(len(per_layer), layout, stage):
-            for micro in per_layer[chunk.layers.start:chunk.layers.stop]:
-                total = total + micro
-            if chunk.last:
-                total = total + _head_micro(self.data, layout, self.rates)
-        return total
+        # many layouts (dp, zero, the pipeline's micro-batches) share a rank's compute
+        key = (*self._key(layout, kernel), layout.pp, layout.vpp, stage)
+        if key not in self._stages:
+            per_layer = self.layers(layout, kernel)
+            total = _MicroBatch()
+            for chunk in rank_chunks(len(per_layer), layout, stage):
+                for micro in per_layer[chunk.layers.start:chunk.layers.stop]:
+                    total = total + micro
+                if chunk.last:
+                    total = total + _head_micro(self.data, layout, self.rates)
+            self._stages[key] = total
+        return self._stages[key]
 
 
-def _spans_nodes(mesh: str, layout: Layout, net: Network) -> bool:
+def _first_twins(data: ModelData) -> list[int]:
+    """Per layer, the first layer `_layer_micro` cannot tell it from: the same mixer, FFN, norms,
+    tensors (their names but for the layer's path) and kept activations. Llama 3.1 405B's 126
+    layers are one, so a layout's per-layer times are computed once, not 126 times."""
+    first: dict[tuple[object, ...], int] = {}
+    twins = []
+    for i, layer in enumerate(data.plan.layers):
+        tensors = tuple(replace(t, name=t.name.removeprefix(layer.path)) for t in data.layer_tensors[i])
+        key = (layer.mixer, layer.ffn, layer.norms, tensors, data.acts[i].kept["none"])
+        twins.append(first.setdefault(key, i))
+    return twins
+
+
+def _spans_nodes(mesh: MeshDim, layout: Layout, net: Network) -> bool:
     """Whether a group of this mesh dimension leaves the node (ranks ordered tp, cp, dp, pp)."""
-    extent = {
-        "tp": layout.tp,
-        "cp": layout.tp * layout.cp,
-        "ep": layout.tp * layout.ep,
-        "dp": layout.tp * layout.cp * layout.dp,
-        "dp_cp": layout.tp * layout.cp * layout.dp,
-        "expert_dp": layout.tp * layout.cp * layout.dp,
-        "pp": layout.world,
-    }[mesh]
+    match mesh:  # a match, not a dict of every extent: called once per record of every layout
+        case "tp":
+            extent = layout.tp
+        case "cp":
+            extent = layout.tp * layout.cp
+        case "ep":
+            extent = layout.tp * layout.ep
+        case "dp" | "dp_cp" | "expert_dp":
+            extent = layout.tp * layout.cp * layout.dp
+        case "pp":
+            extent = layout.world
+        case _:
+            assert_never(mesh)
     return extent > net.gpus_per_node
 
 
@@ -452,8 +482,10 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
 
 def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, net: Network,
           states: StatesConvention, kernel: AttentionKernel, grad_reduce: int, cp_comm: CPComm,
-          overlap: frozenset[str]) -> tuple[StepTime, int]:
-    """The step time and the pipeline rank that sets it."""
+          overlap: frozenset[str], memory: Mapping[int, RankMemory]) -> tuple[StepTime, int]:
+    """The step time and the pipeline rank that sets it. `memory`: each representative rank's
+    (`cluster.rank_memory`), which the caller has already: the optimizer step's time needs the
+    time-setting rank's."""
     m, p, v = microbatches, layout.pp, layout.vpp
     rates = pricer.rates
     best: tuple[float, int, _MicroBatch, dict[str, float], float, float] | None = None
@@ -489,8 +521,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     per_slot, stage, micro, comm, grads, gathers = best
     n_layers = max(1, sum(len(c.layers) for c in rank_chunks(len(data.plan.layers), layout, stage)))
     dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
-    memory: RankMemory = _memory(data, layout, stage, m, states, kernel)
-    optimizer = memory.optimizer / states.optimizer_bytes * OPTIMIZER_BYTES_PER_PARAM / rates.hbm
+    optimizer = memory[stage].optimizer / states.optimizer_bytes * OPTIMIZER_BYTES_PER_PARAM / rates.hbm
     time = StepTime(
         gemm=m * 3 * micro.gemm_fwd,
         attention=m * (micro.attn_fwd + micro.attn_bwd),
