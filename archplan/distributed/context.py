@@ -103,19 +103,22 @@ class GatherKV(torch.autograd.Function):
 
 
 class AllToAll(torch.autograd.Function):
-    """All-to-all of equal dim-0 splits over the cp group; the backward is the all-to-all of the
-    gradient. An autograd Function for the reason `GatherKV` is one: torch's differentiable
-    `all_to_all_single_autograd` is replayed out of order by selective recomputation."""
+    """All-to-all of dim-0 splits (`recv` rows from each rank, `send` to each; None: equal, as the
+    cp exchanges use); the backward is the all-to-all of the gradient with the splits swapped. An
+    autograd Function for the reason `GatherKV` is one: torch's differentiable
+    `all_to_all_single_autograd` is replayed out of order by selective recomputation (the cp
+    exchanges; the expert dispatch and combine, `expert.ExpertParallel`)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor,  # type: ignore[override]
-                group: dist.ProcessGroup) -> Tensor:
-        ctx.group = group  # type: ignore[attr-defined]
-        return _waited(funcol.all_to_all_single(x.contiguous(), None, None, group))
+                group: dist.ProcessGroup, recv: list[int] | None = None, send: list[int] | None = None) -> Tensor:
+        ctx.group, ctx.recv, ctx.send = group, recv, send  # type: ignore[attr-defined]
+        return _waited(funcol.all_to_all_single(x.contiguous(), recv, send, group))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _waited(funcol.all_to_all_single(grad.contiguous(), None, None, ctx.group)), None  # type: ignore[attr-defined]
+        back = funcol.all_to_all_single(grad.contiguous(), ctx.send, ctx.recv, ctx.group)  # type: ignore[attr-defined]
+        return _waited(back), None, None, None
 
 
 class AllReduce(torch.autograd.Function):

@@ -17,35 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from torch.distributed import _functional_collectives as funcol
 from torch.distributed._functional_collectives import all_to_all_single
 
+from archplan.distributed.context import AllToAll
 from archplan.modules.moe import Experts
-
-
-def _waited(t: Tensor) -> Tensor:
-    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
-
-
-class _AllToAll(torch.autograd.Function):
-    """All-to-all of dim-0 splits (`recv` rows from each rank, `send` to each; None: equal); the
-    backward is the all-to-all of the gradient with the splits swapped. An autograd Function, not
-    torch's `all_to_all_single_autograd`: under selective activation checkpointing
-    (`shard.apply_recompute`) the re-run replays that one's cached outputs out of order, and the
-    layer's saved tensors no longer line up with the forward's (torch's CheckpointError
-    "Recomputed values ... have different metadata"; tiny-moe at dp=4, ep=4, selective). A
-    Function records one autograd node of its own around the same functional collective."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, recv: list[int] | None,  # type: ignore[override]
-                send: list[int] | None, group: ProcessGroup) -> Tensor:
-        ctx.recv, ctx.send, ctx.group = recv, send, group  # type: ignore[attr-defined]
-        return _waited(all_to_all_single(x.contiguous(), recv, send, group))
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        back = all_to_all_single(grad.contiguous(), ctx.send, ctx.recv, ctx.group)  # type: ignore[attr-defined]
-        return _waited(back), None, None, None
 
 
 class ExpertParallel(nn.Module):
@@ -72,9 +47,9 @@ class ExpertParallel(nn.Module):
             send = counts_E.view(self.ep, e_local).sum(1).tolist()
             recv = recv_counts.sum(1).tolist()
             local_R = torch.arange(e_local, device=x_MD.device).repeat(self.ep).repeat_interleave(recv_counts.flatten())
-        x_RD = _AllToAll.apply(x_MD, recv, send, self.group)
+        x_RD = AllToAll.apply(x_MD, self.group, recv, send)
         order_R = local_R.argsort(stable=True)
         local_sorted_R = local_R[order_R]
         ends_L = torch.searchsorted(local_sorted_R, torch.arange(e_local, device=x_MD.device), right=True)
         y_RD = self.local(x_RD[order_R], ends_L.to(torch.int32), local_sorted_R)[order_R.argsort()]
-        return _AllToAll.apply(y_RD, send, recv, self.group)
+        return AllToAll.apply(y_RD, self.group, send, recv)
