@@ -7,15 +7,19 @@ runs keep hypothesis's random exploration (and its example database) to find new
 Under pytest-xdist (`-n auto`, the README's and CI's test command) each worker is a process of its
 own on a core of its own: torch's intra-op pool is held to one thread per worker, before any test
 imports torch, so two workers on two cores do not fight over four threads. Tests sharing an
-expensive module-scoped fixture (the one pair of gloo processes, a wheel build, the published-runs
-table) carry `pytest.mark.xdist_group`, so `--dist loadgroup` runs them on one worker and the
-fixture once.
+expensive module-scoped fixture (a wheel build, the published-runs table) carry
+`pytest.mark.xdist_group`, so `--dist loadgroup` runs them on one worker and the fixture once. The
+gloo equivalence cases read the results of one pair of processes started in the background when the
+session begins (`gloo_pair`), and run last.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -24,3 +28,41 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+GLOO = "gloo"  # the xdist group of tests/test_distributed.py's equivalence cases
+
+
+def _in_gloo_group(item: pytest.Item) -> bool:
+    marker = item.get_closest_marker("xdist_group")
+    return marker is not None and (marker.args or (marker.kwargs.get("name"),))[0] == GLOO
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The gloo cases last: they wait for the pair of processes started when the session began,
+    which by then has had the whole suite's time to finish."""
+    items.sort(key=_in_gloo_group)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gloo_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+    """The directory the one pair of gloo processes writes its results into, started in the
+    background by the first xdist worker to get here (every worker collects the same cases), or
+    None when no gloo case is selected. Its ranks spend most of their time waiting for each other's
+    collectives; run alongside the suite that wait costs no one a core."""
+    cases = [item.callspec.params["case"] for item in request.session.items if _in_gloo_group(item)]
+    if not cases:
+        yield None
+        return
+    from gloo_pair import start
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    out = tmp_path_factory.getbasetemp().parent / f"gloo-{run}" if run else tmp_path_factory.getbasetemp() / GLOO
+    try:
+        out.mkdir()
+    except FileExistsError:  # another worker started it
+        yield out
+        return
+    pair = start(out, cases)
+    yield out
+    pair.wait()  # another worker may still read its files

@@ -25,6 +25,7 @@ from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 from archplan.resolve import resolve
 from archplan.spec import Spec
+from test_bad_input import run_main
 
 TINY = dict(
     name="tiny", vocab_size=256, d_model=64, n_layers=4, max_seq_len=128,
@@ -179,24 +180,17 @@ def test_cli_json_contract() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
-def test_cuda_without_cuda_is_exit_2() -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "bench", "llama-2-7b",
-                           "--device", "cuda"], capture_output=True, text=True)
-    assert proc.returncode == 2
+def test_cuda_without_cuda_is_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = run_main(["bench", "llama-2-7b", "--device", "cuda"], capsys, monkeypatch)
+    assert proc.code == 2
     assert "CUDA is not available" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_too_big_model_is_exit_2_with_suggestion() -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "bench", "llama-3-70b",
-                           "--device", "cpu", "--seq", "64"], capture_output=True, text=True)
-    assert proc.returncode == 2
+def test_too_big_model_is_exit_2_with_suggestion(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = run_main(["bench", "llama-3-70b", "--device", "cpu", "--seq", "64"], capsys, monkeypatch)
+    assert proc.code == 2
     assert "will not fit" in proc.stderr and "try --layers" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -215,7 +215,7 @@ def test_decode_equals_forward_for_generated_specs(case: Case) -> None:
     torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_decode_step_flops_on_meta_for_generated_specs(case: Case) -> None:
     """One decode step counted on meta = `analytic.decode_flops` exactly, at and past any window."""

@@ -4,7 +4,6 @@ measures model states and the collectives of a step on the fake process group.""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from gloo_pair import FIXTURES, GLOO_CASES, HEAVY_CASES, wait  # noqa: E402
 
 from archplan.loader import load_spec  # noqa: E402
 from archplan.planning.layout import parse_layout  # noqa: E402
@@ -21,143 +20,23 @@ from archplan.resolve import resolve  # noqa: E402
 if TYPE_CHECKING:
     from archplan.distributed.check import LayoutCheck
 
-FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
 TOLERANCE = 1e-4  # fp32: only the order of the sums differs between one and two processes
 
 
-def _variant(directory: Path, fixture: str, name: str, **fields: object) -> Path:
-    """A copy of a fixture spec with top-level fields replaced, written under `directory`."""
-    import yaml
-
-    spec = yaml.safe_load((FIXTURES / fixture).read_text()) | {"name": name, **fields}
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _qk(scope: str, kind: str, kv: int) -> dict[str, object]:
-    attention = {"kind": "mqa" if kv == 1 else "gqa", "n_heads": 4,
-                 "qk_norm": {"scope": scope, "norm": {"kind": kind}}}
-    return {"attention": attention | ({"n_kv_heads": kv} if kv > 1 else {})}
-
-
-# tensor-parallel edge cases, as variants of two fixtures: a vocabulary tp does not divide with
-# absolute positions under SP (GPT-2 at tp=2), and qk-norm of every scope, with MQA's whole KV head
-TP_EDGES: dict[str, tuple[str, dict[str, object]]] = {
-    "odd-vocab-learned": ("tiny-gpt-odd-vocab.yaml", {}),
-    "odd-vocab-sinusoidal": ("tiny-gpt-odd-vocab.yaml", {"position": {"kind": "sinusoidal"}}),
-    "qk-full-rmsnorm": ("tiny-qk-norm.yaml", {}),
-    "qk-head-rmsnorm": ("tiny-qk-norm.yaml", _qk("head", "rmsnorm", 2)),
-    "qk-per-head-layernorm": ("tiny-qk-norm.yaml", _qk("per_head", "layernorm", 2)),
-    "qk-full-layernorm-mqa": ("tiny-qk-norm.yaml", _qk("full", "layernorm", 1)),
-    "qk-per-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("per_head", "rmsnorm", 1)),
-}
-TP2 = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
-MAMBA2_ONE_GROUP = {"kind": "mamba2", "d_state": 16, "d_conv": 4, "expand": 2, "head_dim": 32, "n_groups": 1,
-                    "chunk_size": 8}
-
-# Every gloo equivalence case: (check in archplan.distributed.parity, fixture, top-level fields
-# replaced, layout). All of them run in ONE pair of processes (`gloo_results`): a pair per case
-# paid two torch imports and a process group each, which on a loaded 2-core machine cost minutes.
-GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
-    "tp2": ("parity", "tiny-llama.yaml", {}, TP2),
-    "fsdp2-full-recompute": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=2"),
-    "zero1-selective": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
-    "zero0-replicate": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
-    "ep2": ("parity", "tiny-moe.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
-    # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
-    # sequence shard to whole experts, reduced over tp); full recompute re-runs both
-    "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", {}, TP2),
-    "tp2-mla-moe-full-recompute": ("parity", "tiny-mla-moe.yaml", {}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
-    # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
-    "tp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", {}, TP2),
-    # TP=2 with SP: the uneven vocabulary split (torch.chunk: 251 + 250 rows), each rank adding its
-    # sequence shard's positions, qk-norm replicated, per head, or normalised across the ranks' heads
-    **{f"tp2-{name}": ("parity", fixture, fields, TP2) for name, (fixture, fields) in TP_EDGES.items()},
-    # Mamba-1 with Jamba's inner norms (x_proj's partial sums, B/C read by both ranks' channels),
-    # Mamba-2 (heads and groups split), Hyena (replicated filter trunk) and StripedHyena, by channel
-    "tp2-mamba1": ("parity", "tiny-mamba.yaml", {}, TP2),
-    "tp2-hyena": ("parity", "tiny-hyena.yaml", {}, TP2),
-    "tp2-mamba2-full-recompute": ("parity", "tiny-mamba2.yaml", {}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
-    "tp2-stripedhyena-no-sp": ("parity", "tiny-stripedhyena.yaml", {}, TP2 + ",sp=off"),
-    # S4D: its input to channel shards by an all-to-all, one SSM copy replicated over tp
-    "tp2-s4d": ("parity", "tiny-s4d.yaml", {}, TP2),
-    # context parallelism: each rank holds chunks r and 3 − r of four (causal mask by position,
-    # RoPE at the global positions), K/V all-gathered, their gradients reduce-scattered back;
-    # with ALiBi the bias also comes from the global positions
-    "cp2-full-recompute": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
-    "cp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
-    # MLA: the latent [c_kv | k_pe] gathered (k_pe rotated at the keys' global positions), each
-    # rank expanding every key; learned and sinusoidal positions added at the rank's positions
-    "cp2-mla-full-recompute": ("parity", "tiny-mla.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
-    "cp2-learned": ("parity", "tiny-gpt-odd-vocab.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
-    "cp2-sinusoidal": ("parity", "tiny-gpt-odd-vocab.yaml", {"position": {"kind": "sinusoidal"}},
-                       "tp=1,cp=2,pp=1,dp=1,ep=1,zero=0,recompute=selective,mb=2"),
-    # long convolutions: the first convolution's input all-to-all'd to whole sequences of half
-    # the channels, the per-channel weights sliced, the output all-to-all'd back to the rank's chunks
-    "cp2-hyena-selective": ("parity", "tiny-hyena.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=selective,mb=2"),
-    "cp2-stripedhyena-full-recompute": ("parity", "tiny-stripedhyena.yaml", {},
-                                        "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
-    "cp2-s4d-selective": ("parity", "tiny-s4d.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=selective,mb=2"),
-    # Mamba (Megatron-Core's MambaContextParallel): in_proj's output to whole sequences of half the
-    # channels / heads, conv1d and scan there, the output back; Jamba-shaped Mamba-1 + attention with
-    # x_proj's partial sums all-reduced over cp; Mamba-2 with a group per rank, and with its one
-    # group's B and C repeated for both ranks (the gated norm after the exchange back)
-    "cp2-mamba1-selective": ("parity", "tiny-mamba.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=selective,mb=2"),
-    "cp2-mamba2-full-recompute": ("parity", "tiny-mamba2.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
-    "cp2-mamba2-one-group": ("parity", "tiny-mamba2.yaml", {"ssm": MAMBA2_ONE_GROUP},
-                             "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
-    # PP=2 with tied embeddings: after one AdamW step both stages' weights, the last stage's copy of
-    # the embedding included, equal the one-process model's (the copies' gradients summed)
-    "tied-pp2-zero0": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1"),
-    "tied-pp2-zero3": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
-    # interleaved (vpp = 2): two model chunks per rank, the tied copy on rank 1's second chunk
-    "tied-pp2-vpp2": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks running every case of GLOO_CASES in turn, one result file per case."""
-    from datetime import timedelta
-
-    from archplan.distributed import parity
-    from archplan.distributed.mesh import forget_meshes
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=timedelta(minutes=5))
-    try:
-        for case, (check, fixture, fields, layout_text) in GLOO_CASES.items():
-            spec = _variant(Path(out), fixture, f"{case}-{rank}", **fields) if fields else FIXTURES / fixture
-            forget_meshes()  # each case builds its own meshes over the one world
-            try:
-                result = getattr(parity, check)(resolve(load_spec(spec)), parse_layout(layout_text).complete())
-            except Exception as exc:
-                raise RuntimeError(f"gloo case {case}") from exc
-            Path(out, f"{case}-{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
-def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    return out
+def gloo_results(gloo_pair: Path | None) -> Path:
+    assert gloo_pair is not None  # conftest starts the pair whenever a gloo case is selected
+    return wait(gloo_pair)
 
 
-# under pytest-xdist (--dist loadgroup) every case of the one gloo pair runs on the same worker
-GLOO_GROUP = pytest.mark.xdist_group("gloo")
+def _gloo_cases(check: str) -> list[object]:
+    return [pytest.param(c, marks=pytest.mark.heavy if c in HEAVY_CASES else ())
+            for c, (kind, *_) in GLOO_CASES.items() if kind == check]
 
 
-@GLOO_GROUP
-@pytest.mark.parametrize("case", [c for c, (check, *_) in GLOO_CASES.items() if check == "parity"])
+# every gloo case reads the one pair's files: one xdist group, run last (conftest.py)
+@pytest.mark.xdist_group("gloo")
+@pytest.mark.parametrize("case", _gloo_cases("parity"))
 def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
         result = json.loads((gloo_results / f"{case}-{rank}.json").read_text())
@@ -167,8 +46,8 @@ def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
         assert losses[-1] < losses[0], losses
 
 
-@GLOO_GROUP
-@pytest.mark.parametrize("case", [c for c, (check, *_) in GLOO_CASES.items() if check == "pipeline_parity"])
+@pytest.mark.xdist_group("gloo")
+@pytest.mark.parametrize("case", _gloo_cases("pipeline_parity"))
 def test_tied_embeddings_across_two_gloo_stages_equal_one(gloo_results: Path, case: str) -> None:
     for rank in range(2):
         assert json.loads((gloo_results / f"{case}-{rank}.json").read_text())["weights"] < TOLERANCE
@@ -348,11 +227,13 @@ def test_refusals_are_one_line(fake_world: None) -> None:
 
 
 @pytest.mark.parametrize("layout", [
-    "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
-    # interleaved: each worker runs two model chunks (the plain 1F1B pipeline is the gloo cases')
-    "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1",
-    "tp=1,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=full,mb=1",
-], ids=["tp2", "pp2-vpp2", "fsdp2"])
+    pytest.param("tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", id="tp2"),
+    # interleaved: each worker runs two model chunks (CI budget: the default run's pipelines on real
+    # processes are the gloo pair's, tied-pp2-vpp2 among them)
+    pytest.param("tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1", id="pp2-vpp2",
+                 marks=pytest.mark.heavy),
+    pytest.param("tp=1,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=full,mb=1", id="fsdp2"),
+])
 def test_bench_nproc_two_gloo_workers(layout: str) -> None:
     from typer.testing import CliRunner
 

@@ -145,11 +145,14 @@ def test_stand_ins_are_for_heavy_presets() -> None:
     assert CHEAPER.keys() <= HEAVY <= set(NAMES)
 
 
-@pytest.mark.slow
-def test_llama_405b_at_16384_ranks(fake_world: None) -> None:
+# CI budget: the default run takes 2 micro-batches through the measured stage (its per-micro-batch
+# and per-step collectives both counted): 65 s on the loaded 2-core machine, against 141 s for 16
+# in flight, the step Meta ran (docs/distributed.md's goal command), which runs with `-m heavy`
+@pytest.mark.parametrize("microbatches", [2, pytest.param(16, marks=pytest.mark.heavy)])
+def test_llama_405b_at_16384_ranks(fake_world: None, microbatches: int) -> None:
     plan = resolve(load_spec(PRESETS / "llama-3.1-405b.yaml"))
     layout = parse_layout("tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1").complete()
-    result = check_layout_run(plan, layout, 256, microbatches=16)
+    result = check_layout_run(plan, layout, 256, microbatches=microbatches)
     assert result.measured.layout.world == 16_384
     _check(result)
 

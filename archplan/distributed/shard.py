@@ -41,6 +41,7 @@ from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor import Replicate, Shard
 
 from archplan.distributed.context import ContextShard, apply_context_parallel
@@ -81,6 +82,15 @@ def tied_group(stage: Stage, mesh: LayoutMesh) -> dist.ProcessGroup | None:
     return dist.new_group([first, first + (layout.pp - 1) * span], use_local_synchronization=True)
 
 
+def _parallelize(module: nn.Module, mesh: DeviceMesh, plan: ParallelStyle | dict[str, ParallelStyle]) -> None:
+    """`parallelize_module` with every style splitting the rank's own copy (`src_data_rank=None`,
+    as `plans`' own styles do): every rank built the same weights from one seed, so torch's
+    default scatter from rank 0 would only send each rank what it already holds."""
+    for style in plan.values() if isinstance(plan, dict) else (plan,):
+        style.src_data_rank = None
+    parallelize_module(module, mesh, plan)
+
+
 def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
     layout = mesh.layout
     tp, sp = layout.tp, layout.sequence_parallel
@@ -96,7 +106,7 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
             tp_plan = module_plan(sub, sp) if sub is not None else None
             if tp_plan is None:
                 continue
-            parallelize_module(sub, tp_mesh, tp_plan.styles)
+            _parallelize(sub, tp_mesh, tp_plan.styles)
             if tp_plan.local_plan is not None:
                 sub.plan = tp_plan.local_plan(sub.plan, tp)
             if tp_plan.localize is not None:
@@ -104,21 +114,21 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
         if norm is not None:
             for name in ("norm1", "norm2", "post_norm1", "post_norm2"):
                 if hasattr(block, name):
-                    parallelize_module(getattr(block, name), tp_mesh, norm_plan(sp))
+                    _parallelize(getattr(block, name), tp_mesh, norm_plan(sp))
     if stage.embed is not None:  # the first stage's embedding, or the last one's tied copy (its head)
-        parallelize_module(stage.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
+        _parallelize(stage.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
     positions = positions_plan(sp)
     if stage.pos_embed is not None and positions is not None:
-        parallelize_module(stage.pos_embed, tp_mesh, positions)
+        _parallelize(stage.pos_embed, tp_mesh, positions)
     for end in (stage.embed_norm, stage.final_norm):
         if end is not None and norm is not None:
-            parallelize_module(end, tp_mesh, norm_plan(sp))
+            _parallelize(end, tp_mesh, norm_plan(sp))
     if isinstance(stage.lm_head, TiedLMHead):
         # x · embed.weightᵀ with the weight vocabulary-sharded: the logits come out Shard(-1)
-        parallelize_module(stage.lm_head, tp_mesh, PrepareModuleInput(
+        _parallelize(stage.lm_head, tp_mesh, PrepareModuleInput(
             input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)))
     elif stage.lm_head is not None:
-        parallelize_module(stage.lm_head, tp_mesh, ColwiseParallel(
+        _parallelize(stage.lm_head, tp_mesh, ColwiseParallel(
             input_layouts=seq, output_layouts=Shard(-1), use_local_output=False))
 
 
