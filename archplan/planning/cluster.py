@@ -501,13 +501,14 @@ def width_sharded_stats(layer: LayerPlan) -> list[int]:
 # Copies of an MoE layer's routed rows (k per token, d_model wide) alive at its combine beyond the
 # tensors the layer saves for its backward (measured by verify --layout, DeepSeek-V3: the re-run
 # layer's activations peak there): the experts' output, held by the caller while it is put back in
-# token order (the un-sorted copy is saved by the weighted sum: counted), and the weighted
-# product before the sum over k. Real implementations hold the same two: torchtitan's
-# `MoE.forward` keeps `routed_output` while it fills `routed_output_unsorted`, then makes the
-# fp32 copy `bmm` reads; Megatron-Core's `MoELayer` keeps `expert_output` through
-# `token_unpermutation`, whose `unpermute` makes the probabilities' product. Under EP the dispatch
-# holds as many at the combine all-to-all (the pre-all-to-all rows, the rows back in rank order
-# and the all-to-all's output, the un-sorted copy not yet made).
+# token order (the un-sorted copy is saved by the weighted sum: counted), and the weighted product
+# before the sum over k. Under EP the combine all-to-all holds as many beyond what is saved by
+# then (the dispatch's gathered rows, the rows back in rank order and the all-to-all's output,
+# the un-sorted copy not yet made). Real implementations hold two as well: torchtitan's
+# `MoE.forward` keeps `routed_output` while it fills `routed_output_unsorted`, then makes the fp32
+# copy `bmm` reads; Megatron-Core's `MoELayer.routed_experts_compute` keeps `expert_output` while
+# `combine_preprocess` puts it back in rank order, and `token_combine`'s input lives while the
+# all-to-all fills its output.
 COMBINE_COPIES = 2
 
 
