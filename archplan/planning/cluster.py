@@ -63,8 +63,8 @@ their output (already kept as the next projection's input) instead of their inpu
 what plain torch autograd keeps (the s×s probabilities unless recompute is selective, act(gate),
 each norm's input). Full recompute keeps the block inputs, plus one layer's whole activations while it is
 re-run; an MoE layer adds two transient copies of its routed rows at its combine, beyond what it
-saves (`COMBINE_COPIES`; in the rank's last forward too, without full recompute). In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al.
-2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,
+saves (`COMBINE_COPIES`; in the rank's last forward too, without full recompute). In-flight
+micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al. 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,
 N = p unless the layout's `group` sets it (Megatron's interleaved schedule), so at N = p rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
 (Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
@@ -883,17 +883,16 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
             head = (ends + data.logits_act / tp) * scale
+    layers = [i for chunk in chunks for i in chunk.layers]
     if mode == "full":
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
-        layers = [i for chunk in chunks for i in chunk.layers]
         whole = data.layer_acts(layout, "none", kernel, states.engine)
         rerun = max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
                      + _cp_kept(data, layout, i, states.engine) for i in layers), default=0.0)
         activations += max(head, rerun)
     else:
         # the combine's transient rows of the rank's last forward, before the head runs
-        layers = [i for chunk in chunks for i in chunk.layers]
         combine = max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
         activations += max(head, combine)
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
