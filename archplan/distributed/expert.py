@@ -47,9 +47,14 @@ class ExpertParallel(nn.Module):
             send = counts_E.view(self.ep, e_local).sum(1).tolist()
             recv = recv_counts.sum(1).tolist()
             local_R = torch.arange(e_local, device=x_MD.device).repeat(self.ep).repeat_interleave(recv_counts.flatten())
-        x_RD = AllToAll.apply(x_MD, self.group, recv, send)
         order_R = local_R.argsort(stable=True)
         local_sorted_R = local_R[order_R]
         ends_L = torch.searchsorted(local_sorted_R, torch.arange(e_local, device=x_MD.device), right=True)
-        y_RD = self.local(x_RD[order_R], ends_L.to(torch.int32), local_sorted_R)[order_R.argsort()]
+        # The received rows are sorted by local expert at once and only the sorted copy is kept, the
+        # one the grouped matmul saves: the all-to-all's output buffer is freed before the experts
+        # run, as torchtitan's `ExpertParallel._token_dispatch` (its `_permute` replaces the
+        # received tensor) and Megatron-Core's `MoEAlltoAllTokenDispatcher.token_permutation`
+        # (`sort_chunks_by_idxs` of the all-to-all's output, returned alone) free it.
+        x_RD = AllToAll.apply(x_MD, self.group, recv, send)[order_R]
+        y_RD = self.local(x_RD, ends_L.to(torch.int32), local_sorted_R)[order_R.argsort()]
         return AllToAll.apply(y_RD, self.group, send, recv)

@@ -62,8 +62,9 @@ their output (already kept as the next projection's input) instead of their inpu
 `FusedRMSNorm(memory_efficient=True)`, Megatron-LM `--memory-efficient-layer-norm`); "eager" keeps
 what plain torch autograd keeps (the s×s probabilities unless recompute is selective, act(gate),
 each norm's input). Full recompute keeps the block inputs, plus one layer's whole activations while it is
-re-run. In-flight micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al.
-2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,
+re-run; an MoE layer adds two transient copies of its routed rows at its combine, beyond what it
+saves (`COMBINE_COPIES`; in the rank's last forward too, without full recompute). In-flight
+micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al. 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,
 N = p unless the layout's `group` sets it (Megatron's interleaved schedule), so at N = p rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
 (Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
@@ -259,6 +260,7 @@ class LayerActs:
     block_input: int  # what full recompute keeps
     glu_extra: int  # the activation's output eager GLUs keep and fused ones recompute
     norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
+    combine: int  # an MoE layer's routed rows live at its combine beside the saved tensors (`_combine_rows`)
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,8 @@ class ModelData:
             self.acts.append(LayerActs(kept, replicated, kept["none"] - kept["selective"],
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
                                        ACT_BYTES * seq * _glu_width(layer),
-                                       ACT_BYTES * seq * h * len(layer.norms)))
+                                       ACT_BYTES * seq * h * len(layer.norms),
+                                       _combine_rows(layer, seq, h)))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -493,6 +496,33 @@ def width_sharded_stats(layer: LayerPlan) -> list[int]:
             return [stats] * (1 if layer.mixer.n_kv_heads == 1 else 2)
         case _:
             return []
+
+
+# Copies of an MoE layer's routed rows (k per token, d_model wide) alive at its combine beyond the
+# tensors the layer saves for its backward (measured by verify --layout, DeepSeek-V3: the re-run
+# layer's activations peak there): the experts' output, held by the caller while it is put back in
+# token order (the un-sorted copy is saved by the weighted sum: counted), and the weighted product
+# before the sum over k. Under EP the combine all-to-all holds as many beyond what is saved by
+# then (the dispatch's gathered rows, the rows back in rank order and the all-to-all's output,
+# the un-sorted copy not yet made). Real implementations hold two as well: torchtitan's
+# `MoE.forward` keeps `routed_output` while it fills `routed_output_unsorted`, then makes the fp32
+# copy `bmm` reads; Megatron-Core's `MoELayer.routed_experts_compute` keeps `expert_output` while
+# `combine_preprocess` puts it back in rank order, and `token_combine`'s input lives while the
+# all-to-all fills its output.
+COMBINE_COPIES = 2
+
+
+def _combine_rows(layer: LayerPlan, seq: int, h: int) -> int:
+    """Bytes of one sequence's `COMBINE_COPIES` transient routed copies through an MoE layer."""
+    if not isinstance(layer.ffn, MoEPlan):
+        return 0
+    return COMBINE_COPIES * ACT_BYTES * seq * layer.ffn.top_k * h
+
+
+def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
+    """`LayerActs.combine` on one rank: each tp rank routes its own sequence shard under SP
+    (expert tensor parallelism 1) and every token without it, as the EP all-to-all's payload."""
+    return acts.combine / (layout.tp if layout.sequence_parallel else 1)
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -853,16 +883,18 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
             head = (ends + data.logits_act / tp) * scale
+    layers = [i for chunk in chunks for i in chunk.layers]
     if mode == "full":
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
-        layers = [i for chunk in chunks for i in chunk.layers]
         whole = data.layer_acts(layout, "none", kernel, states.engine)
-        rerun = max((whole[i] * scale + _cp_kept(data, layout, i, states.engine) for i in layers),
-                    default=0.0)
+        rerun = max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
+                     + _cp_kept(data, layout, i, states.engine) for i in layers), default=0.0)
         activations += max(head, rerun)
     else:
-        activations += head
+        # the combine's transient rows of the rank's last forward, before the head runs
+        combine = max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
+        activations += max(head, combine)
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
 
 

@@ -1,0 +1,123 @@
+"""An MoE layer's forward working set beyond its saved tensors (`cluster.COMBINE_COPIES`).
+
+The layout model prices, beside an MoE layer's saved tensors, two transient copies of its routed
+rows at the combine (the re-run layer's peak under full recompute: DeepSeek-V3's measured
+activations at `verify --layout`, docs/distributed.md). Measured here on the module itself: the
+live bytes at the forward's peak minus those still live after it (the saved tensors and the
+output), with and without expert parallelism (two ranks of the fake process group, balanced
+routing: every rank receives as many rows as it sends, under FakeTensorMode as `verify --layout`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from archplan.distributed.expert import ExpertParallel
+from archplan.distributed.mesh import init_fake_world
+from archplan.loader import load_spec
+from archplan.modules.moe import Experts, MoEFFN
+from archplan.planning import cluster
+from archplan.resolve import LayerPlan, MoEPlan, resolve
+
+FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
+SEQ = 32
+# d_model wide enough that the routed rows dwarf the routing's int64 index vectors (M = SEQ·k
+# entries each), which the per-row figure does not count
+D_MODEL = 512
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages the ops create that are still alive, and their peak. A functional
+    collective's wait returns its input, as on a device (FakeTensorMode's makes a new tensor;
+    torch's FSDPMemTracker short-circuits it the same way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: set[int] = set()
+        self.now = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops._c10d_functional.wait_tensor.default:
+            return args[0]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.live:
+                    self.live.add(key)
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        self.peak = max(self.peak, self.now)
+        return out
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.live.discard(key)
+        self.now -= nbytes
+
+
+@pytest.fixture
+def moe_layer() -> tuple[LayerPlan, int]:
+    spec = load_spec(FIXTURES / "tiny-moe.yaml")
+    plan = resolve(spec.model_copy(update={"d_model": D_MODEL}))
+    layer = next(layer for layer in plan.layers if isinstance(layer.ffn, MoEPlan))
+    return layer, plan.d_model
+
+
+@pytest.fixture
+def two_ranks() -> Iterator[dist.ProcessGroup]:
+    init_fake_world(2, 0)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _transient(moe: MoEFFN, d_model: int) -> int:
+    x = torch.randn(1, SEQ, d_model, dtype=torch.bfloat16, requires_grad=True)
+    tracker = LiveBytes()
+    with tracker:
+        out = moe(x)
+    assert out.shape == x.shape
+    return tracker.peak - tracker.now
+
+
+def _expected(layer: LayerPlan, d_model: int) -> int:
+    assert isinstance(layer.ffn, MoEPlan)
+    rows = cluster.ACT_BYTES * SEQ * layer.ffn.top_k * d_model
+    combine = cluster._combine_rows(layer, SEQ, d_model)
+    assert combine == cluster.COMBINE_COPIES * rows == 2 * rows
+    return combine
+
+
+def test_combine_working_set_one_rank(moe_layer: tuple[LayerPlan, int]) -> None:
+    layer, d_model = moe_layer
+    assert isinstance(layer.ffn, MoEPlan)
+    moe = MoEFFN(layer.ffn, d_model).to(torch.bfloat16)
+    expected = _expected(layer, d_model)
+    assert expected <= _transient(moe, d_model) <= 1.05 * expected
+
+
+def test_combine_working_set_expert_parallel(moe_layer: tuple[LayerPlan, int],
+                                             two_ranks: dist.ProcessGroup) -> None:
+    """Under EP the dispatch's all-to-all output is freed once sorted by local expert (the fix:
+    it was held through the experts, a third copy); the peak is the combine's, as on one rank."""
+    layer, d_model = moe_layer
+    assert isinstance(layer.ffn, MoEPlan)
+    e = layer.ffn.n_experts
+    moe = MoEFFN(layer.ffn, d_model).to(torch.bfloat16)
+    local = Experts(layer.ffn.expert, e // 2, d_model).to(torch.bfloat16)
+    moe.experts = ExpertParallel(local, e, two_ranks, balanced=True)
+    expected = _expected(layer, d_model)
+    # as verify --layout measures it: no data moves over the fake process group
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        transient = _transient(moe, d_model)
+    assert expected <= transient <= 1.05 * expected
