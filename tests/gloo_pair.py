@@ -24,7 +24,7 @@ from archplan.resolve import resolve
 FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
 
 
-def _variant(directory: Path, fixture: str, name: str, **fields: object) -> Path:
+def variant(directory: Path, fixture: str, name: str, **fields: object) -> Path:
     """A copy of a fixture spec with top-level fields replaced, written under `directory`."""
     import yaml
 
@@ -144,7 +144,7 @@ def _worker(rank: int, port: int, out: str, cases: list[str]) -> None:
     try:
         for case in cases:
             check, fixture, fields, layout_text = GLOO_CASES[case]
-            spec = _variant(Path(out), fixture, f"{case}-{rank}", **fields) if fields else FIXTURES / fixture
+            spec = variant(Path(out), fixture, f"{case}-{rank}", **fields) if fields else FIXTURES / fixture
             forget_meshes()  # each case builds its own meshes over the one world
             try:
                 result = getattr(parity, check)(resolve(load_spec(spec)), parse_layout(layout_text).complete())

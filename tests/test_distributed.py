@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-from gloo_pair import FIXTURES, GLOO_CASES, HEAVY_CASES, wait  # noqa: E402
+from gloo_pair import FIXTURES, GLOO_CASES, HEAVY_CASES, TP_EDGES, variant, wait  # noqa: E402
 
 from archplan.loader import load_spec  # noqa: E402
 from archplan.planning.layout import parse_layout  # noqa: E402
@@ -473,7 +473,7 @@ def test_fake_verify_tp_edge_cases(fake_world: None, tmp_path: Path, name: str, 
     """The same cases on the fake world (seq 32, two micro-batches): model states and every
     collective exact, the positions' gradient all-gather and the qk-norm statistics' all-reduces
     included."""
-    plan = resolve(load_spec(_variant(tmp_path, TP_EDGES[name][0], name, **TP_EDGES[name][1])))
+    plan = resolve(load_spec(variant(tmp_path, TP_EDGES[name][0], name, **TP_EDGES[name][1])))
     measured = _stage_exact(plan, parse_layout(layout).complete(), stage)
     kinds = {(c.kind, c.mesh_dim) for c in measured.collectives}
     assert ("all_gather", "tp") in kinds
