@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
+import gc
 import inspect
 import weakref
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, _device_handler, in_kernel_invocation_manager
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -141,6 +142,21 @@ def _cuda_attention_kernel() -> Iterator[None]:
         F.scaled_dot_product_attention = original
 
 
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """The objects alive before the step (torch's modules and those of the imports, the mesh's
+    process groups, the stage built on meta) left out of the cyclic collector's full
+    collections while the step runs (`gc.freeze`): each full collection traversed all of them.
+    None of them holds a tracked tensor (the fake ones are made inside the step); the step's own
+    cycles are collected as before (the same `--json`, byte for byte, on the layouts of
+    benchmarks/verify_layout_scale.md)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
@@ -234,6 +250,24 @@ class StepFakeMode(FakeTensorMode):
             else:
                 super()._prep_args_for_hash(result, (arg,), state, id_hashed_objects)
 
+    def _get_output_tensor_from_cache_entry(self, state: Any, entry: Any, key: Any, func: Any,  # type: ignore[override]
+                                            args: Any) -> FakeTensor | None:
+        """torch's, for a new strided output without symbolic sizes (no shape environment
+        here): the same meta tensor, made the same way, without torch's per-size checks for
+        symbolic stubs; in-place and view outputs, constants and the rest take torch's path."""
+        meta = entry.metadata
+        if self.shape_env is not None or meta is None or entry.inplace_idx is not None \
+                or entry.view_idx is not None or meta.layout != torch.strided:
+            return super()._get_output_tensor_from_cache_entry(state, entry, key, func, args)
+        with in_kernel_invocation_manager(self):
+            empty = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, layout=meta.layout,
+                                        device="meta", requires_grad=meta.requires_grad)
+        if meta.is_conj:
+            torch._C._set_conj(empty, True)
+        if meta.is_neg:
+            torch._C._set_neg(empty, True)
+        return FakeTensor(self, empty, meta.device)
+
 
 StepFakeMode.__torch_dispatch__ = inspect.unwrap(FakeTensorMode.__torch_dispatch__)  # type: ignore[method-assign]
 
@@ -311,7 +345,8 @@ class StepTracker(RecomputeAsActivations):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # as torch's: DTensor runs first, its local ops come back here
         if func is _DEVICE:
-            device = func(*args, **(kwargs or {}))
+            # what FakeTensorMode answers (its `_DISPATCH_META_HANDLERS`), without the redispatch
+            device = _device_handler(args) if isinstance(args[0], FakeTensor) else func(*args, **(kwargs or {}))
             if _active_fake_mode() is self._fake_mode_on_entry:
                 self._update_peak_stats(None)
             return device
@@ -374,7 +409,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         group_sizes[tied.group_name] = tied.size()
     recorder = CollectiveRecorder(dims_by_group, group_sizes)
     units = tuple(u for c in chunks for u in c.units)
-    with _loss_meta_untracked(), _cuda_attention_kernel(), StepFakeMode(allow_non_fake_inputs=True):
+    with _frozen_heap(), _loss_meta_untracked(), _cuda_attention_kernel(), StepFakeMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):
