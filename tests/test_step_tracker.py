@@ -1,7 +1,8 @@
 """verify --layout's `fake.StepTracker` (torch's FSDPMemTracker at a lower cost per op, collectives
-counted in its own dispatch) measures exactly what FSDPMemTracker (with recomputed tensors filed as
+counted in its own dispatch) under `fake.StepFakeMode` (FakeTensorMode with a cheaper cache key)
+and `gc.freeze` measures exactly what FSDPMemTracker (with recomputed tensors filed as
 activations, `fake.RecomputeAsActivations`) with `comms.CollectiveRecorder` stacked above it
-measures: every memory figure, the tracker's peak by reference type and every collective record,
+measures under torch's FakeTensorMode: every memory figure, the tracker's peak by reference type and every collective record,
 on a TP + SP + FSDP layout with selective recompute (one layer, one micro-batch after the warm-up
 step: cheap, CI budget); and MLA-shaped attention keeps no T × S scores in the fake run."""
 
@@ -60,7 +61,12 @@ def test_step_tracker_measures_what_torchs_tracker_does(fake_world: None, monkey
     layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=selective,mb=1").complete()
     assert layout is not None
     ours = fake.measure(plan, layout, 32, microbatches=1, stage=0)
+    from contextlib import nullcontext
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     monkeypatch.setattr(fake, "StepTracker", TorchTracker)
+    monkeypatch.setattr(fake, "StepFakeMode", FakeTensorMode)
+    monkeypatch.setattr(fake, "_frozen_heap", nullcontext)
     reference = fake.measure(plan, layout, 32, microbatches=1, stage=0)
     assert ours.collectives and ours.memory.activations > 0
     assert ours == reference
@@ -85,3 +91,28 @@ def test_unequal_head_sizes_run_cudas_kernel_keeping_no_scores() -> None:
     assert equal.shape == q.shape
     assert saved and not any(shape[-2:] == (t, t) for shape in saved), saved
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+
+
+def test_step_fake_mode_gives_torchs_outputs() -> None:
+    """`fake.StepFakeMode`'s cache key tells apart inputs that differ only in strides, dtype,
+    storage offset or requires_grad, and its cached outputs are FakeTensorMode's, miss and hit."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    def outputs(mode: FakeTensorMode) -> list[tuple[object, ...]]:
+        seen = []
+        with mode:
+            x = torch.empty(4, 6)
+            inputs = [x, x.t().contiguous().t(), x.to(torch.bfloat16), x[1:], torch.empty(4, 6, requires_grad=True),
+                      torch.empty(6, 4).t()]
+            for _ in range(2):  # a miss, then a hit
+                for t in inputs:
+                    for out in (torch.exp(t), t * 2, t.sum(0), t @ t.t(), t.transpose(0, 1) + 1):
+                        assert isinstance(out, FakeTensor) and out.fake_mode is mode
+                        seen.append((out.shape, out.stride(), out.dtype, out.requires_grad, out.storage_offset(),
+                                     out.device, out.is_contiguous()))
+        return seen
+
+    hits = FakeTensorMode.cache_hits
+    ours = outputs(fake.StepFakeMode())
+    assert FakeTensorMode.cache_hits > hits  # the second round came from the cache
+    assert ours == outputs(FakeTensorMode())

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
+import gc
+import inspect
 import weakref
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -21,16 +23,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, _device_handler, in_kernel_invocation_manager
 import torch.distributed.tensor.parallel.loss as parallel_loss
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY
-from torch._guards import active_fake_mode
+from torch._C import _get_dispatch_stack_at, _len_torch_dispatch_stack
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_leaves
 
 from archplan.distributed.comms import CollectiveRecorder
 from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
@@ -139,6 +142,21 @@ def _cuda_attention_kernel() -> Iterator[None]:
         F.scaled_dot_product_attention = original
 
 
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """The objects alive before the step (torch's modules and those of the imports, the mesh's
+    process groups, the stage built on meta) left out of the cyclic collector's full
+    collections while the step runs (`gc.freeze`): each full collection traversed all of them.
+    None of them holds a tracked tensor (the fake ones are made inside the step); the step's own
+    cycles are collected as before (the same `--json`, byte for byte, on the layouts of
+    benchmarks/verify_layout_scale.md)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
@@ -182,6 +200,76 @@ def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMem
 
 
 _DEVICE = torch.ops.prim.device.default
+_WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
+_ALL_GATHER = torch.ops.c10d._allgather_base_.default
+_REDUCE_SCATTER = torch.ops.c10d._reduce_scatter_base_.default
+
+
+def _active_fake_mode() -> FakeTensorMode | None:
+    """`torch._guards.active_fake_mode` without building the mode-stack list on every op."""
+    for i in range(_len_torch_dispatch_stack() - 1, -1, -1):
+        mode = _get_dispatch_stack_at(i)
+        if isinstance(mode, FakeTensorMode):
+            return mode
+    return None
+
+
+# arguments torch's key takes as they are (with their type)
+_PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
+
+
+class StepFakeMode(FakeTensorMode):
+    """FakeTensorMode with the same outputs at a lower cost per op:
+    - its dispatch cache's key (`_cache_key`) describes a plain fake tensor of this mode by one
+      tuple of the metadata torch flattens field by field (`extract_tensor_metadata`,
+      `TensorMetadata._flatten_into`): dtype, shape, strides (which decide the memory format
+      torch derives from them), device, storage offset and size, requires_grad, conj, neg,
+      inference, quantized; a sparse, symbolic, constant or other mode's tensor, and every
+      other argument, takes torch's path. Computing torch's key cost more than the misses it
+      saves (docs/distributed.md, Scale);
+    - no `torch._disable_dynamo` around its `__torch_dispatch__` (see `StepTracker`)."""
+
+    def _prep_args_for_hash(self, result: list[object], args: Any, state: Any,  # type: ignore[override]
+                            id_hashed_objects: list[object]) -> None:
+        if not isinstance(args, (list, tuple)):
+            super()._prep_args_for_hash(result, args, state, id_hashed_objects)
+            return
+        result.append(type(args))
+        result.append(f"length_{len(args)}")
+        for arg in args:
+            if type(arg) is FakeTensor and arg.fake_mode is self and arg.constant is None \
+                    and arg.layout == torch.strided and not arg._has_symbolic_sizes_strides:
+                result.append((arg.dtype, tuple(arg.shape), arg.stride(), arg.fake_device, arg.storage_offset(),
+                               arg.untyped_storage().nbytes(), arg.requires_grad, arg.is_quantized,
+                               arg.is_conj(), arg.is_neg(), arg.is_inference()))
+            elif type(arg) in _PLAIN:
+                result.append(type(arg))  # as torch's: 1 and 1.0 hash alike
+                result.append(arg)
+            elif isinstance(arg, (list, tuple)):
+                self._prep_args_for_hash(result, arg, state, id_hashed_objects)
+            else:
+                super()._prep_args_for_hash(result, (arg,), state, id_hashed_objects)
+
+    def _get_output_tensor_from_cache_entry(self, state: Any, entry: Any, key: Any, func: Any,  # type: ignore[override]
+                                            args: Any) -> FakeTensor | None:
+        """torch's, for a new strided output without symbolic sizes (no shape environment
+        here): the same meta tensor, made the same way, without torch's per-size checks for
+        symbolic stubs; in-place and view outputs, constants and the rest take torch's path."""
+        meta = entry.metadata
+        if self.shape_env is not None or meta is None or entry.inplace_idx is not None \
+                or entry.view_idx is not None or meta.layout != torch.strided:
+            return super()._get_output_tensor_from_cache_entry(state, entry, key, func, args)
+        with in_kernel_invocation_manager(self):
+            empty = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, layout=meta.layout,
+                                        device="meta", requires_grad=meta.requires_grad)
+        if meta.is_conj:
+            torch._C._set_conj(empty, True)
+        if meta.is_neg:
+            torch._C._set_neg(empty, True)
+        return FakeTensor(self, empty, meta.device)
+
+
+StepFakeMode.__torch_dispatch__ = inspect.unwrap(FakeTensorMode.__torch_dispatch__)  # type: ignore[method-assign]
 
 
 class RecomputeAsActivations(FSDPMemTracker):
@@ -236,7 +324,14 @@ class StepTracker(RecomputeAsActivations):
     - `prim.device` (a fake tensor's `.device`, about half of the ops it sees: autograd and
       DTensor ask every tensor's device) returns a device, no tensor: of torch's handling only
       the peak update applies (an unsharded weight's `resize_` raises the current snapshot
-      between ops), the rest (reference type, tracking the outputs) has nothing to act on."""
+      between ops), the rest (reference type, tracking the outputs) has nothing to act on;
+    - FSDPMemTracker's `__torch_dispatch__` (torch/distributed/_tools/fsdp2_mem_tracker.py) is
+      run inline, step for step, with the outputs' storages visited in pytree order
+      (`tree_leaves`, where torch's `tree_map_only` also rebuilds the output it discards) and the
+      fake-mode lookup of `active_fake_mode` without building the mode-stack list;
+    - no `torch._disable_dynamo` around it (`TorchDispatchMode.__init_subclass__` wraps every
+      mode's `__torch_dispatch__` so that dynamo does not trace into it: four eval-frame switches
+      per op; nothing here runs under dynamo)."""
 
     recorder: CollectiveRecorder | None = None
 
@@ -246,17 +341,44 @@ class StepTracker(RecomputeAsActivations):
                 self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def _dispatch(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # as torch's: DTensor runs first, its local ops come back here
         if func is _DEVICE:
-            device = func(*args, **(kwargs or {}))
-            if active_fake_mode() is self._fake_mode_on_entry:
+            # what FakeTensorMode answers (its `_DISPATCH_META_HANDLERS`), without the redispatch
+            device = _device_handler(args) if isinstance(args[0], FakeTensor) else func(*args, **(kwargs or {}))
+            if _active_fake_mode() is self._fake_mode_on_entry:
                 self._update_peak_stats(None)
             return device
         if self.recorder is not None:
             self.recorder.count(func, args)
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        if func is _WAIT_TENSOR and _active_fake_mode() is not None:
+            res = args[0]  # torch's override of the wait's meta function (a new tensor)
+        else:
+            res = func(*args, **(kwargs or {}))
+        if _active_fake_mode() is not self._fake_mode_on_entry:
+            return res  # DTensor's sharding propagation in its own fake mode
+        if self._in_opt:
+            reftype = _FSDPRefType.OPT
+        elif self._mod_tracker.is_bw and not self._in_ac:
+            reftype = _FSDPRefType.TEMP
+        else:
+            reftype = _FSDPRefType.ACT
+        if func is _ALL_GATHER and self._fsdp_state in (_FSDPState.PRE_FW, _FSDPState.PRE_BW):
+            self._update_and_maybe_create_winfos(args[0], _FSDPRefType.ALL_GATHER, update_existing=True)
+        if func is _REDUCE_SCATTER and self._fsdp_state == _FSDPState.POST_BW:
+            self._update_and_maybe_create_winfos(args[1], _FSDPRefType.REDUCE_SCATTER, update_existing=True)
+        if isinstance(res, torch.Tensor):
+            self._track(reftype, res)
+        elif res is not None:
+            for leaf in tree_leaves(res):
+                if isinstance(leaf, torch.Tensor):
+                    self._track(reftype, leaf)
+        self._update_peak_stats(None)
+        return res
+
+
+StepTracker.__torch_dispatch__ = StepTracker._dispatch  # type: ignore[method-assign]
 
 
 def _tracker(chunks: tuple[Sharded, ...], optimizer: torch.optim.Optimizer) -> StepTracker:
@@ -287,7 +409,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         group_sizes[tied.group_name] = tied.size()
     recorder = CollectiveRecorder(dims_by_group, group_sizes)
     units = tuple(u for c in chunks for u in c.units)
-    with _loss_meta_untracked(), _cuda_attention_kernel(), FakeTensorMode(allow_non_fake_inputs=True):
+    with _frozen_heap(), _loss_meta_untracked(), _cuda_attention_kernel(), StepFakeMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):
