@@ -89,6 +89,17 @@ class Measured:
 
 
 @contextmanager
+def _patched(owner: object, name: str, replacement: object) -> Iterator[None]:
+    """`owner.name` replaced by `replacement` while the block runs, restored however it ends."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextmanager
 def _loss_meta_untracked() -> Iterator[None]:
     """loss_parallel's op handlers derive each output's global shape by running the op on fake
     tensors of the global shape (`parallel.loss._propagate_tensor_meta`), in the fake mode they
@@ -101,11 +112,8 @@ def _loss_meta_untracked() -> Iterator[None]:
         with _disable_current_modes():
             return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    parallel_loss._propagate_tensor_meta = untracked  # type: ignore[assignment]
-    try:
+    with _patched(parallel_loss, "_propagate_tensor_meta", untracked):
         yield
-    finally:
-        parallel_loss._propagate_tensor_meta = original
 
 
 @contextmanager
@@ -135,11 +143,8 @@ def _cuda_attention_kernel() -> Iterator[None]:
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, attn_mask, grad, 0.0, is_causal, scale=scale)[0]
 
-    F.scaled_dot_product_attention = cuda_choice  # type: ignore[assignment]
-    try:
+    with _patched(F, "scaled_dot_product_attention", cuda_choice):
         yield
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 @contextmanager
