@@ -48,8 +48,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def gloo_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
     """The directory the one pair of gloo processes writes its results into, started in the
     background by the first xdist worker to get here (every worker collects the same cases), or
-    None when no gloo case is selected. Its ranks spend most of their time waiting for each other's
-    collectives; run alongside the suite that wait costs no one a core."""
+    None when no gloo case is selected. Run alongside the suite, the pair shares the cores with
+    the workers instead of holding one of them blocked in a fixture until it is done."""
     cases = [item.callspec.params["case"] for item in request.session.items if _in_gloo_group(item)]
     if not cases:
         yield None
