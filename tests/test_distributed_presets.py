@@ -54,32 +54,38 @@ SEQ = {"mamba-2.8b": 8}
 # 130, frontier-1t-moe 349 (interleaved, its 4 chunks' 61 MoE layers), llama-3-70b 98,
 # llama-3.1-405b 198 (the others 6-36).
 # They run with `-m heavy` (not in the default run, pyproject's addopts); by default they run at a
-# pp = 4 layout of the same kind instead (CHEAPER, 10-16 s each). jamba-v0.1, mamba-2.8b and
-# stripedhyena-7b are pp = 1 at their top layouts too (every layer on the rank; not timed on a quiet
-# machine): by default they run at pp = 4 with the top layout's tp, so their mixers' TP plans run.
+# deeper pipeline of the same kind instead (CHEAPER): the same sharding of the same layers, and a
+# measured rank holding 2-5 of them. The cost is per op (FakeTensorMode, DTensor and the tracker in
+# Python), so it scales with the layers on the rank: at pp = 4 these took 24-56 s each in CI on the
+# 2-core host (2026-11-30). jamba-v0.1, mamba-2.8b and stripedhyena-7b are pp = 1 at their top
+# layouts too (every layer on the rank): by default they run deeper with the top layout's tp, so
+# their mixers' TP plans run.
 HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "gpt-4-rumored", "llama-3-70b",
          "llama-3.1-405b", "jamba-v0.1", "mamba-2.8b", "stripedhyena-7b"}
 # CI budget: a 7B-class preset at a pp = 1 layout (every layer on the rank) takes 100 s on a slow
 # 2-core host (measured 2026-11-30; the last landing's CI host ran the suite 7x slower than a quiet
 # one). The default run keeps one preset per kind of layer and sharding; these run with `-m heavy`
-# only, each beside one kept of its kind: dense GQA/MHA 7B (llama-3-8b), dense 70B at pp = 4
-# (70b), an MoE stand-in (deepseek-v3, jamba-v0.1), long convolution (hyena-153m, s4d-lm).
+# only, each beside one kept of its kind: dense GQA/MHA 7B (llama-3-8b), dense 70B deeper (70b),
+# an MoE stand-in (deepseek-v3, jamba-v0.1), long convolution (hyena-153m, s4d-lm).
 SAME_KIND = {"7b", "falcon-7b", "llama-2-7b", "mistral-7b", "qwen2.5-7b",
              "claude-3-opus-rumored", "llama-3-70b", "frontier-1t-moe", "gpt-4-rumored", "stripedhyena-7b"}
 # 32 layers on the measured rank at their pp = 1 top layouts (TP4 + SP; mixtral also EP8): by
-# default they run at pp = 4 with the top layout's tp, ep and zero (8 layers), so the same sharding
-# runs at a quarter of the cost; the top layout itself with `-m heavy`.
-PP4_OF_TOP = {"llama-3-8b", "mixtral-8x7b"}
-DENSE = "tp=8,cp=1,pp=4,dp=32,ep=1,zero=3,recompute=full,mb=1"
+# default they run at pp = 16 with the top layout's tp, ep and zero (2 layers), so the same sharding
+# runs at a sixteenth of the cost; the top layout itself with `-m heavy`.
+DEEPER_TOP = {"llama-3-8b", "mixtral-8x7b"}
+DEEPER_PP = 16
+DENSE = "tp=8,cp=1,pp=16,dp=8,ep=1,zero=3,recompute=full,mb=1"  # 5 of 80 layers on the rank
 CHEAPER = {"70b": DENSE, "claude-3-opus-rumored": DENSE, "llama-3-70b": DENSE,
            # llama-3.1-405b: test_llama_405b_at_16384_ranks
-           "deepseek-v3": "tp=2,cp=1,pp=4,dp=128,ep=64,zero=2,recompute=full,mb=1",
+           # MLA + MoE under TP2 + SP, experts over ep = 32: 4 of its 61 layers
+           "deepseek-v3": "tp=2,cp=1,pp=16,dp=32,ep=32,zero=2,recompute=full,mb=1",
            "frontier-1t-moe": MOE,
            # TP8 + SP with MoE over ep, two of its 120 layers on the measured (last) rank
            "gpt-4-rumored": "tp=8,cp=1,pp=64,dp=2,ep=2,zero=2,recompute=full,mb=1",
-           "jamba-v0.1": "tp=4,cp=1,pp=4,dp=64,ep=16,zero=2,recompute=none,mb=1",
-           # tied embeddings over pp = 4 (Megatron's embedding group)
-           "mamba-2.8b": "tp=2,cp=1,pp=4,dp=128,ep=1,zero=2,recompute=none,mb=1",
+           # 4 of 32 layers: the last stage's attention layer, Mamba-1 and MoE layers under TP4
+           "jamba-v0.1": "tp=4,cp=1,pp=8,dp=32,ep=16,zero=2,recompute=none,mb=1",
+           # tied embeddings over pp = 16 (Megatron's embedding group): 4 of 64 layers
+           "mamba-2.8b": "tp=2,cp=1,pp=16,dp=32,ep=1,zero=2,recompute=none,mb=1",
            "stripedhyena-7b": "tp=4,cp=1,pp=4,dp=64,ep=1,zero=2,recompute=none,mb=1"}
 
 
@@ -109,7 +115,7 @@ def _check(result: LayoutCheck) -> None:
 
 
 def _marks(name: str) -> list[pytest.MarkDecorator]:
-    return [pytest.mark.heavy] if name in HEAVY or name in SAME_KIND or name in PP4_OF_TOP else []
+    return [pytest.mark.heavy] if name in HEAVY or name in SAME_KIND or name in DEEPER_TOP else []
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
@@ -124,19 +130,19 @@ def test_every_preset_at_plans_top_layout(fake_world: None, name: str) -> None:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.heavy] if n in SAME_KIND else [])
                                   for n in sorted(CHEAPER)])
-def test_heavy_presets_at_a_pp4_layout(fake_world: None, name: str) -> None:
+def test_heavy_presets_at_a_deeper_layout(fake_world: None, name: str) -> None:
     plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
     layout = parse_layout(CHEAPER[name]).complete()
     assert layout is not None and layout.world == GPUS
     _check(check_layout_run(plan, layout, SEQ.get(name, 32), microbatches=1))
 
 
-@pytest.mark.parametrize("name", sorted(PP4_OF_TOP))
-def test_top_layout_at_pp4(fake_world: None, name: str) -> None:
+@pytest.mark.parametrize("name", sorted(DEEPER_TOP))
+def test_top_layout_deeper(fake_world: None, name: str) -> None:
     plan = resolve(load_spec(PRESETS / f"{name}.yaml"))
     top = plan_top_layout(name)
     assert top.pp == 1
-    layout = replace(top, pp=4, dp=top.dp // 4)
+    layout = replace(top, pp=DEEPER_PP, dp=top.dp // DEEPER_PP)
     assert layout.world == GPUS
     _check(check_layout_run(plan, layout, 32, microbatches=1))
 
