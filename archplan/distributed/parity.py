@@ -52,7 +52,8 @@ def _tp_views(stage: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], torc
 
 
 def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) -> dict[str, float]:
-    """Max abs differences (logits, gradients) and the losses of `steps` training steps."""
+    """Max abs differences (logits, gradients) after the first of `steps` training steps, and
+    the losses of all of them."""
     torch.manual_seed(SEED)
     reference = build_model(plan, "cpu", torch.float32)
     tokens = torch.randint(0, plan.vocab_size, (layout.mb, seq), generator=torch.Generator().manual_seed(1))
@@ -77,7 +78,8 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
     with runner.loss_context()():
         out = stage(tokens)
         logit_diff = (full_logits(out.detach()) - ref_logits).abs().max().item()
-        runner.loss(out, labels).backward()
+        first_loss = runner.loss(out, labels)
+        first_loss.backward()
     grad_diff = 0.0
     views = _tp_views(stage)
     for name, p in stage.named_parameters():
@@ -90,10 +92,12 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
         else:
             expected = views.get(name, lambda t: t)(ref_grads[name])
         grad_diff = max(grad_diff, (grad - expected).abs().max().item())
+    # the compared forward and backward are the first of the `steps` training steps
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for _ in range(steps):
+    for _ in range(steps - 1):
         runner.train_step([MicroBatch(tokens, labels)])
-    losses = [float(x) for x in runner.losses]
+    losses = [float(first_loss.detach()), *(float(x) for x in runner.losses)]
     dist.barrier()
     return {"logits": logit_diff, "grads": grad_diff, "losses": losses}  # type: ignore[dict-item]
 
