@@ -398,21 +398,25 @@ class StepTracker(RecomputeAsActivations):
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
 
     def _dispatch(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented  # as torch's: DTensor runs first, its local ops come back here
+        for t in types:
+            if issubclass(t, DTensor):
+                return NotImplemented  # as torch's: DTensor runs first, its local ops come back here
+        # the fake mode below this one: the op runs between it and us, and the stack is the same
+        # after it (modes nest), so one look serves the three questions torch's asks
+        active = _active_fake_mode()
         if func is _DEVICE:
             # what FakeTensorMode answers (its `_DISPATCH_META_HANDLERS`), without the redispatch
             device = _device_handler(args) if isinstance(args[0], FakeTensor) else func(*args, **(kwargs or {}))
-            if _active_fake_mode() is self._fake_mode_on_entry:
+            if active is self._fake_mode_on_entry:
                 self._update_peak_stats(None)
             return device
         if self.recorder is not None:
             self.recorder.count(func, args)
-        if func is _WAIT_TENSOR and _active_fake_mode() is not None:
+        if func is _WAIT_TENSOR and active is not None:
             res = args[0]  # torch's override of the wait's meta function (a new tensor)
         else:
             res = func(*args, **(kwargs or {}))
-        if _active_fake_mode() is not self._fake_mode_on_entry:
+        if active is not self._fake_mode_on_entry:
             return res  # DTensor's sharding propagation in its own fake mode
         if self._in_opt:
             reftype = _FSDPRefType.OPT
