@@ -232,6 +232,8 @@ class StepFakeMode(FakeTensorMode):
       inference, quantized; a sparse, symbolic, constant or other mode's tensor, and every
       other argument, takes torch's path. Computing torch's key cost more than the misses it
       saves (docs/distributed.md, Scale);
+    - cached outputs, new tensors and views alike, rebuilt with less Python
+      (`_get_output_tensor_from_cache_entry`, `_fake_tensor`);
     - no `torch._disable_dynamo` around its `__torch_dispatch__` (see `StepTracker`)."""
 
     def _prep_args_for_hash(self, result: list[object], args: Any, state: Any,  # type: ignore[override]
@@ -317,8 +319,9 @@ def _fake_state() -> dict[str, object]:
     on the tensor but the mode and the device (checked: every other one is None)."""
     with FakeTensorMode() as mode:
         state = dict(torch.empty(0).__dict__)
-    assert state.pop("fake_mode") is mode and state.pop("_fake_device") == torch.device("cpu")
-    assert all(value is None for value in state.values()), state
+    own_mode, device = state.pop("fake_mode"), state.pop("_fake_device")
+    if own_mode is not mode or device != torch.device("cpu") or any(v is not None for v in state.values()):
+        raise RuntimeError(f"FakeTensor's attributes are not as fake._fake_tensor expects: {state}")
     return state
 
 
