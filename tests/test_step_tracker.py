@@ -95,7 +95,9 @@ def test_unequal_head_sizes_run_cudas_kernel_keeping_no_scores() -> None:
 
 def test_step_fake_mode_gives_torchs_outputs() -> None:
     """`fake.StepFakeMode`'s cache key tells apart inputs that differ only in strides, dtype,
-    storage offset or requires_grad, and its cached outputs are FakeTensorMode's, miss and hit."""
+    storage offset or requires_grad, and its cached outputs, new tensors and views of an input
+    (sharing its storage), are FakeTensorMode's, miss and hit, down to the instance attributes
+    (`fake._fake_tensor`) and dispatch keys."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     def outputs(mode: FakeTensorMode) -> list[tuple[object, ...]]:
@@ -106,10 +108,15 @@ def test_step_fake_mode_gives_torchs_outputs() -> None:
                       torch.empty(6, 4).t()]
             for _ in range(2):  # a miss, then a hit
                 for t in inputs:
-                    for out in (torch.exp(t), t * 2, t.sum(0), t @ t.t(), t.transpose(0, 1) + 1):
+                    for out in (torch.exp(t), t * 2, t.sum(0), t @ t.t(), t.transpose(0, 1) + 1,  # new
+                                t.t(), t.detach(), t[1:, 2:], t.reshape(-1) if t.is_contiguous() else t.t(),  # views
+                                *t.split(2), t.view(torch.int32) if t.dtype == torch.float32 else t.unsqueeze(0)):
                         assert isinstance(out, FakeTensor) and out.fake_mode is mode
+                        state = {k: v for k, v in out.__dict__.items() if k != "fake_mode"}
                         seen.append((out.shape, out.stride(), out.dtype, out.requires_grad, out.storage_offset(),
-                                     out.device, out.is_contiguous()))
+                                     out.device, out.is_contiguous(), out._is_view(), str(torch._C._dispatch_keys(out)),
+                                     out.untyped_storage()._cdata == t.untyped_storage()._cdata,
+                                     out.untyped_storage().nbytes(), list(state.items())))
         return seen
 
     hits = FakeTensorMode.cache_hits

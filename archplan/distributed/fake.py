@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, _device_handler, in_kernel_invocation_manager
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConfig, FakeTensorMode, _device_handler
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -232,6 +232,8 @@ class StepFakeMode(FakeTensorMode):
       inference, quantized; a sparse, symbolic, constant or other mode's tensor, and every
       other argument, takes torch's path. Computing torch's key cost more than the misses it
       saves (docs/distributed.md, Scale);
+    - cached outputs, new tensors and views alike, rebuilt with less Python
+      (`_get_output_tensor_from_cache_entry`, `_fake_tensor`);
     - no `torch._disable_dynamo` around its `__torch_dispatch__` (see `StepTracker`)."""
 
     def _prep_args_for_hash(self, result: list[object], args: Any, state: Any,  # type: ignore[override]
@@ -257,21 +259,73 @@ class StepFakeMode(FakeTensorMode):
 
     def _get_output_tensor_from_cache_entry(self, state: Any, entry: Any, key: Any, func: Any,  # type: ignore[override]
                                             args: Any) -> FakeTensor | None:
-        """torch's, for a new strided output without symbolic sizes (no shape environment
-        here): the same meta tensor, made the same way, without torch's per-size checks for
-        symbolic stubs; in-place and view outputs, constants and the rest take torch's path."""
+        """torch's, for a strided output without symbolic sizes (no shape environment here), new or
+        a view of an argument: the same meta tensor, made the same way (`empty_strided`, then for a
+        view `set_` onto the argument's storage), without torch's per-size checks for symbolic
+        stubs, under one kernel-invocation guard where torch enters two, and wrapped by
+        `_fake_tensor`. Views are half the cached outputs of a step (`view`, `detach`, `t`,
+        `split`, ...). In-place outputs (the argument itself), constants and the rest take
+        torch's path."""
         meta = entry.metadata
         if self.shape_env is not None or meta is None or entry.inplace_idx is not None \
-                or entry.view_idx is not None or meta.layout != torch.strided:
+                or meta.layout != torch.strided or meta.device.type != "cpu" or FakeTensorConfig.debug:
             return super()._get_output_tensor_from_cache_entry(state, entry, key, func, args)
-        with in_kernel_invocation_manager(self):
-            empty = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, layout=meta.layout,
-                                        device="meta", requires_grad=meta.requires_grad)
+        storage = None
+        if entry.view_idx is not None and isinstance(func, torch._ops.OpOverload) and func.is_view:
+            view_arg = args[entry.view_idx]
+            if not isinstance(view_arg, FakeTensor):
+                return super()._get_output_tensor_from_cache_entry(state, entry, key, func, args)
+            storage = view_arg.untyped_storage()
+        prev = self.in_kernel_invocation
+        # torch's `in_kernel_invocation_manager`, as a plain block (no generator context manager)
+        with torch._C._DisableTorchDispatch(), torch._C._PreserveDispatchKeyGuard():
+            self.in_kernel_invocation = True
+            torch._C._set_meta_in_tls_dispatch_include(True)
+            try:
+                empty = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, layout=meta.layout,
+                                            device="meta", requires_grad=meta.requires_grad)
+                if storage is not None:
+                    empty.set_(storage, meta.storage_offset, meta.shape, meta.stride)
+            finally:
+                self.in_kernel_invocation = prev
         if meta.is_conj:
             torch._C._set_conj(empty, True)
         if meta.is_neg:
             torch._C._set_neg(empty, True)
-        return FakeTensor(self, empty, meta.device)
+        return _fake_tensor(self, empty, meta.device)
+
+
+def _fake_tensor(mode: FakeTensorMode, elem: torch.Tensor, device: torch.device) -> FakeTensor:
+    """`FakeTensor(mode, elem, device)` for a CPU fake device, the same object built with less Python:
+    torch's `FakeTensor.__new__` (torch/_subclasses/fake_tensor.py) normalises the device (the
+    identity for "cpu", which has no index), makes the subclass, marks its data pointer, then sets
+    its attributes one by one, five memo fields through descriptors that each store three
+    entries; here the attributes of a FakeTensor built by torch (`_FAKE_STATE`, all None but the
+    mode and the device) are copied into the instance's dict at once.
+    `tests/test_step_tracker.py` compares the two constructions."""
+    out = torch.Tensor._make_subclass(FakeTensor, elem, elem.requires_grad, dispatch_device=True,
+                                      device_for_backend_keys=device)
+    if not mode._allow_unsafe_data_ptr_access:
+        torch._C._set_throw_on_mutable_data_ptr(out)
+    else:
+        torch._C._set_warn_deprecated_on_mutable_data_ptr(out)
+    out.__dict__.update(_fake_device=device, fake_mode=mode)  # torch's order
+    out.__dict__.update(_FAKE_STATE)
+    return out
+
+
+def _fake_state() -> dict[str, object]:
+    """The instance attributes torch's constructor gives a plain FakeTensor, none of which depends
+    on the tensor but the mode and the device (checked: every other one is None)."""
+    with FakeTensorMode() as mode:
+        state = dict(torch.empty(0).__dict__)
+    own_mode, device = state.pop("fake_mode"), state.pop("_fake_device")
+    if own_mode is not mode or device != torch.device("cpu") or any(v is not None for v in state.values()):
+        raise RuntimeError(f"FakeTensor's attributes are not as fake._fake_tensor expects: {state}")
+    return state
+
+
+_FAKE_STATE = _fake_state()
 
 
 StepFakeMode.__torch_dispatch__ = inspect.unwrap(FakeTensorMode.__torch_dispatch__)  # type: ignore[method-assign]
@@ -347,21 +401,25 @@ class StepTracker(RecomputeAsActivations):
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
 
     def _dispatch(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented  # as torch's: DTensor runs first, its local ops come back here
+        for t in types:
+            if issubclass(t, DTensor):
+                return NotImplemented  # as torch's: DTensor runs first, its local ops come back here
+        # the fake mode below this one: the op runs between it and us, and the stack is the same
+        # after it (modes nest), so one look serves the three questions torch's asks
+        active = _active_fake_mode()
         if func is _DEVICE:
             # what FakeTensorMode answers (its `_DISPATCH_META_HANDLERS`), without the redispatch
             device = _device_handler(args) if isinstance(args[0], FakeTensor) else func(*args, **(kwargs or {}))
-            if _active_fake_mode() is self._fake_mode_on_entry:
+            if active is self._fake_mode_on_entry:
                 self._update_peak_stats(None)
             return device
         if self.recorder is not None:
             self.recorder.count(func, args)
-        if func is _WAIT_TENSOR and _active_fake_mode() is not None:
+        if func is _WAIT_TENSOR and active is not None:
             res = args[0]  # torch's override of the wait's meta function (a new tensor)
         else:
             res = func(*args, **(kwargs or {}))
-        if _active_fake_mode() is not self._fake_mode_on_entry:
+        if active is not self._fake_mode_on_entry:
             return res  # DTensor's sharding propagation in its own fake mode
         if self._in_opt:
             reftype = _FSDPRefType.OPT
