@@ -66,14 +66,76 @@ def fft_causal_conv(u_BCT: Tensor, k_KT: Tensor, expand: int = 1) -> Tensor:
     """y[..., t] = Σ_{j ≤ t} k[t − j]·u[j] in fp32 by FFTs of length 2T (no circular wrap-around).
 
     `k_KT` holds K distinct filters; each serves `expand` consecutive channels (C = K·expand), and
-    its spectrum (not the filter) is repeated, so rfft runs on K filters only."""
+    its spectrum (not the filter) is repeated, so rfft runs on K filters only.
+
+    One autograd unit (`_FFTConv`): it keeps the two spectra, which the product's backward reads,
+    and nothing else; plain autograd also keeps both inputs zero-padded to 2T in fp32 (rfft's
+    `_fft_r2c` saves its input), as large as the spectra again."""
+    if torch.jit.is_tracing():
+        # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+        return _fft_conv(u_BCT, k_KT, expand)[0]
+    return _FFTConv.apply(u_BCT, k_KT, expand)
+
+
+def _fft_conv(u_BCT: Tensor, k_KT: Tensor, expand: int) -> tuple[Tensor, Tensor, Tensor]:
+    """y (B, C, T) fp32 and the spectra of u (B, C, T + 1) and of the K filters (K, T + 1)."""
     t = u_BCT.shape[-1]
     n = 2 * t
     u_f = torch.fft.rfft(u_BCT.float(), n=n)
     k_f = torch.fft.rfft(k_KT.float(), n=n)
-    if expand > 1:
-        k_f = k_f.repeat_interleave(expand, dim=0)
-    return torch.fft.irfft(u_f * k_f, n=n)[..., :t]
+    k_f_rep = k_f.repeat_interleave(expand, dim=0) if expand > 1 else k_f
+    return torch.fft.irfft(u_f * k_f_rep, n=n)[..., :t], u_f, k_f
+
+
+# torch's fft_norm_mode: rfft's default ("backward") normalises nothing, irfft's by 1/n
+_NORM_NONE, _NORM_BY_N = 0, 2
+
+
+def _rfft_input_grad(d_f: Tensor, n: int, t: int) -> Tensor:
+    """The gradient of rfft(x, n) with respect to its first t inputs: torch's `fft_r2c_backward`
+    (the half spectrum zero-extended to n bins, one inverse complex FFT, its real part) and the
+    padding's backward (a slice)."""
+    full = F.pad(d_f, (0, n - d_f.shape[-1]))
+    return torch.ops.aten._fft_c2c(full, [full.dim() - 1], _NORM_NONE, False).real[..., :t]
+
+
+class _FFTConv(torch.autograd.Function):
+    """The FFT convolution keeping only the spectra; its backward runs, by hand, the ops plain
+    autograd would: irfft's gradient (one rfft, torch `fft_c2r_backward`), the product's (by the
+    conjugate spectra), each rfft's (one inverse complex FFT, `fft_r2c_backward`). So a forward +
+    backward counts the same FFTs (analytic `s4_backward_adjust`) and gives the same gradients."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, u_BCT: Tensor, k_KT: Tensor, expand: int
+    ) -> Tensor:
+        y, u_f, k_f = _fft_conv(u_BCT, k_KT, expand)
+        ctx.save_for_backward(u_f, k_f)
+        ctx.expand, ctx.dtypes = expand, (u_BCT.dtype, k_KT.dtype)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy_BCT: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        u_f, k_f = ctx.saved_tensors
+        t = dy_BCT.shape[-1]
+        n = 2 * t
+        expand = ctx.expand
+        # fft_c2r_backward: rfft of the (zero-extended) gradient, the bins irfft counts twice doubled
+        dy_BCN = F.pad(dy_BCT.float(), (0, n - t))
+        dp_f = torch.ops.aten._fft_r2c(dy_BCN, [dy_BCN.dim() - 1], _NORM_BY_N, True)
+        dp_f[..., 1 : n - dp_f.shape[-1] + 1] *= 2
+        du = dk = None
+        if ctx.needs_input_grad[0]:
+            k_f_rep = k_f.repeat_interleave(expand, dim=0) if expand > 1 else k_f
+            du = _rfft_input_grad(dp_f * k_f_rep.conj(), n, t).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dk_f = (dp_f * u_f.conj()).sum(0)
+            if expand > 1:
+                dk_f = dk_f.unflatten(0, (-1, expand)).sum(1)
+            dk = _rfft_input_grad(dk_f, n, t).to(ctx.dtypes[1])
+        return du, dk, None
 
 
 @dataclass(frozen=True)
