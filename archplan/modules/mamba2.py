@@ -129,7 +129,7 @@ def ssd_chunked(
     B and C are contracted per group without being repeated per head.
 
     As one autograd unit (`_ChunkedSSD`) it keeps its inputs and the outputs of two of its four
-    contractions for the backward, and recomputes the rest there; plain autograd would also keep
+    contractions (C·Bᵀ, the chunk states but the last) for the backward, and recomputes the rest there; plain autograd would also keep
     the (q × q) decay and C·Bᵀ∘L blocks of every head and the chunk states twice.
     """
     if torch.jit.is_tracing():
@@ -249,8 +249,8 @@ def _ssd(
 
 
 class _ChunkedSSD(torch.autograd.Function):
-    """SSD keeping its inputs, C·Bᵀ (B, c, G, q, q) and the chunk states (B, c, Hs·P, N), fp32, for
-    the backward, which recomputes every elementwise tensor and differentiates each of the four
+    """SSD keeping its inputs, C·Bᵀ (B, c, G, q, q) and the chunk states but the last (B, c − 1,
+    Hs·P, N), fp32, for the backward, which recomputes every elementwise tensor and differentiates each of the four
     contractions by the two matmuls autograd would run for it: a forward + backward executes the
     same counted ops as plain autograd (backward = 2 × the forward's contractions) and gives the
     same gradients, within rounding. mamba_ssm's `mamba_chunk_scan_combined` also recomputes C·Bᵀ
@@ -263,7 +263,8 @@ class _ChunkedSSD(torch.autograd.Function):
         B_BTGN: Tensor, C_BTGN: Tensor, h0_BHsPN: Tensor | None, D_Hs: Tensor | None, chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
         y, state, cb, states = _ssd(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, chunk_size, h0_BHsPN)
-        ctx.save_for_backward(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, cb, states)
+        # the last chunk's states feed only the final state, whose backward does not read them
+        ctx.save_for_backward(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, cb, states[:, :-1].clone())
         ctx.chunk_size = chunk_size
         return _with_skip(y, x_BTHsP, D_Hs), state
 
@@ -277,7 +278,8 @@ class _ChunkedSSD(torch.autograd.Function):
             inputs = tuple(None if x is None else x.detach().requires_grad_(need) for x, need in zip(saved, needs))
             x, dt, A, B, C, h0, D = inputs
             cb_BCGLS = cb_saved.detach().requires_grad_()
-            states_BCG_JP_N = states_saved.detach().requires_grad_()
+            states_BCG_JP_N = torch.cat([states_saved, states_saved.new_zeros(
+                (states_saved.shape[0], 1, *states_saved.shape[2:]))], dim=1).requires_grad_()
             ops = _Operands.of(x, dt, A, B, C, ctx.chunk_size)
             cbl_BCGJLS = cb_BCGLS[:, :, :, None] * ops.decay_BCGJLS
             entering_BCGJNP, state_BGJPN = ops.entering(states_BCG_JP_N, h0)
