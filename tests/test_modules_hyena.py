@@ -256,7 +256,8 @@ def test_modal_filter_unit_keeps_poles_and_residues_with_plain_autograd_counts_a
         unit = _ModalFilter.apply(p, r, 11)
     plain = _modal_filter(p, r, 11)
     torch.testing.assert_close(unit, plain, rtol=0, atol=0)
-    assert {t.untyped_storage().data_ptr() for t in saved} == {p.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}
+    kept = {t.untyped_storage().data_ptr() for t in saved}
+    assert kept == {p.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}
     wanted = [t for t in (p, r) if t.requires_grad]
     probe = torch.randn_like(unit)
     counts, grads = [], []

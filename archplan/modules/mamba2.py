@@ -129,8 +129,9 @@ def ssd_chunked(
     B and C are contracted per group without being repeated per head.
 
     As one autograd unit (`_ChunkedSSD`) it keeps its inputs and the outputs of two of its four
-    contractions (C·Bᵀ, the chunk states but the last) for the backward, and recomputes the rest there; plain autograd would also keep
-    the (q × q) decay and C·Bᵀ∘L blocks of every head and the chunk states twice.
+    contractions (C·Bᵀ, the chunk states but the last) for the backward, and recomputes the rest
+    there; plain autograd would also keep the (q × q) decay and C·Bᵀ∘L blocks of every head and
+    the chunk states twice.
     """
     if torch.jit.is_tracing():
         # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp

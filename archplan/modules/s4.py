@@ -241,7 +241,8 @@ class _S4DKernel(torch.autograd.Function):
             if full:
                 pieces.append((rows_HSN[:, :full], base_HNC, dk_HT[:, :full * chunk].unflatten(1, (full, chunk))))
             if rest:
-                pieces.append((rows_HSN[:, full:], base_HNC[:, :, :rest], dk_HT[:, full * chunk:, None].transpose(1, 2)))
+                dk_H1R = dk_HT[:, full * chunk:, None].transpose(1, 2)
+                pieces.append((rows_HSN[:, full:], base_HNC[:, :, :rest], dk_H1R))
             for rows, basis, dk in pieces:
                 if rows.requires_grad:
                     outputs.append(rows)
