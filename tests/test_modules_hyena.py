@@ -23,7 +23,7 @@ from archplan.analytic.hyena import (
 from archplan.errors import ArchplanError
 from archplan.modules import fft_flops  # noqa: F401  registers the FFT formulas
 from archplan.modules.hyena import HyenaMixer, causal_short_conv, positional_features
-from archplan.modules.stripedhyena import StripedHyenaMixer
+from archplan.modules.stripedhyena import StripedHyenaMixer, _ModalFilter, _modal_filter
 from archplan.resolve import HyenaPlan, StripedHyenaPlan
 
 D = 8
@@ -111,10 +111,8 @@ def test_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan, sch
 def test_stripedhyena_filter_is_the_modal_sum() -> None:
     """h(t) = Re Σ_s r_s·p_s^t (stripedhyena `compute_filter`), against complex powers."""
     m = build(striped(groups=2))
-    basis = m._basis(9)
     r = m.residues.detach()[:, :, 0]
-    row = torch.cat([r[..., 0], -r[..., 1]], dim=1)[:, None, :]
-    h = (row @ basis)[:, 0]
+    h = _modal_filter(m.poles.detach()[:, :, 0], r, 9)
     p = torch.view_as_complex(m.poles.detach()[:, :, 0].contiguous())
     rc = torch.view_as_complex(r.contiguous())
     ref = torch.stack([(rc * p**t).sum(-1).real for t in range(9)], -1)
@@ -244,3 +242,29 @@ def test_hyena_cache_holds_the_filters_reversed() -> None:
     state = m.new_state(2, 20, "cpu", torch.float32)
     torch.testing.assert_close(state.filter_rev_CL.flip(-1), m.filter(20).detach())
     assert not state.filter_rev_CL.requires_grad
+
+
+@pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False)])
+def test_modal_filter_unit_keeps_poles_and_residues_with_plain_autograd_counts_and_gradients(
+        needs: tuple[bool, bool]) -> None:
+    """`_ModalFilter` keeps only poles and residues; its backward runs autograd's bmm (one per
+    operand needing a gradient) and gives the same gradients (fp64)."""
+    torch.manual_seed(0)
+    p, r = (torch.randn(4, 2, 2, dtype=torch.float64).mul(0.5).requires_grad_(need) for need in needs)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        unit = _ModalFilter.apply(p, r, 11)
+    plain = _modal_filter(p, r, 11)
+    torch.testing.assert_close(unit, plain, rtol=0, atol=0)
+    kept = {t.untyped_storage().data_ptr() for t in saved}
+    assert kept == {p.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}
+    wanted = [t for t in (p, r) if t.requires_grad]
+    probe = torch.randn_like(unit)
+    counts, grads = [], []
+    for h in (unit, plain):
+        with FlopCounterMode(display=False) as counter:
+            grads.append(torch.autograd.grad((h * probe).sum(), wanted))
+        counts.append(dict(counter.get_flop_counts()["Global"]))
+    assert counts[0] == counts[1] and counts[0]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -26,7 +26,7 @@ from archplan.modules.mamba1 import (
     selective_scan,
     selective_scan_reference,
 )
-from archplan.modules.mamba2 import Mamba2Mixer, ssd_chunked, ssd_reference
+from archplan.modules.mamba2 import Mamba2Mixer, _gated_rms_norm, _ssd, _with_skip, ssd_chunked, ssd_reference
 from archplan.resolve import Mamba1Plan, Mamba2Plan, NormPlan
 
 NORM = NormPlan("rmsnorm", False, 1e-5)
@@ -223,6 +223,60 @@ def test_ssd_chunked_equals_sequential(seq_len: int, chunk: int, with_h0: bool) 
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-5)
     assert_same_grads(fast, ref, inputs)
+
+
+@pytest.mark.parametrize(("seq_len", "chunk"), [(8, 4), (13, 4), (3, 8)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_ssd_unit_keeps_inputs_and_two_products_with_plain_autograd_gradients(
+        seq_len: int, chunk: int, with_h0: bool) -> None:
+    """`ssd_chunked` (the autograd unit) keeps its inputs, C·Bᵀ and the chunk states but the last only, and
+    gives the values and gradients (fp64) of the same ops under plain autograd, D skip included."""
+    torch.manual_seed(seq_len * chunk)
+    b, hs, p, g, n = 2, 4, 3, 2, 5
+    f64 = torch.float64
+    x = torch.randn(b, seq_len, hs, p, dtype=f64, requires_grad=True)
+    dt = torch.rand(b, seq_len, hs, dtype=f64).mul(2).requires_grad_()
+    A = (-torch.rand(hs, dtype=f64) * 5).requires_grad_()
+    B = torch.randn(b, seq_len, g, n, dtype=f64, requires_grad=True)
+    C = torch.randn(b, seq_len, g, n, dtype=f64, requires_grad=True)
+    D = torch.randn(hs, dtype=f64, requires_grad=True)
+    h0 = torch.randn(b, hs, p, n, dtype=f64, requires_grad=True) if with_h0 else None
+    inputs = [x, dt, A, B, C, D] + ([h0] if h0 is not None else [])
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        unit = ssd_chunked(x, dt, A, B, C, chunk, h0, D)
+    y, state, cb, states = _ssd(x, dt, A, B, C, chunk, h0)
+    plain = (_with_skip(y, x, D), state)
+    torch.testing.assert_close(unit[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(unit[1], plain[1], rtol=0, atol=0)
+    kept = {t.untyped_storage().data_ptr() for t in saved}
+    assert {t.untyped_storage().data_ptr() for t in inputs} <= kept and len(kept) == len(inputs) + 2
+    assert sorted(t.shape for t in saved if t.untyped_storage().data_ptr() not in
+                  {i.untyped_storage().data_ptr() for i in inputs}) == sorted([cb.shape, states[:, 1:].shape])
+    probe = torch.randn_like(unit[0])
+    g_unit = torch.autograd.grad((unit[0] * probe).sum() + unit[1].sum(), inputs)
+    g_plain = torch.autograd.grad((plain[0] * probe).sum() + plain[1].sum(), inputs)
+    for a, b_ in zip(g_unit, g_plain):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+def test_gated_norm_unit_keeps_its_inputs_with_plain_autograd_gradients() -> None:
+    torch.manual_seed(0)
+    norm = Mamba2Mixer(m2_plan(n_groups=2), 8).norm.double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    y, z = (torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        unit = norm(y, z)
+    plain = _gated_rms_norm(y, z, norm.weight, 2, norm.eps)
+    assert torch.equal(unit, plain)
+    kept = {t.untyped_storage().data_ptr() for t in saved}
+    assert kept == {t.untyped_storage().data_ptr() for t in (y, z, norm.weight)}
+    probe = torch.randn_like(unit)
+    for a, b_ in zip(torch.autograd.grad((unit * probe).sum(), [y, z, norm.weight]),
+                     torch.autograd.grad((plain * probe).sum(), [y, z, norm.weight])):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("n_groups", [1, 2])

@@ -59,10 +59,41 @@ def causal_depthwise_conv(
     w = weight_C1W.shape[-1]
     if context_BCW is None:
         x_pad = F.pad(x_BCT, (w - 1, 0))
-    else:
-        x_pad = torch.cat([context_BCW[..., 1:].to(x_BCT.dtype), x_BCT], dim=-1)
-    y_BCT = F.conv1d(x_pad, weight_C1W, bias_C, groups=x_BCT.shape[1])
-    return y_BCT, x_pad[..., -w:]
+        if torch.jit.is_tracing():
+            # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+            return F.conv1d(x_pad, weight_C1W, bias_C, groups=x_BCT.shape[1]), x_pad[..., -w:]
+        return _LeftPaddedConv.apply(x_BCT, weight_C1W, bias_C), x_pad[..., -w:]
+    x_pad = torch.cat([context_BCW[..., 1:].to(x_BCT.dtype), x_BCT], dim=-1)
+    return F.conv1d(x_pad, weight_C1W, bias_C, groups=x_BCT.shape[1]), x_pad[..., -w:]
+
+
+class _LeftPaddedConv(torch.autograd.Function):
+    """The causal depthwise conv of a fresh sequence keeping its unpadded input (a view of the
+    projection's output, already kept) instead of the padded copy plain autograd's conv saves; the
+    backward pads it again and runs the same `convolution_backward` (same counted FLOPs and
+    gradients). mamba_ssm's fused paths keep only the projection's output too (`mamba_inner_fn`'s
+    xz, `mamba_split_conv1d_scan_combined`'s zxbcdt) and recompute the conv in the backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x_BCT: Tensor, weight_C1W: Tensor, bias_C: Tensor | None
+    ) -> Tensor:
+        ctx.save_for_backward(x_BCT, weight_C1W)
+        ctx.has_bias = bias_C is not None
+        return F.conv1d(F.pad(x_BCT, (weight_C1W.shape[-1] - 1, 0)), weight_C1W, bias_C, groups=x_BCT.shape[1])
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy_BCT: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x_BCT, weight_C1W = ctx.saved_tensors
+        w = weight_C1W.shape[-1]
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        dx_pad, dw, db = torch.ops.aten.convolution_backward(
+            dy_BCT, F.pad(x_BCT, (w - 1, 0)), weight_C1W, [weight_C1W.shape[0]] if ctx.has_bias else None,
+            [1], [0], [1], False, [0], x_BCT.shape[1], mask,
+        )
+        return (dx_pad[..., w - 1:] if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
 
 
 def scan_chunk_len(seq_len: int) -> int:

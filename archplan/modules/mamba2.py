@@ -56,9 +56,42 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y_BTI: Tensor, z_BTI: Tensor) -> Tensor:
-        g = (y_BTI.float() * F.silu(z_BTI.float())).unflatten(-1, (self.n_groups, -1))
-        g = F.rms_norm(g, (g.shape[-1],), None, self.eps).flatten(-2)
-        return (g * self.weight.float()).to(y_BTI.dtype)
+        if torch.jit.is_tracing():
+            return _gated_rms_norm(y_BTI, z_BTI, self.weight, self.n_groups, self.eps)
+        return _GatedRMSNormUnit.apply(y_BTI, z_BTI, self.weight, self.n_groups, self.eps)
+
+
+def _gated_rms_norm(y_BTI: Tensor, z_BTI: Tensor, weight_I: Tensor, n_groups: int, eps: float) -> Tensor:
+    g = (y_BTI.float() * F.silu(z_BTI.float())).unflatten(-1, (n_groups, -1))
+    g = F.rms_norm(g, (g.shape[-1],), None, eps).flatten(-2)
+    return (g * weight_I.float()).to(y_BTI.dtype)
+
+
+class _GatedRMSNormUnit(torch.autograd.Function):
+    """The gated norm keeping only y, z and the weight for the backward, which recomputes the rest
+    (all elementwise, nothing counted), as mamba_ssm's fused `RMSNormGated` (layernorm_gated.py
+    `LayerNormFn` saves x, weight, z and the per-row rstd); plain autograd would keep four fp32
+    copies of the d_inner-wide activations."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, y_BTI: Tensor, z_BTI: Tensor, weight_I: Tensor,
+        n_groups: int, eps: float,
+    ) -> Tensor:
+        ctx.save_for_backward(y_BTI, z_BTI, weight_I)
+        ctx.n_groups, ctx.eps = n_groups, eps
+        return _gated_rms_norm(y_BTI, z_BTI, weight_I, n_groups, eps)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dout_BTI: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            inputs = tuple(x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs))
+            out = _gated_rms_norm(*inputs, ctx.n_groups, ctx.eps)
+            found = iter(torch.autograd.grad(out, [x for x, need in zip(inputs, needs) if need], dout_BTI))
+        return (*(next(found) if need else None for need in needs), None, None)
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -85,72 +118,199 @@ def ssd_chunked(
     C_BTGN: Tensor,
     chunk_size: int,
     h0_BHsPN: Tensor | None,
+    D_Hs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """SSD, chunked (ssd_minimal.py `ssd_minimal_discrete` with X·Δ, A·Δ): y (B, T, Hs, P) without
-    the D skip, and the final state (B, Hs, P, N); fp32.
+    """SSD, chunked (ssd_minimal.py `ssd_minimal_discrete` with X·Δ, A·Δ): y (B, T, Hs, P), plus
+    the D skip x·D when `D_Hs` is given (inside, as `mamba_chunk_scan_combined`'s D), and the final
+    state (B, Hs, P, N); fp32.
 
     q = min(chunk_size, T); T is padded with Δ = 0 to n_c·q tokens (decay 1, input 0: the state
     passes through unchanged), as docs/architecture.md counts it. Heads are kept as (G, Hs/G) so
     B and C are contracted per group without being repeated per head.
+
+    As one autograd unit (`_ChunkedSSD`) it keeps its inputs and the outputs of two of its four
+    contractions (C·Bᵀ, the chunk states but the last) for the backward, and recomputes the rest
+    there; plain autograd would also keep the (q × q) decay and C·Bᵀ∘L blocks of every head and
+    the chunk states twice.
     """
-    b, t, hs, p = x_BTHsP.shape
-    g, n = B_BTGN.shape[-2:]
-    q = min(chunk_size, t)
-    n_chunks = math.ceil(t / q)
-    pad = n_chunks * q - t
-    dt = F.pad(dt_BTHs.float(), (0, 0, 0, pad))
-    x_BCLGJP = F.pad(x_BTHsP.float() * dt[:, :t, :, None], (0, 0, 0, 0, 0, pad)).reshape(
-        b, n_chunks, q, g, hs // g, p
-    )
-    # log-decays Δ·A laid out (B, c, G, J, l) once (a small tensor), so the q×q decay matrices and
-    # everything derived from them come out contiguous in the layout their matmuls read
-    a_BCLGJ = (dt * A_Hs.float()).reshape(b, n_chunks, q, g, hs // g)
-    a_BCGJL = a_BCLGJ.permute(0, 1, 3, 4, 2).contiguous()
-    B_BCLGN = F.pad(B_BTGN.float(), (0, 0, 0, 0, 0, pad)).reshape(b, n_chunks, q, g, n)
-    C_BCLGN = F.pad(C_BTGN.float(), (0, 0, 0, 0, 0, pad)).reshape(b, n_chunks, q, g, n)
-    a_cum_BCGJL = torch.cumsum(a_BCGJL, dim=-1)
+    if torch.jit.is_tracing():
+        # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+        y_BTHsP, state_BHsPN, _, _ = _ssd(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, chunk_size, h0_BHsPN)
+        return _with_skip(y_BTHsP, x_BTHsP, D_Hs), state_BHsPN
+    return _ChunkedSSD.apply(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, chunk_size)
 
-    # Contractions are matmuls, never einsum: torch.einsum turns a contraction over a size-1 dim
-    # (q = 1 when decoding, N = 1) into an uncounted elementwise product; matmul always reaches bmm.
-    C_BCGLN = C_BCLGN.permute(0, 1, 3, 2, 4)
-    B_BCGLN = B_BCLGN.permute(0, 1, 3, 2, 4)
-    x_BCGJLP = x_BCLGJP.permute(0, 1, 3, 4, 2, 5)
 
+def _with_skip(y_BTHsP: Tensor, x_BTHsP: Tensor, D_Hs: Tensor | None) -> Tensor:
+    return y_BTHsP + _skip(x_BTHsP, D_Hs) if D_Hs is not None else y_BTHsP
+
+
+def _skip(x_BTHsP: Tensor, D_Hs: Tensor) -> Tensor:
+    return x_BTHsP.float() * D_Hs.float()[:, None]
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """Everything elementwise between SSD's inputs and its four contractions' operands."""
+
+    b: int
+    t: int
+    q: int
+    n_chunks: int
+    x_BCGJLP: Tensor  # X·Δ per chunk
+    B_BCGLN: Tensor
+    C_BCGLN: Tensor
+    decay_BCGJLS: Tensor  # L = exp(segsum(Δ·A)), Dao & Gu 2024 eq. 4
+    xd_BCG_JP_L: Tensor  # X·Δ decayed to the chunk's end, heads of a group stacked as rows
+    chunk_decay_BCGJ: Tensor
+    Cd_BCGJLN: Tensor  # C decayed from the chunk's start, per head
+
+    @classmethod
+    def of(cls, x_BTHsP: Tensor, dt_BTHs: Tensor, A_Hs: Tensor, B_BTGN: Tensor, C_BTGN: Tensor,
+           chunk_size: int) -> _Operands:
+        b, t, hs, p = x_BTHsP.shape
+        g, n = B_BTGN.shape[-2:]
+        q = min(chunk_size, t)
+        n_chunks = math.ceil(t / q)
+        pad = n_chunks * q - t
+        dt = F.pad(dt_BTHs.float(), (0, 0, 0, pad))
+        x_BCLGJP = F.pad(x_BTHsP.float() * dt[:, :t, :, None], (0, 0, 0, 0, 0, pad)).reshape(
+            b, n_chunks, q, g, hs // g, p
+        )
+        # log-decays Δ·A laid out (B, c, G, J, l) once (a small tensor), so the q×q decay matrices and
+        # everything derived from them come out contiguous in the layout their matmuls read
+        a_BCLGJ = (dt * A_Hs.float()).reshape(b, n_chunks, q, g, hs // g)
+        a_BCGJL = a_BCLGJ.permute(0, 1, 3, 4, 2).contiguous()
+        B_BCLGN = F.pad(B_BTGN.float(), (0, 0, 0, 0, 0, pad)).reshape(b, n_chunks, q, g, n)
+        C_BCLGN = F.pad(C_BTGN.float(), (0, 0, 0, 0, 0, pad)).reshape(b, n_chunks, q, g, n)
+        a_cum_BCGJL = torch.cumsum(a_BCGJL, dim=-1)
+        x_BCGJLP = x_BCLGJP.permute(0, 1, 3, 4, 2, 5)
+        C_BCGLN = C_BCLGN.permute(0, 1, 3, 2, 4)
+        # each chunk's final state from its own inputs weighs X_s by exp(A_cum[-1] − A_cum[s])
+        to_end_BCGJL = torch.exp(a_cum_BCGJL[..., -1:] - a_cum_BCGJL)
+        xd_BCG_JP_L = (x_BCGJLP * to_end_BCGJL[..., None]).transpose(-1, -2).reshape(b, n_chunks, g, -1, q)
+        # the entering state reaches output l decayed by exp(A_cum[l]), applied to C (per head)
+        # rather than to the contraction's output, whose backward would then need that output
+        Cd_BCGJLN = C_BCGLN[:, :, :, None] * torch.exp(a_cum_BCGJL)[..., None]
+        return cls(b, t, q, n_chunks, x_BCGJLP, B_BCLGN.permute(0, 1, 3, 2, 4), C_BCGLN,
+                   torch.exp(segsum(a_BCGJL)), xd_BCG_JP_L, torch.exp(a_cum_BCGJL[..., -1]), Cd_BCGJLN)
+
+    def entering(self, states_BCG_JP_N: Tensor, h0_BHsPN: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The states entering each chunk (B, c, G, J, N, P), transposed as the output contraction
+        reads them, and the final state (B, G, J, P, N): an elementwise recurrence over chunks."""
+        b, c, g, _, n = states_BCG_JP_N.shape
+        j = self.chunk_decay_BCGJ.shape[-1]
+        states_BCGJPN = states_BCG_JP_N.reshape(b, c, g, j, -1, n)
+        # The first entering state is h0 (or zero) written as 0·states[0] (+ h0): with n_c = 1 the
+        # chunk states would otherwise feed only the returned final state, and plain autograd
+        # (the traced path) would skip their backward when only y is differentiated: a
+        # forward+backward would count less than 3× the forward. This way all four contractions
+        # are differentiated whatever n_c, as the fused kernels do (mamba_chunk_scan_combined).
+        state_BGJPN = states_BCGJPN[:, 0] * 0.0
+        if h0_BHsPN is not None:
+            state_BGJPN = state_BGJPN + h0_BHsPN.float().reshape(state_BGJPN.shape)
+        entering = []
+        for k in range(c):
+            entering.append(state_BGJPN)
+            state_BGJPN = torch.addcmul(states_BCGJPN[:, k], self.chunk_decay_BCGJ[:, k, ..., None, None], state_BGJPN)
+        return torch.stack(entering, dim=1).transpose(-1, -2), state_BGJPN
+
+    def output(self, y_BCGJLP: Tensor) -> Tensor:
+        """(B, c, G, J, q, P) → (B, T, Hs, P)."""
+        b, c, g, j, q, p = y_BCGJLP.shape
+        return y_BCGJLP.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, g * j, p)[:, : self.t]
+
+    def per_chunk(self, y_BTHsP: Tensor) -> Tensor:
+        """(B, T, Hs, P) → (B, c, G, J, q, P), zero-padded: the inverse of `output`."""
+        g, j = self.decay_BCGJLS.shape[2:4]
+        padded = F.pad(y_BTHsP, (0, 0, 0, 0, 0, self.n_chunks * self.q - self.t))
+        return padded.reshape(self.b, self.n_chunks, self.q, g, j, -1).permute(0, 1, 3, 4, 2, 5)
+
+
+def _ssd(
+    x_BTHsP: Tensor, dt_BTHs: Tensor, A_Hs: Tensor, B_BTGN: Tensor, C_BTGN: Tensor, chunk_size: int,
+    h0_BHsPN: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, the final state (B, Hs, P, N), and the outputs of the first and third contractions
+    (C·Bᵀ per group and the chunk states), which `_ChunkedSSD` keeps for its backward.
+
+    Contractions are matmuls, never einsum: torch.einsum turns a contraction over a size-1 dim
+    (q = 1 when decoding, N = 1) into an uncounted elementwise product; matmul always reaches bmm.
+    """
+    ops = _Operands.of(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, chunk_size)
     # 1. within chunks (diagonal blocks): Y = (C·Bᵀ ∘ L)·X
-    cb_BCGLS = torch.matmul(C_BCGLN, B_BCGLN.transpose(-1, -2))
-    decay_BCGJLS = torch.exp(segsum(a_BCGJL))
-    y_diag_BCGJLP = torch.matmul(cb_BCGLS[:, :, :, None] * decay_BCGJLS, x_BCGJLP)
+    cb_BCGLS = torch.matmul(ops.C_BCGLN, ops.B_BCGLN.transpose(-1, -2))
+    y_diag_BCGJLP = torch.matmul(cb_BCGLS[:, :, :, None] * ops.decay_BCGJLS, ops.x_BCGJLP)
+    # 2. each chunk's final state from its own inputs, B contracted once per group
+    states_BCG_JP_N = torch.matmul(ops.xd_BCG_JP_L, ops.B_BCGLN)
+    # 3. states entering each chunk, and 4. entering state → outputs
+    entering_BCGJNP, state_BGJPN = ops.entering(states_BCG_JP_N, h0_BHsPN)
+    y_off_BCGJLP = torch.matmul(ops.Cd_BCGJLN, entering_BCGJNP)
+    b, hs, p, n = ops.b, x_BTHsP.shape[2], x_BTHsP.shape[3], B_BTGN.shape[-1]
+    return ops.output(y_diag_BCGJLP + y_off_BCGJLP), state_BGJPN.reshape(b, hs, p, n), cb_BCGLS, states_BCG_JP_N
 
-    # 2. each chunk's final state from its own inputs: Σ_s exp(A_cum[-1] − A_cum[s]) · X_s ⊗ B_s,
-    #    heads of a group stacked as rows (J·P) so B is contracted once per group, never repeated
-    to_end_BCGJL = torch.exp(a_cum_BCGJL[..., -1:] - a_cum_BCGJL)
-    xd_BCG_JP_L = (x_BCGJLP * to_end_BCGJL[..., None]).transpose(-1, -2).reshape(b, n_chunks, g, -1, q)
-    states_BCGJPN = torch.matmul(xd_BCG_JP_L, B_BCGLN).reshape(b, n_chunks, g, hs // g, p, n)
 
-    # 3. states entering each chunk: an elementwise recurrence over chunks
-    chunk_decay_BCGJ = torch.exp(a_cum_BCGJL[..., -1])
-    # The first entering state is h0 (or zero) written as 0·states[0] (+ h0): with n_c = 1 the
-    # chunk states would otherwise feed only the returned final state, autograd would skip their
-    # backward, and a forward+backward would count less than 3× the forward. This way all four
-    # contractions are differentiated whatever n_c, as the fused kernels do (mamba_chunk_scan_combined).
-    state_BGJPN = states_BCGJPN[:, 0] * 0.0
-    if h0_BHsPN is not None:
-        state_BGJPN = state_BGJPN + h0_BHsPN.float().reshape(b, g, hs // g, p, n)
-    entering = []
-    for c in range(n_chunks):
-        entering.append(state_BGJPN)
-        state_BGJPN = torch.addcmul(states_BCGJPN[:, c], chunk_decay_BCGJ[:, c, ..., None, None], state_BGJPN)
-    entering_BCGJPN = torch.stack(entering, dim=1)
+class _ChunkedSSD(torch.autograd.Function):
+    """SSD keeping its inputs, C·Bᵀ (B, c, G, q, q) and the chunk states but the last (B, c − 1,
+    Hs·P, N), fp32, for the backward, which recomputes every elementwise tensor and differentiates each of the four
+    contractions by the two matmuls autograd would run for it: a forward + backward executes the
+    same counted ops as plain autograd (backward = 2 × the forward's contractions) and gives the
+    same gradients, within rounding. mamba_ssm's `mamba_chunk_scan_combined` also recomputes C·Bᵀ
+    and the chunk states (`_mamba_chunk_scan_combined_bwd`); here they are kept, since
+    recomputing them would count two of the contractions a fourth time."""
 
-    # 4. entering state → outputs: C_l · state, decayed by exp(A_cum[l])
-    from_start_BCGJL = torch.exp(a_cum_BCGJL)
-    states_BCG_N_JP = entering_BCGJPN.reshape(b, n_chunks, g, -1, n).transpose(-1, -2)
-    y_off_BCGLJP = torch.matmul(C_BCGLN, states_BCG_N_JP).reshape(b, n_chunks, g, q, hs // g, p)
-    y_off_BCGJLP = y_off_BCGLJP.transpose(3, 4) * from_start_BCGJL[..., None]
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x_BTHsP: Tensor, dt_BTHs: Tensor, A_Hs: Tensor,
+        B_BTGN: Tensor, C_BTGN: Tensor, h0_BHsPN: Tensor | None, D_Hs: Tensor | None, chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        y, state, cb, states = _ssd(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, chunk_size, h0_BHsPN)
+        # the last chunk's states feed only the final state, whose backward does not read them
+        ctx.save_for_backward(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, cb, states[:, :-1].clone())
+        ctx.chunk_size = chunk_size
+        return _with_skip(y, x_BTHsP, D_Hs), state
 
-    y_BCLGJP = (y_diag_BCGJLP + y_off_BCGJLP).permute(0, 1, 4, 2, 3, 5)
-    y_BTHsP = y_BCLGJP.reshape(b, n_chunks * q, hs, p)[:, :t]
-    return y_BTHsP, state_BGJPN.reshape(b, hs, p, n)
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy_BTHsP: Tensor, dstate_BHsPN: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[:7]
+        *saved, cb_saved, states_saved = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = tuple(None if x is None else x.detach().requires_grad_(need) for x, need in zip(saved, needs))
+            x, dt, A, B, C, h0, D = inputs
+            cb_BCGLS = cb_saved.detach().requires_grad_()
+            states_BCG_JP_N = torch.cat([states_saved, states_saved.new_zeros(
+                (states_saved.shape[0], 1, *states_saved.shape[2:]))], dim=1).requires_grad_()
+            ops = _Operands.of(x, dt, A, B, C, ctx.chunk_size)
+            cbl_BCGJLS = cb_BCGLS[:, :, :, None] * ops.decay_BCGJLS
+            entering_BCGJNP, state_BGJPN = ops.entering(states_BCG_JP_N, h0)
+            dy_BCGJLP = ops.per_chunk(dy_BTHsP.float())
+            # y = (C·Bᵀ∘L)·X + Cd·entering: each matmul's backward, dA = dY·Bᵀ and dB = Aᵀ·dY
+            dcbl = torch.matmul(dy_BCGJLP, ops.x_BCGJLP.transpose(-1, -2))
+            dx = torch.matmul(cbl_BCGJLS.detach().transpose(-1, -2), dy_BCGJLP)
+            dCd = torch.matmul(dy_BCGJLP, entering_BCGJNP.detach().transpose(-1, -2))
+            dentering = torch.matmul(ops.Cd_BCGJLN.detach().transpose(-1, -2), dy_BCGJLP)
+            dcb, dstates = torch.autograd.grad(
+                (cbl_BCGJLS, entering_BCGJNP, state_BGJPN), (cb_BCGLS, states_BCG_JP_N),
+                (dcbl, dentering, dstate_BHsPN.float().reshape(state_BGJPN.shape)), retain_graph=True,
+            )
+            # C·Bᵀ and the chunk states xd·B
+            dC_cb = torch.matmul(dcb, ops.B_BCGLN)
+            dB_cb = torch.matmul(dcb.transpose(-1, -2), ops.C_BCGLN)
+            dxd = torch.matmul(dstates, ops.B_BCGLN.transpose(-1, -2))
+            dB_states = torch.matmul(ops.xd_BCG_JP_L.detach().transpose(-1, -2), dstates)
+            wanted = [v for v, need in zip(inputs, needs) if need]
+            skip = [_skip(x, D)] if D is not None else []
+            found = iter(torch.autograd.grad(
+                (*skip, cbl_BCGJLS, entering_BCGJNP, state_BGJPN, ops.x_BCGJLP, ops.Cd_BCGJLN, ops.C_BCGLN,
+                 ops.B_BCGLN, ops.xd_BCG_JP_L),
+                wanted,
+                (*(dy_BTHsP for _ in skip), dcbl, dentering, dstate_BHsPN.float().reshape(state_BGJPN.shape), dx,
+                 dCd, dC_cb,
+                 dB_cb + dB_states, dxd),
+                allow_unused=True,
+            ))
+        return (*(next(found) if need else None for need in needs), None)
 
 
 def ssd_reference(
@@ -245,8 +405,8 @@ class Mamba2Mixer(nn.Module):
             C_BTGN.reshape(b, t, g, n),
             plan.chunk_size,
             h0,
+            self.D,
         )
-        y_BTHsP = y_BTHsP + x_BTHsP.float() * self.D.float()[:, None]
         y_BTI = self.norm(y_BTHsP.reshape(b, t, i).to(x_BTD.dtype), z_BTI)
         if state is not None:
             state.conv_BXW.copy_(next_context_BXW.detach())

@@ -66,14 +66,76 @@ def fft_causal_conv(u_BCT: Tensor, k_KT: Tensor, expand: int = 1) -> Tensor:
     """y[..., t] = Σ_{j ≤ t} k[t − j]·u[j] in fp32 by FFTs of length 2T (no circular wrap-around).
 
     `k_KT` holds K distinct filters; each serves `expand` consecutive channels (C = K·expand), and
-    its spectrum (not the filter) is repeated, so rfft runs on K filters only."""
+    its spectrum (not the filter) is repeated, so rfft runs on K filters only.
+
+    One autograd unit (`_FFTConv`): it keeps the two spectra, which the product's backward reads,
+    and nothing else; plain autograd also keeps both inputs zero-padded to 2T in fp32 (rfft's
+    `_fft_r2c` saves its input), as large as the spectra again."""
+    if torch.jit.is_tracing():
+        # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+        return _fft_conv(u_BCT, k_KT, expand)[0]
+    return _FFTConv.apply(u_BCT, k_KT, expand)
+
+
+def _fft_conv(u_BCT: Tensor, k_KT: Tensor, expand: int) -> tuple[Tensor, Tensor, Tensor]:
+    """y (B, C, T) fp32 and the spectra of u (B, C, T + 1) and of the K filters (K, T + 1)."""
     t = u_BCT.shape[-1]
     n = 2 * t
     u_f = torch.fft.rfft(u_BCT.float(), n=n)
     k_f = torch.fft.rfft(k_KT.float(), n=n)
-    if expand > 1:
-        k_f = k_f.repeat_interleave(expand, dim=0)
-    return torch.fft.irfft(u_f * k_f, n=n)[..., :t]
+    k_f_rep = k_f.repeat_interleave(expand, dim=0) if expand > 1 else k_f
+    return torch.fft.irfft(u_f * k_f_rep, n=n)[..., :t], u_f, k_f
+
+
+# torch's fft_norm_mode: rfft's default ("backward") normalises nothing, irfft's by 1/n
+_NORM_NONE, _NORM_BY_N = 0, 2
+
+
+def _rfft_input_grad(d_f: Tensor, n: int, t: int) -> Tensor:
+    """The gradient of rfft(x, n) with respect to its first t inputs: torch's `fft_r2c_backward`
+    (the half spectrum zero-extended to n bins, one inverse complex FFT, its real part) and the
+    padding's backward (a slice)."""
+    full = F.pad(d_f, (0, n - d_f.shape[-1]))
+    return torch.ops.aten._fft_c2c(full, [full.dim() - 1], _NORM_NONE, False).real[..., :t]
+
+
+class _FFTConv(torch.autograd.Function):
+    """The FFT convolution keeping only the spectra; its backward runs, by hand, the ops plain
+    autograd would: irfft's gradient (one rfft, torch `fft_c2r_backward`), the product's (by the
+    conjugate spectra), each rfft's (one inverse complex FFT, `fft_r2c_backward`). So a forward +
+    backward counts the same FFTs (analytic `s4_backward_adjust`) and gives the same gradients."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, u_BCT: Tensor, k_KT: Tensor, expand: int
+    ) -> Tensor:
+        y, u_f, k_f = _fft_conv(u_BCT, k_KT, expand)
+        ctx.save_for_backward(u_f, k_f)
+        ctx.expand, ctx.dtypes = expand, (u_BCT.dtype, k_KT.dtype)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy_BCT: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        u_f, k_f = ctx.saved_tensors
+        t = dy_BCT.shape[-1]
+        n = 2 * t
+        expand = ctx.expand
+        # fft_c2r_backward: rfft of the (zero-extended) gradient, the bins irfft counts twice doubled
+        dy_BCN = F.pad(dy_BCT.float(), (0, n - t))
+        dp_f = torch.ops.aten._fft_r2c(dy_BCN, [dy_BCN.dim() - 1], _NORM_BY_N, True)
+        dp_f[..., 1 : n - dp_f.shape[-1] + 1] *= 2
+        du = dk = None
+        if ctx.needs_input_grad[0]:
+            k_f_rep = k_f.repeat_interleave(expand, dim=0) if expand > 1 else k_f
+            du = _rfft_input_grad(dp_f * k_f_rep.conj(), n, t).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dk_f = (dp_f * u_f.conj()).sum(0)
+            if expand > 1:
+                dk_f = dk_f.unflatten(0, (-1, expand)).sum(1)
+            dk = _rfft_input_grad(dk_f, n, t).to(ctx.dtypes[1])
+        return du, dk, None
 
 
 @dataclass(frozen=True)
@@ -100,6 +162,97 @@ class _Discrete:
         if self.q_HM is not None and self.r_HM is not None:
             next_BHM = next_BHM + self.q_HM * (self.r_HM * x_BHM).sum(-1, keepdim=True)
         return next_BHM
+
+
+def _s4d_discrete(log_dt_H: Tensor, a_log_real_HM: Tensor, a_imag_HM: Tensor, b_HM2: Tensor) -> _Discrete:
+    """S4D's zero-order hold (s4d.py): Ā = exp(Δ·A), B̄ = (Ā − 1)/A · B, complex, elementwise."""
+    dt_H = torch.exp(log_dt_H.float())
+    lam_HM = torch.complex(-torch.exp(a_log_real_HM.float()), a_imag_HM.float())
+    dtA_HM = dt_H[:, None] * lam_HM
+    dA_HM = torch.exp(dtA_HM)
+    return _Discrete(dA_HM, (dA_HM - 1) / lam_HM * torch.view_as_complex(b_HM2.float().contiguous()),
+                     log_a_HM=dtA_HM)
+
+
+def _s4d_rows_and_basis(
+    length: int, log_dt_H: Tensor, a_log_real_HM: Tensor, a_imag_HM: Tensor, b_HM2: Tensor, c_HM2: Tensor
+) -> tuple[int, Tensor, Tensor, Tensor]:
+    """S4D's two-level Vandermonde operands, elementwise (`S4Mixer._kernel_and_state`): the chunk
+    length c, the rows [Re w_s, −Im w_s] (H, S, N) of every chunk start w_s = C·B̄·z^(s·c), the
+    basis [Re z^j; Im z^j] (H, N, c), and B̄·z^(s·c) (H, M, S)."""
+    disc = _s4d_discrete(log_dt_H, a_log_real_HM, a_imag_HM, b_HM2)
+    dB_HM, log_dA_HM = disc.b_HM, disc.log_a_HM
+    assert log_dA_HM is not None  # S4D
+    chunk = basis_chunk(length)
+    full, rest = divmod(length, chunk)
+    starts_S = torch.arange(full + (rest > 0), device=dB_HM.device, dtype=torch.float32) * chunk
+    base_HNC = _powers(log_dA_HM, torch.arange(chunk, device=dB_HM.device, dtype=torch.float32))
+    m = dB_HM.shape[-1]
+    zs_HNS = _powers(log_dA_HM, starts_S)
+    b_zs_HMS = dB_HM[:, :, None] * torch.complex(zs_HNS[:, :m], zs_HNS[:, m:])
+    w_HMS = torch.view_as_complex(c_HM2.float().contiguous())[:, :, None] * b_zs_HMS
+    rows_HSN = torch.cat([w_HMS.real, -w_HMS.imag], dim=1).transpose(1, 2)
+    return chunk, rows_HSN, base_HNC, b_zs_HMS
+
+
+def _contract_chunks(rows_HSN: Tensor, base_HNC: Tensor, length: int) -> Tensor:
+    """K (H, T) = 2·rows·basis: whole chunks in one bmm, a partial last chunk in another,
+    2·H·N per position either way."""
+    full, rest = divmod(length, int(base_HNC.shape[-1]))  # int(): a 0-d tensor under a jit trace
+    ks = [(rows_HSN[:, :full] @ base_HNC).flatten(1)] if full else []
+    if rest:
+        ks.append((rows_HSN[:, full:] @ base_HNC[:, :, :rest])[:, 0])
+    return 2 * torch.cat(ks, dim=-1)
+
+
+class _S4DKernel(torch.autograd.Function):
+    """S4D's kernel K (H, T) keeping only its per-channel inputs (H·N each): the backward recomputes
+    the rows and basis (elementwise) and differentiates the chunk contraction by the two bmm
+    autograd would run for each of its one or two bmm, so the counted ops and the gradients are
+    plain autograd's. Plain autograd keeps about ten (H, N/2, c) and (H, N/2, S) tensors of the
+    generation, O(H·N·√T), which state-spaces/s4's Vandermonde CUDA kernel (`log_vandermonde`)
+    does not keep either: it saves its inputs and recomputes the powers in the backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, length: int, log_dt_H: Tensor, a_log_real_HM: Tensor,
+        a_imag_HM: Tensor, b_HM2: Tensor, c_HM2: Tensor,
+    ) -> Tensor:
+        inputs = (log_dt_H, a_log_real_HM, a_imag_HM, b_HM2, c_HM2)
+        ctx.save_for_backward(*inputs)
+        ctx.length = length
+        _, rows_HSN, base_HNC, _ = _s4d_rows_and_basis(length, *inputs)
+        return _contract_chunks(rows_HSN, base_HNC, length)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dk_HT: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            inputs = tuple(x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs))
+            chunk, rows_HSN, base_HNC, _ = _s4d_rows_and_basis(ctx.length, *inputs)
+            full, rest = divmod(ctx.length, chunk)
+            dk_HT = 2 * dk_HT  # K = 2·(rows·basis)
+            outputs, grads = [], []
+            # each bmm's backward, for the operands that need it (with `ssm_buffers` the basis does
+            # not, s4_backward_adjust): d rows = dK·basisᵀ, d basis = rowsᵀ·dK
+            pieces = []
+            if full:
+                pieces.append((rows_HSN[:, :full], base_HNC, dk_HT[:, :full * chunk].unflatten(1, (full, chunk))))
+            if rest:
+                dk_H1R = dk_HT[:, full * chunk:, None].transpose(1, 2)
+                pieces.append((rows_HSN[:, full:], base_HNC[:, :, :rest], dk_H1R))
+            for rows, basis, dk in pieces:
+                if rows.requires_grad:
+                    outputs.append(rows)
+                    grads.append(dk @ basis.detach().transpose(1, 2))
+                if basis.requires_grad:
+                    outputs.append(basis)
+                    grads.append(rows.detach().transpose(1, 2) @ dk)
+            found = iter(torch.autograd.grad(outputs, [x for x, need in zip(inputs, needs) if need], grads,
+                                             allow_unused=True))
+        return (None, *(next(found) if need else None for need in needs))
 
 
 @dataclass(eq=False)
@@ -160,15 +313,18 @@ class S4Mixer(nn.Module):
         """(S, ...) -> (H, ...): each SSM copy serves H / S consecutive channels."""
         return self.copies(t_S).float().repeat_interleave(self.d_model // self.plan.n_ssm, dim=0)
 
+    def _s4d_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """S4D's (log Δ (H), log(−Re A) (H, M), Im A (H, M), B (H, M, 2)) per channel."""
+        return (self.log_dt, self._per_channel(self.A_log_real), self._per_channel(self.A_imag),
+                self._per_channel(self.B))
+
     def _discrete(self) -> _Discrete:
         """Ā and B̄ from (Δ, A, B, P): complex, elementwise only (never a complex matmul)."""
+        if not self.plan.dplr:
+            return _s4d_discrete(*self._s4d_inputs())
         dt_H = torch.exp(self.log_dt.float())
         lam_HM = torch.complex(-torch.exp(self._per_channel(self.A_log_real)), self._per_channel(self.A_imag))
         b_HM = torch.view_as_complex(self._per_channel(self.B).contiguous())
-        if not self.plan.dplr:
-            dtA_HM = dt_H[:, None] * lam_HM
-            dA_HM = torch.exp(dtA_HM)
-            return _Discrete(dA_HM, (dA_HM - 1) / lam_HM * b_HM, log_a_HM=dtA_HM)
         p_HM = torch.view_as_complex(self._per_channel(self.P).contiguous())
         half = (dt_H / 2)[:, None]
         # A1 = (I − Δ/2·(Λ − p p*))⁻¹ = D0 − c·q·wᵀ (Woodbury), D0 = 1/(1 − Δ/2·Λ), q = D0·p,
@@ -217,39 +373,28 @@ class S4Mixer(nn.Module):
         (at a fixed c = 512 the basis alone was ~40 ms a layer on CPU, whatever T). S4 contracts its
         doubling basis."""
         u_rev_HTB = u_BHT.flip(-1).permute(1, 2, 0) if u_BHT is not None else None
-        c_HM = torch.view_as_complex(self.C.float().contiguous())
         if self.plan.dplr:
             basis_HNT = self._dplr_basis(length)
+            c_HM = torch.view_as_complex(self.C.float().contiguous())
             k_HT = 2 * (self._real_row(c_HM) @ basis_HNT)[:, 0]
             if u_rev_HTB is None:
                 return k_HT, None
             x_HNB = basis_HNT @ u_rev_HTB
             m = self.plan.modes
             return k_HT, torch.complex(x_HNB[:, :m], x_HNB[:, m:]).permute(2, 0, 1)
-        disc = self._discrete()
-        dB_HM, log_dA_HM = disc.b_HM, disc.log_a_HM
-        assert log_dA_HM is not None  # S4D
+        if u_rev_HTB is None and not torch.jit.is_tracing():
+            # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+            return _S4DKernel.apply(int(length), *self._s4d_inputs(), self.C), None
         # int(): under torch.jit tracing (fvcore) a size arrives as a 0-d tensor
-        chunk = basis_chunk(int(length))
-        full, rest = divmod(int(length), chunk)
-        starts_S = torch.arange(full + (rest > 0), device=dB_HM.device, dtype=torch.float32) * chunk
-        base_HNC = _powers(log_dA_HM, torch.arange(chunk, device=dB_HM.device, dtype=torch.float32))
-        m = self.plan.modes
-        zs_HNS = _powers(log_dA_HM, starts_S)
-        b_zs_HMS = dB_HM[:, :, None] * torch.complex(zs_HNS[:, :m], zs_HNS[:, m:])
-        # (H, S, N) rows [Re w_s, −Im w_s] of every chunk start w_s = C·B̄·z^(s·c)
-        w_HMS = c_HM[:, :, None] * b_zs_HMS
-        rows_HSN = torch.cat([w_HMS.real, -w_HMS.imag], dim=1).transpose(1, 2)
-        # whole chunks in one bmm, a partial last chunk in another: 2·H·N per position either way
-        ks = [(rows_HSN[:, :full] @ base_HNC).flatten(1)] if full else []
-        if rest:
-            ks.append((rows_HSN[:, full:] @ base_HNC[:, :, :rest])[:, 0])
-        k_HT = 2 * torch.cat(ks, dim=-1)
+        chunk, rows_HSN, base_HNC, b_zs_HMS = _s4d_rows_and_basis(int(length), *self._s4d_inputs(), self.C)
+        k_HT = _contract_chunks(rows_HSN, base_HNC, int(length))
         if u_rev_HTB is None:
             return k_HT, None
         # x_T = Σ_s B̄·z^(s·c)·Σ_j z^j·u_rev[s·c + j]: the inner sums of every chunk and sequence as
         # one (H, N, c) × (H, c, S·B) bmm (the partial chunk apart), then the S chunk starts
         batch = u_rev_HTB.shape[-1]
+        full, rest = divmod(int(length), chunk)
+        m = self.plan.modes
         parts = []
         if full:
             u_HCX = u_rev_HTB[:, :full * chunk].unflatten(1, (full, chunk)).transpose(1, 2).flatten(2)

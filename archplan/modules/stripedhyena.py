@@ -42,6 +42,61 @@ class StripedHyenaState(LayerState):
         return [self.fir_BCJ, self.modal_BDS2]
 
 
+def _modal_basis(p_GS2: Tensor, length: int) -> Tensor:
+    """(G, 2S, T): rows [Re; Im] of p_s^t, fp32 (0^0 = 1, so a zero pole is a one-tap filter)."""
+    mag_GS1 = torch.hypot(p_GS2[..., 0], p_GS2[..., 1])[..., None]
+    angle_GS1 = torch.atan2(p_GS2[..., 1], p_GS2[..., 0])[..., None]
+    t_T = torch.arange(length, device=p_GS2.device, dtype=torch.float32)
+    power_GST = torch.pow(mag_GS1, t_T)
+    return torch.cat([power_GST * torch.cos(angle_GS1 * t_T), power_GST * torch.sin(angle_GS1 * t_T)], dim=1)
+
+
+def _residue_row(r_GS2: Tensor) -> Tensor:
+    """(G, 1, 2S) = [Re r, −Im r]: Re(r·p^t) as one real contraction with the basis."""
+    return torch.cat([r_GS2[..., 0], -r_GS2[..., 1]], dim=1)[:, None, :]
+
+
+def _modal_filter(p_GS2: Tensor, r_GS2: Tensor, length: int) -> Tensor:
+    """h (G, T) = Re Σ_s r_s·p_s^t, one (G, 1, 2S) × (G, 2S, T) bmm."""
+    return (_residue_row(r_GS2) @ _modal_basis(p_GS2, length))[:, 0]
+
+
+class _ModalFilter(torch.autograd.Function):
+    """The modal filter keeping only poles and residues (G·S each): the backward recomputes the
+    basis (elementwise) and runs the bmm autograd would for each operand needing a gradient, so the
+    counted ops and the gradients are plain autograd's. Plain autograd keeps about five (G, S, T)
+    tensors of the basis, as large as the layer's token activations at G = d_model."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, p_GS2: Tensor, r_GS2: Tensor, length: int
+    ) -> Tensor:
+        ctx.save_for_backward(p_GS2, r_GS2)
+        ctx.length = length
+        return _modal_filter(p_GS2, r_GS2, length)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dh_GT: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            p_GS2, r_GS2 = (x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs))
+            row_G1N, basis_GNT = _residue_row(r_GS2), _modal_basis(p_GS2, ctx.length)
+            dh_G1T = dh_GT[:, None]
+            # the bmm's backward: d row = dh·basisᵀ, d basis = rowᵀ·dh
+            outputs, grads = [], []
+            if row_G1N.requires_grad:
+                outputs.append(row_G1N)
+                grads.append(dh_G1T @ basis_GNT.detach().transpose(1, 2))
+            if basis_GNT.requires_grad:
+                outputs.append(basis_GNT)
+                grads.append(row_G1N.detach().transpose(1, 2) @ dh_G1T)
+            wanted = [x for x, need in zip((p_GS2, r_GS2), needs) if need]
+            found = iter(torch.autograd.grad(outputs, wanted, grads) if wanted else [])
+        return (*(next(found) if need else None for need in needs), None)
+
+
 class StripedHyenaMixer(nn.Module):
     """Letters: D channels, G = D/g filters, S poles, T positions."""
 
@@ -70,15 +125,6 @@ class StripedHyenaMixer(nn.Module):
             nn.init.normal_(self.poles[..., 0], std=1e-2)
             nn.init.normal_(self.poles[..., 1], std=1e-3)
             nn.init.normal_(self.residues)
-
-    def _basis(self, length: int) -> Tensor:
-        """(G, 2S, T): rows [Re; Im] of p_s^t, fp32 (0^0 = 1, so a zero pole is a one-tap filter)."""
-        p_GS2 = self.poles.float()[:, :, 0]
-        mag_GS1 = torch.hypot(p_GS2[..., 0], p_GS2[..., 1])[..., None]
-        angle_GS1 = torch.atan2(p_GS2[..., 1], p_GS2[..., 0])[..., None]
-        t_T = torch.arange(length, device=p_GS2.device, dtype=torch.float32)
-        power_GST = torch.pow(mag_GS1, t_T)
-        return torch.cat([power_GST * torch.cos(angle_GS1 * t_T), power_GST * torch.sin(angle_GS1 * t_T)], dim=1)
 
     def new_state(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> StripedHyenaState:
         d, p = self.d_model, self.plan
@@ -112,12 +158,15 @@ class StripedHyenaMixer(nn.Module):
         if state is not None and (state.seen > 0 or t == 1):
             y_BDT = self._recurrence(u_BDT, state)
         else:
-            basis_GNT = self._basis(t)
-            r_GS2 = self.residues.float()[:, :, 0]
-            row_G1N = torch.cat([r_GS2[..., 0], -r_GS2[..., 1]], dim=1)[:, None, :]
-            h_GT = (row_G1N @ basis_GNT)[:, 0]
+            p_GS2, r_GS2 = self.poles.float()[:, :, 0], self.residues.float()[:, :, 0]
+            if torch.jit.is_tracing():
+                # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+                h_GT = _modal_filter(p_GS2, r_GS2, t)
+            else:
+                h_GT = _ModalFilter.apply(p_GS2, r_GS2, t)
             y_BDT = fft_causal_conv(u_BDT, h_GT, expand=g)
             if state is not None:
+                basis_GNT = _modal_basis(p_GS2, t)
                 # x_T = Σ_j p^(T−1−j)·u_j per channel: the basis read backwards, contracted with u
                 basis_DNT = basis_GNT.repeat_interleave(g, dim=0).flip(-1)
                 x_DNB = basis_DNT @ u_BDT.permute(1, 2, 0)
