@@ -66,8 +66,10 @@ HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "gpt-
 # 2-core host (measured 2026-11-30; the last landing's CI host ran the suite 7x slower than a quiet
 # one). The default run keeps one preset per kind of layer and sharding; these run with `-m heavy`
 # only, each beside one kept of its kind: dense GQA/MHA 7B (llama-3-8b), dense 70B deeper (70b),
-# an MoE stand-in (deepseek-v3, jamba-v0.1), long convolution (hyena-153m, s4d-lm).
-SAME_KIND = {"7b", "falcon-7b", "llama-2-7b", "mistral-7b", "qwen2.5-7b",
+# an MoE stand-in (deepseek-v3, jamba-v0.1), long convolution (hyena-153m, s4d-lm), and the small
+# MHA + GELU + LayerNorm model at TP2 + SP, ZeRO-1, pp = 1 (gpt2; bloom-560m is the same sharding
+# with ALiBi, whose per-rank slopes the gloo pair's tp2-mqa-alibi case checks, 37 s in CI).
+SAME_KIND = {"7b", "falcon-7b", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "bloom-560m",
              "claude-3-opus-rumored", "llama-3-70b", "frontier-1t-moe", "gpt-4-rumored", "stripedhyena-7b"}
 # 32 layers on the measured rank at their pp = 1 top layouts (TP4 + SP; mixtral also EP8): by
 # default they run at pp = 16 with the top layout's tp, ep and zero (2 layers), so the same sharding
