@@ -205,6 +205,18 @@ def _contract_chunks(rows_HSN: Tensor, base_HNC: Tensor, length: int) -> Tensor:
     return 2 * torch.cat(ks, dim=-1)
 
 
+def bmm_backward(left: Tensor, right: Tensor, d_out: Tensor, outputs: list[Tensor], grads: list[Tensor]) -> None:
+    """The two matmuls autograd runs for `left @ right`'s backward (d left = d_out·rightᵀ,
+    d right = leftᵀ·d_out), each only for an operand needing a gradient, appended as
+    (output, gradient) pairs for `torch.autograd.grad` back to the recomputed operands' inputs."""
+    if left.requires_grad:
+        outputs.append(left)
+        grads.append(d_out @ right.detach().transpose(-1, -2))
+    if right.requires_grad:
+        outputs.append(right)
+        grads.append(left.detach().transpose(-1, -2) @ d_out)
+
+
 class _S4DKernel(torch.autograd.Function):
     """S4D's kernel K (H, T) keeping only its per-channel inputs (H·N each): the backward recomputes
     the rows and basis (elementwise) and differentiates the chunk contraction by the two bmm
@@ -244,12 +256,7 @@ class _S4DKernel(torch.autograd.Function):
                 dk_H1R = dk_HT[:, full * chunk:, None].transpose(1, 2)
                 pieces.append((rows_HSN[:, full:], base_HNC[:, :, :rest], dk_H1R))
             for rows, basis, dk in pieces:
-                if rows.requires_grad:
-                    outputs.append(rows)
-                    grads.append(dk @ basis.detach().transpose(1, 2))
-                if basis.requires_grad:
-                    outputs.append(basis)
-                    grads.append(rows.detach().transpose(1, 2) @ dk)
+                bmm_backward(rows, basis, dk, outputs, grads)
             found = iter(torch.autograd.grad(outputs, [x for x, need in zip(inputs, needs) if need], grads,
                                              allow_unused=True))
         return (None, *(next(found) if need else None for need in needs))

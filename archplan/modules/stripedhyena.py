@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.hyena import causal_short_conv
-from archplan.modules.s4 import fft_causal_conv
+from archplan.modules.s4 import bmm_backward, fft_causal_conv
 from archplan.resolve import StripedHyenaPlan
 
 
@@ -85,13 +85,9 @@ class _ModalFilter(torch.autograd.Function):
             row_G1N, basis_GNT = _residue_row(r_GS2), _modal_basis(p_GS2, ctx.length)
             dh_G1T = dh_GT[:, None]
             # the bmm's backward: d row = dh·basisᵀ, d basis = rowᵀ·dh
-            outputs, grads = [], []
-            if row_G1N.requires_grad:
-                outputs.append(row_G1N)
-                grads.append(dh_G1T @ basis_GNT.detach().transpose(1, 2))
-            if basis_GNT.requires_grad:
-                outputs.append(basis_GNT)
-                grads.append(row_G1N.detach().transpose(1, 2) @ dh_G1T)
+            outputs: list[Tensor] = []
+            grads: list[Tensor] = []
+            bmm_backward(row_G1N, basis_GNT, dh_G1T, outputs, grads)
             wanted = [x for x, need in zip((p_GS2, r_GS2), needs) if need]
             found = iter(torch.autograd.grad(outputs, wanted, grads) if wanted else [])
         return (*(next(found) if need else None for need in needs), None)
