@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.norms import RMSNorm
+from archplan.modules.recompute import input_grads, leaves
 from archplan.resolve import Mamba1Plan
 
 # mamba_simple.Mamba defaults for the Δ initialisation (Gu & Dao 2023 §3.6, "Δ init").
@@ -259,8 +260,7 @@ class _ChunkedScan(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[:7]
         with torch.enable_grad():
-            inputs = tuple(None if x is None else x.detach().requires_grad_(need)
-                           for x, need in zip(ctx.saved_tensors, needs))
+            inputs = leaves(ctx.saved_tensors, needs)
             u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I = inputs
             chunks = _Chunks.of(u_BTI.shape[1])
             states, state_BIN = _scan_states(chunks, u_BTI, _delta(dt_BTI, ctx.dt_softplus), A_IN, B_BTN, h0_BIN)
@@ -289,9 +289,8 @@ class _ChunkedScan(torch.autograd.Function):
             if dstate_BIN is not None:
                 outputs.append(state_BIN)
                 grads.append(dstate_BIN)
-            wanted = [x for x, need in zip(inputs, needs) if need]
-            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs else [None] * len(wanted))
-        return (*(next(found) if need else None for need in needs), None)
+            found = input_grads(outputs, grads, inputs, needs)
+        return (*found, None)
 
 
 def selective_step(

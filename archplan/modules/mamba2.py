@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.mamba1 import causal_depthwise_conv
+from archplan.modules.recompute import input_grads, leaves
 from archplan.resolve import Mamba2Plan
 
 # mamba2.Mamba2 defaults: A ~ U(1, 16), Δ ~ logU(1e-3, 1e-1) floored at 1e-4.
@@ -88,10 +89,10 @@ class _GatedRMSNormUnit(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[:3]
         with torch.enable_grad():
-            inputs = tuple(x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs))
+            inputs = leaves(ctx.saved_tensors, needs)
             out = _gated_rms_norm(*inputs, ctx.n_groups, ctx.eps)
-            found = iter(torch.autograd.grad(out, [x for x, need in zip(inputs, needs) if need], dout_BTI))
-        return (*(next(found) if need else None for need in needs), None, None)
+            found = input_grads([out], [dout_BTI], inputs, needs)
+        return (*found, None, None)
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -276,7 +277,7 @@ class _ChunkedSSD(torch.autograd.Function):
         needs = ctx.needs_input_grad[:7]
         *saved, cb_saved, states_saved = ctx.saved_tensors
         with torch.enable_grad():
-            inputs = tuple(None if x is None else x.detach().requires_grad_(need) for x, need in zip(saved, needs))
+            inputs = leaves(saved, needs)
             x, dt, A, B, C, h0, D = inputs
             cb_BCGLS = cb_saved.detach().requires_grad_()
             states_BCG_JP_N = torch.cat([states_saved, states_saved.new_zeros(
@@ -299,18 +300,15 @@ class _ChunkedSSD(torch.autograd.Function):
             dB_cb = torch.matmul(dcb.transpose(-1, -2), ops.C_BCGLN)
             dxd = torch.matmul(dstates, ops.B_BCGLN.transpose(-1, -2))
             dB_states = torch.matmul(ops.xd_BCG_JP_L.detach().transpose(-1, -2), dstates)
-            wanted = [v for v, need in zip(inputs, needs) if need]
             skip = [_skip(x, D)] if D is not None else []
-            found = iter(torch.autograd.grad(
+            found = input_grads(
                 (*skip, cbl_BCGJLS, entering_BCGJNP, state_BGJPN, ops.x_BCGJLP, ops.Cd_BCGJLN, ops.C_BCGLN,
                  ops.B_BCGLN, ops.xd_BCG_JP_L),
-                wanted,
                 (*(dy_BTHsP for _ in skip), dcbl, dentering, dstate_BHsPN.float().reshape(state_BGJPN.shape), dx,
-                 dCd, dC_cb,
-                 dB_cb + dB_states, dxd),
-                allow_unused=True,
-            ))
-        return (*(next(found) if need else None for need in needs), None)
+                 dCd, dC_cb, dB_cb + dB_states, dxd),
+                inputs, needs,
+            )
+        return (*found, None)
 
 
 def ssd_reference(

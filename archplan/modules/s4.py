@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
+from archplan.modules.recompute import bmm_backward, input_grads, leaves
 from archplan.resolve import S4Plan
 
 # s4d.py / s4.py defaults: Δ ~ logU(1e-3, 1e-1)
@@ -83,8 +84,12 @@ def _fft_conv(u_BCT: Tensor, k_KT: Tensor, expand: int) -> tuple[Tensor, Tensor,
     n = 2 * t
     u_f = torch.fft.rfft(u_BCT.float(), n=n)
     k_f = torch.fft.rfft(k_KT.float(), n=n)
-    k_f_rep = k_f.repeat_interleave(expand, dim=0) if expand > 1 else k_f
-    return torch.fft.irfft(u_f * k_f_rep, n=n)[..., :t], u_f, k_f
+    return torch.fft.irfft(u_f * _spectra_per_channel(k_f, expand), n=n)[..., :t], u_f, k_f
+
+
+def _spectra_per_channel(k_f_KF: Tensor, expand: int) -> Tensor:
+    """Each filter's spectrum repeated for the `expand` consecutive channels it serves."""
+    return k_f_KF.repeat_interleave(expand, dim=0) if expand > 1 else k_f_KF
 
 
 # torch's fft_norm_mode: rfft's default ("backward") normalises nothing, irfft's by 1/n
@@ -128,8 +133,7 @@ class _FFTConv(torch.autograd.Function):
         dp_f[..., 1 : n - dp_f.shape[-1] + 1] *= 2
         du = dk = None
         if ctx.needs_input_grad[0]:
-            k_f_rep = k_f.repeat_interleave(expand, dim=0) if expand > 1 else k_f
-            du = _rfft_input_grad(dp_f * k_f_rep.conj(), n, t).to(ctx.dtypes[0])
+            du = _rfft_input_grad(dp_f * _spectra_per_channel(k_f, expand).conj(), n, t).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             dk_f = (dp_f * u_f.conj()).sum(0)
             if expand > 1:
@@ -205,18 +209,6 @@ def _contract_chunks(rows_HSN: Tensor, base_HNC: Tensor, length: int) -> Tensor:
     return 2 * torch.cat(ks, dim=-1)
 
 
-def bmm_backward(left: Tensor, right: Tensor, d_out: Tensor, outputs: list[Tensor], grads: list[Tensor]) -> None:
-    """The two matmuls autograd runs for `left @ right`'s backward (d left = d_out·rightᵀ,
-    d right = leftᵀ·d_out), each only for an operand needing a gradient, appended as
-    (output, gradient) pairs for `torch.autograd.grad` back to the recomputed operands' inputs."""
-    if left.requires_grad:
-        outputs.append(left)
-        grads.append(d_out @ right.detach().transpose(-1, -2))
-    if right.requires_grad:
-        outputs.append(right)
-        grads.append(left.detach().transpose(-1, -2) @ d_out)
-
-
 class _S4DKernel(torch.autograd.Function):
     """S4D's kernel K (H, T) keeping only its per-channel inputs (H·N each): the backward recomputes
     the rows and basis (elementwise) and differentiates the chunk contraction by the two bmm
@@ -242,11 +234,12 @@ class _S4DKernel(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[1:]
         with torch.enable_grad():
-            inputs = tuple(x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs))
+            inputs = leaves(ctx.saved_tensors, needs)
             chunk, rows_HSN, base_HNC, _ = _s4d_rows_and_basis(ctx.length, *inputs)
             full, rest = divmod(ctx.length, chunk)
             dk_HT = 2 * dk_HT  # K = 2·(rows·basis)
-            outputs, grads = [], []
+            outputs: list[Tensor] = []
+            grads: list[Tensor] = []
             # each bmm's backward, for the operands that need it (with `ssm_buffers` the basis does
             # not, s4_backward_adjust): d rows = dK·basisᵀ, d basis = rowsᵀ·dK
             pieces = []
@@ -257,9 +250,8 @@ class _S4DKernel(torch.autograd.Function):
                 pieces.append((rows_HSN[:, full:], base_HNC[:, :, :rest], dk_H1R))
             for rows, basis, dk in pieces:
                 bmm_backward(rows, basis, dk, outputs, grads)
-            found = iter(torch.autograd.grad(outputs, [x for x, need in zip(inputs, needs) if need], grads,
-                                             allow_unused=True))
-        return (None, *(next(found) if need else None for need in needs))
+            found = input_grads(outputs, grads, inputs, needs)
+        return (None, *found)
 
 
 @dataclass(eq=False)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.hyena import causal_short_conv
-from archplan.modules.s4 import bmm_backward, fft_causal_conv
+from archplan.modules.recompute import bmm_backward, input_grads, leaves
+from archplan.modules.s4 import fft_causal_conv
 from archplan.resolve import StripedHyenaPlan
 
 
@@ -81,16 +82,15 @@ class _ModalFilter(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[:2]
         with torch.enable_grad():
-            p_GS2, r_GS2 = (x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs))
+            p_GS2, r_GS2 = inputs = leaves(ctx.saved_tensors, needs)
             row_G1N, basis_GNT = _residue_row(r_GS2), _modal_basis(p_GS2, ctx.length)
             dh_G1T = dh_GT[:, None]
             # the bmm's backward: d row = dh·basisᵀ, d basis = rowᵀ·dh
             outputs: list[Tensor] = []
             grads: list[Tensor] = []
             bmm_backward(row_G1N, basis_GNT, dh_G1T, outputs, grads)
-            wanted = [x for x, need in zip((p_GS2, r_GS2), needs) if need]
-            found = iter(torch.autograd.grad(outputs, wanted, grads) if wanted else [])
-        return (*(next(found) if need else None for need in needs), None)
+            found = input_grads(outputs, grads, inputs, needs)
+        return (*found, None)
 
 
 class StripedHyenaMixer(nn.Module):

@@ -1,0 +1,39 @@
+"""Shared pieces of the autograd units whose backward recomputes from their saved inputs
+(`mamba1._ChunkedScan`, `mamba2._ChunkedSSD` and `_GatedRMSNormUnit`, `s4._S4DKernel`,
+`stripedhyena._ModalFilter`): the saved inputs as fresh leaves the recomputation is recorded
+from, a bmm's backward as the two matmuls autograd runs for it, and autograd's gradients handed
+back in the inputs' order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def leaves(saved: Sequence[Tensor | None], needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    """Each saved tensor detached, recording a graph where its gradient is needed."""
+    return tuple(None if x is None else x.detach().requires_grad_(need) for x, need in zip(saved, needs))
+
+
+def bmm_backward(left: Tensor, right: Tensor, d_out: Tensor, outputs: list[Tensor], grads: list[Tensor]) -> None:
+    """The two matmuls autograd runs for `left @ right`'s backward (d left = d_out·rightᵀ,
+    d right = leftᵀ·d_out), each only for an operand needing a gradient, appended as
+    (output, gradient) pairs for `input_grads` back to the recomputed operands' inputs."""
+    if left.requires_grad:
+        outputs.append(left)
+        grads.append(d_out @ right.detach().transpose(-1, -2))
+    if right.requires_grad:
+        outputs.append(right)
+        grads.append(left.detach().transpose(-1, -2) @ d_out)
+
+
+def input_grads(outputs: Sequence[Tensor], grads: Sequence[Tensor], inputs: Sequence[Tensor | None],
+                needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    """The gradient of Σ ⟨output, grad⟩ for each input that needs one, in the inputs' order
+    (None where it is not needed or the outputs do not reach it)."""
+    wanted = [x for x, need in zip(inputs, needs) if need]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs and wanted
+                 else [None] * len(wanted))
+    return tuple(next(found) if need else None for need in needs)
