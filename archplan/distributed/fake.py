@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from copy import deepcopy
 import gc
 import inspect
+import logging
 import weakref
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 from torch._decomp import decomposition_table, meta_table
 from torch._library import simple_registry
 from torch._subclasses.fake_impls import has_meta, op_implementations_checks
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConfig, FakeTensorMode, _device_handler
+from torch._subclasses.fake_tensor import (_DISPATCH_HANDLE_DIRECTLY, _DISPATCH_META_HANDLERS, FakeTensor,
+                                          FakeTensorConfig, FakeTensorMode, _device_handler)
+from torch._subclasses.fake_tensor import log as _FAKE_LOG
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -238,6 +241,7 @@ class StepFakeMode(FakeTensorMode):
       saves (docs/distributed.md, Scale);
     - cached outputs, new tensors and views alike, rebuilt with less Python
       (`_get_output_tensor_from_cache_entry`, `_fake_tensor`);
+    - the ops its cache never holds answered without the checks that do not apply (`dispatch`);
     - no `torch._disable_dynamo` around its `__torch_dispatch__` (see `StepTracker`)."""
 
     def _prep_args_for_hash(self, result: list[object], args: Any, state: Any,  # type: ignore[override]
@@ -309,22 +313,35 @@ class StepFakeMode(FakeTensorMode):
                 self.in_kernel_invocation = prev
 
     def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
-        """The ops FakeTensorMode's cache never holds (`_UNCACHED`: FSDP2's `record_function`, DTensor's
-        `_unsafe_view`, the collectives and FSDP2's copy ops) answered by the branch of torch's
-        `_dispatch_impl` that answers them, without the checks before it (subclasses, constants,
-        real tensors, symbolic sizes, decompositions, the fake-impl registry, a loop over torch's
-        special-case ops), when no argument needs them: every tensor among the arguments a plain
-        fake tensor of this mode with no constant value. Two milliseconds an op on this host, a
-        few hundred ops per micro-batch. Anything else takes torch's path."""
+        """torch's `FakeTensorMode.dispatch` with less per op:
+        - its debug logging (a logger-level lookup and a `no_dispatch` generator context on every
+          op) skipped while its logger is not enabled for debug (else torch's dispatch runs);
+        - the ops its cache never holds (`_UNCACHED`: FSDP2's `record_function`, DTensor's
+          `_unsafe_view`, the collectives and FSDP2's copy ops) answered by the branch of torch's
+          `_dispatch_impl` that answers them, without the checks before it (subclasses, constants,
+          real tensors, symbolic sizes, decompositions, the fake-impl registry, a loop over
+          torch's special-case ops), when no argument needs them (`_plain`): two milliseconds an
+          op on this host, a few hundred ops per micro-batch."""
+        kwargs = kwargs or {}
+        if not self.cache_enabled or func in _DISPATCH_HANDLE_DIRECTLY or _FAKE_LOG.isEnabledFor(logging.DEBUG):
+            return super().dispatch(func, types, args, kwargs)
+        if func in _DISPATCH_META_HANDLERS:
+            return _DISPATCH_META_HANDLERS[func](args)
         answer = _UNCACHED.get(func)
-        if answer is None or self.shape_env is not None or self.propagate_real_tensors or FakeTensorConfig.debug:
-            return super().dispatch(func, types, args, kwargs or {})
-        for arg in tree_leaves((args, kwargs)):
-            if isinstance(arg, torch.Tensor) and not (type(arg) is FakeTensor and arg.fake_mode is self
-                                                      and arg.constant is None
-                                                      and not arg._has_symbolic_sizes_strides):
-                return super().dispatch(func, types, args, kwargs or {})
-        return answer(self, func, types, args, kwargs or {})
+        if answer is not None and self._plain(args, kwargs):
+            return answer(self, func, types, args, kwargs)
+        return self._cached_dispatch_impl(func, types, args, kwargs)
+
+    def _plain(self, args: Any, kwargs: Any) -> bool:
+        """Whether torch's checks before an op's kernel have nothing to act on: no shape
+        environment, real-tensor propagation or debug mode, and every tensor argument a plain fake
+        tensor of this mode without a constant value (torch propagates constants through real
+        kernels) or symbolic sizes."""
+        if self.shape_env is not None or self.propagate_real_tensors or FakeTensorConfig.debug:
+            return False
+        return all(type(arg) is FakeTensor and arg.fake_mode is self and arg.constant is None
+                   and not arg._has_symbolic_sizes_strides
+                   for arg in tree_leaves((args, kwargs)) if isinstance(arg, torch.Tensor))
 
     def _record_function(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         """torch's fake implementation (`fake_impls._record_function_enter_new`): the real op, which
