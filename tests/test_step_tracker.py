@@ -4,7 +4,8 @@ and `gc.freeze` measures exactly what FSDPMemTracker (with recomputed tensors fi
 activations, `fake.RecomputeAsActivations`) with `comms.CollectiveRecorder` stacked above it
 measures under torch's FakeTensorMode: every memory figure, the tracker's peak by reference type and every collective record,
 on a TP + SP + FSDP layout with selective recompute (one layer, one micro-batch after the warm-up
-step: cheap, CI budget); and MLA-shaped attention keeps no T × S scores in the fake run."""
+step: cheap, CI budget); `fake.StepFakeMode` gives FakeTensorMode's outputs, cached and uncached
+ops alike (aliasing included); and MLA-shaped attention keeps no T × S scores in the fake run."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch._decomp import decomposition_table, meta_table
+from torch._dynamo import config as dynamo_config
 from torch._library import simple_registry
 from torch._subclasses.fake_impls import has_meta, op_implementations_checks
 from torch._subclasses.fake_tensor import (_DISPATCH_HANDLE_DIRECTLY, _DISPATCH_META_HANDLERS, FakeTensor,
@@ -367,9 +368,10 @@ class StepFakeMode(FakeTensorMode):
 def _meta_kernel_only(op: torch._ops.OpOverload) -> bool:
     """Whether torch's `FakeTensorMode._dispatch_impl` answers `op` (for plain fake inputs) by its
     meta kernel alone: a meta kernel, and none of the branches before that one (a Python meta or
-    decomposition, a composite-implicit kernel it decomposes, a prim, a registered fake
-    implementation, one of `fake_impls`' special cases)."""
+    decomposition, a composite-implicit kernel it decomposes, a prim, dynamo's custom-op profiles,
+    a registered fake implementation, one of `fake_impls`' special cases)."""
     return (has_meta(op) and op not in meta_table and op not in decomposition_table
+            and dynamo_config._custom_ops_profile is None
             and not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
             and "prims::" not in op._schema.name
             and simple_registry.singleton.find(op.name()).fake_impl.kernel is None
