@@ -4,7 +4,8 @@ and `gc.freeze` measures exactly what FSDPMemTracker (with recomputed tensors fi
 activations, `fake.RecomputeAsActivations`) with `comms.CollectiveRecorder` stacked above it
 measures under torch's FakeTensorMode: every memory figure, the tracker's peak by reference type and every collective record,
 on a TP + SP + FSDP layout with selective recompute (one layer, one micro-batch after the warm-up
-step: cheap, CI budget); and MLA-shaped attention keeps no T × S scores in the fake run."""
+step: cheap, CI budget); `fake.StepFakeMode` gives FakeTensorMode's outputs, cached and uncached
+ops alike (aliasing included); and MLA-shaped attention keeps no T × S scores in the fake run."""
 
 from __future__ import annotations
 
@@ -123,3 +124,79 @@ def test_step_fake_mode_gives_torchs_outputs() -> None:
     ours = outputs(fake.StepFakeMode())
     assert FakeTensorMode.cache_hits > hits  # the second round came from the cache
     assert ours == outputs(FakeTensorMode())
+
+
+def _describe(out: object, inputs: list[torch.Tensor]) -> list[tuple[object, ...]]:
+    """Every tensor of an op's output as the tracker and autograd see it: metadata, view and
+    autograd state, dispatch keys, the instance attributes, which input it is (in-place) and which
+    inputs' storage it shares (aliasing decides what the memory tracker counts)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._pytree import tree_leaves
+
+    seen: list[tuple[object, ...]] = []
+    for leaf in tree_leaves(out):
+        if not isinstance(leaf, torch.Tensor):
+            seen.append((type(leaf).__name__,))
+            continue
+        assert isinstance(leaf, FakeTensor)
+        state = sorted((k, v) for k, v in leaf.__dict__.items() if k != "fake_mode")
+        seen.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.requires_grad, leaf.storage_offset(), leaf.device,
+                     leaf._is_view(), leaf._base is not None, type(leaf.grad_fn).__name__,
+                     str(torch._C._dispatch_keys(leaf)), leaf.untyped_storage().nbytes(), state,
+                     [leaf is t for t in inputs],
+                     [leaf.untyped_storage()._cdata == t.untyped_storage()._cdata for t in inputs]))
+    return seen
+
+
+def test_step_fake_mode_answers_uncached_ops_as_torch(fake_world: None) -> None:
+    """The ops FakeTensorMode's cache never holds, which `fake.StepFakeMode` answers by the branch
+    of torch's dispatch that answers them (`fake._UNCACHED`): DTensor's `_unsafe_view` (aliasing
+    its input like torch's decomposition), FSDP2's `record_function`, the functional and c10d
+    collectives and FSDP2's copy ops give torch's FakeTensorMode's outputs, in-place and aliasing
+    alike; a constant input takes torch's path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import torch.distributed.fsdp  # noqa: F401  (registers FSDP2's ops)
+    from archplan.distributed.mesh import init_fake_world
+
+    init_fake_world(4, 1)
+    group = dist.group.WORLD
+    name = group.group_name
+    fc = torch.ops._c10d_functional
+    assert {fc.all_gather_into_tensor.default, fc.reduce_scatter_tensor.default, fc.all_reduce.default,
+            fc.all_to_all_single.default, torch.ops.c10d._allgather_base_.default,
+            torch.ops.fsdp.all_gather_copy_in.default, torch.ops.fsdp.chunk_cat.default,
+            torch.ops.fsdp.split_with_sizes_copy.default, torch.ops.aten._unsafe_view.default,
+            torch.ops.profiler._record_function_enter_new.default} <= set(fake._UNCACHED)
+
+    def outputs(mode: FakeTensorMode) -> list[object]:
+        seen: list[object] = []
+        with mode:
+            x = torch.empty(8, 6, requires_grad=True)
+            y = (x * 2)[2:]  # a view with an offset, in the autograd graph
+            constant = torch.tensor(2.0)  # one element: FakeTensorMode keeps its value
+            for t in (x.detach(), y, x.unsqueeze(0), constant):
+                seen += _describe(torch.ops.aten._unsafe_view(t, [-1]), [t])
+                seen += _describe(torch.ops.aten._unsafe_view(t.reshape(-1), [1, -1]), [t])
+            with torch.autograd.profiler.record_function("unit"):
+                z = x + 1
+            seen += _describe(z, [x])
+            w = torch.empty(8, 6, dtype=torch.bfloat16)
+            seen += _describe(fc.all_gather_into_tensor(w, 4, name), [w])
+            seen += _describe(fc.reduce_scatter_tensor(w, "sum", 4, name), [w])
+            seen += _describe(fc.all_reduce(w, "sum", name), [w])
+            seen += _describe(fc.all_to_all_single(w, [2, 2, 2, 2], [2, 2, 2, 2], name), [w])
+            gathered = torch.empty(32, 6, dtype=torch.bfloat16)
+            seen += _describe(dist.all_gather_into_tensor(gathered, w, async_op=True), [gathered, w])
+            seen += _describe(dist.reduce_scatter_tensor(w[:2], w, async_op=True), [w])
+            seen += _describe(dist.all_reduce(w, async_op=True), [w])
+            buffer = torch.empty(4 * 20, dtype=torch.bfloat16)
+            inputs = [torch.empty(12, dtype=torch.bfloat16), torch.empty(8, dtype=torch.bfloat16)]
+            seen += _describe(torch.ops.fsdp.all_gather_copy_in(inputs, buffer, [12, 8], 20, 1), [buffer, *inputs])
+            outs = [torch.empty(4, 12, dtype=torch.bfloat16), torch.empty(4, 8, dtype=torch.bfloat16)]
+            seen += _describe(torch.ops.fsdp.split_with_sizes_copy(buffer.view(4, 20), [12, 8], dim=1, out=outs), outs)
+            flat = torch.empty(4, 20)
+            seen += _describe(torch.ops.fsdp.chunk_cat([torch.empty(8, 6), torch.empty(4, 2)], 0, 4, out=flat), [flat])
+        return seen
+
+    ours = outputs(fake.StepFakeMode(allow_non_fake_inputs=True))
+    assert ours == outputs(FakeTensorMode(allow_non_fake_inputs=True))

@@ -11,19 +11,26 @@ states, the second is measured by `FSDPMemTracker` (per-category peak, statistic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 import gc
 import inspect
+import logging
 import weakref
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConfig, FakeTensorMode, _device_handler
+from torch._decomp import decomposition_table, meta_table
+from torch._dynamo import config as dynamo_config
+from torch._library import simple_registry
+from torch._subclasses.fake_impls import has_meta, op_implementations_checks
+from torch._subclasses.fake_tensor import (_DISPATCH_HANDLE_DIRECTLY, _DISPATCH_META_HANDLERS, FakeTensor,
+                                          FakeTensorConfig, FakeTensorMode, _device_handler)
+from torch._subclasses.fake_tensor import log as _FAKE_LOG
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -45,6 +52,7 @@ from archplan.planning.records import Collective, RankMemory
 from archplan.resolve import ModelPlan
 
 DEVICE = torch.device("cpu")
+_T = TypeVar("_T")
 
 # FSDPMemTracker's reference types → the categories of `records.RankMemory`. The bf16 compute
 # copies FSDP2 gathers (and frees) are temporary; buffers (RoPE tables, the router's correction
@@ -234,6 +242,7 @@ class StepFakeMode(FakeTensorMode):
       saves (docs/distributed.md, Scale);
     - cached outputs, new tensors and views alike, rebuilt with less Python
       (`_get_output_tensor_from_cache_entry`, `_fake_tensor`);
+    - the ops its cache never holds answered without the checks that do not apply (`dispatch`);
     - no `torch._disable_dynamo` around its `__torch_dispatch__` (see `StepTracker`)."""
 
     def _prep_args_for_hash(self, result: list[object], args: Any, state: Any,  # type: ignore[override]
@@ -276,23 +285,120 @@ class StepFakeMode(FakeTensorMode):
             if not isinstance(view_arg, FakeTensor):
                 return super()._get_output_tensor_from_cache_entry(state, entry, key, func, args)
             storage = view_arg.untyped_storage()
-        prev = self.in_kernel_invocation
-        # torch's `in_kernel_invocation_manager`, as a plain block (no generator context manager)
-        with torch._C._DisableTorchDispatch(), torch._C._PreserveDispatchKeyGuard():
-            self.in_kernel_invocation = True
-            torch._C._set_meta_in_tls_dispatch_include(True)
-            try:
-                empty = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, layout=meta.layout,
-                                            device="meta", requires_grad=meta.requires_grad)
-                if storage is not None:
-                    empty.set_(storage, meta.storage_offset, meta.shape, meta.stride)
-            finally:
-                self.in_kernel_invocation = prev
+
+        def build() -> torch.Tensor:
+            empty = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, layout=meta.layout,
+                                        device="meta", requires_grad=meta.requires_grad)
+            if storage is not None:
+                empty.set_(storage, meta.storage_offset, meta.shape, meta.stride)
+            return empty
+
+        empty = self._in_kernel(build)
         if meta.is_conj:
             torch._C._set_conj(empty, True)
         if meta.is_neg:
             torch._C._set_neg(empty, True)
         return _fake_tensor(self, empty, meta.device)
+
+    def _in_kernel(self, run: Callable[[], _T]) -> _T:
+        """`run()` as torch runs a kernel under this mode (`in_kernel_invocation_manager`: no Python
+        dispatch, meta kernels, fake tensors seen as meta), as a plain block where torch's is a
+        generator context manager."""
+        prev = self.in_kernel_invocation
+        with torch._C._DisableTorchDispatch(), torch._C._PreserveDispatchKeyGuard():
+            self.in_kernel_invocation = True
+            torch._C._set_meta_in_tls_dispatch_include(True)
+            try:
+                return run()
+            finally:
+                self.in_kernel_invocation = prev
+
+    def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        """torch's `FakeTensorMode.dispatch` with less per op:
+        - its debug logging (a logger-level lookup and a `no_dispatch` generator context on every
+          op) skipped while its logger is not enabled for debug (else torch's dispatch runs);
+        - the ops its cache never holds (`_UNCACHED`: FSDP2's `record_function`, DTensor's
+          `_unsafe_view`, the collectives and FSDP2's copy ops) answered by the branch of torch's
+          `_dispatch_impl` that answers them, without the checks before it (subclasses, constants,
+          real tensors, symbolic sizes, decompositions, the fake-impl registry, a loop over
+          torch's special-case ops), when no argument needs them (`_plain`): two milliseconds an
+          op on this host, a few hundred ops per micro-batch."""
+        kwargs = kwargs or {}
+        if not self.cache_enabled or func in _DISPATCH_HANDLE_DIRECTLY or _FAKE_LOG.isEnabledFor(logging.DEBUG):
+            return super().dispatch(func, types, args, kwargs)
+        if func in _DISPATCH_META_HANDLERS:
+            return _DISPATCH_META_HANDLERS[func](args)
+        answer = _UNCACHED.get(func)
+        if answer is not None and self._plain(args, kwargs):
+            return answer(self, func, types, args, kwargs)
+        return self._cached_dispatch_impl(func, types, args, kwargs)
+
+    def _plain(self, args: Any, kwargs: Any) -> bool:
+        """Whether torch's checks before an op's kernel have nothing to act on: no shape
+        environment, real-tensor propagation or debug mode, and every tensor argument a plain fake
+        tensor of this mode without a constant value (torch propagates constants through real
+        kernels) or symbolic sizes."""
+        if self.shape_env is not None or self.propagate_real_tensors or FakeTensorConfig.debug:
+            return False
+        return all(type(arg) is FakeTensor and arg.fake_mode is self and arg.constant is None
+                   and not arg._has_symbolic_sizes_strides
+                   for arg in tree_leaves((args, kwargs)) if isinstance(arg, torch.Tensor))
+
+    def _record_function(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        """torch's fake implementation (`fake_impls._record_function_enter_new`): the real op, which
+        takes and returns no tensor (a profiler handle), run as a kernel."""
+        return self._in_kernel(lambda: func(*args, **kwargs))
+
+    def _unsafe_view(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        """torch's path for `_unsafe_view` is its decomposition (`torch._decomp`'s `_reshape_alias`:
+        `aten.view(x, shape)` under this mode), a `view` whose output shares the input's storage
+        and which this mode's cache answers; called here without the decomposition's wrappers."""
+        return self.dispatch(_VIEW, types, args, kwargs)
+
+    def _meta_kernel(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        """torch's last branch of `_dispatch_impl`, which answers ops with a meta kernel and no
+        decomposition, fake implementation or special case (`_meta_kernel_only`): the meta kernel
+        run as a kernel, its meta outputs wrapped as fake tensors on the inputs' device, the input
+        tensors it returns (in-place collectives) as they are."""
+        out = self._in_kernel(lambda: func(*args, **kwargs))
+        return self.wrap_meta_outputs_with_default_device_logic(out, func, tree_leaves((args, kwargs)),
+                                                              device=kwargs.get("device"))
+
+
+def _meta_kernel_only(op: torch._ops.OpOverload) -> bool:
+    """Whether torch's `FakeTensorMode._dispatch_impl` answers `op` (for plain fake inputs) by its
+    meta kernel alone: a meta kernel, and none of the branches before that one (a Python meta or
+    decomposition, a composite-implicit kernel it decomposes, a prim, dynamo's custom-op profiles,
+    a registered fake implementation, one of `fake_impls`' special cases)."""
+    return (has_meta(op) and op not in meta_table and op not in decomposition_table
+            and dynamo_config._custom_ops_profile is None
+            and not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+            and "prims::" not in op._schema.name
+            and simple_registry.singleton.find(op.name()).fake_impl.kernel is None
+            and not any(check(op) for check, _ in op_implementations_checks))
+
+
+_VIEW = torch.ops.aten.view.default
+# the collectives (DTensor's functional ones, FSDP2's and the pipeline's c10d ones) and FSDP2's
+# copy-in / copy-out ops: custom ops, which FakeTensorMode's cache refuses ("non-builtin")
+_COLLECTIVE_OPS = (
+    torch.ops._c10d_functional.all_gather_into_tensor.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional.all_reduce.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops.c10d._allgather_base_.default,
+    torch.ops.c10d._reduce_scatter_base_.default,
+    torch.ops.c10d.allreduce_.default,
+    torch.ops.c10d.send.default,
+    torch.ops.c10d.recv_.default,
+    torch.ops.fsdp.all_gather_copy_in.default,
+    torch.ops.fsdp.split_with_sizes_copy.default,
+    torch.ops.fsdp.chunk_cat.default,
+)
+_UNCACHED: dict[torch._ops.OpOverload, Callable[..., Any]] = {
+    torch.ops.profiler._record_function_enter_new.default: StepFakeMode._record_function,
+    torch.ops.aten._unsafe_view.default: StepFakeMode._unsafe_view,
+} | {op: StepFakeMode._meta_kernel for op in _COLLECTIVE_OPS if _meta_kernel_only(op)}
 
 
 def _fake_tensor(mode: FakeTensorMode, elem: torch.Tensor, device: torch.device) -> FakeTensor:
