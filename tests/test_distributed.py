@@ -111,23 +111,28 @@ def test_fake_verify_moe_without_expert_parallelism(fake_world: None) -> None:
     assert not any(r.mesh_dim == "expert_dp" for r in result.collectives)
 
 
-# measured / analytic activations each case must stay under: ACTIVATION_TOLERANCE where verify
-# passes; Mamba-2's tiny spec keeps more than the fused kernel's figures count (its SiLU output,
-# the chunks' fp32 C·Bᵀ and chunk states, docs/distributed.md "Activations"): bounded at its
-# measured +52 % (it was +246 % when plain autograd kept every SSD intermediate), StripedHyena's
-# at its +38 % (x2's and the gated sum's fp32 copies).
-@pytest.mark.parametrize(("spec", "layout", "ratio"), [
-    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None),
-    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", 1.55),
+# measured / analytic activations of each case: within ACTIVATION_TOLERANCE where verify passes,
+# else within the bounds given (docs/distributed.md "Activations"). Mamba-1 under full recompute:
+# the analytic peak is the re-run of its Mamba layer, with what the selective-scan kernel keeps
+# (its fp32 chunk states, which archplan's scan unit does not keep: it recomputes from h0); the
+# measured peak is the head's, below it (0.71). Mamba-2's tiny spec keeps more than the fused
+# kernel's figures count (its SiLU input, the chunks' fp32 C·Bᵀ and chunk states): bounded at its
+# measured +55 % (it was +246 % when plain autograd kept every SSD intermediate). StripedHyena's
+# mixer keeps what the analytic terms count (its gated skip is one unit); what is left, +33 %,
+# is outside it (the attention layer, the GLU, the head), bounded there.
+@pytest.mark.parametrize(("spec", "layout", "bounds"), [
+    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", (0.65, 0.75)),
+    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None),
+    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", (1.0, 1.55)),
     ("tiny-hyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None),
-    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1,sp=off", 1.40),
+    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1,sp=off", (1.0, 1.35)),
     ("tiny-s4d.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None),
-], ids=["mamba1-full-recompute", "mamba2-zero2", "hyena", "stripedhyena-no-sp", "s4d-full-recompute"])
+], ids=["mamba1-full-recompute", "mamba1", "mamba2-zero2", "hyena", "stripedhyena-no-sp", "s4d-full-recompute"])
 def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: str, layout: str,
-                                                       ratio: float | None) -> None:
+                                                       bounds: tuple[float, float] | None) -> None:
     """Model states and every collective (x_proj's all-reduces, S4's all-to-all, the replicated
     tensors' gradient sums) as planning.cluster prices them, two micro-batches; activations within
-    verify's tolerance, or under `ratio` × the analytic figure."""
+    verify's tolerance, or measured / analytic within `bounds`."""
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(FIXTURES / spec))
@@ -139,7 +144,10 @@ def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: s
         assert row.ok, row
     assert any(r.mesh_dim == "tp" and r.measured for r in result.collectives)
     acts = rows["activations"]
-    assert acts.ok if ratio is None else acts.analytic < acts.measured < ratio * acts.analytic, acts
+    if bounds is None:
+        assert acts.ok, acts
+    else:
+        assert bounds[0] * acts.analytic < acts.measured < bounds[1] * acts.analytic, acts
 
 
 def test_mamba2_with_fewer_groups_than_tp_is_refused(fake_world: None) -> None:

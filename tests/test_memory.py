@@ -244,10 +244,29 @@ def test_moe_experts_scale_with_top_k_and_selective_leaves_them() -> None:
 def test_mamba_layers_have_no_quadratic_term() -> None:
     plan = plan_of(vocab_size=100, d_model=64, n_layers=2, ssm={"kind": "mamba1"},
                    layout={"mixers": "M"})
-    short = activation_memory(plan, 1, 64, "none").by_component["layers.0.mixer"]
-    long = activation_memory(plan, 1, 128, "none").by_component["layers.0.mixer"]
-    assert long == 2 * short
-    assert activation_memory(plan, 1, 64, "selective").by_component["layers.0.mixer"] == short
+    mixer = {t: activation_memory(plan, 1, t, "none").by_component["layers.0.mixer"] for t in (64, 128, 192)}
+    assert mixer[192] - mixer[128] == mixer[128] - mixer[64] > 0  # linear within a kernel chunk
+    assert activation_memory(plan, 1, 64, "selective").by_component["layers.0.mixer"] == mixer[64]
+
+
+def test_mamba1_keeps_the_kernels_chunk_states_and_a() -> None:
+    """Beyond its per-token tensors, a Mamba-1 mixer keeps the selective-scan kernel's chunk
+    states (B, d_inner, ⌈T/2048⌉, 2N) fp32 and A = −exp(A_log) with exp's output, (d_inner, N)
+    fp32 each, once per forward."""
+    from archplan.analytic.mamba import mamba1_activation_bytes
+
+    plan = plan_of(vocab_size=100, d_model=64, n_layers=1, ssm={"kind": "mamba1", "d_state": 16},
+                   layout={"mixers": "M"})
+    m = plan.layers[0].mixer
+    i, n = m.d_inner, m.d_state
+
+    def extra(batch: int, seq: int) -> int:
+        per_token = mamba1_activation_bytes(m, 64, batch, 2, 2) - mamba1_activation_bytes(m, 64, batch, 1, 2)
+        return mamba1_activation_bytes(m, 64, batch, seq, 2) - per_token * seq
+
+    assert extra(1, 2048) == 4 * i * 2 * n + 2 * 4 * i * n
+    assert extra(1, 2049) == 4 * i * 2 * 2 * n + 2 * 4 * i * n
+    assert extra(3, 100) == 3 * 4 * i * 2 * n + 2 * 4 * i * n
 
 
 def test_parallel_shared_norm_counts_the_block_input_once() -> None:

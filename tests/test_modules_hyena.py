@@ -23,7 +23,7 @@ from archplan.analytic.hyena import (
 from archplan.errors import ArchplanError
 from archplan.modules import fft_flops  # noqa: F401  registers the FFT formulas
 from archplan.modules.hyena import HyenaMixer, causal_short_conv, positional_features
-from archplan.modules.stripedhyena import StripedHyenaMixer, _ModalFilter, _modal_filter
+from archplan.modules.stripedhyena import StripedHyenaMixer, _gated_skip, _ModalFilter, _modal_filter, gated_skip
 from archplan.resolve import HyenaPlan, StripedHyenaPlan
 
 D = 8
@@ -268,3 +268,23 @@ def test_modal_filter_unit_keeps_poles_and_residues_with_plain_autograd_counts_a
     assert counts[0] == counts[1] and counts[0]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gated_skip_unit_keeps_its_inputs_with_plain_autograd_gradients() -> None:
+    """x2·(y + D·x1·v) keeps its inputs (x2, x1, v: views of the FIR output in the mixer), not the
+    fp32 copies and the sum plain autograd keeps; same gradients (fp64)."""
+    torch.manual_seed(0)
+    fir = torch.randn(2, 9, 7, dtype=torch.float64, requires_grad=True)
+    x2, x1, v = fir.split(3, dim=1)
+    y = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        unit = gated_skip(x2, x1, v, y, D)
+    plain = _gated_skip(x2, x1, v, y, D)
+    assert torch.equal(unit, plain)
+    assert {t.untyped_storage().data_ptr() for t in saved} == {t.untyped_storage().data_ptr() for t in (fir, y, D)}
+    probe = torch.randn_like(unit)
+    for a, b in zip(torch.autograd.grad((unit * probe).sum(), [fir, y, D]),
+                    torch.autograd.grad((plain * probe).sum(), [fir, y, D])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

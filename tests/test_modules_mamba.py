@@ -25,6 +25,7 @@ from archplan.modules.mamba1 import (
     scan_chunk_len,
     selective_scan,
     selective_scan_reference,
+    silu_gate,
 )
 from archplan.modules.mamba2 import Mamba2Mixer, _gated_rms_norm, _ssd, _with_skip, ssd_chunked, ssd_reference
 from archplan.resolve import Mamba1Plan, Mamba2Plan, NormPlan
@@ -98,6 +99,22 @@ def test_scan_unit_recomputes_states_with_plain_autograd_gradients(seq_len: int,
     g_plain = torch.autograd.grad((plain[0] * probe).sum() + plain[1].sum(), inputs)
     for a, b_ in zip(g_unit, g_plain):
         torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_gate_unit_keeps_its_inputs_with_plain_autograd_gradients() -> None:
+    torch.manual_seed(0)
+    y, z = (torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        unit = silu_gate(y, z)
+    plain = y * torch.nn.functional.silu(z)
+    assert torch.equal(unit, plain)
+    assert {t.untyped_storage().data_ptr() for t in saved} == {y.untyped_storage().data_ptr(),
+                                                                z.untyped_storage().data_ptr()}
+    probe = torch.randn_like(unit)
+    for a, b_ in zip(torch.autograd.grad((unit * probe).sum(), [y, z]),
+                     torch.autograd.grad((plain * probe).sum(), [y, z])):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
 
 
 def test_selective_scan_stable_for_huge_decay() -> None:

@@ -12,6 +12,12 @@ import math
 from archplan.analytic.norms import norm_flops, norm_params
 from archplan.resolve import Mamba1Plan, Mamba2Plan
 
+# Tokens per chunk of mamba_ssm's selective-scan kernel, whose forward saves each chunk's final
+# (decay, state) pair for the backward (csrc/selective_scan/selective_scan.cpp
+# `n_chunks = (seqlen + 2048 - 1) / 2048`, the fwd kernel's at most 128 threads × 16 items).
+SCAN_KERNEL_CHUNK = 2048
+FP32_BYTES = 4
+
 # SiLU on a vector element (see ffn.ACTIVATION_FLOPS) and softplus log(1 + exp(x)): our estimates.
 _SILU = 4
 _SOFTPLUS = 3
@@ -57,6 +63,28 @@ def mamba1_elementwise_per_token(m: Mamba1Plan) -> int:
     if m.inner_norms:
         flops += norm_flops(m.norm, m.dt_rank) + 2 * norm_flops(m.norm, m.d_state)
     return flops
+
+
+def mamba1_activation_bytes(m: Mamba1Plan, d_model: int, batch: int, seq_len: int, act_bytes: int) -> int:
+    """What one Mamba-1 mixer keeps for the backward, as mamba_ssm / HF `JambaMambaMixer` run it
+    (the (d_inner × N) states are recomputed in the backward, Gu & Dao 2023 §3.3.2):
+
+    - per token, in the activation dtype: in_proj input, xz, the conv output after SiLU
+      (`causal_conv1d_fn` keeps only its input, a view of xz), x_proj output, Δ (dt_proj output),
+      the scan output, out_proj input (`selective_scan_fn(..., z)` keeps z, a view of xz, and its
+      ungated output); with Jamba's dt/B/C norms, their outputs (their inputs are x_proj's);
+    - the kernel's chunk states `x` (B, d_inner, ⌈T/2048⌉, 2N) fp32 (selective_scan.cpp);
+    - A = −exp(A_log.float()) (d_inner, N) fp32, saved by the scan, and exp's output, saved by
+      autograd's exp (mamba_simple.py `Mamba.forward`): once per forward, whatever the batch.
+    """
+    di, n, r = m.d_inner, m.d_state, m.dt_rank
+    width = d_model + 2 * di + di + (r + 2 * n) + di + di + di
+    if m.inner_norms:
+        width += r + 2 * n
+    chunks = math.ceil(seq_len / SCAN_KERNEL_CHUNK)
+    scan_states = FP32_BYTES * batch * di * chunks * 2 * n
+    a_copies = 2 * FP32_BYTES * di * n
+    return act_bytes * batch * seq_len * width + scan_states + a_copies
 
 
 def mamba1_state_elements(m: Mamba1Plan) -> int:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes
+from archplan.analytic.mamba import mamba1_activation_bytes
 from archplan.analytic.s4 import s4_activation_bytes
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
@@ -297,14 +298,7 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             )
             return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, kernel, dropout)
         case Mamba1Plan():
-            # Tensors mamba_ssm's fused `mamba_inner_fn` saves (the (d_inner x N) states are
-            # recomputed in the backward, Gu & Dao 2023 §3.3.2): in_proj input, xz, conv output,
-            # x_proj output, delta, scan output, out_proj input.
-            di, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
-            width = h + 2 * di + di + (r + 2 * n) + di + di + di
-            if mixer.inner_norms:
-                width += r + 2 * n  # Jamba's dt/B/C norm outputs (their inputs are x_proj's output)
-            return act * tokens * width
+            return mamba1_activation_bytes(mixer, h, b, s, act)
         case Mamba2Plan():
             # mamba_ssm `mamba_split_conv1d_scan_combined` saves: in_proj input, zxbcdt, conv output,
             # dt and its cumulative sum (fp32), scan output, gated-norm output (out_proj input).

@@ -293,6 +293,39 @@ class _ChunkedScan(torch.autograd.Function):
         return (*found, None)
 
 
+def silu_gate(y_BTI: Tensor, z_BTI: Tensor) -> Tensor:
+    """y ⊙ SiLU(z), the Mamba gate. As one autograd unit (`_SiLUGate`) it keeps y and z (a view
+    of in_proj's output, kept anyway) where plain autograd keeps SiLU(z) too, a (B, T, I) copy:
+    mamba_ssm's `selective_scan_fn(..., z=z)` saves z and the ungated output and recomputes the
+    gate in its backward (selective_scan_interface.py `SelectiveScanFn`)."""
+    if torch.jit.is_tracing():
+        # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
+        return y_BTI * F.silu(z_BTI)
+    return _SiLUGate.apply(y_BTI, z_BTI)
+
+
+class _SiLUGate(torch.autograd.Function):
+    """y ⊙ SiLU(z) saving its inputs; the backward recomputes SiLU(z) (elementwise, no counted
+    FLOPs) and differentiates the same two ops plain autograd would: the same gradients."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, y_BTI: Tensor, z_BTI: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(y_BTI, z_BTI)
+        return y_BTI * F.silu(z_BTI)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            inputs = leaves(ctx.saved_tensors, needs)
+            y_BTI, z_BTI = inputs
+            return input_grads([y_BTI * F.silu(z_BTI)], [d_out], inputs, needs)
+
+
 def selective_step(
     u_B1I: Tensor, dt_B1I: Tensor, A_IN: Tensor, B_B1N: Tensor, C_B1N: Tensor, h0_BIN: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -395,7 +428,7 @@ class Mamba1Mixer(nn.Module):
         # softplus and the D skip inside the scan, as mamba_ssm's selective_scan_fn(delta_softplus=True)
         y_BTI, h_BIN = selective_scan(x_BTI, self.dt_proj(dt_BTR), A_IN, b_BTN, c_BTN, h0, D_I=self.D,
                                       dt_softplus=True)
-        y_BTI = y_BTI.to(x_BTD.dtype) * F.silu(z_BTI)
+        y_BTI = silu_gate(y_BTI.to(x_BTD.dtype), z_BTI)
         if state is not None:
             state.conv_BIW.copy_(next_context_BIW.detach())
             state.ssm_BIN.copy_(h_BIN.detach())
