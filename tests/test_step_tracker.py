@@ -2,7 +2,9 @@
 counted in its own dispatch) under `fake.StepFakeMode` (FakeTensorMode with a cheaper cache key)
 and `gc.freeze` measures exactly what FSDPMemTracker (with recomputed tensors filed as
 activations, `fake.RecomputeAsActivations`) with `comms.CollectiveRecorder` stacked above it
-measures under torch's FakeTensorMode: every memory figure, the tracker's peak by reference type and every collective record,
+measures under torch's FakeTensorMode: every memory figure, the tracker's peak by reference type and every collective record
+(so its own per-tensor bookkeeping, `_track` and `_update_snap`: a mutant that frees a storage
+without lowering the total fails it),
 on a TP + SP + FSDP layout with selective recompute (one layer, one micro-batch after the warm-up
 step: cheap, CI budget); `fake.StepFakeMode` gives FakeTensorMode's outputs, cached and uncached
 ops alike (aliasing included); and MLA-shaped attention keeps no T × S scores in the fake run."""

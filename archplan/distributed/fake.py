@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import log as _FAKE_LOG
 import torch.distributed.tensor.parallel.loss as parallel_loss
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _UpdateType, _WeakRefInfo
 from torch._C import _get_dispatch_stack_at, _len_torch_dispatch_stack
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -293,7 +293,10 @@ class StepFakeMode(FakeTensorMode):
                 empty.set_(storage, meta.storage_offset, meta.shape, meta.stride)
             return empty
 
-        empty = self._in_kernel(build)
+        # with no dispatch mode left on the stack (the usual case: this mode and the tracker above
+        # it are popped while they answer) and no fake tensor among its arguments, `build` reaches
+        # the meta kernels without the kernel-invocation guard, which only acts on those two
+        empty = build() if _len_torch_dispatch_stack() == 0 else self._in_kernel(build)
         if meta.is_conj:
             torch._C._set_conj(empty, True)
         if meta.is_neg:
@@ -505,6 +508,46 @@ class StepTracker(RecomputeAsActivations):
             if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
                 self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
+
+    def _track(self, reftype: Any, t: torch.Tensor) -> None:
+        """torch's `MemTracker._track` for a fake tensor (its one storage: FakeTensor is no
+        traceable wrapper subclass, so `get_untyped_storages` returns the set of it), step for step;
+        other tensors take torch's."""
+        if type(t) is not FakeTensor:
+            super()._track(reftype, t)
+            return
+        st = t.untyped_storage()
+        winfo, _ = self._WINFO.get(st, (None, None))
+        if winfo is not None:
+            if winfo.size != st.size():
+                old_mem_consumed = winfo.mem_consumed
+                winfo.update_mem_consumed(st)
+                self._update_snap(_UpdateType.SIZE, winfo, old_mem_consumed=old_mem_consumed)
+            return
+        winfo, w_st = _WeakRefInfo.create_winfo(st, t.device, reftype, self._delete_callback)
+        self._WINFO[st] = (winfo, w_st)
+        if winfo.mem_consumed > 0:
+            self._update_snap(_UpdateType.ADD, winfo)
+
+    def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None,
+                     old_reftype: Any = None) -> None:
+        """torch's `MemTracker._update_snap` for a storage added or freed on a device the current
+        snapshot holds, the two updates of nearly every op, without the fresh device entry
+        (`dict.fromkeys` over the reference types) torch builds as `setdefault`'s default on every
+        call; a new device and the other updates take torch's."""
+        dev_snap = self._curr_mem_snap.get(winfo.device)
+        if dev_snap is None or _TOTAL_KEY not in dev_snap or winfo.reftype not in dev_snap:
+            super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+        elif u_type is _UpdateType.ADD:
+            dev_snap[winfo.reftype] += winfo.mem_consumed
+            dev_snap[_TOTAL_KEY] += winfo.mem_consumed
+        elif u_type is _UpdateType.DEL:
+            dev_snap[winfo.reftype] -= winfo.mem_consumed
+            dev_snap[_TOTAL_KEY] -= winfo.mem_consumed
+            if dev_snap[_TOTAL_KEY] == 0:
+                del self._curr_mem_snap[winfo.device]
+        else:
+            super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
 
     def _dispatch(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         for t in types:
