@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.norms import RMSNorm
-from archplan.modules.recompute import input_grads, leaves
+from archplan.modules.recompute import input_grads, leaves, recomputed
 from archplan.resolve import Mamba1Plan
 
 # mamba_simple.Mamba defaults for the Δ initialisation (Gu & Dao 2023 §3.6, "Δ init").
@@ -294,36 +294,15 @@ class _ChunkedScan(torch.autograd.Function):
 
 
 def silu_gate(y_BTI: Tensor, z_BTI: Tensor) -> Tensor:
-    """y ⊙ SiLU(z), the Mamba gate. As one autograd unit (`_SiLUGate`) it keeps y and z (a view
-    of in_proj's output, kept anyway) where plain autograd keeps SiLU(z) too, a (B, T, I) copy:
-    mamba_ssm's `selective_scan_fn(..., z=z)` saves z and the ungated output and recomputes the
-    gate in its backward (selective_scan_interface.py `SelectiveScanFn`)."""
-    if torch.jit.is_tracing():
-        # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
-        return y_BTI * F.silu(z_BTI)
-    return _SiLUGate.apply(y_BTI, z_BTI)
+    """y ⊙ SiLU(z), the Mamba gate, as one unit keeping y and z (a view of in_proj's output, kept
+    anyway) where plain autograd keeps SiLU(z) too, a (B, T, I) copy: mamba_ssm's
+    `selective_scan_fn(..., z=z)` saves z and the ungated output and recomputes the gate in its
+    backward (selective_scan_interface.py `SelectiveScanFn`)."""
+    return recomputed(_silu_gate, y_BTI, z_BTI)
 
 
-class _SiLUGate(torch.autograd.Function):
-    """y ⊙ SiLU(z) saving its inputs; the backward recomputes SiLU(z) (elementwise, no counted
-    FLOPs) and differentiates the same two ops plain autograd would: the same gradients."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, y_BTI: Tensor, z_BTI: Tensor
-    ) -> Tensor:
-        ctx.save_for_backward(y_BTI, z_BTI)
-        return y_BTI * F.silu(z_BTI)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        needs = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
-            inputs = leaves(ctx.saved_tensors, needs)
-            y_BTI, z_BTI = inputs
-            return input_grads([y_BTI * F.silu(z_BTI)], [d_out], inputs, needs)
+def _silu_gate(y_BTI: Tensor, z_BTI: Tensor) -> Tensor:
+    return y_BTI * F.silu(z_BTI)
 
 
 def selective_step(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.mamba1 import causal_depthwise_conv
-from archplan.modules.recompute import input_grads, leaves
+from archplan.modules.recompute import input_grads, leaves, recomputed
 from archplan.resolve import Mamba2Plan
 
 # mamba2.Mamba2 defaults: A ~ U(1, 16), Δ ~ logU(1e-3, 1e-1) floored at 1e-4.
@@ -57,42 +58,17 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y_BTI: Tensor, z_BTI: Tensor) -> Tensor:
-        if torch.jit.is_tracing():
-            return _gated_rms_norm(y_BTI, z_BTI, self.weight, self.n_groups, self.eps)
-        return _GatedRMSNormUnit.apply(y_BTI, z_BTI, self.weight, self.n_groups, self.eps)
+        # one unit keeping only y, z and the weight, which recomputes the rest (all elementwise,
+        # nothing counted), as mamba_ssm's fused `RMSNormGated` (layernorm_gated.py `LayerNormFn`
+        # saves x, weight, z and the per-row rstd); plain autograd would keep four fp32 copies of
+        # the d_inner-wide activations
+        return recomputed(partial(_gated_rms_norm, n_groups=self.n_groups, eps=self.eps), y_BTI, z_BTI, self.weight)
 
 
 def _gated_rms_norm(y_BTI: Tensor, z_BTI: Tensor, weight_I: Tensor, n_groups: int, eps: float) -> Tensor:
     g = (y_BTI.float() * F.silu(z_BTI.float())).unflatten(-1, (n_groups, -1))
     g = F.rms_norm(g, (g.shape[-1],), None, eps).flatten(-2)
     return (g * weight_I.float()).to(y_BTI.dtype)
-
-
-class _GatedRMSNormUnit(torch.autograd.Function):
-    """The gated norm keeping only y, z and the weight for the backward, which recomputes the rest
-    (all elementwise, nothing counted), as mamba_ssm's fused `RMSNormGated` (layernorm_gated.py
-    `LayerNormFn` saves x, weight, z and the per-row rstd); plain autograd would keep four fp32
-    copies of the d_inner-wide activations."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, y_BTI: Tensor, z_BTI: Tensor, weight_I: Tensor,
-        n_groups: int, eps: float,
-    ) -> Tensor:
-        ctx.save_for_backward(y_BTI, z_BTI, weight_I)
-        ctx.n_groups, ctx.eps = n_groups, eps
-        return _gated_rms_norm(y_BTI, z_BTI, weight_I, n_groups, eps)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dout_BTI: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        needs = ctx.needs_input_grad[:3]
-        with torch.enable_grad():
-            inputs = leaves(ctx.saved_tensors, needs)
-            out = _gated_rms_norm(*inputs, ctx.n_groups, ctx.eps)
-            found = input_grads([out], [dout_BTI], inputs, needs)
-        return (*found, None, None)
 
 
 def segsum(x: Tensor) -> Tensor:

@@ -1,12 +1,13 @@
 """Shared pieces of the autograd units whose backward recomputes from their saved inputs
-(`mamba1._ChunkedScan`, `mamba2._ChunkedSSD` and `_GatedRMSNormUnit`, `s4._S4DKernel`,
-`stripedhyena._ModalFilter`): the saved inputs as fresh leaves the recomputation is recorded
-from, a bmm's backward as the two matmuls autograd runs for it, and autograd's gradients handed
-back in the inputs' order."""
+(`mamba1._ChunkedScan`, `mamba2._ChunkedSSD`, `s4._S4DKernel`, `stripedhyena._ModalFilter`): the
+saved inputs as fresh leaves the recomputation is recorded from, a bmm's backward as the two
+matmuls autograd runs for it, and autograd's gradients handed back in the inputs' order; and
+`recomputed`, the whole unit for an elementwise function (Mamba's gate, Mamba-2's gated norm,
+StripedHyena's gated skip)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,3 +38,32 @@ def input_grads(outputs: Sequence[Tensor], grads: Sequence[Tensor], inputs: Sequ
     found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs and wanted
                  else [None] * len(wanted))
     return tuple(next(found) if need else None for need in needs)
+
+
+def recomputed(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """`fn(*inputs)` as one autograd unit keeping only its inputs, where plain autograd would also
+    keep fn's intermediates: the backward recomputes fn and differentiates the ops autograd would
+    (the same gradients). Only for elementwise fn, whose recomputation counts no FLOPs. Under a jit
+    trace (fvcore) the plain composition runs: a trace sees an autograd Function as one opaque op."""
+    if torch.jit.is_tracing():
+        return fn(*inputs)
+    return _Recomputed.apply(fn, *inputs)
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, fn: Callable[..., Tensor], *inputs: Tensor
+    ) -> Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            inputs = leaves(ctx.saved_tensors, needs)
+            return (None, *input_grads([ctx.fn(*inputs)], [d_out], inputs, needs))

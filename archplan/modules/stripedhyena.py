@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.hyena import causal_short_conv
-from archplan.modules.recompute import bmm_backward, input_grads, leaves
+from archplan.modules.recompute import bmm_backward, input_grads, leaves, recomputed
 from archplan.modules.s4 import fft_causal_conv
 from archplan.resolve import StripedHyenaPlan
 
@@ -94,43 +94,16 @@ class _ModalFilter(torch.autograd.Function):
 
 
 def gated_skip(x2_BDT: Tensor, x1_BDT: Tensor, v_BDT: Tensor, y_BDT: Tensor, D_D: Tensor) -> Tensor:
-    """x2 · (y + D·u), u = x1·v, in fp32 (the reference's `parallel_iir` epilogue). As one autograd
-    unit (`_GatedSkip`) it keeps x2, x1 and v (views of the FIR's output, which x1·v keeps anyway),
-    the conv output y (fp32) and D; plain autograd keeps fp32 copies of x2 and u and the sum
-    y + D·u, three (B, D, T) fp32 tensors for the one it needs."""
-    if torch.jit.is_tracing():
-        # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
-        return _gated_skip(x2_BDT, x1_BDT, v_BDT, y_BDT, D_D)
-    return _GatedSkip.apply(x2_BDT, x1_BDT, v_BDT, y_BDT, D_D)
+    """x2 · (y + D·u), u = x1·v, in fp32 (the reference's `parallel_iir` epilogue), as one unit
+    keeping x2, x1 and v (views of the FIR's output, which x1·v keeps anyway), the conv output y
+    (fp32) and D; plain autograd keeps fp32 copies of x2 and u and the sum y + D·u, three
+    (B, D, T) fp32 tensors for the one it needs. y is the first T columns of the FFT
+    convolution's 2T output: kept as it is, it would hold that output's storage, so a copy is."""
+    return recomputed(_gated_skip, x2_BDT, x1_BDT, v_BDT, y_BDT.contiguous(), D_D)
 
 
 def _gated_skip(x2_BDT: Tensor, x1_BDT: Tensor, v_BDT: Tensor, y_BDT: Tensor, D_D: Tensor) -> Tensor:
     return x2_BDT.float() * (y_BDT + D_D.float()[:, None] * (x1_BDT * v_BDT).float())
-
-
-class _GatedSkip(torch.autograd.Function):
-    """`_gated_skip` saving its inputs; the backward recomputes u, the sum and the fp32 copies
-    (elementwise, no counted FLOPs) and differentiates the ops plain autograd would: the same
-    gradients."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x2_BDT: Tensor, x1_BDT: Tensor, v_BDT: Tensor, y_BDT: Tensor, D_D: Tensor,
-    ) -> Tensor:
-        # y is the first T columns of the FFT convolution's 2T output: kept whole, it would hold
-        # that output's storage
-        ctx.save_for_backward(x2_BDT, x1_BDT, v_BDT, y_BDT.contiguous(), D_D)
-        return _gated_skip(x2_BDT, x1_BDT, v_BDT, y_BDT, D_D)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        needs = ctx.needs_input_grad[:5]
-        with torch.enable_grad():
-            inputs = leaves(ctx.saved_tensors, needs)
-            return input_grads([_gated_skip(*inputs)], [d_out], inputs, needs)
 
 
 class StripedHyenaMixer(nn.Module):
