@@ -48,7 +48,9 @@ def forget_meshes() -> None:
     functools caches across `torch.distributed.tensor`."""
     torch._C._clear_DTensor_sharding_propagator_cache()
     for obj in gc.get_objects():
-        if isinstance(obj, functools._lru_cache_wrapper) and \
+        # `type`, not `isinstance`: isinstance reads `__class__`, which warns on deprecated
+        # objects such as `torch.distributed.reduce_op` (a FutureWarning in every verify run)
+        if type(obj) is functools._lru_cache_wrapper and \
                 getattr(obj, "__module__", "").startswith("torch.distributed.tensor"):
             obj.cache_clear()
 
