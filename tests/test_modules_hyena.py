@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from autograd_units import assert_same_backward, saved_during, storages
 from archplan.analytic.hyena import (
     hyena_buffer_elements,
     hyena_cache_per_token,
@@ -251,23 +252,12 @@ def test_modal_filter_unit_keeps_poles_and_residues_with_plain_autograd_counts_a
     operand needing a gradient) and gives the same gradients (fp64)."""
     torch.manual_seed(0)
     p, r = (torch.randn(4, 2, 2, dtype=torch.float64).mul(0.5).requires_grad_(need) for need in needs)
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = _ModalFilter.apply(p, r, 11)
+    unit, saved = saved_during(lambda: _ModalFilter.apply(p, r, 11))
     plain = _modal_filter(p, r, 11)
     torch.testing.assert_close(unit, plain, rtol=0, atol=0)
-    kept = {t.untyped_storage().data_ptr() for t in saved}
-    assert kept == {p.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}
+    assert storages(saved) == storages((p, r))
     wanted = [t for t in (p, r) if t.requires_grad]
-    probe = torch.randn_like(unit)
-    counts, grads = [], []
-    for h in (unit, plain):
-        with FlopCounterMode(display=False) as counter:
-            grads.append(torch.autograd.grad((h * probe).sum(), wanted))
-        counts.append(dict(counter.get_flop_counts()["Global"]))
-    assert counts[0] == counts[1] and counts[0]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_same_backward(unit, plain, wanted, 1e-10)
 
 
 def test_gated_skip_unit_keeps_its_inputs_with_plain_autograd_gradients() -> None:
@@ -278,12 +268,10 @@ def test_gated_skip_unit_keeps_its_inputs_with_plain_autograd_gradients() -> Non
     x2, x1, v = fir.split(3, dim=1)
     y = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     D = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = gated_skip(x2, x1, v, y, D)
+    unit, saved = saved_during(lambda: gated_skip(x2, x1, v, y, D))
     plain = _gated_skip(x2, x1, v, y, D)
     assert torch.equal(unit, plain)
-    assert {t.untyped_storage().data_ptr() for t in saved} == {t.untyped_storage().data_ptr() for t in (fir, y, D)}
+    assert storages(saved) == storages((fir, y, D))
     probe = torch.randn_like(unit)
     for a, b in zip(torch.autograd.grad((unit * probe).sum(), [fir, y, D]),
                     torch.autograd.grad((plain * probe).sum(), [fir, y, D])):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from autograd_units import saved_during, storages
 from archplan.analytic.mamba import (
     mamba1_counted_flops,
     mamba1_params,
@@ -88,12 +89,10 @@ def test_scan_unit_recomputes_states_with_plain_autograd_gradients(seq_len: int,
     D = torch.randn(i, requires_grad=True)
     h0 = torch.randn(b, i, n, requires_grad=True) if with_h0 else None
     inputs = [u, dt, A, B, C, D] + ([h0] if h0 is not None else [])
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = chunked_scan(u, dt, A, B, C, h0, D_I=D, dt_softplus=True)
+    unit, saved = saved_during(lambda: chunked_scan(u, dt, A, B, C, h0, D_I=D, dt_softplus=True))
     plain = _scan(u, dt, A, B, C, h0, D, True)
     assert torch.equal(unit[0], plain[0]) and torch.equal(unit[1], plain[1])
-    assert {t.untyped_storage().data_ptr() for t in saved} == {t.untyped_storage().data_ptr() for t in inputs}
+    assert storages(saved) == storages(inputs)
     probe = torch.randn_like(unit[0])
     g_unit = torch.autograd.grad((unit[0] * probe).sum() + unit[1].sum(), inputs)
     g_plain = torch.autograd.grad((plain[0] * probe).sum() + plain[1].sum(), inputs)
@@ -104,13 +103,10 @@ def test_scan_unit_recomputes_states_with_plain_autograd_gradients(seq_len: int,
 def test_silu_gate_unit_keeps_its_inputs_with_plain_autograd_gradients() -> None:
     torch.manual_seed(0)
     y, z = (torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = silu_gate(y, z)
+    unit, saved = saved_during(lambda: silu_gate(y, z))
     plain = y * torch.nn.functional.silu(z)
     assert torch.equal(unit, plain)
-    assert {t.untyped_storage().data_ptr() for t in saved} == {y.untyped_storage().data_ptr(),
-                                                                z.untyped_storage().data_ptr()}
+    assert storages(saved) == storages((y, z))
     probe = torch.randn_like(unit)
     for a, b_ in zip(torch.autograd.grad((unit * probe).sum(), [y, z]),
                      torch.autograd.grad((plain * probe).sum(), [y, z])):
@@ -259,17 +255,15 @@ def test_ssd_unit_keeps_inputs_and_two_products_with_plain_autograd_gradients(
     D = torch.randn(hs, dtype=f64, requires_grad=True)
     h0 = torch.randn(b, hs, p, n, dtype=f64, requires_grad=True) if with_h0 else None
     inputs = [x, dt, A, B, C, D] + ([h0] if h0 is not None else [])
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = ssd_chunked(x, dt, A, B, C, chunk, h0, D)
+    unit, saved = saved_during(lambda: ssd_chunked(x, dt, A, B, C, chunk, h0, D))
     y, state, cb, states = _ssd(x, dt, A, B, C, chunk, h0)
     plain = (_with_skip(y, x, D), state)
     torch.testing.assert_close(unit[0], plain[0], rtol=0, atol=0)
     torch.testing.assert_close(unit[1], plain[1], rtol=0, atol=0)
-    kept = {t.untyped_storage().data_ptr() for t in saved}
-    assert {t.untyped_storage().data_ptr() for t in inputs} <= kept and len(kept) == len(inputs) + 2
+    kept = storages(saved)
+    assert storages(inputs) <= kept and len(kept) == len(inputs) + 2
     assert sorted(t.shape for t in saved if t.untyped_storage().data_ptr() not in
-                  {i.untyped_storage().data_ptr() for i in inputs}) == sorted([cb.shape, states[:, 1:].shape])
+                  storages(inputs)) == sorted([cb.shape, states[:, 1:].shape])
     probe = torch.randn_like(unit[0])
     g_unit = torch.autograd.grad((unit[0] * probe).sum() + unit[1].sum(), inputs)
     g_plain = torch.autograd.grad((plain[0] * probe).sum() + plain[1].sum(), inputs)
@@ -283,13 +277,11 @@ def test_gated_norm_unit_keeps_its_inputs_with_plain_autograd_gradients() -> Non
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     y, z = (torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = norm(y, z)
+    unit, saved = saved_during(lambda: norm(y, z))
     plain = _gated_rms_norm(y, z, norm.weight, 2, norm.eps)
     assert torch.equal(unit, plain)
-    kept = {t.untyped_storage().data_ptr() for t in saved}
-    assert kept == {t.untyped_storage().data_ptr() for t in (y, z, norm.weight)}
+    kept = storages(saved)
+    assert kept == storages((y, z, norm.weight))
     probe = torch.randn_like(unit)
     for a, b_ in zip(torch.autograd.grad((unit * probe).sum(), [y, z, norm.weight]),
                      torch.autograd.grad((plain * probe).sum(), [y, z, norm.weight])):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from autograd_units import assert_same_backward, saved_during, storages
 from archplan.analytic.s4 import (
     complex_fft_flops,
     real_fft_flops,
@@ -233,10 +234,6 @@ def test_a_decode_step_counts_the_output_linear_only(dplr: bool, prefill: int) -
     assert counter.get_total_flops() == 3 * s4_decode_counted_flops(D_MODEL) == 3 * 2 * D_MODEL * 2 * D_MODEL
 
 
-def _storages(tensors: list[torch.Tensor]) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors}
-
-
 @pytest.mark.parametrize("expand", [1, 3])
 def test_fft_conv_unit_keeps_the_spectra_with_plain_autograd_ffts_and_gradients(expand: int) -> None:
     """`fft_causal_conv` (the autograd unit) keeps the two spectra only, and its hand-written
@@ -244,22 +241,11 @@ def test_fft_conv_unit_keeps_the_spectra_with_plain_autograd_ffts_and_gradients(
     torch.manual_seed(expand)
     u = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
     k = torch.randn(6 // expand, 9, dtype=torch.float64, requires_grad=True)
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = fft_causal_conv(u, k, expand)
+    unit, saved = saved_during(lambda: fft_causal_conv(u, k, expand))
     plain, u_f, k_f = s4_module._fft_conv(u, k, expand)
     assert torch.equal(unit, plain)
     assert [t.shape for t in saved] == [u_f.shape, k_f.shape] and all(t.is_complex() for t in saved)
-    probe = torch.randn_like(unit)
-    counts = []
-    grads = []
-    for y in (unit, plain):
-        with FlopCounterMode(display=False) as counter:
-            grads.append(torch.autograd.grad((y * probe).sum(), [u, k]))
-        counts.append(dict(counter.get_flop_counts()["Global"]))
-    assert counts[0] == counts[1] and counts[0]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_backward(unit, plain, [u, k], 1e-12)
 
 
 @pytest.mark.parametrize("length", [9, 16])
@@ -269,20 +255,10 @@ def test_s4d_kernel_unit_keeps_its_inputs_with_plain_autograd_counts_and_gradien
     bmm are plain autograd's (one per operand needing a gradient), gradients equal (fp64)."""
     m = mixer(plan(False, buffers=buffers)).double()
     inputs = [t.double() for t in m._s4d_inputs()] + [m.C]
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        unit = s4_module._S4DKernel.apply(length, *inputs)
+    unit, saved = saved_during(lambda: s4_module._S4DKernel.apply(length, *inputs))
     _, rows, basis, _ = s4_module._s4d_rows_and_basis(length, *inputs)
     plain = s4_module._contract_chunks(rows, basis, length)
     torch.testing.assert_close(unit, plain, rtol=0, atol=0)
-    assert _storages(saved) == _storages(inputs)
+    assert storages(saved) == storages(inputs)
     wanted = [t for t in inputs if t.requires_grad]
-    probe = torch.randn_like(unit)
-    counts, grads = [], []
-    for k in (unit, plain):
-        with FlopCounterMode(display=False) as counter:
-            grads.append(torch.autograd.grad((k * probe).sum(), wanted))
-        counts.append(dict(counter.get_flop_counts()["Global"]))
-    assert counts[0] == counts[1] and counts[0]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_same_backward(unit, plain, wanted, 1e-10)
