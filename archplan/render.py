@@ -26,6 +26,16 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return "█" * full + (_EIGHTHS[part] if part else "")
 
 
+PIPED_WIDTH = 200
+
+
+def report_console() -> Console:
+    """A console at the terminal's width, or, piped or captured (no width to honour), at
+    `PIPED_WIDTH` columns, so that long component names and table rows stay on one line."""
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPED_WIDTH)
+
+
 class _Section(Table):
     """A table whose convention note prints below it at full console width (not wrapped to the
     table's width as a rich caption would be)."""

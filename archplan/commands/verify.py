@@ -27,6 +27,7 @@ from archplan.commands.options import JsonOpt, SpecArg
 from archplan.commands.requires import require_torch
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
+from archplan.render import report_console
 from archplan.resolve import ModelPlan, resolve
 
 if TYPE_CHECKING:
@@ -125,10 +126,7 @@ def verify_model(
 
     resolve_device(device.value)  # fail before the meta build, not after it
 
-    console = Console()
-    if not console.is_terminal:
-        # piped or captured: no terminal width to honour, so don't wrap the component names
-        console = Console(width=200)
+    console = report_console()
     with _progress(enabled=not as_json and len(plan.layers) > PROGRESS_ABOVE_LAYERS) as progress:
         result = crosscheck(
             plan, seq_len=seq_len, batch=batch, backward=backward, real=cpu_check,

@@ -12,6 +12,7 @@ from archplan import units
 from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, check_layout, parse_layout
+from archplan.render import report_console
 from archplan.resolve import ModelPlan, MoEPlan
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
@@ -69,5 +70,5 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
-        render(result, Console(width=160))
+        render(result, report_console())
     raise typer.Exit(0 if result.ok else 1)

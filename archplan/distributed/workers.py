@@ -31,7 +31,7 @@ from archplan.bench.device import device_peak, peak_memory, reset_peak_memory, s
 from archplan.dtypes import DType
 from archplan.distributed.context import shard_sequence
 from archplan.distributed.mesh import build_mesh
-from archplan.distributed.shard import shard_stage
+from archplan.distributed.shard import embedding_unit_views, shard_stage
 from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.errors import ArchplanError
@@ -116,7 +116,8 @@ def _prefill(runner: StageRunner, batches: list[MicroBatch]) -> None:
                 else:
                     x = torch.empty(runner.hidden_shape, dtype=chunk.compute_dtype, device=runner.device)
                     dist.recv(x, runner.peer(-1), group=runner.pp_group)
-                out = stage(x)
+                with embedding_unit_views():
+                    out = stage(x)
                 if not stage.last:
                     runner.send(out, 1)
         for work in runner.pending:
