@@ -502,6 +502,26 @@ def test_cli_layout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     assert code == 1 and "infeasible" in out
 
 
+def test_cli_layout_table_fits_the_terminal(capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A narrow terminal hides the memory categories and the bar, never the total, step time, MFU
+    or throughput, and says what it hid; a wide one shows every column."""
+    argv = ("plan", "llama-3.1-405b", "--gpus", "16384", "--gpu", "h100", "--seq", "8192",
+            "--global-batch-tokens", "16M")
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, monkeypatch, *argv)
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert all(word in out for word in ("total", "MFU", "per GPU", "days", "TP8 PP16×v4 DP128"))
+    assert "hidden at 80 columns: temp., optim., grads, params, activ., of usable" in out
+    assert "bars:" not in out  # no bar, no legend
+    monkeypatch.setenv("COLUMNS", "240")
+    code, out, _ = run(capsys, monkeypatch, *argv)
+    assert code == 0 and "hidden at" not in out and "bars:" in out
+    assert "TP8 PP16×v4 DP128 ZeRO-1 none mb1 SP" in out  # a label on one line
+    assert all(word in out for word in ("params", "grads", "optim.", "activ.", "temp.", "usable"))
+
+
 @pytest.mark.parametrize("argv", [
     ["plan"],
     ["plan", "--compute", "1e24", "--params", "7e9"],

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -455,26 +457,103 @@ def _memory_bar(e: Evaluated, usable: int) -> Any:
     return bar
 
 
-def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: float, title: str) -> Any:
-    from rich.table import Table
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[Evaluated], Any]
+    hide_rank: int | None = None  # the order in which a narrow terminal hides it; None: always shown
+    justify: Literal["left", "right"] = "right"
+    wraps: bool = False
 
+
+LAYOUT_MIN_WIDTH = 14  # a layout label (up to ~40 characters) on at most three lines
+
+
+def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
+    """The layout table's columns. A narrow terminal hides the memory categories first (the bar
+    still shows them, by colour), then the bar, the days and the communication share: the total,
+    step time, MFU and throughput, what a layout is chosen by, always stay."""
     from archplan.planning.parallel import training_days
     from archplan.units import nbytes, percent
 
-    table = Table(title=title, title_justify="left")
-    for col in ("#", "layout", "m", "params", "grads", "optim.", "activ.", "temp.", "total", "of usable",
-                "step s", "comm+bubble", "MFU", "tok/s/GPU", "days"):
-        table.add_column(col, justify="left" if col in ("layout", "of usable") else "right")
+    def mark(e: Evaluated) -> str:
+        return nbytes(e.memory.total) + ("" if e.fits else " ✗")
+
+    return (
+        _Column("layout", lambda e: e.layout.label, justify="left", wraps=True),
+        _Column("m", lambda e: str(e.microbatches)),
+        _Column("params", lambda e: nbytes(e.memory.parameters), 4),
+        _Column("grads", lambda e: nbytes(e.memory.gradients), 3),
+        _Column("optim.", lambda e: nbytes(e.memory.optimizer), 2),
+        _Column("activ.", lambda e: nbytes(e.memory.activations), 5),
+        _Column("temp.", lambda e: nbytes(e.memory.temporary), 1),
+        _Column("total", mark),
+        _Column("of\nusable", lambda e: _memory_bar(e, result.usable_bytes), 6, "left"),
+        _Column("step\ns", lambda e: f"{e.time.total:.2f}"),
+        _Column("comm +\nbubble", lambda e: percent((e.time.total - e.time.compute) / e.time.total), 8),
+        _Column("MFU", lambda e: percent(e.mfu)),
+        _Column("tok/s\nper GPU", lambda e: f"{e.tokens_per_s_per_gpu:,.0f}"),
+        _Column("days", lambda e: f"{training_days(e, tokens):.1f}", 7),
+    )
+
+
+def _build_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    for col in columns:
+        table.add_column(col.header, justify=col.justify, no_wrap=not col.wraps,
+                         min_width=LAYOUT_MIN_WIDTH if col.wraps else None)
     for i, e in enumerate(rows, 1):
-        mem, t = e.memory, e.time
-        overhead = (t.total - t.compute) / t.total
-        table.add_row(str(i), e.layout.label, str(e.microbatches), nbytes(mem.parameters),
-                      nbytes(mem.gradients), nbytes(mem.optimizer), nbytes(mem.activations),
-                      nbytes(mem.temporary), nbytes(mem.total)
-                      + ("" if e.fits else " ✗"), _memory_bar(e, result.usable_bytes), f"{t.total:.2f}",
-                      percent(overhead), percent(e.mfu), f"{e.tokens_per_s_per_gpu:,.0f}",
-                      f"{training_days(e, tokens):.1f}")
+        table.add_row(str(i), *(col.cell(e) for col in columns))
     return table
+
+
+def _natural_width(rows: tuple[Evaluated, ...], columns: list[_Column]) -> int:
+    """Columns the table needs with the layout labels wrapped to `LAYOUT_MIN_WIDTH`: the widest
+    cell or header line of each other column, one space of padding on each inner side and a
+    separator between columns (the table has no outer edge)."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    def width(cell: Any) -> int:
+        return cell.cell_len if isinstance(cell, Text) else max(cell_len(line) for line in str(cell).split("\n"))
+
+    widths = [len(str(len(rows)))]
+    for col in columns:
+        widths.append(LAYOUT_MIN_WIDTH if col.wraps else
+                      max([width(col.header)] + [width(col.cell(e)) for e in rows]))
+    return sum(widths) + 3 * (len(widths) - 1)
+
+
+def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: float, title: str,
+                  width: int) -> tuple[Any, list[str]]:
+    """The table of `rows` at most `width` columns wide, and the headers it hid to get there."""
+    columns = list(_layout_columns(result, tokens))
+    hidden: list[str] = []
+    for col in sorted((c for c in columns if c.hide_rank is not None), key=lambda c: c.hide_rank or 0):
+        if _natural_width(rows, columns) <= width:
+            break
+        columns.remove(col)
+        hidden.append(col.header.replace("\n", " "))
+    return _build_table(rows, columns, title), hidden
+
+
+def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult, tokens: float,
+                 title: str) -> None:
+    """The layout table at the console's width, with the bar's legend when it is shown and the
+    hidden columns named."""
+    from archplan.units import nbytes
+
+    table, hidden = _layout_table(rows, result, tokens, title, console.width)
+    console.print(table)
+    if "of usable" not in hidden:
+        console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
+                      + f"; full width = {nbytes(result.usable_bytes)}")
+    if hidden:
+        console.print(f"hidden at {console.width} columns: {', '.join(hidden)} (a wider terminal "
+                      "shows them; --json has every figure)")
 
 
 def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) -> None:
@@ -496,18 +575,16 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) 
         console.print(f"[bold red]infeasible:[/] {reason}")
     if not result.ranked:
         if result.tightest is not None:
-            console.print(_layout_table((result.tightest,), result, tokens,
-                                        "the layout needing the least memory (does not fit)"))
+            _print_table(console, (result.tightest,), result, tokens,
+                         "the layout needing the least memory (does not fit)")
         return
     rows = result.ranked[:TOP_LAYOUTS]
     title = ("the given layout" if result.fixed.complete() is not None else
              f"fastest {len(rows)}") + " (per-GPU memory of the most loaded pipeline rank)"
-    console.print(_layout_table(rows, result, tokens, title))
+    _print_table(console, rows, result, tokens, title)
     if not rows[0].fits:
         console.print(f"[bold red]does not fit:[/] pipeline rank {rows[0].stage} needs "
                       f"{nbytes(rows[0].memory.total)} > {nbytes(result.usable_bytes)} usable")
-    console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
-                  + f"; full width = {nbytes(result.usable_bytes)}")
     for note in _notes(result):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
