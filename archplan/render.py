@@ -36,6 +36,14 @@ def report_console() -> Console:
     return console if console.is_terminal else Console(width=PIPED_WIDTH)
 
 
+def table_width(table: Table) -> int:
+    """The columns `table` takes with no cell wrapped or cut: its widest rendering."""
+    from rich.measure import Measurement
+
+    console = Console(width=10_000)
+    return Measurement.get(console, console.options, table).maximum
+
+
 class _Section(Table):
     """A table whose convention note prints below it at full console width (not wrapped to the
     table's width as a rich caption would be)."""

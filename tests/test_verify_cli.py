@@ -135,6 +135,24 @@ def test_a_deep_preset_folds_identical_layers(
     assert code == 0 and "layers.31.mixer" in out
 
 
+def test_a_narrow_terminal_gets_the_parameters_and_flops_apart(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At 80 columns the one component table would cut the exact totals: it becomes two tables,
+    each within the width, each with its exact total."""
+    from rich.console import Console
+
+    from archplan.commands import verify
+
+    monkeypatch.setattr(verify, "report_console", lambda: Console(width=80))
+    code, out, _ = run(monkeypatch, capsys, "llama-2-7b", "--seq", "16", "--no-backward")
+    assert code == 0
+    assert "(batch 1, seq 16): parameters" in out and "(batch 1, seq 16): forward FLOPs" in out
+    assert "6,738,415,616" in out and "…" not in out
+    # the closing summary is one soft-wrapped line, for grep
+    assert max(len(line) for line in out.splitlines() if "match exactly" not in line) <= 80
+
+
 def test_a_failing_layer_is_never_folded(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -497,43 +497,32 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
     )
 
 
-def _build_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: str) -> Any:
+def _build_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: str, *,
+                 narrowest: bool = False) -> Any:
+    """The table; `narrowest`: the wrapping column capped at its least width, to measure the table
+    by (`render.table_width`)."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
     for col in columns:
         table.add_column(col.header, justify=col.justify, no_wrap=not col.wraps,
-                         min_width=LAYOUT_MIN_WIDTH if col.wraps else None)
+                         min_width=LAYOUT_MIN_WIDTH if col.wraps else None,
+                         max_width=LAYOUT_MIN_WIDTH if col.wraps and narrowest else None)
     for i, e in enumerate(rows, 1):
         table.add_row(str(i), *(col.cell(e) for col in columns))
     return table
 
 
-def _natural_width(rows: tuple[Evaluated, ...], columns: list[_Column]) -> int:
-    """Columns the table needs with the layout labels wrapped to `LAYOUT_MIN_WIDTH`: the widest
-    cell or header line of each other column, one space of padding on each inner side and a
-    separator between columns (the table has no outer edge)."""
-    from rich.cells import cell_len
-    from rich.text import Text
-
-    def width(cell: Any) -> int:
-        return cell.cell_len if isinstance(cell, Text) else max(cell_len(line) for line in str(cell).split("\n"))
-
-    widths = [len(str(len(rows)))]
-    for col in columns:
-        widths.append(LAYOUT_MIN_WIDTH if col.wraps else
-                      max([width(col.header)] + [width(col.cell(e)) for e in rows]))
-    return sum(widths) + 3 * (len(widths) - 1)
-
-
 def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: float, title: str,
                   width: int) -> tuple[Any, list[str]]:
     """The table of `rows` at most `width` columns wide, and the headers it hid to get there."""
+    from archplan.render import table_width
+
     columns = list(_layout_columns(result, tokens))
     hidden: list[str] = []
     for col in sorted((c for c in columns if c.hide_rank is not None), key=lambda c: c.hide_rank or 0):
-        if _natural_width(rows, columns) <= width:
+        if table_width(_build_table(rows, columns, title, narrowest=True)) <= width:
             break
         columns.remove(col)
         hidden.append(col.header.replace("\n", " "))

@@ -27,7 +27,7 @@ from archplan.commands.options import JsonOpt, SpecArg
 from archplan.commands.requires import require_torch
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
-from archplan.render import report_console
+from archplan.render import report_console, table_width
 from archplan.resolve import ModelPlan, resolve
 
 if TYPE_CHECKING:
@@ -266,37 +266,60 @@ def _mark(ok: bool) -> str:
     return OK if ok else BAD
 
 
-def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
-    table = Table(
-        title=f"archplan verify — {result.name} (batch {result.batch}, seq {result.seq_len})",
-        caption=(
-            "FLOPs: counted by FlopCounterMode on meta for one forward (2 per multiply-add; matmuls, "
-            "convs, attention full T², FFTs 2.5·n·⌈log2 n⌉ per real transform of length n = 2T). "
-            "elementwise: analytic-only (norms, softmax, activations, scan updates). Folded rows (×n) "
-            "show the per-layer figures."
-        ),
-    )
-    for col, justify in (("component", "left"), ("kind", "left"), ("×", "right"),
-                         ("params analytic", "right"), ("params built", "right"), ("", "center"),
-                         ("FLOPs analytic", "right"), ("FLOPs counted", "right"), (" ", "center"),
-                         ("elementwise", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for line in _lines(result, aggregate):
+FLOPS_CAPTION = (
+    "FLOPs: counted by FlopCounterMode on meta for one forward (2 per multiply-add; matmuls, "
+    "convs, attention full T², FFTs 2.5·n·⌈log2 n⌉ per real transform of length n = 2T). "
+    "elementwise: analytic-only (norms, softmax, activations, scan updates). Folded rows (×n) "
+    "show the per-layer figures."
+)
+
+
+def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: bool, flops: bool) -> Table:
+    """The component table, with the parameter columns, the FLOPs columns or both; split (one of
+    them), without the outer edge and, in the FLOPs table, without the kinds the parameter table
+    already shows, so that each fits 80 columns."""
+    both = params and flops
+    table = Table(title=title, caption=FLOPS_CAPTION if flops else None, show_edge=both, pad_edge=both)
+    columns: list[tuple[str, str]] = [("component", "left")] + ([("kind", "left")] if params else []) + [("×", "right")]
+    if params:
+        columns += [("params analytic", "right"), ("params built", "right"), ("", "center")]
+    if flops:
+        columns += [("FLOPs analytic", "right"), ("FLOPs counted", "right"), (" ", "center"),
+                    ("elementwise", "right")]
+    for col, justify in columns:
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for line in lines:
         p, f = line.params, line.flops
-        table.add_row(
-            line.component, line.kind, str(line.repeat) if line.repeat > 1 else "",
-            units.count(p.analytic) if p else "", units.count(p.built) if p else "", _mark(p.ok) if p else "",
-            units.flops(f.analytic) if f else "", units.flops(f.built) if f else "", _mark(f.ok) if f else "",
-            units.flops(f.elementwise) if f and f.elementwise else "",
-        )
+        row = [line.component] + ([line.kind] if params else []) + [str(line.repeat) if line.repeat > 1 else ""]
+        if params:
+            row += [units.count(p.analytic) if p else "", units.count(p.built) if p else "",
+                    _mark(p.ok) if p else ""]
+        if flops:
+            row += [units.flops(f.analytic) if f else "", units.flops(f.built) if f else "",
+                    _mark(f.ok) if f else "", units.flops(f.elementwise) if f and f.elementwise else ""]
+        table.add_row(*row)
     table.add_section()
-    table.add_row(
-        "total", "", "", f"{result.params_analytic:,}", f"{result.params_built:,}",
-        _mark(result.params_analytic == result.params_built),
-        f"{result.flops_analytic:,}", f"{result.flops_counted:,}",
-        _mark(result.flops_analytic == result.flops_counted), "",
-    )
-    console.print(table)
+    total = ["total", ""] + ([""] if params else [])
+    if params:
+        total += [f"{result.params_analytic:,}", f"{result.params_built:,}",
+                  _mark(result.params_analytic == result.params_built)]
+    if flops:
+        total += [f"{result.flops_analytic:,}", f"{result.flops_counted:,}",
+                  _mark(result.flops_analytic == result.flops_counted), ""]
+    table.add_row(*total)
+    return table
+
+
+def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
+    lines = _lines(result, aggregate)
+    title = f"archplan verify — {result.name} (batch {result.batch}, seq {result.seq_len})"
+    table = _check_table(result, lines, title, params=True, flops=True)
+    if table_width(table) <= console.width:
+        console.print(table)
+    else:
+        # a terminal too narrow for both: parameters, then FLOPs, each with its exact total
+        console.print(_check_table(result, lines, f"{title}: parameters", params=True, flops=False))
+        console.print(_check_table(result, lines, f"{title}: forward FLOPs", params=False, flops=True))
     _render_ops(result, console)
     if result.training is not None:
         t = result.training
