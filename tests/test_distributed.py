@@ -439,17 +439,18 @@ def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, p
     assert most == sum(cluster.in_flight(layout, m, stage))
 
 
-@pytest.mark.parametrize("zero", [0, 1, 3])
-def test_fake_verify_interleaved_pipeline(fake_world: None, zero: int) -> None:
+@pytest.mark.parametrize(("zero", "microbatches"), [(0, 4), (1, 4), (1, 2), (3, 4)])
+def test_fake_verify_interleaved_pipeline(fake_world: None, zero: int, microbatches: int) -> None:
     """vpp = 2: the rank's two model chunks (separate FSDP roots) over the interleaved schedule;
     model states and every collective (the chunks' DP units, sends and receives wrapping around
-    the pipeline) exact."""
+    the pipeline) exact. ZeRO-1 with one round of micro-batches (m = pp) accumulates one chunk's
+    whole gradient at a time; with two rounds, both chunks' at once."""
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
     # dp differs per case: see test_fake_verify_zero_0_and_1
     layout = parse_layout(f"tp=1,cp=1,pp=2,vpp=2,dp={zero + 2},ep=1,zero={zero},recompute=none,mb=1").complete()
-    result = check_layout_run(plan, layout, 32, microbatches=4)
+    result = check_layout_run(plan, layout, 32, microbatches=microbatches)
     assert result.measured.layers == (0, 2)
     rows = {r.category: r for r in result.memory}
     for name in ("parameters", "gradients", "optimizer"):
@@ -457,7 +458,8 @@ def test_fake_verify_interleaved_pipeline(fake_world: None, zero: int) -> None:
     for row in result.collectives:
         assert row.ok, row
     sends = sum(r.measured for r in result.collectives if r.kind == "send")
-    assert sends == 3 * 4  # chunk 0: outputs; chunk 2: outputs and input gradients; 4 micro-batches
+    # chunk 0: outputs; chunk 2: outputs and input gradients; per micro-batch
+    assert sends == 3 * microbatches
 
 
 @pytest.mark.parametrize("stage", [0, 1])

@@ -291,6 +291,11 @@ def _first_seen(keys: Iterable[T]) -> tuple[tuple[T, int], ...]:
     return tuple(counts.items())
 
 
+# a pipeline rank's parameter elements: whole, its data-parallel shard, the biggest layer's, and
+# each of its chunks' (whole, shard) in model order
+StageParams = tuple[int, int, int, tuple[tuple[int, int], ...]]
+
+
 class ModelData:
     """What the layout model needs from a plan at one sequence length, computed once."""
 
@@ -339,7 +344,7 @@ class ModelData:
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
-        self._stage_params: dict[tuple[int | bool, ...], tuple[int, int, int]] = {}
+        self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
 
     def chunk_layers(self, layers: range) -> ChunkLayers:
         key = (layers.start, layers.stop)
@@ -364,7 +369,7 @@ class ModelData:
             self._fsdp[key] = ([d for d, _ in pairs], [e for _, e in pairs])
         return self._fsdp[key]
 
-    def stage_params(self, layout: Layout, stage: int, per_tensor: bool) -> tuple[int, int, int]:
+    def stage_params(self, layout: Layout, stage: int, per_tensor: bool) -> StageParams:
         """`_stage_params`, once per split: layouts that differ in zero, recompute or micro-batches
         hold the same parameters."""
         key = (layout.tp, layout.ep, layout.dp * layout.cp, layout.pp, layout.vpp, stage, per_tensor)
@@ -803,15 +808,17 @@ def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) 
     return ACT_BYTES * data.seq * data.plan.d_model / (layout.tp if layout.sequence_parallel else 1)
 
 
-def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool) -> tuple[int, int, int]:
+def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool) -> StageParams:
     """Parameter elements of rank 0 of pipeline rank `stage`: (whole, its data-parallel shard, the
-    biggest layer's), sharded as `per_tensor` says (FSDP2's dim-0 chunks, else flat buffers)."""
+    biggest layer's, each chunk's (whole, shard) in model order), sharded as `per_tensor` says
+    (FSDP2's dim-0 chunks, else flat buffers)."""
     tp, ep = layout.tp, layout.ep
     dp = layout.dp * layout.cp
     edp = expert_replicas(layout)
     dense = expert = 0
     shard_dense = shard_expert = 0
     biggest_layer = 0
+    per_chunk: list[tuple[int, int]] = []
     numel_d, numel_e = data.numel(tp, ep)
     fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if per_tensor else ([], [])
     for chunk in rank_chunks(len(data.plan.layers), layout, stage):
@@ -830,23 +837,24 @@ def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool)
             sd, se = math.ceil(d / dp), math.ceil(e / edp)
         shard_dense += sd
         shard_expert += se
+        per_chunk.append((d + e, sd + se))
         if hi > lo:
             biggest_layer = max(biggest_layer, max(a + b for a, b in zip(numel_d[lo:hi], numel_e[lo:hi])))
-    return dense + expert, shard_dense + shard_expert, biggest_layer
+    return dense + expert, shard_dense + shard_expert, biggest_layer, tuple(per_chunk)
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
     tp, ep, zero = layout.tp, layout.ep, layout.zero
     chunks = rank_chunks(len(data.plan.layers), layout, stage)
-    full, shard, biggest_layer = data.stage_params(layout, stage, states.per_tensor)
+    full, shard, biggest_layer, per_chunk = data.stage_params(layout, stage, states.per_tensor)
     params_sharded = zero >= 3 or (states.params_always_sharded and zero >= 1)
     # FSDP2's ZeRO-1 accumulates unsharded gradients over the micro-batches; with one, its only
     # backward reduce-scatters each unit's gradient as it is produced (the module docstring)
     grads_sharded = zero >= 2 or (zero == 1 and states.params_always_sharded and microbatches == 1)
     parameters = states.param_bytes * (shard if params_sharded else full)
-    gradients = states.grad_bytes * (shard if grads_sharded else full)
     head_reads_embedding = data.plan.tied and chunks[-1].last  # both ends on this rank (pp = 1)
+    embedding_extra = 0
     if (states.engine == "torch" and _fsdp_accumulates(layout, microbatches) and chunks[0].first
             and not head_reads_embedding):
         # DTensor's embedding backward gives the vocabulary-parallel weight's gradient Replicate
@@ -854,7 +862,17 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         # tied head's Shard(0) gradient of the same weight comes first (the head runs backward
         # before the embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only
         # the rank's rows are accumulated then (measured by verify --layout)
-        gradients += states.grad_bytes * (data.first[0].numel - _local_numel(data.first[:1], tp, ep)[0])
+        embedding_extra = data.first[0].numel - _local_numel(data.first[:1], tp, ep)[0]
+    if (zero == 1 and states.params_always_sharded and layout.vpp > 1
+            and 1 < microbatches <= layout.microbatch_group):
+        # one round of the interleaved schedule: a chunk runs all its backwards before the next
+        # (chunks in reverse), so each accumulates its unsharded gradients only while the chunks
+        # after it hold their reduced shards and those before it none yet (measured by verify --layout)
+        fulls = [f + (embedding_extra if c == 0 else 0) for c, (f, _) in enumerate(per_chunk)]
+        gradients = states.grad_bytes * max(fulls[c] + sum(sh for _, sh in per_chunk[c + 1:])
+                                            for c in range(len(per_chunk)))
+    else:
+        gradients = states.grad_bytes * ((shard if grads_sharded else full) + embedding_extra)
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
     temporary = 0
     if states.compute_copy_bytes:
