@@ -274,6 +274,10 @@ def find_spec_path(name_or_path: str) -> Path:
     """A path, or the name of a bundled preset (with or without .yaml)."""
     path = Path(name_or_path)
     if path.exists() or path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if not path.exists() and path.stem in preset_names():
+            # e.g. the README's `presets/70b.yaml` run outside a checkout of the repository
+            raise ArchplanError(f"no such file; the bundled preset '{path.stem}' is given by its name alone",
+                                file=name_or_path)
         return path
     preset = PRESETS_DIR / f"{name_or_path}.yaml"
     if preset.exists():
