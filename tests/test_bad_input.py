@@ -79,7 +79,7 @@ def test_missing_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
     assert_one_line_error(cli("size", missing), missing, "no such file")
 
 
-def test_a_missing_path_named_as_a_preset_points_to_it(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_missing_path_named_as_a_preset_points_to(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     missing = str(tmp_path / "presets" / "70b.yaml")  # the README's path, outside a checkout
     assert_one_line_error(cli("size", missing), missing, "no such file; the bundled preset '70b'")
 

@@ -280,7 +280,10 @@ def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: 
     already shows, so that each fits 80 columns."""
     both = params and flops
     table = Table(title=title, caption=FLOPS_CAPTION if flops else None, show_edge=both, pad_edge=both)
-    columns: list[tuple[str, str]] = [("component", "left")] + ([("kind", "left")] if params else []) + [("×", "right")]
+    kinds = params  # the kind column goes with the parameter columns
+    columns: list[tuple[str, str]] = [("component", "left"), ("kind", "left"), ("×", "right")]
+    if not kinds:
+        del columns[1]
     if params:
         columns += [("params analytic", "right"), ("params built", "right"), ("", "center")]
     if flops:
@@ -290,7 +293,9 @@ def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: 
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for line in lines:
         p, f = line.params, line.flops
-        row = [line.component] + ([line.kind] if params else []) + [str(line.repeat) if line.repeat > 1 else ""]
+        row = [line.component, line.kind, str(line.repeat) if line.repeat > 1 else ""]
+        if not kinds:
+            del row[1]
         if params:
             row += [units.count(p.analytic) if p else "", units.count(p.built) if p else "",
                     _mark(p.ok) if p else ""]
@@ -299,7 +304,7 @@ def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: 
                     _mark(f.ok) if f else "", units.flops(f.elementwise) if f and f.elementwise else ""]
         table.add_row(*row)
     table.add_section()
-    total = ["total", ""] + ([""] if params else [])
+    total = ["total", "", ""] if kinds else ["total", ""]
     if params:
         total += [f"{result.params_analytic:,}", f"{result.params_built:,}",
                   _mark(result.params_analytic == result.params_built)]

@@ -233,8 +233,8 @@ def embedding_unit_views() -> Iterator[None]:
     place, and the multi-process parity tests compare the embedding's gradient with one process's,
     so the warning says nothing here; only that message, for embedding units, is silenced."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w*Embedding\) returned a view tensor",
-                                category=UserWarning)
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message=r"FSDP2-wrapped module \(\w*Embedding\) returned a view tensor")
         yield
 
 
