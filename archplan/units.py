@@ -52,3 +52,8 @@ def ratio(x: float) -> str:
 
 def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def things(n: int, noun: str) -> str:
+    """1 micro-batch, 16 micro-batches: a count with its noun in the right number."""
+    return f"{n:,} {noun if n == 1 else noun + ('es' if noun.endswith(('h', 's', 'x')) else 's')}"

@@ -237,3 +237,11 @@ def test_every_preset_sizes() -> None:
         assert r["params"]["total"] == sum(r["params"]["by_component"].values()), name
         assert r["memory"]["training_bytes"] > r["memory"]["weights_bytes"] > 0, name
         assert math.isfinite(r["chinchilla"]["laws"]["besiroglu2024"]["loss"]), name
+
+
+def test_counted_nouns_agree_in_number() -> None:
+    from archplan.units import things
+
+    assert things(1, "micro-batch") == "1 micro-batch"
+    assert things(16, "micro-batch") == "16 micro-batches"
+    assert things(2, "batch") == "2 batches" and things(1_024, "rank") == "1,024 ranks"

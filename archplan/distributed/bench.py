@@ -15,7 +15,7 @@ from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.planning.layout import parse_layout
 from archplan.resolve import resolve
-from archplan.units import count, nbytes, percent
+from archplan.units import count, nbytes, percent, things
 
 
 def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, microbatches: int | None,
@@ -47,7 +47,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
 
 def render(r: DistBench) -> None:
     table = Table(title=f"{r.name}: {r.layout} on {r.world} {r.device} processes ({r.backend}), seq {r.seq}, "
-                        f"{r.microbatches} micro-batches")
+                        f"{things(r.microbatches, 'micro-batch')}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("note")
