@@ -269,6 +269,43 @@ def test_bench_nproc_two_gloo_workers(layout: str) -> None:
     assert result["predicted_step_seconds"] is None  # CPU: plan models GPUs only
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_nproc_refuses_an_unusable_device_before_launching() -> None:
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    from archplan.errors import ArchplanError
+
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--nproc", "2", "--device", "cuda",
+                                   "--seq", "32", "--layout", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"])
+    # the entry point prints an ArchplanError as one line and exits 2
+    assert isinstance(out.exception, ArchplanError) and "CUDA is not available" in str(out.exception)
+
+
+def test_a_failed_worker_is_named_in_one_line() -> None:
+    """torchrun's failure summary becomes its root cause: which rank, its exit code and signal."""
+    from archplan.distributed.workers import failure
+
+    summary = """Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+=======================================================
+archplan.cli FAILED
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-30_22:34:36
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 21540)  (SIGKILL)
+  traceback : Signal 9 (SIGKILL) received by PID 21540
+======================================================="""
+    assert failure(summary) == ("rank 1 exited with code -9 (SIGKILL: killed by the system, most often for "
+                                "lack of memory)")
+    assert failure("noise\narchplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n" + summary) == (
+        "--seq 64 exceeds the spec's max_seq_len (32)")
+    assert failure("something broke\n=====\n") == "something broke"
+
+
 @pytest.mark.parametrize(("recompute", "phase"), [("full", "optimizer step"), ("none", "loss backward")])
 def test_bench_train_states_exact(recompute: str, phase: str) -> None:
     """Model states (fp32 weights + fp32 grads + AdamW m, v = size's 16 B/param) equal exactly and

@@ -115,7 +115,7 @@ def bench(
             from archplan.distributed.bench import bench_layout  # imports torch.distributed
 
             bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
-                         warmup=warmup, steps=iters, as_json=as_json)
+                         warmup=warmup, steps=iters, as_json=as_json, device=device.value)
         return
     if len(lengths) > 1 or len(specs) > 1 or plot is not None:
         from archplan.bench.sweep import SweepConfig, sweep_command

@@ -13,13 +13,14 @@ from archplan.distributed.render import schedule_name
 from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
+from archplan.modules.model import resolve_device
 from archplan.planning.layout import parse_layout
 from archplan.resolve import resolve
 from archplan.units import count, nbytes, percent, things
 
 
 def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, microbatches: int | None,
-                 warmup: int, steps: int, as_json: bool) -> None:
+                 warmup: int, steps: int, as_json: bool, device: str = "auto") -> None:
     plan = resolve(load_spec(spec))
     layout = parse_layout(layout_text).complete()
     if layout is None:
@@ -28,7 +29,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
     m = microbatches or layout.pp
     if under_launcher():
-        result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup)
+        result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)
         if result is None:
             return
         write_result(result)
@@ -36,8 +37,9 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         n = nproc or layout.world
         if n != layout.world:
             raise ArchplanError(f"--nproc {n}: the layout has {layout.world} ranks")
+        kind = resolve_device(device).type  # an unusable device fails here, before any worker starts
         argv = [spec, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
-                "--warmup", str(warmup), "--iters", str(steps)]
+                "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
         result = launch(argv, n)
     if as_json:
         typer.echo(json.dumps(asdict(result), indent=2))

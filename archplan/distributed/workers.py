@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from archplan.distributed.shard import embedding_unit_views, shard_stage
 from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.errors import ArchplanError
+from archplan.modules.model import resolve_device
 from archplan.planning.layout import Layout
 from archplan.resolve import ModelPlan
 
@@ -67,10 +69,13 @@ class DistBench:
     prediction_note: str
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
+def _device(kind: str) -> torch.device:
+    """This worker's device of `kind` (cpu, cuda, or auto: cuda when available): one GPU per
+    local rank."""
+    device = resolve_device(kind)
+    if device.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return device
 
 
 def _prediction(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.device) -> tuple[float | None, str]:
@@ -139,9 +144,9 @@ def _timed(fn, device: torch.device, n: int) -> list[float]:  # type: ignore[no-
 
 
 def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, steps: int,
-               warmup: int) -> DistBench | None:
+               warmup: int, device_kind: str = "auto") -> DistBench | None:
     """One worker's part; rank 0 returns the gathered result, the others None."""
-    device = _device()
+    device = _device(device_kind)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -198,6 +203,29 @@ def launch(argv: list[str], nproc: int) -> DistBench:
                "-m", "archplan.cli", "bench", *argv]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not out.exists():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ArchplanError(f"bench --nproc {nproc}: the workers failed ({tail[0]})")
+            raise ArchplanError(f"bench --nproc {nproc}: the workers failed: {failure(done.stdout + done.stderr)}")
         return DistBench(**json.loads(out.read_text()))
+
+
+def failure(output: str) -> str:
+    """Why the workers failed, in one line: a worker's own `archplan: error:` line, else the root
+    cause of torchrun's failure summary (its rank, exit code and signal), else the last line that is
+    not a rule."""
+    lines = [line.strip() for line in output.splitlines()]
+    ours = [line for line in lines if line.startswith("archplan: error:")]
+    if ours:
+        return ours[-1].removeprefix("archplan: error:").strip()
+    if "Root Cause (first observed failure):" in lines:
+        root = lines[lines.index("Root Cause (first observed failure):"):]
+        pairs = (line.split(":", 1) for line in root if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in pairs}
+        rank = fields.get("rank", "?").split(" ")[0]
+        code = fields.get("exitcode", "?").split(" ")[0]
+        signal = re.search(r"\((SIG[A-Z]+)\)", fields.get("exitcode", ""))
+        why = ""
+        if signal:
+            oom = ": killed by the system, most often for lack of memory" if signal.group(1) == "SIGKILL" else ""
+            why = f" ({signal.group(1)}{oom})"
+        return f"rank {rank} exited with code {code}{why}"
+    told = [line for line in lines if line and set(line) - set("=-")]
+    return told[-1] if told else "no output"
