@@ -304,6 +304,8 @@ Root Cause (first observed failure):
     assert failure("noise\narchplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n" + summary) == (
         "--seq 64 exceeds the spec's max_seq_len (32)")
     assert failure("something broke\n=====\n") == "something broke"
+    raised = "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n"
+    assert failure(raised + summary) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
 
 
 @pytest.mark.parametrize(("recompute", "phase"), [("full", "optimizer step"), ("none", "loss backward")])

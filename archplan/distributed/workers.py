@@ -207,14 +207,21 @@ def launch(argv: list[str], nproc: int) -> DistBench:
         return DistBench(**json.loads(out.read_text()))
 
 
+# the last line of a Python traceback: `torch.OutOfMemoryError: CUDA out of memory. ...`
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(: |$)")
+
+
 def failure(output: str) -> str:
-    """Why the workers failed, in one line: a worker's own `archplan: error:` line, else the root
-    cause of torchrun's failure summary (its rank, exit code and signal), else the last line that is
-    not a rule."""
+    """Why the workers failed, in one line: a worker's own `archplan: error:` line, else the last
+    exception a worker raised (e.g. torch's out-of-memory error), else the root cause of torchrun's
+    failure summary (its rank, exit code and signal), else the last line that is not a rule."""
     lines = [line.strip() for line in output.splitlines()]
     ours = [line for line in lines if line.startswith("archplan: error:")]
     if ours:
         return ours[-1].removeprefix("archplan: error:").strip()
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line]
+    if raised:
+        return raised[-1]
     if "Root Cause (first observed failure):" in lines:
         root = lines[lines.index("Root Cause (first observed failure):"):]
         pairs = (line.split(":", 1) for line in root if ":" in line)
