@@ -283,6 +283,21 @@ def test_bench_nproc_refuses_an_unusable_device_before_launching() -> None:
     assert isinstance(out.exception, ArchplanError) and "CUDA is not available" in str(out.exception)
 
 
+def test_bench_nproc_refuses_what_the_host_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU workers share the host's memory: plan's FSDP2 figure × the ranks above what is available
+    is refused before launching (a 7B model's fp32 states on a 24 GB machine were killed mid-step)."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.distributed import bench
+    from archplan.errors import ArchplanError
+
+    monkeypatch.setattr(bench, "_available_host_bytes", lambda: 1 << 20)
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--nproc", "2", "--device", "cpu",
+                                   "--seq", "32", "--layout", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"])
+    assert isinstance(out.exception, ArchplanError) and "1.00 MiB this machine has available" in str(out.exception)
+
+
 def test_a_failed_worker_is_named_in_one_line() -> None:
     """torchrun's failure summary becomes its root cause: which rank, its exit code and signal."""
     from archplan.distributed.workers import failure

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -14,8 +15,8 @@ from archplan.distributed.workers import DistBench, launch, run_worker, under_la
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.modules.model import resolve_device
-from archplan.planning.layout import parse_layout
-from archplan.resolve import resolve
+from archplan.planning.layout import Layout, parse_layout
+from archplan.resolve import ModelPlan, resolve
 from archplan.units import count, nbytes, percent, things
 
 
@@ -38,6 +39,8 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         if n != layout.world:
             raise ArchplanError(f"--nproc {n}: the layout has {layout.world} ranks")
         kind = resolve_device(device).type  # an unusable device fails here, before any worker starts
+        if kind == "cpu":
+            _check_host_memory(plan, layout, seq, m, n)
         argv = [spec, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
                 "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
         result = launch(argv, n)
@@ -45,6 +48,33 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         typer.echo(json.dumps(asdict(result), indent=2))
     elif not under_launcher() or result is not None:
         render(result)
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_host_memory(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, nproc: int) -> None:
+    """CPU workers share the host's memory: refuse, before launching, a layout whose ranks need more
+    than it has available by `plan`'s own FSDP2 figure (a lower bound: each process adds torch
+    itself), rather than let the system kill a worker mid-step."""
+    from archplan.planning.cluster import FSDP2, rank_memory
+
+    available = _available_host_bytes()
+    if available is None:
+        return
+    need = nproc * rank_memory(plan, layout, seq, microbatches=microbatches, states=FSDP2).total
+    if need > available:
+        raise ArchplanError(f"bench --nproc {nproc} on CPU: the ranks need at least {nbytes(need)} "
+                            f"(plan's FSDP2 figure for the most loaded stage, × {nproc}), more than the "
+                            f"{nbytes(available)} this machine has available; try a smaller spec or a shorter --seq")
 
 
 def render(r: DistBench) -> None:
