@@ -208,3 +208,21 @@ def test_unavailable_backend_is_a_clear_error() -> None:
         pytest.skip("efficient attention runs on this CPU build")
     with pytest.raises(ArchplanError, match="not available"):
         run_bench(plan_of(TINY), BenchConfig(**{**FAST.__dict__, "attn_backend": "efficient"}))
+
+
+LAYOUT = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layout", LAYOUT, "--batch", "4"], "--batch does not apply to --layout"),
+    (["--layout", LAYOUT, "--train"], "--train does not apply to --layout"),
+    (["--train", "--compile"], "--compile does not apply to --train"),
+    (["--nproc", "2"], "--nproc does not apply to prefill and decode (it is read by --layout)"),
+    (["--seq", "64,128", "--decode-tokens", "3"], "--decode-tokens does not apply to a --seq sweep"),
+])
+def test_an_option_its_mode_ignores_is_refused(args: list[str], message: str) -> None:
+    """Each bench mode reads some options; one given that the mode would ignore is an error, not
+    silence (--layout once ignored --device)."""
+    result = CliRunner().invoke(app, ["bench", "gpt2", *args])
+    assert isinstance(result.exception, ArchplanError), result.output
+    assert message in result.exception.render()

@@ -41,7 +41,33 @@ class Backend(str, Enum):
     cudnn = "cudnn"
 
 
+# What each mode reads. An option given on the command line that its mode does not read is refused
+# rather than ignored (`--device` was once ignored by --layout).
+MODE_OPTIONS: dict[str, frozenset[str]] = {
+    "--layout": frozenset({"device", "seq", "warmup", "iters", "as_json", "layout", "nproc", "microbatches"}),
+    "--train": frozenset({"device", "dtype", "batch", "seq", "iters", "as_json", "layers", "train", "recompute"}),
+    "a --seq sweep": frozenset({"device", "dtype", "batch", "seq", "layers", "warmup", "iters", "attn_backend",
+                                "as_json", "plot"}),
+    "prefill and decode": frozenset({"device", "dtype", "batch", "seq", "decode_tokens", "layers", "warmup",
+                                     "iters", "compile", "attn_backend", "compare_backends", "as_json"}),
+}
+
+
+def _refuse_foreign_options(ctx: typer.Context, mode: str) -> None:
+    from archplan.errors import ArchplanError
+
+    for param in ctx.command.params:
+        if param.name in (None, "specs") or param.name in MODE_OPTIONS[mode]:
+            continue
+        # by name: typer may carry its own copy of click's ParameterSource
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            owners = " and ".join(m for m, names in MODE_OPTIONS.items() if param.name in names)
+            raise ArchplanError(f"{param.opts[0]} does not apply to {mode} (it is read by {owners}); drop it")
+
+
 def bench(
+    ctx: typer.Context,
     specs: SpecsArg,
     device: Annotated[Device, typer.Option(help="auto = cuda when available, else cpu.")] = Device.auto,
     dtype: Annotated[BenchDType, typer.Option(help="Weights and activations dtype.")] = BenchDType.bf16,
@@ -83,6 +109,9 @@ def bench(
     a matmul and a copy are calibrated in the same run). Peak memory: torch.cuda.max_memory_allocated
     on GPU, peak RSS on CPU.
 
+    Four modes: prefill and decode (one spec, one length), a --seq sweep, --train and --layout. An
+    option that the chosen mode does not read (--batch with --layout, say) is refused, not ignored.
+
     Examples:
 
       archplan bench presets/7b.yaml --device cuda --layers 4
@@ -103,6 +132,10 @@ def bench(
     from archplan.errors import ArchplanError
 
     lengths = parse_lengths(seq)
+    sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
+    mode = ("--layout" if layout is not None else "--train" if train
+            else "a --seq sweep" if sweep else "prefill and decode")
+    _refuse_foreign_options(ctx, mode)
     if train or layout is not None:
         if len(lengths) > 1 or len(specs) > 1:
             raise ArchplanError("--train and --layout run one spec at one length; drop the --seq sweep")
@@ -117,11 +150,9 @@ def bench(
             bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
                          warmup=warmup, steps=iters, as_json=as_json, device=device.value)
         return
-    if len(lengths) > 1 or len(specs) > 1 or plot is not None:
+    if sweep:
         from archplan.bench.sweep import SweepConfig, sweep_command
 
-        if compile or compare_backends:
-            raise ArchplanError("--compile and --compare-backends run one length; drop them from a --seq sweep")
         sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
                                          warmup, iters, attn_backend.value), plot, as_json)
         return
