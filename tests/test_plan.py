@@ -536,6 +536,10 @@ def test_cli_layout_table_fits_the_terminal(capsys: pytest.CaptureFixture[str],
     # a partial layout that cannot exist: tp beyond a node, given degrees not dividing the GPUs
     ["plan", "llama-2-7b", "--gpus", "32", "--layout", "tp=16"],
     ["plan", "llama-2-7b", "--gpus", "32", "--layout", "tp=8,pp=3"],
+    # an option the mode does not read is refused, not ignored
+    ["plan", "--compute", "1e22", "--states", "fsdp2"],
+    ["plan", "llama-2-7b", "--gpus", "8", "--family", "moe"],
+    ["plan", "--solve", "missing.yaml", "--total", "1e9", "--headroom", "0.2"],
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:

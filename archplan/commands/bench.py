@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from archplan.commands.options import JsonOpt, SpecsArg
+from archplan.commands.options import JsonOpt, SpecsArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.units import count, flops, nbytes, percent
 
@@ -51,19 +51,6 @@ MODE_OPTIONS: dict[str, frozenset[str]] = {
     "prefill and decode": frozenset({"device", "dtype", "batch", "seq", "decode_tokens", "layers", "warmup",
                                      "iters", "compile", "attn_backend", "compare_backends", "as_json"}),
 }
-
-
-def _refuse_foreign_options(ctx: typer.Context, mode: str) -> None:
-    from archplan.errors import ArchplanError
-
-    for param in ctx.command.params:
-        if param.name in (None, "specs") or param.name in MODE_OPTIONS[mode]:
-            continue
-        # by name: typer may carry its own copy of click's ParameterSource
-        source = ctx.get_parameter_source(param.name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            owners = " and ".join(m for m, names in MODE_OPTIONS.items() if param.name in names)
-            raise ArchplanError(f"{param.opts[0]} does not apply to {mode} (it is read by {owners}); drop it")
 
 
 def bench(
@@ -135,7 +122,7 @@ def bench(
     sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
     mode = ("--layout" if layout is not None else "--train" if train
             else "a --seq sweep" if sweep else "prefill and decode")
-    _refuse_foreign_options(ctx, mode)
+    refuse_foreign_options(ctx, mode, MODE_OPTIONS)
     if train or layout is not None:
         if len(lengths) > 1 or len(specs) > 1:
             raise ArchplanError("--train and --layout run one spec at one length; drop the --seq sweep")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Annotated
 
 import typer
+
+from archplan.errors import ArchplanError
 
 SpecArg = Annotated[
     str,
@@ -26,3 +29,17 @@ class KernelChoice(str, Enum):
 
     eager = "eager"
     flash = "flash"
+
+
+def refuse_foreign_options(ctx: typer.Context, mode: str, modes: Mapping[str, frozenset[str]]) -> None:
+    """Refuse, in one line, an option given on the command line (or in the environment) that the
+    chosen `mode` does not read: `modes` maps each mode of a command to the parameters it reads or
+    answers with its own message. Silently ignoring it would run something else than asked."""
+    for param in ctx.command.params:
+        if param.name is None or param.name in modes[mode] or not param.opts[0].startswith("-"):
+            continue
+        # by name: typer may carry its own copy of click's ParameterSource
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            owners = " and ".join(m for m, names in modes.items() if param.name in names)
+            raise ArchplanError(f"{param.opts[0]} does not apply to {mode} (it is read by {owners}); drop it")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice
+from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, refuse_foreign_options
 from archplan.errors import ArchplanError
 
 if TYPE_CHECKING:
@@ -586,6 +586,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) 
 def register(app: typer.Typer) -> None:
     @app.command("plan", help=HELP)
     def plan(
+        ctx: typer.Context,
         spec: Annotated[str | None, typer.Argument(
             help="Spec YAML or preset: search cluster layouts for it (with --gpus, --gpu).",
             show_default=False)] = None,
@@ -663,6 +664,8 @@ def register(app: typer.Typer) -> None:
             raise ArchplanError("give either SPEC (layout search) or --solve, not both")
         if (solve is not None or spec is not None) and (compute is not None or params is not None):
             raise ArchplanError("--compute/--params plan from a budget; they go without SPEC or --solve")
+        refuse_foreign_options(ctx, "--solve" if solve is not None else "a layout search" if spec is not None
+                               else "a budget", PLAN_MODES)
         if solve is not None:
             if tokens is not None or gpus is not None:
                 raise ArchplanError("--solve takes --total/--active, not --tokens or --gpus")
@@ -687,6 +690,19 @@ def register(app: typer.Typer) -> None:
             _run_budget(_amount(compute, "--compute"), _amount(params, "--params"),
                         _amount(tokens, "--tokens"), family, law, vocab,
                         seq if seq is not None else DEFAULT_BUDGET_SEQ, output, force, as_json, plot)
+
+
+# What each mode of `plan` reads, or answers with its own message (-o in a layout search, --gpus
+# in a budget, ...); any other option given is refused (`options.refuse_foreign_options`)
+_ANSWERED = frozenset({"compute", "params", "output", "force", "as_json", "plot", "total", "active",
+                       "gpus", "layout", "tokens"})
+PLAN_MODES: dict[str, frozenset[str]] = {
+    "a budget": _ANSWERED | {"family", "law", "vocab", "seq"},
+    "--solve": _ANSWERED | {"solve", "tol", "multiple"},
+    "a layout search": _ANSWERED | {
+        "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
+        "cp_comm", "overlap", "precision", "flash_impl", "headroom", "gpus_per_node", "nvlink_gbs", "ib_gbs"},
+}
 
 
 def _check_output(output: str | None, force: bool) -> None:
