@@ -285,3 +285,15 @@ def test_an_fvcore_mismatch_fails_with_its_ops(
     line = next(line for line in out.splitlines() if line.startswith("  fvcore layers.0.mixer:"))
     assert "(linear " in line and "known " in line and "aten::scaled_dot_product_attention" in line
     assert "mismatch: fvcore" in _summary(out)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layout", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", "--batch", "2"],
+     "--batch does not apply to --layout"),
+    (["--microbatches", "2"], "--microbatches does not apply to the model check (it is read by --layout)"),
+])
+def test_an_option_the_mode_ignores_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path, args: list[str], message: str
+) -> None:
+    code, _, err = run(monkeypatch, capsys, str(tiny), *args)
+    assert code == 2 and err.count("\n") == 1 and message in err

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import units
-from archplan.commands.options import JsonOpt, SpecArg
+from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
@@ -83,7 +83,15 @@ MicrobatchesOpt = Annotated[int | None, typer.Option(
     "--microbatches", min=1, help="Micro-batches per step with --layout (default: pp).", show_default=False)]
 
 
+# what each mode reads (`options.refuse_foreign_options`)
+VERIFY_MODES: dict[str, frozenset[str]] = {
+    "the model check": frozenset({"seq", "batch", "device", "cpu_check", "backward", "all_layers", "as_json"}),
+    "--layout": frozenset({"seq", "as_json", "layout", "microbatches"}),
+}
+
+
 def verify(
+    ctx: typer.Context,
     spec: SpecArg,
     seq: SeqOpt = None,
     batch: BatchOpt = 1,
@@ -96,6 +104,7 @@ def verify(
     microbatches: MicrobatchesOpt = None,
 ) -> None:
     require_torch("verify")
+    refuse_foreign_options(ctx, "--layout" if layout is not None else "the model check", VERIFY_MODES)
     if layout is not None:
         from archplan.distributed.render import verify_layout  # imports torch.distributed
 
