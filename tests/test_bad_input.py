@@ -176,11 +176,16 @@ def test_compare_names_the_bad_file(cli, tmp_path: Path) -> None:  # type: ignor
     ("--micro-batch", "0", "--micro-batch"),
     ("--tokens", "lots", "--tokens"),
     ("--tokens", "0", "--tokens"),
-    ("--mfu", "1.5", "--mfu"),
     ("--gpu", "tpu-v9", "unknown GPU"),
 ])
 def test_bad_option_values(cli, tmp_path: Path, option: str, value: str, needle: str) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(cli("size", spec_file(tmp_path, BASE), option, value), needle)
+
+
+def test_mfu_is_checked_and_needs_a_gpu(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = spec_file(tmp_path, BASE)
+    assert_one_line_error(cli("size", spec, "--gpu", "h100", "--mfu", "1.5"), "--mfu", "must be in (0, 1]")
+    assert_one_line_error(cli("size", spec, "--mfu", "0.5"), "--mfu", "give --gpu too")
 
 
 @pytest.mark.parametrize("option", ["--context", "--seq"])

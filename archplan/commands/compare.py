@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
-        mfu: MfuOpt = 0.4,
+        mfu: MfuOpt = None,
         law: LawOpt = None,
         attention: AttentionOpt = AttentionChoice.full,
         as_json: JsonOpt = False,

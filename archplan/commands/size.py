@@ -74,7 +74,8 @@ TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: 20 per parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
     "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, mi300x, ...")]
-MfuOpt = Annotated[float, typer.Option("--mfu", help="Model-FLOPs utilisation for GPU-hours.")]
+MfuOpt = Annotated[float | None, typer.Option(
+    "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4].", show_default=False)]
 LawOpt = Annotated[list[LawChoice] | None, typer.Option(
     "--law", help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024).")]
 AttentionOpt = Annotated[AttentionChoice, typer.Option(
@@ -84,20 +85,24 @@ PlotOpt = Annotated[str | None, typer.Option(
 
 
 def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,
-                 recompute: RecomputeChoice, tokens: str | None, gpu: str | None, mfu: float,
+                 recompute: RecomputeChoice, tokens: str | None, gpu: str | None, mfu: float | None,
                  laws: list[LawChoice] | None, attention: AttentionChoice,
                  attention_kernel: KernelChoice = KernelChoice.eager,
                  activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16) -> SizeOptions:
     """The typed options, shared by `size` and `compare`."""
     from archplan.analytic.scaling import DEFAULT_LAWS
+    from archplan.errors import ArchplanError
     from archplan.report import SizeOptions
+
+    if mfu is not None and gpu is None:
+        raise ArchplanError("--mfu is the utilisation of --gpu's GPU-hours; give --gpu too")
 
     return SizeOptions(
         context=context, batch=batch, kv_dtype=DType(kv_dtype), seq=seq, micro_batch=micro_batch,
         recompute=recompute.value, attention_kernel=attention_kernel.value,
         activation_dtype=DType(activation_dtype.value),
         tokens=parse_amount(tokens, "--tokens") if tokens is not None else None,
-        gpu=gpu, mfu=mfu,
+        gpu=gpu, **({"mfu": mfu} if mfu is not None else {}),
         laws=tuple(x.value for x in laws) if laws else DEFAULT_LAWS,
         attention=attention.value,
     )
@@ -129,7 +134,7 @@ def register(app: typer.Typer) -> None:
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
-        mfu: MfuOpt = 0.4,
+        mfu: MfuOpt = None,
         law: LawOpt = None,
         attention: AttentionOpt = AttentionChoice.full,
         as_json: JsonOpt = False,
