@@ -28,6 +28,8 @@ app = typer.Typer(
         "  archplan size presets/70b.yaml\n\n"
         "  archplan compare llama-3-8b mixtral-8x7b\n\n"
         "  archplan verify deepseek-v3\n\n"
+        "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100\n\n"
+        "  archplan bench presets/7b.yaml --device cuda\n\n"
         "  archplan lint configs/"
     ),
     no_args_is_help=True,
