@@ -467,6 +467,7 @@ class _Column:
 
 
 LAYOUT_MIN_WIDTH = 14  # a layout label (up to ~40 characters) on at most three lines
+BAR_HEADER = "of\nusable"
 
 
 def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
@@ -488,7 +489,7 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
         _Column("activ.", lambda e: nbytes(e.memory.activations), 5),
         _Column("temp.", lambda e: nbytes(e.memory.temporary), 1),
         _Column("total", mark),
-        _Column("of\nusable", lambda e: _memory_bar(e, result.usable_bytes), 6, "left"),
+        _Column(BAR_HEADER, lambda e: _memory_bar(e, result.usable_bytes), 6, "left"),
         _Column("step\ns", lambda e: f"{e.time.total:.2f}"),
         _Column("comm +\nbubble", lambda e: percent((e.time.total - e.time.compute) / e.time.total), 8),
         _Column("MFU", lambda e: percent(e.mfu)),
@@ -525,7 +526,7 @@ def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: flo
         if table_width(_build_table(rows, columns, title, narrowest=True)) <= width:
             break
         columns.remove(col)
-        hidden.append(col.header.replace("\n", " "))
+        hidden.append(col.header)
     return _build_table(rows, columns, title), hidden
 
 
@@ -537,12 +538,13 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
 
     table, hidden = _layout_table(rows, result, tokens, title, console.width)
     console.print(table)
-    if "of usable" not in hidden:
+    if BAR_HEADER not in hidden:
         console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
                       + f"; full width = {nbytes(result.usable_bytes)}")
     if hidden:
-        console.print(f"hidden at {console.width} columns: {', '.join(hidden)} (a wider terminal "
-                      "shows them; --json has every figure)")
+        names = ", ".join(header.replace("\n", " ") for header in hidden)
+        console.print(f"hidden at {console.width} columns: {names} (a wider terminal shows them; "
+                      "--json has every figure)")
 
 
 def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) -> None:
@@ -580,6 +582,19 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) 
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
                   f"per step as run; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
                   "causal, no recompute) / (step time × GPUs × bf16 peak)")
+
+
+# What each mode of `plan` reads, or answers with its own message (-o in a layout search, --gpus
+# in a budget, ...); any other option given is refused (`options.refuse_foreign_options`)
+_ANSWERED = frozenset({"compute", "params", "output", "force", "as_json", "plot", "total", "active",
+                       "gpus", "layout", "tokens"})
+PLAN_MODES: dict[str, frozenset[str]] = {
+    "a budget": _ANSWERED | {"family", "law", "vocab", "seq"},
+    "--solve": _ANSWERED | {"solve", "tol", "multiple"},
+    "a layout search": _ANSWERED | {
+        "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
+        "cp_comm", "overlap", "precision", "flash_impl", "headroom", "gpus_per_node", "nvlink_gbs", "ib_gbs"},
+}
 
 
 # --------------------------------------------------------------------------------- the command
@@ -690,19 +705,6 @@ def register(app: typer.Typer) -> None:
             _run_budget(_amount(compute, "--compute"), _amount(params, "--params"),
                         _amount(tokens, "--tokens"), family, law, vocab,
                         seq if seq is not None else DEFAULT_BUDGET_SEQ, output, force, as_json, plot)
-
-
-# What each mode of `plan` reads, or answers with its own message (-o in a layout search, --gpus
-# in a budget, ...); any other option given is refused (`options.refuse_foreign_options`)
-_ANSWERED = frozenset({"compute", "params", "output", "force", "as_json", "plot", "total", "active",
-                       "gpus", "layout", "tokens"})
-PLAN_MODES: dict[str, frozenset[str]] = {
-    "a budget": _ANSWERED | {"family", "law", "vocab", "seq"},
-    "--solve": _ANSWERED | {"solve", "tol", "multiple"},
-    "a layout search": _ANSWERED | {
-        "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
-        "cp_comm", "overlap", "precision", "flash_impl", "headroom", "gpus_per_node", "nvlink_gbs", "ib_gbs"},
-}
 
 
 def _check_output(output: str | None, force: bool) -> None:
