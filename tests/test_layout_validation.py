@@ -36,6 +36,18 @@ def test_visible_rows_within_tolerance(rows: list[tuple[dict[str, Any], Any]]) -
     assert statistics.median(abs(row.error) for _, row in visible) <= MEDIAN_GOAL
 
 
+# the runs of the issue's data set (the visible rows and the held-out rows from the same sources);
+# the rows this project added from elsewhere (MosaicML, torchtitan) are held out and unconstrained
+ISSUE_SOURCES = ("Narayanan", "Korthikanti", "Llama 3", "BLOOM", "OPT", "DeepSeek")
+
+
+def test_every_run_of_the_issue_data_set_within_the_worst_goal(rows: list[tuple[dict[str, Any], Any]]) -> None:
+    listed = [row for _, row in rows if row.name.startswith(ISSUE_SOURCES) and row.error is not None]
+    assert len(listed) == 35
+    for row in listed:
+        assert abs(row.error) <= DEFAULT_TOLERANCE, (row.name, row.error)
+
+
 @pytest.mark.parametrize("family", ["ampere", "hopper"])
 def test_gemm_efficiency_is_the_documented_calibration(family: str) -> None:
     """Each family's GEMM efficiency is still what docs/validation.md's procedure gives on the

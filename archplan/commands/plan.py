@@ -43,6 +43,7 @@ class StatesChoice(str, Enum):
     megatron = "megatron"
     zero = "zero"
     fsdp2 = "fsdp2"
+    deepspeed = "deepspeed"
 
 
 class GradReduceChoice(str, Enum):
@@ -375,12 +376,14 @@ def _notes(result: SearchResult) -> list[str]:
     notes = []
     if result.ranked:
         best = result.ranked[0].layout
-        if best.zero == 3 and best.dp * best.cp >= ZERO3_CAUTION_RANKS:
+        if (best.zero == 3 and best.dp * best.cp >= ZERO3_CAUTION_RANKS
+                and not result.settings.states.module_fetch):
             notes.append(
-                f"the top layout re-gathers parameters (ZeRO-3/FSDP) over {best.dp * best.cp} ranks: on the "
-                "published ZeRO-3 runs at 384-1,536 ranks (Narayanan et al. 2021 Table 2) this model "
-                "predicted 28-44% more throughput than measured; compare with the best ZeRO-1 layout "
-                "(--layout zero=1), which is what large published runs chose")
+                f"the top layout re-gathers parameters (ZeRO-3/FSDP) over {best.dp * best.cp} ranks, priced "
+                "with whole blocks prefetched behind compute as FSDP does; DeepSpeed's ZeRO-3 fetches "
+                "module by module and hides less (--states deepspeed: 28-49% less throughput on "
+                "Narayanan et al. 2021 Table 2's runs at 384-1,536 ranks); compare with the best ZeRO-1 "
+                "layout (--layout zero=1), which is what large published runs chose")
     if not result.calibrated:
         notes.append(f"no calibration for {result.gpu.name}: its kernel efficiencies are the Hopper "
                      "fractions scaled to its peak")
@@ -645,7 +648,8 @@ def register(app: typer.Typer) -> None:
         mfu: Annotated[float | None, typer.Option("--mfu", hidden=True)] = None,
         states: Annotated[StatesChoice, typer.Option(
             "--states", help="Model-state convention: megatron 18 B/param (fp32 main grads), zero 16 B/param, "
-            "fsdp2 (fp32 sharded params + grads, bf16 compute copies).", rich_help_panel=MODEL_PANEL)] = StatesChoice.megatron,
+            "fsdp2 (fp32 sharded params + grads, bf16 compute copies), deepspeed (zero's bytes; ZeRO-3 "
+            "fetched module by module as DeepSpeed does).", rich_help_panel=MODEL_PANEL)] = StatesChoice.megatron,
         attention: Annotated[KernelChoice, typer.Option(
             "--attention", help="flash: FlashAttention + fused kernels (no s×s memory); eager: plain torch autograd.",
             rich_help_panel=MODEL_PANEL)] = KernelChoice.flash,

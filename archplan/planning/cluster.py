@@ -10,7 +10,8 @@ Public API (stable; `distributed/` cross-checks against it):
                      grad_reduce=None, cp_comm="all_gather", overlap=frozenset({"dp"}),
                      attention_kernel="flash") -> tuple[Collective, ...]
     StatesConvention, ZERO (16 B/param), MEGATRON (18 B/param), FSDP2 (16 B/param + bf16 copies),
-    STATES = {"zero": ZERO, "megatron": MEGATRON, "fsdp2": FSDP2}
+    DEEPSPEED (ZERO's bytes, ZeRO-3 fetched per module),
+    STATES = {"zero": ZERO, "megatron": MEGATRON, "fsdp2": FSDP2, "deepspeed": DEEPSPEED}
 
 `stage` is a pipeline rank (0 … pp−1); None = the most loaded one. Everything is for rank 0 of
 that pipeline rank's tensor/context/data-parallel groups (rank 0 holds the largest shard of an
@@ -46,7 +47,11 @@ and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_pa
   backward, so the gradients are whole with m > 1 micro-batches and sharded with one (its only
   backward reduce-scatters each unit's gradient as it is produced); zero = 0 is FSDP2's
   replicate mode: whole fp32 parameters, gradients and optimizer states.
-ZeRO-3 under ZERO/MEGATRON also holds two layers' gathered bf16 weights (`temporary`).
+- DEEPSPEED: ZERO's bytes; its ZeRO-3 gathers module by module as DeepSpeed does (`zero3_fetch`):
+  a module whose recompute and backward uses lie more than `stage3_max_reuse_distance` elements
+  apart is gathered a third time, and pricing replays DeepSpeed's blocking fetch and single
+  prefetch instead of hiding whole layers.
+ZeRO-3 under ZERO/MEGATRON/DEEPSPEED also holds two layers' gathered bf16 weights (`temporary`).
 
 **Activations** of one micro-batch per layer: `analytic.memory.activation_memory` (Korthikanti et
 al. 2022 §4, per saved tensor) at the rank's tokens, mb·seq/cp (context parallelism splits the
@@ -155,6 +160,7 @@ from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, pipeline_chunks
 from archplan.planning.records import Collective, RankMemory
 from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
+from archplan.planning.zero3_fetch import Module, fetch_counts, modules
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -204,6 +210,7 @@ class StatesConvention:
     compute_copy_bytes: int  # FSDP2's unsharded bf16 copies (temporary); 0 otherwise
     engine: Engine  # whose tensor / sequence parallelism runs beside these states
     description: str
+    module_fetch: bool = False  # ZeRO-3 fetches module by module, DeepSpeed's way (`zero3_fetch`)
 
     @property
     def bytes_per_param(self) -> int:
@@ -218,7 +225,10 @@ MEGATRON = StatesConvention("megatron", 2, 4, 12, False, False, 0, "megatron",
 FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2, "torch",
                          "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
                          "unsharded compute copies as temporary (torch FSDP2 mixed precision)")
-STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2)}
+DEEPSPEED = StatesConvention("deepspeed", 2, 2, 12, False, False, 0, "megatron",
+                             "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param; ZeRO-3 "
+                             "fetched module by module with DeepSpeed's defaults", module_fetch=True)
+STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2, DEEPSPEED)}
 
 
 def expert_replicas(layout: Layout) -> int:
@@ -345,6 +355,8 @@ class ModelData:
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
+        self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int]]] = {}
+        self._modules: dict[tuple[int | str, int, int], list[tuple[Module, tuple[Tensor, ...]]]] = {}
 
     def chunk_layers(self, layers: range) -> ChunkLayers:
         key = (layers.start, layers.stop)
@@ -376,6 +388,14 @@ class ModelData:
         if key not in self._stage_params:
             self._stage_params[key] = _stage_params(self, layout, stage, per_tensor)
         return self._stage_params[key]
+
+    def modules(self, part: int | str, tp: int, ep: int) -> list[tuple[Module, tuple[Tensor, ...]]]:
+        """`zero3_fetch.modules` of layer `part` or of the "first" / "last" / "last_tied_copy" ends."""
+        key = (part, tp, ep)
+        if key not in self._modules:
+            tensors = self.layer_tensors[part] if isinstance(part, int) else getattr(self, part)
+            self._modules[key] = modules(tensors, tp, ep)
+        return self._modules[key]
 
     def ends(self, first: bool, last: bool, pp: int) -> tuple[Tensor, ...]:
         """The embedding / head tensors a chunk holds besides its layers."""
@@ -665,6 +685,68 @@ class Chunk:
 
 def rank_chunks(n_layers: int, layout: Layout, stage: int) -> tuple[Chunk, ...]:
     return _rank_chunks(n_layers, layout.pp, layout.vpp, stage)
+
+
+UseKind = Literal["forward", "recompute", "backward"]
+
+
+@dataclass(frozen=True)
+class FetchUse:
+    """One use of a module in a rank's micro-batch (`fetch_trace`): `layer` its layer's index, or
+    "embedding" / "head" for the ends."""
+
+    module: Module
+    tensors: tuple[Tensor, ...]
+    layer: int | Literal["embedding", "head"]
+    kind: UseKind
+
+
+def _uses(found: list[tuple[Module, tuple[Tensor, ...]]], name: str,
+          layer: int | Literal["embedding", "head"], kind: UseKind) -> list[FetchUse]:
+    """A block's module uses; a block with nothing to fetch still carries its compute (one use of
+    an empty module)."""
+    return ([FetchUse(m, ts, layer, kind) for m, ts in found] if found
+            else [FetchUse(Module(name, 0, 0, False), (), layer, kind)])
+
+
+def fetch_trace(data: ModelData, layout: Layout, stage: int) -> tuple[tuple[FetchUse, ...], dict[str, int]]:
+    """`_fetch_trace` and its `zero3_fetch.fetch_counts`, once per split: many layouts share them."""
+    key = (layout.tp, layout.ep, layout.pp, layout.vpp, stage, layout.recompute)
+    if key not in data._fetch:
+        trace = _fetch_trace(data, layout, stage)
+        data._fetch[key] = (trace, fetch_counts([use.module for use in trace]))
+    return data._fetch[key]
+
+
+def _fetch_trace(data: ModelData, layout: Layout, stage: int) -> tuple[FetchUse, ...]:
+    """The modules one micro-batch uses on a pipeline rank, in order: its chunks' forward (the
+    embedding first, the head last), then the backward in reverse, each layer re-run forward
+    before its backward under full recompute (one checkpoint per layer). A tied head at pp = 1 is
+    the embedding itself. Several chunks per rank run back to back, a simplification: DeepSpeed
+    does not combine ZeRO-3 with pipeline parallelism."""
+    tp, ep = layout.tp, layout.ep
+    forward: list[FetchUse] = []
+    backward: list[FetchUse] = []
+    for chunk in rank_chunks(len(data.plan.layers), layout, stage):
+        blocks: list[list[FetchUse]] = []
+        first = data.modules("first", tp, ep) if chunk.first else []
+        if chunk.first:
+            forward += _uses(first, "embed", "embedding", "forward")
+            blocks.append(_uses(first, "embed", "embedding", "backward"))
+        for i in chunk.layers:
+            found = data.modules(i, tp, ep)
+            path = data.plan.layers[i].path
+            forward += _uses(found, path, i, "forward")
+            redo = _uses(found, path, i, "recompute") if layout.recompute == "full" else []
+            blocks.append(redo + _uses(found, path, i, "backward")[::-1])
+        if chunk.last:
+            head = list(data.modules("last_tied_copy" if layout.pp > 1 else "last", tp, ep))
+            if data.plan.tied and layout.pp == 1:
+                head += [(m, ts) for m, ts in data.modules("first", tp, ep) if m.name == "embed"]
+            forward += _uses(head, "lm_head", "head", "forward")
+            blocks.append(_uses(head, "lm_head", "head", "backward"))
+        backward = [use for block in reversed(blocks) for use in block] + backward
+    return tuple(forward + backward)
 
 
 @lru_cache(maxsize=16384)  # the search prices each (pp, vpp) split's stages for many layouts
@@ -975,9 +1057,10 @@ def _kv_bytes(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> int:
 
 def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout: Layout, m: int,
                states: StatesConvention, grad_reduce: int, overlappable: bool,
-               calls: int = 1) -> list[Collective]:
+               fetches: dict[int, tuple[int, int]] | None = None) -> list[Collective]:
     """Gradient reduction and parameter gathers of `local` (dense, expert) elements whose FSDP2
-    shards are `fsdp`; `calls` tensors' worth merged into one record (bytes summed)."""
+    shards are `fsdp`. `fetches` (ZeRO-3 fetched per module): gathers per micro-batch -> the
+    (dense, expert) elements gathered that many times, instead of every element twice."""
     groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, False),
               ("expert_dp", expert_replicas(layout), True))
     zero = layout.zero
@@ -991,10 +1074,26 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
         grad_calls = m if zero >= 2 else 1
         out.append(Collective(grads[0], mesh, size, grads[1], grad_calls,  # type: ignore[arg-type]
                               f"{label} gradients (DP)", overlappable))
-        if zero >= 1:
+        if zero == 3 and fetches is not None:
+            for times, elements in sorted(fetches.items()):
+                gathered = elements[expert]
+                if times and gathered:
+                    out.append(Collective("all_gather", mesh, size, math.ceil(gathered / size) * size * ACT_BYTES,
+                                          times * m, f"{label} bf16 parameters (DP, {times} fetches per micro-batch)",
+                                          overlappable))
+        elif zero >= 1:
             gathers = 2 * m if zero == 3 else 1
             out.append(Collective("all_gather", mesh, size, padded * ACT_BYTES, gathers,
                                   f"{label} bf16 parameters (DP)", overlappable))
+    return out
+
+
+def _fetch_classes(counts: dict[str, int], found: Iterable[tuple[Module, tuple[Tensor, ...]]]) -> dict[int, tuple[int, int]]:
+    """Gathers per micro-batch -> (dense, expert) elements of the modules `found`."""
+    out: dict[int, tuple[int, int]] = {}
+    for m, _ in found:
+        dense, expert = out.get(counts.get(m.name, 0), (0, 0))
+        out[counts.get(m.name, 0)] = (dense + (0 if m.expert else m.gathered), expert + (m.gathered if m.expert else 0))
     return out
 
 
@@ -1010,6 +1109,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     engine = states.engine
     out: list[Collective] = []
     norm_grads: dict[int, int] = {}  # elements -> tensors: replicated weights summed over tp
+    counts = fetch_trace(data, layout, stage)[1] if states.module_fetch and layout.zero == 3 else None
 
     def add(kind: str, mesh: str, size: int, nbytes: int, count: int, what: str,
             overlappable: bool = False) -> None:
@@ -1122,26 +1222,35 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         numel_d, numel_e = data.numel(tp, ep)
         fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
         lo, hi = chunk.layers.start, chunk.layers.stop
+
+        def fetched(*parts: int | str) -> dict[int, tuple[int, int]] | None:
+            if counts is None:
+                return None
+            return _fetch_classes(counts, (found for part in parts for found in data.modules(part, tp, ep)))
+
         if per_layer:
             for i in chunk.layers:
                 out += _dp_records((numel_d[i], numel_e[i]), (fsdp_d[i], fsdp_e[i]), f"layers.{i}",
-                                   layout, m, states, grad_reduce, dp_over)
+                                   layout, m, states, grad_reduce, dp_over, fetched(i))
         elif hi > lo:
             out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
-                               grad_reduce, dp_over)
+                               grad_reduce, dp_over, fetched(*chunk.layers))
+        last = "last_tied_copy" if layout.pp > 1 else "last"
         match engine:
             case "megatron":
-                ends = ((data.first if chunk.first else (), "embedding"),
-                        (data.ends(False, chunk.last, layout.pp), "final norm + LM head"))
+                ends = ((data.first if chunk.first else (), "embedding", ("first",)),
+                        (data.ends(False, chunk.last, layout.pp), "final norm + LM head",
+                         (last,) if chunk.last else ()))
             case "torch":
-                ends = _fsdp_end_units(data, chunk.first, chunk.last, layout.pp)
+                ends = tuple((tensors, what, ()) for tensors, what in
+                             _fsdp_end_units(data, chunk.first, chunk.last, layout.pp))
             case _:
                 assert_never(engine)
-        for tensors, what in ends:
+        for tensors, what, parts in ends:
             if tensors:
                 out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
-                                   what, layout, m, states, grad_reduce, dp_over)
+                                   what, layout, m, states, grad_reduce, dp_over, fetched(*parts))
         if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
             # Megatron all-reduces the whole main grad; FSDP2 (zero ≥ 1) the rank's dim-0 shard,
             # split alike on both end stages (`distributed.step.StageRunner.sync_tied_gradient`)

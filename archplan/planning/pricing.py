@@ -58,12 +58,17 @@ from archplan.planning.cluster import (
     CPComm,
     ModelData,
     StatesConvention,
+    UseKind,
     _collectives,
+    expert_replicas,
+    fetch_trace,
     rank_chunks,
     representative_stages,
 )
 from archplan.planning.layout import Layout
 from archplan.planning.records import Collective, MeshDim, RankMemory
+from archplan.planning.shards import Tensor
+from archplan.planning.zero3_fetch import Module, Op, step_seconds
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -193,28 +198,36 @@ def gemm_time(m: int, n: int, k: int, rates: Rates, fp8: bool = False, count: in
     return max(flops / (peak * eff), operands / rates.hbm)
 
 
+def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, rates: Rates) -> float:
+    """Forward seconds of the matmul that weight `t` of `layer` takes part in on one rank (0 for
+    norms, biases and other non-GEMM parameters), one micro-batch."""
+    tp, ep = layout.tp, layout.ep
+    seq = data.seq
+    tokens = layout.mb * seq // layout.cp
+    shape = t.local_shape(tp, ep)
+    if t.expert and t.name.endswith(("_EFD", "_EDF")):
+        moe = layer.ffn
+        assert isinstance(moe, MoEPlan)
+        # whole experts on every tp rank, each fed its own sequence shard under SP (shards.py)
+        own = tokens // tp if layout.sequence_parallel else tokens
+        routed = math.ceil(own * moe.top_k * ep / moe.n_experts)
+        return gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
+    if len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
+        # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
+        # its tensor-parallel shard of it over the full length), not per token, and in bf16
+        # (like the router, a small precision-sensitive GEMM that fp8 recipes keep out of fp8)
+        fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
+        return gemm_time(seq if t.per_position else tokens, shape[0], shape[1], rates, fp8)
+    return 0.0
+
+
 def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
                  recompute: str) -> _MicroBatch:
     layer: LayerPlan = data.plan.layers[i]
-    h, tp, ep, cp, mb = data.plan.d_model, layout.tp, layout.ep, layout.cp, layout.mb
+    h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
     tokens = mb * seq // cp
-    gemm = 0.0
-    for t in data.layer_tensors[i]:
-        shape = t.local_shape(tp, ep)
-        if t.expert and t.name.endswith(("_EFD", "_EDF")):
-            moe = layer.ffn
-            assert isinstance(moe, MoEPlan)
-            # whole experts on every tp rank, each fed its own sequence shard under SP (shards.py)
-            own = tokens // tp if layout.sequence_parallel else tokens
-            routed = math.ceil(own * moe.top_k * ep / moe.n_experts)
-            gemm += gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
-        elif len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
-            # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
-            # its tensor-parallel shard of it over the full length), not per token, and in bf16
-            # (like the router, a small precision-sensitive GEMM that fp8 recipes keep out of fp8)
-            fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
-            gemm += gemm_time(seq if t.per_position else tokens, shape[0], shape[1], rates, fp8)
+    gemm = sum(tensor_gemm(data, layer, t, layout, rates) for t in data.layer_tensors[i])
     # attention core
     attn_fwd = attn_bwd = 0.0
     core_recompute = 0.0
@@ -357,6 +370,7 @@ class Pricer:
         self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
         self._stages: dict[tuple[object, ...], _MicroBatch] = {}
+        self._fetch_ops: dict[tuple[object, ...], list[Op]] = {}
 
     @staticmethod
     def _key(layout: Layout, kernel: AttentionKernel) -> tuple[object, ...]:
@@ -372,6 +386,13 @@ class Pricer:
                 first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute)
             self._layers[key] = [first[twin] for twin in self._twins]
         return self._layers[key]
+
+    def fetch_ops(self, layout: Layout, stage: int, kernel: AttentionKernel) -> list[Op]:
+        """`_fetch_ops`, once per split and compute configuration."""
+        key = (*self._key(layout, kernel), layout.pp, layout.vpp, stage)
+        if key not in self._fetch_ops:
+            self._fetch_ops[key] = _fetch_ops(self.data, self, layout, stage, kernel)
+        return self._fetch_ops[key]
 
     def stage(self, layout: Layout, stage: int, kernel: AttentionKernel) -> _MicroBatch:
         # many layouts (dp, zero, the pipeline's micro-batches) share a rank's compute
@@ -520,7 +541,10 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     assert best is not None
     per_slot, stage, micro, comm, grads, gathers = best
     n_layers = max(1, sum(len(c.layers) for c in rank_chunks(len(data.plan.layers), layout, stage)))
-    dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
+    if layout.zero == 3 and states.module_fetch:
+        dp = m * _module_fetch_exposed(data, pricer, layout, stage, kernel, net, grad_reduce)
+    else:
+        dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
     optimizer = memory[stage].optimizer / states.optimizer_bytes * OPTIMIZER_BYTES_PER_PARAM / rates.hbm
     time = StepTime(
         gemm=m * 3 * micro.gemm_fwd,
@@ -530,6 +554,83 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         bubble=bubble_slots(m, p, v) * per_slot, dp=dp, optimizer=optimizer, recompute=m * micro.recompute,
     )
     return time, stage
+
+
+def _module_fetch_exposed(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
+                          kernel: AttentionKernel, net: Network, grad_reduce: int) -> float:
+    """Seconds one micro-batch spends beyond its compute under ZeRO-3 fetched module by module
+    (`zero3_fetch`): DeepSpeed's blocking fetch and single prefetch replayed over the rank's trace.
+    The `dp` overlap setting does not apply: the fetch rules decide what hides."""
+    ops = pricer.fetch_ops(layout, stage, kernel)
+    eff = pricer.rates.eff
+    dense = ("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp)
+    experts = ("expert_dp", expert_replicas(layout))
+
+    def moved(kind: str, m: Module, elements: int, width: int) -> float:
+        mesh, size = experts if m.expert else dense
+        wire = math.ceil(elements / size) * size * width
+        return collective_time(Collective(kind, mesh, size, wire, 1, m.name), layout, net, eff)  # type: ignore[arg-type]
+
+    seconds = step_seconds(ops, lambda m: moved("all_gather", m, m.gathered, ACT_BYTES),
+                           lambda m: moved("reduce_scatter", m, m.elements, grad_reduce))
+    return max(0.0, seconds - sum(op.compute for op in ops))
+
+
+def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
+               kernel: AttentionKernel) -> list[Op]:
+    """`cluster.fetch_trace` with each use's compute: a module's GEMMs (`tensor_gemm`; twice that
+    in the backward), and the rest of its layer's work (attention core, elementwise, convolutions;
+    the recompute's extra under selective recompute) on the use before the mixer's output
+    projection, while that projection's parameters are being prefetched. Their sum is the rank's
+    compute for one micro-batch."""
+    per_layer = pricer.layers(layout, kernel)
+    head = _head_micro(data, layout, pricer.rates)
+    trace = fetch_trace(data, layout, stage)[0]
+
+    def gemm(tensors: tuple[Tensor, ...], layer: int) -> float:
+        plan_layer = data.plan.layers[layer]
+        return sum(tensor_gemm(data, plan_layer, t, layout, pricer.rates) for t in tensors)
+
+    # per layer: which use carries the non-GEMM work, and how much there is in each pass
+    rest: dict[int, tuple[str, float, float]] = {}
+    for i in {use.layer for use in trace if isinstance(use.layer, int)}:
+        uses = [use for use in trace if use.layer == i and use.kind == "forward"]
+        mixer = [k for k, use in enumerate(uses) if ".mixer." in use.module.name + "."]
+        carrier = uses[max(mixer[-1] - 1, 0) if mixer else 0].module.name
+        micro = per_layer[i]
+        gemms = sum(gemm(use.tensors, i) for use in uses)
+        redo = micro.recompute if layout.recompute == "full" else 0.0
+        rest[i] = (carrier, micro.forward - gemms, micro.backward - redo - 2 * gemms)
+    # autograd sums a parameter's gradients over its uses: one reduction, after its last backward
+    last_backward = {use.module.name: k for k, use in enumerate(trace) if use.kind == "backward"}
+    ops: list[Op] = []
+    head_carried: set[UseKind] = set()  # the head's work rides on its first use of each pass
+    for k, use in enumerate(trace):
+        reduces = last_backward.get(use.module.name) == k
+        if not isinstance(use.layer, int):  # the embedding lookup is not priced; the head is
+            compute = 0.0
+            if use.layer == "head" and use.kind not in head_carried:
+                head_carried.add(use.kind)
+                compute = head.forward if use.kind == "forward" else head.backward
+            ops.append(Op(use.module, compute, reduces))
+            continue
+        i = use.layer
+        carrier, forward_rest, backward_rest = rest[i]
+        own = gemm(use.tensors, i)
+        extra = use.module.name == carrier
+        match use.kind:
+            case "forward":
+                compute = own + (forward_rest if extra else 0.0)
+            case "recompute":
+                micro = per_layer[i]
+                scale = micro.recompute / micro.forward if micro.forward else 0.0
+                compute = scale * (own + (forward_rest if extra else 0.0))
+            case "backward":
+                compute = 2 * own + (backward_rest if extra else 0.0)
+            case _:
+                assert_never(use.kind)
+        ops.append(Op(use.module, compute, reduces))
+    return ops
 
 
 def bubble_slots(m: int, p: int, v: int) -> float:
