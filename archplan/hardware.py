@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from typing_extensions import assert_never
+
 from archplan.errors import ArchplanError
 
 TERA = 1e12
@@ -137,6 +139,21 @@ class KernelEfficiency:
 FlashImpl = Literal["fa2", "triton"]
 FLASH_IMPLS: tuple[FlashImpl, ...] = ("fa2", "triton")
 FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "triton": (1 / 1.4, 1 / 2)}
+
+
+def flash_head_dim(head_dim: int, impl: FlashImpl) -> int:
+    """The head dimension a FlashAttention kernel computes with: the tiles are padded, so a head of
+    112 costs what one of 128 does. FA2 rounds up to a multiple of 32 up to 192, else to 256
+    (`flash_api.cpp`: `head_size_rounded = head_size <= 192 ? round_multiple(head_size, 32) :
+    256`); the Triton kernel to a power of two, at least 16 (`flash_attn_triton.py`:
+    `BLOCK_HEADDIM = max(triton.next_power_of_2(d), 16)`)."""
+    match impl:
+        case "fa2":
+            return -(-head_dim // 32) * 32 if head_dim <= 192 else 256
+        case "triton":
+            return max(1 << (head_dim - 1).bit_length(), 16)
+        case _:
+            assert_never(impl)
 
 GEMM_HALF_DIM = 48  # one 128×128 tile's worth of M/N/K; cuBLAS tile quantisation (our estimate)
 

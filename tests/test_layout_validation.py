@@ -224,6 +224,32 @@ def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
     assert eager == Pricer(data, rates_for(gpu, eff, None, "bf16", "fa2")).layers(layout, "eager")[0]
 
 
+def test_flash_attention_pays_for_its_padded_head_dim() -> None:
+    """FA2 rounds a head up to a multiple of 32 (256 past 192), the Triton kernel to a power of two:
+    a head of 80 runs as 96 / 128, and its attention time is that of the padded head."""
+    from archplan.hardware import accelerator, flash_head_dim, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.pricing import Pricer, rates_for
+    from archplan.resolve import resolve
+
+    assert [flash_head_dim(d, "fa2") for d in (64, 80, 96, 112, 128, 192, 200)] == [64, 96, 96, 128, 128, 192, 256]
+    assert [flash_head_dim(d, "triton") for d in (8, 64, 80, 112, 128, 192)] == [16, 64, 128, 128, 128, 256]
+    gpu = accelerator("h100")
+    eff, _ = kernel_efficiency(gpu)
+    base = load_spec("llama-3-8b")
+    times = {}
+    for head_dim in (80, 128):
+        spec = base.model_copy(update={"attention": base.attention.model_copy(update={"head_dim": head_dim})})
+        data = model_data(resolve(spec), 4096)
+        for impl in ("fa2", "triton"):
+            layer = Pricer(data, rates_for(gpu, eff, None, "bf16", impl)).layers(Layout(mb=1), "flash")[0]
+            times[head_dim, impl] = layer.attn_fwd
+    assert times[80, "fa2"] == pytest.approx(96 / 128 * times[128, "fa2"])
+    assert times[80, "triton"] == pytest.approx(times[128, "triton"])
+
+
 def test_plan_flash_impl_option_reaches_the_model(capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from test_plan import run

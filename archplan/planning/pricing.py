@@ -51,7 +51,14 @@ from typing_extensions import assert_never
 
 from archplan.analytic.attention import attended_pairs
 from archplan.analytic.s4 import log2_ceil
-from archplan.hardware import FLASH_IMPL_SPEED, GEMM_HALF_DIM, Accelerator, FlashImpl, KernelEfficiency
+from archplan.hardware import (
+    FLASH_IMPL_SPEED,
+    GEMM_HALF_DIM,
+    Accelerator,
+    FlashImpl,
+    KernelEfficiency,
+    flash_head_dim,
+)
 from archplan.planning.cluster import (
     ACT_BYTES,
     AttentionKernel,
@@ -256,8 +263,10 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     if heads:
         match kernel:
             case "flash":
-                flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (dqk + dv)
-                hd = 1.0 if dqk > 64 else rates.eff.attention_hd64
+                # the kernel computes on padded heads (`flash_head_dim`): MPT-30B's 112 as 128
+                qk, v = flash_head_dim(dqk, rates.flash), flash_head_dim(dv, rates.flash)
+                flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (qk + v)
+                hd = 1.0 if qk > 64 else rates.eff.attention_hd64
                 fwd_speed, bwd_speed = FLASH_IMPL_SPEED[rates.flash]
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
                             else rates.eff.attention_fwd * hd * fwd_speed)
