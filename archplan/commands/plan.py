@@ -562,9 +562,12 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) 
         f"seq {result.seq:,}; links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} "
         f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")
     console.print(f"  {_efficiency_text(result)}")
+    overlap = ", ".join(sorted(settings.overlap)) or "none"
+    if settings.states.module_fetch and "dp" in settings.overlap:
+        overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
     console.print(f"  states: {settings.states.description}; gradients reduced in "
-                  f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: "
-                  f"{', '.join(sorted(settings.overlap)) or 'none'}; CP K/V by {settings.cp_comm}")
+                  f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: {overlap}; "
+                  f"CP K/V by {settings.cp_comm}")
     for reason in result.reasons:
         console.print(f"[bold red]infeasible:[/] {reason}")
     if not result.ranked:
