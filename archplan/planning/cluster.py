@@ -49,8 +49,8 @@ and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_pa
   replicate mode: whole fp32 parameters, gradients and optimizer states.
 - DEEPSPEED: ZERO's bytes; its ZeRO-3 gathers module by module as DeepSpeed does (`zero3_fetch`):
   a module whose recompute and backward uses lie more than `stage3_max_reuse_distance` elements
-  apart is gathered a third time, and pricing replays DeepSpeed's blocking fetch and single
-  prefetch instead of hiding whole layers.
+  apart is gathered a third time, and pricing replays DeepSpeed's blocking fetches instead of
+  hiding whole layers.
 ZeRO-3 under ZERO/MEGATRON/DEEPSPEED also holds two layers' gathered bf16 weights (`temporary`).
 
 **Activations** of one micro-batch per layer: `analytic.memory.activation_memory` (Korthikanti et
@@ -304,6 +304,7 @@ def _first_seen(keys: Iterable[T]) -> tuple[tuple[T, int], ...]:
 # a pipeline rank's parameter elements: whole, its data-parallel shard, the biggest layer's, and
 # each of its chunks' (whole, shard) in model order
 StageParams = tuple[int, int, int, tuple[tuple[int, int], ...]]
+End = Literal["first", "last", "last_tied_copy"]  # the ModelData attributes holding the ends' tensors
 
 
 class ModelData:
@@ -356,7 +357,7 @@ class ModelData:
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
         self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int]]] = {}
-        self._modules: dict[tuple[int | str, int, int], list[tuple[Module, tuple[Tensor, ...]]]] = {}
+        self._modules: dict[tuple[int | End, int, int], list[tuple[Module, tuple[Tensor, ...]]]] = {}
 
     def chunk_layers(self, layers: range) -> ChunkLayers:
         key = (layers.start, layers.stop)
@@ -389,7 +390,7 @@ class ModelData:
             self._stage_params[key] = _stage_params(self, layout, stage, per_tensor)
         return self._stage_params[key]
 
-    def modules(self, part: int | str, tp: int, ep: int) -> list[tuple[Module, tuple[Tensor, ...]]]:
+    def modules(self, part: int | End, tp: int, ep: int) -> list[tuple[Module, tuple[Tensor, ...]]]:
         """`zero3_fetch.modules` of layer `part` or of the "first" / "last" / "last_tied_copy" ends."""
         key = (part, tp, ep)
         if key not in self._modules:
@@ -1223,7 +1224,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
         lo, hi = chunk.layers.start, chunk.layers.stop
 
-        def fetched(*parts: int | str) -> dict[int, tuple[int, int]] | None:
+        def fetched(*parts: int | End) -> dict[int, tuple[int, int]] | None:
             if counts is None:
                 return None
             return _fetch_classes(counts, (found for part in parts for found in data.modules(part, tp, ep)))
@@ -1236,7 +1237,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
                                grad_reduce, dp_over, fetched(*chunk.layers))
-        last = "last_tied_copy" if layout.pp > 1 else "last"
+        last: End = "last_tied_copy" if layout.pp > 1 else "last"
         match engine:
             case "megatron":
                 ends = ((data.first if chunk.first else (), "embedding", ("first",)),

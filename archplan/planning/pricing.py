@@ -63,6 +63,7 @@ from archplan.planning.cluster import (
     ACT_BYTES,
     AttentionKernel,
     CPComm,
+    FetchUse,
     ModelData,
     StatesConvention,
     UseKind,
@@ -568,8 +569,8 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
 def _module_fetch_exposed(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
                           kernel: AttentionKernel, net: Network, grad_reduce: int) -> float:
     """Seconds one micro-batch spends beyond its compute under ZeRO-3 fetched module by module
-    (`zero3_fetch`): DeepSpeed's blocking fetch and single prefetch replayed over the rank's trace.
-    The `dp` overlap setting does not apply: the fetch rules decide what hides."""
+    (`zero3_fetch`): DeepSpeed's blocking fetches replayed over the rank's trace. The `dp` overlap
+    setting does not apply: the fetch rules decide what hides."""
     ops = pricer.fetch_ops(layout, stage, kernel)
     eff = pricer.rates.eff
     dense = ("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp)
@@ -590,7 +591,7 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
     """`cluster.fetch_trace` with each use's compute: a module's GEMMs (`tensor_gemm`; twice that
     in the backward), and the rest of its layer's work (attention core, elementwise, convolutions;
     the recompute's extra under selective recompute) on the use before the mixer's output
-    projection, while that projection's parameters are being prefetched. Their sum is the rank's
+    projection, while that projection's parameters are being gathered. Their sum is the rank's
     compute for one micro-batch."""
     per_layer = pricer.layers(layout, kernel)
     head = _head_micro(data, layout, pricer.rates)
@@ -600,10 +601,13 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
         plan_layer = data.plan.layers[layer]
         return sum(tensor_gemm(data, plan_layer, t, layout, pricer.rates) for t in tensors)
 
+    forward: dict[int, list[FetchUse]] = {}
+    for use in trace:
+        if isinstance(use.layer, int) and use.kind == "forward":
+            forward.setdefault(use.layer, []).append(use)
     # per layer: which use carries the non-GEMM work, and how much there is in each pass
     rest: dict[int, tuple[str, float, float]] = {}
-    for i in {use.layer for use in trace if isinstance(use.layer, int)}:
-        uses = [use for use in trace if use.layer == i and use.kind == "forward"]
+    for i, uses in forward.items():
         mixer = [k for k, use in enumerate(uses) if ".mixer." in use.module.name + "."]
         carrier = uses[max(mixer[-1] - 1, 0) if mixer else 0].module.name
         micro = per_layer[i]

@@ -152,7 +152,7 @@ def step_seconds(ops: Sequence[Op], gather: Callable[[Module], float],
             host = gpu = max(gpu, arrival.pop(i), pending)  # torch.cuda.synchronize(): every stream
             issue(following[i])
         gpu += op.compute
-        if op.reduces:
+        if op.reduces and op.module.elements:
             net = max(gpu, net) + reduce(op.module)
             pending = max(pending, net)
     return max(gpu, pending)
