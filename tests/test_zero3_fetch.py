@@ -130,3 +130,21 @@ def test_plan_takes_states_deepspeed(capsys: pytest.CaptureFixture[str], monkeyp
     data = json.loads(out)
     assert data["states"]["convention"] == "deepspeed"
     assert data["layouts"][0]["step_time"]["dp"] > 0
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_below_zero_3_deepspeed_is_zero(zero: int) -> None:
+    """Module fetching is ZeRO-3's; below it `deepspeed` prices and records exactly as `zero`."""
+    plan = _gpt("gpt-1.7b")
+    gpu = accelerator("a100-80gb")
+    eff, _ = kernel_efficiency(gpu)
+    data = model_data(plan, 2048)
+    pricer = Pricer(data, rates_for(gpu, eff, None, "bf16"))
+    layout = Layout(dp=32, zero=zero, recompute="full", mb=2)
+    found = []
+    for states in (ZERO, DEEPSPEED):
+        memory = {0: rank_memory(plan, layout, 2048, microbatches=4, states=states)}
+        found.append((price(data, pricer, layout, 4, interconnect(gpu), states, "eager", 2, "all_gather",
+                            frozenset({"dp"}), memory),
+                      step_collectives(plan, layout, 2048, microbatches=4, states=states)))
+    assert found[0] == found[1]
