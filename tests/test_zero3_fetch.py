@@ -148,3 +148,16 @@ def test_below_zero_3_deepspeed_is_zero(zero: int) -> None:
                             frozenset({"dp"}), memory),
                       step_collectives(plan, layout, 2048, microbatches=4, states=states)))
     assert found[0] == found[1]
+
+
+def test_deepspeed_runs_pipelines_with_zero_0_or_1_only(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's PipelineEngine asserts ZeRO < 2: a given layout asking for more is a one-line
+    error, and the search never ranks one."""
+    args = ("plan", "llama-3-70b", "--gpus", "512", "--gpu", "h100", "--states", "deepspeed")
+    code, out, err = run(capsys, monkeypatch, *args, "--layout", "pp=4,zero=3")
+    assert code == 2 and "ZeRO 0-1 only" in err and "Traceback" not in err
+    code, out, _ = run(capsys, monkeypatch, *args, "--json")
+    assert code == 0
+    layouts = [row["layout"] for row in json.loads(out)["layouts"]]
+    assert layouts and not any("pp=1," not in lay and ("zero=2" in lay or "zero=3" in lay) for lay in layouts)

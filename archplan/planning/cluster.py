@@ -723,8 +723,8 @@ def _fetch_trace(data: ModelData, layout: Layout, stage: int) -> tuple[FetchUse,
     """The modules one micro-batch uses on a pipeline rank, in order: its chunks' forward (the
     embedding first, the head last), then the backward in reverse, each layer re-run forward
     before its backward under full recompute (one checkpoint per layer). A tied head at pp = 1 is
-    the embedding itself. Several chunks per rank run back to back, a simplification: DeepSpeed
-    does not combine ZeRO-3 with pipeline parallelism."""
+    the embedding itself. Several chunks per rank would run back to back, but DeepSpeed does not
+    combine ZeRO-3 with pipeline parallelism (`parallel.states_problem`): one chunk per rank."""
     tp, ep = layout.tp, layout.ep
     forward: list[FetchUse] = []
     backward: list[FetchUse] = []

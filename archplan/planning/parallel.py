@@ -204,6 +204,15 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
     return None
 
 
+def states_problem(pp: int, zero: int, states: StatesConvention) -> str | None:
+    """Why these model states cannot run a layout: DeepSpeed's pipeline engine refuses ZeRO-2 and
+    ZeRO-3 (`PipelineEngine.__init__` asserts "ZeRO-2 and ZeRO-3 are incompatible with pipeline
+    parallelism")."""
+    if states.module_fetch and pp > 1 and zero >= 2:
+        return f"--states {states.key}: DeepSpeed runs pipeline parallelism with ZeRO 0-1 only (pp={pp}, zero={zero})"
+    return None
+
+
 def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
     """Why CP degree cp cannot split this model. Long convolutions trade sequence shards for
     channel shards (`cluster.long_conv_exchange`): d_model over tp·cp ranks, and what groups of
@@ -357,7 +366,8 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in zeros for r in modes):
-                    if dp * mb > sequences and "mb" not in g or (dp * cp) % ep:
+                    if (dp * mb > sequences and "mb" not in g or (dp * cp) % ep
+                            or states_problem(pp, zero, settings.states)):
                         continue
                     # the interleaved schedule's round N stays at pp unless given: in this model a
                     # longer round only lengthens the warm-up (its gain, more time to hide the p2p
@@ -380,6 +390,10 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
     check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node)
+    given = fixed.given
+    why = states_problem(int(given.get("pp", 1)), int(given.get("zero", 0)), settings.states)
+    if why:
+        raise ArchplanError(f"--layout: {why}")
     complete = fixed.complete()
     if complete is not None:
         check_layout(complete, n_layers=len(plan.layers), gpus=gpus, gpus_per_node=net.gpus_per_node,
