@@ -67,7 +67,7 @@ class Op:
     reduces: bool
 
 
-def module_path(tensor: Tensor) -> str:
+def _module_path(tensor: Tensor) -> str:
     return tensor.name.rsplit(".", 1)[0]
 
 
@@ -76,7 +76,7 @@ def modules(tensors: Iterable[Tensor], tp: int, ep: int) -> list[tuple[Module, t
     whose parameters are all persistent are left out (nothing to fetch)."""
     grouped: dict[str, list[Tensor]] = {}
     for t in tensors:
-        grouped.setdefault(module_path(t), []).append(t)
+        grouped.setdefault(_module_path(t), []).append(t)
     out = []
     for name, owned in grouped.items():
         sizes = [t.local_numel(tp, ep) for t in owned]
