@@ -161,3 +161,18 @@ def test_deepspeed_runs_pipelines_with_zero_0_or_1_only(capsys: pytest.CaptureFi
     assert code == 0
     layouts = [row["layout"] for row in json.loads(out)["layouts"]]
     assert layouts and not any("pp=1," not in lay and ("zero=2" in lay or "zero=3" in lay) for lay in layouts)
+
+
+def test_deepspeed_holds_the_modules_its_rules_keep_not_two_layers() -> None:
+    """GPT-3 175B under full recompute: the most gathered at once is the last layer's FFN down
+    projection running while the tied embedding (51,200 × h) arrives for the head; a layer's up
+    and down projections (2 × 4h²) come next. FSDP holds two whole layers."""
+    plan = _gpt("gpt-175b")
+    layout = Layout(dp=64, zero=3, recompute="full")
+    h = 12288
+    peak = 4 * h * h + 51200 * h
+    assert fetch_trace(model_data(plan, 2048), layout, 0)[2] == peak > 2 * 4 * h * h
+    ours = rank_memory(plan, layout, 2048, microbatches=1, states=DEEPSPEED)
+    flat = rank_memory(plan, layout, 2048, microbatches=1, states=ZERO)
+    assert ours.temporary == 2 * peak < flat.temporary
+    assert (ours.parameters, ours.gradients, ours.optimizer) == (flat.parameters, flat.gradients, flat.optimizer)

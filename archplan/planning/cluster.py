@@ -51,7 +51,8 @@ and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_pa
   a module whose recompute and backward uses lie more than `stage3_max_reuse_distance` elements
   apart is gathered a third time, and pricing replays DeepSpeed's blocking fetches instead of
   hiding whole layers.
-ZeRO-3 under ZERO/MEGATRON/DEEPSPEED also holds two layers' gathered bf16 weights (`temporary`).
+ZeRO-3 under ZERO/MEGATRON also holds two layers' gathered bf16 weights (`temporary`); under
+DEEPSPEED the most its fetch rules hold at once (`zero3_fetch.peak_gathered`).
 
 **Activations** of one micro-batch per layer: `analytic.memory.activation_memory` (Korthikanti et
 al. 2022 §4, per saved tensor) at the rank's tokens, mb·seq/cp (context parallelism splits the
@@ -160,7 +161,7 @@ from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, pipeline_chunks
 from archplan.planning.records import Collective, RankMemory
 from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
-from archplan.planning.zero3_fetch import Module, fetch_counts, modules
+from archplan.planning.zero3_fetch import Module, fetch_counts, modules, peak_gathered
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -356,7 +357,7 @@ class ModelData:
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
-        self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int]]] = {}
+        self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int], int]] = {}
         self._modules: dict[tuple[int | End, int, int], list[tuple[Module, tuple[Tensor, ...]]]] = {}
 
     def chunk_layers(self, layers: range) -> ChunkLayers:
@@ -710,12 +711,14 @@ def _uses(found: list[tuple[Module, tuple[Tensor, ...]]], name: str,
             else [FetchUse(Module(name, 0, 0, False), (), layer, kind)])
 
 
-def fetch_trace(data: ModelData, layout: Layout, stage: int) -> tuple[tuple[FetchUse, ...], dict[str, int]]:
-    """`_fetch_trace` and its `zero3_fetch.fetch_counts`, once per split: many layouts share them."""
+def fetch_trace(data: ModelData, layout: Layout, stage: int) -> tuple[tuple[FetchUse, ...], dict[str, int], int]:
+    """`_fetch_trace` with its `zero3_fetch.fetch_counts` and `peak_gathered`, once per split:
+    many layouts share them."""
     key = (layout.tp, layout.ep, layout.pp, layout.vpp, stage, layout.recompute)
     if key not in data._fetch:
         trace = _fetch_trace(data, layout, stage)
-        data._fetch[key] = (trace, fetch_counts([use.module for use in trace]))
+        modules_used = [use.module for use in trace]
+        data._fetch[key] = (trace, fetch_counts(modules_used), peak_gathered(modules_used))
     return data._fetch[key]
 
 
@@ -961,6 +964,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     if states.compute_copy_bytes:
         kept = zero in (1, 2)  # reshard_after_forward=False: the stage's bf16 copies held through the step
         temporary = states.compute_copy_bytes * (full if kept else FSDP_PREFETCH_LAYERS * biggest_layer)
+    elif zero >= 3 and states.module_fetch:
+        # DeepSpeed holds the modules its rules keep gathered and the next one arriving
+        temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
     elif zero >= 3:
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
     # activations

@@ -31,7 +31,8 @@ decide how much of the traffic hides:
 gathers and reduce-scatters queued on the network one after another, the host waiting at each
 fetch. The ops (which module, its compute seconds, whether its gradients reduce after it) come
 from the layout model (`pricing.price`); the fetch counts feed the collective records
-(`cluster.step_collectives`).
+(`cluster.step_collectives`), and `peak_gathered` the gathered parameters a rank holds at once
+(`cluster.rank_memory`'s temporary).
 """
 
 from __future__ import annotations
@@ -122,16 +123,39 @@ def fetch_counts(trace: Sequence[Module]) -> dict[str, int]:
     return counts
 
 
+def _following(need: Sequence[bool]) -> tuple[list[int | None], int | None]:
+    """Per use, the next use after it that needs a gather; and the first one."""
+    following: list[int | None] = [None] * len(need)
+    ahead: int | None = None
+    for i in reversed(range(len(need))):
+        following[i] = ahead
+        if need[i]:
+            ahead = i
+    return following, ahead
+
+
+def peak_gathered(trace: Sequence[Module]) -> int:
+    """The most parameter elements gathered at once over one pass of `trace`: the modules kept
+    gathered, the one running, and the next one being gathered (issued at the last fetch)."""
+    kept, need = _kept(trace), _needs(trace)
+    following, _ = _following(need)
+    live: dict[str, int] = {}
+    peak = 0
+    for i, m in enumerate(trace):
+        live[m.name] = m.gathered
+        nxt = following[i]
+        coming = trace[nxt].gathered if nxt is not None and trace[nxt].name not in live else 0
+        peak = max(peak, sum(live.values()) + coming)
+        if not kept[i]:
+            live.pop(m.name)
+    return peak
+
+
 def step_seconds(ops: Sequence[Op], gather: Callable[[Module], float],
                  reduce: Callable[[Module], float]) -> float:
     """Seconds of one pass of `ops` under the rules of the module docstring."""
     need = _needs([op.module for op in ops])
-    following: list[int | None] = [None] * len(ops)  # the next use that needs a gather
-    ahead: int | None = None
-    for i in reversed(range(len(ops))):
-        following[i] = ahead
-        if need[i]:
-            ahead = i
+    following, ahead = _following(need)
     seconds: dict[str, float] = {}
     host = gpu = net = pending = 0.0  # the host stands at the last synchronisation
     arrival: dict[int, float] = {}
