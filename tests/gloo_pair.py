@@ -18,10 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from archplan.loader import load_spec
-from archplan.planning.layout import parse_layout
-from archplan.resolve import resolve
-
 FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
 
 
@@ -138,6 +134,9 @@ def _worker(rank: int, port: int, out: str, cases: list[str]) -> None:
 
     from archplan.distributed import parity
     from archplan.distributed.mesh import forget_meshes
+    from archplan.loader import load_spec
+    from archplan.planning.layout import parse_layout
+    from archplan.resolve import resolve
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
