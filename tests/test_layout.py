@@ -32,7 +32,7 @@ from archplan.planning.cluster import (
 )
 from archplan.planning.layout import Layout, parse_layout, pipeline_chunks
 from archplan.planning.parallel import Settings, interconnect, search
-from archplan.planning.pricing import Rates, gemm_time
+from archplan.planning.pricing import Rates, fp8_cast_bytes, gemm_time
 from archplan.planning.records import tally
 from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
 from archplan.resolve import MLAPlan, StripedHyenaPlan, resolve
@@ -486,6 +486,34 @@ def test_fp8_runs_the_block_gemms_at_the_fp8_peak() -> None:
     bf16, fp8 = _evaluate("llama-3-70b", text), _evaluate("llama-3-70b", text, precision="fp8")
     assert 0.5 * bf16.time.gemm < fp8.time.gemm < 0.6 * bf16.time.gemm  # the LM head stays bf16
     assert fp8.mfu > bf16.mfu  # MFU stays against the bf16 peak
+
+
+def test_fp8_casts_the_inputs_no_norm_produces() -> None:
+    # Llama 3 8B at TP2 with SP, mb 1, 4,096 tokens: per layer the attention output (4,096 / 2
+    # columns) and the FFN down-projection's input (14,336 / 2) are cast, 4 B per element; the
+    # q/k/v and gate/up inputs come out of the norm already in fp8
+    data = model_data(_plan("llama-3-8b"), 4096)
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on").complete()
+    assert layout is not None
+    assert fp8_cast_bytes(data, 0, layout) == 4 * 4096 * (4096 + 14336) // 2
+    text = "tp=2,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1,sp=on"
+    bf16, fp8 = _evaluate("llama-3-8b", text), _evaluate("llama-3-8b", text, precision="fp8")
+    hbm = H100.hbm_bytes_per_s * kernel_efficiency(H100)[0].hbm
+    # the forward's casts, then the backward's (twice the forward's bytes, as every elementwise kernel)
+    casts = 3 * 32 * fp8_cast_bytes(data, 0, layout) / hbm * fp8.microbatches
+    assert fp8.time.elementwise - bf16.time.elementwise == pytest.approx(casts)
+
+
+def test_fp8_casts_of_experts_quantise_each_token_once_before_dispatch() -> None:
+    plan = _plan("mixtral-8x7b")
+    data = model_data(plan, 4096)
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=8,zero=1,recompute=none,mb=1,sp=off").complete()
+    assert layout is not None
+    moe = plan.layers[0].ffn
+    tokens, h = 4096, plan.d_model
+    routed = math.ceil(tokens * moe.top_k * 8 / moe.n_experts)  # one local expert per rank
+    expected = tokens * h + routed * moe.expert.d_ff + tokens * h  # dispatched, down input, o_proj
+    assert fp8_cast_bytes(data, 0, layout) == 4 * expected
 
 
 def test_efficiency_override_prices_big_gemms_at_that_fraction() -> None:

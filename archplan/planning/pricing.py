@@ -110,6 +110,10 @@ FFT_CONV_BYTES = 56
 FFT_FILTER_BYTES = 16
 FP32_BYTES = 4
 FP8_BYTES = 1
+# casting one bf16 element to fp8 for a GEMM: read 2 B, write 1 B as is and 1 B transposed
+# (Hopper's fp8 tensor cores take only the "TN" layout, so the backward's weight-gradient GEMM
+# needs the transposed copy: Transformer Engine's fused cast-transpose)
+FP8_CAST_BYTES = ACT_BYTES + 2 * FP8_BYTES
 FP8_SCALE_TILE = 128  # one fp32 scale per 1×128 activation tile (DeepSeek-V3 §3.3.2)
 
 
@@ -206,9 +210,17 @@ def gemm_time(m: int, n: int, k: int, rates: Rates, fp8: bool = False, count: in
     return max(flops / (peak * eff), operands / rates.hbm)
 
 
-def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, rates: Rates) -> float:
-    """Forward seconds of the matmul that weight `t` of `layer` takes part in on one rank (0 for
-    norms, biases and other non-GEMM parameters), one micro-batch."""
+def _routing_tokens(data: ModelData, layout: Layout) -> int:
+    """Tokens one rank routes to the experts per micro-batch: whole experts on every tp rank, each
+    fed its own sequence shard under SP (shards.py)."""
+    tokens = layout.mb * data.seq // layout.cp
+    return tokens // layout.tp if layout.sequence_parallel else tokens
+
+
+def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout
+                ) -> tuple[int, int, int, int, bool] | None:
+    """(M, N, K, count, runs in fp8) of the matmul that weight `t` of `layer` takes part in on one
+    rank, one micro-batch; None for norms, biases and other non-GEMM parameters."""
     tp, ep = layout.tp, layout.ep
     seq = data.seq
     tokens = layout.mb * seq // layout.cp
@@ -216,17 +228,53 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, ra
     if t.expert and t.name.endswith(("_EFD", "_EDF")):
         moe = layer.ffn
         assert isinstance(moe, MoEPlan)
-        # whole experts on every tp rank, each fed its own sequence shard under SP (shards.py)
-        own = tokens // tp if layout.sequence_parallel else tokens
-        routed = math.ceil(own * moe.top_k * ep / moe.n_experts)
-        return gemm_time(routed, shape[1], shape[2], rates, True, count=shape[0])
+        routed = math.ceil(_routing_tokens(data, layout) * moe.top_k * ep / moe.n_experts)
+        return routed, shape[1], shape[2], shape[0], True
     if len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
         # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
         # its tensor-parallel shard of it over the full length), not per token, and in bf16
         # (like the router, a small precision-sensitive GEMM that fp8 recipes keep out of fp8)
         fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
-        return gemm_time(seq if t.per_position else tokens, shape[0], shape[1], rates, fp8)
-    return 0.0
+        return seq if t.per_position else tokens, shape[0], shape[1], 1, fp8
+    return None
+
+
+def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, rates: Rates) -> float:
+    """Forward seconds of the matmul that weight `t` of `layer` takes part in on one rank (0 for
+    norms, biases and other non-GEMM parameters), one micro-batch."""
+    shape = _gemm_shape(data, layer, t, layout)
+    if shape is None:
+        return 0.0
+    m, n, k, count, fp8 = shape
+    return gemm_time(m, n, k, rates, fp8, count=count)
+
+
+def fp8_cast_bytes(data: ModelData, i: int, layout: Layout) -> int:
+    """HBM bytes, one micro-batch's forward, of casting layer `i`'s GEMM inputs to fp8 under
+    `--precision fp8`: read in bf16, written in fp8 twice (as is, and transposed for the
+    weight-gradient GEMM of the backward), 4 B per element. Transformer Engine fuses the cast of a
+    normalised input into the norm (`LayerNormLinear`, Megatron-Core's column-parallel linears), so
+    only the inputs a norm does not produce pay: the row-parallel projections' (attention output,
+    FFN down, mixer out), the experts' down-projections' (per routed copy), and the tokens the
+    experts receive, quantised once before dispatch (DeepSeek-AI 2024 §3.3.2)."""
+    layer = data.plan.layers[i]
+    total = 0
+    dispatched = False
+    for t in data.layer_tensors[i]:
+        shape = _gemm_shape(data, layer, t, layout)
+        if shape is None or not shape[4]:
+            continue
+        m, _, k, count, _ = shape
+        match t.split:
+            case "row" | "expert_row":
+                total += m * k * count
+            case "expert_column" if not dispatched:
+                # the gate and up projections read the same dispatched tokens
+                dispatched = True
+                total += _routing_tokens(data, layout) * k
+            case _:
+                pass
+    return FP8_CAST_BYTES * total
 
 
 def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
@@ -236,11 +284,12 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     seq = data.seq
     tokens = mb * seq // cp
     gemm = sum(tensor_gemm(data, layer, t, layout, rates) for t in data.layer_tensors[i])
+    # bytes per micro-batch, whatever its tokens (long-conv filter generation, fp8 casts)
+    elem_extra = float(fp8_cast_bytes(data, i, layout)) if rates.precision == "fp8" else 0.0
     # attention core
     attn_fwd = attn_bwd = 0.0
     core_recompute = 0.0
     elem = 0.0  # bytes per token
-    elem_extra = 0.0  # bytes per micro-batch, whatever its tokens (long-conv filter generation)
     heads = dqk = dv = 0
     window = None
     match layer.mixer:
