@@ -5,7 +5,9 @@ Sources: NVIDIA A100 datasheet (2021), H100 datasheet (SXM5 / PCIe columns, spar
 H200 product brief (2024), H800 (the H100 SXM5 die with NVLink cut to 400 GB/s; DeepSeek-AI 2024
 §3.1), DGX/HGX B200 datasheet (per-GPU, sparse halved), L4 and L40S datasheets,
 Ada "AD102" whitepaper App. A (RTX 4090, FP32-accumulate tensor figures), AMD Instinct MI300X
-datasheet, NVIDIA V100 datasheet.
+datasheet, NVIDIA V100 datasheet. SM counts: the architecture whitepapers (GA100 108; GH100 132
+SXM5, 114 PCIe; B200 148; AD104 L4 58, AD102 L40S 142 and RTX 4090 128; GV100 80; CDNA 3 MI300X
+304 compute units).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Accelerator:
     hbm_bytes_per_s: float
     memory_bytes: int
     aliases: tuple[str, ...] = field(default=())
+    sms: int = 0  # streaming multiprocessors (AMD: compute units); 0 = not on record
 
     def peak(self, dtype: str) -> float:
         try:
@@ -46,35 +49,35 @@ def _tf(**peaks: float) -> dict[str, float]:
 
 ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("a100-40gb", "NVIDIA A100 SXM 40GB",
-                _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 1555e9, 40 * GiB),
+                _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 1555e9, 40 * GiB, sms=108),
     Accelerator("a100-80gb", "NVIDIA A100 SXM 80GB",
-                _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 2039e9, 80 * GiB, ("a100",)),
+                _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 2039e9, 80 * GiB, ("a100",), sms=108),
     Accelerator("h100-sxm", "NVIDIA H100 SXM5 80GB",
                 _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
-                3.35e12, 80 * GiB, ("h100", "h100-80gb")),
+                3.35e12, 80 * GiB, ("h100", "h100-80gb"), sms=132),
     Accelerator("h800", "NVIDIA H800 SXM5 80GB",
                 _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
-                3.35e12, 80 * GiB, ("h800-sxm",)),
+                3.35e12, 80 * GiB, ("h800-sxm",), sms=132),
     Accelerator("h100-pcie", "NVIDIA H100 PCIe 80GB",
-                _tf(fp32=51.2, tf32=378, bf16=756, fp16=756, fp8=1513, int8=1513), 2.0e12, 80 * GiB),
+                _tf(fp32=51.2, tf32=378, bf16=756, fp16=756, fp8=1513, int8=1513), 2.0e12, 80 * GiB, sms=114),
     Accelerator("h200", "NVIDIA H200 SXM 141GB",
                 _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
-                4.8e12, 141 * 10**9, ("h200-sxm",)),
+                4.8e12, 141 * 10**9, ("h200-sxm",), sms=132),
     Accelerator("b200", "NVIDIA B200 (HGX) 180GB",
                 _tf(fp32=75, tf32=1100, bf16=2250, fp16=2250, fp8=4500, int8=4500),
-                7.7e12, 180 * 10**9),
+                7.7e12, 180 * 10**9, sms=148),
     Accelerator("l4", "NVIDIA L4 24GB",
-                _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5), 300e9, 24 * GiB),
+                _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5), 300e9, 24 * GiB, sms=58),
     Accelerator("l40s", "NVIDIA L40S 48GB",
-                _tf(fp32=91.6, tf32=183, bf16=362.05, fp16=362.05, fp8=733, int8=733), 864e9, 48 * GiB),
+                _tf(fp32=91.6, tf32=183, bf16=362.05, fp16=362.05, fp8=733, int8=733), 864e9, 48 * GiB, sms=142),
     Accelerator("rtx4090", "NVIDIA GeForce RTX 4090 24GB",
                 _tf(fp32=82.6, tf32=82.6, bf16=165.2, fp16=165.2, fp8=330.3, int8=660.6),
-                1008e9, 24 * GiB, ("4090",)),
+                1008e9, 24 * GiB, ("4090",), sms=128),
     Accelerator("mi300x", "AMD Instinct MI300X 192GB",
                 _tf(fp32=163.4, tf32=653.7, bf16=1307.4, fp16=1307.4, fp8=2614.9, int8=2614.9),
-                5.3e12, 192 * GiB),
+                5.3e12, 192 * GiB, sms=304),
     Accelerator("v100", "NVIDIA V100 SXM2 32GB",
-                _tf(fp32=15.7, fp16=125), 900e9, 32 * GiB),
+                _tf(fp32=15.7, fp16=125), 900e9, 32 * GiB, sms=80),
 )
 
 _BY_KEY = {a.key: a for a in ACCELERATORS} | {alias: a for a in ACCELERATORS for alias in a.aliases}

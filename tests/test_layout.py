@@ -32,7 +32,15 @@ from archplan.planning.cluster import (
 )
 from archplan.planning.layout import Layout, parse_layout, pipeline_chunks
 from archplan.planning.parallel import Settings, interconnect, search
-from archplan.planning.pricing import Rates, fp8_cast_bytes, gemm_time
+from archplan.planning.pricing import (
+    Pricer,
+    Rates,
+    fp8_cast_bytes,
+    gemm_time,
+    rates_for,
+    tensor_gemm,
+    tp_overlap_cost,
+)
 from archplan.planning.records import tally
 from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
 from archplan.resolve import MLAPlan, StripedHyenaPlan, resolve
@@ -514,6 +522,28 @@ def test_fp8_casts_of_experts_quantise_each_token_once_before_dispatch() -> None
     routed = math.ceil(tokens * moe.top_k * 8 / moe.n_experts)  # one local expert per rank
     expected = tokens * h + routed * moe.expert.d_ff + tokens * h  # dispatched, down input, o_proj
     assert fp8_cast_bytes(data, 0, layout) == 4 * expected
+
+
+def test_overlapped_tp_communication_costs_the_gemms_beside_it_16_sms() -> None:
+    # Transformer Engine's userbuffers defaults: the row-parallel forwards ("pipeline") and the
+    # column-parallel dgrad + wgrad ("bulk") run on 132 - 16 SMs of an H100; ring exchange is free
+    data = model_data(_plan("llama-3-70b"), 8192)
+    layout = parse_layout("tp=8,cp=1,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1,sp=on").complete()
+    assert layout is not None
+    rates = rates_for(H100, kernel_efficiency(H100)[0], None, "bf16")
+    layer = data.plan.layers[0]
+    by_split = {"row": 0.0, "column": 0.0}
+    for t in data.layer_tensors[0]:
+        if t.split in by_split:
+            by_split[t.split] += tensor_gemm(data, layer, t, layout, rates)
+    micro = Pricer(data, rates).layers(layout, "flash")[0]
+    expected = (by_split["row"] + 2 * by_split["column"]) * 16 / (132 - 16)
+    assert tp_overlap_cost(micro, layout, rates) == pytest.approx(expected)
+    assert tp_overlap_cost(micro, replace(layout, tp=1), rates) == 0.0
+    text = "tp=8,cp=1,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1,sp=on"
+    hidden = _evaluate("llama-3-70b", text, seq=8192, overlap=frozenset({"dp", "tp"}))
+    exposed = _evaluate("llama-3-70b", text, seq=8192, overlap=frozenset({"dp"}))
+    assert 0 < hidden.time.tp < exposed.time.tp
 
 
 def test_efficiency_override_prices_big_gemms_at_that_fraction() -> None:

@@ -114,6 +114,9 @@ FP8_BYTES = 1
 # (Hopper's fp8 tensor cores take only the "TN" layout, so the backward's weight-gradient GEMM
 # needs the transposed copy: Transformer Engine's fused cast-transpose)
 FP8_CAST_BYTES = ACT_BYTES + 2 * FP8_BYTES
+# SMs each of Transformer Engine's SM-driven TP overlap kernels takes ("num_sm": 16 for its
+# "pipeline" and "bulk" methods in `initialize_ub`'s defaults, with `set_sm_margin`)
+UB_COMM_SMS = 16
 FP8_SCALE_TILE = 128  # one fp32 scale per 1×128 activation tile (DeepSeek-V3 §3.3.2)
 
 
@@ -137,6 +140,7 @@ class Rates:
     hbm: float  # achieved bytes/s
     precision: Precision
     flash: FlashImpl = "fa2"  # which FlashAttention implementation runs the flash attention core
+    sms: int = 0  # the GPU's streaming multiprocessors (0: not on record)
 
 
 @dataclass(frozen=True)
@@ -179,11 +183,15 @@ class _MicroBatch:
     attn_bwd: float = 0.0
     elem_fwd: float = 0.0
     recompute: float = 0.0  # extra forward work of the recompute mode
+    # GEMM seconds (forward and backward) that run beside an SM-driven TP collective when TP
+    # communication overlaps (`tp_overlap_cost`): the row-parallel forwards, the column-parallel
+    # backwards
+    gemm_beside_tp: float = 0.0
 
     def __add__(self, other: _MicroBatch) -> _MicroBatch:
         return _MicroBatch(self.gemm_fwd + other.gemm_fwd, self.attn_fwd + other.attn_fwd,
                            self.attn_bwd + other.attn_bwd, self.elem_fwd + other.elem_fwd,
-                           self.recompute + other.recompute)
+                           self.recompute + other.recompute, self.gemm_beside_tp + other.gemm_beside_tp)
 
     @property
     def forward(self) -> float:
@@ -283,7 +291,11 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
     tokens = mb * seq // cp
-    gemm = sum(tensor_gemm(data, layer, t, layout, rates) for t in data.layer_tensors[i])
+    times = [(t.split, tensor_gemm(data, layer, t, layout, rates)) for t in data.layer_tensors[i]]
+    gemm = sum(seconds for _, seconds in times)
+    # backward = dgrad + wgrad, each the forward's time
+    beside = (sum(seconds for split, seconds in times if split == "row")
+              + 2 * sum(seconds for split, seconds in times if split == "column"))
     # bytes per micro-batch, whatever its tokens (long-conv filter generation, fp8 casts)
     elem_extra = float(fp8_cast_bytes(data, i, layout)) if rates.precision == "fp8" else 0.0
     # attention core
@@ -355,7 +367,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case _:
             assert_never(layer.ffn)
     elem_fwd = (elem * tokens + elem_extra) / rates.hbm
-    micro = _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd)
+    micro = _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside)
     match recompute:
         case "full":
             extra = micro.forward
@@ -363,7 +375,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             extra = core_recompute
         case _:
             extra = 0.0
-    return _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd, extra)
+    return _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd, extra, beside)
 
 
 def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Layout, seq: int,
@@ -560,6 +572,19 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     return c.count * (scale * seconds + eff.latency)
 
 
+def tp_overlap_cost(micro: _MicroBatch, layout: Layout, rates: Rates) -> float:
+    """Seconds one micro-batch's GEMMs lose to overlapped TP communication (`--overlap tp`).
+    Transformer Engine's userbuffers overlap (`initialize_ub`'s defaults) drives the forward
+    reduce-scatters of the row-parallel projections ("pipeline") and the backward's all-gathers and
+    reduce-scatters beside the column-parallel projections' dgrad and wgrad ("bulk") with
+    communication kernels of `UB_COMM_SMS` SMs, and runs those GEMMs beside them on the rest
+    (`set_sm_margin`). Its ring-exchange overlaps (the column-parallel forwards, the row-parallel
+    dgrads) move data with the copy engines and take no SMs."""
+    if layout.tp <= 1 or rates.sms <= UB_COMM_SMS:
+        return 0.0
+    return micro.gemm_beside_tp * UB_COMM_SMS / (rates.sms - UB_COMM_SMS)
+
+
 def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, net: Network,
           states: StatesConvention, kernel: AttentionKernel, grad_reduce: int, cp_comm: CPComm,
           overlap: frozenset[str], memory: Mapping[int, RankMemory]) -> tuple[StepTime, int]:
@@ -591,7 +616,8 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
                         grads += t
         # exposed per micro-batch
         if "tp" in overlap:
-            comm["tp"] = max(0.0, comm["tp"] - m * 3 * micro.gemm_fwd)
+            comm["tp"] = (max(0.0, comm["tp"] - m * 3 * micro.gemm_fwd)
+                          + m * tp_overlap_cost(micro, layout, rates))
         if "ep" in overlap:
             comm["ep"] = max(0.0, comm["ep"] - m * micro.total)
         per_slot = micro.total + sum(comm.values()) / m
@@ -733,4 +759,5 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
               precision: Precision, flash: FlashImpl = "fa2") -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
-    return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash)
+    return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
+                 gpu.sms)
