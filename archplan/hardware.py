@@ -119,6 +119,13 @@ class KernelEfficiency:
       the optimizer step) reach.
     intra_link / inter_link: NCCL bus bandwidth over the one-direction link figure (nccl-tests).
     latency: seconds per collective call (NCCL's small-message latency).
+    fp8_split_acc: how much longer an fp8 GEMM of the backward (dgrad, wgrad) takes than one of the
+      forward. On Hopper, Transformer Engine runs the forward's fp8 GEMMs with the tensor cores'
+      fast accumulation and the backward's with the split accumulator (`_2X_ACC_FPROP = False`,
+      `_2X_ACC_DGRAD = _2X_ACC_WGRAD = True`: partial sums promoted to fp32 periodically), and fast
+      accumulation measures 1.1-1.2× faster (pytorch/ao issue 2377, H100; torchao makes the same
+      choice); 1.15, the range's middle. 1.0 where the GPU has no such mode (Blackwell's sm100
+      accumulates in full precision either way) or no fp8.
     """
 
     family: str
@@ -131,6 +138,7 @@ class KernelEfficiency:
     inter_link: float
     latency: float
     source: str
+    fp8_split_acc: float = 1.0
 
 
 # FlashAttention implementations: the FA2 kernel the family rates above describe, or the Triton
@@ -174,7 +182,8 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
         attention_hd64=0.80, hbm=0.80, intra_link=0.80, inter_link=0.90, latency=20e-6,
         source=("gemm: calibrated on Llama 3 Table 4 (docs/validation.md); attention: Shah et al. 2024 "
                 "(FlashAttention-3) Fig. 5-6, FlashAttention-2 on H100 causal hd128 ~335 TF/s forward, "
-                "~290 backward; hbm and links: nccl-tests NVLink 4 ~360 of 450 GB/s, NDR ~45 of 50 GB/s")),
+                "~290 backward; hbm and links: nccl-tests NVLink 4 ~360 of 450 GB/s, NDR ~45 of 50 GB/s"),
+        fp8_split_acc=1.15),
 }
 
 # Families without a calibration fall back to the Hopper fractions (stated in the output).

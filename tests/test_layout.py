@@ -546,6 +546,34 @@ def test_overlapped_tp_communication_costs_the_gemms_beside_it_16_sms() -> None:
     assert 0 < hidden.time.tp < exposed.time.tp
 
 
+def test_fp8_backward_gemms_pay_the_split_accumulator() -> None:
+    # Transformer Engine: fast accumulation in the forward's fp8 GEMMs, the split accumulator in
+    # dgrad and wgrad (Hopper: 1.15x); bf16 and Blackwell-like families (1.0) unchanged
+    data = model_data(_plan("llama-3-8b"), 4096)
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=8,ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
+    assert layout is not None
+    eff = kernel_efficiency(H100)[0]
+    assert eff.fp8_split_acc == 1.15
+    fp8 = Pricer(data, rates_for(H100, eff, None, "fp8")).layers(layout, "flash")[0]
+    bf16 = Pricer(data, rates_for(H100, eff, None, "bf16")).layers(layout, "flash")[0]
+    assert fp8.gemm_bwd == pytest.approx(2 * 1.15 * fp8.gemm_fwd)
+    assert bf16.gemm_bwd == pytest.approx(2 * bf16.gemm_fwd)
+    flat = Pricer(data, rates_for(H100, replace(eff, fp8_split_acc=1.0), None, "fp8")).layers(layout, "flash")[0]
+    assert flat.gemm_bwd == pytest.approx(2 * flat.gemm_fwd)
+
+
+def test_pp_overlap_hides_the_interleaved_steady_state_transfers() -> None:
+    # Megatron-LM's overlap_p2p_comm: only the interleaved schedule overlaps; its warm-up and flush
+    # transfers block
+    text = "tp=8,cp=1,pp=4,dp=4,ep=1,zero=1,recompute=none,mb=1,sp=on,vpp="
+    kw: dict[str, Any] = {"seq": 8192, "batch": 64 * 8192}
+    plain = _evaluate("llama-3-70b", text + "2", overlap=frozenset({"dp"}), **kw)
+    hidden = _evaluate("llama-3-70b", text + "2", overlap=frozenset({"dp", "pp"}), **kw)
+    assert 0 < hidden.time.pp_p2p < plain.time.pp_p2p
+    one = _evaluate("llama-3-70b", text + "1", overlap=frozenset({"dp"}), **kw)
+    assert _evaluate("llama-3-70b", text + "1", overlap=frozenset({"dp", "pp"}), **kw).time.pp_p2p == one.time.pp_p2p
+
+
 def test_efficiency_override_prices_big_gemms_at_that_fraction() -> None:
     eff, _ = kernel_efficiency(H100)
     rates = Rates(H100.peak("bf16"), H100.peak("fp8"), eff, 0.5, H100.hbm_bytes_per_s, "bf16")
@@ -641,7 +669,7 @@ def test_cli_overlap_and_states_options(capsys: pytest.CaptureFixture[str],
     r = json.loads(out)
     assert r["overlap"] == [] and r["grad_reduce_bytes"] == 2 and r["attention_kernel"] == "eager"
     assert r["states"]["convention"] == "fsdp2"
-    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "16", "--overlap", "pp")
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "16", "--overlap", "nccl")
     assert code == 2 and "--overlap" in err
 
 

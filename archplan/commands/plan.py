@@ -663,7 +663,7 @@ def register(app: typer.Typer) -> None:
             "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
             rich_help_panel=MODEL_PANEL)] = CPCommChoice.all_gather,
         overlap: Annotated[str, typer.Option(
-            "--overlap", help="Communication hidden behind compute: any of dp,tp,ep, or none.",
+            "--overlap", help="Communication hidden behind compute: any of dp,tp,pp,ep, or none.",
             rich_help_panel=MODEL_PANEL)] = "dp",
         precision: Annotated[PrecisionChoice, typer.Option(
             "--precision", help="bf16, or fp8 GEMMs inside the blocks (router and LM head stay bf16).",

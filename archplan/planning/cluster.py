@@ -187,8 +187,8 @@ CP_COMMS: tuple[CPComm, ...] = ("all_gather", "ring")
 # (DTensor parallel styles + FSDP2 + non-reentrant checkpointing, what `verify --layout` runs);
 # where they differ is listed in the module docstring.
 Engine = Literal["megatron", "torch"]
-Overlap = Literal["dp", "tp", "ep"]
-OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "ep")
+Overlap = Literal["dp", "tp", "pp", "ep"]
+OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep")
 ACT_BYTES = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 LOGIT_BYTES = 4
@@ -1113,6 +1113,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     act = ACT_BYTES * tokens * plan.d_model
     fwd = 2 if layout.recompute == "full" else 1  # forward passes (the recomputed one again)
     tp_over, ep_over = "tp" in overlap, "ep" in overlap
+    pp_over = "pp" in overlap and layout.vpp > 1  # only the interleaved schedule overlaps (pricing.pp_exposed)
     engine = states.engine
     out: list[Collective] = []
     norm_grads: dict[int, int] = {}  # elements -> tensors: replicated weights summed over tp
@@ -1217,11 +1218,11 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         # torch engine sends what the stage holds: the sequence shard under SP, else the whole
         p2p = act // tp if sp or engine == "megatron" else act
         if not chunk.first:
-            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)")
-            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)")
+            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)", pp_over)
+            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)", pp_over)
         if not chunk.last:
-            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output (PP)")
-            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output gradient (PP)")
+            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output (PP)", pp_over)
+            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output gradient (PP)", pp_over)
         # data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) + the ends,
         # or, per_layer=False, one per chunk with the bytes summed (what pricing needs)
         dp_over = "dp" in overlap
@@ -1311,7 +1312,8 @@ def step_collectives(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
     grad_reduce: bytes per gradient element on the wire (2 bf16, 4 fp32; default the convention's
     gradient bytes). overlap: which communication may hide behind compute ("dp": the gradient
     reduce and parameter gathers, as Megatron's --overlap-grad-reduce/--overlap-param-gather and
-    FSDP's prefetch do; "tp": TP communication, when the run overlaps it; "ep": the all-to-all).
+    FSDP's prefetch do; "tp": TP communication, when the run overlaps it; "pp": the interleaved
+    schedule's sends and receives; "ep": the all-to-all).
     """
     if stage is None:
         stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,

@@ -7,7 +7,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   peak, x the smallest of M, N, K, but never faster than the bf16 operands stream from HBM (a
   roofline: skinny per-GPU matmuls under TP or fine-grained experts run slower). The backward is
   2 GEMMs of the same shapes (input and weight gradients). `--precision fp8`: the GEMMs inside the
-  blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1).
+  blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1); the
+  backward's at the family's split-accumulator cost (`tensor_gemm_backward`), and the inputs no
+  norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
   and head dim (the Triton FlashAttention at its measured fraction of it, `FLASH_IMPL_SPEED`,
   when the run used that kernel), causal pairs only, backward at 2.5 × the forward FLOPs
@@ -29,7 +31,8 @@ Communication (records from `cluster.step_collectives`): ring time wire_bytes / 
 fraction) + a latency per call, in-node when the group's ranks share a node (ranks ordered tp, cp,
 dp, pp, Megatron's default). TP, CP, EP and PP transfers sit in each micro-batch's critical path
 unless the run overlaps them ("tp", "ep" in `overlap`: hidden behind that micro-batch's GEMMs /
-compute). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-reduce /
+compute, TP at the SMs its overlap kernels take, `tp_overlap_cost`; "pp": the interleaved
+schedule's steady-state transfers, `pp_exposed`). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-reduce /
 --overlap-param-gather, FSDP's prefetch) hides behind the backward (gradients) and forward
 (parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
 
@@ -70,6 +73,7 @@ from archplan.planning.cluster import (
     _collectives,
     expert_replicas,
     fetch_trace,
+    in_flight,
     rank_chunks,
     representative_stages,
 )
@@ -179,6 +183,7 @@ class _MicroBatch:
     """Seconds of one micro-batch through some layers on one rank, by class and pass."""
 
     gemm_fwd: float = 0.0
+    gemm_bwd: float = 0.0
     attn_fwd: float = 0.0
     attn_bwd: float = 0.0
     elem_fwd: float = 0.0
@@ -189,7 +194,8 @@ class _MicroBatch:
     gemm_beside_tp: float = 0.0
 
     def __add__(self, other: _MicroBatch) -> _MicroBatch:
-        return _MicroBatch(self.gemm_fwd + other.gemm_fwd, self.attn_fwd + other.attn_fwd,
+        return _MicroBatch(self.gemm_fwd + other.gemm_fwd, self.gemm_bwd + other.gemm_bwd,
+                           self.attn_fwd + other.attn_fwd,
                            self.attn_bwd + other.attn_bwd, self.elem_fwd + other.elem_fwd,
                            self.recompute + other.recompute, self.gemm_beside_tp + other.gemm_beside_tp)
 
@@ -199,7 +205,7 @@ class _MicroBatch:
 
     @property
     def backward(self) -> float:
-        return 2 * self.gemm_fwd + self.attn_bwd + 2 * self.elem_fwd + self.recompute
+        return self.gemm_bwd + self.attn_bwd + 2 * self.elem_fwd + self.recompute
 
     @property
     def total(self) -> float:
@@ -257,6 +263,20 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, ra
     return gemm_time(m, n, k, rates, fp8, count=count)
 
 
+def tensor_gemm_backward(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
+                         rates: Rates) -> float:
+    """Backward seconds of that matmul: its two GEMMs (dgrad, wgrad) of the forward's shape; in fp8
+    at the family's split-accumulator cost (`KernelEfficiency.fp8_split_acc`), unless the user gave
+    their own `--efficiency`."""
+    shape = _gemm_shape(data, layer, t, layout)
+    if shape is None:
+        return 0.0
+    m, n, k, count, fp8 = shape
+    slower = (rates.eff.fp8_split_acc if fp8 and rates.precision == "fp8" and rates.efficiency is None
+              else 1.0)
+    return 2 * slower * gemm_time(m, n, k, rates, fp8, count=count)
+
+
 def fp8_cast_bytes(data: ModelData, i: int, layout: Layout) -> int:
     """HBM bytes, one micro-batch's forward, of casting layer `i`'s GEMM inputs to fp8 under
     `--precision fp8`: read in bf16, written in fp8 twice (as is, and transposed for the
@@ -291,11 +311,12 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
     tokens = mb * seq // cp
-    times = [(t.split, tensor_gemm(data, layer, t, layout, rates)) for t in data.layer_tensors[i]]
-    gemm = sum(seconds for _, seconds in times)
-    # backward = dgrad + wgrad, each the forward's time
-    beside = (sum(seconds for split, seconds in times if split == "row")
-              + 2 * sum(seconds for split, seconds in times if split == "column"))
+    times = [(t.split, tensor_gemm(data, layer, t, layout, rates),
+              tensor_gemm_backward(data, layer, t, layout, rates)) for t in data.layer_tensors[i]]
+    gemm = sum(fwd for _, fwd, _ in times)
+    gemm_bwd = sum(bwd for _, _, bwd in times)
+    beside = (sum(fwd for split, fwd, _ in times if split == "row")
+              + sum(bwd for split, _, bwd in times if split == "column"))
     # bytes per micro-batch, whatever its tokens (long-conv filter generation, fp8 casts)
     elem_extra = float(fp8_cast_bytes(data, i, layout)) if rates.precision == "fp8" else 0.0
     # attention core
@@ -320,6 +341,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             elem += per_token
             elem_extra += per_micro
             gemm += filter_gemm
+            gemm_bwd += 2 * filter_gemm
         case _:
             assert_never(layer.mixer)
     if heads:
@@ -367,7 +389,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case _:
             assert_never(layer.ffn)
     elem_fwd = (elem * tokens + elem_extra) / rates.hbm
-    micro = _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside)
+    micro = _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside)
     match recompute:
         case "full":
             extra = micro.forward
@@ -375,7 +397,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             extra = core_recompute
         case _:
             extra = 0.0
-    return _MicroBatch(gemm, attn_fwd, attn_bwd, elem_fwd, extra, beside)
+    return _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, extra, beside)
 
 
 def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Layout, seq: int,
@@ -428,7 +450,7 @@ def _head_micro(data: ModelData, layout: Layout, rates: Rates) -> _MicroBatch:
     tokens = layout.mb * data.seq // layout.cp
     vocab = math.ceil(data.plan.vocab_size / layout.tp)
     gemm = gemm_time(tokens, vocab, data.plan.d_model, rates)
-    return _MicroBatch(gemm, 0.0, 0.0, tokens * vocab * CE_BYTES / rates.hbm)
+    return _MicroBatch(gemm, 2 * gemm, 0.0, 0.0, tokens * vocab * CE_BYTES / rates.hbm)
 
 
 class Pricer:
@@ -585,6 +607,17 @@ def tp_overlap_cost(micro: _MicroBatch, layout: Layout, rates: Rates) -> float:
     return micro.gemm_beside_tp * UB_COMM_SMS / (rates.sms - UB_COMM_SMS)
 
 
+def pp_exposed(p2p: float, micro: _MicroBatch, layout: Layout, m: int, stage: int) -> float:
+    """Seconds of a pipeline rank's sends and receives (`p2p`, all m micro-batches) left exposed
+    under `--overlap pp`: Megatron-LM's interleaved schedule runs each chunk's transfers beside the
+    next chunk's compute in the steady state (`overlap_p2p_comm`, on unless
+    `--no-overlap-p2p-communication`), but blocks on those of the warm-up and the flush
+    (`--overlap-p2p-communication-warmup-flush` is off): the rank's warm-up forwards
+    (`cluster.in_flight`, less the first steady one) of its m·v, and as many backwards."""
+    share = min(1.0, (sum(in_flight(layout, m, stage)) - 1) / (m * layout.vpp))
+    return share * p2p + max(0.0, (1 - share) * (p2p - m * micro.total))
+
+
 def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, net: Network,
           states: StatesConvention, kernel: AttentionKernel, grad_reduce: int, cp_comm: CPComm,
           overlap: frozenset[str], memory: Mapping[int, RankMemory]) -> tuple[StepTime, int]:
@@ -616,10 +649,12 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
                         grads += t
         # exposed per micro-batch
         if "tp" in overlap:
-            comm["tp"] = (max(0.0, comm["tp"] - m * 3 * micro.gemm_fwd)
+            comm["tp"] = (max(0.0, comm["tp"] - m * (micro.gemm_fwd + micro.gemm_bwd))
                           + m * tp_overlap_cost(micro, layout, rates))
         if "ep" in overlap:
             comm["ep"] = max(0.0, comm["ep"] - m * micro.total)
+        if "pp" in overlap and v > 1:
+            comm["pp"] = pp_exposed(comm["pp"], micro, layout, m, stage)
         per_slot = micro.total + sum(comm.values()) / m
         if best is None or per_slot > best[0]:
             best = (per_slot, stage, micro, comm, grads, gathers)
@@ -632,7 +667,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
     optimizer = memory[stage].optimizer / states.optimizer_bytes * OPTIMIZER_BYTES_PER_PARAM / rates.hbm
     time = StepTime(
-        gemm=m * 3 * micro.gemm_fwd,
+        gemm=m * (micro.gemm_fwd + micro.gemm_bwd),
         attention=m * (micro.attn_fwd + micro.attn_bwd),
         elementwise=m * 3 * micro.elem_fwd,
         tp=comm["tp"], cp=comm["cp"], ep=comm["ep"], pp_p2p=comm["pp"],
@@ -676,6 +711,10 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
         plan_layer = data.plan.layers[layer]
         return sum(tensor_gemm(data, plan_layer, t, layout, pricer.rates) for t in tensors)
 
+    def gemm_backward(tensors: tuple[Tensor, ...], layer: int) -> float:
+        plan_layer = data.plan.layers[layer]
+        return sum(tensor_gemm_backward(data, plan_layer, t, layout, pricer.rates) for t in tensors)
+
     forward: dict[int, list[FetchUse]] = {}
     for use in trace:
         if isinstance(use.layer, int) and use.kind == "forward":
@@ -687,8 +726,9 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
         carrier = uses[max(mixer[-1] - 1, 0) if mixer else 0].module.name
         micro = per_layer[i]
         gemms = sum(gemm(use.tensors, i) for use in uses)
+        backward_gemms = sum(gemm_backward(use.tensors, i) for use in uses)
         redo = micro.recompute if layout.recompute == "full" else 0.0
-        rest[i] = (carrier, micro.forward - gemms, micro.backward - redo - 2 * gemms)
+        rest[i] = (carrier, micro.forward - gemms, micro.backward - redo - backward_gemms)
     # autograd sums a parameter's gradients over its uses: one reduction, after its last backward
     last_backward = {use.module.name: k for k, use in enumerate(trace) if use.kind == "backward"}
     ops: list[Op] = []
@@ -714,7 +754,7 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
                 scale = micro.recompute / micro.forward if micro.forward else 0.0
                 compute = scale * (own + (forward_rest if extra else 0.0))
             case "backward":
-                compute = 2 * own + (backward_rest if extra else 0.0)
+                compute = gemm_backward(use.tensors, i) + (backward_rest if extra else 0.0)
             case _:
                 assert_never(use.kind)
         ops.append(Op(use.module, compute, reduces))
