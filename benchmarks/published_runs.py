@@ -216,7 +216,8 @@ def markdown(found: list[Row]) -> None:
         free = f"{r.search_layout}: {r.search_best / r.predicted - 1:+.0%}"
         held = (f"{r.constrained_layout}: {r.constrained_best / r.predicted - 1:+.0%}"
                 if r.constrained_best else "—")
-        print(f"| {r.name} | {r.layout} | {free} | `{r.constraint}` ({r.constraint_reason}) | {held} |")
+        constraint = f"`{r.constraint}` ({r.constraint_reason})" if r.constraint else "—"
+        print(f"| {r.name} | {r.layout} | {free} | {constraint} | {held} |")
 
 
 def main() -> None:
