@@ -184,7 +184,9 @@ def main(out: str, cases: list[str]) -> int:
     for rank in ranks:
         rank.join()
     code = max(abs(rank.exitcode or 0) for rank in ranks)
-    Path(out, "exit").write_text(str(code))
+    # written whole, then renamed: `wait` polls for the file and must never read it half-written
+    Path(out, "exit.partial").write_text(str(code))
+    Path(out, "exit.partial").replace(Path(out, "exit"))
     return code
 
 
