@@ -1099,8 +1099,9 @@ def _fetch_classes(counts: dict[str, int], found: Iterable[tuple[Module, tuple[T
     """Gathers per micro-batch -> (dense, expert) elements of the modules `found`."""
     out: dict[int, tuple[int, int]] = {}
     for m, _ in found:
-        dense, expert = out.get(counts.get(m.name, 0), (0, 0))
-        out[counts.get(m.name, 0)] = (dense + (0 if m.expert else m.gathered), expert + (m.gathered if m.expert else 0))
+        fetches = counts.get(m.name, 0)
+        dense, expert = out.get(fetches, (0, 0))
+        out[fetches] = (dense + (0 if m.expert else m.gathered), expert + (m.gathered if m.expert else 0))
     return out
 
 

@@ -660,10 +660,10 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
             best = (per_slot, stage, micro, comm, grads, gathers)
     assert best is not None
     per_slot, stage, micro, comm, grads, gathers = best
-    n_layers = max(1, sum(len(c.layers) for c in rank_chunks(len(data.plan.layers), layout, stage)))
     if layout.zero == 3 and states.module_fetch:
         dp = m * _module_fetch_exposed(data, pricer, layout, stage, kernel, net, grad_reduce)
     else:
+        n_layers = max(1, sum(len(c.layers) for c in rank_chunks(len(data.plan.layers), layout, stage)))
         dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
     optimizer = memory[stage].optimizer / states.optimizer_bytes * OPTIMIZER_BYTES_PER_PARAM / rates.hbm
     time = StepTime(
