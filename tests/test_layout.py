@@ -535,7 +535,7 @@ def test_overlapped_tp_communication_costs_the_gemms_beside_it_16_sms() -> None:
     by_split = {"row": 0.0, "column": 0.0}
     for t in data.layer_tensors[0]:
         if t.split in by_split:
-            by_split[t.split] += tensor_gemm(data, layer, t, layout, rates)
+            by_split[t.split] += tensor_gemm(data, layer, t, layout, rates)[0]  # forward
     micro = Pricer(data, rates).layers(layout, "flash")[0]
     expected = (by_split["row"] + 2 * by_split["column"]) * 16 / (132 - 16)
     assert tp_overlap_cost(micro, layout, rates) == pytest.approx(expected)

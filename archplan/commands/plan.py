@@ -401,11 +401,13 @@ def _efficiency_text(result: SearchResult) -> str:
     fwd, bwd = FLASH_IMPL_SPEED[settings.flash_impl]
     kernel = (f"flash, {settings.flash_impl}" if settings.attention_kernel == "flash"
               else settings.attention_kernel)
-    split = (f" (backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, fp8 casts "
-             "at HBM bandwidth)" if settings.precision == "fp8" and k.fp8_split_acc != 1.0 else
-             " (fp8 casts at HBM bandwidth)" if settings.precision == "fp8" else "")
+    fp8 = ""
+    if settings.precision == "fp8":
+        slower = (f"backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, "
+                  if k.fp8_split_acc != 1.0 else "")
+        fp8 = f" ({slower}fp8 casts at HBM bandwidth)"
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
-            f"{settings.precision} peak by shape{split}, attention at {k.attention_fwd * fwd / 1e12:.0f}/"
+            f"{settings.precision} peak by shape{fp8}, attention at {k.attention_fwd * fwd / 1e12:.0f}/"
             f"{k.attention_bwd * bwd / 1e12:.0f} TFLOP/s fwd/bwd ({kernel}), elementwise "
             f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
 

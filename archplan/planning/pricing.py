@@ -8,7 +8,7 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   roofline: skinny per-GPU matmuls under TP or fine-grained experts run slower). The backward is
   2 GEMMs of the same shapes (input and weight gradients). `--precision fp8`: the GEMMs inside the
   blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1); the
-  backward's at the family's split-accumulator cost (`tensor_gemm_backward`), and the inputs no
+  backward's at the family's split-accumulator cost (`tensor_gemm`), and the inputs no
   norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
   and head dim (the Triton FlashAttention at its measured fraction of it, `FLASH_IMPL_SPEED`,
@@ -253,28 +253,20 @@ def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout
     return None
 
 
-def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, rates: Rates) -> float:
-    """Forward seconds of the matmul that weight `t` of `layer` takes part in on one rank (0 for
-    norms, biases and other non-GEMM parameters), one micro-batch."""
+def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
+                rates: Rates) -> tuple[float, float]:
+    """Forward and backward seconds of the matmul that weight `t` of `layer` takes part in on one
+    rank (0 for norms, biases and other non-GEMM parameters), one micro-batch. The backward is two
+    GEMMs (dgrad, wgrad) of the forward's shape; in fp8 at the family's split-accumulator cost
+    (`KernelEfficiency.fp8_split_acc`), unless the user gave their own `--efficiency`."""
     shape = _gemm_shape(data, layer, t, layout)
     if shape is None:
-        return 0.0
+        return 0.0, 0.0
     m, n, k, count, fp8 = shape
-    return gemm_time(m, n, k, rates, fp8, count=count)
-
-
-def tensor_gemm_backward(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
-                         rates: Rates) -> float:
-    """Backward seconds of that matmul: its two GEMMs (dgrad, wgrad) of the forward's shape; in fp8
-    at the family's split-accumulator cost (`KernelEfficiency.fp8_split_acc`), unless the user gave
-    their own `--efficiency`."""
-    shape = _gemm_shape(data, layer, t, layout)
-    if shape is None:
-        return 0.0
-    m, n, k, count, fp8 = shape
+    forward = gemm_time(m, n, k, rates, fp8, count=count)
     slower = (rates.eff.fp8_split_acc if fp8 and rates.precision == "fp8" and rates.efficiency is None
               else 1.0)
-    return 2 * slower * gemm_time(m, n, k, rates, fp8, count=count)
+    return forward, 2 * slower * forward
 
 
 def fp8_cast_bytes(data: ModelData, i: int, layout: Layout) -> int:
@@ -311,8 +303,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
     tokens = mb * seq // cp
-    times = [(t.split, tensor_gemm(data, layer, t, layout, rates),
-              tensor_gemm_backward(data, layer, t, layout, rates)) for t in data.layer_tensors[i]]
+    times = [(t.split, *tensor_gemm(data, layer, t, layout, rates)) for t in data.layer_tensors[i]]
     gemm = sum(fwd for _, fwd, _ in times)
     gemm_bwd = sum(bwd for _, _, bwd in times)
     beside = (sum(fwd for split, fwd, _ in times if split == "row")
@@ -698,8 +689,8 @@ def _module_fetch_exposed(data: ModelData, pricer: Pricer, layout: Layout, stage
 
 def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
                kernel: AttentionKernel) -> list[Op]:
-    """`cluster.fetch_trace` with each use's compute: a module's GEMMs (`tensor_gemm`; twice that
-    in the backward), and the rest of its layer's work (attention core, elementwise, convolutions;
+    """`cluster.fetch_trace` with each use's compute: a module's GEMMs (`tensor_gemm`, forward and
+    backward), and the rest of its layer's work (attention core, elementwise, convolutions;
     the recompute's extra under selective recompute) on the use before the mixer's output
     projection, while that projection's parameters are being gathered. Their sum is the rank's
     compute for one micro-batch."""
@@ -707,13 +698,11 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
     head = _head_micro(data, layout, pricer.rates)
     trace = fetch_trace(data, layout, stage)[0]
 
-    def gemm(tensors: tuple[Tensor, ...], layer: int) -> float:
+    def gemms(tensors: tuple[Tensor, ...], layer: int) -> tuple[float, float]:
+        """The module's GEMM seconds, forward and backward."""
         plan_layer = data.plan.layers[layer]
-        return sum(tensor_gemm(data, plan_layer, t, layout, pricer.rates) for t in tensors)
-
-    def gemm_backward(tensors: tuple[Tensor, ...], layer: int) -> float:
-        plan_layer = data.plan.layers[layer]
-        return sum(tensor_gemm_backward(data, plan_layer, t, layout, pricer.rates) for t in tensors)
+        times = [tensor_gemm(data, plan_layer, t, layout, pricer.rates) for t in tensors]
+        return sum(fwd for fwd, _ in times), sum(bwd for _, bwd in times)
 
     forward: dict[int, list[FetchUse]] = {}
     for use in trace:
@@ -725,10 +714,10 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
         mixer = [k for k, use in enumerate(uses) if ".mixer." in use.module.name + "."]
         carrier = uses[max(mixer[-1] - 1, 0) if mixer else 0].module.name
         micro = per_layer[i]
-        gemms = sum(gemm(use.tensors, i) for use in uses)
-        backward_gemms = sum(gemm_backward(use.tensors, i) for use in uses)
+        module_gemms = [gemms(use.tensors, i) for use in uses]
         redo = micro.recompute if layout.recompute == "full" else 0.0
-        rest[i] = (carrier, micro.forward - gemms, micro.backward - redo - backward_gemms)
+        rest[i] = (carrier, micro.forward - sum(fwd for fwd, _ in module_gemms),
+                   micro.backward - redo - sum(bwd for _, bwd in module_gemms))
     # autograd sums a parameter's gradients over its uses: one reduction, after its last backward
     last_backward = {use.module.name: k for k, use in enumerate(trace) if use.kind == "backward"}
     ops: list[Op] = []
@@ -744,7 +733,7 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
             continue
         i = use.layer
         carrier, forward_rest, backward_rest = rest[i]
-        own = gemm(use.tensors, i)
+        own, own_backward = gemms(use.tensors, i)
         extra = use.module.name == carrier
         match use.kind:
             case "forward":
@@ -754,7 +743,7 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
                 scale = micro.recompute / micro.forward if micro.forward else 0.0
                 compute = scale * (own + (forward_rest if extra else 0.0))
             case "backward":
-                compute = gemm_backward(use.tensors, i) + (backward_rest if extra else 0.0)
+                compute = own_backward + (backward_rest if extra else 0.0)
             case _:
                 assert_never(use.kind)
         ops.append(Op(use.module, compute, reduces))
