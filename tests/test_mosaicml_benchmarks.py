@@ -1,0 +1,63 @@
+"""MosaicML's MPT benchmark tables, every row (tests/fixtures/mosaicml_benchmarks.yaml): each row's
+model has exactly the README's parameter count, every published layout is predicted to fit, and the
+216 rows stay as close as they were when first evaluated blind (docs/validation.md, "The whole
+MosaicML benchmark table"). The table itself is benchmarks/mosaicml_benchmarks.py's."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import pytest
+from benchmark_scripts import load_benchmark
+
+pytestmark = pytest.mark.xdist_group("test_mosaicml_benchmarks")
+
+
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    return load_benchmark("mosaicml_benchmarks")
+
+
+@pytest.fixture(scope="module")
+def rows(bench: Any) -> list[Any]:
+    return bench.rows()
+
+
+def test_every_row_of_the_five_tables(bench: Any, rows: list[Any]) -> None:
+    data = bench.load()
+    assert len(rows) == len(data["rows"]) == 216
+    assert {r.table for r in rows} == {"h100-bf16-large", "h100-bf16", "h100-fp8", "a100-80gb", "a100-40gb"}
+
+
+def test_parameter_counts_are_exact(rows: list[Any]) -> None:
+    """MPTConfig's defaults (biases everywhere, learned positions for the row's sequence length)
+    give the README's NumParams to the parameter, from 125M to 70B and 512 to 65,536 tokens."""
+    wrong = [(r.name, r.counted_params - r.num_params) for r in rows if r.counted_params != r.num_params]
+    assert not wrong
+
+
+def test_every_published_layout_fits(rows: list[Any]) -> None:
+    assert [r.name for r in rows if not r.fits] == []
+
+
+def test_accuracy_as_first_evaluated(bench: Any, rows: list[Any]) -> None:
+    """Blind, 2026-12-01: median |error| 6.4%, 188 of 216 within ±20%. The issue's median goal
+    holds over the whole set; the rows outside ±20% are the ones docs/validation.md explains."""
+    errors = [abs(r.error) for r in rows]
+    assert statistics.median(errors) <= bench.published_runs.MEDIAN_GOAL
+    assert sum(e <= bench.published_runs.WORST_GOAL for e in errors) >= 188
+
+
+def test_a_row_is_a_published_runs_run(bench: Any) -> None:
+    """The README's columns map onto published_runs.yaml's fields: sharding to ZeRO stage,
+    checkpointing to full recompute, PURE to bf16 gradient reduction, amp_fp8 to fp8."""
+    data = bench.load()
+    fp8 = next(v for v in data["rows"] if v[0] == "h100-fp8")
+    pure = next(v for v in data["rows"] if v[9] == "PURE")
+    grad_op = next(v for v in data["rows"] if v[10] == "SHARD_GRAD_OP")
+    assert bench.run_data(data, fp8)["precision"] == "fp8"
+    assert bench.run_data(data, pure)["grad_reduce"] == 2
+    assert "grad_reduce" not in bench.run_data(data, fp8)
+    assert "zero=2" in bench.run_data(data, grad_op)["layout"]
+    assert "recompute=full" in bench.run_data(data, data["rows"][0])["layout"]
