@@ -31,7 +31,7 @@ from archplan.planning.cluster import (
     step_collectives,
 )
 from archplan.planning.layout import Layout, parse_layout, pipeline_chunks
-from archplan.planning.parallel import Settings, interconnect, search
+from archplan.planning.parallel import Settings, interconnect, rails, search
 from archplan.planning.pricing import (
     Pricer,
     Rates,
@@ -705,9 +705,53 @@ def test_zero3_over_many_ranks_carries_the_validation_note(capsys: pytest.Captur
                        "--layout", "tp=1,pp=1,cp=1,zero=3", "--json")
     assert code == 0
     notes = json.loads(out)["notes"]
-    assert len(notes) == 1 and "ZeRO-3" in notes[0] and "Table 2" in notes[0]
+    assert "ZeRO-3" in notes[0] and "Table 2" in notes[0]
+    # 512 ranks with 8 on each node, one 4,096-token sequence each: the network's range too
+    assert len(notes) == 2 and "8 NICs" in notes[1]
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--json")
     assert json.loads(out)["notes"] == []
+
+
+@pytest.mark.parametrize("layout,nics", [
+    (Layout(dp=64), 8), (Layout(tp=2, dp=32), 4), (Layout(tp=2, cp=2, dp=16), 2),
+    (Layout(tp=8, dp=8), 1), (Layout(dp=8), 1), (Layout(tp=2, dp=4, pp=8), 1), (Layout(dp=2, tp=2, pp=16), 1),
+])
+def test_rails_are_the_ring_members_on_one_node(layout: Layout, nics: int) -> None:
+    assert rails(layout, 8) == nics
+
+
+FSDP_13B_SHAPE = ["plan", "llama-2-7b", "--gpus", "64", "--gpu", "h100", "--seq", "2048",
+                  "--global-batch-tokens", "262144", "--layout", "tp=1,pp=1,cp=1,zero=3,recompute=none,mb=2"]
+
+
+def test_data_parallel_bound_layout_shows_the_network_range(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP over 8 nodes with 2 sequences per GPU (MosaicML's MPT-13B shape): at one NIC per GPU
+    the data-parallel traffic is most of the step, so plan also prices the ring over its 8 NICs."""
+    code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "fsdp2", "--json")
+    assert code == 0
+    r = json.loads(out)
+    top, bound = r["layouts"][0], r["network_bound"]
+    assert top["step_time"]["dp"] > 0.3 * top["step_time"]["total"]
+    assert bound["nics_per_gpu"] == 8 and bound["layout"] == top["layout"]
+    assert bound["tokens_per_s_per_gpu"] > 1.5 * top["tokens_per_s_per_gpu"]
+    assert bound["dp_s"] < top["step_time"]["dp"] / 4
+    assert any("8 NICs" in note and "--ib-gbs 400" in note for note in r["notes"])
+    code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "fsdp2")
+    assert "NIC per GPU" in " ".join(out.split())
+
+
+def test_network_range_only_where_the_nics_matter(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not under DeepSpeed's fetch rules (its 2021 runs behaved as one NIC per GPU), not for a
+    ring with one member per node, and not when the data-parallel traffic hides."""
+    code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "deepspeed", "--json")
+    assert code == 0 and json.loads(out)["network_bound"] is None
+    code, out, _ = run(capsys, monkeypatch, *LLAMA_405B, "--layout",
+                       "tp=8,cp=1,pp=16,vpp=4,dp=128,ep=1,zero=1,recompute=none,mb=1", "--json")
+    assert code == 0 and json.loads(out)["network_bound"] is None
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--json")
+    assert code == 0 and json.loads(out)["network_bound"] is None
 
 
 def test_mamba1_x_proj_partial_sums_are_all_reduced_under_tp() -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from archplan.planning.optimal import Optimum
     from archplan.planning.parallel import Evaluated, SearchResult, Settings
     from archplan.planning.solve import SolveResult
+    from archplan.resolve import ModelPlan
     from archplan.spec import Spec
 
 
@@ -390,6 +391,49 @@ def _notes(result: SearchResult) -> list[str]:
     return notes
 
 
+# the share of the top layout's step in exposed data-parallel traffic from which `plan` shows the
+# network's other end (`parallel.rail_bound`): below it the answer hardly depends on the NICs
+DP_CAUTION_SHARE = 0.10
+
+
+def _network_bound(result: SearchResult, plan: ModelPlan) -> Evaluated | None:
+    """The top layout at as many NICs per GPU as its data-parallel ring has members per node, when
+    its exposed data-parallel traffic is a large share of the step. Not under `--states deepspeed`:
+    DeepSpeed's 2021 ZeRO-3 runs behaved as one NIC per GPU (docs/validation.md)."""
+    from archplan.planning.parallel import rail_bound
+
+    if not result.ranked or result.settings.states.module_fetch:
+        return None
+    top = result.ranked[0]
+    if top.time.dp < DP_CAUTION_SHARE * top.time.total:
+        return None
+    return rail_bound(result, plan, top)
+
+
+def _network_note(result: SearchResult, bound: Evaluated) -> str:
+    from archplan.planning.parallel import rails
+
+    top = result.ranked[0]
+    k = rails(top.layout, result.net.gpus_per_node)
+    gain = bound.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu - 1
+    return (f"{top.time.dp / top.time.total:.0%} of the top layout's step is data-parallel traffic, "
+            f"priced at one {result.net.inter_node / 1e9:g} GB/s NIC per GPU across nodes; its ring has "
+            f"{k} members on each node and NCCL can drive {k} NICs for it: then "
+            f"{bound.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({gain:+.0%}; --ib-gbs "
+            f"{k * result.net.inter_node / 1e9:g} prices every layout so). Published runs fall between "
+            "the two ends, so the one-NIC figure is the cautious one (docs/validation.md)")
+
+
+def _network_json(result: SearchResult, bound: Evaluated | None) -> dict[str, Any] | None:
+    from archplan.planning.parallel import rails
+
+    if bound is None:
+        return None
+    return {"layout": bound.layout.spec, "nics_per_gpu": rails(bound.layout, result.net.gpus_per_node),
+            "step_s": bound.time.total, "tokens_per_s_per_gpu": bound.tokens_per_s_per_gpu,
+            "mfu": bound.mfu, "dp_s": bound.time.dp}
+
+
 def _efficiency_text(result: SearchResult) -> str:
     settings, k = result.settings, result.kernels
     if settings.efficiency is not None:
@@ -412,7 +456,8 @@ def _efficiency_text(result: SearchResult) -> str:
             f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
 
 
-def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -> dict[str, Any]:
+def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
+                 bound: Evaluated | None) -> dict[str, Any]:
     settings = result.settings
     shown = result.ranked[:TOP_LAYOUTS] if result.ranked else (
         (result.tightest,) if result.tightest is not None else ())
@@ -445,7 +490,8 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str) -
         "reasons": list(result.reasons),
         "considered": result.considered,
         "fitting": result.fitting,
-        "notes": _notes(result),
+        "notes": _notes(result) + ([_network_note(result, bound)] if bound else []),
+        "network_bound": _network_json(result, bound),
         "layouts": [_layout_row(e, tokens, result.usable_bytes) for e in shown],
     }
 
@@ -555,7 +601,8 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
                       "--json has every figure)")
 
 
-def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) -> None:
+def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
+                  bound: Evaluated | None) -> None:
     from archplan.units import count, nbytes, percent
 
     console = _console()
@@ -587,7 +634,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str) 
     if not rows[0].fits:
         console.print(f"[bold red]does not fit:[/] pipeline rank {rows[0].stage} needs "
                       f"{nbytes(rows[0].memory.total)} > {nbytes(result.usable_bytes)} usable")
-    for note in _notes(result):
+    for note in _notes(result) + ([_network_note(result, bound)] if bound else []):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
@@ -815,18 +862,20 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
         raise ArchplanError("--global-batch-tokens must be positive")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
     single = fixed.complete() is not None
-    result = search(resolve(spec), device, gpus, seq=seq or min(DEFAULT_BUDGET_SEQ, spec.max_seq_len),
+    plan = resolve(spec)
+    result = search(plan, device, gpus, seq=seq or min(DEFAULT_BUDGET_SEQ, spec.max_seq_len),
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
                     fixed=fixed, keep_unfit=single)
+    bound = _network_bound(result, plan)
     train_tokens, source = _training_tokens(spec, tokens, law)
     plotted = plot is not None and result.feasible
     if plotted:
         assert plot is not None
         _plot_layouts(result, plot)
     if as_json:
-        typer.echo(json.dumps(_layout_json(spec, result, train_tokens, source), indent=2))
+        typer.echo(json.dumps(_layout_json(spec, result, train_tokens, source, bound), indent=2))
     else:
-        _print_layout(spec, result, train_tokens, source)
+        _print_layout(spec, result, train_tokens, source, bound)
         if plotted:
             typer.echo(f"figure written to {plot}")
     if not result.feasible:

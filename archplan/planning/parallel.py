@@ -467,3 +467,29 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Int
 def training_days(result: Evaluated, tokens: float) -> float:
     """Wall-clock days to train on `tokens` at this layout's step time and global batch."""
     return tokens / result.global_batch_tokens * result.time.total / 86400
+
+
+def rails(layout: Layout, gpus_per_node: int) -> int:
+    """NICs one rank's data-parallel ring can use across nodes: the group's members on one node.
+
+    NCCL runs one ring per NIC, each carrying its share of the bytes, so a group with k members on
+    every node can move a rank's ring traffic over k NICs; `plan` prices it over one (docs/plan.md,
+    "Communication pricing"). Published runs disagree on which holds (docs/validation.md, "The
+    whole MosaicML benchmark table"), so `rail_bound` shows the other end."""
+    inner = layout.tp * layout.cp
+    if inner * layout.dp <= gpus_per_node:  # the group never leaves the node
+        return 1
+    return max(1, min(layout.dp, gpus_per_node // inner))
+
+
+def rail_bound(result: SearchResult, plan: ModelPlan, e: Evaluated) -> Evaluated | None:
+    """`e` re-priced with every link across nodes at `rails` NICs per GPU: the fast end of the
+    network's range for its data-parallel traffic (pipeline hand-offs, one rank to one rank, get
+    the same speed-up, so it is an upper bound); None when the ring has one rail."""
+    k = rails(e.layout, result.net.gpus_per_node)
+    if k < 2:
+        return None
+    net = Interconnect(result.net.intra_node, result.net.inter_node * k, result.net.gpus_per_node,
+                       f"{k} NICs per GPU")
+    evaluator = Evaluator(plan, result.gpu, net, result.seq, result.settings, result.usable_bytes)
+    return evaluator.evaluate(e.layout, e.microbatches)
