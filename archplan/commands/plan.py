@@ -424,6 +424,10 @@ def _network_note(result: SearchResult, bound: Evaluated) -> str:
             "the two ends, so the one-NIC figure is the cautious one (docs/validation.md)")
 
 
+def _all_notes(result: SearchResult, bound: Evaluated | None) -> list[str]:
+    return _notes(result) + ([_network_note(result, bound)] if bound else [])
+
+
 def _network_json(result: SearchResult, bound: Evaluated | None) -> dict[str, Any] | None:
     from archplan.planning.parallel import rails
 
@@ -490,7 +494,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "reasons": list(result.reasons),
         "considered": result.considered,
         "fitting": result.fitting,
-        "notes": _notes(result) + ([_network_note(result, bound)] if bound else []),
+        "notes": _all_notes(result, bound),
         "network_bound": _network_json(result, bound),
         "layouts": [_layout_row(e, tokens, result.usable_bytes) for e in shown],
     }
@@ -634,7 +638,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     if not rows[0].fits:
         console.print(f"[bold red]does not fit:[/] pipeline rank {rows[0].stage} needs "
                       f"{nbytes(rows[0].memory.total)} > {nbytes(result.usable_bytes)} usable")
-    for note in _notes(result) + ([_network_note(result, bound)] if bound else []):
+    for note in _all_notes(result, bound):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
