@@ -8,6 +8,9 @@ The evaluation is published_runs.py's (`evaluate_run`, without the search column
     python benchmarks/mosaicml_benchmarks.py            # every row, then the summary per table
     python benchmarks/mosaicml_benchmarks.py --json
     python benchmarks/mosaicml_benchmarks.py --markdown # the summary and the misses, as in docs/validation.md
+
+Each output ends with the accuracy over every held-out run (these rows and published_runs.py's
+held-out rows), the figures `plan` prints (archplan/planning/accuracy.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import published_runs  # noqa: E402  (benchmarks/ is not a package)
 from archplan.analytic import count_params  # noqa: E402
+from archplan.planning.accuracy import HeldOutAccuracy, summarize  # noqa: E402
 from archplan.resolve import resolve  # noqa: E402
 from archplan.spec import Spec  # noqa: E402
 
@@ -35,6 +39,8 @@ FIXTURE = HERE.parent / "tests" / "fixtures" / "mosaicml_benchmarks.yaml"
 SHARDING_ZERO = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2}
 PRECISION = {"amp_bf16": "bf16", "bf16": "bf16", "amp_fp8": "fp8"}
 PURE_REDUCE_BYTES = 2  # "PURE" mixed precision reduce-scatters in bf16; "DEFAULT" in fp32
+# published_runs.yaml's held-out MPT rows are rows of these tables too: counted once, here
+DUPLICATE_PREFIX = "MPT-"
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,19 @@ def tables(found: list[Row]) -> dict[str, dict[str, float]]:
         "all": summary(found)}
 
 
+def held_out_errors(found: list[Row]) -> list[float]:
+    """The signed error of every held-out run, each once: these rows, then published_runs.yaml's
+    held-out rows but its MPT ones."""
+    others = [r.error for r in published_runs.rows(with_search=False)
+              if r.holdout and r.error is not None and not r.name.startswith(DUPLICATE_PREFIX)]
+    return [r.error for r in found] + others
+
+
+def held_out_line(accuracy: HeldOutAccuracy) -> str:
+    return (f"held out, every set: {accuracy.runs} runs, median |error| {accuracy.median:.1%}, nine in "
+            f"ten within ±{accuracy.p90:.1%}, median error {accuracy.bias:+.1%}")
+
+
 def markdown(found: list[Row]) -> None:
     print("| table | rows | median \\|error\\| | worst | within ±20% |")
     print("|---|---|---|---|---|")
@@ -144,12 +163,14 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="the summary and misses of docs/validation.md")
     args = parser.parse_args()
     found = rows()
+    accuracy = summarize(held_out_errors(found))
     if args.markdown:
         markdown(found)
+        print(f"\n{held_out_line(accuracy)}")
         return
     if args.json:
         print(json.dumps({"rows": [asdict(r) | {"error": r.error} for r in found],
-                          "tables": tables(found)}, indent=2))
+                          "tables": tables(found), "held_out": accuracy.as_dict()}, indent=2))
         return
     print(" | ".join(("row", "ckpt", "published", "predicted", "error", "fits", "GiB", "MFU", "params")))
     for r in found:
@@ -160,6 +181,7 @@ def main() -> None:
     for name, s in tables(found).items():
         print(f"{name}: {s['n']} rows, median |error| {s['median_abs_error']:.1%}, worst "
               f"{s['worst_abs_error']:.1%}, {s['within_20pct']} within ±20%")
+    print(held_out_line(accuracy))
 
 
 if __name__ == "__main__":

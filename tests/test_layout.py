@@ -653,6 +653,21 @@ def test_cli_partial_layout_searches_the_rest(capsys: pytest.CaptureFixture[str]
     r = json.loads(out)
     assert all(row["tp"] == 2 and row["recompute"] == "full" for row in r["layouts"])
     assert r["efficiency"]["override"] == 0.5 and "--efficiency 0.5" in r["efficiency"]["description"]
+    assert r["accuracy"] is None  # the user's rates were not the ones validated
+
+
+def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside the calibrated model's figures, how close it came on runs it was not calibrated on
+    (archplan/planning/accuracy.py; tests/test_mosaicml_benchmarks.py keeps the figures current)."""
+    from archplan.planning.accuracy import HELD_OUT
+
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--json")
+    assert code == 0 and json.loads(out)["accuracy"] == HELD_OUT.as_dict()
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "4096")
+    text = " ".join(out.split())
+    assert code == 0 and f"on {HELD_OUT.runs} published runs held out from calibration" in text
+    assert f"±{HELD_OUT.median:.1%}" in text and f"±{HELD_OUT.p90:.1%} for nine in ten" in text
 
 
 def test_cli_mfu_is_renamed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

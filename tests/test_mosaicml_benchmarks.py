@@ -61,3 +61,19 @@ def test_a_row_is_a_published_runs_run(bench: Any) -> None:
     assert "grad_reduce" not in bench.run_data(data, fp8)
     assert "zero=2" in bench.run_data(data, grad_op)["layout"]
     assert "recompute=full" in bench.run_data(data, data["rows"][0])["layout"]
+
+
+def test_held_out_accuracy_is_what_plan_prints(bench: Any, rows: list[Any]) -> None:
+    """archplan/planning/accuracy.py's figures are the held-out runs' on the model as it stands:
+    these 216 rows and published_runs.yaml's held-out rows, its 23 MPT rows counted once (each is
+    a row of these tables: the same published figure, a prediction within 1%)."""
+    from archplan.planning.accuracy import HELD_OUT, summarize
+
+    duplicates = [r for r in bench.published_runs.rows(with_search=False)
+                  if r.holdout and r.name.startswith(bench.DUPLICATE_PREFIX)]
+    assert len(duplicates) == 23
+    for dup in duplicates:
+        same = [r for r in rows if round(r.published) == round(dup.published)
+                and abs(r.predicted / dup.predicted - 1) < 0.01]
+        assert len(same) == 1, dup.name
+    assert summarize(bench.held_out_errors(rows)) == HELD_OUT

@@ -17,6 +17,7 @@ from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, refuse_fo
 from archplan.errors import ArchplanError
 
 if TYPE_CHECKING:
+    from archplan.planning.accuracy import HeldOutAccuracy
     from archplan.planning.design import Design
     from archplan.planning.optimal import Optimum
     from archplan.planning.parallel import Evaluated, SearchResult, Settings
@@ -460,6 +461,14 @@ def _efficiency_text(result: SearchResult) -> str:
             f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
 
 
+def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
+    """The held-out accuracy of the calibrated compute model; none under `--efficiency`, whose
+    GEMM and attention rates are the user's, not the ones validated."""
+    from archplan.planning.accuracy import HELD_OUT
+
+    return HELD_OUT if result.settings.efficiency is None else None
+
+
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
                  bound: Evaluated | None) -> dict[str, Any]:
     settings = result.settings
@@ -474,6 +483,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fixed": {k: v for k, v in result.fixed.given.items()},
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result)},
+        "accuracy": accuracy.as_dict() if (accuracy := _accuracy(result)) else None,
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "description": settings.states.description},
         "attention_kernel": settings.attention_kernel,
@@ -618,6 +628,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         f"seq {result.seq:,}; links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} "
         f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")
     console.print(f"  {_efficiency_text(result)}")
+    if accuracy := _accuracy(result):
+        console.print(f"  {accuracy.text()}")
     overlap = ", ".join(sorted(settings.overlap)) or "none"
     if settings.states.module_fetch and "dp" in settings.overlap:
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
