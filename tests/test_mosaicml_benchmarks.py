@@ -77,3 +77,16 @@ def test_held_out_accuracy_is_what_plan_prints(bench: Any, rows: list[Any]) -> N
                 and abs(r.predicted / dup.predicted - 1) < 0.01]
         assert len(same) == 1, dup.name
     assert summarize(bench.held_out_errors(rows)) == HELD_OUT
+
+
+def test_the_docs_quote_the_printed_accuracy() -> None:
+    """README.md, docs/plan.md and docs/validation.md quote the figures `plan` prints."""
+    from pathlib import Path
+
+    from archplan.planning.accuracy import HELD_OUT
+
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "docs/plan.md", "docs/validation.md"):
+        text = " ".join((root / doc).read_text(encoding="utf-8").split())
+        assert f"{HELD_OUT.runs} " in text or f"**{HELD_OUT.runs}**" in text, doc
+        assert f"±{HELD_OUT.median:.1%}" in text and f"±{HELD_OUT.p90:.1%}" in text, doc
