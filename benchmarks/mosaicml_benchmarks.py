@@ -10,7 +10,7 @@ The evaluation is published_runs.py's (`evaluate_run`, without the search column
     python benchmarks/mosaicml_benchmarks.py --markdown # the summary and the misses, as in docs/validation.md
 
 Each output ends with the accuracy over every held-out run (these rows and published_runs.py's
-held-out rows), the figures `plan` prints (archplan/planning/accuracy.py).
+held-out rows) per GPU family, the figures `plan` prints (archplan/planning/accuracy.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ sys.path.insert(0, str(HERE))
 
 import published_runs  # noqa: E402  (benchmarks/ is not a package)
 from archplan.analytic import count_params  # noqa: E402
-from archplan.planning.accuracy import HeldOutAccuracy, summarize  # noqa: E402
+from archplan.hardware import FAMILY_OF, accelerator  # noqa: E402
+from archplan.planning.accuracy import UNCALIBRATED, HeldOutAccuracy, summarize  # noqa: E402
 from archplan.resolve import resolve  # noqa: E402
 from archplan.spec import Spec  # noqa: E402
 
@@ -49,6 +50,7 @@ class Row:
     size: str
     seq: int
     gpus: int
+    gpu: str  # the README's GPU, as archplan names it
     micro_batch: int
     checkpointing: bool
     published: float
@@ -109,7 +111,7 @@ def rows() -> list[Row]:
         models = {spec["name"]: spec}
         result = published_runs.evaluate_run(run_data(data, values), models, {}, with_search=False)
         counted = count_params(resolve(Spec.model_validate(spec))).total
-        found.append(Row(row["table"], row["size"], row["seq"], row["gpus"], row["micro_batch"],
+        found.append(Row(row["table"], row["size"], row["seq"], row["gpus"], row["gpu"], row["micro_batch"],
                          row["checkpointing"], float(row["tokens_per_s_per_gpu"]), result.predicted,
                          result.fits, result.memory_gib, result.mfu, row["num_params"], counted))
     return found
@@ -129,17 +131,38 @@ def tables(found: list[Row]) -> dict[str, dict[str, float]]:
         "all": summary(found)}
 
 
-def held_out_errors(found: list[Row]) -> list[float]:
-    """The signed error of every held-out run, each once: these rows, then published_runs.yaml's
-    held-out rows but its MPT ones."""
-    others = [r.error for r in published_runs.rows(with_search=False)
-              if r.holdout and r.error is not None and not r.name.startswith(DUPLICATE_PREFIX)]
-    return [r.error for r in found] + others
+def held_out_errors(found: list[Row]) -> dict[str, tuple[list[float], str]]:
+    """Per kernel-efficiency family, the signed error of every held-out run, each once (these rows,
+    then published_runs.yaml's held-out rows but its MPT ones), and the GPUs they ran on."""
+    runs = {run["name"]: run for run in published_runs.load()["runs"]}
+    errors: dict[str, list[float]] = {}
+    gpus: dict[str, set[str]] = {}
+
+    def add(gpu_key: str, error: float) -> None:
+        family = FAMILY_OF.get(accelerator(gpu_key).key, UNCALIBRATED)
+        errors.setdefault(family, []).append(error)
+        gpus.setdefault(family, set()).add(accelerator(gpu_key).key.split("-")[0].upper())
+
+    for r in found:
+        add(r.gpu, r.error)
+    for row in published_runs.rows(with_search=False):
+        if row.holdout and row.error is not None and not row.name.startswith(DUPLICATE_PREFIX):
+            add(runs[row.name]["gpu"], row.error)
+    return {family: (errors[family], "/".join(sorted(gpus[family]))) for family in errors}
 
 
-def held_out_line(accuracy: HeldOutAccuracy) -> str:
-    return (f"held out, every set: {accuracy.runs} runs, median |error| {accuracy.median:.1%}, nine in "
-            f"ten within ±{accuracy.p90:.1%}, median error {accuracy.bias:+.1%}")
+def accuracy(found: list[Row]) -> dict[str, HeldOutAccuracy]:
+    """Per family, then of every held-out run (key "every")."""
+    groups = held_out_errors(found)
+    every = [e for errors, _ in groups.values() for e in errors]
+    names = sorted({name for _, gpus in groups.values() for name in gpus.split("/")})
+    return {family: summarize(errors, gpus) for family, (errors, gpus) in groups.items()} | {
+        "every family": summarize(every, "/".join(names))}
+
+
+def held_out_lines(found: list[Row]) -> list[str]:
+    return [f"held out, {family} ({a.gpus}): {a.runs} runs, median |error| {a.median:.1%}, nine in ten "
+            f"within ±{a.p90:.1%}, median error {a.bias:+.1%}" for family, a in accuracy(found).items()]
 
 
 def markdown(found: list[Row]) -> None:
@@ -163,14 +186,14 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="the summary and misses of docs/validation.md")
     args = parser.parse_args()
     found = rows()
-    accuracy = summarize(held_out_errors(found))
     if args.markdown:
         markdown(found)
-        print(f"\n{held_out_line(accuracy)}")
+        print("\n" + "\n".join(held_out_lines(found)))
         return
     if args.json:
         print(json.dumps({"rows": [asdict(r) | {"error": r.error} for r in found],
-                          "tables": tables(found), "held_out": accuracy.as_dict()}, indent=2))
+                          "tables": tables(found),
+                          "held_out": {f: a.as_dict() for f, a in accuracy(found).items()}}, indent=2))
         return
     print(" | ".join(("row", "ckpt", "published", "predicted", "error", "fits", "GiB", "MFU", "params")))
     for r in found:
@@ -181,7 +204,7 @@ def main() -> None:
     for name, s in tables(found).items():
         print(f"{name}: {s['n']} rows, median |error| {s['median_abs_error']:.1%}, worst "
               f"{s['worst_abs_error']:.1%}, {s['within_20pct']} within ±20%")
-    print(held_out_line(accuracy))
+    print("\n".join(held_out_lines(found)))
 
 
 if __name__ == "__main__":

@@ -462,11 +462,14 @@ def _efficiency_text(result: SearchResult) -> str:
 
 
 def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
-    """The held-out accuracy of the calibrated compute model; none under `--efficiency`, whose
-    GEMM and attention rates are the user's, not the ones validated."""
-    from archplan.planning.accuracy import HELD_OUT
+    """The held-out accuracy of the GPU's family constants; none under `--efficiency`, whose GEMM
+    and attention rates are the user's, not the ones validated."""
+    from archplan.hardware import FAMILY_OF
+    from archplan.planning.accuracy import HELD_OUT, UNCALIBRATED
 
-    return HELD_OUT if result.settings.efficiency is None else None
+    if result.settings.efficiency is not None:
+        return None
+    return HELD_OUT[FAMILY_OF.get(result.gpu.key, UNCALIBRATED)]
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,

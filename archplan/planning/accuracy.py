@@ -1,11 +1,14 @@
-"""How close the layout model came on published training runs it was not calibrated on: the
-figures `plan` prints beside its step times, so a user can size a margin. docs/validation.md
-("How accurate `plan` is") lists the runs and the misses; tests/test_mosaicml_benchmarks.py
-recomputes these figures from both benchmark sets, so they cannot drift from the model.
+"""How close the layout model came on published training runs it was not calibrated on, per GPU
+family: the figures `plan` prints beside its step times, so a user can size a margin.
+docs/validation.md ("How accurate `plan` is") lists the runs and the misses;
+tests/test_mosaicml_benchmarks.py recomputes these figures from both benchmark sets, so they
+cannot drift from the model.
 
 The held-out runs: tests/fixtures/published_runs.yaml's held-out rows (other frameworks, GPU
 generations and sequence lengths than the calibration runs) and every row of MosaicML's benchmark
-tables (tests/fixtures/mosaicml_benchmarks.yaml), each run counted once."""
+tables (tests/fixtures/mosaicml_benchmarks.yaml), each run counted once. They are grouped by the
+kernel-efficiency family their GPU is priced with (`hardware.FAMILY_OF`), as a family's constants
+are what the figures judge; GPUs outside every family fall under `UNCALIBRATED`."""
 
 from __future__ import annotations
 
@@ -15,34 +18,41 @@ from dataclasses import dataclass
 
 from archplan.units import percent
 
+UNCALIBRATED = "uncalibrated"
+
 
 @dataclass(frozen=True)
 class HeldOutAccuracy:
-    """|predicted / published − 1| of tokens/s per GPU over the held-out runs."""
+    """|predicted / published − 1| of tokens/s per GPU over one family's held-out runs."""
 
     runs: int
     median: float
     p90: float  # nine runs in ten are within it
     bias: float  # the median signed error: > 0 where the model is optimistic
+    gpus: str  # the GPUs those runs used, for the sentence
 
     def text(self) -> str:
         leaning = "optimistic" if self.bias > 0 else "pessimistic"
-        return (f"accuracy: on {self.runs} published runs held out from calibration, tokens/s per GPU "
-                f"within ±{percent(self.median)} of the measured for half, ±{percent(self.p90)} for nine "
-                f"in ten (median error {self.bias:+.1%}, {leaning}; docs/validation.md)")
+        return (f"accuracy: on {self.runs} published {self.gpus} runs held out from calibration, tokens/s "
+                f"per GPU within ±{percent(self.median)} of the measured for half, ±{percent(self.p90)} "
+                f"for nine in ten (median error {self.bias:+.1%}, {leaning}; docs/validation.md)")
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {"held_out_runs": self.runs, "median_abs_error": self.median,
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"held_out_runs": self.runs, "gpus": self.gpus, "median_abs_error": self.median,
                 "p90_abs_error": self.p90, "median_error": self.bias}
 
 
-def summarize(errors: Sequence[float]) -> HeldOutAccuracy:
+def summarize(errors: Sequence[float], gpus: str) -> HeldOutAccuracy:
     """The accuracy figures of signed errors (predicted / published − 1), rounded as stored."""
     magnitudes = [abs(e) for e in errors]
     p90 = statistics.quantiles(magnitudes, n=10, method="inclusive")[-1]
     return HeldOutAccuracy(len(errors), round(statistics.median(magnitudes), 3), round(p90, 3),
-                           round(statistics.median(errors), 3))
+                           round(statistics.median(errors), 3), gpus)
 
 
 # benchmarks/mosaicml_benchmarks.py's `held_out_errors()` on the model as it stands (2026-12-01)
-HELD_OUT = HeldOutAccuracy(runs=259, median=0.066, p90=0.203, bias=0.041)
+HELD_OUT: dict[str, HeldOutAccuracy] = {
+    "ampere": HeldOutAccuracy(runs=155, median=0.055, p90=0.137, bias=0.003, gpus="A100"),
+    "hopper": HeldOutAccuracy(runs=98, median=0.106, p90=0.252, bias=0.085, gpus="H100/H800"),
+    UNCALIBRATED: HeldOutAccuracy(runs=6, median=0.074, p90=0.134, bias=0.074, gpus="B200"),
+}
