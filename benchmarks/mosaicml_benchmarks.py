@@ -138,10 +138,11 @@ def held_out_errors(found: list[Row]) -> dict[str, tuple[list[float], str]]:
     errors: dict[str, list[float]] = {}
     gpus: dict[str, set[str]] = {}
 
-    def add(gpu_key: str, error: float) -> None:
-        family = FAMILY_OF.get(accelerator(gpu_key).key, UNCALIBRATED)
+    def add(gpu_name: str, error: float) -> None:
+        key = accelerator(gpu_name).key
+        family = FAMILY_OF.get(key, UNCALIBRATED)
         errors.setdefault(family, []).append(error)
-        gpus.setdefault(family, set()).add(accelerator(gpu_key).key.split("-")[0].upper())
+        gpus.setdefault(family, set()).add(key.split("-")[0].upper())
 
     for r in found:
         add(r.gpu, r.error)
@@ -152,7 +153,7 @@ def held_out_errors(found: list[Row]) -> dict[str, tuple[list[float], str]]:
 
 
 def accuracy(found: list[Row]) -> dict[str, HeldOutAccuracy]:
-    """Per family, then of every held-out run (key "every")."""
+    """Per family, then of every held-out run (key "every family")."""
     groups = held_out_errors(found)
     every = [e for errors, _ in groups.values() for e in errors]
     names = sorted({name for _, gpus in groups.values() for name in gpus.split("/")})

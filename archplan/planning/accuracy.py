@@ -32,7 +32,7 @@ class HeldOutAccuracy:
     gpus: str  # the GPUs those runs used, for the sentence
 
     def text(self) -> str:
-        leaning = "optimistic" if self.bias > 0 else "pessimistic"
+        leaning = "optimistic" if self.bias > 0 else "pessimistic" if self.bias < 0 else "no lean"
         return (f"accuracy: on {self.runs} published {self.gpus} runs held out from calibration, tokens/s "
                 f"per GPU within ±{percent(self.median)} of the measured for half, ±{percent(self.p90)} "
                 f"for nine in ten (median error {self.bias:+.1%}, {leaning}; docs/validation.md)")
@@ -50,7 +50,7 @@ def summarize(errors: Sequence[float], gpus: str) -> HeldOutAccuracy:
                            round(statistics.median(errors), 3), gpus)
 
 
-# benchmarks/mosaicml_benchmarks.py's `held_out_errors()` on the model as it stands (2026-12-01)
+# benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-01)
 HELD_OUT: dict[str, HeldOutAccuracy] = {
     "ampere": HeldOutAccuracy(runs=155, median=0.055, p90=0.137, bias=0.003, gpus="A100"),
     "hopper": HeldOutAccuracy(runs=98, median=0.106, p90=0.252, bias=0.085, gpus="H100/H800"),
