@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE))
 
 import published_runs  # noqa: E402  (benchmarks/ is not a package)
 from archplan.analytic import count_params  # noqa: E402
-from archplan.hardware import FAMILY_OF, accelerator  # noqa: E402
-from archplan.planning.accuracy import UNCALIBRATED, HeldOutAccuracy, summarize  # noqa: E402
+from archplan.hardware import accelerator  # noqa: E402
+from archplan.planning.accuracy import HeldOutAccuracy, family, summarize  # noqa: E402
 from archplan.resolve import resolve  # noqa: E402
 from archplan.spec import Spec  # noqa: E402
 
@@ -131,39 +131,41 @@ def tables(found: list[Row]) -> dict[str, dict[str, float]]:
         "all": summary(found)}
 
 
-def held_out_errors(found: list[Row]) -> dict[str, tuple[list[float], str]]:
+def held_out_errors(found: list[Row],
+                    published: list[published_runs.Row]) -> dict[str, tuple[list[float], str]]:
     """Per kernel-efficiency family, the signed error of every held-out run, each once (these rows,
-    then published_runs.yaml's held-out rows but its MPT ones), and the GPUs they ran on."""
+    then published_runs.yaml's held-out rows, `published`, but its MPT ones), and the GPUs they
+    ran on."""
     runs = {run["name"]: run for run in published_runs.load()["runs"]}
     errors: dict[str, list[float]] = {}
     gpus: dict[str, set[str]] = {}
 
     def add(gpu_name: str, error: float) -> None:
-        key = accelerator(gpu_name).key
-        family = FAMILY_OF.get(key, UNCALIBRATED)
-        errors.setdefault(family, []).append(error)
-        gpus.setdefault(family, set()).add(key.split("-")[0].upper())
+        gpu = accelerator(gpu_name)
+        errors.setdefault(family(gpu), []).append(error)
+        gpus.setdefault(family(gpu), set()).add(gpu.key.split("-")[0].upper())
 
     for r in found:
         add(r.gpu, r.error)
-    for row in published_runs.rows(with_search=False):
+    for row in published:
         if row.holdout and row.error is not None and not row.name.startswith(DUPLICATE_PREFIX):
             add(runs[row.name]["gpu"], row.error)
-    return {family: (errors[family], "/".join(sorted(gpus[family]))) for family in errors}
+    return {key: (errors[key], "/".join(sorted(gpus[key]))) for key in errors}
 
 
-def accuracy(found: list[Row]) -> dict[str, HeldOutAccuracy]:
+def accuracy(found: list[Row], published: list[published_runs.Row]) -> dict[str, HeldOutAccuracy]:
     """Per family, then of every held-out run (key "every family")."""
-    groups = held_out_errors(found)
+    groups = held_out_errors(found, published)
     every = [e for errors, _ in groups.values() for e in errors]
     names = sorted({name for _, gpus in groups.values() for name in gpus.split("/")})
-    return {family: summarize(errors, gpus) for family, (errors, gpus) in groups.items()} | {
+    return {key: summarize(errors, gpus) for key, (errors, gpus) in groups.items()} | {
         "every family": summarize(every, "/".join(names))}
 
 
 def held_out_lines(found: list[Row]) -> list[str]:
-    return [f"held out, {family} ({a.gpus}): {a.runs} runs, median |error| {a.median:.1%}, nine in ten "
-            f"within ±{a.p90:.1%}, median error {a.bias:+.1%}" for family, a in accuracy(found).items()]
+    figures = accuracy(found, published_runs.rows(with_search=False))
+    return [f"held out, {key} ({a.gpus}): {a.runs} runs, median |error| {a.median:.1%}, nine in ten "
+            f"within ±{a.p90:.1%}, median error {a.bias:+.1%}" for key, a in figures.items()]
 
 
 def markdown(found: list[Row]) -> None:
@@ -194,7 +196,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": [asdict(r) | {"error": r.error} for r in found],
                           "tables": tables(found),
-                          "held_out": {f: a.as_dict() for f, a in accuracy(found).items()}}, indent=2))
+                          "held_out": {key: a.as_dict() for key, a in accuracy(
+                              found, published_runs.rows(with_search=False)).items()}}, indent=2))
         return
     print(" | ".join(("row", "ckpt", "published", "predicted", "error", "fits", "GiB", "MFU", "params")))
     for r in found:

@@ -466,12 +466,11 @@ def _efficiency_text(result: SearchResult) -> str:
 def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
     """The held-out accuracy of the GPU's family constants; none under `--efficiency`, whose GEMM
     and attention rates are the user's, not the ones validated."""
-    from archplan.hardware import FAMILY_OF
-    from archplan.planning.accuracy import HELD_OUT, UNCALIBRATED
+    from archplan.planning.accuracy import HELD_OUT, family
 
     if result.settings.efficiency is not None:
         return None
-    return HELD_OUT[FAMILY_OF.get(result.gpu.key, UNCALIBRATED)]
+    return HELD_OUT[family(result.gpu)]
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,

@@ -16,9 +16,15 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from archplan.hardware import FAMILY_OF, Accelerator
 from archplan.units import percent
 
 UNCALIBRATED = "uncalibrated"
+
+
+def family(gpu: Accelerator) -> str:
+    """The key of `HELD_OUT` whose runs judge the constants `gpu` is priced with."""
+    return FAMILY_OF.get(gpu.key, UNCALIBRATED)
 
 
 @dataclass(frozen=True)
