@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from archplan.planning.accuracy import HeldOutAccuracy
     from archplan.planning.design import Design
     from archplan.planning.optimal import Optimum
-    from archplan.planning.parallel import Evaluated, SearchResult, Settings
+    from archplan.planning.parallel import Evaluated, RailBound, SearchResult, Settings
     from archplan.planning.solve import SolveResult
     from archplan.resolve import ModelPlan
     from archplan.spec import Spec
@@ -399,7 +399,7 @@ def _notes(result: SearchResult) -> list[str]:
 DP_CAUTION_SHARE = 0.10
 
 
-def _network_bound(result: SearchResult, plan: ModelPlan) -> Evaluated | None:
+def _network_bound(result: SearchResult, plan: ModelPlan) -> RailBound | None:
     """The top layout at as many NICs per GPU as its data-parallel ring has members per node, when
     its exposed data-parallel traffic is a large share of the step. Not under `--states deepspeed`:
     DeepSpeed's 2021 ZeRO-3 runs behaved as one NIC per GPU (docs/validation.md)."""
@@ -413,32 +413,27 @@ def _network_bound(result: SearchResult, plan: ModelPlan) -> Evaluated | None:
     return rail_bound(result, plan, top)
 
 
-def _network_note(result: SearchResult, bound: Evaluated) -> str:
-    from archplan.planning.parallel import rails
-
-    top = result.ranked[0]
-    k = rails(top.layout, result.net.gpus_per_node)
-    gain = bound.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu - 1
+def _network_note(result: SearchResult, bound: RailBound) -> str:
+    top, fast = result.ranked[0], bound.evaluated
+    gain = fast.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu - 1
     return (f"{top.time.dp / top.time.total:.0%} of the top layout's step is data-parallel traffic, "
             f"priced at one {result.net.inter_node / 1e9:g} GB/s NIC per GPU across nodes; its ring has "
-            f"{k} members on each node and NCCL can drive {k} NICs for it: then "
-            f"{bound.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({gain:+.0%}; --ib-gbs "
-            f"{k * result.net.inter_node / 1e9:g} prices every layout so). Published runs fall between "
-            "the two ends, so the one-NIC figure is the cautious one (docs/validation.md)")
+            f"{bound.nics} members on each node and NCCL can drive {bound.nics} NICs for it: then "
+            f"{fast.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({gain:+.0%}; --ib-gbs "
+            f"{bound.nics * result.net.inter_node / 1e9:g} prices every layout so). Published runs fall "
+            "between the two ends, so the one-NIC figure is the cautious one (docs/validation.md)")
 
 
-def _all_notes(result: SearchResult, bound: Evaluated | None) -> list[str]:
+def _all_notes(result: SearchResult, bound: RailBound | None) -> list[str]:
     return _notes(result) + ([_network_note(result, bound)] if bound else [])
 
 
-def _network_json(result: SearchResult, bound: Evaluated | None) -> dict[str, Any] | None:
-    from archplan.planning.parallel import rails
-
+def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
     if bound is None:
         return None
-    return {"layout": bound.layout.spec, "nics_per_gpu": rails(bound.layout, result.net.gpus_per_node),
-            "step_s": bound.time.total, "tokens_per_s_per_gpu": bound.tokens_per_s_per_gpu,
-            "mfu": bound.mfu, "dp_s": bound.time.dp}
+    fast = bound.evaluated
+    return {"layout": fast.layout.spec, "nics_per_gpu": bound.nics, "step_s": fast.time.total,
+            "tokens_per_s_per_gpu": fast.tokens_per_s_per_gpu, "mfu": fast.mfu, "dp_s": fast.time.dp}
 
 
 def _efficiency_text(result: SearchResult) -> str:
@@ -474,7 +469,7 @@ def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
-                 bound: Evaluated | None) -> dict[str, Any]:
+                 bound: RailBound | None) -> dict[str, Any]:
     settings = result.settings
     shown = result.ranked[:TOP_LAYOUTS] if result.ranked else (
         (result.tightest,) if result.tightest is not None else ())
@@ -509,7 +504,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "considered": result.considered,
         "fitting": result.fitting,
         "notes": _all_notes(result, bound),
-        "network_bound": _network_json(result, bound),
+        "network_bound": _network_json(bound),
         "layouts": [_layout_row(e, tokens, result.usable_bytes) for e in shown],
     }
 
@@ -620,7 +615,7 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
 
 
 def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
-                  bound: Evaluated | None) -> None:
+                  bound: RailBound | None) -> None:
     from archplan.units import count, nbytes, percent
 
     console = _console()

@@ -28,7 +28,7 @@ from archplan.planning.cluster import (
     representative_stages,
 )
 from archplan.planning.layout import Layout, PartialLayout, check_layout, check_partial, group_problem
-from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for
+from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for, spans_nodes
 from archplan.planning.records import RankMemory
 from archplan.resolve import (
     AttentionPlan,
@@ -476,13 +476,20 @@ def rails(layout: Layout, gpus_per_node: int) -> int:
     every node can move a rank's ring traffic over k NICs; `plan` prices it over one (docs/plan.md,
     "Communication pricing"). Published runs disagree on which holds (docs/validation.md, "The
     whole MosaicML benchmark table"), so `rail_bound` shows the other end."""
-    inner = layout.tp * layout.cp
-    if inner * layout.dp <= gpus_per_node:  # the group never leaves the node
+    if not spans_nodes("dp", layout, gpus_per_node):
         return 1
-    return max(1, min(layout.dp, gpus_per_node // inner))
+    return max(1, min(layout.dp, gpus_per_node // (layout.tp * layout.cp)))
 
 
-def rail_bound(result: SearchResult, plan: ModelPlan, e: Evaluated) -> Evaluated | None:
+@dataclass(frozen=True)
+class RailBound:
+    """A layout re-priced at `nics` NICs per GPU across nodes (`rail_bound`)."""
+
+    nics: int
+    evaluated: Evaluated
+
+
+def rail_bound(result: SearchResult, plan: ModelPlan, e: Evaluated) -> RailBound | None:
     """`e` re-priced with every link across nodes at `rails` NICs per GPU: the fast end of the
     network's range for its data-parallel traffic (pipeline hand-offs, one rank to one rank, get
     the same speed-up, so it is an upper bound); None when the ring has one rail."""
@@ -492,4 +499,4 @@ def rail_bound(result: SearchResult, plan: ModelPlan, e: Evaluated) -> Evaluated
     net = Interconnect(result.net.intra_node, result.net.inter_node * k, result.net.gpus_per_node,
                        f"{k} NICs per GPU")
     evaluator = Evaluator(plan, result.gpu, net, result.seq, result.settings, result.usable_bytes)
-    return evaluator.evaluate(e.layout, e.microbatches)
+    return RailBound(k, evaluator.evaluate(e.layout, e.microbatches))

@@ -506,7 +506,7 @@ def _first_twins(data: ModelData) -> list[int]:
     return twins
 
 
-def _spans_nodes(mesh: MeshDim, layout: Layout, net: Network) -> bool:
+def spans_nodes(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> bool:
     """Whether a group of this mesh dimension leaves the node (ranks ordered tp, cp, dp, pp)."""
     match mesh:  # a match, not a dict of every extent: called once per record of every layout
         case "tp":
@@ -521,14 +521,14 @@ def _spans_nodes(mesh: MeshDim, layout: Layout, net: Network) -> bool:
             extent = layout.world
         case _:
             assert_never(mesh)
-    return extent > net.gpus_per_node
+    return extent > gpus_per_node
 
 
 def collective_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency) -> float:
     """Seconds for all `count` calls of one record."""
     if c.group_size <= 1:
         return 0.0
-    across = _spans_nodes(c.mesh_dim, layout, net)
+    across = spans_nodes(c.mesh_dim, layout, net.gpus_per_node)
     bandwidth = net.inter_node * eff.inter_link if across else net.intra_node * eff.intra_link
     return c.count * (c.wire_bytes / bandwidth + eff.latency)
 
