@@ -41,19 +41,27 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     """SafeLoader that keeps the position of every mapping key and rejects duplicate keys."""
 
 
+class _PyLoader(yaml.SafeLoader):
+    """The same loader in pure Python, for text that may nest deeply (see `_NESTING_MARKS`)."""
+
+
+# libyaml composes nodes by recursing in C, with no depth limit: `[[[...]]]` or `- - - ...` some
+# 25,000 deep overflows the C stack and kills the process. The pure-Python composer recurses in
+# Python, where the depth limit raises RecursionError instead. Every level of nesting needs one of
+# these characters (block nesting by indentation alone needs quadratic text, so cannot get deep
+# within MAX_FILE_BYTES); a text with few of them cannot nest deeply and keeps the fast parser.
+_NESTING_MARKS = "[{-?"
+_MAX_C_NESTING = 1_000
+
 # YAML 1.1 (PyYAML) reads `2.0e12` (no exponent sign) as a string; YAML 1.2 and users mean a float.
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
+    |\.(?:nan|NaN|NAN))$""", re.X)
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     loader.flatten_mapping(node)
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
@@ -75,7 +83,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     }
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+for _cls in (_Loader, _PyLoader):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    _cls.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _count_nodes(node: yaml.Node, budget: list[int]) -> None:
@@ -109,7 +119,8 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
     if "\x00" in text:
         raise ArchplanError("not a text file (NUL bytes)", file=file)
     try:
-        loader = _Loader(text)
+        deep = sum(text.count(mark) for mark in _NESTING_MARKS) > _MAX_C_NESTING
+        loader = (_PyLoader if deep else _Loader)(text)
         try:
             node = loader.get_single_node()
             if node is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from archplan.cli import main
+from archplan.errors import ArchplanError
 
 BASE = """\
 name: tiny
@@ -161,6 +162,35 @@ def test_python_tag_is_refused_and_never_runs(cli, tmp_path: Path) -> None:  # t
     path = spec_file(tmp_path, text)
     assert_one_line_error(cli("size", path), f"{path}:1:7", "tag not allowed", "safe loader")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("nested", [
+    "name: " + "[" * 30_000 + "]" * 30_000,
+    "name: " + "{a: " * 40_000 + "1" + "}" * 40_000,
+    "name:\n  " + "- " * 300_000 + "x",
+    "name:\n  " + "? " * 300_000 + "x",
+], ids=["flow-sequence", "flow-mapping", "block-sequence", "block-key"])
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path: Path, nested: str) -> None:
+    # in a subprocess: libyaml's C recursion overflowed the stack and killed the process (exit 139)
+    path = spec_file(tmp_path, nested + "\n")
+    proc = subprocess.run([sys.executable, "-m", "archplan.cli", "size", path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    assert proc.stderr == f"archplan: error: {path}: YAML nests too deeply\n"
+
+
+def test_text_with_many_brackets_parses_as_usual(tmp_path: Path) -> None:
+    # past the bracket count that switches to the pure-Python parser: same data, same checks
+    from archplan.loader import parse_yaml
+
+    padding = "# " + "[{-?" * 1_000 + "\n"
+    text = BASE + "rope: {theta: 5.0e5}\n"
+    assert parse_yaml(padding + text, "x").data == parse_yaml(text, "x").data
+    assert parse_yaml(padding + text, "x").data["rope"]["theta"] == 5.0e5
+    loaded = parse_yaml(padding + text, "x")
+    assert loaded.locations[("d_model",)] == (4, 1)
+    with pytest.raises(ArchplanError, match="duplicate key 'd_model'"):
+        parse_yaml(padding + text + "d_model: 1\n", "x")
 
 
 def test_compare_names_the_bad_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -161,6 +161,10 @@ HOSTILE: dict[str, bytes] = {
     "empty.yaml": b"",
     "scalar.yaml": b"just a string\n",
     "deep.yaml": b"[" * 5000 + b"]" * 5000 + b"\n",
+    # deep enough to overflow libyaml's C recursion (it killed the process, exit 139)
+    "deeper.yaml": b"name: " + b"[" * 30_000 + b"]" * 30_000 + b"\n",
+    "deep-mapping.yaml": b"name: " + b"{a: " * 40_000 + b"1" + b"}" * 40_000 + b"\n",
+    "deep-block.yaml": b"name:\n  " + b"- " * 300_000 + b"x\n",
     "two-docs.yaml": (CLEAN + "---\n" + CLEAN).encode(),
 }
 
