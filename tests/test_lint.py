@@ -259,13 +259,16 @@ def test_pyproject_config_sets_defaults_and_cli_overrides(tmp_path, monkeypatch,
     ('[tool.archplan.lint]\nstrict = "yes"\n', "strict must be true or false"),
     ('[tool.archplan.lint]\nexclude = []\n', "unknown key(s) exclude"),
     ("[tool.archplan.lint\n", "cannot read"),
+    ("tool = 3\n", "malformed config: tool must be a table, not int"),
+    ("[tool]\narchplan = 3\n", "malformed config: tool.archplan must be a table, not int"),
+    ("[tool.archplan]\nlint = [1]\n", "malformed config: tool.archplan.lint must be a table, not list"),
 ])
 def test_bad_pyproject_config_exits_2(toml, message, tmp_path, monkeypatch, capsys) -> None:
     write(tmp_path, "pyproject.toml", toml)
     write(tmp_path, "x.yaml", CLEAN)
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "lint", "x.yaml")
-    assert code == 2 and message in err
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_discovery_recurses_skips_hidden_and_dedupes(tmp_path, monkeypatch) -> None:

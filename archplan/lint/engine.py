@@ -139,12 +139,19 @@ def load_config(start: Path) -> LintConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ArchplanError(f"cannot read: {exc}", file=str(path)) from None
-    table = data.get("tool", {}).get("archplan", {}).get("lint")
-    if table is None:
-        return LintConfig()
     source = str(path)
-    if not isinstance(table, dict):
-        raise ArchplanError("[tool.archplan.lint] must be a table", file=source)
+    # Any pyproject.toml may have `tool = 3`: each level of tool.archplan.lint must be a table.
+    keys = ("tool", "archplan", "lint")
+    table: dict = data
+    for depth, key in enumerate(keys, start=1):
+        value = table.get(key)
+        if value is None:
+            return LintConfig()
+        if not isinstance(value, dict):
+            name = ".".join(keys[:depth])
+            raise ArchplanError(f"malformed config: {name} must be a table, not {type(value).__name__}",
+                                file=source)
+        table = value
     unknown = set(table) - {"select", "ignore", "strict"}
     if unknown:
         raise ArchplanError(
