@@ -204,6 +204,8 @@ def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> Arch
             field = named.group(1)
             line_col = next((loaded.locations[yaml_path[:cut]] for cut in range(len(yaml_path), 0, -1)
                              if yaml_path[:cut] in loaded.locations), None)
+    elif kind in ("int_type", "float_type") and isinstance(err.get("input"), (bool, str, float)):
+        message = _not_a_number("an integer" if kind == "int_type" else "a number", err["input"])
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         got = repr(err["input"])
         message = f"{message} (got {got[:80] + '…' if len(got) > 80 else got})"
@@ -211,6 +213,20 @@ def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> Arch
         message, file=file, line=line_col[0] if line_col else None,
         column=line_col[1] if line_col else None, field=field,
     )
+
+
+def _not_a_number(expected: str, value: bool | str | float) -> str:
+    """The spec's numbers are strict (spec.py): say what YAML made of the value instead."""
+    if isinstance(value, bool):
+        return f"expected {expected}, got a boolean ({str(value).lower()})"
+    if isinstance(value, float):
+        return f"expected {expected}, got {value!r}"
+    shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}…"
+    try:
+        float(value.replace("_", ""))
+    except ValueError:
+        return f"expected {expected}, got the string {shown}"
+    return f"expected {expected}, got the string {shown}; write the number without quotes"
 
 
 def _path_keys(loaded: LoadedYaml, loc: tuple) -> set:

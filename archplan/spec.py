@@ -10,15 +10,21 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 from typing_extensions import assert_never
 
 # Sizes above this are rejected as absurd: 2^40 would already be a 1-trillion-wide matrix side.
 MAX_DIM = 1 << 24
 MAX_LAYERS = 100_000
 
-Dim = Annotated[int, Field(gt=0, le=MAX_DIM)]
-NonNegDim = Annotated[int, Field(ge=0, le=MAX_DIM)]
+# Strict: YAML reads `true`, `yes` and `on` as booleans and `"32"` as a string, which lax mode
+# would take as 1 and 32 without a word (the JSON schema already refuses them). Strict integers
+# refuse floats too (4096.0); strict numbers still take integers (`theta: 10000`).
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]
+Dim = Annotated[Int, Field(gt=0, le=MAX_DIM)]
+NonNegDim = Annotated[Int, Field(ge=0, le=MAX_DIM)]
+PositiveInt = Annotated[Int, Field(gt=0)]
 
 
 class Frozen(BaseModel):
@@ -31,7 +37,7 @@ class NormSpec(Frozen):
 
     kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     bias: bool = Field(True, description="LayerNorm only: learnable bias (MPT/OLMo drop it).")
-    eps: float = Field(1e-5, gt=0, lt=1)
+    eps: Number = Field(1e-5, gt=0, lt=1)
     affine: bool = Field(True, description="False: no learnable weight or bias (OLMo-1's LayerNorm).")
 
     @model_validator(mode="after")
@@ -52,16 +58,16 @@ class RopeScaling(Frozen):
     """RoPE length extension as shipped by Llama 3.1 (`llama3`), DeepSeek-V3 (`yarn`) and others."""
 
     kind: Literal["linear", "ntk", "yarn", "llama3"]
-    factor: float = Field(gt=1.0, le=1024.0)
+    factor: Number = Field(gt=1.0, le=1024.0)
     original_max_positions: PositiveInt | None = None
     # llama3 (meta-llama/llama-models `apply_scaling`)
-    low_freq_factor: float = Field(1.0, gt=0)
-    high_freq_factor: float = Field(4.0, gt=0)
+    low_freq_factor: Number = Field(1.0, gt=0)
+    high_freq_factor: Number = Field(4.0, gt=0)
     # yarn (Peng et al. 2023, eq. 19-20; DeepSeek-V3 `yarn_get_mscale`)
-    beta_fast: float = Field(32.0, gt=0)
-    beta_slow: float = Field(1.0, gt=0)
-    mscale: float = Field(1.0, ge=0)
-    mscale_all_dim: float = Field(0.0, ge=0)
+    beta_fast: Number = Field(32.0, gt=0)
+    beta_slow: Number = Field(1.0, gt=0)
+    mscale: Number = Field(1.0, ge=0)
+    mscale_all_dim: Number = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _needs_original(self) -> RopeScaling:
@@ -74,8 +80,8 @@ class Rope(Frozen):
     """Rotary embeddings (Su et al. 2021); `fraction` < 1 rotates only the first dims (GPT-NeoX/Phi)."""
 
     kind: Literal["rope"] = "rope"
-    theta: float = Field(10000.0, gt=1.0)
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    theta: Number = Field(10000.0, gt=1.0)
+    fraction: Number = Field(1.0, gt=0.0, le=1.0)
     scaling: RopeScaling | None = None
 
 
@@ -250,9 +256,9 @@ class Hyena(Frozen):
     """
 
     kind: Literal["hyena"] = "hyena"
-    order: Annotated[int, Field(ge=2, le=16)] = 2
+    order: Annotated[Int, Field(ge=2, le=16)] = 2
     filter_order: Dim = Field(64, description="Width F of the implicit filter MLP.")
-    filter_depth: Annotated[int, Field(ge=0, le=64)] = Field(2, description="Inner Linear(F, F) + Sin layers.")
+    filter_depth: Annotated[Int, Field(ge=0, le=64)] = Field(2, description="Inner Linear(F, F) + Sin layers.")
     emb_dim: Dim = Field(3, description="Positional features E = 1 + 2·bands (odd, >= 3): t, cos, sin.")
     short_filter: Dim = Field(3, description="Taps of the short causal depthwise conv.")
     l_max: Dim = Field(description="Longest filter; the positional table has l_max rows.")
@@ -260,7 +266,7 @@ class Hyena(Frozen):
         True, description="Positional features z are a parameter (safari LM configs) or a buffer (HyenaDNA)."
     )
     modulation: bool = Field(True, description="Exponential decay window on the filter (safari ExponentialModulation).")
-    sin_freq: float = Field(1.0, gt=0, le=1e4, description="Initial frequency w of the Sin activations (safari `w`; 14 in the Pile configs).")
+    sin_freq: Number = Field(1.0, gt=0, le=1e4, description="Initial frequency w of the Sin activations (safari `w`; 14 in the Pile configs).")
     bias: bool = Field(True, description="Biases of in_proj and out_proj.")
 
     @model_validator(mode="after")
@@ -326,7 +332,7 @@ class Router(Frozen):
     score_correction_bias: bool = Field(
         False, description="DeepSeek-V3 aux-loss-free balancing bias: a buffer, not a parameter."
     )
-    scale: float = Field(1.0, gt=0, description="Routed output scale (DeepSeek-V3 routed_scaling_factor).")
+    scale: Number = Field(1.0, gt=0, description="Routed output scale (DeepSeek-V3 routed_scaling_factor).")
     n_group: Dim | None = Field(None, description="Group-limited routing: number of equal expert groups.")
     topk_group: Dim | None = Field(None, description="Group-limited routing: groups each token may use.")
     group_score: Literal["max", "top2_sum"] = Field(
@@ -358,7 +364,7 @@ class MoE(Frozen):
     expert: FFN
     shared: SharedExperts | None = None
     router: Router = Router()
-    aux_loss_coef: float = Field(0.01, ge=0, description="Load-balancing loss weight (Switch α, DeepSeek aux_loss_alpha).")
+    aux_loss_coef: Number = Field(0.01, ge=0, description="Load-balancing loss weight (Switch α, DeepSeek aux_loss_alpha).")
     aux_loss_scope: Literal["batch", "sequence"] = Field(
         "batch", description="Balance pooled over the batch's tokens (Switch Transformer eq. 4-6, GShard) or "
                              "per sequence, then averaged (DeepSeek-V3 eq. 17-20; HF seq_aux).")
@@ -400,8 +406,8 @@ class DeepNorm(Frozen):
     """
 
     kind: Literal["deepnorm"] = "deepnorm"
-    alpha: float | None = Field(None, gt=0)
-    beta: float | None = Field(None, gt=0)
+    alpha: Number | None = Field(None, gt=0)
+    beta: Number | None = Field(None, gt=0)
 
 
 class Parallel(Frozen):
@@ -461,8 +467,8 @@ class Embedding(Frozen):
 class Training(Frozen):
     """Optional training intent, read by `lint` and `plan`."""
 
-    tokens: float | None = Field(None, gt=0, le=1e18, description="Planned training tokens.")
-    target_device_memory_gib: float | None = Field(None, gt=0)
+    tokens: Number | None = Field(None, gt=0, le=1e18, description="Planned training tokens.")
+    target_device_memory_gib: Number | None = Field(None, gt=0)
     batch: PositiveInt = 1
 
 
@@ -470,8 +476,8 @@ class Reference(Frozen):
     """Where a preset comes from and what was published; golden tests read it."""
 
     source: str
-    total_params: int | None = Field(None, ge=0)
-    active_params: int | None = Field(None, ge=0)
+    total_params: Int | None = Field(None, ge=0)
+    active_params: Int | None = Field(None, ge=0)
     rumour: bool = False
     notes: str | None = None
 
@@ -481,8 +487,8 @@ class Spec(Frozen):
     description: str | None = None
     vocab_size: Dim
     d_model: Dim
-    n_layers: Annotated[int, Field(gt=0, le=MAX_LAYERS)]
-    max_seq_len: Annotated[int, Field(gt=0, le=1 << 26)] = 4096
+    n_layers: Annotated[Int, Field(gt=0, le=MAX_LAYERS)]
+    max_seq_len: Annotated[Int, Field(gt=0, le=1 << 26)] = 4096
     embedding: Embedding = Embedding()
     position: Position = Rope()
     norm: NormSpec = NormSpec()

@@ -125,6 +125,28 @@ def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "integer", "'big'")
 
 
+@pytest.mark.parametrize(("old", "new", "field", "needle"), [
+    ("n_layers: 2", "n_layers: true", "n_layers", "expected an integer, got a boolean (true)"),
+    ("d_ff: 128", "d_ff: yes", "ffn.d_ff", "expected an integer, got a boolean (true)"),
+    ("n_layers: 2", 'n_layers: "32"', "n_layers",
+     "expected an integer, got the string '32'; write the number without quotes"),
+    ("d_model: 64", "d_model: 64.0", "d_model", "expected an integer, got 64.0"),
+    ("n_kv_heads: 2}", "n_kv_heads: 2}\nposition: {kind: rope, theta: on}", "position.theta",
+     "expected a number, got a boolean (true)"),
+    ("n_kv_heads: 2}", "n_kv_heads: 2}\nnorm: {eps: '1e-5'}", "norm.eps", "expected a number, got the string"),
+])
+def test_booleans_and_strings_are_not_numbers(cli, tmp_path: Path, old: str, new: str, field: str, needle: str) -> None:  # type: ignore[no-untyped-def]
+    # pydantic's lax mode read `true` as 1 and "32" as 32: a 1-layer model sized without a word
+    path = spec_file(tmp_path, BASE.replace(old, new))
+    assert_one_line_error(cli("size", path), path, f"{field}: {needle}")
+
+
+def test_a_number_field_takes_an_integer(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE + "position: {kind: rope, theta: 10000}\nnorm: {eps: 1e-5}\n")
+    outcome = cli("size", path, "--json")
+    assert outcome.code == 0, outcome
+
+
 @pytest.mark.parametrize(("old", "new", "field"), [
     ("d_model: 64", "d_model: 0", "d_model"),
     ("n_layers: 2", "n_layers: -3", "n_layers"),
