@@ -38,13 +38,18 @@ def pyplot() -> Any:
     return plt
 
 
-def figure_target(path: str) -> Path:
+def figure_target(path: str, *, force: bool = False) -> Path:
+    """Where a --plot figure goes; an existing file is the user's and is replaced only with --force."""
     target = Path(path)
     if target.suffix.lower() not in FIGURE_SUFFIXES:
         raise ArchplanError(f"figure file must end in {', '.join(FIGURE_SUFFIXES)}", field="--plot",
                             file=path)
     if not target.parent.is_dir():
         raise ArchplanError("directory does not exist", field="--plot", file=path)
+    if target.is_dir():
+        raise ArchplanError("is a directory; expected a figure file", field="--plot", file=path)
+    if target.exists() and not force:
+        raise ArchplanError("file exists; pass --force to overwrite", field="--plot", file=path)
     return target
 
 
@@ -61,12 +66,13 @@ def save(fig: Any, target: Path) -> None:
         raise ArchplanError(f"cannot write figure: {exc.strerror}", file=str(target)) from None
 
 
-def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: str) -> None:
+def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: str, *,
+              force: bool = False) -> None:
     from archplan.analytic import count_params, kv_cache
     from archplan.analytic.memory import RECOMPUTE_MODES, training_memory
     from archplan.dtypes import BYTES
 
-    target = figure_target(path)
+    target = figure_target(path, force=force)
     plt = pyplot()
     params = count_params(plan)
     kv = report["kv_cache"]
@@ -110,8 +116,8 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     plt.close(fig)
 
 
-def plot_compare(reports: Sequence[dict[str, Any]], path: str) -> None:
-    target = figure_target(path)
+def plot_compare(reports: Sequence[dict[str, Any]], path: str, *, force: bool = False) -> None:
+    target = figure_target(path, force=force)
     plt = pyplot()
     attention = reports[0]["flops"]["attention"]
     panels: list[tuple[str, list[tuple[str, Any]]]] = [
@@ -139,10 +145,10 @@ def plot_compare(reports: Sequence[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def plot_sweep(sweeps: Sequence[dict[str, Any]], path: str) -> None:
+def plot_sweep(sweeps: Sequence[dict[str, Any]], path: str, *, force: bool = False) -> None:
     """`bench --seq a,b,c --plot`: prefill time and peak memory against sequence length, log-log,
     one colour per spec; solid = measured, dashed = analytic prediction; k = fitted exponent."""
-    target = figure_target(path)
+    target = figure_target(path, force=force)
     plt = pyplot()
     fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, sweep in enumerate(sweeps):

@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         from archplan.plot import plot_sweep
 
-        plot_sweep(result["sweeps"], str(args.plot))
+        plot_sweep(result["sweeps"], str(args.plot), force=True)  # regenerates the committed figure
     if args.doc is not None:
         args.doc.write_text(render_doc(result, args.plot, args.doc))
     if args.json:

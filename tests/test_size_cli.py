@@ -192,6 +192,25 @@ def test_plot_writes_a_figure(tmp_path: Path) -> None:
     assert "<svg" in compare_svg.read_text()
 
 
+@pytest.mark.parametrize("command", [["size", "gpt2"], ["compare", "gpt2", "bloom-560m"]])
+def test_plot_keeps_an_existing_file_without_force(tmp_path: Path, command: list[str]) -> None:
+    keep = tmp_path / "keep.png"
+    keep.write_text("precious\n")
+    result = runner.invoke(app, [*command, "--plot", str(keep)])
+    assert isinstance(result.exception, ArchplanError)
+    assert result.exception.render() == f"{keep}: --plot: file exists; pass --force to overwrite"
+    assert keep.read_text() == "precious\n"
+    pytest.importorskip("matplotlib")
+    assert runner.invoke(app, [*command, "--plot", str(keep), "--force"]).exit_code == 0
+    assert keep.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_into_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "figure.png").mkdir()
+    result = runner.invoke(app, ["size", "gpt2", "--plot", str(tmp_path / "figure.png"), "--force"])
+    assert isinstance(result.exception, ArchplanError) and "is a directory" in str(result.exception)
+
+
 @pytest.mark.parametrize(("text", "value"), [("15T", 15e12), ("1.4e12", 1.4e12), ("300B", 3e11),
                                               ("2.5k", 2500.0), ("7", 7.0)])
 def test_parse_amount(text: str, value: float) -> None:

@@ -158,12 +158,19 @@ def test_cli_sweep_writes_the_plot_and_a_table(tiny_specs: list[str], tmp_path) 
     (["--seq", "64,64"], "twice"),
     (["--seq", "1q"], "--seq"),
     (["--seq", "64,128", "--plot", "out.txt"], "--plot"),
+    (["--seq", "64,128", "--plot", "EXISTING"], "--plot: file exists; pass --force to overwrite"),
+    (["--seq", "64", "--force"], "--force does not apply to prefill and decode"),
 ])
-def test_cli_sweep_bad_input_is_an_archplan_error(tiny_specs: list[str], extra: list[str], message: str) -> None:
+def test_cli_sweep_bad_input_is_an_archplan_error(tiny_specs: list[str], extra: list[str], message: str,
+                                                   tmp_path) -> None:
     # ArchplanError is what `main()` turns into one line and exit 2 (tests/test_bad_input.py)
+    existing = tmp_path / "keep.png"
+    existing.write_text("precious\n")  # refused before the sweep runs, and left as it was
+    extra = [str(existing) if arg == "EXISTING" else arg for arg in extra]
     result = CliRunner().invoke(app, ["bench", tiny_specs[0], *extra, "--device", "cpu"])
     assert isinstance(result.exception, ArchplanError)
     assert message in result.exception.render()
+    assert existing.read_text() == "precious\n"
 
 
 def test_two_specs_need_two_lengths(tiny_specs: list[str]) -> None:

@@ -304,8 +304,9 @@ def render(results: list[SweepResult], console: Console | None = None) -> None:
                   f"{length(results[0].points[0].seq)}–{length(results[0].points[-1].seq)} (y ∝ seq^k).")
 
 
-def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json: bool) -> None:
-    """`archplan bench SPEC... --seq a,b,c [--plot FILE] [--json]`."""
+def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json: bool, *,
+                  force: bool = False) -> None:
+    """`archplan bench SPEC... --seq a,b,c [--plot FILE [--force]] [--json]`."""
     import json
 
     import typer
@@ -316,14 +317,14 @@ def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json:
     if plot is not None:
         from archplan.plot import figure_target, pyplot
 
-        figure_target(plot)  # a bad path or a missing matplotlib fails before the sweep runs
+        figure_target(plot, force=force)  # a bad path or a missing matplotlib fails before the sweep runs
         pyplot()
     results = run_sweeps([resolve(load_spec(spec)) for spec in specs], cfg)
     report = [r.to_json() for r in results]
     if plot is not None:
         from archplan.plot import plot_sweep
 
-        plot_sweep(report, plot)
+        plot_sweep(report, plot, force=force)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

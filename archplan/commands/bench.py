@@ -47,7 +47,7 @@ MODE_OPTIONS: dict[str, frozenset[str]] = {
     "--layout": frozenset({"device", "seq", "warmup", "iters", "as_json", "layout", "nproc", "microbatches"}),
     "--train": frozenset({"device", "dtype", "batch", "seq", "iters", "as_json", "layers", "train", "recompute"}),
     "a --seq sweep": frozenset({"device", "dtype", "batch", "seq", "layers", "warmup", "iters", "attn_backend",
-                                "as_json", "plot"}),
+                                "as_json", "plot", "force"}),
     "prefill and decode": frozenset({"device", "dtype", "batch", "seq", "decode_tokens", "layers", "warmup",
                                      "iters", "compile", "attn_backend", "compare_backends", "as_json"}),
 }
@@ -74,6 +74,7 @@ def bench(
     as_json: JsonOpt = False,
     plot: Annotated[str | None, typer.Option(help="With a --seq sweep: write time and memory vs length "
                                              "(PNG/SVG/PDF by suffix); needs matplotlib.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --plot: overwrite an existing file.")] = False,
     layout: Annotated[str | None, typer.Option(
         help="Run a cluster layout on torch.distributed (tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1): "
              "timed training steps and prefill through the sharded modules (docs/distributed.md).",
@@ -141,7 +142,7 @@ def bench(
         from archplan.bench.sweep import SweepConfig, sweep_command
 
         sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
-                                         warmup, iters, attn_backend.value), plot, as_json)
+                                         warmup, iters, attn_backend.value), plot, as_json, force=force)
         return
     spec = specs[0]
     from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench

@@ -21,6 +21,7 @@ from archplan.commands.size import (
     LawOpt,
     MfuOpt,
     MicroBatchOpt,
+    PlotForceOpt,
     PlotOpt,
     RecomputeChoice,
     RecomputeOpt,
@@ -61,6 +62,7 @@ def register(app: typer.Typer) -> None:
         attention: AttentionOpt = AttentionChoice.full,
         as_json: JsonOpt = False,
         plot: PlotOpt = None,
+        force: PlotForceOpt = False,
     ) -> None:
         from archplan.loader import load_spec
         from archplan.report import size_report
@@ -73,7 +75,7 @@ def register(app: typer.Typer) -> None:
         if plot is not None:
             from archplan.plot import plot_compare
 
-            plot_compare(reports, plot)
+            plot_compare(reports, plot, force=force)
         if as_json:
             typer.echo(json.dumps(reports, indent=2))
         else:

@@ -82,6 +82,7 @@ AttentionOpt = Annotated[AttentionChoice, typer.Option(
     "--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
 PlotOpt = Annotated[str | None, typer.Option(
     "--plot", help="Write a figure (PNG/SVG/PDF by suffix); needs matplotlib.")]
+PlotForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")]
 
 
 def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,
@@ -139,6 +140,7 @@ def register(app: typer.Typer) -> None:
         attention: AttentionOpt = AttentionChoice.full,
         as_json: JsonOpt = False,
         plot: PlotOpt = None,
+        force: PlotForceOpt = False,
     ) -> None:
         from archplan.loader import load_spec
         from archplan.report import size_report
@@ -151,7 +153,7 @@ def register(app: typer.Typer) -> None:
             from archplan.plot import plot_size
             from archplan.resolve import resolve
 
-            plot_size(resolve(loaded), report, opts, plot)
+            plot_size(resolve(loaded), report, opts, plot, force=force)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
