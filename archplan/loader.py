@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -147,18 +148,33 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
     return LoadedYaml(data, locations)
 
 
+def read_capped(path: Path, limit: int, what: str, not_regular: str = "not a regular file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes.
+
+    A device or a pipe (/dev/zero, <(cmd)) reports size 0 and may never end, so it is refused
+    before it is opened; the read itself stops at limit + 1 bytes, as a file may grow meanwhile.
+    """
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ArchplanError(not_regular, file=str(path))
+        if info.st_size > limit:
+            raise ArchplanError(f"file is {info.st_size:,} bytes; {what} is at most {limit:,}", file=str(path))
+        with path.open("rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as exc:
+        raise ArchplanError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    if len(raw) > limit:
+        raise ArchplanError(f"file is over {limit:,} bytes; {what} is at most {limit:,}", file=str(path))
+    return raw
+
+
 def read_text(path: Path) -> str:
     if not path.exists():
         raise ArchplanError("no such file", file=str(path))
     if path.is_dir():
         raise ArchplanError("is a directory; expected a YAML spec file", file=str(path))
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ArchplanError(f"file is {size:,} bytes; a spec is at most {MAX_FILE_BYTES:,}", file=str(path))
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ArchplanError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    raw = read_capped(path, MAX_FILE_BYTES, "a spec", "not a regular file; expected a YAML spec file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

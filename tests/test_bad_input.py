@@ -7,6 +7,7 @@ script in a subprocess.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -91,6 +92,23 @@ def test_unknown_preset_name_suggests_one(cli) -> None:  # type: ignore[no-untyp
 
 def test_directory(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(cli("size", str(tmp_path)), str(tmp_path), "directory")
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_device_or_pipe_is_refused_unread(tmp_path: Path, kind: str) -> None:
+    # size 0 by stat, endless by read: /dev/zero ran out of memory; a FIFO blocks its reader
+    # (in a subprocess, so a regression times out instead of hanging the suite)
+    if kind == "device":
+        path = "/dev/zero"
+        if not Path(path).exists():
+            pytest.skip("no /dev/zero here")
+    else:
+        path = str(tmp_path / "pipe.yaml")
+        os.mkfifo(path)
+    proc = subprocess.run([sys.executable, "-m", "archplan.cli", "size", path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == f"archplan: error: {path}: not a regular file; expected a YAML spec file\n"
 
 
 def test_empty_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -678,6 +679,24 @@ def test_cli_bad_configs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     bad.write_text(content)
     code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(tmp_path))
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder-with-fifo"])
+def test_cli_a_device_or_pipe_is_refused_unread(tmp_path: Path, kind: str) -> None:
+    # /dev/zero reports size 0 and was read until memory ran out; a FIFO blocks its reader
+    # (in a subprocess, so a regression times out instead of hanging the suite)
+    if kind == "device":
+        given = shown = "/dev/zero"
+        if not Path(given).exists():
+            pytest.skip("no /dev/zero here")
+    else:
+        os.mkfifo(tmp_path / "config.json")
+        given = str(tmp_path if kind == "folder-with-fifo" else tmp_path / "config.json")
+        shown = str(tmp_path / "config.json")
+    proc = subprocess.run([sys.executable, "-m", "archplan.cli", "import", "hf", given],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"archplan: error: {shown}: not a regular file or folder\n"
 
 
 def test_cli_missing_folder_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from archplan.errors import ArchplanError
+from archplan.loader import read_capped
 from archplan.spec import (
     GLU,
     GQA,
@@ -1345,14 +1346,9 @@ def config_path(path: str | Path) -> Path:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    raw = read_capped(path, MAX_CONFIG_BYTES, "a config.json", "not a regular file or folder")
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ArchplanError(f"file is {size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}",
-                                file=str(path))
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ArchplanError(f"cannot read: {exc.strerror}", file=str(path)) from None
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ArchplanError("not UTF-8 text (binary file?)", file=str(path)) from None
     try:
