@@ -255,7 +255,7 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
          units.nbytes),
         ("train memory / replica", lambda r: r["memory"]["training_bytes"], units.nbytes),
         ("tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
-        ("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci),
+        ("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci_column),
     ]
     for key in first["chinchilla"]["laws"]:
         figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}"))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 _COUNT = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
 _BYTES = ((1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 _FLOPS = ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
@@ -42,12 +44,24 @@ def flops(n: float, unit: str = "FLOP") -> str:
 
 
 def sci(x: float) -> str:
-    """Scientific notation for budgets: 5.76e+23."""
+    """Scientific notation for budgets: 5.76e+23 (a round 1e+24 stays short)."""
     return f"{x:.3g}"
 
 
+def sci_column(x: float) -> str:
+    """Scientific notation with three significant digits always, so a column reads evenly
+    (9.20e+20 beside 7.74e+21, where `sci` gives 9.2e+20)."""
+    return f"{x:.2e}"
+
+
 def ratio(x: float) -> str:
-    return f"{x:.2f}×"
+    """Two decimals (5.82×, 0.54×); below 0.1, two significant digits (0.0031×, not 0.00×)."""
+    if x == 0 or not math.isfinite(x) or abs(x) >= 0.1:
+        return f"{x:.2f}×"
+    magnitude = math.floor(math.log10(abs(x)))
+    if abs(round(x, 1 - magnitude)) >= 10.0 ** (magnitude + 1):
+        magnitude += 1  # 0.0999 rounds up to the next decade: 0.10×, not 0.100×
+    return f"{x:.{1 - magnitude}f}×"
 
 
 def percent(x: float) -> str:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from archplan.cli import app
 from archplan.loader import load_spec
 from archplan.render import compare_rows
 from archplan.report import SizeOptions, size_report
+from archplan.units import ratio
 
 runner = CliRunner()
 
@@ -54,6 +57,24 @@ def test_ratios_against_the_first_column() -> None:
     active = next(ln for ln in result.stdout.splitlines() if ln.startswith("params active"))
     assert f"({12_879_925_248 / 8_030_261_248:.2f}×)" in active
     assert "ratios (×) against llama-3-8b" in result.stdout
+
+
+def test_small_ratios_keep_their_digits_and_the_budget_row_reads_evenly() -> None:
+    # a 0.0031 ratio printed as (0.00×); the budget row mixed 9.2e+20 with 7.74e+21
+    result = runner.invoke(app, ["compare", "mamba-2.8b", "llama-3-8b", "hyena-153m", "s4d-lm"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    budget = next(ln for ln in result.stdout.splitlines() if ln.startswith("budget 6ND"))
+    assert re.findall(r"\d\.\d\de\+\d\d", budget) == ["9.20e+20", "7.74e+21", "2.83e+18", "1.45e+18"]
+    assert "(0.0031×)" in budget and "0.00×" not in result.stdout
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (5.8234, "5.82×"), (1.0, "1.00×"), (0.54, "0.54×"), (0.0564, "0.056×"), (0.0031, "0.0031×"),
+    (0.0999, "0.10×"), (3e-5, "0.000030×"), (0.0, "0.00×"),
+])
+def test_ratio_has_two_significant_digits_below_one_tenth(value: float, text: str) -> None:
+    assert ratio(value) == text
 
 
 def test_gpu_hours_row_when_asked() -> None:
