@@ -613,6 +613,44 @@ def test_family_refusals_name_the_field(case: str, change: dict[str, Any], field
     assert err.field == field
 
 
+UNEVEN_HEADS = {  # model_type: (hidden key, heads key), as transformers 5.24 spells them in its config
+    "llama": ("hidden_size", "num_attention_heads"), "gemma2": ("hidden_size", "num_attention_heads"),
+    "gpt_neox": ("hidden_size", "num_attention_heads"), "deepseek_v2": ("hidden_size", "num_attention_heads"),
+    "gpt2": ("n_embd", "n_head"), "gptj": ("n_embd", "n_head"), "falcon": ("hidden_size", "num_attention_heads"),
+    "bloom": ("hidden_size", "n_head"), "stablelm": ("hidden_size", "num_attention_heads"),
+    "mpt": ("d_model", "n_heads"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNEVEN_HEADS))
+def test_heads_that_split_the_hidden_size_unevenly_are_refused(model_type: str) -> None:
+    # transformers refuses these (config validation or the attention's ValueError; MPT's first
+    # forward cannot reshape); the importer had floored head_dim and sized a model that does not exist
+    hidden, heads = UNEVEN_HEADS[model_type]
+    entry = next(f for f in FAMILY_CONFIGS if f["model_type"] == model_type)
+    config = {**entry["kwargs"], "model_type": model_type, hidden: 72, heads: 5}
+    config = {k: v for k, v in config.items() if k not in ("num_key_value_heads", "num_kv_heads", "head_dim")}
+    err = refusal(config)
+    assert err.field == heads
+    assert err.message.startswith(f"{hidden} (72) is not divisible by {heads} (5); transformers cannot build")
+
+
+def test_uneven_heads_stay_accepted_where_transformers_builds_them() -> None:
+    # Mistral: head_dim = hidden_size // num_attention_heads, q_proj 72 -> 5·14, as transformers builds
+    config = {**TINY["mistral-window"].config, "hidden_size": 72, "num_attention_heads": 5,
+              "num_key_value_heads": 5}
+    config.pop("head_dim", None)
+    attention = spec_of(config).attention
+    assert attention is not None and attention.n_heads == 5 and attention.head_dim == 14
+
+
+def test_phi_qk_layernorm_needs_the_even_head_dim() -> None:
+    # PhiAttention sizes q/k LayerNorms hidden // heads whatever head_dim says: they cannot run
+    err = refusal({**TINY["phi"].config, "qk_layernorm": True, "head_dim": 2 * TINY["phi"].config["hidden_size"]
+                   // TINY["phi"].config["num_attention_heads"]})
+    assert err.field == "head_dim" and "cannot express qk_layernorm" in err.message
+
+
 def test_olmo_norms_have_no_parameters() -> None:
     spec = spec_of(TINY["olmo"].config)
     assert spec.norm.kind == "layernorm" and not spec.norm.affine and not spec.norm.has_bias
@@ -697,6 +735,16 @@ def test_cli_a_device_or_pipe_is_refused_unread(tmp_path: Path, kind: str) -> No
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"archplan: error: {shown}: not a regular file or folder\n"
+
+
+def test_cli_uneven_heads_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_embd": 770, "n_head": 12}))
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(config))
+    assert code == 2 and out == ""
+    assert err == (f"archplan: error: {config}: n_head: n_embd (770) is not divisible by n_head (12); "
+                   "transformers cannot build (or run) a gpt2 model whose heads split the hidden size unevenly\n")
 
 
 def test_cli_missing_folder_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],

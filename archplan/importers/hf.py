@@ -461,6 +461,12 @@ class Family:
     aliases: Mapping[str, str] = field(default_factory=dict)
     inert: frozenset[str] = frozenset()
     derived: Mapping[str, Derived] = field(default_factory=dict)
+    # (hidden key, heads key) where transformers refuses heads that do not split the hidden size
+    # evenly, with or without a head_dim: the config's validate_architecture (llama, gemma2,
+    # gpt_neox, deepseek_v2), the attention's ValueError (gpt2, gptj, falcon, bloom, stablelm), or
+    # MPT's attention reshaping d_model into n_heads × (d_model // n_heads) at the first forward.
+    # Elsewhere head_dim = hidden // heads (or the config's head_dim) builds and runs as read.
+    even_heads: tuple[str, str] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -468,11 +474,19 @@ FAMILIES: dict[str, Family] = {}
 
 def family(model_type: str, *, defaults: Mapping[str, Any], aliases: Mapping[str, str] | None = None,
            inert: Sequence[str] = (), derived: Mapping[str, Derived] | None = None,
-           ) -> Callable[[Converter], Converter]:
+           even_heads: tuple[str, str] | None = None) -> Callable[[Converter], Converter]:
     def register(fn: Converter) -> Converter:
-        FAMILIES[model_type] = Family(fn, defaults, aliases or {}, frozenset(inert), derived or {})
+        FAMILIES[model_type] = Family(fn, defaults, aliases or {}, frozenset(inert), derived or {}, even_heads)
         return fn
     return register
+
+
+def check_even_heads(cfg: HFConfig, hidden_key: str, heads_key: str) -> None:
+    hidden, heads = cfg.int_(hidden_key), cfg.int_(heads_key)
+    if hidden % heads:
+        raise cfg.error(heads_key, f"{hidden_key} ({hidden}) is not divisible by {heads_key} ({heads}); "
+                                   f"transformers cannot build (or run) a {cfg.model_type} model whose heads "
+                                   "split the hidden size unevenly")
 
 
 def check_derived(cfg: HFConfig, derived: Mapping[str, Derived]) -> None:
@@ -489,6 +503,7 @@ def check_derived(cfg: HFConfig, derived: Mapping[str, Derived]) -> None:
 
 # Defaults below are transformers 5.24's configuration_<family>.py values (dataclass fields and
 # __post_init__), limited to the fields that change size or compute.
+_HIDDEN_HEADS = ("hidden_size", "num_attention_heads")  # Family.even_heads of the Llama-style names
 _LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
               num_attention_heads=32, num_key_value_heads=None, hidden_act="silu",
               max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -512,7 +527,7 @@ def _llama_like(cfg: HFConfig, *, qkv_bias: bool = False, out_bias: bool = False
     }
 
 
-@family("llama", defaults=_LLAMA)
+@family("llama", defaults=_LLAMA, even_heads=_HIDDEN_HEADS)
 def _llama(cfg: HFConfig) -> dict[str, Any]:
     """modeling_llama.py: attention_bias puts a bias on q, k, v and o; mlp_bias on all three FFN mats."""
     bias = cfg.bool_("attention_bias")
@@ -730,7 +745,8 @@ def _gemma(cfg: HFConfig) -> dict[str, Any]:
         # are elementwise scalings without parameters or matmuls
         inert=("hidden_act", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
         # a legacy duplicate of sliding_window that transformers never reads
-        derived={"sliding_window_size": Derived(lambda cfg: cfg.opt_int("sliding_window"), "sliding_window")})
+        derived={"sliding_window_size": Derived(lambda cfg: cfg.opt_int("sliding_window"), "sliding_window")},
+        even_heads=_HIDDEN_HEADS)
 def _gemma2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma2.py: four RMSNorms per block (sandwich), sliding window on even layers."""
     cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
@@ -758,6 +774,10 @@ def _phi(cfg: HFConfig) -> dict[str, Any]:
     on every Linear incl. the LM head, partial RoPE (default 0.5), optional per-head-dim qk LayerNorm."""
     dims = read_dims(cfg)
     qk = QKNorm(scope="head", norm=layer_norm(cfg, "layer_norm_eps")) if cfg.bool_("qk_layernorm") else None
+    if qk is not None and dims.head_dim != dims.d_model // dims.n_heads:
+        raise cfg.error("head_dim", f"cannot express qk_layernorm with head_dim {dims.head_dim}: transformers' "
+                                    f"PhiAttention sizes its q/k LayerNorms hidden_size // num_attention_heads "
+                                    f"= {dims.d_model // dims.n_heads}, which cannot normalise heads of {dims.head_dim}")
     return {
         **base(dims, tied=tied(cfg), lm_head_bias=True),
         "position": rope(cfg, dims, fraction=0.5),
@@ -799,7 +819,8 @@ _LN_EPS = 1e-5
                  "summary_proj_to_labels", "summary_first_dropout", "scale_attn_weights",
                  "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"),
         # n_ctx: the context of OpenAI's original hparams.json, a duplicate of n_positions
-        derived={"n_ctx": Derived(lambda cfg: cfg.int_("n_positions"), "n_positions")})
+        derived={"n_ctx": Derived(lambda cfg: cfg.int_("n_positions"), "n_positions")},
+        even_heads=("n_embd", "n_head"))
 def _gpt2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gpt2.py: learned positions (wpe), pre-LayerNorm, biased Conv1D projections, tied head."""
     cfg.fixed("add_cross_attention", False, "cross-attention blocks belong to an encoder-decoder")
@@ -820,7 +841,8 @@ def _gpt2(cfg: HFConfig) -> dict[str, Any]:
                                   num_attention_heads=64, intermediate_size=24576, hidden_act="gelu",
                                   max_position_embeddings=2048, layer_norm_eps=_LN_EPS,
                                   tie_word_embeddings=False, use_parallel_residual=True,
-                                  attention_bias=True))
+                                  attention_bias=True),
+        even_heads=_HIDDEN_HEADS)
 def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gpt_neox.py: fused MHA qkv, biased MLP, two LayerNorms; parallel residual
     x + attn(ln1 x) + mlp(ln2 x) by default; partial RoPE `rotary_pct` (default 0.25)."""
@@ -850,7 +872,8 @@ def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
         # GPTJAttention scales by sqrt(head_dim) whatever scale_attn_weights says; summary_*: the
         # sequence-classification head of the GPT-2 config it was copied from
         inert=("scale_attn_weights", "summary_type", "summary_use_proj", "summary_activation",
-                 "summary_proj_to_labels", "summary_first_dropout"))
+                 "summary_proj_to_labels", "summary_first_dropout"),
+        even_heads=("n_embd", "n_head"))
 def _gptj(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gptj.py: parallel block on one LayerNorm, unbiased q/k/v/out, biased MLP (4D default),
     LM head with bias, RoPE on the first `rotary_dim` dims of each head (null = all)."""
@@ -877,7 +900,8 @@ def _gptj(cfg: HFConfig) -> dict[str, Any]:
                                 new_decoder_architecture=False, multi_query=True, parallel_attn=True,
                                 bias=False, max_position_embeddings=2048, ffn_hidden_size=None,
                                 activation="gelu", tie_word_embeddings=True),
-        aliases={"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers"})
+        aliases={"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers"},
+        even_heads=_HIDDEN_HEADS)
 def _falcon(cfg: HFConfig) -> dict[str, Any]:
     """modeling_falcon.py FalconAttention/FalconDecoderLayer. K/V heads: new_decoder_architecture ->
     num_kv_heads (GQA); else multi_query -> 1; else all heads (qkv = 3·D). Norms: parallel with
@@ -932,7 +956,8 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
         aliases={"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"},
         # Megatron-DeepSpeed fusion/precision switches and tensor-parallel slicing: numerics only
         inert=("slow_but_exact", "masked_softmax_fusion", "bias_dropout_fusion", "skip_bias_add",
-                 "skip_bias_add_qkv", "attention_softmax_in_fp32", "offset_alibi", "seq_length"))
+                 "skip_bias_add_qkv", "attention_softmax_in_fp32", "offset_alibi", "seq_length"),
+        even_heads=("hidden_size", "n_head"))
 def _bloom(cfg: HFConfig) -> dict[str, Any]:
     """modeling_bloom.py: ALiBi, LayerNorm after the embedding, biased fused qkv/dense, MLP of
     4·D with bloom_gelu (the tanh form), tied head."""
@@ -964,7 +989,8 @@ _MPT_ATTN_INERT = frozenset({"attn_pdrop", "attn_impl", "clip_qkv", "softmax_sca
         # learned_pos_emb is unused when ALiBi is on (the only mode transformers builds);
         # logit_scale multiplies logits; embedding_fraction scales embedding gradients; init_* are init
         inert=("learned_pos_emb", "logit_scale", "embedding_fraction", "init_device", "init_config",
-                 "verbose", "use_pad_tok_in_ffn"))
+                 "verbose", "use_pad_tok_in_ffn"),
+        even_heads=("d_model", "n_heads"))
 def _mpt(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mpt.py: transformers hard-codes MHA without biases, MLP 4·D exact GELU, LayerNorms
     without bias, ALiBi, tied head; configs asking for other values are refused, not approximated."""
@@ -996,7 +1022,8 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                                   hidden_act="silu", max_position_embeddings=4096, layer_norm_eps=_LN_EPS,
                                   tie_word_embeddings=False, use_qkv_bias=False, qk_layernorm=False,
-                                  use_parallel_residual=False))
+                                  use_parallel_residual=False),
+        even_heads=_HIDDEN_HEADS)
 def _stablelm(cfg: HFConfig) -> dict[str, Any]:
     """modeling_stablelm.py: LayerNorms with bias, SwiGLU, partial RoPE (default 0.25), optional q/k
     LayerNorm per head (a separate bias-free norm per head), optional parallel residual on one norm."""
@@ -1173,7 +1200,8 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
                      dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace")
 
 
-@family("deepseek_v2", defaults=_DEEPSEEK, aliases={"num_experts": "n_routed_experts"}, derived=_DEEPSEEK_DERIVED)
+@family("deepseek_v2", defaults=_DEEPSEEK, aliases={"num_experts": "n_routed_experts"}, derived=_DEEPSEEK_DERIVED,
+        even_heads=_HIDDEN_HEADS)
 def _deepseek_v2(cfg: HFConfig) -> dict[str, Any]:
     return _deepseek(cfg, v3=False)
 
@@ -1390,6 +1418,8 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
         raise ArchplanError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}",
                             file=file, field="model_type")
     cfg = HFConfig(data, file=file, model_type=model_type, defaults=fam.defaults, aliases=fam.aliases)
+    if fam.even_heads is not None:
+        check_even_heads(cfg, *fam.even_heads)
     cfg.inert(*fam.inert)
     fields = fam.convert(cfg)
     check_derived(cfg, fam.derived)
