@@ -102,6 +102,21 @@ def test_recognised_validator_errors_carry_a_worked_fix() -> None:
     assert finding.fix is not None and "1, 2, 4, 8" in finding.fix
 
 
+@pytest.mark.parametrize("d_model, n_heads, fix", [
+    # nearest splits with an even head_dim (500 / 4 = 125 would fail AP005 under the default RoPE)
+    (500, 8, "use n_heads dividing d_model (nearest: 2, 5, 10), make d_model a multiple of n_heads (496 or 504)"),
+    # no split into several heads: the list was empty ("( are nearest)") or d_model heads of width 1
+    (1, 8, "d_model (1) cannot be split into several heads: make d_model a multiple of n_heads (8), or write"),
+    (509, 8, "d_model (509) cannot be split into several heads: make d_model a multiple of n_heads (504 or 512)"),
+])
+def test_implicit_head_dim_fix_is_sensible_at_the_edges(d_model: int, n_heads: int, fix: str) -> None:
+    text = CLEAN.replace("d_model: 512", f"d_model: {d_model}").replace(
+        "{kind: gqa, n_heads: 8, n_kv_heads: 2}", f"{{kind: mha, n_heads: {n_heads}}}")
+    (finding,) = lint_text(text, "x.yaml")
+    assert finding.code == "AP004" and finding.fix is not None and finding.fix.startswith(fix), finding.fix
+    assert "attention.head_dim explicitly" in finding.fix
+
+
 def test_mla_odd_rope_is_the_rotary_rule_at_its_field() -> None:
     text = CLEAN.replace(
         "attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}",

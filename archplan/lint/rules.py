@@ -111,10 +111,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _aligned_choices(n: int) -> str:
-    down = n // ALIGN * ALIGN
-    up = _round_up(n, ALIGN)
+def _multiples(n: int, multiple: int) -> str:
+    """The multiples of `multiple` on either side of n (positive ones only)."""
+    down = n // multiple * multiple
+    up = _round_up(n, multiple)
     return f"{down} or {up}" if down else f"{up}"
+
+
+def _aligned_choices(n: int) -> str:
+    return _multiples(n, ALIGN)
 
 
 # ------------------------------------------------------------------------- validator rules
@@ -128,11 +133,16 @@ def _gqa_fix(m: re.Match[str]) -> str:
 
 def _head_dim_fix(m: re.Match[str]) -> str:
     d_model, n_heads = int(m["d"]), int(m["heads"])
-    near = _nearest([h for h in _divisors(d_model) if h > 1], n_heads)
-    return (
-        f"use n_heads dividing d_model ({', '.join(map(str, near))} are nearest), or write "
-        f"attention.head_dim explicitly (then n_heads·head_dim may differ from d_model, as in Gemma)"
-    )
+    # Several heads of at least 2 dims each; an even head_dim where one exists, since the default
+    # RoPE rotates pairs (a head_dim of 125 would only trade this error for AP005).
+    splits = [h for h in _divisors(d_model) if 1 < h < d_model]
+    even = [h for h in splits if (d_model // h) % 2 == 0]
+    explicit = "write attention.head_dim explicitly (then n_heads·head_dim may differ from d_model, as in Gemma)"
+    multiples = f"make d_model a multiple of n_heads ({_multiples(d_model, n_heads)})"
+    if not splits:
+        return f"d_model ({d_model}) cannot be split into several heads: {multiples}, or {explicit}"
+    near = _nearest(even or splits, n_heads)
+    return f"use n_heads dividing d_model (nearest: {', '.join(map(str, near))}), {multiples}, or {explicit}"
 
 
 def _rotary_fix(m: re.Match[str]) -> str:
