@@ -1,6 +1,7 @@
 """Checks shared by the tests of the autograd units that keep only some tensors and recompute the
 rest in their backward (archplan/modules/recompute.py and its users): what autograd saves during a
-call, and that a unit's backward runs plain autograd's counted ops with plain autograd's gradients."""
+call, and that a unit's backward runs plain autograd's counted ops with plain autograd's gradients,
+under bf16 autocast too."""
 
 from __future__ import annotations
 
@@ -39,3 +40,34 @@ def assert_same_backward(unit: torch.Tensor, plain: torch.Tensor, wanted: Sequen
 def storages(tensors: Sequence[torch.Tensor]) -> set[int]:
     """The storages the tensors live in (a view and its base share one)."""
     return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def assert_bf16_autocast_backward(unit: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]],
+                                  plain: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]],
+                                  wanted: Sequence[torch.Tensor], tol: float = 5e-2) -> None:
+    """With the forward under CPU bf16 autocast and the backward outside it, as a training step runs
+    them (archplan/distributed/train.py), the unit's gradients are finite, are plain autograd's for
+    the same ops under the same autocast (each matmul differentiated in bf16; equal here, the
+    tolerance is far below bf16's rounding), and are within bf16 rounding (relative norm `tol`) of
+    the unit's fp32 gradients."""
+    torch.manual_seed(0)
+    probes = [torch.randn(o.shape) for o in _outputs(unit)]
+    fp32 = _probed_grads(unit, wanted, probes, autocast=False)
+    bf16 = _probed_grads(unit, wanted, probes, autocast=True)
+    for got, ref, same in zip(bf16, fp32, _probed_grads(plain, wanted, probes, autocast=True)):
+        assert got.dtype == ref.dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, same, rtol=1e-5, atol=1e-7)
+        assert (got - ref).norm() <= tol * ref.norm()
+
+
+def _outputs(call: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    out = call()
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _probed_grads(call: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], wanted: Sequence[torch.Tensor],
+                  probes: Sequence[torch.Tensor], autocast: bool) -> tuple[torch.Tensor, ...]:
+    """The gradients of Σ ⟨output, probe⟩, the forward under bf16 autocast or none."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        outs = _outputs(call)
+    return torch.autograd.grad(sum((o.float() * p).sum() for o, p in zip(outs, probes)), wanted)

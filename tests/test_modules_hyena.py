@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from autograd_units import assert_same_backward, saved_during, storages
+from autograd_units import assert_bf16_autocast_backward, assert_same_backward, saved_during, storages
 from archplan.analytic.hyena import (
     hyena_buffer_elements,
     hyena_cache_per_token,
@@ -276,3 +276,12 @@ def test_gated_skip_unit_keeps_its_inputs_with_plain_autograd_gradients() -> Non
     for a, b in zip(torch.autograd.grad((unit * probe).sum(), [fir, y, D]),
                     torch.autograd.grad((plain * probe).sum(), [fir, y, D])):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_modal_filter_unit_under_bf16_autocast() -> None:
+    """Under bf16 autocast the filter's bmm runs in bf16 and its gradient arrives in bf16: the
+    backward recomputes the basis under the forward's autocast (it once met that gradient with
+    fp32 operands, a dtype error) and gives plain autograd's gradients, near the fp32 ones."""
+    torch.manual_seed(0)
+    p, r = (torch.randn(4, 2, 2).mul(0.5).requires_grad_() for _ in range(2))
+    assert_bf16_autocast_backward(lambda: _ModalFilter.apply(p, r, 11), lambda: _modal_filter(p, r, 11), [p, r])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from autograd_units import saved_during, storages
+from autograd_units import assert_bf16_autocast_backward, saved_during, storages
 from archplan.analytic.mamba import (
     mamba1_counted_flops,
     mamba1_params,
@@ -393,3 +393,48 @@ def test_mamba2_bf16_runs() -> None:
     ref = Mamba2Mixer(m2_plan(), 8)
     ref.load_state_dict({k: v.float() for k, v in mixer.state_dict().items()})
     torch.testing.assert_close(y.float(), ref(x.float()), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("with_d", [False, True])
+def test_scan_unit_under_bf16_autocast(with_d: bool) -> None:
+    """The chunked scan's backward recomputes under the forward's autocast: its output contraction
+    is differentiated in bf16 as plain autograd does (it once ran in fp32 here), near fp32."""
+    torch.manual_seed(0)
+    b, t, i, n = 2, 13, 6, 4
+    u, dt = (torch.randn(b, t, i, requires_grad=True) for _ in range(2))
+    A = (-torch.rand(i, n) * 3).requires_grad_()
+    B, C = (torch.randn(b, t, n, requires_grad=True) for _ in range(2))
+    h0 = torch.randn(b, i, n, requires_grad=True)
+    D = torch.randn(i, requires_grad=True) if with_d else None
+    inputs = [u, dt, A, B, C, h0] + ([D] if D is not None else [])
+    assert_bf16_autocast_backward(lambda: chunked_scan(u, dt, A, B, C, h0, D_I=D, dt_softplus=True),
+                                  lambda: _scan(u, dt, A, B, C, h0, D, True), inputs)
+
+
+def test_ssd_unit_under_bf16_autocast() -> None:
+    """Under bf16 autocast SSD's contractions run in bf16 and C·Bᵀ and the chunk states are kept in
+    bf16: the backward recomputes under the forward's autocast (it once multiplied fp32 by those
+    bf16 tensors, a dtype error) and gives plain autograd's gradients, near the fp32 ones."""
+    torch.manual_seed(0)
+    b, t, hs, p, g, n = 2, 13, 4, 3, 2, 5
+    x = torch.randn(b, t, hs, p, requires_grad=True)
+    dt = torch.rand(b, t, hs).mul(2).requires_grad_()
+    A = (-torch.rand(hs) * 5).requires_grad_()
+    B, C = (torch.randn(b, t, g, n, requires_grad=True) for _ in range(2))
+    D = torch.randn(hs, requires_grad=True)
+    h0 = torch.randn(b, hs, p, n, requires_grad=True)
+
+    def plain() -> tuple[torch.Tensor, torch.Tensor]:
+        y, state, _, _ = _ssd(x, dt, A, B, C, 4, h0)
+        return _with_skip(y, x, D), state
+
+    assert_bf16_autocast_backward(lambda: ssd_chunked(x, dt, A, B, C, 4, h0, D), plain, [x, dt, A, B, C, D, h0])
+
+
+def test_gated_norm_unit_under_bf16_autocast() -> None:
+    """An elementwise unit (`recompute.recomputed`) recomputes under the forward's autocast too."""
+    torch.manual_seed(0)
+    norm = Mamba2Mixer(m2_plan(n_groups=2), 8).norm
+    y, z = (torch.randn(2, 5, 16, requires_grad=True) for _ in range(2))
+    assert_bf16_autocast_backward(lambda: norm(y, z), lambda: _gated_rms_norm(y, z, norm.weight, 2, norm.eps),
+                                  [y, z, norm.weight])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from autograd_units import assert_same_backward, saved_during, storages
+from autograd_units import assert_bf16_autocast_backward, assert_same_backward, saved_during, storages
 from archplan.analytic.s4 import (
     complex_fft_flops,
     real_fft_flops,
@@ -262,3 +262,19 @@ def test_s4d_kernel_unit_keeps_its_inputs_with_plain_autograd_counts_and_gradien
     assert storages(saved) == storages(inputs)
     wanted = [t for t in inputs if t.requires_grad]
     assert_same_backward(unit, plain, wanted, 1e-10)
+
+
+@pytest.mark.parametrize("length", [9, 16])
+def test_s4d_kernel_unit_under_bf16_autocast(length: int) -> None:
+    """Under bf16 autocast the kernel's chunk contraction runs in bf16 and its gradient arrives in
+    bf16: the backward recomputes under the forward's autocast (it once met that gradient with fp32
+    operands, a dtype error) and gives plain autograd's gradients, near the fp32 ones."""
+    m = mixer(plan(False))
+    inputs = [*m._s4d_inputs(), m.C]
+
+    def plain() -> torch.Tensor:
+        _, rows, basis, _ = s4_module._s4d_rows_and_basis(length, *inputs)
+        return s4_module._contract_chunks(rows, basis, length)
+
+    assert_bf16_autocast_backward(lambda: s4_module._S4DKernel.apply(length, *inputs), plain,
+                                  [t for t in inputs if t.requires_grad])

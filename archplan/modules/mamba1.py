@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.norms import RMSNorm
-from archplan.modules.recompute import input_grads, leaves, recomputed
+from archplan.modules.recompute import forward_autocast, input_grads, leaves, recomputed
 from archplan.resolve import Mamba1Plan
 
 # mamba_simple.Mamba defaults for the Δ initialisation (Gu & Dao 2023 §3.6, "Δ init").
@@ -250,7 +250,7 @@ class _ChunkedScan(torch.autograd.Function):
         D_I: Tensor | None, dt_softplus: bool,
     ) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I)
-        ctx.dt_softplus = dt_softplus
+        ctx.dt_softplus, ctx.autocast = dt_softplus, forward_autocast(u_BTI)
         ctx.set_materialize_grads(False)
         return _scan(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I, dt_softplus)
 
@@ -259,7 +259,7 @@ class _ChunkedScan(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dy_BTI: Tensor | None, dstate_BIN: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[:7]
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.autocast:
             inputs = leaves(ctx.saved_tensors, needs)
             u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I = inputs
             chunks = _Chunks.of(u_BTI.shape[1])

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.mamba1 import causal_depthwise_conv
-from archplan.modules.recompute import input_grads, leaves, recomputed
+from archplan.modules.recompute import forward_autocast, input_grads, leaves, recomputed
 from archplan.resolve import Mamba2Plan
 
 # mamba2.Mamba2 defaults: A ~ U(1, 16), Δ ~ logU(1e-3, 1e-1) floored at 1e-4.
@@ -243,7 +243,7 @@ class _ChunkedSSD(torch.autograd.Function):
         y, state, cb, states = _ssd(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, chunk_size, h0_BHsPN)
         # the last chunk's states feed only the final state, whose backward does not read them
         ctx.save_for_backward(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, cb, states[:, :-1].clone())
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.autocast = chunk_size, forward_autocast(x_BTHsP)
         return _with_skip(y, x_BTHsP, D_Hs), state
 
     @staticmethod
@@ -252,7 +252,7 @@ class _ChunkedSSD(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[:7]
         *saved, cb_saved, states_saved = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.autocast:
             inputs = leaves(saved, needs)
             x, dt, A, B, C, h0, D = inputs
             cb_BCGLS = cb_saved.detach().requires_grad_()
@@ -271,7 +271,8 @@ class _ChunkedSSD(torch.autograd.Function):
                 (cbl_BCGJLS, entering_BCGJNP, state_BGJPN), (cb_BCGLS, states_BCG_JP_N),
                 (dcbl, dentering, dstate_BHsPN.float().reshape(state_BGJPN.shape)), retain_graph=True,
             )
-            # C·Bᵀ and the chunk states xd·B
+            # C·Bᵀ and the chunk states xd·B; B's two gradients go to autograd apart, which sums them
+            # in B's dtype as plain autograd does (under autocast each product has its own bf16 copy of B)
             dC_cb = torch.matmul(dcb, ops.B_BCGLN)
             dB_cb = torch.matmul(dcb.transpose(-1, -2), ops.C_BCGLN)
             dxd = torch.matmul(dstates, ops.B_BCGLN.transpose(-1, -2))
@@ -279,9 +280,9 @@ class _ChunkedSSD(torch.autograd.Function):
             skip = [_skip(x, D)] if D is not None else []
             found = input_grads(
                 (*skip, cbl_BCGJLS, entering_BCGJNP, state_BGJPN, ops.x_BCGJLP, ops.Cd_BCGJLN, ops.C_BCGLN,
-                 ops.B_BCGLN, ops.xd_BCG_JP_L),
+                 ops.B_BCGLN, ops.B_BCGLN, ops.xd_BCG_JP_L),
                 (*(dy_BTHsP for _ in skip), dcbl, dentering, dstate_BHsPN.float().reshape(state_BGJPN.shape), dx,
-                 dCd, dC_cb, dB_cb + dB_states, dxd),
+                 dCd, dC_cb, dB_cb, dB_states, dxd),
                 inputs, needs,
             )
         return (*found, None)

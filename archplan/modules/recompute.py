@@ -1,13 +1,14 @@
 """Shared pieces of the autograd units whose backward recomputes from their saved inputs
 (`mamba1._ChunkedScan`, `mamba2._ChunkedSSD`, `s4._S4DKernel`, `stripedhyena._ModalFilter`): the
-saved inputs as fresh leaves the recomputation is recorded from, a bmm's backward as the two
-matmuls autograd runs for it, and autograd's gradients handed back in the inputs' order; and
-`recomputed`, the whole unit for an elementwise function (Mamba's gate, Mamba-2's gated norm,
-StripedHyena's gated skip)."""
+saved inputs as fresh leaves the recomputation is recorded from, the forward's autocast state the
+recomputation runs under, a bmm's backward as the two matmuls autograd runs for it, and autograd's
+gradients handed back in the inputs' order; and `recomputed`, the whole unit for an elementwise
+function (Mamba's gate, Mamba-2's gated norm, StripedHyena's gated skip)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -16,6 +17,22 @@ from torch import Tensor
 def leaves(saved: Sequence[Tensor | None], needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
     """Each saved tensor detached, recording a graph where its gradient is needed."""
     return tuple(None if x is None else x.detach().requires_grad_(need) for x, need in zip(saved, needs))
+
+
+def forward_autocast(x: Tensor) -> AbstractContextManager[object]:
+    """The autocast state on x's device now (in a unit's forward), as a context for its backward to
+    recompute under. Autograd runs a backward outside the forward's autocast region: recomputed in
+    fp32, the matmuls would meet the bf16 gradients of the forward's bf16 matmuls (a dtype error),
+    and their gradients would not be plain autograd's, which differentiates each bf16 matmul in
+    bf16. This is `torch.amp.custom_fwd` + `custom_bwd` (torch/amp/autocast_mode.py) for the
+    inputs' device, where those fix one device type when the Function is defined; autocast off in
+    the forward is replayed as off, so an fp32 forward's backward stays fp32 wherever it is called.
+    Meta has no autocast (`torch.amp.is_autocast_available`)."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          enabled=torch.is_autocast_enabled(device_type))
 
 
 def bmm_backward(left: Tensor, right: Tensor, d_out: Tensor, outputs: list[Tensor], grads: list[Tensor]) -> None:
@@ -55,7 +72,7 @@ class _Recomputed(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, fn: Callable[..., Tensor], *inputs: Tensor
     ) -> Tensor:
-        ctx.fn = fn
+        ctx.fn, ctx.autocast = fn, forward_autocast(inputs[0])
         ctx.save_for_backward(*inputs)
         return fn(*inputs)
 
@@ -64,6 +81,6 @@ class _Recomputed(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.autocast:
             inputs = leaves(ctx.saved_tensors, needs)
             return (None, *input_grads([ctx.fn(*inputs)], [d_out], inputs, needs))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
-from archplan.modules.recompute import bmm_backward, input_grads, leaves
+from archplan.modules.recompute import bmm_backward, forward_autocast, input_grads, leaves
 from archplan.resolve import S4Plan
 
 # s4d.py / s4.py defaults: Δ ~ logU(1e-3, 1e-1)
@@ -224,7 +224,7 @@ class _S4DKernel(torch.autograd.Function):
     ) -> Tensor:
         inputs = (log_dt_H, a_log_real_HM, a_imag_HM, b_HM2, c_HM2)
         ctx.save_for_backward(*inputs)
-        ctx.length = length
+        ctx.length, ctx.autocast = length, forward_autocast(log_dt_H)
         _, rows_HSN, base_HNC, _ = _s4d_rows_and_basis(length, *inputs)
         return _contract_chunks(rows_HSN, base_HNC, length)
 
@@ -233,7 +233,7 @@ class _S4DKernel(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dk_HT: Tensor
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.autocast:
             inputs = leaves(ctx.saved_tensors, needs)
             chunk, rows_HSN, base_HNC, _ = _s4d_rows_and_basis(ctx.length, *inputs)
             full, rest = divmod(ctx.length, chunk)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
 from archplan.modules.hyena import causal_short_conv
-from archplan.modules.recompute import bmm_backward, input_grads, leaves, recomputed
+from archplan.modules.recompute import bmm_backward, forward_autocast, input_grads, leaves, recomputed
 from archplan.modules.s4 import fft_causal_conv
 from archplan.resolve import StripedHyenaPlan
 
@@ -73,7 +73,7 @@ class _ModalFilter(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, p_GS2: Tensor, r_GS2: Tensor, length: int
     ) -> Tensor:
         ctx.save_for_backward(p_GS2, r_GS2)
-        ctx.length = length
+        ctx.length, ctx.autocast = length, forward_autocast(p_GS2)
         return _modal_filter(p_GS2, r_GS2, length)
 
     @staticmethod
@@ -81,7 +81,7 @@ class _ModalFilter(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dh_GT: Tensor
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.autocast:
             p_GS2, r_GS2 = inputs = leaves(ctx.saved_tensors, needs)
             row_G1N, basis_GNT = _residue_row(r_GS2), _modal_basis(p_GS2, ctx.length)
             dh_G1T = dh_GT[:, None]
