@@ -66,7 +66,7 @@ def test_every_rule_is_documented_with_examples_that_lint_as_shown() -> None:
         assert rule.rationale in section and rule.source in section
         # the bad example, what lint prints for it (as the doc shows it), the good example
         bad, printed, good = re.findall(r"```(?:yaml|text)\n(.*?)```", section, flags=re.S)
-        shown = [f"{f.file}:{f.line}:{f.column}: {f.code} {f.severity}: {f.message}"
+        shown = [f"{f.file}:{f.line}:{f.column}: {f.code} {f.severity}: {f.labelled}"
                  + (f"\n    fix: {f.fix}" if f.fix else "") for f in lint_text(bad, "example.yaml")]
         assert shown == [printed.rstrip("\n")], rule.code
         assert lint_text(good, "example.yaml") == [], rule.code
@@ -313,7 +313,7 @@ def test_github_format_is_workflow_commands(tmp_path, monkeypatch, capsys) -> No
     write(tmp_path, "b.yaml", BROKEN)
     _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", "github")
     first, second = out.splitlines()[:2]
-    assert first.startswith("::error file=b.yaml,line=5,col=36,title=AP003 gqa-groups::n_heads (8)")
+    assert first.startswith("::error file=b.yaml,line=5,col=36,title=AP003 gqa-groups::attention.n_kv_heads: n_heads (8)")
     assert "%0Afix: " in first  # the fix goes on a second line of the annotation, escaped
     assert second.startswith("::warning file=w.yaml,line=2,col=1,title=AP007 vocab-alignment::")
 
@@ -335,6 +335,19 @@ def test_sarif_format(tmp_path, monkeypatch, capsys) -> None:
     region = run["results"][0]["locations"][0]["physicalLocation"]
     assert region["artifactLocation"]["uri"] == "b.yaml"
     assert region["region"] == {"startLine": 5, "startColumn": 36}
+
+
+@pytest.mark.parametrize("fmt", ["text", "github", "sarif"])
+def test_the_field_path_is_in_every_format(fmt, tmp_path, monkeypatch, capsys) -> None:
+    # JSON has a "field"; the other formats had only the message, which does not name it
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "nan.yaml", CLEAN + "rope_scaling: 2\n")
+    write(tmp_path, "eps.yaml", CLEAN + "norm: {eps: .nan}\n")
+    write(tmp_path, "w.yaml", WARNS)
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", fmt)
+    assert "eps.yaml" in out and "norm.eps: Input should be" in out
+    assert "rope_scaling: unknown field" in out
+    assert "vocab_size 50,257 is not a multiple" in out and "vocab_size: vocab_size" not in out  # named already
 
 
 def test_json_format(tmp_path, monkeypatch, capsys) -> None:

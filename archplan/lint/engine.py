@@ -44,6 +44,19 @@ class Finding:
     def rule(self) -> Rule:
         return BY_CODE[self.code]
 
+    @property
+    def labelled(self) -> str:
+        """The message with its field path in front, as `archplan size` prints a spec error
+        (`attention.n_heads: d_model (500) is not divisible ...`), for the formats that have no
+        field of their own (text, github, sarif). A message that already opens with the field
+        (`vocab_size 50,257 is not ...`) is left as it is."""
+        if self.field is None:
+            return self.message
+        names = (self.field, self.field.rsplit(".", 1)[-1])
+        if self.message.startswith(tuple(f"{name} " for name in names)):
+            return self.message
+        return f"{self.field}: {self.message}"
+
 
 @dataclass(frozen=True)
 class LintConfig:

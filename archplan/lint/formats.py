@@ -38,7 +38,7 @@ def summary(result: LintResult) -> str:
 def render_text(result: LintResult) -> str:
     lines: list[str] = []
     for f in result.findings:
-        lines.append(f"{f.file}:{f.line}:{f.column}: {f.code} {f.severity}: {f.message}")
+        lines.append(f"{f.file}:{f.line}:{f.column}: {f.code} {f.severity}: {f.labelled}")
         if f.fix:
             lines.append(f"    fix: {f.fix}")
     lines.append(summary(result))
@@ -93,7 +93,7 @@ def render_github(result: LintResult) -> str:
             f"col={f.column}",
             f"title={_escape_property(f'{f.code} {f.rule.name}')}",
         ))
-        message = f.message + (f"\nfix: {f.fix}" if f.fix else "")
+        message = f.labelled + (f"\nfix: {f.fix}" if f.fix else "")
         lines.append(f"::{_github_command(f.severity)} {props}::{_escape_data(message)}")
     lines.append(summary(result))
     return "\n".join(lines) + "\n"
@@ -127,7 +127,7 @@ def render_sarif(result: LintResult) -> str:
     index = {rule.code: i for i, rule in enumerate(result.rules)}
     results = []
     for f in result.findings:
-        text = f.message + (f" Fix: {f.fix}" if f.fix else "")
+        text = f.labelled + (f" Fix: {f.fix}" if f.fix else "")
         results.append({
             "ruleId": f.code,
             "ruleIndex": index[f.code],
