@@ -341,7 +341,7 @@ def test_sarif_format(tmp_path, monkeypatch, capsys) -> None:
 def test_the_field_path_is_in_every_format(fmt, tmp_path, monkeypatch, capsys) -> None:
     # JSON has a "field"; the other formats had only the message, which does not name it
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "nan.yaml", CLEAN + "rope_scaling: 2\n")
+    write(tmp_path, "unknown.yaml", CLEAN + "rope_scaling: 2\n")
     write(tmp_path, "eps.yaml", CLEAN + "norm: {eps: .nan}\n")
     write(tmp_path, "w.yaml", WARNS)
     _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", fmt)
