@@ -450,6 +450,32 @@ def test_fake_verify_zero_1_experts(fake_world: None) -> None:
         assert any(r.mesh_dim == "expert_dp" and r.measured for r in result.collectives)
 
 
+def test_fake_verify_shown_rows_carry_no_verdict(fake_world: None) -> None:
+    """The temporary and collective-buffer rows are shown, not judged: a neutral mark in the table
+    (not a ✓), `ok` null in the JSON, and the verdict is that of the judged rows and collectives."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from archplan.distributed.check import check_layout_run
+    from archplan.distributed.render import render
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    layout = parse_layout("tp=2,cp=1,pp=2,dp=2,ep=1,zero=1,recompute=none,mb=1").complete()
+    result = check_layout_run(plan, layout, 32, microbatches=2)
+    out = result.to_json()
+    shown = [r for r in out["memory"] if r["judged"] == "shown"]
+    judged = [r for r in out["memory"] if r["judged"] != "shown"]
+    assert [r["category"] for r in shown] == ["temporary", "collective_buffers"]
+    assert all(r["ok"] is None for r in shown) and all(isinstance(r["ok"], bool) for r in judged)
+    assert out["ok"] == (all(r["ok"] for r in judged) and all(r["ok"] for r in out["collectives"]))
+    text = StringIO()
+    render(result, Console(file=text, width=200, color_system=None))
+    for r in shown:
+        [line] = [line for line in text.getvalue().splitlines() if f" {r['category']} " in line]
+        assert "–" in line and "✓" not in line and "✗" not in line, line
+
+
 def test_fake_verify_expert_parallel_selective(fake_world: None) -> None:
     """Experts in their own FSDP2 unit inside a layer under selective recompute (used to raise
     torch's CheckpointError: the unit's gathers and casts fell inside the replayed region)."""

@@ -16,6 +16,7 @@ from archplan.render import report_console
 from archplan.resolve import ModelPlan, MoEPlan
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
+SHOWN = "[dim]–[/dim]"  # a row shown, not judged (check.MemoryRow.ok is None)
 GPUS_PER_NODE = 8
 
 
@@ -47,7 +48,7 @@ def render(result: LayoutCheck, console: Console) -> None:
         table.add_column(col, justify="left" if col in ("category", "judged") else "right")
     for r in result.memory:
         table.add_row(r.category, units.nbytes(r.analytic), units.nbytes(r.measured),
-                      f"{r.measured - r.analytic:+,} B", r.judged, OK if r.ok else BAD)
+                      f"{r.measured - r.analytic:+,} B", r.judged, SHOWN if r.ok is None else OK if r.ok else BAD)
     console.print(table)
     console.print(f"  (AdamW's 0-d `step` tensors, kept on the host beside CUDA parameters: {m.adam_step_bytes:,} B, "
                   "not counted)")
