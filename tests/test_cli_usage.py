@@ -46,3 +46,21 @@ def test_missing_torch_is_one_line(command: str, monkeypatch: pytest.MonkeyPatch
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert f"`archplan {command}` needs PyTorch" in err and "Traceback" not in err
+
+
+def _commands(command, name: str = "archplan"):  # type: ignore[no-untyped-def]
+    yield name, command
+    for sub_name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, f"{name} {sub_name}")
+
+
+def test_help_paragraphs_have_no_hard_line_breaks() -> None:
+    # rich markup mode prints a help text's line breaks as they are: a docstring wrapped at 100
+    # columns came out as "... come\nfrom ..." at any terminal width
+    import typer
+
+    from archplan.cli import app
+
+    for name, command in _commands(typer.main.get_command(app)):
+        for paragraph in (command.help or "").split("\n\n"):
+            assert "\n" not in paragraph.strip(), (name, paragraph)

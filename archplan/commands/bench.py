@@ -90,30 +90,6 @@ def bench(
                         "peak memory with size's training memory.")] = False,
     recompute: Annotated[Recompute, typer.Option(help="With --train: activation recompute.")] = Recompute.none,
 ) -> None:
-    """Time prefill and decode of SPEC through the real modules and compare with the roofline.
-
-    FLOP/s and MFU use the analytic forward FLOPs (2 FLOPs per multiply-add, attention counted
-    causal) against the device's DENSE peak (datasheet for known GPUs; on CPU and unknown devices
-    a matmul and a copy are calibrated in the same run). Peak memory: torch.cuda.max_memory_allocated
-    on GPU, peak RSS on CPU.
-
-    Four modes: prefill and decode (one spec, one length), a --seq sweep, --train and --layout. An
-    option that the chosen mode does not read (--batch with --layout, say) is refused, not ignored.
-
-    Examples:
-
-      archplan bench presets/7b.yaml --device cuda --layers 4
-
-      archplan bench mixtral-8x7b --layers 1 --seq 256 --json
-
-      archplan bench llama-3-8b --layers 2 --compare-backends
-
-      archplan bench gpt2 --train --seq 256 --recompute full
-
-      archplan bench llama-3-8b --nproc 2 --seq 128 --layout tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1
-
-      archplan bench llama-3-8b mamba-2.8b --layers 1 --seq 1k,2k,4k --plot sweep.png
-    """
     require_torch("bench")
     from archplan.bench.growth import parse_lengths
     from archplan.dtypes import DType
@@ -214,6 +190,26 @@ def _render(result: object, name: str) -> None:
         console.print(backends)
 
 
+# help= as one string per paragraph: in rich markup mode a docstring's line breaks are printed
+BENCH_HELP = (
+    "Time prefill and decode of SPEC through the real modules and compare with the roofline.\n\n"
+    "FLOP/s and MFU use the analytic forward FLOPs (2 FLOPs per multiply-add, attention counted "
+    "causal) against the device's DENSE peak (datasheet for known GPUs; on CPU and unknown devices "
+    "a matmul and a copy are calibrated in the same run). Peak memory: torch.cuda.max_memory_allocated "
+    "on GPU, peak RSS on CPU.\n\n"
+    "Four modes: prefill and decode (one spec, one length), a --seq sweep, --train and --layout. An "
+    "option that the chosen mode does not read (--batch with --layout, say) is refused, not ignored.\n\n"
+    "Examples:\n\n"
+    "  archplan bench presets/7b.yaml --device cuda --layers 4\n\n"
+    "  archplan bench mixtral-8x7b --layers 1 --seq 256 --json\n\n"
+    "  archplan bench llama-3-8b --layers 2 --compare-backends\n\n"
+    "  archplan bench gpt2 --train --seq 256 --recompute full\n\n"
+    "  archplan bench llama-3-8b --nproc 2 --seq 128 "
+    "--layout tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1\n\n"
+    "  archplan bench llama-3-8b mamba-2.8b --layers 1 --seq 1k,2k,4k --plot sweep.png"
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
+    app.command("bench", help=BENCH_HELP)(bench)
 

@@ -29,7 +29,17 @@ CodesOpt = Annotated[
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    # help= as one string per paragraph: in rich markup mode a docstring's line breaks are printed
+    @app.command(help=(
+        "Check spec files for shape, efficiency and training-budget mistakes.\n\n"
+        "Rules, rationale and sources: docs/rules.md. Defaults for --select/--ignore/--strict come "
+        "from \\[tool.archplan.lint] in the nearest pyproject.toml; --select replaces its select, "
+        "--ignore adds to its ignore.\n\n"
+        "Examples:\n\n"
+        "  archplan lint configs/\n\n"
+        "  archplan lint 'configs/**/*.yaml' --format github --strict\n\n"
+        "  archplan lint presets/ --ignore AP007,AP008 --format sarif > lint.sarif"
+    ))
     def lint(
         paths: PathsArg,
         fmt: Annotated[Format, typer.Option(
@@ -40,20 +50,6 @@ def register(app: typer.Typer) -> None:
         strict: Annotated[bool, typer.Option(help="Warnings fail too (exit 1).")] = False,
         as_json: JsonOpt = False,
     ) -> None:
-        """Check spec files for shape, efficiency and training-budget mistakes.
-
-        Rules, rationale and sources: docs/rules.md. Defaults for --select/--ignore/--strict come
-        from \\[tool.archplan.lint] in the nearest pyproject.toml; --select replaces its select,
-        --ignore adds to its ignore.
-
-        Examples:
-
-          archplan lint configs/
-
-          archplan lint 'configs/**/*.yaml' --format github --strict
-
-          archplan lint presets/ --ignore AP007,AP008 --format sarif > lint.sarif
-        """
         if as_json and fmt not in (Format.text, Format.json):
             raise ArchplanError(f"--json and --format {fmt.value} contradict each other")
         config = load_config(Path.cwd())

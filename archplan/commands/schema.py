@@ -30,25 +30,22 @@ def render_schema() -> str:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    # help= as one string per paragraph: in rich markup mode a docstring's line breaks are printed
+    @app.command(help=(
+        "Print the JSON Schema of a spec (Pydantic), for editor completion and validation.\n\n"
+        "Put `# yaml-language-server: $schema=<path>/spec.schema.json` at the top of a spec to get "
+        "completion and checking in editors that use yaml-language-server (VS Code YAML, Neovim). "
+        "The package ships it too (`archplan/spec.schema.json`, which `archplan import hf` points at).\n\n"
+        "Examples:\n\n"
+        "  archplan schema > spec.schema.json\n\n"
+        "  archplan schema --output archplan/spec.schema.json --force"
+    ))
     def schema(
         output: Annotated[Path | None, typer.Option(
             "--output", "-o", help="Write to this file instead of stdout.", show_default=False,
         )] = None,
         force: ForceOpt = False,
     ) -> None:
-        """Print the JSON Schema of a spec (Pydantic), for editor completion and validation.
-
-        Put `# yaml-language-server: $schema=<path>/spec.schema.json` at the top of a spec to get
-        completion and checking in editors that use yaml-language-server (VS Code YAML, Neovim).
-        The package ships it too (`archplan/spec.schema.json`, which `archplan import hf` points at).
-
-        Examples:
-
-          archplan schema > spec.schema.json
-
-          archplan schema --output archplan/spec.schema.json --force
-        """
         text = render_schema()
         if output is None:
             typer.echo(text, nl=False)
