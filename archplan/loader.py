@@ -316,6 +316,13 @@ def preset_names() -> list[str]:
 def find_spec_path(name_or_path: str) -> Path:
     """A path, or the name of a bundled preset (with or without .yaml)."""
     path = Path(name_or_path)
+    if path.is_dir() and path.name in preset_names():
+        # A folder is never a spec, so a bare name that is also a folder here (`mkdir gpt2`) can
+        # only mean the preset; a path to the folder (`./gpt2`) is pointed at the preset's name.
+        if "/" not in name_or_path:
+            return PRESETS_DIR / f"{name_or_path}.yaml"
+        raise ArchplanError(f"is a directory; for the bundled preset give its name alone: {path.name}",
+                            file=name_or_path)
     if path.exists() or path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         if not path.exists() and path.stem in preset_names():
             # e.g. the README's `presets/70b.yaml` run outside a checkout of the repository

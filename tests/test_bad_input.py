@@ -111,6 +111,20 @@ def test_a_device_or_pipe_is_refused_unread(tmp_path: Path, kind: str) -> None:
     assert proc.stderr == f"archplan: error: {path}: not a regular file; expected a YAML spec file\n"
 
 
+def test_a_folder_named_as_a_preset_does_not_hide_it(cli, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # `mkdir gpt2; archplan size gpt2` said "is a directory": a folder is never a spec
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    outcome = cli("size", "gpt2", "--json")
+    assert outcome.code == 0 and '"name": "gpt2"' in outcome.stdout, outcome
+    assert_one_line_error(cli("size", "./gpt2"), "./gpt2: is a directory; for the bundled preset give its name "
+                          "alone: gpt2")
+    (tmp_path / "gpt2.yaml").write_text(BASE)  # a file of the name is the user's spec, as before
+    outcome = cli("size", "gpt2.yaml", "--json")
+    assert outcome.code == 0 and '"name": "tiny"' in outcome.stdout, outcome
+
+
 def test_empty_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, "")
     assert_one_line_error(cli("size", path), path, "empty")
