@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 
 from archplan.analytic import decode_flops, decode_flops_per_token
 from archplan.bench.roofline import DecodeRates, OpCount, predict_decode_step, predict_prefill
+from archplan.bench import runner
 from archplan.bench.runner import (
     BenchConfig,
     available_backends,
+    check_positions,
     compare_backends,
     estimate_bytes,
     kinds,
@@ -25,7 +27,7 @@ from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 from archplan.resolve import resolve
 from archplan.spec import Spec
-from test_bad_input import run_main
+from test_bad_input import assert_one_line_error, run_main
 
 TINY = dict(
     name="tiny", vocab_size=256, d_model=64, n_layers=4, max_seq_len=128,
@@ -193,6 +195,33 @@ def test_too_big_model_is_exit_2_with_suggestion(capsys: pytest.CaptureFixture[s
     assert proc.code == 2
     assert "will not fit" in proc.stderr and "try --layers" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    (["gpt2", "--seq", "1024", "--decode-tokens", "4"],
+     ["1029 positions", "the learned position table (1024)", "--seq 1019 or less", "--decode-tokens 0"]),
+    (["gpt2", "--seq", "1020", "--decode-tokens", "8"], ["--seq 1015 or less", "--decode-tokens 3 or fewer"]),
+    (["hyena-153m", "--seq", "2048"], ["2065 positions", "l_max (2048)", "--seq 2031 or less"]),
+])
+def test_a_decode_beyond_the_positions_is_refused_before_timing(
+        argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode cache holds seq + decode-tokens + 1 positions: more than a learned table or a
+    Hyena filter has is a one-line error before anything is built or timed (it once came after
+    the prefill had been timed)."""
+    monkeypatch.setattr(runner, "build_model", lambda *a, **k: pytest.fail("built before the check"))
+    assert_one_line_error(run_main(["bench", *argv, "--device", "cpu", "--layers", "1"], capsys, monkeypatch),
+                          *needles)
+
+
+def test_check_positions_boundary() -> None:
+    """Exactly as many positions as the table passes; one more does not; rotary positions have none."""
+    learned = plan_of({**TINY, "position": {"kind": "learned"}})
+    check_positions(learned, replace(FAST, seq=123, decode_tokens=4))
+    check_positions(learned, replace(FAST, seq=128, decode_tokens=0))
+    with pytest.raises(ArchplanError, match="129 positions"):
+        check_positions(learned, replace(FAST, seq=124, decode_tokens=4))
+    check_positions(plan_of(TINY), replace(FAST, seq=4096))
 
 
 def test_compare_backends_runs_each_available_backend() -> None:
