@@ -74,11 +74,17 @@ def test_truncate_keeps_k_layers_of_each_kind() -> None:
     assert estimate_bytes(cut, FAST) < estimate_bytes(plan, FAST)
 
 
-def test_extrapolation_arithmetic() -> None:
+def test_extrapolation_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = plan_of(TINY_HYBRID)
+    passes: list[int] = []
+    extrapolate = runner._extrapolate
+    monkeypatch.setattr(runner, "_extrapolate", lambda full, built, split, median: passes.append(len(split))
+                        or extrapolate(full, built, split, median))
     result = run_bench(plan, BenchConfig(**{**FAST.__dict__, "layers": 1}))
     ext = result.extrapolation
     assert ext is not None
+    # the prefill's split from --iters instrumented passes; then each of the 3 decode steps its own
+    assert passes == [FAST.iters, 1, 1, 1]
     assert ext.built_layers == {"mamba1+dense": 1, "gqa+moe": 1}
     assert ext.full_layers == {"mamba1+dense": 2, "gqa+moe": 2}
     expected = ext.rest_seconds + sum(ext.full_layers[k] * ext.block_seconds[k] for k in ext.full_layers)
@@ -87,6 +93,19 @@ def test_extrapolation_arithmetic() -> None:
     assert result.prefill_seconds > ext.rest_seconds
     assert all(v > 0 for v in ext.block_seconds.values())
     assert result.to_json()["extrapolated"] is True
+
+
+def test_extrapolation_takes_each_kind_s_median_share_over_the_passes() -> None:
+    """One instrumented pass on a loaded machine (a block taking 0.46 s of a 0.55 s pass, not
+    0.02 s of 0.1 s) does not set the figure: each kind's block time is its median share of the
+    passes times the timed median, and the rest what the built blocks leave of that median."""
+    plan = plan_of(TINY_HYBRID)
+    quiet = ({"mamba1+dense": [0.02], "gqa+moe": [0.03]}, 0.1)
+    loaded = ({"mamba1+dense": [0.46], "gqa+moe": [0.03]}, 0.55)
+    ext = runner._extrapolate(plan, truncate(plan, 1), [quiet, loaded, quiet], 0.1)
+    assert ext.block_seconds == pytest.approx({"mamba1+dense": 0.02, "gqa+moe": 0.03})
+    assert ext.rest_seconds == pytest.approx(0.05)
+    assert ext.scale() == pytest.approx(0.05 + 2 * 0.02 + 2 * 0.03)
 
 
 def test_roofline_is_max_of_compute_and_memory() -> None:

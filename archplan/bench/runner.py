@@ -8,7 +8,7 @@ import contextlib
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,7 +25,6 @@ from archplan.bench.device import (
     free_memory,
     peak_memory,
     reset_peak_memory,
-    synchronize,
 )
 from archplan.bench.roofline import (
     DecodeRates,
@@ -181,9 +180,10 @@ class BenchResult:
 
 
 EXTRAPOLATION_METHOD = (
-    "built K layers of each layer kind (plus embedding and head); one extra timed pass with per-block "
-    "hooks (on the eager modules, also under --compile) gives each kind's share of the time, scaled so "
-    "the blocks and the rest sum to the median; full depth = rest + Σ_kind (layers of that kind) × "
+    "built K layers of each layer kind (plus embedding and head); --iters extra timed passes with "
+    "per-block hooks (on the eager modules, also under --compile) give each kind's share of a pass, "
+    "the median share over those passes times the median is its block time, the rest is what the "
+    "built blocks leave of the median; full depth = rest + Σ_kind (layers of that kind) × "
     "block time. Decode: the hooks time every timed step's blocks, each step is extrapolated the same "
     "way from its own split (unscaled), and the decode figure is the median of those"
 )
@@ -343,18 +343,6 @@ def _per_kind(marks: list[tuple[str, object, object]]) -> dict[str, list[float]]
     return per_kind
 
 
-def _block_seconds(model: torch.nn.Module, plan: ModelPlan, run: Callable[[], object],
-                   device: torch.device) -> tuple[dict[str, list[float]], float]:
-    """One instrumented pass: seconds spent in each block, by kind, and the pass's total."""
-    with _block_clock(model, plan, device) as marks:
-        synchronize(device)
-        t0 = _now(device)
-        run()
-        t1 = _now(device)
-        synchronize(device)
-    return _per_kind(marks), _elapsed(t0, t1)
-
-
 def _now(device: torch.device) -> object:
     if device.type == "cuda":
         event = torch.cuda.Event(enable_timing=True)
@@ -371,13 +359,18 @@ def _elapsed(start: object, end: object) -> float:
     return start.elapsed_time(end) / 1e3  # type: ignore[attr-defined]
 
 
-def _extrapolate(full: ModelPlan, built: ModelPlan, per_kind: dict[str, list[float]], instrumented: float,
+def _extrapolate(full: ModelPlan, built: ModelPlan, passes: Sequence[tuple[dict[str, list[float]], float]],
                  median: float) -> Extrapolation:
-    block_total = sum(sum(v) for v in per_kind.values())
-    scale = median / instrumented  # remove the hooks' own overhead
-    block = {k: scale * statistics.mean(v) for k, v in per_kind.items()}
-    rest = max(0.0, median - scale * block_total)
-    return Extrapolation(kinds(built), kinds(full), block, rest)
+    """Each kind's block time as its median share of an instrumented pass (seconds in each block by
+    kind, and the pass's total) times `median`: a share, not the hooked seconds, leaves out the
+    hooks' own overhead, and the median over passes one pass's noise (a loaded machine moved one
+    pass's block times 16–460 ms). The rest is what the built blocks leave of `median`."""
+    share = {k: statistics.median(statistics.mean(per_kind[k]) / total for per_kind, total in passes)
+             for k in passes[0][0]}
+    block = {k: median * f for k, f in share.items()}
+    built_kinds = kinds(built)
+    rest = max(0.0, median - sum(built_kinds[k] * block[k] for k in block))
+    return Extrapolation(built_kinds, kinds(full), block, rest)
 
 
 def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None) -> BenchResult:
@@ -412,9 +405,17 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
         timing = time_calls(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")
         extrapolation = None
         if cfg.layers is not None and built.n_layers < plan.n_layers:
-            with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
-                per_kind, instrumented = _block_seconds(model, built, lambda: model(tokens), device)
-            extrapolation = _extrapolate(plan, built, per_kind, instrumented, timing.median)
+            # as many passes again with block hooks, on the eager model: each one's split
+            splits: list[dict[str, list[float]]] = []
+            with torch.inference_mode(), sdpa_backend(cfg.attn_backend), \
+                    _block_clock(model, built, device) as marks:
+
+                def split() -> None:
+                    splits.append(_per_kind(marks))
+                    marks.clear()
+
+                hooked = time_calls(lambda: model(tokens), device, cfg.iters, progress, "block split", between=split)
+            extrapolation = _extrapolate(plan, built, list(zip(splits, hooked.samples)), timing.median)
         decode, decode_s, calibrated, (peak_bytes, method) = _decode(model, built, cfg, device, progress,
                                                                      extrapolation is not None, plan)
     recorded, rates = calibrated if calibrated is not None else (None, None)
@@ -479,7 +480,7 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
         return timing, timing.median, calibrated, peak
     # each timed step extrapolated from its own split between the blocks and the rest, then the
     # median: one step's split, multiplied by full/built layers, carries that step's noise
-    full_depth = [_extrapolate(full, built, per_kind, t, t).scale() for per_kind, t in zip(steps, timing.samples)]
+    full_depth = [_extrapolate(full, built, [(per_kind, t)], t).scale() for per_kind, t in zip(steps, timing.samples)]
     return timing, statistics.median(full_depth), calibrated, peak
 
 
