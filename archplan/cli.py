@@ -94,14 +94,34 @@ def _main() -> None:
         typer.echo("Aborted.", err=True)
         sys.exit(130)
     except typer.TyperException as exc:
-        # Usage errors (unknown option, missing argument, bad value): typer's own message and
-        # exit code 2. Their base class has no `show`; every concrete usage error does.
-        show = getattr(exc, "show", None)
-        if show is None:
-            typer.echo(f"archplan: error: {exc}", err=True)
-        else:
-            show()
+        # Usage errors (unknown option, missing argument, bad value): one line, as every other
+        # bad input, with typer's message and exit code 2
+        typer.echo(f"archplan: error: {_usage_message(exc)}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
+    except OSError as exc:
+        # writing the report failed (a full disk, a closed terminal): nothing left to show but why
+        typer.echo(f"archplan: error: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+def _usage_message(exc: Exception) -> str:
+    """A usage error's message, the command it concerns and where its help is; an unknown option's
+    suggestions without the hidden ones (retired options that only answer with a pointer)."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command if ctx is not None else None
+    suggested = getattr(exc, "possibilities", None)
+    if suggested is None:
+        format_message = getattr(exc, "format_message", None)
+        message = format_message() if format_message is not None else str(exc)
+    else:
+        message = getattr(exc, "message", str(exc))
+        if command is not None:
+            hidden = {opt for p in command.params if getattr(p, "hidden", False) for opt in p.opts}
+            suggested = [name for name in suggested if name not in hidden]
+        if suggested:
+            message = f"{message.rstrip('.')} (did you mean {' or '.join(suggested)}?)"
+    where = f"archplan {command.name}" if ctx is not None and ctx.parent is not None and command else "archplan"
+    return f"{message.rstrip('.')}; see '{where} --help'"
 
 
 if __name__ == "__main__":

@@ -28,6 +28,26 @@ def test_usage_errors_exit_2_without_traceback(args: tuple[str, ...], message: s
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("args, line", [
+    (("plan", "--foo"), "archplan: error: No such option: --foo (did you mean --force or --tol?); "
+                        "see 'archplan plan --help'"),
+    (("plan", "llama-3-8b", "--gpus", "abc"), "archplan: error: Invalid value for '--gpus': "),
+    (("no-such-command",), "archplan: error: No such command 'no-such-command'; see 'archplan --help'"),
+])
+def test_usage_errors_are_one_line(args: tuple[str, ...], line: str) -> None:
+    """As every other bad input; the retired, hidden --mfu is never suggested."""
+    proc = run(*args)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith(line)
+    assert "--mfu" not in proc.stderr
+
+
+def test_a_failed_write_is_one_line() -> None:
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "size", "gpt2",
+                               "--json"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == "archplan: error: No space left on device\n"
+
+
 def test_version() -> None:
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("archplan ")
