@@ -37,7 +37,9 @@ class Accelerator:
             return self.peak_flops[dtype]
         except KeyError:
             have = ", ".join(sorted(self.peak_flops))
-            raise ArchplanError(f"{self.name} has no {dtype} peak on record (has: {have})") from None
+            why = (": its tensor cores predate bf16, and `size --gpu` and `plan` price bf16 training (bench "
+                   "--dtype fp16 runs on it)" if dtype == "bf16" else "")
+            raise ArchplanError(f"{self.name} has no {dtype} peak on record (has: {have}){why}") from None
 
 
 GiB = 1 << 30
