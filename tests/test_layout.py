@@ -663,15 +663,20 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
     keeps the figures current); a GPU outside every family gets the uncalibrated runs' figures."""
     from archplan.planning.accuracy import HELD_OUT, UNCALIBRATED
 
-    for gpu, family in (("h100", "hopper"), ("h200", "hopper"), ("a100", "ampere"), ("b200", UNCALIBRATED)):
+    for gpu, family, same in (("h100", "hopper", True), ("h200", "hopper", True), ("a100", "ampere", True),
+                              ("b200", UNCALIBRATED, True), ("mi300x", UNCALIBRATED, False)):
         args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--gpu", gpu)
         code, out, _ = run(capsys, monkeypatch, *args, "--json")
-        assert code == 0 and json.loads(out)["accuracy"] == HELD_OUT[family].as_dict()
+        assert code == 0 and json.loads(out)["accuracy"] == {**HELD_OUT[family].as_dict(), "gpu_in_runs": same}
         code, out, _ = run(capsys, monkeypatch, *args)
         text = " ".join(out.split())
         a = HELD_OUT[family]
         assert code == 0 and f"on {a.runs} published {a.gpus} runs held out from calibration" in text
         assert f"±{a.median:.1%}" in text and f"±{a.p90:.1%} for nine in ten" in text
+        # another vendor's GPU is told that no run of its own judged the constants
+        assert ("no published run on the AMD Instinct MI300X 192GB was held out" in text) is not same
+        # the efficiency line's bracketed tag survives rich's markup
+        assert ("[not calibrated on this GPU]" in text) is (family == UNCALIBRATED)
 
 
 def test_cli_mfu_is_renamed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -813,3 +818,122 @@ def test_hyena_filter_mlp_runs_per_position_not_per_token() -> None:
     assert filt > 0
     one, two = (Pricer(data, rates).layers(Layout(mb=mb), "flash")[0].gemm_fwd for mb in (1, 2))
     assert two - filt == pytest.approx(2 * (one - filt))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("mixtral-8x7b", "--gpus", "64", "--layout", "ep=16"), "ep=16 does not divide the 8 routed experts"),
+    (("deepseek-v3", "--gpus", "2048", "--seq", "4096", "--layout", "ep=512,tp=4,pp=1,zero=1,recompute=full,mb=1"),
+     "ep=512 does not divide the 256 routed experts"),
+    (("llama-3-8b", "--gpus", "8", "--layout", "ep=2"), "ep=2 but the model has no routed experts"),
+    (("gpt2", "--gpus", "16", "--layout", "pp=16"), "pp·vpp = 16 model chunks for 12 layers"),
+    (("gpt2", "--gpus", "16", "--layout", "pp=2,vpp=8"), "pp·vpp = 16 model chunks for 12 layers"),
+    (("qwen2.5-7b", "--gpus", "8", "--layout", "tp=8"), "tp=8: 28 query / 4 KV heads do not split 8 ways"),
+    (("llama-3-8b", "--gpus", "6", "--layout", "cp=3"), "cp=3 does not divide --seq 8192"),
+    (("llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", "tp=8"),
+     "sequence parallelism splits each rank's 8191 tokens over tp=8"),
+    (("llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", "tp=8,cp=1,pp=1,dp=1,zero=1,recompute=full,mb=1"),
+     "sequence parallelism splits each rank's 8191 tokens over tp=8"),
+])
+def test_cli_partial_layout_passes_what_a_given_one_does(args: tuple[str, ...], message: str,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial --layout is held to the rules of a complete one: its given fields alone up front,
+    with the search's choices for every candidate; a layout that cannot exist is exit 2, not a
+    ranked row (nor exit 1 as if nothing fitted)."""
+    code, _, err = run(capsys, monkeypatch, "plan", *args)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_cli_partial_layout_candidates_all_exist(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from archplan.planning.layout import layout_problem, parse_layout
+
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout",
+                       "vpp=2,sp=off", "--json")
+    assert code == 0
+    for row in json.loads(out)["layouts"]:
+        layout = parse_layout(row["layout"]).complete()
+        assert layout is not None and layout.pp > 1
+        assert layout_problem(layout, n_layers=32, gpus_per_node=8, seq=8191) is None
+    # without sp=off, sequence parallelism needs a length tp divides: only tp = 1 is left
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8191", "--json")
+    assert code == 0 and {row["tp"] for row in json.loads(out)["layouts"]} == {1}
+
+
+def test_cli_dense_layout_is_complete_without_ep(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's --layout example names no ep: on a dense model it is still the one layout."""
+    code, out, _ = run(capsys, monkeypatch, *LLAMA_405B, "--layout",
+                       "tp=8,cp=1,pp=16,vpp=2,dp=128,zero=1,recompute=none,mb=1", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["considered"] == 1 and r["layouts"][0]["ep"] == 1
+
+
+def test_interleaved_rounds_follow_the_engine() -> None:
+    """No group given: torch's ScheduleInterleaved1F1B rounds, max(1, m div pp) of m / rounds; a
+    given group: Megatron's rule."""
+    from archplan.planning.layout import Layout, group_problem, round_size
+
+    assert round_size(Layout(pp=16, vpp=4), 15) == 15 and group_problem(Layout(pp=16, vpp=4), 15) is None
+    assert round_size(Layout(pp=16, vpp=4), 32) == 16 and round_size(Layout(pp=16, vpp=4), 31) == 31
+    assert group_problem(Layout(pp=16, vpp=4), 33) is not None  # two rounds cannot split 33
+    assert group_problem(Layout(pp=16, vpp=4, group=16), 15) is not None
+    assert round_size(Layout(pp=4, vpp=2, group=6), 12) == 6
+
+
+def test_cli_unfit_layout_shows_its_breakdown(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A given layout that does not fit: exit 1, its memory columns still on a wide terminal (the
+    bar is drawn to its total, marked where the usable memory ends) and its breakdown in one line."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "8", "--layout",
+                       "tp=8,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1")
+    assert code == 1 and "hidden at" not in out and "┃" in out
+    assert max(len(line) for line in out.splitlines()) <= 200
+    assert "does not fit: pipeline rank 0 needs 856 GiB > 72.0 GiB usable (parameters 94.5 GiB" in out
+
+
+def test_cli_infeasible_states_the_states_bytes(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    for states, per_param in (("megatron", 18), ("zero", 16)):
+        code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "8", "--states", states,
+                           "--json")
+        reason = json.loads(out)["reasons"][0]
+        assert code == 1 and f"params × {per_param} B (--states {states})" in reason
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--seq", "0"), "--seq must be positive"),
+    (("--total", "1e9"), "--total/--active go with --solve"),
+    (("--force",), "--force overwrites the --plot figure"),
+    (("--tokens", "0"), "--tokens must be a finite positive number"),
+    (("--overlap", ","), "--overlap: ',' names nothing"),
+    (("--global-batch-tokens", "1e400"), "--global-batch-tokens must be a finite positive number"),
+    (("--gpus", "99999999999999999999"), "--gpus must be between 1 and 1,000,000,000"),
+])
+def test_cli_layout_search_refuses_what_it_would_ignore(args: tuple[str, ...], message: str,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", *args)
+    assert code == 2 and message in err
+
+
+def test_divisors_by_trial_division_to_the_root() -> None:
+    from archplan.planning.parallel import _divisors
+
+    for n in (*range(1, 400), 16384, 2**20 * 3, 10**9):
+        assert _divisors(n) == sorted(d for k in range(1, math.isqrt(n) + 1) if n % k == 0 for d in {k, n // k})
+
+
+def test_cli_plot_never_overwrites_silently(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Any) -> None:
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "layouts.png"
+    figure.write_text("mine")
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--plot", str(figure))
+    assert code == 2 and "file exists; pass --force" in err and figure.read_text() == "mine"
+    code, _, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--plot", str(figure), "--force")
+    assert code == 0 and figure.read_bytes().startswith(b"\x89PNG")
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "8", "--plot",
+                       str(tmp_path / "none.png"))
+    assert code == 1 and "no figure written" in err and not (tmp_path / "none.png").exists()

@@ -216,13 +216,13 @@ def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
         console.print(f"  written to {written}")
 
 
-def _plot_budget(result: Optimum, made: Design, path: str) -> None:
+def _plot_budget(result: Optimum, made: Design, path: str, force: bool) -> None:
     from archplan.planning.optimal import isoflop_curve
     from archplan.plot import figure_target, pyplot, save
     from archplan.units import count, sci
 
     plt = pyplot()
-    target = figure_target(path)
+    target = figure_target(path, force=force)
     curve = isoflop_curve(result)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([p.params for p in curve], [p.loss for p in curve], color="C0",
@@ -247,11 +247,11 @@ def _plot_budget(result: Optimum, made: Design, path: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- plots
-def _plot_layouts(result: SearchResult, path: str) -> None:
+def _plot_layouts(result: SearchResult, path: str, force: bool) -> None:
     from archplan.plot import figure_target, pyplot, save
 
     plt = pyplot()
-    target = figure_target(path)
+    target = figure_target(path, force=force)
     rows = result.ranked[:TOP_LAYOUTS]
     gib = float(1 << 30)
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
@@ -353,12 +353,13 @@ def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[
 
 
 def _layout_row(e: Evaluated, tokens: float, usable: int) -> dict[str, Any]:
+    from archplan.planning.layout import round_size
     from archplan.planning.parallel import training_days
 
     lay, mem = e.layout, e.memory
     return {
         "layout": lay.spec, "label": lay.label,
-        "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "vpp": lay.vpp, "group": lay.microbatch_group,
+        "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "vpp": lay.vpp, "group": round_size(lay, e.microbatches),
         "dp": lay.dp, "ep": lay.ep,
         "zero": lay.zero, "recompute": lay.recompute, "mb": lay.mb, "sp": lay.sequence_parallel,
         "microbatches": e.microbatches,
@@ -468,6 +469,21 @@ def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
     return HELD_OUT[family(result.gpu)]
 
 
+def _gpu_in_runs(result: SearchResult, accuracy: HeldOutAccuracy) -> bool:
+    """Whether the held-out runs used this GPU's own family (an uncalibrated GPU is judged only by
+    the runs of the other uncalibrated GPUs, which may be another vendor's)."""
+    from archplan.planning.accuracy import UNCALIBRATED, family
+
+    return family(result.gpu) != UNCALIBRATED or accuracy.gpus in result.gpu.name
+
+
+def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
+    if _gpu_in_runs(result, accuracy):
+        return accuracy.text()
+    return (f"accuracy: no published run on the {result.gpu.name} was held out; the nearest check is the "
+            f"other GPUs priced with Hopper's fractions, {accuracy.text().removeprefix('accuracy: ')}")
+
+
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
                  bound: RailBound | None) -> dict[str, Any]:
     settings = result.settings
@@ -482,7 +498,8 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fixed": {k: v for k, v in result.fixed.given.items()},
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result)},
-        "accuracy": accuracy.as_dict() if (accuracy := _accuracy(result)) else None,
+        "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": _gpu_in_runs(result, accuracy)}
+                     if (accuracy := _accuracy(result)) else None),
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "description": settings.states.description},
         "attention_kernel": settings.attention_kernel,
@@ -515,12 +532,17 @@ BAR_STYLES = (("parameters", "blue"), ("gradients", "yellow"), ("optimizer", "gr
 
 
 def _memory_bar(e: Evaluated, usable: int) -> Any:
-    """Stacked bar of the per-GPU memory, full width = the usable memory."""
+    """Stacked bar of the per-GPU memory, full width = the usable memory; a layout that does not
+    fit is drawn to its own total instead, with `OVER_MARK` where the usable memory ends (an
+    uncapped bar would push every other column off the terminal)."""
     from rich.text import Text
 
+    scale = max(usable, e.memory.total)
+    cells = [style for name, style in BAR_STYLES for _ in range(round(BAR_WIDTH * getattr(e.memory, name) / scale))]
     bar = Text()
-    for name, style in BAR_STYLES:
-        bar.append("█" * round(BAR_WIDTH * getattr(e.memory, name) / usable), style=style)
+    limit = round(BAR_WIDTH * usable / scale) if scale > usable else None
+    for i, style in enumerate(cells):
+        bar.append(OVER_MARK if i == limit else "█", style="bold" if i == limit else style)
     return bar
 
 
@@ -535,6 +557,7 @@ class _Column:
 
 LAYOUT_MIN_WIDTH = 14  # a layout label (up to ~40 characters) on at most three lines
 BAR_HEADER = "of\nusable"
+OVER_MARK = "┃"
 
 
 def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
@@ -607,7 +630,9 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
     console.print(table)
     if BAR_HEADER not in hidden:
         console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
-                      + f"; full width = {nbytes(result.usable_bytes)}")
+                      + f"; full width = {nbytes(result.usable_bytes)}"
+                      + ("" if all(e.fits for e in rows) else
+                         f", or the total of a layout that does not fit, {OVER_MARK} where the usable ends"))
     if hidden:
         names = ", ".join(header.replace("\n", " ") for header in hidden)
         console.print(f"hidden at {console.width} columns: {names} (a wider terminal shows them; "
@@ -616,6 +641,8 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
 
 def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   bound: RailBound | None) -> None:
+    from rich.markup import escape
+
     from archplan.units import count, nbytes, percent
 
     console = _console()
@@ -626,9 +653,9 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "
         f"seq {result.seq:,}; links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} "
         f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")
-    console.print(f"  {_efficiency_text(result)}")
+    console.print(f"  {escape(_efficiency_text(result))}")
     if accuracy := _accuracy(result):
-        console.print(f"  {accuracy.text()}")
+        console.print(f"  {escape(_accuracy_text(result, accuracy))}")
     overlap = ", ".join(sorted(settings.overlap)) or "none"
     if settings.states.module_fetch and "dp" in settings.overlap:
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
@@ -647,14 +674,20 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
              f"fastest {len(rows)}") + " (per-GPU memory of the most loaded pipeline rank)"
     _print_table(console, rows, result, tokens, title)
     if not rows[0].fits:
+        mem = rows[0].memory
         console.print(f"[bold red]does not fit:[/] pipeline rank {rows[0].stage} needs "
-                      f"{nbytes(rows[0].memory.total)} > {nbytes(result.usable_bytes)} usable")
+                      f"{nbytes(mem.total)} > {nbytes(result.usable_bytes)} usable (parameters "
+                      f"{nbytes(mem.parameters)}, gradients {nbytes(mem.gradients)}, optimizer "
+                      f"{nbytes(mem.optimizer)}, activations {nbytes(mem.activations)}, temporary "
+                      f"{nbytes(mem.temporary)})")
     for note in _all_notes(result, bound):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
                   f"per step as run; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
-                  "causal, no recompute) / (step time × GPUs × bf16 peak)")
+                  "causal, no recompute) / (step time × GPUs × bf16 peak)"
+                  + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
+                     if result.settings.precision == "fp8" else ""))
 
 
 # What each mode of `plan` reads, or answers with its own message (-o in a layout search, --gpus
@@ -690,7 +723,7 @@ def register(app: typer.Typer) -> None:
             "--law", help="chinchilla: Hoffmann 2022 Approach 3; epoch: Besiroglu 2024 refit; 20x: D = 20N.")] = LawOption.epoch,
         vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary of the generated spec.")] = 128256,
         seq: Annotated[int | None, typer.Option(
-            "--seq", help="Budget: max_seq_len of the generated spec [8192]; SPEC: training sequence length [min(8192, max_seq_len)].")] = None,
+            "--seq", help="Budget: max_seq_len of the generated spec [8192]; SPEC: training sequence length \\[min(8192, max_seq_len)].")] = None,
         output: Annotated[str | None, typer.Option("-o", "--output", help="Write the generated/solved spec here.")] = None,
         force: ForceOpt = False,
         as_json: JsonOpt = False,
@@ -724,7 +757,7 @@ def register(app: typer.Typer) -> None:
             "--attention", help="flash: FlashAttention + fused kernels (no s×s memory); eager: plain torch autograd.",
             rich_help_panel=MODEL_PANEL)] = KernelChoice.flash,
         grad_reduce: Annotated[GradReduceChoice | None, typer.Option(
-            "--grad-reduce", help="Gradient reduction dtype [the states' gradient dtype].",
+            "--grad-reduce", help="Gradient reduction dtype \\[the states' gradient dtype].",
             rich_help_panel=MODEL_PANEL)] = None,
         cp_comm: Annotated[CPCommChoice, typer.Option(
             "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
@@ -767,10 +800,17 @@ def register(app: typer.Typer) -> None:
             if mfu is not None:
                 raise ArchplanError("plan's --mfu is now --efficiency (the kernels' fraction of peak); "
                                     "MFU is an output of the compute model")
+            if total is not None or active is not None:
+                raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
+            if force and plot is None:
+                raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
+            train_tokens = _amount(tokens, "--tokens")
+            if train_tokens is not None and not (math.isfinite(train_tokens) and train_tokens > 0):
+                raise ArchplanError(f"--tokens must be a finite positive number, got {tokens}")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
-                        gpus_per_node, nvlink_gbs, ib_gbs, _amount(tokens, "--tokens"), law, as_json, plot)
+                        gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
             if total is not None or active is not None:
                 raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
@@ -800,7 +840,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
             f"generated by archplan plan --{'compute' if compute is not None else 'params' if params is not None else 'tokens'} "
             f"{compute or params or tokens:.4g} --family {family.value} --law {law.value} --vocab {vocab}"))
     if plot is not None:
-        _plot_budget(result, made, plot)
+        _plot_budget(result, made, plot, force)
     if as_json:
         typer.echo(json.dumps(_budget_json(result, made, output), indent=2))
     else:
@@ -845,6 +885,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     from archplan.planning.parallel import Settings
 
     parts = {p.strip().lower() for p in overlap.split(",") if p.strip()}
+    if not parts:
+        raise ArchplanError(f"--overlap: '{overlap}' names nothing (any of {', '.join(OVERLAPS)}, or none)")
     if parts == {"none"}:
         parts = set()
     unknown = parts - set(OVERLAPS)
@@ -861,7 +903,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
 def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str,
                 layout_text: str | None, settings: Settings, headroom: float,
                 gpus_per_node: int | None, nvlink_gbs: float | None, ib_gbs: float | None,
-                tokens: float | None, law: LawOption, as_json: bool, plot: str | None) -> None:
+                tokens: float | None, law: LawOption, as_json: bool, plot: str | None, force: bool) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
     from archplan.planning.layout import PartialLayout, parse_layout
@@ -874,19 +916,20 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     batch_tokens = _amount(batch_text, "--global-batch-tokens")
     assert batch_tokens is not None
     if not math.isfinite(batch_tokens) or batch_tokens <= 0:
-        raise ArchplanError("--global-batch-tokens must be positive")
+        raise ArchplanError(f"--global-batch-tokens must be a finite positive number, got {batch_text}")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
-    single = fixed.complete() is not None
     plan = resolve(spec)
-    result = search(plan, device, gpus, seq=seq or min(DEFAULT_BUDGET_SEQ, spec.max_seq_len),
+    result = search(plan, device, gpus, seq=min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq,
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
-                    fixed=fixed, keep_unfit=single)
+                    fixed=fixed, keep_unfit=True)
     bound = _network_bound(result, plan)
     train_tokens, source = _training_tokens(spec, tokens, law)
     plotted = plot is not None and result.feasible
     if plotted:
         assert plot is not None
-        _plot_layouts(result, plot)
+        _plot_layouts(result, plot, force)
+    elif plot is not None:
+        typer.echo(f"no figure written to {plot}: no layout fits", err=True)
     if as_json:
         typer.echo(json.dumps(_layout_json(spec, result, train_tokens, source, bound), indent=2))
     else:

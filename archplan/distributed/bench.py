@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from archplan.distributed.render import schedule_name
+from archplan.distributed.render import given_layout, schedule_name
 from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
@@ -23,9 +23,7 @@ from archplan.units import count, nbytes, percent, things
 def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, microbatches: int | None,
                  warmup: int, steps: int, as_json: bool, device: str = "auto") -> None:
     plan = resolve(load_spec(spec))
-    layout = parse_layout(layout_text).complete()
-    if layout is None:
-        raise ArchplanError("--layout: bench needs every field (tp, cp, pp, dp, ep, zero, recompute, mb)")
+    layout = given_layout(plan, layout_text, seq, "bench")
     if seq > plan.max_seq_len:
         raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
     m = microbatches or layout.pp

@@ -62,12 +62,20 @@ def render(result: LayoutCheck, console: Console) -> None:
     console.print(OK + " all match" if result.ok else BAD + " measured and analytic differ (see ✗ rows)")
 
 
-def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool) -> None:
-    layout = parse_layout(layout_text).complete()
-    if layout is None:
-        raise ArchplanError("--layout: verify needs every field (tp, cp, pp, dp, ep, zero, recompute, mb)")
+def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> Layout:
+    """The one layout `--layout` gives `verify` or `bench`, checked as `plan` checks a given one."""
     experts = max((layer.ffn.n_experts for layer in plan.layers if isinstance(layer.ffn, MoEPlan)), default=0)
-    check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts)
+    layout = parse_layout(layout_text).for_model(experts).complete()
+    if layout is None:
+        raise ArchplanError(f"--layout: {command} needs every field (tp, cp, pp, dp, zero, recompute, mb; ep "
+                            "for a model with routed experts)")
+    check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts,
+                 seq=seq)
+    return layout
+
+
+def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool) -> None:
+    layout = given_layout(plan, layout_text, seq, "verify")
     result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))

@@ -158,7 +158,7 @@ from typing_extensions import assert_never
 
 from archplan.analytic.memory import RECOMPUTE_MODES, Recompute, activation_memory
 from archplan.errors import ArchplanError
-from archplan.planning.layout import Layout, pipeline_chunks
+from archplan.planning.layout import Layout, pipeline_chunks, round_size
 from archplan.planning.records import Collective, RankMemory
 from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
 from archplan.planning.zero3_fetch import Module, fetch_counts, modules, peak_gathered
@@ -779,7 +779,7 @@ def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
     chunk forwards, + the first steady-state forward, at most m·v; the forwards run in rounds of N
     micro-batches through chunk 0, then 1, …, the last round taking every remaining micro-batch
     (`get_schedule_table`)."""
-    p, v, m, n = layout.pp, layout.vpp, microbatches, layout.microbatch_group
+    p, v, m, n = layout.pp, layout.vpp, microbatches, round_size(layout, microbatches)
     if v == 1:
         return (min(p - stage, m),)
     forwards = min(m * v, 2 * (p - stage - 1) + (v - 1) * n + 1)
@@ -950,7 +950,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         # the rank's rows are accumulated then (measured by verify --layout)
         embedding_extra = data.first[0].numel - _local_numel(data.first[:1], tp, ep)[0]
     if (zero == 1 and states.params_always_sharded and layout.vpp > 1
-            and 1 < microbatches <= layout.microbatch_group):
+            and 1 < microbatches <= round_size(layout, microbatches)):
         # one round of the interleaved schedule: a chunk runs all its backwards before the next
         # (chunks in reverse), so each accumulates its unsharded gradients only while the chunks
         # after it hold their reduced shards and those before it none yet (measured by verify --layout)

@@ -14,7 +14,8 @@ Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti e
 - group: N, the micro-batches a pipeline rank runs through one model chunk before the next, in the
   interleaved schedule (Llama Team 2024 §3.3.2, Figure 6: the "tunable" schedule between
   depth-first, N = pp, and breadth-first, N = m; Megatron-LM's
-  `microbatch_group_size_per_vp_stage`). 0 = pp, Megatron's default; meaningless at vpp = 1.
+  `microbatch_group_size_per_vp_stage`). 0 = torch's rounds (`round_size`): pp, Megatron's
+  default, when pp divides the micro-batches; meaningless at vpp = 1.
 - zero: 0 (plain DP), 1 (optimizer states sharded over dp), 2 (+ gradients), 3 (+ parameters,
   FSDP). Rajbhandari et al. 2020 §5.
 - recompute: none | selective (Korthikanti §4.3: the attention core) | full (every layer's input
@@ -59,11 +60,6 @@ class Layout:
     @property
     def world(self) -> int:
         return self.tp * self.cp * self.pp * self.dp
-
-    @property
-    def microbatch_group(self) -> int:
-        """N: micro-batches per model-chunk round of the interleaved schedule (pp unless given)."""
-        return self.group or self.pp
 
     @property
     def expert_dp(self) -> int:
@@ -122,6 +118,11 @@ class PartialLayout:
     def admits(self, layout: Layout) -> bool:
         return all(getattr(layout, name) == value for name, value in self.given.items())
 
+    def for_model(self, n_experts: int) -> PartialLayout:
+        """ep fixed at 1 for a model without routed experts, the only degree it can take: a dense
+        model's layout is complete without it."""
+        return replace(self, ep=1) if not n_experts and self.ep is None else self
+
     def complete(self) -> Layout | None:
         """The one layout this fixes, when every field is given (sp, vpp and group default to on, 1
         and pp)."""
@@ -167,40 +168,69 @@ def parse_layout(text: str) -> PartialLayout:
     return PartialLayout(**values)  # type: ignore[arg-type]
 
 
-def _check_tp_in_node(tp: int, gpus_per_node: int) -> None:
-    if tp > gpus_per_node:
-        raise ArchplanError(f"--layout: tp={tp} spans more than one node of {gpus_per_node} GPUs "
-                            "(tensor parallelism needs the in-node links)")
+def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_experts: int = 0,
+                   seq: int | None = None) -> str | None:
+    """Why the layout cannot exist whatever the cluster's size (None: it can); fitting in memory is
+    not judged here (a layout that exists but does not fit is printed with its breakdown)."""
+    if layout.tp > gpus_per_node:
+        return (f"tp={layout.tp} spans more than one node of {gpus_per_node} GPUs "
+                "(tensor parallelism needs the in-node links)")
+    if (layout.dp * layout.cp) % layout.ep:
+        return f"ep={layout.ep} must divide dp·cp = {layout.dp * layout.cp}"
+    if layout.ep > 1 and not n_experts:
+        return f"ep={layout.ep} but the model has no routed experts"
+    if n_experts and n_experts % layout.ep:
+        return f"ep={layout.ep} does not divide the {n_experts} routed experts"
+    if layout.pp * layout.vpp > n_layers + 2:
+        return f"pp·vpp = {layout.pp * layout.vpp} model chunks for {n_layers} layers"
+    if layout.vpp > 1 and layout.pp == 1:
+        return "vpp > 1 needs pp > 1 (virtual stages interleave a pipeline)"
+    if seq is not None and seq % layout.cp:
+        return f"cp={layout.cp} does not divide --seq {seq}"
+    # Megatron-LM's sequence parallelism scatters each context shard's tokens over the TP group and
+    # refuses a length the group does not divide (Korthikanti et al. 2022 §4.2.2)
+    if seq is not None and layout.sequence_parallel and (seq // layout.cp) % layout.tp:
+        return (f"sequence parallelism splits each rank's {seq // layout.cp} tokens over tp={layout.tp}, "
+                "which does not divide them (sp=off, or a --seq tp divides)")
+    return None
 
 
 def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_node: int,
-                 n_experts: int = 0) -> None:
-    """Raise ArchplanError (one line) when the layout cannot exist; fitting in memory is not
-    judged here (a layout that exists but does not fit is printed with its breakdown)."""
+                 n_experts: int = 0, seq: int | None = None) -> None:
+    """Raise ArchplanError (one line) when the layout cannot exist on `gpus` GPUs."""
     if gpus is not None and layout.world != gpus:
         raise ArchplanError(f"--layout: tp·cp·pp·dp = {layout.tp}·{layout.cp}·{layout.pp}·{layout.dp} "
                             f"= {layout.world} ranks, but --gpus is {gpus}")
-    _check_tp_in_node(layout.tp, gpus_per_node)
-    if (layout.dp * layout.cp) % layout.ep:
-        raise ArchplanError(f"--layout: ep={layout.ep} must divide dp·cp = {layout.dp * layout.cp}")
-    if layout.ep > 1 and not n_experts:
-        raise ArchplanError(f"--layout: ep={layout.ep} but the model has no routed experts")
-    if n_experts and n_experts % layout.ep:
-        raise ArchplanError(f"--layout: ep={layout.ep} does not divide the {n_experts} routed experts")
-    if layout.pp * layout.vpp > n_layers + 2:
-        raise ArchplanError(f"--layout: pp·vpp = {layout.pp * layout.vpp} model chunks for {n_layers} layers")
-    if layout.vpp > 1 and layout.pp == 1:
-        raise ArchplanError("--layout: vpp > 1 needs pp > 1 (virtual stages interleave a pipeline)")
+    why = layout_problem(layout, n_layers=n_layers, gpus_per_node=gpus_per_node, n_experts=n_experts, seq=seq)
+    if why:
+        raise ArchplanError(f"--layout: {why}")
+
+
+def round_size(layout: Layout, microbatches: int) -> int:
+    """N, the micro-batches a rank runs through one model chunk before the next, over m
+    micro-batches: `group` when given (Megatron-LM's `microbatch_group_size_per_vp_stage`), else
+    torch's `ScheduleInterleaved1F1B` rounds, max(1, m div pp) of m / rounds each: pp (Megatron's
+    default) when pp divides m, one round of all m below 2·pp."""
+    if layout.group:
+        return layout.group
+    return microbatches // max(1, microbatches // layout.pp)
 
 
 def group_problem(layout: Layout, microbatches: int) -> str | None:
-    """Why the interleaved schedule cannot run N = group micro-batches per round over m micro-batches
-    (Megatron-LM `forward_backward_pipelining_with_interleaving`: N in [pp, m], and the last round,
-    m mod N, is 0 or at least pp: a shorter round waits on its own earlier chunks — a dependency
-    bubble)."""
-    if layout.vpp == 1 or layout.group == 0:
+    """Why the interleaved schedule cannot run its rounds over m micro-batches. A given round N
+    (Megatron-LM `forward_backward_pipelining_with_interleaving`): N in [pp, m], and the last round,
+    m mod N, is 0 or at least pp (a shorter round waits on its own earlier chunks — a dependency
+    bubble). No round given: torch's `ScheduleInterleaved1F1B` needs its rounds to divide m."""
+    if layout.vpp == 1:
         return None
-    n, p, m = layout.group, layout.pp, microbatches
+    p, m = layout.pp, microbatches
+    if not layout.group:
+        rounds = max(1, m // p)
+        if m % rounds:
+            return (f"the interleaved schedule runs m = {m} micro-batches in {rounds} rounds of at least "
+                    f"pp = {p}, which do not divide them (give group=N, or a batch pp divides)")
+        return None
+    n = layout.group
     if not p <= n <= m:
         return f"group={n} must lie in [pp, m] = [{p}, {m}] (m micro-batches per step)"
     if 0 < m % n < p:
@@ -208,16 +238,26 @@ def group_problem(layout: Layout, microbatches: int) -> str | None:
     return None
 
 
-def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int) -> None:
-    """The checks a partial layout allows before the search fills it in: a given tp within a node,
-    and the given degrees dividing the GPUs (one-line ArchplanError)."""
+def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_layers: int, n_experts: int,
+                  seq: int) -> None:
+    """The checks the given fields of a partial layout allow alone, before the search fills in the
+    rest (one-line ArchplanError): each rule of `layout_problem` whose fields are all given, and
+    the given degrees dividing the GPUs. The search then keeps only candidates that pass it whole."""
     given = fixed.given
-    _check_tp_in_node(int(given.get("tp", 1)), gpus_per_node)
     degrees = {name: int(given[name]) for name in ("tp", "cp", "pp", "dp") if name in given}
     product = math.prod(degrees.values())
     if gpus % product:
         named = "·".join(f"{name}={value}" for name, value in degrees.items())
         raise ArchplanError(f"--layout: {named} = {product} ranks does not divide --gpus {gpus}")
+    # the given fields on an otherwise neutral layout: ep's divisibility by dp·cp, vpp's need of a
+    # pipeline and sp's of a seq the tp group divides involve fields the search still chooses
+    probe = Layout(tp=int(given.get("tp", 1)), cp=int(given.get("cp", 1)), pp=int(given.get("pp", 1)),
+                   vpp=int(given.get("vpp", 1)) if "pp" in given else 1,
+                   dp=int(given.get("ep", 1)), ep=int(given.get("ep", 1)),
+                   sp=bool(given.get("sp", True)) and "tp" in given and "cp" in given)
+    why = layout_problem(probe, n_layers=n_layers, gpus_per_node=gpus_per_node, n_experts=n_experts, seq=seq)
+    if why:
+        raise ArchplanError(f"--layout: {why}")
 
 
 # cached: the search asks for the same few (pp, vpp) splits once per layout and stage

@@ -27,7 +27,8 @@ from archplan.planning.cluster import (
     model_data,
     representative_stages,
 )
-from archplan.planning.layout import Layout, PartialLayout, check_layout, check_partial, group_problem
+from archplan.planning.layout import (Layout, PartialLayout, check_layout, check_partial, group_problem,
+                                     layout_problem)
 from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for, spans_nodes
 from archplan.planning.records import RankMemory
 from archplan.resolve import (
@@ -288,14 +289,20 @@ class Evaluator:
         return Evaluated(layout, m, stage, mem, time_stage, time, tokens, mfu, mem.total <= self.usable)
 
 
+# far beyond any cluster built; bounds the trial division of `_divisors` (√10⁹ ≈ 31,623 steps)
+MAX_GPUS = 10**9
+
+
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n in order, by trial division up to √n (--gpus may be large)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: float, headroom: float,
                   settings: Settings) -> int:
-    if gpus < 1:
-        raise ArchplanError(f"--gpus must be positive, got {gpus}")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise ArchplanError(f"--gpus must be between 1 and {MAX_GPUS:,}, got {gpus:,}")
     if settings.efficiency is not None and not 0 < settings.efficiency <= 1:
         raise ArchplanError(f"--efficiency must be in (0, 1], got {settings.efficiency}")
     if not 0 <= headroom < 1:
@@ -327,7 +334,8 @@ def _vpps(n_layers: int, pp: int) -> list[int]:
 
 def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences: int, net: Interconnect,
                fixed: PartialLayout, settings: Settings) -> tuple[list[Layout], dict[int, str]]:
-    """Every layout the fixed fields admit (and why some TP degrees were skipped)."""
+    """Every layout the fixed fields admit, and why some were skipped: per TP degree that cannot
+    split the model, and (key 0) the first rule a layout of the given fields broke."""
     n_layers = len(plan.layers)
     out: list[Layout] = []
     tp_reasons: dict[int, str] = {}
@@ -374,8 +382,14 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                     # transfers, is not priced)
                     layout = Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, group=int(g.get("group", 0)), dp=dp,
                                     ep=ep, zero=zero, recompute=mode, mb=mb, sp=sp)  # type: ignore[arg-type]
-                    if group_problem(layout, _microbatches(sequences, dp, mb)) is None:
+                    # what a fully given layout must pass (given fields and chosen ones together)
+                    why = (group_problem(layout, _microbatches(sequences, dp, mb))
+                           or layout_problem(layout, n_layers=n_layers, n_experts=data.n_experts,
+                                             gpus_per_node=net.gpus_per_node, seq=seq))
+                    if why is None:
                         out.append(layout)
+                    elif g:
+                        tp_reasons.setdefault(0, f"{layout.spec}: {why}")
     return out, tp_reasons
 
 
@@ -389,32 +403,35 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
-    check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node)
+    n_layers, n_experts = len(plan.layers), evaluator.data.n_experts
+    fixed = fixed.for_model(n_experts)
+    check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node, n_layers=n_layers, n_experts=n_experts,
+                  seq=seq)
     given = fixed.given
+    if "tp" in given:
+        why = tp_problem(plan, int(given["tp"]))
+        if why:
+            raise ArchplanError(f"--layout: tp={given['tp']}: {why}")
+        if "cp" in given:
+            why = cp_problem(plan, int(given["tp"]), int(given["cp"]))
+            if why:
+                raise ArchplanError(f"--layout: cp={given['cp']}: {why}")
     why = states_problem(int(given.get("pp", 1)), int(given.get("zero", 0)), settings.states)
     if why:
         raise ArchplanError(f"--layout: {why}")
     complete = fixed.complete()
     if complete is not None:
-        check_layout(complete, n_layers=len(plan.layers), gpus=gpus, gpus_per_node=net.gpus_per_node,
-                     n_experts=evaluator.data.n_experts)
-        why = tp_problem(plan, complete.tp)
-        if why:
-            raise ArchplanError(f"--layout: tp={complete.tp}: {why}")
-        if seq % complete.cp:
-            raise ArchplanError(f"--layout: cp={complete.cp} does not divide --seq {seq}")
-        why = cp_problem(plan, complete.tp, complete.cp)
-        if why:
-            raise ArchplanError(f"--layout: cp={complete.cp}: {why}")
+        check_layout(complete, n_layers=n_layers, gpus=gpus, gpus_per_node=net.gpus_per_node,
+                     n_experts=n_experts, seq=seq)
         why = group_problem(complete, _microbatches(sequences, complete.dp, complete.mb))
         if why:
             raise ArchplanError(f"--layout: {why}")
         layouts, tp_reasons = [complete], {}
     else:
-        for name, value in fixed.given.items():
-            if name in ("tp", "cp", "pp", "dp") and gpus % int(value):
-                raise ArchplanError(f"--layout: {name}={value} does not divide --gpus {gpus}")
         layouts, tp_reasons = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
+        if not layouts and given:
+            raise ArchplanError("--layout: " + _reasons(plan, gpus, usable, gpu, net, sequences, None, tp_reasons,
+                                                        layouts, fixed, settings.states)[0])
     ranked: list[Evaluated] = []
     tightest: Evaluated | None = None
     tightest_mem: tuple[Layout, int, StageMemory] | None = None
@@ -429,7 +446,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     fitting = [e for e in ranked if e.fits]
     if tightest_mem is not None and not fitting:
         tightest = evaluator.evaluate(tightest_mem[0], tightest_mem[1], tightest_mem[2])
-    reasons = _reasons(plan, gpus, usable, gpu, net, sequences, tightest, tp_reasons, layouts, fixed)
+    reasons = _reasons(plan, gpus, usable, gpu, net, sequences, tightest, tp_reasons, layouts, fixed,
+                       settings.states)
     # time per token: rounding m to whole micro-batches moves the batch as run by a few percent
     ranked.sort(key=lambda e: (not e.fits, e.time.total / e.global_batch_tokens, e.memory.total))
     return SearchResult(
@@ -444,12 +462,13 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
 
 def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Interconnect,
              sequences: int, tightest: Evaluated | None, tp_reasons: dict[int, str],
-             layouts: list[Layout], fixed: PartialLayout) -> tuple[str, ...]:
+             layouts: list[Layout], fixed: PartialLayout, states: StatesConvention) -> tuple[str, ...]:
     if not layouts:
         given = f" with {fixed.given}" if fixed.given else ""
         return (f"no layout{given}: {gpus} GPUs admit no TP×CP×PP×DP split with TP ≤ "
                 f"{net.gpus_per_node} (TP within a node), PP ≤ {len(plan.layers)} layers and DP·mb ≤ "
-                f"{sequences} sequences per step" + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()),)
+                f"{sequences} sequences per step"
+                + "".join(f"; TP{t}: {w}" if t else f"; e.g. {w}" for t, w in tp_reasons.items()),)
     if tightest is None:
         return ()
     mem = tightest.memory
@@ -459,9 +478,9 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Int
             f"{tightest.stage} needs {nbytes(mem.total)} per GPU (parameters {nbytes(mem.parameters)}, "
             f"gradients {nbytes(mem.gradients)}, optimizer {nbytes(mem.optimizer)}, activations "
             f"{nbytes(mem.activations)}, temporary {nbytes(mem.temporary)}) > {nbytes(usable)} usable of "
-            f"{nbytes(gpu.memory_bytes)}; {what} exceed it: {total:,} params × 16 B = "
-            f"{nbytes(16 * total)} over {gpus} GPUs is {nbytes(16 * total / gpus)} each before "
-            "activations",)
+            f"{nbytes(gpu.memory_bytes)}; {what} exceed it: {total:,} params × "
+            f"{states.bytes_per_param} B (--states {states.key}) = {nbytes(states.bytes_per_param * total)} over "
+            f"{gpus} GPUs is {nbytes(states.bytes_per_param * total / gpus)} each before activations",)
 
 
 def training_days(result: Evaluated, tokens: float) -> float:
