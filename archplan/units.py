@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 
 _COUNT = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
-_BYTES = ((1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+_BYTES = ((1 << 60, "EiB"), (1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 _FLOPS = ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
 
 
 def _three_digits(value: float) -> str:
     """Three significant digits, the precision a sizing table needs (7.24, 13.5, 671)."""
     if value >= 100:
-        return f"{value:.0f}"
+        return f"{value:,.0f}"  # past the largest unit the integer part grows: group its digits
     if value >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"

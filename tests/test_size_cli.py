@@ -264,3 +264,10 @@ def test_counted_nouns_agree_in_number() -> None:
     assert things(1, "micro-batch") == "1 micro-batch"
     assert things(16, "micro-batch") == "16 micro-batches"
     assert things(2, "batch") == "2 batches" and things(1_024, "rank") == "1,024 ranks"
+
+
+def test_human_units_past_the_largest_group_their_digits() -> None:
+    from archplan.units import flops, nbytes
+
+    assert nbytes(14_495_514_624) == "13.5 GiB" and nbytes(3 * 2**70) == "3,072 EiB"
+    assert flops(3e30) == "3,000,000 YFLOP"
