@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 import published_runs  # noqa: E402  (benchmarks/ is not a package)
 from archplan.analytic import count_params  # noqa: E402
 from archplan.hardware import accelerator  # noqa: E402
-from archplan.planning.accuracy import HeldOutAccuracy, family, summarize  # noqa: E402
+from archplan.planning.accuracy import HeldOutAccuracy, family, label, summarize  # noqa: E402
 from archplan.resolve import resolve  # noqa: E402
 from archplan.spec import Spec  # noqa: E402
 
@@ -143,7 +143,7 @@ def held_out_errors(found: list[Row],
     def add(gpu_name: str, error: float) -> None:
         gpu = accelerator(gpu_name)
         errors.setdefault(family(gpu), []).append(error)
-        gpus.setdefault(family(gpu), set()).add(gpu.key.split("-")[0].upper())
+        gpus.setdefault(family(gpu), set()).add(label(gpu))
 
     for r in found:
         add(r.gpu, r.error)

@@ -98,6 +98,14 @@ def _amount(text: str | None, option: str) -> float | None:
     return parse_amount(text, option) if text is not None else None
 
 
+def _positive_amount(text: str, option: str) -> float:
+    """An amount (16M, 2T, 1e9) that only makes sense finite and positive."""
+    value = _amount(text, option)
+    if value is None or not (math.isfinite(value) and value > 0):
+        raise ArchplanError(f"{option} must be a finite positive number, got {text}")
+    return value
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -469,16 +477,10 @@ def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
     return HELD_OUT[family(result.gpu)]
 
 
-def _gpu_in_runs(result: SearchResult, accuracy: HeldOutAccuracy) -> bool:
-    """Whether the held-out runs used this GPU's own family (an uncalibrated GPU is judged only by
-    the runs of the other uncalibrated GPUs, which may be another vendor's)."""
-    from archplan.planning.accuracy import UNCALIBRATED, family
-
-    return family(result.gpu) != UNCALIBRATED or accuracy.gpus in result.gpu.name
-
-
 def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
-    if _gpu_in_runs(result, accuracy):
+    from archplan.planning.accuracy import own_runs
+
+    if own_runs(result.gpu):
         return accuracy.text()
     return (f"accuracy: no published run on the {result.gpu.name} was held out; the nearest check is the "
             f"other GPUs priced with Hopper's fractions, {accuracy.text().removeprefix('accuracy: ')}")
@@ -486,6 +488,8 @@ def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
                  bound: RailBound | None) -> dict[str, Any]:
+    from archplan.planning.accuracy import own_runs
+
     settings = result.settings
     shown = result.ranked[:TOP_LAYOUTS] if result.ranked else (
         (result.tightest,) if result.tightest is not None else ())
@@ -498,7 +502,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fixed": {k: v for k, v in result.fixed.given.items()},
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result)},
-        "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": _gpu_in_runs(result, accuracy)}
+        "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu)}
                      if (accuracy := _accuracy(result)) else None),
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "description": settings.states.description},
@@ -788,6 +792,8 @@ def register(app: typer.Typer) -> None:
             raise ArchplanError("--compute/--params plan from a budget; they go without SPEC or --solve")
         refuse_foreign_options(ctx, "--solve" if solve is not None else "a layout search" if spec is not None
                                else "a budget", PLAN_MODES)
+        if solve is None and (total is not None or active is not None):
+            raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
         if solve is not None:
             if tokens is not None or gpus is not None:
                 raise ArchplanError("--solve takes --total/--active, not --tokens or --gpus")
@@ -800,20 +806,14 @@ def register(app: typer.Typer) -> None:
             if mfu is not None:
                 raise ArchplanError("plan's --mfu is now --efficiency (the kernels' fraction of peak); "
                                     "MFU is an output of the compute model")
-            if total is not None or active is not None:
-                raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
             if force and plot is None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
-            train_tokens = _amount(tokens, "--tokens")
-            if train_tokens is not None and not (math.isfinite(train_tokens) and train_tokens > 0):
-                raise ArchplanError(f"--tokens must be a finite positive number, got {tokens}")
+            train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
-            if total is not None or active is not None:
-                raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
             if gpus is not None or layout is not None:
                 raise ArchplanError("--gpus/--layout go with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
             _run_budget(_amount(compute, "--compute"), _amount(params, "--params"),
@@ -913,10 +913,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     fixed = parse_layout(layout_text) if layout_text is not None else PartialLayout()
     spec = load_spec(name)
     device = accelerator(gpu_key)
-    batch_tokens = _amount(batch_text, "--global-batch-tokens")
-    assert batch_tokens is not None
-    if not math.isfinite(batch_tokens) or batch_tokens <= 0:
-        raise ArchplanError(f"--global-batch-tokens must be a finite positive number, got {batch_text}")
+    batch_tokens = _positive_amount(batch_text, "--global-batch-tokens")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
     plan = resolve(spec)
     result = search(plan, device, gpus, seq=min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq,

@@ -27,6 +27,18 @@ def family(gpu: Accelerator) -> str:
     return FAMILY_OF.get(gpu.key, UNCALIBRATED)
 
 
+def label(gpu: Accelerator) -> str:
+    """How `HeldOutAccuracy.gpus` names a GPU: its key's model, h100-sxm -> H100."""
+    return gpu.key.split("-")[0].upper()
+
+
+def own_runs(gpu: Accelerator) -> bool:
+    """Whether the held-out runs of `gpu`'s family judge its own constants: a family's GPUs share
+    theirs (H200 is priced as H100); outside every family only a GPU that some uncalibrated run
+    used is judged by them, the others (another vendor's, say) merely get the nearest check."""
+    return family(gpu) != UNCALIBRATED or label(gpu) in HELD_OUT[UNCALIBRATED].gpus.split("/")
+
+
 @dataclass(frozen=True)
 class HeldOutAccuracy:
     """|predicted / published − 1| of tokens/s per GPU over one family's held-out runs."""

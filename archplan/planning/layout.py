@@ -125,7 +125,7 @@ class PartialLayout:
 
     def complete(self) -> Layout | None:
         """The one layout this fixes, when every field is given (sp, vpp and group default to on, 1
-        and pp)."""
+        and the engine's rounds, `round_size`; `for_model` gives a dense model its ep)."""
         given = self.given
         needed = set(LAYOUT_FIELDS) - {"sp", "vpp", "group"}
         if not needed <= given.keys():

@@ -333,12 +333,14 @@ def _vpps(n_layers: int, pp: int) -> list[int]:
 
 
 def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences: int, net: Interconnect,
-               fixed: PartialLayout, settings: Settings) -> tuple[list[Layout], dict[int, str]]:
+               fixed: PartialLayout, settings: Settings) -> tuple[list[Layout], dict[int, str], str | None]:
     """Every layout the fixed fields admit, and why some were skipped: per TP degree that cannot
-    split the model, and (key 0) the first rule a layout of the given fields broke."""
+    split the model, and the first rule a layout completing the given fields broke (None: none did,
+    or nothing was given)."""
     n_layers = len(plan.layers)
     out: list[Layout] = []
     tp_reasons: dict[int, str] = {}
+    broken: str | None = None
     g = fixed.given
     tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.gpus_per_node]
     cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
@@ -374,12 +376,11 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in zeros for r in modes):
-                    if (dp * mb > sequences and "mb" not in g or (dp * cp) % ep
-                            or states_problem(pp, zero, settings.states)):
+                    if dp * mb > sequences and "mb" not in g or states_problem(pp, zero, settings.states):
                         continue
-                    # the interleaved schedule's round N stays at pp unless given: in this model a
-                    # longer round only lengthens the warm-up (its gain, more time to hide the p2p
-                    # transfers, is not priced)
+                    # the interleaved schedule's round N stays the engine's (`layout.round_size`)
+                    # unless given: in this model a longer round only lengthens the warm-up (its
+                    # gain, more time to hide the p2p transfers, is not priced)
                     layout = Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, group=int(g.get("group", 0)), dp=dp,
                                     ep=ep, zero=zero, recompute=mode, mb=mb, sp=sp)  # type: ignore[arg-type]
                     # what a fully given layout must pass (given fields and chosen ones together)
@@ -388,9 +389,9 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                                              gpus_per_node=net.gpus_per_node, seq=seq))
                     if why is None:
                         out.append(layout)
-                    elif g:
-                        tp_reasons.setdefault(0, f"{layout.spec}: {why}")
-    return out, tp_reasons
+                    elif g and broken is None:
+                        broken = f"{layout.spec}: {why}"
+    return out, tp_reasons, broken
 
 
 def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_batch_tokens: float,
@@ -428,10 +429,10 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
             raise ArchplanError(f"--layout: {why}")
         layouts, tp_reasons = [complete], {}
     else:
-        layouts, tp_reasons = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
+        layouts, tp_reasons, broken = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
         if not layouts and given:
-            raise ArchplanError("--layout: " + _reasons(plan, gpus, usable, gpu, net, sequences, None, tp_reasons,
-                                                        layouts, fixed, settings.states)[0])
+            why = _reasons(plan, gpus, usable, gpu, net, sequences, None, tp_reasons, layouts, fixed, settings.states)
+            raise ArchplanError(f"--layout: {why[0]}" + (f"; e.g. {broken}" if broken else ""))
     ranked: list[Evaluated] = []
     tightest: Evaluated | None = None
     tightest_mem: tuple[Layout, int, StageMemory] | None = None
@@ -467,8 +468,7 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Int
         given = f" with {fixed.given}" if fixed.given else ""
         return (f"no layout{given}: {gpus} GPUs admit no TP×CP×PP×DP split with TP ≤ "
                 f"{net.gpus_per_node} (TP within a node), PP ≤ {len(plan.layers)} layers and DP·mb ≤ "
-                f"{sequences} sequences per step"
-                + "".join(f"; TP{t}: {w}" if t else f"; e.g. {w}" for t, w in tp_reasons.items()),)
+                f"{sequences} sequences per step" + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()),)
     if tightest is None:
         return ()
     mem = tightest.memory
