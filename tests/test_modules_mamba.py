@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from autograd_units import assert_bf16_autocast_backward, saved_during, storages
@@ -22,6 +23,7 @@ from archplan.analytic.mamba import (
 from archplan.modules.mamba1 import (
     Mamba1Mixer,
     _scan,
+    causal_depthwise_conv,
     chunked_scan,
     scan_chunk_len,
     selective_scan,
@@ -393,6 +395,21 @@ def test_mamba2_bf16_runs() -> None:
     ref = Mamba2Mixer(m2_plan(), 8)
     ref.load_state_dict({k: v.float() for k, v in mixer.state_dict().items()})
     torch.testing.assert_close(y.float(), ref(x.float()), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_causal_conv_unit_under_bf16_autocast(bias: bool) -> None:
+    """The causal conv keeps its unpadded input and runs `convolution_backward` itself, which no
+    autocast covers: under bf16 autocast it runs in the forward's bf16, as plain autograd's conv
+    does (it once met the bf16 gradient with fp32 operands and raised)."""
+    torch.manual_seed(0)
+    c, w = 6, 4
+    x = torch.randn(2, c, 11, requires_grad=True)
+    weight = torch.randn(c, 1, w, requires_grad=True)
+    b = torch.randn(c, requires_grad=True) if bias else None
+    inputs = [x, weight] + ([b] if b is not None else [])
+    assert_bf16_autocast_backward(lambda: causal_depthwise_conv(x, weight, b, None)[0],
+                                  lambda: F.conv1d(F.pad(x, (w - 1, 0)), weight, b, groups=c), inputs)
 
 
 @pytest.mark.parametrize("with_d", [False, True])

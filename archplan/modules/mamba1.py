@@ -81,13 +81,17 @@ class _LeftPaddedConv(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x_BCT, weight_C1W)
         ctx.has_bias = bias_C is not None
-        return F.conv1d(F.pad(x_BCT, (weight_C1W.shape[-1] - 1, 0)), weight_C1W, bias_C, groups=x_BCT.shape[1])
+        y_BCT = F.conv1d(F.pad(x_BCT, (weight_C1W.shape[-1] - 1, 0)), weight_C1W, bias_C, groups=x_BCT.shape[1])
+        # the dtype the conv ran in (autocast's, when on), which its backward must run in too:
+        # `convolution_backward` is not an autocast op and refuses bf16 gradients beside fp32 operands
+        ctx.dtype = y_BCT.dtype
+        return y_BCT
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, dy_BCT: Tensor
     ) -> tuple[Tensor | None, ...]:
-        x_BCT, weight_C1W = ctx.saved_tensors
+        x_BCT, weight_C1W = (t.to(ctx.dtype) for t in ctx.saved_tensors)
         w = weight_C1W.shape[-1]
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         dx_pad, dw, db = torch.ops.aten.convolution_backward(
