@@ -126,6 +126,8 @@ def _kv_table(r: dict[str, Any]) -> _Section:
         table.add_row("  of which Hyena filters (fp32, once for the batch)", units.nbytes(kv["filter_cache_bytes"]))
     if kv["ssm_state_bytes"]:
         table.add_row("  of which SSM / S4 / FIR + modal state (constant)", units.nbytes(kv["ssm_state_bytes"]))
+    if kv["past_max_seq_len"]:
+        table.note = f"{kv['convention']}\n{kv['past_max_seq_len']}"
     return table
 
 
@@ -273,6 +275,8 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     first = reports[0]
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}. " + first["flops"]["convention"])
+    past = [r["kv_cache"]["past_max_seq_len"] for r in reports if r["kv_cache"]["past_max_seq_len"]]
+    settings = "\n".join([settings, *past])
     table = _table("Comparison", settings, ("figure", "left"),
                    *[(r["name"], "right") for r in reports])
     table.columns[0].no_wrap = True

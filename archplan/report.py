@@ -158,6 +158,20 @@ def _per_token(value: int, tokens: int) -> int | float:
     return value // tokens if value % tokens == 0 else value / tokens
 
 
+def _past_trained_context(plan: ModelPlan, context: int) -> str | None:
+    """Why a context beyond the spec's max_seq_len deserves a second look, or None. Rotary
+    positions are only trained up to the length they were trained (or scaled) for: beyond it
+    perplexity rises sharply unless the frequencies are rescaled (Chen et al. 2023, position
+    interpolation; Peng et al. 2023, YaRN), which the spec's position.scaling states. ALiBi and
+    sinusoidal positions are defined at every length and SSM / long-conv models carry no
+    position, so only RoPE gets the note; a learned table is refused outright."""
+    if plan.position != "rope" or context <= plan.max_seq_len:
+        return None
+    return (f"context {context:,} is past {plan.name}'s max_seq_len ({plan.max_seq_len:,}): the cache is "
+            "sized as asked, but RoPE was not trained there (give position.scaling and its max_seq_len "
+            "to plan a longer window)")
+
+
 def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dict[str, Any]:
     """Every `size` figure of one spec (the `--json` object)."""
     opts.check()
@@ -261,6 +275,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "conv_bytes_per_token": kv.conv_bytes_per_token,
             "filter_cache_bytes": kv.filter_cache_bytes,
             "by_component": dict(kv.by_component),
+            "past_max_seq_len": _past_trained_context(plan, context),
             "convention": KV_CONVENTION,
         },
         "memory": {

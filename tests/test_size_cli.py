@@ -134,6 +134,21 @@ def test_kv_options() -> None:
         fp8["memory"]["weights_bytes"] + fp8["kv_cache"]["bytes"])
 
 
+def test_a_context_past_a_rope_models_length_is_sized_with_a_note() -> None:
+    """RoPE past max_seq_len is sized (a user may plan to scale it) but says it was not trained
+    there, in --json, under size's KV table and in compare's notes; at or below the length, and on
+    models whose positions are defined at every length (ALiBi, none), there is no note."""
+    past = size_json("llama-2-7b", "--context", "65536")["kv_cache"]
+    assert past["bytes"] == 65_536 * past["bytes_per_token"]
+    assert "past llama-2-7b's max_seq_len (4,096)" in past["past_max_seq_len"]
+    assert size_json("llama-2-7b", "--context", "4096")["kv_cache"]["past_max_seq_len"] is None
+    assert size_json("mamba-2.8b", "--context", "1000000")["kv_cache"]["past_max_seq_len"] is None
+    assert size_json("bloom-560m", "--context", "65536")["kv_cache"]["past_max_seq_len"] is None
+    for command in (["size", "llama-2-7b"], ["compare", "mamba-2.8b", "llama-2-7b"]):
+        text = runner.invoke(app, [*command, "--context", "65536"], env={"COLUMNS": "300"}).stdout
+        assert "RoPE was not trained there" in text and "llama-2-7b's max_seq_len" in text
+
+
 def test_ssm_state_and_sliding_window() -> None:
     jamba = size_json("jamba-v0.1", "--context", "1024")
     assert jamba["kv_cache"]["bytes_per_token"] == 16_384  # docs/formulas.md §3: 4 attention layers
