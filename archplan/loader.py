@@ -42,17 +42,16 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     """SafeLoader that keeps the position of every mapping key and rejects duplicate keys."""
 
 
-class _PyLoader(yaml.SafeLoader):
-    """The same loader in pure Python, for text that may nest deeply (see `_NESTING_MARKS`)."""
+# libyaml's parser keeps its own stack, but PyYAML's C composer recurses once per level with no
+# limit: `[[[...]]]` or `- - - ...` some 25,000 deep overflowed the C stack and killed the process.
+# `_check_shape` walks the parser's events first (no recursion) and refuses a text deeper than a
+# spec ever nests, or with more nodes than MAX_YAML_NODES, before anything is composed; composing a
+# megabyte of small nodes only to refuse it afterwards took seconds.
+_MAX_DEPTH = 100
+_OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+_NODE = (yaml.ScalarEvent, *_OPEN)
 
-
-# libyaml composes nodes by recursing in C, with no depth limit: `[[[...]]]` or `- - - ...` some
-# 25,000 deep overflows the C stack and kills the process. The pure-Python composer recurses in
-# Python, where the depth limit raises RecursionError instead. Every level of nesting needs one of
-# these characters (block nesting by indentation alone needs quadratic text, so cannot get deep
-# within MAX_FILE_BYTES); a text with few of them cannot nest deeply and keeps the fast parser.
-_NESTING_MARKS = "[{-?"
-_MAX_C_NESTING = 1_000
 
 # YAML 1.1 (PyYAML) reads `2.0e12` (no exponent sign) as a string; YAML 1.2 and users mean a float.
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -84,23 +83,46 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
     }
 
 
-for _cls in (_Loader, _PyLoader):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-    _cls.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _count_nodes(node: yaml.Node, budget: list[int]) -> None:
+def _check_shape(text: str, file: str) -> None:
+    """Refuse a text that nests deeper than `_MAX_DEPTH` or holds more than MAX_YAML_NODES nodes,
+    at the event where it does, from the parser's events alone (see `_MAX_DEPTH`)."""
+    loader = _Loader(text)
+    depth = nodes = 0
+    try:
+        while (event := loader.get_event()) is not None:
+            if isinstance(event, _CLOSE):
+                depth -= 1
+                continue
+            depth += isinstance(event, _OPEN)
+            nodes += isinstance(event, _NODE)
+            if depth > _MAX_DEPTH:
+                problem = f"YAML nests more than {_MAX_DEPTH} levels deep; a spec nests a few"
+            elif nodes > MAX_YAML_NODES:
+                problem = f"YAML has more than {MAX_YAML_NODES:,} nodes; a spec has a few hundred"
+            else:
+                continue
+            mark = event.start_mark
+            raise ArchplanError(problem, file=file, line=mark.line + 1, column=mark.column + 1)
+    finally:
+        loader.dispose()
+
+
+def _count_nodes(node: yaml.Node, budget: list[int], file: str) -> None:
     """Walk the composed graph as construction would expand it (aliases counted each time)."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise ArchplanError("YAML expands to too many nodes (alias bomb?)")
+        raise ArchplanError(f"YAML's aliases expand it past {MAX_YAML_NODES:,} nodes (an alias bomb?)", file=file)
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            _count_nodes(k, budget)
-            _count_nodes(v, budget)
+            _count_nodes(k, budget, file)
+            _count_nodes(v, budget, file)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _count_nodes(item, budget)
+            _count_nodes(item, budget, file)
 
 
 def _locations(node: yaml.Node, path: tuple[str | int, ...], out: dict) -> None:
@@ -120,13 +142,13 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
     if "\x00" in text:
         raise ArchplanError("not a text file (NUL bytes)", file=file)
     try:
-        deep = sum(text.count(mark) for mark in _NESTING_MARKS) > _MAX_C_NESTING
-        loader = (_PyLoader if deep else _Loader)(text)
+        _check_shape(text, file)
+        loader = _Loader(text)
         try:
             node = loader.get_single_node()
             if node is None:
                 raise ArchplanError("empty file; expected a mapping of spec fields", file=file)
-            _count_nodes(node, [MAX_YAML_NODES])
+            _count_nodes(node, [MAX_YAML_NODES], file)
             data = loader.construct_document(node)
         finally:
             loader.dispose()
