@@ -679,9 +679,13 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
         assert ("[not calibrated on this GPU]" in text) is (family == UNCALIBRATED)
 
 
-def test_cli_mfu_is_renamed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--mfu", "0.4")
-    assert code == 2 and "--efficiency" in err
+@pytest.mark.parametrize("mode", [["llama-3-8b", "--gpus", "8"], ["--compute", "1e24"],
+                                  ["--solve", "partial.yaml", "--total", "1e9"]], ids=["layout", "budget", "solve"])
+def test_cli_mfu_is_renamed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                            mode: list[str]) -> None:
+    """In every mode: the budget and solve modes once called the retired option foreign instead."""
+    code, _, err = run(capsys, monkeypatch, "plan", *mode, "--mfu", "0.4")
+    assert code == 2 and "plan's --mfu is now --efficiency" in err
 
 
 def test_cli_overlap_and_states_options(capsys: pytest.CaptureFixture[str],

@@ -790,6 +790,9 @@ def register(app: typer.Typer) -> None:
             raise ArchplanError("give either SPEC (layout search) or --solve, not both")
         if (solve is not None or spec is not None) and (compute is not None or params is not None):
             raise ArchplanError("--compute/--params plan from a budget; they go without SPEC or --solve")
+        if mfu is not None:  # retired, hidden: checked before the modes, which would call it foreign
+            raise ArchplanError("plan's --mfu is now --efficiency (the kernels' fraction of peak, read by a "
+                                "layout search); MFU is an output of the compute model")
         refuse_foreign_options(ctx, "--solve" if solve is not None else "a layout search" if spec is not None
                                else "a budget", PLAN_MODES)
         if solve is None and (total is not None or active is not None):
@@ -803,9 +806,6 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("-o writes a generated or solved spec; the layout search writes none")
             if gpus is None:
                 raise ArchplanError("the layout search needs --gpus (and --gpu)")
-            if mfu is not None:
-                raise ArchplanError("plan's --mfu is now --efficiency (the kernels' fraction of peak); "
-                                    "MFU is an output of the compute model")
             if force and plot is None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
