@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, NamedTuple, Union
 
 from archplan.spec import (
     GLU,
@@ -211,6 +211,12 @@ class LayerPlan:
         return isinstance(self.mixer, (AttentionPlan, MLAPlan))
 
 
+class PositionLimit(NamedTuple):
+    positions: int  # the most positions one forward or one cache can hold
+    what: str  # what sets it, for messages
+    field: str  # the spec field that holds it
+
+
 @dataclass(frozen=True)
 class ModelPlan:
     name: str
@@ -232,6 +238,17 @@ class ModelPlan:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def position_limit(self) -> PositionLimit | None:
+        """The most positions the model takes, in one forward or in a cache, and what sets it: the
+        learned position table (max_seq_len rows) or a Hyena layer's implicit filter, generated
+        for l_max positions (safari `HyenaFilter`); None where nothing bounds them (rotary, ALiBi
+        and sinusoidal positions, SSMs, S4D's and StripedHyena's filters, computed for any length)."""
+        limits = [PositionLimit(layer.mixer.l_max, "the Hyena filter length", "l_max")
+                  for layer in self.layers if isinstance(layer.mixer, HyenaPlan)]
+        if self.position == "learned":
+            limits.append(PositionLimit(self.max_seq_len, "the learned position table", "max_seq_len"))
+        return min(limits, default=None)
 
 
 def norm_plan(norm: NormSpec) -> NormPlan:

@@ -303,6 +303,13 @@ def test_length_beyond_a_learned_position_table(cli, option: str) -> None:  # ty
                           "max_seq_len 1,024")
 
 
+@pytest.mark.parametrize("option", ["--context", "--seq"])
+def test_length_beyond_a_hyena_filter(cli, option: str) -> None:  # type: ignore[no-untyped-def]
+    # the implicit filter is generated for l_max positions, as bench and the torch cache refuse too
+    assert_one_line_error(cli("size", "hyena-153m", option, "1000000"), option, "Hyena filter length",
+                          "l_max 2,048")
+
+
 def test_compare_needs_two_specs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(cli("compare", spec_file(tmp_path, BASE)), "at least two")
 

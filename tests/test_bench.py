@@ -218,9 +218,9 @@ def test_too_big_model_is_exit_2_with_suggestion(capsys: pytest.CaptureFixture[s
 
 @pytest.mark.parametrize(("argv", "needles"), [
     (["gpt2", "--seq", "1024", "--decode-tokens", "4"],
-     ["1029 positions", "the learned position table (1024)", "--seq 1019 or less", "--decode-tokens 0"]),
+     ["1029 positions", "the learned position table (max_seq_len 1024)", "--seq 1019 or less", "--decode-tokens 0"]),
     (["gpt2", "--seq", "1020", "--decode-tokens", "8"], ["--seq 1015 or less", "--decode-tokens 3 or fewer"]),
-    (["hyena-153m", "--seq", "2048"], ["2065 positions", "l_max (2048)", "--seq 2031 or less"]),
+    (["hyena-153m", "--seq", "2048"], ["2065 positions", "(l_max 2048)", "--seq 2031 or less"]),
 ])
 def test_a_decode_beyond_the_positions_is_refused_before_timing(
         argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str],

@@ -38,7 +38,7 @@ from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.attention import sdpa
-from archplan.modules.model import build_model, position_limit, resolve_device
+from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import LayerPlan, ModelPlan
 from archplan.units import nbytes as fmt_bytes
 
@@ -257,18 +257,18 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
 def check_positions(plan: ModelPlan, cfg: BenchConfig) -> None:
     """Refuse up front, not after the prefill was timed, a run needing more positions than the model
     has: the decode cache holds the prompt, the recorded step and the timed steps (`_decode`)."""
-    limit = position_limit(plan)
+    limit = plan.position_limit()
     steps = cfg.decode_tokens + 1 if cfg.decode_tokens else 0
-    if limit is None or cfg.seq + steps <= limit[0]:
+    if limit is None or cfg.seq + steps <= limit.positions:
         return
-    most, what = limit
+    most = limit.positions
     fixes = [f"--seq {most - steps} or less"] if most - steps >= 1 else []
     if cfg.seq <= most:  # d ≥ 1 decode steps need seq + d + 1 positions, none (prefill only) seq
         most_steps = max(most - cfg.seq - 1, 0)
         fixes.append(f"--decode-tokens {most_steps} or fewer" if most_steps else "--decode-tokens 0 (prefill only)")
     need = (f"--seq {cfg.seq} and --decode-tokens {cfg.decode_tokens} need a cache of {cfg.seq + steps} positions "
             "(the prompt, one recorded step and the timed steps)" if steps else f"--seq {cfg.seq} needs {cfg.seq} positions")
-    raise ArchplanError(f"{need}, beyond {what} ({most}): use {', or '.join(fixes)}")
+    raise ArchplanError(f"{need}, beyond {limit.what} ({limit.field} {most}): use {', or '.join(fixes)}")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
 from archplan.modules.norms import build_norm
 from archplan.modules.positions import SinusoidalPositions
-from archplan.resolve import HyenaPlan, ModelPlan, resolve
+from archplan.resolve import ModelPlan, resolve
 from archplan.spec import Spec
 
 
@@ -84,9 +84,9 @@ class ArchplanModel(nn.Module):
                 module.reset_buffers()
 
     def new_cache(self, batch: int, max_len: int) -> ModelCache:
-        limit = position_limit(self.plan)
-        if limit is not None and max_len > limit[0]:
-            raise ArchplanError(f"cache length {max_len} exceeds {limit[1]} ({limit[0]})")
+        limit = self.plan.position_limit()
+        if limit is not None and max_len > limit.positions:
+            raise ArchplanError(f"cache length {max_len} exceeds {limit.what} ({limit.field} {limit.positions})")
         weight = self.embed.weight
         states = [layer.mixer.new_state(batch, max_len, weight.device, weight.dtype) for layer in self.layers]
         return ModelCache(states, max_len)
@@ -151,18 +151,6 @@ def _deepnorm_init(model: ArchplanModel, beta: float) -> None:
                     matrices += [p for p in ffn.shared.parameters() if p.dim() == 2]
             for w in matrices:
                 w.mul_(beta)
-
-
-def position_limit(plan: ModelPlan) -> tuple[int, str] | None:
-    """The most positions a model of `plan` takes, in one forward or in a cache, and what sets it:
-    the learned position table (max_seq_len) or a Hyena layer's implicit filter, generated for
-    l_max positions (safari `HyenaFilter`); None where nothing bounds them (rotary, ALiBi and
-    sinusoidal positions, SSMs, StripedHyena's modal filters)."""
-    limits = [(layer.mixer.l_max, "the Hyena filter length l_max")
-              for layer in plan.layers if isinstance(layer.mixer, HyenaPlan)]
-    if plan.position == "learned":
-        limits.append((plan.max_seq_len, "the learned position table"))
-    return min(limits, default=None)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
