@@ -159,12 +159,12 @@ def _per_token(value: int, tokens: int) -> int | float:
 
 
 def _past_trained_context(plan: ModelPlan, context: int) -> str | None:
-    """Why a context beyond the spec's max_seq_len deserves a second look, or None. Rotary
-    positions are only trained up to the length they were trained (or scaled) for: beyond it
-    perplexity rises sharply unless the frequencies are rescaled (Chen et al. 2023, position
-    interpolation; Peng et al. 2023, YaRN), which the spec's position.scaling states. ALiBi and
-    sinusoidal positions are defined at every length and SSM / long-conv models carry no
-    position, so only RoPE gets the note; a learned table is refused outright."""
+    """Why a context beyond the spec's max_seq_len deserves a second look, or None. Past the
+    length a rotary model was trained (or scaled) to, its perplexity rises sharply unless the
+    frequencies are rescaled (Chen et al. 2023, position interpolation; Peng et al. 2023, YaRN),
+    which the spec's position.scaling states. ALiBi and sinusoidal positions are defined at every
+    length and SSM / long-conv models carry no position, so only RoPE gets the note; a learned
+    table or a Hyena filter is refused outright (`ModelPlan.position_limit`)."""
     if plan.position != "rope" or context <= plan.max_seq_len:
         return None
     return (f"context {context:,} is past {plan.name}'s max_seq_len ({plan.max_seq_len:,}): the cache is "

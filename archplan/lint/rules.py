@@ -344,8 +344,8 @@ RULES: tuple[Rule, ...] = (
         "AP001", "invalid-yaml", "error", "File is not readable YAML",
         "The file could not be read as one safe YAML mapping: a syntax error, tabs used for "
         "indentation, a duplicate key (YAML says last-wins; archplan refuses, since one of the two "
-        "values is a mistake), a `!!python` tag, an alias bomb, nesting deeper than 100 levels, more than 200,000 nodes, binary "
-        "content or an oversized file.",
+        "values is a mistake), a `!!python` tag, an alias bomb, nesting deeper than 100 levels, "
+        "more than 200,000 nodes, binary content or an oversized file.",
         "YAML 1.2.2 spec §3.2.1.1 (the keys of a mapping are unique); PyYAML SafeLoader",
         None,
     ),
