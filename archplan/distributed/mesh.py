@@ -151,5 +151,5 @@ def build_mesh(layout: Layout, device_type: str) -> LayoutMesh:
         cp = ("cp",) if layout.cp > 1 else ()
         replicas = ("expert_dp", *cp, *(("tp",) if layout.tp > 1 else ()))
         experts = root[replicas]._flatten("expert_dp_tp") if len(replicas) > 1 else root["expert_dp"]
-        dp = root["expert_dp", "ep", *cp]._flatten("dp")
+        dp = root[("expert_dp", "ep", *cp)]._flatten("dp")
     return LayoutMesh(layout, root, dp, experts)
