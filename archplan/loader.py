@@ -92,6 +92,7 @@ def _check_shape(text: str, file: str) -> None:
     at the event where it does, from the parser's events alone (see `_MAX_DEPTH`)."""
     loader = _Loader(text)
     depth = nodes = 0
+    too_deep = f"YAML nests more than {_MAX_DEPTH} levels deep; a spec nests a few"
     try:
         while (event := loader.get_event()) is not None:
             if isinstance(event, _CLOSE):
@@ -100,13 +101,20 @@ def _check_shape(text: str, file: str) -> None:
             depth += isinstance(event, _OPEN)
             nodes += isinstance(event, _NODE)
             if depth > _MAX_DEPTH:
-                problem = f"YAML nests more than {_MAX_DEPTH} levels deep; a spec nests a few"
+                problem = too_deep
             elif nodes > MAX_YAML_NODES:
                 problem = f"YAML has more than {MAX_YAML_NODES:,} nodes; a spec has a few hundred"
             else:
                 continue
             mark = event.start_mark
             raise ArchplanError(problem, file=file, line=mark.line + 1, column=mark.column + 1)
+    except yaml.MarkedYAMLError as exc:
+        # libyaml 0.2.6 (PyYAML 6.0.4's wheels) refuses 1,000 levels in its scanner, which reads a
+        # flow collection's brackets ahead of the events: the same refusal, at its own mark
+        mark = exc.problem_mark
+        if mark is None or "maximum nesting depth" not in (exc.problem or ""):
+            raise
+        raise ArchplanError(too_deep, file=file, line=mark.line + 1, column=mark.column + 1) from None
     finally:
         loader.dispose()
 

@@ -218,19 +218,22 @@ def test_python_tag_is_refused_and_never_runs(cli, tmp_path: Path) -> None:  # t
     assert not marker.exists()
 
 
+# where the refusal points: the 101st level, or, for brackets, libyaml 0.2.6's scanner (PyYAML
+# 6.0.4's wheels), which reads them ahead of the events and stops at its own 1,000 (loader.py)
 @pytest.mark.parametrize(("nested", "where"), [
-    ("name: " + "[" * 30_000 + "]" * 30_000, "1:106"),
-    ("name: " + "{a: " * 40_000 + "1" + "}" * 40_000, "1:403"),
-    ("name:\n  " + "- " * 300_000 + "x", "2:201"),
-    ("name:\n  " + "? " * 300_000 + "x", "2:201"),
+    ("name: " + "[" * 30_000 + "]" * 30_000, ("1:106", "1:1006")),
+    ("name: " + "{a: " * 40_000 + "1" + "}" * 40_000, ("1:403",)),
+    ("name:\n  " + "- " * 300_000 + "x", ("2:201",)),
+    ("name:\n  " + "? " * 300_000 + "x", ("2:201",)),
 ], ids=["flow-sequence", "flow-mapping", "block-sequence", "block-key"])
-def test_deep_nesting_is_an_error_not_a_crash(tmp_path: Path, nested: str, where: str) -> None:
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path: Path, nested: str, where: tuple[str, ...]) -> None:
     # in a subprocess: libyaml's C recursion overflowed the stack and killed the process (exit 139)
     path = spec_file(tmp_path, nested + "\n")
     proc = subprocess.run([sys.executable, "-m", "archplan.cli", "size", path],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc
-    assert proc.stderr == f"archplan: error: {path}:{where}: YAML nests more than 100 levels deep; a spec nests a few\n"
+    assert proc.stderr in {f"archplan: error: {path}:{at}: YAML nests more than 100 levels deep; a spec nests a few\n"
+                           for at in where}
 
 
 @pytest.mark.parametrize("body", [
