@@ -3,8 +3,9 @@
 The wheel is built from a copy of the source tree (symlinks kept as links, build outputs left
 out), installed into a fresh venv, and run with the working directory outside the repository.
 The venv sees the system site-packages for the dependencies (pydantic, typer, ... without a
-download), so the test asserts that `archplan` itself is imported from the venv's copy, never
-from the source tree or an editable install.
+download; when the suite itself runs in a venv, that venv's), so the test asserts that
+`archplan` itself is imported from the venv's copy, never from the source tree or an editable
+install.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)],
                    check=True, timeout=120)
+    if sys.prefix != sys.base_prefix:
+        # the suite runs in a venv: --system-site-packages shows the base interpreter's packages,
+        # not this venv's, so its site-packages join the path (plain lines: their .pth files,
+        # an editable archplan's among them, are not run)
+        purelib = sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)})
+        Path(purelib, "outer-venv.pth").write_text("\n".join(site.getsitepackages()) + "\n", encoding="utf-8")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install",
                     "-q", "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
     return env
