@@ -10,6 +10,7 @@ install.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import shutil
@@ -20,6 +21,11 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 pytestmark = pytest.mark.xdist_group("test_wheel")
 
@@ -91,3 +97,21 @@ def test_an_imported_spec_points_at_the_installed_schema(venv: Path, tmp_path: P
     reference = modeline.removeprefix("# yaml-language-server: $schema=")
     schema = (tmp_path / reference).resolve()
     assert schema.is_file() and schema.is_relative_to(venv.resolve())
+
+
+def test_the_sources_parse_as_the_oldest_python_the_package_accepts() -> None:
+    """requires-python's floor holds for the package's syntax. `ast.parse`'s feature_version
+    refuses some newer syntax (`except*`) but lets star-unpacking in a subscript through (3.11,
+    PEP 646), which once kept every torch.distributed path from importing on 3.10."""
+    floor = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"]
+    major, minor = (int(part) for part in floor.removeprefix(">=").split("."))
+    found = []
+    for path in sorted((ROOT / "archplan").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source, str(path), feature_version=(major, minor))
+        # `a[(x, *y)]` is 3.10 and parses to the same tree as `a[x, *y]`; only the parentheses tell
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Tuple)
+                  and any(isinstance(item, ast.Starred) for item in node.slice.elts)
+                  and not (ast.get_source_segment(source, node.slice) or "").startswith("(")]
+    assert (major, minor) == (3, 10) and not found, found
