@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed._mesh_layout import _FlatLayout, _MeshLayout
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+try:  # private: the layout types `DeviceMesh._init_one_process_group` takes (torch >= 2.13)
+    from torch.distributed._mesh_layout import _FlatLayout, _MeshLayout
+except ImportError:
+    _FlatLayout = _MeshLayout = None  # type: ignore[assignment,misc]
 
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout
@@ -105,6 +110,14 @@ class LayoutMesh:
         return self.root.get_coordinate()[0]
 
 
+def _private_group_api_matches(init_one: object) -> bool:
+    """Whether torch's private group factory is the one `_member_groups_only` replaces (torch 2.13's
+    layout types and arguments). Another torch keeps its own: every group is created, which is
+    slower at thousands of fake ranks and creates the same groups."""
+    names = ["sub_layout", "rank_map", "dim_name", "backend_override"]
+    return _MeshLayout is not None and list(inspect.signature(init_one).parameters) == names  # type: ignore[arg-type]
+
+
 @contextmanager
 def _member_groups_only() -> Iterator[None]:
     """On the fake backend, DeviceMesh creates only the process groups holding this rank.
@@ -115,10 +128,10 @@ def _member_groups_only() -> Iterator[None]:
     nothing, so the other calls do nothing but cost: 36,113 groups for the 16,384-rank
     llama-3.1-405b layout (2.3 s CPU). The group kept is the same (ranks, description);
     its name is the next of torch's sequential names, fewer of them having been drawn."""
-    if dist.get_backend() != "fake":
+    original = DeviceMesh._init_one_process_group
+    if dist.get_backend() != "fake" or not _private_group_api_matches(original):
         yield
         return
-    original = DeviceMesh._init_one_process_group
 
     def member_only(sub_layout: _FlatLayout, rank_map: torch.Tensor, dim_name: str,
                     backend_override: tuple[object, object]) -> str | None:
