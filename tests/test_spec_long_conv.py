@@ -24,6 +24,9 @@ def spec(**fields: Any) -> Spec:
     ({"long_conv": {"kind": "s4d", "d_state": 7}, "layout": {"mixers": "H"}}, "long_conv.d_state"),
     ({"long_conv": {"kind": "s4", "n_ssm": 3}, "layout": {"mixers": "H"}}, "long_conv.n_ssm"),
     ({"long_conv": {"kind": "hyena", "l_max": 32}, "layout": {"mixers": "H"}}, "long_conv.l_max"),
+    # required: pydantic before 2.11.5 gave it Mamba-2's chunk_size default (256), another field of
+    # the same Annotated type (pyproject.toml's floor)
+    ({"long_conv": {"kind": "hyena"}, "layout": {"mixers": "H"}}, r"long_conv\.hyena\.l_max\n  Field required"),
     ({"long_conv": {"kind": "hyena", "l_max": 64, "emb_dim": 4}, "layout": {"mixers": "H"}}, "emb_dim"),
     ({"long_conv": {"kind": "hyena", "l_max": 64, "order": 1}, "layout": {"mixers": "H"}}, "order"),
     ({"long_conv": {"kind": "stripedhyena", "filter_groups": 3}, "layout": {"mixers": "H"}}, "long_conv.filter_groups"),

@@ -264,7 +264,7 @@ def test_an_old_torch_is_refused_in_one_line(
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and out == ""
     assert err.count("\n") == 1
-    assert "needs PyTorch 2.8 or newer" in err and "found 2.7.1+cpu" in err
+    assert "needs PyTorch 2.13 or newer" in err and "found 2.7.1+cpu" in err
 
 
 @pytest.mark.parametrize(("version", "release"), [
