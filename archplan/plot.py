@@ -28,12 +28,18 @@ SEQ_SWEEP_CAP = 32768
 def pyplot() -> Any:
     try:
         import matplotlib
-    except ImportError:
-        raise ArchplanError(
-            "--plot needs matplotlib, which is not installed; pip install 'archplan[plot]'"
-        ) from None
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "matplotlib":
+            raise ArchplanError(
+                "--plot needs matplotlib, which is not installed; pip install 'archplan[plot]'"
+            ) from None
+        # installed but broken, e.g. matplotlib 3.7 (built for NumPy 1) beside NumPy 2
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ArchplanError(f"--plot: matplotlib failed to import ({reason}); "
+                            "pip install -U 'archplan[plot]'") from None
 
     return plt
 

@@ -3,6 +3,7 @@ end to end, option handling and the human table."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import sys
@@ -190,6 +191,23 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the import now fails
     with pytest.raises(ArchplanError, match=r"pip install 'archplan\[plot\]'"):
+        pyplot()
+
+
+def test_plot_with_a_matplotlib_that_fails_to_import_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed but broken (matplotlib 3.7 beside NumPy 2 raises this): not "not installed"."""
+    from archplan.plot import pyplot
+
+    real_import = builtins.__import__
+
+    def broken(name: str, *args: object, **kwargs: object) -> object:
+        if name == "matplotlib":
+            raise ImportError("numpy.core.multiarray failed to import")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ArchplanError, match=r"^--plot: matplotlib failed to import \(numpy\.core\.multiarray "
+                                            r"failed to import\); pip install -U 'archplan\[plot\]'$"):
         pyplot()
 
 
