@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
 from archplan.contraction import ContractionDetector
+from archplan.errors import first_line
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
 from archplan.modules.model import ArchplanModel, build_model
 from archplan.resolve import (
@@ -787,7 +788,7 @@ def _fvcore_check(
         try:
             from fvcore.nn import FlopCountAnalysis  # optional dependency, imported when used
         except ImportError as exc:
-            reason = f"fvcore is not installed ({_first_line(exc)}): pip install fvcore"
+            reason = f"fvcore is not installed ({first_line(exc)}): pip install fvcore"
             return FvcoreCheck(rows=(), not_run=reason)
         try:
             analysis = FlopCountAnalysis(model, (tokens_BT,))
@@ -799,7 +800,7 @@ def _fvcore_check(
             by_module = analysis.by_module_and_operator()
             skipped_by_module = {name: analysis.unsupported_ops(name) for name in by_module}
         except Exception as exc:  # noqa: BLE001  any failure of the optional tool is reported, not raised
-            return FvcoreCheck(rows=(), not_run=f"fvcore failed: {type(exc).__name__}: {_first_line(exc)}")
+            return FvcoreCheck(rows=(), not_run=f"fvcore failed: {type(exc).__name__}: {first_line(exc)}")
     # fvcore counts one multiply-add as one flop (fvcore/nn/flop_count.py): x2 to compare; the
     # known ops' handles return FLOPs already
     own = exclusive_counts({
@@ -846,8 +847,3 @@ def _traced(value: Any) -> Any:
         return value.type().sizes()
     constant = value.toIValue()  # None unless the value is a constant of the trace
     return None if isinstance(constant, torch.Tensor) else constant
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -28,3 +28,9 @@ class ArchplanError(Exception):
             where += ": "
         field = f"{self.field}: " if self.field else ""
         return f"{where}{field}{self.message}"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, first_line
 
 if TYPE_CHECKING:
     from archplan.report import SizeOptions
@@ -37,8 +37,7 @@ def pyplot() -> Any:
                 "--plot needs matplotlib, which is not installed; pip install 'archplan[plot]'"
             ) from None
         # installed but broken, e.g. matplotlib 3.7 (built for NumPy 1) beside NumPy 2
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ArchplanError(f"--plot: matplotlib failed to import ({reason}); "
+        raise ArchplanError(f"--plot: matplotlib failed to import ({first_line(exc)}); "
                             "pip install -U 'archplan[plot]'") from None
 
     return plt
