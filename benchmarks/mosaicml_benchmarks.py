@@ -165,7 +165,8 @@ def accuracy(found: list[Row], published: list[published_runs.Row]) -> dict[str,
 def held_out_lines(found: list[Row]) -> list[str]:
     figures = accuracy(found, published_runs.rows(with_search=False))
     return [f"held out, {key} ({a.gpus}): {a.runs} runs, median |error| {a.median:.1%}, nine in ten "
-            f"within ±{a.p90:.1%}, median error {a.bias:+.1%}" for key, a in figures.items()]
+            f"within ±{a.p90:.1%} (between {a.low:+.1%} and {a.high:+.1%}), median error {a.bias:+.1%}"
+            for key, a in figures.items()]
 
 
 def markdown(found: list[Row]) -> None:

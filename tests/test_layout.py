@@ -654,6 +654,7 @@ def test_cli_partial_layout_searches_the_rest(capsys: pytest.CaptureFixture[str]
     assert all(row["tp"] == 2 and row["recompute"] == "full" for row in r["layouts"])
     assert r["efficiency"]["override"] == 0.5 and "--efficiency 0.5" in r["efficiency"]["description"]
     assert r["accuracy"] is None  # the user's rates were not the ones validated
+    assert all(row["training_days_range"] is None for row in r["layouts"])
 
 
 def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
@@ -667,10 +668,19 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
                               ("b200", UNCALIBRATED, True), ("mi300x", UNCALIBRATED, False)):
         args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--gpu", gpu)
         code, out, _ = run(capsys, monkeypatch, *args, "--json")
-        assert code == 0 and json.loads(out)["accuracy"] == {**HELD_OUT[family].as_dict(), "gpu_in_runs": same}
+        r = json.loads(out)
+        assert code == 0 and r["accuracy"] == {**HELD_OUT[family].as_dict(), "gpu_in_runs": same}
+        a = HELD_OUT[family]
+        best = r["layouts"][0]
+        # the duration the held-out runs bracket: measured time = predicted × (1 + error)
+        days = best["training_days"]
+        assert best["training_days_range"] == ([days * (1 + a.low), days * (1 + a.high)] if same else None)
         code, out, _ = run(capsys, monkeypatch, *args)
         text = " ".join(out.split())
-        a = HELD_OUT[family]
+        spread = (f"held-out spread: nine in ten of the {a.runs} held-out {a.gpus} runs took {1 + a.low:.2f}× "
+                  f"to {1 + a.high:.2f}× the time predicted for them; for layout 1, {days * (1 + a.low):.1f} "
+                  f"to {days * (1 + a.high):.1f} days ({days:.1f} predicted)")
+        assert (spread in text) is same
         assert code == 0 and f"on {a.runs} published {a.gpus} runs held out from calibration" in text
         assert f"±{a.median:.1%}" in text and f"±{a.p90:.1%} for nine in ten" in text
         # another vendor's GPU is told that no run of its own judged the constants

@@ -77,8 +77,8 @@ HELP = (
     "Plan an architecture: from a compute budget to a compute-optimal spec, from a partial spec to "
     "the missing sizes (--solve), or from a spec to a cluster layout (SPEC --gpus N --gpu KEY). "
     "Analytic, no torch; the models are stated in docs/plan.md. A layout search also prints how "
-    "close its GPU family's step times came on published runs held out from calibration "
-    "(docs/validation.md).\n\n"
+    "close its GPU family's step times came on published runs held out from calibration, and the "
+    "range of training days their spread puts around its own (docs/validation.md).\n\n"
     "Examples:\n\n"
     "  archplan plan --compute 1e24 --family moe -o moe.yaml\n\n"
     "  archplan plan --params 70e9 --law chinchilla --json\n\n"
@@ -360,11 +360,13 @@ def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[
     return d, f"compute-optimal D for N = {which} params under {choice.value}"
 
 
-def _layout_row(e: Evaluated, tokens: float, usable: int) -> dict[str, Any]:
+def _layout_row(e: Evaluated, tokens: float, usable: int,
+                spread: tuple[float, float] | None) -> dict[str, Any]:
     from archplan.planning.layout import round_size
     from archplan.planning.parallel import training_days
 
     lay, mem = e.layout, e.memory
+    days = training_days(e, tokens)
     return {
         "layout": lay.spec, "label": lay.label,
         "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "vpp": lay.vpp, "group": round_size(lay, e.microbatches),
@@ -377,7 +379,8 @@ def _layout_row(e: Evaluated, tokens: float, usable: int) -> dict[str, Any]:
         "step_time": {"stage": e.time_stage, **e.time.as_dict()},
         "mfu": e.mfu,
         "tokens_per_s_per_gpu": e.tokens_per_s_per_gpu,
-        "training_days": training_days(e, tokens),
+        "training_days": days,
+        "training_days_range": [days * spread[0], days * spread[1]] if spread else None,
     }
 
 
@@ -477,6 +480,16 @@ def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
     return HELD_OUT[family(result.gpu)]
 
 
+def _time_spread(result: SearchResult) -> tuple[float, float] | None:
+    """The factors on a predicted duration that nine held-out runs in ten of the GPU's own family
+    fell between; none where no run on it was held out (the figures are then a check on other
+    GPUs, too loose a link to put a range on a duration)."""
+    from archplan.planning.accuracy import own_runs
+
+    accuracy = _accuracy(result)
+    return accuracy.time_range() if accuracy and own_runs(result.gpu) else None
+
+
 def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
     from archplan.planning.accuracy import own_runs
 
@@ -526,7 +539,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fitting": result.fitting,
         "notes": _all_notes(result, bound),
         "network_bound": _network_json(bound),
-        "layouts": [_layout_row(e, tokens, result.usable_bytes) for e in shown],
+        "layouts": [_layout_row(e, tokens, result.usable_bytes, _time_spread(result)) for e in shown],
     }
 
 
@@ -647,6 +660,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   bound: RailBound | None) -> None:
     from rich.markup import escape
 
+    from archplan.planning.parallel import training_days
     from archplan.units import count, nbytes, percent
 
     console = _console()
@@ -692,6 +706,11 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   "causal, no recompute) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
+    if (spread := _time_spread(result)) and (accuracy := _accuracy(result)):
+        days = training_days(best, tokens)
+        console.print(f"held-out spread: nine in ten of the {accuracy.runs} held-out {accuracy.gpus} runs "
+                      f"took {spread[0]:.2f}× to {spread[1]:.2f}× the time predicted for them; for layout 1, "
+                      f"{days * spread[0]:.1f} to {days * spread[1]:.1f} days ({days:.1f} predicted)")
 
 
 # What each mode of `plan` reads, or answers with its own message (-o in a layout search, --gpus

@@ -47,6 +47,8 @@ class HeldOutAccuracy:
     median: float
     p90: float  # nine runs in ten are within it
     bias: float  # the median signed error: > 0 where the model is optimistic
+    low: float  # the 5th and 95th percentiles of the signed error: nine runs in ten between them
+    high: float
     gpus: str  # the GPUs those runs used, for the sentence
 
     def text(self) -> str:
@@ -57,20 +59,32 @@ class HeldOutAccuracy:
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {"held_out_runs": self.runs, "gpus": self.gpus, "median_abs_error": self.median,
-                "p90_abs_error": self.p90, "median_error": self.bias}
+                "p90_abs_error": self.p90, "median_error": self.bias, "p05_error": self.low,
+                "p95_error": self.high}
+
+    def time_range(self) -> tuple[float, float]:
+        """The factors on a predicted duration between which nine held-out runs in ten fell: an
+        error e is predicted / published − 1 of tokens/s, so the time the run measured was the
+        predicted time × (1 + e)."""
+        return 1 + self.low, 1 + self.high
 
 
 def summarize(errors: Sequence[float], gpus: str) -> HeldOutAccuracy:
     """The accuracy figures of signed errors (predicted / published − 1), rounded as stored."""
     magnitudes = [abs(e) for e in errors]
     p90 = statistics.quantiles(magnitudes, n=10, method="inclusive")[-1]
+    ventiles = statistics.quantiles(errors, n=20, method="inclusive")
     return HeldOutAccuracy(len(errors), round(statistics.median(magnitudes), 3), round(p90, 3),
-                           round(statistics.median(errors), 3), gpus)
+                           round(statistics.median(errors), 3), round(ventiles[0], 3),
+                           round(ventiles[-1], 3), gpus)
 
 
 # benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-01)
 HELD_OUT: dict[str, HeldOutAccuracy] = {
-    "ampere": HeldOutAccuracy(runs=155, median=0.055, p90=0.137, bias=0.003, gpus="A100"),
-    "hopper": HeldOutAccuracy(runs=98, median=0.106, p90=0.252, bias=0.085, gpus="H100/H800"),
-    UNCALIBRATED: HeldOutAccuracy(runs=6, median=0.074, p90=0.134, bias=0.074, gpus="B200"),
+    "ampere": HeldOutAccuracy(runs=155, median=0.055, p90=0.137, bias=0.003, low=-0.137, high=0.134,
+                              gpus="A100"),
+    "hopper": HeldOutAccuracy(runs=98, median=0.106, p90=0.252, bias=0.085, low=-0.131, high=0.29,
+                              gpus="H100/H800"),
+    UNCALIBRATED: HeldOutAccuracy(runs=6, median=0.074, p90=0.134, bias=0.074, low=0.041, high=0.154,
+                                  gpus="B200"),
 }
