@@ -111,6 +111,33 @@ def test_fake_verify_moe_without_expert_parallelism(fake_world: None) -> None:
     assert not any(r.mesh_dim == "expert_dp" for r in result.collectives)
 
 
+@pytest.mark.parametrize(("spec", "layout"), [
+    ("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1"),
+    ("tiny-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"),
+], ids=["dense", "moe"])
+def test_fake_verify_tensor_parallel_without_data_parallel(fake_world: None, spec: str, layout: str) -> None:
+    """dp = 1: the experts' replicas (expert_dp × tp) are the tp ranks, one process group for both.
+    DTensor's tensor-parallel collectives are functional ones, FSDP2's c10d ops, and each is named
+    for its own dimension (every TP collective was once counted as expert_dp, and verify failed)."""
+    result = _all_exact(spec, layout, microbatches=2)
+    dims = {(r.mesh_dim, r.kind) for r in result.collectives if r.measured}
+    assert ("tp", "all_reduce") in dims
+    assert (("expert_dp", "reduce_scatter") in dims) is (spec == "tiny-moe.yaml")
+
+
+def test_fake_verify_s4_without_an_ffn(fake_world: None, tmp_path: Path) -> None:
+    """An S4 block with no FFN after it ends in its GLU, whose input is output_linear's reduced
+    output: the early-stopping recompute re-runs that reduction, and no other TP output is skipped
+    (the analytic count of the layers' TP outputs was once negative here)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(variant(tmp_path, "tiny-s4d.yaml", "tiny-s4d-no-ffn", ffn=None)))
+    result = check_layout_run(plan, parse_layout("tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=full,mb=1,sp=off")
+                              .complete(), 32, microbatches=2)
+    assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    assert all(row.analytic >= 0 for row in result.collectives)
+
+
 # measured / analytic activations of each case: within ACTIVATION_TOLERANCE where verify passes,
 # else within the bounds given (docs/distributed.md "Activations"). Mamba-1 under full recompute:
 # the analytic peak is the re-run of its Mamba layer, with what the selective-scan kernel keeps

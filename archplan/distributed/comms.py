@@ -62,15 +62,17 @@ _GATHER_FROM_INPUT = {_f.all_gather_into_tensor.default, _f.all_gather_into_tens
 
 def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...], functional: bool) -> MeshDim:
     """The mesh dimension of a call on a group that several dimensions share (ep = dp when
-    expert_dp = 1, cp = dp × cp when dp = 1): only expert parallelism calls all-to-all, and only
-    context parallelism calls functional collectives on the cp group (FSDP2 calls c10d ops); the
-    others are data parallelism's."""
+    expert_dp = 1, cp = dp × cp when dp = 1, the experts' replicas = tp when dp = 1): only expert
+    parallelism calls all-to-all, and only context and tensor parallelism (DTensor) call functional
+    collectives on the cp and tp groups (FSDP2 calls c10d ops); the others are data parallelism's."""
     if len(dims) == 1:
         return dims[0]
     if kind == "all_to_all":
         preferred: tuple[MeshDim, ...] = ("ep",)
     elif functional and "cp" in dims:
         preferred = ("cp",)
+    elif functional and "tp" in dims:
+        preferred = ("tp",)
     else:
         preferred = ("dp", "dp_cp", "expert_dp", "tp", "cp", "pp")
     return next(d for d in (*preferred, *dims) if d in dims)

@@ -467,10 +467,14 @@ def _tp_ffn(layer: LayerPlan) -> bool:
 def _ends_in_tp_reduction(layer: LayerPlan) -> bool:
     """Whether nothing is saved for the backward after the layer's last row-parallel reduction
     (`modules.moe.MoEFFN.forward`): a routed-only MoE layer ends in the experts' combine, whose
-    inputs are saved, and a training load-balancing loss is computed after the shared experts."""
+    inputs are saved, and a training load-balancing loss is computed after the shared experts; an
+    S4 mixer with no FFN after it ends in its GLU, whose input is output_linear's reduced output
+    (`_s4`), and its reductions are counted apart from the sub-blocks' anyway."""
     match layer.ffn:
         case MoEPlan():
             return layer.ffn.shared is not None and layer.ffn.aux_loss_coef == 0
+        case None:
+            return not isinstance(layer.mixer, S4Plan)
         case _:
             return True
 
