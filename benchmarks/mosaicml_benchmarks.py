@@ -40,6 +40,11 @@ FIXTURE = HERE.parent / "tests" / "fixtures" / "mosaicml_benchmarks.yaml"
 SHARDING_ZERO = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2}
 PRECISION = {"amp_bf16": "bf16", "bf16": "bf16", "amp_fp8": "fp8"}
 PURE_REDUCE_BYTES = 2  # "PURE" mixed precision reduce-scatters in bf16; "DEFAULT" in fp32
+# The "bf16 PURE" rows are the README's first sweep (2023-05, sweep.sh's image
+# mosaicml/pytorch:1.13.1_cu117): PyTorch 1.13's checkpoint re-runs the whole block. The "amp_*"
+# rows came with sweep.sh's image mosaicml/pytorch:2.1.0_cu121 (2023-10 and 2024-01), whose
+# non-reentrant checkpoint (the yamls' `activation_checkpointing_reentrant: false`) stops early.
+PURE_EARLY_STOP = False
 # published_runs.yaml's held-out MPT rows are rows of these tables too: counted once, here
 DUPLICATE_PREFIX = "MPT-"
 
@@ -99,6 +104,7 @@ def run_data(data: dict[str, Any], values: list[Any]) -> dict[str, Any]:
     }
     if row["mp_mode"] == "PURE":
         run["grad_reduce"] = PURE_REDUCE_BYTES
+        run["early_stop"] = PURE_EARLY_STOP
     return run
 
 

@@ -408,7 +408,7 @@ def test_per_layer_and_per_chunk_records_price_the_same() -> None:
     plan = _plan("deepseek-v3")
     layout = Layout(pp=16, dp=128, ep=64, zero=1)
     data = model_data(plan, 4096)
-    args = (data, layout, 3, 16, MEGATRON, 4, "all_gather", frozenset({"dp"}))
+    args = (data, layout, 3, 16, MEGATRON, 4, "all_gather", frozenset({"dp"}), False)
     fine, coarse = _collectives(*args, per_layer=True), _collectives(*args, per_layer=False)
     assert sum(r.wire_bytes * r.count for r in fine) == pytest.approx(
         sum(r.wire_bytes * r.count for r in coarse))
@@ -562,6 +562,42 @@ def test_fp8_backward_gemms_pay_the_split_accumulator() -> None:
     assert flat.gemm_bwd == pytest.approx(2 * flat.gemm_fwd)
 
 
+@pytest.mark.parametrize(("name", "skipped"), [
+    ("llama-3-8b", "layers.0.ffn.down_proj.weight"),  # the block ends in the FFN's down-projection
+    ("mamba-2.8b", "layers.0.mixer.out_proj.weight"),  # no FFN: the mixer's output projection
+    ("mixtral-8x7b", None),  # a routed-only MoE layer ends in the combine, whose inputs are saved
+])
+def test_early_stopping_recompute_skips_the_last_gemm(name: str, skipped: str | None) -> None:
+    """PyTorch's non-reentrant checkpoint stops re-running a block once every tensor its backward
+    saved is rebuilt: the block's last GEMM is not re-run when nothing after it is saved (the same
+    rule that drops that GEMM's TP reduction from the recompute's collectives)."""
+    data = model_data(_plan(name), 4096)
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=full,mb=1,sp=off").complete()
+    assert layout is not None
+    rates = rates_for(H100, kernel_efficiency(H100)[0], None, "bf16")
+    whole = Pricer(data, rates).layers(layout, "flash")[0]
+    early = Pricer(data, rates, early_stop=True).layers(layout, "flash")[0]
+    assert whole.recompute == pytest.approx(whole.forward)
+    layer = data.plan.layers[0]
+    last = 0.0
+    if skipped is not None:
+        [tensor] = [t for t in data.layer_tensors[0] if t.name == skipped]
+        last = tensor_gemm(data, layer, tensor, layout, rates)[0]
+        assert last > 0
+    assert early.recompute == pytest.approx(whole.forward - last)
+    tp_outputs = {early_stop: sum(r.count for r in step_collectives(data.plan, layout, 4096, microbatches=1,
+                                                                    early_stop=early_stop)
+                                  if r.mesh_dim == "tp" and "TP outputs" in r.what)
+                  for early_stop in (False, True)}
+    assert tp_outputs[False] - tp_outputs[True] == (len(data.plan.layers) if skipped else 0)
+
+
+def test_early_stop_follows_the_states_unless_given() -> None:
+    assert Settings(states=FSDP2).stops_early and not Settings().stops_early
+    assert not Settings(states=FSDP2, early_stop=False).stops_early
+    assert Settings(early_stop=True).stops_early
+
+
 def test_pp_overlap_hides_the_interleaved_steady_state_transfers() -> None:
     # Megatron-LM's overlap_p2p_comm: only the interleaved schedule overlaps; its warm-up and flush
     # transfers block
@@ -655,6 +691,26 @@ def test_cli_partial_layout_searches_the_rest(capsys: pytest.CaptureFixture[str]
     assert r["efficiency"]["override"] == 0.5 and "--efficiency 0.5" in r["efficiency"]["description"]
     assert r["accuracy"] is None  # the user's rates were not the ones validated
     assert all(row["training_days_range"] is None for row in r["layouts"])
+
+
+def test_cli_recompute_early_stop(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The states' engine decides (fsdp2: PyTorch's non-reentrant checkpoint stops early), and the
+    flag overrides it either way; the output says which recompute was priced."""
+    args = ("plan", "llama-3-8b", "--gpus", "8", "--gpu", "a100-80gb", "--layout", "recompute=full")
+    recompute = {}
+    for extra, stops in (((), False), (("--states", "fsdp2"), True),
+                         (("--states", "fsdp2", "--no-recompute-early-stop"), False),
+                         (("--recompute-early-stop",), True)):
+        code, out, _ = run(capsys, monkeypatch, *args, *extra, "--json")
+        r = json.loads(out)
+        assert code == 0 and r["recompute_early_stop"] is stops
+        recompute[extra] = r["layouts"][0]["step_time"]["recompute"]
+        code, out, _ = run(capsys, monkeypatch, *args, *extra)
+        text = " ".join(out.split())
+        assert ("full recompute stops before each block's last GEMM" in text) is stops
+        assert ("full recompute re-runs the whole block" in text) is not stops
+    fsdp2 = ("--states", "fsdp2")
+    assert recompute[fsdp2] < recompute[(*fsdp2, "--no-recompute-early-stop")]
 
 
 def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],

@@ -42,11 +42,12 @@ def test_every_published_layout_fits(rows: list[Any]) -> None:
 
 
 def test_accuracy_as_first_evaluated(bench: Any, rows: list[Any]) -> None:
-    """Blind, 2026-12-01: median |error| 6.4%, 188 of 216 within ±20%. The issue's median goal
-    holds over the whole set; the rows outside ±20% are the ones docs/validation.md explains."""
+    """Blind, 2026-12-01: median |error| 6.4%, 188 of 216 within ±20%; 186 once the amp rows'
+    early-stopping recompute (PyTorch 2.1's checkpoint) was priced. The issue's median goal holds
+    over the whole set; the rows outside ±20% are the ones docs/validation.md explains."""
     errors = [abs(r.error) for r in rows]
     assert statistics.median(errors) <= bench.published_runs.MEDIAN_GOAL
-    assert sum(e <= bench.published_runs.WORST_GOAL for e in errors) >= 188
+    assert sum(e <= bench.published_runs.WORST_GOAL for e in errors) >= 186
 
 
 def test_a_row_is_a_published_runs_run(bench: Any) -> None:
@@ -58,6 +59,9 @@ def test_a_row_is_a_published_runs_run(bench: Any) -> None:
     grad_op = next(v for v in data["rows"] if v[10] == "SHARD_GRAD_OP")
     assert bench.run_data(data, fp8)["precision"] == "fp8"
     assert bench.run_data(data, pure)["grad_reduce"] == 2
+    # the PURE rows ran on PyTorch 1.13 (no early-stopping checkpoint), the amp rows on 2.1
+    assert bench.run_data(data, pure)["early_stop"] is False
+    assert "early_stop" not in bench.run_data(data, fp8)
     assert "grad_reduce" not in bench.run_data(data, fp8)
     assert "zero=2" in bench.run_data(data, grad_op)["layout"]
     assert "recompute=full" in bench.run_data(data, data["rows"][0])["layout"]

@@ -525,6 +525,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
         "flash_impl": settings.flash_impl,
+        "recompute_early_stop": settings.stops_early,
         "headroom": result.headroom,
         "usable_bytes_per_gpu": result.usable_bytes,
         "network": {"intra_node_bytes_per_s": result.net.intra_node,
@@ -677,9 +678,11 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     overlap = ", ".join(sorted(settings.overlap)) or "none"
     if settings.states.module_fetch and "dp" in settings.overlap:
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
+    recompute = ("stops before each block's last GEMM (non-reentrant checkpoint)" if settings.stops_early
+                 else "re-runs the whole block")
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: {overlap}; "
-                  f"CP K/V by {settings.cp_comm}")
+                  f"CP K/V by {settings.cp_comm}; full recompute {recompute}")
     for reason in result.reasons:
         console.print(f"[bold red]infeasible:[/] {reason}")
     if not result.ranked:
@@ -722,7 +725,8 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "--solve": _ANSWERED | {"solve", "tol", "multiple"},
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
-        "cp_comm", "overlap", "precision", "flash_impl", "headroom", "gpus_per_node", "nvlink_gbs", "ib_gbs"},
+        "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "headroom", "gpus_per_node", "nvlink_gbs",
+        "ib_gbs"},
 }
 
 
@@ -795,6 +799,12 @@ def register(app: typer.Typer) -> None:
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), or triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward).",
             rich_help_panel=MODEL_PANEL)] = FlashImplChoice.fa2,
+        early_stop: Annotated[bool | None, typer.Option(
+            "--recompute-early-stop/--no-recompute-early-stop",
+            help="Whether full recompute stops once the tensors the backward saved are rebuilt, skipping each "
+            "block's last GEMM (PyTorch's non-reentrant checkpoint from 2.1 on), or re-runs the whole block "
+            "(Megatron-LM, reentrant checkpoint, PyTorch before 2.1) \\[on with --states fsdp2, off otherwise].",
+            show_default=False, rich_help_panel=MODEL_PANEL)] = None,
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
@@ -829,7 +839,7 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
-                                 flash_impl)
+                                 flash_impl, early_stop)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
@@ -899,7 +909,8 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
 
 def _settings(efficiency: float | None, states: StatesChoice, attention: KernelChoice,
               grad_reduce: GradReduceChoice | None, cp_comm: CPCommChoice, overlap: str,
-              precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2) -> Settings:
+              precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2,
+              early_stop: bool | None = None) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -916,6 +927,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         grad_reduce=None if grad_reduce is None else (4 if grad_reduce is GradReduceChoice.fp32 else 2),
         cp_comm=cp_comm.value, overlap=frozenset(parts), precision=precision.value,  # type: ignore[arg-type]
         efficiency=efficiency, flash_impl=flash_impl.value,  # type: ignore[arg-type]
+        early_stop=early_stop,
     )
 
 

@@ -8,7 +8,7 @@ Public API (stable; `distributed/` cross-checks against it):
                 attention_kernel="flash") -> RankMemory
     step_collectives(plan, layout, seq, *, microbatches, stage=None, states=MEGATRON,
                      grad_reduce=None, cp_comm="all_gather", overlap=frozenset({"dp"}),
-                     attention_kernel="flash") -> tuple[Collective, ...]
+                     attention_kernel="flash", early_stop=None) -> tuple[Collective, ...]
     StatesConvention, ZERO (16 B/param), MEGATRON (18 B/param), FSDP2 (16 B/param + bf16 copies),
     DEEPSPEED (ZERO's bytes, ZeRO-3 fetched per module),
     STATES = {"zero": ZERO, "megatron": MEGATRON, "fsdp2": FSDP2, "deepspeed": DEEPSPEED}
@@ -82,9 +82,8 @@ is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant
 what `verify --layout` runs and measures) differs in these places: under SP the column input is
 saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-block), the LM
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
-micro-batch (Megatron: all of them once per step, fp32), full recompute does not re-run each
-layer's last row-parallel reduction (the checkpoint stops early), tied ends at pp = 1 are one FSDP
-unit, each non-last model chunk's output is kept until its backward (`_held_output`); and its
+micro-batch (Megatron: all of them once per step, fp32), full recompute stops early by default
+(`uses_early_stop`), tied ends at pp = 1 are one FSDP unit, each non-last model chunk's output is kept until its backward (`_held_output`); and its
 "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
@@ -96,7 +95,9 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
   the forward and of the input gradient in the backward (Shoeybi et al. 2019 §3); with SP an
   all-gather + reduce-scatter in the forward and a reduce-scatter + all-gather + the re-gather of
-  the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones.
+  the column input in the backward (Korthikanti §4.2.2); full recompute repeats the forward ones,
+  but for each layer's last reduction when the recompute stops early (PyTorch's non-reentrant
+  checkpoint from 2.1 on, `recompute_skips_last_gemm`).
   Under SP the norm weights' gradients are summed over tp (one all-reduce per step), and so
   are an MoE layer's router and shared gate's, which see only the rank's sequence shard; MLA's
   latent down-projections and their norms run replicated on every rank's gathered input and feed
@@ -283,7 +284,7 @@ class ChunkLayers:
 
     s4: int  # S4 mixers (no column-parallel input)
     sub_blocks: int  # tensor-parallel sub-blocks (mixer + dense or shared FFN), S4 aside
-    ends_tp: int  # layers that end in a row-parallel reduction (`_ends_in_tp_reduction`)
+    ends_tp: int  # layers whose last GEMM an early-stopping recompute skips (`recompute_skips_last_gemm`)
     x_proj: tuple[tuple[int, int], ...]  # Mamba-1 x_proj width per token, dt_rank + 2·d_state
     stats: tuple[tuple[int, int], ...]  # width-sharded qk-norm statistics, sorted
     kv: tuple[tuple[LayerPlan, int], ...]  # one layer per distinct attention mixer (`_kv_bytes`)
@@ -423,7 +424,7 @@ def _chunk_layers(data: ModelData, layers: range) -> ChunkLayers:
     return ChunkLayers(
         s4=s4,
         sub_blocks=sum(1 + _tp_ffn(layer) for layer in chosen) - s4,
-        ends_tp=sum(_ends_in_tp_reduction(layer) for layer in chosen),
+        ends_tp=sum(recompute_skips_last_gemm(layer) for layer in chosen),
         x_proj=_first_seen(layer.mixer.dt_rank + 2 * layer.mixer.d_state for layer in chosen
                            if isinstance(layer.mixer, Mamba1Plan)),
         stats=tuple((n, stats.count(n)) for n in sorted(set(stats))),
@@ -464,8 +465,16 @@ def _tp_ffn(layer: LayerPlan) -> bool:
             return False
 
 
-def _ends_in_tp_reduction(layer: LayerPlan) -> bool:
-    """Whether nothing is saved for the backward after the layer's last row-parallel reduction
+def uses_early_stop(states: StatesConvention, early_stop: bool | None) -> bool:
+    """Whether full recompute stops early: as given, else the engine's (torch's non-reentrant
+    checkpoint stops early from PyTorch 2.1 on; Megatron-LM re-runs the whole layer)."""
+    return states.engine == "torch" if early_stop is None else early_stop
+
+
+def recompute_skips_last_gemm(layer: LayerPlan) -> bool:
+    """Whether an early-stopping recompute (torch.utils.checkpoint, non-reentrant, PyTorch >= 2.1:
+    it stops once every tensor the backward saved is rebuilt) skips the layer's last row-parallel
+    GEMM and its reduction: whether nothing is saved for the backward after them
     (`modules.moe.MoEFFN.forward`): a routed-only MoE layer ends in the experts' combine, whose
     inputs are saved, and a training load-balancing loss is computed after the shared experts; an
     S4 mixer with no FFN after it ends in its GLU, whose input is output_linear's reduced output
@@ -1110,7 +1119,7 @@ def _fetch_classes(counts: dict[str, int], found: Iterable[tuple[Module, tuple[T
 
 
 def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: StatesConvention,
-                 grad_reduce: int, cp_comm: CPComm, overlap: frozenset[str],
+                 grad_reduce: int, cp_comm: CPComm, overlap: frozenset[str], early_stop: bool,
                  per_layer: bool = True) -> list[Collective]:
     plan = data.plan
     tp, cp, ep, sp = layout.tp, layout.cp, layout.ep, layout.sequence_parallel
@@ -1133,9 +1142,9 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         span = f"layers {chunk.layers.start}-{chunk.layers.stop - 1}" if chunk.layers else "no layers"
         counted = data.chunk_layers(chunk.layers)
         s4, sub_blocks = counted.s4, counted.sub_blocks
-        # torch's non-reentrant checkpoint stops the re-run once the last saved tensor is rebuilt,
-        # before each layer's last row-parallel reduction (torch.utils.checkpoint, early stop)
-        skipped = counted.ends_tp if fwd == 2 and engine == "torch" else 0
+        # an early-stopping checkpoint ends the re-run once the last saved tensor is rebuilt,
+        # before each layer's last row-parallel reduction (`recompute_skips_last_gemm`)
+        skipped = counted.ends_tp if fwd == 2 and early_stop else 0
         outputs = m * (sub_blocks * (fwd + 1) - skipped)
         if sp:
             # Megatron re-gathers the column input in the backward; DTensor saved it gathered
@@ -1311,14 +1320,16 @@ def step_collectives(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
                      stage: int | None = None, states: StatesConvention = MEGATRON,
                      grad_reduce: int | None = None, cp_comm: CPComm = "all_gather",
                      overlap: frozenset[str] = frozenset({"dp"}),
-                     attention_kernel: AttentionKernel = "flash") -> tuple[Collective, ...]:
+                     attention_kernel: AttentionKernel = "flash",
+                     early_stop: bool | None = None) -> tuple[Collective, ...]:
     """Every collective rank 0 of pipeline rank `stage` calls in one optimizer step.
 
     grad_reduce: bytes per gradient element on the wire (2 bf16, 4 fp32; default the convention's
     gradient bytes). overlap: which communication may hide behind compute ("dp": the gradient
     reduce and parameter gathers, as Megatron's --overlap-grad-reduce/--overlap-param-gather and
     FSDP's prefetch do; "tp": TP communication, when the run overlaps it; "pp": the interleaved
-    schedule's sends and receives; "ep": the all-to-all).
+    schedule's sends and receives; "ep": the all-to-all). early_stop: whether full recompute
+    stops early (`uses_early_stop`; default the engine's).
     """
     if stage is None:
         stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,
@@ -1331,4 +1342,4 @@ def step_collectives(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (expected {', '.join(OVERLAPS)})")
     reduce_bytes = states.grad_bytes if grad_reduce is None else grad_reduce
     return tuple(_collectives(model_data(plan, seq), layout, stage, microbatches, states,
-                              reduce_bytes, cp_comm, frozenset(overlap)))
+                              reduce_bytes, cp_comm, frozenset(overlap), uses_early_stop(states, early_stop)))

@@ -26,6 +26,7 @@ from archplan.planning.cluster import (
     _memory,
     model_data,
     representative_stages,
+    uses_early_stop,
 )
 from archplan.planning.layout import (Layout, PartialLayout, check_layout, check_partial, group_problem,
                                      layout_problem)
@@ -122,10 +123,15 @@ class Settings:
     precision: Precision = "bf16"
     efficiency: float | None = None  # the user's measured GEMM + attention efficiency
     flash_impl: FlashImpl = "fa2"  # the FlashAttention implementation (hardware.FLASH_IMPL_SPEED)
+    early_stop: bool | None = None  # full recompute stops early; None = the states' engine's
 
     @property
     def reduce_bytes(self) -> int:
         return self.states.grad_bytes if self.grad_reduce is None else self.grad_reduce
+
+    @property
+    def stops_early(self) -> bool:
+        return uses_early_stop(self.states, self.early_stop)
 
 
 @dataclass(frozen=True)
@@ -268,7 +274,8 @@ class Evaluator:
         self.data: ModelData = model_data(plan, seq)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
-                                                  settings.precision, settings.flash_impl))
+                                                  settings.precision, settings.flash_impl),
+                             settings.stops_early)
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 

@@ -75,6 +75,7 @@ from archplan.planning.cluster import (
     fetch_trace,
     in_flight,
     rank_chunks,
+    recompute_skips_last_gemm,
     representative_stages,
 )
 from archplan.planning.layout import Layout
@@ -298,7 +299,7 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout) -> int:
 
 
 def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
-                 recompute: str) -> _MicroBatch:
+                 recompute: str, early_stop: bool) -> _MicroBatch:
     layer: LayerPlan = data.plan.layers[i]
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
@@ -382,6 +383,11 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     elem_fwd = (elem * tokens + elem_extra) / rates.hbm
     micro = _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside)
     match recompute:
+        case "full" if early_stop and recompute_skips_last_gemm(layer):
+            # the re-run ends once the last tensor the backward saved is rebuilt, before the
+            # layer's last GEMM (`cluster.recompute_skips_last_gemm`); the elementwise ops after it
+            # (bias, residual add) are left in, a few bytes per token
+            extra = micro.forward - next(fwd for split, fwd, _ in reversed(times) if split == "row" and fwd)
         case "full":
             extra = micro.forward
         case "selective":
@@ -447,9 +453,10 @@ def _head_micro(data: ModelData, layout: Layout, rates: Rates) -> _MicroBatch:
 class Pricer:
     """Per-layer micro-batch times for one layout configuration, summed per pipeline rank."""
 
-    def __init__(self, data: ModelData, rates: Rates) -> None:
+    def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False) -> None:
         self.data = data
         self.rates = rates
+        self.early_stop = early_stop  # full recompute stops early (`cluster.uses_early_stop`)
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
@@ -467,7 +474,8 @@ class Pricer:
         if key not in self._layers:
             first: dict[int, _MicroBatch] = {}
             for i in sorted(set(self._twins)):
-                first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute)
+                first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute,
+                                        self.early_stop)
             self._layers[key] = [first[twin] for twin in self._twins]
         return self._layers[key]
 
@@ -622,7 +630,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     for stage in stages:
         micro = pricer.stage(layout, stage, kernel)
         records = _collectives(data, layout, stage, m, states, grad_reduce, cp_comm, overlap,
-                               per_layer=False)
+                               pricer.early_stop, per_layer=False)
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
         grads = gathers = 0.0
         for record in records:
