@@ -707,7 +707,7 @@ def test_cli_recompute_early_stop(capsys: pytest.CaptureFixture[str], monkeypatc
         recompute[extra] = r["layouts"][0]["step_time"]["recompute"]
         code, out, _ = run(capsys, monkeypatch, *args, *extra)
         text = " ".join(out.split())
-        assert ("full recompute stops before each block's last GEMM" in text) is stops
+        assert ("full recompute stops early (non-reentrant checkpoint)" in text) is stops
         assert ("full recompute re-runs the whole block" in text) is not stops
     fsdp2 = ("--states", "fsdp2")
     assert recompute[fsdp2] < recompute[(*fsdp2, "--no-recompute-early-stop")]

@@ -678,7 +678,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     overlap = ", ".join(sorted(settings.overlap)) or "none"
     if settings.states.module_fetch and "dp" in settings.overlap:
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
-    recompute = ("stops before each block's last GEMM (non-reentrant checkpoint)" if settings.stops_early
+    recompute = ("stops early (non-reentrant checkpoint)" if settings.stops_early
                  else "re-runs the whole block")
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: {overlap}; "
