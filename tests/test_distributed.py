@@ -125,6 +125,26 @@ def test_fake_verify_tensor_parallel_without_data_parallel(fake_world: None, spe
     assert (("expert_dp", "reduce_scatter") in dims) is (spec == "tiny-moe.yaml")
 
 
+@pytest.mark.parametrize(("spec", "layout"), [
+    ("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=0,recompute=full,mb=1"),
+    ("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=0,recompute=none,mb=1"),
+], ids=["dp1", "experts-dp-equals-ep"])
+def test_fake_verify_zero_0_over_a_one_rank_group(fake_world: None, spec: str, layout: str) -> None:
+    """ZeRO-0 is FSDP2's replicate, which all-reduces over its group even when that group is one
+    rank (dp = 1; the experts' replicas when ep = dp): nothing moves, nothing is recorded (the
+    recorder once failed on the group's name, a KeyError out of verify)."""
+    result = _all_exact(spec, layout, microbatches=2)
+    assert all(r.group_size > 1 for r in result.collectives)
+
+
+def test_fake_verify_context_parallel_slices_survive_an_early_stopped_recompute(fake_world: None) -> None:
+    """Mamba-2 with no FFN: its out_proj is the layer's last GEMM, so full recompute stops inside
+    the mixer, by an exception, before the hook that puts the mixer's whole weights back after the
+    context-parallel slices ran; the next micro-batch's forward sliced the slices (an IndexError
+    out of verify)."""
+    _all_exact("tiny-mamba2.yaml", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1", microbatches=2)
+
+
 def test_fake_verify_s4_without_an_ffn(fake_world: None, tmp_path: Path) -> None:
     """An S4 block with no FFN after it ends in its GLU, whose input is output_linear's reduced
     output: the early-stopping recompute re-runs that reduction, and no other TP output is skipped

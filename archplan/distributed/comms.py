@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch._C._distributed_c10d import ProcessGroup
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,6 +37,12 @@ def _group_name(group: Any) -> str:
     if isinstance(group, str):
         return group
     return ProcessGroup.unbox(group).group_name
+
+
+def _group_size(group: Any) -> int:
+    if isinstance(group, str):
+        return _resolve_process_group(group).size()
+    return ProcessGroup.unbox(group).size()
 
 
 # op → (kind, (index of the counted tensor(s), index of the group))
@@ -105,6 +112,10 @@ class CollectiveRecorder(TorchDispatchMode):
         if entry is not None and self.enabled:
             kind, tensor_at, group_at = entry
             name = _group_name(args[group_at])
+            if name not in self.group_sizes and _group_size(args[group_at]) == 1:
+                # a one-rank group (FSDP2's replicate over a data-parallel group of 1, for ZeRO-0 at
+                # dp = 1 or for the experts at dp = ep) moves nothing; the model records nothing
+                return
             size = self.group_sizes[name]
             nbytes = _nbytes(args[tensor_at]) * (size if func in _GATHER_FROM_INPUT else 1)
             dim = _dim(kind, self.dims_by_group[name], func.namespace == "_c10d_functional")

@@ -379,7 +379,10 @@ def _sliced_while_running(mixer: nn.Module, rows: dict[str, Callable[[Tensor], T
         whole.clear()
 
     mixer.register_forward_pre_hook(slice_in)
-    mixer.register_forward_hook(restore)
+    # always_call: a recompute that stops early (torch's non-reentrant checkpoint, once the last
+    # saved tensor is rebuilt) leaves the mixer's forward by an exception; the next forward would
+    # otherwise slice the slices
+    mixer.register_forward_hook(restore, always_call=True)
 
 
 def long_conv_context(mixer: LongConv, shard: ContextShard) -> None:

@@ -52,7 +52,9 @@ from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.plans import check_tp, module_plan, norm_plan, positions_plan, residual_layout
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
+from archplan.modules.attention import Attention
 from archplan.modules.block import Block
+from archplan.modules.mla import MLA
 from archplan.modules.model import TiedLMHead
 from archplan.modules.moe import Experts, MoEFFN
 
@@ -206,7 +208,8 @@ def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> No
     whole layer re-ran nothing more, but took in the FSDP2 hooks of units inside the layer (the
     experts under ep > 1), whose gathers and casts differ between the forward and the re-run and
     shifted the region's per-op replay (torch's CheckpointError "Recomputed values ... have
-    different metadata"; tiny-moe, dp=4, ep=4, selective)."""
+    different metadata"; tiny-moe, dp=4, ep=4, selective). A mixer without an attention core is not
+    wrapped: selective recompute re-runs nothing there, as the layout model prices it."""
     names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
     match recompute:
         case "none":
@@ -217,7 +220,11 @@ def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> No
         case "selective":
             for name in names:
                 block = layers[name]
-                block.mixer = checkpoint_wrapper(block.mixer, context_fn=_selective_contexts, preserve_rng_state=False)
+                # a mixer with no attention core (Mamba, S4, Hyena) has nothing to re-run: under the
+                # policy every op of it would be saved, the op outputs plain autograd frees included
+                if isinstance(block.mixer, Attention | MLA):
+                    block.mixer = checkpoint_wrapper(block.mixer, context_fn=_selective_contexts,
+                                                     preserve_rng_state=False)
         case _:
             raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
 
