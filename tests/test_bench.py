@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,6 +232,21 @@ def test_a_decode_beyond_the_positions_is_refused_before_timing(
     monkeypatch.setattr(runner, "build_model", lambda *a, **k: pytest.fail("built before the check"))
     assert_one_line_error(run_main(["bench", *argv, "--device", "cpu", "--layers", "1"], capsys, monkeypatch),
                           *needles)
+
+
+def test_the_default_seq_fits_the_spec(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --seq, 512 or the most the spec takes, said in a note: a 256-position learned table
+    leaves 239 prompt tokens beside the 17 decode positions; --train needs only max_seq_len (the
+    default once failed on any spec shorter than 512 + 17)."""
+    tiny = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-gpt.yaml")
+    fast = ["--device", "cpu", "--warmup", "0", "--iters", "1"]
+    decode = run_main(["bench", tiny, *fast, "--json"], capsys, monkeypatch)
+    assert decode.code == 0 and json.loads(decode.stdout)["seq"] == 239
+    noted = run_main(["bench", tiny, *fast, "--decode-tokens", "0"], capsys, monkeypatch)
+    assert noted.code == 0 and "note: --seq 256, not 512: the max_seq_len of tiny-gpt" in " ".join(noted.stderr.split())
+    # (its activations, a 2-layer model's at 256 tokens, are judged outside ±25%: exit 1, not 2)
+    train = run_main(["bench", tiny, "--device", "cpu", "--iters", "1", "--train", "--json"], capsys, monkeypatch)
+    assert train.code in (0, 1) and json.loads(train.stdout)["seq"] == 256
 
 
 def test_check_positions_boundary() -> None:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from archplan.commands.options import JsonOpt, SpecsArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
+from archplan.errors import ArchplanError
 from archplan.units import count, flops, nbytes, percent
 
 
@@ -41,6 +42,31 @@ class Backend(str, Enum):
     cudnn = "cudnn"
 
 
+DEFAULT_SEQ = 512
+
+
+def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
+    """--seq when not given: 512, or the most every spec takes (its max_seq_len and, with decode
+    steps, the positions its learned table or Hyena filter leaves for them: `runner.check_positions`),
+    and why it is less than 512."""
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    seq, why = DEFAULT_SEQ, None
+    for spec in specs:
+        plan = resolve(load_spec(spec))
+        if plan.max_seq_len < seq:
+            seq, why = plan.max_seq_len, f"the max_seq_len of {plan.name}"
+        limit = plan.position_limit()
+        if limit is not None and decode_steps and limit.positions - decode_steps < seq:
+            seq = limit.positions - decode_steps
+            why = (f"{limit.what} of {plan.name} ({limit.field} {limit.positions}) less the decode "
+                   f"cache's {decode_steps} positions")
+    if seq < 1:
+        raise ArchplanError(f"no prompt fits: {why}; give --decode-tokens 0 (prefill only)")
+    return seq, why
+
+
 # What each mode reads. An option given on the command line that its mode does not read is refused
 # rather than ignored (`--device` was once ignored by --layout).
 MODE_OPTIONS: dict[str, frozenset[str]] = {
@@ -59,9 +85,10 @@ def bench(
     device: Annotated[Device, typer.Option(help="auto = cuda when available, else cpu.")] = Device.auto,
     dtype: Annotated[BenchDType, typer.Option(help="Weights and activations dtype.")] = BenchDType.bf16,
     batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 1,
-    seq: Annotated[str, typer.Option(help=(
+    seq: Annotated[str | None, typer.Option(help=(
         "Prompt length (prefill tokens per sequence); several, comma-separated (1k,2k,4k; k = 1024), "
-        "sweep it: time and memory vs length with their growth exponents."))] = "512",
+        "sweep it: time and memory vs length with their growth exponents \\[512, or the most the spec "
+        "takes]."), show_default=False)] = None,
     decode_tokens: Annotated[int, typer.Option(min=0, help="Incremental decode steps with the real cache.")] = 16,
     layers: Annotated[int | None, typer.Option(
         min=1, help="Build K layers of each layer kind and extrapolate to the full depth.")] = None,
@@ -93,9 +120,16 @@ def bench(
     require_torch("bench")
     from archplan.bench.growth import parse_lengths
     from archplan.dtypes import DType
-    from archplan.errors import ArchplanError
 
-    lengths = parse_lengths(seq)
+    if seq is None:
+        decoding = not train and layout is None and len(specs) == 1 and plot is None
+        steps = decode_tokens + 1 if decoding and decode_tokens else 0
+        default, why = _default_seq(list(specs), steps)
+        lengths = [default]
+        if why is not None and not as_json:
+            Console(stderr=True).print(f"note: --seq {default}, not {DEFAULT_SEQ}: {why}")
+    else:
+        lengths = parse_lengths(seq)
     sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
     mode = ("--layout" if layout is not None else "--train" if train
             else "a --seq sweep" if sweep else "prefill and decode")
