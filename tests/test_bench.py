@@ -244,6 +244,8 @@ def test_the_default_seq_fits_the_spec(capsys: pytest.CaptureFixture[str], monke
     assert decode.code == 0 and json.loads(decode.stdout)["seq"] == 239
     noted = run_main(["bench", tiny, *fast, "--decode-tokens", "0"], capsys, monkeypatch)
     assert noted.code == 0 and "note: --seq 256, not 512: the max_seq_len of tiny-gpt" in " ".join(noted.stderr.split())
+    # the note follows a run: a refusal stays one line
+    assert_one_line_error(run_main(["bench", tiny, *fast, "--recompute", "full"], capsys, monkeypatch), "--recompute")
     # (its activations, a 2-layer model's at 256 tokens, are judged outside ±25%: exit 1, not 2)
     train = run_main(["bench", tiny, "--device", "cpu", "--iters", "1", "--train", "--json"], capsys, monkeypatch)
     assert train.code in (0, 1) and json.loads(train.stdout)["seq"] == 256
