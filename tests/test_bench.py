@@ -14,6 +14,7 @@ from archplan.analytic import decode_flops, decode_flops_per_token
 from archplan.bench.roofline import DecodeRates, OpCount, predict_decode_step, predict_prefill
 from archplan.bench import runner
 from archplan.bench.runner import (
+    TORCH_DTYPES,
     BenchConfig,
     available_backends,
     check_positions,
@@ -26,6 +27,7 @@ from archplan.bench.runner import (
 from archplan.cli import app
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
+from archplan.loader import load_spec
 from archplan.resolve import resolve
 from archplan.spec import Spec
 from test_bad_input import assert_one_line_error, run_main
@@ -274,6 +276,26 @@ def test_unavailable_backend_is_a_clear_error() -> None:
         pytest.skip("efficient attention runs on this CPU build")
     with pytest.raises(ArchplanError, match="not available"):
         run_bench(plan_of(TINY), BenchConfig(**{**FAST.__dict__, "attn_backend": "efficient"}))
+
+
+def test_backends_are_probed_with_the_model_s_mask(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """ALiBi's additive (H, T, S) bias goes to SDPA as attn_mask, which CPU's flash kernel refuses:
+    the probe asks with that kind of mask, so --attn-backend flash is a one-line refusal and
+    --compare-backends leaves flash out (both once died in the model's forward with torch's "No
+    available kernel")."""
+    alibi = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-mqa-alibi.yaml")
+    plan = resolve(load_spec(alibi))
+    assert runner.attention_mask_kind(plan) == "alibi" and runner.attention_mask_kind(plan_of(TINY)) is None
+    cpu = torch.device("cpu")
+    assert set(available_backends(cpu, torch.bfloat16, "alibi")) <= set(available_backends(cpu, torch.bfloat16))
+    if "flash" in available_backends(cpu, torch.bfloat16, "alibi"):
+        pytest.skip("this CPU build's flash kernel takes a 3-D bias")
+    fast = ["--device", "cpu", "--warmup", "0", "--iters", "1", "--seq", "32"]
+    assert_one_line_error(run_main(["bench", alibi, *fast, "--attn-backend", "flash"], capsys, monkeypatch),
+                          "not available on cpu with bf16 and this model's alibi mask")
+    rows = compare_backends(plan, replace(FAST, seq=32))
+    assert [r["backend"] for r in rows] == available_backends(cpu, TORCH_DTYPES[FAST.dtype], "alibi")
 
 
 LAYOUT = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1"

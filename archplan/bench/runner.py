@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from rich.console import Console
@@ -37,9 +39,9 @@ from archplan.bench.roofline import (
 from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
-from archplan.modules.attention import sdpa
+from archplan.modules.attention import attention_mask, sdpa
 from archplan.modules.model import build_model, resolve_device
-from archplan.resolve import LayerPlan, ModelPlan
+from archplan.resolve import AttentionPlan, LayerPlan, MLAPlan, ModelPlan
 from archplan.units import nbytes as fmt_bytes
 
 BACKENDS = ("math", "flash", "efficient", "cudnn")
@@ -284,17 +286,37 @@ def sdpa_backend(name: str) -> Iterator[None]:
         yield
 
 
-def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+MaskKind = Literal["alibi", "window"] | None
+
+
+def attention_mask_kind(plan: ModelPlan) -> MaskKind:
+    """The explicit mask the model's prefill attention takes instead of SDPA's is_causal (which
+    every kernel takes): ALiBi's additive (H, T, S) bias, or a sliding window's boolean (T, S)
+    mask. Kernels differ in the masks they accept (CPU's flash takes a 2-D one, not a 3-D bias)."""
+    if plan.position == "alibi":
+        return "alibi"
+    if any(isinstance(layer.mixer, AttentionPlan | MLAPlan) and layer.mixer.window is not None for layer in plan.layers):
+        return "window"
+    return None
+
+
+def available_backends(device: torch.device, dtype: torch.dtype, mask: MaskKind = None) -> list[str]:
     """SDPA backends that run a small causal attention on this device and dtype, called the way
-    `modules.attention.sdpa` calls it for a GQA model (4 query heads over 2 K/V heads)."""
+    `modules.attention.sdpa` calls it for a GQA model (4 query heads over 2 K/V heads), with the
+    model's kind of mask (`attention_mask_kind`)."""
     q = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
     kv = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
     pos = torch.arange(64, device=device)
+    allowed = attention_mask(pos, pos, None, None, dtype)
+    explicit = {None: None, "window": allowed,
+                "alibi": torch.zeros(4, 64, 64, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))}[mask]
     found = []
     for name in BACKENDS:
         try:
-            with sdpa_backend(name):
-                sdpa(q, kv, kv, pos, pos, window=None, alibi=None, cached=False, gqa=True)
+            # a backend that refuses warns why before it raises: the probe's answer is the list
+            with sdpa_backend(name), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                sdpa(q, kv, kv, pos, pos, window=None, alibi=None, cached=False, gqa=True, mask=explicit)
             found.append(name)
         except RuntimeError:
             continue
@@ -381,9 +403,11 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     torch_dtype = TORCH_DTYPES[cfg.dtype]
     if cfg.compile:
         _check_compile(device)
-    if cfg.attn_backend != "auto" and cfg.attn_backend not in available_backends(device, torch_dtype):
-        raise ArchplanError(f"--attn-backend {cfg.attn_backend}: not available on {device.type} "
-                            f"with {cfg.dtype.value} (available: {', '.join(available_backends(device, torch_dtype))})")
+    mask = attention_mask_kind(plan)
+    if cfg.attn_backend != "auto" and cfg.attn_backend not in (found := available_backends(device, torch_dtype, mask)):
+        needs = f" and this model's {mask} mask" if mask else ""
+        raise ArchplanError(f"--attn-backend {cfg.attn_backend}: not available on {device.type} with "
+                            f"{cfg.dtype.value}{needs} (available: {', '.join(found)})")
     check_positions(plan, cfg)
     check_fits(plan, cfg, free_memory(device))
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
@@ -504,7 +528,7 @@ def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object
     """The same prefill under each SDPA backend available here: time and peak memory."""
     device = resolve_device(cfg.device)
     rows: list[dict[str, object]] = []
-    for name in available_backends(device, TORCH_DTYPES[cfg.dtype]):
+    for name in available_backends(device, TORCH_DTYPES[cfg.dtype], attention_mask_kind(plan)):
         result = run_bench(plan, replace(cfg, attn_backend=name, decode_tokens=0))
         rows.append({"backend": name, "median_s": result.prefill_seconds,
                      "tokens_per_s": result.tokens_per_s, "peak_memory_bytes": result.peak_memory_bytes,
