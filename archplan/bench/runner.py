@@ -256,11 +256,17 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
     )
 
 
+def cache_steps(decode_tokens: int) -> int:
+    """Positions the decode cache holds beyond the prompt: the recorded step and the timed steps
+    (`_decode`); none for a prefill-only run."""
+    return decode_tokens + 1 if decode_tokens else 0
+
+
 def check_positions(plan: ModelPlan, cfg: BenchConfig) -> None:
     """Refuse up front, not after the prefill was timed, a run needing more positions than the model
-    has: the decode cache holds the prompt, the recorded step and the timed steps (`_decode`)."""
+    has: the decode cache holds the prompt and `cache_steps` more."""
     limit = plan.position_limit()
-    steps = cfg.decode_tokens + 1 if cfg.decode_tokens else 0
+    steps = cache_steps(cfg.decode_tokens)
     if limit is None or cfg.seq + steps <= limit.positions:
         return
     most = limit.positions

@@ -122,45 +122,43 @@ def bench(
     from archplan.dtypes import DType
 
     if seq is None:
+        from archplan.bench.runner import cache_steps
+
         decoding = not train and layout is None and len(specs) == 1 and plot is None
-        steps = decode_tokens + 1 if decoding and decode_tokens else 0
-        default, why = _default_seq(list(specs), steps)
+        default, why = _default_seq(list(specs), cache_steps(decode_tokens) if decoding else 0)
         lengths = [default]
         note = None if why is None or as_json else f"note: --seq {default}, not {DEFAULT_SEQ}: {why}"
     else:
         lengths, note = parse_lengths(seq), None
 
-    def run() -> None:  # the mode; the note follows only a run that was not refused
-        sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
-        mode = ("--layout" if layout is not None else "--train" if train
-                else "a --seq sweep" if sweep else "prefill and decode")
-        refuse_foreign_options(ctx, mode, MODE_OPTIONS)
-        if train or layout is not None:
-            if len(lengths) > 1 or len(specs) > 1:
-                raise ArchplanError("--train and --layout run one spec at one length; drop the --seq sweep")
-            if train:
-                from archplan.distributed.train_render import bench_train
+    sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
+    mode = ("--layout" if layout is not None else "--train" if train
+            else "a --seq sweep" if sweep else "prefill and decode")
+    refuse_foreign_options(ctx, mode, MODE_OPTIONS)
+    if train or layout is not None:
+        if len(lengths) > 1 or len(specs) > 1:
+            raise ArchplanError("--train and --layout run one spec at one length; drop the --seq sweep")
+        if train:
+            from archplan.distributed.train_render import bench_train
 
-                bench_train(specs[0], device=device.value, dtype=dtype.value, batch=batch, seq=lengths[0],
-                            recompute=recompute.value, iters=iters, as_json=as_json, layers=layers)
-            else:
-                from archplan.distributed.bench import bench_layout  # imports torch.distributed
+            bench_train(specs[0], device=device.value, dtype=dtype.value, batch=batch, seq=lengths[0],
+                        recompute=recompute.value, iters=iters, as_json=as_json, layers=layers)
+        else:
+            from archplan.distributed.bench import bench_layout  # imports torch.distributed
 
-                bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
-                             warmup=warmup, steps=iters, as_json=as_json, device=device.value)
-            return
-        if sweep:
-            from archplan.bench.sweep import SweepConfig, sweep_command
+            bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
+                         warmup=warmup, steps=iters, as_json=as_json, device=device.value)
+    elif sweep:
+        from archplan.bench.sweep import SweepConfig, sweep_command
 
-            sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
-                                             warmup, iters, attn_backend.value), plot, as_json, force=force)
-            return
-        spec = specs[0]
+        sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
+                                         warmup, iters, attn_backend.value), plot, as_json, force=force)
+    else:
         from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench
         from archplan.loader import load_spec
         from archplan.resolve import resolve
 
-        plan = resolve(load_spec(spec))
+        plan = resolve(load_spec(specs[0]))
         cfg = BenchConfig(device=device.value, dtype=DType(dtype.value), batch=batch, seq=lengths[0],
                           decode_tokens=decode_tokens, layers=layers, warmup=warmup, iters=iters,
                           compile=compile, attn_backend=attn_backend.value)
@@ -169,11 +167,9 @@ def bench(
             result.backends = run_backends(plan, cfg)
         if as_json:
             typer.echo(json.dumps(result.to_json(), indent=2))
-            return
-        _render(result, plan.name)
-
-    run()
-    if note is not None:
+        else:
+            _render(result, plan.name)
+    if note is not None:  # after the run: a refused option stays a one-line error
         Console(stderr=True).print(note)
 
 
