@@ -504,6 +504,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
     from archplan.planning.accuracy import own_runs
 
     settings = result.settings
+    spread = _time_spread(result)
     shown = result.ranked[:TOP_LAYOUTS] if result.ranked else (
         (result.tightest,) if result.tightest is not None else ())
     return {
@@ -540,7 +541,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fitting": result.fitting,
         "notes": _all_notes(result, bound),
         "network_bound": _network_json(bound),
-        "layouts": [_layout_row(e, tokens, result.usable_bytes, _time_spread(result)) for e in shown],
+        "layouts": [_layout_row(e, tokens, result.usable_bytes, spread) for e in shown],
     }
 
 
@@ -709,7 +710,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   "causal, no recompute) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
-    if (spread := _time_spread(result)) and (accuracy := _accuracy(result)):
+    if accuracy and (spread := _time_spread(result)):
         days = training_days(best, tokens)
         console.print(f"held-out spread: nine in ten of the {accuracy.runs} held-out {accuracy.gpus} runs "
                       f"took {spread[0]:.2f}× to {spread[1]:.2f}× the time predicted for them; for layout 1, "

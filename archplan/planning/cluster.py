@@ -83,7 +83,8 @@ what `verify --layout` runs and measures) differs in these places: under SP the 
 saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-block), the LM
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
 micro-batch (Megatron: all of them once per step, fp32), full recompute stops early by default
-(`uses_early_stop`), tied ends at pp = 1 are one FSDP unit, each non-last model chunk's output is kept until its backward (`_held_output`); and its
+(`uses_early_stop`), tied ends at pp = 1 are one FSDP unit, each non-last model chunk's output is
+kept until its backward (`_held_output`); and its
 "flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
