@@ -277,7 +277,7 @@ def test_aux_loss_reaches_the_router_gradient() -> None:
 CASES = list(
     itertools.product(
         ["glu", "mlp"],  # expert kind
-        [(16, 24), (6, 10)],  # (d_model, d_ff): aligned grouped_mm rows, and the zero-padded path
+        [(16, 24), (6, 10)],  # (d_model, d_ff): aligned grouped_mm rows, and the per-expert loop
         [("softmax", True, False), ("sigmoid", True, True), ("softmax", False, False)],
         [False, True],  # biases, shared experts + gate
     )
@@ -308,7 +308,7 @@ def test_grouped_dispatch_equals_expert_loop(
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("d", "f"), [(16, 32), (12, 20)])  # bf16 rows aligned; zero-padded
+@pytest.mark.parametrize(("d", "f"), [(16, 32), (12, 20)])  # bf16 rows aligned; unaligned (per-expert loop)
 def test_dispatch_bf16_matches_fp32_loop(d: int, f: int) -> None:
     torch.manual_seed(2)
     moe = MoEFFN(plan("glu", f, n_experts=4, shared=True), d)
@@ -362,12 +362,18 @@ def test_flops_on_meta_match_formula(kind: str, dims: tuple[int, int], dtype: to
     assert counter.get_total_flops() == sum(moe_counted_flops(p, d, 2, 5).values())
 
 
-def test_flops_on_cpu_match_formula() -> None:
-    p = plan("glu", 24, n_experts=8, top_k=2, shared=True, gate=True)
-    moe = MoEFFN(p, 16)
+@pytest.mark.parametrize(("dims", "dtype"), [
+    ((16, 24), torch.float32),  # grouped_mm
+    ((64, 1), torch.float32),  # unaligned: the per-expert loop, never a zero-padded product
+    ((12, 20), torch.bfloat16),  # aligned for fp32 but not for bf16
+])
+def test_flops_on_cpu_match_formula(dims: tuple[int, int], dtype: torch.dtype) -> None:
+    d, f = dims
+    p = plan("glu", f, n_experts=8, top_k=2, shared=True, gate=True)
+    moe = MoEFFN(p, d).to(dtype)
     with FlopCounterMode(display=False) as counter:
-        moe(torch.randn(2, 5, 16))
-    assert counter.get_total_flops() == expected_flops(p, 16, 10)
+        moe(torch.randn(2, 5, d, dtype=dtype))
+    assert counter.get_total_flops() == expected_flops(p, d, 10)
 
 
 def test_training_flops_on_meta_are_three_forwards() -> None:
