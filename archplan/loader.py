@@ -240,6 +240,10 @@ def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> Arch
         message = "required field is missing"
     elif kind == "union_tag_invalid":
         message = f"unknown kind {err['input'].get('kind')!r}; expected one of {err['ctx']['expected_tags']}"
+    elif kind == "union_tag_not_found":
+        # pydantic's own words ("Unable to extract tag using discriminator") name no choice
+        kinds = ", ".join(repr(_kind_of(m)) for m in _models_at(loaded, yaml_path))
+        message = "`kind` is missing" + (f"; expected one of {kinds}" if kinds else "")
     elif message.startswith("Value error, "):
         message = message[len("Value error, "):]
         # Cross-field checks run on the whole spec; their message starts with the field to change.
@@ -295,20 +299,24 @@ def _path_keys(loaded: LoadedYaml, loc: tuple) -> set:
 
 
 def _valid_names(loaded: LoadedYaml, parent: tuple) -> list[str]:
+    models = _models_at(loaded, parent)
+    return list(models[0].model_fields) if models else []
+
+
+def _models_at(loaded: LoadedYaml, path: tuple) -> list[type[BaseModel]]:
+    """The models the YAML node at `path` may be: a discriminated union's members, narrowed to the
+    one its `kind` names when it names one."""
     node: Any = loaded.data
-    model: Any = Spec
-    for part in parent:
+    models: list[type[BaseModel]] = [Spec]
+    for part in path:
         node = node[part] if isinstance(node, (dict, list)) else None
-        field = getattr(model, "model_fields", {}).get(part)
+        field = models[0].model_fields.get(part) if models else None
         if field is None:
             return []
-        candidates = _models_in(field.annotation)
+        models = _models_in(field.annotation)
         if isinstance(node, dict) and "kind" in node:
-            candidates = [c for c in candidates if _kind_of(c) == node["kind"]] or candidates
-        model = candidates[0] if candidates else None
-        if model is None:
-            return []
-    return list(getattr(model, "model_fields", {}).keys())
+            models = [c for c in models if _kind_of(c) == node["kind"]] or models
+    return models
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -152,6 +152,12 @@ def test_unknown_nested_field(cli, tmp_path: Path) -> None:  # type: ignore[no-u
     assert_one_line_error(cli("size", path), path, "ffn.dff", "did you mean 'd_ff'")
 
 
+def test_a_missing_kind_names_the_choices(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE.replace("kind: glu, ", ""))
+    line = assert_one_line_error(cli("size", path), path, "ffn", "`kind` is missing", "'mlp', 'glu'")
+    assert "discriminator" not in line
+
+
 def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: big"))
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "integer", "'big'")
