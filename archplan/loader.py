@@ -254,6 +254,8 @@ def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> Arch
             field = named.group(1)
             line_col = next((loaded.locations[yaml_path[:cut]] for cut in range(len(yaml_path), 0, -1)
                              if yaml_path[:cut] in loaded.locations), None)
+    elif kind in ("model_type", "model_attributes_type", "dict_type") and yaml_path:
+        message = _not_a_mapping(loaded, yaml_path, err.get("input"))
     elif kind in ("int_type", "float_type") and isinstance(err.get("input"), (bool, str, float)):
         message = _not_a_number("an integer" if kind == "int_type" else "a number", err["input"])
     elif "input" in err and not isinstance(err["input"], (dict, list)):
@@ -263,6 +265,23 @@ def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> Arch
         message, file=file, line=line_col[0] if line_col else None,
         column=line_col[1] if line_col else None, field=field,
     )
+
+
+def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
+    """pydantic says "a valid dictionary or instance of NormSpec": a class name the user never
+    wrote. Say what the block takes instead, and how to write a bare kind (`position: rope`)."""
+    models = _models_at(loaded, path)
+    kinds = [k for k in map(_kind_of, models) if isinstance(k, str)] if len(models) > 1 else []
+    got = "a list" if isinstance(value, list) else repr(value)
+    got = got[:80] + "…" if len(got) > 80 else got
+    name = path[-1]
+    if isinstance(value, str) and value in kinds:
+        return f"expected a mapping, got {got}; write {name}: {{kind: {value}}}"
+    if kinds:
+        return f"expected a mapping such as {{kind: {kinds[0]}, ...}} (kinds: {', '.join(kinds)}), got {got}"
+    if models:
+        return f"expected a mapping with the fields {', '.join(models[0].model_fields)}; got {got}"
+    return f"expected a mapping (key: value pairs), got {got}"
 
 
 def _not_a_number(expected: str, value: bool | str | float) -> str:

@@ -158,6 +158,20 @@ def test_a_missing_kind_names_the_choices(cli, tmp_path: Path) -> None:  # type:
     assert "discriminator" not in line
 
 
+@pytest.mark.parametrize(("old", "new", "needles"), [
+    ("ffn: {kind: glu, d_ff: 128}", "ffn: glu", ("ffn", "got 'glu'", "write ffn: {kind: glu}")),
+    ("ffn: {kind: glu, d_ff: 128}", "ffn: [glu]", ("ffn", "got a list", "kinds: mlp, glu")),
+    ("n_layers: 2", "n_layers: 2\nnorm: 5", ("norm", "mapping with the fields kind", "got 5")),
+])
+def test_a_block_that_is_not_a_mapping(cli, tmp_path: Path, old: str, new: str,  # type: ignore[no-untyped-def]
+                                       needles: tuple[str, ...]) -> None:
+    """pydantic's wording names internal classes ("instance of NormSpec"); the error says what the
+    block takes instead."""
+    path = spec_file(tmp_path, BASE.replace(old, new))
+    line = assert_one_line_error(cli("size", path), path, *needles)
+    assert "instance of" not in line and "extract fields" not in line
+
+
 def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: big"))
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "integer", "'big'")
