@@ -64,6 +64,18 @@ def ratio(x: float) -> str:
     return f"{x:.{1 - magnitude}f}×"
 
 
+_DAY_FRACTIONS = ((1.0, "d"), (1 / 24, "h"), (1 / 1440, "min"))
+
+
+def duration(days: float) -> str:
+    """A training time given in days: '33.8 d'; under a day in hours, minutes or seconds ('5.1 h',
+    '12.0 min', '40.0 s'), so a short run does not print as 0.0 days."""
+    for scale, unit in _DAY_FRACTIONS:
+        if days >= scale:
+            return f"{days / scale:,.1f} {unit}"
+    return f"{days * 86400:.1f} s"
+
+
 def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 

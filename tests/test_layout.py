@@ -734,8 +734,8 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
         code, out, _ = run(capsys, monkeypatch, *args)
         text = " ".join(out.split())
         spread = (f"held-out spread: nine in ten of the {a.runs} held-out {a.gpus} runs took {1 + a.low:.2f}× "
-                  f"to {1 + a.high:.2f}× the time predicted for them; for layout 1, {days * (1 + a.low):.1f} "
-                  f"to {days * (1 + a.high):.1f} days ({days:.1f} predicted)")
+                  f"to {1 + a.high:.2f}× the time predicted for them; for layout 1, {days * (1 + a.low):.1f} d "
+                  f"to {days * (1 + a.high):.1f} d ({days:.1f} d predicted)")
         assert (spread in text) is same
         assert code == 0 and f"on {a.runs} published {a.gpus} runs held out from calibration" in text
         assert f"±{a.median:.1%}" in text and f"±{a.p90:.1%} for nine in ten" in text

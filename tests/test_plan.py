@@ -4,6 +4,7 @@ within 2% of the target, the partial-spec solver, the cluster layout search, and
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -512,7 +513,7 @@ def test_cli_layout_table_fits_the_terminal(capsys: pytest.CaptureFixture[str],
     code, out, _ = run(capsys, monkeypatch, *argv)
     assert code == 0
     assert max(len(line) for line in out.splitlines()) <= 80
-    assert all(word in out for word in ("total", "MFU", "per GPU", "days", "TP8 PP16×v4 DP128"))
+    assert all(word in out for word in ("total", "MFU", "per GPU", "time", " d\n", "TP8 PP16×v4 DP128"))
     assert "hidden at 80 columns: temp., optim., grads, params, activ., of usable" in out
     assert "bars:" not in out  # no bar, no legend
     monkeypatch.setenv("COLUMNS", "240")
@@ -654,3 +655,19 @@ def test_mamba_exchange_bytes() -> None:
              if c.what.endswith("Mamba x_proj partial sums (CP)") or "Mamba sequence" in c.what}
     assert calls == {("all_reduce", "cp", 2 * 32 * 24): 3, ("all_to_all", "cp", 2 * 16 * 128): 3,
                      ("all_to_all", "cp", 2 * 16 * 64): 3}
+
+
+def test_cli_layout_of_a_spec_below_the_laws_range_asks_for_tokens(capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny spec has no compute-optimal token budget: the error names the spec and --tokens, not
+    the --params the user never gave; with --tokens its short run prints in seconds, not 0.0 days,
+    and the fixed fields in --layout's own syntax."""
+    tiny = str(DISTRIBUTED / "tiny-gpt.yaml")
+    code, out, err = run(capsys, monkeypatch, "plan", tiny, "--gpus", "8", "--gpu", "h100")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "no token budget for tiny-gpt" in err and "--tokens" in err and "--params" not in err
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(capsys, monkeypatch, "plan", tiny, "--gpus", "8", "--gpu", "h100", "--tokens", "1e9",
+                       "--layout", "sp=on")
+    assert code == 0 and "fixed: ep=1,sp=on" in out and "{" not in out
+    assert re.search(r"│ +\d+\.\d s$", out, re.M) and "0.0 d" not in out

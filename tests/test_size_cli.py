@@ -304,3 +304,13 @@ def test_human_units_past_the_largest_group_their_digits() -> None:
 
     assert nbytes(14_495_514_624) == "13.5 GiB" and nbytes(3 * 2**70) == "3,072 EiB"
     assert flops(3e30) == "3,000,000 YFLOP"
+
+
+@pytest.mark.parametrize(("days", "text"), [
+    (33.8, "33.8 d"), (1_234.56, "1,234.6 d"), (1.0, "1.0 d"), (0.25, "6.0 h"),
+    (30 / 1440, "30.0 min"), (40 / 86400, "40.0 s"),
+])
+def test_durations_never_print_as_zero_days(days: float, text: str) -> None:
+    from archplan.units import duration
+
+    assert duration(days) == text

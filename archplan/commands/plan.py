@@ -349,14 +349,22 @@ def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[
     if spec.training is not None and spec.training.tokens is not None:
         return spec.training.tokens, "spec training.tokens"
     from archplan.analytic import count_params
-    from archplan.planning.optimal import LawChoice, allocate, budget
+    from archplan.planning.optimal import MAX_COMPUTE, MIN_COMPUTE, LawChoice, allocate, budget
     from archplan.resolve import resolve
+    from archplan.units import count
 
     params = count_params(resolve(spec))
     n = params.active if spec.moe is not None else params.total
     choice = LawChoice(law.value)
-    d = allocate(choice, budget(choice, params=n))[1]
     which = "active" if spec.moe is not None else "total"
+    try:
+        d = allocate(choice, budget(choice, params=n))[1]
+    except ArchplanError:
+        # the law's own message names --params, which this user did not give
+        raise ArchplanError(f"no token budget for {spec.name}: its {count(n)} {which} parameters are "
+                            f"outside the {choice.value} law's range (budgets of {MIN_COMPUTE:.0e} to "
+                            f"{MAX_COMPUTE:.0e} FLOPs); give --tokens (e.g. --tokens 1B) or "
+                            "training.tokens in the spec", field="--tokens") from None
     return d, f"compute-optimal D for N = {which} params under {choice.value}"
 
 
@@ -584,7 +592,7 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
     still shows them, by colour), then the bar, the days and the communication share: the total,
     step time, MFU and throughput, what a layout is chosen by, always stay."""
     from archplan.planning.parallel import training_days
-    from archplan.units import nbytes, percent
+    from archplan.units import duration, nbytes, percent
 
     def mark(e: Evaluated) -> str:
         return nbytes(e.memory.total) + ("" if e.fits else " ✗")
@@ -603,7 +611,7 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
         _Column("comm +\nbubble", lambda e: percent((e.time.total - e.time.compute) / e.time.total), 8),
         _Column("MFU", lambda e: percent(e.mfu)),
         _Column("tok/s\nper GPU", lambda e: f"{e.tokens_per_s_per_gpu:,.0f}"),
-        _Column("days", lambda e: f"{training_days(e, tokens):.1f}", 7),
+        _Column("time", lambda e: duration(training_days(e, tokens)), 7),
     )
 
 
@@ -663,11 +671,11 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     from rich.markup import escape
 
     from archplan.planning.parallel import training_days
-    from archplan.units import count, nbytes, percent
+    from archplan.units import count, duration, nbytes, percent
 
     console = _console()
     net, settings = result.net, result.settings
-    fixed = f"; fixed: {result.fixed.given}" if result.fixed.given else ""
+    fixed = f"; fixed: {result.fixed.spec}" if result.fixed.given else ""
     console.print(
         f"[bold]Cluster layouts[/] for {spec.name} on {result.gpus} × {result.gpu.name} "
         f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "
@@ -714,7 +722,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         days = training_days(best, tokens)
         console.print(f"held-out spread: nine in ten of the {accuracy.runs} held-out {accuracy.gpus} runs "
                       f"took {spread[0]:.2f}× to {spread[1]:.2f}× the time predicted for them; for layout 1, "
-                      f"{days * spread[0]:.1f} to {days * spread[1]:.1f} days ({days:.1f} predicted)")
+                      f"{duration(days * spread[0])} to {duration(days * spread[1])} ({duration(days)} predicted)")
 
 
 # What each mode of `plan` reads, or answers with its own message (-o in a layout search, --gpus

@@ -28,6 +28,7 @@ Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti e
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import get_args
@@ -88,11 +89,8 @@ class Layout:
     def spec(self) -> str:
         """The `--layout` text that reproduces exactly this layout (group only when it is not the
         default round, pp)."""
-        return ",".join(
-            f"{name}={'on' if value is True else 'off' if value is False else value}"
-            for name, value in ((f.name, getattr(self, f.name)) for f in fields(self))
-            if not (name == "group" and value == 0)
-        )
+        return _layout_text((f.name, getattr(self, f.name)) for f in fields(self)
+                            if not (f.name == "group" and getattr(self, f.name) == 0))
 
 
 @dataclass(frozen=True)
@@ -115,6 +113,11 @@ class PartialLayout:
     def given(self) -> dict[str, int | str | bool]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
+    @property
+    def spec(self) -> str:
+        """The given fields as `--layout` text (tp=2,sp=on)."""
+        return _layout_text(self.given.items())
+
     def admits(self, layout: Layout) -> bool:
         return all(getattr(layout, name) == value for name, value in self.given.items())
 
@@ -131,6 +134,11 @@ class PartialLayout:
         if not needed <= given.keys():
             return None
         return replace(Layout(), **given)
+
+
+def _layout_text(items: Iterable[tuple[str, object]]) -> str:
+    return ",".join(f"{name}={'on' if value is True else 'off' if value is False else value}"
+                    for name, value in items)
 
 
 def parse_layout(text: str) -> PartialLayout:
