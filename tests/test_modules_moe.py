@@ -371,9 +371,13 @@ def test_flops_on_cpu_match_formula(dims: tuple[int, int], dtype: torch.dtype) -
     d, f = dims
     p = plan("glu", f, n_experts=8, top_k=2, shared=True, gate=True)
     moe = MoEFFN(p, d).to(dtype)
+    x = torch.randn(2, 5, d, dtype=dtype, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
-        moe(torch.randn(2, 5, d, dtype=dtype))
+        y = moe(x)
     assert counter.get_total_flops() == expected_flops(p, d, 10)
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()  # an expanded (stride 0) gradient: handed on in aligned rows
+    assert counter.get_total_flops() == 2 * expected_flops(p, d, 10)
 
 
 def test_training_flops_on_meta_are_three_forwards() -> None:

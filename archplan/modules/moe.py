@@ -24,6 +24,7 @@ never the scores or their autograd graph.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,8 +135,22 @@ def grouped_mm_path(device: torch.device, dtype: torch.dtype, sm: tuple[int, int
             return "grouped"
 
 
+class _AlignedRows(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient with rows 16 bytes apart: grouped_mm's
+    backward refuses a gradient of an unaligned width laid out densely."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        width = grad.shape[-1]
+        return F.pad(grad, (0, _aligned(width, grad.dtype) - width))[..., :width]
+
+
 def per_expert_linear(x_MI: Tensor, w_EOI: Tensor, offs_E: Tensor) -> Tensor:
-    """y[r] = w[e(r)] @ x[r] as one matmul per expert over its rows (the fallback). The group
+    """y[r] = w[e(r)] @ x[r] as one matmul per expert over its rows (the CUDA fallback). The group
     ends come to the host once per call (one sync); an expert with no rows multiplies 0 rows."""
     ends = offs_E.tolist()
     starts = [0, *ends[:-1]]
@@ -152,18 +167,20 @@ def _grouped_linear(
       check wants bf16, and casting a meta tensor is free, so meta casts;
     - meta with unaligned widths (toy specs): the per-row weight gather contracted by a batched
       matmul, which allocates nothing on meta and counts exactly 2·M·I·O there;
-    - real devices with unaligned widths (toy specs; grouped_mm wants 16-byte rows), and CUDA
-      outside grouped_mm's documented bf16/SM80 support: a loop of per-expert matmuls, exact in
-      the model's dtype. Never a per-row weight gather, which would materialise M·O·I values, and
-      never zero-padding to aligned rows: the padded product runs (and a traced count such as
-      `verify`'s fvcore check sees) arithmetic the model does not have.
+    - real devices with unaligned widths (toy specs): grouped_mm checks that rows start 16 bytes
+      apart, not that widths are multiples of 16 bytes, so its operands are views at their true
+      widths into zero-padded copies, and its gradient is handed on in such rows
+      (`_AlignedRows`). The product, and every count of it (FlopCounterMode, `verify`'s fvcore
+      trace), is exactly 2·M·I·O; static shapes, so fake tensors (`verify --layout`) run it too.
+      Never a per-row weight gather, which would materialise M·O·I values;
+    - CUDA outside grouped_mm's documented bf16/SM80 support: a loop of per-expert matmuls.
     """
     _, o, i = w_EOI.shape
     sm = torch.cuda.get_device_capability(x_MI.device) if x_MI.device.type == "cuda" else None
     path = grouped_mm_path(x_MI.device, x_MI.dtype, sm)
     run_dtype = torch.bfloat16 if path == "meta" else x_MI.dtype
     aligned = _aligned(i, run_dtype) == i and _aligned(o, run_dtype) == o
-    if path == "loop" or (path == "grouped" and not aligned):
+    if path == "loop":
         y_MO = per_expert_linear(x_MI, w_EOI, offs_E)
     elif path == "meta" and not aligned:
         # matmul, not einsum: einsum makes a size-1 contraction (I = 1) an uncounted product
@@ -171,8 +188,13 @@ def _grouped_linear(
     elif path == "meta":
         y_MO = F.grouped_mm(x_MI.bfloat16(), w_EOI.bfloat16().transpose(-2, -1), offs=offs_E)
         y_MO = y_MO.to(x_MI.dtype)
-    else:
+    elif aligned:
         y_MO = F.grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=offs_E)
+    else:
+        pad = _aligned(i, x_MI.dtype) - i
+        x_view = F.pad(x_MI, (0, pad))[:, :i]
+        w_view = F.pad(w_EOI, (0, pad))[..., :i]
+        y_MO = _AlignedRows.apply(F.grouped_mm(x_view, w_view.transpose(-2, -1), offs=offs_E))
     if b_EO is not None:
         y_MO = y_MO + b_EO[expert_M]
     return y_MO
