@@ -472,7 +472,7 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Int
              sequences: int, tightest: Evaluated | None, tp_reasons: dict[int, str],
              layouts: list[Layout], fixed: PartialLayout, states: StatesConvention) -> tuple[str, ...]:
     if not layouts:
-        given = f" with {fixed.given}" if fixed.given else ""
+        given = f" with {fixed.spec}" if fixed.given else ""
         return (f"no layout{given}: {gpus} GPUs admit no TP×CP×PP×DP split with TP ≤ "
                 f"{net.gpus_per_node} (TP within a node), PP ≤ {len(plan.layers)} layers and DP·mb ≤ "
                 f"{sequences} sequences per step" + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()),)
