@@ -203,6 +203,17 @@ def test_cli_json_contract() -> None:
     assert out["predicted"]["prefill_s"] > 0
 
 
+def test_cli_text_names_the_extrapolated_depths() -> None:
+    """The depths per layer kind as words (gpt2: one mha+dense layer built for 12), not a dict."""
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "gpt2", "--device", "cpu", "--dtype", "fp32", "--layers", "1",
+                                 "--seq", "8", "--decode-tokens", "0", "--warmup", "0", "--iters", "1"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "extrapolated from the layers built to the full depth (mha+dense 1 → 12)" in result.output
+    assert "{'" not in result.output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_without_cuda_is_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     proc = run_main(["bench", "llama-2-7b", "--device", "cuda"], capsys, monkeypatch)

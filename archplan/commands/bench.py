@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from archplan.commands.options import JsonOpt, SpecsArg, refuse_foreign_options
@@ -213,8 +214,10 @@ def _render(result: object, name: str) -> None:
                       f"{1e3 * row.seconds:.3f} ms", row.bound)
     console.print(kinds)
     if result.extrapolation is not None:
-        console.print(f"[bold]extrapolated[/bold] from {result.extrapolation.built_layers} to "
-                      f"{result.extrapolation.full_layers}: {EXTRAPOLATION_METHOD}")
+        built, full = result.extrapolation.built_layers, result.extrapolation.full_layers
+        depths = ", ".join(f"{kind} {built[kind]} → {full[kind]}" for kind in full)
+        console.print(f"[bold]extrapolated[/bold] from the layers built to the full depth ({escape(depths)}): "
+                      f"{EXTRAPOLATION_METHOD}")
     if result.backends:
         backends = Table(title="SDPA backends", show_header=True)
         for col in ("backend", "median", "tokens/s", "peak memory"):
