@@ -345,7 +345,7 @@ def expected_flops(p: MoEPlan, d: int, n: int) -> int:
 @pytest.mark.parametrize(("kind", "dims", "dtype"), [
     ("glu", (16, 24), torch.bfloat16),  # grouped_mm on meta
     ("glu", (16, 24), torch.float32),  # grouped_mm after a free meta cast to bf16
-    ("mlp", (6, 10), torch.bfloat16),  # unaligned: per-row weight gather + einsum on meta
+    ("mlp", (6, 10), torch.bfloat16),  # unaligned: views into zero-padded copies
     ("glu", (12, 20), torch.float32),  # aligned for fp32 but not for bf16
     ("mlp", (1, 3), torch.float32),  # d_model = 1: a size-1 contraction still counts
 ])

@@ -163,38 +163,31 @@ def _grouped_linear(
     """y[r] = w[e(r)] @ x[r] (+ b[e(r)]) for rows sorted by expert: one grouped_mm.
 
     Static-shape routes to the same product, chosen from shapes/dtype/device only (`grouped_mm_path`):
-    - aligned rows (the case of real model widths): grouped_mm directly; on meta its shape
-      check wants bf16, and casting a meta tensor is free, so meta casts;
-    - meta with unaligned widths (toy specs): the per-row weight gather contracted by a batched
-      matmul, which allocates nothing on meta and counts exactly 2·M·I·O there;
-    - real devices with unaligned widths (toy specs): grouped_mm checks that rows start 16 bytes
-      apart, not that widths are multiples of 16 bytes, so its operands are views at their true
-      widths into zero-padded copies, and its gradient is handed on in such rows
-      (`_AlignedRows`). The product, and every count of it (FlopCounterMode, `verify`'s fvcore
-      trace), is exactly 2·M·I·O; static shapes, so fake tensors (`verify --layout`) run it too.
-      Never a per-row weight gather, which would materialise M·O·I values;
+    - grouped_mm, on meta after a cast to bf16 (the dtype its meta shape check wants; casting a
+      meta tensor is free). It checks that rows start 16 bytes apart, not that widths are
+      multiples of 16 bytes, so unaligned widths (toy specs) run it on views at their true widths
+      into zero-padded copies, with the gradient handed on in such rows (`_AlignedRows`). The
+      product, and every count of it (FlopCounterMode, `verify`'s fvcore trace), is exactly
+      2·M·I·O, and fake tensors (`verify --layout`) run it too. Never a per-row weight gather,
+      which would materialise M·O·I values;
     - CUDA outside grouped_mm's documented bf16/SM80 support: a loop of per-expert matmuls.
     """
     _, o, i = w_EOI.shape
     sm = torch.cuda.get_device_capability(x_MI.device) if x_MI.device.type == "cuda" else None
     path = grouped_mm_path(x_MI.device, x_MI.dtype, sm)
-    run_dtype = torch.bfloat16 if path == "meta" else x_MI.dtype
-    aligned = _aligned(i, run_dtype) == i and _aligned(o, run_dtype) == o
     if path == "loop":
         y_MO = per_expert_linear(x_MI, w_EOI, offs_E)
-    elif path == "meta" and not aligned:
-        # matmul, not einsum: einsum makes a size-1 contraction (I = 1) an uncounted product
-        y_MO = torch.matmul(x_MI[:, None, :], w_EOI[expert_M].transpose(-2, -1)).squeeze(1)
-    elif path == "meta":
-        y_MO = F.grouped_mm(x_MI.bfloat16(), w_EOI.bfloat16().transpose(-2, -1), offs=offs_E)
-        y_MO = y_MO.to(x_MI.dtype)
-    elif aligned:
-        y_MO = F.grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=offs_E)
     else:
-        pad = _aligned(i, x_MI.dtype) - i
-        x_view = F.pad(x_MI, (0, pad))[:, :i]
-        w_view = F.pad(w_EOI, (0, pad))[..., :i]
-        y_MO = _AlignedRows.apply(F.grouped_mm(x_view, w_view.transpose(-2, -1), offs=offs_E))
+        # meta's shape check wants bf16, and casting a meta tensor is free
+        x_run, w_run = (x_MI.bfloat16(), w_EOI.bfloat16()) if path == "meta" else (x_MI, w_EOI)
+        if _aligned(i, x_run.dtype) == i and _aligned(o, x_run.dtype) == o:
+            y_MO = F.grouped_mm(x_run, w_run.transpose(-2, -1), offs=offs_E)
+        else:
+            pad = _aligned(i, x_run.dtype) - i
+            x_view = F.pad(x_run, (0, pad))[:, :i]
+            w_view = F.pad(w_run, (0, pad))[..., :i]
+            y_MO = _AlignedRows.apply(F.grouped_mm(x_view, w_view.transpose(-2, -1), offs=offs_E))
+        y_MO = y_MO.to(x_MI.dtype)
     if b_EO is not None:
         y_MO = y_MO + b_EO[expert_M]
     return y_MO
