@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -262,6 +263,21 @@ def test_the_default_seq_fits_the_spec(capsys: pytest.CaptureFixture[str], monke
     # (its activations, a 2-layer model's at 256 tokens, are judged outside ±25%: exit 1, not 2)
     train = run_main(["bench", tiny, "--device", "cpu", "--iters", "1", "--train", "--json"], capsys, monkeypatch)
     assert train.code in (0, 1) and json.loads(train.stdout)["seq"] == 256
+
+
+def test_several_specs_without_seq_sweep_the_default(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several specs make a sweep, which needs two lengths: without --seq, a quarter, half and all
+    of the default one (tiny-gpt's 256 caps it), said in a note (it once asked for --seq)."""
+    distributed = Path(__file__).parent / "fixtures" / "distributed"
+    specs = [str(distributed / "tiny-gpt.yaml"), str(distributed / "tiny-llama.yaml")]
+    fast = ["--device", "cpu", "--warmup", "0", "--iters", "1", "--layers", "1"]
+    noted = run_main(["bench", *specs, *fast], capsys, monkeypatch)
+    assert noted.code == 0 and noted.stdout.count("│ exponent k") == 2
+    assert [re.findall(r"^│ +(\d+) │", table, re.M) for table in noted.stdout.split("exponent k")[:2]] == [
+        ["64", "128", "256"]] * 2
+    assert ("note: --seq 64,128,256, up to 256 (the max_seq_len of tiny-gpt): the default sweep"
+            in " ".join(noted.stderr.split()))
 
 
 def test_check_positions_boundary() -> None:

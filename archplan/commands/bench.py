@@ -89,7 +89,7 @@ def bench(
     seq: Annotated[str | None, typer.Option(help=(
         "Prompt length (prefill tokens per sequence); several, comma-separated (1k,2k,4k; k = 1024), "
         "sweep it: time and memory vs length with their growth exponents \\[512, or the most the spec "
-        "takes]."), show_default=False)] = None,
+        "takes; several specs or --plot: a quarter, half and all of that]."), show_default=False)] = None,
     decode_tokens: Annotated[int, typer.Option(min=0, help="Incremental decode steps with the real cache.")] = 16,
     layers: Annotated[int | None, typer.Option(
         min=1, help="Build K layers of each layer kind and extrapolate to the full depth.")] = None,
@@ -124,11 +124,19 @@ def bench(
 
     if seq is None:
         from archplan.bench.runner import cache_steps
+        from archplan.bench.sweep import length
 
-        decoding = not train and layout is None and len(specs) == 1 and plot is None
+        single = train or layout is not None
+        decoding = not single and len(specs) == 1 and plot is None
         default, why = _default_seq(list(specs), cache_steps(decode_tokens) if decoding else 0)
         lengths = [default]
-        note = None if why is None or as_json else f"note: --seq {default}, not {DEFAULT_SEQ}: {why}"
+        note = None if why is None else f"--seq {default}, not {DEFAULT_SEQ}: {why}"
+        if not single and (len(specs) > 1 or plot is not None):
+            # several specs or a figure make a sweep: a quarter, half and all of the one length
+            lengths = sorted({max(1, default >> shift) for shift in (2, 1, 0)})
+            shown = ",".join(length(t) for t in lengths)
+            note = f"--seq {shown}" + (f", up to {default} ({why})" if why else "") + ": the default sweep"
+        note = None if note is None or as_json else f"note: {note}"
     else:
         lengths, note = parse_lengths(seq), None
 
