@@ -15,6 +15,7 @@ session begins (`gloo_pair`), and run last.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,20 @@ GLOO = "gloo"  # the xdist group of tests/test_distributed.py's equivalence case
 def _in_gloo_group(item: pytest.Item) -> bool:
     marker = item.get_closest_marker("xdist_group")
     return marker is not None and (marker.args or (marker.kwargs.get("name"),))[0] == GLOO
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A worker collects its garbage once and freezes the rest before it reports finished. execnet
+    sends a worker that is still busy 5 s after the controller's shutdown a SIGINT
+    (`gateway_base._terminate_execution`), and a worker that has imported torch (and, through meta
+    kernels, torch._dynamo and sympy) could spend that long in the collector's final passes: the
+    KeyboardInterrupt then surfaced as a PytestUnraisableExceptionWarning inside hypothesis's gc
+    callback at the end of the run. xdist reports a worker finished from a hook wrapper around this
+    hook, so the collection happens before the controller starts waiting; archplan's own CLI
+    freezes its heap at exit for the same reason (`cli.main`)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        gc.collect()
+        gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
