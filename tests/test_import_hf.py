@@ -589,6 +589,9 @@ def refusal(config: dict[str, Any]) -> ArchplanError:
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9}}, "rope_scaling.attention_factor"),
     ({"hidden_size": "64"}, "hidden_size"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    # values the spec refuses once read (they once ended in pydantic's traceback)
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
+    ({"rope_theta": -5.0}, "rope_theta"),
 ])
 def test_llama_refusals_name_the_field(change: dict[str, Any], field: str) -> None:
     assert refusal({**TINY["llama-biased-tied-llama3rope"].config, **change}).field == field
@@ -607,10 +610,18 @@ def test_llama_refusals_name_the_field(change: dict[str, Any], field: str) -> No
     ("gpt2-n_inner", {"add_cross_attention": True}, "add_cross_attention"),
     ("bloom", {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
     ("jamba", {"sliding_window": 16}, "sliding_window"),
+    ("gpt2-n_inner", {"layer_norm_epsilon": 0.0}, "layer_norm_epsilon"),
 ])
 def test_family_refusals_name_the_field(case: str, change: dict[str, Any], field: str) -> None:
     err = refusal({**TINY[case].config, **change})
     assert err.field == field
+
+
+def test_a_block_the_spec_refuses_is_one_error_not_a_traceback() -> None:
+    """A value no single reader checks (DeepSeek-V3's router scale) is refused by the spec's own
+    validation, as the importer's error."""
+    err = refusal({**TINY["deepseek_v3"].config, "routed_scaling_factor": -2.5})
+    assert "maps to an invalid spec" in err.message and "(got -2.5)" in err.message
 
 
 UNEVEN_HEADS = {  # model_type: (hidden key, heads key), as transformers 5.24 spells them in its config

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -290,12 +290,24 @@ def attention(cfg: HFConfig, dims: Dims, *, qkv_bias: bool = False, out_bias: bo
     return GQA(kind="gqa", n_kv_heads=dims.n_kv, **common)
 
 
+M = TypeVar("M")
+
+
+def built(cfg: HFConfig, key: str, model: Callable[..., M], **fields: Any) -> M:
+    """`model(**fields)`, refused in the words of the config key its value came from (an eps of 0,
+    a negative rope_theta) rather than as pydantic's traceback."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise cfg.error(key, _pydantic_message(exc)) from None
+
+
 def rms(cfg: HFConfig, key: str = "rms_norm_eps") -> NormSpec:
-    return NormSpec(kind="rmsnorm", eps=cfg.float_(key))
+    return built(cfg, key, NormSpec, kind="rmsnorm", eps=cfg.float_(key))
 
 
 def layer_norm(cfg: HFConfig, key: str, *, bias: bool = True) -> NormSpec:
-    return NormSpec(kind="layernorm", bias=bias, eps=cfg.float_(key))
+    return built(cfg, key, NormSpec, kind="layernorm", bias=bias, eps=cfg.float_(key))
 
 
 # RoPE scaling types (transformers `ROPE_INIT_FUNCTIONS`) -> spec kinds, with the keys each reads.
@@ -328,6 +340,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     legacy = cfg.dict_("rope_scaling")
     if any(isinstance(v, dict) for v in params.values()):
         raise cfg.error("rope_parameters", "cannot express per-layer-type RoPE parameters")
+    theta_key = "rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta"
     theta = _number(cfg, "rope_parameters.rope_theta", params.get("rope_theta", cfg.float_("rope_theta", theta)))
     fraction = _number(cfg, "rope_parameters.partial_rotary_factor",
                        params.get("partial_rotary_factor", cfg.float_("partial_rotary_factor", fraction)))
@@ -359,7 +372,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         out["fraction"] = fraction
     if scaling is not None:
         out["scaling"] = scaling
-    return Rope(**out)
+    return built(cfg, theta_key if fraction == 1.0 else f"{theta_key} / partial_rotary_factor", Rope, **out)
 
 
 def compress_mixers(letters: Sequence[str]) -> str:
@@ -1358,6 +1371,8 @@ def _pydantic_message(exc: ValidationError) -> str:
     err = exc.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error" and isinstance(err.get("input"), (int, float, str)):
+        msg += f" (got {err['input']!r})"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -1421,7 +1436,10 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
     if fam.even_heads is not None:
         check_even_heads(cfg, *fam.even_heads)
     cfg.inert(*fam.inert)
-    fields = fam.convert(cfg)
+    try:
+        fields = fam.convert(cfg)
+    except ValidationError as exc:  # a block whose values the spec refuses (a negative router scale)
+        raise ArchplanError(f"the config maps to an invalid spec: {_pydantic_message(exc)}", file=file) from None
     check_derived(cfg, fam.derived)
     ignored = tuple(cfg.unread())
     if ignored and strict:

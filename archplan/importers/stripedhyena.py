@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from archplan.importers.hf import HFConfig, compress_mixers, family, glu
+from archplan.importers.hf import HFConfig, built, compress_mixers, family, glu
 from archplan.spec import GQA, MHA, Embedding, Layout, NormSpec, Rope, RopeScaling, StripedHyena
 
 _DEFAULTS = dict(
@@ -83,8 +83,8 @@ def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
         "n_layers": n_layers,
         "max_seq_len": cfg.int_("max_seqlen"),
         "embedding": Embedding(tied=cfg.bool_("tie_embeddings")),
-        "position": Rope(theta=cfg.float_("rotary_emb_base"), scaling=scaling),
-        "norm": NormSpec(kind="rmsnorm", eps=cfg.float_("eps")),
+        "position": built(cfg, "rotary_emb_base", Rope, theta=cfg.float_("rotary_emb_base"), scaling=scaling),
+        "norm": built(cfg, "eps", NormSpec, kind="rmsnorm", eps=cfg.float_("eps")),
         "final_norm": cfg.bool_("final_norm"),
         "long_conv": StripedHyena(
             short_filter=cfg.int_("short_filter_length"), short_filter_bias=cfg.bool_("short_filter_bias"),
