@@ -127,15 +127,17 @@ def bench(
         from archplan.bench.sweep import length
 
         single = train or layout is not None
-        decoding = not single and len(specs) == 1 and plot is None
+        swept = not single and (len(specs) > 1 or plot is not None)
+        decoding = not single and not swept
         default, why = _default_seq(list(specs), cache_steps(decode_tokens) if decoding else 0)
-        lengths = [default]
-        note = None if why is None else f"--seq {default}, not {DEFAULT_SEQ}: {why}"
-        if not single and (len(specs) > 1 or plot is not None):
+        if swept:
             # several specs or a figure make a sweep: a quarter, half and all of the one length
             lengths = sorted({max(1, default >> shift) for shift in (2, 1, 0)})
             shown = ",".join(length(t) for t in lengths)
             note = f"--seq {shown}" + (f", up to {default} ({why})" if why else "") + ": the default sweep"
+        else:
+            lengths = [default]
+            note = None if why is None else f"--seq {default}, not {DEFAULT_SEQ}: {why}"
         note = None if note is None or as_json else f"note: {note}"
     else:
         lengths, note = parse_lengths(seq), None

@@ -341,7 +341,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     if any(isinstance(v, dict) for v in params.values()):
         raise cfg.error("rope_parameters", "cannot express per-layer-type RoPE parameters")
     theta_key = "rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta"
-    theta = _number(cfg, "rope_parameters.rope_theta", params.get("rope_theta", cfg.float_("rope_theta", theta)))
+    theta = _number(cfg, theta_key, params.get("rope_theta", cfg.float_("rope_theta", theta)))
     fraction = _number(cfg, "rope_parameters.partial_rotary_factor",
                        params.get("partial_rotary_factor", cfg.float_("partial_rotary_factor", fraction)))
     scaling_src, where = (legacy, "rope_scaling") if legacy else (params, "rope_parameters")
