@@ -268,6 +268,21 @@ def test_most_loaded_stage_is_searched_exactly() -> None:
     assert [len(r) for r in pipeline_chunks(126, 16)[0]] == [7]  # the first stage holds one fewer
 
 
+def test_one_layer_a_chunk_leaves_the_embedding_and_the_head_alone() -> None:
+    """Llama Team 2024 §3.3.2: "the first model chunk on the first stage has only the embedding, and
+    the last model chunk on the last stage has only output projection and loss calculation": 126
+    layers on PP16 at v = 8, 128 chunks. The search offers it, and counts down to one layer a chunk
+    when n itself divides."""
+    from archplan.planning.parallel import _vpps
+
+    chunks = pipeline_chunks(126, 16, 8)
+    sizes = [len(chunks[c % 16][c // 16]) for c in range(128)]
+    assert sizes[0] == sizes[-1] == 0 and set(sizes[1:-1]) == {1}
+    assert [layer for c in range(128) for layer in chunks[c % 16][c // 16]] == list(range(126))
+    assert _vpps(126, 16) == [1, 2, 4, 8]
+    assert 4 in _vpps(32, 8) and _vpps(6, 2) == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------------- collectives
 def _by(records: tuple[Any, ...], mesh: str) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}

@@ -85,7 +85,7 @@ HELP = (
     "  archplan plan --solve partial.yaml --total 1.8e12 --active 220e9\n\n"
     "  archplan plan llama-3-70b --gpus 1024 --gpu h100 --seq 8192 --global-batch-tokens 4M\n\n"
     "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100 --seq 8192 --global-batch-tokens 16M "
-    "--layout tp=8,cp=1,pp=16,vpp=4,dp=128,ep=1,zero=1,recompute=none,mb=1"
+    "--layout tp=8,cp=1,pp=16,vpp=8,dp=128,ep=1,zero=1,recompute=none,mb=1"
 )
 
 DEFAULT_BUDGET_SEQ = 8192

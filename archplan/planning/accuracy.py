@@ -81,10 +81,10 @@ def summarize(errors: Sequence[float], gpus: str) -> HeldOutAccuracy:
 
 # benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-01)
 HELD_OUT: dict[str, HeldOutAccuracy] = {
-    "ampere": HeldOutAccuracy(runs=155, median=0.051, p90=0.134, bias=0.005, low=-0.131, high=0.134,
+    "ampere": HeldOutAccuracy(runs=155, median=0.051, p90=0.134, bias=0.006, low=-0.131, high=0.134,
                               gpus="A100"),
-    "hopper": HeldOutAccuracy(runs=98, median=0.129, p90=0.297, bias=0.121, low=-0.131, high=0.303,
+    "hopper": HeldOutAccuracy(runs=98, median=0.079, p90=0.216, bias=0.057, low=-0.175, high=0.216,
                               gpus="H100/H800"),
-    UNCALIBRATED: HeldOutAccuracy(runs=6, median=0.074, p90=0.134, bias=0.074, low=0.041, high=0.154,
+    UNCALIBRATED: HeldOutAccuracy(runs=6, median=0.021, p90=0.078, bias=0.019, low=-0.008, high=0.1,
                                   gpus="B200"),
 }

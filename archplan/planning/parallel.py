@@ -332,11 +332,12 @@ def _microbatches(sequences: int, dp: int, mb: int) -> int:
 
 
 def _vpps(n_layers: int, pp: int) -> list[int]:
-    """Virtual stages that split the layers evenly (n or n + 2 divisible, as pipeline_chunks)."""
+    """Virtual stages that split the layers evenly (n or n + 2 divisible, as pipeline_chunks),
+    down to one layer a chunk."""
     if pp == 1:
         return [1]
     return [v for v in range(1, MAX_VPP + 1)
-            if v == 1 or (pp * v < n_layers and (n_layers % (pp * v) == 0 or (n_layers + 2) % (pp * v) == 0))]
+            if v == 1 or n_layers % (pp * v) == 0 or (n_layers + 2) % (pp * v) == 0]
 
 
 def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences: int, net: Interconnect,
