@@ -277,9 +277,10 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1) -> tuple[tuple[range, 
     interleaved schedule). When the embedding and the LM head, each counted as one layer's worth
     of work, make the chunks even — n_layers + 2 divisible by pp·vpp — the first chunk holds one
     layer fewer (it also holds the embedding) and the last one fewer (it holds the head), as the
-    Llama 3 405B run did (Llama Team 2024 §3.3.2: 126 layers on 16 stages). At one layer a chunk
-    that leaves the embedding alone on the first chunk and the head alone on the last (Megatron-LM's
-    `--pipeline-model-parallel-layout` writes such stages `E` and `L`). Otherwise the layers
+    Llama 3 405B run did (Llama Team 2024 §3.3.2: 126 layers on 16 stages). At one layer a chunk,
+    that leaves the first chunk the embedding alone and the last the head alone, as that run's
+    v = 8 did (Megatron-LM's `--pipeline-model-parallel-layout` writes such stages `E` and `L`).
+    Otherwise the layers
     split as evenly as they can, the extra ones on the last chunks: their ranks hold fewer
     in-flight micro-batches under 1F1B, so they have memory to spare.
     """
