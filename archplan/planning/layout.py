@@ -280,9 +280,8 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1) -> tuple[tuple[range, 
     Llama 3 405B run did (Llama Team 2024 §3.3.2: 126 layers on 16 stages). At one layer a chunk,
     that leaves the first chunk the embedding alone and the last the head alone, as that run's
     v = 8 did (Megatron-LM's `--pipeline-model-parallel-layout` writes such stages `E` and `L`).
-    Otherwise the layers
-    split as evenly as they can, the extra ones on the last chunks: their ranks hold fewer
-    in-flight micro-batches under 1F1B, so they have memory to spare.
+    Otherwise the layers split as evenly as they can, the extra ones on the last chunks: their
+    ranks hold fewer in-flight micro-batches under 1F1B, so they have memory to spare.
     """
     chunks = pp * vpp
     if chunks > 1 and (n_layers + 2) % chunks == 0:
