@@ -159,13 +159,9 @@ def _per_token(value: int, tokens: int) -> int | float:
 
 
 def _past_trained_context(plan: ModelPlan, context: int) -> str | None:
-    """Why a context beyond the spec's max_seq_len deserves a second look, or None. Past the
-    length a rotary model was trained (or scaled) to, its perplexity rises sharply unless the
-    frequencies are rescaled (Chen et al. 2023, position interpolation; Peng et al. 2023, YaRN),
-    which the spec's position.scaling states. ALiBi and sinusoidal positions are defined at every
-    length and SSM / long-conv models carry no position, so only RoPE gets the note; a learned
-    table or a Hyena filter is refused outright (`ModelPlan.position_limit`)."""
-    if plan.position != "rope" or context <= plan.max_seq_len:
+    """Why a context beyond the spec's max_seq_len deserves a second look, or None
+    (`ModelPlan.past_trained_length`)."""
+    if not plan.past_trained_length(context):
         return None
     return (f"context {context:,} is past {plan.name}'s max_seq_len ({plan.max_seq_len:,}): the cache is "
             "sized as asked, but RoPE was not trained there (give position.scaling and its max_seq_len "

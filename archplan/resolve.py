@@ -250,6 +250,14 @@ class ModelPlan:
             limits.append(PositionLimit(self.max_seq_len, "the learned position table", "max_seq_len"))
         return min(limits, default=None)
 
+    def past_trained_length(self, length: int) -> bool:
+        """Whether `length` positions go past the length a rotary model was trained (or scaled)
+        to. Past it the perplexity rises sharply unless the frequencies are rescaled (Chen et al.
+        2023, position interpolation; Peng et al. 2023, YaRN), which position.scaling states.
+        ALiBi and sinusoidal positions are defined at every length and SSM / long-conv models carry
+        none, so only RoPE counts; a learned table or a Hyena filter ends (`position_limit`)."""
+        return self.position == "rope" and length > self.max_seq_len
+
 
 def norm_plan(norm: NormSpec) -> NormPlan:
     return NormPlan(kind=norm.kind, bias=norm.has_bias, eps=norm.eps, affine=norm.affine)

@@ -407,11 +407,32 @@ def test_interconnect_overrides() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"settings": Settings(efficiency=0.0)}, {"headroom": 1.0},
-                                    {"seq": 10**7}])
+                                    {"global_batch_tokens": 2048}])
 def test_search_rejects_bad_input(kwargs: dict[str, Any]) -> None:
     args = {"seq": 4096, "global_batch_tokens": 4e6, "net": NET} | kwargs
     with pytest.raises(ArchplanError):
         search(resolve(load_spec("llama-2-7b")), H100, 8, **args)
+
+
+def test_a_sequence_past_max_seq_len_is_priced_with_a_note_where_positions_go_on(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `size` does: a rotary model past its max_seq_len (a long-context stage) is priced as
+    asked and says RoPE was not trained there, in the text and first in --json's notes; a
+    learned position table has no row past max_seq_len, so that is refused; at or below the
+    length, and for a model with no positions (Mamba), there is no note."""
+    argv = ["plan", "llama-2-7b", "--gpus", "8", "--seq", "16384", "--global-batch-tokens", "1M"]
+    code, out, _ = run(capsys, monkeypatch, *argv)
+    assert code == 0 and "RoPE was not trained there" in " ".join(out.split())
+    code, out, _ = run(capsys, monkeypatch, *argv, "--json")
+    found = json.loads(out)
+    assert code == 0 and found["seq"] == 16384 and found["layouts"]
+    assert found["notes"][0].startswith("seq 16,384 is past llama-2-7b's max_seq_len (4,096)")
+    for quiet in (["llama-2-7b", "--seq", "4096"], ["mamba-2.8b", "--seq", "65536"]):
+        code, out, _ = run(capsys, monkeypatch, "plan", quiet[0], "--gpus", "8", *quiet[1:],
+                           "--global-batch-tokens", "1M", "--json")
+        assert code == 0 and not any("max_seq_len" in note for note in json.loads(out)["notes"])
+    with pytest.raises(ArchplanError, match=r"learned position table of gpt2 \(max_seq_len 1,024\)"):
+        search(resolve(load_spec("gpt2")), H100, 8, seq=2048, global_batch_tokens=1e6, net=NET)
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -533,7 +554,7 @@ def test_cli_layout_table_fits_the_terminal(capsys: pytest.CaptureFixture[str],
     ["plan", "--solve", "missing.yaml", "--total", "1e9"],
     ["plan", "--solve", "missing.yaml", "--total", "1e9", "--compute", "1e24"],
     ["plan", "llama-2-7b", "--gpus", "8", "--params", "7e9"],
-    ["plan", "llama-2-7b", "--gpus", "8", "--seq", "100000"],
+    ["plan", "gpt2", "--gpus", "8", "--seq", "100000"],
     # a partial layout that cannot exist: tp beyond a node, given degrees not dividing the GPUs
     ["plan", "llama-2-7b", "--gpus", "32", "--layout", "tp=16"],
     ["plan", "llama-2-7b", "--gpus", "32", "--layout", "tp=8,pp=3"],

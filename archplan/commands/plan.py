@@ -392,6 +392,16 @@ def _layout_row(e: Evaluated, tokens: float, usable: int,
     }
 
 
+def _seq_note(plan: ModelPlan, seq: int) -> str | None:
+    """A training length past a rotary model's max_seq_len (`ModelPlan.past_trained_length`): priced
+    as asked, as a long-context stage would run it, with what the spec does not say."""
+    if not plan.past_trained_length(seq):
+        return None
+    return (f"seq {seq:,} is past {plan.name}'s max_seq_len ({plan.max_seq_len:,}): priced as asked, but "
+            "RoPE was not trained there; a long-context stage usually rescales it (give position.scaling "
+            "and the new max_seq_len in the spec)")
+
+
 # Where the layout model is known to be optimistic (docs/validation.md): what a user should check.
 ZERO3_CAUTION_RANKS = 384
 
@@ -508,7 +518,7 @@ def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
-                 bound: RailBound | None) -> dict[str, Any]:
+                 bound: RailBound | None, seq_note: str | None) -> dict[str, Any]:
     from archplan.planning.accuracy import own_runs
 
     settings = result.settings
@@ -547,7 +557,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "reasons": list(result.reasons),
         "considered": result.considered,
         "fitting": result.fitting,
-        "notes": _all_notes(result, bound),
+        "notes": ([seq_note] if seq_note else []) + _all_notes(result, bound),
         "network_bound": _network_json(bound),
         "layouts": [_layout_row(e, tokens, result.usable_bytes, spread) for e in shown],
     }
@@ -667,7 +677,7 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
 
 
 def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
-                  bound: RailBound | None) -> None:
+                  bound: RailBound | None, seq_note: str | None) -> None:
     from rich.markup import escape
 
     from archplan.planning.parallel import training_days
@@ -692,6 +702,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; full recompute {recompute}")
+    if seq_note:
+        console.print(f"[yellow]note:[/] {escape(seq_note)}")
     for reason in result.reasons:
         console.print(f"[bold red]infeasible:[/] {reason}")
     if not result.ranked:
@@ -759,7 +771,9 @@ def register(app: typer.Typer) -> None:
             "--law", help="chinchilla: Hoffmann 2022 Approach 3; epoch: Besiroglu 2024 refit; 20x: D = 20N.")] = LawOption.epoch,
         vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary of the generated spec.")] = 128256,
         seq: Annotated[int | None, typer.Option(
-            "--seq", help="Budget: max_seq_len of the generated spec [8192]; SPEC: training sequence length \\[min(8192, max_seq_len)].")] = None,
+            "--seq", help="Budget: max_seq_len of the generated spec [8192]; SPEC: training sequence length "
+            "\\[min(8192, max_seq_len)]; past max_seq_len: priced with a note (RoPE), refused past a learned "
+            "position table or Hyena filter.")] = None,
         output: Annotated[str | None, typer.Option("-o", "--output", help="Write the generated/solved spec here.")] = None,
         force: ForceOpt = False,
         as_json: JsonOpt = False,
@@ -960,6 +974,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
                     fixed=fixed, keep_unfit=True)
     bound = _network_bound(result, plan)
+    seq_note = _seq_note(plan, result.seq)
     train_tokens, source = _training_tokens(spec, tokens, law)
     plotted = plot is not None and result.feasible
     if plotted:
@@ -968,9 +983,9 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     elif plot is not None:
         typer.echo(f"no figure written to {plot}: no layout fits", err=True)
     if as_json:
-        typer.echo(json.dumps(_layout_json(spec, result, train_tokens, source, bound), indent=2))
+        typer.echo(json.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note), indent=2))
     else:
-        _print_layout(spec, result, train_tokens, source, bound)
+        _print_layout(spec, result, train_tokens, source, bound, seq_note)
         if plotted:
             typer.echo(f"figure written to {plot}")
     if not result.feasible:

@@ -316,8 +316,12 @@ def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: flo
         raise ArchplanError(f"--headroom must be in [0, 1), got {headroom}")
     if seq < 1:
         raise ArchplanError(f"--seq must be positive, got {seq}")
-    if seq > plan.max_seq_len:
-        raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len {plan.max_seq_len}")
+    # past max_seq_len a rotary, ALiBi or sinusoidal model is priced as asked (a long-context stage
+    # trains there; `plan` notes that RoPE was not), as `size` does; past a learned position table
+    # or a Hyena filter no position exists
+    limit = plan.position_limit()
+    if limit is not None and seq > limit.positions:
+        raise ArchplanError(f"--seq {seq:,} exceeds {limit.what} of {plan.name} ({limit.field} {limit.positions:,})")
     if settings.grad_reduce not in (None, 2, 4):
         raise ArchplanError(f"gradient reduction must be 2 (bf16) or 4 (fp32) bytes, got {settings.grad_reduce}")
     sequences = round(global_batch_tokens / seq)
