@@ -110,6 +110,8 @@ def _flops_table(r: dict[str, Any]) -> _Section:
                   units.flops(f["decode_elementwise_per_token"]))
     table.add_row(Text("elementwise (analytic only, not in the above)", style="dim"),
                   units.flops(f["elementwise_per_token"]), "")
+    if f["past_max_seq_len"]:
+        table.note = f"{f['convention']}\n{f['past_max_seq_len']}"
     return table
 
 
@@ -275,7 +277,8 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     first = reports[0]
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}. " + first["flops"]["convention"])
-    past = [r["kv_cache"]["past_max_seq_len"] for r in reports if r["kv_cache"]["past_max_seq_len"]]
+    past = [note for r in reports for note in (r["flops"]["past_max_seq_len"], r["kv_cache"]["past_max_seq_len"])
+            if note]
     settings = "\n".join([settings, *past])
     table = _table("Comparison", settings, ("figure", "left"),
                    *[(r["name"], "right") for r in reports])

@@ -158,16 +158,6 @@ def _per_token(value: int, tokens: int) -> int | float:
     return value // tokens if value % tokens == 0 else value / tokens
 
 
-def _past_trained_context(plan: ModelPlan, context: int) -> str | None:
-    """Why a context beyond the spec's max_seq_len deserves a second look, or None
-    (`ModelPlan.past_trained_length`)."""
-    if not plan.past_trained_length(context):
-        return None
-    return (f"context {context:,} is past {plan.name}'s max_seq_len ({plan.max_seq_len:,}): the cache is "
-            "sized as asked, but RoPE was not trained there (give position.scaling and its max_seq_len "
-            "to plan a longer window)")
-
-
 def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dict[str, Any]:
     """Every `size` figure of one spec (the `--json` object)."""
     opts.check()
@@ -257,6 +247,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "decode_per_token": decode.counted,
             "decode_elementwise_per_token": decode.elementwise,
             "decode_context": context,
+            "past_max_seq_len": plan.past_trained_note("seq", seq, "FLOPs and training memory are sized as asked"),
             "convention": FLOPS_CONVENTION,
         },
         "kv_cache": {
@@ -270,7 +261,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "conv_bytes_per_token": kv.conv_bytes_per_token,
             "filter_cache_bytes": kv.filter_cache_bytes,
             "by_component": dict(kv.by_component),
-            "past_max_seq_len": _past_trained_context(plan, context),
+            "past_max_seq_len": plan.past_trained_note("context", context, "the cache is sized as asked"),
             "convention": KV_CONVENTION,
         },
         "memory": {

@@ -250,13 +250,18 @@ class ModelPlan:
             limits.append(PositionLimit(self.max_seq_len, "the learned position table", "max_seq_len"))
         return min(limits, default=None)
 
-    def past_trained_length(self, length: int) -> bool:
-        """Whether `length` positions go past the length a rotary model was trained (or scaled)
-        to. Past it the perplexity rises sharply unless the frequencies are rescaled (Chen et al.
-        2023, position interpolation; Peng et al. 2023, YaRN), which position.scaling states.
-        ALiBi and sinusoidal positions are defined at every length and SSM / long-conv models carry
-        none, so only RoPE counts; a learned table or a Hyena filter ends (`position_limit`)."""
-        return self.position == "rope" and length > self.max_seq_len
+    def past_trained_note(self, what: str, length: int, sized: str) -> str | None:
+        """Why `length` positions deserve a second look, or None: past the length a rotary model
+        was trained (or scaled) to, its perplexity rises sharply unless the frequencies are rescaled
+        (Chen et al. 2023, position interpolation; Peng et al. 2023, YaRN), which position.scaling
+        states. ALiBi and sinusoidal positions are defined at every length and SSM / long-conv
+        models carry none, so only RoPE gets the note; a learned table or a Hyena filter ends
+        (`position_limit`). `what` names the length ("context", "seq"), `sized` what was done."""
+        if self.position != "rope" or length <= self.max_seq_len:
+            return None
+        return (f"{what} {length:,} is past {self.name}'s max_seq_len ({self.max_seq_len:,}): {sized}, but "
+                "RoPE was not trained there (give position.scaling and the new max_seq_len to plan a longer "
+                "window)")
 
 
 def norm_plan(norm: NormSpec) -> NormPlan:

@@ -148,6 +148,15 @@ def test_a_context_past_a_rope_models_length_is_sized_with_a_note() -> None:
     for command in (["size", "llama-2-7b"], ["compare", "mamba-2.8b", "llama-2-7b"]):
         text = runner.invoke(app, [*command, "--context", "65536"], env={"COLUMNS": "300"}).stdout
         assert "RoPE was not trained there" in text and "llama-2-7b's max_seq_len" in text
+    # a training --seq past the length gets the same note, beside the FLOPs (and in compare)
+    flops = size_json("llama-2-7b", "--seq", "16384")["flops"]
+    assert flops["seq_len"] == 16384 and flops["past_max_seq_len"].startswith(
+        "seq 16,384 is past llama-2-7b's max_seq_len (4,096)")
+    assert size_json("llama-2-7b", "--seq", "4096")["flops"]["past_max_seq_len"] is None
+    assert size_json("mamba-2.8b", "--seq", "65536")["flops"]["past_max_seq_len"] is None
+    for command in (["size", "llama-2-7b"], ["compare", "mamba-2.8b", "llama-2-7b"]):
+        text = runner.invoke(app, [*command, "--seq", "16384"], env={"COLUMNS": "300"}).stdout
+        assert "seq 16,384 is past llama-2-7b's max_seq_len" in text
 
 
 def test_ssm_state_and_sliding_window() -> None:

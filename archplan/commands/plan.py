@@ -392,16 +392,6 @@ def _layout_row(e: Evaluated, tokens: float, usable: int,
     }
 
 
-def _seq_note(plan: ModelPlan, seq: int) -> str | None:
-    """A training length past a rotary model's max_seq_len (`ModelPlan.past_trained_length`): priced
-    as asked, as a long-context stage would run it, with what the spec does not say."""
-    if not plan.past_trained_length(seq):
-        return None
-    return (f"seq {seq:,} is past {plan.name}'s max_seq_len ({plan.max_seq_len:,}): priced as asked, but "
-            "RoPE was not trained there; a long-context stage usually rescales it (give position.scaling "
-            "and the new max_seq_len in the spec)")
-
-
 # Where the layout model is known to be optimistic (docs/validation.md): what a user should check.
 ZERO3_CAUTION_RANKS = 384
 
@@ -974,7 +964,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
                     fixed=fixed, keep_unfit=True)
     bound = _network_bound(result, plan)
-    seq_note = _seq_note(plan, result.seq)
+    seq_note = plan.past_trained_note("seq", result.seq, "priced as asked")
     train_tokens, source = _training_tokens(spec, tokens, law)
     plotted = plot is not None and result.feasible
     if plotted:
