@@ -165,12 +165,8 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
     params = count_params(plan)
     context = opts.context if opts.context is not None else plan.max_seq_len
     seq = opts.seq if opts.seq is not None else min(DEFAULT_TRAIN_SEQ, plan.max_seq_len)
-    limit = plan.position_limit()
     for option, length in (("--context", context), ("--seq", seq)):
-        # no position exists past a learned table's rows or a Hyena filter's length
-        if limit is not None and length > limit.positions:
-            raise ArchplanError(f"{length:,} exceeds {limit.what} of {spec.name} ({limit.field} {limit.positions:,})",
-                                field=option)
+        plan.check_length(length, option)
 
     fwd = forward_flops(plan, seq_len=seq, batch=1)
     training = {att: training_flops_per_token(plan, seq, attention=att, recompute="none")

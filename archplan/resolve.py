@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
 
+from archplan.errors import ArchplanError
 from archplan.spec import (
     GLU,
     GQA,
@@ -249,6 +250,15 @@ class ModelPlan:
         if self.position == "learned":
             limits.append(PositionLimit(self.max_seq_len, "the learned position table", "max_seq_len"))
         return min(limits, default=None)
+
+    def check_length(self, length: int, option: str) -> None:
+        """Refuse `length` positions where the model has none (`position_limit`: past a learned
+        table's rows or a Hyena filter). Past max_seq_len elsewhere the model is sized, priced and
+        run as asked; `past_trained_note` says what RoPE was not trained on."""
+        limit = self.position_limit()
+        if limit is not None and length > limit.positions:
+            raise ArchplanError(f"{length:,} exceeds {limit.what} of {self.name} ({limit.field} "
+                                f"{limit.positions:,})", field=option)
 
     def past_trained_note(self, what: str, length: int, sized: str) -> str | None:
         """Why `length` positions deserve a second look, or None: past the length a rotary model

@@ -109,11 +109,17 @@ def test_exit_2_on_a_missing_spec(
     assert err.count("\n") == 1 and "no such file" in err
 
 
-def test_exit_2_when_seq_exceeds_max_seq_len(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+def test_seq_past_max_seq_len_is_verified_with_rope_and_exits_2_past_a_learned_table(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path
 ) -> None:
-    code, _, err = run(monkeypatch, capsys, str(tiny), "--seq", "33")
-    assert code == 2 and "max_seq_len" in err and err.count("\n") == 1
+    """RoPE has a position at every length (ModelPlan.check_length): the model is built and counted
+    there; a learned position table has no row past max_seq_len: one line, exit 2."""
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "33")
+    assert code == 0 and "all figures match exactly" in out
+    learned = tmp_path / "learned.yaml"
+    learned.write_text(TINY_YAML + "position: {kind: learned}\n")
+    code, _, err = run(monkeypatch, capsys, str(learned), "--seq", "33")
+    assert code == 2 and "learned position table" in err and "max_seq_len 32" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

@@ -223,9 +223,7 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
     """Prefill of `plan` at every length of `cfg.lengths` through one built model."""
     device = resolve_device(cfg.device)
     longest = max(cfg.lengths)
-    if plan.position == "learned" and longest > plan.max_seq_len:
-        raise ArchplanError(f"{longest} tokens exceed the learned position table ({plan.max_seq_len})",
-                            field="--seq")
+    plan.check_length(longest, "--seq")
     check_fits(plan, BenchConfig(device=cfg.device, dtype=cfg.dtype, batch=cfg.batch, seq=longest,
                                  decode_tokens=0, layers=cfg.layers), free_memory(device))
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)

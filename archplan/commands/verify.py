@@ -25,7 +25,6 @@ from rich.table import Table
 from archplan import units
 from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
-from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
 from archplan.resolve import ModelPlan, resolve
@@ -151,8 +150,7 @@ def verify_model(
 def _seq_len(plan: ModelPlan, seq: int | None) -> int:
     if seq is None:
         return min(DEFAULT_SEQ, plan.max_seq_len)
-    if seq > plan.max_seq_len:
-        raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
+    plan.check_length(seq, "--seq")
     return seq
 
 

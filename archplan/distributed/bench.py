@@ -24,8 +24,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
                  warmup: int, steps: int, as_json: bool, device: str = "auto") -> None:
     plan = resolve(load_spec(spec))
     layout = given_layout(plan, layout_text, seq, "bench")
-    if seq > plan.max_seq_len:
-        raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
+    plan.check_length(seq, "--seq")
     m = microbatches or layout.pp
     if under_launcher():
         result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)

@@ -27,8 +27,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
     plan = resolve(load_spec(spec))
     if layers is not None:
         plan = truncate(plan, layers)  # the truncated model itself is compared, not extrapolated
-    if seq > plan.max_seq_len:
-        raise ArchplanError(f"--seq {seq} exceeds the spec's max_seq_len ({plan.max_seq_len})")
+    plan.check_length(seq, "--seq")
     result = train_bench(plan, device=device, dtype=dtype, batch=batch, seq=seq, recompute=recompute,  # type: ignore[arg-type]
                          iters=iters)
     if as_json:

@@ -316,12 +316,7 @@ def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: flo
         raise ArchplanError(f"--headroom must be in [0, 1), got {headroom}")
     if seq < 1:
         raise ArchplanError(f"--seq must be positive, got {seq}")
-    # past max_seq_len a rotary, ALiBi or sinusoidal model is priced as asked (a long-context stage
-    # trains there; `plan` notes that RoPE was not), as `size` does; past a learned position table
-    # or a Hyena filter no position exists
-    limit = plan.position_limit()
-    if limit is not None and seq > limit.positions:
-        raise ArchplanError(f"--seq {seq:,} exceeds {limit.what} of {plan.name} ({limit.field} {limit.positions:,})")
+    plan.check_length(seq, "--seq")  # past max_seq_len a long-context stage is priced as asked
     if settings.grad_reduce not in (None, 2, 4):
         raise ArchplanError(f"gradient reduction must be 2 (bf16) or 4 (fp32) bytes, got {settings.grad_reduce}")
     sequences = round(global_batch_tokens / seq)
