@@ -31,7 +31,15 @@ sys.path.insert(0, str(HERE))
 import published_runs  # noqa: E402  (benchmarks/ is not a package)
 from archplan.analytic import count_params  # noqa: E402
 from archplan.hardware import accelerator  # noqa: E402
-from archplan.planning.accuracy import HeldOutAccuracy, family, label, summarize  # noqa: E402
+from archplan.planning.accuracy import (  # noqa: E402
+    ENGINE_RUNS,
+    MIN_ENGINE_RUNS,
+    HeldOutAccuracy,
+    family,
+    label,
+    summarize,
+)
+from archplan.planning.cluster import STATES, Engine  # noqa: E402
 from archplan.resolve import resolve  # noqa: E402
 from archplan.spec import Spec  # noqa: E402
 
@@ -137,42 +145,61 @@ def tables(found: list[Row]) -> dict[str, dict[str, float]]:
         "all": summary(found)}
 
 
-def held_out_errors(found: list[Row],
-                    published: list[published_runs.Row]) -> dict[str, tuple[list[float], str]]:
-    """Per kernel-efficiency family, the signed error of every held-out run, each once (these rows,
-    then published_runs.yaml's held-out rows, `published`, but its MPT ones), and the GPUs they
-    ran on."""
+def held_out_errors(found: list[Row], published: list[published_runs.Row]
+                    ) -> dict[tuple[str, Engine], tuple[list[float], set[str]]]:
+    """Per kernel-efficiency family and engine of the run's states (`StatesConvention.engine`), the
+    signed error of every held-out run, each once (these rows, then published_runs.yaml's held-out
+    rows, `published`, but its MPT ones), and the GPUs they ran on."""
     runs = {run["name"]: run for run in published_runs.load()["runs"]}
-    errors: dict[str, list[float]] = {}
-    gpus: dict[str, set[str]] = {}
+    errors: dict[tuple[str, Engine], tuple[list[float], set[str]]] = {}
 
-    def add(gpu_name: str, error: float) -> None:
+    def add(gpu_name: str, states: str, error: float) -> None:
         gpu = accelerator(gpu_name)
-        errors.setdefault(family(gpu), []).append(error)
-        gpus.setdefault(family(gpu), set()).add(label(gpu))
+        found_errors, gpus = errors.setdefault((family(gpu), STATES[states].engine), ([], set()))
+        found_errors.append(error)
+        gpus.add(label(gpu))
 
+    states = load()["settings"]["states"]
     for r in found:
-        add(r.gpu, r.error)
+        add(r.gpu, states, r.error)
     for row in published:
         if row.holdout and row.error is not None and not row.name.startswith(DUPLICATE_PREFIX):
-            add(runs[row.name]["gpu"], row.error)
-    return {key: (errors[key], "/".join(sorted(gpus[key]))) for key in errors}
+            run = runs[row.name]
+            add(run["gpu"], run.get("states", "megatron"), row.error)
+    return errors
 
 
 def accuracy(found: list[Row], published: list[published_runs.Row]) -> dict[str, HeldOutAccuracy]:
     """Per family, then of every held-out run (key "every family")."""
-    groups = held_out_errors(found, published)
+    groups: dict[str, tuple[list[float], set[str]]] = {}
+    for (key, _), (errors, gpus) in held_out_errors(found, published).items():
+        family_errors, family_gpus = groups.setdefault(key, ([], set()))
+        family_errors.extend(errors)
+        family_gpus.update(gpus)
     every = [e for errors, _ in groups.values() for e in errors]
-    names = sorted({name for _, gpus in groups.values() for name in gpus.split("/")})
-    return {key: summarize(errors, gpus) for key, (errors, gpus) in groups.items()} | {
+    names = sorted({name for _, gpus in groups.values() for name in gpus})
+    return {key: summarize(errors, "/".join(sorted(gpus))) for key, (errors, gpus) in groups.items()} | {
         "every family": summarize(every, "/".join(names))}
 
 
+def engine_accuracy(found: list[Row], published: list[published_runs.Row]
+                    ) -> dict[tuple[str, Engine], HeldOutAccuracy]:
+    """Per family and engine, where a family has at least MIN_ENGINE_RUNS runs of that engine."""
+    return {key: summarize(errors, "/".join(sorted(gpus)), key[1])
+            for key, (errors, gpus) in held_out_errors(found, published).items()
+            if len(errors) >= MIN_ENGINE_RUNS}
+
+
+def _line(key: str, a: HeldOutAccuracy) -> str:
+    return (f"held out, {key} ({a.gpus}): {a.runs} runs, median |error| {a.median:.1%}, nine in ten "
+            f"within ±{a.p90:.1%} (between {a.low:+.1%} and {a.high:+.1%}), median error {a.bias:+.1%}")
+
+
 def held_out_lines(found: list[Row]) -> list[str]:
-    figures = accuracy(found, published_runs.rows(with_search=False))
-    return [f"held out, {key} ({a.gpus}): {a.runs} runs, median |error| {a.median:.1%}, nine in ten "
-            f"within ±{a.p90:.1%} (between {a.low:+.1%} and {a.high:+.1%}), median error {a.bias:+.1%}"
-            for key, a in figures.items()]
+    published = published_runs.rows(with_search=False)
+    return ([_line(key, a) for key, a in accuracy(found, published).items()]
+            + [_line(f"{key}, {ENGINE_RUNS[engine]}", a)
+               for (key, engine), a in engine_accuracy(found, published).items()])
 
 
 def markdown(found: list[Row]) -> None:
@@ -201,10 +228,13 @@ def main() -> None:
         print("\n" + "\n".join(held_out_lines(found)))
         return
     if args.json:
+        published = published_runs.rows(with_search=False)
         print(json.dumps({"rows": [asdict(r) | {"error": r.error} for r in found],
                           "tables": tables(found),
-                          "held_out": {key: a.as_dict() for key, a in accuracy(
-                              found, published_runs.rows(with_search=False)).items()}}, indent=2))
+                          "held_out": {key: a.as_dict() for key, a in accuracy(found, published).items()},
+                          "held_out_by_engine": [a.as_dict() | {"family": key}
+                                                 for (key, _), a in engine_accuracy(found, published).items()]},
+                         indent=2))
         return
     print(" | ".join(("row", "ckpt", "published", "predicted", "error", "fits", "GiB", "MFU", "params")))
     for r in found:

@@ -732,32 +732,41 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Beside the calibrated model's figures, how close its GPU family's constants came on runs
     they were not calibrated on (archplan/planning/accuracy.py; tests/test_mosaicml_benchmarks.py
-    keeps the figures current); a GPU outside every family gets the uncalibrated runs' figures."""
-    from archplan.planning.accuracy import HELD_OUT, UNCALIBRATED
+    keeps the figures current): the runs of the family on the engine the states run on where there
+    are enough of them, else the family's; a GPU outside every family gets the uncalibrated runs'."""
+    from archplan.planning.accuracy import HELD_OUT, HELD_OUT_BY_ENGINE, UNCALIBRATED
 
-    for gpu, family, same in (("h100", "hopper", True), ("h200", "hopper", True), ("a100", "ampere", True),
-                              ("b200", UNCALIBRATED, True), ("mi300x", UNCALIBRATED, False)):
-        args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--gpu", gpu)
+    for gpu, states, a, same in (
+            ("h100", "megatron", HELD_OUT_BY_ENGINE["hopper", "megatron"], True),
+            ("h100", "fsdp2", HELD_OUT_BY_ENGINE["hopper", "torch"], True),
+            ("h100", "deepspeed", HELD_OUT_BY_ENGINE["hopper", "megatron"], True),
+            ("h200", "zero", HELD_OUT_BY_ENGINE["hopper", "megatron"], True),
+            ("a100", "megatron", HELD_OUT_BY_ENGINE["ampere", "megatron"], True),
+            ("a100", "fsdp2", HELD_OUT_BY_ENGINE["ampere", "torch"], True),
+            # too few B200 runs to split (6, all Megatron-style): the family's, whatever the engine
+            ("b200", "fsdp2", HELD_OUT[UNCALIBRATED], True),
+            ("mi300x", "megatron", HELD_OUT[UNCALIBRATED], False)):
+        args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--gpu", gpu, "--states", states)
         code, out, _ = run(capsys, monkeypatch, *args, "--json")
         r = json.loads(out)
-        assert code == 0 and r["accuracy"] == {**HELD_OUT[family].as_dict(), "gpu_in_runs": same}
-        a = HELD_OUT[family]
+        assert code == 0 and r["accuracy"] == {**a.as_dict(), "gpu_in_runs": same}
         best = r["layouts"][0]
         # the duration the held-out runs bracket: measured time = predicted × (1 + error)
         days = best["training_days"]
         assert best["training_days_range"] == ([days * (1 + a.low), days * (1 + a.high)] if same else None)
         code, out, _ = run(capsys, monkeypatch, *args)
         text = " ".join(out.split())
-        spread = (f"held-out spread: nine in ten of the {a.runs} held-out {a.gpus} runs took {1 + a.low:.2f}× "
-                  f"to {1 + a.high:.2f}× the time predicted for them; for layout 1, {days * (1 + a.low):.1f} d "
-                  f"to {days * (1 + a.high):.1f} d ({days:.1f} d predicted)")
+        stacks = {None: "", "megatron": " on Megatron-style stacks", "torch": " on PyTorch FSDP stacks"}[a.engine]
+        spread = (f"held-out spread: nine in ten of the {a.runs} held-out {a.gpus} runs{stacks} took "
+                  f"{1 + a.low:.2f}× to {1 + a.high:.2f}× the time predicted for them; for layout 1, "
+                  f"{days * (1 + a.low):.1f} d to {days * (1 + a.high):.1f} d ({days:.1f} d predicted)")
         assert (spread in text) is same
-        assert code == 0 and f"on {a.runs} published {a.gpus} runs held out from calibration" in text
+        assert code == 0 and f"on {a.runs} published {a.gpus} runs{stacks} held out from calibration" in text
         assert f"±{a.median:.1%}" in text and f"±{a.p90:.1%} for nine in ten" in text
         # another vendor's GPU is told that no run of its own judged the constants
         assert ("no published run on the AMD Instinct MI300X 192GB was held out" in text) is not same
         # the efficiency line's bracketed tag survives rich's markup
-        assert ("[not calibrated on this GPU]" in text) is (family == UNCALIBRATED)
+        assert ("[not calibrated on this GPU]" in text) is (gpu in ("b200", "mi300x"))
 
 
 @pytest.mark.parametrize("mode", [["llama-3-8b", "--gpus", "8"], ["--compute", "1e24"],

@@ -70,8 +70,9 @@ def test_a_row_is_a_published_runs_run(bench: Any) -> None:
 def test_held_out_accuracy_is_what_plan_prints(bench: Any, rows: list[Any]) -> None:
     """archplan/planning/accuracy.py's figures are the held-out runs' on the model as it stands, per
     GPU family: these 216 rows and published_runs.yaml's held-out rows, its 23 MPT rows counted
-    once (each is a row of these tables: the same published figure, a prediction within 1%)."""
-    from archplan.planning.accuracy import HELD_OUT
+    once (each is a row of these tables: the same published figure, a prediction within 1%); and
+    the same runs per family and engine, where there are enough of them."""
+    from archplan.planning.accuracy import HELD_OUT, HELD_OUT_BY_ENGINE, MIN_ENGINE_RUNS
 
     published = bench.published_runs.rows(with_search=False)
     duplicates = [r for r in published if r.holdout and r.name.startswith(bench.DUPLICATE_PREFIX)]
@@ -83,13 +84,20 @@ def test_held_out_accuracy_is_what_plan_prints(bench: Any, rows: list[Any]) -> N
     found = bench.accuracy(rows, published)
     assert found.pop("every family").runs == 259
     assert found == HELD_OUT
+    assert bench.engine_accuracy(rows, published) == HELD_OUT_BY_ENGINE
+    # the engines split each family's runs; a family's engine below MIN_ENGINE_RUNS is left out
+    groups = bench.held_out_errors(rows, published)
+    assert sum(len(errors) for errors, _ in groups.values()) == 259
+    assert {key for key, (errors, _) in groups.items() if len(errors) < MIN_ENGINE_RUNS} == {
+        ("uncalibrated", "megatron")}
 
 
 def test_the_docs_quote_the_printed_accuracy() -> None:
-    """README.md, docs/plan.md and docs/validation.md quote the figures `plan` prints."""
+    """README.md, docs/plan.md and docs/validation.md quote the figures `plan` prints; the two docs
+    also the per-engine ones."""
     from pathlib import Path
 
-    from archplan.planning.accuracy import HELD_OUT, UNCALIBRATED
+    from archplan.planning.accuracy import HELD_OUT, HELD_OUT_BY_ENGINE, UNCALIBRATED
 
     root = Path(__file__).resolve().parent.parent
     for doc in ("README.md", "docs/plan.md", "docs/validation.md"):
@@ -98,3 +106,7 @@ def test_the_docs_quote_the_printed_accuracy() -> None:
             if family == UNCALIBRATED and doc == "README.md":
                 continue  # the README quotes the calibrated families
             assert f"±{a.median:.1%}" in text and f"±{a.p90:.1%}" in text, (doc, family)
+        if doc != "README.md":
+            for key, a in HELD_OUT_BY_ENGINE.items():
+                assert (f"±{a.median:.1%}" in text and f"±{a.p90:.1%}" in text
+                        and f"{a.low:+.1%} … {a.high:+.1%}".replace("-", "−") in text), (doc, key)

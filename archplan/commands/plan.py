@@ -479,13 +479,14 @@ def _efficiency_text(result: SearchResult) -> str:
 
 
 def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
-    """The held-out accuracy of the GPU's family constants; none under `--efficiency`, whose GEMM
+    """The held-out accuracy of the GPU's family constants, on the runs of the engine the states
+    run on where the family has enough (`accuracy.for_plan`); none under `--efficiency`, whose GEMM
     and attention rates are the user's, not the ones validated."""
-    from archplan.planning.accuracy import HELD_OUT, family
+    from archplan.planning.accuracy import for_plan
 
     if result.settings.efficiency is not None:
         return None
-    return HELD_OUT[family(result.gpu)]
+    return for_plan(result.gpu, result.settings.states.engine)
 
 
 def _time_spread(result: SearchResult) -> tuple[float, float] | None:
@@ -722,7 +723,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                      if result.settings.precision == "fp8" else ""))
     if accuracy and (spread := _time_spread(result)):
         days = training_days(best, tokens)
-        console.print(f"held-out spread: nine in ten of the {accuracy.runs} held-out {accuracy.gpus} runs "
+        console.print(f"held-out spread: nine in ten of the {accuracy.described('held-out')} "
                       f"took {spread[0]:.2f}× to {spread[1]:.2f}× the time predicted for them; for layout 1, "
                       f"{duration(days * spread[0])} to {duration(days * spread[1])} ({duration(days)} predicted)")
 

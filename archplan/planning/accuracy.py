@@ -8,7 +8,13 @@ The held-out runs: tests/fixtures/published_runs.yaml's held-out rows (other fra
 generations and sequence lengths than the calibration runs) and every row of MosaicML's benchmark
 tables (tests/fixtures/mosaicml_benchmarks.yaml), each run counted once. They are grouped by the
 kernel-efficiency family their GPU is priced with (`hardware.FAMILY_OF`), as a family's constants
-are what the figures judge; GPUs outside every family fall under `UNCALIBRATED`."""
+are what the figures judge; GPUs outside every family fall under `UNCALIBRATED`.
+
+Within a family the runs differ by stack, and so does the model's error: on Hopper the runs on
+Megatron-style engines (NeMo, Megatron-Bridge, DeepSeek's) lean +2%, the PyTorch FSDP runs
+(Composer's) +8% with a wider spread (docs/validation.md). So `plan` quotes the runs
+of the engine its `--states` runs on (`StatesConvention.engine`, `HELD_OUT_BY_ENGINE`) where a family
+has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise."""
 
 from __future__ import annotations
 
@@ -17,9 +23,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from archplan.hardware import FAMILY_OF, Accelerator
+from archplan.planning.cluster import Engine
 from archplan.units import percent
 
 UNCALIBRATED = "uncalibrated"
+# fewer runs than this say too little about a spread's 5th and 95th percentiles to stand in for the
+# family's figures
+MIN_ENGINE_RUNS = 10
+# how the sentence names the runs of each engine
+ENGINE_RUNS: dict[Engine, str] = {"megatron": "Megatron-style", "torch": "PyTorch FSDP"}
 
 
 def family(gpu: Accelerator) -> str:
@@ -50,17 +62,24 @@ class HeldOutAccuracy:
     low: float  # the 5th and 95th percentiles of the signed error: nine runs in ten between them
     high: float
     gpus: str  # the GPUs those runs used, for the sentence
+    engine: Engine | None = None  # the runs of one engine only (None: all of the family's)
+
+    def described(self, kind: str) -> str:
+        """The runs, for a sentence: "98 published H100/H800 runs", "21 held-out H100/H800 runs on
+        Megatron-style stacks" (`kind` "published" or "held-out")."""
+        return (f"{self.runs} {kind} {self.gpus} runs"
+                + (f" on {ENGINE_RUNS[self.engine]} stacks" if self.engine else ""))
 
     def text(self) -> str:
         leaning = "optimistic" if self.bias > 0 else "pessimistic" if self.bias < 0 else "no lean"
-        return (f"accuracy: on {self.runs} published {self.gpus} runs held out from calibration, tokens/s "
+        return (f"accuracy: on {self.described('published')} held out from calibration, tokens/s "
                 f"per GPU within ±{percent(self.median)} of the measured for half, ±{percent(self.p90)} "
                 f"for nine in ten (median error {self.bias:+.1%}, {leaning}; docs/validation.md)")
 
-    def as_dict(self) -> dict[str, float | int | str]:
-        return {"held_out_runs": self.runs, "gpus": self.gpus, "median_abs_error": self.median,
-                "p90_abs_error": self.p90, "median_error": self.bias, "p05_error": self.low,
-                "p95_error": self.high}
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        return {"held_out_runs": self.runs, "gpus": self.gpus, "engine": self.engine,
+                "median_abs_error": self.median, "p90_abs_error": self.p90, "median_error": self.bias,
+                "p05_error": self.low, "p95_error": self.high}
 
     def time_range(self) -> tuple[float, float]:
         """The factors on a predicted duration between which nine held-out runs in ten fell: an
@@ -69,14 +88,20 @@ class HeldOutAccuracy:
         return 1 + self.low, 1 + self.high
 
 
-def summarize(errors: Sequence[float], gpus: str) -> HeldOutAccuracy:
+def summarize(errors: Sequence[float], gpus: str, engine: Engine | None = None) -> HeldOutAccuracy:
     """The accuracy figures of signed errors (predicted / published − 1), rounded as stored."""
     magnitudes = [abs(e) for e in errors]
     p90 = statistics.quantiles(magnitudes, n=10, method="inclusive")[-1]
     ventiles = statistics.quantiles(errors, n=20, method="inclusive")
     return HeldOutAccuracy(len(errors), round(statistics.median(magnitudes), 3), round(p90, 3),
                            round(statistics.median(errors), 3), round(ventiles[0], 3),
-                           round(ventiles[-1], 3), gpus)
+                           round(ventiles[-1], 3), gpus, engine)
+
+
+def for_plan(gpu: Accelerator, engine: Engine) -> HeldOutAccuracy:
+    """The figures `plan` quotes for a layout on `gpu` under states that run on `engine`: those
+    runs of the family where it has enough of them, else the whole family's."""
+    return HELD_OUT_BY_ENGINE.get((family(gpu), engine), HELD_OUT[family(gpu)])
 
 
 # benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-01)
@@ -87,4 +112,16 @@ HELD_OUT: dict[str, HeldOutAccuracy] = {
                               gpus="H100/H800"),
     UNCALIBRATED: HeldOutAccuracy(runs=6, median=0.021, p90=0.078, bias=0.019, low=-0.008, high=0.1,
                                   gpus="B200"),
+}
+# benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-01): the
+# same runs split by the engine of their states; the B200 runs (6, all Megatron-style) are too few
+HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
+    ("ampere", "megatron"): HeldOutAccuracy(runs=13, median=0.059, p90=0.173, bias=0.059, low=-0.026,
+                                            high=0.183, gpus="A100", engine="megatron"),
+    ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.051, p90=0.132, bias=0.002, low=-0.133,
+                                         high=0.131, gpus="A100", engine="torch"),
+    ("hopper", "megatron"): HeldOutAccuracy(runs=21, median=0.066, p90=0.127, bias=0.022, low=-0.165,
+                                            high=0.073, gpus="H100/H800", engine="megatron"),
+    ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.09, p90=0.224, bias=0.079, low=-0.142,
+                                         high=0.22, gpus="H100", engine="torch"),
 }
