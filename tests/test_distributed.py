@@ -84,6 +84,7 @@ def _all_exact(spec: str, layout: str, seq: int = 32, microbatches: int = 1) -> 
         if row.judged == "exact":
             assert row.ok and row.measured > 0, row
     assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
+    assert result.copies_ok, (result.copy_bytes, result.measured.fsdp2_copy_bytes)
     return result
 
 
@@ -95,6 +96,33 @@ def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> N
     for row in result.collectives:
         if row.mesh_dim in ("dp", "pp"):
             assert row.ok, row
+
+
+@pytest.mark.parametrize(("spec", "layout", "microbatches"), [
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=4,ep=1,zero=3,recompute=full,mb=1", 2),
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=4,ep=1,zero=2,recompute=none,mb=1", 2),
+    # ZeRO-1 over two micro-batches: the gradients accumulate unsharded in fp32, so the copy-in
+    # reads 4 B per element; over one they are copied in as they come, at 2 B
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1", 2),
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1", 1),
+    # replicate (ZeRO-0): no gathers; the gradients are copied in before the all-reduce
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=4,ep=1,zero=0,recompute=none,mb=1", 2),
+    # an odd vocabulary: FSDP2 pads the embedding's dim 0; the copy-in reads the unpadded gradient
+    ("tiny-gpt-odd-vocab.yaml", "tp=1,cp=1,pp=1,dp=4,ep=1,zero=3,recompute=none,mb=1", 1),
+    ("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=4,ep=2,zero=3,recompute=full,mb=1", 2),
+], ids=["zero3-full", "zero2", "zero1-accumulated", "zero1-one-microbatch", "zero0-replicate", "odd-vocab",
+        "moe-ep2"])
+def test_fake_verify_fsdp2_copies_exact(fake_world: None, spec: str, layout: str, microbatches: int) -> None:
+    """The bytes FSDP2's copy ops read and write around its collectives (`split_with_sizes_copy`
+    after each all-gather, `chunk_cat` before each reduction), counted on torch's FSDP2, equal
+    `pricing.fsdp2_copy_bytes` of the analytic records: what `plan` prices under --states fsdp2."""
+    from archplan.distributed.check import check_layout_run
+
+    result = check_layout_run(resolve(load_spec(FIXTURES / spec)), parse_layout(layout).complete(), 32,
+                              microbatches=microbatches)
+    assert result.measured.fsdp2_copy_bytes > 0
+    assert result.copies_ok, (result.copy_bytes, result.measured.fsdp2_copy_bytes)
+    assert result.to_json()["fsdp2_copy_bytes"]["ok"] is True
 
 
 def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:

@@ -7,7 +7,9 @@
   `cluster`, what SDPA is on CPU: no s×s probabilities kept). Plain torch autograd keeps tensors the
   analytic per-tensor model of fused kernels does not (the GLU's act(gate), fp32 norm copies);
 - collectives: the tally of (kind, mesh dim, group size, bytes) → calls, exact on both sides:
-  every call the model prices is seen, every call seen is priced.
+  every call the model prices is seen, every call seen is priced;
+- FSDP2's copies around them (the gathered parameters copied out, the gradients copied into the
+  reduce buffer): the bytes its copy ops read and write, exact (`pricing.fsdp2_copy_bytes`).
 Temporary and collective buffers are shown, not judged (the tracker's peak of transient copies):
 their rows carry no verdict (`ok` None, JSON null, a neutral mark) and count toward none.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from archplan.distributed.fake import Measured, measure
 from archplan.planning import cluster
 from archplan.planning.layout import Layout
+from archplan.planning.pricing import fsdp2_copy_bytes
 from archplan.planning.records import MEMORY_CATEGORIES, Collective, RankMemory, tally
 from archplan.resolve import ModelPlan
 
@@ -66,10 +69,16 @@ class LayoutCheck:
     measured: Measured
     memory: tuple[MemoryRow, ...]
     collectives: tuple[CollectiveRow, ...]
+    copy_bytes: int  # analytic FSDP2 copy bytes per step (`pricing.fsdp2_copy_bytes`)
+
+    @property
+    def copies_ok(self) -> bool:
+        return self.copy_bytes == self.measured.fsdp2_copy_bytes
 
     @property
     def ok(self) -> bool:
-        return all(r.ok is not False for r in self.memory) and all(r.ok for r in self.collectives)
+        return (all(r.ok is not False for r in self.memory) and all(r.ok for r in self.collectives)
+                and self.copies_ok)
 
     def to_json(self) -> dict[str, object]:
         m = self.measured
@@ -83,6 +92,8 @@ class LayoutCheck:
             "collectives": [{"kind": r.kind, "mesh_dim": r.mesh_dim, "group_size": r.group_size,
                              "bytes": r.bytes, "analytic": r.analytic, "measured": r.measured,
                              "ok": r.ok} for r in self.collectives],
+            "fsdp2_copy_bytes": {"analytic": self.copy_bytes, "measured": m.fsdp2_copy_bytes,
+                                 "ok": self.copies_ok},
         }
 
 
@@ -106,5 +117,6 @@ def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
     analytic_calls = cluster.step_collectives(plan, layout, seq, microbatches=microbatches, stage=stage,
                                               states=states, grad_reduce=REDUCE_BYTES)
     measured = measure(plan, layout, seq, microbatches=microbatches, stage=stage)
+    copies = fsdp2_copy_bytes(analytic_calls, states, REDUCE_BYTES, cluster._fsdp_accumulates(layout, microbatches))
     return LayoutCheck(plan.name, measured, _memory_rows(analytic_memory, measured.memory),
-                       _collective_rows(analytic_calls, measured.collectives))
+                       _collective_rows(analytic_calls, measured.collectives), copies)

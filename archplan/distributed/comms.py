@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+import torch.distributed.fsdp  # noqa: F401  (importing FSDP2 registers torch.ops.fsdp, its copy ops)
 from torch._C._distributed_c10d import ProcessGroup
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
@@ -65,6 +66,13 @@ _OPS: dict[Any, tuple[CollectiveKind, int, int]] = {
     _c.recv_.default: ("recv", 0, 1),
 }
 _GATHER_FROM_INPUT = {_f.all_gather_into_tensor.default, _f.all_gather_into_tensor_coalesced.default}
+# FSDP2's copies around its collectives, each reading its first argument and writing `out`:
+# `foreach_all_gather_copy_out` (the gathered buffer into the unsharded parameters, after an
+# all-gather) and `foreach_reduce`'s copy-in (the unsharded gradients into the reduction's buffer,
+# before it); what `pricing.fsdp2_copy_bytes` prices
+_COPY_OUT = torch.ops.fsdp.split_with_sizes_copy.default
+_COPY_IN = torch.ops.fsdp.chunk_cat.default
+_DP_DIMS: tuple[MeshDim, ...] = ("dp", "dp_cp", "expert_dp")
 
 
 def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...], functional: bool) -> MeshDim:
@@ -93,6 +101,11 @@ class CollectiveRecorder(TorchDispatchMode):
         self.dims_by_group = dims_by_group
         self.group_sizes = group_sizes
         self.calls: Counter[tuple[CollectiveKind, MeshDim, int, int, str]] = Counter()
+        self.copy_bytes = 0  # HBM bytes FSDP2's copy ops read and write (`_COPY_OUT`, `_COPY_IN`)
+        # the last copy-in's bytes, counted when a data-parallel reduction that moves bytes follows
+        # it: FSDP2 copies the gradients in over a one-rank group too (dp = 1), where no collective
+        # runs and, as for the collectives, the model records nothing
+        self._copy_in = 0
         self.enabled = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -101,13 +114,20 @@ class CollectiveRecorder(TorchDispatchMode):
             # on the stack, so the collectives its op handlers issue inside an op (loss_parallel's
             # all-reduces of the max, the sum of exponentials and the target logit) are seen
             return NotImplemented
-        self.count(func, args)
+        self.count(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
-    def count(self, func: Any, args: tuple[Any, ...]) -> None:
-        """Record `func` if it is a collective: what the mode does for each op, callable from
-        another mode's dispatch (`fake.StepTracker` counts in its own, one Python mode per op
-        fewer)."""
+    def count(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record `func` if it is a collective or one of FSDP2's copies: what the mode does for each
+        op, callable from another mode's dispatch (`fake.StepTracker` counts in its own, one Python
+        mode per op fewer)."""
+        if func in (_COPY_OUT, _COPY_IN) and self.enabled:
+            moved = _nbytes(args[0]) + _nbytes(kwargs["out"])
+            if func is _COPY_OUT:
+                self.copy_bytes += moved  # only after an all-gather (FSDP2 gathers nothing over one rank)
+            else:
+                self._copy_in = moved
+            return
         entry = _OPS.get(func)
         if entry is not None and self.enabled:
             kind, tensor_at, group_at = entry
@@ -120,6 +140,9 @@ class CollectiveRecorder(TorchDispatchMode):
             nbytes = _nbytes(args[tensor_at]) * (size if func in _GATHER_FROM_INPUT else 1)
             dim = _dim(kind, self.dims_by_group[name], func.namespace == "_c10d_functional")
             self.calls[(kind, dim, size, nbytes, func.__name__)] += 1
+            if kind in ("reduce_scatter", "all_reduce") and dim in _DP_DIMS and size > 1:
+                self.copy_bytes += self._copy_in
+                self._copy_in = 0
 
     def records(self) -> tuple[Collective, ...]:
         return tuple(Collective(kind, dim, size, nbytes, count, what=op)

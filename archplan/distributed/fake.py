@@ -94,6 +94,7 @@ class Measured:
     peak_by_reftype: dict[str, int]
     adam_step_bytes: int
     collectives: tuple[Collective, ...]
+    fsdp2_copy_bytes: int  # what FSDP2's copy ops around its collectives read and wrote
 
 
 @contextmanager
@@ -563,7 +564,7 @@ class StepTracker(RecomputeAsActivations):
                 self._update_peak_stats(None)
             return device
         if self.recorder is not None:
-            self.recorder.count(func, args)
+            self.recorder.count(func, args, kwargs or {})
         if func is _WAIT_TENSOR and active is not None:
             res = args[0]  # torch's override of the wait's meta function (a new tensor)
         else:
@@ -669,4 +670,4 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     layers = tuple(int(i) for c in chunks for i in c.stage.layers)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
                     layers, replace(memory, optimizer=memory.optimizer - steps),
-                    {_name(k): v for k, v in peak.items()}, steps, recorder.records())
+                    {_name(k): v for k, v in peak.items()}, steps, recorder.records(), recorder.copy_bytes)

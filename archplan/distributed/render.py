@@ -59,6 +59,9 @@ def render(result: LayoutCheck, console: Console) -> None:
         calls.add_row(c.kind, c.mesh_dim, str(c.group_size), f"{c.bytes:,}", str(c.analytic), str(c.measured),
                       OK if c.ok else BAD)
     console.print(calls)
+    console.print(f"FSDP2's copies around them (gathered parameters out, gradients into the reduce buffer), "
+                  f"bytes per step: analytic {result.copy_bytes:,}, measured {m.fsdp2_copy_bytes:,} "
+                  + (OK if result.copies_ok else BAD))
     console.print(OK + " all match" if result.ok else BAD + " measured and analytic differ (see ✗ rows)")
 
 

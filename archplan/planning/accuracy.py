@@ -12,7 +12,7 @@ are what the figures judge; GPUs outside every family fall under `UNCALIBRATED`.
 
 Within a family the runs differ by stack, and so does the model's error: on Hopper the runs on
 Megatron-style engines (NeMo, Megatron-Bridge, DeepSeek's) lean +2%, the PyTorch FSDP runs
-(Composer's) +8% with a wider spread (docs/validation.md). So `plan` quotes the runs
+(Composer's) +6% with a wider spread (docs/validation.md). So `plan` quotes the runs
 of the engine its `--states` runs on (`StatesConvention.engine`, `HELD_OUT_BY_ENGINE`) where a family
 has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise."""
 
@@ -106,9 +106,9 @@ def for_plan(gpu: Accelerator, engine: Engine) -> HeldOutAccuracy:
 
 # benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-01)
 HELD_OUT: dict[str, HeldOutAccuracy] = {
-    "ampere": HeldOutAccuracy(runs=155, median=0.051, p90=0.134, bias=0.006, low=-0.131, high=0.134,
+    "ampere": HeldOutAccuracy(runs=155, median=0.048, p90=0.134, bias=-0.004, low=-0.136, high=0.128,
                               gpus="A100"),
-    "hopper": HeldOutAccuracy(runs=98, median=0.079, p90=0.216, bias=0.057, low=-0.175, high=0.216,
+    "hopper": HeldOutAccuracy(runs=98, median=0.067, p90=0.18, bias=0.046, low=-0.175, high=0.179,
                               gpus="H100/H800"),
     UNCALIBRATED: HeldOutAccuracy(runs=6, median=0.021, p90=0.078, bias=0.019, low=-0.008, high=0.1,
                                   gpus="B200"),
@@ -118,10 +118,10 @@ HELD_OUT: dict[str, HeldOutAccuracy] = {
 HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
     ("ampere", "megatron"): HeldOutAccuracy(runs=13, median=0.059, p90=0.173, bias=0.059, low=-0.026,
                                             high=0.183, gpus="A100", engine="megatron"),
-    ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.051, p90=0.132, bias=0.002, low=-0.133,
-                                         high=0.131, gpus="A100", engine="torch"),
+    ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.047, p90=0.126, bias=-0.011, low=-0.138,
+                                         high=0.105, gpus="A100", engine="torch"),
     ("hopper", "megatron"): HeldOutAccuracy(runs=21, median=0.066, p90=0.127, bias=0.022, low=-0.165,
                                             high=0.073, gpus="H100/H800", engine="megatron"),
-    ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.09, p90=0.224, bias=0.079, low=-0.142,
-                                         high=0.22, gpus="H100", engine="torch"),
+    ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.071, p90=0.19, bias=0.057, low=-0.166,
+                                         high=0.187, gpus="H100", engine="torch"),
 }

@@ -1094,7 +1094,7 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
         grads = ("all_reduce", n * grad_reduce) if zero == 0 else ("reduce_scatter", padded * grad_reduce)
         grad_calls = m if zero >= 2 else 1
         out.append(Collective(grads[0], mesh, size, grads[1], grad_calls,  # type: ignore[arg-type]
-                              f"{label} gradients (DP)", overlappable))
+                              f"{label} gradients (DP)", overlappable, unpadded=n))
         if zero == 3 and fetches is not None:
             for times, elements in sorted(fetches.items()):
                 gathered = elements[expert]

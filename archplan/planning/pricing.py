@@ -26,6 +26,10 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   fraction of the dense peak.
 - the optimizer step: 30 B per parameter of the rank's optimizer shard (Adam reads fp32 master,
   m, v and the gradient and writes master, m, v and the bf16 weights) at HBM bandwidth.
+- torch FSDP2's copies around its data-parallel collectives (`fsdp2_copy_bytes`), elementwise at
+  HBM bandwidth on the compute stream: Megatron-style engines gather into and reduce out of their
+  parameter and gradient buffers in place; FSDP2 copies every gathered parameter out of the
+  all-gather buffer and every gradient into the reduce-scatter buffer.
 
 Communication (records from `cluster.step_collectives`): ring time wire_bytes / (link × achieved
 fraction) + a latency per call, in-node when the group's ranks share a node (ranks ordered tp, cp,
@@ -46,7 +50,7 @@ bubble (`layout.group_problem`), and a longer round changes the warm-up's memory
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -71,6 +75,7 @@ from archplan.planning.cluster import (
     StatesConvention,
     UseKind,
     _collectives,
+    _fsdp_accumulates,
     expert_replicas,
     fetch_trace,
     in_flight,
@@ -617,6 +622,34 @@ def pp_exposed(p2p: float, micro: _MicroBatch, layout: Layout, m: int, stage: in
     return share * p2p + max(0.0, (1 - share) * (p2p - m * micro.total))
 
 
+def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, grad_reduce: int,
+                     accumulated: bool) -> int:
+    """HBM bytes torch FSDP2 moves around one step's data-parallel collectives, on the compute
+    stream (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py): `foreach_all_gather_copy_out`
+    waits for each all-gather and copies its output into every parameter's unsharded tensor
+    (`split_with_sizes_copy`: the gathered bytes read and written), and `foreach_reduce` copies the
+    unsharded gradients into the reduce-scatter input in the reduce dtype (`chunk_cat`: the
+    gradients read as they are, the padded input written at `grad_reduce` bytes per element) before
+    handing it to the reduce-scatter stream; its replicate mode (ZeRO-0) copies them in the same way
+    before the all-reduce. The gradient read is bf16, or the reduce dtype where FSDP2 `accumulated`
+    the unsharded gradients over the micro-batches (`cluster._fsdp_accumulates`). The division is
+    NCCL's (ReduceOp.AVG), no pass of its own; the shard-sized copies (the all-gather input, the
+    reduce-scatter output) are left out. `verify --layout` counts the same bytes on torch's FSDP2
+    (`distributed.comms`), exactly. Nothing for the other states: their collectives work on the
+    buffers in place."""
+    if states.key != "fsdp2":
+        return 0
+    read = grad_reduce if accumulated else ACT_BYTES
+    moved = 0
+    for r in records:
+        if r.mesh_dim in ("dp", "dp_cp", "expert_dp") and r.group_size > 1:
+            if r.kind == "all_gather":
+                moved += r.count * 2 * r.bytes
+            elif r.kind in ("reduce_scatter", "all_reduce"):
+                moved += r.count * (r.unpadded * read + r.bytes)
+    return moved
+
+
 def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, net: Network,
           states: StatesConvention, kernel: AttentionKernel, grad_reduce: int, cp_comm: CPComm,
           overlap: frozenset[str], memory: Mapping[int, RankMemory]) -> tuple[StepTime, int]:
@@ -625,7 +658,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     time-setting rank's."""
     m, p, v = microbatches, layout.pp, layout.vpp
     rates = pricer.rates
-    best: tuple[float, int, _MicroBatch, dict[str, float], float, float] | None = None
+    best: tuple[float, int, _MicroBatch, dict[str, float], float, float, float] | None = None
     stages = representative_stages(len(data.plan.layers), p, v)
     for stage in stages:
         micro = pricer.stage(layout, stage, kernel)
@@ -654,11 +687,12 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
             comm["ep"] = max(0.0, comm["ep"] - m * micro.total)
         if "pp" in overlap and v > 1:
             comm["pp"] = pp_exposed(comm["pp"], micro, layout, m, stage)
-        per_slot = micro.total + sum(comm.values()) / m
+        copies = fsdp2_copy_bytes(records, states, grad_reduce, _fsdp_accumulates(layout, m)) / rates.hbm
+        per_slot = micro.total + (sum(comm.values()) + copies) / m
         if best is None or per_slot > best[0]:
-            best = (per_slot, stage, micro, comm, grads, gathers)
+            best = (per_slot, stage, micro, comm, grads, gathers, copies)
     assert best is not None
-    per_slot, stage, micro, comm, grads, gathers = best
+    per_slot, stage, micro, comm, grads, gathers, copies = best
     if layout.zero == 3 and states.module_fetch:
         dp = m * _module_fetch_exposed(data, pricer, layout, stage, kernel, net, grad_reduce)
     else:
@@ -668,7 +702,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     time = StepTime(
         gemm=m * (micro.gemm_fwd + micro.gemm_bwd),
         attention=m * (micro.attn_fwd + micro.attn_bwd),
-        elementwise=m * 3 * micro.elem_fwd,
+        elementwise=m * 3 * micro.elem_fwd + copies,
         tp=comm["tp"], cp=comm["cp"], ep=comm["ep"], pp_p2p=comm["pp"],
         bubble=bubble_slots(m, p, v) * per_slot, dp=dp, optimizer=optimizer, recompute=m * micro.recompute,
     )

@@ -38,6 +38,9 @@ class Collective:
     count: int
     what: str  # which tensor, e.g. "layers.3.mixer output (TP, forward)"
     overlappable: bool = False  # can hide behind compute (DP grad reduce, FSDP prefetch, ...)
+    # a data-parallel gradient reduction's elements before FSDP2's dim-0 padding: what its copy-in
+    # reads (`pricing.fsdp2_copy_bytes`); 0 on every other record
+    unpadded: int = 0
 
     @property
     def key(self) -> tuple[str, str, int, int]:
