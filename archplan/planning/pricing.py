@@ -637,7 +637,7 @@ def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, gr
     reduce-scatter output) are left out. `verify --layout` counts the same bytes on torch's FSDP2
     (`distributed.comms`), exactly. Nothing for the other states: their collectives work on the
     buffers in place."""
-    if states.key != "fsdp2":
+    if states.engine != "torch":
         return 0
     read = grad_reduce if accumulated else ACT_BYTES
     moved = 0
