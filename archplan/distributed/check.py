@@ -117,6 +117,6 @@ def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
     analytic_calls = cluster.step_collectives(plan, layout, seq, microbatches=microbatches, stage=stage,
                                               states=states, grad_reduce=REDUCE_BYTES)
     measured = measure(plan, layout, seq, microbatches=microbatches, stage=stage)
-    copies = fsdp2_copy_bytes(analytic_calls, states, REDUCE_BYTES, cluster._fsdp_accumulates(layout, microbatches))
+    copies = fsdp2_copy_bytes(analytic_calls, states, REDUCE_BYTES, layout, microbatches)
     return LayoutCheck(plan.name, measured, _memory_rows(analytic_memory, measured.memory),
                        _collective_rows(analytic_calls, measured.collectives), copies)

@@ -21,7 +21,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from archplan.planning.records import Collective, CollectiveKind, MeshDim
+from archplan.planning.records import DATA_PARALLEL_DIMS, Collective, CollectiveKind, MeshDim
 
 _f = torch.ops._c10d_functional
 _c = torch.ops.c10d
@@ -72,7 +72,6 @@ _GATHER_FROM_INPUT = {_f.all_gather_into_tensor.default, _f.all_gather_into_tens
 # before it); what `pricing.fsdp2_copy_bytes` prices
 _COPY_OUT = torch.ops.fsdp.split_with_sizes_copy.default
 _COPY_IN = torch.ops.fsdp.chunk_cat.default
-_DP_DIMS: tuple[MeshDim, ...] = ("dp", "dp_cp", "expert_dp")
 
 
 def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...], functional: bool) -> MeshDim:
@@ -89,7 +88,7 @@ def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...], functional: bool) -> M
     elif functional and "tp" in dims:
         preferred = ("tp",)
     else:
-        preferred = ("dp", "dp_cp", "expert_dp", "tp", "cp", "pp")
+        preferred = (*DATA_PARALLEL_DIMS, "tp", "cp", "pp")
     return next(d for d in (*preferred, *dims) if d in dims)
 
 
@@ -140,7 +139,7 @@ class CollectiveRecorder(TorchDispatchMode):
             nbytes = _nbytes(args[tensor_at]) * (size if func in _GATHER_FROM_INPUT else 1)
             dim = _dim(kind, self.dims_by_group[name], func.namespace == "_c10d_functional")
             self.calls[(kind, dim, size, nbytes, func.__name__)] += 1
-            if kind in ("reduce_scatter", "all_reduce") and dim in _DP_DIMS and size > 1:
+            if kind in ("reduce_scatter", "all_reduce") and dim in DATA_PARALLEL_DIMS and size > 1:
                 self.copy_bytes += self._copy_in
                 self._copy_in = 0
 

@@ -84,7 +84,7 @@ from archplan.planning.cluster import (
     representative_stages,
 )
 from archplan.planning.layout import Layout
-from archplan.planning.records import Collective, MeshDim, RankMemory
+from archplan.planning.records import DATA_PARALLEL_DIMS, Collective, MeshDim, RankMemory
 from archplan.planning.shards import Tensor
 from archplan.planning.zero3_fetch import Module, Op, step_seconds
 from archplan.resolve import (
@@ -623,7 +623,7 @@ def pp_exposed(p2p: float, micro: _MicroBatch, layout: Layout, m: int, stage: in
 
 
 def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, grad_reduce: int,
-                     accumulated: bool) -> int:
+                     layout: Layout, microbatches: int) -> int:
     """HBM bytes torch FSDP2 moves around one step's data-parallel collectives, on the compute
     stream (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py): `foreach_all_gather_copy_out`
     waits for each all-gather and copies its output into every parameter's unsharded tensor
@@ -631,7 +631,7 @@ def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, gr
     unsharded gradients into the reduce-scatter input in the reduce dtype (`chunk_cat`: the
     gradients read as they are, the padded input written at `grad_reduce` bytes per element) before
     handing it to the reduce-scatter stream; its replicate mode (ZeRO-0) copies them in the same way
-    before the all-reduce. The gradient read is bf16, or the reduce dtype where FSDP2 `accumulated`
+    before the all-reduce. The gradient read is bf16, or the reduce dtype where FSDP2 accumulated
     the unsharded gradients over the micro-batches (`cluster._fsdp_accumulates`). The division is
     NCCL's (ReduceOp.AVG), no pass of its own; the shard-sized copies (the all-gather input, the
     reduce-scatter output) are left out. `verify --layout` counts the same bytes on torch's FSDP2
@@ -639,10 +639,10 @@ def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, gr
     buffers in place."""
     if states.engine != "torch":
         return 0
-    read = grad_reduce if accumulated else ACT_BYTES
+    read = grad_reduce if _fsdp_accumulates(layout, microbatches) else ACT_BYTES
     moved = 0
     for r in records:
-        if r.mesh_dim in ("dp", "dp_cp", "expert_dp") and r.group_size > 1:
+        if r.mesh_dim in DATA_PARALLEL_DIMS and r.group_size > 1:
             if r.kind == "all_gather":
                 moved += r.count * 2 * r.bytes
             elif r.kind in ("reduce_scatter", "all_reduce"):
@@ -687,7 +687,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
             comm["ep"] = max(0.0, comm["ep"] - m * micro.total)
         if "pp" in overlap and v > 1:
             comm["pp"] = pp_exposed(comm["pp"], micro, layout, m, stage)
-        copies = fsdp2_copy_bytes(records, states, grad_reduce, _fsdp_accumulates(layout, m)) / rates.hbm
+        copies = fsdp2_copy_bytes(records, states, grad_reduce, layout, m) / rates.hbm
         per_slot = micro.total + (sum(comm.values()) + copies) / m
         if best is None or per_slot > best[0]:
             best = (per_slot, stage, micro, comm, grads, gathers, copies)

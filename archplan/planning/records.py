@@ -21,6 +21,9 @@ from typing import Literal
 
 CollectiveKind = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send", "recv"]
 MeshDim = Literal["tp", "cp", "pp", "dp", "ep", "dp_cp", "expert_dp"]
+# the dimensions whose collectives are data parallelism's (the states' gathers and gradient
+# reductions): plain, folded with context parallelism, and the experts' replicas
+DATA_PARALLEL_DIMS: tuple[MeshDim, ...] = ("dp", "dp_cp", "expert_dp")
 MemoryCategory = Literal["parameters", "gradients", "optimizer", "activations", "temporary",
                          "collective_buffers"]
 MEMORY_CATEGORIES: tuple[MemoryCategory, ...] = ("parameters", "gradients", "optimizer", "activations",
