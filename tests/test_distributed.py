@@ -85,6 +85,7 @@ def _all_exact(spec: str, layout: str, seq: int = 32, microbatches: int = 1) -> 
             assert row.ok and row.measured > 0, row
     assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
     assert result.copies_ok, (result.copy_bytes, result.measured.fsdp2_copy_bytes)
+    assert result.accumulation_ok, (result.accumulate_bytes, result.measured.fsdp2_accumulate_bytes)
     return result
 
 
@@ -123,6 +124,87 @@ def test_fake_verify_fsdp2_copies_exact(fake_world: None, spec: str, layout: str
     assert result.measured.fsdp2_copy_bytes > 0
     assert result.copies_ok, (result.copy_bytes, result.measured.fsdp2_copy_bytes)
     assert result.to_json()["fsdp2_copy_bytes"]["ok"] is True
+
+
+@pytest.mark.parametrize(("spec", "layout", "microbatches"), [
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1", 3),
+    # the embedding's gradient comes Replicate out of DTensor's backward under TP: accumulated whole
+    ("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", 2),
+    ("tiny-gpt.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", 2),
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=1,recompute=none,mb=1", 4),
+    ("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=1", 2),
+    ("tiny-moe.yaml", "tp=2,cp=1,pp=1,dp=2,ep=2,zero=1,recompute=none,mb=1", 2),
+], ids=["zero1-three", "zero1-tp-untied", "zero1-tp-tied", "zero1-interleaved", "zero0-tp", "moe-tp-ep"])
+def test_fake_verify_fsdp2_accumulation_exact(fake_world: None, spec: str, layout: str, microbatches: int) -> None:
+    """The bytes FSDP2's accumulation of unsharded gradients reads and writes over micro-batches
+    whose backward does not reduce (the fp32 cast after the first, the add after each later one),
+    counted on torch's FSDP2, equal `pricing.fsdp2_accumulation_bytes` of the rank's accumulated
+    elements: what `plan` prices under --states fsdp2 at zero 0/1."""
+    from archplan.distributed.check import check_layout_run
+
+    result = check_layout_run(resolve(load_spec(FIXTURES / spec)), parse_layout(layout).complete(), 32,
+                              microbatches=microbatches)
+    assert result.measured.fsdp2_accumulate_bytes > 0
+    assert result.accumulation_ok, (result.accumulate_bytes, result.measured.fsdp2_accumulate_bytes)
+    assert result.to_json()["fsdp2_accumulate_bytes"]["ok"] is True
+
+
+def test_fake_verify_no_accumulation_when_every_backward_reduces(fake_world: None) -> None:
+    """ZeRO-2/3 reduce-scatter every micro-batch's gradients, and ZeRO-1 over one micro-batch has
+    nothing to accumulate: no accumulation bytes on either side."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    for layout, m in (("tp=1,cp=1,pp=1,dp=4,ep=1,zero=2,recompute=none,mb=1", 2),
+                      ("tp=1,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1", 1)):
+        result = check_layout_run(plan, parse_layout(layout).complete(), 32, microbatches=m)
+        assert result.accumulate_bytes == result.measured.fsdp2_accumulate_bytes == 0
+
+
+def test_fsdp2_bf16_accumulation_is_autograds_add(fake_world: None) -> None:
+    """Reducing in the compute dtype, FSDP2 clamps its reduce dtype to None and leaves the
+    accumulation to autograd: each later micro-batch's bf16 gradient is added into `.grad` (2 + 2 B
+    read, 2 B written), what `pricing.fsdp2_accumulation_bytes` prices at grad_reduce = 2.
+    Counted here on torch's FSDP2 (verify --layout runs the fp32 reduction)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from archplan.distributed.mesh import init_fake_world
+    from archplan.planning.pricing import fsdp2_accumulation_bytes
+
+    init_fake_world(2, 0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 64, bias=False))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    for layer in model:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    units = [model, *model]
+
+    def grads() -> set[int]:
+        found = set()
+        for unit in units:
+            group = unit._get_fsdp_state()._fsdp_param_group
+            for param in group.fsdp_params if group is not None else ():
+                unsharded = getattr(param, "_unsharded_param", None)
+                if unsharded is not None and unsharded.grad is not None:
+                    found.add(id(unsharded.grad))
+        return found
+
+    class Adds(TorchDispatchMode):
+        moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in (torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor) and id(args[0]) in grads():
+                self.moved += 3 * args[0].numel() * args[0].element_size()
+            return func(*args, **(kwargs or {}))
+
+    microbatches = 3
+    with Adds() as adds:
+        for i in range(microbatches):
+            model.set_requires_gradient_sync(i == microbatches - 1)
+            model(torch.randn(4, 64)).sum().backward()
+    numel = 64 * 96 * 2
+    assert adds.moved == fsdp2_accumulation_bytes(numel, 2, microbatches) == numel * 6 * 2
 
 
 def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:

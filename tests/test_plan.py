@@ -381,6 +381,30 @@ def test_fsdp2_search_runs_every_zero_stage() -> None:
     assert {e.layout.zero for e in result.ranked} == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize(("grad_reduce", "per_param"), [(4, 6 + 10 * 3), (2, 6 * 3)])
+def test_fsdp2_zero1_prices_its_gradient_accumulation(monkeypatch: pytest.MonkeyPatch, grad_reduce: int,
+                                                     per_param: int) -> None:
+    """Under --states fsdp2 at zero 1 over 4 micro-batches, FSDP2 accumulates every local gradient
+    unsharded: reducing in fp32 a cast after the first backward and an add after each later one
+    (6 + 3 × 10 B per parameter), in bf16 autograd's adds (3 × 6 B). The elementwise term carries
+    exactly those bytes at the family's HBM rate; nothing at zero 2, which reduces every backward."""
+    from archplan.planning import pricing
+    from archplan.planning.cluster import STATES
+    from archplan.planning.parallel import Evaluator
+
+    plan = resolve(load_spec("llama-3-8b"))
+    settings = Settings(states=STATES["fsdp2"], grad_reduce=grad_reduce)
+    evaluator = Evaluator(plan, H100, NET, 4096, settings, 72 * 2**30)
+    zero1 = Layout(tp=1, pp=1, dp=8, zero=1, recompute="full", mb=1)
+    zero2 = Layout(tp=1, pp=1, dp=8, zero=2, recompute="full", mb=1)
+    priced = {z: evaluator.evaluate(z, 4).time.elementwise for z in (zero1, zero2)}
+    monkeypatch.setattr(pricing, "fsdp2_accumulation_bytes", lambda numel, grad_reduce, m: 0)
+    unpriced = {z: evaluator.evaluate(z, 4).time.elementwise for z in (zero1, zero2)}
+    rate = evaluator.pricer.rates.hbm
+    assert priced[zero1] - unpriced[zero1] == pytest.approx(per_param * count_params(plan).total / rate, rel=1e-12)
+    assert priced[zero2] == unpriced[zero2]
+
+
 def test_moe_layouts_use_expert_parallelism() -> None:
     result = _search("mixtral-8x7b", 64)
     assert result.feasible

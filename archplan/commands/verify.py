@@ -77,7 +77,8 @@ AllLayersOpt = Annotated[bool, typer.Option("--all-layers", help="One row per la
 LayoutOpt = Annotated[str | None, typer.Option(
     "--layout", help="Verify a cluster layout instead (tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1): "
     "one rank's training step at full world size on torch's fake process group, memory, collectives and "
-    "FSDP2's copies around them beside plan's (docs/distributed.md).", show_default=False)]
+    "FSDP2's copies around them and its gradient accumulation beside plan's (docs/distributed.md).",
+    show_default=False)]
 MicrobatchesOpt = Annotated[int | None, typer.Option(
     "--microbatches", min=1, help="Micro-batches per step with --layout (default: pp).", show_default=False)]
 

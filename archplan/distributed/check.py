@@ -9,7 +9,9 @@
 - collectives: the tally of (kind, mesh dim, group size, bytes) → calls, exact on both sides:
   every call the model prices is seen, every call seen is priced;
 - FSDP2's copies around them (the gathered parameters copied out, the gradients copied into the
-  reduce buffer): the bytes its copy ops read and write, exact (`pricing.fsdp2_copy_bytes`).
+  reduce buffer): the bytes its copy ops read and write, exact (`pricing.fsdp2_copy_bytes`);
+- FSDP2's accumulation of unsharded gradients over micro-batches that do not reduce (zero 0/1):
+  the bytes its casts and adds read and write, exact (`pricing.fsdp2_accumulation_bytes`).
 Temporary and collective buffers are shown, not judged (the tracker's peak of transient copies):
 their rows carry no verdict (`ok` None, JSON null, a neutral mark) and count toward none.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from archplan.distributed.fake import Measured, measure
 from archplan.planning import cluster
 from archplan.planning.layout import Layout
-from archplan.planning.pricing import fsdp2_copy_bytes
+from archplan.planning.pricing import fsdp2_accumulation_bytes, fsdp2_copy_bytes
 from archplan.planning.records import MEMORY_CATEGORIES, Collective, RankMemory, tally
 from archplan.resolve import ModelPlan
 
@@ -70,15 +72,20 @@ class LayoutCheck:
     memory: tuple[MemoryRow, ...]
     collectives: tuple[CollectiveRow, ...]
     copy_bytes: int  # analytic FSDP2 copy bytes per step (`pricing.fsdp2_copy_bytes`)
+    accumulate_bytes: int  # analytic FSDP2 accumulation bytes per step (`pricing.fsdp2_accumulation_bytes`)
 
     @property
     def copies_ok(self) -> bool:
         return self.copy_bytes == self.measured.fsdp2_copy_bytes
 
     @property
+    def accumulation_ok(self) -> bool:
+        return self.accumulate_bytes == self.measured.fsdp2_accumulate_bytes
+
+    @property
     def ok(self) -> bool:
         return (all(r.ok is not False for r in self.memory) and all(r.ok for r in self.collectives)
-                and self.copies_ok)
+                and self.copies_ok and self.accumulation_ok)
 
     def to_json(self) -> dict[str, object]:
         m = self.measured
@@ -94,6 +101,8 @@ class LayoutCheck:
                              "ok": r.ok} for r in self.collectives],
             "fsdp2_copy_bytes": {"analytic": self.copy_bytes, "measured": m.fsdp2_copy_bytes,
                                  "ok": self.copies_ok},
+            "fsdp2_accumulate_bytes": {"analytic": self.accumulate_bytes, "measured": m.fsdp2_accumulate_bytes,
+                                       "ok": self.accumulation_ok},
         }
 
 
@@ -118,5 +127,7 @@ def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
                                               states=states, grad_reduce=REDUCE_BYTES)
     measured = measure(plan, layout, seq, microbatches=microbatches, stage=stage)
     copies = fsdp2_copy_bytes(analytic_calls, states, REDUCE_BYTES, layout, microbatches)
+    accumulated = cluster.fsdp2_accumulated_numel(cluster.model_data(plan, seq), layout, stage, microbatches, states)
     return LayoutCheck(plan.name, measured, _memory_rows(analytic_memory, measured.memory),
-                       _collective_rows(analytic_calls, measured.collectives), copies)
+                       _collective_rows(analytic_calls, measured.collectives), copies,
+                       fsdp2_accumulation_bytes(accumulated, REDUCE_BYTES, microbatches))

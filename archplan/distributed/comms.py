@@ -12,12 +12,15 @@ all-to-all is recorded as what the model asked for.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed.fsdp  # noqa: F401  (importing FSDP2 registers torch.ops.fsdp, its copy ops)
 from torch._C._distributed_c10d import ProcessGroup
 from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -74,6 +77,55 @@ _COPY_OUT = torch.ops.fsdp.split_with_sizes_copy.default
 _COPY_IN = torch.ops.fsdp.chunk_cat.default
 
 
+def _elementwise_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """HBM bytes of one elementwise op: every tensor argument read, and the first one written
+    (in place) or a result of its shape in the op's dtype (`_to_copy`'s cast)."""
+    reads = sum(_nbytes(a) for a in args if isinstance(a, torch.Tensor))
+    first = args[0]
+    if func._schema.name.endswith("_"):
+        return reads + _nbytes(first)
+    dtype = kwargs.get("dtype") or first.dtype
+    return reads + first.numel() * dtype.itemsize
+
+
+# FSDP2's accumulation of unsharded gradients over the micro-batches whose backward does not
+# reduce (torch/distributed/fsdp/_fully_shard/_fsdp_param.py): the cast to the reduce dtype after
+# the first, the add after each later one; what `pricing.fsdp2_accumulation_bytes` prices
+_ACCUMULATION_METHODS = ("to_accumulated_grad_if_needed", "accumulate_unsharded_grad_if_needed")
+
+
+def _gradient_locals(param: FSDPParam) -> frozenset[int]:
+    """Ids of the local tensors of `param`'s unsharded gradient and of its accumulated one: the
+    cast reads the first, the add writes into the second."""
+    unsharded = getattr(param, "_unsharded_param", None)
+    grads = (None if unsharded is None else unsharded.grad, param.unsharded_accumulated_grad)
+    return frozenset(id(g._local_tensor if isinstance(g, DTensor) else g) for g in grads if g is not None)
+
+
+@contextmanager
+def fsdp2_accumulation_counted(recorder: CollectiveRecorder) -> Iterator[None]:
+    """Inside, the ops FSDP2's accumulation methods run on the gradients count into
+    `recorder.accumulate_bytes`: each method runs as torch wrote it, flagged while it runs."""
+
+    def flagged(method: Callable[[FSDPParam], None]) -> Callable[[FSDPParam], None]:
+        def run(param: FSDPParam) -> None:
+            recorder.accumulating = _gradient_locals(param)
+            try:
+                method(param)
+            finally:
+                recorder.accumulating = None
+        return run
+
+    originals = {name: getattr(FSDPParam, name) for name in _ACCUMULATION_METHODS}
+    for name, method in originals.items():
+        setattr(FSDPParam, name, flagged(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(FSDPParam, name, method)
+
+
 def _dim(kind: CollectiveKind, dims: tuple[MeshDim, ...], functional: bool) -> MeshDim:
     """The mesh dimension of a call on a group that several dimensions share (ep = dp when
     expert_dp = 1, cp = dp × cp when dp = 1, the experts' replicas = tp when dp = 1): only expert
@@ -105,6 +157,9 @@ class CollectiveRecorder(TorchDispatchMode):
         # it: FSDP2 copies the gradients in over a one-rank group too (dp = 1), where no collective
         # runs and, as for the collectives, the model records nothing
         self._copy_in = 0
+        # HBM bytes of FSDP2's gradient accumulation (`fsdp2_accumulation_counted` sets the flag)
+        self.accumulate_bytes = 0
+        self.accumulating: frozenset[int] | None = None  # ids of the gradients' local tensors, while set
         self.enabled = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -117,9 +172,15 @@ class CollectiveRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def count(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Record `func` if it is a collective or one of FSDP2's copies: what the mode does for each
-        op, callable from another mode's dispatch (`fake.StepTracker` counts in its own, one Python
-        mode per op fewer)."""
+        """Record `func` if it is a collective, one of FSDP2's copies or an op of its gradient
+        accumulation: what the mode does for each op, callable from another mode's dispatch
+        (`fake.StepTracker` counts in its own, one Python mode per op fewer)."""
+        if self.accumulating is not None:
+            # only the ops on the gradients themselves: DTensor's sharding propagation runs the
+            # same ops on fake copies of them in there, and builds tensors from sizes
+            if self.enabled and args and id(args[0]) in self.accumulating:
+                self.accumulate_bytes += _elementwise_bytes(func, args, kwargs)
+            return
         if func in (_COPY_OUT, _COPY_IN) and self.enabled:
             moved = _nbytes(args[0]) + _nbytes(kwargs["out"])
             if func is _COPY_OUT:

@@ -6,7 +6,8 @@ torch's own APIs (`shard`) outside FakeTensorMode (FSDP2 + TP builds its meshes 
 data-dependent op that FakeTensorMode refuses); then, inside FakeTensorMode, `to_empty`, AdamW, and
 two training steps of the 1F1B schedule (`step`): the first (one micro-batch) creates the optimizer
 states, the second is measured by `FSDPMemTracker` (per-category peak, statistics reset on re-entry) and by
-`CollectiveRecorder` (every collective of one step), both counting in one dispatch mode (`StepTracker`).
+`CollectiveRecorder` (every collective of one step, FSDP2's copies around them and, flagged by
+`fsdp2_accumulation_counted`, its gradient accumulation), both counting in one dispatch mode (`StepTracker`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-from archplan.distributed.comms import CollectiveRecorder
+from archplan.distributed.comms import CollectiveRecorder, fsdp2_accumulation_counted
 from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
 from archplan.distributed.shard import Sharded, shard_stage
 from archplan.distributed.stage import build_chunks
@@ -95,6 +96,7 @@ class Measured:
     adam_step_bytes: int
     collectives: tuple[Collective, ...]
     fsdp2_copy_bytes: int  # what FSDP2's copy ops around its collectives read and wrote
+    fsdp2_accumulate_bytes: int  # what its accumulation of unsharded gradients read and wrote
 
 
 @contextmanager
@@ -662,7 +664,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
             runner.train_step(batches[:1 if layout.vpp == 1 else layout.pp])
         samples.clear()
         tracker.recorder = recorder
-        with tracker:
+        with tracker, fsdp2_accumulation_counted(recorder):
             runner.train_step(batches)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
@@ -670,4 +672,5 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     layers = tuple(int(i) for c in chunks for i in c.stage.layers)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
                     layers, replace(memory, optimizer=memory.optimizer - steps),
-                    {_name(k): v for k, v in peak.items()}, steps, recorder.records(), recorder.copy_bytes)
+                    {_name(k): v for k, v in peak.items()}, steps, recorder.records(), recorder.copy_bytes,
+                    recorder.accumulate_bytes)

@@ -62,6 +62,9 @@ def render(result: LayoutCheck, console: Console) -> None:
     console.print(f"FSDP2's copies around them (gathered parameters out, gradients into the reduce buffer), "
                   f"bytes per step: analytic {result.copy_bytes:,}, measured {m.fsdp2_copy_bytes:,} "
                   + (OK if result.copies_ok else BAD))
+    console.print(f"FSDP2's accumulation of unsharded gradients over the micro-batches (casts and adds), bytes per "
+                  f"step: analytic {result.accumulate_bytes:,}, measured {m.fsdp2_accumulate_bytes:,} "
+                  + (OK if result.accumulation_ok else BAD))
     console.print(OK + " all match" if result.ok else BAD + " measured and analytic differ (see ✗ rows)")
 
 

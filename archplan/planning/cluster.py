@@ -151,7 +151,7 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, TypeVar
@@ -943,9 +943,37 @@ def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool)
     return dense + expert, shard_dense + shard_expert, biggest_layer, tuple(per_chunk)
 
 
+def _accumulated_embedding_extra(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
+                                 states: StatesConvention) -> int:
+    """Elements FSDP2 accumulates of the embedding's gradient beyond the rank's vocabulary rows.
+
+    DTensor's embedding backward gives the vocabulary-parallel weight's gradient Replicate (whole
+    vocabulary on every tp rank); FSDP2 accumulates it so until the reduction. A tied head's
+    Shard(0) gradient of the same weight comes first (the head runs backward before the
+    embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only the rank's rows are
+    accumulated then (measured by verify --layout)."""
+    head_reads_embedding = data.plan.tied and chunks[-1].last  # both ends on this rank (pp = 1)
+    if (states.engine != "torch" or not _fsdp_accumulates(layout, microbatches) or not chunks[0].first
+            or head_reads_embedding):
+        return 0
+    return data.first[0].numel - _local_numel(data.first[:1], layout.tp, layout.ep)[0]
+
+
+def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microbatches: int,
+                            states: StatesConvention) -> int:
+    """Elements of the unsharded gradients torch's FSDP2 accumulates over a step's micro-batches on
+    a rank of `stage` (`_fsdp_accumulates`: zero 0/1 over several), 0 where it reduces every
+    backward's: the stage's local parameters, and the embedding's Replicate gradient whole."""
+    if states.engine != "torch" or not _fsdp_accumulates(layout, microbatches):
+        return 0
+    chunks = rank_chunks(len(data.plan.layers), layout, stage)
+    full = data.stage_params(layout, stage, states.per_tensor)[0]
+    return full + _accumulated_embedding_extra(data, layout, chunks, microbatches, states)
+
+
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
-    tp, ep, zero = layout.tp, layout.ep, layout.zero
+    tp, zero = layout.tp, layout.zero
     chunks = rank_chunks(len(data.plan.layers), layout, stage)
     full, shard, biggest_layer, per_chunk = data.stage_params(layout, stage, states.per_tensor)
     params_sharded = zero >= 3 or (states.params_always_sharded and zero >= 1)
@@ -953,16 +981,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     # backward reduce-scatters each unit's gradient as it is produced (the module docstring)
     grads_sharded = zero >= 2 or (zero == 1 and states.params_always_sharded and microbatches == 1)
     parameters = states.param_bytes * (shard if params_sharded else full)
-    head_reads_embedding = data.plan.tied and chunks[-1].last  # both ends on this rank (pp = 1)
-    embedding_extra = 0
-    if (states.engine == "torch" and _fsdp_accumulates(layout, microbatches) and chunks[0].first
-            and not head_reads_embedding):
-        # DTensor's embedding backward gives the vocabulary-parallel weight's gradient Replicate
-        # (whole vocabulary on every tp rank); FSDP2 accumulates it so until the reduction. A
-        # tied head's Shard(0) gradient of the same weight comes first (the head runs backward
-        # before the embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only
-        # the rank's rows are accumulated then (measured by verify --layout)
-        embedding_extra = data.first[0].numel - _local_numel(data.first[:1], tp, ep)[0]
+    embedding_extra = _accumulated_embedding_extra(data, layout, chunks, microbatches, states)
     if (zero == 1 and states.params_always_sharded and layout.vpp > 1
             and 1 < microbatches <= round_size(layout, microbatches)):
         # one round of the interleaved schedule: a chunk runs all its backwards before the next

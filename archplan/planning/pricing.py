@@ -29,7 +29,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
 - torch FSDP2's copies around its data-parallel collectives (`fsdp2_copy_bytes`), elementwise at
   HBM bandwidth on the compute stream: Megatron-style engines gather into and reduce out of their
   parameter and gradient buffers in place; FSDP2 copies every gathered parameter out of the
-  all-gather buffer and every gradient into the reduce-scatter buffer.
+  all-gather buffer and every gradient into the reduce-scatter buffer. Where it accumulates
+  unsharded gradients over the micro-batches (zero 0/1), the casts and adds of that accumulation
+  too (`fsdp2_accumulation_bytes`); Megatron-LM fuses its accumulation into the GEMM.
 
 Communication (records from `cluster.step_collectives`): ring time wire_bytes / (link × achieved
 fraction) + a latency per call, in-node when the group's ranks share a node (ranks ordered tp, cp,
@@ -77,6 +79,7 @@ from archplan.planning.cluster import (
     _collectives,
     _fsdp_accumulates,
     expert_replicas,
+    fsdp2_accumulated_numel,
     fetch_trace,
     in_flight,
     rank_chunks,
@@ -650,6 +653,24 @@ def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, gr
     return moved
 
 
+def fsdp2_accumulation_bytes(numel: int, grad_reduce: int, microbatches: int) -> int:
+    """HBM bytes torch FSDP2 moves accumulating `numel` unsharded gradient elements over a step's
+    micro-batches (zero 0/1: `set_requires_gradient_sync` off on all backwards but the last;
+    `cluster.fsdp2_accumulated_numel`), elementwise on the compute stream in its post-backward
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py). Reducing in fp32, after the first
+    backward `to_accumulated_grad_if_needed` casts the bf16 gradient to fp32 (2 B read, 4 B
+    written), and after each later one `accumulate_unsharded_grad_if_needed` adds it in (4 + 2 B
+    read, 4 B written). Reducing in the compute dtype, FSDP2 clamps its reduce dtype to None and
+    autograd's AccumulateGrad adds each later bf16 gradient into `.grad` (2 + 2 B read, 2 B
+    written). Megatron-LM fuses the accumulation into the weight-gradient GEMM
+    (`--gradient-accumulation-fusion`): nothing apart. `verify --layout` counts the fp32 case on
+    torch's FSDP2, exactly; `tests/test_distributed.py` the bf16 one."""
+    later = microbatches - 1
+    if grad_reduce == ACT_BYTES:
+        return numel * 3 * ACT_BYTES * later
+    return numel * (ACT_BYTES + grad_reduce + (2 * grad_reduce + ACT_BYTES) * later)
+
+
 def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, net: Network,
           states: StatesConvention, kernel: AttentionKernel, grad_reduce: int, cp_comm: CPComm,
           overlap: frozenset[str], memory: Mapping[int, RankMemory]) -> tuple[StepTime, int]:
@@ -687,7 +708,8 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
             comm["ep"] = max(0.0, comm["ep"] - m * micro.total)
         if "pp" in overlap and v > 1:
             comm["pp"] = pp_exposed(comm["pp"], micro, layout, m, stage)
-        copies = fsdp2_copy_bytes(records, states, grad_reduce, layout, m) / rates.hbm
+        copies = (fsdp2_copy_bytes(records, states, grad_reduce, layout, m) + fsdp2_accumulation_bytes(
+            fsdp2_accumulated_numel(data, layout, stage, m, states), grad_reduce, m)) / rates.hbm
         per_slot = micro.total + (sum(comm.values()) + copies) / m
         if best is None or per_slot > best[0]:
             best = (per_slot, stage, micro, comm, grads, gathers, copies)
