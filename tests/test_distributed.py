@@ -207,6 +207,40 @@ def test_fsdp2_bf16_accumulation_is_autograds_add(fake_world: None) -> None:
     assert adds.moved == fsdp2_accumulation_bytes(numel, 2, microbatches) == numel * 6 * 2
 
 
+def test_eager_bias_gradients_are_a_pass_of_their_own() -> None:
+    """Under eager autograd a linear's bias gradient is the output gradient summed over the rows, a
+    `sum.dim_IntList` of its own: counted on archplan's own GPT-shaped model (biases on q, k, v, o,
+    up, down) in a real bf16 backward, its reads equal `pricing.bias_grad_bytes` over the layers,
+    what `plan` charges the torch engine's backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from archplan.modules.model import build_model
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.pricing import bias_grad_bytes
+
+    plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
+    seq = 32
+    model = build_model(plan, device="cpu", dtype=torch.bfloat16)
+    logits = model(torch.randint(0, plan.vocab_size, (1, seq)))
+
+    class BiasSums(TorchDispatchMode):
+        read = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            res = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.sum.dim_IntList and res.numel() == args[0].shape[-1] < args[0].numel():
+                self.read += args[0].numel() * args[0].element_size()
+            return res
+
+    with BiasSums() as sums:
+        logits.float().sum().backward()
+    layout = Layout(tp=1, pp=1, dp=1, zero=0, recompute="none", mb=1)
+    priced = sum(bias_grad_bytes(model_data(plan, seq), i, layout) for i in range(len(plan.layers)))
+    # q, k, v, o: d_model wide each, and the MLP's up (d_ff = 128) and down (d_model)
+    assert sums.read == priced == len(plan.layers) * 2 * seq * (5 * plan.d_model + 128)
+
+
 def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
     result = _states_exact("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=4,ep=4,zero=3,recompute=none,mb=1", 1)
     # ep = dp here (expert_dp = 1): the all-to-all is still named for expert parallelism

@@ -405,6 +405,39 @@ def test_fsdp2_zero1_prices_its_gradient_accumulation(monkeypatch: pytest.Monkey
     assert priced[zero2] == unpriced[zero2]
 
 
+def test_torch_engine_pays_eager_bias_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager autograd sums each linear bias's output gradient in a pass of its own; the torch
+    engine's backward carries those bytes at the HBM rate (`pricing.bias_grad_bytes`), the
+    Megatron-style engines (Transformer Engine's fused bias gradient) none, nor a model without
+    biases."""
+    from archplan.planning import pricing
+    from archplan.planning.cluster import STATES, model_data
+    from archplan.planning.parallel import Evaluator
+
+    layout = Layout(tp=2, pp=1, dp=4, zero=3, recompute="full", mb=2, sp=True)
+
+    def elementwise(name: str, states: str) -> float:
+        evaluator = Evaluator(resolve(load_spec(name)), H100, NET, 1024, Settings(states=STATES[states]),
+                              72 * 2**30)
+        return evaluator.evaluate(layout, 4).time.elementwise
+
+    priced = {(n, s): elementwise(n, s) for n in ("gpt2", "llama-3-8b") for s in ("fsdp2", "megatron")}
+    bias_grad_bytes = pricing.bias_grad_bytes
+    monkeypatch.setattr(pricing, "bias_grad_bytes", lambda data, i, layout: 0)
+    unpriced = {key: elementwise(*key) for key in priced}
+    plan = resolve(load_spec("gpt2"))
+    data = model_data(plan, 1024)
+    rate = Evaluator(plan, H100, NET, 1024, Settings(), 72 * 2**30).pricer.rates.hbm
+    per_micro = sum(bias_grad_bytes(data, i, layout) for i in range(len(plan.layers)))
+    # q, k, v and up are column-parallel (their tp share of every token); o and down add their
+    # whole bias after the reduction, on the rank's sequence shard under SP
+    d, tokens = plan.d_model, 2 * 1024
+    assert per_micro == len(plan.layers) * 2 * (tokens * (3 * d + 4 * d) // 2 + tokens // 2 * 2 * d)
+    assert priced[("gpt2", "fsdp2")] - unpriced[("gpt2", "fsdp2")] == pytest.approx(4 * per_micro / rate, rel=1e-12)
+    for key in (("gpt2", "megatron"), ("llama-3-8b", "fsdp2"), ("llama-3-8b", "megatron")):
+        assert priced[key] == unpriced[key]
+
+
 def test_moe_layouts_use_expert_parallelism() -> None:
     result = _search("mixtral-8x7b", 64)
     assert result.feasible

@@ -275,7 +275,7 @@ class Evaluator:
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl),
-                             settings.stops_early)
+                             settings.stops_early, bias_grads_apart=settings.states.engine == "torch")
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 

@@ -20,7 +20,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   bandwidth, 2 B per element read or written (fp32 for the FFTs); the backward moves twice the
   forward's bytes. Without sequence parallelism the norms and residual adds run on the whole
   sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time). Hyena's
-  implicit filter MLP is GEMMs on seq rows (once per position, not per token).
+  implicit filter MLP is GEMMs on seq rows (once per position, not per token). Under the torch
+  engine (eager autograd) the backward also sums every linear bias's output gradient in a pass of
+  its own (`bias_grad_bytes`); Transformer Engine fuses it into the weight-gradient GEMM.
 - recompute: full re-runs the forward, selective the eager attention core.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
   fraction of the dense peak.
@@ -201,12 +203,16 @@ class _MicroBatch:
     # communication overlaps (`tp_overlap_cost`): the row-parallel forwards, the column-parallel
     # backwards
     gemm_beside_tp: float = 0.0
+    # elementwise seconds of the backward beyond twice the forward's: eager autograd's bias
+    # gradients (`bias_grad_bytes`)
+    elem_bwd: float = 0.0
 
     def __add__(self, other: _MicroBatch) -> _MicroBatch:
         return _MicroBatch(self.gemm_fwd + other.gemm_fwd, self.gemm_bwd + other.gemm_bwd,
                            self.attn_fwd + other.attn_fwd,
                            self.attn_bwd + other.attn_bwd, self.elem_fwd + other.elem_fwd,
-                           self.recompute + other.recompute, self.gemm_beside_tp + other.gemm_beside_tp)
+                           self.recompute + other.recompute, self.gemm_beside_tp + other.gemm_beside_tp,
+                           self.elem_bwd + other.elem_bwd)
 
     @property
     def forward(self) -> float:
@@ -214,7 +220,7 @@ class _MicroBatch:
 
     @property
     def backward(self) -> float:
-        return self.gemm_bwd + self.attn_bwd + 2 * self.elem_fwd + self.recompute
+        return self.gemm_bwd + self.attn_bwd + 2 * self.elem_fwd + self.elem_bwd + self.recompute
 
     @property
     def total(self) -> float:
@@ -306,8 +312,36 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout) -> int:
     return FP8_CAST_BYTES * total
 
 
+def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
+    """HBM bytes, one micro-batch's backward, of layer `i`'s linear-bias gradients under eager
+    autograd: PyTorch's derivative of `linear` / `addmm` with respect to the bias is the output
+    gradient summed over the rows (`tools/autograd/derivatives.yaml`: `maybe_multiply(grad, beta)`
+    reduced to the bias's size; on any device a `sum.dim_IntList` over the M×N output gradient),
+    a pass of its own that reads the whole output gradient, 2 B per element. Per bias: the rows
+    of its GEMM (`_gemm_shape`) times its local width; a row-parallel linear adds its whole bias
+    after the reduction, on the rank's sequence shard under SP. Transformer Engine computes it in
+    the weight-gradient GEMM's epilogue (cuBLASLt's BGRADB), so the Megatron-style engines, priced
+    as Megatron-Core with TE, pay none (Megatron-LM 2021 summed apart too; its rows are priced
+    without it, 0.1-0.6 points: docs/validation.md, "The eager-bias-gradient round")."""
+    layer = data.plan.layers[i]
+    tensors = data.layer_tensors[i]
+    weights = {t.name.rsplit(".", 1)[0]: t for t in tensors if t.name.endswith(".weight")}
+    total = 0
+    for t in tensors:
+        module, _, kind = t.name.rpartition(".")
+        weight = weights.get(module)
+        shape = None if kind != "bias" or weight is None else _gemm_shape(data, layer, weight, layout)
+        if shape is None:
+            continue
+        rows, _, _, count, _ = shape
+        if t.split == "replicated" and layout.sequence_parallel:
+            rows //= layout.tp
+        total += ACT_BYTES * rows * t.local_shape(layout.tp, layout.ep)[0] * count
+    return total
+
+
 def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
-                 recompute: str, early_stop: bool) -> _MicroBatch:
+                 recompute: str, early_stop: bool, bias_grads_apart: bool) -> _MicroBatch:
     layer: LayerPlan = data.plan.layers[i]
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
@@ -389,7 +423,8 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case _:
             assert_never(layer.ffn)
     elem_fwd = (elem * tokens + elem_extra) / rates.hbm
-    micro = _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside)
+    elem_bwd = bias_grad_bytes(data, i, layout) / rates.hbm if bias_grads_apart else 0.0
+    micro = _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside, elem_bwd=elem_bwd)
     match recompute:
         case "full" if early_stop and recompute_skips_last_gemm(layer):
             # the re-run ends once the last tensor the backward saved is rebuilt, before the
@@ -402,7 +437,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             extra = core_recompute
         case _:
             extra = 0.0
-    return _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, extra, beside)
+    return _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, extra, beside, elem_bwd)
 
 
 def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Layout, seq: int,
@@ -461,10 +496,12 @@ def _head_micro(data: ModelData, layout: Layout, rates: Rates) -> _MicroBatch:
 class Pricer:
     """Per-layer micro-batch times for one layout configuration, summed per pipeline rank."""
 
-    def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False) -> None:
+    def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False,
+                 bias_grads_apart: bool = False) -> None:
         self.data = data
         self.rates = rates
         self.early_stop = early_stop  # full recompute stops early (`cluster.uses_early_stop`)
+        self.bias_grads_apart = bias_grads_apart  # eager autograd's bias gradients (`bias_grad_bytes`)
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
@@ -483,7 +520,7 @@ class Pricer:
             first: dict[int, _MicroBatch] = {}
             for i in sorted(set(self._twins)):
                 first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute,
-                                        self.early_stop)
+                                        self.early_stop, self.bias_grads_apart)
             self._layers[key] = [first[twin] for twin in self._twins]
         return self._layers[key]
 
@@ -724,7 +761,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     time = StepTime(
         gemm=m * (micro.gemm_fwd + micro.gemm_bwd),
         attention=m * (micro.attn_fwd + micro.attn_bwd),
-        elementwise=m * 3 * micro.elem_fwd + copies,
+        elementwise=m * (3 * micro.elem_fwd + micro.elem_bwd) + copies,
         tp=comm["tp"], cp=comm["cp"], ep=comm["ep"], pp_p2p=comm["pp"],
         bubble=bubble_slots(m, p, v) * per_slot, dp=dp, optimizer=optimizer, recompute=m * micro.recompute,
     )
