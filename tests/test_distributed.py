@@ -241,6 +241,38 @@ def test_eager_bias_gradients_are_a_pass_of_their_own() -> None:
     assert sums.read == priced == len(plan.layers) * 2 * seq * (5 * plan.d_model + 128)
 
 
+def test_fused_qkv_split_backward_is_a_concatenation() -> None:
+    """Where one linear projects q, k and v and its output is split (llm-foundry's `Wqkv`), eager
+    autograd's backward of the split concatenates the three gradients into a new buffer: counted
+    in a real bf16 backward, the `cat`'s reads and writes equal `pricing.qkv_concat_bytes` of the
+    same attention shape, what `plan --fused-qkv` charges the torch engine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.pricing import qkv_concat_bytes
+
+    plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))  # MHA: q, k and v each d_model wide
+    seq, d = 32, plan.d_model
+    wqkv = torch.nn.Linear(d, 3 * d, bias=False, dtype=torch.bfloat16)
+    q, k, v = wqkv(torch.randn(1, seq, d, dtype=torch.bfloat16)).split([d, d, d], dim=2)
+    loss = (q * k * v).float().sum()
+
+    class Cats(TorchDispatchMode):
+        moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            res = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.cat.default:
+                self.moved += sum(x.numel() * x.element_size() for x in args[0]) + res.numel() * res.element_size()
+            return res
+
+    with Cats() as cats:
+        loss.backward()
+    layout = Layout(tp=1, pp=1, dp=1, zero=0, recompute="none", mb=1)
+    assert cats.moved == qkv_concat_bytes(model_data(plan, seq), 0, layout) == 2 * 2 * seq * 3 * d
+
+
 def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
     result = _states_exact("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=4,ep=4,zero=3,recompute=none,mb=1", 1)
     # ep = dp here (expert_dp = 1): the all-to-all is still named for expert parallelism

@@ -408,20 +408,21 @@ def test_fsdp2_zero1_prices_its_gradient_accumulation(monkeypatch: pytest.Monkey
 def test_torch_engine_pays_eager_bias_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eager autograd sums each linear bias's output gradient in a pass of its own; the torch
     engine's backward carries those bytes at the HBM rate (`pricing.bias_grad_bytes`), the
-    Megatron-style engines (Transformer Engine's fused bias gradient) none, nor a model without
-    biases."""
+    Megatron-style engines (Transformer Engine's fused bias gradient) none, nor fp8 runs (their
+    block linears are TE's), nor a model without biases."""
     from archplan.planning import pricing
     from archplan.planning.cluster import STATES, model_data
     from archplan.planning.parallel import Evaluator
 
     layout = Layout(tp=2, pp=1, dp=4, zero=3, recompute="full", mb=2, sp=True)
 
-    def elementwise(name: str, states: str) -> float:
-        evaluator = Evaluator(resolve(load_spec(name)), H100, NET, 1024, Settings(states=STATES[states]),
-                              72 * 2**30)
+    def elementwise(name: str, states: str, precision: str = "bf16") -> float:
+        settings = Settings(states=STATES[states], precision=precision)  # type: ignore[arg-type]
+        evaluator = Evaluator(resolve(load_spec(name)), H100, NET, 1024, settings, 72 * 2**30)
         return evaluator.evaluate(layout, 4).time.elementwise
 
     priced = {(n, s): elementwise(n, s) for n in ("gpt2", "llama-3-8b") for s in ("fsdp2", "megatron")}
+    fp8 = elementwise("gpt2", "fsdp2", "fp8")
     bias_grad_bytes = pricing.bias_grad_bytes
     monkeypatch.setattr(pricing, "bias_grad_bytes", lambda data, i, layout: 0)
     unpriced = {key: elementwise(*key) for key in priced}
@@ -436,6 +437,37 @@ def test_torch_engine_pays_eager_bias_gradients(monkeypatch: pytest.MonkeyPatch)
     assert priced[("gpt2", "fsdp2")] - unpriced[("gpt2", "fsdp2")] == pytest.approx(4 * per_micro / rate, rel=1e-12)
     for key in (("gpt2", "megatron"), ("llama-3-8b", "fsdp2"), ("llama-3-8b", "megatron")):
         assert priced[key] == unpriced[key]
+    assert fp8 == elementwise("gpt2", "fsdp2", "fp8")
+
+
+def test_fused_qkv_concatenation_is_priced_under_eager_autograd(capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--fused-qkv` adds the split's backward concatenation (`pricing.qkv_concat_bytes`) to the
+    torch engine's elementwise time, once per micro-batch, and nothing under the
+    Megatron-style states (Transformer Engine splits without a copy)."""
+    from archplan.planning.cluster import model_data
+    from archplan.planning.parallel import Evaluator
+    from archplan.planning.pricing import qkv_concat_bytes
+
+    base = ("plan", "gpt2", "--gpus", "8", "--gpu", "h100", "--seq", "1024", "--global-batch-tokens", "64K",
+            "--layout", "tp=2,pp=1,dp=4,cp=1,ep=1,zero=3,recompute=full,mb=2", "--json")
+    found = {}
+    for states in ("fsdp2", "megatron"):
+        for flag in ("--fused-qkv", "--separate-qkv"):
+            code, out, _ = run(capsys, monkeypatch, *base, "--states", states, flag)
+            data = json.loads(out)
+            assert code == 0 and data["fused_qkv"] == (flag == "--fused-qkv")
+            found[states, flag] = data["layouts"][0]["step_time"]["elementwise"]
+            microbatches = data["layouts"][0]["microbatches"]
+    plan = resolve(load_spec("gpt2"))
+    layout = Layout(tp=2, pp=1, dp=4, zero=3, recompute="full", mb=2)
+    per_micro = sum(qkv_concat_bytes(model_data(plan, 1024), i, layout) for i in range(len(plan.layers)))
+    assert per_micro == len(plan.layers) * 2 * 2 * 2048 * 3 * plan.d_model // 2
+    rate = Evaluator(plan, H100, NET, 1024, Settings(), 72 * 2**30).pricer.rates.hbm
+    assert microbatches == 65536 // (4 * 2 * 1024)
+    assert found["fsdp2", "--fused-qkv"] - found["fsdp2", "--separate-qkv"] == pytest.approx(
+        microbatches * per_micro / rate, rel=1e-9)
+    assert found["megatron", "--fused-qkv"] == found["megatron", "--separate-qkv"]
 
 
 def test_moe_layouts_use_expert_parallelism() -> None:

@@ -536,6 +536,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "precision": settings.precision,
         "flash_impl": settings.flash_impl,
         "recompute_early_stop": settings.stops_early,
+        "fused_qkv": settings.fused_qkv,
         "headroom": result.headroom,
         "usable_bytes_per_gpu": result.usable_bytes,
         "network": {"intra_node_bytes_per_s": result.net.intra_node,
@@ -690,9 +691,13 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
     recompute = ("stops early (non-reentrant checkpoint)" if settings.stops_early
                  else "re-runs the whole block")
+    passes = [] if settings.states.engine != "torch" else (
+        (["bias gradients summed apart"] if settings.precision != "fp8" else [])
+        + (["fused QKV's gradients concatenated"] if settings.fused_qkv else []))
+    eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: {overlap}; "
-                  f"CP K/V by {settings.cp_comm}; full recompute {recompute}")
+                  f"CP K/V by {settings.cp_comm}; full recompute {recompute}{eager}")
     if seq_note:
         console.print(f"[yellow]note:[/] {escape(seq_note)}")
     for reason in result.reasons:
@@ -737,8 +742,8 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "--solve": _ANSWERED | {"solve", "tol", "multiple"},
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
-        "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "headroom", "gpus_per_node", "nvlink_gbs",
-        "ib_gbs"},
+        "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "headroom", "gpus_per_node",
+        "nvlink_gbs", "ib_gbs"},
 }
 
 
@@ -819,6 +824,12 @@ def register(app: typer.Typer) -> None:
             "block's last GEMM (PyTorch's non-reentrant checkpoint from 2.1 on), or re-runs the whole block "
             "(Megatron-LM, reentrant checkpoint, PyTorch before 2.1) \\[on with --states fsdp2, off otherwise].",
             show_default=False, rich_help_panel=MODEL_PANEL)] = None,
+        fused_qkv: Annotated[bool, typer.Option(
+            "--fused-qkv/--separate-qkv",
+            help="Whether one linear projects q, k and v and its output is split (llm-foundry's MPT Wqkv, "
+            "GPT-2's c_attn) or three do (torchtitan, Hugging Face Llama). Under --states fsdp2 (eager "
+            "autograd) the split's backward concatenates the three gradients, a copy priced at HBM "
+            "bandwidth; Transformer Engine splits without one.", rich_help_panel=MODEL_PANEL)] = False,
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
@@ -853,7 +864,7 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
-                                 flash_impl, early_stop)
+                                 flash_impl, early_stop, fused_qkv)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
@@ -924,7 +935,7 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
 def _settings(efficiency: float | None, states: StatesChoice, attention: KernelChoice,
               grad_reduce: GradReduceChoice | None, cp_comm: CPCommChoice, overlap: str,
               precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2,
-              early_stop: bool | None = None) -> Settings:
+              early_stop: bool | None = None, fused_qkv: bool = False) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -941,7 +952,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         grad_reduce=None if grad_reduce is None else (4 if grad_reduce is GradReduceChoice.fp32 else 2),
         cp_comm=cp_comm.value, overlap=frozenset(parts), precision=precision.value,  # type: ignore[arg-type]
         efficiency=efficiency, flash_impl=flash_impl.value,  # type: ignore[arg-type]
-        early_stop=early_stop,
+        early_stop=early_stop, fused_qkv=fused_qkv,
     )
 
 

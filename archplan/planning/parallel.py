@@ -124,6 +124,9 @@ class Settings:
     efficiency: float | None = None  # the user's measured GEMM + attention efficiency
     flash_impl: FlashImpl = "fa2"  # the FlashAttention implementation (hardware.FLASH_IMPL_SPEED)
     early_stop: bool | None = None  # full recompute stops early; None = the states' engine's
+    # q, k and v projected by one linear and split (llm-foundry's Wqkv): under eager autograd the
+    # split's backward concatenates their gradients (`pricing.qkv_concat_bytes`)
+    fused_qkv: bool = False
 
     @property
     def reduce_bytes(self) -> int:
@@ -275,7 +278,8 @@ class Evaluator:
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl),
-                             settings.stops_early, bias_grads_apart=settings.states.engine == "torch")
+                             settings.stops_early, eager=settings.states.engine == "torch",
+                             fused_qkv=settings.fused_qkv)
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 

@@ -22,7 +22,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   sequence on every TP rank (Korthikanti et al. 2022 Table 4: SP saves their time). Hyena's
   implicit filter MLP is GEMMs on seq rows (once per position, not per token). Under the torch
   engine (eager autograd) the backward also sums every linear bias's output gradient in a pass of
-  its own (`bias_grad_bytes`); Transformer Engine fuses it into the weight-gradient GEMM.
+  its own (`bias_grad_bytes`), and, where one linear projects q, k and v (`fused_qkv`),
+  concatenates their gradients (`qkv_concat_bytes`); Transformer Engine fuses the first into the
+  weight-gradient GEMM and splits without a copy.
 - recompute: full re-runs the forward, selective the eager attention core.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
   fraction of the dense peak.
@@ -204,7 +206,7 @@ class _MicroBatch:
     # backwards
     gemm_beside_tp: float = 0.0
     # elementwise seconds of the backward beyond twice the forward's: eager autograd's bias
-    # gradients (`bias_grad_bytes`)
+    # gradients and fused-QKV concatenation (`bias_grad_bytes`, `qkv_concat_bytes`)
     elem_bwd: float = 0.0
 
     def __add__(self, other: _MicroBatch) -> _MicroBatch:
@@ -322,7 +324,8 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
     after the reduction, on the rank's sequence shard under SP. Transformer Engine computes it in
     the weight-gradient GEMM's epilogue (cuBLASLt's BGRADB), so the Megatron-style engines, priced
     as Megatron-Core with TE, pay none (Megatron-LM 2021 summed apart too; its rows are priced
-    without it, 0.1-0.6 points: docs/validation.md, "The eager-bias-gradient round")."""
+    without it, 0.1-0.6 points: docs/validation.md, "The eager-autograd round"), nor do fp8
+    runs, whose block linears are TE's."""
     layer = data.plan.layers[i]
     tensors = data.layer_tensors[i]
     weights = {t.name.rsplit(".", 1)[0]: t for t in tensors if t.name.endswith(".weight")}
@@ -340,8 +343,24 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
     return total
 
 
+def qkv_concat_bytes(data: ModelData, i: int, layout: Layout) -> int:
+    """HBM bytes, one micro-batch's backward, of concatenating layer `i`'s q, k and v gradients
+    where one linear projects them and its output is split (llm-foundry's MPT: `Wqkv`, then
+    `qkv.split([d_model, kv, kv], dim=2)`): the backward of `split` (and `chunk`) under eager
+    autograd is a `cat` into a new buffer, the three gradients read and the buffer written, 2 B
+    each. Transformer Engine's `_SplitAlongDim` skips the copy when the gradients already lie in
+    one buffer, so only eager stacks that fuse the projection pay it; 0 for other mixers."""
+    a = data.plan.layers[i].mixer
+    if not isinstance(a, AttentionPlan):
+        return 0
+    tp = layout.tp
+    width = (math.ceil(a.n_heads / tp) + 2 * math.ceil(a.n_kv_heads / tp)) * a.head_dim
+    return 2 * ACT_BYTES * (layout.mb * data.seq // layout.cp) * width
+
+
 def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
-                 recompute: str, early_stop: bool, bias_grads_apart: bool) -> _MicroBatch:
+                 recompute: str, early_stop: bool, eager: bool = False,
+                 fused_qkv: bool = False) -> _MicroBatch:
     layer: LayerPlan = data.plan.layers[i]
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
@@ -423,7 +442,12 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case _:
             assert_never(layer.ffn)
     elem_fwd = (elem * tokens + elem_extra) / rates.hbm
-    elem_bwd = bias_grad_bytes(data, i, layout) / rates.hbm if bias_grads_apart else 0.0
+    elem_bwd = 0.0
+    if eager:  # the torch engine: eager autograd's own passes of the backward
+        # fp8 GEMMs are Transformer Engine's linears (as `fp8_cast_bytes` prices their casts),
+        # whose weight-gradient GEMM computes the bias gradient
+        biases = bias_grad_bytes(data, i, layout) if rates.precision != "fp8" else 0
+        elem_bwd = (biases + (qkv_concat_bytes(data, i, layout) if fused_qkv else 0)) / rates.hbm
     micro = _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside, elem_bwd=elem_bwd)
     match recompute:
         case "full" if early_stop and recompute_skips_last_gemm(layer):
@@ -496,12 +520,13 @@ def _head_micro(data: ModelData, layout: Layout, rates: Rates) -> _MicroBatch:
 class Pricer:
     """Per-layer micro-batch times for one layout configuration, summed per pipeline rank."""
 
-    def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False,
-                 bias_grads_apart: bool = False) -> None:
+    def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False, eager: bool = False,
+                 fused_qkv: bool = False) -> None:
         self.data = data
         self.rates = rates
         self.early_stop = early_stop  # full recompute stops early (`cluster.uses_early_stop`)
-        self.bias_grads_apart = bias_grads_apart  # eager autograd's bias gradients (`bias_grad_bytes`)
+        self.eager = eager  # eager autograd (the torch engine): `bias_grad_bytes`, `qkv_concat_bytes`
+        self.fused_qkv = fused_qkv
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
@@ -520,7 +545,7 @@ class Pricer:
             first: dict[int, _MicroBatch] = {}
             for i in sorted(set(self._twins)):
                 first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute,
-                                        self.early_stop, self.bias_grads_apart)
+                                        self.early_stop, self.eager, self.fused_qkv)
             self._layers[key] = [first[twin] for twin in self._twins]
         return self._layers[key]
 
