@@ -470,6 +470,66 @@ def test_fused_qkv_concatenation_is_priced_under_eager_autograd(capsys: pytest.C
     assert found["megatron", "--fused-qkv"] == found["megatron", "--separate-qkv"]
 
 
+def test_eager_cross_entropy_bytes() -> None:
+    """`F.cross_entropy` on bf16 logits cast to fp32 (torchtitan's loss), op by op in a real
+    backward: the cast (2 + 4 B per logit), the log-softmax (4 + 4), the loss gradient's dense
+    write (4: the forward's gather of the target logits and the scatter of their gradient touch one
+    entry a row), the log-softmax backward (4 + 4 + 4) and the cast back (4 + 2): 36 B, what
+    `pricing.CROSS_ENTROPY_BYTES["eager"]` charges."""
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from archplan.planning.pricing import CROSS_ENTROPY_BYTES
+
+    tokens, vocab = 64, 1000
+    logits = torch.randn(tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    aten = torch.ops.aten
+    # the ops that stream the logits (or their gradient) whole; the nll loss reads one entry a row
+    streaming = {aten._to_copy.default, aten._log_softmax.default, aten._log_softmax_backward_data.default}
+
+    class Bytes(TorchDispatchMode):
+        moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            res = func(*args, **(kwargs or {}))
+            whole = [x for x in (*args, res) if isinstance(x, torch.Tensor) and x.numel() == tokens * vocab]
+            if func in streaming:
+                self.moved += sum(x.numel() * x.element_size() for x in whole)
+            elif func is aten.nll_loss_backward.default:
+                self.moved += res.numel() * res.element_size()
+            return res
+
+    with Bytes() as counted:
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+    assert counted.moved == CROSS_ENTROPY_BYTES["eager"] * tokens * vocab == 36 * tokens * vocab
+
+
+def test_cross_entropy_option_reaches_the_model(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--cross-entropy` prices the loss at its implementation's bytes per logit, on the head's
+    tokens × vocabulary every micro-batch: eager (36 B) and bf16-fused (8 B) against the default
+    fp32-fused (24 B)."""
+    from archplan.planning.parallel import Evaluator
+    from archplan.planning.pricing import CROSS_ENTROPY_BYTES
+
+    args = ("plan", "gpt2", "--gpus", "8", "--gpu", "h100", "--seq", "1024", "--global-batch-tokens", "64K",
+            "--layout", "tp=1,pp=1,dp=8,cp=1,ep=1,zero=3,recompute=full,mb=2", "--json")
+    found = {}
+    for impl in ("fp32-fused", "bf16-fused", "eager"):
+        code, out, _ = run(capsys, monkeypatch, *args, "--cross-entropy", impl)
+        data = json.loads(out)
+        assert code == 0 and data["cross_entropy"] == impl
+        found[impl] = data["layouts"][0]["step_time"]["elementwise"]
+        microbatches = data["layouts"][0]["microbatches"]
+    plan = resolve(load_spec("gpt2"))
+    rate = Evaluator(plan, H100, NET, 1024, Settings(), 72 * 2**30).pricer.rates.hbm
+    logits = 2 * 1024 * plan.vocab_size  # one micro-batch's tokens × the vocabulary (tp = 1)
+    for impl in ("bf16-fused", "eager"):
+        extra = (CROSS_ENTROPY_BYTES[impl] - CROSS_ENTROPY_BYTES["fp32-fused"]) * logits * microbatches / rate
+        assert found[impl] - found["fp32-fused"] == pytest.approx(extra, rel=1e-9)
+
+
 def test_moe_layouts_use_expert_parallelism() -> None:
     result = _search("mixtral-8x7b", 64)
     assert result.feasible

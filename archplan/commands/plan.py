@@ -63,6 +63,14 @@ class PrecisionChoice(str, Enum):
     fp8 = "fp8"
 
 
+class CrossEntropyChoice(str, Enum):
+    """How the run computes its loss (pricing.CROSS_ENTROPY_BYTES)."""
+
+    fp32_fused = "fp32-fused"
+    bf16_fused = "bf16-fused"
+    eager = "eager"
+
+
 class FlashImplChoice(str, Enum):
     """Which FlashAttention implementation runs `--attention flash` (hardware.FLASH_IMPL_SPEED)."""
 
@@ -537,6 +545,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "flash_impl": settings.flash_impl,
         "recompute_early_stop": settings.stops_early,
         "fused_qkv": settings.fused_qkv,
+        "cross_entropy": settings.cross_entropy,
         "headroom": result.headroom,
         "usable_bytes_per_gpu": result.usable_bytes,
         "network": {"intra_node_bytes_per_s": result.net.intra_node,
@@ -697,7 +706,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: {overlap}; "
-                  f"CP K/V by {settings.cp_comm}; full recompute {recompute}{eager}")
+                  f"CP K/V by {settings.cp_comm}; full recompute {recompute}{eager}; loss "
+                  f"{settings.cross_entropy}")
     if seq_note:
         console.print(f"[yellow]note:[/] {escape(seq_note)}")
     for reason in result.reasons:
@@ -742,8 +752,8 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "--solve": _ANSWERED | {"solve", "tol", "multiple"},
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
-        "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "headroom", "gpus_per_node",
-        "nvlink_gbs", "ib_gbs"},
+        "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy", "headroom",
+        "gpus_per_node", "nvlink_gbs", "ib_gbs"},
 }
 
 
@@ -830,6 +840,12 @@ def register(app: typer.Typer) -> None:
             "GPT-2's c_attn) or three do (torchtitan, Hugging Face Llama). Under --states fsdp2 (eager "
             "autograd) the split's backward concatenates the three gradients, a copy priced at HBM "
             "bandwidth; Transformer Engine splits without one.", rich_help_panel=MODEL_PANEL)] = False,
+        cross_entropy: Annotated[CrossEntropyChoice, typer.Option(
+            "--cross-entropy",
+            help="The loss's implementation, HBM bytes per logit forward and backward: fp32-fused (a fused "
+            "kernel over fp32 logits, Megatron's vocab-parallel loss: 24), bf16-fused (flash-attention's or "
+            "Apex's kernel on bf16 logits, llm-foundry's default: 8), eager (F.cross_entropy on logits cast to "
+            "fp32, torchtitan and Hugging Face: 36).", rich_help_panel=MODEL_PANEL)] = CrossEntropyChoice.fp32_fused,
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
@@ -864,7 +880,7 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
-                                 flash_impl, early_stop, fused_qkv)
+                                 flash_impl, early_stop, fused_qkv, cross_entropy)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
@@ -935,7 +951,8 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
 def _settings(efficiency: float | None, states: StatesChoice, attention: KernelChoice,
               grad_reduce: GradReduceChoice | None, cp_comm: CPCommChoice, overlap: str,
               precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2,
-              early_stop: bool | None = None, fused_qkv: bool = False) -> Settings:
+              early_stop: bool | None = None, fused_qkv: bool = False,
+              cross_entropy: CrossEntropyChoice = CrossEntropyChoice.fp32_fused) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -952,7 +969,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         grad_reduce=None if grad_reduce is None else (4 if grad_reduce is GradReduceChoice.fp32 else 2),
         cp_comm=cp_comm.value, overlap=frozenset(parts), precision=precision.value,  # type: ignore[arg-type]
         efficiency=efficiency, flash_impl=flash_impl.value,  # type: ignore[arg-type]
-        early_stop=early_stop, fused_qkv=fused_qkv,
+        early_stop=early_stop, fused_qkv=fused_qkv, cross_entropy=cross_entropy.value,  # type: ignore[arg-type]
     )
 
 

@@ -30,7 +30,16 @@ from archplan.planning.cluster import (
 )
 from archplan.planning.layout import (Layout, PartialLayout, check_layout, check_partial, group_problem,
                                      layout_problem)
-from archplan.planning.pricing import Network, Precision, Pricer, StepTime, price, rates_for, spans_nodes
+from archplan.planning.pricing import (
+    CrossEntropyImpl,
+    Network,
+    Precision,
+    Pricer,
+    StepTime,
+    price,
+    rates_for,
+    spans_nodes,
+)
 from archplan.planning.records import RankMemory
 from archplan.resolve import (
     AttentionPlan,
@@ -127,6 +136,7 @@ class Settings:
     # q, k and v projected by one linear and split (llm-foundry's Wqkv): under eager autograd the
     # split's backward concatenates their gradients (`pricing.qkv_concat_bytes`)
     fused_qkv: bool = False
+    cross_entropy: CrossEntropyImpl = "fp32-fused"  # the loss's implementation (`pricing.CROSS_ENTROPY_BYTES`)
 
     @property
     def reduce_bytes(self) -> int:
@@ -279,7 +289,7 @@ class Evaluator:
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl),
                              settings.stops_early, eager=settings.states.engine == "torch",
-                             fused_qkv=settings.fused_qkv)
+                             fused_qkv=settings.fused_qkv, loss=settings.cross_entropy)
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 

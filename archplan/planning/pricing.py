@@ -24,7 +24,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   engine (eager autograd) the backward also sums every linear bias's output gradient in a pass of
   its own (`bias_grad_bytes`), and, where one linear projects q, k and v (`fused_qkv`),
   concatenates their gradients (`qkv_concat_bytes`); Transformer Engine fuses the first into the
-  weight-gradient GEMM and splits without a copy.
+  weight-gradient GEMM and splits without a copy. The loss at its implementation's bytes per logit
+  (`CROSS_ENTROPY_BYTES`).
 - recompute: full re-runs the forward, selective the eager attention core.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
   fraction of the dense peak.
@@ -111,10 +112,23 @@ from archplan.resolve import (
 Precision = Literal["bf16", "fp8"]
 PRECISIONS: tuple[Precision, ...] = ("bf16", "fp8")
 OPTIMIZER_BYTES_PER_PARAM = 30
-# fp32 logits written and read by the fused softmax-cross-entropy, per vocabulary entry; the
-# backward (the fp32 logit gradient written and read by the head's GEMMs) is twice that, as for
-# every elementwise kernel here
-CE_BYTES = 8
+# The loss's HBM bytes per logit (per token and vocabulary entry), forward and backward together,
+# by implementation (`--cross-entropy`), split 1:2 between the passes as every elementwise kernel
+# here:
+# - fp32-fused: a fused softmax-cross-entropy over fp32 logits (Megatron's vocab-parallel loss),
+#   the logits written and read, 8 B, and the fp32 gradient written and read by the head's GEMMs,
+#   16 B; the convention the family constants were calibrated with;
+# - bf16-fused: flash-attention's cross-entropy kernel on the bf16 logits (llm-foundry's default
+#   `loss_fn: fused_crossentropy`; the xentropy kernel of flash-attention 1.0.9, from Apex): its
+#   forward reads each row twice (the max and sum, then the sum of exponentials), its backward
+#   reads it once and writes the gradient, 4 + 2 + 2 B;
+# - eager: `F.cross_entropy` on logits cast to fp32 (torchtitan's `self.output(h).float()`,
+#   Hugging Face): the cast (2 + 4), the log-softmax (4 + 4), the loss gradient's dense write (4),
+#   the log-softmax backward (4 + 4 + 4) and the cast back (4 + 2), 36 B (op by op in a real
+#   backward: tests/test_plan.py).
+CrossEntropyImpl = Literal["fp32-fused", "bf16-fused", "eager"]
+CROSS_ENTROPY_IMPLS: tuple[CrossEntropyImpl, ...] = ("fp32-fused", "bf16-fused", "eager")
+CROSS_ENTROPY_BYTES: dict[CrossEntropyImpl, int] = {"fp32-fused": 24, "bf16-fused": 8, "eager": 36}
 # FFT convolutions (S4, Hyena, StripedHyena) are not GEMMs: cuFFT runs on the CUDA cores and at
 # these lengths is bound by memory traffic, not by its 2.5·n·log2 n FLOPs (Fu et al. 2023,
 # FlashFFTConv §1-2: the FFT convolution is I/O-bound and uses no tensor cores). So they are
@@ -509,24 +523,26 @@ def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Lay
             assert_never(mixer)
 
 
-def _head_micro(data: ModelData, layout: Layout, rates: Rates) -> _MicroBatch:
-    """The LM head GEMM (bf16) and the vocab-parallel cross-entropy of the last chunk."""
+def _head_micro(data: ModelData, layout: Layout, rates: Rates, loss: CrossEntropyImpl) -> _MicroBatch:
+    """The LM head GEMM (bf16) and the vocab-parallel cross-entropy of the last chunk, at the
+    loss implementation's bytes (`CROSS_ENTROPY_BYTES`)."""
     tokens = layout.mb * data.seq // layout.cp
     vocab = math.ceil(data.plan.vocab_size / layout.tp)
     gemm = gemm_time(tokens, vocab, data.plan.d_model, rates)
-    return _MicroBatch(gemm, 2 * gemm, 0.0, 0.0, tokens * vocab * CE_BYTES / rates.hbm)
+    return _MicroBatch(gemm, 2 * gemm, 0.0, 0.0, tokens * vocab * CROSS_ENTROPY_BYTES[loss] / 3 / rates.hbm)
 
 
 class Pricer:
     """Per-layer micro-batch times for one layout configuration, summed per pipeline rank."""
 
     def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False, eager: bool = False,
-                 fused_qkv: bool = False) -> None:
+                 fused_qkv: bool = False, loss: CrossEntropyImpl = "fp32-fused") -> None:
         self.data = data
         self.rates = rates
         self.early_stop = early_stop  # full recompute stops early (`cluster.uses_early_stop`)
         self.eager = eager  # eager autograd (the torch engine): `bias_grad_bytes`, `qkv_concat_bytes`
         self.fused_qkv = fused_qkv
+        self.loss = loss  # the cross-entropy's implementation (`CROSS_ENTROPY_BYTES`)
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
@@ -566,7 +582,7 @@ class Pricer:
                 for micro in per_layer[chunk.layers.start:chunk.layers.stop]:
                     total = total + micro
                 if chunk.last:
-                    total = total + _head_micro(self.data, layout, self.rates)
+                    total = total + _head_micro(self.data, layout, self.rates, self.loss)
             self._stages[key] = total
         return self._stages[key]
 
@@ -821,7 +837,7 @@ def _fetch_ops(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
     projection, while that projection's parameters are being gathered. Their sum is the rank's
     compute for one micro-batch."""
     per_layer = pricer.layers(layout, kernel)
-    head = _head_micro(data, layout, pricer.rates)
+    head = _head_micro(data, layout, pricer.rates, pricer.loss)
     trace = fetch_trace(data, layout, stage)[0]
 
     def gemms(tensors: tuple[Tensor, ...], layer: int) -> tuple[float, float]:
