@@ -150,7 +150,6 @@ class KernelEfficiency:
 # head dim 64 and 128); the Triton kernel runs at 1/1.4 (the range's middle) and 1/2 of the FA2
 # rates, forward and backward, on every family (the only published ratio; not fitted).
 FlashImpl = Literal["fa2", "triton"]
-FLASH_IMPLS: tuple[FlashImpl, ...] = ("fa2", "triton")
 FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "triton": (1 / 1.4, 1 / 2)}
 
 

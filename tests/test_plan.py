@@ -530,6 +530,20 @@ def test_cross_entropy_option_reaches_the_model(capsys: pytest.CaptureFixture[st
         assert found[impl] - found["fp32-fused"] == pytest.approx(extra, rel=1e-9)
 
 
+def test_cli_choices_are_the_models() -> None:
+    """Each `plan` option's choices are exactly the values its model type accepts."""
+    from typing import get_args
+
+    from archplan.commands.plan import CrossEntropyChoice, FlashImplChoice, PrecisionChoice
+    from archplan.hardware import FlashImpl
+    from archplan.planning.pricing import CROSS_ENTROPY_BYTES, CrossEntropyImpl, Precision
+
+    for choice, values in ((CrossEntropyChoice, get_args(CrossEntropyImpl)), (FlashImplChoice, get_args(FlashImpl)),
+                           (PrecisionChoice, get_args(Precision))):
+        assert [c.value for c in choice] == list(values)
+    assert list(CROSS_ENTROPY_BYTES) == list(get_args(CrossEntropyImpl))
+
+
 def test_moe_layouts_use_expert_parallelism() -> None:
     result = _search("mixtral-8x7b", 64)
     assert result.feasible

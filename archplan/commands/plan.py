@@ -700,7 +700,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
     recompute = ("stops early (non-reentrant checkpoint)" if settings.stops_early
                  else "re-runs the whole block")
-    passes = [] if settings.states.engine != "torch" else (
+    passes = [] if not settings.eager else (
         (["bias gradients summed apart"] if settings.precision != "fp8" else [])
         + (["fused QKV's gradients concatenated"] if settings.fused_qkv else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""

@@ -143,6 +143,12 @@ class Settings:
         return self.states.grad_bytes if self.grad_reduce is None else self.grad_reduce
 
     @property
+    def eager(self) -> bool:
+        """Whether the states' engine runs eager PyTorch autograd (the torch engine), whose own
+        backward passes `pricing` charges (`bias_grad_bytes`, `qkv_concat_bytes`)."""
+        return self.states.engine == "torch"
+
+    @property
     def stops_early(self) -> bool:
         return uses_early_stop(self.states, self.early_stop)
 
@@ -288,7 +294,7 @@ class Evaluator:
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl),
-                             settings.stops_early, eager=settings.states.engine == "torch",
+                             settings.stops_early, eager=settings.eager,
                              fused_qkv=settings.fused_qkv, loss=settings.cross_entropy)
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")

@@ -110,7 +110,6 @@ from archplan.resolve import (
 )
 
 Precision = Literal["bf16", "fp8"]
-PRECISIONS: tuple[Precision, ...] = ("bf16", "fp8")
 OPTIMIZER_BYTES_PER_PARAM = 30
 # The loss's HBM bytes per logit (per token and vocabulary entry), forward and backward together,
 # by implementation (`--cross-entropy`), split 1:2 between the passes as every elementwise kernel
@@ -127,7 +126,6 @@ OPTIMIZER_BYTES_PER_PARAM = 30
 #   the log-softmax backward (4 + 4 + 4) and the cast back (4 + 2), 36 B (op by op in a real
 #   backward: tests/test_plan.py).
 CrossEntropyImpl = Literal["fp32-fused", "bf16-fused", "eager"]
-CROSS_ENTROPY_IMPLS: tuple[CrossEntropyImpl, ...] = ("fp32-fused", "bf16-fused", "eager")
 CROSS_ENTROPY_BYTES: dict[CrossEntropyImpl, int] = {"fp32-fused": 24, "bf16-fused": 8, "eager": 36}
 # FFT convolutions (S4, Hyena, StripedHyena) are not GEMMs: cuFFT runs on the CUDA cores and at
 # these lengths is bound by memory traffic, not by its 2.5·n·log2 n FLOPs (Fu et al. 2023,
