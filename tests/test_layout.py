@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from archplan.analytic import count_params
-from archplan.errors import ArchplanError
 from archplan.hardware import KERNEL_EFFICIENCY, accelerator, kernel_efficiency
 from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning.cluster import (
