@@ -39,7 +39,12 @@ PLAN_OPTIONS: dict[str, list[str]] = {
     "--gpus-per-node": ["4", "8", "72", "0"],
     "--ib-gbs": ["50", "0", "1e9"],
     "--nvlink-gbs": ["450", "0"],
+    "--cp-comm": ["all_gather", "ring", "tree"],
+    "--flash-impl": ["fa2", "triton", "fa3"],
+    "--cross-entropy": ["fp32-fused", "bf16-fused", "eager", "fp16"],
 }
+# The switches that take no value, each pair's two sides drawn alike.
+PLAN_FLAGS = ["--recompute-early-stop", "--no-recompute-early-stop", "--fused-qkv", "--separate-qkv"]
 
 SIZE_OPTIONS: dict[str, list[str]] = {
     "--context": ["1", "3", "4096", "1000000", "0", "-5"],
@@ -98,10 +103,11 @@ FUZZ = settings(max_examples=30, deadline=None,
 
 @FUZZ
 @given(spec=st.sampled_from(PRESETS), gpus=st.sampled_from(["1", "8", "64", "512", "0"]),
-       options=_options(PLAN_OPTIONS), json_out=st.booleans())
-def test_plan_layout_options(spec: str, gpus: str, options: list[str], json_out: bool,
+       options=_options(PLAN_OPTIONS), flags=st.lists(st.sampled_from(PLAN_FLAGS), max_size=2),
+       json_out=st.booleans())
+def test_plan_layout_options(spec: str, gpus: str, options: list[str], flags: list[str], json_out: bool,
                              capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = ["plan", spec, "--gpus", gpus, *options, *(["--json"] if json_out else [])]
+    argv = ["plan", spec, "--gpus", gpus, *options, *flags, *(["--json"] if json_out else [])]
     _assert_clean(run_main(argv, capsys, monkeypatch), json_out)
 
 
