@@ -700,9 +700,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
     recompute = ("stops early (non-reentrant checkpoint)" if settings.stops_early
                  else "re-runs the whole block")
-    passes = [] if not settings.eager else (
-        (["bias gradients summed apart"] if settings.precision != "fp8" else [])
-        + (["fused QKV's gradients concatenated"] if settings.fused_qkv else []))
+    passes = ((["bias gradients summed apart"] if settings.bias_grad_pass else [])
+              + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{'fp32' if settings.reduce_bytes == 4 else 'bf16'}; overlap: {overlap}; "

@@ -145,8 +145,22 @@ class Settings:
     @property
     def eager(self) -> bool:
         """Whether the states' engine runs eager PyTorch autograd (the torch engine), whose own
-        backward passes `pricing` charges (`bias_grad_bytes`, `qkv_concat_bytes`)."""
+        backward passes `pricing` charges (`bias_grad_pass`, `qkv_concat_pass`)."""
         return self.states.engine == "torch"
+
+    @property
+    def bias_grad_pass(self) -> bool:
+        """Whether the backward sums each linear bias's gradient in a pass of its own
+        (`pricing.bias_grad_bytes`): under eager autograd, but not for fp8 runs, whose block
+        linears are Transformer Engine's (as `pricing.fp8_cast_bytes` prices their casts) and
+        compute it in the weight-gradient GEMM."""
+        return self.eager and self.precision != "fp8"
+
+    @property
+    def qkv_concat_pass(self) -> bool:
+        """Whether the backward concatenates a fused QKV projection's three gradients
+        (`pricing.qkv_concat_bytes`): under eager autograd, where one linear projects them."""
+        return self.eager and self.fused_qkv
 
     @property
     def stops_early(self) -> bool:
@@ -294,8 +308,8 @@ class Evaluator:
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl),
-                             settings.stops_early, eager=settings.eager,
-                             fused_qkv=settings.fused_qkv, loss=settings.cross_entropy)
+                             settings.stops_early, bias_grads=settings.bias_grad_pass,
+                             qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy)
         self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 

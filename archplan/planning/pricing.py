@@ -371,8 +371,8 @@ def qkv_concat_bytes(data: ModelData, i: int, layout: Layout) -> int:
 
 
 def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
-                 recompute: str, early_stop: bool, eager: bool = False,
-                 fused_qkv: bool = False) -> _MicroBatch:
+                 recompute: str, early_stop: bool, bias_grads: bool = False,
+                 qkv_concat: bool = False) -> _MicroBatch:
     layer: LayerPlan = data.plan.layers[i]
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
@@ -454,12 +454,9 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case _:
             assert_never(layer.ffn)
     elem_fwd = (elem * tokens + elem_extra) / rates.hbm
-    elem_bwd = 0.0
-    if eager:  # the torch engine: eager autograd's own passes of the backward
-        # fp8 GEMMs are Transformer Engine's linears (as `fp8_cast_bytes` prices their casts),
-        # whose weight-gradient GEMM computes the bias gradient
-        biases = bias_grad_bytes(data, i, layout) if rates.precision != "fp8" else 0
-        elem_bwd = (biases + (qkv_concat_bytes(data, i, layout) if fused_qkv else 0)) / rates.hbm
+    # eager autograd's own passes of the backward (`Settings.bias_grad_pass`, `qkv_concat_pass`)
+    elem_bwd = ((bias_grad_bytes(data, i, layout) if bias_grads else 0)
+                + (qkv_concat_bytes(data, i, layout) if qkv_concat else 0)) / rates.hbm
     micro = _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside, elem_bwd=elem_bwd)
     match recompute:
         case "full" if early_stop and recompute_skips_last_gemm(layer):
@@ -533,13 +530,13 @@ def _head_micro(data: ModelData, layout: Layout, rates: Rates, loss: CrossEntrop
 class Pricer:
     """Per-layer micro-batch times for one layout configuration, summed per pipeline rank."""
 
-    def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False, eager: bool = False,
-                 fused_qkv: bool = False, loss: CrossEntropyImpl = "fp32-fused") -> None:
+    def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False, bias_grads: bool = False,
+                 qkv_concat: bool = False, loss: CrossEntropyImpl = "fp32-fused") -> None:
         self.data = data
         self.rates = rates
         self.early_stop = early_stop  # full recompute stops early (`cluster.uses_early_stop`)
-        self.eager = eager  # eager autograd (the torch engine): `bias_grad_bytes`, `qkv_concat_bytes`
-        self.fused_qkv = fused_qkv
+        self.bias_grads = bias_grads  # the backward sums bias gradients apart (`bias_grad_bytes`)
+        self.qkv_concat = qkv_concat  # and concatenates fused q, k, v gradients (`qkv_concat_bytes`)
         self.loss = loss  # the cross-entropy's implementation (`CROSS_ENTROPY_BYTES`)
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self._twins = _first_twins(data)
@@ -559,7 +556,7 @@ class Pricer:
             first: dict[int, _MicroBatch] = {}
             for i in sorted(set(self._twins)):
                 first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute,
-                                        self.early_stop, self.eager, self.fused_qkv)
+                                        self.early_stop, self.bias_grads, self.qkv_concat)
             self._layers[key] = [first[twin] for twin in self._twins]
         return self._layers[key]
 
