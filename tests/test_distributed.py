@@ -675,6 +675,23 @@ def test_fake_verify_zero_1_experts(fake_world: None) -> None:
         assert any(r.mesh_dim == "expert_dp" and r.measured for r in result.collectives)
 
 
+@pytest.mark.parametrize("dp", [8, 6])
+def test_fake_verify_experts_sharded_on_dim_1_only_where_it_splits_evenly(fake_world: None, dp: int) -> None:
+    """Two local experts over more replicas (expert_dp = dp / ep): FSDP2 shards the experts' dim 1
+    (64 wide) over 4 replicas, and pads dim 0 over 3, as it refuses an uneven shard of dim 1 (a
+    layout plan ranked first for a preset once failed here); model states and collectives exact."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-moe.yaml"))
+    layout = parse_layout(f"tp=1,cp=1,pp=1,dp={dp},ep=2,zero=3,recompute=none,mb=1").complete()
+    result = check_layout_run(plan, layout, 32, microbatches=1)
+    rows = {r.category: r for r in result.memory}
+    for name in ("parameters", "gradients", "optimizer"):
+        assert rows[name].measured == rows[name].analytic > 0, rows[name]
+    for row in result.collectives:
+        assert row.ok, row
+
+
 def test_fake_verify_shown_rows_carry_no_verdict(fake_world: None) -> None:
     """The temporary and collective-buffer rows are shown, not judged: a neutral mark in the table
     (not a ✓), `ok` null in the JSON, and the verdict is that of the judged rows and collectives."""

@@ -264,11 +264,13 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
         # experts are their own unit whenever other ranks hold them than the dense weights (ep
         # splits them; under tp every tp rank holds them whole and feeds them its own tokens)
         if isinstance(moe, MoEFFN) and (mesh.layout.ep > 1 or mesh.layout.tp > 1):
-            # fewer local experts than shards: shard the FFN width instead of padding dim 0
-            # (torchtitan `apply_fsdp`'s `_experts_shard_placement_fn`)
+            # fewer local experts than shards: shard dim 1 instead of padding dim 0 (torchtitan
+            # `apply_fsdp`'s `_experts_shard_placement_fn`), where it splits evenly: FSDP2 pads
+            # dim 0 only and refuses an uneven shard of any other dim
             replicas = mesh.experts.size()
             experts = unit(moe.experts, mesh.experts,
-                           shard_placement_fn=lambda p: Shard(1) if p.shape[0] < replicas else Shard(0))
+                           shard_placement_fn=lambda p: Shard(1) if p.shape[0] < replicas and p.shape[1] % replicas == 0
+                           else Shard(0))
             # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
             # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
             # expert gradient scaling)

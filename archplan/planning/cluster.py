@@ -24,7 +24,7 @@ holds both ends (pp = 1); with pp > 1 the last stage holds a copy (Megatron's sh
 Tensor parallelism splits each tensor as `shards.Tensor.local_shape` says; experts are split over
 ep. Expert tensors replicate over the expert data-parallel group (dp·cp/ep ranks) × tp (experts
 are whole on every tp rank: `expert_replicas`; FSDP2 shards their dim 1 when a rank has fewer
-experts than that group has ranks, torchtitan's placement), everything else
+experts than that group has ranks and dim 1 splits evenly, torchtitan's placement), everything else
 over the dp·cp ranks (context-parallel ranks hold the same weights: Megatron reduces gradients over
 the data × context group).
 
@@ -677,10 +677,10 @@ def _fsdp_numel(tensors: tuple[Tensor, ...], tp: int, ep: int, dp: int, edp: int
         shape = t.local_shape(tp, ep)
         rest = math.prod(shape[1:])
         own = _own_unit(t, tp, ep)
-        if own and shape[0] < edp:
-            # fewer local experts than shards: FSDP2 shards dim 1 instead (`distributed.shard`,
-            # torchtitan's `_experts_shard_placement_fn`)
-            expert += shape[0] * math.ceil(shape[1] / edp) * math.prod(shape[2:])
+        if own and shape[0] < edp and shape[1] % edp == 0:
+            # fewer local experts than shards: FSDP2 shards dim 1 instead where it splits evenly
+            # (`distributed.shard`, torchtitan's `_experts_shard_placement_fn`); otherwise dim 0, padded
+            expert += shape[0] * (shape[1] // edp) * math.prod(shape[2:])
         elif own:
             expert += math.ceil(shape[0] / edp) * rest
         else:
