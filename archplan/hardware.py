@@ -128,6 +128,13 @@ class KernelEfficiency:
       accumulation measures 1.1-1.2× faster (pytorch/ao issue 2377, H100; torchao makes the same
       choice); 1.15, the range's middle. 1.0 where the GPU has no such mode (Blackwell's sm100
       accumulates in full precision either way) or no fp8.
+    ring_nics: how many NICs a data-parallel (or context-parallel) ring that leaves the node moves
+      one rank's bytes over. "members": as many as the group has members on a node, since NCCL runs
+      one ring per NIC and splits the bytes between them (NCCL's maintainers measure 192 GB/s of
+      all-reduce bus bandwidth across DGX A100 nodes with eight 200 Gb/s NICs, NVIDIA/nccl issue
+      812, against 24 GB/s with one, issue 412); "one": one NIC per GPU whatever the group. The
+      default is the source's; a family keeps "one" only where its runs in the issue's data set
+      require it (docs/validation.md, "The ring's NICs per GPU family").
     """
 
     family: str
@@ -141,6 +148,7 @@ class KernelEfficiency:
     latency: float
     source: str
     fp8_split_acc: float = 1.0
+    ring_nics: RingNics = "members"
 
 
 # FlashAttention implementations: the FA2 kernel the family rates above describe, or the Triton
@@ -150,6 +158,8 @@ class KernelEfficiency:
 # head dim 64 and 128); the Triton kernel runs at 1/1.4 (the range's middle) and 1/2 of the FA2
 # rates, forward and backward, on every family (the only published ratio; not fitted).
 FlashImpl = Literal["fa2", "triton"]
+RingNics = Literal["one", "members"]
+RING_NICS: tuple[RingNics, ...] = ("one", "members")
 FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "triton": (1 / 1.4, 1 / 2)}
 
 
@@ -177,13 +187,15 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
                 "(docs/validation.md); attention: Dao 2023 (FlashAttention-2) Fig. 4-5, A100 causal "
                 "hd128 ~190 TF/s forward, ~160 backward; hbm: STREAM-class copies ~1.6 of 2.0 TB/s; "
                 "links: nccl-tests all-reduce bus bandwidth ~235 of 300 GB/s NVLink 3, ~23 of 25 GB/s "
-                "per HDR NIC")),
+                "per HDR NIC; ring_nics: one, as DeepSpeed's ZeRO-3 rows of Narayanan et al. 2021 Table 2 "
+                "require (docs/validation.md)"), ring_nics="one"),
     "hopper": KernelEfficiency(
         "hopper (H100/H800/H200)", gemm=0.62, attention_fwd=335 * TERA, attention_bwd=290 * TERA,
         attention_hd64=0.80, hbm=0.80, intra_link=0.80, inter_link=0.90, latency=20e-6,
         source=("gemm: calibrated on Llama 3 Table 4 (docs/validation.md); attention: Shah et al. 2024 "
                 "(FlashAttention-3) Fig. 5-6, FlashAttention-2 on H100 causal hd128 ~335 TF/s forward, "
-                "~290 backward; hbm and links: nccl-tests NVLink 4 ~360 of 450 GB/s, NDR ~45 of 50 GB/s"),
+                "~290 backward; hbm and links: nccl-tests NVLink 4 ~360 of 450 GB/s, NDR ~45 of 50 GB/s; "
+                "ring_nics: members (NCCL's multi-NIC rings; no run of the issue's data set says otherwise)"),
         fp8_split_acc=1.15),
 }
 
@@ -203,7 +215,8 @@ def kernel_efficiency(gpu: Accelerator) -> tuple[KernelEfficiency, bool]:
         return KernelEfficiency(f"uncalibrated ({gpu.name}, Hopper fractions)", hopper.gemm,
                                 hopper.attention_fwd * scale, hopper.attention_bwd * scale,
                                 hopper.attention_hd64, hopper.hbm, hopper.intra_link,
-                                hopper.inter_link, hopper.latency, hopper.source), False
+                                hopper.inter_link, hopper.latency, hopper.source,
+                                ring_nics=hopper.ring_nics), False
     return KERNEL_EFFICIENCY[family], True
 
 

@@ -30,17 +30,19 @@ from archplan.planning.cluster import (
     step_collectives,
 )
 from archplan.planning.layout import Layout, parse_layout, pipeline_chunks
-from archplan.planning.parallel import Settings, interconnect, rails, search
+from archplan.planning.parallel import Settings, interconnect, network, rails, search
 from archplan.planning.pricing import (
     Pricer,
     Rates,
+    collective_time,
     fp8_cast_bytes,
     gemm_time,
+    members_per_node,
     rates_for,
     tensor_gemm,
     tp_overlap_cost,
 )
-from archplan.planning.records import tally
+from archplan.planning.records import Collective, MeshDim, tally
 from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
 from archplan.resolve import MLAPlan, StripedHyenaPlan, resolve
 from archplan.spec import S4, S4D, Hyena, StripedHyena
@@ -830,11 +832,54 @@ def test_zero3_over_many_ranks_carries_the_validation_note(capsys: pytest.Captur
 
 
 @pytest.mark.parametrize("layout,nics", [
-    (Layout(dp=64), 8), (Layout(tp=2, dp=32), 4), (Layout(tp=2, cp=2, dp=16), 2),
+    (Layout(dp=64), 8), (Layout(tp=2, dp=32), 4), (Layout(tp=2, cp=2, dp=16), 4),
     (Layout(tp=8, dp=8), 1), (Layout(dp=8), 1), (Layout(tp=2, dp=4, pp=8), 1), (Layout(dp=2, tp=2, pp=16), 1),
 ])
 def test_rails_are_the_ring_members_on_one_node(layout: Layout, nics: int) -> None:
+    """The gradient ring's members on a node: over dp·cp when cp > 1 (Megatron reduces over the
+    data × context group), so TP2 CP2 DP16 has 4 on each node."""
     assert rails(layout, 8) == nics
+
+
+@pytest.mark.parametrize("mesh,layout,members", [
+    ("dp", Layout(tp=2, cp=2, dp=16), 2), ("dp_cp", Layout(tp=2, cp=2, dp=16), 4),
+    ("cp", Layout(tp=4, cp=4, dp=4), 2), ("expert_dp", Layout(dp=64, ep=8), 1),
+    ("expert_dp", Layout(dp=64, ep=2), 4), ("expert_dp", Layout(tp=2, dp=32, ep=2), 4),
+    ("tp", Layout(tp=8, dp=8), 1), ("pp", Layout(pp=8, dp=8), 1), ("ep", Layout(dp=64, ep=64), 1),
+])
+def test_members_per_node_follow_the_rank_order(mesh: MeshDim, layout: Layout, members: int) -> None:
+    """Ranks ordered tp, cp, dp (EP groups consecutive within it), pp: how many of one group share
+    a node of 8; the experts' replicas are expert-data-parallel ranks × tp."""
+    assert members_per_node(mesh, layout, 8) == members
+
+
+def test_rings_across_nodes_drive_their_members_nics() -> None:
+    """Under ring_nics "members" a data-parallel ring with k members on a node moves its bytes over
+    k NICs, capped by NVLink; all-to-alls and sends keep one NIC, and "one" prices every ring so."""
+    eff, _ = kernel_efficiency(H100)
+    one, members = (network(NET, rule) for rule in ("one", "members"))
+    gather = Collective("all_gather", "dp", 64, 2**30, 1, "weights")
+    nic = NET.inter_node * eff.inter_link
+    for layout, k in ((Layout(dp=64), 8), (Layout(tp=2, dp=32), 4), (Layout(tp=8, dp=8), 1)):
+        c = replace(gather, group_size=layout.dp)
+        assert collective_time(c, layout, one, eff) == pytest.approx(c.wire_bytes / nic + eff.latency)
+        bandwidth = min(k * nic, NET.intra_node * eff.intra_link)
+        assert collective_time(c, layout, members, eff) == pytest.approx(c.wire_bytes / bandwidth + eff.latency)
+    assert 8 * nic == pytest.approx(NET.intra_node * eff.intra_link)  # H100: 8 NDR NICs fill NVLink's share
+    send = Collective("send", "pp", 2, 2**30, 1, "activations")
+    layout = Layout(pp=16, dp=4)
+    assert collective_time(send, layout, members, eff) == collective_time(send, layout, one, eff)
+    a2a = Collective("all_to_all", "ep", 16, 2**30, 1, "dispatch")
+    layout = Layout(dp=16, ep=16)
+    assert collective_time(a2a, layout, members, eff) == collective_time(a2a, layout, one, eff)
+
+
+@pytest.mark.parametrize("gpu,rule", [("h100", "members"), ("h200", "members"), ("h800", "members"),
+                                      ("a100-40gb", "one"), ("a100-80gb", "one"), ("b200", "members")])
+def test_ring_convention_per_family(gpu: str, rule: str) -> None:
+    """Hopper takes NCCL's multi-NIC rings; Ampere keeps one NIC, as the issue's DeepSpeed ZeRO-3
+    rows require (docs/validation.md); uncalibrated GPUs take the Hopper constants'."""
+    assert kernel_efficiency(accelerator(gpu))[0].ring_nics == rule
 
 
 FSDP_13B_SHAPE = ["plan", "llama-2-7b", "--gpus", "64", "--gpu", "h100", "--seq", "2048",
@@ -843,27 +888,50 @@ FSDP_13B_SHAPE = ["plan", "llama-2-7b", "--gpus", "64", "--gpu", "h100", "--seq"
 
 def test_data_parallel_bound_layout_shows_the_network_range(capsys: pytest.CaptureFixture[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """FSDP over 8 nodes with 2 sequences per GPU (MosaicML's MPT-13B shape): at one NIC per GPU
-    the data-parallel traffic is most of the step, so plan also prices the ring over its 8 NICs."""
+    """FSDP over 8 nodes with 2 sequences per GPU (MosaicML's MPT-13B shape). On H100 the ring is
+    priced over its 8 NICs per node and plan shows the one-NIC end, where the data-parallel traffic
+    is most of the step; on A100 the other way round; --ring-nics turns the H100 search around."""
     code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "fsdp2", "--json")
     assert code == 0
     r = json.loads(out)
     top, bound = r["layouts"][0], r["network_bound"]
-    assert top["step_time"]["dp"] > 0.3 * top["step_time"]["total"]
-    assert bound["nics_per_gpu"] == 8 and bound["layout"] == top["layout"]
-    assert bound["tokens_per_s_per_gpu"] > 1.5 * top["tokens_per_s_per_gpu"]
-    assert bound["dp_s"] < top["step_time"]["dp"] / 4
-    assert any("8 NICs" in note and "--ib-gbs 400" in note for note in r["notes"])
+    assert r["network"]["ring_nics"] == "members"
+    assert bound["ring_nics"] == "one" and bound["nics_per_gpu"] == 1 and bound["layout"] == top["layout"]
+    assert bound["dp_s"] > 0.3 * bound["step_s"]
+    assert top["tokens_per_s_per_gpu"] > 1.5 * bound["tokens_per_s_per_gpu"]
+    assert bound["dp_s"] > 4 * top["step_time"]["dp"]
+    assert any("8 NICs per node" in note and "--ring-nics one" in note for note in r["notes"])
+
+    code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "fsdp2", "--ring-nics", "one", "--json")
+    assert code == 0
+    one = json.loads(out)
+    assert one["network"]["ring_nics"] == "one" and one["network_bound"]["ring_nics"] == "members"
+    assert one["layouts"][0]["tokens_per_s_per_gpu"] == pytest.approx(bound["tokens_per_s_per_gpu"])
+    assert one["network_bound"]["tokens_per_s_per_gpu"] == pytest.approx(top["tokens_per_s_per_gpu"])
+    assert any("8 NICs" in note and "--ring-nics members" in note for note in one["notes"])
+
+    a100 = [a if a != "h100" else "a100-80gb" for a in FSDP_13B_SHAPE]
+    code, out, _ = run(capsys, monkeypatch, *a100, "--states", "fsdp2", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["network"]["ring_nics"] == "one" and r["network_bound"]["nics_per_gpu"] == 8
+    assert r["network_bound"]["tokens_per_s_per_gpu"] > 1.5 * r["layouts"][0]["tokens_per_s_per_gpu"]
     code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "fsdp2")
-    assert "NIC per GPU" in " ".join(out.split())
+    text = " ".join(out.split())
+    assert "as many NICs per GPU as the group has members on a node (the GPU family's" in text
+    assert "At one NIC per GPU" in text
 
 
 def test_network_range_only_where_the_nics_matter(capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not under DeepSpeed's fetch rules (its 2021 runs behaved as one NIC per GPU), not for a
-    ring with one member per node, and not when the data-parallel traffic hides."""
-    code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "deepspeed", "--json")
+    """Not the fast end under DeepSpeed's fetch rules (its 2021 runs behaved as one NIC per GPU),
+    though the cautious one where the family prices several; not for a ring with one member per
+    node, and not when the data-parallel traffic hides."""
+    a100 = [a if a != "h100" else "a100-80gb" for a in FSDP_13B_SHAPE]
+    code, out, _ = run(capsys, monkeypatch, *a100, "--states", "deepspeed", "--json")
     assert code == 0 and json.loads(out)["network_bound"] is None
+    code, out, _ = run(capsys, monkeypatch, *FSDP_13B_SHAPE, "--states", "deepspeed", "--json")
+    assert code == 0 and json.loads(out)["network_bound"]["ring_nics"] == "one"
     code, out, _ = run(capsys, monkeypatch, *LLAMA_405B, "--layout",
                        "tp=8,cp=1,pp=16,vpp=4,dp=128,ep=1,zero=1,recompute=none,mb=1", "--json")
     assert code == 0 and json.loads(out)["network_bound"] is None

@@ -14,7 +14,7 @@ from archplan.hardware import accelerator, kernel_efficiency
 from archplan.loader import load_spec
 from archplan.planning.cluster import DEEPSPEED, ZERO, fetch_trace, model_data, rank_memory, step_collectives
 from archplan.planning.layout import Layout
-from archplan.planning.parallel import interconnect
+from archplan.planning.parallel import interconnect, network
 from archplan.planning.pricing import Pricer, price, rates_for
 from archplan.planning.zero3_fetch import Module, Op, step_seconds
 from archplan.resolve import resolve
@@ -115,7 +115,7 @@ def test_deepspeed_fetch_is_slower_than_whole_layer_prefetch_when_communication_
     times = {}
     for states in (ZERO, DEEPSPEED):
         memory = {0: rank_memory(plan, layout, 2048, microbatches=1, states=states)}
-        time, _ = price(data, pricer, layout, 1, interconnect(gpu), states, "eager", 2,
+        time, _ = price(data, pricer, layout, 1, network(interconnect(gpu), eff.ring_nics), states, "eager", 2,
                         "all_gather", frozenset({"dp"}), memory)
         times[states.key] = time
     assert times["deepspeed"].dp > times["zero"].dp > 0
@@ -144,7 +144,7 @@ def test_below_zero_3_deepspeed_is_zero(zero: int) -> None:
     found = []
     for states in (ZERO, DEEPSPEED):
         memory = {0: rank_memory(plan, layout, 2048, microbatches=4, states=states)}
-        found.append((price(data, pricer, layout, 4, interconnect(gpu), states, "eager", 2, "all_gather",
+        found.append((price(data, pricer, layout, 4, network(interconnect(gpu), eff.ring_nics), states, "eager", 2, "all_gather",
                             frozenset({"dp"}), memory),
                       step_collectives(plan, layout, 2048, microbatches=4, states=states)))
     assert found[0] == found[1]

@@ -71,6 +71,13 @@ class CrossEntropyChoice(str, Enum):
     eager = "eager"
 
 
+class RingNicsChoice(str, Enum):
+    """How many NICs a data-parallel ring across nodes drives (hardware.KernelEfficiency.ring_nics)."""
+
+    one = "one"
+    members = "members"
+
+
 class FlashImplChoice(str, Enum):
     """Which FlashAttention implementation runs `--attention flash` (hardware.FLASH_IMPL_SPEED)."""
 
@@ -422,34 +429,49 @@ def _notes(result: SearchResult) -> list[str]:
     return notes
 
 
-# the share of the top layout's step in exposed data-parallel traffic from which `plan` shows the
-# network's other end (`parallel.rail_bound`): below it the answer hardly depends on the NICs
+# the share of the step in exposed data-parallel traffic, at one NIC per GPU, from which `plan`
+# shows the network's other end (`parallel.rail_bound`): below it the answer hardly depends on the NICs
 DP_CAUTION_SHARE = 0.10
 
 
 def _network_bound(result: SearchResult, plan: ModelPlan) -> RailBound | None:
-    """The top layout at as many NICs per GPU as its data-parallel ring has members per node, when
-    its exposed data-parallel traffic is a large share of the step. Not under `--states deepspeed`:
-    DeepSpeed's 2021 ZeRO-3 runs behaved as one NIC per GPU (docs/validation.md)."""
+    """The top layout under the other ring convention, when its data-parallel ring has several
+    members on each node and, at one NIC per GPU, its exposed data-parallel traffic is a large share
+    of the step. Not the fast end under `--states deepspeed`: DeepSpeed's 2021 ZeRO-3 runs behaved
+    as one NIC per GPU (docs/validation.md)."""
     from archplan.planning.parallel import rail_bound
 
-    if not result.ranked or result.settings.states.module_fetch:
+    if not result.ranked or (result.settings.states.module_fetch and result.ring_nics == "one"):
         return None
     top = result.ranked[0]
-    if top.time.dp < DP_CAUTION_SHARE * top.time.total:
+    bound = rail_bound(result, plan, top)
+    if bound is None:
         return None
-    return rail_bound(result, plan, top)
+    slow = top if result.ring_nics == "one" else bound.evaluated
+    return bound if slow.time.dp >= DP_CAUTION_SHARE * slow.time.total else None
+
+
+def _ring_text(result: SearchResult) -> str:
+    """How the layouts' rings across nodes were priced, and whose convention that is."""
+    whose = "--ring-nics" if result.settings.ring_nics else "the GPU family's; --ring-nics sets it"
+    what = ("one NIC per GPU" if result.ring_nics == "one"
+            else "as many NICs per GPU as the group has members on a node")
+    return f"data-parallel rings across nodes over {what} ({whose})"
 
 
 def _network_note(result: SearchResult, bound: RailBound) -> str:
-    top, fast = result.ranked[0], bound.evaluated
-    gain = fast.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu - 1
-    return (f"{top.time.dp / top.time.total:.0%} of the top layout's step is data-parallel traffic, "
-            f"priced at one {result.net.inter_node / 1e9:g} GB/s NIC per GPU across nodes; its ring has "
-            f"{bound.nics} members on each node and NCCL can drive {bound.nics} NICs for it: then "
-            f"{fast.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({gain:+.0%}; --ib-gbs "
-            f"{bound.nics * result.net.inter_node / 1e9:g} prices every layout so). Published runs fall "
-            "between the two ends, so the one-NIC figure is the cautious one (docs/validation.md)")
+    top, other = result.ranked[0], bound.evaluated
+    change = other.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu - 1
+    slow = top if bound.ring_nics == "members" else other
+    share = f"{slow.time.dp / slow.time.total:.0%} of the top layout's step at one NIC per GPU is data-parallel traffic"
+    if bound.ring_nics == "members":
+        return (f"{share}, priced so; its ring has {bound.nics} members on each node and NCCL can drive "
+                f"{bound.nics} NICs for it: then {other.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({change:+.0%}; "
+                "--ring-nics members prices every layout so). Published runs fall between the two ends, so the "
+                "one-NIC figure is the cautious one (docs/validation.md)")
+    return (f"{share}; priced over its ring's {bound.nics} NICs per node (NCCL's one ring per NIC). At one NIC "
+            f"per GPU: {other.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({change:+.0%}; --ring-nics one prices "
+            "every layout so). Published runs fall between the two ends (docs/validation.md)")
 
 
 def _all_notes(result: SearchResult, bound: RailBound | None) -> list[str]:
@@ -459,9 +481,10 @@ def _all_notes(result: SearchResult, bound: RailBound | None) -> list[str]:
 def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
     if bound is None:
         return None
-    fast = bound.evaluated
-    return {"layout": fast.layout.spec, "nics_per_gpu": bound.nics, "step_s": fast.time.total,
-            "tokens_per_s_per_gpu": fast.tokens_per_s_per_gpu, "mfu": fast.mfu, "dp_s": fast.time.dp}
+    other = bound.evaluated
+    return {"layout": other.layout.spec, "ring_nics": bound.ring_nics,
+            "nics_per_gpu": bound.nics if bound.ring_nics == "members" else 1, "step_s": other.time.total,
+            "tokens_per_s_per_gpu": other.tokens_per_s_per_gpu, "mfu": other.mfu, "dp_s": other.time.dp}
 
 
 def _efficiency_text(result: SearchResult) -> str:
@@ -550,7 +573,8 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "usable_bytes_per_gpu": result.usable_bytes,
         "network": {"intra_node_bytes_per_s": result.net.intra_node,
                     "inter_node_bytes_per_s": result.net.inter_node,
-                    "gpus_per_node": result.net.gpus_per_node, "source": result.net.source},
+                    "gpus_per_node": result.net.gpus_per_node, "source": result.net.source,
+                    "ring_nics": result.ring_nics},
         "model_flops_per_token": result.model_flops_per_token,
         "training_tokens": tokens,
         "training_tokens_source": source,
@@ -692,7 +716,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "
         f"seq {result.seq:,}; links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} "
         f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")
-    console.print(f"  {escape(_efficiency_text(result))}")
+    console.print(f"  {escape(_efficiency_text(result))}; {_ring_text(result)}")
     if accuracy := _accuracy(result):
         console.print(f"  {escape(_accuracy_text(result, accuracy))}")
     overlap = ", ".join(sorted(settings.overlap)) or "none"
@@ -752,6 +776,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy", "headroom",
+        "ring_nics",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
 }
 
@@ -845,6 +870,12 @@ def register(app: typer.Typer) -> None:
             "kernel over fp32 logits, Megatron's vocab-parallel loss: 24), bf16-fused (flash-attention's or "
             "Apex's kernel on bf16 logits, llm-foundry's default: 8), eager (F.cross_entropy on logits cast to "
             "fp32, torchtitan and Hugging Face: 36).", rich_help_panel=MODEL_PANEL)] = CrossEntropyChoice.fp32_fused,
+        ring_nics: Annotated[RingNicsChoice | None, typer.Option(
+            "--ring-nics",
+            help="NICs a data-parallel or context-parallel ring across nodes moves a GPU's bytes over: one, or "
+            "members (as many as the group has GPUs on a node: NCCL runs one ring per NIC) \\[the GPU family's: "
+            "members on Hopper, one on A100, docs/validation.md]. All-to-alls and pipeline sends use one.",
+            rich_help_panel=LAYOUT_PANEL)] = None,
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
@@ -879,7 +910,7 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
-                                 flash_impl, early_stop, fused_qkv, cross_entropy)
+                                 flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
@@ -951,7 +982,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               grad_reduce: GradReduceChoice | None, cp_comm: CPCommChoice, overlap: str,
               precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2,
               early_stop: bool | None = None, fused_qkv: bool = False,
-              cross_entropy: CrossEntropyChoice = CrossEntropyChoice.fp32_fused) -> Settings:
+              cross_entropy: CrossEntropyChoice = CrossEntropyChoice.fp32_fused,
+              ring_nics: RingNicsChoice | None = None) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -969,6 +1001,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         cp_comm=cp_comm.value, overlap=frozenset(parts), precision=precision.value,  # type: ignore[arg-type]
         efficiency=efficiency, flash_impl=flash_impl.value,  # type: ignore[arg-type]
         early_stop=early_stop, fused_qkv=fused_qkv, cross_entropy=cross_entropy.value,  # type: ignore[arg-type]
+        ring_nics=None if ring_nics is None else ring_nics.value,  # type: ignore[arg-type]
     )
 
 

@@ -11,12 +11,12 @@ a partial `--layout` admits and ranks the fitting ones by time per token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
-from archplan.hardware import Accelerator, FlashImpl, KernelEfficiency, kernel_efficiency
+from archplan.hardware import Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
 from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
@@ -37,10 +37,11 @@ from archplan.planning.pricing import (
     Pricer,
     StepTime,
     price,
+    members_per_node,
     rates_for,
     spans_nodes,
 )
-from archplan.planning.records import RankMemory
+from archplan.planning.records import MeshDim, RankMemory
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -96,6 +97,11 @@ INTERCONNECTS: dict[str, Interconnect] = {
 }
 
 
+def network(net: Interconnect, ring_nics: RingNics) -> Network:
+    """What the pricing reads of an interconnect, with the rings' convention across nodes."""
+    return Network(net.intra_node, net.inter_node, net.gpus_per_node, ring_nics)
+
+
 def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs: float | None = None,
                  gpus_per_node: int | None = None) -> Interconnect:
     """The GPU's table entry, with any of its figures overridden (GB/s = 1e9 bytes/s, one way)."""
@@ -137,6 +143,8 @@ class Settings:
     # split's backward concatenates their gradients (`pricing.qkv_concat_bytes`)
     fused_qkv: bool = False
     cross_entropy: CrossEntropyImpl = "fp32-fused"  # the loss's implementation (`pricing.CROSS_ENTROPY_BYTES`)
+    # NICs a data-parallel ring across nodes drives; None = the GPU family's (`KernelEfficiency.ring_nics`)
+    ring_nics: RingNics | None = None
 
     @property
     def reduce_bytes(self) -> int:
@@ -206,6 +214,11 @@ class SearchResult:
     @property
     def feasible(self) -> bool:
         return any(e.fits for e in self.ranked)
+
+    @property
+    def ring_nics(self) -> RingNics:
+        """The ring convention the layouts were priced under: the user's, else the family's."""
+        return self.settings.ring_nics or self.kernels.ring_nics
 
 
 def tp_problem(plan: ModelPlan, tp: int) -> str | None:
@@ -310,7 +323,7 @@ class Evaluator:
                                                   settings.precision, settings.flash_impl),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy)
-        self.network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
+        self.network = network(net, settings.ring_nics or self.kernels.ring_nics)
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 
     def memory(self, layout: Layout, m: int) -> StageMemory:
@@ -530,33 +543,32 @@ def training_days(result: Evaluated, tokens: float) -> float:
 
 
 def rails(layout: Layout, gpus_per_node: int) -> int:
-    """NICs one rank's data-parallel ring can use across nodes: the group's members on one node.
-
-    NCCL runs one ring per NIC, each carrying its share of the bytes, so a group with k members on
-    every node can move a rank's ring traffic over k NICs; `plan` prices it over one (docs/plan.md,
-    "Communication pricing"). Published runs disagree on which holds (docs/validation.md, "The
-    whole MosaicML benchmark table"), so `rail_bound` shows the other end."""
-    if not spans_nodes("dp", layout, gpus_per_node):
+    """NICs one rank's data-parallel ring can use across nodes: the group's members on one node
+    (`pricing.members_per_node`); 1 when the ring stays in a node."""
+    mesh: MeshDim = "dp_cp" if layout.cp > 1 else "dp"
+    if not spans_nodes(mesh, layout, gpus_per_node):
         return 1
-    return max(1, min(layout.dp, gpus_per_node // (layout.tp * layout.cp)))
+    return members_per_node(mesh, layout, gpus_per_node)
 
 
 @dataclass(frozen=True)
 class RailBound:
-    """A layout re-priced at `nics` NICs per GPU across nodes (`rail_bound`)."""
+    """A layout re-priced under the other ring convention (`rail_bound`): at one NIC per GPU, or at
+    `nics`, its data-parallel ring's members on a node."""
 
     nics: int
+    ring_nics: RingNics  # the convention the bound was priced under
     evaluated: Evaluated
 
 
 def rail_bound(result: SearchResult, plan: ModelPlan, e: Evaluated) -> RailBound | None:
-    """`e` re-priced with every link across nodes at `rails` NICs per GPU: the fast end of the
-    network's range for its data-parallel traffic (pipeline hand-offs, one rank to one rank, get
-    the same speed-up, so it is an upper bound); None when the ring has one rail."""
+    """`e` re-priced under the ring convention it was not priced under (`pricing.collective_time`):
+    the network's other end for its data-parallel traffic. Published runs fall on both sides
+    (docs/validation.md, "The ring's NICs per GPU family"). None when the ring has one rail."""
     k = rails(e.layout, result.net.gpus_per_node)
     if k < 2:
         return None
-    net = Interconnect(result.net.intra_node, result.net.inter_node * k, result.net.gpus_per_node,
-                       f"{k} NICs per GPU")
-    evaluator = Evaluator(plan, result.gpu, net, result.seq, result.settings, result.usable_bytes)
-    return RailBound(k, evaluator.evaluate(e.layout, e.microbatches))
+    other: RingNics = "one" if result.ring_nics == "members" else "members"
+    evaluator = Evaluator(plan, result.gpu, result.net, result.seq, replace(result.settings, ring_nics=other),
+                          result.usable_bytes)
+    return RailBound(k, other, evaluator.evaluate(e.layout, e.microbatches))

@@ -71,6 +71,7 @@ from archplan.hardware import (
     Accelerator,
     FlashImpl,
     KernelEfficiency,
+    RingNics,
     flash_head_dim,
 )
 from archplan.planning.cluster import (
@@ -151,11 +152,13 @@ FP8_SCALE_TILE = 128  # one fp32 scale per 1×128 activation tile (DeepSeek-V3 �
 
 @dataclass(frozen=True)
 class Network:
-    """Per-GPU one-direction bandwidths (bytes/s) and GPUs per node."""
+    """Per-GPU one-direction bandwidths (bytes/s), GPUs per node, and how many NICs a ring across
+    nodes drives (`hardware.KernelEfficiency.ring_nics`, or the user's `--ring-nics`)."""
 
     intra_node: float
     inter_node: float
     gpus_per_node: int
+    ring_nics: RingNics = "one"
 
 
 @dataclass(frozen=True)
@@ -613,12 +616,45 @@ def spans_nodes(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> bool:
     return extent > gpus_per_node
 
 
+def members_per_node(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> int:
+    """How many ranks of one group of this mesh dimension share a node, for the groups whose rings
+    can spread over several NICs (data and context parallelism; 1 for the others). Ranks are
+    ordered tp, cp, dp, pp, the EP groups consecutive within cp·dp, and the experts' replicas
+    (`cluster.expert_replicas`) are their expert-data-parallel ranks × tp."""
+    match mesh:
+        case "dp":
+            stride, size, inner = layout.tp * layout.cp, layout.dp, 1
+        case "dp_cp":
+            stride, size, inner = layout.tp, layout.dp * layout.cp, 1
+        case "cp":
+            stride, size, inner = layout.tp, layout.cp, 1
+        case "expert_dp":
+            stride, size, inner = layout.tp * layout.ep, layout.expert_dp, layout.tp
+        case "tp" | "ep" | "pp":
+            return 1
+        case _:
+            assert_never(mesh)
+    return inner * min(size, max(1, gpus_per_node // stride))
+
+
+# NCCL's ring collectives, which it can split over one ring per NIC; an all-to-all cannot spread
+# over several NICs (nccl-tests issue 267), nor can a point-to-point send
+RING_KINDS = frozenset({"all_reduce", "all_gather", "reduce_scatter"})
+
+
 def collective_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency) -> float:
-    """Seconds for all `count` calls of one record."""
+    """Seconds for all `count` calls of one record. Across nodes a ring moves a rank's bytes over
+    one NIC, or under `ring_nics == "members"` over as many as its group has members on a node
+    (NCCL's rings, one per NIC), up to what NVLink carries inside the node."""
     if c.group_size <= 1:
         return 0.0
-    across = spans_nodes(c.mesh_dim, layout, net.gpus_per_node)
-    bandwidth = net.inter_node * eff.inter_link if across else net.intra_node * eff.intra_link
+    if not spans_nodes(c.mesh_dim, layout, net.gpus_per_node):
+        bandwidth = net.intra_node * eff.intra_link
+    elif net.ring_nics == "members" and c.kind in RING_KINDS:
+        nics = members_per_node(c.mesh_dim, layout, net.gpus_per_node)
+        bandwidth = min(net.inter_node * eff.inter_link * nics, net.intra_node * eff.intra_link)
+    else:
+        bandwidth = net.inter_node * eff.inter_link
     return c.count * (c.wire_bytes / bandwidth + eff.latency)
 
 
