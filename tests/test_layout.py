@@ -22,6 +22,7 @@ from archplan.planning.cluster import (
     FSDP2,
     MEGATRON,
     ZERO,
+    StatesConvention,
     in_flight,
     model_data,
     most_loaded_stage,
@@ -30,7 +31,7 @@ from archplan.planning.cluster import (
     step_collectives,
 )
 from archplan.planning.layout import Layout, parse_layout, pipeline_chunks
-from archplan.planning.parallel import Settings, interconnect, network, rails, search
+from archplan.planning.parallel import Evaluator, Settings, interconnect, network, rails, search
 from archplan.planning.pricing import (
     Pricer,
     Rates,
@@ -872,6 +873,25 @@ def test_rings_across_nodes_drive_their_members_nics() -> None:
     a2a = Collective("all_to_all", "ep", 16, 2**30, 1, "dispatch")
     layout = Layout(dp=16, ep=16)
     assert collective_time(a2a, layout, members, eff) == collective_time(a2a, layout, one, eff)
+
+
+@pytest.mark.parametrize("name,states", [("llama-3-8b", FSDP2), ("mixtral-8x7b", MEGATRON), ("llama-3-70b", ZERO)])
+def test_rings_over_members_never_slower_and_hold_the_same_memory(name: str, states: StatesConvention) -> None:
+    """Every layout a 64-GPU search ranks, priced under both conventions: the members' NICs never
+    make a step slower (the per-stage maximum and the hiding windows included), and the network
+    moves no byte of memory."""
+    plan = resolve(load_spec(name))
+    settings = Settings(states=states)
+    result = search(plan, H100, 64, seq=4096, global_batch_tokens=2**22, net=NET, settings=settings)
+    one, members = (Evaluator(plan, H100, NET, 4096, replace(settings, ring_nics=rule), result.usable_bytes)
+                    for rule in ("one", "members"))
+    faster = 0
+    for e in result.ranked[:40]:
+        a, b = one.evaluate(e.layout, e.microbatches), members.evaluate(e.layout, e.microbatches)
+        assert b.time.total <= a.time.total * (1 + 1e-12), e.layout
+        assert b.memory == a.memory
+        faster += b.time.total < a.time.total
+    assert faster > 0
 
 
 @pytest.mark.parametrize("gpu,rule", [("h100", "members"), ("h200", "members"), ("h800", "members"),
