@@ -159,7 +159,6 @@ class KernelEfficiency:
 # rates, forward and backward, on every family (the only published ratio; not fitted).
 FlashImpl = Literal["fa2", "triton"]
 RingNics = Literal["one", "members"]
-RING_NICS: tuple[RingNics, ...] = ("one", "members")
 FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "triton": (1 / 1.4, 1 / 2)}
 
 

@@ -534,12 +534,12 @@ def test_cli_choices_are_the_models() -> None:
     """Each `plan` option's choices are exactly the values its model type accepts."""
     from typing import get_args
 
-    from archplan.commands.plan import CrossEntropyChoice, FlashImplChoice, PrecisionChoice
-    from archplan.hardware import FlashImpl
+    from archplan.commands.plan import CrossEntropyChoice, FlashImplChoice, PrecisionChoice, RingNicsChoice
+    from archplan.hardware import FlashImpl, RingNics
     from archplan.planning.pricing import CROSS_ENTROPY_BYTES, CrossEntropyImpl, Precision
 
     for choice, values in ((CrossEntropyChoice, get_args(CrossEntropyImpl)), (FlashImplChoice, get_args(FlashImpl)),
-                           (PrecisionChoice, get_args(Precision))):
+                           (PrecisionChoice, get_args(Precision)), (RingNicsChoice, get_args(RingNics))):
         assert [c.value for c in choice] == list(values)
     assert list(CROSS_ENTROPY_BYTES) == list(get_args(CrossEntropyImpl))
 

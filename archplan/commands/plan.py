@@ -447,8 +447,13 @@ def _network_bound(result: SearchResult, plan: ModelPlan) -> RailBound | None:
     bound = rail_bound(result, plan, top)
     if bound is None:
         return None
-    slow = top if result.ring_nics == "one" else bound.evaluated
+    slow = _at_one_nic(result, bound)
     return bound if slow.time.dp >= DP_CAUTION_SHARE * slow.time.total else None
+
+
+def _at_one_nic(result: SearchResult, bound: RailBound) -> Evaluated:
+    """The top layout as priced at one NIC per GPU: itself, or the bound that re-priced it so."""
+    return bound.evaluated if bound.ring_nics == "one" else result.ranked[0]
 
 
 def _ring_text(result: SearchResult) -> str:
@@ -462,7 +467,7 @@ def _ring_text(result: SearchResult) -> str:
 def _network_note(result: SearchResult, bound: RailBound) -> str:
     top, other = result.ranked[0], bound.evaluated
     change = other.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu - 1
-    slow = top if bound.ring_nics == "members" else other
+    slow = _at_one_nic(result, bound)
     share = f"{slow.time.dp / slow.time.total:.0%} of the top layout's step at one NIC per GPU is data-parallel traffic"
     if bound.ring_nics == "members":
         return (f"{share}, priced so; its ring has {bound.nics} members on each node and NCCL can drive "

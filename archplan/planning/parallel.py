@@ -170,6 +170,10 @@ class Settings:
         (`pricing.qkv_concat_bytes`): under eager autograd, where one linear projects them."""
         return self.eager and self.fused_qkv
 
+    def rings(self, kernels: KernelEfficiency) -> RingNics:
+        """The ring convention across nodes a layout is priced under: the user's, else the family's."""
+        return self.ring_nics or kernels.ring_nics
+
     @property
     def stops_early(self) -> bool:
         return uses_early_stop(self.states, self.early_stop)
@@ -217,8 +221,8 @@ class SearchResult:
 
     @property
     def ring_nics(self) -> RingNics:
-        """The ring convention the layouts were priced under: the user's, else the family's."""
-        return self.settings.ring_nics or self.kernels.ring_nics
+        """The ring convention the layouts were priced under (`Settings.rings`)."""
+        return self.settings.rings(self.kernels)
 
 
 def tp_problem(plan: ModelPlan, tp: int) -> str | None:
@@ -323,7 +327,7 @@ class Evaluator:
                                                   settings.precision, settings.flash_impl),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy)
-        self.network = network(net, settings.ring_nics or self.kernels.ring_nics)
+        self.network = network(net, settings.rings(self.kernels))
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 
     def memory(self, layout: Layout, m: int) -> StageMemory:
