@@ -61,16 +61,19 @@ SEQ = {"mamba-2.8b": 8}
 # layouts too (every layer on the rank): by default they run deeper with the top layout's tp, so
 # their mixers' TP plans run.
 HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "gpt-4-rumored", "llama-3-70b",
-         "llama-3.1-405b", "jamba-v0.1", "mamba-2.8b", "stripedhyena-7b"}
+         "llama-3.1-405b", "jamba-v0.1", "mamba-2.8b", "stripedhyena-7b", "qwen3-235b-a22b"}
 # CI budget: a 7B-class preset at a pp = 1 layout (every layer on the rank) takes 100 s on a slow
 # 2-core host (measured 2026-11-30; the last landing's CI host ran the suite 7x slower than a quiet
 # one). The default run keeps one preset per kind of layer and sharding; these run with `-m heavy`
 # only, each beside one kept of its kind: dense GQA/MHA 7B (llama-3-8b), dense 70B deeper (70b),
 # an MoE stand-in (deepseek-v3, jamba-v0.1), long convolution (hyena-153m, s4d-lm), and the small
 # MHA + GELU + LayerNorm model at TP2 + SP, ZeRO-1, pp = 1 (gpt2; bloom-560m is the same sharding
-# with ALiBi, whose per-rank slopes the gloo pair's tp2-mqa-alibi case checks, 37 s in CI).
+# with ALiBi, whose per-rank slopes the gloo pair's tp2-mqa-alibi case checks, 37 s in CI), and
+# Qwen3's fine-grained MoE with per-head q/k norms (qwen3-30b-a3b at its top layout, 53 s on the
+# 2-core host, 2026-12-02).
 SAME_KIND = {"7b", "falcon-7b", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "bloom-560m",
-             "claude-3-opus-rumored", "llama-3-70b", "frontier-1t-moe", "gpt-4-rumored", "stripedhyena-7b"}
+             "claude-3-opus-rumored", "llama-3-70b", "frontier-1t-moe", "gpt-4-rumored", "stripedhyena-7b",
+             "qwen3-235b-a22b"}
 # 32 layers on the measured rank at their pp = 1 top layouts (TP4 + SP; mixtral also EP8): by
 # default they run at pp = 16 with the top layout's tp, ep and zero (2 layers), so the same sharding
 # runs at a sixteenth of the cost; the top layout itself with `-m heavy`.
