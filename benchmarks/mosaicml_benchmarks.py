@@ -21,6 +21,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -40,7 +41,7 @@ from archplan.planning.accuracy import (  # noqa: E402
     summarize,
 )
 from archplan.planning.cluster import STATES, Engine  # noqa: E402
-from archplan.resolve import resolve  # noqa: E402
+from archplan.resolve import MoEPlan, resolve  # noqa: E402
 from archplan.spec import Spec  # noqa: E402
 
 FIXTURE = HERE.parent / "tests" / "fixtures" / "mosaicml_benchmarks.yaml"
@@ -146,48 +147,57 @@ def tables(found: list[Row]) -> dict[str, dict[str, float]]:
 
 
 def held_out_errors(found: list[Row], published: list[published_runs.Row]
-                    ) -> dict[tuple[str, Engine], tuple[list[float], set[str]]]:
-    """Per kernel-efficiency family and engine of the run's states (`StatesConvention.engine`), the
-    signed error of every held-out run, each once (these rows, then published_runs.yaml's held-out
-    rows, `published`, but its MPT ones), and the GPUs they ran on."""
-    runs = {run["name"]: run for run in published_runs.load()["runs"]}
-    errors: dict[tuple[str, Engine], tuple[list[float], set[str]]] = {}
+                    ) -> dict[tuple[str, Engine, bool], tuple[list[float], set[str]]]:
+    """Per kernel-efficiency family, engine of the run's states (`StatesConvention.engine`) and
+    whether its model routes tokens to experts, the signed error of every held-out run, each once
+    (these rows, then published_runs.yaml's held-out rows, `published`, but its MPT ones), and the
+    GPUs they ran on."""
+    data = published_runs.load()
+    runs = {run["name"]: run for run in data["runs"]}
+    errors: dict[tuple[str, Engine, bool], tuple[list[float], set[str]]] = {}
 
-    def add(gpu_name: str, states: str, error: float) -> None:
+    def add(gpu_name: str, states: str, moe: bool, error: float) -> None:
         gpu = accelerator(gpu_name)
-        found_errors, gpus = errors.setdefault((family(gpu), STATES[states].engine), ([], set()))
+        found_errors, gpus = errors.setdefault((family(gpu), STATES[states].engine, moe), ([], set()))
         found_errors.append(error)
         gpus.add(label(gpu))
 
     states = load()["settings"]["states"]
     for r in found:
-        add(r.gpu, states, r.error)
+        add(r.gpu, states, False, r.error)
     for row in published:
         if row.holdout and row.error is not None and not row.name.startswith(DUPLICATE_PREFIX):
             run = runs[row.name]
-            add(run["gpu"], run.get("states", "megatron"), row.error)
+            plan = published_runs.plan_for(run["model"], data["models"], data["gpt_sizes"])
+            moe = any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers)
+            add(run["gpu"], run.get("states", "megatron"), moe, row.error)
     return errors
 
 
+def _pooled(groups: Iterable[tuple[list[float], set[str]]]) -> tuple[list[float], str]:
+    pooled = list(groups)
+    return ([e for errors, _ in pooled for e in errors],
+            "/".join(sorted({name for _, gpus in pooled for name in gpus})))
+
+
 def accuracy(found: list[Row], published: list[published_runs.Row]) -> dict[str, HeldOutAccuracy]:
-    """Per family, then of every held-out run (key "every family")."""
-    groups: dict[str, tuple[list[float], set[str]]] = {}
-    for (key, _), (errors, gpus) in held_out_errors(found, published).items():
-        family_errors, family_gpus = groups.setdefault(key, ([], set()))
-        family_errors.extend(errors)
-        family_gpus.update(gpus)
-    every = [e for errors, _ in groups.values() for e in errors]
-    names = sorted({name for _, gpus in groups.values() for name in gpus})
-    return {key: summarize(errors, "/".join(sorted(gpus))) for key, (errors, gpus) in groups.items()} | {
-        "every family": summarize(every, "/".join(names))}
+    """Per family over the dense models' runs, then of the MoE models' runs (key "moe") and of
+    every held-out run (key "every family")."""
+    groups = held_out_errors(found, published)
+    families = sorted({key for key, _, _ in groups})
+    dense = {key: _pooled(v for (f, _, moe), v in groups.items() if f == key and not moe) for key in families}
+    return {key: summarize(*dense[key]) for key in families if dense[key][0]} | {
+        "moe": summarize(*_pooled(v for (_, _, moe), v in groups.items() if moe), moe=True),
+        "every family": summarize(*_pooled(groups.values()))}
 
 
 def engine_accuracy(found: list[Row], published: list[published_runs.Row]
                     ) -> dict[tuple[str, Engine], HeldOutAccuracy]:
-    """Per family and engine, where a family has at least MIN_ENGINE_RUNS runs of that engine."""
-    return {key: summarize(errors, "/".join(sorted(gpus)), key[1])
-            for key, (errors, gpus) in held_out_errors(found, published).items()
-            if len(errors) >= MIN_ENGINE_RUNS}
+    """Per family and engine over the dense models' runs, where a family has at least
+    MIN_ENGINE_RUNS of that engine."""
+    return {(key, engine): summarize(errors, "/".join(sorted(gpus)), engine)
+            for (key, engine, moe), (errors, gpus) in held_out_errors(found, published).items()
+            if not moe and len(errors) >= MIN_ENGINE_RUNS}
 
 
 def _line(key: str, a: HeldOutAccuracy) -> str:

@@ -71,8 +71,8 @@ def test_held_out_accuracy_is_what_plan_prints(bench: Any, rows: list[Any]) -> N
     """archplan/planning/accuracy.py's figures are the held-out runs' on the model as it stands, per
     GPU family: these 216 rows and published_runs.yaml's held-out rows, its 23 MPT rows counted
     once (each is a row of these tables: the same published figure, a prediction within 1%); and
-    the same runs per family and engine, where there are enough of them."""
-    from archplan.planning.accuracy import HELD_OUT, HELD_OUT_BY_ENGINE, MIN_ENGINE_RUNS
+    the same runs per family and engine, where there are enough of them; the MoE models' runs apart."""
+    from archplan.planning.accuracy import HELD_OUT, HELD_OUT_BY_ENGINE, HELD_OUT_MOE, MIN_ENGINE_RUNS
 
     published = bench.published_runs.rows(with_search=False)
     duplicates = [r for r in published if r.holdout and r.name.startswith(bench.DUPLICATE_PREFIX)]
@@ -82,14 +82,16 @@ def test_held_out_accuracy_is_what_plan_prints(bench: Any, rows: list[Any]) -> N
                 and abs(r.predicted / dup.predicted - 1) < 0.01]
         assert len(same) == 1, dup.name
     found = bench.accuracy(rows, published)
-    assert found.pop("every family").runs == 259
+    assert found.pop("every family").runs == 268
+    assert found.pop("moe") == HELD_OUT_MOE
     assert found == HELD_OUT
     assert bench.engine_accuracy(rows, published) == HELD_OUT_BY_ENGINE
-    # the engines split each family's runs; a family's engine below MIN_ENGINE_RUNS is left out
+    # the engines split each family's dense runs; a family's engine below MIN_ENGINE_RUNS is left out
     groups = bench.held_out_errors(rows, published)
-    assert sum(len(errors) for errors, _ in groups.values()) == 259
-    assert {key for key, (errors, _) in groups.items() if len(errors) < MIN_ENGINE_RUNS} == {
-        ("uncalibrated", "megatron")}
+    assert sum(len(errors) for errors, _ in groups.values()) == 268
+    assert sum(len(errors) for (_, _, moe), (errors, _) in groups.items() if moe) == HELD_OUT_MOE.runs
+    assert {key for key, (errors, _) in groups.items() if not key[2] and len(errors) < MIN_ENGINE_RUNS} == {
+        ("uncalibrated", "megatron", False)}
 
 
 def test_the_docs_quote_the_printed_accuracy() -> None:
@@ -97,12 +99,12 @@ def test_the_docs_quote_the_printed_accuracy() -> None:
     also the per-engine ones."""
     from pathlib import Path
 
-    from archplan.planning.accuracy import HELD_OUT, HELD_OUT_BY_ENGINE, UNCALIBRATED
+    from archplan.planning.accuracy import HELD_OUT, HELD_OUT_BY_ENGINE, HELD_OUT_MOE, UNCALIBRATED
 
     root = Path(__file__).resolve().parent.parent
     for doc in ("README.md", "docs/plan.md", "docs/validation.md"):
         text = " ".join((root / doc).read_text(encoding="utf-8").split())
-        for family, a in HELD_OUT.items():
+        for family, a in (*HELD_OUT.items(), ("moe", HELD_OUT_MOE)):
             if family == UNCALIBRATED and doc == "README.md":
                 continue  # the README quotes the calibrated families
             assert f"±{a.median:.1%}" in text and f"±{a.p90:.1%}" in text, (doc, family)

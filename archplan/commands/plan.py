@@ -522,7 +522,7 @@ def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
 
     if result.settings.efficiency is not None:
         return None
-    return for_plan(result.gpu, result.settings.states.engine)
+    return for_plan(result.gpu, result.settings.states.engine, result.routed)
 
 
 def _time_spread(result: SearchResult) -> tuple[float, float] | None:
@@ -532,16 +532,17 @@ def _time_spread(result: SearchResult) -> tuple[float, float] | None:
     from archplan.planning.accuracy import own_runs
 
     accuracy = _accuracy(result)
-    return accuracy.time_range() if accuracy and own_runs(result.gpu) else None
+    return accuracy.time_range() if accuracy and own_runs(result.gpu, accuracy) else None
 
 
 def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
     from archplan.planning.accuracy import own_runs
 
-    if own_runs(result.gpu):
+    if own_runs(result.gpu, accuracy):
         return accuracy.text()
+    others = "MoE runs on other GPU families" if accuracy.moe else "other GPUs priced with Hopper's fractions"
     return (f"accuracy: no published run on the {result.gpu.name} was held out; the nearest check is the "
-            f"other GPUs priced with Hopper's fractions, {accuracy.text().removeprefix('accuracy: ')}")
+            f"{others}, {accuracy.text().removeprefix('accuracy: ')}")
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
@@ -561,7 +562,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fixed": {k: v for k, v in result.fixed.given.items()},
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result)},
-        "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu)}
+        "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu, accuracy)}
                      if (accuracy := _accuracy(result)) else None),
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "description": settings.states.description},
