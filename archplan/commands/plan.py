@@ -540,9 +540,12 @@ def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
 
     if own_runs(result.gpu, accuracy):
         return accuracy.text()
-    others = "MoE runs on other GPU families" if accuracy.moe else "other GPUs priced with Hopper's fractions"
-    return (f"accuracy: no published run on the {result.gpu.name} was held out; the nearest check is the "
-            f"{others}, {accuracy.text().removeprefix('accuracy: ')}")
+    if accuracy.moe:
+        missing, others = f"no published run of an MoE model on the {result.gpu.name}", "MoE runs on other GPU families"
+    else:
+        missing, others = f"no published run on the {result.gpu.name}", "other GPUs priced with Hopper's fractions"
+    return (f"accuracy: {missing} was held out; the nearest check is the {others}, "
+            f"{accuracy.text().removeprefix('accuracy: ')}")
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
