@@ -11,8 +11,8 @@ kernel-efficiency family their GPU is priced with (`hardware.FAMILY_OF`), as a f
 are what the figures judge; GPUs outside every family fall under `UNCALIBRATED`.
 
 Within a family the runs differ by stack, and so does the model's error: on Hopper the runs on
-Megatron-style engines (NeMo, Megatron-Bridge, DeepSeek's) lean +2%, the PyTorch FSDP runs
-(Composer's) +6% with a wider spread (docs/validation.md). So `plan` quotes the runs
+Megatron-style engines (NeMo, Megatron-Bridge) lean +3%, the PyTorch FSDP runs (Composer's)
++7% with a wider spread (docs/validation.md). So `plan` quotes the runs
 of the engine its `--states` runs on (`StatesConvention.engine`, `HELD_OUT_BY_ENGINE`) where a family
 has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise.
 
@@ -75,8 +75,8 @@ class HeldOutAccuracy:
     moe: bool = False  # the runs of models that route tokens to experts (else of dense models)
 
     def described(self, kind: str) -> str:
-        """The runs, for a sentence: "98 published H100/H800 runs", "21 held-out H100/H800 runs on
-        Megatron-style stacks" (`kind` "published" or "held-out")."""
+        """The runs, for a sentence: "96 published H100 runs", "19 held-out H100 runs on Megatron-style
+        stacks", "13 held-out B200/H100/H800 runs of MoE models" (`kind` "published" or "held-out")."""
         return (f"{self.runs} {kind} {self.gpus} runs" + (" of MoE models" if self.moe else "")
                 + (f" on {ENGINE_RUNS[self.engine]} stacks" if self.engine else ""))
 
