@@ -240,6 +240,11 @@ class ModelPlan:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def routed(self) -> bool:
+        """Whether some layer routes its tokens to experts."""
+        return any(isinstance(layer.ffn, MoEPlan) for layer in self.layers)
+
     def position_limit(self) -> PositionLimit | None:
         """The most positions the model takes, in one forward or in a cache, and what sets it: the
         learned position table (max_seq_len rows) or a Hyena layer's implicit filter, generated

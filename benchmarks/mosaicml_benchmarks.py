@@ -19,9 +19,9 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -41,7 +41,7 @@ from archplan.planning.accuracy import (  # noqa: E402
     summarize,
 )
 from archplan.planning.cluster import STATES, Engine  # noqa: E402
-from archplan.resolve import MoEPlan, resolve  # noqa: E402
+from archplan.resolve import resolve  # noqa: E402
 from archplan.spec import Spec  # noqa: E402
 
 FIXTURE = HERE.parent / "tests" / "fixtures" / "mosaicml_benchmarks.yaml"
@@ -168,8 +168,7 @@ def held_out_errors(found: list[Row], published: list[published_runs.Row]
     for row in published:
         if row.holdout and row.error is not None and not row.name.startswith(DUPLICATE_PREFIX):
             run = runs[row.name]
-            plan = published_runs.plan_for(run["model"], data["models"], data["gpt_sizes"])
-            moe = any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers)
+            moe = published_runs.plan_for(run["model"], data["models"], data["gpt_sizes"]).routed
             add(run["gpu"], run.get("states", "megatron"), moe, row.error)
     return errors
 

@@ -46,7 +46,7 @@ from archplan.modules.norms import LayerNorm, RMSNorm
 from archplan.modules.positions import Alibi, alibi_slopes
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
-from archplan.resolve import AttentionPlan, ModelPlan, MoEPlan
+from archplan.resolve import AttentionPlan, ModelPlan
 
 
 def residual_layout(sp: bool) -> Placement:
@@ -655,7 +655,7 @@ def model_refusal(plan: ModelPlan, tp: int, sp: bool) -> str | None:
         return None
     if plan.tied and plan.lm_head_bias:
         return "a tied head with a bias under tensor parallelism"
-    if not sp and any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers):
+    if not sp and plan.routed:
         # Megatron-Core's MoELayer raises the same: every tp rank would route the same tokens
         return "MoE layers under tensor parallelism without sequence parallelism"
     return None

@@ -516,7 +516,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         model_flops_per_token=evaluator.model_flops,
         ranked=tuple(e for e in ranked if e.fits or keep_unfit), considered=len(layouts),
         fitting=len(fitting), reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
-        fixed=fixed, routed=any(isinstance(layer.ffn, MoEPlan) for layer in plan.layers),
+        fixed=fixed, routed=plan.routed,
     )
 
 
