@@ -49,6 +49,8 @@ TP_EDGES: dict[str, tuple[str, dict[str, object]]] = {
     "qk-per-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("per_head", "rmsnorm", 1)),
 }
 TP2 = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
+NO_AUX = {"moe": {"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "activation": "silu", "d_ff": 64},
+                  "router": {"scoring": "softmax", "normalize_top_k": True}, "aux_loss_coef": 0.0}}
 MAMBA2_ONE_GROUP = {"kind": "mamba2", "d_state": 16, "d_conv": 4, "expand": 2, "head_dim": 32, "n_groups": 1,
                     "chunk_size": 8}
 
@@ -61,6 +63,11 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     "zero1-selective": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
     "zero0-replicate": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
     "ep2": ("parity", "tiny-moe.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
+    # parallel folding: the EP group is the TP pair (dp = 1), each rank sending its sequence shard's
+    # rows to the other's experts, or the CP pair, each rank its chunks' rows (the experts' gradient
+    # averaged over dp·cp, as each cp rank's loss is its chunks'); no load-balancing loss: `NO_AUX`
+    "tp2-ep2-folded": ("parity", "tiny-moe.yaml", NO_AUX, "tp=2,cp=1,pp=1,dp=1,ep=2,zero=3,recompute=none,mb=2"),
+    "cp2-ep2": ("parity", "tiny-moe.yaml", NO_AUX, "tp=1,cp=2,pp=1,dp=1,ep=2,zero=3,recompute=none,mb=2"),
     # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
     # sequence shard to whole experts, reduced over tp); full recompute re-runs both
     "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", {}, TP2),

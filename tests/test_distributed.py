@@ -280,6 +280,21 @@ def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
     assert a2a.mesh_dim == "ep" and a2a.measured == a2a.analytic == 2 * 2 * 2  # 2 layers, dispatch+combine, fwd+bwd
 
 
+@pytest.mark.parametrize(("layout", "replicas"), [
+    ("tp=2,cp=1,pp=1,dp=2,ep=4,zero=1,recompute=none,mb=1", 1),
+    ("tp=2,cp=2,pp=1,dp=2,ep=4,zero=3,recompute=none,mb=1", 2),
+], ids=["ep-over-tp-dp", "ep-over-tp-cp"])
+def test_fake_verify_expert_parallelism_folded_over_tp(fake_world: None, layout: str, replicas: int) -> None:
+    """Parallel folding (Megatron-Core with ETP = 1): an EP group of ep consecutive ranks spans the
+    TP (and CP) ranks, ep > dp·cp; the all-to-all runs over ep ranks, the experts' gradients reduce
+    over the tp·cp·dp/ep ranks ep apart, and plan's records equal torch's."""
+    result = _all_exact("tiny-moe.yaml", layout, microbatches=2)
+    [a2a] = [r for r in result.collectives if r.kind == "all_to_all" and r.mesh_dim == "ep"]
+    assert a2a.group_size == 4 and a2a.measured == a2a.analytic > 0
+    experts = {r.group_size for r in result.collectives if r.mesh_dim == "expert_dp" and r.measured}
+    assert experts == ({replicas} if replicas > 1 else set())
+
+
 def test_fake_verify_moe_without_expert_parallelism(fake_world: None) -> None:
     """ep = tp = 1: the dp ranks hold every expert as they hold the dense weights, so torch keeps
     the experts in the block's FSDP unit, and plan's records must be that one unit's (a separate

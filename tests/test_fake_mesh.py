@@ -28,7 +28,7 @@ def _groups(layout_text: str, rank: int) -> tuple[dict[str, list[int]], int]:
     mesh_mod.init_fake_world(layout.world, rank)
     before = dist.distributed_c10d._world.group_count
     built = mesh_mod.build_mesh(layout, "cpu")
-    ranks = {dim: dist.get_process_group_ranks(built[dim].get_group()) for dim in mesh_mod.MESH_DIMS}
+    ranks = {dim: dist.get_process_group_ranks(built[dim].get_group()) for dim in (*mesh_mod.MESH_DIMS, *mesh_mod.EXPERT_DIMS)}
     ranks["dp"] = dist.get_process_group_ranks(built.dp.get_group())
     ranks["experts"] = dist.get_process_group_ranks(built.experts.get_group())
     return ranks, dist.distributed_c10d._world.group_count - before

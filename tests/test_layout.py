@@ -30,7 +30,7 @@ from archplan.planning.cluster import (
     representative_stages,
     step_collectives,
 )
-from archplan.planning.layout import Layout, parse_layout, pipeline_chunks
+from archplan.planning.layout import Layout, layout_problem, parse_layout, pipeline_chunks
 from archplan.planning.parallel import Evaluator, Settings, interconnect, network, rails, search
 from archplan.planning.pricing import (
     Pricer,
@@ -40,6 +40,7 @@ from archplan.planning.pricing import (
     gemm_time,
     members_per_node,
     rates_for,
+    spans_nodes,
     tensor_gemm,
     tp_overlap_cost,
 )
@@ -855,9 +856,25 @@ def test_rails_are_the_ring_members_on_one_node(layout: Layout, nics: int) -> No
     ("tp", Layout(tp=8, dp=8), 1), ("pp", Layout(pp=8, dp=8), 1), ("ep", Layout(dp=64, ep=64), 1),
 ])
 def test_members_per_node_follow_the_rank_order(mesh: MeshDim, layout: Layout, members: int) -> None:
-    """Ranks ordered tp, cp, dp (EP groups consecutive within it), pp: how many of one group share
-    a node of 8; the experts' replicas are expert-data-parallel ranks × tp."""
+    """Ranks ordered tp, cp, dp, pp (EP groups ep consecutive ranks of a stage): how many of one
+    group share a node of 8; the experts' replicas are the ranks ep apart."""
     assert members_per_node(mesh, layout, 8) == members
+
+
+def test_expert_parallelism_folds_over_the_stage_ranks() -> None:
+    """Megatron-Core's parallel folding (ETP = 1): an EP group is ep consecutive ranks of a
+    pipeline stage, so ep may exceed dp·cp and span the TP ranks (Qwen3-235B's TP2 DP16 EP32 on
+    H100); the experts' replicas are the tp·cp·dp/ep ranks ep apart. ep must divide the stage."""
+    folded = Layout(tp=2, pp=8, dp=16, ep=32)
+    assert layout_problem(folded, n_layers=94, gpus_per_node=8, n_experts=128) is None
+    assert folded.expert_dp == 1
+    too_many = layout_problem(Layout(tp=2, dp=16, ep=64), n_layers=94, gpus_per_node=8, n_experts=128)
+    assert too_many is not None and "must divide the 32 ranks of a pipeline stage" in too_many
+    # EP8 under TP2: one node (ranks 0-7), not 16 ranks strided by tp; its replicas 4 per node
+    under_tp = Layout(tp=2, dp=32, ep=8)
+    assert not spans_nodes("ep", under_tp, 8) and spans_nodes("ep", Layout(tp=2, dp=32, ep=16), 8)
+    assert under_tp.expert_dp == 8 and members_per_node("expert_dp", under_tp, 8) == 1
+    assert members_per_node("expert_dp", Layout(tp=2, dp=32, ep=2), 8) == 4
 
 
 def test_rings_across_nodes_drive_their_members_nics() -> None:

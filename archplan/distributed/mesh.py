@@ -1,12 +1,16 @@
-"""The process group and the DeviceMesh of a `Layout`.
+"""The process group and the DeviceMeshes of a `Layout`.
 
-Mesh dimensions, slowest first: ("pp", "expert_dp", "ep", "cp", "tp"), with ("expert_dp", "ep",
-"cp") flattened into "dp". This is Megatron-LM's rank order (`order="tp-cp-ep-dp-pp"`,
-docs of `planning.layout`): a TP group is tp consecutive ranks, the context-parallel ranks of a
-sequence come next, then the ep ranks sharing experts, and the data-parallel group of dense
-weights is dp × cp (context-parallel ranks hold the same weights; Megatron reduces gradients over
-the data × context group). Every dimension is kept even at size 1, so the plans never branch on
-which ones exist. Here ep divides dp (expert_dp = dp / ep); the layout model allows ep | dp·cp.
+Two meshes over the same ranks, as Megatron-Core's "parallel folding" (Liu et al. 2025) and
+torchtitan's ETP = 1 meshes build them:
+- the dense mesh, slowest first ("pp", "dp", "cp", "tp"): Megatron-LM's rank order
+  (`order="tp-cp-ep-dp-pp"`, docs of `planning.layout`), a TP group tp consecutive ranks, the
+  context-parallel ranks of a sequence next, then the data-parallel replicas; the dense weights'
+  data-parallel group is dp × cp (context-parallel ranks hold the same weights; Megatron reduces
+  gradients over the data × context group);
+- the expert mesh ("pp", "expert_dp", "ep"): each stage's tp·cp·dp ranks, in the same order,
+  regrouped as expert_dp replicas of ep consecutive ranks (Megatron-Core's expert rank generator
+  with expert tensor parallelism 1), so an EP group may span tp, cp and dp ranks alike.
+Every dimension is kept even at size 1, so the plans never branch on which ones exist.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout
 from archplan.planning.records import MeshDim
 
-MESH_DIMS: tuple[MeshDim, ...] = ("pp", "expert_dp", "ep", "cp", "tp")
+MESH_DIMS: tuple[MeshDim, ...] = ("pp", "dp", "cp", "tp")
+EXPERT_DIMS: tuple[MeshDim, ...] = ("expert_dp", "ep")
 
 
 def init_fake_world(world: int, rank: int) -> None:
@@ -68,14 +73,19 @@ def stage_rank(layout: Layout, stage: int) -> int:
 @dataclass(frozen=True)
 class LayoutMesh:
     layout: Layout
-    root: DeviceMesh  # (pp, expert_dp, ep, cp, tp)
-    dp: DeviceMesh  # expert_dp × ep × cp flattened: the dense weights' data(-context)-parallel group
-    # the ranks holding the same experts: expert_dp × cp, × tp when tp > 1 (experts are whole on
-    # every tp rank, expert tensor parallelism 1, and each tp rank feeds them its own tokens)
-    experts: DeviceMesh
+    root: DeviceMesh  # (pp, dp, cp, tp)
+    dp: DeviceMesh  # dp × cp flattened: the dense weights' data(-context)-parallel group
+    folded: DeviceMesh  # (expert_dp, ep) over the stage's ranks: the expert mesh
 
     def __getitem__(self, dim: MeshDim) -> DeviceMesh:
-        return self.dp if dim in ("dp", "dp_cp") else self.root[dim]
+        if dim in ("dp", "dp_cp"):
+            return self.dp
+        return self.folded[dim] if dim in EXPERT_DIMS else self.root[dim]
+
+    @property
+    def experts(self) -> DeviceMesh:
+        """The ranks holding the same experts, over which their gradients reduce (expert_dp)."""
+        return self.folded["expert_dp"]
 
     @property
     def dp_name(self) -> MeshDim:
@@ -88,11 +98,12 @@ class LayoutMesh:
         return self.dp.get_local_rank() // self.layout.cp
 
     def _groups(self) -> list[tuple[MeshDim, DeviceMesh]]:
-        return [*((dim, self[dim]) for dim in MESH_DIMS), (self.dp_name, self.dp), ("expert_dp", self.experts)]
+        named = (dim for dim in (*MESH_DIMS, *EXPERT_DIMS) if dim != "dp")
+        return [*((dim, self[dim]) for dim in named), (self.dp_name, self.dp)]
 
     @property
     def dims_by_group(self) -> dict[str, tuple[MeshDim, ...]]:
-        """Process-group name → the mesh dimensions over it (ep and dp share one when expert_dp = 1)."""
+        """Process-group name → the mesh dimensions over it (dimensions over the same ranks may share one)."""
         names: dict[str, tuple[MeshDim, ...]] = {}
         for dim, mesh in self._groups():
             if mesh.size() > 1:
@@ -152,17 +163,12 @@ def _member_groups_only() -> Iterator[None]:
 
 
 def build_mesh(layout: Layout, device_type: str) -> LayoutMesh:
-    """The DeviceMesh of `layout` over the initialised default process group."""
+    """The DeviceMeshes of `layout` over the initialised default process group."""
     if dist.get_world_size() != layout.world:
         raise ArchplanError(f"--layout needs {layout.world} ranks, the process group has {dist.get_world_size()}")
-    if layout.dp % layout.ep:
-        raise ArchplanError(f"--layout: ep={layout.ep} must divide dp={layout.dp} on torch.distributed "
-                            "(the expert mesh takes its ep ranks from the data-parallel ranks)")
     with _member_groups_only():
-        root = init_device_mesh(device_type, (layout.pp, layout.dp // layout.ep, layout.ep, layout.cp, layout.tp),
-                                mesh_dim_names=MESH_DIMS)
-        cp = ("cp",) if layout.cp > 1 else ()
-        replicas = ("expert_dp", *cp, *(("tp",) if layout.tp > 1 else ()))
-        experts = root[replicas]._flatten("expert_dp_tp") if len(replicas) > 1 else root["expert_dp"]
-        dp = root[("expert_dp", "ep", *cp)]._flatten("dp")
-    return LayoutMesh(layout, root, dp, experts)
+        root = init_device_mesh(device_type, (layout.pp, layout.dp, layout.cp, layout.tp), mesh_dim_names=MESH_DIMS)
+        dp = root[("dp", "cp")]._flatten("dp_cp") if layout.cp > 1 else root["dp"]
+        stage = root[("dp", "cp", "tp")]._flatten("stage")
+        folded = stage._unflatten(0, (layout.expert_dp, layout.ep), EXPERT_DIMS)
+    return LayoutMesh(layout, root, dp, folded)

@@ -271,10 +271,11 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
             experts = unit(moe.experts, mesh.experts,
                            shard_placement_fn=lambda p: Shard(1) if p.shape[0] < replicas and p.shape[1] % replicas == 0
                            else Shard(0))
-            # an expert's rows come from all dp ranks' tokens (through the all-to-all), so its
-            # gradient averages over dp, not expert_dp (torchtitan `apply_fsdp`, Megatron's
-            # expert gradient scaling)
-            experts.set_gradient_divide_factor(mesh.layout.dp)
+            # an expert's rows come from every rank's tokens (through the all-to-all), and each
+            # dp·cp rank's loss is the mean over its own tokens (a cp rank's: its chunks), so the
+            # gradient averages over dp·cp as the dense weights' does, not over expert_dp
+            # (torchtitan `apply_fsdp`, Megatron's expert gradient scaling); tp ranks share one loss
+            experts.set_gradient_divide_factor(mesh.layout.dp * mesh.layout.cp)
             if mesh.experts.size() > 1 and dist.get_backend(mesh.experts.get_group()) == "gloo":
                 # a factor other than the group size is a PREMUL_SUM reduction, which gloo lacks:
                 # sum, then divide (the same reduce-scatter)

@@ -22,8 +22,9 @@ chunks (`layout.pipeline_chunks`), plus the embedding (+ learned positions, embe
 first chunk and the final norm + LM head on the last. A tied head is counted once when one rank
 holds both ends (pp = 1); with pp > 1 the last stage holds a copy (Megatron's shared embedding).
 Tensor parallelism splits each tensor as `shards.Tensor.local_shape` says; experts are split over
-ep. Expert tensors replicate over the expert data-parallel group (dp·cp/ep ranks) × tp (experts
-are whole on every tp rank: `expert_replicas`; FSDP2 shards their dim 1 when a rank has fewer
+ep consecutive ranks of the stage (`layout.Layout.expert_dp`: Megatron-Core's parallel folding).
+Expert tensors replicate over the expert data-parallel group (tp·cp·dp/ep ranks; experts are whole
+on every rank holding them; FSDP2 shards their dim 1 when a rank has fewer
 experts than that group has ranks and dim 1 splits evenly, torchtitan's placement), everything else
 over the dp·cp ranks (context-parallel ranks hold the same weights: Megatron reduces gradients over
 the data × context group).
@@ -105,7 +106,7 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
   only its heads, so theirs are summed over tp with or without SP (torchtitan's DeepSeek-V3 plan).
   MoE layers run with expert tensor parallelism 1 (Megatron-Core's MoE with SP): each tp rank
   routes its own sequence shard to whole experts (no TP collective), only shared experts are a
-  tensor-parallel sub-block; expert gradients reduce over expert_dp × tp (`expert_replicas`).
+  tensor-parallel sub-block; expert gradients reduce over expert_dp.
   The embedding output (all-reduce, or reduce-scatter under SP) and the LM head (all-gather of its
   input under SP) add one each way. Learned positions under SP: Megatron-LM all-reduces the
   embedding output, adds the positions whole and scatters (`LanguageModelEmbedding`); the torch
@@ -140,7 +141,7 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
 - EP, per MoE layer and micro-batch: a dispatch and a combine all-to-all of the k routed copies of
   the rank's tokens (its sequence shard under SP) in the forward and the backward (Lepikhin et al.
   2020), + 2 under full recompute.
-- DP over dp·cp (experts over dp·cp/ep), one record per pipeline chunk's layers + one for the
+- DP over dp·cp (experts over tp·cp·dp/ep), one record per pipeline chunk's layers + one for the
   ends: zero 0 an all-reduce of the gradients per step; 1 a reduce-scatter per step and an
   all-gather of the updated bf16 parameters (Megatron's distributed optimizer); 2 a reduce-scatter
   per micro-batch and the all-gather per step; 3 an all-gather in the forward and the backward and
@@ -232,14 +233,6 @@ DEEPSPEED = StatesConvention("deepspeed", 2, 2, 12, False, False, 0, "megatron",
                              "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param; ZeRO-3 "
                              "fetched module by module with DeepSpeed's defaults", module_fetch=True)
 STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2, DEEPSPEED)}
-
-
-def expert_replicas(layout: Layout) -> int:
-    """Ranks holding the same experts, over which their gradients reduce: the expert data-parallel
-    group (dp·cp/ep) × tp, since experts are whole on every tp rank (expert tensor parallelism 1,
-    `shards.py`) and each tp rank routes its own tokens to them (Megatron-Core's expert data-parallel
-    group with ETP = 1 spans the tensor-parallel ranks too)."""
-    return layout.expert_dp * layout.tp
 
 
 def _fsdp_accumulates(layout: Layout, microbatches: int) -> bool:
@@ -914,7 +907,7 @@ def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool)
     (FSDP2's dim-0 chunks, else flat buffers)."""
     tp, ep = layout.tp, layout.ep
     dp = layout.dp * layout.cp
-    edp = expert_replicas(layout)
+    edp = layout.expert_dp
     dense = expert = 0
     shard_dense = shard_expert = 0
     biggest_layer = 0
@@ -1102,7 +1095,7 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
     shards are `fsdp`. `fetches` (ZeRO-3 fetched per module): gathers per micro-batch -> the
     (dense, expert) elements gathered that many times, instead of every element twice."""
     groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, False),
-              ("expert_dp", expert_replicas(layout), True))
+              ("expert_dp", layout.expert_dp, True))
     zero = layout.zero
     out: list[Collective] = []
     for (mesh, size, expert), n, shard in zip(groups, local, fsdp):
@@ -1260,7 +1253,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         # data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) + the ends,
         # or, per_layer=False, one per chunk with the bytes summed (what pricing needs)
         dp_over = "dp" in overlap
-        dp, edp = layout.dp * layout.cp, expert_replicas(layout)
+        dp, edp = layout.dp * layout.cp, layout.expert_dp
         numel_d, numel_e = data.numel(tp, ep)
         fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
         lo, hi = chunk.layers.start, chunk.layers.stop

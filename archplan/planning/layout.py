@@ -8,8 +8,14 @@ Neither side re-derives degrees or pipeline-stage boundaries: both read `Layout`
 Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti et al. 2022):
 - world = tp · cp · pp · dp. Ranks are ordered tp fastest, then cp, dp, pp (Megatron's default
   `order="tp-cp-ep-dp-pp"`), so a TP group is tp consecutive ranks inside one node.
-- ep divides dp · cp: experts are sharded over ep ranks taken from the data(-context)-parallel
-  group, whose remaining dp·cp/ep ranks replicate each expert (expert data parallelism).
+- ep divides tp · cp · dp, the ranks of one pipeline stage: experts are whole on every rank that
+  holds them (expert tensor parallelism 1) and sharded over ep consecutive ranks of the stage,
+  whatever their tp, cp and dp coordinates; the tp·cp·dp/ep ranks at the same place of each EP
+  group replicate them (expert data parallelism, `expert_dp`, stride ep). This is Megatron-Core's
+  "parallel folding" (Liu et al. 2025, "MoE Parallel Folding"; its expert rank generator orders
+  "tp-ep-dp-pp" with ETP = 1, so an EP group is ep consecutive ranks) and torchtitan's
+  ETP = 1 mesh (EP flattened over dp_shard_in_ep × cp × tp): attention keeps its TP×CP×DP mesh
+  while the experts fold another over the same ranks, so EP can span the TP ranks of a node.
 - vpp: virtual pipeline stages (model chunks) per pipeline rank, for the interleaved 1F1B schedule.
 - group: N, the micro-batches a pipeline rank runs through one model chunk before the next, in the
   interleaved schedule (Llama Team 2024 §3.3.2, Figure 6: the "tunable" schedule between
@@ -63,9 +69,18 @@ class Layout:
         return self.tp * self.cp * self.pp * self.dp
 
     @property
+    def stage_ranks(self) -> int:
+        """Ranks of one pipeline stage, over which the expert mesh (ep × expert_dp) folds."""
+        return self.tp * self.cp * self.dp
+
+    @property
     def expert_dp(self) -> int:
-        """Ranks that replicate one expert shard (the expert weights' data-parallel group)."""
-        return self.dp * self.cp // self.ep
+        """Ranks that replicate one expert shard, over which the experts' gradients reduce (the
+        expert weights' data-parallel group): experts are whole on every rank holding them (expert
+        tensor parallelism 1, `shards.py`) and each tp rank routes its own tokens to them, so
+        Megatron-Core's expert data-parallel group with ETP = 1 spans the tensor-parallel ranks
+        too."""
+        return self.stage_ranks // self.ep
 
     @property
     def sequence_parallel(self) -> bool:
@@ -183,8 +198,9 @@ def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_exper
     if layout.tp > gpus_per_node:
         return (f"tp={layout.tp} spans more than one node of {gpus_per_node} GPUs "
                 "(tensor parallelism needs the in-node links)")
-    if (layout.dp * layout.cp) % layout.ep:
-        return f"ep={layout.ep} must divide dp·cp = {layout.dp * layout.cp}"
+    if layout.stage_ranks % layout.ep:
+        return (f"ep={layout.ep} must divide the {layout.stage_ranks} ranks of a pipeline stage "
+                f"(tp·cp·dp = {layout.tp}·{layout.cp}·{layout.dp}), over which the experts fold")
     if layout.ep > 1 and not n_experts:
         return f"ep={layout.ep} but the model has no routed experts"
     if n_experts and n_experts % layout.ep:
@@ -257,7 +273,7 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_laye
     if gpus % product:
         named = "·".join(f"{name}={value}" for name, value in degrees.items())
         raise ArchplanError(f"--layout: {named} = {product} ranks does not divide --gpus {gpus}")
-    # the given fields on an otherwise neutral layout: ep's divisibility by dp·cp, vpp's need of a
+    # the given fields on an otherwise neutral layout: ep's divisibility by the stage's ranks, vpp's need of a
     # pipeline and sp's of a seq the tp group divides involve fields the search still chooses
     probe = Layout(tp=int(given.get("tp", 1)), cp=int(given.get("cp", 1)), pp=int(given.get("pp", 1)),
                    vpp=int(given.get("vpp", 1)) if "pp" in given else 1,

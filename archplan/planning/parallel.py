@@ -431,7 +431,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 if "dp" in g and g["dp"] != dp:
                     continue
                 eps = [g["ep"]] if "ep" in g else (
-                    _divisors(math.gcd(data.n_experts, dp * cp)) if data.n_experts else [1])
+                    _divisors(math.gcd(data.n_experts, tp * cp * dp)) if data.n_experts else [1])
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in zeros for r in modes):

@@ -84,7 +84,6 @@ from archplan.planning.cluster import (
     UseKind,
     _collectives,
     _fsdp_accumulates,
-    expert_replicas,
     fsdp2_accumulated_numel,
     fetch_trace,
     in_flight,
@@ -599,14 +598,15 @@ def _first_twins(data: ModelData) -> list[int]:
 
 
 def spans_nodes(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> bool:
-    """Whether a group of this mesh dimension leaves the node (ranks ordered tp, cp, dp, pp)."""
+    """Whether a group of this mesh dimension leaves the node (ranks ordered tp, cp, dp, pp; an EP
+    group is ep consecutive ranks of the stage, `layout.Layout.expert_dp`)."""
     match mesh:  # a match, not a dict of every extent: called once per record of every layout
         case "tp":
             extent = layout.tp
         case "cp":
             extent = layout.tp * layout.cp
         case "ep":
-            extent = layout.tp * layout.ep
+            extent = layout.ep
         case "dp" | "dp_cp" | "expert_dp":
             extent = layout.tp * layout.cp * layout.dp
         case "pp":
@@ -619,8 +619,8 @@ def spans_nodes(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> bool:
 def members_per_node(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> int:
     """How many ranks of one group of this mesh dimension share a node, for the groups whose rings
     can spread over several NICs (data and context parallelism; 1 for the others). Ranks are
-    ordered tp, cp, dp, pp, the EP groups consecutive within cp·dp, and the experts' replicas
-    (`cluster.expert_replicas`) are their expert-data-parallel ranks × tp."""
+    ordered tp, cp, dp, pp; the EP groups are ep consecutive ranks of a stage, and the experts'
+    replicas (`layout.Layout.expert_dp`) the ranks at one place of each, ep apart."""
     match mesh:
         case "dp":
             stride, size, inner = layout.tp * layout.cp, layout.dp, 1
@@ -629,7 +629,7 @@ def members_per_node(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> int:
         case "cp":
             stride, size, inner = layout.tp, layout.cp, 1
         case "expert_dp":
-            stride, size, inner = layout.tp * layout.ep, layout.expert_dp, layout.tp
+            stride, size, inner = layout.ep, layout.expert_dp, 1
         case "tp" | "ep" | "pp":
             return 1
         case _:
@@ -699,7 +699,7 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
         return 0.0
     to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if precision == "fp8" else ACT_BYTES
     scale = (to_experts + ACT_BYTES) / (2 * ACT_BYTES)
-    nodes = math.ceil(layout.tp * layout.ep / net.gpus_per_node)
+    nodes = math.ceil(layout.ep / net.gpus_per_node)
     reach = nodes_per_token(moe, nodes) if moe is not None and nodes > 1 else None
     if moe is None or reach is None:
         return scale * (collective_time(c, layout, net, eff) - c.count * eff.latency) + c.count * eff.latency
@@ -848,7 +848,7 @@ def _module_fetch_exposed(data: ModelData, pricer: Pricer, layout: Layout, stage
     ops = pricer.fetch_ops(layout, stage, kernel)
     eff = pricer.rates.eff
     dense = ("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp)
-    experts = ("expert_dp", expert_replicas(layout))
+    experts = ("expert_dp", layout.expert_dp)
 
     def moved(kind: str, m: Module, elements: int, width: int) -> float:
         mesh, size = experts if m.expert else dense

@@ -15,7 +15,7 @@ torch `ColwiseParallel` / `RowwiseParallel`):
 - expert_column / expert_row: stacked experts, dim 0 (experts) over ep, whole on every tp rank:
   expert tensor parallelism 1 (Megatron-Core `--expert-tensor-parallel-size 1`, torchtitan's
   default), each tp rank feeding them its own sequence shard of tokens; so they replicate over
-  tp × the expert data-parallel group (`cluster.expert_replicas`).
+  the expert data-parallel group (`layout.Layout.expert_dp`), which spans the tp ranks.
 Mamba mixers split like Megatron-Core's MambaMixer: everything indexed by d_inner or SSM heads
 column-wise, out_proj row-wise; Mamba-1's x_proj (input d_inner) row-wise, its small output
 (dt_rank + 2·d_state) reduced over tp and read whole by every rank (Jamba's dt/B/C norms on it
