@@ -49,8 +49,6 @@ TP_EDGES: dict[str, tuple[str, dict[str, object]]] = {
     "qk-per-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("per_head", "rmsnorm", 1)),
 }
 TP2 = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
-NO_AUX = {"moe": {"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "activation": "silu", "d_ff": 64},
-                  "router": {"scoring": "softmax", "normalize_top_k": True}, "aux_loss_coef": 0.0}}
 MAMBA2_ONE_GROUP = {"kind": "mamba2", "d_state": 16, "d_conv": 4, "expand": 2, "head_dim": 32, "n_groups": 1,
                     "chunk_size": 8}
 
@@ -63,11 +61,15 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     "zero1-selective": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=selective,mb=2"),
     "zero0-replicate": ("parity", "tiny-llama.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=2"),
     "ep2": ("parity", "tiny-moe.yaml", {}, "tp=1,cp=1,pp=1,dp=2,ep=2,zero=3,recompute=none,mb=2"),
+    # the load-balancing loss over a micro-batch split by SP or CP: routed-pair counts summed over
+    # the ranks, each rank's share of P (`modules.moe.TokenShards`)
+    "tp2-moe": ("parity", "tiny-moe.yaml", {}, TP2),
+    "cp2-moe": ("parity", "tiny-moe.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"),
     # parallel folding: the EP group is the TP pair (dp = 1), each rank sending its sequence shard's
     # rows to the other's experts, or the CP pair, each rank its chunks' rows (the experts' gradient
-    # averaged over dp·cp, as each cp rank's loss is its chunks'); no load-balancing loss: `NO_AUX`
-    "tp2-ep2-folded": ("parity", "tiny-moe.yaml", NO_AUX, "tp=2,cp=1,pp=1,dp=1,ep=2,zero=3,recompute=none,mb=2"),
-    "cp2-ep2": ("parity", "tiny-moe.yaml", NO_AUX, "tp=1,cp=2,pp=1,dp=1,ep=2,zero=3,recompute=none,mb=2"),
+    # averaged over dp·cp, as each cp rank's loss is its chunks'), full recompute re-running both
+    "tp2-ep2-folded": ("parity", "tiny-moe.yaml", {}, "tp=2,cp=1,pp=1,dp=1,ep=2,zero=1,recompute=selective,mb=2"),
+    "cp2-ep2-full-recompute": ("parity", "tiny-moe.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=2,zero=3,recompute=full,mb=2"),
     # MLA with TP (k_pe's gradient summed over tp) and MoE under TP + SP (each rank routes its
     # sequence shard to whole experts, reduced over tp); full recompute re-runs both
     "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", {}, TP2),
@@ -120,7 +122,7 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
 
 # CI budget: the default run keeps one case per sharded code path; these variants of a path run
 # with `-m heavy` (about 8 s of the pair's wall time each, 12 s of CPU, on the 2-core machine alone)
-HEAVY_CASES = {"tp2-mla-moe", "tp2-odd-vocab-sinusoidal", "tp2-qk-head-rmsnorm", "tp2-qk-per-head-layernorm",
+HEAVY_CASES = {"tp2-mla-moe", "cp2-moe", "tp2-odd-vocab-sinusoidal", "tp2-qk-head-rmsnorm", "tp2-qk-per-head-layernorm",
                "tp2-qk-full-layernorm-mqa", "cp2-mqa-alibi", "cp2-learned", "cp2-sinusoidal",
                "cp2-stripedhyena-full-recompute", "cp2-s4d-selective", "cp2-mamba2-full-recompute",
                "tied-pp2-zero0", "tied-pp2-zero3"}

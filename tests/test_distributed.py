@@ -287,12 +287,18 @@ def test_fake_verify_expert_all_to_all_recorded(fake_world: None) -> None:
 def test_fake_verify_expert_parallelism_folded_over_tp(fake_world: None, layout: str, replicas: int) -> None:
     """Parallel folding (Megatron-Core with ETP = 1): an EP group of ep consecutive ranks spans the
     TP (and CP) ranks, ep > dp·cp; the all-to-all runs over ep ranks, the experts' gradients reduce
-    over the tp·cp·dp/ep ranks ep apart, and plan's records equal torch's."""
+    over the tp·cp·dp/ep ranks ep apart, the load-balancing loss sums its counts over the ranks
+    splitting the tokens, and plan's records equal torch's."""
     result = _all_exact("tiny-moe.yaml", layout, microbatches=2)
     [a2a] = [r for r in result.collectives if r.kind == "all_to_all" and r.mesh_dim == "ep"]
     assert a2a.group_size == 4 and a2a.measured == a2a.analytic > 0
     experts = {r.group_size for r in result.collectives if r.mesh_dim == "expert_dp" and r.measured}
     assert experts == ({replicas} if replicas > 1 else set())
+    # the load-balancing loss sums its 4 experts' fp32 counts over tp (SP), then cp, per forward:
+    # 2 layers × 2 micro-batches
+    counts = {r.mesh_dim: r for r in result.collectives if r.kind == "all_reduce" and r.bytes == 4 * 4}
+    assert set(counts) == ({"tp", "cp"} if "cp=2" in layout else {"tp"})
+    assert all(r.measured == r.analytic == 2 * 2 for r in counts.values())
 
 
 def test_fake_verify_moe_without_expert_parallelism(fake_world: None) -> None:
@@ -309,7 +315,7 @@ def test_fake_verify_moe_without_expert_parallelism(fake_world: None) -> None:
     ("tiny-moe.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"),
 ], ids=["dense", "moe"])
 def test_fake_verify_tensor_parallel_without_data_parallel(fake_world: None, spec: str, layout: str) -> None:
-    """dp = 1: the experts' replicas (expert_dp × tp) are the tp ranks, one process group for both.
+    """dp = 1: the experts' replicas (expert_dp = tp·cp·dp/ep) are the tp ranks, one process group for both.
     DTensor's tensor-parallel collectives are functional ones, FSDP2's c10d ops, and each is named
     for its own dimension (every TP collective was once counted as expert_dp, and verify failed)."""
     result = _all_exact(spec, layout, microbatches=2)

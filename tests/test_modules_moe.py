@@ -19,6 +19,7 @@ from archplan.modules.flop_formulas import grouped_mm_flop, register
 from archplan.modules.model import build_model
 from archplan.modules.moe import (
     MoEFFN,
+    TokenShards,
     experts_loop,
     grouped_mm_path,
     load_balancing_loss,
@@ -218,6 +219,32 @@ def test_sequence_and_batch_balance_losses() -> None:
     picks = torch.tensor([[0]] * 3 + [[1]] * 3)
     assert load_balancing_loss(split, picks, 1, 1.0).item() == pytest.approx(1.0)
     assert load_balancing_loss(split, picks, 2, 1.0).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("groups", [1, 2], ids=["batch", "sequence"])
+def test_balance_loss_over_token_shards_is_the_micro_batch_loss(groups: int) -> None:
+    """Two ranks holding half of each sequence (SP's tp ranks, CP's cp ranks): with the routed-pair
+    counts summed over them, their terms make the micro-batch's loss, and its gradient, when added
+    (tp: the router's gradients are summed) or averaged (cp: averaged with the data-parallel ones).
+    Over each shard alone they would not (Megatron-Core sums the counts over its tp_cp_group)."""
+    torch.manual_seed(5)
+    scores = torch.rand(groups, 8, 4).softmax(-1).requires_grad_(True)
+    experts = scores.detach().topk(2, dim=-1).indices
+    whole = load_balancing_loss(scores.reshape(-1, 4), experts.reshape(-1, 2), groups, 0.1)
+    halves = (slice(0, 4), slice(4, 8))
+    counts = [torch.zeros(groups, 4).scatter_add_(1, experts[:, h].reshape(groups, -1), torch.ones(groups, 8))
+              for h in halves]
+    whole_grad, = torch.autograd.grad(whole, scores)
+    for summed, combine in ((2, 1.0), (1, 0.5)):
+        shards = TokenShards(ranks=2, summed=summed, reduce=lambda local: counts[0] + counts[1])
+        terms = [load_balancing_loss(scores[:, h].reshape(-1, 4), experts[:, h].reshape(-1, 2), groups, 0.1, shards)
+                 for h in halves]
+        total = combine * sum(terms)
+        assert total.item() == pytest.approx(whole.item(), rel=1e-6)
+        assert torch.allclose(torch.autograd.grad(total, scores)[0], whole_grad, atol=1e-7)
+    alone = sum(load_balancing_loss(scores[:, h].reshape(-1, 4), experts[:, h].reshape(-1, 2), groups, 0.1)
+                for h in halves) / 2
+    assert alone.item() != pytest.approx(whole.item(), rel=1e-3)
 
 
 @pytest.mark.parametrize("scope", ["batch", "sequence"])

@@ -12,8 +12,8 @@ uses, so ZeRO-1/2's replicated weights become a gathered bf16 copy held through 
 - zero=0: `replicate` (FSDP2's replicate mode, DDP semantics): gradients all-reduced once per step.
 Mixed precision as torchtitan: fp32 master weights, bf16 compute (`param_dtype`), fp32 gradient
 reduction (`reduce_dtype`); `mixed=False` keeps everything fp32 (the equivalence tests).
-Experts shard over the ranks that hold the same experts (`mesh.experts`: expert_dp × tp, experts
-being whole on every tp rank).
+Experts shard over the ranks that hold the same experts (`mesh.experts`: expert_dp, the stage's
+ranks ep apart, experts being whole on every rank holding them).
 Each layer is one FSDP unit (its experts another), the embedding another; everything else (learned
 positions, embedding norm, final norm, head) is in the stage's root unit.
 Tied embeddings over pp > 1: the last stage's head is a copy of the embedding, its gradient summed
@@ -22,6 +22,7 @@ with the first stage's each step over a 2-rank group (`tied_group`, Megatron's e
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import (
@@ -56,7 +58,7 @@ from archplan.modules.attention import Attention
 from archplan.modules.block import Block
 from archplan.modules.mla import MLA
 from archplan.modules.model import TiedLMHead
-from archplan.modules.moe import Experts, MoEFFN
+from archplan.modules.moe import Experts, MoEFFN, TokenShards
 
 MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -134,6 +136,29 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
     elif stage.lm_head is not None:
         _parallelize(stage.lm_head, tp_mesh, ColwiseParallel(
             input_layouts=seq, output_layouts=Shard(-1), use_local_output=False))
+
+
+def _token_shards(stage: Stage, mesh: LayoutMesh) -> None:
+    """Tell each MoE layer which ranks split its micro-batch's tokens, the tp ranks under SP and
+    the cp ranks, over which its load-balancing loss sums the routed-pair counts
+    (`modules.moe.TokenShards`; Megatron-Core's router all-reduces them over its tp_cp_group). Over
+    its shard alone, the loss would pull the router toward balancing each shard."""
+    layout = mesh.layout
+    dims = [dim for dim, split in (("tp", layout.sequence_parallel), ("cp", layout.cp > 1)) if split]
+    if not dims:
+        return
+    groups = [mesh[dim].get_group() for dim in dims]
+
+    def summed(x: Tensor) -> Tensor:
+        for group in groups:  # over tp, then over cp: the one tp_cp sum, in two calls
+            x = funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+        return x
+
+    summed_ranks = layout.tp if layout.sequence_parallel else 1
+    shards = TokenShards(ranks=math.prod(mesh[dim].size() for dim in dims), summed=summed_ranks, reduce=summed)
+    for block in stage.layers.values():
+        if isinstance(block.ffn, MoEFFN):
+            block.ffn.shards = shards
 
 
 def _expert_parallel(stage: Stage, mesh: LayoutMesh, balanced: bool) -> None:
@@ -299,6 +324,7 @@ def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool =
     compute_dtype = policy.param_dtype or torch.float32
     _tensor_parallel(stage, mesh)
     context = apply_context_parallel(stage, mesh, compute_dtype)
+    _token_shards(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
     return Sharded(stage, _fsdp(stage, mesh, policy), compute_dtype, tied_group(stage, mesh), context)

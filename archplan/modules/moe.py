@@ -24,6 +24,8 @@ never the scores or their autograd graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -291,7 +293,24 @@ def _group_mask(select_NE: Tensor, plan: MoEPlan) -> Tensor:
     return mask_NG[:, :, None].expand(n, plan.n_group, per).reshape(n, e)
 
 
-def load_balancing_loss(scores_NE: Tensor, experts_NK: Tensor, n_groups: int, coef: float) -> Tensor:
+@dataclass(frozen=True)
+class TokenShards:
+    """How one micro-batch's tokens are split over ranks, for the load-balancing loss: over the tp
+    ranks under sequence parallelism, over the cp ranks under context parallelism (Megatron-Core's
+    router sums its `tokens_per_expert` over its `tp_cp_group` and counts the group's tokens).
+
+    ranks: how many ranks hold the micro-batch's tokens (tp · cp); summed: how many of them add their
+    loss terms up rather than average them, the tp ranks (the router is replicated over tp and its
+    gradients summed, while the cp ranks' average with the data-parallel ones, each cp rank's
+    cross-entropy the mean of its own chunks); reduce: the sum of a tensor over the ranks."""
+
+    ranks: int
+    summed: int
+    reduce: Callable[[Tensor], Tensor]
+
+
+def load_balancing_loss(scores_NE: Tensor, experts_NK: Tensor, n_groups: int, coef: float,
+                        shards: TokenShards | None = None) -> Tensor:
     """coef · mean over token groups of E · Σ_e f_e · P_e.
 
     Per group of T tokens (the whole batch: Switch Transformer eq. 4-6, GShard; one sequence:
@@ -300,16 +319,24 @@ def load_balancing_loss(scores_NE: Tensor, experts_NK: Tensor, n_groups: int, co
     f_i = E/(K·T)·count_i, up to the E factor kept outside); P_e = mean over the T tokens of e's
     score renormalised to sum to 1 per token (a no-op for softmax; eq. 19 s'_i for sigmoid).
     Uniform routing gives exactly coef. The tokens are grouped as N = n_groups · T, in order.
+
+    With `shards`, the rank holds T/ranks of each group's tokens: the counts are summed over the
+    ranks, so f is the group's, and the rank's term holds its tokens' share of P, which the
+    router's gradient reduction (summed over `summed` ranks, averaged over the rest) makes the
+    group's P. The value is then the rank's share of the loss, not the loss.
     """
     n, n_experts = scores_NE.shape
     top_k = experts_NK.shape[1]
     t = n // n_groups
+    ranks, summed = (shards.ranks, shards.summed) if shards else (1, 1)
     probs_GTE = (scores_NE / scores_NE.sum(dim=-1, keepdim=True)).reshape(n_groups, t, n_experts)
-    p_GE = probs_GTE.mean(dim=1)
+    p_GE = probs_GTE.sum(dim=1) / (t * summed)
     # scatter_add keeps a static (G, E) shape (bincount's depends on the data)
     picks_GM = experts_NK.reshape(n_groups, t * top_k)
     counts_GE = torch.zeros_like(p_GE).scatter_add_(1, picks_GM, torch.ones_like(picks_GM, dtype=p_GE.dtype))
-    f_GE = counts_GE / (t * top_k)
+    if shards is not None:
+        counts_GE = shards.reduce(counts_GE)
+    f_GE = counts_GE / (t * ranks * top_k)
     return coef * n_experts * (f_GE * p_GE).sum(dim=-1).mean()
 
 
@@ -335,7 +362,8 @@ class MoEFFN(nn.Module):
     Submodules are the component paths of docs/architecture.md: `router`, `experts`, `shared`,
     `shared_gate`. In training mode with aux_loss_coef > 0 the forward computes the load-balancing
     loss (per batch or per sequence, `plan.aux_loss_scope`), attaches it to the output's gradient
-    (`_AttachAuxLoss`) and keeps only its detached value in `last_aux_loss`, for logging.
+    (`_AttachAuxLoss`) and keeps only its detached value in `last_aux_loss`, for logging (the
+    rank's share of it when a parallel layout splits the tokens: `shards`).
     """
 
     def __init__(self, plan: MoEPlan, d_model: int) -> None:
@@ -346,6 +374,7 @@ class MoEFFN(nn.Module):
         self.shared: MLP | GLU | None = build_ffn(plan.shared, d_model) if plan.shared else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if plan.shared_gate else None
         self.last_aux_loss: Tensor | None = None  # detached: no graph is kept between forwards
+        self.shards: TokenShards | None = None  # set where a parallel layout splits the tokens
 
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
@@ -361,7 +390,7 @@ class MoEFFN(nn.Module):
         self.last_aux_loss = None
         if self.training and self.plan.aux_loss_coef > 0:
             groups = b if self.plan.aux_loss_scope == "sequence" else 1
-            aux = load_balancing_loss(scores_NE, experts_NK, groups, self.plan.aux_loss_coef)
+            aux = load_balancing_loss(scores_NE, experts_NK, groups, self.plan.aux_loss_coef, self.shards)
             self.last_aux_loss = aux.detach()
             if torch.is_grad_enabled() and aux.requires_grad:
                 out_ND = _AttachAuxLoss.apply(out_ND, aux)

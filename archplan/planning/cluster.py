@@ -140,7 +140,10 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
   all-gathered over NVLink after; sequence-sharded already under SP).
 - EP, per MoE layer and micro-batch: a dispatch and a combine all-to-all of the k routed copies of
   the rank's tokens (its sequence shard under SP) in the forward and the backward (Lepikhin et al.
-  2020), + 2 under full recompute.
+  2020), + 2 under full recompute. With a load-balancing loss, an all-reduce of its fp32
+  routed-pair counts (E per micro-batch, or per sequence) over tp under SP and over cp, per
+  forward: the loss is the micro-batch's, not the rank's shard's (Megatron-Core's router sums
+  `tokens_per_expert` over its tp_cp_group).
 - DP over dp·cp (experts over tp·cp·dp/ep), one record per pipeline chunk's layers + one for the
   ends: zero 0 an all-reduce of the gradients per step; 1 a reduce-scatter per step and an
   all-gather of the updated bf16 parameters (Megatron's distributed optimizer); 2 a reduce-scatter
@@ -196,6 +199,7 @@ ACT_BYTES = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 LOGIT_BYTES = 4
 STAT_BYTES = 4  # fp32 norm statistics
+COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
 TOKEN_ID_BYTES = 8
 FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
 T = TypeVar("T")
@@ -285,6 +289,7 @@ class ChunkLayers:
     conv: tuple[tuple[int, int], ...]  # long-conv channels exchanged under CP, in and out
     scan: tuple[tuple[tuple[LayerPlan, int], int], ...]  # (a layer per distinct Mamba mixer, direction)
     top_k: tuple[tuple[int, int], ...]  # MoE layers' routed copies per token
+    aux: tuple[tuple[tuple[int, bool], int], ...]  # load-balancing losses: (experts, per sequence)
     sp_norms: tuple[tuple[int, int], ...]  # elements of the tensors summed over tp under SP
     tp_summed: tuple[tuple[int, int], ...]  # elements of the tensors summed over tp at any tp
 
@@ -428,6 +433,8 @@ def _chunk_layers(data: ModelData, layers: range) -> ChunkLayers:
         scan=_first_seen((first_with[layer.mixer], way) for layer in chosen
                          if isinstance(layer.mixer, Mamba1Plan | Mamba2Plan) for way in (0, 1)),
         top_k=_first_seen(layer.ffn.top_k for layer in chosen if isinstance(layer.ffn, MoEPlan)),
+        aux=_first_seen((layer.ffn.n_experts, layer.ffn.aux_loss_scope == "sequence") for layer in chosen
+                        if isinstance(layer.ffn, MoEPlan) and layer.ffn.aux_loss_coef > 0),
         sp_norms=_first_seen(n for i in layers for n in data.sp_norms[i]),
         tp_summed=_first_seen(n for i in layers for n in data.tp_summed[i]),
     )
@@ -1241,6 +1248,14 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for routed, n in ep_calls:
             add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
                 ep_over)
+        # a load-balancing loss sums its routed-pair counts (fp32, one row of E per sequence or per
+        # micro-batch) over the ranks splitting the micro-batch's tokens, tp under SP, then cp, in
+        # each forward (Megatron-Core's router, over its tp_cp_group; `modules.moe.TokenShards`)
+        for (experts, per_sequence), n in counted.aux:
+            summed = COUNT_BYTES * experts * (layout.mb if per_sequence else 1)
+            if sp:
+                add("all_reduce", "tp", tp, summed, m * n * fwd, f"{span} MoE load-balancing counts (SP)")
+            add("all_reduce", "cp", cp, summed, m * n * fwd, f"{span} MoE load-balancing counts (CP)")
         # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink (Megatron); the
         # torch engine sends what the stage holds: the sequence shard under SP, else the whole
         p2p = act // tp if sp or engine == "megatron" else act
