@@ -270,6 +270,7 @@ class LayerActs:
     block_input: int  # what full recompute keeps
     glu_extra: int  # the activation's output eager GLUs keep and fused ones recompute
     norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
+    fp32_inputs: int  # other inputs the torch modules cast to fp32 (`_fp32_cast_width`), counted at 16 bits
     combine: int  # an MoE layer's routed rows live at its combine beside the saved tensors (`_combine_rows`)
 
 
@@ -335,6 +336,7 @@ class ModelData:
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
                                        ACT_BYTES * seq * _glu_width(layer),
                                        ACT_BYTES * seq * h * len(layer.norms),
+                                       ACT_BYTES * seq * _fp32_cast_width(layer, h),
                                        _combine_rows(layer, seq, h)))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
@@ -564,6 +566,22 @@ def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
     """`LayerActs.combine` on one rank: each tp rank routes its own sequence shard under SP
     (expert tensor parallelism 1) and every token without it, as the EP all-to-all's payload."""
     return acts.combine / (layout.tp if layout.sequence_parallel else 1)
+
+
+def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
+    """Per token, the elements of a layer's inputs that the torch modules cast to fp32 before use,
+    beyond the block norms': the q/k norms' (`modules.norms`: `x.float()`), MLA's latent norms', and
+    an MoE router's (`modules.moe.Router`: fp32 logits from `x.float()`). Plain autograd keeps
+    those fp32 copies, twice the 16-bit inputs the per-tensor model counts."""
+    width = 0
+    match layer.mixer:
+        case AttentionPlan(qk_norm=qk_norm) if qk_norm is not None:
+            width += (layer.mixer.n_heads + layer.mixer.n_kv_heads) * layer.mixer.head_dim
+        case MLAPlan():
+            width += (layer.mixer.q_lora_rank or 0) + layer.mixer.kv_lora_rank
+    if isinstance(layer.ffn, MoEPlan):
+        width += h
+    return width
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -820,8 +838,9 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     match kernel:
         case "flash" if engine == "torch":
             # a fused SDPA kernel inside plain autograd: act(gate) is kept and each norm keeps its
-            # input as the fp32 copy it computes on (archplan.modules.norms: x.float())
-            kept = acts.kept["selective"] + acts.lse + acts.norm_inputs
+            # input as the fp32 copy it computes on (archplan.modules.norms: x.float()), as do the
+            # q/k norms, MLA's latent norms and an MoE router (`_fp32_cast_width`)
+            kept = acts.kept["selective"] + acts.lse + acts.norm_inputs + acts.fp32_inputs
             replicated += acts.norm_inputs
         case "flash":
             kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs
