@@ -81,10 +81,11 @@ class GatherKV(torch.autograd.Function):
     DTensor over tp (MLA's replicated latent under TP) is gathered by its local tensor and keeps
     its placements; its gradient keeps the gradient's (a Partial sum over the tp ranks' heads).
 
-    torch's own differentiable all-gather (`all_gather_single_autograd`) is not used: under
-    selective activation checkpointing (`shard.apply_recompute`) its recomputation replays the
-    cached outputs out of order ("Recomputed values ... have different metadata"); a Function
-    records one autograd node of its own and runs the same functional collectives."""
+    torch's own differentiable all-gather (`all_gather_single_autograd`) is not used: under the
+    selective activation checkpointing of the whole mixer that `shard.apply_recompute` once
+    applied, its recomputation replayed the cached outputs out of order ("Recomputed values ...
+    have different metadata"); a Function records one autograd node of its own and runs the same
+    functional collectives, inside a checkpointed region or not."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, dim: int,  # type: ignore[override]

@@ -16,12 +16,14 @@ V (Llama 3 §3.3.2) and masks by positions.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from typing_extensions import assert_never
 
 from archplan.errors import ArchplanError
@@ -95,6 +97,21 @@ def _kernels(q: Tensor, cached: bool) -> AbstractContextManager[object]:
         return nullcontext()
     allowed = [backend for backend, enabled in _CACHED_KERNELS if enabled()]
     return sdpa_kernel(allowed) if allowed else nullcontext()
+
+
+def attention_core(recompute: bool, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSDv: Tensor, qpos_T: Tensor,
+                   kpos_S: Tensor, **options: Any) -> Tensor:
+    """`sdpa`, re-run in the backward under selective recompute (Korthikanti et al. 2022 §4.3: the
+    attention core alone). A non-reentrant checkpoint of this one call keeps its inputs, which the
+    fused kernel saves anyway, and drops what the kernel would keep beyond them (its output and
+    log-sum-exp; the s×s probabilities of a non-fused path); the projections, norms and rotary
+    around it keep what plain autograd keeps, and nothing but the core is run twice."""
+    if recompute and torch.is_grad_enabled() and not options.get("cached"):
+        out = checkpoint(partial(sdpa, **options), q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S,
+                         use_reentrant=False, preserve_rng_state=False)
+        assert isinstance(out, Tensor)
+        return out
+    return sdpa(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, **options)
 
 
 def sdpa(
@@ -198,6 +215,7 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(plan.rotary_dim, rope) if rope is not None and plan.rotary_dim else None
         self.alibi = Alibi(h) if alibi else None
         self.context: SequenceShard | None = None
+        self.recompute_core = False  # selective recompute (`attention_core`)
 
     def new_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVState:
         p = self.plan
@@ -230,8 +248,8 @@ class Attention(nn.Module):
         else:
             (k, v), kpos_S = cache_step([state.k_BHLD, state.v_BHLD], [k, v], 2, state.seen, p.window)
             state.advance(t)
-        out_BHTDh = sdpa(
-            q, k, v, qpos_T, kpos_S,
+        out_BHTDh = attention_core(
+            self.recompute_core, q, k, v, qpos_T, kpos_S,
             window=p.window, alibi=self.alibi, cached=state is not None, gqa=p.n_kv_heads != p.n_heads,
         )
         return self.o_proj(out_BHTDh.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim))
@@ -248,6 +266,6 @@ class Attention(nn.Module):
             cos, sin = self.rotary.at(qpos_T)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = shard.gather(torch.stack([k, v]), 3).unbind(0)
-        return sdpa(q, k, v, qpos_T, shard.key_positions(t, q.device), window=p.window, alibi=self.alibi,
-                    cached=False, gqa=p.n_kv_heads != p.n_heads,
-                    mask=shard.mask(t, p.window, self.alibi, q.dtype, q.device))
+        return attention_core(self.recompute_core, q, k, v, qpos_T, shard.key_positions(t, q.device),
+                              window=p.window, alibi=self.alibi, cached=False, gqa=p.n_kv_heads != p.n_heads,
+                              mask=shard.mask(t, p.window, self.alibi, q.dtype, q.device))

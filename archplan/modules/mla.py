@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from archplan.modules.attention import SequenceShard, cache_step, sdpa
+from archplan.modules.attention import SequenceShard, attention_core, cache_step, sdpa
 from archplan.modules.cache import LatentState
 from archplan.modules.norms import build_norm
 from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, yarn_mscale
@@ -64,6 +64,7 @@ class MLA(nn.Module):
         self.rotary = RotaryEmbedding(r, rope) if rope is not None else None
         self.alibi = Alibi(h) if alibi else None
         self.context: SequenceShard | None = None  # context parallelism (`distributed.context`)
+        self.recompute_core = False  # selective recompute (`attention.attention_core`)
         self.scale = 1.0 / math.sqrt(plan.qk_head_dim)
         scaling = rope.scaling if rope is not None else None
         if scaling is not None and scaling.kind == "yarn" and scaling.mscale_all_dim:
@@ -174,8 +175,8 @@ class MLA(nn.Module):
         k_nope, v_BHSDv = kv_BHSX.split([dn, dv], dim=-1)
         k_BHSX = torch.cat([k_nope, kpe_BSR[:, None].expand(b, h, s, r)], dim=-1)
         q_BHTX = torch.cat([q_nope, q_pe], dim=-1)
-        out_BHTDv = sdpa(
-            q_BHTX, k_BHSX, v_BHSDv, qpos_T, kpos_S,
+        out_BHTDv = attention_core(
+            self.recompute_core, q_BHTX, k_BHSX, v_BHSDv, qpos_T, kpos_S,
             window=p.window, alibi=self.alibi, cached=cached, gqa=False, scale=self.scale, mask=mask,
         )
         return out_BHTDv.transpose(1, 2).reshape(b, t, h * dv)

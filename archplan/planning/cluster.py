@@ -839,8 +839,10 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
         case "flash" if engine == "torch":
             # a fused SDPA kernel inside plain autograd: act(gate) is kept and each norm keeps its
             # input as the fp32 copy it computes on (archplan.modules.norms: x.float()), as do the
-            # q/k norms, MLA's latent norms and an MoE router (`_fp32_cast_width`)
-            kept = acts.kept["selective"] + acts.lse + acts.norm_inputs + acts.fp32_inputs
+            # q/k norms, MLA's latent norms and an MoE router (`_fp32_cast_width`); selective
+            # recompute checkpoints the kernel alone, which then keeps no log-sum-exp
+            lse = acts.lse if recompute == "none" else 0
+            kept = acts.kept["selective"] + lse + acts.norm_inputs + acts.fp32_inputs
             replicated += acts.norm_inputs
         case "flash":
             kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs
