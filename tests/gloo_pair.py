@@ -47,6 +47,8 @@ TP_EDGES: dict[str, tuple[str, dict[str, object]]] = {
     "qk-per-head-layernorm": ("tiny-qk-norm.yaml", _qk("per_head", "layernorm", 2)),
     "qk-full-layernorm-mqa": ("tiny-qk-norm.yaml", _qk("full", "layernorm", 1)),
     "qk-per-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("per_head", "rmsnorm", 1)),
+    # Qwen3's scope (one norm shared by the heads, applied token-major) with MQA's one KV head
+    "qk-head-rmsnorm-mqa": ("tiny-qk-norm.yaml", _qk("head", "rmsnorm", 1)),
 }
 TP2 = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
 MAMBA2_ONE_GROUP = {"kind": "mamba2", "d_state": 16, "d_conv": 4, "expand": 2, "head_dim": 32, "n_groups": 1,

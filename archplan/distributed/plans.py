@@ -130,7 +130,8 @@ class LocalWithPartialGrad(ParallelStyle):
 class RowShardParallel(ParallelStyle):
     """Input rows that are this rank's own, weights whole on every rank: torch's `SequenceParallel`
     on the flattened (B·T/tp, D) rows of an MoE layer (sequence dim 0, the default), or a qk-norm
-    on the rank's heads (dim 1 of (B, H/tp, T, Dh); `qk_norm_styles`). Parameters replicated as
+    on the rank's heads (dim 2 of (B, T, H/tp, Dh) shared by the heads, dim 1 of (B, H/tp, T, Dh)
+    per head; `qk_norm_styles`). Parameters replicated as
     DTensors (`weights`; Shard(0) for per-head weights that follow their heads), buffers left
     plain (distribute_module would replicate the router's score-correction bias too, which the
     routing then adds to plain scores). The input is made a DTensor sharded on `dim`, so the
@@ -205,7 +206,8 @@ class WidthShardedNorm(ParallelStyle):
 
 def qk_norm_styles(plan: AttentionPlan) -> dict[str, ParallelStyle]:
     """qk-norm under tp (each rank holds whole heads): `head` (one head_dim-wide norm shared by
-    the heads) is replicated on the rank's heads, its weight gradients summed over tp; `per_head`
+    the heads, normed token-major: dim 2 of (B, T, H/tp, Dh)) is replicated on the rank's heads, its
+    weight gradients summed over tp; `per_head`
     weights follow their heads (Shard(0), local); `full` (over n_heads·head_dim) normalises across
     the ranks (`WidthShardedNorm`). One KV head (MQA) is whole on every rank: its k-norm is
     replicated whatever the scope, its gradients summed over tp."""
@@ -214,7 +216,7 @@ def qk_norm_styles(plan: AttentionPlan) -> dict[str, ParallelStyle]:
     scope = plan.qk_norm.scope
     match scope:
         case "head":
-            q: ParallelStyle = RowShardParallel(dim=1)
+            q: ParallelStyle = RowShardParallel(dim=2)
         case "per_head":
             q = RowShardParallel(dim=1, weights=Shard(0))
         case "full":
@@ -222,7 +224,8 @@ def qk_norm_styles(plan: AttentionPlan) -> dict[str, ParallelStyle]:
         case _:
             assert_never(scope)
     # the one KV head's rows: its heads dim, or for `full` (B, T, Dh) its batch dim
-    k = RowShardParallel(dim=0 if scope == "full" else 1) if plan.n_kv_heads == 1 else q
+    heads = {"full": 0, "head": 2, "per_head": 1}[scope]
+    k = RowShardParallel(dim=heads) if plan.n_kv_heads == 1 else q
     return {"q_norm": q, "k_norm": k}
 
 

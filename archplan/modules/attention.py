@@ -230,10 +230,16 @@ class Attention(nn.Module):
         scope = p.qk_norm.scope if p.qk_norm is not None else None
         if scope == "full" and self.q_norm is not None and self.k_norm is not None:
             q_BTX, k_BTX = self.q_norm(q_BTX), self.k_norm(k_BTX)
-        q = q_BTX.view(b, t, p.n_heads, p.head_dim).transpose(1, 2)
-        k = k_BTX.view(b, t, p.n_kv_heads, p.head_dim).transpose(1, 2)
+        q_BTHD = q_BTX.view(b, t, p.n_heads, p.head_dim)
+        k_BTHD = k_BTX.view(b, t, p.n_kv_heads, p.head_dim)
+        if scope == "head" and self.q_norm is not None and self.k_norm is not None:
+            # token-major, as Hugging Face's Qwen3Attention norms them: the normed q stays
+            # token-major through the transpose, and so does SDPA's output, which o_proj then reads
+            # as a view; normed head-major, the output is head-major and o_proj's input a second copy
+            q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
+        q, k = q_BTHD.transpose(1, 2), k_BTHD.transpose(1, 2)
         v = v_BTX.view(b, t, p.n_kv_heads, p.head_dim).transpose(1, 2)
-        if scope in ("head", "per_head") and self.q_norm is not None and self.k_norm is not None:
+        if scope == "per_head" and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.context is not None and state is None:
             return self.o_proj(self._context_parallel(q, k, v, self.context).transpose(1, 2).reshape(
