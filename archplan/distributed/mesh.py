@@ -7,9 +7,11 @@ torchtitan's ETP = 1 meshes build them:
   context-parallel ranks of a sequence next, then the data-parallel replicas; the dense weights'
   data-parallel group is dp × cp (context-parallel ranks hold the same weights; Megatron reduces
   gradients over the data × context group);
-- the expert mesh ("pp", "expert_dp", "ep"): each stage's tp·cp·dp ranks, in the same order,
-  regrouped as expert_dp replicas of ep consecutive ranks (Megatron-Core's expert rank generator
-  with expert tensor parallelism 1), so an EP group may span tp, cp and dp ranks alike.
+- the expert mesh ("expert_dp", "ep") over the rank's pipeline stage: the stage's tp·cp·dp ranks,
+  in the same order, regrouped as expert_dp replicas of ep consecutive ranks (Megatron-Core's
+  expert rank generator with expert tensor parallelism 1), so an EP group may span tp, cp and dp
+  ranks alike. torch builds it with `DeviceMesh._unflatten` (private, as torchtitan uses it), from
+  the stage's ranks flattened.
 Every dimension is kept even at size 1, so the plans never branch on which ones exist.
 """
 
