@@ -132,14 +132,15 @@ class AllReduce(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor,  # type: ignore[override]
                 group: dist.ProcessGroup) -> Tensor:
         ctx.group = group  # type: ignore[attr-defined]
-        return _like(x, _summed(x, group))
+        return _like(x, summed_over(x, group))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _like(grad, _summed(grad, ctx.group)), None  # type: ignore[attr-defined]
+        return _like(grad, summed_over(grad, ctx.group)), None  # type: ignore[attr-defined]
 
 
-def _summed(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+def summed_over(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The sum of x over `group`, waited for (a DTensor by its local tensor, returned plain)."""
     local = x.to_local() if isinstance(x, DTensor) else x
     return _waited(funcol.all_reduce(local.contiguous(), "sum", group))
 

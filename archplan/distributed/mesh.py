@@ -69,7 +69,7 @@ def forget_meshes() -> None:
 
 def stage_rank(layout: Layout, stage: int) -> int:
     """The first global rank of pipeline stage `stage` (pp is the slowest mesh dimension)."""
-    return stage * layout.dp * layout.cp * layout.tp
+    return stage * layout.stage_ranks
 
 
 @dataclass(frozen=True)

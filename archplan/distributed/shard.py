@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import noop_context_fn
@@ -41,7 +40,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInpu
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor import Replicate, Shard
 
-from archplan.distributed.context import ContextShard, apply_context_parallel
+from archplan.distributed.context import ContextShard, apply_context_parallel, summed_over
 from archplan.distributed.expert import ExpertParallel
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.plans import check_tp, module_plan, norm_plan, positions_plan, residual_layout
@@ -144,7 +143,7 @@ def _token_shards(stage: Stage, mesh: LayoutMesh) -> None:
 
     def summed(x: Tensor) -> Tensor:
         for group in groups:  # over tp, then over cp: the one tp_cp sum, in two calls
-            x = funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+            x = summed_over(x, group)
         return x
 
     summed_ranks = layout.tp if layout.sequence_parallel else 1

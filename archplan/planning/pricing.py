@@ -608,7 +608,7 @@ def spans_nodes(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> bool:
         case "ep":
             extent = layout.ep
         case "dp" | "dp_cp" | "expert_dp":
-            extent = layout.tp * layout.cp * layout.dp
+            extent = layout.stage_ranks
         case "pp":
             extent = layout.world
         case _:
