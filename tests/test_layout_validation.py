@@ -62,11 +62,15 @@ def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]
 def test_qwen3_moe_rows_are_held_out_and_fit(rows: list[tuple[dict[str, Any], Any]]) -> None:
     """The 12 Qwen3 MoE rows the same archive's rules added with the Qwen3 presets (docs/validation.md,
     "The Qwen3 MoE rows"), the 3 DGX-H100 ones once parallel folding could express their EP32 over
-    TP2·DP16: held out, and every published layout fits. Their throughput is not held to the goals:
-    the model prices fine-grained MoE up to 3.6x faster than these runs measured."""
+    TP2·DP16, and the one run of Megatron-Bridge's MoE guide ("A Qwen3 run outside the archive"):
+    held out, and every published layout fits. The archive's runs are not held to the goals (the
+    model prices fine-grained MoE up to 3.6x faster than they measured); the guide's run, within
+    them when first evaluated (-11.0%), is, so that a change moving it shows here."""
     qwen = {row.name: row for _, row in rows if "Qwen3" in row.name}
-    assert len(qwen) == 12 and all(row.holdout and row.fits for row in qwen.values())
+    assert len(qwen) == 13 and all(row.holdout and row.fits for row in qwen.values())
     assert qwen["Megatron-Bridge 26.02 Qwen3-235B-A22B, 256 H100"].layout.startswith("TP2 PP8×v4 DP16 EP32")
+    guide = qwen["Megatron-Bridge 2026-05 Qwen3-30B-A3B BF16, 16 H100 (all-to-all dispatcher)"]
+    assert guide.layout == "TP1 PP1 DP16 EP16 ZeRO-1 none mb1" and abs(guide.error) <= DEFAULT_TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["ampere", "hopper"])
