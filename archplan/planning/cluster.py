@@ -37,7 +37,11 @@ optimizer's contiguous buffers); FSDP2 shards every tensor on dim 0 into ceil(di
 and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_param`).
 - ZERO, 16 B/param: bf16 weights 2 + bf16 grads 2 + fp32 master, m, v 12 (ZeRO §3.1).
 - MEGATRON, 18 B/param: bf16 weights 2 + fp32 main grads 4 + 12 (Megatron-LM forces fp32 main-grad
-  accumulation with bf16, `accumulate_allreduce_grads_in_fp32`).
+  accumulation with bf16, `accumulate_allreduce_grads_in_fp32`). Its gradient buffer takes the
+  reduction's dtype (Megatron-Core `DistributedDataParallel`: `grad_dtype = torch.float if
+  ddp_config.grad_reduce_in_fp32 else param.dtype`), so a run that reduces in bf16
+  (Megatron-LM's `--grad-reduce-in-bf16`, NeMo's and Megatron-Bridge's `grad_reduce_in_fp32=False`)
+  keeps bf16 main grads, 16 B/param (`StatesConvention.reducing_in`).
 - FSDP2 (torch `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), 16 B/param: fp32
   sharded parameters 4 (they are the master weights) + fp32 sharded grads 4 + Adam m, v 8; the
   bf16 unsharded compute copies are `temporary`: the whole stage's at zero = 2
@@ -156,7 +160,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal, TypeVar
 
@@ -219,17 +223,29 @@ class StatesConvention:
     engine: Engine  # whose tensor / sequence parallelism runs beside these states
     description: str
     module_fetch: bool = False  # ZeRO-3 fetches module by module, DeepSpeed's way (`zero3_fetch`)
+    grads_in_reduce_dtype: bool = False  # the gradient buffer is kept in the reduction's dtype
 
     @property
     def bytes_per_param(self) -> int:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    def reducing_in(self, grad_reduce: int | None) -> StatesConvention:
+        """The convention as run with gradients reduced in `grad_reduce` bytes (None: its own):
+        itself, unless its gradient buffer takes the reduction's dtype (Megatron-Core's)."""
+        if not self.grads_in_reduce_dtype or grad_reduce is None or grad_reduce == self.grad_bytes:
+            return self
+        grads = {2: "bf16", 4: "fp32"}[grad_reduce]
+        total = self.param_bytes + grad_reduce + self.optimizer_bytes
+        return replace(self, grad_bytes=grad_reduce,
+                       description=f"bf16 weights + {grads} main grads (reduced in {grads}) + fp32 master, "
+                                   f"m, v = {total} B/param (Megatron-Core)")
 
 
 ZERO = StatesConvention("zero", 2, 2, 12, False, False, 0, "megatron",
                         "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param (ZeRO §3.1)")
 MEGATRON = StatesConvention("megatron", 2, 4, 12, False, False, 0, "megatron",
                             "bf16 weights + fp32 main grads + fp32 master, m, v = 18 B/param "
-                            "(Megatron-LM)")
+                            "(Megatron-LM)", grads_in_reduce_dtype=True)
 FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2, "torch",
                          "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
                          "unsharded compute copies as temporary (torch FSDP2 mixed precision)")

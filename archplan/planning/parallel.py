@@ -146,6 +146,12 @@ class Settings:
     # NICs a data-parallel ring across nodes drives; None = the GPU family's (`KernelEfficiency.ring_nics`)
     ring_nics: RingNics | None = None
 
+    def __post_init__(self) -> None:
+        # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
+        # (`cluster.StatesConvention.reducing_in`); a frozen field set once, here, so every reader
+        # of `states` sees the same convention
+        object.__setattr__(self, "states", self.states.reducing_in(self.grad_reduce))
+
     @property
     def reduce_bytes(self) -> int:
         return self.states.grad_bytes if self.grad_reduce is None else self.grad_reduce
