@@ -846,7 +846,8 @@ def register(app: typer.Typer) -> None:
             "--attention", help="flash: FlashAttention + fused kernels (no s×s memory); eager: plain torch autograd.",
             rich_help_panel=MODEL_PANEL)] = KernelChoice.flash,
         grad_reduce: Annotated[GradReduceChoice | None, typer.Option(
-            "--grad-reduce", help="Gradient reduction dtype \\[the states' gradient dtype].",
+            "--grad-reduce", help=("Gradient reduction dtype \\[the states' gradient dtype]; under --states "
+                                    "megatron also the main grads' (Megatron-Core's buffer: bf16 = 16 B/param)."),
             rich_help_panel=MODEL_PANEL)] = None,
         cp_comm: Annotated[CPCommChoice, typer.Option(
             "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
