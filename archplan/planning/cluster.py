@@ -205,6 +205,7 @@ LOGIT_BYTES = 4
 STAT_BYTES = 4  # fp32 norm statistics
 COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
 TOKEN_ID_BYTES = 8
+GRAD_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}  # a gradient reduction's bytes per element -> dtype
 FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
 T = TypeVar("T")
 
@@ -234,10 +235,9 @@ class StatesConvention:
         itself, unless its gradient buffer takes the reduction's dtype (Megatron-Core's)."""
         if not self.grads_in_reduce_dtype or grad_reduce is None or grad_reduce == self.grad_bytes:
             return self
-        grads = {2: "bf16", 4: "fp32"}[grad_reduce]
         total = self.param_bytes + grad_reduce + self.optimizer_bytes
         return replace(self, grad_bytes=grad_reduce,
-                       description=f"bf16 weights + {grads} main grads (reduced in {grads}) + fp32 master, "
+                       description=f"bf16 weights + {GRAD_DTYPES[grad_reduce]} main grads + fp32 master, "
                                    f"m, v = {total} B/param (Megatron-Core)")
 
 
