@@ -16,9 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from archplan.analytic import count_params
+from archplan.errors import ArchplanError
 from archplan.hardware import KERNEL_EFFICIENCY, accelerator, kernel_efficiency
 from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning.cluster import (
+    DEEPSPEED,
     FSDP2,
     MEGATRON,
     ZERO,
@@ -801,6 +803,42 @@ def test_megatron_main_grads_take_the_reduction_dtype(capsys: pytest.CaptureFixt
     assert "bf16 main grads" in b["states"]["description"]
     assert a["layouts"][0]["memory"]["gradients"] == 2 * b["layouts"][0]["memory"]["gradients"]
     assert a["layouts"][0]["memory"]["optimizer"] == b["layouts"][0]["memory"]["optimizer"]
+
+
+def test_bf16_optimizer_moments(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--optimizer-moments bf16`: Megatron-Core's precision-aware optimizer keeps m and v in bf16
+    and its fp32 master as the 16 bits a bf16 weight lacks (`store_param_remainders`, on by
+    default), 2 + 4 + 2 + 2 + 2 = 12 B/param (10 with bf16 main grads); under ZeRO's convention the
+    master stays fp32 (DeepSeek-V3 §3.3.1), 12 B/param. The optimizer shard's memory and the Adam
+    step's bytes shrink with it; FSDP2's and DeepSpeed's optimizers offer no such choice."""
+    megatron = Settings(states=MEGATRON, moments=2).states
+    assert (megatron.master_bytes, megatron.moment_bytes, megatron.bytes_per_param) == (2, 2, 12)
+    # the step reads and writes m, v (8 B) and the master's remainders (4 B) instead of 24 B, and
+    # reads the bf16 weight the remainders complete (2 B): 30 - 12 + 2
+    assert (MEGATRON.step_bytes, megatron.step_bytes) == (30, 20)
+    assert Settings(states=MEGATRON, grad_reduce=2, moments=2).states.bytes_per_param == 10
+    zero = Settings(states=ZERO, moments=2).states
+    assert (zero.master_bytes, zero.bytes_per_param, zero.step_bytes) == (4, 12, 22)
+    assert Settings(states=ZERO, moments=4).states is ZERO
+    for states in (FSDP2, DEEPSPEED):
+        with pytest.raises(ArchplanError, match="keeps Adam's moments in fp32"):
+            Settings(states=states, moments=2)
+    with pytest.raises(ArchplanError, match="2 \\(bf16\\) or 4 \\(fp32\\)"):
+        Settings(states=ZERO, moments=1)
+    args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--layout",
+            "tp=1,pp=1,dp=8,cp=1,ep=1,zero=1,recompute=full,mb=1", "--json")
+    _, fp32, _ = run(capsys, monkeypatch, *args)
+    _, bf16, _ = run(capsys, monkeypatch, *args, "--optimizer-moments", "bf16")
+    a, b = json.loads(fp32), json.loads(bf16)
+    assert (a["states"]["optimizer_moment_bytes"], b["states"]["optimizer_moment_bytes"]) == (4, 2)
+    assert b["states"]["bytes_per_param"] == 12
+    assert "fp32 master as 16-bit remainders + bf16 m, v" in b["states"]["description"]
+    assert a["layouts"][0]["memory"]["optimizer"] == 2 * b["layouts"][0]["memory"]["optimizer"]
+    assert a["layouts"][0]["memory"]["gradients"] == b["layouts"][0]["memory"]["gradients"]
+    assert b["layouts"][0]["step_time"]["optimizer"] == pytest.approx(
+        a["layouts"][0]["step_time"]["optimizer"] * 20 / 30)
+    code, _, err = run(capsys, monkeypatch, *args, "--optimizer-moments", "bf16", "--states", "fsdp2")
+    assert code == 2 and "not a choice under --states fsdp2" in err
 
 
 @pytest.mark.parametrize("mode", [["llama-3-8b", "--gpus", "8"], ["--compute", "1e24"],

@@ -71,6 +71,11 @@ class CrossEntropyChoice(str, Enum):
     eager = "eager"
 
 
+class MomentsChoice(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class RingNicsChoice(str, Enum):
     """How many NICs a data-parallel ring across nodes drives (hardware.KernelEfficiency.ring_nics)."""
 
@@ -568,6 +573,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu, accuracy)}
                      if (accuracy := _accuracy(result)) else None),
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
+                   "optimizer_moment_bytes": settings.states.moment_bytes,
                    "description": settings.states.description},
         "attention_kernel": settings.attention_kernel,
         "grad_reduce_bytes": settings.reduce_bytes,
@@ -786,6 +792,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "--solve": _ANSWERED | {"solve", "tol", "multiple"},
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
+        "optimizer_moments",
         "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -851,6 +858,12 @@ def register(app: typer.Typer) -> None:
             "--grad-reduce", help=("Gradient reduction dtype \\[the states' gradient dtype]; under --states "
                                     "megatron also the main grads' (Megatron-Core's buffer: bf16 = 16 B/param)."),
             rich_help_panel=MODEL_PANEL)] = None,
+        optimizer_moments: Annotated[MomentsChoice, typer.Option(
+            "--optimizer-moments", help="Adam's m and v in fp32, or bf16 (Megatron-Core's precision-aware "
+            "optimizer, as Megatron-Bridge's tuned DeepSeek recipes set it, whose fp32 master is then kept "
+            "as 16-bit remainders: --states megatron 12 B/param, 10 with --grad-reduce bf16; DeepSeek-V3 "
+            "§3.3.1 with an fp32 master: --states zero 12 B/param).",
+            rich_help_panel=MODEL_PANEL)] = MomentsChoice.fp32,
         cp_comm: Annotated[CPCommChoice, typer.Option(
             "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
             rich_help_panel=MODEL_PANEL)] = CPCommChoice.all_gather,
@@ -922,7 +935,7 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
-                                 flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics)
+                                 flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
@@ -995,7 +1008,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2,
               early_stop: bool | None = None, fused_qkv: bool = False,
               cross_entropy: CrossEntropyChoice = CrossEntropyChoice.fp32_fused,
-              ring_nics: RingNicsChoice | None = None) -> Settings:
+              ring_nics: RingNicsChoice | None = None,
+              optimizer_moments: MomentsChoice = MomentsChoice.fp32) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -1014,6 +1028,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         efficiency=efficiency, flash_impl=flash_impl.value,  # type: ignore[arg-type]
         early_stop=early_stop, fused_qkv=fused_qkv, cross_entropy=cross_entropy.value,  # type: ignore[arg-type]
         ring_nics=None if ring_nics is None else ring_nics.value,  # type: ignore[arg-type]
+        moments=None if optimizer_moments is MomentsChoice.fp32 else 2,
     )
 
 

@@ -30,7 +30,8 @@ over the dp·cp ranks (context-parallel ranks hold the same weights: Megatron re
 the data × context group).
 
 **Model states** (`StatesConvention`): per parameter, `param_bytes` at rest, `grad_bytes`,
-`optimizer_bytes`; ZeRO (Rajbhandari et al. 2020 §5) shards the optimizer states at zero ≥ 1, the
+`optimizer_bytes` (the master copy's `master_bytes` + Adam's m and v, `moment_bytes` each: fp32,
+or bf16 under `with_moments`, Megatron-Core's precision-aware optimizer); ZeRO (Rajbhandari et al. 2020 §5) shards the optimizer states at zero ≥ 1, the
 gradients at ≥ 2 and the parameters at 3 over the data-parallel group. ZERO and MEGATRON shard one
 flat buffer per group, ceil(N/d) elements per rank (DeepSpeed's and Megatron's distributed
 optimizer's contiguous buffers); FSDP2 shards every tensor on dim 0 into ceil(dim0/d)-row chunks
@@ -206,6 +207,11 @@ STAT_BYTES = 4  # fp32 norm statistics
 COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
 TOKEN_ID_BYTES = 8
 GRAD_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}  # a gradient reduction's bytes per element -> dtype
+MOMENT_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}  # an Adam moment's bytes per element -> dtype
+BF16_MOMENT_BYTES = 2
+# The Adam step per parameter of the optimizer's shard: the fp32 master, m and v each read and
+# written (24 B), the fp32 gradient read (4) and the bf16 weight written (2)
+ADAM_STEP_BYTES = 30
 FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
 T = TypeVar("T")
 
@@ -217,7 +223,8 @@ class StatesConvention:
     key: str
     param_bytes: int  # at rest
     grad_bytes: int
-    optimizer_bytes: int
+    master_bytes: int  # the optimizer's fp32 master copy (0 where the parameters at rest are it)
+    moment_bytes: int  # each of Adam's two moments, m and v
     per_tensor: bool  # FSDP2's dim-0 chunks of every tensor, else one flat buffer
     params_always_sharded: bool  # FSDP2: the parameters at rest are the sharded master copy (zero ≥ 1)
     compute_copy_bytes: int  # FSDP2's unsharded bf16 copies (temporary); 0 otherwise
@@ -225,6 +232,15 @@ class StatesConvention:
     description: str
     module_fetch: bool = False  # ZeRO-3 fetches module by module, DeepSpeed's way (`zero3_fetch`)
     grads_in_reduce_dtype: bool = False  # the gradient buffer is kept in the reduction's dtype
+    # The master copy's bytes when the moments are kept in bf16 (`with_moments`); None: this
+    # convention's optimizer keeps them in fp32 only
+    bf16_moments_master: int | None = None
+    # HBM bytes the Adam step reads and writes per parameter it holds (`pricing.price`)
+    step_bytes: int = ADAM_STEP_BYTES
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return self.master_bytes + 2 * self.moment_bytes
 
     @property
     def bytes_per_param(self) -> int:
@@ -235,21 +251,58 @@ class StatesConvention:
         itself, unless its gradient buffer takes the reduction's dtype (Megatron-Core's)."""
         if not self.grads_in_reduce_dtype or grad_reduce is None or grad_reduce == self.grad_bytes:
             return self
-        total = self.param_bytes + grad_reduce + self.optimizer_bytes
-        return replace(self, grad_bytes=grad_reduce,
-                       description=f"bf16 weights + {GRAD_DTYPES[grad_reduce]} main grads + fp32 master, "
-                                   f"m, v = {total} B/param (Megatron-Core)")
+        return replace(self, grad_bytes=grad_reduce).described()
+
+    def with_moments(self, moment_bytes: int) -> StatesConvention:
+        """The convention with Adam's moments kept in `moment_bytes` each (2: bf16, 4: fp32).
+        bf16 moments as Megatron-Core's precision-aware optimizer keeps them
+        (`--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16`, set by
+        Megatron-Bridge's tuned DeepSeek recipes) and as DeepSeek-V3 trained (DeepSeek-AI 2024
+        §3.3.1: "BF16 ... to track the first and second moments in the AdamW optimizer", master
+        weights in fp32). Each moment's read and write in the step shrink with it; a master kept
+        as remainders also reads the bf16 weight it completes, so its 4 B of traffic fewer cost 2."""
+        if moment_bytes not in MOMENT_DTYPES:
+            raise ArchplanError(f"Adam's moments take 2 (bf16) or 4 (fp32) bytes each, got {moment_bytes}")
+        if moment_bytes == self.moment_bytes:
+            return self
+        if moment_bytes != BF16_MOMENT_BYTES or self.bf16_moments_master is None:
+            raise ArchplanError(
+                f"--optimizer-moments bf16 is not a choice under --states {self.key}: its optimizer keeps "
+                "Adam's moments in fp32 (torch's AdamW in the fp32 sharded parameters' dtype under fsdp2; "
+                "DeepSpeed's fused Adam under deepspeed); megatron and zero offer it")
+        master = self.bf16_moments_master
+        narrower = 4 * (self.moment_bytes - moment_bytes) + 2 * (self.master_bytes - master)
+        rebuilds = ACT_BYTES if master < self.master_bytes else 0
+        return replace(self, master_bytes=master, moment_bytes=moment_bytes,
+                       step_bytes=self.step_bytes - narrower + rebuilds).described()
+
+    def described(self) -> StatesConvention:
+        """The convention with its description restated from its bytes (after `reducing_in` or
+        `with_moments` changed them); the base conventions keep their own words."""
+        grads = f"{GRAD_DTYPES[self.grad_bytes]} {'main grads' if self.grads_in_reduce_dtype else 'grads'}"
+        if self.master_bytes == self.moment_bytes == 4:
+            optimizer = "fp32 master, m, v"
+        else:
+            master = "fp32 master as 16-bit remainders" if self.master_bytes == 2 else "fp32 master"
+            optimizer = f"{master} + {MOMENT_DTYPES[self.moment_bytes]} m, v"
+        who = "Megatron-Core" if self.key == "megatron" else "ZeRO"
+        return replace(self, description=f"bf16 weights + {grads} + {optimizer} = "
+                                         f"{self.bytes_per_param} B/param ({who})")
 
 
-ZERO = StatesConvention("zero", 2, 2, 12, False, False, 0, "megatron",
-                        "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param (ZeRO §3.1)")
-MEGATRON = StatesConvention("megatron", 2, 4, 12, False, False, 0, "megatron",
+ZERO = StatesConvention("zero", 2, 2, 4, 4, False, False, 0, "megatron",
+                        "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param (ZeRO §3.1)",
+                        bf16_moments_master=4)
+# Megatron-Core's precision-aware optimizer keeps the fp32 master as the 16 bits a bf16 weight
+# lacks (`OptimizerConfig.store_param_remainders`, default True), so bf16 moments come with a
+# 2-byte master
+MEGATRON = StatesConvention("megatron", 2, 4, 4, 4, False, False, 0, "megatron",
                             "bf16 weights + fp32 main grads + fp32 master, m, v = 18 B/param "
-                            "(Megatron-LM)", grads_in_reduce_dtype=True)
-FSDP2 = StatesConvention("fsdp2", 4, 4, 8, True, True, 2, "torch",
+                            "(Megatron-LM)", grads_in_reduce_dtype=True, bf16_moments_master=2)
+FSDP2 = StatesConvention("fsdp2", 4, 4, 0, 4, True, True, 2, "torch",
                          "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
                          "unsharded compute copies as temporary (torch FSDP2 mixed precision)")
-DEEPSPEED = StatesConvention("deepspeed", 2, 2, 12, False, False, 0, "megatron",
+DEEPSPEED = StatesConvention("deepspeed", 2, 2, 4, 4, False, False, 0, "megatron",
                              "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param; ZeRO-3 "
                              "fetched module by module with DeepSpeed's defaults", module_fetch=True)
 STATES: dict[str, StatesConvention] = {c.key: c for c in (ZERO, MEGATRON, FSDP2, DEEPSPEED)}

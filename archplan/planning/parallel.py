@@ -145,12 +145,17 @@ class Settings:
     cross_entropy: CrossEntropyImpl = "fp32-fused"  # the loss's implementation (`pricing.CROSS_ENTROPY_BYTES`)
     # NICs a data-parallel ring across nodes drives; None = the GPU family's (`KernelEfficiency.ring_nics`)
     ring_nics: RingNics | None = None
+    moments: int | None = None  # bytes of each Adam moment; None = the states' (fp32)
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
-        # (`cluster.StatesConvention.reducing_in`); a frozen field set once, here, so every reader
-        # of `states` sees the same convention
-        object.__setattr__(self, "states", self.states.reducing_in(self.grad_reduce))
+        # (`cluster.StatesConvention.reducing_in`), and the moments in the dtype asked for
+        # (`with_moments`); a frozen field set once, here, so every reader of `states` sees the
+        # same convention
+        states = self.states.reducing_in(self.grad_reduce)
+        if self.moments is not None:
+            states = states.with_moments(self.moments)
+        object.__setattr__(self, "states", states)
 
     @property
     def reduce_bytes(self) -> int:

@@ -110,7 +110,6 @@ from archplan.resolve import (
 )
 
 Precision = Literal["bf16", "fp8"]
-OPTIMIZER_BYTES_PER_PARAM = 30
 # The loss's HBM bytes per logit (per token and vocabulary entry), forward and backward together,
 # by implementation (`--cross-entropy`), split 1:2 between the passes as every elementwise kernel
 # here:
@@ -829,7 +828,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     else:
         n_layers = max(1, sum(len(c.layers) for c in rank_chunks(len(data.plan.layers), layout, stage)))
         dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
-    optimizer = memory[stage].optimizer / states.optimizer_bytes * OPTIMIZER_BYTES_PER_PARAM / rates.hbm
+    optimizer = memory[stage].optimizer / states.optimizer_bytes * states.step_bytes / rates.hbm
     time = StepTime(
         gemm=m * (micro.gemm_fwd + micro.gemm_bwd),
         attention=m * (micro.attn_fwd + micro.attn_bwd),
