@@ -24,7 +24,7 @@ from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning import spec_data, spec_yaml
 from archplan.planning.design import RECIPES, Family, design, recipe_shape
 from archplan.planning.optimal import LawChoice, budget, optimum
-from archplan.planning.cluster import rank_memory
+from archplan.planning.cluster import STATES, rank_memory
 from archplan.planning.layout import Layout, parse_layout
 from archplan.planning.parallel import Settings, cp_problem, interconnect, search, tp_problem
 from archplan.planning.solve import Targets, solve
@@ -370,6 +370,38 @@ def test_memory_per_gpu_decreases_with_zero_stage() -> None:
     psi = count_params(plan).total
     assert totals[0] == 18 * psi
     assert totals[3] == pytest.approx(18 * psi / 8, abs=16)
+
+
+TOP_CASES = [
+    ("qwen3-30b-a3b", 64, {}),
+    ("qwen3-30b-a3b", 64, {"settings": Settings(overlap=frozenset({"dp", "ep"}), precision="fp8")}),
+    ("deepseek-v3", 512, {}),
+    ("llama-3-8b", 16, {"settings": Settings(states=STATES["fsdp2"])}),
+    ("mixtral-8x7b", 64, {"settings": Settings(states=STATES["deepspeed"], attention_kernel="eager")}),
+    ("jamba-v0.1", 64, {"fixed": parse_layout("tp=2")}),
+]
+
+
+@pytest.mark.parametrize(("name", "gpus", "kw"), TOP_CASES, ids=[f"{n}-{g}-{i}" for i, (n, g, _) in enumerate(TOP_CASES)])
+def test_search_top_prices_only_what_can_rank(name: str, gpus: int, kw: dict[str, Any]) -> None:
+    """`search(top=k)`, what `plan` runs: the k fastest layouts are exactly those of the search
+    that prices every fitting layout, figure for figure, and as many layouts fit; it prices fewer.
+    Every fitting layout's compute floor (`pricing.step_time_floor`) is at most its step time."""
+    from archplan.planning.parallel import Evaluator
+    from archplan.planning.pricing import step_time_floor
+
+    every = _search(name, gpus, **kw)
+    top = _search(name, gpus, top=3, **kw)
+    assert [(e.layout, e.time, e.memory) for e in top.ranked[:3]] == [
+        (e.layout, e.time, e.memory) for e in every.ranked[:3]]
+    assert (top.fitting, top.considered) == (every.fitting, every.considered)
+    assert 3 <= len(top.ranked) < len(every.ranked)
+    settings = kw.get("settings", Settings())
+    evaluator = Evaluator(resolve(load_spec(name)), H100, NET, 4096, settings, every.usable_bytes)
+    for e in every.ranked:
+        floor = step_time_floor(evaluator.data, evaluator.pricer, e.layout, e.microbatches,
+                                settings.attention_kernel, evaluator.network, settings.overlap)
+        assert floor <= e.time.total * (1 + 1e-12)
 
 
 def test_fsdp2_search_runs_every_zero_stage() -> None:

@@ -1050,7 +1050,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     plan = resolve(spec)
     result = search(plan, device, gpus, seq=min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq,
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
-                    fixed=fixed, keep_unfit=True)
+                    fixed=fixed, keep_unfit=True, top=TOP_LAYOUTS)
     bound = _network_bound(result, plan)
     seq_note = plan.past_trained_note("seq", result.seq, "priced as asked")
     train_tokens, source = _training_tokens(spec, tokens, law)

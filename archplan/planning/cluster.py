@@ -426,6 +426,7 @@ class ModelData:
         self._numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
+        self._peaks: dict[tuple[object, ...], float] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
         self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int], int]] = {}
@@ -476,6 +477,15 @@ class ModelData:
         if last:
             out += self.last_tied_copy if pp > 1 else self.last
         return out
+
+    def layers_peak(self, layout: Layout, stage: int, kernel: AttentionKernel, engine: Engine) -> float:
+        """`_layers_peak`, once per split and activation layout: zero, dp, ep and the micro-batch
+        count do not change it."""
+        key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
+               layout.vpp, stage, kernel, engine)
+        if key not in self._peaks:
+            self._peaks[key] = _layers_peak(self, layout, stage, kernel, engine)
+        return self._peaks[key]
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
                    engine: Engine) -> list[float]:
@@ -1113,19 +1123,24 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
             head = (ends + data.logits_act / tp) * scale
-    layers = [i for chunk in chunks for i in chunk.layers]
-    if mode == "full":
-        # a layer is re-run in the backward after the loss's and the head's backward freed the
-        # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
-        whole = data.layer_acts(layout, "none", kernel, states.engine)
-        rerun = max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
-                     + _cp_kept(data, layout, i, states.engine) for i in layers), default=0.0)
-        activations += max(head, rerun)
-    else:
-        # the combine's transient rows of the rank's last forward, before the head runs
-        combine = max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
-        activations += max(head, combine)
+    # under full recompute a layer is re-run in the backward after the loss's and the head's
+    # backward freed the logits and the head's inputs: the two peaks do not coexist (measured by
+    # verify --layout); without, the combine's rows of the rank's last forward come before the head
+    activations += max(head, data.layers_peak(layout, stage, kernel, states.engine))
     return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
+
+
+def _layers_peak(data: ModelData, layout: Layout, stage: int, kernel: AttentionKernel, engine: Engine) -> float:
+    """The largest one-layer transient among a rank's layers, one micro-batch on that rank: under
+    full recompute a layer's whole activations re-materialised in the backward, with its MoE
+    combine's rows and the torch engine's gathered CP K/V; otherwise the combine's rows alone."""
+    layers = [i for chunk in rank_chunks(len(data.plan.layers), layout, stage) for i in chunk.layers]
+    scale = layout.mb / layout.cp
+    if layout.recompute == "full":
+        whole = data.layer_acts(layout, "none", kernel, engine)
+        return max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
+                    + _cp_kept(data, layout, i, engine) for i in layers), default=0.0)
+    return max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
 
 
 def _check(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, stage: int | None,
@@ -1249,7 +1264,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             out.append(Collective(kind, mesh, size, nbytes, count, what, overlappable))  # type: ignore[arg-type]
 
     for chunk in rank_chunks(len(plan.layers), layout, stage):
-        span = f"layers {chunk.layers.start}-{chunk.layers.stop - 1}" if chunk.layers else "no layers"
+        span = _span(chunk.layers)
         counted = data.chunk_layers(chunk.layers)
         s4, sub_blocks = counted.s4, counted.sub_blocks
         # an early-stopping checkpoint ends the re-run once the last saved tensor is rebuilt,
@@ -1312,8 +1327,6 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                     f"{span} qk-norm statistics over the heads' width (TP)", tp_over)
         kv_calls = _merged(counted.kv, lambda layer: _kv_bytes(layer, tokens * cp, tp, engine))
         conv_calls = _merged(counted.conv, lambda channels: ACT_BYTES * tokens * channels // tp)
-        ep_calls = _merged(counted.top_k, lambda top_k: ACT_BYTES * (tokens // tp if sp else tokens) * top_k
-                           * plan.d_model)
         scan_calls = _merged(counted.scan,
                              lambda key: ACT_BYTES * tokens * mamba_exchange(key[0], tp, cp, engine)[key[1]])
         for kv, n in kv_calls:
@@ -1335,9 +1348,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 f"{span} long-conv sequence <-> channel shards (CP)")
         for sent, n in scan_calls:  # forward (again under full recompute) and backward
             add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} Mamba sequence <-> head shards (CP)")
-        for routed, n in ep_calls:
-            add("all_to_all", "ep", ep, routed, m * n * 2 * (fwd + 1), f"{span} MoE dispatch + combine (EP)",
-                ep_over)
+        out += _ep_records(plan, counted, layout, tokens, m, fwd, ep_over, span)
         # a load-balancing loss sums its routed-pair counts (fp32, one row of E per sequence or per
         # micro-batch) over the ranks splitting the micro-batch's tokens, tp under SP, then cp, in
         # each forward (Megatron-Core's router, over its tp_cp_group; `modules.moe.TokenShards`)
@@ -1424,6 +1435,35 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
 def _count_into(counts: dict[int, int], more: Iterable[tuple[int, int]]) -> None:
     for key, n in more:
         counts[key] = counts.get(key, 0) + n
+
+
+def _ep_records(plan: ModelPlan, counted: ChunkLayers, layout: Layout, tokens: int, m: int, fwd: int,
+                overlappable: bool, span: str) -> list[Collective]:
+    """One model chunk's MoE dispatch + combine all-to-alls over ep, forward (again under full
+    recompute) and backward: each rank sends the routed copies of its `tokens` (its sequence shard
+    under SP)."""
+    if layout.ep <= 1:
+        return []
+    sent = tokens // layout.tp if layout.sequence_parallel else tokens
+    return [Collective("all_to_all", "ep", layout.ep, routed, m * n * 2 * (fwd + 1),
+                       f"{span} MoE dispatch + combine (EP)", overlappable)
+            for routed, n in _merged(counted.top_k, lambda top_k: ACT_BYTES * sent * top_k * plan.d_model)
+            if m * n]
+
+
+def stage_ep_records(data: ModelData, layout: Layout, stage: int, m: int, overlap: frozenset[str]
+                     ) -> list[Collective]:
+    """A pipeline rank's MoE all-to-all records, as `step_collectives` lists them among the rest
+    (for the search's floor under a layout's step time, `pricing.step_time_floor`)."""
+    tokens = layout.mb * data.seq // layout.cp
+    fwd = 2 if layout.recompute == "full" else 1
+    return [record for chunk in rank_chunks(len(data.plan.layers), layout, stage)
+            for record in _ep_records(data.plan, data.chunk_layers(chunk.layers), layout, tokens, m, fwd,
+                                      "ep" in overlap, _span(chunk.layers))]
+
+
+def _span(layers: range) -> str:
+    return f"layers {layers.start}-{layers.stop - 1}" if layers else "no layers"
 
 
 def _merged(counted: tuple[tuple[T, int], ...], value: Callable[[T], int]) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ a partial `--layout` admits and ranks the fitting ones by time per token.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field, replace
 
@@ -38,6 +39,7 @@ from archplan.planning.pricing import (
     StepTime,
     price,
     members_per_node,
+    step_time_floor,
     rates_for,
     spans_nodes,
 )
@@ -219,7 +221,7 @@ class SearchResult:
     headroom: float
     usable_bytes: int
     model_flops_per_token: int
-    ranked: tuple[Evaluated, ...]  # every fitting layout, least time per token first
+    ranked: tuple[Evaluated, ...]  # every fitting layout (or the `top` fastest: `search`), least time per token first
     considered: int  # layouts evaluated
     fitting: int  # of which fit
     reasons: tuple[str, ...] = field(default=())  # why nothing fits, when `ranked` is empty
@@ -354,9 +356,36 @@ class Evaluator:
         # the rank that sets the step time is one of those whose memory is already known
         time, time_stage = price(self.data, self.pricer, layout, m, self.network, s.states,
                                  s.attention_kernel, s.reduce_bytes, s.cp_comm, s.overlap, memory.by_stage)
-        tokens = m * layout.dp * layout.mb * self.seq
+        tokens = self.tokens(layout, m)
         mfu = self.model_flops * tokens / (time.total * layout.world * self.gpu.peak("bf16"))
         return Evaluated(layout, m, stage, mem, time_stage, time, tokens, mfu, mem.total <= self.usable)
+
+    def tokens(self, layout: Layout, m: int) -> int:
+        """The global batch as run: m · dp · mb · seq."""
+        return m * layout.dp * layout.mb * self.seq
+
+    def fastest(self, fitting: list[tuple[Layout, int, StageMemory]], top: int) -> list[Evaluated]:
+        """The `top` fitting layouts of least time per token, priced exactly, and whatever else was
+        priced on the way: layouts are priced in order of their compute floor
+        (`pricing.step_time_floor`) per token, until that floor passes the `top`-th best time
+        priced (a relative 1e-9 beyond it, so that floating-point rounding never drops a tie)."""
+        s = self.settings
+        floors = sorted(((step_time_floor(self.data, self.pricer, layout, m, s.attention_kernel, self.network,
+                                          s.overlap) / self.tokens(layout, m), i)
+                         for i, (layout, m, _) in enumerate(fitting)))
+        priced: list[tuple[int, Evaluated]] = []
+        best: list[float] = []  # the `top` least times per token so far, negated (a max-heap)
+        for floor, i in floors:
+            if len(best) == top and floor > -best[0] * (1 + 1e-9):
+                break
+            e = self.evaluate(*fitting[i])
+            priced.append((i, e))
+            per_token = e.time.total / e.global_batch_tokens
+            if len(best) < top:
+                heapq.heappush(best, -per_token)
+            elif per_token < -best[0]:
+                heapq.heapreplace(best, -per_token)
+        return [e for _, e in sorted(priced, key=lambda pair: pair[0])]
 
 
 # far beyond any cluster built; bounds the trial division of `_divisors` (√10⁹ ≈ 31,623 steps)
@@ -466,9 +495,12 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
 
 def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_batch_tokens: float,
            net: Interconnect, headroom: float = 0.1, settings: Settings = Settings(),
-           fixed: PartialLayout = PartialLayout(), keep_unfit: bool = False) -> SearchResult:
+           fixed: PartialLayout = PartialLayout(), keep_unfit: bool = False,
+           top: int | None = None) -> SearchResult:
     """Rank the layouts `fixed` admits; with every field fixed, exactly one is evaluated (and kept
-    even when it does not fit, with keep_unfit)."""
+    even when it does not fit, with keep_unfit). With `top`, `ranked` holds the `top` fastest
+    exactly and may omit slower ones (`Evaluator.fastest`); every layout's memory is still
+    computed, so `fitting` counts them all."""
     sequences = _check_inputs(plan, gpus, seq, global_batch_tokens, headroom, settings)
     if settings.precision == "fp8":
         gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
@@ -503,18 +535,21 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         if not layouts and given:
             why = _reasons(plan, gpus, usable, gpu, net, sequences, None, tp_reasons, layouts, fixed, settings.states)
             raise ArchplanError(f"--layout: {why[0]}" + (f"; e.g. {broken}" if broken else ""))
-    ranked: list[Evaluated] = []
+    kept: list[tuple[Layout, int, StageMemory]] = []
+    fitting = 0
     tightest: Evaluated | None = None
     tightest_mem: tuple[Layout, int, StageMemory] | None = None
     for layout in layouts:
         m = _microbatches(sequences, layout.dp, layout.mb)
         memory = evaluator.memory(layout, m)
         total = memory.worst[1].total
+        fitting += total <= usable
         if total <= usable or keep_unfit and complete is not None:
-            ranked.append(evaluator.evaluate(layout, m, memory))
+            kept.append((layout, m, memory))
         elif tightest_mem is None or total < tightest_mem[2].worst[1].total:
             tightest_mem = (layout, m, memory)
-    fitting = [e for e in ranked if e.fits]
+    ranked = (evaluator.fastest(kept, top) if top is not None and complete is None
+              else [evaluator.evaluate(*item) for item in kept])
     if tightest_mem is not None and not fitting:
         tightest = evaluator.evaluate(tightest_mem[0], tightest_mem[1], tightest_mem[2])
     reasons = _reasons(plan, gpus, usable, gpu, net, sequences, tightest, tp_reasons, layouts, fixed,
@@ -526,7 +561,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         calibrated=evaluator.calibrated, headroom=headroom, usable_bytes=usable,
         model_flops_per_token=evaluator.model_flops,
         ranked=tuple(e for e in ranked if e.fits or keep_unfit), considered=len(layouts),
-        fitting=len(fitting), reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
+        fitting=fitting, reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
         fixed=fixed, routed=plan.routed,
     )
 

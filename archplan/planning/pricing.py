@@ -90,6 +90,7 @@ from archplan.planning.cluster import (
     rank_chunks,
     recompute_skips_last_gemm,
     representative_stages,
+    stage_ep_records,
 )
 from archplan.planning.layout import Layout
 from archplan.planning.records import DATA_PARALLEL_DIMS, Collective, MeshDim, RankMemory
@@ -544,6 +545,8 @@ class Pricer:
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
         self._stages: dict[tuple[object, ...], _MicroBatch] = {}
         self._fetch_ops: dict[tuple[object, ...], list[Op]] = {}
+        self._ep: dict[tuple[object, ...], float] = {}
+        self._slots: dict[tuple[object, ...], float] = {}
 
     @staticmethod
     def _key(layout: Layout, kernel: AttentionKernel) -> tuple[object, ...]:
@@ -581,6 +584,34 @@ class Pricer:
                     total = total + _head_micro(self.data, layout, self.rates, self.loss)
             self._stages[key] = total
         return self._stages[key]
+
+
+    def ep_seconds(self, layout: Layout, stage: int, net: Network) -> float:
+        """A rank's MoE all-to-all seconds for one micro-batch, before any overlap (`price` sums
+        the same records over m; their time is linear in the calls): once per split and routing."""
+        key = (layout.tp, layout.ep, layout.cp, layout.mb, layout.sequence_parallel, layout.recompute,
+               layout.pp, layout.vpp, stage, net)
+        if key not in self._ep:
+            self._ep[key] = sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe,
+                                                   self.rates.precision)
+                                for record in stage_ep_records(self.data, layout, stage, 1, frozenset()))
+        return self._ep[key]
+
+
+    def floor_slot(self, layout: Layout, kernel: AttentionKernel, net: Network, overlap: frozenset[str]) -> float:
+        """The slowest representative rank's compute + exposed MoE all-to-all per micro-batch
+        (`step_time_floor`), once per split and compute configuration."""
+        key = (*self._key(layout, kernel), layout.pp, layout.vpp, net, overlap)
+        if key not in self._slots:
+            slot = 0.0
+            for stage in representative_stages(len(self.data.plan.layers), layout.pp, layout.vpp):
+                micro = self.stage(layout, stage, kernel)
+                ep = self.ep_seconds(layout, stage, net)
+                if "ep" in overlap:  # as `price` hides it behind m micro-batches' compute, per micro-batch
+                    ep = max(0.0, ep - micro.total)
+                slot = max(slot, micro.total + ep)
+            self._slots[key] = slot
+        return self._slots[key]
 
 
 def _first_twins(data: ModelData) -> list[int]:
@@ -837,6 +868,18 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         bubble=bubble_slots(m, p, v) * per_slot, dp=dp, optimizer=optimizer, recompute=m * micro.recompute,
     )
     return time, stage
+
+
+def step_time_floor(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int,
+                    kernel: AttentionKernel, net: Network, overlap: frozenset[str]) -> float:
+    """A floor under `price`'s step time, for the search to skip layouts that cannot rank: `price`
+    charges (m + bubble slots) · the slowest rank's slot, a slot being a micro-batch's compute plus
+    its exposed communication (no part of which is negative), and adds exposed data-parallel
+    traffic and the optimizer step (neither negative). The floor's slot is the compute and the
+    exposed MoE all-to-all alone, priced as `price` prices them (the all-to-all is most of what
+    sets a fine-grained MoE layout apart); both scale with m, so the slot does not depend on it."""
+    m = microbatches
+    return (m + bubble_slots(m, layout.pp, layout.vpp)) * pricer.floor_slot(layout, kernel, net, overlap)
 
 
 def _module_fetch_exposed(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
