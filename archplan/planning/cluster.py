@@ -426,7 +426,7 @@ class ModelData:
         self._numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
-        self._peaks: dict[tuple[object, ...], float] = {}
+        self._activations: dict[tuple[object, ...], int] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
         self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int], int]] = {}
@@ -478,14 +478,15 @@ class ModelData:
             out += self.last_tied_copy if pp > 1 else self.last
         return out
 
-    def layers_peak(self, layout: Layout, stage: int, kernel: AttentionKernel, engine: Engine) -> float:
-        """`_layers_peak`, once per split and activation layout: zero, dp, ep and the micro-batch
-        count do not change it."""
+    def rank_activations(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
+                         engine: Engine) -> int:
+        """`_rank_activations`, once per split, activation layout and micro-batch count: the
+        ZeRO stage, dp and ep do not change it."""
         key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
-               layout.vpp, stage, kernel, engine)
-        if key not in self._peaks:
-            self._peaks[key] = _layers_peak(self, layout, stage, kernel, engine)
-        return self._peaks[key]
+               layout.vpp, layout.group, stage, microbatches, kernel, engine)
+        if key not in self._activations:
+            self._activations[key] = _rank_activations(self, layout, stage, microbatches, kernel, engine)
+        return self._activations[key]
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
                    engine: Engine) -> list[float]:
@@ -1073,7 +1074,7 @@ def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microba
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
-    tp, zero = layout.tp, layout.zero
+    zero = layout.zero
     chunks = rank_chunks(len(data.plan.layers), layout, stage)
     full, shard, biggest_layer, per_chunk = data.stage_params(layout, stage, states.per_tensor)
     params_sharded = zero >= 3 or (states.params_always_sharded and zero >= 1)
@@ -1102,32 +1103,38 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
     elif zero >= 3:
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
-    # activations
-    mb, cp = layout.mb, layout.cp
+    activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine)
+    return RankMemory(parameters, gradients, optimizer, activations, temporary)
+
+
+def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
+                      kernel: AttentionKernel, engine: Engine) -> int:
+    """Activation bytes of pipeline rank `stage` at the schedule's peak (the module docstring)."""
+    tp, mb, cp = layout.tp, layout.mb, layout.cp
     scale = mb / cp  # sequences per micro-batch, split over the context-parallel ranks
     mode = layout.recompute
     activations = 0.0
     counts = in_flight(layout, microbatches, stage)
-    per_layer = data.layer_acts(layout, mode, kernel, states.engine)
+    per_layer = data.layer_acts(layout, mode, kernel, engine)
     head = 0.0
-    for chunk, count in zip(chunks, counts):
+    for chunk, count in zip(rank_chunks(len(data.plan.layers), layout, stage), counts):
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
-        per_mb += _held_output(data, layout, chunk, states.engine)
-        activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, states.engine)
-        if mode != "full" and _cp_keeps_gathered(layout, states.engine):
-            activations += count * sum(_cp_kept(data, layout, i, states.engine) for i in chunk.layers)
+        per_mb += _held_output(data, layout, chunk, engine)
+        activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine)
+        if mode != "full" and _cp_keeps_gathered(layout, engine):
+            activations += count * sum(_cp_kept(data, layout, i, engine) for i in chunk.layers)
         if chunk.last:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
-            head_split = tp if layout.sequence_parallel and states.engine == "megatron" else 1
+            head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
             head = (ends + data.logits_act / tp) * scale
     # under full recompute a layer is re-run in the backward after the loss's and the head's
     # backward freed the logits and the head's inputs: the two peaks do not coexist (measured by
     # verify --layout); without, the combine's rows of the rank's last forward come before the head
-    activations += max(head, data.layers_peak(layout, stage, kernel, states.engine))
-    return RankMemory(parameters, gradients, optimizer, math.ceil(activations), temporary)
+    activations += max(head, _layers_peak(data, layout, stage, kernel, engine))
+    return math.ceil(activations)
 
 
 def _layers_peak(data: ModelData, layout: Layout, stage: int, kernel: AttentionKernel, engine: Engine) -> float:
