@@ -781,6 +781,18 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
 
 
 
+STATES_ARGS = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--layout",
+               "tp=1,pp=1,dp=8,cp=1,ep=1,zero=1,recompute=full,mb=1", "--json")
+
+
+def _with_and_without(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                      *option: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`plan --json` of one Llama 3 8B layout as it is and with `option`."""
+    _, plain, _ = run(capsys, monkeypatch, *STATES_ARGS)
+    _, given, _ = run(capsys, monkeypatch, *STATES_ARGS, *option)
+    return json.loads(plain), json.loads(given)
+
+
 def test_megatron_main_grads_take_the_reduction_dtype(capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Megatron-Core's gradient buffer is fp32 only when it reduces in fp32 (`grad_dtype =
@@ -794,11 +806,7 @@ def test_megatron_main_grads_take_the_reduction_dtype(capsys: pytest.CaptureFixt
     assert Settings(states=MEGATRON).states is MEGATRON
     assert Settings(states=ZERO, grad_reduce=4).states is ZERO
     assert Settings(states=FSDP2, grad_reduce=2).states is FSDP2
-    args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--layout",
-            "tp=1,pp=1,dp=8,cp=1,ep=1,zero=1,recompute=full,mb=1", "--json")
-    _, fp32, _ = run(capsys, monkeypatch, *args)
-    _, bf16, _ = run(capsys, monkeypatch, *args, "--grad-reduce", "bf16")
-    a, b = json.loads(fp32), json.loads(bf16)
+    a, b = _with_and_without(capsys, monkeypatch, "--grad-reduce", "bf16")
     assert (a["states"]["bytes_per_param"], b["states"]["bytes_per_param"]) == (18, 16)
     assert "bf16 main grads" in b["states"]["description"]
     assert a["layouts"][0]["memory"]["gradients"] == 2 * b["layouts"][0]["memory"]["gradients"]
@@ -825,11 +833,7 @@ def test_bf16_optimizer_moments(capsys: pytest.CaptureFixture[str], monkeypatch:
             Settings(states=states, moments=2)
     with pytest.raises(ArchplanError, match="2 \\(bf16\\) or 4 \\(fp32\\)"):
         Settings(states=ZERO, moments=1)
-    args = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--layout",
-            "tp=1,pp=1,dp=8,cp=1,ep=1,zero=1,recompute=full,mb=1", "--json")
-    _, fp32, _ = run(capsys, monkeypatch, *args)
-    _, bf16, _ = run(capsys, monkeypatch, *args, "--optimizer-moments", "bf16")
-    a, b = json.loads(fp32), json.loads(bf16)
+    a, b = _with_and_without(capsys, monkeypatch, "--optimizer-moments", "bf16")
     assert (a["states"]["optimizer_moment_bytes"], b["states"]["optimizer_moment_bytes"]) == (4, 2)
     assert b["states"]["bytes_per_param"] == 12
     assert "fp32 master as 16-bit remainders + bf16 m, v" in b["states"]["description"]
@@ -837,7 +841,7 @@ def test_bf16_optimizer_moments(capsys: pytest.CaptureFixture[str], monkeypatch:
     assert a["layouts"][0]["memory"]["gradients"] == b["layouts"][0]["memory"]["gradients"]
     assert b["layouts"][0]["step_time"]["optimizer"] == pytest.approx(
         a["layouts"][0]["step_time"]["optimizer"] * 20 / 30)
-    code, _, err = run(capsys, monkeypatch, *args, "--optimizer-moments", "bf16", "--states", "fsdp2")
+    code, _, err = run(capsys, monkeypatch, *STATES_ARGS, "--optimizer-moments", "bf16", "--states", "fsdp2")
     assert code == 2 and "not a choice under --states fsdp2" in err
 
 
