@@ -36,6 +36,7 @@ PLAN_OPTIONS: dict[str, list[str]] = {
     "--overlap": ["none", "dp", "dp,tp,pp", "xx"],
     "--grad-reduce": ["bf16", "fp32"],
     "--optimizer-moments": ["bf16", "fp32", "fp8"],
+    "--master-weights": ["fp32", "remainders", "half"],
     "--tokens": ["15T", "1e12", "0"],
     "--gpus-per-node": ["4", "8", "72", "0"],
     "--ib-gbs": ["50", "0", "1e9"],

@@ -813,28 +813,37 @@ def test_megatron_main_grads_take_the_reduction_dtype(capsys: pytest.CaptureFixt
     assert a["layouts"][0]["memory"]["optimizer"] == b["layouts"][0]["memory"]["optimizer"]
 
 
-def test_bf16_optimizer_moments(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--optimizer-moments bf16`: Megatron-Core's precision-aware optimizer keeps m and v in bf16
-    and its fp32 master as the 16 bits a bf16 weight lacks (`store_param_remainders`, on by
-    default), 2 + 4 + 2 + 2 + 2 = 12 B/param (10 with bf16 main grads); under ZeRO's convention the
-    master stays fp32 (DeepSeek-V3 §3.3.1), 12 B/param. The optimizer shard's memory and the Adam
-    step's bytes shrink with it; FSDP2's and DeepSpeed's optimizers offer no such choice."""
-    megatron = Settings(states=MEGATRON, moments=2).states
-    assert (megatron.master_bytes, megatron.moment_bytes, megatron.bytes_per_param) == (2, 2, 12)
-    # the step reads and writes m, v (8 B) and the master's remainders (4 B) instead of 24 B, and
-    # reads the bf16 weight the remainders complete (2 B): 30 - 12 + 2
-    assert (MEGATRON.step_bytes, megatron.step_bytes) == (30, 20)
-    assert Settings(states=MEGATRON, grad_reduce=2, moments=2).states.bytes_per_param == 10
+def test_narrower_optimizer_states(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--optimizer-moments bf16` keeps Adam's m and v in bf16: under `--states megatron` with the
+    fp32 master and main grads, DeepSeek-V3's §3.3.1 states to the byte, 2 + 4 + 4 + 2 + 2 = 14
+    B/param; under ZeRO's, 12. `--master-weights remainders` keeps the fp32 master as the 16 bits
+    the bf16 weight lacks (Megatron-Core's `store_param_remainders`), 2 B less; with both and bf16
+    main grads, Megatron-Bridge's tuned DeepSeek recipes, 10 B/param. The optimizer shard's memory
+    and the Adam step's bytes shrink with them; the conventions whose optimizer has no such state
+    refuse them."""
+    bf16 = Settings(states=MEGATRON, moments=2).states
+    assert (bf16.master_bytes, bf16.moment_bytes, bf16.bytes_per_param) == (4, 2, 14)
+    remainders = Settings(states=MEGATRON, master_remainders=True).states
+    assert (remainders.master_bytes, remainders.bytes_per_param) == (2, 16)
+    both = Settings(states=MEGATRON, grad_reduce=2, moments=2, master_remainders=True).states
+    assert both.bytes_per_param == 10
+    # the step reads and writes m and v (each 4 B a state narrower), the master (4 B narrower as
+    # remainders), and the remainders read the bf16 weight they complete (2 B)
+    assert (MEGATRON.step_bytes, bf16.step_bytes, remainders.step_bytes, both.step_bytes) == (30, 22, 28, 20)
     zero = Settings(states=ZERO, moments=2).states
     assert (zero.master_bytes, zero.bytes_per_param, zero.step_bytes) == (4, 12, 22)
     assert Settings(states=ZERO, moments=4).states is ZERO
     for states in (FSDP2, DEEPSPEED):
         with pytest.raises(ArchplanError, match="keeps Adam's moments in fp32"):
             Settings(states=states, moments=2)
+    for states in (ZERO, FSDP2, DEEPSPEED):
+        with pytest.raises(ArchplanError, match="store_param_remainders"):
+            Settings(states=states, master_remainders=True)
     with pytest.raises(ArchplanError, match="2 \\(bf16\\) or 4 \\(fp32\\)"):
         Settings(states=ZERO, moments=1)
-    a, b = _with_and_without(capsys, monkeypatch, "--optimizer-moments", "bf16")
+    a, b = _with_and_without(capsys, monkeypatch, "--optimizer-moments", "bf16", "--master-weights", "remainders")
     assert (a["states"]["optimizer_moment_bytes"], b["states"]["optimizer_moment_bytes"]) == (4, 2)
+    assert (a["states"]["master_bytes"], b["states"]["master_bytes"]) == (4, 2)
     assert b["states"]["bytes_per_param"] == 12
     assert "fp32 master as 16-bit remainders + bf16 m, v" in b["states"]["description"]
     assert a["layouts"][0]["memory"]["optimizer"] == 2 * b["layouts"][0]["memory"]["optimizer"]

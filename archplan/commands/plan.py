@@ -76,6 +76,11 @@ class MomentsChoice(str, Enum):
     fp32 = "fp32"
 
 
+class MasterChoice(str, Enum):
+    fp32 = "fp32"
+    remainders = "remainders"
+
+
 class RingNicsChoice(str, Enum):
     """How many NICs a data-parallel ring across nodes drives (hardware.KernelEfficiency.ring_nics)."""
 
@@ -574,6 +579,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
                      if (accuracy := _accuracy(result)) else None),
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "optimizer_moment_bytes": settings.states.moment_bytes,
+                   "master_bytes": settings.states.master_bytes,
                    "description": settings.states.description},
         "attention_kernel": settings.attention_kernel,
         "grad_reduce_bytes": settings.reduce_bytes,
@@ -792,7 +798,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "--solve": _ANSWERED | {"solve", "tol", "multiple"},
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
-        "optimizer_moments",
+        "optimizer_moments", "master_weights",
         "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -859,11 +865,13 @@ def register(app: typer.Typer) -> None:
                                     "megatron also the main grads' (Megatron-Core's buffer: bf16 = 16 B/param)."),
             rich_help_panel=MODEL_PANEL)] = None,
         optimizer_moments: Annotated[MomentsChoice, typer.Option(
-            "--optimizer-moments", help="Adam's m and v in fp32, or bf16 (Megatron-Core's precision-aware "
-            "optimizer, as Megatron-Bridge's tuned DeepSeek recipes set it, whose fp32 master is then kept "
-            "as 16-bit remainders: --states megatron 12 B/param, 10 with --grad-reduce bf16; DeepSeek-V3 "
-            "§3.3.1 with an fp32 master: --states zero 12 B/param).",
-            rich_help_panel=MODEL_PANEL)] = MomentsChoice.fp32,
+            "--optimizer-moments", help="Adam's m and v in fp32, or bf16 (DeepSeek-V3 §3.3.1; Megatron-Core's "
+            "precision-aware optimizer, --exp-avg-dtype bf16, as Megatron-Bridge's tuned DeepSeek recipes set "
+            "it): --states megatron 14 B/param, zero 12.", rich_help_panel=MODEL_PANEL)] = MomentsChoice.fp32,
+        master_weights: Annotated[MasterChoice, typer.Option(
+            "--master-weights", help="The fp32 master copy whole, or as the 16 bits its bf16 weight lacks "
+            "(remainders: Megatron-Core's precision-aware optimizer, whose store_param_remainders is on by "
+            "default; --states megatron only): 2 B/param less.", rich_help_panel=MODEL_PANEL)] = MasterChoice.fp32,
         cp_comm: Annotated[CPCommChoice, typer.Option(
             "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
             rich_help_panel=MODEL_PANEL)] = CPCommChoice.all_gather,
@@ -935,7 +943,8 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
-                                 flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments)
+                                 flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
+                                 master_weights)
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
         else:
@@ -1009,7 +1018,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               early_stop: bool | None = None, fused_qkv: bool = False,
               cross_entropy: CrossEntropyChoice = CrossEntropyChoice.fp32_fused,
               ring_nics: RingNicsChoice | None = None,
-              optimizer_moments: MomentsChoice = MomentsChoice.fp32) -> Settings:
+              optimizer_moments: MomentsChoice = MomentsChoice.fp32,
+              master_weights: MasterChoice = MasterChoice.fp32) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -1029,6 +1039,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         early_stop=early_stop, fused_qkv=fused_qkv, cross_entropy=cross_entropy.value,  # type: ignore[arg-type]
         ring_nics=None if ring_nics is None else ring_nics.value,  # type: ignore[arg-type]
         moments=None if optimizer_moments is MomentsChoice.fp32 else 2,
+        master_remainders=master_weights is MasterChoice.remainders,
     )
 
 

@@ -31,7 +31,7 @@ the data × context group).
 
 **Model states** (`StatesConvention`): per parameter, `param_bytes` at rest, `grad_bytes`,
 `optimizer_bytes` (the master copy's `master_bytes` + Adam's m and v, `moment_bytes` each: fp32,
-or bf16 under `with_moments`, Megatron-Core's precision-aware optimizer); ZeRO (Rajbhandari et al. 2020 §5) shards the optimizer states at zero ≥ 1, the
+or narrower under `with_optimizer`: bf16 moments, the master as 16-bit remainders); ZeRO (Rajbhandari et al. 2020 §5) shards the optimizer states at zero ≥ 1, the
 gradients at ≥ 2 and the parameters at 3 over the data-parallel group. ZERO and MEGATRON shard one
 flat buffer per group, ceil(N/d) elements per rank (DeepSpeed's and Megatron's distributed
 optimizer's contiguous buffers); FSDP2 shards every tensor on dim 0 into ceil(dim0/d)-row chunks
@@ -208,7 +208,7 @@ COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
 TOKEN_ID_BYTES = 8
 GRAD_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}  # a gradient reduction's bytes per element -> dtype
 MOMENT_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}  # an Adam moment's bytes per element -> dtype
-BF16_MOMENT_BYTES = 2
+REMAINDER_BYTES = 2  # the 16 bits of an fp32 master weight that its bf16 copy lacks
 # The Adam step per parameter of the optimizer's shard: the fp32 master, m and v each read and
 # written (24 B), the fp32 gradient read (4) and the bf16 weight written (2)
 ADAM_STEP_BYTES = 30
@@ -232,9 +232,10 @@ class StatesConvention:
     description: str
     module_fetch: bool = False  # ZeRO-3 fetches module by module, DeepSpeed's way (`zero3_fetch`)
     grads_in_reduce_dtype: bool = False  # the gradient buffer is kept in the reduction's dtype
-    # The master copy's bytes when the moments are kept in bf16 (`with_moments`); None: this
-    # convention's optimizer keeps them in fp32 only
-    bf16_moments_master: int | None = None
+    # what its optimizer can keep narrower (`with_optimizer`): Adam's moments in bf16, the fp32
+    # master as the 16 bits its bf16 weight lacks
+    narrow_moments: bool = False
+    master_remainders: bool = False
     # HBM bytes the Adam step reads and writes per parameter it holds (`pricing.price`)
     step_bytes: int = ADAM_STEP_BYTES
 
@@ -253,32 +254,39 @@ class StatesConvention:
             return self
         return replace(self, grad_bytes=grad_reduce).described()
 
-    def with_moments(self, moment_bytes: int) -> StatesConvention:
-        """The convention with Adam's moments kept in `moment_bytes` each (2: bf16, 4: fp32).
-        bf16 moments as Megatron-Core's precision-aware optimizer keeps them
-        (`--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16`, set by
-        Megatron-Bridge's tuned DeepSeek recipes) and as DeepSeek-V3 trained (DeepSeek-AI 2024
-        §3.3.1: "BF16 ... to track the first and second moments in the AdamW optimizer", master
-        weights in fp32). Each moment's read and write in the step shrink with it; a master kept
-        as remainders also reads the bf16 weight it completes, so its 4 B of traffic fewer cost 2."""
+    def with_optimizer(self, moment_bytes: int, remainders: bool) -> StatesConvention:
+        """The convention with Adam's moments kept in `moment_bytes` each (2: bf16, 4: fp32) and,
+        with `remainders`, the fp32 master kept as the 16 bits its bf16 weight lacks.
+        - bf16 moments: DeepSeek-V3 (DeepSeek-AI 2024 §3.3.1, "BF16 ... to track the first and
+          second moments in the AdamW optimizer", master weights and gradients in fp32) and
+          Megatron-Core's precision-aware optimizer (`--use-precision-aware-optimizer
+          --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16`, Transformer Engine's FusedAdam).
+        - remainders: that optimizer's `store_param_remainders` (Megatron-Core `OptimizerConfig`,
+          on by default whenever the precision-aware optimizer is, with bf16 weights and an fp32
+          master).
+        The Adam step reads and writes each narrower state (`step_bytes`); remainders also read
+        the bf16 weight they complete."""
         if moment_bytes not in MOMENT_DTYPES:
             raise ArchplanError(f"Adam's moments take 2 (bf16) or 4 (fp32) bytes each, got {moment_bytes}")
-        if moment_bytes == self.moment_bytes:
-            return self
-        if moment_bytes != BF16_MOMENT_BYTES or self.bf16_moments_master is None:
+        if moment_bytes != self.moment_bytes and not self.narrow_moments:
             raise ArchplanError(
                 f"--optimizer-moments bf16 is not a choice under --states {self.key}: its optimizer keeps "
                 "Adam's moments in fp32 (torch's AdamW in the fp32 sharded parameters' dtype under fsdp2; "
                 "DeepSpeed's fused Adam under deepspeed); megatron and zero offer it")
-        master = self.bf16_moments_master
+        if remainders and not self.master_remainders:
+            raise ArchplanError(
+                f"--master-weights remainders is not a choice under --states {self.key}: it is Megatron-Core's "
+                "precision-aware optimizer (store_param_remainders), --states megatron")
+        master = REMAINDER_BYTES if remainders else self.master_bytes
+        if (moment_bytes, master) == (self.moment_bytes, self.master_bytes):
+            return self
         narrower = 4 * (self.moment_bytes - moment_bytes) + 2 * (self.master_bytes - master)
-        rebuilds = ACT_BYTES if master < self.master_bytes else 0
         return replace(self, master_bytes=master, moment_bytes=moment_bytes,
-                       step_bytes=self.step_bytes - narrower + rebuilds).described()
+                       step_bytes=self.step_bytes - narrower + (ACT_BYTES if remainders else 0)).described()
 
     def described(self) -> StatesConvention:
         """The convention with its description restated from its bytes (after `reducing_in` or
-        `with_moments` changed them); the base conventions keep their own words."""
+        `with_optimizer` changed them); the base conventions keep their own words."""
         grads = f"{GRAD_DTYPES[self.grad_bytes]} {'main grads' if self.grads_in_reduce_dtype else 'grads'}"
         if self.master_bytes == self.moment_bytes == 4:
             optimizer = "fp32 master, m, v"
@@ -292,13 +300,11 @@ class StatesConvention:
 
 ZERO = StatesConvention("zero", 2, 2, 4, 4, False, False, 0, "megatron",
                         "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param (ZeRO §3.1)",
-                        bf16_moments_master=4)
-# Megatron-Core's precision-aware optimizer keeps the fp32 master as the 16 bits a bf16 weight
-# lacks (`OptimizerConfig.store_param_remainders`, default True), so bf16 moments come with a
-# 2-byte master
+                        narrow_moments=True)
 MEGATRON = StatesConvention("megatron", 2, 4, 4, 4, False, False, 0, "megatron",
                             "bf16 weights + fp32 main grads + fp32 master, m, v = 18 B/param "
-                            "(Megatron-LM)", grads_in_reduce_dtype=True, bf16_moments_master=2)
+                            "(Megatron-LM)", grads_in_reduce_dtype=True, narrow_moments=True,
+                            master_remainders=True)
 FSDP2 = StatesConvention("fsdp2", 4, 4, 0, 4, True, True, 2, "torch",
                          "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
                          "unsharded compute copies as temporary (torch FSDP2 mixed precision)")

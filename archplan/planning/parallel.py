@@ -148,15 +148,15 @@ class Settings:
     # NICs a data-parallel ring across nodes drives; None = the GPU family's (`KernelEfficiency.ring_nics`)
     ring_nics: RingNics | None = None
     moments: int | None = None  # bytes of each Adam moment; None = the states' (fp32)
+    master_remainders: bool = False  # the fp32 master kept as 16-bit remainders (Megatron-Core)
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
-        # (`cluster.StatesConvention.reducing_in`), and the moments in the dtype asked for
-        # (`with_moments`); a frozen field set once, here, so every reader of `states` sees the
+        # (`cluster.StatesConvention.reducing_in`), and the optimizer's states as asked
+        # (`with_optimizer`); a frozen field set once, here, so every reader of `states` sees the
         # same convention
         states = self.states.reducing_in(self.grad_reduce)
-        if self.moments is not None:
-            states = states.with_moments(self.moments)
+        states = states.with_optimizer(self.moments or states.moment_bytes, self.master_remainders)
         object.__setattr__(self, "states", states)
 
     @property
