@@ -399,8 +399,8 @@ def test_search_top_prices_only_what_can_rank(name: str, gpus: int, kw: dict[str
     settings = kw.get("settings", Settings())
     evaluator = Evaluator(resolve(load_spec(name)), H100, NET, 4096, settings, every.usable_bytes)
     for e in every.ranked:
-        floor = step_time_floor(evaluator.data, evaluator.pricer, e.layout, e.microbatches,
-                                settings.attention_kernel, evaluator.network, settings.overlap)
+        floor = step_time_floor(evaluator.pricer, e.layout, e.microbatches, settings.attention_kernel,
+                                evaluator.network, settings.overlap)
         assert floor <= e.time.total * (1 + 1e-12)
 
 

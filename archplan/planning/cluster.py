@@ -1460,8 +1460,7 @@ def _ep_records(plan: ModelPlan, counted: ChunkLayers, layout: Layout, tokens: i
     sent = tokens // layout.tp if layout.sequence_parallel else tokens
     return [Collective("all_to_all", "ep", layout.ep, routed, m * n * 2 * (fwd + 1),
                        f"{span} MoE dispatch + combine (EP)", overlappable)
-            for routed, n in _merged(counted.top_k, lambda top_k: ACT_BYTES * sent * top_k * plan.d_model)
-            if m * n]
+            for routed, n in _merged(counted.top_k, lambda top_k: ACT_BYTES * sent * top_k * plan.d_model)]
 
 
 def stage_ep_records(data: ModelData, layout: Layout, stage: int, m: int, overlap: frozenset[str]

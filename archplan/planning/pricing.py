@@ -29,8 +29,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
 - recompute: full re-runs the forward, selective the eager attention core.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
   fraction of the dense peak.
-- the optimizer step: 30 B per parameter of the rank's optimizer shard (Adam reads fp32 master,
-  m, v and the gradient and writes master, m, v and the bf16 weights) at HBM bandwidth.
+- the optimizer step: the states convention's `step_bytes` per parameter of the rank's optimizer
+  shard (30 B with fp32 states: Adam reads fp32 master, m, v and the gradient and writes master,
+  m, v and the bf16 weights; fewer with bf16 moments or the master as remainders) at HBM bandwidth.
 - torch FSDP2's copies around its data-parallel collectives (`fsdp2_copy_bytes`), elementwise at
   HBM bandwidth on the compute stream: Megatron-style engines gather into and reduce out of their
   parameter and gradient buffers in place; FSDP2 copies every gathered parameter out of the
@@ -46,6 +47,9 @@ compute, TP at the SMs its overlap kernels take, `tp_overlap_cost`; "pp": the in
 schedule's steady-state transfers, `pp_exposed`). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-reduce /
 --overlap-param-gather, FSDP's prefetch) hides behind the backward (gradients) and forward
 (parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
+
+The search prices a layout only if its floor (`step_time_floor`: the compute and exposed MoE
+all-to-all of those slots) can rank it.
 
 Pipeline: m micro-batch slots of the slowest pipeline rank plus the bubble, (p − 1)/v slots
 (Narayanan et al. 2021 §2.2: (p − 1)/m of the ideal time, divided by v virtual stages) when
@@ -585,7 +589,6 @@ class Pricer:
             self._stages[key] = total
         return self._stages[key]
 
-
     def ep_seconds(self, layout: Layout, stage: int, net: Network) -> float:
         """A rank's MoE all-to-all seconds for one micro-batch, before any overlap (`price` sums
         the same records over m; their time is linear in the calls): once per split and routing."""
@@ -596,7 +599,6 @@ class Pricer:
                                                    self.rates.precision)
                                 for record in stage_ep_records(self.data, layout, stage, 1, frozenset()))
         return self._ep[key]
-
 
     def floor_slot(self, layout: Layout, kernel: AttentionKernel, net: Network, overlap: frozenset[str]) -> float:
         """The slowest representative rank's compute + exposed MoE all-to-all per micro-batch
@@ -870,8 +872,8 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     return time, stage
 
 
-def step_time_floor(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int,
-                    kernel: AttentionKernel, net: Network, overlap: frozenset[str]) -> float:
+def step_time_floor(pricer: Pricer, layout: Layout, microbatches: int, kernel: AttentionKernel,
+                    net: Network, overlap: frozenset[str]) -> float:
     """A floor under `price`'s step time, for the search to skip layouts that cannot rank: `price`
     charges (m + bubble slots) · the slowest rank's slot, a slot being a micro-batch's compute plus
     its exposed communication (no part of which is negative), and adds exposed data-parallel
