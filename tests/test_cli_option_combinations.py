@@ -45,6 +45,7 @@ PLAN_OPTIONS: dict[str, list[str]] = {
     "--flash-impl": ["fa2", "triton", "fa3"],
     "--cross-entropy": ["fp32-fused", "bf16-fused", "eager", "fp16"],
     "--ring-nics": ["one", "members", "all"],
+    "--top": ["1", "5", "100", "0", "101", "x"],
 }
 # The switches that take no value, each pair's two sides drawn alike.
 PLAN_FLAGS = ["--recompute-early-stop", "--no-recompute-early-stop", "--fused-qkv", "--separate-qkv"]

@@ -29,7 +29,7 @@ def test_usage_errors_exit_2_without_traceback(args: tuple[str, ...], message: s
 
 
 @pytest.mark.parametrize("args, line", [
-    (("plan", "--foo"), "archplan: error: No such option: --foo (did you mean --force or --tol?); "
+    (("plan", "--foo"), "archplan: error: No such option: --foo (did you mean --force or --top or --tol?); "
                         "see 'archplan plan --help'"),
     (("plan", "llama-3-8b", "--gpus", "abc"), "archplan: error: Invalid value for '--gpus': "),
     (("no-such-command",), "archplan: error: No such command 'no-such-command'; see 'archplan --help'"),

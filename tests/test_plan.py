@@ -404,6 +404,20 @@ def test_search_top_prices_only_what_can_rank(name: str, gpus: int, kw: dict[str
         assert floor <= e.time.total * (1 + 1e-12)
 
 
+def test_cli_top_shows_the_fastest_of_the_full_search(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan --top N` shows the N fastest layouts, those the search that prices every fitting
+    layout ranks first; out of 1-100 it is a one-line error."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "64", "--gpu", "h100",
+                       "--seq", "4096", "--global-batch-tokens", "4e6", "--top", "8", "--json")
+    assert code == 0
+    shown = [e["layout"] for e in json.loads(out)["layouts"]]
+    every = _search("qwen3-30b-a3b", 64)
+    assert shown == [e.layout.spec for e in every.ranked[:8]]
+    code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "64", "--top", "0")
+    assert code == 2 and "--top must be between 1 and 100, got 0" in err
+
+
 def test_fsdp2_search_runs_every_zero_stage() -> None:
     """Under --states fsdp2 the search ranks replicate (zero 0) and unsharded-gradient (zero 1)
     layouts beside the sharded ones, as verify --layout runs all four."""

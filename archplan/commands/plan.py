@@ -114,7 +114,8 @@ HELP = (
 )
 
 DEFAULT_BUDGET_SEQ = 8192
-TOP_LAYOUTS = 5
+TOP_LAYOUTS = 5  # the layouts a search shows, and the solve mode's candidates
+MAX_TOP_LAYOUTS = 100
 
 
 def _amount(text: str | None, option: str) -> float | None:
@@ -285,7 +286,7 @@ def _plot_layouts(result: SearchResult, path: str, force: bool) -> None:
 
     plt = pyplot()
     target = figure_target(path, force=force)
-    rows = result.ranked[:TOP_LAYOUTS]
+    rows = result.shown
     gib = float(1 << 30)
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
     labels = [e.layout.label for e in rows]
@@ -564,7 +565,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
 
     settings = result.settings
     spread = _time_spread(result)
-    shown = result.ranked[:TOP_LAYOUTS] if result.ranked else (
+    shown = result.shown if result.ranked else (
         (result.tightest,) if result.tightest is not None else ())
     return {
         "mode": "layout",
@@ -763,7 +764,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
             _print_table(console, (result.tightest,), result, tokens,
                          "the layout needing the least memory (does not fit)")
         return
-    rows = result.ranked[:TOP_LAYOUTS]
+    rows = result.shown
     title = ("the given layout" if result.fixed.complete() is not None else
              f"fastest {len(rows)}") + " (per-GPU memory of the most loaded pipeline rank)"
     _print_table(console, rows, result, tokens, title)
@@ -800,7 +801,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
         "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy", "headroom",
-        "ring_nics",
+        "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
 }
 
@@ -909,6 +910,9 @@ def register(app: typer.Typer) -> None:
             "members (as many as the group has GPUs on a node: NCCL runs one ring per NIC) \\[the GPU family's: "
             "members on Hopper, one on A100, docs/validation.md]. All-to-alls and pipeline sends use one.",
             rich_help_panel=LAYOUT_PANEL)] = None,
+        top: Annotated[int, typer.Option(
+            "--top", help=f"Layouts to show, the fastest first (1-{MAX_TOP_LAYOUTS}); only those that can rank "
+            "among them are priced.", rich_help_panel=LAYOUT_PANEL)] = TOP_LAYOUTS,
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
@@ -945,8 +949,10 @@ def register(app: typer.Typer) -> None:
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
                                  master_weights)
+            if not 1 <= top <= MAX_TOP_LAYOUTS:
+                raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
-                        gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force)
+                        gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force, top)
         else:
             if gpus is not None or layout is not None:
                 raise ArchplanError("--gpus/--layout go with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
@@ -1046,7 +1052,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
 def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str,
                 layout_text: str | None, settings: Settings, headroom: float,
                 gpus_per_node: int | None, nvlink_gbs: float | None, ib_gbs: float | None,
-                tokens: float | None, law: LawOption, as_json: bool, plot: str | None, force: bool) -> None:
+                tokens: float | None, law: LawOption, as_json: bool, plot: str | None, force: bool,
+                top: int = TOP_LAYOUTS) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
     from archplan.planning.layout import PartialLayout, parse_layout
@@ -1061,7 +1068,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     plan = resolve(spec)
     result = search(plan, device, gpus, seq=min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq,
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
-                    fixed=fixed, keep_unfit=True, top=TOP_LAYOUTS)
+                    fixed=fixed, keep_unfit=True, top=top)
     bound = _network_bound(result, plan)
     seq_note = plan.past_trained_note("seq", result.seq, "priced as asked")
     train_tokens, source = _training_tokens(spec, tokens, law)

@@ -228,6 +228,12 @@ class SearchResult:
     tightest: Evaluated | None = None  # the least memory any layout needs
     fixed: PartialLayout = field(default_factory=PartialLayout)
     routed: bool = False  # some layer routes tokens to experts (`plan` quotes the MoE runs' accuracy)
+    top: int | None = None  # the fastest layouts asked for (`search`); None: every fitting one
+
+    @property
+    def shown(self) -> tuple[Evaluated, ...]:
+        """The layouts asked for: the `top` fastest, or every one ranked."""
+        return self.ranked[:self.top] if self.top is not None else self.ranked
 
     @property
     def feasible(self) -> bool:
@@ -561,7 +567,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         model_flops_per_token=evaluator.model_flops,
         ranked=tuple(e for e in ranked if e.fits or keep_unfit), considered=len(layouts),
         fitting=fitting, reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
-        fixed=fixed, routed=plan.routed,
+        fixed=fixed, routed=plan.routed, top=top,
     )
 
 
