@@ -1361,7 +1361,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 f"{span} long-conv sequence <-> channel shards (CP)")
         for sent, n in scan_calls:  # forward (again under full recompute) and backward
             add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} Mamba sequence <-> head shards (CP)")
-        out += _ep_records(plan, counted, layout, tokens, m, fwd, ep_over, span)
+        out += ep_records(plan, counted, layout, tokens, m, fwd, ep_over, span)
         # a load-balancing loss sums its routed-pair counts (fp32, one row of E per sequence or per
         # micro-batch) over the ranks splitting the micro-batch's tokens, tp under SP, then cp, in
         # each forward (Megatron-Core's router, over its tp_cp_group; `modules.moe.TokenShards`)
@@ -1450,28 +1450,17 @@ def _count_into(counts: dict[int, int], more: Iterable[tuple[int, int]]) -> None
         counts[key] = counts.get(key, 0) + n
 
 
-def _ep_records(plan: ModelPlan, counted: ChunkLayers, layout: Layout, tokens: int, m: int, fwd: int,
+def ep_records(plan: ModelPlan, counted: ChunkLayers, layout: Layout, tokens: int, m: int, fwd: int,
                 overlappable: bool, span: str) -> list[Collective]:
     """One model chunk's MoE dispatch + combine all-to-alls over ep, forward (again under full
     recompute) and backward: each rank sends the routed copies of its `tokens` (its sequence shard
-    under SP)."""
+    under SP). `pricing.Pricer` also reads them a layer at a time, for the search's floor."""
     if layout.ep <= 1:
         return []
     sent = tokens // layout.tp if layout.sequence_parallel else tokens
     return [Collective("all_to_all", "ep", layout.ep, routed, m * n * 2 * (fwd + 1),
                        f"{span} MoE dispatch + combine (EP)", overlappable)
             for routed, n in _merged(counted.top_k, lambda top_k: ACT_BYTES * sent * top_k * plan.d_model)]
-
-
-def stage_ep_records(data: ModelData, layout: Layout, stage: int, m: int, overlap: frozenset[str]
-                     ) -> list[Collective]:
-    """A pipeline rank's MoE all-to-all records, as `step_collectives` lists them among the rest
-    (for the search's floor under a layout's step time, `pricing.step_time_floor`)."""
-    tokens = layout.mb * data.seq // layout.cp
-    fwd = 2 if layout.recompute == "full" else 1
-    return [record for chunk in rank_chunks(len(data.plan.layers), layout, stage)
-            for record in _ep_records(data.plan, data.chunk_layers(chunk.layers), layout, tokens, m, fwd,
-                                      "ep" in overlap, _span(chunk.layers))]
 
 
 def _span(layers: range) -> str:

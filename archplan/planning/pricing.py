@@ -63,6 +63,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Literal
 
 from typing_extensions import assert_never
@@ -94,7 +95,7 @@ from archplan.planning.cluster import (
     rank_chunks,
     recompute_skips_last_gemm,
     representative_stages,
-    stage_ep_records,
+    ep_records,
 )
 from archplan.planning.layout import Layout
 from archplan.planning.records import DATA_PARALLEL_DIMS, Collective, MeshDim, RankMemory
@@ -549,7 +550,7 @@ class Pricer:
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
         self._stages: dict[tuple[object, ...], _MicroBatch] = {}
         self._fetch_ops: dict[tuple[object, ...], list[Op]] = {}
-        self._ep: dict[tuple[object, ...], float] = {}
+        self._sums: dict[tuple[object, ...], tuple[list[float], list[float]]] = {}
         self._slots: dict[tuple[object, ...], float] = {}
 
     @staticmethod
@@ -589,29 +590,40 @@ class Pricer:
             self._stages[key] = total
         return self._stages[key]
 
-    def ep_seconds(self, layout: Layout, stage: int, net: Network) -> float:
-        """A rank's MoE all-to-all seconds for one micro-batch, before any overlap (`price` sums
-        the same records over m; their time is linear in the calls): once per split and routing."""
-        key = (layout.tp, layout.ep, layout.cp, layout.mb, layout.sequence_parallel, layout.recompute,
-               layout.pp, layout.vpp, stage, net)
-        if key not in self._ep:
-            self._ep[key] = sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe,
-                                                   self.rates.precision)
-                                for record in stage_ep_records(self.data, layout, stage, 1, frozenset()))
-        return self._ep[key]
+    def _cumulative(self, layout: Layout, kernel: AttentionKernel, net: Network) -> tuple[list[float], list[float]]:
+        """Running sums over the layers of one micro-batch's compute seconds and MoE all-to-all
+        seconds (each layer's records as `step_collectives` lists them; their time is linear in
+        the calls), for the floor: a rank's share is a difference of two sums per model chunk.
+        They add in another order than `stage`, so they may differ from it in the last bits,
+        far inside the search's margin (`parallel.Evaluator.fastest`)."""
+        key = (*self._key(layout, kernel), net)
+        if key not in self._sums:
+            data, fwd = self.data, 2 if layout.recompute == "full" else 1
+            tokens = layout.mb * data.seq // layout.cp
+            ep = [sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe, self.rates.precision)
+                      for record in ep_records(data.plan, data.chunk_layers(range(i, i + 1)), layout, tokens, 1,
+                                               fwd, False, ""))
+                  for i in range(len(data.plan.layers))]
+            self._sums[key] = (list(accumulate((m.total for m in self.layers(layout, kernel)), initial=0.0)),
+                               list(accumulate(ep, initial=0.0)))
+        return self._sums[key]
 
     def floor_slot(self, layout: Layout, kernel: AttentionKernel, net: Network, overlap: frozenset[str]) -> float:
         """The slowest representative rank's compute + exposed MoE all-to-all per micro-batch
         (`step_time_floor`), once per split and compute configuration."""
         key = (*self._key(layout, kernel), layout.pp, layout.vpp, net, overlap)
         if key not in self._slots:
+            compute, a2a = self._cumulative(layout, kernel, net)
+            head = _head_micro(self.data, layout, self.rates, self.loss).total
             slot = 0.0
             for stage in representative_stages(len(self.data.plan.layers), layout.pp, layout.vpp):
-                micro = self.stage(layout, stage, kernel)
-                ep = self.ep_seconds(layout, stage, net)
+                chunks = rank_chunks(len(self.data.plan.layers), layout, stage)
+                total = sum(compute[c.layers.stop] - compute[c.layers.start] + (head if c.last else 0.0)
+                            for c in chunks)
+                ep = sum(a2a[c.layers.stop] - a2a[c.layers.start] for c in chunks)
                 if "ep" in overlap:  # as `price` hides it behind m micro-batches' compute, per micro-batch
-                    ep = max(0.0, ep - micro.total)
-                slot = max(slot, micro.total + ep)
+                    ep = max(0.0, ep - total)
+                slot = max(slot, total + ep)
             self._slots[key] = slot
         return self._slots[key]
 
