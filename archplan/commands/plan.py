@@ -48,9 +48,16 @@ class StatesChoice(str, Enum):
     deepspeed = "deepspeed"
 
 
-class GradReduceChoice(str, Enum):
+class StateDTypeChoice(str, Enum):
+    """A 16- or 32-bit float state: gradients on the wire (--grad-reduce), Adam's moments
+    (--optimizer-moments)."""
+
     bf16 = "bf16"
     fp32 = "fp32"
+
+    @property
+    def bytes(self) -> int:
+        return 2 if self is StateDTypeChoice.bf16 else 4
 
 
 class CPCommChoice(str, Enum):
@@ -69,11 +76,6 @@ class CrossEntropyChoice(str, Enum):
     fp32_fused = "fp32-fused"
     bf16_fused = "bf16-fused"
     eager = "eager"
-
-
-class MomentsChoice(str, Enum):
-    bf16 = "bf16"
-    fp32 = "fp32"
 
 
 class MasterChoice(str, Enum):
@@ -861,14 +863,14 @@ def register(app: typer.Typer) -> None:
         attention: Annotated[KernelChoice, typer.Option(
             "--attention", help="flash: FlashAttention + fused kernels (no s×s memory); eager: plain torch autograd.",
             rich_help_panel=MODEL_PANEL)] = KernelChoice.flash,
-        grad_reduce: Annotated[GradReduceChoice | None, typer.Option(
+        grad_reduce: Annotated[StateDTypeChoice | None, typer.Option(
             "--grad-reduce", help=("Gradient reduction dtype \\[the states' gradient dtype]; under --states "
                                     "megatron also the main grads' (Megatron-Core's buffer: bf16 = 16 B/param)."),
             rich_help_panel=MODEL_PANEL)] = None,
-        optimizer_moments: Annotated[MomentsChoice, typer.Option(
+        optimizer_moments: Annotated[StateDTypeChoice, typer.Option(
             "--optimizer-moments", help="Adam's m and v in fp32, or bf16 (DeepSeek-V3 §3.3.1; Megatron-Core's "
             "precision-aware optimizer, --exp-avg-dtype bf16, as Megatron-Bridge's tuned DeepSeek recipes set "
-            "it): --states megatron 14 B/param, zero 12.", rich_help_panel=MODEL_PANEL)] = MomentsChoice.fp32,
+            "it): --states megatron 14 B/param, zero 12.", rich_help_panel=MODEL_PANEL)] = StateDTypeChoice.fp32,
         master_weights: Annotated[MasterChoice, typer.Option(
             "--master-weights", help="The fp32 master copy whole, or as the 16 bits its bf16 weight lacks "
             "(remainders: Megatron-Core's precision-aware optimizer, whose store_param_remainders is on by "
@@ -1019,12 +1021,12 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
 
 
 def _settings(efficiency: float | None, states: StatesChoice, attention: KernelChoice,
-              grad_reduce: GradReduceChoice | None, cp_comm: CPCommChoice, overlap: str,
+              grad_reduce: StateDTypeChoice | None, cp_comm: CPCommChoice, overlap: str,
               precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2,
               early_stop: bool | None = None, fused_qkv: bool = False,
               cross_entropy: CrossEntropyChoice = CrossEntropyChoice.fp32_fused,
               ring_nics: RingNicsChoice | None = None,
-              optimizer_moments: MomentsChoice = MomentsChoice.fp32,
+              optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
               master_weights: MasterChoice = MasterChoice.fp32) -> Settings:
     from archplan.planning.cluster import OVERLAPS, STATES
     from archplan.planning.parallel import Settings
@@ -1039,12 +1041,12 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
     return Settings(
         states=STATES[states.value], attention_kernel=attention.value,  # type: ignore[arg-type]
-        grad_reduce=None if grad_reduce is None else (4 if grad_reduce is GradReduceChoice.fp32 else 2),
+        grad_reduce=None if grad_reduce is None else grad_reduce.bytes,
         cp_comm=cp_comm.value, overlap=frozenset(parts), precision=precision.value,  # type: ignore[arg-type]
         efficiency=efficiency, flash_impl=flash_impl.value,  # type: ignore[arg-type]
         early_stop=early_stop, fused_qkv=fused_qkv, cross_entropy=cross_entropy.value,  # type: ignore[arg-type]
         ring_nics=None if ring_nics is None else ring_nics.value,  # type: ignore[arg-type]
-        moments=None if optimizer_moments is MomentsChoice.fp32 else 2,
+        moments=optimizer_moments.bytes,
         master_remainders=master_weights is MasterChoice.remainders,
     )
 
