@@ -416,6 +416,8 @@ def test_cli_top_shows_the_fastest_of_the_full_search(capsys: pytest.CaptureFixt
     assert shown == [e.layout.spec for e in every.ranked[:8]]
     code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "64", "--top", "0")
     assert code == 2 and "--top must be between 1 and 100, got 0" in err
+    with pytest.raises(ArchplanError, match="at least one layout"):
+        _search("qwen3-30b-a3b", 64, top=0)
 
 
 def test_fsdp2_search_runs_every_zero_stage() -> None:

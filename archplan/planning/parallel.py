@@ -507,6 +507,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     exactly and may omit slower ones (`Evaluator.fastest`); every layout's memory is still
     computed, so `fitting` counts them all."""
     sequences = _check_inputs(plan, gpus, seq, global_batch_tokens, headroom, settings)
+    if top is not None and top < 1:
+        raise ArchplanError(f"a search shows at least one layout, got top={top}")
     if settings.precision == "fp8":
         gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
     usable = int(gpu.memory_bytes * (1 - headroom))
