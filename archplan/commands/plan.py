@@ -729,8 +729,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   bound: RailBound | None, seq_note: str | None) -> None:
     from rich.markup import escape
 
-    from archplan.planning.cluster import GRAD_DTYPES
-
+    from archplan.planning.cluster import STATE_DTYPES
     from archplan.planning.parallel import training_days
     from archplan.units import count, duration, nbytes, percent
 
@@ -754,7 +753,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
               + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
     console.print(f"  states: {settings.states.description}; gradients reduced in "
-                  f"{GRAD_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
+                  f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; full recompute {recompute}{eager}; loss "
                   f"{settings.cross_entropy}")
     if seq_note:

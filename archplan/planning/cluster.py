@@ -206,8 +206,8 @@ LOGIT_BYTES = 4
 STAT_BYTES = 4  # fp32 norm statistics
 COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
 TOKEN_ID_BYTES = 8
-GRAD_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}  # a gradient reduction's bytes per element -> dtype
-MOMENT_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}  # an Adam moment's bytes per element -> dtype
+# a 16- or 32-bit float state's bytes per element -> dtype (gradients on the wire, Adam's moments)
+STATE_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}
 REMAINDER_BYTES = 2  # the 16 bits of an fp32 master weight that its bf16 copy lacks
 # The Adam step per parameter of the optimizer's shard: the fp32 master, m and v each read and
 # written (24 B), the fp32 gradient read (4) and the bf16 weight written (2)
@@ -266,7 +266,7 @@ class StatesConvention:
           master).
         The Adam step reads and writes each narrower state (`step_bytes`); remainders also read
         the bf16 weight they complete."""
-        if moment_bytes not in MOMENT_DTYPES:
+        if moment_bytes not in STATE_DTYPES:
             raise ArchplanError(f"Adam's moments take 2 (bf16) or 4 (fp32) bytes each, got {moment_bytes}")
         if moment_bytes != self.moment_bytes and not self.narrow_moments:
             raise ArchplanError(
@@ -287,12 +287,12 @@ class StatesConvention:
     def described(self) -> StatesConvention:
         """The convention with its description restated from its bytes (after `reducing_in` or
         `with_optimizer` changed them); the base conventions keep their own words."""
-        grads = f"{GRAD_DTYPES[self.grad_bytes]} {'main grads' if self.grads_in_reduce_dtype else 'grads'}"
+        grads = f"{STATE_DTYPES[self.grad_bytes]} {'main grads' if self.grads_in_reduce_dtype else 'grads'}"
         if self.master_bytes == self.moment_bytes == 4:
             optimizer = "fp32 master, m, v"
         else:
             master = "fp32 master as 16-bit remainders" if self.master_bytes == 2 else "fp32 master"
-            optimizer = f"{master} + {MOMENT_DTYPES[self.moment_bytes]} m, v"
+            optimizer = f"{master} + {STATE_DTYPES[self.moment_bytes]} m, v"
         who = "Megatron-Core" if self.key == "megatron" else "ZeRO"
         return replace(self, description=f"bf16 weights + {grads} + {optimizer} = "
                                          f"{self.bytes_per_param} B/param ({who})")
@@ -1123,7 +1123,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     counts = in_flight(layout, microbatches, stage)
     per_layer = data.layer_acts(layout, mode, kernel, engine)
     head = 0.0
-    for chunk, count in zip(rank_chunks(len(data.plan.layers), layout, stage), counts):
+    chunks = rank_chunks(len(data.plan.layers), layout, stage)
+    for chunk, count in zip(chunks, counts):
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
@@ -1136,24 +1137,19 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
             head = (ends + data.logits_act / tp) * scale
-    # under full recompute a layer is re-run in the backward after the loss's and the head's
-    # backward freed the logits and the head's inputs: the two peaks do not coexist (measured by
-    # verify --layout); without, the combine's rows of the rank's last forward come before the head
-    activations += max(head, _layers_peak(data, layout, stage, kernel, engine))
-    return math.ceil(activations)
-
-
-def _layers_peak(data: ModelData, layout: Layout, stage: int, kernel: AttentionKernel, engine: Engine) -> float:
-    """The largest one-layer transient among a rank's layers, one micro-batch on that rank: under
-    full recompute a layer's whole activations re-materialised in the backward, with its MoE
-    combine's rows and the torch engine's gathered CP K/V; otherwise the combine's rows alone."""
-    layers = [i for chunk in rank_chunks(len(data.plan.layers), layout, stage) for i in chunk.layers]
-    scale = layout.mb / layout.cp
-    if layout.recompute == "full":
+    layers = [i for chunk in chunks for i in chunk.layers]
+    if mode == "full":
+        # a layer is re-run in the backward after the loss's and the head's backward freed the
+        # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         whole = data.layer_acts(layout, "none", kernel, engine)
-        return max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
-                    + _cp_kept(data, layout, i, engine) for i in layers), default=0.0)
-    return max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
+        rerun = max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
+                     + _cp_kept(data, layout, i, engine) for i in layers), default=0.0)
+        activations += max(head, rerun)
+    else:
+        # the combine's transient rows of the rank's last forward, before the head runs
+        combine = max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
+        activations += max(head, combine)
+    return math.ceil(activations)
 
 
 def _check(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, stage: int | None,
@@ -1263,7 +1259,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     tp, cp, ep, sp = layout.tp, layout.cp, layout.ep, layout.sequence_parallel
     tokens = layout.mb * data.seq // cp
     act = ACT_BYTES * tokens * plan.d_model
-    fwd = 2 if layout.recompute == "full" else 1  # forward passes (the recomputed one again)
+    fwd = forward_passes(layout)
     tp_over, ep_over = "tp" in overlap, "ep" in overlap
     pp_over = "pp" in overlap and layout.vpp > 1  # only the interleaved schedule overlaps (pricing.pp_exposed)
     engine = states.engine
@@ -1361,7 +1357,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 f"{span} long-conv sequence <-> channel shards (CP)")
         for sent, n in scan_calls:  # forward (again under full recompute) and backward
             add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} Mamba sequence <-> head shards (CP)")
-        out += ep_records(plan, counted, layout, tokens, m, fwd, ep_over, span)
+        out += ep_records(plan, counted, layout, data.seq, m, ep_over, span)
         # a load-balancing loss sums its routed-pair counts (fp32, one row of E per sequence or per
         # micro-batch) over the ranks splitting the micro-batch's tokens, tp under SP, then cp, in
         # each forward (Megatron-Core's router, over its tp_cp_group; `modules.moe.TokenShards`)
@@ -1450,15 +1446,21 @@ def _count_into(counts: dict[int, int], more: Iterable[tuple[int, int]]) -> None
         counts[key] = counts.get(key, 0) + n
 
 
-def ep_records(plan: ModelPlan, counted: ChunkLayers, layout: Layout, tokens: int, m: int, fwd: int,
-                overlappable: bool, span: str) -> list[Collective]:
+def forward_passes(layout: Layout) -> int:
+    """Forward passes per micro-batch: the recomputed one again under full recompute."""
+    return 2 if layout.recompute == "full" else 1
+
+
+def ep_records(plan: ModelPlan, counted: ChunkLayers, layout: Layout, seq: int, m: int, overlappable: bool,
+               span: str) -> list[Collective]:
     """One model chunk's MoE dispatch + combine all-to-alls over ep, forward (again under full
-    recompute) and backward: each rank sends the routed copies of its `tokens` (its sequence shard
+    recompute) and backward: each rank sends the routed copies of its tokens (its sequence shard
     under SP). `pricing.Pricer` also reads them a layer at a time, for the search's floor."""
     if layout.ep <= 1:
         return []
+    tokens = layout.mb * seq // layout.cp
     sent = tokens // layout.tp if layout.sequence_parallel else tokens
-    return [Collective("all_to_all", "ep", layout.ep, routed, m * n * 2 * (fwd + 1),
+    return [Collective("all_to_all", "ep", layout.ep, routed, m * n * 2 * (forward_passes(layout) + 1),
                        f"{span} MoE dispatch + combine (EP)", overlappable)
             for routed, n in _merged(counted.top_k, lambda top_k: ACT_BYTES * sent * top_k * plan.d_model)]
 

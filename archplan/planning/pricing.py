@@ -89,13 +89,13 @@ from archplan.planning.cluster import (
     UseKind,
     _collectives,
     _fsdp_accumulates,
+    ep_records,
     fsdp2_accumulated_numel,
     fetch_trace,
     in_flight,
     rank_chunks,
     recompute_skips_last_gemm,
     representative_stages,
-    ep_records,
 )
 from archplan.planning.layout import Layout
 from archplan.planning.records import DATA_PARALLEL_DIMS, Collective, MeshDim, RankMemory
@@ -598,11 +598,10 @@ class Pricer:
         far inside the search's margin (`parallel.Evaluator.fastest`)."""
         key = (*self._key(layout, kernel), net)
         if key not in self._sums:
-            data, fwd = self.data, 2 if layout.recompute == "full" else 1
-            tokens = layout.mb * data.seq // layout.cp
+            data = self.data
             ep = [sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe, self.rates.precision)
-                      for record in ep_records(data.plan, data.chunk_layers(range(i, i + 1)), layout, tokens, 1,
-                                               fwd, False, ""))
+                      for record in ep_records(data.plan, data.chunk_layers(range(i, i + 1)), layout, data.seq, 1,
+                                               False, ""))
                   for i in range(len(data.plan.layers))]
             self._sums[key] = (list(accumulate((m.total for m in self.layers(layout, kernel)), initial=0.0)),
                                list(accumulate(ep, initial=0.0)))
@@ -621,9 +620,7 @@ class Pricer:
                 total = sum(compute[c.layers.stop] - compute[c.layers.start] + (head if c.last else 0.0)
                             for c in chunks)
                 ep = sum(a2a[c.layers.stop] - a2a[c.layers.start] for c in chunks)
-                if "ep" in overlap:  # as `price` hides it behind m micro-batches' compute, per micro-batch
-                    ep = max(0.0, ep - total)
-                slot = max(slot, total + ep)
+                slot = max(slot, total + ep_exposed(ep, total, overlap))
             self._slots[key] = slot
         return self._slots[key]
 
@@ -754,6 +751,12 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     return c.count * (scale * seconds + eff.latency)
 
 
+def ep_exposed(seconds: float, compute: float, overlap: frozenset[str]) -> float:
+    """The MoE all-to-all seconds left in the critical path: all of them, or under the "ep"
+    overlap what the same micro-batches' compute does not hide (`price`, and the search's floor)."""
+    return max(0.0, seconds - compute) if "ep" in overlap else seconds
+
+
 def tp_overlap_cost(micro: _MicroBatch, layout: Layout, rates: Rates) -> float:
     """Seconds one micro-batch's GEMMs lose to overlapped TP communication (`--overlap tp`).
     Transformer Engine's userbuffers overlap (`initialize_ub`'s defaults) drives the forward
@@ -857,8 +860,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         if "tp" in overlap:
             comm["tp"] = (max(0.0, comm["tp"] - m * (micro.gemm_fwd + micro.gemm_bwd))
                           + m * tp_overlap_cost(micro, layout, rates))
-        if "ep" in overlap:
-            comm["ep"] = max(0.0, comm["ep"] - m * micro.total)
+        comm["ep"] = ep_exposed(comm["ep"], m * micro.total, overlap)
         if "pp" in overlap and v > 1:
             comm["pp"] = pp_exposed(comm["pp"], micro, layout, m, stage)
         copies = (fsdp2_copy_bytes(records, states, grad_reduce, layout, m) + fsdp2_accumulation_bytes(
