@@ -59,6 +59,7 @@ from archplan.analytic.s4 import (
     s4_decode_elementwise,
     s4_elementwise,
 )
+from archplan.analytic.memory import RECOMPUTE_MODES, Recompute
 from archplan.analytic.moe import moe_counted_flops, moe_elementwise_per_token
 from archplan.analytic.norms import norm_flops
 from archplan.analytic.positions import alibi_flops, position_add_flops
@@ -79,9 +80,7 @@ from archplan.resolve import (
 )
 
 AttentionConvention = Literal["full", "causal"]
-Recompute = Literal["none", "selective", "full"]
 ATTENTION_CONVENTIONS: tuple[str, ...] = ("full", "causal")
-RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from archplan.commands.options import JsonOpt, SpecsArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
+from archplan.commands.size import RecomputeChoice
 from archplan.errors import ArchplanError
 from archplan.units import count, flops, nbytes, percent
 
@@ -27,12 +28,6 @@ class BenchDType(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
-
-
-class Recompute(str, Enum):
-    none = "none"
-    selective = "selective"
-    full = "full"
 
 
 class Backend(str, Enum):
@@ -116,7 +111,7 @@ def bench(
     train: Annotated[bool, typer.Option(
         "--train", help="Time a single-device training step (forward + backward + AdamW) and compare its "
                         "peak memory with size's training memory.")] = False,
-    recompute: Annotated[Recompute, typer.Option(help="With --train: activation recompute.")] = Recompute.none,
+    recompute: Annotated[RecomputeChoice, typer.Option(help="With --train: activation recompute.")] = RecomputeChoice.none,
 ) -> None:
     require_torch("bench")
     from archplan.bench.growth import parse_lengths
