@@ -66,24 +66,30 @@ def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]
     assert statistics.median(abs(row.error) for row in dense) <= MEDIAN_GOAL
 
 
-def test_qwen3_moe_rows_are_held_out_and_fit(rows: list[tuple[dict[str, Any], Any]]) -> None:
+# Runs that fitted but that archplan prices over the GPU's memory: the Qwen3 MoE runs whose recipes
+# state no activation recompute (docs/validation.md, "The Qwen3 rows at the recompute their recipes
+# state"), by 3% (Qwen3-30B, MBS 4 on 8 B200) to 15% of the GPU's memory
+OVER_MEMORY = {
+    "Megatron-Bridge 25.09 Qwen3-30B-A3B, 16 H100", "Megatron-Bridge 25.11 Qwen3-30B-A3B, 16 H100",
+    "Megatron-Bridge 25.09 Qwen3-235B-A22B, 64 B200", "Megatron-Bridge 25.11 Qwen3-235B-A22B, 64 B200",
+    "Megatron-Bridge 26.02.01 Qwen3-30B-A3B, 8 B200", "Megatron-Bridge 26.04 Qwen3-30B-A3B, 8 B200",
+    "Megatron-Bridge 26.04.01 Qwen3-30B-A3B, 8 B200",
+}
+
+
+def test_qwen3_moe_rows_are_held_out_at_their_recipes_recompute(rows: list[tuple[dict[str, Any], Any]]) -> None:
     """The 12 Qwen3 MoE rows the same archive's rules added with the Qwen3 presets (docs/validation.md,
     "The Qwen3 MoE rows"), the 3 DGX-H100 ones once parallel folding could express their EP32 over
     TP2·DP16, the one run of Megatron-Bridge's MoE guide ("A Qwen3 run outside the archive"), the
     11 of the archive's newer containers and the 3 HybridEP runs of its docs ("The archive's newer
-    containers"): held out, and every
-    published layout fits. The archive's runs are not held to the goals (the model prices
-    Qwen3-235B up to 2x faster than they measured, and the releases NVIDIA filed as a regression
-    measured Qwen3-30B up to 3.6x slower); the guide's run and the three B200 Qwen3-30B runs after
-    that regression, within them when first evaluated (-11.0%; -2.4% ... -4.0%), are, so that a
-    change moving them shows here."""
+    containers"): held out, every one at the recompute its recipe states (none), and all but the 7
+    of `OVER_MEMORY` predicted to fit. The archive's runs are not held to the goals (the model
+    prices Qwen3-235B up to 2x faster than they measured, and the releases NVIDIA filed as a
+    regression measured Qwen3-30B up to 3.6x slower); the guide's run, within them when first
+    evaluated (-11.0%), is, so that a change moving it shows here."""
     qwen = {row.name: row for _, row in rows if "Qwen3" in row.name}
-    assert len(qwen) == 27 and all(row.holdout and row.fits for row in qwen.values())
-    after_regression = [row for name, row in qwen.items() if "Qwen3-30B-A3B, 8 B200" in name
-                        and name.startswith(("Megatron-Bridge 26.02.01", "Megatron-Bridge 26.04"))]
-    assert len(after_regression) == 3
-    for row in after_regression:
-        assert row.layout == "TP1 PP1 DP8 EP8 ZeRO-1 full mb4" and abs(row.error) <= DEFAULT_TOLERANCE, row.name
+    assert len(qwen) == 27 and all(row.holdout and " none " in row.layout for row in qwen.values())
+    assert {name for name, row in qwen.items() if not row.fits} == OVER_MEMORY
     assert qwen["Megatron-Bridge 26.02 Qwen3-235B-A22B, 256 H100"].layout.startswith("TP2 PP8×v4 DP16 EP32")
     guide = qwen["Megatron-Bridge 2026-05 Qwen3-30B-A3B BF16, 16 H100 (all-to-all dispatcher)"]
     assert guide.layout == "TP1 PP1 DP16 EP16 ZeRO-1 none mb1" and abs(guide.error) <= DEFAULT_TOLERANCE
@@ -116,8 +122,16 @@ def test_gemm_efficiency_is_the_documented_calibration(family: str) -> None:
 
 
 def test_published_layouts_fit_and_published_ooms_do_not(rows: list[tuple[dict[str, Any], Any]]) -> None:
+    """Every published layout that ran is predicted to fit but the known misses (`OVER_MEMORY`),
+    each within 16% of the GPU's memory, and the published out-of-memory cases are predicted not to."""
+    import archplan.hardware as hardware
+
+    data = load_benchmark("published_runs").load()
+    gpus = {run["name"]: hardware.accelerator(run["gpu"]) for run in data["runs"]}
+    assert {row.name for _, row in rows if row.fits != row.expected_fit} == OVER_MEMORY
     for _, row in rows:
-        assert row.fits == row.expected_fit, row.name
+        if row.name in OVER_MEMORY:
+            assert row.expected_fit and row.memory_gib * 2**30 <= 1.16 * gpus[row.name].memory_bytes, row.name
     assert sum(not row.expected_fit for _, row in rows) >= 3
 
 
