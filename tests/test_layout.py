@@ -237,6 +237,31 @@ def test_korthikanti_table2_rows_on_a_gpt_layer() -> None:
     assert _layer_act(acts, Layout(tp=1), "none", "eager", "megatron") == acts.kept["none"]
 
 
+def test_megatron_moe_layer_weights_routed_copies_inside_the_experts() -> None:
+    """A Qwen3-30B-A3B layer under Megatron-Core with TE's fusions and flash attention, no
+    recompute, counted by hand from what its modules save (per token, bytes): the QKV input, Q, K,
+    V and the output projection's input, bf16, (2048 + 4096 + 2·512 + 4096)·2 = 22,528 (4 KV heads
+    of 128); the q/k norms' inputs (4096 + 512)·2 = 9,216; the fp32 log-sum-exp 32·4 = 128; the router's input,
+    probabilities and top-k weights (2048 + 128 + 8)·2 = 4,368; per routed copy (8) the dispatched
+    input, [gate | up] and the product, (2048 + 2·768 + 768)·2 = 8,704, and its fp32 routing
+    probability, 4 (`weighted_bias_swiglu_impl`). No expert output: the probabilities are applied
+    before the down projection, so the un-permute saves nothing."""
+    from archplan.planning.cluster import _layer_act
+
+    seq = 4096
+    data = model_data(_plan("qwen3-30b-a3b"), seq)
+    per_token = 22_528 + 9_216 + 128 + 4_368 + 8 * (8_704 + 4)
+    assert _layer_act(data.acts[0], Layout(dp=8, ep=8), "none", "flash", "megatron") == seq * per_token
+    # the torch engine's MoE weights the experts' outputs in its combine, which keeps all eight
+    assert data.acts[0].weighting == seq * 8 * (4 - 2 * 2048)
+    # experts without Megatron-Core's fused weighted SwiGLU keep the activation's output the
+    # probabilities multiply (GELU MLP experts, top-1)
+    gelu = model_data(_plan("gpt-4-rumored"), 1024)
+    layer = next(i for i, acts in enumerate(gelu.acts) if acts.weighting)
+    moe = gelu.plan.layers[layer].ffn
+    assert gelu.acts[layer].weighting == 1024 * moe.top_k * (4 + 2 * moe.expert.d_ff - 2 * gelu.plan.d_model)
+
+
 def test_flash_keeps_no_seq_squared_term() -> None:
     plan = _plan("llama-3-8b")
     layout = Layout(tp=8, dp=1, recompute="none")

@@ -71,7 +71,9 @@ with sequence parallelism the column input is kept sequence-sharded and re-gathe
 fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1), and a fused SwiGLU that keeps [gate |
 up] and recomputes act(gate) (Megatron-LM `bias_swiglu_impl`), and memory-efficient norms that keep
 their output (already kept as the next projection's input) instead of their input (Apex
-`FusedRMSNorm(memory_efficient=True)`, Megatron-LM `--memory-efficient-layer-norm`); "eager" keeps
+`FusedRMSNorm(memory_efficient=True)`, Megatron-LM `--memory-efficient-layer-norm`), and, under the
+megatron engine, MoE experts that weight each routed copy inside their activation, keeping its fp32
+routing probability instead of its output (Megatron-Core since 0.13, `_weighting_delta`); "eager" keeps
 what plain torch autograd keeps (the s×s probabilities unless recompute is selective, act(gate),
 each norm's input). Full recompute keeps the block inputs, plus one layer's whole activations while it is
 re-run; an MoE layer adds two transient copies of its routed rows at its combine, beyond what it
@@ -202,6 +204,7 @@ Overlap = Literal["dp", "tp", "pp", "ep"]
 OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep")
 ACT_BYTES = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
+PROB_BYTES = 4  # an MoE router's routing probabilities, fp32 (Megatron-Core's `moe_router_dtype`)
 LOGIT_BYTES = 4
 STAT_BYTES = 4  # fp32 norm statistics
 COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
@@ -347,6 +350,7 @@ class LayerActs:
     norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
     fp32_inputs: int  # other inputs the torch modules cast to fp32 (`_fp32_cast_width`), counted at 16 bits
     combine: int  # an MoE layer's routed rows live at its combine beside the saved tensors (`_combine_rows`)
+    weighting: int  # Megatron-Core's MoE layer keeps this beyond archplan's torch MoE (`_weighting_delta`)
 
 
 @dataclass(frozen=True)
@@ -412,7 +416,8 @@ class ModelData:
                                        ACT_BYTES * seq * _glu_width(layer),
                                        ACT_BYTES * seq * h * len(layer.norms),
                                        ACT_BYTES * seq * _fp32_cast_width(layer, h),
-                                       _combine_rows(layer, seq, h)))
+                                       _combine_rows(layer, seq, h),
+                                       seq * _weighting_delta(layer, h)))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -646,6 +651,24 @@ def _combine_rows(layer: LayerPlan, seq: int, h: int) -> int:
     if not isinstance(layer.ffn, MoEPlan):
         return 0
     return COMBINE_COPIES * ACT_BYTES * seq * layer.ffn.top_k * h
+
+
+def _weighting_delta(layer: LayerPlan, h: int) -> int:
+    """Per token, the bytes Megatron-Core's MoE layer keeps beyond archplan's torch MoE (negative:
+    fewer) to weight each routed copy by its routing probability. The torch MoE weights the
+    experts' outputs in the combine (`modules.moe`), whose weighted sum keeps the k outputs, d_model
+    wide. Megatron-Core weights each copy inside the expert's activation instead, before the down
+    projection, and un-permutes without probabilities (Megatron-LM MR 2668, "Memory efficient token
+    permutation", April 2025: `TEGroupedMLP`'s `weighted_bias_swiglu_impl`): the activation keeps
+    the k fp32 probabilities and no output. Activations without its fused weighted kernel (all but
+    SwiGLU) multiply the activation's output by the probabilities, which keeps that output, d_ff
+    wide, per copy."""
+    if not isinstance(layer.ffn, MoEPlan):
+        return 0
+    moe, expert = layer.ffn, layer.ffn.expert
+    fused = expert.kind == "glu" and expert.activation == "silu"
+    product = 0 if fused else ACT_BYTES * expert.d_ff
+    return moe.top_k * (PROB_BYTES + product - ACT_BYTES * h)
 
 
 def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
@@ -931,7 +954,9 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
             kept = acts.kept["selective"] + lse + acts.norm_inputs + acts.fp32_inputs
             replicated += acts.norm_inputs
         case "flash":
-            kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs
+            # Megatron-Core with Transformer Engine's fusions: a fused SwiGLU, memory-efficient
+            # norms, and routed copies weighted inside the experts (`_weighting_delta`)
+            kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs + acts.weighting
             replicated -= acts.norm_inputs
         case "eager":
             pass
