@@ -33,7 +33,7 @@ PLAN_OPTIONS: dict[str, list[str]] = {
     "--precision": ["bf16", "fp8", "fp16", "fp32", "int4"],
     "--states": ["megatron", "zero", "fsdp2", "deepspeed"],
     "--attention": ["eager", "flash"],
-    "--overlap": ["none", "dp", "dp,tp,pp", "xx"],
+    "--overlap": ["none", "dp", "dp,tp,pp", "dp,ep", "dualpipe", "ep,dualpipe", "xx"],
     "--grad-reduce": ["bf16", "fp32"],
     "--optimizer-moments": ["bf16", "fp32", "fp8"],
     "--master-weights": ["fp32", "remainders", "half"],

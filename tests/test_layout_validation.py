@@ -240,6 +240,20 @@ def test_node_limited_routing_bounds_the_ib_copies_of_a_token() -> None:
     assert fp8 - 2 * eff.latency == pytest.approx((1 + 4 / 128 + 2) / 4 * (limited - 2 * eff.latency))
 
 
+def test_ep_overlap_hides_the_traced_share_and_dualpipe_all_it_can() -> None:
+    """Megatron-Core's EP overlap ("ep") hides the share of the all-to-all Megatron-Bridge's Nsight
+    trace measured (36.55%), at most the compute beside it; DualPipe ("dualpipe") all of it that the
+    compute covers; without either nothing is hidden."""
+    from archplan.planning.pricing import EP_OVERLAP_SHARE, ep_exposed
+
+    assert EP_OVERLAP_SHARE == 0.3655
+    assert ep_exposed(10.0, 100.0, frozenset({"dp", "ep"})) == pytest.approx(10.0 - 3.655)
+    assert ep_exposed(10.0, 2.0, frozenset({"ep"})) == pytest.approx(8.0)  # the compute bounds it
+    assert ep_exposed(10.0, 100.0, frozenset({"dualpipe"})) == 0.0
+    assert ep_exposed(10.0, 4.0, frozenset({"dualpipe"})) == pytest.approx(6.0)
+    assert ep_exposed(10.0, 100.0, frozenset({"dp", "tp", "pp"})) == 10.0
+
+
 def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
     """Dao 2023 §4.1: FlashAttention-2 is ~1.3-1.5× faster than FlashAttention in Triton forward
     and ~2× backward; `--flash-impl triton` changes the attention core's time only."""

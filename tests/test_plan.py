@@ -903,3 +903,11 @@ def test_cli_layout_of_a_spec_below_the_laws_range_asks_for_tokens(capsys: pytes
                        "--layout", "sp=on")
     assert code == 0 and "fixed: ep=1,sp=on" in out and "{" not in out
     assert re.search(r"│ +\d+\.\d s$", out, re.M) and "0.0 d" not in out
+
+
+def test_plan_refuses_two_schedules_for_one_all_to_all(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ep` (Megatron-Core's EP overlap) and `dualpipe` price the same MoE all-to-all two ways."""
+    code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100",
+                       "--overlap", "dp,ep,dualpipe")
+    assert code == 2 and "ep and dualpipe" in err and "Traceback" not in err

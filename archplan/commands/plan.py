@@ -878,7 +878,9 @@ def register(app: typer.Typer) -> None:
             "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
             rich_help_panel=MODEL_PANEL)] = CPCommChoice.all_gather,
         overlap: Annotated[str, typer.Option(
-            "--overlap", help="Communication hidden behind compute: any of dp,tp,pp,ep, or none.",
+            "--overlap", help=("Communication hidden behind compute: any of dp,tp,pp,ep,dualpipe, or none "
+                               "(ep: Megatron-Core's EP overlap, a measured share of the MoE all-to-all; "
+                               "dualpipe: DeepSeek's DualPipe, all of it)."),
             rich_help_panel=MODEL_PANEL)] = "dp",
         precision: Annotated[PrecisionChoice, typer.Option(
             "--precision", help="bf16, or fp8 GEMMs inside the blocks (router and LM head stay bf16).",
@@ -1027,7 +1029,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               ring_nics: RingNicsChoice | None = None,
               optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
               master_weights: MasterChoice = MasterChoice.fp32) -> Settings:
-    from archplan.planning.cluster import OVERLAPS, STATES
+    from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
     parts = {p.strip().lower() for p in overlap.split(",") if p.strip()}
@@ -1038,6 +1040,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     unknown = parts - set(OVERLAPS)
     if unknown:
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
+    if EP_OVERLAPS <= parts:
+        raise ArchplanError("--overlap: ep and dualpipe are two schedules hiding the same MoE all-to-all; give one")
     return Settings(
         states=STATES[states.value], attention_kernel=attention.value,  # type: ignore[arg-type]
         grad_reduce=None if grad_reduce is None else grad_reduce.bytes,

@@ -200,8 +200,10 @@ CP_COMMS: tuple[CPComm, ...] = ("all_gather", "ring")
 # (DTensor parallel styles + FSDP2 + non-reentrant checkpointing, what `verify --layout` runs);
 # where they differ is listed in the module docstring.
 Engine = Literal["megatron", "torch"]
-Overlap = Literal["dp", "tp", "pp", "ep"]
-OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep")
+Overlap = Literal["dp", "tp", "pp", "ep", "dualpipe"]
+OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep", "dualpipe")
+# the two ways a run hides the MoE all-to-all behind compute (`pricing.ep_exposed` prices each)
+EP_OVERLAPS: frozenset[Overlap] = frozenset({"ep", "dualpipe"})
 ACT_BYTES = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 PROB_BYTES = 4  # an MoE router's routing probabilities, fp32 (Megatron-Core's `moe_router_dtype`)
@@ -1285,7 +1287,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
     tokens = layout.mb * data.seq // cp
     act = ACT_BYTES * tokens * plan.d_model
     fwd = forward_passes(layout)
-    tp_over, ep_over = "tp" in overlap, "ep" in overlap
+    tp_over, ep_over = "tp" in overlap, bool(EP_OVERLAPS & overlap)
     pp_over = "pp" in overlap and layout.vpp > 1  # only the interleaved schedule overlaps (pricing.pp_exposed)
     engine = states.engine
     out: list[Collective] = []
@@ -1514,8 +1516,9 @@ def step_collectives(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
     gradient bytes). overlap: which communication may hide behind compute ("dp": the gradient
     reduce and parameter gathers, as Megatron's --overlap-grad-reduce/--overlap-param-gather and
     FSDP's prefetch do; "tp": TP communication, when the run overlaps it; "pp": the interleaved
-    schedule's sends and receives; "ep": the all-to-all). early_stop: whether full recompute
-    stops early (`uses_early_stop`; default the engine's).
+    schedule's sends and receives; "ep", "dualpipe": the MoE all-to-all, in part or all of it,
+    `pricing.ep_exposed`). early_stop: whether full recompute stops early (`uses_early_stop`;
+    default the engine's).
     """
     if stage is None:
         stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,

@@ -42,8 +42,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
 Communication (records from `cluster.step_collectives`): ring time wire_bytes / (link × achieved
 fraction) + a latency per call, in-node when the group's ranks share a node (ranks ordered tp, cp,
 dp, pp, Megatron's default). TP, CP, EP and PP transfers sit in each micro-batch's critical path
-unless the run overlaps them ("tp", "ep" in `overlap`: hidden behind that micro-batch's GEMMs /
-compute, TP at the SMs its overlap kernels take, `tp_overlap_cost`; "pp": the interleaved
+unless the run overlaps them ("tp", "ep", "dualpipe" in `overlap`: hidden behind that
+micro-batch's GEMMs / compute, TP at the SMs its overlap kernels take, `tp_overlap_cost`, the
+all-to-all in the share each schedule hides, `ep_exposed`; "pp": the interleaved
 schedule's steady-state transfers, `pp_exposed`). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-reduce /
 --overlap-param-gather, FSDP's prefetch) hides behind the backward (gradients) and forward
 (parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
@@ -751,10 +752,28 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     return c.count * (scale * seconds + eff.latency)
 
 
+# The share of the MoE all-to-all that Megatron-Core's EP overlap (`overlap_moe_expert_parallel_comm`)
+# hides. It runs one micro-batch's dispatch and combine beside another's attention and expert GEMMs,
+# as far as its merged 1F1B schedule lets the two run together. Megatron-Bridge's Nsight trace of
+# Qwen3-30B-A3B on 16 H100 (EP16 over both nodes, the HybridEP dispatcher; its skill
+# `nemo-mbridge-perf-expert-parallel-overlap`, 2026-07-25) measured 36.55% of the communication
+# time concurrent with GEMM and attention with the overlap on (3,959 ms), 0.11% with it off, though
+# that run's compute outlasted its communication: the schedule, not the compute, bounds the share.
+EP_OVERLAP_SHARE = 0.3655
+
+
 def ep_exposed(seconds: float, compute: float, overlap: frozenset[str]) -> float:
-    """The MoE all-to-all seconds left in the critical path: all of them, or under the "ep"
-    overlap what the same micro-batches' compute does not hide (`price`, and the search's floor)."""
-    return max(0.0, seconds - compute) if "ep" in overlap else seconds
+    """The MoE all-to-all seconds left in the critical path (`price`, and the search's floor):
+    all of them without an EP overlap; under "ep" (Megatron-Core's EP overlap) all but
+    `EP_OVERLAP_SHARE` of them, at most the same micro-batches' compute; under "dualpipe"
+    (DeepSeek's DualPipe, which pairs a forward and a backward chunk so that each one's all-to-all
+    runs beside the other's compute, the all-to-all fully hidden by its report's account, DeepSeek-V3
+    §3.2.1) what that compute does not hide."""
+    if "dualpipe" in overlap:
+        return max(0.0, seconds - compute)
+    if "ep" in overlap:
+        return seconds - min(EP_OVERLAP_SHARE * seconds, compute)
+    return seconds
 
 
 def tp_overlap_cost(micro: _MicroBatch, layout: Layout, rates: Rates) -> float:
