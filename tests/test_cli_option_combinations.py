@@ -42,6 +42,7 @@ PLAN_OPTIONS: dict[str, list[str]] = {
     "--ib-gbs": ["50", "0", "1e9"],
     "--nvlink-gbs": ["450", "0"],
     "--cp-comm": ["all_gather", "ring", "tree"],
+    "--dispatcher": ["auto", "nccl", "hierarchical", "deepep"],
     "--flash-impl": ["fa2", "triton", "fa3"],
     "--cross-entropy": ["fp32-fused", "bf16-fused", "eager", "fp16"],
     "--ring-nics": ["one", "members", "all"],

@@ -240,6 +240,55 @@ def test_node_limited_routing_bounds_the_ib_copies_of_a_token() -> None:
     assert fp8 - 2 * eff.latency == pytest.approx((1 + 4 / 128 + 2) / 4 * (limited - 2 * eff.latency))
 
 
+def test_hierarchical_dispatch_sends_a_token_once_per_remote_node() -> None:
+    """HybridEP / DeepEP (`--dispatcher hierarchical`): Qwen3-30B-A3B's 128 experts over two nodes, top
+    8, reach 2·(1 − C(64, 8)/C(128, 8)) nodes per token on average, half of them remote, so IB carries
+    ~1 copy of 8 where NCCL's ring sends every remote copy; NVLink forwards the 8 copies beside it.
+    `auto` is NCCL's for a router without a node limit and the hierarchy for DeepSeek-V3's."""
+    import math
+
+    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.layout import Layout
+    from archplan.planning.parallel import interconnect
+    from archplan.planning.pricing import Network, ep_all_to_all_time, nodes_reached, uniform_moe
+    from archplan.planning.records import Collective
+    from archplan.resolve import resolve
+
+    moe = uniform_moe(resolve(load_spec("qwen3-30b-a3b")))
+    assert moe is not None and (moe.n_experts, moe.top_k, moe.n_group) == (128, 8, None)
+    reach = 2 * (1 - math.comb(64, 8) / math.comb(128, 8))
+    assert nodes_reached(moe, 2) == pytest.approx(reach) and 1.99 < reach < 2
+    assert nodes_reached(moe, 1) == pytest.approx(1.0)
+
+    gpu = accelerator("h100")
+    eff, _ = kernel_efficiency(gpu)
+    net = interconnect(gpu)
+    network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
+    layout = Layout(dp=16, ep=16)
+    per_copy = 2 * 4096 * 2048
+    record = Collective("all_to_all", "ep", 16, 8 * per_copy, 2, "dispatch + combine")
+    ib = 8 * per_copy / 8 * reach * 1 / 2 / (net.inter_node * eff.inter_link)
+    nvlink = 8 * per_copy * 7 / 8 / (net.intra_node * eff.intra_link)
+    hierarchical = ep_all_to_all_time(record, layout, network, eff, moe, "bf16", "hierarchical")
+    assert hierarchical == pytest.approx(2 * (max(ib, nvlink) + eff.latency))
+    ring = 2 * (record.wire_bytes / (net.inter_node * eff.inter_link) + eff.latency)
+    assert ep_all_to_all_time(record, layout, network, eff, moe, "bf16", "nccl") == pytest.approx(ring)
+    assert ep_all_to_all_time(record, layout, network, eff, moe, "bf16", "auto") == pytest.approx(ring)
+    assert hierarchical < ring / 3
+    inside = Layout(dp=8, ep=8)  # one node: every dispatcher is the in-node ring
+    one_node = Collective("all_to_all", "ep", 8, 8 * per_copy, 2, "dispatch + combine")
+    assert len({ep_all_to_all_time(one_node, inside, network, eff, moe, "bf16", d)
+                for d in ("auto", "nccl", "hierarchical")}) == 1
+
+    deepseek = uniform_moe(resolve(load_spec("deepseek-v3")))
+    wide = Layout(pp=16, dp=128, ep=64)
+    big = Collective("all_to_all", "ep", 64, 8 * 2 * 4096 * 7168, 2, "dispatch + combine")
+    auto = ep_all_to_all_time(big, wide, network, eff, deepseek, "bf16", "auto")
+    assert auto == ep_all_to_all_time(big, wide, network, eff, deepseek, "bf16", "hierarchical")
+    assert auto < ep_all_to_all_time(big, wide, network, eff, deepseek, "bf16", "nccl")
+
+
 def test_ep_overlap_hides_the_traced_share_and_dualpipe_all_it_can() -> None:
     """Megatron-Core's EP overlap ("ep") hides the share of the all-to-all Megatron-Bridge's Nsight
     trace measured (36.55%), at most the compute beside it; DualPipe ("dualpipe") all of it that the

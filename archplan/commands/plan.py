@@ -65,6 +65,12 @@ class CPCommChoice(str, Enum):
     ring = "ring"
 
 
+class DispatcherChoice(str, Enum):
+    auto = "auto"
+    nccl = "nccl"
+    hierarchical = "hierarchical"
+
+
 class PrecisionChoice(str, Enum):
     bf16 = "bf16"
     fp8 = "fp8"
@@ -587,6 +593,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "attention_kernel": settings.attention_kernel,
         "grad_reduce_bytes": settings.reduce_bytes,
         "cp_comm": settings.cp_comm,
+        "dispatcher": settings.dispatcher,
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
         "flash_impl": settings.flash_impl,
@@ -754,7 +761,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
-                  f"CP K/V by {settings.cp_comm}; full recompute {recompute}{eager}; loss "
+                  f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}; "
+                  f"full recompute {recompute}{eager}; loss "
                   f"{settings.cross_entropy}")
     if seq_note:
         console.print(f"[yellow]note:[/] {escape(seq_note)}")
@@ -801,7 +809,8 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
-        "cp_comm", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy", "headroom",
+        "cp_comm", "dispatcher", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy",
+        "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
 }
@@ -877,6 +886,12 @@ def register(app: typer.Typer) -> None:
         cp_comm: Annotated[CPCommChoice, typer.Option(
             "--cp-comm", help="Context-parallel K/V exchange: all_gather (Llama 3) or ring (Megatron-Core).",
             rich_help_panel=MODEL_PANEL)] = CPCommChoice.all_gather,
+        dispatcher: Annotated[DispatcherChoice, typer.Option(
+            "--dispatcher", help="How the MoE all-to-all crosses nodes: nccl (NCCL's all-to-all, every remote "
+            "copy over the NIC; Megatron's alltoall dispatcher), hierarchical (DeepEP's internode kernels, "
+            "HybridEP: each token once per remote node, forwarded over NVLink), or auto (hierarchical where "
+            "the router limits a token's nodes, as DeepSeek-V3's does; nccl otherwise).",
+            rich_help_panel=MODEL_PANEL)] = DispatcherChoice.auto,
         overlap: Annotated[str, typer.Option(
             "--overlap", help=("Communication hidden behind compute: any of dp,tp,pp,ep,dualpipe, or none "
                                "(ep: Megatron-Core's EP overlap, a measured share of the MoE all-to-all; "
@@ -951,7 +966,7 @@ def register(app: typer.Typer) -> None:
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
-                                 master_weights)
+                                 master_weights, dispatcher)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1028,7 +1043,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               cross_entropy: CrossEntropyChoice = CrossEntropyChoice.fp32_fused,
               ring_nics: RingNicsChoice | None = None,
               optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
-              master_weights: MasterChoice = MasterChoice.fp32) -> Settings:
+              master_weights: MasterChoice = MasterChoice.fp32,
+              dispatcher: DispatcherChoice = DispatcherChoice.auto) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -1051,6 +1067,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         ring_nics=None if ring_nics is None else ring_nics.value,  # type: ignore[arg-type]
         moments=optimizer_moments.bytes,
         master_remainders=master_weights is MasterChoice.remainders,
+        dispatcher=dispatcher.value,  # type: ignore[arg-type]
     )
 
 

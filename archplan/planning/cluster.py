@@ -196,6 +196,13 @@ AttentionKernel = Literal["flash", "eager"]
 ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("flash", "eager")
 CPComm = Literal["all_gather", "ring"]
 CP_COMMS: tuple[CPComm, ...] = ("all_gather", "ring")
+# How the MoE dispatch and combine cross nodes (`pricing.ep_all_to_all_time`): "nccl", NCCL's
+# all-to-all (every remote copy over the NIC); "hierarchical", DeepEP's internode kernels and
+# HybridEP (a token crosses to each remote node once, then NVLink forwards it); "auto", hierarchical
+# where the router bounds the nodes a token reaches (DeepSeek-V3's node-limited routing, designed for
+# such kernels) and NCCL's otherwise.
+Dispatcher = Literal["auto", "nccl", "hierarchical"]
+DISPATCHERS: tuple[Dispatcher, ...] = ("auto", "nccl", "hierarchical")
 # Whose tensor / sequence parallelism: "megatron" (Megatron-LM's hand-written layers) or "torch"
 # (DTensor parallel styles + FSDP2 + non-reentrant checkpointing, what `verify --layout` runs);
 # where they differ is listed in the module docstring.

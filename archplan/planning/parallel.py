@@ -22,6 +22,7 @@ from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
     CPComm,
+    Dispatcher,
     ModelData,
     StatesConvention,
     _memory,
@@ -149,6 +150,7 @@ class Settings:
     ring_nics: RingNics | None = None
     moments: int | None = None  # bytes of each Adam moment; None = the states' (fp32)
     master_remainders: bool = False  # the fp32 master kept as 16-bit remainders (Megatron-Core)
+    dispatcher: Dispatcher = "auto"  # how the MoE all-to-all crosses nodes (`cluster.Dispatcher`)
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -346,7 +348,8 @@ class Evaluator:
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
-                             qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy)
+                             qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
+                             dispatcher=settings.dispatcher)
         self.network = network(net, settings.rings(self.kernels))
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 

@@ -84,6 +84,7 @@ from archplan.planning.cluster import (
     ACT_BYTES,
     AttentionKernel,
     CPComm,
+    Dispatcher,
     FetchUse,
     ModelData,
     StatesConvention,
@@ -539,7 +540,8 @@ class Pricer:
     """Per-layer micro-batch times for one layout configuration, summed per pipeline rank."""
 
     def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False, bias_grads: bool = False,
-                 qkv_concat: bool = False, loss: CrossEntropyImpl = "fp32-fused") -> None:
+                 qkv_concat: bool = False, loss: CrossEntropyImpl = "fp32-fused",
+                 dispatcher: Dispatcher = "auto") -> None:
         self.data = data
         self.rates = rates
         self.early_stop = early_stop  # full recompute stops early (`cluster.uses_early_stop`)
@@ -547,6 +549,7 @@ class Pricer:
         self.qkv_concat = qkv_concat  # and concatenates fused q, k, v gradients (`qkv_concat_bytes`)
         self.loss = loss  # the cross-entropy's implementation (`CROSS_ENTROPY_BYTES`)
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
+        self.dispatcher = dispatcher  # and how it crosses nodes (`ep_all_to_all_time`)
         self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
         self._stages: dict[tuple[object, ...], _MicroBatch] = {}
@@ -600,7 +603,8 @@ class Pricer:
         key = (*self._key(layout, kernel), net)
         if key not in self._sums:
             data = self.data
-            ep = [sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe, self.rates.precision)
+            ep = [sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe, self.rates.precision,
+                                         self.dispatcher)
                       for record in ep_records(data.plan, data.chunk_layers(range(i, i + 1)), layout, data.seq, 1,
                                                False, ""))
                   for i in range(len(data.plan.layers))]
@@ -720,8 +724,17 @@ def nodes_per_token(moe: MoEPlan, nodes: int) -> int | None:
     return None
 
 
+def nodes_reached(moe: MoEPlan, nodes: int) -> float:
+    """How many of `nodes` nodes, each holding E/nodes of the experts, one token's k routed copies
+    reach on average when the router picks any k experts alike (even routing, no node limit): a
+    node is missed with probability C(E − E/nodes, k) / C(E, k). Qwen3-30B-A3B over two nodes:
+    1.99 (128 experts, top 8)."""
+    e, k = moe.n_experts, moe.top_k
+    return nodes * (1 - math.comb(e - e // nodes, k) / math.comb(e, k))
+
+
 def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency,
-                       moe: MoEPlan | None, precision: Precision) -> float:
+                       moe: MoEPlan | None, precision: Precision, dispatcher: Dispatcher = "auto") -> float:
     """Seconds for all calls of one MoE dispatch + combine record (half its calls each way).
 
     FP8 dispatch (DeepSeek-V3 §3.3.3, "Low-Precision Communication"): under `--precision fp8` the
@@ -736,13 +749,28 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     token and direction, IB carries M·(nodes − 1)/nodes copies (the token's own node is one of
     the `nodes` equally likely), NVLink the k copies that land on another GPU of their node,
     (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a
-    ring all-to-all over the slower link (`collective_time`)."""
+    ring all-to-all over the slower link (`collective_time`): NCCL's all-to-all.
+
+    The dispatcher (`cluster.Dispatcher`) says which: "auto" bounds a token's nodes where the router
+    does and prices NCCL's ring otherwise; "nccl" always the ring; "hierarchical" (DeepEP's internode
+    kernels, HybridEP) sends each token once to every remote node its experts live on, the router's
+    bound where it has one, else as many nodes as even routing reaches (`nodes_reached`)."""
     if c.group_size <= 1:
         return 0.0
     to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if precision == "fp8" else ACT_BYTES
     scale = (to_experts + ACT_BYTES) / (2 * ACT_BYTES)
     nodes = math.ceil(layout.ep / net.gpus_per_node)
-    reach = nodes_per_token(moe, nodes) if moe is not None and nodes > 1 else None
+    limited = nodes_per_token(moe, nodes) if moe is not None and nodes > 1 else None
+    match dispatcher:
+        case "auto":
+            reach: float | None = limited
+        case "nccl":
+            reach = None
+        case "hierarchical":
+            reach = (limited if limited is not None
+                     else nodes_reached(moe, nodes) if moe is not None and nodes > 1 else None)
+        case _:
+            assert_never(dispatcher)
     if moe is None or reach is None:
         return scale * (collective_time(c, layout, net, eff) - c.count * eff.latency) + c.count * eff.latency
     per_rank_node = layout.ep / nodes
@@ -863,7 +891,8 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
         grads = gathers = 0.0
         for record in records:
-            t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.precision)
+            t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.precision,
+                                    pricer.dispatcher)
                  if record.mesh_dim == "ep" else collective_time(record, layout, net, rates.eff))
             match record.mesh_dim:
                 case "tp" | "cp" | "ep":
