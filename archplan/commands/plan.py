@@ -526,7 +526,8 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.precision == "fp8":
         slower = (f"backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, "
                   if k.fp8_split_acc != 1.0 else "")
-        fp8 = f" ({slower}fp8 casts at HBM bandwidth)"
+        experts = "" if k.expert_fp8 else "routed experts' GEMMs at the bf16 rate, "
+        fp8 = f" ({slower}{experts}fp8 casts at HBM bandwidth)"
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
             f"{settings.precision} peak by shape{fp8}, attention at {k.attention_fwd * fwd / 1e12:.0f}/"
             f"{k.attention_bwd * bwd / 1e12:.0f} TFLOP/s fwd/bwd ({kernel}), elementwise "

@@ -18,8 +18,8 @@ has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise.
 
 Models that route tokens to experts are judged apart (`HELD_OUT_MOE`): the model's pricing of
 fine-grained MoE misses by far more than its pricing of dense models (Megatron-Bridge's Qwen3-30B-A3B
-runs measured up to 3.6× slower than priced in the releases NVIDIA filed as a 2× regression, and
-Qwen3-235B-A22B's 1.4–2.0×; docs/validation.md, "The Qwen3 MoE rows" and "The archive's newer
+runs measured up to 3.2× slower than priced in the releases NVIDIA filed as a 2× regression, and
+Qwen3-235B-A22B's up to 1.7×; docs/validation.md, "The Qwen3 MoE rows" and "The archive's newer
 containers"), and their misses would otherwise widen every dense plan's statement. The family and engine figures are over
 the dense runs; the MoE figures over every MoE run, whatever its GPU or engine (too few to split)."""
 
@@ -130,7 +130,7 @@ HELD_OUT: dict[str, HeldOutAccuracy] = {
                                   gpus="B200"),
 }
 # the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100 and B200)
-HELD_OUT_MOE = HeldOutAccuracy(runs=34, median=0.306, p90=1.462, bias=0.287, low=-0.135, high=2.006,
+HELD_OUT_MOE = HeldOutAccuracy(runs=34, median=0.173, p90=1.361, bias=0.14, low=-0.135, high=1.857,
                                gpus="B200/H100/H800", moe=True)
 # benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-02): the
 # dense models' runs split by the engine of their states; the B200 runs (4, all Megatron-style) are too few

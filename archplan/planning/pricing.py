@@ -296,11 +296,14 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
     """Forward and backward seconds of the matmul that weight `t` of `layer` takes part in on one
     rank (0 for norms, biases and other non-GEMM parameters), one micro-batch. The backward is two
     GEMMs (dgrad, wgrad) of the forward's shape; in fp8 at the family's split-accumulator cost
-    (`KernelEfficiency.fp8_split_acc`), unless the user gave their own `--efficiency`."""
+    (`KernelEfficiency.fp8_split_acc`), unless the user gave their own `--efficiency`. A routed
+    expert's GEMMs run at the bf16 rate where the GPU's experts gain nothing from fp8
+    (`KernelEfficiency.expert_fp8`)."""
     shape = _gemm_shape(data, layer, t, layout)
     if shape is None:
         return 0.0, 0.0
     m, n, k, count, fp8 = shape
+    fp8 = fp8 and (rates.eff.expert_fp8 or not t.expert)
     forward = gemm_time(m, n, k, rates, fp8, count=count)
     slower = (rates.eff.fp8_split_acc if fp8 and rates.precision == "fp8" and rates.efficiency is None
               else 1.0)
