@@ -213,7 +213,8 @@ def test_node_limited_routing_bounds_the_ib_copies_of_a_token() -> None:
     from archplan.loader import load_spec
     from archplan.planning.layout import Layout
     from archplan.planning.parallel import interconnect
-    from archplan.planning.pricing import Network, ep_all_to_all_time, nodes_per_token, uniform_moe
+    from archplan.planning.pricing import (Network, ep_all_to_all_time, nodes_per_token, nodes_reached,
+                                           uniform_moe)
     from archplan.planning.records import Collective
     from archplan.resolve import resolve
 
@@ -222,6 +223,10 @@ def test_node_limited_routing_bounds_the_ib_copies_of_a_token() -> None:
     assert [nodes_per_token(moe, n) for n in (2, 8, 16)] == [2, 4, 8]
     assert nodes_per_token(replace(moe, n_group=None, topk_group=None), 8) is None
     assert nodes_per_token(moe, 3) is None  # groups straddle nodes: no bound claimed
+    # on average: one group per node reaches the bound; two per node 4·(1 − C(6, 4)/C(8, 4))
+    assert nodes_reached(moe, 8) == pytest.approx(4.0)
+    assert nodes_reached(moe, 4) == pytest.approx(4 * (1 - 15 / 70)) and nodes_per_token(moe, 4) == 4
+    assert nodes_reached(moe, 16) == 8  # a group spans two nodes: the bound
 
     gpu = accelerator("h800")
     eff, _ = kernel_efficiency(gpu)

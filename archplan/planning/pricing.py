@@ -728,10 +728,19 @@ def nodes_per_token(moe: MoEPlan, nodes: int) -> int | None:
 
 
 def nodes_reached(moe: MoEPlan, nodes: int) -> float:
-    """How many of `nodes` nodes, each holding E/nodes of the experts, one token's k routed copies
-    reach on average when the router picks any k experts alike (even routing, no node limit): a
-    node is missed with probability C(E − E/nodes, k) / C(E, k). Qwen3-30B-A3B over two nodes:
-    1.99 (128 experts, top 8)."""
+    """How many of `nodes` nodes one token's k routed copies reach on average when the router picks
+    alike among what it may pick (even routing). A group-limited router with whole groups on each
+    node (DeepSeek-V3 §2.1.2: the best topk_group of n_group groups) misses a node with probability
+    C(n_group − n_group/nodes, topk_group) / C(n_group, topk_group): DeepSeek-V3 over 8 nodes 4, its
+    bound, over 4 nodes 3.14 of a bound of 4. A group that spans nodes gives the bound
+    (`nodes_per_token`). Without a group limit a node holding E/nodes experts is missed with
+    probability C(E − E/nodes, k) / C(E, k): Qwen3-30B-A3B over two nodes 1.99 (128 experts, top 8)."""
+    if moe.n_group is not None and moe.topk_group is not None and moe.n_group % nodes == 0:
+        g, picked = moe.n_group, moe.topk_group
+        return nodes * (1 - math.comb(g - g // nodes, picked) / math.comb(g, picked))
+    bound = nodes_per_token(moe, nodes)
+    if bound is not None:
+        return bound
     e, k = moe.n_experts, moe.top_k
     return nodes * (1 - math.comb(e - e // nodes, k) / math.comb(e, k))
 
@@ -749,31 +758,32 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     bounds the nodes a token reaches (`nodes_per_token`) and the group spans nodes, a token
     crosses IB once per remote target node, to the GPU of the same in-node index, which forwards
     it over NVLink to the GPUs holding its experts; the IB and NVLink legs overlap (§3.2.2). Per
-    token and direction, IB carries M·(nodes − 1)/nodes copies (the token's own node is one of
-    the `nodes` equally likely), NVLink the k copies that land on another GPU of their node,
+    token and direction, IB carries M·(nodes − 1)/nodes copies, M the nodes it reaches on average
+    (`nodes_reached`; the token's own node is one of the `nodes` equally likely), NVLink the k
+    copies that land on another GPU of their node,
     (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a
     ring all-to-all over the slower link (`collective_time`): NCCL's all-to-all.
 
     The dispatcher (`cluster.Dispatcher`) says which: "auto" bounds a token's nodes where the router
     does and prices NCCL's ring otherwise; "nccl" always the ring; "hierarchical" (DeepEP's internode
-    kernels, HybridEP) sends each token once to every remote node its experts live on, the router's
-    bound where it has one, else as many nodes as even routing reaches (`nodes_reached`)."""
+    kernels, HybridEP) sends each token once to every remote node its experts live on, whatever
+    the router."""
     if c.group_size <= 1:
         return 0.0
     to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if precision == "fp8" else ACT_BYTES
     scale = (to_experts + ACT_BYTES) / (2 * ACT_BYTES)
     nodes = math.ceil(layout.ep / net.gpus_per_node)
-    limited = nodes_per_token(moe, nodes) if moe is not None and nodes > 1 else None
-    match dispatcher:
-        case "auto":
-            reach: float | None = limited
-        case "nccl":
-            reach = None
-        case "hierarchical":
-            reach = (limited if limited is not None
-                     else nodes_reached(moe, nodes) if moe is not None and nodes > 1 else None)
-        case _:
-            assert_never(dispatcher)
+    reach: float | None = None
+    if moe is not None and nodes > 1:
+        match dispatcher:
+            case "auto":
+                reach = nodes_reached(moe, nodes) if nodes_per_token(moe, nodes) is not None else None
+            case "nccl":
+                pass
+            case "hierarchical":
+                reach = nodes_reached(moe, nodes)
+            case _:
+                assert_never(dispatcher)
     if moe is None or reach is None:
         return scale * (collective_time(c, layout, net, eff) - c.count * eff.latency) + c.count * eff.latency
     per_rank_node = layout.ep / nodes
