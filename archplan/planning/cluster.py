@@ -202,7 +202,6 @@ CP_COMMS: tuple[CPComm, ...] = ("all_gather", "ring")
 # where the router bounds the nodes a token reaches (DeepSeek-V3's node-limited routing, designed for
 # such kernels) and NCCL's otherwise.
 Dispatcher = Literal["auto", "nccl", "hierarchical"]
-DISPATCHERS: tuple[Dispatcher, ...] = ("auto", "nccl", "hierarchical")
 # Whose tensor / sequence parallelism: "megatron" (Megatron-LM's hand-written layers) or "torch"
 # (DTensor parallel styles + FSDP2 + non-reentrant checkpointing, what `verify --layout` runs);
 # where they differ is listed in the module docstring.
