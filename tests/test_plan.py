@@ -375,6 +375,8 @@ def test_memory_per_gpu_decreases_with_zero_stage() -> None:
 TOP_CASES = [
     ("qwen3-30b-a3b", 64, {}),
     ("qwen3-30b-a3b", 64, {"settings": Settings(overlap=frozenset({"dp", "ep"}), precision="fp8")}),
+    ("qwen3-30b-a3b", 64, {"settings": Settings(overlap=frozenset({"dp", "dualpipe"}), dispatcher="hierarchical")}),
+    ("deepseek-v3", 512, {"settings": Settings(overlap=frozenset({"dp", "ep"}), precision="fp8", dispatcher="nccl")}),
     ("deepseek-v3", 512, {}),
     ("llama-3-8b", 16, {"settings": Settings(states=STATES["fsdp2"])}),
     ("mixtral-8x7b", 64, {"settings": Settings(states=STATES["deepspeed"], attention_kernel="eager")}),
