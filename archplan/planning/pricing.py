@@ -736,13 +736,12 @@ def nodes_reached(moe: MoEPlan, nodes: int) -> float:
     (`nodes_per_token`). Without a group limit a node holding E/nodes experts is missed with
     probability C(E − E/nodes, k) / C(E, k): Qwen3-30B-A3B over two nodes 1.99 (128 experts, top 8)."""
     if moe.n_group is not None and moe.topk_group is not None and moe.n_group % nodes == 0:
-        g, picked = moe.n_group, moe.topk_group
-        return nodes * (1 - math.comb(g - g // nodes, picked) / math.comb(g, picked))
-    bound = nodes_per_token(moe, nodes)
-    if bound is not None:
+        units, picked = moe.n_group, moe.topk_group  # the groups, whole on each node
+    elif (bound := nodes_per_token(moe, nodes)) is not None:
         return bound
-    e, k = moe.n_experts, moe.top_k
-    return nodes * (1 - math.comb(e - e // nodes, k) / math.comb(e, k))
+    else:
+        units, picked = moe.n_experts, moe.top_k
+    return nodes * (1 - math.comb(units - units // nodes, picked) / math.comb(units, picked))
 
 
 def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency,
