@@ -165,6 +165,24 @@ FlashImpl = Literal["fa2", "triton"]
 RingNics = Literal["one", "members"]
 FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "triton": (1 / 1.4, 1 / 2)}
 
+# A causal FlashAttention kernel is slower on short sequences: its diagonal tiles are half masked and
+# each query block's fixed work is spread over fewer key blocks. A sequence of L tokens runs at
+# L/(L + half) of the long-sequence rate, relative to the 16,384 tokens at which the rates above are
+# read (`flash_length_factor`). `half` is the least-squares fit to the forward + backward bars of the
+# FlashAttention repository's README benchmark figures (causal, 512 to 16,384 tokens, 16K tokens a
+# batch): FlashAttention-2 on A100 80GB and H100 SXM5 at head dims 64 and 128, 530 tokens, every bar
+# within 3.1 points of the law; the Triton FlashAttention's bars (A100, same figure, both head dims),
+# 230 tokens, within 11 points (docs/validation.md, "FlashAttention on short sequences").
+FLASH_HALF_LENGTH: dict[FlashImpl, int] = {"fa2": 530, "triton": 230}
+FLASH_RATE_LENGTH = 16_384
+
+
+def flash_length_factor(length: int, impl: FlashImpl) -> float:
+    """The fraction of the family's FlashAttention rate a causal sequence of `length` tokens reaches
+    (`FLASH_HALF_LENGTH`); 1 from 16,384 tokens on, the longest the figures measured."""
+    half = FLASH_HALF_LENGTH[impl]
+    return min(1.0, length / (length + half) * (FLASH_RATE_LENGTH + half) / FLASH_RATE_LENGTH)
+
 
 def flash_head_dim(head_dim: int, impl: FlashImpl) -> int:
     """The head dimension a FlashAttention kernel computes with: the tiles are padded, so a head of

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from benchmark_scripts import load_benchmark
+
+if TYPE_CHECKING:
+    from archplan.hardware import FlashImpl
 
 pytestmark = pytest.mark.xdist_group("test_layout_validation")
 
@@ -339,7 +342,7 @@ def test_ep_overlap_hides_the_traced_share_and_dualpipe_all_it_can() -> None:
 def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
     """Dao 2023 §4.1: FlashAttention-2 is ~1.3-1.5× faster than FlashAttention in Triton forward
     and ~2× backward; `--flash-impl triton` changes the attention core's time only."""
-    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.hardware import accelerator, flash_length_factor, kernel_efficiency
     from archplan.loader import load_spec
     from archplan.planning.cluster import model_data
     from archplan.planning.layout import Layout
@@ -352,11 +355,73 @@ def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
     layout = Layout(mb=1)
     fa2, triton = (Pricer(data, rates_for(gpu, eff, None, "bf16", impl)).layers(layout, "flash")[0]
                    for impl in ("fa2", "triton"))
-    assert triton.attn_fwd == pytest.approx(1.4 * fa2.attn_fwd)
-    assert triton.attn_bwd == pytest.approx(2.0 * fa2.attn_bwd)
+    # each kernel also at its own short-sequence law (`test_short_sequences_price_...` below)
+    lengths = flash_length_factor(4096, "fa2") / flash_length_factor(4096, "triton")
+    assert triton.attn_fwd == pytest.approx(1.4 * fa2.attn_fwd * lengths)
+    assert triton.attn_bwd == pytest.approx(2.0 * fa2.attn_bwd * lengths)
     assert (triton.gemm_fwd, triton.elem_fwd) == (fa2.gemm_fwd, fa2.elem_fwd)
     eager = Pricer(data, rates_for(gpu, eff, None, "bf16", "triton")).layers(layout, "eager")[0]
     assert eager == Pricer(data, rates_for(gpu, eff, None, "bf16", "fa2")).layers(layout, "eager")[0]
+
+
+# Forward + backward TFLOP/s of causal attention, 16K tokens a batch, at 512 ... 16,384 tokens: the
+# FlashAttention repository's README benchmark figures (flash2_a100_fwd_bwd_benchmark.png,
+# flash2_h100_fwd_bwd_benchmark.png), panels (c) and (d)
+FLASH_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+FLASH_BARS = {
+    ("fa2", "A100 hd64"): (88, 119, 140, 156, 165, 171),
+    ("fa2", "A100 hd128"): (99, 133, 155, 173, 182, 189),
+    ("fa2", "H100 hd64"): (141, 192, 232, 257, 273, 284),
+    ("fa2", "H100 hd128"): (163, 221, 265, 294, 308, 328),
+    ("triton", "A100 hd64"): (59, 75, 79, 76, 79, 80),
+    ("triton", "A100 hd128"): (50, 61, 68, 74, 78, 80),
+}
+
+
+@pytest.mark.parametrize(("impl", "within"), [("fa2", 0.031), ("triton", 0.11)])
+def test_flash_length_law_follows_the_kernels_benchmark_figures(impl: FlashImpl, within: float) -> None:
+    """L/(L + half) relative to 16,384 tokens reproduces every bar of the implementation's curves, and
+    its half-length is their least-squares fit to the nearest 10 tokens."""
+    from archplan.hardware import FLASH_HALF_LENGTH, flash_length_factor
+
+    curves = [bars for (name, _), bars in FLASH_BARS.items() if name == impl]
+    for bars in curves:
+        for length, bar in zip(FLASH_LENGTHS, bars):
+            assert flash_length_factor(length, impl) == pytest.approx(bar / bars[-1], abs=within)
+
+    def squares(half: int) -> float:
+        law = [length / (length + half) * (16384 + half) / 16384 for length in FLASH_LENGTHS]
+        return sum((f - bar / bars[-1]) ** 2 for bars in curves for f, bar in zip(law, bars))
+
+    assert min(range(10, 2000, 10), key=squares) == FLASH_HALF_LENGTH[impl]
+    assert flash_length_factor(131072, impl) == 1.0
+
+
+def test_short_sequences_price_flash_attention_at_the_length_law(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 2,048 tokens a layer's attention core takes 1/flash_length_factor(2,048) of what the family's
+    long-sequence rates give; nothing else in the layer moves."""
+    import archplan.hardware as hardware
+    from archplan.hardware import accelerator, flash_length_factor, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.pricing import Pricer, rates_for
+    from archplan.resolve import resolve
+
+    gpu = accelerator("h100")
+    eff, _ = kernel_efficiency(gpu)
+    data = model_data(resolve(load_spec("llama-3-8b")), 2048)
+
+    def layer() -> Any:
+        return Pricer(data, rates_for(gpu, eff, None, "bf16", "fa2")).layers(Layout(mb=1), "flash")[0]
+
+    short, factor = layer(), flash_length_factor(2048, "fa2")
+    monkeypatch.setitem(hardware.FLASH_HALF_LENGTH, "fa2", 0)
+    long_rate = layer()
+    assert 0.8 < factor < 0.85
+    assert short.attn_fwd == pytest.approx(long_rate.attn_fwd / factor)
+    assert short.attn_bwd == pytest.approx(long_rate.attn_bwd / factor)
+    assert (short.gemm_fwd, short.elem_fwd) == (long_rate.gemm_fwd, long_rate.elem_fwd)
 
 
 def test_flash_attention_pays_for_its_padded_head_dim() -> None:
@@ -398,4 +463,5 @@ def test_plan_flash_impl_option_reaches_the_model(capsys: pytest.CaptureFixture[
         assert code == 0 and data["flash_impl"] == impl
         found[impl] = data["layouts"][0]["tokens_per_s_per_gpu"]
     assert found["triton"] < found["fa2"]
-    assert "136/80 TFLOP/s fwd/bwd (flash, triton)" in data["efficiency"]["description"]
+    assert ("136/80 TFLOP/s fwd/bwd (flash, triton, long sequences, 99% of that at 8,192 tokens)"
+            in data["efficiency"]["description"])

@@ -516,12 +516,15 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.efficiency is not None:
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
                 "of the dense peak (user-measured); elementwise and optimizer at HBM bandwidth")
-    from archplan.hardware import FLASH_IMPL_SPEED
+    from archplan.hardware import FLASH_IMPL_SPEED, flash_length_factor
 
     calibrated = "" if result.calibrated else " [not calibrated on this GPU]"
     fwd, bwd = FLASH_IMPL_SPEED[settings.flash_impl]
-    kernel = (f"flash, {settings.flash_impl}" if settings.attention_kernel == "flash"
-              else settings.attention_kernel)
+    kernel = settings.attention_kernel
+    if kernel == "flash":
+        shorter = flash_length_factor(result.seq, settings.flash_impl)
+        at_seq = "" if shorter == 1.0 else f", {shorter:.0%} of that at {result.seq:,} tokens"
+        kernel = f"flash, {settings.flash_impl}, long sequences{at_seq}"
     fp8 = ""
     if settings.precision == "fp8":
         slower = (f"backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, "

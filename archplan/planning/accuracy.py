@@ -11,14 +11,14 @@ kernel-efficiency family their GPU is priced with (`hardware.FAMILY_OF`), as a f
 are what the figures judge; GPUs outside every family fall under `UNCALIBRATED`.
 
 Within a family the runs differ by stack, and so does the model's error: on Hopper the runs on
-Megatron-style engines (NeMo, Megatron-Bridge) lean +2%, the PyTorch FSDP runs (Composer's)
-+7% with a wider spread (docs/validation.md). So `plan` quotes the runs
+Megatron-style engines (NeMo, Megatron-Bridge) lean +0.4%, the PyTorch FSDP runs (Composer's)
++5% with a wider spread (docs/validation.md). So `plan` quotes the runs
 of the engine its `--states` runs on (`StatesConvention.engine`, `HELD_OUT_BY_ENGINE`) where a family
 has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise.
 
 Models that route tokens to experts are judged apart (`HELD_OUT_MOE`): the model's pricing of
 fine-grained MoE misses by far more than its pricing of dense models (Megatron-Bridge's Qwen3-30B-A3B
-runs measured up to 3.2× slower than priced in the releases NVIDIA filed as a 2× regression, and
+runs measured up to 3.1× slower than priced in the releases NVIDIA filed as a 2× regression, and
 Qwen3-235B-A22B's up to 1.7×; docs/validation.md, "The Qwen3 MoE rows" and "The archive's newer
 containers"), and their misses would otherwise widen every dense plan's statement. The family and engine figures are over
 the dense runs; the MoE figures over every MoE run, whatever its GPU or engine (too few to split)."""
@@ -122,25 +122,25 @@ def for_plan(gpu: Accelerator, engine: Engine, moe: bool) -> HeldOutAccuracy:
 # benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-02): the dense
 # models' runs per family
 HELD_OUT: dict[str, HeldOutAccuracy] = {
-    "ampere": HeldOutAccuracy(runs=155, median=0.05, p90=0.164, bias=-0.006, low=-0.135, high=0.19,
+    "ampere": HeldOutAccuracy(runs=155, median=0.048, p90=0.149, bias=-0.02, low=-0.135, high=0.158,
                               gpus="A100"),
-    "hopper": HeldOutAccuracy(runs=101, median=0.073, p90=0.154, bias=0.055, low=-0.101, high=0.192,
+    "hopper": HeldOutAccuracy(runs=101, median=0.054, p90=0.137, bias=0.048, low=-0.106, high=0.177,
                               gpus="H100"),
-    UNCALIBRATED: HeldOutAccuracy(runs=4, median=0.06, p90=0.111, bias=0.058, low=-0.01, high=0.112,
+    UNCALIBRATED: HeldOutAccuracy(runs=4, median=0.063, p90=0.106, bias=0.05, low=-0.02, high=0.107,
                                   gpus="B200"),
 }
 # the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100 and B200)
-HELD_OUT_MOE = HeldOutAccuracy(runs=34, median=0.173, p90=1.361, bias=0.14, low=-0.135, high=1.857,
+HELD_OUT_MOE = HeldOutAccuracy(runs=34, median=0.172, p90=1.308, bias=0.115, low=-0.15, high=1.79,
                                gpus="B200/H100/H800", moe=True)
 # benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-02): the
 # dense models' runs split by the engine of their states; the B200 runs (4, all Megatron-style) are too few
 HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
     ("ampere", "megatron"): HeldOutAccuracy(runs=13, median=0.059, p90=0.173, bias=0.059, low=-0.026,
                                             high=0.183, gpus="A100", engine="megatron"),
-    ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.049, p90=0.163, bias=-0.018, low=-0.137,
-                                         high=0.189, gpus="A100", engine="torch"),
-    ("hopper", "megatron"): HeldOutAccuracy(runs=24, median=0.073, p90=0.117, bias=0.017, low=-0.116,
-                                            high=0.111, gpus="H100", engine="megatron"),
-    ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.073, p90=0.178, bias=0.073, low=-0.02,
-                                         high=0.195, gpus="H100", engine="torch"),
+    ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.044, p90=0.144, bias=-0.023, low=-0.137,
+                                         high=0.15, gpus="A100", engine="torch"),
+    ("hopper", "megatron"): HeldOutAccuracy(runs=24, median=0.065, p90=0.112, bias=0.004, low=-0.121,
+                                            high=0.088, gpus="H100", engine="megatron"),
+    ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.053, p90=0.164, bias=0.053, low=-0.02,
+                                         high=0.181, gpus="H100", engine="torch"),
 }

@@ -12,7 +12,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
   and head dim (the Triton FlashAttention at its measured fraction of it, `FLASH_IMPL_SPEED`,
-  when the run used that kernel), causal pairs only, backward at 2.5 × the forward FLOPs
+  when the run used that kernel), slower on short sequences as the kernels' own benchmark figures
+  measure (`flash_length_factor`), causal pairs only, backward at 2.5 × the forward FLOPs
   (FlashAttention's own convention, it recomputes the scores); eager: two batched GEMMs over the
   full s×s square and the softmax's s×s traffic at HBM bandwidth.
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
@@ -79,6 +80,7 @@ from archplan.hardware import (
     KernelEfficiency,
     RingNics,
     flash_head_dim,
+    flash_length_factor,
 )
 from archplan.planning.cluster import (
     ACT_BYTES,
@@ -428,6 +430,8 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                 qk, v = flash_head_dim(dqk, rates.flash), flash_head_dim(dv, rates.flash)
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (qk + v)
                 hd = 1.0 if qk > 64 else rates.eff.attention_hd64
+                # a query reaches at most the window's keys (every key of the sequence under CP)
+                hd *= flash_length_factor(min(seq, window) if window else seq, rates.flash)
                 fwd_speed, bwd_speed = FLASH_IMPL_SPEED[rates.flash]
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
                             else rates.eff.attention_fwd * hd * fwd_speed)
