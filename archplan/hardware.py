@@ -170,17 +170,22 @@ FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "tr
 # L/(L + half) of the long-sequence rate, relative to the 16,384 tokens at which the rates above are
 # read (`flash_length_factor`). `half` is the least-squares fit to the forward + backward bars of the
 # FlashAttention repository's README benchmark figures (causal, 512 to 16,384 tokens, 16K tokens a
-# batch): FlashAttention-2 on A100 80GB and H100 SXM5 at head dims 64 and 128, 530 tokens, every bar
-# within 3.1 points of the law; the Triton FlashAttention's bars (A100, same figure, both head dims),
-# 230 tokens, within 11 points (docs/validation.md, "FlashAttention on short sequences").
-FLASH_HALF_LENGTH: dict[FlashImpl, int] = {"fa2": 530, "triton": 230}
+# batch), per implementation and head dim (64, or 128 for every wider head). FlashAttention-2, A100
+# 80GB and H100 SXM5: its four curves fit 490-560 apart and 530 together, every bar within 3.1
+# points, so one value serves both head dims. The Triton FlashAttention (A100, same figure) differs
+# by head dim: 150 at 64 (within 6 points), 350 at 128 (within 3); one value for both, 230, would
+# miss by 11 (docs/validation.md, "FlashAttention on short sequences").
+FLASH_HALF_LENGTH: dict[tuple[FlashImpl, int], int] = {
+    ("fa2", 64): 530, ("fa2", 128): 530, ("triton", 64): 150, ("triton", 128): 350,
+}
 FLASH_RATE_LENGTH = 16_384
 
 
-def flash_length_factor(length: int, impl: FlashImpl) -> float:
+def flash_length_factor(length: int, impl: FlashImpl, head_dim: int) -> float:
     """The fraction of the family's FlashAttention rate a causal sequence of `length` tokens reaches
-    (`FLASH_HALF_LENGTH`); 1 from 16,384 tokens on, the longest the figures measured."""
-    half = FLASH_HALF_LENGTH[impl]
+    at head dim `head_dim` as the kernel computes it (`FLASH_HALF_LENGTH`); 1 from 16,384 tokens on,
+    the longest the figures measured."""
+    half = FLASH_HALF_LENGTH[impl, 64 if head_dim <= 64 else 128]
     return min(1.0, length / (length + half) * (FLASH_RATE_LENGTH + half) / FLASH_RATE_LENGTH)
 
 

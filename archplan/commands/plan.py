@@ -516,15 +516,17 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.efficiency is not None:
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
                 "of the dense peak (user-measured); elementwise and optimizer at HBM bandwidth")
-    from archplan.hardware import FLASH_IMPL_SPEED, flash_length_factor
+    from archplan.hardware import FLASH_IMPL_SPEED
 
     calibrated = "" if result.calibrated else " [not calibrated on this GPU]"
     fwd, bwd = FLASH_IMPL_SPEED[settings.flash_impl]
     kernel = settings.attention_kernel
     if kernel == "flash":
-        shorter = flash_length_factor(result.seq, settings.flash_impl)
-        at_seq = "" if shorter == 1.0 else f", {shorter:.0%} of that at {result.seq:,} tokens"
-        kernel = f"flash, {settings.flash_impl}, long sequences{at_seq}"
+        shares = [f"{f:.0%}" for f in result.flash_fractions]
+        shorter = ("" if result.flash_fractions in ((), (1.0,))
+                   else f", {'–'.join(dict.fromkeys((shares[0], shares[-1])))} of that for this model at "
+                        f"{result.seq:,} tokens")
+        kernel = f"flash, {settings.flash_impl}, long sequences{shorter}"
     fp8 = ""
     if settings.precision == "fp8":
         slower = (f"backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, "

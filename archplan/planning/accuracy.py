@@ -122,9 +122,9 @@ def for_plan(gpu: Accelerator, engine: Engine, moe: bool) -> HeldOutAccuracy:
 # benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-02): the dense
 # models' runs per family
 HELD_OUT: dict[str, HeldOutAccuracy] = {
-    "ampere": HeldOutAccuracy(runs=155, median=0.048, p90=0.149, bias=-0.02, low=-0.135, high=0.158,
+    "ampere": HeldOutAccuracy(runs=155, median=0.049, p90=0.155, bias=-0.022, low=-0.135, high=0.171,
                               gpus="A100"),
-    "hopper": HeldOutAccuracy(runs=101, median=0.054, p90=0.137, bias=0.048, low=-0.106, high=0.177,
+    "hopper": HeldOutAccuracy(runs=101, median=0.049, p90=0.135, bias=0.04, low=-0.106, high=0.171,
                               gpus="H100"),
     UNCALIBRATED: HeldOutAccuracy(runs=4, median=0.063, p90=0.106, bias=0.05, low=-0.02, high=0.107,
                                   gpus="B200"),
@@ -137,10 +137,10 @@ HELD_OUT_MOE = HeldOutAccuracy(runs=34, median=0.172, p90=1.308, bias=0.115, low
 HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
     ("ampere", "megatron"): HeldOutAccuracy(runs=13, median=0.059, p90=0.173, bias=0.059, low=-0.026,
                                             high=0.183, gpus="A100", engine="megatron"),
-    ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.044, p90=0.144, bias=-0.023, low=-0.137,
-                                         high=0.15, gpus="A100", engine="torch"),
+    ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.047, p90=0.145, bias=-0.028, low=-0.137,
+                                         high=0.163, gpus="A100", engine="torch"),
     ("hopper", "megatron"): HeldOutAccuracy(runs=24, median=0.065, p90=0.112, bias=0.004, low=-0.121,
                                             high=0.088, gpus="H100", engine="megatron"),
-    ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.053, p90=0.164, bias=0.053, low=-0.02,
-                                         high=0.181, gpus="H100", engine="torch"),
+    ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.048, p90=0.157, bias=0.048, low=-0.021,
+                                         high=0.174, gpus="H100", engine="torch"),
 }

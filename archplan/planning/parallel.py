@@ -38,6 +38,7 @@ from archplan.planning.pricing import (
     Precision,
     Pricer,
     StepTime,
+    flash_fractions,
     price,
     members_per_node,
     step_time_floor,
@@ -231,6 +232,9 @@ class SearchResult:
     fixed: PartialLayout = field(default_factory=PartialLayout)
     routed: bool = False  # some layer routes tokens to experts (`plan` quotes the MoE runs' accuracy)
     top: int | None = None  # the fastest layouts asked for (`search`); None: every fitting one
+    # the fractions of the long-sequence FlashAttention rate the attention layers reach at `seq`
+    # (`pricing.flash_fractions`); empty under eager attention or without attention layers
+    flash_fractions: tuple[float, ...] = ()
 
     @property
     def shown(self) -> tuple[Evaluated, ...]:
@@ -573,6 +577,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         ranked=tuple(e for e in ranked if e.fits or keep_unfit), considered=len(layouts),
         fitting=fitting, reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
         fixed=fixed, routed=plan.routed, top=top,
+        flash_fractions=(flash_fractions(plan, seq, settings.flash_impl)
+                         if settings.attention_kernel == "flash" else ()),
     )
 
 

@@ -429,9 +429,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                 # the kernel computes on padded heads (`flash_head_dim`): MPT-30B's 112 as 128
                 qk, v = flash_head_dim(dqk, rates.flash), flash_head_dim(dv, rates.flash)
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (qk + v)
-                hd = 1.0 if qk > 64 else rates.eff.attention_hd64
-                # a query reaches at most the window's keys (every key of the sequence under CP)
-                hd *= flash_length_factor(min(seq, window) if window else seq, rates.flash)
+                hd = (1.0 if qk > 64 else rates.eff.attention_hd64) * flash_fraction(qk, window, seq, rates.flash)
                 fwd_speed, bwd_speed = FLASH_IMPL_SPEED[rates.flash]
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
                             else rates.eff.attention_fwd * hd * fwd_speed)
@@ -487,6 +485,26 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
         case _:
             extra = 0.0
     return _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, extra, beside, elem_bwd)
+
+
+def flash_fraction(head_dim: int, window: int | None, seq: int, impl: FlashImpl) -> float:
+    """The fraction of the family's long-sequence FlashAttention rate a causal layer of kernel head
+    dim `head_dim` reaches on `seq` tokens (`hardware.flash_length_factor`): a query reaches at most
+    the window's keys, and every key of the sequence under CP."""
+    return flash_length_factor(min(seq, window) if window else seq, impl, head_dim)
+
+
+def flash_fractions(plan: ModelPlan, seq: int, impl: FlashImpl) -> tuple[float, ...]:
+    """The distinct `flash_fraction`s of the model's attention layers, smallest first (none without
+    attention), for `plan` to print beside the rates."""
+    found = set()
+    for layer in plan.layers:
+        match layer.mixer:
+            case AttentionPlan(head_dim=dqk, window=window) | MLAPlan(qk_head_dim=dqk, window=window):
+                found.add(flash_fraction(flash_head_dim(dqk, impl), window, seq, impl))
+            case _:
+                pass
+    return tuple(sorted(found))
 
 
 def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Layout, seq: int,
