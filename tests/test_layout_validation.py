@@ -492,3 +492,6 @@ def test_plan_flash_impl_option_reaches_the_model(capsys: pytest.CaptureFixture[
     assert found["triton"] < found["fa2"]
     assert ("136/80 TFLOP/s fwd/bwd (flash, triton, long sequences, 98% of that for this model at 8,192 "
             "tokens)" in data["efficiency"]["description"])
+    from archplan.hardware import flash_length_factor
+
+    assert data["efficiency"]["flash_fractions"] == [pytest.approx(flash_length_factor(8192, "triton", 128))]
