@@ -909,7 +909,8 @@ def register(app: typer.Typer) -> None:
             rich_help_panel=MODEL_PANEL)] = PrecisionChoice.bf16,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), or triton (FlashAttention "
-            "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward).",
+            "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward). "
+            "Either runs slower on short sequences, as its benchmark figures measure (the output says how much).",
             rich_help_panel=MODEL_PANEL)] = FlashImplChoice.fa2,
         early_stop: Annotated[bool | None, typer.Option(
             "--recompute-early-stop/--no-recompute-early-stop",
