@@ -429,12 +429,13 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                 # the kernel computes on padded heads (`flash_head_dim`): MPT-30B's 112 as 128
                 qk, v = flash_head_dim(dqk, rates.flash), flash_head_dim(dv, rates.flash)
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (qk + v)
-                hd = (1.0 if qk > 64 else rates.eff.attention_hd64) * flash_fraction(qk, window, seq, rates.flash)
+                # the family's long-sequence head-dim-128 rates, at this head dim and length
+                share = (1.0 if qk > 64 else rates.eff.attention_hd64) * flash_fraction(qk, window, seq, rates.flash)
                 fwd_speed, bwd_speed = FLASH_IMPL_SPEED[rates.flash]
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_fwd * hd * fwd_speed)
+                            else rates.eff.attention_fwd * share * fwd_speed)
                 bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_bwd * hd * bwd_speed)
+                            else rates.eff.attention_bwd * share * bwd_speed)
                 attn_fwd = flops / fwd_rate
                 attn_bwd = 2.5 * flops / bwd_rate
             case "eager":
