@@ -522,10 +522,11 @@ def _efficiency_text(result: SearchResult) -> str:
     fwd, bwd = FLASH_IMPL_SPEED[settings.flash_impl]
     kernel = settings.attention_kernel
     if kernel == "flash":
-        shares = [f"{f:.0%}" for f in result.flash_fractions]
-        shorter = ("" if result.flash_fractions in ((), (1.0,))
-                   else f", {'–'.join(dict.fromkeys((shares[0], shares[-1])))} of that for this model at "
-                        f"{result.seq:,} tokens")
+        fractions = result.flash_fractions  # smallest first
+        shorter = ""
+        if fractions and fractions[0] < 1.0:
+            low, high = f"{fractions[0]:.0%}", f"{fractions[-1]:.0%}"
+            shorter = f", {low if low == high else f'{low}–{high}'} of that for this model at {result.seq:,} tokens"
         kernel = f"flash, {settings.flash_impl}, long sequences{shorter}"
     fp8 = ""
     if settings.precision == "fp8":
@@ -590,7 +591,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fixed": {k: v for k, v in result.fixed.given.items()},
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result),
-                       "flash_fractions": [] if settings.efficiency is not None else list(result.flash_fractions)},
+                       "flash_fractions": list(result.flash_fractions)},
         "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu, accuracy)}
                      if (accuracy := _accuracy(result)) else None),
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,

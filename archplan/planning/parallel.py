@@ -232,8 +232,9 @@ class SearchResult:
     fixed: PartialLayout = field(default_factory=PartialLayout)
     routed: bool = False  # some layer routes tokens to experts (`plan` quotes the MoE runs' accuracy)
     top: int | None = None  # the fastest layouts asked for (`search`); None: every fitting one
-    # the fractions of the long-sequence FlashAttention rate the attention layers reach at `seq`
-    # (`pricing.flash_fractions`); empty under eager attention or without attention layers
+    # the fractions of the long-sequence FlashAttention rate the attention layers are priced at on
+    # `seq` tokens (`pricing.flash_fractions`); empty under eager attention, under the user's own
+    # `--efficiency` (no length law applies to it) or without attention layers
     flash_fractions: tuple[float, ...] = ()
 
     @property
@@ -578,7 +579,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         fitting=fitting, reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
         fixed=fixed, routed=plan.routed, top=top,
         flash_fractions=(flash_fractions(plan, seq, settings.flash_impl)
-                         if settings.attention_kernel == "flash" else ()),
+                         if settings.attention_kernel == "flash" and settings.efficiency is None else ()),
     )
 
 
