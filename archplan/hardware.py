@@ -128,9 +128,6 @@ class KernelEfficiency:
       accumulation measures 1.1-1.2× faster (pytorch/ao issue 2377, H100; torchao makes the same
       choice); 1.15, the range's middle. 1.0 where the GPU has no such mode (Blackwell's sm100
       accumulates in full precision either way) or no fp8.
-    expert_fp8: whether the grouped GEMMs of routed experts run at the fp8 peak under `--precision
-      fp8`, as every other fp8 GEMM does. False where a BF16 / fp8 pair measured at one layout says
-      they gain nothing (`EXPERT_GEMMS_AT_BF16`); their fp8 casts are priced either way.
     ring_nics: how many NICs a data-parallel (or context-parallel) ring that leaves the node moves
       one rank's bytes over. "members": as many as the group has members on a node, since NCCL runs
       one ring per NIC and splits the bytes between them (NCCL's maintainers measure 192 GB/s of
@@ -152,7 +149,6 @@ class KernelEfficiency:
     source: str
     fp8_split_acc: float = 1.0
     ring_nics: RingNics = "members"
-    expert_fp8: bool = True
 
 
 # FlashAttention implementations: the FA2 kernel the family rates above describe, or the Triton
@@ -225,13 +221,6 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
         fp8_split_acc=1.15),
 }
 
-# GPUs whose routed experts' GEMMs gain nothing from fp8 (`KernelEfficiency.expert_fp8`), by a
-# BF16 / fp8 pair of one framework, layout and release. Megatron-Bridge 25.11 on DGX-GB300, whose
-# Blackwell tensor cores are B200's, ran DeepSeek-V3 at TP1 PP2 VP4 EP32 (GBS 4,096, seq 4,096) at
-# 3,848 tokens/s per GPU in BF16 and 4,357 in MXFP8: 1.13×. Priced at that layout on B200 in a
-# 72-GPU NVLink domain, fp8 expert GEMMs give 1.41×, expert GEMMs at the bf16 rate (with their fp8
-# casts) 1.14× (docs/validation.md, "Routed experts gain nothing from MXFP8 on Blackwell").
-EXPERT_GEMMS_AT_BF16: frozenset[str] = frozenset({"b200"})
 
 # Families without a calibration fall back to the Hopper fractions (stated in the output).
 FAMILY_OF: dict[str, str] = {
@@ -250,8 +239,7 @@ def kernel_efficiency(gpu: Accelerator) -> tuple[KernelEfficiency, bool]:
                                 hopper.attention_fwd * scale, hopper.attention_bwd * scale,
                                 hopper.attention_hd64, hopper.hbm, hopper.intra_link,
                                 hopper.inter_link, hopper.latency, hopper.source,
-                                ring_nics=hopper.ring_nics,
-                                expert_fp8=gpu.key not in EXPERT_GEMMS_AT_BF16), False
+                                ring_nics=hopper.ring_nics), False
     return KERNEL_EFFICIENCY[family], True
 
 

@@ -1243,3 +1243,24 @@ def test_cli_plot_never_overwrites_silently(capsys: pytest.CaptureFixture[str], 
     code, _, err = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "8", "--plot",
                        str(tmp_path / "none.png"))
     assert code == 1 and "no figure written" in err and not (tmp_path / "none.png").exists()
+
+
+def test_cli_fp8_experts_runs_the_routed_experts_at_the_fp8_rate(capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --precision fp8 the routed experts keep the bf16 rate (Transformer Engine's grouped
+    GEMMs) unless --fp8-experts says they gain (DeepGEMM's): the step is shorter with it, the
+    compute line and --json say which."""
+    args = ("plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", "--seq", "4096",
+            "--global-batch-tokens", "4M", "--precision", "fp8", "--json",
+            "--layout", "tp=1,cp=1,pp=1,dp=16,ep=16,zero=1,recompute=none,mb=1,vpp=1")
+    steps = {}
+    for flag in ("--bf16-experts", "--fp8-experts"):
+        code, out, _ = run(capsys, monkeypatch, *args, flag)
+        assert code == 0
+        r = json.loads(out)
+        fp8 = flag == "--fp8-experts"
+        assert r["fp8_experts"] is fp8
+        rate = "fp8 rate (--fp8-experts)" if fp8 else "bf16 rate"
+        assert f"routed experts' GEMMs at the {rate}" in r["efficiency"]["description"]
+        steps[fp8] = r["layouts"][0]["step_time"]["gemm"]
+    assert steps[True] < steps[False]

@@ -303,32 +303,66 @@ def test_hierarchical_dispatch_sends_a_token_once_per_remote_node() -> None:
     assert auto < ep_all_to_all_time(big, wide, network, eff, deepseek, "bf16", "nccl")
 
 
-def test_blackwell_experts_keep_the_bf16_rate_as_the_gb300_pair_measured() -> None:
+def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measured() -> None:
     """Megatron-Bridge 25.11, DGX-GB300 (Blackwell), DeepSeek-V3 without MTP at TP1 PP2 VP4 EP32, GBS
     4,096, seq 4,096: 3,848 tokens/s per GPU in BF16, 4,357 in MXFP8 (1.13×). Priced on B200 at that
-    layout in a 72-GPU NVLink domain: 1.14× with the routed experts at the bf16 rate
-    (`hardware.EXPERT_GEMMS_AT_BF16`), 1.41× had they run at the fp8 peak."""
-    from archplan.hardware import EXPERT_GEMMS_AT_BF16, accelerator, kernel_efficiency
+    layout in a 72-GPU NVLink domain: 1.14× with the routed experts at the bf16 rate (the default,
+    Transformer Engine's grouped GEMMs), 1.41× had they run at the fp8 rate (`--fp8-experts`)."""
+    from archplan.hardware import accelerator
     from archplan.loader import load_spec
     from archplan.planning.cluster import STATES
     from archplan.planning.layout import parse_layout
     from archplan.planning.parallel import Settings, interconnect, search
     from archplan.resolve import resolve
 
-    assert "b200" in EXPERT_GEMMS_AT_BF16 and not kernel_efficiency(accelerator("b200"))[0].expert_fp8
-    assert kernel_efficiency(accelerator("h100"))[0].expert_fp8
+    assert not Settings().fp8_experts
     plan = resolve(load_spec("deepseek-v3"))
     gpu = accelerator("b200")
     nvl72 = replace(interconnect(gpu), gpus_per_node=72)
     layout = parse_layout("tp=1,pp=2,cp=1,dp=128,ep=32,zero=1,mb=1,vpp=4,recompute=none,sp=off")
     rate = {}
-    for precision in ("bf16", "fp8"):
+    for precision, fp8_experts in (("bf16", False), ("fp8", False), ("fp8", True)):
         settings = Settings(states=STATES["megatron"], overlap=frozenset({"dp", "tp", "pp"}),
-                            precision=precision, grad_reduce=2)
+                            precision=precision, grad_reduce=2, fp8_experts=fp8_experts)
         result = search(plan, gpu, 256, seq=4096, global_batch_tokens=4096 * 4096, net=nvl72, headroom=0.0,
                         settings=settings, fixed=layout, keep_unfit=True)
-        rate[precision] = (result.ranked or (result.tightest,))[0].tokens_per_s_per_gpu
-    assert rate["fp8"] / rate["bf16"] == pytest.approx(4357 / 3848, abs=0.03)
+        rate[precision, fp8_experts] = (result.ranked or (result.tightest,))[0].tokens_per_s_per_gpu
+    assert rate["fp8", False] / rate["bf16", False] == pytest.approx(4357 / 3848, abs=0.03)
+    assert rate["fp8", True] / rate["bf16", False] == pytest.approx(1.41, abs=0.03)
+
+
+def test_fp8_experts_switch_only_the_routed_experts_grouped_gemms() -> None:
+    """On H100 too the routed experts' GEMMs keep the bf16 rate under fp8 unless `fp8_experts` says
+    the run's grouped GEMMs gain (DeepGEMM's); the dense GEMMs run in fp8 either way, and a dense
+    model is priced alike with or without it."""
+    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import parse_layout
+    from archplan.planning.pricing import rates_for, tensor_gemm
+    from archplan.resolve import resolve
+
+    gpu = accelerator("h100")
+    eff = kernel_efficiency(gpu)[0]
+    layout = parse_layout("tp=1,pp=1,cp=1,dp=16,ep=16,zero=1,mb=1,vpp=1,recompute=none,sp=off").complete()
+    assert layout is not None
+    for name, experts in (("qwen3-30b-a3b", True), ("llama-3-8b", False)):
+        data = model_data(resolve(load_spec(name)), 4096)
+        layer = data.plan.layers[0]
+        timed = {}
+        for precision, fp8_experts in (("bf16", False), ("fp8", False), ("fp8", True)):
+            rates = rates_for(gpu, eff, None, precision, fp8_experts=fp8_experts)
+            timed[precision, fp8_experts] = {
+                t.name: tensor_gemm(data, layer, t, layout, rates)[0] for t in data.layer_tensors[0]}
+        routed = [t.name for t in data.layer_tensors[0] if t.expert]
+        dense = [t.name for t in data.layer_tensors[0]
+                 if not t.expert and timed["bf16", False][t.name] and not t.name.endswith("router.weight")]
+        assert bool(routed) is experts and dense
+        for n in routed:
+            assert timed["fp8", False][n] == timed["bf16", False][n]
+            assert timed["fp8", True][n] < 0.6 * timed["bf16", False][n]
+        for n in dense:
+            assert timed["fp8", False][n] == timed["fp8", True][n] < 0.6 * timed["bf16", False][n]
 
 
 def test_ep_overlap_hides_the_traced_share_and_dualpipe_all_it_can() -> None:

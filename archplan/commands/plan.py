@@ -532,7 +532,8 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.precision == "fp8":
         slower = (f"backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, "
                   if k.fp8_split_acc != 1.0 else "")
-        experts = "" if k.expert_fp8 else "routed experts' GEMMs at the bf16 rate, "
+        experts = ("routed experts' GEMMs at the fp8 rate (--fp8-experts), " if settings.fp8_experts
+                   else "routed experts' GEMMs at the bf16 rate, ")
         fp8 = f" ({slower}{experts}fp8 casts at HBM bandwidth)"
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
             f"{settings.precision} peak by shape{fp8}, attention at {k.attention_fwd * fwd / 1e12:.0f}/"
@@ -602,6 +603,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "grad_reduce_bytes": settings.reduce_bytes,
         "cp_comm": settings.cp_comm,
         "dispatcher": settings.dispatcher,
+        "fp8_experts": settings.fp8_experts,
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
         "flash_impl": settings.flash_impl,
@@ -817,8 +819,8 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
-        "cp_comm", "dispatcher", "overlap", "precision", "flash_impl", "early_stop", "fused_qkv", "cross_entropy",
-        "headroom",
+        "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "flash_impl", "early_stop", "fused_qkv",
+        "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
 }
@@ -908,6 +910,12 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[PrecisionChoice, typer.Option(
             "--precision", help="bf16, or fp8 GEMMs inside the blocks (router and LM head stay bf16).",
             rich_help_panel=MODEL_PANEL)] = PrecisionChoice.bf16,
+        fp8_experts: Annotated[bool, typer.Option(
+            "--fp8-experts/--bf16-experts",
+            help="Under --precision fp8, whether the routed experts' grouped GEMMs run at the fp8 rate, as "
+            "DeepGEMM's do (DeepSeek-V3's kernels), or gain nothing, as Transformer Engine's measure "
+            "(Megatron-Core, Hopper and Blackwell; their fp8 casts still paid).",
+            rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), or triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward). "
@@ -975,7 +983,7 @@ def register(app: typer.Typer) -> None:
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
-                                 master_weights, dispatcher)
+                                 master_weights, dispatcher, fp8_experts)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1053,7 +1061,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               ring_nics: RingNicsChoice | None = None,
               optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
               master_weights: MasterChoice = MasterChoice.fp32,
-              dispatcher: DispatcherChoice = DispatcherChoice.auto) -> Settings:
+              dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -1077,6 +1085,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         moments=optimizer_moments.bytes,
         master_remainders=master_weights is MasterChoice.remainders,
         dispatcher=dispatcher.value,  # type: ignore[arg-type]
+        fp8_experts=fp8_experts,
     )
 
 

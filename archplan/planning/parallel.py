@@ -152,6 +152,16 @@ class Settings:
     moments: int | None = None  # bytes of each Adam moment; None = the states' (fp32)
     master_remainders: bool = False  # the fp32 master kept as 16-bit remainders (Megatron-Core)
     dispatcher: Dispatcher = "auto"  # how the MoE all-to-all crosses nodes (`cluster.Dispatcher`)
+    # Whether the routed experts' grouped GEMMs run at the fp8 rate under `--precision fp8`, as the
+    # block's other GEMMs do. Off: Transformer Engine's grouped GEMMs (Megatron-Core) gain nothing
+    # from fp8, their casts still paid. Megatron-Bridge 25.11 ran DeepSeek-V3 on DGX-GB300 at one
+    # layout at 3,848 tokens/s per GPU in BF16 and 4,357 in MXFP8 (1.13×; priced 1.41× with fp8
+    # experts, 1.14× without), and NVIDIA's Megatron-Bridge issue 2842 finds fp8 Qwen3-30B-A3B and
+    # Qwen3-235B-A22B slower than BF16 on H100 as on Blackwell, their expert GEMMs and casts unfused
+    # (issue 2885). On: DeepGEMM's grouped fp8 GEMMs (DeepSeek-V3's own kernels), which its README
+    # measures at 1,093-1,297 TFLOP/s on H800 for DeepSeek-V3's expert shapes, above the bf16 peak
+    # (docs/validation.md, "Routed experts' fp8 GEMMs, by kernel").
+    fp8_experts: bool = False
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -351,7 +361,8 @@ class Evaluator:
         self.data: ModelData = model_data(plan, seq)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
-                                                  settings.precision, settings.flash_impl),
+                                                  settings.precision, settings.flash_impl,
+                                                  settings.fp8_experts),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher)

@@ -181,6 +181,7 @@ class Rates:
     precision: Precision
     flash: FlashImpl = "fa2"  # which FlashAttention implementation runs the flash attention core
     sms: int = 0  # the GPU's streaming multiprocessors (0: not on record)
+    fp8_experts: bool = False  # routed experts' grouped GEMMs at the fp8 rate (`Settings.fp8_experts`)
 
 
 @dataclass(frozen=True)
@@ -299,13 +300,13 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
     rank (0 for norms, biases and other non-GEMM parameters), one micro-batch. The backward is two
     GEMMs (dgrad, wgrad) of the forward's shape; in fp8 at the family's split-accumulator cost
     (`KernelEfficiency.fp8_split_acc`), unless the user gave their own `--efficiency`. A routed
-    expert's GEMMs run at the bf16 rate where the GPU's experts gain nothing from fp8
-    (`KernelEfficiency.expert_fp8`)."""
+    expert's GEMMs run at the bf16 rate unless the run's grouped GEMMs gain from fp8
+    (`Settings.fp8_experts`)."""
     shape = _gemm_shape(data, layer, t, layout)
     if shape is None:
         return 0.0, 0.0
     m, n, k, count, fp8 = shape
-    fp8 = fp8 and (rates.eff.expert_fp8 or not t.expert)
+    fp8 = fp8 and (rates.fp8_experts or not t.expert)
     forward = gemm_time(m, n, k, rates, fp8, count=count)
     slower = (rates.eff.fp8_split_acc if fp8 and rates.precision == "fp8" and rates.efficiency is None
               else 1.0)
@@ -1100,7 +1101,7 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 
 
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
-              precision: Precision, flash: FlashImpl = "fa2") -> Rates:
+              precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False) -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
     return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
-                 gpu.sms)
+                 gpu.sms, fp8_experts)
