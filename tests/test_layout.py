@@ -1264,3 +1264,12 @@ def test_cli_fp8_experts_runs_the_routed_experts_at_the_fp8_rate(capsys: pytest.
         assert f"routed experts' GEMMs at the {rate}" in r["efficiency"]["description"]
         steps[fp8] = r["layouts"][0]["step_time"]["gemm"]
     assert steps[True] < steps[False]
+
+
+def test_cli_dense_fp8_plan_says_nothing_of_routed_experts(capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100",
+                       "--precision", "fp8", "--top", "1", "--json")
+    assert code == 0
+    description = json.loads(out)["efficiency"]["description"]
+    assert "fp8 casts" in description and "routed experts" not in description

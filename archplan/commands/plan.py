@@ -532,8 +532,8 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.precision == "fp8":
         slower = (f"backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, "
                   if k.fp8_split_acc != 1.0 else "")
-        experts = ("routed experts' GEMMs at the fp8 rate (--fp8-experts), " if settings.fp8_experts
-                   else "routed experts' GEMMs at the bf16 rate, ")
+        experts = ("" if not result.routed else "routed experts' GEMMs at the fp8 rate (--fp8-experts), "
+                   if settings.fp8_experts else "routed experts' GEMMs at the bf16 rate, ")
         fp8 = f" ({slower}{experts}fp8 casts at HBM bandwidth)"
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
             f"{settings.precision} peak by shape{fp8}, attention at {k.attention_fwd * fwd / 1e12:.0f}/"
