@@ -1273,3 +1273,10 @@ def test_cli_dense_fp8_plan_says_nothing_of_routed_experts(capsys: pytest.Captur
     assert code == 0
     description = json.loads(out)["efficiency"]["description"]
     assert "fp8 casts" in description and "routed experts" not in description
+
+
+def test_cli_fp8_experts_without_fp8_is_one_line_exit_2(capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100",
+                       "--fp8-experts")
+    assert code == 2 and "--precision fp8" in err and err.count("\n") == 1

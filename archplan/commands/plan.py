@@ -1075,6 +1075,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
     if EP_OVERLAPS <= parts:
         raise ArchplanError("--overlap: ep and dualpipe are two schedules hiding the same MoE all-to-all; give one")
+    if fp8_experts and precision is not PrecisionChoice.fp8:
+        raise ArchplanError("--fp8-experts sets the rate of the routed experts' fp8 GEMMs: it goes with --precision fp8")
     return Settings(
         states=STATES[states.value], attention_kernel=attention.value,  # type: ignore[arg-type]
         grad_reduce=None if grad_reduce is None else grad_reduce.bytes,
