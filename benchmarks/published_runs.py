@@ -122,7 +122,8 @@ def evaluate_run(run: dict[str, Any], models: dict[str, Any], sizes: dict[str, l
                         early_stop=run.get("early_stop"), fused_qkv=run.get("fused_qkv", False),
                         cross_entropy=run.get("cross_entropy", "fp32-fused"),
                         dispatcher=run.get("dispatcher", "auto"),
-                        fp8_experts=run.get("fp8_experts", False))
+                        fp8_experts=run.get("fp8_experts", False),
+                        fp8_dispatch=run.get("fp8_dispatch", False))
     net = interconnect(gpu)
     tokens = run["batch"] * run["seq"]
     # a layout complete but for vpp defaults to vpp = 1 (PartialLayout.complete); an unstated vpp

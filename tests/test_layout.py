@@ -557,7 +557,9 @@ def test_fp8_casts_the_inputs_no_norm_produces() -> None:
     assert fp8.time.elementwise - bf16.time.elementwise == pytest.approx(casts)
 
 
-def test_fp8_casts_of_experts_quantise_each_token_once_before_dispatch() -> None:
+def test_fp8_casts_of_experts_quantise_each_token_once_before_an_fp8_dispatch() -> None:
+    """An fp8 dispatch (DeepSeek-V3 §3.3.2) quantizes each token once before it leaves; after a bf16
+    one (Megatron-Core) the experts' grouped linear quantizes every routed copy it receives."""
     plan = _plan("mixtral-8x7b")
     data = model_data(plan, 4096)
     layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=8,zero=1,recompute=none,mb=1,sp=off").complete()
@@ -565,8 +567,9 @@ def test_fp8_casts_of_experts_quantise_each_token_once_before_dispatch() -> None
     moe = plan.layers[0].ffn
     tokens, h = 4096, plan.d_model
     routed = math.ceil(tokens * moe.top_k * 8 / moe.n_experts)  # one local expert per rank
-    expected = tokens * h + routed * moe.expert.d_ff + tokens * h  # dispatched, down input, o_proj
-    assert fp8_cast_bytes(data, 0, layout) == 4 * expected
+    down_and_o = routed * moe.expert.d_ff + tokens * h  # the down-projections' input, o_proj's
+    assert fp8_cast_bytes(data, 0, layout, fp8_dispatch=True) == 4 * (tokens * h + down_and_o)
+    assert fp8_cast_bytes(data, 0, layout) == 4 * (routed * h + down_and_o)
 
 
 def test_overlapped_tp_communication_costs_the_gemms_beside_it_16_sms() -> None:
@@ -1275,8 +1278,27 @@ def test_cli_dense_fp8_plan_says_nothing_of_routed_experts(capsys: pytest.Captur
     assert "fp8 casts" in description and "routed experts" not in description
 
 
-def test_cli_fp8_experts_without_fp8_is_one_line_exit_2(capsys: pytest.CaptureFixture[str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100",
-                       "--fp8-experts")
-    assert code == 2 and "--precision fp8" in err and err.count("\n") == 1
+@pytest.mark.parametrize("flag", ["--fp8-experts", "--fp8-dispatch"])
+def test_cli_moe_fp8_flags_without_fp8_are_one_line_exit_2(flag: str, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", flag)
+    assert code == 2 and flag in err and "--precision fp8" in err and err.count("\n") == 1
+
+
+def test_cli_fp8_dispatch_halves_the_bytes_sent_to_the_experts(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megatron-Core's dispatchers send bf16 (the default); --fp8-dispatch sends fp8 + a scale per
+    1×128 tile to the experts, as DeepSeek-V3's did, and quantizes each token once before it."""
+    args = ("plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", "--seq", "4096",
+            "--global-batch-tokens", "4M", "--precision", "fp8", "--json",
+            "--layout", "tp=1,cp=1,pp=1,dp=16,ep=16,zero=1,recompute=none,mb=1,vpp=1")
+    times = {}
+    for flag in ("--bf16-dispatch", "--fp8-dispatch"):
+        code, out, _ = run(capsys, monkeypatch, *args, flag)
+        assert code == 0
+        r = json.loads(out)
+        assert r["fp8_dispatch"] is (flag == "--fp8-dispatch")
+        times[flag] = r["layouts"][0]["step_time"]
+    bf16, fp8 = times["--bf16-dispatch"], times["--fp8-dispatch"]
+    assert fp8["ep"] == pytest.approx(bf16["ep"] * (1 + 4 / 128 + 2) / 4, rel=0.05)
+    assert fp8["elementwise"] < bf16["elementwise"] and fp8["gemm"] == bf16["gemm"]

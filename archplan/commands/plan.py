@@ -604,6 +604,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "cp_comm": settings.cp_comm,
         "dispatcher": settings.dispatcher,
         "fp8_experts": settings.fp8_experts,
+        "fp8_dispatch": settings.fp8_dispatch,
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
         "flash_impl": settings.flash_impl,
@@ -769,9 +770,10 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     passes = ((["bias gradients summed apart"] if settings.bias_grad_pass else [])
               + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
+    sent = "" if settings.precision != "fp8" else ", fp8 tokens" if settings.fp8_dispatch else ", bf16 tokens"
     console.print(f"  states: {settings.states.description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
-                  f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}; "
+                  f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
                   f"full recompute {recompute}{eager}; loss "
                   f"{settings.cross_entropy}")
     if seq_note:
@@ -819,7 +821,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
-        "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "flash_impl", "early_stop", "fused_qkv",
+        "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "flash_impl", "early_stop", "fused_qkv",
         "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -916,6 +918,11 @@ def register(app: typer.Typer) -> None:
             "DeepGEMM's do (DeepSeek-V3's kernels), or gain nothing, as Transformer Engine's measure "
             "(Megatron-Core, Hopper and Blackwell; their fp8 casts still paid).",
             rich_help_panel=MODEL_PANEL)] = False,
+        fp8_dispatch: Annotated[bool, typer.Option(
+            "--fp8-dispatch/--bf16-dispatch",
+            help="Under --precision fp8, whether the MoE dispatch sends the tokens in fp8, quantized once "
+            "before it (DeepSeek-V3's DeepEP), or in bf16, each routed copy quantized by the experts "
+            "(Megatron-Core's dispatchers until 2026-08).", rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), or triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward). "
@@ -983,7 +990,7 @@ def register(app: typer.Typer) -> None:
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
-                                 master_weights, dispatcher, fp8_experts)
+                                 master_weights, dispatcher, fp8_experts, fp8_dispatch)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1061,7 +1068,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               ring_nics: RingNicsChoice | None = None,
               optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
               master_weights: MasterChoice = MasterChoice.fp32,
-              dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False) -> Settings:
+              dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False,
+              fp8_dispatch: bool = False) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -1075,8 +1083,9 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
     if EP_OVERLAPS <= parts:
         raise ArchplanError("--overlap: ep and dualpipe are two schedules hiding the same MoE all-to-all; give one")
-    if fp8_experts and precision is not PrecisionChoice.fp8:
-        raise ArchplanError("--fp8-experts sets the rate of the routed experts' fp8 GEMMs: it goes with --precision fp8")
+    for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch)):
+        if given and precision is not PrecisionChoice.fp8:
+            raise ArchplanError(f"{flag} says how a run's MoE uses fp8: it goes with --precision fp8")
     return Settings(
         states=STATES[states.value], attention_kernel=attention.value,  # type: ignore[arg-type]
         grad_reduce=None if grad_reduce is None else grad_reduce.bytes,
@@ -1087,7 +1096,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         moments=optimizer_moments.bytes,
         master_remainders=master_weights is MasterChoice.remainders,
         dispatcher=dispatcher.value,  # type: ignore[arg-type]
-        fp8_experts=fp8_experts,
+        fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch,
     )
 
 

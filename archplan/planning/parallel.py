@@ -162,6 +162,13 @@ class Settings:
     # measures at 1,093-1,297 TFLOP/s on H800 for DeepSeek-V3's expert shapes, above the bf16 peak
     # (docs/validation.md, "Routed experts' fp8 GEMMs, by kernel").
     fp8_experts: bool = False
+    # Whether the tokens sent to the experts travel in fp8 under `--precision fp8` (one fp32 scale
+    # per 1×128 tile), quantized once before the dispatch, as DeepSeek-V3's run did (§3.3.2-3.3.3).
+    # Off: they travel in bf16 and each routed copy is quantized by the experts' grouped linear, as
+    # in Megatron-Core, whose dispatchers send bf16 until 2026-08 (HybridEP: "does not support fp8
+    # dispatch now"; its DeepEP path passes bf16 tokens; MXFP8 dispatch over NCCL EP came on
+    # 2026-08-20) (docs/validation.md, "The MoE dispatch's dtype, by framework").
+    fp8_dispatch: bool = False
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -362,7 +369,7 @@ class Evaluator:
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl,
-                                                  settings.fp8_experts),
+                                                  settings.fp8_experts, settings.fp8_dispatch),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher)

@@ -182,6 +182,12 @@ class Rates:
     flash: FlashImpl = "fa2"  # which FlashAttention implementation runs the flash attention core
     sms: int = 0  # the GPU's streaming multiprocessors (0: not on record)
     fp8_experts: bool = False  # routed experts' grouped GEMMs at the fp8 rate (`Settings.fp8_experts`)
+    fp8_dispatch: bool = False  # the tokens sent to the experts travel in fp8 (`Settings.fp8_dispatch`)
+
+    @property
+    def sends_fp8(self) -> bool:
+        """The MoE dispatch moves fp8 (`ep_all_to_all_time`): an fp8 run whose dispatcher quantizes."""
+        return self.precision == "fp8" and self.fp8_dispatch
 
 
 @dataclass(frozen=True)
@@ -313,14 +319,15 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
     return forward, 2 * slower * forward
 
 
-def fp8_cast_bytes(data: ModelData, i: int, layout: Layout) -> int:
+def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool = False) -> int:
     """HBM bytes, one micro-batch's forward, of casting layer `i`'s GEMM inputs to fp8 under
     `--precision fp8`: read in bf16, written in fp8 twice (as is, and transposed for the
     weight-gradient GEMM of the backward), 4 B per element. Transformer Engine fuses the cast of a
     normalised input into the norm (`LayerNormLinear`, Megatron-Core's column-parallel linears), so
     only the inputs a norm does not produce pay: the row-parallel projections' (attention output,
     FFN down, mixer out), the experts' down-projections' (per routed copy), and the tokens the
-    experts receive, quantised once before dispatch (DeepSeek-AI 2024 §3.3.2)."""
+    experts receive: quantised once before an fp8 dispatch (DeepSeek-AI 2024 §3.3.2), else each
+    routed copy by the experts' grouped linear after a bf16 one (`Settings.fp8_dispatch`)."""
     layer = data.plan.layers[i]
     total = 0
     dispatched = False
@@ -335,7 +342,7 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout) -> int:
             case "expert_column" if not dispatched:
                 # the gate and up projections read the same dispatched tokens
                 dispatched = True
-                total += _routing_tokens(data, layout) * k
+                total += _routing_tokens(data, layout) * k if fp8_dispatch else m * k * count
             case _:
                 pass
     return FP8_CAST_BYTES * total
@@ -398,7 +405,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     beside = (sum(fwd for split, fwd, _ in times if split == "row")
               + sum(bwd for split, _, bwd in times if split == "column"))
     # bytes per micro-batch, whatever its tokens (long-conv filter generation, fp8 casts)
-    elem_extra = float(fp8_cast_bytes(data, i, layout)) if rates.precision == "fp8" else 0.0
+    elem_extra = float(fp8_cast_bytes(data, i, layout, rates.fp8_dispatch)) if rates.precision == "fp8" else 0.0
     # attention core
     attn_fwd = attn_bwd = 0.0
     core_recompute = 0.0
@@ -630,7 +637,7 @@ class Pricer:
         key = (*self._key(layout, kernel), net)
         if key not in self._sums:
             data = self.data
-            ep = [sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe, self.rates.precision,
+            ep = [sum(ep_all_to_all_time(record, layout, net, self.rates.eff, self.moe, self.rates.sends_fp8,
                                          self.dispatcher)
                       for record in ep_records(data.plan, data.chunk_layers(range(i, i + 1)), layout, data.seq, 1,
                                                False, ""))
@@ -769,13 +776,13 @@ def nodes_reached(moe: MoEPlan, nodes: int) -> float:
 
 
 def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency,
-                       moe: MoEPlan | None, precision: Precision, dispatcher: Dispatcher = "auto") -> float:
+                       moe: MoEPlan | None, fp8_dispatch: bool, dispatcher: Dispatcher = "auto") -> float:
     """Seconds for all calls of one MoE dispatch + combine record (half its calls each way).
 
-    FP8 dispatch (DeepSeek-V3 §3.3.3, "Low-Precision Communication"): under `--precision fp8` the
+    FP8 dispatch (DeepSeek-V3 §3.3.3, "Low-Precision Communication"; `Rates.sends_fp8`): the
     activations sent to the experts (the forward dispatch and the backward's gradient before the
     down-projections) travel in FP8 with one fp32 scale per 1×128 tile, as the expert GEMMs
-    quantize them anyway; the combines stay bf16.
+    quantize them anyway; the combines stay bf16. Otherwise every call moves bf16.
 
     Node-limited routing (DeepSeek-V3 §2.1.2; its all-to-all kernels, §3.2.2): when the router
     bounds the nodes a token reaches (`nodes_per_token`) and the group spans nodes, a token
@@ -793,7 +800,7 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     the router."""
     if c.group_size <= 1:
         return 0.0
-    to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if precision == "fp8" else ACT_BYTES
+    to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if fp8_dispatch else ACT_BYTES
     scale = (to_experts + ACT_BYTES) / (2 * ACT_BYTES)
     nodes = math.ceil(layout.ep / net.gpus_per_node)
     reach: float | None = None
@@ -927,7 +934,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
         grads = gathers = 0.0
         for record in records:
-            t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.precision,
+            t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.sends_fp8,
                                     pricer.dispatcher)
                  if record.mesh_dim == "ep" else collective_time(record, layout, net, rates.eff))
             match record.mesh_dim:
@@ -1101,7 +1108,8 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 
 
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
-              precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False) -> Rates:
+              precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False,
+              fp8_dispatch: bool = False) -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
     return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
-                 gpu.sms, fp8_experts)
+                 gpu.sms, fp8_experts, fp8_dispatch)
