@@ -1248,25 +1248,27 @@ def test_cli_plot_never_overwrites_silently(capsys: pytest.CaptureFixture[str], 
     assert code == 1 and "no figure written" in err and not (tmp_path / "none.png").exists()
 
 
+def _qwen3_fp8_ep16(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flag: str) -> Any:
+    """`plan --json` of Qwen3-30B-A3B in fp8 at the archive's EP16 layout on 16 H100, with `flag`."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", "--seq",
+                       "4096", "--global-batch-tokens", "4M", "--precision", "fp8", "--json", "--layout",
+                       "tp=1,cp=1,pp=1,dp=16,ep=16,zero=1,recompute=none,mb=1,vpp=1", flag)
+    assert code == 0
+    return json.loads(out)
+
+
 def test_cli_fp8_experts_runs_the_routed_experts_at_the_fp8_rate(capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Under --precision fp8 the routed experts keep the bf16 rate (Transformer Engine's grouped
     GEMMs) unless --fp8-experts says they gain (DeepGEMM's): the step is shorter with it, the
     compute line and --json say which."""
-    args = ("plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", "--seq", "4096",
-            "--global-batch-tokens", "4M", "--precision", "fp8", "--json",
-            "--layout", "tp=1,cp=1,pp=1,dp=16,ep=16,zero=1,recompute=none,mb=1,vpp=1")
-    steps = {}
-    for flag in ("--bf16-experts", "--fp8-experts"):
-        code, out, _ = run(capsys, monkeypatch, *args, flag)
-        assert code == 0
-        r = json.loads(out)
-        fp8 = flag == "--fp8-experts"
+    gemm = {}
+    for fp8, rate in ((False, "bf16 rate"), (True, "fp8 rate (--fp8-experts)")):
+        r = _qwen3_fp8_ep16(capsys, monkeypatch, "--fp8-experts" if fp8 else "--bf16-experts")
         assert r["fp8_experts"] is fp8
-        rate = "fp8 rate (--fp8-experts)" if fp8 else "bf16 rate"
         assert f"routed experts' GEMMs at the {rate}" in r["efficiency"]["description"]
-        steps[fp8] = r["layouts"][0]["step_time"]["gemm"]
-    assert steps[True] < steps[False]
+        gemm[fp8] = r["layouts"][0]["step_time"]["gemm"]
+    assert gemm[True] < gemm[False]
 
 
 def test_cli_dense_fp8_plan_says_nothing_of_routed_experts(capsys: pytest.CaptureFixture[str],
@@ -1289,16 +1291,8 @@ def test_cli_fp8_dispatch_halves_the_bytes_sent_to_the_experts(capsys: pytest.Ca
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Megatron-Core's dispatchers send bf16 (the default); --fp8-dispatch sends fp8 + a scale per
     1×128 tile to the experts, as DeepSeek-V3's did, and quantizes each token once before it."""
-    args = ("plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", "--seq", "4096",
-            "--global-batch-tokens", "4M", "--precision", "fp8", "--json",
-            "--layout", "tp=1,cp=1,pp=1,dp=16,ep=16,zero=1,recompute=none,mb=1,vpp=1")
-    times = {}
-    for flag in ("--bf16-dispatch", "--fp8-dispatch"):
-        code, out, _ = run(capsys, monkeypatch, *args, flag)
-        assert code == 0
-        r = json.loads(out)
-        assert r["fp8_dispatch"] is (flag == "--fp8-dispatch")
-        times[flag] = r["layouts"][0]["step_time"]
-    bf16, fp8 = times["--bf16-dispatch"], times["--fp8-dispatch"]
+    bf16, fp8 = (_qwen3_fp8_ep16(capsys, monkeypatch, flag) for flag in ("--bf16-dispatch", "--fp8-dispatch"))
+    assert (bf16["fp8_dispatch"], fp8["fp8_dispatch"]) == (False, True)
+    bf16, fp8 = bf16["layouts"][0]["step_time"], fp8["layouts"][0]["step_time"]
     assert fp8["ep"] == pytest.approx(bf16["ep"] * (1 + 4 / 128 + 2) / 4, rel=0.05)
     assert fp8["elementwise"] < bf16["elementwise"] and fp8["gemm"] == bf16["gemm"]
