@@ -823,8 +823,8 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
-        "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "flash_impl", "early_stop", "fused_qkv",
-        "cross_entropy", "headroom",
+        "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "flash_impl",
+        "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
 }
