@@ -7,7 +7,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   peak, x the smallest of M, N, K, but never faster than the bf16 operands stream from HBM (a
   roofline: skinny per-GPU matmuls under TP or fine-grained experts run slower). The backward is
   2 GEMMs of the same shapes (input and weight gradients). `--precision fp8`: the GEMMs inside the
-  blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1); the
+  blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1), the
+  routed experts' at the bf16 rate unless the run's grouped GEMMs gain (`Settings.fp8_experts`); the
   backward's at the family's split-accumulator cost (`tensor_gemm`), and the inputs no
   norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
