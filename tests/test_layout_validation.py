@@ -344,6 +344,35 @@ def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measure
             < abs(rate["fp8", True] / rate["bf16", False] - measured) / 3)
 
 
+def test_qwen3_235b_fp8_on_b200_is_no_faster_than_bf16_as_pr_1760_measured() -> None:
+    """Megatron-Bridge PR 1760 (commit a6e92de5f): Qwen3-235B-A22B on 64 B200 (TP1 PP8 EP8, GBS 1,024,
+    MBS 1, seq 4,096, the all-to-all not overlapped) at 16.0 s per step in BF16 (VP 4) and 16.9 s in
+    MXFP8 (no VP): 1.06×. With Transformer Engine's experts at the bf16 rate and Megatron-Core's bf16
+    dispatch the model prices 1.03×; with DeepSeek's fp8 experts and dispatch 0.81×
+    (docs/validation.md, "The MoE dispatch's dtype, by framework")."""
+    from archplan.hardware import accelerator
+    from archplan.loader import load_spec
+    from archplan.planning.cluster import STATES
+    from archplan.planning.layout import parse_layout
+    from archplan.planning.parallel import Settings, interconnect, search
+    from archplan.resolve import resolve
+
+    plan = resolve(load_spec("qwen3-235b-a22b"))
+    gpu = accelerator("b200")
+    step = {}
+    for precision, vpp, fp8_moe in (("bf16", 4, False), ("fp8", 1, False), ("fp8", 1, True)):
+        layout = parse_layout(f"tp=1,pp=8,cp=1,dp=8,ep=8,zero=1,mb=1,vpp={vpp},recompute=none,sp=off")
+        settings = Settings(states=STATES["megatron"], overlap=frozenset({"dp", "tp", "pp"}), precision=precision,
+                            grad_reduce=2, fp8_dispatch=fp8_moe, fp8_experts=fp8_moe)
+        result = search(plan, gpu, 64, seq=4096, global_batch_tokens=1024 * 4096, net=interconnect(gpu),
+                        headroom=0.0, settings=settings, fixed=layout, keep_unfit=True)
+        step[precision, fp8_moe] = (result.ranked or (result.tightest,))[0].time.total
+    measured = 16.9 / 16.0
+    ratio = step["fp8", False] / step["bf16", False]
+    assert ratio == pytest.approx(1.03, abs=0.01) and abs(ratio - measured) < 0.05
+    assert step["fp8", True] / step["bf16", False] == pytest.approx(0.81, abs=0.01)
+
+
 def test_fp8_experts_switch_only_the_routed_experts_grouped_gemms() -> None:
     """On H100 too the routed experts' GEMMs keep the bf16 rate under fp8 unless `fp8_experts` says
     the run's grouped GEMMs gain (DeepGEMM's); the dense GEMMs run in fp8 either way, and a dense
