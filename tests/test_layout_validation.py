@@ -15,6 +15,7 @@ from benchmark_scripts import load_benchmark
 
 if TYPE_CHECKING:
     from archplan.hardware import FlashImpl
+    from archplan.planning.pricing import Precision
 
 pytestmark = pytest.mark.xdist_group("test_layout_validation")
 
@@ -312,12 +313,11 @@ def test_hierarchical_dispatch_sends_a_token_once_per_remote_node() -> None:
     assert auto < ep_all_to_all_time(big, wide, network, eff, deepseek, False, "nccl")
 
 
-def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measured() -> None:
-    """Megatron-Bridge 25.11, DGX-GB300 (Blackwell), DeepSeek-V3 without MTP at TP1 PP2 VP4 EP32, GBS
-    4,096, seq 4,096: 3,848 tokens/s per GPU in BF16, 4,357 in MXFP8 (1.13×). Priced on B200 at that
-    layout in a 72-GPU NVLink domain, with Megatron-Core's bf16 dispatch: 1.08× with the routed
-    experts at the bf16 rate (the default, Transformer Engine's grouped GEMMs), 1.31× had they run
-    at the fp8 rate (`--fp8-experts`). The pair sits nearer the first."""
+def _megatron_moe_run(model: str, gpu_key: str, gpus: int, global_batch: int, layout_text: str,
+                      precision: Precision, *, fp8_experts: bool = False, fp8_dispatch: bool = False,
+                      gpus_per_node: int | None = None) -> Any:
+    """The evaluated layout of a Megatron-Bridge MoE recipe (Megatron-Core states, dp/tp/pp overlap,
+    bf16 gradient reduction, seq 4,096) at `layout_text`, with the run's MoE fp8 kernels."""
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
     from archplan.planning.cluster import STATES
@@ -325,18 +325,31 @@ def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measure
     from archplan.planning.parallel import Settings, interconnect, search
     from archplan.resolve import resolve
 
+    gpu = accelerator(gpu_key)
+    net = interconnect(gpu)
+    if gpus_per_node is not None:
+        net = replace(net, gpus_per_node=gpus_per_node)
+    settings = Settings(states=STATES["megatron"], overlap=frozenset({"dp", "tp", "pp"}), precision=precision,
+                        grad_reduce=2, fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch)
+    result = search(resolve(load_spec(model)), gpu, gpus, seq=4096, global_batch_tokens=global_batch * 4096,
+                    net=net, headroom=0.0, settings=settings, fixed=parse_layout(layout_text), keep_unfit=True)
+    return (result.ranked or (result.tightest,))[0]
+
+
+def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measured() -> None:
+    """Megatron-Bridge 25.11, DGX-GB300 (Blackwell), DeepSeek-V3 without MTP at TP1 PP2 VP4 EP32, GBS
+    4,096, seq 4,096: 3,848 tokens/s per GPU in BF16, 4,357 in MXFP8 (1.13×). Priced on B200 at that
+    layout in a 72-GPU NVLink domain, with Megatron-Core's bf16 dispatch: 1.08× with the routed
+    experts at the bf16 rate (the default, Transformer Engine's grouped GEMMs), 1.31× had they run
+    at the fp8 rate (`--fp8-experts`). The pair sits nearer the first."""
+    from archplan.planning.parallel import Settings
+
     assert not Settings().fp8_experts
-    plan = resolve(load_spec("deepseek-v3"))
-    gpu = accelerator("b200")
-    nvl72 = replace(interconnect(gpu), gpus_per_node=72)
-    layout = parse_layout("tp=1,pp=2,cp=1,dp=128,ep=32,zero=1,mb=1,vpp=4,recompute=none,sp=off")
-    rate = {}
-    for precision, fp8_experts in (("bf16", False), ("fp8", False), ("fp8", True)):
-        settings = Settings(states=STATES["megatron"], overlap=frozenset({"dp", "tp", "pp"}),
-                            precision=precision, grad_reduce=2, fp8_experts=fp8_experts)
-        result = search(plan, gpu, 256, seq=4096, global_batch_tokens=4096 * 4096, net=nvl72, headroom=0.0,
-                        settings=settings, fixed=layout, keep_unfit=True)
-        rate[precision, fp8_experts] = (result.ranked or (result.tightest,))[0].tokens_per_s_per_gpu
+    layout = "tp=1,pp=2,cp=1,dp=128,ep=32,zero=1,mb=1,vpp=4,recompute=none,sp=off"
+    rate = {(precision, fp8_experts): _megatron_moe_run("deepseek-v3", "b200", 256, 4096, layout, precision,
+                                                        fp8_experts=fp8_experts, gpus_per_node=72
+                                                        ).tokens_per_s_per_gpu
+            for precision, fp8_experts in (("bf16", False), ("fp8", False), ("fp8", True))}
     measured = 4357 / 3848
     assert rate["fp8", False] / rate["bf16", False] == pytest.approx(1.08, abs=0.01)
     assert rate["fp8", True] / rate["bf16", False] == pytest.approx(1.31, abs=0.01)
@@ -350,23 +363,11 @@ def test_qwen3_235b_fp8_on_b200_is_no_faster_than_bf16_as_pr_1760_measured() -> 
     MXFP8 (no VP): 1.06×. With Transformer Engine's experts at the bf16 rate and Megatron-Core's bf16
     dispatch the model prices 1.03×; with DeepSeek's fp8 experts and dispatch 0.81×
     (docs/validation.md, "The MoE dispatch's dtype, by framework")."""
-    from archplan.hardware import accelerator
-    from archplan.loader import load_spec
-    from archplan.planning.cluster import STATES
-    from archplan.planning.layout import parse_layout
-    from archplan.planning.parallel import Settings, interconnect, search
-    from archplan.resolve import resolve
-
-    plan = resolve(load_spec("qwen3-235b-a22b"))
-    gpu = accelerator("b200")
-    step = {}
-    for precision, vpp, fp8_moe in (("bf16", 4, False), ("fp8", 1, False), ("fp8", 1, True)):
-        layout = parse_layout(f"tp=1,pp=8,cp=1,dp=8,ep=8,zero=1,mb=1,vpp={vpp},recompute=none,sp=off")
-        settings = Settings(states=STATES["megatron"], overlap=frozenset({"dp", "tp", "pp"}), precision=precision,
-                            grad_reduce=2, fp8_dispatch=fp8_moe, fp8_experts=fp8_moe)
-        result = search(plan, gpu, 64, seq=4096, global_batch_tokens=1024 * 4096, net=interconnect(gpu),
-                        headroom=0.0, settings=settings, fixed=layout, keep_unfit=True)
-        step[precision, fp8_moe] = (result.ranked or (result.tightest,))[0].time.total
+    step = {(precision, fp8_moe): _megatron_moe_run(
+                "qwen3-235b-a22b", "b200", 64, 1024,
+                f"tp=1,pp=8,cp=1,dp=8,ep=8,zero=1,mb=1,vpp={vpp},recompute=none,sp=off", precision,
+                fp8_experts=fp8_moe, fp8_dispatch=fp8_moe).time.total
+            for precision, vpp, fp8_moe in (("bf16", 4, False), ("fp8", 1, False), ("fp8", 1, True))}
     measured = 16.9 / 16.0
     ratio = step["fp8", False] / step["bf16", False]
     assert ratio == pytest.approx(1.03, abs=0.01) and abs(ratio - measured) < 0.05
