@@ -221,7 +221,6 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
         fp8_split_acc=1.15),
 }
 
-
 # Families without a calibration fall back to the Hopper fractions (stated in the output).
 FAMILY_OF: dict[str, str] = {
     "a100-40gb": "ampere", "a100-80gb": "ampere",

@@ -158,9 +158,9 @@ class Settings:
     # layout at 3,848 tokens/s per GPU in BF16 and 4,357 in MXFP8 (1.13×; priced, with its bf16
     # dispatch, 1.31× with fp8 experts, 1.08× without), and NVIDIA's Megatron-Bridge issue 2842 finds
     # fp8 Qwen3-30B-A3B and Qwen3-235B-A22B slower than BF16 on H100 as on Blackwell, their expert
-    # GEMMs and casts unfused (issue 2885). On: DeepGEMM's grouped fp8 GEMMs (DeepSeek-V3's own kernels), which its README
-    # measures at 1,093-1,297 TFLOP/s on H800 for DeepSeek-V3's expert shapes, above the bf16 peak
-    # (docs/validation.md, "Routed experts' fp8 GEMMs, by kernel").
+    # GEMMs and casts unfused (issue 2885). On: DeepGEMM's grouped fp8 GEMMs (DeepSeek-V3's own
+    # kernels), which its README measures at 1,093-1,297 TFLOP/s on H800 for DeepSeek-V3's expert
+    # shapes, above the bf16 peak (docs/validation.md, "Routed experts' fp8 GEMMs, by kernel").
     fp8_experts: bool = False
     # Whether the tokens sent to the experts travel in fp8 under `--precision fp8` (one fp32 scale
     # per 1×128 tile), quantized once before the dispatch, as DeepSeek-V3's run did (§3.3.2-3.3.3).

@@ -791,8 +791,7 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     it over NVLink to the GPUs holding its experts; the IB and NVLink legs overlap (§3.2.2). Per
     token and direction, IB carries M·(nodes − 1)/nodes copies, M the nodes it reaches on average
     (`nodes_reached`; the token's own node is one of the `nodes` equally likely), NVLink the k
-    copies that land on another GPU of their node,
-    (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a
+    copies that land on another GPU of their node, (g − 1)/g of them with g EP ranks per node. Without such a bound every copy is priced as a
     ring all-to-all over the slower link (`collective_time`): NCCL's all-to-all.
 
     The dispatcher (`cluster.Dispatcher`) says which: "auto" bounds a token's nodes where the router
