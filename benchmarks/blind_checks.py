@@ -35,7 +35,7 @@ class Row:
     layout: str  # as evaluated
     published: float
     predicted: float
-    published_gib: float
+    published_gib: float | None  # None where the source prints no memory figure
     predicted_gib: float
     not_modelled: str
 
@@ -56,8 +56,12 @@ def rows() -> list[Row]:
             result = published_runs.evaluate_run(data, {}, {}, with_search=False)
             found.append(Row(run["source"], run["name"], recompute, result.layout,
                              float(run["published_tokens_per_s_per_gpu"]), result.predicted,
-                             float(run["published_gib"]), result.memory_gib, run["not_modelled"]))
+                             run["published_gib"], result.memory_gib, run["not_modelled"]))
     return found
+
+
+def _gib(gib: float | None) -> str:
+    return "—" if gib is None else f"{gib:.1f}"
 
 
 def markdown(found: list[Row]) -> None:
@@ -70,7 +74,7 @@ def markdown(found: list[Row]) -> None:
         for r in found:
             if r.source == key:
                 print(f"| {r.name} | {r.recompute} | {r.layout} | {r.published:,.0f} | {r.predicted:,.0f} | "
-                      f"{r.error:+.1%} | {r.published_gib:.1f} / {r.predicted_gib:.1f} | {r.not_modelled} |")
+                      f"{r.error:+.1%} | {_gib(r.published_gib)} / {r.predicted_gib:.1f} | {r.not_modelled} |")
         print()
 
 
@@ -86,8 +90,8 @@ def main() -> None:
         print(json.dumps([asdict(r) | {"error": r.error} for r in found], indent=2))
     else:
         for r in found:
-            print(f"{r.source:16} {r.name:62} {r.recompute:9} {r.published:>8,.0f} {r.predicted:>8,.0f} "
-                  f"{r.error:+7.1%}  {r.published_gib:5.1f} / {r.predicted_gib:5.1f} GiB")
+            print(f"{r.source:17} {r.name:62} {r.recompute:9} {r.published:>8,.0f} {r.predicted:>8,.0f} "
+                  f"{r.error:+7.1%}  {_gib(r.published_gib):>5} / {r.predicted_gib:5.1f} GiB")
 
 
 if __name__ == "__main__":

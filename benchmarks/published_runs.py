@@ -121,6 +121,7 @@ def evaluate_run(run: dict[str, Any], models: dict[str, Any], sizes: dict[str, l
                         grad_reduce=run.get("grad_reduce"), flash_impl=run.get("flash_impl", "fa2"),
                         early_stop=run.get("early_stop"), fused_qkv=run.get("fused_qkv", False),
                         cross_entropy=run.get("cross_entropy", "fp32-fused"),
+                        cp_comm=run.get("cp_comm", "all_gather"),
                         dispatcher=run.get("dispatcher", "auto"),
                         fp8_experts=run.get("fp8_experts", False),
                         fp8_dispatch=run.get("fp8_dispatch", False))
