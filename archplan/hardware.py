@@ -151,15 +151,36 @@ class KernelEfficiency:
     ring_nics: RingNics = "members"
 
 
-# FlashAttention implementations: the FA2 kernel the family rates above describe, or the Triton
-# FlashAttention a run used instead (e.g. llm-foundry's `attn_impl: triton`): Dao 2023
-# (FlashAttention-2) §4.1 measures FlashAttention-2 "around 1.3-1.5× faster than FlashAttention in
-# Triton in the forward pass and around 2× faster in the backward pass" (A100, causal and not,
-# head dim 64 and 128); the Triton kernel runs at 1/1.4 (the range's middle) and 1/2 of the FA2
-# rates, forward and backward, on every family (the only published ratio; not fitted).
-FlashImpl = Literal["fa2", "triton"]
+# FlashAttention implementations: the FA2 kernel the family rates above describe, or another kernel
+# a run's framework picks instead, at its measured speed relative to FA2, forward and backward, per
+# head-dim bucket (64, or 128 for every wider head):
+# - "triton", the Triton FlashAttention (e.g. llm-foundry's `attn_impl: triton`): Dao 2023
+#   (FlashAttention-2) §4.1 measures FlashAttention-2 "around 1.3-1.5× faster than FlashAttention in
+#   Triton in the forward pass and around 2× faster in the backward pass" (A100, causal and not, head
+#   dim 64 and 128); 1/1.4 (the range's middle) and 1/2 on every family (the only published ratio).
+# - "cudnn", cuDNN's fused attention, which Transformer Engine's `DotProductAttention` runs on Hopper
+#   and newer whenever both it and FlashAttention could ("Disabling FlashAttention to give
+#   FusedAttention preference on Hopper+ for performance reasons": `get_attention_backend`, sm90 since
+#   Transformer Engine 1.7 of 2024-05, sm90 and up since 2.0), so every Megatron-Core run with
+#   Transformer Engine on H100 or B200. Shah et al. 2024 (FlashAttention-3) Fig. 5-6 measure it beside
+#   FlashAttention-2 on H100 SXM5 at 16K tokens: head dim 128, forward (causal) 539 against 335
+#   TFLOP/s, backward 516 against 322; head dim 64, forward 413 against 324 (the figure's only
+#   head-dim-64 forward bars are non-causal), backward 433 against 291. The ratios apply to every
+#   family's FA2 rates (the only published ones; not fitted).
+FlashImpl = Literal["fa2", "triton", "cudnn"]
 RingNics = Literal["one", "members"]
-FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "triton": (1 / 1.4, 1 / 2)}
+FLASH_IMPL_SPEED: dict[tuple[FlashImpl, int], tuple[float, float]] = {
+    ("fa2", 64): (1.0, 1.0), ("fa2", 128): (1.0, 1.0),
+    ("triton", 64): (1 / 1.4, 1 / 2), ("triton", 128): (1 / 1.4, 1 / 2),
+    ("cudnn", 64): (413 / 324, 433 / 291), ("cudnn", 128): (539 / 335, 516 / 322),
+}
+
+
+def flash_speed(impl: FlashImpl, head_dim: int) -> tuple[float, float]:
+    """The forward and backward speed of `impl` relative to FlashAttention-2 at head dim `head_dim`
+    as the kernel computes it (`FLASH_IMPL_SPEED`)."""
+    return FLASH_IMPL_SPEED[impl, 64 if head_dim <= 64 else 128]
+
 
 # A causal FlashAttention kernel is slower on short sequences: its diagonal tiles are half masked and
 # each query block's fixed work is spread over fewer key blocks. A sequence of L tokens runs at
@@ -170,9 +191,13 @@ FLASH_IMPL_SPEED: dict[FlashImpl, tuple[float, float]] = {"fa2": (1.0, 1.0), "tr
 # 80GB and H100 SXM5: its four curves fit 490-560 apart and 530 together, every bar within 3.1
 # points, so one value serves both head dims. The Triton FlashAttention (A100, same figure) differs
 # by head dim: 150 at 64 (within 6 points), 350 at 128 (within 3); one value for both, 230, would
-# miss by 11 (docs/validation.md, "FlashAttention on short sequences").
+# miss by 11 (docs/validation.md, "FlashAttention on short sequences"). cuDNN's, from the bars of
+# Shah et al. 2024 Fig. 5-6 above (512 to 16K tokens): 340 at head dim 128 (its causal forward and
+# its backward, every bar within 2.9 points), 300 at 64 (its backward alone, within 2.8: the
+# head-dim-64 forward bars are non-causal, without the masked tiles this factor prices).
 FLASH_HALF_LENGTH: dict[tuple[FlashImpl, int], int] = {
     ("fa2", 64): 530, ("fa2", 128): 530, ("triton", 64): 150, ("triton", 128): 350,
+    ("cudnn", 64): 300, ("cudnn", 128): 340,
 }
 FLASH_RATE_LENGTH = 16_384
 
@@ -190,12 +215,16 @@ def flash_head_dim(head_dim: int, impl: FlashImpl) -> int:
     112 costs what one of 128 does. FA2 rounds up to a multiple of 32 up to 192, else to 256
     (`flash_api.cpp`: `head_size_rounded = head_size <= 192 ? round_multiple(head_size, 32) :
     256`); the Triton kernel to a power of two, at least 16 (`flash_attn_triton.py`:
-    `BLOCK_HEADDIM = max(triton.next_power_of_2(d), 16)`)."""
+    `BLOCK_HEADDIM = max(triton.next_power_of_2(d), 16)`); cuDNN's takes head dims that are
+    multiples of 8 (Transformer Engine's `get_attention_backend` leaves FusedAttention for any other)
+    and is priced at the head dim rounded up to one."""
     match impl:
         case "fa2":
             return -(-head_dim // 32) * 32 if head_dim <= 192 else 256
         case "triton":
             return max(1 << (head_dim - 1).bit_length(), 16)
+        case "cudnn":
+            return -(-head_dim // 8) * 8
         case _:
             assert_never(impl)
 

@@ -101,6 +101,7 @@ class FlashImplChoice(str, Enum):
 
     fa2 = "fa2"
     triton = "triton"
+    cudnn = "cudnn"
 
 
 LAYOUT_PANEL = "Cluster layout (SPEC --gpus N)"
@@ -518,10 +519,10 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.efficiency is not None:
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
                 "of the dense peak (user-measured); elementwise and optimizer at HBM bandwidth")
-    from archplan.hardware import FLASH_IMPL_SPEED
+    from archplan.hardware import flash_speed
 
     calibrated = "" if result.calibrated else " [not calibrated on this GPU]"
-    fwd, bwd = FLASH_IMPL_SPEED[settings.flash_impl]
+    fwd, bwd = flash_speed(settings.flash_impl, 128)  # the rates quoted are at head dim 128
     kernel = settings.attention_kernel
     if kernel == "flash":
         fractions = result.flash_fractions  # smallest first
@@ -926,9 +927,11 @@ def register(app: typer.Typer) -> None:
             "before it (DeepSeek-V3's DeepEP), or in bf16, each routed copy quantized by the experts "
             "(Megatron-Core's dispatchers until 2026-08).", rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
-            "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), or triton (FlashAttention "
-            "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward). "
-            "Either runs slower on short sequences, as its benchmark figures measure (the output says how much).",
+            "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
+            "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
+            "or cudnn (cuDNN's fused attention, what Transformer Engine, so Megatron-Core, NeMo and "
+            "Megatron-Bridge, runs on H100 and B200; Shah et al. 2024: 1.6× FlashAttention-2 at head dim 128). "
+            "Each runs slower on short sequences, as its benchmark figures measure (the output says how much).",
             rich_help_panel=MODEL_PANEL)] = FlashImplChoice.fa2,
         early_stop: Annotated[bool | None, typer.Option(
             "--recompute-early-stop/--no-recompute-early-stop",

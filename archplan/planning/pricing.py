@@ -12,8 +12,9 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   backward's at the family's split-accumulator cost (`tensor_gemm`), and the inputs no
   norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise).
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
-  and head dim (the Triton FlashAttention at its measured fraction of it, `FLASH_IMPL_SPEED`,
-  when the run used that kernel), slower on short sequences as the kernels' own benchmark figures
+  and head dim (the Triton FlashAttention, or cuDNN's fused attention that Transformer Engine runs
+  on Hopper and newer, at its measured ratio to it, `FLASH_IMPL_SPEED`, when the run used that
+  kernel), slower on short sequences as the kernels' own benchmark figures
   measure (`flash_length_factor`), causal pairs only, backward at 2.5 × the forward FLOPs
   (FlashAttention's own convention, it recomputes the scores); eager: two batched GEMMs over the
   full s×s square and the softmax's s×s traffic at HBM bandwidth.
@@ -74,7 +75,6 @@ from typing_extensions import assert_never
 from archplan.analytic.attention import attended_pairs
 from archplan.analytic.s4 import log2_ceil
 from archplan.hardware import (
-    FLASH_IMPL_SPEED,
     GEMM_HALF_DIM,
     Accelerator,
     FlashImpl,
@@ -82,6 +82,7 @@ from archplan.hardware import (
     RingNics,
     flash_head_dim,
     flash_length_factor,
+    flash_speed,
 )
 from archplan.planning.cluster import (
     ACT_BYTES,
@@ -440,7 +441,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (qk + v)
                 # the family's long-sequence head-dim-128 rates, at this head dim and length
                 share = (1.0 if qk > 64 else rates.eff.attention_hd64) * flash_fraction(qk, window, seq, rates.flash)
-                fwd_speed, bwd_speed = FLASH_IMPL_SPEED[rates.flash]
+                fwd_speed, bwd_speed = flash_speed(rates.flash, qk)
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
                             else rates.eff.attention_fwd * share * fwd_speed)
                 bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
