@@ -417,28 +417,34 @@ def test_ep_overlap_hides_the_traced_share_and_dualpipe_all_it_can() -> None:
     assert ep_exposed(10.0, 100.0, frozenset({"dp", "tp", "pp"})) == 10.0
 
 
-def test_cudnn_attention_runs_at_its_measured_ratio_to_fa2() -> None:
-    """Shah et al. 2024 Fig. 5-6, H100 SXM5 at 16K tokens: cuDNN's fused attention at 539/335 of
-    FlashAttention-2's forward and 516/322 of its backward at head dim 128, 413/324 and 433/291 at
-    64; `--flash-impl cudnn` changes the attention core's time only, by those ratios and each
-    kernel's own short-sequence law. cuDNN takes head dims in multiples of 8, FA2 pads to 32."""
-    from archplan.hardware import accelerator, flash_head_dim, flash_length_factor, flash_speed, kernel_efficiency
+def _llama_3_8b_layer(gpu_key: str, impl: FlashImpl, kernel: str) -> Any:
+    """The priced first layer of Llama 3 8B at 4,096 tokens, one micro-batch, bf16, under one
+    FlashAttention implementation and attention kernel."""
+    from archplan.hardware import accelerator, kernel_efficiency
     from archplan.loader import load_spec
     from archplan.planning.cluster import model_data
     from archplan.planning.layout import Layout
     from archplan.planning.pricing import Pricer, rates_for
     from archplan.resolve import resolve
 
+    gpu = accelerator(gpu_key)
+    eff, _ = kernel_efficiency(gpu)
+    data = model_data(resolve(load_spec("llama-3-8b")), 4096)
+    return Pricer(data, rates_for(gpu, eff, None, "bf16", impl)).layers(Layout(mb=1), kernel)[0]
+
+
+def test_cudnn_attention_runs_at_its_measured_ratio_to_fa2() -> None:
+    """Shah et al. 2024 Fig. 5-6, H100 SXM5 at 16K tokens: cuDNN's fused attention at 539/335 of
+    FlashAttention-2's forward and 516/322 of its backward at head dim 128, 413/324 and 433/291 at
+    64; `--flash-impl cudnn` changes the attention core's time only, by those ratios and each
+    kernel's own short-sequence law. cuDNN takes head dims in multiples of 8, FA2 pads to 32."""
+    from archplan.hardware import flash_head_dim, flash_length_factor, flash_speed
+
     assert flash_speed("cudnn", 128) == (539 / 335, 516 / 322)
     assert flash_speed("cudnn", 64) == (413 / 324, 433 / 291)
     assert flash_speed("cudnn", 192) == flash_speed("cudnn", 128)
     assert (flash_head_dim(72, "cudnn"), flash_head_dim(72, "fa2")) == (72, 96)
-    gpu = accelerator("h100")
-    eff, _ = kernel_efficiency(gpu)
-    data = model_data(resolve(load_spec("llama-3-8b")), 4096)
-    layout = Layout(mb=1)
-    fa2, cudnn = (Pricer(data, rates_for(gpu, eff, None, "bf16", impl)).layers(layout, "flash")[0]
-                  for impl in ("fa2", "cudnn"))
+    fa2, cudnn = _llama_3_8b_layer("h100", "fa2", "flash"), _llama_3_8b_layer("h100", "cudnn", "flash")
     lengths = flash_length_factor(4096, "cudnn", 128) / flash_length_factor(4096, "fa2", 128)
     assert cudnn.attn_fwd == pytest.approx(fa2.attn_fwd * 335 / 539 / lengths)
     assert cudnn.attn_bwd == pytest.approx(fa2.attn_bwd * 322 / 516 / lengths)
@@ -475,26 +481,15 @@ def test_transformer_engine_runs_state_cudnn_attention() -> None:
 def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
     """Dao 2023 §4.1: FlashAttention-2 is ~1.3-1.5× faster than FlashAttention in Triton forward
     and ~2× backward; `--flash-impl triton` changes the attention core's time only."""
-    from archplan.hardware import accelerator, flash_length_factor, kernel_efficiency
-    from archplan.loader import load_spec
-    from archplan.planning.cluster import model_data
-    from archplan.planning.layout import Layout
-    from archplan.planning.pricing import Pricer, rates_for
-    from archplan.resolve import resolve
+    from archplan.hardware import flash_length_factor
 
-    gpu = accelerator("a100-80gb")
-    eff, _ = kernel_efficiency(gpu)
-    data = model_data(resolve(load_spec("llama-3-8b")), 4096)
-    layout = Layout(mb=1)
-    fa2, triton = (Pricer(data, rates_for(gpu, eff, None, "bf16", impl)).layers(layout, "flash")[0]
-                   for impl in ("fa2", "triton"))
+    fa2, triton = (_llama_3_8b_layer("a100-80gb", impl, "flash") for impl in ("fa2", "triton"))
     # each kernel also at its own short-sequence law (`test_short_sequences_price_...` below)
     lengths = flash_length_factor(4096, "fa2", 128) / flash_length_factor(4096, "triton", 128)
     assert triton.attn_fwd == pytest.approx(1.4 * fa2.attn_fwd * lengths)
     assert triton.attn_bwd == pytest.approx(2.0 * fa2.attn_bwd * lengths)
     assert (triton.gemm_fwd, triton.elem_fwd) == (fa2.gemm_fwd, fa2.elem_fwd)
-    eager = Pricer(data, rates_for(gpu, eff, None, "bf16", "triton")).layers(layout, "eager")[0]
-    assert eager == Pricer(data, rates_for(gpu, eff, None, "bf16", "fa2")).layers(layout, "eager")[0]
+    assert _llama_3_8b_layer("a100-80gb", "triton", "eager") == _llama_3_8b_layer("a100-80gb", "fa2", "eager")
 
 
 # Forward + backward TFLOP/s of causal attention, 16K tokens a batch, at 512 ... 16,384 tokens: the
