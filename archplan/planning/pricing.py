@@ -48,7 +48,8 @@ dp, pp, Megatron's default). TP, CP, EP and PP transfers sit in each micro-batch
 unless the run overlaps them ("tp", "ep", "dualpipe" in `overlap`: hidden behind that
 micro-batch's GEMMs / compute, TP at the SMs its overlap kernels take, `tp_overlap_cost`, the
 all-to-all in the share each schedule hides, `ep_exposed`; "pp": the interleaved
-schedule's steady-state transfers, `pp_exposed`). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-reduce /
+schedule's steady-state transfers, `pp_exposed`); the ring CP's K/V exchange always runs beside
+the attention (`ring_cp_exposed`). Data-parallel traffic ("dp", on by default: Megatron's --overlap-grad-reduce /
 --overlap-param-gather, FSDP's prefetch) hides behind the backward (gradients) and forward
 (parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
 
@@ -848,6 +849,15 @@ def ep_exposed(seconds: float, compute: float, overlap: frozenset[str]) -> float
     return seconds
 
 
+def ring_cp_exposed(seconds: float, attention: float) -> float:
+    """The ring context parallelism's K/V exchange left in the critical path: what the attention
+    beside it does not hide. Both ring implementations send the next K/V block before computing
+    over the current one: Transformer Engine's `AttnFuncWithCP` ("Split attention compute into
+    multiple steps, and overlap current-step compute with next-step communication", 1.8) and
+    torch's `_templated_ring_attention` (`rotater.exchange_buffers` before the step's attention)."""
+    return max(0.0, seconds - attention)
+
+
 def tp_overlap_cost(micro: _MicroBatch, layout: Layout, rates: Rates) -> float:
     """Seconds one micro-batch's GEMMs lose to overlapped TP communication (`--overlap tp`).
     Transformer Engine's userbuffers overlap (`initialize_ub`'s defaults) drives the forward
@@ -933,12 +943,16 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         records = _collectives(data, layout, stage, m, states, grad_reduce, cp_comm, overlap,
                                pricer.early_stop, per_layer=False)
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
-        grads = gathers = 0.0
+        grads = gathers = ring = 0.0
         for record in records:
             t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.sends_fp8,
                                     pricer.dispatcher)
                  if record.mesh_dim == "ep" else collective_time(record, layout, net, rates.eff))
             match record.mesh_dim:
+                case "cp" if record.kind in ("send", "recv"):
+                    # ring CP: a step's send and receive run at once (one batched isend/irecv),
+                    # so the sends alone take the link's time (`ring_cp_exposed`)
+                    ring += t if record.kind == "send" else 0.0
                 case "tp" | "cp" | "ep":
                     comm[record.mesh_dim] += t
                 case "pp":
@@ -953,6 +967,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
             comm["tp"] = (max(0.0, comm["tp"] - m * (micro.gemm_fwd + micro.gemm_bwd))
                           + m * tp_overlap_cost(micro, layout, rates))
         comm["ep"] = ep_exposed(comm["ep"], m * micro.total, overlap)
+        comm["cp"] += ring_cp_exposed(ring, m * (micro.attn_fwd + micro.attn_bwd))
         if "pp" in overlap and v > 1:
             comm["pp"] = pp_exposed(comm["pp"], micro, layout, m, stage)
         copies = (fsdp2_copy_bytes(records, states, grad_reduce, layout, m) + fsdp2_accumulation_bytes(
