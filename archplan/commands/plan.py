@@ -121,7 +121,9 @@ HELP = (
     "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100 --seq 8192 --global-batch-tokens 16M "
     "--layout tp=8,cp=1,pp=16,vpp=8,dp=128,ep=1,zero=1,recompute=none,mb=1\n\n"
     "  archplan plan deepseek-v3 --gpus 2048 --gpu h800 --seq 4096 --global-batch-tokens 60M "
-    "--precision fp8 --fp8-experts --fp8-dispatch --overlap dp,dualpipe"
+    "--precision fp8 --fp8-experts --fp8-dispatch --overlap dp,dualpipe\n\n"
+    "  archplan plan qwen3-235b-a22b --gpus 256 --gpu h100 --seq 32768 --global-batch-tokens 8M "
+    "--flash-impl cudnn --cp-comm ring --overlap dp,pp  (Megatron-Core with Transformer Engine)"
 )
 
 DEFAULT_BUDGET_SEQ = 8192
