@@ -654,3 +654,7 @@ def test_plan_flash_impl_option_reaches_the_model(capsys: pytest.CaptureFixture[
     from archplan.hardware import flash_length_factor
 
     assert data["efficiency"]["flash_fractions"] == [pytest.approx(flash_length_factor(8192, "cudnn", 128))]
+    # on A100 the cuDNN ratio is H100's, and Transformer Engine would run FlashAttention: said so
+    assert any("cudnn on A100" in note for note in data["notes"])
+    code, out, _ = run(capsys, monkeypatch, *args[:5], "h100", *args[6:], "--flash-impl", "cudnn")
+    assert code == 0 and not any("cudnn" in note for note in json.loads(out)["notes"])
