@@ -492,14 +492,17 @@ def test_cudnn_attention_on_b200_near_nvidias_measurement() -> None:
 
 def test_transformer_engine_runs_state_cudnn_attention() -> None:
     """Every NeMo, Megatron-Bridge and Megatron-Core run of the fixtures (Transformer Engine's
-    `DotProductAttention`, which prefers cuDNN's fused attention on Hopper and newer) is priced with
-    cuDNN's kernel; no other run is."""
+    `DotProductAttention`, which prefers cuDNN's fused attention on Hopper and newer, and whose
+    context parallelism is a ring unless told otherwise) is priced with cuDNN's kernel and the ring;
+    no other run is."""
     bench = load_benchmark("published_runs")
     for run in bench.load()["runs"]:
         te = run["name"].startswith(("NeMo", "Megatron-Bridge", "Megatron-MoE-ModelZoo"))
         assert (run.get("flash_impl", "fa2") == "cudnn") == te, run["name"]
-    blind = load_benchmark("blind_checks").load()["runs"]
-    assert all((run.get("flash_impl", "fa2") == "cudnn") == (run["source"] == "moe-modelzoo-h100") for run in blind)
+        assert (run.get("cp_comm", "all_gather") == "ring") == te, run["name"]
+    for run in load_benchmark("blind_checks").load()["runs"]:
+        te = run["source"] == "moe-modelzoo-h100"
+        assert (run.get("flash_impl", "fa2") == "cudnn") == te and (run.get("cp_comm", "all_gather") == "ring") == te
 
 
 def test_triton_flash_attention_runs_at_dao_2023_ratio_to_fa2() -> None:
