@@ -945,14 +945,16 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
         grads = gathers = ring = 0.0
         for record in records:
+            if record.mesh_dim == "cp" and record.kind == "recv":
+                # ring CP: a step's receive runs with its send (one batched isend/irecv), so the
+                # sends alone take the link's time (`ring_cp_exposed`)
+                continue
             t = (ep_all_to_all_time(record, layout, net, rates.eff, pricer.moe, rates.sends_fp8,
                                     pricer.dispatcher)
                  if record.mesh_dim == "ep" else collective_time(record, layout, net, rates.eff))
             match record.mesh_dim:
-                case "cp" if record.kind in ("send", "recv"):
-                    # ring CP: a step's send and receive run at once (one batched isend/irecv),
-                    # so the sends alone take the link's time (`ring_cp_exposed`)
-                    ring += t if record.kind == "send" else 0.0
+                case "cp" if record.kind == "send":
+                    ring += t
                 case "tp" | "cp" | "ep":
                     comm[record.mesh_dim] += t
                 case "pp":
