@@ -176,10 +176,15 @@ FLASH_IMPL_SPEED: dict[tuple[FlashImpl, int], tuple[float, float]] = {
 }
 
 
+def _head_dim_bucket(head_dim: int) -> int:
+    """The head dim whose measurements stand for `head_dim`: 64, or 128 for every wider head."""
+    return 64 if head_dim <= 64 else 128
+
+
 def flash_speed(impl: FlashImpl, head_dim: int) -> tuple[float, float]:
     """The forward and backward speed of `impl` relative to FlashAttention-2 at head dim `head_dim`
     as the kernel computes it (`FLASH_IMPL_SPEED`)."""
-    return FLASH_IMPL_SPEED[impl, 64 if head_dim <= 64 else 128]
+    return FLASH_IMPL_SPEED[impl, _head_dim_bucket(head_dim)]
 
 
 # A causal FlashAttention kernel is slower on short sequences: its diagonal tiles are half masked and
@@ -206,7 +211,7 @@ def flash_length_factor(length: int, impl: FlashImpl, head_dim: int) -> float:
     """The fraction of the family's FlashAttention rate a causal sequence of `length` tokens reaches
     at head dim `head_dim` as the kernel computes it (`FLASH_HALF_LENGTH`); 1 from 16,384 tokens on,
     the longest the figures measured."""
-    half = FLASH_HALF_LENGTH[impl, 64 if head_dim <= 64 else 128]
+    half = FLASH_HALF_LENGTH[impl, _head_dim_bucket(head_dim)]
     return min(1.0, length / (length + half) * (FLASH_RATE_LENGTH + half) / FLASH_RATE_LENGTH)
 
 

@@ -436,6 +436,8 @@ ZERO3_CAUTION_RANKS = 384
 
 
 def _notes(result: SearchResult) -> list[str]:
+    from archplan.hardware import FAMILY_OF
+
     notes = []
     if result.ranked:
         best = result.ranked[0].layout
@@ -450,7 +452,7 @@ def _notes(result: SearchResult) -> list[str]:
     if not result.calibrated:
         notes.append(f"no calibration for {result.gpu.name}: its kernel efficiencies are the Hopper "
                      "fractions scaled to its peak")
-    if result.settings.flash_impl == "cudnn" and result.kernels.family.startswith("ampere"):
+    if result.settings.flash_impl == "cudnn" and FAMILY_OF.get(result.gpu.key) == "ampere":
         # the ratio is H100's (Shah et al. 2024), and Transformer Engine runs FlashAttention on
         # sm80 (`get_attention_backend` prefers cuDNN's kernel from sm90 on)
         notes.append("--flash-impl cudnn on A100: cuDNN's attention is priced at its measured H100 ratio "
