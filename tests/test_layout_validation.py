@@ -308,6 +308,46 @@ def test_hierarchical_dispatch_sends_a_token_once_per_remote_node() -> None:
     assert auto < ep_all_to_all_time(big, wide, network, eff, deepseek, False, "nccl")
 
 
+# DeepEP's own table of its internode normal kernels on H800 (README of 2025-04-22, now docs/legacy.md):
+# nodes -> (dispatch, combine) GB/s of "RDMA" bandwidth, 4,096 tokens of hidden 7,168 per rank, top 8
+# of 256 experts in one group per node, min(nodes, 4) groups a token. Its test counts every node a
+# token reaches, its own included (`num_rdma_token_sent`), over the kernel's time.
+DEEPEP_H800_INTERNODE_GBS = {2: (43, 43), 4: (58, 57), 8: (51, 50)}
+
+
+@pytest.mark.parametrize("nodes", sorted(DEEPEP_H800_INTERNODE_GBS))
+def test_hierarchical_dispatch_prices_deepeps_measured_internode_bandwidth(nodes: int) -> None:
+    """The hierarchical pricing, unfitted, against DeepEP's measured table: within 6% at EP16, 32
+    and 64. EP16 is NVLink-bound on H800 (each GPU forwards 7 of a token's 8 copies at ~160 GB/s
+    while its NIC carries one); EP32 and EP64 are bound by the NIC at 0.9 of 50 GB/s. The table's
+    GB/s count the node a token starts on too, so they read nodes/(nodes − 1) times the NIC's."""
+    from archplan.hardware import accelerator, kernel_efficiency
+    from archplan.loader import load_spec
+    from archplan.planning.layout import Layout
+    from archplan.planning.parallel import interconnect
+    from archplan.planning.pricing import Network, ep_all_to_all_time, nodes_reached, uniform_moe
+    from archplan.planning.records import Collective
+    from archplan.resolve import resolve
+
+    deepseek = uniform_moe(resolve(load_spec("deepseek-v3")))
+    assert deepseek is not None
+    moe = replace(deepseek, n_group=nodes, topk_group=min(nodes, 4))
+    gpu = accelerator("h800")
+    eff, _ = kernel_efficiency(gpu)
+    net = interconnect(gpu)
+    network = Network(net.intra_node, net.inter_node, net.gpus_per_node)
+    ep = 8 * nodes
+    per_copy = 2 * 4096 * 7168  # one bf16 copy of the rank's tokens
+    record = Collective("all_to_all", "ep", ep, 8 * per_copy, 2, "dispatch + combine")
+    one_way = ep_all_to_all_time(record, Layout(dp=ep, ep=ep), network, eff, moe, False, "hierarchical") / 2
+    priced = nodes_reached(moe, nodes) * per_copy / one_way / 1e9
+    for measured in DEEPEP_H800_INTERNODE_GBS[nodes]:
+        assert priced == pytest.approx(measured, rel=0.06)
+    remote = nodes_reached(moe, nodes) * (nodes - 1) / nodes  # copies a token sends over IB
+    nvlink_bound = 8 * 7 / 8 / (net.intra_node * eff.intra_link) > remote / (net.inter_node * eff.inter_link)
+    assert nvlink_bound == (nodes == 2)
+
+
 def _megatron_moe_run(model: str, gpu_key: str, gpus: int, global_batch: int, layout_text: str,
                       precision: Precision, *, fp8_experts: bool = False, fp8_dispatch: bool = False,
                       gpus_per_node: int | None = None) -> Any:
