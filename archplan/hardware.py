@@ -150,6 +150,11 @@ class KernelEfficiency:
     fp8_split_acc: float = 1.0
     ring_nics: RingNics = "members"
 
+    def attention_share(self, head_dim: int) -> float:
+        """The fraction of the head-dim-128 FlashAttention rates a head of `head_dim` (as the kernel
+        computes it) reaches: `attention_hd64` in the head-dim-64 bucket, else all of them."""
+        return self.attention_hd64 if head_dim_bucket(head_dim) == 64 else 1.0
+
 
 # FlashAttention implementations: the FA2 kernel the family rates above describe, or another kernel
 # a run's framework picks instead, at its measured speed relative to FA2, forward and backward, per
@@ -176,7 +181,7 @@ FLASH_IMPL_SPEED: dict[tuple[FlashImpl, int], tuple[float, float]] = {
 }
 
 
-def _head_dim_bucket(head_dim: int) -> int:
+def head_dim_bucket(head_dim: int) -> int:
     """The head dim whose measurements stand for `head_dim`: 64, or 128 for every wider head."""
     return 64 if head_dim <= 64 else 128
 
@@ -184,7 +189,7 @@ def _head_dim_bucket(head_dim: int) -> int:
 def flash_speed(impl: FlashImpl, head_dim: int) -> tuple[float, float]:
     """The forward and backward speed of `impl` relative to FlashAttention-2 at head dim `head_dim`
     as the kernel computes it (`FLASH_IMPL_SPEED`)."""
-    return FLASH_IMPL_SPEED[impl, _head_dim_bucket(head_dim)]
+    return FLASH_IMPL_SPEED[impl, head_dim_bucket(head_dim)]
 
 
 # A causal FlashAttention kernel is slower on short sequences: its diagonal tiles are half masked and
@@ -211,7 +216,7 @@ def flash_length_factor(length: int, impl: FlashImpl, head_dim: int) -> float:
     """The fraction of the family's FlashAttention rate a causal sequence of `length` tokens reaches
     at head dim `head_dim` as the kernel computes it (`FLASH_HALF_LENGTH`); 1 from 16,384 tokens on,
     the longest the figures measured."""
-    half = FLASH_HALF_LENGTH[impl, _head_dim_bucket(head_dim)]
+    half = FLASH_HALF_LENGTH[impl, head_dim_bucket(head_dim)]
     return min(1.0, length / (length + half) * (FLASH_RATE_LENGTH + half) / FLASH_RATE_LENGTH)
 
 

@@ -441,7 +441,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                 qk, v = flash_head_dim(dqk, rates.flash), flash_head_dim(dv, rates.flash)
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (qk + v)
                 # the family's long-sequence head-dim-128 rates, at this head dim and length
-                share = (1.0 if qk > 64 else rates.eff.attention_hd64) * flash_fraction(qk, window, seq, rates.flash)
+                share = rates.eff.attention_share(qk) * flash_fraction(qk, window, seq, rates.flash)
                 fwd_speed, bwd_speed = flash_speed(rates.flash, qk)
                 fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
                             else rates.eff.attention_fwd * share * fwd_speed)
