@@ -68,6 +68,11 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("b200", "NVIDIA B200 (HGX) 180GB",
                 _tf(fp32=75, tf32=1100, bf16=2250, fp16=2250, fp8=4500, int8=4500),
                 7.7e12, 180 * 10**9, sms=148),
+    # a GB200 NVL72 rack's figures per GPU (NVIDIA's GB200 NVL72 datasheet: 360 PFLOPS bf16 and 720
+    # fp8 with sparsity over 72 GPUs, i.e. 2.5 and 5 PFLOPS dense; 13.4 TB of HBM3e at 576 TB/s)
+    Accelerator("gb200", "NVIDIA GB200 (NVL72) 186GB",
+                _tf(fp32=80, tf32=1250, bf16=2500, fp16=2500, fp8=5000, int8=5000),
+                8.0e12, 186 * 10**9, ("gb200-nvl72",), sms=148),
     Accelerator("l4", "NVIDIA L4 24GB",
                 _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5), 300e9, 24 * GiB, sms=58),
     Accelerator("l40s", "NVIDIA L40S 48GB",
@@ -98,7 +103,7 @@ def match_device_name(name: str) -> Accelerator | None:
     """Map a torch device name ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB') to a table entry, if any."""
     lowered = name.lower()
     for probe, key in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-sxm"), ("h800", "h800"),
-                       ("b200", "b200"), ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
+                       ("gb200", "gb200"), ("b200", "b200"), ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
                        ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"), ("mi300x", "mi300x"),
                        ("v100", "v100")):
         if probe in lowered:

@@ -308,6 +308,39 @@ def test_hierarchical_dispatch_sends_a_token_once_per_remote_node() -> None:
     assert auto < ep_all_to_all_time(big, wide, network, eff, deepseek, False, "nccl")
 
 
+
+def test_gb200_nvl72_is_one_nvlink_domain_of_72_gpus() -> None:
+    """GB200 NVL72 (NVIDIA's datasheet per GPU: 2.5 PFLOPS bf16 dense, 186 GB): its 72 GPUs share one
+    NVLink domain, so EP64 stays on NVLink (no IB leg) where on 8-GPU B200 nodes it crosses eight
+    nodes; a torch device named "NVIDIA GB200" is the GB200 entry, not B200; and it is priced
+    uncalibrated, with Hopper's fractions, like B200."""
+    from archplan.hardware import accelerator, kernel_efficiency, match_device_name
+    from archplan.loader import load_spec
+    from archplan.planning.layout import Layout
+    from archplan.planning.parallel import interconnect
+    from archplan.planning.pricing import Network, ep_all_to_all_time, uniform_moe
+    from archplan.planning.records import Collective
+    from archplan.resolve import resolve
+
+    gb200, b200 = accelerator("gb200"), accelerator("b200")
+    assert gb200.peak("bf16") == 2.5e15 and gb200.memory_bytes == 186 * 10**9
+    assert match_device_name("NVIDIA GB200") is gb200 and match_device_name("NVIDIA B200") is b200
+    eff, calibrated = kernel_efficiency(gb200)
+    assert not calibrated and eff.gemm == kernel_efficiency(b200)[0].gemm
+    net = interconnect(gb200)
+    assert net.gpus_per_node == 72 and net.intra_node == interconnect(b200).intra_node
+    moe = uniform_moe(resolve(load_spec("deepseek-v3")))
+    record = Collective("all_to_all", "ep", 64, 8 * 2 * 4096 * 7168, 2, "dispatch + combine")
+    layout = Layout(dp=64, ep=64)
+    rack = ep_all_to_all_time(record, layout, Network(net.intra_node, net.inter_node, 72), eff, moe,
+                              False, "hierarchical")
+    nvlink_only = 2 * (record.wire_bytes / (net.intra_node * eff.intra_link) + eff.latency)
+    assert rack == pytest.approx(nvlink_only)
+    b200_net = interconnect(b200)
+    nodes = ep_all_to_all_time(record, layout, Network(b200_net.intra_node, b200_net.inter_node, 8), eff,
+                               moe, False, "hierarchical")
+    assert nodes > 2 * rack
+
 # DeepEP's own table of its internode normal kernels on H800 (README of 2025-04-22, now docs/legacy.md):
 # nodes -> (dispatch, combine) GB/s of "RDMA" bandwidth, 4,096 tokens of hidden 7,168 per rank, top 8
 # of 256 experts in one group per node, min(nodes, 4) groups a token. Its test counts every node a

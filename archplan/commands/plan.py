@@ -901,7 +901,7 @@ def register(app: typer.Typer) -> None:
         tol: Annotated[float, typer.Option("--tol", help="Relative tolerance on each target.")] = 0.01,
         multiple: Annotated[int, typer.Option("--multiple", help="Solved widths are multiples of this.")] = 1,
         gpus: Annotated[int | None, typer.Option("--gpus", help="Number of GPUs.", rich_help_panel=LAYOUT_PANEL)] = None,
-        gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h800, h200, b200, mi300x, ...",
+        gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h800, h200, b200, gb200, mi300x, ...",
                                          rich_help_panel=LAYOUT_PANEL)] = "h100",
         global_batch_tokens: Annotated[str, typer.Option(
             "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.", rich_help_panel=LAYOUT_PANEL)] = "4M",

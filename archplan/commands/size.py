@@ -73,7 +73,7 @@ ActDTypeOpt = Annotated[ActDTypeChoice, typer.Option(
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: 20 per parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
-    "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, mi300x, ...")]
+    "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...")]
 MfuOpt = Annotated[float | None, typer.Option(
     "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4].", show_default=False)]
 LawOpt = Annotated[list[LawChoice] | None, typer.Option(

@@ -93,6 +93,9 @@ INTERCONNECTS: dict[str, Interconnect] = {
                          "~160 GB/s); IB 400 Gb/s"),
     "h200": Interconnect(450 * GB, 50 * GB, 8, "NVLink 4 900 GB/s bidir.; NDR IB 400 Gb/s"),
     "b200": Interconnect(900 * GB, 50 * GB, 8, "NVLink 5 1.8 TB/s bidir.; ConnectX-7 400 Gb/s"),
+    # NVL72: one NVLink domain of 72 GPUs (NVLink switches in the rack), so "node" is the rack here
+    "gb200": Interconnect(900 * GB, 50 * GB, 72, "NVLink 5 1.8 TB/s bidir. across the 72-GPU NVL72 "
+                          "domain; ConnectX-7 400 Gb/s per GPU"),
     "l4": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
     "l40s": Interconnect(32 * GB, 25 * GB, 8, "PCIe 4 x16 32 GB/s; 200 Gb/s"),
     "rtx4090": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
