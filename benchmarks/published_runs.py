@@ -62,6 +62,9 @@ class Row:
     constraint_reason: str
     constrained_best: float | None  # the search's best under that constraint
     constrained_layout: str | None
+    # why the model's memory disagrees with a published run's (a mechanism it does not price),
+    # empty where it agrees; docs/validation.md states each
+    memory_miss: str = ""
 
     @property
     def error(self) -> float | None:
@@ -153,7 +156,8 @@ def evaluate_run(run: dict[str, Any], models: dict[str, Any], sizes: dict[str, l
     return Row(run["name"], bool(run.get("holdout", False)), best.layout.label, searched,
                published_tokens(run, plan), best.tokens_per_s_per_gpu, best.fits,
                bool(run.get("fits", True)), best.memory.total / (1 << 30), best.mfu, *found[0],
-               run.get("constraints", ""), run.get("constraint_reason", ""), *found[1])
+               run.get("constraints", ""), run.get("constraint_reason", ""), *found[1],
+               run.get("memory_miss", ""))
 
 
 def load() -> dict[str, Any]:
@@ -228,7 +232,7 @@ def markdown(found: list[Row]) -> None:
         searched = f" ({', '.join(r.searched)})" if r.searched else ""
         fit = ("yes" if r.fits else "**no**") + f" ({r.memory_gib:.1f})"
         if r.fits != r.expected_fit:
-            fit += " — published the other way"
+            fit += " — published the other way" + (f" ({r.memory_miss})" if r.memory_miss else "")
         pub = f"{r.published:,.1f}" if r.published is not None else "OOM (source)"
         print(f"| {r.name} | {'holdout' if r.holdout else 'visible'} | {r.layout}{searched} | {pub} | "
               f"{r.predicted:,.1f} | {_pct(r.error)} | {fit} | {r.mfu:.1%} |")

@@ -778,9 +778,10 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
             ("llama-3-8b", "h200", "zero", HELD_OUT_BY_ENGINE["hopper", "megatron"], True),
             ("llama-3-8b", "a100", "megatron", HELD_OUT_BY_ENGINE["ampere", "megatron"], True),
             ("llama-3-8b", "a100", "fsdp2", HELD_OUT_BY_ENGINE["ampere", "torch"], True),
-            # too few B200 runs to split (4 dense, all Megatron-style): the family's, whatever the engine
+            # the B200 and GB200 runs are all Megatron-style: the family's under PyTorch's engine
             ("llama-3-8b", "b200", "fsdp2", HELD_OUT[UNCALIBRATED], True),
-            ("llama-3-8b", "mi300x", "megatron", HELD_OUT[UNCALIBRATED], False),
+            ("llama-3-8b", "gb200", "megatron", HELD_OUT_BY_ENGINE[UNCALIBRATED, "megatron"], True),
+            ("llama-3-8b", "mi300x", "megatron", HELD_OUT_BY_ENGINE[UNCALIBRATED, "megatron"], False),
             ("mixtral-8x7b", "h200", "megatron", HELD_OUT_MOE, True),
             ("mixtral-8x7b", "a100", "megatron", HELD_OUT_MOE, False)):
         gpus = "32" if model == "mixtral-8x7b" else "8"  # Mixtral's 47 B parameters fit on 32 A100s
@@ -806,7 +807,7 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
         missing = f"no published run{' of an MoE model' if a.moe else ''} on the {accelerator(gpu).name} was held out"
         assert (missing in text) is not same
         # the efficiency line's bracketed tag survives rich's markup
-        assert ("[not calibrated on this GPU]" in text) is (gpu in ("b200", "mi300x"))
+        assert ("[not calibrated on this GPU]" in text) is (gpu in ("b200", "gb200", "mi300x"))
 
 
 

@@ -119,21 +119,21 @@ def for_plan(gpu: Accelerator, engine: Engine, moe: bool) -> HeldOutAccuracy:
     return HELD_OUT_BY_ENGINE.get((family(gpu), engine), HELD_OUT[family(gpu)])
 
 
-# benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-02): the dense
+# benchmarks/mosaicml_benchmarks.py's `accuracy()` on the model as it stands (2026-12-03): the dense
 # models' runs per family
 HELD_OUT: dict[str, HeldOutAccuracy] = {
     "ampere": HeldOutAccuracy(runs=155, median=0.049, p90=0.155, bias=-0.022, low=-0.135, high=0.171,
                               gpus="A100"),
     "hopper": HeldOutAccuracy(runs=101, median=0.053, p90=0.155, bias=0.049, low=-0.032, high=0.173,
                               gpus="H100"),
-    UNCALIBRATED: HeldOutAccuracy(runs=4, median=0.158, p90=0.174, bias=0.158, low=0.126, high=0.175,
-                                  gpus="B200"),
+    UNCALIBRATED: HeldOutAccuracy(runs=18, median=0.2, p90=0.237, bias=0.2, low=0.12, high=0.252,
+                                  gpus="B200/GB200"),
 }
-# the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100 and B200)
-HELD_OUT_MOE = HeldOutAccuracy(runs=39, median=0.187, p90=0.808, bias=0.161, low=-0.181, high=1.504,
-                               gpus="B200/H100/H800", moe=True)
-# benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-02): the
-# dense models' runs split by the engine of their states; the B200 runs (4, all Megatron-style) are too few
+# the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100, B200 and GB200)
+HELD_OUT_MOE = HeldOutAccuracy(runs=60, median=0.142, p90=0.589, bias=0.047, low=-0.156, high=1.36,
+                               gpus="B200/GB200/H100/H800", moe=True)
+# benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-03): the
+# dense models' runs split by the engine of their states (the B200 and GB200 runs all Megatron-style)
 HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
     ("ampere", "megatron"): HeldOutAccuracy(runs=13, median=0.059, p90=0.173, bias=0.059, low=-0.026,
                                             high=0.183, gpus="A100", engine="megatron"),
@@ -143,4 +143,6 @@ HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
                                             high=0.158, gpus="H100", engine="megatron"),
     ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.048, p90=0.157, bias=0.048, low=-0.021,
                                          high=0.174, gpus="H100", engine="torch"),
+    (UNCALIBRATED, "megatron"): HeldOutAccuracy(runs=18, median=0.2, p90=0.237, bias=0.2, low=0.12,
+                                                high=0.252, gpus="B200/GB200", engine="megatron"),
 }
