@@ -265,6 +265,11 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
         fp8_split_acc=1.15),
 }
 
+# GPUs whose fp8 tensor cores take only the "TN" layout, so that Transformer Engine keeps a transposed
+# copy of an fp8 tensor for the backward's GEMMs: its `is_non_tn_fp8_gemm_supported()` is true for
+# compute capability 10.x and 13.0 on (Blackwell data-centre parts), false for Hopper (9.0) and Ada (8.9).
+FP8_TN_ONLY: frozenset[str] = frozenset({"h100-sxm", "h100-pcie", "h200", "h800", "l4", "l40s", "rtx4090"})
+
 # Families without a calibration fall back to the Hopper fractions (stated in the output).
 FAMILY_OF: dict[str, str] = {
     "a100-40gb": "ampere", "a100-80gb": "ampere",

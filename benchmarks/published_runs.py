@@ -62,9 +62,6 @@ class Row:
     constraint_reason: str
     constrained_best: float | None  # the search's best under that constraint
     constrained_layout: str | None
-    # why the model's memory disagrees with a published run's (a mechanism it does not price),
-    # empty where it agrees; docs/validation.md states each
-    memory_miss: str = ""
 
     @property
     def error(self) -> float | None:
@@ -127,7 +124,8 @@ def evaluate_run(run: dict[str, Any], models: dict[str, Any], sizes: dict[str, l
                         cp_comm=run.get("cp_comm", "all_gather"),
                         dispatcher=run.get("dispatcher", "auto"),
                         fp8_experts=run.get("fp8_experts", False),
-                        fp8_dispatch=run.get("fp8_dispatch", False))
+                        fp8_dispatch=run.get("fp8_dispatch", False),
+                        fp8_params=run.get("fp8_params", False))
     net = interconnect(gpu)
     tokens = run["batch"] * run["seq"]
     # a layout complete but for vpp defaults to vpp = 1 (PartialLayout.complete); an unstated vpp
@@ -156,8 +154,7 @@ def evaluate_run(run: dict[str, Any], models: dict[str, Any], sizes: dict[str, l
     return Row(run["name"], bool(run.get("holdout", False)), best.layout.label, searched,
                published_tokens(run, plan), best.tokens_per_s_per_gpu, best.fits,
                bool(run.get("fits", True)), best.memory.total / (1 << 30), best.mfu, *found[0],
-               run.get("constraints", ""), run.get("constraint_reason", ""), *found[1],
-               run.get("memory_miss", ""))
+               run.get("constraints", ""), run.get("constraint_reason", ""), *found[1])
 
 
 def load() -> dict[str, Any]:
@@ -232,7 +229,7 @@ def markdown(found: list[Row]) -> None:
         searched = f" ({', '.join(r.searched)})" if r.searched else ""
         fit = ("yes" if r.fits else "**no**") + f" ({r.memory_gib:.1f})"
         if r.fits != r.expected_fit:
-            fit += " — published the other way" + (f" ({r.memory_miss})" if r.memory_miss else "")
+            fit += " — published the other way"
         pub = f"{r.published:,.1f}" if r.published is not None else "OOM (source)"
         print(f"| {r.name} | {'holdout' if r.holdout else 'visible'} | {r.layout}{searched} | {pub} | "
               f"{r.predicted:,.1f} | {_pct(r.error)} | {fit} | {r.mfu:.1%} |")

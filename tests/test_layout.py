@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
-from archplan.hardware import KERNEL_EFFICIENCY, accelerator, kernel_efficiency
+from archplan.hardware import FP8_TN_ONLY, KERNEL_EFFICIENCY, accelerator, kernel_efficiency
 from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning.cluster import (
     DEEPSPEED,
@@ -204,6 +204,44 @@ def test_flat_and_fsdp2_shards_pad_as_their_frameworks() -> None:
     # FSDP2's replicate (zero 0): everything whole
     z0 = rank_memory(plan, Layout(dp=dp, zero=0), 1024, microbatches=1, states=FSDP2)
     assert (z0.parameters, z0.gradients, z0.optimizer) == (4 * n, 4 * n, 8 * n)
+
+
+def test_fp8_primary_weights_keep_the_gemm_weights_in_one_byte() -> None:
+    """Megatron-Core's FP8 primary weights (`--fp8-params`): Llama 3 8B's 32 layers hold 7 GEMM weight
+    matrices each (q, k, v, o, gate, up, down), kept and gathered in fp8; the embedding, the head and
+    the norms stay bf16, and the gradients and optimizer states do not change."""
+    plan = _plan("llama-3-8b")
+    h, kv, ff = 4096, 1024, 14336
+    gemm = 32 * (2 * h * h + 2 * h * kv + 3 * h * ff)
+    fp8 = MEGATRON.with_fp8_weights()
+    layout = Layout(dp=8, zero=1)
+    bf16 = rank_memory(plan, layout, 4096, microbatches=1, states=MEGATRON)
+    kept = rank_memory(plan, layout, 4096, microbatches=1, states=fp8)
+    assert bf16.parameters - kept.parameters == gemm
+    assert (kept.gradients, kept.optimizer, kept.activations) == (bf16.gradients, bf16.optimizer, bf16.activations)
+    sharded = Layout(dp=8, zero=3)
+    assert (rank_memory(plan, sharded, 4096, microbatches=1, states=MEGATRON).parameters
+            - rank_memory(plan, sharded, 4096, microbatches=1, states=fp8).parameters) == 32 * math.ceil(
+        (2 * h * h + 2 * h * kv + 3 * h * ff) / 8)
+
+    def gathered(states: StatesConvention) -> int:
+        return sum(c.bytes for c in step_collectives(plan, layout, 4096, microbatches=1, states=states)
+                   if c.kind == "all_gather" and c.mesh_dim == "dp")
+
+    assert gathered(MEGATRON) - gathered(fp8) == sum(8 * math.ceil(n / 8) for n in [gemm // 32] * 32)
+    # on a GPU whose fp8 GEMMs take only "TN" (Hopper), each fp8 weight keeps its transpose: two
+    # bytes at rest, as in bf16, though it is still gathered in one
+    hopper = fp8.on_gpu(True)
+    assert rank_memory(plan, layout, 4096, microbatches=1, states=hopper).parameters == bf16.parameters
+    assert gathered(hopper) == gathered(fp8) and MEGATRON.on_gpu(True) is MEGATRON
+    assert "h100-sxm" in FP8_TN_ONLY and "b200" not in FP8_TN_ONLY and "gb200" not in FP8_TN_ONLY
+    with pytest.raises(ArchplanError, match="--states megatron"):
+        FSDP2.with_fp8_weights()
+    with pytest.raises(ArchplanError, match="remainders"):
+        MEGATRON.with_optimizer(4, True).with_fp8_weights()
+    with pytest.raises(ArchplanError, match="--precision fp8"):
+        Settings(fp8_params=True)
+    assert Settings(precision="fp8", fp8_params=True).states.fp8_weights
 
 
 def test_fsdp2_compute_copies_are_temporary() -> None:

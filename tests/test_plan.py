@@ -942,3 +942,29 @@ def test_an_moe_layout_priced_under_the_h100_host_floor_says_so(
         code, out, _ = run(capsys, monkeypatch, "plan", *argv, "--seq", "4096", "--global-batch-tokens",
                            "8388608", "--json")
         assert code == 0 and not any("a layer pass" in note for note in json.loads(out)["notes"])
+
+
+def test_fp8_params_keeps_the_gemm_weights_in_fp8_where_megatron_core_can(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--fp8-params` (Megatron-Core's FP8 primary weights): on B200 the parameters take a byte per
+    GEMM weight, on H100 two (the transpose Transformer Engine keeps there) though they are gathered
+    in one; the output says so; without --precision fp8, or under --states fsdp2, a one-line error."""
+    base = ["plan", "llama-3-70b", "--gpus", "64", "--seq", "8192", "--global-batch-tokens", "2M",
+            "--layout", "tp=4,pp=2,cp=1,dp=8,zero=1,recompute=full,mb=1", "--precision", "fp8", "--json"]
+
+    def parameters(gpu: str, *extra: str) -> tuple[float, str]:
+        code, out, _ = run(capsys, monkeypatch, *base, "--gpu", gpu, *extra)
+        found = json.loads(out)
+        assert code == 0 and found["fp8_params"] == ("--fp8-params" in extra)
+        return found["layouts"][0]["memory"]["parameters"], found["states"]["description"]
+
+    b200, _ = parameters("b200")
+    b200_fp8, said = parameters("b200", "--fp8-params")
+    assert 0.5 < b200_fp8 / b200 < 0.55 and said.endswith("GEMM weights in fp8 (1 B)")
+    h100, _ = parameters("h100")
+    h100_fp8, said = parameters("h100", "--fp8-params")
+    assert h100_fp8 == h100 and said.endswith("GEMM weights in fp8 (1 B + its 1 B transpose)")
+    for argv, why in ((["--precision", "bf16"], "needs --precision fp8"),
+                      (["--states", "fsdp2"], "--states megatron")):
+        code, _, err = run(capsys, monkeypatch, *base, "--gpu", "h100", "--fp8-params", *argv)
+        assert code == 2 and why in err and "Traceback" not in err

@@ -18,6 +18,7 @@ from archplan.errors import ArchplanError
 
 if TYPE_CHECKING:
     from archplan.planning.accuracy import HeldOutAccuracy
+    from archplan.planning.cluster import StatesConvention
     from archplan.planning.design import Design
     from archplan.planning.optimal import Optimum
     from archplan.planning.parallel import Evaluated, RailBound, SearchResult, Settings
@@ -540,6 +541,13 @@ def _all_notes(result: SearchResult, bound: RailBound | None, host_note: str | N
             + ([_network_note(result, bound)] if bound else []))
 
 
+def _states_on_gpu(result: SearchResult) -> StatesConvention:
+    """The states as `result`'s GPU keeps them (`cluster.StatesConvention.on_gpu`)."""
+    from archplan.hardware import FP8_TN_ONLY
+
+    return result.settings.states.on_gpu(result.gpu.key in FP8_TN_ONLY)
+
+
 def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
     if bound is None:
         return None
@@ -636,13 +644,14 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "optimizer_moment_bytes": settings.states.moment_bytes,
                    "master_bytes": settings.states.master_bytes,
-                   "description": settings.states.description},
+                   "description": _states_on_gpu(result).description},
         "attention_kernel": settings.attention_kernel,
         "grad_reduce_bytes": settings.reduce_bytes,
         "cp_comm": settings.cp_comm,
         "dispatcher": settings.dispatcher,
         "fp8_experts": settings.fp8_experts,
         "fp8_dispatch": settings.fp8_dispatch,
+        "fp8_params": settings.fp8_params,
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
         "flash_impl": settings.flash_impl,
@@ -809,7 +818,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
               + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
     sent = "" if settings.precision != "fp8" else ", fp8 tokens" if settings.fp8_dispatch else ", bf16 tokens"
-    console.print(f"  states: {settings.states.description}; gradients reduced in "
+    console.print(f"  states: {_states_on_gpu(result).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
                   f"full recompute {recompute}{eager}; loss "
@@ -859,7 +868,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
     "a layout search": _ANSWERED | {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
-        "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "flash_impl",
+        "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "fp8_params", "flash_impl",
         "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -961,6 +970,12 @@ def register(app: typer.Typer) -> None:
             help="Under --precision fp8, whether the MoE dispatch sends the tokens in fp8, quantized once "
             "before it (DeepSeek-V3's DeepEP), or in bf16, each routed copy quantized by the experts "
             "(Megatron-Core's dispatchers until 2026-08).", rich_help_panel=MODEL_PANEL)] = False,
+        fp8_params: Annotated[bool, typer.Option(
+            "--fp8-params/--bf16-params",
+            help="Under --precision fp8 and --states megatron, whether the GEMM weights are kept and gathered in "
+            "fp8, one byte each (Megatron-Core's FP8 primary weights, --fp8-param-gather, on in Megatron-Bridge's "
+            "fp8 recipes), or in bf16. The embedding, LM head, norms and routers stay bf16.",
+            rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1030,7 +1045,7 @@ def register(app: typer.Typer) -> None:
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
-                                 master_weights, dispatcher, fp8_experts, fp8_dispatch)
+                                 master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1109,7 +1124,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
               master_weights: MasterChoice = MasterChoice.fp32,
               dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False,
-              fp8_dispatch: bool = False) -> Settings:
+              fp8_dispatch: bool = False, fp8_params: bool = False) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, STATES
     from archplan.planning.parallel import Settings
 
@@ -1136,7 +1151,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         moments=optimizer_moments.bytes,
         master_remainders=master_weights is MasterChoice.remainders,
         dispatcher=dispatcher.value,  # type: ignore[arg-type]
-        fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch,
+        fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch, fp8_params=fp8_params,
     )
 
 

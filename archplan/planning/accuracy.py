@@ -124,9 +124,9 @@ def for_plan(gpu: Accelerator, engine: Engine, moe: bool) -> HeldOutAccuracy:
 HELD_OUT: dict[str, HeldOutAccuracy] = {
     "ampere": HeldOutAccuracy(runs=155, median=0.049, p90=0.155, bias=-0.022, low=-0.135, high=0.171,
                               gpus="A100"),
-    "hopper": HeldOutAccuracy(runs=101, median=0.053, p90=0.155, bias=0.049, low=-0.032, high=0.173,
+    "hopper": HeldOutAccuracy(runs=101, median=0.054, p90=0.155, bias=0.051, low=-0.032, high=0.173,
                               gpus="H100"),
-    UNCALIBRATED: HeldOutAccuracy(runs=18, median=0.2, p90=0.237, bias=0.2, low=0.12, high=0.252,
+    UNCALIBRATED: HeldOutAccuracy(runs=18, median=0.203, p90=0.237, bias=0.203, low=0.12, high=0.252,
                                   gpus="B200/GB200"),
 }
 # the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100, B200 and GB200)
@@ -139,10 +139,10 @@ HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
                                             high=0.183, gpus="A100", engine="megatron"),
     ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.047, p90=0.145, bias=-0.028, low=-0.137,
                                          high=0.163, gpus="A100", engine="torch"),
-    ("hopper", "megatron"): HeldOutAccuracy(runs=24, median=0.06, p90=0.149, bias=0.06, low=-0.042,
+    ("hopper", "megatron"): HeldOutAccuracy(runs=24, median=0.062, p90=0.151, bias=0.062, low=-0.042,
                                             high=0.158, gpus="H100", engine="megatron"),
     ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.048, p90=0.157, bias=0.048, low=-0.021,
                                          high=0.174, gpus="H100", engine="torch"),
-    (UNCALIBRATED, "megatron"): HeldOutAccuracy(runs=18, median=0.2, p90=0.237, bias=0.2, low=0.12,
+    (UNCALIBRATED, "megatron"): HeldOutAccuracy(runs=18, median=0.203, p90=0.237, bias=0.203, low=0.12,
                                                 high=0.252, gpus="B200/GB200", engine="megatron"),
 }

@@ -173,7 +173,7 @@ from archplan.analytic.memory import RECOMPUTE_MODES, Recompute, activation_memo
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, pipeline_chunks, round_size
 from archplan.planning.records import Collective, RankMemory
-from archplan.planning.shards import Tensor, first_tensors, last_tensors, layer_tensors
+from archplan.planning.shards import Tensor, first_tensors, fp8_weight, last_tensors, layer_tensors
 from archplan.planning.zero3_fetch import Module, fetch_counts, modules, peak_gathered
 from archplan.resolve import (
     AttentionPlan,
@@ -211,6 +211,7 @@ OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep", "dualpipe")
 # the two ways a run hides the MoE all-to-all behind compute (`pricing.ep_exposed` prices each)
 EP_OVERLAPS: frozenset[Overlap] = frozenset({"ep", "dualpipe"})
 ACT_BYTES = 2
+FP8_BYTES = 1
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 PROB_BYTES = 4  # an MoE router's routing probabilities, fp32 (Megatron-Core's `moe_router_dtype`)
 LOGIT_BYTES = 4
@@ -249,6 +250,13 @@ class StatesConvention:
     master_remainders: bool = False
     # HBM bytes the Adam step reads and writes per parameter it holds (`pricing.price`)
     step_bytes: int = ADAM_STEP_BYTES
+    # the GEMM weights kept and gathered in fp8 (`with_fp8_weights`: Megatron-Core's FP8 primary
+    # weights); only the conventions whose engine offers it may
+    fp8_weights: bool = False
+    fp8_weights_offered: bool = False
+    # bytes at rest of a weight kept in fp8: 1, or 2 where the GPU's fp8 GEMMs take only the "TN"
+    # layout and Transformer Engine keeps each weight's transpose beside it (`on_gpu`)
+    fp8_weight_bytes: int = FP8_BYTES
 
     @property
     def optimizer_bytes(self) -> int:
@@ -295,6 +303,34 @@ class StatesConvention:
         return replace(self, master_bytes=master, moment_bytes=moment_bytes,
                        step_bytes=self.step_bytes - narrower + (ACT_BYTES if remainders else 0)).described()
 
+    def with_fp8_weights(self) -> StatesConvention:
+        """The convention with the GEMM weights kept in fp8, one byte each, and gathered so:
+        Megatron-Core's FP8 primary weights (`--fp8-param-gather`; Megatron-Core's MoE guide: "Casts
+        FP32 master weights directly to FP8, eliminating BF16 intermediate copy", and the parameter
+        all-gather halves). The weights of Transformer Engine's linears become fp8 tensors; the
+        embedding, the LM head, norms, biases and routers stay bf16 (`shards.fp8_weight`). The
+        fp32 master, the gradients and Adam's moments do not change."""
+        if not self.fp8_weights_offered:
+            raise ArchplanError(
+                f"--fp8-params is not a choice under --states {self.key}: it is Megatron-Core's FP8 primary "
+                "weights (--fp8-param-gather), --states megatron")
+        if self.master_bytes == REMAINDER_BYTES:
+            raise ArchplanError("--fp8-params and --master-weights remainders do not go together: the "
+                                "remainders complete a bf16 weight, and fp8 primary weights keep none")
+        return replace(self, fp8_weights=True,
+                       description=self.description + "; GEMM weights in fp8 (1 B)")
+
+    def on_gpu(self, fp8_tn_only: bool) -> StatesConvention:
+        """The convention on a GPU whose fp8 GEMMs take only the "TN" layout (Hopper, Ada): there
+        Transformer Engine keeps each fp8 weight's transpose beside it for the backward's GEMMs
+        (`Float8TensorStorage.update_usage`: the transpose is needed unless
+        `is_non_tn_fp8_gemm_supported()`, true from sm100), so a weight kept in fp8 takes 2 bytes at
+        rest, as in bf16; it is still gathered in one (the transpose is made after the gather)."""
+        if not (self.fp8_weights and fp8_tn_only):
+            return self
+        return replace(self, fp8_weight_bytes=2 * FP8_BYTES,
+                       description=self.description.replace("(1 B)", "(1 B + its 1 B transpose)"))
+
     def described(self) -> StatesConvention:
         """The convention with its description restated from its bytes (after `reducing_in` or
         `with_optimizer` changed them); the base conventions keep their own words."""
@@ -315,7 +351,7 @@ ZERO = StatesConvention("zero", 2, 2, 4, 4, False, False, 0, "megatron",
 MEGATRON = StatesConvention("megatron", 2, 4, 4, 4, False, False, 0, "megatron",
                             "bf16 weights + fp32 main grads + fp32 master, m, v = 18 B/param "
                             "(Megatron-LM)", grads_in_reduce_dtype=True, narrow_moments=True,
-                            master_remainders=True)
+                            master_remainders=True, fp8_weights_offered=True)
 FSDP2 = StatesConvention("fsdp2", 4, 4, 0, 4, True, True, 2, "torch",
                          "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
                          "unsharded compute copies as temporary (torch FSDP2 mixed precision)")
@@ -448,6 +484,8 @@ class ModelData:
         self._activations: dict[tuple[object, ...], int] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
+        self._fp8_numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        self._stage_fp8: dict[tuple[int, ...], tuple[int, int]] = {}
         self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int], int]] = {}
         self._modules: dict[tuple[int | End, int, int], list[tuple[Module, tuple[Tensor, ...]]]] = {}
 
@@ -465,6 +503,22 @@ class ModelData:
             pairs = [_local_numel(t, tp, ep) for t in self.layer_tensors]
             self._numel[key] = ([d for d, _ in pairs], [e for _, e in pairs])
         return self._numel[key]
+
+    def fp8_numel(self, tp: int, ep: int) -> tuple[list[int], list[int]]:
+        """Per layer, (dense, expert) elements on tp/ep rank 0 of the weights FP8 primary weights
+        keep in fp8 (`shards.fp8_weight`)."""
+        key = (tp, ep)
+        if key not in self._fp8_numel:
+            pairs = [_local_fp8_numel(t, tp, ep) for t in self.layer_tensors]
+            self._fp8_numel[key] = ([d for d, _ in pairs], [e for _, e in pairs])
+        return self._fp8_numel[key]
+
+    def stage_fp8(self, layout: Layout, stage: int) -> tuple[int, int]:
+        """`_stage_fp8`, once per split."""
+        key = (layout.tp, layout.ep, layout.dp * layout.cp, layout.pp, layout.vpp, stage)
+        if key not in self._stage_fp8:
+            self._stage_fp8[key] = _stage_fp8(self, layout, stage)
+        return self._stage_fp8[key]
 
     def fsdp(self, tp: int, ep: int, dp: int, edp: int) -> tuple[list[int], list[int]]:
         """Per layer, (dense, expert) elements of FSDP2's padded dim-0 shards on rank 0."""
@@ -805,6 +859,12 @@ def _local_numel(tensors: tuple[Tensor, ...], tp: int, ep: int) -> tuple[int, in
 
 
 @lru_cache(maxsize=65536)
+def _local_fp8_numel(tensors: tuple[Tensor, ...], tp: int, ep: int) -> tuple[int, int]:
+    """`_local_numel` of the weights FP8 primary weights keep in fp8 (`shards.fp8_weight`)."""
+    return _local_numel(tuple(t for t in tensors if fp8_weight(t)), tp, ep)
+
+
+@lru_cache(maxsize=65536)
 def _fsdp_numel(tensors: tuple[Tensor, ...], tp: int, ep: int, dp: int, edp: int) -> tuple[int, int]:
     """(dense, expert) elements of FSDP2's padded dim-0 shards of these tensors (rank 0)."""
     dense = expert = 0
@@ -1083,6 +1143,21 @@ def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool)
     return dense + expert, shard_dense + shard_expert, biggest_layer, tuple(per_chunk)
 
 
+def _stage_fp8(data: ModelData, layout: Layout, stage: int) -> tuple[int, int]:
+    """Elements of rank 0 of pipeline rank `stage` that FP8 primary weights keep in fp8: (whole, its
+    data-parallel shard of the flat buffers), as `_stage_params` counts them."""
+    tp, ep, dp, edp = layout.tp, layout.ep, layout.dp * layout.cp, layout.expert_dp
+    fp8_d, fp8_e = data.fp8_numel(tp, ep)
+    whole = shard = 0
+    for chunk in rank_chunks(len(data.plan.layers), layout, stage):
+        d, e = _local_fp8_numel(data.ends(chunk.first, chunk.last, layout.pp), tp, ep)
+        d += sum(fp8_d[chunk.layers.start:chunk.layers.stop])
+        e += sum(fp8_e[chunk.layers.start:chunk.layers.stop])
+        whole += d + e
+        shard += math.ceil(d / dp) + math.ceil(e / edp)
+    return whole, shard
+
+
 def _accumulated_embedding_extra(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
                                  states: StatesConvention) -> int:
     """Elements FSDP2 accumulates of the embedding's gradient beyond the rank's vocabulary rows.
@@ -1121,6 +1196,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     # backward reduce-scatters each unit's gradient as it is produced (the module docstring)
     grads_sharded = zero >= 2 or (zero == 1 and states.params_always_sharded and microbatches == 1)
     parameters = states.param_bytes * (shard if params_sharded else full)
+    if states.fp8_weights:  # one byte for each weight kept in fp8 (`StatesConvention.with_fp8_weights`)
+        fp8_full, fp8_shard = data.stage_fp8(layout, stage)
+        parameters -= (states.param_bytes - states.fp8_weight_bytes) * (fp8_shard if params_sharded else fp8_full)
     embedding_extra = _accumulated_embedding_extra(data, layout, chunks, microbatches, states)
     if (zero == 1 and states.params_always_sharded and layout.vpp > 1
             and 1 < microbatches <= round_size(layout, microbatches)):
@@ -1244,18 +1322,23 @@ def _kv_bytes(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> int:
 
 def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout: Layout, m: int,
                states: StatesConvention, grad_reduce: int, overlappable: bool,
-               fetches: dict[int, tuple[int, int]] | None = None) -> list[Collective]:
+               fetches: dict[int, tuple[int, int]] | None = None,
+               fp8: tuple[int, int] = (0, 0)) -> list[Collective]:
     """Gradient reduction and parameter gathers of `local` (dense, expert) elements whose FSDP2
     shards are `fsdp`. `fetches` (ZeRO-3 fetched per module): gathers per micro-batch -> the
-    (dense, expert) elements gathered that many times, instead of every element twice."""
+    (dense, expert) elements gathered that many times, instead of every element twice. `fp8`: of
+    `local`, the elements FP8 primary weights gather in one byte (`StatesConvention.fp8_weights`)."""
     groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, False),
               ("expert_dp", layout.expert_dp, True))
     zero = layout.zero
     out: list[Collective] = []
-    for (mesh, size, expert), n, shard in zip(groups, local, fsdp):
+    for (mesh, size, expert), n, shard, in_fp8 in zip(groups, local, fsdp, fp8):
         if n == 0 or size == 1:
             continue
         padded = (shard if states.per_tensor else math.ceil(n / size)) * size
+        # the gathered parameters' bytes: bf16, but one byte for each weight kept in fp8
+        gathered_bytes = padded * ACT_BYTES - (
+            (ACT_BYTES - FP8_BYTES) * math.ceil(in_fp8 / size) * size if states.fp8_weights else 0)
         label = f"{what}{' experts' if expert else ''}"
         grads = ("all_reduce", n * grad_reduce) if zero == 0 else ("reduce_scatter", padded * grad_reduce)
         grad_calls = m if zero >= 2 else 1
@@ -1270,8 +1353,9 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
                                           overlappable))
         elif zero >= 1:
             gathers = 2 * m if zero == 3 else 1
-            out.append(Collective("all_gather", mesh, size, padded * ACT_BYTES, gathers,
-                                  f"{label} bf16 parameters (DP)", overlappable))
+            dtype = "bf16 + fp8" if states.fp8_weights and in_fp8 else "bf16"
+            out.append(Collective("all_gather", mesh, size, gathered_bytes, gathers,
+                                  f"{label} {dtype} parameters (DP)", overlappable))
     return out
 
 
@@ -1414,6 +1498,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         dp, edp = layout.dp * layout.cp, layout.expert_dp
         numel_d, numel_e = data.numel(tp, ep)
         fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
+        fp8_d, fp8_e = data.fp8_numel(tp, ep)
         lo, hi = chunk.layers.start, chunk.layers.stop
 
         def fetched(*parts: int | End) -> dict[int, tuple[int, int]] | None:
@@ -1424,11 +1509,12 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         if per_layer:
             for i in chunk.layers:
                 out += _dp_records((numel_d[i], numel_e[i]), (fsdp_d[i], fsdp_e[i]), f"layers.{i}",
-                                   layout, m, states, grad_reduce, dp_over, fetched(i))
+                                   layout, m, states, grad_reduce, dp_over, fetched(i), (fp8_d[i], fp8_e[i]))
         elif hi > lo:
             out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
-                               grad_reduce, dp_over, fetched(*chunk.layers))
+                               grad_reduce, dp_over, fetched(*chunk.layers),
+                               (sum(fp8_d[lo:hi]), sum(fp8_e[lo:hi])))
         last: End = "last_tied_copy" if layout.pp > 1 else "last"
         match engine:
             case "megatron":
@@ -1443,7 +1529,8 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         for tensors, what, parts in ends:
             if tensors:
                 out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
-                                   what, layout, m, states, grad_reduce, dp_over, fetched(*parts))
+                                   what, layout, m, states, grad_reduce, dp_over, fetched(*parts),
+                                   _local_fp8_numel(tensors, tp, ep))
         if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
             # Megatron all-reduces the whole main grad; FSDP2 (zero ≥ 1) the rank's dim-0 shard,
             # split alike on both end stages (`distributed.step.StageRunner.sync_tied_gradient`)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
-from archplan.hardware import Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
+from archplan.hardware import FP8_TN_ONLY, Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
 from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
@@ -172,6 +172,10 @@ class Settings:
     # dispatch now"; its DeepEP path passes bf16 tokens; MXFP8 dispatch over NCCL EP came on
     # 2026-08-20) (docs/validation.md, "The MoE dispatch's dtype, by framework").
     fp8_dispatch: bool = False
+    # Whether the GEMM weights are kept and gathered in fp8 under `--precision fp8`: Megatron-Core's
+    # FP8 primary weights (`--fp8-param-gather`), which Megatron-Bridge's fp8 precision presets turn
+    # on (`cluster.StatesConvention.with_fp8_weights`; docs/validation.md, "FP8 primary weights").
+    fp8_params: bool = False
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -180,6 +184,10 @@ class Settings:
         # same convention
         states = self.states.reducing_in(self.grad_reduce)
         states = states.with_optimizer(self.moments or states.moment_bytes, self.master_remainders)
+        if self.fp8_params:
+            if self.precision != "fp8":
+                raise ArchplanError("--fp8-params keeps the GEMM weights in fp8, which needs --precision fp8")
+            states = states.with_fp8_weights()
         object.__setattr__(self, "states", states)
 
     @property
@@ -369,6 +377,8 @@ class Evaluator:
         self.settings = settings
         self.usable = usable
         self.data: ModelData = model_data(plan, seq)
+        # the states as this GPU keeps them (fp8 weights take their transpose on TN-only GPUs)
+        self.states = settings.states.on_gpu(gpu.key in FP8_TN_ONLY)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl,
@@ -381,7 +391,7 @@ class Evaluator:
 
     def memory(self, layout: Layout, m: int) -> StageMemory:
         s = self.settings
-        return StageMemory({stage: _memory(self.data, layout, stage, m, s.states, s.attention_kernel)
+        return StageMemory({stage: _memory(self.data, layout, stage, m, self.states, s.attention_kernel)
                             for stage in representative_stages(len(self.plan.layers), layout.pp, layout.vpp)})
 
     def evaluate(self, layout: Layout, m: int, memory: StageMemory | None = None) -> Evaluated:
@@ -389,7 +399,7 @@ class Evaluator:
         memory = memory or self.memory(layout, m)
         stage, mem = memory.worst
         # the rank that sets the step time is one of those whose memory is already known
-        time, time_stage = price(self.data, self.pricer, layout, m, self.network, s.states,
+        time, time_stage = price(self.data, self.pricer, layout, m, self.network, self.states,
                                  s.attention_kernel, s.reduce_bytes, s.cp_comm, s.overlap, memory.by_stage)
         tokens = self.tokens(layout, m)
         mfu = self.model_flops * tokens / (time.total * layout.world * self.gpu.peak("bf16"))

@@ -87,6 +87,7 @@ from archplan.hardware import (
 )
 from archplan.planning.cluster import (
     ACT_BYTES,
+    FP8_BYTES,
     AttentionKernel,
     CPComm,
     Dispatcher,
@@ -150,7 +151,6 @@ CROSS_ENTROPY_BYTES: dict[CrossEntropyImpl, int] = {"fp32-fused": 24, "bf16-fuse
 FFT_CONV_BYTES = 56
 FFT_FILTER_BYTES = 16
 FP32_BYTES = 4
-FP8_BYTES = 1
 # casting one bf16 element to fp8 for a GEMM: read 2 B, write 1 B as is and 1 B transposed
 # (Hopper's fp8 tensor cores take only the "TN" layout, so the backward's weight-gradient GEMM
 # needs the transposed copy: Transformer Engine's fused cast-transpose)
