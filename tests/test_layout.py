@@ -241,7 +241,10 @@ def test_fp8_primary_weights_keep_the_gemm_weights_in_one_byte() -> None:
         MEGATRON.with_optimizer(4, True).with_fp8_weights()
     with pytest.raises(ArchplanError, match="--precision fp8"):
         Settings(fp8_params=True)
-    assert Settings(precision="fp8", fp8_params=True).states.fp8_weights
+    fp8_settings = Settings(precision="fp8", fp8_params=True)
+    assert fp8_settings.states.fp8_weights
+    again = replace(fp8_settings, ring_nics="one")  # re-runs __post_init__ on the converted states
+    assert again.states == fp8_settings.states
 
 
 def test_fsdp2_compute_copies_are_temporary() -> None:

@@ -310,6 +310,8 @@ class StatesConvention:
         all-gather halves). The weights of Transformer Engine's linears become fp8 tensors; the
         embedding, the LM head, norms, biases and routers stay bf16 (`shards.fp8_weight`). The
         fp32 master, the gradients and Adam's moments do not change."""
+        if self.fp8_weights:  # already so (`dataclasses.replace` re-runs `Settings.__post_init__`)
+            return self
         if not self.fp8_weights_offered:
             raise ArchplanError(
                 f"--fp8-params is not a choice under --states {self.key}: it is Megatron-Core's FP8 primary "
@@ -341,8 +343,9 @@ class StatesConvention:
             master = "fp32 master as 16-bit remainders" if self.master_bytes == 2 else "fp32 master"
             optimizer = f"{master} + {STATE_DTYPES[self.moment_bytes]} m, v"
         who = "Megatron-Core" if self.key == "megatron" else "ZeRO"
+        fp8 = "; GEMM weights in fp8 (1 B)" if self.fp8_weights else ""
         return replace(self, description=f"bf16 weights + {grads} + {optimizer} = "
-                                         f"{self.bytes_per_param} B/param ({who})")
+                                         f"{self.bytes_per_param} B/param ({who}){fp8}")
 
 
 ZERO = StatesConvention("zero", 2, 2, 4, 4, False, False, 0, "megatron",
