@@ -231,9 +231,10 @@ def test_fp8_primary_weights_keep_the_gemm_weights_in_one_byte() -> None:
     assert gathered(MEGATRON) - gathered(fp8) == sum(8 * math.ceil(n / 8) for n in [gemm // 32] * 32)
     # on a GPU whose fp8 GEMMs take only "TN" (Hopper), each fp8 weight keeps its transpose: two
     # bytes at rest, as in bf16, though it is still gathered in one
-    hopper = fp8.on_gpu(True)
+    hopper = fp8.on_gpu(accelerator("h100"))
     assert rank_memory(plan, layout, 4096, microbatches=1, states=hopper).parameters == bf16.parameters
-    assert gathered(hopper) == gathered(fp8) and MEGATRON.on_gpu(True) is MEGATRON
+    assert gathered(hopper) == gathered(fp8) and MEGATRON.on_gpu(accelerator("h100")) is MEGATRON
+    assert fp8.on_gpu(accelerator("b200")) is fp8
     assert "h100-sxm" in FP8_TN_ONLY and "b200" not in FP8_TN_ONLY and "gb200" not in FP8_TN_ONLY
     with pytest.raises(ArchplanError, match="--states megatron"):
         FSDP2.with_fp8_weights()

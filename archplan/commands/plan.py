@@ -18,7 +18,6 @@ from archplan.errors import ArchplanError
 
 if TYPE_CHECKING:
     from archplan.planning.accuracy import HeldOutAccuracy
-    from archplan.planning.cluster import StatesConvention
     from archplan.planning.design import Design
     from archplan.planning.optimal import Optimum
     from archplan.planning.parallel import Evaluated, RailBound, SearchResult, Settings
@@ -541,13 +540,6 @@ def _all_notes(result: SearchResult, bound: RailBound | None, host_note: str | N
             + ([_network_note(result, bound)] if bound else []))
 
 
-def _states_on_gpu(result: SearchResult) -> StatesConvention:
-    """The states as `result`'s GPU keeps them (`cluster.StatesConvention.on_gpu`)."""
-    from archplan.hardware import FP8_TN_ONLY
-
-    return result.settings.states.on_gpu(result.gpu.key in FP8_TN_ONLY)
-
-
 def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
     if bound is None:
         return None
@@ -644,7 +636,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "optimizer_moment_bytes": settings.states.moment_bytes,
                    "master_bytes": settings.states.master_bytes,
-                   "description": _states_on_gpu(result).description},
+                   "description": settings.states.on_gpu(result.gpu).description},
         "attention_kernel": settings.attention_kernel,
         "grad_reduce_bytes": settings.reduce_bytes,
         "cp_comm": settings.cp_comm,
@@ -818,7 +810,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
               + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
     sent = "" if settings.precision != "fp8" else ", fp8 tokens" if settings.fp8_dispatch else ", bf16 tokens"
-    console.print(f"  states: {_states_on_gpu(result).description}; gradients reduced in "
+    console.print(f"  states: {settings.states.on_gpu(result.gpu).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
                   f"full recompute {recompute}{eager}; loss "

@@ -171,6 +171,7 @@ from typing_extensions import assert_never
 
 from archplan.analytic.memory import RECOMPUTE_MODES, Recompute, activation_memory
 from archplan.errors import ArchplanError
+from archplan.hardware import FP8_TN_ONLY, Accelerator
 from archplan.planning.layout import Layout, pipeline_chunks, round_size
 from archplan.planning.records import Collective, RankMemory
 from archplan.planning.shards import Tensor, first_tensors, fp8_weight, last_tensors, layer_tensors
@@ -212,6 +213,9 @@ OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep", "dualpipe")
 EP_OVERLAPS: frozenset[Overlap] = frozenset({"ep", "dualpipe"})
 ACT_BYTES = 2
 FP8_BYTES = 1
+# how a convention's description states its fp8 weights, by their bytes at rest
+FP8_WEIGHTS_STATED: dict[int, str] = {1: "; GEMM weights in fp8 (1 B)",
+                                      2: "; GEMM weights in fp8 (1 B + its 1 B transpose)"}
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 PROB_BYTES = 4  # an MoE router's routing probabilities, fp32 (Megatron-Core's `moe_router_dtype`)
 LOGIT_BYTES = 4
@@ -320,18 +324,20 @@ class StatesConvention:
             raise ArchplanError("--fp8-params and --master-weights remainders do not go together: the "
                                 "remainders complete a bf16 weight, and fp8 primary weights keep none")
         return replace(self, fp8_weights=True,
-                       description=self.description + "; GEMM weights in fp8 (1 B)")
+                       description=self.description + FP8_WEIGHTS_STATED[self.fp8_weight_bytes])
 
-    def on_gpu(self, fp8_tn_only: bool) -> StatesConvention:
-        """The convention on a GPU whose fp8 GEMMs take only the "TN" layout (Hopper, Ada): there
-        Transformer Engine keeps each fp8 weight's transpose beside it for the backward's GEMMs
-        (`Float8TensorStorage.update_usage`: the transpose is needed unless
-        `is_non_tn_fp8_gemm_supported()`, true from sm100), so a weight kept in fp8 takes 2 bytes at
-        rest, as in bf16; it is still gathered in one (the transpose is made after the gather)."""
-        if not (self.fp8_weights and fp8_tn_only):
+    def on_gpu(self, gpu: Accelerator) -> StatesConvention:
+        """The convention as `gpu` keeps it. Where its fp8 GEMMs take only the "TN" layout
+        (`hardware.FP8_TN_ONLY`: Hopper, Ada), Transformer Engine keeps each fp8 weight's transpose
+        beside it for the backward's GEMMs (`Float8TensorStorage.update_usage`: the transpose is
+        needed unless `is_non_tn_fp8_gemm_supported()`, true from sm100), so a weight kept in fp8
+        takes 2 bytes at rest, as in bf16; it is still gathered in one (the transpose is made after
+        the gather)."""
+        if not (self.fp8_weights and gpu.key in FP8_TN_ONLY):
             return self
-        return replace(self, fp8_weight_bytes=2 * FP8_BYTES,
-                       description=self.description.replace("(1 B)", "(1 B + its 1 B transpose)"))
+        transposed = 2 * FP8_BYTES
+        return replace(self, fp8_weight_bytes=transposed, description=self.description.removesuffix(
+            FP8_WEIGHTS_STATED[self.fp8_weight_bytes]) + FP8_WEIGHTS_STATED[transposed])
 
     def described(self) -> StatesConvention:
         """The convention with its description restated from its bytes (after `reducing_in` or
@@ -343,7 +349,7 @@ class StatesConvention:
             master = "fp32 master as 16-bit remainders" if self.master_bytes == 2 else "fp32 master"
             optimizer = f"{master} + {STATE_DTYPES[self.moment_bytes]} m, v"
         who = "Megatron-Core" if self.key == "megatron" else "ZeRO"
-        fp8 = "; GEMM weights in fp8 (1 B)" if self.fp8_weights else ""
+        fp8 = FP8_WEIGHTS_STATED[self.fp8_weight_bytes] if self.fp8_weights else ""
         return replace(self, description=f"bf16 weights + {grads} + {optimizer} = "
                                          f"{self.bytes_per_param} B/param ({who}){fp8}")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
-from archplan.hardware import FP8_TN_ONLY, Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
+from archplan.hardware import Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
 from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
@@ -378,7 +378,7 @@ class Evaluator:
         self.usable = usable
         self.data: ModelData = model_data(plan, seq)
         # the states as this GPU keeps them (fp8 weights take their transpose on TN-only GPUs)
-        self.states = settings.states.on_gpu(gpu.key in FP8_TN_ONLY)
+        self.states = settings.states.on_gpu(gpu)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl,
