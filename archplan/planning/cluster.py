@@ -487,13 +487,12 @@ class ModelData:
         self.logits_act = LOGIT_BYTES * seq * plan.vocab_size
         self.n_experts = max((l.ffn.n_experts for l in plan.layers if isinstance(l.ffn, MoEPlan)),
                              default=0)
-        self._numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        self._numel: dict[tuple[int, int, bool], tuple[list[int], list[int]]] = {}
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
         self._activations: dict[tuple[object, ...], int] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
-        self._fp8_numel: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._stage_fp8: dict[tuple[int, ...], tuple[int, int]] = {}
         self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int], int]] = {}
         self._modules: dict[tuple[int | End, int, int], list[tuple[Module, tuple[Tensor, ...]]]] = {}
@@ -505,22 +504,15 @@ class ModelData:
         return self._chunks[key]
 
 
-    def numel(self, tp: int, ep: int) -> tuple[list[int], list[int]]:
-        """Per layer, (dense, expert) parameter elements on tp/ep rank 0."""
-        key = (tp, ep)
+    def numel(self, tp: int, ep: int, fp8_only: bool = False) -> tuple[list[int], list[int]]:
+        """Per layer, (dense, expert) parameter elements on tp/ep rank 0; with `fp8_only`, of the
+        weights FP8 primary weights keep in fp8 (`shards.fp8_weight`)."""
+        key = (tp, ep, fp8_only)
         if key not in self._numel:
-            pairs = [_local_numel(t, tp, ep) for t in self.layer_tensors]
+            count = _local_fp8_numel if fp8_only else _local_numel
+            pairs = [count(t, tp, ep) for t in self.layer_tensors]
             self._numel[key] = ([d for d, _ in pairs], [e for _, e in pairs])
         return self._numel[key]
-
-    def fp8_numel(self, tp: int, ep: int) -> tuple[list[int], list[int]]:
-        """Per layer, (dense, expert) elements on tp/ep rank 0 of the weights FP8 primary weights
-        keep in fp8 (`shards.fp8_weight`)."""
-        key = (tp, ep)
-        if key not in self._fp8_numel:
-            pairs = [_local_fp8_numel(t, tp, ep) for t in self.layer_tensors]
-            self._fp8_numel[key] = ([d for d, _ in pairs], [e for _, e in pairs])
-        return self._fp8_numel[key]
 
     def stage_fp8(self, layout: Layout, stage: int) -> tuple[int, int]:
         """`_stage_fp8`, once per split."""
@@ -1117,6 +1109,17 @@ def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) 
     return ACT_BYTES * data.seq * data.plan.d_model / (layout.tp if layout.sequence_parallel else 1)
 
 
+def _chunk_numel(data: ModelData, layout: Layout, chunk: Chunk, fp8_only: bool = False) -> tuple[int, int]:
+    """(dense, expert) elements of one chunk of layers and the ends it holds, on tp/ep rank 0; with
+    `fp8_only`, of the weights FP8 primary weights keep in fp8."""
+    tp, ep = layout.tp, layout.ep
+    count = _local_fp8_numel if fp8_only else _local_numel
+    d, e = count(data.ends(chunk.first, chunk.last, layout.pp), tp, ep)
+    numel_d, numel_e = data.numel(tp, ep, fp8_only)
+    return (d + sum(numel_d[chunk.layers.start:chunk.layers.stop]),
+            e + sum(numel_e[chunk.layers.start:chunk.layers.stop]))
+
+
 def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool) -> StageParams:
     """Parameter elements of rank 0 of pipeline rank `stage`: (whole, its data-parallel shard, the
     biggest layer's, each chunk's (whole, shard) in model order), sharded as `per_tensor` says
@@ -1132,14 +1135,11 @@ def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool)
     fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if per_tensor else ([], [])
     for chunk in rank_chunks(len(data.plan.layers), layout, stage):
         lo, hi = chunk.layers.start, chunk.layers.stop
-        ends = data.ends(chunk.first, chunk.last, layout.pp)
-        d, e = _local_numel(ends, tp, ep)
-        d += sum(numel_d[lo:hi])
-        e += sum(numel_e[lo:hi])
+        d, e = _chunk_numel(data, layout, chunk)
         dense += d
         expert += e
         if per_tensor:
-            sd, se = _fsdp_numel(ends, tp, ep, dp, edp)
+            sd, se = _fsdp_numel(data.ends(chunk.first, chunk.last, layout.pp), tp, ep, dp, edp)
             sd += sum(fsdp_d[lo:hi])
             se += sum(fsdp_e[lo:hi])
         else:
@@ -1155,13 +1155,10 @@ def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool)
 def _stage_fp8(data: ModelData, layout: Layout, stage: int) -> tuple[int, int]:
     """Elements of rank 0 of pipeline rank `stage` that FP8 primary weights keep in fp8: (whole, its
     data-parallel shard of the flat buffers), as `_stage_params` counts them."""
-    tp, ep, dp, edp = layout.tp, layout.ep, layout.dp * layout.cp, layout.expert_dp
-    fp8_d, fp8_e = data.fp8_numel(tp, ep)
+    dp, edp = layout.dp * layout.cp, layout.expert_dp
     whole = shard = 0
     for chunk in rank_chunks(len(data.plan.layers), layout, stage):
-        d, e = _local_fp8_numel(data.ends(chunk.first, chunk.last, layout.pp), tp, ep)
-        d += sum(fp8_d[chunk.layers.start:chunk.layers.stop])
-        e += sum(fp8_e[chunk.layers.start:chunk.layers.stop])
+        d, e = _chunk_numel(data, layout, chunk, fp8_only=True)
         whole += d + e
         shard += math.ceil(d / dp) + math.ceil(e / edp)
     return whole, shard
@@ -1345,9 +1342,6 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
         if n == 0 or size == 1:
             continue
         padded = (shard if states.per_tensor else math.ceil(n / size)) * size
-        # the gathered parameters' bytes: bf16, but one byte for each weight kept in fp8
-        gathered_bytes = padded * ACT_BYTES - (
-            (ACT_BYTES - FP8_BYTES) * math.ceil(in_fp8 / size) * size if states.fp8_weights else 0)
         label = f"{what}{' experts' if expert else ''}"
         grads = ("all_reduce", n * grad_reduce) if zero == 0 else ("reduce_scatter", padded * grad_reduce)
         grad_calls = m if zero >= 2 else 1
@@ -1362,8 +1356,11 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
                                           overlappable))
         elif zero >= 1:
             gathers = 2 * m if zero == 3 else 1
-            dtype = "bf16 + fp8" if states.fp8_weights and in_fp8 else "bf16"
-            out.append(Collective("all_gather", mesh, size, gathered_bytes, gathers,
+            # bf16, but one byte for each weight kept in fp8
+            fp8_padded = math.ceil(in_fp8 / size) * size if states.fp8_weights else 0
+            dtype = "bf16 + fp8" if fp8_padded else "bf16"
+            gathered = padded * ACT_BYTES - (ACT_BYTES - FP8_BYTES) * fp8_padded
+            out.append(Collective("all_gather", mesh, size, gathered, gathers,
                                   f"{label} {dtype} parameters (DP)", overlappable))
     return out
 
@@ -1507,7 +1504,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         dp, edp = layout.dp * layout.cp, layout.expert_dp
         numel_d, numel_e = data.numel(tp, ep)
         fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
-        fp8_d, fp8_e = data.fp8_numel(tp, ep)
+        fp8_d, fp8_e = data.numel(tp, ep, fp8_only=True)
         lo, hi = chunk.layers.start, chunk.layers.stop
 
         def fetched(*parts: int | End) -> dict[int, tuple[int, int]] | None:
