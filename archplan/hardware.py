@@ -270,7 +270,31 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
 # compute capability 10.x and 13.0 on (Blackwell data-centre parts), false for Hopper (9.0) and Ada (8.9).
 FP8_TN_ONLY: frozenset[str] = frozenset({"h100-sxm", "h100-pcie", "h200", "h800", "l4", "l40s", "rtx4090"})
 
-# Families without a calibration fall back to the Hopper fractions (stated in the output).
+# Maximum achievable matmul FLOP/s ("MAMF"): the best mean bf16 `torch.matmul` rate over a
+# brute-force search of shapes, every GPU measured with the same tool (Bekman, "Machine Learning
+# Engineering Open Book", compute/accelerator, MAMF table as of 2026-08, `mamf-finder.py`): H100 SXM
+# 794.5 TFLOP/s (H200 measures the same), B200 1,745.0, GB200 1,822.0, MI300X 668.4. An uncalibrated
+# GPU keeps Hopper's GEMM fraction scaled by its matmul efficiency over H100's (`kernel_efficiency`):
+# the table's one tool and method measure what the GPU's GEMMs reach of its own datasheet peak, which
+# the Hopper calibration cannot know. The table's fp8 rows agree for Blackwell (B200 76.3% of peak
+# against 77.6% in bf16; GB200 72.3% against 72.9%), so one ratio serves both precisions.
+MATMUL_ACHIEVED_BF16: dict[str, float] = {
+    "h100-sxm": 794.5 * TERA, "b200": 1745.0 * TERA, "gb200": 1822.0 * TERA, "mi300x": 668.4 * TERA,
+}
+
+
+def matmul_ratio(gpu: Accelerator) -> float | None:
+    """The GPU's measured bf16 matmul efficiency (of its own peak) over H100 SXM's
+    (`MATMUL_ACHIEVED_BF16`); None where the table has no row for it."""
+    achieved = MATMUL_ACHIEVED_BF16.get(gpu.key)
+    if achieved is None:
+        return None
+    h100 = ACCELERATORS_BY_KEY["h100-sxm"]
+    return (achieved / gpu.peak("bf16")) / (MATMUL_ACHIEVED_BF16[h100.key] / h100.peak("bf16"))
+
+
+# Families without a calibration fall back to the Hopper fractions (stated in the output), their GEMM
+# fraction scaled by `matmul_ratio` where it is known.
 FAMILY_OF: dict[str, str] = {
     "a100-40gb": "ampere", "a100-80gb": "ampere",
     "h100-sxm": "hopper", "h100-pcie": "hopper", "h200": "hopper", "h800": "hopper",
@@ -283,7 +307,10 @@ def kernel_efficiency(gpu: Accelerator) -> tuple[KernelEfficiency, bool]:
     if family is None:
         hopper = KERNEL_EFFICIENCY["hopper"]
         scale = gpu.peak("bf16") / ACCELERATORS_BY_KEY["h100-sxm"].peak("bf16")
-        return KernelEfficiency(f"uncalibrated ({gpu.name}, Hopper fractions)", hopper.gemm,
+        ratio = matmul_ratio(gpu)
+        gemm_note = "" if ratio is None else f", GEMMs × {ratio:.3f} by measured matmul rate"
+        return KernelEfficiency(f"uncalibrated ({gpu.name}, Hopper fractions{gemm_note})",
+                                hopper.gemm * (1.0 if ratio is None else ratio),
                                 hopper.attention_fwd * scale, hopper.attention_bwd * scale,
                                 hopper.attention_hd64, hopper.hbm, hopper.intra_link,
                                 hopper.inter_link, hopper.latency, hopper.source,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
-from archplan.hardware import FP8_TN_ONLY, KERNEL_EFFICIENCY, accelerator, kernel_efficiency
+from archplan.hardware import FP8_TN_ONLY, KERNEL_EFFICIENCY, accelerator, kernel_efficiency, matmul_ratio
 from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning.cluster import (
     DEEPSPEED,
@@ -850,6 +850,10 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
         assert (missing in text) is not same
         # the efficiency line's bracketed tag survives rich's markup
         assert ("[not calibrated on this GPU]" in text) is (gpu in ("b200", "gb200", "mi300x"))
+        # and, where the one-tool matmul table measured it, at what rate its GEMMs are priced
+        measured = gpu in ("b200", "gb200", "mi300x")
+        assert ("its GEMMs' at" in text) is measured
+        assert not measured or f"its GEMMs' at {matmul_ratio(accelerator(gpu)):.3f}× Hopper's" in text
 
 
 

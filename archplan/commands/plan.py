@@ -436,7 +436,7 @@ ZERO3_CAUTION_RANKS = 384
 
 
 def _notes(result: SearchResult) -> list[str]:
-    from archplan.hardware import FAMILY_OF
+    from archplan.hardware import FAMILY_OF, matmul_ratio
 
     notes = []
     if result.ranked:
@@ -450,8 +450,11 @@ def _notes(result: SearchResult) -> list[str]:
                 "Narayanan et al. 2021 Table 2's runs at 384-1,536 ranks); compare with the best ZeRO-1 "
                 "layout (--layout zero=1), which is what large published runs chose")
     if not result.calibrated:
+        ratio = matmul_ratio(result.gpu)
+        gemms = ("" if ratio is None else
+                 f", its GEMMs' at {ratio:.3f}× Hopper's for its measured matmul rate against H100's")
         notes.append(f"no calibration for {result.gpu.name}: its kernel efficiencies are the Hopper "
-                     "fractions scaled to its peak")
+                     f"fractions scaled to its peak{gemms}")
     if result.settings.flash_impl == "cudnn" and FAMILY_OF.get(result.gpu.key) == "ampere":
         # the ratio is H100's (Shah et al. 2024), and Transformer Engine runs FlashAttention on
         # sm80 (`get_attention_backend` prefers cuDNN's kernel from sm90 on)
