@@ -5,9 +5,9 @@ Sources: NVIDIA A100 datasheet (2021), H100 datasheet (SXM5 / PCIe columns, spar
 H200 product brief (2024), H800 (the H100 SXM5 die with NVLink cut to 400 GB/s; DeepSeek-AI 2024
 §3.1), DGX/HGX B200 datasheet (per-GPU, sparse halved), GB200 NVL72 datasheet (rack figures / 72),
 L4 and L40S datasheets, Ada "AD102" whitepaper App. A (RTX 4090, FP32-accumulate tensor figures),
-AMD Instinct MI300X datasheet, NVIDIA V100 datasheet. SM counts: the architecture whitepapers (GA100 108; GH100 132
-SXM5, 114 PCIe; B200 148; AD104 L4 58, AD102 L40S 142 and RTX 4090 128; GV100 80; CDNA 3 MI300X
-304 compute units). Measured matmul rates (`MATMUL_ACHIEVED_BF16`): Bekman, "Machine Learning
+AMD Instinct MI300X datasheet, NVIDIA V100 datasheet. SM counts: the architecture whitepapers
+(GA100 108; GH100 132 SXM5, 114 PCIe; B200 148; AD104 L4 58, AD102 L40S 142 and RTX 4090 128; GV100
+80; CDNA 3 MI300X 304 compute units). Measured matmul rates (`MATMUL_ACHIEVED_BF16`): Bekman, "Machine Learning
 Engineering Open Book", maximum achievable matmul FLOPS table (2026-08).
 """
 
