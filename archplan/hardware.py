@@ -3,12 +3,14 @@ datasheets print first), HBM bandwidth and memory. Shared by size (GPU-hours), p
 
 Sources: NVIDIA A100 datasheet (2021), H100 datasheet (SXM5 / PCIe columns, sparse figures halved),
 H200 product brief (2024), H800 (the H100 SXM5 die with NVLink cut to 400 GB/s; DeepSeek-AI 2024
-§3.1), DGX/HGX B200 datasheet (per-GPU, sparse halved), GB200 NVL72 datasheet (rack figures / 72),
-L4 and L40S datasheets, Ada "AD102" whitepaper App. A (RTX 4090, FP32-accumulate tensor figures),
-AMD Instinct MI300X datasheet, NVIDIA V100 datasheet. SM counts: the architecture whitepapers
-(GA100 108; GH100 132 SXM5, 114 PCIe; B200 148; AD104 L4 58, AD102 L40S 142 and RTX 4090 128; GV100
-80; CDNA 3 MI300X 304 compute units). Measured matmul rates (`MATMUL_ACHIEVED_BF16`): Bekman, "Machine Learning
-Engineering Open Book", maximum achievable matmul FLOPS table (2026-08).
+§3.1), DGX/HGX B200 and DGX B300 datasheets (per-GPU, sparse halved), GB200 and GB300 NVL72
+datasheets (rack figures / 72), NVIDIA's Blackwell Ultra technical blog (2025), L4 and L40S
+datasheets, Ada "AD102" whitepaper App. A (RTX 4090, FP32-accumulate tensor figures), AMD Instinct
+MI300X datasheet, NVIDIA V100 datasheet. SM counts: the architecture whitepapers and blog (GA100
+108; GH100 132 SXM5, 114 PCIe; B200 148; Blackwell Ultra 160; AD104 L4 58, AD102 L40S 142 and RTX
+4090 128; GV100 80; CDNA 3 MI300X 304 compute units). Measured matmul rates
+(`MATMUL_ACHIEVED_BF16`): Bekman, "Machine Learning Engineering Open Book", maximum achievable
+matmul FLOPS table (2026-08).
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("gb200", "NVIDIA GB200 (NVL72) 186GB",
                 _tf(fp32=80, tf32=1250, bf16=2500, fp16=2500, fp8=5000, int8=5000),
                 8.0e12, 186 * 10**9, ("gb200-nvl72",), sms=148),
+    # Blackwell Ultra (NVIDIA's technical blog "Inside NVIDIA Blackwell Ultra", 2025: 160 SMs, 288 GB of
+    # HBM3e at 8 TB/s a GPU). HGX/DGX B300: the DGX B300 datasheet's 72 PFLOPS fp8 with sparsity over
+    # 8 GPUs, i.e. 4.5 fp8 and 2.25 bf16 dense a GPU, as B200. GB300 NVL72: its datasheet's 720 PFLOPS
+    # fp8 and 360 bf16 with sparsity over 72 GPUs, i.e. 5 and 2.5 dense, as GB200. 288 GB is the
+    # datasheets' capacity; operators report 270 GB (B300) and 279 GB (GB300) free to CUDA.
+    Accelerator("b300", "NVIDIA B300 (HGX) 288GB",
+                _tf(fp32=75, tf32=1100, bf16=2250, fp16=2250, fp8=4500),
+                8.0e12, 288 * 10**9, sms=160),
+    Accelerator("gb300", "NVIDIA GB300 (NVL72) 288GB",
+                _tf(fp32=80, tf32=1250, bf16=2500, fp16=2500, fp8=5000),
+                8.0e12, 288 * 10**9, ("gb300-nvl72",), sms=160),
     Accelerator("l4", "NVIDIA L4 24GB",
                 _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5), 300e9, 24 * GiB, sms=58),
     Accelerator("l40s", "NVIDIA L40S 48GB",
@@ -104,7 +117,7 @@ def match_device_name(name: str) -> Accelerator | None:
     """Map a torch device name ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB') to a table entry, if any."""
     lowered = name.lower()
     for probe, key in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-sxm"), ("h800", "h800"),
-                       ("gb200", "gb200"), ("b200", "b200"), ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
+                       ("gb200", "gb200"), ("b200", "b200"), ("gb300", "gb300"), ("b300", "b300"), ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
                        ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"), ("mi300x", "mi300x"),
                        ("v100", "v100")):
         if probe in lowered:
@@ -274,13 +287,15 @@ FP8_TN_ONLY: frozenset[str] = frozenset({"h100-sxm", "h100-pcie", "h200", "h800"
 # Maximum achievable matmul FLOP/s ("MAMF"): the best mean bf16 `torch.matmul` rate over a
 # brute-force search of shapes, every GPU measured with the same tool (Bekman, "Machine Learning
 # Engineering Open Book", compute/accelerator, MAMF table as of 2026-08, `mamf-finder.py`): H100 SXM
-# 794.5 TFLOP/s (H200 measures the same), B200 1,745.0, GB200 1,822.0, MI300X 668.4. An uncalibrated
+# 794.5 TFLOP/s (H200 measures the same), B200 1,745.0, B300 1,769.0, GB200 1,822.0, MI300X 668.4
+# (no GB300 row). An uncalibrated
 # GPU keeps Hopper's GEMM fraction scaled by its matmul efficiency over H100's (`kernel_efficiency`):
 # the table's one tool and method measure what the GPU's GEMMs reach of its own datasheet peak, which
 # the Hopper calibration cannot know. The table's fp8 rows agree for Blackwell (B200 76.3% of peak
 # against 77.6% in bf16; GB200 72.3% against 72.9%), so one ratio serves both precisions.
 MATMUL_ACHIEVED_BF16: dict[str, float] = {
-    "h100-sxm": 794.5 * TERA, "b200": 1745.0 * TERA, "gb200": 1822.0 * TERA, "mi300x": 668.4 * TERA,
+    "h100-sxm": 794.5 * TERA, "b200": 1745.0 * TERA, "b300": 1769.0 * TERA, "gb200": 1822.0 * TERA,
+    "mi300x": 668.4 * TERA,
 }
 
 

@@ -139,8 +139,28 @@ def test_uncalibrated_gemms_run_at_their_measured_matmul_rate() -> None:
     assert gb200.gemm == pytest.approx(hopper * 0.908, abs=5e-4)
     assert gb200.gemm * 2.5 / (b200.gemm * 2.25) == pytest.approx(1822.0 / 1745.0)
     assert l4.gemm == hopper and matmul_ratio(accelerator("l4")) is None
+    # B300 measured 78.6% of the same 2.25 PFLOPS; GB300 has no row and keeps Hopper's fraction
+    assert kernel_efficiency(accelerator("b300"))[0].gemm == pytest.approx(hopper * 0.979, abs=5e-4)
+    assert kernel_efficiency(accelerator("gb300"))[0].gemm == hopper
     assert "GEMMs × 0.908" in gb200.family and "GEMMs" not in l4.family
     assert matmul_ratio(accelerator("h100")) == 1.0
+
+
+def test_blackwell_ultra_gpus_are_b200_and_gb200_with_800g_nics() -> None:
+    """B300 and GB300 (NVIDIA's datasheets: the peaks of B200 and GB200, 288 GB at 8 TB/s, 160 SMs):
+    B300 in 8-GPU HGX nodes, GB300 one 72-GPU NVLink domain a rack, both with one ConnectX-8 of 800
+    Gb/s a GPU, twice the ConnectX-7's 400; torch's device names map to them, not to B200/GB200."""
+    from archplan.hardware import accelerator, match_device_name
+    from archplan.planning.parallel import interconnect
+
+    for new, old, per_node in (("b300", "b200", 8), ("gb300", "gb200", 72)):
+        gpu, was = accelerator(new), accelerator(old)
+        assert gpu.peak("bf16") == was.peak("bf16") and gpu.peak("fp8") == was.peak("fp8")
+        assert gpu.memory_bytes == 288 * 10**9 and gpu.hbm_bytes_per_s == 8.0e12 and gpu.sms == 160
+        net, old_net = interconnect(gpu), interconnect(was)
+        assert net.gpus_per_node == per_node and net.intra_node == old_net.intra_node
+        assert net.inter_node == 2 * old_net.inter_node
+        assert match_device_name(f"NVIDIA {new.upper()}") is gpu
 
 
 @pytest.mark.parametrize("family", ["ampere", "hopper"])

@@ -96,6 +96,10 @@ INTERCONNECTS: dict[str, Interconnect] = {
     # NVL72: one NVLink domain of 72 GPUs (NVLink switches in the rack), so "node" is the rack here
     "gb200": Interconnect(900 * GB, 50 * GB, 72, "NVLink 5 1.8 TB/s bidir. across the 72-GPU NVL72 "
                           "domain; ConnectX-7 400 Gb/s per GPU"),
+    # DGX B300 and GB300 NVL72: one ConnectX-8 SuperNIC of 800 Gb/s a GPU (their datasheets)
+    "b300": Interconnect(900 * GB, 100 * GB, 8, "NVLink 5 1.8 TB/s bidir.; ConnectX-8 800 Gb/s"),
+    "gb300": Interconnect(900 * GB, 100 * GB, 72, "NVLink 5 1.8 TB/s bidir. across the 72-GPU NVL72 "
+                          "domain; ConnectX-8 800 Gb/s per GPU"),
     "l4": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
     "l40s": Interconnect(32 * GB, 25 * GB, 8, "PCIe 4 x16 32 GB/s; 200 Gb/s"),
     "rtx4090": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
