@@ -43,6 +43,8 @@ def test_visible_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]) -
 # the runs of the issue's data set (the visible rows and the held-out rows from the same sources);
 # the rows this project added from elsewhere (MosaicML, torchtitan) are held out and unconstrained
 ISSUE_SOURCES = ("Narayanan", "Korthikanti", "Llama 3", "BLOOM", "OPT", "DeepSeek")
+# the rack-scale and Blackwell Ultra rows, each system held by its own test
+LATER_SYSTEMS = ("GB200", "GB300", "B300")
 
 
 def test_every_run_of_the_issue_data_set_within_the_worst_goal(rows: list[tuple[dict[str, Any], Any]]) -> None:
@@ -64,15 +66,17 @@ def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]
     ("DeepSeek-V3's `mlp` recompute is the dense layers'") and their attention as Transformer
     Engine runs it, cuDNN's ("Transformer Engine's attention is cuDNN's on Hopper and newer"), five
     are within ±20%; 26.04.01's PP8×v2 EP32 over four nodes, priced too slow by its exposed
-    all-to-all (−24.2% before those, −19.3% after), is −20.5% since B200's GEMMs are slower."""
+    all-to-all (−24.2% before those, −19.3% after), is −20.5% since B200's GEMMs are slower, and
+    −21.1% since its recipe's recompute of the MLA up-projections is priced ("Megatron-Core's MLA
+    up-projection recompute")."""
     nvidia = [row for _, row in rows if row.name.startswith(("NeMo", "Megatron-Bridge")) and "Qwen3" not in row.name
-              and "GB200" not in row.name]
+              and not row.name.endswith(LATER_SYSTEMS)]
     assert len(nvidia) == 34 and all(row.holdout and row.fits for row in nvidia)
     deepseek = [row for row in nvidia if "DeepSeek" in row.name]
     assert len(deepseek) == 6 and all(" none " in row.layout for row in deepseek)
     outside = [row.name for row in deepseek if abs(row.error) > DEFAULT_TOLERANCE]
     assert outside == ["Megatron-Bridge 26.04.01 DeepSeek-V3, 256 B200"]
-    assert max(abs(row.error) for row in deepseek) < 0.21
+    assert max(abs(row.error) for row in deepseek) < 0.22
     dense = [row for row in nvidia if "DeepSeek" not in row.name]
     assert len(dense) == 28
     assert all(abs(row.error) <= DEFAULT_TOLERANCE for row in dense)
@@ -92,7 +96,7 @@ def test_qwen3_moe_rows_are_held_out_at_their_recipes_recompute(rows: list[tuple
     prices Qwen3-235B up to 2x faster than they measured, and the releases NVIDIA filed as a
     regression measured Qwen3-30B up to 3.6x slower); the guide's run, within them when first
     evaluated (-11.0%), is, so that a change moving it shows here."""
-    qwen = {row.name: row for _, row in rows if "Qwen3" in row.name and "GB200" not in row.name}
+    qwen = {row.name: row for _, row in rows if "Qwen3" in row.name and not row.name.endswith(LATER_SYSTEMS)}
     fsdp = "Megatron-MoE-ModelZoo 2025-05 Qwen3-235B-A22B BF16, 256 H100 (EP8, FSDP)"
     assert len(qwen) == 32 and all(row.holdout for row in qwen.values())
     assert all(" none " in row.layout for name, row in qwen.items() if name != fsdp)
@@ -163,6 +167,33 @@ def test_blackwell_ultra_gpus_are_b200_and_gb200_with_800g_nics() -> None:
         assert match_device_name(f"NVIDIA {new.upper()}") is gpu
 
 
+def test_gb300_and_b300_rows_are_held_out_at_their_recipes(rows: list[tuple[dict[str, Any], Any]]) -> None:
+    """The 50 DGX-GB300 and DGX-B300 rows of the same docs (docs/validation.md, "The archive's
+    DGX-GB300 and DGX-B300 rows"), evaluated once at their recipes, with no recompute but the MLA
+    up-projection where DeepSeek-V3's recipe states it (priced since "Megatron-Core's MLA
+    up-projection recompute": as first evaluated the four 26.02 … 26.04.01 GB300 DeepSeek-V3 rows
+    did not fit, 295.4 GiB of 268.2). The 14 dense rows within ±8% but 26.02.01's Llama 3 70B MXFP8,
+    whose printed layout matches no recipe (−25.3%, and does not fit); the MoE rows of 26.06 on, on
+    GB300, 21% to 27% slow (fused grouped MLP, full-iteration CUDA graphs and fp8 attention, not
+    priced); B300's Qwen3-235B of 26.02 and 26.02.01, at the NCCL all-to-all, priced 2.1-2.2x their
+    measurement, which the same GPUs beat by 1.8-2.2x from 26.04 on."""
+    later = {row.name: row for _, row in rows if row.name.endswith(("GB300", "B300"))}
+    assert len(later) == 50 and all(row.holdout for row in later.values())
+    odd = "Megatron-Bridge 26.02.01 Llama 3 70B MXFP8, 64 GB300"
+    dense = [row for name, row in later.items() if "Llama" in name and name != odd]
+    assert len(dense) == 13 and all(abs(row.error) <= 0.08 and row.fits for row in dense)
+    assert not later[odd].fits and later[odd].error < -0.2
+    up_proj = ([later[f"Megatron-Bridge {r} DeepSeek-V3, 256 GB300"] for r in ("26.02", "26.02.01", "26.04", "26.04.01")]
+               + [later[f"Megatron-Bridge {r} DeepSeek-V3, 256 B300"]
+                  for r in ("26.02", "26.02.01", "26.04", "26.04.01", "26.06")])
+    assert all(row.fits for row in up_proj)
+    graphed = [row for name, row in later.items() if "GB300" in name and "Llama" not in name
+               and any(f"Bridge {r} " in name for r in ("26.06", "26.06.01", "26.08"))]
+    assert len(graphed) == 10 and all(-0.27 < row.error < -0.21 for row in graphed)
+    nccl = [later[f"Megatron-Bridge {r} Qwen3-235B-A22B, 256 B300"] for r in ("26.02", "26.02.01")]
+    assert all(1.0 < row.error < 1.25 for row in nccl)
+
+
 @pytest.mark.parametrize("family", ["ampere", "hopper"])
 def test_gemm_efficiency_is_the_documented_calibration(family: str) -> None:
     """Each family's GEMM efficiency is still what docs/validation.md's procedure gives on the
@@ -191,8 +222,12 @@ def test_gemm_efficiency_is_the_documented_calibration(family: str) -> None:
 
 def test_published_layouts_fit_and_published_ooms_do_not(rows: list[tuple[dict[str, Any], Any]]) -> None:
     """Every published layout that ran is predicted to fit, and the published out-of-memory cases
-    are predicted not to."""
-    assert [row.name for _, row in rows if row.fits != row.expected_fit] == []
+    are predicted not to, but one: 26.02.01's Llama 3 70B MXFP8 on 64 GB300, whose printed layout
+    (MBS 2, PP4 without VP, no recompute) matches no recipe of its release (MBS 1, PP4×v5) and is
+    priced at 375.7 GiB, where the recipe's layout takes 250.2 (docs/validation.md, "The archive's
+    DGX-GB300 and DGX-B300 rows")."""
+    assert [row.name for _, row in rows if row.fits != row.expected_fit] == [
+        "Megatron-Bridge 26.02.01 Llama 3 70B MXFP8, 64 GB300"]
     assert sum(not row.expected_fit for _, row in rows) >= 3
 
 

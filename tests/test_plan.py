@@ -968,3 +968,51 @@ def test_fp8_params_keeps_the_gemm_weights_in_fp8_where_megatron_core_can(
                       (["--states", "fsdp2"], "--states megatron")):
         code, _, err = run(capsys, monkeypatch, *base, "--gpu", "h100", "--fp8-params", *argv)
         assert code == 2 and why in err and "Traceback" not in err
+
+
+def test_recompute_modules_mla_up_proj_drops_q_k_v_and_reruns_the_up_projections(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--recompute-modules mla_up_proj` (Megatron-Core's `recompute_modules=["mla_up_proj"]`): each
+    MLA layer keeps its latents but not Q, K and V, heads·(2·qk + v) 16-bit values a token, split
+    over tp as the heads are; the backward re-runs q_b and kv_b, their forward GEMM time once more;
+    under full recompute it changes nothing; with no MLA layer, under --states fsdp2 or with an
+    unknown module, a one-line error."""
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.parallel import Evaluator, Settings, interconnect
+    from archplan.planning.pricing import is_up_projection
+
+    plan = resolve(load_spec("deepseek-v3"))
+    data = model_data(plan, 4096)
+    mla = plan.layers[5].mixer
+    up = frozenset({"mla_up_proj"})
+    for layout in (Layout(tp=1, dp=8), Layout(tp=2, dp=4, sp=True), Layout(tp=4, dp=2, sp=False)):
+        plain = data.layer_acts(layout, "none", "flash", "megatron")
+        dropped = data.layer_acts(layout, "none", "flash", "megatron", up)
+        qkv = 2 * 4096 * mla.n_heads * (2 * mla.qk_head_dim + mla.v_head_dim) / layout.tp
+        assert [a - b for a, b in zip(plain, dropped)] == pytest.approx([qkv] * len(plain))
+        assert data.layer_acts(layout, "full", "flash", "megatron", up) == data.layer_acts(
+            layout, "full", "flash", "megatron")
+    gpu = accelerator("b200")
+    layout = Layout(tp=1, pp=16, dp=16, ep=8, mb=1)
+    evaluators = [Evaluator(plan, gpu, interconnect(gpu), 4096, Settings(recompute_modules=mods), 1 << 40)
+                  for mods in (frozenset(), up)]
+    plain, rerun = (e.pricer.layers(layout, "flash")[5] for e in evaluators)
+    assert plain.recompute == 0.0
+    up_gemms = [name for name in (t.name for t in data.layer_tensors[5]) if is_up_projection(name)]
+    assert up_gemms == ["layers.5.mixer.q_b_proj.weight", "layers.5.mixer.kv_b_proj.weight"]
+    assert 0 < rerun.recompute < 0.1 * rerun.forward
+    base = ["plan", "deepseek-v3", "--gpus", "256", "--gpu", "b200", "--seq", "4096", "--global-batch-tokens", "16M",
+            "--layout", "tp=1,pp=16,cp=1,dp=16,ep=8,zero=1,recompute=none,mb=1", "--json"]
+    code, out, _ = run(capsys, monkeypatch, *base)
+    before = json.loads(out)
+    code, out, _ = run(capsys, monkeypatch, *base, "--recompute-modules", "mla_up_proj")
+    after = json.loads(out)
+    assert code == 0 and after["recompute_modules"] == ["mla_up_proj"] and before["recompute_modules"] == []
+    assert after["layouts"][0]["memory"]["activations"] < before["layouts"][0]["memory"]["activations"]
+    assert after["layouts"][0]["step_time"]["recompute"] > before["layouts"][0]["step_time"]["recompute"]
+    for argv, why in ((["plan", "llama-3-8b", "--gpus", "8", "--recompute-modules", "mla_up_proj"], "no MLA layer"),
+                      ([*base, "--states", "fsdp2", "--recompute-modules", "mla_up_proj"], "Megatron-style"),
+                      ([*base, "--recompute-modules", "moe"], "unknown moe")):
+        code, _, err = run(capsys, monkeypatch, *argv)
+        assert code == 2 and why in err and "Traceback" not in err

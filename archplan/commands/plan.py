@@ -647,6 +647,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fp8_experts": settings.fp8_experts,
         "fp8_dispatch": settings.fp8_dispatch,
         "fp8_params": settings.fp8_params,
+        "recompute_modules": sorted(settings.recompute_modules),
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
         "flash_impl": settings.flash_impl,
@@ -812,6 +813,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     passes = ((["bias gradients summed apart"] if settings.bias_grad_pass else [])
               + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
+    if settings.recompute_modules:
+        eager += f"; modules re-run under none/selective: {', '.join(sorted(settings.recompute_modules))}"
     sent = "" if settings.precision != "fp8" else ", fp8 tokens" if settings.fp8_dispatch else ", bf16 tokens"
     console.print(f"  states: {settings.states.on_gpu(result.gpu).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
@@ -864,6 +867,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
         "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "fp8_params", "flash_impl",
+        "recompute_modules",
         "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -905,7 +909,8 @@ def register(app: typer.Typer) -> None:
         tol: Annotated[float, typer.Option("--tol", help="Relative tolerance on each target.")] = 0.01,
         multiple: Annotated[int, typer.Option("--multiple", help="Solved widths are multiples of this.")] = 1,
         gpus: Annotated[int | None, typer.Option("--gpus", help="Number of GPUs.", rich_help_panel=LAYOUT_PANEL)] = None,
-        gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h800, h200, b200, gb200, mi300x, ...",
+        gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h800, h200, b200, gb200, b300, "
+                                         "gb300, mi300x, ...",
                                          rich_help_panel=LAYOUT_PANEL)] = "h100",
         global_batch_tokens: Annotated[str, typer.Option(
             "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.", rich_help_panel=LAYOUT_PANEL)] = "4M",
@@ -971,6 +976,12 @@ def register(app: typer.Typer) -> None:
             "fp8, one byte each (Megatron-Core's FP8 primary weights, --fp8-param-gather, on in Megatron-Bridge's "
             "fp8 recipes), or in bf16. The embedding, LM head, norms and routers stay bf16.",
             rich_help_panel=MODEL_PANEL)] = False,
+        recompute_modules: Annotated[str, typer.Option(
+            "--recompute-modules",
+            help="Megatron-Core's module recompute beside the layout's mode (recompute_modules): mla_up_proj "
+            "re-runs MLA's up-projections and RoPE in the backward, so each MLA layer keeps its latents, not "
+            "Q, K and V; or none. Applies under recompute none or selective; Megatron-style --states only.",
+            rich_help_panel=MODEL_PANEL)] = "none",
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1040,7 +1051,8 @@ def register(app: typer.Typer) -> None:
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
-                                 master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params)
+                                 master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params,
+                                 recompute_modules)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1119,8 +1131,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
               master_weights: MasterChoice = MasterChoice.fp32,
               dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False,
-              fp8_dispatch: bool = False, fp8_params: bool = False) -> Settings:
-    from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, STATES
+              fp8_dispatch: bool = False, fp8_params: bool = False, recompute_modules: str = "none") -> Settings:
+    from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, RECOMPUTE_MODULES, STATES
     from archplan.planning.parallel import Settings
 
     parts = {p.strip().lower() for p in overlap.split(",") if p.strip()}
@@ -1133,6 +1145,10 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
     if EP_OVERLAPS <= parts:
         raise ArchplanError("--overlap: ep and dualpipe are two schedules hiding the same MoE all-to-all; give one")
+    modules = {m.strip().lower() for m in recompute_modules.split(",") if m.strip()} - {"none"}
+    if unknown := modules - set(RECOMPUTE_MODULES):
+        raise ArchplanError(f"--recompute-modules: unknown {', '.join(sorted(unknown))} "
+                            f"(any of {', '.join(RECOMPUTE_MODULES)}, or none)")
     for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch)):
         if given and precision is not PrecisionChoice.fp8:
             raise ArchplanError(f"{flag} says how a run's MoE uses fp8: it goes with --precision fp8")
@@ -1147,6 +1163,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         master_remainders=master_weights is MasterChoice.remainders,
         dispatcher=dispatcher.value,  # type: ignore[arg-type]
         fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch, fp8_params=fp8_params,
+        recompute_modules=frozenset(modules),  # type: ignore[arg-type]
     )
 
 

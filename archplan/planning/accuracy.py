@@ -126,14 +126,14 @@ HELD_OUT: dict[str, HeldOutAccuracy] = {
                               gpus="A100"),
     "hopper": HeldOutAccuracy(runs=101, median=0.054, p90=0.155, bias=0.051, low=-0.032, high=0.173,
                               gpus="H100"),
-    UNCALIBRATED: HeldOutAccuracy(runs=18, median=0.121, p90=0.166, bias=0.121, low=0.043, high=0.173,
-                                  gpus="B200/GB200"),
+    UNCALIBRATED: HeldOutAccuracy(runs=32, median=0.076, p90=0.164, bias=0.048, low=-0.067, high=0.167,
+                                  gpus="B200/GB200/GB300"),
 }
-# the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100, B200 and GB200)
-HELD_OUT_MOE = HeldOutAccuracy(runs=60, median=0.172, p90=0.587, bias=0.046, low=-0.184, high=1.36,
-                               gpus="B200/GB200/H100/H800", moe=True)
+# the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100, B200, B300, GB200 and GB300)
+HELD_OUT_MOE = HeldOutAccuracy(runs=96, median=0.159, p90=0.458, bias=-0.026, low=-0.258, high=1.123,
+                               gpus="B200/B300/GB200/GB300/H100/H800", moe=True)
 # benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-03): the
-# dense models' runs split by the engine of their states (the B200 and GB200 runs all Megatron-style)
+# dense models' runs split by the engine of their states (the Blackwell runs all Megatron-style)
 HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
     ("ampere", "megatron"): HeldOutAccuracy(runs=13, median=0.059, p90=0.173, bias=0.059, low=-0.026,
                                             high=0.183, gpus="A100", engine="megatron"),
@@ -143,6 +143,6 @@ HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
                                             high=0.158, gpus="H100", engine="megatron"),
     ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.048, p90=0.157, bias=0.048, low=-0.021,
                                          high=0.174, gpus="H100", engine="torch"),
-    (UNCALIBRATED, "megatron"): HeldOutAccuracy(runs=18, median=0.121, p90=0.166, bias=0.121, low=0.043,
-                                                high=0.173, gpus="B200/GB200", engine="megatron"),
+    (UNCALIBRATED, "megatron"): HeldOutAccuracy(runs=32, median=0.076, p90=0.164, bias=0.048, low=-0.067,
+                                                high=0.167, gpus="B200/GB200/GB300", engine="megatron"),
 }

@@ -207,6 +207,14 @@ Dispatcher = Literal["auto", "nccl", "hierarchical"]
 # (DTensor parallel styles + FSDP2 + non-reentrant checkpointing, what `verify --layout` runs);
 # where they differ is listed in the module docstring.
 Engine = Literal["megatron", "torch"]
+# Megatron-Core's module-level recompute (`recompute_granularity="selective"` with
+# `recompute_modules`), beside the layout's none / selective / full: the modules a run re-runs in the
+# backward instead of keeping what they saved. "mla_up_proj": MLA's up-projections and RoPE
+# (Megatron-Core `MLASelfAttention`: `CheckpointWithoutOutput` around `qkv_up_proj_and_rope_apply`,
+# its output discarded once the core attention has read it, `discard_output_and_register_recompute`),
+# so the layer keeps the latents and drops Q, K and V, and the backward re-runs q_b and kv_b.
+RecomputeModule = Literal["mla_up_proj"]
+RECOMPUTE_MODULES: tuple[RecomputeModule, ...] = ("mla_up_proj",)
 Overlap = Literal["dp", "tp", "pp", "ep", "dualpipe"]
 OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep", "dualpipe")
 # the two ways a run hides the MoE all-to-all behind compute (`pricing.ep_exposed` prices each)
@@ -404,6 +412,7 @@ class LayerActs:
     fp32_inputs: int  # other inputs the torch modules cast to fp32 (`_fp32_cast_width`), counted at 16 bits
     combine: int  # an MoE layer's routed rows live at its combine beside the saved tensors (`_combine_rows`)
     weighting: int  # Megatron-Core's MoE layer keeps this beyond archplan's torch MoE (`_weighting_delta`)
+    up_proj: int  # MLA's Q, K and V, which the "mla_up_proj" module recompute drops (`RecomputeModule`)
 
 
 @dataclass(frozen=True)
@@ -470,7 +479,7 @@ class ModelData:
                                        ACT_BYTES * seq * h * len(layer.norms),
                                        ACT_BYTES * seq * _fp32_cast_width(layer, h),
                                        _combine_rows(layer, seq, h),
-                                       seq * _weighting_delta(layer, h)))
+                                       seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq)))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -553,21 +562,22 @@ class ModelData:
         return out
 
     def rank_activations(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                         engine: Engine) -> int:
+                         engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> int:
         """`_rank_activations`, once per split, activation layout and micro-batch count: the
         ZeRO stage, dp and ep do not change it."""
         key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
-               layout.vpp, layout.group, stage, microbatches, kernel, engine)
+               layout.vpp, layout.group, stage, microbatches, kernel, engine, modules)
         if key not in self._activations:
-            self._activations[key] = _rank_activations(self, layout, stage, microbatches, kernel, engine)
+            self._activations[key] = _rank_activations(self, layout, stage, microbatches, kernel, engine,
+                                                       modules)
         return self._activations[key]
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
-                   engine: Engine) -> list[float]:
+                   engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> list[float]:
         """Per layer, bytes one sequence keeps on one rank (before the cp split)."""
-        key = (layout.tp, layout.sequence_parallel, recompute, kernel, engine)
+        key = (layout.tp, layout.sequence_parallel, recompute, kernel, engine, modules)
         if key not in self._acts:
-            self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine) for a in self.acts]
+            self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine, modules) for a in self.acts]
         return self._acts[key]
 
 
@@ -732,6 +742,16 @@ def _weighting_delta(layer: LayerPlan, h: int) -> int:
     fused = expert.kind == "glu" and expert.activation == "silu"
     product = 0 if fused else ACT_BYTES * expert.d_ff
     return moe.top_k * (PROB_BYTES + product - ACT_BYTES * h)
+
+
+def _up_proj_bytes(layer: LayerPlan, seq: int) -> int:
+    """Bytes of one sequence's MLA Q, K and V through a layer (`analytic.memory._mixer_bytes` counts
+    them among what the layer keeps: every head's qk-wide query and key, v-wide value), which
+    Megatron-Core's "mla_up_proj" recompute discards and rebuilds (`RecomputeModule`); 0 elsewhere."""
+    if not isinstance(layer.mixer, MLAPlan):
+        return 0
+    m = layer.mixer
+    return ACT_BYTES * seq * m.n_heads * (2 * m.qk_head_dim + m.v_head_dim)
 
 
 def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
@@ -1006,12 +1026,15 @@ def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
 
 
 def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
-               engine: Engine) -> float:
+               engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> float:
     """Kept bytes of one sequence through one layer on one rank (before the cp split)."""
     tp, sp = layout.tp, layout.sequence_parallel
     if recompute == "full":
         return acts.block_input / (tp if sp else 1)
-    kept, replicated = acts.kept[recompute], acts.replicated
+    # what a module recompute drops: MLA's Q, K and V, split over the heads (so over tp) as the
+    # rest of `kept`
+    dropped = acts.up_proj if "mla_up_proj" in modules else 0
+    kept, replicated = acts.kept[recompute] - dropped, acts.replicated
     column = replicated - acts.norm_inputs  # the column-parallel projections' inputs
     match kernel:
         case "flash" if engine == "torch":
@@ -1020,12 +1043,13 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
             # q/k norms, MLA's latent norms and an MoE router (`_fp32_cast_width`); selective
             # recompute checkpoints the kernel alone, which then keeps no log-sum-exp
             lse = acts.lse if recompute == "none" else 0
-            kept = acts.kept["selective"] + lse + acts.norm_inputs + acts.fp32_inputs
+            kept = acts.kept["selective"] - dropped + lse + acts.norm_inputs + acts.fp32_inputs
             replicated += acts.norm_inputs
         case "flash":
             # Megatron-Core with Transformer Engine's fusions: a fused SwiGLU, memory-efficient
             # norms, and routed copies weighted inside the experts (`_weighting_delta`)
-            kept = acts.kept["selective"] + acts.lse - acts.glu_extra - acts.norm_inputs + acts.weighting
+            kept = (acts.kept["selective"] - dropped + acts.lse - acts.glu_extra - acts.norm_inputs
+                    + acts.weighting)
             replicated -= acts.norm_inputs
         case "eager":
             pass
@@ -1193,7 +1217,8 @@ def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microba
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
-            states: StatesConvention, kernel: AttentionKernel) -> RankMemory:
+            states: StatesConvention, kernel: AttentionKernel,
+            modules: frozenset[RecomputeModule] = frozenset()) -> RankMemory:
     zero = layout.zero
     chunks = rank_chunks(len(data.plan.layers), layout, stage)
     full, shard, biggest_layer, per_chunk = data.stage_params(layout, stage, states.per_tensor)
@@ -1226,19 +1251,20 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
     elif zero >= 3:
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
-    activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine)
+    activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
 
 def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
-                      kernel: AttentionKernel, engine: Engine) -> int:
+                      kernel: AttentionKernel, engine: Engine,
+                      modules: frozenset[RecomputeModule] = frozenset()) -> int:
     """Activation bytes of pipeline rank `stage` at the schedule's peak (the module docstring)."""
     tp, mb, cp = layout.tp, layout.mb, layout.cp
     scale = mb / cp  # sequences per micro-batch, split over the context-parallel ranks
     mode = layout.recompute
     activations = 0.0
     counts = in_flight(layout, microbatches, stage)
-    per_layer = data.layer_acts(layout, mode, kernel, engine)
+    per_layer = data.layer_acts(layout, mode, kernel, engine, modules)
     head = 0.0
     chunks = rank_chunks(len(data.plan.layers), layout, stage)
     for chunk, count in zip(chunks, counts):

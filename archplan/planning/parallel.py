@@ -24,6 +24,7 @@ from archplan.planning.cluster import (
     CPComm,
     Dispatcher,
     ModelData,
+    RecomputeModule,
     StatesConvention,
     _memory,
     model_data,
@@ -180,6 +181,10 @@ class Settings:
     # FP8 primary weights (`--fp8-param-gather`), which Megatron-Bridge's fp8 precision presets turn
     # on (`cluster.StatesConvention.with_fp8_weights`; docs/validation.md, "FP8 primary weights").
     fp8_params: bool = False
+    # Megatron-Core's module-level recompute beside the layout's mode (`cluster.RecomputeModule`):
+    # the modules re-run in the backward under recompute none or selective (a full recompute
+    # re-runs them anyway)
+    recompute_modules: frozenset[RecomputeModule] = frozenset()
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -192,6 +197,9 @@ class Settings:
             if self.precision != "fp8":
                 raise ArchplanError("--fp8-params keeps the GEMM weights in fp8, which needs --precision fp8")
             states = states.with_fp8_weights()
+        if self.recompute_modules and states.engine != "megatron":
+            raise ArchplanError("--recompute-modules is Megatron-Core's module recompute, which needs --states "
+                                "megatron, zero or deepspeed (a Megatron-style engine)")
         object.__setattr__(self, "states", states)
 
     @property
@@ -381,6 +389,10 @@ class Evaluator:
         self.settings = settings
         self.usable = usable
         self.data: ModelData = model_data(plan, seq)
+        if "mla_up_proj" in settings.recompute_modules and not any(isinstance(layer.mixer, MLAPlan)
+                                                                   for layer in plan.layers):
+            raise ArchplanError(f"--recompute-modules mla_up_proj recomputes MLA's up-projections, and "
+                                f"{plan.name} has no MLA layer")
         # the states as this GPU keeps them (fp8 weights take their transpose on TN-only GPUs)
         self.states = settings.states.on_gpu(gpu)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
@@ -389,13 +401,14 @@ class Evaluator:
                                                   settings.fp8_experts, settings.fp8_dispatch),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
-                             dispatcher=settings.dispatcher)
+                             dispatcher=settings.dispatcher, modules=settings.recompute_modules)
         self.network = network(net, settings.rings(self.kernels))
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
 
     def memory(self, layout: Layout, m: int) -> StageMemory:
         s = self.settings
-        return StageMemory({stage: _memory(self.data, layout, stage, m, self.states, s.attention_kernel)
+        return StageMemory({stage: _memory(self.data, layout, stage, m, self.states, s.attention_kernel,
+                                           s.recompute_modules)
                             for stage in representative_stages(len(self.plan.layers), layout.pp, layout.vpp)})
 
     def evaluate(self, layout: Layout, m: int, memory: StageMemory | None = None) -> Evaluated:

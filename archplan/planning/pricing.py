@@ -93,6 +93,7 @@ from archplan.planning.cluster import (
     Dispatcher,
     FetchUse,
     ModelData,
+    RecomputeModule,
     StatesConvention,
     UseKind,
     _collectives,
@@ -397,7 +398,7 @@ def qkv_concat_bytes(data: ModelData, i: int, layout: Layout) -> int:
 
 def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: AttentionKernel,
                  recompute: str, early_stop: bool, bias_grads: bool = False,
-                 qkv_concat: bool = False) -> _MicroBatch:
+                 qkv_concat: bool = False, modules: frozenset[RecomputeModule] = frozenset()) -> _MicroBatch:
     layer: LayerPlan = data.plan.layers[i]
     h, tp, cp, mb = data.plan.d_model, layout.tp, layout.cp, layout.mb
     seq = data.seq
@@ -496,7 +497,20 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             extra = core_recompute
         case _:
             extra = 0.0
+    if recompute != "full" and "mla_up_proj" in modules:
+        # the up-projections' forward GEMMs once more (their RoPE, a few bytes per token, left out)
+        extra += sum(fwd for t, (_, fwd, _) in zip(data.layer_tensors[i], times) if is_up_projection(t.name))
     return _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, extra, beside, elem_bwd)
+
+
+# the weights of MLA's up-projections, which "mla_up_proj" re-runs (`cluster.RecomputeModule`):
+# q_b, or q_proj where the query has no latent (Megatron-Core's `linear_q_proj`, inside the
+# checkpointed `qkv_up_proj_and_rope_apply` too), and kv_b
+UP_PROJECTIONS = (".mixer.q_b_proj.weight", ".mixer.q_proj.weight", ".mixer.kv_b_proj.weight")
+
+
+def is_up_projection(name: str) -> bool:
+    return name.endswith(UP_PROJECTIONS)
 
 
 def flash_fraction(head_dim: int, window: int | None, seq: int, impl: FlashImpl) -> float:
@@ -578,7 +592,7 @@ class Pricer:
 
     def __init__(self, data: ModelData, rates: Rates, early_stop: bool = False, bias_grads: bool = False,
                  qkv_concat: bool = False, loss: CrossEntropyImpl = "fp32-fused",
-                 dispatcher: Dispatcher = "auto") -> None:
+                 dispatcher: Dispatcher = "auto", modules: frozenset[RecomputeModule] = frozenset()) -> None:
         self.data = data
         self.rates = rates
         self.early_stop = early_stop  # full recompute stops early (`cluster.uses_early_stop`)
@@ -587,6 +601,7 @@ class Pricer:
         self.loss = loss  # the cross-entropy's implementation (`CROSS_ENTROPY_BYTES`)
         self.moe = uniform_moe(data.plan)  # the routing that prices the EP all-to-all
         self.dispatcher = dispatcher  # and how it crosses nodes (`ep_all_to_all_time`)
+        self.modules = modules  # the modules re-run beside the layout's recompute (`cluster.RecomputeModule`)
         self._twins = _first_twins(data)
         self._layers: dict[tuple[object, ...], list[_MicroBatch]] = {}
         self._stages: dict[tuple[object, ...], _MicroBatch] = {}
@@ -606,7 +621,7 @@ class Pricer:
             first: dict[int, _MicroBatch] = {}
             for i in sorted(set(self._twins)):
                 first[i] = _layer_micro(self.data, i, layout, self.rates, kernel, layout.recompute,
-                                        self.early_stop, self.bias_grads, self.qkv_concat)
+                                        self.early_stop, self.bias_grads, self.qkv_concat, self.modules)
             self._layers[key] = [first[twin] for twin in self._twins]
         return self._layers[key]
 
