@@ -75,7 +75,8 @@ their output (already kept as the next projection's input) instead of their inpu
 megatron engine, MoE experts that weight each routed copy inside their activation, keeping its fp32
 routing probability instead of its output (Megatron-Core since 0.13, `_weighting_delta`); "eager" keeps
 what plain torch autograd keeps (the s×s probabilities unless recompute is selective, act(gate),
-each norm's input). Full recompute keeps the block inputs, plus one layer's whole activations while it is
+each norm's input). Megatron-Core's "mla_up_proj" module recompute (`RecomputeModule`) drops MLA's Q, K
+and V under none or selective. Full recompute keeps the block inputs, plus one layer's whole activations while it is
 re-run; an MoE layer adds two transient copies of its routed rows at its combine, beyond what it
 saves (`COMBINE_COPIES`; in the rank's last forward too, without full recompute). In-flight
 micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al. 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,

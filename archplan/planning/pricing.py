@@ -29,7 +29,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   concatenates their gradients (`qkv_concat_bytes`); Transformer Engine fuses the first into the
   weight-gradient GEMM and splits without a copy. The loss at its implementation's bytes per logit
   (`CROSS_ENTROPY_BYTES`).
-- recompute: full re-runs the forward, selective the eager attention core.
+- recompute: full re-runs the forward, selective the eager attention core; the "mla_up_proj" module
+  recompute (`Settings.recompute_modules`) MLA's up-projection GEMMs.
 - `efficiency` (the user's measured figure) replaces the GEMM and attention rates by one
   fraction of the dense peak.
 - the optimizer step: the states convention's `step_bytes` per parameter of the rank's optimizer
