@@ -1016,3 +1016,20 @@ def test_recompute_modules_mla_up_proj_drops_q_k_v_and_reruns_the_up_projections
                       ([*base, "--recompute-modules", "moe"], "unknown moe")):
         code, _, err = run(capsys, monkeypatch, *argv)
         assert code == 2 and why in err and "Traceback" not in err
+
+
+def test_recompute_modules_mla_up_proj_re_runs_nothing_in_other_attention() -> None:
+    """A standard attention layer's query projection shares MLA's q_proj name (no query latent):
+    the module recompute re-runs only MLA layers' projections, so a GQA layer's time is unchanged."""
+    from archplan.planning.layout import Layout
+    from archplan.planning.parallel import Evaluator, Settings, interconnect
+    from archplan.planning.pricing import _layer_micro
+
+    plan = resolve(load_spec("llama-3-8b"))
+    gpu = accelerator("h100")
+    evaluator = Evaluator(plan, gpu, interconnect(gpu), 4096, Settings(), 1 << 40)
+    layout = Layout(tp=1, dp=8)
+    plain = _layer_micro(evaluator.data, 1, layout, evaluator.pricer.rates, "flash", "none", False)
+    rerun = _layer_micro(evaluator.data, 1, layout, evaluator.pricer.rates, "flash", "none", False,
+                         modules=frozenset({"mla_up_proj"}))
+    assert plain.recompute == rerun.recompute == 0.0

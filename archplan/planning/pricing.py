@@ -498,15 +498,15 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             extra = core_recompute
         case _:
             extra = 0.0
-    if recompute != "full" and "mla_up_proj" in modules:
+    if recompute != "full" and "mla_up_proj" in modules and isinstance(layer.mixer, MLAPlan):
         # the up-projections' forward GEMMs once more (their RoPE, a few bytes per token, left out)
         extra += sum(fwd for t, (_, fwd, _) in zip(data.layer_tensors[i], times) if is_up_projection(t.name))
     return _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, extra, beside, elem_bwd)
 
 
-# the weights of MLA's up-projections, which "mla_up_proj" re-runs (`cluster.RecomputeModule`):
+# the weights of an MLA layer's up-projections, which "mla_up_proj" re-runs (`cluster.RecomputeModule`):
 # q_b, or q_proj where the query has no latent (Megatron-Core's `linear_q_proj`, inside the
-# checkpointed `qkv_up_proj_and_rope_apply` too), and kv_b
+# checkpointed `qkv_up_proj_and_rope_apply` too), and kv_b; other mixers' q_proj is not one
 UP_PROJECTIONS = (".mixer.q_b_proj.weight", ".mixer.q_proj.weight", ".mixer.kv_b_proj.weight")
 
 
