@@ -116,8 +116,10 @@ def accelerator(key: str) -> Accelerator:
 def match_device_name(name: str) -> Accelerator | None:
     """Map a torch device name ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB') to a table entry, if any."""
     lowered = name.lower()
+    # the rack parts before the HGX parts whose names they contain ("gb200" holds "b200")
     for probe, key in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-sxm"), ("h800", "h800"),
-                       ("gb200", "gb200"), ("b200", "b200"), ("gb300", "gb300"), ("b300", "b300"), ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
+                       ("gb200", "gb200"), ("b200", "b200"), ("gb300", "gb300"), ("b300", "b300"),
+                       ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
                        ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"), ("mi300x", "mi300x"),
                        ("v100", "v100")):
         if probe in lowered:

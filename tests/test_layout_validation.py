@@ -183,7 +183,8 @@ def test_gb300_and_b300_rows_are_held_out_at_their_recipes(rows: list[tuple[dict
     dense = [row for name, row in later.items() if "Llama" in name and name != odd]
     assert len(dense) == 13 and all(abs(row.error) <= 0.08 and row.fits for row in dense)
     assert not later[odd].fits and later[odd].error < -0.2
-    up_proj = ([later[f"Megatron-Bridge {r} DeepSeek-V3, 256 GB300"] for r in ("26.02", "26.02.01", "26.04", "26.04.01")]
+    up_proj = ([later[f"Megatron-Bridge {r} DeepSeek-V3, 256 GB300"]
+                for r in ("26.02", "26.02.01", "26.04", "26.04.01")]
                + [later[f"Megatron-Bridge {r} DeepSeek-V3, 256 B300"]
                   for r in ("26.02", "26.02.01", "26.04", "26.04.01", "26.06")])
     assert all(row.fits for row in up_proj)
