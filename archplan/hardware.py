@@ -290,10 +290,9 @@ FP8_TN_ONLY: frozenset[str] = frozenset({"h100-sxm", "h100-pcie", "h200", "h800"
 # brute-force search of shapes, every GPU measured with the same tool (Bekman, "Machine Learning
 # Engineering Open Book", compute/accelerator, MAMF table as of 2026-08, `mamf-finder.py`): H100 SXM
 # 794.5 TFLOP/s (H200 measures the same), B200 1,745.0, B300 1,769.0, GB200 1,822.0, MI300X 668.4
-# (no GB300 row). An uncalibrated
-# GPU keeps Hopper's GEMM fraction scaled by its matmul efficiency over H100's (`kernel_efficiency`):
-# the table's one tool and method measure what the GPU's GEMMs reach of its own datasheet peak, which
-# the Hopper calibration cannot know. The table's fp8 rows agree for Blackwell (B200 76.3% of peak
+# (no GB300 row). An uncalibrated GPU keeps Hopper's GEMM fraction scaled by its matmul efficiency
+# over H100's (`kernel_efficiency`): the table's one tool and method measure what the GPU's GEMMs
+# reach of its own datasheet peak, which the Hopper calibration cannot know. The table's fp8 rows agree for Blackwell (B200 76.3% of peak
 # against 77.6% in bf16; GB200 72.3% against 72.9%), so one ratio serves both precisions.
 MATMUL_ACHIEVED_BF16: dict[str, float] = {
     "h100-sxm": 794.5 * TERA, "b200": 1745.0 * TERA, "b300": 1769.0 * TERA, "gb200": 1822.0 * TERA,
