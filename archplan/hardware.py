@@ -286,6 +286,11 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
 # compute capability 10.x and 13.0 on (Blackwell data-centre parts), false for Hopper (9.0) and Ada (8.9).
 FP8_TN_ONLY: frozenset[str] = frozenset({"h100-sxm", "h100-pcie", "h200", "h800", "l4", "l40s", "rtx4090"})
 
+# GPUs of compute capability 10.x (B200, GB200, B300, GB300): Transformer Engine's fused grouped MLP
+# (`ops/fused/grouped_mlp.py`, `_GroupedMLP_CuTeGEMMBase.is_supported`) runs its CuTe DSL kernels
+# only where the device's major compute capability is 10 (`pricing.Rates.fused_grouped_mlp`).
+SM100_GPUS: frozenset[str] = frozenset({"b200", "gb200", "b300", "gb300"})
+
 # Maximum achievable matmul FLOP/s ("MAMF"): the best mean bf16 `torch.matmul` rate over a
 # brute-force search of shapes, every GPU measured with the same tool (Bekman, "Machine Learning
 # Engineering Open Book", compute/accelerator, MAMF table as of 2026-08, `mamf-finder.py`): H100 SXM

@@ -614,6 +614,56 @@ def test_fp8_casts_of_experts_quantise_each_token_once_before_an_fp8_dispatch() 
     assert fp8_cast_bytes(data, 0, layout) == 4 * (routed * h + down_and_o)
 
 
+def test_fused_grouped_mlp_drops_the_experts_activation_and_down_projection_cast() -> None:
+    """Transformer Engine's fused grouped MLP applies the experts' SwiGLU in the up-projection's
+    epilogue, which writes the down-projection's input already in fp8: the activation's pass (read
+    2·d_ff, write d_ff per routed copy, 2 B each) and that cast (4 B per element) go, forward and
+    backward; the GEMMs, the dispatched tokens' cast and every other pass stay."""
+    plan = _plan("mixtral-8x7b")
+    data = model_data(plan, 4096)
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=8,zero=1,recompute=none,mb=1,sp=off").complete()
+    assert layout is not None
+    moe = plan.layers[0].ffn
+    tokens, h = 4096, plan.d_model
+    routed = math.ceil(tokens * moe.top_k * 8 / moe.n_experts)
+    assert fp8_cast_bytes(data, 0, layout, fused_grouped_mlp=True) == 4 * (routed * h + tokens * h)
+    b200 = accelerator("b200")
+    eff = kernel_efficiency(b200)[0]
+    unfused, fused = (Pricer(data, rates_for(b200, eff, None, "fp8", fused_grouped_mlp=f)).layers(layout, "flash")[0]
+                      for f in (False, True))
+    removed = 4 * routed * moe.expert.d_ff + tokens * moe.top_k * 2 * 3 * moe.expert.d_ff
+    assert unfused.elem_fwd - fused.elem_fwd == pytest.approx(removed / (b200.hbm_bytes_per_s * eff.hbm))
+    assert (fused.gemm_fwd, fused.gemm_bwd, fused.attn_fwd) == (unfused.gemm_fwd, unfused.gemm_bwd, unfused.attn_fwd)
+    assert unfused.backward - fused.backward == pytest.approx(2 * (unfused.elem_fwd - fused.elem_fwd))
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("qwen3-30b-a3b", "--gpu", "h100"), "compute capability 10"),
+    (("llama-3-8b", "--gpu", "b200"), "routes to no experts"),
+    (("qwen3-30b-a3b", "--gpu", "b200", "--states", "fsdp2"), "Megatron-style"),
+])
+def test_cli_fused_grouped_mlp_where_it_cannot_run_is_one_line_exit_2(
+        args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", args[0], "--gpus", "8", *args[1:], "--precision", "fp8",
+                       "--fused-grouped-mlp")
+    assert code == 2 and said in err and err.count("\n") == 1
+
+
+def test_cli_fused_grouped_mlp_shortens_the_elementwise_time(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    found = {}
+    for flag in ("--unfused-grouped-mlp", "--fused-grouped-mlp"):
+        code, out, _ = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "8", "--gpu", "gb300", "--seq",
+                           "4096", "--global-batch-tokens", "2M", "--precision", "fp8", "--json", "--layout",
+                           "tp=1,cp=1,pp=1,dp=8,ep=8,zero=1,recompute=none,mb=4,vpp=1", flag)
+        assert code == 0
+        found[flag] = json.loads(out)
+    unfused, fused = found["--unfused-grouped-mlp"], found["--fused-grouped-mlp"]
+    assert (unfused["fused_grouped_mlp"], fused["fused_grouped_mlp"]) == (False, True)
+    before, after = unfused["layouts"][0]["step_time"], fused["layouts"][0]["step_time"]
+    assert after["elementwise"] < before["elementwise"] and after["gemm"] == before["gemm"]
+
+
 def test_overlapped_tp_communication_costs_the_gemms_beside_it_16_sms() -> None:
     # Transformer Engine's userbuffers defaults: the row-parallel forwards ("pipeline") and the
     # column-parallel dgrad + wgrad ("bulk") run on 132 - 16 SMs of an H100; ring exchange is free
@@ -1327,7 +1377,7 @@ def test_cli_dense_fp8_plan_says_nothing_of_routed_experts(capsys: pytest.Captur
     assert "fp8 casts" in description and "routed experts" not in description
 
 
-@pytest.mark.parametrize("flag", ["--fp8-experts", "--fp8-dispatch"])
+@pytest.mark.parametrize("flag", ["--fp8-experts", "--fp8-dispatch", "--fused-grouped-mlp"])
 def test_cli_moe_fp8_flags_without_fp8_are_one_line_exit_2(flag: str, capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", flag)

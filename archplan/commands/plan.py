@@ -647,6 +647,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fp8_experts": settings.fp8_experts,
         "fp8_dispatch": settings.fp8_dispatch,
         "fp8_params": settings.fp8_params,
+        "fused_grouped_mlp": settings.fused_grouped_mlp,
         "recompute_modules": sorted(settings.recompute_modules),
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
@@ -816,6 +817,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     if settings.recompute_modules:
         eager += f"; modules re-run under none/selective: {', '.join(sorted(settings.recompute_modules))}"
     sent = "" if settings.precision != "fp8" else ", fp8 tokens" if settings.fp8_dispatch else ", bf16 tokens"
+    if settings.fused_grouped_mlp:
+        sent += ", fused grouped MLP"
     console.print(f"  states: {settings.states.on_gpu(result.gpu).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
@@ -867,7 +870,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
         "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "fp8_params", "flash_impl",
-        "recompute_modules",
+        "recompute_modules", "fused_grouped_mlp",
         "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -982,6 +985,12 @@ def register(app: typer.Typer) -> None:
             "re-runs MLA's up-projections and RoPE in the backward, so each MLA layer keeps its latents, not "
             "Q, K and V; or none. Applies under recompute none or selective; Megatron-style --states only.",
             rich_help_panel=MODEL_PANEL)] = "none",
+        fused_grouped_mlp: Annotated[bool, typer.Option(
+            "--fused-grouped-mlp/--unfused-grouped-mlp",
+            help="Under --precision fp8 on B200, GB200, B300 or GB300, whether the routed experts run Transformer "
+            "Engine's fused grouped MLP (Megatron-Bridge's MXFP8 MoE recipes from 26.06): their activation and "
+            "the down-projection's fp8 cast run inside the GEMMs, so neither makes a pass over HBM.",
+            rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1052,7 +1061,7 @@ def register(app: typer.Typer) -> None:
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
                                  master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params,
-                                 recompute_modules)
+                                 recompute_modules, fused_grouped_mlp)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1131,7 +1140,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               optimizer_moments: StateDTypeChoice = StateDTypeChoice.fp32,
               master_weights: MasterChoice = MasterChoice.fp32,
               dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False,
-              fp8_dispatch: bool = False, fp8_params: bool = False, recompute_modules: str = "none") -> Settings:
+              fp8_dispatch: bool = False, fp8_params: bool = False, recompute_modules: str = "none",
+              fused_grouped_mlp: bool = False) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, RECOMPUTE_MODULES, STATES
     from archplan.planning.parallel import Settings
 
@@ -1149,7 +1159,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     if unknown := modules - set(RECOMPUTE_MODULES):
         raise ArchplanError(f"--recompute-modules: unknown {', '.join(sorted(unknown))} "
                             f"(any of {', '.join(RECOMPUTE_MODULES)}, or none)")
-    for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch)):
+    for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch),
+                        ("--fused-grouped-mlp", fused_grouped_mlp)):
         if given and precision is not PrecisionChoice.fp8:
             raise ArchplanError(f"{flag} says how a run's MoE uses fp8: it goes with --precision fp8")
     return Settings(
@@ -1164,6 +1175,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         dispatcher=dispatcher.value,  # type: ignore[arg-type]
         fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch, fp8_params=fp8_params,
         recompute_modules=frozenset(modules),  # type: ignore[arg-type]
+        fused_grouped_mlp=fused_grouped_mlp,
     )
 
 

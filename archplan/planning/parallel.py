@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
-from archplan.hardware import Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
+from archplan.hardware import SM100_GPUS, Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
 from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
@@ -185,6 +185,15 @@ class Settings:
     # the modules re-run in the backward under recompute none or selective (a full recompute
     # re-runs them anyway)
     recompute_modules: frozenset[RecomputeModule] = frozenset()
+    # Whether the routed experts run Transformer Engine's fused grouped MLP (Megatron-Core's
+    # `use_transformer_engine_op_fuser` with NVTE_CUTEDSL_FUSED_GROUPED_MLP=1, on in Megatron-Bridge's
+    # MXFP8 MoE recipes of Blackwell from 26.06 on): the up-projection's epilogue applies the
+    # activation and the routing weights and writes the down-projection's input quantized, and the
+    # down-projection's data-gradient epilogue does the activation's backward
+    # (`ops/fused/grouped_mlp.py`), so neither the activation nor that cast makes a pass of its own
+    # (`pricing._layer_micro`, `pricing.fp8_cast_bytes`). TE runs it under an MXFP8 or NVFP4 recipe only
+    # (`fuse_grouped_mlp_ops`), on compute capability 10 (`hardware.SM100_GPUS`).
+    fused_grouped_mlp: bool = False
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -200,6 +209,10 @@ class Settings:
         if self.recompute_modules and states.engine != "megatron":
             raise ArchplanError("--recompute-modules is Megatron-Core's module recompute, which needs --states "
                                 "megatron, zero or deepspeed (a Megatron-style engine)")
+        if self.fused_grouped_mlp and (self.precision != "fp8" or states.engine != "megatron"):
+            raise ArchplanError("--fused-grouped-mlp is Transformer Engine's fused expert MLP, which runs under "
+                                "--precision fp8 (an MXFP8 recipe) and a Megatron-style --states (megatron, "
+                                "zero or deepspeed)")
         object.__setattr__(self, "states", states)
 
     @property
@@ -393,12 +406,20 @@ class Evaluator:
                                                                    for layer in plan.layers):
             raise ArchplanError(f"--recompute-modules mla_up_proj recomputes MLA's up-projections, and "
                                 f"{plan.name} has no MLA layer")
+        if settings.fused_grouped_mlp:
+            if not plan.routed:
+                raise ArchplanError(f"--fused-grouped-mlp fuses the routed experts' MLP, and {plan.name} "
+                                    "routes to no experts")
+            if gpu.key not in SM100_GPUS:
+                raise ArchplanError(f"--fused-grouped-mlp runs on compute capability 10 GPUs only "
+                                    f"({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
         # the states as this GPU keeps them (fp8 weights take their transpose on TN-only GPUs)
         self.states = settings.states.on_gpu(gpu)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl,
-                                                  settings.fp8_experts, settings.fp8_dispatch),
+                                                  settings.fp8_experts, settings.fp8_dispatch,
+                                                  settings.fused_grouped_mlp),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher, modules=settings.recompute_modules)

@@ -188,6 +188,9 @@ class Rates:
     sms: int = 0  # the GPU's streaming multiprocessors (0: not on record)
     fp8_experts: bool = False  # routed experts' grouped GEMMs at the fp8 rate (`Settings.fp8_experts`)
     fp8_dispatch: bool = False  # the tokens sent to the experts travel in fp8 (`Settings.fp8_dispatch`)
+    # the routed experts' activation and down-projection cast run in their GEMMs' epilogues
+    # (`Settings.fused_grouped_mlp`)
+    fused_grouped_mlp: bool = False
 
     @property
     def sends_fp8(self) -> bool:
@@ -324,7 +327,8 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
     return forward, 2 * slower * forward
 
 
-def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool = False) -> int:
+def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool = False,
+                   fused_grouped_mlp: bool = False) -> int:
     """HBM bytes, one micro-batch's forward, of casting layer `i`'s GEMM inputs to fp8 under
     `--precision fp8`: read in bf16, written in fp8 twice (as is, and transposed for the
     weight-gradient GEMM of the backward), 4 B per element. Transformer Engine fuses the cast of a
@@ -332,7 +336,9 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
     only the inputs a norm does not produce pay: the row-parallel projections' (attention output,
     FFN down, mixer out), the experts' down-projections' (per routed copy), and the tokens the
     experts receive: quantised once before an fp8 dispatch (DeepSeek-AI 2024 §3.3.2), else each
-    routed copy by the experts' grouped linear after a bf16 one (`Settings.fp8_dispatch`)."""
+    routed copy by the experts' grouped linear after a bf16 one (`Settings.fp8_dispatch`). Under
+    Transformer Engine's fused grouped MLP the up-projection's epilogue writes the down-projection's
+    input already quantised (`Settings.fused_grouped_mlp`): those casts are not paid."""
     layer = data.plan.layers[i]
     total = 0
     dispatched = False
@@ -342,6 +348,8 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
             continue
         m, _, k, count, _ = shape
         match t.split:
+            case "expert_row" if fused_grouped_mlp:
+                pass
             case "row" | "expert_row":
                 total += m * k * count
             case "expert_column" if not dispatched:
@@ -410,7 +418,8 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     beside = (sum(fwd for split, fwd, _ in times if split == "row")
               + sum(bwd for split, _, bwd in times if split == "column"))
     # bytes per micro-batch, whatever its tokens (long-conv filter generation, fp8 casts)
-    elem_extra = float(fp8_cast_bytes(data, i, layout, rates.fp8_dispatch)) if rates.precision == "fp8" else 0.0
+    elem_extra = (float(fp8_cast_bytes(data, i, layout, rates.fp8_dispatch, rates.fused_grouped_mlp))
+                  if rates.precision == "fp8" else 0.0)
     # attention core
     attn_fwd = attn_bwd = 0.0
     core_recompute = 0.0
@@ -474,7 +483,11 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             elem += act_bytes(layer.ffn)
         case MoEPlan():
             moe = layer.ffn
-            elem += moe.top_k * act_bytes(moe.expert) + 4 * ACT_BYTES * moe.top_k * h
+            # the fused grouped MLP computes the experts' activation (and its backward) in the
+            # GEMMs' epilogues, "avoiding memory round-trips" (NVIDIA, "Boosting MoE Training
+            # Throughput with Advanced Fusion Kernels", 2026); the permutation's passes remain
+            routed = 0.0 if rates.fused_grouped_mlp else moe.top_k * act_bytes(moe.expert)
+            elem += routed + 4 * ACT_BYTES * moe.top_k * h
             if moe.shared is not None:
                 elem += act_bytes(moe.shared)
         case None:
@@ -1143,7 +1156,7 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
               precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False,
-              fp8_dispatch: bool = False) -> Rates:
+              fp8_dispatch: bool = False, fused_grouped_mlp: bool = False) -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
     return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
-                 gpu.sms, fp8_experts, fp8_dispatch)
+                 gpu.sms, fp8_experts, fp8_dispatch, fused_grouped_mlp)
