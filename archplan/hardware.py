@@ -15,6 +15,7 @@ matmul FLOPS table (2026-08).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -239,6 +240,52 @@ def flash_length_factor(length: int, impl: FlashImpl, head_dim: int) -> float:
     the longest the figures measured."""
     half = FLASH_HALF_LENGTH[impl, head_dim_bucket(head_dim)]
     return min(1.0, length / (length + half) * (FLASH_RATE_LENGTH + half) / FLASH_RATE_LENGTH)
+
+
+# cuDNN's MXFP8 training attention against its BF16 one on the same GPU, measured by NVIDIA's
+# cudnn-frontend repository (benchmark/sdpa_benchmark_training/results, 2026-04-24: cuDNN 9.22,
+# frontend 1.21.1; causal ("top_left"), batch 2, non-deterministic backward). Two shapes: Llama 3.1
+# 405B's heads (64 query, 8 KV, head dim 128) and DeepSeek-V3's (128 and 128, head dims 192 for
+# Q·K and 128 for V). Per sequence length: BF16 forward, BF16 backward, MXFP8 forward, MXFP8
+# backward, TFLOP/s. Transformer Engine runs its fp8 dot-product attention in MXFP8 under an MXFP8
+# recipe (`dot_product_attention/backends.py`: `qkv_type == "mxfp8"`); `fp8_attention_speed` gives
+# the ratios, which the layout model applies to its own BF16 rates. Only GB200 and GB300 are on
+# record: the repository's other results (H200, cuDNN 9.19) are per-tensor fp8 and time forward and
+# backward together.
+FP8_ATTENTION_RATES: dict[tuple[str, int], tuple[tuple[int, float, float, float, float], ...]] = {
+    ("gb200", 128): ((2048, 1097, 885, 1330, 745), (4096, 1408, 1148, 1685, 1054),
+                     (8192, 1574, 1332, 1902, 1287), (16384, 1708, 1328, 1999, 1436),
+                     (32768, 1622, 1226, 2046, 1425)),
+    ("gb200", 192): ((2048, 1072, 846, 1535, 1047), (4096, 1406, 1057, 1925, 1364),
+                     (8192, 1585, 1193, 2219, 1494), (16384, 1678, 1134, 2355, 1552),
+                     (32768, 1743, 1076, 2329, 1532)),
+    ("gb300", 128): ((2048, 1373, 967, 1751, 811), (4096, 1703, 1248, 2272, 1143),
+                     (8192, 1856, 1435, 2570, 1404), (16384, 1915, 1507, 2727, 1563),
+                     (32768, 1953, 1490, 2785, 1590)),
+    ("gb300", 192): ((2048, 1285, 914, 2069, 1158), (4096, 1590, 1143, 2517, 1522),
+                     (8192, 1825, 1291, 2829, 1780), (16384, 1967, 1302, 2998, 1844),
+                     (32768, 1991, 1289, 2959, 1863)),
+}
+
+
+def fp8_attention_gpus() -> tuple[str, ...]:
+    """The GPUs with a measured fp8 attention rate (`FP8_ATTENTION_RATES`)."""
+    return tuple(sorted({key for key, _ in FP8_ATTENTION_RATES}))
+
+
+def fp8_attention_speed(gpu_key: str, head_dim: int, length: int) -> tuple[float, float]:
+    """How much faster cuDNN's MXFP8 attention runs than its BF16 one on `gpu_key`, forward and
+    backward, for a causal layer of Q·K head dim `head_dim` over `length` tokens: the measured shape
+    nearest in head dim (128, or 192 for a wider one), linear in log2(length) between the measured
+    lengths, the end's ratio beyond them (`FP8_ATTENTION_RATES`)."""
+    points = FP8_ATTENTION_RATES[gpu_key, 192 if head_dim > 128 else 128]
+    ratios = [(math.log2(n), f8 / f, b8 / b) for n, f, b, f8, b8 in points]
+    x = math.log2(max(points[0][0], min(points[-1][0], length)))
+    for (x0, f0, b0), (x1, f1, b1) in zip(ratios, ratios[1:]):
+        if x <= x1:
+            t = (x - x0) / (x1 - x0)
+            return f0 + t * (f1 - f0), b0 + t * (b1 - b0)
+    return ratios[-1][1], ratios[-1][2]
 
 
 def flash_head_dim(head_dim: int, impl: FlashImpl) -> int:

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
-from archplan.hardware import FP8_TN_ONLY, KERNEL_EFFICIENCY, accelerator, kernel_efficiency, matmul_ratio
+from archplan.hardware import (
+    FP8_TN_ONLY,
+    KERNEL_EFFICIENCY,
+    accelerator,
+    fp8_attention_speed,
+    kernel_efficiency,
+    matmul_ratio,
+)
 from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning.cluster import (
     DEEPSPEED,
@@ -662,6 +669,40 @@ def test_cli_fused_grouped_mlp_shortens_the_elementwise_time(capsys: pytest.Capt
     assert (unfused["fused_grouped_mlp"], fused["fused_grouped_mlp"]) == (False, True)
     before, after = unfused["layouts"][0]["step_time"], fused["layouts"][0]["step_time"]
     assert after["elementwise"] < before["elementwise"] and after["gemm"] == before["gemm"]
+
+
+def test_fp8_attention_runs_at_cudnns_measured_mxfp8_speed() -> None:
+    """cuDNN's MXFP8 attention against its BF16 one, as cudnn-frontend measured it on GB300: at a
+    measured length the ratio is the measurement's, between two it is interpolated in log2(length);
+    the layout model's attention core takes exactly that ratio, forward and backward, and nothing
+    else moves."""
+    assert fp8_attention_speed("gb300", 128, 4096) == pytest.approx((2272 / 1703, 1143 / 1248))
+    assert fp8_attention_speed("gb300", 192, 4096) == pytest.approx((2517 / 1590, 1522 / 1143))
+    assert fp8_attention_speed("gb200", 128, 1024) == fp8_attention_speed("gb200", 128, 2048)
+    between = fp8_attention_speed("gb300", 128, 5793)  # 2^12.5
+    assert between[0] == pytest.approx((2272 / 1703 + 2570 / 1856) / 2, rel=1e-3)
+    gb300 = accelerator("gb300")
+    eff = kernel_efficiency(gb300)[0]
+    data = model_data(_plan("deepseek-v3"), 4096)
+    layout = parse_layout("tp=1,cp=1,pp=2,dp=128,ep=32,zero=1,recompute=none,mb=1,sp=off").complete()
+    assert layout is not None
+    bf16, fp8 = (Pricer(data, rates_for(gb300, eff, None, "fp8", "cudnn", fp8_attention=f)).layers(layout, "flash")[0]
+                 for f in (False, True))
+    forward, backward = fp8_attention_speed("gb300", 192, 4096)
+    assert bf16.attn_fwd / fp8.attn_fwd == pytest.approx(forward)
+    assert bf16.attn_bwd / fp8.attn_bwd == pytest.approx(backward)
+    assert (fp8.gemm_fwd, fp8.gemm_bwd, fp8.elem_fwd) == (bf16.gemm_fwd, bf16.gemm_bwd, bf16.elem_fwd)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("--gpu", "b200", "--flash-impl", "cudnn"), "no measured fp8 attention rate"),
+    (("--gpu", "gb200"), "--flash-impl cudnn"),
+])
+def test_cli_fp8_attention_where_it_is_not_priced_is_one_line_exit_2(
+        args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", *args, "--precision", "fp8",
+                       "--fp8-attention")
+    assert code == 2 and said in err and err.count("\n") == 1
 
 
 def test_overlapped_tp_communication_costs_the_gemms_beside_it_16_sms() -> None:
@@ -1377,7 +1418,7 @@ def test_cli_dense_fp8_plan_says_nothing_of_routed_experts(capsys: pytest.Captur
     assert "fp8 casts" in description and "routed experts" not in description
 
 
-@pytest.mark.parametrize("flag", ["--fp8-experts", "--fp8-dispatch", "--fused-grouped-mlp"])
+@pytest.mark.parametrize("flag", ["--fp8-experts", "--fp8-dispatch", "--fused-grouped-mlp", "--fp8-attention"])
 def test_cli_moe_fp8_flags_without_fp8_are_one_line_exit_2(flag: str, capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", flag)

@@ -217,6 +217,26 @@ def test_fused_grouped_mlp_is_stated_where_the_recipes_set_it(rows: list[tuple[d
                for r in FUSED_RELEASES)
 
 
+def test_fp8_attention_is_stated_where_the_recipes_set_it_and_a_rate_is_measured(
+        rows: list[tuple[dict[str, Any], Any]]) -> None:
+    """The rows that state fp8 attention are those whose release's recipe sets
+    `fp8_dot_product_attention` on a GPU with a measured MXFP8 attention rate (GB200, GB300:
+    docs/validation.md, "cuDNN's MXFP8 attention on GB200 and GB300"): every Qwen3 row of 26.06 on
+    there, and DeepSeek-V3's on GB300 (its GB200 recipes leave it off). 26.06's Qwen3-30B-A3B on B300
+    sets it too, and stays unpriced: B300 has no measurement. Priced, DeepSeek-V3's head dim of 192
+    gains (its rows 3.4 points nearer their measurements); at Qwen3's 128 the faster forward and the
+    slower backward at 4,096 tokens all but cancel (0.0 to 0.4 points further)."""
+    stated = {run["name"]: row for run, row in rows if run.get("fp8_attention")}
+    expected = {f"Megatron-Bridge {r} {model}, {n} {gpu}"
+                for r in FUSED_RELEASES for gpu in ("GB200", "GB300")
+                for model, n in (("Qwen3-30B-A3B", 8), ("Qwen3-235B-A22B", 256))}
+    expected |= {f"Megatron-Bridge {r} DeepSeek-V3, 256 GB300" for r in FUSED_RELEASES}
+    expected |= {"Megatron-Bridge 26.06 DeepSeek-V3 (GBS 15360), 256 GB300"}
+    assert set(stated) == expected
+    deepseek = [row for name, row in stated.items() if "DeepSeek" in name]
+    assert len(deepseek) == 4 and all(-0.22 < row.error < -0.2 for row in deepseek)
+
+
 @pytest.mark.parametrize("family", ["ampere", "hopper"])
 def test_gemm_efficiency_is_the_documented_calibration(family: str) -> None:
     """Each family's GEMM efficiency is still what docs/validation.md's procedure gives on the

@@ -648,6 +648,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fp8_dispatch": settings.fp8_dispatch,
         "fp8_params": settings.fp8_params,
         "fused_grouped_mlp": settings.fused_grouped_mlp,
+        "fp8_attention": settings.fp8_attention,
         "recompute_modules": sorted(settings.recompute_modules),
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
@@ -819,6 +820,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     sent = "" if settings.precision != "fp8" else ", fp8 tokens" if settings.fp8_dispatch else ", bf16 tokens"
     if settings.fused_grouped_mlp:
         sent += ", fused grouped MLP"
+    if settings.fp8_attention:
+        sent += "; attention in MXFP8"
     console.print(f"  states: {settings.states.on_gpu(result.gpu).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
@@ -870,7 +873,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
         "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "fp8_params", "flash_impl",
-        "recompute_modules", "fused_grouped_mlp",
+        "recompute_modules", "fused_grouped_mlp", "fp8_attention",
         "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -991,6 +994,12 @@ def register(app: typer.Typer) -> None:
             "Engine's fused grouped MLP (Megatron-Bridge's MXFP8 MoE recipes from 26.06): their activation and "
             "the down-projection's fp8 cast run inside the GEMMs, so neither makes a pass over HBM.",
             rich_help_panel=MODEL_PANEL)] = False,
+        fp8_attention: Annotated[bool, typer.Option(
+            "--fp8-attention/--bf16-attention",
+            help="Under --precision fp8 with --flash-impl cudnn on GB200 or GB300, whether the attention core "
+            "runs in MXFP8 (Transformer Engine's fp8_dot_product_attention), at cuDNN's measured speed over its "
+            "BF16 kernel: a faster forward, and on short sequences a slower backward.",
+            rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1061,7 +1070,7 @@ def register(app: typer.Typer) -> None:
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
                                  master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params,
-                                 recompute_modules, fused_grouped_mlp)
+                                 recompute_modules, fused_grouped_mlp, fp8_attention)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1141,7 +1150,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               master_weights: MasterChoice = MasterChoice.fp32,
               dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False,
               fp8_dispatch: bool = False, fp8_params: bool = False, recompute_modules: str = "none",
-              fused_grouped_mlp: bool = False) -> Settings:
+              fused_grouped_mlp: bool = False, fp8_attention: bool = False) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, RECOMPUTE_MODULES, STATES
     from archplan.planning.parallel import Settings
 
@@ -1160,9 +1169,9 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--recompute-modules: unknown {', '.join(sorted(unknown))} "
                             f"(any of {', '.join(RECOMPUTE_MODULES)}, or none)")
     for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch),
-                        ("--fused-grouped-mlp", fused_grouped_mlp)):
+                        ("--fused-grouped-mlp", fused_grouped_mlp), ("--fp8-attention", fp8_attention)):
         if given and precision is not PrecisionChoice.fp8:
-            raise ArchplanError(f"{flag} says how a run's MoE uses fp8: it goes with --precision fp8")
+            raise ArchplanError(f"{flag} says how a run uses fp8: it goes with --precision fp8")
     return Settings(
         states=STATES[states.value], attention_kernel=attention.value,  # type: ignore[arg-type]
         grad_reduce=None if grad_reduce is None else grad_reduce.bytes,
@@ -1175,7 +1184,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         dispatcher=dispatcher.value,  # type: ignore[arg-type]
         fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch, fp8_params=fp8_params,
         recompute_modules=frozenset(modules),  # type: ignore[arg-type]
-        fused_grouped_mlp=fused_grouped_mlp,
+        fused_grouped_mlp=fused_grouped_mlp, fp8_attention=fp8_attention,
     )
 
 

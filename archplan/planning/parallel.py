@@ -17,7 +17,15 @@ from dataclasses import dataclass, field, replace
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
-from archplan.hardware import SM100_GPUS, Accelerator, FlashImpl, KernelEfficiency, RingNics, kernel_efficiency
+from archplan.hardware import (
+    SM100_GPUS,
+    Accelerator,
+    FlashImpl,
+    KernelEfficiency,
+    RingNics,
+    fp8_attention_gpus,
+    kernel_efficiency,
+)
 from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
@@ -194,6 +202,12 @@ class Settings:
     # (`pricing._layer_micro`, `pricing.fp8_cast_bytes`). TE runs it under an MXFP8 or NVFP4 recipe only
     # (`fuse_grouped_mlp_ops`), on compute capability 10 (`hardware.SM100_GPUS`).
     fused_grouped_mlp: bool = False
+    # Whether the flash attention core runs in fp8: Transformer Engine's fp8 dot-product attention
+    # (`fp8_dot_product_attention`, on in Megatron-Bridge's Qwen3 MXFP8 recipes for Blackwell and
+    # DeepSeek-V3's on GB300, from 26.06 on), cuDNN's fused attention in MXFP8 under an MXFP8 recipe,
+    # priced at its measured speed over the BF16 kernel (`hardware.FP8_ATTENTION_RATES`: GB200 and
+    # GB300 only; faster forward, and at short sequences a slower backward)
+    fp8_attention: bool = False
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -209,6 +223,11 @@ class Settings:
         if self.recompute_modules and states.engine != "megatron":
             raise ArchplanError("--recompute-modules is Megatron-Core's module recompute, which needs --states "
                                 "megatron, zero or deepspeed (a Megatron-style engine)")
+        if self.fp8_attention and (self.precision != "fp8" or self.attention_kernel != "flash"
+                                   or self.flash_impl != "cudnn"):
+            raise ArchplanError("--fp8-attention is cuDNN's fp8 attention (Transformer Engine's "
+                                "fp8_dot_product_attention), which runs under --precision fp8 with "
+                                "--flash-impl cudnn")
         if self.fused_grouped_mlp and (self.precision != "fp8" or states.engine != "megatron"):
             raise ArchplanError("--fused-grouped-mlp is Transformer Engine's fused expert MLP, which runs under "
                                 "--precision fp8 (an MXFP8 recipe) and a Megatron-style --states (megatron, "
@@ -413,13 +432,16 @@ class Evaluator:
             if gpu.key not in SM100_GPUS:
                 raise ArchplanError(f"--fused-grouped-mlp runs on compute capability 10 GPUs only "
                                     f"({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
+        if settings.fp8_attention and gpu.key not in fp8_attention_gpus():
+            raise ArchplanError(f"--fp8-attention: no measured fp8 attention rate for {gpu.name} (cuDNN's "
+                                f"MXFP8 attention is measured on {', '.join(fp8_attention_gpus())})")
         # the states as this GPU keeps them (fp8 weights take their transpose on TN-only GPUs)
         self.states = settings.states.on_gpu(gpu)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl,
                                                   settings.fp8_experts, settings.fp8_dispatch,
-                                                  settings.fused_grouped_mlp),
+                                                  settings.fused_grouped_mlp, settings.fp8_attention),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher, modules=settings.recompute_modules)

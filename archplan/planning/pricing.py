@@ -16,7 +16,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   on Hopper and newer, at its measured ratio to it, `FLASH_IMPL_SPEED`, when the run used that
   kernel), slower on short sequences as the kernels' own benchmark figures
   measure (`flash_length_factor`), causal pairs only, backward at 2.5 × the forward FLOPs
-  (FlashAttention's own convention, it recomputes the scores); eager: two batched GEMMs over the
+  (FlashAttention's own convention, it recomputes the scores); in MXFP8 at cuDNN's measured speed
+  over its BF16 kernel where the run says so (`Settings.fp8_attention`); eager: two batched GEMMs over the
   full s×s square and the softmax's s×s traffic at HBM bandwidth.
 - elementwise (norms, residual adds, rotary, activations, MoE permutations, cross-entropy, Mamba's
   scan, the long convolutions' FFTs, gates and filter generation: `_long_conv`) at `hbm` × the HBM
@@ -85,6 +86,7 @@ from archplan.hardware import (
     flash_head_dim,
     flash_length_factor,
     flash_speed,
+    fp8_attention_speed,
 )
 from archplan.planning.cluster import (
     ACT_BYTES,
@@ -191,6 +193,8 @@ class Rates:
     # the routed experts' activation and down-projection cast run in their GEMMs' epilogues
     # (`Settings.fused_grouped_mlp`)
     fused_grouped_mlp: bool = False
+    # the GPU whose measured MXFP8 attention runs the flash core (`Settings.fp8_attention`); None: bf16
+    fp8_attention: str | None = None
 
     @property
     def sends_fp8(self) -> bool:
@@ -458,6 +462,12 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                             else rates.eff.attention_fwd * share * fwd_speed)
                 bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
                             else rates.eff.attention_bwd * share * bwd_speed)
+                if rates.fp8_attention is not None:
+                    # cuDNN's MXFP8 attention at its measured speed over its BF16 one
+                    # (`hardware.FP8_ATTENTION_RATES`), at this head dim and length
+                    faster_fwd, faster_bwd = fp8_attention_speed(rates.fp8_attention, dqk,
+                                                                 min(seq, window) if window else seq)
+                    fwd_rate, bwd_rate = fwd_rate * faster_fwd, bwd_rate * faster_bwd
                 attn_fwd = flops / fwd_rate
                 attn_bwd = 2.5 * flops / bwd_rate
             case "eager":
@@ -1156,7 +1166,8 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
               precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False,
-              fp8_dispatch: bool = False, fused_grouped_mlp: bool = False) -> Rates:
+              fp8_dispatch: bool = False, fused_grouped_mlp: bool = False,
+              fp8_attention: bool = False) -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
     return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
-                 gpu.sms, fp8_experts, fp8_dispatch, fused_grouped_mlp)
+                 gpu.sms, fp8_experts, fp8_dispatch, fused_grouped_mlp, gpu.key if fp8_attention else None)
