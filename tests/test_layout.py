@@ -44,6 +44,7 @@ from archplan.planning.parallel import Evaluator, Settings, interconnect, networ
 from archplan.planning.pricing import (
     Pricer,
     Rates,
+    _head_micro,
     collective_time,
     fp8_cast_bytes,
     gemm_time,
@@ -645,6 +646,17 @@ def test_fused_grouped_mlp_drops_the_experts_activation_and_down_projection_cast
 
 
 @pytest.mark.parametrize(("args", "said"), [
+    (("--gpu", "h100"), "compute capability 10"),
+    (("--gpu", "b200", "--states", "fsdp2"), "Megatron-style"),
+])
+def test_cli_fp8_lm_head_where_it_cannot_run_is_one_line_exit_2(
+        args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", *args, "--precision", "fp8",
+                       "--fp8-lm-head")
+    assert code == 2 and said in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("args", "said"), [
     (("qwen3-30b-a3b", "--gpu", "h100"), "compute capability 10"),
     (("llama-3-8b", "--gpu", "b200"), "routes to no experts"),
     (("qwen3-30b-a3b", "--gpu", "b200", "--states", "fsdp2"), "Megatron-style"),
@@ -692,6 +704,26 @@ def test_fp8_attention_runs_at_cudnns_measured_mxfp8_speed() -> None:
     assert bf16.attn_fwd / fp8.attn_fwd == pytest.approx(forward)
     assert bf16.attn_bwd / fp8.attn_bwd == pytest.approx(backward)
     assert (fp8.gemm_fwd, fp8.gemm_bwd, fp8.elem_fwd) == (bf16.gemm_fwd, bf16.gemm_bwd, bf16.elem_fwd)
+
+
+def test_fp8_lm_head_runs_the_head_gemm_at_the_fp8_rate_and_pays_its_input_cast() -> None:
+    """Megatron-Core's MXFP8 output projection: the LM head's GEMM at the fp8 rate, forward and
+    backward, and its input (the final norm's output, which a plain Transformer Engine linear
+    quantizes itself) cast in a pass of its own, 4 B per element; the loss is unchanged."""
+    gb200 = accelerator("gb200")
+    eff = kernel_efficiency(gb200)[0]
+    plan = _plan("deepseek-v3")
+    data = model_data(plan, 4096)
+    layout = parse_layout("tp=1,cp=1,pp=4,dp=64,ep=64,zero=1,recompute=none,mb=1,sp=off").complete()
+    assert layout is not None
+    bf16, fp8 = (_head_micro(data, layout, rates_for(gb200, eff, None, "fp8", "cudnn", fp8_lm_head=f), "fp32-fused")
+                 for f in (False, True))
+    rates = rates_for(gb200, eff, None, "fp8", "cudnn")
+    assert bf16.gemm_fwd == gemm_time(4096, plan.vocab_size, plan.d_model, rates)
+    assert fp8.gemm_fwd == gemm_time(4096, plan.vocab_size, plan.d_model, rates, fp8=True) < 0.6 * bf16.gemm_fwd
+    assert fp8.gemm_bwd == 2 * fp8.gemm_fwd
+    cast = 4 * 4096 * plan.d_model / (gb200.hbm_bytes_per_s * eff.hbm)
+    assert fp8.elem_fwd - bf16.elem_fwd == pytest.approx(cast)
 
 
 @pytest.mark.parametrize(("args", "said"), [
@@ -1418,7 +1450,8 @@ def test_cli_dense_fp8_plan_says_nothing_of_routed_experts(capsys: pytest.Captur
     assert "fp8 casts" in description and "routed experts" not in description
 
 
-@pytest.mark.parametrize("flag", ["--fp8-experts", "--fp8-dispatch", "--fused-grouped-mlp", "--fp8-attention"])
+@pytest.mark.parametrize("flag", ["--fp8-experts", "--fp8-dispatch", "--fused-grouped-mlp", "--fp8-attention",
+                                  "--fp8-lm-head"])
 def test_cli_moe_fp8_flags_without_fp8_are_one_line_exit_2(flag: str, capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "16", "--gpu", "h100", flag)

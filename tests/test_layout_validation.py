@@ -234,7 +234,19 @@ def test_fp8_attention_is_stated_where_the_recipes_set_it_and_a_rate_is_measured
     expected |= {"Megatron-Bridge 26.06 DeepSeek-V3 (GBS 15360), 256 GB300"}
     assert set(stated) == expected
     deepseek = [row for name, row in stated.items() if "DeepSeek" in name]
-    assert len(deepseek) == 4 and all(-0.22 < row.error < -0.2 for row in deepseek)
+    assert len(deepseek) == 4 and all(-0.23 < row.error < -0.18 for row in deepseek)
+
+
+def test_fp8_lm_head_is_stated_where_the_recipes_set_it(rows: list[tuple[dict[str, Any], Any]]) -> None:
+    """The rows that run the LM head in MXFP8 are DeepSeek-V3's MXFP8 rows of 26.06 on on GB200 and
+    GB300, whose recipes set `fp8_output_proj` (docs/validation.md, "Megatron-Core's MXFP8 LM head").
+    Priced, they move 1.4 (GB300) to 2.9 (GB200) points towards their measurements, and three of
+    GB300's four come inside ±20%."""
+    stated = {run["name"]: row for run, row in rows if run.get("fp8_lm_head")}
+    expected = {f"Megatron-Bridge {r} DeepSeek-V3, 256 {gpu}" for r in FUSED_RELEASES for gpu in ("GB200", "GB300")}
+    expected |= {"Megatron-Bridge 26.06 DeepSeek-V3 (GBS 15360), 256 GB300"}
+    assert set(stated) == expected
+    assert sum(abs(row.error) <= DEFAULT_TOLERANCE for row in stated.values()) == 6
 
 
 @pytest.mark.parametrize("family", ["ampere", "hopper"])

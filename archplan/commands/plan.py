@@ -649,6 +649,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fp8_params": settings.fp8_params,
         "fused_grouped_mlp": settings.fused_grouped_mlp,
         "fp8_attention": settings.fp8_attention,
+        "fp8_lm_head": settings.fp8_lm_head,
         "recompute_modules": sorted(settings.recompute_modules),
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
@@ -822,6 +823,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         sent += ", fused grouped MLP"
     if settings.fp8_attention:
         sent += "; attention in MXFP8"
+    if settings.fp8_lm_head:
+        sent += "; LM head in MXFP8"
     console.print(f"  states: {settings.states.on_gpu(result.gpu).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
@@ -873,7 +876,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
         "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "fp8_params", "flash_impl",
-        "recompute_modules", "fused_grouped_mlp", "fp8_attention",
+        "recompute_modules", "fused_grouped_mlp", "fp8_attention", "fp8_lm_head",
         "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -963,7 +966,7 @@ def register(app: typer.Typer) -> None:
                                "dualpipe: DeepSeek's DualPipe, all of it)."),
             rich_help_panel=MODEL_PANEL)] = "dp",
         precision: Annotated[PrecisionChoice, typer.Option(
-            "--precision", help="bf16, or fp8 GEMMs inside the blocks (router and LM head stay bf16).",
+            "--precision", help="bf16, or fp8 GEMMs inside the blocks (router and LM head stay bf16; see --fp8-lm-head).",
             rich_help_panel=MODEL_PANEL)] = PrecisionChoice.bf16,
         fp8_experts: Annotated[bool, typer.Option(
             "--fp8-experts/--bf16-experts",
@@ -1000,6 +1003,11 @@ def register(app: typer.Typer) -> None:
             "runs in MXFP8 (Transformer Engine's fp8_dot_product_attention), at cuDNN's measured speed over its "
             "BF16 kernel: a faster forward, and on short sequences a slower backward.",
             rich_help_panel=MODEL_PANEL)] = False,
+        fp8_lm_head: Annotated[bool, typer.Option(
+            "--fp8-lm-head/--bf16-lm-head",
+            help="Under --precision fp8 on B200, GB200, B300 or GB300 with a Megatron-style --states, whether the "
+            "LM head runs in MXFP8 (Megatron-Core's fp8_output_proj) or stays bf16, as fp8 recipes keep it by "
+            "default.", rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1070,7 +1078,7 @@ def register(app: typer.Typer) -> None:
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
                                  master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params,
-                                 recompute_modules, fused_grouped_mlp, fp8_attention)
+                                 recompute_modules, fused_grouped_mlp, fp8_attention, fp8_lm_head)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1150,7 +1158,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               master_weights: MasterChoice = MasterChoice.fp32,
               dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False,
               fp8_dispatch: bool = False, fp8_params: bool = False, recompute_modules: str = "none",
-              fused_grouped_mlp: bool = False, fp8_attention: bool = False) -> Settings:
+              fused_grouped_mlp: bool = False, fp8_attention: bool = False,
+              fp8_lm_head: bool = False) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, RECOMPUTE_MODULES, STATES
     from archplan.planning.parallel import Settings
 
@@ -1169,7 +1178,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--recompute-modules: unknown {', '.join(sorted(unknown))} "
                             f"(any of {', '.join(RECOMPUTE_MODULES)}, or none)")
     for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch),
-                        ("--fused-grouped-mlp", fused_grouped_mlp), ("--fp8-attention", fp8_attention)):
+                        ("--fused-grouped-mlp", fused_grouped_mlp), ("--fp8-attention", fp8_attention),
+                        ("--fp8-lm-head", fp8_lm_head)):
         if given and precision is not PrecisionChoice.fp8:
             raise ArchplanError(f"{flag} says how a run uses fp8: it goes with --precision fp8")
     return Settings(
@@ -1184,7 +1194,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         dispatcher=dispatcher.value,  # type: ignore[arg-type]
         fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch, fp8_params=fp8_params,
         recompute_modules=frozenset(modules),  # type: ignore[arg-type]
-        fused_grouped_mlp=fused_grouped_mlp, fp8_attention=fp8_attention,
+        fused_grouped_mlp=fused_grouped_mlp, fp8_attention=fp8_attention, fp8_lm_head=fp8_lm_head,
     )
 
 

@@ -130,7 +130,7 @@ HELD_OUT: dict[str, HeldOutAccuracy] = {
                                   gpus="B200/GB200/GB300"),
 }
 # the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100, B200, B300, GB200 and GB300)
-HELD_OUT_MOE = HeldOutAccuracy(runs=96, median=0.139, p90=0.458, bias=-0.023, low=-0.212, high=1.123,
+HELD_OUT_MOE = HeldOutAccuracy(runs=96, median=0.133, p90=0.458, bias=-0.023, low=-0.204, high=1.123,
                                gpus="B200/B300/GB200/GB300/H100/H800", moe=True)
 # benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-03): the
 # dense models' runs split by the engine of their states (the Blackwell runs all Megatron-style)

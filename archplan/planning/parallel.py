@@ -208,6 +208,11 @@ class Settings:
     # priced at its measured speed over the BF16 kernel (`hardware.FP8_ATTENTION_RATES`: GB200 and
     # GB300 only; faster forward, and at short sequences a slower backward)
     fp8_attention: bool = False
+    # Whether the LM head runs in fp8: Megatron-Core's `fp8_output_proj` (a Transformer Engine
+    # linear under the MXFP8 autocast, `TELMHeadColumnParallelLinear`; MXFP8 recipes only, so
+    # compute capability 10), on in Megatron-Bridge's DeepSeek-V3 MXFP8 recipes for GB200 and GB300
+    # from 26.06 on (`pricing._head_micro`). Off: the head stays bf16, as DeepSeek-V3's report keeps it
+    fp8_lm_head: bool = False
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -228,6 +233,10 @@ class Settings:
             raise ArchplanError("--fp8-attention is cuDNN's fp8 attention (Transformer Engine's "
                                 "fp8_dot_product_attention), which runs under --precision fp8 with "
                                 "--flash-impl cudnn")
+        if self.fp8_lm_head and (self.precision != "fp8" or states.engine != "megatron"):
+            raise ArchplanError("--fp8-lm-head is Megatron-Core's MXFP8 output projection (fp8_output_proj), "
+                                "which runs under --precision fp8 and a Megatron-style --states (megatron, "
+                                "zero or deepspeed)")
         if self.fused_grouped_mlp and (self.precision != "fp8" or states.engine != "megatron"):
             raise ArchplanError("--fused-grouped-mlp is Transformer Engine's fused expert MLP, which runs under "
                                 "--precision fp8 (an MXFP8 recipe) and a Megatron-style --states (megatron, "
@@ -432,6 +441,9 @@ class Evaluator:
             if gpu.key not in SM100_GPUS:
                 raise ArchplanError(f"--fused-grouped-mlp runs on compute capability 10 GPUs only "
                                     f"({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
+        if settings.fp8_lm_head and gpu.key not in SM100_GPUS:
+            raise ArchplanError(f"--fp8-lm-head runs the LM head in MXFP8, which needs a compute capability 10 "
+                                f"GPU ({', '.join(sorted(SM100_GPUS))}), not {gpu.name}")
         if settings.fp8_attention and gpu.key not in fp8_attention_gpus():
             raise ArchplanError(f"--fp8-attention: no measured fp8 attention rate for {gpu.name} (cuDNN's "
                                 f"MXFP8 attention is measured on {', '.join(fp8_attention_gpus())})")
@@ -441,7 +453,8 @@ class Evaluator:
         self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
                                                   settings.precision, settings.flash_impl,
                                                   settings.fp8_experts, settings.fp8_dispatch,
-                                                  settings.fused_grouped_mlp, settings.fp8_attention),
+                                                  settings.fused_grouped_mlp, settings.fp8_attention,
+                                                  settings.fp8_lm_head),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher, modules=settings.recompute_modules)

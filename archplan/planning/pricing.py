@@ -7,7 +7,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   peak, x the smallest of M, N, K, but never faster than the bf16 operands stream from HBM (a
   roofline: skinny per-GPU matmuls under TP or fine-grained experts run slower). The backward is
   2 GEMMs of the same shapes (input and weight gradients). `--precision fp8`: the GEMMs inside the
-  blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1), the
+  blocks run at the fp8 peak, the router and the LM head stay bf16 (DeepSeek-AI 2024 §3.3.1; the
+  head in MXFP8 where the run says so, `Settings.fp8_lm_head`), the
   routed experts' at the bf16 rate unless the run's grouped GEMMs gain (`Settings.fp8_experts`); the
   backward's at the family's split-accumulator cost (`tensor_gemm`), and the inputs no
   norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise).
@@ -195,6 +196,7 @@ class Rates:
     fused_grouped_mlp: bool = False
     # the GPU whose measured MXFP8 attention runs the flash core (`Settings.fp8_attention`); None: bf16
     fp8_attention: str | None = None
+    fp8_lm_head: bool = False  # the LM head's GEMMs at the fp8 rate (`Settings.fp8_lm_head`)
 
     @property
     def sends_fp8(self) -> bool:
@@ -603,12 +605,17 @@ def _long_conv(mixer: S4Plan | HyenaPlan | StripedHyenaPlan, h: int, layout: Lay
 
 
 def _head_micro(data: ModelData, layout: Layout, rates: Rates, loss: CrossEntropyImpl) -> _MicroBatch:
-    """The LM head GEMM (bf16) and the vocab-parallel cross-entropy of the last chunk, at the
-    loss implementation's bytes (`CROSS_ENTROPY_BYTES`)."""
+    """The LM head GEMM and the vocab-parallel cross-entropy of the last chunk, at the loss
+    implementation's bytes (`CROSS_ENTROPY_BYTES`). The GEMM runs in bf16, or under an fp8 run
+    that says so (`Settings.fp8_lm_head`, Megatron-Core's MXFP8 output projection, a Transformer
+    Engine linear) at the fp8 rate, its input cast to fp8 in a pass of its own (`FP8_CAST_BYTES`)."""
     tokens = layout.mb * data.seq // layout.cp
     vocab = math.ceil(data.plan.vocab_size / layout.tp)
-    gemm = gemm_time(tokens, vocab, data.plan.d_model, rates)
-    return _MicroBatch(gemm, 2 * gemm, 0.0, 0.0, tokens * vocab * CROSS_ENTROPY_BYTES[loss] / 3 / rates.hbm)
+    fp8 = rates.fp8_lm_head and rates.precision == "fp8"
+    gemm = gemm_time(tokens, vocab, data.plan.d_model, rates, fp8=fp8)
+    cast = tokens * data.plan.d_model * FP8_CAST_BYTES if fp8 else 0
+    return _MicroBatch(gemm, 2 * gemm, 0.0, 0.0,
+                       (tokens * vocab * CROSS_ENTROPY_BYTES[loss] / 3 + cast) / rates.hbm)
 
 
 class Pricer:
@@ -1167,7 +1174,8 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
               precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False,
               fp8_dispatch: bool = False, fused_grouped_mlp: bool = False,
-              fp8_attention: bool = False) -> Rates:
+              fp8_attention: bool = False, fp8_lm_head: bool = False) -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
     return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
-                 gpu.sms, fp8_experts, fp8_dispatch, fused_grouped_mlp, gpu.key if fp8_attention else None)
+                 gpu.sms, fp8_experts, fp8_dispatch, fused_grouped_mlp, gpu.key if fp8_attention else None,
+                 fp8_lm_head)
