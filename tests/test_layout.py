@@ -607,16 +607,22 @@ def test_fp8_casts_the_inputs_no_norm_produces() -> None:
     assert fp8.time.elementwise - bf16.time.elementwise == pytest.approx(casts)
 
 
-def test_fp8_casts_of_experts_quantise_each_token_once_before_an_fp8_dispatch() -> None:
-    """An fp8 dispatch (DeepSeek-V3 §3.3.2) quantizes each token once before it leaves; after a bf16
-    one (Megatron-Core) the experts' grouped linear quantizes every routed copy it receives."""
+def _mixtral_ep8() -> tuple[Any, Any, Layout, int]:
+    """Mixtral 8x7B over 4,096 tokens at EP8, one local expert per rank: its plan, model data and
+    layout, and the routed copies one rank's expert receives."""
     plan = _plan("mixtral-8x7b")
-    data = model_data(plan, 4096)
     layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=8,zero=1,recompute=none,mb=1,sp=off").complete()
     assert layout is not None
     moe = plan.layers[0].ffn
+    return plan, model_data(plan, 4096), layout, math.ceil(4096 * moe.top_k * 8 / moe.n_experts)
+
+
+def test_fp8_casts_of_experts_quantise_each_token_once_before_an_fp8_dispatch() -> None:
+    """An fp8 dispatch (DeepSeek-V3 §3.3.2) quantizes each token once before it leaves; after a bf16
+    one (Megatron-Core) the experts' grouped linear quantizes every routed copy it receives."""
+    plan, data, layout, routed = _mixtral_ep8()
+    moe = plan.layers[0].ffn
     tokens, h = 4096, plan.d_model
-    routed = math.ceil(tokens * moe.top_k * 8 / moe.n_experts)  # one local expert per rank
     down_and_o = routed * moe.expert.d_ff + tokens * h  # the down-projections' input, o_proj's
     assert fp8_cast_bytes(data, 0, layout, fp8_dispatch=True) == 4 * (tokens * h + down_and_o)
     assert fp8_cast_bytes(data, 0, layout) == 4 * (routed * h + down_and_o)
@@ -627,13 +633,9 @@ def test_fused_grouped_mlp_drops_the_experts_activation_and_down_projection_cast
     epilogue, which writes the down-projection's input already in fp8: the activation's pass (read
     2·d_ff, write d_ff per routed copy, 2 B each) and that cast (4 B per element) go, forward and
     backward; the GEMMs, the dispatched tokens' cast and every other pass stay."""
-    plan = _plan("mixtral-8x7b")
-    data = model_data(plan, 4096)
-    layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=8,zero=1,recompute=none,mb=1,sp=off").complete()
-    assert layout is not None
+    plan, data, layout, routed = _mixtral_ep8()
     moe = plan.layers[0].ffn
     tokens, h = 4096, plan.d_model
-    routed = math.ceil(tokens * moe.top_k * 8 / moe.n_experts)
     assert fp8_cast_bytes(data, 0, layout, fused_grouped_mlp=True) == 4 * (routed * h + tokens * h)
     b200 = accelerator("b200")
     eff = kernel_efficiency(b200)[0]
