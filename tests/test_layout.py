@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from archplan.analytic import count_params
@@ -56,7 +56,7 @@ from archplan.planning.pricing import (
 )
 from archplan.planning.records import Collective, MeshDim, tally
 from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
-from archplan.resolve import MLAPlan, StripedHyenaPlan, resolve
+from archplan.resolve import AttentionPlan, MLAPlan, MoEPlan, StripedHyenaPlan, resolve
 from archplan.spec import MLA, S4, S4D, Hyena, StripedHyena
 from strategies import Case, cases
 from test_plan import run
@@ -1469,6 +1469,51 @@ def test_cli_fp8_dispatch_halves_the_bytes_sent_to_the_experts(capsys: pytest.Ca
     bf16, fp8 = bf16["layouts"][0]["step_time"], fp8["layouts"][0]["step_time"]
     assert fp8["ep"] == pytest.approx(bf16["ep"] * (1 + 4 / 128 + 2) / 4, rel=0.05)
     assert fp8["elementwise"] < bf16["elementwise"] and fp8["gemm"] == bf16["gemm"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cases())
+def test_blackwell_mxfp8_options_move_only_their_own_terms_on_random_specs(case: Case) -> None:
+    """On random specs with routed experts, on GB300 in fp8: the fused grouped MLP removes from each
+    MoE layer exactly its experts' activation pass and their down-projections' input cast, and
+    nothing from any other layer or class; fp8 attention scales each attention layer's core by the
+    measured ratio at its head dim and nothing else; the fp8 LM head moves only the head."""
+    from archplan.planning.pricing import ACT_BYTES
+
+    plan = resolve(case.spec)
+    assume(plan.routed)
+    data = model_data(plan, case.seq)
+    layout = Layout(tp=1)
+    gb300 = accelerator("gb300")
+    eff = kernel_efficiency(gb300)[0]
+    hbm = gb300.hbm_bytes_per_s * eff.hbm
+
+    def layers(**flags: bool) -> list[Any]:
+        return Pricer(data, rates_for(gb300, eff, None, "fp8", "cudnn", **flags)).layers(layout, "flash")
+
+    plain, fused, fp8_attention = layers(), layers(fused_grouped_mlp=True), layers(fp8_attention=True)
+    assert layers(fp8_lm_head=True) == plain
+    bf16_head, fp8_head = (_head_micro(data, layout, rates_for(gb300, eff, None, "fp8", "cudnn", fp8_lm_head=f),
+                                       "fp32-fused") for f in (False, True))
+    assert fp8_head.gemm_fwd <= bf16_head.gemm_fwd and fp8_head.elem_fwd > bf16_head.elem_fwd
+    for i, (layer, a, b, c) in enumerate(zip(plan.layers, plain, fused, fp8_attention)):
+        assert (b.gemm_fwd, b.gemm_bwd, b.attn_fwd, b.attn_bwd) == (a.gemm_fwd, a.gemm_bwd, a.attn_fwd, a.attn_bwd)
+        removed = 0.0
+        if isinstance(layer.ffn, MoEPlan):
+            expert = layer.ffn.expert
+            act = ACT_BYTES * expert.d_ff * (3 if expert.kind == "glu" else 2) * layer.ffn.top_k * case.seq
+            removed = act + fp8_cast_bytes(data, i, layout) - fp8_cast_bytes(data, i, layout, fused_grouped_mlp=True)
+        assert a.elem_fwd - b.elem_fwd == pytest.approx(removed / hbm, abs=1e-18)
+        assert (c.gemm_fwd, c.elem_fwd) == (a.gemm_fwd, a.elem_fwd)
+        dqk = {AttentionPlan: "head_dim", MLAPlan: "qk_head_dim"}.get(type(layer.mixer))
+        if dqk is None:
+            assert (c.attn_fwd, c.attn_bwd) == (a.attn_fwd, a.attn_bwd)
+        else:
+            window = layer.mixer.window  # type: ignore[union-attr]
+            forward, backward = fp8_attention_speed("gb300", getattr(layer.mixer, dqk),
+                                                    min(case.seq, window) if window else case.seq)
+            assert a.attn_fwd == pytest.approx(c.attn_fwd * forward)
+            assert a.attn_bwd == pytest.approx(c.attn_bwd * backward)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
