@@ -1033,3 +1033,26 @@ def test_recompute_modules_mla_up_proj_re_runs_nothing_in_other_attention() -> N
     rerun = _layer_micro(evaluator.data, 1, layout, evaluator.pricer.rates, "flash", "none", False,
                          modules=frozenset({"mla_up_proj"}))
     assert plain.recompute == rerun.recompute == 0.0
+
+
+def test_every_help_example_that_needs_no_file_of_the_users_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan --help` shows examples; each one runs as printed and exits 0 (the output file of `-o`
+    written under a temporary directory). The `--solve` example reads the user's partial spec,
+    which the solver's own tests cover."""
+    import shlex
+
+    from archplan.commands.plan import HELP
+
+    monkeypatch.chdir(tmp_path)
+    examples = [line.strip().split("  (")[0] for line in HELP.splitlines() if line.strip().startswith("archplan plan")]
+    assert len(examples) >= 8
+    ran = 0
+    for example in examples:
+        argv = shlex.split(example)[1:]
+        if "--solve" in argv:
+            continue
+        code, _, err = run(capsys, monkeypatch, *argv)
+        assert code == 0, (example, err)
+        ran += 1
+    assert ran == len(examples) - 1

@@ -123,7 +123,10 @@ HELP = (
     "  archplan plan deepseek-v3 --gpus 2048 --gpu h800 --seq 4096 --global-batch-tokens 60M "
     "--precision fp8 --fp8-experts --fp8-dispatch --overlap dp,dualpipe\n\n"
     "  archplan plan qwen3-235b-a22b --gpus 256 --gpu h100 --seq 32768 --global-batch-tokens 8M "
-    "--flash-impl cudnn --cp-comm ring --overlap dp,pp  (Megatron-Core with Transformer Engine)"
+    "--flash-impl cudnn --cp-comm ring --overlap dp,pp  (Megatron-Core with Transformer Engine)\n\n"
+    "  archplan plan deepseek-v3 --gpus 256 --gpu gb300 --seq 4096 --global-batch-tokens 16777216 "
+    "--precision fp8 --flash-impl cudnn --overlap dp,pp,ep --fused-grouped-mlp --fp8-attention "
+    "--fp8-lm-head  (Megatron-Bridge's MXFP8 recipe on a GB300 NVL72)"
 )
 
 DEFAULT_BUDGET_SEQ = 8192
