@@ -233,15 +233,21 @@ class Settings:
             raise ArchplanError("--fp8-attention is cuDNN's fp8 attention (Transformer Engine's "
                                 "fp8_dot_product_attention), which runs under --precision fp8 with "
                                 "--flash-impl cudnn")
-        if self.fp8_lm_head and (self.precision != "fp8" or states.engine != "megatron"):
-            raise ArchplanError("--fp8-lm-head is Megatron-Core's MXFP8 output projection (fp8_output_proj), "
-                                "which runs under --precision fp8 and a Megatron-style --states (megatron, "
-                                "zero or deepspeed)")
-        if self.fused_grouped_mlp and (self.precision != "fp8" or states.engine != "megatron"):
-            raise ArchplanError("--fused-grouped-mlp is Transformer Engine's fused expert MLP, which runs under "
-                                "--precision fp8 (an MXFP8 recipe) and a Megatron-style --states (megatron, "
-                                "zero or deepspeed)")
+        for feature in self.mxfp8_features:
+            if self.precision != "fp8" or states.engine != "megatron":
+                raise ArchplanError(f"{feature}, which runs under --precision fp8 (an MXFP8 recipe) and a "
+                                    "Megatron-style --states (megatron, zero or deepspeed)")
         object.__setattr__(self, "states", states)
+
+    @property
+    def mxfp8_features(self) -> tuple[str, ...]:
+        """The Megatron-Core features asked for that run only under Transformer Engine's MXFP8 recipe,
+        so only under fp8, a Megatron-style engine and a compute capability 10 GPU, each as the
+        errors name it."""
+        return tuple(feature for asked, feature in (
+            (self.fused_grouped_mlp, "--fused-grouped-mlp is Transformer Engine's fused expert MLP"),
+            (self.fp8_lm_head, "--fp8-lm-head is Megatron-Core's MXFP8 output projection (fp8_output_proj)"),
+        ) if asked)
 
     @property
     def reduce_bytes(self) -> int:
@@ -434,16 +440,13 @@ class Evaluator:
                                                                    for layer in plan.layers):
             raise ArchplanError(f"--recompute-modules mla_up_proj recomputes MLA's up-projections, and "
                                 f"{plan.name} has no MLA layer")
-        if settings.fused_grouped_mlp:
-            if not plan.routed:
-                raise ArchplanError(f"--fused-grouped-mlp fuses the routed experts' MLP, and {plan.name} "
-                                    "routes to no experts")
+        if settings.fused_grouped_mlp and not plan.routed:
+            raise ArchplanError(f"--fused-grouped-mlp fuses the routed experts' MLP, and {plan.name} "
+                                "routes to no experts")
+        for feature in settings.mxfp8_features:
             if gpu.key not in SM100_GPUS:
-                raise ArchplanError(f"--fused-grouped-mlp runs on compute capability 10 GPUs only "
+                raise ArchplanError(f"{feature}, which runs on compute capability 10 GPUs only "
                                     f"({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
-        if settings.fp8_lm_head and gpu.key not in SM100_GPUS:
-            raise ArchplanError(f"--fp8-lm-head runs the LM head in MXFP8, which needs a compute capability 10 "
-                                f"GPU ({', '.join(sorted(SM100_GPUS))}), not {gpu.name}")
         if settings.fp8_attention and gpu.key not in fp8_attention_gpus():
             raise ArchplanError(f"--fp8-attention: no measured fp8 attention rate for {gpu.name} (cuDNN's "
                                 f"MXFP8 attention is measured on {', '.join(fp8_attention_gpus())})")
