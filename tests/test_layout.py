@@ -607,6 +607,42 @@ def test_fp8_casts_the_inputs_no_norm_produces() -> None:
     assert fp8.time.elementwise - bf16.time.elementwise == pytest.approx(casts)
 
 
+def test_current_scaling_adds_an_amax_pass_and_casts_the_norms_outputs() -> None:
+    """Under per-tensor current scaling (Transformer Engine's Float8CurrentScaling) every cast a
+    delayed-scaling run pays reads its input once more for the amax first (2 B per element), and the
+    norm's output, which TE's norm now writes in bf16 with its amax, is cast in a pass of its own
+    (4 B), once per input the projections share: Llama 3 8B at TP2 with SP casts the attention and
+    FFN inputs (4,096 columns each, gathered over the sequence), not once per q/k/v or gate/up."""
+    data = model_data(_plan("llama-3-8b"), 4096)
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on").complete()
+    assert layout is not None
+    delayed = fp8_cast_bytes(data, 0, layout)
+    assert fp8_cast_bytes(data, 0, layout, scaling="current") == delayed * 6 // 4 + 4 * 4096 * 2 * 4096
+    text = "tp=2,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1,sp=on"
+    before, after = (_evaluate("llama-3-8b", text, precision="fp8", fp8_scaling=f) for f in ("delayed", "current"))
+    hbm = H100.hbm_bytes_per_s * kernel_efficiency(H100)[0].hbm
+    added = 3 * 32 * (fp8_cast_bytes(data, 0, layout, scaling="current") - delayed) / hbm * after.microbatches
+    assert after.time.elementwise - before.time.elementwise == pytest.approx(added)
+    assert (after.time.gemm, after.time.attention) == (before.time.gemm, before.time.attention)
+
+
+def test_current_scaling_casts_each_norm_fed_input_once() -> None:
+    """MLA reads three norms' outputs (the block's, into q_a and kv_a; q_a_norm's, into q_b;
+    kv_a_norm's, into kv_b) and a MoE layer's shared expert the block's second: each is cast once.
+    DeepSeek-V3's first layer (dense) at TP1 over 4,096 tokens: 7,168 + 1,536 + 512 columns into
+    attention, 7,168 into the FFN; its fourth layer (MoE) casts the shared expert's input in the dense
+    FFN's place, and the routed experts' casts, paid under delayed scaling too, gain the amax pass."""
+    plan = _plan("deepseek-v3")
+    data = model_data(plan, 4096)
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=off").complete()
+    assert layout is not None
+    h = plan.d_model
+    for i in (0, 3):
+        delayed = fp8_cast_bytes(data, i, layout)
+        normed = 4 * 4096 * (h + 1536 + 512 + h)
+        assert fp8_cast_bytes(data, i, layout, scaling="current") == delayed * 6 // 4 + normed
+
+
 def _mixtral_ep8() -> tuple[Any, Any, Layout, int]:
     """Mixtral 8x7B over 4,096 tokens at EP8, one local expert per rank: its plan, model data and
     layout, and the routed copies one rank's expert receives."""
@@ -683,6 +719,38 @@ def test_cli_fused_grouped_mlp_shortens_the_elementwise_time(capsys: pytest.Capt
     assert (unfused["fused_grouped_mlp"], fused["fused_grouped_mlp"]) == (False, True)
     before, after = unfused["layouts"][0]["step_time"], fused["layouts"][0]["step_time"]
     assert after["elementwise"] < before["elementwise"] and after["gemm"] == before["gemm"]
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("--fp8-scaling", "current"), "--fp8-scaling current says how a run uses fp8"),
+    (("--precision", "fp8", "--fp8-scaling", "current", "--fp8-lm-head"), "not under --fp8-scaling current"),
+    (("--precision", "fp8", "--fp8-scaling", "current", "--fused-grouped-mlp"), "not under --fp8-scaling current"),
+    (("--precision", "fp8", "--fp8-scaling", "current", "--flash-impl", "cudnn", "--fp8-attention"),
+     "not under --fp8-scaling current"),
+])
+def test_cli_current_scaling_where_it_cannot_run_is_one_line_exit_2(
+        args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Current scaling is per-tensor fp8: it needs fp8, and the features that run only under an MXFP8
+    recipe exclude it."""
+    code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "8", "--gpu", "gb300", *args)
+    assert code == 2 and said in err and err.count("\n") == 1
+
+
+def test_cli_current_scaling_lengthens_only_the_elementwise_time(capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    found = {}
+    for scaling in ("delayed", "current"):
+        code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--seq",
+                           "8192", "--global-batch-tokens", "1M", "--precision", "fp8", "--json", "--layout",
+                           "tp=2,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1,vpp=1,sp=on", "--fp8-scaling", scaling)
+        assert code == 0
+        found[scaling] = json.loads(out)
+    assert (found["delayed"]["fp8_scaling"], found["current"]["fp8_scaling"]) == ("delayed", "current")
+    before, after = found["delayed"]["layouts"][0]["step_time"], found["current"]["layouts"][0]["step_time"]
+    assert after["elementwise"] > before["elementwise"] and after["gemm"] == before["gemm"]
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--top", "1",
+                       "--json")
+    assert code == 0 and json.loads(out)["fp8_scaling"] is None  # bf16: no fp8 scales to find
 
 
 def test_fp8_attention_runs_at_cudnns_measured_mxfp8_speed() -> None:
@@ -1514,6 +1582,30 @@ def test_blackwell_mxfp8_options_move_only_their_own_terms_on_random_specs(case:
                                                     min(case.seq, window) if window else case.seq)
             assert a.attn_fwd == pytest.approx(c.attn_fwd * forward)
             assert a.attn_bwd == pytest.approx(c.attn_bwd * backward)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_current_scaling_moves_only_the_casts_on_random_specs(case: Case) -> None:
+    """On random specs in fp8 on H100: current scaling adds to each layer's forward exactly its cast
+    bytes' growth (the amax pass on every cast delayed scaling pays, at least, so never less) and the
+    backward twice that; the GEMMs, the attention core and the LM head do not move."""
+    from archplan.planning.pricing import FP8_AMAX_BYTES, FP8_CAST_BYTES
+
+    plan = resolve(case.spec)
+    data = model_data(plan, case.seq)
+    layout = Layout(tp=1)
+    eff = kernel_efficiency(H100)[0]
+    hbm = H100.hbm_bytes_per_s * eff.hbm
+    delayed, current = (Pricer(data, rates_for(H100, eff, None, "fp8", fp8_scaling=f)).layers(layout, "flash")
+                        for f in ("delayed", "current"))
+    for i, (a, b) in enumerate(zip(delayed, current)):
+        assert (b.gemm_fwd, b.gemm_bwd, b.attn_fwd, b.attn_bwd) == (a.gemm_fwd, a.gemm_bwd, a.attn_fwd, a.attn_bwd)
+        paid = fp8_cast_bytes(data, i, layout)
+        added = fp8_cast_bytes(data, i, layout, scaling="current") - paid
+        assert added >= paid * FP8_AMAX_BYTES // FP8_CAST_BYTES
+        assert b.elem_fwd - a.elem_fwd == pytest.approx(added / hbm, abs=1e-18)
+        assert b.backward - a.backward == pytest.approx(2 * (b.elem_fwd - a.elem_fwd), abs=1e-15)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

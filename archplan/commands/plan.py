@@ -71,6 +71,11 @@ class DispatcherChoice(str, Enum):
     hierarchical = "hierarchical"
 
 
+class FP8ScalingChoice(str, Enum):
+    delayed = "delayed"
+    current = "current"
+
+
 class PrecisionChoice(str, Enum):
     bf16 = "bf16"
     fp8 = "fp8"
@@ -126,7 +131,11 @@ HELP = (
     "--flash-impl cudnn --cp-comm ring --overlap dp,pp  (Megatron-Core with Transformer Engine)\n\n"
     "  archplan plan deepseek-v3 --gpus 256 --gpu gb300 --seq 4096 --global-batch-tokens 16777216 "
     "--precision fp8 --flash-impl cudnn --overlap dp,pp,ep --fused-grouped-mlp --fp8-attention "
-    "--fp8-lm-head  (Megatron-Bridge's MXFP8 recipe on a GB300 NVL72)"
+    "--fp8-lm-head  (Megatron-Bridge's MXFP8 recipe on a GB300 NVL72)\n\n"
+    "  archplan plan llama-3-70b --gpus 64 --gpu h100 --seq 8192 --global-batch-tokens 2097152 "
+    "--precision fp8 --fp8-scaling current --fp8-params --flash-impl cudnn --overlap dp,tp,pp "
+    "--layout tp=4,cp=1,pp=8,vpp=5,dp=2,zero=1,recompute=none,mb=1,sp=on  (Megatron-Bridge's FP8-CS "
+    "recipe on DGX-H100)"
 )
 
 DEFAULT_BUDGET_SEQ = 8192
@@ -653,6 +662,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fused_grouped_mlp": settings.fused_grouped_mlp,
         "fp8_attention": settings.fp8_attention,
         "fp8_lm_head": settings.fp8_lm_head,
+        "fp8_scaling": settings.fp8_scaling if settings.precision == "fp8" else None,
         "recompute_modules": sorted(settings.recompute_modules),
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
@@ -828,6 +838,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         sent += "; attention in MXFP8"
     if settings.fp8_lm_head:
         sent += "; LM head in MXFP8"
+    if settings.fp8_scaling == "current":
+        sent += "; fp8 scales from each tensor's amax (current scaling)"
     console.print(f"  states: {settings.states.on_gpu(result.gpu).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
@@ -879,7 +891,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
         "gpu", "seq", "global_batch_tokens", "law", "efficiency", "mfu", "states", "attention", "grad_reduce",
         "optimizer_moments", "master_weights",
         "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "fp8_params", "flash_impl",
-        "recompute_modules", "fused_grouped_mlp", "fp8_attention", "fp8_lm_head",
+        "recompute_modules", "fused_grouped_mlp", "fp8_attention", "fp8_lm_head", "fp8_scaling",
         "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
@@ -1011,6 +1023,13 @@ def register(app: typer.Typer) -> None:
             help="Under --precision fp8 on B200, GB200, B300 or GB300 with a Megatron-style --states, whether the "
             "LM head runs in MXFP8 (Megatron-Core's fp8_output_proj) or stays bf16, as fp8 recipes keep it by "
             "default.", rich_help_panel=MODEL_PANEL)] = False,
+        fp8_scaling: Annotated[FP8ScalingChoice, typer.Option(
+            "--fp8-scaling",
+            help="Under --precision fp8, how per-tensor scales are found: delayed (from an amax history; the "
+            "cast fused into the norm, as block-scaled MXFP8 recipes are priced too) or current (from the "
+            "tensor itself, Transformer Engine's Float8CurrentScaling, Megatron-Bridge's FP8-CS recipes: an "
+            "amax pass before each cast, and the norms' outputs cast in a pass of their own).",
+            rich_help_panel=MODEL_PANEL)] = FP8ScalingChoice.delayed,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1081,7 +1100,8 @@ def register(app: typer.Typer) -> None:
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
                                  master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params,
-                                 recompute_modules, fused_grouped_mlp, fp8_attention, fp8_lm_head)
+                                 recompute_modules, fused_grouped_mlp, fp8_attention, fp8_lm_head,
+                                 fp8_scaling)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1162,7 +1182,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               dispatcher: DispatcherChoice = DispatcherChoice.auto, fp8_experts: bool = False,
               fp8_dispatch: bool = False, fp8_params: bool = False, recompute_modules: str = "none",
               fused_grouped_mlp: bool = False, fp8_attention: bool = False,
-              fp8_lm_head: bool = False) -> Settings:
+              fp8_lm_head: bool = False,
+              fp8_scaling: FP8ScalingChoice = FP8ScalingChoice.delayed) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, RECOMPUTE_MODULES, STATES
     from archplan.planning.parallel import Settings
 
@@ -1182,7 +1203,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
                             f"(any of {', '.join(RECOMPUTE_MODULES)}, or none)")
     for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch),
                         ("--fused-grouped-mlp", fused_grouped_mlp), ("--fp8-attention", fp8_attention),
-                        ("--fp8-lm-head", fp8_lm_head)):
+                        ("--fp8-lm-head", fp8_lm_head),
+                        ("--fp8-scaling current", fp8_scaling is FP8ScalingChoice.current)):
         if given and precision is not PrecisionChoice.fp8:
             raise ArchplanError(f"{flag} says how a run uses fp8: it goes with --precision fp8")
     return Settings(
@@ -1198,6 +1220,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch, fp8_params=fp8_params,
         recompute_modules=frozenset(modules),  # type: ignore[arg-type]
         fused_grouped_mlp=fused_grouped_mlp, fp8_attention=fp8_attention, fp8_lm_head=fp8_lm_head,
+        fp8_scaling=fp8_scaling.value,  # type: ignore[arg-type]
     )
 
 

@@ -43,6 +43,7 @@ from archplan.planning.layout import (Layout, PartialLayout, check_layout, check
                                      layout_problem)
 from archplan.planning.pricing import (
     CrossEntropyImpl,
+    FP8Scaling,
     Network,
     Precision,
     Pricer,
@@ -213,6 +214,12 @@ class Settings:
     # compute capability 10), on in Megatron-Bridge's DeepSeek-V3 MXFP8 recipes for GB200 and GB300
     # from 26.06 on (`pricing._head_micro`). Off: the head stays bf16, as DeepSeek-V3's report keeps it
     fp8_lm_head: bool = False
+    # How per-tensor fp8 scales are found under `--precision fp8` (`pricing.FP8Scaling`): "delayed",
+    # from an amax history, the cast fused into the norm (also how the block-scaled recipes, MXFP8
+    # and DeepSeek-V3's tiles, are priced: their scales come out of the cast itself); "current",
+    # from the tensor itself, an amax pass before each cast and the norm-fed inputs cast apart
+    # (Transformer Engine's Float8CurrentScaling: Megatron-Bridge's FP8-CS recipes, `pricing.fp8_cast_bytes`)
+    fp8_scaling: FP8Scaling = "delayed"
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -233,6 +240,14 @@ class Settings:
             raise ArchplanError("--fp8-attention is cuDNN's fp8 attention (Transformer Engine's "
                                 "fp8_dot_product_attention), which runs under --precision fp8 with "
                                 "--flash-impl cudnn")
+        if self.fp8_scaling == "current":
+            if self.precision != "fp8":
+                raise ArchplanError("--fp8-scaling current says how fp8 scales are found, which needs "
+                                    "--precision fp8")
+            if block_scaled := self.mxfp8_features + (("--fp8-attention is cuDNN's MXFP8 attention",)
+                                                       if self.fp8_attention else ()):
+                raise ArchplanError(f"{block_scaled[0]}, which runs under an MXFP8 recipe, not under "
+                                    "--fp8-scaling current (per-tensor current scaling)")
         for feature in self.mxfp8_features:
             if self.precision != "fp8" or states.engine != "megatron":
                 raise ArchplanError(f"{feature}, which runs under --precision fp8 (an MXFP8 recipe) and a "
@@ -457,7 +472,7 @@ class Evaluator:
                                                   settings.precision, settings.flash_impl,
                                                   settings.fp8_experts, settings.fp8_dispatch,
                                                   settings.fused_grouped_mlp, settings.fp8_attention,
-                                                  settings.fp8_lm_head),
+                                                  settings.fp8_lm_head, settings.fp8_scaling),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher, modules=settings.recompute_modules)

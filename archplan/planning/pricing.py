@@ -11,7 +11,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
   head in MXFP8 where the run says so, `Settings.fp8_lm_head`), the
   routed experts' at the bf16 rate unless the run's grouped GEMMs gain (`Settings.fp8_experts`); the
   backward's at the family's split-accumulator cost (`tensor_gemm`), and the inputs no
-  norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise).
+  norm produces pay their cast to fp8 (`fp8_cast_bytes`, elementwise); under current scaling
+  the norm-fed inputs pay theirs too, and every other cast an amax pass before it.
 - attention core: flash (default) at FlashAttention-2's published throughput for the GPU family
   and head dim (the Triton FlashAttention, or cuDNN's fused attention that Transformer Engine runs
   on Hopper and newer, at its measured ratio to it, `FLASH_IMPL_SPEED`, when the run used that
@@ -129,6 +130,12 @@ from archplan.resolve import (
 )
 
 Precision = Literal["bf16", "fp8"]
+# How per-tensor fp8 scales are found (`Settings.fp8_scaling`): "delayed", from an amax history, so
+# the cast needs nothing before it and Transformer Engine fuses it into the norm; "current", from the
+# tensor itself (TE's Float8CurrentScaling, Megatron-Bridge's FP8-CS), so an amax pass first
+# (`fp8_cast_bytes`)
+FP8Scaling = Literal["delayed", "current"]
+FP8_SCALINGS: tuple[FP8Scaling, ...] = ("delayed", "current")
 # The loss's HBM bytes per logit (per token and vocabulary entry), forward and backward together,
 # by implementation (`--cross-entropy`), split 1:2 between the passes as every elementwise kernel
 # here:
@@ -160,6 +167,9 @@ FP32_BYTES = 4
 # (Hopper's fp8 tensor cores take only the "TN" layout, so the backward's weight-gradient GEMM
 # needs the transposed copy: Transformer Engine's fused cast-transpose)
 FP8_CAST_BYTES = ACT_BYTES + 2 * FP8_BYTES
+# current scaling's amax pass: Transformer Engine's `Float8CurrentScalingQuantizer::quantize_impl`
+# reads the whole bf16 input once for its amax (`nvte_compute_amax`) before the cast reads it again
+FP8_AMAX_BYTES = ACT_BYTES
 # SMs each of Transformer Engine's SM-driven TP overlap kernels takes ("num_sm": 16 for its
 # "pipeline" and "bulk" methods in `initialize_ub`'s defaults, with `set_sm_margin`)
 UB_COMM_SMS = 16
@@ -197,6 +207,7 @@ class Rates:
     # the GPU whose measured MXFP8 attention runs the flash core (`Settings.fp8_attention`); None: bf16
     fp8_attention: str | None = None
     fp8_lm_head: bool = False  # the LM head's GEMMs at the fp8 rate (`Settings.fp8_lm_head`)
+    fp8_scaling: FP8Scaling = "delayed"  # how per-tensor fp8 scales are found (`Settings.fp8_scaling`)
 
     @property
     def sends_fp8(self) -> bool:
@@ -334,7 +345,7 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
 
 
 def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool = False,
-                   fused_grouped_mlp: bool = False) -> int:
+                   fused_grouped_mlp: bool = False, scaling: FP8Scaling = "delayed") -> int:
     """HBM bytes, one micro-batch's forward, of casting layer `i`'s GEMM inputs to fp8 under
     `--precision fp8`: read in bf16, written in fp8 twice (as is, and transposed for the
     weight-gradient GEMM of the backward), 4 B per element. Transformer Engine fuses the cast of a
@@ -344,9 +355,18 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
     experts receive: quantised once before an fp8 dispatch (DeepSeek-AI 2024 §3.3.2), else each
     routed copy by the experts' grouped linear after a bf16 one (`Settings.fp8_dispatch`). Under
     Transformer Engine's fused grouped MLP the up-projection's epilogue writes the down-projection's
-    input already quantised (`Settings.fused_grouped_mlp`): those casts are not paid."""
+    input already quantised (`Settings.fused_grouped_mlp`): those casts are not paid.
+
+    Under current scaling (`scaling="current"`) the scale needs the tensor's amax first. A norm-fed
+    input: TE's norm writes its output in bf16 with the amax (`FUSED_NORM_AMAX_FP8` in
+    `extensions/normalization.cpp`, TE 2.8 on), then a cast of its own, 4 B per element, once per
+    input the projections share (`_norm_source`); cuDNN's norm (NVTE_NORM_FWD_USE_CUDNN=1) would
+    add an amax pass there too, not priced. Every other input: an amax pass
+    (`Float8CurrentScalingQuantizer::quantize_impl`), `FP8_AMAX_BYTES` more."""
     layer = data.plan.layers[i]
     total = 0
+    normed: set[str] = set()  # the norm-fed inputs already cast (`_norm_source`)
+    norm_fed = 0
     dispatched = False
     for t in data.layer_tensors[i]:
         shape = _gemm_shape(data, layer, t, layout)
@@ -354,6 +374,11 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
             continue
         m, _, k, count, _ = shape
         match t.split:
+            case "column" | "replicated" if scaling == "current":
+                source = _norm_source(t.name)
+                if source not in normed:
+                    normed.add(source)
+                    norm_fed += m * k * count
             case "expert_row" if fused_grouped_mlp:
                 pass
             case "row" | "expert_row":
@@ -364,7 +389,19 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
                 total += _routing_tokens(data, layout) * k if fp8_dispatch else m * k * count
             case _:
                 pass
-    return FP8_CAST_BYTES * total
+    amax = FP8_AMAX_BYTES if scaling == "current" else 0
+    return (FP8_CAST_BYTES + amax) * total + FP8_CAST_BYTES * norm_fed
+
+
+# MLA's up-projections read the latents' own norms (q_a_norm, kv_a_norm), not the block's
+MLA_LATENT_READERS = (".q_b_proj.weight", ".kv_b_proj.weight")
+
+
+def _norm_source(name: str) -> str:
+    """The norm whose output a column-parallel or replicated GEMM weight reads: the block's norm
+    before its module (q, k and v share one, as the gate and up projections do; so do MLA's two
+    down-projections), or an MLA latent's own."""
+    return name if name.endswith(MLA_LATENT_READERS) else name.rsplit(".", 2)[0]
 
 
 def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
@@ -424,7 +461,8 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     beside = (sum(fwd for split, fwd, _ in times if split == "row")
               + sum(bwd for split, _, bwd in times if split == "column"))
     # bytes per micro-batch, whatever its tokens (long-conv filter generation, fp8 casts)
-    elem_extra = (float(fp8_cast_bytes(data, i, layout, rates.fp8_dispatch, rates.fused_grouped_mlp))
+    elem_extra = (float(fp8_cast_bytes(data, i, layout, rates.fp8_dispatch, rates.fused_grouped_mlp,
+                                       rates.fp8_scaling))
                   if rates.precision == "fp8" else 0.0)
     # attention core
     attn_fwd = attn_bwd = 0.0
@@ -1174,8 +1212,9 @@ def _dp_exposed(zero: int, m: int, grads: float, gathers: float, micro: _MicroBa
 def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
               precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False,
               fp8_dispatch: bool = False, fused_grouped_mlp: bool = False,
-              fp8_attention: bool = False, fp8_lm_head: bool = False) -> Rates:
+              fp8_attention: bool = False, fp8_lm_head: bool = False,
+              fp8_scaling: FP8Scaling = "delayed") -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
     return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
                  gpu.sms, fp8_experts, fp8_dispatch, fused_grouped_mlp, gpu.key if fp8_attention else None,
-                 fp8_lm_head)
+                 fp8_lm_head, fp8_scaling)
