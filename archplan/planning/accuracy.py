@@ -124,13 +124,13 @@ def for_plan(gpu: Accelerator, engine: Engine, moe: bool) -> HeldOutAccuracy:
 HELD_OUT: dict[str, HeldOutAccuracy] = {
     "ampere": HeldOutAccuracy(runs=155, median=0.049, p90=0.155, bias=-0.022, low=-0.135, high=0.171,
                               gpus="A100"),
-    "hopper": HeldOutAccuracy(runs=101, median=0.054, p90=0.155, bias=0.051, low=-0.032, high=0.173,
+    "hopper": HeldOutAccuracy(runs=101, median=0.067, p90=0.155, bias=0.047, low=-0.046, high=0.173,
                               gpus="H100"),
-    UNCALIBRATED: HeldOutAccuracy(runs=32, median=0.076, p90=0.164, bias=0.048, low=-0.067, high=0.167,
+    UNCALIBRATED: HeldOutAccuracy(runs=32, median=0.082, p90=0.156, bias=0.039, low=-0.1, high=0.161,
                                   gpus="B200/GB200/GB300"),
 }
 # the same, of the MoE models' runs (DeepSeek-V3 and Qwen3 on H800, H100, B200, B300, GB200 and GB300)
-HELD_OUT_MOE = HeldOutAccuracy(runs=96, median=0.133, p90=0.458, bias=-0.023, low=-0.204, high=1.123,
+HELD_OUT_MOE = HeldOutAccuracy(runs=96, median=0.133, p90=0.398, bias=-0.023, low=-0.204, high=1.123,
                                gpus="B200/B300/GB200/GB300/H100/H800", moe=True)
 # benchmarks/mosaicml_benchmarks.py's `engine_accuracy()` on the model as it stands (2026-12-03): the
 # dense models' runs split by the engine of their states (the Blackwell runs all Megatron-style)
@@ -139,10 +139,10 @@ HELD_OUT_BY_ENGINE: dict[tuple[str, Engine], HeldOutAccuracy] = {
                                             high=0.183, gpus="A100", engine="megatron"),
     ("ampere", "torch"): HeldOutAccuracy(runs=142, median=0.047, p90=0.145, bias=-0.028, low=-0.137,
                                          high=0.163, gpus="A100", engine="torch"),
-    ("hopper", "megatron"): HeldOutAccuracy(runs=24, median=0.062, p90=0.151, bias=0.062, low=-0.042,
+    ("hopper", "megatron"): HeldOutAccuracy(runs=24, median=0.081, p90=0.149, bias=0.045, low=-0.083,
                                             high=0.158, gpus="H100", engine="megatron"),
     ("hopper", "torch"): HeldOutAccuracy(runs=77, median=0.048, p90=0.157, bias=0.048, low=-0.021,
                                          high=0.174, gpus="H100", engine="torch"),
-    (UNCALIBRATED, "megatron"): HeldOutAccuracy(runs=32, median=0.076, p90=0.164, bias=0.048, low=-0.067,
-                                                high=0.167, gpus="B200/GB200/GB300", engine="megatron"),
+    (UNCALIBRATED, "megatron"): HeldOutAccuracy(runs=32, median=0.082, p90=0.156, bias=0.039, low=-0.1,
+                                                high=0.161, gpus="B200/GB200/GB300", engine="megatron"),
 }
