@@ -130,7 +130,8 @@ def evaluate_run(run: dict[str, Any], models: dict[str, Any], sizes: dict[str, l
                         fused_grouped_mlp=run.get("fused_grouped_mlp", False),
                         fp8_attention=run.get("fp8_attention", False),
                         fp8_lm_head=run.get("fp8_lm_head", False),
-                        fp8_scaling=run.get("fp8_scaling", "delayed"))
+                        fp8_scaling=run.get("fp8_scaling", "delayed"),
+                        cudnn_norm=run.get("cudnn_norm", False))
     net = interconnect(gpu)
     tokens = run["batch"] * run["seq"]
     # a layout complete but for vpp defaults to vpp = 1 (PartialLayout.complete); an unstated vpp

@@ -643,6 +643,24 @@ def test_current_scaling_casts_each_norm_fed_input_once() -> None:
         assert fp8_cast_bytes(data, i, layout, scaling="current") == delayed * 6 // 4 + normed
 
 
+def test_mxfp8_casts_the_norms_outputs_unless_cudnns_norm_writes_them() -> None:
+    """MXFP8 (one E8M0 scale per 32 elements): each cast writes its scales beside its two copies, 1/16
+    B per element more, and needs no amax pass. Transformer Engine's norm writes bf16 under MXFP8, so
+    the norm-fed inputs are cast apart, 4 B; cuDNN's norm writes MXFP8 itself, so they cost nothing, as
+    under delayed scaling. Under current scaling cuDNN's norm leaves the cast its own amax pass, 2 B
+    more per norm-fed element. Llama 3 8B at TP2 with SP: 4,096-wide attention and FFN inputs."""
+    data = model_data(_plan("llama-3-8b"), 4096)
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on").complete()
+    assert layout is not None
+    delayed = fp8_cast_bytes(data, 0, layout)
+    paid = delayed // 4
+    normed = 4096 * 2 * 4096
+    assert fp8_cast_bytes(data, 0, layout, scaling="mxfp8", cudnn_norm=True) == delayed + 2 * paid // 32
+    assert fp8_cast_bytes(data, 0, layout, scaling="mxfp8") == 4 * (paid + normed) + 2 * (paid + normed) // 32
+    current = fp8_cast_bytes(data, 0, layout, scaling="current")
+    assert fp8_cast_bytes(data, 0, layout, scaling="current", cudnn_norm=True) == current + 2 * normed
+
+
 def _mixtral_ep8() -> tuple[Any, Any, Layout, int]:
     """Mixtral 8x7B over 4,096 tokens at EP8, one local expert per rank: its plan, model data and
     layout, and the routed copies one rank's expert receives."""
@@ -684,8 +702,9 @@ def test_fused_grouped_mlp_drops_the_experts_activation_and_down_projection_cast
 
 
 @pytest.mark.parametrize(("args", "said"), [
-    (("--gpu", "h100"), "compute capability 10"),
-    (("--gpu", "b200", "--states", "fsdp2"), "Megatron-style"),
+    (("--gpu", "h100", "--fp8-scaling", "mxfp8"), "compute capability 10"),
+    (("--gpu", "b200", "--fp8-scaling", "mxfp8", "--states", "fsdp2"), "Megatron-style"),
+    (("--gpu", "b200"), "give --fp8-scaling mxfp8"),
 ])
 def test_cli_fp8_lm_head_where_it_cannot_run_is_one_line_exit_2(
         args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -702,7 +721,7 @@ def test_cli_fp8_lm_head_where_it_cannot_run_is_one_line_exit_2(
 def test_cli_fused_grouped_mlp_where_it_cannot_run_is_one_line_exit_2(
         args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = run(capsys, monkeypatch, "plan", args[0], "--gpus", "8", *args[1:], "--precision", "fp8",
-                       "--fused-grouped-mlp")
+                       "--fp8-scaling", "mxfp8", "--fused-grouped-mlp")
     assert code == 2 and said in err and err.count("\n") == 1
 
 
@@ -711,8 +730,8 @@ def test_cli_fused_grouped_mlp_shortens_the_elementwise_time(capsys: pytest.Capt
     found = {}
     for flag in ("--unfused-grouped-mlp", "--fused-grouped-mlp"):
         code, out, _ = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "8", "--gpu", "gb300", "--seq",
-                           "4096", "--global-batch-tokens", "2M", "--precision", "fp8", "--json", "--layout",
-                           "tp=1,cp=1,pp=1,dp=8,ep=8,zero=1,recompute=none,mb=4,vpp=1", flag)
+                           "4096", "--global-batch-tokens", "2M", "--precision", "fp8", "--fp8-scaling", "mxfp8",
+                           "--json", "--layout", "tp=1,cp=1,pp=1,dp=8,ep=8,zero=1,recompute=none,mb=4,vpp=1", flag)
         assert code == 0
         found[flag] = json.loads(out)
     unfused, fused = found["--unfused-grouped-mlp"], found["--fused-grouped-mlp"]
@@ -723,15 +742,19 @@ def test_cli_fused_grouped_mlp_shortens_the_elementwise_time(capsys: pytest.Capt
 
 @pytest.mark.parametrize(("args", "said"), [
     (("--fp8-scaling", "current"), "--fp8-scaling current says how a run uses fp8"),
-    (("--precision", "fp8", "--fp8-scaling", "current", "--fp8-lm-head"), "not under --fp8-scaling current"),
-    (("--precision", "fp8", "--fp8-scaling", "current", "--fused-grouped-mlp"), "not under --fp8-scaling current"),
+    (("--precision", "fp8", "--fp8-scaling", "current", "--fp8-lm-head"), "give --fp8-scaling mxfp8"),
+    (("--precision", "fp8", "--fp8-scaling", "current", "--fused-grouped-mlp"), "give --fp8-scaling mxfp8"),
     (("--precision", "fp8", "--fp8-scaling", "current", "--flash-impl", "cudnn", "--fp8-attention"),
-     "not under --fp8-scaling current"),
+     "give --fp8-scaling mxfp8"),
+    (("--precision", "fp8", "--cudnn-norm"), "delayed scaling fuses the cast into the norm"),
+    (("--cudnn-norm",), "--cudnn-norm says how a run uses fp8"),
+    (("--gpu", "h100", "--precision", "fp8", "--fp8-scaling", "mxfp8"), "compute capability 10"),
 ])
 def test_cli_current_scaling_where_it_cannot_run_is_one_line_exit_2(
         args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Current scaling is per-tensor fp8: it needs fp8, and the features that run only under an MXFP8
-    recipe exclude it."""
+    """A recipe other than delayed scaling needs fp8; the features that run only under an MXFP8 recipe
+    need that recipe, and it needs a compute capability 10 GPU; cuDNN's norm changes nothing under
+    delayed scaling."""
     code, _, err = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "8", "--gpu", "gb300", *args)
     assert code == 2 and said in err and err.count("\n") == 1
 
@@ -779,7 +802,8 @@ def test_fp8_attention_runs_at_cudnns_measured_mxfp8_speed() -> None:
 def test_fp8_lm_head_runs_the_head_gemm_at_the_fp8_rate_and_pays_its_input_cast() -> None:
     """Megatron-Core's MXFP8 output projection: the LM head's GEMM at the fp8 rate, forward and
     backward, and its input (the final norm's output, which a plain Transformer Engine linear
-    quantizes itself) cast in a pass of its own, 4 B per element; the loss is unchanged."""
+    quantizes itself) cast to MXFP8 in a pass of its own, 4 B per element and a 1-byte scale per 32
+    elements of each of its two copies; the loss is unchanged."""
     gb200 = accelerator("gb200")
     eff = kernel_efficiency(gb200)[0]
     plan = _plan("deepseek-v3")
@@ -792,7 +816,7 @@ def test_fp8_lm_head_runs_the_head_gemm_at_the_fp8_rate_and_pays_its_input_cast(
     assert bf16.gemm_fwd == gemm_time(4096, plan.vocab_size, plan.d_model, rates)
     assert fp8.gemm_fwd == gemm_time(4096, plan.vocab_size, plan.d_model, rates, fp8=True) < 0.6 * bf16.gemm_fwd
     assert fp8.gemm_bwd == 2 * fp8.gemm_fwd
-    cast = 4 * 4096 * plan.d_model / (gb200.hbm_bytes_per_s * eff.hbm)
+    cast = (4 + 2 / 32) * 4096 * plan.d_model / (gb200.hbm_bytes_per_s * eff.hbm)
     assert fp8.elem_fwd - bf16.elem_fwd == pytest.approx(cast)
 
 
@@ -803,7 +827,7 @@ def test_fp8_lm_head_runs_the_head_gemm_at_the_fp8_rate_and_pays_its_input_cast(
 def test_cli_fp8_attention_where_it_is_not_priced_is_one_line_exit_2(
         args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", *args, "--precision", "fp8",
-                       "--fp8-attention")
+                       "--fp8-scaling", "mxfp8", "--fp8-attention")
     assert code == 2 and said in err and err.count("\n") == 1
 
 
@@ -1557,7 +1581,8 @@ def test_blackwell_mxfp8_options_move_only_their_own_terms_on_random_specs(case:
     hbm = gb300.hbm_bytes_per_s * eff.hbm
 
     def layers(**flags: bool) -> list[Any]:
-        return Pricer(data, rates_for(gb300, eff, None, "fp8", "cudnn", **flags)).layers(layout, "flash")
+        return Pricer(data, rates_for(gb300, eff, None, "fp8", "cudnn", fp8_scaling="mxfp8", **flags)
+                      ).layers(layout, "flash")
 
     plain, fused, fp8_attention = layers(), layers(fused_grouped_mlp=True), layers(fp8_attention=True)
     assert layers(fp8_lm_head=True) == plain
@@ -1570,7 +1595,8 @@ def test_blackwell_mxfp8_options_move_only_their_own_terms_on_random_specs(case:
         if isinstance(layer.ffn, MoEPlan):
             expert = layer.ffn.expert
             act = ACT_BYTES * expert.d_ff * (3 if expert.kind == "glu" else 2) * layer.ffn.top_k * case.seq
-            removed = act + fp8_cast_bytes(data, i, layout) - fp8_cast_bytes(data, i, layout, fused_grouped_mlp=True)
+            removed = act + (fp8_cast_bytes(data, i, layout, scaling="mxfp8")
+                             - fp8_cast_bytes(data, i, layout, fused_grouped_mlp=True, scaling="mxfp8"))
         assert a.elem_fwd - b.elem_fwd == pytest.approx(removed / hbm, abs=1e-18)
         assert (c.gemm_fwd, c.elem_fwd) == (a.gemm_fwd, a.elem_fwd)
         dqk = {AttentionPlan: "head_dim", MLAPlan: "qk_head_dim"}.get(type(layer.mixer))

@@ -74,6 +74,7 @@ class DispatcherChoice(str, Enum):
 class FP8ScalingChoice(str, Enum):
     delayed = "delayed"
     current = "current"
+    mxfp8 = "mxfp8"
 
 
 class PrecisionChoice(str, Enum):
@@ -109,6 +110,13 @@ class FlashImplChoice(str, Enum):
     cudnn = "cudnn"
 
 
+# how the settings line names each fp8 recipe
+FP8_SCALING_WORDS: dict[str, str] = {
+    "delayed": "fp8 scales per tensor from an amax history (delayed)",
+    "current": "fp8 scales per tensor from each tensor's amax (current)",
+    "mxfp8": "fp8 scales per 32-element block (MXFP8)",
+}
+
 LAYOUT_PANEL = "Cluster layout (SPEC --gpus N)"
 MODEL_PANEL = "Layout model (how the run is carried out)"
 
@@ -130,8 +138,8 @@ HELP = (
     "  archplan plan qwen3-235b-a22b --gpus 256 --gpu h100 --seq 32768 --global-batch-tokens 8M "
     "--flash-impl cudnn --cp-comm ring --overlap dp,pp  (Megatron-Core with Transformer Engine)\n\n"
     "  archplan plan deepseek-v3 --gpus 256 --gpu gb300 --seq 4096 --global-batch-tokens 16777216 "
-    "--precision fp8 --flash-impl cudnn --overlap dp,pp,ep --fused-grouped-mlp --fp8-attention "
-    "--fp8-lm-head  (Megatron-Bridge's MXFP8 recipe on a GB300 NVL72)\n\n"
+    "--precision fp8 --fp8-scaling mxfp8 --cudnn-norm --flash-impl cudnn --overlap dp,pp,ep --fused-grouped-mlp "
+    "--fp8-attention --fp8-lm-head  (Megatron-Bridge's MXFP8 recipe on a GB300 NVL72)\n\n"
     "  archplan plan llama-3-70b --gpus 64 --gpu h100 --seq 8192 --global-batch-tokens 2097152 "
     "--precision fp8 --fp8-scaling current --fp8-params --flash-impl cudnn --overlap dp,tp,pp "
     "--layout tp=4,cp=1,pp=8,vpp=5,dp=2,zero=1,recompute=none,mb=1,sp=on  (Megatron-Bridge's FP8-CS "
@@ -663,6 +671,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fp8_attention": settings.fp8_attention,
         "fp8_lm_head": settings.fp8_lm_head,
         "fp8_scaling": settings.fp8_scaling if settings.precision == "fp8" else None,
+        "cudnn_norm": settings.cudnn_norm,
         "recompute_modules": sorted(settings.recompute_modules),
         "overlap": sorted(settings.overlap),
         "precision": settings.precision,
@@ -838,8 +847,10 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         sent += "; attention in MXFP8"
     if settings.fp8_lm_head:
         sent += "; LM head in MXFP8"
-    if settings.fp8_scaling == "current":
-        sent += "; fp8 scales from each tensor's amax (current scaling)"
+    if settings.precision == "fp8":
+        sent += f"; {FP8_SCALING_WORDS[settings.fp8_scaling]}"
+        if settings.cudnn_norm:
+            sent += ", cuDNN norms"
     console.print(f"  states: {settings.states.on_gpu(result.gpu).description}; gradients reduced in "
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
@@ -892,7 +903,7 @@ PLAN_MODES: dict[str, frozenset[str]] = {
         "optimizer_moments", "master_weights",
         "cp_comm", "dispatcher", "overlap", "precision", "fp8_experts", "fp8_dispatch", "fp8_params", "flash_impl",
         "recompute_modules", "fused_grouped_mlp", "fp8_attention", "fp8_lm_head", "fp8_scaling",
-        "early_stop", "fused_qkv", "cross_entropy", "headroom",
+        "cudnn_norm", "early_stop", "fused_qkv", "cross_entropy", "headroom",
         "ring_nics", "top",
         "gpus_per_node", "nvlink_gbs", "ib_gbs"},
 }
@@ -1025,11 +1036,18 @@ def register(app: typer.Typer) -> None:
             "default.", rich_help_panel=MODEL_PANEL)] = False,
         fp8_scaling: Annotated[FP8ScalingChoice, typer.Option(
             "--fp8-scaling",
-            help="Under --precision fp8, how per-tensor scales are found: delayed (from an amax history; the "
-            "cast fused into the norm, as block-scaled MXFP8 recipes are priced too) or current (from the "
-            "tensor itself, Transformer Engine's Float8CurrentScaling, Megatron-Bridge's FP8-CS recipes: an "
-            "amax pass before each cast, and the norms' outputs cast in a pass of their own).",
+            help="Under --precision fp8, how scales are found: delayed (per tensor, from an amax history; the "
+            "cast fused into the norm), current (per tensor, from the tensor itself: Transformer Engine's "
+            "Float8CurrentScaling, Megatron-Bridge's FP8-CS; an amax pass before each cast, the norms' outputs "
+            "cast apart) or mxfp8 (per 32-element block: Blackwell's MXFP8, which --fused-grouped-mlp, "
+            "--fp8-attention and --fp8-lm-head need; the norms' outputs cast apart unless --cudnn-norm).",
             rich_help_panel=MODEL_PANEL)] = FP8ScalingChoice.delayed,
+        cudnn_norm: Annotated[bool, typer.Option(
+            "--cudnn-norm/--te-norm",
+            help="Under --fp8-scaling current or mxfp8, whether the norms run cuDNN's kernels "
+            "(NVTE_NORM_FWD_USE_CUDNN=1): under MXFP8 they write the quantized output themselves, under "
+            "current scaling the cast takes an amax pass of its own; or Transformer Engine's (the default).",
+            rich_help_panel=MODEL_PANEL)] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1101,7 +1119,7 @@ def register(app: typer.Typer) -> None:
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
                                  master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params,
                                  recompute_modules, fused_grouped_mlp, fp8_attention, fp8_lm_head,
-                                 fp8_scaling)
+                                 fp8_scaling, cudnn_norm)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
@@ -1183,7 +1201,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
               fp8_dispatch: bool = False, fp8_params: bool = False, recompute_modules: str = "none",
               fused_grouped_mlp: bool = False, fp8_attention: bool = False,
               fp8_lm_head: bool = False,
-              fp8_scaling: FP8ScalingChoice = FP8ScalingChoice.delayed) -> Settings:
+              fp8_scaling: FP8ScalingChoice = FP8ScalingChoice.delayed, cudnn_norm: bool = False) -> Settings:
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, RECOMPUTE_MODULES, STATES
     from archplan.planning.parallel import Settings
 
@@ -1204,7 +1222,8 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     for flag, given in (("--fp8-experts", fp8_experts), ("--fp8-dispatch", fp8_dispatch),
                         ("--fused-grouped-mlp", fused_grouped_mlp), ("--fp8-attention", fp8_attention),
                         ("--fp8-lm-head", fp8_lm_head),
-                        ("--fp8-scaling current", fp8_scaling is FP8ScalingChoice.current)):
+                        (f"--fp8-scaling {fp8_scaling.value}", fp8_scaling is not FP8ScalingChoice.delayed),
+                        ("--cudnn-norm", cudnn_norm)):
         if given and precision is not PrecisionChoice.fp8:
             raise ArchplanError(f"{flag} says how a run uses fp8: it goes with --precision fp8")
     return Settings(
@@ -1220,7 +1239,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         fp8_experts=fp8_experts, fp8_dispatch=fp8_dispatch, fp8_params=fp8_params,
         recompute_modules=frozenset(modules),  # type: ignore[arg-type]
         fused_grouped_mlp=fused_grouped_mlp, fp8_attention=fp8_attention, fp8_lm_head=fp8_lm_head,
-        fp8_scaling=fp8_scaling.value,  # type: ignore[arg-type]
+        fp8_scaling=fp8_scaling.value, cudnn_norm=cudnn_norm,  # type: ignore[arg-type]
     )
 
 

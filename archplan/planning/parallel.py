@@ -214,12 +214,19 @@ class Settings:
     # compute capability 10), on in Megatron-Bridge's DeepSeek-V3 MXFP8 recipes for GB200 and GB300
     # from 26.06 on (`pricing._head_micro`). Off: the head stays bf16, as DeepSeek-V3's report keeps it
     fp8_lm_head: bool = False
-    # How per-tensor fp8 scales are found under `--precision fp8` (`pricing.FP8Scaling`): "delayed",
-    # from an amax history, the cast fused into the norm (also how the block-scaled recipes, MXFP8
-    # and DeepSeek-V3's tiles, are priced: their scales come out of the cast itself); "current",
-    # from the tensor itself, an amax pass before each cast and the norm-fed inputs cast apart
-    # (Transformer Engine's Float8CurrentScaling: Megatron-Bridge's FP8-CS recipes, `pricing.fp8_cast_bytes`)
+    # How fp8 scales are found under `--precision fp8` (`pricing.FP8Scaling`, priced by
+    # `pricing.fp8_cast_bytes`): "delayed", per tensor from an amax history, the cast fused into the
+    # norm (also how DeepSeek-V3's tile scales are priced: they come out of the cast itself);
+    # "current", per tensor from the tensor itself, an amax pass before each cast and the norm-fed
+    # inputs cast apart (Transformer Engine's Float8CurrentScaling: Megatron-Bridge's FP8-CS
+    # recipes); "mxfp8", per 32-element block inside the cast (TE's MXFP8BlockScaling: compute
+    # capability 10 only), the norm-fed inputs cast apart unless cuDNN's norm writes them
     fp8_scaling: FP8Scaling = "delayed"
+    # Whether Transformer Engine's norms run cuDNN's kernels (NVTE_NORM_FWD_USE_CUDNN=1, which
+    # Megatron-Bridge's scripts keep for a few recipes): under MXFP8 they write the quantized output
+    # themselves, under current scaling they leave the quantizer its own amax pass
+    # (`pricing.fp8_cast_bytes`)
+    cudnn_norm: bool = False
 
     def __post_init__(self) -> None:
         # the states as run: Megatron-Core keeps its gradient buffer in the reduction's dtype
@@ -240,14 +247,16 @@ class Settings:
             raise ArchplanError("--fp8-attention is cuDNN's fp8 attention (Transformer Engine's "
                                 "fp8_dot_product_attention), which runs under --precision fp8 with "
                                 "--flash-impl cudnn")
-        if self.fp8_scaling == "current":
-            if self.precision != "fp8":
-                raise ArchplanError("--fp8-scaling current says how fp8 scales are found, which needs "
-                                    "--precision fp8")
-            if block_scaled := self.mxfp8_features + (("--fp8-attention is cuDNN's MXFP8 attention",)
-                                                       if self.fp8_attention else ()):
-                raise ArchplanError(f"{block_scaled[0]}, which runs under an MXFP8 recipe, not under "
-                                    "--fp8-scaling current (per-tensor current scaling)")
+        if self.fp8_scaling != "delayed" and self.precision != "fp8":
+            raise ArchplanError(f"--fp8-scaling {self.fp8_scaling} says how fp8 scales are found, which needs "
+                                "--precision fp8")
+        if self.cudnn_norm and self.fp8_scaling == "delayed":
+            raise ArchplanError("--cudnn-norm says how a norm's output is quantized under --fp8-scaling current "
+                                "or mxfp8; delayed scaling fuses the cast into the norm either way")
+        block_scaled = self.mxfp8_features + (("--fp8-attention is cuDNN's MXFP8 attention",)
+                                               if self.fp8_attention else ())
+        if block_scaled and self.fp8_scaling != "mxfp8":
+            raise ArchplanError(f"{block_scaled[0]}, which runs under an MXFP8 recipe: give --fp8-scaling mxfp8")
         for feature in self.mxfp8_features:
             if self.precision != "fp8" or states.engine != "megatron":
                 raise ArchplanError(f"{feature}, which runs under --precision fp8 (an MXFP8 recipe) and a "
@@ -257,8 +266,8 @@ class Settings:
     @property
     def mxfp8_features(self) -> tuple[str, ...]:
         """The Megatron-Core features asked for that run only under Transformer Engine's MXFP8 recipe,
-        so only under fp8, a Megatron-style engine and a compute capability 10 GPU, each as the
-        errors name it."""
+        so only under `--fp8-scaling mxfp8` (fp8 on a compute capability 10 GPU) and a Megatron-style
+        engine, each as the errors name it."""
         return tuple(feature for asked, feature in (
             (self.fused_grouped_mlp, "--fused-grouped-mlp is Transformer Engine's fused expert MLP"),
             (self.fp8_lm_head, "--fp8-lm-head is Megatron-Core's MXFP8 output projection (fp8_output_proj)"),
@@ -458,10 +467,9 @@ class Evaluator:
         if settings.fused_grouped_mlp and not plan.routed:
             raise ArchplanError(f"--fused-grouped-mlp fuses the routed experts' MLP, and {plan.name} "
                                 "routes to no experts")
-        for feature in settings.mxfp8_features:
-            if gpu.key not in SM100_GPUS:
-                raise ArchplanError(f"{feature}, which runs on compute capability 10 GPUs only "
-                                    f"({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
+        if settings.fp8_scaling == "mxfp8" and gpu.key not in SM100_GPUS:
+            raise ArchplanError(f"--fp8-scaling mxfp8 is Blackwell's block-scaled fp8, on compute capability 10 "
+                                f"GPUs only ({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
         if settings.fp8_attention and gpu.key not in fp8_attention_gpus():
             raise ArchplanError(f"--fp8-attention: no measured fp8 attention rate for {gpu.name} (cuDNN's "
                                 f"MXFP8 attention is measured on {', '.join(fp8_attention_gpus())})")
@@ -472,7 +480,8 @@ class Evaluator:
                                                   settings.precision, settings.flash_impl,
                                                   settings.fp8_experts, settings.fp8_dispatch,
                                                   settings.fused_grouped_mlp, settings.fp8_attention,
-                                                  settings.fp8_lm_head, settings.fp8_scaling),
+                                                  settings.fp8_lm_head, settings.fp8_scaling,
+                                                  settings.cudnn_norm),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher, modules=settings.recompute_modules)

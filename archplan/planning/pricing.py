@@ -130,12 +130,13 @@ from archplan.resolve import (
 )
 
 Precision = Literal["bf16", "fp8"]
-# How per-tensor fp8 scales are found (`Settings.fp8_scaling`): "delayed", from an amax history, so
-# the cast needs nothing before it and Transformer Engine fuses it into the norm; "current", from the
-# tensor itself (TE's Float8CurrentScaling, Megatron-Bridge's FP8-CS), so an amax pass first
-# (`fp8_cast_bytes`)
-FP8Scaling = Literal["delayed", "current"]
-FP8_SCALINGS: tuple[FP8Scaling, ...] = ("delayed", "current")
+# How fp8 scales are found (`Settings.fp8_scaling`, priced by `fp8_cast_bytes`): "delayed", one per
+# tensor from an amax history, so the cast needs nothing before it and Transformer Engine fuses it
+# into the norm; "current", one per tensor from the tensor itself (TE's Float8CurrentScaling,
+# Megatron-Bridge's FP8-CS), so an amax pass first; "mxfp8", one per 32-element block, found inside
+# the cast (TE's MXFP8BlockScaling, Blackwell only)
+FP8Scaling = Literal["delayed", "current", "mxfp8"]
+FP8_SCALINGS: tuple[FP8Scaling, ...] = ("delayed", "current", "mxfp8")
 # The loss's HBM bytes per logit (per token and vocabulary entry), forward and backward together,
 # by implementation (`--cross-entropy`), split 1:2 between the passes as every elementwise kernel
 # here:
@@ -170,6 +171,10 @@ FP8_CAST_BYTES = ACT_BYTES + 2 * FP8_BYTES
 # current scaling's amax pass: Transformer Engine's `Float8CurrentScalingQuantizer::quantize_impl`
 # reads the whole bf16 input once for its amax (`nvte_compute_amax`) before the cast reads it again
 FP8_AMAX_BYTES = ACT_BYTES
+# MXFP8 (OCP Microscaling Formats v1.0, §5.3): one 1-byte E8M0 scale per 32-element block, written
+# beside each of the cast's two copies
+MXFP8_BLOCK = 32
+MXFP8_SCALE_COPIES = 2
 # SMs each of Transformer Engine's SM-driven TP overlap kernels takes ("num_sm": 16 for its
 # "pipeline" and "bulk" methods in `initialize_ub`'s defaults, with `set_sm_margin`)
 UB_COMM_SMS = 16
@@ -207,7 +212,8 @@ class Rates:
     # the GPU whose measured MXFP8 attention runs the flash core (`Settings.fp8_attention`); None: bf16
     fp8_attention: str | None = None
     fp8_lm_head: bool = False  # the LM head's GEMMs at the fp8 rate (`Settings.fp8_lm_head`)
-    fp8_scaling: FP8Scaling = "delayed"  # how per-tensor fp8 scales are found (`Settings.fp8_scaling`)
+    fp8_scaling: FP8Scaling = "delayed"  # how fp8 scales are found (`Settings.fp8_scaling`)
+    cudnn_norm: bool = False  # cuDNN's norm kernels (`Settings.cudnn_norm`)
 
     @property
     def sends_fp8(self) -> bool:
@@ -345,27 +351,32 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
 
 
 def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool = False,
-                   fused_grouped_mlp: bool = False, scaling: FP8Scaling = "delayed") -> int:
+                   fused_grouped_mlp: bool = False, scaling: FP8Scaling = "delayed",
+                   cudnn_norm: bool = False) -> int:
     """HBM bytes, one micro-batch's forward, of casting layer `i`'s GEMM inputs to fp8 under
     `--precision fp8`: read in bf16, written in fp8 twice (as is, and transposed for the
-    weight-gradient GEMM of the backward), 4 B per element. Transformer Engine fuses the cast of a
-    normalised input into the norm (`LayerNormLinear`, Megatron-Core's column-parallel linears), so
-    only the inputs a norm does not produce pay: the row-parallel projections' (attention output,
-    FFN down, mixer out), the experts' down-projections' (per routed copy), and the tokens the
-    experts receive: quantised once before an fp8 dispatch (DeepSeek-AI 2024 §3.3.2), else each
-    routed copy by the experts' grouped linear after a bf16 one (`Settings.fp8_dispatch`). Under
-    Transformer Engine's fused grouped MLP the up-projection's epilogue writes the down-projection's
-    input already quantised (`Settings.fused_grouped_mlp`): those casts are not paid.
+    weight-gradient GEMM of the backward), 4 B per element. The inputs a norm does not produce pay
+    it: the row-parallel projections' (attention output, FFN down, mixer out), the experts'
+    down-projections' (per routed copy), and the tokens the experts receive: quantised once before
+    an fp8 dispatch (DeepSeek-AI 2024 §3.3.2), else each routed copy by the experts' grouped linear
+    after a bf16 one (`Settings.fp8_dispatch`). Under Transformer Engine's fused grouped MLP the
+    up-projection's epilogue writes the down-projection's input already quantised
+    (`Settings.fused_grouped_mlp`): that cast is not paid.
 
-    Under current scaling (`scaling="current"`) the scale needs the tensor's amax first. A norm-fed
-    input: TE's norm writes its output in bf16 with the amax (`FUSED_NORM_AMAX_FP8` in
-    `extensions/normalization.cpp`, TE 2.8 on), then a cast of its own, 4 B per element, once per
-    input the projections share (`_norm_source`); cuDNN's norm (NVTE_NORM_FWD_USE_CUDNN=1) would
-    add an amax pass there too, not priced. Every other input: an amax pass
-    (`Float8CurrentScalingQuantizer::quantize_impl`), `FP8_AMAX_BYTES` more."""
+    The norm-fed inputs (`_norm_source`: once per input the projections share) depend on the
+    recipe (`scaling`) and on the norm kernel (`cudnn_norm`, NVTE_NORM_FWD_USE_CUDNN=1), as TE's
+    `extensions/normalization.cpp` chooses its path:
+    - delayed: the norm writes fp8 itself (`FULLY_FUSED`, `LayerNormLinear`), nothing more;
+    - current: TE's norm writes bf16 and its amax (`FUSED_NORM_AMAX_FP8`, TE 2.8 on), then a cast,
+      4 B; cuDNN's norm writes bf16 alone (`UNFUSED`), then the quantizer's amax pass and cast, 6 B;
+    - mxfp8: cuDNN's norm writes MXFP8 itself (`FULLY_FUSED`), nothing more; TE's writes bf16
+      (`UNFUSED`), then a cast, 4 B.
+    Under current scaling every other cast first reads its input for the amax
+    (`Float8CurrentScalingQuantizer::quantize_impl`), `FP8_AMAX_BYTES` more; under MXFP8 every
+    cast also writes its block scales (`MXFP8_SCALE_COPIES` bytes per `MXFP8_BLOCK` elements)."""
     layer = data.plan.layers[i]
     total = 0
-    normed: set[str] = set()  # the norm-fed inputs already cast (`_norm_source`)
+    normed: set[str] = set()  # the norm-fed inputs already counted (`_norm_source`)
     norm_fed = 0
     dispatched = False
     for t in data.layer_tensors[i]:
@@ -374,7 +385,7 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
             continue
         m, _, k, count, _ = shape
         match t.split:
-            case "column" | "replicated" if scaling == "current":
+            case "column" | "replicated":
                 source = _norm_source(t.name)
                 if source not in normed:
                     normed.add(source)
@@ -389,8 +400,22 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
                 total += _routing_tokens(data, layout) * k if fp8_dispatch else m * k * count
             case _:
                 pass
-    amax = FP8_AMAX_BYTES if scaling == "current" else 0
-    return (FP8_CAST_BYTES + amax) * total + FP8_CAST_BYTES * norm_fed
+    match scaling:
+        case "delayed":
+            return FP8_CAST_BYTES * total
+        case "current":
+            norm = FP8_CAST_BYTES + (FP8_AMAX_BYTES if cudnn_norm else 0)
+            return (FP8_CAST_BYTES + FP8_AMAX_BYTES) * total + norm * norm_fed
+        case "mxfp8":
+            cast = total + (0 if cudnn_norm else norm_fed)
+            return FP8_CAST_BYTES * cast + mxfp8_scale_bytes(cast)
+        case _:
+            assert_never(scaling)
+
+
+def mxfp8_scale_bytes(elements: int) -> int:
+    """The E8M0 block scales an MXFP8 cast of `elements` writes beside its two copies."""
+    return MXFP8_SCALE_COPIES * math.ceil(elements / MXFP8_BLOCK)
 
 
 # MLA's up-projections read the latents' own norms (q_a_norm, kv_a_norm), not the block's
@@ -462,7 +487,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
               + sum(bwd for split, _, bwd in times if split == "column"))
     # bytes per micro-batch, whatever its tokens (long-conv filter generation, fp8 casts)
     elem_extra = (float(fp8_cast_bytes(data, i, layout, rates.fp8_dispatch, rates.fused_grouped_mlp,
-                                       rates.fp8_scaling))
+                                       rates.fp8_scaling, rates.cudnn_norm))
                   if rates.precision == "fp8" else 0.0)
     # attention core
     attn_fwd = attn_bwd = 0.0
@@ -646,12 +671,14 @@ def _head_micro(data: ModelData, layout: Layout, rates: Rates, loss: CrossEntrop
     """The LM head GEMM and the vocab-parallel cross-entropy of the last chunk, at the loss
     implementation's bytes (`CROSS_ENTROPY_BYTES`). The GEMM runs in bf16, or under an fp8 run
     that says so (`Settings.fp8_lm_head`, Megatron-Core's MXFP8 output projection, a Transformer
-    Engine linear) at the fp8 rate, its input cast to fp8 in a pass of its own (`FP8_CAST_BYTES`)."""
+    Engine linear) at the fp8 rate, its input cast to MXFP8 in a pass of its own (`FP8_CAST_BYTES`
+    and the block scales)."""
     tokens = layout.mb * data.seq // layout.cp
     vocab = math.ceil(data.plan.vocab_size / layout.tp)
     fp8 = rates.fp8_lm_head and rates.precision == "fp8"
     gemm = gemm_time(tokens, vocab, data.plan.d_model, rates, fp8=fp8)
-    cast = tokens * data.plan.d_model * FP8_CAST_BYTES if fp8 else 0
+    elements = tokens * data.plan.d_model
+    cast = elements * FP8_CAST_BYTES + mxfp8_scale_bytes(elements) if fp8 else 0
     return _MicroBatch(gemm, 2 * gemm, 0.0, 0.0,
                        (tokens * vocab * CROSS_ENTROPY_BYTES[loss] / 3 + cast) / rates.hbm)
 
@@ -1213,8 +1240,8 @@ def rates_for(gpu: Accelerator, eff: KernelEfficiency, efficiency: float | None,
               precision: Precision, flash: FlashImpl = "fa2", fp8_experts: bool = False,
               fp8_dispatch: bool = False, fused_grouped_mlp: bool = False,
               fp8_attention: bool = False, fp8_lm_head: bool = False,
-              fp8_scaling: FP8Scaling = "delayed") -> Rates:
+              fp8_scaling: FP8Scaling = "delayed", cudnn_norm: bool = False) -> Rates:
     fp8 = gpu.peak_flops.get("fp8", gpu.peak("bf16"))
     return Rates(gpu.peak("bf16"), fp8, eff, efficiency, gpu.hbm_bytes_per_s * eff.hbm, precision, flash,
                  gpu.sms, fp8_experts, fp8_dispatch, fused_grouped_mlp, gpu.key if fp8_attention else None,
-                 fp8_lm_head, fp8_scaling)
+                 fp8_lm_head, fp8_scaling, cudnn_norm)
