@@ -725,16 +725,25 @@ def test_cli_fused_grouped_mlp_where_it_cannot_run_is_one_line_exit_2(
     assert code == 2 and said in err and err.count("\n") == 1
 
 
+def _plan_json_per_variant(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                           argv: list[str], variants: list[list[str]]) -> list[dict[str, Any]]:
+    """`plan ... --json` once per variant of its last options, each required to exit 0."""
+    found = []
+    for extra in variants:
+        code, out, _ = run(capsys, monkeypatch, "plan", *argv, "--json", *extra)
+        assert code == 0
+        found.append(json.loads(out))
+    return found
+
+
 def test_cli_fused_grouped_mlp_shortens_the_elementwise_time(capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    found = {}
-    for flag in ("--unfused-grouped-mlp", "--fused-grouped-mlp"):
-        code, out, _ = run(capsys, monkeypatch, "plan", "qwen3-30b-a3b", "--gpus", "8", "--gpu", "gb300", "--seq",
-                           "4096", "--global-batch-tokens", "2M", "--precision", "fp8", "--fp8-scaling", "mxfp8",
-                           "--json", "--layout", "tp=1,cp=1,pp=1,dp=8,ep=8,zero=1,recompute=none,mb=4,vpp=1", flag)
-        assert code == 0
-        found[flag] = json.loads(out)
-    unfused, fused = found["--unfused-grouped-mlp"], found["--fused-grouped-mlp"]
+    unfused, fused = _plan_json_per_variant(
+        capsys, monkeypatch,
+        ["qwen3-30b-a3b", "--gpus", "8", "--gpu", "gb300", "--seq", "4096", "--global-batch-tokens", "2M",
+         "--precision", "fp8", "--fp8-scaling", "mxfp8", "--layout",
+         "tp=1,cp=1,pp=1,dp=8,ep=8,zero=1,recompute=none,mb=4,vpp=1"],
+        [["--unfused-grouped-mlp"], ["--fused-grouped-mlp"]])
     assert (unfused["fused_grouped_mlp"], fused["fused_grouped_mlp"]) == (False, True)
     before, after = unfused["layouts"][0]["step_time"], fused["layouts"][0]["step_time"]
     assert after["elementwise"] < before["elementwise"] and after["gemm"] == before["gemm"]
@@ -750,7 +759,7 @@ def test_cli_fused_grouped_mlp_shortens_the_elementwise_time(capsys: pytest.Capt
     (("--cudnn-norm",), "--cudnn-norm says how a run uses fp8"),
     (("--gpu", "h100", "--precision", "fp8", "--fp8-scaling", "mxfp8"), "compute capability 10"),
 ])
-def test_cli_current_scaling_where_it_cannot_run_is_one_line_exit_2(
+def test_cli_fp8_recipe_where_it_cannot_run_is_one_line_exit_2(
         args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A recipe other than delayed scaling needs fp8; the features that run only under an MXFP8 recipe
     need that recipe, and it needs a compute capability 10 GPU; cuDNN's norm changes nothing under
@@ -761,15 +770,13 @@ def test_cli_current_scaling_where_it_cannot_run_is_one_line_exit_2(
 
 def test_cli_current_scaling_lengthens_only_the_elementwise_time(capsys: pytest.CaptureFixture[str],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    found = {}
-    for scaling in ("delayed", "current"):
-        code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--seq",
-                           "8192", "--global-batch-tokens", "1M", "--precision", "fp8", "--json", "--layout",
-                           "tp=2,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1,vpp=1,sp=on", "--fp8-scaling", scaling)
-        assert code == 0
-        found[scaling] = json.loads(out)
-    assert (found["delayed"]["fp8_scaling"], found["current"]["fp8_scaling"]) == ("delayed", "current")
-    before, after = found["delayed"]["layouts"][0]["step_time"], found["current"]["layouts"][0]["step_time"]
+    delayed, current = _plan_json_per_variant(
+        capsys, monkeypatch,
+        ["llama-3-8b", "--gpus", "8", "--gpu", "h100", "--seq", "8192", "--global-batch-tokens", "1M",
+         "--precision", "fp8", "--layout", "tp=2,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1,vpp=1,sp=on"],
+        [["--fp8-scaling", "delayed"], ["--fp8-scaling", "current"]])
+    assert (delayed["fp8_scaling"], current["fp8_scaling"]) == ("delayed", "current")
+    before, after = delayed["layouts"][0]["step_time"], current["layouts"][0]["step_time"]
     assert after["elementwise"] > before["elementwise"] and after["gemm"] == before["gemm"]
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--top", "1",
                        "--json")
