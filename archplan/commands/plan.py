@@ -1019,19 +1019,19 @@ def register(app: typer.Typer) -> None:
             rich_help_panel=MODEL_PANEL)] = "none",
         fused_grouped_mlp: Annotated[bool, typer.Option(
             "--fused-grouped-mlp/--unfused-grouped-mlp",
-            help="Under --precision fp8 on B200, GB200, B300 or GB300, whether the routed experts run Transformer "
+            help="Under --fp8-scaling mxfp8 (B200, GB200, B300 or GB300), whether the routed experts run Transformer "
             "Engine's fused grouped MLP (Megatron-Bridge's MXFP8 MoE recipes from 26.06): their activation and "
             "the down-projection's fp8 cast run inside the GEMMs, so neither makes a pass over HBM.",
             rich_help_panel=MODEL_PANEL)] = False,
         fp8_attention: Annotated[bool, typer.Option(
             "--fp8-attention/--bf16-attention",
-            help="Under --precision fp8 with --flash-impl cudnn on GB200 or GB300, whether the attention core "
+            help="Under --fp8-scaling mxfp8 with --flash-impl cudnn on GB200 or GB300, whether the attention core "
             "runs in MXFP8 (Transformer Engine's fp8_dot_product_attention), at cuDNN's measured speed over its "
             "BF16 kernel: a faster forward, and on short sequences a slower backward.",
             rich_help_panel=MODEL_PANEL)] = False,
         fp8_lm_head: Annotated[bool, typer.Option(
             "--fp8-lm-head/--bf16-lm-head",
-            help="Under --precision fp8 on B200, GB200, B300 or GB300 with a Megatron-style --states, whether the "
+            help="Under --fp8-scaling mxfp8 (B200, GB200, B300 or GB300) with a Megatron-style --states, whether the "
             "LM head runs in MXFP8 (Megatron-Core's fp8_output_proj) or stays bf16, as fp8 recipes keep it by "
             "default.", rich_help_panel=MODEL_PANEL)] = False,
         fp8_scaling: Annotated[FP8ScalingChoice, typer.Option(
