@@ -584,12 +584,19 @@ def test_cli_choices_are_the_models() -> None:
     """Each `plan` option's choices are exactly the values its model type accepts."""
     from typing import get_args
 
-    from archplan.commands.plan import CrossEntropyChoice, FlashImplChoice, PrecisionChoice, RingNicsChoice
+    from archplan.commands.plan import (
+        CrossEntropyChoice,
+        FlashImplChoice,
+        FP8ScalingChoice,
+        PrecisionChoice,
+        RingNicsChoice,
+    )
     from archplan.hardware import FlashImpl, RingNics
-    from archplan.planning.pricing import CROSS_ENTROPY_BYTES, CrossEntropyImpl, Precision
+    from archplan.planning.pricing import CROSS_ENTROPY_BYTES, CrossEntropyImpl, FP8Scaling, Precision
 
     for choice, values in ((CrossEntropyChoice, get_args(CrossEntropyImpl)), (FlashImplChoice, get_args(FlashImpl)),
-                           (PrecisionChoice, get_args(Precision)), (RingNicsChoice, get_args(RingNics))):
+                           (PrecisionChoice, get_args(Precision)), (RingNicsChoice, get_args(RingNics)),
+                           (FP8ScalingChoice, get_args(FP8Scaling))):
         assert [c.value for c in choice] == list(values)
     assert list(CROSS_ENTROPY_BYTES) == list(get_args(CrossEntropyImpl))
 

@@ -136,7 +136,6 @@ Precision = Literal["bf16", "fp8"]
 # Megatron-Bridge's FP8-CS), so an amax pass first; "mxfp8", one per 32-element block, found inside
 # the cast (TE's MXFP8BlockScaling, Blackwell only)
 FP8Scaling = Literal["delayed", "current", "mxfp8"]
-FP8_SCALINGS: tuple[FP8Scaling, ...] = ("delayed", "current", "mxfp8")
 # The loss's HBM bytes per logit (per token and vocabulary entry), forward and backward together,
 # by implementation (`--cross-entropy`), split 1:2 between the passes as every elementwise kernel
 # here:
