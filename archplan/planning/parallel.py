@@ -257,10 +257,9 @@ class Settings:
                                                if self.fp8_attention else ())
         if block_scaled and self.fp8_scaling != "mxfp8":
             raise ArchplanError(f"{block_scaled[0]}, which runs under an MXFP8 recipe: give --fp8-scaling mxfp8")
-        for feature in self.mxfp8_features:
-            if self.precision != "fp8" or states.engine != "megatron":
-                raise ArchplanError(f"{feature}, which runs under --precision fp8 (an MXFP8 recipe) and a "
-                                    "Megatron-style --states (megatron, zero or deepspeed)")
+        if self.mxfp8_features and states.engine != "megatron":
+            raise ArchplanError(f"{self.mxfp8_features[0]}, which runs under a Megatron-style --states "
+                                "(megatron, zero or deepspeed)")
         object.__setattr__(self, "states", states)
 
     @property
