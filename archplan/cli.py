@@ -95,24 +95,35 @@ def _main() -> None:
         sys.exit(130)
     except typer.TyperException as exc:
         # Usage errors (unknown option, missing argument, bad value): one line, as every other
-        # bad input, with typer's message and exit code 2
-        typer.echo(f"archplan: error: {_usage_message(exc)}", err=True)
+        # bad input, with typer's message and exit code 2. No arguments at all print the help
+        # (click's NoArgsIsHelpError, with no message): nothing to add to it.
+        message = _usage_message(exc, sys.argv[1:])
+        if message is not None:
+            typer.echo(f"archplan: error: {message}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
     except OSError as exc:
+        if exc.filename is not None:
+            # a path the user gave that the system refuses before it is read (a name too long
+            # for it): bad input, named as the loader names the files it cannot read
+            typer.echo(f"archplan: error: {exc.filename}: {exc.strerror or exc}", err=True)
+            sys.exit(2)
         # writing the report failed (a full disk, a closed terminal): nothing left to show but why
         typer.echo(f"archplan: error: {exc.strerror or exc}", err=True)
         sys.exit(1)
 
 
-def _usage_message(exc: Exception) -> str:
+def _usage_message(exc: Exception, argv: list[str]) -> str | None:
     """A usage error's message, the command it concerns and where its help is; an unknown option's
-    suggestions without the hidden ones (retired options that only answer with a pointer)."""
+    suggestions without the hidden ones (retired options that only answer with a pointer). None
+    for an error with no message (a group given no command, whose help is already printed)."""
     ctx = getattr(exc, "ctx", None)
     command = ctx.command if ctx is not None else None
     suggested = getattr(exc, "possibilities", None)
     if suggested is None:
         format_message = getattr(exc, "format_message", None)
         message = format_message() if format_message is not None else str(exc)
+        if not message:
+            return None
     else:
         message = getattr(exc, "message", str(exc))
         if command is not None:
@@ -120,8 +131,22 @@ def _usage_message(exc: Exception) -> str:
             suggested = [name for name in suggested if name not in hidden]
         if suggested:
             message = f"{message.rstrip('.')} (did you mean {' or '.join(suggested)}?)"
-    where = f"archplan {command.name}" if ctx is not None and ctx.parent is not None and command else "archplan"
-    return f"{message.rstrip('.')}; see '{where} --help'"
+    return f"{message.rstrip('.')}; see '{_command_path(argv)} --help'"
+
+
+def _command_path(argv: list[str]) -> str:
+    """The (sub)command `argv` names, as typed: 'archplan import hf'. Read from the arguments, not
+    the error's context, which click leaves out of some parse errors (an option missing its value)."""
+    commands = getattr(typer.main.get_command(app), "commands", {})
+    path = ["archplan"]
+    for token in argv:
+        if token.startswith("-"):
+            continue
+        if token not in commands:
+            break
+        path.append(token)
+        commands = getattr(commands[token], "commands", {})
+    return " ".join(path)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,14 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 PIPED_WIDTH = 200
 
 
-def report_console() -> Console:
+def report_console(table: Table | None = None) -> Console:
     """A console at the terminal's width, or, piped or captured (no width to honour), at
-    `PIPED_WIDTH` columns, so that long component names and table rows stay on one line."""
+    `PIPED_WIDTH` columns or `table`'s full width if wider, so that long component names and
+    table rows stay on one line and no figure is cut."""
     console = Console()
-    return console if console.is_terminal else Console(width=PIPED_WIDTH)
+    if console.is_terminal:
+        return console
+    return Console(width=PIPED_WIDTH if table is None else max(PIPED_WIDTH, table_width(table)))
 
 
 def table_width(table: Table) -> int:
@@ -283,6 +286,8 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     table = _table("Comparison", settings, ("figure", "left"),
                    *[(r["name"], "right") for r in reports])
     table.columns[0].no_wrap = True
+    for column in table.columns[1:]:
+        column.overflow = "fold"  # a narrow terminal wraps a figure's digits rather than cut them
     for name, get, fmt in compare_figures(reports):
         base = get(first)
         cells = []
@@ -299,4 +304,5 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
 
 
 def print_compare(reports: Sequence[dict[str, Any]], console: Console | None = None) -> None:
-    (console or Console()).print(_with_note(compare_table(reports)))
+    table = compare_table(reports)
+    (console or report_console(table)).print(_with_note(table))

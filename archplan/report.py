@@ -101,8 +101,8 @@ class SizeOptions:
         for name, value, upper in lengths:
             if value is not None and not 0 < value <= upper:
                 raise ArchplanError(f"must be between 1 and {upper:,}, got {value:,}", field=name)
-        if self.tokens is not None and not 0 < self.tokens <= MAX_TOKENS:
-            raise ArchplanError(f"must be between 1 and {MAX_TOKENS:.0e}, got {self.tokens:g}",
+        if self.tokens is not None and not 1 <= self.tokens <= MAX_TOKENS:
+            raise ArchplanError(f"must be between 1 and {MAX_TOKENS:.0e}, got {self.tokens:.10g}",
                                 field="--tokens")
         if not 0 < self.mfu <= 1:
             raise ArchplanError(f"must be in (0, 1], got {self.mfu:g}", field="--mfu")

@@ -19,9 +19,10 @@ MAX_LAYERS = 100_000
 
 # Strict: YAML reads `true`, `yes` and `on` as booleans and `"32"` as a string, which lax mode
 # would take as 1 and 32 without a word (the JSON schema already refuses them). Strict integers
-# refuse floats too (4096.0); strict numbers still take integers (`theta: 10000`).
+# refuse floats too (4096.0); strict numbers still take integers (`theta: 10000`). No number a
+# spec holds is meaningful as YAML's .inf or .nan.
 Int = Annotated[int, Strict()]
-Number = Annotated[float, Strict()]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Dim = Annotated[Int, Field(gt=0, le=MAX_DIM)]
 NonNegDim = Annotated[Int, Field(ge=0, le=MAX_DIM)]
 PositiveInt = Annotated[Int, Field(gt=0)]

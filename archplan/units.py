@@ -12,35 +12,44 @@ _FLOPS = ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9,
 
 def _three_digits(value: float) -> str:
     """Three significant digits, the precision a sizing table needs (7.24, 13.5, 671)."""
-    if value >= 100:
+    if abs(value) >= 100:
         return f"{value:,.0f}"  # past the largest unit the integer part grows: group its digits
-    if value >= 10:
+    if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
 
 
+def _rounded(value: float) -> float:
+    """`value` at the three significant digits it prints with: 9.996 -> 10.0, 999.7 -> 1,000."""
+    return round(value) if abs(value) >= 100 else float(f"{value:.3g}")
+
+
+def _in_unit(n: float, scales: tuple[tuple[float, str], ...], suffix: str = "") -> str | None:
+    """`n` in the largest unit of `scales` in which it still reads 1 or more once rounded, so that
+    1,023.9 MiB prints as 1.00 GiB and 999.7 K as 1.00 M; None below the smallest unit."""
+    for scale, prefix in scales:
+        value = _rounded(n / scale)
+        if abs(value) >= 1:
+            return f"{_three_digits(value)} {prefix}{suffix}"
+    return None
+
+
 def count(n: float) -> str:
     """7,241,732,096 -> '7.24 B' (parameters, tokens)."""
-    for scale, suffix in _COUNT:
-        if abs(n) >= scale:
-            return f"{_three_digits(n / scale)} {suffix}"
+    scaled = _in_unit(n, _COUNT)
+    if scaled is not None:
+        return scaled
     return f"{n:,.0f}" if float(n).is_integer() else f"{n:.3g}"
 
 
 def nbytes(n: float) -> str:
     """Bytes in binary units: 14,495,514,624 -> '13.5 GiB'."""
-    for scale, suffix in _BYTES:
-        if abs(n) >= scale:
-            return f"{_three_digits(n / scale)} {suffix}"
-    return f"{n:,.0f} B"
+    return _in_unit(n, _BYTES) or f"{n:,.0f} B"
 
 
 def flops(n: float, unit: str = "FLOP") -> str:
     """1.23e15 -> '1.23 PFLOP' (pass unit='FLOP/s' for rates)."""
-    for scale, prefix in _FLOPS:
-        if abs(n) >= scale:
-            return f"{_three_digits(n / scale)} {prefix}{unit}"
-    return f"{n:.3g} {unit}"
+    return _in_unit(n, _FLOPS, unit) or f"{n:.3g} {unit}"
 
 
 def sci(x: float) -> str:

@@ -193,6 +193,12 @@ def test_booleans_and_strings_are_not_numbers(cli, tmp_path: Path, old: str, new
     assert_one_line_error(cli("size", path), path, f"{field}: {needle}")
 
 
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_a_number_field_is_finite(cli, tmp_path: Path, value: str) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, BASE + f"position: {{kind: rope, theta: {value}}}\n")
+    assert_one_line_error(cli("size", path), path, "position.theta", "finite number")
+
+
 def test_a_number_field_takes_an_integer(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE + "position: {kind: rope, theta: 10000}\nnorm: {eps: 1e-5}\n")
     outcome = cli("size", path, "--json")
@@ -308,6 +314,8 @@ def test_compare_names_the_bad_file(cli, tmp_path: Path) -> None:  # type: ignor
     ("--micro-batch", "0", "--micro-batch"),
     ("--tokens", "lots", "--tokens"),
     ("--tokens", "0", "--tokens"),
+    ("--tokens", "0.5", "must be between 1 and 1e+18, got 0.5"),
+    ("--tokens", "1.0000001e18", "got 1.0000001e+18"),
     ("--gpu", "tpu-v9", "unknown GPU"),
 ])
 def test_bad_option_values(cli, tmp_path: Path, option: str, value: str, needle: str) -> None:  # type: ignore[no-untyped-def]

@@ -33,12 +33,28 @@ def test_usage_errors_exit_2_without_traceback(args: tuple[str, ...], message: s
                         "see 'archplan plan --help'"),
     (("plan", "llama-3-8b", "--gpus", "abc"), "archplan: error: Invalid value for '--gpus': "),
     (("no-such-command",), "archplan: error: No such command 'no-such-command'; see 'archplan --help'"),
+    (("import", "hf"), "archplan: error: Missing argument 'config'; see 'archplan import hf --help'"),
+    (("size", "gpt2", "--context"), "archplan: error: Option '--context' requires an argument; "
+                                    "see 'archplan size --help'"),
 ])
 def test_usage_errors_are_one_line(args: tuple[str, ...], line: str) -> None:
     """As every other bad input; the retired, hidden --mfu is never suggested."""
     proc = run(*args)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith(line)
     assert "--mfu" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("import",)])
+def test_no_command_prints_the_help_and_no_empty_error(args: tuple[str, ...]) -> None:
+    proc = run(*args)
+    assert proc.returncode == 2 and "Usage:" in proc.stdout and proc.stderr == ""
+
+
+@pytest.mark.parametrize("command", [("size",), ("lint",), ("compare", "gpt2")])
+def test_a_file_name_too_long_is_bad_input_named(command: tuple[str, ...]) -> None:
+    name = "a" * 300 + ".yaml"
+    proc = run(*command, name)
+    assert proc.returncode == 2 and proc.stderr == f"archplan: error: {name}: File name too long\n"
 
 
 def test_a_failed_write_is_one_line() -> None:

@@ -83,3 +83,12 @@ def test_gpu_hours_row_when_asked() -> None:
     assert result.exit_code == 0, result.output
     assert "GPU-hours" in result.stdout and "N_opt (besiroglu2024)" in result.stdout
     assert "hoffmann2022" not in result.stdout
+
+
+def test_piped_output_cuts_no_figure() -> None:
+    """Piped (CI logs, files) there is no terminal width to honour: the table takes its own width."""
+    specs = ["llama-3-8b", "mixtral-8x7b", "deepseek-v3", "qwen3-235b-a22b", "frontier-1t-moe", "gpt2"]
+    result = runner.invoke(app, ["compare", *specs])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    assert "163,840 (20.00×)" in result.stdout and "1.60 T (199.25×)" in result.stdout

@@ -702,6 +702,16 @@ def test_cli_folder_and_output_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert run_cli(capsys, monkeypatch, "import", "hf", str(model), "-o", str(out), "--force")[0] == 0
 
 
+def test_cli_output_through_a_link_loop_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    for force in ((), ("--force",)):
+        code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(FIXTURES / "hf-configs" / "gpt2.json"),
+                               "-o", str(tmp_path / "a.yaml"), *force)
+        assert code == 2 and err == f"archplan: error: {tmp_path / 'a.yaml'}: cannot write: Too many levels of symbolic links\n"
+
+
 def test_cli_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(FIXTURES / "hf-configs" / "gpt2.json"), "--json")
     assert code == 0

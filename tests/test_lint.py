@@ -267,11 +267,14 @@ def test_pyproject_config_sets_defaults_and_cli_overrides(tmp_path, monkeypatch,
     assert [f["code"] for f in json.loads(out)["findings"]] == ["AP007"]
     code, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--select", "AP008", "--json")
     assert [f["code"] for f in json.loads(out)["findings"]] == []  # select replaced, ignore kept
+    code, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--no-strict", "--json")
+    assert code == 0 and [f["code"] for f in json.loads(out)["findings"]] == ["AP007"]
 
 
 @pytest.mark.parametrize("toml, message", [
     ('[tool.archplan.lint]\nselect = "AP001"\n', "must be a list"),
     ('[tool.archplan.lint]\nstrict = "yes"\n', "strict must be true or false"),
+    ('[tool.archplan.lint]\nignore = ["AP999"]\n', "pyproject.toml: unknown rule code 'AP999'"),
     ('[tool.archplan.lint]\nexclude = []\n', "unknown key(s) exclude"),
     ("[tool.archplan.lint\n", "cannot read"),
     ("tool = 3\n", "malformed config: tool must be a table, not int"),

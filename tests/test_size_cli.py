@@ -315,6 +315,32 @@ def test_human_units_past_the_largest_group_their_digits() -> None:
     assert flops(3e30) == "3,000,000 YFLOP"
 
 
+@pytest.mark.parametrize(("n", "text"), [
+    (1_023.9 * 2**20, "1.00 GiB"), (9.996 * 2**30, "10.0 GiB"), (99.97 * 2**30, "100 GiB"),
+    (500, "500 B"), (1 << 30, "1.00 GiB"),
+])
+def test_bytes_just_below_a_unit_print_in_the_unit_they_round_to(n: float, text: str) -> None:
+    from archplan.units import nbytes
+
+    assert nbytes(n) == text
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (99.97e9, "100 B"), (999.7e3, "1.00 M"), (999.7, "1.00 K"), (999.4, "999"), (7_241_732_096, "7.24 B"),
+    (0.5, "0.5"),
+])
+def test_counts_just_below_a_unit_print_in_the_unit_they_round_to(n: float, text: str) -> None:
+    from archplan.units import count
+
+    assert count(n) == text
+
+
+def test_flops_just_below_a_unit_print_in_the_unit_they_round_to() -> None:
+    from archplan.units import flops
+
+    assert flops(999.9e12) == "1.00 PFLOP" and flops(9.999e9, "FLOP/s") == "10.0 GFLOP/s"
+
+
 @pytest.mark.parametrize(("days", "text"), [
     (33.8, "33.8 d"), (1_234.56, "1,234.6 d"), (1.0, "1.0 d"), (0.25, "6.0 h"),
     (30 / 1440, "30.0 min"), (40 / 86400, "40.0 s"),

@@ -28,8 +28,9 @@ SCHEMA_PATH = schema_file()
 
 
 def schema_reference(out: Path | None) -> str:
-    """The schema path as the YAML file will see it: relative to where the YAML is written."""
-    base = (out.resolve().parent if out is not None else Path.cwd())
+    """The schema path as the YAML file will see it: relative to where the YAML is written (the
+    path as given, links not followed: an editor resolves the reference from the file it opened)."""
+    base = (Path(os.path.abspath(out)).parent if out is not None else Path.cwd())
     try:
         return os.path.relpath(SCHEMA_PATH, base)
     except ValueError:  # another drive (Windows): no relative path exists

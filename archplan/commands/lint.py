@@ -47,14 +47,18 @@ def register(app: typer.Typer) -> None:
         )] = Format.text,
         select: CodesOpt = [],
         ignore: CodesOpt = [],
-        strict: Annotated[bool, typer.Option(help="Warnings fail too (exit 1).")] = False,
+        strict: Annotated[bool | None, typer.Option(
+            "--strict/--no-strict", help="Warnings fail too (exit 1); --no-strict overrides "
+                                         "pyproject.toml's strict = true. [default: pyproject.toml's, "
+                                         "else no-strict]", show_default=False,
+        )] = None,
         as_json: JsonOpt = False,
     ) -> None:
         if as_json and fmt not in (Format.text, Format.json):
             raise ArchplanError(f"--json and --format {fmt.value} contradict each other")
         config = load_config(Path.cwd())
         selected = parse_codes(select) or config.select
-        config = LintConfig(selected, config.ignore + parse_codes(ignore), strict or config.strict,
+        config = LintConfig(selected, config.ignore + parse_codes(ignore), config.strict if strict is None else strict,
                             config.source)
         result = lint_paths(paths, config)
         sys.stdout.write(render(result, Format.json if as_json else fmt))

@@ -141,7 +141,9 @@ def find_pyproject(start: Path) -> Path | None:
 def _codes(value: object, key: str, source: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ArchplanError(f"[tool.archplan.lint] {key} must be a list of rule codes", file=source)
-    return tuple(value)
+    codes = parse_codes(value)
+    check_codes(codes, source)
+    return codes
 
 
 def load_config(start: Path) -> LintConfig:
@@ -187,14 +189,19 @@ def parse_codes(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(code.strip().upper() for value in values for code in value.split(",") if code.strip())
 
 
-def select_rules(select: Sequence[str], ignore: Sequence[str]) -> tuple[Rule, ...]:
-    """Rules whose code starts with a selected code (all if none), minus the ignored ones."""
-    for code in (*select, *ignore):
+def check_codes(codes: Sequence[str], source: str | None = None) -> None:
+    """Refuse a code (or code prefix) no rule has, naming the file it came from, if any."""
+    for code in codes:
         if not any(rule.code.startswith(code) for rule in RULES):
             raise ArchplanError(
                 f"unknown rule code {code!r}; codes are {RULES[0].code}-{RULES[-1].code} "
-                "(see docs/rules.md)"
+                "(see docs/rules.md)", file=source,
             )
+
+
+def select_rules(select: Sequence[str], ignore: Sequence[str]) -> tuple[Rule, ...]:
+    """Rules whose code starts with a selected code (all if none), minus the ignored ones."""
+    check_codes((*select, *ignore))
 
     def matches(rule: Rule, codes: Sequence[str]) -> bool:
         return any(rule.code.startswith(code) for code in codes)
