@@ -16,6 +16,7 @@ from typing_extensions import assert_never
 # Sizes above this are rejected as absurd: 2^40 would already be a 1-trillion-wide matrix side.
 MAX_DIM = 1 << 24
 MAX_LAYERS = 100_000
+MAX_SEQ_LEN = 1 << 26
 
 # Strict: YAML reads `true`, `yes` and `on` as booleans and `"32"` as a string, which lax mode
 # would take as 1 and 32 without a word (the JSON schema already refuses them). Strict integers
@@ -489,7 +490,7 @@ class Spec(Frozen):
     vocab_size: Dim
     d_model: Dim
     n_layers: Annotated[Int, Field(gt=0, le=MAX_LAYERS)]
-    max_seq_len: Annotated[Int, Field(gt=0, le=1 << 26)] = 4096
+    max_seq_len: Annotated[Int, Field(gt=0, le=MAX_SEQ_LEN)] = 4096
     embedding: Embedding = Embedding()
     position: Position = Rope()
     norm: NormSpec = NormSpec()

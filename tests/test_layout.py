@@ -1666,3 +1666,46 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
             assert rerun == (["kv_b_proj", "q_b_proj"] if mixer.q_lora_rank is not None else ["kv_b_proj", "q_proj"])
         else:
             assert before == after
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("llama-3.1-405b", "--gpus", "144", "--gpu", "gb200", "--layout",
+      "tp=16,cp=1,pp=9,dp=1,zero=1,recompute=full,mb=1"), "tp=16 does not divide the node's 72 GPUs"),
+    (("llama-3-70b", "--gpus", "48", "--gpu", "h100", "--gpus-per-node", "6", "--layout", "tp=4"),
+     "tp=4 does not divide the node's 6 GPUs"),
+    (("llama-3-8b", "--gpus", "1024", "--gpu", "h100", "--global-batch-tokens", "1M", "--layout", "dp=1024,mb=8"),
+     "DP·mb ≤ 122 sequences per step"),
+    (("llama-3-8b", "--gpus", "1024", "--gpu", "h100", "--global-batch-tokens", "1M", "--layout",
+      "tp=1,cp=1,pp=1,dp=1024,zero=1,recompute=none,mb=1"), "dp·mb = 1024·1 = 1,024 sequences"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--layout", "tp=8,pp=8,vpp=2,group=0"),
+     "group=0 must be a positive integer"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--layout",
+      "tp=8,pp=8,dp=1,cp=1,zero=1,recompute=none,mb=1,group=3"), "group=3 orders the rounds"),
+    (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--precision", "fp8", "--fp8-experts"),
+     "--fp8-experts: this concerns the routed experts"),
+    (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--overlap", "dp,dualpipe", "--dispatcher", "hierarchical"),
+     "--dispatcher hierarchical, --overlap dualpipe: these concern the routed experts"),
+    (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--overlap", "dp,none"), "none stands alone"),
+    (("--compute", "1e24", "--seq", "67108865"), "--seq must be between 1 and 67,108,864"),
+    (("--compute", "1e24", "--vocab", "16777217"), "--vocab must be between 1 and 16,777,216"),
+])
+def test_cli_plans_that_cannot_run_are_one_line_exit_2(
+        args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = run(capsys, monkeypatch, "plan", *args)
+    assert code == 2 and said in err and err.count("\n") == 1 and out == ""
+
+
+def test_cli_the_search_never_straddles_a_node_with_tp(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "48", "--gpu", "h100",
+                       "--gpus-per-node", "6", "--top", "100", "--json")
+    tps = {layout["tp"] for layout in json.loads(out)["layouts"]}
+    assert code == 0 and tps and all(6 % tp == 0 for tp in tps)
+
+
+def test_cli_json_has_no_infinity(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A figure that overflows prints as null: strict parsers refuse Infinity."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--nvlink-gbs",
+                       "1e-300", "--layout", "tp=8,cp=1,pp=1,dp=1,zero=0,recompute=none,mb=1", "--json")
+    layout = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))["layouts"][0]
+    assert code == 0 and layout["training_days"] is None

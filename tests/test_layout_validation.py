@@ -398,7 +398,7 @@ def test_no_round_length_lets_llama_3_interleave_at_8192_gpus() -> None:
     plan, gpu = resolve(load_spec("llama-3.1-405b")), accelerator("h100")
     base = "tp=8,cp=1,pp=16,dp=64,ep=1,zero=1,recompute=none,mb=1"
     for vpp, group in ((1, 0), (4, 16), (4, 32), (2, 16), (2, 32)):
-        fixed = parse_layout(f"{base},vpp={vpp},group={group}")
+        fixed = parse_layout(f"{base},vpp={vpp}" + (f",group={group}" if group else ""))
         result = search(plan, gpu, 8192, seq=8192, global_batch_tokens=2048 * 8192,
                         net=interconnect(gpu), fixed=fixed, headroom=0.0, keep_unfit=True)
         assert result.ranked[0].fits == (vpp == 1), (vpp, group)

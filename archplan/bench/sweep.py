@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from archplan import jsonout
 from archplan.analytic import count_params, forward_flops
 from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, free_memory, synchronize
 from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
@@ -305,8 +306,6 @@ def render(results: list[SweepResult], console: Console | None = None) -> None:
 def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json: bool, *,
                   force: bool = False) -> None:
     """`archplan bench SPEC... --seq a,b,c [--plot FILE [--force]] [--json]`."""
-    import json
-
     import typer
 
     from archplan.loader import load_spec
@@ -324,7 +323,7 @@ def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json:
 
         plot_sweep(report, plot, force=force)
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(jsonout.dumps(report, indent=2))
         return
     render(results)
     if plot is not None:

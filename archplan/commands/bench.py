@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from archplan import jsonout
 from archplan.commands.options import JsonOpt, SpecsArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.commands.size import RecomputeChoice
@@ -172,7 +172,7 @@ def bench(
         if compare_backends:
             result.backends = run_backends(plan, cfg)
         if as_json:
-            typer.echo(json.dumps(result.to_json(), indent=2))
+            typer.echo(jsonout.dumps(result.to_json(), indent=2))
         else:
             _render(result, plan.name)
     if note is not None:  # after the run: a refused option stays a one-line error

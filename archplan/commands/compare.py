@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import typer
 
+from archplan import jsonout
 from archplan.commands.options import JsonOpt, SpecsArg
 from archplan.commands.size import (
     ActDTypeChoice,
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
 
             plot_compare(reports, plot, force=force)
         if as_json:
-            typer.echo(json.dumps(reports, indent=2))
+            typer.echo(jsonout.dumps(reports, indent=2))
         else:
             from archplan.render import print_compare
 

@@ -6,13 +6,13 @@ and reports. No torch: the importer and the spec are pure Python.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
 from archplan.commands.schema import schema_file
 from archplan.errors import ArchplanError
@@ -75,7 +75,7 @@ def hf(
     if output is not None:
         write_spec(spec, str(output), force=force, header=header)
     if as_json:
-        typer.echo(json.dumps({"output": str(output) if output else None, "ignored": list(imported.ignored),
+        typer.echo(jsonout.dumps({"output": str(output) if output else None, "ignored": list(imported.ignored),
                                "spec": spec_data(spec)}))
     elif output is None:
         typer.echo(spec_yaml(spec, header), nl=False)

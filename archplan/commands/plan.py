@@ -3,7 +3,6 @@ or a spec to a cluster layout (SPEC --gpus N --gpu KEY). docs/plan.md states eve
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, refuse_foreign_options
 from archplan.errors import ArchplanError
 
@@ -1143,8 +1143,12 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
     from archplan.planning import write_spec
 
     _check_output(output, force)
-    if vocab < 1 or seq < 1:
-        raise ArchplanError("--vocab and --seq must be positive")
+    from archplan.spec import MAX_DIM, MAX_SEQ_LEN
+
+    # the generated spec's own bounds (spec.py), checked here to name the option that broke them
+    for name, value, upper in (("--vocab", vocab, MAX_DIM), ("--seq", seq, MAX_SEQ_LEN)):
+        if not 1 <= value <= upper:
+            raise ArchplanError(f"{name} must be between 1 and {upper:,}, got {value:,}")
     result, made = _budget(compute, params, tokens, family, law, vocab, seq)
     if output is not None:
         write_spec(made.spec, output, force=force, header=(
@@ -1153,7 +1157,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
     if plot is not None:
         _plot_budget(result, made, plot, force)
     if as_json:
-        typer.echo(json.dumps(_budget_json(result, made, output), indent=2))
+        typer.echo(jsonout.dumps(_budget_json(result, made, output), indent=2))
     else:
         _print_budget(result, made, output)
         if plot is not None:
@@ -1178,7 +1182,7 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
             + ", ".join(f"{k} = {v}" for k, v in best.values.items())))
         written = output
     if as_json:
-        typer.echo(json.dumps(_solve_json(result, written), indent=2))
+        typer.echo(jsonout.dumps(_solve_json(result, written), indent=2))
     else:
         _print_solve(result, written)
         if output is not None and not result.solved:
@@ -1210,6 +1214,9 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--overlap: '{overlap}' names nothing (any of {', '.join(OVERLAPS)}, or none)")
     if parts == {"none"}:
         parts = set()
+    elif "none" in parts:
+        raise ArchplanError(f"--overlap: '{overlap}': none stands alone (it hides nothing), not beside "
+                            f"{', '.join(sorted(parts - {'none'}))}")
     unknown = parts - set(OVERLAPS)
     if unknown:
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
@@ -1274,7 +1281,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     elif plot is not None:
         typer.echo(f"no figure written to {plot}: no layout fits", err=True)
     if as_json:
-        typer.echo(json.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note), indent=2))
+        typer.echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note), indent=2))
     else:
         _print_layout(spec, result, train_tokens, source, bound, seq_note, host_note)
         if plotted:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import typer
 
+from archplan import jsonout
 from archplan.commands.options import JsonOpt
 
 DESCRIPTION_WIDTH = 90  # the table shows the start of each description; --json has it in full
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
             rows.append({"name": name, "description": spec.description, "total": params.total,
                          "active": params.active})
         if as_json:
-            typer.echo(json.dumps(rows, indent=2))
+            typer.echo(jsonout.dumps(rows, indent=2))
             return
 
         from rich.console import Console

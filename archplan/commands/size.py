@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from archplan import jsonout
 from archplan.commands.options import JsonOpt, KernelChoice, SpecArg
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
@@ -155,7 +155,7 @@ def register(app: typer.Typer) -> None:
 
             plot_size(resolve(loaded), report, opts, plot, force=force)
         if as_json:
-            typer.echo(json.dumps(report, indent=2))
+            typer.echo(jsonout.dumps(report, indent=2))
         else:
             from archplan.render import print_size
 

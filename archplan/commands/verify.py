@@ -10,7 +10,6 @@ the command only (cli.py loads every command module, and `size`/`lint` must stay
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from archplan import jsonout
 from archplan import units
 from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
@@ -142,7 +142,7 @@ def verify_model(
             real_device=device.value, progress=progress,
         )
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        typer.echo(jsonout.dumps(result.to_json(), indent=2))
     else:
         render(result, console, aggregate=not all_layers and len(plan.layers) > AGGREGATE_ABOVE_LAYERS)
     return 0 if result.ok else 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from archplan import jsonout
 from archplan.distributed.render import given_layout, schedule_name
 from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError
@@ -42,7 +42,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
                 "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
         result = launch(argv, n)
     if as_json:
-        typer.echo(json.dumps(asdict(result), indent=2))
+        typer.echo(jsonout.dumps(asdict(result), indent=2))
     elif not under_launcher() or result is not None:
         render(result)
 

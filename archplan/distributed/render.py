@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from archplan import jsonout
 from archplan import units
 from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.errors import ArchplanError
@@ -84,7 +84,7 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
     layout = given_layout(plan, layout_text, seq, "verify")
     result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        typer.echo(jsonout.dumps(result.to_json(), indent=2))
     else:
         render(result, report_console())
     raise typer.Exit(0 if result.ok else 1)

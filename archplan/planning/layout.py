@@ -20,8 +20,8 @@ Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti e
 - group: N, the micro-batches a pipeline rank runs through one model chunk before the next, in the
   interleaved schedule (Llama Team 2024 §3.3.2, Figure 6: the "tunable" schedule between
   depth-first, N = pp, and breadth-first, N = m; Megatron-LM's
-  `microbatch_group_size_per_vp_stage`). 0 = torch's rounds (`round_size`): pp, Megatron's
-  default, when pp divides the micro-batches; meaningless at vpp = 1.
+  `microbatch_group_size_per_vp_stage`). Not given (0 in `Layout`): torch's rounds (`round_size`),
+  pp, Megatron's default, when pp divides the micro-batches. Refused at vpp = 1, where it means nothing.
 - zero: 0 (plain DP), 1 (optimizer states sharded over dp), 2 (+ gradients), 3 (+ parameters,
   FSDP). Rajbhandari et al. 2020 §5.
 - recompute: none | selective (Korthikanti §4.3: the attention core) | full (every layer's input
@@ -183,7 +183,7 @@ def parse_layout(text: str) -> PartialLayout:
                 number = int(raw)
             except ValueError:
                 raise ArchplanError(f"--layout: {name}={raw} is not an integer") from None
-            low = 0 if name in ("zero", "group") else 1
+            low = 0 if name == "zero" else 1
             if number < low or (name == "zero" and number > 3):
                 expected = "0, 1, 2 or 3" if name == "zero" else "a positive integer"
                 raise ArchplanError(f"--layout: {name}={raw} must be {expected}")
@@ -198,6 +198,9 @@ def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_exper
     if layout.tp > gpus_per_node:
         return (f"tp={layout.tp} spans more than one node of {gpus_per_node} GPUs "
                 "(tensor parallelism needs the in-node links)")
+    if gpus_per_node % layout.tp:
+        return (f"tp={layout.tp} does not divide the node's {gpus_per_node} GPUs: TP groups of consecutive "
+                "ranks would straddle two nodes (tensor parallelism needs the in-node links)")
     if layout.stage_ranks % layout.ep:
         return (f"ep={layout.ep} must divide the {layout.stage_ranks} ranks of a pipeline stage "
                 f"(tp·cp·dp = {layout.tp}·{layout.cp}·{layout.dp}), over which the experts fold")
@@ -246,7 +249,8 @@ def group_problem(layout: Layout, microbatches: int) -> str | None:
     m mod N, is 0 or at least pp (a shorter round waits on its own earlier chunks — a dependency
     bubble). No round given: torch's `ScheduleInterleaved1F1B` needs its rounds to divide m."""
     if layout.vpp == 1:
-        return None
+        return (f"group={layout.group} orders the rounds of an interleaved schedule: it needs vpp > 1"
+                if layout.group else None)
     p, m = layout.pp, microbatches
     if not layout.group:
         rounds = max(1, m // p)

@@ -30,6 +30,7 @@ from archplan.planning.cluster import (
     MEGATRON,
     AttentionKernel,
     CPComm,
+    EP_OVERLAPS,
     Dispatcher,
     ModelData,
     RecomputeModule,
@@ -466,6 +467,14 @@ class Evaluator:
         if settings.fused_grouped_mlp and not plan.routed:
             raise ArchplanError(f"--fused-grouped-mlp fuses the routed experts' MLP, and {plan.name} "
                                 "routes to no experts")
+        moe_only = [name for name, given in (
+            ("--fp8-experts", settings.fp8_experts), ("--fp8-dispatch", settings.fp8_dispatch),
+            (f"--dispatcher {settings.dispatcher}", settings.dispatcher != "auto"),
+            *((f"--overlap {schedule}", schedule in settings.overlap) for schedule in sorted(EP_OVERLAPS)),
+        ) if given]
+        if moe_only and not plan.routed:
+            raise ArchplanError(f"{', '.join(moe_only)}: {'these concern' if len(moe_only) > 1 else 'this concerns'} "
+                                f"the routed experts' tokens or GEMMs, and {plan.name} routes to no experts")
         if settings.fp8_scaling == "mxfp8" and gpu.key not in SM100_GPUS:
             raise ArchplanError(f"--fp8-scaling mxfp8 is Blackwell's block-scaled fp8, on compute capability 10 "
                                 f"GPUs only ({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
@@ -561,6 +570,16 @@ def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: flo
     return sequences
 
 
+def batch_problem(layout: Layout, sequences: int) -> str | None:
+    """Why the layout cannot run the batch: one micro-batch on every data-parallel rank takes more
+    sequences than a step holds (the batch as run would grow to dp·mb, not the one asked for)."""
+    if layout.dp * layout.mb > sequences:
+        return (f"dp·mb = {layout.dp}·{layout.mb} = {layout.dp * layout.mb:,} sequences in one micro-batch "
+                f"step, more than the {sequences:,} of the batch (--global-batch-tokens / --seq): a smaller "
+                "dp or mb, or a larger batch")
+    return None
+
+
 def _microbatches(sequences: int, dp: int, mb: int) -> int:
     return max(1, round(sequences / (dp * mb)))
 
@@ -618,7 +637,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in zeros for r in modes):
-                    if dp * mb > sequences and "mb" not in g or states_problem(pp, zero, settings.states):
+                    if dp * mb > sequences or states_problem(pp, zero, settings.states):
                         continue
                     # the interleaved schedule's round N stays the engine's (`layout.round_size`)
                     # unless given: in this model a longer round only lengthens the warm-up (its
@@ -652,6 +671,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
     n_layers, n_experts = len(plan.layers), evaluator.data.n_experts
+    by_user = bool(fixed.given)
     fixed = fixed.for_model(n_experts)
     check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node, n_layers=n_layers, n_experts=n_experts,
                   seq=seq)
@@ -671,13 +691,14 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     if complete is not None:
         check_layout(complete, n_layers=n_layers, gpus=gpus, gpus_per_node=net.gpus_per_node,
                      n_experts=n_experts, seq=seq)
-        why = group_problem(complete, _microbatches(sequences, complete.dp, complete.mb))
+        why = (batch_problem(complete, sequences)
+               or group_problem(complete, _microbatches(sequences, complete.dp, complete.mb)))
         if why:
             raise ArchplanError(f"--layout: {why}")
         layouts, tp_reasons = [complete], {}
     else:
         layouts, tp_reasons, broken = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
-        if not layouts and given:
+        if not layouts and by_user:
             why = _reasons(plan, gpus, usable, gpu, net, sequences, None, tp_reasons, layouts, fixed, settings.states)
             raise ArchplanError(f"--layout: {why[0]}" + (f"; e.g. {broken}" if broken else ""))
     kept: list[tuple[Layout, int, StageMemory]] = []
@@ -717,8 +738,10 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Int
              sequences: int, tightest: Evaluated | None, tp_reasons: dict[int, str],
              layouts: list[Layout], fixed: PartialLayout, states: StatesConvention) -> tuple[str, ...]:
     if not layouts:
-        given = f" with {fixed.spec}" if fixed.given else ""
-        return (f"no layout{given}: {gpus} GPUs admit no TP×CP×PP×DP split with TP ≤ "
+        # a dense model's ep=1 is the model's, not a choice the user made (`PartialLayout.for_model`)
+        chosen = fixed if plan.routed else replace(fixed, ep=None)
+        given = f" with {chosen.spec}" if chosen.given else ""
+        return (f"no layout{given}: {gpus} GPUs admit no TP×CP×PP×DP split with TP dividing a node of "
                 f"{net.gpus_per_node} (TP within a node), PP ≤ {len(plan.layers)} layers and DP·mb ≤ "
                 f"{sequences} sequences per step" + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()),)
     if tightest is None:
