@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, first_line
 
 COMMAND_MODULES = (
     "size", "compare", "presets", "schema", "verify", "bench", "lint", "plan", "import_hf",
@@ -101,6 +101,14 @@ def _main() -> None:
         if message is not None:
             typer.echo(f"archplan: error: {message}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
+    except RuntimeError as exc:
+        # torch refusing a tensor the sizes asked for (more bytes than an index holds, or than the
+        # device can allocate: verify and bench build real tensors of the user's --seq and --batch)
+        if debug or not _is_tensor_size_error(exc):
+            raise
+        typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
+                   "give a smaller --seq, --batch or mb, or --layers", err=True)
+        sys.exit(2)
     except OSError as exc:
         if exc.filename is not None:
             # a path the user gave that the system refuses before it is read (a name too long
@@ -110,6 +118,15 @@ def _main() -> None:
         # writing the report failed (a full disk, a closed terminal): nothing left to show but why
         typer.echo(f"archplan: error: {exc.strerror or exc}", err=True)
         sys.exit(1)
+
+
+# the messages of torch's errors for a tensor too large to index or to allocate (c10's
+# `computeStorageNbytes`, its CPU allocator and the CUDA caching allocator)
+TENSOR_SIZE_ERRORS = ("Storage size calculation overflowed", "can't allocate memory", "out of memory")
+
+
+def _is_tensor_size_error(exc: RuntimeError) -> bool:
+    return any(text in str(exc) for text in TENSOR_SIZE_ERRORS)
 
 
 def _usage_message(exc: Exception, argv: list[str]) -> str | None:

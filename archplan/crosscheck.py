@@ -42,8 +42,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
+from archplan.bench.device import free_memory
+from archplan.bench.runner import FIT_FRACTION
 from archplan.contraction import ContractionDetector
-from archplan.errors import first_line
+from archplan.errors import ArchplanError, first_line
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
 from archplan.modules.model import ArchplanModel, build_model
 from archplan.resolve import (
@@ -58,6 +60,7 @@ from archplan.resolve import (
     S4Plan,
     StripedHyenaPlan,
 )
+from archplan.units import nbytes
 from typing_extensions import assert_never
 
 # A real (non-meta) instance is built only below this size unless asked for (fp32 on CPU: 200 MB).
@@ -752,6 +755,12 @@ def _real_check(
     progress: Progress | None,
 ) -> RealCheck:
     """Allocate the model (fp32), prefill the real cache, and let fvcore count the forward."""
+    weights = 4 * count_params(plan).total
+    free = free_memory(torch.device(device))
+    if weights > FIT_FRACTION * free:
+        # refused before allocating: past the host's memory the system kills the process
+        raise ArchplanError(f"--cpu-check builds the model in fp32 on {device}: its weights alone take "
+                            f"{nbytes(weights)}, and {device} has {nbytes(free)} free; give --no-cpu-check")
     if progress is not None:
         progress(f"build ({device}, fp32)", 0, 1)
     torch.manual_seed(0)

@@ -341,3 +341,21 @@ def test_an_option_its_mode_ignores_is_refused(args: list[str], message: str) ->
     result = CliRunner().invoke(app, ["bench", "gpt2", *args])
     assert isinstance(result.exception, ArchplanError), result.output
     assert message in result.exception.render()
+
+
+def test_train_past_the_device_memory_is_refused_before_it_is_built(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from archplan.distributed import train
+
+    monkeypatch.setattr(train, "free_memory", lambda device: 1 << 30)
+    proc = run_main(["bench", "gpt2", "--train", "--batch", "1000", "--seq", "64"], capsys, monkeypatch)
+    assert_one_line_error(proc, "--train will not fit", "reduce --batch or --seq")
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("gpt2", "gpt2", "--seq", "32"), "--train runs one spec, got 2: gpt2, gpt2"),
+    (("gpt2", "--seq", "32,64"), "--train runs one length, got --seq 32,64"),
+])
+def test_train_runs_one_spec_at_one_length(args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_one_line_error(run_main(["bench", *args, "--train"], capsys, monkeypatch), said)

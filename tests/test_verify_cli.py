@@ -303,3 +303,33 @@ def test_an_option_the_mode_ignores_is_refused(
 ) -> None:
     code, _, err = run(monkeypatch, capsys, str(tiny), *args)
     assert code == 2 and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("--seq", "10000000000"), "Invalid value for '--seq'"),
+    (("--batch", "10000000000"), "Invalid value for '--batch'"),
+    (("--layout", "tp=1,cp=1,pp=1,dp=1,ep=1,zero=0,recompute=none,mb=100000000000000"), "at most 1,048,576"),
+    (("--layout", "tp=1,cp=1,pp=1,dp=100000000000,ep=1,zero=0,recompute=none,mb=1"), "at most 1,000,000,000"),
+])
+def test_sizes_past_any_tensor_are_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path, args: tuple[str, ...], said: str
+) -> None:
+    code, out, err = run(monkeypatch, capsys, str(tiny), *args)
+    assert code == 2 and out == "" and err.count("\n") == 1 and said in err
+
+
+def test_a_tensor_torch_cannot_size_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Within the options' bounds a counted forward can still need more than an index holds: 2^26
+    tokens of eager attention scores, 1,024 at a time."""
+    code, out, err = run(monkeypatch, capsys, "llama-3-8b", "--seq", "67108864", "--batch", "1024", "--no-backward")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "Storage size calculation overflowed" in err and "give a smaller --seq" in err
+
+
+def test_a_real_instance_past_the_host_memory_is_refused_before_it_is_built(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    monkeypatch.setattr(cc, "free_memory", lambda device: 1024)
+    code, out, err = run(monkeypatch, capsys, str(tiny), "--cpu-check")
+    assert code == 2 and out == "" and "its weights alone take" in err and "give --no-cpu-check" in err

@@ -142,8 +142,10 @@ def bench(
             else "a --seq sweep" if sweep else "prefill and decode")
     refuse_foreign_options(ctx, mode, MODE_OPTIONS)
     if train or layout is not None:
-        if len(lengths) > 1 or len(specs) > 1:
-            raise ArchplanError("--train and --layout run one spec at one length; drop the --seq sweep")
+        if len(specs) > 1:
+            raise ArchplanError(f"{mode} runs one spec, got {len(specs)}: {', '.join(specs)}")
+        if len(lengths) > 1:
+            raise ArchplanError(f"{mode} runs one length, got --seq {seq}: drop the sweep")
         if train:
             from archplan.distributed.train_render import bench_train
 

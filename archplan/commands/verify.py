@@ -21,12 +21,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from archplan import jsonout
-from archplan import units
+from archplan import jsonout, units
 from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
+from archplan.report import MAX_BATCH, MAX_CONTEXT
 from archplan.resolve import ModelPlan, resolve
 
 if TYPE_CHECKING:
@@ -63,9 +63,9 @@ def register(app: typer.Typer) -> None:
 
 
 SeqOpt = Annotated[int | None, typer.Option(
-    "--seq", min=1, help="Sequence length of the counted forward (default: min(128, max_seq_len)).",
+    "--seq", min=1, max=MAX_CONTEXT, help="Sequence length of the counted forward (default: min(128, max_seq_len)).",
     show_default=False)]
-BatchOpt = Annotated[int, typer.Option("--batch", min=1, help="Batch of the counted forward.")]
+BatchOpt = Annotated[int, typer.Option("--batch", min=1, max=MAX_BATCH, help="Batch of the counted forward.")]
 DeviceOpt = Annotated[Device, typer.Option(
     "--device", help="Device of the real instance (fvcore, measured KV cache).")]
 CpuCheckOpt = Annotated[bool | None, typer.Option(

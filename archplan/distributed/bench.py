@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from archplan.loader import load_spec
 from archplan.modules.model import resolve_device
 from archplan.planning.layout import Layout, parse_layout
 from archplan.resolve import ModelPlan, resolve
-from archplan.units import count, nbytes, percent, things
+from archplan.units import count, flops, nbytes, percent, things
 
 
 def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, microbatches: int | None,
@@ -80,13 +81,13 @@ def render(r: DistBench) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("note")
-    step = sorted(r.step_seconds)[len(r.step_seconds) // 2]
+    step = statistics.median(r.step_seconds)  # the median the tokens/s and MFU rows come from
     table.add_row("training step median", f"{1e3 * step:.1f} ms",
                   f"{r.steps} timed; forward + backward ({schedule_name(parse_layout(r.layout).complete())}) + AdamW; "
                   f"{count(r.tokens_per_step)} tokens")
     table.add_row("training tokens/s", count(r.train_tokens_per_s), "all ranks")
-    table.add_row("MFU", percent(r.mfu), f"{count(r.flops_per_token)} FLOP/token (training, causal, "
-                  f"2 per multiply-add); peak {r.peak_flops:.3g} FLOP/s per device ({r.peak_source})")
+    table.add_row("MFU", percent(r.mfu), f"{flops(r.flops_per_token)}/token (training, causal, "
+                  f"2 per multiply-add); peak {flops(r.peak_flops, 'FLOP/s')} per device ({r.peak_source})")
     table.add_row("prefill tokens/s", count(r.prefill_tokens_per_s), "forward only, same sharded modules")
     table.add_row("peak memory per rank", " / ".join(nbytes(b) for b in r.peak_memory_bytes), r.peak_memory_method)
     predicted = f"{1e3 * r.predicted_step_seconds:.1f} ms" if r.predicted_step_seconds is not None else "—"

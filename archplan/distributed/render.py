@@ -7,12 +7,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from archplan import jsonout
-from archplan import units
+from archplan import jsonout, units
 from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, check_layout, parse_layout
+from archplan.planning.parallel import MAX_GPUS
 from archplan.render import report_console
+from archplan.report import MAX_BATCH
 from archplan.resolve import ModelPlan, MoEPlan
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
@@ -77,6 +78,11 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
                             "for a model with routed experts)")
     check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts,
                  seq=seq)
+    # plan's own bounds (its --gpus, size's --micro-batch): the fake process group takes a 32-bit size
+    if layout.world > MAX_GPUS:
+        raise ArchplanError(f"--layout: {layout.world:,} ranks; at most {MAX_GPUS:,}")
+    if layout.mb > MAX_BATCH:
+        raise ArchplanError(f"--layout: mb={layout.mb:,}; at most {MAX_BATCH:,}")
     return layout
 
 

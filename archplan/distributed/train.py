@@ -36,11 +36,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from archplan.analytic import count_params
 from archplan.analytic.memory import Recompute, training_memory
-from archplan.bench.device import synchronize
+from archplan.bench.device import free_memory, synchronize
+from archplan.bench.runner import FIT_FRACTION
 from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.distributed.shard import apply_recompute
+from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import ModelPlan
+from archplan.units import nbytes
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
 # The spread of size's step peak against MemTracker over gpt2, Llama-, MoE- and Mamba-shaped models,
@@ -105,6 +108,14 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     from torch.distributed._tools.mem_tracker import MemTracker
 
     dev = resolve_device(device)
+    analytic = training_memory(plan, count_params(plan), batch, seq, recompute, activation_dtype=dtype,
+                               attention_kernel="flash")
+    free = free_memory(dev)
+    if analytic.total > FIT_FRACTION * free:
+        # refused before any tensor exists: past the host's memory the system kills the process
+        raise ArchplanError(f"--train will not fit: the step needs about {nbytes(analytic.total)} (size's "
+                            f"training memory at batch {batch} × seq {seq}) but {dev.type} has {nbytes(free)} "
+                            "free; reduce --batch or --seq, or try --layers 1")
     torch.manual_seed(0)
     model = build_model(plan, dev, torch.float32)
     apply_recompute(model.layers, recompute)
@@ -133,8 +144,6 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         step()
         synchronize(dev)
         samples.append(time.perf_counter() - start)
-    analytic = training_memory(plan, count_params(plan), batch, seq, recompute, activation_dtype=dtype,
-                               attention_kernel="flash")
     analytic_states = analytic.states.total
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from dataclasses import asdict
 
 import typer
@@ -42,7 +44,7 @@ def _mark(ok: bool | None) -> str:
 
 
 def render(r: TrainBench) -> None:
-    step = sorted(r.step_seconds)[len(r.step_seconds) // 2]
+    step = statistics.median(r.step_seconds)
     table = Table(title=f"{r.name} training step on {r.device}, {r.dtype}, batch {r.batch} × seq {r.seq}, "
                         f"recompute {r.recompute}: {1e3 * step:.1f} ms median")
     for col in ("figure", "analytic (size)", "measured", ""):
