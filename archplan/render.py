@@ -6,7 +6,8 @@ Each table carries its convention in its caption.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console, Group
@@ -37,6 +38,22 @@ def report_console(table: Table | None = None) -> Console:
     if console.is_terminal:
         return console
     return Console(width=PIPED_WIDTH if table is None else max(PIPED_WIDTH, table_width(table)))
+
+
+@contextmanager
+def busy(message: str, *, enabled: bool = True) -> Iterator[None]:
+    """A transient spinner with the elapsed time on stderr, for one long step that has no parts
+    to count (a fake-process-group run, torchrun workers); only on a terminal, never with --json."""
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        progress.add_task(message, total=None)
+        yield
 
 
 def table_width(table: Table) -> int:

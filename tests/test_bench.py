@@ -359,3 +359,12 @@ def test_train_past_the_device_memory_is_refused_before_it_is_built(
 def test_train_runs_one_spec_at_one_length(args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     assert_one_line_error(run_main(["bench", *args, "--train"], capsys, monkeypatch), said)
+
+
+def test_the_spinner_of_a_long_step_prints_nothing_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """verify --layout, bench --layout and --train show it on a terminal only: piped output stays the table."""
+    from archplan.render import busy
+
+    with busy("one rank's training step"):
+        pass
+    assert capsys.readouterr() == ("", "")

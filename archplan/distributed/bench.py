@@ -17,6 +17,7 @@ from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.modules.model import resolve_device
 from archplan.planning.layout import Layout, parse_layout
+from archplan.render import busy
 from archplan.resolve import ModelPlan, resolve
 from archplan.units import count, flops, nbytes, percent, things
 
@@ -41,7 +42,8 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             _check_host_memory(plan, layout, seq, m, n)
         argv = [spec, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
                 "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
-        result = launch(argv, n)
+        with busy(f"{n} torchrun workers ({kind}): warm-up and {things(steps, 'timed step')}", enabled=not as_json):
+            result = launch(argv, n)
     if as_json:
         typer.echo(jsonout.dumps(asdict(result), indent=2))
     elif not under_launcher() or result is not None:

@@ -12,7 +12,7 @@ from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, check_layout, parse_layout
 from archplan.planning.parallel import MAX_GPUS
-from archplan.render import report_console
+from archplan.render import busy, report_console
 from archplan.report import MAX_BATCH
 from archplan.resolve import ModelPlan, MoEPlan
 
@@ -88,7 +88,8 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
 
 def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool) -> None:
     layout = given_layout(plan, layout_text, seq, "verify")
-    result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
+    with busy(f"one rank's training step of {layout.spec} at {layout.world:,} fake ranks", enabled=not as_json):
+        result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
     if as_json:
         typer.echo(jsonout.dumps(result.to_json(), indent=2))
     else:

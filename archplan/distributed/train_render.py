@@ -16,8 +16,9 @@ from archplan.bench.runner import truncate
 from archplan.distributed.train import PEAK_TOLERANCE, TrainBench, train_bench
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
+from archplan.render import busy
 from archplan.resolve import resolve
-from archplan.units import nbytes
+from archplan.units import nbytes, things
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 
@@ -30,8 +31,10 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
     if layers is not None:
         plan = truncate(plan, layers)  # the truncated model itself is compared, not extrapolated
     plan.check_length(seq, "--seq")
-    result = train_bench(plan, device=device, dtype=dtype, batch=batch, seq=seq, recompute=recompute,  # type: ignore[arg-type]
-                         iters=iters)
+    with busy(f"{plan.name} on {device}: a warm-up step, {things(iters, 'timed step')} and a tracked one",
+              enabled=not as_json):
+        result = train_bench(plan, device=device, dtype=dtype, batch=batch, seq=seq,
+                             recompute=recompute, iters=iters)  # type: ignore[arg-type]
     if as_json:
         typer.echo(jsonout.dumps({**asdict(result), "ok": result.ok}, indent=2))
     else:
