@@ -230,14 +230,19 @@ def kinds(plan: ModelPlan) -> dict[str, int]:
 
 
 def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
-    """What a bench run holds: weights, the cache, logits and a few activations of width D."""
+    """What a bench run holds: weights, the cache, logits and a few activations of width D; under
+    SDPA's math kernel also one layer's T × T scores and their softmax per head, which it builds
+    whole (the fused kernels work in tiles)."""
     b = nbytes(cfg.dtype)
     tokens = cfg.batch * cfg.seq
     weights = count_params(plan).total * b
     cache = kv_cache(plan, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes
     logits = tokens * plan.vocab_size * b
     activations = 16 * tokens * plan.d_model * b
-    return int(weights + cache + logits + activations)
+    heads = max((layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))),
+                default=0)
+    scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * b if cfg.attn_backend == "math" else 0
+    return int(weights + cache + logits + activations + scores)
 
 
 def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
@@ -250,8 +255,9 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
         if estimate_bytes(truncate(plan, k), cfg) <= FIT_FRACTION * free and k < plan.n_layers:
             hint = f"try --layers {k}"
             break
+    scores = ", and the math kernel's attention scores" if cfg.attn_backend == "math" else ""
     raise ArchplanError(
-        f"will not fit: needs about {fmt_bytes(need)} (analytic weights + cache + logits) but the device "
+        f"will not fit: needs about {fmt_bytes(need)} (analytic weights + cache + logits{scores}) but the device "
         f"has {fmt_bytes(free)} free; {hint}"
     )
 
