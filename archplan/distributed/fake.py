@@ -201,8 +201,9 @@ def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMem
     """Each category's largest value over the snapshots: the tracker's peak (where the transient
     gathered weights and collective buffers are largest), one before each backward (where the
     in-flight micro-batches' activations are, the most of them before the first backward, and
-    ZeRO-1's accumulated gradients before the last) and one before the optimizer step (where
-    every gradient exists). The tracker files what AdamW's step allocates while it runs (foreach
+    ZeRO-1's accumulated gradients before the last), one at the end of each layer's re-run under
+    full recompute (where that layer's tensors join the held inputs: the activations' peak) and
+    one before the optimizer step (where every gradient exists). The tracker files what AdamW's step allocates while it runs (foreach
     intermediates) as optimizer state: at the peak, whatever exceeds the states held between
     steps (the samples') is temporary."""
     per = [_categories(s) for s in samples]
@@ -456,6 +457,9 @@ class RecomputeAsActivations(FSDPMemTracker):
     the recompute early by raising once the last tensor it needs is recomputed."""
 
     _recompute_hooks: tuple[Any, ...] = ()
+    # called at the end of each layer's re-run in the backward, where the re-run layer's tensors
+    # are all alive: the activations' peak under full recompute, which no other sample holds
+    rerun_sample: Callable[[], None] | None = None
 
     def _register_module_and_optimizer_hooks(self) -> None:
         super()._register_module_and_optimizer_hooks()
@@ -479,6 +483,8 @@ class RecomputeAsActivations(FSDPMemTracker):
 
     def _recompute_ends(self, layer: nn.Module, args: object, output: object) -> None:
         if self._ac_mod is not None and self._ac_mod() is layer:
+            if self.rerun_sample is not None:
+                self.rerun_sample()
             self._ac_mod = None
             self._in_ac = False
 
@@ -651,6 +657,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
 
         runner = StageRunner(chunks, mesh, optimizer, hidden, DEVICE, before_forward=forget,
                              sample=sample)
+        tracker.rerun_sample = sample
         # the rank's tokens: seq / cp of each sequence (their values do not matter here)
         batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq // layout.cp), device=DEVICE),
                               torch.randint(0, plan.vocab_size, (layout.mb, seq // layout.cp), device=DEVICE))
