@@ -363,9 +363,10 @@ def test_fake_verify_s4_without_an_ffn(fake_world: None, tmp_path: Path) -> None
 # (its fp32 chunk states, which archplan's scan unit does not keep: it recomputes from h0); the
 # measured one, sampled at the end of that re-run (`RecomputeAsActivations.rerun_sample`), holds
 # the re-run's working set beside what the layer keeps, which the analytic terms leave out:
-# 1.26× at 32 tokens, 1.33× at 256, 1.34× at 1,024 (0.71 when no sample held the re-run). Mamba-2's tiny spec keeps more than the fused
-# kernel's figures count (its SiLU input, the chunks' fp32 C·Bᵀ and chunk states): bounded at its
-# measured +55 % (it was +246 % when plain autograd kept every SSD intermediate). StripedHyena's
+# 1.26× at 32 tokens, 1.33× at 256, 1.34× at 1,024 (0.71 when no sample held the re-run).
+# Mamba-2's tiny spec keeps more than the fused kernel's figures count (its SiLU input, the
+# chunks' fp32 C·Bᵀ and chunk states): bounded at its measured +55 % (it was +246 % when plain
+# autograd kept every SSD intermediate). StripedHyena's
 # mixer keeps what the analytic terms count (its gated skip is one unit); what is left, +33 %,
 # is outside it (the attention layer, the GLU, the head), bounded there.
 @pytest.mark.parametrize(("spec", "layout", "bounds"), [

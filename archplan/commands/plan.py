@@ -1281,7 +1281,8 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     elif plot is not None:
         typer.echo(f"no figure written to {plot}: no layout fits", err=True)
     if as_json:
-        typer.echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note), indent=2))
+        typer.echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note),
+                                 indent=2))
     else:
         _print_layout(spec, result, train_tokens, source, bound, seq_note, host_note)
         if plotted:

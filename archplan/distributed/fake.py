@@ -203,9 +203,9 @@ def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]]) -> RankMem
     in-flight micro-batches' activations are, the most of them before the first backward, and
     ZeRO-1's accumulated gradients before the last), one at the end of each layer's re-run under
     full recompute (where that layer's tensors join the held inputs: the activations' peak) and
-    one before the optimizer step (where every gradient exists). The tracker files what AdamW's step allocates while it runs (foreach
-    intermediates) as optimizer state: at the peak, whatever exceeds the states held between
-    steps (the samples') is temporary."""
+    one before the optimizer step (where every gradient exists). The tracker files what AdamW's
+    step allocates while it runs (foreach intermediates) as optimizer state: at the peak,
+    whatever exceeds the states held between steps (the samples') is temporary."""
     per = [_categories(s) for s in samples]
     at_peak = _categories(peak)
     held = max(p["optimizer"] for p in per)
