@@ -377,3 +377,24 @@ def test_the_math_kernel_s_scores_are_in_the_fit_estimate() -> None:
     math_kernel = replace(fused, attn_backend="math")
     extra = runner.estimate_bytes(plan, math_kernel) - runner.estimate_bytes(plan, fused)
     assert extra == 2 * 2 * 12 * 1024 * 1024 * 4
+
+
+def test_the_layout_table_prints_the_median_its_rates_come_from(capsys: pytest.CaptureFixture[str]) -> None:
+    """With an even number of timed steps the median is the mean of the middle two (as the tokens/s
+    and MFU rows compute it), and FLOP figures are in human units."""
+    from archplan.distributed.bench import render
+    from archplan.distributed.workers import DistBench
+
+    render(DistBench("tiny", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", 2, "gloo", "cpu", 64, 1, 2,
+                     [0.1, 0.2], [0.05, 0.05], 64, 64 / 0.15, 64 / 0.05, 755_000_000, 1.78e11, "calibrated", 0.1,
+                     [1 << 20, 1 << 20], "VmHWM", None, "—"))
+    out = capsys.readouterr().out
+    assert "150.0 ms" in out and "427" in out
+    assert "755 MFLOP/token" in out and "178 GFLOP/s per device" in out
+
+
+def test_no_layout_names_only_what_the_user_fixed(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense model's ep=1 is the model's, not a choice: the reason names no `with ep=1`."""
+    proc = run_main(["plan", "llama-3.1-405b", "--gpus", "1000000000", "--gpu", "h100"], capsys, monkeypatch)
+    assert proc.code == 1 and "no layout: 1000000000 GPUs admit no" in proc.stdout.replace("\n", " ")
