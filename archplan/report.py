@@ -49,13 +49,12 @@ from archplan.resolve import (
     MoEPlan,
     resolve,
 )
-from archplan.spec import Spec
+from archplan.spec import MAX_BATCH, MAX_SEQ_LEN, Spec
 
 Attention = Literal["full", "causal"]
 
 DEFAULT_TRAIN_SEQ = 4096  # capped at the spec's max_seq_len (a learned position table ends there)
-MAX_CONTEXT = 1 << 26
-MAX_BATCH = 1 << 20
+MAX_CONTEXT = MAX_SEQ_LEN  # the longest --context or --seq: the longest max_seq_len a spec takes
 MAX_TOKENS = 1e18
 
 FLOPS_CONVENTION = (

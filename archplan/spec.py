@@ -17,6 +17,8 @@ from typing_extensions import assert_never
 MAX_DIM = 1 << 24
 MAX_LAYERS = 100_000
 MAX_SEQ_LEN = 1 << 26
+# the most sequences one forward takes (size's --batch and --micro-batch, verify's --batch, a layout's mb)
+MAX_BATCH = 1 << 20
 
 # Strict: YAML reads `true`, `yes` and `on` as booleans and `"32"` as a string, which lax mode
 # would take as 1 and 32 without a word (the JSON schema already refuses them). Strict integers

@@ -55,3 +55,13 @@ def test_analytic_package_has_no_torch_import() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_loading_the_cli_imports_no_commands_machinery() -> None:
+    """Every command registers at start-up; what one command computes with loads when it runs, so
+    `archplan --help` or `archplan lint` do not pay for the sizer or the planner."""
+    code = ("import sys, archplan.cli; print(sorted(m for m in ('archplan.report', 'archplan.analytic', "
+            "'archplan.planning.parallel', 'archplan.planning.pricing') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

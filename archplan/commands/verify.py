@@ -26,8 +26,8 @@ from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
-from archplan.report import MAX_BATCH, MAX_CONTEXT
 from archplan.resolve import ModelPlan, resolve
+from archplan.spec import MAX_BATCH, MAX_SEQ_LEN
 
 if TYPE_CHECKING:
     from archplan.crosscheck import Check, CrossCheck, FlopRow, Row
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
 
 
 SeqOpt = Annotated[int | None, typer.Option(
-    "--seq", min=1, max=MAX_CONTEXT, help="Sequence length of the counted forward (default: min(128, max_seq_len)).",
+    "--seq", min=1, max=MAX_SEQ_LEN, help="Sequence length of the counted forward (default: min(128, max_seq_len)).",
     show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, max=MAX_BATCH, help="Batch of the counted forward.")]
 DeviceOpt = Annotated[Device, typer.Option(

@@ -13,8 +13,8 @@ from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, check_layout, parse_layout
 from archplan.planning.parallel import MAX_GPUS
 from archplan.render import busy, report_console
-from archplan.report import MAX_BATCH
 from archplan.resolve import ModelPlan, MoEPlan
+from archplan.spec import MAX_BATCH
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 SHOWN = "[dim]–[/dim]"  # a row shown, not judged (check.MemoryRow.ok is None)
