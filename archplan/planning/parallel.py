@@ -464,10 +464,8 @@ class Evaluator:
                                                                    for layer in plan.layers):
             raise ArchplanError(f"--recompute-modules mla_up_proj recomputes MLA's up-projections, and "
                                 f"{plan.name} has no MLA layer")
-        if settings.fused_grouped_mlp and not plan.routed:
-            raise ArchplanError(f"--fused-grouped-mlp fuses the routed experts' MLP, and {plan.name} "
-                                "routes to no experts")
         moe_only = [name for name, given in (
+            ("--fused-grouped-mlp", settings.fused_grouped_mlp),
             ("--fp8-experts", settings.fp8_experts), ("--fp8-dispatch", settings.fp8_dispatch),
             (f"--dispatcher {settings.dispatcher}", settings.dispatcher != "auto"),
             *((f"--overlap {schedule}", schedule in settings.overlap) for schedule in sorted(EP_OVERLAPS)),
