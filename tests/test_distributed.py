@@ -362,19 +362,19 @@ def test_fake_verify_s4_without_an_ffn(fake_world: None, tmp_path: Path) -> None
 # the analytic peak is the re-run of its Mamba layer, with what the selective-scan kernel keeps
 # (its fp32 chunk states, which archplan's scan unit does not keep: it recomputes from h0); the
 # measured one, sampled at the end of that re-run (`RecomputeAsActivations.rerun_sample`), holds
-# the re-run's working set beside what the layer keeps, which the analytic terms leave out:
-# 1.26× at 32 tokens, 1.33× at 256, 1.34× at 1,024 (0.71 when no sample held the re-run).
+# the re-run's working set beside what the layer keeps: 1.10× at 32 tokens, 1.16× at 256 and
+# 1,024 (1.26×, 1.33×, 1.34× while the norms kept the composite rms_norm's x·rstd too).
 # Mamba-2's tiny spec keeps more than the fused kernel's figures count (its SiLU input, the
-# chunks' fp32 C·Bᵀ and chunk states): bounded at its measured +55 % (it was +246 % when plain
-# autograd kept every SSD intermediate). StripedHyena's
-# mixer keeps what the analytic terms count (its gated skip is one unit); what is left, +33 %,
-# is outside it (the attention layer, the GLU, the head), bounded there.
+# chunks' fp32 C·Bᵀ and chunk states): bounded at its measured +40 % (+55 % with the composite
+# norms' x·rstd, +246 % when plain autograd kept every SSD intermediate). StripedHyena's mixer
+# keeps what the analytic terms count (its gated skip is one unit); the +33 % outside it (the
+# attention layer, the GLU, the head) was the composite norms' x·rstd: now +7 %.
 @pytest.mark.parametrize(("spec", "layout", "bounds"), [
-    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", (1.2, 1.3)),
+    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None),
     ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None),
-    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", (1.0, 1.55)),
+    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", (1.0, 1.45)),
     ("tiny-hyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None),
-    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1,sp=off", (1.0, 1.35)),
+    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1,sp=off", None),
     ("tiny-s4d.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None),
 ], ids=["mamba1-full-recompute", "mamba1", "mamba2-zero2", "hyena", "stripedhyena-no-sp", "s4d-full-recompute"])
 def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: str, layout: str,
@@ -572,27 +572,31 @@ Root Cause (first observed failure):
     assert failure(raised + summary) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
 
 
-@pytest.mark.parametrize(("recompute", "phase"), [("full", "optimizer step"), ("none", "loss backward")])
-def test_bench_train_states_exact(recompute: str, phase: str) -> None:
+@pytest.mark.parametrize(("recompute", "phase", "kept"), [("full", "optimizer step", (1.15, 1.25)),
+                                                         ("none", "loss backward", (1.25, 1.4))])
+def test_bench_train_states_exact(recompute: str, phase: str, kept: tuple[float, float]) -> None:
     """Model states (fp32 weights + fp32 grads + AdamW m, v = size's 16 B/param) equal exactly and
     the step's peak is within PEAK_TOLERANCE of size's, at the moment size names (with full
     recompute this tiny model's AdamW temporary outweighs its activations). The activations kept
-    are not: at d_model 64 torch's fp32 residual stream and fp32 RMSNorm inputs (autocast keeps
-    them fp32; size counts 16-bit tensors) put them outside ±25%, and the exit code says so."""
+    are over size's: at d_model 64 torch's fp32 residual stream and the norms' fp32 inputs
+    (autocast keeps them fp32; size counts 16-bit tensors) put them at +23% under full recompute
+    and +32% without it, the latter outside ±25%, which the exit code says (+32% and +55% while the
+    norms also kept the composite rms_norm's x·rstd)."""
     from typer.testing import CliRunner
 
     from archplan.cli import app
 
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--train", "--device", "cpu",
                                    "--seq", "64", "--iters", "1", "--recompute", recompute, "--json"])
-    assert out.exit_code == 1, out.output
     result = json.loads(out.output)
     m = result["measured"]
     assert m["Parameter"] + m["Gradient"] + m["Optstate"] == result["analytic_states"]
     assert result["states_ok"] is True and result["total_ok"] is True
     assert result["analytic_peak_phase"] == phase
-    assert result["activations_ok"] is False
-    assert m["Activation"] - m["WeightCopies"] > 1.25 * result["analytic_activations"]
+    ratio = (m["Activation"] - m["WeightCopies"]) / result["analytic_activations"]
+    assert kept[0] < ratio < kept[1]
+    assert result["activations_ok"] is (ratio <= 1.25)
+    assert out.exit_code == (0 if result["activations_ok"] else 1), out.output
 
 
 def test_bench_train_layers_builds_the_truncated_model() -> None:

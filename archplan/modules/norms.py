@@ -28,7 +28,54 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight.float() if self.weight is not None else None
-        return F.rms_norm(x.float(), self.shape, weight, self.eps).type_as(x)
+        return rms_norm(x.float(), weight, self.eps).type_as(x)
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """`F.rms_norm` over x's last dim, keeping for the backward what CUDA keeps on every device.
+
+    On CUDA `rms_norm` runs the fused `_fused_rms_norm` (pytorch PR 153666), whose backward reads
+    the input and the per-row rstd. Elsewhere (the CPU, the fake runs of `verify --layout`) torch
+    takes the composite `rms_norm`, whose autograd also keeps the normalised x·rstd for the
+    weight's gradient: a third full-width fp32 tensor per norm that the activation terms, and a
+    CUDA run, do not hold. Under a jit trace (fvcore) the plain op runs: a trace sees an autograd
+    Function as one opaque op."""
+    if x.is_cuda or torch.jit.is_tracing():
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return _RMSNormKeepingInput.apply(x, weight, eps)
+
+
+class _RMSNormKeepingInput(torch.autograd.Function):
+    """The composite `rms_norm`'s ops, forward and backward, in torch's order (so DTensor places
+    the same collectives: a norm over a sharded width all-reduces the same (.., 1) partial sums),
+    saving x and rstd only; the backward re-forms x·rstd from them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor | None, eps: float
+    ) -> Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, rstd, weight)
+        y = x * rstd
+        return y if weight is None else y * weight
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        x, rstd, weight = ctx.saved_tensors
+        d_weight = None
+        d_y = d_out
+        if weight is not None:
+            if ctx.needs_input_grad[1]:
+                d_weight = (d_out * (x * rstd)).sum_to_size(weight.shape)
+            d_y = d_out * weight
+        # autograd's formulas for y = x·rstd, rstd = (mean(x²) + eps)^(-1/2): mul, rsqrt, mean, pow
+        d_rstd = (d_y * x).sum(-1, keepdim=True)
+        d_x = d_y * rstd
+        d_mean_sq = d_rstd * (rstd.pow(3) * -0.5)
+        d_x = d_x + d_mean_sq.expand(x.shape).div(x.shape[-1]) * (x.pow(1.0) * 2.0)
+        return d_x, d_weight, None
 
 
 class LayerNorm(nn.Module):
