@@ -245,7 +245,8 @@ def test_ssd_chunked_equals_sequential(seq_len: int, chunk: int, with_h0: bool) 
 def test_ssd_unit_keeps_inputs_and_two_products_with_plain_autograd_gradients(
         seq_len: int, chunk: int, with_h0: bool) -> None:
     """`ssd_chunked` (the autograd unit) keeps its inputs, C·Bᵀ and the chunk states but the last only, and
-    gives the values and gradients (fp64) of the same ops under plain autograd, D skip included."""
+    gives the values and gradients (fp64) of the same ops under plain autograd, D skip included, y in x's
+    dtype (mamba_ssm's `out`)."""
     torch.manual_seed(seq_len * chunk)
     b, hs, p, g, n = 2, 4, 3, 2, 5
     f64 = torch.float64
@@ -259,7 +260,7 @@ def test_ssd_unit_keeps_inputs_and_two_products_with_plain_autograd_gradients(
     inputs = [x, dt, A, B, C, D] + ([h0] if h0 is not None else [])
     unit, saved = saved_during(lambda: ssd_chunked(x, dt, A, B, C, chunk, h0, D))
     y, state, cb, states = _ssd(x, dt, A, B, C, chunk, h0)
-    plain = (_with_skip(y, x, D), state)
+    plain = (_with_skip(y, x, D).to(x.dtype), state)
     torch.testing.assert_close(unit[0], plain[0], rtol=0, atol=0)
     torch.testing.assert_close(unit[1], plain[1], rtol=0, atol=0)
     kept = storages(saved)
@@ -271,6 +272,20 @@ def test_ssd_unit_keeps_inputs_and_two_products_with_plain_autograd_gradients(
     g_plain = torch.autograd.grad((plain[0] * probe).sum() + plain[1].sum(), inputs)
     for a, b_ in zip(g_unit, g_plain):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba2_under_bf16_autocast_keeps_its_scan_output_in_bf16() -> None:
+    """With fp32 weights under bf16 autocast (a training step), the residual stream is fp32; the
+    SSD's output comes back in x's dtype, as mamba_ssm's `out` does, and the gated norm keeps it so,
+    not cast up to the residual's fp32: every (B, T, d_inner) tensor kept is bf16."""
+    plan = m2_plan()
+    mixer = Mamba2Mixer(plan, 8)
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, saved = saved_during(lambda: mixer(x))
+    wide = [t for t in saved if tuple(t.shape) == (2, 6, plan.d_inner)]
+    assert len(wide) == 2 and {t.dtype for t in wide} == {torch.bfloat16}  # the scan output y and the gate z
+    assert y.dtype == torch.bfloat16
 
 
 def test_gated_norm_unit_keeps_its_inputs_with_plain_autograd_gradients() -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from autograd_units import saved_during
+
 from archplan.analytic.moe import moe_counted_flops, moe_params
 from archplan.modules.flop_formulas import grouped_mm_flop, register
 from archplan.modules.model import build_model
@@ -343,6 +345,24 @@ def test_dispatch_bf16_matches_fp32_loop(d: int, f: int) -> None:
     want = experts_loop(moe, x)
     got = moe.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+def test_experts_compute_in_the_autocast_dtype() -> None:
+    """Under bf16 autocast with fp32 weights (a training step's master copy) the grouped matmuls run
+    in bf16, as autocast runs every mm, though torch registers no autocast kernel for `_grouped_mm`:
+    the routed rows and every expert tensor kept for the backward are bf16, the result within bf16
+    rounding of the fp32 loop, and the weights' gradients fp32."""
+    torch.manual_seed(3)
+    moe = MoEFFN(plan("glu", 32, n_experts=4, top_k=2), 16)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    want = experts_loop(moe, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, saved = saved_during(lambda: moe(x))
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    routed = 2 * 9 * 2  # tokens × top_k
+    assert {t.dtype for t in saved if t.dim() == 2 and t.shape[0] == routed and t.is_floating_point()} == {torch.bfloat16}
+    got.sum().backward()
+    assert moe.experts.w_up_EFD.grad is not None and moe.experts.w_up_EFD.grad.dtype == torch.float32
 
 
 def test_unrouted_experts_get_zero_gradient() -> None:

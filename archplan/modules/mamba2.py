@@ -98,8 +98,9 @@ def ssd_chunked(
     D_Hs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SSD, chunked (ssd_minimal.py `ssd_minimal_discrete` with X·Δ, A·Δ): y (B, T, Hs, P), plus
-    the D skip x·D when `D_Hs` is given (inside, as `mamba_chunk_scan_combined`'s D), and the final
-    state (B, Hs, P, N); fp32.
+    the D skip x·D when `D_Hs` is given (inside, as `mamba_chunk_scan_combined`'s D), computed in
+    fp32 and returned in x's dtype as that kernel's `out` is (`_chunk_scan_fwd` allocates it like
+    x), and the final state (B, Hs, P, N), fp32.
 
     q = min(chunk_size, T); T is padded with Δ = 0 to n_c·q tokens (decay 1, input 0: the state
     passes through unchanged), as docs/architecture.md counts it. Heads are kept as (G, Hs/G) so
@@ -113,7 +114,7 @@ def ssd_chunked(
     if torch.jit.is_tracing():
         # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
         y_BTHsP, state_BHsPN, _, _ = _ssd(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, chunk_size, h0_BHsPN)
-        return _with_skip(y_BTHsP, x_BTHsP, D_Hs), state_BHsPN
+        return _with_skip(y_BTHsP, x_BTHsP, D_Hs).to(x_BTHsP.dtype), state_BHsPN
     return _ChunkedSSD.apply(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, chunk_size)
 
 
@@ -244,7 +245,7 @@ class _ChunkedSSD(torch.autograd.Function):
         # the last chunk's states feed only the final state, whose backward does not read them
         ctx.save_for_backward(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, cb, states[:, :-1].clone())
         ctx.chunk_size, ctx.autocast = chunk_size, forward_autocast(x_BTHsP)
-        return _with_skip(y, x_BTHsP, D_Hs), state
+        return _with_skip(y, x_BTHsP, D_Hs).to(x_BTHsP.dtype), state
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -281,7 +282,7 @@ class _ChunkedSSD(torch.autograd.Function):
             found = input_grads(
                 (*skip, cbl_BCGJLS, entering_BCGJNP, state_BGJPN, ops.x_BCGJLP, ops.Cd_BCGJLN, ops.C_BCGLN,
                  ops.B_BCGLN, ops.B_BCGLN, ops.xd_BCG_JP_L),
-                (*(dy_BTHsP for _ in skip), dcbl, dentering, dstate_BHsPN.float().reshape(state_BGJPN.shape), dx,
+                (*(dy_BTHsP.float() for _ in skip), dcbl, dentering, dstate_BHsPN.float().reshape(state_BGJPN.shape), dx,
                  dCd, dC_cb, dB_cb, dB_states, dxd),
                 inputs, needs,
             )
@@ -382,7 +383,7 @@ class Mamba2Mixer(nn.Module):
             h0,
             self.D,
         )
-        y_BTI = self.norm(y_BTHsP.reshape(b, t, i).to(x_BTD.dtype), z_BTI)
+        y_BTI = self.norm(y_BTHsP.reshape(b, t, i), z_BTI)
         if state is not None:
             state.conv_BXW.copy_(next_context_BXW.detach())
             state.ssm_BHsPN.copy_(h_BHsPN.detach())

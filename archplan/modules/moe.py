@@ -151,6 +151,18 @@ class _AlignedRows(torch.autograd.Function):
         return F.pad(grad, (0, _aligned(width, grad.dtype) - width))[..., :width]
 
 
+def autocast_operand(t: Tensor) -> Tensor:
+    """t in autocast's compute dtype where autocast is on for its device, as autocast casts mm's
+    operands. torch 2.13 registers no autocast kernel for `_grouped_mm` (neither AutocastCPU nor
+    AutocastCUDA), so under autocast the experts would compute in the fp32 of the master weights
+    and the residual stream, and keep fp32 activations, where a mixed-precision run's experts run
+    in bf16 (and on CUDA, in fp32, the per-expert loop instead of grouped_mm)."""
+    device = t.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return t
+    return t.to(torch.get_autocast_dtype(device))
+
+
 def per_expert_linear(x_MI: Tensor, w_EOI: Tensor, offs_E: Tensor) -> Tensor:
     """y[r] = w[e(r)] @ x[r] as one matmul per expert over its rows (the CUDA fallback). The group
     ends come to the host once per call (one sync); an expert with no rows multiplies 0 rows."""
@@ -174,6 +186,8 @@ def _grouped_linear(
       which would materialise M·O·I values;
     - CUDA outside grouped_mm's documented bf16/SM80 support: a loop of per-expert matmuls.
     """
+    x_MI, w_EOI = autocast_operand(x_MI), autocast_operand(w_EOI)
+    b_EO = autocast_operand(b_EO) if b_EO is not None else None
     _, o, i = w_EOI.shape
     sm = torch.cuda.get_device_capability(x_MI.device) if x_MI.device.type == "cuda" else None
     path = grouped_mm_path(x_MI.device, x_MI.dtype, sm)
@@ -411,7 +425,8 @@ class MoEFFN(nn.Module):
         experts_E = torch.arange(n_experts, device=x_ND.device)
         ends_E = torch.searchsorted(expert_sorted_M, experts_E, right=True)
         offs_E = ends_E.to(torch.int32)
-        y_MD = self.experts(x_ND[token_M], offs_E, expert_sorted_M)
+        # cast before the gather: the M = N·K routed rows are copied in the compute dtype
+        y_MD = self.experts(autocast_operand(x_ND)[token_M], offs_E, expert_sorted_M)
         # Back to (token, k) order and a weighted sum over k: a gather and a reduction, both
         # parallel. (An index_add of the M rows onto N tokens hits every token K times, which the
         # CPU kernel serialises: 116 ms vs ~25 ms for this gather at N=2048, K=2, D=1024, 2 threads.)
