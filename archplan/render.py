@@ -173,8 +173,9 @@ def _training_table(r: dict[str, Any]) -> _Section:
     table = _table(
         f"Training memory per replica (micro-batch {t['micro_batch']}, seq {t['seq_len']:,}, "
         f"recompute {t['recompute']})",
-        t["convention"] + f"; activations per Korthikanti et al. 2022, per saved tensor, {t['activation_dtype']}, "
-        f"{t['attention_kernel']} attention; "
+        t["convention"] + f"; activations per Korthikanti et al. 2022, per saved tensor, {t['activation_dtype']}"
+        + (f" (residual stream {t['residual_dtype']})" if t["residual_dtype"] != t["activation_dtype"] else "")
+        + f", {t['attention_kernel']} attention; "
         "total = the states + the step's largest transient phase (docs/figures.md §5)",
         ("", "left"), ("bytes", "right"), ("share", "right"), ("", "left"))
     rows = [("weights (bf16, 2 B/param)", t["weights"]), ("gradients (bf16, 2 B/param)", t["grads"]),

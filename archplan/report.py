@@ -87,6 +87,7 @@ class SizeOptions:
     recompute: Recompute = "none"
     attention_kernel: AttentionKernel = "eager"
     activation_dtype: DType = DType.bf16
+    residual_dtype: DType | None = None  # None: the activation dtype
     tokens: float | None = None
     gpu: str | None = None
     mfu: float = 0.4
@@ -176,7 +177,8 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
     weights = {dtype.value: weights_bytes(params, dtype) for dtype in INFERENCE_DTYPES}
     weights["int4-g128"] = int4_grouped_bytes(params, 128)
     train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute,
-                                activation_dtype=opts.activation_dtype, attention_kernel=opts.attention_kernel)
+                                activation_dtype=opts.activation_dtype, attention_kernel=opts.attention_kernel,
+                                residual_dtype=opts.residual_dtype)
     states = train_mem.states
 
     n_chinchilla = params.total
@@ -285,6 +287,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                 "peak_phase": train_mem.peak_phase,
                 "attention_kernel": opts.attention_kernel,
                 "activation_dtype": opts.activation_dtype.value,
+                "residual_dtype": (opts.residual_dtype or opts.activation_dtype).value,
                 "activations_by_component": dict(train_mem.activations.by_component),
                 "convention": STATES_CONVENTION,
             },

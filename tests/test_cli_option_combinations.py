@@ -60,6 +60,7 @@ SIZE_OPTIONS: dict[str, list[str]] = {
     "--recompute": ["none", "selective", "full"],
     "--attention-kernel": ["eager", "flash"],
     "--activation-dtype": ["bf16", "fp32"],
+    "--residual-dtype": ["bf16", "fp32", "fp8"],
     "--tokens": ["15T", "2.5B", "1e30", "0", "-1", "abc"],
     "--gpu": ["h100", "a100", "b200", "mi300x", "tpu-v9"],
     "--mfu": ["0.4", "1", "0", "1.5", "-1"],

@@ -572,16 +572,17 @@ Root Cause (first observed failure):
     assert failure(raised + summary) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
 
 
-@pytest.mark.parametrize(("recompute", "phase", "kept"), [("full", "optimizer step", (1.15, 1.25)),
-                                                         ("none", "loss backward", (1.25, 1.4))])
+@pytest.mark.parametrize(("recompute", "phase", "kept"), [("full", "optimizer step", (0.98, 1.02)),
+                                                         ("none", "loss backward", (1.1, 1.25))])
 def test_bench_train_states_exact(recompute: str, phase: str, kept: tuple[float, float]) -> None:
     """Model states (fp32 weights + fp32 grads + AdamW m, v = size's 16 B/param) equal exactly and
     the step's peak is within PEAK_TOLERANCE of size's, at the moment size names (with full
     recompute this tiny model's AdamW temporary outweighs its activations). The activations kept
-    are over size's: at d_model 64 torch's fp32 residual stream and the norms' fp32 inputs
-    (autocast keeps them fp32; size counts 16-bit tensors) put them at +23% under full recompute
-    and +32% without it, the latter outside ±25%, which the exit code says (+32% and +55% while the
-    norms also kept the composite rms_norm's x·rstd)."""
+    are size's with the fp32 residual stream of fp32 weights under autocast (`--residual-dtype
+    fp32`): exact under full recompute (the layers' fp32 inputs), +19% without it (autocast casts
+    the norm's output to bf16 once for each of the q, k and v projections, which keep a copy each,
+    and RoPE's cos/sin once per layer). Before the norms kept what CUDA's keep and size counted the
+    fp32 residual, +32% and +55%, and the exit code said ✗."""
     from typer.testing import CliRunner
 
     from archplan.cli import app
@@ -595,8 +596,7 @@ def test_bench_train_states_exact(recompute: str, phase: str, kept: tuple[float,
     assert result["analytic_peak_phase"] == phase
     ratio = (m["Activation"] - m["WeightCopies"]) / result["analytic_activations"]
     assert kept[0] < ratio < kept[1]
-    assert result["activations_ok"] is (ratio <= 1.25)
-    assert out.exit_code == (0 if result["activations_ok"] else 1), out.output
+    assert result["activations_ok"] is True and out.exit_code == 0, out.output
 
 
 def test_bench_train_layers_builds_the_truncated_model() -> None:

@@ -269,6 +269,28 @@ def test_mamba1_keeps_the_kernels_chunk_states_and_a() -> None:
     assert extra(3, 100) == 3 * 4 * i * 2 * n + 2 * 4 * i * n
 
 
+@pytest.mark.parametrize("residual", ["pre", "sandwich", "post"])
+def test_residual_dtype_widens_what_the_residual_stream_feeds(residual: str) -> None:
+    """An fp32 residual stream (autocast over fp32 weights, Megatron's --fp32-residual-connection)
+    adds 2 B per element to each tensor read from it: the norms it feeds (not the sandwich's
+    post-sublayer norms, which normalise a sublayer's 16-bit output), the final norm's input and,
+    under full recompute, each layer's kept input. Nothing else moves."""
+    s, b, h = 16, 2, 64
+    plan = plan_of(vocab_size=100, d_model=h, n_layers=2, attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+                   ffn={"kind": "glu", "d_ff": 128}, residual={"kind": residual})
+    bf16 = activation_memory(plan, b, s).by_component
+    fp32 = activation_memory(plan, b, s, residual_dtype="fp32").by_component
+    assert activation_memory(plan, b, s, residual_dtype="bf16").by_component == bf16
+    widened = {k for k in bf16 if fp32[k] != bf16[k]}
+    fed = {f"layers.{i}.{n}" for i in range(2) for n in plan.layers[i].norms if not n.startswith("post_")}
+    assert widened == fed | {"final_norm"}
+    assert all(fp32[k] == 2 * bf16[k] == 4 * s * b * h for k in widened)
+    full16, full32 = (activation_memory(plan, b, s, "full", residual_dtype=d) for d in ("bf16", "fp32"))
+    assert full32.by_component["layers.0"] == 2 * full16.by_component["layers.0"] == 4 * s * b * h
+    rerun = 4 * s * b * h * sum(not n.startswith("post_") for n in plan.layers[0].norms) // 2
+    assert full32.working_set - full16.working_set == rerun
+
+
 def test_parallel_shared_norm_counts_the_block_input_once() -> None:
     common = dict(vocab_size=100, d_model=64, n_layers=1, attention={"kind": "mqa", "n_heads": 4},
                   ffn={"kind": "mlp", "d_ff": 256})

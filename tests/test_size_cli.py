@@ -279,6 +279,21 @@ def test_attention_kernel_and_activation_dtype() -> None:
     assert {m.value for m in LawChoice} == set(LAWS)
 
 
+def test_residual_dtype() -> None:
+    """An fp32 residual stream: gpt2's 25 norm inputs (two per layer and the final norm) double, at
+    micro-batch 2 × 256 (2 B more per element each); the table's caption names it; by default the
+    residual stream takes the activation dtype."""
+    args = ("gpt2", "--seq", "256", "--micro-batch", "2", "--attention-kernel", "flash")
+    plain = size_json(*args)["memory"]["training"]
+    fp32 = size_json(*args, "--residual-dtype", "fp32")["memory"]["training"]
+    assert (plain["residual_dtype"], fp32["residual_dtype"]) == ("bf16", "fp32")
+    assert fp32["activations"] - plain["activations"] == 25 * 2 * 2 * 256 * 768
+    assert size_json(*args, "--activation-dtype", "fp32")["memory"]["training"]["residual_dtype"] == "fp32"
+    table = runner.invoke(app, ["size", *args, "--residual-dtype", "fp32"], terminal_width=200)
+    assert table.exit_code == 0 and "(residual stream fp32)" in " ".join(table.output.split())
+    assert "residual stream" not in runner.invoke(app, ["size", *args], terminal_width=200).output
+
+
 def test_presets_command_lists_every_preset() -> None:
     result = runner.invoke(app, ["presets", "--json"])
     assert result.exit_code == 0, result.output

@@ -345,10 +345,12 @@ def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_sha
 
 
 def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, recompute: Recompute,
-                 kernel: AttentionKernel, dropout: bool) -> dict[str, int]:
+                 kernel: AttentionKernel, dropout: bool, res: int) -> dict[str, int]:
     h = plan.d_model
     tokens = s * b
-    out = {f"{layer.path}.{name}": act * tokens * h for name in layer.norms}  # norm inputs
+    # norm inputs: the residual stream, but for the post-sublayer norms (sandwich, reordered), which
+    # normalise a sublayer's output
+    out = {f"{layer.path}.{name}": (act if name.startswith("post_") else res) * tokens * h for name in layer.norms}
     out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
@@ -358,37 +360,44 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
 
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
                       dropout: bool = False, activation_dtype: DType | str = DType.bf16,
-                      attention_kernel: AttentionKernel = "eager") -> ActivationMemory:
+                      attention_kernel: AttentionKernel = "eager",
+                      residual_dtype: DType | str | None = None) -> ActivationMemory:
     """Activations of one micro-batch, per saved tensor (Korthikanti et al. 2022 §4.1 generalised).
 
     `dropout=True` adds Korthikanti's dropout masks and outputs; with it a GPT layer (MHA, LayerNorm,
     4h GeLU MLP) gives exactly 34sbh + 5as²b. Modern LLMs train without dropout, and the spec has
     no dropout field, so `size` uses dropout=False. `activation_dtype` is the dtype of the saved
     activations (Korthikanti: 16-bit); token ids, log-sum-exps and the loss stay int64 / fp32.
+    `residual_dtype` (default: `activation_dtype`) is the residual stream's, which the tensors
+    read from it keep: the norms fed by it, the layer inputs full recompute keeps, the embedding
+    norm's and the final norm's inputs. It is fp32 under torch autocast with fp32 weights (the
+    embedding's output is fp32 and so is every residual add; the matmuls' inputs are their own
+    16-bit casts) and under Megatron-LM's `--fp32-residual-connection`.
     """
     s, b, h = seq_len, micro_batch, plan.d_model
     act = int(BYTES[DType(activation_dtype)])
+    res = int(BYTES[DType(residual_dtype)]) if residual_dtype is not None else act
     tokens = s * b
     out: dict[str, int] = {"embed": TOKEN_ID_BYTES * tokens}
     if dropout:
         out["embed"] += MASK_BYTES * tokens * h
     if plan.embed_norm:
-        out["embed_norm"] = act * tokens * h
+        out["embed_norm"] = res * tokens * h
     working_set = 0
     for layer in plan.layers:
-        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout)
+        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res)
         match recompute:
             case "full":
-                out[layer.path] = act * tokens * h  # only the block input is kept
+                out[layer.path] = res * tokens * h  # only the block input is kept
                 working_set = max(working_set, sum(full.values()))
             case "selective":
-                out |= _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout)
+                out |= _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res)
             case "none":
                 out |= full
             case _:
                 assert_never(recompute)
     if plan.final_norm:
-        out["final_norm"] = act * tokens * h
+        out["final_norm"] = res * tokens * h
     # The LM-head input and the fp32 log-probabilities the cross-entropy keeps; with the final
     # norm's input this is Megatron's 4sbh(1 + V/h) (`theoretical_memory_usage.py`).
     out["lm_head"] = act * tokens * h
@@ -447,7 +456,8 @@ class TrainingMemory:
 def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_len: int,
                     recompute: Recompute = "none", zero_stage: int = 0, dp: int = 1,
                     activation_dtype: DType | str = DType.bf16,
-                    attention_kernel: AttentionKernel = "eager") -> TrainingMemory:
+                    attention_kernel: AttentionKernel = "eager",
+                    residual_dtype: DType | str | None = None) -> TrainingMemory:
     """Model states over all unique parameters (every expert has weights, grads and Adam states)
     plus the peak of one micro-batch of `seq_len` tokens per sequence through the step. The step's
     temporary spans the parameters whose optimizer states this rank holds (ZeRO stage >= 1 shards
@@ -459,7 +469,8 @@ def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_l
         dp=dp,
         states=states,
         activations=activation_memory(plan, micro_batch, seq_len, recompute,
-                                      activation_dtype=activation_dtype, attention_kernel=attention_kernel),
+                                      activation_dtype=activation_dtype, attention_kernel=attention_kernel,
+                                      residual_dtype=residual_dtype),
         tied_grad_sum=TIED_GRAD_COPIES * TIED_GRAD_BYTES * plan.vocab_size * plan.d_model if plan.tied else 0,
         optimizer_step=states.adam_v * ADAM_STEP_TEMP_BYTES // ADAM_VARIANCE_BYTES,
     )

@@ -25,6 +25,7 @@ from archplan.commands.size import (
     PlotOpt,
     RecomputeChoice,
     RecomputeOpt,
+    ResidualDTypeOpt,
     SeqOpt,
     TokensOpt,
     size_options,
@@ -55,6 +56,7 @@ def register(app: typer.Typer) -> None:
         recompute: RecomputeOpt = RecomputeChoice.none,
         attention_kernel: KernelOpt = KernelChoice.eager,
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
+        residual_dtype: ResidualDTypeOpt = None,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = None,
@@ -70,7 +72,7 @@ def register(app: typer.Typer) -> None:
         if len(specs) < 2:
             raise ArchplanError("compare needs at least two specs (use `archplan size` for one)")
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention, attention_kernel, activation_dtype)
+                            law, attention, attention_kernel, activation_dtype, residual_dtype)
         reports = [size_report(load_spec(spec), opts, source=spec) for spec in specs]
         if plot is not None:
             from archplan.plot import plot_compare

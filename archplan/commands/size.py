@@ -70,6 +70,11 @@ KernelOpt = Annotated[KernelChoice, typer.Option(
                                "torch SDPA) keeps an fp32 log-sum-exp instead.")]
 ActDTypeOpt = Annotated[ActDTypeChoice, typer.Option(
     "--activation-dtype", help="Dtype of the saved training activations (fp32: a run without autocast).")]
+ResidualDTypeOpt = Annotated[ActDTypeChoice | None, typer.Option(
+    "--residual-dtype", help="Dtype of the residual stream, which the norms' inputs and full recompute's "
+                             "layer inputs keep: fp32 under torch autocast with fp32 weights (what bench "
+                             "--train runs) or Megatron-LM's --fp32-residual-connection [the activation dtype].",
+    show_default=False)]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: 20 per parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
@@ -89,7 +94,8 @@ def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | No
                  recompute: RecomputeChoice, tokens: str | None, gpu: str | None, mfu: float | None,
                  laws: list[LawChoice] | None, attention: AttentionChoice,
                  attention_kernel: KernelChoice = KernelChoice.eager,
-                 activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16) -> SizeOptions:
+                 activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16,
+                 residual_dtype: ActDTypeChoice | None = None) -> SizeOptions:
     """The typed options, shared by `size` and `compare`."""
     from archplan.analytic.scaling import DEFAULT_LAWS
     from archplan.errors import ArchplanError
@@ -102,6 +108,7 @@ def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | No
         context=context, batch=batch, kv_dtype=DType(kv_dtype), seq=seq, micro_batch=micro_batch,
         recompute=recompute.value, attention_kernel=attention_kernel.value,
         activation_dtype=DType(activation_dtype.value),
+        residual_dtype=DType(residual_dtype.value) if residual_dtype is not None else None,
         tokens=parse_amount(tokens, "--tokens") if tokens is not None else None,
         gpu=gpu, **({"mfu": mfu} if mfu is not None else {}),
         laws=tuple(x.value for x in laws) if laws else DEFAULT_LAWS,
@@ -133,6 +140,7 @@ def register(app: typer.Typer) -> None:
         recompute: RecomputeOpt = RecomputeChoice.none,
         attention_kernel: KernelOpt = KernelChoice.eager,
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
+        residual_dtype: ResidualDTypeOpt = None,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = None,
@@ -146,7 +154,7 @@ def register(app: typer.Typer) -> None:
         from archplan.report import size_report
 
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention, attention_kernel, activation_dtype)
+                            law, attention, attention_kernel, activation_dtype, residual_dtype)
         loaded = load_spec(spec)
         report = size_report(loaded, opts, source=spec)
         if plot is not None:

@@ -13,10 +13,11 @@ activations, temporaries, at the tracked peak); on CUDA `torch.cuda.max_memory_a
 steps run first so AdamW's states exist; the measured step follows a reset of the statistics.
 Recompute uses the same checkpointing as the distributed stages (`shard.apply_recompute`).
 
-The analytic side is `size`'s peak of the step at the run's activation dtype and with the fused
-attention kernel SDPA runs (no s x s probabilities kept): `archplan size SPEC --micro-batch B
---seq S --recompute R --activation-dtype DTYPE --attention-kernel flash`. The step is the one that model describes:
-the logits are dropped before the backward (torchtitan's train step does `del pred` for the same
+The analytic side is `size`'s peak of the step at the run's activation dtype, the fp32 residual
+stream of fp32 weights, and with the fused attention kernel SDPA runs (no s x s probabilities
+kept): `archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE
+--residual-dtype fp32 --attention-kernel flash`. The step is the one that model describes: the
+logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
 
@@ -108,8 +109,10 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     from torch.distributed._tools.mem_tracker import MemTracker
 
     dev = resolve_device(device)
+    # the residual stream is fp32 whatever the dtype: the weights are (the embedding's output and
+    # every residual add are fp32 under autocast)
     analytic = training_memory(plan, count_params(plan), batch, seq, recompute, activation_dtype=dtype,
-                               attention_kernel="flash")
+                               attention_kernel="flash", residual_dtype="fp32")
     free = free_memory(dev)
     if analytic.total > FIT_FRACTION * free:
         # refused before any tensor exists: past the host's memory the system kills the process
