@@ -166,6 +166,10 @@ def test_router_and_correction_bias_stay_fp32() -> None:
         moe.router.bias.zero_()  # type: ignore[union-attr]
         moe.router.weight[:2, 0] = torch.tensor([1.0, 1.0 + 2**-12])
     assert moe.router(x)[0, 1] > moe.router(x)[0, 0]
+    # and under autocast, which would run the linear in bf16 and merge them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = moe.router(x)
+    assert logits.dtype == torch.float32 and logits[0, 1] > logits[0, 0]
 
 
 def test_correction_bias_is_a_buffer() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +212,7 @@ def _grouped_linear(
 
 class Router(nn.Module):
     """Linear(D, E) router (+ bias) and DeepSeek-V3's score-correction bias, kept and computed in fp32
-    whatever the model's dtype: the reference routers do (transformers' DeepseekV3TopkRouter keeps
+    whatever the model's dtype, under autocast too: the reference routers do (transformers' DeepseekV3TopkRouter keeps
     `gate.weight` and `e_score_correction_bias` in fp32 and computes F.linear on fp32 casts), since
     bf16 logits turn near-ties into different expert choices.
 
@@ -250,7 +251,11 @@ class Router(nn.Module):
         return super()._apply(keep_fp32, recurse)
 
     def forward(self, x_ND: Tensor) -> Tensor:
-        return F.linear(x_ND.float(), self.weight, self.bias)  # (N, E) fp32 logits
+        device = x_ND.device.type
+        autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        # autocast would run the linear in its 16-bit dtype, fp32 operands or not
+        with torch.autocast(device, enabled=False) if autocast_on else nullcontext():
+            return F.linear(x_ND.float(), self.weight, self.bias)  # (N, E) fp32 logits
 
 
 def route(
