@@ -296,8 +296,11 @@ def compare_rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[floa
 
 def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     first = reports[0]
+    t = first["memory"]["training"]
+    residual = f", residual stream {t['residual_dtype']}" if t["residual_dtype"] != t["activation_dtype"] else ""
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
-                f"{first['kv_cache']['batch']:,}. " + first["flops"]["convention"])
+                f"{first['kv_cache']['batch']:,}; training activations {t['activation_dtype']}{residual}, "
+                f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. " + first["flops"]["convention"])
     past = [note for r in reports for note in (r["flops"]["past_max_seq_len"], r["kv_cache"]["past_max_seq_len"])
             if note]
     settings = "\n".join([settings, *past])

@@ -106,6 +106,11 @@ class SizeOptions:
                                 field="--tokens")
         if not 0 < self.mfu <= 1:
             raise ArchplanError(f"must be in (0, 1], got {self.mfu:g}", field="--mfu")
+        if self.residual_dtype is not None and BYTES[self.residual_dtype] < BYTES[self.activation_dtype]:
+            # activations in fp32 come from fp32 weights, whose residual adds are fp32
+            raise ArchplanError(f"a {self.residual_dtype.value} residual stream beside "
+                                f"{self.activation_dtype.value} activations does not occur; drop --residual-dtype",
+                                field="--residual-dtype")
         for key in self.laws:
             law(key)
         if self.gpu is not None:

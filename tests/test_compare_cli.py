@@ -57,6 +57,13 @@ def test_ratios_against_the_first_column() -> None:
     active = next(ln for ln in result.stdout.splitlines() if ln.startswith("params active"))
     assert f"({12_879_925_248 / 8_030_261_248:.2f}×)" in active
     assert "ratios (×) against llama-3-8b" in result.stdout
+    assert "training activations bf16, eager attention, micro-batch 1." in " ".join(result.stdout.split())
+
+
+def test_the_caption_names_a_residual_stream_wider_than_the_activations() -> None:
+    result = runner.invoke(app, ["compare", "gpt2", "llama-3-8b", "--residual-dtype", "fp32"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "training activations bf16, residual stream fp32, eager attention" in " ".join(result.stdout.split())
 
 
 def test_small_ratios_keep_their_digits_and_the_budget_row_reads_evenly() -> None:

@@ -120,6 +120,24 @@ def test_window_mask_values() -> None:
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("kind", ["alibi", "alibi_window"])
+def test_alibi_runs_the_cpus_flash_kernel(kind: str) -> None:
+    """ALiBi's bias is 4-D, the shape the CPU's flash kernel takes (a 3-D one sent SDPA to the math
+    kernel, which kept every head's T×T probabilities): only the flash kernel allowed, the module
+    runs, forward and backward, and gives what the default selection gives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    module = make(kind)
+    x = torch.randn(2, 9, D)
+    pos = torch.arange(9)
+    assert attention_mask(pos, pos, None, module.alibi, torch.float32).shape == (1, module.plan.n_heads, 9, 9)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        y = module(x)
+    y.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(y.detach(), module(x), rtol=1e-5, atol=1e-6)
+
+
 def _copy_attention(src: Attention, dst: Attention, repeat_kv: int) -> None:
     """dst gets src's weights; its K/V heads are src's repeated `repeat_kv` times (group-major)."""
     dh = src.plan.head_dim

@@ -292,6 +292,10 @@ def test_residual_dtype() -> None:
     table = runner.invoke(app, ["size", *args, "--residual-dtype", "fp32"], terminal_width=200)
     assert table.exit_code == 0 and "(residual stream fp32)" in " ".join(table.output.split())
     assert "residual stream" not in runner.invoke(app, ["size", *args], terminal_width=200).output
+    # fp32 activations come from fp32 weights, whose residual adds are fp32
+    narrower = runner.invoke(app, ["size", *args, "--activation-dtype", "fp32", "--residual-dtype", "bf16"])
+    assert isinstance(narrower.exception, ArchplanError)
+    assert "a bf16 residual stream beside fp32 activations does not occur" in narrower.exception.render()
 
 
 def test_presets_command_lists_every_preset() -> None:

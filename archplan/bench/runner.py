@@ -303,8 +303,8 @@ MaskKind = Literal["alibi", "window"] | None
 
 def attention_mask_kind(plan: ModelPlan) -> MaskKind:
     """The explicit mask the model's prefill attention takes instead of SDPA's is_causal (which
-    every kernel takes): ALiBi's additive (H, T, S) bias, or a sliding window's boolean (T, S)
-    mask. Kernels differ in the masks they accept (CPU's flash takes a 2-D one, not a 3-D bias)."""
+    every kernel takes): ALiBi's additive (1, H, T, S) bias, or a sliding window's boolean (T, S)
+    mask. Kernels differ in the masks they accept."""
     if plan.position == "alibi":
         return "alibi"
     if any(isinstance(layer.mixer, AttentionPlan | MLAPlan) and layer.mixer.window is not None for layer in plan.layers):
@@ -321,7 +321,7 @@ def available_backends(device: torch.device, dtype: torch.dtype, mask: MaskKind 
     pos = torch.arange(64, device=device)
     allowed = attention_mask(pos, pos, None, None, dtype)
     explicit = {None: None, "window": allowed,
-                "alibi": torch.zeros(4, 64, 64, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))}[mask]
+                "alibi": torch.zeros(1, 4, 64, 64, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))}[mask]
     found = []
     for name in BACKENDS:
         try:

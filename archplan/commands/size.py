@@ -73,7 +73,8 @@ ActDTypeOpt = Annotated[ActDTypeChoice, typer.Option(
 ResidualDTypeOpt = Annotated[ActDTypeChoice | None, typer.Option(
     "--residual-dtype", help="Dtype of the residual stream, which the norms' inputs and full recompute's "
                              "layer inputs keep: fp32 under torch autocast with fp32 weights (what bench "
-                             "--train runs) or Megatron-LM's --fp32-residual-connection [the activation dtype].",
+                             "--train runs) or Megatron-LM's --fp32-residual-connection (default: the "
+                             "activation dtype).",
     show_default=False)]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: 20 per parameter).")]

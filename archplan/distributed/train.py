@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from archplan.analytic import count_params
 from archplan.analytic.memory import Recompute, training_memory
 from archplan.bench.device import free_memory, synchronize
-from archplan.bench.runner import FIT_FRACTION
+from archplan.bench.runner import FIT_FRACTION, truncate
 from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.distributed.shard import apply_recompute
 from archplan.errors import ArchplanError
@@ -115,10 +115,12 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
                                attention_kernel="flash", residual_dtype="fp32")
     free = free_memory(dev)
     if analytic.total > FIT_FRACTION * free:
-        # refused before any tensor exists: past the host's memory the system kills the process
+        # refused before any tensor exists: past the host's memory the system kills the process;
+        # --layers 1 is suggested where it would build fewer layers than this plan has
+        hint = ", or try --layers 1" if len(truncate(plan, 1).layers) < len(plan.layers) else ""
         raise ArchplanError(f"--train will not fit: the step needs about {nbytes(analytic.total)} (size's "
                             f"training memory at batch {batch} × seq {seq}) but {dev.type} has {nbytes(free)} "
-                            "free; reduce --batch or --seq, or try --layers 1")
+                            f"free; reduce --batch or --seq{hint}")
     torch.manual_seed(0)
     model = build_model(plan, dev, torch.float32)
     apply_recompute(model.layers, recompute)

@@ -70,7 +70,9 @@ def cache_step(
 def attention_mask(
     qpos_T: Tensor, kpos_S: Tensor, window: int | None, alibi: Alibi | None, dtype: torch.dtype
 ) -> Tensor:
-    """Boolean (T, S) mask (True = attend), or with ALiBi a float (H, T, S) additive bias."""
+    """Boolean (T, S) mask (True = attend), or with ALiBi a float (1, H, T, S) additive bias: 4-D,
+    since the CPU's flash kernel takes a 2-D or 4-D mask only (sdp_utils_cpp.h); given a 3-D bias
+    SDPA falls back to the math kernel, which keeps the T×S probabilities of every head."""
     delta_TS = qpos_T[:, None] - kpos_S[None, :]
     allowed_TS = delta_TS >= 0
     if window is not None:
@@ -78,7 +80,7 @@ def attention_mask(
     if alibi is None:
         return allowed_TS
     bias_HTS = alibi(qpos_T, kpos_S).masked_fill(~allowed_TS[None], float("-inf"))
-    return bias_HTS.to(dtype)
+    return bias_HTS.to(dtype)[None]
 
 
 _CACHED_KERNELS = (
