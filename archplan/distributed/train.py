@@ -73,6 +73,9 @@ class TrainBench:
     states_ok: bool | None  # None where the method has no categories (CUDA)
     activations_ok: bool | None
     total_ok: bool
+    # what `activations_ok` judges: the activations after the forward less autocast's weight
+    # copies (None on CUDA)
+    measured_activations: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -150,6 +153,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         synchronize(dev)
         samples.append(time.perf_counter() - start)
     analytic_states = analytic.states.total
+    acts: int | None = None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)  # model states at rest, inputs
@@ -194,4 +198,4 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     total_ok = abs(total - analytic.total) <= PEAK_TOLERANCE * analytic.total
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
                       analytic_states, analytic.activations.kept, analytic.total, analytic.peak_phase,
-                      states_ok, activations_ok, total_ok)
+                      states_ok, activations_ok, total_ok, acts)

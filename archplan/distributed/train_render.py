@@ -57,7 +57,7 @@ def render(r: TrainBench) -> None:
         states = m.get("Parameter", 0) + m.get("Gradient", 0) + m.get("Optstate", 0)
         table.add_row("model states (16 B/param)", nbytes(r.analytic_states), nbytes(states), _mark(r.states_ok))
         table.add_row(f"activations kept (±{ACTIVATION_TOLERANCE:.0%})", nbytes(r.analytic_activations),
-                      nbytes(m["Activation"] - m["WeightCopies"]), _mark(r.activations_ok))
+                      nbytes(r.measured_activations or 0), _mark(r.activations_ok))
         table.add_row("autocast weight copies (in states)", "", nbytes(m["WeightCopies"]), "")
         table.add_row("temporary", "", nbytes(m.get("Temp", 0)), "")
         total = m["Total"]
