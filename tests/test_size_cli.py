@@ -368,3 +368,17 @@ def test_durations_never_print_as_zero_days(days: float, text: str) -> None:
     from archplan.units import duration
 
     assert duration(days) == text
+
+
+def test_plots_name_the_training_dtypes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The --plot figures of size and compare say which dtypes the training memory was counted in."""
+    pytest.importorskip("matplotlib")
+    import archplan.plot
+
+    titles: list[str] = []
+    monkeypatch.setattr(archplan.plot, "save", lambda fig, target: titles.extend(ax.get_title() for ax in fig.axes))
+    args = ["--residual-dtype", "fp32", "--seq", "256"]
+    for argv in (["size", "gpt2"], ["compare", "gpt2", "llama-3-8b"]):
+        result = runner.invoke(app, [*argv, *args, "--plot", str(tmp_path / "f.png")])
+        assert result.exit_code == 0, result.output
+    assert sum("activations bf16, residual stream fp32" in t for t in titles) == 2, titles
