@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from archplan.errors import ArchplanError, first_line
+from archplan.render import training_dtypes
 
 if TYPE_CHECKING:
     from archplan.report import SizeOptions
@@ -71,13 +72,6 @@ def save(fig: Any, target: Path) -> None:
         raise ArchplanError(f"cannot write figure: {exc.strerror}", file=str(target)) from None
 
 
-def training_dtypes(report: dict[str, Any]) -> str:
-    """The dtypes a report's training activations were counted in, as its table caption says them."""
-    t = report["memory"]["training"]
-    residual = f", residual stream {t['residual_dtype']}" if t["residual_dtype"] != t["activation_dtype"] else ""
-    return f"activations {t['activation_dtype']}{residual}"
-
-
 def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: str, *,
               force: bool = False) -> None:
     from archplan.analytic import count_params, kv_cache
@@ -123,7 +117,7 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     right.set_ylim(bottom=0)
     right.set_xlabel("sequence length (tokens)")
     right.set_ylabel("GiB per replica")
-    right.set_title(f"training memory, micro-batch {opts.micro_batch}\n{training_dtypes(report)}")
+    right.set_title(f"training memory, micro-batch {opts.micro_batch}\n{training_dtypes(report['memory']['training'])}")
     right.legend(loc="upper left")
     save(fig, target)
     plt.close(fig)
@@ -140,7 +134,7 @@ def plot_compare(reports: Sequence[dict[str, Any]], path: str, *, force: bool = 
         ("FLOPs per token (GFLOP)", [
             (f"forward ({attention})", lambda r: r["flops"]["forward_per_token"] / 1e9),
             (f"training ({attention})", lambda r: r["flops"]["training_per_token"] / 1e9)]),
-        (f"memory (GiB); training: {training_dtypes(reports[0])}", [
+        (f"memory (GiB); training: {training_dtypes(reports[0]['memory']['training'])}", [
             ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"] / GiB),
             ("KV cache", lambda r: r["kv_cache"]["bytes"] / GiB),
             ("training / replica", lambda r: r["memory"]["training_bytes"] / GiB)]),

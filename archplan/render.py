@@ -294,12 +294,19 @@ def compare_rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[floa
     return [(name, [get(r) for r in reports]) for name, get, _ in compare_figures(reports)]
 
 
+def training_dtypes(training: dict[str, Any]) -> str:
+    """The dtypes a report's training activations were counted in (`memory.training`), for the
+    compare caption and the --plot titles: the residual stream is named where it differs."""
+    residual = training["residual_dtype"]
+    return f"activations {training['activation_dtype']}" + (
+        f", residual stream {residual}" if residual != training["activation_dtype"] else "")
+
+
 def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     first = reports[0]
     t = first["memory"]["training"]
-    residual = f", residual stream {t['residual_dtype']}" if t["residual_dtype"] != t["activation_dtype"] else ""
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
-                f"{first['kv_cache']['batch']:,}; training activations {t['activation_dtype']}{residual}, "
+                f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
                 f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. " + first["flops"]["convention"])
     past = [note for r in reports for note in (r["flops"]["past_max_seq_len"], r["kv_cache"]["past_max_seq_len"])
             if note]

@@ -114,12 +114,13 @@ def ssd_chunked(
     if torch.jit.is_tracing():
         # fvcore counts a jit trace, to which an autograd Function is one opaque prim::PythonOp
         y_BTHsP, state_BHsPN, _, _ = _ssd(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, chunk_size, h0_BHsPN)
-        return _with_skip(y_BTHsP, x_BTHsP, D_Hs).to(x_BTHsP.dtype), state_BHsPN
+        return _with_skip(y_BTHsP, x_BTHsP, D_Hs), state_BHsPN
     return _ChunkedSSD.apply(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, chunk_size)
 
 
 def _with_skip(y_BTHsP: Tensor, x_BTHsP: Tensor, D_Hs: Tensor | None) -> Tensor:
-    return y_BTHsP + _skip(x_BTHsP, D_Hs) if D_Hs is not None else y_BTHsP
+    """The fp32 scan output plus the D skip, in x's dtype (the kernel's `out`)."""
+    return (y_BTHsP + _skip(x_BTHsP, D_Hs) if D_Hs is not None else y_BTHsP).to(x_BTHsP.dtype)
 
 
 def _skip(x_BTHsP: Tensor, D_Hs: Tensor) -> Tensor:
@@ -245,7 +246,7 @@ class _ChunkedSSD(torch.autograd.Function):
         # the last chunk's states feed only the final state, whose backward does not read them
         ctx.save_for_backward(x_BTHsP, dt_BTHs, A_Hs, B_BTGN, C_BTGN, h0_BHsPN, D_Hs, cb, states[:, :-1].clone())
         ctx.chunk_size, ctx.autocast = chunk_size, forward_autocast(x_BTHsP)
-        return _with_skip(y, x_BTHsP, D_Hs).to(x_BTHsP.dtype), state
+        return _with_skip(y, x_BTHsP, D_Hs), state
 
     @staticmethod
     def backward(  # type: ignore[override]
