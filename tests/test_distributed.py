@@ -362,13 +362,14 @@ def test_fake_verify_s4_without_an_ffn(fake_world: None, tmp_path: Path) -> None
 # the analytic peak is the re-run of its Mamba layer, with what the selective-scan kernel keeps
 # (its fp32 chunk states, which archplan's scan unit does not keep: it recomputes from h0); the
 # measured one, sampled at the end of that re-run (`RecomputeAsActivations.rerun_sample`), holds
-# the re-run's working set beside what the layer keeps: 1.10× at 32 tokens, 1.16× at 256 and
-# 1,024 (1.26×, 1.33×, 1.34× while the norms kept the composite rms_norm's x·rstd too).
-# Mamba-2's tiny spec keeps more than the fused kernel's figures count (its SiLU input, the
-# chunks' fp32 C·Bᵀ and chunk states): bounded at its measured +40 % (+55 % with the composite
-# norms' x·rstd, +246 % when plain autograd kept every SSD intermediate). StripedHyena's mixer
-# keeps what the analytic terms count (its gated skip is one unit); the +33 % outside it (the
-# attention layer, the GLU, the head) was the composite norms' x·rstd: now +7 %.
+# the re-run's working set beside what the layer keeps: 1.02× at 32 tokens, 1.07× at 256, 1.08×
+# at 1,024 (1.10×, 1.16×, 1.16× while the norms kept their inputs' fp32 copies; 1.26×, 1.33×,
+# 1.34× with the composite rms_norm's x·rstd too). Mamba-2's tiny spec keeps more than the fused
+# kernel's figures count (its SiLU input, the chunks' fp32 C·Bᵀ and chunk states): bounded at
+# its measured +40 % (+55 % with the composite norms' x·rstd, +246 % when plain autograd kept
+# every SSD intermediate). StripedHyena's mixer keeps what the analytic terms count (its gated
+# skip is one unit); the +33 % outside it (the attention layer, the GLU, the head) was the
+# composite norms' x·rstd: +7 %, then +5 %. Hyena: +2 % since its filters' window and trunk are counted.
 @pytest.mark.parametrize(("spec", "layout", "bounds"), [
     ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None),
     ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None),
@@ -880,11 +881,12 @@ def test_fake_verify_random_layouts(fake_world: None, data: st.DataObject) -> No
 def test_full_recompute_activations_are_measured_at_the_re_run(fake_world: None) -> None:
     """Mixtral's step peaks at the gradients' accumulation, where only the held inputs are
     activations; its activations peak while a layer is re-run in the backward, which
-    `rerun_sample` measures (640 MiB against the analytic 1.34 GiB before it; docs/distributed.md)."""
+    `rerun_sample` measures (640 MiB against the analytic 1.34 GiB before it; docs/distributed.md;
+    0.98x since the norms keep their bf16 inputs, on both sides)."""
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec("mixtral-8x7b"))
     layout = parse_layout("tp=1,cp=1,pp=8,dp=1,ep=1,zero=1,recompute=full,mb=1").complete()
     result = check_layout_run(plan, layout, 2048, microbatches=8)
     acts = next(r for r in result.memory if r.category == "activations")
-    assert acts.ok and 1.0 < acts.measured / acts.analytic < 1.1, acts
+    assert acts.ok and 0.95 < acts.measured / acts.analytic < 1.1, acts

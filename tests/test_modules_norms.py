@@ -1,6 +1,7 @@
-"""RMSNorm's autograd unit: what it keeps for the backward (what CUDA's fused kernel keeps), and its
-values and gradients against `F.rms_norm`. The fake runs' exact collective counts
-(test_distributed.py) cover what DTensor places for it over a sharded width or sequence."""
+"""The norms' autograd units: what they keep for the backward (what a fused kernel keeps: the input
+in its own dtype and the per-row statistics), and their values and gradients against plain
+autograd's `F.rms_norm` / `F.layer_norm`. The fake runs' exact collective counts
+(test_distributed.py) cover what DTensor places for them over a sharded width or sequence."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from autograd_units import saved_during, storages
-from archplan.modules.norms import RMSNorm, rms_norm
+from archplan.modules.norms import LayerNorm, RMSNorm, normalise_with, rms_norm, width_moments
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -35,15 +36,60 @@ def test_rms_norm_keeps_input_and_rstd_with_plain_autograd_gradients(affine: boo
     assert torch.autograd.gradcheck(lambda *t: rms_norm(t[0], t[1] if affine else None, 1e-5), tuple(wanted))
 
 
-def test_rms_norm_module_under_bf16_autocast_keeps_the_fp32_input_once() -> None:
-    """A bf16 model's norm: the fp32 copy of its input and the rstd are all it keeps beside its weight."""
-    norm = RMSNorm(32, 1e-5).bfloat16()
+@pytest.mark.parametrize("norm", [RMSNorm(32, 1e-5), LayerNorm(32, 1e-5, bias=True)], ids=["rms", "layer"])
+def test_bf16_norm_keeps_its_bf16_input_once_with_plain_autograds_values(norm: RMSNorm | LayerNorm) -> None:
+    """A bf16 model's norm computes in fp32 but keeps its bf16 input, not the fp32 copy plain
+    autograd keeps (twice the bytes), beside the per-row statistics and its weights; its output and
+    gradients are plain autograd's, bit for bit."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    norm = norm.bfloat16()
     x = torch.randn(3, 4, 32, dtype=torch.bfloat16, requires_grad=True)
     y, saved = saved_during(lambda: norm(x))
     assert y.dtype == torch.bfloat16
-    kept = {(t.dtype, tuple(t.shape)) for t in saved}
-    assert kept == {(torch.float32, (3, 4, 32)), (torch.float32, (3, 4, 1)), (torch.float32, (32,))}
-    assert len(storages([t for t in saved if t.shape == x.shape])) == 1
+    full_width = [t for t in saved if t.shape == x.shape]
+    assert storages(full_width) == storages([x])
+    assert {t.dtype for t in saved if t.shape == (3, 4, 1)} == {torch.float32}
+    weights = [p.float() for p in norm.parameters()]
+    plain_x = x.detach().requires_grad_()
+    if isinstance(norm, RMSNorm):
+        plain = F.rms_norm(plain_x.float(), (32,), weights[0], 1e-5).type_as(x)
+    else:
+        plain = F.layer_norm(plain_x.float(), (32,), weights[0], weights[1], 1e-5).type_as(x)
+    assert torch.equal(y, plain)
+    probe = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *norm.parameters()], probe)
+    want = torch.autograd.grad(plain, [plain_x, *norm.parameters()], probe)
+    assert got[0].dtype == torch.bfloat16
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("centred", [False, True], ids=["rms", "layer"])
+def test_norm_from_width_moments_is_the_norm_and_keeps_the_bf16_input(centred: bool) -> None:
+    """The statistics and the normalisation a norm over a tp-sharded width is built from
+    (`distributed.plans.width_sharded_norm`): on one rank's whole width they are F.rms_norm /
+    F.layer_norm (fp64 values and gradcheck), and on a bf16 input keep that input, not its fp32
+    copy and the normalised x."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True) if centred else None
+
+    def norm(x: torch.Tensor, w: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
+        moments = width_moments(x, centred) / x.shape[-1]
+        mean, mean_sq = moments.split(1, -1) if centred else (None, moments)
+        return normalise_with(x, mean, mean_sq, w, bias[0] if bias else None, 1e-5)
+
+    args = (x, w) + ((b,) if b is not None else ())
+    plain = F.layer_norm(x, (8,), w, b, 1e-5) if centred else F.rms_norm(x, (8,), w, 1e-5)
+    torch.testing.assert_close(norm(*args), plain, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(norm, args)
+    x16 = x.detach().bfloat16().requires_grad_()
+    _, saved = saved_during(lambda: norm(x16, w.detach().float()))
+    assert storages([t for t in saved if t.shape == x16.shape]) == storages([x16])
 
 
 def test_rms_norm_under_fvcores_trace_is_the_plain_op() -> None:
@@ -54,3 +100,46 @@ def test_rms_norm_under_fvcores_trace_is_the_plain_op() -> None:
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     analysis.total()
     assert set(analysis.unsupported_ops()) == {"aten::rms_norm"}
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_per_head_norm_keeps_its_bf16_input_once(kind: str) -> None:
+    """StableLM-2's per-head qk-norm (weights and bias per head, broadcast over the tokens) keeps
+    its bf16 input and the per-row statistics, not the fp32 copy and the normalised x plain
+    autograd keeps for the per-head weights' gradients; values and gradients are plain autograd's
+    (fp64 gradcheck; bf16 within one rounding)."""
+    from archplan.modules.norms import HeadwiseNorm
+    from archplan.resolve import NormPlan
+
+    torch.manual_seed(0)
+    norm = HeadwiseNorm(3, 8, NormPlan(kind=kind, eps=1e-5, bias=True, affine=True))
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float() if x.dtype != torch.float64 else x
+        y = F.rms_norm(x32, (8,), None, 1e-5) if kind == "rmsnorm" else F.layer_norm(x32, (8,), None, None, 1e-5)
+        y = y * norm.weight.to(y.dtype)[:, None, :]
+        if norm.bias is not None:
+            y = y + norm.bias.to(y.dtype)[:, None, :]
+        return y.type_as(x)
+
+    x16 = torch.randn(2, 3, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    y, saved = saved_during(lambda: norm(x16))
+    assert storages([t for t in saved if t.shape == x16.shape]) == storages([x16])
+    torch.testing.assert_close(y, plain(x16))
+    # the units on per-head weights, in fp64: gradcheck, and plain autograd's values
+    from archplan.modules.norms import _LayerNormKeepingInput, _RMSNormKeepingInput
+
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(3, 1, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    if kind == "rmsnorm":
+        assert torch.autograd.gradcheck(lambda x, w: _RMSNormKeepingInput.apply(x, w, 1e-5), (x, w))
+        want = F.rms_norm(x, (8,), None, 1e-5) * w
+        got = _RMSNormKeepingInput.apply(x, w, 1e-5)
+    else:
+        assert torch.autograd.gradcheck(lambda x, w, b: _LayerNormKeepingInput.apply(x, w, b, 1e-5), (x, w, b))
+        want = F.layer_norm(x, (8,), None, None, 1e-5) * w + b
+        got = _LayerNormKeepingInput.apply(x, w, b, 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

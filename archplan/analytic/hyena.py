@@ -16,6 +16,8 @@ FFT convention: `archplan.analytic.s4` (length 2T; 2.5·n·⌈log2 n⌉ per real
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from archplan.analytic.s4 import fft_conv_flops, fft_length
 from archplan.resolve import HyenaPlan, StripedHyenaPlan
 
@@ -124,14 +126,42 @@ def hyena_state_elements(m: HyenaPlan, d_model: int) -> int:
     return (m.order + 1) * d_model * (m.short_filter - 1)
 
 
+@dataclass(frozen=True)
+class HyenaFilterActs:
+    """What one forward of a Hyena layer keeps of its implicit filters, whatever the batch (the
+    filters depend on the positions alone): our count of eager autograd over
+    `archplan.modules.hyena.HyenaFilter`."""
+
+    spectra: int  # the filters' fp32 spectra (complex64, fft_length / 2 + 1 bins a channel)
+    window: int  # the modulation's fp32 decay window exp(−t·|δ|) (T × channels), saved by h · window
+    trunk: int  # the filter MLP's linear output, freq · it and its Sin (T × F each, per MLP layer)
+
+    @property
+    def total(self) -> int:
+        return self.spectra + self.window + self.trunk
+
+
+def hyena_filter_activation_bytes(m: HyenaPlan, d_model: int, seq_len: int, act_bytes: int) -> HyenaFilterActs:
+    channels = hyena_filter_channels(m, d_model)
+    bins = fft_length(seq_len) // 2 + 1
+    return HyenaFilterActs(
+        spectra=8 * channels * bins,
+        window=4 * seq_len * channels if m.modulation else 0,
+        trunk=3 * (m.filter_depth + 1) * act_bytes * seq_len * m.filter_order,
+    )
+
+
 def hyena_activation_bytes(m: HyenaPlan, d_model: int, batch: int, seq_len: int, act_bytes: int) -> int:
-    """Our estimate of what eager autograd keeps: in_proj input and output, short conv output, per
-    order the gated input, both fp32 spectra and the conv output, out_proj input."""
+    """Our count of what eager autograd keeps: in_proj input and output, short conv output, per
+    order the gated input (in its own dtype: the fp32 skip product promotes it), the input's fp32
+    spectrum and the conv output, out_proj input; and, once per forward, the filters
+    (`hyena_filter_activation_bytes`)."""
     tokens = batch * seq_len
     inner = (m.order + 1) * d_model
     bins = fft_length(seq_len) // 2 + 1
-    per_order = act_bytes * tokens * 2 * d_model + 8 * (batch + 1) * d_model * bins
-    return act_bytes * tokens * (d_model + 2 * inner + d_model) + (m.order - 1) * per_order
+    per_order = act_bytes * tokens * 2 * d_model + 8 * batch * d_model * bins
+    filters = hyena_filter_activation_bytes(m, d_model, seq_len, act_bytes).total
+    return act_bytes * tokens * (d_model + 2 * inner + d_model) + (m.order - 1) * per_order + filters
 
 
 # ----------------------------------------------------------------------------------- StripedHyena

@@ -5,7 +5,7 @@
   `cluster` (what this side runs) and its fp32 gradient reduction (`shard.MIXED.reduce_dtype`);
 - activations: within ACTIVATION_TOLERANCE of the analytic figure (the "flash" kernel of
   `cluster`, what SDPA is on CPU: no s×s probabilities kept). Plain torch autograd keeps tensors the
-  analytic per-tensor model of fused kernels does not (the GLU's act(gate), fp32 norm copies);
+  analytic per-tensor model of fused kernels does not (RoPE's cos/sin casts, small statistics);
 - collectives: the tally of (kind, mesh dim, group size, bytes) → calls, exact on both sides:
   every call the model prices is seen, every call seen is priced;
 - FSDP2's copies around them (the gathered parameters copied out, the gradients copied into the

@@ -42,7 +42,7 @@ from archplan.modules.mamba1 import Mamba1Mixer
 from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
-from archplan.modules.norms import LayerNorm, RMSNorm
+from archplan.modules.norms import LayerNorm, RMSNorm, normalise_with, width_moments
 from archplan.modules.positions import Alibi, alibi_slopes
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
@@ -168,24 +168,19 @@ def _sum_over(stats: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
 def width_sharded_norm(norm: RMSNorm | LayerNorm, mesh: DeviceMesh, width: int, x: torch.Tensor) -> torch.Tensor:
     """`norm` over a width split across tp ranks (OLMo-2's qk-norm over n_heads·head_dim, each rank
     holding its heads' columns): RMSNorm from the all-reduced sum of squares, LayerNorm from the
-    all-reduced [sum, sum of squares] (one call), in fp32 as `modules.norms` computes; the weights
-    are the rank's columns (Shard(0))."""
-    x32 = x.float()
+    all-reduced [sum, sum of squares] (one call), in fp32 as `modules.norms` computes, keeping x in
+    its own dtype as the unsharded norms do; the weights are the rank's columns (Shard(0))."""
     match norm:
         case RMSNorm():
-            mean_sq = _sum_over(x32.pow(2).sum(-1, keepdim=True), mesh) / width
-            y = x32 * torch.rsqrt(mean_sq + norm.eps)
+            mean: torch.Tensor | None = None
+            mean_sq = _sum_over(width_moments(x, centred=False), mesh) / width
         case LayerNorm():
-            sums = _sum_over(torch.cat([x32.sum(-1, keepdim=True), x32.pow(2).sum(-1, keepdim=True)], -1), mesh)
-            mean, mean_sq = (sums / width).split(1, dim=-1)
-            y = (x32 - mean) * torch.rsqrt(mean_sq - mean.pow(2) + norm.eps)
+            mean, mean_sq = (_sum_over(width_moments(x, centred=True), mesh) / width).split(1, dim=-1)
         case _:
             assert_never(norm)
-    if norm.weight is not None:
-        y = y * norm.weight.to_local().float()
-    if isinstance(norm, LayerNorm) and norm.bias is not None:
-        y = y + norm.bias.to_local().float()
-    return y.type_as(x)
+    weight = norm.weight.to_local().float() if norm.weight is not None else None
+    bias = norm.bias.to_local().float() if isinstance(norm, LayerNorm) and norm.bias is not None else None
+    return normalise_with(x, mean, mean_sq, weight, bias, norm.eps).type_as(x)
 
 
 class WidthShardedNorm(ParallelStyle):

@@ -184,7 +184,9 @@ class HyenaMixer(nn.Module):
                 assert state is not None
                 state.history_BCL[:, o * d:(o + 1) * d, seen:seen + t] = v_BDT.detach()
                 conv_BDT = state.convolve(o * d, (o + 1) * d, t)
-            v_BDT = (conv_BDT + v_BDT.float() * bias_C[o * d:(o + 1) * d, None].float()).to(x_BTD.dtype)
+            # the skip term in fp32 by type promotion, as safari's fftconv_ref (`u * D`): the
+            # product keeps the gated input in its own dtype, where an explicit fp32 copy is kept
+            v_BDT = (conv_BDT + v_BDT * bias_C[o * d:(o + 1) * d, None].float()).to(x_BTD.dtype)
         if state is not None:
             state.tail_BCJ.copy_(next_tail.detach())
             state.advance(t)

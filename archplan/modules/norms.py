@@ -28,35 +28,44 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight.float() if self.weight is not None else None
-        return rms_norm(x.float(), weight, self.eps).type_as(x)
+        return rms_norm(x, weight, self.eps).type_as(x)
+
+
+def _wide(x: Tensor) -> Tensor:
+    """x in the dtype a norm computes in: fp32, or x's own where wider."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """`F.rms_norm` over x's last dim, keeping for the backward what CUDA keeps on every device.
+    """`F.rms_norm` of x in fp32 over its last dim, keeping for the backward x in its own dtype
+    and the per-row rstd: what a fused norm kernel keeps (Megatron-Core's Transformer Engine
+    RMSNorm reads the bf16 input and keeps it with the fp32 rsigma) and what the activation terms
+    count (`analytic.memory`, the norms' inputs at the residual stream's dtype).
 
-    On CUDA `rms_norm` runs the fused `_fused_rms_norm` (pytorch PR 153666), whose backward reads
-    the input and the per-row rstd. Elsewhere (the CPU, the fake runs of `verify --layout`) torch
-    takes the composite `rms_norm`, whose autograd also keeps the normalised x·rstd for the
-    weight's gradient: a third full-width fp32 tensor per norm that the activation terms, and a
-    CUDA run, do not hold. Under a jit trace (fvcore) the plain op runs: a trace sees an autograd
-    Function as one opaque op."""
-    if x.is_cuda or torch.jit.is_tracing():
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    An fp32 input (autocast over fp32 weights) on CUDA runs the fused `_fused_rms_norm` (pytorch
+    PR 153666), which keeps exactly that. Elsewhere torch's composite `rms_norm` would also keep
+    the normalised x·rstd for the weight's gradient, and a lower-precision input would be kept as
+    the fp32 copy the norm computes from: twice its bytes. Under a jit trace (fvcore) the plain op
+    runs: a trace sees an autograd Function as one opaque op."""
+    if torch.jit.is_tracing() or (x.is_cuda and x.dtype == torch.float32):
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, eps)
     return _RMSNormKeepingInput.apply(x, weight, eps)
 
 
 class _RMSNormKeepingInput(torch.autograd.Function):
-    """The composite `rms_norm`'s ops, forward and backward, in torch's order (so DTensor places
-    the same collectives: a norm over a sharded width all-reduces the same (.., 1) partial sums),
-    saving x and rstd only; the backward re-forms x·rstd from them."""
+    """The composite `rms_norm`'s ops on x's fp32 copy, forward and backward, in torch's order (so
+    DTensor places the same collectives: a norm over a sharded width or sequence all-reduces the
+    same (.., 1) partial sums), saving x in its own dtype and rstd only; the backward re-forms the
+    fp32 copy and x·rstd from them. Its gradient comes back in x's dtype, as the cast's would."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor | None, eps: float
     ) -> Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        x32 = _wide(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, rstd, weight)
-        y = x * rstd
+        y = x32 * rstd
         return y if weight is None else y * weight
 
     @staticmethod
@@ -64,18 +73,89 @@ class _RMSNormKeepingInput(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
+        x32 = _wide(x)
         d_weight = None
         d_y = d_out
         if weight is not None:
             if ctx.needs_input_grad[1]:
-                d_weight = (d_out * (x * rstd)).sum_to_size(weight.shape)
+                d_weight = (d_out * (x32 * rstd)).sum_to_size(weight.shape)
             d_y = d_out * weight
         # autograd's formulas for y = x·rstd, rstd = (mean(x²) + eps)^(-1/2): mul, rsqrt, mean, pow
-        d_rstd = (d_y * x).sum(-1, keepdim=True)
+        d_rstd = (d_y * x32).sum(-1, keepdim=True)
         d_x = d_y * rstd
         d_mean_sq = d_rstd * (rstd.pow(3) * -0.5)
-        d_x = d_x + d_mean_sq.expand(x.shape).div(x.shape[-1]) * (x.pow(1.0) * 2.0)
-        return d_x, d_weight, None
+        d_x = d_x + d_mean_sq.expand(x32.shape).div(x32.shape[-1]) * (x32.pow(1.0) * 2.0)
+        return d_x.to(x.dtype), d_weight, None
+
+
+def width_moments(x: Tensor, centred: bool) -> Tensor:
+    """Per row of x, in fp32: [Σx, Σx²] (`centred`, LayerNorm's) or [Σx²] (RMSNorm's), a norm's
+    statistics over the part of its width x holds (`distributed.plans.width_sharded_norm` sums
+    them over the ranks), keeping x in its own dtype for the backward."""
+    return _Moments.apply(x, centred)
+
+
+def normalise_with(x: Tensor, mean: Tensor | None, mean_sq: Tensor, weight: Tensor | None,
+                   bias: Tensor | None, eps: float) -> Tensor:
+    """x normalised in fp32 by the given per-row statistics (of the whole width): (x − mean)·rstd
+    with rstd = (mean_sq − mean² + eps)^(-1/2) (LayerNorm), or x·(mean_sq + eps)^(-1/2) when mean
+    is None (RMSNorm); then · weight + bias. Keeps x in its own dtype and rstd, where plain
+    autograd keeps x's fp32 copy and the normalised x for the weight's gradient."""
+    return _FromMoments.apply(x, mean, mean_sq, weight, bias, eps)
+
+
+class _Moments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, centred: bool) -> Tensor:  # type: ignore[override]
+        x32 = _wide(x)
+        ctx.save_for_backward(x)
+        ctx.centred = centred
+        squares = x32.pow(2).sum(-1, keepdim=True)
+        return torch.cat([x32.sum(-1, keepdim=True), squares], -1) if centred else squares
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, d_moments: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        x32 = _wide(x)
+        d_x = d_moments[..., -1:] * (x32 * 2.0)
+        if ctx.centred:
+            d_x = d_x + d_moments[..., :1]
+        return d_x.to(x.dtype), None
+
+
+class _FromMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, mean: Tensor | None, mean_sq: Tensor,
+        weight: Tensor | None, bias: Tensor | None, eps: float,
+    ) -> Tensor:
+        x32 = _wide(x)
+        centred = x32 if mean is None else x32 - mean
+        var = mean_sq if mean is None else mean_sq - mean.pow(2)
+        rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.bias_shape = bias.shape if bias is not None else None
+        y = centred * rstd
+        if weight is not None:
+            y = y * weight
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, None]:
+        x, mean, rstd, weight = ctx.saved_tensors
+        centred = _wide(x) if mean is None else _wide(x) - mean
+        d_weight = (d_out * (centred * rstd)).sum_to_size(weight.shape) if weight is not None else None
+        d_bias = d_out.sum_to_size(ctx.bias_shape) if ctx.bias_shape is not None else None
+        d_norm = d_out * weight if weight is not None else d_out
+        d_centred = d_norm * rstd
+        # rstd = (var + eps)^(-1/2): d var = d rstd · (−rstd³/2); var = mean_sq (− mean²)
+        d_var = (d_norm * centred).sum(-1, keepdim=True) * (rstd.pow(3) * -0.5)
+        d_mean = None
+        if mean is not None:
+            d_mean = -d_centred.sum(-1, keepdim=True) - 2.0 * mean * d_var
+        return d_centred.to(x.dtype), d_mean, d_var, d_weight, d_bias, None
 
 
 class LayerNorm(nn.Module):
@@ -98,7 +178,53 @@ class LayerNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.shape, weight, bias, self.eps).type_as(x)
+        if torch.jit.is_tracing() or _wide(x) is x:
+            # fvcore's trace, or an input the norm computes in as it is: plain autograd keeps x,
+            # mean and rstd, as the unit does
+            return F.layer_norm(x.float(), self.shape, weight, bias, self.eps).type_as(x)
+        return _LayerNormKeepingInput.apply(x, weight, bias, self.eps).type_as(x)
+
+
+class _LayerNormKeepingInput(torch.autograd.Function):
+    """`native_layer_norm` (the op `F.layer_norm`'s autograd runs, and its backward, so DTensor
+    places the same collectives) of x's fp32 copy, keeping x in its own dtype beside the per-row
+    mean and rstd, as a fused kernel does (Transformer Engine's LayerNorm keeps the bf16 input
+    with mu and rsigma); plain autograd would keep the fp32 copy, twice the bytes of a bf16 input.
+    A weight and bias of the normalised width go into the op; broadcast ones (one per head,
+    `HeadwiseNorm`) are applied after it, and their gradients re-form the normalised x, where
+    plain autograd would keep it. The gradient comes back in x's dtype, as the cast's would."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        width = [x.shape[-1]]
+        inside = weight is None or list(weight.shape) == width
+        y, mean, rstd = torch.ops.aten.native_layer_norm(
+            _wide(x), width, weight if inside else None, bias if inside else None, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.inside = inside
+        if not inside:
+            y = y * weight if bias is None else torch.addcmul(bias, y, weight)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        x32, width = _wide(x), [x.shape[-1]]
+        if ctx.inside:
+            mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            d_x, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
+                d_out, x32, width, mean, rstd, weight, bias, mask)
+        else:
+            d_weight = (d_out * ((x32 - mean) * rstd)).sum_to_size(weight.shape)
+            d_bias = d_out.sum_to_size(bias.shape) if bias is not None else None
+            d_x, _, _ = torch.ops.aten.native_layer_norm_backward(
+                d_out * weight, x32, width, mean, rstd, None, None, [True, False, False])
+        return d_x.to(x.dtype) if d_x is not None else None, d_weight, d_bias, None
 
 
 class HeadwiseNorm(nn.Module):
@@ -122,19 +248,22 @@ class HeadwiseNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x_BHTDh: Tensor) -> Tensor:
-        dh = (x_BHTDh.shape[-1],)
-        x = x_BHTDh.float()
+        weight = self.weight.float()[:, None, :] if self.weight is not None else None
+        bias = self.bias.float()[:, None, :] if self.bias is not None else None
+        if torch.jit.is_tracing():
+            # fvcore's trace: the plain ops (an autograd Function would be one opaque op)
+            x = x_BHTDh.float()
+            dh = (x.shape[-1],)
+            y = F.rms_norm(x, dh, None, self.eps) if self.kind == "rmsnorm" else F.layer_norm(x, dh, None, None, self.eps)
+            y = y * weight if weight is not None else y
+            return (y + bias if bias is not None else y).type_as(x_BHTDh)
         match self.kind:
             case "rmsnorm":
-                y = F.rms_norm(x, dh, None, self.eps)
+                y = _RMSNormKeepingInput.apply(x_BHTDh, weight, self.eps)
             case "layernorm":
-                y = F.layer_norm(x, dh, None, None, self.eps)
+                y = _LayerNormKeepingInput.apply(x_BHTDh, weight, bias, self.eps)
             case _:
                 assert_never(self.kind)
-        if self.weight is not None:
-            y = y * self.weight.float()[:, None, :]
-        if self.bias is not None:
-            y = y + self.bias.float()[:, None, :]
         return y.type_as(x_BHTDh)
 
 

@@ -93,8 +93,9 @@ saved gathered (whole b·s·h per sub-block kept, one all-gather fewer per sub-b
 head's gathered input is kept, each SP norm weight's gradient is all-reduced in bf16 per
 micro-batch (Megatron: all of them once per step, fp32), full recompute stops early by default
 (`uses_early_stop`), tied ends at pp = 1 are one FSDP unit, each non-last model chunk's output is
-kept until its backward (`_held_output`); and its
-"flash" kernel is SDPA in plain autograd (act(gate), fp32 norm inputs kept). Its DP records are
+kept until its backward (`_held_output`), MLA's latents are kept whole on every tp rank
+(`_latent_bytes`); and its "flash" kernel is SDPA in plain autograd (act(gate) kept, an MoE
+router's fp32 input copy). Its DP records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
@@ -170,6 +171,7 @@ from typing import Literal, TypeVar
 
 from typing_extensions import assert_never
 
+from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
 from archplan.analytic.memory import RECOMPUTE_MODES, Recompute, activation_memory
 from archplan.errors import ArchplanError
 from archplan.hardware import FP8_TN_ONLY, Accelerator
@@ -410,10 +412,13 @@ class LayerActs:
     block_input: int  # what full recompute keeps
     glu_extra: int  # the activation's output eager GLUs keep and fused ones recompute
     norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
-    fp32_inputs: int  # other inputs the torch modules cast to fp32 (`_fp32_cast_width`), counted at 16 bits
+    fp32_inputs: int  # inputs the torch modules keep as fp32 copies (`_fp32_cast_width`), counted at 16 bits
     combine: int  # an MoE layer's routed rows live at its combine beside the saved tensors (`_combine_rows`)
     weighting: int  # Megatron-Core's MoE layer keeps this beyond archplan's torch MoE (`_weighting_delta`)
     up_proj: int  # MLA's Q, K and V, which the "mla_up_proj" module recompute drops (`RecomputeModule`)
+    latent: int  # MLA's latent tensors (`_latent_bytes`), whole on every tp rank of the torch engine
+    # a Hyena layer's filters, kept once per forward whatever the micro-batch (not in `kept`: `_filter_kept`)
+    filters: HyenaFilterActs = HyenaFilterActs(0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -468,7 +473,9 @@ class ModelData:
         per_layer = {mode: _by_layer(acts[mode], [layer.path for layer in plan.layers])
                      for mode in ("none", "selective")}
         for layer in plan.layers:
-            kept = {mode: per_layer[mode][layer.path] for mode in ("none", "selective")}
+            filters = (hyena_filter_activation_bytes(layer.mixer, h, seq, ACT_BYTES)
+                       if isinstance(layer.mixer, HyenaPlan) else HyenaFilterActs(0, 0, 0))
+            kept = {mode: per_layer[mode][layer.path] - filters.total for mode in ("none", "selective")}
             kept["full"] = acts["full"][layer.path]
             shared_input = plan.residual == "parallel" and len(layer.norms) == 1
             ffn_column = _tp_ffn(layer) and not shared_input
@@ -480,7 +487,8 @@ class ModelData:
                                        ACT_BYTES * seq * h * len(layer.norms),
                                        ACT_BYTES * seq * _fp32_cast_width(layer, h),
                                        _combine_rows(layer, seq, h),
-                                       seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq)))
+                                       seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
+                                       _latent_bytes(layer, seq), filters))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -755,6 +763,18 @@ def _up_proj_bytes(layer: LayerPlan, seq: int) -> int:
     return ACT_BYTES * seq * m.n_heads * (2 * m.qk_head_dim + m.v_head_dim)
 
 
+def _latent_bytes(layer: LayerPlan, seq: int) -> int:
+    """Bytes of one sequence's MLA latents through a layer, as `analytic.memory._mixer_bytes` counts
+    them (the q and kv latent norms' inputs and the up-projections' inputs); 0 elsewhere. The
+    torch engine replicates the down-projections and their norms over tp
+    (`distributed.plans.mla_plan`: they run on every rank's gathered input), so every rank keeps
+    them whole, where the rest of the layer splits by heads."""
+    if not isinstance(layer.mixer, MLAPlan):
+        return 0
+    m = layer.mixer
+    return ACT_BYTES * seq * 2 * ((m.q_lora_rank or 0) + m.kv_lora_rank)
+
+
 def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
     """`LayerActs.combine` on one rank: each tp rank routes its own sequence shard under SP
     (expert tensor parallelism 1) and every token without it, as the EP all-to-all's payload."""
@@ -762,19 +782,12 @@ def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
 
 
 def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
-    """Per token, the elements of a layer's inputs that the torch modules cast to fp32 before use,
-    beyond the block norms': the q/k norms' (`modules.norms`: `x.float()`), MLA's latent norms', and
-    an MoE router's (`modules.moe.Router`: fp32 logits from `x.float()`). Plain autograd keeps
-    those fp32 copies, twice the 16-bit inputs the per-tensor model counts."""
-    width = 0
-    match layer.mixer:
-        case AttentionPlan(qk_norm=qk_norm) if qk_norm is not None:
-            width += (layer.mixer.n_heads + layer.mixer.n_kv_heads) * layer.mixer.head_dim
-        case MLAPlan():
-            width += (layer.mixer.q_lora_rank or 0) + layer.mixer.kv_lora_rank
-    if isinstance(layer.ffn, MoEPlan):
-        width += h
-    return width
+    """Per token, the elements of a layer's inputs that the torch modules keep as fp32 copies: an
+    MoE router's (`modules.moe.Router`: fp32 logits from `x.float()`, kept for its weight's
+    gradient, as Megatron-Core's fp32 router keeps its cast input), twice the 16-bit input the
+    per-tensor model counts. The norms compute on fp32 copies too but keep their inputs in their
+    own dtype (`modules.norms`' units), as fused norms do."""
+    return h if isinstance(layer.ffn, MoEPlan) else 0
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -1039,13 +1052,11 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     column = replicated - acts.norm_inputs  # the column-parallel projections' inputs
     match kernel:
         case "flash" if engine == "torch":
-            # a fused SDPA kernel inside plain autograd: act(gate) is kept and each norm keeps its
-            # input as the fp32 copy it computes on (archplan.modules.norms: x.float()), as do the
-            # q/k norms, MLA's latent norms and an MoE router (`_fp32_cast_width`); selective
-            # recompute checkpoints the kernel alone, which then keeps no log-sum-exp
+            # a fused SDPA kernel inside plain autograd: act(gate) is kept, and an MoE router's
+            # fp32 input copy (`_fp32_cast_width`); selective recompute checkpoints the kernel
+            # alone, which then keeps no log-sum-exp
             lse = acts.lse if recompute == "none" else 0
-            kept = acts.kept["selective"] - dropped + lse + acts.norm_inputs + acts.fp32_inputs
-            replicated += acts.norm_inputs
+            kept = acts.kept["selective"] - dropped + lse + acts.fp32_inputs
         case "flash":
             # Megatron-Core with Transformer Engine's fusions: a fused SwiGLU, memory-efficient
             # norms, and routed copies weighted inside the experts (`_weighting_delta`)
@@ -1056,15 +1067,25 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
             pass
         case _:
             assert_never(kernel)
+    whole = acts.latent if engine == "torch" else 0  # `_latent_bytes`
     if sp:
         match engine:
             case "megatron":  # the column input kept sequence-sharded, re-gathered in the backward
                 return kept / tp
             case "torch":  # DTensor's matmul saves its gathered (Replicate) input
-                return column + (kept - column) / tp
+                return column + whole + (kept - column - whole) / tp
             case _:
                 assert_never(engine)
-    return replicated + (kept - replicated) / tp
+    return replicated + whole + (kept - replicated - whole) / tp
+
+
+def _filter_kept(acts: LayerActs, layout: Layout) -> float:
+    """Bytes one micro-batch's forward keeps of a Hyena layer's filters on one rank: the spectra
+    of the rank's channels (split over tp by `distributed.plans.hyena_plan`, over cp by the
+    channel exchange of `distributed.context`), the decay window of its tp channels (the filter
+    runs whole on every cp rank), the filter MLP's trunk whole (replicated over tp)."""
+    f = acts.filters
+    return f.spectra / (layout.tp * layout.cp) + f.window / layout.tp + f.trunk
 
 
 def _cp_keeps_gathered(layout: Layout, engine: Engine) -> bool:
@@ -1274,6 +1295,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         per_mb += _held_output(data, layout, chunk, engine)
         activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine)
+        if mode != "full":
+            activations += count * sum(_filter_kept(data.acts[i], layout) for i in chunk.layers)
         if mode != "full" and _cp_keeps_gathered(layout, engine):
             activations += count * sum(_cp_kept(data, layout, i, engine) for i in chunk.layers)
         if chunk.last:
@@ -1287,7 +1310,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         whole = data.layer_acts(layout, "none", kernel, engine)
         rerun = max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
-                     + _cp_kept(data, layout, i, engine) for i in layers), default=0.0)
+                     + _cp_kept(data, layout, i, engine) + _filter_kept(data.acts[i], layout) for i in layers),
+                    default=0.0)
         activations += max(head, rerun)
     else:
         # the combine's transient rows of the rank's last forward, before the head runs
