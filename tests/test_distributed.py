@@ -357,32 +357,31 @@ def test_fake_verify_s4_without_an_ffn(fake_world: None, tmp_path: Path) -> None
     assert all(row.analytic >= 0 for row in result.collectives)
 
 
-# measured / analytic activations of each case: within ACTIVATION_TOLERANCE where verify passes,
-# else within the bounds given (docs/distributed.md "Activations"). Mamba-1 under full recompute:
-# the analytic peak is the re-run of its Mamba layer, with what the selective-scan kernel keeps
+# measured / analytic activations of each case, within ACTIVATION_TOLERANCE (docs/distributed.md
+# "Activations"). Mamba-1 under full recompute: the analytic peak is the re-run of its Mamba layer, with what the selective-scan kernel keeps
 # (its fp32 chunk states, which archplan's scan unit does not keep: it recomputes from h0); the
 # measured one, sampled at the end of that re-run (`RecomputeAsActivations.rerun_sample`), holds
 # the re-run's working set beside what the layer keeps: 1.02× at 32 tokens, 1.07× at 256, 1.08×
 # at 1,024 (1.10×, 1.16×, 1.16× while the norms kept their inputs' fp32 copies; 1.26×, 1.33×,
-# 1.34× with the composite rms_norm's x·rstd too). Mamba-2's tiny spec keeps more than the fused
-# kernel's figures count (its SiLU input, the chunks' fp32 C·Bᵀ and chunk states): bounded at
-# its measured +40 % (+55 % with the composite norms' x·rstd, +246 % when plain autograd kept
-# every SSD intermediate). StripedHyena's mixer keeps what the analytic terms count (its gated
-# skip is one unit); the +33 % outside it (the attention layer, the GLU, the head) was the
-# composite norms' x·rstd: +7 %, then +5 %. Hyena: +2 % since its filters' window and trunk are counted.
-@pytest.mark.parametrize(("spec", "layout", "bounds"), [
-    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None),
-    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None),
-    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", (1.0, 1.45)),
-    ("tiny-hyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None),
-    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1,sp=off", None),
-    ("tiny-s4d.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None),
+# 1.34× with the composite rms_norm's x·rstd too). Mamba-2's unit keeps more than mamba_ssm's
+# kernels (its SiLU input, the chunks' fp32 C·Bᵀ and chunk states), which the torch engine's
+# terms count now (`cluster._ssd_kept`): judged, where it was bounded at its measured +40 % (+55 %
+# with the composite norms' x·rstd, +246 % when plain autograd kept every SSD intermediate).
+# StripedHyena's mixer keeps what the analytic terms count (its gated skip is one unit); the
+# +33 % outside it (the attention layer, the GLU, the head) was the composite norms' x·rstd: +7 %,
+# then +5 %. Hyena: +2 % since its filters' window and trunk are counted.
+@pytest.mark.parametrize(("spec", "layout"), [
+    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
+    ("tiny-mamba.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1"),
+    ("tiny-mamba2.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1"),
+    ("tiny-hyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1"),
+    ("tiny-stripedhyena.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1,sp=off"),
+    ("tiny-s4d.yaml", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
 ], ids=["mamba1-full-recompute", "mamba1", "mamba2-zero2", "hyena", "stripedhyena-no-sp", "s4d-full-recompute"])
-def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: str, layout: str,
-                                                       bounds: tuple[float, float] | None) -> None:
+def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: str, layout: str) -> None:
     """Model states and every collective (x_proj's all-reduces, S4's all-to-all, the replicated
     tensors' gradient sums) as planning.cluster prices them, two micro-batches; activations within
-    verify's tolerance, or measured / analytic within `bounds`."""
+    verify's tolerance."""
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(FIXTURES / spec))
@@ -393,11 +392,7 @@ def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: s
     for row in result.collectives:
         assert row.ok, row
     assert any(r.mesh_dim == "tp" and r.measured for r in result.collectives)
-    acts = rows["activations"]
-    if bounds is None:
-        assert acts.ok, acts
-    else:
-        assert bounds[0] * acts.analytic < acts.measured < bounds[1] * acts.analytic, acts
+    assert rows["activations"].ok, rows["activations"]
 
 
 def test_mamba2_with_fewer_groups_than_tp_is_refused(fake_world: None) -> None:

@@ -394,3 +394,17 @@ def test_mla_decode_flops_on_meta(keys: int, window: int | None) -> None:
         module(torch.zeros(b, 1, D, device="meta", dtype=torch.bfloat16), state)
     attended = min(keys, window) if window else keys
     assert counter.get_total_flops() == b * mla_decode_flops(module.plan, D, attended)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_bf16_rotation_keeps_one_cast_of_each_table(kind: str) -> None:
+    """RoPE's fp32 cos/sin tables are cast to the compute dtype once for q and k (`cast_tables`):
+    the rotation keeps one bf16 (T, R) copy of each, where a cast per operand kept two."""
+    from autograd_units import saved_during, storages
+
+    module = (Attention(attn_plan(n_kv=2), D, ROPE, alibi=False) if kind == "gqa" else MLA(mla_plan(), D, ROPE, False))
+    module = module.bfloat16()
+    t, r = 6, 8 if kind == "gqa" else 4
+    _, saved = saved_during(lambda: module(torch.randn(1, t, D, dtype=torch.bfloat16, requires_grad=True)))
+    tables = [s for s in saved if tuple(s.shape) == (t, r) and s.dtype == torch.bfloat16]
+    assert len(storages(tables)) == 2, [tuple(s.shape) for s in saved]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from archplan.modules.attention import SequenceShard, attention_core, cache_step, sdpa
 from archplan.modules.cache import LatentState
 from archplan.modules.norms import build_norm
-from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, yarn_mscale
+from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, cast_tables, yarn_mscale
 from archplan.resolve import MLAPlan
 from archplan.spec import Rope
 
@@ -113,7 +113,7 @@ class MLA(nn.Module):
         q_nope, q_pe, ckv_BTC, kpe_BTR = self._latent(x_BTD)
         kpe_BTR = self.k_pe(kpe_BTR)
         if self.rotary is not None:
-            cos, sin = self.rotary(offset, x_BTD.shape[1])
+            cos, sin = cast_tables(self.rotary(offset, x_BTD.shape[1]), q_pe.dtype)
             q_pe = apply_rotary(q_pe, cos, sin)
             kpe_BTR = apply_rotary(kpe_BTR, cos, sin)
         return q_nope, q_pe, ckv_BTC, kpe_BTR

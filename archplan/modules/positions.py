@@ -124,6 +124,13 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def cast_tables(cos_sin: tuple[Tensor, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RoPE's fp32 cos/sin tables cast once for the queries and the keys: each cast is a (T, R)
+    tensor the rotation's products keep for the backward, so casting inside `apply_rotary`, once
+    for q and once for k, kept two copies of each."""
+    return cos_sin[0].to(dtype), cos_sin[1].to(dtype)
+
+
 def apply_rotary(x_BHTDh: Tensor, cos_TR: Tensor, sin_TR: Tensor) -> Tensor:
     """Rotate the first R dims in GPT-NeoX half-split layout (HF `apply_rotary_pos_emb`); the rest pass."""
     r = cos_TR.shape[-1]

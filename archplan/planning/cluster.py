@@ -95,7 +95,8 @@ micro-batch (Megatron: all of them once per step, fp32), full recompute stops ea
 (`uses_early_stop`), tied ends at pp = 1 are one FSDP unit, each non-last model chunk's output is
 kept until its backward (`_held_output`), MLA's latents are kept whole on every tp rank
 (`_latent_bytes`); and its "flash" kernel is SDPA in plain autograd (act(gate) kept, an MoE
-router's fp32 input copy). Its DP records are
+router's fp32 input copy, what Mamba-2's unit keeps beyond mamba_ssm: `_ssd_kept`). Its DP
+records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
@@ -417,6 +418,7 @@ class LayerActs:
     weighting: int  # Megatron-Core's MoE layer keeps this beyond archplan's torch MoE (`_weighting_delta`)
     up_proj: int  # MLA's Q, K and V, which the "mla_up_proj" module recompute drops (`RecomputeModule`)
     latent: int  # MLA's latent tensors (`_latent_bytes`), whole on every tp rank of the torch engine
+    ssd_kept: int  # what a Mamba-2 layer's torch modules keep beyond mamba_ssm's kernels (`_ssd_kept`)
     # a Hyena layer's filters, kept once per forward whatever the micro-batch (not in `kept`: `_filter_kept`)
     filters: HyenaFilterActs = HyenaFilterActs(0, 0, 0)
 
@@ -488,7 +490,7 @@ class ModelData:
                                        ACT_BYTES * seq * _fp32_cast_width(layer, h),
                                        _combine_rows(layer, seq, h),
                                        seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
-                                       _latent_bytes(layer, seq), filters))
+                                       _latent_bytes(layer, seq), _ssd_kept(layer, seq), filters))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -775,6 +777,20 @@ def _latent_bytes(layer: LayerPlan, seq: int) -> int:
     return ACT_BYTES * seq * 2 * ((m.q_lora_rank or 0) + m.kv_lora_rank)
 
 
+def _ssd_kept(layer: LayerPlan, seq: int) -> int:
+    """Bytes of one sequence a Mamba-2 layer's torch modules keep beyond what mamba_ssm's kernels
+    keep (`analytic.memory._mixer_bytes`): the conv's output before SiLU (causal-conv1d fuses
+    the SiLU and recomputes it), and `mamba2._ChunkedSSD`'s fp32 C·Bᵀ per chunk (G·q² a chunk)
+    and chunk states but the last (d_inner·N a chunk), which `_mamba_chunk_scan_combined_bwd`
+    recomputes and the unit keeps, so that no contraction is counted a fourth time; 0 elsewhere."""
+    if not isinstance(layer.mixer, Mamba2Plan):
+        return 0
+    m = layer.mixer
+    q = min(m.chunk_size, seq)
+    chunks = math.ceil(seq / q)
+    return ACT_BYTES * seq * m.conv_dim + 4 * m.n_groups * chunks * q * q + 4 * (chunks - 1) * m.d_inner * m.d_state
+
+
 def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
     """`LayerActs.combine` on one rank: each tp rank routes its own sequence shard under SP
     (expert tensor parallelism 1) and every token without it, as the EP all-to-all's payload."""
@@ -1052,11 +1068,12 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     column = replicated - acts.norm_inputs  # the column-parallel projections' inputs
     match kernel:
         case "flash" if engine == "torch":
-            # a fused SDPA kernel inside plain autograd: act(gate) is kept, and an MoE router's
-            # fp32 input copy (`_fp32_cast_width`); selective recompute checkpoints the kernel
-            # alone, which then keeps no log-sum-exp
+            # a fused SDPA kernel inside plain autograd: act(gate) is kept, an MoE router's fp32
+            # input copy (`_fp32_cast_width`) and what Mamba-2's unit keeps beyond mamba_ssm
+            # (`_ssd_kept`); selective recompute checkpoints the kernel alone, which then keeps
+            # no log-sum-exp
             lse = acts.lse if recompute == "none" else 0
-            kept = acts.kept["selective"] - dropped + lse + acts.fp32_inputs
+            kept = acts.kept["selective"] - dropped + lse + acts.fp32_inputs + acts.ssd_kept
         case "flash":
             # Megatron-Core with Transformer Engine's fusions: a fused SwiGLU, memory-efficient
             # norms, and routed copies weighted inside the experts (`_weighting_delta`)
