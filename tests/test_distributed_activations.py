@@ -130,7 +130,10 @@ def test_selective_recompute_keeps_no_more_than_none(fake_world: None) -> None:
     ("tiny-mla-moe.yaml", "tp=4,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", 1.38),
     ("tiny-qk-norm.yaml", "tp=2,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=full,mb=1", 1.31),
     ("tiny-mamba2.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", 1.44),
-], ids=["hyena-cp2", "hyena-tp2-cp2-pp2-full", "mla-tp4", "mla-moe-tp4", "qk-norm-tp2-pp2-full", "mamba2"])
+    ("tiny-mqa-alibi.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", 1.41),
+    ("tiny-mqa-alibi.yaml", "tp=2,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=full,mb=1", 3.0),
+], ids=["hyena-cp2", "hyena-tp2-cp2-pp2-full", "mla-tp4", "mla-moe-tp4", "qk-norm-tp2-pp2-full", "mamba2",
+        "alibi", "alibi-tp2-pp2-full"])
 def test_layouts_that_measured_over_the_analytic_activations(fake_world: None, spec: str, layout: str,
                                                              before: float) -> None:
     """Layouts whose measured activations were over the analytic figure by `before` (measured /
@@ -140,7 +143,9 @@ def test_layouts_that_measured_over_the_analytic_activations(fake_world: None, s
     and the filter MLP, once per forward, the window whole on every cp rank) were not counted,
     MLA's latents, whole on every tp rank, were counted split by heads, and what Mamba-2's unit
     keeps beyond mamba_ssm's kernels (the SiLU input, C·Bᵀ, the chunk states) was not counted.
-    RoPE's cos/sin tables were cast once per operand (`positions.cast_tables`)."""
+    RoPE's cos/sin tables were cast once per operand (`positions.cast_tables`). Each ALiBi layer
+    built and kept its own bias, and a layer's re-run built another with its fp32 working set;
+    one bias per model chunk is built now and shared (`attention.BiasCache`), and counted."""
     rows = _rows(FIXTURES / spec, layout, 128, parse_layout(layout).complete().pp)
     acts = rows["activations"]
     assert acts.ok and acts.measured / acts.analytic < min(before, 1.15), acts

@@ -408,3 +408,37 @@ def test_bf16_rotation_keeps_one_cast_of_each_table(kind: str) -> None:
     _, saved = saved_during(lambda: module(torch.randn(1, t, D, dtype=torch.bfloat16, requires_grad=True)))
     tables = [s for s in saved if tuple(s.shape) == (t, r) and s.dtype == torch.bfloat16]
     assert len(storages(tables)) == 2, [tuple(s.shape) for s in saved]
+
+
+def test_alibi_bias_is_built_once_for_the_layers_and_the_steps() -> None:
+    """A model's ALiBi layers share one bias (`BiasCache`), kept by SDPA for the backward: one
+    (1, H, T, T) tensor whatever the layers or steps, equal to the one each layer would build; a
+    new length replaces it."""
+    from archplan.modules.model import ArchplanModel
+    from archplan.resolve import resolve
+    from archplan.spec import Spec
+
+    spec = Spec.model_validate({
+        "name": "alibi", "vocab_size": 64, "d_model": 32, "n_layers": 3, "max_seq_len": 32,
+        "position": {"kind": "alibi"}, "attention": {"kind": "mqa", "n_heads": 4},
+        "ffn": {"kind": "mlp", "d_ff": 64, "activation": "gelu"},
+    })
+    torch.manual_seed(0)
+    model = ArchplanModel(resolve(spec))
+    biases = {id(layer.mixer.biases) for layer in model.layers}
+    assert len(biases) == 1 and None not in biases
+    cache = model.layers[0].mixer.biases
+    tokens = torch.randint(0, 64, (2, 12))
+    built = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: built.append(t) or t, lambda t: t):
+        logits = model(tokens)
+    biases_kept = [t for t in built if tuple(t.shape) == (1, 4, 12, 12)]
+    assert len(biases_kept) == 3 and len({t.data_ptr() for t in biases_kept}) == 1
+    pos = torch.arange(12)
+    alibi = model.layers[1].mixer.alibi
+    assert torch.equal(biases_kept[0], attention_mask(pos, pos, None, alibi, torch.float32))
+    model(tokens)
+    assert len(cache.built) == 1
+    model(tokens[:, :5])
+    assert [tuple(t.shape) for t in cache.built.values()] == [(1, 4, 5, 5)]
+    assert torch.isfinite(logits).all()

@@ -72,6 +72,9 @@ class RankAlibi(Alibi):
         self.total, self.start = total, start
         super().__init__(count)
 
+    def signature(self) -> tuple[object, ...]:
+        return ("rank", self.total, self.start, self.n_heads)
+
     def reset_buffers(self) -> None:
         table = alibi_slopes(self.total)[self.start:self.start + self.n_heads]
         self.slopes = torch.tensor(table, dtype=torch.float32, device=self.slopes.device)

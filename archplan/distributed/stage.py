@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from archplan.errors import ArchplanError
 from archplan.modules.block import Block
-from archplan.modules.model import ArchplanModel, TiedLMHead, resolve_device
+from archplan.modules.model import ArchplanModel, TiedLMHead, resolve_device, share_biases
 from archplan.modules.positions import SinusoidalPositions
 from archplan.planning.layout import Layout, pipeline_chunks
 from archplan.resolve import ModelPlan
@@ -31,6 +31,7 @@ class Stage(nn.Module):
         self.pos_embed = model.pos_embed if first else None
         self.embed_norm = model.embed_norm if first else None
         self.layers = nn.ModuleDict({str(i): Block(plan.layers[i], plan) for i in layers})
+        share_biases(self.layers)
         self.final_norm = model.final_norm if last else None
         self.lm_head = model.lm_head if last else None
 

@@ -2,7 +2,8 @@
 
 Masks: causal, sliding window (key j visible from query i iff i − W < j ≤ i, HF Mistral), ALiBi
 biases. Without a cache and without window/ALiBi the call is `is_causal=True` so GPU kernels
-(flash / memory-efficient) apply; otherwise an explicit mask from absolute positions. On meta,
+(flash / memory-efficient) apply; otherwise an explicit mask from absolute positions. A model's
+ALiBi layers share one bias (`BiasCache`). On meta,
 SDPA is counted as the full T² square over the query heads (docs/architecture.md, FLOPs).
 
 The KV cache (`cache.KVState`) is written in place; sliding layers use a rolling buffer of the
@@ -83,6 +84,28 @@ def attention_mask(
     return bias_HTS.to(dtype)[None]
 
 
+class BiasCache:
+    """The ALiBi biases of a model's (or pipeline stage's) attention layers, built once and shared
+    by the layers, the micro-batches and the re-runs of recompute, as the context-parallel mask is
+    (`SequenceShard.mask`): SDPA keeps the bias it is given for the backward, so a bias built per
+    layer kept H·T·S elements a layer, and one built in a re-run added its fp32 working set to the
+    backward's peak. Hugging Face's BLOOM builds its ALiBi once per forward. Only a fresh sequence's
+    bias (no cache: positions 0 … T − 1 in every layer) is kept, and only the last length's."""
+
+    def __init__(self) -> None:
+        self.built: dict[tuple[object, ...], Tensor] = {}
+
+    def mask(self, qpos_T: Tensor, kpos_S: Tensor, window: int | None, alibi: Alibi,
+             dtype: torch.dtype) -> Tensor:
+        shape = (qpos_T.shape[0], kpos_S.shape[0], dtype, qpos_T.device)
+        key = (*shape, alibi.signature(), window)
+        if key not in self.built:
+            if any(k[:4] != shape for k in self.built):
+                self.built.clear()  # a new length, dtype or device: the old biases are not used again
+            self.built[key] = attention_mask(qpos_T, kpos_S, window, alibi, dtype)
+        return self.built[key]
+
+
 _CACHED_KERNELS = (
     (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
     (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
@@ -129,12 +152,14 @@ def sdpa(
     gqa: bool,
     scale: float | None = None,
     mask: Tensor | None = None,
+    biases: BiasCache | None = None,
 ) -> Tensor:
     """Causal attention over (cached +) new keys; GQA/MQA through `enable_gqa` (no K/V repeat).
 
     `gqa` comes from the plan's integers, not from tensor shapes, so a JIT trace (fvcore) sees a
     Python bool. `mask`: one already built (context parallelism: the keys are not in sequence
-    order, and the layers share one mask, `SequenceShard.mask`).
+    order, and the layers share one mask, `SequenceShard.mask`); `biases`: the layers' shared
+    ALiBi biases (`BiasCache`).
     """
     if gqa and q_BHTD.device.type == "cuda":
         # CUDA's fused kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch
@@ -155,6 +180,8 @@ def sdpa(
             if q_BHTD.shape[2] == 1:
                 # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
                 return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
+        if mask is None and alibi is not None and biases is not None and not cached:
+            mask = biases.mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
         if mask is None:
             mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
         return F.scaled_dot_product_attention(
@@ -218,6 +245,7 @@ class Attention(nn.Module):
         self.alibi = Alibi(h) if alibi else None
         self.context: SequenceShard | None = None
         self.recompute_core = False  # selective recompute (`attention_core`)
+        self.biases: BiasCache | None = None  # the model's, shared by its layers (`model.share_biases`)
 
     def new_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVState:
         p = self.plan
@@ -259,6 +287,7 @@ class Attention(nn.Module):
         out_BHTDh = attention_core(
             self.recompute_core, q, k, v, qpos_T, kpos_S,
             window=p.window, alibi=self.alibi, cached=state is not None, gqa=p.n_kv_heads != p.n_heads,
+            biases=self.biases,
         )
         return self.o_proj(out_BHTDh.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim))
 

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from archplan.modules.attention import SequenceShard, attention_core, cache_step, sdpa
+from archplan.modules.attention import BiasCache, SequenceShard, attention_core, cache_step, sdpa
 from archplan.modules.cache import LatentState
 from archplan.modules.norms import build_norm
 from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, cast_tables, yarn_mscale
@@ -65,6 +65,7 @@ class MLA(nn.Module):
         self.alibi = Alibi(h) if alibi else None
         self.context: SequenceShard | None = None  # context parallelism (`distributed.context`)
         self.recompute_core = False  # selective recompute (`attention.attention_core`)
+        self.biases: BiasCache | None = None  # the model's, shared by its layers (`model.share_biases`)
         self.scale = 1.0 / math.sqrt(plan.qk_head_dim)
         scaling = rope.scaling if rope is not None else None
         if scaling is not None and scaling.kind == "yarn" and scaling.mscale_all_dim:
@@ -178,6 +179,7 @@ class MLA(nn.Module):
         out_BHTDv = attention_core(
             self.recompute_core, q_BHTX, k_BHSX, v_BHSDv, qpos_T, kpos_S,
             window=p.window, alibi=self.alibi, cached=cached, gqa=False, scale=self.scale, mask=mask,
+            biases=self.biases,
         )
         return out_BHTDv.transpose(1, 2).reshape(b, t, h * dv)
 

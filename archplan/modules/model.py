@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import assert_never
 
 from archplan.errors import ArchplanError
-from archplan.modules.attention import Attention
+from archplan.modules.attention import Attention, BiasCache
 from archplan.modules.block import Block
 from archplan.modules.cache import ModelCache
 from archplan.modules.ffn import GLU, MLP
@@ -52,6 +52,14 @@ class TiedLMHead(nn.Module):
         return F.linear(x_BTD, weight_VD, self.bias)
 
 
+def share_biases(layers: nn.Module) -> None:
+    """One `BiasCache` for the attention modules of `layers` (a model's, a pipeline stage's)."""
+    biases = BiasCache()
+    for module in layers.modules():
+        if isinstance(module, Attention | MLA):
+            module.biases = biases
+
+
 class ArchplanModel(nn.Module):
     def __init__(self, plan: ModelPlan) -> None:
         super().__init__()
@@ -70,6 +78,7 @@ class ArchplanModel(nn.Module):
                 assert_never(plan.position)
         self.embed_norm = build_norm(plan.norm, d) if plan.embed_norm else None
         self.layers = nn.ModuleList(Block(layer, plan) for layer in plan.layers)
+        share_biases(self.layers)
         self.final_norm = build_norm(plan.norm, d) if plan.final_norm else None
         self.lm_head: nn.Module = (
             TiedLMHead(plan.vocab_size, plan.lm_head_bias)

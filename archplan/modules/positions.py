@@ -171,6 +171,10 @@ class Alibi(nn.Module):
     def reset_buffers(self) -> None:
         self.slopes = torch.tensor(alibi_slopes(self.n_heads), dtype=torch.float32, device=self.slopes.device)
 
+    def signature(self) -> tuple[object, ...]:
+        """What its slopes are a function of: layers with equal signatures have equal biases."""
+        return ("alibi", self.n_heads)
+
     def forward(self, qpos_T: Tensor, kpos_S: Tensor) -> Tensor:
         distance_TS = (kpos_S[None, :] - qpos_T[:, None]).float()
         return self.slopes[:, None, None] * distance_TS[None]  # (H, T, S), elementwise

@@ -95,8 +95,8 @@ micro-batch (Megatron: all of them once per step, fp32), full recompute stops ea
 (`uses_early_stop`), tied ends at pp = 1 are one FSDP unit, each non-last model chunk's output is
 kept until its backward (`_held_output`), MLA's latents are kept whole on every tp rank
 (`_latent_bytes`); and its "flash" kernel is SDPA in plain autograd (act(gate) kept, an MoE
-router's fp32 input copy, what Mamba-2's unit keeps beyond mamba_ssm: `_ssd_kept`). Its DP
-records are
+router's fp32 input copy, what Mamba-2's unit keeps beyond mamba_ssm: `_ssd_kept`), and its
+ALiBi is one shared bias per model chunk (`_alibi_bias`). Its DP records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
@@ -799,9 +799,8 @@ def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
 
 def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
     """Per token, the elements of a layer's inputs that the torch modules keep as fp32 copies: an
-    MoE router's (`modules.moe.Router`: fp32 logits from `x.float()`, kept for its weight's
-    gradient, as Megatron-Core's fp32 router keeps its cast input), twice the 16-bit input the
-    per-tensor model counts. The norms compute on fp32 copies too but keep their inputs in their
+    MoE router's (`modules.moe.Router`: fp32 logits from `x.float()`, the copy kept for its
+    weight's gradient), twice the 16-bit input the per-tensor model counts. The norms compute on fp32 copies too but keep their inputs in their
     own dtype (`modules.norms`' units), as fused norms do."""
     return h if isinstance(layer.ffn, MoEPlan) else 0
 
@@ -1160,6 +1159,22 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     return TOKEN_ID_BYTES * ids + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
 
 
+def _alibi_bias(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
+    """Bytes of the ALiBi biases a model chunk holds on a rank of the torch engine outside context
+    parallelism: per distinct window, one (H/tp, T, T) additive bias in the compute dtype, built
+    once and shared by the chunk's layers, micro-batches and re-runs (`modules.attention.BiasCache`),
+    and kept by SDPA for the backward. Under context parallelism the shard's masks are
+    `_cp_shared`'s; FlashAttention's own ALiBi (slopes, no bias tensor) and Megatron-Core keep none."""
+    plan = data.plan
+    if engine != "torch" or layout.cp > 1 or plan.position != "alibi":
+        return 0
+    attention = [plan.layers[i].mixer for i in layers if isinstance(plan.layers[i].mixer, AttentionPlan | MLAPlan)]
+    if not attention:
+        return 0
+    heads = math.ceil(attention[0].n_heads / layout.tp)
+    return len({m.window for m in attention}) * ACT_BYTES * heads * data.seq * data.seq
+
+
 def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) -> float:
     """Bytes of one sequence's chunk output kept until that chunk's backward (the last chunk's is
     the loss). torch's pipelining keeps each stage output for its backward
@@ -1311,7 +1326,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         per_mb += _held_output(data, layout, chunk, engine)
-        activations += per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine)
+        activations += (per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine)
+                        + _alibi_bias(data, layout, chunk.layers, engine))
         if mode != "full":
             activations += count * sum(_filter_kept(data.acts[i], layout) for i in chunk.layers)
         if mode != "full" and _cp_keeps_gathered(layout, engine):
