@@ -413,7 +413,8 @@ def test_bf16_rotation_keeps_one_cast_of_each_table(kind: str) -> None:
 def test_alibi_bias_is_built_once_for_the_layers_and_the_steps() -> None:
     """A model's ALiBi layers share one bias (`BiasCache`), kept by SDPA for the backward: one
     (1, H, T, T) tensor whatever the layers or steps, equal to the one each layer would build; a
-    new length replaces it."""
+    new length replaces it; an inference-mode pass builds its own, which a training step could not
+    save."""
     from archplan.modules.model import ArchplanModel
     from archplan.resolve import resolve
     from archplan.spec import Spec
@@ -442,3 +443,9 @@ def test_alibi_bias_is_built_once_for_the_layers_and_the_steps() -> None:
     model(tokens[:, :5])
     assert [tuple(t.shape) for t in cache.built.values()] == [(1, 4, 5, 5)]
     assert torch.isfinite(logits).all()
+    # an evaluation pass under inference mode leaves no inference tensor for the next training step
+    cache.built.clear()
+    with torch.inference_mode():
+        model(tokens)
+    assert not cache.built
+    model(tokens).sum().backward()

@@ -180,7 +180,9 @@ def sdpa(
             if q_BHTD.shape[2] == 1:
                 # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
                 return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
-        if mask is None and alibi is not None and biases is not None and not cached:
+        if mask is None and alibi is not None and biases is not None and not cached \
+                and not torch.is_inference_mode_enabled():
+            # an inference tensor could not be saved by a later training step's SDPA
             mask = biases.mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
         if mask is None:
             mask = attention_mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
