@@ -93,15 +93,16 @@ class BiasCache:
     bias (no cache: positions 0 … T − 1 in every layer) is kept, and only the last length's."""
 
     def __init__(self) -> None:
-        self.built: dict[tuple[object, ...], Tensor] = {}
+        self.shape: tuple[object, ...] | None = None  # (T, S, dtype, device) of the biases built
+        self.built: dict[tuple[object, ...], Tensor] = {}  # by slopes and window
 
     def mask(self, qpos_T: Tensor, kpos_S: Tensor, window: int | None, alibi: Alibi,
              dtype: torch.dtype) -> Tensor:
         shape = (qpos_T.shape[0], kpos_S.shape[0], dtype, qpos_T.device)
-        key = (*shape, alibi.signature(), window)
+        if shape != self.shape:  # a new length, dtype or device: the old biases are not used again
+            self.shape, self.built = shape, {}
+        key = (alibi.signature(), window)
         if key not in self.built:
-            if any(k[:4] != shape for k in self.built):
-                self.built.clear()  # a new length, dtype or device: the old biases are not used again
             self.built[key] = attention_mask(qpos_T, kpos_S, window, alibi, dtype)
         return self.built[key]
 

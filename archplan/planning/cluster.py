@@ -419,8 +419,7 @@ class LayerActs:
     up_proj: int  # MLA's Q, K and V, which the "mla_up_proj" module recompute drops (`RecomputeModule`)
     latent: int  # MLA's latent tensors (`_latent_bytes`), whole on every tp rank of the torch engine
     ssd_kept: int  # what a Mamba-2 layer's torch modules keep beyond mamba_ssm's kernels (`_ssd_kept`)
-    # a Hyena layer's filters, kept once per forward whatever the micro-batch (not in `kept`: `_filter_kept`)
-    filters: HyenaFilterActs = HyenaFilterActs(0, 0, 0)
+    filters: HyenaFilterActs  # a Hyena layer's, kept once per forward whatever the micro-batch (`_filter_kept`)
 
 
 @dataclass(frozen=True)
@@ -800,8 +799,9 @@ def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
 def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
     """Per token, the elements of a layer's inputs that the torch modules keep as fp32 copies: an
     MoE router's (`modules.moe.Router`: fp32 logits from `x.float()`, the copy kept for its
-    weight's gradient), twice the 16-bit input the per-tensor model counts. The norms compute on fp32 copies too but keep their inputs in their
-    own dtype (`modules.norms`' units), as fused norms do."""
+    weight's gradient), twice the 16-bit input the per-tensor model counts. The norms compute on
+    fp32 copies too but keep their inputs in their own dtype (`modules.norms`' units), as fused
+    norms do."""
     return h if isinstance(layer.ffn, MoEPlan) else 0
 
 
@@ -1154,9 +1154,16 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
     ids = (seq // cp if attention else 0) + seq + (seq if long_conv else 0)
     if not attention:
         return TOKEN_ID_BYTES * ids
-    heads = math.ceil(attention[0].n_heads / layout.tp) if plan.position == "alibi" else 1
+    return TOKEN_ID_BYTES * ids + _shared_masks(data, layout, attention)
+
+
+def _shared_masks(data: ModelData, layout: Layout, attention: list[AttentionPlan | MLAPlan]) -> int:
+    """Bytes of the additive masks a model chunk's attention layers share, one per distinct
+    window, in the compute dtype: the rank's T/cp queries against every key, × the rank's heads
+    with ALiBi."""
+    heads = math.ceil(attention[0].n_heads / layout.tp) if data.plan.position == "alibi" else 1
     windows = {m.window for m in attention}
-    return TOKEN_ID_BYTES * ids + len(windows) * ACT_BYTES * heads * (seq // cp) * seq
+    return len(windows) * ACT_BYTES * heads * (data.seq // layout.cp) * data.seq
 
 
 def _alibi_bias(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
@@ -1169,10 +1176,7 @@ def _alibi_bias(data: ModelData, layout: Layout, layers: range, engine: Engine) 
     if engine != "torch" or layout.cp > 1 or plan.position != "alibi":
         return 0
     attention = [plan.layers[i].mixer for i in layers if isinstance(plan.layers[i].mixer, AttentionPlan | MLAPlan)]
-    if not attention:
-        return 0
-    heads = math.ceil(attention[0].n_heads / layout.tp)
-    return len({m.window for m in attention}) * ACT_BYTES * heads * data.seq * data.seq
+    return _shared_masks(data, layout, attention) if attention else 0
 
 
 def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) -> float:
@@ -1329,9 +1333,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         activations += (per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine)
                         + _alibi_bias(data, layout, chunk.layers, engine))
         if mode != "full":
-            activations += count * sum(_filter_kept(data.acts[i], layout) for i in chunk.layers)
-        if mode != "full" and _cp_keeps_gathered(layout, engine):
-            activations += count * sum(_cp_kept(data, layout, i, engine) for i in chunk.layers)
+            activations += count * sum(_filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine)
+                                       for i in chunk.layers)
         if chunk.last:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
             head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
