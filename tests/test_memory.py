@@ -312,3 +312,47 @@ def test_training_memory_totals() -> None:
     assert mem.total == 16 * params.total + max(mem.activations.peak, mem.optimizer_step, mem.tied_grad_sum)
     sharded = training_memory(plan, params, micro_batch=2, seq_len=64, zero_stage=1, dp=4)
     assert sharded.optimizer_step == math.ceil(params.total / 4) * 4
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_mla_math_kernel_count_is_what_autograd_saves(q_lora_rank: int | None) -> None:
+    """Independent check of the "torch-cpu" kernel on MLA, whose unequal q and v head sizes leave a
+    CPU only torch's math kernel: the bytes autograd saves in archplan's torch MLA (bf16, CPU,
+    saved-tensor hooks) are the analytic count, fp32 q, k, v copies and fp32 probabilities
+    included, plus what the count leaves out, named here: the kv latent norm keeps the whole
+    [c_kv | k_pe] storage it is a view of (R more columns), RoPE's bf16 cos and sin, and each latent
+    norm's fp32 statistics and weight copy."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.memory import _mixer_bytes
+    from archplan.modules.block import build_mixer
+
+    attention = {"kind": "mla", "n_heads": 4, "kv_lora_rank": 32, "q_lora_rank": q_lora_rank,
+                 "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+    plan = plan_of(vocab_size=64, d_model=64, n_layers=1, max_seq_len=64,
+                   position={"kind": "rope", "theta": 10000.0}, attention=attention,
+                   ffn={"kind": "glu", "d_ff": 128})
+    mixer_plan = plan.layers[0].mixer
+    module = build_mixer(mixer_plan, plan).to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    b, s, rope = 2, 24, 8
+    x_BTD = torch.randn(b, s, 64, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x_BTD)
+    counted = _mixer_bytes(mixer_plan, s, b, 64, 2, "none", "torch-cpu", False)
+    flash = _mixer_bytes(mixer_plan, s, b, 64, 2, "none", "flash", False)
+    norms = [32] + ([q_lora_rank] if q_lora_rank is not None else [])
+    left_out = 2 * b * s * rope + 2 * 2 * s * rope + sum(4 * b * s + 4 * width for width in norms)
+    assert sum(saved.values()) == counted + left_out
+    # the math kernel's fp32 operands and probabilities against the fused kernel's bf16 operands
+    # and log-sum-exp, what CUDA runs
+    heads, qk, v = 4, 24, 16
+    operands = b * s * heads * (2 * qk + v)
+    assert counted - flash == (4 - 2) * operands + 4 * heads * b * s * s - 4 * heads * b * s

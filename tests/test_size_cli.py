@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from archplan.analytic.memory import ATTENTION_KERNELS, RECOMPUTE_MODES
 from archplan.analytic.scaling import LAWS
 from archplan.cli import app
-from archplan.commands.size import KernelChoice, LawChoice, RecomputeChoice, parse_amount
+from archplan.commands.size import LawChoice, MemoryKernelChoice, RecomputeChoice, parse_amount
 from archplan.errors import ArchplanError
 from archplan.loader import preset_names
 
@@ -261,7 +261,7 @@ def test_parse_amount(text: str, value: float) -> None:
 
 def test_cli_choices_match_the_library() -> None:
     assert tuple(m.value for m in RecomputeChoice) == RECOMPUTE_MODES
-    assert tuple(m.value for m in KernelChoice) == ATTENTION_KERNELS
+    assert tuple(m.value for m in MemoryKernelChoice) == ATTENTION_KERNELS
 
 
 def test_attention_kernel_and_activation_dtype() -> None:

@@ -50,9 +50,14 @@ if TYPE_CHECKING:
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
 # "eager": the attention core in plain autograd keeps its s x s probabilities (Korthikanti's rows);
-# "flash": a fused kernel (FlashAttention, torch SDPA) keeps the fp32 log-sum-exp instead.
-AttentionKernel = Literal["eager", "flash"]
-ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("eager", "flash")
+# "flash": a fused kernel (FlashAttention, torch SDPA) keeps the fp32 log-sum-exp instead;
+# "torch-cpu": what torch's SDPA runs on a CPU, its flash kernel where q, k and v share one head
+# size and its math kernel where they do not (MLA: `_scaled_dot_product_attention_math`, the CPU's
+# only kernel for them), which `bench --train` measures there.
+AttentionKernel = Literal["eager", "flash", "torch-cpu"]
+ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("eager", "flash", "torch-cpu")
+# The kernel that runs: "torch-cpu" resolved for one attention's head sizes.
+CoreKernel = Literal["eager", "flash", "math"]
 Phase = Literal["loss backward", "layer re-run", "tied gradient sum", "optimizer step"]
 
 # Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
@@ -65,6 +70,7 @@ MASK_BYTES = 1
 LOGITS_BYTES = 4
 CE_BACKWARD_TENSORS = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1)
+FP32_BYTES = 4  # torch's math SDPA kernel: its q, k, v copies and probabilities
 # Token ids kept for the embedding backward (int64; Megatron's "embedding input 8·s·b").
 TOKEN_ID_BYTES = 8
 
@@ -94,14 +100,37 @@ STATES_CONVENTION = (
 INFERENCE_DTYPES: tuple[DType, ...] = (DType.fp32, DType.bf16, DType.fp8, DType.int8, DType.int4)
 
 
+def _core_kernel(kernel: AttentionKernel, qk_dim: int, v_dim: int) -> CoreKernel:
+    match kernel:
+        case "eager" | "flash":
+            return kernel
+        case "torch-cpu":
+            # torch sdp_utils_cpp `check_head_dim_size_cpp`: the CPU flash kernel needs one head size
+            return "flash" if qk_dim == v_dim else "math"
+        case _:
+            assert_never(kernel)
+
+
+def _core_operand_bytes(kernel: CoreKernel, recompute: Recompute, act: int, tokens: int, n_heads: int,
+                        kv_heads: int, qk_dim: int, v_dim: int) -> int:
+    """The query, key and value the attention core keeps. A fused kernel and eager autograd keep
+    them as the projections made them (K and V for the kv heads only). torch's math kernel keeps
+    its own fp32 copies instead (`_scaled_dot_product_attention_math` upcasts 16-bit inputs, scales
+    q and k by √scale and repeats K and V to every query head under `enable_gqa`), where it runs
+    the core without recompute; a selectively recomputed core keeps its inputs."""
+    if kernel == "math" and recompute == "none":
+        return FP32_BYTES * tokens * n_heads * (2 * qk_dim + v_dim)
+    return act * tokens * (n_heads * qk_dim + kv_heads * (qk_dim + v_dim))
+
+
 def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, act: int, recompute: Recompute,
-                          kernel: AttentionKernel, dropout: bool) -> int:
+                          kernel: CoreKernel, dropout: bool) -> int:
     """What the attention core keeps beyond its projections (Korthikanti et al. 2022 §4.1): eager,
     without recompute, the softmax output over the s x s scores per query head (2as²b), with
     dropout also its mask and output (as²b + 2as²b); selective recompute re-runs the core and keeps
     none of it (Korthikanti §5). A fused kernel keeps the fp32 log-sum-exp per head and query
-    instead, 4as·b (Dao et al. 2022 §3.1), unless the core is re-run. The attention-output dropout
-    mask (sbh) either way."""
+    instead, 4as·b (Dao et al. 2022 §3.1), unless the core is re-run; torch's math kernel, its
+    probabilities in fp32 (4as²b). The attention-output dropout mask (sbh) either way."""
     value = 0
     if recompute == "none":
         match kernel:
@@ -111,6 +140,8 @@ def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, act: int, recomp
                     value += (MASK_BYTES + act) * n_heads * s * s * b
             case "flash":
                 value += LSE_BYTES * n_heads * s * b
+            case "math":
+                value += FP32_BYTES * n_heads * s * s * b
             case _:
                 assert_never(kernel)
     if dropout:
@@ -282,21 +313,22 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
         case AttentionPlan():
             q_width = mixer.n_heads * mixer.head_dim
             kv_width = mixer.n_kv_heads * mixer.head_dim
-            # QKV input + Q + K + V + output-projection input (Korthikanti: 2 + 4 + 2 + 2 for MHA)
-            value = act * tokens * (h + q_width + 2 * kv_width + q_width)
+            core = _core_kernel(kernel, mixer.head_dim, mixer.head_dim)
+            # QKV input + output-projection input, and Q + K + V (Korthikanti: 2 + 2, and 4 + 2 for MHA)
+            value = act * tokens * (h + q_width) + _core_operand_bytes(
+                core, recompute, act, tokens, mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.head_dim)
             if mixer.qk_norm is not None:
                 value += act * tokens * (q_width + kv_width)  # the norms' inputs
-            return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, kernel, dropout)
+            return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, core, dropout)
         case MLAPlan():
-            qk = mixer.qk_head_dim
+            qk, dv = mixer.qk_head_dim, mixer.v_head_dim
+            core = _core_kernel(kernel, qk, dv)
             # q latent norm input + q_b input (without q_lora, q_proj reads the block input)
             q_latent = 2 * mixer.q_lora_rank if mixer.q_lora_rank is not None else 0
-            # input, q latent, kv latent norm input + kv_b input, Q, K, V, o_proj input
-            value = act * tokens * (
-                h + q_latent + 2 * mixer.kv_lora_rank
-                + 2 * mixer.n_heads * qk + 2 * mixer.n_heads * mixer.v_head_dim
-            )
-            return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, kernel, dropout)
+            # input, q latent, kv latent norm input + kv_b input, o_proj input, and Q, K, V
+            value = act * tokens * (h + q_latent + 2 * mixer.kv_lora_rank + mixer.n_heads * dv)
+            value += _core_operand_bytes(core, recompute, act, tokens, mixer.n_heads, mixer.n_heads, qk, dv)
+            return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, core, dropout)
         case Mamba1Plan():
             return mamba1_activation_bytes(mixer, h, b, s, act)
         case Mamba2Plan():

@@ -31,6 +31,15 @@ class KernelChoice(str, Enum):
     flash = "flash"
 
 
+class MemoryKernelChoice(str, Enum):
+    """KernelChoice for the activations of `size` and `compare`, with the kernels torch's SDPA
+    runs on a CPU (what `bench --train` measures there)."""
+
+    eager = "eager"
+    flash = "flash"
+    torch_cpu = "torch-cpu"
+
+
 def refuse_foreign_options(ctx: typer.Context, mode: str, modes: Mapping[str, frozenset[str]]) -> None:
     """Refuse, in one line, an option given on the command line (or in the environment) that the
     chosen `mode` does not read: `modes` maps each mode of a command to the parameters it reads or

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt, KernelChoice, SpecArg
+from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 
@@ -64,10 +64,12 @@ MicroBatchOpt = Annotated[int, typer.Option(
     "--micro-batch", help="Sequences per micro-batch for activation memory.")]
 RecomputeOpt = Annotated[RecomputeChoice, typer.Option(
     "--recompute", help="Activation recomputation (Korthikanti et al. 2022).")]
-KernelOpt = Annotated[KernelChoice, typer.Option(
+KernelOpt = Annotated[MemoryKernelChoice, typer.Option(
     "--attention-kernel", help="Training activations of the attention core: eager keeps the s×s "
                                "probabilities without recompute (Korthikanti's rows); flash (FlashAttention, "
-                               "torch SDPA) keeps an fp32 log-sum-exp instead.")]
+                               "torch SDPA) keeps an fp32 log-sum-exp instead; torch-cpu is what torch's SDPA "
+                               "runs on a CPU (flash, but its math kernel for MLA's unequal q and v head "
+                               "sizes: fp32 q, k, v and probabilities), as bench --train measures there.")]
 ActDTypeOpt = Annotated[ActDTypeChoice, typer.Option(
     "--activation-dtype", help="Dtype of the saved training activations (fp32: a run without autocast).")]
 ResidualDTypeOpt = Annotated[ActDTypeChoice | None, typer.Option(
@@ -94,7 +96,7 @@ PlotForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existi
 def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,
                  recompute: RecomputeChoice, tokens: str | None, gpu: str | None, mfu: float | None,
                  laws: list[LawChoice] | None, attention: AttentionChoice,
-                 attention_kernel: KernelChoice = KernelChoice.eager,
+                 attention_kernel: MemoryKernelChoice = MemoryKernelChoice.eager,
                  activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16,
                  residual_dtype: ActDTypeChoice | None = None) -> SizeOptions:
     """The typed options, shared by `size` and `compare`."""
@@ -139,7 +141,7 @@ def register(app: typer.Typer) -> None:
         seq: SeqOpt = None,
         micro_batch: MicroBatchOpt = 1,
         recompute: RecomputeOpt = RecomputeChoice.none,
-        attention_kernel: KernelOpt = KernelChoice.eager,
+        attention_kernel: KernelOpt = MemoryKernelChoice.eager,
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         residual_dtype: ResidualDTypeOpt = None,
         tokens: TokensOpt = None,

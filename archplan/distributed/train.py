@@ -14,9 +14,11 @@ steps run first so AdamW's states exist; the measured step follows a reset of th
 Recompute uses the same checkpointing as the distributed stages (`shard.apply_recompute`).
 
 The analytic side is `size`'s peak of the step at the run's activation dtype, the fp32 residual
-stream of fp32 weights, and with the fused attention kernel SDPA runs (no s x s probabilities
-kept): `archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE
---residual-dtype fp32 --attention-kernel flash`. The step is the one that model describes: the
+stream of fp32 weights, and with the attention kernel SDPA runs on the device (`attention_kernel`):
+`archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE
+--residual-dtype fp32 --attention-kernel K`, K = flash on CUDA (a fused kernel for every head
+size, no s x s probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's
+unequal q and v head sizes). The step is the one that model describes: the
 logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
@@ -36,7 +38,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from archplan.analytic import count_params
-from archplan.analytic.memory import Recompute, training_memory
+from archplan.analytic.memory import AttentionKernel, Recompute, training_memory
 from archplan.bench.device import free_memory, synchronize
 from archplan.bench.runner import FIT_FRACTION, truncate
 from archplan.distributed.check import ACTIVATION_TOLERANCE
@@ -73,6 +75,7 @@ class TrainBench:
     states_ok: bool | None  # None where the method has no categories (CUDA)
     activations_ok: bool | None
     total_ok: bool
+    attention_kernel: str  # the one size's activations are priced with (`attention_kernel`)
     # what `activations_ok` judges: the activations after the forward less autocast's weight
     # copies (None on CUDA)
     measured_activations: int | None = None
@@ -106,6 +109,13 @@ def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
 
 
+def attention_kernel(dev: torch.device) -> AttentionKernel:
+    """The attention kernel whose activations size prices for a step on `dev`: torch's SDPA runs a
+    fused kernel on CUDA for every head-size pair (memory-efficient where v's differs from q's), on
+    a CPU only for equal head sizes (MLA's run its math kernel there)."""
+    return "torch-cpu" if dev.type == "cpu" else "flash"
+
+
 def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: int, recompute: Recompute,
                 iters: int) -> TrainBench:
     """One training step of `plan` as built (the caller truncates it for `--layers`)."""
@@ -114,8 +124,9 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     dev = resolve_device(device)
     # the residual stream is fp32 whatever the dtype: the weights are (the embedding's output and
     # every residual add are fp32 under autocast)
+    kernel = attention_kernel(dev)
     analytic = training_memory(plan, count_params(plan), batch, seq, recompute, activation_dtype=dtype,
-                               attention_kernel="flash", residual_dtype="fp32")
+                               attention_kernel=kernel, residual_dtype="fp32")
     free = free_memory(dev)
     if analytic.total > FIT_FRACTION * free:
         # refused before any tensor exists: past the host's memory the system kills the process;
@@ -198,4 +209,4 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     total_ok = abs(total - analytic.total) <= PEAK_TOLERANCE * analytic.total
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
                       analytic_states, analytic.activations.kept, analytic.total, analytic.peak_phase,
-                      states_ok, activations_ok, total_ok, acts)
+                      states_ok, activations_ok, total_ok, kernel, acts)

@@ -66,4 +66,5 @@ def render(r: TrainBench) -> None:
     table.add_row(f"peak total (±{PEAK_TOLERANCE:.0%}), {r.analytic_peak_phase}", nbytes(r.analytic_total),
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
-    Console().print(f"  measured with {r.method}; GiB = 2^30 B")
+    Console().print(f"  measured with {r.method}; size's activations with attention kernel "
+                    f"{r.attention_kernel}; GiB = 2^30 B")
