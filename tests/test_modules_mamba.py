@@ -210,6 +210,29 @@ def test_mamba1_flops_on_meta(seq_len: int, d_state: int) -> None:
     assert counter.get_total_flops() == want == mamba1_counted_flops(p, d, b, t)
 
 
+@pytest.mark.parametrize(("seq_len", "d_state"), [(3, 4), (11, 4), (11, 5), (7, 1)])
+def test_mamba1_backward_counts_three_forwards(seq_len: int, d_state: int) -> None:
+    """The scan's backward, dC over every channel a step at a time and the rest over blocks of
+    ⌈I/N⌉ channels (one block at N = 1, a short last block at I = 12, N = 5), counts its
+    contraction's bmm twice the forward's (training = 3 × forward), as the projections' mm do."""
+    from archplan.modules.mamba1 import channel_blocks
+
+    p = replace(m1_plan(inner_norms=True), d_state=d_state)
+    assert len(channel_blocks(12, d_state)) == min(d_state, 12) - (d_state == 5)
+    with torch.device("meta"):
+        mixer = Mamba1Mixer(p, 8)
+    x = torch.empty(2, seq_len, 8, device="meta", requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        mixer(x)
+    forward = counter.get_flop_counts()["Global"]
+    with FlopCounterMode(display=False) as counter:
+        mixer(x).sum().backward()
+    both = counter.get_flop_counts()["Global"]
+    mm, addmm, bmm = torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm
+    assert forward[bmm] == 2 * 2 * seq_len * 12 * d_state and both[bmm] == 3 * forward[bmm]
+    assert both[mm] == forward[mm] + 2 * (forward[mm] + forward[addmm])  # addmm's backward runs mm
+
+
 def test_mamba1_bf16_runs() -> None:
     mixer = Mamba1Mixer(m1_plan(), 8).to(torch.bfloat16)
     x = torch.randn(1, 6, 8, dtype=torch.bfloat16)

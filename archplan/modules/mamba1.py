@@ -20,6 +20,7 @@ into an uncounted elementwise product, matmul always reaches bmm.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +153,9 @@ def _scan(
 ) -> tuple[Tensor, Tensor]:
     """The scan as plain ops: what `_ChunkedScan` runs forward (and autograd would differentiate)."""
     chunks = _Chunks.of(u_BTI.shape[1])
-    states, state_BIN = _scan_states(chunks, u_BTI, _delta(dt_BTI, dt_softplus), A_IN, B_BTN, h0_BIN)
+    # one step's states at a time: without autograd (the unit's forward) each is freed once
+    # contracted, √T·I·N alive rather than T·I·N
+    states, state_BIN = _each_state(chunks, u_BTI, _delta(dt_BTI, dt_softplus), A_IN, B_BTN, h0_BIN)
     return _with_skip(_contract(chunks, states, C_BTN), u_BTI, D_I), state_BIN
 
 
@@ -195,6 +198,15 @@ def _scan_states(
     exact for any Δ. Padding T up to n_c·L with Δ = 0 gives a = 1, b = 0: padded steps leave the
     state unchanged. Elementwise only: the one contraction is `_contract`'s.
     """
+    states, state_BIN = _each_state(chunks, u_BTI, dt_BTI, A_IN, B_BTN, h0_BIN)
+    return list(states), state_BIN
+
+
+def _entering_states(
+    chunks: _Chunks, u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, h0_BIN: Tensor | None
+) -> tuple[Callable[[int, Tensor], Tensor], Tensor, Tensor]:
+    """Passes 1 and 2 of `_scan_states`: its step j, the state entering each chunk (B, n_c, I, N)
+    and the final state."""
     A = A_IN.float()
     dt_BCLI = chunks.split(dt_BTI)
     dtu_BCLI = chunks.split(dt_BTI * u_BTI)
@@ -220,15 +232,25 @@ def _scan_states(
         entering.append(state_BIN)
         state_BIN = torch.addcmul(h_BCIN[:, c], chunk_decay_BCIN[:, c], state_BIN)
 
-    h_BCIN = torch.stack(entering, dim=1)
-    states = []
+    return step, torch.stack(entering, dim=1), state_BIN
+
+
+def _each_state(
+    chunks: _Chunks, u_BTI: Tensor, dt_BTI: Tensor, A_IN: Tensor, B_BTN: Tensor, h0_BIN: Tensor | None
+) -> tuple[Iterator[Tensor], Tensor]:
+    """`_scan_states`' states one step j at a time, each dropped when the caller moves on, and the
+    final state."""
+    step, h_BCIN, state_BIN = _entering_states(chunks, u_BTI, dt_BTI, A_IN, B_BTN, h0_BIN)
+    return _steps(chunks, step, h_BCIN), state_BIN
+
+
+def _steps(chunks: _Chunks, step: Callable[[int, Tensor], Tensor], h_BCIN: Tensor) -> Iterator[Tensor]:
     for j in range(chunks.length):
         h_BCIN = step(j, h_BCIN)
-        states.append(h_BCIN)
-    return states, state_BIN
+        yield h_BCIN
 
 
-def _contract(chunks: _Chunks, states: list[Tensor], C_BTN: Tensor) -> Tensor:
+def _contract(chunks: _Chunks, states: Iterable[Tensor], C_BTN: Tensor) -> Tensor:
     """y_t = h_t·C_t (B, T, I): one matmul per step over the chunks holding a real token there, so
     padded steps are never contracted and the count is exactly 2·B·T·I·N."""
     C_BCLN = chunks.split(C_BTN)
@@ -237,7 +259,7 @@ def _contract(chunks: _Chunks, states: list[Tensor], C_BTN: Tensor) -> Tensor:
         real = chunks.real(j)
         y_BcI = torch.matmul(h_BCIN[:, :real], C_BCLN[:, :real, j, :, None]).squeeze(-1)
         ys.append(F.pad(y_BcI, (0, 0, 0, chunks.count - real)))
-    b, i = h_BCIN.shape[0], h_BCIN.shape[2]
+    b, i = y_BcI.shape[0], y_BcI.shape[2]
     return torch.stack(ys, dim=2).reshape(b, chunks.count * chunks.length, i)[:, : chunks.t]
 
 
@@ -245,7 +267,18 @@ class _ChunkedScan(torch.autograd.Function):
     """The chunked scan saving only its inputs; the backward recomputes the states (elementwise)
     and differentiates the contraction by the two matmuls autograd would run for it, so a forward +
     backward executes the same counted ops as plain autograd (docs/architecture.md: backward =
-    2 × the forward's contraction) and the same gradients, within rounding."""
+    2 × the forward's contraction) and the same gradients, within rounding.
+
+    The states are never all alive in the backward. Recomputed at once, with their graph and
+    gradients, they came to eight times (B, T, I, N) fp32 at the step's peak (tiny-mamba at 128
+    tokens: 4.05 MiB of temporaries beside 1.9 MiB of model states); mamba_ssm's kernel keeps
+    them on chip, chunk by chunk (Gu & Dao 2023 §3.3.2). Here:
+    - dC = Σ hᵀ·dy, a contraction over the channels, runs over all of them, one step's states at
+      a time (`_each_state`), as plain autograd runs it (bit for bit under bf16 autocast, where a
+      contraction split by channel would round each part);
+    - the rest runs over blocks of ⌈I/N⌉ channels (`channel_blocks`), whose recurrences are
+      independent: a block's states are as large as one fp32 (B, T, I) tensor. dh = dy·Cᵀ has
+      one term per channel, so the blocks' matmuls count the same FLOPs."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -263,38 +296,85 @@ class _ChunkedScan(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dy_BTI: Tensor | None, dstate_BIN: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[:7]
-        with torch.enable_grad(), ctx.autocast:
-            inputs = leaves(ctx.saved_tensors, needs)
-            u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I = inputs
-            chunks = _Chunks.of(u_BTI.shape[1])
-            states, state_BIN = _scan_states(chunks, u_BTI, _delta(dt_BTI, ctx.dt_softplus), A_IN, B_BTN, h0_BIN)
-            outputs: list[Tensor] = []
-            grads: list[Tensor] = []
-            if dy_BTI is not None:
-                if D_I is not None:
-                    outputs.append(u_BTI.float() * D_I.float())  # the D skip
-                    grads.append(dy_BTI)
-                # matmul(h (B, c, I, N), C (B, c, N, 1))'s backward: dh = dy·Cᵀ, dC = hᵀ·dy
-                C_BCLN = chunks.split(C_BTN)
-                dy_BCLI = chunks.split(dy_BTI)
-                dC = []
-                for j, h_BCIN in enumerate(states):
-                    real = chunks.real(j)
-                    dy_Bc1I = dy_BCLI[:, :real, j, :, None]
-                    dh_BcIN = torch.matmul(dy_Bc1I, C_BCLN[:, :real, j, None, :])
-                    outputs.append(h_BCIN)
-                    grads.append(F.pad(dh_BcIN, (0, 0, 0, 0, 0, chunks.count - real)))
-                    if needs[4]:
-                        dC_BcN = torch.matmul(h_BCIN[:, :real].detach().transpose(-1, -2), dy_Bc1I).squeeze(-1)
-                        dC.append(F.pad(dC_BcN, (0, 0, 0, chunks.count - real)))
-                if needs[4]:
-                    outputs.append(C_BCLN)
-                    grads.append(torch.stack(dC, dim=2))
-            if dstate_BIN is not None:
-                outputs.append(state_BIN)
-                grads.append(dstate_BIN)
-            found = input_grads(outputs, grads, inputs, needs)
-        return (*found, None)
+        saved = ctx.saved_tensors  # once: a checkpointed layer's saved tensors unpack once
+        u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I = saved
+        dC_BTN = _output_weight_grad(ctx, saved, dy_BTI) if needs[4] and dy_BTI is not None else None
+        per_block = (needs[0], needs[1], needs[2], needs[3], False, needs[5], needs[6])
+        blocks = [
+            _block_grads(ctx, per_block, [u_BTI[..., c], dt_BTI[..., c], A_IN[c], B_BTN, C_BTN,
+                                          None if h0_BIN is None else h0_BIN[:, c],
+                                          None if D_I is None else D_I[c]],
+                         None if dy_BTI is None else dy_BTI[..., c], None if dstate_BIN is None else dstate_BIN[:, c])
+            for c in channel_blocks(A_IN.shape[0], A_IN.shape[1])
+        ]
+        du, ddt, dA, dB, _, dh0, dD = (_join([g[k] for g in blocks], dim) for k, dim in
+                                       enumerate((2, 2, 0, None, None, 1, 0)))
+        return du, ddt, dA, dB, dC_BTN, dh0, dD, None
+
+
+def channel_blocks(channels: int, d_state: int) -> list[slice]:
+    """The scan backward's blocks of ⌈I/N⌉ channels (`_ChunkedScan`)."""
+    size = -(-channels // d_state)
+    return [slice(start, min(start + size, channels)) for start in range(0, channels, size)]
+
+
+def _join(grads: list[Tensor | None], dim: int | None) -> Tensor | None:
+    """The blocks' gradients of one input: concatenated along its channel dim, or summed (`dim`
+    None: B, which every block reads); None where the blocks did not compute it."""
+    found = [g for g in grads if g is not None]
+    if len(found) < len(grads):
+        return None
+    if dim is None:
+        return torch.stack(found).sum(0) if len(found) > 1 else found[0]
+    return torch.cat(found, dim=dim)
+
+
+def _output_weight_grad(ctx: torch.autograd.function.FunctionCtx, saved: tuple[Tensor | None, ...],
+                        dy_BTI: Tensor) -> Tensor:
+    """C's gradient: matmul(h (B, c, I, N), C (B, c, N, 1))'s dC = hᵀ·dy at each step j over every
+    channel, the states recomputed one step at a time, then back through C's split."""
+    u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, _ = saved
+    chunks = _Chunks.of(u_BTI.shape[1])
+    with torch.no_grad(), ctx.autocast:
+        dy_BCLI = chunks.split(dy_BTI)
+        dC = []
+        states, _ = _each_state(chunks, u_BTI, _delta(dt_BTI, ctx.dt_softplus), A_IN, B_BTN, h0_BIN)
+        for j, h_BCIN in enumerate(states):
+            real = chunks.real(j)
+            dC_BcN = torch.matmul(h_BCIN[:, :real].transpose(-1, -2), dy_BCLI[:, :real, j, :, None]).squeeze(-1)
+            dC.append(F.pad(dC_BcN, (0, 0, 0, chunks.count - real)))
+    with torch.enable_grad():
+        (C_leaf,) = leaves([C_BTN], [True])
+        (dC_BTN,) = torch.autograd.grad(chunks.split(C_leaf), C_leaf, torch.stack(dC, dim=2))
+    return dC_BTN
+
+
+def _block_grads(ctx: torch.autograd.function.FunctionCtx, needs: tuple[bool, ...], saved: list[Tensor | None],
+                 dy_BTI: Tensor | None, dstate_BIN: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The gradients of one channel block's inputs but C: its states recomputed, dh = dy·Cᵀ (the
+    contraction's other matmul), the rest by autograd."""
+    with torch.enable_grad(), ctx.autocast:
+        inputs = leaves(saved, needs)
+        u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I = inputs
+        chunks = _Chunks.of(u_BTI.shape[1])
+        states, state_BIN = _scan_states(chunks, u_BTI, _delta(dt_BTI, ctx.dt_softplus), A_IN, B_BTN, h0_BIN)
+        outputs: list[Tensor] = []
+        grads: list[Tensor] = []
+        if dy_BTI is not None:
+            if D_I is not None:
+                outputs.append(u_BTI.float() * D_I.float())  # the D skip
+                grads.append(dy_BTI)
+            C_BCLN = chunks.split(C_BTN)
+            dy_BCLI = chunks.split(dy_BTI)
+            for j, h_BCIN in enumerate(states):
+                real = chunks.real(j)
+                dh_BcIN = torch.matmul(dy_BCLI[:, :real, j, :, None], C_BCLN[:, :real, j, None, :])
+                outputs.append(h_BCIN)
+                grads.append(F.pad(dh_BcIN, (0, 0, 0, 0, 0, chunks.count - real)))
+        if dstate_BIN is not None:
+            outputs.append(state_BIN)
+            grads.append(dstate_BIN)
+        return input_grads(outputs, grads, inputs, needs)
 
 
 def silu_gate(y_BTI: Tensor, z_BTI: Tensor) -> Tensor:
