@@ -345,14 +345,23 @@ def test_train_past_the_device_memory_is_refused_before_it_is_built(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from archplan.distributed import train
 
-    monkeypatch.setattr(train, "free_memory", lambda device: 1 << 30)
-    proc = run_main(["bench", "gpt2", "--train", "--batch", "1000", "--seq", "64"], capsys, monkeypatch)
-    assert_one_line_error(proc, "--train will not fit", "reduce --batch or --seq, or try --layers 1")
+    # (gpt2 at batch 32 × seq 64: 3.65 GiB, 3.01 GiB at --layers 8, against 85% of 4 GiB)
+    monkeypatch.setattr(train, "free_memory", lambda device: 4 << 30)
+    proc = run_main(["bench", "gpt2", "--train", "--batch", "32", "--seq", "64"], capsys, monkeypatch)
+    assert_one_line_error(proc, "--train will not fit", "reduce --batch or --seq, or try --layers 8")
     # already one layer: the hint names only what would help
     proc = run_main(["bench", "gpt2", "--train", "--layers", "1", "--batch", "1000", "--seq", "64"], capsys,
                     monkeypatch)
     assert_one_line_error(proc, "--train will not fit", "reduce --batch or --seq")
     assert "--layers 1" not in proc.stderr
+    # no batch or length helps where the model states and AdamW's step alone do not fit
+    # (gpt2 at 20 B/param: 2.5 GB; 1.9 GB at --layers 8, 1.3 GB at 4, against 85% of 2 GiB)
+    monkeypatch.setattr(train, "free_memory", lambda device: 2 << 30)
+    proc = run_main(["bench", "gpt2", "--train", "--seq", "64"], capsys, monkeypatch)
+    assert_one_line_error(proc, "even at batch 1 × seq 1 the step needs about", "try --layers 4")
+    monkeypatch.setattr(train, "free_memory", lambda device: 1 << 20)
+    proc = run_main(["bench", "gpt2", "--train", "--layers", "1", "--seq", "64"], capsys, monkeypatch)
+    assert_one_line_error(proc, "even at batch 1 × seq 1", "use a device with more memory, or a smaller spec")
 
 
 @pytest.mark.parametrize(("args", "said"), [

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import Enum
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from archplan.analytic import count_params
-from archplan.analytic.memory import AttentionKernel, Recompute, training_memory
+from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
 from archplan.bench.device import free_memory, synchronize
 from archplan.bench.runner import FIT_FRACTION, truncate
 from archplan.distributed.check import ACTIVATION_TOLERANCE
@@ -116,6 +117,24 @@ def attention_kernel(dev: torch.device) -> AttentionKernel:
     return "torch-cpu" if dev.type == "cpu" else "flash"
 
 
+def _refuse(plan: ModelPlan, step_bytes: Callable[[ModelPlan, int, int], int], batch: int, seq: int,
+            room: float, free: str) -> NoReturn:
+    """The one-line refusal of a step that does not fit, naming only what would help: a smaller
+    batch or length where the step at batch 1 × seq 1 fits, and the most layers of each kind
+    (`--layers K`, K < this plan's) whose step fits at this batch and length."""
+    least = step_bytes(plan, 1, 1)
+    fewer = next((f"try --layers {k}" for k in (8, 4, 2, 1) if len(truncate(plan, k).layers) < len(plan.layers)
+                  and step_bytes(truncate(plan, k), batch, seq) <= room), None)
+    if least > room:
+        # no batch or length helps: the model states and AdamW's step alone do not fit
+        raise ArchplanError(f"--train will not fit: even at batch 1 × seq 1 the step needs about {nbytes(least)} "
+                            f"(16 B/param of model states, and AdamW's step) but {free}; "
+                            f"{fewer or 'use a device with more memory, or a smaller spec'}")
+    raise ArchplanError(f"--train will not fit: the step needs about {nbytes(step_bytes(plan, batch, seq))} "
+                        f"(size's training memory at batch {batch} × seq {seq}) but {free}; reduce --batch or "
+                        f"--seq{', or ' + fewer if fewer else ''}")
+
+
 def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: int, recompute: Recompute,
                 iters: int) -> TrainBench:
     """One training step of `plan` as built (the caller truncates it for `--layers`)."""
@@ -125,16 +144,17 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     # the residual stream is fp32 whatever the dtype: the weights are (the embedding's output and
     # every residual add are fp32 under autocast)
     kernel = attention_kernel(dev)
-    analytic = training_memory(plan, count_params(plan), batch, seq, recompute, activation_dtype=dtype,
+
+    def step_bytes(built: ModelPlan, batch: int, seq: int) -> TrainingMemory:
+        return training_memory(built, count_params(built), batch, seq, recompute, activation_dtype=dtype,
                                attention_kernel=kernel, residual_dtype="fp32")
+
+    analytic = step_bytes(plan, batch, seq)
     free = free_memory(dev)
     if analytic.total > FIT_FRACTION * free:
-        # refused before any tensor exists: past the host's memory the system kills the process;
-        # --layers 1 is suggested where it would build fewer layers than this plan has
-        hint = ", or try --layers 1" if len(truncate(plan, 1).layers) < len(plan.layers) else ""
-        raise ArchplanError(f"--train will not fit: the step needs about {nbytes(analytic.total)} (size's "
-                            f"training memory at batch {batch} × seq {seq}) but {dev.type} has {nbytes(free)} "
-                            f"free; reduce --batch or --seq{hint}")
+        # refused before any tensor exists: past the host's memory the system kills the process
+        _refuse(plan, lambda built, b, s: step_bytes(built, b, s).total, batch, seq, FIT_FRACTION * free,
+                f"{dev.type} has {nbytes(free)} free")
     torch.manual_seed(0)
     model = build_model(plan, dev, torch.float32)
     apply_recompute(model.layers, recompute)
