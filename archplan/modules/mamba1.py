@@ -49,6 +49,18 @@ class Mamba1State(LayerState):
         return [self.conv_BIW, self.ssm_BIN]
 
 
+def into_state(result: tuple[Tensor, Tensor], state: Tensor | None) -> Tensor:
+    """The output of a (output, what the decode state takes next) pair, the latter copied into
+    `state` when there is one. Dropped here otherwise, not held by the caller's frame: a checkpoint
+    that stops a layer's re-run early (torch ≥ 2.1, non-reentrant) raises out of it, and the frames
+    the exception crosses stay alive until it is caught, with their locals (a conv's next context
+    is a view of its whole padded input; measured at the re-run's peak by verify --layout)."""
+    out, following = result
+    if state is not None:
+        state.copy_(following.detach())
+    return out
+
+
 def causal_depthwise_conv(
     x_BCT: Tensor, weight_C1W: Tensor, bias_C: Tensor | None, context_BCW: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -477,23 +489,19 @@ class Mamba1Mixer(nn.Module):
         n, r = self.plan.d_state, self.plan.dt_rank
         t = x_BTD.shape[1]
         x_BTI, z_BTI = self.in_proj(x_BTD).chunk(2, dim=-1)
-        context = state.conv_BIW if state is not None else None
-        conv_BIT, next_context_BIW = causal_depthwise_conv(
-            x_BTI.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, context
-        )
+        conv_state, ssm_state = (state.conv_BIW, state.ssm_BIN) if state is not None else (None, None)
+        conv_BIT = into_state(causal_depthwise_conv(x_BTI.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                                    conv_state), conv_state)
         x_BTI = F.silu(conv_BIT.transpose(1, 2))
         dt_BTR, b_BTN, c_BTN = self.x_proj(x_BTI).split([r, n, n], dim=-1)
         if self.dt_layernorm is not None and self.b_layernorm is not None and self.c_layernorm is not None:
             dt_BTR, b_BTN, c_BTN = self.dt_layernorm(dt_BTR), self.b_layernorm(b_BTN), self.c_layernorm(c_BTN)
         b_BTN, c_BTN = self.bc(b_BTN), self.bc(c_BTN)
         A_IN = -torch.exp(self.A_log.float())
-        h0 = state.ssm_BIN if state is not None else None
         # softplus and the D skip inside the scan, as mamba_ssm's selective_scan_fn(delta_softplus=True)
-        y_BTI, h_BIN = selective_scan(x_BTI, self.dt_proj(dt_BTR), A_IN, b_BTN, c_BTN, h0, D_I=self.D,
-                                      dt_softplus=True)
+        y_BTI = into_state(selective_scan(x_BTI, self.dt_proj(dt_BTR), A_IN, b_BTN, c_BTN, ssm_state, D_I=self.D,
+                                          dt_softplus=True), ssm_state)
         y_BTI = silu_gate(y_BTI.to(x_BTD.dtype), z_BTI)
         if state is not None:
-            state.conv_BIW.copy_(next_context_BIW.detach())
-            state.ssm_BIN.copy_(h_BIN.detach())
             state.advance(t)
         return self.out_proj(y_BTI)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archplan.modules.cache import LayerState
-from archplan.modules.mamba1 import causal_depthwise_conv
+from archplan.modules.mamba1 import causal_depthwise_conv, into_state
 from archplan.modules.recompute import forward_autocast, input_grads, leaves, recomputed
 from archplan.resolve import Mamba2Plan
 
@@ -365,28 +365,24 @@ class Mamba2Mixer(nn.Module):
         # the scan's tokens: under context parallelism in_proj's output is the whole sequence of
         # the rank's heads, not the T/cp tokens it read (distributed/context.py `mamba_context`)
         b, t, _ = xbc_BTX.shape
-        context = state.conv_BXW if state is not None else None
-        conv_BXT, next_context_BXW = causal_depthwise_conv(
-            xbc_BTX.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, context
-        )
+        conv_state, ssm_state = (state.conv_BXW, state.ssm_BHsPN) if state is not None else (None, None)
+        conv_BXT = into_state(causal_depthwise_conv(xbc_BTX.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                                    conv_state), conv_state)
         x_BTI, B_BTGN, C_BTGN = F.silu(conv_BXT.transpose(1, 2)).split([i, g * n, g * n], dim=-1)
         x_BTHsP = x_BTI.reshape(b, t, hs, p)
         dt_BTHs = F.softplus(dt_BTHs.float() + self.dt_bias.float())
         A_Hs = -torch.exp(self.A_log.float())
-        h0 = state.ssm_BHsPN if state is not None else None
-        y_BTHsP, h_BHsPN = ssd_chunked(
+        y_BTHsP = into_state(ssd_chunked(
             x_BTHsP,
             dt_BTHs,
             A_Hs,
             B_BTGN.reshape(b, t, g, n),
             C_BTGN.reshape(b, t, g, n),
             plan.chunk_size,
-            h0,
+            ssm_state,
             self.D,
-        )
+        ), ssm_state)
         y_BTI = self.norm(y_BTHsP.reshape(b, t, i), z_BTI)
         if state is not None:
-            state.conv_BXW.copy_(next_context_BXW.detach())
-            state.ssm_BHsPN.copy_(h_BHsPN.detach())
             state.advance(t)
         return self.out_proj(y_BTI)

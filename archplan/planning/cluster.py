@@ -1117,7 +1117,8 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> flo
     model counts the rank's own; MLA keeps, for the keys of the other ranks, the gathered latent
     [c_kv | k_pe] (kv_b_proj's input, `_kv_bytes`), kv_b_proj's output [K_nope | V] (Dn + Dv per
     head, V a view of it) and SDPA's K (Dn + R per head). Megatron's
-    all-gather CP (Transformer Engine) re-gathers them in the backward instead."""
+    all-gather CP (Transformer Engine) re-gathers them in the backward instead. A Mamba-2 layer
+    whose groups span cp ranks keeps their repeated B and C (`_group_repeat_bytes`)."""
     if not _cp_keeps_gathered(layout, engine):
         return 0.0
     plan, cp, tp = data.plan, layout.cp, layout.tp
@@ -1129,9 +1130,32 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> flo
             heads = math.ceil(mixer.n_heads / tp)
             per_sequence = _kv_bytes(plan.layers[layer], data.seq, tp, engine) + ACT_BYTES * data.seq * heads * (
                 mixer.qk_head_dim + mixer.qk_nope_head_dim + mixer.v_head_dim)
+        case Mamba2Plan():
+            return layout.mb * _group_repeat_bytes(mixer, data.seq, tp, cp)
         case _:
             return 0.0
     return layout.mb * per_sequence * (cp - 1) / cp
+
+
+def _group_repeat_bytes(m: Mamba2Plan, seq: int, tp: int, cp: int) -> float:
+    """Bytes one sequence keeps through a Mamba-2 layer on one rank beyond the per-token model
+    when a tp rank holds fewer groups than there are cp ranks (`mamba_exchange`'s r = cp/g > 1):
+    - each cp rank holds its group's B and C whole, g·r/cp groups where the per-token model
+      splits G over tp·cp: in in_proj's exchanged output, the conv's output and its SiLU
+      (2·N channels a group, per token of the whole sequence), and C·Bᵀ (fp32, n_c·q² a group);
+    - the gated RMSNorm runs after the exchange back (`distributed.context`), and keeps the
+      [y | z] it receives (2·I/tp per token of the rank's T/cp), where the scan's output and z
+      were kept already.
+    Measured by verify --layout (tiny Mamba-2, tp 2, cp 2, full recompute)."""
+    g = max(m.n_groups // tp, 1)
+    r = max(cp // g, 1)
+    if r == 1:
+        return 0.0
+    groups = (g * r - m.n_groups / tp) / cp
+    q = min(m.chunk_size, seq)
+    chunks = math.ceil(seq / q)
+    repeated = 3 * ACT_BYTES * seq * 2 * m.d_state * groups + 4 * chunks * q * q * groups
+    return repeated + ACT_BYTES * seq / cp * 2 * m.d_inner / tp
 
 
 def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
