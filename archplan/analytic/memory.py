@@ -58,6 +58,10 @@ AttentionKernel = Literal["eager", "flash", "torch-cpu"]
 ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("eager", "flash", "torch-cpu")
 # The kernel that runs: "torch-cpu" resolved for one attention's head sizes.
 CoreKernel = Literal["eager", "flash", "math"]
+# What a Mamba-2 layer's SSD keeps: mamba_ssm's fused kernels' tensors, or archplan's torch unit's
+# (`modules.mamba2`), which keeps more so that its backward recomputes no contraction
+# (`ssd_unit_bytes`).
+SSDKernel = Literal["mamba_ssm", "torch"]
 Phase = Literal["loss backward", "layer re-run", "tied gradient sum", "optimizer step"]
 
 # Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
@@ -306,8 +310,20 @@ def _ffn_inner_bytes(ffn: FFNPlan, tokens: int, act: int) -> int:
     return n_tensors * act * tokens * ffn.d_ff
 
 
+def ssd_unit_bytes(m: Mamba2Plan, seq: int, act: int, contraction: int) -> int:
+    """Bytes of one sequence archplan's torch SSD unit (`modules.mamba2`) keeps beyond mamba_ssm's
+    kernels: the conv's output before SiLU (causal-conv1d fuses the SiLU and recomputes it), and
+    `_ChunkedSSD`'s C·Bᵀ per chunk (G·q² a chunk) and chunk states but the last (d_inner·N a
+    chunk), which `_mamba_chunk_scan_combined_bwd` recomputes and the unit keeps, so that no
+    contraction is counted a fourth time. `contraction`: their dtype's bytes, the activations'
+    under autocast, fp32 without it (the unit computes in fp32)."""
+    q = min(m.chunk_size, seq)
+    chunks = math.ceil(seq / q)
+    return act * seq * m.conv_dim + contraction * (m.n_groups * chunks * q * q + (chunks - 1) * m.d_inner * m.d_state)
+
+
 def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: Recompute,
-                 kernel: AttentionKernel, dropout: bool) -> int:
+                 kernel: AttentionKernel, dropout: bool, ssd: SSDKernel = "mamba_ssm") -> int:
     tokens = s * b
     match mixer:
         case AttentionPlan():
@@ -336,7 +352,8 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             # dt and its cumulative sum (fp32), scan output, gated-norm output (out_proj input).
             zxbcdt = 2 * mixer.d_inner + 2 * mixer.n_groups * mixer.d_state + mixer.n_heads
             width = h + zxbcdt + mixer.conv_dim + mixer.d_inner + mixer.d_inner
-            return act * tokens * width + 2 * 4 * tokens * mixer.n_heads
+            unit = b * ssd_unit_bytes(mixer, s, act, act) if ssd == "torch" else 0
+            return act * tokens * width + 2 * 4 * tokens * mixer.n_heads + unit
         case S4Plan():
             return s4_activation_bytes(mixer, h, b, s, act)
         case HyenaPlan():
@@ -377,13 +394,13 @@ def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_sha
 
 
 def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, recompute: Recompute,
-                 kernel: AttentionKernel, dropout: bool, res: int) -> dict[str, int]:
+                 kernel: AttentionKernel, dropout: bool, res: int, ssd: SSDKernel) -> dict[str, int]:
     h = plan.d_model
     tokens = s * b
     # norm inputs: the residual stream, but for the post-sublayer norms (sandwich, reordered), which
     # normalise a sublayer's output
     out = {f"{layer.path}.{name}": (act if name.startswith("post_") else res) * tokens * h for name in layer.norms}
-    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout)
+    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, ssd)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
         out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act)
@@ -393,7 +410,7 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
                       dropout: bool = False, activation_dtype: DType | str = DType.bf16,
                       attention_kernel: AttentionKernel = "eager",
-                      residual_dtype: DType | str | None = None) -> ActivationMemory:
+                      residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm") -> ActivationMemory:
     """Activations of one micro-batch, per saved tensor (Korthikanti et al. 2022 §4.1 generalised).
 
     `dropout=True` adds Korthikanti's dropout masks and outputs; with it a GPT layer (MHA, LayerNorm,
@@ -404,7 +421,9 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     read from it keep: the norms fed by it, the layer inputs full recompute keeps, the embedding
     norm's and the final norm's inputs. It is fp32 under torch autocast with fp32 weights (the
     embedding's output is fp32 and so is every residual add; the matmuls' inputs are their own
-    16-bit casts) and under Megatron-LM's `--fp32-residual-connection`.
+    16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `ssd`: what a Mamba-2
+    layer keeps, mamba_ssm's kernels' tensors (`size`) or archplan's torch unit's
+    (`ssd_unit_bytes`, its contractions in the activation dtype as under autocast: `bench --train`).
     """
     s, b, h = seq_len, micro_batch, plan.d_model
     act = int(BYTES[DType(activation_dtype)])
@@ -417,13 +436,13 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         out["embed_norm"] = res * tokens * h
     working_set = 0
     for layer in plan.layers:
-        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res)
+        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd)
         match recompute:
             case "full":
                 out[layer.path] = res * tokens * h  # only the block input is kept
                 working_set = max(working_set, sum(full.values()))
             case "selective":
-                out |= _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res)
+                out |= _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd)
             case "none":
                 out |= full
             case _:
@@ -489,7 +508,7 @@ def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_l
                     recompute: Recompute = "none", zero_stage: int = 0, dp: int = 1,
                     activation_dtype: DType | str = DType.bf16,
                     attention_kernel: AttentionKernel = "eager",
-                    residual_dtype: DType | str | None = None) -> TrainingMemory:
+                    residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm") -> TrainingMemory:
     """Model states over all unique parameters (every expert has weights, grads and Adam states)
     plus the peak of one micro-batch of `seq_len` tokens per sequence through the step. The step's
     temporary spans the parameters whose optimizer states this rank holds (ZeRO stage >= 1 shards
@@ -502,7 +521,7 @@ def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_l
         states=states,
         activations=activation_memory(plan, micro_batch, seq_len, recompute,
                                       activation_dtype=activation_dtype, attention_kernel=attention_kernel,
-                                      residual_dtype=residual_dtype),
+                                      residual_dtype=residual_dtype, ssd=ssd),
         tied_grad_sum=TIED_GRAD_COPIES * TIED_GRAD_BYTES * plan.vocab_size * plan.d_model if plan.tied else 0,
         optimizer_step=states.adam_v * ADAM_STEP_TEMP_BYTES // ADAM_VARIANCE_BYTES,
     )

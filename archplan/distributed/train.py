@@ -18,7 +18,8 @@ stream of fp32 weights, and with the attention kernel SDPA runs on the device (`
 `archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE
 --residual-dtype fp32 --attention-kernel K`, K = flash on CUDA (a fused kernel for every head
 size, no s x s probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's
-unequal q and v head sizes). The step is the one that model describes: the
+unequal q and v head sizes). Mamba-2 layers are priced as archplan's SSD unit keeps them, not as
+mamba_ssm's kernels (size's figure): `ssd="torch"` of `training_memory`. The step is the one that model describes: the
 logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
@@ -147,7 +148,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
 
     def step_bytes(built: ModelPlan, batch: int, seq: int) -> TrainingMemory:
         return training_memory(built, count_params(built), batch, seq, recompute, activation_dtype=dtype,
-                               attention_kernel=kernel, residual_dtype="fp32")
+                               attention_kernel=kernel, residual_dtype="fp32", ssd="torch")
 
     analytic = step_bytes(plan, batch, seq)
     free = free_memory(dev)

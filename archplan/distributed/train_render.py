@@ -67,4 +67,4 @@ def render(r: TrainBench) -> None:
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
-                    f"{r.attention_kernel}; GiB = 2^30 B")
+                    f"{r.attention_kernel} and Mamba-2 as archplan's SSD unit keeps it; GiB = 2^30 B")

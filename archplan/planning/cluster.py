@@ -173,7 +173,7 @@ from typing import Literal, TypeVar
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
-from archplan.analytic.memory import RECOMPUTE_MODES, Recompute, activation_memory
+from archplan.analytic.memory import FP32_BYTES, RECOMPUTE_MODES, Recompute, activation_memory, ssd_unit_bytes
 from archplan.errors import ArchplanError
 from archplan.hardware import FP8_TN_ONLY, Accelerator
 from archplan.planning.layout import Layout, pipeline_chunks, round_size
@@ -778,16 +778,11 @@ def _latent_bytes(layer: LayerPlan, seq: int) -> int:
 
 def _ssd_kept(layer: LayerPlan, seq: int) -> int:
     """Bytes of one sequence a Mamba-2 layer's torch modules keep beyond what mamba_ssm's kernels
-    keep (`analytic.memory._mixer_bytes`): the conv's output before SiLU (causal-conv1d fuses
-    the SiLU and recomputes it), and `mamba2._ChunkedSSD`'s fp32 C·Bᵀ per chunk (G·q² a chunk)
-    and chunk states but the last (d_inner·N a chunk), which `_mamba_chunk_scan_combined_bwd`
-    recomputes and the unit keeps, so that no contraction is counted a fourth time; 0 elsewhere."""
+    keep (`analytic.memory.ssd_unit_bytes`, its contractions in fp32: without autocast the unit
+    computes in fp32); 0 elsewhere."""
     if not isinstance(layer.mixer, Mamba2Plan):
         return 0
-    m = layer.mixer
-    q = min(m.chunk_size, seq)
-    chunks = math.ceil(seq / q)
-    return ACT_BYTES * seq * m.conv_dim + 4 * m.n_groups * chunks * q * q + 4 * (chunks - 1) * m.d_inner * m.d_state
+    return ssd_unit_bytes(layer.mixer, seq, ACT_BYTES, FP32_BYTES)
 
 
 def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
@@ -1154,7 +1149,7 @@ def _group_repeat_bytes(m: Mamba2Plan, seq: int, tp: int, cp: int) -> float:
     groups = (g * r - m.n_groups / tp) / cp
     q = min(m.chunk_size, seq)
     chunks = math.ceil(seq / q)
-    repeated = 3 * ACT_BYTES * seq * 2 * m.d_state * groups + 4 * chunks * q * q * groups
+    repeated = 3 * ACT_BYTES * seq * 2 * m.d_state * groups + FP32_BYTES * chunks * q * q * groups
     return repeated + ACT_BYTES * seq / cp * 2 * m.d_inner / tp
 
 
