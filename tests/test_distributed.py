@@ -610,7 +610,7 @@ def test_bench_train_prices_the_kernel_the_cpu_runs_for_mla(spec: str) -> None:
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / spec), "--train", "--device", "cpu", "--seq", "64",
                                    "--iters", "1", "--json"])
     result = json.loads(out.output)
-    assert result["attention_kernel"] == "torch-cpu"
+    assert result["attention_kernel"] == "torch-cpu" and result["ssd_unit"] is False
     assert 1.0 < result["measured_activations"] / result["analytic_activations"] < 1.11
     assert result["activations_ok"] is True and result["total_ok"] is True and out.exit_code == 0, out.output
 
@@ -644,7 +644,7 @@ def test_bench_train_prices_archplans_ssd_unit() -> None:
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-mamba2.yaml"), "--train", "--device", "cpu",
                                    "--seq", "128", "--iters", "1", "--json"])
     result = json.loads(out.output)
-    assert result["states_ok"] is True and result["activations_ok"] is True
+    assert result["states_ok"] is True and result["activations_ok"] is True and result["ssd_unit"] is True
     assert 1.0 <= result["measured_activations"] / result["analytic_activations"] < 1.01
 
 

@@ -47,7 +47,7 @@ from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.distributed.shard import apply_recompute
 from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
-from archplan.resolve import ModelPlan
+from archplan.resolve import Mamba2Plan, ModelPlan
 from archplan.units import nbytes
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
@@ -78,6 +78,7 @@ class TrainBench:
     activations_ok: bool | None
     total_ok: bool
     attention_kernel: str  # the one size's activations are priced with (`attention_kernel`)
+    ssd_unit: bool  # Mamba-2 layers priced as archplan's SSD unit keeps them (`ssd="torch"`)
     # what `activations_ok` judges: the activations after the forward less autocast's weight
     # copies (None on CUDA)
     measured_activations: int | None = None
@@ -230,4 +231,5 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     total_ok = abs(total - analytic.total) <= PEAK_TOLERANCE * analytic.total
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
                       analytic_states, analytic.activations.kept, analytic.total, analytic.peak_phase,
-                      states_ok, activations_ok, total_ok, kernel, acts)
+                      states_ok, activations_ok, total_ok, kernel,
+                      any(isinstance(layer.mixer, Mamba2Plan) for layer in plan.layers), acts)

@@ -66,5 +66,6 @@ def render(r: TrainBench) -> None:
     table.add_row(f"peak total (±{PEAK_TOLERANCE:.0%}), {r.analytic_peak_phase}", nbytes(r.analytic_total),
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
+    ssd = ", Mamba-2 as archplan's SSD unit keeps it (not mamba_ssm's kernels)" if r.ssd_unit else ""
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
-                    f"{r.attention_kernel} and Mamba-2 as archplan's SSD unit keeps it; GiB = 2^30 B")
+                    f"{r.attention_kernel}{ssd}; GiB = 2^30 B")
