@@ -207,6 +207,15 @@ def test_ffn_count_is_what_autograd_saves(kind: Any, act: Any, bias: bool) -> No
 
     plan, d_model, tokens = FFNPlan(kind, 48, act, bias), 32, 10
     module = build_ffn(plan, d_model).to(torch.bfloat16)
+    x_BTD = torch.randn(2, tokens // 2, d_model, dtype=torch.bfloat16, requires_grad=True)
+    expected = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=False, dropout=False)["ffn"]
+    assert saved_bytes(module, x_BTD) == expected
+
+
+def saved_bytes(module: Any, x: Any) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward of `module`."""
+    import torch
+
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved: dict[int, int] = {}
 
@@ -216,11 +225,9 @@ def test_ffn_count_is_what_autograd_saves(kind: Any, act: Any, bias: bool) -> No
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x_BTD = torch.randn(2, tokens // 2, d_model, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x_BTD)
-    expected = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=False, dropout=False)["ffn"]
-    assert sum(saved.values()) == expected
+        module(x)
+    return sum(saved.values())
 
 
 def test_moe_experts_scale_with_top_k_and_selective_leaves_them() -> None:
@@ -333,24 +340,13 @@ def test_mla_math_kernel_count_is_what_autograd_saves(q_lora_rank: int | None) -
                    ffn={"kind": "glu", "d_ff": 128})
     mixer_plan = plan.layers[0].mixer
     module = build_mixer(mixer_plan, plan).to(torch.bfloat16)
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: Any) -> Any:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     b, s, rope = 2, 24, 8
-    x_BTD = torch.randn(b, s, 64, dtype=torch.bfloat16, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x_BTD)
+    saved = saved_bytes(module, torch.randn(b, s, 64, dtype=torch.bfloat16, requires_grad=True))
     counted = _mixer_bytes(mixer_plan, s, b, 64, 2, "none", "torch-cpu", False)
     flash = _mixer_bytes(mixer_plan, s, b, 64, 2, "none", "flash", False)
     norms = [32] + ([q_lora_rank] if q_lora_rank is not None else [])
     left_out = 2 * b * s * rope + 2 * 2 * s * rope + sum(4 * b * s + 4 * width for width in norms)
-    assert sum(saved.values()) == counted + left_out
+    assert saved == counted + left_out
     # the math kernel's fp32 operands and probabilities against the fused kernel's bf16 operands
     # and log-sum-exp, what CUDA runs
     heads, qk, v = 4, 24, 16

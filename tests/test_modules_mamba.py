@@ -210,6 +210,16 @@ def test_mamba1_flops_on_meta(seq_len: int, d_state: int) -> None:
     assert counter.get_total_flops() == want == mamba1_counted_flops(p, d, b, t)
 
 
+def forward_and_training_flops(mixer: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
+    """FlopCounterMode's counts by op of one forward, and of a forward + backward."""
+    with FlopCounterMode(display=False) as counter:
+        mixer(x)
+    forward = counter.get_flop_counts()["Global"]
+    with FlopCounterMode(display=False) as counter:
+        mixer(x).sum().backward()
+    return forward, counter.get_flop_counts()["Global"]
+
+
 @pytest.mark.parametrize(("seq_len", "d_state"), [(3, 4), (11, 4), (11, 5), (7, 1)])
 def test_mamba1_backward_counts_three_forwards(seq_len: int, d_state: int) -> None:
     """The scan's backward, dC over every channel a step at a time and the rest over blocks of
@@ -221,13 +231,7 @@ def test_mamba1_backward_counts_three_forwards(seq_len: int, d_state: int) -> No
     assert len(channel_blocks(12, d_state)) == min(d_state, 12) - (d_state == 5)
     with torch.device("meta"):
         mixer = Mamba1Mixer(p, 8)
-    x = torch.empty(2, seq_len, 8, device="meta", requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        mixer(x)
-    forward = counter.get_flop_counts()["Global"]
-    with FlopCounterMode(display=False) as counter:
-        mixer(x).sum().backward()
-    both = counter.get_flop_counts()["Global"]
+    forward, both = forward_and_training_flops(mixer, torch.empty(2, seq_len, 8, device="meta", requires_grad=True))
     mm, addmm, bmm = torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm
     assert forward[bmm] == 2 * 2 * seq_len * 12 * d_state and both[bmm] == 3 * forward[bmm]
     assert both[mm] == forward[mm] + 2 * (forward[mm] + forward[addmm])  # addmm's backward runs mm
@@ -414,13 +418,7 @@ def test_mamba2_backward_counts_three_forwards(seq_len: int) -> None:
     """All four SSD contractions are differentiated even with one chunk (training = 3× forward)."""
     with torch.device("meta"):
         mixer = Mamba2Mixer(m2_plan(chunk_size=16), 8)
-    x = torch.empty(1, seq_len, 8, device="meta", requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        mixer(x)
-    forward = counter.get_flop_counts()["Global"]
-    with FlopCounterMode(display=False) as counter:
-        mixer(x).sum().backward()
-    both = counter.get_flop_counts()["Global"]
+    forward, both = forward_and_training_flops(mixer, torch.empty(1, seq_len, 8, device="meta", requires_grad=True))
     for op in (torch.ops.aten.mm, torch.ops.aten.bmm):
         assert both[op] == 3 * forward[op]
 
