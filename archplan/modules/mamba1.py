@@ -290,7 +290,9 @@ class _ChunkedScan(torch.autograd.Function):
       contraction split by channel would round each part);
     - the rest runs over blocks of ⌈I/N⌉ channels (`channel_blocks`), whose recurrences are
       independent: a block's states are as large as one fp32 (B, T, I) tensor. dh = dy·Cᵀ has
-      one term per channel, so the blocks' matmuls count the same FLOPs."""
+      one term per channel, so the blocks' matmuls count the same FLOPs. dB sums over channels:
+      the blocks' parts are summed in fp32 and rounded to B's dtype once (plain autograd's value
+      within fp32 summation order)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -312,8 +314,13 @@ class _ChunkedScan(torch.autograd.Function):
         u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I = saved
         dC_BTN = _output_weight_grad(ctx, saved, dy_BTI) if needs[4] and dy_BTI is not None else None
         per_block = (needs[0], needs[1], needs[2], needs[3], False, needs[5], needs[6])
+        if not any(per_block):
+            return None, None, None, None, dC_BTN, None, None, None
+        # B in fp32 (as the scan reads it): each block's dB is a partial sum over channels, which
+        # summed in B's 16-bit dtype would round each part
+        B_fp32 = B_BTN.float()
         blocks = [
-            _block_grads(ctx, per_block, [u_BTI[..., c], dt_BTI[..., c], A_IN[c], B_BTN, C_BTN,
+            _block_grads(ctx, per_block, [u_BTI[..., c], dt_BTI[..., c], A_IN[c], B_fp32, C_BTN,
                                           None if h0_BIN is None else h0_BIN[:, c],
                                           None if D_I is None else D_I[c]],
                          None if dy_BTI is None else dy_BTI[..., c], None if dstate_BIN is None else dstate_BIN[:, c])
@@ -321,7 +328,7 @@ class _ChunkedScan(torch.autograd.Function):
         ]
         du, ddt, dA, dB, _, dh0, dD = (_join([g[k] for g in blocks], dim) for k, dim in
                                        enumerate((2, 2, 0, None, None, 1, 0)))
-        return du, ddt, dA, dB, dC_BTN, dh0, dD, None
+        return du, ddt, dA, None if dB is None else dB.to(B_BTN.dtype), dC_BTN, dh0, dD, None
 
 
 def channel_blocks(channels: int, d_state: int) -> list[slice]:

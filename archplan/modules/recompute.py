@@ -50,7 +50,11 @@ def bmm_backward(left: Tensor, right: Tensor, d_out: Tensor, outputs: list[Tenso
 def input_grads(outputs: Sequence[Tensor], grads: Sequence[Tensor], inputs: Sequence[Tensor | None],
                 needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
     """The gradient of Σ ⟨output, grad⟩ for each input that needs one, in the inputs' order
-    (None where it is not needed or the outputs do not reach it)."""
+    (None where it is not needed or the outputs do not reach it). An output no wanted input
+    reaches (no graph: e.g. a scan's states when only its skip weight D needs a gradient)
+    contributes nothing and is left out, as autograd would refuse it."""
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
+    outputs, grads = [out for out, _ in pairs], [grad for _, grad in pairs]
     wanted = [x for x, need in zip(inputs, needs) if need]
     found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if outputs and wanted
                  else [None] * len(wanted))
