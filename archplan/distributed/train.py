@@ -119,22 +119,47 @@ def attention_kernel(dev: torch.device) -> AttentionKernel:
     return "torch-cpu" if dev.type == "cpu" else "flash"
 
 
+def _largest(fits: Callable[[int], bool], upper: int) -> int:
+    """The largest n in 1..upper with fits(n), for a fits that holds up to some n and not beyond
+    (memory grows with batch and length); 0 where none does."""
+    low, high = 0, upper
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _what_fits(plan: ModelPlan, step_bytes: Callable[[ModelPlan, int, int], int], batch: int, seq: int,
+               room: float) -> str | None:
+    """Options that make the step fit, changing as little as possible: the most layers of each
+    kind first (as built, then `--layers` 8, 4, 2, 1), with the largest batch up to the one asked
+    at this length, else batch 1 and the longest length up to the one asked; None if nothing fits."""
+    for k in (None, 8, 4, 2, 1):
+        built = plan if k is None else truncate(plan, k)
+        if k is not None and len(built.layers) == len(plan.layers):
+            continue
+        layers = [] if k is None else [f"--layers {k}"]
+        b = _largest(lambda b: step_bytes(built, b, seq) <= room, batch)
+        if b:
+            return " ".join(layers + ([f"--batch {b}"] if b != batch else []))
+        s = _largest(lambda s: step_bytes(built, 1, s) <= room, seq)
+        if s:
+            return " ".join(layers + (["--batch 1"] if batch != 1 else []) + [f"--seq {s}"])
+    return None
+
+
 def _refuse(plan: ModelPlan, step_bytes: Callable[[ModelPlan, int, int], int], batch: int, seq: int,
             room: float, free: str) -> NoReturn:
-    """The one-line refusal of a step that does not fit, naming only what would help: a smaller
-    batch or length where the step at batch 1 × seq 1 fits, and the most layers of each kind
-    (`--layers K`, K < this plan's) whose step fits at this batch and length."""
-    least = step_bytes(plan, 1, 1)
-    fewer = next((f"try --layers {k}" for k in (8, 4, 2, 1) if len(truncate(plan, k).layers) < len(plan.layers)
-                  and step_bytes(truncate(plan, k), batch, seq) <= room), None)
-    if least > room:
-        # no batch or length helps: the model states and AdamW's step alone do not fit
-        raise ArchplanError(f"--train will not fit: even at batch 1 × seq 1 the step needs about {nbytes(least)} "
-                            f"(16 B/param of model states, and AdamW's step) but {free}; "
-                            f"{fewer or 'use a device with more memory, or a smaller spec'}")
+    """The one-line refusal of a step that does not fit, with options that would make it fit
+    (`_what_fits`), or the reason none would."""
+    fix = _what_fits(plan, step_bytes, batch, seq, room)
+    if fix is None:
+        least = step_bytes(truncate(plan, 1), 1, 1)
+        raise ArchplanError(f"--train will not fit: even at one layer of each kind, batch 1 × seq 1, the step needs "
+                            f"about {nbytes(least)} (16 B/param of model states, and AdamW's step) but {free}; "
+                            "use a device with more memory, or a smaller spec")
     raise ArchplanError(f"--train will not fit: the step needs about {nbytes(step_bytes(plan, batch, seq))} "
-                        f"(size's training memory at batch {batch} × seq {seq}) but {free}; reduce --batch or "
-                        f"--seq{', or ' + fewer if fewer else ''}")
+                        f"(size's training memory at batch {batch} × seq {seq}) but {free}; try {fix}")
 
 
 def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: int, recompute: Recompute,
@@ -156,7 +181,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     if analytic.total > FIT_FRACTION * free:
         # refused before any tensor exists: past the host's memory the system kills the process
         _refuse(plan, lambda built, b, s: step_bytes(built, b, s).total, batch, seq, FIT_FRACTION * free,
-                f"{dev.type} has {nbytes(free)} free")
+                f"{dev.type} has {nbytes(free)} free, {FIT_FRACTION:.0%} of it usable")
     torch.manual_seed(0)
     model = build_model(plan, dev, torch.float32)
     apply_recompute(model.layers, recompute)
