@@ -15,11 +15,11 @@ Recompute uses the same checkpointing as the distributed stages (`shard.apply_re
 
 The analytic side is `size`'s peak of the step at the run's activation dtype, the fp32 residual
 stream of fp32 weights, and with the attention kernel SDPA runs on the device (`attention_kernel`):
-`archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE
---residual-dtype fp32 --attention-kernel K`, K = flash on CUDA (a fused kernel for every head
-size, no s x s probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's
-unequal q and v head sizes). Mamba-2 layers are priced as archplan's SSD unit keeps them, not as
-mamba_ssm's kernels (size's figure): `ssd="torch"` of `training_memory`. The step is the one that model describes: the
+`archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE --residual-dtype
+fp32 --attention-kernel K`, K = flash on CUDA (a fused kernel for every head size, no s x s
+probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's unequal q and v
+head sizes). Mamba-2 layers are priced as archplan's SSD unit keeps them, not as mamba_ssm's kernels
+(size's figure): `ssd="torch"` of `training_memory`. The step is the one that model describes: the
 logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
