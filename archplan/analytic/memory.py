@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes
-from archplan.analytic.mamba import mamba1_activation_bytes
+from archplan.analytic.mamba import mamba1_activation_bytes, ssd_chunks
 from archplan.analytic.s4 import s4_activation_bytes
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
@@ -317,8 +317,7 @@ def ssd_unit_bytes(m: Mamba2Plan, seq: int, act: int, contraction: int) -> int:
     chunk), which `_mamba_chunk_scan_combined_bwd` recomputes and the unit keeps, so that no
     contraction is counted a fourth time. `contraction`: their dtype's bytes, the activations'
     under autocast, fp32 without it (the unit computes in fp32)."""
-    q = min(m.chunk_size, seq)
-    chunks = math.ceil(seq / q)
+    q, chunks = ssd_chunks(m, seq)
     return act * seq * m.conv_dim + contraction * (m.n_groups * chunks * q * q + (chunks - 1) * m.d_inner * m.d_state)
 
 

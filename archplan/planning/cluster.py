@@ -173,6 +173,7 @@ from typing import Literal, TypeVar
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
+from archplan.analytic.mamba import ssd_chunks
 from archplan.analytic.memory import FP32_BYTES, RECOMPUTE_MODES, Recompute, activation_memory, ssd_unit_bytes
 from archplan.errors import ArchplanError
 from archplan.hardware import FP8_TN_ONLY, Accelerator
@@ -847,6 +848,13 @@ def long_conv_exchange(layer: LayerPlan, h: int) -> tuple[int, int]:
             return 0, 0
 
 
+def _group_spread(m: Mamba2Plan, tp: int, cp: int) -> tuple[int, int]:
+    """(g, r): the groups a tp rank holds (at least one: fewer groups than tp ranks replicate
+    them), and how many cp ranks each of them goes to whole (`mamba_exchange`)."""
+    g = max(m.n_groups // tp, 1)
+    return g, max(cp // g, 1)
+
+
 def mamba_exchange(layer: LayerPlan, tp: int, cp: int, engine: Engine) -> tuple[int, ...]:
     """Per token, the channels of each all-to-all a Mamba mixer's tp rank sends each way under
     context parallelism (() for other mixers): in_proj's output to channel shards, the scan's
@@ -861,8 +869,7 @@ def mamba_exchange(layer: LayerPlan, tp: int, cp: int, engine: Engine) -> tuple[
         case Mamba1Plan():
             return 2 * mixer.d_inner // tp, mixer.d_inner // tp
         case Mamba2Plan():
-            i, g = mixer.d_inner // tp, max(mixer.n_groups // tp, 1)
-            r = max(cp // g, 1)
+            i, (g, r) = mixer.d_inner // tp, _group_spread(mixer, tp, cp)
             back = 2 * i if r > 1 and engine == "torch" else i
             return 2 * i + 2 * g * r * mixer.d_state + mixer.n_heads // tp, back
         case _:
@@ -1142,13 +1149,11 @@ def _group_repeat_bytes(m: Mamba2Plan, seq: int, tp: int, cp: int) -> float:
       [y | z] it receives (2·I/tp per token of the rank's T/cp), where the scan's output and z
       were kept already.
     Measured by verify --layout (tiny Mamba-2, tp 2, cp 2, full recompute)."""
-    g = max(m.n_groups // tp, 1)
-    r = max(cp // g, 1)
+    g, r = _group_spread(m, tp, cp)
     if r == 1:
         return 0.0
     groups = (g * r - m.n_groups / tp) / cp
-    q = min(m.chunk_size, seq)
-    chunks = math.ceil(seq / q)
+    q, chunks = ssd_chunks(m, seq)
     repeated = 3 * ACT_BYTES * seq * 2 * m.d_state * groups + FP32_BYTES * chunks * q * q * groups
     return repeated + ACT_BYTES * seq / cp * 2 * m.d_inner / tp
 
