@@ -47,6 +47,8 @@ from archplan.units import nbytes as fmt_bytes
 BACKENDS = ("math", "flash", "efficient", "cudnn")
 # Headroom for the allocator, workspaces and the framework itself when deciding what fits.
 FIT_FRACTION = 0.85
+# The `--layers K` a refusal tries, most layers first, where the spec does not fit as built.
+FEWER_LAYERS = (8, 4, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
         return
     smallest = estimate_bytes(truncate(plan, 1), cfg)
     hint = (f"even --layers 1 needs about {fmt_bytes(smallest)}: reduce --batch/--seq or use a bigger device")
-    for k in (8, 4, 2, 1):
+    for k in FEWER_LAYERS:
         if estimate_bytes(truncate(plan, k), cfg) <= FIT_FRACTION * free and k < plan.n_layers:
             hint = f"try --layers {k}"
             break

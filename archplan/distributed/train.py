@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from archplan.analytic import count_params
 from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
 from archplan.bench.device import free_memory, synchronize
-from archplan.bench.runner import FIT_FRACTION, truncate
+from archplan.bench.runner import FEWER_LAYERS, FIT_FRACTION, truncate
 from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.distributed.shard import apply_recompute
 from archplan.errors import ArchplanError
@@ -134,7 +134,7 @@ def _what_fits(plan: ModelPlan, step_bytes: Callable[[ModelPlan, int, int], int]
     """Options that make the step fit, changing as little as possible: the most layers of each
     kind first (as built, then `--layers` 8, 4, 2, 1), with the largest batch up to the one asked
     at this length, else batch 1 and the longest length up to the one asked; None if nothing fits."""
-    for k in (None, 8, 4, 2, 1):
+    for k in (None, *FEWER_LAYERS):
         built = plan if k is None else truncate(plan, k)
         if k is not None and len(built.layers) == len(plan.layers):
             continue
