@@ -164,15 +164,42 @@ def test_activation_dtype_and_flash_kernel() -> None:
     assert activation_memory(plan, b, s, "selective", attention_kernel="flash").by_component == selective
 
 
-def test_full_recompute_peak_is_the_larger_of_loss_and_rerun() -> None:
-    s, b, h, a = 64, 2, 128, 4
-    for v in (50, 50_000):  # a small vocabulary peaks at the re-run layer, a large one at the loss
+def test_full_recompute_peak_is_the_largest_of_loss_rerun_and_core_backward() -> None:
+    b, h, a = 2, 128, 4
+    # a small vocabulary peaks at the re-run layer, a large one at the loss, a long sequence at the
+    # eager core's s×s gradients
+    for s, v, phase in ((64, 50, "layer re-run"), (64, 50_000, "loss backward"), (512, 50, "attention backward")):
         full = activation_memory(gpt_block(h, a, layers=3, vocab=v), b, s, "full")
         ends = sum(full.by_component[k] for k in ("final_norm", "lm_head", "loss"))
         rerun = full.kept - ends + full.working_set
-        assert full.phases == {"loss backward": full.kept + full.loss_backward, "layer re-run": rerun}
-        assert full.peak == max(rerun, full.kept + full.loss_backward)
-    assert full.peak == full.kept + full.loss_backward
+        # the last layer re-run up to its attention core (not its FFN and the norm before it), and
+        # the eager core's two 16-bit s×s gradients
+        last = activation_memory(gpt_block(h, a, layers=3, vocab=v), b, s).by_component
+        up_to_core = sum(last[k] for k in ("layers.2.norm1", "layers.2.mixer"))
+        core = full.kept - ends + up_to_core + 2 * 2 * a * s * s * b
+        assert full.phases == {"loss backward": full.kept + full.loss_backward, "layer re-run": rerun,
+                               "attention backward": core}
+        assert full.peak == full.phases[phase] == max(full.phases.values())
+    # a fused kernel forms no s×s gradients
+    assert activation_memory(gpt_block(h, a, layers=3, vocab=50), b, s, "full",
+                             attention_kernel="flash").phases["attention backward"] == 0
+
+
+def test_the_math_kernels_backward_holds_two_fp32_score_gradients() -> None:
+    """MLA on a CPU runs torch's math kernel (`torch-cpu`): its backward forms the fp32 gradients
+    of the probabilities and of the scores while the layers below keep theirs, and the last
+    layer's FFN and the norm before it are freed. Measured by `bench --train` in
+    tests/test_distributed.py."""
+    s, b = 256, 2
+    plan = plan_of(vocab_size=100, d_model=64, n_layers=2, ffn={"kind": "glu", "d_ff": 128},
+                   attention={"kind": "mla", "n_heads": 4, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+                              "qk_rope_head_dim": 8, "v_head_dim": 16})
+    acts = activation_memory(plan, b, s, attention_kernel="torch-cpu")
+    kept = acts.by_component
+    freed = sum(v for k, v in kept.items() if k.startswith(("layers.1.ffn", "layers.1.norm2")))
+    ends = sum(kept[k] for k in ("final_norm", "lm_head", "loss"))
+    assert acts.phases["attention backward"] == acts.kept - ends - freed + 2 * 4 * 4 * s * s * b
+    assert acts.peak == acts.phases["attention backward"]
 
 
 def test_gqa_stores_smaller_k_and_v() -> None:

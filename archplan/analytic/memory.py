@@ -10,10 +10,10 @@ Sources:
 - activations: Korthikanti et al. 2022 (arXiv:2205.05198) §4.1 / Table 2, generalised per saved
   tensor to GQA, MLA, gated FFNs, MoE and Mamba layers (see `_mixer_bytes`, `_ffn_bytes`).
 - the peak of one step (`TrainingMemory.total`): archplan's own accounting, measured with
-  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of four
+  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of five
   moments: the loss backward (everything the forward kept + the cross-entropy's two fp32 n×V
-  gradients), the re-run of a layer under full recompute, a tied weight's gradient sum, and
-  AdamW's step temporary.
+  gradients), the re-run of a layer under full recompute, the backward of an attention core that
+  forms its s×s gradients, a tied weight's gradient sum, and AdamW's step temporary.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ CoreKernel = Literal["eager", "flash", "math"]
 # (`modules.mamba2`), which keeps more so that its backward recomputes no contraction
 # (`ssd_unit_bytes`).
 SSDKernel = Literal["mamba_ssm", "torch"]
-Phase = Literal["loss backward", "layer re-run", "tied gradient sum", "optimizer step"]
+Phase = Literal["loss backward", "layer re-run", "attention backward", "tied gradient sum", "optimizer step"]
 
 # Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
 ACT_BYTES = 2
@@ -151,6 +151,23 @@ def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, act: int, recomp
     if dropout:
         value += MASK_BYTES * s * b * h
     return value
+
+
+def _core_backward_bytes(kernel: CoreKernel, n_heads: int, s: int, b: int, act: int) -> int:
+    """The s×s temporaries of a core's backward that materialises its probabilities: the
+    probabilities' gradient (aten `mm` of dO·Vᵀ) and the scores' (`_softmax_backward_data`), alive
+    together, in the kernel's dtype (fp32 for torch's math kernel, which upcasts; the activations'
+    for eager). Dropout's backward, between them, frees its input before the softmax's runs. A fused
+    kernel tiles them (Dao et al. 2022 §3.1, Algorithm 4): none."""
+    match kernel:
+        case "eager":
+            return 2 * act * n_heads * s * s * b
+        case "math":
+            return 2 * FP32_BYTES * n_heads * s * s * b
+        case "flash":
+            return 0
+        case _:
+            assert_never(kernel)
 
 
 def dtype_bytes(n_elements: int, dtype: DType | str) -> int:
@@ -250,7 +267,9 @@ class ActivationMemory:
 
     `by_component`: module path -> bytes kept across the step (`layers.{i}` is the block input
     kept under full recompute). `working_set`: the largest layer's activations, re-materialised
-    while that layer runs its backward under full recompute (0 otherwise).
+    while that layer runs its backward under full recompute (0 otherwise). `core_backward`: the
+    activations alive while an attention core that materialises its probabilities runs its
+    backward, with its s×s gradients, at the layer where that is largest (0 for fused kernels).
     """
 
     micro_batch: int
@@ -259,6 +278,7 @@ class ActivationMemory:
     by_component: dict[str, int]
     working_set: int
     loss_backward: int
+    core_backward: int
 
     @property
     def kept(self) -> int:
@@ -267,12 +287,14 @@ class ActivationMemory:
 
     @property
     def phases(self) -> dict[Phase, int]:
-        """Activation bytes alive at the two candidate peaks of the backward: the loss backward
-        (everything kept + the cross-entropy's two fp32 n×V gradients) and, under full recompute,
-        the re-run of the largest layer, when the loss and head tensors are already freed."""
+        """Activation bytes alive at the three candidate peaks of the backward: the loss backward
+        (everything kept + the cross-entropy's two fp32 n×V gradients), under full recompute the
+        re-run of the largest layer, when the loss and head tensors are already freed, and the
+        backward of an attention core that forms its s×s gradients (`core_backward`)."""
         ends = sum(self.by_component.get(k, 0) for k in END_COMPONENTS)
         return {"loss backward": self.kept + self.loss_backward,
-                "layer re-run": self.kept - ends + self.working_set if self.working_set else 0}
+                "layer re-run": self.kept - ends + self.working_set if self.working_set else 0,
+                "attention backward": self.core_backward}
 
     @property
     def peak(self) -> int:
@@ -406,6 +428,27 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
     return out
 
 
+def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
+                              b: int, act: int, kernel: AttentionKernel) -> int:
+    """Activations alive while `layer`'s attention core runs its backward, with its s×s gradients
+    (`_core_backward_bytes`; 0 where the kernel forms none). `kept`: the layer's tensors without
+    recompute, which a selective or full re-run restores before the core's backward; `before`:
+    what the layers below keep; `block_input`: the layer input full recompute keeps. The layer's
+    FFN and the norm before it have run their backward and are freed by then."""
+    match layer.mixer:
+        case AttentionPlan(head_dim=qk_dim, n_heads=n_heads):
+            v_dim = qk_dim
+        case MLAPlan(qk_head_dim=qk_dim, v_head_dim=v_dim, n_heads=n_heads):
+            pass
+        case _:
+            return 0
+    transient = _core_backward_bytes(_core_kernel(kernel, qk_dim, v_dim), n_heads, s, b, act)
+    if not transient:
+        return 0
+    after = tuple(f"{layer.path}.{name}" for name in ("ffn", "norm2", "post_norm2"))
+    return before + block_input + sum(v for k, v in kept.items() if not k.startswith(after)) + transient
+
+
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
                       dropout: bool = False, activation_dtype: DType | str = DType.bf16,
                       attention_kernel: AttentionKernel = "eager",
@@ -434,11 +477,15 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     if plan.embed_norm:
         out["embed_norm"] = res * tokens * h
     working_set = 0
+    core_backward = 0
     for layer in plan.layers:
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd)
+        block_input = res * tokens * h if recompute == "full" else 0
+        core_backward = max(core_backward, _attention_backward_bytes(
+            layer, full, sum(out.values()), block_input, s, b, act, attention_kernel))
         match recompute:
             case "full":
-                out[layer.path] = res * tokens * h  # only the block input is kept
+                out[layer.path] = block_input  # only the block input is kept
                 working_set = max(working_set, sum(full.values()))
             case "selective":
                 out |= _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd)
@@ -453,7 +500,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     out["lm_head"] = act * tokens * h
     out["loss"] = LOGITS_BYTES * tokens * plan.vocab_size
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
-    return ActivationMemory(b, s, recompute, out, working_set, loss_backward)
+    return ActivationMemory(b, s, recompute, out, working_set, loss_backward, core_backward)
 
 
 # ---------------------------------------------------------------------------------- training
