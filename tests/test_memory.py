@@ -202,6 +202,54 @@ def test_the_math_kernels_backward_holds_two_fp32_score_gradients() -> None:
     assert acts.peak == acts.phases["attention backward"]
 
 
+def test_an_eager_cores_backward_holds_two_score_gradients() -> None:
+    """Independent check of the eager kernel's `attention backward` term: a causal attention core
+    in plain bf16 autograd, whose new storages are traced through its backward (every op's outputs,
+    freed by storage finalizers), peaks at two 16-bit s×s gradients per head (the probabilities'
+    and then the scores', the mask's gradient replacing the first), beside dV, which the last
+    matmul's backward made first."""
+    torch = pytest.importorskip("torch")
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from archplan.analytic.memory import _core_backward_bytes
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: dict[int, int] = {}
+            self.now = self.peak = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if func.is_view or func._schema.is_mutable:  # no new storage: a view or an in-place write
+                return out
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                    storage = t.untyped_storage()
+                    self.live[storage.data_ptr()] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self.free, storage.data_ptr())
+            self.peak = max(self.peak, self.now)
+            return out
+
+        def free(self, key: int) -> None:
+            self.now -= self.live.pop(key, 0)
+
+    b, h, s, d = 2, 4, 64, 16
+    q, k, v = (torch.randn(b, h, s, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    above = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
+    scores = torch.matmul(q * d**-0.5, k.transpose(-1, -2)).masked_fill(above, -torch.inf)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    grad = torch.randn_like(out)
+    tracer = LiveBytes()
+    with tracer:
+        out.backward(grad)
+    assert tracer.peak == _core_backward_bytes("eager", h, s, b, 2) + 2 * b * h * s * d
+
+
 def test_gqa_stores_smaller_k_and_v() -> None:
     s, b = 16, 1
     common = dict(vocab_size=100, d_model=256, n_layers=1, ffn={"kind": "glu", "d_ff": 512})
