@@ -186,9 +186,30 @@ def _training_table(r: dict[str, Any]) -> _Section:
     for name, value in rows:
         table.add_row(name, units.nbytes(value), units.percent(value / total), bar(value / total))
     table.add_row(Text("total (peak of the step)", style="bold"), Text(units.nbytes(total), style="bold"), "", "")
-    table.add_row("  activations kept", units.nbytes(t["activations"]), "", "")
-    table.add_row("  loss backward (2 fp32 n×V)", units.nbytes(t["loss_backward"]), "", "")
+    for name, value in _peak_parts(t):
+        table.add_row(f"  {name}", units.nbytes(value), "", "")
     return table
+
+
+def _peak_parts(t: dict[str, Any]) -> list[tuple[str, int]]:
+    """What the forward kept, then the peak phase's own parts: what is alive then, and the
+    transient that makes it the peak (the step peak row above is their sum)."""
+    phase = t["peak_phase"]
+    alive = t["phases"][phase]
+    kept = ("activations kept", t["activations"])
+    match phase:
+        case "loss backward":
+            return [kept, ("loss backward (2 fp32 n×V)", t["loss_backward"])]
+        case "layer re-run":
+            working = t["activations_working_set"]
+            return [kept, ("of which alive at the re-run", alive - working), ("one layer re-run", working)]
+        case "attention backward":
+            gradients = t["attention_backward"]
+            return [kept, ("of which alive at the core's backward", alive - gradients),
+                    ("attention's s×s gradients (dP, dS)", gradients)]
+        case "tied gradient sum" | "optimizer step":
+            return [("activations kept (freed by then)", t["activations"])]
+    raise ValueError(f"unknown phase {phase!r}")
 
 
 def _chinchilla_table(r: dict[str, Any]) -> _Section:

@@ -82,6 +82,28 @@ def test_llama3_8b_matches_formulas_vectors() -> None:
     assert r["memory"]["training_bytes"] == 16 * r["params"]["total"] + max(t["phases"].values())
 
 
+@pytest.mark.parametrize(("argv", "phase", "rows"), [
+    (["llama-2-7b"], "attention backward",
+     ["activations kept", "of which alive at the core's backward", "attention's s×s gradients (dP, dS)"]),
+    (["llama-3-8b"], "loss backward", ["activations kept", "loss backward (2 fp32 n×V)"]),
+    (["gpt2", "--recompute", "full", "--attention-kernel", "flash", "--seq", "64"], "optimizer step",
+     ["activations kept (freed by then)"]),
+])
+def test_the_table_breaks_the_peak_phase_down(argv: list[str], phase: str, rows: list[str]) -> None:
+    """Under the total, the peak phase's own parts: what is alive then and the transient that makes
+    it the peak (they add up to the step peak row), with `attention_backward` in --json."""
+    t = size_json(*argv)["memory"]["training"]
+    assert t["peak_phase"] == phase
+    if phase == "attention backward":
+        # llama-2-7b at 4,096 tokens, eager: two 16-bit s×s gradients of 32 heads
+        assert t["attention_backward"] == 2 * 2 * 32 * 4096**2
+        assert t["attention_backward"] < t["phases"][phase] < t["activations"] + t["attention_backward"]
+    text = runner.invoke(app, ["size", *argv], env={"COLUMNS": "200"}).output
+    assert f"step peak: {phase}" in text
+    for row in rows:
+        assert f"  {row} " in text
+
+
 def test_chinchilla_block() -> None:
     r = size_json("mixtral-8x7b")
     c = r["chinchilla"]

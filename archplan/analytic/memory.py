@@ -269,7 +269,8 @@ class ActivationMemory:
     kept under full recompute). `working_set`: the largest layer's activations, re-materialised
     while that layer runs its backward under full recompute (0 otherwise). `core_backward`: the
     activations alive while an attention core that materialises its probabilities runs its
-    backward, with its s×s gradients, at the layer where that is largest (0 for fused kernels).
+    backward, at the layer where that moment is largest (0 for fused kernels), and
+    `core_gradients` the s×s gradients it forms then.
     """
 
     micro_batch: int
@@ -279,6 +280,7 @@ class ActivationMemory:
     working_set: int
     loss_backward: int
     core_backward: int
+    core_gradients: int
 
     @property
     def kept(self) -> int:
@@ -290,11 +292,12 @@ class ActivationMemory:
         """Activation bytes alive at the three candidate peaks of the backward: the loss backward
         (everything kept + the cross-entropy's two fp32 n×V gradients), under full recompute the
         re-run of the largest layer, when the loss and head tensors are already freed, and the
-        backward of an attention core that forms its s×s gradients (`core_backward`)."""
+        backward of an attention core that forms its s×s gradients (`core_backward` +
+        `core_gradients`)."""
         ends = sum(self.by_component.get(k, 0) for k in END_COMPONENTS)
         return {"loss backward": self.kept + self.loss_backward,
                 "layer re-run": self.kept - ends + self.working_set if self.working_set else 0,
-                "attention backward": self.core_backward}
+                "attention backward": self.core_backward + self.core_gradients}
 
     @property
     def peak(self) -> int:
@@ -429,9 +432,9 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
 
 
 def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
-                              b: int, act: int, kernel: AttentionKernel) -> int:
-    """Activations alive while `layer`'s attention core runs its backward, with its s×s gradients
-    (`_core_backward_bytes`; 0 where the kernel forms none). `kept`: the layer's tensors without
+                              b: int, act: int, kernel: AttentionKernel) -> tuple[int, int]:
+    """Activations alive while `layer`'s attention core runs its backward, and its s×s gradients
+    (`_core_backward_bytes`; (0, 0) where the kernel forms none). `kept`: the layer's tensors without
     recompute, which a selective or full re-run restores before the core's backward; `before`:
     what the layers below keep; `block_input`: the layer input full recompute keeps. The layer's
     FFN and the norm before it have run their backward and are freed by then."""
@@ -441,12 +444,12 @@ def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
         case MLAPlan(qk_head_dim=qk_dim, v_head_dim=v_dim, n_heads=n_heads):
             pass
         case _:
-            return 0
-    transient = _core_backward_bytes(_core_kernel(kernel, qk_dim, v_dim), n_heads, s, b, act)
-    if not transient:
-        return 0
+            return 0, 0
+    gradients = _core_backward_bytes(_core_kernel(kernel, qk_dim, v_dim), n_heads, s, b, act)
+    if not gradients:
+        return 0, 0
     after = tuple(f"{layer.path}.{name}" for name in ("ffn", "norm2", "post_norm2"))
-    return before + block_input + sum(v for k, v in kept.items() if not k.startswith(after)) + transient
+    return before + block_input + sum(v for k, v in kept.items() if not k.startswith(after)), gradients
 
 
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
@@ -477,12 +480,12 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     if plan.embed_norm:
         out["embed_norm"] = res * tokens * h
     working_set = 0
-    core_backward = 0
+    core_backward = (0, 0)
     for layer in plan.layers:
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd)
         block_input = res * tokens * h if recompute == "full" else 0
         core_backward = max(core_backward, _attention_backward_bytes(
-            layer, full, sum(out.values()), block_input, s, b, act, attention_kernel))
+            layer, full, sum(out.values()), block_input, s, b, act, attention_kernel), key=sum)
         match recompute:
             case "full":
                 out[layer.path] = block_input  # only the block input is kept
@@ -500,7 +503,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     out["lm_head"] = act * tokens * h
     out["loss"] = LOGITS_BYTES * tokens * plan.vocab_size
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
-    return ActivationMemory(b, s, recompute, out, working_set, loss_backward, core_backward)
+    return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward)
 
 
 # ---------------------------------------------------------------------------------- training
