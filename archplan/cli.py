@@ -13,6 +13,7 @@ import sys
 
 import typer
 
+from archplan.console import ReaderGone
 from archplan.errors import ArchplanError, first_line
 
 COMMAND_MODULES = (
@@ -109,6 +110,12 @@ def _main() -> None:
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
                    "give a smaller --seq, --batch or mb, or --layers", err=True)
         sys.exit(2)
+    except ReaderGone:
+        # the reader stopped early (`| head`): what it took was all it wanted (`archplan.console`).
+        # Python would meet the closed pipe again when it flushes stdout at exit; stdout points at
+        # /dev/null first (Python's `signal` docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except OSError as exc:
         if exc.filename is not None:
             # a path the user gave that the system refuses before it is read (a name too long

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout
@@ -37,6 +36,7 @@ from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_byte
 from archplan.bench.roofline import predict_prefill
 from archplan.bench.runner import BenchConfig, check_fits, sdpa_backend, truncate
 from archplan.bench.timing import progress_bar, time_calls
+from archplan.console import Console, echo
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
@@ -306,8 +306,6 @@ def render(results: list[SweepResult], console: Console | None = None) -> None:
 def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json: bool, *,
                   force: bool = False) -> None:
     """`archplan bench SPEC... --seq a,b,c [--plot FILE [--force]] [--json]`."""
-    import typer
-
     from archplan.loader import load_spec
     from archplan.resolve import resolve
 
@@ -323,8 +321,8 @@ def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json:
 
         plot_sweep(report, plot, force=force)
     if as_json:
-        typer.echo(jsonout.dumps(report, indent=2))
+        echo(jsonout.dumps(report, indent=2))
         return
     render(results)
     if plot is not None:
-        typer.echo(f"figure written to {plot}")
+        echo(f"figure written to {plot}")

@@ -6,7 +6,6 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,6 +13,7 @@ from archplan import jsonout
 from archplan.commands.options import JsonOpt, SpecsArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.commands.size import RecomputeChoice
+from archplan.console import Console, echo
 from archplan.errors import ArchplanError
 from archplan.units import count, flops, nbytes, percent
 
@@ -174,7 +174,7 @@ def bench(
         if compare_backends:
             result.backends = run_backends(plan, cfg)
         if as_json:
-            typer.echo(jsonout.dumps(result.to_json(), indent=2))
+            echo(jsonout.dumps(result.to_json(), indent=2))
         else:
             _render(result, plan.name)
     if note is not None:  # after the run: a refused option stays a one-line error

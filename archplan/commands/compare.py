@@ -30,6 +30,7 @@ from archplan.commands.size import (
     TokensOpt,
     size_options,
 )
+from archplan.console import echo
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 
@@ -79,10 +80,10 @@ def register(app: typer.Typer) -> None:
 
             plot_compare(reports, plot, force=force)
         if as_json:
-            typer.echo(jsonout.dumps(reports, indent=2))
+            echo(jsonout.dumps(reports, indent=2))
         else:
             from archplan.render import print_compare
 
             print_compare(reports)
             if plot is not None:
-                typer.echo(f"figure written to {plot}")
+                echo(f"figure written to {plot}")

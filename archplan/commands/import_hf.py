@@ -15,6 +15,7 @@ import typer
 from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
 from archplan.commands.schema import schema_file
+from archplan.console import echo
 from archplan.errors import ArchplanError
 
 import_app = typer.Typer(
@@ -75,10 +76,10 @@ def hf(
     if output is not None:
         write_spec(spec, str(output), force=force, header=header)
     if as_json:
-        typer.echo(jsonout.dumps({"output": str(output) if output else None, "ignored": list(imported.ignored),
-                               "spec": spec_data(spec)}))
+        echo(jsonout.dumps({"output": str(output) if output else None, "ignored": list(imported.ignored),
+                            "spec": spec_data(spec)}))
     elif output is None:
-        typer.echo(spec_yaml(spec, header), nl=False)
+        echo(spec_yaml(spec, header), nl=False)
     else:
         typer.echo(f"wrote {output} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})", err=True)
 

@@ -14,6 +14,7 @@ import typer
 
 from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, refuse_foreign_options
+from archplan.console import echo
 from archplan.errors import ArchplanError
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ def _positive_amount(text: str, option: str) -> float:
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from archplan.console import Console
 
     return Console()
 
@@ -1157,11 +1158,11 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
     if plot is not None:
         _plot_budget(result, made, plot, force)
     if as_json:
-        typer.echo(jsonout.dumps(_budget_json(result, made, output), indent=2))
+        echo(jsonout.dumps(_budget_json(result, made, output), indent=2))
     else:
         _print_budget(result, made, output)
         if plot is not None:
-            typer.echo(f"figure written to {plot}")
+            echo(f"figure written to {plot}")
 
 
 def _run_solve(partial: str, total: str | None, active: str | None, tol: float, multiple: int,
@@ -1182,11 +1183,11 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
             + ", ".join(f"{k} = {v}" for k, v in best.values.items())))
         written = output
     if as_json:
-        typer.echo(jsonout.dumps(_solve_json(result, written), indent=2))
+        echo(jsonout.dumps(_solve_json(result, written), indent=2))
     else:
         _print_solve(result, written)
         if output is not None and not result.solved:
-            typer.echo(f"nothing written to {output}: no candidate within tolerance")
+            echo(f"nothing written to {output}: no candidate within tolerance")
     if not result.solved:
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it.
@@ -1281,11 +1282,11 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     elif plot is not None:
         typer.echo(f"no figure written to {plot}: no layout fits", err=True)
     if as_json:
-        typer.echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note),
-                                 indent=2))
+        echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note),
+                           indent=2))
     else:
         _print_layout(spec, result, train_tokens, source, bound, seq_note, host_note)
         if plotted:
-            typer.echo(f"figure written to {plot}")
+            echo(f"figure written to {plot}")
     if not result.feasible:
         raise SystemExit(1)

@@ -8,6 +8,7 @@ import typer
 
 from archplan import jsonout
 from archplan.commands.options import JsonOpt
+from archplan.console import echo
 
 DESCRIPTION_WIDTH = 90  # the table shows the start of each description; --json has it in full
 
@@ -36,13 +37,13 @@ def register(app: typer.Typer) -> None:
             rows.append({"name": name, "description": spec.description, "total": params.total,
                          "active": params.active})
         if as_json:
-            typer.echo(jsonout.dumps(rows, indent=2))
+            echo(jsonout.dumps(rows, indent=2))
             return
 
-        from rich.console import Console
         from rich.table import Table
 
         from archplan import units
+        from archplan.console import Console
 
         table = Table(title="Bundled presets", title_justify="left", show_edge=False, pad_edge=False,
                       caption="archplan size NAME | archplan compare NAME NAME", caption_justify="left")

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from archplan.commands.options import ForceOpt
+from archplan.console import echo
 from archplan.errors import ArchplanError
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what Pydantic 2 generates
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         text = render_schema()
         if output is None:
-            typer.echo(text, nl=False)
+            echo(text, nl=False)
             return
         if output.exists() and not force:
             raise ArchplanError("exists; pass --force to overwrite", file=str(output))

@@ -10,6 +10,7 @@ import typer
 
 from archplan import jsonout
 from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg
+from archplan.console import echo
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 
@@ -166,10 +167,10 @@ def register(app: typer.Typer) -> None:
 
             plot_size(resolve(loaded), report, opts, plot, force=force)
         if as_json:
-            typer.echo(jsonout.dumps(report, indent=2))
+            echo(jsonout.dumps(report, indent=2))
         else:
             from archplan.render import print_size
 
             print_size(report)
             if plot is not None:
-                typer.echo(f"figure written to {plot}")
+                echo(f"figure written to {plot}")

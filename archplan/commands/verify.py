@@ -17,13 +17,13 @@ from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout, units
 from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
+from archplan.console import Console, echo
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
 from archplan.resolve import ModelPlan, resolve
@@ -142,7 +142,7 @@ def verify_model(
             real_device=device.value, progress=progress,
         )
     if as_json:
-        typer.echo(jsonout.dumps(result.to_json(), indent=2))
+        echo(jsonout.dumps(result.to_json(), indent=2))
     else:
         render(result, console, aggregate=not all_layers and len(plan.layers) > AGGREGATE_ABOVE_LAYERS)
     return 0 if result.ok else 1

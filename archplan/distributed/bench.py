@@ -6,11 +6,10 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-import typer
-from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout
+from archplan.console import Console, echo
 from archplan.distributed.render import given_layout, schedule_name
 from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError
@@ -45,7 +44,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         with busy(f"{n} torchrun workers ({kind}): warm-up and {things(steps, 'timed step')}", enabled=not as_json):
             result = launch(argv, n)
     if as_json:
-        typer.echo(jsonout.dumps(asdict(result), indent=2))
+        echo(jsonout.dumps(asdict(result), indent=2))
     elif not under_launcher() or result is not None:
         render(result)
 

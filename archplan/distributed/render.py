@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout, units
+from archplan.console import Console, echo
 from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, check_layout, parse_layout
@@ -91,7 +90,7 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
     with busy(f"one rank's training step of {layout.spec} at {layout.world:,} fake ranks", enabled=not as_json):
         result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
     if as_json:
-        typer.echo(jsonout.dumps(result.to_json(), indent=2))
+        echo(jsonout.dumps(result.to_json(), indent=2))
     else:
         render(result, report_console())
     raise typer.Exit(0 if result.ok else 1)

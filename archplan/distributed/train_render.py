@@ -7,10 +7,10 @@ import statistics
 from dataclasses import asdict
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout
+from archplan.console import Console, echo
 from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.bench.runner import truncate
 from archplan.distributed.train import PEAK_TOLERANCE, TrainBench, train_bench
@@ -36,7 +36,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
         result = train_bench(plan, device=device, dtype=dtype, batch=batch, seq=seq,
                              recompute=recompute, iters=iters)  # type: ignore[arg-type]
     if as_json:
-        typer.echo(jsonout.dumps({**asdict(result), "ok": result.ok}, indent=2))
+        echo(jsonout.dumps({**asdict(result), "ok": result.ok}, indent=2))
     else:
         render(result)
     raise typer.Exit(0 if result.ok else 1)
