@@ -562,6 +562,10 @@ def _check_layout(spec: Spec) -> None:
     dense_layers = spec.n_layers - moe_layers if spec.moe is not None else spec.n_layers
     if spec.moe is not None and dense_layers and spec.ffn is None:
         raise ValueError(f"ffn: {dense_layers} layers are dense under the layout but `ffn` is not set")
+    if spec.moe is not None and not dense_layers and spec.ffn is not None:
+        # as for an unused mixer: a field that changes nothing would read as if it counted
+        raise ValueError("ffn: set, but the layout puts `moe` on every layer, so no layer is dense; remove it, "
+                         "or make layers dense with layout.first_dense or layout.moe_every")
     if spec.ffn is None and spec.moe is None and not letters & {"M", "H"}:
         raise ValueError("ffn: attention layers need `ffn` or `moe`")
 

@@ -350,7 +350,10 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
             offset, first_dense = 0, 0
         layout.update(moe_every=every, moe_offset=offset, first_dense=first_dense)
         dense_layers = n_layers - _moe_layers(n_layers, every, offset, first_dense)
-        need_ffn = dense_layers > 0 or "ffn" in only
+        if not dense_layers and "ffn" in only:
+            # no layer is dense (a spec may not set `ffn` then): the experts are the member drawn
+            moe["expert"] = _member(draw, "ffn", only, d_model)
+        need_ffn = dense_layers > 0
     else:
         # attention-only stacks need an FFN; a stack with Mamba or long-conv layers may have none
         need_ffn = not (has_ssm or has_conv) or "ffn" in only or draw(st.booleans())

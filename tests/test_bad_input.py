@@ -231,6 +231,20 @@ def test_top_k_exceeds_experts(cli, tmp_path: Path) -> None:  # type: ignore[no-
     assert_one_line_error(cli("size", path), f"{path}:6:1", "moe", "top_k (5) exceeds n_experts (4)")
 
 
+@pytest.mark.parametrize(("layout", "needles"), [
+    # every layer routed: the dense `ffn` would change nothing, as a solved `ffn.d_ff` would not
+    ("", (":6:1", "ffn: set, but the layout puts `moe` on every layer", "layout.first_dense")),
+    ("layout: {first_dense: 2}\n", (":7:1", "moe: set, but the layout places it on no layer")),
+])
+def test_a_block_no_layer_uses_is_refused(cli, tmp_path: Path, layout: str,  # type: ignore[no-untyped-def]
+                                          needles: tuple[str, ...]) -> None:
+    path = spec_file(tmp_path, BASE + "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 32}}\n" + layout)
+    assert_one_line_error(cli("size", path), path, *needles)
+    with_dense = spec_file(tmp_path, BASE + "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 32}}\n"
+                           "layout: {first_dense: 1}\n", "dense.yaml")
+    assert cli("size", with_dense).code == 0
+
+
 def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 1000000000000"))
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "less than or equal")
