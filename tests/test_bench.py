@@ -212,7 +212,26 @@ def test_cli_text_names_the_extrapolated_depths() -> None:
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "extrapolated from the layers built to the full depth (mha+dense 1 → 12)" in result.output
+    # the median shown is the full depth's; the spread beside it, what the built layer measured
+    assert re.search(r"full depth, extrapolated; the built layers measured [\d.]+ ms, p10 [\d.]+ / p90", result.output)
     assert "{'" not in result.output
+
+
+@pytest.mark.parametrize("mode", [[], ["--train"]])
+def test_a_run_past_max_seq_len_or_beyond_every_layer_says_so(mode: list[str], capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `size` does, a note past a RoPE model's max_seq_len (tiny-llama: 256); and `--layers 9` on
+    its 4 layers builds them all. The run goes ahead (exit 0), the notes on stderr, after it."""
+    spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    extra = [] if mode else ["--decode-tokens", "0", "--warmup", "0"]
+    proc = run_main(["bench", spec, "--device", "cpu", "--seq", "300", "--layers", "9", "--iters", "1", *mode, *extra],
+                    capsys, monkeypatch)
+    assert proc.code == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert "note: seq 300 is past tiny-llama's max_seq_len (256): timed as asked" in said
+    assert "note: --layers 9 builds all 4 layers of tiny-llama (no layer kind has more)" in said
+    if not mode:  # nothing extrapolated: the median's spread is what was measured
+        assert "full depth, extrapolated" not in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

@@ -63,6 +63,25 @@ def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
     return seq, why
 
 
+def _run_notes(specs: list[str], seq: int, layers: int | None) -> list[str]:
+    """What `size` would say of these lengths (RoPE past max_seq_len), and a `--layers` beyond
+    every layer kind's count, which builds the whole model: runs as asked, but worth a line."""
+    from archplan.bench.runner import truncate
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    notes = []
+    for spec in specs:
+        plan = resolve(load_spec(spec))
+        past = plan.past_trained_note("seq", seq, "timed as asked")
+        if past is not None:
+            notes.append(f"note: {past}")
+        if layers is not None and layers > 1 and truncate(plan, layers - 1).n_layers == plan.n_layers:
+            notes.append(f"note: --layers {layers} builds all {plan.n_layers} layers of {plan.name} (no layer kind "
+                         "has more): nothing was extrapolated")
+    return notes
+
+
 # What each mode reads. An option given on the command line that its mode does not read is refused
 # rather than ignored (`--device` was once ignored by --layout).
 MODE_OPTIONS: dict[str, frozenset[str]] = {
@@ -137,10 +156,13 @@ def bench(
     else:
         lengths, note = parse_lengths(seq), None
 
+    notes = ([] if note is None else [note]) + ([] if as_json or layout is not None else
+                                                _run_notes(list(specs), max(lengths), layers))
     sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
     mode = ("--layout" if layout is not None else "--train" if train
             else "a --seq sweep" if sweep else "prefill and decode")
     refuse_foreign_options(ctx, mode, MODE_OPTIONS)
+    ok = True
     if train or layout is not None:
         if len(specs) > 1:
             raise ArchplanError(f"{mode} runs one spec, got {len(specs)}: {', '.join(specs)}")
@@ -149,8 +171,8 @@ def bench(
         if train:
             from archplan.distributed.train_render import bench_train
 
-            bench_train(specs[0], device=device.value, dtype=dtype.value, batch=batch, seq=lengths[0],
-                        recompute=recompute.value, iters=iters, as_json=as_json, layers=layers)
+            ok = bench_train(specs[0], device=device.value, dtype=dtype.value, batch=batch, seq=lengths[0],
+                             recompute=recompute.value, iters=iters, as_json=as_json, layers=layers)
         else:
             from archplan.distributed.bench import bench_layout  # imports torch.distributed
 
@@ -177,8 +199,10 @@ def bench(
             echo(jsonout.dumps(result.to_json(), indent=2))
         else:
             _render(result, plan.name)
-    if note is not None:  # after the run: a refused option stays a one-line error
-        Console(stderr=True).print(note)
+    for line in notes:  # after the run: a refused option stays a one-line error
+        Console(stderr=True).print(line)
+    if not ok:
+        raise typer.Exit(1)
 
 
 def _render(result: object, name: str) -> None:
@@ -193,9 +217,11 @@ def _render(result: object, name: str) -> None:
     table.add_column("value", justify="right")
     table.add_column("note")
     t = result.prefill
+    spread = f"p10 {1e3 * t.quantile(0.1):.2f} / p90 {1e3 * t.quantile(0.9):.2f} ms"
     table.add_row("prefill median", f"{1e3 * result.prefill_seconds:.2f} ms",
-                  f"p10 {1e3 * t.quantile(0.1):.2f} / p90 {1e3 * t.quantile(0.9):.2f} ms measured"
-                  + (" (built layers)" if result.extrapolation else ""))
+                  # the median is extrapolated to full depth, the spread only measured on what was built
+                  f"full depth, extrapolated; the built layers measured {1e3 * t.median:.2f} ms, {spread}"
+                  if result.extrapolation else f"{spread} measured")
     table.add_row("prefill tokens/s", count(result.tokens_per_s), "")
     table.add_row("achieved", flops(result.achieved_flops_per_s, "FLOP/s"),
                   f"analytic {flops(result.prefill_flops)} per forward, attention causal")

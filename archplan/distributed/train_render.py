@@ -6,7 +6,6 @@ import statistics
 
 from dataclasses import asdict
 
-import typer
 from rich.table import Table
 
 from archplan import jsonout
@@ -24,7 +23,8 @@ OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 
 
 def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, recompute: str, iters: int,
-                as_json: bool, layers: int | None = None) -> None:
+                as_json: bool, layers: int | None = None) -> bool:
+    """Run and show `bench --train`; whether every figure is within its tolerance (exit 1 if not)."""
     if dtype not in ("bf16", "fp32"):
         raise ArchplanError(f"--train --dtype {dtype}: training runs fp32 weights with bf16 autocast or plain fp32")
     plan = resolve(load_spec(spec))
@@ -39,7 +39,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
         echo(jsonout.dumps({**asdict(result), "ok": result.ok}, indent=2))
     else:
         render(result)
-    raise typer.Exit(0 if result.ok else 1)
+    return result.ok
 
 
 def _mark(ok: bool | None) -> str:
