@@ -237,9 +237,9 @@ def _gpu_table(r: dict[str, Any]) -> _Section | None:
     table.add_row("dense bf16 peak used", units.flops(g["peak_flops_per_s"], "FLOP/s"))
     table.add_row("MFU", units.percent(g["mfu"]))
     table.add_row("model FLOPs (training FLOPs/token x D)", units.sci(g["training_flops"]))
-    table.add_row("GPU-hours", f"{g['gpu_hours']:,.0f}")
-    table.add_row("GPU-days", f"{g['gpu_hours'] / 24:,.1f}")
-    table.add_row("GPU-hours for the 6·N·D budget", f"{g['gpu_hours_6nd']:,.0f}")
+    table.add_row("GPU-hours", units.amount(g["gpu_hours"]))
+    table.add_row("GPU-days", units.amount(g["gpu_hours"] / 24))
+    table.add_row("GPU-hours for the 6·N·D budget", units.amount(g["gpu_hours_6nd"]))
     return table
 
 
@@ -308,7 +308,7 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}"))
         figures.append((f"N_opt ({key})", _law_value(key, "optimal_params"), units.count))
     if first["chinchilla"]["gpu"] is not None:
-        figures.append(("GPU-hours", lambda r: r["chinchilla"]["gpu"]["gpu_hours"], lambda x: f"{x:,.0f}"))
+        figures.append(("GPU-hours", lambda r: r["chinchilla"]["gpu"]["gpu_hours"], units.amount))
     return figures
 
 

@@ -42,6 +42,13 @@ def count(n: float) -> str:
     return f"{n:,.0f}" if float(n).is_integer() else f"{n:.3g}"
 
 
+def amount(x: float) -> str:
+    """A plain quantity at three significant digits, digits grouped from 100 up (GPU-hours: 0.0495,
+    1.19, 516, 24,310), so a small figure does not print as 0.0."""
+    value = _rounded(x)
+    return _three_digits(value) if value == 0 or abs(value) >= 1 else f"{value:.3g}"
+
+
 def nbytes(n: float) -> str:
     """Bytes in binary units: 14,495,514,624 -> '13.5 GiB'."""
     return _in_unit(n, _BYTES) or f"{n:,.0f} B"

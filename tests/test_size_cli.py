@@ -392,6 +392,26 @@ def test_durations_never_print_as_zero_days(days: float, text: str) -> None:
     assert duration(days) == text
 
 
+@pytest.mark.parametrize(("x", "text"), [
+    (0.0123, "0.0123"), (0.9996, "1.00"), (1.194, "1.19"), (99.96, "100"), (24_310.4, "24,310"), (0, "0.00"),
+])
+def test_amounts_keep_three_significant_digits(x: float, text: str) -> None:
+    from archplan.units import amount
+
+    assert amount(x) == text
+
+
+def test_a_small_runs_gpu_time_is_not_rounded_away() -> None:
+    """gpt2 at 50% MFU on an H100: 1.19 GPU-hours and 0.0495 GPU-days, not "1" and "0.0"."""
+    from archplan.units import amount
+
+    hours = size_json("gpt2", "--gpu", "h100", "--mfu", "0.5")["chinchilla"]["gpu"]["gpu_hours"]
+    shown = runner.invoke(app, ["size", "gpt2", "--gpu", "h100", "--mfu", "0.5"], env={"COLUMNS": "200"}).output
+    rows = {line.split("│")[0].strip(): line.split("│")[1].strip() for line in shown.splitlines() if "│" in line}
+    assert 1 < hours < 10 and rows["GPU-hours"] == amount(hours) and rows["GPU-days"] == amount(hours / 24)
+    assert rows["GPU-days"].startswith("0.0") and len(rows["GPU-days"]) == 6
+
+
 def test_plots_name_the_training_dtypes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The --plot figures of size and compare say which dtypes the training memory was counted in."""
     pytest.importorskip("matplotlib")
