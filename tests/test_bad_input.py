@@ -245,6 +245,14 @@ def test_a_block_no_layer_uses_is_refused(cli, tmp_path: Path, layout: str,  # t
     assert cli("size", with_dense).code == 0
 
 
+@pytest.mark.parametrize("argv", [["size", "gpt2"], ["compare", "gpt2", "bloom-560m"],
+                                  ["bench", "gpt2", "--seq", "8,16", "--layers", "1"],
+                                  ["plan", "gpt2", "--gpus", "8"]])
+def test_force_without_plot_is_refused(cli, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Every command with a --plot names a --force that has nothing to overwrite."""
+    assert_one_line_error(cli(*argv, "--force"), "--force overwrites the --plot figure")
+
+
 def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 1000000000000"))
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "less than or equal")

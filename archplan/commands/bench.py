@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt, SpecsArg, refuse_foreign_options
+from archplan.commands.options import JsonOpt, SpecsArg, refuse_force_without_plot, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.commands.size import RecomputeChoice
 from archplan.console import Console, echo
@@ -162,6 +162,7 @@ def bench(
     mode = ("--layout" if layout is not None else "--train" if train
             else "a --seq sweep" if sweep else "prefill and decode")
     refuse_foreign_options(ctx, mode, MODE_OPTIONS)
+    refuse_force_without_plot(force, plot)
     ok = True
     if train or layout is not None:
         if len(specs) > 1:

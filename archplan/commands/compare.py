@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt, SpecsArg
+from archplan.commands.options import JsonOpt, SpecsArg, refuse_force_without_plot
 from archplan.commands.size import (
     ActDTypeChoice,
     ActDTypeOpt,
@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
 
         if len(specs) < 2:
             raise ArchplanError("compare needs at least two specs (use `archplan size` for one)")
+        refuse_force_without_plot(force, plot)
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
                             law, attention, attention_kernel, activation_dtype, residual_dtype)
         reports = [size_report(load_spec(spec), opts, source=spec) for spec in specs]

@@ -52,3 +52,9 @@ def refuse_foreign_options(ctx: typer.Context, mode: str, modes: Mapping[str, fr
         if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
             owners = " and ".join(m for m, names in modes.items() if param.name in names)
             raise ArchplanError(f"{param.opts[0]} does not apply to {mode} (it is read by {owners}); drop it")
+
+
+def refuse_force_without_plot(force: bool, plot: str | None) -> None:
+    """`--force` with nothing to overwrite is a mistake to name, not to ignore (as `plan` does)."""
+    if force and plot is None:
+        raise ArchplanError("--force overwrites the --plot figure; without --plot nothing is written")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg
+from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg, refuse_force_without_plot
 from archplan.console import echo
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
@@ -157,6 +157,7 @@ def register(app: typer.Typer) -> None:
         from archplan.loader import load_spec
         from archplan.report import size_report
 
+        refuse_force_without_plot(force, plot)
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
                             law, attention, attention_kernel, activation_dtype, residual_dtype)
         loaded = load_spec(spec)
