@@ -297,6 +297,11 @@ def test_an_fvcore_mismatch_fails_with_its_ops(
     (["--layout", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", "--batch", "2"],
      "--batch does not apply to --layout"),
     (["--microbatches", "2"], "--microbatches does not apply to the model check (it is read by --layout)"),
+    # the flag as written, not the option's first name
+    (["--layout", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", "--no-backward"],
+     "--no-backward does not apply to --layout"),
+    (["--layout", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", "--backward"],
+     "--backward does not apply to --layout"),
 ])
 def test_an_option_the_mode_ignores_is_refused(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path, args: list[str], message: str

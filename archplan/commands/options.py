@@ -51,7 +51,10 @@ def refuse_foreign_options(ctx: typer.Context, mode: str, modes: Mapping[str, fr
         source = ctx.get_parameter_source(param.name)
         if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
             owners = " and ".join(m for m, names in modes.items() if param.name in names)
-            raise ArchplanError(f"{param.opts[0]} does not apply to {mode} (it is read by {owners}); drop it")
+            # a --x/--no-x flag set false was given as --no-x: name the flag the user wrote
+            secondary = getattr(param, "secondary_opts", None)
+            flag = secondary[0] if secondary and ctx.params.get(param.name) is False else param.opts[0]
+            raise ArchplanError(f"{flag} does not apply to {mode} (it is read by {owners}); drop it")
 
 
 def refuse_force_without_plot(force: bool, plot: str | None) -> None:
