@@ -109,7 +109,8 @@ def accelerator(key: str) -> Accelerator:
     """Look up by key or alias (case-insensitive): h100, h100-sxm, a100-80gb, b200, ..."""
     found = _BY_KEY.get(key.lower().replace("_", "-"))
     if found is None:
-        known = ", ".join(a.key for a in ACCELERATORS)
+        # each with the short names `--help` uses (h100, a100): h100-sxm (h100, h100-sxm5)
+        known = ", ".join(a.key + (f" ({', '.join(a.aliases)})" if a.aliases else "") for a in ACCELERATORS)
         raise ArchplanError(f"unknown GPU '{key}'; known: {known}")
     return found
 

@@ -339,6 +339,7 @@ def test_compare_names_the_bad_file(cli, tmp_path: Path) -> None:  # type: ignor
     ("--tokens", "0.5", "must be between 1 and 1e+18, got 0.5"),
     ("--tokens", "1.0000001e18", "got 1.0000001e+18"),
     ("--gpu", "tpu-v9", "unknown GPU"),
+    ("--gpu", "tpu-v9", "h100-sxm (h100, h100-80gb)"),  # the short names the help uses
 ])
 def test_bad_option_values(cli, tmp_path: Path, option: str, value: str, needle: str) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(cli("size", spec_file(tmp_path, BASE), option, value), needle)
