@@ -1681,6 +1681,10 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "group=0 must be a positive integer"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--layout",
       "tp=8,pp=8,dp=1,cp=1,zero=1,recompute=none,mb=1,group=3"), "group=3 orders the rounds"),
+    # a partial layout: the example is an interleaved candidate and the rule it breaks, not one
+    # that has no virtual stages
+    (("llama-3.1-405b", "--gpus", "16384", "--gpu", "h100", "--seq", "8192", "--global-batch-tokens", "16M",
+      "--layout", "group=3"), "vpp=2,group=3,dp=1024,ep=1,zero=0,recompute=none,mb=1,sp=on: group=3 must lie in [pp, m]"),
     (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--precision", "fp8", "--fp8-experts"),
      "--fp8-experts: this concerns the routed experts"),
     (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--overlap", "dp,dualpipe", "--dispatcher", "hierarchical"),

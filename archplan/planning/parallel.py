@@ -601,6 +601,9 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     tp_reasons: dict[int, str] = {}
     broken: str | None = None
     g = fixed.given
+    # a given round N concerns interleaved layouts only: the example of a broken rule is one of
+    # them where there is one, not a layout that breaks it by having no virtual stages
+    interleaved_example = False
     tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.gpus_per_node]
     cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
     # FSDP2 runs every stage too (zero 0: `replicate`; 1: gradients accumulated unsharded;
@@ -648,8 +651,8 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                                              gpus_per_node=net.gpus_per_node, seq=seq))
                     if why is None:
                         out.append(layout)
-                    elif g and broken is None:
-                        broken = f"{layout.spec}: {why}"
+                    elif g and (broken is None or ("group" in g and vpp > 1 and not interleaved_example)):
+                        broken, interleaved_example = f"{layout.spec}: {why}", vpp > 1
     return out, tp_reasons, broken
 
 
