@@ -372,6 +372,9 @@ def preset_names() -> list[str]:
 
 def find_spec_path(name_or_path: str) -> Path:
     """A path, or the name of a bundled preset (with or without .yaml)."""
+    if not name_or_path.strip():
+        # Path("") is the current folder, which would be reported as "is a directory"
+        raise ArchplanError("the spec path is empty: give a YAML file or a preset name (`archplan presets` lists them)")
     path = Path(name_or_path)
     if path.is_dir() and path.name in preset_names():
         # A folder is never a spec, so a bare name that is also a folder here (`mkdir gpt2`) can

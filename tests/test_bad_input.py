@@ -253,6 +253,13 @@ def test_force_without_plot_is_refused(cli, argv: list[str]) -> None:  # type: i
     assert_one_line_error(cli(*argv, "--force"), "--force overwrites the --plot figure")
 
 
+@pytest.mark.parametrize("argv", [["size", ""], ["compare", "gpt2", " "], ["plan", "", "--gpus", "8"],
+                                  ["lint", ""]])
+def test_an_empty_path_is_named_as_such(cli, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Path("") is the current folder: not "is a directory", and lint does not walk it."""
+    assert_one_line_error(cli(*argv), "empty")
+
+
 def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 1000000000000"))
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "less than or equal")

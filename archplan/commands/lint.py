@@ -5,13 +5,13 @@ Exit 0 clean (or only warnings/info without --strict), 1 findings, 2 unusable in
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from archplan.commands.options import JsonOpt
+from archplan.console import echo
 from archplan.errors import ArchplanError
 from archplan.lint.engine import LintConfig, lint_paths, load_config, parse_codes
 from archplan.lint.formats import Format, render
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         config = LintConfig(selected, config.ignore + parse_codes(ignore), config.strict if strict is None else strict,
                             config.source)
         result = lint_paths(paths, config)
-        sys.stdout.write(render(result, Format.json if as_json else fmt))
+        echo(render(result, Format.json if as_json else fmt), nl=False)
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it.
         raise SystemExit(result.exit_code(config.strict))

@@ -105,6 +105,9 @@ def discover(paths: Sequence[str]) -> list[Path]:
         raise ArchplanError("no paths given; e.g. `archplan lint configs/`")
     found: list[Path] = []
     for arg in paths:
+        if not arg.strip():
+            # Path("") is the current folder: an unset shell variable would lint all of it
+            raise ArchplanError("an empty path; give a file, folder or glob (`.` for the current folder)")
         if glob.has_magic(arg) and not Path(arg).exists():
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
