@@ -1713,3 +1713,20 @@ def test_cli_json_has_no_infinity(capsys: pytest.CaptureFixture[str], monkeypatc
                        "1e-300", "--layout", "tp=8,cp=1,pp=1,dp=1,zero=0,recompute=none,mb=1", "--json")
     layout = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))["layouts"][0]
     assert code == 0 and layout["training_days"] is None
+
+
+def test_cli_json_keys_are_all_in_the_docs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/plan.md's `--json` paragraph names every key the layout search prints, and every key
+    of a layout in `layouts[]`, so that the list cannot fall behind the output."""
+    import re
+    from pathlib import Path
+
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--json")
+    printed = json.loads(out)
+    docs = (Path(__file__).parents[1] / "docs" / "plan.md").read_text()
+    start = docs.index("`--json` prints `mode`, `spec`, `gpus`")
+    paragraph = docs[start:docs.index("`--plot` draws the", start)]
+    named = {name for quoted in re.findall(r"`([^`]+)`", paragraph) for name in re.findall(r"[a-z_0-9]+", quoted)}
+    assert code == 0
+    assert set(printed) - named == set()
+    assert set(printed["layouts"][0]) - named == set()
