@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from archplan.console import ReaderGone
+from archplan.console import ReaderGone, quiet_on_closed_pipe
 from archplan.errors import ArchplanError, first_line
 
 COMMAND_MODULES = (
@@ -67,6 +67,7 @@ def _is_program() -> bool:
 
 
 def main() -> None:
+    quiet_on_closed_pipe()
     try:
         _main()
     finally:

@@ -10,12 +10,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from archplan import units
-from archplan.console import Console
 
 BAR_WIDTH = 28
 _EIGHTHS = " ▏▎▍▌▋▊▉"

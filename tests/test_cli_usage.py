@@ -65,10 +65,11 @@ def test_a_failed_write_is_one_line() -> None:
 
 
 @pytest.mark.parametrize("command", [("plan", "llama-3-70b", "--gpus", "1024"), ("plan", "llama-3-70b", "--gpus", "1024", "--json"),
-                                     ("size", "gpt2"), ("compare", "gpt2", "llama-2-7b")])
+                                     ("size", "gpt2"), ("compare", "gpt2", "llama-2-7b"), ("--help",), ("plan", "--help")])
 def test_a_reader_that_stops_early_is_not_a_failure(command: tuple[str, ...]) -> None:
     """`archplan ... | head` in a `pipefail` CI job: the closed pipe ends the command quietly with 0
-    (rich's own handler exits 1, which here means a check disagrees or no layout fits)."""
+    (rich's and click's own handlers exit 1, which here means a check disagrees or no layout fits),
+    typer's help included."""
     proc = subprocess.Popen([sys.executable, "-c", "from archplan.cli import main; main()", *command],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None

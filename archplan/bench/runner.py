@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,7 +37,6 @@ from archplan.bench.roofline import (
     predict_prefill,
 )
 from archplan.bench.timing import Timing, progress_bar, time_calls
-from archplan.console import Console
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.attention import attention_mask, sdpa

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout
@@ -36,7 +37,7 @@ from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_byte
 from archplan.bench.roofline import predict_prefill
 from archplan.bench.runner import BenchConfig, check_fits, sdpa_backend, truncate
 from archplan.bench.timing import progress_bar, time_calls
-from archplan.console import Console, echo
+from archplan.console import echo
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device

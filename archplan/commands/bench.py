@@ -6,6 +6,7 @@ from enum import Enum
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -13,7 +14,7 @@ from archplan import jsonout
 from archplan.commands.options import JsonOpt, SpecsArg, refuse_force_without_plot, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.commands.size import RecomputeChoice
-from archplan.console import Console, echo
+from archplan.console import echo
 from archplan.errors import ArchplanError
 from archplan.units import count, flops, nbytes, percent
 

@@ -167,7 +167,7 @@ def _positive_amount(text: str, option: str) -> float:
 
 
 def _console() -> Any:
-    from archplan.console import Console
+    from rich.console import Console
 
     return Console()
 

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from archplan import units
-        from archplan.console import Console
+        from rich.console import Console
 
         table = Table(title="Bundled presets", title_justify="left", show_edge=False, pad_edge=False,
                       caption="archplan size NAME | archplan compare NAME NAME", caption_justify="left")

@@ -17,13 +17,14 @@ from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout, units
 from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
 from archplan.commands.requires import require_torch
-from archplan.console import Console, echo
+from archplan.console import echo
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
 from archplan.resolve import ModelPlan, resolve

@@ -6,10 +6,11 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout
-from archplan.console import Console, echo
+from archplan.console import echo
 from archplan.distributed.render import given_layout, schedule_name
 from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout, units
-from archplan.console import Console, echo
+from archplan.console import echo
 from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, check_layout, parse_layout

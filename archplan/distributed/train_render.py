@@ -6,10 +6,11 @@ import statistics
 
 from dataclasses import asdict
 
+from rich.console import Console
 from rich.table import Table
 
 from archplan import jsonout
-from archplan.console import Console, echo
+from archplan.console import echo
 from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.bench.runner import truncate
 from archplan.distributed.train import PEAK_TOLERANCE, TrainBench, train_bench
