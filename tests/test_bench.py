@@ -217,6 +217,16 @@ def test_cli_text_names_the_extrapolated_depths() -> None:
     assert "{'" not in result.output
 
 
+@pytest.mark.parametrize("argv", [["--seq", "8", "--decode-tokens", "0"], ["--seq", "8,16"],
+                                  ["--seq", "8", "--decode-tokens", "0", "--compare-backends"]])
+def test_a_run_off_a_terminal_writes_nothing_to_stderr(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress bars show on a terminal only: elsewhere rich left an empty line per bar."""
+    proc = run_main(["bench", "gpt2", "--device", "cpu", "--dtype", "fp32", "--layers", "1", "--warmup", "0",
+                     "--iters", "1", *argv], capsys, monkeypatch)
+    assert proc.code == 0 and proc.stderr == ""
+
+
 @pytest.mark.parametrize("mode", [[], ["--train"]])
 def test_a_run_past_max_seq_len_or_beyond_every_layer_says_so(mode: list[str], capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,8 +27,9 @@ class Timing:
 
 
 def progress_bar(console: Console) -> Progress:
+    """A transient bar on a terminal; none elsewhere, where rich would leave an empty line behind."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeRemainingColumn(), console=console, transient=True)
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, n: int, progress: Progress, label: str,
