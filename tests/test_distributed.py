@@ -543,6 +543,34 @@ def test_bench_nproc_refuses_what_the_host_cannot_hold(monkeypatch: pytest.Monke
     assert isinstance(out.exception, ArchplanError) and "1.00 MiB this machine has available" in str(out.exception)
 
 
+def test_workers_do_not_import_a_folder_named_archplan_from_the_working_folder(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`python -m` puts the working folder first on sys.path: run from the folder above a checkout,
+    the workers imported its `archplan/` folder, not the package ("cannot import name
+    '__version__'"). They start with PYTHONSAFEPATH, so they do not."""
+    import subprocess
+    import sys
+
+    import archplan
+    from archplan.distributed import workers
+    from archplan.errors import ArchplanError
+
+    imported: list[subprocess.CompletedProcess[str]] = []
+    real_run = subprocess.run
+
+    def run(cmd: list[str], env: dict[str, str], **_: object) -> subprocess.CompletedProcess[str]:
+        # what a worker's `import archplan` finds, in the launcher's environment, from that folder
+        imported.append(real_run([sys.executable, "-c", "import archplan; print(archplan.__file__)"],
+                                       env=env, capture_output=True, text=True, cwd=tmp_path))
+        return subprocess.CompletedProcess(cmd, 1, "", "")
+
+    (tmp_path / "archplan").mkdir()
+    monkeypatch.setattr(workers.subprocess, "run", run)
+    with pytest.raises(ArchplanError):  # no worker ran: only what they would import is checked
+        workers.launch(["x.yaml"], 2)
+    assert imported[0].returncode == 0 and imported[0].stdout.strip() == archplan.__file__
+
+
 def test_a_failed_worker_is_named_in_one_line() -> None:
     """torchrun's failure summary becomes its root cause: which rank, its exit code and signal."""
     from archplan.distributed.workers import failure

@@ -198,7 +198,10 @@ def launch(argv: list[str], nproc: int) -> DistBench:
     """Start `nproc` workers of `archplan bench argv` on this machine through torch.distributed.run."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "rank0.json")
-        env = {**os.environ, OUT_ENV: str(out), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # PYTHONSAFEPATH (Python 3.11+): `-m` would put the working folder first on sys.path, where
+        # a folder named archplan (the one above a checkout) would shadow the installed package
+        env = {**os.environ, OUT_ENV: str(out), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "PYTHONSAFEPATH": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "archplan.cli", "bench", *argv]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
