@@ -695,6 +695,19 @@ def test_cli_writes_a_spec_that_lints(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0 and load_spec(str(target)).moe is None
 
 
+@pytest.mark.parametrize(("budget", "family"), [("1e23", "dense"), ("1e28", "dense"), ("1e24", "moe")])
+def test_cli_specs_written_at_the_default_laws_optimum_lint_clean(
+        budget: str, family: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Besiroglu et al.'s optimum is 19.2 tokens/param at 1e23 and 14.4 at 1e28: lint's AP013 no
+    longer warns that the spec `plan` wrote is "1.0× below the compute-optimal ~20"."""
+    target = tmp_path / "spec.yaml"
+    code, _, _ = run(capsys, monkeypatch, "plan", "--compute", budget, "--family", family, "-o", str(target))
+    assert code == 0
+    code, out, err = run(capsys, monkeypatch, "lint", "--strict", str(target))
+    assert code == 0 and "AP013" not in out, out + err
+
+
 def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                   monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("matplotlib")
