@@ -310,6 +310,18 @@ def test_solve_rejects(tmp_path: Path, edit: Any, message: str) -> None:
         solve(path, Targets(MIXTRAL_TOTAL, None))
 
 
+@pytest.mark.parametrize(("edit", "targets", "message"), [
+    # a misspelt marker is a bad value, named where it is, not "nothing to solve"
+    (lambda d: d["ffn"].update(d_ff="solv"), Targets(8e9, None), r"ffn\.d_ff: expected an integer, got the string 'solv'"),
+    # without experts every parameter is active: two different counts cannot both be met
+    (lambda d: d["ffn"].update(d_ff="solve"), Targets(8e9, 7e9), "without `moe` every parameter is active"),
+])
+def test_solve_names_what_cannot_work(tmp_path: Path, edit: Any, targets: Targets, message: str) -> None:
+    path = _partial(tmp_path, "llama-3-8b", edit)
+    with pytest.raises(ArchplanError, match=message):
+        solve(path, targets)
+
+
 def test_rumoured_presets_are_solver_output(tmp_path: Path) -> None:
     """The presets are what the documented solves give; 8 experts cannot match the GPT-4 rumour."""
     for name, targets, tol, multiple in (("gpt-4-rumored", Targets(1.8e12, 220e9), 0.07, 128),

@@ -173,11 +173,6 @@ def find_unknowns(data: dict) -> tuple[list[Path_], list[Path_]]:
     shared = _get(data, ("moe", "shared"))
     if isinstance(shared, dict) and "d_ff" not in shared:
         tied.append(SHARED_D_FF)
-    if not unknown:
-        raise ArchplanError(
-            "nothing to solve: mark sizes as `solve` (or leave out d_ff/top_k/n_experts); "
-            f"solvable: {', '.join(dotted(p) for p in SOLVABLE)}"
-        )
     return sorted(set(unknown), key=SOLVABLE.index), tied
 
 
@@ -260,6 +255,17 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
         raise ArchplanError("expected a mapping of spec fields at the top level", file=file)
     data = loaded.data
     unknown, tied = find_unknowns(data)
+    if not unknown:
+        # a value that is neither a size nor `solve` (`d_ff: solv`) is named as `size` names it
+        spec_from_data(LoadedYaml(copy.deepcopy(data), loaded.locations), file)
+        raise ArchplanError(
+            "nothing to solve: mark sizes as `solve` (or leave out d_ff/top_k/n_experts); "
+            f"solvable: {', '.join(dotted(p) for p in SOLVABLE)}"
+        )
+    if "moe" not in data and targets.total is not None and targets.active is not None \
+            and targets.total != targets.active:
+        raise ArchplanError(f"--total {targets.total:g} and --active {targets.active:g} differ, but without `moe` "
+                            "every parameter is active: give one of them")
     widths = [p for p in unknown if p in WIDTHS]
     choices = [p for p in unknown if p in CHOICES]
     goals = targets.items()
