@@ -226,7 +226,7 @@ def test_exit_codes(tmp_path, monkeypatch, capsys) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["no/such/dir"], "no such file or folder"),
+    (["no/such/dir"], "no such file, folder or preset"),
     (["nothing-*.yaml"], "glob matches nothing"),
     (["empty"], "no *.yaml or *.yml files"),
     (["clean.yaml", "--select", "AP999"], "unknown rule code 'AP999'"),
@@ -238,6 +238,14 @@ def test_unusable_invocation_exits_2(args, message, tmp_path, monkeypatch, capsy
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(monkeypatch, capsys, "lint", *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_bundled_preset_is_linted_by_its_name(monkeypatch, capsys, tmp_path) -> None:
+    """As everywhere a spec is read: `archplan lint llama-3-8b` (a file or folder of that name
+    would come first)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "lint", "llama-3-8b", "--format", "json")
+    assert code == 0 and [Path(f).name for f in json.loads(out)["files"]] == ["llama-3-8b.yaml"], err
 
 
 # ------------------------------------------------------------------------- selection, config

@@ -322,6 +322,12 @@ def test_solve_names_what_cannot_work(tmp_path: Path, edit: Any, targets: Target
         solve(path, targets)
 
 
+def test_solve_reads_a_preset_by_name() -> None:
+    """Names work wherever a spec path does: a preset has no unknowns, and says so."""
+    with pytest.raises(ArchplanError, match="nothing to solve"):
+        solve("llama-3-8b", Targets(8e9, None))
+
+
 def test_rumoured_presets_are_solver_output(tmp_path: Path) -> None:
     """The presets are what the documented solves give; 8 experts cannot match the GPT-4 rumour."""
     for name, targets, tol, multiple in (("gpt-4-rumored", Targets(1.8e12, 220e9), 0.07, 128),

@@ -22,7 +22,7 @@ else:  # the same parser, packaged for Python 3.10
 
 from archplan.errors import ArchplanError
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
-from archplan.loader import LoadedYaml, parse_yaml, read_text, spec_from_data
+from archplan.loader import PRESETS_DIR, LoadedYaml, parse_yaml, preset_names, read_text, spec_from_data
 
 YAML_SUFFIXES = (".yaml", ".yml")
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -123,8 +123,10 @@ def discover(paths: Sequence[str]) -> list[Path]:
             found.append(path)
         elif path.exists():
             raise ArchplanError("not a regular file or folder", file=arg)
+        elif arg in preset_names():
+            found.append(PRESETS_DIR / f"{arg}.yaml")  # a bundled preset, by name as everywhere
         else:
-            raise ArchplanError("no such file or folder", file=arg)
+            raise ArchplanError("no such file, folder or preset", file=arg)
     unique = list(dict.fromkeys(found))
     if not unique:
         raise ArchplanError(f"no *.yaml or *.yml files under {', '.join(paths)}")
