@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt, SpecsArg, refuse_force_without_plot
+from archplan.commands.options import JsonListOpt, SpecsArg, refuse_force_without_plot
 from archplan.commands.size import (
     ActDTypeChoice,
     ActDTypeOpt,
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         mfu: MfuOpt = None,
         law: LawOpt = None,
         attention: AttentionOpt = AttentionChoice.full,
-        as_json: JsonOpt = False,
+        as_json: JsonListOpt = False,
         plot: PlotOpt = None,
         force: PlotForceOpt = False,
     ) -> None:

@@ -20,6 +20,8 @@ SpecsArg = Annotated[
     typer.Argument(help="Spec YAML paths or preset names.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).")]
+# compare and presets print one object per spec: a JSON list
+JsonListOpt = Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per spec (machine-readable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 
 

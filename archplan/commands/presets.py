@@ -7,7 +7,7 @@ import textwrap
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt
+from archplan.commands.options import JsonListOpt
 from archplan.console import echo
 
 DESCRIPTION_WIDTH = 90  # the table shows the start of each description; --json has it in full
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
             "  archplan size llama-3-8b"
         ),
     )
-    def presets(as_json: JsonOpt = False) -> None:
+    def presets(as_json: JsonListOpt = False) -> None:
         from archplan.analytic import count_params
         from archplan.loader import load_spec, preset_names
         from archplan.resolve import resolve
