@@ -310,6 +310,15 @@ def test_an_option_the_mode_ignores_is_refused(
     assert code == 2 and err.count("\n") == 1 and message in err
 
 
+def test_a_seq_past_max_seq_len_is_checked_with_a_note(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `size` and `bench` say it: tiny-llama (RoPE, max_seq_len 256) at 300 tokens."""
+    spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    code, _, err = run(monkeypatch, capsys, spec, "--seq", "300", "--no-backward")
+    assert code == 0 and "note: seq 300 is past tiny-llama's max_seq_len (256): checked as asked" in " ".join(err.split())
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("--seq", "10000000000"), "Invalid value for '--seq'"),
     (("--batch", "10000000000"), "Invalid value for '--batch'"),

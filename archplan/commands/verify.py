@@ -110,7 +110,7 @@ def verify(
         from archplan.distributed.render import verify_layout  # imports torch.distributed
 
         plan = resolve(load_spec(spec))
-        verify_layout(plan, layout, _seq_len(plan, seq), microbatches, as_json)
+        verify_layout(plan, layout, _seq_len(plan, seq, as_json), microbatches, as_json)
     raise typer.Exit(verify_model(
         spec, seq=seq, batch=batch, device=device, cpu_check=cpu_check, backward=backward,
         all_layers=all_layers, as_json=as_json,
@@ -130,7 +130,7 @@ def verify_model(
 ) -> int:
     """The model check: analytic figures against the built model; returns the exit code."""
     plan = resolve(load_spec(spec))
-    seq_len = _seq_len(plan, seq)
+    seq_len = _seq_len(plan, seq, as_json)
     from archplan.crosscheck import crosscheck  # imports torch: only verify and bench may
     from archplan.modules.model import resolve_device
 
@@ -149,10 +149,15 @@ def verify_model(
     return 0 if result.ok else 1
 
 
-def _seq_len(plan: ModelPlan, seq: int | None) -> int:
+def _seq_len(plan: ModelPlan, seq: int | None, as_json: bool) -> int:
+    """--seq, checked against the positions the model has; past a RoPE model's max_seq_len, the
+    note `size` and `bench` give, on stderr (not with --json)."""
     if seq is None:
         return min(DEFAULT_SEQ, plan.max_seq_len)
     plan.check_length(seq, "--seq")
+    past = plan.past_trained_note("seq", seq, "checked as asked")
+    if past is not None and not as_json:
+        Console(stderr=True).print(f"note: {past}")
     return seq
 
 
