@@ -84,3 +84,11 @@ def test_schema_command_prints_and_writes(tmp_path, monkeypatch, capsys) -> None
     assert target.read_text(encoding="utf-8") == "old"
     assert run_cli(monkeypatch, "schema", "-o", str(target), "--force") == 0
     assert target.read_text(encoding="utf-8") == render_schema()
+
+
+def test_schema_names_a_force_or_folder_that_cannot_work(tmp_path, monkeypatch, capsys) -> None:
+    """--force with nothing to overwrite, and a folder that is not there, worded as plan's -o."""
+    assert run_cli(monkeypatch, "schema", "--force") == 2
+    assert "without it the schema goes to stdout" in capsys.readouterr().err
+    assert run_cli(monkeypatch, "schema", "-o", str(tmp_path / "no" / "spec.schema.json")) == 2
+    assert "-o: directory does not exist" in capsys.readouterr().err

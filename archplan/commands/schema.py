@@ -49,10 +49,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         text = render_schema()
         if output is None:
+            if force:
+                raise ArchplanError("--force overwrites the --output file; without it the schema goes to stdout")
             echo(text, nl=False)
             return
+        # worded as plan's and import's -o
         if output.exists() and not force:
-            raise ArchplanError("exists; pass --force to overwrite", file=str(output))
+            raise ArchplanError("file exists; pass --force to overwrite", file=str(output), field="-o")
+        if not output.parent.is_dir():
+            raise ArchplanError("directory does not exist", file=str(output), field="-o")
         try:
             output.write_text(text, encoding="utf-8")
         except OSError as exc:
