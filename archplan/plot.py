@@ -100,7 +100,8 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     left.set_xlabel("context length (tokens)")
     left.set_ylabel("GiB")
     left.set_title(f"{report['name']}: inference memory vs context")
-    left.legend(loc="upper left")
+    # the stacked areas fill the panel up to its top edge: the legend goes below the axes
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
 
     # up to the spec's context (at most 32K: eager attention's s² activations dwarf the rest beyond)
     seq_limit = max(report["flops"]["seq_len"], min(plan.max_seq_len, SEQ_SWEEP_CAP), 256)
@@ -170,15 +171,17 @@ def plot_sweep(sweeps: Sequence[dict[str, Any]], path: str, *, force: bool = Fal
                     label=f"{sweep['name']} (k={k['memory']:.2f}; analytic {k['memory_analytic']:.2f})")
         mem_ax.plot(seqs, [p["predicted_memory_bytes"] / GiB for p in points], linestyle="--", color=colour)
     first = sweeps[0]
+    # what both panels share goes above them: two long titles side by side ran into each other
+    fig.suptitle(f"{first['device']}, {first['dtype']}; solid = measured, dashed = analytic")
     for ax, ylabel, title in (
-        (time_ax, "seconds", f"prefill time, {first['device']}, {first['dtype']}"),
+        (time_ax, "seconds", "prefill time"),
         (mem_ax, "GiB", "peak memory (weights included)"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel(ylabel)
-        ax.set_title(title + "; dashed = analytic")
+        ax.set_title(title)
         ax.legend(loc="upper left", fontsize="small")
     save(fig, target)
     plt.close(fig)

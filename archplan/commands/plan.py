@@ -334,7 +334,8 @@ def _plot_layouts(result: SearchResult, path: str, force: bool) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("GiB per GPU (most loaded pipeline stage)")
     ax.set_title(f"{result.gpus} × {result.gpu.name}: fastest layouts")
-    ax.legend(fontsize=8)
+    # beside the bars, not over them (the figure is saved with a tight bounding box)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save(fig, target)
     plt.close(fig)
 
