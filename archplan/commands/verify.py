@@ -106,21 +106,29 @@ def verify(
 ) -> None:
     require_torch("verify")
     refuse_foreign_options(ctx, "--layout" if layout is not None else "the model check", VERIFY_MODES)
-    if layout is not None:
-        from archplan.distributed.render import verify_layout  # imports torch.distributed
+    plan = resolve(load_spec(spec))
+    seq_len = _seq_len(plan, seq)
+    try:
+        if layout is not None:
+            from archplan.distributed.render import verify_layout  # imports torch.distributed
 
-        plan = resolve(load_spec(spec))
-        verify_layout(plan, layout, _seq_len(plan, seq, as_json), microbatches, as_json)
-    raise typer.Exit(verify_model(
-        spec, seq=seq, batch=batch, device=device, cpu_check=cpu_check, backward=backward,
-        all_layers=all_layers, as_json=as_json,
-    ))
+            verify_layout(plan, layout, seq_len, microbatches, as_json)
+        raise typer.Exit(verify_model(
+            plan, seq_len=seq_len, batch=batch, device=device, cpu_check=cpu_check, backward=backward,
+            all_layers=all_layers, as_json=as_json,
+        ))
+    except typer.Exit:
+        # after the run, which ended with its verdict: a refused option stays a one-line error
+        past = plan.past_trained_note("seq", seq_len, "checked as asked")
+        if past is not None and not as_json:
+            Console(stderr=True).print(f"note: {past}")
+        raise
 
 
 def verify_model(
-    spec: str,
+    plan: ModelPlan,
     *,
-    seq: int | None,
+    seq_len: int,
     batch: int,
     device: Device,
     cpu_check: bool | None,
@@ -129,8 +137,6 @@ def verify_model(
     as_json: bool,
 ) -> int:
     """The model check: analytic figures against the built model; returns the exit code."""
-    plan = resolve(load_spec(spec))
-    seq_len = _seq_len(plan, seq, as_json)
     from archplan.crosscheck import crosscheck  # imports torch: only verify and bench may
     from archplan.modules.model import resolve_device
 
@@ -149,15 +155,10 @@ def verify_model(
     return 0 if result.ok else 1
 
 
-def _seq_len(plan: ModelPlan, seq: int | None, as_json: bool) -> int:
-    """--seq, checked against the positions the model has; past a RoPE model's max_seq_len, the
-    note `size` and `bench` give, on stderr (not with --json)."""
+def _seq_len(plan: ModelPlan, seq: int | None) -> int:
     if seq is None:
         return min(DEFAULT_SEQ, plan.max_seq_len)
     plan.check_length(seq, "--seq")
-    past = plan.past_trained_note("seq", seq, "checked as asked")
-    if past is not None and not as_json:
-        Console(stderr=True).print(f"note: {past}")
     return seq
 
 
