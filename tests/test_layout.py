@@ -1690,6 +1690,15 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
     (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--overlap", "dp,dualpipe", "--dispatcher", "hierarchical"),
      "--dispatcher hierarchical, --overlap dualpipe: these concern the routed experts"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--overlap", "dp,none"), "none stands alone"),
+    # options that would change nothing are named, not ignored
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--attention", "eager", "--flash-impl", "triton"),
+     "--flash-impl triton picks a FlashAttention implementation, which --attention eager does not run"),
+    (("mamba-2.8b", "--gpus", "8", "--gpu", "h100", "--fused-qkv", "--cp-comm", "ring"),
+     "--cp-comm ring, --fused-qkv: these concern attention layers, and mamba-2.8b has none"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--cp-comm", "ring", "--layout", "cp=1"),
+     "the given --layout has cp=1"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--no-recompute-early-stop", "--layout", "recompute=none"),
+     "--no-recompute-early-stop says how full recompute re-runs a block, and the given --layout has recompute=none"),
     (("--compute", "1e24", "--seq", "67108865"), "--seq must be between 1 and 67,108,864"),
     (("--compute", "1e24", "--vocab", "16777217"), "--vocab must be between 1 and 16,777,216"),
 ])

@@ -20,6 +20,7 @@ from archplan.errors import ArchplanError
 if TYPE_CHECKING:
     from archplan.planning.accuracy import HeldOutAccuracy
     from archplan.planning.design import Design
+    from archplan.planning.layout import PartialLayout
     from archplan.planning.optimal import Optimum
     from archplan.planning.parallel import Evaluated, RailBound, SearchResult, Settings
     from archplan.planning.solve import SolveResult
@@ -1252,6 +1253,19 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     )
 
 
+def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayout) -> None:
+    """An option about a degree or mode the given --layout rules out would change nothing: said in
+    one line, as a MoE option on a dense model is. (The published runs' stacks set these for every
+    run, whatever its layout: the check is the command line's, not the search's.)"""
+    given = fixed.given
+    if settings.cp_comm != "all_gather" and given.get("cp") == 1:
+        raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
+                            "the given --layout has cp=1")
+    if settings.early_stop is not None and given.get("recompute", "full") != "full":
+        raise ArchplanError(f"--{'' if settings.early_stop else 'no-'}recompute-early-stop says how full recompute "
+                            f"re-runs a block, and the given --layout has recompute={given['recompute']}")
+
+
 def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str,
                 layout_text: str | None, settings: Settings, headroom: float,
                 gpus_per_node: int | None, nvlink_gbs: float | None, ib_gbs: float | None,
@@ -1264,6 +1278,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     from archplan.resolve import resolve
 
     fixed = parse_layout(layout_text) if layout_text is not None else PartialLayout()
+    _refuse_settings_the_layout_rules_out(settings, fixed)
     spec = load_spec(name)
     device = accelerator(gpu_key)
     batch_tokens = _positive_amount(batch_text, "--global-batch-tokens")

@@ -243,6 +243,9 @@ class Settings:
         if self.recompute_modules and states.engine != "megatron":
             raise ArchplanError("--recompute-modules is Megatron-Core's module recompute, which needs --states "
                                 "megatron, zero or deepspeed (a Megatron-style engine)")
+        if self.flash_impl != "fa2" and self.attention_kernel != "flash":
+            raise ArchplanError(f"--flash-impl {self.flash_impl} picks a FlashAttention implementation, which "
+                                "--attention eager does not run")
         if self.fp8_attention and (self.precision != "fp8" or self.attention_kernel != "flash"
                                    or self.flash_impl != "cudnn"):
             raise ArchplanError("--fp8-attention is cuDNN's fp8 attention (Transformer Engine's "
@@ -473,6 +476,15 @@ class Evaluator:
         if moe_only and not plan.routed:
             raise ArchplanError(f"{', '.join(moe_only)}: {'these concern' if len(moe_only) > 1 else 'this concerns'} "
                                 f"the routed experts' tokens or GEMMs, and {plan.name} routes to no experts")
+        attention_only = [name for name, given in (
+            (f"--flash-impl {settings.flash_impl}", settings.flash_impl != "fa2"),
+            (f"--cp-comm {settings.cp_comm}", settings.cp_comm != "all_gather"),
+            ("--fused-qkv", settings.fused_qkv), ("--fp8-attention", settings.fp8_attention),
+        ) if given]
+        if attention_only and not any(isinstance(layer.mixer, AttentionPlan | MLAPlan) for layer in plan.layers):
+            raise ArchplanError(f"{', '.join(attention_only)}: "
+                                f"{'these concern' if len(attention_only) > 1 else 'this concerns'} attention "
+                                f"layers, and {plan.name} has none")
         if settings.fp8_scaling == "mxfp8" and gpu.key not in SM100_GPUS:
             raise ArchplanError(f"--fp8-scaling mxfp8 is Blackwell's block-scaled fp8, on compute capability 10 "
                                 f"GPUs only ({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
