@@ -1691,6 +1691,8 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "--dispatcher hierarchical, --overlap dualpipe: these concern the routed experts"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--overlap", "dp,none"), "none stands alone"),
     # options that would change nothing are named, not ignored
+    (("deepseek-v3", "--gpus", "256", "--gpu", "gb300", "--precision", "fp8", "--fp8-scaling", "mxfp8",
+      "--fp8-params"), "--fp8-params: under --fp8-scaling mxfp8"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--attention", "eager", "--flash-impl", "triton"),
      "--flash-impl triton picks a FlashAttention implementation, which --attention eager does not run"),
     (("mamba-2.8b", "--gpus", "8", "--gpu", "h100", "--fused-qkv", "--cp-comm", "ring"),

@@ -239,6 +239,11 @@ class Settings:
         if self.fp8_params:
             if self.precision != "fp8":
                 raise ArchplanError("--fp8-params keeps the GEMM weights in fp8, which needs --precision fp8")
+            if self.fp8_scaling == "mxfp8":
+                # docs/plan.md, "fp8 primary weights": the recipe keeps both layouts and their scales
+                raise ArchplanError("--fp8-params: under --fp8-scaling mxfp8 a weight keeps both layouts plus "
+                                    "their block scales and is gathered in bf16, so it has no fp8 primary copy "
+                                    "to price; drop it")
             states = states.with_fp8_weights()
         if self.recompute_modules and states.engine != "megatron":
             raise ArchplanError("--recompute-modules is Megatron-Core's module recompute, which needs --states "
