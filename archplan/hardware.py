@@ -66,9 +66,11 @@ ACCELERATORS: tuple[Accelerator, ...] = (
                 3.35e12, 80 * GiB, ("h800-sxm",), sms=132),
     Accelerator("h100-pcie", "NVIDIA H100 PCIe 80GB",
                 _tf(fp32=51.2, tf32=378, bf16=756, fp16=756, fp8=1513, int8=1513), 2.0e12, 80 * GiB, sms=114),
+    # "141GB" counts binary gigabytes, as the H100's "80GB" does (80 GiB here): an H200 shows CUDA
+    # about 140 GiB, where 141·10⁹ B would be 131.3 GiB
     Accelerator("h200", "NVIDIA H200 SXM 141GB",
                 _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
-                4.8e12, 141 * 10**9, ("h200-sxm",), sms=132),
+                4.8e12, 141 * GiB, ("h200-sxm",), sms=132),
     Accelerator("b200", "NVIDIA B200 (HGX) 180GB",
                 _tf(fp32=75, tf32=1100, bf16=2250, fp16=2250, fp8=4500, int8=4500),
                 7.7e12, 180 * 10**9, sms=148),
