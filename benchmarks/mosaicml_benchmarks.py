@@ -7,7 +7,7 @@ The evaluation is published_runs.py's (`evaluate_run`, without the search column
 
     python benchmarks/mosaicml_benchmarks.py            # every row, then the summary per table
     python benchmarks/mosaicml_benchmarks.py --json
-    python benchmarks/mosaicml_benchmarks.py --markdown # the summary and the misses, as in docs/validation.md
+    python benchmarks/mosaicml_benchmarks.py --markdown # the summary and the misses in Markdown (the figures of docs/validation.md; its own labels)
 
 Each output ends with the accuracy over every held-out run (these rows and published_runs.py's
 held-out rows) per GPU family, the figures `plan` prints (archplan/planning/accuracy.py).

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,10 +57,22 @@ class Measurement:
     seconds: float
     peak_rss_bytes: int
     exit_code: int
-    output: str  # last line of stdout (the parameter count for the build rows)
+    output: str  # the parameter count for the build rows, the checks' verdict for verify
 
 
-def measure(what: str, argv: list[str]) -> Measurement:
+def _last_line(out: str) -> str:
+    return (out.strip().splitlines() or [""])[-1]
+
+
+def _verdict(out: str) -> str:
+    """verify --json's verdict: its last line is only the closing brace."""
+    try:
+        return "all checks match" if json.loads(out)["ok"] else "a check disagrees"
+    except (ValueError, KeyError):
+        return _last_line(out)
+
+
+def measure(what: str, argv: list[str], summarize: Callable[[str], str] = _last_line) -> Measurement:
     """Wall time and this child's own peak RSS (os.wait4 returns the rusage of that pid alone)."""
     start = time.perf_counter()
     with open(os.devnull, "w") as devnull:
@@ -70,8 +83,7 @@ def measure(what: str, argv: list[str]) -> Measurement:
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     # ru_maxrss is in KiB on Linux (getrusage(2))
-    return Measurement(what, seconds, usage.ru_maxrss * 1024, proc.returncode,
-                       (out.strip().splitlines() or [""])[-1])
+    return Measurement(what, seconds, usage.ru_maxrss * 1024, proc.returncode, summarize(out))
 
 
 def main() -> None:
@@ -85,7 +97,7 @@ def main() -> None:
     py = sys.executable
     rows = [
         measure(f"archplan verify {args.spec} --seq {args.seq}",
-                    [py, "-m", "archplan.cli", "verify", args.spec, "--seq", str(args.seq), "--json"]),
+                    [py, "-m", "archplan.cli", "verify", args.spec, "--seq", str(args.seq), "--json"], _verdict),
         measure("archplan build_model (meta)", [py, "-c", ARCHPLAN_BUILD, args.spec]),
     ]
     skipped = None
