@@ -253,9 +253,13 @@ class Router(nn.Module):
     def forward(self, x_ND: Tensor) -> Tensor:
         device = x_ND.device.type
         autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        # autocast would run the linear in its 16-bit dtype, fp32 operands or not
+        # autocast would run the linear in its 16-bit dtype, fp32 operands or not; FSDP2's
+        # mixed precision gathers the weight in its param_dtype (bf16), whatever `_apply` keeps
+        # at rest: the product is fp32 either way (a no-op cast where the weight is fp32)
+        weight = self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
         with torch.autocast(device, enabled=False) if autocast_on else nullcontext():
-            return F.linear(x_ND.float(), self.weight, self.bias)  # (N, E) fp32 logits
+            return F.linear(x_ND.float(), weight, bias)  # (N, E) fp32 logits
 
 
 def route(
