@@ -597,6 +597,9 @@ Root Cause (first observed failure):
     assert failure("something broke\n=====\n") == "something broke"
     raised = "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n"
     assert failure(raised + summary) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
+    # torchrun prefixes each worker's lines with its rank
+    prefixed = "[rank1]: Traceback (most recent call last):\n[rank1]:   File x\n[rank1]: RuntimeError: a dtype\n"
+    assert failure(prefixed + summary) == "RuntimeError: a dtype"
 
 
 @pytest.mark.parametrize(("recompute", "phase", "kept"), [("full", "optimizer step", (0.98, 1.02)),

@@ -212,13 +212,15 @@ def launch(argv: list[str], nproc: int) -> DistBench:
 
 # the last line of a Python traceback: `torch.OutOfMemoryError: CUDA out of memory. ...`
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(: |$)")
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 
 
 def failure(output: str) -> str:
     """Why the workers failed, in one line: a worker's own `archplan: error:` line, else the last
     exception a worker raised (e.g. torch's out-of-memory error), else the root cause of torchrun's
     failure summary (its rank, exit code and signal), else the last line that is not a rule."""
-    lines = [line.strip() for line in output.splitlines()]
+    # torchrun prefixes what a worker prints with its rank ("[rank1]: RuntimeError: ...")
+    lines = [_RANK_PREFIX.sub("", line.strip()).strip() for line in output.splitlines()]
     ours = [line for line in lines if line.startswith("archplan: error:")]
     if ours:
         return ours[-1].removeprefix("archplan: error:").strip()
