@@ -1,7 +1,7 @@
 """Thin Typer shell: each command lives in `archplan/commands/<name>.py` and registers itself.
 
 `main()` maps ArchplanError / ValidationError to one line on stderr and exit code 2
-(`ARCHPLAN_DEBUG=1` shows the traceback). torch is imported lazily, inside verify/bench only.
+(`ARCHPLAN_DEBUG=1` shows the traceback above it, and the exit code stays). torch is imported lazily, inside verify/bench only.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import gc
 import importlib
 import os
 import sys
+import traceback
 
 import typer
 
@@ -87,7 +88,8 @@ def _main() -> None:
         sys.exit(code if isinstance(code, int) else 0)
     except ArchplanError as exc:
         if debug:
-            raise
+            # the traceback too, and still the error's own exit code
+            traceback.print_exc()
         typer.echo(f"archplan: error: {exc.render()}", err=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:

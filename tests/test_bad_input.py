@@ -260,6 +260,16 @@ def test_an_empty_path_is_named_as_such(cli, argv: list[str]) -> None:  # type: 
     assert_one_line_error(cli(*argv), "empty")
 
 
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["archplan", "size", "no-such-spec.yaml"])
+    monkeypatch.setenv("ARCHPLAN_DEBUG", "1")
+    with pytest.raises(SystemExit) as ended:
+        main()
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" in err and err.endswith("archplan: error: no-such-spec.yaml: no such file\n")
+
+
 def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 1000000000000"))
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "less than or equal")
