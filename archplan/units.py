@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 _COUNT = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
 _BYTES = ((1 << 60, "EiB"), (1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
@@ -32,6 +33,20 @@ def _in_unit(n: float, scales: tuple[tuple[float, str], ...], suffix: str = "") 
         if abs(value) >= 1:
             return f"{_three_digits(value)} {prefix}{suffix}"
     return None
+
+
+# Context lengths are binary: an "8K context" is 8,192 tokens, "1M" is 1,048,576.
+_LENGTH = re.compile(r"^\s*([0-9]+(?:_[0-9]+)*)\s*([km]?)\s*$", re.IGNORECASE)
+LENGTH_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20}
+
+
+def parse_length(text: str) -> int:
+    """A token count as every --seq takes it: '4096', '4_096', '4k' or '4K' (k = 1024, m = 1024²).
+    ValueError otherwise (a fraction, as a spec's integer fields refuse one)."""
+    match = _LENGTH.match(text)
+    if match is None:
+        raise ValueError(f"expected a length such as 4096 or 4k (k = 1024), got {text!r}")
+    return int(match.group(1)) * LENGTH_SUFFIX[match.group(2).lower()]
 
 
 def count(n: float) -> str:

@@ -401,6 +401,22 @@ def test_amounts_keep_three_significant_digits(x: float, text: str) -> None:
     assert amount(x) == text
 
 
+@pytest.mark.parametrize(("text", "tokens"), [("4096", 4096), ("4_096", 4096), ("4k", 4096), ("4K", 4096),
+                                             (" 1m ", 1 << 20), ("4096.0", None), ("-5", None), ("4kk", None)])
+def test_every_seq_takes_the_same_lengths(text: str, tokens: int | None) -> None:
+    """One parser for every --seq (size, compare, verify, plan, bench): k = 1024; a fraction is
+    refused, as a spec's integer fields refuse one."""
+    from archplan.units import parse_length
+
+    if tokens is None:
+        with pytest.raises(ValueError, match="expected a length such as 4096 or 4k"):
+            parse_length(text)
+        assert runner.invoke(app, ["size", "llama-3-8b", "--seq", text]).exit_code == 2
+    else:
+        assert parse_length(text) == tokens
+        assert size_json("llama-3-8b", "--seq", text)["memory"]["training"]["seq_len"] == tokens
+
+
 def test_a_small_runs_gpu_time_is_not_rounded_away() -> None:
     """gpt2 at 50% MFU on an H100: 1.19 GPU-hours and 0.0495 GPU-days, not "1" and "0.0"."""
     from archplan.units import amount

@@ -320,7 +320,7 @@ def test_a_seq_past_max_seq_len_is_checked_with_a_note(
 
 
 @pytest.mark.parametrize(("args", "said"), [
-    (("--seq", "10000000000"), "Invalid value for '--seq'"),
+    (("--seq", "10000000000"), "--seq: must be between 1 and 67,108,864"),
     (("--batch", "10000000000"), "Invalid value for '--batch'"),
     (("--layout", "tp=1,cp=1,pp=1,dp=1,ep=1,zero=0,recompute=none,mb=100000000000000"), "at most 1,048,576"),
     (("--layout", "tp=1,cp=1,pp=1,dp=100000000000,ep=1,zero=0,recompute=none,mb=1"), "at most 1,000,000,000"),

@@ -7,7 +7,6 @@ Pure Python (no torch): the predictions come from the same analytic counts as `s
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal
@@ -16,26 +15,25 @@ from archplan.analytic import activation_memory, count_params
 from archplan.analytic.memory import ACT_BYTES
 from archplan.errors import ArchplanError
 from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
+from archplan.units import parse_length
 
 # "fused": the attention core never holds the T×S scores (FlashAttention, Dao et al. 2022; torch's
 # CPU flash kernel and the CUDA flash / memory-efficient / cuDNN backends). "materialised": SDPA's
 # math backend, which holds the scores and their softmax (two B·H·T·S tensors) at once.
 AttentionCore = Literal["fused", "materialised"]
 
-_LENGTH = re.compile(r"^\s*([0-9]+)\s*([km]?)\s*$", re.IGNORECASE)
-# Context lengths are binary: an "8K context" is 8,192 tokens, "1M" is 1,048,576.
-_LENGTH_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20}
-
-
 def parse_lengths(text: str, option: str = "--seq") -> list[int]:
-    """'1k,2k,4k' -> [1024, 2048, 4096] (k = 1024, m = 1024²); a plain number is taken as is."""
+    """'1k,2k,4k' -> [1024, 2048, 4096] (`units.parse_length`, each)."""
     lengths = []
     for part in text.split(","):
-        match = _LENGTH.match(part)
-        if match is None or int(match.group(1)) == 0:
+        try:
+            length = parse_length(part)
+        except ValueError:
+            length = 0
+        if length == 0:
             raise ArchplanError(f"expected lengths such as 512 or 1k,2k,4k (k = 1024), got {text!r}",
                                 field=option)
-        lengths.append(int(match.group(1)) * _LENGTH_SUFFIX[match.group(2).lower()])
+        lengths.append(length)
     if len(set(lengths)) != len(lengths):
         raise ArchplanError(f"a length appears twice in {text!r}", field=option)
     return sorted(lengths)

@@ -63,3 +63,13 @@ def refuse_force_without_plot(force: bool, plot: str | None) -> None:
     """`--force` with nothing to overwrite is a mistake to name, not to ignore (as `plan` does)."""
     if force and plot is None:
         raise ArchplanError("--force overwrites the --plot figure; without --plot nothing is written")
+
+
+def length_option(text: str) -> int:
+    """Typer's parser for --seq: '4096', '4_096' or '4k' (`units.parse_length`)."""
+    from archplan.units import parse_length
+
+    try:
+        return parse_length(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, refuse_foreign_options
+from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, length_option, refuse_foreign_options
 from archplan.console import echo
 from archplan.errors import ArchplanError
 
@@ -932,7 +932,8 @@ def register(app: typer.Typer) -> None:
             "--law", help="chinchilla: Hoffmann 2022 Approach 3; epoch: Besiroglu 2024 refit; 20x: D = 20N.")] = LawOption.epoch,
         vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary of the generated spec.")] = 128256,
         seq: Annotated[int | None, typer.Option(
-            "--seq", help="Budget: max_seq_len of the generated spec [8192]; SPEC: training sequence length "
+            "--seq", parser=length_option, metavar="LENGTH",
+            help="Budget: max_seq_len of the generated spec [8192]; SPEC: training sequence length "
             "\\[min(8192, max_seq_len)]; past max_seq_len: priced with a note (RoPE), refused past a learned "
             "position table or Hyena filter.")] = None,
         output: Annotated[str | None, typer.Option("-o", "--output", help="Write the generated/solved spec here.")] = None,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg, refuse_force_without_plot
+from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg, length_option, refuse_force_without_plot
 from archplan.console import echo
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
@@ -59,8 +59,9 @@ ContextOpt = Annotated[int | None, typer.Option(
 BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences in the KV cache.")]
 KVDtypeOpt = Annotated[DType, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
 SeqOpt = Annotated[int | None, typer.Option(
-    "--seq", help="Training/prefill sequence length for FLOPs and activations "
-                  "(default: min(4096, max_seq_len)).")]
+    "--seq", parser=length_option, metavar="LENGTH",
+    help="Training/prefill sequence length for FLOPs and activations, e.g. 4096 or 4k "
+         "(default: min(4096, max_seq_len)).")]
 MicroBatchOpt = Annotated[int, typer.Option(
     "--micro-batch", help="Sequences per micro-batch for activation memory.")]
 RecomputeOpt = Annotated[RecomputeChoice, typer.Option(

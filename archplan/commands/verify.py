@@ -22,9 +22,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout, units
-from archplan.commands.options import JsonOpt, SpecArg, refuse_foreign_options
+from archplan.commands.options import JsonOpt, SpecArg, length_option, refuse_foreign_options
 from archplan.commands.requires import require_torch
 from archplan.console import echo
+from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
 from archplan.resolve import ModelPlan, resolve
@@ -64,7 +65,8 @@ def register(app: typer.Typer) -> None:
 
 
 SeqOpt = Annotated[int | None, typer.Option(
-    "--seq", min=1, max=MAX_SEQ_LEN, help="Sequence length of the counted forward (default: min(128, max_seq_len)).",
+    "--seq", parser=length_option, metavar="LENGTH",
+    help="Sequence length of the counted forward, e.g. 128 or 1k (default: min(128, max_seq_len)).",
     show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, max=MAX_BATCH, help="Batch of the counted forward.")]
 DeviceOpt = Annotated[Device, typer.Option(
@@ -158,6 +160,8 @@ def verify_model(
 def _seq_len(plan: ModelPlan, seq: int | None) -> int:
     if seq is None:
         return min(DEFAULT_SEQ, plan.max_seq_len)
+    if not 1 <= seq <= MAX_SEQ_LEN:
+        raise ArchplanError(f"must be between 1 and {MAX_SEQ_LEN:,}, got {seq:,}", field="--seq")
     plan.check_length(seq, "--seq")
     return seq
 
