@@ -1,0 +1,43 @@
+"""Every top-level key the commands' `--json` prints is listed in docs/json.md."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from archplan.cli import app
+
+DOCS = (Path(__file__).parents[1] / "docs" / "json.md").read_text()
+FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
+
+
+def _listed(item: str) -> set[str]:
+    """The key names docs/json.md's bullet starting with `item` lists."""
+    start = DOCS.index(f"- `{item}")
+    end = DOCS.find("\n- ", start + 1)
+    return {name for quoted in re.findall(r"`([^`]+)`", DOCS[start:end]) for name in re.findall(r"[a-z_0-9]+", quoted)}
+
+
+@pytest.mark.parametrize(("item", "argv"), [
+    ("archplan verify SPEC --json", ["verify", "gpt2", "--seq", "16", "--no-backward", "--json"]),
+    ("archplan lint --format json", ["lint", "gpt2", "--format", "json"]),
+])
+def test_printed_keys_are_documented(item: str, argv: list[str]) -> None:
+    pytest.importorskip("torch")
+    out = CliRunner().invoke(app, argv)
+    printed = json.loads(out.stdout)
+    assert set(printed) - _listed(item) == set()
+
+
+def test_bench_keys_are_documented() -> None:
+    pytest.importorskip("torch")
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--layers", "1",
+                                   "--seq", "32", "--iters", "1", "--warmup", "0", "--decode-tokens", "2", "--json"])
+    printed = json.loads(out.stdout)
+    listed = _listed("archplan bench SPEC --json")
+    assert set(printed) - listed == set()
+    assert set(printed["prefill"]) - listed == set() and set(printed["decode"]) - listed == set()
