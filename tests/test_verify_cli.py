@@ -347,3 +347,26 @@ def test_a_real_instance_past_the_host_memory_is_refused_before_it_is_built(
     monkeypatch.setattr(cc, "free_memory", lambda device: 1024)
     code, out, err = run(monkeypatch, capsys, str(tiny), "--cpu-check")
     assert code == 2 and out == "" and "its weights alone take" in err and "give --no-cpu-check" in err
+
+
+def test_a_narrow_terminal_folds_names_and_keeps_figures_and_marks() -> None:
+    """At 60 columns the component names fold; every ✓ and the exact totals stay whole (with every
+    column unwrappable, rich cut the totals and dropped the ✓ column)."""
+    import io
+
+    from rich.console import Console
+
+    from archplan.commands.verify import render
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    result = cc.crosscheck(resolve(load_spec("gpt2")), seq_len=8, batch=1, backward=False, real=False)
+
+    def shown(width: int) -> str:
+        out = io.StringIO()
+        render(result, Console(file=out, width=width, color_system=None), aggregate=True)
+        return out.getvalue()
+
+    narrow, wide = shown(60), shown(200)
+    assert "124,439,808" in narrow and narrow.count("✓") == wide.count("✓") > 10
+    assert not any("…" in line for line in narrow.splitlines() if "✓" in line)

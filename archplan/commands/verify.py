@@ -309,7 +309,11 @@ def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: 
         columns += [("FLOPs analytic", "right"), ("FLOPs counted", "right"), (" ", "center"),
                     ("elementwise", "right")]
     for col, justify in columns:
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        # on a narrow terminal the names fold and the figures and marks stay whole (rich shrinks
+        # the columns that may wrap first; all no_wrap, it cut totals and dropped the ✓ column)
+        named = col in ("component", "kind")
+        table.add_column(col, justify=justify, no_wrap=not named, overflow="fold" if named else "ellipsis",  # type: ignore[arg-type]
+                         min_width=1 if col.strip() == "" else None)
     for line in lines:
         p, f = line.params, line.flops
         row = [line.component, line.kind, str(line.repeat) if line.repeat > 1 else ""]
