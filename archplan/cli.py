@@ -51,7 +51,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
                                  help="Print the version and exit."),
 ) -> None:
     """Plan and size LLM architectures."""

@@ -115,3 +115,12 @@ def test_help_paragraphs_have_no_hard_line_breaks() -> None:
     for name, command in _commands(typer.main.get_command(app)):
         for paragraph in (command.help or "").split("\n\n"):
             assert "\n" not in paragraph.strip(), (name, paragraph)
+
+
+@pytest.mark.parametrize("command", ["size", "compare", "plan", "bench", "verify", "lint", "schema", "presets"])
+def test_no_flag_of_ours_shows_a_value_in_help(command: str) -> None:
+    """`--json <bool>` read as if the flag took a value (`--json true` is an error): archplan's
+    flags show none. Only click's own --help keeps typer's `<bool>`."""
+    proc = run(command, "--help")
+    flagged = [line for line in proc.stdout.splitlines() if "<bool>" in line]
+    assert proc.returncode == 0 and all("--help" in line for line in flagged), flagged

@@ -110,14 +110,14 @@ def bench(
         min=1, help="Build K layers of each layer kind and extrapolate to the full depth.")] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards first.")] = 2,
     iters: Annotated[int, typer.Option(min=1, help="Timed forwards.")] = 5,
-    compile: Annotated[bool, typer.Option("--compile", help="Run the model under torch.compile.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="Run the model under torch.compile.", metavar="")] = False,
     attn_backend: Annotated[Backend, typer.Option(help="SDPA backend to force.")] = Backend.auto,
     compare_backends: Annotated[bool, typer.Option(
-        "--compare-backends", help="Repeat the prefill under every SDPA backend available here.")] = False,
+        "--compare-backends", help="Repeat the prefill under every SDPA backend available here.", metavar="")] = False,
     as_json: JsonOpt = False,
     plot: Annotated[str | None, typer.Option(help="With a --seq sweep: write time and memory vs length "
                                              "(PNG/SVG/PDF by suffix); needs matplotlib.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="With --plot: overwrite an existing file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --plot: overwrite an existing file.", metavar="")] = False,
     layout: Annotated[str | None, typer.Option(
         help="Run a cluster layout on torch.distributed (tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1): "
              "timed training steps and prefill through the sharded modules (docs/distributed.md).",
@@ -130,7 +130,7 @@ def bench(
         min=1, help="With --layout: micro-batches per step (default: pp).", show_default=False)] = None,
     train: Annotated[bool, typer.Option(
         "--train", help="Time a single-device training step (forward + backward + AdamW) and compare its "
-                        "peak memory with size's training memory.")] = False,
+                        "peak memory with size's training memory.", metavar="")] = False,
     recompute: Annotated[RecomputeChoice, typer.Option(help="With --train: activation recompute.")] = RecomputeChoice.none,
 ) -> None:
     require_torch("bench")

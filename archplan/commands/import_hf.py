@@ -47,7 +47,7 @@ def hf(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 2) a key the importer does not "
-                                                           "account for, instead of reporting it.")] = False,
+                                                           "account for, instead of reporting it.", metavar="")] = False,
 ) -> None:
     """Convert a Hugging Face config.json into an archplan spec (YAML), exact to transformers' count.
 

@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         strict: Annotated[bool | None, typer.Option(
             "--strict/--no-strict", help="Warnings fail too (exit 1); --no-strict overrides "
                                          "pyproject.toml's strict = true. [default: pyproject.toml's, "
-                                         "else no-strict]", show_default=False,
+                                         "else no-strict]", show_default=False, metavar=""
         )] = None,
         as_json: JsonOpt = False,
     ) -> None:

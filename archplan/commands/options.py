@@ -19,10 +19,10 @@ SpecsArg = Annotated[
     list[str],
     typer.Argument(help="Spec YAML paths or preset names.", show_default=False),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).", metavar="")]
 # compare and presets print one object per spec: a JSON list
-JsonListOpt = Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per spec (machine-readable).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+JsonListOpt = Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per spec (machine-readable).", metavar="")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.", metavar="")]
 
 
 class KernelChoice(str, Enum):

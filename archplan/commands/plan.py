@@ -1003,18 +1003,18 @@ def register(app: typer.Typer) -> None:
             help="Under --precision fp8, whether the routed experts' grouped GEMMs run at the fp8 rate, as "
             "DeepGEMM's do (DeepSeek-V3's kernels), or gain nothing, as Transformer Engine's measure "
             "(Megatron-Core, Hopper and Blackwell; their fp8 casts still paid).",
-            rich_help_panel=MODEL_PANEL)] = False,
+            rich_help_panel=MODEL_PANEL, metavar="")] = False,
         fp8_dispatch: Annotated[bool, typer.Option(
             "--fp8-dispatch/--bf16-dispatch",
             help="Under --precision fp8, whether the MoE dispatch sends the tokens in fp8, quantized once "
             "before it (DeepSeek-V3's DeepEP), or in bf16, each routed copy quantized by the experts "
-            "(Megatron-Core's dispatchers until 2026-08).", rich_help_panel=MODEL_PANEL)] = False,
+            "(Megatron-Core's dispatchers until 2026-08).", rich_help_panel=MODEL_PANEL, metavar="")] = False,
         fp8_params: Annotated[bool, typer.Option(
             "--fp8-params/--bf16-params",
             help="Under --precision fp8 and --states megatron, whether the GEMM weights are kept and gathered in "
             "fp8, one byte each (Megatron-Core's FP8 primary weights, --fp8-param-gather, on in Megatron-Bridge's "
             "fp8 recipes), or in bf16. The embedding, LM head, norms and routers stay bf16.",
-            rich_help_panel=MODEL_PANEL)] = False,
+            rich_help_panel=MODEL_PANEL, metavar="")] = False,
         recompute_modules: Annotated[str, typer.Option(
             "--recompute-modules",
             help="Megatron-Core's module recompute beside the layout's mode (recompute_modules): mla_up_proj "
@@ -1026,18 +1026,18 @@ def register(app: typer.Typer) -> None:
             help="Under --fp8-scaling mxfp8 (B200, GB200, B300 or GB300), whether the routed experts run Transformer "
             "Engine's fused grouped MLP (Megatron-Bridge's MXFP8 MoE recipes from 26.06): their activation and "
             "the down-projection's fp8 cast run inside the GEMMs, so neither makes a pass over HBM.",
-            rich_help_panel=MODEL_PANEL)] = False,
+            rich_help_panel=MODEL_PANEL, metavar="")] = False,
         fp8_attention: Annotated[bool, typer.Option(
             "--fp8-attention/--bf16-attention",
             help="Under --fp8-scaling mxfp8 with --flash-impl cudnn on GB200 or GB300, whether the attention core "
             "runs in MXFP8 (Transformer Engine's fp8_dot_product_attention), at cuDNN's measured speed over its "
             "BF16 kernel: a faster forward, and on short sequences a slower backward.",
-            rich_help_panel=MODEL_PANEL)] = False,
+            rich_help_panel=MODEL_PANEL, metavar="")] = False,
         fp8_lm_head: Annotated[bool, typer.Option(
             "--fp8-lm-head/--bf16-lm-head",
             help="Under --fp8-scaling mxfp8 (B200, GB200, B300 or GB300) with a Megatron-style --states, whether the "
             "LM head runs in MXFP8 (Megatron-Core's fp8_output_proj) or stays bf16, as fp8 recipes keep it by "
-            "default.", rich_help_panel=MODEL_PANEL)] = False,
+            "default.", rich_help_panel=MODEL_PANEL, metavar="")] = False,
         fp8_scaling: Annotated[FP8ScalingChoice, typer.Option(
             "--fp8-scaling",
             help="Under --precision fp8, how scales are found: delayed (per tensor, from an amax history; the "
@@ -1051,7 +1051,7 @@ def register(app: typer.Typer) -> None:
             help="Under --fp8-scaling current or mxfp8, whether the norms run cuDNN's kernels "
             "(NVTE_NORM_FWD_USE_CUDNN=1): under MXFP8 they write the quantized output themselves, under "
             "current scaling the cast takes an amax pass of its own; or Transformer Engine's (the default).",
-            rich_help_panel=MODEL_PANEL)] = False,
+            rich_help_panel=MODEL_PANEL, metavar="")] = False,
         flash_impl: Annotated[FlashImplChoice, typer.Option(
             "--flash-impl", help="FlashAttention implementation: fa2 (FlashAttention-2), triton (FlashAttention "
             "in Triton, e.g. llm-foundry's attn_impl: triton; Dao 2023 §4.1: 1.4× slower forward, 2× backward), "
@@ -1064,13 +1064,13 @@ def register(app: typer.Typer) -> None:
             help="Whether full recompute stops once the tensors the backward saved are rebuilt, skipping each "
             "block's last GEMM (PyTorch's non-reentrant checkpoint from 2.1 on), or re-runs the whole block "
             "(Megatron-LM, reentrant checkpoint, PyTorch before 2.1) \\[on with --states fsdp2, off otherwise].",
-            show_default=False, rich_help_panel=MODEL_PANEL)] = None,
+            show_default=False, rich_help_panel=MODEL_PANEL, metavar="")] = None,
         fused_qkv: Annotated[bool, typer.Option(
             "--fused-qkv/--separate-qkv",
             help="Whether one linear projects q, k and v and its output is split (llm-foundry's MPT Wqkv, "
             "GPT-2's c_attn) or three do (torchtitan, Hugging Face Llama). Under --states fsdp2 (eager "
             "autograd) the split's backward concatenates the three gradients, a copy priced at HBM "
-            "bandwidth; Transformer Engine splits without one.", rich_help_panel=MODEL_PANEL)] = False,
+            "bandwidth; Transformer Engine splits without one.", rich_help_panel=MODEL_PANEL, metavar="")] = False,
         cross_entropy: Annotated[CrossEntropyChoice, typer.Option(
             "--cross-entropy",
             help="The loss's implementation, HBM bytes per logit forward and backward: fp32-fused (a fused "

@@ -92,7 +92,7 @@ AttentionOpt = Annotated[AttentionChoice, typer.Option(
     "--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
 PlotOpt = Annotated[str | None, typer.Option(
     "--plot", help="Write a figure (PNG/SVG/PDF by suffix); needs matplotlib.")]
-PlotForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")]
+PlotForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.", metavar="")]
 
 
 def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,

@@ -73,10 +73,10 @@ DeviceOpt = Annotated[Device, typer.Option(
     "--device", help="Device of the real instance (fvcore, measured KV cache).")]
 CpuCheckOpt = Annotated[bool | None, typer.Option(
     "--cpu-check/--no-cpu-check", show_default=False,
-    help="Force (or skip) the real-instance checks (default: only below 50M parameters).")]
+    help="Force (or skip) the real-instance checks (default: only below 50M parameters).", metavar="")]
 BackwardOpt = Annotated[bool, typer.Option(
-    "--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.")]
-AllLayersOpt = Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.")]
+    "--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.", metavar="")]
+AllLayersOpt = Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.", metavar="")]
 LayoutOpt = Annotated[str | None, typer.Option(
     "--layout", help="Verify a cluster layout instead (tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1): "
     "one rank's training step at full world size on torch's fake process group, memory, collectives and "
