@@ -110,21 +110,18 @@ def verify(
     refuse_foreign_options(ctx, "--layout" if layout is not None else "the model check", VERIFY_MODES)
     plan = resolve(load_spec(spec))
     seq_len = _seq_len(plan, seq)
-    try:
-        if layout is not None:
-            from archplan.distributed.render import verify_layout  # imports torch.distributed
+    if layout is not None:
+        from archplan.distributed.render import verify_layout  # imports torch.distributed
 
-            verify_layout(plan, layout, seq_len, microbatches, as_json)
-        raise typer.Exit(verify_model(
-            plan, seq_len=seq_len, batch=batch, device=device, cpu_check=cpu_check, backward=backward,
-            all_layers=all_layers, as_json=as_json,
-        ))
-    except typer.Exit:
-        # after the run, which ended with its verdict: a refused option stays a one-line error
-        past = plan.past_trained_note("seq", seq_len, "checked as asked")
-        if past is not None and not as_json:
-            Console(stderr=True).print(f"note: {past}")
-        raise
+        code = verify_layout(plan, layout, seq_len, microbatches, as_json)
+    else:
+        code = verify_model(plan, seq_len=seq_len, batch=batch, device=device, cpu_check=cpu_check,
+                            backward=backward, all_layers=all_layers, as_json=as_json)
+    # after the run, which ended with its verdict: a refused option stays a one-line error
+    past = plan.past_trained_note("seq", seq_len, "checked as asked")
+    if past is not None and not as_json:
+        Console(stderr=True).print(f"note: {past}")
+    raise typer.Exit(code)
 
 
 def verify_model(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -86,7 +85,8 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
     return layout
 
 
-def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool) -> None:
+def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool) -> int:
+    """Run and show `verify --layout`; returns the exit code (1 where a figure disagrees)."""
     layout = given_layout(plan, layout_text, seq, "verify")
     with busy(f"one rank's training step of {layout.spec} at {layout.world:,} fake ranks", enabled=not as_json):
         result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
@@ -94,4 +94,4 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
         echo(jsonout.dumps(result.to_json(), indent=2))
     else:
         render(result, report_console())
-    raise typer.Exit(0 if result.ok else 1)
+    return 0 if result.ok else 1
