@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from archplan.errors import ArchplanError
+from archplan.units import parse_length
 
 SpecArg = Annotated[
     str,
@@ -67,8 +68,6 @@ def refuse_force_without_plot(force: bool, plot: str | None) -> None:
 
 def length_option(text: str) -> int:
     """Typer's parser for --seq: '4096', '4_096' or '4k' (`units.parse_length`)."""
-    from archplan.units import parse_length
-
     try:
         return parse_length(text)
     except ValueError as exc:

@@ -22,7 +22,7 @@ else:  # the same parser, packaged for Python 3.10
 
 from archplan.errors import ArchplanError
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
-from archplan.loader import PRESETS_DIR, LoadedYaml, parse_yaml, preset_names, read_text, spec_from_data
+from archplan.loader import LoadedYaml, find_spec_path, parse_yaml, preset_names, read_text, spec_from_data
 
 YAML_SUFFIXES = (".yaml", ".yml")
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -124,7 +124,7 @@ def discover(paths: Sequence[str]) -> list[Path]:
         elif path.exists():
             raise ArchplanError("not a regular file or folder", file=arg)
         elif arg in preset_names():
-            found.append(PRESETS_DIR / f"{arg}.yaml")  # a bundled preset, by name as everywhere
+            found.append(find_spec_path(arg))  # a bundled preset, by name as everywhere
         else:
             raise ArchplanError("no such file, folder or preset", file=arg)
     unique = list(dict.fromkeys(found))

@@ -456,6 +456,11 @@ class StageMemory:
         return stage, self.by_stage[stage]
 
 
+def _concern(options: list[str], what: str) -> str:
+    """The one line refusing options that concern what a model lacks."""
+    return f"{', '.join(options)}: {'these concern' if len(options) > 1 else 'this concerns'} {what}"
+
+
 class Evaluator:
     """Prices layouts of one model on one cluster; the per-layer work is computed once."""
 
@@ -479,17 +484,15 @@ class Evaluator:
             *((f"--overlap {schedule}", schedule in settings.overlap) for schedule in sorted(EP_OVERLAPS)),
         ) if given]
         if moe_only and not plan.routed:
-            raise ArchplanError(f"{', '.join(moe_only)}: {'these concern' if len(moe_only) > 1 else 'this concerns'} "
-                                f"the routed experts' tokens or GEMMs, and {plan.name} routes to no experts")
+            raise ArchplanError(_concern(moe_only, f"the routed experts' tokens or GEMMs, and {plan.name} routes to "
+                                                   "no experts"))
         attention_only = [name for name, given in (
             (f"--flash-impl {settings.flash_impl}", settings.flash_impl != "fa2"),
             (f"--cp-comm {settings.cp_comm}", settings.cp_comm != "all_gather"),
             ("--fused-qkv", settings.fused_qkv), ("--fp8-attention", settings.fp8_attention),
         ) if given]
         if attention_only and not any(isinstance(layer.mixer, AttentionPlan | MLAPlan) for layer in plan.layers):
-            raise ArchplanError(f"{', '.join(attention_only)}: "
-                                f"{'these concern' if len(attention_only) > 1 else 'this concerns'} attention "
-                                f"layers, and {plan.name} has none")
+            raise ArchplanError(_concern(attention_only, f"attention layers, and {plan.name} has none"))
         if settings.fp8_scaling == "mxfp8" and gpu.key not in SM100_GPUS:
             raise ArchplanError(f"--fp8-scaling mxfp8 is Blackwell's block-scaled fp8, on compute capability 10 "
                                 f"GPUs only ({', '.join(sorted(SM100_GPUS))}), not on {gpu.name}")
