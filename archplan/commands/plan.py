@@ -954,8 +954,8 @@ def register(app: typer.Typer) -> None:
         global_batch_tokens: Annotated[str, typer.Option(
             "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.", rich_help_panel=LAYOUT_PANEL)] = "4M",
         layout: Annotated[str | None, typer.Option(
-            "--layout", help="Fix layout fields: tp=8,cp=1,pp=16,vpp=2,dp=128,ep=1,zero=1,recompute=none,mb=1,sp=on "
-            "(any subset; the rest is searched; all but vpp/sp given = exactly that layout); group=N sets the "
+            "--layout", help="Fix layout fields, e.g. tp=8,pp=16,vpp=2 (fields: tp cp pp vpp dp ep zero recompute "
+            "mb sp; any subset; the rest is searched; all but vpp/sp given = exactly that layout); group=N sets the "
             "interleaved schedule's micro-batches per round (default pp).",
             rich_help_panel=LAYOUT_PANEL)] = None,
         efficiency: Annotated[float | None, typer.Option(

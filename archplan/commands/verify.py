@@ -78,8 +78,8 @@ BackwardOpt = Annotated[bool, typer.Option(
     "--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.", metavar="")]
 AllLayersOpt = Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.", metavar="")]
 LayoutOpt = Annotated[str | None, typer.Option(
-    "--layout", help="Verify a cluster layout instead (tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1): "
-    "one rank's training step at full world size on torch's fake process group, memory, collectives and "
+    "--layout", help="Verify a cluster layout instead, every field given (tp cp pp dp zero recompute mb; ep with "
+    "routed experts; vpp, sp optional; see the example): one rank's training step at full world size on torch's fake process group, memory, collectives and "
     "FSDP2's copies around them and its gradient accumulation beside plan's (docs/distributed.md).",
     show_default=False)]
 MicrobatchesOpt = Annotated[int | None, typer.Option(
