@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from archplan.errors import ArchplanError, first_line
+from archplan.outfile import check_target
 from archplan.render import training_dtypes
 
 if TYPE_CHECKING:
@@ -46,17 +47,7 @@ def pyplot() -> Any:
 
 def figure_target(path: str, *, force: bool = False) -> Path:
     """Where a --plot figure goes; an existing file is the user's and is replaced only with --force."""
-    target = Path(path)
-    if target.suffix.lower() not in FIGURE_SUFFIXES:
-        raise ArchplanError(f"figure file must end in {', '.join(FIGURE_SUFFIXES)}", field="--plot",
-                            file=path)
-    if not target.parent.is_dir():
-        raise ArchplanError("directory does not exist", field="--plot", file=path)
-    if target.is_dir():
-        raise ArchplanError("is a directory; expected a figure file", field="--plot", file=path)
-    if target.exists() and not force:
-        raise ArchplanError("file exists; pass --force to overwrite", field="--plot", file=path)
-    return target
+    return check_target(path, force=force, field="--plot", suffixes=FIGURE_SUFFIXES)
 
 
 def sweep_lengths(limit: int) -> list[int]:

@@ -392,3 +392,21 @@ def test_console_script_prints_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "did you mean 'n_layers'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ("plan", "--compute", "1e21", "-o"), ("schema", "-o"), ("size", "gpt2", "--plot"),
+])
+def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    """plan -o, import -o, schema -o and every --plot go through one check (`archplan.outfile`):
+    a folder is named as one even with --force (it was "cannot write: Is a directory" under
+    schema), and a user's file is kept without --force."""
+    suffix = ".png" if command[-1] == "--plot" else ".yaml"
+    folder = tmp_path / f"folder{suffix}"
+    folder.mkdir()
+    assert_one_line_error(cli(*command, str(folder), "--force"), "is a directory; expected a file")
+    mine = tmp_path / f"mine{suffix}"
+    mine.write_text("mine")
+    assert_one_line_error(cli(*command, str(mine)), "file exists; pass --force to overwrite")
+    assert mine.read_text() == "mine"
+    assert_one_line_error(cli(*command, str(tmp_path / "none" / f"x{suffix}")), "directory does not exist")

@@ -16,7 +16,7 @@ from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
 from archplan.commands.schema import schema_file
 from archplan.console import echo
-from archplan.errors import ArchplanError
+from archplan.outfile import SPEC_SUFFIXES, check_target
 
 import_app = typer.Typer(
     name="import",
@@ -64,8 +64,8 @@ def hf(
     from archplan.importers.hf import read_hf
     from archplan.planning import spec_data, spec_yaml, write_spec
 
-    if output is not None and output.exists() and not force:
-        raise ArchplanError("file exists; pass --force to overwrite", file=str(output), field="-o")
+    if output is not None:
+        check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
     imported = read_hf(config, strict=strict)
     spec = imported.spec
     if imported.ignored:

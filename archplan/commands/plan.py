@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
@@ -16,6 +15,7 @@ from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, length_option, refuse_foreign_options
 from archplan.console import echo
 from archplan.errors import ArchplanError
+from archplan.outfile import SPEC_SUFFIXES, check_target
 
 if TYPE_CHECKING:
     from archplan.planning.accuracy import HeldOutAccuracy
@@ -1137,8 +1137,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_output(output: str | None, force: bool) -> None:
-    if output is not None and Path(output).exists() and not force:
-        raise ArchplanError("file exists; pass --force to overwrite", file=output, field="-o")
+    if output is not None:
+        check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
 
 
 def _run_budget(compute: float | None, params: float | None, tokens: float | None,

@@ -12,6 +12,7 @@ import typer
 from archplan.commands.options import ForceOpt
 from archplan.console import echo
 from archplan.errors import ArchplanError
+from archplan.outfile import check_target, write_text
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what Pydantic 2 generates
 SCHEMA_NAME = "spec.schema.json"  # package data of `archplan`, beside presets/ (whose modelines use it)
@@ -53,13 +54,5 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --output file; without it the schema goes to stdout")
             echo(text, nl=False)
             return
-        # worded as plan's and import's -o
-        if output.exists() and not force:
-            raise ArchplanError("file exists; pass --force to overwrite", file=str(output), field="-o")
-        if not output.parent.is_dir():
-            raise ArchplanError("directory does not exist", file=str(output), field="-o")
-        try:
-            output.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise ArchplanError(f"cannot write: {exc.strerror}", file=str(output)) from None
+        write_text(check_target(output, force=force, field="-o"), text)
         typer.echo(f"wrote {output}", err=True)

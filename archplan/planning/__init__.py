@@ -7,13 +7,13 @@ every `kind`, which the discriminated unions need), read back with the loader be
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
 from archplan.errors import ArchplanError
+from archplan.outfile import SPEC_SUFFIXES, check_target, write_text
 from archplan.spec import Spec
 
 
@@ -54,16 +54,7 @@ def write_spec(spec: Spec, path: str, *, force: bool, header: str) -> None:
     """Write `spec` to `path` (refusing to overwrite without force) and check it loads back equal."""
     from archplan.loader import load_spec
 
-    target = Path(path)
-    if target.exists() and not force:
-        raise ArchplanError("file exists; pass --force to overwrite", file=path, field="-o")
-    if target.suffix not in (".yaml", ".yml"):
-        raise ArchplanError("output must be a .yaml or .yml file", file=path, field="-o")
-    if not target.parent.is_dir():
-        raise ArchplanError("directory does not exist", file=path, field="-o")
-    try:
-        target.write_text(spec_yaml(spec, header), encoding="utf-8")
-    except OSError as exc:
-        raise ArchplanError(f"cannot write: {exc.strerror}", file=path) from None
+    target = check_target(path, force=force, field="-o", suffixes=SPEC_SUFFIXES)
+    write_text(target, spec_yaml(spec, header))
     if load_spec(target) != spec:
         raise ArchplanError("written spec does not load back identical (please report)", file=path)

@@ -1,0 +1,34 @@
+"""Files archplan writes (-o specs and schemas, --plot figures): one set of refusals for all of them.
+A file that exists is the user's and is replaced only with --force (principle 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from archplan.errors import ArchplanError
+
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """`path` as a place to write, or a one-line refusal naming `field`: a wrong suffix (when
+    `suffixes` are given), a folder, an existing file without --force, a missing parent folder.
+    Checked before any work, so that a refused write costs nothing."""
+    target = Path(path)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ArchplanError(f"must end in {', '.join(suffixes)}", file=str(path), field=field)
+    if target.is_dir():
+        raise ArchplanError("is a directory; expected a file", file=str(path), field=field)
+    if target.exists() and not force:
+        raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
+    if not target.parent.is_dir():
+        raise ArchplanError("directory does not exist", file=str(path), field=field)
+    return target
+
+
+def write_text(target: Path, text: str) -> None:
+    """Write `text`, an OS refusal (permissions, a full disk) as one line."""
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ArchplanError(f"cannot write: {exc.strerror}", file=str(target)) from None
