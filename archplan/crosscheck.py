@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
 from archplan.bench.device import free_memory
-from archplan.bench.runner import FIT_FRACTION
+from archplan.bench.fit import FIT_FRACTION
 from archplan.contraction import ContractionDetector
 from archplan.errors import ArchplanError, first_line
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from archplan.bench.decode import Replay, WeightStreams, _weight_bytes, decode_rates, record_step
 from archplan.bench.roofline import predict_decode_step
-from archplan.bench.runner import truncate
+from archplan.bench.fit import truncate
 from archplan.loader import load_spec
 from archplan.modules.model import build_model
 from archplan.resolve import resolve

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from archplan.analytic import decode_flops, decode_flops_per_token
 from archplan.bench.roofline import DecodeRates, OpCount, predict_decode_step, predict_prefill
 from archplan.bench import runner
+from archplan.bench.fit import truncate
 from archplan.bench.runner import (
     TORCH_DTYPES,
     BenchConfig,
@@ -23,7 +24,6 @@ from archplan.bench.runner import (
     estimate_bytes,
     kinds,
     run_bench,
-    truncate,
 )
 from archplan.cli import app
 from archplan.dtypes import DType
@@ -260,6 +260,21 @@ def test_too_big_model_is_exit_2_with_suggestion(capsys: pytest.CaptureFixture[s
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(("argv", "fix"), [
+    (["gpt2", "--batch", "64", "--seq", "1024", "--decode-tokens", "0"], "try --batch "),
+    (["gpt2", "--seq", "64,1024", "--batch", "64"], "try --batch "),
+])
+def test_prefill_and_sweep_past_the_device_are_refused_as_train_is(
+        argv: list[str], fix: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bench mode is refused through one check (`bench.fit`): the same wording as --train's,
+    and the options that fit, not only --layers (gpt2's weights alone fit 1 GiB; 64 × 1,024
+    tokens of logits do not)."""
+    monkeypatch.setattr(runner, "free_memory", lambda device: 1 << 30)
+    proc = run_main(["bench", *argv, "--device", "cpu"], capsys, monkeypatch)
+    assert proc.code == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "will not fit" in proc.stderr and "85% of it usable" in proc.stderr and fix in proc.stderr
+
+
 @pytest.mark.parametrize(("argv", "needles"), [
     (["gpt2", "--seq", "1024", "--decode-tokens", "4"],
      ["1029 positions", "the learned position table (max_seq_len 1024)", "--seq 1019 or less", "--decode-tokens 0"]),
@@ -387,7 +402,7 @@ def test_train_past_the_device_memory_is_refused_with_what_fits(
     options it names do fit, by size's figure (and one more sequence or token would not)."""
     from archplan.analytic import count_params
     from archplan.analytic.memory import training_memory
-    from archplan.bench.runner import FIT_FRACTION, truncate
+    from archplan.bench.fit import FIT_FRACTION, truncate
     from archplan.distributed import train
     from archplan.loader import load_spec
     from archplan.resolve import resolve

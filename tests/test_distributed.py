@@ -707,7 +707,7 @@ def test_bench_train_layers_builds_the_truncated_model() -> None:
     from typer.testing import CliRunner
 
     from archplan.analytic import count_params
-    from archplan.bench.runner import truncate
+    from archplan.bench.fit import truncate
     from archplan.cli import app
     from archplan.loader import load_spec
     from archplan.resolve import resolve

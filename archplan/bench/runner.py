@@ -28,6 +28,7 @@ from archplan.bench.device import (
     peak_memory,
     reset_peak_memory,
 )
+from archplan.bench.fit import refuse_unless_fits, truncate
 from archplan.bench.roofline import (
     DecodeRates,
     OpCount,
@@ -41,14 +42,9 @@ from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.attention import attention_mask, sdpa
 from archplan.modules.model import build_model, resolve_device
-from archplan.resolve import AttentionPlan, LayerPlan, MLAPlan, ModelPlan
-from archplan.units import nbytes as fmt_bytes
+from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
 
 BACKENDS = ("math", "flash", "efficient", "cudnn")
-# Headroom for the allocator, workspaces and the framework itself when deciding what fits.
-FIT_FRACTION = 0.85
-# The `--layers K` a refusal tries, most layers first, where the spec does not fit as built.
-FEWER_LAYERS = (8, 4, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -212,18 +208,6 @@ class DecodeModel:
     flops_counted: int  # FlopCounterMode on meta for the same step, full model
 
 
-def truncate(plan: ModelPlan, k: int) -> ModelPlan:
-    """The first k layers of each kind, in their original order, re-indexed from 0."""
-    taken: dict[str, int] = defaultdict(int)
-    kept: list[LayerPlan] = []
-    for layer in plan.layers:
-        kind = layer_kind(layer)
-        if taken[kind] < k:
-            taken[kind] += 1
-            kept.append(replace(layer, index=len(kept)))
-    return replace(plan, layers=tuple(kept))
-
-
 def kinds(plan: ModelPlan) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for layer in plan.layers:
@@ -247,22 +231,14 @@ def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
     return int(weights + cache + logits + activations + scores)
 
 
-def check_fits(plan: ModelPlan, cfg: BenchConfig, free: int) -> None:
-    need = estimate_bytes(plan if cfg.layers is None else truncate(plan, cfg.layers), cfg)
-    if need <= FIT_FRACTION * free:
-        return
-    smallest = estimate_bytes(truncate(plan, 1), cfg)
-    hint = (f"even --layers 1 needs about {fmt_bytes(smallest)}: reduce --batch/--seq or use a bigger device")
-    for k in FEWER_LAYERS:
-        if estimate_bytes(truncate(plan, k), cfg) <= FIT_FRACTION * free and k < plan.n_layers:
-            hint = f"try --layers {k}"
-            break
+def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str = "bench") -> None:
+    """Refuse a run of `plan`, built as `cfg` says (`--layers`), that `device` cannot hold, by
+    `estimate_bytes`."""
+    built = plan if cfg.layers is None else truncate(plan, cfg.layers)
     scores = ", and the math kernel's attention scores" if cfg.attn_backend == "math" else ""
-    raise ArchplanError(
-        f"will not fit: needs about {fmt_bytes(need)} (analytic weights + cache + logits{scores}) but the device "
-        f"has {fmt_bytes(free)} free; {hint}"
-    )
-
+    refuse_unless_fits(built, lambda p, batch, seq: estimate_bytes(p, replace(cfg, batch=batch, seq=seq)),
+                       cfg.batch, cfg.seq, device=device.type, free=free_memory(device), run=run,
+                       priced=f"analytic weights + cache + logits{scores}")
 
 def cache_steps(decode_tokens: int) -> int:
     """Positions the decode cache holds beyond the prompt: the recorded step and the timed steps
@@ -423,7 +399,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
         raise ArchplanError(f"--attn-backend {cfg.attn_backend}: not available on {device.type} with "
                             f"{cfg.dtype.value}{needs} (available: {', '.join(found)})")
     check_positions(plan, cfg)
-    check_fits(plan, cfg, free_memory(device))
+    check_fits(plan, cfg, device)
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
     peak = device_peak(device, cfg.dtype)
     b = nbytes(cfg.dtype)

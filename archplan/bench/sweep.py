@@ -32,10 +32,11 @@ from rich.table import Table
 
 from archplan import jsonout
 from archplan.analytic import count_params, forward_flops
-from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, free_memory, synchronize
+from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, synchronize
 from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
 from archplan.bench.roofline import predict_prefill
-from archplan.bench.runner import BenchConfig, check_fits, sdpa_backend, truncate
+from archplan.bench.fit import truncate
+from archplan.bench.runner import BenchConfig, check_fits, sdpa_backend
 from archplan.bench.timing import progress_bar, time_calls
 from archplan.console import echo
 from archplan.dtypes import DType, nbytes
@@ -227,7 +228,7 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
     longest = max(cfg.lengths)
     plan.check_length(longest, "--seq")
     check_fits(plan, BenchConfig(device=cfg.device, dtype=cfg.dtype, batch=cfg.batch, seq=longest,
-                                 decode_tokens=0, layers=cfg.layers), free_memory(device))
+                                 decode_tokens=0, layers=cfg.layers), device, run="the --seq sweep")
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
     b = nbytes(cfg.dtype)
 

@@ -67,7 +67,7 @@ def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
 def _run_notes(specs: list[str], seq: int, layers: int | None) -> list[str]:
     """What `size` would say of these lengths (RoPE past max_seq_len), and a `--layers` beyond
     every layer kind's count, which builds the whole model: runs as asked, but worth a line."""
-    from archplan.bench.runner import truncate
+    from archplan.bench.fit import truncate
     from archplan.loader import load_spec
     from archplan.resolve import resolve
 

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import Enum
-from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +41,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from archplan.analytic import count_params
 from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
 from archplan.bench.device import free_memory, synchronize
-from archplan.bench.runner import FEWER_LAYERS, FIT_FRACTION, truncate
+from archplan.bench.fit import refuse_unless_fits
 from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.distributed.shard import apply_recompute
-from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import Mamba2Plan, ModelPlan
-from archplan.units import nbytes
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
 # The spread of size's step peak against MemTracker over gpt2, Llama-, MoE- and Mamba-shaped models,
@@ -119,49 +116,6 @@ def attention_kernel(dev: torch.device) -> AttentionKernel:
     return "torch-cpu" if dev.type == "cpu" else "flash"
 
 
-def _largest(fits: Callable[[int], bool], upper: int) -> int:
-    """The largest n in 1..upper with fits(n), for a fits that holds up to some n and not beyond
-    (memory grows with batch and length); 0 where none does."""
-    low, high = 0, upper
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return low
-
-
-def _what_fits(plan: ModelPlan, step_bytes: Callable[[ModelPlan, int, int], int], batch: int, seq: int,
-               room: float) -> str | None:
-    """Options that make the step fit, changing as little as possible: the most layers of each
-    kind first (as built, then `--layers` 8, 4, 2, 1), with the largest batch up to the one asked
-    at this length, else batch 1 and the longest length up to the one asked; None if nothing fits."""
-    for k in (None, *FEWER_LAYERS):
-        built = plan if k is None else truncate(plan, k)
-        if k is not None and len(built.layers) == len(plan.layers):
-            continue
-        layers = [] if k is None else [f"--layers {k}"]
-        b = _largest(lambda b: step_bytes(built, b, seq) <= room, batch)
-        if b:
-            return " ".join(layers + ([f"--batch {b}"] if b != batch else []))
-        s = _largest(lambda s: step_bytes(built, 1, s) <= room, seq)
-        if s:
-            return " ".join(layers + (["--batch 1"] if batch != 1 else []) + [f"--seq {s}"])
-    return None
-
-
-def _refuse(plan: ModelPlan, step_bytes: Callable[[ModelPlan, int, int], int], batch: int, seq: int,
-            room: float, free: str) -> NoReturn:
-    """The one-line refusal of a step that does not fit, with options that would make it fit
-    (`_what_fits`), or the reason none would."""
-    fix = _what_fits(plan, step_bytes, batch, seq, room)
-    if fix is None:
-        least = step_bytes(truncate(plan, 1), 1, 1)
-        raise ArchplanError(f"--train will not fit: even at one layer of each kind, batch 1 × seq 1, the step needs "
-                            f"about {nbytes(least)} (16 B/param of model states, and AdamW's step) but {free}; "
-                            "use a device with more memory, or a smaller spec")
-    raise ArchplanError(f"--train will not fit: the step needs about {nbytes(step_bytes(plan, batch, seq))} "
-                        f"(size's training memory at batch {batch} × seq {seq}) but {free}; try {fix}")
-
-
 def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: int, recompute: Recompute,
                 iters: int) -> TrainBench:
     """One training step of `plan` as built (the caller truncates it for `--layers`)."""
@@ -176,12 +130,9 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         return training_memory(built, count_params(built), batch, seq, recompute, activation_dtype=dtype,
                                attention_kernel=kernel, residual_dtype="fp32", ssd="torch")
 
+    refuse_unless_fits(plan, lambda built, b, s: step_bytes(built, b, s).total, batch, seq, device=dev.type,
+                       free=free_memory(dev), run="--train", priced="size's training memory")
     analytic = step_bytes(plan, batch, seq)
-    free = free_memory(dev)
-    if analytic.total > FIT_FRACTION * free:
-        # refused before any tensor exists: past the host's memory the system kills the process
-        _refuse(plan, lambda built, b, s: step_bytes(built, b, s).total, batch, seq, FIT_FRACTION * free,
-                f"{dev.type} has {nbytes(free)} free, {FIT_FRACTION:.0%} of it usable")
     torch.manual_seed(0)
     model = build_model(plan, dev, torch.float32)
     apply_recompute(model.layers, recompute)

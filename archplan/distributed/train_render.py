@@ -12,7 +12,7 @@ from rich.table import Table
 from archplan import jsonout
 from archplan.console import echo
 from archplan.distributed.check import ACTIVATION_TOLERANCE
-from archplan.bench.runner import truncate
+from archplan.bench.fit import truncate
 from archplan.distributed.train import PEAK_TOLERANCE, TrainBench, train_bench
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
