@@ -481,21 +481,24 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         out["embed_norm"] = res * tokens * h
     working_set = 0
     core_backward = (0, 0)
+    below = sum(out.values())  # what the layers so far keep, summed as they are added
     for layer in plan.layers:
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd)
         block_input = res * tokens * h if recompute == "full" else 0
         core_backward = max(core_backward, _attention_backward_bytes(
-            layer, full, sum(out.values()), block_input, s, b, act, attention_kernel), key=sum)
+            layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
         match recompute:
             case "full":
-                out[layer.path] = block_input  # only the block input is kept
+                kept = {layer.path: block_input}  # only the block input is kept
                 working_set = max(working_set, sum(full.values()))
             case "selective":
-                out |= _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd)
+                kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd)
             case "none":
-                out |= full
+                kept = full
             case _:
                 assert_never(recompute)
+        out |= kept
+        below += sum(kept.values())
     if plan.final_norm:
         out["final_norm"] = res * tokens * h
     # The LM-head input and the fp32 log-probabilities the cross-entropy keeps; with the final
