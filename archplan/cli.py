@@ -14,7 +14,7 @@ import traceback
 
 import typer
 
-from archplan.console import ReaderGone, quiet_on_closed_pipe
+from archplan.console import ReaderGone, keep_option_names_whole, quiet_on_closed_pipe
 from archplan.errors import ArchplanError, first_line
 
 COMMAND_MODULES = (
@@ -69,6 +69,7 @@ def _is_program() -> bool:
 
 def main() -> None:
     quiet_on_closed_pipe()
+    keep_option_names_whole()
     try:
         _main()
     finally:

@@ -1,4 +1,5 @@
-"""How the commands end when the reader of a pipe stops early (`archplan plan ... | head`).
+"""What archplan's output does on the edges of a terminal: a reader of a pipe that stops early
+(`archplan plan ... | head`), and a narrow terminal under typer's --help.
 
 rich's consoles (archplan's tables, typer's help, progress bars) and click's echo both exit with
 code 1 on a closed pipe, which archplan's commands use for "a check disagrees" or "no layout
@@ -9,7 +10,11 @@ fits"; a `pipefail` CI job would read it as a failure. The reader took what it w
 from __future__ import annotations
 
 import typer
-from rich.console import Console
+import typer.rich_utils
+from rich.columns import Columns
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.table import Table
+from rich.text import Text
 
 
 class ReaderGone(Exception):
@@ -35,3 +40,43 @@ def echo(text: str, nl: bool = True) -> None:
         typer.echo(text, nl=nl)
     except BrokenPipeError as exc:
         raise ReaderGone from exc
+
+
+class _OptionsTable(Table):
+    """typer's --help option table, laid out for a narrow terminal. typer gives each option's long
+    name, short name, negative name (`--no-json`) and negative short name a column of their own,
+    and rich narrows every column alike once the terminal is too narrow for them: at 80 columns
+    `plan --help` printed `--optimizer-mome…` and `--no-recompute-…`. Here an option's names share
+    one column, one name a line, that never wraps nor cuts; the type and help columns take what is
+    left and fold a long word (`fp8_dot_product_attention`) instead of cutting it."""
+
+    def add_row(self, *renderables: RenderableType | None, **kwargs: object) -> None:
+        if len(renderables) in (6, 7) and all(isinstance(cell, (str, Text)) for cell in renderables[-6:-2]):
+            *required, long, short, negative, negative_short, kind, help_text = renderables
+            names = Text("\n").join(Text(cell) if isinstance(cell, str) else cell
+                                     for cell in (long, short, negative, negative_short) if str(cell))
+            if not self.columns:
+                for _ in required:
+                    self.add_column(no_wrap=True)
+                self.add_column(no_wrap=True, highlight=self.highlight)
+                self.add_column(overflow="fold", highlight=self.highlight)
+                self.add_column(overflow="fold", highlight=self.highlight, ratio=1)
+            if isinstance(help_text, Columns):  # typer's help cell: the text, then [default: ...]
+                for item in help_text.renderables:
+                    if isinstance(item, Text):
+                        item.overflow = "fold"
+            renderables = (*required, names, kind, help_text)
+        super().add_row(*renderables, **kwargs)  # type: ignore[arg-type]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if len(self.columns) >= 3 and self.columns[-1].ratio:
+            # a choice list is one word (`<megatron|zero|fsdp2|deepspeed>`), which rich would keep
+            # whole at the help's expense: past a third of the width it folds
+            self.columns[-2].max_width = options.max_width // 3
+        yield from super().__rich_console__(console, options)
+
+
+def keep_option_names_whole() -> None:
+    """typer's help builds its option tables through `typer.rich_utils.Table`: ours instead. Its
+    command table adds its own columns first, which `_OptionsTable` leaves as they are."""
+    typer.rich_utils.Table = _OptionsTable  # type: ignore[misc]

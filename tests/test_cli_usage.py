@@ -127,12 +127,22 @@ def test_no_flag_of_ours_shows_a_value_in_help(command: str) -> None:
     assert proc.returncode == 0 and all("--help" in line for line in flagged), flagged
 
 
+@pytest.mark.parametrize("columns", ["60", "80", "120"])
 @pytest.mark.parametrize("command", ["size", "compare", "plan", "bench", "verify", "lint", "schema", "presets"])
-def test_help_cuts_nothing_at_120_columns(command: str) -> None:
-    """rich cuts a word longer than its column with "…": the --layout examples of plan, verify and
-    bench (`tp=8,cp=1,pp=16,...`, one word) were cut in the option's own help at 120 columns. Below
-    about 100 columns typer's option table shares the width out evenly and cuts plan's longest
-    names; that is typer's layout, not held here."""
+def test_help_cuts_nothing(command: str, columns: str) -> None:
+    """rich cuts a word longer than its column with "…": at 80 columns typer's option table cut
+    plan's longest names (`--optimizer-mome…`, `--no-recompute-…`), and at 120 the --layout
+    examples of plan, verify and bench (`tp=8,cp=1,pp=16,...`, one word) in the option's own help
+    (`archplan.console.keep_option_names_whole`)."""
     proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", command, "--help"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "120"})
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": columns})
     assert proc.returncode == 0 and "…" not in proc.stdout, [line for line in proc.stdout.splitlines() if "…" in line]
+    import typer
+
+    from archplan.cli import app
+
+    words = set(proc.stdout.replace("│", " ").split())
+    shown = [param for param in typer.main.get_command(app).commands[command].params
+             if not getattr(param, "hidden", False)]
+    names = [name for param in shown for name in (*param.opts, *param.secondary_opts) if name.startswith("-")]
+    assert names and all(name in words for name in names), sorted(set(names) - words)
