@@ -39,7 +39,7 @@ from archplan.planning.cluster import (
     representative_stages,
     step_collectives,
 )
-from archplan.planning.layout import Layout, layout_problem, parse_layout, pipeline_chunks
+from archplan.planning.layout import Layout, PartialLayout, layout_problem, parse_layout, pipeline_chunks
 from archplan.planning.parallel import Evaluator, Settings, interconnect, network, rails, search
 from archplan.planning.pricing import (
     Pricer,
@@ -1741,3 +1741,26 @@ def test_cli_json_keys_are_all_in_the_docs(capsys: pytest.CaptureFixture[str], m
     assert code == 0
     assert set(printed) - named == set()
     assert set(printed["layouts"][0]) - named == set()
+
+
+@pytest.mark.parametrize(("layout", "needles"), [
+    (None, ["no layout: 1,024 GPUs admit no", "DP·mb ≤ 1 sequence per step"]),
+    ("zero=1", ["--layout: no layout with zero=1", "DP·mb ≤ 1 sequence per step"]),
+])
+def test_a_search_with_no_layout_to_try_is_bad_input_either_way(layout: str | None, needles: list[str]) -> None:
+    """1,024 GPUs for one sequence: no layout exists, fitting or not. It was exit 1 ("infeasible")
+    without --layout and exit 2 with a --layout field that changes nothing."""
+    with pytest.raises(ArchplanError) as err:
+        search(_plan("llama-3-8b"), H100, 1024, seq=8192, global_batch_tokens=8192, net=NET,
+               fixed=parse_layout(layout) if layout else PartialLayout())
+    assert all(needle in str(err.value) for needle in needles), str(err.value)
+
+
+def test_no_split_names_the_searched_cp_floor() -> None:
+    """64 GPUs at tp=2,pp=2,dp=2 need cp=8, under the search's floor of 8,192 tokens a rank: the
+    error named TP, PP and DP rules that held and not that one."""
+    with pytest.raises(ArchplanError, match=r"CP ≤ 1 \(each rank keeping ≥ 8,192 .*a given cp= is not held"):
+        search(_plan("llama-3-8b"), H100, 64, seq=8192, global_batch_tokens=4e6, net=NET,
+               fixed=parse_layout("tp=2,pp=2,dp=2"))
+    given = search(_plan("llama-3-8b"), H100, 64, seq=8192, global_batch_tokens=4e6, net=NET, fixed=parse_layout("tp=2,cp=8,pp=2,dp=2"))
+    assert given.ranked and all(e.layout.cp == 8 for e in given.ranked)

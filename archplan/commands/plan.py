@@ -740,7 +740,7 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
     still shows them, by colour), then the bar, the days and the communication share: the total,
     step time, MFU and throughput, what a layout is chosen by, always stay."""
     from archplan.planning.parallel import training_days
-    from archplan.units import duration, nbytes, percent
+    from archplan.units import amount, duration, nbytes, percent
 
     def mark(e: Evaluated) -> str:
         return nbytes(e.memory.total) + ("" if e.fits else " ✗")
@@ -755,8 +755,8 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
         _Column("temp.", lambda e: nbytes(e.memory.temporary), 1),
         _Column("total", mark),
         _Column(BAR_HEADER, lambda e: _memory_bar(e, result.usable_bytes), 6, "left"),
-        _Column("step\ns", lambda e: f"{e.time.total:.2f}"),
-        _Column("comm +\nbubble", lambda e: percent((e.time.total - e.time.compute) / e.time.total), 8),
+        _Column("step\ns", lambda e: amount(e.time.total)),
+        _Column("comm +\nbubble", lambda e: percent(e.time.exposed / e.time.total), 8),
         _Column("MFU", lambda e: percent(e.mfu)),
         _Column("tok/s\nper GPU", lambda e: f"{e.tokens_per_s_per_gpu:,.0f}"),
         _Column("time", lambda e: duration(training_days(e, tokens)), 7),

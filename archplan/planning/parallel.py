@@ -69,7 +69,7 @@ from archplan.resolve import (
     S4Plan,
     StripedHyenaPlan,
 )
-from archplan.units import nbytes
+from archplan.units import nbytes, things
 
 GB = 1e9
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
@@ -716,12 +716,13 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
                or group_problem(complete, _microbatches(sequences, complete.dp, complete.mb)))
         if why:
             raise ArchplanError(f"--layout: {why}")
-        layouts, tp_reasons = [complete], {}
+        layouts = [complete]
     else:
         layouts, tp_reasons, broken = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
-        if not layouts and by_user:
-            why = _reasons(plan, gpus, usable, gpu, net, sequences, None, tp_reasons, layouts, fixed, settings.states)
-            raise ArchplanError(f"--layout: {why[0]}" + (f"; e.g. {broken}" if broken else ""))
+        if not layouts:
+            # no layout exists to fit or not: the request itself is impossible (exit 2)
+            raise ArchplanError(no_split(plan, gpus, seq, sequences, net, tp_reasons, fixed, broken,
+                                         by_user=by_user))
     kept: list[tuple[Layout, int, StageMemory]] = []
     fitting = 0
     tightest: Evaluated | None = None
@@ -739,8 +740,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
               else [evaluator.evaluate(*item) for item in kept])
     if tightest_mem is not None and not fitting:
         tightest = evaluator.evaluate(tightest_mem[0], tightest_mem[1], tightest_mem[2])
-    reasons = _reasons(plan, gpus, usable, gpu, net, sequences, tightest, tp_reasons, layouts, fixed,
-                       settings.states)
+    reasons = _reasons(plan, gpus, usable, gpu, tightest, settings.states)
     # time per token: rounding m to whole micro-batches moves the batch as run by a few percent
     ranked.sort(key=lambda e: (not e.fits, e.time.total / e.global_batch_tokens, e.memory.total))
     return SearchResult(
@@ -755,16 +755,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     )
 
 
-def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Interconnect,
-             sequences: int, tightest: Evaluated | None, tp_reasons: dict[int, str],
-             layouts: list[Layout], fixed: PartialLayout, states: StatesConvention) -> tuple[str, ...]:
-    if not layouts:
-        # a dense model's ep=1 is the model's, not a choice the user made (`PartialLayout.for_model`)
-        chosen = fixed if plan.routed else replace(fixed, ep=None)
-        given = f" with {chosen.spec}" if chosen.given else ""
-        return (f"no layout{given}: {gpus} GPUs admit no TP×CP×PP×DP split with TP dividing a node of "
-                f"{net.gpus_per_node} (TP within a node), PP ≤ {len(plan.layers)} layers and DP·mb ≤ "
-                f"{sequences} sequences per step" + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()),)
+def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, tightest: Evaluated | None,
+             states: StatesConvention) -> tuple[str, ...]:
     if tightest is None:
         return ()
     mem = tightest.memory
@@ -777,6 +769,29 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, net: Int
             f"{nbytes(gpu.memory_bytes)}; {what} exceed it: {total:,} params × "
             f"{states.bytes_per_param} B (--states {states.key}) = {nbytes(states.bytes_per_param * total)} over "
             f"{gpus} GPUs is {nbytes(states.bytes_per_param * total / gpus)} each before activations",)
+
+
+def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Interconnect, tp_reasons: dict[int, str],
+             fixed: PartialLayout, broken: str | None, *, by_user: bool) -> str:
+    """Why no layout exists: the first rule a completion of the given fields broke, else the
+    search's own rules, each as the search holds it (a given degree is not held to them)."""
+    # a dense model's ep=1 is the model's, not a choice the user made (`PartialLayout.for_model`)
+    chosen = fixed if plan.routed else replace(fixed, ep=None)
+    where = "--layout: " if by_user else ""
+    given = f" with {chosen.spec}" if chosen.given else ""
+    if broken is not None:
+        return f"{where}no layout{given}: every completion breaks a rule, e.g. {broken}"
+    g = fixed.given
+    rules = [] if "tp" in g else [f"TP dividing a node of {net.gpus_per_node} (TP within a node)"]
+    if "cp" not in g:
+        most = max(c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS)
+        rules.append(f"CP ≤ {most} (each rank keeping ≥ {CP_MIN_TOKENS:,} of a sequence's {seq:,} tokens; "
+                     "a given cp= is not held to it)")
+    if "pp" not in g:
+        rules.append(f"PP ≤ {things(len(plan.layers), 'layer')}")
+    rules.append(f"DP·mb ≤ {things(sequences, 'sequence')} per step")
+    return (f"{where}no layout{given}: {gpus:,} GPUs admit no TP×CP×PP×DP split with {', '.join(rules)}"
+            + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()))
 
 
 def training_days(result: Evaluated, tokens: float) -> float:

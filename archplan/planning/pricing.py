@@ -241,9 +241,14 @@ class StepTime:
         return self.gemm + self.attention + self.elementwise + self.recompute
 
     @property
+    def exposed(self) -> float:
+        """Communication left in the critical path and the pipeline bubble: what overlap and the
+        layout decide, beside the compute and the optimizer step."""
+        return self.tp + self.cp + self.ep + self.pp_p2p + self.bubble + self.dp
+
+    @property
     def total(self) -> float:
-        return (self.compute + self.tp + self.cp + self.ep + self.pp_p2p + self.bubble + self.dp
-                + self.optimizer)
+        return self.compute + self.exposed + self.optimizer
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in (
