@@ -1516,7 +1516,8 @@ def test_cli_plot_never_overwrites_silently(capsys: pytest.CaptureFixture[str], 
     assert code == 0 and figure.read_bytes().startswith(b"\x89PNG")
     code, _, err = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "8", "--plot",
                        str(tmp_path / "none.png"))
-    assert code == 1 and "no figure written" in err and not (tmp_path / "none.png").exists()
+    # none fits: the figure draws what the table does, the layout needing the least memory
+    assert code == 1 and (tmp_path / "none.png").read_bytes().startswith(b"\x89PNG")
 
 
 def _qwen3_fp8_ep16(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flag: str) -> Any:

@@ -321,7 +321,7 @@ def _plot_layouts(result: SearchResult, path: str, force: bool) -> None:
 
     plt = pyplot()
     target = figure_target(path, force=force)
-    rows = result.shown
+    rows = _table_rows(result)
     gib = float(1 << 30)
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
     labels = [e.layout.label for e in rows]
@@ -334,7 +334,9 @@ def _plot_layouts(result: SearchResult, path: str, force: bool) -> None:
                label="usable per GPU")
     ax.invert_yaxis()
     ax.set_xlabel("GiB per GPU (most loaded pipeline stage)")
-    ax.set_title(f"{result.gpus} × {result.gpu.name}: fastest layouts")
+    what = ("the given layout" if result.fixed.complete() is not None else "fastest layouts" if result.ranked
+            else "the layout needing the least memory (none fits)")
+    ax.set_title(f"{result.gpus:,} × {result.gpu.name}: {what}")
     # beside the bars, not over them (the figure is saved with a tight bounding box)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save(fig, target)
@@ -645,8 +647,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
 
     settings = result.settings
     spread = _time_spread(result)
-    shown = result.shown if result.ranked else (
-        (result.tightest,) if result.tightest is not None else ())
+    shown = _table_rows(result)
     return {
         "mode": "layout",
         "spec": spec.name,
@@ -692,7 +693,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "training_tokens": tokens,
         "training_tokens_source": source,
         "feasible": result.feasible,
-        "reasons": list(result.reasons),
+        "reasons": list(result.reasons) + ([f"does not fit: {unfit}"] if (unfit := _given_unfit(result)) else []),
         "considered": result.considered,
         "fitting": result.fitting,
         "notes": ([seq_note] if seq_note else []) + _all_notes(result, bound, host_note),
@@ -872,13 +873,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     title = ("the given layout" if result.fixed.complete() is not None else
              f"fastest {len(rows)}") + " (per-GPU memory of the most loaded pipeline rank)"
     _print_table(console, rows, result, tokens, title)
-    if not rows[0].fits:
-        mem = rows[0].memory
-        console.print(f"[bold red]does not fit:[/] pipeline rank {rows[0].stage} needs "
-                      f"{nbytes(mem.total)} > {nbytes(result.usable_bytes)} usable (parameters "
-                      f"{nbytes(mem.parameters)}, gradients {nbytes(mem.gradients)}, optimizer "
-                      f"{nbytes(mem.optimizer)}, activations {nbytes(mem.activations)}, temporary "
-                      f"{nbytes(mem.temporary)})")
+    if (unfit := _given_unfit(result)) is not None:
+        console.print(f"[bold red]does not fit:[/] {escape(unfit)}")
     for note in _all_notes(result, bound, host_note):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
@@ -892,6 +888,26 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         console.print(f"held-out spread: nine in ten of the {accuracy.described('held-out')} "
                       f"took {spread[0]:.2f}× to {spread[1]:.2f}× the time predicted for them; for layout 1, "
                       f"{duration(days * spread[0])} to {duration(days * spread[1])} ({duration(days)} predicted)")
+
+
+def _table_rows(result: SearchResult) -> tuple[Evaluated, ...]:
+    """The layouts the table, `--json` and `--plot` show: the fastest (or the given one), else the
+    one needing the least memory."""
+    return result.shown if result.ranked else ((result.tightest,) if result.tightest is not None else ())
+
+
+def _given_unfit(result: SearchResult) -> str | None:
+    """Why the given layout, kept although it does not fit (`search`'s keep_unfit), does not;
+    None when it fits or none was given. A search's own reasons are `result.reasons`."""
+    from archplan.units import nbytes
+
+    if not result.ranked or result.ranked[0].fits:
+        return None
+    e = result.ranked[0]
+    mem = e.memory
+    return (f"pipeline rank {e.stage} needs {nbytes(mem.total)} > {nbytes(result.usable_bytes)} usable (parameters "
+            f"{nbytes(mem.parameters)}, gradients {nbytes(mem.gradients)}, optimizer {nbytes(mem.optimizer)}, "
+            f"activations {nbytes(mem.activations)}, temporary {nbytes(mem.temporary)})")
 
 
 # What each mode of `plan` reads, or answers with its own message (-o in a layout search, --gpus
@@ -1284,6 +1300,10 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     device = accelerator(gpu_key)
     batch_tokens = _positive_amount(batch_text, "--global-batch-tokens")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
+    if plot is not None:
+        from archplan.plot import figure_target
+
+        figure_target(plot, force=force)  # a refused figure costs no search
     plan = resolve(spec)
     result = search(plan, device, gpus, seq=min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq,
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
@@ -1292,18 +1312,14 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     seq_note = plan.past_trained_note("seq", result.seq, "priced as asked")
     host_note = _moe_host_note(result, plan)
     train_tokens, source = _training_tokens(spec, tokens, law)
-    plotted = plot is not None and result.feasible
-    if plotted:
-        assert plot is not None
+    if plot is not None:
         _plot_layouts(result, plot, force)
-    elif plot is not None:
-        typer.echo(f"no figure written to {plot}: no layout fits", err=True)
     if as_json:
         echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note),
                            indent=2))
     else:
         _print_layout(spec, result, train_tokens, source, bound, seq_note, host_note)
-        if plotted:
+        if plot is not None:
             echo(f"figure written to {plot}")
     if not result.feasible:
         raise SystemExit(1)
