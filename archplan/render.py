@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -333,7 +334,7 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
             if note]
     settings = "\n".join([settings, *past])
     table = _table("Comparison", settings, ("figure", "left"),
-                   *[(r["name"], "right") for r in reports])
+                   *[(escape(r["name"]), "right") for r in reports])
     table.columns[0].no_wrap = True
     for column in table.columns[1:]:
         column.overflow = "fold"  # a narrow terminal wraps a figure's digits rather than cut them

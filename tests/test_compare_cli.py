@@ -99,3 +99,16 @@ def test_piped_output_cuts_no_figure() -> None:
     assert result.exit_code == 0, result.output
     assert "…" not in result.stdout
     assert "163,840 (20.00×)" in result.stdout and "1.60 T (199.25×)" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["a[/]", "a[b]"])
+def test_a_spec_name_is_printed_as_written_not_read_as_markup(name: str, tmp_path: Any) -> None:
+    """rich reads `[...]` in a string as markup: `compare` crashed on a spec named "a[/]" and printed
+    "a[b]" as "a"; plan's and verify's titles took the name the same way."""
+    spec = tmp_path / "named.yaml"
+    spec.write_text(f'name: "{name}"\nvocab_size: 1024\nd_model: 256\nn_layers: 2\n'
+                    "attention: {kind: mha, n_heads: 4}\nffn: {kind: glu, d_ff: 512}\n")
+    for args in (["compare", str(spec), "gpt2"], ["plan", str(spec), "--gpus", "8", "--tokens", "1B"],
+                 ["verify", str(spec), "--no-cpu-check", "--no-backward"]):
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and name in result.output, (args, result.output[-500:])

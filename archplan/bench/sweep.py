@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
@@ -289,7 +290,7 @@ def render(results: list[SweepResult], console: Console | None = None) -> None:
     for r in results:
         layers = (f"{r.built_layers} of {r.full_layers} layers built" if r.built_layers < r.full_layers
                   else f"{r.built_layers} layers")
-        table = Table(title=f"{r.name} on {r.device}, {r.dtype}, batch {r.config.batch}, {layers}, "
+        table = Table(title=f"{escape(r.name)} on {r.device}, {r.dtype}, batch {r.config.batch}, {layers}, "
                             f"{count(r.params)} params, SDPA {r.config.attn_backend}")
         for col in ("seq", "prefill", "analytic", "tokens/s", "peak memory", "analytic memory"):
             table.add_column(col, justify="right")

@@ -213,7 +213,7 @@ def _render(result: object, name: str) -> None:
     assert isinstance(result, BenchResult)
     console = Console()
     cfg = result.config
-    title = f"{name} on {result.device}, {result.dtype}, batch {cfg.batch} × seq {cfg.seq}"
+    title = f"{escape(name)} on {result.device}, {result.dtype}, batch {cfg.batch} × seq {cfg.seq}"
     table = Table(title=title, show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")

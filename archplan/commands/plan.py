@@ -827,7 +827,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     net, settings = result.net, result.settings
     fixed = f"; fixed: {result.fixed.spec}" if result.fixed.given else ""
     console.print(
-        f"[bold]Cluster layouts[/] for {spec.name} on {result.gpus} × {result.gpu.name} "
+        f"[bold]Cluster layouts[/] for {escape(spec.name)} on {result.gpus} × {result.gpu.name} "
         f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "
         f"seq {result.seq:,}; links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} "
         f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")

@@ -337,7 +337,7 @@ def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: 
 
 def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
     lines = _lines(result, aggregate)
-    title = f"archplan verify — {result.name} (batch {result.batch}, seq {result.seq_len})"
+    title = f"archplan verify — {escape(result.name)} (batch {result.batch}, seq {result.seq_len})"
     table = _check_table(result, lines, title, params=True, flops=True)
     if table_width(table) <= console.width:
         console.print(table)

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
@@ -78,7 +79,7 @@ def _check_host_memory(plan: ModelPlan, layout: Layout, seq: int, microbatches: 
 
 
 def render(r: DistBench) -> None:
-    table = Table(title=f"{r.name}: {r.layout} on {r.world} {r.device} processes ({r.backend}), seq {r.seq}, "
+    table = Table(title=f"{escape(r.name)}: {r.layout} on {r.world} {r.device} processes ({r.backend}), seq {r.seq}, "
                         f"{things(r.microbatches, 'micro-batch')}")
     table.add_column("figure")
     table.add_column("value", justify="right")

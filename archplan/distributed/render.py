@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout, units
@@ -39,7 +40,7 @@ def render(result: LayoutCheck, console: Console) -> None:
     m = result.measured
     schedule = schedule_name(m.layout)
     micro = units.things(m.microbatches, "micro-batch")
-    console.print(f"[bold]archplan verify --layout[/bold] — {result.name}: {m.layout.label}, {m.layout.world:,} ranks "
+    console.print(f"[bold]archplan verify --layout[/bold] — {escape(result.name)}: {m.layout.label}, {m.layout.world:,} ranks "
                   f"(fake process group), seq {m.seq}, {micro}; measured rank {m.rank} = "
                   f"pipeline stage {m.stage} (layers {_spans(m.layers)}), {m.in_flight} in flight ({schedule})"
                   if m.layers else f"stage {m.stage}")

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import asdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
@@ -49,7 +50,7 @@ def _mark(ok: bool | None) -> str:
 
 def render(r: TrainBench) -> None:
     step = statistics.median(r.step_seconds)
-    table = Table(title=f"{r.name} training step on {r.device}, {r.dtype}, batch {r.batch} × seq {r.seq}, "
+    table = Table(title=f"{escape(r.name)} training step on {r.device}, {r.dtype}, batch {r.batch} × seq {r.seq}, "
                         f"recompute {r.recompute}: {1e3 * step:.1f} ms median")
     for col in ("figure", "analytic (size)", "measured", ""):
         table.add_column(col, justify="left" if col == "figure" else "right")
