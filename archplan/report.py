@@ -188,7 +188,11 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
 
     n_chinchilla = params.total
     optimal_tokens = TOKENS_PER_PARAM * n_chinchilla
-    tokens = opts.tokens if opts.tokens is not None else float(optimal_tokens)
+    # the run's tokens as plan prices them: --tokens, else the spec's training.tokens, else 20 a parameter
+    planned = spec.training.tokens if spec.training is not None else None
+    tokens, tokens_source = ((opts.tokens, "--tokens") if opts.tokens is not None else
+                             (float(planned), "spec training.tokens") if planned is not None else
+                             (float(optimal_tokens), f"{TOKENS_PER_PARAM} tokens/param"))
     budget = training_flops(n_chinchilla, tokens)
     laws = {}
     for key in opts.laws:
@@ -305,6 +309,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "tokens_per_param": TOKENS_PER_PARAM,
             "optimal_tokens": optimal_tokens,
             "tokens": tokens,
+            "tokens_source": tokens_source,
             "training_flops": budget,
             "laws": laws,
             "gpu": gpu,

@@ -440,3 +440,26 @@ def test_plots_name_the_training_dtypes(tmp_path: Path, monkeypatch: pytest.Monk
         result = runner.invoke(app, [*argv, *args, "--plot", str(tmp_path / "f.png")])
         assert result.exit_code == 0, result.output
     assert sum("activations bf16, residual stream fp32" in t for t in titles) == 2, titles
+
+
+def test_size_prices_the_specs_planned_tokens_as_plan_and_lint_do(tmp_path: Path) -> None:
+    """A spec's training.tokens is the run's D, as plan prices it and lint's AP014 reads it: size
+    used 20 tokens a parameter unless --tokens was given."""
+    spec = tmp_path / "planned.yaml"
+    spec.write_text("name: planned\nvocab_size: 32000\nd_model: 1024\nn_layers: 8\nmax_seq_len: 2048\n"
+                    "attention: {kind: gqa, n_heads: 16, n_kv_heads: 4}\nffn: {kind: glu, d_ff: 4096}\n"
+                    "training: {tokens: 3e10}\n")
+
+    def chinchilla(*extra: str) -> dict[str, Any]:
+        result = CliRunner().invoke(app, ["size", str(spec), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["chinchilla"]
+
+    planned = chinchilla()
+    assert planned["tokens"] == 3e10 and planned["tokens_source"] == "spec training.tokens"
+    assert planned["training_flops"] == 6 * planned["n_params"] * 3e10
+    given = chinchilla("--tokens", "1e9")
+    assert given["tokens"] == 1e9 and given["tokens_source"] == "--tokens"
+    spec.write_text(spec.read_text().replace("training: {tokens: 3e10}\n", ""))
+    default = chinchilla()
+    assert default["tokens"] == default["optimal_tokens"] and default["tokens_source"] == "20 tokens/param"

@@ -81,7 +81,8 @@ ResidualDTypeOpt = Annotated[ActDTypeChoice | None, typer.Option(
                              "activation dtype).",
     show_default=False)]
 TokensOpt = Annotated[str | None, typer.Option(
-    "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: 20 per parameter).")]
+    "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: the spec's training.tokens, else 20 per "
+    "parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
     "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...")]
 MfuOpt = Annotated[float | None, typer.Option(
