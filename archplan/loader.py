@@ -214,10 +214,25 @@ def read_text(path: Path) -> str:
 _FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", re.S)
 
 
-def _pydantic_error(exc: ValidationError, loaded: LoadedYaml, file: str) -> ArchplanError:
+class InvalidSpec(ArchplanError):
+    """A spec that does not validate: the first problem, as every command reports it, and every
+    other one pydantic found in the same pass (`others`), which `lint` reports too."""
+
+    def __init__(self, first: ArchplanError, others: list[ArchplanError]) -> None:
+        super().__init__(first.message, file=first.file, line=first.line, column=first.column, field=first.field)
+        self.others = others
+
+
+def _pydantic_errors(exc: ValidationError, loaded: LoadedYaml, file: str) -> InvalidSpec:
     # A misspelt key also makes its intended field "missing": report the typo, it explains both.
     errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
-    err = errors[0]
+    typo_parents = {tuple(e["loc"][:-1]) for e in errors if e["type"] == "extra_forbidden"}
+    shown = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"][:-1]) in typo_parents)]
+    first, *others = (_pydantic_error(err, loaded, file) for err in shown or errors)
+    return InvalidSpec(first, others)
+
+
+def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
     loc = tuple(err["loc"])
     # pydantic inserts the discriminator tag (e.g. 'gqa') into the path; the YAML has no such key
     yaml_path = tuple(p for p in loc if p in _path_keys(loaded, loc))
@@ -363,7 +378,7 @@ def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        raise _pydantic_error(exc, loaded, file) from None
+        raise _pydantic_errors(exc, loaded, file) from None
 
 
 def preset_names() -> list[str]:

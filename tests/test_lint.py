@@ -393,3 +393,16 @@ def test_lint_never_imports_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["summary"]["error"] > 0
+
+
+def test_every_validation_problem_of_a_file_in_one_run() -> None:
+    """A CI gate fixed one validation error a run: lint reported only the first of them."""
+    text = ("name: multi\nvocab_size: 32001\nd_model: 1024\nn_layers: 4\nmax_seq_len: 2048\n"
+            "attention: {kind: gqa, n_heads: 16, n_kv_heads: 5}\n"
+            "moe:\n  n_experts: 4\n  top_k: 8\n  expert: {kind: glu, d_ff: 1000}\nfoo: 1\n")
+    found = {(f.code, f.line) for f in lint_text(text, "multi.yaml")}
+    assert found == {("AP003", 6), ("AP006", 9), ("AP002", 11)}
+    # a misspelt key is one finding, not also its "missing" field
+    typo = lint_text("name: x\nvocab_size: 100\nd_modl: 64\nn_layers: 2\nattention: {kind: mha, n_heads: 4}\n"
+                     "ffn: {kind: glu, d_ff: 128}\n", "typo.yaml")
+    assert [(f.code, f.field) for f in typo] == [("AP002", "d_modl")]

@@ -276,7 +276,10 @@ def lint_text(text: str, file: str, rules: Sequence[Rule] = RULES) -> list[Findi
     try:
         spec = spec_from_data(loaded, file)
     except ArchplanError as error:
-        return _invalid_spec(error, loaded, file, rules)
+        # every problem of the validation pass, not one a run; the rules on a valid spec (AP004 on)
+        # wait for it to validate
+        return [finding for each in (error, *getattr(error, "others", ()))
+                for finding in _invalid_spec(each, loaded, file, rules)]
     ctx = SpecContext(spec, loaded)
     findings: list[Finding] = []
     for rule in rules:
