@@ -12,7 +12,7 @@ from typing import Any, Literal
 from typing_extensions import assert_never
 
 from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
-from archplan.analytic import training_flops_per_token
+from archplan.analytic import training_flops_per_sequence
 from archplan.analytic.memory import (
     BYTES_PER_PARAM,
     INFERENCE_DTYPES,
@@ -174,9 +174,11 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
         plan.check_length(length, option)
 
     fwd = forward_flops(plan, seq_len=seq, batch=1)
-    training = {att: training_flops_per_token(plan, seq, attention=att, recompute="none")
+    # exact per token, as the forward's figures are (an integer where the total divides)
+    training = {att: _per_token(training_flops_per_sequence(plan, seq, attention=att, recompute="none"), seq)
                 for att in ("full", "causal")}
-    hardware = training_flops_per_token(plan, seq, attention=opts.attention, recompute=opts.recompute)
+    hardware = _per_token(training_flops_per_sequence(plan, seq, attention=opts.attention, recompute=opts.recompute),
+                          seq)
     kv = kv_cache(plan, context=context, batch=opts.batch, dtype_bytes=BYTES[opts.kv_dtype])
 
     weights = {dtype.value: weights_bytes(params, dtype) for dtype in INFERENCE_DTYPES}

@@ -10,6 +10,7 @@ from archplan.analytic.flops import (
     decode_flops,
     decode_flops_per_token,
     forward_flops,
+    training_flops_per_sequence,
     training_flops_per_token,
 )
 from archplan.analytic.kv import KVCache, kv_cache
@@ -35,6 +36,7 @@ __all__ = [
     "decode_flops_per_token",
     "forward_flops",
     "kv_cache",
+    "training_flops_per_sequence",
     "training_flops_per_token",
     "ActivationMemory",
     "ModelStates",

@@ -291,7 +291,18 @@ def training_flops_per_token(
     attention: AttentionConvention = "full",
     recompute: Recompute = "none",
 ) -> int:
-    """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B), per token.
+    """`training_flops_per_sequence` per token, rounded half up to an integer."""
+    return _per_token(training_flops_per_sequence(plan, seq_len, attention, recompute), seq_len)
+
+
+def training_flops_per_sequence(
+    plan: ModelPlan,
+    seq_len: int,
+    attention: AttentionConvention = "full",
+    recompute: Recompute = "none",
+) -> int:
+    """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B) of one
+    sequence; FFT mixers' backward is their own count (`ForwardFlops.training`).
 
     Full recompute re-runs every forward (+1 forward); selective recompute re-runs only the attention
     core, QKᵀ/softmax/AV (Korthikanti et al. 2022 §5; docs/formulas.md §2.9 item 3).
@@ -309,7 +320,7 @@ def training_flops_per_token(
             extra = forward
         case _:
             assert_never(recompute)
-    return _per_token(flops.training(attention) + extra, seq_len)
+    return flops.training(attention) + extra
 
 
 @dataclass(frozen=True)
