@@ -215,8 +215,9 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "training_flops": model_flops,
             "gpu_hours": gpu_hours(model_flops, peak, opts.mfu),
             "gpu_hours_6nd": gpu_hours(budget, peak, opts.mfu),
-            "convention": "gpu_hours: model FLOPs (training FLOPs per token at --seq, no recompute) x "
-                          "tokens; gpu_hours_6nd: the 6·N_total·D budget; both at the dense bf16 peak x MFU",
+            "convention": f"gpu_hours: model FLOPs (training FLOPs per token at --seq, {opts.attention} "
+                          "attention, no recompute) x tokens; gpu_hours_6nd: the 6·N_total·D budget; both at the "
+                          "dense bf16 peak x MFU",
         }
 
     decode = decode_flops(plan, context, 1)

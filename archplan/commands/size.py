@@ -55,7 +55,8 @@ def parse_amount(text: str, option: str) -> float:
 
 
 ContextOpt = Annotated[int | None, typer.Option(
-    "--context", help="KV-cache context length (default: the spec's max_seq_len).")]
+    "--context", parser=length_option, metavar="LENGTH",
+    help="KV-cache context length, e.g. 8192 or 128k (default: the spec's max_seq_len).")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences in the KV cache.")]
 KVDtypeOpt = Annotated[DType, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
 SeqOpt = Annotated[int | None, typer.Option(
