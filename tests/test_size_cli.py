@@ -463,3 +463,14 @@ def test_size_prices_the_specs_planned_tokens_as_plan_and_lint_do(tmp_path: Path
     spec.write_text(spec.read_text().replace("training: {tokens: 3e10}\n", ""))
     default = chinchilla()
     assert default["tokens"] == default["optimal_tokens"] and default["tokens_source"] == "20 tokens/param"
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("4M", 4e6), ("15T", 15e12), ("16Mi", 16 * 2**20), ("2ki", 2048), ("1.5Gi", 1.5 * 2**30), ("1e9", 1e9),
+])
+def test_amounts_take_si_and_binary_suffixes(text: str, value: float) -> None:
+    """A batch quoted as "16M tokens" is 16·2²⁰ (2,048 × 8,192) in the papers that quote it: 16Mi
+    says so, where 16M (SI, 16·10⁶) made 1,953 sequences of 8,192."""
+    from archplan.commands.size import parse_amount
+
+    assert parse_amount(text, "--tokens") == value

@@ -968,7 +968,9 @@ def register(app: typer.Typer) -> None:
                                          "gb300, mi300x, ...",
                                          rich_help_panel=LAYOUT_PANEL)] = "h100",
         global_batch_tokens: Annotated[str, typer.Option(
-            "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M.", rich_help_panel=LAYOUT_PANEL)] = "4M",
+            "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M (SI: 4·10⁶) or 16Mi (binary: "
+            "16·2²⁰, Llama 3's 2,048 sequences of 8,192); rounded to whole sequences of --seq.",
+            rich_help_panel=LAYOUT_PANEL)] = "4M",
         layout: Annotated[str | None, typer.Option(
             "--layout", help="Fix layout fields, e.g. tp=8,pp=16,vpp=2 (fields: tp cp pp vpp dp ep zero recompute "
             "mb sp; any subset; the rest is searched; all but vpp/sp given = exactly that layout); group=N sets the "

@@ -42,16 +42,20 @@ class AttentionChoice(str, Enum):
     causal = "causal"
 
 
-_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
-_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgtp]?)\s*$", re.IGNORECASE)
+# SI by default (a 15T-token dataset is 15·10¹²); Ki, Mi, Gi, Ti binary, for batches quoted in
+# powers of two (Llama 3's "16M tokens" a step is 2,048 × 8,192 = 16·2²⁰, i.e. 16Mi)
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15,
+           "ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
+_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgtp]|[kmgt]i)?\s*$", re.IGNORECASE)
 
 
 def parse_amount(text: str, option: str) -> float:
-    """'15T', '1.4e12', '300B' -> a float (SI suffixes K M B/G T P)."""
+    """'15T', '1.4e12', '300B' -> a float (SI suffixes K M B/G T P); '16Mi' = 16·2²⁰ (Ki Mi Gi Ti)."""
     match = _AMOUNT.match(text)
     if match is None:
-        raise ArchplanError(f"expected a number such as 1.4e12 or 15T, got {text!r}", field=option)
-    return float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+        raise ArchplanError(f"expected a number such as 1.4e12, 15T (SI) or 16Mi (binary), got {text!r}",
+                            field=option)
+    return float(match.group(1)) * _SUFFIX[(match.group(2) or "").lower()]
 
 
 ContextOpt = Annotated[int | None, typer.Option(
