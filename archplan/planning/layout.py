@@ -41,6 +41,7 @@ from typing import get_args
 
 from archplan.analytic.memory import RECOMPUTE_MODES, Recompute
 from archplan.errors import ArchplanError
+from archplan.units import things
 
 INT_FIELDS: tuple[str, ...] = ("tp", "cp", "pp", "vpp", "group", "dp", "ep", "zero", "mb")
 LAYOUT_FIELDS: tuple[str, ...] = (*INT_FIELDS, "recompute", "sp")
@@ -209,7 +210,8 @@ def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_exper
     if n_experts and n_experts % layout.ep:
         return f"ep={layout.ep} does not divide the {n_experts} routed experts"
     if layout.pp * layout.vpp > n_layers + 2:
-        return f"pp·vpp = {layout.pp * layout.vpp} model chunks for {n_layers} layers"
+        return (f"pp·vpp = {layout.pp * layout.vpp} model chunks, more than the {things(n_layers, 'layer')} "
+                f"with the embedding and the head ({n_layers + 2}) can fill: a chunk holds at least one of them")
     if layout.vpp > 1 and layout.pp == 1:
         return "vpp > 1 needs pp > 1 (virtual stages interleave a pipeline)"
     if seq is not None and seq % layout.cp:
