@@ -654,7 +654,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "gpus": result.gpus,
         "gpu": result.gpu.key,
         "seq": result.seq,
-        "fixed": {k: v for k, v in result.fixed.given.items()},
+        "fixed": dict(result.fixed.chosen(result.routed).given),
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result),
                        "flash_fractions": list(result.flash_fractions)},
@@ -825,7 +825,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
 
     console = _console()
     net, settings = result.net, result.settings
-    fixed = f"; fixed: {result.fixed.spec}" if result.fixed.given else ""
+    given = result.fixed.chosen(result.routed)
+    fixed = f"; fixed: {given.spec}" if given.given else ""
     console.print(
         f"[bold]Cluster layouts[/] for {escape(spec.name)} on {result.gpus} × {result.gpu.name} "
         f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "

@@ -142,6 +142,11 @@ class PartialLayout:
         model's layout is complete without it."""
         return replace(self, ep=1) if not n_experts and self.ep is None else self
 
+    def chosen(self, routed: bool) -> PartialLayout:
+        """The fields the user fixed: a model without routed experts has its ep=1 from
+        `for_model`, not from a choice, and it is not shown as one."""
+        return self if routed else replace(self, ep=None)
+
     def complete(self) -> Layout | None:
         """The one layout this fixes, when every field is given (sp, vpp and group default to on, 1
         and the engine's rounds, `round_size`; `for_model` gives a dense model its ep)."""

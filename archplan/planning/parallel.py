@@ -775,8 +775,7 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
              fixed: PartialLayout, broken: str | None, *, by_user: bool) -> str:
     """Why no layout exists: the first rule a completion of the given fields broke, else the
     search's own rules, each as the search holds it (a given degree is not held to them)."""
-    # a dense model's ep=1 is the model's, not a choice the user made (`PartialLayout.for_model`)
-    chosen = fixed if plan.routed else replace(fixed, ep=None)
+    chosen = fixed.chosen(plan.routed)
     where = "--layout: " if by_user else ""
     given = f" with {chosen.spec}" if chosen.given else ""
     if broken is not None:
