@@ -123,6 +123,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "process peak RSS since the run began (VmHWM)"
+                    return int(line.split()[1]) * 1024, "process peak RSS since the model was built (VmHWM)"
     # ru_maxrss is KiB on Linux: the process's lifetime high-water mark, torch import included.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (ru_maxrss)"

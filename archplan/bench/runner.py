@@ -218,17 +218,19 @@ def kinds(plan: ModelPlan) -> dict[str, int]:
 def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
     """What a bench run holds: weights, the cache, logits and a few activations of width D; under
     SDPA's math kernel also one layer's T × T scores and their softmax per head, which it builds
-    whole (the fused kernels work in tiles)."""
+    whole (the fused kernels work in tiles). At least the build's fp32 weights (`build_model`
+    initialises in fp32 and casts), which a 16-bit run needs before it runs."""
     b = nbytes(cfg.dtype)
     tokens = cfg.batch * cfg.seq
-    weights = count_params(plan).total * b
-    cache = kv_cache(plan, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes
+    params = count_params(plan).total
+    weights = params * b
+    cache = kv_cache(plan, cfg.seq + cache_steps(cfg.decode_tokens), cfg.batch, b).bytes
     logits = tokens * plan.vocab_size * b
     activations = 16 * tokens * plan.d_model * b
     heads = max((layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))),
                 default=0)
     scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * b if cfg.attn_backend == "math" else 0
-    return int(weights + cache + logits + activations + scores)
+    return int(max(weights + cache + logits + activations + scores, params * nbytes(DType.fp32)))
 
 
 def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str = "bench") -> None:
@@ -405,8 +407,9 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     b = nbytes(cfg.dtype)
 
     torch.manual_seed(0)
-    reset_peak_memory(device)
     model = build_model(built, device=device.type, dtype=torch_dtype).eval()
+    # the peak is the run's: the build initialises in fp32 and casts, a transient no run holds
+    reset_peak_memory(device)
     forward = torch.compile(model) if cfg.compile else model
     tokens = torch.randint(0, plan.vocab_size, (cfg.batch, cfg.seq), device=device)
 
@@ -435,7 +438,9 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     recorded, rates = calibrated if calibrated is not None else (None, None)
     prefill_s = extrapolation.scale() if extrapolation else timing.median
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
-    analytic_mem = int(count_params(built).total * b + kv_cache(built, cfg.seq + cfg.decode_tokens, cfg.batch, b).bytes)
+    # the weights, and the decode cache as `_decode` allocates it (none for a prefill-only run)
+    cache = kv_cache(built, cfg.seq + cache_steps(cfg.decode_tokens), cfg.batch, b).bytes if cfg.decode_tokens else 0
+    analytic_mem = int(count_params(built).total * b + cache)
     decode_model = predicted_decode = None
     if recorded is not None and rates is not None:
         # after the recorded step, the timed steps attend seq + 2 … seq + decode_tokens + 1 keys:
@@ -467,7 +472,7 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
     if cfg.decode_tokens == 0:
         return None, None, None, peak_memory(device)
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
-        cache = model.new_cache(cfg.batch, cfg.seq + cfg.decode_tokens + 1)  # type: ignore[operator]
+        cache = model.new_cache(cfg.batch, cfg.seq + cache_steps(cfg.decode_tokens))  # type: ignore[operator]
         prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
         state = {"token": model(prompt, cache=cache)[:, -1:].argmax(-1)}
 
