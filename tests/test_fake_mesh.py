@@ -45,3 +45,18 @@ def test_member_groups_are_torchs(fake_world: None, monkeypatch: pytest.MonkeyPa
         torchs, all_created = _groups(layout, rank)
     assert ours == torchs
     assert created < all_created  # the groups not holding the rank were not made
+
+
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_a_given_round_size_is_refused_where_torch_sets_its_own(command: str) -> None:
+    """torch's ScheduleInterleaved1F1B has no round size to set: verify and bench ran their own
+    rounds while their analytic side priced the given group=N (a ✗ at group=4)."""
+    from archplan.distributed.render import given_layout
+    from archplan.errors import ArchplanError
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    plan = resolve(load_spec("llama-3-8b"))
+    with pytest.raises(ArchplanError, match=r"group=4: .* ScheduleInterleaved1F1B"):
+        given_layout(plan, "tp=1,cp=1,pp=2,vpp=2,group=4,dp=1,ep=1,zero=1,recompute=none,mb=1", 64, command)
+    assert given_layout(plan, "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=1,recompute=none,mb=1", 64, command).vpp == 2

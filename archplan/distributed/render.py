@@ -76,6 +76,12 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
     if layout is None:
         raise ArchplanError(f"--layout: {command} needs every field (tp, cp, pp, dp, zero, recompute, mb; ep "
                             "for a model with routed experts)")
+    if layout.group:
+        # torch's interleaved schedule has no round size to set: a given one would price a schedule
+        # the run does not execute
+        raise ArchplanError(f"--layout: group={layout.group}: {command} runs torch's ScheduleInterleaved1F1B, "
+                            "which sets its own rounds (max(1, m div pp) of them); drop group= (plan prices a "
+                            "given one)")
     check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts,
                  seq=seq)
     # plan's own bounds (its --gpus, size's --micro-batch): the fake process group takes a 32-bit size
