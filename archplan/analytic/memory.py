@@ -347,7 +347,7 @@ def ssd_unit_bytes(m: Mamba2Plan, seq: int, act: int, contraction: int) -> int:
 
 
 def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: Recompute,
-                 kernel: AttentionKernel, dropout: bool, ssd: SSDKernel = "mamba_ssm") -> int:
+                 kernel: AttentionKernel, dropout: bool, ssd: SSDKernel = "mamba_ssm", autocast: bool = False) -> int:
     tokens = s * b
     match mixer:
         case AttentionPlan():
@@ -379,7 +379,7 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             unit = b * ssd_unit_bytes(mixer, s, act, act) if ssd == "torch" else 0
             return act * tokens * width + 2 * 4 * tokens * mixer.n_heads + unit
         case S4Plan():
-            return s4_activation_bytes(mixer, h, b, s, act)
+            return s4_activation_bytes(mixer, h, b, s, act, autocast)
         case HyenaPlan():
             return hyena_activation_bytes(mixer, h, b, s, act)
         case StripedHyenaPlan():
@@ -418,13 +418,13 @@ def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_sha
 
 
 def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, recompute: Recompute,
-                 kernel: AttentionKernel, dropout: bool, res: int, ssd: SSDKernel) -> dict[str, int]:
+                 kernel: AttentionKernel, dropout: bool, res: int, ssd: SSDKernel, autocast: bool) -> dict[str, int]:
     h = plan.d_model
     tokens = s * b
     # norm inputs: the residual stream, but for the post-sublayer norms (sandwich, reordered), which
     # normalise a sublayer's output
     out = {f"{layer.path}.{name}": (act if name.startswith("post_") else res) * tokens * h for name in layer.norms}
-    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, ssd)
+    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, ssd, autocast)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
         out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act)
@@ -455,7 +455,8 @@ def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
                       dropout: bool = False, activation_dtype: DType | str = DType.bf16,
                       attention_kernel: AttentionKernel = "eager",
-                      residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm") -> ActivationMemory:
+                      residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm",
+                      autocast: bool = False) -> ActivationMemory:
     """Activations of one micro-batch, per saved tensor (Korthikanti et al. 2022 §4.1 generalised).
 
     `dropout=True` adds Korthikanti's dropout masks and outputs; with it a GPT layer (MHA, LayerNorm,
@@ -469,6 +470,9 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `ssd`: what a Mamba-2
     layer keeps, mamba_ssm's kernels' tensors (`size`) or archplan's torch unit's
     (`ssd_unit_bytes`, its contractions in the activation dtype as under autocast: `bench --train`).
+    `autocast`: the step runs under torch.autocast (`bench --train` in bf16), whose matmuls keep
+    their 16-bit casts where S4's kernel generation multiplies in fp32 otherwise
+    (`s4_kernel_activation_bytes`); engines that cast the weights (Megatron, FSDP2) run it in fp32.
     """
     s, b, h = seq_len, micro_batch, plan.d_model
     act = int(BYTES[DType(activation_dtype)])
@@ -483,7 +487,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     core_backward = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added
     for layer in plan.layers:
-        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd)
+        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd, autocast)
         block_input = res * tokens * h if recompute == "full" else 0
         core_backward = max(core_backward, _attention_backward_bytes(
             layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
@@ -492,7 +496,8 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
                 kept = {layer.path: block_input}  # only the block input is kept
                 working_set = max(working_set, sum(full.values()))
             case "selective":
-                kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd)
+                kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd,
+                                    autocast)
             case "none":
                 kept = full
             case _:
@@ -560,7 +565,8 @@ def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_l
                     recompute: Recompute = "none", zero_stage: int = 0, dp: int = 1,
                     activation_dtype: DType | str = DType.bf16,
                     attention_kernel: AttentionKernel = "eager",
-                    residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm") -> TrainingMemory:
+                    residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm",
+                    autocast: bool = False) -> TrainingMemory:
     """Model states over all unique parameters (every expert has weights, grads and Adam states)
     plus the peak of one micro-batch of `seq_len` tokens per sequence through the step. The step's
     temporary spans the parameters whose optimizer states this rank holds (ZeRO stage >= 1 shards
@@ -573,7 +579,7 @@ def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_l
         states=states,
         activations=activation_memory(plan, micro_batch, seq_len, recompute,
                                       activation_dtype=activation_dtype, attention_kernel=attention_kernel,
-                                      residual_dtype=residual_dtype, ssd=ssd),
+                                      residual_dtype=residual_dtype, ssd=ssd, autocast=autocast),
         tied_grad_sum=TIED_GRAD_COPIES * TIED_GRAD_BYTES * plan.vocab_size * plan.d_model if plan.tied else 0,
         optimizer_step=states.adam_v * ADAM_STEP_TEMP_BYTES // ADAM_VARIANCE_BYTES,
     )

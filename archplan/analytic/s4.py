@@ -142,10 +142,50 @@ def s4_state_fp32_elements(m: S4Plan, d_model: int) -> int:
     return d_model * m.d_state
 
 
-def s4_activation_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int) -> int:
-    """Saved for the backward (our estimate of eager autograd): the layer input and its fp32 copy,
-    both spectra (complex64, n/2 + 1 bins), the conv output, GELU input and output, GLU input (2H)."""
+def s4_activation_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int,
+                        autocast: bool = False) -> int:
+    """Saved for the backward (our count of eager autograd): the layer input and its fp32 copy,
+    both spectra (complex64, n/2 + 1 bins), the conv output, GELU input and output, GLU input (2H);
+    and S4's kernel generation (`s4_kernel_activation_bytes`), once a micro-batch whatever its size."""
     h, tokens = d_model, batch * seq_len
     bins = fft_length(seq_len) // 2 + 1
     spectra = 8 * (batch * h + h) * bins
-    return act_bytes * tokens * (h + h + h + 2 * h) + 4 * tokens * h + spectra
+    kernel = s4_kernel_activation_bytes(m, h, seq_len, autocast) if m.dplr else 0
+    return act_bytes * tokens * (h + h + h + 2 * h) + 4 * tokens * h + spectra + kernel
+
+
+def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
+    """What S4's (DPLR) kernel generation keeps for the backward, per channel H of d_model, with
+    N = 2·M real rows for its M complex modes (`S4Mixer._dplr_basis`, `_discrete`). S4D's kernel
+    is one autograd unit keeping only its inputs (`_S4DKernel`): nothing here.
+
+    - C's gradient reads the basis [Re; Im] Ā^l·B̄, l < T: H·N·T values, as the matmul saw them
+      (fp32, as `_per_channel` casts the SSM's tensors; their bf16 casts under autocast). With
+      `ssm_buffers` only C trains, and that is all.
+    - Otherwise the doubling's steps keep their operands: each step multiplies Ā^(2^k) (H, N, N) by
+      the basis so far. In fp32 the operand is a view of the whole basis built so far (its storage:
+      Σ cols before each step); under autocast it is its bf16 cast, of the columns read (Σ need).
+    - The Woodbury discretisation (`_discrete`) keeps 11 complex64 and 3 fp32 (H, M) tensors and
+      6 complex64 and 3 fp32 values per channel: 100·M + 60 bytes; beside it Ā = diag + q·rᵀ
+      (`_Discrete.dense`) and C's row keep 16·M in fp32, 12·M under autocast, which also casts the
+      (H, N, N) block twice more once a step squares it (16·M²).
+    Counted by tracing autograd's saved tensors, for T ≥ 2 (tests/test_modules_s4.py holds the sum
+    exactly over widths, modes, lengths and both dtypes)."""
+    h, modes, t = d_model, m.modes, seq_len
+    n = 2 * modes
+    act_bytes = 2 if autocast else 4
+    basis = act_bytes * h * n * t
+    if m.ssm_buffers:
+        return basis
+    fp32 = not autocast
+    cols, steps, kept = 1, 0, 0
+    while cols < t:
+        need = min(cols, t - cols)
+        kept += cols if fp32 else need
+        cols += need
+        steps += 1
+    doubling = act_bytes * h * n * kept + act_bytes * h * n * n * steps
+    # autocast's bf16 casts of the (H, N, N) block: two beside the steps' own once it is squared
+    squared = 16 * modes * modes if steps >= 2 else 0
+    discrete = h * (100 * modes + 60) + h * (16 * modes if fp32 else 12 * modes + squared)
+    return basis + doubling + discrete

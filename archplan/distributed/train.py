@@ -128,7 +128,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
 
     def step_bytes(built: ModelPlan, batch: int, seq: int) -> TrainingMemory:
         return training_memory(built, count_params(built), batch, seq, recompute, activation_dtype=dtype,
-                               attention_kernel=kernel, residual_dtype="fp32", ssd="torch")
+                               attention_kernel=kernel, residual_dtype="fp32", ssd="torch", autocast=dtype == "bf16")
 
     refuse_unless_fits(plan, lambda built, b, s: step_bytes(built, b, s).total, batch, seq, device=dev.type,
                        free=free_memory(dev), run="--train", priced="size's training memory")
