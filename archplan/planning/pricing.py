@@ -248,7 +248,8 @@ class StepTime:
 
     @property
     def total(self) -> float:
-        return self.compute + self.exposed + self.optimizer
+        return (self.compute + self.tp + self.cp + self.ep + self.pp_p2p + self.bubble + self.dp
+                + self.optimizer)
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in (
