@@ -30,6 +30,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
     if dtype not in ("bf16", "fp32"):
         raise ArchplanError(f"--train --dtype {dtype}: training runs fp32 weights with bf16 autocast or plain fp32")
     plan = resolve(load_spec(spec))
+    in_spec = plan.n_layers
     if layers is not None:
         plan = truncate(plan, layers)  # the truncated model itself is compared, not extrapolated
     plan.check_length(seq, "--seq")
@@ -38,9 +39,10 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
         result = train_bench(plan, device=device, dtype=dtype, batch=batch, seq=seq,
                              recompute=recompute, iters=iters)  # type: ignore[arg-type]
     if as_json:
-        echo(jsonout.dumps({**asdict(result), "ok": result.ok}, indent=2))
+        echo(jsonout.dumps({**asdict(result), "layers_built": plan.n_layers, "layers_in_spec": in_spec,
+                            "ok": result.ok}, indent=2))
     else:
-        render(result)
+        render(result, plan.n_layers, in_spec)
     return result.ok
 
 
@@ -48,10 +50,12 @@ def _mark(ok: bool | None) -> str:
     return "" if ok is None else OK if ok else BAD
 
 
-def render(r: TrainBench) -> None:
+def render(r: TrainBench, built: int, in_spec: int) -> None:
     step = statistics.median(r.step_seconds)
-    table = Table(title=f"{escape(r.name)} training step on {r.device}, {r.dtype}, batch {r.batch} × seq {r.seq}, "
-                        f"recompute {r.recompute}: {1e3 * step:.1f} ms median")
+    # --layers K builds and compares the truncated model; its figures are not the spec's
+    layers = f" ({built} of its {in_spec} layers, as built)" if built < in_spec else ""
+    table = Table(title=f"{escape(r.name)}{layers} training step on {r.device}, {r.dtype}, batch {r.batch} × seq "
+                        f"{r.seq}, recompute {r.recompute}: {1e3 * step:.1f} ms median")
     for col in ("figure", "analytic (size)", "measured", ""):
         table.add_column(col, justify="left" if col == "figure" else "right")
     m = r.measured
@@ -69,5 +73,7 @@ def render(r: TrainBench) -> None:
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
     ssd = ", Mamba-2 as archplan's SSD unit keeps it (not mamba_ssm's kernels)" if r.ssd_unit else ""
+    residual = (", the residual stream in fp32 and S4's kernel in autocast's casts (size --residual-dtype fp32)"
+                if r.dtype == "bf16" else "")
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
-                    f"{r.attention_kernel}{ssd}; GiB = 2^30 B")
+                    f"{r.attention_kernel}{residual}{ssd}; GiB = 2^30 B")
