@@ -61,6 +61,11 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"archplan.commands.{_name}").register(app)
 
 
+# what makes a real tensor smaller, by the command that built it (its own options)
+SMALLER = {"verify": "a smaller --seq or --batch (with --layout, a smaller mb)",
+           "bench": "a smaller --seq or --batch, or --layers K (with --layout, a smaller mb)"}
+
+
 def _is_program() -> bool:
     """True when this process runs the CLI as its program (the console script, `python -m
     archplan.cli`, `python -c "...; main()"`), not when a caller such as a test imports `main`."""
@@ -111,8 +116,10 @@ def _main() -> None:
         # device can allocate: verify and bench build real tensors of the user's --seq and --batch)
         if debug or not _is_tensor_size_error(exc):
             raise
+        command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+        fix = SMALLER.get(command, "smaller sizes")
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
-                   "give a smaller --seq, --batch or mb, or --layers", err=True)
+                   f"give {fix}", err=True)
         sys.exit(2)
     except ReaderGone:
         # the reader stopped early (`| head`): what it took was all it wanted (`archplan.console`).

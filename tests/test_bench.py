@@ -372,7 +372,7 @@ LAYOUT = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1"
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--layout", LAYOUT, "--batch", "4"], "--batch does not apply to --layout"),
-    (["--layout", LAYOUT, "--train"], "--train does not apply to --layout"),
+    (["--layout", LAYOUT, "--train"], "--train and --layout are two modes of this command; give one"),
     (["--train", "--compile"], "--compile does not apply to --train"),
     (["--nproc", "2"], "--nproc does not apply to prefill and decode (it is read by --layout)"),
     (["--seq", "64,128", "--decode-tokens", "3"], "--decode-tokens does not apply to a --seq sweep"),

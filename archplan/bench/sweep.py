@@ -270,7 +270,9 @@ def run_sweeps(plans: list[ModelPlan], cfg: SweepConfig, console: Console | None
                peak: DevicePeak | None = None) -> list[SweepResult]:
     """Every plan over the same lengths, against one device calibration (`peak`, or made now)."""
     if len(cfg.lengths) < 2:
-        raise ArchplanError("a sweep needs at least two lengths", field="--seq")
+        # several specs, or --plot, make a sweep: one length would draw points, not curves
+        raise ArchplanError("several specs or --plot run a sweep, which needs at least two lengths "
+                            "(e.g. --seq 1k,2k,4k); bench one spec at a time for prefill and decode", field="--seq")
     if cfg.dtype not in TORCH_DTYPES:
         raise ArchplanError(f"--dtype {cfg.dtype.value}: bench runs fp32, bf16 or fp16")
     peak = peak or device_peak(resolve_device(cfg.device), cfg.dtype)

@@ -53,11 +53,14 @@ def refuse_foreign_options(ctx: typer.Context, mode: str, modes: Mapping[str, fr
         # by name: typer may carry its own copy of click's ParameterSource
         source = ctx.get_parameter_source(param.name)
         if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            owners = " and ".join(m for m, names in modes.items() if param.name in names)
+            owners = [m for m, names in modes.items() if param.name in names]
             # a --x/--no-x flag set false was given as --no-x: name the flag the user wrote
             secondary = getattr(param, "secondary_opts", None)
             flag = secondary[0] if secondary and ctx.params.get(param.name) is False else param.opts[0]
-            raise ArchplanError(f"{flag} does not apply to {mode} (it is read by {owners}); drop it")
+            if flag in modes:  # the option chooses a mode itself (bench --train with --layout)
+                raise ArchplanError(f"{flag} and {mode} are two modes of this command; give one")
+            read_by = ", ".join(owners[:-1]) + (" and " if len(owners) > 1 else "") + owners[-1]
+            raise ArchplanError(f"{flag} does not apply to {mode} (it is read by {read_by}); drop it")
 
 
 def refuse_force_without_plot(force: bool, plot: str | None) -> None:
