@@ -1094,3 +1094,29 @@ def test_every_help_example_that_needs_no_file_of_the_users_runs(
         assert code == 0, (example, err)
         ran += 1
     assert ran == len(examples) - 1
+
+
+def test_solve_json_keys_are_all_in_the_docs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Any) -> None:
+    """docs/plan.md lists the solve mode's `--json` keys, as it lists the budget's and the layout
+    search's (docs/json.md points there, "one list per mode"; the solve's was missing)."""
+    partial = tmp_path / "partial.yaml"
+    partial.write_text((PRESETS_DIR / "llama-3-8b.yaml").read_text().replace("d_ff: 14336", "d_ff: solve"))
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(partial), "--total", "8030261248", "--json")
+    printed = json.loads(out)
+    docs = (Path(__file__).parents[1] / "docs" / "plan.md").read_text()
+    start = docs.index('`--json` prints `mode` ("solve")')
+    paragraph = docs[start:docs.index("\n\n", start)]
+    named = {name for quoted in re.findall(r"`([^`]+)`", paragraph) for name in re.findall(r"[a-z_0-9]+", quoted)}
+    assert code == 0 and set(printed) - named == set()
+    assert set(printed["candidates"][0]) - named == set()
+
+
+@pytest.mark.parametrize("args", [("--compute", "1e22", "--force"), ("--solve", "PARTIAL", "--total", "8e9", "--force")])
+def test_force_with_nothing_to_write_is_refused_in_every_mode(args: tuple[str, ...], capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The layout search refused --force without --plot; the budget and the solve ignored it."""
+    partial = tmp_path / "partial.yaml"
+    partial.write_text((PRESETS_DIR / "llama-3-8b.yaml").read_text().replace("d_ff: 14336", "d_ff: solve"))
+    code, _, err = run(capsys, monkeypatch, "plan", *(str(partial) if a == "PARTIAL" else a for a in args))
+    assert code == 2 and "without either nothing is written" in err

@@ -1155,7 +1155,9 @@ def register(app: typer.Typer) -> None:
                         seq if seq is not None else DEFAULT_BUDGET_SEQ, output, force, as_json, plot)
 
 
-def _check_output(output: str | None, force: bool) -> None:
+def _check_output(output: str | None, force: bool, plot: str | None = None) -> None:
+    if force and output is None and plot is None:
+        raise ArchplanError("--force overwrites the -o spec or the --plot figure; without either nothing is written")
     if output is not None:
         check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
 
@@ -1165,7 +1167,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
                 force: bool, as_json: bool, plot: str | None) -> None:
     from archplan.planning import write_spec
 
-    _check_output(output, force)
+    _check_output(output, force, plot)
     from archplan.spec import MAX_DIM, MAX_SEQ_LEN
 
     # the generated spec's own bounds (spec.py), checked here to name the option that broke them
