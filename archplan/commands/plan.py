@@ -245,12 +245,12 @@ def _ffn_text(spec: Spec) -> str:
 def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
     from rich.table import Table
 
-    from archplan.units import count, sci
+    from archplan.units import count, sci, things
 
     console = _console()
     opt = result.optimal
     law_title = {"chinchilla": "Hoffmann et al. 2022 Approach 3 (as printed)",
-                 "epoch": "Besiroglu et al. 2024 (Epoch AI refit)",
+                 "epoch": "Besiroglu et al. 2024 (Epoch AI replication)",
                  "20x": "20 tokens per parameter (Hoffmann Table 3)"}[result.law.value]
     console.print(f"[bold]Compute-optimal allocation[/] — {law_title}; C = {sci(result.compute)} FLOPs "
                   "(C = 6·N·D; N counts every parameter, embeddings included)")
@@ -275,7 +275,7 @@ def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
     console.print(
         f"[bold]Generated spec[/] {spec.name} ({made.family.value}; target = {made.target_kind} "
         f"params {count(made.target)})\n"
-        f"  {spec.n_layers} layers × d_model {spec.d_model:,}{layout}; {heads}; {_ffn_text(spec)}; "
+        f"  {things(spec.n_layers, 'layer')} × d_model {spec.d_model:,}{layout}; {heads}; {_ffn_text(spec)}; "
         f"vocab {spec.vocab_size:,}; RoPE, pre-RMSNorm\n"
         f"  total {made.params.total:,}  active {made.params.active:,}  "
         f"({made.target_kind} {made.error:+.2%} from target; recipe shape at this size "

@@ -30,6 +30,7 @@ from typing_extensions import assert_never
 from archplan.analytic import ParamCount, count_params
 from archplan.errors import ArchplanError
 from archplan.resolve import resolve
+from archplan.units import things
 from archplan.spec import (
     MAX_LAYERS,
     GLU,
@@ -268,7 +269,9 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
     if best is None:
         raise ArchplanError(
             f"no {family.value} recipe spec within {tolerance:.0%} of {target:.3g} {kind} parameters "
-            f"at vocab {vocab} (the embeddings alone take 2·V·d; try a smaller --vocab or a larger budget)"
+            f"at vocab {vocab}: the embeddings alone take 2·V·d, and a {family.value} recipe repeats a "
+            f"period of {things(period, 'layer')}; try a larger budget, a smaller --vocab"
+            + (" or --family dense" if family is not Family.dense else "")
         )
     _, d, layers, f, l_r, d_r = best
     spec = build(family, d_model=d, n_layers=layers, width=f, vocab=vocab, seq=seq, name=name,
