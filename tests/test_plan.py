@@ -1120,3 +1120,13 @@ def test_force_with_nothing_to_write_is_refused_in_every_mode(args: tuple[str, .
     partial.write_text((PRESETS_DIR / "llama-3-8b.yaml").read_text().replace("d_ff: 14336", "d_ff: solve"))
     code, _, err = run(capsys, monkeypatch, "plan", *(str(partial) if a == "PARTIAL" else a for a in args))
     assert code == 2 and "without either nothing is written" in err
+
+
+def test_a_target_past_the_specs_limits_names_the_target_not_the_file(tmp_path: Any) -> None:
+    """--total 1e18 asks for a d_ff past the spec's bound: the error blamed the partial file's
+    line, which says `d_ff: solve`."""
+    partial = tmp_path / "partial.yaml"
+    partial.write_text((PRESETS_DIR / "llama-3-8b.yaml").read_text().replace("d_ff: 14336", "d_ff: solve"))
+    with pytest.raises(ArchplanError) as err:
+        solve(partial, Targets(total=1e18, active=None))
+    assert str(err.value).startswith("--total 1e+18 needs ffn.d_ff = ") and "which the spec refuses" in str(err.value)

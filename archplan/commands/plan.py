@@ -398,7 +398,9 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
             "[bold red]no integer solution[/] within tolerance; nearest: "
             + ", ".join(f"{k} = {v:,}" for k, v in best.values.items())
             + " ("
-            + ", ".join(f"{name} off by {best.errors[name]:+.3%}" for name, _ in result.targets.items())
+            # the count too: a miss of a few parameters reads -0.000% at any useful precision
+            + ", ".join(f"{name} off by {(best.total if name == 'total' else best.active) - target:+,.0f} "
+                        f"({best.errors[name]:+.3%})" for name, target in result.targets.items())
             + ")"
         )
     if written:

@@ -302,7 +302,15 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
         optimum = _least_squares(rows) if widths else []
         for rounded in itertools.product(*(_roundings(w, multiple) for w in optimum)):
             values = combo | dict(zip(widths, rounded))
-            spec = build(values)
+            try:
+                spec = build(values)
+            except ArchplanError as exc:
+                # the targets, not the file, ask for a size the spec refuses: name them
+                asked = " and ".join(f"--{name} {target:.4g}" for name, target in goals)
+                sizes = ", ".join(f"{dotted(p)} = {v:,}" for p, v in zip(widths, rounded))
+                first_error = first_error or ArchplanError(
+                    f"{asked} needs {sizes}, which the spec refuses ({exc.field}: {exc.message})")
+                continue
             total, active = _counts(spec)
             errors = {name: (total if name == "total" else active) / target - 1
                       for name, target in goals}
