@@ -1130,3 +1130,16 @@ def test_a_target_past_the_specs_limits_names_the_target_not_the_file(tmp_path: 
     with pytest.raises(ArchplanError) as err:
         solve(partial, Targets(total=1e18, active=None))
     assert str(err.value).startswith("--total 1e+18 needs ffn.d_ff = ") and "which the spec refuses" in str(err.value)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("deepseek-v3", "--gpus", "256", "--recompute-modules", "mla_up_proj", "--layout", "recompute=full"),
+     "and the given --layout has recompute=full"),
+    (("llama-3-8b", "--gpus", "64", "--layout", ""), "--layout: no fields given"),
+])
+def test_options_a_given_layout_makes_moot_are_refused(args: tuple[str, ...], message: str,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ran as if not given: module recompute under full recompute, and an empty --layout."""
+    code, _, err = run(capsys, monkeypatch, "plan", *args)
+    assert code == 2 and message in err

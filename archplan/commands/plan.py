@@ -1285,6 +1285,10 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
     if settings.cp_comm != "all_gather" and given.get("cp") == 1:
         raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
                             "the given --layout has cp=1")
+    if settings.recompute_modules and given.get("recompute") == "full":
+        raise ArchplanError(f"--recompute-modules {','.join(sorted(settings.recompute_modules))} re-runs modules "
+                            "under recompute none or selective, and the given --layout has recompute=full (which "
+                            "re-runs every module)")
     if settings.early_stop is not None and given.get("recompute", "full") != "full":
         raise ArchplanError(f"--{'' if settings.early_stop else 'no-'}recompute-early-stop says how full recompute "
                             f"re-runs a block, and the given --layout has recompute={given['recompute']}")
