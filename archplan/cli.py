@@ -166,6 +166,9 @@ def _usage_message(exc: Exception, argv: list[str]) -> str | None:
             suggested = [name for name in suggested if name not in hidden]
         if suggested:
             message = f"{message.rstrip('.')} (did you mean {' or '.join(suggested)}?)"
+    # typer words a bad choice as pydantic does ("Value error, 'foo' is not one of ..."): the
+    # prefix names no value the user gave
+    message = message.replace(": Value error, ", ": ")
     return f"{message.rstrip('.')}; see '{_command_path(argv)} --help'"
 
 

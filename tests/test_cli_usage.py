@@ -146,3 +146,14 @@ def test_help_cuts_nothing(command: str, columns: str) -> None:
              if not getattr(param, "hidden", False)]
     names = [name for param in shown for name in (*param.opts, *param.secondary_opts) if name.startswith("-")]
     assert names and all(name in words for name in names), sorted(set(names) - words)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("plan",), "give a budget (--compute, --params or --tokens), a spec to lay out (SPEC --gpus N)"),
+    (("plan", "llama-3-8b"), "needs --gpus N (--gpu defaults to h100)"),
+    (("size", "gpt2", "--kv-dtype", "fp4"), "Invalid value for '--kv-dtype': 'fp4' is not one of"),
+])
+def test_guidance_names_every_mode_and_no_pydantic_prefix(args: tuple[str, ...], said: str) -> None:
+    """A bare `plan` named only the budget's options; a bad choice read "Value error, 'fp4' ..."."""
+    proc = run(*args)
+    assert proc.returncode == 2 and said in proc.stderr and "Value error" not in proc.stderr, proc.stderr

@@ -1132,11 +1132,17 @@ def register(app: typer.Typer) -> None:
             if tokens is not None or gpus is not None:
                 raise ArchplanError("--solve takes --total/--active, not --tokens or --gpus")
             _run_solve(solve, total, active, tol, multiple, output, force, as_json, plot)
+        elif spec is None and compute is None and params is None and tokens is None:
+            # a bare `archplan plan`: name all three modes, not only the budget's options
+            raise ArchplanError("give a budget (--compute, --params or --tokens), a spec to lay out (SPEC --gpus N) "
+                                "or a partial spec to complete (--solve PARTIAL.yaml --total N); see 'archplan "
+                                "plan --help'")
         elif spec is not None:
             if output is not None:
                 raise ArchplanError("-o writes a generated or solved spec; the layout search writes none")
             if gpus is None:
-                raise ArchplanError("the layout search needs --gpus (and --gpu)")
+                raise ArchplanError("the layout search needs --gpus N (--gpu defaults to h100), e.g. "
+                                    f"archplan plan {spec} --gpus 1024")
             if force and plot is None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
             train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
