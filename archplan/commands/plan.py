@@ -604,8 +604,8 @@ def _efficiency_text(result: SearchResult) -> str:
                    if settings.fp8_experts else "routed experts' GEMMs at the bf16 rate, ")
         fp8 = f" ({slower}{experts}fp8 casts at HBM bandwidth)"
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
-            f"{settings.precision} peak by shape{fp8}, attention at {k.attention_fwd * fwd / 1e12:.0f}/"
-            f"{k.attention_bwd * bwd / 1e12:.0f} TFLOP/s fwd/bwd ({kernel}), elementwise "
+            f"{settings.precision} peak by shape{fp8}, attention at {k.attention_fwd * fwd / 1e12:,.0f}/"
+            f"{k.attention_bwd * bwd / 1e12:,.0f} TFLOP/s fwd/bwd ({kernel}), elementwise "
             f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
 
 
@@ -830,7 +830,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     given = result.fixed.chosen(result.routed)
     fixed = f"; fixed: {given.spec}" if given.given else ""
     console.print(
-        f"[bold]Cluster layouts[/] for {escape(spec.name)} on {result.gpus} × {result.gpu.name} "
+        f"[bold]Cluster layouts[/] for {escape(spec.name)} on {result.gpus:,} × {result.gpu.name} "
         f"({nbytes(result.usable_bytes)} usable per GPU after {percent(result.headroom)} headroom); "
         f"seq {result.seq:,}; links {net.intra_node / 1e9:g} GB/s in-node, {net.inter_node / 1e9:g} "
         f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")
