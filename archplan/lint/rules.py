@@ -337,6 +337,25 @@ def check_post_norm_depth(ctx: SpecContext) -> Iterator[Hit]:
         )
 
 
+def check_reference_counts(ctx: SpecContext) -> Iterator[Hit]:
+    """A spec that states the published counts of the model it reproduces must count them."""
+    reference = ctx.spec.reference
+    if reference is None:
+        return
+    from archplan.analytic import count_params
+
+    counts = count_params(ctx.plan)
+    for field, published, counted in (("total_params", reference.total_params, counts.total),
+                                      ("active_params", reference.active_params, counts.active)):
+        if published is not None and published != counted:
+            yield Hit(
+                ("reference", field),
+                f"the spec counts {counted:,} {field.removesuffix('_params')} parameters, the reference "
+                f"{published:,} ({counted - published:+,})",
+                "correct the sizes or the reference figure: `archplan size` breaks the count down by component",
+            )
+
+
 # ------------------------------------------------------------------------------- registry
 _NVIDIA_GEMM = (
     "NVIDIA Deep Learning Performance Guide, 'Matrix Multiplication Background' (§2.2 Tensor Core "
@@ -499,6 +518,16 @@ RULES: tuple[Rule, ...] = (
         "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture "
         "(arXiv:2002.04745); Wang et al. 2022, DeepNet (arXiv:2203.00555) Table 1",
         check_post_norm_depth,
+    ),
+    Rule(
+        "AP017", "reference-count", "error", "Parameter count differs from the spec's reference",
+        "A spec that reproduces a published model states its counts in reference.total_params and "
+        "active_params; the exact count of the spec as written must equal them, or the spec (a "
+        "head count, a width, a tied head) or the figure is wrong. Published counts are exact: "
+        "Llama-2-7B is 6,738,415,616 parameters.",
+        "Touvron et al. 2023, Llama 2 (arXiv:2307.09288); Hugging Face transformers' model classes, "
+        "whose parameter counts the presets match (docs/import.md)",
+        check_reference_counts,
     ),
 )
 
