@@ -105,7 +105,9 @@ def _params_tables(r: dict[str, Any]) -> list[_Section]:
     for kind, entry in p["by_kind"].items():
         if entry["total"] == 0:  # e.g. a tied LM head without bias
             continue
-        kinds.add_row(kind, units.count(entry["total"]), units.percent(entry["total"] / total),
+        # by_kind's embedding holds the position table too, which the summary lists apart
+        label = "embedding + position table" if kind == "embedding" and p["position_embedding"] else kind
+        kinds.add_row(label, units.count(entry["total"]), units.percent(entry["total"] / total),
                       units.count(entry["active"]), units.percent(entry["active"] / active),
                       bar(entry["total"] / total, 20))
     return [summary, kinds]
