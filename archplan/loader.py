@@ -248,7 +248,17 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
         parent = yaml_path[:-1]
         names = _valid_names(loaded, parent)
         guess = difflib.get_close_matches(str(yaml_path[-1]), names, n=1)
-        message = "unknown field" + (f"; did you mean '{guess[0]}'?" if guess else "")
+        owners = _kinds_with_field(loaded, parent, yaml_path[-1])
+        if owners:
+            # a field of another kind of the same block (n_kv_heads under kind: mha): name the kind
+            node: Any = loaded.data
+            for part in parent:
+                node = node[part] if isinstance(node, (dict, list)) else None
+            kind = node.get("kind") if isinstance(node, dict) else None
+            message = (f"not a field of kind {kind}" if kind else "not a field of this kind") + (
+                f"; {yaml_path[-1]} belongs to kind {' or '.join(owners)}")
+        else:
+            message = "unknown field" + (f"; did you mean '{guess[0]}'?" if guess else "")
         if names:
             message += f" (expected one of: {', '.join(sorted(names))})"
     elif kind == "missing":
@@ -337,6 +347,18 @@ def _valid_names(loaded: LoadedYaml, parent: tuple) -> list[str]:
     return list(models[0].model_fields) if models else []
 
 
+def _kinds_with_field(loaded: LoadedYaml, parent: tuple, name: object) -> list[str]:
+    """The kinds of the block at `parent` (a discriminated union) that have the field `name`."""
+    if not parent:
+        return []
+    models = _models_at(loaded, parent[:-1])
+    field = models[0].model_fields.get(parent[-1]) if models else None
+    if field is None:
+        return []
+    kinds = (_kind_of(m) for m in _models_in(field.annotation) if name in m.model_fields)
+    return [kind for kind in kinds if isinstance(kind, str)]
+
+
 def _models_at(loaded: LoadedYaml, path: tuple) -> list[type[BaseModel]]:
     """The models the YAML node at `path` may be: a discriminated union's members, narrowed to the
     one its `kind` names when it names one."""
@@ -407,7 +429,7 @@ def find_spec_path(name_or_path: str) -> Path:
     preset = PRESETS_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
-    guess = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+    guess = difflib.get_close_matches(name_or_path.lower(), preset_names(), n=1)
     hint = f"; did you mean preset '{guess[0]}'?" if guess else "; `archplan presets` lists the bundled ones"
     raise ArchplanError(f"no such file or preset{hint}", file=name_or_path)
 

@@ -410,3 +410,10 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
     assert_one_line_error(cli(*command, str(mine)), "file exists; pass --force to overwrite")
     assert mine.read_text() == "mine"
     assert_one_line_error(cli(*command, str(tmp_path / "none" / f"x{suffix}")), "directory does not exist")
+
+
+def test_a_field_of_another_kind_names_that_kind(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """n_kv_heads under kind: mha suggested "did you mean 'n_heads'?"; it is gqa's field."""
+    spec = spec_file(tmp_path, BASE.replace("kind: gqa", "kind: mha"))
+    assert_one_line_error(cli("size", spec), "attention.n_kv_heads: not a field of kind mha; n_kv_heads belongs to "
+                          "kind gqa")
