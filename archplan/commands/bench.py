@@ -120,7 +120,8 @@ def bench(
     force: Annotated[bool, typer.Option("--force", help="With --plot: overwrite an existing file.", metavar="")] = False,
     layout: Annotated[str | None, typer.Option(
         help="Run a cluster layout on torch.distributed, every field given (tp cp pp dp zero recompute mb; "
-             "ep with routed experts; vpp, sp optional; see the examples): timed training steps and prefill through the sharded modules (docs/distributed.md).",
+             "ep with routed experts; vpp, sp optional; see the examples): timed training steps and prefill "
+             "through the sharded modules (docs/distributed.md).",
         show_default=False)] = None,
     nproc: Annotated[int | None, typer.Option(
         min=1, help="With --layout: start this many local workers through torchrun (default: the layout's "

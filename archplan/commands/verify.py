@@ -76,10 +76,14 @@ CpuCheckOpt = Annotated[bool | None, typer.Option(
     help="Force (or skip) the real-instance checks (default: only below 50M parameters).", metavar="")]
 BackwardOpt = Annotated[bool, typer.Option(
     "--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.", metavar="")]
-AllLayersOpt = Annotated[bool, typer.Option("--all-layers", help="One row per layer even for deep models.", metavar="")]
+AllLayersOpt = Annotated[bool, typer.Option(
+    "--all-layers", metavar="",
+    help=f"One row per layer. Without it, above {AGGREGATE_ABOVE_LAYERS} layers a run of consecutive identical, "
+         "passing layers folds into one row (a hybrid's alternating layers stay one row each).")]
 LayoutOpt = Annotated[str | None, typer.Option(
     "--layout", help="Verify a cluster layout instead, every field given (tp cp pp dp zero recompute mb; ep with "
-    "routed experts; vpp, sp optional; see the example): one rank's training step at full world size on torch's fake process group, memory, collectives and "
+    "routed experts; vpp, sp optional; see the example): one rank's training step at full world size on torch's "
+    "fake process group, memory, collectives and "
     "FSDP2's copies around them and its gradient accumulation beside plan's (docs/distributed.md).",
     show_default=False)]
 MicrobatchesOpt = Annotated[int | None, typer.Option(
