@@ -1760,7 +1760,7 @@ def test_a_search_with_no_layout_to_try_is_bad_input_either_way(layout: str | No
 def test_no_split_names_the_searched_cp_floor() -> None:
     """64 GPUs at tp=2,pp=2,dp=2 need cp=8, under the search's floor of 8,192 tokens a rank: the
     error named TP, PP and DP rules that held and not that one."""
-    with pytest.raises(ArchplanError, match=r"CP ≤ 1 \(each rank keeping ≥ 8,192 .*a given cp= is not held"):
+    with pytest.raises(ArchplanError, match=r"CP = 1 \(a CP rank keeps ≥ 8,192 tokens .*a given cp= is not held"):
         search(_plan("llama-3-8b"), H100, 64, seq=8192, global_batch_tokens=4e6, net=NET,
                fixed=parse_layout("tp=2,pp=2,dp=2"))
     given = search(_plan("llama-3-8b"), H100, 64, seq=8192, global_batch_tokens=4e6, net=NET, fixed=parse_layout("tp=2,cp=8,pp=2,dp=2"))

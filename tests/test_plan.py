@@ -245,9 +245,9 @@ def test_solve_reports_no_integer_solution_with_the_nearest(tmp_path: Path) -> N
     assert not result.solved
     assert result.nearest.values == {"moe.expert.d_ff": 14336}
     assert result.nearest.errors["total"] == pytest.approx(-1 / (MIXTRAL_TOTAL + 1))
-    # inconsistent targets (more active than total): nothing comes near
-    far = solve(path, Targets(MIXTRAL_ACTIVE, MIXTRAL_TOTAL), tolerance=0.01)
-    assert not far.solved and far.nearest.worst > 0.5
+    # inconsistent targets (more active than total) are refused: no spec could come near
+    with pytest.raises(ArchplanError, match="exceeds --total"):
+        solve(path, Targets(MIXTRAL_ACTIVE, MIXTRAL_TOTAL), tolerance=0.01)
 
 
 def test_solve_shared_experts(tmp_path: Path) -> None:
@@ -753,9 +753,12 @@ def test_cli_solve_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert r["solved"] and r["candidates"][0]["values"] == {"moe.expert.d_ff": 14336}
     assert load_spec(str(out_file)).moe.expert.d_ff == 14336  # type: ignore[union-attr]
     other = tmp_path / "none.yaml"
-    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "1e9",
-                       "--active", "12.9e9", "-o", str(other))
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "46702792705",
+                       "--active", "12879925248", "--tol", "0", "-o", str(other))
     assert code == 1 and "no integer solution" in out and not other.exists()
+    # a token's parameters are some of the model's: refused before any solve
+    code, _, err = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "1e9", "--active", "12.9e9")
+    assert code == 2 and "--active 12,900,000,000 exceeds --total 1,000,000,000" in err
 
 
 def test_cli_layout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -334,8 +334,8 @@ def _plot_layouts(result: SearchResult, path: str, force: bool) -> None:
                label="usable per GPU")
     ax.invert_yaxis()
     ax.set_xlabel("GiB per GPU (most loaded pipeline stage)")
-    what = ("the given layout" if result.fixed.complete() is not None else "fastest layouts" if result.ranked
-            else "the layout needing the least memory (none fits)")
+    what = (("the given layout" + ("" if rows[0].fits else " (does not fit)")) if result.fixed.complete() is not None
+            else "fastest layouts" if result.ranked else "the layout needing the least memory (none fits)")
     ax.set_title(f"{result.gpus:,} × {result.gpu.name}: {what}")
     # beside the bars, not over them (the figure is saved with a tight bounding box)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -377,12 +377,13 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
     console.print(f"[bold]Solve[/] {', '.join(result.unknowns)}{tied}\n  targets: {goals}; "
                   f"tolerance {percent(result.tolerance)}; widths in multiples of {result.multiple}")
     table = Table()
+    # a narrow terminal folds a figure's digits and a field's dotted name, never cuts them
     for col in result.unknowns:
-        table.add_column(col, justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("active", justify="right")
+        table.add_column(col.replace(".", ".\n"), justify="right", overflow="fold")
+    table.add_column("total", justify="right", no_wrap=True)
+    table.add_column("active", justify="right", no_wrap=True)
     for name, _ in result.targets.items():
-        table.add_column(f"Δ {name}", justify="right")
+        table.add_column(f"Δ {name}", justify="right", overflow="fold")
     table.add_column("ok")
     for c in result.candidates[:TOP_LAYOUTS]:
         table.add_row(*(f"{c.values[u]:,}" for u in result.unknowns), f"{c.total:,}", f"{c.active:,}",
@@ -460,6 +461,10 @@ def _layout_row(e: Evaluated, tokens: float, usable: int,
 
 # Where the layout model is known to be optimistic (docs/validation.md): what a user should check.
 ZERO3_CAUTION_RANKS = 384
+
+
+# the share by which a layout's batch as run may differ from --global-batch-tokens unremarked
+BATCH_NOTE_ABOVE = 0.1
 
 
 def _notes(result: SearchResult) -> list[str]:
@@ -567,7 +572,21 @@ def _moe_host_note(result: SearchResult, plan: ModelPlan) -> str | None:
 
 def _all_notes(result: SearchResult, bound: RailBound | None, host_note: str | None) -> list[str]:
     return (_notes(result) + ([host_note] if host_note else [])
-            + ([_network_note(result, bound)] if bound else []))
+            + ([_network_note(result, bound)] if bound else []) + _batch_notes(result))
+
+
+def _batch_notes(result: SearchResult) -> list[str]:
+    """Each layout runs m = round(sequences / (dp·mb)) whole micro-batches, so its batch as run may
+    differ from --global-batch-tokens: said where it differs by more than `BATCH_NOTE_ABOVE`."""
+    asked = result.asked_batch_tokens
+    off = [(i, e) for i, e in enumerate(result.shown, 1)
+           if asked and abs(e.global_batch_tokens / asked - 1) > BATCH_NOTE_ABOVE]
+    if not off:
+        return []
+    runs = "; ".join(f"layout {i} {e.global_batch_tokens:,} ({e.global_batch_tokens / asked - 1:+.0%})"
+                     for i, e in off)
+    return [f"tokens per step as run differ from the {asked:,.0f} asked, since each layout runs whole "
+            f"micro-batches of dp·mb sequences: {runs}; ranked by time per token"]
 
 
 def _network_json(bound: RailBound | None) -> dict[str, Any] | None:

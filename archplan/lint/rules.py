@@ -350,8 +350,10 @@ def check_reference_counts(ctx: SpecContext) -> Iterator[Hit]:
         if published is not None and published != counted:
             yield Hit(
                 ("reference", field),
-                f"the spec counts {counted:,} {field.removesuffix('_params')} parameters, the reference "
-                f"{published:,} ({counted - published:+,})",
+                f"the spec counts {counted:,} {field.removesuffix('_params')} parameters, "
+                f"{abs(counted - published):,} {'more' if counted > published else 'fewer'} than the reference's "
+                f"{published:,} ({counted / published - 1:+.2%})" if published else
+                f"the spec counts {counted:,} {field.removesuffix('_params')} parameters, the reference 0",
                 "correct the sizes or the reference figure: `archplan size` breaks the count down by component",
             )
 

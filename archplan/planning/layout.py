@@ -191,7 +191,8 @@ def parse_layout(text: str) -> PartialLayout:
             try:
                 number = int(raw)
             except ValueError:
-                raise ArchplanError(f"--layout: {name}={raw} is not an integer") from None
+                hint = "; separate the fields with commas (tp=2,pp=4)" if "=" in raw or " " in raw else ""
+                raise ArchplanError(f"--layout: {name}={raw} is not an integer{hint}") from None
             low = 0 if name == "zero" else 1
             if number < low or (name == "zero" and number > 3):
                 expected = "0, 1, 2 or 3" if name == "zero" else "a positive integer"

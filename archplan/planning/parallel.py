@@ -355,6 +355,7 @@ class SearchResult:
     # `seq` tokens (`pricing.flash_fractions`); empty under eager attention, under the user's own
     # `--efficiency` (no length law applies to it) or without attention layers
     flash_fractions: tuple[float, ...] = ()
+    asked_batch_tokens: float = 0.0  # --global-batch-tokens as given; each layout runs whole micro-batches
 
     @property
     def shown(self) -> tuple[Evaluated, ...]:
@@ -656,8 +657,11 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 eps = [g["ep"]] if "ep" in g else (
                     _divisors(math.gcd(data.n_experts, tp * cp * dp)) if data.n_experts else [1])
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
+                # one data-parallel rank has nothing for ZeRO to shard: Megatron's stages price alike
+                # there, and would list one layout up to four times (FSDP2 still copies at dp = 1)
+                stages = zeros if dp > 1 or "zero" in g or settings.states.engine == "torch" else [0]
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
-                                                for b in mbs for z in zeros for r in modes):
+                                                for b in mbs for z in stages for r in modes):
                     if dp * mb > sequences or states_problem(pp, zero, settings.states):
                         continue
                     # the interleaved schedule's round N stays the engine's (`layout.round_size`)
@@ -749,7 +753,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         model_flops_per_token=evaluator.model_flops,
         ranked=tuple(e for e in ranked if e.fits or keep_unfit), considered=len(layouts),
         fitting=fitting, reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
-        fixed=fixed, routed=plan.routed, top=top,
+        fixed=fixed, routed=plan.routed, top=top, asked_batch_tokens=global_batch_tokens,
         flash_fractions=(flash_fractions(plan, seq, settings.flash_impl)
                          if settings.attention_kernel == "flash" and settings.efficiency is None else ()),
     )
@@ -768,7 +772,7 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, tightest
             f"{nbytes(mem.activations)}, temporary {nbytes(mem.temporary)}) > {nbytes(usable)} usable of "
             f"{nbytes(gpu.memory_bytes)}; {what} exceed it: {total:,} params × "
             f"{states.bytes_per_param} B (--states {states.key}) = {nbytes(states.bytes_per_param * total)} over "
-            f"{gpus} GPUs is {nbytes(states.bytes_per_param * total / gpus)} each before activations",)
+            f"{things(gpus, 'GPU')} is {nbytes(states.bytes_per_param * total / gpus)} each before activations",)
 
 
 def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Interconnect, tp_reasons: dict[int, str],
@@ -785,7 +789,9 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
     if "cp" not in g:
         most = max(c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS)
         rules.append(f"CP ≤ {most} (each rank keeping ≥ {CP_MIN_TOKENS:,} of a sequence's {seq:,} tokens; "
-                     "a given cp= is not held to it)")
+                     "a given cp= is not held to it)" if seq >= 2 * CP_MIN_TOKENS else
+                     f"CP = 1 (a CP rank keeps ≥ {CP_MIN_TOKENS:,} tokens of a sequence, and these have "
+                     f"{seq:,}; a given cp= is not held to it)")
     if "pp" not in g:
         rules.append(f"PP ≤ {things(len(plan.layers), 'layer')}")
     rules.append(f"DP·mb ≤ {things(sequences, 'sequence')} per step")

@@ -245,6 +245,9 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     for name, value in targets.items():
         if not math.isfinite(value) or value <= 0:
             raise ArchplanError(f"--{name} must be a positive number, got {value}")
+    if targets.total is not None and targets.active is not None and targets.active > targets.total:
+        raise ArchplanError(f"--active {targets.active:,.0f} exceeds --total {targets.total:,.0f}: a token's "
+                            "parameters are some of the model's")
     if not 0 <= tolerance < 1:
         raise ArchplanError(f"--tol must be in [0, 1), got {tolerance}")
     if multiple < 1:
