@@ -1326,10 +1326,13 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                 top: int = TOP_LAYOUTS) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
-    from archplan.planning.layout import PartialLayout, parse_layout
+    from archplan.planning.layout import LAYOUT_FIELDS, PartialLayout, parse_layout
     from archplan.planning.parallel import interconnect, search
     from archplan.resolve import resolve
 
+    if layout_text is not None and not layout_text.strip(" ,"):
+        raise ArchplanError(f"--layout: no fields given; write NAME=VALUE pairs such as tp=8,pp=16 "
+                            f"(names: {', '.join(LAYOUT_FIELDS)})")
     fixed = parse_layout(layout_text) if layout_text is not None else PartialLayout()
     _refuse_settings_the_layout_rules_out(settings, fixed)
     spec = load_spec(name)

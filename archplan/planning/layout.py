@@ -165,9 +165,6 @@ def _layout_text(items: Iterable[tuple[str, object]]) -> str:
 def parse_layout(text: str) -> PartialLayout:
     """`tp=8,cp=1,pp=16,vpp=2,group=16,dp=128,ep=1,zero=1,recompute=none,mb=1,sp=on` (any subset)."""
     values: dict[str, int | str | bool] = {}
-    if not text.strip(" ,"):
-        raise ArchplanError(f"--layout: no fields given; write NAME=VALUE pairs such as tp=8,pp=16 "
-                            f"(names: {', '.join(LAYOUT_FIELDS)})")
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
