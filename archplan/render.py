@@ -221,7 +221,8 @@ def _chinchilla_table(r: dict[str, Any]) -> _Section:
     caption = (f"N = {c['n_params_kind']} parameters ({units.count(c['n_params'])}; active "
                f"{units.count(c['active_params'])}); C = 6·N·D (Hoffmann et al. 2022 eq. 4); "
                f"{c['tokens_per_param']} tokens/param = {units.count(c['optimal_tokens'])} tokens")
-    table = _table(f"Chinchilla budget: D = {units.count(c['tokens'])} tokens ({c['tokens_source']}), "
+    table = _table(f"Chinchilla budget: D = {units.count(c['tokens'])} token{'' if c['tokens'] == 1 else 's'} "
+                   f"({c['tokens_source']}), "
                    f"C = {units.sci(c['training_flops'])} FLOPs", caption,
                    ("Approach-3 fit", "left"), ("loss at N, D", "right"), ("N_opt for C", "right"),
                    ("D_opt for C", "right"), ("D_opt/N_opt", "right"))

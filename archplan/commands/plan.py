@@ -375,7 +375,8 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
     goals = ", ".join(f"{name} {count(value)}" for name, value in result.targets.items())
     tied = f"; tied: {', '.join(result.tied)} = moe.expert.d_ff" if result.tied else ""
     console.print(f"[bold]Solve[/] {', '.join(result.unknowns)}{tied}\n  targets: {goals}; "
-                  f"tolerance {percent(result.tolerance)}; widths in multiples of {result.multiple}")
+                  f"tolerance {percent(result.tolerance) if result.tolerance >= 1e-3 else f'{result.tolerance:.3g}'}; "
+                  f"widths in multiples of {result.multiple}")
     table = Table()
     # a narrow terminal folds a figure's digits and a field's dotted name, never cuts them
     for col in result.unknowns:
