@@ -1,7 +1,8 @@
 """Thin Typer shell: each command lives in `archplan/commands/<name>.py` and registers itself.
 
 `main()` maps ArchplanError / ValidationError to one line on stderr and exit code 2
-(`ARCHPLAN_DEBUG=1` shows the traceback above it, and the exit code stays). torch is imported lazily, inside verify/bench only.
+(`ARCHPLAN_DEBUG=1` shows the traceback above it, and the exit code stays). torch is imported
+lazily, inside verify/bench only.
 """
 
 from __future__ import annotations
@@ -116,8 +117,7 @@ def _main() -> None:
         # device can allocate: verify and bench build real tensors of the user's --seq and --batch)
         if debug or not _is_tensor_size_error(exc):
             raise
-        command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
-        fix = SMALLER.get(command, "smaller sizes")
+        fix = SMALLER.get(_command_path(sys.argv[1:]).removeprefix("archplan "), "smaller sizes")
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
                    f"give {fix}", err=True)
         sys.exit(2)

@@ -71,7 +71,7 @@ class _OptionsTable(Table):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if len(self.columns) >= 3 and self.columns[-1].ratio:
             # a choice list is one word (`<megatron|zero|fsdp2|deepspeed>`), which rich would keep
-            # whole at the help's expense: past a third of the width it folds
+            # whole at the help's expense: past two fifths of the width it folds
             self.columns[-2].max_width = options.max_width * 2 // 5
         yield from super().__rich_console__(console, options)
 

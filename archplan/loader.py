@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from archplan.errors import ArchplanError
+from archplan.outfile import SPEC_SUFFIXES
 from archplan.spec import Spec
 
 # The presets are package data (pyproject.toml `package-data`): found through the package, so an
@@ -420,7 +421,7 @@ def find_spec_path(name_or_path: str) -> Path:
             return PRESETS_DIR / f"{name_or_path}.yaml"
         raise ArchplanError(f"is a directory; for the bundled preset give its name alone: {path.name}",
                             file=name_or_path)
-    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+    if path.exists() or path.suffix in SPEC_SUFFIXES or "/" in name_or_path:
         if not path.exists() and path.stem in preset_names():
             # e.g. the README's `presets/70b.yaml` run outside a checkout of the repository
             raise ArchplanError(f"no such file; the bundled preset '{path.stem}' is given by its name alone",

@@ -177,15 +177,14 @@ def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: 
     basis = act_bytes * h * n * t
     if m.ssm_buffers:
         return basis
-    fp32 = not autocast
     cols, steps, kept = 1, 0, 0
     while cols < t:
         need = min(cols, t - cols)
-        kept += cols if fp32 else need
+        kept += need if autocast else cols
         cols += need
         steps += 1
     doubling = act_bytes * h * n * kept + act_bytes * h * n * n * steps
     # autocast's bf16 casts of the (H, N, N) block: two beside the steps' own once it is squared
     squared = 16 * modes * modes if steps >= 2 else 0
-    discrete = h * (100 * modes + 60) + h * (16 * modes if fp32 else 12 * modes + squared)
+    discrete = h * (100 * modes + 60) + h * (12 * modes + squared if autocast else 16 * modes)
     return basis + doubling + discrete

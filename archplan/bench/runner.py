@@ -242,6 +242,7 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str
                        cfg.batch, cfg.seq, device=device.type, free=free_memory(device), run=run,
                        priced=f"analytic weights + cache + logits{scores}")
 
+
 def cache_steps(decode_tokens: int) -> int:
     """Positions the decode cache holds beyond the prompt: the recorded step and the timed steps
     (`_decode`); none for a prefill-only run."""

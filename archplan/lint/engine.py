@@ -23,8 +23,8 @@ else:  # the same parser, packaged for Python 3.10
 from archplan.errors import ArchplanError
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
 from archplan.loader import LoadedYaml, find_spec_path, parse_yaml, preset_names, read_text, spec_from_data
+from archplan.outfile import SPEC_SUFFIXES
 
-YAML_SUFFIXES = (".yaml", ".yml")
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 MAX_MESSAGE = 300  # characters of a finding's message (one line in CI logs and annotations)
 
@@ -93,7 +93,7 @@ def _walk_yaml(root: Path) -> Iterable[Path]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if name.endswith(YAML_SUFFIXES) and not name.startswith("."):
+            if name.endswith(SPEC_SUFFIXES) and not name.startswith("."):
                 path = Path(folder, name)
                 if path.is_file():
                     yield path
