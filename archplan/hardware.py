@@ -46,6 +46,7 @@ class Accelerator:
             raise ArchplanError(f"{self.name} has no {dtype} peak on record (has: {have}){why}") from None
 
 
+MiB = 1 << 20
 GiB = 1 << 30
 
 
@@ -71,25 +72,28 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("h200", "NVIDIA H200 SXM 141GB",
                 _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
                 4.8e12, 141 * GiB, ("h200-sxm",), sms=132),
+    # Blackwell's nameplates mix units ("180GB" is 179 GiB to CUDA, "288GB" 268.6 GiB on B300 and
+    # 277.5 GiB on GB300), so these four carry the total nvidia-smi reports (MiB) on each part:
+    # 183,359 (B200), 189,471 (GB200), 275,040 (B300), 284,208 (GB300). The older parts' binary
+    # nameplates are within 0.5% of theirs (H100 SXM: 81,559 MiB of 80 GiB).
     Accelerator("b200", "NVIDIA B200 (HGX) 180GB",
                 _tf(fp32=75, tf32=1100, bf16=2250, fp16=2250, fp8=4500, int8=4500),
-                7.7e12, 180 * 10**9, sms=148),
+                7.7e12, 183_359 * MiB, sms=148),
     # a GB200 NVL72 rack's figures per GPU (NVIDIA's GB200 NVL72 datasheet: 360 PFLOPS bf16 and 720
     # fp8 with sparsity over 72 GPUs, i.e. 2.5 and 5 PFLOPS dense; 13.4 TB of HBM3e at 576 TB/s)
     Accelerator("gb200", "NVIDIA GB200 (NVL72) 186GB",
                 _tf(fp32=80, tf32=1250, bf16=2500, fp16=2500, fp8=5000, int8=5000),
-                8.0e12, 186 * 10**9, ("gb200-nvl72",), sms=148),
+                8.0e12, 189_471 * MiB, ("gb200-nvl72",), sms=148),
     # Blackwell Ultra (NVIDIA's technical blog "Inside NVIDIA Blackwell Ultra", 2025: 160 SMs, 288 GB of
     # HBM3e at 8 TB/s a GPU). HGX/DGX B300: the DGX B300 datasheet's 72 PFLOPS fp8 with sparsity over
     # 8 GPUs, i.e. 4.5 fp8 and 2.25 bf16 dense a GPU, as B200. GB300 NVL72: its datasheet's 720 PFLOPS
-    # fp8 and 360 bf16 with sparsity over 72 GPUs, i.e. 5 and 2.5 dense, as GB200. 288 GB is the
-    # datasheets' capacity; operators report 270 GB (B300) and 279 GB (GB300) free to CUDA.
+    # fp8 and 360 bf16 with sparsity over 72 GPUs, i.e. 5 and 2.5 dense, as GB200.
     Accelerator("b300", "NVIDIA B300 (HGX) 288GB",
                 _tf(fp32=75, tf32=1100, bf16=2250, fp16=2250, fp8=4500),
-                8.0e12, 288 * 10**9, sms=160),
+                8.0e12, 275_040 * MiB, sms=160),
     Accelerator("gb300", "NVIDIA GB300 (NVL72) 288GB",
                 _tf(fp32=80, tf32=1250, bf16=2500, fp16=2500, fp8=5000),
-                8.0e12, 288 * 10**9, ("gb300-nvl72",), sms=160),
+                8.0e12, 284_208 * MiB, ("gb300-nvl72",), sms=160),
     Accelerator("l4", "NVIDIA L4 24GB",
                 _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5), 300e9, 24 * GiB, sms=58),
     Accelerator("l40s", "NVIDIA L40S 48GB",
