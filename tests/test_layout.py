@@ -1685,12 +1685,17 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
     # a partial layout: the example is an interleaved candidate and the rule it breaks, not one
     # that has no virtual stages
     (("llama-3.1-405b", "--gpus", "16384", "--gpu", "h100", "--seq", "8192", "--global-batch-tokens", "16M",
-      "--layout", "group=3"), "vpp=2,group=3,dp=1024,ep=1,zero=0,recompute=none,mb=1,sp=on: group=3 must lie in [pp, m]"),
+      "--layout", "group=3"), "vpp=2,group=3,dp=1024,ep=1,zero=0,recompute=none,mb=1,sp=off: group=3 must lie in [pp, m]"),
     (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--precision", "fp8", "--fp8-experts"),
      "--fp8-experts: this concerns the routed experts"),
     (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--overlap", "dp,dualpipe", "--dispatcher", "hierarchical"),
      "--dispatcher hierarchical, --overlap dualpipe: these concern the routed experts"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--overlap", "dp,none"), "none stands alone"),
+    (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--overlap", "dp,pp,DP"), "'dp,pp,DP' names dp more than once"),
+    (("deepseek-v3", "--gpus", "256", "--gpu", "h100", "--recompute-modules", "mla_up_proj,mla_up_proj"),
+     "names mla_up_proj more than once"),
+    # Megatron-LM turns sequence parallelism off at tp=1: a layout written out does not claim it
+    (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--layout", "tp=1,sp=on"), "sp=on needs tp > 1"),
     # options that would change nothing are named, not ignored
     (("deepseek-v3", "--gpus", "256", "--gpu", "gb300", "--precision", "fp8", "--fp8-scaling", "mxfp8",
       "--fp8-params"), "--fp8-params: under --fp8-scaling mxfp8"),
@@ -1717,6 +1722,31 @@ def test_cli_the_search_never_straddles_a_node_with_tp(capsys: pytest.CaptureFix
                        "--gpus-per-node", "6", "--top", "100", "--json")
     tps = {layout["tp"] for layout in json.loads(out)["layouts"]}
     assert code == 0 and tps and all(6 % tp == 0 for tp in tps)
+
+
+def test_cli_a_partly_filled_node_is_named(capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 GPUs on 8-GPU nodes leave a node half full, which the ring model prices as a full one:
+    said in the notes, and not said where the GPUs fill whole nodes or part of one."""
+    def notes(gpus: str) -> list[str]:
+        code, out, _ = run(capsys, monkeypatch, "plan", "llama-2-7b", "--gpus", gpus, "--gpu", "h100",
+                           "--top", "1", "--json")
+        assert code == 0
+        return [n for n in json.loads(out)["notes"] if "whole node" in n]
+
+    assert notes("12") == ["12 GPUs are 1 whole node of 8 and 4 GPUs on another: collectives across nodes "
+                           "are priced as if every node held 8 (a partly filled node has fewer NICs for a "
+                           "ring); --gpus-per-node sets the node's size"]
+    assert notes("16") == notes("4") == []
+
+
+def test_a_layouts_text_says_sp_as_it_runs() -> None:
+    """At tp=1 there is no TP group to split over: the layout's text says sp=off whatever the
+    field holds, and reads back to a layout that prices the same."""
+    tp1, tp2 = Layout(tp=1, dp=8), Layout(tp=2, dp=4)
+    assert tp1.spec.endswith("sp=off") and tp2.spec.endswith("sp=on")
+    again = parse_layout(tp1.spec).complete()
+    assert again is not None and again.sequence_parallel == tp1.sequence_parallel and again.label == tp1.label
 
 
 def test_cli_json_has_no_infinity(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

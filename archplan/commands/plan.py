@@ -482,6 +482,13 @@ def _notes(result: SearchResult) -> list[str]:
                 "module by module and hides less (--states deepspeed: 28-49% less throughput on "
                 "Narayanan et al. 2021 Table 2's runs at 384-1,536 ranks); compare with the best ZeRO-1 "
                 "layout (--layout zero=1), which is what large published runs chose")
+    per_node = result.net.gpus_per_node
+    if result.gpus > per_node and result.gpus % per_node:
+        whole, rest = divmod(result.gpus, per_node)
+        notes.append(f"{result.gpus:,} GPUs are {whole:,} whole node{'s' if whole > 1 else ''} of {per_node} "
+                     f"and {rest} GPU{'s' if rest > 1 else ''} on another: collectives across nodes are "
+                     f"priced as if every node held {per_node} (a partly filled node has fewer NICs for "
+                     f"a ring); --gpus-per-node sets the node's size")
     if not result.calibrated:
         ratio = matmul_ratio(result.gpu)
         gemms = ("" if ratio is None else
@@ -1246,6 +1253,14 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
         raise SystemExit(1)
 
 
+def _comma_set(text: str, option: str) -> set[str]:
+    """The names of a comma list; one named twice is a slip the user should see, not fold away."""
+    names = [p.strip().lower() for p in text.split(",") if p.strip()]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ArchplanError(f"{option}: '{text}' names {', '.join(twice)} more than once")
+    return set(names)
+
+
 def _settings(efficiency: float | None, states: StatesChoice, attention: KernelChoice,
               grad_reduce: StateDTypeChoice | None, cp_comm: CPCommChoice, overlap: str,
               precision: PrecisionChoice, flash_impl: FlashImplChoice = FlashImplChoice.fa2,
@@ -1262,7 +1277,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     from archplan.planning.cluster import EP_OVERLAPS, OVERLAPS, RECOMPUTE_MODULES, STATES
     from archplan.planning.parallel import Settings
 
-    parts = {p.strip().lower() for p in overlap.split(",") if p.strip()}
+    parts = _comma_set(overlap, "--overlap")
     if not parts:
         raise ArchplanError(f"--overlap: '{overlap}' names nothing (any of {', '.join(OVERLAPS)}, or none)")
     if parts == {"none"}:
@@ -1275,7 +1290,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
         raise ArchplanError(f"--overlap: unknown {', '.join(sorted(unknown))} (any of {', '.join(OVERLAPS)}, or none)")
     if EP_OVERLAPS <= parts:
         raise ArchplanError("--overlap: ep and dualpipe are two schedules hiding the same MoE all-to-all; give one")
-    modules = {m.strip().lower() for m in recompute_modules.split(",") if m.strip()} - {"none"}
+    modules = _comma_set(recompute_modules, "--recompute-modules") - {"none"}
     if unknown := modules - set(RECOMPUTE_MODULES):
         raise ArchplanError(f"--recompute-modules: unknown {', '.join(sorted(unknown))} "
                             f"(any of {', '.join(RECOMPUTE_MODULES)}, or none)")

@@ -72,7 +72,10 @@ def render(result: LayoutCheck, console: Console) -> None:
 def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> Layout:
     """The one layout `--layout` gives `verify` or `bench`, checked as `plan` checks a given one."""
     experts = max((layer.ffn.n_experts for layer in plan.layers if isinstance(layer.ffn, MoEPlan)), default=0)
-    layout = parse_layout(layout_text).for_model(experts).complete()
+    partial = parse_layout(layout_text)
+    if why := partial.sp_problem():
+        raise ArchplanError(f"--layout: {why}")
+    layout = partial.for_model(experts).complete()
     if layout is None:
         raise ArchplanError(f"--layout: {command} needs every field (tp, cp, pp, dp, zero, recompute, mb; ep "
                             "for a model with routed experts)")

@@ -104,9 +104,9 @@ class Layout:
     @property
     def spec(self) -> str:
         """The `--layout` text that reproduces exactly this layout (group only when it is not the
-        default round, pp)."""
-        return _layout_text((f.name, getattr(self, f.name)) for f in fields(self)
-                            if not (f.name == "group" and getattr(self, f.name) == 0))
+        default round, pp; sp as it runs: off at tp=1, where there is no group to split over)."""
+        return _layout_text((f.name, self.sequence_parallel if f.name == "sp" else getattr(self, f.name))
+                            for f in fields(self) if not (f.name == "group" and getattr(self, f.name) == 0))
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,15 @@ class PartialLayout:
     def spec(self) -> str:
         """The given fields as `--layout` text (tp=2,sp=on)."""
         return _layout_text(self.given.items())
+
+    def sp_problem(self) -> str | None:
+        """A given sp=on at a given tp=1, which Megatron-LM turns off with a warning: a layout the
+        user writes out should not say it runs what it cannot."""
+        if self.sp and self.tp == 1:
+            return ("sp=on needs tp > 1: sequence parallelism splits the norms' and dropouts' activations "
+                    "over the TP group (Korthikanti et al. 2022 §4.2.2), and tp=1 has none (sp=off, or tp "
+                    "above 1)")
+        return None
 
     def admits(self, layout: Layout) -> bool:
         return all(getattr(layout, name) == value for name, value in self.given.items())
@@ -293,6 +302,8 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_laye
                    sp=bool(given.get("sp", True)) and "tp" in given and "cp" in given)
     why = layout_problem(probe, n_layers=n_layers, gpus_per_node=gpus_per_node, n_experts=n_experts, seq=seq)
     if why:
+        raise ArchplanError(f"--layout: {why}")
+    if why := fixed.sp_problem():
         raise ArchplanError(f"--layout: {why}")
 
 
