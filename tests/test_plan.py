@@ -756,6 +756,16 @@ def test_cli_solve_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "46702792705",
                        "--active", "12879925248", "--tol", "0", "-o", str(other))
     assert code == 1 and "no integer solution" in out and not other.exists()
+    # targets below what the fixed sizes hold: the nearest is the least width, and the note says why
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "1e9", "--active", "5e8",
+                       "--json")
+    r = json.loads(out)
+    assert code == 1 and r["candidates"][0]["values"] == {"moe.expert.d_ff": 1}
+    assert r["note"].startswith("at their least (moe.expert.d_ff = 1) the widths leave 1,608,781,824 total "
+                                "parameters, above the --total 1,000,000,000 asked and 1,606,422,528 active")
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "46702792705",
+                       "--active", "12879925248", "--tol", "0", "--json")
+    assert code == 1 and json.loads(out)["note"] is None
     # a token's parameters are some of the model's: refused before any solve
     code, _, err = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "1e9", "--active", "12.9e9")
     assert code == 2 and "--active 12,900,000,000 exceeds --total 1,000,000,000" in err

@@ -362,11 +362,13 @@ def _solve_json(result: SolveResult, written: str | None) -> dict[str, Any]:
         ],
         "spec": spec_data(result.nearest.spec) if result.solved else None,
         "nearest": spec_data(result.nearest.spec),
+        "note": result.floor_note,
         "written": written,
     }
 
 
 def _print_solve(result: SolveResult, written: str | None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from archplan.units import count, percent
@@ -405,6 +407,8 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
                         f"({best.errors[name]:+.3%})" for name, target in result.targets.items())
             + ")"
         )
+        if note := result.floor_note:
+            console.print(f"[yellow]note:[/] {escape(note)}")
     if written:
         console.print(f"written to {written}")
 

@@ -106,6 +106,26 @@ class SolveResult:
     def nearest(self) -> Candidate:
         return self.candidates[0]
 
+    @property
+    def floor_note(self) -> str | None:
+        """Why no width helps: without a solution, the nearest has every width at its least and still
+        holds more than a target asks, so the sizes the solve does not choose are what is too large
+        (least squares wanted a width at or below zero)."""
+        best = self.nearest
+        widths = [name for name in self.unknowns if name in {dotted(p) for p in WIDTHS}]
+        if self.solved or not widths or any(best.values[w] != self.multiple for w in widths):
+            return None
+        over = [(name, best.total if name == "total" else best.active, target)
+                for name, target in self.targets.items()
+                if best.errors[name] > self.tolerance]
+        if not over:
+            return None
+        held = " and ".join(f"{count:,} {name} parameters, above the --{name} {target:,.0f} asked"
+                            for name, count, target in over)
+        least = ", ".join(f"{w} = {self.multiple:,}" for w in widths)
+        return (f"at their least ({least}) the widths leave {held}: the sizes the solve does not choose "
+                "(d_model, n_layers, the vocabulary and the rest) hold too much for that")
+
 
 def _get(data: Any, path: Path_) -> Any:
     node = data
