@@ -806,6 +806,12 @@ def test_cli_layout_table_fits_the_terminal(capsys: pytest.CaptureFixture[str],
     assert code == 0 and "hidden at" not in out and "bars:" in out
     assert "TP8 PP16×v4 DP128 ZeRO-1 none mb1 SP" in out  # a label on one line
     assert all(word in out for word in ("params", "grads", "optim.", "activ.", "temp.", "usable"))
+    # too narrow even for the columns that stay: each layout's figures stack under its label
+    monkeypatch.setenv("COLUMNS", "50")
+    code, out, _ = run(capsys, monkeypatch, *argv)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 50
+    table = out[out.index("layout, then its figures"):out.index("hidden at 50 columns")]
+    assert all(word in table for word in ("TP8 PP16×v4 DP128", "total", "MFU", "tok/s per GPU"))
 
 
 @pytest.mark.parametrize("argv", [

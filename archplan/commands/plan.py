@@ -826,7 +826,25 @@ def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: flo
             break
         columns.remove(col)
         hidden.append(col.header)
+    else:
+        if table_width(_build_table(rows, columns, title, narrowest=True)) > width:
+            return _stacked_table(rows, columns, title), hidden
     return _build_table(rows, columns, title), hidden
+
+
+def _stacked_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: str) -> Any:
+    """The table for a terminal too narrow even for the columns that always stay: each layout's
+    figures under its label, as 'header value' pairs that fold, rather than columns cut at the edge."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("layout, then its figures", overflow="fold")
+    for i, e in enumerate(rows, 1):
+        label, *figures = columns
+        pairs = " · ".join(f"{col.header.replace(chr(10), ' ')} {col.cell(e)}" for col in figures)
+        table.add_row(str(i), f"{label.cell(e)}\n{pairs}")
+    return table
 
 
 def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult, tokens: float,
