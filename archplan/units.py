@@ -44,6 +44,8 @@ def parse_length(text: str) -> int:
     """A token count as every --seq takes it: '4096', '4_096', '4k' or '4K' (k = 1024, m = 1024²).
     ValueError otherwise (a fraction, as a spec's integer fields refuse one)."""
     match = _LENGTH.match(text)
+    if match is None and _LENGTH.match(text.strip().removeprefix("-")):
+        raise ValueError(f"a length must be positive, got {text!r}")
     if match is None:
         raise ValueError(f"expected a length such as 4096 or 4k (k = 1024), got {text!r}")
     return int(match.group(1)) * LENGTH_SUFFIX[match.group(2).lower()]

@@ -281,6 +281,13 @@ def test_parse_amount(text: str, value: float) -> None:
     assert parse_amount(text, "--tokens") == value
 
 
+@pytest.mark.parametrize("text", ["-1e24", "-5T", " -16Mi"])
+def test_a_negative_amount_is_named_as_negative(text: str) -> None:
+    """A number with a minus sign is a number: refused for its sign, not as unreadable."""
+    with pytest.raises(ArchplanError, match="must be positive"):
+        parse_amount(text, "--tokens")
+
+
 def test_cli_choices_match_the_library() -> None:
     assert tuple(m.value for m in RecomputeChoice) == RECOMPUTE_MODES
     assert tuple(m.value for m in MemoryKernelChoice) == ATTENTION_KERNELS
@@ -409,7 +416,8 @@ def test_every_seq_takes_the_same_lengths(text: str, tokens: int | None) -> None
     from archplan.units import parse_length
 
     if tokens is None:
-        with pytest.raises(ValueError, match="expected a length such as 4096 or 4k"):
+        said = "a length must be positive" if text.startswith("-") else "expected a length such as 4096 or 4k"
+        with pytest.raises(ValueError, match=said):
             parse_length(text)
         assert runner.invoke(app, ["size", "llama-3-8b", "--seq", text]).exit_code == 2
     else:

@@ -52,6 +52,8 @@ _AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgtp]|[kmgt]
 def parse_amount(text: str, option: str) -> float:
     """'15T', '1.4e12', '300B' -> a float (SI suffixes K M B/G T P); '16Mi' = 16·2²⁰ (Ki Mi Gi Ti)."""
     match = _AMOUNT.match(text)
+    if match is None and _AMOUNT.match(text.strip().removeprefix("-")):
+        raise ArchplanError(f"must be positive, got {text!r}", field=option)
     if match is None:
         raise ArchplanError(f"expected a number such as 1.4e12, 15T (SI) or 16Mi (binary), got {text!r}",
                             field=option)
