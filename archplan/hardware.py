@@ -36,6 +36,11 @@ class Accelerator:
     aliases: tuple[str, ...] = field(default=())
     sms: int = 0  # streaming multiprocessors (AMD: compute units); 0 = not on record
 
+    @property
+    def vendor(self) -> str:
+        """'NVIDIA' or 'AMD', the first word of the name."""
+        return self.name.split()[0]
+
     def peak(self, dtype: str) -> float:
         try:
             return self.peak_flops[dtype]

@@ -1696,6 +1696,8 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "names mla_up_proj more than once"),
     # Megatron-LM turns sequence parallelism off at tp=1: a layout written out does not claim it
     (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--layout", "tp=1,sp=on"), "sp=on needs tp > 1"),
+    (("llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--flash-impl", "cudnn"),
+     "--flash-impl cudnn: cuDNN is NVIDIA's library, and AMD Instinct MI300X 192GB runs none"),
     # options that would change nothing are named, not ignored
     (("deepseek-v3", "--gpus", "256", "--gpu", "gb300", "--precision", "fp8", "--fp8-scaling", "mxfp8",
       "--fp8-params"), "--fp8-params: under --fp8-scaling mxfp8"),
@@ -1738,6 +1740,35 @@ def test_cli_a_partly_filled_node_is_named(capsys: pytest.CaptureFixture[str],
                            "are priced as if every node held 8 (a partly filled node has fewer NICs for a "
                            "ring); --gpus-per-node sets the node's size"]
     assert notes("16") == notes("4") == []
+
+
+@pytest.mark.parametrize(("name", "gpus", "seq", "fixed", "stages"), [
+    # one rank in both ZeRO groups: the stages price alike, and the layout is listed once
+    ("llama-3-8b", 8, 8192, PartialLayout(tp=8, cp=1, dp=1), 1),
+    # dp = 1 but cp > 1: ZeRO shards over dp·cp (a long sequence's usual layout)
+    ("llama-3-8b", 64, 131072, PartialLayout(tp=1, cp=64, dp=1), 4),
+    # dp·cp = 1 but the experts' group spans the tp ranks: their states shard over it
+    ("mixtral-8x7b", 8, 8192, PartialLayout(tp=8, cp=1, dp=1, ep=1), 4),
+])
+def test_the_search_tries_every_zero_stage_where_one_shards_something(
+        name: str, gpus: int, seq: int, fixed: PartialLayout, stages: int) -> None:
+    def considered(partial: PartialLayout) -> int:
+        return search(_plan(name), H100, gpus, seq=seq, global_batch_tokens=seq, net=NET, fixed=partial,
+                      keep_unfit=True).considered
+
+    assert considered(fixed) == stages * considered(replace(fixed, zero=0))
+
+
+def test_an_infeasible_reason_does_not_blame_states_that_would_fit_sharded(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZeRO-0 held by the user at cp=16: the layout's states (148 GiB) exceed the GPU while all of
+    them over 128 GPUs are 9.24 GiB each; the reason says which, not that the states 'alone exceed'
+    a GPU they would fit sharded."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "128", "--gpu", "h100", "--seq",
+                       "131072", "--global-batch-tokens", "128Ki", "--layout", "cp=16,zero=0", "--json")
+    (reason,) = json.loads(out)["reasons"]
+    assert code == 1 and "its model states alone (148 GiB) exceed it, where" in reason
+    assert "is 9.24 GiB each before activations: no layout tried shards them that far" in reason
 
 
 def test_a_layouts_text_says_sp_as_it_runs() -> None:

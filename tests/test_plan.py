@@ -692,6 +692,24 @@ def test_cli_budget_json_contract(capsys: pytest.CaptureFixture[str],
     spec = Spec.model_validate(r["spec"])
     assert count_params(resolve(spec)).total == pytest.approx(r["optimal"]["params"], rel=0.02)
     assert spec.training is not None and spec.training.tokens == round(r["optimal"]["tokens"])
+    assert r["no_spec"] is None
+
+
+def test_cli_a_budget_no_recipe_meets_prints_its_allocation_and_exits_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 1e16 FLOPs N_opt is 7.6 M, below a 128K vocabulary's embeddings: the allocation is the
+    answer and still prints; no spec is made or written, and the exit code says so (1, not 2)."""
+    target = tmp_path / "tiny.yaml"
+    code, out, err = run(capsys, monkeypatch, "plan", "--compute", "1e16", "--json", "-o", str(target))
+    r = json.loads(out)
+    assert code == 1 and err == "" and not target.exists()
+    assert r["optimal"]["params"] == pytest.approx(7.6e6, rel=0.01) and len(r["isoflop"]) == 5
+    assert r["spec"] is None and r["design"] is None and r["written"] is None
+    assert r["no_spec"].startswith("no dense recipe spec within 2% of 7.6e+06 total parameters at vocab 128256")
+    code, out, _ = run(capsys, monkeypatch, "plan", "--compute", "1e16")
+    assert code == 1 and "N_opt 7.60 M" in out and "no spec: no dense recipe spec" in out
+    code, _, _ = run(capsys, monkeypatch, "plan", "--compute", "1e16", "--vocab", "256")
+    assert code == 0
 
 
 def test_cli_writes_a_spec_that_lints(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -19,7 +19,7 @@ from archplan.outfile import SPEC_SUFFIXES, check_target
 
 if TYPE_CHECKING:
     from archplan.planning.accuracy import HeldOutAccuracy
-    from archplan.planning.design import Design
+    from archplan.planning.design import Design, NoRecipe
     from archplan.planning.layout import PartialLayout
     from archplan.planning.optimal import Optimum
     from archplan.planning.parallel import Evaluated, RailBound, SearchResult, Settings
@@ -175,8 +175,9 @@ def _console() -> Any:
 
 # ------------------------------------------------------------------------------------- budget
 def _budget(compute: float | None, params: float | None, tokens: float | None, family: FamilyChoice,
-            law: LawOption, vocab: int, seq: int) -> tuple[Optimum, Design]:
-    from archplan.planning.design import Family, design
+            law: LawOption, vocab: int, seq: int) -> tuple[Optimum, Design | NoRecipe]:
+    """The allocation, and the spec the family's recipes make of it, or why none lands near it."""
+    from archplan.planning.design import Family, NoRecipe, design
     from archplan.planning.optimal import LawChoice, budget, optimum
     from archplan.units import count, sci
 
@@ -190,16 +191,19 @@ def _budget(compute: float | None, params: float | None, tokens: float | None, f
         f"(N = {count(n_opt)} {'active' if fam in (Family.moe, Family.hybrid_moe) else 'total'}, "
         f"D = {count(d_opt)} tokens)"
     )
-    made = design(fam, n_opt, vocab=vocab, seq=seq, name=name, tokens=round(d_opt),
-                  description=description)
+    try:
+        made: Design | NoRecipe = design(fam, n_opt, vocab=vocab, seq=seq, name=name, tokens=round(d_opt),
+                                         description=description)
+    except NoRecipe as exc:
+        made = exc
     return result, made
 
 
-def _budget_json(result: Optimum, made: Design, written: str | None) -> dict[str, Any]:
+def _budget_json(result: Optimum, made: Design | NoRecipe, written: str | None) -> dict[str, Any]:
     from archplan.planning import spec_data
+    from archplan.planning.design import NoRecipe
 
-    spec = made.spec
-    return {
+    allocation = {
         "mode": "budget",
         "law": result.law.value,
         "loss_law": result.loss_law.key,
@@ -214,6 +218,12 @@ def _budget_json(result: Optimum, made: Design, written: str | None) -> dict[str
             {"factor": f, "params": p.params, "tokens": p.tokens, "loss": p.loss}
             for f, p in result.isoflop
         ],
+    }
+    if isinstance(made, NoRecipe):
+        return allocation | {"family": None, "target": None, "design": None, "spec": None, "written": None,
+                             "no_spec": made.message}
+    spec = made.spec
+    return allocation | {
         "family": made.family.value,
         "target": {"kind": made.target_kind, "params": made.target},
         "design": {
@@ -227,6 +237,7 @@ def _budget_json(result: Optimum, made: Design, written: str | None) -> dict[str
         },
         "spec": spec_data(spec),
         "written": written,
+        "no_spec": None,
     }
 
 
@@ -242,8 +253,11 @@ def _ffn_text(spec: Spec) -> str:
     return "; ".join(parts)
 
 
-def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
+def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None) -> None:
+    from rich.markup import escape
     from rich.table import Table
+
+    from archplan.planning.design import NoRecipe
 
     from archplan.units import count, sci, things
 
@@ -265,6 +279,9 @@ def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
                       f"{point.tokens / point.params:.1f}", f"{point.loss:.4f}",
                       f"{point.loss - opt.loss:+.4f}")
     console.print(table)
+    if isinstance(made, NoRecipe):
+        console.print(f"[bold red]no spec:[/] {escape(made.message)}")
+        return
     from archplan.spec import GQA
 
     spec = made.spec
@@ -285,7 +302,8 @@ def _print_budget(result: Optimum, made: Design, written: str | None) -> None:
         console.print(f"  written to {written}")
 
 
-def _plot_budget(result: Optimum, made: Design, path: str, force: bool) -> None:
+def _plot_budget(result: Optimum, made: Design | NoRecipe, path: str, force: bool) -> None:
+    from archplan.planning.design import NoRecipe
     from archplan.planning.optimal import isoflop_curve
     from archplan.plot import figure_target, pyplot, save
     from archplan.units import count, sci
@@ -304,8 +322,9 @@ def _plot_budget(result: Optimum, made: Design, path: str, force: bool) -> None:
             ax.scatter([point.params], [point.loss], color="C1", s=14, zorder=3)
             ax.annotate(f"{factor:g}×", (point.params, point.loss), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
-    ax.axvline(made.achieved, color="C2", linestyle="--", linewidth=1,
-               label=f"generated spec ({made.target_kind}) {count(made.achieved)}")
+    if not isinstance(made, NoRecipe):
+        ax.axvline(made.achieved, color="C2", linestyle="--", linewidth=1,
+                   label=f"generated spec ({made.target_kind}) {count(made.achieved)}")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("predicted loss L(N, D = C / 6N)")
@@ -1231,19 +1250,25 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
     for name, value, upper in (("--vocab", vocab, MAX_DIM), ("--seq", seq, MAX_SEQ_LEN)):
         if not 1 <= value <= upper:
             raise ArchplanError(f"{name} must be between 1 and {upper:,}, got {value:,}")
+    from archplan.planning.design import NoRecipe
+
     result, made = _budget(compute, params, tokens, family, law, vocab, seq)
-    if output is not None:
+    written = None  # no spec, nothing written: the allocation still prints, and the exit is 1
+    if output is not None and not isinstance(made, NoRecipe):
         write_spec(made.spec, output, force=force, header=(
             f"generated by archplan plan --{'compute' if compute is not None else 'params' if params is not None else 'tokens'} "
             f"{compute or params or tokens:.4g} --family {family.value} --law {law.value} --vocab {vocab}"))
+        written = output
     if plot is not None:
         _plot_budget(result, made, plot, force)
     if as_json:
-        echo(jsonout.dumps(_budget_json(result, made, output), indent=2))
+        echo(jsonout.dumps(_budget_json(result, made, written), indent=2))
     else:
-        _print_budget(result, made, output)
+        _print_budget(result, made, written)
         if plot is not None:
             echo(f"figure written to {plot}")
+    if isinstance(made, NoRecipe):
+        raise SystemExit(1)
 
 
 def _run_solve(partial: str, total: str | None, active: str | None, tol: float, multiple: int,
@@ -1375,6 +1400,12 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     _refuse_settings_the_layout_rules_out(settings, fixed)
     spec = load_spec(name)
     device = accelerator(gpu_key)
+    cudnn = [flag for flag, on in (("--flash-impl cudnn", settings.flash_impl == "cudnn"),
+                                   ("--cudnn-norm", settings.cudnn_norm)) if on]
+    if cudnn and device.vendor != "NVIDIA":
+        instead = "; --flash-impl fa2 or triton" if settings.flash_impl == "cudnn" else ""
+        raise ArchplanError(f"{', '.join(cudnn)}: cuDNN is NVIDIA's library, and {device.name} runs "
+                            f"none (drop {'them' if len(cudnn) > 1 else 'it'}{instead})")
     batch_tokens = _positive_amount(batch_text, "--global-batch-tokens")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
     if plot is not None:

@@ -49,6 +49,11 @@ from archplan.spec import (
 )
 
 
+class NoRecipe(ArchplanError):
+    """No spec of the family's recipes lands within the tolerance of the target: an answer about
+    the budget (the allocation stands; `plan` prints it and exits 1), not bad input."""
+
+
 class Family(str, Enum):
     dense = "dense"
     moe = "moe"
@@ -267,7 +272,7 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
                 if best is None or score < best[0]:
                     best = (score, d, layers, f, l_r, d_r)
     if best is None:
-        raise ArchplanError(
+        raise NoRecipe(
             f"no {family.value} recipe spec within {tolerance:.0%} of {target:.3g} {kind} parameters "
             f"at vocab {vocab}: the embeddings alone take 2·V·d, and a {family.value} recipe repeats a "
             f"period of {things(period, 'layer')}; try a larger budget, a smaller --vocab"

@@ -657,11 +657,16 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 eps = [g["ep"]] if "ep" in g else (
                     _divisors(math.gcd(data.n_experts, tp * cp * dp)) if data.n_experts else [1])
                 vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
-                # one data-parallel rank has nothing for ZeRO to shard: Megatron's stages price alike
-                # there, and would list one layout up to four times (FSDP2 still copies at dp = 1)
-                stages = zeros if dp > 1 or "zero" in g or settings.states.engine == "torch" else [0]
+                # ZeRO shards the dense states over dp·cp and the experts' over tp·cp·dp / ep
+                # (`cluster._stage_params`): with both groups one rank there is nothing to shard,
+                # Megatron's stages price alike and would list one layout up to four times (FSDP2
+                # still copies there)
+                def stages(ep: int) -> list[int]:
+                    alone = dp * cp == 1 and (not data.n_experts or tp * cp * dp // ep == 1)
+                    return zeros if not alone or "zero" in g or settings.states.engine == "torch" else [0]
+
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
-                                                for b in mbs for z in stages for r in modes):
+                                                for b in mbs for z in stages(e) for r in modes):
                     if dp * mb > sequences or states_problem(pp, zero, settings.states):
                         continue
                     # the interleaved schedule's round N stays the engine's (`layout.round_size`)
@@ -764,15 +769,23 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, tightest
     if tightest is None:
         return ()
     mem = tightest.memory
-    what = "model states alone" if mem.model_states > usable else "model states + activations"
     total = count_params(plan).total
+    whole = states.bytes_per_param * total
+    floor = (f"{total:,} params × {states.bytes_per_param} B (--states {states.key}) = {nbytes(whole)} over "
+             f"{things(gpus, 'GPU')} is {nbytes(whole / gpus)} each before activations")
+    if mem.model_states <= usable:
+        why = f"model states + activations exceed it: {floor}"
+    elif whole / gpus > usable:
+        why = f"model states alone exceed it: {floor}"
+    else:
+        # the states of every GPU count would fit: the layouts the search may try shard them less
+        why = (f"its model states alone ({nbytes(mem.model_states)}) exceed it, where {floor}: no layout "
+               "tried shards them that far (the given --layout fields or the search's rules rule out those that do)")
     return (f"does not fit even at the least memory ({tightest.layout.label}): pipeline rank "
             f"{tightest.stage} needs {nbytes(mem.total)} per GPU (parameters {nbytes(mem.parameters)}, "
             f"gradients {nbytes(mem.gradients)}, optimizer {nbytes(mem.optimizer)}, activations "
             f"{nbytes(mem.activations)}, temporary {nbytes(mem.temporary)}) > {nbytes(usable)} usable of "
-            f"{nbytes(gpu.memory_bytes)}; {what} exceed it: {total:,} params × "
-            f"{states.bytes_per_param} B (--states {states.key}) = {nbytes(states.bytes_per_param * total)} over "
-            f"{things(gpus, 'GPU')} is {nbytes(states.bytes_per_param * total / gpus)} each before activations",)
+            f"{nbytes(gpu.memory_bytes)}; {why}",)
 
 
 def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Interconnect, tp_reasons: dict[int, str],
