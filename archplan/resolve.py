@@ -245,6 +245,11 @@ class ModelPlan:
         """Whether some layer routes its tokens to experts."""
         return any(isinstance(layer.ffn, MoEPlan) for layer in self.layers)
 
+    @property
+    def has_attention(self) -> bool:
+        """Whether some layer's mixer is attention (MHA/GQA/MQA or MLA)."""
+        return any(isinstance(layer.mixer, AttentionPlan | MLAPlan) for layer in self.layers)
+
     def position_limit(self) -> PositionLimit | None:
         """The most positions the model takes, in one forward or in a cache, and what sets it: the
         learned position table (max_seq_len rows) or a Hyena layer's implicit filter, generated

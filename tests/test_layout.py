@@ -1696,6 +1696,8 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "names mla_up_proj more than once"),
     # Megatron-LM turns sequence parallelism off at tp=1: a layout written out does not claim it
     (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--layout", "tp=1,sp=on"), "sp=on needs tp > 1"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--cp-comm", "ring"),
+     "the search tries cp > 1 only from 16,384 tokens (each rank keeping ≥ 8,192), not at --seq 8,192"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--flash-impl", "cudnn"),
      "--flash-impl cudnn: cuDNN is NVIDIA's library, and AMD Instinct MI300X 192GB runs none"),
     # options that would change nothing are named, not ignored

@@ -1365,18 +1365,30 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     )
 
 
-def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayout) -> None:
-    """An option about a degree or mode the given --layout rules out would change nothing: said in
-    one line, as a MoE option on a dense model is. (The published runs' stacks set these for every
-    run, whatever its layout: the check is the command line's, not the search's.)"""
+def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayout, seq: int,
+                                          attention: bool) -> None:
+    """An option about a degree or mode the given --layout, the search's rules or the states rule
+    out would change nothing: said in one line, as a MoE option on a dense model is. (The published
+    runs' stacks set these for every run, whatever its layout: the check is the command line's, not
+    the search's.) A model without attention layers is left to the search's check, which names that."""
+    from archplan.planning.parallel import CP_MIN_TOKENS
+
     given = fixed.given
     if settings.cp_comm != "all_gather" and given.get("cp") == 1:
         raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
                             "the given --layout has cp=1")
+    if settings.cp_comm != "all_gather" and "cp" not in given and seq < 2 * CP_MIN_TOKENS and attention:
+        raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and the "
+                            f"search tries cp > 1 only from {2 * CP_MIN_TOKENS:,} tokens (each rank keeping "
+                            f"≥ {CP_MIN_TOKENS:,}), not at --seq {seq:,}: give --layout cp=N, or a longer --seq")
     if settings.recompute_modules and given.get("recompute") == "full":
         raise ArchplanError(f"--recompute-modules {','.join(sorted(settings.recompute_modules))} re-runs modules "
                             "under recompute none or selective, and the given --layout has recompute=full (which "
                             "re-runs every module)")
+    if settings.fused_qkv and not settings.eager and attention:
+        raise ArchplanError(f"--fused-qkv prices eager autograd's concatenation of the three gradients, under "
+                            f"--states fsdp2, and --states {settings.states.key} runs Transformer Engine's "
+                            "linears, which split them without a copy")
     if settings.early_stop is not None and given.get("recompute", "full") != "full":
         raise ArchplanError(f"--{'' if settings.early_stop else 'no-'}recompute-early-stop says how full recompute "
                             f"re-runs a block, and the given --layout has recompute={given['recompute']}")
@@ -1397,8 +1409,10 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
         raise ArchplanError(f"--layout: no fields given; write NAME=VALUE pairs such as tp=8,pp=16 "
                             f"(names: {', '.join(LAYOUT_FIELDS)})")
     fixed = parse_layout(layout_text) if layout_text is not None else PartialLayout()
-    _refuse_settings_the_layout_rules_out(settings, fixed)
     spec = load_spec(name)
+    seq = min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq
+    plan = resolve(spec)
+    _refuse_settings_the_layout_rules_out(settings, fixed, seq, plan.has_attention)
     device = accelerator(gpu_key)
     cudnn = [flag for flag, on in (("--flash-impl cudnn", settings.flash_impl == "cudnn"),
                                    ("--cudnn-norm", settings.cudnn_norm)) if on]
@@ -1412,8 +1426,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
         from archplan.plot import figure_target
 
         figure_target(plot, force=force)  # a refused figure costs no search
-    plan = resolve(spec)
-    result = search(plan, device, gpus, seq=min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq,
+    result = search(plan, device, gpus, seq=seq,
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
                     fixed=fixed, keep_unfit=True, top=top)
     bound = _network_bound(result, plan)

@@ -492,7 +492,7 @@ class Evaluator:
             (f"--cp-comm {settings.cp_comm}", settings.cp_comm != "all_gather"),
             ("--fused-qkv", settings.fused_qkv), ("--fp8-attention", settings.fp8_attention),
         ) if given]
-        if attention_only and not any(isinstance(layer.mixer, AttentionPlan | MLAPlan) for layer in plan.layers):
+        if attention_only and not plan.has_attention:
             raise ArchplanError(_concern(attention_only, f"attention layers, and {plan.name} has none"))
         if settings.fp8_scaling == "mxfp8" and gpu.key not in SM100_GPUS:
             raise ArchplanError(f"--fp8-scaling mxfp8 is Blackwell's block-scaled fp8, on compute capability 10 "
