@@ -28,11 +28,11 @@ app = typer.Typer(
         "Plan and size LLM architectures: parameters, FLOPs, KV cache, memory and token budgets, "
         "computed analytically and checked against real PyTorch models.\n\n"
         "Examples:\n\n"
-        "  archplan size presets/70b.yaml\n\n"
+        "  archplan size 70b\n\n"
         "  archplan compare llama-3-8b mixtral-8x7b\n\n"
         "  archplan verify deepseek-v3\n\n"
         "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100\n\n"
-        "  archplan bench presets/7b.yaml --device cuda\n\n"
+        "  archplan bench 7b --device cuda\n\n"
         "  archplan lint configs/"
     ),
     no_args_is_help=True,

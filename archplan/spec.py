@@ -473,7 +473,7 @@ class Training(Frozen):
 
     tokens: Number | None = Field(None, gt=0, le=1e18, description="Planned training tokens.")
     target_device_memory_gib: Number | None = Field(None, gt=0)
-    batch: PositiveInt = 1
+    batch: PositiveInt = Field(1, le=MAX_BATCH, description="Sequences the KV cache holds (lint's AP015).")
 
 
 class Reference(Frozen):
@@ -561,7 +561,8 @@ def _check_layout(spec: Spec) -> None:
         raise ValueError("moe: set, but the layout places it on no layer")
     dense_layers = spec.n_layers - moe_layers if spec.moe is not None else spec.n_layers
     if spec.moe is not None and dense_layers and spec.ffn is None:
-        raise ValueError(f"ffn: {dense_layers} layers are dense under the layout but `ffn` is not set")
+        raise ValueError(f"ffn: {dense_layers} {'layer is' if dense_layers == 1 else 'layers are'} dense under "
+                         "the layout but `ffn` is not set")
     if spec.moe is not None and not dense_layers and spec.ffn is not None:
         # as for an unused mixer: a field that changes nothing would read as if it counted
         raise ValueError("ffn: set, but the layout puts `moe` on every layer, so no layer is dense; remove it, "

@@ -72,6 +72,25 @@ def test_every_rule_is_documented_with_examples_that_lint_as_shown() -> None:
         assert lint_text(good, "example.yaml") == [], rule.code
 
 
+def test_a_kv_cache_just_over_its_budget_says_by_how_much() -> None:
+    """1.0039 GiB rounds to the 1.00 GiB it exceeds: the excess in bytes keeps the finding from
+    reading as 'over' an equal figure; separators as everywhere."""
+    spec = ("name: k\nvocab_size: 512\nd_model: 128\nn_layers: 4\nmax_seq_len: 2048\n"
+            "attention: {kind: mha, n_heads: 4}\nffn: {kind: mlp, activation: gelu, d_ff: 512}\n"
+            "norm: {kind: layernorm}\nposition: {kind: rope}\n"
+            "training: {batch: 257, target_device_memory_gib: 1}\n")
+    (finding,) = [f for f in lint_text(spec, "k.yaml") if f.code == "AP015"]
+    assert finding.message.endswith("is 1.00 GiB (bf16), over target_device_memory_gib 1 GiB by 4,194,304 B")
+    assert finding.fix is not None and finding.fix.startswith("batch ≤ 256 fits")
+
+
+def test_the_presets_schema_modeline_resolves_from_the_repository_root() -> None:
+    """presets/ links to archplan/presets/; an editor resolves `../spec.schema.json` from the link's
+    own folder, the repository root, where a link to the shipped schema answers."""
+    root_schema = ROOT / "spec.schema.json"
+    assert root_schema.is_symlink() and root_schema.resolve() == (ROOT / "archplan" / "spec.schema.json").resolve()
+
+
 def test_every_fixture_belongs_to_a_rule() -> None:
     names = {p.name for p in FIXTURES.glob("*.yaml")}
     assert names == {f"{r.code}_{kind}.yaml" for r in RULES for kind in ("fail", "pass")}
@@ -222,7 +241,13 @@ def test_exit_codes(tmp_path, monkeypatch, capsys) -> None:
     assert run_cli(monkeypatch, capsys, "lint", str(warns))[0] == 0
     assert run_cli(monkeypatch, capsys, "lint", str(warns), "--strict")[0] == 1
     assert run_cli(monkeypatch, capsys, "lint", str(broken))[0] == 1
-    assert run_cli(monkeypatch, capsys, "lint", str(broken), "--ignore", "AP003")[0] == 0
+    # a file no command can load fails under any selection (as ruff's syntax errors do)
+    for selection in (("--ignore", "AP003"), ("--select", "AP007"), ("--ignore", "AP00")):
+        code, out, _ = run_cli(monkeypatch, capsys, "lint", str(broken), *selection)
+        assert code == 1 and "AP003" in out
+    bad_yaml = write(tmp_path, "bad.yaml", "name: t\nvocab_size: [1\n")
+    code, out, _ = run_cli(monkeypatch, capsys, "lint", str(bad_yaml), "--ignore", "AP001", "--format", "sarif")
+    assert code == 1 and '"ruleId": "AP001"' in out
 
 
 @pytest.mark.parametrize("args, message", [

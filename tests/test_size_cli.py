@@ -284,7 +284,7 @@ def test_parse_amount(text: str, value: float) -> None:
 @pytest.mark.parametrize("text", ["-1e24", "-5T", " -16Mi"])
 def test_a_negative_amount_is_named_as_negative(text: str) -> None:
     """A number with a minus sign is a number: refused for its sign, not as unreadable."""
-    with pytest.raises(ArchplanError, match="must be positive"):
+    with pytest.raises(ArchplanError, match="must be a positive number"):
         parse_amount(text, "--tokens")
 
 

@@ -274,7 +274,7 @@ BENCH_HELP = (
     "Four modes: prefill and decode (one spec, one length), a --seq sweep, --train and --layout. An "
     "option that the chosen mode does not read (--batch with --layout, say) is refused, not ignored.\n\n"
     "Examples:\n\n"
-    "  archplan bench presets/7b.yaml --device cuda --layers 4\n\n"
+    "  archplan bench 7b --device cuda --layers 4\n\n"
     "  archplan bench mixtral-8x7b --layers 1 --seq 256 --json\n\n"
     "  archplan bench llama-3-8b --layers 2 --compare-backends\n\n"
     "  archplan bench gpt2 --train --seq 256 --recompute full\n\n"

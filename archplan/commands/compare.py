@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
             "default when omitted).\n\n"
             "Examples:\n\n"
             "  archplan compare llama-3-8b mixtral-8x7b\n\n"
-            "  archplan compare presets/7b.yaml presets/70b.yaml deepseek-v3 --context 32768 --json"
+            "  archplan compare 7b 70b deepseek-v3 --context 32768 --json"
         ),
     )
     def compare(

@@ -53,7 +53,7 @@ def parse_amount(text: str, option: str) -> float:
     """'15T', '1.4e12', '300B' -> a float (SI suffixes K M B/G T P); '16Mi' = 16·2²⁰ (Ki Mi Gi Ti)."""
     match = _AMOUNT.match(text)
     if match is None and _AMOUNT.match(text.strip().removeprefix("-")):
-        raise ArchplanError(f"must be positive, got {text!r}", field=option)
+        raise ArchplanError(f"must be a positive number, got {text.strip()}", field=option)
     if match is None:
         raise ArchplanError(f"expected a number such as 1.4e12, 15T (SI) or 16Mi (binary), got {text!r}",
                             field=option)
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
             "Parameters, FLOPs per token, KV cache, inference and training memory, and the "
             "Chinchilla budget of one spec (analytic, no torch).\n\n"
             "Examples:\n\n"
-            "  archplan size presets/70b.yaml\n\n"
+            "  archplan size 70b\n\n"
             "  archplan size llama-3-8b --context 8192 --batch 4 --kv-dtype fp8\n\n"
             "  archplan size mixtral-8x7b --seq 4096 --micro-batch 2 --recompute selective "
             "--tokens 2T --gpu h100 --mfu 0.4 --json\n\n"

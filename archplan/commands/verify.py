@@ -57,8 +57,8 @@ def register(app: typer.Typer) -> None:
             "backward); on small models also fvcore and the measured KV cache. An op with no FLOP "
             "formula and a matmul-shaped signature fails. Exit 0 when no check disagrees (checks that "
             "could not run are listed as not run), 1 with the diff, 2 on bad input.\n\n"
-            "Examples:\n\n  archplan verify presets/deepseek-v3.yaml --seq 64 --json\n\n"
-            "  archplan verify presets/llama-3.1-405b.yaml --seq 8192 "
+            "Examples:\n\n  archplan verify deepseek-v3 --seq 64 --json\n\n"
+            "  archplan verify llama-3.1-405b --seq 8192 "
             "--layout tp=8,cp=1,pp=16,dp=128,ep=1,zero=3,recompute=full,mb=1"
         ),
     )(verify)

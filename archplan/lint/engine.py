@@ -205,7 +205,8 @@ def check_codes(codes: Sequence[str], source: str | None = None) -> None:
 
 
 def select_rules(select: Sequence[str], ignore: Sequence[str]) -> tuple[Rule, ...]:
-    """Rules whose code starts with a selected code (all if none), minus the ignored ones."""
+    """Rules whose code starts with a selected code (all if none), minus the ignored ones, and
+    always the rules of a file that cannot load (`Rule.on_load`)."""
     check_codes((*select, *ignore))
 
     def matches(rule: Rule, codes: Sequence[str]) -> bool:
@@ -213,7 +214,7 @@ def select_rules(select: Sequence[str], ignore: Sequence[str]) -> tuple[Rule, ..
 
     return tuple(
         rule for rule in RULES
-        if (not select or matches(rule, select)) and not matches(rule, ignore)
+        if rule.on_load or (not select or matches(rule, select)) and not matches(rule, ignore)
     )
 
 
@@ -231,23 +232,22 @@ def _dotted(path: FieldPath) -> str:
     return ".".join(map(str, path))
 
 
-def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str, rules: Sequence[Rule]) -> list[Finding]:
-    """A validation failure: a validator rule's code if its message is recognised, else AP002."""
+def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str) -> list[Finding]:
+    """A validation failure: a validator rule's code if its message is recognised, else AP002
+    (under any selection: `Rule.on_load`)."""
     for rule in RULES:
         if not isinstance(rule.detect, Recognise):
             continue
         match = rule.detect.pattern.search(error.message)
         if match is None:
             continue
-        if rule not in rules:
-            return []
         at = next((p for p in rule.detect.at if p in loaded.locations), None)
         line, column = _locate(loaded, at) if at else (error.line or 1, error.column or 1)
         return [Finding(
             rule.code, rule.severity, file, line, column, error.message,
             rule.detect.fix(match), _dotted(at) if at else error.field,
         )]
-    return _input_finding("AP002", error, file, rules)
+    return _input_finding("AP002", error, file)
 
 
 def _clip(message: str) -> str:
@@ -257,10 +257,10 @@ def _clip(message: str) -> str:
     return f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE:,} more characters)"
 
 
-def _input_finding(code: str, error: ArchplanError, file: str, rules: Sequence[Rule]) -> list[Finding]:
+def _input_finding(code: str, error: ArchplanError, file: str) -> list[Finding]:
+    """A file that cannot be read or parsed (AP001) or validated (AP002), under any selection
+    (`Rule.on_load`)."""
     rule = BY_CODE[code]
-    if rule not in rules:
-        return []
     return [Finding(
         rule.code, rule.severity, file, error.line or 1, error.column or 1, _clip(error.message),
         None, error.field,
@@ -272,14 +272,14 @@ def lint_text(text: str, file: str, rules: Sequence[Rule] = RULES) -> list[Findi
     try:
         loaded = parse_yaml(text, file)
     except ArchplanError as error:
-        return _input_finding("AP001", error, file, rules)
+        return _input_finding("AP001", error, file)
     try:
         spec = spec_from_data(loaded, file)
     except ArchplanError as error:
         # every problem of the validation pass, not one a run; the rules on a valid spec (AP004 on)
         # wait for it to validate
         return [finding for each in (error, *getattr(error, "others", ()))
-                for finding in _invalid_spec(each, loaded, file, rules)]
+                for finding in _invalid_spec(each, loaded, file)]
     ctx = SpecContext(spec, loaded)
     findings: list[Finding] = []
     for rule in rules:
@@ -300,7 +300,7 @@ def lint_file(path: Path, rules: Sequence[Rule] = RULES) -> list[Finding]:
     try:
         text = read_text(path)
     except ArchplanError as error:
-        return _input_finding("AP001", error, file, rules)
+        return _input_finding("AP001", error, file)
     return lint_text(text, file, rules)
 
 

@@ -102,6 +102,13 @@ class Rule:
     source: str
     detect: Check | Recognise | None  # None: produced by the engine itself (input rules)
 
+    @property
+    def on_load(self) -> bool:
+        """Whether it reports a file that no command can load (the input rules and the
+        validator's): such a rule runs under any --select/--ignore, so that a file `size` refuses
+        cannot pass a CI gate (as ruff reports a syntax error under any selection)."""
+        return self.detect is None or isinstance(self.detect, Recognise)
+
 
 def _divisors(n: int) -> list[int]:
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
@@ -317,11 +324,13 @@ def check_kv_cache(ctx: SpecContext) -> Iterator[Hit]:
     budget = training.target_device_memory_gib * (1 << 30)
     if total > budget:
         fits = int(budget // per_sequence)
+        # rounded alike, the two sizes would read equal: the excess in bytes says by how much
+        by = f" by {total - budget:,.0f} B" if nbytes(total) == nbytes(budget) else ""
         yield Hit(
             ("training", "target_device_memory_gib"),
-            f"the KV cache alone at max_seq_len {context:,} × batch {training.batch} is {nbytes(total)} "
-            f"(bf16), over target_device_memory_gib {training.target_device_memory_gib:g} GiB",
-            (f"batch ≤ {fits} fits the cache" if fits else "not even one sequence fits")
+            f"the KV cache alone at max_seq_len {context:,} × batch {training.batch:,} is {nbytes(total)} "
+            f"(bf16), over target_device_memory_gib {training.target_device_memory_gib:g} GiB{by}",
+            (f"batch ≤ {fits:,} fits the cache" if fits else "not even one sequence fits")
             + "; or fewer KV heads (GQA/MQA/MLA), a sliding window, or an 8-bit cache (half the bytes)",
         )
 

@@ -118,7 +118,7 @@ def budget(choice: LawChoice, *, compute: float | None = None, params: float | N
         raise ArchplanError("give exactly one of --compute, --params or --tokens")
     name, value = given[0]
     if not math.isfinite(value) or value <= 0:
-        raise ArchplanError(f"{name} must be a positive number, got {value:g}")
+        raise ArchplanError(f"must be a positive number, got {value:g}", field=name)
     if compute is not None:
         result = compute
     elif params is not None:

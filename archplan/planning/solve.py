@@ -264,7 +264,7 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
         raise ArchplanError("--solve needs --total and/or --active")
     for name, value in targets.items():
         if not math.isfinite(value) or value <= 0:
-            raise ArchplanError(f"--{name} must be a positive number, got {value:g}")
+            raise ArchplanError(f"must be a positive number, got {value:g}", field=f"--{name}")
     if targets.total is not None and targets.active is not None and targets.active > targets.total:
         raise ArchplanError(f"--active {targets.active:,.0f} exceeds --total {targets.total:,.0f}: a token's "
                             "parameters are some of the model's")
