@@ -1773,6 +1773,25 @@ def test_an_infeasible_reason_does_not_blame_states_that_would_fit_sharded(
     assert "is 9.24 GiB each before activations: no layout tried shards them that far" in reason
 
 
+def test_ring_attention_keeps_no_gathered_kv_under_the_torch_engine(capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch engine's all-gather CP saves the whole sequence's K/V and the T/cp × T masks;
+    its ring attention keeps the rank's own K/V only, as Transformer Engine's does: Llama 3 8B at
+    1M tokens over cp=32 fits under ring and not under the all-gather (FSDP2's states), and under
+    Megatron's states, whose all-gather re-gathers in the backward, the two keep alike."""
+    def activations(states: str, cp_comm: str) -> float:
+        code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "32", "--gpu", "h100", "--seq",
+                           "1048576", "--global-batch-tokens", "16Mi", "--states", states, "--cp-comm", cp_comm,
+                           "--layout", "tp=1,cp=32,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1", "--json")
+        memory = json.loads(out)["layouts"][0]["memory"]
+        assert memory["fits"] == (code == 0)
+        return memory["activations"] / 2**30
+
+    assert activations("fsdp2", "all_gather") == pytest.approx(88.16, abs=0.01)
+    assert activations("fsdp2", "ring") == pytest.approx(24.16, abs=0.01)
+    assert activations("megatron", "ring") == activations("megatron", "all_gather")
+
+
 def test_a_layouts_text_says_sp_as_it_runs() -> None:
     """At tp=1 there is no TP group to split over: the layout's text says sp=off whatever the
     field holds, and reads back to a layout that prices the same."""

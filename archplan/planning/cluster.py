@@ -573,14 +573,15 @@ class ModelData:
         return out
 
     def rank_activations(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                         engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> int:
+                         engine: Engine, modules: frozenset[RecomputeModule] = frozenset(),
+                         cp_comm: CPComm = "all_gather") -> int:
         """`_rank_activations`, once per split, activation layout and micro-batch count: the
         ZeRO stage, dp and ep do not change it."""
         key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
-               layout.vpp, layout.group, stage, microbatches, kernel, engine, modules)
+               layout.vpp, layout.group, stage, microbatches, kernel, engine, modules, cp_comm)
         if key not in self._activations:
             self._activations[key] = _rank_activations(self, layout, stage, microbatches, kernel, engine,
-                                                       modules)
+                                                       modules, cp_comm)
         return self._activations[key]
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
@@ -1112,7 +1113,17 @@ def _cp_keeps_gathered(layout: Layout, engine: Engine) -> bool:
     return layout.cp > 1 and engine != "megatron"
 
 
-def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> float:
+def _attention_gathers(cp_comm: CPComm) -> bool:
+    """Whether the torch engine's attention keeps the gathered K/V and the masks: under its
+    all-gather (`distributed/context.py`), not under ring attention, which keeps only the rank's
+    own K/V and re-rotates the others' in the backward with causal blocks and no mask (torch's
+    `context_parallel` ring attention, as Transformer Engine's ring). A Mamba-2 or long-conv layer's
+    exchange is the same under either."""
+    return cp_comm == "all_gather"
+
+
+def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine,
+             cp_comm: CPComm = "all_gather") -> float:
     """Bytes one micro-batch keeps through one attention layer beyond the per-token model under
     the torch engine's context parallelism (`distributed/context.py`, measured by verify
     --layout): SDPA saves the all-gathered K and V of the whole sequence, where the per-token
@@ -1125,6 +1136,8 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine) -> flo
         return 0.0
     plan, cp, tp = data.plan, layout.cp, layout.tp
     mixer = plan.layers[layer].mixer
+    if isinstance(mixer, AttentionPlan | MLAPlan) and not _attention_gathers(cp_comm):
+        return 0.0
     match mixer:
         case AttentionPlan():
             per_sequence = _kv_bytes(plan.layers[layer], data.seq, tp, engine)
@@ -1158,7 +1171,8 @@ def _group_repeat_bytes(m: Mamba2Plan, seq: int, tp: int, cp: int) -> float:
     return repeated + ACT_BYTES * seq / cp * 2 * m.d_inner / tp
 
 
-def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
+def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine,
+               cp_comm: CPComm = "all_gather") -> int:
     """Bytes a model chunk holds once under the torch engine's context parallelism: the global
     positions of the rank's tokens and of the gathered keys (int64) and, per distinct window,
     the additive mask of its queries against every key in the compute dtype (T/cp × T, × the
@@ -1170,7 +1184,7 @@ def _cp_shared(data: ModelData, layout: Layout, layers: range, engine: Engine) -
         return 0
     plan, cp, seq = data.plan, layout.cp, data.seq
     mixers = [plan.layers[i].mixer for i in layers]
-    attention = [m for m in mixers if isinstance(m, AttentionPlan | MLAPlan)]
+    attention = [m for m in mixers if isinstance(m, AttentionPlan | MLAPlan) and _attention_gathers(cp_comm)]
     long_conv = any(long_conv_exchange(plan.layers[i], 1)[0] or mamba_exchange(plan.layers[i], 1, cp, engine)
                     for i in layers)
     if not (attention or long_conv):
@@ -1300,7 +1314,7 @@ def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microba
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel,
-            modules: frozenset[RecomputeModule] = frozenset()) -> RankMemory:
+            modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather") -> RankMemory:
     zero = layout.zero
     chunks = rank_chunks(len(data.plan.layers), layout, stage)
     full, shard, biggest_layer, per_chunk = data.stage_params(layout, stage, states.per_tensor)
@@ -1333,13 +1347,13 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
     elif zero >= 3:
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
-    activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules)
+    activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
 
 def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
                       kernel: AttentionKernel, engine: Engine,
-                      modules: frozenset[RecomputeModule] = frozenset()) -> int:
+                      modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather") -> int:
     """Activation bytes of pipeline rank `stage` at the schedule's peak (the module docstring)."""
     tp, mb, cp = layout.tp, layout.mb, layout.cp
     scale = mb / cp  # sequences per micro-batch, split over the context-parallel ranks
@@ -1354,10 +1368,10 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         per_mb += _held_output(data, layout, chunk, engine)
-        activations += (per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine)
+        activations += (per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine, cp_comm)
                         + _alibi_bias(data, layout, chunk.layers, engine))
         if mode != "full":
-            activations += count * sum(_filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine)
+            activations += count * sum(_filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
                                        for i in chunk.layers)
         if chunk.last:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
@@ -1370,7 +1384,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         whole = data.layer_acts(layout, "none", kernel, engine)
         rerun = max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
-                     + _cp_kept(data, layout, i, engine) + _filter_kept(data.acts[i], layout) for i in layers),
+                     + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout)
+                     for i in layers),
                     default=0.0)
         activations += max(head, rerun)
     else:

@@ -518,7 +518,7 @@ class Evaluator:
     def memory(self, layout: Layout, m: int) -> StageMemory:
         s = self.settings
         return StageMemory({stage: _memory(self.data, layout, stage, m, self.states, s.attention_kernel,
-                                           s.recompute_modules)
+                                           s.recompute_modules, s.cp_comm)
                             for stage in representative_stages(len(self.plan.layers), layout.pp, layout.vpp)})
 
     def evaluate(self, layout: Layout, m: int, memory: StageMemory | None = None) -> Evaluated:
