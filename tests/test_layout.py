@@ -1698,6 +1698,11 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
     (("llama-3-8b", "--gpus", "8", "--gpu", "h100", "--layout", "tp=1,sp=on"), "sp=on needs tp > 1"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--cp-comm", "ring"),
      "the search tries cp > 1 only from 16,384 tokens (each rank keeping ≥ 8,192), not at --seq 8,192"),
+    (("qwen3-30b-a3b", "--gpus", "64", "--gpu", "h100", "--overlap", "dp,dualpipe", "--layout", "pp=1"),
+     "--overlap dualpipe: DeepSeek's DualPipe feeds micro-batches from both ends of a pipeline of an even "
+     "number of stages, and pp=1"),
+    (("qwen3-30b-a3b", "--gpus", "64", "--gpu", "h100", "--overlap", "dp,dualpipe", "--layout", "pp=2,vpp=2"),
+     "DualPipe runs its own schedule, not the interleaved one (vpp=2)"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--flash-impl", "cudnn"),
      "--flash-impl cudnn: cuDNN is NVIDIA's library, and AMD Instinct MI300X 192GB runs none"),
     # options that would change nothing are named, not ignored
@@ -1790,6 +1795,16 @@ def test_ring_attention_keeps_no_gathered_kv_under_the_torch_engine(capsys: pyte
     assert activations("fsdp2", "all_gather") == pytest.approx(88.16, abs=0.01)
     assert activations("fsdp2", "ring") == pytest.approx(24.16, abs=0.01)
     assert activations("megatron", "ring") == activations("megatron", "all_gather")
+
+
+def test_dualpipe_searches_only_the_pipelines_it_can_run() -> None:
+    """DualPipe pairs stage i with stage pp − 1 − i: the search under it tries even pp ≥ 2 only,
+    and no virtual stages."""
+    settings = Settings(overlap=frozenset({"dp", "dualpipe"}))
+    result = search(_plan("qwen3-30b-a3b"), H100, 64, seq=4096, global_batch_tokens=4 * 2**20, net=NET,
+                    settings=settings, top=100)
+    assert result.ranked and all(e.layout.pp >= 2 and e.layout.pp % 2 == 0 and e.layout.vpp == 1
+                                 for e in result.ranked)
 
 
 def test_a_layouts_text_says_sp_as_it_runs() -> None:

@@ -417,6 +417,21 @@ def states_problem(pp: int, zero: int, states: StatesConvention) -> str | None:
     return None
 
 
+def schedule_problem(overlap: frozenset[str], pp: int | None, vpp: int | None) -> str | None:
+    """Why a pipeline cannot run the schedule an overlap names (None: unknown degrees pass): DualPipe
+    feeds micro-batches from both ends of the pipeline, so it needs stages to pair, an even pp of
+    at least 2, and runs its own schedule, not the interleaved one (DeepSeek-V3 §3.2.1, Figure 5;
+    DualPipe's reference implementation pairs rank i with rank pp − 1 − i)."""
+    if "dualpipe" not in overlap:
+        return None
+    if pp is not None and (pp < 2 or pp % 2):
+        return (f"--overlap dualpipe: DeepSeek's DualPipe feeds micro-batches from both ends of a "
+                f"pipeline of an even number of stages, and pp={pp}")
+    if vpp is not None and vpp > 1:
+        return f"--overlap dualpipe: DualPipe runs its own schedule, not the interleaved one (vpp={vpp})"
+    return None
+
+
 def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
     """Why CP degree cp cannot split this model. Long convolutions trade sequence shards for
     channel shards (`cluster.long_conv_exchange`): d_model over tp·cp ranks, and what groups of
@@ -667,7 +682,8 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
 
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in stages(e) for r in modes):
-                    if dp * mb > sequences or states_problem(pp, zero, settings.states):
+                    if (dp * mb > sequences or states_problem(pp, zero, settings.states)
+                            or schedule_problem(settings.overlap, pp, vpp)):
                         continue
                     # the interleaved schedule's round N stays the engine's (`layout.round_size`)
                     # unless given: in this model a longer round only lengthens the warm-up (its
@@ -714,7 +730,9 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
             why = cp_problem(plan, int(given["tp"]), int(given["cp"]))
             if why:
                 raise ArchplanError(f"--layout: cp={given['cp']}: {why}")
-    why = states_problem(int(given.get("pp", 1)), int(given.get("zero", 0)), settings.states)
+    why = (states_problem(int(given.get("pp", 1)), int(given.get("zero", 0)), settings.states)
+           or schedule_problem(settings.overlap, int(given["pp"]) if "pp" in given else None,
+                               int(given["vpp"]) if "vpp" in given else None))
     if why:
         raise ArchplanError(f"--layout: {why}")
     complete = fixed.complete()
