@@ -432,6 +432,17 @@ def schedule_problem(overlap: frozenset[str], pp: int | None, vpp: int | None) -
     return None
 
 
+def expert_sp_problem(engine: str, tp: int | None, ep: int | None, sp: bool | None) -> str | None:
+    """Why Megatron-Core cannot run these degrees (None: unknown ones pass): with experts split over
+    ep > 1 ranks and attention over tp > 1, its token dispatcher needs the sequence-parallel
+    layout (`TransformerConfig.__post_init__` raises "When using expert parallelism and tensor
+    parallelism, sequence parallelism must be used")."""
+    if engine == "megatron" and tp is not None and ep is not None and tp > 1 and ep > 1 and sp is False:
+        return (f"Megatron-Core runs expert parallelism (ep={ep}) beside tensor parallelism (tp={tp}) only with "
+                "sequence parallelism: sp=on, or --states fsdp2")
+    return None
+
+
 def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
     """Why CP degree cp cannot split this model. Long convolutions trade sequence shards for
     channel shards (`cluster.long_conv_exchange`): d_model over tp·cp ranks, and what groups of
@@ -683,7 +694,8 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in stages(e) for r in modes):
                     if (dp * mb > sequences or states_problem(pp, zero, settings.states)
-                            or schedule_problem(settings.overlap, pp, vpp)):
+                            or schedule_problem(settings.overlap, pp, vpp)
+                            or expert_sp_problem(settings.states.engine, tp, ep, sp)):
                         continue
                     # the interleaved schedule's round N stays the engine's (`layout.round_size`)
                     # unless given: in this model a longer round only lengthens the warm-up (its
@@ -732,7 +744,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
                 raise ArchplanError(f"--layout: cp={given['cp']}: {why}")
     why = (states_problem(int(given.get("pp", 1)), int(given.get("zero", 0)), settings.states)
            or schedule_problem(settings.overlap, int(given["pp"]) if "pp" in given else None,
-                               int(given["vpp"]) if "vpp" in given else None))
+                               int(given["vpp"]) if "vpp" in given else None)
+           or expert_sp_problem(settings.states.engine, fixed.tp, fixed.ep, fixed.sp))
     if why:
         raise ArchplanError(f"--layout: {why}")
     complete = fixed.complete()
