@@ -367,6 +367,30 @@ def test_backends_are_probed_with_the_model_s_mask(capsys: pytest.CaptureFixture
     assert [r["backend"] for r in rows] == available_backends(cpu, TORCH_DTYPES[FAST.dtype], "alibi")
 
 
+def test_backends_are_probed_with_the_model_s_head_sizes(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLA's q·k heads are wider than its v heads, which CPU's flash kernel refuses: the probe asks
+    with the model's own calls, so --compare-backends lists only what runs and --attn-backend flash
+    is refused in one line (it died in the forward with torch's "No available kernel", exit 1), in
+    prefill and in a --seq sweep alike; a model without attention has no call to choose a kernel for."""
+    fixtures = Path(__file__).parent / "fixtures" / "distributed"
+    mla = str(fixtures / "tiny-mla.yaml")
+    plan = resolve(load_spec(mla))
+    calls = runner.attention_calls(plan)
+    assert calls and all(qk > v and not gqa for qk, v, gqa in calls)
+    cpu = torch.device("cpu")
+    found = available_backends(cpu, torch.float32, None, calls)
+    assert "math" in found and "flash" not in found
+    assert [r["backend"] for r in compare_backends(plan, replace(FAST, seq=32))] == found
+    fast = ["--device", "cpu", "--warmup", "0", "--iters", "1", "--dtype", "fp32"]
+    for seq in ("32", "16,32"):
+        result = run_main(["bench", mla, *fast, "--seq", seq, "--attn-backend", "flash"], capsys, monkeypatch)
+        assert result.code == 2 and "MLA's unequal q and v head sizes (available: math" in result.stderr
+    hyena = str(fixtures / "tiny-hyena.yaml")
+    result = run_main(["bench", hyena, *fast, "--seq", "32", "--attn-backend", "math"], capsys, monkeypatch)
+    assert result.code == 2 and "tiny-hyena has no attention layer" in result.stderr
+
+
 LAYOUT = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1"
 
 

@@ -1809,6 +1809,22 @@ def test_dualpipe_searches_only_the_pipelines_it_can_run() -> None:
                                  for e in result.ranked)
 
 
+def test_megatron_all_gather_cp_holds_a_layers_gathered_kv_and_its_gradients(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transformer Engine's all-gather CP re-gathers a layer's K/V in the backward beside their
+    whole-sequence gradients: 2 × 1,048,576 tokens × (8 KV heads / tp 2) × 128 × 2 (K, V) × 2 B =
+    4 GiB on top of ZeRO-3's gathers, which the ring does not hold; here it decides the fit."""
+    def memory(cp_comm: str) -> dict[str, Any]:
+        _, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "64", "--gpu", "h100", "--seq",
+                        "1048576", "--global-batch-tokens", "16Mi", "--cp-comm", cp_comm, "--layout",
+                        "tp=2,cp=32,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", "--json")
+        return json.loads(out)["layouts"][0]["memory"]
+
+    gathered, ring = memory("all_gather"), memory("ring")
+    assert gathered["temporary"] - ring["temporary"] == 2 * 2**20 * 4 * 128 * 2 * 2  # 4 GiB
+    assert ring["fits"] and not gathered["fits"]
+
+
 def test_a_layouts_text_says_sp_as_it_runs() -> None:
     """At tp=1 there is no TP group to split over: the layout's text says sp=off whatever the
     field holds, and reads back to a layout that prices the same."""

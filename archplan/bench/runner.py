@@ -293,12 +293,30 @@ def attention_mask_kind(plan: ModelPlan) -> MaskKind:
     return None
 
 
-def available_backends(device: torch.device, dtype: torch.dtype, mask: MaskKind = None) -> list[str]:
-    """SDPA backends that run a small causal attention on this device and dtype, called the way
-    `modules.attention.sdpa` calls it for a GQA model (4 query heads over 2 K/V heads), with the
-    model's kind of mask (`attention_mask_kind`)."""
-    q = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
-    kv = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
+# How a model's attention calls SDPA: (q/k head size, v head size, grouped query heads)
+AttentionCall = tuple[int, int, bool]
+
+
+def attention_calls(plan: ModelPlan) -> set[AttentionCall]:
+    """The distinct SDPA calls of the model's attention layers: GQA/MHA/MQA with equal head sizes
+    over grouped K/V heads, MLA with q·k wider than v and one K per head (`modules.mla`)."""
+    calls: set[AttentionCall] = set()
+    for layer in plan.layers:
+        match layer.mixer:
+            case AttentionPlan(head_dim=d):
+                calls.add((d, d, True))
+            case MLAPlan(qk_head_dim=qk, v_head_dim=v):
+                calls.add((qk, v, False))
+    return calls
+
+
+def available_backends(device: torch.device, dtype: torch.dtype, mask: MaskKind = None,
+                       calls: set[AttentionCall] | None = None) -> list[str]:
+    """SDPA backends that run a small causal attention on this device and dtype for every call the
+    model makes (`attention_calls`; default a GQA call of 64-wide heads), called the way
+    `modules.attention.sdpa` calls it (4 query heads over 2 K/V heads, or 4 over 4 for MLA), with
+    the model's kind of mask (`attention_mask_kind`). Kernels differ in the head sizes they take:
+    on a CPU the flash kernel refuses MLA's unequal q and v."""
     pos = torch.arange(64, device=device)
     allowed = attention_mask(pos, pos, None, None, dtype)
     explicit = {None: None, "window": allowed,
@@ -306,14 +324,36 @@ def available_backends(device: torch.device, dtype: torch.dtype, mask: MaskKind 
     found = []
     for name in BACKENDS:
         try:
-            # a backend that refuses warns why before it raises: the probe's answer is the list
-            with sdpa_backend(name), warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                sdpa(q, kv, kv, pos, pos, window=None, alibi=None, cached=False, gqa=True, mask=explicit)
+            for qk, v, gqa in sorted(calls or {(64, 64, True)}):
+                q = torch.randn(1, 4, 64, qk, device=device, dtype=dtype)
+                k = torch.randn(1, 2 if gqa else 4, 64, qk, device=device, dtype=dtype)
+                values = torch.randn(1, 2 if gqa else 4, 64, v, device=device, dtype=dtype)
+                # a backend that refuses warns why before it raises: the probe's answer is the list
+                with sdpa_backend(name), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    sdpa(q, k, values, pos, pos, window=None, alibi=None, cached=False, gqa=gqa, mask=explicit)
             found.append(name)
         except RuntimeError:
             continue
     return found
+
+
+def check_backend(plan: ModelPlan, backend: str, device: torch.device, dtype: DType) -> None:
+    """A forced SDPA backend the model's calls can take on this device and dtype, else one line
+    naming why (a model without attention has no call for it to choose)."""
+    if backend == "auto":
+        return
+    calls = attention_calls(plan)
+    if not calls:
+        raise ArchplanError(f"--attn-backend {backend}: {plan.name} has no attention layer, so no SDPA call "
+                            "for it to choose")
+    mask = attention_mask_kind(plan)
+    if backend not in (found := available_backends(device, TORCH_DTYPES[dtype], mask, calls)):
+        unequal = any(qk != v for qk, v, _ in calls)
+        needs = (f" and this model's {mask} mask" if mask else "") + (" and MLA's unequal q and v head sizes"
+                                                                    if unequal else "")
+        raise ArchplanError(f"--attn-backend {backend}: not available on {device.type} with {dtype.value}{needs} "
+                            f"(available: {', '.join(found)})")
 
 
 def _check_compile(device: torch.device) -> None:
@@ -396,11 +436,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     torch_dtype = TORCH_DTYPES[cfg.dtype]
     if cfg.compile:
         _check_compile(device)
-    mask = attention_mask_kind(plan)
-    if cfg.attn_backend != "auto" and cfg.attn_backend not in (found := available_backends(device, torch_dtype, mask)):
-        needs = f" and this model's {mask} mask" if mask else ""
-        raise ArchplanError(f"--attn-backend {cfg.attn_backend}: not available on {device.type} with "
-                            f"{cfg.dtype.value}{needs} (available: {', '.join(found)})")
+    check_backend(plan, cfg.attn_backend, device, cfg.dtype)
     check_positions(plan, cfg)
     check_fits(plan, cfg, device)
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
@@ -524,7 +560,7 @@ def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object
     """The same prefill under each SDPA backend available here: time and peak memory."""
     device = resolve_device(cfg.device)
     rows: list[dict[str, object]] = []
-    for name in available_backends(device, TORCH_DTYPES[cfg.dtype], attention_mask_kind(plan)):
+    for name in available_backends(device, TORCH_DTYPES[cfg.dtype], attention_mask_kind(plan), attention_calls(plan)):
         result = run_bench(plan, replace(cfg, attn_backend=name, decode_tokens=0))
         rows.append({"backend": name, "median_s": result.prefill_seconds,
                      "tokens_per_s": result.tokens_per_s, "peak_memory_bytes": result.peak_memory_bytes,

@@ -37,7 +37,7 @@ from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, synchro
 from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
 from archplan.bench.roofline import predict_prefill
 from archplan.bench.fit import truncate
-from archplan.bench.runner import BenchConfig, check_fits, sdpa_backend
+from archplan.bench.runner import BenchConfig, check_backend, check_fits, sdpa_backend
 from archplan.bench.timing import progress_bar, time_calls
 from archplan.console import echo
 from archplan.dtypes import DType, nbytes
@@ -226,6 +226,7 @@ def _peak_bytes(model: torch.nn.Module, run: Callable[[], object], device: torch
 def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Console) -> SweepResult:
     """Prefill of `plan` at every length of `cfg.lengths` through one built model."""
     device = resolve_device(cfg.device)
+    check_backend(plan, cfg.attn_backend, device, cfg.dtype)
     longest = max(cfg.lengths)
     plan.check_length(longest, "--seq")
     check_fits(plan, BenchConfig(device=cfg.device, dtype=cfg.dtype, batch=cfg.batch, seq=longest,

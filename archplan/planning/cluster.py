@@ -1348,7 +1348,24 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     elif zero >= 3:
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
+    temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
+
+
+def _cp_gathered_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk], engine: Engine,
+                           cp_comm: CPComm) -> int:
+    """Bytes Megatron's all-gather context parallelism holds for one attention layer at a time:
+    Transformer Engine's `AttnFuncWithCPAndKVAllGather` gathers the whole sequence's K and V for
+    the layer's attention, and in the backward gathers them again beside their whole-sequence
+    gradients before the reduce-scatter: 2 × the gathered K/V of the rank's largest attention
+    layer, per micro-batch. The torch engine keeps its gathered K/V as activations (`_cp_kept`);
+    a ring holds two blocks of T/cp, within the per-token model's slack."""
+    if layout.cp == 1 or cp_comm != "all_gather" or engine != "megatron":
+        return 0
+    layers = data.plan.layers
+    widest = max((_kv_bytes(layers[i], data.seq, layout.tp, engine) for chunk in chunks for i in chunk.layers),
+                 default=0)
+    return 2 * layout.mb * widest
 
 
 def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
