@@ -37,7 +37,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
     else:
         n = nproc or layout.world
         if n != layout.world:
-            raise ArchplanError(f"--nproc {n}: the layout has {layout.world} ranks")
+            raise ArchplanError(f"--nproc {n}: the layout has {things(layout.world, 'rank')}")
         kind = resolve_device(device).type  # an unusable device fails here, before any worker starts
         if kind == "cpu":
             _check_host_memory(plan, layout, seq, m, n)

@@ -64,7 +64,7 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
         table.add_row("model states (16 B/param)", nbytes(r.analytic_states), nbytes(states), _mark(r.states_ok))
         table.add_row(f"activations kept (±{ACTIVATION_TOLERANCE:.0%})", nbytes(r.analytic_activations),
                       nbytes(r.measured_activations or 0), _mark(r.activations_ok))
-        table.add_row("autocast weight copies (in states)", "", nbytes(m["WeightCopies"]), "")
+        table.add_row("autocast weight copies (beside the states)", "", nbytes(m["WeightCopies"]), "")
         table.add_row("temporary", "", nbytes(m.get("Temp", 0)), "")
         total = m["Total"]
     else:
