@@ -43,7 +43,8 @@ import yaml
 
 from archplan.analytic import count_params, kv_cache
 from archplan.analytic.scaling import compute_optimal, law
-from archplan.bench.runner import BenchConfig, available_backends, compare_backends
+from archplan.bench.runner import BenchConfig, available_backends
+from archplan.bench.sweep import compare_backends
 from archplan.bench.device import DevicePeak, device_peak
 from archplan.bench.sweep import SweepConfig, SweepResult, length, run_sweeps
 from archplan.dtypes import DType
@@ -504,9 +505,9 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
         command = flash["details"]["compare_backends"]
         if command["rows"]:
             out += [f"`archplan bench benchmarks/specs/seed-attention.yaml --dtype fp32 --seq {command['seq']} "
-                    "--compare-backends` in the same run (its memory is the process's peak RSS, torch itself "
-                    "included, so the ratio is diluted):", ""]
-            out += _table(["backend", "median ms", "tokens/s", "peak RSS"],
+                    "--compare-backends` in the same run (its memory is the allocator's peak of one forward, "
+                    "weights included, as the sweep above measures it):", ""]
+            out += _table(["backend", "median ms", "tokens/s", "peak memory"],
                           [[r["backend"], f"{1e3 * r['median_s']:,.1f}", f"{r['tokens_per_s']:,.0f}",
                             f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"] for r in command["rows"]])
     out += ["The guide's figures are GPU figures (Dao et al. 2022 measured A100s). On a CUDA machine run "

@@ -554,15 +554,3 @@ def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:
         with FlopCounterMode(display=False) as counter:
             model(torch.zeros(batch, 1, dtype=torch.long, device="meta"), cache=cache)
     return counter.get_total_flops()
-
-
-def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object]]:
-    """The same prefill under each SDPA backend available here: time and peak memory."""
-    device = resolve_device(cfg.device)
-    rows: list[dict[str, object]] = []
-    for name in available_backends(device, TORCH_DTYPES[cfg.dtype], attention_mask_kind(plan), attention_calls(plan)):
-        result = run_bench(plan, replace(cfg, attn_backend=name, decode_tokens=0))
-        rows.append({"backend": name, "median_s": result.prefill_seconds,
-                     "tokens_per_s": result.tokens_per_s, "peak_memory_bytes": result.peak_memory_bytes,
-                     "peak_memory_method": result.peak_memory_method})
-    return rows

@@ -24,7 +24,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
@@ -37,7 +37,16 @@ from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, synchro
 from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
 from archplan.bench.roofline import predict_prefill
 from archplan.bench.fit import truncate
-from archplan.bench.runner import BenchConfig, check_backend, check_fits, sdpa_backend
+from archplan.bench.runner import (
+    BenchConfig,
+    attention_calls,
+    attention_mask_kind,
+    available_backends,
+    check_backend,
+    check_fits,
+    run_bench,
+    sdpa_backend,
+)
 from archplan.bench.timing import progress_bar, time_calls
 from archplan.console import echo
 from archplan.dtypes import DType, nbytes
@@ -278,6 +287,32 @@ def run_sweeps(plans: list[ModelPlan], cfg: SweepConfig, console: Console | None
         raise ArchplanError(f"--dtype {cfg.dtype.value}: bench runs fp32, bf16 or fp16")
     peak = peak or device_peak(resolve_device(cfg.device), cfg.dtype)
     return [_run_sweep(plan, cfg, peak, console or Console(stderr=True)) for plan in plans]
+
+
+def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object]]:
+    """The same prefill under each SDPA backend available here: its time from `run_bench`, its peak
+    memory as the sweep measures it (`_peak_bytes`: the allocator's peak of one forward, weights
+    included), on one model built after the timed runs so that two are never alive at once. A
+    process high-water mark would read the torch runtime's hundreds of MiB and the largest backend
+    so far, and could not tell the backends apart."""
+    device = resolve_device(cfg.device)
+    names = available_backends(device, TORCH_DTYPES[cfg.dtype], attention_mask_kind(plan), attention_calls(plan))
+    timed = {name: run_bench(plan, replace(cfg, attn_backend=name, decode_tokens=0)) for name in names}
+    built = plan if cfg.layers is None else truncate(plan, cfg.layers)
+    torch.manual_seed(0)
+    model = build_model(built, device=device.type, dtype=TORCH_DTYPES[cfg.dtype]).eval()
+    tokens = torch.randint(0, plan.vocab_size, (cfg.batch, cfg.seq), device=device)
+    rows: list[dict[str, object]] = []
+    with _keep_freed_memory(device):
+        for name, result in timed.items():
+            def prefill(name: str = name) -> object:
+                with torch.inference_mode(), sdpa_backend(name):
+                    return model(tokens)
+
+            peak, method = _peak_bytes(model, prefill, device)
+            rows.append({"backend": name, "median_s": result.prefill_seconds, "tokens_per_s": result.tokens_per_s,
+                         "peak_memory_bytes": peak, "peak_memory_method": method})
+    return rows
 
 
 def length(tokens: int) -> str:

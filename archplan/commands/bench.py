@@ -187,7 +187,8 @@ def bench(
         sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
                                          warmup, iters, attn_backend.value), plot, as_json, force=force)
     else:
-        from archplan.bench.runner import BenchConfig, compare_backends as run_backends, run_bench
+        from archplan.bench.runner import BenchConfig, run_bench
+        from archplan.bench.sweep import compare_backends as run_backends
         from archplan.loader import load_spec
         from archplan.resolve import resolve
 
