@@ -1705,6 +1705,10 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "DualPipe runs its own schedule, not the interleaved one (vpp=2)"),
     (("mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--layout", "tp=2,ep=8,sp=off"),
      "Megatron-Core runs expert parallelism (ep=8) beside tensor parallelism (tp=2) only with sequence parallelism"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--overlap", "dp,pp", "--layout", "pp=1"),
+     "--overlap pp hides the pipeline's sends and receives behind compute, and the given --layout has pp=1"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--overlap", "tp", "--layout", "tp=1"),
+     "--overlap tp hides the tensor-parallel traffic behind its GEMMs, and the given --layout has tp=1"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--flash-impl", "cudnn"),
      "--flash-impl cudnn: cuDNN is NVIDIA's library, and AMD Instinct MI300X 192GB runs none"),
     # options that would change nothing are named, not ignored

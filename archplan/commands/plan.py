@@ -1381,6 +1381,10 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
         raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and the "
                             f"search tries cp > 1 only from {2 * CP_MIN_TOKENS:,} tokens (each rank keeping "
                             f"≥ {CP_MIN_TOKENS:,}), not at --seq {seq:,}: give --layout cp=N, or a longer --seq")
+    for degree, what in (("tp", "the tensor-parallel traffic behind its GEMMs"),
+                         ("pp", "the pipeline's sends and receives behind compute")):
+        if degree in settings.overlap and given.get(degree) == 1:
+            raise ArchplanError(f"--overlap {degree} hides {what}, and the given --layout has {degree}=1")
     if settings.recompute_modules and given.get("recompute") == "full":
         raise ArchplanError(f"--recompute-modules {','.join(sorted(settings.recompute_modules))} re-runs modules "
                             "under recompute none or selective, and the given --layout has recompute=full (which "
