@@ -393,6 +393,8 @@ def test_backends_are_probed_with_the_model_s_head_sizes(capsys: pytest.CaptureF
     hyena = str(fixtures / "tiny-hyena.yaml")
     result = run_main(["bench", hyena, *fast, "--seq", "32", "--attn-backend", "math"], capsys, monkeypatch)
     assert result.code == 2 and "tiny-hyena has no attention layer" in result.stderr
+    result = run_main(["bench", hyena, *fast, "--seq", "32", "--compare-backends"], capsys, monkeypatch)
+    assert result.code == 2 and "--compare-backends: tiny-hyena has no attention layer" in result.stderr
 
 
 LAYOUT = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1"

@@ -1704,11 +1704,15 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
     (("qwen3-30b-a3b", "--gpus", "64", "--gpu", "h100", "--overlap", "dp,dualpipe", "--layout", "pp=2,vpp=2"),
      "DualPipe runs its own schedule, not the interleaved one (vpp=2)"),
     (("mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--layout", "tp=2,ep=8,sp=off"),
-     "Megatron-Core runs expert parallelism (ep=8) beside tensor parallelism (tp=2) only with sequence parallelism"),
+     "runs expert parallelism (ep=8) beside tensor parallelism (tp=2) only with sequence parallelism"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--overlap", "dp,pp", "--layout", "pp=1"),
      "--overlap pp hides the pipeline's sends and receives behind compute, and the given --layout has pp=1"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--overlap", "tp", "--layout", "tp=1"),
      "--overlap tp hides the tensor-parallel traffic behind its GEMMs, and the given --layout has tp=1"),
+    (("llama-2-7b", "--gpus", "16", "--gpu", "h100", "--cp-comm", "ring", "--seq", "32768", "--layout",
+      "tp=1,pp=1,dp=16"), "--gpus 16 with the given --layout leaves cp=1"),
+    (("mixtral-8x7b", "--gpus", "1", "--gpu", "h100", "--overlap", "dualpipe"),
+     "1 GPU admits no TP×CP×PP×DP split"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--flash-impl", "cudnn"),
      "--flash-impl cudnn: cuDNN is NVIDIA's library, and AMD Instinct MI300X 192GB runs none"),
     # options that would change nothing are named, not ignored
@@ -1801,6 +1805,14 @@ def test_ring_attention_keeps_no_gathered_kv_under_the_torch_engine(capsys: pyte
     assert activations("fsdp2", "all_gather") == pytest.approx(88.16, abs=0.01)
     assert activations("fsdp2", "ring") == pytest.approx(24.16, abs=0.01)
     assert activations("megatron", "ring") == activations("megatron", "all_gather")
+
+
+def test_a_given_sp_on_keeps_the_search_to_tp_groups() -> None:
+    """sp=on asks for sequence parallelism, which needs a TP group: the search under it tries
+    tp > 1 only (it listed TP1 layouts, which run without it)."""
+    result = search(_plan("llama-2-7b"), H100, 16, seq=4096, global_batch_tokens=4 * 2**20, net=NET,
+                    fixed=PartialLayout(sp=True), top=100)
+    assert result.ranked and all(e.layout.tp > 1 and e.layout.sequence_parallel for e in result.ranked)
 
 
 def test_dualpipe_searches_only_the_pipelines_it_can_run() -> None:

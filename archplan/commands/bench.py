@@ -187,12 +187,15 @@ def bench(
         sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
                                          warmup, iters, attn_backend.value), plot, as_json, force=force)
     else:
-        from archplan.bench.runner import BenchConfig, run_bench
+        from archplan.bench.runner import BenchConfig, attention_calls, run_bench
         from archplan.bench.sweep import compare_backends as run_backends
         from archplan.loader import load_spec
         from archplan.resolve import resolve
 
         plan = resolve(load_spec(specs[0]))
+        if compare_backends and not attention_calls(plan):
+            raise ArchplanError(f"--compare-backends: {plan.name} has no attention layer, so no SDPA backend "
+                                "to compare")
         cfg = BenchConfig(device=device.value, dtype=DType(dtype.value), batch=batch, seq=lengths[0],
                           decode_tokens=decode_tokens, layers=layers, warmup=warmup, iters=iters,
                           compile=compile, attn_backend=attn_backend.value)

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         "Examples:\n\n"
         "  archplan lint configs/\n\n"
         "  archplan lint 'configs/**/*.yaml' --format github --strict\n\n"
-        "  archplan lint presets/ --ignore AP007,AP008 --format sarif > lint.sarif"
+        "  archplan lint configs/ llama-3-8b --ignore AP007,AP008 --format sarif > lint.sarif"
     ))
     def lint(
         paths: PathsArg,

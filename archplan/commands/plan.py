@@ -847,13 +847,22 @@ def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: flo
         hidden.append(col.header)
     else:
         if table_width(_build_table(rows, columns, title, narrowest=True)) > width:
-            return _stacked_table(rows, columns, title), hidden
+            # the figures fold under each label, so all but the memory split (the bar's) come back
+            every = list(_layout_columns(result, tokens))
+            shown = [c for c in every if c.header not in MEMORY_SPLIT]
+            return _stacked_table(rows, shown, title), [c.header for c in every if c.header in MEMORY_SPLIT]
     return _build_table(rows, columns, title), hidden
+
+
+# the columns of the memory split and its bar, which a stacked table leaves to --json
+MEMORY_SPLIT = ("params", "grads", "optim.", "activ.", "temp.", BAR_HEADER)
+# how a stacked table names a figure whose column header is two lines with its unit
+STACKED_NAME = {"step\ns": "step (s)", "comm +\nbubble": "comm + bubble", "tok/s\nper GPU": "tok/s per GPU"}
 
 
 def _stacked_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: str) -> Any:
     """The table for a terminal too narrow even for the columns that always stay: each layout's
-    figures under its label, as 'header value' pairs that fold, rather than columns cut at the edge."""
+    figures under its label, as 'name value' pairs that fold, rather than columns cut at the edge."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
@@ -861,7 +870,7 @@ def _stacked_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: s
     table.add_column("layout, then its figures", overflow="fold")
     for i, e in enumerate(rows, 1):
         label, *figures = columns
-        pairs = " · ".join(f"{col.header.replace(chr(10), ' ')} {col.cell(e)}" for col in figures)
+        pairs = " · ".join(f"{STACKED_NAME.get(col.header, col.header)} {col.cell(e)}" for col in figures)
         table.add_row(str(i), f"{label.cell(e)}\n{pairs}")
     return table
 
@@ -1366,7 +1375,7 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
 
 
 def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayout, seq: int,
-                                          attention: bool) -> None:
+                                          attention: bool, gpus: int) -> None:
     """An option about a degree or mode the given --layout, the search's rules or the states rule
     out would change nothing: said in one line, as a MoE option on a dense model is. (The published
     runs' stacks set these for every run, whatever its layout: the check is the command line's, not
@@ -1377,6 +1386,10 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
     if settings.cp_comm != "all_gather" and given.get("cp") == 1:
         raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
                             "the given --layout has cp=1")
+    others = math.prod(int(given.get(degree, 1)) for degree in ("tp", "pp", "dp"))
+    if settings.cp_comm != "all_gather" and "cp" not in given and attention and gpus <= others:
+        raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
+                            f"--gpus {gpus:,}{' with the given --layout' if others > 1 else ''} leaves cp=1")
     if settings.cp_comm != "all_gather" and "cp" not in given and seq < 2 * CP_MIN_TOKENS and attention:
         raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and the "
                             f"search tries cp > 1 only from {2 * CP_MIN_TOKENS:,} tokens (each rank keeping "
@@ -1390,9 +1403,9 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
                             "under recompute none or selective, and the given --layout has recompute=full (which "
                             "re-runs every module)")
     if settings.fused_qkv and not settings.eager and attention:
-        raise ArchplanError(f"--fused-qkv prices eager autograd's concatenation of the three gradients, under "
-                            f"--states fsdp2, and --states {settings.states.key} runs Transformer Engine's "
-                            "linears, which split them without a copy")
+        raise ArchplanError(f"--fused-qkv: the concatenation of q's, k's and v's gradients it prices is eager "
+                            f"autograd's, which only --states fsdp2 runs; under --states {settings.states.key} "
+                            "it would change nothing")
     if settings.early_stop is not None and given.get("recompute", "full") != "full":
         raise ArchplanError(f"--{'' if settings.early_stop else 'no-'}recompute-early-stop says how full recompute "
                             f"re-runs a block, and the given --layout has recompute={given['recompute']}")
@@ -1416,7 +1429,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     spec = load_spec(name)
     seq = min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq
     plan = resolve(spec)
-    _refuse_settings_the_layout_rules_out(settings, fixed, seq, plan.has_attention)
+    _refuse_settings_the_layout_rules_out(settings, fixed, seq, plan.has_attention, gpus)
     device = accelerator(gpu_key)
     cudnn = [flag for flag, on in (("--flash-impl cudnn", settings.flash_impl == "cudnn"),
                                    ("--cudnn-norm", settings.cudnn_norm)) if on]

@@ -438,8 +438,9 @@ def expert_sp_problem(engine: str, tp: int | None, ep: int | None, sp: bool | No
     layout (`TransformerConfig.__post_init__` raises "When using expert parallelism and tensor
     parallelism, sequence parallelism must be used")."""
     if engine == "megatron" and tp is not None and ep is not None and tp > 1 and ep > 1 and sp is False:
-        return (f"Megatron-Core runs expert parallelism (ep={ep}) beside tensor parallelism (tp={tp}) only with "
-                "sequence parallelism: sp=on, or --states fsdp2")
+        return (f"Megatron-Core, whose engine the Megatron-style --states price, runs expert parallelism "
+                f"(ep={ep}) beside tensor parallelism (tp={tp}) only with sequence parallelism: sp=on, or "
+                "--states fsdp2")
     return None
 
 
@@ -651,7 +652,8 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     # a given round N concerns interleaved layouts only: the example of a broken rule is one of
     # them where there is one, not a layout that breaks it by having no virtual stages
     interleaved_example = False
-    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.gpus_per_node]
+    # a given sp=on asks for sequence parallelism, which needs a TP group to split over
+    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.gpus_per_node and (t > 1 or g.get("sp") is not True)]
     cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
     # FSDP2 runs every stage too (zero 0: `replicate`; 1: gradients accumulated unsharded;
     # 2: reshard_after_forward=False; 3: resharded; `distributed/shard.py`)
@@ -761,7 +763,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         layouts, tp_reasons, broken = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
         if not layouts:
             # no layout exists to fit or not: the request itself is impossible (exit 2)
-            raise ArchplanError(no_split(plan, gpus, seq, sequences, net, tp_reasons, fixed, broken,
+            raise ArchplanError(no_split(plan, gpus, seq, sequences, net, tp_reasons, fixed, broken, settings=settings,
                                          by_user=by_user))
     kept: list[tuple[Layout, int, StageMemory]] = []
     fitting = 0
@@ -820,7 +822,7 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, tightest
 
 
 def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Interconnect, tp_reasons: dict[int, str],
-             fixed: PartialLayout, broken: str | None, *, by_user: bool) -> str:
+             fixed: PartialLayout, broken: str | None, *, by_user: bool, settings: Settings = Settings()) -> str:
     """Why no layout exists: the first rule a completion of the given fields broke, else the
     search's own rules, each as the search holds it (a given degree is not held to them)."""
     chosen = fixed.chosen(plan.routed)
@@ -837,9 +839,13 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
                      f"CP = 1 (a CP rank keeps ≥ {CP_MIN_TOKENS:,} tokens of a sequence, and these have "
                      f"{seq:,}; a given cp= is not held to it)")
     if "pp" not in g:
-        rules.append(f"PP ≤ {things(len(plan.layers), 'layer')}")
+        rules.append(f"PP ≤ {things(len(plan.layers), 'layer')}"
+                     + (", even and at least 2 (--overlap dualpipe)" if "dualpipe" in settings.overlap else ""))
+    if g.get("sp") is True and "tp" not in g:
+        rules.append("TP > 1 (sp=on)")
     rules.append(f"DP·mb ≤ {things(sequences, 'sequence')} per step")
-    return (f"{where}no layout{given}: {gpus:,} GPUs admit no TP×CP×PP×DP split with {', '.join(rules)}"
+    return (f"{where}no layout{given}: {things(gpus, 'GPU')} admit{'s' if gpus == 1 else ''} no TP×CP×PP×DP split "
+            f"with {', '.join(rules)}"
             + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()))
 
 
