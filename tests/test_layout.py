@@ -1713,6 +1713,8 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
       "tp=1,pp=1,dp=16"), "--gpus 16 with the given --layout leaves cp=1"),
     (("mixtral-8x7b", "--gpus", "1", "--gpu", "h100", "--overlap", "dualpipe"),
      "1 GPU admits no TP×CP×PP×DP split"),
+    (("llama-2-7b", "--gpus", "16", "--gpu", "h100", "--top", "3", "--layout",
+      "tp=1,cp=1,pp=1,dp=16,zero=1,recompute=none,mb=1"), "--top 3 ranks a search, and the given --layout fixes"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--flash-impl", "cudnn"),
      "--flash-impl cudnn: cuDNN is NVIDIA's library, and AMD Instinct MI300X 192GB runs none"),
     # options that would change nothing are named, not ignored

@@ -1230,8 +1230,11 @@ def register(app: typer.Typer) -> None:
                                  fp8_scaling, cudnn_norm)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
+            source = ctx.get_parameter_source("top")
+            top_given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
-                        gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force, top)
+                        gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force, top,
+                        top_given)
         else:
             if gpus is not None or layout is not None:
                 raise ArchplanError("--gpus/--layout go with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
@@ -1415,7 +1418,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                 layout_text: str | None, settings: Settings, headroom: float,
                 gpus_per_node: int | None, nvlink_gbs: float | None, ib_gbs: float | None,
                 tokens: float | None, law: LawOption, as_json: bool, plot: str | None, force: bool,
-                top: int = TOP_LAYOUTS) -> None:
+                top: int = TOP_LAYOUTS, top_given: bool = False) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
     from archplan.planning.layout import LAYOUT_FIELDS, PartialLayout, parse_layout
@@ -1430,6 +1433,8 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     seq = min(DEFAULT_BUDGET_SEQ, spec.max_seq_len) if seq is None else seq
     plan = resolve(spec)
     _refuse_settings_the_layout_rules_out(settings, fixed, seq, plan.has_attention, gpus)
+    if top_given and fixed.for_model(1 if plan.routed else 0).complete() is not None:
+        raise ArchplanError(f"--top {top} ranks a search, and the given --layout fixes every field: one layout")
     device = accelerator(gpu_key)
     cudnn = [flag for flag, on in (("--flash-impl cudnn", settings.flash_impl == "cudnn"),
                                    ("--cudnn-norm", settings.cudnn_norm)) if on]
