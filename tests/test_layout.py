@@ -1817,6 +1817,16 @@ def test_a_given_sp_on_keeps_the_search_to_tp_groups() -> None:
     assert result.ranked and all(e.layout.tp > 1 and e.layout.sequence_parallel for e in result.ranked)
 
 
+def test_a_given_zero_stage_that_shards_nothing_is_named(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """dp·cp = 1 under Megatron's states: ZeRO shards over one rank, legal and priced as zero=0's
+    states, which a note says rather than a refusal."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-2-7b", "--gpus", "16", "--gpu", "h100", "--layout",
+                       "tp=8,pp=2,dp=1,cp=1,zero=1,recompute=none,mb=1", "--json")
+    assert code == 0 and "zero=1 shards the states over dp·cp = 1 rank: nothing to shard, so they are zero=0's" in \
+        json.loads(out)["notes"]
+
+
 def test_dualpipe_searches_only_the_pipelines_it_can_run() -> None:
     """DualPipe pairs stage i with stage pp − 1 − i: the search under it tries even pp ≥ 2 only,
     and no virtual stages."""

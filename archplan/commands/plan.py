@@ -505,6 +505,13 @@ def _notes(result: SearchResult) -> list[str]:
                 "module by module and hides less (--states deepspeed: 28-49% less throughput on "
                 "Narayanan et al. 2021 Table 2's runs at 384-1,536 ranks); compare with the best ZeRO-1 "
                 "layout (--layout zero=1), which is what large published runs chose")
+    given = result.fixed.complete()
+    if (given is not None and given.zero > 0 and given.dp * given.cp == 1 and result.settings.states.engine == "megatron"
+            and (not result.routed or given.expert_dp == 1)):
+        experts = " (and the experts' over 1)" if result.routed else ""
+        buffers = ", beside ZeRO-3's gather buffers" if given.zero == 3 else ""
+        notes.append(f"zero={given.zero} shards the states over dp·cp = 1 rank{experts}: nothing to shard, so "
+                     f"they are zero=0's{buffers}")
     per_node = result.net.gpus_per_node
     if result.gpus > per_node and result.gpus % per_node:
         whole, rest = divmod(result.gpus, per_node)
