@@ -1827,6 +1827,19 @@ def test_a_given_zero_stage_that_shards_nothing_is_named(capsys: pytest.CaptureF
         json.loads(out)["notes"]
 
 
+def test_deepspeed_s_zero3_is_not_labelled_fsdp(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --states deepspeed a ZeRO-3 layout is DeepSpeed's ZeRO-3, not FSDP: the table and
+    --json say so; the other states keep 'FSDP/ZeRO-3'."""
+    def label(states: str) -> str:
+        _, out, _ = run(capsys, monkeypatch, "plan", "llama-2-7b", "--gpus", "64", "--gpu", "h100", "--states", states,
+                        "--layout", "tp=1,cp=1,pp=1,dp=64,zero=3,recompute=none,mb=4", "--json")
+        return json.loads(out)["layouts"][0]["label"]
+
+    assert label("deepspeed") == "TP1 PP1 DP64 ZeRO-3 none mb4"
+    assert label("fsdp2") == "TP1 PP1 DP64 FSDP/ZeRO-3 none mb4"
+
+
 def test_dualpipe_searches_only_the_pipelines_it_can_run() -> None:
     """DualPipe pairs stage i with stage pp − 1 − i: the search under it tries even pp ≥ 2 only,
     and no virtual stages."""

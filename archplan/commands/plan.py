@@ -20,7 +20,8 @@ from archplan.outfile import SPEC_SUFFIXES, check_target
 if TYPE_CHECKING:
     from archplan.planning.accuracy import HeldOutAccuracy
     from archplan.planning.design import Design, NoRecipe
-    from archplan.planning.layout import PartialLayout
+    from archplan.planning.cluster import StatesConvention
+    from archplan.planning.layout import Layout, PartialLayout
     from archplan.planning.optimal import Optimum
     from archplan.planning.parallel import Evaluated, RailBound, SearchResult, Settings
     from archplan.planning.solve import SolveResult
@@ -343,7 +344,7 @@ def _plot_layouts(result: SearchResult, path: str, force: bool) -> None:
     rows = _table_rows(result)
     gib = float(1 << 30)
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
-    labels = [e.layout.label for e in rows]
+    labels = [_label(e.layout, result.settings.states) for e in rows]
     left = [0.0] * len(rows)
     for name in ("parameters", "gradients", "optimizer", "activations", "temporary"):
         values = [getattr(e.memory, name) / gib for e in rows]
@@ -459,15 +460,20 @@ def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[
     return d, f"compute-optimal D for N = {which} params under {choice.value}"
 
 
+def _label(layout: Layout, states: StatesConvention) -> str:
+    """The layout's label as the states' engine names its ZeRO-3: DeepSpeed's is not FSDP."""
+    return layout.label.replace("FSDP/ZeRO-3", "ZeRO-3") if states.module_fetch else layout.label
+
+
 def _layout_row(e: Evaluated, tokens: float, usable: int,
-                spread: tuple[float, float] | None) -> dict[str, Any]:
+                spread: tuple[float, float] | None, states: StatesConvention) -> dict[str, Any]:
     from archplan.planning.layout import round_size
     from archplan.planning.parallel import training_days
 
     lay, mem = e.layout, e.memory
     days = training_days(e, tokens)
     return {
-        "layout": lay.spec, "label": lay.label,
+        "layout": lay.spec, "label": _label(lay, states),
         "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "vpp": lay.vpp, "group": round_size(lay, e.microbatches),
         "dp": lay.dp, "ep": lay.ep,
         "zero": lay.zero, "recompute": lay.recompute, "mb": lay.mb, "sp": lay.sequence_parallel,
@@ -757,7 +763,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fitting": result.fitting,
         "notes": ([seq_note] if seq_note else []) + _all_notes(result, bound, host_note),
         "network_bound": _network_json(bound),
-        "layouts": [_layout_row(e, tokens, result.usable_bytes, spread) for e in shown],
+        "layouts": [_layout_row(e, tokens, result.usable_bytes, spread, result.settings.states) for e in shown],
     }
 
 
@@ -806,7 +812,7 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
         return nbytes(e.memory.total) + ("" if e.fits else " ✗")
 
     return (
-        _Column("layout", lambda e: e.layout.label, justify="left", wraps=True),
+        _Column("layout", lambda e: _label(e.layout, result.settings.states), justify="left", wraps=True),
         _Column("m", lambda e: str(e.microbatches)),
         _Column("params", lambda e: nbytes(e.memory.parameters), 4),
         _Column("grads", lambda e: nbytes(e.memory.gradients), 3),
