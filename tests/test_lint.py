@@ -82,6 +82,11 @@ def test_a_kv_cache_just_over_its_budget_says_by_how_much() -> None:
     (finding,) = [f for f in lint_text(spec, "k.yaml") if f.code == "AP015"]
     assert finding.message.endswith("is 1.00 GiB (bf16), over target_device_memory_gib 1 GiB by 4,194,304 B")
     assert finding.fix is not None and finding.fix.startswith("batch ≤ 256 fits")
+    # a budget under 1 GiB reads in the cache's unit too; none fitting says so before the remedies
+    tiny = spec.replace("target_device_memory_gib: 1}", "target_device_memory_gib: 0.001}")
+    (finding,) = [f for f in lint_text(tiny, "k.yaml") if f.code == "AP015"]
+    assert finding.message.endswith("over target_device_memory_gib 0.001 GiB (1.02 MiB)")
+    assert finding.fix is not None and finding.fix.startswith("not even one sequence fits: fewer KV heads")
 
 
 def test_the_presets_schema_modeline_resolves_from_the_repository_root() -> None:

@@ -326,12 +326,15 @@ def check_kv_cache(ctx: SpecContext) -> Iterator[Hit]:
         fits = int(budget // per_sequence)
         # rounded alike, the two sizes would read equal: the excess in bytes says by how much
         by = f" by {total - budget:,.0f} B" if nbytes(total) == nbytes(budget) else ""
+        # a budget under 1 GiB reads in the unit the cache is printed in
+        gib = training.target_device_memory_gib
+        target = f"{gib:g} GiB" + (f" ({nbytes(budget)})" if gib < 1 else "")
+        smaller = "fewer KV heads (GQA/MQA/MLA), a sliding window, or an 8-bit cache (half the bytes)"
         yield Hit(
             ("training", "target_device_memory_gib"),
             f"the KV cache alone at max_seq_len {context:,} × batch {training.batch:,} is {nbytes(total)} "
-            f"(bf16), over target_device_memory_gib {training.target_device_memory_gib:g} GiB{by}",
-            (f"batch ≤ {fits:,} fits the cache" if fits else "not even one sequence fits")
-            + "; or fewer KV heads (GQA/MQA/MLA), a sliding window, or an 8-bit cache (half the bytes)",
+            f"(bf16), over target_device_memory_gib {target}{by}",
+            f"batch ≤ {fits:,} fits the cache; or {smaller}" if fits else f"not even one sequence fits: {smaller}",
         )
 
 
