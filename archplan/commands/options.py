@@ -43,6 +43,13 @@ class MemoryKernelChoice(str, Enum):
     torch_cpu = "torch-cpu"
 
 
+def given_by_user(ctx: typer.Context, name: str) -> bool:
+    """Whether parameter `name` came from the command line or the environment, not its default."""
+    # by name: typer may carry its own copy of click's ParameterSource
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def refuse_foreign_options(ctx: typer.Context, mode: str, modes: Mapping[str, frozenset[str]]) -> None:
     """Refuse, in one line, an option given on the command line (or in the environment) that the
     chosen `mode` does not read: `modes` maps each mode of a command to the parameters it reads or
@@ -50,9 +57,7 @@ def refuse_foreign_options(ctx: typer.Context, mode: str, modes: Mapping[str, fr
     for param in ctx.command.params:
         if param.name is None or param.name in modes[mode] or not param.opts[0].startswith("-"):
             continue
-        # by name: typer may carry its own copy of click's ParameterSource
-        source = ctx.get_parameter_source(param.name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+        if given_by_user(ctx, param.name):
             owners = [m for m, names in modes.items() if param.name in names]
             # a --x/--no-x flag set false was given as --no-x: name the flag the user wrote
             secondary = getattr(param, "secondary_opts", None)

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import ForceOpt, JsonOpt, KernelChoice, length_option, refuse_foreign_options
+from archplan.commands.options import (
+    ForceOpt,
+    JsonOpt,
+    KernelChoice,
+    given_by_user,
+    length_option,
+    refuse_foreign_options,
+)
 from archplan.console import echo
 from archplan.errors import ArchplanError
 from archplan.outfile import SPEC_SUFFIXES, check_target
@@ -1243,11 +1250,9 @@ def register(app: typer.Typer) -> None:
                                  fp8_scaling, cudnn_norm)
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
-            source = ctx.get_parameter_source("top")
-            top_given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force, top,
-                        top_given)
+                        given_by_user(ctx, "top"))
         else:
             if gpus is not None or layout is not None:
                 raise ArchplanError("--gpus/--layout go with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
