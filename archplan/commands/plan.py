@@ -430,7 +430,7 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
             + ", ".join(f"{k} = {v:,}" for k, v in best.values.items())
             + " ("
             # the count too: a miss of a few parameters reads -0.000% at any useful precision
-            + ", ".join(f"{name} off by {(best.total if name == 'total' else best.active) - target:+,.0f} "
+            + ", ".join(f"{name} off by {best.count(name) - target:+,.0f} "
                         f"({best.errors[name]:+.3%})" for name, target in result.targets.items())
             + ")"
         )

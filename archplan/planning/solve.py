@@ -84,6 +84,10 @@ class Candidate:
     def worst(self) -> float:
         return max(abs(e) for e in self.errors.values())
 
+    def count(self, target: Literal["total", "active"]) -> int:
+        """The parameters a target names: the total or the active count."""
+        return self.total if target == "total" else self.active
+
 
 @dataclass(frozen=True)
 class SolveResult:
@@ -115,8 +119,7 @@ class SolveResult:
         widths = [name for name in self.unknowns if name in {dotted(p) for p in WIDTHS}]
         if self.solved or not widths or any(best.values[w] != self.multiple for w in widths):
             return None
-        over = [(name, best.total if name == "total" else best.active, target)
-                for name, target in self.targets.items()
+        over = [(name, best.count(name), target) for name, target in self.targets.items()
                 if best.errors[name] > self.tolerance]
         if not over:
             return None
