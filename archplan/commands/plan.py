@@ -266,7 +266,6 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None)
     from rich.table import Table
 
     from archplan.planning.design import NoRecipe
-
     from archplan.units import count, sci, things
 
     console = _console()
@@ -1407,14 +1406,16 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
     if settings.cp_comm != "all_gather" and given.get("cp") == 1:
         raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
                             "the given --layout has cp=1")
-    others = math.prod(int(given.get(degree, 1)) for degree in ("tp", "pp", "dp"))
-    if settings.cp_comm != "all_gather" and "cp" not in given and attention and gpus <= others:
-        raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
-                            f"--gpus {gpus:,}{' with the given --layout' if others > 1 else ''} leaves cp=1")
-    if settings.cp_comm != "all_gather" and "cp" not in given and seq < 2 * CP_MIN_TOKENS and attention:
-        raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and the "
-                            f"search tries cp > 1 only from {2 * CP_MIN_TOKENS:,} tokens (each rank keeping "
-                            f"≥ {CP_MIN_TOKENS:,}), not at --seq {seq:,}: give --layout cp=N, or a longer --seq")
+    if settings.cp_comm != "all_gather" and "cp" not in given and attention:
+        others = math.prod(int(given.get(degree, 1)) for degree in ("tp", "pp", "dp"))
+        if gpus <= others:
+            raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
+                                f"--gpus {gpus:,}{' with the given --layout' if others > 1 else ''} leaves cp=1")
+        if seq < 2 * CP_MIN_TOKENS:
+            raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
+                                f"the search tries cp > 1 only from {2 * CP_MIN_TOKENS:,} tokens (each rank "
+                                f"keeping ≥ {CP_MIN_TOKENS:,}), not at --seq {seq:,}: give --layout cp=N, or a "
+                                "longer --seq")
     for degree, what in (("tp", "the tensor-parallel traffic behind its GEMMs"),
                          ("pp", "the pipeline's sends and receives behind compute")):
         if degree in settings.overlap and given.get(degree) == 1:

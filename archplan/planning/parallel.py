@@ -745,8 +745,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
             if why:
                 raise ArchplanError(f"--layout: cp={given['cp']}: {why}")
     why = (states_problem(int(given.get("pp", 1)), int(given.get("zero", 0)), settings.states)
-           or schedule_problem(settings.overlap, int(given["pp"]) if "pp" in given else None,
-                               int(given["vpp"]) if "vpp" in given else None)
+           or schedule_problem(settings.overlap, fixed.pp, fixed.vpp)
            or expert_sp_problem(settings.states.engine, fixed.tp, fixed.ep, fixed.sp))
     if why:
         raise ArchplanError(f"--layout: {why}")
