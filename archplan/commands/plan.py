@@ -800,6 +800,12 @@ class _Column:
     hide_rank: int | None = None  # the order in which a narrow terminal hides it; None: always shown
     justify: Literal["left", "right"] = "right"
     wraps: bool = False
+    split: bool = False  # one of the memory split's columns (or its bar), which a stacked table leaves out
+    one_line: str | None = None  # its name on one line, where the header's second line is a unit
+
+    @property
+    def name(self) -> str:
+        return self.one_line or self.header.replace("\n", " ")
 
 
 LAYOUT_MIN_WIDTH = 14  # a layout label (up to ~40 characters) on at most three lines
@@ -820,14 +826,14 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
     return (
         _Column("layout", lambda e: _label(e.layout, result.settings.states), justify="left", wraps=True),
         _Column("m", lambda e: str(e.microbatches)),
-        _Column("params", lambda e: nbytes(e.memory.parameters), 4),
-        _Column("grads", lambda e: nbytes(e.memory.gradients), 3),
-        _Column("optim.", lambda e: nbytes(e.memory.optimizer), 2),
-        _Column("activ.", lambda e: nbytes(e.memory.activations), 5),
-        _Column("temp.", lambda e: nbytes(e.memory.temporary), 1),
+        _Column("params", lambda e: nbytes(e.memory.parameters), 4, split=True),
+        _Column("grads", lambda e: nbytes(e.memory.gradients), 3, split=True),
+        _Column("optim.", lambda e: nbytes(e.memory.optimizer), 2, split=True),
+        _Column("activ.", lambda e: nbytes(e.memory.activations), 5, split=True),
+        _Column("temp.", lambda e: nbytes(e.memory.temporary), 1, split=True),
         _Column("total", mark),
-        _Column(BAR_HEADER, lambda e: _memory_bar(e, result.usable_bytes), 6, "left"),
-        _Column("step\ns", lambda e: amount(e.time.total)),
+        _Column(BAR_HEADER, lambda e: _memory_bar(e, result.usable_bytes), 6, "left", split=True),
+        _Column("step\ns", lambda e: amount(e.time.total), one_line="step (s)"),
         _Column("comm +\nbubble", lambda e: percent(e.time.exposed / e.time.total), 8),
         _Column("MFU", lambda e: percent(e.mfu)),
         _Column("tok/s\nper GPU", lambda e: f"{e.tokens_per_s_per_gpu:,.0f}"),
@@ -868,15 +874,9 @@ def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: flo
         if table_width(_build_table(rows, columns, title, narrowest=True)) > width:
             # the figures fold under each label, so all but the memory split (the bar's) come back
             every = list(_layout_columns(result, tokens))
-            shown = [c for c in every if c.header not in MEMORY_SPLIT]
-            return _stacked_table(rows, shown, title), [c.header for c in every if c.header in MEMORY_SPLIT]
+            return (_stacked_table(rows, [c for c in every if not c.split], title),
+                    [c.header for c in every if c.split])
     return _build_table(rows, columns, title), hidden
-
-
-# the columns of the memory split and its bar, which a stacked table leaves to --json
-MEMORY_SPLIT = ("params", "grads", "optim.", "activ.", "temp.", BAR_HEADER)
-# how a stacked table names a figure whose column header is two lines with its unit
-STACKED_NAME = {"step\ns": "step (s)", "comm +\nbubble": "comm + bubble", "tok/s\nper GPU": "tok/s per GPU"}
 
 
 def _stacked_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: str) -> Any:
@@ -889,7 +889,7 @@ def _stacked_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: s
     table.add_column("layout, then its figures", overflow="fold")
     for i, e in enumerate(rows, 1):
         label, *figures = columns
-        pairs = " · ".join(f"{STACKED_NAME.get(col.header, col.header)} {col.cell(e)}" for col in figures)
+        pairs = " · ".join(f"{col.name} {col.cell(e)}" for col in figures)
         table.add_row(str(i), f"{label.cell(e)}\n{pairs}")
     return table
 
