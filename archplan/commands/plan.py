@@ -468,7 +468,7 @@ def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[
 
 def _label(layout: Layout, states: StatesConvention) -> str:
     """The layout's label as the states' engine names its ZeRO-3: DeepSpeed's is not FSDP."""
-    return layout.label.replace("FSDP/ZeRO-3", "ZeRO-3") if states.module_fetch else layout.label
+    return layout.named("ZeRO-3") if states.module_fetch else layout.label
 
 
 def _layout_row(e: Evaluated, tokens: float, usable: int,

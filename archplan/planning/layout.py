@@ -89,6 +89,10 @@ class Layout:
 
     @property
     def label(self) -> str:
+        return self.named()
+
+    def named(self, zero3: str = "FSDP/ZeRO-3") -> str:
+        """The label, its ZeRO-3 as the states' engine names it (DeepSpeed's is not FSDP)."""
         parts = [f"TP{self.tp}"]
         if self.cp > 1:
             parts.append(f"CP{self.cp}")
@@ -97,7 +101,7 @@ class Layout:
         parts.append(f"DP{self.dp}")
         if self.ep > 1:
             parts.append(f"EP{self.ep}")
-        parts.append("FSDP/ZeRO-3" if self.zero == 3 else f"ZeRO-{self.zero}")
+        parts.append(zero3 if self.zero == 3 else f"ZeRO-{self.zero}")
         parts.append(f"{self.recompute} mb{self.mb}" + (" SP" if self.sequence_parallel else ""))
         return " ".join(parts)
 
