@@ -219,8 +219,12 @@ def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_exper
         return (f"tp={layout.tp} spans more than one node of {gpus_per_node} GPUs "
                 "(tensor parallelism needs the in-node links)")
     if gpus_per_node % layout.tp:
+        used = gpus_per_node // layout.tp * layout.tp
+        # an NVL72 job often takes 64 GPUs of each rack: Slurm segments of 16 four-GPU trays
+        hint = (f"; a job that uses {used} GPUs of each node says so with --gpus-per-node {used}"
+                if gpus_per_node > 8 else "")
         return (f"tp={layout.tp} does not divide the node's {gpus_per_node} GPUs: TP groups of consecutive "
-                "ranks would straddle two nodes (tensor parallelism needs the in-node links)")
+                f"ranks would straddle two nodes (tensor parallelism needs the in-node links){hint}")
     if layout.stage_ranks % layout.ep:
         return (f"ep={layout.ep} must divide the {layout.stage_ranks} ranks of a pipeline stage "
                 f"(tp·cp·dp = {layout.tp}·{layout.cp}·{layout.dp}), over which the experts fold")
