@@ -175,6 +175,16 @@ def _positive_amount(text: str, option: str) -> float:
     return value
 
 
+def _token_count(text: str) -> float:
+    """--tokens beside a SPEC: a count of training tokens, in the range `size --tokens` takes."""
+    from archplan.report import MAX_TOKENS
+
+    value = _positive_amount(text, "--tokens")
+    if not 1 <= value <= MAX_TOKENS:
+        raise ArchplanError(f"--tokens must be between 1 and {MAX_TOKENS:.0e}, got {value:.10g}")
+    return value
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -1241,7 +1251,7 @@ def register(app: typer.Typer) -> None:
                                     f"archplan plan {spec} --gpus 1024")
             if force and plot is None:
                 raise ArchplanError("--force overwrites the --plot figure; the layout search writes nothing else")
-            train_tokens = None if tokens is None else _positive_amount(tokens, "--tokens")
+            train_tokens = None if tokens is None else _token_count(tokens)
             settings = _settings(efficiency, states, attention, grad_reduce, cp_comm, overlap, precision,
                                  flash_impl, early_stop, fused_qkv, cross_entropy, ring_nics, optimizer_moments,
                                  master_weights, dispatcher, fp8_experts, fp8_dispatch, fp8_params,

@@ -612,7 +612,7 @@ def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: flo
     sequences = round(global_batch_tokens / seq)
     if sequences < 1:
         raise ArchplanError(
-            f"--global-batch-tokens {global_batch_tokens:,.0f} is less than one sequence of {seq:,} tokens")
+            f"--global-batch-tokens {global_batch_tokens:,.10g} is less than one sequence of {seq:,} tokens")
     return sequences
 
 
