@@ -112,6 +112,18 @@ def test_extrapolation_takes_each_kind_s_median_share_over_the_passes() -> None:
     assert ext.scale() == pytest.approx(0.05 + 2 * 0.02 + 2 * 0.03)
 
 
+def test_timings_that_spread_like_a_loaded_host_s_are_named() -> None:
+    """p90 past 1.5× p10 gets a line (text mode's note, --json's prefill.noise); a steady run, or
+    one too short to have a spread, gets none."""
+    from archplan.bench.timing import Timing
+
+    assert Timing((0.10, 0.101, 0.102, 0.099, 0.1)).noise_note("prefill") is None
+    assert Timing((0.1, 0.4)).noise_note("prefill") is None
+    note = Timing((0.10, 0.11, 0.10, 0.25, 0.31)).noise_note("prefill")
+    assert note is not None and note.startswith("prefill timings spread 3.10× from p10 to p90 (past 1.5×")
+    assert "rerun on an idle machine or with more --iters" in note
+
+
 def test_roofline_is_max_of_compute_and_memory() -> None:
     plan = plan_of(TINY)
     roof = predict_prefill(plan, 1, 32, 2, peak=1e12, bandwidth=1e11)

@@ -152,6 +152,7 @@ class BenchResult:
                 "measured_median_s": self.prefill.median,
                 "p10_s": self.prefill.quantile(0.1),
                 "p90_s": self.prefill.quantile(0.9),
+                "noise": self.prefill.noise_note("prefill"),
                 "tokens_per_s": self.tokens_per_s,
                 "flops": self.prefill_flops,
                 "flops_convention": "analytic forward, 2 FLOPs/MAC, attention causal",

@@ -3,6 +3,7 @@ on CPU, under one transient rich progress bar."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +25,29 @@ class Timing:
     def quantile(self, q: float) -> float:
         ordered = sorted(self.samples)
         return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    @property
+    def spread(self) -> float:
+        """p90 / p10: one kernel sequence timed again on an idle machine stays within a few percent."""
+        low = self.quantile(0.1)
+        return self.quantile(0.9) / low if low > 0 else 1.0
+
+    def noise_note(self, what: str) -> str | None:
+        """A line when the timings spread past NOISY_SPREAD, which an idle host does not show: the
+        median still stands, but another process (or throttling) shared the run."""
+        if len(self.samples) < 3 or self.spread <= NOISY_SPREAD:
+            return None
+        load = ""
+        if hasattr(os, "getloadavg"):
+            load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        return (f"{what} timings spread {self.spread:.2f}× from p10 to p90 (past {NOISY_SPREAD:.1f}×, "
+                "which one forward repeated back to back does not reach alone){load}: the median is reported, but rerun on an idle machine or with "
+                "more --iters before trusting it")
+
+
+# p90/p10 of repeated timings beyond which a run is called noisy: the same forward timed back to
+# back repeats its kernels, so only another load (or throttling) makes one take half again as long.
+NOISY_SPREAD = 1.5
 
 
 def progress_bar(console: Console) -> Progress:
