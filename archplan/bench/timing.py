@@ -40,9 +40,9 @@ class Timing:
         load = ""
         if hasattr(os, "getloadavg"):
             load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-        return (f"{what} timings spread {self.spread:.2f}× from p10 to p90 (past {NOISY_SPREAD:.1f}×, "
-                "which one forward repeated back to back does not reach alone){load}: the median is reported, but rerun on an idle machine or with "
-                "more --iters before trusting it")
+        return (f"{what} timings spread {self.spread:.2f}× from p10 to p90 (past {NOISY_SPREAD:.1f}×, which "
+                f"one forward repeated back to back does not reach alone){load}: the median is reported, "
+                "but rerun on an idle machine or with more --iters before trusting it")
 
 
 # p90/p10 of repeated timings beyond which a run is called noisy: the same forward timed back to
