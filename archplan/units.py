@@ -71,6 +71,13 @@ def nbytes(n: float) -> str:
     return _in_unit(n, _BYTES) or f"{n:,.0f} B"
 
 
+def overshoot(needed: float, limit: float) -> str:
+    """', over it by 3.07 MiB' where `needed` passes `limit` but both print as one figure ('72.0 GiB
+    > 72.0 GiB' alone reads as a contradiction); '' otherwise."""
+    close = needed > limit and nbytes(needed) == nbytes(limit)
+    return f", over it by {nbytes(needed - limit)}" if close else ""
+
+
 def flops(n: float, unit: str = "FLOP") -> str:
     """1.23e15 -> '1.23 PFLOP' (pass unit='FLOP/s' for rates)."""
     return _in_unit(n, _FLOPS, unit) or f"{n:.3g} {unit}"

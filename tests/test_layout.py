@@ -1473,6 +1473,18 @@ def test_cli_unfit_layout_shows_its_breakdown(capsys: pytest.CaptureFixture[str]
     assert "does not fit: pipeline rank 0 needs 856 GiB > 72.0 GiB usable (parameters 94.5 GiB" in out
 
 
+def test_cli_an_overshoot_within_the_printed_digits_says_by_how_much(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """72.0030 GiB against 72.0 GiB usable printed "72.0 GiB > 72.0 GiB": now by how much too."""
+    from archplan.units import overshoot
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--seq", "3826",
+                       "--global-batch-tokens", "244864", "--layout", "tp=1,cp=1,pp=1,dp=8,zero=1,recompute=none,mb=1")
+    assert code == 1 and "needs 72.0 GiB > 72.0 GiB usable, over it by 3.06 MiB (parameters" in out
+    assert overshoot(80 * 2**30, 72 * 2**30) == "" and overshoot(72 * 2**30, 72 * 2**30) == ""
+
+
 def test_cli_infeasible_states_the_states_bytes(capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     for states, per_param in (("megatron", 18), ("zero", 16)):

@@ -1008,13 +1008,14 @@ def _table_rows(result: SearchResult) -> tuple[Evaluated, ...]:
 def _given_unfit(result: SearchResult) -> str | None:
     """Why the given layout, kept although it does not fit (`search`'s keep_unfit), does not;
     None when it fits or none was given. A search's own reasons are `result.reasons`."""
-    from archplan.units import nbytes
+    from archplan.units import nbytes, overshoot
 
     if not result.ranked or result.ranked[0].fits:
         return None
     e = result.ranked[0]
     mem = e.memory
-    return (f"pipeline rank {e.stage} needs {nbytes(mem.total)} > {nbytes(result.usable_bytes)} usable (parameters "
+    return (f"pipeline rank {e.stage} needs {nbytes(mem.total)} > {nbytes(result.usable_bytes)} usable"
+            f"{overshoot(mem.total, result.usable_bytes)} (parameters "
             f"{nbytes(mem.parameters)}, gradients {nbytes(mem.gradients)}, optimizer {nbytes(mem.optimizer)}, "
             f"activations {nbytes(mem.activations)}, temporary {nbytes(mem.temporary)})")
 

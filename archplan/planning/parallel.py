@@ -69,7 +69,7 @@ from archplan.resolve import (
     S4Plan,
     StripedHyenaPlan,
 )
-from archplan.units import nbytes, things
+from archplan.units import nbytes, overshoot, things
 
 GB = 1e9
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
@@ -817,7 +817,7 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, tightest
             f"{tightest.stage} needs {nbytes(mem.total)} per GPU (parameters {nbytes(mem.parameters)}, "
             f"gradients {nbytes(mem.gradients)}, optimizer {nbytes(mem.optimizer)}, activations "
             f"{nbytes(mem.activations)}, temporary {nbytes(mem.temporary)}) > {nbytes(usable)} usable of "
-            f"{nbytes(gpu.memory_bytes)}; {why}",)
+            f"{nbytes(gpu.memory_bytes)}{overshoot(mem.total, usable)}; {why}",)
 
 
 def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Interconnect, tp_reasons: dict[int, str],
