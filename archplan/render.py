@@ -179,7 +179,7 @@ def _training_table(r: dict[str, Any]) -> _Section:
         f"recompute {t['recompute']})",
         t["convention"] + f"; activations per Korthikanti et al. 2022, per saved tensor, {t['activation_dtype']}"
         + (f" (residual stream {t['residual_dtype']})" if t["residual_dtype"] != t["activation_dtype"] else "")
-        + f", {t['attention_kernel']} attention; "
+        + f", {t['attention_kernel']} attention, no dropout (Korthikanti's 34sbh + 5as²b counts its masks); "
         "total = the states + the step's largest transient phase (docs/figures.md §5)",
         ("", "left"), ("bytes", "right"), ("share", "right"), ("", "left"))
     rows = [("weights (bf16, 2 B/param)", t["weights"]), ("gradients (bf16, 2 B/param)", t["grads"]),
