@@ -68,11 +68,11 @@ def test_mamba_states() -> None:
 
 def test_jamba_state_and_attention() -> None:
     p = resolve(load_spec("jamba-v0.1"))
-    kv = kv_cache(p, 1000, batch=2, dtype_bytes=1)
-    assert kv.ssm_state_bytes == 2 * 4_587_520
-    assert kv.bytes == 2 * (4_587_520 + 1000 * 8_192)
+    kv = kv_cache(p, 1000, batch=2, dtype_bytes=1)  # an fp8 cache: K/V 1 B, the Mamba states still 2 B
+    assert kv.ssm_state_bytes == 2 * 4_587_520 * 2
+    assert kv.bytes == 2 * (4_587_520 * 2 + 1000 * 8_192)
     assert kv.by_component["layers.4.mixer"] == 2 * 1000 * 2 * 8 * 128
-    assert kv.by_component["layers.0.mixer"] == 2 * (8192 * 4 + 8192 * 16)
+    assert kv.by_component["layers.0.mixer"] == 2 * (8192 * 4 + 8192 * 16) * 2
     assert list(kv.by_component) == [f"layers.{i}.mixer" for i in range(32)]
 
 

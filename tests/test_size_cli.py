@@ -157,6 +157,19 @@ def test_kv_options() -> None:
         fp8["memory"]["weights_bytes"] + fp8["kv_cache"]["bytes"])
 
 
+def test_a_quantized_kv_cache_leaves_recurrent_states_in_16_bits() -> None:
+    """--kv-dtype fp8/int4 halves/quarters Jamba's K and V, not its Mamba states (engines keep
+    those in the model's dtype); fp32 widens both."""
+    def kv(dtype: str) -> dict[str, int]:
+        return size_json("jamba-v0.1", "--context", "4096", "--batch", "3", "--kv-dtype", dtype)["kv_cache"]
+
+    bf16, fp8, int4, fp32 = kv("bf16"), kv("fp8"), kv("int4"), kv("fp32")
+    assert fp8["ssm_state_bytes"] == int4["ssm_state_bytes"] == bf16["ssm_state_bytes"] > 0
+    assert fp32["ssm_state_bytes"] == 2 * bf16["ssm_state_bytes"]
+    attention = {k: v["bytes"] - v["ssm_state_bytes"] for k, v in (("bf16", bf16), ("fp8", fp8), ("int4", int4))}
+    assert attention["bf16"] == 2 * attention["fp8"] == 4 * attention["int4"]
+
+
 def test_a_context_past_a_rope_models_length_is_sized_with_a_note() -> None:
     """RoPE past max_seq_len is sized (a user may plan to scale it) but says it was not trained
     there, in --json, under size's KV table and in compare's notes; at or below the length, and on

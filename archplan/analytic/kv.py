@@ -43,6 +43,11 @@ from archplan.resolve import (
 # S4 and StripedHyena keep their complex state in complex64 whatever the model dtype
 # (state-spaces/s4 `default_state`; stripedhyena engine `prefill_via_modal_fft`, state_dtype).
 FP32_BYTES = 4
+# A quantized KV cache (fp8, int8, int4) quantizes attention's keys and values only: engines keep
+# recurrent states (Mamba's conv and SSM state, Hyena's) in the model's dtype, which their own
+# option sets (vLLM: `mamba_cache_dtype` / `mamba_ssm_cache_dtype`, "auto" = the model's dtype,
+# apart from `kv_cache_dtype`). So a state takes the cache dtype, but never under 16 bits.
+STATE_MIN_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -103,15 +108,16 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
     if not dtype_bytes > 0:
         raise ArchplanError(f"dtype_bytes must be positive (got {dtype_bytes!r})")
 
+    state_bytes = max(dtype_bytes, STATE_MIN_BYTES)
     by_component: dict[str, int] = {}
     per_token = state_elements = state_fp32 = conv_per_token = shared = 0
     naive_mla: int | None = None
     for layer in plan.layers:
         cache = _layer_cache(layer.mixer, plan.d_model)
         positions = context if cache.window is None else min(context, cache.window)
-        by_component[f"{layer.path}.mixer"] = _bytes(
-            batch * (positions * cache.per_token + cache.state), dtype_bytes
-        ) + (batch * cache.state_fp32 + positions * cache.shared_fp32_per_token) * FP32_BYTES
+        by_component[f"{layer.path}.mixer"] = (
+            _bytes(batch * positions * cache.per_token, dtype_bytes) + _bytes(batch * cache.state, state_bytes)
+            + (batch * cache.state_fp32 + positions * cache.shared_fp32_per_token) * FP32_BYTES)
         shared += positions * cache.shared_fp32_per_token * FP32_BYTES
         per_token += cache.per_token
         state_elements += cache.state
@@ -125,7 +131,7 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
         dtype_bytes=dtype_bytes,
         bytes_per_token=_bytes(per_token, dtype_bytes),
         bytes=sum(by_component.values()),
-        ssm_state_bytes=_bytes(batch * state_elements, dtype_bytes) + batch * state_fp32 * FP32_BYTES,
+        ssm_state_bytes=_bytes(batch * state_elements, state_bytes) + batch * state_fp32 * FP32_BYTES,
         by_component=by_component,
         naive_mla_bytes_per_token=_bytes(naive_mla, dtype_bytes) if naive_mla is not None else None,
         conv_bytes_per_token=_bytes(conv_per_token, dtype_bytes),
