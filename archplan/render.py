@@ -221,6 +221,11 @@ def _chinchilla_table(r: dict[str, Any]) -> _Section:
     caption = (f"N = {c['n_params_kind']} parameters ({units.count(c['n_params'])}; active "
                f"{units.count(c['active_params'])}); C = 6·N·D (Hoffmann et al. 2022 eq. 4); "
                f"{c['tokens_per_param']} tokens/param = {units.count(c['optimal_tokens'])} tokens")
+    # only where size's D is its own default: given tokens, plan prices the same ones
+    if c["plan_tokens"] is not None and c["tokens_source"] not in ("--tokens", "spec training.tokens"):
+        caption += (f"; `plan SPEC --gpus N` without --tokens or training.tokens prices "
+                    f"{units.count(c['plan_tokens'])} tokens instead: the Epoch fit's compute-optimal D "
+                    f"for N = {c['plan_tokens_params']} params (--law sets the fit)")
     table = _table(f"Chinchilla budget: D = {units.count(c['tokens'])} token{'' if c['tokens'] == 1 else 's'} "
                    f"({c['tokens_source']}), "
                    f"C = {units.sci(c['training_flops'])} FLOPs", caption,

@@ -36,6 +36,8 @@ from archplan.analytic.scaling import (
 from archplan.dtypes import BYTES, DType
 from archplan.errors import ArchplanError
 from archplan.hardware import accelerator
+from archplan.planning.optimal import LawChoice, allocate, law_params
+from archplan.planning.optimal import budget as optimal_budget
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -197,6 +199,12 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                              (float(planned), "spec training.tokens") if planned is not None else
                              (float(optimal_tokens), f"{TOKENS_PER_PARAM} tokens/param"))
     budget = training_flops(n_chinchilla, tokens)
+    # what `plan SPEC --gpus N` prices when neither --tokens nor the spec names the tokens
+    plan_n, plan_kind = law_params(params.total, params.active, spec.moe is not None)
+    try:
+        plan_tokens: float | None = allocate(LawChoice.epoch, optimal_budget(LawChoice.epoch, params=plan_n))[1]
+    except ArchplanError:
+        plan_tokens = None
     laws = {}
     for key in opts.laws:
         fit = law(key)
@@ -314,6 +322,8 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "optimal_tokens": optimal_tokens,
             "tokens": tokens,
             "tokens_source": tokens_source,
+            "plan_tokens": plan_tokens,
+            "plan_tokens_params": plan_kind,
             "training_flops": budget,
             "laws": laws,
             "gpu": gpu,

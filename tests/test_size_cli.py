@@ -486,6 +486,19 @@ def test_size_prices_the_specs_planned_tokens_as_plan_and_lint_do(tmp_path: Path
     assert default["tokens"] == default["optimal_tokens"] and default["tokens_source"] == "20 tokens/param"
 
 
+@pytest.mark.parametrize("preset", ["deepseek-v3", "llama-3-8b"])
+def test_size_names_the_tokens_plan_would_price(preset: str) -> None:
+    """size's default D is 20 tokens per total parameter; plan's layout search, given no tokens,
+    prices the Epoch fit's D for the active N (713 B for DeepSeek-V3, against 13.4 T): size's
+    --json carries plan's figure and its caption says so."""
+    size = json.loads(CliRunner().invoke(app, ["size", preset, "--json"]).output)["chinchilla"]
+    plan = json.loads(CliRunner().invoke(app, ["plan", preset, "--gpus", "256", "--top", "1", "--json"]).output)
+    assert size["plan_tokens"] == plan["training_tokens"]
+    assert size["plan_tokens_params"] == ("active" if preset == "deepseek-v3" else "total")
+    text = " ".join(CliRunner().invoke(app, ["size", preset], env={"COLUMNS": "200"}).output.split())
+    assert "`plan SPEC --gpus N` without --tokens or training.tokens prices" in text
+
+
 @pytest.mark.parametrize(("text", "value"), [
     ("4M", 4e6), ("15T", 15e12), ("16Mi", 16 * 2**20), ("2ki", 2048), ("1.5Gi", 1.5 * 2**30), ("1e9", 1e9),
 ])

@@ -457,14 +457,13 @@ def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[
     if spec.training is not None and spec.training.tokens is not None:
         return spec.training.tokens, "spec training.tokens"
     from archplan.analytic import count_params
-    from archplan.planning.optimal import MAX_COMPUTE, MIN_COMPUTE, LawChoice, allocate, budget
+    from archplan.planning.optimal import MAX_COMPUTE, MIN_COMPUTE, LawChoice, allocate, budget, law_params
     from archplan.resolve import resolve
     from archplan.units import count
 
     params = count_params(resolve(spec))
-    n = params.active if spec.moe is not None else params.total
+    n, which = law_params(params.total, params.active, spec.moe is not None)
     choice = LawChoice(law.value)
-    which = "active" if spec.moe is not None else "total"
     try:
         d = allocate(choice, budget(choice, params=n))[1]
     except ArchplanError:

@@ -74,6 +74,13 @@ class Optimum:
         return self.optimal.tokens / self.optimal.params
 
 
+def law_params(total: int, active: int, routed: bool) -> tuple[int, str]:
+    """The N a model's token budget is read for, and its name: the active count for a model with
+    routed experts, since the laws were fitted on dense models, where a token costs 6·N_active
+    training FLOPs (docs/plan.md, "Budget")."""
+    return (active, "active") if routed else (total, "total")
+
+
 def allocate(choice: LawChoice, compute: float) -> tuple[float, float]:
     """(N_opt, D_opt) for C under the chosen rule."""
     match choice:
