@@ -8,6 +8,7 @@ from pathlib import Path
 from archplan.errors import ArchplanError
 
 SPEC_SUFFIXES = (".yaml", ".yml")
+SCHEMA_SUFFIXES = (".json",)
 
 
 def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[str, ...] = ()) -> Path:

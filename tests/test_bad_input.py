@@ -401,7 +401,7 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
     """plan -o, import -o, schema -o and every --plot go through one check (`archplan.outfile`):
     a folder is named as one even with --force (it was "cannot write: Is a directory" under
     schema), and a user's file is kept without --force."""
-    suffix = ".png" if command[-1] == "--plot" else ".yaml"
+    suffix = ".png" if command[-1] == "--plot" else ".json" if command[0] == "schema" else ".yaml"
     folder = tmp_path / f"folder{suffix}"
     folder.mkdir()
     assert_one_line_error(cli(*command, str(folder), "--force"), "is a directory; expected a file")
@@ -410,6 +410,8 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
     assert_one_line_error(cli(*command, str(mine)), "file exists; pass --force to overwrite")
     assert mine.read_text() == "mine"
     assert_one_line_error(cli(*command, str(tmp_path / "none" / f"x{suffix}")), "directory does not exist")
+    wrong = {".png": "x.txt", ".json": "x.yaml", ".yaml": "x.json"}[suffix]
+    assert_one_line_error(cli(*command, str(tmp_path / wrong)), "must end in")
 
 
 def test_a_field_of_another_kind_names_that_kind(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

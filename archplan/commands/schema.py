@@ -12,7 +12,7 @@ import typer
 from archplan.commands.options import ForceOpt
 from archplan.console import echo
 from archplan.errors import ArchplanError
-from archplan.outfile import check_target, write_text
+from archplan.outfile import SCHEMA_SUFFIXES, check_target, write_text
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what Pydantic 2 generates
 SCHEMA_NAME = "spec.schema.json"  # package data of `archplan`, beside presets/ (whose modelines use it)
@@ -54,5 +54,5 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --output file; without it the schema goes to stdout")
             echo(text, nl=False)
             return
-        write_text(check_target(output, force=force, field="-o"), text)
+        write_text(check_target(output, force=force, field="-o", suffixes=SCHEMA_SUFFIXES), text)
         typer.echo(f"wrote {output}", err=True)
