@@ -404,8 +404,24 @@ def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
         raise _pydantic_errors(exc, loaded, file) from None
 
 
+# Partial specs of the presets `plan --solve` made (`presets/partial/NAME.yaml`), by name as presets
+# are: `archplan plan --solve gpt-4-partial --total 1.8e12 ...` runs outside a checkout too.
+PARTIALS_DIR = PRESETS_DIR / "partial"
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def partial_names() -> list[str]:
+    return sorted(p.stem for p in PARTIALS_DIR.glob("*.yaml"))
+
+
+def find_partial_path(name_or_path: str) -> Path:
+    """A bundled partial spec by its bare name (gpt-4-partial), else what `find_spec_path` finds."""
+    if name_or_path in partial_names() and not Path(name_or_path).exists():
+        return PARTIALS_DIR / f"{name_or_path}.yaml"
+    return find_spec_path(name_or_path)
 
 
 def find_spec_path(name_or_path: str) -> Path:

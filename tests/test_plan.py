@@ -239,6 +239,20 @@ def test_solve_dense_width_from_total(tmp_path: Path) -> None:
     assert result.solved and result.nearest.values == {"ffn.d_ff": 14336}
 
 
+@pytest.mark.parametrize("preset", ["gpt-4-rumored", "claude-3-opus-rumored"])
+def test_the_bundled_partials_make_the_rumoured_presets(preset: str) -> None:
+    """Each rumoured preset's header names the solve that built it, with a partial spec bundled by
+    name: run as written, it finds the preset's counts exactly."""
+    header = (PRESETS_DIR / f"{preset}.yaml").read_text().splitlines()[1]
+    args = header.removeprefix("# built with: archplan plan --solve ").split()
+    options = dict(zip(args[1::2], args[2::2]))
+    active = float(options["--active"]) if "--active" in options else None
+    result = solve(args[0], Targets(float(options["--total"]), active),
+                   tolerance=float(options.get("--tol", 0.01)), multiple=int(options["--multiple"]))
+    counts = count_params(resolve(load_spec(preset)))
+    assert result.nearest.count("total") == counts.total and result.nearest.count("active") == counts.active
+
+
 def test_solve_reports_no_integer_solution_with_the_nearest(tmp_path: Path) -> None:
     path = _partial(tmp_path, "mixtral-8x7b", lambda d: d["moe"]["expert"].update(d_ff="solve"))
     result = solve(path, Targets(MIXTRAL_TOTAL + 1, MIXTRAL_ACTIVE), tolerance=0)

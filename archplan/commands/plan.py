@@ -139,7 +139,7 @@ HELP = (
     "Examples:\n\n"
     "  archplan plan --compute 1e24 --family moe -o moe.yaml\n\n"
     "  archplan plan --params 70e9 --law chinchilla --json\n\n"
-    "  archplan plan --solve partial.yaml --total 1.8e12 --active 220e9\n\n"
+    "  archplan plan --solve gpt-4-partial --total 1.8e12 --active 220e9 --multiple 128 --tol 0.07\n\n"
     "  archplan plan llama-3-70b --gpus 1024 --gpu h100 --seq 8192 --global-batch-tokens 4M\n\n"
     "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100 --seq 8192 --global-batch-tokens 16M "
     "--layout tp=8,cp=1,pp=16,vpp=8,dp=128,ep=1,zero=1,recompute=none,mb=1\n\n"
@@ -1067,7 +1067,8 @@ def register(app: typer.Typer) -> None:
         plot: Annotated[str | None, typer.Option(
             "--plot", help="Figure (PNG/SVG/PDF): loss along the IsoFLOP curve, or the layouts' memory.")] = None,
         solve: Annotated[str | None, typer.Option(
-            "--solve", help="Partial spec YAML: sizes marked `solve` (or left out) are solved for.")] = None,
+            "--solve", help="Partial spec YAML: sizes marked `solve` (or left out) are solved for; "
+                            "gpt-4-partial and claude-3-opus-partial (the rumoured presets') are bundled.")] = None,
         total: Annotated[str | None, typer.Option("--total", help="Target total parameters, e.g. 1.8e12.")] = None,
         active: Annotated[str | None, typer.Option("--active", help="Target active parameters, e.g. 220e9.")] = None,
         tol: Annotated[float, typer.Option("--tol", help="Relative tolerance on each target.")] = 0.01,

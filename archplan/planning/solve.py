@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
-from archplan.loader import LoadedYaml, find_spec_path, parse_yaml, read_text, spec_from_data
+from archplan.loader import LoadedYaml, find_partial_path, parse_yaml, read_text, spec_from_data
 from archplan.resolve import resolve
 from archplan.spec import Spec
 
@@ -276,7 +276,7 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     if multiple < 1:
         raise ArchplanError(f"--multiple must be a positive integer, got {multiple}")
     file = str(partial)
-    loaded = parse_yaml(read_text(find_spec_path(file)), file)
+    loaded = parse_yaml(read_text(find_partial_path(file)), file)
     if not isinstance(loaded.data, dict):
         raise ArchplanError("expected a mapping of spec fields at the top level", file=file)
     data = loaded.data
