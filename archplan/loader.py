@@ -404,9 +404,10 @@ def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
         raise _pydantic_errors(exc, loaded, file) from None
 
 
-# Partial specs of the presets `plan --solve` made (`presets/partial/NAME.yaml`), by name as presets
-# are: `archplan plan --solve gpt-4-partial --total 1.8e12 ...` runs outside a checkout too.
-PARTIALS_DIR = PRESETS_DIR / "partial"
+# Partial specs of the presets `plan --solve` made (`archplan/partials/NAME.yaml`, beside the presets
+# so that linting those finds only whole specs), by name as presets are: `archplan plan --solve
+# gpt-4-partial --total 1.8e12 ...` runs outside a checkout too.
+PARTIALS_DIR = Path(str(resources.files("archplan") / "partials"))
 
 
 def preset_names() -> list[str]:
