@@ -531,6 +531,32 @@ def test_bench_nproc_refuses_an_unusable_device_before_launching() -> None:
     assert isinstance(out.exception, ArchplanError) and "CUDA is not available" in str(out.exception)
 
 
+@pytest.mark.parametrize(("env", "layout", "said"), [
+    ({}, "tp=4,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
+     "not run on torch.distributed: 4 query / 2 key-value heads do not split over tp=4"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
+     "RANK and WORLD_SIZE are set but MASTER_ADDR is not"),
+])
+def test_bench_layout_refuses_before_any_worker_starts(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                       layout: str, said: str) -> None:
+    """A head split the workers would refuse is refused before torchrun starts four of them (it
+    took 17 s to fail there), and a RANK/WORLD_SIZE left in the environment without torchrun's
+    rendezvous is one line, not init_process_group's traceback."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.distributed import bench
+    from archplan.errors import ArchplanError
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bench, "launch", lambda *a, **k: pytest.fail("workers were launched"))
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--seq", "32",
+                                   "--layout", layout])
+    assert isinstance(out.exception, ArchplanError) and said in str(out.exception)
+
+
 def test_bench_nproc_refuses_what_the_host_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU workers share the host's memory: plan's FSDP2 figure × the ranks above what is available
     is refused before launching (a 7B model's fp32 states on a 24 GB machine were killed mid-step)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -29,6 +31,11 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
     layout = given_layout(plan, layout_text, seq, "bench")
     plan.check_length(seq, "--seq")
     m = microbatches or layout.pp
+    if under_launcher() and "MASTER_ADDR" not in os.environ:
+        # RANK and WORLD_SIZE left in the environment, not a torchrun worker: init_process_group
+        # would stop at the missing rendezvous address with a traceback
+        raise ArchplanError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: start the workers with torchrun, "
+                            "or unset RANK and WORLD_SIZE and let bench launch its own (--nproc)")
     if under_launcher():
         result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)
         if result is None:
@@ -39,6 +46,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         if n != layout.world:
             raise ArchplanError(f"--nproc {n}: the layout has {things(layout.world, 'rank')}")
         kind = resolve_device(device).type  # an unusable device fails here, before any worker starts
+        _check_splits(plan, layout)
         if kind == "cpu":
             _check_host_memory(plan, layout, seq, m, n)
         argv = [spec, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
@@ -49,6 +57,21 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         echo(jsonout.dumps(asdict(result), indent=2))
     elif not under_launcher() or result is not None:
         render(result)
+
+
+def _check_splits(plan: ModelPlan, layout: Layout) -> None:
+    """What every worker would refuse when it shards its stage (heads that do not split over tp, a
+    mixer context parallelism cannot shard), asked once here on a meta-device stage holding every
+    layer, before torchrun starts workers to fail the same way."""
+    from archplan.distributed.context import refusal as cp_refusal
+    from archplan.distributed.plans import check_tp
+    from archplan.distributed.stage import Stage
+
+    with torch.device("meta"):
+        stage = Stage(plan, list(range(len(plan.layers))), first=True, last=True)
+    check_tp(plan, stage, layout.tp, layout.sequence_parallel)
+    if layout.cp > 1 and (why := cp_refusal(stage, layout.cp)):
+        raise ArchplanError(f"--layout: not run on torch.distributed: {why}")
 
 
 def _available_host_bytes() -> int | None:
