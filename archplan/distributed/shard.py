@@ -199,8 +199,8 @@ def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> No
 
 
 @contextmanager
-def embedding_unit_views() -> Iterator[None]:
-    """Run stage forwards without FSDP2's warning that the embedding's unit returned a view.
+def unit_view_outputs() -> Iterator[None]:
+    """Run stage forwards without FSDP2's warning that a unit (the embedding's, a block's) returned a view.
 
     FSDP2 warns whenever a unit's output is a view: an in-place op on it would bypass the unit's
     pre-backward hook and skip its gradient's reduction. `nn.Embedding`'s output always is one
@@ -209,11 +209,15 @@ def embedding_unit_views() -> Iterator[None]:
     place, and the multi-process parity tests compare the embedding's gradient with one process's,
     so the warning says nothing here. The same holds for a model chunk with no layers (more chunks
     than layers: 2 layers over pp = 2, vpp = 2), whose `Stage.forward` hands its input on as it
-    came, a view under TP; a chunk with layers returns a layer's fresh output. Only those messages,
-    for embedding units and stages, are silenced."""
+    came, a view under TP, and for a block that ends in a sequence-parallel norm (post, DeepNorm,
+    sandwich and reordered residuals), whose output is the norm's `DTensor.to_local()` view, under
+    any unit (FSDP2's sharded, replicated or checkpoint-wrapped): every block and stage takes its
+    input out of place (`x + f(x)`), and no archplan module writes into a block's output. Only
+    those messages, for embedding units, blocks and stages, are silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning,
-                                message=r"FSDP2-wrapped module \((\w*Embedding|FSDPStage)\) returned a view tensor")
+                                message=r"FSDP2-wrapped module \((\w*Embedding|\w*Stage|\w*Block|FSDPCheckpointWrapper)\) "
+                                        "returned a view tensor")
         yield
 
 

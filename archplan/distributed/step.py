@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from archplan.distributed.mesh import LayoutMesh
 from archplan.errors import ArchplanError
-from archplan.distributed.shard import Sharded, embedding_unit_views
+from archplan.distributed.shard import Sharded, unit_view_outputs
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class StageRunner:
             inp = torch.empty(self.hidden_shape, dtype=chunk.compute_dtype, device=self.device)
             dist.recv(inp, self.peer(-1), group=self.pp_group)
             inp.requires_grad_(True)
-        with embedding_unit_views():
+        with unit_view_outputs():
             out = stage(inp)
         if stage.last:
             with self.loss_context()():

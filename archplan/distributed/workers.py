@@ -32,7 +32,7 @@ from archplan.bench.device import device_peak, peak_memory, reset_peak_memory, s
 from archplan.dtypes import DType
 from archplan.distributed.context import shard_sequence
 from archplan.distributed.mesh import build_mesh
-from archplan.distributed.shard import embedding_unit_views, shard_stage
+from archplan.distributed.shard import unit_view_outputs, shard_stage
 from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.errors import ArchplanError
@@ -121,7 +121,7 @@ def _prefill(runner: StageRunner, batches: list[MicroBatch]) -> None:
                 else:
                     x = torch.empty(runner.hidden_shape, dtype=chunk.compute_dtype, device=runner.device)
                     dist.recv(x, runner.peer(-1), group=runner.pp_group)
-                with embedding_unit_views():
+                with unit_view_outputs():
                     out = stage(x)
                 if not stage.last:
                     runner.send(out, 1)

@@ -601,7 +601,7 @@ def _chunk_layers(data: ModelData, layers: range) -> ChunkLayers:
     return ChunkLayers(
         s4=s4,
         sub_blocks=sum(1 + _tp_ffn(layer) for layer in chosen) - s4,
-        ends_tp=sum(recompute_skips_last_gemm(layer) for layer in chosen),
+        ends_tp=sum(recompute_skips_last_gemm(layer, data.plan.residual) for layer in chosen),
         x_proj=_first_seen(layer.mixer.dt_rank + 2 * layer.mixer.d_state for layer in chosen
                            if isinstance(layer.mixer, Mamba1Plan)),
         stats=tuple((n, stats.count(n)) for n in sorted(set(stats))),
@@ -650,14 +650,22 @@ def uses_early_stop(states: StatesConvention, early_stop: bool | None) -> bool:
     return states.engine == "torch" if early_stop is None else early_stop
 
 
-def recompute_skips_last_gemm(layer: LayerPlan) -> bool:
+# Residuals that normalize each sub-block's reduced output (`modules.block.Block.forward`)
+NORM_AFTER_OUTPUT: frozenset[str] = frozenset({"post", "deepnorm", "sandwich", "reordered"})
+
+
+def recompute_skips_last_gemm(layer: LayerPlan, residual: str) -> bool:
     """Whether an early-stopping recompute (torch.utils.checkpoint, non-reentrant, PyTorch >= 2.1:
     it stops once every tensor the backward saved is rebuilt) skips the layer's last row-parallel
     GEMM and its reduction: whether nothing is saved for the backward after them
     (`modules.moe.MoEFFN.forward`): a routed-only MoE layer ends in the experts' combine, whose
     inputs are saved, and a training load-balancing loss is computed after the shared experts; an
     S4 mixer with no FFN after it ends in its GLU, whose input is output_linear's reduced output
-    (`_s4`), and its reductions are counted apart from the sub-blocks' anyway."""
+    (`_s4`), and its reductions are counted apart from the sub-blocks' anyway. A residual that
+    normalizes the reduced output (post, DeepNorm, sandwich, reordered: `modules.block.Block`) ends
+    every layer in a norm, whose backward saves that output, so nothing is skipped."""
+    if residual in NORM_AFTER_OUTPUT:
+        return False
     match layer.ffn:
         case MoEPlan():
             return layer.ffn.shared is not None and layer.ffn.aux_loss_coef == 0

@@ -580,7 +580,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                 + (qkv_concat_bytes(data, i, layout) if qkv_concat else 0)) / rates.hbm
     micro = _MicroBatch(gemm, gemm_bwd, attn_fwd, attn_bwd, elem_fwd, gemm_beside_tp=beside, elem_bwd=elem_bwd)
     match recompute:
-        case "full" if early_stop and recompute_skips_last_gemm(layer):
+        case "full" if early_stop and recompute_skips_last_gemm(layer, data.plan.residual):
             # the re-run ends once the last tensor the backward saved is rebuilt, before the
             # layer's last GEMM (`cluster.recompute_skips_last_gemm`); the elementwise ops after it
             # (bias, residual add) are left in, a few bytes per token
