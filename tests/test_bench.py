@@ -67,6 +67,11 @@ def test_run_bench_structure_and_sanity() -> None:
     assert out["predicted"]["prefill_s"] > 0
     assert out["extrapolated"] is False
     assert "calibrated" in out["peak"]["source"]
+    assert out["prefill"]["peak_note"] is None
+    # a calibration slower than the model itself (fp16 on a CPU without fp16 arithmetic printed
+    # MFU 230% and nothing else) is named
+    slow = replace(result, peak=replace(result.peak, peak_flops=result.achieved_flops_per_s / 2.3))
+    assert slow.peak_note() is not None and slow.peak_note().startswith("MFU 230%: the model's forward ran faster")
 
 
 def test_truncate_keeps_k_layers_of_each_kind() -> None:

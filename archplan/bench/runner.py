@@ -106,6 +106,16 @@ class BenchResult:
     def mfu(self) -> float:
         return self.achieved_flops_per_s / self.peak.peak_flops
 
+    def peak_note(self) -> str | None:
+        """A line when the model ran faster than the peak it is measured against: a calibrated peak
+        (CPU, unknown GPU) times one square matmul in the run's dtype, which some devices run on a
+        slower path than the model's own GEMMs (fp16 on a CPU without fp16 arithmetic)."""
+        if self.mfu <= 1:
+            return None
+        return (f"MFU {self.mfu:.0%}: the model's forward ran faster than the peak it is measured against "
+                f"({self.peak.source}), so that peak understates this device; the MFU and the roofline's "
+                "compute bound are not meaningful here (another --dtype may calibrate a truer one)")
+
     @property
     def decode_prediction_error(self) -> float | None:
         """(predicted − measured) / measured for one decode step."""
@@ -158,6 +168,7 @@ class BenchResult:
                 "flops_convention": "analytic forward, 2 FLOPs/MAC, attention causal",
                 "achieved_flops_per_s": self.achieved_flops_per_s,
                 "mfu": self.mfu,
+                "peak_note": self.peak_note(),
             },
             "decode": decode,
             "peak_memory_bytes": self.peak_memory_bytes,

@@ -206,8 +206,7 @@ def bench(
             echo(jsonout.dumps(result.to_json(), indent=2))
         else:
             _render(result, plan.name)
-            noise = result.prefill.noise_note("prefill")
-            notes += [] if noise is None else [f"note: {noise}"]
+            notes += [f"note: {line}" for line in (result.prefill.noise_note("prefill"), result.peak_note()) if line]
     for line in notes:  # after the run: a refused option stays a one-line error
         Console(stderr=True).print(line)
     if not ok:
