@@ -215,6 +215,8 @@ def test_cli_json_contract() -> None:
     for key in ("device", "dtype", "peak_memory_bytes", "extrapolated"):
         assert key in out
     assert out["extrapolated"] is True
+    assert out["name"] == "gpt2" and out["run"] == {"layers": 1, "warmup": 0, "iters": 1, "compile": False,
+                                                   "attn_backend": "auto", "decode_tokens": 2}
     for key in ("median_s", "tokens_per_s", "achieved_flops_per_s", "mfu"):
         assert out["prefill"][key] > 0
     assert out["decode"]["ms_per_token"] > 0

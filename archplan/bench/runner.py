@@ -76,6 +76,7 @@ class Extrapolation:
 
 @dataclass
 class BenchResult:
+    name: str  # the spec's
     device: str
     dtype: str
     config: BenchConfig
@@ -150,11 +151,16 @@ class BenchResult:
                 "ops_per_layer": {kind: ops.__dict__ for kind, ops in dm.ops_by_kind.items()},
                 "by_kind": [r.__dict__ for r in self.predicted_decode.rows],
             }
+        cfg = self.config
         return {
+            "name": self.name,
             "device": self.device,
             "dtype": self.dtype,
-            "batch": self.config.batch,
-            "seq": self.config.seq,
+            "batch": cfg.batch,
+            "seq": cfg.seq,
+            # how it ran: a compiled run or a forced backend is not an eager default one
+            "run": {"layers": cfg.layers, "warmup": cfg.warmup, "iters": cfg.iters, "compile": cfg.compile,
+                    "attn_backend": cfg.attn_backend, "decode_tokens": cfg.decode_tokens},
             "peak": {"flops_per_s": self.peak.peak_flops, "bandwidth_bytes_per_s": self.peak.bandwidth,
                      "source": self.peak.source},
             "prefill": {
@@ -501,7 +507,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
                                    counted_decode_flops(plan, context, cfg.batch))
         predicted_decode = predict_decode_step(plan, cfg.batch, context, b, decode_model.rates, ops_by_kind)
     return BenchResult(
-        device=peak.name, dtype=cfg.dtype.value, config=cfg, peak=peak, prefill=timing,
+        name=plan.name, device=peak.name, dtype=cfg.dtype.value, config=cfg, peak=peak, prefill=timing,
         prefill_seconds=prefill_s, prefill_flops=flops, decode=decode, decode_seconds_per_token=decode_s,
         peak_memory_bytes=peak_bytes, peak_memory_method=method, analytic_memory_bytes=analytic_mem,
         predicted_prefill=predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth),

@@ -219,7 +219,9 @@ def _render(result: object, name: str) -> None:
     assert isinstance(result, BenchResult)
     console = Console()
     cfg = result.config
-    title = f"{escape(name)} on {result.device}, {result.dtype}, batch {cfg.batch} × seq {cfg.seq}"
+    title = (f"{escape(name)} on {result.device}, {result.dtype}, batch {cfg.batch} × seq {cfg.seq}"
+             + (", torch.compile" if cfg.compile else "")
+             + (f", SDPA {cfg.attn_backend}" if cfg.attn_backend != "auto" else ""))
     table = Table(title=title, show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
