@@ -258,7 +258,8 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str
     scores = ", and the math kernel's attention scores" if cfg.attn_backend == "math" else ""
     refuse_unless_fits(built, lambda p, batch, seq: estimate_bytes(p, replace(cfg, batch=batch, seq=seq)),
                        cfg.batch, cfg.seq, device=device.type, free=free_memory(device), run=run,
-                       priced=f"analytic weights + cache + logits{scores}")
+                       priced=f"the larger of the fp32 weights the build starts from and the analytic "
+                              f"weights + cache + logits{scores}")
 
 
 def cache_steps(decode_tokens: int) -> int:
