@@ -47,6 +47,7 @@ from archplan.modules.positions import Alibi, alibi_slopes
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
 from archplan.resolve import AttentionPlan, ModelPlan
+from archplan.units import things
 
 
 def residual_layout(sp: bool) -> Placement:
@@ -633,7 +634,7 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
         case Mamba2Mixer():
             p = module.plan
             if p.n_heads % tp or p.n_groups % tp:
-                return (f"{p.n_heads} Mamba-2 heads / {p.n_groups} groups do not split over tp={tp} "
+                return (f"{things(p.n_heads, 'Mamba-2 head')} / {things(p.n_groups, 'group')} do not split over tp={tp} "
                         "(B and C replicated for fewer groups than tp ranks is not built)")
             return None
         case S4Mixer():

@@ -40,8 +40,8 @@ def render(result: LayoutCheck, console: Console) -> None:
     m = result.measured
     schedule = schedule_name(m.layout)
     micro = units.things(m.microbatches, "micro-batch")
-    console.print(f"[bold]archplan verify --layout[/bold] — {escape(result.name)}: {m.layout.label}, {m.layout.world:,} ranks "
-                  f"(fake process group), seq {m.seq}, {micro}; measured rank {m.rank} = "
+    console.print(f"[bold]archplan verify --layout[/bold] — {escape(result.name)}: {m.layout.label}, "
+                  f"{units.things(m.layout.world, 'rank')} (fake process group), seq {m.seq}, {micro}; measured rank {m.rank} = "
                   f"pipeline stage {m.stage} (layers {_spans(m.layers)}), {m.in_flight} in flight ({schedule})"
                   if m.layers else f"stage {m.stage}")
     table = Table(title="per-rank peak memory by category (analytic: planning.cluster, FSDP2 states)")
