@@ -894,6 +894,20 @@ def test_derived_keys_must_agree(case: str, change: dict[str, Any], field: str) 
     assert refusal({**TINY[case].config, **change}).field == field
 
 
+def test_falcon_s_legacy_layer_and_head_keys_are_read_as_transformers_5_reads_them() -> None:
+    """RefinedWeb configs' n_layer / n_head: transformers 5's FalconConfig ignores them (it built 32
+    layers of 71 heads where archplan read 24), so alone they are refused; beside the new names,
+    equal they are silent and different they are reported ignored, as transformers ignores them."""
+    base = TINY["falcon-new-arch"].config
+    bare = {k: v for k, v in base.items() if k not in ("num_hidden_layers", "num_attention_heads")}
+    assert refusal({**bare, "n_layer": 2, "num_attention_heads": 4}).field == "n_layer"
+    assert "no longer reads n_head" in str(refusal({**bare, "n_head": 4, "num_hidden_layers": 2}))
+    same = convert_config({**base, "n_layer": 2, "n_head": 4}, file="c.json", name="t")
+    assert same.ignored == () and counts({**base, "n_layer": 2}) == counts(base)
+    other = convert_config({**base, "n_layer": 7}, file="c.json", name="t")
+    assert other.ignored == ("n_layer",) and count_params(resolve(other.spec)).total == counts(base)[0]
+
+
 def test_consistent_derived_keys_and_unused_windows_are_accepted() -> None:
     mamba = TINY["mamba-auto-dt"].config
     d, expand = mamba["hidden_size"], mamba.get("expand", 2)

@@ -907,19 +907,37 @@ def _gptj(cfg: HFConfig) -> dict[str, Any]:
     }
 
 
+def _falcon_legacy_keys(cfg: HFConfig) -> None:
+    """The RefinedWeb configs' n_layer and n_head: transformers 4.x's FalconConfig mapped them to
+    num_hidden_layers and num_attention_heads (its attribute_map); 5.x's has no attribute_map, so
+    it builds its defaults (32 layers, 71 heads) and keeps them as stray attributes. Alone, they
+    would make a count the file does not mean: refused. Beside the new names they are read as
+    transformers reads them: ignored (reported), or nothing to say where they agree."""
+    for legacy, name in (("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads")):
+        if legacy not in cfg.data:
+            continue
+        if name not in cfg.data:
+            raise cfg.error(legacy, f"transformers' FalconConfig (5.x) no longer reads {legacy}: it would build "
+                                    f"its default {name}={cfg.defaults[name]}; rename it to {name} "
+                                    f"(transformers 4.x read {legacy} as that)")
+        if cfg.data[legacy] == cfg.data[name]:
+            cfg.used.add(legacy)
+
+
 @family("falcon", defaults=dict(vocab_size=65024, hidden_size=4544, num_hidden_layers=32,
                                 num_attention_heads=71, num_ln_in_parallel_attn=None,
                                 layer_norm_epsilon=_LN_EPS, num_kv_heads=None, alibi=False,
                                 new_decoder_architecture=False, multi_query=True, parallel_attn=True,
                                 bias=False, max_position_embeddings=2048, ffn_hidden_size=None,
                                 activation="gelu", tie_word_embeddings=True),
-        aliases={"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers"},
-        even_heads=_HIDDEN_HEADS)
+        aliases={"n_embed": "hidden_size"})
 def _falcon(cfg: HFConfig) -> dict[str, Any]:
     """modeling_falcon.py FalconAttention/FalconDecoderLayer. K/V heads: new_decoder_architecture ->
     num_kv_heads (GQA); else multi_query -> 1; else all heads (qkv = 3·D). Norms: parallel with
     num_ln_in_parallel_attn == 2 (the new-architecture default) -> ln_attn + ln_mlp; parallel
     otherwise -> one shared input_layernorm; sequential -> pre-norm with two LayerNorms."""
+    _falcon_legacy_keys(cfg)  # before the heads' split, which a legacy n_head would otherwise be blamed on
+    check_even_heads(cfg, *_HIDDEN_HEADS)
     cfg.fixed("apply_residual_connection_post_layernorm", False,
               "a residual taken after the LayerNorm is not a residual kind archplan has")
     d, h = cfg.int_("hidden_size"), cfg.int_("num_attention_heads")
