@@ -908,6 +908,21 @@ def test_falcon_s_legacy_layer_and_head_keys_are_read_as_transformers_5_reads_th
     assert other.ignored == ("n_layer",) and count_params(resolve(other.spec)).total == counts(base)[0]
 
 
+def test_mamba_s_intermediate_size_is_the_width_transformers_builds() -> None:
+    """MambaConfig builds the file's intermediate_size (expand only where it is absent): 4·hidden
+    beside expand 2 was refused as contradicting expand · hidden_size; it is read, the stray expand
+    reported ignored, and the count is transformers' own."""
+    transformers = pytest.importorskip("transformers")
+    config = {"model_type": "mamba", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+              "vocab_size": 128, "state_size": 8, "expand": 2}
+    imported = convert_config(config, file="c.json", name="t")
+    assert imported.ignored == ("expand",)
+    data = dict(config)
+    hf_config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    assert counts(config) == transformers_counts(transformers, hf_config)
+    assert refusal({**config, "intermediate_size": 100}).field == "intermediate_size"
+
+
 def test_consistent_derived_keys_and_unused_windows_are_accepted() -> None:
     mamba = TINY["mamba-auto-dt"].config
     d, expand = mamba["hidden_size"], mamba.get("expand", 2)

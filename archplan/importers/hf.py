@@ -1258,19 +1258,36 @@ def _expand(cfg: HFConfig, key: str) -> int:
     return int(expand)
 
 
+def _mamba1_expand(cfg: HFConfig, d: int) -> int:
+    """MambaConfig builds d_inner = the file's intermediate_size, and int(expand · hidden_size) only
+    where that is absent; then expand is read for nothing (reported ignored where it disagrees)."""
+    if "intermediate_size" not in cfg.data:
+        return _expand(cfg, "expand")
+    inner = cfg.int_("intermediate_size")
+    if inner <= 0 or inner % d:
+        raise cfg.error("intermediate_size", f"{inner} is not a positive multiple of hidden_size {d}: the spec's "
+                                             "Mamba d_inner is expand · d_model with an integer expand")
+    if "expand" in cfg.data and cfg.data["expand"] == inner // d:
+        cfg.used.add("expand")
+    return inner // d
+
+
 _MAMBA_INERT = ("residual_in_fp32", "time_step_scale", "time_step_min", "time_step_max",
                   "time_step_init_scheme", "time_step_floor", "time_step_limit", "rescale_prenorm_residual",
                   "use_mambapy", "use_associative_scan", "fused_add_norm", "pad_vocab_size_multiple",
                   "use_mamba_kernels")  # init ranges, kernel choice, fp32 residual, vocab padding (already applied)
-# The mamba_ssm names the original checkpoints carry beside transformers' own, and what
-# MambaConfig derives: `intermediate_size = int(expand · hidden_size)` (configuration_mamba.py).
+# The mamba_ssm names the original checkpoints carry beside transformers' own, which must agree with
+# them (MambaConfig reads a file's intermediate_size itself: `_mamba1_expand`).
 _MAMBA_DERIVED = {
-    "intermediate_size": Derived(lambda cfg: _expand(cfg, "expand") * cfg.int_("hidden_size"),
-                                 "expand · hidden_size"),
     "d_inner": Derived(lambda cfg: _expand(cfg, "expand") * cfg.int_("hidden_size"), "expand · hidden_size"),
     "d_model": Derived(lambda cfg: cfg.int_("hidden_size"), "hidden_size"),
     "n_layer": Derived(lambda cfg: cfg.int_("num_hidden_layers"), "num_hidden_layers"),
 }
+
+# Mamba2Config keeps a file's intermediate_size but builds expand · hidden_size: one that disagrees
+# is refused rather than read one way
+_MAMBA2_DERIVED = {**_MAMBA_DERIVED, "intermediate_size": Derived(
+    lambda cfg: _expand(cfg, "expand") * cfg.int_("hidden_size"), "expand · hidden_size")}
 
 
 @family("mamba", defaults=dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=32,
@@ -1284,7 +1301,7 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
     cfg.fixed("hidden_act", "silu", "the spec's Mamba block gates with SiLU")
     cfg.fixed("ssm_cfg", {}, "mamba_ssm's per-layer overrides, which transformers' MambaConfig never reads")
     d = cfg.int_("hidden_size")
-    expand = _expand(cfg, "expand")
+    expand = _mamba1_expand(cfg, d)
     dt_rank = cfg.get("time_step_rank")
     if dt_rank != "auto":
         dt_rank = cfg.int_("time_step_rank")
@@ -1307,7 +1324,7 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
                                 hidden_act="silu", chunk_size=256, tie_word_embeddings=False),
         # time_step_rank: Mamba2Mixer has no dt projection; norm_before_gate: transformers always
         # gates first (norm_before_gate=False); either order is the same weights, elementwise ops
-        inert=(*_MAMBA_INERT, "time_step_rank", "norm_before_gate"), derived=_MAMBA_DERIVED)
+        inert=(*_MAMBA_INERT, "time_step_rank", "norm_before_gate"), derived=_MAMBA2_DERIVED)
 def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mamba2.py: RMSNorm -> Mamba2Mixer (Dao & Gu 2024 SSD) with its gated RMSNorm."""
     cfg.fixed("rms_norm", True, "transformers' Mamba2Block always uses RMSNorm")
