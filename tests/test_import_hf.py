@@ -923,6 +923,20 @@ def test_mamba_s_intermediate_size_is_the_width_transformers_builds() -> None:
     assert refusal({**config, "intermediate_size": 100}).field == "intermediate_size"
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' width-0 MLP
+@pytest.mark.parametrize("case", ["deepseek_v2-lite", "deepseek_v3"])
+def test_deepseek_without_shared_experts_is_transformers_zero_width_mlp(case: str) -> None:
+    """n_shared_experts 0: transformers builds a shared MLP of width 0, no parameters and a zero
+    output, which is a MoE layer without shared experts (it was refused)."""
+    transformers = pytest.importorskip("transformers")
+    config = {**TINY[case].config, "n_shared_experts": 0}
+    spec = spec_of(config)
+    assert spec.moe is not None and spec.moe.shared is None
+    data = dict(config)
+    hf_config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    assert counts(config) == transformers_counts(transformers, hf_config)
+
+
 def test_consistent_derived_keys_and_unused_windows_are_accepted() -> None:
     mamba = TINY["mamba-auto-dt"].config
     d, expand = mamba["hidden_size"], mamba.get("expand", 2)

@@ -1204,10 +1204,9 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         top_k = cfg.opt_int("num_experts_per_tok")
         if top_k is None:
             raise cfg.error("num_experts_per_tok", "required when n_routed_experts is set")
+        # 0: transformers' DeepseekV2Moe / DeepseekV3Moe still build their shared MLP, of width 0: no
+        # parameters and a zero output, a layer without shared experts exactly
         n_shared = cfg.count("n_shared_experts")
-        if n_shared == 0:
-            raise cfg.error("n_shared_experts", f"cannot express 0: transformers' {name}Moe always builds "
-                                                "its shared MLP")
         router = Router(scoring="sigmoid" if v3 else "softmax", normalize_top_k=_deepseek_normalizes(cfg, v3),
                         score_correction_bias=v3, scale=cfg.float_("routed_scaling_factor"),
                         **_deepseek_groups(cfg, v3))
@@ -1220,7 +1219,8 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
                        aux_loss_scope="sequence" if cfg.bool_("seq_aux") else "batch")
         try:
             return MoE(n_experts=n_routed, top_k=top_k, expert=glu(expert_ff, act),
-                       shared=SharedExperts(n=n_shared, d_ff=expert_ff), router=router, **balance)
+                       shared=SharedExperts(n=n_shared, d_ff=expert_ff) if n_shared else None, router=router,
+                       **balance)
         except ValidationError as exc:
             raise cfg.error("n_group", _pydantic_message(exc)) from None
 
