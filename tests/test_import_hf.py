@@ -937,6 +937,18 @@ def test_deepseek_without_shared_experts_is_transformers_zero_width_mlp(case: st
     assert counts(config) == transformers_counts(transformers, hf_config)
 
 
+@pytest.mark.parametrize(("case", "key"), [("falcon-new-arch", "apply_residual_connection_post_layernorm"),
+                                         ("deepseek_v3", "mlp_bias")])
+def test_keys_this_transformers_never_reads_are_reported_not_refused(case: str, key: str) -> None:
+    """transformers 5's Falcon never reads apply_residual_connection_post_layernorm, nor DeepseekV3
+    mlp_bias: true builds the same model, so it is reported ignored (it was refused as a residual
+    or a bias archplan cannot express); false is accounted for."""
+    base = TINY[case].config
+    flipped = convert_config({**base, key: True}, file="c.json", name="t")
+    assert flipped.ignored == (key,) and count_params(resolve(flipped.spec)).total == counts(base)[0]
+    assert convert_config({**base, key: False}, file="c.json", name="t").ignored == ()
+
+
 def test_consistent_derived_keys_and_unused_windows_are_accepted() -> None:
     mamba = TINY["mamba-auto-dt"].config
     d, expand = mamba["hidden_size"], mamba.get("expand", 2)

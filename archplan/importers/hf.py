@@ -224,6 +224,12 @@ class HFConfig:
         for name in names:
             self._spelling(name)
 
+    def unread_unless(self, name: str, built: Any) -> None:
+        """A key this transformers never reads: the model is built as `built` says whatever the file
+        holds, so a value that agrees is accounted for and any other is reported ignored."""
+        if name in self.data and self.data[name] == built:
+            self.used.add(name)
+
     def fixed(self, name: str, expected: Any, why: str) -> None:
         """transformers hard-codes this; a config asking for anything else cannot be honoured exactly."""
         key = self._spelling(name)
@@ -938,8 +944,8 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
     otherwise -> one shared input_layernorm; sequential -> pre-norm with two LayerNorms."""
     _falcon_legacy_keys(cfg)  # before the heads' split, which a legacy n_head would otherwise be blamed on
     check_even_heads(cfg, *_HIDDEN_HEADS)
-    cfg.fixed("apply_residual_connection_post_layernorm", False,
-              "a residual taken after the LayerNorm is not a residual kind archplan has")
+    # transformers 5's Falcon never reads it (unlike BLOOM's): its residual is always the block's input
+    cfg.unread_unless("apply_residual_connection_post_layernorm", False)
     d, h = cfg.int_("hidden_size"), cfg.int_("num_attention_heads")
     new_arch, multi_query = cfg.bool_("new_decoder_architecture"), cfg.bool_("multi_query")
     parallel = cfg.bool_("parallel_attn")
@@ -1174,7 +1180,10 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
     i >= first_k_dense_replace. V2 routes by softmax, V3 by sigmoid with a score-correction buffer."""
     name = "DeepseekV3" if v3 else "DeepseekV2"
     cfg.fixed("attention_bias", False, "the spec's MLA has no projection biases")
-    cfg.fixed("mlp_bias", False, "the spec's MoE experts have no biases")
+    if v3:  # DeepseekV3's MLPs take no bias argument: the key is never read
+        cfg.unread_unless("mlp_bias", False)
+    else:
+        cfg.fixed("mlp_bias", False, "the spec's MoE experts have no biases")
     cfg.fixed("moe_layer_freq", 1, f"transformers' {name}DecoderLayer ignores it while DeepSeek's own "
                                    "code places experts every moe_layer_freq-th layer; refusing to pick one")
     cfg.fixed("scoring_func", "sigmoid" if v3 else "softmax", f"transformers' {name} router fixes its scoring")
