@@ -584,6 +584,7 @@ def refusal(config: dict[str, Any]) -> ArchplanError:
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"model_type": "t5"}, "model_type"),
+    ({"model_type": 5}, "model_type"),  # "expected a string", not "no model_type"
     ({"hidden_act": "quick_gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9}}, "rope_scaling.attention_factor"),

@@ -1470,8 +1470,10 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
     `strict`: a key the policy does not account for is an error too (one error naming them all).
     """
     model_type = data.get("model_type")
-    if not isinstance(model_type, str):
+    if model_type is None:
         raise ArchplanError("no model_type; is this a Hugging Face config.json?", file=file, field="model_type")
+    if not isinstance(model_type, str):
+        raise ArchplanError(f"expected a string such as \"llama\", got {model_type!r}", file=file, field="model_type")
     fam = FAMILIES.get(model_type)
     if fam is None:
         raise ArchplanError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}",
