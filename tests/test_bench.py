@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from archplan.analytic import decode_flops, decode_flops_per_token
+from archplan.analytic import decode_flops, decode_flops_per_token, forward_flops
 from archplan.bench.roofline import DecodeRates, OpCount, predict_decode_step, predict_prefill
 from archplan.bench import runner
 from archplan.bench.fit import truncate
@@ -142,6 +142,17 @@ def test_roofline_is_max_of_compute_and_memory() -> None:
     rates = DecodeRates({"gqa+dense": 1e9, "embed+head": 1e9}, 0.0, free, free, overlap=False)
     step = predict_decode_step(plan, 1, 64, 2, rates, {})
     assert all(r.bound == "memory" for r in step.rows)
+
+
+def test_prefill_roofline_counts_each_layer_s_own_attended_pairs() -> None:
+    """A sliding-window layer beside a full one: each kind's causal FLOPs are its own (they were the
+    two layers' mean, 25.7 MFLOP for both at 256 tokens), and their sum is size's causal forward."""
+    plan = plan_of(TINY | {"n_layers": 2, "attention": {"kind": "mha", "n_heads": 4, "sliding_window": 16},
+                           "layout": {"mixers": "SA"}})
+    rows = {r.kind: r.flops for r in predict_prefill(plan, 1, 256, 2, peak=1e12, bandwidth=1e11).rows}
+    assert rows["mha+dense"] > rows["mha/window 16+dense"]
+    counted = forward_flops(plan, 256, 1)
+    assert sum(rows.values()) == pytest.approx(counted.counted - counted.attention_full + counted.attention_causal)
 
 
 RATES = DecodeRates(gemv_bandwidth={"gqa+dense": 1e9, "embed+head": 2e9}, matmul_seconds=0.0,

@@ -31,6 +31,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
+from archplan.analytic.attention import (
+    attention_core_causal_flops,
+    attention_core_flops,
+    mla_core_causal_flops,
+    mla_core_flops,
+)
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -184,11 +190,11 @@ def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, p
     kv = kv_cache(plan, seq, batch, dtype_bytes)
     tokens = batch * seq
     flops_by_path: dict[str, float] = dict(flops.counted_by_component)
-    # Attention counted as the convention asked for: causal keeps only the attended pairs.
-    if attention == "causal" and flops.attention_full:
-        scale = flops.attention_causal / flops.attention_full
-        for path, value in _attention_core_by_path(plan, batch, seq).items():
-            flops_by_path[path] -= value * (1 - scale)
+    # Attention counted as the convention asked for: causal keeps only each layer's attended pairs
+    # (a sliding window's own, so a windowed layer and a full one differ, as `size` counts them)
+    if attention == "causal":
+        for path, (full, causal) in _attention_cores(plan, batch, seq).items():
+            flops_by_path[path] -= full - causal
     bytes_by_path: dict[str, float] = {}
     for path, elems in params.by_component.items():
         routed = tokens * _top_k_of(plan, path)
@@ -268,23 +274,19 @@ def _is_layer_body(path: str) -> bool:
     return path.endswith(".mixer") or path.endswith(".ffn") or path.endswith(".ffn.experts")
 
 
-def _attention_core_per_key(plan: ModelPlan) -> dict[str, float]:
-    """QKᵀ+AV FLOPs of one query against one key in the cache-less forward (MLA expanded), per
-    attention layer (docs/architecture.md)."""
-    core: dict[str, float] = {}
+def _attention_cores(plan: ModelPlan, batch: int, seq: int) -> dict[str, tuple[int, int]]:
+    """QKᵀ+AV FLOPs of each attention layer for a (batch, seq) forward (MLA expanded): the full
+    square and the attended pairs, by `analytic.attention`'s counts."""
+    cores: dict[str, tuple[int, int]] = {}
     for layer in plan.layers:
         match layer.mixer:
             case AttentionPlan() as a:
-                core[f"{layer.path}.mixer"] = 4 * a.n_heads * a.head_dim
+                cores[f"{layer.path}.mixer"] = (attention_core_flops(a, batch, seq),
+                                                attention_core_causal_flops(a, batch, seq))
             case MLAPlan() as m:
-                core[f"{layer.path}.mixer"] = 2 * m.n_heads * (m.qk_head_dim + m.v_head_dim)
+                cores[f"{layer.path}.mixer"] = (mla_core_flops(m, batch, seq), mla_core_causal_flops(m, batch, seq))
             case Mamba1Plan() | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
                 pass
             case _:
                 assert_never(layer.mixer)
-    return core
-
-
-def _attention_core_by_path(plan: ModelPlan, batch: int, seq: int) -> dict[str, float]:
-    """Full-square QKᵀ+AV FLOPs of each attention layer for a (batch, seq) forward."""
-    return {p: batch * seq * seq * v for p, v in _attention_core_per_key(plan).items()}
+    return cores
