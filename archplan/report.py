@@ -62,7 +62,9 @@ MAX_TOKENS = 1e18
 FLOPS_CONVENTION = (
     "2 FLOPs per multiply-add; embedding lookups not counted; LM head counted; "
     "training = 3 x forward (backward = 2 x forward; an FFT convolution's irfft backward is 1 x); "
-    "FFTs: 2.5·n·⌈log2 n⌉ per real transform of length n = 2T, 5·n·⌈log2 n⌉ per complex one"
+    "FFTs: 2.5·n·⌈log2 n⌉ per real transform of length n = 2T, 5·n·⌈log2 n⌉ per complex one; "
+    "per token of one sequence (batch 1): a long convolution makes its filters once per batch, so "
+    "a micro-batch of b sequences shares them (verify and bench count at their --batch)"
 )
 PARAMS_CONVENTION = "unique parameters (tied weights once, buffers excluded); active = what one token touches"
 KV_CONVENTION = (
