@@ -65,6 +65,10 @@ def test_parse_lengths() -> None:
     for bad in ("", "1k,,2k", "0", "2x", "1.5k", "1k,1024"):
         with pytest.raises(ArchplanError):
             parse_lengths(bad)
+    # zero and negative lengths are named as size's and verify's --seq name them
+    for bad in ("0", "-5", "1k,-2k"):
+        with pytest.raises(ArchplanError, match="a length must be positive"):
+            parse_lengths(bad)
 
 
 def test_materialised_scores_add_two_head_by_length_squared_tensors() -> None:

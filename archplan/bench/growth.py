@@ -28,11 +28,12 @@ def parse_lengths(text: str, option: str = "--seq") -> list[int]:
     for part in text.split(","):
         try:
             length = parse_length(part)
-        except ValueError:
-            length = 0
+        except ValueError as exc:
+            # a negative length is named as every other --seq names it
+            said = str(exc) if "positive" in str(exc) else f"expected lengths such as 512 or 1k,2k,4k (k = 1024), got {text!r}"
+            raise ArchplanError(said, field=option) from None
         if length == 0:
-            raise ArchplanError(f"expected lengths such as 512 or 1k,2k,4k (k = 1024), got {text!r}",
-                                field=option)
+            raise ArchplanError(f"a length must be positive, got {part.strip()!r}", field=option)
         lengths.append(length)
     if len(set(lengths)) != len(lengths):
         raise ArchplanError(f"a length appears twice in {text!r}", field=option)
