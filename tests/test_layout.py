@@ -1473,6 +1473,17 @@ def test_cli_unfit_layout_shows_its_breakdown(capsys: pytest.CaptureFixture[str]
     assert "does not fit: pipeline rank 0 needs 856 GiB > 72.0 GiB usable (parameters 94.5 GiB" in out
 
 
+def test_cli_micro_batches_are_the_nearest_to_the_batch_asked(capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """1M tokens at seq 8192 over dp 4 asks 30.52 micro-batches: 31 (1,015,808 tokens, +1.6%), not
+    the 30 (−1.7%) that rounding the sequences first, then half to even, made."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--seq", "8192",
+                       "--global-batch-tokens", "1M", "--layout", "tp=2,cp=1,pp=1,dp=4,zero=1,recompute=none,mb=1",
+                       "--json")
+    layout = json.loads(out)["layouts"][0]
+    assert code == 0 and (layout["microbatches"], layout["global_batch_tokens"]) == (31, 1_015_808)
+
+
 def test_cli_an_overshoot_within_the_printed_digits_says_by_how_much(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """72.0030 GiB against 72.0 GiB usable printed "72.0 GiB > 72.0 GiB": now by how much too."""

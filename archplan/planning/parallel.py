@@ -626,8 +626,11 @@ def batch_problem(layout: Layout, sequences: int) -> str | None:
     return None
 
 
-def _microbatches(sequences: int, dp: int, mb: int) -> int:
-    return max(1, round(sequences / (dp * mb)))
+def _microbatches(batch: float, dp: int, mb: int) -> int:
+    """The micro-batches per step nearest the batch asked for: `batch` is --global-batch-tokens /
+    --seq unrounded, and a half rounds up (rounding the sequences first, then the quotient half to
+    even, made 30 of 1M tokens' 30.52 at dp 4, seq 8192)."""
+    return max(1, math.floor(batch / (dp * mb) + 0.5))
 
 
 def _vpps(n_layers: int, pp: int) -> list[int]:
@@ -639,8 +642,9 @@ def _vpps(n_layers: int, pp: int) -> list[int]:
             if v == 1 or n_layers % (pp * v) == 0 or (n_layers + 2) % (pp * v) == 0]
 
 
-def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences: int, net: Interconnect,
-               fixed: PartialLayout, settings: Settings) -> tuple[list[Layout], dict[int, str], str | None]:
+def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences: int, batch: float,
+               net: Interconnect, fixed: PartialLayout,
+               settings: Settings) -> tuple[list[Layout], dict[int, str], str | None]:
     """Every layout the fixed fields admit, and why some were skipped: per TP degree that cannot
     split the model, and the first rule a layout completing the given fields broke (None: none did,
     or nothing was given)."""
@@ -705,7 +709,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                     layout = Layout(tp=tp, cp=cp, pp=pp, vpp=vpp, group=int(g.get("group", 0)), dp=dp,
                                     ep=ep, zero=zero, recompute=mode, mb=mb, sp=sp)  # type: ignore[arg-type]
                     # what a fully given layout must pass (given fields and chosen ones together)
-                    why = (group_problem(layout, _microbatches(sequences, dp, mb))
+                    why = (group_problem(layout, _microbatches(batch, dp, mb))
                            or layout_problem(layout, n_layers=n_layers, n_experts=data.n_experts,
                                              gpus_per_node=net.gpus_per_node, seq=seq))
                     if why is None:
@@ -724,6 +728,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     exactly and may omit slower ones (`Evaluator.fastest`); every layout's memory is still
     computed, so `fitting` counts them all."""
     sequences = _check_inputs(plan, gpus, seq, global_batch_tokens, headroom, settings)
+    batch = global_batch_tokens / seq  # sequences a step, unrounded (`_microbatches`)
     if top is not None and top < 1:
         raise ArchplanError(f"a search shows at least one layout, got top={top}")
     if settings.precision == "fp8":
@@ -754,12 +759,13 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         check_layout(complete, n_layers=n_layers, gpus=gpus, gpus_per_node=net.gpus_per_node,
                      n_experts=n_experts, seq=seq)
         why = (batch_problem(complete, sequences)
-               or group_problem(complete, _microbatches(sequences, complete.dp, complete.mb)))
+               or group_problem(complete, _microbatches(batch, complete.dp, complete.mb)))
         if why:
             raise ArchplanError(f"--layout: {why}")
         layouts = [complete]
     else:
-        layouts, tp_reasons, broken = candidates(plan, evaluator.data, gpus, seq, sequences, net, fixed, settings)
+        layouts, tp_reasons, broken = candidates(plan, evaluator.data, gpus, seq, sequences, batch, net, fixed,
+                                                 settings)
         if not layouts:
             # no layout exists to fit or not: the request itself is impossible (exit 2)
             raise ArchplanError(no_split(plan, gpus, seq, sequences, net, tp_reasons, fixed, broken, settings=settings,
@@ -769,7 +775,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     tightest: Evaluated | None = None
     tightest_mem: tuple[Layout, int, StageMemory] | None = None
     for layout in layouts:
-        m = _microbatches(sequences, layout.dp, layout.mb)
+        m = _microbatches(batch, layout.dp, layout.mb)
         memory = evaluator.memory(layout, m)
         total = memory.worst[1].total
         fitting += total <= usable
