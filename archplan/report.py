@@ -70,8 +70,8 @@ PARAMS_CONVENTION = "unique parameters (tied weights once, buffers excluded); ac
 KV_CONVENTION = (
     "K and V of every attention layer (MLA: the absorbed latent + rope key); sliding windows cap a "
     "layer at its window; SSM layers hold a constant state per sequence (S4/S4D and StripedHyena's modal "
-    "state in fp32 whatever the dtype, the other states in no less than 16 bits: an fp8, int8 or int4 "
-    "cache quantizes K and V only); Hyena layers keep their long-convolution inputs, (order−1)·D per token"
+    "state in fp32 whatever the dtype, the other constant states in no less than 16 bits: an fp8, int8 or "
+    "int4 cache quantizes only what grows per token); Hyena layers keep their long-convolution inputs, (order−1)·D per token"
 )
 CHINCHILLA_N = "total"  # MoE: the scaling laws were fitted on dense models; N = every parameter
 

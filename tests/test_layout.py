@@ -1754,6 +1754,8 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "the given --layout has cp=1"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--no-recompute-early-stop", "--layout", "recompute=none"),
      "--no-recompute-early-stop says how full recompute re-runs a block, and the given --layout has recompute=none"),
+    (("llama-2-7b", "--gpus", "16", "--gpu", "h100", "--seq", "16386", "--layout", "tp=1,cp=2"),
+     "cp=2: --seq 16386 does not split into 2·cp = 4 chunks (load-balanced context parallelism gives each rank two)"),
     (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--tokens", "0.5"),
      "--tokens must be between 1 and 1e+18, got 0.5"),
     (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--global-batch-tokens", "0.5"),

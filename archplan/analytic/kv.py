@@ -43,10 +43,11 @@ from archplan.resolve import (
 # S4 and StripedHyena keep their complex state in complex64 whatever the model dtype
 # (state-spaces/s4 `default_state`; stripedhyena engine `prefill_via_modal_fft`, state_dtype).
 FP32_BYTES = 4
-# A quantized KV cache (fp8, int8, int4) quantizes attention's keys and values only: engines keep
-# recurrent states (Mamba's conv and SSM state, Hyena's) in the model's dtype, which their own
-# option sets (vLLM: `mamba_cache_dtype` / `mamba_ssm_cache_dtype`, "auto" = the model's dtype,
-# apart from `kv_cache_dtype`). So a state takes the cache dtype, but never under 16 bits.
+# A quantized KV cache (fp8, int8, int4) quantizes what grows per token (attention's keys and
+# values, Hyena's cached inputs): engines keep constant recurrent states (Mamba's conv and SSM
+# state, the short-conv and FIR tails) in the model's dtype, which their own option sets (vLLM:
+# `mamba_cache_dtype` / `mamba_ssm_cache_dtype`, "auto" = the model's dtype, apart from
+# `kv_cache_dtype`). So a state takes the cache dtype, but never under 16 bits.
 STATE_MIN_BYTES = 2
 
 

@@ -216,7 +216,7 @@ def unit_view_outputs() -> Iterator[None]:
     those messages, for embedding units, blocks and stages, are silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning,
-                                message=r"FSDP2-wrapped module \((\w*Embedding|\w*Stage|\w*Block|FSDPCheckpointWrapper)\) "
+                                message=r"FSDP2-wrapped module \((\w*Embedding|\w*Stage|\w*Block|\w*CheckpointWrapper)\) "
                                         "returned a view tensor")
         yield
 

@@ -239,6 +239,11 @@ def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_exper
         return "vpp > 1 needs pp > 1 (virtual stages interleave a pipeline)"
     if seq is not None and seq % layout.cp:
         return f"cp={layout.cp} does not divide --seq {seq}"
+    # load-balanced CP gives each rank chunks i and 2·cp − 1 − i of 2·cp (Megatron-Core's
+    # get_batch_on_this_cp_rank views the sequence so; `distributed.context.shard_sequence`)
+    if seq is not None and layout.cp > 1 and seq % (2 * layout.cp):
+        return (f"cp={layout.cp}: --seq {seq} does not split into 2·cp = {2 * layout.cp} chunks (load-balanced "
+                "context parallelism gives each rank two)")
     # Megatron-LM's sequence parallelism scatters each context shard's tokens over the TP group and
     # refuses a length the group does not divide (Korthikanti et al. 2022 §4.2.2)
     if seq is not None and layout.sequence_parallel and (seq // layout.cp) % layout.tp:
