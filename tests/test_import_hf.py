@@ -907,6 +907,13 @@ def test_falcon_s_legacy_layer_and_head_keys_are_read_as_transformers_5_reads_th
     assert same.ignored == () and counts({**base, "n_layer": 2}) == counts(base)
     other = convert_config({**base, "n_layer": 7}, file="c.json", name="t")
     assert other.ignored == ("n_layer",) and count_params(resolve(other.spec)).total == counts(base)[0]
+    # n_head_kv: K/V heads are read only under the new decoder architecture
+    assert base["new_decoder_architecture"] is True and "num_kv_heads" in base
+    kv = {k: v for k, v in base.items() if k != "num_kv_heads"}
+    assert refusal({**kv, "n_head_kv": base["num_kv_heads"]}).field == "n_head_kv"
+    assert convert_config({**base, "n_head_kv": base["num_kv_heads"]}, file="c.json", name="t").ignored == ()
+    old_arch = {**kv, "new_decoder_architecture": False, "n_head_kv": 2}
+    assert convert_config(old_arch, file="c.json", name="t").ignored == ("n_head_kv",)
 
 
 def test_mamba_s_intermediate_size_is_the_width_transformers_builds() -> None:

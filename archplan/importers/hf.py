@@ -914,19 +914,23 @@ def _gptj(cfg: HFConfig) -> dict[str, Any]:
 
 
 def _falcon_legacy_keys(cfg: HFConfig) -> None:
-    """The RefinedWeb configs' n_layer and n_head: transformers 4.x's FalconConfig mapped them to
-    num_hidden_layers and num_attention_heads (its attribute_map); 5.x's has no attribute_map, so
-    it builds its defaults (32 layers, 71 heads) and keeps them as stray attributes. Alone, they
-    would make a count the file does not mean: refused. Beside the new names they are read as
-    transformers reads them: ignored (reported), or nothing to say where they agree."""
-    for legacy, name in (("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads")):
+    """The RefinedWeb configs' n_layer, n_head and n_head_kv: their remote code's RWConfig mapped them
+    to num_hidden_layers, num_attention_heads and num_kv_heads (its attribute_map); transformers 5's
+    FalconConfig has no attribute_map, so it builds its defaults (32 layers, 71 heads, K/V as the
+    heads) and keeps them as stray attributes. Alone, they would make a count the file does not
+    mean: refused. Beside the new names they are read as transformers reads them: ignored
+    (reported), or nothing to say where they agree."""
+    # n_head_kv sized K/V only under the new decoder architecture (num_kv_heads is read there alone)
+    kv_read = cfg.data.get("new_decoder_architecture") is True
+    for legacy, name in (("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"),
+                         ("n_head_kv", "num_kv_heads")):
         if legacy not in cfg.data:
             continue
-        if name not in cfg.data:
+        if name not in cfg.data and (legacy != "n_head_kv" or kv_read):
             raise cfg.error(legacy, f"transformers' FalconConfig (5.x) no longer reads {legacy}: it would build "
                                     f"its default {name}={cfg.defaults[name]}; rename it to {name} "
-                                    f"(transformers 4.x read {legacy} as that)")
-        if cfg.data[legacy] == cfg.data[name]:
+                                    f"(the RefinedWeb remote code's RWConfig read {legacy} as that)")
+        if cfg.data[legacy] == cfg.data.get(name):
             cfg.used.add(legacy)
 
 
