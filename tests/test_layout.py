@@ -1473,6 +1473,18 @@ def test_cli_unfit_layout_shows_its_breakdown(capsys: pytest.CaptureFixture[str]
     assert "does not fit: pipeline rank 0 needs 856 GiB > 72.0 GiB usable (parameters 94.5 GiB" in out
 
 
+def test_cli_a_run_shorter_than_one_step_says_so(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tokens 1 printed a training time of 0.0 s beside a 4M-token step, and nothing else."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--tokens", "1",
+                       "--top", "1", "--json")
+    assert code == 0 and ("the run's 1 token is fewer than one step of layout 1 (4.00 M tokens): its training "
+                          "time prices a fraction of a step") in json.loads(out)["notes"]
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--top", "1",
+                       "--json")
+    assert code == 0 and not any("fewer than one step" in note for note in json.loads(out)["notes"])
+
+
 def test_cli_micro_batches_are_the_nearest_to_the_batch_asked(capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """1M tokens at seq 8192 over dp 4 asks 30.52 micro-batches: 31 (1,015,808 tokens, +1.6%), not
@@ -1758,8 +1770,12 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "cp=2: --seq 16386 does not split into 2·cp = 4 chunks (load-balanced context parallelism gives each rank two)"),
     (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--tokens", "0.5"),
      "--tokens must be between 1 and 1e+18, got 0.5"),
+    (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--global-batch-tokens", "1e30"),
+     "--global-batch-tokens must be between 1 and 1e+18, got 1e+30"),
     (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--global-batch-tokens", "0.5"),
-     "--global-batch-tokens 0.5 is less than one sequence of 8,192 tokens"),
+     "--global-batch-tokens must be between 1 and 1e+18, got 0.5"),
+    (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--global-batch-tokens", "4000.5"),
+     "--global-batch-tokens 4,000.5 is less than one sequence of 8,192 tokens"),
     (("--compute", "1e24", "--seq", "67108865"), "--seq must be between 1 and 67,108,864"),
     (("--compute", "1e24", "--vocab", "16777217"), "--vocab must be between 1 and 16,777,216"),
 ])

@@ -175,13 +175,13 @@ def _positive_amount(text: str, option: str) -> float:
     return value
 
 
-def _token_count(text: str) -> float:
-    """--tokens beside a SPEC: a count of training tokens, in the range `size --tokens` takes."""
+def _token_count(text: str, option: str = "--tokens") -> float:
+    """--tokens beside a SPEC, --global-batch-tokens: tokens, in the range `size --tokens` takes."""
     from archplan.report import MAX_TOKENS
 
-    value = _positive_amount(text, "--tokens")
+    value = _positive_amount(text, option)
     if not 1 <= value <= MAX_TOKENS:
-        raise ArchplanError(f"--tokens must be between 1 and {MAX_TOKENS:.0e}, got {value:.10g}")
+        raise ArchplanError(f"{option} must be between 1 and {MAX_TOKENS:.0e}, got {value:.10g}")
     return value
 
 
@@ -629,9 +629,23 @@ def _moe_host_note(result: SearchResult, plan: ModelPlan) -> str | None:
             f"this layout {MOE_HOST_FLOOR_S / per_pass - 1:.0%} slower; not priced (docs/validation.md)")
 
 
-def _all_notes(result: SearchResult, bound: RailBound | None, host_note: str | None) -> list[str]:
+def _all_notes(result: SearchResult, bound: RailBound | None, host_note: str | None,
+               train_tokens: float) -> list[str]:
     return (_notes(result) + ([host_note] if host_note else [])
-            + ([_network_note(result, bound)] if bound else []) + _batch_notes(result))
+            + ([_network_note(result, bound)] if bound else []) + _batch_notes(result)
+            + _tokens_notes(result, train_tokens))
+
+
+def _tokens_notes(result: SearchResult, train_tokens: float) -> list[str]:
+    """A run shorter than one step of the top layout: its days price a fraction of a step."""
+    from archplan.units import count
+
+    if not result.ranked or train_tokens >= result.ranked[0].global_batch_tokens:
+        return []
+    step = result.ranked[0].global_batch_tokens
+    are = "token is" if train_tokens == 1 else "tokens are"
+    return [f"the run's {count(train_tokens)} {are} fewer than one step of layout 1 ({count(step)} tokens): its "
+            "training time prices a fraction of a step"]
 
 
 def _batch_notes(result: SearchResult) -> list[str]:
@@ -776,7 +790,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "reasons": list(result.reasons) + ([f"does not fit: {unfit}"] if (unfit := _given_unfit(result)) else []),
         "considered": result.considered,
         "fitting": result.fitting,
-        "notes": ([seq_note] if seq_note else []) + _all_notes(result, bound, host_note),
+        "notes": ([seq_note] if seq_note else []) + _all_notes(result, bound, host_note, tokens),
         "network_bound": _network_json(bound),
         "layouts": [_layout_row(e, tokens, result.usable_bytes, spread, result.settings.states) for e in shown],
     }
@@ -983,7 +997,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     _print_table(console, rows, result, tokens, title)
     if (unfit := _given_unfit(result)) is not None:
         console.print(f"[bold red]does not fit:[/] {escape(unfit)}")
-    for note in _all_notes(result, bound, host_note):
+    for note in _all_notes(result, bound, host_note, tokens):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
@@ -1472,7 +1486,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
         instead = "; --flash-impl fa2 or triton" if settings.flash_impl == "cudnn" else ""
         raise ArchplanError(f"{', '.join(cudnn)}: cuDNN is NVIDIA's library, and {device.name} runs "
                             f"none (drop {'them' if len(cudnn) > 1 else 'it'}{instead})")
-    batch_tokens = _positive_amount(batch_text, "--global-batch-tokens")
+    batch_tokens = _token_count(batch_text, "--global-batch-tokens")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
     if plot is not None:
         from archplan.plot import figure_target
