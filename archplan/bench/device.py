@@ -13,6 +13,7 @@ import torch
 
 from archplan.dtypes import DType
 from archplan.hardware import match_device_name
+from archplan.units import things
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {
     DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16,
@@ -86,10 +87,10 @@ def _cpu_name() -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+                    return line.split(":", 1)[1].strip() + f" ({things(torch.get_num_threads(), 'thread')})"
     except OSError:
         pass
-    return f"CPU ({sys.platform}, {torch.get_num_threads()} threads)"
+    return f"CPU ({sys.platform}, {things(torch.get_num_threads(), 'thread')})"
 
 
 def free_memory(device: torch.device) -> int:

@@ -138,11 +138,14 @@ def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs:
             raise ArchplanError(f"no interconnect figures on record for {gpu.name}; "
                                 "pass --nvlink-gbs and --ib-gbs")
         base = Interconnect(intra_gbs * GB, inter_gbs * GB, 8, "user-given")
+    source = base.source if intra_gbs is None and inter_gbs is None else "user-given"
+    if gpus_per_node is not None and gpus_per_node != base.gpus_per_node:
+        source += f"; nodes of {gpus_per_node} GPUs (--gpus-per-node)"
     return Interconnect(
         intra_gbs * GB if intra_gbs is not None else base.intra_node,
         inter_gbs * GB if inter_gbs is not None else base.inter_node,
         gpus_per_node or base.gpus_per_node,
-        base.source if intra_gbs is None and inter_gbs is None else "user-given",
+        source,
     )
 
 
@@ -822,8 +825,8 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, tightest
     return (f"does not fit even at the least memory ({tightest.layout.label}): pipeline rank "
             f"{tightest.stage} needs {nbytes(mem.total)} per GPU (parameters {nbytes(mem.parameters)}, "
             f"gradients {nbytes(mem.gradients)}, optimizer {nbytes(mem.optimizer)}, activations "
-            f"{nbytes(mem.activations)}, temporary {nbytes(mem.temporary)}) > {nbytes(usable)} usable of "
-            f"{nbytes(gpu.memory_bytes)}{overshoot(mem.total, usable)}; {why}",)
+            f"{nbytes(mem.activations)}, temporary {nbytes(mem.temporary)}) > {nbytes(usable)} usable (of "
+            f"{nbytes(gpu.memory_bytes)}){overshoot(mem.total, usable)}; {why}",)
 
 
 def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Interconnect, tp_reasons: dict[int, str],
