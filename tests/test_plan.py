@@ -644,7 +644,8 @@ def test_moe_layouts_use_expert_parallelism() -> None:
 def test_interconnect_overrides() -> None:
     net = interconnect(H100, intra_gbs=100, gpus_per_node=4)
     assert (net.intra_node, net.inter_node, net.gpus_per_node) == (100e9, NET.inter_node, 4)
-    assert net.source == "user-given"
+    assert net.source == "user-given; nodes of 4 GPUs (--gpus-per-node)"
+    assert interconnect(H100, gpus_per_node=8).source == NET.source  # the node size it already has
     with pytest.raises(ArchplanError):
         interconnect(H100, inter_gbs=-1)
     # a slower fabric never makes the best layout faster
