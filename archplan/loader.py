@@ -422,7 +422,13 @@ def find_partial_path(name_or_path: str) -> Path:
     """A bundled partial spec by its bare name (gpt-4-partial), else what `find_spec_path` finds."""
     if name_or_path in partial_names() and not Path(name_or_path).exists():
         return PARTIALS_DIR / f"{name_or_path}.yaml"
-    return find_spec_path(name_or_path)
+    try:
+        return find_spec_path(name_or_path)
+    except ArchplanError as exc:
+        if Path(name_or_path).suffix or "/" in name_or_path:
+            raise
+        raise ArchplanError(f"no such file or bundled partial spec ({', '.join(partial_names())})",
+                            file=name_or_path) from exc
 
 
 def find_spec_path(name_or_path: str) -> Path:

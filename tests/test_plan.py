@@ -253,6 +253,12 @@ def test_the_bundled_partials_make_the_rumoured_presets(preset: str) -> None:
     assert result.nearest.count("total") == counts.total and result.nearest.count("active") == counts.active
 
 
+def test_solve_names_the_bundled_partials_for_an_unknown_name() -> None:
+    with pytest.raises(ArchplanError, match=r"no such file or bundled partial spec \(claude-3-opus-partial, "
+                                            r"gpt-4-partial\)"):
+        solve("nope-partial", Targets(1e9, None))
+
+
 def test_solve_reports_no_integer_solution_with_the_nearest(tmp_path: Path) -> None:
     path = _partial(tmp_path, "mixtral-8x7b", lambda d: d["moe"]["expert"].update(d_ff="solve"))
     result = solve(path, Targets(MIXTRAL_TOTAL + 1, MIXTRAL_ACTIVE), tolerance=0)

@@ -959,8 +959,12 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     overlap = ", ".join(sorted(settings.overlap)) or "none"
     if settings.states.module_fetch and "dp" in settings.overlap:
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
-    recompute = ("stops early (non-reentrant checkpoint)" if settings.stops_early
-                 else "re-runs the whole block")
+    from archplan.planning.cluster import NORM_AFTER_OUTPUT
+
+    recompute = ("re-runs the whole block" if not settings.stops_early
+                 else f"stops early (non-reentrant checkpoint), which {spec.residual.kind} blocks' last norm "
+                      "makes the whole block" if spec.residual.kind in NORM_AFTER_OUTPUT
+                 else "stops early (non-reentrant checkpoint)")
     passes = ((["bias gradients summed apart"] if settings.bias_grad_pass else [])
               + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
