@@ -299,7 +299,9 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
          lambda r: r["flops"][other],
          units.flops),
         ("decode/token at context", lambda r: r["flops"]["decode_per_token"], units.flops),
-        (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"], units.nbytes),
+        # "0 B" beside counts in B (billions) read as a count: a model with no per-token cache has none
+        (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"],
+         lambda x: units.nbytes(x) if x else "none"),
         ("KV cache at context", lambda r: r["kv_cache"]["bytes"], units.nbytes),
         ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"], units.nbytes),
         ("weights int4", lambda r: r["memory"]["weights_by_dtype"]["int4"], units.nbytes),

@@ -60,6 +60,13 @@ def test_ratios_against_the_first_column() -> None:
     assert "training activations bf16, eager attention, micro-batch 1." in " ".join(result.stdout.split())
 
 
+def test_a_model_without_a_per_token_cache_shows_none_not_0_b() -> None:
+    """Beside counts in B (billions), Mamba's "0 B" of KV cache per token read as a count."""
+    result = runner.invoke(app, ["compare", "mamba-2.8b", "llama-2-7b"], env={"COLUMNS": "200"})
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("KV cache/token"))
+    assert result.exit_code == 0 and "none" in line and "512 KiB" in line and "0 B" not in line
+
+
 def test_the_caption_names_a_residual_stream_wider_than_the_activations() -> None:
     result = runner.invoke(app, ["compare", "gpt2", "llama-3-8b", "--residual-dtype", "fp32"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -887,6 +887,7 @@ def test_unknown_keys_are_reported_not_guessed() -> None:
     ("mamba-auto-dt", {"intermediate_size": 100}, "intermediate_size"),
     ("mamba-auto-dt", {"d_model": 32}, "d_model"),
     ("mamba2", {"n_layer": 7}, "n_layer"),
+    ("mamba2", {"expand": 0}, "expand"),  # "must be positive", not "non-integer"
     ("deepseek_v3", {"qk_head_dim": 100}, "qk_head_dim"),  # must be qk_nope_head_dim + qk_rope_head_dim
     ("gpt2-n_inner", {"n_ctx": 512}, "n_ctx"),  # must be n_positions
     ("gemma2", {"sliding_window_size": 8}, "sliding_window_size"),

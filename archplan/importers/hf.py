@@ -1266,7 +1266,9 @@ def _deepseek_v3(cfg: HFConfig) -> dict[str, Any]:
 def _expand(cfg: HFConfig, key: str) -> int:
     """The spec's expand is an integer; HF computes int(expand · hidden)."""
     expand = cfg.float_(key)
-    if not expand.is_integer() or expand <= 0:
+    if expand <= 0:
+        raise cfg.error(key, f"must be positive, got {expand:g}")
+    if not expand.is_integer():
         raise cfg.error(key, f"cannot express a non-integer expand ({expand}); the spec's ssm.expand is an integer")
     return int(expand)
 
