@@ -436,6 +436,9 @@ LAYOUT = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1"
     (["--train", "--compile"], "--compile does not apply to --train"),
     (["--nproc", "2"], "--nproc does not apply to prefill and decode (it is read by --layout)"),
     (["--seq", "64,128", "--decode-tokens", "3"], "--decode-tokens does not apply to a --seq sweep"),
+    # --force belongs to --plot in every mode (it read "read by a --seq sweep" in prefill mode)
+    (["--force"], "--force overwrites the --plot figure; without --plot nothing is written"),
+    (["--train", "--force"], "--force overwrites the --plot figure; without --plot nothing is written"),
 ])
 def test_an_option_its_mode_ignores_is_refused(args: list[str], message: str) -> None:
     """Each bench mode reads some options; one given that the mode would ignore is an error, not

@@ -85,13 +85,16 @@ def _run_notes(specs: list[str], seq: int, layers: int | None) -> list[str]:
 
 # What each mode reads. An option given on the command line that its mode does not read is refused
 # rather than ignored (`--device` was once ignored by --layout).
+# --force is answered in every mode by `refuse_force_without_plot`: it belongs to --plot, not to a mode.
 MODE_OPTIONS: dict[str, frozenset[str]] = {
-    "--layout": frozenset({"device", "seq", "warmup", "iters", "as_json", "layout", "nproc", "microbatches"}),
-    "--train": frozenset({"device", "dtype", "batch", "seq", "iters", "as_json", "layers", "train", "recompute"}),
+    "--layout": frozenset({"device", "seq", "warmup", "iters", "as_json", "layout", "nproc", "microbatches",
+                           "force"}),
+    "--train": frozenset({"device", "dtype", "batch", "seq", "iters", "as_json", "layers", "train", "recompute",
+                          "force"}),
     "a --seq sweep": frozenset({"device", "dtype", "batch", "seq", "layers", "warmup", "iters", "attn_backend",
                                 "as_json", "plot", "force"}),
     "prefill and decode": frozenset({"device", "dtype", "batch", "seq", "decode_tokens", "layers", "warmup",
-                                     "iters", "compile", "attn_backend", "compare_backends", "as_json"}),
+                                     "iters", "compile", "attn_backend", "compare_backends", "as_json", "force"}),
 }
 
 
