@@ -163,7 +163,7 @@ def test_cli_sweep_writes_the_plot_and_a_table(tiny_specs: list[str], tmp_path) 
     (["--seq", "1q"], "--seq"),
     (["--seq", "64,128", "--plot", "out.txt"], "--plot"),
     (["--seq", "64,128", "--plot", "EXISTING"], "--plot: file exists; pass --force to overwrite"),
-    (["--seq", "64", "--force"], "--force does not apply to prefill and decode"),
+    (["--seq", "64", "--force"], "--force overwrites the --plot figure; without --plot nothing is written"),
 ])
 def test_cli_sweep_bad_input_is_an_archplan_error(tiny_specs: list[str], extra: list[str], message: str,
                                                    tmp_path) -> None:
