@@ -1518,7 +1518,7 @@ def test_cli_infeasible_states_the_states_bytes(capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--seq", "0"), "--seq must be positive"),
+    (("--seq", "0"), "Invalid value for '--seq': a length must be positive, got '0'"),  # as size, verify
     (("--total", "1e9"), "--total/--active go with --solve"),
     (("--force",), "--force overwrites the --plot figure"),
     (("--tokens", "0"), "--tokens must be a finite positive number"),
