@@ -40,15 +40,23 @@ _LENGTH = re.compile(r"^\s*([0-9]+(?:_[0-9]+)*)\s*([km]?)\s*$", re.IGNORECASE)
 LENGTH_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20}
 
 
+class NonPositiveLength(ValueError):
+    """A length written as a number, but zero or negative: named alike by every --seq."""
+
+
 def parse_length(text: str) -> int:
     """A token count as every --seq takes it: '4096', '4_096', '4k' or '4K' (k = 1024, m = 1024²).
-    ValueError otherwise (a fraction, as a spec's integer fields refuse one)."""
+    NonPositiveLength for 0 or a negative one, ValueError otherwise (a fraction, as a spec's integer
+    fields refuse one)."""
     match = _LENGTH.match(text)
     if match is None and _LENGTH.match(text.strip().removeprefix("-")):
-        raise ValueError(f"a length must be positive, got {text!r}")
+        raise NonPositiveLength(f"a length must be positive, got {text!r}")
     if match is None:
         raise ValueError(f"expected a length such as 4096 or 4k (k = 1024), got {text!r}")
-    return int(match.group(1)) * LENGTH_SUFFIX[match.group(2).lower()]
+    length = int(match.group(1)) * LENGTH_SUFFIX[match.group(2).lower()]
+    if length == 0:
+        raise NonPositiveLength(f"a length must be positive, got {text.strip()!r}")
+    return length
 
 
 def count(n: float) -> str:

@@ -15,7 +15,7 @@ from archplan.analytic import activation_memory, count_params
 from archplan.analytic.memory import ACT_BYTES
 from archplan.errors import ArchplanError
 from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
-from archplan.units import parse_length
+from archplan.units import NonPositiveLength, parse_length
 
 # "fused": the attention core never holds the T×S scores (FlashAttention, Dao et al. 2022; torch's
 # CPU flash kernel and the CUDA flash / memory-efficient / cuDNN backends). "materialised": SDPA's
@@ -28,12 +28,11 @@ def parse_lengths(text: str, option: str = "--seq") -> list[int]:
     for part in text.split(","):
         try:
             length = parse_length(part)
-        except ValueError as exc:
-            # a negative length is named as every other --seq names it
-            said = str(exc) if "positive" in str(exc) else f"expected lengths such as 512 or 1k,2k,4k (k = 1024), got {text!r}"
-            raise ArchplanError(said, field=option) from None
-        if length == 0:
-            raise ArchplanError(f"a length must be positive, got {part.strip()!r}", field=option)
+        except NonPositiveLength as exc:  # named as every other --seq names it
+            raise ArchplanError(str(exc), field=option) from None
+        except ValueError:
+            raise ArchplanError(f"expected lengths such as 512 or 1k,2k,4k (k = 1024), got {text!r}",
+                                field=option) from None
         lengths.append(length)
     if len(set(lengths)) != len(lengths):
         raise ArchplanError(f"a length appears twice in {text!r}", field=option)

@@ -75,12 +75,8 @@ def refuse_force_without_plot(force: bool, plot: str | None) -> None:
 
 
 def length_option(text: str) -> int:
-    """Typer's parser for --seq: '4096', '4_096' or '4k' (`units.parse_length`); 0 is refused as a
-    negative length is, the same words in every command."""
+    """Typer's parser for --seq: '4096', '4_096' or '4k' (`units.parse_length`)."""
     try:
-        length = parse_length(text)
+        return parse_length(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if length == 0:
-        raise typer.BadParameter(f"a length must be positive, got {text.strip()!r}")
-    return length
