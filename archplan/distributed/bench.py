@@ -31,12 +31,12 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
     layout = given_layout(plan, layout_text, seq, "bench")
     plan.check_length(seq, "--seq")
     m = microbatches or layout.pp
-    if under_launcher() and "MASTER_ADDR" not in os.environ:
-        # RANK and WORLD_SIZE left in the environment, not a torchrun worker: init_process_group
-        # would stop at the missing rendezvous address with a traceback
-        raise ArchplanError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: start the workers with torchrun, "
-                            "or unset RANK and WORLD_SIZE and let bench launch its own (--nproc)")
     if under_launcher():
+        if "MASTER_ADDR" not in os.environ:
+            # RANK and WORLD_SIZE left in the environment, not a torchrun worker: init_process_group
+            # would stop at the missing rendezvous address with a traceback
+            raise ArchplanError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: start the workers with "
+                                "torchrun, or unset RANK and WORLD_SIZE and let bench launch its own (--nproc)")
         result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)
         if result is None:
             return
@@ -63,15 +63,14 @@ def _check_splits(plan: ModelPlan, layout: Layout) -> None:
     """What every worker would refuse when it shards its stage (heads that do not split over tp, a
     mixer context parallelism cannot shard), asked once here on a meta-device stage holding every
     layer, before torchrun starts workers to fail the same way."""
-    from archplan.distributed.context import refusal as cp_refusal
+    from archplan.distributed.context import check_cp
     from archplan.distributed.plans import check_tp
     from archplan.distributed.stage import Stage
 
     with torch.device("meta"):
         stage = Stage(plan, list(range(len(plan.layers))), first=True, last=True)
     check_tp(plan, stage, layout.tp, layout.sequence_parallel)
-    if layout.cp > 1 and (why := cp_refusal(stage, layout.cp)):
-        raise ArchplanError(f"--layout: not run on torch.distributed: {why}")
+    check_cp(stage, layout.cp)
 
 
 def _available_host_bytes() -> int | None:

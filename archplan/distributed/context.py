@@ -264,6 +264,13 @@ def global_positions(stage: Stage, shard: ContextShard) -> None:
             pass
 
 
+def check_cp(stage: Stage, cp: int) -> None:
+    """`refusal` as the one-line error `--layout` gives (`plans.check_tp`'s twin for cp)."""
+    why = refusal(stage, cp) if cp > 1 else None
+    if why is not None:
+        raise ArchplanError(f"--layout: not run on torch.distributed: {why}")
+
+
 def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.dtype) -> ContextShard | None:
     """Every attention layer of the stage gathers K/V over the cp mesh dimension; the shared
     positions and masks are built by a forward pre-hook of the stage, from its input's length
@@ -271,9 +278,7 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
     layout = mesh.layout
     if layout.cp == 1:
         return None
-    why = refusal(stage, layout.cp)
-    if why is not None:
-        raise ArchplanError(f"--layout: not run on torch.distributed: {why}")
+    check_cp(stage, layout.cp)
     mixers = [block.mixer for block in stage.layers.values()]
     attention = [m for m in mixers if isinstance(m, Attention | MLA)]
     windows = tuple(dict.fromkeys(m.plan.window for m in attention))
