@@ -640,9 +640,9 @@ def _tokens_notes(result: SearchResult, train_tokens: float) -> list[str]:
     """A run shorter than one step of the top layout: its days price a fraction of a step."""
     from archplan.units import count
 
-    if not result.ranked or train_tokens >= result.ranked[0].global_batch_tokens:
+    step = result.ranked[0].global_batch_tokens if result.ranked else 0
+    if train_tokens >= step:
         return []
-    step = result.ranked[0].global_batch_tokens
     are = "token is" if train_tokens == 1 else "tokens are"
     return [f"the run's {count(train_tokens)} {are} fewer than one step of layout 1 ({count(step)} tokens): its "
             "training time prices a fraction of a step"]
@@ -961,10 +961,9 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
     from archplan.planning.cluster import NORM_AFTER_OUTPUT
 
-    recompute = ("re-runs the whole block" if not settings.stops_early
-                 else f"stops early (non-reentrant checkpoint), which {spec.residual.kind} blocks' last norm "
-                      "makes the whole block" if spec.residual.kind in NORM_AFTER_OUTPUT
-                 else "stops early (non-reentrant checkpoint)")
+    recompute = "stops early (non-reentrant checkpoint)" if settings.stops_early else "re-runs the whole block"
+    if settings.stops_early and spec.residual.kind in NORM_AFTER_OUTPUT:
+        recompute += f", which {spec.residual.kind} blocks' last norm makes the whole block"
     passes = ((["bias gradients summed apart"] if settings.bias_grad_pass else [])
               + (["fused QKV's gradients concatenated"] if settings.qkv_concat_pass else []))
     eager = f"; eager autograd: {', '.join(passes)}" if passes else ""
