@@ -3,7 +3,7 @@
 # line "NAME measured predicted error". Run from the repository root.
 #   DEVICE=cpu  OUT=decode-cpu  bash benchmarks/decode_rows.sh          # 2 threads, batch 1 unless listed
 #   DEVICE=cuda OUT=decode-cuda bash benchmarks/decode_rows.sh
-# ROWS="gpt2 gemma-2b-full" limits the run to those names.
+# ROWS="gpt2 gemma-2b-full" limits the run to those names; ROW_LIMIT (seconds, default 300) bounds each.
 set -u
 DEVICE="${DEVICE:-cpu}"
 OUT="${OUT:-decode-$DEVICE}"
@@ -29,7 +29,7 @@ for row in "${rows[@]}"; do
   name="${row%%|*}"; args="${row#*|}"
   if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]]; then continue; fi
   # shellcheck disable=SC2086  # args is a word list
-  python3 -m archplan.cli bench $args --device "$DEVICE" --seq 128 --decode-tokens 8 --json \
+  timeout "${ROW_LIMIT:-300}" python3 -m archplan.cli bench $args --device "$DEVICE" --seq 128 --decode-tokens 8 --json \
     > "$OUT/$name.json" 2> "$OUT/$name.err" || { echo "$name failed: $(tail -1 "$OUT/$name.err")"; continue; }
   python3 -c "import json, sys; d = json.load(open(sys.argv[1]))['decode']
 print(sys.argv[2], f\"{d['ms_per_token']:.1f} ms measured, {d['predicted_ms_per_token']:.1f} ms predicted, {100 * d['error']:+.1f}%\")" \
