@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from archplan.analytic import decode_flops, decode_flops_per_token, forward_flops
-from archplan.bench.roofline import DecodeRates, OpCount, predict_decode_step, predict_prefill
+from archplan.bench.roofline import DecodeRates, OpCount, predict_decode_step, predict_prefill, with_host_floor
 from archplan.bench import runner
 from archplan.bench.fit import truncate
 from archplan.bench.runner import (
@@ -191,6 +191,28 @@ def test_decode_model_structure() -> None:
     assert cuda.seconds == pytest.approx(max(sum(r.work for r in cuda.rows), sum(r.overhead for r in cuda.rows)))
     cuda_layers = next(r for r in cuda.rows if r.kind == "gqa+dense")
     assert cuda_layers.overhead == pytest.approx(4 * (7 * 1e-5 + 5e-5 + 1e-4))
+
+
+def test_cuda_prefill_cannot_end_before_the_host_has_issued_its_calls() -> None:
+    """CUDA's prefill: the larger of the roofline's sum and the host's issue of the pass's calls, each
+    call at its group's per-call cost in the decode calibration (7 matmuls at 10 µs, one SDPA at
+    50 µs, 50 others at 2 µs per layer in the step; a prefill of 7, 1 and 40 per layer)."""
+    plan = plan_of(TINY)
+    roof = predict_prefill(plan, 1, 32, 2, peak=1e12, bandwidth=1e11)
+    rates = replace(RATES, overlap=True, matmul_seconds=1e-5)
+    prefill_ops = {"gqa+dense": OpCount(7, 1, 40), "embed+head": OpCount(1, 0, 5)}
+    floored = with_host_floor(roof, rates, OPS, prefill_ops)
+    layers = next(r for r in floored.rows if r.kind == "gqa+dense")
+    assert layers.overhead == pytest.approx(4 * (7 * 1e-5 + 5e-5 + 40 * 1e-4 / 50))
+    assert layers.ops == 4 * 48 and layers.bound == "overhead"
+    head = next(r for r in floored.rows if r.kind == "embed+head")
+    assert head.overhead == pytest.approx(1e-5 + 5 * 1e-5 / 6)
+    assert [r.work for r in floored.rows] == [r.work for r in roof.rows]
+    assert floored.seconds == pytest.approx(sum(r.overhead for r in floored.rows))
+    assert floored.seconds > roof.seconds
+    # a pass whose kernels outlast their issue keeps the roofline's sum
+    slow = predict_prefill(plan, 1, 32, 2, peak=1e6, bandwidth=1e5)
+    assert with_host_floor(slow, rates, OPS, prefill_ops).seconds == pytest.approx(slow.seconds)
 
 
 MLA_TINY = dict(

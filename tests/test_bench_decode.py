@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from archplan.bench.decode import Call, RecordedStep, Replay, WeightStreams, _weight_bytes, decode_rates, record_step
+from archplan.bench.decode import (
+    Call,
+    RecordedStep,
+    Replay,
+    WeightStreams,
+    _weight_bytes,
+    count_pass,
+    decode_rates,
+    record_step,
+)
 from archplan.modules.model import build_model
 from archplan.resolve import resolve
 from archplan.spec import Spec
@@ -63,6 +72,21 @@ def test_recorded_groups() -> None:
     for kind in recorded.built:
         assert all(c.weight is not None for c in recorded.calls[kind]["matmuls"])
         assert all(c.weight is None for g in ("attention", "others") for c in recorded.calls[kind][g])
+
+
+def test_counting_a_pass_counts_what_recording_it_records() -> None:
+    """`count_pass` (a prefill's calls, for CUDA's host floor) groups and averages calls as
+    `record_step` does, and keeps none of them: the same forward counted and recorded agree."""
+    plan = resolve(Spec.model_validate(TINY_HYBRID))
+    torch.manual_seed(0)
+    model = build_model(plan, device="cpu", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.inference_mode():
+        counted = count_pass(model, plan, lambda: model(tokens))
+        recorded = record_step(model, plan, lambda: model(tokens)).ops()
+    assert counted == recorded
+    assert counted["gqa+moe"].attention == 1 and counted["gqa+moe"].matmuls == 8
+    assert counted["mamba1+dense"].others > 0
 
 
 def test_grouped_mm_reads_only_the_experts_that_own_rows() -> None:

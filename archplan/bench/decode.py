@@ -57,13 +57,17 @@ class Call:
 
 
 class StepRecorder(TorchDispatchMode):
-    """Records the calls of a step by layer kind and group (see the module docstring)."""
+    """Records the calls of a step by layer kind and group (see the module docstring); with
+    `keep=False` it only counts them, keeping none of their tensors (a prefill's activations would
+    stay alive in a recording)."""
 
-    def __init__(self, parameters: Iterable[Tensor]) -> None:
+    def __init__(self, parameters: Iterable[Tensor], keep: bool = True) -> None:
         super().__init__()
         self.storages = {p.untyped_storage().data_ptr() for p in parameters}
+        self.keep = keep
         self.kind = "embed+head"
         self.calls: dict[str, dict[str, list[Call]]] = defaultdict(lambda: defaultdict(list))
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def _weight(self, args: tuple[Any, ...]) -> int | None:
         """The largest operand on a parameter's storage (a weight, or its transposed view)."""
@@ -81,11 +85,13 @@ class StepRecorder(TorchDispatchMode):
         else:
             group = "others"
         kwargs = kwargs or {}
-        written = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-        names = [a.name for a in func._schema.arguments]
-        self.calls[self.kind][group].append(Call(
-            func, tuple(_private(a) if names[i] in written else a for i, a in enumerate(args)),
-            {k: _private(v) if k in written else v for k, v in kwargs.items()}, weight))
+        self.counts[self.kind][group] += 1
+        if self.keep:
+            written = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+            names = [a.name for a in func._schema.arguments]
+            self.calls[self.kind][group].append(Call(
+                func, tuple(_private(a) if names[i] in written else a for i, a in enumerate(args)),
+                {k: _private(v) if k in written else v for k, v in kwargs.items()}, weight))
         return func(*args, **kwargs)
 
 
@@ -106,31 +112,57 @@ class RecordedStep:
 
     def ops(self) -> dict[str, OpCount]:
         """Calls per ONE layer of each kind (the built layers of a kind averaged)."""
-        return {kind: OpCount(*(round(len(self.calls[kind][g]) / n) for g in GROUPS))
-                for kind, n in self.built.items()}
+        return _per_layer({kind: {g: len(calls) for g, calls in groups.items()}
+                           for kind, groups in self.calls.items()}, self.built)
 
 
-def record_step(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> RecordedStep:
-    """Run `step` once under a `StepRecorder`, block hooks switching the layer kind."""
-    recorder = StepRecorder(model.parameters())
+def _per_layer(counts: dict[str, dict[str, int]], built: dict[str, int]) -> dict[str, OpCount]:
+    """Calls per ONE layer of each kind from the calls of all its built layers, by group."""
+    return {kind: OpCount(*(round(counts.get(kind, {}).get(g, 0) / n) for g in GROUPS)) for kind, n in built.items()}
+
+
+def _built_layers(plan: ModelPlan) -> dict[str, int]:
+    """Built layers per kind, and "embed+head": 1."""
+    built: dict[str, int] = defaultdict(int, {"embed+head": 1})
+    for layer in plan.layers:
+        built[layer_kind(layer)] += 1
+    return dict(built)
+
+
+def _run_by_kind(mode: StepRecorder, model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> None:
+    """Run `step` once under `mode`, block hooks switching its layer kind."""
     handles = []
     for layer, block in zip(plan.layers, model.layers):  # type: ignore[attr-defined]
 
         def enter(_m: object, _a: object, kind: str = layer_kind(layer)) -> None:
-            recorder.kind = kind
+            mode.kind = kind
 
         def leave(_m: object, _a: object, _o: object) -> None:
-            recorder.kind = "embed+head"
+            mode.kind = "embed+head"
 
         handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
-    with recorder:
-        step()
-    for h in handles:
-        h.remove()
-    built: dict[str, int] = defaultdict(int, {"embed+head": 1})
-    for layer in plan.layers:
-        built[layer_kind(layer)] += 1
-    return RecordedStep({kind: {g: recorder.calls[kind][g] for g in GROUPS} for kind in built}, dict(built))
+    try:
+        with mode:
+            step()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record_step(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> RecordedStep:
+    """Run `step` once under a `StepRecorder`."""
+    recorder = StepRecorder(model.parameters())
+    _run_by_kind(recorder, model, plan, step)
+    built = _built_layers(plan)
+    return RecordedStep({kind: {g: recorder.calls[kind][g] for g in GROUPS} for kind in built}, built)
+
+
+def count_pass(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> dict[str, OpCount]:
+    """Calls per ONE layer of each kind (and of "embed+head") that `step` dispatches, as
+    `RecordedStep.ops` counts them, without recording them."""
+    counter = StepRecorder(model.parameters(), keep=False)
+    _run_by_kind(counter, model, plan, step)
+    return _per_layer(counter.counts, _built_layers(plan))
 
 
 class Replay:

@@ -15,6 +15,11 @@ CPU runs it all in sequence (the sum); on CUDA the host issues kernels ahead of 
 step is max(Σ weight time, Σ host time of all ops). The bandwidth and the replayed seconds are
 measured in the same run on the calls the step dispatches (`bench/decode.py`).
 
+On CUDA a prefill has the same floor: the roofline's sum is compared with the host's issue of
+every call the pass dispatches (counted on the built model, each at its group's per-call cost in
+the decode calibration), and the larger is the prediction (`with_host_floor`). At batch 1 × 512
+tokens of a 7-8B model an H200 finishes each layer's kernels in a fraction of their issue.
+
 Bytes moved per component (stated in docs/benchmarks.md):
 - prefill: its weights once (MoE: only the experts the B·T·K routed rows can reach, min(E, B·T·K)),
   plus its activation input and output (2·B·T·D elements), plus, for attention, the K/V it writes;
@@ -28,7 +33,7 @@ bytes (prefill) or by the replayed ops (decode).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
 from archplan.analytic.attention import (
@@ -62,8 +67,8 @@ class RooflineRow:
     seconds: float  # work + overhead
     bound: str  # "memory", "compute" or "overhead": the largest term
     work: float = 0.0  # prefill: Σ_components max(FLOPs / rate, bytes / bandwidth); decode: bytes / GEMV bandwidth
-    ops: int = 0  # dispatched ops per step, all layers of this kind (decode)
-    overhead: float = 0.0  # seconds of the ops other than weight reads (decode)
+    ops: int = 0  # dispatched ops per pass, all layers of this kind (decode; a prefill with its host floor)
+    overhead: float = 0.0  # decode: seconds of the ops other than weight reads; prefill: the host's issue of its ops
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class Roofline:
     rows: tuple[RooflineRow, ...]
     peak_flops: float  # the compute rate priced (decode: none, 0: its matmuls' time is in the bandwidth)
     bandwidth: float  # the bandwidth priced (decode: weight bytes / weight seconds, all kinds together)
-    overlap: bool = False  # CUDA decode: the host issues kernels ahead of the device
+    overlap: bool = False  # CUDA (decode, and a prefill with its host floor): the host issues kernels ahead of the device
 
     @property
     def seconds(self) -> float:
@@ -108,6 +113,13 @@ class DecodeRates:
     def overhead(self, kind: str, ops: OpCount) -> float:
         """Seconds of one layer of `kind` beyond its weight reads."""
         return ops.matmuls * self.matmul_seconds + self.attention_seconds[kind] + self.op_seconds[kind]
+
+    def issue_seconds(self, kind: str, step: OpCount, ops: OpCount) -> float:
+        """Host seconds to issue `ops` in one layer of `kind` (CUDA), at the per-call cost of each
+        group in the calibrated decode step, whose calls per layer of the kind are `step`."""
+        per_attention = self.attention_seconds[kind] / step.attention if step.attention else 0.0
+        per_other = self.op_seconds[kind] / step.others if step.others else 0.0
+        return ops.matmuls * self.matmul_seconds + ops.attention * per_attention + ops.others * per_other
 
 
 def layer_kind(layer: LayerPlan) -> str:
@@ -205,6 +217,23 @@ def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, p
         plan.vocab_size * plan.d_model * dtype_bytes if plan.tied else 0
     ) + tokens * plan.vocab_size * dtype_bytes
     return _predict(plan, flops_by_path, bytes_by_path, peak, bandwidth)
+
+
+def with_host_floor(prefill: Roofline, rates: DecodeRates, step_ops: dict[str, OpCount],
+                    pass_ops: dict[str, OpCount]) -> Roofline:
+    """The prefill where the host issues kernels ahead of the device (CUDA, `rates.overlap`): the
+    pass cannot end before the host has issued every call it dispatches, so it takes
+    max(Σ work, Σ host issue), as a CUDA decode step does. `pass_ops`: the calls of one prefill per
+    layer of each kind, counted on the built model; each is priced at the per-call issue cost its
+    group had in the calibrated decode step (`step_ops`: that step's calls per layer), where the
+    device runs each small call in less than its launch, so the replayed seconds are the host's."""
+    rows = []
+    for row in prefill.rows:
+        ops = pass_ops.get(row.kind, OpCount(0, 0, 0))
+        host = row.count * rates.issue_seconds(row.kind, step_ops[row.kind], ops)
+        rows.append(replace(row, seconds=row.work + host, bound=row.bound if row.work >= host else "overhead",
+                            ops=row.count * ops.total, overhead=host))
+    return replace(prefill, rows=tuple(rows), overlap=True)
 
 
 def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: float, rates: DecodeRates,

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
-from archplan.bench.decode import RecordedStep, Replay, WeightStreams, decode_rates, record_step
+from archplan.bench.decode import RecordedStep, Replay, WeightStreams, count_pass, decode_rates, record_step
 from archplan.bench.device import (
     TORCH_DTYPES,
     DevicePeak,
@@ -36,6 +36,7 @@ from archplan.bench.roofline import (
     layer_kind,
     predict_decode_step,
     predict_prefill,
+    with_host_floor,
 )
 from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.dtypes import DType, nbytes
@@ -183,6 +184,10 @@ class BenchResult:
             "predicted": {
                 "prefill_s": self.predicted_prefill.seconds,
                 "error": self.prediction_error,
+                # CUDA: the roofline's sum and the host's issue of the pass's calls, the larger predicted
+                "roofline_s": sum(r.work for r in self.predicted_prefill.rows),
+                "host_issue_s": (sum(r.overhead for r in self.predicted_prefill.rows)
+                                 if self.predicted_prefill.overlap else None),
                 "by_kind": [r.__dict__ for r in self.predicted_prefill.rows],
             },
             "extrapolated": self.extrapolation is not None,
@@ -489,6 +494,12 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
 
                 hooked = time_calls(lambda: model(tokens), device, cfg.iters, progress, "block split", between=split)
             extrapolation = _extrapolate(plan, built, list(zip(splits, hooked.samples)), timing.median)
+        # CUDA: the calls one eager prefill dispatches, for the host's floor under its roofline (the
+        # decode calibration prices each); a compiled pass issues fused kernels, not these calls
+        pass_ops = None
+        if device.type == "cuda" and cfg.decode_tokens and not cfg.compile:
+            with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
+                pass_ops = count_pass(model, built, lambda: model(tokens))
         decode, decode_s, calibrated, (peak_bytes, method) = _decode(model, built, cfg, device, progress,
                                                                      extrapolation is not None, plan)
     recorded, rates = calibrated if calibrated is not None else (None, None)
@@ -498,6 +509,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     cache = kv_cache(built, cfg.seq + cache_steps(cfg.decode_tokens), cfg.batch, b).bytes if cfg.decode_tokens else 0
     analytic_mem = int(count_params(built).total * b + cache)
     decode_model = predicted_decode = None
+    predicted_prefill = predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth)
     if recorded is not None and rates is not None:
         # after the recorded step, the timed steps attend seq + 2 … seq + decode_tokens + 1 keys:
         # price the median one
@@ -507,11 +519,13 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
                                    decode_flops(plan, context, cfg.batch).counted,
                                    counted_decode_flops(plan, context, cfg.batch))
         predicted_decode = predict_decode_step(plan, cfg.batch, context, b, decode_model.rates, ops_by_kind)
+        if pass_ops is not None and rates.overlap:
+            predicted_prefill = with_host_floor(predicted_prefill, rates, ops_by_kind, pass_ops)
     return BenchResult(
         name=plan.name, device=peak.name, dtype=cfg.dtype.value, config=cfg, peak=peak, prefill=timing,
         prefill_seconds=prefill_s, prefill_flops=flops, decode=decode, decode_seconds_per_token=decode_s,
         peak_memory_bytes=peak_bytes, peak_memory_method=method, analytic_memory_bytes=analytic_mem,
-        predicted_prefill=predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth),
+        predicted_prefill=predicted_prefill,
         predicted_decode=predicted_decode, extrapolation=extrapolation, decode_model=decode_model,
     )
 

@@ -239,9 +239,15 @@ def _render(result: object, name: str) -> None:
     table.add_row("achieved", flops(result.achieved_flops_per_s, "FLOP/s"),
                   f"analytic {flops(result.prefill_flops)} per forward, attention causal")
     table.add_row("MFU", percent(result.mfu), f"peak {flops(result.peak.peak_flops, 'FLOP/s')} ({result.peak.source})")
-    table.add_row("roofline prediction", f"{1e3 * result.predicted_prefill.seconds:.2f} ms",
+    predicted = result.predicted_prefill
+    host_floor = ""
+    if predicted.overlap:  # CUDA: the host's issue of the pass's calls beside the roofline's sum
+        host_floor = (f"; the larger of the roofline's {1e3 * sum(r.work for r in predicted.rows):.2f} ms and "
+                      f"the host's issue of {sum(r.ops for r in predicted.rows):,} calls, "
+                      f"{1e3 * sum(r.overhead for r in predicted.rows):.2f} ms at the decode calibration's cost per call")
+    table.add_row("roofline prediction", f"{1e3 * predicted.seconds:.2f} ms",
                   f"error {100 * result.prediction_error:+.1f}% vs measured; bandwidth "
-                  f"{nbytes(result.peak.bandwidth)}/s")
+                  f"{nbytes(result.peak.bandwidth)}/s{host_floor}")
     if result.decode_seconds_per_token is not None:
         assert result.predicted_decode is not None
         table.add_row("decode", f"{1e3 * result.decode_seconds_per_token:.2f} ms/token",
