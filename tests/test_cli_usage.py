@@ -34,7 +34,7 @@ def test_usage_errors_exit_2_without_traceback(args: tuple[str, ...], message: s
                         "see 'archplan plan --help'"),
     (("plan", "llama-3-8b", "--gpus", "abc"), "archplan: error: Invalid value for '--gpus': "),
     (("no-such-command",), "archplan: error: No such command 'no-such-command'; see 'archplan --help'"),
-    (("import", "hf"), "archplan: error: Missing argument 'config'; see 'archplan import hf --help'"),
+    (("import", "hf"), "archplan: error: Missing argument 'CONFIG'; see 'archplan import hf --help'"),
     (("size", "gpt2", "--context"), "archplan: error: Option '--context' requires an argument; "
                                     "see 'archplan size --help'"),
 ])

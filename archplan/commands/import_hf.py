@@ -41,7 +41,7 @@ def schema_reference(out: Path | None) -> str:
 @import_app.command("hf")
 def hf(
     config: Annotated[str, typer.Argument(help="A Hugging Face config.json, or the model folder holding one.",
-                                          show_default=False)],
+                                          show_default=False, metavar="CONFIG")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the spec here (default: stdout).",
                                                 show_default=False)] = None,
     force: ForceOpt = False,

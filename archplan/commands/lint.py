@@ -19,7 +19,7 @@ from archplan.lint.formats import Format, render
 PathsArg = Annotated[
     list[str],
     typer.Argument(help="Spec files, folders (searched recursively for *.yaml/*.yml) or globs.",
-                   show_default=False),
+                   show_default=False, metavar="PATH"),
 ]
 CodesOpt = Annotated[
     list[str],

@@ -14,11 +14,11 @@ from archplan.units import parse_length
 SpecArg = Annotated[
     str,
     typer.Argument(help="Spec YAML path, or the name of a bundled preset (see `archplan presets`).",
-                   show_default=False),
+                   show_default=False, metavar="SPEC"),
 ]
 SpecsArg = Annotated[
     list[str],
-    typer.Argument(help="Spec YAML paths or preset names.", show_default=False),
+    typer.Argument(help="Spec YAML paths or preset names.", show_default=False, metavar="SPEC"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).", metavar="")]
 # compare and presets print one object per spec: a JSON list

@@ -1061,7 +1061,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         spec: Annotated[str | None, typer.Argument(
             help="Spec YAML or preset: search cluster layouts for it (with --gpus, --gpu).",
-            show_default=False)] = None,
+            show_default=False, metavar="SPEC")] = None,
         compute: Annotated[str | None, typer.Option(
             "--compute", help="Training budget in FLOPs, e.g. 1e24.")] = None,
         params: Annotated[str | None, typer.Option(
