@@ -72,6 +72,26 @@ def test_run_bench_structure_and_sanity() -> None:
     # MFU 230% and nothing else) is named
     slow = replace(result, peak=replace(result.peak, peak_flops=result.achieved_flops_per_s / 2.3))
     assert slow.peak_note() is not None and slow.peak_note().startswith("MFU 230%: the model's forward ran faster")
+    # a CPU run's prefill is the roofline's alone: no host floor
+    assert out["predicted"]["host_issue_s"] is None
+    assert out["predicted"]["roofline_s"] == pytest.approx(out["predicted"]["prefill_s"])
+
+
+def test_a_host_floored_prefill_says_what_bounds_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """As a CUDA run prints it: the prediction is the larger of the roofline's sum and the host's
+    issue, and both are in the table and the JSON."""
+    from archplan.commands.bench import _render
+
+    result = run_bench(plan_of(TINY), FAST)
+    floored = with_host_floor(result.predicted_prefill, replace(RATES, overlap=True, matmul_seconds=1e-5), OPS,
+                              {"gqa+dense": OpCount(7, 1, 40), "embed+head": OpCount(1, 0, 5)})
+    cuda = replace(result, predicted_prefill=floored)
+    out = cuda.to_json()["predicted"]
+    assert out["host_issue_s"] == pytest.approx(sum(r.overhead for r in floored.rows))
+    assert out["prefill_s"] == pytest.approx(max(out["roofline_s"], out["host_issue_s"]))
+    _render(cuda, "tiny")
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the host's issue of {4 * 48 + 6} calls" in text.replace("│ ", "").replace(" │", "")
 
 
 def test_truncate_keeps_k_layers_of_each_kind() -> None:
