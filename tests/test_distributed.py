@@ -832,6 +832,16 @@ def test_fake_verify_zero_0_and_1(fake_world: None, zero: int, microbatches: int
         assert row.ok, row
     dp_kinds = {r.kind for r in result.collectives if r.mesh_dim == "dp" and r.measured}
     assert dp_kinds == ({"all_reduce"} if zero == 0 else {"reduce_scatter", "all_gather"})
+    if microbatches > 1:
+        from archplan.distributed.fake import ACCUMULATED_GRAD
+
+        # the accumulated fp32 gradients, which the tracker files as Temp, are gradients at the peak
+        # too, not also temporary (Llama 3 8B TP8 PP4 DP4's first stage showed 7.74 GB temporary,
+        # 2.97 GB of it its gradients)
+        peak = result.measured.peak_by_reftype
+        assert peak[ACCUMULATED_GRAD] == rows["gradients"].measured
+        assert rows["temporary"].measured == sum(peak.get(k, 0) for k in
+                                                 ("Unsharded Param", "Unsharded Grad", "Temp", "Buffer"))
 
 
 def test_fake_verify_zero_1_experts(fake_world: None) -> None:

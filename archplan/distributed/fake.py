@@ -189,6 +189,15 @@ def _accumulated_grad_bytes(units: tuple[FSDPModule, ...]) -> int:
     return total
 
 
+def _file_accumulated(snapshot: dict[str, int], accumulated: int) -> dict[str, int]:
+    """A tracker snapshot with ZeRO-0/1's accumulated gradients taken out of "Temp" (where the
+    tracker files them) and filed as gradients."""
+    if accumulated:
+        snapshot["Temp"] = snapshot.get("Temp", 0) - accumulated
+        snapshot[ACCUMULATED_GRAD] = accumulated
+    return snapshot
+
+
 def _categories(snapshot: dict[str, int]) -> dict[str, int]:
     totals = dict.fromkeys(RankMemory.__dataclass_fields__, 0)
     for reftype, nbytes in snapshot.items():
@@ -511,12 +520,18 @@ class StepTracker(RecomputeAsActivations):
       per op; nothing here runs under dynamo)."""
 
     recorder: CollectiveRecorder | None = None
+    # ZeRO-0/1's accumulated gradients (filed as "Temp" by the tracker), read when the peak is set:
+    # `measure` files them at the peak as it does in its samples
+    accumulated: Callable[[], int] | None = None
+    peak_accumulated: int = 0
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         for dev, dev_snap in self._curr_mem_snap.items():
             if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
                 self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
+                if self.accumulated is not None:
+                    self.peak_accumulated = self.accumulated()
 
     def _track(self, reftype: Any, t: torch.Tensor) -> None:
         """torch's `MemTracker._track` for a fake tensor (its one storage: FakeTensor is no
@@ -649,11 +664,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
 
         def sample() -> None:
             current = dict(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
-            accumulated = _accumulated_grad_bytes(units)
-            if accumulated:
-                current["Temp"] = current.get("Temp", 0) - accumulated
-                current[ACCUMULATED_GRAD] = accumulated
-            samples.append(current)
+            samples.append(_file_accumulated(current, _accumulated_grad_bytes(units)))
 
         runner = StageRunner(chunks, mesh, optimizer, hidden, DEVICE, before_forward=forget,
                              sample=sample)
@@ -671,9 +682,11 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
             runner.train_step(batches[:1 if layout.vpp == 1 else layout.pp])
         samples.clear()
         tracker.recorder = recorder
+        tracker.accumulated = lambda: _accumulated_grad_bytes(units)
         with tracker, fsdp2_accumulation_counted(recorder):
             runner.train_step(batches)
-    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    peak = _file_accumulated(dict(next(iter(tracker.get_tracker_snapshot("peak").values()))),
+                             tracker.peak_accumulated)
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
     memory = _rank_memory(peak, samples)
     layers = tuple(int(i) for c in chunks for i in c.stage.layers)
