@@ -469,6 +469,16 @@ class RecomputeAsActivations(FSDPMemTracker):
     # called at the end of each layer's re-run in the backward, where the re-run layer's tensors
     # are all alive: the activations' peak under full recompute, which no other sample holds
     rerun_sample: Callable[[], None] | None = None
+    # ZeRO-0/1's accumulated gradients (filed as "Temp" by the tracker), read whenever the peak is
+    # set: `measure` files them at the peak as its samples do
+    accumulated: Callable[[], int] | None = None
+    peak_accumulated: int = 0
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        peaks = dict(self._peak_mem)
+        super()._update_peak_stats(peak_state)
+        if self.accumulated is not None and self._peak_mem != peaks:
+            self.peak_accumulated = self.accumulated()
 
     def _register_module_and_optimizer_hooks(self) -> None:
         super()._register_module_and_optimizer_hooks()
@@ -520,10 +530,6 @@ class StepTracker(RecomputeAsActivations):
       per op; nothing here runs under dynamo)."""
 
     recorder: CollectiveRecorder | None = None
-    # ZeRO-0/1's accumulated gradients (filed as "Temp" by the tracker), read when the peak is set:
-    # `measure` files them at the peak as it does in its samples
-    accumulated: Callable[[], int] | None = None
-    peak_accumulated: int = 0
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         for dev, dev_snap in self._curr_mem_snap.items():
