@@ -1521,9 +1521,9 @@ def test_cli_infeasible_states_the_states_bytes(capsys: pytest.CaptureFixture[st
     (("--seq", "0"), "Invalid value for '--seq': a length must be positive, got '0'"),  # as size, verify
     (("--total", "1e9"), "--total/--active go with --solve"),
     (("--force",), "--force overwrites the --plot figure"),
-    (("--tokens", "0"), "--tokens must be a finite positive number"),
+    (("--tokens", "0"), "--tokens must be between 1 and 1e+18, got 0"),  # as size says it
     (("--overlap", ","), "--overlap: ',' names nothing"),
-    (("--global-batch-tokens", "1e400"), "--global-batch-tokens must be a finite positive number"),
+    (("--global-batch-tokens", "1e400"), "--global-batch-tokens must be between 1 and 1e+18, got inf"),
     (("--gpus", "99999999999999999999"), "--gpus must be between 1 and 1,000,000,000"),
 ])
 def test_cli_layout_search_refuses_what_it_would_ignore(args: tuple[str, ...], message: str,

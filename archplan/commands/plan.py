@@ -167,19 +167,13 @@ def _amount(text: str | None, option: str) -> float | None:
     return parse_amount(text, option) if text is not None else None
 
 
-def _positive_amount(text: str, option: str) -> float:
-    """An amount (16M, 2T, 1e9) that only makes sense finite and positive."""
-    value = _amount(text, option)
-    if value is None or not (math.isfinite(value) and value > 0):
-        raise ArchplanError(f"{option} must be a finite positive number, got {text}")
-    return value
-
-
 def _token_count(text: str, option: str = "--tokens") -> float:
-    """--tokens beside a SPEC, --global-batch-tokens: tokens, in the range `size --tokens` takes."""
+    """--tokens beside a SPEC, --global-batch-tokens: tokens, in the range `size --tokens` takes
+    (0 and an overflow to infinity are out of it, and said alike)."""
     from archplan.report import MAX_TOKENS
 
-    value = _positive_amount(text, option)
+    value = _amount(text, option)
+    assert value is not None
     if not 1 <= value <= MAX_TOKENS:
         raise ArchplanError(f"{option} must be between 1 and {MAX_TOKENS:.0e}, got {value:.10g}")
     return value
