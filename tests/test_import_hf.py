@@ -932,6 +932,23 @@ def test_mamba_s_intermediate_size_is_the_width_transformers_builds() -> None:
     assert refusal({**config, "intermediate_size": 100}).field == "intermediate_size"
 
 
+@pytest.mark.parametrize("layers", [{"attn_layer_period": 1, "attn_layer_offset": 0},  # attention only
+                                    {"attn_layer_period": 8, "attn_layer_offset": 4},  # Mamba only (4 layers)
+                                    {"attn_layer_period": 1, "attn_layer_offset": 0, "num_experts": 1}])
+def test_a_jamba_with_one_kind_of_mixer_is_what_transformers_builds(layers: dict[str, int]) -> None:
+    """A period that puts attention on every layer, or on none, is a Jamba transformers builds (it
+    was refused): the spec has that one mixer, and the other kind's keys are accounted for."""
+    transformers = pytest.importorskip("transformers")
+    config = {**TINY["jamba"].config, **layers}
+    imported = convert_config(copy.deepcopy(config), file="config.json", name="jamba", strict=True)
+    assert imported.ignored == ()
+    only_attention = layers["attn_layer_period"] == 1
+    assert (imported.spec.ssm is None, imported.spec.attention is None) == (only_attention, not only_attention)
+    data = dict(config)
+    hf_config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    assert counts(config) == transformers_counts(transformers, hf_config)
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' width-0 MLP
 @pytest.mark.parametrize("case", ["deepseek_v2-lite", "deepseek_v3"])
 def test_deepseek_without_shared_experts_is_transformers_zero_width_mlp(case: str) -> None:

@@ -1385,23 +1385,30 @@ def _jamba(cfg: HFConfig) -> dict[str, Any]:
         if off >= per:
             raise cfg.error(key, f"offset {off} must be smaller than its period {per}")
     letters = ["A" if i % a_period == a_offset else "M" for i in range(dims.n_layers)]
-    if "A" not in letters or "M" not in letters:
-        raise cfg.error("attn_layer_period", "cannot express a Jamba without both attention and Mamba layers")
-    dt_rank = cfg.get("mamba_dt_rank")
-    if dt_rank != "auto":
-        dt_rank = cfg.int_("mamba_dt_rank")
     act = cfg.activation("hidden_act")
     spec: dict[str, Any] = {
         **base(dims, tied=tied(cfg)),
         "position": NoPositions(kind="none"),
         "norm": rms(cfg),
-        "attention": attention(cfg, dims),
-        "ssm": Mamba1(kind="mamba1", d_state=cfg.int_("mamba_d_state"), d_conv=cfg.int_("mamba_d_conv"),
-                      expand=_expand(cfg, "mamba_expand"), dt_rank=dt_rank,
-                      conv_bias=cfg.bool_("mamba_conv_bias"), proj_bias=cfg.bool_("mamba_proj_bias"),
-                      inner_norms=True),
         "ffn": glu(cfg.int_("intermediate_size"), act),
     }
+    # a period that puts attention on every layer, or on none, builds no layer of the other kind
+    # (transformers builds it so): the spec then has one mixer, and that kind's keys size nothing
+    if "A" in letters:
+        spec["attention"] = attention(cfg, dims)
+    else:
+        cfg.inert("num_attention_heads", "num_key_value_heads")
+    if "M" in letters:
+        dt_rank = cfg.get("mamba_dt_rank")
+        if dt_rank != "auto":
+            dt_rank = cfg.int_("mamba_dt_rank")
+        spec["ssm"] = Mamba1(kind="mamba1", d_state=cfg.int_("mamba_d_state"), d_conv=cfg.int_("mamba_d_conv"),
+                             expand=_expand(cfg, "mamba_expand"), dt_rank=dt_rank,
+                             conv_bias=cfg.bool_("mamba_conv_bias"), proj_bias=cfg.bool_("mamba_proj_bias"),
+                             inner_norms=True)
+    else:
+        cfg.inert("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias",
+                  "mamba_proj_bias")
     n_experts = cfg.int_("num_experts")
     # JambaConfig.layers_num_experts: a layer with one expert is a plain JambaMLP
     layers = [i for i in range(dims.n_layers) if i % e_period == e_offset] if n_experts > 1 else []
