@@ -949,6 +949,24 @@ def test_a_jamba_with_one_kind_of_mixer_is_what_transformers_builds(layers: dict
     assert counts(config) == transformers_counts(transformers, hf_config)
 
 
+@pytest.mark.parametrize(("case", "key"), [("deepseek_v2-lite", "first_k_dense_replace"),
+                                         ("deepseek_v3", "first_k_dense_replace"),
+                                         ("qwen2_moe-sparse-step", "decoder_sparse_step"),
+                                         ("qwen3_moe", "mlp_only_layers")])
+def test_a_moe_config_whose_layers_are_all_dense_is_dense_under_strict(case: str, key: str) -> None:
+    """No layer gets experts (DeepSeek's first_k_dense_replace ≥ the layers, Qwen's sparse step past
+    them or every layer MLP-only): the MoE keys size nothing (they were reported ignored, which
+    --strict refused)."""
+    transformers = pytest.importorskip("transformers")
+    n = TINY[case].config["num_hidden_layers"]
+    config = {**TINY[case].config, key: list(range(n)) if key == "mlp_only_layers" else n + 1}
+    imported = convert_config(copy.deepcopy(config), file="config.json", name=case, strict=True)
+    assert imported.ignored == () and imported.spec.moe is None
+    data = dict(config)
+    hf_config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    assert counts(config) == transformers_counts(transformers, hf_config)
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' width-0 MLP
 @pytest.mark.parametrize("case", ["deepseek_v2-lite", "deepseek_v3"])
 def test_deepseek_without_shared_experts_is_transformers_zero_width_mlp(case: str) -> None:

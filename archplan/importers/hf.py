@@ -672,10 +672,14 @@ def _qwen3(cfg: HFConfig) -> dict[str, Any]:
 
 
 def sparse_layers(cfg: HFConfig, n_layers: int, n_experts: int) -> list[int]:
-    """Qwen2/3-MoE decoder layer: experts iff i not in mlp_only_layers and (i+1) % step == 0."""
+    """Qwen2/3-MoE decoder layer: experts iff i not in mlp_only_layers and (i+1) % step == 0. Where
+    no layer gets experts, the experts' width and top-k size nothing that is built."""
     step = cfg.int_("decoder_sparse_step")
     dense = set(cfg.int_list("mlp_only_layers"))
-    return [i for i in range(n_layers) if i not in dense and n_experts > 0 and (i + 1) % step == 0]
+    layers = [i for i in range(n_layers) if i not in dense and n_experts > 0 and (i + 1) % step == 0]
+    if not layers:
+        cfg.inert("num_experts_per_tok", "moe_intermediate_size")
+    return layers
 
 
 def _sparse_fields(cfg: HFConfig) -> str:
@@ -1237,7 +1241,9 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         except ValidationError as exc:
             raise cfg.error("n_group", _pydantic_message(exc)) from None
 
-    if n_routed is None:  # a dense DeepSeek: the MoE keys describe nothing that is built
+    # a dense DeepSeek (no routed experts, or no layer past first_k_dense_replace): the MoE keys
+    # describe nothing that is built
+    if not layers:
         cfg.inert("num_experts_per_tok", "n_shared_experts", "norm_topk_prob", "routed_scaling_factor",
                   "moe_intermediate_size", "n_group", "topk_group", "topk_method", "aux_loss_alpha", "seq_aux")
     return place_moe(cfg, spec, mixers="A", moe=moe, moe_layers=layers,
