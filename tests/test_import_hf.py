@@ -598,6 +598,18 @@ def test_llama_refusals_name_the_field(change: dict[str, Any], field: str) -> No
     assert refusal({**TINY["llama-biased-tied-llama3rope"].config, **change}).field == field
 
 
+@pytest.mark.parametrize(("change", "said"), [
+    ({"hidden_act": None}, "expected a string, got null"),
+    ({"tie_word_embeddings": "yes"}, 'expected true or false, got "yes"'),
+    ({"hidden_size": [64]}, "expected an integer, got [64]"),
+    ({"model_type": ["llama"]}, 'expected a string such as "llama", got ["llama"]'),
+    ({"model_type": "llamaa"}, 'unsupported model_type "llamaa"'),
+])
+def test_refused_values_are_quoted_as_the_config_spells_them(change: dict[str, Any], said: str) -> None:
+    """JSON's null, true and "strings", not Python's None, True and 'strings'."""
+    assert said in refusal({**TINY["llama-biased-tied-llama3rope"].config, **change}).message
+
+
 @pytest.mark.parametrize(("case", "change", "field"), [
     ("qwen2_moe-mlp-only", {"mlp_only_layers": [1]}, "mlp_only_layers"),  # experts on 0, 2, 3
     ("mpt", {"expansion_ratio": 3}, "expansion_ratio"),

@@ -113,6 +113,14 @@ COMMON_KEYS = PRETRAINED_CONFIG_KEYS | NEVER_SIZE_OR_COMPUTE
 _ABSENT = object()
 
 
+def as_json(value: Any) -> str:
+    """A config value as config.json spells it (null, true, "yes", [1]), for messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 # ------------------------------------------------------------------------------- config reader
 class HFConfig:
     """A config.json dict read key by key: every read marks the key; `unread()` is what is left.
@@ -162,7 +170,7 @@ class HFConfig:
     def int_(self, name: str, default: Any = _ABSENT) -> int:
         value = self.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"expected an integer, got {value!r}")
+            raise self.error(name, f"expected an integer, got {as_json(value)}")
         if value <= 0:
             raise self.error(name, f"expected a positive integer, got {value}")
         return value
@@ -177,31 +185,31 @@ class HFConfig:
         """A non-negative integer (0 allowed: 'no dense prefix', 'no shared expert')."""
         value = self.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.error(name, f"expected a non-negative integer, got {value!r}")
+            raise self.error(name, f"expected a non-negative integer, got {as_json(value)}")
         return value
 
     def float_(self, name: str, default: Any = _ABSENT) -> float:
         value = self.get(name, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(name, f"expected a number, got {value!r}")
+            raise self.error(name, f"expected a number, got {as_json(value)}")
         return float(value)
 
     def bool_(self, name: str, default: Any = _ABSENT) -> bool:
         value = self.get(name, default)
         if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false, got {value!r}")
+            raise self.error(name, f"expected true or false, got {as_json(value)}")
         return value
 
     def str_(self, name: str, default: Any = _ABSENT) -> str:
         value = self.get(name, default)
         if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {value!r}")
+            raise self.error(name, f"expected a string, got {as_json(value)}")
         return value
 
     def dict_(self, name: str) -> dict[str, Any] | None:
         value = self.get(name, None)
         if value is not None and not isinstance(value, dict):
-            raise self.error(name, f"expected a mapping or null, got {value!r}")
+            raise self.error(name, f"expected a mapping or null, got {as_json(value)}")
         return value
 
     def int_list(self, name: str) -> list[int]:
@@ -209,7 +217,7 @@ class HFConfig:
         if value is None:
             return []
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise self.error(name, f"expected a list of layer indices, got {value!r}")
+            raise self.error(name, f"expected a list of layer indices, got {as_json(value)}")
         return value
 
     def activation(self, name: str, default: Any = _ABSENT) -> Activation:
@@ -335,7 +343,7 @@ _ROPE_SCALING_FIELDS = {  # config key -> RopeScaling field
 
 def _number(cfg: HFConfig, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise cfg.error(name, f"expected a number, got {value!r}")
+        raise cfg.error(name, f"expected a number, got {as_json(value)}")
     return float(value)
 
 
@@ -967,7 +975,7 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
         raise cfg.error("num_ln_in_parallel_attn", "cannot express num_ln_in_parallel_attn=2 without "
                                                    "new_decoder_architecture (transformers builds norms it never calls)")
     if n_ln not in (None, 1, 2):
-        raise cfg.error("num_ln_in_parallel_attn", f"expected 1 or 2, got {n_ln!r}")
+        raise cfg.error("num_ln_in_parallel_attn", f"expected 1 or 2, got {as_json(n_ln)}")
     n_kv = cfg.opt_int("num_kv_heads") or h
     if not new_arch and not multi_query and n_kv != h:
         raise cfg.error("num_kv_heads", "cannot express num_kv_heads without new_decoder_architecture or "
@@ -1492,10 +1500,10 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
     if model_type is None:
         raise ArchplanError("no model_type; is this a Hugging Face config.json?", file=file, field="model_type")
     if not isinstance(model_type, str):
-        raise ArchplanError(f"expected a string such as \"llama\", got {model_type!r}", file=file, field="model_type")
+        raise ArchplanError(f"expected a string such as \"llama\", got {as_json(model_type)}", file=file, field="model_type")
     fam = FAMILIES.get(model_type)
     if fam is None:
-        raise ArchplanError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}",
+        raise ArchplanError(f"unsupported model_type {as_json(model_type)}; supported: {', '.join(sorted(FAMILIES))}",
                             file=file, field="model_type")
     cfg = HFConfig(data, file=file, model_type=model_type, defaults=fam.defaults, aliases=fam.aliases)
     if fam.even_heads is not None:
