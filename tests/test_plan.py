@@ -791,6 +791,10 @@ def test_cli_solve_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     r = json.loads(out)
     assert r["solved"] and r["candidates"][0]["values"] == {"moe.expert.d_ff": 14336}
     assert load_spec(str(out_file)).moe.expert.d_ff == 14336  # type: ignore[union-attr]
+    # the header names the targets, so the file says how to solve it again
+    assert out_file.read_text().splitlines()[0] == (
+        f"# solved by archplan plan --solve {path} --total 46702792704 --active 12.879925248B --tol 0 "
+        "--multiple 1: moe.expert.d_ff = 14336")
     other = tmp_path / "none.yaml"
     code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "46702792705",
                        "--active", "12879925248", "--tol", "0", "-o", str(other))

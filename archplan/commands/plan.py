@@ -1335,8 +1335,10 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
     written = None
     if output is not None and result.solved:
         best = result.nearest
+        # the command's own targets beside what it solved: the file says how to solve it again
+        asked = "".join(f" --{name} {text}" for name, text in (("total", total), ("active", active)) if text)
         write_spec(best.spec, output, force=force, header=(
-            f"solved by archplan plan --solve {partial}: "
+            f"solved by archplan plan --solve {partial}{asked} --tol {tol:g} --multiple {multiple}: "
             + ", ".join(f"{k} = {v}" for k, v in best.values.items())))
         written = output
     if as_json:
