@@ -79,9 +79,20 @@ class Roofline:
     overlap: bool = False  # CUDA (decode, and a prefill with its host floor): the host issues kernels ahead of the device
 
     @property
+    def work_seconds(self) -> float:
+        """Σ work: the roofline's (prefill) or the weight reads' (decode)."""
+        return sum(r.work for r in self.rows)
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Σ overhead: the replayed ops (decode) or the host's issue of the pass's calls (a prefill
+        with its host floor)."""
+        return sum(r.overhead for r in self.rows)
+
+    @property
     def seconds(self) -> float:
         if self.overlap:
-            return max(sum(r.work for r in self.rows), sum(r.overhead for r in self.rows))
+            return max(self.work_seconds, self.overhead_seconds)
         return sum(r.seconds for r in self.rows)
 
 

@@ -185,9 +185,8 @@ class BenchResult:
                 "prefill_s": self.predicted_prefill.seconds,
                 "error": self.prediction_error,
                 # CUDA: the roofline's sum and the host's issue of the pass's calls, the larger predicted
-                "roofline_s": sum(r.work for r in self.predicted_prefill.rows),
-                "host_issue_s": (sum(r.overhead for r in self.predicted_prefill.rows)
-                                 if self.predicted_prefill.overlap else None),
+                "roofline_s": self.predicted_prefill.work_seconds,
+                "host_issue_s": self.predicted_prefill.overhead_seconds if self.predicted_prefill.overlap else None,
                 "by_kind": [r.__dict__ for r in self.predicted_prefill.rows],
             },
             "extrapolated": self.extrapolation is not None,

@@ -242,9 +242,9 @@ def _render(result: object, name: str) -> None:
     predicted = result.predicted_prefill
     host_floor = ""
     if predicted.overlap:  # CUDA: the host's issue of the pass's calls beside the roofline's sum
-        host_floor = (f"; the larger of the roofline's {1e3 * sum(r.work for r in predicted.rows):.2f} ms and "
+        host_floor = (f"; the larger of the roofline's {1e3 * predicted.work_seconds:.2f} ms and "
                       f"the host's issue of {sum(r.ops for r in predicted.rows):,} calls, "
-                      f"{1e3 * sum(r.overhead for r in predicted.rows):.2f} ms at the decode calibration's cost per call")
+                      f"{1e3 * predicted.overhead_seconds:.2f} ms at the decode calibration's cost per call")
     table.add_row("roofline prediction", f"{1e3 * predicted.seconds:.2f} ms",
                   f"error {100 * result.prediction_error:+.1f}% vs measured; bandwidth "
                   f"{nbytes(result.peak.bandwidth)}/s{host_floor}")
