@@ -514,7 +514,8 @@ class StepTracker(RecomputeAsActivations):
     - the global peak only: torch's `_update_peak_stats` also walks every FSDP unit it tracks on
       each op to update the per-module peaks of `memory_tracking`, which `measure` never reads
       (a weak-reference dereference per unit per op, through `checkpoint_wrapper.__getattr__`);
-      the global peak below is torch's own second loop, unchanged;
+      the global peak below is torch's own second loop, which also reads the accumulated
+      gradients at a new peak, as `RecomputeAsActivations._update_peak_stats` does;
     - collectives counted in this dispatch (`recorder`, when set) rather than by a second mode
       stacked above it: the same ops, DTensor's deferred alike (`CollectiveRecorder`);
     - `prim.device` (a fake tensor's `.device`, about half of the ops it sees: autograd and
