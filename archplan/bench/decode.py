@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from archplan.bench.device import synchronize
-from archplan.bench.roofline import DecodeRates, OpCount, layer_kind
+from archplan.bench.roofline import DecodeRates, OpCount, kind_counts, layer_kind
 from archplan.resolve import ModelPlan
 
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution")
@@ -121,14 +121,6 @@ def _per_layer(counts: dict[str, dict[str, int]], built: dict[str, int]) -> dict
     return {kind: OpCount(*(round(counts.get(kind, {}).get(g, 0) / n) for g in GROUPS)) for kind, n in built.items()}
 
 
-def _built_layers(plan: ModelPlan) -> dict[str, int]:
-    """Built layers per kind, and "embed+head": 1."""
-    built: dict[str, int] = defaultdict(int, {"embed+head": 1})
-    for layer in plan.layers:
-        built[layer_kind(layer)] += 1
-    return dict(built)
-
-
 def _run_by_kind(mode: StepRecorder, model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> None:
     """Run `step` once under `mode`, block hooks switching its layer kind."""
     handles = []
@@ -153,7 +145,7 @@ def record_step(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], obje
     """Run `step` once under a `StepRecorder`."""
     recorder = StepRecorder(model.parameters())
     _run_by_kind(recorder, model, plan, step)
-    built = _built_layers(plan)
+    built = kind_counts(plan)
     return RecordedStep({kind: {g: recorder.calls[kind][g] for g in GROUPS} for kind in built}, built)
 
 
@@ -162,7 +154,7 @@ def count_pass(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], objec
     `RecordedStep.ops` counts them, without recording them."""
     counter = StepRecorder(model.parameters(), keep=False)
     _run_by_kind(counter, model, plan, step)
-    return _per_layer(counter.counts, _built_layers(plan))
+    return _per_layer(counter.counts, kind_counts(plan))
 
 
 class Replay:

@@ -190,7 +190,7 @@ def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: di
     flops_by_kind: dict[str, float] = defaultdict(float)
     bytes_by_kind: dict[str, float] = defaultdict(float)
     work_by_kind: dict[str, float] = defaultdict(float)
-    counts = _kind_counts(plan)
+    counts = kind_counts(plan)
     for path in set(flops_by_path) | set(bytes_by_path):
         kind = _kind_of(plan, path)
         f, b = flops_by_path.get(path, 0.0), bytes_by_path.get(path, 0.0)
@@ -268,7 +268,7 @@ def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: 
             bytes_by_path[table] = batch * plan.d_model * dtype_bytes
     if plan.tied:
         bytes_by_path["lm_head"] = bytes_by_path.get("lm_head", 0) + plan.vocab_size * plan.d_model * dtype_bytes
-    counts = _kind_counts(plan)
+    counts = kind_counts(plan)
     flops_by_kind: dict[str, float] = defaultdict(float)
     bytes_by_kind: dict[str, float] = defaultdict(float)
     for path in set(flops_by_path) | set(bytes_by_path):
@@ -288,7 +288,7 @@ def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: 
                     rates.overlap)
 
 
-def _kind_counts(plan: ModelPlan) -> dict[str, int]:
+def kind_counts(plan: ModelPlan) -> dict[str, int]:
     """Layers of each kind, and "embed+head": 1 (the rest of the model)."""
     counts: dict[str, int] = defaultdict(int, {"embed+head": 1})
     for layer in plan.layers:

@@ -518,7 +518,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
                                    decode_flops(plan, context, cfg.batch).counted,
                                    counted_decode_flops(plan, context, cfg.batch))
         predicted_decode = predict_decode_step(plan, cfg.batch, context, b, decode_model.rates, ops_by_kind)
-        if pass_ops is not None and rates.overlap:
+        if pass_ops is not None:  # counted on CUDA only, where the host runs ahead (rates.overlap)
             predicted_prefill = with_host_floor(predicted_prefill, rates, ops_by_kind, pass_ops)
     return BenchResult(
         name=plan.name, device=peak.name, dtype=cfg.dtype.value, config=cfg, peak=peak, prefill=timing,
