@@ -76,7 +76,8 @@ class Roofline:
     rows: tuple[RooflineRow, ...]
     peak_flops: float  # the compute rate priced (decode: none, 0: its matmuls' time is in the bandwidth)
     bandwidth: float  # the bandwidth priced (decode: weight bytes / weight seconds, all kinds together)
-    overlap: bool = False  # CUDA (decode, and a prefill with its host floor): the host issues kernels ahead of the device
+    # CUDA (decode, and a prefill with its host floor): the host issues kernels ahead of the device
+    overlap: bool = False
 
     @property
     def work_seconds(self) -> float:

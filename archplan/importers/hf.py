@@ -594,12 +594,16 @@ def _moe(cfg: HFConfig, *, n_experts: int, top_k: int, expert_ff: int, act: Acti
 
 
 def place_moe(cfg: HFConfig, spec: dict[str, Any], *, mixers: str, moe: Callable[[], MoE],
-              moe_layers: Sequence[int], dense_ff: int, fields: str) -> dict[str, Any]:
-    """Put experts on exactly `moe_layers` and the dense FFN (width dense_ff) on the others."""
+              moe_layers: Sequence[int], dense_ff: int, fields: str,
+              expert_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """Put experts on exactly `moe_layers` and the dense FFN (width dense_ff) on the others.
+    `expert_keys`: the keys that describe only the experts, which size nothing where no layer gets
+    them (a config whose layers are all dense)."""
     n_layers = spec["n_layers"]
     act = spec["ffn"].activation
     spec.pop("ffn")
     if not moe_layers:
+        cfg.inert(*expert_keys)
         spec["ffn"] = glu(dense_ff, act)
         spec["layout"] = Layout(mixers=mixers)
         return spec
@@ -680,14 +684,14 @@ def _qwen3(cfg: HFConfig) -> dict[str, Any]:
 
 
 def sparse_layers(cfg: HFConfig, n_layers: int, n_experts: int) -> list[int]:
-    """Qwen2/3-MoE decoder layer: experts iff i not in mlp_only_layers and (i+1) % step == 0. Where
-    no layer gets experts, the experts' width and top-k size nothing that is built."""
+    """Qwen2/3-MoE decoder layer: experts iff i not in mlp_only_layers and (i+1) % step == 0."""
     step = cfg.int_("decoder_sparse_step")
     dense = set(cfg.int_list("mlp_only_layers"))
-    layers = [i for i in range(n_layers) if i not in dense and n_experts > 0 and (i + 1) % step == 0]
-    if not layers:
-        cfg.inert("num_experts_per_tok", "moe_intermediate_size")
-    return layers
+    return [i for i in range(n_layers) if i not in dense and n_experts > 0 and (i + 1) % step == 0]
+
+
+# what describes only the experts of a Qwen2/3-MoE config
+_QWEN_EXPERT_KEYS = ("num_experts_per_tok", "moe_intermediate_size")
 
 
 def _sparse_fields(cfg: HFConfig) -> str:
@@ -716,7 +720,7 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
                         "cannot express a zero-width shared expert (transformers still builds its gate)")
     return place_moe(
         cfg, spec, mixers=mixers, moe_layers=sparse_layers(cfg, n_layers, n_experts),
-        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg),
+        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg), expert_keys=_QWEN_EXPERT_KEYS,
         moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
                          expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
                          normalize=cfg.bool_("norm_topk_prob"),
@@ -741,7 +745,7 @@ def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
     n_experts = cfg.count("num_experts")
     return place_moe(
         cfg, spec, mixers=spec["layout"].mixers, moe_layers=sparse_layers(cfg, n_layers, n_experts),
-        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg),
+        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg), expert_keys=_QWEN_EXPERT_KEYS,
         moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
                          expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
                          normalize=cfg.bool_("norm_topk_prob")),
@@ -1249,13 +1253,12 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         except ValidationError as exc:
             raise cfg.error("n_group", _pydantic_message(exc)) from None
 
-    # a dense DeepSeek (no routed experts, or no layer past first_k_dense_replace): the MoE keys
-    # describe nothing that is built
-    if not layers:
-        cfg.inert("num_experts_per_tok", "n_shared_experts", "norm_topk_prob", "routed_scaling_factor",
-                  "moe_intermediate_size", "n_group", "topk_group", "topk_method", "aux_loss_alpha", "seq_aux")
+    # a dense DeepSeek (no routed experts, or no layer past first_k_dense_replace): no expert is built
     return place_moe(cfg, spec, mixers="A", moe=moe, moe_layers=layers,
-                     dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace")
+                     dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace",
+                     expert_keys=("num_experts_per_tok", "n_shared_experts", "norm_topk_prob",
+                                  "routed_scaling_factor", "moe_intermediate_size", "n_group", "topk_group",
+                                  "topk_method", "aux_loss_alpha", "seq_aux"))
 
 
 @family("deepseek_v2", defaults=_DEEPSEEK, aliases={"num_experts": "n_routed_experts"}, derived=_DEEPSEEK_DERIVED,
@@ -1426,11 +1429,10 @@ def _jamba(cfg: HFConfig) -> dict[str, Any]:
     n_experts = cfg.int_("num_experts")
     # JambaConfig.layers_num_experts: a layer with one expert is a plain JambaMLP
     layers = [i for i in range(dims.n_layers) if i % e_period == e_offset] if n_experts > 1 else []
-    if not layers:
-        cfg.inert("num_experts_per_tok", "router_aux_loss_coef")
     return place_moe(
         cfg, spec, mixers=compress_mixers(letters), moe_layers=layers,
         dense_ff=cfg.int_("intermediate_size"), fields="expert_layer_period",
+        expert_keys=("num_experts_per_tok", "router_aux_loss_coef"),
         # JambaSparseMoeBlock: softmax then top-k, the selected weights left unnormalised
         moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
                          expert_ff=cfg.int_("intermediate_size"), act=act, normalize=False),
@@ -1500,7 +1502,8 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
     if model_type is None:
         raise ArchplanError("no model_type; is this a Hugging Face config.json?", file=file, field="model_type")
     if not isinstance(model_type, str):
-        raise ArchplanError(f"expected a string such as \"llama\", got {as_json(model_type)}", file=file, field="model_type")
+        raise ArchplanError(f"expected a string such as \"llama\", got {as_json(model_type)}", file=file,
+                            field="model_type")
     fam = FAMILIES.get(model_type)
     if fam is None:
         raise ArchplanError(f"unsupported model_type {as_json(model_type)}; supported: {', '.join(sorted(FAMILIES))}",
