@@ -844,6 +844,25 @@ def test_fake_verify_zero_0_and_1(fake_world: None, zero: int, microbatches: int
                                                  ("Unsharded Param", "Unsharded Grad", "Temp", "Buffer"))
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_fake_verify_first_stage_temporary_is_what_a_real_run_allocates(fake_world: None, microbatches: int) -> None:
+    """The first stage's measured temporary at zero 1 (TP2 PP2 DP2, tiny-llama): its bf16 compute
+    copies and buffers, and with two micro-batches the bf16 whole-vocabulary gradient alive while
+    FSDP2 casts it to the fp32 one it accumulates (2 B per element of V × h). Not counted: DTensor's
+    global-shape tensors of its sharding propagation (in the fake mode it detects, ours; a real
+    run's is private), nor the fp32 gradient that cast makes, a gradient already (it was both,
+    +6 and +4 B per element)."""
+    from archplan.distributed.fake import measure
+    from archplan.planning import cluster
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    layout = parse_layout("tp=2,cp=1,pp=2,dp=2,ep=1,zero=1,recompute=none,mb=1").complete()
+    measured = measure(plan, layout, 64, microbatches=microbatches, stage=0)
+    analytic = cluster.rank_memory(plan, layout, 64, microbatches=microbatches, stage=0, states=cluster.FSDP2)
+    cast = 2 * plan.vocab_size * plan.d_model if microbatches > 1 else 0
+    assert measured.memory.temporary - analytic.temporary == cast + measured.peak_by_reftype["Buffer"]
+
+
 def test_fake_verify_zero_1_experts(fake_world: None) -> None:
     """ZeRO-0/1 units over expert_dp for the experts, dp for the rest (EP=2 of DP=4)."""
     from archplan.distributed.check import check_layout_run

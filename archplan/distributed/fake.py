@@ -39,7 +39,9 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _UpdateType, _WeakR
 from torch._C import _get_dispatch_stack_at, _len_torch_dispatch_stack
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
@@ -111,19 +113,32 @@ def _patched(owner: object, name: str, replacement: object) -> Iterator[None]:
 
 
 @contextmanager
-def _loss_meta_untracked() -> Iterator[None]:
-    """loss_parallel's op handlers derive each output's global shape by running the op on fake
-    tensors of the global shape (`parallel.loss._propagate_tensor_meta`), in the fake mode they
-    detect: ours, so the memory tracker counted them (two tokens × whole-vocabulary fp32 tensors on
-    the last stage). A real run uses a private fake mode there and allocates nothing; here it
-    runs with the current modes popped, which gives it a private one again."""
-    original = parallel_loss._propagate_tensor_meta
+def _shape_propagation_untracked() -> Iterator[None]:
+    """DTensor derives each output's global shape by running the op on fake tensors of the global
+    shape, in the fake mode it detects: ours, so the memory tracker counted them. A real run uses a
+    private fake mode there and allocates nothing; here both run with the current modes popped,
+    which gives them a private one again. Two places do it:
+    - loss_parallel's op handlers (`parallel.loss._propagate_tensor_meta`): two tokens ×
+      whole-vocabulary fp32 tensors on the last stage;
+    - DTensor's sharding propagation of an op schema not seen before
+      (`ShardingPropagator._propagate_tensor_meta_non_cached`): at zero 0/1 over several
+      micro-batches, the first stage's peak fell at FSDP2's accumulation of the vocabulary-parallel
+      embedding's Replicate gradient, where the global-shape tensors of its upcast and sum added
+      2 B per element of the whole vocabulary matrix to the measured temporary (Llama 3 8B, TP8
+      PP4 DP4: 1.05 GB)."""
+    loss_original = parallel_loss._propagate_tensor_meta
+    schema_original = ShardingPropagator._propagate_tensor_meta_non_cached
 
-    def untracked(*args: object, **kwargs: object) -> object:
+    def loss_untracked(*args: object, **kwargs: object) -> object:
         with _disable_current_modes():
-            return original(*args, **kwargs)  # type: ignore[arg-type]
+            return loss_original(*args, **kwargs)  # type: ignore[arg-type]
 
-    with _patched(parallel_loss, "_propagate_tensor_meta", untracked):
+    def schema_untracked(self: ShardingPropagator, op_schema: object) -> object:
+        with _disable_current_modes():
+            return schema_original(self, op_schema)  # type: ignore[arg-type]
+
+    with (_patched(parallel_loss, "_propagate_tensor_meta", loss_untracked),
+          _patched(ShardingPropagator, "_propagate_tensor_meta_non_cached", schema_untracked)):
         yield
 
 
@@ -139,7 +154,7 @@ def _cuda_attention_kernel() -> Iterator[None]:
     FakeTensorMode the kernel's meta function gives its outputs (nothing runs), autograd its
     derivative (`_scaled_dot_product_efficient_attention_backward`), and DTensor has sharding
     rules for both. Equal head sizes keep the CPU's flash kernel (no s×s either). Patched on
-    `torch.nn.functional` as `_loss_meta_untracked` patches: a torch-function mode would not
+    `torch.nn.functional` as `_shape_propagation_untracked` patches: a torch-function mode would not
     reach the layers re-run by activation checkpointing inside the backward."""
     original = F.scaled_dot_product_attention
 
@@ -171,6 +186,26 @@ def _frozen_heap() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+@contextmanager
+def _cast_filed_as_gradient(tracker: StepTracker) -> Iterator[None]:
+    """FSDP2's first cast of a unit's gradient (`FSDPParam.to_accumulated_grad_if_needed`) makes
+    the fp32 accumulated gradient while the bf16 one it casts is alive, and a peak set there sees
+    the new tensor before it is the parameter's `unsharded_accumulated_grad`: the accumulated
+    gradients are read again once it is, so the peak files it as a gradient, as the samples do,
+    not as temporary too (Llama 3 8B TP8 PP4 DP4 ZeRO-1, first stage: the vocabulary matrix's
+    2.10 GB at its embedding's cast)."""
+    original = FSDPParam.to_accumulated_grad_if_needed
+
+    def cast(param: FSDPParam) -> None:
+        peak = dict(tracker._peak_mem)
+        original(param)
+        if tracker.accumulated is not None and tracker._peak_mem != peak:
+            tracker.peak_accumulated = tracker.accumulated()
+
+    with _patched(FSDPParam, "to_accumulated_grad_if_needed", cast):
+        yield
 
 
 def _name(reftype: object) -> str:
@@ -652,7 +687,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         group_sizes[tied.group_name] = tied.size()
     recorder = CollectiveRecorder(dims_by_group, group_sizes)
     units = tuple(u for c in chunks for u in c.units)
-    with _frozen_heap(), _loss_meta_untracked(), _cuda_attention_kernel(), StepFakeMode(allow_non_fake_inputs=True):
+    with _frozen_heap(), _shape_propagation_untracked(), _cuda_attention_kernel(), StepFakeMode(allow_non_fake_inputs=True):
         module.to_empty(device=DEVICE)
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):
@@ -690,7 +725,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         samples.clear()
         tracker.recorder = recorder
         tracker.accumulated = lambda: _accumulated_grad_bytes(units)
-        with tracker, fsdp2_accumulation_counted(recorder):
+        with tracker, fsdp2_accumulation_counted(recorder), _cast_filed_as_gradient(tracker):
             runner.train_step(batches)
     peak = _file_accumulated(dict(next(iter(tracker.get_tracker_snapshot("peak").values()))),
                              tracker.peak_accumulated)
