@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import yaml
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
@@ -863,6 +864,50 @@ def test_fake_verify_first_stage_temporary_is_what_a_real_run_allocates(fake_wor
     assert measured.memory.temporary - analytic.temporary == cast + measured.peak_by_reftype["Buffer"]
 
 
+@pytest.mark.parametrize(("zero", "tp"), [(2, 2), (3, 2), (2, 1)])
+def test_embedding_gradient_transient_priced(fake_world: None, tmp_path: Path, zero: int, tp: int) -> None:
+    """A vocabulary large against the activations (32,768 × 64, seq 128, full recompute): the
+    first stage's peak is the end of its backward, where FSDP2 reduces the embedding's gradient
+    (the whole vocabulary's bf16 gradient, the rank's rows copied out under TP, the fp32
+    reduce-scatter input and output). Priced as the larger moment, the temporary row is the
+    measured one less the activations (freed by then; the category is read at the peak) and the
+    buffers."""
+    from archplan.distributed.fake import measure
+    from archplan.planning import cluster
+
+    spec = yaml.safe_load((FIXTURES / "tiny-llama.yaml").read_text())
+    spec["vocab_size"] = 32768
+    (tmp_path / "big-vocab.yaml").write_text(yaml.safe_dump(spec))
+    plan = resolve(load_spec(tmp_path / "big-vocab.yaml"))
+    layout = parse_layout(f"tp={tp},cp=1,pp=2,dp={4 // tp},ep=1,zero={zero},recompute=full,mb=1").complete()
+    measured = measure(plan, layout, 128, microbatches=2, stage=0)
+    analytic = cluster.rank_memory(plan, layout, 128, microbatches=2, stage=0, states=cluster.FSDP2)
+    assert (measured.memory.temporary - analytic.temporary
+            == analytic.activations + measured.peak_by_reftype["Buffer"])
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("stage", [0, 3])
+def test_end_stage_gradient_transients_priced_on_llama_3_8b(fake_world: None, stage: int) -> None:
+    """Llama 3 8B at TP8 PP4 DP4 ZeRO-1, full recompute, seq 2,048, four micro-batches: the first
+    stage's temporary is the measured one less its activations (the cast of the embedding's
+    whole-vocabulary gradient decides the peak, after them), the last stage's the measured one
+    (the head's reduction beside its activations), both but for the buffers and, on the last
+    stage, the loss's per-token fp32 scalars (67,588 B here: under 9 of them a token)."""
+    from archplan.distributed.fake import measure
+    from archplan.planning import cluster
+
+    plan = resolve(load_spec("llama-3-8b"))
+    layout = parse_layout("tp=8,cp=1,pp=4,dp=4,ep=1,zero=1,recompute=full,mb=1").complete()
+    measured = measure(plan, layout, 2048, microbatches=4, stage=stage)
+    analytic = cluster.rank_memory(plan, layout, 2048, microbatches=4, stage=stage, states=cluster.FSDP2)
+    beyond = measured.memory.temporary - analytic.temporary - measured.peak_by_reftype["Buffer"]
+    if stage == 0:
+        assert beyond == analytic.activations
+    else:
+        assert 0 <= beyond < 9 * 4 * 2048
+
+
 def test_fake_verify_zero_1_experts(fake_world: None) -> None:
     """ZeRO-0/1 units over expert_dp for the experts, dp for the rest (EP=2 of DP=4)."""
     from archplan.distributed.check import check_layout_run
@@ -969,7 +1014,7 @@ def test_fake_verify_interleaved_pipeline(fake_world: None, zero: int, microbatc
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
     # dp differs per case: see test_fake_verify_zero_0_and_1
     layout = parse_layout(f"tp=1,cp=1,pp=2,vpp=2,dp={zero + 2},ep=1,zero={zero},recompute=none,mb=1").complete()
-    result = check_layout_run(plan, layout, 32, microbatches=microbatches)
+    result = check_layout_run(plan, layout, 32, microbatches=microbatches, stage=0)
     assert result.measured.layers == (0, 2)
     rows = {r.category: r for r in result.memory}
     for name in ("parameters", "gradients", "optimizer"):

@@ -119,9 +119,12 @@ def _collective_rows(analytic: tuple[Collective, ...], measured: tuple[Collectiv
     return tuple(CollectiveRow(*key, a.get(key, 0), m.get(key, 0)) for key in sorted(a.keys() | m.keys()))
 
 
-def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int) -> LayoutCheck:
+def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
+                     stage: int | None = None) -> LayoutCheck:
+    """`stage`'s rank measured against the analytic figures (None: the most loaded stage's)."""
     states = cluster.FSDP2
-    stage = cluster.most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states)
+    if stage is None:
+        stage = cluster.most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states)
     analytic_memory = cluster.rank_memory(plan, layout, seq, microbatches=microbatches, stage=stage, states=states)
     analytic_calls = cluster.step_collectives(plan, layout, seq, microbatches=microbatches, stage=stage,
                                               states=states, grad_reduce=REDUCE_BYTES)

@@ -52,7 +52,11 @@ and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_pa
   accumulates fp32 *unsharded* gradients over the micro-batches, reduce-scattered after the last
   backward, so the gradients are whole with m > 1 micro-batches and sharded with one (its only
   backward reduce-scatters each unit's gradient as it is produced); zero = 0 is FSDP2's
-  replicate mode: whole fp32 parameters, gradients and optimizer states.
+  replicate mode: whole fp32 parameters, gradients and optimizer states. At zero 1-3 the gradient
+  copies FSDP2 makes as it casts or reduces a unit's gradient are `temporary` where verify
+  --layout measured them exact: the embedding's, after the first stage's last backward, when its
+  activations are freed (`_embedding_gradient_transient`: the stage's peak is the larger moment),
+  and an LM head's, beside the last stage's activations (`_head_reduction_transient`).
 - DEEPSPEED: ZERO's bytes; its ZeRO-3 gathers module by module as DeepSpeed does (`zero3_fetch`):
   a module whose recompute and backward uses lie more than `stage3_max_reuse_distance` elements
   apart is gathered a third time, and pricing replays DeepSpeed's blocking fetches instead of
@@ -1357,7 +1361,49 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
+    temporary += _head_reduction_transient(data, layout, chunks, states)
+    # the embedding's last backward comes after every other unit's, its activations freed: the
+    # stage's peak is the larger of the two moments, and the categories add up to it
+    held = temporary if zero in (1, 2) and (zero == 2 or microbatches > 1) else 0
+    end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states)
+    temporary = max(temporary, end - activations)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
+
+
+def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
+                                  states: StatesConvention) -> int:
+    """Bytes torch's FSDP2 (zero 1-3) allocates beyond the model states while it casts or reduces
+    the embedding's gradient, the first stage's last unit in its last backward (measured by verify
+    --layout on Llama 3 8B at tp 1, 2, 8 and dp 2-8, exact; docs/distributed.md "temporary"):
+    DTensor's embedding backward makes the whole vocabulary's bf16 gradient (Replicate) however
+    the weight is sharded; FSDP2 then casts it to its fp32 accumulated gradient (zero 1 over several
+    micro-batches; the fp32 tensor is a gradient), or reduce-scatters it: its rank's rows copied out
+    of the Replicate gradient (bf16, under TP), the fp32 reduce-scatter input and output. Zero 0
+    (`replicate`) and a tied head on the same rank are not priced: docs/distributed.md."""
+    if (states.engine != "torch" or layout.zero == 0 or not chunks[0].first
+            or (data.plan.tied and chunks[-1].last)):
+        return 0
+    whole = data.first[0].numel
+    rows = _local_numel(data.first[:1], layout.tp, layout.ep)[0]
+    bf16 = states.compute_copy_bytes
+    if _fsdp_accumulates(layout, microbatches):
+        return bf16 * whole
+    to_shard = bf16 * rows if layout.tp > 1 else 0
+    reduce_in = states.grad_bytes * rows
+    return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / (layout.dp * layout.cp))
+
+
+def _head_reduction_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk],
+                              states: StatesConvention) -> int:
+    """Bytes torch's FSDP2 at zero 1 or 2 holds beside the last stage's activations while it reduces
+    an LM head of its own (pp > 1): (4 + 2 under TP) B per element of the rank's rows, measured by
+    verify --layout on Llama 3 8B at tp 1, 2, 8 (docs/distributed.md "temporary"; zero 0 and 3,
+    not priced, hold other amounts)."""
+    if states.engine != "torch" or layout.zero not in (1, 2) or layout.pp == 1 or not chunks[-1].last:
+        return 0
+    head = tuple(t for t in data.last_tied_copy if t.name.startswith("lm_head."))
+    rows = _local_numel(head, layout.tp, layout.ep)[0]
+    return (states.grad_bytes + (states.compute_copy_bytes if layout.tp > 1 else 0)) * rows
 
 
 def _cp_gathered_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk], engine: Engine,
