@@ -53,9 +53,10 @@ def render(result: LayoutCheck, console: Console) -> None:
     console.print(table)
     console.print(f"  (AdamW's 0-d `step` tensors, kept on the host beside CUDA parameters: {m.adam_step_bytes:,} B, "
                   "not counted)")
-    console.print("  (temporary: the analytic row prices FSDP2's bf16 compute copies or gathered layers; the measured "
-                  "one is what else is alive at the step's peak, with the gradient copies FSDP2 makes while it casts "
-                  "and reduces a unit's gradient, not priced: docs/distributed.md)")
+    console.print("  (temporary: the analytic row prices FSDP2's bf16 compute copies or gathered layers and the "
+                  "gradient copies it makes for the end stages' embedding and head where they are known exactly; "
+                  "the measured row is what is alive at the step's peak, the other gradient copies and a layer "
+                  "backward's own tensors included: docs/distributed.md)")
     calls = Table(title="collectives per optimizer step (calls; bytes per call, records.py convention)")
     for col in ("kind", "mesh dim", "group", "bytes/call", "analytic", "measured", ""):
         calls.add_column(col, justify="left" if col in ("kind", "mesh dim") else "right")

@@ -1350,10 +1350,12 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     else:
         gradients = states.grad_bytes * ((shard if grads_sharded else full) + embedding_extra)
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
-    temporary = 0
+    temporary = held = 0
     if states.compute_copy_bytes:
         kept = zero in (1, 2)  # reshard_after_forward=False: the stage's bf16 copies held through the step
         temporary = states.compute_copy_bytes * (full if kept else FSDP_PREFETCH_LAYERS * biggest_layer)
+        # still held when the last backward ends, unless that backward reshards (zero 1, one micro-batch)
+        held = temporary if kept and (zero == 2 or microbatches > 1) else 0
     elif zero >= 3 and states.module_fetch:
         # DeepSpeed holds the modules its rules keep gathered and the next one arriving
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
@@ -1364,7 +1366,6 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     temporary += _head_reduction_transient(data, layout, chunks, states)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it
-    held = temporary if zero in (1, 2) and (zero == 2 or microbatches > 1) else 0
     end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states)
     temporary = max(temporary, end - activations)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
