@@ -221,6 +221,6 @@ def test_interleaved_pipeline_at_1024_gpus(fake_world: None) -> None:
     chunks, 8 micro-batches; model states and every collective exact."""
     plan = resolve(load_spec(PRESETS / "llama-3-8b.yaml"))
     layout = parse_layout("tp=2,cp=1,pp=4,vpp=2,dp=128,ep=1,zero=3,recompute=full,mb=1").complete()
-    result = check_layout_run(plan, layout, 32, microbatches=8)
+    result = check_layout_run(plan, layout, 32, microbatches=8, stage=3)
     assert result.measured.layers == (12, 13, 14, 15, 28, 29, 30, 31)
     _check(result)

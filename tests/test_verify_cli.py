@@ -302,6 +302,9 @@ def test_an_fvcore_mismatch_fails_with_its_ops(
      "--no-backward does not apply to --layout"),
     (["--layout", "tp=2,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", "--backward"],
      "--backward does not apply to --layout"),
+    (["--stage", "1"], "--stage does not apply to the model check (it is read by --layout)"),
+    (["--layout", "tp=1,cp=1,pp=2,dp=2,ep=1,zero=1,recompute=none,mb=1", "--stage", "2"],
+     "--stage 2: the layout has 2 pipeline stages, 0 to 1"),
 ])
 def test_an_option_the_mode_ignores_is_refused(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path, args: list[str], message: str
@@ -370,3 +373,19 @@ def test_a_narrow_terminal_folds_names_and_keeps_figures_and_marks() -> None:
     narrow, wide = shown(60), shown(200)
     assert "124,439,808" in narrow and narrow.count("✓") == wide.count("✓") > 10
     assert not any("…" in line for line in narrow.splitlines() if "✓" in line)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_layout_measures_the_stage_asked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                         tiny: Path, stage: int) -> None:
+    """`--stage` picks the pipeline stage whose rank `--layout` measures (default: plan's most loaded)."""
+    import torch.distributed as dist
+
+    try:
+        code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "16", "--json", "--stage", str(stage),
+                           "--layout", "tp=1,cp=1,pp=2,dp=2,ep=1,zero=1,recompute=none,mb=1")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    result = json.loads(out)
+    assert code == 0 and result["stage"] == stage and result["layers"] == [stage]

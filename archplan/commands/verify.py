@@ -88,12 +88,15 @@ LayoutOpt = Annotated[str | None, typer.Option(
     show_default=False)]
 MicrobatchesOpt = Annotated[int | None, typer.Option(
     "--microbatches", min=1, help="Micro-batches per step with --layout (default: pp).", show_default=False)]
+StageOpt = Annotated[int | None, typer.Option(
+    "--stage", min=0, help="Pipeline stage whose rank --layout measures, 0 to pp − 1 (default: the most loaded "
+    "one by plan's memory model).", show_default=False)]
 
 
 # what each mode reads (`options.refuse_foreign_options`)
 VERIFY_MODES: dict[str, frozenset[str]] = {
     "the model check": frozenset({"seq", "batch", "device", "cpu_check", "backward", "all_layers", "as_json"}),
-    "--layout": frozenset({"seq", "as_json", "layout", "microbatches"}),
+    "--layout": frozenset({"seq", "as_json", "layout", "microbatches", "stage"}),
 }
 
 
@@ -109,6 +112,7 @@ def verify(
     as_json: JsonOpt = False,
     layout: LayoutOpt = None,
     microbatches: MicrobatchesOpt = None,
+    stage: StageOpt = None,
 ) -> None:
     require_torch("verify")
     refuse_foreign_options(ctx, "--layout" if layout is not None else "the model check", VERIFY_MODES)
@@ -117,7 +121,7 @@ def verify(
     if layout is not None:
         from archplan.distributed.render import verify_layout  # imports torch.distributed
 
-        code = verify_layout(plan, layout, seq_len, microbatches, as_json)
+        code = verify_layout(plan, layout, seq_len, microbatches, as_json, stage)
     else:
         code = verify_model(plan, seq_len=seq_len, batch=batch, device=device, cpu_check=cpu_check,
                             backward=backward, all_layers=all_layers, as_json=as_json)

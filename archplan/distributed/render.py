@@ -99,11 +99,16 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
     return layout
 
 
-def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool) -> int:
-    """Run and show `verify --layout`; returns the exit code (1 where a figure disagrees)."""
+def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool,
+                  stage: int | None = None) -> int:
+    """Run and show `verify --layout` on `stage` (None: the most loaded); returns the exit code (1
+    where a figure disagrees)."""
     layout = given_layout(plan, layout_text, seq, "verify")
+    if stage is not None and stage >= layout.pp:
+        raise ArchplanError(f"--stage {stage}: the layout has {units.things(layout.pp, 'pipeline stage')}, "
+                            f"0 to {layout.pp - 1}")
     with busy(f"one rank's training step of {layout.spec} at {layout.world:,} fake ranks", enabled=not as_json):
-        result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp)
+        result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp, stage=stage)
     if as_json:
         echo(jsonout.dumps(result.to_json(), indent=2))
     else:
