@@ -692,7 +692,11 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
         for sub in module.modules():
             if hasattr(sub, "reset_buffers"):
                 sub.reset_buffers()
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+        # fused, as torchtitan runs it (`implementation = "fused"`) and as Megatron-Core's and
+        # DeepSpeed's Adam are: in place, no temporaries; the default on a CPU loops one tensor at a
+        # time, whose per-tensor temporaries were the peak of a zero-0 stage, and on CUDA (foreach)
+        # allocates sqrt(v) of every parameter at once
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
         tracker = _tracker(chunks, optimizer)
         # FSDPMemTracker refuses a second forward of its root in one iteration (it keeps per-module
         # statistics per call); the micro-batches are such calls. Clearing the per-module

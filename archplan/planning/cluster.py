@@ -52,11 +52,11 @@ and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_pa
   accumulates fp32 *unsharded* gradients over the micro-batches, reduce-scattered after the last
   backward, so the gradients are whole with m > 1 micro-batches and sharded with one (its only
   backward reduce-scatters each unit's gradient as it is produced); zero = 0 is FSDP2's
-  replicate mode: whole fp32 parameters, gradients and optimizer states. At zero 1-3 the gradient
-  copies FSDP2 makes as it casts or reduces a unit's gradient are `temporary` where verify
-  --layout measured them exact: the embedding's, after the first stage's last backward, when its
+  replicate mode: whole fp32 parameters, gradients and optimizer states. The gradient copies
+  FSDP2 makes as it casts or reduces a unit's gradient are `temporary` where verify --layout
+  measured them exact: the embedding's (zero 0-3), after the first stage's last backward, when its
   activations are freed (`_embedding_gradient_transient`: the stage's peak is the larger moment),
-  and an LM head's, beside the last stage's activations (`_head_reduction_transient`).
+  and an LM head's (zero 1-2), beside the last stage's activations (`_head_reduction_transient`).
 - DEEPSPEED: ZERO's bytes; its ZeRO-3 gathers module by module as DeepSpeed does (`zero3_fetch`):
   a module whose recompute and backward uses lie more than `stage3_max_reuse_distance` elements
   apart is gathered a third time, and pricing replays DeepSpeed's blocking fetches instead of
@@ -246,6 +246,10 @@ REMAINDER_BYTES = 2  # the 16 bits of an fp32 master weight that its bf16 copy l
 # written (24 B), the fp32 gradient read (4) and the bf16 weight written (2)
 ADAM_STEP_BYTES = 30
 FSDP_PREFETCH_LAYERS = 2  # the layer computing and the prefetched next one, gathered in bf16
+# FSDP2's `replicate` (zero 0) as it all-reduces the embedding's gradient: bytes per element of the
+# rank's vocabulary rows beside the whole bf16 gradient, measured by verify --layout (Llama 3 8B,
+# TP2 and TP8; docs/distributed.md "temporary")
+ZERO0_REDUCE_ROW_BYTES = 6
 T = TypeVar("T")
 
 
@@ -1354,8 +1358,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     if states.compute_copy_bytes:
         kept = zero in (1, 2)  # reshard_after_forward=False: the stage's bf16 copies held through the step
         temporary = states.compute_copy_bytes * (full if kept else FSDP_PREFETCH_LAYERS * biggest_layer)
-        # still held when the last backward ends, unless that backward reshards (zero 1, one micro-batch)
-        held = temporary if kept and (zero == 2 or microbatches > 1) else 0
+        # still held when the last backward ends, unless that backward reshards (zero 1, one
+        # micro-batch; zero 3); zero 0 (`replicate`) holds its two gathered layers
+        held = temporary if zero == 0 or (kept and (zero == 2 or microbatches > 1)) else 0
     elif zero >= 3 and states.module_fetch:
         # DeepSpeed holds the modules its rules keep gathered and the next one arriving
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
@@ -1373,20 +1378,23 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
 
 def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
                                   states: StatesConvention) -> int:
-    """Bytes torch's FSDP2 (zero 1-3) allocates beyond the model states while it casts or reduces
-    the embedding's gradient, the first stage's last unit in its last backward (measured by verify
+    """Bytes torch's FSDP2 allocates beyond the model states while it casts or reduces the
+    embedding's gradient, the first stage's last unit in its last backward (measured by verify
     --layout on Llama 3 8B at tp 1, 2, 8 and dp 2-8, exact; docs/distributed.md "temporary"):
     DTensor's embedding backward makes the whole vocabulary's bf16 gradient (Replicate) however
     the weight is sharded; FSDP2 then casts it to its fp32 accumulated gradient (zero 1 over several
     micro-batches; the fp32 tensor is a gradient), or reduce-scatters it: its rank's rows copied out
-    of the Replicate gradient (bf16, under TP), the fp32 reduce-scatter input and output. Zero 0
-    (`replicate`) and a tied head on the same rank are not priced: docs/distributed.md."""
-    if (states.engine != "torch" or layout.zero == 0 or not chunks[0].first
-            or (data.plan.tied and chunks[-1].last)):
+    of the Replicate gradient (bf16, under TP), the fp32 reduce-scatter input and output; zero 0
+    (`replicate`) holds 6 B per row beside the bf16 gradient as it reduces (measured at tp 2 and
+    8; at tp 1 a little more is held, not priced). A tied head on the same rank is not priced:
+    docs/distributed.md."""
+    if states.engine != "torch" or not chunks[0].first or (data.plan.tied and chunks[-1].last):
         return 0
     whole = data.first[0].numel
     rows = _local_numel(data.first[:1], layout.tp, layout.ep)[0]
     bf16 = states.compute_copy_bytes
+    if layout.zero == 0:
+        return bf16 * whole + ZERO0_REDUCE_ROW_BYTES * rows
     if _fsdp_accumulates(layout, microbatches):
         return bf16 * whole
     to_shard = bf16 * rows if layout.tp > 1 else 0
