@@ -384,7 +384,8 @@ MEGATRON = StatesConvention("megatron", 2, 4, 4, 4, False, False, 0, "megatron",
                             master_remainders=True, fp8_weights_offered=True)
 FSDP2 = StatesConvention("fsdp2", 4, 4, 0, 4, True, True, 2, "torch",
                          "fp32 sharded params + fp32 grads + Adam m, v = 16 B/param, bf16 "
-                         "unsharded compute copies as temporary (torch FSDP2 mixed precision)")
+                         "unsharded compute copies and the end stages' gradient copies as temporary "
+                         "(torch FSDP2 mixed precision, fused AdamW)")
 DEEPSPEED = StatesConvention("deepspeed", 2, 2, 4, 4, False, False, 0, "megatron",
                              "bf16 weights + bf16 grads + fp32 master, m, v = 16 B/param; ZeRO-3 "
                              "fetched module by module with DeepSpeed's defaults", module_fetch=True)
