@@ -864,12 +864,14 @@ def test_fake_verify_first_stage_temporary_is_what_a_real_run_allocates(fake_wor
     assert measured.memory.temporary - analytic.temporary == cast + measured.peak_by_reftype["Buffer"]
 
 
-@pytest.mark.parametrize(("zero", "tp"), [(0, 2), (2, 2), (3, 2), (2, 1)])
+@pytest.mark.parametrize(("zero", "tp"), [(0, 2), (1, 2), (2, 2), (3, 2), (2, 1)])
 def test_embedding_gradient_transient_priced(fake_world: None, tmp_path: Path, zero: int, tp: int) -> None:
     """A vocabulary large against the activations (32,768 × 64, seq 128, full recompute): the
     first stage's peak is the end of its backward, where FSDP2 reduces the embedding's gradient
     (the whole vocabulary's bf16 gradient, the rank's rows copied out under TP, the fp32
-    reduce-scatter input and output; `replicate`'s all-reduce at zero 0). Priced as the larger
+    reduce-scatter input and output; `replicate`'s all-reduce at zero 0; at zero 1, accumulating
+    over two micro-batches, the final reduction's copy of the rows beside the last bf16 gradient,
+    which outgrows the first cast on these small layers). Priced as the larger
     moment, the temporary row is the
     measured one less the activations (freed by then; the category is read at the peak) and the
     buffers."""

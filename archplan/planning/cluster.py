@@ -1372,13 +1372,13 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     temporary += _head_reduction_transient(data, layout, chunks, states)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it
-    end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states)
+    end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard)
     temporary = max(temporary, end - activations)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
 
 def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
-                                  states: StatesConvention) -> int:
+                                  states: StatesConvention, full: int, shard: int) -> int:
     """Bytes torch's FSDP2 allocates beyond the model states while it casts or reduces the
     embedding's gradient, the first stage's last unit in its last backward (measured by verify
     --layout on Llama 3 8B at tp 1, 2, 8 and dp 2-8, exact; docs/distributed.md "temporary"):
@@ -1387,7 +1387,11 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     micro-batches; the fp32 tensor is a gradient), or reduce-scatters it: its rank's rows copied out
     of the Replicate gradient (bf16, under TP), the fp32 reduce-scatter input and output; zero 0
     (`replicate`) holds 6 B per row beside the bf16 gradient as it reduces (measured at tp 2 and
-    8; at tp 1 a little more is held, not priced). A tied head on the same rank is not priced:
+    8; at tp 1 a little more is held, not priced). Accumulating at zero 1 under TP, the final
+    reduction can outgrow the first cast: autograd still holds the last micro-batch's bf16
+    gradient while FSDP2 copies the rank's rows out of the whole fp32 one, and by then the stage's
+    other units hold reduced shards, less than the gradients row's whole (`full`, `shard`: the
+    stage's local elements, whole and sharded). A tied head on the same rank is not priced:
     docs/distributed.md."""
     if states.engine != "torch" or not chunks[0].first or (data.plan.tied and chunks[-1].last):
         return 0
@@ -1397,7 +1401,10 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     if layout.zero == 0:
         return bf16 * whole + ZERO0_REDUCE_ROW_BYTES * rows
     if _fsdp_accumulates(layout, microbatches):
-        return bf16 * whole
+        if layout.tp == 1 or layout.vpp > 1:
+            return bf16 * whole
+        rest, rest_shard = full - rows, shard - math.ceil(rows / (layout.dp * layout.cp))
+        return bf16 * whole + max(0, states.grad_bytes * (rows - (rest - rest_shard)))
     to_shard = bf16 * rows if layout.tp > 1 else 0
     reduce_in = states.grad_bytes * rows
     return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / (layout.dp * layout.cp))
