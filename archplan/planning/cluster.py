@@ -1310,11 +1310,19 @@ def _accumulated_embedding_extra(data: ModelData, layout: Layout, chunks: Sequen
     Shard(0) gradient of the same weight comes first (the head runs backward before the
     embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only the rank's rows are
     accumulated then (measured by verify --layout)."""
-    head_reads_embedding = data.plan.tied and chunks[-1].last  # both ends on this rank (pp = 1)
-    if (states.engine != "torch" or not _fsdp_accumulates(layout, microbatches) or not chunks[0].first
-            or head_reads_embedding):
+    if states.engine != "torch" or not _fsdp_accumulates(layout, microbatches):
         return 0
-    return data.first[0].numel - _local_numel(data.first[:1], layout.tp, layout.ep)[0]
+    whole, rows = _embedding_alone(data, layout, chunks)
+    return whole - rows
+
+
+def _embedding_alone(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> tuple[int, int]:
+    """The embedding's elements, whole and the rank's vocabulary rows, on a rank holding it as an
+    FSDP2 unit whose gradient DTensor's backward makes Replicate; (0, 0) elsewhere, and where a tied
+    head on the same rank (pp = 1) reads its weight and gives the gradient Shard(0) first."""
+    if not chunks[0].first or (data.plan.tied and chunks[-1].last):
+        return 0, 0
+    return data.first[0].numel, _local_numel(data.first[:1], layout.tp, layout.ep)[0]
 
 
 def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -1393,21 +1401,21 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     other units hold reduced shards, less than the gradients row's whole (`full`, `shard`: the
     stage's local elements, whole and sharded). A tied head on the same rank is not priced:
     docs/distributed.md."""
-    if states.engine != "torch" or not chunks[0].first or (data.plan.tied and chunks[-1].last):
+    whole, rows = _embedding_alone(data, layout, chunks)
+    if states.engine != "torch" or not whole:
         return 0
-    whole = data.first[0].numel
-    rows = _local_numel(data.first[:1], layout.tp, layout.ep)[0]
     bf16 = states.compute_copy_bytes
+    dp = layout.dp * layout.cp
     if layout.zero == 0:
         return bf16 * whole + ZERO0_REDUCE_ROW_BYTES * rows
     if _fsdp_accumulates(layout, microbatches):
         if layout.tp == 1 or layout.vpp > 1:
             return bf16 * whole
-        rest, rest_shard = full - rows, shard - math.ceil(rows / (layout.dp * layout.cp))
+        rest, rest_shard = full - rows, shard - math.ceil(rows / dp)
         return bf16 * whole + max(0, states.grad_bytes * (rows - (rest - rest_shard)))
     to_shard = bf16 * rows if layout.tp > 1 else 0
     reduce_in = states.grad_bytes * rows
-    return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / (layout.dp * layout.cp))
+    return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / dp)
 
 
 def _head_reduction_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk],
