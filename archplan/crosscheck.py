@@ -324,21 +324,24 @@ def _row_json(row: Row) -> dict[str, Any]:
 
 
 def _order_key(name: str) -> tuple[int, int, str]:
-    """Model order: embedding, then layer by layer, then the head; unmapped rows last."""
+    """Model order: embedding, then layer by layer, then the head, then the multi-token-prediction
+    modules; unmapped rows last."""
     head = {"embed": 0, "pos_embed": 1, "embed_norm": 2, "final_norm": 4, "lm_head": 5}
     if name in head:
         return (head[name], 0, "")
     parts = name.split(".")
-    if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+    where = {"layers": 3, "mtp": 6}
+    if parts[0] in where and len(parts) > 1 and parts[1].isdigit():
         suffix = ".".join(parts[2:])
-        return (3, int(parts[1]) * 100 + _IN_LAYER.get(suffix, 99), suffix)
-    return (6, 0, name)
+        return (where[parts[0]], int(parts[1]) * 100 + _IN_LAYER.get(suffix, 99), suffix)
+    return (7, 0, name)
 
 
-# forward order inside a block (sandwich: norm1, mixer, post_norm1, norm2, ffn, post_norm2)
+# forward order inside a block (sandwich: norm1, mixer, post_norm1, norm2, ffn, post_norm2), with a
+# multi-token-prediction module's own parts around it
 _IN_LAYER = {name: rank for rank, name in enumerate((
-    "norm1", "mixer", "post_norm1", "norm2", "ffn", "ffn.router", "ffn.experts", "ffn.shared",
-    "ffn.shared_gate", "post_norm2",
+    "enorm", "hnorm", "proj", "norm1", "mixer", "post_norm1", "norm2", "ffn", "ffn.router", "ffn.experts",
+    "ffn.shared", "ffn.shared_gate", "post_norm2", "final_norm",
 ))}
 
 

@@ -11,6 +11,8 @@ Module paths (the keys of every per-component result, and the names in the torch
   layers.{i}.ffn               dense FFN
   layers.{i}.ffn.router|experts|shared|shared_gate   MoE
   final_norm, lm_head
+  mtp.{k}.enorm|hnorm|proj|final_norm   multi-token prediction module k (0-based), training only
+  mtp.{k}.{norm}|mixer|ffn...  its block, named as a layer's parts
 """
 
 from __future__ import annotations
@@ -202,10 +204,11 @@ class LayerPlan:
     mixer: MixerPlan
     ffn: FFNOrMoE | None
     norms: tuple[str, ...]  # module names of this layer's norms, in forward order
+    where: Literal["layers", "mtp"] = "layers"  # a main-model layer, or a multi-token-prediction module's block
 
     @property
     def path(self) -> str:
-        return f"layers.{self.index}"
+        return f"{self.where}.{self.index}"
 
     @property
     def is_attention(self) -> bool:
@@ -235,10 +238,19 @@ class ModelPlan:
     deepnorm_beta: float  # init gain; 1.0 unless deepnorm
     final_norm: bool
     layers: tuple[LayerPlan, ...]
+    # DeepSeek-V3's multi-token prediction (spec.MultiTokenPrediction): one block per depth, run in
+    # training only; each module also holds two input norms, a 2·d → d projection and a final norm
+    mtp: tuple[LayerPlan, ...] = ()
+    mtp_loss_weight: float = 0.0
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def trained_layers(self) -> tuple[LayerPlan, ...]:
+        """The blocks a training step runs: the main model's, then the MTP modules'."""
+        return self.layers + self.mtp
 
     @property
     def routed(self) -> bool:
@@ -462,14 +474,18 @@ def resolve(spec: Spec) -> ModelPlan:
     dense = ffn_plan(spec.ffn) if spec.ffn is not None else None
     moe = _moe_plan(spec.moe) if spec.moe is not None else None
 
-    layers = []
-    for i in range(spec.n_layers):
+    def layer(i: int) -> tuple[MixerPlan, FFNOrMoE | None, tuple[str, ...]]:
         letter = pattern[i % len(pattern)]
         mixer = {"A": global_attn, "S": local_attn, "M": ssm, "H": long_conv}[letter]
         assert mixer is not None
         is_moe = moe is not None and i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
         ffn: FFNOrMoE | None = moe if is_moe else dense
-        layers.append(LayerPlan(i, mixer, ffn, layer_norm_names(spec.residual, ffn is not None)))
+        return mixer, ffn, layer_norm_names(spec.residual, ffn is not None)
+
+    layers = [LayerPlan(i, *layer(i)) for i in range(spec.n_layers)]
+    # DeepSeek-V3 §2.2: each MTP module's block is the layer that would come next (its layer 61, MoE)
+    depth = spec.mtp.depth if spec.mtp is not None else 0
+    mtp = tuple(LayerPlan(k, *layer(spec.n_layers + k), where="mtp") for k in range(depth))
 
     residual = spec.residual
     return ModelPlan(
@@ -488,4 +504,6 @@ def resolve(spec: Spec) -> ModelPlan:
         deepnorm_beta=spec.deepnorm_beta if isinstance(residual, DeepNorm) else 1.0,
         final_norm=spec.final_norm,
         layers=tuple(layers),
+        mtp=mtp,
+        mtp_loss_weight=spec.mtp.loss_weight if spec.mtp is not None else 0.0,
     )

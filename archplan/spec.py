@@ -468,6 +468,20 @@ class Embedding(Frozen):
     lm_head_bias: bool = False
 
 
+class MultiTokenPrediction(Frozen):
+    """DeepSeek-V3's multi-token prediction (DeepSeek-AI 2024, arXiv:2412.19437, §2.2), a training
+    objective with modules of its own: module k (1..depth) normalises the previous depth's hidden
+    state and the embedding of the token k positions ahead (two norms), projects their concatenation
+    from 2·d_model to d_model (no bias), runs one more block (the layer the pattern gives next, index
+    n_layers + k − 1: DeepSeek-V3's is an MoE layer), normalises where the model has a final norm, and
+    predicts the token k + 1 ahead through the shared head. Inference does not run it: it adds
+    parameters, training FLOPs and training memory, never KV cache or decode cost (docs/formulas.md,
+    "Multi-token prediction")."""
+
+    depth: Annotated[Int, Field(gt=0, le=16)] = Field(1, description="Modules, each predicting one more token ahead.")
+    loss_weight: Number = Field(0.3, gt=0, le=10, description="λ: the loss adds λ/depth · Σ_k L_k (report eq. 25).")
+
+
 class Training(Frozen):
     """Optional training intent, read by `lint` and `plan`."""
 
@@ -504,6 +518,7 @@ class Spec(Frozen):
     ffn: FFN | None = None
     moe: MoE | None = None
     layout: Layout = Layout()
+    mtp: MultiTokenPrediction | None = None
     training: Training | None = None
     reference: Reference | None = None
 

@@ -61,6 +61,7 @@ from archplan.analytic.s4 import (
 )
 from archplan.analytic.memory import RECOMPUTE_MODES, Recompute
 from archplan.analytic.moe import moe_counted_flops, moe_elementwise_per_token
+from archplan.analytic.mtp import mtp_own_flops
 from archplan.analytic.norms import norm_flops
 from archplan.analytic.positions import alibi_flops, position_add_flops
 from archplan.errors import ArchplanError
@@ -230,7 +231,10 @@ def _residual_flops(plan: ModelPlan, rows: int) -> int:
     return rows * plan.d_model * (2 if plan.residual == "deepnorm" else 1)
 
 
-def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
+def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1, mtp: bool = False) -> FlopCount:
+    """One forward's FLOPs per module path. `mtp`: a training forward, which also runs the
+    multi-token-prediction modules (each embeds the sequence again, runs its own parts and block,
+    and passes through the shared head: DeepSeek-V3 §2.2); inference never runs them."""
     _check_positive("seq_len", seq_len)
     _check_positive("batch", batch)
     d = plan.d_model
@@ -249,8 +253,14 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
         counted["embed_norm"] = 0
         elementwise["embed_norm"] = norm
 
+    modules = plan.mtp if mtp else ()
+    passes = 1 + len(modules)  # the embedding and the head run once more per MTP module
+    for name in ("embed", "pos_embed", "embed_norm"):
+        if name in elementwise:
+            elementwise[name] *= passes
+
     core_full = core_causal = backward_adjust = 0
-    for layer in plan.layers:
+    for layer in plan.layers + modules:
         mixer = _mixer_flops(plan, layer.mixer, batch, seq_len, residual)
         backward_adjust += mixer.backward_adjust
         core_full += mixer.core_full
@@ -261,12 +271,16 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
             ffn_counted, ffn_elementwise = _ffn_flops(d, layer.ffn, batch, seq_len, residual)
         counted |= layer_paths(layer, mixer.counted, ffn_counted, 0)
         elementwise |= layer_paths(layer, mixer.elementwise, ffn_elementwise, norm)
+        if layer.where == "mtp":
+            own_counted, own_elementwise = mtp_own_flops(plan, layer, rows)
+            counted |= own_counted
+            elementwise |= own_elementwise
 
     if plan.final_norm:
         counted["final_norm"] = 0
         elementwise["final_norm"] = norm
-    counted["lm_head"] = 2 * rows * lm_head_matmul_params(plan)
-    elementwise["lm_head"] = rows * plan.vocab_size if plan.lm_head_bias else 0
+    counted["lm_head"] = passes * 2 * rows * lm_head_matmul_params(plan)
+    elementwise["lm_head"] = passes * rows * plan.vocab_size if plan.lm_head_bias else 0
     return FlopCount(
         batch=batch,
         seq_len=seq_len,
@@ -309,7 +323,7 @@ def training_flops_per_sequence(
     """
     _check_choice("attention", attention, ATTENTION_CONVENTIONS)
     _check_choice("recompute", recompute, RECOMPUTE_MODES)
-    flops = forward_flops(plan, seq_len, batch=1)
+    flops = forward_flops(plan, seq_len, batch=1, mtp=True)
     forward = flops.forward(attention)
     match recompute:
         case "none":

@@ -486,7 +486,9 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     working_set = 0
     core_backward = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added
-    for layer in plan.layers:
+
+    def keep(layer: LayerPlan) -> None:
+        nonlocal working_set, core_backward, below
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd, autocast)
         block_input = res * tokens * h if recompute == "full" else 0
         core_backward = max(core_backward, _attention_backward_bytes(
@@ -502,14 +504,35 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
                 kept = full
             case _:
                 assert_never(recompute)
-        out |= kept
+        out.update(kept)
         below += sum(kept.values())
-    if plan.final_norm:
-        out["final_norm"] = res * tokens * h
-    # The LM-head input and the fp32 log-probabilities the cross-entropy keeps; with the final
-    # norm's input this is Megatron's 4sbh(1 + V/h) (`theoretical_memory_usage.py`).
-    out["lm_head"] = act * tokens * h
-    out["loss"] = LOGITS_BYTES * tokens * plan.vocab_size
+
+    def head(prefix: str) -> None:
+        nonlocal below
+        # The LM-head input and the fp32 log-probabilities the cross-entropy keeps; with the final
+        # norm's input this is Megatron's 4sbh(1 + V/h) (`theoretical_memory_usage.py`).
+        part = {f"{prefix}final_norm": res * tokens * h} if plan.final_norm else {}
+        part[f"{prefix}lm_head"] = act * tokens * h
+        part[f"{prefix}loss"] = LOGITS_BYTES * tokens * plan.vocab_size
+        out.update(part)
+        below += sum(part.values())
+
+    for layer in plan.layers:
+        keep(layer)
+    head("")
+    for layer in plan.mtp:
+        # DeepSeek-V3 §2.2: the rolled token ids and their embedding (enorm's input); the hidden
+        # state hnorm reads is the tensor the head before it already keeps, unless the residual
+        # stream is wider than that head's 16-bit input (autocast); the projection's input, the
+        # concatenation of both norms' outputs; then a block, and a head pass of its own.
+        ids = TOKEN_ID_BYTES * tokens
+        own = {f"{layer.path}.enorm": ids + res * tokens * h,
+               f"{layer.path}.hnorm": 0 if res == act else res * tokens * h,
+               f"{layer.path}.proj": act * tokens * 2 * h}
+        out.update(own)
+        below += sum(own.values())
+        keep(layer)
+        head(f"{layer.path}.")
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
     return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward)
 

@@ -2,7 +2,9 @@
 
 `total` counts unique parameters exactly as `sum(p.numel() for p in model.parameters())` does for the
 torch model built from the same plan (tied weights once, buffers never); `active` drops the
-(E - top_k) routed experts a token does not reach (docs/formulas.md §1.7).
+(E - top_k) routed experts a token does not reach (docs/formulas.md §1.7). Both include the
+multi-token-prediction modules where the spec has them: they are trained, stored and run on every
+training token (docs/formulas.md, "Multi-token prediction").
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from archplan.analytic.hyena import (
 )
 from archplan.analytic.s4 import s4_matmul_params, s4_params
 from archplan.analytic.moe import moe_active_params, moe_matmul_params, moe_params
+from archplan.analytic.mtp import mtp_own_params, mtp_proj_params
 from archplan.analytic.norms import norm_params
 from archplan.analytic.positions import position_table_params
 from archplan.resolve import (
@@ -69,7 +72,7 @@ class ParamCount:
     lm_head: int  # untied head weight (+bias); tied: its bias only
     non_embedding: int  # total - embedding - position_embedding - untied lm_head weight
     matmul: int  # P_matmul (docs/formulas.md §0): per-token matmul weights, LM head included even when tied
-    matmul_active: int
+    matmul_active: int  # with MTP: its blocks, projections and one more head pass per depth
 
 
 def mixer_params(mixer: MixerPlan, d_model: int) -> int:
@@ -157,20 +160,26 @@ def _components(plan: ModelPlan, active: bool) -> dict[str, int]:
     if plan.embed_norm:
         out["embed_norm"] = embed_norm_params(plan)
     norm = norm_params(plan.norm, d)
-    for layer in plan.layers:
+
+    def block(layer: LayerPlan) -> dict[str, int]:
         ffn = ffn_parts(layer.ffn, d, active) if layer.ffn is not None else {}
-        out.update(layer_paths(layer, mixer_params(layer.mixer, d), ffn, norm))
+        return layer_paths(layer, mixer_params(layer.mixer, d), ffn, norm)
+
+    for layer in plan.layers:
+        out.update(block(layer))
     if plan.final_norm:
         out["final_norm"] = norm
     out["lm_head"] = lm_head_params(plan)
+    for layer in plan.mtp:
+        out.update(mtp_own_params(plan, layer) | block(layer))
     return out
 
 
 def matmul_params(plan: ModelPlan, active: bool) -> int:
     """P_matmul (docs/formulas.md §0): every weight a token multiplies, LM head included even when tied."""
     d = plan.d_model
-    total = lm_head_matmul_params(plan)
-    for layer in plan.layers:
+    total = (1 + len(plan.mtp)) * lm_head_matmul_params(plan) + len(plan.mtp) * mtp_proj_params(plan)
+    for layer in plan.trained_layers:
         total += mixer_matmul_params(layer.mixer, d)
         if layer.ffn is not None:
             total += sum(ffn_matmul_parts(layer.ffn, d, active).values())
