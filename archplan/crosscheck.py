@@ -600,11 +600,18 @@ def _count(model: ArchplanModel, tokens_BT: torch.Tensor, backward: bool) -> _Co
     backward_log = None
     with _ListingCounter(model) as counter:
         with torch.set_grad_enabled(backward):
-            logits_BTV = model(tokens_BT)
+            # a training forward: with the multi-token-prediction modules where the model has them,
+            # a method of the root, which the root's forward hooks do not see
+            if model.plan.mtp:
+                counter.mod_tracker._enter(model, None)
+                main_BTV, depths = model.mtp_logits(tokens_BT)
+                counter.mod_tracker._exit(model, None, None)
+            else:
+                main_BTV, depths = model(tokens_BT), []
         forward_counts = counter.get_flop_counts()  # copies
         forward_log, counter.log = counter.log, _OpLog()
         if backward:
-            logits_BTV.float().sum().backward()
+            sum((logits_BTV.float().sum() for logits_BTV in depths), main_BTV.float().sum()).backward()
             backward_log = counter.log
     training = None
     if backward:
@@ -666,7 +673,10 @@ def crosscheck(
     model has fewer than SMALL_MODEL_PARAMS parameters.
     """
     params = count_params(plan)
-    flops = forward_flops(plan, seq_len, batch)
+    # the training forward (the MTP modules included) is what the meta model runs and counts; the
+    # real instance's fvcore count and cache are inference's
+    flops = forward_flops(plan, seq_len, batch, mtp=True)
+    inference = forward_flops(plan, seq_len, batch) if plan.mtp else flops
 
     if progress is not None:
         progress("build (meta, bf16)", 0, 1)
@@ -728,7 +738,7 @@ def crosscheck(
         real = params.total < SMALL_MODEL_PARAMS
         real_not_run = f"model ≥ {SMALL_MODEL_PARAMS // 1_000_000}M parameters"
     if real:
-        real_check = _real_check(plan, seq_len, batch, real_device, fvcore, flops.counted_by_component,
+        real_check = _real_check(plan, seq_len, batch, real_device, fvcore, inference.counted_by_component,
                                  progress)
 
     return CrossCheck(

@@ -360,6 +360,9 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
     if need_ffn:
         data["ffn"] = _member(draw, "ffn", only, d_model)
     data["layout"] = layout
+    if draw(st.integers(0, 3)) == 0:
+        # DeepSeek-V3's multi-token prediction: its blocks continue the layout's pattern
+        data["mtp"] = {"depth": draw(st.integers(1, 2))}
 
     spec = Spec.model_validate(data)
     seq = draw(st.integers(1, 16))

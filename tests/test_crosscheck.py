@@ -235,8 +235,8 @@ def test_a_planted_flop_disagreement_fails_with_the_ops_of_that_component(
 ) -> None:
     real_flops = cc.forward_flops
 
-    def more_flops(plan: ModelPlan, seq_len: int, batch: int = 1) -> FlopCount:
-        fc = real_flops(plan, seq_len, batch)
+    def more_flops(plan: ModelPlan, seq_len: int, batch: int = 1, mtp: bool = False) -> FlopCount:
+        fc = real_flops(plan, seq_len, batch, mtp)
         by_comp = dict(fc.counted_by_component)
         by_comp["lm_head"] += 2
         return dataclasses.replace(fc, counted_by_component=by_comp, counted=fc.counted + 2)

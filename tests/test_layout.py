@@ -71,7 +71,7 @@ def _plan(name: str) -> Any:
 
 
 def _all_tensors(plan: Any) -> list[Any]:
-    return (first_tensors(plan) + [t for layer in plan.layers for t in layer_tensors(layer, plan)]
+    return (first_tensors(plan) + [t for layer in plan.trained_layers for t in layer_tensors(layer, plan)]
             + last_tensors(plan, tied_copy=False))
 
 

@@ -1,11 +1,17 @@
 """`ArchplanModel` and `build_model`: a runnable decoder from a spec or its resolved plan.
 
 Top-level attribute names are the module paths of docs/architecture.md (`embed`, `pos_embed`,
-`embed_norm`, `layers.{i}.…`, `final_norm`, `lm_head`), so every parameter maps to its
-component by longest dotted prefix. On meta nothing is allocated: a 671B model builds in seconds.
+`embed_norm`, `layers.{i}.…`, `final_norm`, `lm_head`, and `mtp.{k}.…` for multi-token
+prediction), so every parameter maps to its component by longest dotted prefix. On meta nothing is
+allocated: a 671B model builds in seconds.
+
+`forward` is inference: the main model's logits. A training step calls `training_loss`, which also
+runs the multi-token-prediction modules where the spec has them (`mtp_logits`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,7 @@ from archplan.modules.cache import ModelCache
 from archplan.modules.ffn import GLU, MLP
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
+from archplan.modules.mtp import MTPLayer
 from archplan.modules.norms import build_norm
 from archplan.modules.positions import SinusoidalPositions
 from archplan.resolve import ModelPlan, resolve
@@ -60,6 +67,13 @@ def share_biases(layers: nn.Module) -> None:
             module.biases = biases
 
 
+def _cross_entropy_ahead(logits_BTV: Tensor, tokens_BT: Tensor, ahead: int) -> Tensor:
+    """Mean fp32 cross-entropy of logits at position i against token i + ahead, over the positions
+    where that token is among the T given."""
+    t = tokens_BT.shape[1]
+    return F.cross_entropy(logits_BTV[:, : t - ahead].flatten(0, 1).float(), tokens_BT[:, ahead:].flatten())
+
+
 class ArchplanModel(nn.Module):
     def __init__(self, plan: ModelPlan) -> None:
         super().__init__()
@@ -78,13 +92,17 @@ class ArchplanModel(nn.Module):
                 assert_never(plan.position)
         self.embed_norm = build_norm(plan.norm, d) if plan.embed_norm else None
         self.layers = nn.ModuleList(Block(layer, plan) for layer in plan.layers)
-        share_biases(self.layers)
         self.final_norm = build_norm(plan.norm, d) if plan.final_norm else None
         self.lm_head: nn.Module = (
             TiedLMHead(plan.vocab_size, plan.lm_head_bias)
             if plan.tied
             else nn.Linear(d, plan.vocab_size, bias=plan.lm_head_bias)
         )
+        # Built last, so the main model draws the same initial weights with or without them; empty
+        # (no parameters) without MTP
+        self.mtp = nn.ModuleList(MTPLayer(layer, plan) for layer in plan.mtp)
+        # the MTP blocks attend over the same T positions from 0, so they use the layers' biases
+        share_biases(self)
 
     def reset_buffers(self) -> None:
         """Recompute every non-persistent table (after `to_empty`, or after a dtype cast)."""
@@ -100,11 +118,11 @@ class ArchplanModel(nn.Module):
         states = [layer.mixer.new_state(batch, max_len, weight.device, weight.dtype) for layer in self.layers]
         return ModelCache(states, max_len)
 
-    def forward(self, tokens_BT: Tensor, cache: ModelCache | None = None) -> Tensor:
+    def embed_tokens(self, tokens_BT: Tensor, offset: int = 0) -> Tensor:
+        """The input of the first layer (B, T, D): token embedding, + learned or sinusoidal positions
+        from `offset`, then the embedding norm, where the model has them. The MTP modules take
+        this same embedding of the tokens ahead (DeepSeek-V3 §2.2: the embedding layer is shared)."""
         _, t = tokens_BT.shape
-        offset = cache.seen if cache is not None else 0
-        if cache is not None and offset + t > cache.max_len:
-            raise ArchplanError(f"cache holds {cache.max_len} tokens; {offset} cached + {t} new exceed it")
         x_BTD = self.embed(tokens_BT)
         if isinstance(self.pos_embed, nn.Embedding):
             if offset + t > self.plan.max_seq_len:
@@ -114,37 +132,113 @@ class ArchplanModel(nn.Module):
             x_BTD = x_BTD + self.pos_embed(offset, t).to(x_BTD.dtype)
         if self.embed_norm is not None:
             x_BTD = self.embed_norm(x_BTD)
+        return x_BTD
+
+    def trunk(self, x_BTD: Tensor, cache: ModelCache | None = None) -> Tensor:
+        """The layers and the final norm: the main model's last hidden state, what the head reads."""
         states = cache.layers if cache is not None else [None] * len(self.layers)
         for layer, state in zip(self.layers, states):
             x_BTD = layer(x_BTD, state)
-        if self.final_norm is not None:
-            x_BTD = self.final_norm(x_BTD)
-        if cache is not None:
-            cache.seen += t
+        return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
+
+    def head(self, x_BTD: Tensor) -> Tensor:
+        """Logits (B, T, V) of a hidden state; the main model and every MTP depth share it (§2.2)."""
         if isinstance(self.lm_head, TiedLMHead):
             return self.lm_head(x_BTD, self.embed.weight)
         return self.lm_head(x_BTD)
 
+    def forward(self, tokens_BT: Tensor, cache: ModelCache | None = None) -> Tensor:
+        """The main model's logits (B, T, V): inference, where the MTP modules never run (DeepSeek-V3
+        §2.2 discards them, or keeps them for speculative decoding)."""
+        _, t = tokens_BT.shape
+        offset = cache.seen if cache is not None else 0
+        if cache is not None and offset + t > cache.max_len:
+            raise ArchplanError(f"cache holds {cache.max_len} tokens; {offset} cached + {t} new exceed it")
+        hidden_BTD = self.trunk(self.embed_tokens(tokens_BT, offset), cache)
+        if cache is not None:
+            cache.seen += t
+        return self.head(hidden_BTD)
+
+    def _training_logits(self, tokens_BT: Tensor) -> Iterator[Tensor]:
+        """The main model's logits, then depth k's for k = 0 … depth − 1, each (B, T, V) and made
+        only when asked for, so a loss can drop each before the next exists.
+
+        Full length T, as Megatron-Core keeps it: depth k reads the embedding rolled left by k + 1
+        (`roll_tensor`; Megatron rolls the token and position ids, the same thing for an embedding
+        computed per position), so its last k + 1 positions see wrapped-around tokens and have no
+        target: the loss leaves them out. Each depth reads the previous one's normed output
+        (Megatron's `MultiTokenPredictionBlock.forward`), depth 0 the main model's last hidden state."""
+        emb_BTD = self.embed_tokens(tokens_BT)
+        hidden_BTD = self.trunk(emb_BTD)
+        yield self.head(hidden_BTD)
+        for k, module in enumerate(self.mtp):
+            hidden_BTD = module(hidden_BTD, emb_BTD.roll(-(k + 1), dims=1))
+            yield self.head(hidden_BTD)
+
+    def mtp_logits(self, tokens_BT: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """One training forward: the main logits and one logits tensor per MTP depth, all (B, T, V).
+        Depth k's logits at position i predict token i + k + 2 (DeepSeek-V3 eq. 23, P^{k+1}_{i+k+2});
+        its last k + 2 positions have no target within the T tokens."""
+        main_BTV, *depths = self._training_logits(tokens_BT)
+        return main_BTV, depths
+
+    def training_loss(self, tokens_BT: Tensor) -> Tensor:
+        """What a training step differentiates: L_main + λ/D · Σ_k L_MTP^k (DeepSeek-V3 eq. 25; λ =
+        `plan.mtp_loss_weight`, D the depth), or L_main alone without MTP.
+
+        L_main: cross-entropy of positions 0 … T − 2 against tokens 1 … T − 1; L_MTP^k (eq. 24): of
+        depth k's positions 0 … T − k − 3 against tokens k + 2 … T − 1. Each is the mean over the
+        positions that have a target, as Megatron-Core's `process_mtp_loss` divides each depth's sum
+        by its rolled loss mask's count (eq. 24 writes 1/T), in fp32 as the training step computes
+        its cross-entropy. The MoE load-balancing losses, the MTP blocks' included, join the
+        gradient through their layer outputs (`moe._AttachAuxLoss`), as in every training step
+        here, not the value; `aux_loss` reports them."""
+        t = tokens_BT.shape[1]
+        depth = len(self.mtp)
+        if t < depth + 2:
+            raise ArchplanError(f"a training sequence needs at least {depth + 2} tokens (the next one, and "
+                                f"{depth} more ahead for multi-token prediction); got {t}")
+        logits = self._training_logits(tokens_BT)
+        loss = _cross_entropy_ahead(next(logits), tokens_BT, 1)
+        for k, logits_BTV in enumerate(logits):
+            loss = loss + self.plan.mtp_loss_weight / depth * _cross_entropy_ahead(logits_BTV, tokens_BT, k + 2)
+        return loss
+
     def aux_loss(self) -> Tensor:
         """Σ over MoE layers of their last forward's coef-weighted load-balancing loss (`moe.load_balancing_loss`),
         detached, for logging: the gradient of anything computed from that forward's output already
-        includes it (`moe._AttachAuxLoss`).
+        includes it (`moe._AttachAuxLoss`). The MTP blocks' count as of the last `training_loss` or
+        `mtp_logits` (`forward` does not run them).
 
         0 for a dense model, in eval mode, or before the first forward.
         """
         total = torch.zeros((), device=self.embed.weight.device, dtype=torch.float32)
-        for layer in self.layers:
+        for layer in [*self.layers, *self.mtp]:
             loss = layer.ffn.last_aux_loss if isinstance(layer.ffn, MoEFFN) else None
             if loss is not None:
                 total = total + loss.float()
         return total
 
 
+class TrainingLoss(nn.Module):
+    """`ArchplanModel.training_loss` as one module call. The multi-token-prediction pass runs the
+    embedding and the head once per depth from a method of the model, not its forward; trackers
+    that follow module calls (torch's MemTracker) take a second top-level call of a module for a
+    second iteration. Under this root the step is one call, the repeated ones its submodules'."""
+
+    def __init__(self, model: ArchplanModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens_BT: Tensor) -> Tensor:
+        return self.model.training_loss(tokens_BT)
+
+
 def _deepnorm_init(model: ArchplanModel, beta: float) -> None:
     """Scale the value/output projections and every FFN matrix by β (Wang et al. 2022, DeepNet
     Algorithm 1; microsoft/torchscale `Decoder.__init__` divides fc1/fc2/v_proj/out_proj by (8L)^(1/4))."""
     with torch.no_grad():
-        for layer in model.layers:
+        for layer in [*model.layers, *model.mtp]:  # an MTP block is one more layer of the same stack
             mixer = layer.mixer
             matrices: list[Tensor] = []
             if isinstance(mixer, Attention):
