@@ -66,6 +66,10 @@ FLOPS_CONVENTION = (
     "per token of one sequence (batch 1): a long convolution makes its filters once per batch, so "
     "a micro-batch of b sequences shares them (verify and bench count at their --batch)"
 )
+MTP_FLOPS_NOTE = (
+    "; training also runs the multi-token-prediction modules (DeepSeek-V3 §2.2: each one's projection, "
+    "block and a head pass), which inference does not, so it is more than 3 x forward"
+)
 PARAMS_CONVENTION = "unique parameters (tied weights once, buffers excluded); active = what one token touches"
 KV_CONVENTION = (
     "K and V of every attention layer (MLA: the absorbed latent + rope key); sliding windows cap a "
@@ -77,7 +81,7 @@ CHINCHILLA_N = "total"  # MoE: the scaling laws were fitted on dense models; N =
 
 # Display order of the component kinds (docs/figures.md §Parameters).
 KINDS = ("embedding", "attention", "ssm", "long conv", "ffn", "moe router", "moe routed experts",
-         "moe shared experts", "norms", "lm_head")
+         "moe shared experts", "norms", "lm_head", "multi-token prediction")
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,11 @@ def component_kinds(plan: ModelPlan) -> dict[str, str]:
                 kinds[f"{layer.path}.ffn.shared_gate"] = "moe shared experts"
             case _:
                 assert_never(ffn)
+    # a training-only module, shown whole: what MTP adds is the question (DeepSeek-V3 §2.2)
+    for block in plan.mtp:
+        for name in ("enorm", "hnorm", "proj", "final_norm", *block.norms, "mixer", "ffn", "ffn.router",
+                     "ffn.experts", "ffn.shared", "ffn.shared_gate"):
+            kinds[f"{block.path}.{name}"] = "multi-token prediction"
     return kinds
 
 
@@ -268,7 +277,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "decode_elementwise_per_token": decode.elementwise,
             "decode_context": context,
             "past_max_seq_len": plan.past_trained_note("seq", seq, "FLOPs and training memory are sized as asked"),
-            "convention": FLOPS_CONVENTION,
+            "convention": FLOPS_CONVENTION + (MTP_FLOPS_NOTE if plan.mtp else ""),
         },
         "kv_cache": {
             "dtype": opts.kv_dtype.value,

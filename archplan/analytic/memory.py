@@ -487,16 +487,18 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     core_backward = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added
 
-    def keep(layer: LayerPlan) -> None:
+    def keep(layer: LayerPlan, around: int = 0) -> None:
+        """`around`: under full recompute, the bytes the checkpoint re-runs beside the block (an
+        MTP module's own parts, which keep its inputs instead of the block's)."""
         nonlocal working_set, core_backward, below
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd, autocast)
-        block_input = res * tokens * h if recompute == "full" else 0
+        block_input = res * tokens * h if recompute == "full" and not around else 0
         core_backward = max(core_backward, _attention_backward_bytes(
             layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept
-                working_set = max(working_set, sum(full.values()))
+                working_set = max(working_set, sum(full.values()) + around)
             case "selective":
                 kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd,
                                     autocast)
@@ -507,11 +509,11 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         out.update(kept)
         below += sum(kept.values())
 
-    def head(prefix: str) -> None:
+    def head(prefix: str, final_norm_kept: bool = True) -> None:
         nonlocal below
         # The LM-head input and the fp32 log-probabilities the cross-entropy keeps; with the final
         # norm's input this is Megatron's 4sbh(1 + V/h) (`theoretical_memory_usage.py`).
-        part = {f"{prefix}final_norm": res * tokens * h} if plan.final_norm else {}
+        part = {f"{prefix}final_norm": res * tokens * h if final_norm_kept else 0} if plan.final_norm else {}
         part[f"{prefix}lm_head"] = act * tokens * h
         part[f"{prefix}loss"] = LOGITS_BYTES * tokens * plan.vocab_size
         out.update(part)
@@ -524,15 +526,20 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         # DeepSeek-V3 §2.2: the rolled token ids and their embedding (enorm's input); the hidden
         # state hnorm reads is the tensor the head before it already keeps, unless the residual
         # stream is wider than that head's 16-bit input (autocast); the projection's input, the
-        # concatenation of both norms' outputs; then a block, and a head pass of its own.
+        # concatenation of both norms' outputs; then a block, its final norm, and a head pass of
+        # its own. Full recompute checkpoints the whole module (Megatron-Core's MTP layer under
+        # `recompute_granularity="full"`, as `bench --train` does): it keeps the two inputs alone.
+        whole = recompute == "full"
         ids = TOKEN_ID_BYTES * tokens
+        proj = act * tokens * 2 * h
+        final = res * tokens * h if plan.final_norm else 0
         own = {f"{layer.path}.enorm": ids + res * tokens * h,
                f"{layer.path}.hnorm": 0 if res == act else res * tokens * h,
-               f"{layer.path}.proj": act * tokens * 2 * h}
+               f"{layer.path}.proj": 0 if whole else proj}
         out.update(own)
         below += sum(own.values())
-        keep(layer)
-        head(f"{layer.path}.")
+        keep(layer, around=proj + final + res * tokens * h if whole else 0)
+        head(f"{layer.path}.", final_norm_kept=not whole)
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
     return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward)
 

@@ -613,7 +613,7 @@ def _moe_host_note(result: SearchResult, plan: ModelPlan) -> str | None:
     if not result.routed or not result.ranked or FAMILY_OF.get(result.gpu.key) != "hopper":
         return None
     top = result.ranked[0]
-    per_pass = top.time.total / (len(plan.layers) / top.layout.pp * top.microbatches)
+    per_pass = top.time.total / (len(plan.trained_layers) / top.layout.pp * top.microbatches)
     if per_pass >= MOE_HOST_FLOOR_S:
         return None
     return (f"the top layout is priced at {per_pass * 1e3:.1f} ms a layer pass (one layer's forward and "
@@ -979,6 +979,10 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
                   f"full recompute {recompute}{eager}; loss "
                   f"{settings.cross_entropy}")
+    if spec.mtp is not None:
+        console.print(f"  multi-token prediction: {spec.mtp.depth} module(s) on the last pipeline stage, each a "
+                      "block, a 2·d → d projection and a head pass, with an embedding copy where pp > 1; the "
+                      "layers split as Megatron-Bridge's DeepSeek-V3 layouts (docs/plan.md)")
     if seq_note:
         console.print(f"[yellow]note:[/] {escape(seq_note)}")
     for reason in result.reasons:

@@ -75,6 +75,13 @@ def render(result: LayoutCheck, console: Console) -> None:
 
 def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> Layout:
     """The one layout `--layout` gives `verify` or `bench`, checked as `plan` checks a given one."""
+    if plan.mtp:
+        # the stages torch.distributed runs are the main model's: a check that left the MTP modules
+        # out would compare a different model with plan's figures, which price them
+        raise ArchplanError(f"--layout: {plan.name} has multi-token prediction (mtp), which {command} --layout does "
+                            "not build on the pipeline's last stage yet; `plan` prices it, `verify` without "
+                            "--layout checks its counts and FLOPs, `bench --train` runs it (drop `mtp` to run "
+                            "the main model's layout)")
     experts = max((layer.ffn.n_experts for layer in plan.layers if isinstance(layer.ffn, MoEPlan)), default=0)
     partial = parse_layout(layout_text)
     if why := partial.sp_problem():

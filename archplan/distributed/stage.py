@@ -25,7 +25,7 @@ class Stage(nn.Module):
     def __init__(self, plan: ModelPlan, layers: list[int], *, first: bool, last: bool) -> None:
         super().__init__()
         self.plan = plan
-        model = ArchplanModel(replace(plan, layers=()))
+        model = ArchplanModel(replace(plan, layers=(), mtp=()))
         self.first, self.last = first, last
         self.embed = model.embed if first or (last and plan.tied) else None
         self.pos_embed = model.pos_embed if first else None

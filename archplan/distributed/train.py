@@ -44,7 +44,7 @@ from archplan.bench.device import free_memory, synchronize
 from archplan.bench.fit import refuse_unless_fits
 from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.distributed.shard import apply_recompute
-from archplan.modules.model import build_model, resolve_device
+from archplan.modules.model import TrainingLoss, build_model, resolve_device
 from archplan.resolve import Mamba2Plan, ModelPlan
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
@@ -136,6 +136,8 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     torch.manual_seed(0)
     model = build_model(plan, dev, torch.float32)
     apply_recompute(model.layers, recompute)
+    apply_recompute(model.mtp, recompute)  # the MTP blocks recompute as the layers do (`activation_memory`)
+    training_loss = TrainingLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     tokens = torch.randint(0, plan.vocab_size, (batch, seq), device=dev)
     labels = torch.roll(tokens, -1, dims=1)
@@ -143,9 +145,10 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
 
     def step(probe: Callable[[str], None] = lambda _: None, copies: WeightCopies | None = None) -> None:
         with autocast, copies if copies is not None else nullcontext():
-            logits = model(tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        del logits  # only the cross-entropy's fp32 log-probabilities stay for the backward
+            # with multi-token prediction, the main loss and each module's, weighted λ/depth (DeepSeek-V3 §2.2)
+            out = training_loss(tokens) if plan.mtp else model(tokens)
+        loss = out if plan.mtp else F.cross_entropy(out.flatten(0, 1).float(), labels.flatten())
+        del out  # only the cross-entropy's fp32 log-probabilities stay for the backward
         probe("after forward")  # every saved activation alive
         loss.backward()
         probe("before step")  # parameters, every gradient, AdamW's states

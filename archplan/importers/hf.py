@@ -1208,8 +1208,10 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
                                    "code places experts every moe_layer_freq-th layer; refusing to pick one")
     cfg.fixed("scoring_func", "sigmoid" if v3 else "softmax", f"transformers' {name} router fixes its scoring")
     if v3 and cfg.has("num_nextn_predict_layers") and cfg.count("num_nextn_predict_layers"):
+        depth = cfg.count("num_nextn_predict_layers")
         cfg.notes.append("num_nextn_predict_layers: transformers does not build the multi-token-prediction "
-                         "module, so neither does this spec")
+                         f"module, so neither does this spec; add `mtp: {{depth: {depth}}}` to size it as "
+                         "trained (the deepseek-v3-mtp preset)")
     dims = read_dims(cfg, head_dim_key=False, kv_key=None)
     cfg.inert(*_DEEPSEEK_INERT)
     attn = MLA(kind="mla", n_heads=dims.n_heads, q_lora_rank=cfg.opt_int("q_lora_rank"),

@@ -471,14 +471,20 @@ class ModelData:
     """What the layout model needs from a plan at one sequence length, computed once."""
 
     def __init__(self, plan: ModelPlan, seq: int) -> None:
+        # A training step runs the multi-token-prediction modules' blocks after the main layers, on
+        # the last pipeline stage (Megatron-Core's MTP block): here they are the last layers, and
+        # each module's own parts and head pass are the last chunk's (`mtp_depth`).
+        self.mtp_depth = len(plan.mtp)
+        self.n_main = len(plan.layers)  # the main model's layers; the MTP blocks follow them
+        self.last_tied_copy = tuple(last_tensors(plan, tied_copy=True))
+        self.last = tuple(last_tensors(plan, tied_copy=False))
+        plan = replace(plan, layers=plan.trained_layers, mtp=())
         self.plan = plan
         self.seq = seq
         h = plan.d_model
         self.layer_tensors: tuple[tuple[Tensor, ...], ...] = tuple(
             tuple(layer_tensors(layer, plan)) for layer in plan.layers)
         self.first = tuple(first_tensors(plan))
-        self.last_tied_copy = tuple(last_tensors(plan, tied_copy=True))
-        self.last = tuple(last_tensors(plan, tied_copy=False))
         acts = {mode: activation_memory(plan, 1, seq, mode).by_component for mode in RECOMPUTE_MODES}
         self.acts: list[LayerActs] = []
         per_layer = {mode: _by_layer(acts[mode], [layer.path for layer in plan.layers])
@@ -511,9 +517,14 @@ class ModelData:
         self.sp_norms_first = [t.numel for t in self.first if t.name.startswith("embed_norm.")]
         self.sp_norms_last = [t.numel for t in self.last if t.name.startswith("final_norm.")]
         self.first_act = acts["none"]["embed"] + acts["none"].get("embed_norm", 0)
-        self.final_norm_act = acts["none"].get("final_norm", 0)
-        self.head_input_act = ACT_BYTES * seq * h
-        self.logits_act = LOGIT_BYTES * seq * plan.vocab_size
+        # the head's tensors, once per head pass: the main one and one per MTP module, each of which
+        # also keeps its rolled token ids, their embedding and the projection's 2·d input
+        passes = 1 + self.mtp_depth
+        self.final_norm_act = passes * acts["none"].get("final_norm", 0)
+        self.head_input_act = passes * ACT_BYTES * seq * h
+        self.logits_act = passes * LOGIT_BYTES * seq * plan.vocab_size
+        self.mtp_ids_act = self.mtp_depth * TOKEN_ID_BYTES * seq
+        self.mtp_input_act = self.mtp_depth * ACT_BYTES * seq * 3 * h
         self.n_experts = max((l.ffn.n_experts for l in plan.layers if isinstance(l.ffn, MoEPlan)),
                              default=0)
         self._numel: dict[tuple[int, int, bool], tuple[list[int], list[int]]] = {}
@@ -964,8 +975,9 @@ class Chunk:
     last: bool
 
 
-def rank_chunks(n_layers: int, layout: Layout, stage: int) -> tuple[Chunk, ...]:
-    return _rank_chunks(n_layers, layout.pp, layout.vpp, stage)
+def rank_chunks(n_layers: int, layout: Layout, stage: int, tail: int = 0) -> tuple[Chunk, ...]:
+    """Pipeline rank `stage`'s chunks (`pipeline_chunks`; `tail`: the MTP blocks after n_layers)."""
+    return _rank_chunks(n_layers, layout.pp, layout.vpp, stage, tail)
 
 
 UseKind = Literal["forward", "recompute", "backward"]
@@ -1010,7 +1022,7 @@ def _fetch_trace(data: ModelData, layout: Layout, stage: int) -> tuple[FetchUse,
     tp, ep = layout.tp, layout.ep
     forward: list[FetchUse] = []
     backward: list[FetchUse] = []
-    for chunk in rank_chunks(len(data.plan.layers), layout, stage):
+    for chunk in rank_chunks(data.n_main, layout, stage, data.mtp_depth):
         blocks: list[list[FetchUse]] = []
         first = data.modules("first", tp, ep) if chunk.first else []
         if chunk.first:
@@ -1033,20 +1045,20 @@ def _fetch_trace(data: ModelData, layout: Layout, stage: int) -> tuple[FetchUse,
 
 
 @lru_cache(maxsize=16384)  # the search prices each (pp, vpp) split's stages for many layouts
-def _rank_chunks(n_layers: int, pp: int, vpp: int, stage: int) -> tuple[Chunk, ...]:
-    chunks = pipeline_chunks(n_layers, pp, vpp)[stage]
+def _rank_chunks(n_layers: int, pp: int, vpp: int, stage: int, tail: int = 0) -> tuple[Chunk, ...]:
+    chunks = pipeline_chunks(n_layers, pp, vpp, tail)[stage]
     total = pp * vpp
     return tuple(Chunk(stage + v * pp, layers, stage + v * pp == 0, stage + v * pp == total - 1)
                  for v, layers in enumerate(chunks))
 
 
 @lru_cache(maxsize=4096)
-def representative_stages(n_layers: int, pp: int, vpp: int) -> tuple[int, ...]:
+def representative_stages(n_layers: int, pp: int, vpp: int, tail: int = 0) -> tuple[int, ...]:
     """One pipeline rank per distinct set of chunk sizes and ends: the lowest, which holds the
     most in-flight micro-batches of its group, so it is the group's most loaded rank (memory) and
     every rank of the group takes the same time."""
     seen: dict[tuple[object, ...], int] = {}
-    for stage, ranges in enumerate(pipeline_chunks(n_layers, pp, vpp)):
+    for stage, ranges in enumerate(pipeline_chunks(n_layers, pp, vpp, tail)):
         key = (tuple(len(r) for r in ranges), stage == 0, stage == pp - 1)
         seen.setdefault(key, stage)
     return tuple(sorted(seen.values()))
@@ -1270,7 +1282,7 @@ def _stage_params(data: ModelData, layout: Layout, stage: int, per_tensor: bool)
     per_chunk: list[tuple[int, int]] = []
     numel_d, numel_e = data.numel(tp, ep)
     fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if per_tensor else ([], [])
-    for chunk in rank_chunks(len(data.plan.layers), layout, stage):
+    for chunk in rank_chunks(data.n_main, layout, stage, data.mtp_depth):
         lo, hi = chunk.layers.start, chunk.layers.stop
         d, e = _chunk_numel(data, layout, chunk)
         dense += d
@@ -1294,7 +1306,7 @@ def _stage_fp8(data: ModelData, layout: Layout, stage: int) -> tuple[int, int]:
     data-parallel shard of the flat buffers), as `_stage_params` counts them."""
     dp, edp = layout.dp * layout.cp, layout.expert_dp
     whole = shard = 0
-    for chunk in rank_chunks(len(data.plan.layers), layout, stage):
+    for chunk in rank_chunks(data.n_main, layout, stage, data.mtp_depth):
         d, e = _chunk_numel(data, layout, chunk, fp8_only=True)
         whole += d + e
         shard += math.ceil(d / dp) + math.ceil(e / edp)
@@ -1332,7 +1344,7 @@ def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microba
     backward's: the stage's local parameters, and the embedding's Replicate gradient whole."""
     if states.engine != "torch" or not _fsdp_accumulates(layout, microbatches):
         return 0
-    chunks = rank_chunks(len(data.plan.layers), layout, stage)
+    chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     full = data.stage_params(layout, stage, states.per_tensor)[0]
     return full + _accumulated_embedding_extra(data, layout, chunks, microbatches, states)
 
@@ -1341,7 +1353,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel,
             modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather") -> RankMemory:
     zero = layout.zero
-    chunks = rank_chunks(len(data.plan.layers), layout, stage)
+    chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     full, shard, biggest_layer, per_chunk = data.stage_params(layout, stage, states.per_tensor)
     params_sharded = zero >= 3 or (states.params_always_sharded and zero >= 1)
     # FSDP2's ZeRO-1 accumulates unsharded gradients over the micro-batches; with one, its only
@@ -1458,7 +1470,7 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     counts = in_flight(layout, microbatches, stage)
     per_layer = data.layer_acts(layout, mode, kernel, engine, modules)
     head = 0.0
-    chunks = rank_chunks(len(data.plan.layers), layout, stage)
+    chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     for chunk, count in zip(chunks, counts):
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
@@ -1473,7 +1485,9 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
             head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
-            head = (ends + data.logits_act / tp) * scale
+            # an MTP module's embedding and projection input: sequence-sharded under SP
+            mtp = data.mtp_ids_act + data.mtp_input_act / (tp if layout.sequence_parallel else 1)
+            head = (ends + mtp + data.logits_act / tp) * scale
     layers = [i for chunk in chunks for i in chunk.layers]
     if mode == "full":
         # a layer is re-run in the backward after the loss's and the head's backward freed the
@@ -1509,7 +1523,7 @@ def most_loaded_stage(plan: ModelPlan, layout: Layout, seq: int, *, microbatches
     """The pipeline rank whose rank needs the most memory (ties: the first)."""
     _check(plan, layout, seq, microbatches, None, attention_kernel)
     data = model_data(plan, seq)
-    stages = representative_stages(len(plan.layers), layout.pp, layout.vpp)
+    stages = representative_stages(data.n_main, layout.pp, layout.vpp, data.mtp_depth)
     totals = [_memory(data, layout, s, microbatches, states, attention_kernel).total for s in stages]
     return stages[totals.index(max(totals))]
 
@@ -1617,7 +1631,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         if size > 1 and count:
             out.append(Collective(kind, mesh, size, nbytes, count, what, overlappable))  # type: ignore[arg-type]
 
-    for chunk in rank_chunks(len(plan.layers), layout, stage):
+    for chunk in rank_chunks(data.n_main, layout, stage, data.mtp_depth):
         span = _span(chunk.layers)
         counted = data.chunk_layers(chunk.layers)
         s4, sub_blocks = counted.s4, counted.sub_blocks
@@ -1759,7 +1773,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
                                    what, layout, m, states, grad_reduce, dp_over, fetched(*parts),
                                    _local_fp8_numel(tensors, tp, ep))
-        if plan.tied and layout.pp > 1 and (chunk.first or chunk.last):
+        if (plan.tied or data.mtp_depth) and layout.pp > 1 and (chunk.first or chunk.last):
             # Megatron all-reduces the whole main grad; FSDP2 (zero ≥ 1) the rank's dim-0 shard,
             # split alike on both end stages (`distributed.step.StageRunner.sync_tied_gradient`)
             sharded = engine == "torch" and layout.zero >= 1

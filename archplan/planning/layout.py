@@ -322,7 +322,7 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_laye
 
 # cached: the search asks for the same few (pp, vpp) splits once per layout and stage
 @lru_cache(maxsize=4096)
-def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1) -> tuple[tuple[range, ...], ...]:
+def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tuple[tuple[range, ...], ...]:
     """Layer ranges per pipeline rank, one range per virtual stage (model chunk).
 
     Chunk c (of pp·vpp, in model order) lives on rank c % pp (Narayanan et al. 2021 §2.2.2,
@@ -334,15 +334,25 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1) -> tuple[tuple[range, 
     v = 8 did (Megatron-LM's `--pipeline-model-parallel-layout` writes such stages `E` and `L`).
     Otherwise the layers split as evenly as they can, the extra ones on the last chunks: their
     ranks hold fewer in-flight micro-batches under 1F1B, so they have memory to spare.
+
+    `tail`: blocks that follow the n_layers and must sit on the last chunk, beside the head (the
+    multi-token-prediction modules', which Megatron-Core builds on the last stage; indices n_layers
+    on). Then the layers split as Megatron-Bridge's layout maps for DeepSeek-V3 write them:
+    ⌈n_layers / chunks⌉ on every chunk but the last, which holds the rest, the tail and the loss
+    (61 layers on 16 chunks: 4 each and 1; on 8: 8 each and 5; on 4: 16, 16, 16, 13). Where that
+    leaves the last chunk no layer of its own to drop, the n_layers + tail blocks split as above.
     """
     chunks = pp * vpp
-    if chunks > 1 and (n_layers + 2) % chunks == 0:
-        size = (n_layers + 2) // chunks
+    front = math.ceil(n_layers / chunks)
+    if tail and chunks > 1 and n_layers - front * (chunks - 1) >= 1:
+        sizes = [front] * (chunks - 1) + [n_layers - front * (chunks - 1) + tail]
+    elif chunks > 1 and (n_layers + tail + 2) % chunks == 0:
+        size = (n_layers + tail + 2) // chunks
         sizes = [size] * chunks
         sizes[0] -= 1
         sizes[-1] -= 1
     else:
-        base, extra = divmod(n_layers, chunks)
+        base, extra = divmod(n_layers + tail, chunks)
         sizes = [base + (1 if c >= chunks - extra else 0) for c in range(chunks)]
     ranges, start = [], 0
     for size in sizes:

@@ -549,7 +549,8 @@ class Evaluator:
         s = self.settings
         return StageMemory({stage: _memory(self.data, layout, stage, m, self.states, s.attention_kernel,
                                            s.recompute_modules, s.cp_comm)
-                            for stage in representative_stages(len(self.plan.layers), layout.pp, layout.vpp)})
+                            for stage in representative_stages(self.data.n_main, layout.pp, layout.vpp,
+                                                               self.data.mtp_depth)})
 
     def evaluate(self, layout: Layout, m: int, memory: StageMemory | None = None) -> Evaluated:
         s = self.settings
@@ -651,7 +652,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     """Every layout the fixed fields admit, and why some were skipped: per TP degree that cannot
     split the model, and the first rule a layout completing the given fields broke (None: none did,
     or nothing was given)."""
-    n_layers = len(plan.layers)
+    n_layers = len(data.plan.layers)  # with the multi-token-prediction blocks: the last chunk's
     out: list[Layout] = []
     tp_reasons: dict[int, str] = {}
     broken: str | None = None
@@ -738,7 +739,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
-    n_layers, n_experts = len(plan.layers), evaluator.data.n_experts
+    n_layers, n_experts = len(evaluator.data.plan.layers), evaluator.data.n_experts
     by_user = bool(fixed.given)
     fixed = fixed.for_model(n_experts)
     check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node, n_layers=n_layers, n_experts=n_experts,

@@ -680,12 +680,18 @@ def _head_micro(data: ModelData, layout: Layout, rates: Rates, loss: CrossEntrop
     and the block scales)."""
     tokens = layout.mb * data.seq // layout.cp
     vocab = math.ceil(data.plan.vocab_size / layout.tp)
+    d = data.plan.d_model
     fp8 = rates.fp8_lm_head and rates.precision == "fp8"
-    gemm = gemm_time(tokens, vocab, data.plan.d_model, rates, fp8=fp8)
-    elements = tokens * data.plan.d_model
+    # the head runs once more per multi-token-prediction module, after that module's 2·d → d
+    # projection (DeepSeek-V3 §2.2; Megatron-Core's `eh_proj`, a column-parallel Transformer Engine
+    # linear: fp8 in an fp8 run, as the layers' linears)
+    passes = 1 + data.mtp_depth
+    gemm = passes * gemm_time(tokens, vocab, d, rates, fp8=fp8) \
+        + data.mtp_depth * gemm_time(tokens, math.ceil(d / layout.tp), 2 * d, rates, fp8=True)
+    elements = tokens * d
     cast = elements * FP8_CAST_BYTES + mxfp8_scale_bytes(elements) if fp8 else 0
     return _MicroBatch(gemm, 2 * gemm, 0.0, 0.0,
-                       (tokens * vocab * CROSS_ENTROPY_BYTES[loss] / 3 + cast) / rates.hbm)
+                       passes * (tokens * vocab * CROSS_ENTROPY_BYTES[loss] / 3 + cast) / rates.hbm)
 
 
 class Pricer:
@@ -739,7 +745,7 @@ class Pricer:
         if key not in self._stages:
             per_layer = self.layers(layout, kernel)
             total = _MicroBatch()
-            for chunk in rank_chunks(len(per_layer), layout, stage):
+            for chunk in rank_chunks(self.data.n_main, layout, stage, self.data.mtp_depth):
                 for micro in per_layer[chunk.layers.start:chunk.layers.stop]:
                     total = total + micro
                 if chunk.last:
@@ -773,8 +779,8 @@ class Pricer:
             compute, a2a = self._cumulative(layout, kernel, net)
             head = _head_micro(self.data, layout, self.rates, self.loss).total
             slot = 0.0
-            for stage in representative_stages(len(self.data.plan.layers), layout.pp, layout.vpp):
-                chunks = rank_chunks(len(self.data.plan.layers), layout, stage)
+            for stage in representative_stages(self.data.n_main, layout.pp, layout.vpp, self.data.mtp_depth):
+                chunks = rank_chunks(self.data.n_main, layout, stage, self.data.mtp_depth)
                 total = sum(compute[c.layers.stop] - compute[c.layers.start] + (head if c.last else 0.0)
                             for c in chunks)
                 ep = sum(a2a[c.layers.stop] - a2a[c.layers.start] for c in chunks)
@@ -1053,7 +1059,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     m, p, v = microbatches, layout.pp, layout.vpp
     rates = pricer.rates
     best: tuple[float, int, _MicroBatch, dict[str, float], float, float, float] | None = None
-    stages = representative_stages(len(data.plan.layers), p, v)
+    stages = representative_stages(data.n_main, p, v, data.mtp_depth)
     for stage in stages:
         micro = pricer.stage(layout, stage, kernel)
         records = _collectives(data, layout, stage, m, states, grad_reduce, cp_comm, overlap,
@@ -1098,7 +1104,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     if layout.zero == 3 and states.module_fetch:
         dp = m * _module_fetch_exposed(data, pricer, layout, stage, kernel, net, grad_reduce)
     else:
-        n_layers = max(1, sum(len(c.layers) for c in rank_chunks(len(data.plan.layers), layout, stage)))
+        n_layers = max(1, sum(len(c.layers) for c in rank_chunks(data.n_main, layout, stage, data.mtp_depth)))
         dp = _dp_exposed(layout.zero, m, grads, gathers, micro, n_layers, "dp" in overlap)
     optimizer = memory[stage].optimizer / states.optimizer_bytes * states.step_bytes / rates.hbm
     time = StepTime(

@@ -40,6 +40,7 @@ from typing import Literal
 
 from typing_extensions import assert_never
 
+from archplan.analytic.mtp import mtp_norm_names
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
@@ -348,10 +349,23 @@ def first_tensors(plan: ModelPlan) -> list[Tensor]:
 def last_tensors(plan: ModelPlan, *, tied_copy: bool) -> list[Tensor]:
     """What the last pipeline stage holds after its layers: final norm and LM head. A tied head is
     the embedding itself at one stage; across stages the last one holds a copy (Megatron's shared
-    embedding, kept in sync by an all-reduce of the two gradients), `tied_copy`."""
-    out = _norm("final_norm", plan.norm, plan.d_model) if plan.final_norm else []
+    embedding, kept in sync by an all-reduce of the two gradients), `tied_copy`.
+
+    The multi-token-prediction modules live there too (Megatron-Core builds its MTP block on the
+    last stage): each one's norms and its 2·d → d projection (column-parallel, Megatron's
+    `eh_proj`; their blocks are layers of the last chunk), and, across stages, a copy of the
+    embedding they read the shifted tokens through (Megatron-Core's GPTModel builds the embedding
+    wherever `mtp_process` is, synced as a tied one) unless the tied head already is one."""
+    d = plan.d_model
+    out = _norm("final_norm", plan.norm, d) if plan.final_norm else []
     if not plan.tied or tied_copy:
-        out.append(Tensor("lm_head.weight", (plan.vocab_size, plan.d_model), "vocab"))
+        out.append(Tensor("lm_head.weight", (plan.vocab_size, d), "vocab"))
     if plan.lm_head_bias:
         out.append(Tensor("lm_head.bias", (plan.vocab_size,), "vocab"))
+    if plan.mtp and tied_copy and not plan.tied:
+        out.append(Tensor("mtp_embed.weight", (plan.vocab_size, d), "vocab"))
+    for block in plan.mtp:
+        for name in mtp_norm_names(plan):
+            out += _norm(f"{block.path}.{name}", plan.norm, d)
+        out += _linear(f"{block.path}.proj", d, 2 * d, False, "column")
     return out

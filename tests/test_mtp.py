@@ -1,0 +1,131 @@
+"""Multi-token prediction (DeepSeek-V3 §2.2) beyond its torch module (test_mtp_module.py): the
+analytic counts against the published shapes, the pipeline split that puts it on the last stage,
+`plan`'s last stage, and the commands that run it or refuse to."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from archplan.analytic import count_params, forward_flops, training_flops_per_token
+from archplan.analytic.memory import activation_memory
+from archplan.loader import load_spec
+from archplan.planning import cluster
+from archplan.planning.layout import parse_layout, pipeline_chunks
+from archplan.resolve import resolve
+from archplan.spec import MultiTokenPrediction
+from tests.test_bad_input import assert_one_line_error, run_main
+
+TINY_MTP = """\
+name: tiny-mtp
+vocab_size: 512
+d_model: 64
+n_layers: 2
+max_seq_len: 256
+attention: {kind: gqa, n_heads: 4, n_kv_heads: 2}
+ffn: {kind: glu, activation: silu, d_ff: 128}
+mtp: {depth: 2}
+"""
+
+
+@pytest.fixture
+def tiny_mtp(tmp_path: Path) -> str:
+    path = tmp_path / "tiny-mtp.yaml"
+    path.write_text(TINY_MTP, encoding="utf-8")
+    return str(path)
+
+
+def test_deepseek_v3_mtp_adds_its_module_and_a_training_pass() -> None:
+    main = resolve(load_spec("deepseek-v3"))
+    mtp = resolve(load_spec("deepseek-v3-mtp"))
+    # one MoE block (its MLA, router, 256 experts and the shared one), two input norms, the
+    # 2·7168 → 7168 projection and the head's norm: 11,610,068,224 with the buffer-held bias
+    assert count_params(mtp).total - count_params(main).total == 11_610_067_968
+    assert count_params(mtp).total == load_spec("deepseek-v3-mtp").reference.total_params  # type: ignore[union-attr]
+    # inference never runs it; training does, at Megatron's ratio (259.99 / 249.81 GFLOP a token
+    # at seq 4,096, its causal convention: 1.0408; here 1.0407)
+    assert forward_flops(mtp, 4096).counted == forward_flops(main, 4096).counted
+    ratio = training_flops_per_token(mtp, 4096, "causal") / training_flops_per_token(main, 4096, "causal")
+    assert ratio == pytest.approx(259.99 / 249.81, abs=2e-4)
+
+
+def test_mtp_activations_are_the_module_and_one_head_pass_per_depth() -> None:
+    plan = resolve(load_spec("llama-3-8b"))
+    with_mtp = replace(plan, mtp=resolve(load_spec("llama-3-8b").model_copy(
+        update={"mtp": MultiTokenPrediction(depth=2)})).mtp)
+    s, h, v = 1024, plan.d_model, plan.vocab_size
+    base = activation_memory(plan, 1, s).by_component
+    more = activation_memory(with_mtp, 1, s).by_component
+    layer = sum(value for key, value in base.items() if key.startswith("layers.0."))
+    for k in range(2):
+        own = {key: value for key, value in more.items() if key.startswith(f"mtp.{k}.")}
+        assert own[f"mtp.{k}.enorm"] == 8 * s + 2 * s * h  # rolled ids and their embedding
+        assert own[f"mtp.{k}.hnorm"] == 0  # the head's input, kept once
+        assert own[f"mtp.{k}.proj"] == 2 * s * 2 * h
+        assert own[f"mtp.{k}.loss"] == 4 * s * v
+        block = sum(value for key, value in own.items()
+                    if key.split(".")[2] in ("norm1", "mixer", "norm2", "ffn"))
+        assert block == layer
+
+
+def test_the_mtp_blocks_sit_on_the_last_chunk_as_megatron_bridge_splits_them() -> None:
+    def sizes(n: int, pp: int, vpp: int, tail: int) -> list[int]:
+        chunks = pipeline_chunks(n, pp, vpp, tail)
+        return [len(chunks[c % pp][c // pp]) for c in range(pp * vpp)]
+
+    # DeepSeek-V3's layout maps: 61 layers, the last chunk also holding the MTP block
+    assert sizes(61, 16, 1, 1) == [4] * 15 + [1 + 1]
+    assert sizes(61, 8, 1, 1) == [8] * 7 + [5 + 1]
+    assert sizes(61, 4, 2, 1) == [8] * 7 + [5 + 1]
+    assert sizes(61, 4, 1, 1) == [16, 16, 16, 13 + 1]
+    # where ⌈n / chunks⌉ leaves the last chunk no layer, the n + tail blocks split as without it
+    assert sizes(61, 32, 1, 1) == sizes(62, 32, 1, 0)
+    # without a tail nothing changes
+    assert sizes(61, 16, 1, 0) == [3, 3, 3] + [4] * 13
+    for pp, vpp in ((16, 1), (8, 2), (32, 1), (1, 1)):
+        assert pipeline_chunks(61, pp, vpp, 1)[(pp * vpp - 1) % pp][-1].stop == 62
+
+
+def test_plan_puts_the_mtp_module_and_an_embedding_copy_on_the_last_stage() -> None:
+    spec = load_spec("llama-3-8b").model_copy(update={"mtp": MultiTokenPrediction(depth=1)})
+    plan = resolve(spec)
+    counts = count_params(plan).by_component
+    layout = parse_layout("tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=1").complete()
+    assert layout is not None
+    data = cluster.model_data(plan, 1024)
+    last = data.stage_params(layout, 1, per_tensor=False)[0]
+    layers = range(16, 32)  # pipeline_chunks(32, 2, 1, 1): 16 and 16 + the MTP block
+    expected = (sum(v for k, v in counts.items() if k.startswith(tuple(f"layers.{i}." for i in layers)))
+                + sum(v for k, v in counts.items() if k.startswith("mtp.0."))
+                + counts["final_norm"] + counts["lm_head"] + counts["embed"])  # the embedding copy
+    assert last == expected
+    first = data.stage_params(layout, 0, per_tensor=False)[0]
+    assert first == counts["embed"] + sum(v for k, v in counts.items()
+                                          if k.startswith(tuple(f"layers.{i}." for i in range(16))))
+    # the last stage's step: the head twice, the MTP block as a layer
+    without = cluster.model_data(resolve(load_spec("llama-3-8b")), 1024)
+    assert data.logits_act == 2 * without.logits_act
+    assert len(data.plan.layers) == 33 and data.plan.layers[-1].path == "mtp.0"
+
+
+def test_commands_with_mtp(tiny_mtp: str, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    size = run_main(["size", tiny_mtp, "--json"], capsys, monkeypatch)
+    assert size.code == 0
+    report = json.loads(size.stdout)
+    assert report["params"]["by_kind"]["multi-token prediction"]["total"] == sum(
+        v for k, v in report["params"]["by_component"].items() if k.startswith("mtp."))
+    assert "multi-token-prediction" in report["flops"]["convention"]
+    planned = run_main(["plan", tiny_mtp, "--gpus", "2", "--gpu", "h100", "--seq", "128", "--tokens", "1B", "--layout",
+                        "tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=1", "--json"], capsys, monkeypatch)
+    assert planned.code == 0, planned.stderr
+    verified = run_main(["verify", tiny_mtp, "--seq", "16", "--json"], capsys, monkeypatch)
+    assert verified.code == 0 and json.loads(verified.stdout)["ok"]
+    assert_one_line_error(run_main(["verify", tiny_mtp, "--layout", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,"
+                                    "recompute=none,mb=1"], capsys, monkeypatch), "multi-token prediction")
+    trained = run_main(["bench", tiny_mtp, "--device", "cpu", "--iters", "1", "--train",
+                        "--seq", "128", "--batch", "2", "--json"], capsys, monkeypatch)
+    assert trained.code == 0, trained.stdout
