@@ -68,15 +68,15 @@ def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]
     are within ±20%; 26.04.01's PP8×v2 EP32 over four nodes, priced too slow by its exposed
     all-to-all (−24.2% before those, −19.3% after), is −20.5% since B200's GEMMs are slower, and
     −21.1% since its recipe's recompute of the MLA up-projections is priced ("Megatron-Core's MLA
-    up-projection recompute")."""
+    up-projection recompute"), and −13.1% since its one multi-token-prediction module and its
+    recipe's pipeline split are ("DeepSeek-V3's multi-token prediction and Megatron-Bridge's split"),
+    which put 26.02.01's and 26.04's PP16 rows at +16.1% and +15.1%."""
     nvidia = [row for _, row in rows if row.name.startswith(("NeMo", "Megatron-Bridge")) and "Qwen3" not in row.name
               and not row.name.endswith(LATER_SYSTEMS)]
     assert len(nvidia) == 34 and all(row.holdout and row.fits for row in nvidia)
     deepseek = [row for row in nvidia if "DeepSeek" in row.name]
     assert len(deepseek) == 6 and all(" none " in row.layout for row in deepseek)
-    outside = [row.name for row in deepseek if abs(row.error) > DEFAULT_TOLERANCE]
-    assert outside == ["Megatron-Bridge 26.04.01 DeepSeek-V3, 256 B200"]
-    assert max(abs(row.error) for row in deepseek) < 0.22
+    assert max(abs(row.error) for row in deepseek) < 0.17
     dense = [row for row in nvidia if "DeepSeek" not in row.name]
     assert len(dense) == 28
     assert all(abs(row.error) <= DEFAULT_TOLERANCE for row in dense)
@@ -223,7 +223,8 @@ def test_fused_grouped_mlp_is_stated_where_the_recipes_set_it(rows: list[tuple[d
     every DeepSeek-V3, Qwen3-30B-A3B and Qwen3-235B-A22B row of 26.06, 26.06.01 and 26.08 on GB200,
     GB300 and B300, but 26.06's DeepSeek-V3 on B300, whose v0.5.0 configs leave it off. Priced, it
     brings the three Qwen3-30B-A3B rows on 8 GB300 inside ±20% (−22.7% … −21.5% before) and moves
-    every stated row 1.6 to 4.1 points, none of them further from its measurement."""
+    every stated row 1.6 to 4.1 points, none of them further from its measurement (GB200's
+    DeepSeek-V3 rows at −10.4% … −9.4% since multi-token prediction and its split are priced)."""
     stated = {run["name"]: row for run, row in rows if run.get("fused_grouped_mlp")}
     expected = {f"Megatron-Bridge {r} {model}, {n} {gpu}"
                 for r in FUSED_RELEASES for gpu in ("GB200", "GB300")
@@ -231,7 +232,7 @@ def test_fused_grouped_mlp_is_stated_where_the_recipes_set_it(rows: list[tuple[d
     expected |= {"Megatron-Bridge 26.06 DeepSeek-V3 (GBS 15360), 256 GB300",
                  "Megatron-Bridge 26.06 Qwen3-30B-A3B, 8 B300"}
     assert set(stated) == expected
-    assert all(-0.25 < row.error < -0.11 for row in stated.values())
+    assert all(-0.25 < row.error < -0.09 for row in stated.values())
     assert all(abs(stated[f"Megatron-Bridge {r} Qwen3-30B-A3B, 8 GB300"].error) <= DEFAULT_TOLERANCE
                for r in FUSED_RELEASES)
 
@@ -260,12 +261,13 @@ def test_fp8_lm_head_is_stated_where_the_recipes_set_it(rows: list[tuple[dict[st
     """The rows that run the LM head in MXFP8 are DeepSeek-V3's MXFP8 rows of 26.06 on on GB200 and
     GB300, whose recipes set `fp8_output_proj` (docs/validation.md, "Megatron-Core's MXFP8 LM head").
     Priced, they move 1.4 (GB300) to 2.9 (GB200) points towards their measurements, and three of
-    GB300's four come inside ±20%."""
+    GB300's four come inside ±20%; the fourth (GBS 15,360) since multi-token prediction and its
+    split are priced (−20.2% → −19.8%)."""
     stated = {run["name"]: row for run, row in rows if run.get("fp8_lm_head")}
     expected = {f"Megatron-Bridge {r} DeepSeek-V3, 256 {gpu}" for r in FUSED_RELEASES for gpu in ("GB200", "GB300")}
     expected |= {"Megatron-Bridge 26.06 DeepSeek-V3 (GBS 15360), 256 GB300"}
     assert set(stated) == expected
-    assert sum(abs(row.error) <= DEFAULT_TOLERANCE for row in stated.values()) == 6
+    assert sum(abs(row.error) <= DEFAULT_TOLERANCE for row in stated.values()) == 7
 
 
 def test_current_scaling_is_stated_where_the_recipes_run_it(rows: list[tuple[dict[str, Any], Any]]) -> None:
