@@ -162,7 +162,8 @@ def _inference_table(r: dict[str, Any]) -> _Section:
         "Inference memory",
         f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
         "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128, the rest bf16; no runtime "
-        "overhead",
+        "overhead" + ("; the multi-token-prediction modules left out (training only)"
+                      if "multi-token prediction" in r["params"]["by_kind"] else ""),
         ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))
     peak = max(m["inference_bytes_by_dtype"].values())
     for dtype, weights in m["weights_by_dtype"].items():

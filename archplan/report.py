@@ -6,7 +6,7 @@ Conventions are stored beside the numbers so a reader of the JSON knows what eac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from typing_extensions import assert_never
@@ -195,8 +195,10 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                           seq)
     kv = kv_cache(plan, context=context, batch=opts.batch, dtype_bytes=BYTES[opts.kv_dtype])
 
-    weights = {dtype.value: weights_bytes(params, dtype) for dtype in INFERENCE_DTYPES}
-    weights["int4-g128"] = int4_grouped_bytes(params, 128)
+    # inference holds the model its forward runs: the multi-token-prediction modules are training's
+    served = count_params(replace(plan, mtp=())) if plan.mtp else params
+    weights = {dtype.value: weights_bytes(served, dtype) for dtype in INFERENCE_DTYPES}
+    weights["int4-g128"] = int4_grouped_bytes(served, 128)
     train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute,
                                 activation_dtype=opts.activation_dtype, attention_kernel=opts.attention_kernel,
                                 residual_dtype=opts.residual_dtype)

@@ -119,6 +119,9 @@ def test_commands_with_mtp(tiny_mtp: str, capsys: pytest.CaptureFixture[str],
     assert report["params"]["by_kind"]["multi-token prediction"]["total"] == sum(
         v for k, v in report["params"]["by_component"].items() if k.startswith("mtp."))
     assert "multi-token-prediction" in report["flops"]["convention"]
+    # inference holds the main model alone: bf16 weights of every parameter but the MTP modules'
+    mtp = report["params"]["by_kind"]["multi-token prediction"]["total"]
+    assert report["memory"]["weights_bytes"] == 2 * (report["params"]["total"] - mtp)
     planned = run_main(["plan", tiny_mtp, "--gpus", "2", "--gpu", "h100", "--seq", "128", "--tokens", "1B", "--layout",
                         "tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=1", "--json"], capsys, monkeypatch)
     assert planned.code == 0, planned.stderr
