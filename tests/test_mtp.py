@@ -132,3 +132,25 @@ def test_commands_with_mtp(tiny_mtp: str, capsys: pytest.CaptureFixture[str],
     trained = run_main(["bench", tiny_mtp, "--device", "cpu", "--iters", "1", "--train",
                         "--seq", "128", "--batch", "2", "--json"], capsys, monkeypatch)
     assert trained.code == 0, trained.stdout
+
+
+@pytest.mark.parametrize("sp", [True, False])
+def test_the_last_stage_calls_the_mtp_modules_collectives(tiny_mtp: str, sp: bool) -> None:
+    """Per micro-batch and module under TP (Megatron-Core's `_concat_embeddings`): the shifted
+    tokens' vocabulary-parallel embedding, eh_proj's 2·d input (gathered over the sequence under SP)
+    and its output gathered over the last dim; and one more head pass each. The first stage calls
+    none of them; the embedding copy's gradient is summed with the first stage's once a step."""
+    plan = resolve(load_spec(tiny_mtp))
+    layout = parse_layout(f"tp=2,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=1,sp={'on' if sp else 'off'}").complete()
+    assert layout is not None
+    m, seq, act = 4, 64, 2 * 64 * plan.d_model
+    calls = {c.what: c for c in cluster.step_collectives(plan, layout, seq, microbatches=m, stage=1)}
+    first = {c.what for c in cluster.step_collectives(plan, layout, seq, microbatches=m, stage=0)}
+    mtp = {what: c for what, c in calls.items() if what.startswith("MTP ")}
+    assert all(c.count == m * 2 for c in mtp.values()) and not any(w.startswith("MTP ") for w in first)
+    assert calls["MTP projection output, over the last dim (TP)"].bytes == act
+    gathered = "MTP projection input, 2·d (SP)"
+    assert (gathered in mtp) == sp and (not sp or mtp[gathered].bytes == 2 * act)
+    assert calls["LM-head input (TP)"].count == m * 3
+    assert calls["tied embedding gradient (first + last stage)"].count == 1
+    assert "tied embedding gradient (first + last stage)" in first

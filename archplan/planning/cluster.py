@@ -1679,11 +1679,26 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 add("all_gather", "tp", tp, ACT_BYTES * (data.seq // cp) * plan.d_model, m,
                     "learned positions gradient (SP)")
         if chunk.last:
-            add("all_gather" if sp else "all_reduce", "tp", tp, act, m, "LM-head input (TP)")
+            passes = m * (1 + data.mtp_depth)  # the head runs once more per MTP module
+            add("all_gather" if sp else "all_reduce", "tp", tp, act, passes, "LM-head input (TP)")
             if sp:
-                add("reduce_scatter", "tp", tp, act, m, "LM-head input gradient (SP)")
-            add("all_reduce", "tp", tp, LOGIT_BYTES * tokens, 3 * m,
+                add("reduce_scatter", "tp", tp, act, passes, "LM-head input gradient (SP)")
+            add("all_reduce", "tp", tp, LOGIT_BYTES * tokens, 3 * passes,
                 "vocab-parallel cross-entropy max, sum-exp, target logit")
+            # each MTP module embeds the shifted tokens through the stage's vocabulary-parallel copy,
+            # then its column-parallel eh_proj reads the 2·d concatenation (gathered over the
+            # sequence under SP) and its output is gathered over the last dim and scattered back
+            # over the sequence (Megatron-Core's `MultiTokenPredictionLayer._concat_embeddings`)
+            mtp = m * data.mtp_depth
+            add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, mtp, "MTP embedding output (TP)")
+            if sp:
+                add("all_gather", "tp", tp, act, mtp, "MTP embedding output gradient (SP)")
+                add("all_gather", "tp", tp, 2 * act, mtp, "MTP projection input, 2·d (SP)")
+                add("reduce_scatter", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (SP)")
+                add("all_gather", "tp", tp, act, mtp, "MTP projection output gradient (SP)")
+            else:
+                add("all_reduce", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (TP)")
+            add("all_gather", "tp", tp, act, mtp, "MTP projection output, over the last dim (TP)")
         if sp and tp > 1:
             _count_into(norm_grads, counted.sp_norms)
             for flag, norms in ((chunk.first, data.sp_norms_first), (chunk.last, data.sp_norms_last)):
