@@ -524,7 +524,8 @@ class ModelData:
         self.head_input_act = passes * ACT_BYTES * seq * h
         self.logits_act = passes * LOGIT_BYTES * seq * plan.vocab_size
         self.mtp_ids_act = self.mtp_depth * TOKEN_ID_BYTES * seq
-        self.mtp_input_act = self.mtp_depth * ACT_BYTES * seq * 3 * h
+        self.mtp_embed_act = self.mtp_depth * ACT_BYTES * seq * h
+        self.mtp_proj_act = self.mtp_depth * ACT_BYTES * seq * 2 * h  # not kept under full recompute
         self.n_experts = max((l.ffn.n_experts for l in plan.layers if isinstance(l.ffn, MoEPlan)),
                              default=0)
         self._numel: dict[tuple[int, int, bool], tuple[list[int], list[int]]] = {}
@@ -1485,8 +1486,11 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
             head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
             ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
-            # an MTP module's embedding and projection input: sequence-sharded under SP
-            mtp = data.mtp_ids_act + data.mtp_input_act / (tp if layout.sequence_parallel else 1)
+            # an MTP module's embedding and projection input, sequence-sharded under SP; full
+            # recompute checkpoints the whole module, which keeps its inputs (its block's counted
+            # as the layer's) and re-runs the projection (Megatron-Core's MTP layer)
+            kept = data.mtp_embed_act + (data.mtp_proj_act if mode != "full" else 0)
+            mtp = data.mtp_ids_act + kept / (tp if layout.sequence_parallel else 1)
             head = (ends + mtp + data.logits_act / tp) * scale
     layers = [i for chunk in chunks for i in chunk.layers]
     if mode == "full":
