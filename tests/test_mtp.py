@@ -152,5 +152,10 @@ def test_the_last_stage_calls_the_mtp_modules_collectives(tiny_mtp: str, sp: boo
     gathered = "MTP projection input, 2·d (SP)"
     assert (gathered in mtp) == sp and (not sp or mtp[gathered].bytes == 2 * act)
     assert calls["LM-head input (TP)"].count == m * 3
+    if sp:  # the modules' norms see a rank's sequence shard: 2 depths × (3 own + 2 in the block) × d, fp32
+        summed = "replicated weight gradients summed over tp (SP norms, routers, MLA latents)"
+        without = {c.what: c for c in cluster.step_collectives(
+            resolve(load_spec(tiny_mtp).model_copy(update={"mtp": None})), layout, seq, microbatches=m, stage=1)}
+        assert calls[summed].bytes - without[summed].bytes == 4 * 2 * 5 * plan.d_model
     assert calls["tied embedding gradient (first + last stage)"].count == 1
     assert "tied embedding gradient (first + last stage)" in first

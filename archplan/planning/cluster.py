@@ -179,6 +179,7 @@ from typing_extensions import assert_never
 from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
 from archplan.analytic.mamba import ssd_chunks
 from archplan.analytic.memory import FP32_BYTES, RECOMPUTE_MODES, Recompute, activation_memory, ssd_unit_bytes
+from archplan.analytic.mtp import mtp_norm_names
 from archplan.errors import ArchplanError
 from archplan.hardware import FP8_TN_ONLY, Accelerator
 from archplan.planning.layout import Layout, pipeline_chunks, round_size
@@ -515,7 +516,8 @@ class ModelData:
         self.tp_summed: list[list[int]] = [[t.numel for t in tensors if _tp_summed(layer, t)]
                                            for layer, tensors in zip(plan.layers, self.layer_tensors)]
         self.sp_norms_first = [t.numel for t in self.first if t.name.startswith("embed_norm.")]
-        self.sp_norms_last = [t.numel for t in self.last if t.name.startswith("final_norm.")]
+        self.sp_norms_last = [t.numel for t in self.last if t.name.startswith("final_norm.")
+                              or t.name.split(".")[0] == "mtp" and t.name.split(".")[2] in mtp_norm_names(plan)]
         self.first_act = acts["none"]["embed"] + acts["none"].get("embed_norm", 0)
         # the head's tensors, once per head pass: the main one and one per MTP module, each of which
         # also keeps its rolled token ids, their embedding and the projection's 2·d input
