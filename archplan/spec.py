@@ -478,7 +478,7 @@ class MultiTokenPrediction(Frozen):
     parameters, training FLOPs and training memory, never KV cache or decode cost (docs/formulas.md,
     "Multi-token prediction")."""
 
-    depth: Annotated[Int, Field(gt=0, le=16)] = Field(1, description="Modules, each predicting one more token ahead.")
+    depth: Annotated[Int, Field(gt=0, le=16, description="Modules, each predicting one more token ahead.")]
     loss_weight: Number = Field(0.3, gt=0, le=10, description="λ: the loss adds λ/depth · Σ_k L_k (report eq. 25).")
 
 

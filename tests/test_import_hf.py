@@ -565,6 +565,24 @@ def test_deepseek_v3_notes_the_unbuilt_mtp_module() -> None:
     assert spec.moe is not None and spec.moe.router.score_correction_bias
 
 
+def test_mtp_imports_the_declared_module_as_trained(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--mtp builds DeepSeek-V3's num_nextn_predict_layers modules: the deepseek-v3-mtp preset's
+    count exactly; a config that declares none is a one-line error."""
+    from archplan.analytic import count_params
+    from archplan.importers.hf import read_hf
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+    from tests.test_bad_input import assert_one_line_error, run_main
+
+    spec = read_hf(FIXTURES / "hf-configs" / "deepseek-v3.json", mtp=True).spec
+    assert spec.mtp is not None and spec.mtp.depth == 1
+    assert spec.reference is not None and "--mtp" in (spec.reference.notes or "")
+    assert count_params(resolve(spec)).total == count_params(resolve(load_spec("deepseek-v3-mtp"))).total
+    assert_one_line_error(run_main(["import", "hf", str(FIXTURES / "hf-configs" / "llama-3-8b.json"), "--mtp"],
+                                   capsys, monkeypatch), "--mtp", "num_nextn_predict_layers")
+
+
 def test_ignored_fields_are_quiet_and_change_nothing() -> None:
     noisy = {**TINY["olmo2"].config, "attention_dropout": 0.1, "initializer_range": 0.5, "bos_token_id": 7,
              "torch_dtype": "bfloat16", "use_cache": False, "transformers_version": "4.0",

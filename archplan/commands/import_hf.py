@@ -48,6 +48,10 @@ def hf(
     as_json: JsonOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 2) a key the importer does not "
                                                            "account for, instead of reporting it.", metavar="")] = False,
+    mtp: Annotated[bool, typer.Option("--mtp", help="Also build the multi-token-prediction modules the config "
+                                                    "declares (DeepSeek-V3's num_nextn_predict_layers), as trained; "
+                                                    "transformers builds none, so the count is then archplan's.",
+                                      metavar="")] = False,
 ) -> None:
     """Convert a Hugging Face config.json into an archplan spec (YAML), exact to transformers' count.
 
@@ -60,13 +64,15 @@ def hf(
       archplan import hf config.json > spec.yaml && archplan size spec.yaml
 
       archplan import hf config.json --strict -o spec.yaml
+
+      archplan import hf ~/models/DeepSeek-V3 --mtp -o deepseek-v3-mtp.yaml
     """
     from archplan.importers.hf import read_hf
     from archplan.planning import spec_data, spec_yaml, write_spec
 
     if output is not None:
         check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
-    imported = read_hf(config, strict=strict)
+    imported = read_hf(config, strict=strict, mtp=mtp)
     spec = imported.spec
     if imported.ignored:
         # one line, so scripts can grep it; the keys also go into the spec's reference.notes

@@ -39,6 +39,7 @@ from archplan.spec import (
     Mamba1,
     Mamba2,
     MoE,
+    MultiTokenPrediction,
     NoPositions,
     NormSpec,
     Parallel,
@@ -139,6 +140,9 @@ class HFConfig:
         self.used: set[str] = {"model_type"}
         self.unread_nested: list[str] = []  # "attn_config.x": unknown keys inside a sub-config
         self.notes: list[str] = []
+        # `import hf --mtp`: build the multi-token-prediction modules a config declares, which
+        # transformers does not (so the count is then archplan's, not transformers')
+        self.mtp = False
 
     # -- raw access
     def _spelling(self, name: str) -> str | None:
@@ -1207,11 +1211,14 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
     cfg.fixed("moe_layer_freq", 1, f"transformers' {name}DecoderLayer ignores it while DeepSeek's own "
                                    "code places experts every moe_layer_freq-th layer; refusing to pick one")
     cfg.fixed("scoring_func", "sigmoid" if v3 else "softmax", f"transformers' {name} router fixes its scoring")
-    if v3 and cfg.has("num_nextn_predict_layers") and cfg.count("num_nextn_predict_layers"):
-        depth = cfg.count("num_nextn_predict_layers")
+    depth = cfg.count("num_nextn_predict_layers") if v3 and cfg.has("num_nextn_predict_layers") else 0
+    if depth and cfg.mtp:
+        cfg.notes.append(f"num_nextn_predict_layers: built as `mtp: {{depth: {depth}}}` (--mtp); transformers "
+                         "builds no multi-token-prediction module, so its count is the main model's")
+    elif depth:
         cfg.notes.append("num_nextn_predict_layers: transformers does not build the multi-token-prediction "
-                         f"module, so neither does this spec; add `mtp: {{depth: {depth}}}` to size it as "
-                         "trained (the deepseek-v3-mtp preset)")
+                         f"module, so neither does this spec; import with --mtp, or add `mtp: {{depth: {depth}}}`, "
+                         "to size it as trained (the deepseek-v3-mtp preset)")
     dims = read_dims(cfg, head_dim_key=False, kv_key=None)
     cfg.inert(*_DEEPSEEK_INERT)
     attn = MLA(kind="mla", n_heads=dims.n_heads, q_lora_rank=cfg.opt_int("q_lora_rank"),
@@ -1255,6 +1262,8 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         except ValidationError as exc:
             raise cfg.error("n_group", _pydantic_message(exc)) from None
 
+    if depth and cfg.mtp:
+        spec["mtp"] = MultiTokenPrediction(depth=depth)
     # a dense DeepSeek (no routed experts, or no layer past first_k_dense_replace): no expert is built
     return place_moe(cfg, spec, mixers="A", moe=moe, moe_layers=layers,
                      dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace",
@@ -1495,10 +1504,13 @@ class Imported:
     ignored: tuple[str, ...]
 
 
-def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: bool = False) -> Imported:
+def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: bool = False,
+                   mtp: bool = False) -> Imported:
     """Convert one parsed config.json; every refusal is an ArchplanError naming the field.
 
     `strict`: a key the policy does not account for is an error too (one error naming them all).
+    `mtp`: also build the multi-token-prediction modules the config declares (an error where it
+    declares none).
     """
     model_type = data.get("model_type")
     if model_type is None:
@@ -1511,6 +1523,7 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
         raise ArchplanError(f"unsupported model_type {as_json(model_type)}; supported: {', '.join(sorted(FAMILIES))}",
                             file=file, field="model_type")
     cfg = HFConfig(data, file=file, model_type=model_type, defaults=fam.defaults, aliases=fam.aliases)
+    cfg.mtp = mtp
     if fam.even_heads is not None:
         check_even_heads(cfg, *fam.even_heads)
     cfg.inert(*fam.inert)
@@ -1519,6 +1532,9 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
     except ValidationError as exc:  # a block whose values the spec refuses (a negative router scale)
         raise ArchplanError(f"the config maps to an invalid spec: {_pydantic_message(exc)}", file=file) from None
     check_derived(cfg, fam.derived)
+    if mtp and "mtp" not in fields:
+        raise ArchplanError("--mtp: the config declares no multi-token-prediction module (DeepSeek-V3's "
+                            "num_nextn_predict_layers > 0)", file=file, field="num_nextn_predict_layers")
     ignored = tuple(cfg.unread())
     if ignored and strict:
         raise cfg.error(", ".join(ignored), f"not read by the {model_type} importer, which does not know "
@@ -1547,10 +1563,10 @@ def spec_from_config(data: Mapping[str, Any], *, file: str, name: str, strict: b
     return convert_config(data, file=file, name=name, strict=strict).spec
 
 
-def read_hf(path: str | Path, *, strict: bool = False) -> Imported:
+def read_hf(path: str | Path, *, strict: bool = False, mtp: bool = False) -> Imported:
     """Read CONFIG (a config.json or a folder holding one): its spec and the keys ignored."""
     p = config_path(path)
-    return convert_config(read_config(p), file=str(p), name=model_name(p), strict=strict)
+    return convert_config(read_config(p), file=str(p), name=model_name(p), strict=strict, mtp=mtp)
 
 
 def import_hf(path: str | Path, *, strict: bool = False) -> Spec:
