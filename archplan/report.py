@@ -24,6 +24,7 @@ from archplan.analytic.memory import (
     weights_bytes,
 )
 from archplan.analytic.model import ParamCount
+from archplan.analytic.mtp import mtp_own_params
 from archplan.analytic.scaling import (
     DEFAULT_LAWS,
     TOKENS_PER_PARAM,
@@ -41,6 +42,7 @@ from archplan.planning.optimal import budget as optimal_budget
 from archplan.resolve import (
     AttentionPlan,
     FFNPlan,
+    LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
     HyenaPlan,
@@ -126,40 +128,44 @@ class SizeOptions:
             accelerator(self.gpu)
 
 
+def _layer_kinds(layer: LayerPlan) -> dict[str, str]:
+    """One block's module paths -> display kind."""
+    kinds = {f"{layer.path}.{name}": "norms" for name in layer.norms}
+    match layer.mixer:
+        case AttentionPlan() | MLAPlan():
+            kinds[f"{layer.path}.mixer"] = "attention"
+        case Mamba1Plan() | Mamba2Plan():
+            kinds[f"{layer.path}.mixer"] = "ssm"
+        case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+            kinds[f"{layer.path}.mixer"] = "long conv"
+        case _:
+            assert_never(layer.mixer)
+    ffn = layer.ffn
+    match ffn:
+        case None:
+            pass
+        case FFNPlan():
+            kinds[f"{layer.path}.ffn"] = "ffn"
+        case MoEPlan():
+            kinds[f"{layer.path}.ffn.router"] = "moe router"
+            kinds[f"{layer.path}.ffn.experts"] = "moe routed experts"
+            kinds[f"{layer.path}.ffn.shared"] = "moe shared experts"
+            kinds[f"{layer.path}.ffn.shared_gate"] = "moe shared experts"
+        case _:
+            assert_never(ffn)
+    return kinds
+
+
 def component_kinds(plan: ModelPlan) -> dict[str, str]:
     """Module path -> display kind, read from the plan (never from the path's spelling)."""
     kinds = {"embed": "embedding", "pos_embed": "embedding", "embed_norm": "norms",
              "final_norm": "norms", "lm_head": "lm_head"}
     for layer in plan.layers:
-        for name in layer.norms:
-            kinds[f"{layer.path}.{name}"] = "norms"
-        match layer.mixer:
-            case AttentionPlan() | MLAPlan():
-                kinds[f"{layer.path}.mixer"] = "attention"
-            case Mamba1Plan() | Mamba2Plan():
-                kinds[f"{layer.path}.mixer"] = "ssm"
-            case S4Plan() | HyenaPlan() | StripedHyenaPlan():
-                kinds[f"{layer.path}.mixer"] = "long conv"
-            case _:
-                assert_never(layer.mixer)
-        ffn = layer.ffn
-        match ffn:
-            case None:
-                pass
-            case FFNPlan():
-                kinds[f"{layer.path}.ffn"] = "ffn"
-            case MoEPlan():
-                kinds[f"{layer.path}.ffn.router"] = "moe router"
-                kinds[f"{layer.path}.ffn.experts"] = "moe routed experts"
-                kinds[f"{layer.path}.ffn.shared"] = "moe shared experts"
-                kinds[f"{layer.path}.ffn.shared_gate"] = "moe shared experts"
-            case _:
-                assert_never(ffn)
+        kinds |= _layer_kinds(layer)
     # a training-only module, shown whole: what MTP adds is the question (DeepSeek-V3 §2.2)
     for block in plan.mtp:
-        for name in ("enorm", "hnorm", "proj", "final_norm", *block.norms, "mixer", "ffn", "ffn.router",
-                     "ffn.experts", "ffn.shared", "ffn.shared_gate"):
-            kinds[f"{block.path}.{name}"] = "multi-token prediction"
+        for path in _layer_kinds(block).keys() | mtp_own_params(plan, block).keys():
+            kinds[path] = "multi-token prediction"
     return kinds
 
 

@@ -29,11 +29,7 @@ def mtp_proj_params(plan: ModelPlan) -> int:
 def mtp_own_params(plan: ModelPlan, block: LayerPlan) -> dict[str, int]:
     """Module path → parameters of one module's parts outside its block."""
     norm = norm_params(plan.norm, plan.d_model)
-    out = {f"{block.path}.{name}": norm for name in mtp_norm_names(plan) if name != "final_norm"}
-    out[f"{block.path}.proj"] = mtp_proj_params(plan)
-    if plan.final_norm:
-        out[f"{block.path}.final_norm"] = norm
-    return out
+    return {f"{block.path}.{name}": norm for name in mtp_norm_names(plan)} | {f"{block.path}.proj": mtp_proj_params(plan)}
 
 
 def mtp_own_flops(plan: ModelPlan, block: LayerPlan, rows: int) -> tuple[dict[str, int], dict[str, int]]:
