@@ -646,6 +646,36 @@ Root Cause (first observed failure):
     assert failure(prefixed + summary) == "RuntimeError: a dtype"
 
 
+TRAIN_PROBE = """
+import sys
+from archplan.cli import main
+sys.argv = ["archplan", "bench", sys.argv[1], "--train", "--device", "cpu", "--seq", "32", "--batch", "1",
+            "--iters", "1", "--recompute", "full", "--json"]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("MODULES=" + ",".join(sorted(m for m in sys.modules if m.startswith("archplan.distributed."))), file=sys.stderr)
+"""
+
+
+def test_bench_train_imports_no_process_group_engine() -> None:
+    """One device needs no process group: `bench --train` loads neither the fake-process-group engine
+    (`fake`, which reads FakeTensorMode internals of one torch release) nor FSDP2's sharding
+    (`shard`). A fresh interpreter, since this test process has them loaded. Once it did load both,
+    through the tolerance constant and the checkpointing it shares with `verify --layout`, and so
+    could not run on a CUDA machine whose torch lacked those internals."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", TRAIN_PROBE, str(FIXTURES / "tiny-llama.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = proc.stderr.rsplit("MODULES=", 1)[1].split()[0].split(",")
+    assert loaded == ["archplan.distributed.tolerance", "archplan.distributed.train",
+                      "archplan.distributed.train_render"]
+
+
 @pytest.mark.parametrize(("recompute", "phase", "kept"), [("full", "optimizer step", (0.98, 1.02)),
                                                          ("none", "loss backward", (1.1, 1.25))])
 def test_bench_train_states_exact(recompute: str, phase: str, kept: tuple[float, float]) -> None:

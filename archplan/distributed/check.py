@@ -25,9 +25,9 @@ from archplan.planning import cluster
 from archplan.planning.layout import Layout
 from archplan.planning.pricing import fsdp2_accumulation_bytes, fsdp2_copy_bytes
 from archplan.planning.records import MEMORY_CATEGORIES, Collective, RankMemory, tally
+from archplan.distributed.tolerance import ACTIVATION_TOLERANCE
 from archplan.resolve import ModelPlan
 
-ACTIVATION_TOLERANCE = 0.25
 EXACT = ("parameters", "gradients", "optimizer")
 REDUCE_BYTES = 4  # fp32 gradient reduction (shard.MIXED)
 

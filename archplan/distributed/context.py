@@ -82,8 +82,8 @@ class GatherKV(torch.autograd.Function):
     its placements; its gradient keeps the gradient's (a Partial sum over the tp ranks' heads).
 
     torch's own differentiable all-gather (`all_gather_single_autograd`) is not used: under the
-    selective activation checkpointing of the whole mixer that `shard.apply_recompute` once
-    applied, its recomputation replayed the cached outputs out of order ("Recomputed values ...
+    selective activation checkpointing of the whole mixer that `checkpointing.apply_recompute`
+    once applied, its recomputation replayed the cached outputs out of order ("Recomputed values ...
     have different metadata"); a Function records one autograd node of its own and runs the same
     functional collectives, inside a checkpointed region or not."""
 

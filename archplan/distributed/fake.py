@@ -493,8 +493,8 @@ class RecomputeAsActivations(FSDPMemTracker):
     filed as activations, as torch's trackers define them ("tensors produced during the forward
     pass and recomputation in activation checkpointing", `_FSDPRefType.ACT`). FSDPMemTracker
     detects a recompute by an FSDP unit's pre-forward running in the backward; with the units
-    around the checkpoint wrappers (torchtitan's order, `shard.apply_recompute`) the recompute
-    re-runs the wrapped layer inside its unit and no unit's pre-forward runs, so the re-run
+    around the checkpoint wrappers (torchtitan's order, `checkpointing.apply_recompute`) the
+    recompute re-runs the wrapped layer inside its unit and no unit's pre-forward runs, so the re-run
     layer's tensors were filed as temporary (only an MoE layer's experts, a unit of their own
     inside the layer, were seen). The wrapped layers' forward hooks mark the region instead;
     the exit hook runs on the exception too (`always_call`): the non-reentrant checkpoint stops

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.checkpoint import noop_context_fn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -46,9 +44,8 @@ from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.plans import check_tp, module_plan, norm_plan, positions_plan, residual_layout
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
-from archplan.modules.attention import Attention
 from archplan.modules.block import Block
-from archplan.modules.mla import MLA
+from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TiedLMHead
 from archplan.modules.moe import Experts, MoEFFN, TokenShards
 
@@ -170,32 +167,6 @@ def _expert_parallel(stage: Stage, mesh: LayoutMesh, balanced: bool) -> None:
         for name, full in moe.experts.named_parameters():
             setattr(local, name, nn.Parameter(full.detach().narrow(0, start, e // ep).clone()))
         moe.experts = ExpertParallel(local, e, group, balanced=balanced)
-
-
-def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> None:
-    """Activation checkpointing per layer, before FSDP as torchtitan applies it: full keeps each
-    layer's input and re-runs the layer in the backward; selective re-runs only the attention core
-    (Korthikanti et al. 2022 §4.3), a checkpoint of the one SDPA call (`attention.attention_core`).
-    Its region holds no FSDP unit and no collective (context parallelism gathers K/V before it).
-    Until 2026-12-02 it was torch's selective checkpointing of the whole mixer with a policy saving
-    every op but the core: that saved every op's output, those plain autograd frees included, and
-    kept more than no recompute at all (Llama 3 8B +31% a layer, Qwen3-30B-A3B +50%). A mixer
-    without an attention core has nothing to re-run: selective recompute leaves it as it is, as
-    the layout model prices it."""
-    names = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
-    match recompute:
-        case "none":
-            return
-        case "full":
-            for name in names:
-                layers[name] = checkpoint_wrapper(layers[name], context_fn=noop_context_fn, preserve_rng_state=False)
-        case "selective":
-            for name in names:
-                mixer = layers[name].mixer
-                if isinstance(mixer, Attention | MLA):
-                    mixer.recompute_core = True
-        case _:
-            raise ArchplanError(f"--layout: recompute={recompute} is not none, selective or full")
 
 
 @contextmanager

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from archplan import jsonout
 from archplan.console import echo
-from archplan.distributed.check import ACTIVATION_TOLERANCE
 from archplan.bench.fit import truncate
-from archplan.distributed.train import PEAK_TOLERANCE, TrainBench, train_bench
+from archplan.distributed.tolerance import ACTIVATION_TOLERANCE, PEAK_TOLERANCE
+from archplan.distributed.train import TrainBench, train_bench
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.render import busy
