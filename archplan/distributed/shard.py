@@ -43,7 +43,6 @@ from archplan.distributed.expert import ExpertParallel
 from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.plans import check_tp, module_plan, norm_plan, positions_plan, residual_layout
 from archplan.distributed.stage import Stage
-from archplan.errors import ArchplanError
 from archplan.modules.block import Block
 from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TiedLMHead
