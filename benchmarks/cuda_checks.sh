@@ -31,11 +31,16 @@ step 60 train-none $A bench gpt2 --train --device cuda --batch 8 --seq 1024 --re
 step 60 train-full $A bench gpt2 --train --device cuda --batch 8 --seq 1024 --recompute full
 step 60 train-mamba2 $A bench tests/fixtures/distributed/tiny-mamba2.yaml --train --device cuda --seq 128
 step 60 train-mla $A bench tests/fixtures/distributed/tiny-mla.yaml --train --device cuda --seq 128
+step 60 train-tiny-llama $A bench tests/fixtures/distributed/tiny-llama.yaml --train --device cuda --seq 64 --recompute full
 step 60 train-llama $A bench llama-3-8b --train --device cuda --layers 2 --seq 4096 --recompute none
+step 60 train-llama-selective $A bench llama-3-8b --train --device cuda --layers 2 --seq 4096 --recompute selective
 step 60 train-llama-full $A bench llama-3-8b --train --device cuda --layers 2 --seq 4096 --recompute full
 step 60 train-mixtral $A bench mixtral-8x7b --train --device cuda --layers 1 --seq 2048 --recompute none
 step 60 train-mtp $A bench benchmarks/specs/small-dsv3-mtp.yaml --train --device cuda --batch 4 --seq 2048 --recompute none
 step 60 train-mtp-selective $A bench benchmarks/specs/small-dsv3-mtp.yaml --train --device cuda --batch 4 --seq 2048 --recompute selective
+step 60 train-mtp-full $A bench benchmarks/specs/small-dsv3-mtp.yaml --train --device cuda --batch 4 --seq 2048 --recompute full
+step 60 train-mamba $A bench mamba-2.8b --train --device cuda --layers 2 --seq 2048 --recompute none
+step 60 train-cuda-tests python3 -m pytest -q -p no:cacheprovider tests/test_train_cuda.py
 step 90 nproc-1 $A bench gemma-2b --nproc 1 --seq 2048 --iters 3 --layout tp=1,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1
 step 60 backends-gpt2 $A bench gpt2 --device cuda --dtype bf16 --seq 1024 --batch 8 --compare-backends
 step 60 backends-gqa $A bench benchmarks/specs/seed-attention.yaml --device cuda --dtype bf16 --seq 8192 --compare-backends
