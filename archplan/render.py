@@ -212,6 +212,10 @@ def _peak_parts(t: dict[str, Any]) -> list[tuple[str, int]]:
             gradients = t["attention_backward"]
             return [kept, ("of which alive at the core's backward", alive - gradients),
                     ("attention's s×s gradients (dP, dS)", gradients)]
+        case "scan backward":
+            transient = t["scan_backward"]
+            return [kept, ("of which alive at the SSD unit's backward", alive - transient),
+                    ("the SSD unit's recomputed operands and gradients", transient)]
         case "tied gradient sum" | "optimizer step":
             return [("activations kept (freed by then)", t["activations"])]
     raise ValueError(f"unknown phase {phase!r}")

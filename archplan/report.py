@@ -322,6 +322,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                 "activations_working_set": train_mem.activations.working_set,
                 "loss_backward": train_mem.activations.loss_backward,
                 "attention_backward": train_mem.activations.core_gradients,
+                "scan_backward": train_mem.activations.scan_transient,
                 "tied_grad_sum": train_mem.tied_grad_sum,
                 "optimizer_step": train_mem.optimizer_step,
                 "phases": dict(train_mem.phases),

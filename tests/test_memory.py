@@ -178,7 +178,7 @@ def test_full_recompute_peak_is_the_largest_of_loss_rerun_and_core_backward() ->
         up_to_core = sum(last[k] for k in ("layers.2.norm1", "layers.2.mixer"))
         core = full.kept - ends + up_to_core + 2 * 2 * a * s * s * b
         assert full.phases == {"loss backward": full.kept + full.loss_backward, "layer re-run": rerun,
-                               "attention backward": core}
+                               "attention backward": core, "scan backward": 0}
         assert full.peak == full.phases[phase] == max(full.phases.values())
     # a fused kernel forms no s×s gradients
     assert activation_memory(gpt_block(h, a, layers=3, vocab=50), b, s, "full",
@@ -209,34 +209,9 @@ def test_an_eager_cores_backward_holds_two_score_gradients() -> None:
     and then the scores', the mask's gradient replacing the first), beside dV, which the last
     matmul's backward made first."""
     torch = pytest.importorskip("torch")
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
+    from live_bytes import LiveBytes
 
     from archplan.analytic.memory import _core_backward_bytes
-
-    class LiveBytes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.live: dict[int, int] = {}
-            self.now = self.peak = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            out = func(*args, **(kwargs or {}))
-            if func.is_view or func._schema.is_mutable:  # no new storage: a view or an in-place write
-                return out
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
-                    storage = t.untyped_storage()
-                    self.live[storage.data_ptr()] = storage.nbytes()
-                    self.now += storage.nbytes()
-                    weakref.finalize(storage, self.free, storage.data_ptr())
-            self.peak = max(self.peak, self.now)
-            return out
-
-        def free(self, key: int) -> None:
-            self.now -= self.live.pop(key, 0)
 
     b, h, s, d = 2, 4, 64, 16
     q, k, v = (torch.randn(b, h, s, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -248,6 +223,48 @@ def test_an_eager_cores_backward_holds_two_score_gradients() -> None:
     with tracer:
         out.backward(grad)
     assert tracer.peak == _core_backward_bytes("eager", h, s, b, 2) + 2 * b * h * s * d
+
+
+@pytest.mark.parametrize(("shape", "autocast", "within"), [
+    # (batch, seq, d_model, head_dim, d_state, n_groups, chunk): each autocast shape peaks at a
+    # different one of the three moments (decay blocks, chunk-state recurrence, decayed C)
+    ((1, 390, 96, 24, 20, 2, 48), True, (0.99, 1.02)),
+    ((1, 128, 64, 32, 16, 2, 8), True, (0.99, 1.02)),
+    ((1, 390, 96, 24, 160, 2, 16), True, (0.99, 1.02)),
+    ((1, 100, 96, 24, 40, 2, 128), True, (0.99, 1.02)),  # one chunk, shorter than chunk_size
+    ((1, 390, 96, 24, 20, 2, 48), False, (0.93, 1.02)),
+    ((1, 390, 96, 24, 160, 2, 16), False, (0.93, 1.02)),
+])
+def test_the_ssd_units_backward_holds_what_ssd_backward_bytes_prices(
+        shape: tuple[int, ...], autocast: bool, within: tuple[float, float]) -> None:
+    """Independent check of the `scan backward` moment's transient: archplan's Mamba-2 mixer run
+    forward (bf16 autocast or fp32) and backward under a live-bytes trace; the backward's peak
+    beyond what was alive when it began, less the two parameter gradients formed before the SSD
+    unit's backward (out_proj's and the gated norm's, model states), is `ssd_backward_bytes`
+    within the spread the docstring states (the trace over 26 shapes)."""
+    torch = pytest.importorskip("torch")
+    from live_bytes import LiveBytes
+
+    from archplan.analytic.mamba import ssd_backward_bytes
+    from archplan.modules.mamba2 import Mamba2Mixer
+
+    b, t, d, p, n, g, q = shape
+    plan = plan_of(vocab_size=64, d_model=d, n_layers=1, position={"kind": "none"}, layout={"mixers": "M"},
+                   ssm={"kind": "mamba2", "d_state": n, "expand": 2, "head_dim": p, "n_groups": g, "chunk_size": q})
+    mixer_plan = plan.layers[0].mixer
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(mixer_plan, d)
+    x = torch.randn(b, t, d, requires_grad=True)
+    tracer = LiveBytes()
+    with tracer:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = mixer(x)
+        grad = torch.randn_like(y)
+        start = tracer.mark()
+        y.backward(grad)
+    states = sum(w.grad.untyped_storage().nbytes() for w in (mixer.out_proj.weight, mixer.norm.weight))
+    measured = tracer.peak - start - states
+    assert within[0] < ssd_backward_bytes(mixer_plan, b, t, autocast) / measured < within[1]
 
 
 def test_gqa_stores_smaller_k_and_v() -> None:

@@ -20,6 +20,8 @@ MiB = 2**20
 @pytest.mark.parametrize(("spec", "args"), [
     ("tests/fixtures/distributed/tiny-llama.yaml", ["--seq", "64", "--recompute", "full"]),
     ("benchmarks/specs/small-dsv3-mtp.yaml", ["--batch", "2", "--seq", "1024", "--recompute", "selective"]),
+    # archplan's SSD unit, whose backward sets the peak (the `scan backward` moment)
+    ("tests/fixtures/distributed/tiny-mamba2.yaml", ["--seq", "128", "--recompute", "none"]),
 ])
 def test_bench_train_cuda_measures_each_category(spec: str, args: list[str]) -> None:
     """Model states equal size's exactly (read from the live tensors), the activations and the peak

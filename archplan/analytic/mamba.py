@@ -124,6 +124,49 @@ def ssd_counted_flops(m: Mamba2Plan, batch: int, seq_len: int) -> int:
     return batch * n_chunks * per_chunk
 
 
+def ssd_backward_bytes(m: Mamba2Plan, batch: int, seq_len: int, autocast: bool) -> int:
+    """Bytes archplan's torch SSD unit (`modules.mamba2._ChunkedSSD`) holds at the peak of its
+    backward beyond what the layer kept: it recomputes every elementwise operand in fp32 as one
+    autograd graph and differentiates it with all of its gradients alive, net of the two
+    d_inner-wide tensors the layer's backward has freed by then (the scan output and out_proj's
+    input, kept in the activation dtype). mamba_ssm's fused kernels hold none of this; `size`
+    prices those and this applies to `bench --train` only (`ssd="torch"`).
+
+    No source gives it: it is read off a live-bytes trace of the unit's backward (every op's
+    outputs until their storages are freed, docs/figures.md §5.3), where the peak falls at one of
+    three moments, each a fixed count of tensors of these shapes (b = batch, T = seq_len, T' = the
+    padded n_c·q, Hs heads of P, G groups, N = d_state, I = Hs·P):
+      x: b·T·I (the input's own length) and b·T'·I (padded, per chunk); decay: b·T'·Hs·q (the q×q
+      decay blocks L per head); cd: b·T'·Hs·N (C decayed per head); bn: b·T'·G·N (B, C per
+      chunk); states: b·n_c·I·N; state: b·I·N (one chunk's); cb: b·T'·G·q (C·Bᵀ per group).
+    Under autocast the matmuls' 16-bit operand casts (2 B) join the fp32 (4 B) recomputation;
+    without it the recomputation's shapes differ and there are no casts. Against the trace over 26
+    shapes: −0.5% … +1.6% under autocast, −6.1% … +1.5% in fp32 (tests/test_memory.py)."""
+    q, n_chunks = ssd_chunks(m, seq_len)
+    padded = n_chunks * q
+    i, hs, g, n = m.d_inner, m.n_heads, m.n_groups, m.d_state
+    x_t, x_p = batch * seq_len * i, batch * padded * i
+    decay, cd, bn = batch * padded * hs * q, batch * padded * hs * n, batch * padded * g * n
+    states, state, cb = batch * n_chunks * i * n, batch * i * n, batch * padded * g * q
+    f32 = FP32_BYTES
+    if autocast:
+        casts = 2 * (3 * x_p + cd + 3 * bn + 3 * states + cb + decay)
+        return max(
+            # the decay blocks' backward through segsum's cumsum (flip, cumsum, flip)
+            f32 * (7 * decay + 2 * x_t + 5 * x_p + 2 * cd + 6 * bn + 2 * states + 2 * state) + casts + 2 * 3 * x_t,
+            # the chunk-state recurrence's backward, every chunk's entering state still alive
+            f32 * (3 * decay + 5 * x_t + 5 * x_p + 2 * cd + 6 * bn + 3 * states + state) + casts + 2 * 2 * x_t,
+            # the decayed C's backward, summed over each group's heads
+            f32 * (3 * decay + 2 * x_t + 5 * x_p + 4 * cd + 7 * bn + 2 * states + 2 * state) + casts + 2 * 3 * x_t,
+        )
+    return f32 * max(
+        7 * decay + 2 * x_t + 6 * x_p + 2 * cd + 6 * bn + 4 * states + 2 * state + cb,
+        3 * decay + 2 * x_t + 6 * x_p + 4 * cd + 7 * bn + 4 * states + 2 * state + cb,
+        # the chunk states' gradients accumulating
+        3 * decay + 5 * x_p + 2 * cd + 2 * bn + 7 * states + 3 * state,
+    )
+
+
 def mamba2_counted_flops(m: Mamba2Plan, d_model: int, batch: int, seq_len: int) -> int:
     rows = batch * seq_len
     conv = 2 * rows * m.conv_dim * m.d_conv

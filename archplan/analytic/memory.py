@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes
-from archplan.analytic.mamba import mamba1_activation_bytes, ssd_chunks
+from archplan.analytic.mamba import mamba1_activation_bytes, ssd_backward_bytes, ssd_chunks
 from archplan.analytic.s4 import s4_activation_bytes
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
@@ -62,7 +62,8 @@ CoreKernel = Literal["eager", "flash", "math"]
 # (`modules.mamba2`), which keeps more so that its backward recomputes no contraction
 # (`ssd_unit_bytes`).
 SSDKernel = Literal["mamba_ssm", "torch"]
-Phase = Literal["loss backward", "layer re-run", "attention backward", "tied gradient sum", "optimizer step"]
+Phase = Literal["loss backward", "layer re-run", "attention backward", "scan backward", "tied gradient sum",
+                "optimizer step"]
 
 # Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
 ACT_BYTES = 2
@@ -270,7 +271,9 @@ class ActivationMemory:
     while that layer runs its backward under full recompute (0 otherwise). `core_backward`: the
     activations alive while an attention core that materialises its probabilities runs its
     backward, at the layer where that moment is largest (0 for fused kernels), and
-    `core_gradients` the s×s gradients it forms then.
+    `core_gradients` the s×s gradients it forms then. `scan_backward` and `scan_transient`: the
+    same for archplan's torch SSD unit (`ssd="torch"`), whose backward recomputes its operands
+    (`mamba.ssd_backward_bytes`; 0 with mamba_ssm's kernels).
     """
 
     micro_batch: int
@@ -281,6 +284,8 @@ class ActivationMemory:
     loss_backward: int
     core_backward: int
     core_gradients: int
+    scan_backward: int = 0
+    scan_transient: int = 0
 
     @property
     def kept(self) -> int:
@@ -293,11 +298,12 @@ class ActivationMemory:
         (everything kept + the cross-entropy's two fp32 n×V gradients), under full recompute the
         re-run of the largest layer, when the loss and head tensors are already freed, and the
         backward of an attention core that forms its s×s gradients (`core_backward` +
-        `core_gradients`)."""
+        `core_gradients`), and that of archplan's SSD unit (`scan_backward` + `scan_transient`)."""
         ends = sum(self.by_component.get(k, 0) for k in END_COMPONENTS)
         return {"loss backward": self.kept + self.loss_backward,
                 "layer re-run": self.kept - ends + self.working_set if self.working_set else 0,
-                "attention backward": self.core_backward + self.core_gradients}
+                "attention backward": self.core_backward + self.core_gradients,
+                "scan backward": self.scan_backward + self.scan_transient}
 
     @property
     def peak(self) -> int:
@@ -431,13 +437,19 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
     return out
 
 
+def _alive_at_mixer_backward(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int) -> int:
+    """Activations alive while `layer`'s mixer runs its backward: what the layers below keep, the
+    layer input full recompute keeps, and the layer's own tensors (`kept`: without recompute,
+    which a selective or full re-run restores first) but its FFN's and the norm before it, which
+    have run their backward and are freed by then."""
+    after = tuple(f"{layer.path}.{name}" for name in ("ffn", "norm2", "post_norm2"))
+    return before + block_input + sum(v for k, v in kept.items() if not k.startswith(after))
+
+
 def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
                               b: int, act: int, kernel: AttentionKernel) -> tuple[int, int]:
     """Activations alive while `layer`'s attention core runs its backward, and its s×s gradients
-    (`_core_backward_bytes`; (0, 0) where the kernel forms none). `kept`: the layer's tensors without
-    recompute, which a selective or full re-run restores before the core's backward; `before`:
-    what the layers below keep; `block_input`: the layer input full recompute keeps. The layer's
-    FFN and the norm before it have run their backward and are freed by then."""
+    (`_core_backward_bytes`; (0, 0) where the kernel forms none)."""
     match layer.mixer:
         case AttentionPlan(head_dim=qk_dim, n_heads=n_heads):
             v_dim = qk_dim
@@ -448,8 +460,18 @@ def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
     gradients = _core_backward_bytes(_core_kernel(kernel, qk_dim, v_dim), n_heads, s, b, act)
     if not gradients:
         return 0, 0
-    after = tuple(f"{layer.path}.{name}" for name in ("ffn", "norm2", "post_norm2"))
-    return before + block_input + sum(v for k, v in kept.items() if not k.startswith(after)), gradients
+    return _alive_at_mixer_backward(layer, kept, before, block_input), gradients
+
+
+def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
+                         b: int, ssd: SSDKernel, autocast: bool) -> tuple[int, int]:
+    """Activations alive while archplan's SSD unit runs its backward in `layer`, and what that
+    backward holds beyond them (`mamba.ssd_backward_bytes`); (0, 0) for any other mixer and for
+    mamba_ssm's kernels."""
+    if not isinstance(layer.mixer, Mamba2Plan) or ssd != "torch":
+        return 0, 0
+    return (_alive_at_mixer_backward(layer, kept, before, block_input),
+            ssd_backward_bytes(layer.mixer, b, s, autocast))
 
 
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
@@ -484,17 +506,19 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     if plan.embed_norm:
         out["embed_norm"] = res * tokens * h
     working_set = 0
-    core_backward = (0, 0)
+    core_backward = scan_backward = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added
 
     def keep(layer: LayerPlan, around: int = 0) -> None:
         """`around`: under full recompute, the bytes the checkpoint re-runs beside the block (an
         MTP module's own parts, which keep its inputs instead of the block's)."""
-        nonlocal working_set, core_backward, below
+        nonlocal working_set, core_backward, scan_backward, below
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd, autocast)
         block_input = res * tokens * h if recompute == "full" and not around else 0
         core_backward = max(core_backward, _attention_backward_bytes(
             layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
+        scan_backward = max(scan_backward, _scan_backward_bytes(
+            layer, full, below, block_input, s, b, ssd, autocast), key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept
@@ -541,7 +565,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         keep(layer, around=proj + final + res * tokens * h if whole else 0)
         head(f"{layer.path}.", final_norm_kept=not whole)
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
-    return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward)
+    return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward, *scan_backward)
 
 
 # ---------------------------------------------------------------------------------- training
