@@ -39,6 +39,7 @@ step 60 train-mixtral $A bench mixtral-8x7b --train --device cuda --layers 1 --s
 step 60 train-mtp $A bench benchmarks/specs/small-dsv3-mtp.yaml --train --device cuda --batch 4 --seq 2048 --recompute none
 step 60 train-mtp-selective $A bench benchmarks/specs/small-dsv3-mtp.yaml --train --device cuda --batch 4 --seq 2048 --recompute selective
 step 60 train-mtp-full $A bench benchmarks/specs/small-dsv3-mtp.yaml --train --device cuda --batch 4 --seq 2048 --recompute full
+step 60 train-mamba2-small-vocab $A bench benchmarks/specs/mamba2-small-vocab.yaml --train --device cuda --seq 1024
 step 60 train-mamba $A bench mamba-2.8b --train --device cuda --layers 2 --seq 2048 --recompute none
 step 60 train-cuda-tests python3 -m pytest -q -p no:cacheprovider tests/test_train_cuda.py
 step 90 nproc-1 $A bench gemma-2b --nproc 1 --seq 2048 --iters 3 --layout tp=1,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1
