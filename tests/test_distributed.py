@@ -702,6 +702,19 @@ def test_bench_train_states_exact(recompute: str, phase: str, kept: tuple[float,
     ratio = result["measured_activations"] / result["analytic_activations"]
     assert kept[0] < ratio < kept[1]
     assert result["activations_ok"] is True and out.exit_code == 0, out.output
+    # speed: the step's model FLOPs over its median time against the calibrated peak; full
+    # recompute's re-run counts one forward more in HFU
+    from statistics import median
+
+    from archplan.analytic import training_flops_per_sequence
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    assert result["model_flops"] == training_flops_per_sequence(plan, 64, "causal")
+    assert result["mfu"] == pytest.approx(result["model_flops"] / median(result["step_seconds"]) / result["peak_flops"])
+    forward = training_flops_per_sequence(plan, 64, "causal") // 3
+    assert result["hardware_flops"] - result["model_flops"] == (forward if recompute == "full" else 0)
 
 
 @pytest.mark.parametrize("spec", ["tiny-mla.yaml", "tiny-mla-moe.yaml"])

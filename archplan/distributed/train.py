@@ -27,6 +27,7 @@ reason), and AdamW runs its foreach implementation on every device (torch's defa
 
 from __future__ import annotations
 
+import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -39,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from archplan.analytic import count_params
+from archplan.analytic import count_params, training_flops_per_sequence
 from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
-from archplan.bench.device import free_memory, synchronize
+from archplan.bench.device import device_peak, free_memory, synchronize
 from archplan.bench.fit import refuse_unless_fits
 from archplan.distributed.tolerance import ACTIVATION_TOLERANCE, PEAK_TOLERANCE
+from archplan.dtypes import DType
 from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TrainingLoss, build_model, resolve_device
 from archplan.resolve import Mamba2Plan, ModelPlan
@@ -74,10 +76,28 @@ class TrainBench:
     ssd_unit: bool  # Mamba-2 layers priced as archplan's SSD unit keeps them (`ssd="torch"`)
     # what `activations_ok` judges: the activations after the forward less autocast's weight copies
     measured_activations: int
+    # forward + backward of the step's sequences, attention causal (`training_flops_per_sequence`):
+    # without the recompute's re-run (model FLOPs, MFU) and with it (hardware FLOPs, HFU)
+    model_flops: int
+    hardware_flops: int
+    peak_flops: float  # the device's dense peak in the step's dtype (`bench.device.device_peak`)
+    peak_source: str
 
     @property
     def ok(self) -> bool:
         return self.total_ok and self.states_ok and self.activations_ok
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.step_seconds)
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.median_seconds / self.peak_flops
+
+    @property
+    def hfu(self) -> float:
+        return self.hardware_flops / self.median_seconds / self.peak_flops
 
 
 class WeightCopies(TorchDispatchMode):
@@ -243,7 +263,11 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     kept = analytic.activations.kept
     activations_ok = abs(acts - kept) <= ACTIVATION_TOLERANCE * kept
     total_ok = abs(total - analytic.total) <= PEAK_TOLERANCE * analytic.total
+    peak = device_peak(dev, DType(dtype))
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
                       analytic_states, analytic.activations.kept, analytic.total, analytic.peak_phase,
                       states_ok, activations_ok, total_ok, kernel,
-                      any(isinstance(layer.mixer, Mamba2Plan) for layer in plan.layers), acts)
+                      any(isinstance(layer.mixer, Mamba2Plan) for layer in plan.layers), acts,
+                      batch * training_flops_per_sequence(plan, seq, "causal"),
+                      batch * training_flops_per_sequence(plan, seq, "causal", recompute),
+                      peak.peak_flops, peak.source)

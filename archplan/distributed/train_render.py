@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 
 from dataclasses import asdict
 
@@ -19,7 +18,7 @@ from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.render import busy
 from archplan.resolve import resolve
-from archplan.units import nbytes, things
+from archplan.units import flops, nbytes, percent, things
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 
@@ -40,7 +39,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
                              recompute=recompute, iters=iters)  # type: ignore[arg-type]
     if as_json:
         echo(jsonout.dumps({**asdict(result), "layers_built": plan.n_layers, "layers_in_spec": in_spec,
-                            "ok": result.ok}, indent=2))
+                            "mfu": result.mfu, "hfu": result.hfu, "ok": result.ok}, indent=2))
     else:
         render(result, plan.n_layers, in_spec)
     return result.ok
@@ -51,7 +50,7 @@ def _mark(ok: bool) -> str:
 
 
 def render(r: TrainBench, built: int, in_spec: int) -> None:
-    step = statistics.median(r.step_seconds)
+    step = r.median_seconds
     # --layers K builds and compares the truncated model; its figures are not the spec's
     layers = f" ({built} of its {in_spec} layers, as built)" if built < in_spec else ""
     table = Table(title=f"{escape(r.name)}{layers} training step on {r.device}, {r.dtype}, batch {r.batch} × seq "
@@ -77,3 +76,8 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
                 if r.dtype == "bf16" else "")
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
                     f"{r.attention_kernel}{residual}{ssd}; GiB = 2^30 B")
+    rerun = f"; with the recompute's re-run, HFU {percent(r.hfu)}" if r.hardware_flops != r.model_flops else ""
+    Console().print(f"  speed: {flops(r.model_flops / step, 'FLOP/s')} of model FLOPs ({flops(r.model_flops)} per "
+                    f"step: forward + backward, attention causal, 2 FLOPs per multiply-add), MFU "
+                    f"{percent(r.mfu)} of the dense {r.dtype} peak {flops(r.peak_flops, 'FLOP/s')} "
+                    f"({r.peak_source}){rerun}")
