@@ -284,7 +284,8 @@ def _render(result: object, name: str) -> None:
 BENCH_HELP = (
     "Time prefill and decode of SPEC through the real modules and compare with the roofline.\n\n"
     "FLOP/s and MFU use the analytic forward FLOPs (2 FLOPs per multiply-add, attention counted "
-    "causal) against the device's DENSE peak (datasheet for known GPUs; on CPU and unknown devices "
+    "causal; --train: forward + backward of the step, without the recompute's re-run, which HFU "
+    "counts) against the device's DENSE peak (datasheet for known GPUs; on CPU and unknown devices "
     "a matmul and a copy are calibrated in the same run). Peak memory: torch.cuda.max_memory_allocated "
     "on GPU, peak RSS on CPU.\n\n"
     "Four modes: prefill and decode (one spec, one length), a --seq sweep, --train and --layout. An "
