@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from archplan.distributed.fake import Measured, measure
+from archplan.distributed.tolerance import ACTIVATION_TOLERANCE
 from archplan.planning import cluster
 from archplan.planning.layout import Layout
 from archplan.planning.pricing import fsdp2_accumulation_bytes, fsdp2_copy_bytes
 from archplan.planning.records import MEMORY_CATEGORIES, Collective, RankMemory, tally
-from archplan.distributed.tolerance import ACTIVATION_TOLERANCE
 from archplan.resolve import ModelPlan
 
 EXACT = ("parameters", "gradients", "optimizer")

@@ -9,8 +9,9 @@ So model states are compared as one total, exactly; activations within the verif
 `--dtype fp32` runs without autocast (the same 16 B/param, fp32 activations).
 
 Memory: on CPU torch's `MemTracker` over real tensors (parameters, gradients, optimizer states,
-activations, temporaries, at the tracked peak); on CUDA `torch.cuda.max_memory_allocated`. Two
-steps run first so AdamW's states exist; the measured step follows a reset of the statistics.
+activations, temporaries, at the tracked peak); on CUDA the same categories from the caching
+allocator, the peak by `torch.cuda.max_memory_allocated` less cuBLAS's workspaces (`_cuda_step`).
+Two steps run first so AdamW's states exist; the measured step follows a reset of the statistics.
 Recompute uses the same checkpointing as the distributed stages (`modules.checkpointing.apply_recompute`);
 nothing here imports the fake-process-group engine or FSDP2.
 
