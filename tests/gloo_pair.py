@@ -120,6 +120,15 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     "tied-pp2-zero3": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
     # interleaved (vpp = 2): two model chunks per rank, the tied copy on rank 1's second chunk
     "tied-pp2-vpp2": ("pipeline_parity", "tiny-gpt.yaml", {}, "tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=3,recompute=none,mb=1"),
+    # multi-token prediction: the MTP module on the last stage, its loss DeepSeek-V3's combined one,
+    # the embedding copy it reads synced with the first stage's; and over dp = 2 with FSDP2 units
+    # holding the module's input parts, fully recomputed
+    # the MTP module under TP2 + SP: its norms on sequence shards, the projection column-parallel
+    # over its gathered 2·d input, the output gathered over the last dim, its MLA + MoE block
+    "tp2-mtp": ("parity", "tiny-mtp.yaml", {}, TP2),
+    "mtp-pp2": ("pipeline_parity", "tiny-mtp.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=selective,mb=1"),
+    "mtp-dp2-full-recompute": ("pipeline_parity", "tiny-mtp.yaml", {},
+                               "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
 }
 
 # CI budget: the default run keeps one case per sharded code path; these variants of a path run

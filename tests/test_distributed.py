@@ -51,7 +51,9 @@ def test_two_gloo_processes_equal_one(gloo_results: Path, case: str) -> None:
 
 @pytest.mark.xdist_group("gloo")
 @pytest.mark.parametrize("case", _gloo_cases("pipeline_parity"))
-def test_tied_embeddings_across_two_gloo_stages_equal_one(gloo_results: Path, case: str) -> None:
+def test_two_gloo_pipeline_stages_equal_one(gloo_results: Path, case: str) -> None:
+    """After one AdamW step each stage's weights equal the one-process model's: the tied head's
+    or the MTP modules' embedding copy included (`parity.pipeline_parity`)."""
     for rank in range(2):
         assert json.loads((gloo_results / f"{case}-{rank}.json").read_text())["weights"] < TOLERANCE
 
@@ -516,6 +518,9 @@ def test_refusals_are_one_line(fake_world: None) -> None:
     # FSDP2 gathers the fp32 router's weight in bf16 (its param_dtype): the router once failed on
     # "expected m1 and m2 to have the same dtype" in every MoE step, which the fake engine missed
     pytest.param("tiny-moe.yaml", "tp=1,cp=1,pp=1,dp=2,ep=2,zero=1,recompute=none,mb=1", id="moe-ep2"),
+    # the last stage's MTP module trains; the prefill (inference) runs the main model alone
+    pytest.param("tiny-mtp.yaml", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=none,mb=1", id="mtp-pp2",
+                 marks=pytest.mark.heavy),
 ])
 def test_bench_nproc_two_gloo_workers(spec: str, layout: str) -> None:
     from typer.testing import CliRunner
@@ -1157,3 +1162,52 @@ def test_full_recompute_activations_are_measured_at_the_re_run(fake_world: None)
     result = check_layout_run(plan, layout, 2048, microbatches=8, stage=0)
     acts = next(r for r in result.memory if r.category == "activations")
     assert acts.ok and 0.95 < acts.measured / acts.analytic < 1.1, acts
+
+
+def _tied_llama_mtp(directory: Path) -> Path:
+    return variant(directory, "tiny-llama.yaml", "tiny-llama-tied-mtp", embedding={"tied": True}, mtp={"depth": 1})
+
+
+@pytest.mark.parametrize(("spec", "layout"), [
+    ("tiny-mtp.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1"),
+    # TP2 + SP, EP folded over tp: the untied embedding copy's Replicate gradient accumulated whole
+    ("tiny-mtp.yaml", "tp=2,cp=1,pp=2,dp=1,ep=2,zero=1,recompute=none,mb=1"),
+    # the module alone on the last of four stages; full recompute re-runs its projection's gathers
+    ("tiny-mtp.yaml", "tp=2,cp=1,pp=4,dp=2,ep=4,zero=3,recompute=full,mb=1"),
+    # two depths, interleaved: both modules on the last chunk, the copy's gradient that chunk's
+    ("depth-2", "tp=2,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=1,recompute=selective,mb=1"),
+    # tied: the last stage's head copy is the embedding the modules read; TP without SP
+    ("tied", "tp=2,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=full,mb=1,sp=off"),
+], ids=["pp1-zero1", "tp2-ep2-zero1", "pp4-full", "depth2-vpp2", "tied-no-sp"])
+def test_fake_verify_multi_token_prediction(fake_world: None, tmp_path: Path, spec: str, layout: str) -> None:
+    """DeepSeek-V3's MTP modules on the pipeline's last stage (`distributed.stage.Stage`), measured
+    there: model states, every collective (the modules' embedding, their projection's under TP,
+    the copy's gradient sync), FSDP2's copies and accumulation exact, activations within tolerance."""
+    from archplan.distributed.check import check_layout_run
+
+    path = {"depth-2": lambda: variant(tmp_path, "tiny-mtp.yaml", "tiny-mtp-2", mtp={"depth": 2}),
+            "tied": lambda: _tied_llama_mtp(tmp_path)}.get(spec, lambda: FIXTURES / spec)()
+    parsed = parse_layout(layout).complete()
+    assert parsed is not None
+    result = check_layout_run(resolve(load_spec(path)), parsed, 64, microbatches=2, stage=parsed.pp - 1)
+    assert result.ok, [r for r in (*result.memory, *result.collectives) if not r.ok]
+    assert result.copies_ok and result.accumulation_ok
+    mtp_calls = {r.kind for r in result.collectives if r.mesh_dim == "tp" and r.measured}
+    assert parsed.tp == 1 or "all_gather" in mtp_calls
+
+
+@pytest.mark.parametrize(("fields", "said"), [
+    ({}, "cp=1 only"),
+    ({"position": {"kind": "learned"}}, "learned positions"),
+    ({"embedding": {"norm": True}}, "embedding norm"),
+])
+def test_mtp_layouts_the_stages_do_not_build_are_refused(fake_world: None, tmp_path: Path,
+                                                        fields: dict[str, object], said: str) -> None:
+    from archplan.distributed.check import check_layout_run
+    from archplan.errors import ArchplanError
+
+    plan = resolve(load_spec(variant(tmp_path, "tiny-mtp.yaml", "tiny-mtp-x", **fields)))
+    layout = parse_layout(f"tp=1,cp={1 if fields else 2},pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1").complete()
+    assert layout is not None
+    with pytest.raises(ArchplanError, match=said):
+        check_layout_run(plan, layout, 64, microbatches=1)

@@ -46,8 +46,7 @@ def plan_top_layout(name: str) -> Layout:
 
 
 MOE = "tp=1,cp=1,pp=4,dp=256,ep=8,zero=3,recompute=full,mb=1"
-# `verify --layout` refuses multi-token prediction (its stages are the main model's: test_mtp.py)
-NAMES = sorted(p.stem for p in PRESETS.glob("*.yaml") if load_spec(p).mtp is None)
+NAMES = sorted(p.stem for p in PRESETS.glob("*.yaml"))
 # the selective scan runs a Python loop over the sequence: a shorter one keeps it to seconds
 SEQ = {"mamba-2.8b": 8}
 # plan's top layouts of the largest presets hold many layers on the measured rank; seconds per
@@ -61,7 +60,7 @@ SEQ = {"mamba-2.8b": 8}
 # 2-core host (2026-11-30). jamba-v0.1, mamba-2.8b and stripedhyena-7b are pp = 1 at their top
 # layouts too (every layer on the rank): by default they run deeper with the top layout's tp, so
 # their mixers' TP plans run.
-HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "gpt-4-rumored", "llama-3-70b",
+HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "deepseek-v3-mtp", "frontier-1t-moe", "gpt-4-rumored", "llama-3-70b",
          "llama-3.1-405b", "jamba-v0.1", "mamba-2.8b", "stripedhyena-7b", "qwen3-235b-a22b"}
 # CI budget: a 7B-class preset at a pp = 1 layout (every layer on the rank) takes 100 s on a slow
 # 2-core host (measured 2026-11-30; the last landing's CI host ran the suite 7x slower than a quiet
@@ -72,7 +71,9 @@ HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "frontier-1t-moe", "gpt-
 # with ALiBi, whose per-rank slopes the gloo pair's tp2-mqa-alibi case checks, 37 s in CI), and
 # Qwen3's fine-grained MoE with per-head q/k norms (qwen3-30b-a3b at its top layout, 53 s on the
 # 2-core host, 2026-12-02).
-SAME_KIND = {"7b", "falcon-7b", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "bloom-560m",
+# deepseek-v3-mtp's deeper layout measures the stage deepseek-v3's does (its last stage, the MTP
+# module's: test_deepseek_v3_mtp_last_stage).
+SAME_KIND = {"7b", "falcon-7b", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "bloom-560m", "deepseek-v3-mtp",
              "claude-3-opus-rumored", "llama-3-70b", "frontier-1t-moe", "gpt-4-rumored", "stripedhyena-7b",
              "qwen3-235b-a22b"}
 # 32 layers on the measured rank at their pp = 1 top layouts (TP4 + SP; mixtral also EP8): by
@@ -85,6 +86,7 @@ CHEAPER = {"70b": DENSE, "claude-3-opus-rumored": DENSE, "llama-3-70b": DENSE,
            # llama-3.1-405b: test_llama_405b_at_16384_ranks
            # MLA + MoE under TP2 + SP, experts over ep = 32: 4 of its 61 layers
            "deepseek-v3": "tp=2,cp=1,pp=16,dp=32,ep=32,zero=2,recompute=full,mb=1",
+           "deepseek-v3-mtp": "tp=2,cp=1,pp=16,dp=32,ep=32,zero=2,recompute=full,mb=1",
            "frontier-1t-moe": MOE,
            # TP8 + SP with MoE over ep, two of its 120 layers on the measured (last) rank
            "gpt-4-rumored": "tp=8,cp=1,pp=64,dp=2,ep=2,zero=2,recompute=full,mb=1",
@@ -151,6 +153,20 @@ def test_top_layout_deeper(fake_world: None, name: str) -> None:
     layout = replace(top, pp=DEEPER_PP, dp=top.dp // DEEPER_PP)
     assert layout.world == GPUS
     _check(check_layout_run(plan, layout, 32, microbatches=1))
+
+
+def test_deepseek_v3_mtp_last_stage(fake_world: None) -> None:
+    """DeepSeek-V3 with its MTP module at 1,024 ranks: the last of 16 stages holds layer 60 and the
+    module (TP2 + SP, experts over ep = 32), whose embedding copy, projection and head pass are
+    measured beside plan's figures; the stage's peak at this short sequence is the logits' (docs/distributed.md)."""
+    plan = resolve(load_spec(PRESETS / "deepseek-v3-mtp.yaml"))
+    layout = parse_layout(CHEAPER["deepseek-v3-mtp"]).complete()
+    assert layout is not None and layout.world == GPUS
+    result = check_layout_run(plan, layout, 32, microbatches=1, stage=15)
+    assert result.measured.layers == (60,) or list(result.measured.layers) == [60]
+    _check(result)
+    assert any(r.kind == "all_gather" and r.mesh_dim == "tp" and r.bytes == 2 * 2 * 32 * plan.d_model and r.measured
+               for r in result.collectives)  # the projection's 2·d input, gathered over the sequence
 
 
 def test_stand_ins_are_for_heavy_presets() -> None:

@@ -1,6 +1,7 @@
 """Multi-token prediction (DeepSeek-V3 §2.2) beyond its torch module (test_mtp_module.py): the
 analytic counts against the published shapes, the pipeline split that puts it on the last stage,
-`plan`'s last stage, and the commands that run it or refuse to."""
+`plan`'s last stage, and the commands that run it (verify --layout on torch.distributed's stages:
+test_distributed.py) or refuse to."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from archplan.analytic import count_params, forward_flops, training_flops_per_token
 from archplan.analytic.memory import activation_memory
@@ -87,6 +90,18 @@ def test_the_mtp_blocks_sit_on_the_last_chunk_as_megatron_bridge_splits_them() -
     assert sizes(61, 16, 1, 0) == [3, 3, 3] + [4] * 13
     for pp, vpp in ((16, 1), (8, 2), (32, 1), (1, 1)):
         assert pipeline_chunks(61, pp, vpp, 1)[(pp * vpp - 1) % pp][-1].stop == 62
+    # deeper MTP over more chunks than the even split leaves room for: the main layers split alone
+    assert sizes(2, 2, 2, 2) == [0, 0, 1, 1 + 2]
+
+
+@given(n=st.integers(1, 70), pp=st.integers(1, 16), vpp=st.integers(1, 4), tail=st.integers(0, 4))
+def test_every_split_keeps_the_tail_whole_on_the_last_chunk(n: int, pp: int, vpp: int, tail: int) -> None:
+    """The last chunk runs the MTP modules (`distributed.stage.Stage`): none may sit elsewhere."""
+    assume(pp * vpp <= n + 2)  # `layout_problem`'s bound
+    chunks = pipeline_chunks(n, pp, vpp, tail)
+    in_order = [chunks[c % pp][c // pp] for c in range(pp * vpp)]
+    assert [r.start for r in in_order[1:]] == [r.stop for r in in_order[:-1]] and in_order[0].start == 0
+    assert in_order[-1].stop == n + tail and len(in_order[-1]) >= tail
 
 
 def test_plan_puts_the_mtp_module_and_an_embedding_copy_on_the_last_stage() -> None:
@@ -127,8 +142,11 @@ def test_commands_with_mtp(tiny_mtp: str, capsys: pytest.CaptureFixture[str],
     assert planned.code == 0, planned.stderr
     verified = run_main(["verify", tiny_mtp, "--seq", "16", "--json"], capsys, monkeypatch)
     assert verified.code == 0 and json.loads(verified.stdout)["ok"]
-    assert_one_line_error(run_main(["verify", tiny_mtp, "--layout", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,"
-                                    "recompute=none,mb=1"], capsys, monkeypatch), "multi-token prediction")
+    laid_out = run_main(["verify", tiny_mtp, "--seq", "64", "--layout", "tp=2,cp=1,pp=2,dp=1,ep=1,zero=1,"
+                         "recompute=none,mb=1", "--json"], capsys, monkeypatch)
+    assert laid_out.code == 0 and json.loads(laid_out.stdout)["ok"], laid_out.stdout
+    assert_one_line_error(run_main(["verify", tiny_mtp, "--layout", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,"
+                                    "recompute=none,mb=1"], capsys, monkeypatch), "multi-token prediction", "cp=1")
     trained = run_main(["bench", tiny_mtp, "--device", "cpu", "--iters", "1", "--train",
                         "--seq", "128", "--batch", "2", "--json"], capsys, monkeypatch)
     assert trained.code == 0, trained.stdout
@@ -147,10 +165,12 @@ def test_the_last_stage_calls_the_mtp_modules_collectives(tiny_mtp: str, sp: boo
     calls = {c.what: c for c in cluster.step_collectives(plan, layout, seq, microbatches=m, stage=1)}
     first = {c.what for c in cluster.step_collectives(plan, layout, seq, microbatches=m, stage=0)}
     mtp = {what: c for what, c in calls.items() if what.startswith("MTP ")}
-    assert all(c.count == m * 2 for c in mtp.values()) and not any(w.startswith("MTP ") for w in first)
-    assert calls["MTP projection output, over the last dim (TP)"].bytes == act
     gathered = "MTP projection input, 2·d (SP)"
-    assert (gathered in mtp) == sp and (not sp or mtp[gathered].bytes == 2 * act)
+    assert all(c.count == m * 2 for what, c in mtp.items() if what != gathered)
+    assert not any(w.startswith("MTP ") for w in first)
+    assert calls["MTP projection output, over the last dim (TP)"].bytes == act
+    # Megatron's eh_proj, column-parallel, gathers its input again in the backward under SP
+    assert (gathered in mtp) == sp and (not sp or (mtp[gathered].bytes, mtp[gathered].count) == (2 * act, 2 * m * 2))
     assert calls["LM-head input (TP)"].count == m * 3
     if sp:  # the modules' norms see a rank's sequence shard: 2 depths × (3 own + 2 in the block) × d, fp32
         summed = "replicated weight gradients summed over tp (SP norms, routers, MLA latents)"

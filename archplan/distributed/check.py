@@ -92,7 +92,7 @@ class LayoutCheck:
         return {
             "name": self.name, "layout": m.layout.spec, "world": m.layout.world, "stage": m.stage,
             "rank": m.rank, "seq": m.seq, "microbatches": m.microbatches, "in_flight": m.in_flight,
-            "layers": list(m.layers), "ok": self.ok, "activation_tolerance": ACTIVATION_TOLERANCE,
+            "layers": list(m.layers), "mtp_modules": list(m.mtp), "ok": self.ok, "activation_tolerance": ACTIVATION_TOLERANCE,
             "memory": [{"category": r.category, "analytic": r.analytic, "measured": r.measured,
                         "judged": r.judged, "ok": r.ok} for r in self.memory],
             "tracker_peak": m.peak_by_reftype,

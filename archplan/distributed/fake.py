@@ -93,6 +93,7 @@ class Measured:
     microbatches: int
     in_flight: int
     layers: tuple[int, ...]
+    mtp: tuple[int, ...]  # the multi-token-prediction modules on the rank, by depth
     memory: RankMemory
     peak_by_reftype: dict[str, int]
     adam_step_bytes: int
@@ -736,7 +737,8 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
     memory = _rank_memory(peak, samples)
     layers = tuple(int(i) for c in chunks for i in c.stage.layers)
+    mtp = tuple(int(k) for c in chunks for k in c.stage.mtp)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,
-                    layers, replace(memory, optimizer=memory.optimizer - steps),
+                    layers, mtp, replace(memory, optimizer=memory.optimizer - steps),
                     {_name(k): v for k, v in peak.items()}, steps, recorder.records(), recorder.copy_bytes,
                     recorder.accumulate_bytes)

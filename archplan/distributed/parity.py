@@ -12,7 +12,9 @@ over its tokens, and FSDP's mean over dp × cp makes the gradients the one-proce
 
 `pipeline_parity` checks a pipeline of pp ranks the same way after one AdamW step: every stage's
 weights against the one-process model's, the tied embedding's copy on the last stage included
-(it matches only if the two copies' gradients were summed, `StageRunner.sync_tied_gradient`).
+(it matches only if the two copies' gradients were summed, `StageRunner.sync_tied_gradient`), and
+so is the copy the multi-token-prediction modules read, whose loss is the one-process model's
+`training_loss`.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
     tokens = torch.randint(0, plan.vocab_size, (layout.mb, seq), generator=torch.Generator().manual_seed(1))
     labels = torch.roll(tokens, -1, dims=1)
     ref_logits = reference(tokens)
-    F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten()).backward()
+    if plan.mtp:  # the training loss: the main and the MTP modules' cross-entropies (DeepSeek-V3 eq. 25)
+        reference.training_loss(tokens).backward()
+    else:
+        F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten()).backward()
     ref_grads = {name: p.grad for name, p in reference.named_parameters()}
 
     mesh = build_mesh(layout, "cpu")
@@ -76,9 +81,14 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
     optimizer = torch.optim.AdamW(stage.parameters(), lr=3e-3)
     runner = StageRunner((sharded,), mesh, optimizer, (layout.mb, seq // layout.cp, plan.d_model), torch.device("cpu"))
     with runner.loss_context()():
-        out = stage(tokens)
-        logit_diff = (full_logits(out.detach()) - ref_logits).abs().max().item()
-        first_loss = runner.loss(out, labels)
+        if plan.mtp:  # the logits of inference, which drops the MTP modules, then the training loss
+            with torch.no_grad():
+                logits = stage(tokens)
+            first_loss = stage(tokens, tokens)
+        else:
+            logits = stage(tokens)
+            first_loss = runner.loss(logits, labels)
+        logit_diff = (full_logits(logits.detach()) - ref_logits.detach()).abs().max().item()
         first_loss.backward()
     grad_diff = 0.0
     views = _tp_views(stage)
@@ -114,9 +124,14 @@ def pipeline_parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, lr: float
     labels = torch.roll(tokens, -1, dims=1)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=lr)
-    F.cross_entropy(reference(tokens).flatten(0, 1), labels.flatten()).backward()
+    if plan.mtp:  # the last stage computes DeepSeek-V3's combined loss, as the one-process model's
+        reference.training_loss(tokens).backward()
+    else:
+        F.cross_entropy(reference(tokens).flatten(0, 1), labels.flatten()).backward()
     ref_optimizer.step()
-    expected = dict(reference.named_parameters())
+    # the last stage's copy of the embedding the MTP modules read is the embedding's
+    expected = dict(reference.named_parameters()) | {"mtp_embed.weight": reference.embed.weight}
+    initial["mtp_embed.weight"] = initial["embed.weight"]
 
     mesh = build_mesh(layout, "cpu")
     stages = build_chunks(plan, layout, mesh.stage, "cpu", torch.float32)

@@ -9,6 +9,8 @@ from rich.table import Table
 from archplan import jsonout, units
 from archplan.console import echo
 from archplan.distributed.check import LayoutCheck, check_layout_run
+from archplan.distributed.fake import Measured
+from archplan.distributed.stage import mtp_refusal
 from archplan.errors import ArchplanError
 from archplan.planning.layout import Layout, check_layout, parse_layout
 from archplan.planning.parallel import MAX_GPUS
@@ -32,6 +34,14 @@ def _spans(layers: tuple[int, ...]) -> str:
     return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
+def _blocks(m: Measured) -> str:
+    """The rank's main layers and multi-token-prediction modules: "layers 56–60, MTP module 0"."""
+    parts = [f"layers {_spans(m.layers)}"] if m.layers else []
+    if m.mtp:
+        parts.append(f"MTP {'module' if len(m.mtp) == 1 else 'modules'} {_spans(m.mtp)}")
+    return ", ".join(parts)
+
+
 def schedule_name(layout: Layout) -> str:
     return "1F1B" if layout.vpp == 1 else f"interleaved 1F1B, {layout.vpp} chunks"
 
@@ -42,8 +52,8 @@ def render(result: LayoutCheck, console: Console) -> None:
     micro = units.things(m.microbatches, "micro-batch")
     console.print(f"[bold]archplan verify --layout[/bold] — {escape(result.name)}: {m.layout.label}, "
                   f"{units.things(m.layout.world, 'rank')} (fake process group), seq {m.seq}, {micro}; measured rank {m.rank} = "
-                  f"pipeline stage {m.stage} (layers {_spans(m.layers)}), {m.in_flight} in flight ({schedule})"
-                  if m.layers else f"stage {m.stage}")
+                  f"pipeline stage {m.stage} ({_blocks(m)}), {m.in_flight} in flight ({schedule})"
+                  if m.layers or m.mtp else f"stage {m.stage}")
     table = Table(title="per-rank peak memory by category (analytic: planning.cluster, FSDP2 states)")
     for col in ("category", "analytic", "measured", "difference", "judged", ""):
         table.add_column(col, justify="left" if col in ("category", "judged") else "right")
@@ -75,13 +85,6 @@ def render(result: LayoutCheck, console: Console) -> None:
 
 def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> Layout:
     """The one layout `--layout` gives `verify` or `bench`, checked as `plan` checks a given one."""
-    if plan.mtp:
-        # the stages torch.distributed runs are the main model's: a check that left the MTP modules
-        # out would compare a different model with plan's figures, which price them
-        raise ArchplanError(f"--layout: {plan.name} has multi-token prediction (mtp), which {command} --layout does "
-                            "not build on the pipeline's last stage yet; `plan` prices it, `verify` without "
-                            "--layout checks its counts and FLOPs, `bench --train` runs it (drop `mtp` to run "
-                            "the main model's layout)")
     experts = max((layer.ffn.n_experts for layer in plan.layers if isinstance(layer.ffn, MoEPlan)), default=0)
     partial = parse_layout(layout_text)
     if why := partial.sp_problem():
@@ -98,6 +101,9 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
                             "given one)")
     check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts,
                  seq=seq)
+    if why := mtp_refusal(plan, layout):
+        raise ArchplanError(f"--layout: {why}; `plan` prices it, `verify` without --layout and `bench --train` "
+                            "run the model")
     # plan's own bounds (its --gpus, size's --micro-batch): the fake process group takes a 32-bit size
     if layout.world > MAX_GPUS:
         raise ArchplanError(f"--layout: {layout.world:,} ranks; at most {MAX_GPUS:,}")
@@ -121,3 +127,4 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
     else:
         render(result, report_console())
     return 0 if result.ok else 1
+

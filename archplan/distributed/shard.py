@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
+                                               parallelize_module)
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor import Replicate, Shard
 
@@ -47,6 +48,7 @@ from archplan.modules.block import Block
 from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TiedLMHead
 from archplan.modules.moe import Experts, MoEFFN, TokenShards
+from archplan.modules.mtp import MTPLayer
 
 MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -66,9 +68,10 @@ def tied_group(stage: Stage, mesh: LayoutMesh) -> dist.ProcessGroup | None:
     tied embeddings over pp > 1 the first stage holds the embedding and the last a copy as its
     head; the two ranks at the same (dp, tp) coordinate of the end stages all-reduce their copies'
     gradients each step (`step.StageRunner`), so the copies, updated alike, stay equal. Only the
-    two members create the group (`use_local_synchronization`)."""
+    two members create the group (`use_local_synchronization`). The last stage's copy of an
+    untied embedding that the multi-token-prediction modules read is kept equal the same way."""
     layout = mesh.layout
-    if not stage.plan.tied or layout.pp == 1 or not (stage.first or stage.last):
+    if not (stage.plan.tied or stage.plan.mtp) or layout.pp == 1 or not (stage.first or stage.last):
         return None
     span = layout.world // layout.pp  # ranks per pipeline stage (pp is the slowest mesh dimension)
     rank = dist.get_rank()
@@ -94,7 +97,7 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
     tp_mesh = mesh["tp"]
     seq = residual_layout(sp)
     norm = norm_plan(sp)
-    for block in stage.layers.values():
+    for block in stage.blocks():
         assert isinstance(block, Block)
         for sub in (block.mixer, block.ffn):
             tp_plan = module_plan(sub, sp) if sub is not None else None
@@ -109,8 +112,12 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
             for name in ("norm1", "norm2", "post_norm1", "post_norm2"):
                 if hasattr(block, name):
                     _parallelize(getattr(block, name), tp_mesh, norm_plan(sp))
-    if stage.embed is not None:  # the first stage's embedding, or the last one's tied copy (its head)
-        _parallelize(stage.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
+    for module in stage.mtp.values():
+        _mtp_parallel(module, tp_mesh, sp)
+    # the first stage's embedding, the last one's tied copy (its head), the MTP modules' copy
+    for embed in (stage.embed, stage.mtp_embed):
+        if embed is not None:
+            _parallelize(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
     positions = positions_plan(sp)
     if stage.pos_embed is not None and positions is not None:
         _parallelize(stage.pos_embed, tp_mesh, positions)
@@ -124,6 +131,25 @@ def _tensor_parallel(stage: Stage, mesh: LayoutMesh) -> None:
     elif stage.lm_head is not None:
         _parallelize(stage.lm_head, tp_mesh, ColwiseParallel(
             input_layouts=seq, output_layouts=Shard(-1), use_local_output=False))
+
+
+def _mtp_parallel(module: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
+    """A multi-token-prediction module's own parts as Megatron-Core's MTP layer splits them: its
+    norms on the rank's sequence shard under SP (replicated without), the 2·d → d projection
+    column-parallel, its input gathered over the sequence under SP, its output gathered over the
+    last dim and, under SP, split back to the rank's sequence shard for the block
+    (`_concat_embeddings`: gather_from_tensor_model_parallel_region, then
+    scatter_to_sequence_parallel_region, whose backward gathers)."""
+    assert isinstance(module, MTPLayer)
+    norm = norm_plan(sp)
+    for part in (module.enorm, module.hnorm, module.final_norm):
+        if part is not None and norm is not None:
+            _parallelize(part, tp_mesh, norm_plan(sp))
+    _parallelize(module.proj, tp_mesh, ColwiseParallel(input_layouts=residual_layout(sp), output_layouts=Replicate(),
+                                                       use_local_output=not sp))
+    if sp:
+        _parallelize(module.proj, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(),
+                                                               desired_output_layouts=Shard(1)))
 
 
 def _token_shards(stage: Stage, mesh: LayoutMesh) -> None:
@@ -144,7 +170,7 @@ def _token_shards(stage: Stage, mesh: LayoutMesh) -> None:
 
     summed_ranks = layout.tp if layout.sequence_parallel else 1
     shards = TokenShards(ranks=math.prod(mesh[dim].size() for dim in dims), summed=summed_ranks, reduce=summed)
-    for block in stage.layers.values():
+    for block in stage.blocks():
         if isinstance(block.ffn, MoEFFN):
             block.ffn.shards = shards
 
@@ -154,7 +180,7 @@ def _expert_parallel(stage: Stage, mesh: LayoutMesh, balanced: bool) -> None:
     if ep == 1:
         return
     group = mesh["ep"].get_group()
-    for block in stage.layers.values():
+    for block in stage.blocks():
         moe = block.ffn
         if not isinstance(moe, MoEFFN):
             continue
@@ -180,13 +206,14 @@ def unit_view_outputs() -> Iterator[None]:
     so the warning says nothing here. The same holds for a model chunk with no layers (more chunks
     than layers: 2 layers over pp = 2, vpp = 2), whose `Stage.forward` hands its input on as it
     came, a view under TP, and for a block that ends in a sequence-parallel norm (post, DeepNorm,
-    sandwich and reordered residuals), whose output is the norm's `DTensor.to_local()` view, under
-    any unit (FSDP2's sharded, replicated or checkpoint-wrapped): every block and stage takes its
-    input out of place (`x + f(x)`), and no archplan module writes into a block's output. Only
-    those messages, for embedding units, blocks and stages, are silenced."""
+    sandwich and reordered residuals) or a multi-token-prediction module (its final norm), whose
+    output is the norm's `DTensor.to_local()` view, under any unit (FSDP2's sharded, replicated or
+    checkpoint-wrapped): every block and stage takes its input out of place (`x + f(x)`), and no
+    archplan module writes into a block's output. Only those messages, for embedding units,
+    blocks, MTP modules and stages, are silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning,
-                                message=r"FSDP2-wrapped module \((\w*Embedding|\w*Stage|\w*Block|\w*CheckpointWrapper)\) "
+                                message=r"FSDP2-wrapped module \((\w*Embedding|\w*Stage|\w*Block|\w*MTPLayer|\w*CheckpointWrapper)\) "
                                         "returned a view tensor")
         yield
 
@@ -202,7 +229,7 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
         return fully_shard(module, mesh=group, mp_policy=policy, reshard_after_forward=zero == 3, **sharding)
 
     units: list[FSDPModule] = []
-    for block in stage.layers.values():
+    for block in stage.blocks():
         moe = block.ffn
         # experts are their own unit whenever other ranks hold them than the dense weights (ep
         # splits them; under tp every tp rank holds them whole and feeds them its own tokens)
@@ -245,4 +272,5 @@ def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool =
     _token_shards(stage, mesh)
     _expert_parallel(stage, mesh, balanced)
     apply_recompute(stage.layers, mesh.layout.recompute)
+    apply_recompute(stage.mtp, mesh.layout.recompute)  # each MTP module whole, its input parts included
     return Sharded(stage, _fsdp(stage, mesh, policy), compute_dtype, tied_group(stage, mesh), context)

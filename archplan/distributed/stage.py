@@ -15,7 +15,8 @@ from dataclasses import replace
 
 from archplan.errors import ArchplanError
 from archplan.modules.block import Block
-from archplan.modules.model import ArchplanModel, TiedLMHead, resolve_device, share_biases
+from archplan.modules.model import ArchplanModel, TiedLMHead, cross_entropy_ahead, resolve_device, share_biases
+from archplan.modules.mtp import MTPLayer
 from archplan.modules.positions import SinusoidalPositions
 from archplan.planning.layout import Layout, pipeline_chunks
 from archplan.resolve import ModelPlan
@@ -30,29 +31,67 @@ class Stage(nn.Module):
         self.embed = model.embed if first or (last and plan.tied) else None
         self.pos_embed = model.pos_embed if first else None
         self.embed_norm = model.embed_norm if first else None
-        self.layers = nn.ModuleDict({str(i): Block(plan.layers[i], plan) for i in layers})
+        n_main = len(plan.layers)
+        # the multi-token-prediction modules follow the main layers on the last chunk
+        # (`pipeline_chunks`' tail), each under its model path `mtp.{k}` as `ArchplanModel` has it
+        self.layers = nn.ModuleDict({str(i): Block(plan.layers[i], plan) for i in layers if i < n_main})
+        self.mtp = nn.ModuleDict({str(i - n_main): MTPLayer(plan.mtp[i - n_main], plan)
+                                  for i in layers if i >= n_main})
         share_biases(self.layers)
         self.final_norm = model.final_norm if last else None
         self.lm_head = model.lm_head if last else None
+        # across stages the MTP modules read the shifted tokens through a copy of the embedding
+        # (Megatron-Core's GPTModel builds one wherever `mtp_process` is), synced as a tied head's
+        # copy is (`shard.tied_group`); a tied head's copy is that embedding already
+        self.mtp_embed = model.embed if last and self.mtp and self.embed is None else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Token ids (B, T) on the first stage, else the previous stage's hidden states."""
+    def blocks(self) -> list[Block]:
+        """The stage's blocks, the main layers' and the MTP modules' (which are blocks with their
+        own input parts), as every parallelism applies to them alike."""
+        return [*self.layers.values(), *self.mtp.values()]
+
+    def forward(self, x: Tensor, tokens_BT: Tensor | None = None) -> Tensor:
+        """Token ids (B, T) on the first stage, else the previous stage's hidden states. The last
+        stage returns its logits, or, given `tokens_BT` with multi-token prediction, the training
+        loss (`ArchplanModel.training_loss`: the MTP modules read the tokens ahead). Without the
+        tokens it is inference, which discards the MTP modules (DeepSeek-V3 §2.2)."""
         if self.first:
-            assert self.embed is not None
-            tokens_BT = x
-            x = self.embed(tokens_BT)
-            if isinstance(self.pos_embed, nn.Embedding):
-                x = x + self.pos_embed(torch.arange(tokens_BT.shape[1], device=tokens_BT.device))
-            elif isinstance(self.pos_embed, SinusoidalPositions):
-                x = x + self.pos_embed(0, tokens_BT.shape[1]).to(x.dtype)
-            if self.embed_norm is not None:
-                x = self.embed_norm(x)
+            x = self._embed(x)
         for layer in self.layers.values():
             x = layer(x)
         if not self.last:
             return x
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if not self.mtp or tokens_BT is None:
+            return self._head(x)
+        # the embedding the MTP modules read: the first stage's, a tied head's copy, or their own copy
+        embed = self.mtp_embed if self.mtp_embed is not None else self.embed
+        assert embed is not None
+        # DeepSeek-V3 eq. 25, the main loss and each depth's, computed as each head pass ends
+        loss = cross_entropy_ahead(self._head(x), tokens_BT, 1)
+        for k, module in enumerate(self.mtp.values()):
+            # depth k reads the tokens rolled left by k + 1, embedded per depth as Megatron-Core's
+            # MTP block embeds its rolled input ids: under SP a rank holds a sequence shard of an
+            # embedding, which it could not roll (`ArchplanModel._training_logits` rolls the
+            # embedding, the same tensor for an embedding of the tokens alone)
+            x = module(x, embed(tokens_BT.roll(-(k + 1), dims=1)))
+            loss = loss + self.plan.mtp_loss_weight / len(self.mtp) * cross_entropy_ahead(
+                self._head(x), tokens_BT, k + 2)
+        return loss
+
+    def _embed(self, tokens_BT: Tensor) -> Tensor:
+        assert self.embed is not None
+        x = self.embed(tokens_BT)
+        if isinstance(self.pos_embed, nn.Embedding):
+            x = x + self.pos_embed(torch.arange(tokens_BT.shape[1], device=tokens_BT.device))
+        elif isinstance(self.pos_embed, SinusoidalPositions):
+            x = x + self.pos_embed(0, tokens_BT.shape[1]).to(x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return x
+
+    def _head(self, x: Tensor) -> Tensor:
         if isinstance(self.lm_head, TiedLMHead):
             assert self.embed is not None
             return self.lm_head(x, self.embed.weight)
@@ -78,15 +117,36 @@ def build_stage(plan: ModelPlan, layout: Layout, stage: int, device: str | torch
     return chunk
 
 
+def mtp_refusal(plan: ModelPlan, layout: Layout) -> str | None:
+    """Why the stages cannot run this model's multi-token prediction (None: they can). The last
+    stage runs the modules on whole sequences, reading an embedding of the tokens alone: context
+    parallelism would split the sequence whose tokens the modules roll, and learned or sinusoidal
+    positions or an embedding norm would join the embedding they read (the first stage's parts)."""
+    if not plan.mtp:
+        return None
+    if layout.cp > 1:
+        return (f"{plan.name}'s multi-token prediction runs at cp=1 only on torch.distributed (got cp={layout.cp}): "
+                "its modules roll whole sequences")
+    absolute = plan.position in ("learned", "sinusoidal")
+    if absolute or plan.embed_norm:
+        what = f"{plan.position} positions" if absolute else "embedding norm"
+        return (f"{plan.name}'s multi-token prediction would read the tokens ahead through its {what}, which the "
+                "torch.distributed stages do not build on the last stage (they embed the tokens alone, as for "
+                "RoPE, ALiBi or no positions)")
+    return None
+
+
 def build_chunks(plan: ModelPlan, layout: Layout, stage: int, device: str | torch.device = "meta",
                  dtype: torch.dtype = torch.float32) -> list[Stage]:
     """The model chunks (virtual stages) of pipeline rank `stage`, in model order: chunk c of
     pp·vpp on rank c % pp (`pipeline_chunks`); the first chunk of the model holds the embedding,
     the last the head."""
+    if why := mtp_refusal(plan, layout):
+        raise ArchplanError(f"--layout: {why}")
     dev = resolve_device(device)
     total = layout.pp * layout.vpp
     out = []
-    for v, layers in enumerate(pipeline_chunks(len(plan.layers), layout.pp, layout.vpp)[stage]):
+    for v, layers in enumerate(pipeline_chunks(len(plan.layers), layout.pp, layout.vpp, len(plan.mtp))[stage]):
         index = stage + v * layout.pp
         with torch.device(dev):
             chunk = Stage(plan, list(layers), first=index == 0, last=index == total - 1)

@@ -125,11 +125,17 @@ class StageRunner:
             inp = torch.empty(self.hidden_shape, dtype=chunk.compute_dtype, device=self.device)
             dist.recv(inp, self.peer(-1), group=self.pp_group)
             inp.requires_grad_(True)
-        with unit_view_outputs():
-            out = stage(inp)
+        if stage.mtp:
+            # with multi-token prediction the last stage reads the tokens too and returns the loss,
+            # its vocabulary-parallel cross-entropies computed inside
+            with unit_view_outputs(), self.loss_context()():
+                out = stage(inp, batch.tokens_BT)
+        else:
+            with unit_view_outputs():
+                out = stage(inp)
         if stage.last:
             with self.loss_context()():
-                out = self.loss(out, batch.labels_BT) / m
+                out = (out if stage.mtp else self.loss(out, batch.labels_BT)) / m
             self.losses.append(out.detach())
         else:
             self.send(out.detach(), 1)
@@ -170,8 +176,10 @@ class StageRunner:
         for chunk in self.chunks:
             if chunk.tied is None:
                 continue
-            assert chunk.stage.embed is not None
-            grad = chunk.stage.embed.weight.grad
+            # the first stage's embedding, or the last one's copy: the tied head's, or the MTP modules'
+            embed = chunk.stage.mtp_embed if chunk.stage.mtp_embed is not None else chunk.stage.embed
+            assert embed is not None
+            grad = embed.weight.grad
             assert grad is not None
             dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=chunk.tied)
 

@@ -67,11 +67,16 @@ def share_biases(layers: nn.Module) -> None:
             module.biases = biases
 
 
-def _cross_entropy_ahead(logits_BTV: Tensor, tokens_BT: Tensor, ahead: int) -> Tensor:
+IGNORED = -100  # F.cross_entropy's default ignore_index
+
+
+def cross_entropy_ahead(logits_BTV: Tensor, tokens_BT: Tensor, ahead: int) -> Tensor:
     """Mean fp32 cross-entropy of logits at position i against token i + ahead, over the positions
-    where that token is among the T given."""
-    t = tokens_BT.shape[1]
-    return F.cross_entropy(logits_BTV[:, : t - ahead].flatten(0, 1).float(), tokens_BT[:, ahead:].flatten())
+    where that token is among the T given. The labels roll, not the logits: a slice of the logits
+    would copy them (Megatron-Core's MTP rolls its labels and masks the tail the same way)."""
+    labels_BT = tokens_BT.roll(-ahead, dims=1)
+    labels_BT[:, -ahead:] = IGNORED
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORED)
 
 
 class ArchplanModel(nn.Module):
@@ -199,9 +204,9 @@ class ArchplanModel(nn.Module):
             raise ArchplanError(f"a training sequence needs at least {depth + 2} tokens (the next one, and "
                                 f"{depth} more ahead for multi-token prediction); got {t}")
         logits = self._training_logits(tokens_BT)
-        loss = _cross_entropy_ahead(next(logits), tokens_BT, 1)
+        loss = cross_entropy_ahead(next(logits), tokens_BT, 1)
         for k, logits_BTV in enumerate(logits):
-            loss = loss + self.plan.mtp_loss_weight / depth * _cross_entropy_ahead(logits_BTV, tokens_BT, k + 2)
+            loss = loss + self.plan.mtp_loss_weight / depth * cross_entropy_ahead(logits_BTV, tokens_BT, k + 2)
         return loss
 
     def aux_loss(self) -> Tensor:

@@ -405,7 +405,8 @@ def _fsdp_end_units(data: ModelData, first: bool, last: bool, pp: int) -> tuple[
     own unit unless the stage's head reads its weight (tied, both ends on one stage); everything
     else (learned positions, the embedding norm, final norm, head) is in the stage's root unit.
     FSDP2 gathers and reduces one flat buffer per unit (`FSDPParamGroup`), so one record each."""
-    ends = data.ends(first, last, pp)
+    # the MTP modules' input parts are in their modules' units (`ModelData.mtp_own`)
+    ends = tuple(t for t in data.ends(first, last, pp) if not t.name.startswith("mtp."))
     if data.plan.tied and first and last:
         return ((ends, "embedding + final norm + LM head (root unit)"),)
     embed = tuple(t for t in ends if t.name.startswith("embed.")) if first else ()
@@ -588,6 +589,13 @@ class ModelData:
             self._modules[key] = modules(tensors, tp, ep)
         return self._modules[key]
 
+    def mtp_own(self, layer: int) -> tuple[Tensor, ...]:
+        """The input parts (norms, projection) of the MTP module whose block is layer `layer` of
+        `plan.layers`, which the last stage's ends hold (`last_tensors`); () for a main layer."""
+        if layer < self.n_main:
+            return ()
+        return tuple(t for t in self.last if t.name.startswith(f"mtp.{layer - self.n_main}."))
+
     def ends(self, first: bool, last: bool, pp: int) -> tuple[Tensor, ...]:
         """The embedding / head tensors a chunk holds besides its layers."""
         out: tuple[Tensor, ...] = self.first if first else ()
@@ -624,7 +632,10 @@ def _chunk_layers(data: ModelData, layers: range) -> ChunkLayers:
     return ChunkLayers(
         s4=s4,
         sub_blocks=sum(1 + _tp_ffn(layer) for layer in chosen) - s4,
-        ends_tp=sum(recompute_skips_last_gemm(layer, data.plan.residual) for layer in chosen),
+        # an MTP module with a final norm ends in it, whose backward saves the block's reduced
+        # output: the module's re-run (checkpointed whole, `shard_stage`) cannot stop before it
+        ends_tp=sum(recompute_skips_last_gemm(layer, data.plan.residual) for layer in chosen
+                    if not (layer.path.startswith("mtp.") and data.plan.final_norm)),
         x_proj=_first_seen(layer.mixer.dt_rank + 2 * layer.mixer.d_state for layer in chosen
                            if isinstance(layer.mixer, Mamba1Plan)),
         stats=tuple((n, stats.count(n)) for n in sorted(set(stats))),
@@ -1324,11 +1335,21 @@ def _accumulated_embedding_extra(data: ModelData, layout: Layout, chunks: Sequen
     vocabulary on every tp rank); FSDP2 accumulates it so until the reduction. A tied head's
     Shard(0) gradient of the same weight comes first (the head runs backward before the
     embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only the rank's rows are
-    accumulated then (measured by verify --layout)."""
+    accumulated then (measured by verify --layout). The rank's first chunk holds the embedding;
+    its last chunk may hold the copy the MTP modules read (`_mtp_copy_extra`)."""
     if states.engine != "torch" or not _fsdp_accumulates(layout, microbatches):
         return 0
     whole, rows = _embedding_alone(data, layout, chunks)
-    return whole - rows
+    return whole - rows + _mtp_copy_extra(data, layout, chunks)
+
+
+def _mtp_copy_extra(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
+    """The last stage's untied copy of the embedding that the MTP modules read (pp > 1): only the
+    embedding's backward reaches it, so FSDP2 accumulates its gradient whole, as the first stage's."""
+    if not (chunks[-1].last and layout.pp > 1 and data.mtp_depth and not data.plan.tied):
+        return 0
+    copy = next(t for t in data.last_tied_copy if t.name == "mtp_embed.weight")
+    return copy.numel - _local_numel((copy,), layout.tp, layout.ep)[0]
 
 
 def _embedding_alone(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> tuple[int, int]:
@@ -1372,7 +1393,11 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         # one round of the interleaved schedule: a chunk runs all its backwards before the next
         # (chunks in reverse), so each accumulates its unsharded gradients only while the chunks
         # after it hold their reduced shards and those before it none yet (measured by verify --layout)
-        fulls = [f + (embedding_extra if c == 0 else 0) for c, (f, _) in enumerate(per_chunk)]
+        # the embedding's extra is the rank's first chunk's, the MTP modules' copy's its last one's
+        copy_extra = _mtp_copy_extra(data, layout, chunks)
+        last = len(per_chunk) - 1
+        fulls = [f + (embedding_extra - copy_extra if c == 0 else 0) + (copy_extra if c == last else 0)
+                 for c, (f, _) in enumerate(per_chunk)]
         gradients = states.grad_bytes * max(fulls[c] + sum(sh for _, sh in per_chunk[c + 1:])
                                             for c in range(len(per_chunk)))
     else:
@@ -1695,16 +1720,21 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
             # then its column-parallel eh_proj reads the 2·d concatenation (gathered over the
             # sequence under SP) and its output is gathered over the last dim and scattered back
             # over the sequence (Megatron-Core's `MultiTokenPredictionLayer._concat_embeddings`)
+            # Full recompute re-runs each module with its projection, the embedding outside it
+            # (Megatron-Core checkpoints `_proj_and_transformer_layer`; archplan's torch engine the
+            # module: measured by verify --layout); Megatron's eh_proj re-gathers its input in the
+            # backward as every column-parallel GEMM under SP does, DTensor saved it gathered
             mtp = m * data.mtp_depth
+            regather = 1 if engine == "megatron" else 0
             add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, mtp, "MTP embedding output (TP)")
             if sp:
                 add("all_gather", "tp", tp, act, mtp, "MTP embedding output gradient (SP)")
-                add("all_gather", "tp", tp, 2 * act, mtp, "MTP projection input, 2·d (SP)")
+                add("all_gather", "tp", tp, 2 * act, mtp * (fwd + regather), "MTP projection input, 2·d (SP)")
                 add("reduce_scatter", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (SP)")
                 add("all_gather", "tp", tp, act, mtp, "MTP projection output gradient (SP)")
             else:
                 add("all_reduce", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (TP)")
-            add("all_gather", "tp", tp, act, mtp, "MTP projection output, over the last dim (TP)")
+            add("all_gather", "tp", tp, act, mtp * fwd, "MTP projection output, over the last dim (TP)")
         if sp and tp > 1:
             _count_into(norm_grads, counted.sp_norms)
             for flag, norms in ((chunk.first, data.sp_norms_first), (chunk.last, data.sp_norms_last)):
@@ -1771,8 +1801,13 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
 
         if per_layer:
             for i in chunk.layers:
-                out += _dp_records((numel_d[i], numel_e[i]), (fsdp_d[i], fsdp_e[i]), f"layers.{i}",
-                                   layout, m, states, grad_reduce, dp_over, fetched(i), (fp8_d[i], fp8_e[i]))
+                # the torch engine's MTP module is one FSDP2 unit, its input parts with its block
+                own = data.mtp_own(i) if engine == "torch" else ()
+                (od, oe), (sd, se), (fd, fe) = (_local_numel(own, tp, ep), _fsdp_numel(own, tp, ep, dp, edp),
+                                                _local_fp8_numel(own, tp, ep))
+                out += _dp_records((numel_d[i] + od, numel_e[i] + oe), (fsdp_d[i] + sd, fsdp_e[i] + se),
+                                   f"layers.{i}", layout, m, states, grad_reduce, dp_over, fetched(i),
+                                   (fp8_d[i] + fd, fp8_e[i] + fe))
         elif hi > lo:
             out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,

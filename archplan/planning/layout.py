@@ -320,6 +320,12 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_laye
         raise ArchplanError(f"--layout: {why}")
 
 
+def _even(blocks: int, chunks: int) -> list[int]:
+    """`blocks` over `chunks` as evenly as they split, the extra ones on the last chunks."""
+    base, extra = divmod(blocks, chunks)
+    return [base + (1 if c >= chunks - extra else 0) for c in range(chunks)]
+
+
 # cached: the search asks for the same few (pp, vpp) splits once per layout and stage
 @lru_cache(maxsize=4096)
 def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tuple[tuple[range, ...], ...]:
@@ -340,7 +346,9 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tupl
     on). Then the layers split as Megatron-Bridge's layout maps for DeepSeek-V3 write them:
     ⌈n_layers / chunks⌉ on every chunk but the last, which holds the rest, the tail and the loss
     (61 layers on 16 chunks: 4 each and 1; on 8: 8 each and 5; on 4: 16, 16, 16, 13). Where that
-    leaves the last chunk no layer of its own to drop, the n_layers + tail blocks split as above.
+    leaves the last chunk no layer of its own to drop, the n_layers + tail blocks split as above,
+    unless that would leave part of the tail on another chunk: then the n_layers split alone and the
+    whole tail joins the last chunk.
     """
     chunks = pp * vpp
     front = math.ceil(n_layers / chunks)
@@ -352,8 +360,10 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tupl
         sizes[0] -= 1
         sizes[-1] -= 1
     else:
-        base, extra = divmod(n_layers + tail, chunks)
-        sizes = [base + (1 if c >= chunks - extra else 0) for c in range(chunks)]
+        sizes = _even(n_layers + tail, chunks)
+    if sizes[-1] < tail:  # an even split would leave an MTP module off the last chunk, which runs them
+        sizes = _even(n_layers, chunks)
+        sizes[-1] += tail
     ranges, start = [], 0
     for size in sizes:
         ranges.append(range(start, start + size))
