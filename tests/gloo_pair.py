@@ -126,6 +126,9 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     # the MTP module under TP2 + SP: its norms on sequence shards, the projection column-parallel
     # over its gathered 2·d input, the output gathered over the last dim, its MLA + MoE block
     "tp2-mtp": ("parity", "tiny-mtp.yaml", {}, TP2),
+    # under CP: each rank's chunks read the tokens ahead of their global positions, its loss the
+    # sum over its targets scaled to the whole sequences' mean (the targetless tail is one rank's)
+    "cp2-mtp-full-recompute": ("parity", "tiny-mtp.yaml", {}, "tp=1,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=2"),
     "mtp-pp2": ("pipeline_parity", "tiny-mtp.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=selective,mb=1"),
     "mtp-dp2-full-recompute": ("pipeline_parity", "tiny-mtp.yaml", {},
                                "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),

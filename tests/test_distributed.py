@@ -1178,7 +1178,10 @@ def _tied_llama_mtp(directory: Path) -> Path:
     ("depth-2", "tp=2,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=1,recompute=selective,mb=1"),
     # tied: the last stage's head copy is the embedding the modules read; TP without SP
     ("tied", "tp=2,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=full,mb=1,sp=off"),
-], ids=["pp1-zero1", "tp2-ep2-zero1", "pp4-full", "depth2-vpp2", "tied-no-sp"])
+    # CP: each rank's chunks read the tokens ahead of their global positions; the module's
+    # attention gathers K/V over cp as the layers' does
+    ("tiny-mtp.yaml", "tp=2,cp=2,pp=2,dp=1,ep=2,zero=3,recompute=full,mb=1"),
+], ids=["pp1-zero1", "tp2-ep2-zero1", "pp4-full", "depth2-vpp2", "tied-no-sp", "tp2-cp2-full"])
 def test_fake_verify_multi_token_prediction(fake_world: None, tmp_path: Path, spec: str, layout: str) -> None:
     """DeepSeek-V3's MTP modules on the pipeline's last stage (`distributed.stage.Stage`), measured
     there: model states, every collective (the modules' embedding, their projection's under TP,
@@ -1197,7 +1200,6 @@ def test_fake_verify_multi_token_prediction(fake_world: None, tmp_path: Path, sp
 
 
 @pytest.mark.parametrize(("fields", "said"), [
-    ({}, "cp=1 only"),
     ({"position": {"kind": "learned"}}, "learned positions"),
     ({"embedding": {"norm": True}}, "embedding norm"),
 ])
@@ -1207,7 +1209,7 @@ def test_mtp_layouts_the_stages_do_not_build_are_refused(fake_world: None, tmp_p
     from archplan.errors import ArchplanError
 
     plan = resolve(load_spec(variant(tmp_path, "tiny-mtp.yaml", "tiny-mtp-x", **fields)))
-    layout = parse_layout(f"tp=1,cp={1 if fields else 2},pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1").complete()
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1").complete()
     assert layout is not None
     with pytest.raises(ArchplanError, match=said):
         check_layout_run(plan, layout, 64, microbatches=1)

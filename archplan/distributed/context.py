@@ -226,7 +226,7 @@ class ContextShard:
 
 def refusal(stage: Stage, cp: int) -> str | None:
     """Why this stage cannot run context-parallel over cp ranks, or None."""
-    for i, block in stage.layers.items():
+    for i, block in [*stage.layers.items(), *((f"mtp.{k}", b) for k, b in stage.mtp.items())]:
         match block.mixer:
             case Attention() | MLA():
                 pass
@@ -279,7 +279,7 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
     if layout.cp == 1:
         return None
     check_cp(stage, layout.cp)
-    mixers = [block.mixer for block in stage.layers.values()]
+    mixers = [block.mixer for block in stage.blocks()]
     attention = [m for m in mixers if isinstance(m, Attention | MLA)]
     windows = tuple(dict.fromkeys(m.plan.window for m in attention))
     shard = ContextShard(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), layout.cp,
@@ -294,6 +294,9 @@ def apply_context_parallel(stage: Stage, mesh: LayoutMesh, compute_dtype: torch.
             case Mamba1Mixer() | Mamba2Mixer():
                 mamba_context(mixer, shard)
     global_positions(stage, shard)
+    # the MTP modules read the tokens ahead of the rank's positions (`Stage.forward`)
+    stage.context_ranks = layout.cp
+    stage.rank_positions = lambda t, device: shard.positions(t // layout.cp, device)
     split = layout.tp if layout.sequence_parallel else 1
 
     def prepare(module: Stage, args: tuple[Tensor, ...]) -> None:

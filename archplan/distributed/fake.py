@@ -717,8 +717,11 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
                              sample=sample)
         tracker.rerun_sample = sample
         # the rank's tokens: seq / cp of each sequence (their values do not matter here)
+        # (the whole sequences too where MTP modules read them ahead of the rank's chunks)
         batches = [MicroBatch(torch.randint(0, plan.vocab_size, (layout.mb, seq // layout.cp), device=DEVICE),
-                              torch.randint(0, plan.vocab_size, (layout.mb, seq // layout.cp), device=DEVICE))
+                              torch.randint(0, plan.vocab_size, (layout.mb, seq // layout.cp), device=DEVICE),
+                              torch.randint(0, plan.vocab_size, (layout.mb, seq), device=DEVICE)
+                              if plan.mtp and layout.cp > 1 else None)
                    for _ in range(microbatches)]
         with tracker:
             # the first step creates AdamW's states, and the measured one is not a first call:

@@ -71,6 +71,7 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
     # context parallelism: this rank's chunks of the sequence, compared with the same positions
     # of the one-process logits (cp = 1: the whole sequence)
     cp_rank = mesh["cp"].get_local_rank()
+    sequence = tokens
     tokens, labels = (shard_sequence(x, cp_rank, layout.cp) for x in (tokens, labels))
     positions = chunk_positions(cp_rank, layout.cp, seq // layout.cp) if layout.cp > 1 else torch.arange(seq)
     ref_logits = ref_logits[:, positions]
@@ -84,7 +85,7 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
         if plan.mtp:  # the logits of inference, which drops the MTP modules, then the training loss
             with torch.no_grad():
                 logits = stage(tokens)
-            first_loss = stage(tokens, tokens)
+            first_loss = stage(tokens, sequence)
         else:
             logits = stage(tokens)
             first_loss = runner.loss(logits, labels)
@@ -106,7 +107,7 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for _ in range(steps - 1):
-        runner.train_step([MicroBatch(tokens, labels)])
+        runner.train_step([MicroBatch(tokens, labels, sequence if layout.cp > 1 else None)])
     losses = [float(first_loss.detach()), *(float(x) for x in runner.losses)]
     dist.barrier()
     return {"logits": logit_diff, "grads": grad_diff, "losses": losses}  # type: ignore[dict-item]

@@ -8,6 +8,8 @@ Built from archplan's own modules: the ends from an `ArchplanModel` of no layers
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -44,17 +46,22 @@ class Stage(nn.Module):
         # (Megatron-Core's GPTModel builds one wherever `mtp_process` is), synced as a tied head's
         # copy is (`shard.tied_group`); a tied head's copy is that embedding already
         self.mtp_embed = model.embed if last and self.mtp and self.embed is None else None
+        # under context parallelism (`context.apply_context_parallel`): the ranks, and the global
+        # positions of this rank's rows of whole T-token sequences, which the MTP modules read
+        self.context_ranks = 1
+        self.rank_positions: Callable[[int, torch.device], Tensor] | None = None
 
     def blocks(self) -> list[Block]:
         """The stage's blocks, the main layers' and the MTP modules' (which are blocks with their
         own input parts), as every parallelism applies to them alike."""
         return [*self.layers.values(), *self.mtp.values()]
 
-    def forward(self, x: Tensor, tokens_BT: Tensor | None = None) -> Tensor:
-        """Token ids (B, T) on the first stage, else the previous stage's hidden states. The last
-        stage returns its logits, or, given `tokens_BT` with multi-token prediction, the training
-        loss (`ArchplanModel.training_loss`: the MTP modules read the tokens ahead). Without the
-        tokens it is inference, which discards the MTP modules (DeepSeek-V3 §2.2)."""
+    def forward(self, x: Tensor, sequence_BT: Tensor | None = None) -> Tensor:
+        """Token ids (B, T) on the first stage, else the previous stage's hidden states (under
+        context parallelism the rank's chunks of them). The last stage returns its logits, or,
+        given `sequence_BT`, the whole sequences' tokens, with multi-token prediction the training
+        loss (`ArchplanModel.training_loss`: the MTP modules read the tokens ahead). Without them
+        it is inference, which discards the MTP modules (DeepSeek-V3 §2.2)."""
         if self.first:
             x = self._embed(x)
         for layer in self.layers.values():
@@ -63,21 +70,28 @@ class Stage(nn.Module):
             return x
         if self.final_norm is not None:
             x = self.final_norm(x)
-        if not self.mtp or tokens_BT is None:
+        if not self.mtp or sequence_BT is None:
             return self._head(x)
         # the embedding the MTP modules read: the first stage's, a tied head's copy, or their own copy
         embed = self.mtp_embed if self.mtp_embed is not None else self.embed
         assert embed is not None
+        t = sequence_BT.shape[1]
+        positions = (torch.arange(t, device=sequence_BT.device) if self.rank_positions is None
+                     else self.rank_positions(t, sequence_BT.device))
+
+        def ahead(logits_BTV: Tensor, n: int) -> Tensor:
+            return cross_entropy_ahead(logits_BTV, sequence_BT, n, positions, self.context_ranks)
+
         # DeepSeek-V3 eq. 25, the main loss and each depth's, computed as each head pass ends
-        loss = cross_entropy_ahead(self._head(x), tokens_BT, 1)
+        loss = ahead(self._head(x), 1)
         for k, module in enumerate(self.mtp.values()):
-            # depth k reads the tokens rolled left by k + 1, embedded per depth as Megatron-Core's
-            # MTP block embeds its rolled input ids: under SP a rank holds a sequence shard of an
-            # embedding, which it could not roll (`ArchplanModel._training_logits` rolls the
-            # embedding, the same tensor for an embedding of the tokens alone)
-            x = module(x, embed(tokens_BT.roll(-(k + 1), dims=1)))
-            loss = loss + self.plan.mtp_loss_weight / len(self.mtp) * cross_entropy_ahead(
-                self._head(x), tokens_BT, k + 2)
+            # depth k reads the tokens rolled left by k + 1 at the rank's positions, embedded per
+            # depth as Megatron-Core's MTP block embeds its rolled input ids: a rank holds a
+            # sequence shard of an embedding under SP or CP, which it could not roll
+            # (`ArchplanModel._training_logits` rolls the embedding, the same tensor for an
+            # embedding of the tokens alone)
+            x = module(x, embed(sequence_BT[:, (positions + k + 1) % t]))
+            loss = loss + self.plan.mtp_loss_weight / len(self.mtp) * ahead(self._head(x), k + 2)
         return loss
 
     def _embed(self, tokens_BT: Tensor) -> Tensor:
@@ -119,14 +133,10 @@ def build_stage(plan: ModelPlan, layout: Layout, stage: int, device: str | torch
 
 def mtp_refusal(plan: ModelPlan, layout: Layout) -> str | None:
     """Why the stages cannot run this model's multi-token prediction (None: they can). The last
-    stage runs the modules on whole sequences, reading an embedding of the tokens alone: context
-    parallelism would split the sequence whose tokens the modules roll, and learned or sinusoidal
-    positions or an embedding norm would join the embedding they read (the first stage's parts)."""
+    stage's modules read an embedding of the tokens alone: learned or sinusoidal positions or an
+    embedding norm would join it, and they are the first stage's parts."""
     if not plan.mtp:
         return None
-    if layout.cp > 1:
-        return (f"{plan.name}'s multi-token prediction runs at cp=1 only on torch.distributed (got cp={layout.cp}): "
-                "its modules roll whole sequences")
     absolute = plan.position in ("learned", "sinusoidal")
     if absolute or plan.embed_norm:
         what = f"{plan.position} positions" if absolute else "embedding norm"

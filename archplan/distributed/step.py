@@ -40,8 +40,11 @@ from archplan.distributed.shard import Sharded, unit_view_outputs
 
 @dataclass(frozen=True)
 class MicroBatch:
-    tokens_BT: Tensor  # the first stage's input
-    labels_BT: Tensor  # the last stage's targets
+    tokens_BT: Tensor  # the first stage's input (under cp, the rank's chunks of the sequences)
+    labels_BT: Tensor  # the last stage's targets (likewise)
+    # the whole sequences, which the multi-token-prediction modules read ahead of the rank's
+    # positions (None: tokens_BT is whole, cp = 1)
+    sequence_BT: Tensor | None = None
 
 
 def one_f_one_b(stage: int, pp: int, m: int) -> list[tuple[str, int]]:
@@ -129,7 +132,7 @@ class StageRunner:
             # with multi-token prediction the last stage reads the tokens too and returns the loss,
             # its vocabulary-parallel cross-entropies computed inside
             with unit_view_outputs(), self.loss_context()():
-                out = stage(inp, batch.tokens_BT)
+                out = stage(inp, batch.tokens_BT if batch.sequence_BT is None else batch.sequence_BT)
         else:
             with unit_view_outputs():
                 out = stage(inp)

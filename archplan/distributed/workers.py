@@ -102,7 +102,8 @@ def _batches(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.de
     for _ in range(m):
         tokens = torch.randint(0, plan.vocab_size, (layout.mb, seq), generator=gen)
         labels = torch.roll(tokens, -1, dims=1)
-        out.append(MicroBatch(*(shard_sequence(x, cp_rank, layout.cp).to(device) for x in (tokens, labels))))
+        out.append(MicroBatch(*(shard_sequence(x, cp_rank, layout.cp).to(device) for x in (tokens, labels)),
+                              sequence_BT=tokens.to(device) if layout.cp > 1 else None))
     return out
 
 

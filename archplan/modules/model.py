@@ -70,13 +70,25 @@ def share_biases(layers: nn.Module) -> None:
 IGNORED = -100  # F.cross_entropy's default ignore_index
 
 
-def cross_entropy_ahead(logits_BTV: Tensor, tokens_BT: Tensor, ahead: int) -> Tensor:
-    """Mean fp32 cross-entropy of logits at position i against token i + ahead, over the positions
-    where that token is among the T given. The labels roll, not the logits: a slice of the logits
-    would copy them (Megatron-Core's MTP rolls its labels and masks the tail the same way)."""
-    labels_BT = tokens_BT.roll(-ahead, dims=1)
-    labels_BT[:, -ahead:] = IGNORED
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORED)
+def cross_entropy_ahead(logits_BTV: Tensor, tokens_BT: Tensor, ahead: int, positions: Tensor | None = None,
+                        shards: int = 1) -> Tensor:
+    """Mean fp32 cross-entropy of the logits at position i against token i + ahead, over the
+    positions where that token is among the T given. The labels are gathered, not the logits: a
+    slice of the logits would copy them (Megatron-Core's MTP rolls its labels and masks the tail the
+    same way).
+
+    `positions`: the global positions of the logits' rows, of T whole-sequence `tokens_BT` (a
+    context-parallel rank's chunks; default: all T). The sum over them is divided by the whole
+    sequences' count and multiplied by `shards`, the ranks whose losses are averaged (cp), so that
+    average is the whole sequences' mean, however unevenly the targetless tail falls on them."""
+    b, t = tokens_BT.shape
+    if positions is None:
+        positions = torch.arange(t, device=tokens_BT.device)
+    ahead_at = positions + ahead
+    labels_BT = tokens_BT[:, ahead_at.clamp(max=t - 1)].masked_fill(ahead_at >= t, IGNORED)
+    total = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORED,
+                            reduction="sum")
+    return total * shards / (b * (t - ahead))
 
 
 class ArchplanModel(nn.Module):
