@@ -107,7 +107,11 @@ def _main() -> None:
     except typer.TyperException as exc:
         # Usage errors (unknown option, missing argument, bad value): one line, as every other
         # bad input, with typer's message and exit code 2. No arguments at all print the help
-        # (click's NoArgsIsHelpError, with no message): nothing to add to it.
+        # (click's NoArgsIsHelpError, with no message): `archplan` or `archplan import` alone asks
+        # for that overview, as `--help` does, and exits 0 as it does (typer, too, recognises the
+        # error by its class name)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)
         message = _usage_message(exc, sys.argv[1:])
         if message is not None:
             typer.echo(f"archplan: error: {message}", err=True)
