@@ -1170,6 +1170,8 @@ def _tied_llama_mtp(directory: Path) -> Path:
 
 @pytest.mark.parametrize(("spec", "layout"), [
     ("tiny-mtp.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1"),
+    # ZeRO-3 reshards the embedding's unit after each call: gathered again for the module's tokens
+    ("tiny-mtp.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
     # TP2 + SP, EP folded over tp: the untied embedding copy's Replicate gradient accumulated whole
     ("tiny-mtp.yaml", "tp=2,cp=1,pp=2,dp=1,ep=2,zero=1,recompute=none,mb=1"),
     # the module alone on the last of four stages; full recompute re-runs its projection's gathers
@@ -1181,7 +1183,7 @@ def _tied_llama_mtp(directory: Path) -> Path:
     # CP: each rank's chunks read the tokens ahead of their global positions; the module's
     # attention gathers K/V over cp as the layers' does
     ("tiny-mtp.yaml", "tp=2,cp=2,pp=2,dp=1,ep=2,zero=3,recompute=full,mb=1"),
-], ids=["pp1-zero1", "tp2-ep2-zero1", "pp4-full", "depth2-vpp2", "tied-no-sp", "tp2-cp2-full"])
+], ids=["pp1-zero1", "pp1-zero3-full", "tp2-ep2-zero1", "pp4-full", "depth2-vpp2", "tied-no-sp", "tp2-cp2-full"])
 def test_fake_verify_multi_token_prediction(fake_world: None, tmp_path: Path, spec: str, layout: str) -> None:
     """DeepSeek-V3's MTP modules on the pipeline's last stage (`distributed.stage.Stage`), measured
     there: model states, every collective (the modules' embedding, their projection's under TP,

@@ -158,14 +158,18 @@ def test_top_layout_deeper(fake_world: None, name: str) -> None:
 def test_deepseek_v3_mtp_last_stage(fake_world: None) -> None:
     """DeepSeek-V3 with its MTP module at 1,024 ranks: the last of 16 stages holds layer 60 and the
     module (TP2 + SP, experts over ep = 32), whose embedding copy, projection and head pass are
-    measured beside plan's figures; the stage's peak at this short sequence is the logits' (docs/distributed.md)."""
+    measured beside plan's figures. Under full recompute the module's re-run is the stage's
+    activation peak, the main pass's logits still alive (1.31x of plan's figure before that moment
+    was priced, 1.03x now; docs/distributed.md)."""
     plan = resolve(load_spec(PRESETS / "deepseek-v3-mtp.yaml"))
     layout = parse_layout(CHEAPER["deepseek-v3-mtp"]).complete()
     assert layout is not None and layout.world == GPUS
-    result = check_layout_run(plan, layout, 32, microbatches=1, stage=15)
-    assert result.measured.layers == (60,) or list(result.measured.layers) == [60]
+    seq = 128
+    result = check_layout_run(plan, layout, seq, microbatches=1, stage=15)
+    assert list(result.measured.layers) == [60] and list(result.measured.mtp) == [0]
     _check(result)
-    assert any(r.kind == "all_gather" and r.mesh_dim == "tp" and r.bytes == 2 * 2 * 32 * plan.d_model and r.measured
+    assert result.ok, [r for r in (*result.memory, *result.collectives) if not r.ok]
+    assert any(r.kind == "all_gather" and r.mesh_dim == "tp" and r.bytes == 2 * 2 * seq * plan.d_model and r.measured
                for r in result.collectives)  # the projection's 2·d input, gathered over the sequence
 
 

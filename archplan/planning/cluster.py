@@ -1497,7 +1497,7 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     activations = 0.0
     counts = in_flight(layout, microbatches, stage)
     per_layer = data.layer_acts(layout, mode, kernel, engine, modules)
-    head = 0.0
+    head = main_pass = 0.0
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     for chunk, count in zip(chunks, counts):
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
@@ -1519,16 +1519,26 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             kept = data.mtp_embed_act + (data.mtp_proj_act if mode != "full" else 0)
             mtp = data.mtp_ids_act + kept / (tp if layout.sequence_parallel else 1)
             head = (ends + mtp + data.logits_act / tp) * scale
+            # the main pass's share of the head's tensors, and the MTP modules' kept inputs
+            main_pass = ((ends + data.logits_act / tp) / (1 + data.mtp_depth) + mtp) * scale
     layers = [i for chunk in chunks for i in chunk.layers]
     if mode == "full":
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         whole = data.layer_acts(layout, "none", kernel, engine)
-        rerun = max(((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
-                     + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout)
-                     for i in layers),
-                    default=0.0)
-        activations += max(head, rerun)
+
+        def rerun(i: int) -> float:
+            return ((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
+                    + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout))
+
+        moments = [head, max(map(rerun, layers), default=0.0)]
+        if engine == "torch" and data.mtp_depth and chunks[-1].last:
+            # except the MTP modules' re-run: the torch engine's loss adds the main pass's first
+            # (`distributed.stage.Stage`), so autograd runs the modules' backward, and their
+            # re-run, while the main pass's head tensors still wait for theirs (Megatron-Core
+            # computes the main loss last: its backward frees them first)
+            moments.append(main_pass + max(rerun(i) for i in layers if i >= data.n_main))
+        activations += max(moments)
     else:
         # the combine's transient rows of the rank's last forward, before the head runs
         combine = max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
@@ -1596,11 +1606,13 @@ def _kv_bytes(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> int:
 def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout: Layout, m: int,
                states: StatesConvention, grad_reduce: int, overlappable: bool,
                fetches: dict[int, tuple[int, int]] | None = None,
-               fp8: tuple[int, int] = (0, 0)) -> list[Collective]:
+               fp8: tuple[int, int] = (0, 0), forward_calls: int = 1) -> list[Collective]:
     """Gradient reduction and parameter gathers of `local` (dense, expert) elements whose FSDP2
     shards are `fsdp`. `fetches` (ZeRO-3 fetched per module): gathers per micro-batch -> the
     (dense, expert) elements gathered that many times, instead of every element twice. `fp8`: of
-    `local`, the elements FP8 primary weights gather in one byte (`StatesConvention.fp8_weights`)."""
+    `local`, the elements FP8 primary weights gather in one byte (`StatesConvention.fp8_weights`).
+    `forward_calls`: the unit's calls per forward, each gathering it again at ZeRO-3 (which
+    reshards it after each)."""
     groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, False),
               ("expert_dp", layout.expert_dp, True))
     zero = layout.zero
@@ -1622,7 +1634,7 @@ def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout
                                           times * m, f"{label} bf16 parameters (DP, {times} fetches per micro-batch)",
                                           overlappable))
         elif zero >= 1:
-            gathers = 2 * m if zero == 3 else 1
+            gathers = (forward_calls + 1) * m if zero == 3 else 1
             # bf16, but one byte for each weight kept in fp8
             fp8_padded = math.ceil(in_fp8 / size) * size if states.fp8_weights else 0
             dtype = "bf16 + fp8" if fp8_padded else "bf16"
@@ -1826,9 +1838,12 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                 assert_never(engine)
         for tensors, what, parts in ends:
             if tensors:
+                # the torch engine's embedding unit on a stage that also runs the MTP modules
+                # embeds their tokens once more per depth (`distributed.stage.Stage`)
+                calls = 1 + data.mtp_depth if engine == "torch" and what == "embedding" and chunk.last else 1
                 out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
                                    what, layout, m, states, grad_reduce, dp_over, fetched(*parts),
-                                   _local_fp8_numel(tensors, tp, ep))
+                                   _local_fp8_numel(tensors, tp, ep), calls)
         if (plan.tied or data.mtp_depth) and layout.pp > 1 and (chunk.first or chunk.last):
             # Megatron all-reduces the whole main grad; FSDP2 (zero ≥ 1) the rank's dim-0 shard,
             # split alike on both end stages (`distributed.step.StageRunner.sync_tied_gradient`)
