@@ -88,7 +88,8 @@ N = p unless the layout's `group` sets it (Megatron's interleaved schedule), so 
 (Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
 recompute those are freed before the layers are re-run, so the larger of them and the re-run
-layer counts, not both.
+layer counts, not both; except in the torch engine with multi-token prediction, whose MTP modules
+are re-run while the main pass's head tensors are still alive (`_rank_activations`).
 
 **Engines** (`StatesConvention.engine`): "megatron" (ZERO, MEGATRON: `plan`'s default) is what
 is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant checkpointing,
