@@ -538,3 +538,29 @@ def test_cuda_dispatch_matches_the_expert_loop(dtype: torch.dtype, tol: float) -
     x = torch.randn(2, 16, 64, device="cuda", dtype=dtype)
     want = experts_loop(moe, x).float()
     torch.testing.assert_close(moe(x).float(), want, rtol=tol, atol=tol)
+
+
+def test_router_gating_on_a_16_bit_weight_keeps_no_fp32_copy() -> None:
+    """FSDP2's mixed precision hands the router its bf16 gather: the fp32 product and gradients
+    are autograd's through `weight.float()`, but the fp32 copy of the weight is not saved for the
+    backward (Megatron-Core's `RouterGatingLinearFunction`)."""
+    from torch import nn
+
+    from archplan.modules.moe import Router
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, requires_grad=True)
+    weight = torch.randn(8, 16).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(8).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(5, 8)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    expected_grads = torch.autograd.grad(expected, (x, weight, bias), grad)
+    router = Router(16, 8, bias=True, correction=False)
+    router.weight, router.bias = nn.Parameter(weight.detach().clone()), nn.Parameter(bias.detach().clone())
+    got = router(x)
+    assert torch.equal(got, expected)
+    saved = got.grad_fn.saved_tensors
+    assert not any(t.dtype == torch.float32 and t.shape == weight.shape for t in saved), [t.shape for t in saved]
+    got_grads = torch.autograd.grad(got, (x, router.weight, router.bias), grad)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == e.dtype and torch.allclose(g.float(), e.float(), rtol=1e-6, atol=1e-6)
