@@ -226,7 +226,7 @@ class ContextShard:
 
 def refusal(stage: Stage, cp: int) -> str | None:
     """Why this stage cannot run context-parallel over cp ranks, or None."""
-    for i, block in [*stage.layers.items(), *((f"mtp.{k}", b) for k, b in stage.mtp.items())]:
+    for i, block in stage.named_blocks():
         match block.mixer:
             case Attention() | MLA():
                 pass

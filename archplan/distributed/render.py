@@ -127,4 +127,3 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
     else:
         render(result, report_console())
     return 0 if result.ok else 1
-

@@ -51,10 +51,20 @@ class Stage(nn.Module):
         self.context_ranks = 1
         self.rank_positions: Callable[[int, torch.device], Tensor] | None = None
 
+    def named_blocks(self) -> list[tuple[str, Block]]:
+        """The stage's blocks by model path, the main layers' (their index) and the MTP modules'
+        (`mtp.{k}`: blocks with their own input parts), as every parallelism applies to them alike."""
+        return [*self.layers.items(), *((f"mtp.{k}", block) for k, block in self.mtp.items())]
+
     def blocks(self) -> list[Block]:
-        """The stage's blocks, the main layers' and the MTP modules' (which are blocks with their
-        own input parts), as every parallelism applies to them alike."""
-        return [*self.layers.values(), *self.mtp.values()]
+        return [block for _, block in self.named_blocks()]
+
+    @property
+    def token_embedding(self) -> nn.Embedding | None:
+        """The embedding this stage reads tokens through, whose gradient an end stage sums with the
+        other's (`shard.tied_group`): the first stage's, a tied head's copy, or the copy the MTP
+        modules read."""
+        return self.mtp_embed if self.mtp_embed is not None else self.embed
 
     def forward(self, x: Tensor, sequence_BT: Tensor | None = None) -> Tensor:
         """Token ids (B, T) on the first stage, else the previous stage's hidden states (under
@@ -72,8 +82,7 @@ class Stage(nn.Module):
             x = self.final_norm(x)
         if not self.mtp or sequence_BT is None:
             return self._head(x)
-        # the embedding the MTP modules read: the first stage's, a tied head's copy, or their own copy
-        embed = self.mtp_embed if self.mtp_embed is not None else self.embed
+        embed = self.token_embedding
         assert embed is not None
         t = sequence_BT.shape[1]
         positions = (torch.arange(t, device=sequence_BT.device) if self.rank_positions is None

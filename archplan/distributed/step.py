@@ -179,8 +179,7 @@ class StageRunner:
         for chunk in self.chunks:
             if chunk.tied is None:
                 continue
-            # the first stage's embedding, or the last one's copy: the tied head's, or the MTP modules'
-            embed = chunk.stage.mtp_embed if chunk.stage.mtp_embed is not None else chunk.stage.embed
+            embed = chunk.stage.token_embedding
             assert embed is not None
             grad = embed.weight.grad
             assert grad is not None

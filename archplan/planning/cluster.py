@@ -636,7 +636,7 @@ def _chunk_layers(data: ModelData, layers: range) -> ChunkLayers:
         # an MTP module with a final norm ends in it, whose backward saves the block's reduced
         # output: the module's re-run (checkpointed whole, `shard_stage`) cannot stop before it
         ends_tp=sum(recompute_skips_last_gemm(layer, data.plan.residual) for layer in chosen
-                    if not (layer.path.startswith("mtp.") and data.plan.final_norm)),
+                    if not (layer.where == "mtp" and data.plan.final_norm)),
         x_proj=_first_seen(layer.mixer.dt_rank + 2 * layer.mixer.d_state for layer in chosen
                            if isinstance(layer.mixer, Mamba1Plan)),
         stats=tuple((n, stats.count(n)) for n in sorted(set(stats))),
@@ -1328,20 +1328,21 @@ def _stage_fp8(data: ModelData, layout: Layout, stage: int) -> tuple[int, int]:
     return whole, shard
 
 
-def _accumulated_embedding_extra(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
-                                 states: StatesConvention) -> int:
-    """Elements FSDP2 accumulates of the embedding's gradient beyond the rank's vocabulary rows.
+def _accumulated_embedding_extras(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
+                                  states: StatesConvention) -> tuple[int, int]:
+    """Elements FSDP2 accumulates of the embedding's gradient beyond the rank's vocabulary rows:
+    on the rank's first chunk, which may hold the embedding, and on its last, which may hold the
+    copy the MTP modules read (`_mtp_copy_extra`).
 
     DTensor's embedding backward gives the vocabulary-parallel weight's gradient Replicate (whole
     vocabulary on every tp rank); FSDP2 accumulates it so until the reduction. A tied head's
     Shard(0) gradient of the same weight comes first (the head runs backward before the
     embedding), and DTensor's sum of Shard(0) and Replicate is Shard(0): only the rank's rows are
-    accumulated then (measured by verify --layout). The rank's first chunk holds the embedding;
-    its last chunk may hold the copy the MTP modules read (`_mtp_copy_extra`)."""
+    accumulated then (measured by verify --layout)."""
     if states.engine != "torch" or not _fsdp_accumulates(layout, microbatches):
-        return 0
+        return 0, 0
     whole, rows = _embedding_alone(data, layout, chunks)
-    return whole - rows + _mtp_copy_extra(data, layout, chunks)
+    return whole - rows, _mtp_copy_extra(data, layout, chunks)
 
 
 def _mtp_copy_extra(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
@@ -1371,7 +1372,7 @@ def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microba
         return 0
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     full = data.stage_params(layout, stage, states.per_tensor)[0]
-    return full + _accumulated_embedding_extra(data, layout, chunks, microbatches, states)
+    return full + sum(_accumulated_embedding_extras(data, layout, chunks, microbatches, states))
 
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -1388,21 +1389,19 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     if states.fp8_weights:  # one byte for each weight kept in fp8 (`StatesConvention.with_fp8_weights`)
         fp8_full, fp8_shard = data.stage_fp8(layout, stage)
         parameters -= (states.param_bytes - states.fp8_weight_bytes) * (fp8_shard if params_sharded else fp8_full)
-    embedding_extra = _accumulated_embedding_extra(data, layout, chunks, microbatches, states)
+    first_extra, last_extra = _accumulated_embedding_extras(data, layout, chunks, microbatches, states)
     if (zero == 1 and states.params_always_sharded and layout.vpp > 1
             and 1 < microbatches <= round_size(layout, microbatches)):
         # one round of the interleaved schedule: a chunk runs all its backwards before the next
         # (chunks in reverse), so each accumulates its unsharded gradients only while the chunks
         # after it hold their reduced shards and those before it none yet (measured by verify --layout)
-        # the embedding's extra is the rank's first chunk's, the MTP modules' copy's its last one's
-        copy_extra = _mtp_copy_extra(data, layout, chunks)
         last = len(per_chunk) - 1
-        fulls = [f + (embedding_extra - copy_extra if c == 0 else 0) + (copy_extra if c == last else 0)
+        fulls = [f + (first_extra if c == 0 else 0) + (last_extra if c == last else 0)
                  for c, (f, _) in enumerate(per_chunk)]
         gradients = states.grad_bytes * max(fulls[c] + sum(sh for _, sh in per_chunk[c + 1:])
                                             for c in range(len(per_chunk)))
     else:
-        gradients = states.grad_bytes * ((shard if grads_sharded else full) + embedding_extra)
+        gradients = states.grad_bytes * ((shard if grads_sharded else full) + first_extra + last_extra)
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
     temporary = held = 0
     if states.compute_copy_bytes:
