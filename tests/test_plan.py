@@ -806,6 +806,9 @@ def test_cli_solve_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 1 and r["candidates"][0]["values"] == {"moe.expert.d_ff": 1}
     assert r["note"].startswith("at their least (moe.expert.d_ff = 1) the widths leave 1,608,781,824 total "
                                 "parameters, above the --total 1,000,000,000 asked and 1,606,422,528 active")
+    # the table reads a miss of a thousand-fold as a ratio, not a ten-digit percentage
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "1e6", "--active", "5e5")
+    assert code == 1 and "(×1.61e+03)" in out and "%)" not in out
     code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "46702792705",
                        "--active", "12879925248", "--tol", "0", "--json")
     assert code == 1 and json.loads(out)["note"] is None

@@ -397,6 +397,12 @@ def _solve_json(result: SolveResult, written: str | None) -> dict[str, Any]:
     }
 
 
+def _solve_error(error: float) -> str:
+    """A solve candidate's relative miss: a percentage, or a ratio where a percentage would run to
+    ten digits (a target far below what the fixed sizes hold)."""
+    return f"{error:+.3%}" if abs(error) < 10 else f"×{1 + error:.3g}"
+
+
 def _print_solve(result: SolveResult, written: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -420,7 +426,7 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
     table.add_column("ok")
     for c in result.candidates[:TOP_LAYOUTS]:
         table.add_row(*(f"{c.values[u]:,}" for u in result.unknowns), f"{c.total:,}", f"{c.active:,}",
-                      *(f"{c.errors[name]:+.3%}" for name, _ in result.targets.items()),
+                      *(_solve_error(c.errors[name]) for name, _ in result.targets.items()),
                       "✓" if c.worst <= result.tolerance else "✗")
     console.print(table)
     best = result.nearest
@@ -434,7 +440,7 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
             + " ("
             # the count too: a miss of a few parameters reads -0.000% at any useful precision
             + ", ".join(f"{name} off by {best.count(name) - target:+,.0f} "
-                        f"({best.errors[name]:+.3%})" for name, target in result.targets.items())
+                        f"({_solve_error(best.errors[name])})" for name, target in result.targets.items())
             + ")"
         )
         if note := result.floor_note:
