@@ -1150,6 +1150,23 @@ def test_fake_verify_random_layouts(fake_world: None, data: st.DataObject) -> No
     assert all(row.ok for row in result.memory if row.judged == "exact"), result.memory
 
 
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_fake_verify_received_output_gradient(fake_world: None, microbatches: int) -> None:
+    """A first stage holding the embedding alone (two layers over PP4) starts its first backward
+    with the output gradient it receives beside its held outputs: m + 1 outputs' worth at m = 1
+    and at m = 4, where the sample before the receive saw m (1.88 against the analytic before
+    either side counted it; found by a random sweep)."""
+    from archplan.distributed.check import check_layout_run
+
+    layout = parse_layout("tp=1,cp=1,pp=4,dp=4,ep=4,zero=2,recompute=none,mb=1").complete()
+    result = check_layout_run(resolve(load_spec(FIXTURES / "tiny-moe.yaml")), layout, 64,
+                              microbatches=microbatches, stage=0)
+    acts = next(r for r in result.memory if r.category == "activations")
+    output = 64 * 64 * 2  # one sequence's bf16 hidden states
+    assert result.ok and acts.measured == (microbatches + 1) * output, acts
+    assert 0.9 < acts.measured / acts.analytic <= 1.0, acts
+
+
 def test_full_recompute_activations_are_measured_at_the_re_run(fake_world: None) -> None:
     """Mixtral's step peaks at the gradients' accumulation, where only the held inputs are
     activations; its activations peak while a layer is re-run in the backward, which
@@ -1183,7 +1200,11 @@ def _tied_llama_mtp(directory: Path) -> Path:
     # CP: each rank's chunks read the tokens ahead of their global positions; the module's
     # attention gathers K/V over cp as the layers' does
     ("tiny-mtp.yaml", "tp=2,cp=2,pp=2,dp=1,ep=2,zero=3,recompute=full,mb=1"),
-], ids=["pp1-zero1", "pp1-zero3-full", "tp2-ep2-zero1", "pp4-full", "depth2-vpp2", "tied-no-sp", "tp2-cp2-full"])
+    # replicate (zero 0), interleaved in one round: the last chunk's copy gradient is reduced back
+    # to the rank's rows before the first chunk's backwards run (found by a random sweep)
+    ("tiny-mtp.yaml", "tp=2,cp=1,pp=2,vpp=2,dp=2,ep=2,zero=0,recompute=full,mb=1"),
+], ids=["pp1-zero1", "pp1-zero3-full", "tp2-ep2-zero1", "pp4-full", "depth2-vpp2", "tied-no-sp", "tp2-cp2-full",
+        "vpp2-zero0"])
 def test_fake_verify_multi_token_prediction(fake_world: None, tmp_path: Path, spec: str, layout: str) -> None:
     """DeepSeek-V3's MTP modules on the pipeline's last stage (`distributed.stage.Stage`), measured
     there: model states, every collective (the modules' embedding, their projection's under TP,

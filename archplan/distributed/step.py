@@ -145,8 +145,6 @@ class StageRunner:
         return out, (inp if not stage.first else None)
 
     def backward(self, chunk: Sharded, out: Tensor, inp: Tensor | None, last: bool) -> None:
-        if self.sample is not None:
-            self.sample()
         root = chunk.units[-1]
         zero = self.mesh.layout.zero
         root.set_is_last_backward(last)
@@ -155,11 +153,17 @@ class StageRunner:
         if zero in (0, 1):
             root.set_requires_gradient_sync(last)
         if chunk.stage.last:
+            if self.sample is not None:
+                self.sample()
             with self.loss_context()():
                 out.backward()
         else:
             grad = torch.empty_like(out)
             dist.recv(grad, self.peer(1), group=self.pp_group)
+            # sampled once the output's gradient has arrived: the chunk's backward starts with it
+            # beside every held activation
+            if self.sample is not None:
+                self.sample()
             out.backward(grad)
         if inp is not None:
             assert inp.grad is not None

@@ -89,7 +89,10 @@ N = p unless the layout's `group` sets it (Megatron's interleaved schedule), so 
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
 recompute those are freed before the layers are re-run, so the larger of them and the re-run
 layer counts, not both; except in the torch engine with multi-token prediction, whose MTP modules
-are re-run while the main pass's head tensors are still alive (`_rank_activations`).
+are re-run while the main pass's head tensors are still alive (`_rank_activations`). A rank whose
+first backward is not the loss's receives its output's gradient from the next stage into a new
+tensor first, so that backward starts with one more sequence's hidden states beside the held
+activations (`_received_gradient`).
 
 **Engines** (`StatesConvention.engine`): "megatron" (ZERO, MEGATRON: `plan`'s default) is what
 is described here; "torch" (FSDP2: DTensor parallel styles, FSDP2, non-reentrant checkpointing,
@@ -1270,7 +1273,21 @@ def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) 
     sets), so under full recompute a Megatron chunk keeps its layers' inputs alone."""
     if chunk.last or engine == "megatron":
         return 0.0
+    return _sequence_hidden_bytes(data, layout)
+
+
+def _sequence_hidden_bytes(data: ModelData, layout: Layout) -> float:
+    """One sequence's hidden states between stages on a rank: sequence-sharded under SP."""
     return ACT_BYTES * data.seq * data.plan.d_model / (layout.tp if layout.sequence_parallel else 1)
+
+
+def _received_gradient(data: ModelData, layout: Layout, chunk: Chunk) -> float:
+    """Bytes of one sequence's output gradient that a rank whose last chunk is not the model's
+    receives from the next stage before that chunk's backward, its first: alive beside every
+    held activation as the backward starts (torch's `PipelineStage` and the torch engine's `step`
+    receive into a new tensor, as Megatron-LM's `recv_backward` does; measured by verify
+    --layout: an embedding-only first stage of PP4 holds m + 1 outputs' worth, not m)."""
+    return 0.0 if chunk.last else _sequence_hidden_bytes(data, layout)
 
 
 def _chunk_numel(data: ModelData, layout: Layout, chunk: Chunk, fp8_only: bool = False) -> tuple[int, int]:
@@ -1390,16 +1407,18 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         fp8_full, fp8_shard = data.stage_fp8(layout, stage)
         parameters -= (states.param_bytes - states.fp8_weight_bytes) * (fp8_shard if params_sharded else fp8_full)
     first_extra, last_extra = _accumulated_embedding_extras(data, layout, chunks, microbatches, states)
-    if (zero == 1 and states.params_always_sharded and layout.vpp > 1
+    if (zero <= 1 and states.params_always_sharded and layout.vpp > 1
             and 1 < microbatches <= round_size(layout, microbatches)):
         # one round of the interleaved schedule: a chunk runs all its backwards before the next
         # (chunks in reverse), so each accumulates its unsharded gradients only while the chunks
-        # after it hold their reduced shards and those before it none yet (measured by verify --layout)
+        # after it hold their reduced ones (dp shards at zero 1, whole at zero 0, the embedding's
+        # Replicate extras back to the rank's rows at both) and those before it none yet
+        # (measured by verify --layout)
         last = len(per_chunk) - 1
         fulls = [f + (first_extra if c == 0 else 0) + (last_extra if c == last else 0)
                  for c, (f, _) in enumerate(per_chunk)]
-        gradients = states.grad_bytes * max(fulls[c] + sum(sh for _, sh in per_chunk[c + 1:])
-                                            for c in range(len(per_chunk)))
+        reduced = [sh if zero == 1 else f for f, sh in per_chunk]
+        gradients = states.grad_bytes * max(fulls[c] + sum(reduced[c + 1:]) for c in range(len(per_chunk)))
     else:
         gradients = states.grad_bytes * ((shard if grads_sharded else full) + first_extra + last_extra)
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
@@ -1522,6 +1541,7 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             # the main pass's share of the head's tensors, and the MTP modules' kept inputs
             main_pass = ((ends + data.logits_act / tp) / (1 + data.mtp_depth) + mtp) * scale
     layers = [i for chunk in chunks for i in chunk.layers]
+    received = _received_gradient(data, layout, chunks[-1]) * scale
     if mode == "full":
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
@@ -1531,7 +1551,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             return ((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
                     + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout))
 
-        moments = [head, max(map(rerun, layers), default=0.0)]
+        # the received output gradient waits beside the chunk's first re-run
+        moments = [head, received + max(map(rerun, layers), default=0.0)]
         if engine == "torch" and data.mtp_depth and chunks[-1].last:
             # except the MTP modules' re-run: the torch engine's loss adds the main pass's first
             # (`distributed.stage.Stage`), so autograd runs the modules' backward, and their
@@ -1540,9 +1561,10 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             moments.append(main_pass + max(rerun(i) for i in layers if i >= data.n_main))
         activations += max(moments)
     else:
-        # the combine's transient rows of the rank's last forward, before the head runs
+        # the combine's transient rows of the rank's last forward, before the head runs; the
+        # received output gradient comes after that forward
         combine = max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
-        activations += max(head, combine)
+        activations += max(head, combine, received)
     return math.ceil(activations)
 
 
