@@ -85,7 +85,8 @@ re-run; an MoE layer adds two transient copies of its routed rows at its combine
 saves (`COMBINE_COPIES`; in the rank's last forward too, without full recompute). In-flight
 micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al. 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,
 N = p unless the layout's `group` sets it (Megatron's interleaved schedule), so at N = p rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
-(Korthikanti §4.2.3). The first chunk adds the int64 token ids, the last the final-norm input, the
+(Korthikanti §4.2.3); which chunks they belong to changes from round to round, so every mix held
+after a steady-state forward is priced (`pipeline_moments`). The first chunk adds the int64 token ids, the last the final-norm input, the
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
 recompute those are freed before the layers are re-run, so the larger of them and the re-run
 layer counts, not both; except in the torch engine with multi-token prediction, whose MTP modules
@@ -176,7 +177,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 from typing_extensions import assert_never
 
@@ -1104,6 +1105,53 @@ def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
+class PipelineMoment(NamedTuple):
+    """A moment of the schedule on one pipeline rank, after a forward and before the backward that
+    follows it: the micro-batches each chunk holds, the chunk that just ran forward and the one
+    whose backward comes next."""
+    counts: tuple[int, ...]
+    forward: int
+    backward: int
+
+
+def pipeline_moments(layout: Layout, microbatches: int, stage: int) -> tuple[PipelineMoment, ...]:
+    """Every distinct moment after the warm-up, `in_flight`'s mix among them. With one chunk
+    there is one. With several the total held stays warm-up + 1, but later rounds hold more of the
+    early chunks: a rank whose last chunk is light (the head's chunk of an uneven split) peaks
+    there, at two rounds or more (measured by verify --layout: tiny-mamba, PP2×v2, m = 4, stage 1)."""
+    if layout.vpp == 1:
+        return (PipelineMoment(in_flight(layout, microbatches, stage), 0, 0),)
+    return _interleaved_moments(layout.pp, layout.vpp, microbatches, round_size(layout, microbatches), stage)
+
+
+@lru_cache(maxsize=4096)
+def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[PipelineMoment, ...]:
+    """`pipeline_moments` of the interleaved schedule: forwards in rounds of n micro-batches through
+    chunk 0, then 1, … (the last round takes the rest, as `in_flight`'s), backwards in the same
+    rounds with the chunks reversed (Megatron-LM `get_schedule_table`, `get_model_chunk_id`)."""
+    rounds = []
+    start = 0
+    while start < m:
+        size = m - start if start + n >= m else n
+        rounds.append(size)
+        start += size
+    forward = [c for size in rounds for c in range(v) for _ in range(size)]
+    backward = [c for size in rounds for c in reversed(range(v)) for _ in range(size)]
+    total = m * v
+    warmup = min(total, 2 * (p - stage - 1) + (v - 1) * n)
+    counts = [0] * v
+    for c in forward[:warmup]:
+        counts[c] += 1
+    if warmup == total:  # every forward first, then every backward
+        return (PipelineMoment(tuple(counts), forward[-1], backward[0]),)
+    moments = set()
+    for i in range(total - warmup):
+        counts[forward[warmup + i]] += 1
+        moments.add(PipelineMoment(tuple(counts), forward[warmup + i], backward[i]))
+        counts[backward[i]] -= 1
+    return tuple(sorted(moments))
+
+
 def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
                engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> float:
     """Kept bytes of one sequence through one layer on one rank (before the cp split)."""
@@ -1514,20 +1562,21 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     scale = mb / cp  # sequences per micro-batch, split over the context-parallel ranks
     mode = layout.recompute
     activations = 0.0
-    counts = in_flight(layout, microbatches, stage)
     per_layer = data.layer_acts(layout, mode, kernel, engine, modules)
     head = main_pass = 0.0
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
-    for chunk, count in zip(chunks, counts):
+    per_count = []  # each chunk's bytes per micro-batch it holds
+    for chunk in chunks:
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         per_mb += _held_output(data, layout, chunk, engine)
-        activations += (per_mb * count * scale + _cp_shared(data, layout, chunk.layers, engine, cp_comm)
-                        + _alibi_bias(data, layout, chunk.layers, engine))
+        per_mb *= scale
+        activations += _cp_shared(data, layout, chunk.layers, engine, cp_comm) + _alibi_bias(data, layout, chunk.layers, engine)
         if mode != "full":
-            activations += count * sum(_filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
-                                       for i in chunk.layers)
+            per_mb += sum(_filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
+                          for i in chunk.layers)
+        per_count.append(per_mb)
         if chunk.last:
             # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
             head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
@@ -1540,31 +1589,40 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             head = (ends + mtp + data.logits_act / tp) * scale
             # the main pass's share of the head's tensors, and the MTP modules' kept inputs
             main_pass = ((ends + data.logits_act / tp) / (1 + data.mtp_depth) + mtp) * scale
-    layers = [i for chunk in chunks for i in chunk.layers]
-    received = _received_gradient(data, layout, chunks[-1]) * scale
+    reruns: dict[int, float] = {}
     if mode == "full":
         # a layer is re-run in the backward after the loss's and the head's backward freed the
         # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
         whole = data.layer_acts(layout, "none", kernel, engine)
+        reruns = {i: (whole[i] + _combine_working_set(data.acts[i], layout)) * scale
+                  + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout)
+                  for chunk in chunks for i in chunk.layers}
+    combines = [max((_combine_working_set(data.acts[i], layout) * scale for i in chunk.layers), default=0.0)
+                for chunk in chunks]
+    last = len(chunks) - 1 if chunks[-1].last else None  # the model's last chunk, where the rank holds it
 
-        def rerun(i: int) -> float:
-            return ((whole[i] + _combine_working_set(data.acts[i], layout)) * scale
-                    + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout))
-
+    def beside(moment: PipelineMoment) -> float:
+        """What the moment holds beyond the chunks' kept activations: the head's tensors after the
+        last chunk's forward, the output gradient received for the next backward of any other
+        chunk (`_received_gradient`), and, under full recompute, the re-run of that backward's
+        layers; without it, the combine's transient rows of the forward just run."""
+        head_now = head if moment.forward == last else 0.0
+        received = _received_gradient(data, layout, chunks[moment.backward]) * scale
+        if mode != "full":
+            return max(head_now, combines[moment.forward], received)
+        rerun = [reruns[i] for i in chunks[moment.backward].layers]
         # the received output gradient waits beside the chunk's first re-run
-        moments = [head, received + max(map(rerun, layers), default=0.0)]
-        if engine == "torch" and data.mtp_depth and chunks[-1].last:
+        moments = [head_now, received + max(rerun, default=0.0)]
+        if engine == "torch" and data.mtp_depth and moment.backward == last:
             # except the MTP modules' re-run: the torch engine's loss adds the main pass's first
             # (`distributed.stage.Stage`), so autograd runs the modules' backward, and their
             # re-run, while the main pass's head tensors still wait for theirs (Megatron-Core
             # computes the main loss last: its backward frees them first)
-            moments.append(main_pass + max(rerun(i) for i in layers if i >= data.n_main))
-        activations += max(moments)
-    else:
-        # the combine's transient rows of the rank's last forward, before the head runs; the
-        # received output gradient comes after that forward
-        combine = max((_combine_working_set(data.acts[i], layout) * scale for i in layers), default=0.0)
-        activations += max(head, combine, received)
+            moments.append(main_pass + max(reruns[i] for i in chunks[last].layers if i >= data.n_main))
+        return max(moments)
+
+    activations += max(sum(map(math.prod, zip(moment.counts, per_count))) + beside(moment)
+                       for moment in pipeline_moments(layout, microbatches, stage))
     return math.ceil(activations)
 
 
