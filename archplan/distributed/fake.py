@@ -639,7 +639,11 @@ class StepTracker(RecomputeAsActivations):
             return res  # DTensor's sharding propagation in its own fake mode
         if self._in_opt:
             reftype = _FSDPRefType.OPT
-        elif self._mod_tracker.is_bw and not self._in_ac:
+        elif (self._mod_tracker.is_bw and not self._in_ac) or self._fsdp_state is _FSDPState.PRE_FW:
+            # what FSDP2's pre-forward allocates is its unit's gathered weights (a unit whose
+            # all-gather outputs it re-creates each time, `FSDPParam.init_all_gather_outputs`):
+            # temporary, as the same tensors made in the pre-backward are; torch's tracker files
+            # them as activations
             reftype = _FSDPRefType.TEMP
         else:
             reftype = _FSDPRefType.ACT
