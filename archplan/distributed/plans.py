@@ -329,7 +329,12 @@ Parts = tuple[int, ...]
 
 def rank_channels(t: torch.Tensor, dim: int, parts: Parts, rank: int, tp: int) -> torch.Tensor:
     """Rank `rank`'s channels of a tensor whose `dim` concatenates blocks of `parts` channels (a
-    fused projection's [x | z], a conv over [x | B | C]): its 1/tp of every block, in block order."""
+    fused projection's [x | z], a conv over [x | B | C]): its 1/tp of every block, in block order.
+    One block is a view: a weight sliced so while a mixer runs under cp is saved by its matmul,
+    and a copy would be kept per micro-batch in flight."""
+    if len(parts) == 1:
+        n = parts[0] // tp
+        return t.narrow(dim, rank * n, n)
     chunks, start = [], 0
     for size in parts:
         n = size // tp
