@@ -1183,6 +1183,24 @@ def test_fake_verify_mamba_under_cp_keeps_no_weight_copies(fake_world: None) -> 
     assert result.ok and acts.measured / acts.analytic < 1.05, acts  # 1.067 with the copies
 
 
+@pytest.mark.parametrize("zero", [1, 3])
+def test_fake_verify_stale_backward_prefetch(fake_world: None, tmp_path: Path, zero: int) -> None:
+    """Eight layers over PP2×v2, 4 micro-batches: in the second round stage 0's second chunk runs
+    both backwards of its first round before its last forwards, so in its last backward FSDP2's
+    implicit prefetch gathers its last layer from a stale index, in vain (`fsdp2_stale_prefetch`;
+    one all-gather more than priced before, at zero 1, 2 and 3; found by a random sweep)."""
+    from archplan.distributed.check import check_layout_run
+
+    path = variant(tmp_path, "tiny-llama.yaml", "tiny-llama-8", n_layers=8)
+    layout = parse_layout(f"tp=1,cp=1,pp=2,vpp=2,dp=2,ep=1,zero={zero},recompute=none,mb=1").complete()
+    result = check_layout_run(resolve(load_spec(path)), layout, 32, microbatches=4, stage=0)
+    assert result.ok and result.copies_ok, [r for r in (*result.memory, *result.collectives) if not r.ok]
+    from archplan.planning import cluster
+
+    assert cluster.fsdp2_stale_prefetch(layout, 4, 0) == (False, True)
+    assert cluster.fsdp2_stale_prefetch(layout, 2, 0) == (False, False)  # one round
+
+
 def test_fake_verify_interleaved_later_round(fake_world: None) -> None:
     """tiny-mamba over PP2×v2 puts its two layers on chunks 1 and 2 and the head alone on chunk 3:
     stage 1 holds three micro-batches of its layer chunk in the second round (m = 4), not the

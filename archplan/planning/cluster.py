@@ -1124,11 +1124,9 @@ def pipeline_moments(layout: Layout, microbatches: int, stage: int) -> tuple[Pip
     return _interleaved_moments(layout.pp, layout.vpp, microbatches, round_size(layout, microbatches), stage)
 
 
-@lru_cache(maxsize=4096)
-def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[PipelineMoment, ...]:
-    """`pipeline_moments` of the interleaved schedule: forwards in rounds of n micro-batches through
-    chunk 0, then 1, … (the last round takes the rest, as `in_flight`'s), backwards in the same
-    rounds with the chunks reversed (Megatron-LM `get_schedule_table`, `get_model_chunk_id`)."""
+def _interleaved_order(p: int, v: int, m: int, n: int, stage: int) -> tuple[list[int], list[int], int]:
+    """The interleaved schedule on rank `stage`: the chunk of each forward in order, of each
+    backward, and the warm-up forwards before the first backward."""
     rounds = []
     start = 0
     while start < m:
@@ -1137,8 +1135,16 @@ def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[Pi
         start += size
     forward = [c for size in rounds for c in range(v) for _ in range(size)]
     backward = [c for size in rounds for c in reversed(range(v)) for _ in range(size)]
+    return forward, backward, min(m * v, 2 * (p - stage - 1) + (v - 1) * n)
+
+
+@lru_cache(maxsize=4096)
+def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[PipelineMoment, ...]:
+    """`pipeline_moments` of the interleaved schedule: forwards in rounds of n micro-batches through
+    chunk 0, then 1, … (the last round takes the rest, as `in_flight`'s), backwards in the same
+    rounds with the chunks reversed (Megatron-LM `get_schedule_table`, `get_model_chunk_id`)."""
+    forward, backward, warmup = _interleaved_order(p, v, m, n, stage)
     total = m * v
-    warmup = min(total, 2 * (p - stage - 1) + (v - 1) * n)
     counts = [0] * v
     for c in forward[:warmup]:
         counts[c] += 1
@@ -1150,6 +1156,39 @@ def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[Pi
         moments.add(PipelineMoment(tuple(counts), forward[warmup + i], backward[i]))
         counts[backward[i]] -= 1
     return tuple(sorted(moments))
+
+
+def fsdp2_stale_prefetch(layout: Layout, microbatches: int, stage: int) -> tuple[bool, ...]:
+    """For each of the rank's chunks, whether FSDP2's implicit backward prefetch gathers a unit
+    in vain in the chunk's last backward of the step. Each unit records an index per forward and
+    pops the latest in each backward; the chunk's first unit prefetches the unit recorded just
+    before its popped index, the previous forward's last one. Popped in the last backward, that
+    index is the chunk's first forward's (0: no prefetch) unless the chunk ran every backward of
+    its earlier forwards first, as the interleaved schedule's later rounds do; the unit then
+    prefetched was resharded by its own last backward, and `finalize_backward` drops the gather
+    (measured by verify --layout: one extra all-gather of the chunk's last layer a step)."""
+    if layout.vpp == 1:
+        return (False,)
+    return _stale_prefetch(layout.pp, layout.vpp, microbatches, round_size(layout, microbatches), stage)
+
+
+@lru_cache(maxsize=4096)
+def _stale_prefetch(p: int, v: int, m: int, n: int, stage: int) -> tuple[bool, ...]:
+    forward, backward, warmup = _interleaved_order(p, v, m, n, stage)
+    events = [("F", c) for c in forward[:warmup]]
+    for i in range(m * v - warmup):
+        events += [("F", forward[warmup + i]), ("B", backward[i])]
+    events += [("B", c) for c in backward[m * v - warmup:]]
+    stacks: list[list[int]] = [[] for _ in range(v)]
+    recorded = [0] * v
+    popped = [0] * v
+    for op, c in events:
+        if op == "F":
+            stacks[c].append(recorded[c])
+            recorded[c] += 1
+        else:
+            popped[c] = stacks[c].pop()
+    return tuple(last != 0 for last in popped)
 
 
 def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
@@ -1754,7 +1793,9 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
         if size > 1 and count:
             out.append(Collective(kind, mesh, size, nbytes, count, what, overlappable))  # type: ignore[arg-type]
 
-    for chunk in rank_chunks(data.n_main, layout, stage, data.mtp_depth):
+    stale = (fsdp2_stale_prefetch(layout, m, stage) if engine == "torch" and layout.zero >= 1
+             else (False,) * layout.vpp)
+    for chunk, in_vain in zip(rank_chunks(data.n_main, layout, stage, data.mtp_depth), stale):
         span = _span(chunk.layers)
         counted = data.chunk_layers(chunk.layers)
         s4, sub_blocks = counted.s4, counted.sub_blocks
@@ -1905,6 +1946,17 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                                (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
                                grad_reduce, dp_over, fetched(*chunk.layers),
                                (sum(fp8_d[lo:hi]), sum(fp8_e[lo:hi])))
+        end_units = _fsdp_end_units(data, chunk.first, chunk.last, layout.pp) if engine == "torch" else ()
+        root_params = any(tensors for tensors, what in end_units if what != "embedding")
+        if in_vain and not root_params and len(chunk.layers) > 1:
+            # the chunk's last layer, gathered in vain (`fsdp2_stale_prefetch`); a stage root
+            # unit with parameters is recorded last instead, and is still gathered then
+            i = chunk.layers.stop - 1
+            out += [replace(r, count=1, discarded=True,
+                            what=f"{r.what}, gathered in vain by FSDP2's backward prefetch")
+                    for r in _dp_records((numel_d[i], 0), (fsdp_d[i], 0), f"layers.{i}", layout, 1, states,
+                                         grad_reduce, dp_over, None, (fp8_d[i], 0))
+                    if r.kind == "all_gather"]
         last: End = "last_tied_copy" if layout.pp > 1 else "last"
         match engine:
             case "megatron":
@@ -1912,8 +1964,7 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                         (data.ends(False, chunk.last, layout.pp), "final norm + LM head",
                          (last,) if chunk.last else ()))
             case "torch":
-                ends = tuple((tensors, what, ()) for tensors, what in
-                             _fsdp_end_units(data, chunk.first, chunk.last, layout.pp))
+                ends = tuple((tensors, what, ()) for tensors, what in end_units)
             case _:
                 assert_never(engine)
         for tensors, what, parts in ends:

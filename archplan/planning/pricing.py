@@ -1016,7 +1016,7 @@ def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, gr
     before the all-reduce. The gradient read is bf16, or the reduce dtype where FSDP2 accumulated
     the unsharded gradients over the micro-batches (`cluster._fsdp_accumulates`). The division is
     NCCL's (ReduceOp.AVG), no pass of its own; the shard-sized copies (the all-gather input, the
-    reduce-scatter output) are left out. `verify --layout` counts the same bytes on torch's FSDP2
+    reduce-scatter output) are left out, and so is a gather FSDP2 drops unread. `verify --layout` counts the same bytes on torch's FSDP2
     (`distributed.comms`), exactly. Nothing for the other states: their collectives work on the
     buffers in place."""
     if states.engine != "torch":
@@ -1025,7 +1025,7 @@ def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, gr
     moved = 0
     for r in records:
         if r.mesh_dim in DATA_PARALLEL_DIMS and r.group_size > 1:
-            if r.kind == "all_gather":
+            if r.kind == "all_gather" and not r.discarded:
                 moved += r.count * 2 * r.bytes
             elif r.kind in ("reduce_scatter", "all_reduce"):
                 moved += r.count * (r.unpadded * read + r.bytes)

@@ -44,6 +44,8 @@ class Collective:
     # a data-parallel gradient reduction's elements before FSDP2's dim-0 padding: what its copy-in
     # reads (`pricing.fsdp2_copy_bytes`); 0 on every other record
     unpadded: int = 0
+    # an all-gather whose output FSDP2 drops without copying it out (`cluster.fsdp2_stale_prefetch`)
+    discarded: bool = False
 
     @property
     def key(self) -> tuple[str, str, int, int]:
