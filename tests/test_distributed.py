@@ -1129,9 +1129,12 @@ def test_fake_verify_tp_edge_cases(fake_world: None, tmp_path: Path, name: str, 
 @given(data=st.data())
 def test_fake_verify_random_layouts(fake_world: None, data: st.DataObject) -> None:
     """Any layout of any tiny fixture, up to 8 ranks: verify answers with a one-line refusal or
-    with model states and every collective as the layout model prices them. Three crashes and a
-    mislabelled mesh dimension were found this way (ZeRO-0 over a one-rank group, context-parallel
-    slices under an early-stopped recompute, TP at dp = 1, S4 without an FFN)."""
+    with every judged row passing: model states and every collective as the layout model prices
+    them, activations within the tolerance. Three crashes and a mislabelled mesh dimension were
+    found this way (ZeRO-0 over a one-rank group, context-parallel slices under an early-stopped
+    recompute, TP at dp = 1, S4 without an FFN); a wider sweep of the same kind found the
+    received gradient, the interleaved schedule's later rounds and ZeRO-0's reduced chunks
+    (docs/distributed.md, "ZeRO stages on FSDP2")."""
     from archplan.distributed.check import check_layout_run
     from archplan.errors import ArchplanError
 
@@ -1154,7 +1157,7 @@ def test_fake_verify_random_layouts(fake_world: None, data: st.DataObject) -> No
         assert "\n" not in str(refusal)
         return
     assert all(row.ok for row in result.collectives), [r for r in result.collectives if not r.ok]
-    assert all(row.ok for row in result.memory if row.judged == "exact"), result.memory
+    assert all(row.ok is not False for row in result.memory), result.memory
 
 
 def test_rank_channels_of_one_block_is_a_view() -> None:
