@@ -152,18 +152,18 @@ class StageRunner:
             root.set_reshard_after_backward(last)
         if zero in (0, 1):
             root.set_requires_gradient_sync(last)
-        if chunk.stage.last:
-            if self.sample is not None:
-                self.sample()
+        grad = None
+        if not chunk.stage.last:
+            grad = torch.empty_like(out)
+            dist.recv(grad, self.peer(1), group=self.pp_group)
+        # sampled once the output's gradient has arrived: the chunk's backward starts with it
+        # beside every held activation
+        if self.sample is not None:
+            self.sample()
+        if grad is None:
             with self.loss_context()():
                 out.backward()
         else:
-            grad = torch.empty_like(out)
-            dist.recv(grad, self.peer(1), group=self.pp_group)
-            # sampled once the output's gradient has arrived: the chunk's backward starts with it
-            # beside every held activation
-            if self.sample is not None:
-                self.sample()
             out.backward(grad)
         if inp is not None:
             assert inp.grad is not None

@@ -1124,9 +1124,12 @@ def pipeline_moments(layout: Layout, microbatches: int, stage: int) -> tuple[Pip
     return _interleaved_moments(layout.pp, layout.vpp, microbatches, round_size(layout, microbatches), stage)
 
 
-def _interleaved_order(p: int, v: int, m: int, n: int, stage: int) -> tuple[list[int], list[int], int]:
-    """The interleaved schedule on rank `stage`: the chunk of each forward in order, of each
-    backward, and the warm-up forwards before the first backward."""
+def _interleaved_events(p: int, v: int, m: int, n: int, stage: int) -> list[tuple[str, int]]:
+    """The interleaved schedule on rank `stage`, ("F" | "B", chunk) in the order it runs them:
+    forwards in rounds of n micro-batches through chunk 0, then 1, … (the last round takes the
+    rest, as `in_flight`'s), backwards in the same rounds with the chunks reversed (Megatron-LM
+    `get_schedule_table`, `get_model_chunk_id`); the warm-up forwards, then one forward and one
+    backward alternately, then the remaining backwards."""
     rounds = []
     start = 0
     while start < m:
@@ -1135,26 +1138,25 @@ def _interleaved_order(p: int, v: int, m: int, n: int, stage: int) -> tuple[list
         start += size
     forward = [c for size in rounds for c in range(v) for _ in range(size)]
     backward = [c for size in rounds for c in reversed(range(v)) for _ in range(size)]
-    return forward, backward, min(m * v, 2 * (p - stage - 1) + (v - 1) * n)
+    total = m * v
+    warmup = min(total, 2 * (p - stage - 1) + (v - 1) * n)
+    events = [("F", c) for c in forward[:warmup]]
+    for i in range(total - warmup):
+        events += [("F", forward[warmup + i]), ("B", backward[i])]
+    return events + [("B", c) for c in backward[total - warmup:]]
 
 
 @lru_cache(maxsize=4096)
 def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[PipelineMoment, ...]:
-    """`pipeline_moments` of the interleaved schedule: forwards in rounds of n micro-batches through
-    chunk 0, then 1, … (the last round takes the rest, as `in_flight`'s), backwards in the same
-    rounds with the chunks reversed (Megatron-LM `get_schedule_table`, `get_model_chunk_id`)."""
-    forward, backward, warmup = _interleaved_order(p, v, m, n, stage)
-    total = m * v
+    """`pipeline_moments` of the interleaved schedule (`_interleaved_events`): the held mix after
+    each forward that a backward follows."""
+    events = _interleaved_events(p, v, m, n, stage)
     counts = [0] * v
-    for c in forward[:warmup]:
-        counts[c] += 1
-    if warmup == total:  # every forward first, then every backward
-        return (PipelineMoment(tuple(counts), forward[-1], backward[0]),)
     moments = set()
-    for i in range(total - warmup):
-        counts[forward[warmup + i]] += 1
-        moments.add(PipelineMoment(tuple(counts), forward[warmup + i], backward[i]))
-        counts[backward[i]] -= 1
+    for (op, c), (after, next_c) in zip(events, events[1:]):
+        counts[c] += 1 if op == "F" else -1
+        if op == "F" and after == "B":
+            moments.add(PipelineMoment(tuple(counts), c, next_c))
     return tuple(sorted(moments))
 
 
@@ -1174,15 +1176,10 @@ def fsdp2_stale_prefetch(layout: Layout, microbatches: int, stage: int) -> tuple
 
 @lru_cache(maxsize=4096)
 def _stale_prefetch(p: int, v: int, m: int, n: int, stage: int) -> tuple[bool, ...]:
-    forward, backward, warmup = _interleaved_order(p, v, m, n, stage)
-    events = [("F", c) for c in forward[:warmup]]
-    for i in range(m * v - warmup):
-        events += [("F", forward[warmup + i]), ("B", backward[i])]
-    events += [("B", c) for c in backward[m * v - warmup:]]
     stacks: list[list[int]] = [[] for _ in range(v)]
     recorded = [0] * v
     popped = [0] * v
-    for op, c in events:
+    for op, c in _interleaved_events(p, v, m, n, stage):
         if op == "F":
             stacks[c].append(recorded[c])
             recorded[c] += 1
