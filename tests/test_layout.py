@@ -421,6 +421,25 @@ def test_sp_engines_megatron_and_torch() -> None:
     assert gap > 64 * act * (1 - 1 / 8)
 
 
+def test_megatron_gathers_the_fused_qkv_output_with_fewer_kv_heads_than_tp() -> None:
+    """Megatron-Core's `num_query_groups < world_size` branch: an all-gather of the whole fused QKV
+    output per attention layer and forward (again under full recompute), reduce-scattered in the
+    backward; none where the KV heads split whole, and none in the torch engine, which keeps
+    the rank's replicated KV head (`distributed.plans.attention_plan`)."""
+    plan = _plan("qwen3-235b-a22b")  # 94 layers, 64 query / 4 KV heads of 128
+    m, s = 2, 4096
+    fused = 2 * s * (64 + 2 * 4) * 128
+    layout = Layout(tp=8, pp=2, dp=8, ep=8, sp=True)
+
+    def qkv(layout: Layout, states: Any) -> dict[str, int]:
+        records = step_collectives(plan, layout, s, microbatches=m, stage=0, states=states)
+        return {r.kind: r.count for r in records if "fused QKV" in r.what and r.bytes == fused}
+
+    assert qkv(layout, MEGATRON) == {"all_gather": m * 47, "reduce_scatter": m * 47}
+    assert qkv(replace(layout, recompute="full"), MEGATRON) == {"all_gather": 2 * m * 47, "reduce_scatter": m * 47}
+    assert qkv(replace(layout, tp=4), MEGATRON) == {} and qkv(layout, FSDP2) == {}
+
+
 def test_tied_ends_one_fsdp_unit_under_torch() -> None:
     plan = _plan("gemma-2b")
     layout = Layout(tp=1, dp=8, zero=3)

@@ -95,8 +95,9 @@ def _gathered_input(sp: bool) -> PrepareModuleInput:
 
 def attention_plan(module: Attention, sp: bool) -> TPPlan:
     """Megatron's attention: q/k/v column-parallel over the heads, o_proj row-parallel. With one KV
-    head (MQA) and tp > 1 every rank keeps that head whole (Megatron replicates KV heads below tp):
-    k_proj / v_proj replicated, their outputs local with Partial gradients (`SharedByHeads`)."""
+    head (MQA) and tp > 1 every rank keeps that head whole: k_proj / v_proj replicated, their
+    outputs local with Partial gradients (`SharedByHeads`). (Megatron-Core splits its fused QKV
+    weight evenly and all-gathers the output instead: `planning.cluster._qkv_gathered`.)"""
     kv = SharedByHeads() if module.plan.n_kv_heads == 1 else ColwiseParallel()
     styles: dict[str, ParallelStyle] = {
         "": _gathered_input(sp),
