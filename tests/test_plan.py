@@ -1047,6 +1047,25 @@ def test_an_moe_layout_priced_under_the_h100_host_floor_says_so(
         assert code == 0 and not any("a layer pass" in note for note in json.loads(out)["notes"])
 
 
+def test_fewer_kv_heads_than_tp_says_what_the_figures_assume(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3-235B's 4 KV heads over tp=8 under the megatron engine: the note names the gather
+    (priced) and the memory convention; at tp=4, or under --states fsdp2, there is none."""
+    base = ["qwen3-235b-a22b", "--gpus", "256", "--gpu", "h100", "--seq", "4096", "--global-batch-tokens", "8388608",
+            "--json"]
+    layout = "cp=1,pp=8,vpp=4,ep=8,zero=1,mb=1,recompute=none,sp=on"
+
+    def notes(*argv: str) -> list[str]:
+        code, out, _ = run(capsys, monkeypatch, "plan", *base, *argv)
+        assert code == 0
+        return [note for note in json.loads(out)["notes"] if "KV head" in note]
+
+    found = notes("--layout", f"tp=8,dp=4,{layout}")
+    assert len(found) == 1 and "runs 4 KV heads over tp=8" in found[0] and "(priced)" in found[0]
+    assert notes("--layout", f"tp=4,dp=8,{layout}") == []
+    assert notes("--layout", f"tp=8,dp=4,{layout}", "--states", "fsdp2") == []
+
+
 def test_fp8_params_keeps_the_gemm_weights_in_fp8_where_megatron_core_can(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`--fp8-params` (Megatron-Core's FP8 primary weights): on B200 the parameters take a byte per

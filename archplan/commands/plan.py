@@ -629,9 +629,33 @@ def _moe_host_note(result: SearchResult, plan: ModelPlan) -> str | None:
             f"this layout {MOE_HOST_FLOOR_S / per_pass - 1:.0%} slower; not priced (docs/validation.md)")
 
 
-def _all_notes(result: SearchResult, bound: RailBound | None, host_note: str | None,
+def _kv_heads_note(result: SearchResult, plan: ModelPlan) -> str | None:
+    """What the megatron engine's figures assume where the top layout has fewer KV heads than tp
+    ranks (docs/plan.md, "fewer KV heads than tp ranks")."""
+    from archplan.resolve import AttentionPlan
+
+    if not result.ranked or result.settings.states.engine != "megatron":
+        return None
+    tp = result.ranked[0].layout.tp
+    fewer = sorted({layer.mixer.n_kv_heads for layer in plan.layers
+                    if isinstance(layer.mixer, AttentionPlan) and layer.mixer.n_kv_heads < tp})
+    if not fewer:
+        return None
+    heads = " or ".join(map(str, fewer))
+    return (f"the top layout runs {heads} KV head{'s' if fewer != [1] else ''} over tp={tp}: Megatron-Core "
+            "all-gathers each attention layer's fused QKV output (priced); memory counts each rank's KV "
+            "head whole where Megatron splits the weight evenly, and not the gathered output Megatron "
+            "may keep for the backward (docs/plan.md)")
+
+
+def _model_notes(result: SearchResult, plan: ModelPlan) -> list[str]:
+    """The notes that read the model: the MoE host floor and KV heads fewer than tp."""
+    return [note for note in (_moe_host_note(result, plan), _kv_heads_note(result, plan)) if note]
+
+
+def _all_notes(result: SearchResult, bound: RailBound | None, model_notes: list[str],
                train_tokens: float) -> list[str]:
-    return (_notes(result) + ([host_note] if host_note else [])
+    return (_notes(result) + model_notes
             + ([_network_note(result, bound)] if bound else []) + _batch_notes(result)
             + _tokens_notes(result, train_tokens))
 
@@ -736,7 +760,7 @@ def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
-                 bound: RailBound | None, seq_note: str | None, host_note: str | None) -> dict[str, Any]:
+                 bound: RailBound | None, seq_note: str | None, model_notes: list[str]) -> dict[str, Any]:
     from archplan.planning.accuracy import own_runs
 
     settings = result.settings
@@ -790,7 +814,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "reasons": list(result.reasons) + ([f"does not fit: {unfit}"] if (unfit := _given_unfit(result)) else []),
         "considered": result.considered,
         "fitting": result.fitting,
-        "notes": ([seq_note] if seq_note else []) + _all_notes(result, bound, host_note, tokens),
+        "notes": ([seq_note] if seq_note else []) + _all_notes(result, bound, model_notes, tokens),
         "network_bound": _network_json(bound),
         "layouts": [_layout_row(e, tokens, result.usable_bytes, spread, result.settings.states) for e in shown],
     }
@@ -937,7 +961,7 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
 
 
 def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
-                  bound: RailBound | None, seq_note: str | None, host_note: str | None) -> None:
+                  bound: RailBound | None, seq_note: str | None, model_notes: list[str]) -> None:
     from rich.markup import escape
 
     from archplan.planning.cluster import STATE_DTYPES
@@ -1004,7 +1028,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     _print_table(console, rows, result, tokens, title)
     if (unfit := _given_unfit(result)) is not None:
         console.print(f"[bold red]does not fit:[/] {escape(unfit)}")
-    for note in _all_notes(result, bound, host_note, tokens):
+    for note in _all_notes(result, bound, model_notes, tokens):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
     console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
@@ -1506,15 +1530,15 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                     fixed=fixed, keep_unfit=True, top=top)
     bound = _network_bound(result, plan)
     seq_note = plan.past_trained_note("seq", result.seq, "priced as asked")
-    host_note = _moe_host_note(result, plan)
+    model_notes = _model_notes(result, plan)
     train_tokens, source = _training_tokens(spec, tokens, law)
     if plot is not None:
         _plot_layouts(result, plot, force)
     if as_json:
-        echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, host_note),
+        echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, model_notes),
                            indent=2))
     else:
-        _print_layout(spec, result, train_tokens, source, bound, seq_note, host_note)
+        _print_layout(spec, result, train_tokens, source, bound, seq_note, model_notes)
         if plot is not None:
             echo(f"figure written to {plot}")
     if not result.feasible:
