@@ -76,7 +76,7 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     # sequence shard to whole experts, reduced over tp); full recompute re-runs both
     "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", {}, TP2),
     "tp2-mla-moe-full-recompute": ("parity", "tiny-mla-moe.yaml", {}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
-    # one KV head replicated on both tp ranks (its gradient summed over tp), each rank's ALiBi slopes
+    # one KV head over both tp ranks (k and v split by rows, the output gathered), each rank's ALiBi slopes
     "tp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", {}, TP2),
     # TP=2 with SP: the uneven vocabulary split (torch.chunk: 251 + 250 rows), each rank adding its
     # sequence shard's positions, qk-norm replicated, per head, or normalised across the ranks' heads

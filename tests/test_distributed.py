@@ -555,8 +555,8 @@ def test_bench_nproc_refuses_an_unusable_device_before_launching() -> None:
 
 
 @pytest.mark.parametrize(("env", "layout", "said"), [
-    ({}, "tp=4,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
-     "not run on torch.distributed: 4 query / 2 key-value heads do not split over tp=4"),
+    ({}, "tp=8,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
+     "not run on torch.distributed: 4 query / 2 key-value heads do not split over tp=8"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
      "RANK and WORLD_SIZE are set but MASTER_ADDR is not"),
 ])
@@ -1232,6 +1232,25 @@ def test_fake_verify_received_output_gradient(fake_world: None, microbatches: in
     output = 64 * 64 * 2  # one sequence's bf16 hidden states
     assert result.ok and acts.measured == (microbatches + 1) * output, acts
     assert 0.9 < acts.measured / acts.analytic <= 1.0, acts
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_fake_verify_fewer_kv_heads_than_tp(fake_world: None, recompute: str) -> None:
+    """tiny-llama's 2 KV heads over tp = 4 (`plans.KVHeads`): k_proj and v_proj split by rows, half
+    a head a rank, each layer's K and V outputs all-gathered over tp and the rank's head kept. The
+    states are exact and so is every collective, the gathers and their reduce-scatters among them
+    (4 query / 2 KV heads used to be refused at tp = 4; the 4-process gloo parity run is in
+    docs/distributed.md)."""
+    from archplan.distributed.check import check_layout_run
+
+    layout = parse_layout(f"tp=4,cp=1,pp=1,dp=2,ep=1,zero=1,recompute={recompute},mb=1,sp=on").complete()
+    result = check_layout_run(resolve(load_spec(FIXTURES / "tiny-llama.yaml")), layout, 32, microbatches=2, stage=0)
+    kv = 2 * 32 * 2 * 16  # bf16, 32 tokens, 2 KV heads of 16
+    gathers = {(r.kind, r.bytes): r.measured for r in result.collectives if r.mesh_dim == "tp"}
+    passes = 2 if recompute == "full" else 1
+    assert result.ok, (result.memory, [r for r in result.collectives if not r.ok])
+    assert gathers[("all_gather", kv)] == 2 * 4 * 2 * passes  # K and V, 4 layers, 2 micro-batches
+    assert gathers[("reduce_scatter", kv)] == 2 * 4 * 2
 
 
 def test_full_recompute_activations_are_measured_at_the_re_run(fake_world: None) -> None:

@@ -155,7 +155,9 @@ def test_tensor_parallel_shards() -> None:
     plan = _plan("llama-3.1-405b")  # 128 query heads, 8 KV heads of 128, d 16384, d_ff 53248
     local = {t.name.split(".", 2)[-1]: t.local_shape(16) for t in layer_tensors(plan.layers[0], plan)}
     assert local["mixer.q_proj.weight"] == (128 * 128 // 16, 16384)
-    assert local["mixer.k_proj.weight"] == (128, 16384)  # one whole KV head per rank (replicated)
+    # 8 KV heads over 16 ranks: k and v split by rows, half a head a rank (Megatron-Core's fused
+    # QKV weight split evenly; the layer gathers the output)
+    assert local["mixer.k_proj.weight"] == (8 * 128 // 16, 16384)
     assert local["mixer.o_proj.weight"] == (16384, 128 * 128 // 16)
     assert local["ffn.down_proj.weight"] == (16384, 53248 // 16)
     assert local["norm1.weight"] == (16384,)
@@ -421,11 +423,10 @@ def test_sp_engines_megatron_and_torch() -> None:
     assert gap > 64 * act * (1 - 1 / 8)
 
 
-def test_megatron_gathers_the_fused_qkv_output_with_fewer_kv_heads_than_tp() -> None:
+def test_fewer_kv_heads_than_tp_gather_the_kv_projection_output() -> None:
     """Megatron-Core's `num_query_groups < world_size` branch: an all-gather of the whole fused QKV
     output per attention layer and forward (again under full recompute), reduce-scattered in the
-    backward; none where the KV heads split whole, and none in the torch engine, which keeps
-    the rank's replicated KV head (`distributed.plans.attention_plan`)."""
+    backward; none where the KV heads split whole. The torch engine gathers K and V apart."""
     plan = _plan("qwen3-235b-a22b")  # 94 layers, 64 query / 4 KV heads of 128
     m, s = 2, 4096
     fused = 2 * s * (64 + 2 * 4) * 128
@@ -437,7 +438,12 @@ def test_megatron_gathers_the_fused_qkv_output_with_fewer_kv_heads_than_tp() -> 
 
     assert qkv(layout, MEGATRON) == {"all_gather": m * 47, "reduce_scatter": m * 47}
     assert qkv(replace(layout, recompute="full"), MEGATRON) == {"all_gather": 2 * m * 47, "reduce_scatter": m * 47}
-    assert qkv(replace(layout, tp=4), MEGATRON) == {} and qkv(layout, FSDP2) == {}
+    assert qkv(replace(layout, tp=4), MEGATRON) == {}
+    # the torch engine gathers K and V apart (`distributed.plans.KVHeads`), 4 heads of 128 each
+    kv = 2 * s * 4 * 128
+    torch_ = {(r.kind, r.bytes): r.count for r in step_collectives(plan, layout, s, microbatches=m, stage=0, states=FSDP2)
+              if "K and V outputs" in r.what}
+    assert torch_ == {("all_gather", kv): 2 * m * 47, ("reduce_scatter", kv): 2 * m * 47}
 
 
 def test_tied_ends_one_fsdp_unit_under_torch() -> None:

@@ -1050,7 +1050,8 @@ def test_an_moe_layout_priced_under_the_h100_host_floor_says_so(
 def test_fewer_kv_heads_than_tp_says_what_the_figures_assume(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Qwen3-235B's 4 KV heads over tp=8 under the megatron engine: the note names the gather
-    (priced) and the memory convention; at tp=4, or under --states fsdp2, there is none."""
+    (priced) and the gathered output (not priced); at tp=4, or under --states fsdp2 (whose engine
+    frees it), there is none."""
     base = ["qwen3-235b-a22b", "--gpus", "256", "--gpu", "h100", "--seq", "4096", "--global-batch-tokens", "8388608",
             "--json"]
     layout = "cp=1,pp=8,vpp=4,ep=8,zero=1,mb=1,recompute=none,sp=on"

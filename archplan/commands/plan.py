@@ -630,8 +630,8 @@ def _moe_host_note(result: SearchResult, plan: ModelPlan) -> str | None:
 
 
 def _kv_heads_note(result: SearchResult, plan: ModelPlan) -> str | None:
-    """What the megatron engine's figures assume where the top layout has fewer KV heads than tp
-    ranks (docs/plan.md, "fewer KV heads than tp ranks")."""
+    """What the megatron engine's figures leave out where the top layout has fewer KV heads than
+    tp ranks (docs/plan.md, "fewer KV heads than tp ranks")."""
     from archplan.resolve import AttentionPlan
 
     if not result.ranked or result.settings.states.engine != "megatron":
@@ -643,9 +643,9 @@ def _kv_heads_note(result: SearchResult, plan: ModelPlan) -> str | None:
         return None
     heads = " or ".join(map(str, fewer))
     return (f"the top layout runs {heads} KV head{'s' if fewer != [1] else ''} over tp={tp}: Megatron-Core "
-            "all-gathers each attention layer's fused QKV output (priced); memory counts each rank's KV "
-            "head whole where Megatron splits the weight evenly, and not the gathered output Megatron "
-            "may keep for the backward (docs/plan.md)")
+            "all-gathers each attention layer's fused QKV output and keeps the rank's head (priced); the "
+            "gathered output, which Megatron may keep for the backward, is not priced as an activation "
+            "(docs/plan.md)")
 
 
 def _model_notes(result: SearchResult, plan: ModelPlan) -> list[str]:

@@ -94,11 +94,11 @@ def _gathered_input(sp: bool) -> PrepareModuleInput:
 
 
 def attention_plan(module: Attention, sp: bool) -> TPPlan:
-    """Megatron's attention: q/k/v column-parallel over the heads, o_proj row-parallel. With one KV
-    head (MQA) and tp > 1 every rank keeps that head whole: k_proj / v_proj replicated, their
-    outputs local with Partial gradients (`SharedByHeads`). (Megatron-Core splits its fused QKV
-    weight evenly and all-gathers the output instead: `planning.cluster._qkv_gathered`.)"""
-    kv = SharedByHeads() if module.plan.n_kv_heads == 1 else ColwiseParallel()
+    """Megatron's attention: q/k/v column-parallel over the heads, o_proj row-parallel; with fewer
+    KV heads than tp ranks (MQA among them) k_proj and v_proj split by rows and gather their
+    output (`KVHeads`)."""
+    p = module.plan
+    kv = KVHeads(p.n_kv_heads, p.head_dim)
     styles: dict[str, ParallelStyle] = {
         "": _gathered_input(sp),
         "q_proj": ColwiseParallel(),
@@ -229,12 +229,34 @@ def qk_norm_styles(plan: AttentionPlan) -> dict[str, ParallelStyle]:
     return {"q_norm": q, "k_norm": k}
 
 
-class SharedByHeads(ParallelStyle):
-    """A projection every rank's heads read (MQA's one KV head): replicated weights on the gathered
-    input, the output made local with a Partial gradient, so torch sums its gradient over tp."""
+class KVHeads(ParallelStyle):
+    """k_proj or v_proj, column-parallel over the KV heads where they split whole over tp. With
+    fewer KV heads than tp ranks, as Megatron-Core runs them (`Attention`'s `num_query_groups <
+    world_size` branch): the weight's rows split evenly over tp, so a rank's rows cut across a
+    head; the projection's output is all-gathered over tp and the rank keeps the head its query
+    heads read, rank // (tp / n_kv), as Megatron-Core indexes its groups. Its gradient is declared
+    a Partial sum (each rank's query heads contribute a part), which the gather's backward
+    reduce-scatters to the rank's rows. The kept head is copied out, so the gathered heads are
+    freed at once (`planning.cluster` prices the gather, and a rank's one head as activations)."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return LocalWithPartialGrad()._apply(Replicated()._apply(module, device_mesh), device_mesh)
+        tp = device_mesh.size()
+        if self.n_kv_heads >= tp:
+            return ColwiseParallel()._apply(module, device_mesh)
+        module = ColwiseParallel(use_local_output=False)._apply(module, device_mesh)
+        head = device_mesh.get_local_rank() // (tp // self.n_kv_heads)
+        kept = slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+        def keep_head(_module: nn.Module, _inputs: object, out: DTensor) -> torch.Tensor:
+            whole = out.redistribute(out.device_mesh, (Replicate(),)).to_local(grad_placements=(Partial(),))
+            return whole[..., kept].contiguous()
+
+        module.register_forward_hook(keep_head)
+        return module
 
 
 def mla_plan(module: MLA, sp: bool) -> TPPlan:
@@ -621,9 +643,13 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
     match module:
         case Attention():
             p = module.plan
-            if p.n_heads % tp or p.n_kv_heads % tp and p.n_kv_heads != 1:
-                return (f"{p.n_heads} query / {p.n_kv_heads} key-value heads do not split over tp={tp} "
-                        "(KV heads are replicated below tp only for one KV head)")
+            if p.n_heads % tp or p.n_kv_heads % tp and tp % p.n_kv_heads:
+                return f"{p.n_heads} query / {p.n_kv_heads} key-value heads do not split over tp={tp}"
+            scope = p.qk_norm.scope if p.qk_norm is not None else None
+            if 1 < p.n_kv_heads < tp and scope in ("per_head", "full"):
+                # the k-norm's weights are per KV head: a rank would need its group's rows of them
+                return (f"a {scope} k-norm over {p.n_kv_heads} KV heads at tp={tp} (fewer KV heads than "
+                        "tp ranks are built with no k-norm or one shared by the heads)")
             return None
         case MLA():
             if module.plan.n_heads % tp:

@@ -142,10 +142,11 @@ positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
   all-reduced in the forward (again under full recompute) and their gradient in the backward
   (Megatron's reduce / copy pair; `distributed.plans.mamba1_plan`). Weights run whole on every
   rank and feeding only its heads or channels have their gradients summed over tp with the SP
-  norms': MLA's latents, MQA's KV head, Jamba's dt/B/C norms, Hyena's filter trunk, S4's single
-  SSM copy. With fewer KV heads than tp ranks a rank keeps its KV head whole in both engines, but
-  Megatron-Core splits its fused QKV weight evenly and all-gathers the whole output in each
-  attention layer, reduce-scattering its gradient (`_qkv_gathered`, megatron engine only).
+  norms': MLA's latents, MQA's k-norm, Jamba's dt/B/C norms, Hyena's filter trunk, S4's single
+  SSM copy. With fewer KV heads than tp ranks (MQA among them) the K and V weights split by rows
+  over tp, so a rank's rows cut across a head, and each attention layer all-gathers the
+  projection's output and keeps the rank's head, reduce-scattering its gradient: Megatron-Core
+  the whole fused QKV output, the torch engine K and V apart (`_qkv_gathered`).
 - CP, per long-conv layer and micro-batch (`long_conv_exchange`): an all-to-all from sequence to
   channel shards before the convolutions and one back after, in the forward and the backward.
 - CP, per Mamba layer and micro-batch (`mamba_exchange`, Megatron-Core's `MambaContextParallel`):
@@ -728,7 +729,7 @@ def _sp_summed(layer: LayerPlan, name: str) -> bool:
 def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
     """Tensors run whole on every tp rank and read by the rank's heads only, so their gradients are
     partial sums over tp: MLA's latent down-projections and norms (torchtitan's DeepSeek-V3 plan),
-    MQA's one KV head (k_proj, v_proj, its k-norm), replicated on every tp rank (`_qkv_gathered`), a
+    MQA's k-norm on its one KV head (k_proj and v_proj split by rows: `_qkv_gathered`), a
     qk-norm shared by the heads (`distributed.plans.qk_norm_styles`), Jamba's dt/B/C norms inside
     Mamba-1 (on x_proj's reduced output, read by every channel), Hyena's implicit filter trunk (run
     whole on every rank, feeding only its channels' filters) and S4's one SSM copy (read by every
@@ -744,8 +745,7 @@ def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
             # S4's one SSM copy of (A, B, P), read by every rank's channels (`shards._s4`)
             return layer.mixer.n_ssm == 1 and tensor.units == 1 and tensor.name.startswith(mixer)
         case AttentionPlan():
-            if layer.mixer.n_kv_heads == 1 and tensor.name.startswith(
-                    (f"{mixer}k_proj.", f"{mixer}v_proj.", f"{mixer}k_norm.")):
+            if layer.mixer.n_kv_heads == 1 and tensor.name.startswith(f"{mixer}k_norm."):
                 return True
             # a qk-norm shared by the heads (scope `head`) runs replicated on each rank's heads
             return tensor.split == "replicated" and tensor.name.startswith((f"{mixer}q_norm.", f"{mixer}k_norm."))
@@ -1721,17 +1721,24 @@ def _kv_bytes(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> int:
             return 0
 
 
-def _qkv_gathered(layer: LayerPlan, tokens: int, tp: int) -> int:
-    """Bytes Megatron-Core all-gathers over tp in an attention layer with fewer KV heads than tp
-    ranks (`Attention`'s `num_query_groups < world_size` branch): its fused QKV weight is split
-    evenly over tp, so a rank's output columns cut across KV groups; the layer gathers the whole
-    fused output of its `tokens` (the column input, gathered under SP) and keeps its own group's
-    heads, and the gather's backward reduce-scatters their gradient. 0 where the KV heads split
-    whole over tp, and for MLA."""
+def _qkv_gathered(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> tuple[int, int]:
+    """(bytes, calls) of the all-gathers over tp per forward of an attention layer with fewer KV
+    heads than tp ranks, whose K and V weights split by rows so that a rank's rows cut across a
+    head: Megatron-Core (`Attention`'s `num_query_groups < world_size` branch) gathers the whole
+    fused QKV output of its `tokens` (the column input, gathered under SP) and keeps its group's
+    heads; the torch engine gathers K and V apart and keeps the rank's head
+    (`distributed.plans.KVHeads`). Each gather's backward reduce-scatters its gradient. (0, 0)
+    where the KV heads split whole over tp, and for MLA."""
     a = layer.mixer
     if not isinstance(a, AttentionPlan) or a.n_kv_heads >= tp:
-        return 0
-    return ACT_BYTES * tokens * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+        return 0, 0
+    match engine:
+        case "megatron":
+            return ACT_BYTES * tokens * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, 1
+        case "torch":
+            return ACT_BYTES * tokens * a.n_kv_heads * a.head_dim, 2
+        case _:
+            assert_never(engine)
 
 
 def _dp_records(local: tuple[int, int], fsdp: tuple[int, int], what: str, layout: Layout, m: int,
@@ -1907,14 +1914,14 @@ def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: St
                     add("recv", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
                 case _:
                     assert_never(cp_comm)
-        if engine == "megatron":
-            # fewer KV heads than tp ranks: Megatron-Core gathers the fused QKV output per layer
-            for gathered, n in _merged(counted.kv, lambda layer: _qkv_gathered(layer, tokens, tp)):
-                if gathered:
-                    add("all_gather", "tp", tp, gathered, m * n * fwd,
-                        f"{span} fused QKV output, fewer KV heads than tp", tp_over)
-                    add("reduce_scatter", "tp", tp, gathered, m * n,
-                        f"{span} fused QKV output gradient, fewer KV heads than tp", tp_over)
+        # fewer KV heads than tp ranks: each layer gathers its K/V projection's output
+        what = "fused QKV output" if engine == "megatron" else "K and V outputs"
+        for layer, n in counted.kv:
+            gathered, calls = _qkv_gathered(layer, tokens, tp, engine)
+            add("all_gather", "tp", tp, gathered, m * n * calls * fwd,
+                f"{span} {what}, fewer KV heads than tp", tp_over)
+            add("reduce_scatter", "tp", tp, gathered, m * n * calls,
+                f"{span} {what} gradient, fewer KV heads than tp", tp_over)
         for sent, n in conv_calls:  # forward (again under full recompute) and backward
             add("all_to_all", "cp", cp, sent, m * n * (fwd + 1),
                 f"{span} long-conv sequence <-> channel shards (CP)")

@@ -6,8 +6,10 @@ measures one of them exactly).
 Shapes are the (out, in) layout of `nn.Linear.weight` and the (E, F, D) / (E, D, F) layout of
 stacked expert weights, as a checkpoint stores them. Splits (Megatron-LM, Shoeybi et al. 2019 §3;
 torch `ColwiseParallel` / `RowwiseParallel`):
-- column: dim 0 split over tp (q/k/v, up/gate, in_proj; their biases). Heads are indivisible
-  units: with fewer KV heads than tp ranks, each rank holds one whole KV head (replicated).
+- column: dim 0 split over tp (q/k/v, up/gate, in_proj; their biases). Query heads are
+  indivisible units; k and v split by rows, so with fewer KV heads than tp ranks (MQA among them)
+  a rank's rows cut across a head, as Megatron-Core splits its fused QKV weight, and the layer
+  all-gathers the projection's output (`cluster._qkv_gathered`).
 - row: dim 1 split over tp (o_proj, down_proj, out_proj); the bias stays whole.
 - vocab: dim 0 (the vocabulary) split over tp in torch.chunk's way, ceil(V/tp) rows on rank 0
   (VocabParallelEmbedding, a colwise LM head).
@@ -130,8 +132,9 @@ def _linear(path: str, out: int, inp: int, bias: bool, split: Split, units: int 
 def _attention(path: str, a: AttentionPlan, d: int) -> list[Tensor]:
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     out = (_linear(f"{path}.q_proj", q, d, a.qkv_bias, "column", a.n_heads)
-           + _linear(f"{path}.k_proj", kv, d, a.qkv_bias, "column", a.n_kv_heads)
-           + _linear(f"{path}.v_proj", kv, d, a.qkv_bias, "column", a.n_kv_heads)
+           # by rows: with fewer KV heads than tp ranks a rank's rows cut across a head
+           + _linear(f"{path}.k_proj", kv, d, a.qkv_bias, "column")
+           + _linear(f"{path}.v_proj", kv, d, a.qkv_bias, "column")
            + _linear(f"{path}.o_proj", d, q, a.out_bias, "row"))
     if a.qk_norm is not None:
         norm = a.qk_norm.norm
