@@ -79,6 +79,12 @@ class AttentionPlan:
     window: int | None  # sliding window of this layer, None = global
     rotary_dim: int  # 0 when the model has no RoPE
 
+    def splits_over(self, tp: int) -> bool:
+        """Whether tp ranks split the heads as Megatron-Core does: the query heads evenly, the KV
+        heads evenly or, fewer than tp and dividing it, one a rank (its `num_query_groups <
+        world_size` branch). `plan`'s search and the torch engine accept the same splits."""
+        return not (self.n_heads % tp or self.n_kv_heads % tp and tp % self.n_kv_heads)
+
 
 @dataclass(frozen=True)
 class MLAPlan:

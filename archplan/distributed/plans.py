@@ -643,7 +643,7 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
     match module:
         case Attention():
             p = module.plan
-            if p.n_heads % tp or p.n_kv_heads % tp and tp % p.n_kv_heads:
+            if not p.splits_over(tp):
                 return f"{p.n_heads} query / {p.n_kv_heads} key-value heads do not split over tp={tp}"
             scope = p.qk_norm.scope if p.qk_norm is not None else None
             if 1 < p.n_kv_heads < tp and scope in ("per_head", "full"):

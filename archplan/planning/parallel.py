@@ -381,7 +381,7 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
         mixer = layer.mixer
         match mixer:
             case AttentionPlan():
-                if mixer.n_heads % tp or (mixer.n_kv_heads % tp and tp % mixer.n_kv_heads):
+                if not mixer.splits_over(tp):
                     return f"{mixer.n_heads} query / {mixer.n_kv_heads} KV heads do not split {tp} ways"
             case MLAPlan():
                 if mixer.n_heads % tp:

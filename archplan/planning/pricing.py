@@ -1016,9 +1016,9 @@ def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, gr
     before the all-reduce. The gradient read is bf16, or the reduce dtype where FSDP2 accumulated
     the unsharded gradients over the micro-batches (`cluster._fsdp_accumulates`). The division is
     NCCL's (ReduceOp.AVG), no pass of its own; the shard-sized copies (the all-gather input, the
-    reduce-scatter output) are left out, and so is a gather FSDP2 drops unread. `verify --layout` counts the same bytes on torch's FSDP2
-    (`distributed.comms`), exactly. Nothing for the other states: their collectives work on the
-    buffers in place."""
+    reduce-scatter output) are left out, and so is a gather FSDP2 drops unread. `verify --layout`
+    counts the same bytes on torch's FSDP2 (`distributed.comms`), exactly. Nothing for the other
+    states: their collectives work on the buffers in place."""
     if states.engine != "torch":
         return 0
     read = grad_reduce if _fsdp_accumulates(layout, microbatches) else ACT_BYTES
