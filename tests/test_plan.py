@@ -558,6 +558,25 @@ def test_fused_qkv_concatenation_is_priced_under_eager_autograd(capsys: pytest.C
     assert found["--fused-qkv"] - found["--separate-qkv"] == pytest.approx(microbatches * per_micro / rate, rel=1e-9)
 
 
+def test_fused_qkv_concatenation_reads_the_ranks_columns_with_fewer_kv_heads_than_tp() -> None:
+    """The concatenated gradient is the rank's slice of the fused projection's output: its q heads,
+    and K and V split by rows, which with fewer KV heads than tp ranks (Qwen3-30B-A3B's 4 at tp 8)
+    is part of one head each: 4 q heads and 2 · 64 columns of K and V, not two whole heads."""
+    from archplan.planning.cluster import model_data
+    from archplan.planning.pricing import qkv_concat_bytes
+    from archplan.planning.shards import layer_tensors
+
+    plan = resolve(load_spec("qwen3-30b-a3b"))
+    a = plan.layers[0].mixer
+    assert (a.n_heads, a.n_kv_heads, a.head_dim) == (32, 4, 128)
+    for tp in (1, 2, 4, 8):
+        layout = Layout(tp=tp, pp=1, dp=1, zero=1, recompute="none", mb=2)
+        columns = sum(t.local_shape(tp)[0] for t in layer_tensors(plan.layers[0], plan)
+                      if t.name.split(".")[-2] in ("q_proj", "k_proj", "v_proj") and t.name.endswith("weight"))
+        assert columns == (32 + 2 * 4) * 128 // tp
+        assert qkv_concat_bytes(model_data(plan, 256), 0, layout) == 2 * 2 * (2 * 256) * columns
+
+
 def test_eager_cross_entropy_bytes() -> None:
     """`F.cross_entropy` on bf16 logits cast to fp32 (torchtitan's loss), op by op in a real
     backward: the cast (2 + 4 B per logit), the log-softmax (4 + 4), the loss gradient's dense

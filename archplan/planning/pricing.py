@@ -467,14 +467,16 @@ def qkv_concat_bytes(data: ModelData, i: int, layout: Layout) -> int:
     """HBM bytes, one micro-batch's backward, of concatenating layer `i`'s q, k and v gradients
     where one linear projects them and its output is split (llm-foundry's MPT: `Wqkv`, then
     `qkv.split([d_model, kv, kv], dim=2)`): the backward of `split` (and `chunk`) under eager
-    autograd is a `cat` into a new buffer, the three gradients read and the buffer written, 2 B
-    each. Transformer Engine's `_SplitAlongDim` skips the copy when the gradients already lie in
+    autograd is a `cat` into a new buffer, the three gradients of the rank's columns read and the
+    buffer written, 2 B each. Transformer Engine's `_SplitAlongDim` skips the copy when the gradients already lie in
     one buffer, so only eager stacks that fuse the projection pay it; 0 for other mixers."""
     a = data.plan.layers[i].mixer
     if not isinstance(a, AttentionPlan):
         return 0
     tp = layout.tp
-    width = (math.ceil(a.n_heads / tp) + 2 * math.ceil(a.n_kv_heads / tp)) * a.head_dim
+    # q splits by heads; K and V by rows, which is by heads unless fewer KV heads than tp ranks
+    # cut across one (`shards._attention`)
+    width = math.ceil(a.n_heads / tp) * a.head_dim + 2 * math.ceil(a.n_kv_heads * a.head_dim / tp)
     return 2 * ACT_BYTES * (layout.mb * data.seq // layout.cp) * width
 
 
