@@ -1810,6 +1810,25 @@ def test_cli_plans_that_cannot_run_are_one_line_exit_2(
     assert code == 2 and said in err and err.count("\n") == 1 and out == ""
 
 
+def test_cli_a_searched_layout_given_back_prices_the_same(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's best layout, given back as --layout with the same options, prints the same
+    figures. A stack's --overlap names degrees the search may set to 1 (here tp and pp); given
+    such a layout, the option is refused in one line that says what to drop, and once dropped the
+    figures are the search's."""
+    base = ("mistral-7b", "--gpus", "8", "--gpu", "h100", "--seq", "2048", "--global-batch-tokens", "1M")
+    code, out, _ = run(capsys, monkeypatch, "plan", *base, "--overlap", "dp,tp,pp", "--json")
+    best = json.loads(out)["layouts"][0]
+    assert code == 0 and (best["tp"], best["pp"]) == (1, 1)
+    code, _, err = run(capsys, monkeypatch, "plan", *base, "--overlap", "dp,tp,pp", "--layout", best["layout"])
+    assert code == 2 and err.count("\n") == 1 and "drop tp from --overlap" in err
+    code, out, _ = run(capsys, monkeypatch, "plan", *base, "--overlap", "dp", "--layout", best["layout"], "--json")
+    given = json.loads(out)["layouts"][0]
+    assert code == 0
+    for key in ("memory", "step_time", "mfu", "tokens_per_s_per_gpu", "microbatches", "training_days"):
+        assert given[key] == best[key], key
+
+
 def test_cli_the_search_never_straddles_a_node_with_tp(capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "48", "--gpu", "h100",

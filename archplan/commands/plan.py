@@ -1463,7 +1463,7 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
     given = fixed.given
     if settings.cp_comm != "all_gather" and given.get("cp") == 1:
         raise ArchplanError(f"--cp-comm {settings.cp_comm} exchanges K/V between context-parallel ranks, and "
-                            "the given --layout has cp=1")
+                            "the given --layout has cp=1: drop --cp-comm (a search applies it only where cp > 1)")
     if settings.cp_comm != "all_gather" and "cp" not in given and attention:
         others = math.prod(int(given.get(degree, 1)) for degree in ("tp", "pp", "dp"))
         if gpus <= others:
@@ -1477,7 +1477,8 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
     for degree, what in (("tp", "the tensor-parallel traffic behind its GEMMs"),
                          ("pp", "the pipeline's sends and receives behind compute")):
         if degree in settings.overlap and given.get(degree) == 1:
-            raise ArchplanError(f"--overlap {degree} hides {what}, and the given --layout has {degree}=1")
+            raise ArchplanError(f"--overlap {degree} hides {what}, and the given --layout has {degree}=1: drop "
+                                f"{degree} from --overlap (a search applies it only where {degree} > 1)")
     if settings.recompute_modules and given.get("recompute") == "full":
         raise ArchplanError(f"--recompute-modules {','.join(sorted(settings.recompute_modules))} re-runs modules "
                             "under recompute none or selective, and the given --layout has recompute=full (which "
