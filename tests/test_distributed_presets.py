@@ -11,7 +11,6 @@ layout; the largest run it under `-m heavy` and a cheaper layout of the same kin
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -102,14 +101,6 @@ def fake_world():
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _bytes_by_kind(result: LayoutCheck, dims: set[str], side: str) -> Counter[tuple[str, str]]:
-    out: Counter[tuple[str, str]] = Counter()
-    for row in result.collectives:
-        if row.mesh_dim in dims:
-            out[(row.kind, row.mesh_dim)] += row.bytes * getattr(row, side)
-    return out
 
 
 def _check(result: LayoutCheck) -> None:

@@ -40,6 +40,22 @@ def test_visible_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]) -
     assert statistics.median(abs(row.error) for row in visible) <= MEDIAN_GOAL
 
 
+def test_the_search_agrees_with_the_visible_runs_or_names_their_constraint() -> None:
+    """Issue 10 part 5 on the visible runs: the search, given only GPUs, GPU, sequence and batch
+    (and the run's constraint where it has one), ranks a layout predicted at most SEARCH_GOAL faster
+    than the published one, or the row names what bound the run. 18 of the 21 are within it; the
+    three that are not (Narayanan's 18.4B and 39.1B, Korthikanti's 22B at full recompute) are
+    Megatron-LM runs of 2021-2022 held to full recompute without sequence parallelism."""
+    bench = load_benchmark("published_runs")
+    data = bench.load()
+    found = [bench.evaluate_run(run, data["models"], data["gpt_sizes"], True)
+             for run in data["runs"] if not run.get("holdout")]
+    searched = [row for row in found if row.search_gap is not None]
+    assert bench.search_summary(found, False) == {"n": len(searched), "within_goal": 18} and len(searched) == 21
+    for row in searched:
+        assert row.search_gap <= bench.SEARCH_GOAL or (row.constraint and row.constraint_reason), row.name
+
+
 # the runs of the issue's data set (the visible rows and the held-out rows from the same sources);
 # the rows this project added from elsewhere (MosaicML, torchtitan) are held out and unconstrained
 ISSUE_SOURCES = ("Narayanan", "Korthikanti", "Llama 3", "BLOOM", "OPT", "DeepSeek")

@@ -147,9 +147,6 @@ class PartialLayout:
                     "above 1)")
         return None
 
-    def admits(self, layout: Layout) -> bool:
-        return all(getattr(layout, name) == value for name, value in self.given.items())
-
     def for_model(self, n_experts: int) -> PartialLayout:
         """ep fixed at 1 for a model without routed experts, the only degree it can take: a dense
         model's layout is complete without it."""
