@@ -1482,14 +1482,17 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
     if settings.recompute_modules and given.get("recompute") == "full":
         raise ArchplanError(f"--recompute-modules {','.join(sorted(settings.recompute_modules))} re-runs modules "
                             "under recompute none or selective, and the given --layout has recompute=full (which "
-                            "re-runs every module)")
+                            "re-runs every module): drop --recompute-modules (a search applies it only where "
+                            "recompute is none or selective)")
     if settings.fused_qkv and not settings.eager and attention:
         raise ArchplanError(f"--fused-qkv: the concatenation of q's, k's and v's gradients it prices is eager "
                             f"autograd's, which only --states fsdp2 runs; under --states {settings.states.key} "
                             "it would change nothing")
     if settings.early_stop is not None and given.get("recompute", "full") != "full":
         raise ArchplanError(f"--{'' if settings.early_stop else 'no-'}recompute-early-stop says how full recompute "
-                            f"re-runs a block, and the given --layout has recompute={given['recompute']}")
+                            f"re-runs a block, and the given --layout has recompute={given['recompute']}: drop "
+                            f"--{'' if settings.early_stop else 'no-'}recompute-early-stop (a search applies it only "
+                            "where recompute is full)")
 
 
 def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str,
