@@ -1249,7 +1249,9 @@ def register(app: typer.Typer) -> None:
             help="The loss's implementation, HBM bytes per logit forward and backward: fp32-fused (a fused "
             "kernel over fp32 logits, Megatron's vocab-parallel loss: 24), bf16-fused (flash-attention's or "
             "Apex's kernel on bf16 logits, llm-foundry's default: 8), eager (F.cross_entropy on logits cast to "
-            "fp32, torchtitan and Hugging Face: 36).", rich_help_panel=MODEL_PANEL)] = CrossEntropyChoice.fp32_fused,
+            "fp32, torchtitan and Hugging Face: 36; its backward also holds two fp32 gradients of the rank's "
+            "logits, 8 B a logit, 12 B under torch's loss_parallel, priced as temporary memory).",
+            rich_help_panel=MODEL_PANEL)] = CrossEntropyChoice.fp32_fused,
         ring_nics: Annotated[RingNicsChoice | None, typer.Option(
             "--ring-nics",
             help="NICs a data-parallel or context-parallel ring across nodes moves a GPU's bytes over: one, or "

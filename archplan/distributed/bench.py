@@ -93,7 +93,7 @@ def _check_host_memory(plan: ModelPlan, layout: Layout, seq: int, microbatches: 
     available = _available_host_bytes()
     if available is None:
         return
-    need = nproc * rank_memory(plan, layout, seq, microbatches=microbatches, states=FSDP2).total
+    need = nproc * rank_memory(plan, layout, seq, microbatches=microbatches, states=FSDP2, loss="eager").total
     if need > available:
         raise ArchplanError(f"bench --nproc {nproc} on CPU: the ranks need at least {nbytes(need)} "
                             f"(plan's FSDP2 figure for the most loaded stage, × {nproc}), more than the "

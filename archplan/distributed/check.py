@@ -123,9 +123,12 @@ def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches:
                      stage: int | None = None) -> LayoutCheck:
     """`stage`'s rank measured against the analytic figures (None: the most loaded stage's)."""
     states = cluster.FSDP2
+    # the torch engine's loss: F.cross_entropy on fp32 logits (`step.StageRunner.loss`)
+    loss: cluster.CrossEntropyImpl = "eager"
     if stage is None:
-        stage = cluster.most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states)
-    analytic_memory = cluster.rank_memory(plan, layout, seq, microbatches=microbatches, stage=stage, states=states)
+        stage = cluster.most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states, loss=loss)
+    analytic_memory = cluster.rank_memory(plan, layout, seq, microbatches=microbatches, stage=stage, states=states,
+                                          loss=loss)
     analytic_calls = cluster.step_collectives(plan, layout, seq, microbatches=microbatches, stage=stage,
                                               states=states, grad_reduce=REDUCE_BYTES)
     measured = measure(plan, layout, seq, microbatches=microbatches, stage=stage)

@@ -245,6 +245,19 @@ FP8_WEIGHTS_STATED: dict[int, str] = {1: "; GEMM weights in fp8 (1 B)",
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 PROB_BYTES = 4  # an MoE router's routing probabilities, fp32 (Megatron-Core's `moe_router_dtype`)
 LOGIT_BYTES = 4
+# How the run computes its loss (`pricing.CROSS_ENTROPY_BYTES` holds each one's HBM traffic).
+CrossEntropyImpl = Literal["fp32-fused", "bf16-fused", "eager"]
+# What the loss's backward holds beyond the log-probabilities it keeps (LOGIT_BYTES), per logit of
+# the rank, measured by verify --layout (the tracker's Temp at the step's peak, exact on tiny-llama
+# with a 16K vocabulary over zero 0-3, tp 1-4, cp 2, pp 2, 1-2 micro-batches): eager
+# `F.cross_entropy` on fp32 logits forms nll_loss's dense gradient and log_softmax's input
+# gradient, two fp32 n×V tensors (aten `_log_softmax_backward_data`; `size`'s "loss backward"),
+# 8 B; with the vocabulary split over tp, torch's `loss_parallel` handlers form a third, 12 B. The
+# fused kernels write their gradient into the buffer they keep: none priced (Megatron's
+# vocab-parallel loss then casts it to bf16 for the head's backward, 2 B a logit, which no
+# measurement here checks).
+LOSS_BACKWARD_BYTES: dict[CrossEntropyImpl, tuple[int, int]] = {  # (tp = 1, tp > 1)
+    "fp32-fused": (0, 0), "bf16-fused": (0, 0), "eager": (8, 12)}
 STAT_BYTES = 4  # fp32 norm statistics
 COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
 TOKEN_ID_BYTES = 8
@@ -1480,7 +1493,8 @@ def fsdp2_accumulated_numel(data: ModelData, layout: Layout, stage: int, microba
 
 def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             states: StatesConvention, kernel: AttentionKernel,
-            modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather") -> RankMemory:
+            modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather",
+            loss: CrossEntropyImpl = "fp32-fused") -> RankMemory:
     zero = layout.zero
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     full, shard, biggest_layer, per_chunk = data.stage_params(layout, stage, states.per_tensor)
@@ -1523,6 +1537,12 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
     temporary += _head_reduction_transient(data, layout, chunks, states)
+    loss_backward = _loss_backward_transient(data, layout, chunks, loss)
+    if loss_backward:
+        # the loss's backward starts with every bf16 copy FSDP2 has not resharded: all of the
+        # stage's below zero 3 (`replicate` too), none at zero 3 (measured by verify --layout)
+        copies = states.compute_copy_bytes * full if zero <= 2 else 0
+        temporary = max(temporary, copies + loss_backward)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it
     end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard)
@@ -1561,6 +1581,17 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     to_shard = bf16 * rows if layout.tp > 1 else 0
     reduce_in = states.grad_bytes * rows
     return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / dp)
+
+
+def _loss_backward_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk],
+                             loss: CrossEntropyImpl) -> int:
+    """Bytes the loss's backward holds beyond what the forward kept, on the rank holding the
+    head (`LOSS_BACKWARD_BYTES`): one head pass at a time (multi-token prediction's losses run
+    their backwards one after another), over the rank's mb·T/cp tokens and V/tp logits each."""
+    if not chunks[-1].last:
+        return 0
+    per_logit = LOSS_BACKWARD_BYTES[loss][layout.tp > 1]
+    return per_logit * layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
 
 
 def _head_reduction_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk],
@@ -1678,24 +1709,25 @@ def _check(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, stage: 
 
 def most_loaded_stage(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
                       states: StatesConvention = MEGATRON,
-                      attention_kernel: AttentionKernel = "flash") -> int:
+                      attention_kernel: AttentionKernel = "flash", loss: CrossEntropyImpl = "fp32-fused") -> int:
     """The pipeline rank whose rank needs the most memory (ties: the first)."""
     _check(plan, layout, seq, microbatches, None, attention_kernel)
     data = model_data(plan, seq)
     stages = representative_stages(data.n_main, layout.pp, layout.vpp, data.mtp_depth)
-    totals = [_memory(data, layout, s, microbatches, states, attention_kernel).total for s in stages]
+    totals = [_memory(data, layout, s, microbatches, states, attention_kernel, loss=loss).total for s in stages]
     return stages[totals.index(max(totals))]
 
 
 def rank_memory(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
                 stage: int | None = None, states: StatesConvention = MEGATRON,
-                attention_kernel: AttentionKernel = "flash") -> RankMemory:
-    """Peak bytes by category on rank 0 of pipeline rank `stage` (None: the most loaded)."""
+                attention_kernel: AttentionKernel = "flash", loss: CrossEntropyImpl = "fp32-fused") -> RankMemory:
+    """Peak bytes by category on rank 0 of pipeline rank `stage` (None: the most loaded), the
+    loss computed by `loss`."""
     if stage is None:
         stage = most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states,
-                                  attention_kernel=attention_kernel)
+                                  attention_kernel=attention_kernel, loss=loss)
     _check(plan, layout, seq, microbatches, stage, attention_kernel)
-    return _memory(model_data(plan, seq), layout, stage, microbatches, states, attention_kernel)
+    return _memory(model_data(plan, seq), layout, stage, microbatches, states, attention_kernel, loss=loss)
 
 
 # ------------------------------------------------------------------------------ collectives

@@ -548,7 +548,7 @@ class Evaluator:
     def memory(self, layout: Layout, m: int) -> StageMemory:
         s = self.settings
         return StageMemory({stage: _memory(self.data, layout, stage, m, self.states, s.attention_kernel,
-                                           s.recompute_modules, s.cp_comm)
+                                           s.recompute_modules, s.cp_comm, s.cross_entropy)
                             for stage in representative_stages(self.data.n_main, layout.pp, layout.vpp,
                                                                self.data.mtp_depth)})
 

@@ -95,6 +95,7 @@ from archplan.planning.cluster import (
     FP8_BYTES,
     AttentionKernel,
     CPComm,
+    CrossEntropyImpl,
     Dispatcher,
     FetchUse,
     ModelData,
@@ -150,7 +151,6 @@ FP8Scaling = Literal["delayed", "current", "mxfp8"]
 #   Hugging Face): the cast (2 + 4), the log-softmax (4 + 4), the loss gradient's dense write (4),
 #   the log-softmax backward (4 + 4 + 4) and the cast back (4 + 2), 36 B (op by op in a real
 #   backward: tests/test_plan.py).
-CrossEntropyImpl = Literal["fp32-fused", "bf16-fused", "eager"]
 CROSS_ENTROPY_BYTES: dict[CrossEntropyImpl, int] = {"fp32-fused": 24, "bf16-fused": 8, "eager": 36}
 # FFT convolutions (S4, Hyena, StripedHyena) are not GEMMs: cuFFT runs on the CUDA cores and at
 # these lengths is bound by memory traffic, not by its 2.5·n·log2 n FLOPs (Fu et al. 2023,
