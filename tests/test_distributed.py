@@ -92,39 +92,48 @@ def _all_exact(spec: str, layout: str, seq: int = 32, microbatches: int = 1) -> 
     return result
 
 
-@pytest.mark.parametrize(("layout", "stage", "per_logit"), [
-    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", None, 8),
-    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=1", None, 8),
-    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None, 8),
-    ("tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on", None, 12),
-    ("tp=1,cp=1,pp=2,dp=1,ep=1,zero=2,recompute=none,mb=1", 1, 8),
-    ("tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=2", 1, 8),
-    ("tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on", None, 12),
+@pytest.mark.parametrize(("layout", "stage", "microbatches", "per_logit"), [
+    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1", None, 1, 8),
+    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=0,recompute=none,mb=1", None, 1, 8),
+    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", None, 1, 8),
+    ("tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on", None, 1, 12),
+    ("tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on", None, 1, 12),
+    ("tp=1,cp=1,pp=2,dp=1,ep=1,zero=2,recompute=none,mb=1", 1, 1, 8),
+    ("tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=2", 1, 1, 8),
+    # zero 2 and 3 over several micro-batches: FSDP2's held reduce-scatter input joins the loss
+    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1", None, 2, 8),
+    ("tp=1,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", None, 2, 8),
+    ("tp=1,cp=1,pp=2,dp=2,ep=1,zero=2,recompute=none,mb=2", 1, 2, 8),
+    ("tp=2,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1,sp=on", 1, 2, 12),
 ])
-def test_fake_verify_prices_the_eager_losss_backward(fake_world: None, tmp_path: Path, layout: str,
-                                                     stage: int | None, per_logit: int) -> None:
+def test_fake_verify_prices_the_eager_losss_backward(fake_world: None, tmp_path: Path, layout: str, stage: int | None,
+                                                     microbatches: int, per_logit: int) -> None:
     """The torch engine's loss (F.cross_entropy on fp32 logits) holds two fp32 gradients of the
     rank's logits in its backward, 8 B a logit, 12 B under torch's `loss_parallel` (tp > 1), beside
     the bf16 copies FSDP2 has not resharded: `cluster.LOSS_BACKWARD_BYTES`. With a 16K vocabulary
-    over a 64-wide model it is the step's peak: the tracker's Temp there is the priced bytes (a few
-    KB of row statistics beyond them), and the whole peak is within plan's total, above 0.85 of it
-    (plan's categories, each at its own peak, include gradients not yet formed there). One
-    micro-batch a step: with more at zero 2 or 3, FSDP2 holds the last reduce-scatter's buffer
-    into the next loss backward, which is not priced (docs/distributed.md). Before the loss's
-    backward was priced, plan's total was 1.27-1.82 times short of the peak on these layouts."""
+    over a 64-wide model it is the step's peak. With one micro-batch the tracker's Temp there is the
+    priced bytes (a few KB of row statistics beyond them), and the whole peak is within plan's
+    total, above 0.85 of it (plan's categories, each at its own peak, include gradients not yet
+    formed there). At zero 2 and 3 over several micro-batches FSDP2 also keeps the previous
+    backward's last reduce-scatter input, the root unit's fp32 gradient (`_held_reduce_scatter`),
+    which the tracker files under Temp or its collective buffers: the peak is plan's total, within
+    0.2%. Before these were priced, plan's total was 1.06-1.82 times short of the peak here."""
     from archplan.distributed.check import check_layout_run
 
     seq, vocab = 128, 16384
     plan = resolve(load_spec(variant(tmp_path, "tiny-llama.yaml", "tiny-llama-16k", vocab_size=vocab)))
     parsed = parse_layout(layout).complete()
-    result = check_layout_run(plan, parsed, seq, microbatches=1, stage=stage)
+    result = check_layout_run(plan, parsed, seq, microbatches=microbatches, stage=stage)
     peak = result.measured.peak_by_reftype
-    logits = parsed.mb * seq // parsed.cp * vocab // parsed.tp
-    assert 0 <= peak["Temp"] - per_logit * logits < 8 << 10
-    rows = {r.category: r for r in result.memory}
-    assert 0 <= rows["temporary"].measured - rows["temporary"].analytic < 16 << 10
     total = sum(r.analytic for r in result.memory)
-    assert 0.85 * total < peak["Total"] <= total * 1.002
+    if microbatches == 1 or parsed.zero < 2:
+        logits = parsed.mb * seq // parsed.cp * vocab // parsed.tp
+        assert 0 <= peak["Temp"] - per_logit * logits < 8 << 10
+        rows = {r.category: r for r in result.memory}
+        assert 0 <= rows["temporary"].measured - rows["temporary"].analytic < 16 << 10
+        assert 0.85 * total < peak["Total"] <= total * 1.002
+    else:
+        assert total * 0.998 <= peak["Total"] <= total * 1.002
 
 
 def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> None:

@@ -1537,12 +1537,14 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
     temporary += _head_reduction_transient(data, layout, chunks, states)
+    held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
+    temporary += held_reduce
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     if loss_backward:
         # the loss's backward starts with every bf16 copy FSDP2 has not resharded: all of the
         # stage's below zero 3 (`replicate` too), none at zero 3 (measured by verify --layout)
         copies = states.compute_copy_bytes * full if zero <= 2 else 0
-        temporary = max(temporary, copies + loss_backward)
+        temporary = max(temporary, copies + loss_backward + held_reduce)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it
     end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard)
@@ -1581,6 +1583,26 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     to_shard = bf16 * rows if layout.tp > 1 else 0
     reduce_in = states.grad_bytes * rows
     return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / dp)
+
+
+def _held_reduce_scatter(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
+                         states: StatesConvention) -> int:
+    """Bytes torch's FSDP2 keeps of a backward's last gradient reduce-scatter into the next
+    micro-batch: at zero 2 and 3 it reduces every micro-batch's gradients, and only the step's
+    last backward waits on and releases the last unit's reduce-scatter input
+    (`FSDPCommContext.reduce_scatter_states`, torch 2.13's `_root_post_backward_final_callback`).
+    So the fp32 input of each chunk's root unit, reduced last, stays allocated through the next
+    micro-batch's forward and into its backward, beside its loss (measured by verify --layout).
+    A root holds the final norm and the head, or little on a stage without them."""
+    if states.engine != "torch" or layout.zero < 2 or microbatches < 2:
+        return 0
+    dp = layout.dp * layout.cp
+    held = 0
+    for chunk in chunks:
+        for tensors, what in _fsdp_end_units(data, chunk.first, chunk.last, layout.pp):
+            if what != "embedding":
+                held += dp * _fsdp_numel(tensors, layout.tp, layout.ep, dp, layout.expert_dp)[0]
+    return states.grad_bytes * held
 
 
 def _loss_backward_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk],
