@@ -110,7 +110,11 @@ FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in t
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
 all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per model chunk, the
-positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`).
+positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`). Its temporary memory
+holds FSDP2's transients as `verify --layout` measures them: the bf16 compute copies, the end
+units' gradient casts and reductions, the eager loss's backward gradients (any engine under
+`--cross-entropy eager`: `_loss_backward_transient`) and the reduce-scatter input FSDP2 keeps
+from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
@@ -1591,9 +1595,10 @@ def _held_reduce_scatter(data: ModelData, layout: Layout, chunks: Sequence[Chunk
     micro-batch: at zero 2 and 3 it reduces every micro-batch's gradients, and only the step's
     last backward waits on and releases the last unit's reduce-scatter input
     (`FSDPCommContext.reduce_scatter_states`, torch 2.13's `_root_post_backward_final_callback`).
-    So the fp32 input of each chunk's root unit, reduced last, stays allocated through the next
+    So the input of each chunk's root unit, reduced last, stays allocated through the next
     micro-batch's forward and into its backward, beside its loss (measured by verify --layout).
-    A root holds the final norm and the head, or little on a stage without them."""
+    A root holds the final norm and the head, or little on a stage without them. The input is in
+    FSDP2's reduce dtype, fp32 here, the states' gradient bytes."""
     if states.engine != "torch" or layout.zero < 2 or microbatches < 2:
         return 0
     dp = layout.dp * layout.cp

@@ -468,8 +468,9 @@ def qkv_concat_bytes(data: ModelData, i: int, layout: Layout) -> int:
     where one linear projects them and its output is split (llm-foundry's MPT: `Wqkv`, then
     `qkv.split([d_model, kv, kv], dim=2)`): the backward of `split` (and `chunk`) under eager
     autograd is a `cat` into a new buffer, the three gradients of the rank's columns read and the
-    buffer written, 2 B each. Transformer Engine's `_SplitAlongDim` skips the copy when the gradients already lie in
-    one buffer, so only eager stacks that fuse the projection pay it; 0 for other mixers."""
+    buffer written, 2 B each. Transformer Engine's `_SplitAlongDim` skips the copy when the
+    gradients already lie in one buffer, so only eager stacks that fuse the projection pay it; 0
+    for other mixers."""
     a = data.plan.layers[i].mixer
     if not isinstance(a, AttentionPlan):
         return 0
