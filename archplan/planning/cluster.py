@@ -1546,8 +1546,16 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     if loss_backward:
         # the loss's backward starts with every bf16 copy FSDP2 has not resharded: all of the
-        # stage's below zero 3 (`replicate` too), none at zero 3 (measured by verify --layout)
-        copies = states.compute_copy_bytes * full if zero <= 2 else 0
+        # stage's below zero 3 (`replicate` too); at zero 3 none, unless the loss is computed
+        # inside the stage's root unit, as the torch engine's multi-token prediction does
+        # (`distributed.stage.Stage`): the root's pre-backward hook then gathers it again before
+        # the loss's backward runs (measured by verify --layout)
+        if zero <= 2:
+            copies = states.compute_copy_bytes * full
+        elif states.engine == "torch" and data.mtp_depth:
+            copies = states.compute_copy_bytes * _root_numel(data, layout, chunks[-1])
+        else:
+            copies = 0
         temporary = max(temporary, copies + loss_backward + held_reduce)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it
@@ -1602,12 +1610,21 @@ def _held_reduce_scatter(data: ModelData, layout: Layout, chunks: Sequence[Chunk
     if states.engine != "torch" or layout.zero < 2 or microbatches < 2:
         return 0
     dp = layout.dp * layout.cp
-    held = 0
-    for chunk in chunks:
-        for tensors, what in _fsdp_end_units(data, chunk.first, chunk.last, layout.pp):
-            if what != "embedding":
-                held += dp * _fsdp_numel(tensors, layout.tp, layout.ep, dp, layout.expert_dp)[0]
+    held = sum(dp * _fsdp_numel(_root_tensors(data, layout, chunk), layout.tp, layout.ep, dp, layout.expert_dp)[0]
+               for chunk in chunks)
     return states.grad_bytes * held
+
+
+def _root_tensors(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor, ...]:
+    """The tensors of a model chunk's FSDP2 root unit (`_fsdp_end_units`): its ends but the
+    embedding's own unit."""
+    return tuple(t for tensors, what in _fsdp_end_units(data, chunk.first, chunk.last, layout.pp)
+                 if what != "embedding" for t in tensors)
+
+
+def _root_numel(data: ModelData, layout: Layout, chunk: Chunk) -> int:
+    """The elements of a chunk's root unit on this rank, unsharded (what FSDP2 gathers)."""
+    return _local_numel(_root_tensors(data, layout, chunk), layout.tp, layout.ep)[0]
 
 
 def _loss_backward_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk],
