@@ -558,6 +558,20 @@ def test_fused_qkv_concatenation_is_priced_under_eager_autograd(capsys: pytest.C
     assert found["--fused-qkv"] - found["--separate-qkv"] == pytest.approx(microbatches * per_micro / rate, rel=1e-9)
 
 
+def test_fsdp2_states_name_the_loss_fsdp2_stacks_run(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megatron's fused loss is the default, which no FSDP2 stack runs: under --states fsdp2 the
+    states line says which option prices torchtitan's loss and what its backward holds, and says
+    nothing once a loss is chosen or under Megatron-style states."""
+    base = ("plan", "llama-3-8b", "--gpus", "64", "--gpu", "h100", "--seq", "8192", "--global-batch-tokens", "4M")
+    hint = "torchtitan and Hugging Face run --cross-entropy eager"
+    for extra, shown in ((("--states", "fsdp2"), True), (("--states", "fsdp2", "--cross-entropy", "eager"), False),
+                         ((), False)):
+        monkeypatch.setenv("COLUMNS", "400")
+        code, out, _ = run(capsys, monkeypatch, *base, *extra)
+        assert code == 0 and (hint in " ".join(out.split())) == shown, extra
+
+
 def test_fused_qkv_concatenation_reads_the_ranks_columns_with_fewer_kv_heads_than_tp() -> None:
     """The concatenated gradient is the rank's slice of the fused projection's output: its q heads,
     and K and V split by rows, which with fewer KV heads than tp ranks (Qwen3-30B-A3B's 4 at tp 8)

@@ -629,6 +629,15 @@ def _moe_host_note(result: SearchResult, plan: ModelPlan) -> str | None:
             f"this layout {MOE_HOST_FLOOR_S / per_pass - 1:.0%} slower; not priced (docs/validation.md)")
 
 
+def _loss_hint(settings: Settings) -> str:
+    """Under FSDP2 states the default loss is Megatron's fused one, which no FSDP2 stack runs:
+    say which option prices torchtitan's or Hugging Face's, whose backward also holds memory."""
+    if settings.eager and settings.cross_entropy == "fp32-fused":
+        return (" (torchtitan and Hugging Face run --cross-entropy eager, whose backward also holds 8 B a logit, "
+                "12 B under loss_parallel; llm-foundry bf16-fused)")
+    return ""
+
+
 def _kv_heads_note(result: SearchResult, plan: ModelPlan) -> str | None:
     """What the megatron engine's figures leave out where the top layout has fewer KV heads than
     tp ranks (docs/plan.md, "fewer KV heads than tp ranks")."""
@@ -1008,7 +1017,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   f"{STATE_DTYPES[settings.reduce_bytes]}; overlap: {overlap}; "
                   f"CP K/V by {settings.cp_comm}; MoE dispatch {settings.dispatcher}{sent}; "
                   f"full recompute {recompute}{eager}; loss "
-                  f"{settings.cross_entropy}")
+                  f"{settings.cross_entropy}{_loss_hint(settings)}")
     if spec.mtp is not None:
         console.print(f"  multi-token prediction: {spec.mtp.depth} module(s) on the last pipeline stage, each a "
                       "block, a 2·d → d projection and a head pass, with an embedding copy where pp > 1; the "
