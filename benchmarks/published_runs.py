@@ -191,10 +191,14 @@ def search_summary(found: list[Row], holdout: bool) -> dict[str, int]:
     return {"n": len(gaps), "within_goal": sum(gap <= SEARCH_GOAL for gap in gaps)} if gaps else {}
 
 
-def _search_line(found: list[Row]) -> str:
-    counts = [(label, search_summary(found, holdout)) for label, holdout in (("visible", False), ("held out", True))]
+def _search_line(found: list[Row]) -> str | None:
+    """The search-agreement count, or None where no row was searched (`--no-search`)."""
+    counts = [(label, s) for label, holdout in (("visible", False), ("held out", True))
+              if (s := search_summary(found, holdout))]
+    if not counts:
+        return None
     return (f"search's best within +{SEARCH_GOAL:.0%} of the published layout (under its constraint where it "
-            "has one): " + ", ".join(f"{label} {s['within_goal']} of {s['n']}" for label, s in counts if s))
+            "has one): " + ", ".join(f"{label} {s['within_goal']} of {s['n']}" for label, s in counts))
 
 
 # The 16,384-GPU searches timed (issue 10's goal: under 2 s): the issue's dense example, and the
@@ -271,8 +275,8 @@ def markdown(found: list[Row]) -> None:
                 if r.constrained_best else "—")
         constraint = f"`{r.constraint}` ({r.constraint_reason})" if r.constraint else "—"
         print(f"| {r.name} | {r.layout} | {free} | {constraint} | {held} |")
-    if any(r.search_best is not None for r in found):
-        print(f"\n{_search_line(found)}")
+    if (line := _search_line(found)) is not None:
+        print(f"\n{line}")
 
 
 def main() -> None:
@@ -319,8 +323,8 @@ def main() -> None:
         if s:
             print(f"{label}: n={s['n']:.0f} median |error| {s['median_abs_error']:.1%}, "
                   f"worst {s['worst_abs_error']:.1%}")
-    if any(r.search_best is not None for r in found):
-        print(_search_line(found))
+    if (line := _search_line(found)) is not None:
+        print(line)
 
 
 if __name__ == "__main__":

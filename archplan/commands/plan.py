@@ -632,9 +632,12 @@ def _moe_host_note(result: SearchResult, plan: ModelPlan) -> str | None:
 def _loss_hint(settings: Settings) -> str:
     """Under FSDP2 states the default loss is Megatron's fused one, which no FSDP2 stack runs:
     say which option prices torchtitan's or Hugging Face's, whose backward also holds memory."""
+    from archplan.planning.cluster import LOSS_BACKWARD_BYTES
+
     if settings.eager and settings.cross_entropy == "fp32-fused":
-        return (" (torchtitan and Hugging Face run --cross-entropy eager, whose backward also holds 8 B a logit, "
-                "12 B under loss_parallel; llm-foundry bf16-fused)")
+        whole, split = LOSS_BACKWARD_BYTES["eager"]
+        return (f" (torchtitan and Hugging Face run --cross-entropy eager, whose backward also holds {whole} B a "
+                f"logit, {split} B under loss_parallel; llm-foundry bf16-fused)")
     return ""
 
 
