@@ -155,6 +155,70 @@ def test_fake_verify_mtp_loss_inside_the_root_unit_at_zero_3(fake_world: None, t
     assert all(r.ok is not False for r in result.memory)
 
 
+@pytest.mark.parametrize("layout", ["tp=1,cp=1,pp=1,dp=4,ep=1,zero=3,recompute=none,mb=1",
+                                    "tp=1,cp=2,pp=1,dp=2,ep=1,zero=1,recompute=full,mb=1",
+                                    "tp=1,cp=2,pp=2,dp=1,ep=1,zero=3,recompute=selective,mb=1",
+                                    pytest.param("tp=2,cp=1,pp=1,dp=4,ep=1,zero=3,recompute=none,mb=1",
+                                                 marks=pytest.mark.heavy)])
+def test_fake_verify_prices_the_root_reduction_at_the_end(fake_world: None, tmp_path: Path, layout: str) -> None:
+    """At the end of the backward FSDP2 reduce-scatters the root unit's gradient (final norm and
+    head): the root's bf16 gradient, its fp32 reduce-scatter input and output. At pp = 1 the
+    embedding's unit waits for its own reduction beside it, with its bf16 gradient, DTensor's
+    Replicate, whole, and its unsharded copy (`cluster._root_reduction_at_end`). With 16 tokens
+    beside a 16K vocabulary that moment is the step's peak; before it was priced the peak was
+    1.10-1.13 (pp 1) and 1.44 (pp 2's last stage) times plan's total."""
+    from archplan.distributed.check import check_layout_run
+
+    seq, vocab = 16, 16384
+    plan = resolve(load_spec(variant(tmp_path, "tiny-llama.yaml", "tiny-llama-16k", vocab_size=vocab)))
+    parsed = parse_layout(layout).complete()
+    result = check_layout_run(plan, parsed, seq, microbatches=1, stage=parsed.pp - 1)
+    total = sum(r.analytic for r in result.memory)
+    assert result.measured.peak_by_reftype["Total"] <= total * 1.002
+    d = plan.d_model
+    root = vocab // parsed.tp * d + d  # the head's rows and the final norm
+    moment = (2 + 4) * root + 4 * root // (parsed.dp * parsed.cp)
+    if parsed.pp == 1:
+        moment += 2 * vocab * d + 2 * vocab // parsed.tp * d
+    assert abs({r.category: r for r in result.memory}["temporary"].measured - moment) < 1 << 10
+
+
+@pytest.mark.parametrize(("tied", "layout", "seq", "microbatches"), [
+    # untied: the main loss's backward beside the MTP pass's bf16 head and embedding gradients
+    (False, "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", 128, 1),
+    (False, "tp=2,cp=2,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=1,sp=on", 128, 2),
+    # tied: the lookup's whole gradient added to the head's, the rows' copy and the sum
+    (True, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", 16, 1),
+    pytest.param(False, "tp=1,cp=2,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 16, 1, marks=pytest.mark.heavy),
+    pytest.param(True, "tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", 16, 1, marks=pytest.mark.heavy),
+    pytest.param(False, "tp=2,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1", 128, 2, marks=pytest.mark.heavy),
+])
+def test_fake_verify_mtp_gradients_held_before_the_main_loss(fake_world: None, tmp_path: Path, tied: bool, layout: str,
+                                                             seq: int, microbatches: int) -> None:
+    """The torch engine's multi-token prediction runs its MTP passes' backward before its main
+    pass's: the bf16 gradients they gave the head's weight (the rank's rows) and the embedding they
+    read the shifted tokens through (DTensor's Replicate gradient, the whole vocabulary) wait
+    beside the main pass's loss backward until FSDP2 reduces their unit, and tied they are summed
+    (`cluster._mtp_head_gradients`). Once the MTP head's log-probabilities are freed, that moment
+    outgrows the MTP pass's own: under CP with 16K logits a rank, and with 16 tokens. Before it was
+    priced the step's peak was up to 1.031 (untied, CP) and 1.051 (tied) times plan's total."""
+    from archplan.distributed.check import check_layout_run
+
+    vocab = 16384
+    plan = resolve(load_spec(variant(tmp_path, "tiny-mtp.yaml", "tiny-mtp-16k", vocab_size=vocab,
+                                     embedding={"tied": tied})))
+    parsed = parse_layout(layout).complete()
+    result = check_layout_run(plan, parsed, seq, microbatches=microbatches, stage=parsed.pp - 1)
+    peak = result.measured.peak_by_reftype
+    total = sum(r.analytic for r in result.memory)
+    assert 0.8 * total < peak["Total"] <= total * 1.006
+    if not tied and parsed.cp > 1 and parsed.zero == 1:
+        # the peak is that moment: the loss's 12 B a logit under loss_parallel, and the two gradients
+        logits = parsed.mb * seq // parsed.cp * vocab // parsed.tp
+        held = 2 * (vocab // parsed.tp + vocab) * plan.d_model
+        assert 0 <= peak["Temp"] - 12 * logits - held < 16 << 10
+
+
 def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> None:
     result = _states_exact("tiny-llama.yaml", "tp=2,cp=1,pp=2,dp=4,ep=1,zero=3,recompute=full,mb=1", 2)
     assert {r.category: r for r in result.memory}["activations"].measured > 0

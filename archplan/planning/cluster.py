@@ -113,8 +113,10 @@ all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per mod
 positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`). Its temporary memory
 holds FSDP2's transients as `verify --layout` measures them: the bf16 compute copies, the end
 units' gradient casts and reductions, the eager loss's backward gradients (any engine under
-`--cross-entropy eager`: `_loss_backward_transient`) and the reduce-scatter input FSDP2 keeps
-from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`).
+`--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
+from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
+its multi-token prediction's passes leave before the main pass's backward (`_mtp_head_gradients`)
+and the root unit's reduction at the end of the backward (`_root_reduction_at_end`).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
@@ -1544,7 +1546,10 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
     temporary += held_reduce
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
-    if loss_backward:
+    # the head's backward: the loss's, or, with the torch engine's multi-token prediction, the
+    # gradients its MTP passes left before the main pass's (`_mtp_head_gradients`)
+    head_backward = max(loss_backward, _mtp_head_gradients(data, layout, chunks, states.engine, loss_backward))
+    if head_backward > 0:
         # the loss's backward starts with every bf16 copy FSDP2 has not resharded: all of the
         # stage's below zero 3 (`replicate` too); at zero 3 none, unless the loss is computed
         # inside the stage's root unit, as the torch engine's multi-token prediction does
@@ -1556,10 +1561,11 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             copies = states.compute_copy_bytes * _root_numel(data, layout, chunks[-1])
         else:
             copies = 0
-        temporary = max(temporary, copies + loss_backward + held_reduce)
+        temporary = max(temporary, copies + head_backward + held_reduce)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it
-    end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard)
+    end = max(held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard),
+              _root_reduction_at_end(data, layout, chunks, microbatches, states))
     temporary = max(temporary, end - activations)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
@@ -1595,6 +1601,27 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     to_shard = bf16 * rows if layout.tp > 1 else 0
     reduce_in = states.grad_bytes * rows
     return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / dp)
+
+
+def _root_reduction_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
+                           states: StatesConvention) -> int:
+    """Bytes torch's FSDP2 holds at the end of the backward of a rank holding the head, where it
+    reduce-scatters the root unit's gradient (final norm, head): the root's bf16 gradients, the
+    fp32 reduce-scatter input and output. On a rank that holds the embedding's unit too (pp = 1,
+    untied) that unit waits for its own reduction, after the root's, with its bf16 gradient
+    (DTensor's Replicate, the whole vocabulary) and its unsharded copy. Measured by verify
+    --layout on tiny-llama with a 16K vocabulary at 16 tokens (pp 1: tp 1-2, dp 4, zero 1 over
+    one micro-batch, 2 and 3; pp 2's last stage at zero 3), exact; with few tokens beside the
+    vocabulary's rows it is the step's peak. Accumulating (`_fsdp_accumulates`) and `replicate`
+    (zero 0) reduce otherwise: not priced here."""
+    if (states.engine != "torch" or not chunks[-1].last or layout.zero == 0
+            or _fsdp_accumulates(layout, microbatches)):
+        return 0
+    root = _root_numel(data, layout, chunks[-1])
+    reduce_in = states.grad_bytes * root
+    whole, rows = _embedding_alone(data, layout, chunks)
+    return (ACT_BYTES * (root + whole) + states.compute_copy_bytes * rows + reduce_in
+            + math.ceil(reduce_in / (layout.dp * layout.cp)))
 
 
 def _held_reduce_scatter(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
@@ -1638,6 +1665,43 @@ def _loss_backward_transient(data: ModelData, layout: Layout, chunks: Sequence[C
     return per_logit * layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
 
 
+def _mtp_head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], engine: Engine,
+                        loss_backward: int) -> int:
+    """Bytes beyond the head's activations at the torch engine's backward moments between its MTP
+    passes' and its main pass's, net of what the MTP passes' backward freed (their head tensors
+    and the modules' kept inputs, `_head_tensors`); 0 without MTP or off the last stage.
+
+    The engine's loss adds the main pass's loss first (`distributed.stage.Stage`), so autograd runs
+    the MTP passes' backward first, down to the embedding lookup of their shifted tokens. What it
+    gives the head's weight (the rank's vocabulary rows) and that embedding (DTensor's Replicate
+    gradient, the whole vocabulary) stays in bf16 until FSDP2's post-backward of their unit, at
+    the stage's end. A tied weight has one gradient: the lookup's is added to the head's, the
+    rank's rows copied out of the whole under TP. So three moments, measured by verify --layout on
+    tiny-mtp with a 16K vocabulary (tp 1-2, cp 1-2, pp 1-2, zero 1 and 3, tied and untied):
+    - the main pass's loss backward, beside those gradients;
+    - the main pass's weight gradient: beside the held ones, the new one and the logits' bf16
+      gradient its GEMM reads, then its sum with the held one (the main pass's log-probabilities
+      freed by then);
+    - tied, the lookup's gradient added: the whole, the head's, its rows' copy (tp > 1) and the sum.
+    Megatron-Core computes the main loss last and accumulates into fp32 main grads: none there."""
+    if engine != "torch" or not data.mtp_depth or not chunks[-1].last:
+        return 0
+    tied = data.plan.tied
+    head = next(t for t in data.last_tied_copy if t.name == "lm_head.weight")
+    rows = _local_numel((head,), layout.tp, layout.ep)[0]
+    held = ACT_BYTES * (rows if tied else rows + head.numel)
+    logits = layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
+    # the main pass's weight gradient: its GEMM reads the logits' bf16 gradient, and the
+    # accumulation adds it to the held one; the main pass's log-probabilities are freed by then
+    weight_gradient = held + ACT_BYTES * rows + max(ACT_BYTES * rows, ACT_BYTES * logits) - LOGIT_BYTES * logits
+    moments = [loss_backward + held, weight_gradient]
+    if tied:
+        moments.append(ACT_BYTES * (head.numel + rows * (3 if layout.tp > 1 else 2)))
+    passes, mtp = _head_tensors(data, layout, "torch")
+    freed = (passes * data.mtp_depth / (1 + data.mtp_depth) + mtp) * layout.mb / layout.cp
+    return math.ceil(max(moments) - freed)
+
+
 def _head_reduction_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk],
                               states: StatesConvention) -> int:
     """Bytes torch's FSDP2 at zero 1 or 2 holds beside the last stage's activations while it reduces
@@ -1667,11 +1731,27 @@ def _cp_gathered_transient(data: ModelData, layout: Layout, chunks: Sequence[Chu
     return 2 * layout.mb * widest
 
 
+def _head_tensors(data: ModelData, layout: Layout, engine: Engine) -> tuple[float, float]:
+    """Bytes the head's passes keep for one sequence on the last stage: the final norm's, the
+    head's inputs and the fp32 logits of every pass (the main one and one per MTP module); and the
+    MTP modules' kept inputs."""
+    tp = layout.tp
+    # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
+    head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
+    ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
+    # an MTP module's embedding and projection input, sequence-sharded under SP; full recompute
+    # checkpoints the whole module, which keeps its inputs (its block's counted as the layer's)
+    # and re-runs the projection (Megatron-Core's MTP layer)
+    kept = data.mtp_embed_act + (data.mtp_proj_act if layout.recompute != "full" else 0)
+    mtp = data.mtp_ids_act + kept / (tp if layout.sequence_parallel else 1)
+    return ends + data.logits_act / tp, mtp
+
+
 def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
                       kernel: AttentionKernel, engine: Engine,
                       modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather") -> int:
     """Activation bytes of pipeline rank `stage` at the schedule's peak (the module docstring)."""
-    tp, mb, cp = layout.tp, layout.mb, layout.cp
+    mb, cp = layout.mb, layout.cp
     scale = mb / cp  # sequences per micro-batch, split over the context-parallel ranks
     mode = layout.recompute
     activations = 0.0
@@ -1691,17 +1771,10 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
                           for i in chunk.layers)
         per_count.append(per_mb)
         if chunk.last:
-            # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
-            head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
-            ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
-            # an MTP module's embedding and projection input, sequence-sharded under SP; full
-            # recompute checkpoints the whole module, which keeps its inputs (its block's counted
-            # as the layer's) and re-runs the projection (Megatron-Core's MTP layer)
-            kept = data.mtp_embed_act + (data.mtp_proj_act if mode != "full" else 0)
-            mtp = data.mtp_ids_act + kept / (tp if layout.sequence_parallel else 1)
-            head = (ends + mtp + data.logits_act / tp) * scale
+            passes, mtp = _head_tensors(data, layout, engine)
+            head = (passes + mtp) * scale
             # the main pass's share of the head's tensors, and the MTP modules' kept inputs
-            main_pass = ((ends + data.logits_act / tp) / (1 + data.mtp_depth) + mtp) * scale
+            main_pass = (passes / (1 + data.mtp_depth) + mtp) * scale
     reruns: dict[int, float] = {}
     if mode == "full":
         # a layer is re-run in the backward after the loss's and the head's backward freed the
