@@ -183,6 +183,29 @@ def test_fake_verify_prices_the_root_reduction_at_the_end(fake_world: None, tmp_
     assert abs({r.category: r for r in result.memory}["temporary"].measured - moment) < 1 << 10
 
 
+@pytest.mark.parametrize("layout", ["tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1",
+                                    "tp=2,cp=2,pp=1,dp=2,ep=1,zero=2,recompute=full,mb=1"])
+def test_fake_verify_prices_the_tied_gradient_sum_at_the_end(fake_world: None, tmp_path: Path, layout: str) -> None:
+    """A tied head and embedding on one rank (pp = 1) are one FSDP2 unit: the embedding lookup's
+    backward, the step's last, adds its gradient (DTensor's Replicate, the whole vocabulary) to the
+    head's (the rank's rows), under TP through a copy of the rank's rows, beside the unit's
+    unsharded copy (`cluster._tied_sum_at_end`). With 16 tokens beside a 16K vocabulary it is the
+    step's peak; before it was priced the peak was up to 1.36 times plan's total."""
+    from archplan.distributed.check import check_layout_run
+
+    seq, vocab = 16, 16384
+    plan = resolve(load_spec(variant(tmp_path, "tiny-llama.yaml", "tiny-llama-16k-tied", vocab_size=vocab,
+                                     embedding={"tied": True})))
+    parsed = parse_layout(layout).complete()
+    result = check_layout_run(plan, parsed, seq, microbatches=1)
+    total = sum(r.analytic for r in result.memory)
+    assert result.measured.peak_by_reftype["Total"] <= total * 1.002
+    d, rows = plan.d_model, vocab // parsed.tp * plan.d_model
+    moment = 2 * (vocab * d + rows * (3 if parsed.tp > 1 else 2)) + 2 * (rows + d)  # + the unit's bf16 copy
+    # (a few KB of the layers' small gradients and buffers beside it)
+    assert 0 <= {r.category: r for r in result.memory}["temporary"].measured - moment < 4 << 10
+
+
 @pytest.mark.parametrize(("tied", "layout", "seq", "microbatches"), [
     # untied: the main loss's backward beside the MTP pass's bf16 head and embedding gradients
     (False, "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", 128, 1),
@@ -199,7 +222,7 @@ def test_fake_verify_mtp_gradients_held_before_the_main_loss(fake_world: None, t
     pass's: the bf16 gradients they gave the head's weight (the rank's rows) and the embedding they
     read the shifted tokens through (DTensor's Replicate gradient, the whole vocabulary) wait
     beside the main pass's loss backward until FSDP2 reduces their unit, and tied they are summed
-    (`cluster._mtp_head_gradients`). Once the MTP head's log-probabilities are freed, that moment
+    (`cluster._head_gradients`). Once the MTP head's log-probabilities are freed, that moment
     outgrows the MTP pass's own: under CP with 16K logits a rank, and with 16 tokens. Before it was
     priced the step's peak was up to 1.031 (untied, CP) and 1.051 (tied) times plan's total."""
     from archplan.distributed.check import check_layout_run

@@ -115,8 +115,9 @@ holds FSDP2's transients as `verify --layout` measures them: the bf16 compute co
 units' gradient casts and reductions, the eager loss's backward gradients (any engine under
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
-its multi-token prediction's passes leave before the main pass's backward (`_mtp_head_gradients`)
-and the root unit's reduction at the end of the backward (`_root_reduction_at_end`).
+its head's backward holds, with multi-token prediction's passes before the main one's (`_head_gradients`),
+and at the end of the backward the root unit's reduction (`_root_reduction_at_end`) and a tied
+embedding's gradient added to the head's (`_tied_sum_at_end`).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
@@ -1546,26 +1547,24 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
     temporary += held_reduce
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
-    # the head's backward: the loss's, or, with the torch engine's multi-token prediction, the
-    # gradients its MTP passes left before the main pass's (`_mtp_head_gradients`)
-    head_backward = max(loss_backward, _mtp_head_gradients(data, layout, chunks, states.engine, loss_backward))
-    if head_backward > 0:
-        # the loss's backward starts with every bf16 copy FSDP2 has not resharded: all of the
-        # stage's below zero 3 (`replicate` too); at zero 3 none, unless the loss is computed
-        # inside the stage's root unit, as the torch engine's multi-token prediction does
-        # (`distributed.stage.Stage`): the root's pre-backward hook then gathers it again before
-        # the loss's backward runs (measured by verify --layout)
-        if zero <= 2:
-            copies = states.compute_copy_bytes * full
-        elif states.engine == "torch" and data.mtp_depth:
-            copies = states.compute_copy_bytes * _root_numel(data, layout, chunks[-1])
-        else:
-            copies = 0
-        temporary = max(temporary, copies + head_backward + held_reduce)
+    # the head's backward starts with every bf16 copy FSDP2 has not resharded: all of the stage's
+    # below zero 3 (`replicate` too); at zero 3 the root's, which its pre-backward hook gathers
+    # again once the backward reaches the root's output: after the loss's backward, or before it
+    # where the loss is computed inside the root, as the torch engine's multi-token prediction
+    # does (`distributed.stage.Stage`; measured by verify --layout)
+    root_copy = states.compute_copy_bytes * _root_numel(data, layout, chunks[-1]) if chunks[-1].last else 0
+    after_loss = states.compute_copy_bytes * full if zero <= 2 else root_copy
+    at_loss = after_loss if zero <= 2 or (states.engine == "torch" and data.mtp_depth) else 0
+    if loss_backward:
+        temporary = max(temporary, at_loss + loss_backward + held_reduce)
+    head_gradients = _head_gradients(data, layout, chunks, states.engine, loss_backward)
+    if head_gradients > 0:
+        temporary = max(temporary, after_loss + head_gradients + held_reduce)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it
     end = max(held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard),
-              _root_reduction_at_end(data, layout, chunks, microbatches, states))
+              _root_reduction_at_end(data, layout, chunks, microbatches, states),
+              _tied_sum_at_end(data, layout, chunks, states, held))
     temporary = max(temporary, end - activations)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
@@ -1584,8 +1583,8 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     reduction can outgrow the first cast: autograd still holds the last micro-batch's bf16
     gradient while FSDP2 copies the rank's rows out of the whole fp32 one, and by then the stage's
     other units hold reduced shards, less than the gradients row's whole (`full`, `shard`: the
-    stage's local elements, whole and sharded). A tied head on the same rank is not priced:
-    docs/distributed.md."""
+    stage's local elements, whole and sharded). A tied head on the same rank makes one unit with
+    it: `_tied_sum_at_end`; the head's own reduction: `_root_reduction_at_end`."""
     whole, rows = _embedding_alone(data, layout, chunks)
     if states.engine != "torch" or not whole:
         return 0
@@ -1622,6 +1621,28 @@ def _root_reduction_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chu
     whole, rows = _embedding_alone(data, layout, chunks)
     return (ACT_BYTES * (root + whole) + states.compute_copy_bytes * rows + reduce_in
             + math.ceil(reduce_in / (layout.dp * layout.cp)))
+
+
+def _tied_gradient_sum(data: ModelData, layout: Layout) -> int:
+    """Elements autograd holds while it adds a tied embedding's lookup gradient (DTensor's
+    Replicate, the whole vocabulary) to the head's (the rank's rows): the whole, the head's, under
+    TP the rank's rows copied out of the whole, and the sum (measured by verify --layout)."""
+    head = next(t for t in data.last_tied_copy if t.name == "lm_head.weight")
+    rows = _local_numel((head,), layout.tp, layout.ep)[0]
+    return head.numel + rows * (3 if layout.tp > 1 else 2)
+
+
+def _tied_sum_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], states: StatesConvention,
+                     held: int) -> int:
+    """Bytes torch's FSDP2 holds at the end of the backward of a rank whose tied head and embedding
+    are one unit (pp = 1): the lookup's backward, the step's last, adds its gradient to the head's
+    (`_tied_gradient_sum`) beside the unit's unsharded copy (FSDP2 does not reshard the root after
+    its forward), or beside every copy the stage holds (`held`). Measured by verify --layout on
+    tiny-llama tied with a 16K vocabulary at 16 tokens (tp 1-2, zero 0-3, 1-2 micro-batches)."""
+    if states.engine != "torch" or not (data.plan.tied and chunks[0].first and chunks[-1].last):
+        return 0
+    copies = held or states.compute_copy_bytes * _root_numel(data, layout, chunks[-1])
+    return ACT_BYTES * _tied_gradient_sum(data, layout) + copies
 
 
 def _held_reduce_scatter(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
@@ -1665,38 +1686,42 @@ def _loss_backward_transient(data: ModelData, layout: Layout, chunks: Sequence[C
     return per_logit * layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
 
 
-def _mtp_head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], engine: Engine,
-                        loss_backward: int) -> int:
-    """Bytes beyond the head's activations at the torch engine's backward moments between its MTP
-    passes' and its main pass's, net of what the MTP passes' backward freed (their head tensors
-    and the modules' kept inputs, `_head_tensors`); 0 without MTP or off the last stage.
+def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], engine: Engine,
+                    loss_backward: int) -> int:
+    """Bytes the torch engine's head backward holds after a loss's backward, beyond the head's
+    activations and net of what that backward freed; 0 off the last stage and under Megatron,
+    whose head accumulates its weight gradient into an fp32 main grad (a gradient).
 
-    The engine's loss adds the main pass's loss first (`distributed.stage.Stage`), so autograd runs
-    the MTP passes' backward first, down to the embedding lookup of their shifted tokens. What it
-    gives the head's weight (the rank's vocabulary rows) and that embedding (DTensor's Replicate
-    gradient, the whole vocabulary) stays in bf16 until FSDP2's post-backward of their unit, at
-    the stage's end. A tied weight has one gradient: the lookup's is added to the head's, the
-    rank's rows copied out of the whole under TP. So three moments, measured by verify --layout on
-    tiny-mtp with a 16K vocabulary (tp 1-2, cp 1-2, pp 1-2, zero 1 and 3, tied and untied):
+    The head's weight-gradient GEMM reads the logits' bf16 gradient and writes the weight's bf16
+    gradient (the rank's vocabulary rows), which autograd keeps until FSDP2's post-backward of the
+    root unit at the stage's end; the pass's log-probabilities are freed by then.
+
+    With multi-token prediction the engine's loss adds the main pass's loss first, so autograd runs
+    the MTP passes' backward first, down to the embedding lookup of their shifted tokens. What
+    they give the head's weight and that embedding (DTensor's Replicate gradient, the whole
+    vocabulary) stays in bf16 until the stage's end; a tied weight has one gradient, the lookup's
+    added to the head's (`_tied_gradient_sum`). Net of the MTP passes' freed head tensors and the
+    modules' kept inputs (`_head_tensors`), three more moments:
     - the main pass's loss backward, beside those gradients;
     - the main pass's weight gradient: beside the held ones, the new one and the logits' bf16
-      gradient its GEMM reads, then its sum with the held one (the main pass's log-probabilities
-      freed by then);
-    - tied, the lookup's gradient added: the whole, the head's, its rows' copy (tp > 1) and the sum.
-    Megatron-Core computes the main loss last and accumulates into fp32 main grads: none there."""
-    if engine != "torch" or not data.mtp_depth or not chunks[-1].last:
+      gradient its GEMM reads, then its sum with the held one;
+    - tied, the lookup's gradient added to the head's.
+    Megatron-Core computes the main loss last and accumulates into fp32 main grads: none there.
+    Measured by verify --layout on tiny-llama and tiny-mtp with a 16K vocabulary (tp 1-2, cp 1-2,
+    pp 1-2, zero 1 and 3, tied and untied)."""
+    if engine != "torch" or not chunks[-1].last:
         return 0
-    tied = data.plan.tied
     head = next(t for t in data.last_tied_copy if t.name == "lm_head.weight")
     rows = _local_numel((head,), layout.tp, layout.ep)[0]
-    held = ACT_BYTES * (rows if tied else rows + head.numel)
     logits = layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
-    # the main pass's weight gradient: its GEMM reads the logits' bf16 gradient, and the
-    # accumulation adds it to the held one; the main pass's log-probabilities are freed by then
+    if not data.mtp_depth:
+        return ACT_BYTES * (rows + logits) - LOGIT_BYTES * logits
+    tied = data.plan.tied
+    held = ACT_BYTES * (rows if tied else rows + head.numel)
     weight_gradient = held + ACT_BYTES * rows + max(ACT_BYTES * rows, ACT_BYTES * logits) - LOGIT_BYTES * logits
     moments = [loss_backward + held, weight_gradient]
     if tied:
-        moments.append(ACT_BYTES * (head.numel + rows * (3 if layout.tp > 1 else 2)))
+        moments.append(ACT_BYTES * _tied_gradient_sum(data, layout))
     passes, mtp = _head_tensors(data, layout, "torch")
     freed = (passes * data.mtp_depth / (1 + data.mtp_depth) + mtp) * layout.mb / layout.cp
     return math.ceil(max(moments) - freed)
