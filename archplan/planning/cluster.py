@@ -115,9 +115,10 @@ holds FSDP2's transients as `verify --layout` measures them: the bf16 compute co
 units' gradient casts and reductions, the eager loss's backward gradients (any engine under
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
-its head's backward holds, with multi-token prediction's passes before the main one's (`_head_gradients`),
-and at the end of the backward the root unit's reduction (`_root_reduction_at_end`) and a tied
-embedding's gradient added to the head's (`_tied_sum_at_end`).
+its head's backward holds, multi-token prediction's passes before the main one's
+(`_head_gradients`), and at the end of the backward the root unit's reduction
+(`_root_reduction_at_end`) and a tied embedding's gradient added to the head's
+(`_tied_sum_at_end`).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
@@ -1623,13 +1624,23 @@ def _root_reduction_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chu
             + math.ceil(reduce_in / (layout.dp * layout.cp)))
 
 
+def _head_weight(data: ModelData, layout: Layout) -> tuple[int, int]:
+    """The LM head weight's elements (a tied one's copy alike): whole, and the rank's vocabulary rows."""
+    head = next(t for t in data.last_tied_copy if t.name == "lm_head.weight")
+    return head.numel, _local_numel((head,), layout.tp, layout.ep)[0]
+
+
+def _rank_logits(data: ModelData, layout: Layout) -> int:
+    """Logits of a micro-batch on a rank holding the head: its mb·T/cp tokens × V/tp."""
+    return layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
+
+
 def _tied_gradient_sum(data: ModelData, layout: Layout) -> int:
     """Elements autograd holds while it adds a tied embedding's lookup gradient (DTensor's
     Replicate, the whole vocabulary) to the head's (the rank's rows): the whole, the head's, under
     TP the rank's rows copied out of the whole, and the sum (measured by verify --layout)."""
-    head = next(t for t in data.last_tied_copy if t.name == "lm_head.weight")
-    rows = _local_numel((head,), layout.tp, layout.ep)[0]
-    return head.numel + rows * (3 if layout.tp > 1 else 2)
+    whole, rows = _head_weight(data, layout)
+    return whole + rows * (3 if layout.tp > 1 else 2)
 
 
 def _tied_sum_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], states: StatesConvention,
@@ -1682,8 +1693,7 @@ def _loss_backward_transient(data: ModelData, layout: Layout, chunks: Sequence[C
     their backwards one after another), over the rank's mb·T/cp tokens and V/tp logits each."""
     if not chunks[-1].last:
         return 0
-    per_logit = LOSS_BACKWARD_BYTES[loss][layout.tp > 1]
-    return per_logit * layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
+    return LOSS_BACKWARD_BYTES[loss][layout.tp > 1] * _rank_logits(data, layout)
 
 
 def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], engine: Engine,
@@ -1711,13 +1721,12 @@ def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], en
     pp 1-2, zero 1 and 3, tied and untied)."""
     if engine != "torch" or not chunks[-1].last:
         return 0
-    head = next(t for t in data.last_tied_copy if t.name == "lm_head.weight")
-    rows = _local_numel((head,), layout.tp, layout.ep)[0]
-    logits = layout.mb * (data.seq // layout.cp) * math.ceil(data.plan.vocab_size / layout.tp)
+    whole, rows = _head_weight(data, layout)
+    logits = _rank_logits(data, layout)
     if not data.mtp_depth:
         return ACT_BYTES * (rows + logits) - LOGIT_BYTES * logits
     tied = data.plan.tied
-    held = ACT_BYTES * (rows if tied else rows + head.numel)
+    held = ACT_BYTES * (rows if tied else rows + whole)
     weight_gradient = held + ACT_BYTES * rows + max(ACT_BYTES * rows, ACT_BYTES * logits) - LOGIT_BYTES * logits
     moments = [loss_backward + held, weight_gradient]
     if tied:
