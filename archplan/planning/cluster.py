@@ -1548,24 +1548,32 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
     temporary += held_reduce
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
-    # the head's backward starts with every bf16 copy FSDP2 has not resharded: all of the stage's
-    # below zero 3 (`replicate` too); at zero 3 the root's, which its pre-backward hook gathers
-    # again once the backward reaches the root's output: after the loss's backward, or before it
-    # where the loss is computed inside the root, as the torch engine's multi-token prediction
-    # does (`distributed.stage.Stage`; measured by verify --layout)
-    root_copy = states.compute_copy_bytes * _root_numel(data, layout, chunks[-1]) if chunks[-1].last else 0
-    after_loss = states.compute_copy_bytes * full if zero <= 2 else root_copy
-    at_loss = after_loss if zero <= 2 or (states.engine == "torch" and data.mtp_depth) else 0
-    if loss_backward:
-        temporary = max(temporary, at_loss + loss_backward + held_reduce)
-    head_gradients = _head_gradients(data, layout, chunks, states.engine, loss_backward)
-    if head_gradients > 0:
-        temporary = max(temporary, after_loss + head_gradients + held_reduce)
+    torch_engine = states.engine == "torch"
+    head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
+    if loss_backward or head_gradients > 0:
+        # the head's backward starts with every bf16 copy FSDP2 has not resharded: all of the
+        # stage's below zero 3 (`replicate` too); at zero 3 the root's, which its pre-backward hook
+        # gathers again once the backward reaches the root's output: after the loss's backward, or
+        # before it where the loss is computed inside the root, as the torch engine's multi-token
+        # prediction does (`distributed.stage.Stage`; measured by verify --layout)
+        if zero <= 2:
+            after_loss = states.compute_copy_bytes * full
+        elif states.compute_copy_bytes:
+            after_loss = states.compute_copy_bytes * _root_numel(data, layout, chunks[-1])
+        else:
+            after_loss = 0
+        at_loss = after_loss if zero <= 2 or (torch_engine and data.mtp_depth) else 0
+        if loss_backward:
+            temporary = max(temporary, at_loss + loss_backward + held_reduce)
+        if head_gradients > 0:
+            temporary = max(temporary, after_loss + head_gradients + held_reduce)
     # the embedding's last backward comes after every other unit's, its activations freed: the
-    # stage's peak is the larger of the two moments, and the categories add up to it
-    end = max(held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard),
-              _root_reduction_at_end(data, layout, chunks, microbatches, states),
-              _tied_sum_at_end(data, layout, chunks, states, held))
+    # stage's peak is the larger of the two moments, and the categories add up to it; under the
+    # torch engine also the root's reduction and a tied embedding's gradient sum at the end
+    end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard)
+    if torch_engine:
+        end = max(end, _root_reduction_at_end(data, layout, chunks, microbatches, states),
+                  _tied_sum_at_end(data, layout, chunks, states, held))
     temporary = max(temporary, end - activations)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
@@ -1605,7 +1613,7 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
 
 def _root_reduction_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
                            states: StatesConvention) -> int:
-    """Bytes torch's FSDP2 holds at the end of the backward of a rank holding the head, where it
+    """Bytes the torch engine's FSDP2 holds at the end of the backward of a rank holding the head, where it
     reduce-scatters the root unit's gradient (final norm, head): the root's bf16 gradients, the
     fp32 reduce-scatter input and output. On a rank that holds the embedding's unit too (pp = 1,
     untied) that unit waits for its own reduction, after the root's, with its bf16 gradient
@@ -1614,8 +1622,7 @@ def _root_reduction_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chu
     one micro-batch, 2 and 3; pp 2's last stage at zero 3), exact; with few tokens beside the
     vocabulary's rows it is the step's peak. Accumulating (`_fsdp_accumulates`) and `replicate`
     (zero 0) reduce otherwise: not priced here."""
-    if (states.engine != "torch" or not chunks[-1].last or layout.zero == 0
-            or _fsdp_accumulates(layout, microbatches)):
+    if not chunks[-1].last or layout.zero == 0 or _fsdp_accumulates(layout, microbatches):
         return 0
     root = _root_numel(data, layout, chunks[-1])
     reduce_in = states.grad_bytes * root
@@ -1645,12 +1652,12 @@ def _tied_gradient_sum(data: ModelData, layout: Layout) -> int:
 
 def _tied_sum_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], states: StatesConvention,
                      held: int) -> int:
-    """Bytes torch's FSDP2 holds at the end of the backward of a rank whose tied head and embedding
+    """Bytes the torch engine's FSDP2 holds at the end of the backward of a rank whose tied head and embedding
     are one unit (pp = 1): the lookup's backward, the step's last, adds its gradient to the head's
     (`_tied_gradient_sum`) beside the unit's unsharded copy (FSDP2 does not reshard the root after
     its forward), or beside every copy the stage holds (`held`). Measured by verify --layout on
     tiny-llama tied with a 16K vocabulary at 16 tokens (tp 1-2, zero 0-3, 1-2 micro-batches)."""
-    if states.engine != "torch" or not (data.plan.tied and chunks[0].first and chunks[-1].last):
+    if not (data.plan.tied and chunks[0].first and chunks[-1].last):
         return 0
     copies = held or states.compute_copy_bytes * _root_numel(data, layout, chunks[-1])
     return ACT_BYTES * _tied_gradient_sum(data, layout) + copies
@@ -1696,11 +1703,10 @@ def _loss_backward_transient(data: ModelData, layout: Layout, chunks: Sequence[C
     return LOSS_BACKWARD_BYTES[loss][layout.tp > 1] * _rank_logits(data, layout)
 
 
-def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], engine: Engine,
-                    loss_backward: int) -> int:
+def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], loss_backward: int) -> int:
     """Bytes the torch engine's head backward holds after a loss's backward, beyond the head's
-    activations and net of what that backward freed; 0 off the last stage and under Megatron,
-    whose head accumulates its weight gradient into an fp32 main grad (a gradient).
+    activations and net of what that backward freed; 0 off the last stage. (Megatron's head
+    accumulates its weight gradient into an fp32 main grad, a gradient: none there.)
 
     The head's weight-gradient GEMM reads the logits' bf16 gradient and writes the weight's bf16
     gradient (the rank's vocabulary rows), which autograd keeps until FSDP2's post-backward of the
@@ -1716,10 +1722,9 @@ def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], en
     - the main pass's weight gradient: beside the held ones, the new one and the logits' bf16
       gradient its GEMM reads, then its sum with the held one;
     - tied, the lookup's gradient added to the head's.
-    Megatron-Core computes the main loss last and accumulates into fp32 main grads: none there.
     Measured by verify --layout on tiny-llama and tiny-mtp with a 16K vocabulary (tp 1-2, cp 1-2,
     pp 1-2, zero 1 and 3, tied and untied)."""
-    if engine != "torch" or not chunks[-1].last:
+    if not chunks[-1].last:
         return 0
     whole, rows = _head_weight(data, layout)
     logits = _rank_logits(data, layout)
