@@ -189,8 +189,8 @@ def test_fake_verify_prices_the_tied_gradient_sum_at_the_end(fake_world: None, t
     """A tied head and embedding on one rank (pp = 1) are one FSDP2 unit: the embedding lookup's
     backward, the step's last, adds its gradient (DTensor's Replicate, the whole vocabulary) to the
     head's (the rank's rows), under TP through a copy of the rank's rows, beside the unit's
-    unsharded copy (`cluster._tied_sum_at_end`). With 16 tokens beside a 16K vocabulary it is the
-    step's peak; before it was priced the peak was up to 1.36 times plan's total."""
+    unsharded copy (`cluster._lookup_gradient_at_end`). With 16 tokens beside a 16K vocabulary it
+    is the step's peak; before it was priced the peak was up to 1.36 times plan's total."""
     from archplan.distributed.check import check_layout_run
 
     seq, vocab = 16, 16384
@@ -215,6 +215,8 @@ def test_fake_verify_prices_the_tied_gradient_sum_at_the_end(fake_world: None, t
     pytest.param(False, "tp=1,cp=2,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", 16, 1, marks=pytest.mark.heavy),
     pytest.param(True, "tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1", 16, 1, marks=pytest.mark.heavy),
     pytest.param(False, "tp=2,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=1", 128, 2, marks=pytest.mark.heavy),
+    # accumulating at zero 1: the main lookup's gradient added to the MTP lookups' (1.085 before)
+    pytest.param(False, "tp=2,cp=2,pp=1,dp=4,ep=1,zero=1,recompute=full,mb=1,sp=on", 32, 2, marks=pytest.mark.heavy),
 ])
 def test_fake_verify_mtp_gradients_held_before_the_main_loss(fake_world: None, tmp_path: Path, tied: bool, layout: str,
                                                              seq: int, microbatches: int) -> None:

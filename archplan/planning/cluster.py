@@ -117,8 +117,8 @@ units' gradient casts and reductions, the eager loss's backward gradients (any e
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
 (`_head_gradients`), and at the end of the backward the root unit's reduction
-(`_root_reduction_at_end`) and a tied embedding's gradient added to the head's
-(`_tied_sum_at_end`).
+(`_root_reduction_at_end`) and the embedding lookup's gradient beside the head's
+(`_lookup_gradient_at_end`).
 
 **Collectives** (byte convention in `records.py`), per optimizer step, m micro-batches:
 - TP, per sub-block (mixer, FFN) and micro-batch: without SP an all-reduce of the b·s·h output in
@@ -1569,11 +1569,11 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             temporary = max(temporary, after_loss + head_gradients + held_reduce)
     # the embedding's last backward comes after every other unit's, its activations freed: the
     # stage's peak is the larger of the two moments, and the categories add up to it; under the
-    # torch engine also the root's reduction and a tied embedding's gradient sum at the end
+    # torch engine also the root's reduction and the lookup's gradient beside the head's at the end
     end = held + _embedding_gradient_transient(data, layout, chunks, microbatches, states, full, shard)
     if torch_engine:
         end = max(end, _root_reduction_at_end(data, layout, chunks, microbatches, states),
-                  _tied_sum_at_end(data, layout, chunks, states, held))
+                  _lookup_gradient_at_end(data, layout, chunks, states, held))
     temporary = max(temporary, end - activations)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
@@ -1592,8 +1592,8 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
     reduction can outgrow the first cast: autograd still holds the last micro-batch's bf16
     gradient while FSDP2 copies the rank's rows out of the whole fp32 one, and by then the stage's
     other units hold reduced shards, less than the gradients row's whole (`full`, `shard`: the
-    stage's local elements, whole and sharded). A tied head on the same rank makes one unit with
-    it: `_tied_sum_at_end`; the head's own reduction: `_root_reduction_at_end`."""
+    stage's local elements, whole and sharded). A head on the same rank: `_lookup_gradient_at_end`
+    (a tied one makes one unit with it) and `_root_reduction_at_end`."""
     whole, rows = _embedding_alone(data, layout, chunks)
     if states.engine != "torch" or not whole:
         return 0
@@ -1650,17 +1650,28 @@ def _tied_gradient_sum(data: ModelData, layout: Layout) -> int:
     return whole + rows * (3 if layout.tp > 1 else 2)
 
 
-def _tied_sum_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], states: StatesConvention,
-                     held: int) -> int:
-    """Bytes the torch engine's FSDP2 holds at the end of the backward of a rank whose tied head and embedding
-    are one unit (pp = 1): the lookup's backward, the step's last, adds its gradient to the head's
-    (`_tied_gradient_sum`) beside the unit's unsharded copy (FSDP2 does not reshard the root after
-    its forward), or beside every copy the stage holds (`held`). Measured by verify --layout on
-    tiny-llama tied with a 16K vocabulary at 16 tokens (tp 1-2, zero 0-3, 1-2 micro-batches)."""
-    if not (data.plan.tied and chunks[0].first and chunks[-1].last):
+def _lookup_gradient_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], states: StatesConvention,
+                            held: int) -> int:
+    """Bytes the torch engine holds when the embedding lookup's backward, the step's last, gives its
+    gradient (DTensor's Replicate, the whole vocabulary) on a rank holding the head too (pp = 1),
+    beside the head's bf16 gradient, which waits for the root unit's post-backward. Tied, the two
+    are one unit and the lookup's gradient is added to the head's (`_tied_gradient_sum`); untied,
+    with multi-token prediction, it is added to the one the MTP passes' lookups left, making a
+    third whole. Beside them the units' unsharded copies: the root's and the embedding's (FSDP2
+    reshards neither root after its forward nor, before its own backward, the embedding;
+    `replicate` neither), or every copy the stage holds (`held`, zero 1-2). Measured by verify
+    --layout on tiny-llama and tiny-mtp with a 16K vocabulary at 16-32 tokens (tp 1-2, zero 0-3,
+    1-3 micro-batches, tied and untied)."""
+    if not (chunks[0].first and chunks[-1].last):
         return 0
-    copies = held or states.compute_copy_bytes * _root_numel(data, layout, chunks[-1])
-    return ACT_BYTES * _tied_gradient_sum(data, layout) + copies
+    root = _root_numel(data, layout, chunks[-1])
+    if data.plan.tied:
+        gradients, copies = _tied_gradient_sum(data, layout), root
+    else:
+        whole, rows = _head_weight(data, layout)
+        gradients = rows + whole * (3 if data.mtp_depth else 1)
+        copies = root + _embedding_alone(data, layout, chunks)[1]
+    return ACT_BYTES * gradients + max(held, states.compute_copy_bytes * copies)
 
 
 def _held_reduce_scatter(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
