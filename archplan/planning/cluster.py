@@ -1607,8 +1607,14 @@ def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Seque
         rest, rest_shard = full - rows, shard - math.ceil(rows / dp)
         return bf16 * whole + max(0, states.grad_bytes * (rows - (rest - rest_shard)))
     to_shard = bf16 * rows if layout.tp > 1 else 0
-    reduce_in = states.grad_bytes * rows
-    return bf16 * whole + to_shard + reduce_in + math.ceil(reduce_in / dp)
+    return bf16 * whole + to_shard + _reduce_scatter_buffers(states, layout, rows)
+
+
+def _reduce_scatter_buffers(states: StatesConvention, layout: Layout, numel: int) -> int:
+    """Bytes of FSDP2's reduce-scatter of a unit's `numel` local elements: the input, whole, and
+    the rank's output, a dp·cp-th of it, both in the reduce dtype (the states' gradient bytes)."""
+    reduce_in = states.grad_bytes * numel
+    return reduce_in + math.ceil(reduce_in / (layout.dp * layout.cp))
 
 
 def _root_reduction_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
@@ -1625,10 +1631,9 @@ def _root_reduction_at_end(data: ModelData, layout: Layout, chunks: Sequence[Chu
     if not chunks[-1].last or layout.zero == 0 or _fsdp_accumulates(layout, microbatches):
         return 0
     root = _root_numel(data, layout, chunks[-1])
-    reduce_in = states.grad_bytes * root
     whole, rows = _embedding_alone(data, layout, chunks)
-    return (ACT_BYTES * (root + whole) + states.compute_copy_bytes * rows + reduce_in
-            + math.ceil(reduce_in / (layout.dp * layout.cp)))
+    return (ACT_BYTES * (root + whole) + states.compute_copy_bytes * rows
+            + _reduce_scatter_buffers(states, layout, root))
 
 
 def _head_weight(data: ModelData, layout: Layout) -> tuple[int, int]:
@@ -1668,9 +1673,9 @@ def _lookup_gradient_at_end(data: ModelData, layout: Layout, chunks: Sequence[Ch
     if data.plan.tied:
         gradients, copies = _tied_gradient_sum(data, layout), root
     else:
-        whole, rows = _head_weight(data, layout)
-        gradients = rows + whole * (3 if data.mtp_depth else 1)
-        copies = root + _embedding_alone(data, layout, chunks)[1]
+        whole, rows = _embedding_alone(data, layout, chunks)
+        gradients = _head_weight(data, layout)[1] + whole * (3 if data.mtp_depth else 1)
+        copies = root + rows
     return ACT_BYTES * gradients + max(held, states.compute_copy_bytes * copies)
 
 
@@ -1743,7 +1748,7 @@ def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], lo
         return ACT_BYTES * (rows + logits) - LOGIT_BYTES * logits
     tied = data.plan.tied
     held = ACT_BYTES * (rows if tied else rows + whole)
-    weight_gradient = held + ACT_BYTES * rows + max(ACT_BYTES * rows, ACT_BYTES * logits) - LOGIT_BYTES * logits
+    weight_gradient = held + ACT_BYTES * (rows + max(rows, logits)) - LOGIT_BYTES * logits
     moments = [loss_backward + held, weight_gradient]
     if tied:
         moments.append(ACT_BYTES * _tied_gradient_sum(data, layout))
