@@ -244,6 +244,29 @@ def test_fake_verify_mtp_gradients_held_before_the_main_loss(fake_world: None, t
         assert 0 <= peak["Temp"] - 12 * logits - held < 16 << 10
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fake_verify_files_the_loss_forward_transients_as_temporary(fake_world: None, tmp_path: Path,
+                                                                     tied: bool) -> None:
+    """With a 512-token vocabulary the step's peak falls in the MTP pass's loss forward, where
+    its bf16 logits and their fp32 copy (6 B a logit) are alive beside every kept tensor. No
+    backward reads them: the measurement files them as temporary, not activations
+    (`fake._rank_memory`). Before, the activations row read 1.28 times plan's (✗)."""
+    from archplan.distributed.check import check_layout_run
+
+    seq, vocab = 64, 512
+    plan = resolve(load_spec(variant(tmp_path, "tiny-mtp.yaml", "tiny-mtp-512", vocab_size=vocab,
+                                     embedding={"tied": tied})))
+    result = check_layout_run(plan, parse_layout("tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1").complete(),
+                              seq, microbatches=1)
+    rows = {r.category: r for r in result.memory}
+    assert result.ok and rows["activations"].ok
+    peak = result.measured.peak_by_reftype
+    assert peak["Sharded Grad"] == 0  # the peak is in the forward: no gradient yet
+    # the stage's bf16 copies, the buffers and the two logit tensors (a few hundred bytes beside)
+    copies = peak["Unsharded Param"] + peak["Buffer"]
+    assert 0 <= rows["temporary"].measured - copies - 6 * seq * vocab < 2 << 10
+
+
 def test_fake_verify_model_states_and_dp_pp_traffic_exact(fake_world: None) -> None:
     result = _states_exact("tiny-llama.yaml", "tp=2,cp=1,pp=2,dp=4,ep=1,zero=3,recompute=full,mb=1", 2)
     assert {r.category: r for r in result.memory}["activations"].measured > 0
@@ -1055,16 +1078,21 @@ def test_fake_verify_first_stage_temporary_is_what_a_real_run_allocates(fake_wor
     FSDP2 casts it to the fp32 one it accumulates (2 B per element of V × h). Not counted: DTensor's
     global-shape tensors of its sharding propagation (in the fake mode it detects, ours; a real
     run's is private), nor the fp32 gradient that cast makes, a gradient already (it was both,
-    +6 and +4 B per element)."""
+    +6 and +4 B per element). With one micro-batch the peak falls in the last layer's forward, at
+    its down-projection's reduce-scatter under SP: the projection's partial output and DTensor's
+    contiguous copy of it for the collective, two T × h bf16 transients that no backward reads
+    (filed as temporary, `fake._rank_memory`; plan does not price a layer's own transients)."""
     from archplan.distributed.fake import measure
     from archplan.planning import cluster
 
+    seq = 64
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
     layout = parse_layout("tp=2,cp=1,pp=2,dp=2,ep=1,zero=1,recompute=none,mb=1").complete()
-    measured = measure(plan, layout, 64, microbatches=microbatches, stage=0)
-    analytic = cluster.rank_memory(plan, layout, 64, microbatches=microbatches, stage=0, states=cluster.FSDP2)
+    measured = measure(plan, layout, seq, microbatches=microbatches, stage=0)
+    analytic = cluster.rank_memory(plan, layout, seq, microbatches=microbatches, stage=0, states=cluster.FSDP2)
     cast = 2 * plan.vocab_size * plan.d_model if microbatches > 1 else 0
-    assert measured.memory.temporary - analytic.temporary == cast + measured.peak_by_reftype["Buffer"]
+    reduction = 2 * 2 * seq * plan.d_model if microbatches == 1 else 0
+    assert measured.memory.temporary - analytic.temporary == cast + reduction + measured.peak_by_reftype["Buffer"]
 
 
 @pytest.mark.parametrize(("zero", "tp"), [(0, 2), (1, 2), (2, 2), (3, 2), (2, 1)])

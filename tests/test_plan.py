@@ -672,6 +672,23 @@ def test_cli_choices_are_the_models() -> None:
     assert list(CROSS_ENTROPY_BYTES) == list(get_args(CrossEntropyImpl))
 
 
+def test_cross_entropy_help_states_the_priced_bytes() -> None:
+    """`--cross-entropy`'s help spells out the HBM bytes a logit moves and what the eager loss's
+    backward holds: the figures of `pricing.CROSS_ENTROPY_BYTES` and `cluster.LOSS_BACKWARD_BYTES`."""
+    import typer
+
+    from archplan.cli import app
+    from archplan.planning.cluster import LOSS_BACKWARD_BYTES
+    from archplan.planning.pricing import CROSS_ENTROPY_BYTES
+
+    plan = typer.main.get_command(app).commands["plan"]  # type: ignore[attr-defined]
+    text = " ".join(next(p.help for p in plan.params if p.name == "cross_entropy").split())
+    for impl, moved in CROSS_ENTROPY_BYTES.items():
+        assert re.search(rf"{impl} \([^)]*: {moved}[);]", text), impl
+    whole, split = LOSS_BACKWARD_BYTES["eager"]
+    assert f"{whole} B a logit, {split} B under torch's loss_parallel" in text
+
+
 def test_moe_layouts_use_expert_parallelism() -> None:
     result = _search("mixtral-8x7b", 64)
     assert result.feasible

@@ -65,8 +65,8 @@ def render(result: LayoutCheck, console: Console) -> None:
                   "not counted)")
     console.print("  (temporary: the analytic row prices FSDP2's bf16 compute copies or gathered layers and the "
                   "gradient copies it makes for the end stages' embedding and head where they are known exactly; "
-                  "the measured row is what is alive at the step's peak, the other gradient copies and a layer "
-                  "backward's own tensors included: docs/distributed.md)")
+                  "the measured row is what is alive at the step's peak, the other gradient copies, a layer "
+                  "backward's own tensors and a forward's transients included: docs/distributed.md)")
     calls = Table(title="collectives per optimizer step (calls; bytes per call, records.py convention)")
     for col in ("kind", "mesh dim", "group", "bytes/call", "analytic", "measured", ""):
         calls.add_column(col, justify="left" if col in ("kind", "mesh dim") else "right")
