@@ -136,6 +136,35 @@ def test_fake_verify_prices_the_eager_losss_backward(fake_world: None, tmp_path:
         assert total * 0.998 <= peak["Total"] <= total * 1.002
 
 
+@pytest.mark.parametrize(("fixture", "layout", "stage"), [
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=4,dp=2,ep=1,zero=2,recompute=none,mb=1", 0),  # the embedding's unit
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=4,dp=2,ep=1,zero=2,recompute=none,mb=1", 1),  # the first layer's
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=4,dp=2,ep=1,zero=3,recompute=none,mb=1", 1),
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=4,dp=2,ep=1,zero=2,recompute=none,mb=1", 3),  # the root: norm, head
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1", 0),  # the embedding, after the root
+    ("tiny-moe.yaml", "tp=1,cp=1,pp=4,dp=2,ep=2,zero=2,recompute=none,mb=1", 1),  # the layer's, not its experts'
+])
+def test_fake_verify_holds_the_unit_reduced_last(fake_world: None, tmp_path: Path, fixture: str, layout: str,
+                                                 stage: int) -> None:
+    """At zero 2 and 3 FSDP2 keeps the reduce-scatter input of the unit each backward reduces last
+    into the next micro-batch (`cluster._reduced_last`): the tracker's collective buffers hold
+    exactly that fp32 gradient. Before, plan priced the root's on every stage, nothing on the
+    first and middle stages, and the step's peak was up to 1.41 times plan's total on a middle one."""
+    from archplan.distributed.check import check_layout_run
+    from archplan.planning import cluster
+
+    seq = 32
+    plan = resolve(load_spec(variant(tmp_path, fixture, "held", vocab_size=512)))
+    parsed = parse_layout(layout).complete()
+    microbatches = 2 * parsed.pp if parsed.pp > 1 else 2
+    result = check_layout_run(plan, parsed, seq, microbatches=microbatches, stage=stage)
+    data = cluster.model_data(plan, seq)
+    chunks = cluster.rank_chunks(data.n_main, parsed, stage, data.mtp_depth)
+    held = cluster._held_reduce_scatter(data, parsed, chunks, microbatches, cluster.FSDP2)
+    assert held > 0
+    assert {r.category: r for r in result.memory}["collective_buffers"].measured == held
+
+
 @pytest.mark.parametrize("layout", ["tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1",
                                     "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1",
                                     "tp=2,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=2,sp=on"])

@@ -1685,16 +1685,37 @@ def _held_reduce_scatter(data: ModelData, layout: Layout, chunks: Sequence[Chunk
     micro-batch: at zero 2 and 3 it reduces every micro-batch's gradients, and only the step's
     last backward waits on and releases the last unit's reduce-scatter input
     (`FSDPCommContext.reduce_scatter_states`, torch 2.13's `_root_post_backward_final_callback`).
-    So the input of each chunk's root unit, reduced last, stays allocated through the next
-    micro-batch's forward and into its backward, beside its loss (measured by verify --layout).
-    A root holds the final norm and the head, or little on a stage without them. The input is in
-    FSDP2's reduce dtype, fp32 here, the states' gradient bytes."""
+    So the input of the unit each chunk reduces last (`_reduced_last`) stays allocated through
+    the next micro-batch's forward and into its backward, beside its loss on the last stage
+    (measured by verify --layout on every stage). The input is in FSDP2's reduce dtype, fp32
+    here, the states' gradient bytes."""
     if states.engine != "torch" or layout.zero < 2 or microbatches < 2:
         return 0
     dp = layout.dp * layout.cp
-    held = sum(dp * _fsdp_numel(_root_tensors(data, layout, chunk), layout.tp, layout.ep, dp, layout.expert_dp)[0]
+    held = sum(dp * _fsdp_numel(_reduced_last(data, layout, chunk), layout.tp, layout.ep, dp, layout.expert_dp)[0]
                for chunk in chunks)
     return states.grad_bytes * held
+
+
+def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor, ...]:
+    """The tensors of the FSDP2 unit a chunk's backward reduces last (`_fsdp_end_units`). A unit
+    reduces once the gradient reaches its forward's inputs, or, where none needs one, in the
+    root's final callback, in module order (torch 2.13's `_root_post_backward_final_callback`):
+    - the first chunk's own embedding unit, read by token ids, after the root (also reduced in
+      that callback there);
+    - otherwise the root, where it holds the final norm and head, reduced once the gradient
+      reaches the stage's input;
+    - otherwise, with an empty root, the chunk's first layer's unit, its experts' own unit
+      reduced before it, inside the layer.
+    (measured by verify --layout: tiny-llama's first, middle and last stages at zero 2 and 3)"""
+    units = dict((what, tensors) for tensors, what in _fsdp_end_units(data, chunk.first, chunk.last, layout.pp))
+    embedding = units.get("embedding", ())
+    if embedding:
+        return embedding
+    root = _root_tensors(data, layout, chunk)
+    if root or not chunk.layers:
+        return root
+    return tuple(t for t in data.layer_tensors[chunk.layers.start] if not _own_unit(t, layout.tp, layout.ep))
 
 
 def _root_tensors(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor, ...]:
