@@ -165,6 +165,24 @@ def test_fake_verify_holds_the_unit_reduced_last(fake_world: None, tmp_path: Pat
     assert {r.category: r for r in result.memory}["collective_buffers"].measured == held
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_fake_verify_middle_stage_peak_is_a_layers_gradient(fake_world: None, zero: int) -> None:
+    """On Llama 3 8B's middle stages (TP2 PP4 DP2, seq 1,024, 8 micro-batches) the step's peak
+    falls at the end of a layer's backward: every kept activation, the bf16 copies (the whole
+    stage's at zero 0 to 2: `replicate` has no reshard after the forward either), the held
+    reduce-scatter input, and the layer's bf16 weight gradient before its unit reduces it
+    (`cluster._layer_gradient`). Before these were priced the peak was 1.016 to 1.091 of plan's
+    total; now within 0.5%."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec("llama-3-8b"))
+    layout = parse_layout(f"tp=2,cp=1,pp=4,dp=2,ep=1,zero={zero},recompute=none,mb=1").complete()
+    result = check_layout_run(plan, layout, 1024, microbatches=8, stage=1)
+    total = sum(r.analytic for r in result.memory)
+    assert result.ok
+    assert total * 0.995 <= result.measured.peak_by_reftype["Total"] <= total * 1.005
+
+
 @pytest.mark.parametrize("layout", ["tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1",
                                     "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1",
                                     "tp=2,cp=1,pp=2,dp=1,ep=1,zero=3,recompute=none,mb=2,sp=on"])
@@ -1110,7 +1128,10 @@ def test_fake_verify_first_stage_temporary_is_what_a_real_run_allocates(fake_wor
     +6 and +4 B per element). With one micro-batch the peak falls in the last layer's forward, at
     its down-projection's reduce-scatter under SP: the projection's partial output and DTensor's
     contiguous copy of it for the collective, two T × h bf16 transients that no backward reads
-    (filed as temporary, `fake._rank_memory`; plan does not price a layer's own transients)."""
+    (filed as temporary, `fake._rank_memory`; plan does not price a layer's own transients).
+    plan's temporary is its larger moment on this stage, a layer's bf16 weight gradient beside the
+    copies (`cluster._layer_gradient`), which here does not set the peak: these small layers free
+    more of their activations by the end of their backward than their gradient takes."""
     from archplan.distributed.fake import measure
     from archplan.planning import cluster
 
@@ -1119,9 +1140,11 @@ def test_fake_verify_first_stage_temporary_is_what_a_real_run_allocates(fake_wor
     layout = parse_layout("tp=2,cp=1,pp=2,dp=2,ep=1,zero=1,recompute=none,mb=1").complete()
     measured = measure(plan, layout, seq, microbatches=microbatches, stage=0)
     analytic = cluster.rank_memory(plan, layout, seq, microbatches=microbatches, stage=0, states=cluster.FSDP2)
+    data = cluster.model_data(plan, seq)
+    copies = analytic.temporary - cluster._layer_gradient(data, layout, cluster.rank_chunks(data.n_main, layout, 0))
     cast = 2 * plan.vocab_size * plan.d_model if microbatches > 1 else 0
     reduction = 2 * 2 * seq * plan.d_model if microbatches == 1 else 0
-    assert measured.memory.temporary - analytic.temporary == cast + reduction + measured.peak_by_reftype["Buffer"]
+    assert measured.memory.temporary - copies == cast + reduction + measured.peak_by_reftype["Buffer"]
 
 
 @pytest.mark.parametrize(("zero", "tp"), [(0, 2), (1, 2), (2, 2), (3, 2), (2, 1)])

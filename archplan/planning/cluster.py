@@ -45,9 +45,11 @@ and allocates that padded chunk on every rank (torch `FSDPParam._init_sharded_pa
   keeps bf16 main grads, 16 B/param (`StatesConvention.reducing_in`).
 - FSDP2 (torch `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), 16 B/param: fp32
   sharded parameters 4 (they are the master weights) + fp32 sharded grads 4 + Adam m, v 8; the
-  bf16 unsharded compute copies are `temporary`: the whole stage's at zero = 2
-  (reshard_after_forward=False keeps them from the forward to the backward), two layers' at
-  zero = 3 (the one computing and the prefetched next). FSDP2 shards its parameters at every
+  bf16 unsharded compute copies are `temporary`: the whole stage's at zero = 0 to 2
+  (reshard_after_forward=False keeps them from the forward to the backward; `replicate` has no
+  reshard after the forward either), two layers' at zero = 3 (the one computing and the
+  prefetched next); beside them, at the end of a layer's backward, its bf16 weight gradient
+  before its unit reduces it (`_layer_gradient`). FSDP2 shards its parameters at every
   zero ≥ 1 (`distributed/shard.py`): zero = 1 keeps the bf16 copies as zero = 2 does and
   accumulates fp32 *unsharded* gradients over the micro-batches, reduce-scattered after the last
   backward, so the gradients are whole with m > 1 micro-batches and sharded with one (its only
@@ -111,8 +113,8 @@ unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
 all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per model chunk, the
 positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`). Its temporary memory
-holds FSDP2's transients as `verify --layout` measures them: the bf16 compute copies, the end
-units' gradient casts and reductions, the eager loss's backward gradients (any engine under
+holds FSDP2's transients as `verify --layout` measures them: the bf16 compute copies, a layer's
+bf16 weight gradient before its unit's reduction, the end units' gradient casts and reductions, the eager loss's backward gradients (any engine under
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
@@ -1532,11 +1534,15 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
     temporary = held = 0
     if states.compute_copy_bytes:
-        kept = zero in (1, 2)  # reshard_after_forward=False: the stage's bf16 copies held through the step
+        # reshard_after_forward=False (zero 1 and 2; `replicate`, zero 0, has no reshard after the
+        # forward either): the stage's bf16 copies are held from the forward into the backward
+        kept = zero <= 2
         temporary = states.compute_copy_bytes * (full if kept else FSDP_PREFETCH_LAYERS * biggest_layer)
         # still held when the last backward ends, unless that backward reshards (zero 1, one
-        # micro-batch; zero 3); zero 0 (`replicate`) holds its two gathered layers
-        held = temporary if zero == 0 or (kept and (zero == 2 or microbatches > 1)) else 0
+        # micro-batch; zero 3); zero 0 reshards each unit after its backward and holds two
+        # layers' copies there
+        held = (states.compute_copy_bytes * FSDP_PREFETCH_LAYERS * biggest_layer if zero == 0
+                else temporary if zero == 2 or (zero == 1 and microbatches > 1) else 0)
     elif zero >= 3 and states.module_fetch:
         # DeepSpeed holds the modules its rules keep gathered and the next one arriving
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
@@ -1544,11 +1550,12 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
-    temporary += _head_reduction_transient(data, layout, chunks, states)
     held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
     temporary += held_reduce
-    loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     torch_engine = states.engine == "torch"
+    temporary = max(temporary + _head_reduction_transient(data, layout, chunks, states),
+                    temporary + (_layer_gradient(data, layout, chunks) if torch_engine else 0))
+    loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
         # the head's backward starts with every bf16 copy FSDP2 has not resharded: all of the
@@ -1716,6 +1723,17 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
     if root or not chunk.layers:
         return root
     return tuple(t for t in data.layer_tensors[chunk.layers.start] if not _own_unit(t, layout.tp, layout.ep))
+
+
+def _layer_gradient(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
+    """Bytes of the bf16 gradient autograd gives a layer's FSDP2 unit before the unit's
+    post-backward reduces (or accumulates) it, beside the kept activations, the bf16 copies and
+    the held reduce-scatter input: the rank's largest layer unit, its dense part or its experts'
+    own unit (those reduce inside the layer, before the rest is complete). Measured by verify
+    --layout: on Llama 3 8B's middle stages the peak falls at the end of a layer's backward, its
+    weight gradients complete (docs/distributed.md)."""
+    dense, expert = data.numel(layout.tp, layout.ep)
+    return ACT_BYTES * max((max(dense[i], expert[i]) for chunk in chunks for i in chunk.layers), default=0)
 
 
 def _root_tensors(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor, ...]:
