@@ -114,8 +114,11 @@ without SP its pipeline sends carry the whole hidden states (no scatter over tp)
 all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per model chunk, the
 positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`). Its temporary memory
 holds FSDP2's transients as `verify --layout` measures them: the bf16 compute copies, a layer's
-bf16 weight gradient before its unit's reduction, the end units' gradient casts and reductions, the eager loss's backward gradients (any engine under
-`--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
+bf16 weight gradient before its unit's reduction (`_layer_gradient`), the end units' gradient
+casts and reductions (the embedding's also after each backward of a pipeline's first stage, the
+other micro-batches' activations still held: `_embedding_between_backwards`), the eager loss's
+backward gradients (any engine under `--cross-entropy eager`: `_loss_backward_transient`), the
+reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
 (`_head_gradients`), and at the end of the backward the root unit's reduction
@@ -1582,7 +1585,36 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         end = max(end, _root_reduction_at_end(data, layout, chunks, microbatches, states),
                   _lookup_gradient_at_end(data, layout, chunks, states, held))
     temporary = max(temporary, end - activations)
+    if torch_engine:
+        # beside the copies still held when a backward ends (at zero 3 none, but the all-gather
+        # buffer of a layer FSDP2 gathers for the next pass), the reduce-scatter inputs the rank's
+        # other chunks (own FSDP2 roots) hold
+        gathered = states.compute_copy_bytes * biggest_layer if zero >= 3 else held
+        beside = gathered + _held_reduce_scatter(data, layout, chunks[1:], microbatches, states)
+        between = _embedding_between_backwards(data, layout, chunks, microbatches, states, beside)
+        temporary = max(temporary, between - math.ceil(activations / sum(in_flight(layout, microbatches, stage))))
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
+
+
+def _embedding_between_backwards(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
+                                 states: StatesConvention, beside: int) -> int:
+    """Bytes the torch engine holds beyond the model states and the activations still in flight
+    when the first stage of a pipeline (one chunk a rank) ends a backward that is not the step's
+    last: FSDP2 reduces the embedding's unit, reached by token ids only, in the root's final
+    callback after each backward at zero 2 and 3 (every micro-batch's gradients reduced), and casts
+    its bf16 gradient into the fp32 accumulated one at zero 0 and 1; the other in-flight
+    micro-batches' activations are still held, the last one's freed (the caller takes them off:
+    one in-flight micro-batch's share of the rank's activations). `beside`: the bf16 copies still
+    held when a backward ends and what else is held then. 0 where no backward but the last ends with the embedding's (pp = 1:
+    no other micro-batch in flight then). Measured by verify --layout on Llama 3 8B's first stage
+    (TP2 PP4 DP2, 8 micro-batches, and interleaved)."""
+    whole = _embedding_alone(data, layout, chunks)[0]
+    if not whole or layout.pp == 1 or microbatches == 1:
+        return 0
+    if _fsdp_accumulates(layout, microbatches):
+        return beside + states.compute_copy_bytes * whole
+    # zero 2 and 3 reduce as the last backward does (the accumulating branch is not taken: 0, 0)
+    return beside + _embedding_gradient_transient(data, layout, chunks, microbatches, states, 0, 0)
 
 
 def _embedding_gradient_transient(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
