@@ -114,7 +114,8 @@ without SP its pipeline sends carry the whole hidden states (no scatter over tp)
 all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per model chunk, the
 positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`). Its temporary memory
 holds FSDP2's transients as `verify --layout` measures them: the bf16 compute copies, a layer's
-bf16 weight gradient before its unit's reduction (`_layer_gradient`), the end units' gradient
+bf16 weight gradient before its unit's reduction (`_layer_gradient`) and that reduction's
+buffers (`_unit_reduction`), the end units' gradient
 casts and reductions (the embedding's also after each backward of a pipeline's first stage, the
 other micro-batches' activations still held: `_embedding_between_backwards`), the eager loss's
 backward gradients (any engine under `--cross-entropy eager`: `_loss_backward_transient`), the
@@ -1554,10 +1555,12 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
     held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
-    temporary += held_reduce
     torch_engine = states.engine == "torch"
-    temporary = max(temporary + _head_reduction_transient(data, layout, chunks, states),
-                    temporary + (_layer_gradient(data, layout, chunks) if torch_engine else 0))
+    # a layer unit's reduction releases the reduce-scatter input held before it
+    reduction = _unit_reduction(data, layout, chunks, microbatches, states) if torch_engine else 0
+    temporary = max(temporary + held_reduce + _head_reduction_transient(data, layout, chunks, states),
+                    temporary + held_reduce + (_layer_gradient(data, layout, chunks) if torch_engine else 0),
+                    temporary + reduction)
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
@@ -1766,6 +1769,33 @@ def _layer_gradient(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) ->
     weight gradients complete (docs/distributed.md)."""
     dense, expert = data.numel(layout.tp, layout.ep)
     return ACT_BYTES * max((max(dense[i], expert[i]) for chunk in chunks for i in chunk.layers), default=0)
+
+
+def _unit_reduction(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
+                    states: StatesConvention) -> int:
+    """Bytes FSDP2's reduction of a layer unit's gradient holds beside the kept activations and
+    the copies where each backward reduces (`foreach_reduce`; not when it accumulates over the
+    micro-batches): the reduce-scatter input in the reduce dtype over the unit's padded elements,
+    beside the unit's bf16 gradient while it is copied in, then beside the output (a 1/n-th of
+    it over n ranks; over one rank a whole copy, and a divided temporary where a divide factor is
+    set, as it is for the experts: `distributed.shard`). The rank's largest such moment, its
+    layers' dense units over dp·cp and their experts' units over expert_dp. Measured by verify
+    --layout: Qwen3-30B-A3B's middle stage (PP4 DP4 EP4) peaks in its experts' reduction over one
+    rank, 12 B an element."""
+    if _fsdp_accumulates(layout, microbatches):
+        return 0
+    tp, ep, dp, edp = layout.tp, layout.ep, layout.dp * layout.cp, layout.expert_dp
+    dense_local, expert_local = data.numel(tp, ep)
+    dense_shard, expert_shard = data.fsdp(tp, ep, dp, edp)
+
+    def moment(local: int, shard: int, ranks: int, divided: bool) -> int:
+        reduce_in = states.grad_bytes * shard * ranks
+        out = reduce_in * (1 + divided) if ranks == 1 else math.ceil(reduce_in / ranks)
+        return reduce_in + max(ACT_BYTES * local, out)
+
+    return max((max(moment(dense_local[i], dense_shard[i], dp, False),
+                    moment(expert_local[i], expert_shard[i], edp, True) if expert_local[i] else 0)
+                for chunk in chunks for i in chunk.layers), default=0)
 
 
 def _root_tensors(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor, ...]:
