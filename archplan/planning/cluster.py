@@ -115,11 +115,10 @@ all-gather CP keeps the gathered K/V (no re-gather in the backward) and, per mod
 positions and one T/cp × T mask per window (`_cp_kept`, `_cp_shared`). Its temporary memory
 holds FSDP2's transients as `verify --layout` measures them: the bf16 compute copies, a layer's
 bf16 weight gradient before its unit's reduction (`_layer_gradient`) and that reduction's
-buffers (`_unit_reduction`), the end units' gradient
-casts and reductions (the embedding's also after each backward of a pipeline's first stage, the
-other micro-batches' activations still held: `_embedding_between_backwards`), the eager loss's
-backward gradients (any engine under `--cross-entropy eager`: `_loss_backward_transient`), the
-reduce-scatter input FSDP2 keeps
+buffers (`_unit_reduction`), the end units' gradient casts and reductions (the embedding's also
+after each backward of a pipeline's first stage, the other micro-batches' activations still
+held: `_embedding_between_backwards`), the eager loss's backward gradients (any engine under
+`--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
 (`_head_gradients`), and at the end of the backward the root unit's reduction
@@ -1595,7 +1594,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         gathered = states.compute_copy_bytes * biggest_layer if zero >= 3 else held
         beside = gathered + _held_reduce_scatter(data, layout, chunks[1:], microbatches, states)
         between = _embedding_between_backwards(data, layout, chunks, microbatches, states, beside)
-        temporary = max(temporary, between - math.ceil(activations / sum(in_flight(layout, microbatches, stage))))
+        if between:
+            share = math.ceil(activations / sum(in_flight(layout, microbatches, stage)))
+            temporary = max(temporary, between - share)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
 
 
@@ -1608,9 +1609,9 @@ def _embedding_between_backwards(data: ModelData, layout: Layout, chunks: Sequen
     its bf16 gradient into the fp32 accumulated one at zero 0 and 1; the other in-flight
     micro-batches' activations are still held, the last one's freed (the caller takes them off:
     one in-flight micro-batch's share of the rank's activations). `beside`: the bf16 copies still
-    held when a backward ends and what else is held then. 0 where no backward but the last ends with the embedding's (pp = 1:
-    no other micro-batch in flight then). Measured by verify --layout on Llama 3 8B's first stage
-    (TP2 PP4 DP2, 8 micro-batches, and interleaved)."""
+    held when a backward ends and what else is held then. 0 where no backward but the last ends
+    with the embedding's (pp = 1: no other micro-batch in flight then). Measured by verify
+    --layout on Llama 3 8B's first stage (TP2 PP4 DP2, 8 micro-batches, and interleaved)."""
     whole = _embedding_alone(data, layout, chunks)[0]
     if not whole or layout.pp == 1 or microbatches == 1:
         return 0
@@ -1781,8 +1782,8 @@ def _unit_reduction(data: ModelData, layout: Layout, chunks: Sequence[Chunk], mi
     set, as it is for the experts: `distributed.shard`). The rank's largest such moment, its
     layers' dense units over dp·cp and their experts' units over expert_dp. Measured by verify
     --layout: Qwen3-30B-A3B's middle stage (PP4 DP4 EP4) peaks in its experts' reduction over one
-    rank, 12 B an element."""
-    if _fsdp_accumulates(layout, microbatches):
+    rank, 12 B an element. `replicate` (zero 0) all-reduces instead, not measured here: 0."""
+    if layout.zero == 0 or _fsdp_accumulates(layout, microbatches):
         return 0
     tp, ep, dp, edp = layout.tp, layout.ep, layout.dp * layout.cp, layout.expert_dp
     dense_local, expert_local = data.numel(tp, ep)
