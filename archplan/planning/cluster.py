@@ -1555,11 +1555,11 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
     held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
     torch_engine = states.engine == "torch"
+    layer_gradient = _layer_gradient(data, layout, chunks) if torch_engine else 0
     # a layer unit's reduction releases the reduce-scatter input held before it
     reduction = _unit_reduction(data, layout, chunks, microbatches, states) if torch_engine else 0
-    temporary = max(temporary + held_reduce + _head_reduction_transient(data, layout, chunks, states),
-                    temporary + held_reduce + (_layer_gradient(data, layout, chunks) if torch_engine else 0),
-                    temporary + reduction)
+    temporary += max(held_reduce + max(_head_reduction_transient(data, layout, chunks, states), layer_gradient),
+                     reduction)
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
@@ -1588,12 +1588,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
                   _lookup_gradient_at_end(data, layout, chunks, states, held))
     temporary = max(temporary, end - activations)
     if torch_engine:
-        # beside the copies still held when a backward ends (at zero 3 none, but the all-gather
-        # buffer of a layer FSDP2 gathers for the next pass), the reduce-scatter inputs the rank's
-        # other chunks (own FSDP2 roots) hold
-        gathered = states.compute_copy_bytes * biggest_layer if zero >= 3 else held
-        beside = gathered + _held_reduce_scatter(data, layout, chunks[1:], microbatches, states)
-        between = _embedding_between_backwards(data, layout, chunks, microbatches, states, beside)
+        between = _embedding_between_backwards(data, layout, chunks, microbatches, states, held, biggest_layer)
         if between:
             share = math.ceil(activations / sum(in_flight(layout, microbatches, stage)))
             temporary = max(temporary, between - share)
@@ -1601,20 +1596,24 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
 
 
 def _embedding_between_backwards(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
-                                 states: StatesConvention, beside: int) -> int:
+                                 states: StatesConvention, held: int, biggest_layer: int) -> int:
     """Bytes the torch engine holds beyond the model states and the activations still in flight
     when the first stage of a pipeline (one chunk a rank) ends a backward that is not the step's
     last: FSDP2 reduces the embedding's unit, reached by token ids only, in the root's final
     callback after each backward at zero 2 and 3 (every micro-batch's gradients reduced), and casts
     its bf16 gradient into the fp32 accumulated one at zero 0 and 1; the other in-flight
     micro-batches' activations are still held, the last one's freed (the caller takes them off:
-    one in-flight micro-batch's share of the rank's activations). `beside`: the bf16 copies still
-    held when a backward ends and what else is held then. 0 where no backward but the last ends
-    with the embedding's (pp = 1: no other micro-batch in flight then). Measured by verify
-    --layout on Llama 3 8B's first stage (TP2 PP4 DP2, 8 micro-batches, and interleaved)."""
+    one in-flight micro-batch's share of the rank's activations). Beside it the bf16 copies still
+    held when a backward ends (`held`; at zero 3 none, but the all-gather buffer of a layer FSDP2
+    gathers for the next pass) and the reduce-scatter inputs the rank's other chunks, FSDP2 roots
+    of their own, hold. 0 where no backward but the last ends with the embedding's (pp = 1: no
+    other micro-batch in flight then). Measured by verify --layout on Llama 3 8B's first stage
+    (TP2 PP4 DP2, 8 micro-batches, and interleaved)."""
     whole = _embedding_alone(data, layout, chunks)[0]
     if not whole or layout.pp == 1 or microbatches == 1:
         return 0
+    gathered = states.compute_copy_bytes * biggest_layer if layout.zero >= 3 else held
+    beside = gathered + _held_reduce_scatter(data, layout, chunks[1:], microbatches, states)
     if _fsdp_accumulates(layout, microbatches):
         return beside + states.compute_copy_bytes * whole
     # zero 2 and 3 reduce as the last backward does (the accumulating branch is not taken: 0, 0)
@@ -1751,8 +1750,8 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
     - otherwise, with an empty root, the chunk's first layer's unit, its experts' own unit
       reduced before it, inside the layer.
     (measured by verify --layout: tiny-llama's first, middle and last stages at zero 2 and 3)"""
-    units = dict((what, tensors) for tensors, what in _fsdp_end_units(data, chunk.first, chunk.last, layout.pp))
-    embedding = units.get("embedding", ())
+    embedding = next((tensors for tensors, what in _fsdp_end_units(data, chunk.first, chunk.last, layout.pp)
+                      if what == "embedding"), ())
     if embedding:
         return embedding
     root = _root_tensors(data, layout, chunk)
