@@ -67,6 +67,28 @@ def test_bf16_norm_keeps_its_bf16_input_once_with_plain_autograds_values(norm: R
         assert torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize(("affine", "copies"), [(True, 4), (False, 3.5)])
+def test_bf16_rms_norms_backward_holds_three_fp32_copies_beside_its_gradient(affine: bool, copies: float) -> None:
+    """The bf16 RMSNorm's backward, the cast's included, holds at its peak the fp32 gradient the
+    cast hands it and three more fp32 tensors of x's size (x·rstd, the weighted gradient, one
+    product being summed; without a weight, the bf16 result in its place), plus per-row and
+    per-weight figures. Autograd's op-by-op formulas held seven (six without a weight): at one
+    layer per pipeline stage that was the step's peak (`verify --layout`, tiny-llama's middle
+    stage at full recompute)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    norm = RMSNorm(256, 1e-5, affine).bfloat16()
+    x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = norm(x)
+    probe = torch.randn_like(y)
+    tracker = MemTracker()
+    with tracker:
+        y.backward(probe)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    fp32_copy = x.numel() * 4
+    assert 0 <= peak - copies * fp32_copy <= 4 << 10
+
 @pytest.mark.parametrize("centred", [False, True], ids=["rms", "layer"])
 def test_norm_from_width_moments_is_the_norm_and_keeps_the_bf16_input(centred: bool) -> None:
     """The statistics and the normalisation a norm over a tp-sharded width is built from

@@ -53,10 +53,12 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 
 
 class _RMSNormKeepingInput(torch.autograd.Function):
-    """The composite `rms_norm`'s ops on x's fp32 copy, forward and backward, in torch's order (so
-    DTensor places the same collectives: a norm over a sharded width or sequence all-reduces the
-    same (.., 1) partial sums), saving x in its own dtype and rstd only; the backward re-forms the
-    fp32 copy and x·rstd from them. Its gradient comes back in x's dtype, as the cast's would."""
+    """The composite `rms_norm`'s forward on x's fp32 copy, saving x in its own dtype and rstd
+    only. The backward re-forms x·rstd from them and works in place on the fp32 tensors it owns,
+    so that at most three of x's size are alive beside its incoming gradient, where autograd's
+    op-by-op formulas hold about six (a fused kernel holds none). Its reductions are the
+    composite's (a row sum for rstd's gradient, `sum_to_size` for the weight's), so DTensor places
+    the same collectives. Its gradient comes back in x's dtype, as the cast's would."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -73,19 +75,20 @@ class _RMSNormKeepingInput(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
-        x32 = _wide(x)
+        # a copy even where x is already wide: it is overwritten below
+        normed = x.to(torch.promote_types(x.dtype, torch.float32), copy=True).mul_(rstd)
         d_weight = None
-        d_y = d_out
-        if weight is not None:
-            if ctx.needs_input_grad[1]:
-                d_weight = (d_out * (x32 * rstd)).sum_to_size(weight.shape)
-            d_y = d_out * weight
-        # autograd's formulas for y = x·rstd, rstd = (mean(x²) + eps)^(-1/2): mul, rsqrt, mean, pow
-        d_rstd = (d_y * x32).sum(-1, keepdim=True)
-        d_x = d_y * rstd
-        d_mean_sq = d_rstd * (rstd.pow(3) * -0.5)
-        d_x = d_x + d_mean_sq.expand(x32.shape).div(x32.shape[-1]) * (x32.pow(1.0) * 2.0)
-        return d_x.to(x.dtype), d_weight, None
+        if weight is not None and ctx.needs_input_grad[1]:
+            d_weight = (d_out * normed).sum_to_size(weight.shape)
+        # y = x̂·w, x̂ = x·rstd: dx = rstd·(dx̂ − x̂·mean(dx̂·x̂)), dx̂ = dy·w
+        d_normed = d_out * weight if weight is not None else None
+        d_dot = d_out if d_normed is None else d_normed
+        mean_dot = (d_dot * normed).sum(-1, keepdim=True).div(x.shape[-1])
+        # out of place: mean_dot may be a partial sum (DTensor), which x̂ in place could not take
+        correction = normed * mean_dot
+        del normed
+        d_x = d_dot - correction if d_normed is None else d_normed.sub_(correction)
+        return d_x.mul_(rstd).to(x.dtype), d_weight, None
 
 
 def width_moments(x: Tensor, centred: bool) -> Tensor:
