@@ -1514,6 +1514,26 @@ def test_cli_a_run_shorter_than_one_step_says_so(capsys: pytest.CaptureFixture[s
     assert code == 0 and not any("fewer than one step" in note for note in json.loads(out)["notes"])
 
 
+def test_cli_says_when_the_pipeline_never_fills(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama 3's 16K-GPU layout with "16M" tokens a step (SI: 16·10⁶) runs 1,953 sequences, 15
+    micro-batches on 16 stages, and printed a slower step than Meta's (m = 16 at 16·2²⁰) without
+    saying why. It now says the pipeline never fills and which batch fills it; at 16Mi it is silent."""
+    layout = ["--layout", "tp=8,cp=1,pp=16,vpp=8,dp=128,ep=1,zero=1,recompute=none,mb=1"]
+    asked = ["plan", "llama-3.1-405b", "--gpus", "16384", "--gpu", "h100", "--seq", "8192", *layout, "--headroom", "0",
+             "--json"]
+    code, out, _ = run(capsys, monkeypatch, *asked, "--global-batch-tokens", "16M")
+    data = json.loads(out)
+    assert code == 0 and data["layouts"][0]["microbatches"] == 15
+    assert ("fewer micro-batches than pipeline stages, so the pipeline never fills (layout 1: m = 15 for pp = 16, "
+            "filled by 16,777,216 tokens per step); --global-batch-tokens takes binary units too "
+            "(16Mi = 16·2²⁰)") in data["notes"]
+    code, out, _ = run(capsys, monkeypatch, *asked, "--global-batch-tokens", "16Mi")
+    data = json.loads(out)
+    assert code == 0 and data["layouts"][0]["microbatches"] == 16
+    assert not any("never fills" in note for note in data["notes"])
+
+
 def test_cli_micro_batches_are_the_nearest_to_the_batch_asked(capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """1M tokens at seq 8192 over dp 4 asks 30.52 micro-batches: 31 (1,015,808 tokens, +1.6%), not

@@ -669,7 +669,7 @@ def _all_notes(result: SearchResult, bound: RailBound | None, model_notes: list[
                train_tokens: float) -> list[str]:
     return (_notes(result) + model_notes
             + ([_network_note(result, bound)] if bound else []) + _batch_notes(result)
-            + _tokens_notes(result, train_tokens))
+            + _pipeline_fill_notes(result) + _tokens_notes(result, train_tokens))
 
 
 def _tokens_notes(result: SearchResult, train_tokens: float) -> list[str]:
@@ -696,6 +696,22 @@ def _batch_notes(result: SearchResult) -> list[str]:
                      for i, e in off)
     return [f"tokens per step as run differ from the {asked:,.0f} asked, since each layout runs whole "
             f"micro-batches of dp·mb sequences: {runs}; ranked by time per token"]
+
+
+def _pipeline_fill_notes(result: SearchResult) -> list[str]:
+    """Layouts shown with fewer micro-batches than pipeline stages: the first stage runs out of
+    forwards before the last one starts its first, so no moment has every stage busy (1F1B's
+    bubble is (p − 1)/m of the ideal step, Narayanan et al. 2021 §2.2.1). Said with the batch
+    that fills them, pp·dp·mb sequences: a batch asked in SI units ("16M" = 16·10⁶) rounds to
+    one micro-batch short of a power-of-two pipeline's."""
+    short = [(i, e) for i, e in enumerate(result.shown, 1) if e.microbatches < e.layout.pp]
+    if not short:
+        return []
+    runs = "; ".join(f"layout {i}: m = {e.microbatches} for pp = {e.layout.pp}, filled by "
+                     f"{e.layout.pp * e.layout.dp * e.layout.mb * result.seq:,} tokens per step"
+                     for i, e in short)
+    return [f"fewer micro-batches than pipeline stages, so the pipeline never fills ({runs}); "
+            "--global-batch-tokens takes binary units too (16Mi = 16·2²⁰)"]
 
 
 def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
