@@ -1532,6 +1532,13 @@ def test_cli_says_when_the_pipeline_never_fills(capsys: pytest.CaptureFixture[st
     data = json.loads(out)
     assert code == 0 and data["layouts"][0]["microbatches"] == 16
     assert not any("never fills" in note for note in data["notes"])
+    # the search at 4M tokens: layouts grouped, no word of binary units (the filling batch is 4×)
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "16384", "--gpu", "h100", "--json")
+    data = json.loads(out)
+    starved = [note for note in data["notes"] if "never fills" in note]
+    shown = [(e["microbatches"], e["pp"]) for e in data["layouts"]]
+    assert code == 0 and len(starved) == 1 and all(m < pp for m, pp in shown)
+    assert "layouts 1, 2" in starved[0] and "16Mi" not in starved[0]
 
 
 def test_cli_micro_batches_are_the_nearest_to_the_batch_asked(capsys: pytest.CaptureFixture[str],

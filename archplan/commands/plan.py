@@ -702,16 +702,22 @@ def _pipeline_fill_notes(result: SearchResult) -> list[str]:
     """Layouts shown with fewer micro-batches than pipeline stages: the first stage runs out of
     forwards before the last one starts its first, so no moment has every stage busy (1F1B's
     bubble is (p − 1)/m of the ideal step, Narayanan et al. 2021 §2.2.1). Said with the batch
-    that fills them, pp·dp·mb sequences: a batch asked in SI units ("16M" = 16·10⁶) rounds to
-    one micro-batch short of a power-of-two pipeline's."""
-    short = [(i, e) for i, e in enumerate(result.shown, 1) if e.microbatches < e.layout.pp]
-    if not short:
+    that fills them, pp·dp·mb sequences. A batch asked in SI units ("16M" = 16·10⁶) can round to
+    one micro-batch short of a power-of-two pipeline's: where the filling batch is within
+    `BATCH_NOTE_ABOVE` above the one asked, the note names the binary units."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, e in enumerate(result.shown, 1):
+        if e.microbatches < e.layout.pp:
+            fill = e.layout.pp * e.layout.dp * e.layout.mb * result.seq
+            groups.setdefault((e.microbatches, e.layout.pp, fill), []).append(i)
+    if not groups:
         return []
-    runs = "; ".join(f"layout {i}: m = {e.microbatches} for pp = {e.layout.pp}, filled by "
-                     f"{e.layout.pp * e.layout.dp * e.layout.mb * result.seq:,} tokens per step"
-                     for i, e in short)
-    return [f"fewer micro-batches than pipeline stages, so the pipeline never fills ({runs}); "
-            "--global-batch-tokens takes binary units too (16Mi = 16·2²⁰)"]
+    runs = "; ".join(f"layout{'s' if len(shown) > 1 else ''} {', '.join(map(str, shown))}: m = {m} for pp = {pp}, "
+                     f"filled by {fill:,} tokens per step" for (m, pp, fill), shown in groups.items())
+    asked = result.asked_batch_tokens
+    near = asked and any(0 < fill / asked - 1 <= BATCH_NOTE_ABOVE for _, _, fill in groups)
+    binary = "; --global-batch-tokens takes binary units too (16Mi = 16·2²⁰)" if near else ""
+    return [f"fewer micro-batches than pipeline stages, so the pipeline never fills ({runs}){binary}"]
 
 
 def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
