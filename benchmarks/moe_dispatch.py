@@ -45,6 +45,19 @@ def timed(runs: dict[str, Callable[[], object]], iters: int) -> dict[str, float]
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def parse_run_options(parser: argparse.ArgumentParser, iters: int) -> argparse.Namespace:
+    """The options every CPU benchmark here takes (--iters, --threads, --json) added and parsed,
+    torch's threads set and its seed fixed."""
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
+
+
 def counted_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -61,13 +74,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2048, help="B·T rows per forward")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--iters", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = parse_run_options(parser, iters=7)
     dtype = DTYPES[args.dtype]
     d, f, e, k = args.d_model, args.d_ff, args.experts, args.top_k
     plan = MoEPlan(

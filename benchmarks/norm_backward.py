@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from archplan.modules.norms import RMSNorm
-from moe_dispatch import timed
+from moe_dispatch import parse_run_options, timed
 
 
 def _saved_bytes(forward: Callable[[], Tensor]) -> int:
@@ -55,14 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    torch.manual_seed(0)
+    args = parse_run_options(parser, iters=5)
     norm = RMSNorm(args.width, 1e-5).bfloat16()
     x = torch.randn(args.tokens, args.width, dtype=torch.bfloat16, requires_grad=True)
     probe = torch.randn_like(x)
