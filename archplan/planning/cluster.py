@@ -464,6 +464,8 @@ class LayerActs:
     weighting: int  # Megatron-Core's MoE layer keeps this beyond archplan's torch MoE (`_weighting_delta`)
     up_proj: int  # MLA's Q, K and V, which the "mla_up_proj" module recompute drops (`RecomputeModule`)
     latent: int  # MLA's latent tensors (`_latent_bytes`), whole on every tp rank of the torch engine
+    viewed: int  # what the torch modules keep through views beyond the per-tensor model (`_viewed_bytes`)
+    viewed_latent: int  # of which whole on every tp rank, with the latents
     ssd_kept: int  # what a Mamba-2 layer's torch modules keep beyond mamba_ssm's kernels (`_ssd_kept`)
     filters: HyenaFilterActs  # a Hyena layer's, kept once per forward whatever the micro-batch (`_filter_kept`)
 
@@ -541,7 +543,8 @@ class ModelData:
                                        ACT_BYTES * seq * _fp32_cast_width(layer, h),
                                        _combine_rows(layer, seq, h),
                                        seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
-                                       _latent_bytes(layer, seq), _ssd_kept(layer, seq), filters))
+                                       _latent_bytes(layer, seq), *_viewed_bytes(layer, seq),
+                                       _ssd_kept(layer, seq), filters))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -851,6 +854,22 @@ def _latent_bytes(layer: LayerPlan, seq: int) -> int:
         return 0
     m = layer.mixer
     return ACT_BYTES * seq * 2 * ((m.q_lora_rank or 0) + m.kv_lora_rank)
+
+
+def _viewed_bytes(layer: LayerPlan, seq: int) -> tuple[int, int]:
+    """Bytes of one sequence through an MLA layer that the torch modules keep because a saved
+    tensor is a view of a larger one, beyond what `analytic.memory._mixer_bytes` counts, and the
+    part of them whole on every tp rank; (0, 0) elsewhere. The value is a `split` of the kv
+    up-projection's output (torchtitan's DeepSeek-V3 `Attention.forward`, as `modules.mla`), so
+    the attention kernel's saved value keeps the keys' no-RoPE half too, every head's qk_nope
+    per token (split over tp by heads); the kv latent norm's saved input is a `split` of the kv
+    down-projection's output, which keeps its RoPE key part, qk_rope per token (whole, with the
+    latents)."""
+    if not isinstance(layer.mixer, MLAPlan):
+        return 0, 0
+    m = layer.mixer
+    rope = ACT_BYTES * seq * m.qk_rope_head_dim
+    return ACT_BYTES * seq * m.n_heads * m.qk_nope_head_dim + rope, rope
 
 
 def _ssd_kept(layer: LayerPlan, seq: int) -> int:
@@ -1245,7 +1264,10 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
             pass
         case _:
             assert_never(kernel)
-    whole = acts.latent if engine == "torch" else 0  # `_latent_bytes`
+    whole = 0
+    if engine == "torch":  # `_latent_bytes`, `_viewed_bytes`
+        kept += acts.viewed
+        whole = acts.latent + acts.viewed_latent
     if sp:
         match engine:
             case "megatron":  # the column input kept sequence-sharded, re-gathered in the backward
