@@ -88,7 +88,7 @@ saves (`COMBINE_COPIES`; in the rank's last forward too, without full recompute)
 micro-batches per pipeline rank r of p: min(p − r, m) under 1F1B (Narayanan et al. 2021 §2.2); with v virtual stages the warm-up runs 2(p − r − 1) + (v − 1)·N + 1 chunk forwards,
 N = p unless the layout's `group` sets it (Megatron's interleaved schedule), so at N = p rank 0 holds p·(1 + (p − 1)/(p·v)) micro-batches' worth
 (Korthikanti §4.2.3); which chunks they belong to changes from round to round, so every mix held
-after a steady-state forward is priced (`pipeline_moments`). The first chunk adds the int64 token ids, the last the final-norm input, the
+before a backward is priced (`pipeline_moments`). The first chunk adds the int64 token ids, the last the final-norm input, the
 LM-head input and the fp32 logits (vocab-parallel cross-entropy: V/tp per token); under full
 recompute those are freed before the layers are re-run, so the larger of them and the re-run
 layer counts, not both; except in the torch engine with multi-token prediction, whose MTP modules
@@ -1153,19 +1153,21 @@ def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
 
 
 class PipelineMoment(NamedTuple):
-    """A moment of the schedule on one pipeline rank, after a forward and before the backward that
-    follows it: the micro-batches each chunk holds, the chunk that just ran forward and the one
-    whose backward comes next."""
+    """A moment of the schedule on one pipeline rank, before a backward: the micro-batches each
+    chunk holds, the chunk that just ran forward (None where a backward ran last: the cool-down)
+    and the one whose backward comes next."""
     counts: tuple[int, ...]
-    forward: int
+    forward: int | None
     backward: int
 
 
 def pipeline_moments(layout: Layout, microbatches: int, stage: int) -> tuple[PipelineMoment, ...]:
-    """Every distinct moment after the warm-up, `in_flight`'s mix among them. With one chunk
-    there is one. With several the total held stays warm-up + 1, but later rounds hold more of the
-    early chunks: a rank whose last chunk is light (the head's chunk of an uneven split) peaks
-    there, at two rounds or more (measured by verify --layout: tiny-mamba, PP2×v2, m = 4, stage 1)."""
+    """Every distinct moment before a backward, `in_flight`'s mix among them. With one chunk
+    there is one (the cool-down's hold less of the same chunk). With several the total held stays
+    warm-up + 1, but later rounds hold more of the early chunks: a rank whose last chunk is light
+    (the head's chunk of an uneven split) peaks there, at two rounds or more (measured by verify
+    --layout: tiny-mamba, PP2×v2, m = 4, stage 1); and the cool-down's backwards re-run their
+    chunks' layers under full recompute (`_interleaved_moments`)."""
     if layout.vpp == 1:
         return (PipelineMoment(in_flight(layout, microbatches, stage), 0, 0),)
     return _interleaved_moments(layout.pp, layout.vpp, microbatches, round_size(layout, microbatches), stage)
@@ -1195,16 +1197,20 @@ def _interleaved_events(p: int, v: int, m: int, n: int, stage: int) -> list[tupl
 
 @lru_cache(maxsize=4096)
 def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[PipelineMoment, ...]:
-    """`pipeline_moments` of the interleaved schedule (`_interleaved_events`): the held mix after
-    each forward that a backward follows."""
+    """`pipeline_moments` of the interleaved schedule (`_interleaved_events`): the held mix before
+    each backward, after the forward or the backward before it. Those after a backward hold less,
+    but under full recompute the backward's chunk re-runs its layers there: a rank whose layers
+    all sit in its first chunk re-runs them only in the cool-down (measured by verify --layout:
+    tiny-mamba, PP2×v2, two micro-batches, stage 1, 1.51 times the activations priced without it)."""
     events = _interleaved_events(p, v, m, n, stage)
     counts = [0] * v
     moments = set()
     for (op, c), (after, next_c) in zip(events, events[1:]):
         counts[c] += 1 if op == "F" else -1
-        if op == "F" and after == "B":
-            moments.add(PipelineMoment(tuple(counts), c, next_c))
-    return tuple(sorted(moments))
+        if after == "B":
+            moments.add(PipelineMoment(tuple(counts), c if op == "F" else None, next_c))
+    return tuple(sorted(moments, key=lambda moment: (moment.counts, moment.forward is None, moment.forward or 0,
+                                                     moment.backward)))
 
 
 def fsdp2_stale_prefetch(layout: Layout, microbatches: int, stage: int) -> tuple[bool, ...]:
@@ -1973,7 +1979,7 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         head_now = head if moment.forward == last else 0.0
         received = _received_gradient(data, layout, chunks[moment.backward]) * scale
         if mode != "full":
-            return max(head_now, combines[moment.forward], received)
+            return max(head_now, combines[moment.forward] if moment.forward is not None else 0.0, received)
         rerun = [reruns[i] for i in chunks[moment.backward].layers]
         # the received output gradient waits beside the chunk's first re-run
         moments = [head_now, received + max(rerun, default=0.0)]
