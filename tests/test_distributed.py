@@ -1340,7 +1340,8 @@ def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, p
     after it; the chunks' backwards in reverse; min(2(p − j − 1) + (v − 1)p, m·v) warm-up forwards,
     so the most held at once is what `cluster.in_flight` prices, and every mix of chunks held before
     a backward, with the chunk of the forward just run (None after a backward) and the backward's,
-    is one of `cluster.pipeline_moments`."""
+    is one of `cluster.pipeline_moments`, or, after a backward, holds no more of any chunk than
+    one of them before the same chunk's backward."""
     from archplan.distributed.step import interleaved_1f1b
     from archplan.planning import cluster
 
@@ -1362,7 +1363,13 @@ def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, p
     assert all(op == "F" for op, _, _ in order[:warmup]) and order[warmup + 1][0] == "B"
     layout = parse_layout(f"tp=1,cp=1,pp={pp},vpp={vpp},dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
     assert most == sum(cluster.in_flight(layout, m, stage))
-    assert moments == set(cluster.pipeline_moments(layout, m, stage))
+    priced = set(cluster.pipeline_moments(layout, m, stage))
+    assert priced <= moments
+    for moment in moments - priced:
+        assert moment.forward is None and any(
+            other.backward == moment.backward and all(a <= b for a, b in zip(moment.counts, other.counts))
+            for other in priced)
+    assert {moment for moment in moments if moment.forward is not None} <= priced
 
 
 @pytest.mark.parametrize("microbatches", [2, 4])

@@ -1209,8 +1209,13 @@ def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[Pi
         counts[c] += 1 if op == "F" else -1
         if after == "B":
             moments.add(PipelineMoment(tuple(counts), c if op == "F" else None, next_c))
-    return tuple(sorted(moments, key=lambda moment: (moment.counts, moment.forward is None, moment.forward or 0,
-                                                     moment.backward)))
+    # a moment after a backward adds nothing beside its held mix but its backward's own terms, so
+    # one holding no more of any chunk than another before the same chunk's backward cannot peak
+    kept = [moment for moment in moments if moment.forward is not None or not any(
+        other != moment and other.backward == moment.backward
+        and all(a <= b for a, b in zip(moment.counts, other.counts)) for other in moments)]
+    return tuple(sorted(kept, key=lambda moment: (moment.counts, moment.forward is None, moment.forward or 0,
+                                                  moment.backward)))
 
 
 def fsdp2_stale_prefetch(layout: Layout, microbatches: int, stage: int) -> tuple[bool, ...]:
