@@ -1572,13 +1572,14 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     if states.compute_copy_bytes:
         # reshard_after_forward=False (zero 1 and 2; `replicate`, zero 0, has no reshard after the
         # forward either): the stage's bf16 copies are held from the forward into the backward
-        kept = zero <= 2
-        temporary = states.compute_copy_bytes * (full if kept else FSDP_PREFETCH_LAYERS * biggest_layer)
+        stage_copies = states.compute_copy_bytes * full
+        two_layers = states.compute_copy_bytes * FSDP_PREFETCH_LAYERS * biggest_layer
+        temporary = stage_copies if zero <= 2 else two_layers
         # still held when the last backward ends, unless that backward reshards (zero 1, one
         # micro-batch; zero 3); zero 0 reshards each unit after its backward and holds two
         # layers' copies there
-        held = (states.compute_copy_bytes * FSDP_PREFETCH_LAYERS * biggest_layer if zero == 0
-                else temporary if zero == 2 or (zero == 1 and microbatches > 1) else 0)
+        held = (two_layers if zero == 0
+                else stage_copies if zero == 2 or (zero == 1 and microbatches > 1) else 0)
     elif zero >= 3 and states.module_fetch:
         # DeepSpeed holds the modules its rules keep gathered and the next one arriving
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
