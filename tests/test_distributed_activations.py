@@ -145,7 +145,8 @@ def test_layouts_that_measured_over_the_analytic_activations(fake_world: None, s
     and the filter MLP, once per forward, the window whole on every cp rank) were not counted,
     MLA's latents, whole on every tp rank, were counted split by heads, and what Mamba-2's unit
     keeps beyond mamba_ssm's kernels (the SiLU input, C·Bᵀ, the chunk states) was not counted.
-    RoPE's cos/sin tables were cast once per operand (`positions.cast_tables`). Each ALiBi layer
+    RoPE's cos/sin tables were cast once per operand; a model chunk's layers now share one cast
+    (`positions.RopeTables`), counted (`cluster._rope_tables`). Each ALiBi layer
     built and kept its own bias, and a layer's re-run built another with its fp32 working set;
     one bias per model chunk is built now and shared (`attention.BiasCache`), and counted. A
     Mamba-2 layer whose groups span cp ranks keeps their repeated B and C and the gated norm's

@@ -1927,8 +1927,8 @@ def test_ring_attention_keeps_no_gathered_kv_under_the_torch_engine(capsys: pyte
         assert memory["fits"] == (code == 0)
         return memory["activations"] / 2**30
 
-    assert activations("fsdp2", "all_gather") == pytest.approx(88.16, abs=0.01)
-    assert activations("fsdp2", "ring") == pytest.approx(24.16, abs=0.01)
+    assert activations("fsdp2", "all_gather") == pytest.approx(88.18, abs=0.01)
+    assert activations("fsdp2", "ring") == pytest.approx(24.17, abs=0.01)
     assert activations("megatron", "ring") == activations("megatron", "all_gather")
 
 

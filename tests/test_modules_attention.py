@@ -398,8 +398,9 @@ def test_mla_decode_flops_on_meta(keys: int, window: int | None) -> None:
 
 @pytest.mark.parametrize("kind", ["gqa", "mla"])
 def test_bf16_rotation_keeps_one_cast_of_each_table(kind: str) -> None:
-    """RoPE's fp32 cos/sin tables are cast to the compute dtype once for q and k (`cast_tables`):
-    the rotation keeps one bf16 (T, R) copy of each, where a cast per operand kept two."""
+    """RoPE's fp32 cos/sin tables are cast to the compute dtype once for q and k
+    (`RotaryEmbedding.cast`): the rotation keeps one bf16 (T, R) copy of each, where a cast per
+    operand kept two."""
     from autograd_units import saved_during, storages
 
     module = (Attention(attn_plan(n_kv=2), D, ROPE, alibi=False) if kind == "gqa" else MLA(mla_plan(), D, ROPE, False))
@@ -408,6 +409,46 @@ def test_bf16_rotation_keeps_one_cast_of_each_table(kind: str) -> None:
     _, saved = saved_during(lambda: module(torch.randn(1, t, D, dtype=torch.bfloat16, requires_grad=True)))
     tables = [s for s in saved if tuple(s.shape) == (t, r) and s.dtype == torch.bfloat16]
     assert len(storages(tables)) == 2, [tuple(s.shape) for s in saved]
+
+
+def test_rope_tables_are_built_once_for_the_layers_and_the_steps() -> None:
+    """A model's rotary layers share one bf16 cos and one sin table (`RopeTables`), kept by the
+    rotation for the backward: one (T, R) tensor of each whatever the layers or steps, equal to
+    the tables each layer would build; a new length builds its own (the last two position sets
+    are held: MLA under cp rotates at two); an inference-mode pass builds its own, which a
+    training step could not save; `reset_buffers` drops them with the frequencies they came from."""
+    from archplan.modules.model import ArchplanModel
+    from archplan.resolve import resolve
+    from archplan.spec import Spec
+
+    spec = Spec.model_validate({
+        "name": "rope", "vocab_size": 64, "d_model": 32, "n_layers": 3, "max_seq_len": 32,
+        "position": {"kind": "rope", "theta": 10000.0}, "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+        "ffn": {"kind": "glu", "d_ff": 64, "activation": "silu"},
+    })
+    torch.manual_seed(0)
+    model = ArchplanModel(resolve(spec)).bfloat16()
+    model.reset_buffers()
+    rotary = [layer.mixer.rotary for layer in model.layers]
+    assert len({id(r.tables) for r in rotary}) == 1
+    tokens = torch.randint(0, 64, (2, 12))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(tokens).float().sum().backward()
+    width = rotary[0].rotary_dim
+    tables = [t for t in saved if tuple(t.shape) == (12, width) and t.dtype == torch.bfloat16]
+    assert len(tables) == 3 * 2 * 2 and len({t.data_ptr() for t in tables}) == 2  # 3 layers, q and k, cos and sin
+    cos, sin = rotary[2].at(torch.arange(12))
+    assert torch.equal(rotary[2].cast(0, 12, torch.bfloat16)[0], cos.bfloat16())
+    assert torch.equal(rotary[2].cast(0, 12, torch.bfloat16)[1], sin.bfloat16())
+    model(tokens[:, :5])
+    assert [tuple(cos_sin[0].shape) for cos_sin, _ in rotary[0].tables.built.values()][-1] == (5, width)
+    rotary[0].tables.built.clear()
+    with torch.inference_mode():
+        model(tokens)
+    model(tokens).float().sum().backward()
+    rotary[0].reset_buffers()
+    assert not rotary[0].tables.built
 
 
 def test_alibi_bias_is_built_once_for_the_layers_and_the_steps() -> None:

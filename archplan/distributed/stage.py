@@ -19,7 +19,7 @@ from archplan.errors import ArchplanError
 from archplan.modules.block import Block
 from archplan.modules.model import ArchplanModel, TiedLMHead, cross_entropy_ahead, resolve_device, share_biases
 from archplan.modules.mtp import MTPLayer
-from archplan.modules.positions import SinusoidalPositions
+from archplan.modules.positions import SinusoidalPositions, share_rope_tables
 from archplan.planning.layout import Layout, pipeline_chunks
 from archplan.resolve import ModelPlan
 
@@ -40,6 +40,7 @@ class Stage(nn.Module):
         self.mtp = nn.ModuleDict({str(i - n_main): MTPLayer(plan.mtp[i - n_main], plan)
                                   for i in layers if i >= n_main})
         share_biases(self.layers)
+        share_rope_tables(self)
         self.final_norm = model.final_norm if last else None
         self.lm_head = model.lm_head if last else None
         # across stages the MTP modules read the shifted tokens through a copy of the embedding

@@ -30,7 +30,7 @@ from typing_extensions import assert_never
 from archplan.errors import ArchplanError
 from archplan.modules.cache import KVState
 from archplan.modules.norms import HeadwiseNorm, build_norm
-from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, cast_tables
+from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary
 from archplan.resolve import AttentionPlan, QKNormPlan
 from archplan.spec import Rope
 
@@ -279,7 +279,7 @@ class Attention(nn.Module):
                 b, t, p.n_heads * p.head_dim))
         offset = state.seen if state is not None else 0
         if self.rotary is not None:
-            cos, sin = cast_tables(self.rotary(offset, t), q.dtype)
+            cos, sin = self.rotary.cast(offset, t, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         qpos_T = torch.arange(offset, offset + t, device=x_BTD.device)
         if state is None:
@@ -303,7 +303,7 @@ class Attention(nn.Module):
         t = q.shape[2]
         qpos_T = shard.positions(t, q.device)
         if self.rotary is not None:
-            cos, sin = cast_tables(self.rotary.at(qpos_T), q.dtype)
+            cos, sin = self.rotary.cast_at(qpos_T, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = shard.gather(torch.stack([k, v]), 3).unbind(0)
         return attention_core(self.recompute_core, q, k, v, qpos_T, shard.key_positions(t, q.device),

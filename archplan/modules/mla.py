@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from archplan.modules.attention import BiasCache, SequenceShard, attention_core, cache_step, sdpa
 from archplan.modules.cache import LatentState
 from archplan.modules.norms import build_norm
-from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, cast_tables, yarn_mscale
+from archplan.modules.positions import Alibi, RotaryEmbedding, apply_rotary, yarn_mscale
 from archplan.resolve import MLAPlan
 from archplan.spec import Rope
 
@@ -114,7 +114,7 @@ class MLA(nn.Module):
         q_nope, q_pe, ckv_BTC, kpe_BTR = self._latent(x_BTD)
         kpe_BTR = self.k_pe(kpe_BTR)
         if self.rotary is not None:
-            cos, sin = cast_tables(self.rotary(offset, x_BTD.shape[1]), q_pe.dtype)
+            cos, sin = self.rotary.cast(offset, x_BTD.shape[1], q_pe.dtype)
             q_pe = apply_rotary(q_pe, cos, sin)
             kpe_BTR = apply_rotary(kpe_BTR, cos, sin)
         return q_nope, q_pe, ckv_BTC, kpe_BTR
@@ -134,8 +134,8 @@ class MLA(nn.Module):
         kpe_BSR = self.k_pe(kpe_BSR)
         qpos_T, kpos_S = shard.positions(t, device), shard.key_positions(t, device)
         if self.rotary is not None:
-            q_pe = apply_rotary(q_pe, *self.rotary.at(qpos_T))
-            kpe_BSR = apply_rotary(kpe_BSR, *self.rotary.at(kpos_S))
+            q_pe = apply_rotary(q_pe, *self.rotary.cast_at(qpos_T, q_pe.dtype))
+            kpe_BSR = apply_rotary(kpe_BSR, *self.rotary.cast_at(kpos_S, kpe_BSR.dtype))
         mask = shard.mask(t, p.window, self.alibi, q_nope.dtype, device)
         return self._expand(q_nope, q_pe, ckv_BSC, kpe_BSR, qpos_T, kpos_S, False, mask)
 

@@ -27,7 +27,7 @@ from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
 from archplan.modules.mtp import MTPLayer
 from archplan.modules.norms import build_norm
-from archplan.modules.positions import SinusoidalPositions
+from archplan.modules.positions import SinusoidalPositions, share_rope_tables
 from archplan.resolve import ModelPlan, resolve
 from archplan.spec import Spec
 
@@ -119,7 +119,9 @@ class ArchplanModel(nn.Module):
         # (no parameters) without MTP
         self.mtp = nn.ModuleList(MTPLayer(layer, plan) for layer in plan.mtp)
         # the MTP blocks attend over the same T positions from 0, so they use the layers' biases
+        # and rotary tables
         share_biases(self)
+        share_rope_tables(self)
 
     def reset_buffers(self) -> None:
         """Recompute every non-persistent table (after `to_empty`, or after a dtype cast)."""

@@ -10,6 +10,7 @@ product, never a matmul: the FLOP counter must see only the model's true matmuls
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,33 @@ def rope_frequencies(rotary_dim: int, rope: Rope) -> tuple[list[float], float]:
             assert_never(s.kind)
 
 
+class RopeTables:
+    """The compute-dtype cos/sin tables of a model's (or pipeline stage's) rotary layers of one
+    configuration, built once per positions and shared by the layers, the micro-batches and
+    recompute's re-runs, as torchtitan's models precompute one `freqs_cis` for every layer and
+    Megatron-Core's GPTModel builds one rotary embedding per forward. The rotation's products keep
+    the tables they multiply by for the backward, so tables built per layer kept 4·R bytes a
+    position a layer (bf16 cos and sin). The last `KEPT` position sets are held: MLA under context
+    parallelism rotates its queries and its gathered keys at two."""
+
+    KEPT = 2
+
+    def __init__(self) -> None:
+        # by (positions, dtype, device): the tables and the positions tensor a key names by id,
+        # held so that no other tensor can take that id while the entry lives
+        self.built: dict[tuple[object, ...], tuple[tuple[Tensor, Tensor], Tensor | None]] = {}
+
+    def lookup(self, key: tuple[object, ...], pinned: Tensor | None,
+               build: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        # an inference tensor could not be saved by a later training step's rotation
+        key = (*key, torch.is_inference_mode_enabled())
+        if key not in self.built:
+            if len(self.built) == self.KEPT:
+                del self.built[next(iter(self.built))]
+            self.built[key] = (build(), pinned)
+        return self.built[key][0]
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for positions [offset, offset + T); rotates the first `rotary_dim` dims."""
 
@@ -101,6 +129,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary_dim = rotary_dim
         self.rope = rope
+        # this layer's own until `share_rope_tables` gives it the model's
+        self.tables = RopeTables()
         self.register_buffer("inv_freq", torch.empty(rotary_dim // 2), persistent=False)
         self.reset_buffers()
 
@@ -108,27 +138,49 @@ class RotaryEmbedding(nn.Module):
         freqs, self.gain = rope_frequencies(self.rotary_dim, self.rope)
         # kept in fp32 whatever the model dtype: bf16 frequencies lose long-range positions
         self.inv_freq = torch.tensor(freqs, dtype=torch.float32, device=self.inv_freq.device)
+        self.tables.built.clear()
+
+    def signature(self) -> tuple[int, str]:
+        """What fixes the tables: layers that agree on it can share them."""
+        return self.rotary_dim, self.rope.model_dump_json()
 
     def forward(self, offset: int, length: int) -> tuple[Tensor, Tensor]:
         return self.at(torch.arange(offset, offset + length, device=self.inv_freq.device))
 
     def at(self, pos_T: Tensor) -> tuple[Tensor, Tensor]:
-        """cos/sin tables for the given positions (context parallelism: a rank's chunks)."""
+        """fp32 cos/sin tables for the given positions (context parallelism: a rank's chunks)."""
         half = pos_T.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, R/2): elementwise, not a matmul
         angle_TR = torch.cat([half, half], dim=-1)
         return angle_TR.cos() * self.gain, angle_TR.sin() * self.gain
+
+    def cast(self, offset: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The tables for positions [offset, offset + length) in `dtype`, built once for every layer
+        sharing `self.tables`."""
+        key = ("range", offset, length, dtype, self.inv_freq.device)
+        return self.tables.lookup(key, None, lambda: _cast(self(offset, length), dtype))
+
+    def cast_at(self, pos_T: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`cast` at given positions; the callers pass one cached tensor per position set
+        (`SequenceShard.positions`), which names the entry."""
+        key = ("at", id(pos_T), dtype, self.inv_freq.device)
+        return self.tables.lookup(key, pos_T, lambda: _cast(self.at(pos_T), dtype))
+
+
+def _cast(cos_sin: tuple[Tensor, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return cos_sin[0].to(dtype), cos_sin[1].to(dtype)
+
+
+def share_rope_tables(layers: nn.Module) -> None:
+    """One `RopeTables` per rotary configuration for the rotary layers of `layers`."""
+    shared: dict[tuple[int, str], RopeTables] = {}
+    for module in layers.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.tables = shared.setdefault(module.signature(), RopeTables())
 
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
-
-
-def cast_tables(cos_sin: tuple[Tensor, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """RoPE's fp32 cos/sin tables cast once for the queries and the keys: each cast is a (T, R)
-    tensor the rotation's products keep for the backward, so casting inside `apply_rotary`, once
-    for q and once for k, kept two copies of each."""
-    return cos_sin[0].to(dtype), cos_sin[1].to(dtype)
 
 
 def apply_rotary(x_BHTDh: Tensor, cos_TR: Tensor, sin_TR: Tensor) -> Tensor:

@@ -105,7 +105,8 @@ head's gathered input is kept, each SP norm weight's gradient is all-reduced in 
 micro-batch (Megatron: all of them once per step, fp32), full recompute stops early by default
 (`uses_early_stop`), tied ends at pp = 1 are one FSDP unit, each non-last model chunk's output is
 kept until its backward (`_held_output`), MLA's latents are kept whole on every tp rank
-(`_latent_bytes`); and its "flash" kernel is SDPA in plain autograd (act(gate) kept, an MoE
+(`_latent_bytes`), a model chunk's rotary layers share one set of bf16 cos and sin tables
+(`_rope_tables`); and its "flash" kernel is SDPA in plain autograd (act(gate) kept, an MoE
 router's fp32 input copy, what Mamba-2's unit keeps beyond mamba_ssm: `_ssd_kept`), and its
 ALiBi is one shared bias per model chunk (`_alibi_bias`). Its DP records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
@@ -1409,6 +1410,30 @@ def _alibi_bias(data: ModelData, layout: Layout, layers: range, engine: Engine) 
     return _shared_masks(data, layout, attention) if attention else 0
 
 
+def _rope_tables(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
+    """Bytes of the rotary tables a model chunk holds on a rank of the torch engine: per rotary
+    width and position set, one (T, R) cos and one sin in the compute dtype, built once and shared
+    by the chunk's layers, micro-batches and re-runs (`modules.positions.RopeTables`), and kept by
+    the rotation's products for the backward. They are whole on every tp rank (R is every head's
+    rotary width), at the rank's T/cp positions; MLA under context parallelism rotates its
+    gathered keys at the whole sequence's as well (`modules.mla.MLA._context_parallel`).
+    Megatron-Core's GPTModel builds one fp32 table for every layer, 4·R bytes a position beside a
+    layer's tens of thousands a token, which the megatron engine leaves out."""
+    plan, cp, seq = data.plan, layout.cp, data.seq
+    if engine != "torch" or plan.rope is None:
+        return 0
+    tables: set[tuple[int, int]] = set()  # (positions, width)
+    for i in layers:
+        match plan.layers[i].mixer:
+            case AttentionPlan(rotary_dim=width) if width:
+                tables.add((seq // cp, width))
+            case MLAPlan(qk_rope_head_dim=width):
+                tables.add((seq // cp, width))
+                if cp > 1:
+                    tables.add((seq, width))
+    return sum(2 * ACT_BYTES * positions * width for positions, width in tables)
+
+
 def _held_output(data: ModelData, layout: Layout, chunk: Chunk, engine: Engine) -> float:
     """Bytes of one sequence's chunk output kept until that chunk's backward (the last chunk's is
     the loss). torch's pipelining keeps each stage output for its backward
@@ -1955,7 +1980,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         per_mb += _held_output(data, layout, chunk, engine)
         per_mb *= scale
-        activations += _cp_shared(data, layout, chunk.layers, engine, cp_comm) + _alibi_bias(data, layout, chunk.layers, engine)
+        activations += (_cp_shared(data, layout, chunk.layers, engine, cp_comm)
+                        + _alibi_bias(data, layout, chunk.layers, engine) + _rope_tables(data, layout, chunk.layers, engine))
         if mode != "full":
             per_mb += sum(_filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
                           for i in chunk.layers)
