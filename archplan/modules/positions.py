@@ -111,6 +111,10 @@ class RopeTables:
 
     def lookup(self, key: tuple[object, ...], pinned: Tensor | None,
                build: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # traced into the compiled graph, where the compiler decides what the backward keeps;
+            # a Python cache there would split the graph at every new position set
+            return build()
         # an inference tensor could not be saved by a later training step's rotation
         key = (*key, torch.is_inference_mode_enabled())
         if key not in self.built:
