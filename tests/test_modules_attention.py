@@ -451,6 +451,18 @@ def test_rope_tables_are_built_once_for_the_layers_and_the_steps() -> None:
     assert not rotary[0].tables.built
 
 
+def test_rope_tables_are_not_cached_while_torch_compile_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile the tables are built in the traced graph, not kept in the Python cache
+    (which would split the graph at every new position set); the values are the same."""
+    rope = RotaryEmbedding(8, ROPE)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    cos, sin = rope.cast(0, 6, torch.bfloat16)
+    assert not rope.tables.built
+    monkeypatch.undo()
+    assert torch.equal(cos, rope.cast(0, 6, torch.bfloat16)[0]) and torch.equal(sin, rope.cast(0, 6, torch.bfloat16)[1])
+    assert len(rope.tables.built) == 1
+
+
 def test_alibi_bias_is_built_once_for_the_layers_and_the_steps() -> None:
     """A model's ALiBi layers share one bias (`BiasCache`), kept by SDPA for the backward: one
     (1, H, T, T) tensor whatever the layers or steps, equal to the one each layer would build; a
