@@ -4,8 +4,8 @@ A module of its own so the single-device training step (`train`) reads them with
 fake-process-group engine that `verify --layout` measures with (`fake`, through `check`)."""
 
 # Activations kept, measured by torch's trackers against the analytic per-tensor model of fused
-# kernels: plain torch autograd keeps tensors that model does not (RoPE's cos/sin casts, small
-# statistics), so activations are judged within this share, everything else exactly.
+# kernels: plain torch autograd keeps tensors that model does not (autocast's casts, routing
+# indices, small statistics), so activations are judged within this share, everything else exactly.
 ACTIVATION_TOLERANCE = 0.25
 
 # The spread of size's step peak against MemTracker over gpt2, Llama-, MoE- and Mamba-shaped models,
