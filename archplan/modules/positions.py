@@ -4,7 +4,9 @@ Learned absolute positions are a plain `nn.Embedding(max_seq_len, D)` built by t
 No table here is a parameter: all are non-persistent buffers rebuilt by `reset_buffers()`, so
 `meta → to_empty → reset_buffers()` gives the same values as a direct build. Tables come from
 Python floats (a few hundred numbers), and per-position angles from an elementwise outer
-product, never a matmul: the FLOP counter must see only the model's true matmuls.
+product, never a matmul: the FLOP counter must see only the model's true matmuls. The
+compute-dtype cos/sin a forward builds are shared by a model's rotary layers (`RopeTables`) and
+dropped by `reset_buffers()` with the frequencies they came from.
 """
 
 from __future__ import annotations
