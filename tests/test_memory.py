@@ -304,6 +304,34 @@ def test_ffn_count_is_what_autograd_saves(kind: Any, act: Any, bias: bool) -> No
     assert saved_bytes(module, x_BTD) == expected
 
 
+@pytest.mark.parametrize("kind", ["mlp", "glu"])
+@pytest.mark.parametrize("input_shared", [False, True])
+def test_ffn_count_under_autocast_is_what_autograd_saves(kind: Any, input_shared: bool) -> None:
+    """Under torch autocast over fp32 weights the FFN reads the norm's fp32 output, and each of
+    its projections casts it to bf16 on its own call (autocast's cast cache holds the weights
+    only): a GLU's gate and up keep a copy each, where the per-tensor count has one
+    (`_autocast_copies`). The bytes autograd saves equal the count, also with the input shared
+    with the mixer (one norm, parallel block), whose count holds the input the FFN's casts read
+    from and none of the casts."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.memory import _ffn_bytes
+    from archplan.modules.ffn import build_ffn
+    from archplan.resolve import FFNPlan
+
+    plan, d_model, tokens = FFNPlan(kind, 48, "silu", False), 32, 10
+    module = build_ffn(plan, d_model)
+    # a norm's output, not a leaf: autocast caches the casts of leaves that require grad
+    x_BTD = torch.randn(2, tokens // 2, d_model, requires_grad=True) * 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # less autocast's bf16 copies of the weight matrices, which the linears save too
+        saved = saved_bytes(module, x_BTD) - 2 * sum(w.numel() for w in module.parameters() if w.dim() == 2)
+    counted = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=input_shared, dropout=False,
+                         autocast=True)["ffn"]
+    assert saved == counted
+    plain = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=False, dropout=False)["ffn"]
+    assert saved - plain == (2 * tokens * d_model if kind == "glu" else 0)
+
+
 def saved_bytes(module: Any, x: Any) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one forward of `module`."""
     import torch

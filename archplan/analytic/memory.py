@@ -394,11 +394,50 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             assert_never(mixer)
 
 
+def _input_readers(module: MixerPlan | FFNPlan) -> int:
+    """How many of archplan's torch projections read a mixer's or an FFN's input, each through a
+    16-bit cast of its own under torch autocast (`_autocast_copies`): attention's q, k and v, MLA's
+    query and latent down-projections, a GLU's gate and up; one for the other mixers' input
+    projections and a plain MLP's; none for S4, whose convolution reads its fp32 input
+    (`s4_activation_bytes` counts it)."""
+    match module:
+        case AttentionPlan():
+            return 3
+        case MLAPlan() | FFNPlan(kind="glu"):
+            return 2
+        case S4Plan():
+            return 0
+        case _:
+            return 1
+
+
+def _autocast_copies(ffn: FFNPlan | MoEPlan, input_shared: bool) -> int:
+    """The 16-bit copies of an FFN's fp32 input that its projections keep under torch autocast
+    beyond the one the per-tensor model counts (`_layer_bytes`): autocast casts a matmul's input
+    on every call (its cast cache holds leaf tensors only, the weights), so each projection that
+    reads the norm's fp32 output keeps a cast of its own. An MoE router keeps the fp32 input
+    itself (`modules.moe.Router`: `x.float()` of an fp32 tensor is that tensor), twice the 16-bit
+    input counted, and its shared experts and their gate cast it once per projection. With the
+    input shared with the mixer (one norm, parallel block) that count is the mixer's."""
+    counted = 0 if input_shared else 1
+    match ffn:
+        case FFNPlan():
+            return _input_readers(ffn) - counted
+        case MoEPlan():
+            shared = _input_readers(ffn.shared) if ffn.shared is not None else 0
+            return 2 - counted + shared + (1 if ffn.shared_gate else 0)
+        case _:
+            assert_never(ffn)
+
+
 def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_shared: bool,
-               dropout: bool, act: int = ACT_BYTES) -> dict[str, int]:
+               dropout: bool, act: int = ACT_BYTES, autocast: bool = False) -> dict[str, int]:
     """Per module path. `input_shared`: a parallel block with one norm feeds the mixer and the FFN
-    the same tensor, already counted with the mixer."""
+    the same tensor, already counted with the mixer. `autocast`: the copies of the input its
+    projections cast (`_autocast_copies`), with the router's under MoE."""
     x_bytes = 0 if input_shared else act * tokens * h
+    if autocast:
+        x_bytes += act * tokens * h * _autocast_copies(ffn, input_shared)
     mask = MASK_BYTES * tokens * h if dropout else 0
     match ffn:
         case FFNPlan():
@@ -431,9 +470,12 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
     # normalise a sublayer's output
     out = {f"{layer.path}.{name}": (act if name.startswith("post_") else res) * tokens * h for name in layer.norms}
     out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, ssd, autocast)
+    if autocast:
+        # each projection reading the norm's fp32 output keeps its own 16-bit cast (`_autocast_copies`)
+        out[f"{layer.path}.mixer"] += act * tokens * h * max(_input_readers(layer.mixer) - 1, 0)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
-        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act)
+        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act, autocast)
     return out
 
 
@@ -494,7 +536,10 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     (`ssd_unit_bytes`, its contractions in the activation dtype as under autocast: `bench --train`).
     `autocast`: the step runs under torch.autocast (`bench --train` in bf16), whose matmuls keep
     their 16-bit casts where S4's kernel generation multiplies in fp32 otherwise
-    (`s4_kernel_activation_bytes`); engines that cast the weights (Megatron, FSDP2) run it in fp32.
+    (`s4_kernel_activation_bytes`), and which casts a matmul's fp32 input on every call, so each
+    projection reading a norm's output keeps a copy of its own (`_autocast_copies`: q, k and v, a
+    GLU's gate and up); engines that cast the weights (Megatron, FSDP2) hand every projection
+    one 16-bit tensor.
     """
     s, b, h = seq_len, micro_batch, plan.d_model
     act = int(BYTES[DType(activation_dtype)])
