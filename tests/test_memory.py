@@ -332,6 +332,36 @@ def test_ffn_count_under_autocast_is_what_autograd_saves(kind: Any, input_shared
     assert saved - plain == (2 * tokens * d_model if kind == "glu" else 0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize(("batch", "seq"), [(1, 256), (2, 100)])
+def test_mamba1_unit_count_is_what_autograd_saves(autocast: bool, batch: int, seq: int) -> None:
+    """archplan's torch Mamba-1 unit keeps mamba_ssm's tensors (`mamba1_activation_bytes`, size's
+    figure) but its conv's output before the SiLU and, under autocast, its scan's output in fp32,
+    and not the kernel's chunk states (`mamba1_unit_bytes`): the bytes autograd saves (bf16, or
+    autocast over fp32 weights less the casts of its projections' weights) are the two terms'
+    sum, at any batch (at batch 2 x_proj's matmul copied a transposed SiLU output once more)."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.mamba import mamba1_activation_bytes, mamba1_unit_bytes
+    from archplan.modules.block import build_mixer
+
+    plan = plan_of(vocab_size=64, d_model=64, n_layers=1, max_seq_len=512, position={"kind": "none"},
+                   ssm={"kind": "mamba1", "d_state": 16}, layout={"mixers": "M"})
+    m = plan.layers[0].mixer
+    module = build_mixer(m, plan) if autocast else build_mixer(m, plan).to(torch.bfloat16)
+    x = torch.randn(batch, seq, 64, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True) * 1.0
+    params = {w.untyped_storage().data_ptr() for w in module.parameters()}
+    kept: list[Any] = []  # held, so that no saved storage is freed and its address reused
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = module(x)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    saved = sum(n for ptr, n in storages.items() if ptr not in params)
+    if autocast:  # less autocast's bf16 copies of the projections' weights, which they save
+        saved -= 2 * sum(sub.weight.numel() for sub in module.modules() if isinstance(sub, torch.nn.Linear))
+    assert out.shape == x.shape
+    assert saved == mamba1_activation_bytes(m, 64, batch, seq, 2) + mamba1_unit_bytes(m, batch, seq, 2, autocast)
+
+
 def saved_bytes(module: Any, x: Any) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one forward of `module`."""
     import torch

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes
-from archplan.analytic.mamba import mamba1_activation_bytes, ssd_backward_bytes, ssd_chunks
+from archplan.analytic.mamba import mamba1_activation_bytes, mamba1_unit_bytes, ssd_backward_bytes, ssd_chunks
 from archplan.analytic.s4 import s4_activation_bytes
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
@@ -58,9 +58,10 @@ AttentionKernel = Literal["eager", "flash", "torch-cpu"]
 ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("eager", "flash", "torch-cpu")
 # The kernel that runs: "torch-cpu" resolved for one attention's head sizes.
 CoreKernel = Literal["eager", "flash", "math"]
-# What a Mamba-2 layer's SSD keeps: mamba_ssm's fused kernels' tensors, or archplan's torch unit's
-# (`modules.mamba2`), which keeps more so that its backward recomputes no contraction
-# (`ssd_unit_bytes`).
+# What a Mamba layer's scan keeps: mamba_ssm's fused kernels' tensors, or archplan's torch units'
+# (`modules.mamba2`, `modules.mamba1`): Mamba-2's keeps more so that its backward recomputes no
+# contraction (`ssd_unit_bytes`), Mamba-1's its conv's output before the SiLU and not the
+# kernel's chunk states (`mamba.mamba1_unit_bytes`).
 SSDKernel = Literal["mamba_ssm", "torch"]
 Phase = Literal["loss backward", "layer re-run", "attention backward", "scan backward", "tied gradient sum",
                 "optimizer step"]
@@ -376,7 +377,8 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             value += _core_operand_bytes(core, recompute, act, tokens, mixer.n_heads, mixer.n_heads, qk, dv)
             return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, core, dropout)
         case Mamba1Plan():
-            return mamba1_activation_bytes(mixer, h, b, s, act)
+            unit = mamba1_unit_bytes(mixer, b, s, act, autocast) if ssd == "torch" else 0
+            return mamba1_activation_bytes(mixer, h, b, s, act) + unit
         case Mamba2Plan():
             # mamba_ssm `mamba_split_conv1d_scan_combined` saves: in_proj input, zxbcdt, conv output,
             # dt and its cumulative sum (fp32), scan output, gated-norm output (out_proj input).

@@ -20,8 +20,10 @@ stream of fp32 weights, and with the attention kernel SDPA runs on the device (`
 `archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE --residual-dtype
 fp32 --attention-kernel K`, K = flash on CUDA (a fused kernel for every head size, no s x s
 probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's unequal q and v
-head sizes). Mamba-2 layers are priced as archplan's SSD unit keeps them, not as mamba_ssm's kernels
-(size's figure): `ssd="torch"` of `training_memory`. The step is the one that model describes: the
+head sizes). Two terms `size` leaves out are added: under autocast each projection's own 16-bit
+cast of the norm's fp32 output (`autocast=True` of `training_memory`), and Mamba layers as
+archplan's units keep them, not as mamba_ssm's kernels (size's figure; `ssd="torch"`). The step
+is the one that model describes: the
 logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
@@ -49,7 +51,7 @@ from archplan.distributed.tolerance import ACTIVATION_TOLERANCE, PEAK_TOLERANCE
 from archplan.dtypes import DType
 from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TrainingLoss, build_model, resolve_device
-from archplan.resolve import Mamba2Plan, ModelPlan
+from archplan.resolve import Mamba1Plan, Mamba2Plan, ModelPlan
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
 
@@ -74,7 +76,7 @@ class TrainBench:
     activations_ok: bool
     total_ok: bool
     attention_kernel: str  # the one size's activations are priced with (`attention_kernel`)
-    ssd_unit: bool  # Mamba-2 layers priced as archplan's SSD unit keeps them (`ssd="torch"`)
+    ssd_unit: bool  # Mamba layers priced as archplan's units keep them (`ssd="torch"`)
     # what `activations_ok` judges: the activations after the forward less autocast's weight copies
     measured_activations: int
     # forward + backward of the step's sequences, attention causal (`training_flops_per_sequence`):
@@ -268,7 +270,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
                       analytic_states, analytic.activations.kept, analytic.total, analytic.peak_phase,
                       states_ok, activations_ok, total_ok, kernel,
-                      any(isinstance(layer.mixer, Mamba2Plan) for layer in plan.layers), acts,
+                      any(isinstance(layer.mixer, Mamba1Plan | Mamba2Plan) for layer in plan.layers), acts,
                       batch * training_flops_per_sequence(plan, seq, "causal"),
                       batch * training_flops_per_sequence(plan, seq, "causal", recompute),
                       peak.peak_flops, peak.source)

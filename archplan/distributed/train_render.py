@@ -70,9 +70,9 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
     table.add_row(f"peak total (±{PEAK_TOLERANCE:.0%}), {r.analytic_peak_phase}", nbytes(r.analytic_total),
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
-    ssd = ", Mamba-2 as archplan's SSD unit keeps it (not mamba_ssm's kernels)" if r.ssd_unit else ""
-    residual = (", the residual stream in fp32 and S4's kernel in autocast's casts (size --residual-dtype fp32)"
-                if r.dtype == "bf16" else "")
+    ssd = ", Mamba layers as archplan's units keep them (not mamba_ssm's kernels)" if r.ssd_unit else ""
+    residual = (", the residual stream in fp32 and S4's kernel in autocast's casts (size --residual-dtype fp32), "
+                "and each projection's own autocast cast of its input" if r.dtype == "bf16" else "")
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
                     f"{r.attention_kernel}{residual}{ssd}; GiB = 2^30 B")
     rerun = f"; with the recompute's re-run, HFU {percent(r.hfu)}" if r.hardware_flops != r.model_flops else ""

@@ -499,7 +499,9 @@ class Mamba1Mixer(nn.Module):
         conv_state, ssm_state = (state.conv_BIW, state.ssm_BIN) if state is not None else (None, None)
         conv_BIT = into_state(causal_depthwise_conv(x_BTI.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                                     conv_state), conv_state)
-        x_BTI = F.silu(conv_BIT.transpose(1, 2))
+        # token-major once: SiLU keeps this copy, and x_proj and the scan read its output as a
+        # view, where a transposed SiLU output was copied again by x_proj's matmul at batch > 1
+        x_BTI = F.silu(conv_BIT.transpose(1, 2).contiguous())
         dt_BTR, b_BTN, c_BTN = self.x_proj(x_BTI).split([r, n, n], dim=-1)
         if self.dt_layernorm is not None and self.b_layernorm is not None and self.c_layernorm is not None:
             dt_BTR, b_BTN, c_BTN = self.dt_layernorm(dt_BTR), self.b_layernorm(b_BTN), self.c_layernorm(c_BTN)
