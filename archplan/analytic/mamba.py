@@ -87,19 +87,16 @@ def mamba1_activation_bytes(m: Mamba1Plan, d_model: int, batch: int, seq_len: in
     return act_bytes * batch * seq_len * width + scan_states + a_copies
 
 
-def mamba1_unit_bytes(m: Mamba1Plan, batch: int, seq_len: int, act_bytes: int, autocast: bool) -> int:
+def mamba1_unit_bytes(m: Mamba1Plan, batch: int, seq_len: int, act_bytes: int) -> int:
     """What archplan's torch Mamba-1 unit (`modules.mamba1`) keeps beyond mamba_ssm's kernels
     (`mamba1_activation_bytes`; negative where it keeps less), read off its autograd graph's saved
     tensors: the conv's output before the SiLU, which SiLU's backward reads (mamba_ssm's fused
-    conv and SiLU recompute it from the conv's input), d_inner per token; under autocast the
-    scan's output in fp32, which the gate's recompute unit keeps, 2 B more per element than the
-    16-bit one counted; and not the kernel's chunk states, which the chunked scan recomputes in
-    its backward. mamba_ssm's figure is `size`'s; this is `bench --train`'s (`ssd="torch"`)."""
-    tokens = batch * seq_len
+    conv and SiLU recompute it from the conv's input), d_inner per token; and not the kernel's
+    chunk states, which the chunked scan recomputes in its backward. mamba_ssm's figure is
+    `size`'s; this is `bench --train`'s (`ssd="torch"`)."""
     chunks = math.ceil(seq_len / SCAN_KERNEL_CHUNK)
     scan_states = FP32_BYTES * batch * m.d_inner * chunks * 2 * m.d_state
-    fp32_output = (FP32_BYTES - act_bytes) * tokens * m.d_inner if autocast else 0
-    return act_bytes * tokens * m.d_inner + fp32_output - scan_states
+    return act_bytes * batch * seq_len * m.d_inner - scan_states
 
 
 def mamba1_state_elements(m: Mamba1Plan) -> int:

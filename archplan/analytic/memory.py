@@ -377,7 +377,7 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             value += _core_operand_bytes(core, recompute, act, tokens, mixer.n_heads, mixer.n_heads, qk, dv)
             return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, core, dropout)
         case Mamba1Plan():
-            unit = mamba1_unit_bytes(mixer, b, s, act, autocast) if ssd == "torch" else 0
+            unit = mamba1_unit_bytes(mixer, b, s, act) if ssd == "torch" else 0
             return mamba1_activation_bytes(mixer, h, b, s, act) + unit
         case Mamba2Plan():
             # mamba_ssm `mamba_split_conv1d_scan_combined` saves: in_proj input, zxbcdt, conv output,

@@ -168,6 +168,9 @@ class HyenaMixer(nn.Module):
         d = self.d_model
         seen = state.seen if state is not None else 0
         u_BCT = self.in_proj(x_BTD).transpose(1, 2)
+        # the projection's dtype (autocast's 16 bits over fp32 weights), which the gated products
+        # keep: the residual stream's (fp32 under autocast) would double them
+        act_dtype = u_BCT.dtype
         t = u_BCT.shape[2]  # the length convolved: the whole sequence under context parallelism
         if seen + t > self.plan.l_max:
             raise ArchplanError(f"position {seen + t - 1} is beyond the Hyena filter length l_max {self.plan.l_max}")
@@ -186,7 +189,7 @@ class HyenaMixer(nn.Module):
                 conv_BDT = state.convolve(o * d, (o + 1) * d, t)
             # the skip term in fp32 by type promotion, as safari's fftconv_ref (`u * D`): the
             # product keeps the gated input in its own dtype, where an explicit fp32 copy is kept
-            v_BDT = (conv_BDT + v_BDT * bias_C[o * d:(o + 1) * d, None].float()).to(x_BTD.dtype)
+            v_BDT = (conv_BDT + v_BDT * bias_C[o * d:(o + 1) * d, None].float()).to(act_dtype)
         if state is not None:
             state.tail_BCJ.copy_(next_tail.detach())
             state.advance(t)

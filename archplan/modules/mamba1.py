@@ -510,7 +510,9 @@ class Mamba1Mixer(nn.Module):
         # softplus and the D skip inside the scan, as mamba_ssm's selective_scan_fn(delta_softplus=True)
         y_BTI = into_state(selective_scan(x_BTI, self.dt_proj(dt_BTR), A_IN, b_BTN, c_BTN, ssm_state, D_I=self.D,
                                           dt_softplus=True), ssm_state)
-        y_BTI = silu_gate(y_BTI.to(x_BTD.dtype), z_BTI)
+        # in the projections' dtype (autocast's 16 bits over fp32 weights), as mamba_ssm's scan
+        # returns its input's: the gate keeps it for the backward
+        y_BTI = silu_gate(y_BTI.to(z_BTI.dtype), z_BTI)
         if state is not None:
             state.advance(t)
         return self.out_proj(y_BTI)
