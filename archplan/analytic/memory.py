@@ -533,9 +533,10 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     read from it keep: the norms fed by it, the layer inputs full recompute keeps, the embedding
     norm's and the final norm's inputs. It is fp32 under torch autocast with fp32 weights (the
     embedding's output is fp32 and so is every residual add; the matmuls' inputs are their own
-    16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `ssd`: what a Mamba-2
-    layer keeps, mamba_ssm's kernels' tensors (`size`) or archplan's torch unit's
-    (`ssd_unit_bytes`, its contractions in the activation dtype as under autocast: `bench --train`).
+    16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `ssd`: what a Mamba
+    layer keeps, mamba_ssm's kernels' tensors (`size`) or archplan's torch units' (`bench
+    --train`): Mamba-2's `ssd_unit_bytes` (its contractions in the activation dtype as under
+    autocast), Mamba-1's `mamba1_unit_bytes`.
     `autocast`: the step runs under torch.autocast (`bench --train` in bf16), whose matmuls keep
     their 16-bit casts where S4's kernel generation multiplies in fp32 otherwise
     (`s4_kernel_activation_bytes`), and which casts a matmul's fp32 input on every call, so each
