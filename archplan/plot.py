@@ -102,7 +102,8 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     right.axhline(model_states, color="black", linestyle="--", label="model states (16 B/param)")
     for mode in RECOMPUTE_MODES:
         totals = [training_memory(plan, params, opts.micro_batch, s, mode, activation_dtype=opts.activation_dtype,
-                                  attention_kernel=opts.attention_kernel, residual_dtype=opts.residual_dtype).total / GiB
+                                  attention_kernel=opts.attention_kernel, residual_dtype=opts.residual,
+                                  autocast=opts.autocast).total / GiB
                   for s in seqs]
         right.plot(seqs, totals, marker="o", label=f"step peak, recompute {mode}")
     right.set_xscale("log", base=2)

@@ -180,6 +180,7 @@ def _training_table(r: dict[str, Any]) -> _Section:
         f"recompute {t['recompute']})",
         t["convention"] + f"; activations per Korthikanti et al. 2022, per saved tensor, {t['activation_dtype']}"
         + (f" (residual stream {t['residual_dtype']})" if t["residual_dtype"] != t["activation_dtype"] else "")
+        + (", torch autocast (each projection keeps its own 16-bit cast of its input)" if t["autocast"] else "")
         + f", {t['attention_kernel']} attention, no dropout (Korthikanti's 34sbh + 5as²b counts its masks); "
         "total = the states + the step's largest transient phase (docs/figures.md §5)",
         ("", "left"), ("bytes", "right"), ("share", "right"), ("", "left"))
@@ -337,7 +338,8 @@ def training_dtypes(training: dict[str, Any]) -> str:
     compare caption and the --plot titles: the residual stream is named where it differs."""
     residual = training["residual_dtype"]
     return f"activations {training['activation_dtype']}" + (
-        f", residual stream {residual}" if residual != training["activation_dtype"] else "")
+        f", residual stream {residual}" if residual != training["activation_dtype"] else "") + (
+        ", torch autocast" if training["autocast"] else "")
 
 
 def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:

@@ -98,12 +98,21 @@ class SizeOptions:
     recompute: Recompute = "none"
     attention_kernel: AttentionKernel = "eager"
     activation_dtype: DType = DType.bf16
-    residual_dtype: DType | None = None  # None: the activation dtype
+    residual_dtype: DType | None = None  # None: the activation dtype (fp32 under `autocast`)
+    autocast: bool = False  # torch.autocast over fp32 weights (`memory._autocast_copies`)
     tokens: float | None = None
     gpu: str | None = None
     mfu: float = 0.4
     laws: tuple[str, ...] = field(default=DEFAULT_LAWS)
     attention: Attention = "full"
+
+    @property
+    def residual(self) -> DType | None:
+        """The residual stream's dtype: --residual-dtype, else fp32 under --autocast (fp32 weights'
+        residual adds), else None (the activation dtype)."""
+        if self.residual_dtype is not None:
+            return self.residual_dtype
+        return DType.fp32 if self.autocast else None
 
     def check(self) -> None:
         """Option values a user typed: out-of-range values are ArchplanErrors (one line, exit 2)."""
@@ -117,6 +126,13 @@ class SizeOptions:
                                 field="--tokens")
         if not 0 < self.mfu <= 1:
             raise ArchplanError(f"must be in (0, 1], got {self.mfu:g}", field="--mfu")
+        if self.autocast and BYTES[self.activation_dtype] > 2:
+            raise ArchplanError("autocast runs the matmuls in 16 bits; fp32 activations are a run without it: "
+                                "drop --autocast or --activation-dtype fp32", field="--autocast")
+        if self.autocast and self.residual_dtype not in (None, DType.fp32):
+            # the embedding's output and every residual add are fp32 under autocast over fp32 weights
+            raise ArchplanError("autocast over fp32 weights keeps an fp32 residual stream; drop --residual-dtype",
+                                field="--residual-dtype")
         if self.residual_dtype is not None and BYTES[self.residual_dtype] < BYTES[self.activation_dtype]:
             # activations in fp32 come from fp32 weights, whose residual adds are fp32
             raise ArchplanError(f"a {self.residual_dtype.value} residual stream beside "
@@ -207,7 +223,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
     weights["int4-g128"] = int4_grouped_bytes(served, 128)
     train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute,
                                 activation_dtype=opts.activation_dtype, attention_kernel=opts.attention_kernel,
-                                residual_dtype=opts.residual_dtype)
+                                residual_dtype=opts.residual, autocast=opts.autocast)
     states = train_mem.states
 
     n_chinchilla = params.total
@@ -329,7 +345,8 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                 "peak_phase": train_mem.peak_phase,
                 "attention_kernel": opts.attention_kernel,
                 "activation_dtype": opts.activation_dtype.value,
-                "residual_dtype": (opts.residual_dtype or opts.activation_dtype).value,
+                "residual_dtype": (opts.residual or opts.activation_dtype).value,
+                "autocast": opts.autocast,
                 "activations_by_component": dict(train_mem.activations.by_component),
                 "convention": STATES_CONVENTION,
             },

@@ -118,8 +118,9 @@ def test_plan_layout_options(spec: str, gpus: str, options: list[str], flags: li
 
 
 @FUZZ
-@given(spec=st.sampled_from(PRESETS), options=_options(SIZE_OPTIONS), json_out=st.booleans())
-def test_size_options(spec: str, options: list[str], json_out: bool,
+@given(spec=st.sampled_from(PRESETS), options=_options(SIZE_OPTIONS), autocast=st.booleans(),
+       json_out=st.booleans())
+def test_size_options(spec: str, options: list[str], autocast: bool, json_out: bool,
                       capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = ["size", spec, *options, *(["--json"] if json_out else [])]
+    argv = ["size", spec, *options, *(["--autocast"] if autocast else []), *(["--json"] if json_out else [])]
     _assert_clean(run_main(argv, capsys, monkeypatch), json_out)

@@ -340,6 +340,36 @@ def test_residual_dtype() -> None:
     assert "a bf16 residual stream beside fp32 activations does not occur" in narrower.exception.render()
 
 
+def test_autocast() -> None:
+    """--autocast: torch.autocast over fp32 weights. The residual stream is fp32 (as with
+    --residual-dtype fp32), and each projection keeps its own 16-bit cast of the norm's output:
+    gpt2's q, k and v two copies more per layer, 2 B × h per token each (its MLP has one input
+    projection). It is what bench --train prices in bf16 (tiny-llama on a CPU, the same figure);
+    the caption names it; fp32 activations or a 16-bit residual stream beside it are refused."""
+    from archplan.analytic import count_params
+    from archplan.analytic.memory import training_memory
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    args = ("gpt2", "--seq", "256", "--micro-batch", "2", "--attention-kernel", "flash")
+    fp32 = size_json(*args, "--residual-dtype", "fp32")["memory"]["training"]
+    autocast = size_json(*args, "--autocast")["memory"]["training"]
+    assert (autocast["autocast"], autocast["residual_dtype"], fp32["autocast"]) == (True, "fp32", False)
+    assert autocast["activations"] - fp32["activations"] == 12 * 2 * 2 * 2 * 256 * 768
+    table = runner.invoke(app, ["size", *args, "--autocast"], terminal_width=200)
+    assert table.exit_code == 0 and "torch autocast (each projection keeps its own" in " ".join(table.output.split())
+    tiny = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    sized = size_json(tiny, "--seq", "64", "--attention-kernel", "torch-cpu", "--autocast")["memory"]["training"]
+    plan = resolve(load_spec(tiny))
+    trained = training_memory(plan, count_params(plan), 1, 64, "none", activation_dtype="bf16",
+                              attention_kernel="torch-cpu", residual_dtype="fp32", ssd="torch", autocast=True)
+    assert sized["activations"] == trained.activations.kept
+    for extra, message in ((("--activation-dtype", "fp32"), "autocast runs the matmuls in 16 bits"),
+                           (("--residual-dtype", "bf16"), "autocast over fp32 weights keeps an fp32 residual stream")):
+        refused = runner.invoke(app, ["size", *args, "--autocast", *extra])
+        assert isinstance(refused.exception, ArchplanError) and message in refused.exception.render()
+
+
 def test_presets_command_lists_every_preset() -> None:
     result = runner.invoke(app, ["presets", "--json"])
     assert result.exit_code == 0, result.output

@@ -10,6 +10,7 @@ from archplan.commands.options import JsonListOpt, SpecsArg, refuse_force_withou
 from archplan.commands.size import (
     ActDTypeChoice,
     ActDTypeOpt,
+    AutocastOpt,
     AttentionChoice,
     AttentionOpt,
     BatchOpt,
@@ -58,6 +59,7 @@ def register(app: typer.Typer) -> None:
         attention_kernel: KernelOpt = MemoryKernelChoice.eager,
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         residual_dtype: ResidualDTypeOpt = None,
+        autocast: AutocastOpt = False,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = None,
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
             raise ArchplanError("compare needs at least two specs (use `archplan size` for one)")
         refuse_force_without_plot(force, plot)
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention, attention_kernel, activation_dtype, residual_dtype)
+                            law, attention, attention_kernel, activation_dtype, residual_dtype, autocast)
         reports = [size_report(load_spec(spec), opts, source=spec) for spec in specs]
         if plot is not None:
             from archplan.plot import plot_compare

@@ -87,6 +87,11 @@ ResidualDTypeOpt = Annotated[ActDTypeChoice | None, typer.Option(
                              "--train runs) or Megatron-LM's --fp32-residual-connection (default: the "
                              "activation dtype).",
     show_default=False)]
+AutocastOpt = Annotated[bool, typer.Option(
+    "--autocast", help="torch.autocast over fp32 weights (bench --train in bf16; Hugging Face's Trainer "
+                       "with bf16): the residual stream in fp32 and each projection's own 16-bit cast of its "
+                       "input. The default is Megatron's and FSDP2's mixed precision, which casts the weights "
+                       "and hands every projection one 16-bit tensor.", metavar="")]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: the spec's training.tokens, else 20 per "
     "parameter).")]
@@ -108,7 +113,7 @@ def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | No
                  laws: list[LawChoice] | None, attention: AttentionChoice,
                  attention_kernel: MemoryKernelChoice = MemoryKernelChoice.eager,
                  activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16,
-                 residual_dtype: ActDTypeChoice | None = None) -> SizeOptions:
+                 residual_dtype: ActDTypeChoice | None = None, autocast: bool = False) -> SizeOptions:
     """The typed options, shared by `size` and `compare`."""
     from archplan.analytic.scaling import DEFAULT_LAWS
     from archplan.errors import ArchplanError
@@ -121,7 +126,7 @@ def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | No
         context=context, batch=batch, kv_dtype=DType(kv_dtype), seq=seq, micro_batch=micro_batch,
         recompute=recompute.value, attention_kernel=attention_kernel.value,
         activation_dtype=DType(activation_dtype.value),
-        residual_dtype=DType(residual_dtype.value) if residual_dtype is not None else None,
+        residual_dtype=DType(residual_dtype.value) if residual_dtype is not None else None, autocast=autocast,
         tokens=parse_amount(tokens, "--tokens") if tokens is not None else None,
         gpu=gpu, **({"mfu": mfu} if mfu is not None else {}),
         laws=tuple(x.value for x in laws) if laws else DEFAULT_LAWS,
@@ -140,7 +145,8 @@ def register(app: typer.Typer) -> None:
             "  archplan size llama-3-8b --context 8192 --batch 4 --kv-dtype fp8\n\n"
             "  archplan size mixtral-8x7b --seq 4096 --micro-batch 2 --recompute selective "
             "--tokens 2T --gpu h100 --mfu 0.4 --json\n\n"
-            "  archplan size gpt2 --seq 1024 --micro-batch 8 --attention-kernel flash"
+            "  archplan size gpt2 --seq 1024 --micro-batch 8 --attention-kernel flash\n\n"
+            "  archplan size llama-3-8b --seq 4096 --attention-kernel flash --autocast"
         ),
     )
     def size(
@@ -154,6 +160,7 @@ def register(app: typer.Typer) -> None:
         attention_kernel: KernelOpt = MemoryKernelChoice.eager,
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         residual_dtype: ResidualDTypeOpt = None,
+        autocast: AutocastOpt = False,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = None,
@@ -168,7 +175,7 @@ def register(app: typer.Typer) -> None:
 
         refuse_force_without_plot(force, plot)
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention, attention_kernel, activation_dtype, residual_dtype)
+                            law, attention, attention_kernel, activation_dtype, residual_dtype, autocast)
         loaded = load_spec(spec)
         report = size_report(loaded, opts, source=spec)
         if plot is not None:

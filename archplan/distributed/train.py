@@ -17,13 +17,12 @@ nothing here imports the fake-process-group engine or FSDP2.
 
 The analytic side is `size`'s peak of the step at the run's activation dtype, the fp32 residual
 stream of fp32 weights, and with the attention kernel SDPA runs on the device (`attention_kernel`):
-`archplan size SPEC --micro-batch B --seq S --recompute R --activation-dtype DTYPE --residual-dtype
-fp32 --attention-kernel K`, K = flash on CUDA (a fused kernel for every head size, no s x s
+`archplan size SPEC --micro-batch B --seq S --recompute R --autocast --attention-kernel K` in bf16
+(autocast: each projection keeps its own 16-bit cast of its input), `--activation-dtype fp32`
+in fp32, K = flash on CUDA (a fused kernel for every head size, no s x s
 probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's unequal q and v
-head sizes). Two terms `size` leaves out are added: under autocast each projection's own 16-bit
-cast of the norm's fp32 output (`autocast=True` of `training_memory`), and Mamba layers as
-archplan's units keep them, not as mamba_ssm's kernels (size's figure; `ssd="torch"`). The step
-is the one that model describes: the
+head sizes). Mamba layers are priced as archplan's units keep them, not as mamba_ssm's kernels
+(size's figure): `ssd="torch"` of `training_memory`. The step is the one that model describes: the
 logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """

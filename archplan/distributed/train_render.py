@@ -71,8 +71,8 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
     ssd = ", Mamba layers as archplan's units keep them (not mamba_ssm's kernels)" if r.ssd_unit else ""
-    residual = (", the residual stream in fp32 and S4's kernel in autocast's casts (size --residual-dtype fp32), "
-                "and each projection's own autocast cast of its input" if r.dtype == "bf16" else "")
+    residual = (", under autocast: the residual stream in fp32, each projection's own 16-bit cast of its "
+                "input and S4's kernel in autocast's casts (size --autocast)" if r.dtype == "bf16" else "")
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
                     f"{r.attention_kernel}{residual}{ssd}; GiB = 2^30 B")
     rerun = f"; with the recompute's re-run, HFU {percent(r.hfu)}" if r.hardware_flops != r.model_flops else ""
