@@ -323,8 +323,7 @@ def test_ffn_count_under_autocast_is_what_autograd_saves(kind: Any, input_shared
     # a norm's output, not a leaf: autocast caches the casts of leaves that require grad
     x_BTD = torch.randn(2, tokens // 2, d_model, requires_grad=True) * 1.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        # less autocast's bf16 copies of the weight matrices, which the linears save too
-        saved = saved_bytes(module, x_BTD) - 2 * sum(w.numel() for w in module.parameters() if w.dim() == 2)
+        saved = saved_bytes(module, x_BTD) - autocast_weight_copies(module)
     counted = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=input_shared, dropout=False,
                          autocast=True)["ffn"]
     assert saved == counted
@@ -350,35 +349,35 @@ def test_mamba1_unit_count_is_what_autograd_saves(autocast: bool, batch: int, se
     m = plan.layers[0].mixer
     module = build_mixer(m, plan) if autocast else build_mixer(m, plan).to(torch.bfloat16)
     x = torch.randn(batch, seq, 64, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True) * 1.0
-    params = {w.untyped_storage().data_ptr() for w in module.parameters()}
-    kept: list[Any] = []  # held, so that no saved storage is freed and its address reused
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-            torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        out = module(x)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
-    saved = sum(n for ptr, n in storages.items() if ptr not in params)
-    if autocast:  # less autocast's bf16 copies of the projections' weights, which they save
-        saved -= 2 * sum(sub.weight.numel() for sub in module.modules() if isinstance(sub, torch.nn.Linear))
-    assert out.shape == x.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        saved = saved_bytes(module, x)
+    if autocast:
+        saved -= autocast_weight_copies(module)
     assert saved == mamba1_activation_bytes(m, 64, batch, seq, 2) + mamba1_unit_bytes(m, batch, seq, 2)
 
 
+def autocast_weight_copies(module: Any) -> int:
+    """Bytes of autocast's bf16 copies of `module`'s projection weights, which the projections
+    save beside their inputs: model states' copies, not activations."""
+    import torch
+
+    return 2 * sum(sub.weight.numel() for sub in module.modules() if isinstance(sub, torch.nn.Linear))
+
+
 def saved_bytes(module: Any, x: Any) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in one forward of `module`."""
+    """Bytes of the distinct non-parameter storages autograd saves in one forward of `module`. The
+    saved tensors and the output are held until they are counted, so no saved storage is freed
+    and its address reused by a later one (a node whose outputs all go unused frees its saved
+    tensors during the forward)."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: Any) -> Any:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(saved.values())
+    kept: list[Any] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = module(x)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    del out
+    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def test_moe_experts_scale_with_top_k_and_selective_leaves_them() -> None:

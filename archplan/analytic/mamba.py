@@ -81,10 +81,15 @@ def mamba1_activation_bytes(m: Mamba1Plan, d_model: int, batch: int, seq_len: in
     width = d_model + 2 * di + di + (r + 2 * n) + di + di + di
     if m.inner_norms:
         width += r + 2 * n
-    chunks = math.ceil(seq_len / SCAN_KERNEL_CHUNK)
-    scan_states = FP32_BYTES * batch * di * chunks * 2 * n
     a_copies = 2 * FP32_BYTES * di * n
-    return act_bytes * batch * seq_len * width + scan_states + a_copies
+    return act_bytes * batch * seq_len * width + _scan_kernel_states(m, batch, seq_len) + a_copies
+
+
+def _scan_kernel_states(m: Mamba1Plan, batch: int, seq_len: int) -> int:
+    """mamba_ssm's selective-scan chunk states `x`, (B, d_inner, ⌈T/2048⌉, 2N) fp32
+    (selective_scan.cpp), kept for its backward."""
+    chunks = math.ceil(seq_len / SCAN_KERNEL_CHUNK)
+    return FP32_BYTES * batch * m.d_inner * chunks * 2 * m.d_state
 
 
 def mamba1_unit_bytes(m: Mamba1Plan, batch: int, seq_len: int, act_bytes: int) -> int:
@@ -94,9 +99,7 @@ def mamba1_unit_bytes(m: Mamba1Plan, batch: int, seq_len: int, act_bytes: int) -
     conv and SiLU recompute it from the conv's input), d_inner per token; and not the kernel's
     chunk states, which the chunked scan recomputes in its backward. mamba_ssm's figure is
     `size`'s; this is `bench --train`'s (`ssd="torch"`)."""
-    chunks = math.ceil(seq_len / SCAN_KERNEL_CHUNK)
-    scan_states = FP32_BYTES * batch * m.d_inner * chunks * 2 * m.d_state
-    return act_bytes * batch * seq_len * m.d_inner - scan_states
+    return act_bytes * batch * seq_len * m.d_inner - _scan_kernel_states(m, batch, seq_len)
 
 
 def mamba1_state_elements(m: Mamba1Plan) -> int:

@@ -413,23 +413,19 @@ def _input_readers(module: MixerPlan | FFNPlan) -> int:
             return 1
 
 
-def _autocast_copies(ffn: FFNPlan | MoEPlan, input_shared: bool) -> int:
-    """The 16-bit copies of an FFN's fp32 input that its projections keep under torch autocast
-    beyond the one the per-tensor model counts (`_layer_bytes`): autocast casts a matmul's input
-    on every call (its cast cache holds leaf tensors only, the weights), so each projection that
-    reads the norm's fp32 output keeps a cast of its own. An MoE router keeps the fp32 input
-    itself (`modules.moe.Router`: `x.float()` of an fp32 tensor is that tensor), twice the 16-bit
-    input counted, and its shared experts and their gate cast it once per projection. With the
-    input shared with the mixer (one norm, parallel block) that count is the mixer's."""
-    counted = 0 if input_shared else 1
-    match ffn:
-        case FFNPlan():
-            return _input_readers(ffn) - counted
+def _autocast_copies(module: MixerPlan | FFNPlan | MoEPlan, counted: int) -> int:
+    """The 16-bit copies of a mixer's or an FFN's fp32 input that its projections keep under torch
+    autocast beyond the `counted` (0 or 1) the per-tensor model counts (`_layer_bytes`): autocast
+    casts a matmul's input on every call (its cast cache holds leaf tensors only, the weights), so
+    each projection that reads the norm's fp32 output keeps a cast of its own. An MoE router keeps
+    the fp32 input itself (`modules.moe.Router`: `x.float()` of an fp32 tensor is that tensor),
+    two 16-bit copies' worth, and its shared experts and their gate cast it once per projection."""
+    match module:
         case MoEPlan():
-            shared = _input_readers(ffn.shared) if ffn.shared is not None else 0
-            return 2 - counted + shared + (1 if ffn.shared_gate else 0)
+            shared = _input_readers(module.shared) if module.shared is not None else 0
+            return 2 - counted + shared + (1 if module.shared_gate else 0)
         case _:
-            assert_never(ffn)
+            return max(_input_readers(module) - counted, 0)
 
 
 def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_shared: bool,
@@ -438,8 +434,8 @@ def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_sha
     the same tensor, already counted with the mixer. `autocast`: the copies of the input its
     projections cast (`_autocast_copies`), with the router's under MoE."""
     x_bytes = 0 if input_shared else act * tokens * h
-    if autocast:
-        x_bytes += act * tokens * h * _autocast_copies(ffn, input_shared)
+    if autocast:  # with the input shared with the mixer (one norm, parallel block) its count is the mixer's
+        x_bytes += act * tokens * h * _autocast_copies(ffn, counted=0 if input_shared else 1)
     mask = MASK_BYTES * tokens * h if dropout else 0
     match ffn:
         case FFNPlan():
@@ -473,8 +469,7 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
     out = {f"{layer.path}.{name}": (act if name.startswith("post_") else res) * tokens * h for name in layer.norms}
     out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, ssd, autocast)
     if autocast:
-        # each projection reading the norm's fp32 output keeps its own 16-bit cast (`_autocast_copies`)
-        out[f"{layer.path}.mixer"] += act * tokens * h * max(_input_readers(layer.mixer) - 1, 0)
+        out[f"{layer.path}.mixer"] += act * tokens * h * _autocast_copies(layer.mixer, counted=1)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
         out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act, autocast)
