@@ -1174,6 +1174,20 @@ def pipeline_moments(layout: Layout, microbatches: int, stage: int) -> tuple[Pip
     return _interleaved_moments(layout.pp, layout.vpp, microbatches, round_size(layout, microbatches), stage)
 
 
+def _steady_microbatches(p: int, v: int, m: int, n: int) -> int:
+    """The fewest micro-batches, congruent to m modulo the round size n, whose interleaved schedule
+    (`_interleaved_events`) runs every phase that m's does: its warm-up (at most 2·(p − 1) +
+    (v − 1)·n forwards), rounds of the steady state, the last round's rest and the cool-down. Past
+    a few rounds the steady state repeats one round's events exactly, each chunk's held count
+    included, so the moments before backwards and each chunk's last prefetch are those of m (tested
+    against the whole schedule): a search at a short sequence and a large batch, 10⁵ micro-batches
+    a step, need not replay them all."""
+    rounds = -(-(2 * (p - 1) + (v - 1) * n) // (v * n)) + 4
+    if m <= (rounds + 1) * n:
+        return m
+    return m - n * ((m - rounds * n) // n)
+
+
 def _interleaved_events(p: int, v: int, m: int, n: int, stage: int) -> list[tuple[str, int]]:
     """The interleaved schedule on rank `stage`, ("F" | "B", chunk) in the order it runs them:
     forwards in rounds of n micro-batches through chunk 0, then 1, … (the last round takes the
@@ -1203,7 +1217,7 @@ def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[Pi
     but under full recompute the backward's chunk re-runs its layers there: a rank whose layers
     all sit in its first chunk re-runs them only in the cool-down (measured by verify --layout:
     tiny-mamba, PP2×v2, two micro-batches, stage 1, 1.51 times the activations priced without it)."""
-    events = _interleaved_events(p, v, m, n, stage)
+    events = _interleaved_events(p, v, _steady_microbatches(p, v, m, n), n, stage)
     counts = [0] * v
     moments = set()
     for (op, c), (after, next_c) in zip(events, events[1:]):
@@ -1238,7 +1252,7 @@ def _stale_prefetch(p: int, v: int, m: int, n: int, stage: int) -> tuple[bool, .
     stacks: list[list[int]] = [[] for _ in range(v)]
     recorded = [0] * v
     popped = [0] * v
-    for op, c in _interleaved_events(p, v, m, n, stage):
+    for op, c in _interleaved_events(p, v, _steady_microbatches(p, v, m, n), n, stage):
         if op == "F":
             stacks[c].append(recorded[c])
             recorded[c] += 1
