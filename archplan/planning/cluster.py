@@ -461,6 +461,8 @@ class LayerActs:
     glu_extra: int  # the activation's output eager GLUs keep and fused ones recompute
     norm_inputs: int  # the block norms' inputs, which memory-efficient fused norms do not keep
     fp32_inputs: int  # inputs the torch modules keep as fp32 copies (`_fp32_cast_width`), counted at 16 bits
+    routing: int  # an MoE layer's routing metadata in the torch modules (`_routing_bytes`)
+    expert_order: int  # and what expert parallelism adds to it
     combine: int  # an MoE layer's routed rows live at its combine beside the saved tensors (`_combine_rows`)
     weighting: int  # Megatron-Core's MoE layer keeps this beyond archplan's torch MoE (`_weighting_delta`)
     up_proj: int  # MLA's Q, K and V, which the "mla_up_proj" module recompute drops (`RecomputeModule`)
@@ -542,6 +544,7 @@ class ModelData:
                                        ACT_BYTES * seq * _glu_width(layer),
                                        ACT_BYTES * seq * h * len(layer.norms),
                                        ACT_BYTES * seq * _fp32_cast_width(layer, h),
+                                       *(seq * b for b in _routing_bytes(layer)),
                                        _combine_rows(layer, seq, h),
                                        seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
                                        _latent_bytes(layer, seq), *_viewed_bytes(layer, seq),
@@ -889,12 +892,44 @@ def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
 
 
 def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
-    """Per token, the elements of a layer's inputs that the torch modules keep as fp32 copies: an
-    MoE router's (`modules.moe.Router`: fp32 logits from `x.float()`, the copy kept for its
-    weight's gradient), twice the 16-bit input the per-tensor model counts. The norms compute on
-    fp32 copies too but keep their inputs in their own dtype (`modules.norms`' units), as fused
-    norms do."""
-    return h if isinstance(layer.ffn, MoEPlan) else 0
+    """Per token, the 16-bit elements the torch modules keep of a layer's inputs beyond the one
+    copy the per-tensor model counts, for the fp32 copies they make: an MoE router's
+    (`modules.moe.Router`: fp32 logits from `x.float()`, the copy kept for its weight's gradient),
+    twice the 16-bit input, and the shared experts and their gate keep that 16-bit input itself
+    beside it (the per-tensor model has them read the router's). The norms compute on fp32
+    copies too but keep their inputs in their own dtype (`modules.norms`' units), as fused norms
+    do."""
+    if not isinstance(layer.ffn, MoEPlan):
+        return 0
+    return 2 * h if layer.ffn.shared is not None or layer.ffn.shared_gate else h
+
+
+INDEX_BYTES = 8  # int64 indices: top-k choices, sort orders
+
+
+def _routing_bytes(layer: LayerPlan) -> tuple[int, int]:
+    """Per token, (routing, expert order): the bytes of routing metadata archplan's torch MoE
+    (`modules.moe`) keeps for its backward beyond the per-tensor model's k routing weights and E
+    probabilities at 16 bits, and what expert parallelism adds (`distributed.expert`); (0, 0)
+    elsewhere. Routing: the E scores in fp32 (PROB_BYTES, not 16 bits), the k top-k indices
+    (int64, which the weights' gather saves), the rows' gather index and its inverse (int64, 2k: the
+    dispatch's and the combine's), with normalised top-k weights the k weights before the division
+    and their sum (fp32), with a load-balancing loss each token's score sum (fp32, which its
+    renormalisation saves). The selection itself keeps nothing (a group-limited router's group
+    scores and mask included): its graph ends in the top-k's unused values, so autograd frees it
+    in the forward. Expert order: the received rows' sort order and its inverse, 2k int64. Per
+    layer, not per token and so left out: the E group ends and the loss's E expert fractions (4 B
+    each)."""
+    if not isinstance(layer.ffn, MoEPlan):
+        return 0, 0
+    moe = layer.ffn
+    k, e = moe.top_k, moe.n_experts
+    routing = (PROB_BYTES - ACT_BYTES) * e + 3 * INDEX_BYTES * k
+    if moe.normalize_top_k:
+        routing += PROB_BYTES * (k + 1)
+    if moe.aux_loss_coef > 0:
+        routing += PROB_BYTES
+    return routing, 2 * INDEX_BYTES * k
 
 
 def _glu_width(layer: LayerPlan) -> int:
@@ -1275,11 +1310,12 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     match kernel:
         case "flash" if engine == "torch":
             # a fused SDPA kernel inside plain autograd: act(gate) is kept, an MoE router's fp32
-            # input copy (`_fp32_cast_width`) and what Mamba-2's unit keeps beyond mamba_ssm
-            # (`_ssd_kept`); selective recompute checkpoints the kernel alone, which then keeps
-            # no log-sum-exp
+            # input copy (`_fp32_cast_width`) and routing metadata (`_routing_bytes`), and what
+            # Mamba-2's unit keeps beyond mamba_ssm (`_ssd_kept`); selective recompute
+            # checkpoints the kernel alone, which then keeps no log-sum-exp
             lse = acts.lse if recompute == "none" else 0
-            kept = acts.kept["selective"] - dropped + lse + acts.fp32_inputs + acts.ssd_kept
+            routing = acts.routing + (acts.expert_order if layout.ep > 1 else 0)
+            kept = acts.kept["selective"] - dropped + lse + acts.fp32_inputs + routing + acts.ssd_kept
         case "flash":
             # Megatron-Core with Transformer Engine's fusions: a fused SwiGLU, memory-efficient
             # norms, and routed copies weighted inside the experts (`_weighting_delta`)
