@@ -2004,11 +2004,13 @@ def _head_tensors(data: ModelData, layout: Layout, engine: Engine) -> tuple[floa
     # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
     head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
     ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
-    # an MTP module's embedding and projection input, sequence-sharded under SP; full recompute
-    # checkpoints the whole module, which keeps its inputs (its block's counted as the layer's)
-    # and re-runs the projection (Megatron-Core's MTP layer)
-    kept = data.mtp_embed_act + (data.mtp_proj_act if layout.recompute != "full" else 0)
-    mtp = data.mtp_ids_act + kept / (tp if layout.sequence_parallel else 1)
+    # an MTP module's embedding and projection input, sequence-sharded under SP (the projection's
+    # input gathered and saved whole by DTensor's column-parallel matmul: `shard._mtp_parallel`);
+    # full recompute checkpoints the whole module, which keeps its inputs (its block's counted as
+    # the layer's) and re-runs the projection (Megatron-Core's MTP layer)
+    sp_split = tp if layout.sequence_parallel else 1
+    proj = data.mtp_proj_act if layout.recompute != "full" else 0
+    mtp = data.mtp_ids_act + data.mtp_embed_act / sp_split + proj / (sp_split if engine == "megatron" else 1)
     return ends + data.logits_act / tp, mtp
 
 
