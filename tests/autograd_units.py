@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 T = TypeVar("T")
@@ -35,6 +36,29 @@ def assert_same_backward(unit: torch.Tensor, plain: torch.Tensor, wanted: Sequen
     assert counts[0] == counts[1] and counts[0]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def held_by_graph(out: torch.Tensor) -> dict[int, int]:
+    """Bytes of each distinct storage the autograd graph behind `out` holds for its backward, read
+    off the graph's nodes: what the backward will read. A hook on every saved tensor
+    (`saved_during`) also sees those of nodes freed during the forward, as a graph whose outputs
+    go unused is (a router's selection). Python numbers that autograd keeps as 0-dim float64 /
+    int64 tensors are not device memory and are left out."""
+    held: dict[int, int] = {}
+    nodes, seen = [out.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        saved = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+        if hasattr(node, "saved_tensors"):  # an autograd.Function's ctx
+            saved += list(node.saved_tensors)
+        for t in tree_leaves(saved):
+            if isinstance(t, torch.Tensor) and not (t.dim() == 0 and t.dtype in (torch.float64, torch.int64)):
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        nodes += [next_node for next_node, _ in node.next_functions]
+    return held
 
 
 def storages(tensors: Sequence[torch.Tensor]) -> set[int]:

@@ -21,10 +21,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from autograd_units import held_by_graph, storages
+
+from archplan.analytic.memory import activation_memory
 from archplan.distributed.expert import ExpertParallel
 from archplan.distributed.mesh import init_fake_world
 from archplan.loader import load_spec
-from archplan.analytic.memory import activation_memory
 from archplan.modules.moe import Experts, MoEFFN
 from archplan.planning import cluster
 from archplan.resolve import LayerPlan, MoEPlan, resolve
@@ -126,28 +128,10 @@ def test_combine_working_set_expert_parallel(moe_layer: tuple[LayerPlan, int],
 
 
 def _saved(moe: MoEFFN, d_model: int) -> int:
-    """Bytes of the distinct non-parameter storages the autograd graph of one forward holds for
-    its backward, read off the graph's nodes (a hook on every saved tensor would also count those
-    of nodes freed during the forward: the router's selection, whose values go unused). Python
-    numbers that autograd keeps as 0-dim float64 / int64 tensors are not device memory."""
-    params = {p.untyped_storage()._cdata for p in moe.parameters()} | {b.untyped_storage()._cdata for b in moe.buffers()}
-    x = torch.randn(1, SEQ, d_model, dtype=torch.bfloat16, requires_grad=True)
-    out = moe(x)
-    storages: dict[int, int] = {}
-    nodes, seen = [out.grad_fn], set()
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        saved = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
-        if hasattr(node, "saved_tensors"):  # an autograd.Function's ctx
-            saved += list(node.saved_tensors)
-        for t in tree_flatten(saved)[0]:
-            if isinstance(t, torch.Tensor) and not (t.dim() == 0 and t.dtype in (torch.float64, torch.int64)):
-                storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        nodes += [next_node for next_node, _ in node.next_functions]
-    return sum(n for key, n in storages.items() if key not in params)
+    """Bytes of the distinct non-parameter storages the autograd graph of one forward holds."""
+    params = storages([*moe.parameters(), *moe.buffers()])
+    out = moe(torch.randn(1, SEQ, d_model, dtype=torch.bfloat16, requires_grad=True))
+    return sum(n for ptr, n in held_by_graph(out).items() if ptr not in params)
 
 
 ROUTERS = {
