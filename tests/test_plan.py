@@ -419,6 +419,10 @@ TOP_CASES = [
     ("llama-3-8b", 16, {"settings": Settings(states=STATES["fsdp2"])}),
     ("mixtral-8x7b", 64, {"settings": Settings(states=STATES["deepspeed"], attention_kernel="eager")}),
     ("jamba-v0.1", 64, {"fixed": parse_layout("tp=2")}),
+    # short sequences, where the layers' gradient reduction outlasts the compute (the floor's DP term)
+    ("qwen3-30b-a3b", 64, {"seq": 256}),
+    ("llama-3-8b", 64, {"seq": 256, "fixed": parse_layout("zero=0")}),
+    ("llama-3-8b", 64, {"seq": 256, "settings": Settings(states=STATES["fsdp2"], overlap=frozenset())}),
 ]
 
 
@@ -426,7 +430,7 @@ TOP_CASES = [
 def test_search_top_prices_only_what_can_rank(name: str, gpus: int, kw: dict[str, Any]) -> None:
     """`search(top=k)`, what `plan` runs: the k fastest layouts are exactly those of the search
     that prices every fitting layout, figure for figure, and as many layouts fit; it prices fewer.
-    Every fitting layout's compute floor (`pricing.step_time_floor`) is at most its step time."""
+    Every fitting layout's floor (`pricing.step_time_floor`) is at most its step time."""
     from archplan.planning.parallel import Evaluator
     from archplan.planning.pricing import step_time_floor
 
@@ -437,10 +441,10 @@ def test_search_top_prices_only_what_can_rank(name: str, gpus: int, kw: dict[str
     assert (top.fitting, top.considered) == (every.fitting, every.considered)
     assert 3 <= len(top.ranked) < len(every.ranked)
     settings = kw.get("settings", Settings())
-    evaluator = Evaluator(resolve(load_spec(name)), H100, NET, 4096, settings, every.usable_bytes)
+    evaluator = Evaluator(resolve(load_spec(name)), H100, NET, kw.get("seq", 4096), settings, every.usable_bytes)
     for e in every.ranked:
         floor = step_time_floor(evaluator.pricer, e.layout, e.microbatches, settings.attention_kernel,
-                                evaluator.network, settings.overlap)
+                                evaluator.network, settings.overlap, evaluator.states, settings.reduce_bytes)
         assert floor <= e.time.total * (1 + 1e-12)
 
 

@@ -573,7 +573,8 @@ class Evaluator:
         (`pricing.step_time_floor`) per token, until that floor passes the `top`-th best time
         priced (a relative 1e-9 beyond it, so that floating-point rounding never drops a tie)."""
         s = self.settings
-        floors = sorted(((step_time_floor(self.pricer, layout, m, s.attention_kernel, self.network, s.overlap)
+        floors = sorted(((step_time_floor(self.pricer, layout, m, s.attention_kernel, self.network, s.overlap,
+                                          self.states, s.reduce_bytes)
                           / self.tokens(layout, m), i) for i, (layout, m, _) in enumerate(fitting)))
         priced: list[tuple[int, Evaluated]] = []
         best: list[float] = []  # the `top` least times per token so far, negated (a max-heap)

@@ -58,7 +58,8 @@ the attention (`ring_cp_exposed`). Data-parallel traffic ("dp", on by default: M
 (parameter gathers) of the micro-batches it runs beside, all but the last layer's bucket.
 
 The search prices a layout only if its floor (`step_time_floor`: the compute and exposed MoE
-all-to-all of those slots) can rank it.
+all-to-all of those slots, and what of the layers' gradient reduction no backward can hide) can
+rank it.
 
 Pipeline: m micro-batch slots of the slowest pipeline rank plus the bubble, (p − 1)/v slots
 (Narayanan et al. 2021 §2.2: (p − 1)/m of the ideal time, divided by v virtual stages) when
@@ -717,7 +718,8 @@ class Pricer:
         self._stages: dict[tuple[object, ...], _MicroBatch] = {}
         self._fetch_ops: dict[tuple[object, ...], list[Op]] = {}
         self._sums: dict[tuple[object, ...], tuple[list[float], list[float]]] = {}
-        self._slots: dict[tuple[object, ...], float] = {}
+        self._slots: dict[tuple[object, ...], tuple[tuple[int, float, float], ...]] = {}
+        self._gradients: dict[tuple[object, ...], tuple[float, int]] = {}
 
     @staticmethod
     def _key(layout: Layout, kernel: AttentionKernel) -> tuple[object, ...]:
@@ -774,22 +776,44 @@ class Pricer:
                                list(accumulate(ep, initial=0.0)))
         return self._sums[key]
 
-    def floor_slot(self, layout: Layout, kernel: AttentionKernel, net: Network, overlap: frozenset[str]) -> float:
-        """The slowest representative rank's compute + exposed MoE all-to-all per micro-batch
-        (`step_time_floor`), once per split and compute configuration."""
+    def floor_slots(self, layout: Layout, kernel: AttentionKernel, net: Network,
+                    overlap: frozenset[str]) -> tuple[tuple[int, float, float], ...]:
+        """Per representative rank, (stage, compute, compute + exposed MoE all-to-all) per
+        micro-batch (`step_time_floor`), once per split and compute configuration."""
         key = (*self._key(layout, kernel), layout.pp, layout.vpp, net, overlap)
         if key not in self._slots:
             compute, a2a = self._cumulative(layout, kernel, net)
             head = _head_micro(self.data, layout, self.rates, self.loss).total
-            slot = 0.0
+            slots = []
             for stage in representative_stages(self.data.n_main, layout.pp, layout.vpp, self.data.mtp_depth):
                 chunks = rank_chunks(self.data.n_main, layout, stage, self.data.mtp_depth)
                 total = sum(compute[c.layers.stop] - compute[c.layers.start] + (head if c.last else 0.0)
                             for c in chunks)
                 ep = sum(a2a[c.layers.stop] - a2a[c.layers.start] for c in chunks)
-                slot = max(slot, total + ep_exposed(ep, total, overlap))
-            self._slots[key] = slot
+                slots.append((stage, total, total + ep_exposed(ep, total, overlap)))
+            self._slots[key] = tuple(slots)
         return self._slots[key]
+
+    def gradient_call(self, layout: Layout, stage: int, grad_reduce: int, net: Network) -> tuple[float, int]:
+        """(seconds, layers): one call of rank `stage`'s layers' gradient reduction, all-reduced
+        at ZeRO 0 and reduce-scattered above, dense over the data-parallel ranks and experts over
+        their own, at the unpadded sizes, one call for all the rank's chunks and without the ends'
+        tensors; and the rank's layers. A floor under the `grads` that `price` counts
+        (`cluster._dp_records`: the same collectives per chunk, over the padded shards, the ends'
+        too), once per split."""
+        key = (layout.tp, layout.ep, layout.cp, layout.dp, layout.pp, layout.vpp, layout.zero, stage,
+               grad_reduce, net)
+        if key not in self._gradients:
+            numel_d, numel_e = self.data.numel(layout.tp, layout.ep)
+            layers = [i for c in rank_chunks(self.data.n_main, layout, stage, self.data.mtp_depth) for i in c.layers]
+            kind = "all_reduce" if layout.zero == 0 else "reduce_scatter"
+            groups = (("dp_cp" if layout.cp > 1 else "dp", layout.dp * layout.cp, sum(numel_d[i] for i in layers)),
+                      ("expert_dp", layout.expert_dp, sum(numel_e[i] for i in layers)))
+            seconds = sum(collective_time(Collective(kind, mesh, size, n * grad_reduce, 1, "gradients (floor)"),  # type: ignore[arg-type]
+                                          layout, net, self.rates.eff)
+                          for mesh, size, n in groups if n and size > 1)
+            self._gradients[key] = (seconds, max(1, len(layers)))
+        return self._gradients[key]
 
 
 def _first_twins(data: ModelData) -> list[int]:
@@ -1121,15 +1145,31 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
 
 
 def step_time_floor(pricer: Pricer, layout: Layout, microbatches: int, kernel: AttentionKernel,
-                    net: Network, overlap: frozenset[str]) -> float:
+                    net: Network, overlap: frozenset[str], states: StatesConvention, grad_reduce: int) -> float:
     """A floor under `price`'s step time, for the search to skip layouts that cannot rank: `price`
     charges (m + bubble slots) · the slowest rank's slot, a slot being a micro-batch's compute plus
     its exposed communication (no part of which is negative), and adds exposed data-parallel
     traffic and the optimizer step (neither negative). The floor's slot is the compute and the
     exposed MoE all-to-all alone, priced as `price` prices them (the all-to-all is most of what
-    sets a fine-grained MoE layout apart); both scale with m, so the slot does not depend on it."""
+    sets a fine-grained MoE layout apart); both scale with m, so the slot does not depend on it.
+    To it the floor adds the least, over the representative ranks, of the data-parallel seconds
+    `_dp_exposed` leaves exposed of the rank's layers' gradient reduction alone
+    (`Pricer.gradient_call`), with the rank's whole micro-batch compute as the backward it hides
+    behind: at short sequences that reduction outlasts the compute and is most of the step (two
+    thirds on Qwen3-235B at 256 tokens over 16,384 GPUs). DeepSpeed's module fetches at ZeRO-3
+    are priced otherwise (`_module_fetch_exposed`), and get no such term."""
     m = microbatches
-    return (m + bubble_slots(m, layout.pp, layout.vpp)) * pricer.floor_slot(layout, kernel, net, overlap)
+    slots = pricer.floor_slots(layout, kernel, net, overlap)
+    floor = (m + bubble_slots(m, layout.pp, layout.vpp)) * max(slot for _, _, slot in slots)
+    if layout.zero == 3 and states.module_fetch:
+        return floor
+    calls = m if layout.zero >= 2 else 1
+    exposed = []
+    for stage, compute, _ in slots:
+        call, layers = pricer.gradient_call(layout, stage, grad_reduce, net)
+        window = _MicroBatch(gemm_bwd=compute)  # no backward outlasts the whole micro-batch
+        exposed.append(_dp_exposed(layout.zero, m, calls * call, 0.0, window, layers, "dp" in overlap))
+    return floor + min(exposed)
 
 
 def _module_fetch_exposed(data: ModelData, pricer: Pricer, layout: Layout, stage: int,
