@@ -369,15 +369,13 @@ def saved_bytes(module: Any, x: Any) -> int:
     saved tensors and the output are held until they are counted, so no saved storage is freed
     and its address reused by a later one (a node whose outputs all go unused frees its saved
     tensors during the forward)."""
-    import torch
+    from autograd_units import saved_during, storages
 
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept: list[Any] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        out = module(x)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    params = storages(list(module.parameters()))
+    out, kept = saved_during(lambda: module(x))
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
     del out
-    return sum(n for ptr, n in storages.items() if ptr not in params)
+    return sum(n for ptr, n in sizes.items() if ptr not in params)
 
 
 def test_moe_experts_scale_with_top_k_and_selective_leaves_them() -> None:

@@ -901,7 +901,7 @@ def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
     do."""
     if not isinstance(layer.ffn, MoEPlan):
         return 0
-    return 2 * h if layer.ffn.shared is not None or layer.ffn.shared_gate else h
+    return 2 * h if layer.ffn.shared is not None else h  # a shared gate comes with shared experts
 
 
 INDEX_BYTES = 8  # int64 indices: top-k choices, sort orders
@@ -2001,16 +2001,16 @@ def _head_tensors(data: ModelData, layout: Layout, engine: Engine) -> tuple[floa
     head's inputs and the fp32 logits of every pass (the main one and one per MTP module); and the
     MTP modules' kept inputs."""
     tp = layout.tp
-    # the LM head's input: sequence-sharded under Megatron's SP, gathered and saved by DTensor
-    head_split = tp if layout.sequence_parallel and engine == "megatron" else 1
-    ends = data.final_norm_act / (tp if layout.sequence_parallel else 1) + data.head_input_act / head_split
-    # an MTP module's embedding and projection input, sequence-sharded under SP (the projection's
-    # input gathered and saved whole by DTensor's column-parallel matmul: `shard._mtp_parallel`);
-    # full recompute checkpoints the whole module, which keeps its inputs (its block's counted as
-    # the layer's) and re-runs the projection (Megatron-Core's MTP layer)
     sp_split = tp if layout.sequence_parallel else 1
+    # a column-parallel GEMM's input (the LM head's, an MTP module's projection's): sequence-sharded
+    # under Megatron's SP, gathered and saved whole by DTensor (`shard._mtp_parallel` for the MTP's)
+    column_split = sp_split if engine == "megatron" else 1
+    ends = data.final_norm_act / sp_split + data.head_input_act / column_split
+    # an MTP module's embedding, sequence-sharded under SP, and its projection's input; full
+    # recompute checkpoints the whole module, which keeps its inputs (its block's counted as the
+    # layer's) and re-runs the projection (Megatron-Core's MTP layer)
     proj = data.mtp_proj_act if layout.recompute != "full" else 0
-    mtp = data.mtp_ids_act + data.mtp_embed_act / sp_split + proj / (sp_split if engine == "megatron" else 1)
+    mtp = data.mtp_ids_act + data.mtp_embed_act / sp_split + proj / column_split
     return ends + data.logits_act / tp, mtp
 
 
