@@ -1409,14 +1409,15 @@ def test_fake_verify_expert_parallel_selective(fake_world: None) -> None:
 
 
 @pytest.mark.parametrize(("stage", "pp", "vpp", "m"), [(0, 4, 2, 8), (3, 4, 2, 8), (1, 2, 3, 4), (0, 4, 2, 4),
-                                                   (1, 2, 2, 4), (2, 4, 3, 12)])
+                                                   (1, 2, 2, 4), (2, 4, 3, 12), (1, 8, 2, 32)])
 def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, pp: int, vpp: int, m: int) -> None:
     """Megatron's interleaved 1F1B: every (chunk, micro-batch) forward once, its backward once and
     after it; the chunks' backwards in reverse; min(2(p − j − 1) + (v − 1)p, m·v) warm-up forwards,
     so the most held at once is what `cluster.in_flight` prices, and every mix of chunks held before
     a backward, with the chunk of the forward just run (None after a backward) and the backward's,
-    is one of `cluster.pipeline_moments`, or, after a backward, holds no more of any chunk than
-    one of them before the same chunk's backward."""
+    is one of `cluster.pipeline_moments`; or, after a backward, holds no more of any chunk than one
+    of them before the same chunk's backward; or, after a forward, lies between two of them with
+    the same two chunks (anything linear in the held counts peaks at one of those)."""
     from archplan.distributed.step import interleaved_1f1b
     from archplan.planning import cluster
 
@@ -1441,10 +1442,22 @@ def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, p
     priced = set(cluster.pipeline_moments(layout, m, stage))
     assert priced <= moments
     for moment in moments - priced:
-        assert moment.forward is None and any(
-            other.backward == moment.backward and all(a <= b for a, b in zip(moment.counts, other.counts))
-            for other in priced)
-    assert {moment for moment in moments if moment.forward is not None} <= priced
+        if moment.forward is None:
+            assert any(all(a <= b for a, b in zip(moment.counts, other.counts)) for other in priced
+                       if other.backward == moment.backward)
+        else:
+            same = [other.counts for other in priced
+                    if (other.forward, other.backward) == (moment.forward, moment.backward)]
+            assert any(_between(moment.counts, x, y) for x in same for y in same)
+
+
+def _between(point: tuple[int, ...], x: tuple[int, ...], y: tuple[int, ...]) -> bool:
+    """Whether `point` lies on the segment from x to y."""
+    steps = {(b - a, c - a) for a, b, c in zip(x, y, point)}
+    if any(b == 0 and c != 0 for b, c in steps):
+        return False
+    ratios = {c / b for b, c in steps if b}
+    return len(ratios) <= 1 and all(0 <= r <= 1 for r in ratios)
 
 
 @pytest.mark.parametrize("microbatches", [2, 4])

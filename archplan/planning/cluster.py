@@ -1211,7 +1211,7 @@ def pipeline_moments(layout: Layout, microbatches: int, stage: int) -> tuple[Pip
 
 def _steady_microbatches(p: int, v: int, m: int, n: int) -> int:
     """The fewest micro-batches, congruent to m modulo the round size n, whose interleaved schedule
-    (`_interleaved_events`) runs every phase that m's does: its warm-up (at most 2·(p − 1) +
+    (`_interleaved_segments`) runs every phase that m's does: its warm-up (at most 2·(p − 1) +
     (v − 1)·n forwards), rounds of the steady state, the last round's rest and the cool-down. Past
     a few rounds the steady state repeats one round's events exactly, each chunk's held count
     included, so the moments before backwards and each chunk's last prefetch are those of m (tested
@@ -1223,42 +1223,89 @@ def _steady_microbatches(p: int, v: int, m: int, n: int) -> int:
     return m - n * ((m - rounds * n) // n)
 
 
-def _interleaved_events(p: int, v: int, m: int, n: int, stage: int) -> list[tuple[str, int]]:
-    """The interleaved schedule on rank `stage`, ("F" | "B", chunk) in the order it runs them:
-    forwards in rounds of n micro-batches through chunk 0, then 1, … (the last round takes the
-    rest, as `in_flight`'s), backwards in the same rounds with the chunks reversed (Megatron-LM
-    `get_schedule_table`, `get_model_chunk_id`); the warm-up forwards, then one forward and one
-    backward alternately, then the remaining backwards."""
-    rounds = []
+class _Segment(NamedTuple):
+    """`count` steps of the interleaved schedule that repeat one pattern: a forward of chunk
+    `forward`, then a backward of chunk `backward` (None: that half is absent, the warm-up's
+    forwards or the cool-down's backwards)."""
+    forward: int | None
+    backward: int | None
+    count: int
+
+
+def _interleaved_segments(p: int, v: int, m: int, n: int, stage: int) -> list[_Segment]:
+    """The interleaved schedule on rank `stage`, in runs: forwards in rounds of n micro-batches
+    through chunk 0, then 1, … (the last round takes the rest, as `in_flight`'s), backwards in the
+    same rounds with the chunks reversed (Megatron-LM `get_schedule_table`, `get_model_chunk_id`);
+    the warm-up forwards, then one forward and one backward alternately, then the remaining
+    backwards. Runs, not events: a round of 10⁵ micro-batches is a few segments."""
+    sizes = []
     start = 0
     while start < m:
         size = m - start if start + n >= m else n
-        rounds.append(size)
+        sizes.append(size)
         start += size
-    forward = [c for size in rounds for c in range(v) for _ in range(size)]
-    backward = [c for size in rounds for c in reversed(range(v)) for _ in range(size)]
-    total = m * v
-    warmup = min(total, 2 * (p - stage - 1) + (v - 1) * n)
-    events = [("F", c) for c in forward[:warmup]]
-    for i in range(total - warmup):
-        events += [("F", forward[warmup + i]), ("B", backward[i])]
-    return events + [("B", c) for c in backward[total - warmup:]]
+    forward = [[c, size] for size in sizes for c in range(v)]
+    backward = [[c, size] for size in sizes for c in reversed(range(v))]
+
+    def take(runs: list[list[int]], most: int) -> tuple[int, int]:
+        """(chunk, count) of the next run's first `most` steps or fewer, consumed."""
+        chunk, left = runs[0]
+        count = min(left, most)
+        if count == left:
+            runs.pop(0)
+        else:
+            runs[0][1] -= count
+        return chunk, count
+
+    segments = []
+    warmup = min(m * v, 2 * (p - stage - 1) + (v - 1) * n)
+    while warmup:
+        chunk, count = take(forward, warmup)
+        segments.append(_Segment(chunk, None, count))
+        warmup -= count
+    while forward:
+        a, b = forward[0][0], backward[0][0]
+        count = min(forward[0][1], backward[0][1])
+        take(forward, count)
+        take(backward, count)
+        segments.append(_Segment(a, b, count))
+    segments += [_Segment(None, chunk, count) for chunk, count in backward]
+    return segments
 
 
 @lru_cache(maxsize=4096)
 def _interleaved_moments(p: int, v: int, m: int, n: int, stage: int) -> tuple[PipelineMoment, ...]:
-    """`pipeline_moments` of the interleaved schedule (`_interleaved_events`): the held mix before
+    """`pipeline_moments` of the interleaved schedule (`_interleaved_segments`): the held mix before
     each backward, after the forward or the backward before it. Those after a backward hold less,
     but under full recompute the backward's chunk re-runs its layers there: a rank whose layers
     all sit in its first chunk re-runs them only in the cool-down (measured by verify --layout:
-    tiny-mamba, PP2×v2, two micro-batches, stage 1, 1.51 times the activations priced without it)."""
-    events = _interleaved_events(p, v, _steady_microbatches(p, v, m, n), n, stage)
+    tiny-mamba, PP2×v2, two micro-batches, stage 1, 1.51 times the activations priced without it).
+    Within a segment the held counts step by the same vector and the two chunks stay, so anything
+    linear in the counts, as a rank's activations are, peaks at the segment's first or last
+    moment: those two are kept (tested against the whole schedule)."""
     counts = [0] * v
     moments = set()
-    for (op, c), (after, next_c) in zip(events, events[1:]):
-        counts[c] += 1 if op == "F" else -1
-        if after == "B":
-            moments.add(PipelineMoment(tuple(counts), c if op == "F" else None, next_c))
+    last_forward: int | None = None
+    for a, b, count in _interleaved_segments(p, v, _steady_microbatches(p, v, m, n), n, stage):
+        if b is None:  # warm-up forwards: no backward follows within the segment
+            counts[a] += count
+            last_forward = a
+            continue
+        steps = (0, count - 1) if count > 1 else (0,)
+        for k in steps:
+            held = list(counts)
+            if a is None:  # cool-down: after the previous backward, or the warm-up's last forward
+                held[b] -= k
+                forward = last_forward if k == 0 else None
+            else:  # after k + 1 forwards of chunk a and k backwards of chunk b
+                held[a] += k + 1
+                held[b] -= k
+                forward = a
+            moments.add(PipelineMoment(tuple(held), forward, b))
+        if a is not None:
+            counts[a] += count
+        counts[b] -= count
+        last_forward = None
     # a moment after a backward adds nothing beside its held mix but its backward's own terms, so
     # one holding no more of any chunk than another before the same chunk's backward cannot peak
     kept = [moment for moment in moments if moment.forward is not None or not any(
@@ -1284,15 +1331,34 @@ def fsdp2_stale_prefetch(layout: Layout, microbatches: int, stage: int) -> tuple
 
 @lru_cache(maxsize=4096)
 def _stale_prefetch(p: int, v: int, m: int, n: int, stage: int) -> tuple[bool, ...]:
-    stacks: list[list[int]] = [[] for _ in range(v)]
+    # each chunk's stack of recorded forward indices, as runs [first, last + 1)
+    stacks: list[list[list[int]]] = [[] for _ in range(v)]
     recorded = [0] * v
     popped = [0] * v
-    for op, c in _interleaved_events(p, v, _steady_microbatches(p, v, m, n), n, stage):
-        if op == "F":
-            stacks[c].append(recorded[c])
-            recorded[c] += 1
-        else:
-            popped[c] = stacks[c].pop()
+
+    def push(c: int, count: int) -> None:
+        stacks[c].append([recorded[c], recorded[c] + count])
+        recorded[c] += count
+
+    def pop(c: int, count: int) -> None:
+        while count:
+            top = stacks[c][-1]
+            out = min(count, top[1] - top[0])
+            top[1] -= out
+            popped[c] = top[1]
+            if top[0] == top[1]:
+                stacks[c].pop()
+            count -= out
+
+    for a, b, count in _interleaved_segments(p, v, _steady_microbatches(p, v, m, n), n, stage):
+        if a is not None and a == b:  # each backward pops the index its forward just pushed
+            recorded[a] += count
+            popped[a] = recorded[a] - 1
+            continue
+        if a is not None:
+            push(a, count)
+        if b is not None:
+            pop(b, count)
     return tuple(last != 0 for last in popped)
 
 
