@@ -269,17 +269,20 @@ def forward_and_training_flops(mixer: torch.nn.Module, x: torch.Tensor) -> tuple
 def test_mamba1_backward_counts_three_forwards(seq_len: int, d_state: int) -> None:
     """The scan's backward, dC over every channel a step at a time and the rest over blocks of
     ⌈I/N⌉ channels (one block at N = 1, a short last block at I = 12, N = 5), counts its
-    contraction's bmm twice the forward's (training = 3 × forward), as the projections' mm do."""
+    contraction's bmm twice the forward's (training = 3 × forward), as the projections' mm do. On
+    the meta device (`verify`) the blocks are one, and every op's FLOPs are the same."""
     from archplan.modules.mamba1 import channel_blocks
 
     p = replace(m1_plan(inner_norms=True), d_state=d_state)
-    assert len(channel_blocks(12, d_state)) == min(d_state, 12) - (d_state == 5)
-    with torch.device("meta"):
-        mixer = Mamba1Mixer(p, 8)
-    forward, both = forward_and_training_flops(mixer, torch.empty(2, seq_len, 8, device="meta", requires_grad=True))
+    assert len(channel_blocks(12, d_state, torch.device("cpu"))) == min(d_state, 12) - (d_state == 5)
+    assert len(channel_blocks(12, d_state, torch.device("meta"))) == 1
+    mixer = Mamba1Mixer(p, 8)
+    forward, both = forward_and_training_flops(mixer, torch.randn(2, seq_len, 8, requires_grad=True))
     mm, addmm, bmm = torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm
     assert forward[bmm] == 2 * 2 * seq_len * 12 * d_state and both[bmm] == 3 * forward[bmm]
     assert both[mm] == forward[mm] + 2 * (forward[mm] + forward[addmm])  # addmm's backward runs mm
+    meta = forward_and_training_flops(mixer.to("meta"), torch.empty(2, seq_len, 8, device="meta", requires_grad=True))
+    assert meta == (forward, both)
 
 
 def test_mamba1_bf16_runs() -> None:

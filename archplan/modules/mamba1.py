@@ -292,7 +292,11 @@ class _ChunkedScan(torch.autograd.Function):
       independent: a block's states are as large as one fp32 (B, T, I) tensor. dh = dy·Cᵀ has
       one term per channel, so the blocks' matmuls count the same FLOPs. dB sums over channels:
       the blocks' parts are summed in fp32 and rounded to B's dtype once (plain autograd's value
-      within fp32 summation order)."""
+      within fp32 summation order).
+    On the meta device, which allocates nothing, one block holds every channel: the same ops in
+    one sixteenth of the calls at I = 16·N, each a Python meta kernel there (`verify` of
+    Mamba-2.8B took 103 s and takes 12 s, docs/benchmarks.md), and the same FLOPs op by op
+    (tested against the blocks on CPU)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -324,16 +328,17 @@ class _ChunkedScan(torch.autograd.Function):
                                           None if h0_BIN is None else h0_BIN[:, c],
                                           None if D_I is None else D_I[c]],
                          None if dy_BTI is None else dy_BTI[..., c], None if dstate_BIN is None else dstate_BIN[:, c])
-            for c in channel_blocks(A_IN.shape[0], A_IN.shape[1])
+            for c in channel_blocks(A_IN.shape[0], A_IN.shape[1], A_IN.device)
         ]
         du, ddt, dA, dB, _, dh0, dD = (_join([g[k] for g in blocks], dim) for k, dim in
                                        enumerate((2, 2, 0, None, None, 1, 0)))
         return du, ddt, dA, None if dB is None else dB.to(B_BTN.dtype), dC_BTN, dh0, dD, None
 
 
-def channel_blocks(channels: int, d_state: int) -> list[slice]:
-    """The scan backward's blocks of ⌈I/N⌉ channels (`_ChunkedScan`)."""
-    size = -(-channels // d_state)
+def channel_blocks(channels: int, d_state: int, device: torch.device) -> list[slice]:
+    """The scan backward's blocks of ⌈I/N⌉ channels (`_ChunkedScan`); one of them all on the meta
+    device, where no state takes memory."""
+    size = channels if device.type == "meta" else -(-channels // d_state)
     return [slice(start, min(start + size, channels)) for start in range(0, channels, size)]
 
 
