@@ -524,7 +524,7 @@ def test_train_past_the_device_memory_is_refused_with_what_fits(
 
     def step(batch: int, seq: int) -> int:
         return training_memory(plan, count_params(plan), batch, seq, "none", activation_dtype="bf16",
-                               attention_kernel="torch-cpu", residual_dtype="fp32", ssd="torch", autocast=True).total
+                               attention_kernel="torch-cpu", residual_dtype="fp32", units="torch", autocast=True).total
 
     batch, seq = int(chosen.get("--batch", 1)), int(chosen["--seq"])
     assert step(batch, seq) <= FIT_FRACTION * free

@@ -1136,7 +1136,7 @@ def test_bench_train_mamba_scan_backward_stays_within_the_peak(recompute: str) -
 def test_bench_train_prices_archplans_ssd_unit() -> None:
     """bench --train steps archplan's SSD unit, which keeps the conv's SiLU input, C·Bᵀ and the
     chunk states beyond mamba_ssm's kernels (`size`'s figure): priced with the unit's
-    (`ssd="torch"`), tiny Mamba-2's kept activations are size's within 1% (1.28, ✗, against the
+    (`units="torch"`), tiny Mamba-2's kept activations are size's within 1% (1.28, ✗, against the
     kernels' figure). Its step peak is the unit's backward, which recomputes its operands in fp32
     (the `scan backward` moment): 0.96 of size's (1.18, ✗, before that moment was priced)."""
     from typer.testing import CliRunner

@@ -23,13 +23,13 @@ from torch.utils._pytree import tree_flatten
 
 from autograd_units import held_by_graph, storages
 
-from archplan.analytic.memory import activation_memory
+from archplan.analytic.memory import _ffn_bytes, activation_memory, moe_routing_bytes
 from archplan.distributed.expert import ExpertParallel
 from archplan.distributed.mesh import init_fake_world
 from archplan.loader import load_spec
 from archplan.modules.moe import Experts, MoEFFN
 from archplan.planning import cluster
-from archplan.resolve import LayerPlan, MoEPlan, resolve
+from archplan.resolve import LayerPlan, ModelPlan, MoEPlan, resolve
 from archplan.spec import Spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "distributed"
@@ -127,10 +127,10 @@ def test_combine_working_set_expert_parallel(moe_layer: tuple[LayerPlan, int],
     assert expected <= transient <= 1.05 * expected
 
 
-def _saved(moe: MoEFFN, d_model: int) -> int:
+def _saved(moe: MoEFFN, d_model: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of the distinct non-parameter storages the autograd graph of one forward holds."""
     params = storages([*moe.parameters(), *moe.buffers()])
-    out = moe(torch.randn(1, SEQ, d_model, dtype=torch.bfloat16, requires_grad=True))
+    out = moe(torch.randn(1, SEQ, d_model, dtype=dtype, requires_grad=True) * 1.0)
     return sum(n for ptr, n in held_by_graph(out).items() if ptr not in params)
 
 
@@ -144,6 +144,15 @@ ROUTERS = {
 }
 
 
+def _with_router(router: str) -> tuple[ModelPlan, LayerPlan]:
+    """tiny-moe at D_MODEL with one of ROUTERS, and its first MoE layer."""
+    spec = load_spec(FIXTURES / "tiny-moe.yaml").model_dump(exclude_unset=True)
+    spec["moe"] |= {k: v for k, v in ROUTERS[router].items() if k != "router"}
+    spec["moe"]["router"] |= ROUTERS[router].get("router", {})
+    plan = resolve(Spec.model_validate(spec | {"d_model": D_MODEL}))
+    return plan, next(layer for layer in plan.layers if isinstance(layer.ffn, MoEPlan))
+
+
 @pytest.mark.parametrize("ep", [1, 2])
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 def test_routing_metadata_is_what_autograd_saves(router: str, ep: int) -> None:
@@ -155,11 +164,7 @@ def test_routing_metadata_is_what_autograd_saves(router: str, ep: int) -> None:
     per-layer terms are added: the group ends (int32) and the loss's expert fractions and value
     (fp32). Before these were priced, verify --layout's activations at 128 tokens were 1.023 of
     plan's on tiny-moe and 1.030 on tiny-mla-moe (shared experts)."""
-    spec = load_spec(FIXTURES / "tiny-moe.yaml").model_dump(exclude_unset=True)
-    spec["moe"] |= {k: v for k, v in ROUTERS[router].items() if k != "router"}
-    spec["moe"]["router"] |= ROUTERS[router].get("router", {})
-    plan = resolve(Spec.model_validate(spec | {"d_model": D_MODEL}))
-    layer = next(layer for layer in plan.layers if isinstance(layer.ffn, MoEPlan))
+    plan, layer = _with_router(router)
     assert isinstance(layer.ffn, MoEPlan)
     e = layer.ffn.n_experts
     moe = MoEFFN(layer.ffn, D_MODEL).to(torch.bfloat16).train()
@@ -179,3 +184,31 @@ def test_routing_metadata_is_what_autograd_saves(router: str, ep: int) -> None:
     finally:
         dist.destroy_process_group()
     assert saved == expected + SEQ * expert_order
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bench_train_counts_the_routing_metadata(router: str, autocast: bool) -> None:
+    """`bench --train`'s step (fp32 weights, under autocast or in fp32): what the torch MoE's graph
+    holds is size's count with archplan's units (`units="torch"`: the per-tensor router, experts
+    and shared experts, autocast's copies of the input, and `memory.moe_routing_bytes`) plus the
+    per-layer terms left out of it (the group ends, the loss's expert fractions and value) and,
+    under autocast, its bf16 copies of the weights its matmuls cast (model states' copies, not
+    activations; the router runs in fp32 and has none). Before the routing was counted, tiny-moe's
+    `bench --train` activations at 128 tokens were 1.019 of size's."""
+    plan, layer = _with_router(router)
+    moe_plan = layer.ffn
+    assert isinstance(moe_plan, MoEPlan)
+    moe = MoEFFN(moe_plan, D_MODEL).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        saved = _saved(moe, D_MODEL, torch.float32)
+    act = 2 if autocast else 4
+    counted = _ffn_bytes("ffn", moe_plan, SEQ, D_MODEL, input_shared=False, dropout=False, act=act,
+                         autocast=autocast, units="torch")
+    e = moe_plan.n_experts
+    per_layer = 4 * e + (4 * e + 4 if moe_plan.aux_loss_coef > 0 else 0)
+    router_params = sum(p.numel() for p in moe.router.parameters())
+    copies = 2 * (sum(p.numel() for p in moe.parameters()) - router_params) if autocast else 0
+    assert saved == sum(counted.values()) + per_layer + copies
+    plain = _ffn_bytes("ffn", moe_plan, SEQ, D_MODEL, input_shared=False, dropout=False, act=act, autocast=autocast)
+    assert sum(counted.values()) - sum(plain.values()) == SEQ * moe_routing_bytes(moe_plan, act)[0] > 0

@@ -362,7 +362,7 @@ def test_autocast() -> None:
     sized = size_json(tiny, "--seq", "64", "--attention-kernel", "torch-cpu", "--autocast")["memory"]["training"]
     plan = resolve(load_spec(tiny))
     trained = training_memory(plan, count_params(plan), 1, 64, "none", activation_dtype="bf16",
-                              attention_kernel="torch-cpu", residual_dtype="fp32", ssd="torch", autocast=True)
+                              attention_kernel="torch-cpu", residual_dtype="fp32", units="torch", autocast=True)
     assert sized["activations"] == trained.activations.kept
     for extra, message in ((("--activation-dtype", "fp32"), "autocast runs the matmuls in 16 bits"),
                            (("--residual-dtype", "bf16"), "autocast over fp32 weights keeps an fp32 residual stream")):

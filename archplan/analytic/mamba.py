@@ -98,7 +98,7 @@ def mamba1_unit_bytes(m: Mamba1Plan, batch: int, seq_len: int, act_bytes: int) -
     tensors: the conv's output before the SiLU, which SiLU's backward reads (mamba_ssm's fused
     conv and SiLU recompute it from the conv's input), d_inner per token; and not the kernel's
     chunk states, which the chunked scan recomputes in its backward. mamba_ssm's figure is
-    `size`'s; this is `bench --train`'s (`ssd="torch"`)."""
+    `size`'s; this is `bench --train`'s (`units="torch"`)."""
     return act_bytes * batch * seq_len * m.d_inner - _scan_kernel_states(m, batch, seq_len)
 
 
@@ -145,7 +145,7 @@ def ssd_backward_bytes(m: Mamba2Plan, batch: int, seq_len: int, autocast: bool) 
     autograd graph and differentiates it with all of its gradients alive, net of the two
     d_inner-wide tensors the layer's backward has freed by then (the scan output and out_proj's
     input, kept in the activation dtype). mamba_ssm's fused kernels hold none of this; `size`
-    prices those and this applies to `bench --train` only (`ssd="torch"`).
+    prices those and this applies to `bench --train` only (`units="torch"`).
 
     No source gives it: it is read off a live-bytes trace of the unit's backward (every op's
     outputs until their storages are freed, docs/figures.md §5.3), where the peak falls at one of

@@ -58,11 +58,12 @@ AttentionKernel = Literal["eager", "flash", "torch-cpu"]
 ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("eager", "flash", "torch-cpu")
 # The kernel that runs: "torch-cpu" resolved for one attention's head sizes.
 CoreKernel = Literal["eager", "flash", "math"]
-# What a Mamba layer's scan keeps: mamba_ssm's fused kernels' tensors, or archplan's torch units'
-# (`modules.mamba2`, `modules.mamba1`): Mamba-2's keeps more so that its backward recomputes no
-# contraction (`ssd_unit_bytes`), Mamba-1's its conv's output before the SiLU and not the
-# kernel's chunk states (`mamba.mamba1_unit_bytes`).
-SSDKernel = Literal["mamba_ssm", "torch"]
+# Whose saved tensors the Mamba and MoE layers keep: fused kernels' (mamba_ssm's scan, a fused
+# router), or archplan's torch units' (`modules.mamba2`, `modules.mamba1`, `modules.moe`):
+# Mamba-2's keeps more so that its backward recomputes no contraction (`ssd_unit_bytes`), Mamba-1's
+# its conv's output before the SiLU and not the kernel's chunk states (`mamba.mamba1_unit_bytes`),
+# an MoE layer its routing metadata (`moe_routing_bytes`).
+Units = Literal["kernels", "torch"]
 Phase = Literal["loss backward", "layer re-run", "attention backward", "scan backward", "tied gradient sum",
                 "optimizer step"]
 
@@ -76,7 +77,7 @@ MASK_BYTES = 1
 LOGITS_BYTES = 4
 CE_BACKWARD_TENSORS = 2
 LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query (Dao et al. 2022 §3.1)
-FP32_BYTES = 4  # torch's math SDPA kernel: its q, k, v copies and probabilities
+FP32_BYTES = 4  # fp32 tensors: torch's math SDPA kernel's q, k, v copies and probabilities, routing scores
 # Token ids kept for the embedding backward (int64; Megatron's "embedding input 8·s·b").
 TOKEN_ID_BYTES = 8
 
@@ -273,7 +274,7 @@ class ActivationMemory:
     activations alive while an attention core that materialises its probabilities runs its
     backward, at the layer where that moment is largest (0 for fused kernels), and
     `core_gradients` the s×s gradients it forms then. `scan_backward` and `scan_transient`: the
-    same for archplan's torch SSD unit (`ssd="torch"`), whose backward recomputes its operands
+    same for archplan's torch SSD unit (`units="torch"`), whose backward recomputes its operands
     (`mamba.ssd_backward_bytes`; 0 with mamba_ssm's kernels).
     """
 
@@ -354,7 +355,7 @@ def ssd_unit_bytes(m: Mamba2Plan, seq: int, act: int, contraction: int) -> int:
 
 
 def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: Recompute,
-                 kernel: AttentionKernel, dropout: bool, ssd: SSDKernel = "mamba_ssm", autocast: bool = False) -> int:
+                 kernel: AttentionKernel, dropout: bool, units: Units = "kernels", autocast: bool = False) -> int:
     tokens = s * b
     match mixer:
         case AttentionPlan():
@@ -377,14 +378,14 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             value += _core_operand_bytes(core, recompute, act, tokens, mixer.n_heads, mixer.n_heads, qk, dv)
             return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, core, dropout)
         case Mamba1Plan():
-            unit = mamba1_unit_bytes(mixer, b, s, act) if ssd == "torch" else 0
+            unit = mamba1_unit_bytes(mixer, b, s, act) if units == "torch" else 0
             return mamba1_activation_bytes(mixer, h, b, s, act) + unit
         case Mamba2Plan():
             # mamba_ssm `mamba_split_conv1d_scan_combined` saves: in_proj input, zxbcdt, conv output,
             # dt and its cumulative sum (fp32), scan output, gated-norm output (out_proj input).
             zxbcdt = 2 * mixer.d_inner + 2 * mixer.n_groups * mixer.d_state + mixer.n_heads
             width = h + zxbcdt + mixer.conv_dim + mixer.d_inner + mixer.d_inner
-            unit = b * ssd_unit_bytes(mixer, s, act, act) if ssd == "torch" else 0
+            unit = b * ssd_unit_bytes(mixer, s, act, act) if units == "torch" else 0
             return act * tokens * width + 2 * 4 * tokens * mixer.n_heads + unit
         case S4Plan():
             return s4_activation_bytes(mixer, h, b, s, act, autocast)
@@ -428,11 +429,37 @@ def _autocast_copies(module: MixerPlan | FFNPlan | MoEPlan, counted: int) -> int
             return max(_input_readers(module) - counted, 0)
 
 
+INDEX_BYTES = 8  # int64 indices: top-k choices, sort orders
+
+
+def moe_routing_bytes(moe: MoEPlan, act: int) -> tuple[int, int]:
+    """Per token, (routing, expert order): the bytes of routing metadata archplan's torch MoE
+    (`modules.moe`) keeps for its backward beyond the per-tensor model's k routing weights and E
+    probabilities in the activation dtype (`act` bytes), and what expert parallelism adds
+    (`distributed.expert`). Routing: the E scores in fp32, the k top-k indices (int64, which the
+    weights' gather saves), the rows' gather index and its inverse (int64, 2k: the dispatch's and
+    the combine's), with normalised top-k weights the k weights before the division and their sum
+    (fp32), with a load-balancing loss each token's score sum (fp32, which its renormalisation
+    saves). The selection itself keeps nothing (a group-limited router's group scores and mask
+    included): its graph ends in the top-k's unused values, so autograd frees it in the forward.
+    Expert order: the received rows' sort order and its inverse, 2k int64. Per layer, not per
+    token and so left out: the E group ends and the loss's E expert fractions (4 B each)."""
+    k, e = moe.top_k, moe.n_experts
+    routing = (FP32_BYTES - act) * e + 3 * INDEX_BYTES * k
+    if moe.normalize_top_k:
+        routing += FP32_BYTES * (k + 1)
+    if moe.aux_loss_coef > 0:
+        routing += FP32_BYTES
+    return routing, 2 * INDEX_BYTES * k
+
+
 def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_shared: bool,
-               dropout: bool, act: int = ACT_BYTES, autocast: bool = False) -> dict[str, int]:
+               dropout: bool, act: int = ACT_BYTES, autocast: bool = False,
+               units: Units = "kernels") -> dict[str, int]:
     """Per module path. `input_shared`: a parallel block with one norm feeds the mixer and the FFN
     the same tensor, already counted with the mixer. `autocast`: the copies of the input its
-    projections cast (`_autocast_copies`), with the router's under MoE."""
+    projections cast (`_autocast_copies`), with the router's under MoE. `units`: "torch" adds an
+    MoE layer's routing metadata to its router (`moe_routing_bytes`)."""
     x_bytes = 0 if input_shared else act * tokens * h
     if autocast:  # with the input shared with the mixer (one norm, parallel block) its count is the mixer's
         x_bytes += act * tokens * h * _autocast_copies(ffn, counted=0 if input_shared else 1)
@@ -444,7 +471,8 @@ def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_sha
             k = ffn.top_k
             out = {
                 # router input (also the shared experts' input), softmax probabilities, top-k weights
-                f"{path}.router": x_bytes + act * tokens * (ffn.n_experts + k) + mask,
+                f"{path}.router": x_bytes + act * tokens * (ffn.n_experts + k) + mask
+                + (tokens * moe_routing_bytes(ffn, act)[0] if units == "torch" else 0),
                 # dispatched copies of the input, each copy's FFN intermediates, and the expert
                 # outputs the weighted combine saves
                 f"{path}.experts": act * tokens * k * h
@@ -461,18 +489,18 @@ def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_sha
 
 
 def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, recompute: Recompute,
-                 kernel: AttentionKernel, dropout: bool, res: int, ssd: SSDKernel, autocast: bool) -> dict[str, int]:
+                 kernel: AttentionKernel, dropout: bool, res: int, units: Units, autocast: bool) -> dict[str, int]:
     h = plan.d_model
     tokens = s * b
     # norm inputs: the residual stream, but for the post-sublayer norms (sandwich, reordered), which
     # normalise a sublayer's output
     out = {f"{layer.path}.{name}": (act if name.startswith("post_") else res) * tokens * h for name in layer.norms}
-    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, ssd, autocast)
+    out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, units, autocast)
     if autocast:
         out[f"{layer.path}.mixer"] += act * tokens * h * _autocast_copies(layer.mixer, counted=1)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
-        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act, autocast)
+        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act, autocast, units)
     return out
 
 
@@ -503,11 +531,11 @@ def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
 
 
 def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
-                         b: int, ssd: SSDKernel, autocast: bool) -> tuple[int, int]:
+                         b: int, units: Units, autocast: bool) -> tuple[int, int]:
     """Activations alive while archplan's SSD unit runs its backward in `layer`, and what that
     backward holds beyond them (`mamba.ssd_backward_bytes`); (0, 0) for any other mixer and for
     mamba_ssm's kernels."""
-    if not isinstance(layer.mixer, Mamba2Plan) or ssd != "torch":
+    if not isinstance(layer.mixer, Mamba2Plan) or units != "torch":
         return 0, 0
     return (_alive_at_mixer_backward(layer, kept, before, block_input),
             ssd_backward_bytes(layer.mixer, b, s, autocast))
@@ -516,7 +544,7 @@ def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, bl
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
                       dropout: bool = False, activation_dtype: DType | str = DType.bf16,
                       attention_kernel: AttentionKernel = "eager",
-                      residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm",
+                      residual_dtype: DType | str | None = None, units: Units = "kernels",
                       autocast: bool = False) -> ActivationMemory:
     """Activations of one micro-batch, per saved tensor (Korthikanti et al. 2022 §4.1 generalised).
 
@@ -528,10 +556,10 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     read from it keep: the norms fed by it, the layer inputs full recompute keeps, the embedding
     norm's and the final norm's inputs. It is fp32 under torch autocast with fp32 weights (the
     embedding's output is fp32 and so is every residual add; the matmuls' inputs are their own
-    16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `ssd`: what a Mamba
-    layer keeps, mamba_ssm's kernels' tensors (`size`) or archplan's torch units' (`bench
+    16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `units`: what the Mamba
+    and MoE layers keep, fused kernels' tensors (`size`) or archplan's torch units' (`bench
     --train`): Mamba-2's `ssd_unit_bytes` (its contractions in the activation dtype as under
-    autocast), Mamba-1's `mamba1_unit_bytes`.
+    autocast), Mamba-1's `mamba1_unit_bytes`, an MoE layer's `moe_routing_bytes`.
     `autocast`: the step runs under torch.autocast (`bench --train` in bf16), whose matmuls keep
     their 16-bit casts where S4's kernel generation multiplies in fp32 otherwise
     (`s4_kernel_activation_bytes`), and which casts a matmul's fp32 input on every call, so each
@@ -556,18 +584,18 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         """`around`: under full recompute, the bytes the checkpoint re-runs beside the block (an
         MTP module's own parts, which keep its inputs instead of the block's)."""
         nonlocal working_set, core_backward, scan_backward, below
-        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, ssd, autocast)
+        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, units, autocast)
         block_input = res * tokens * h if recompute == "full" and not around else 0
         core_backward = max(core_backward, _attention_backward_bytes(
             layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
         scan_backward = max(scan_backward, _scan_backward_bytes(
-            layer, full, below, block_input, s, b, ssd, autocast), key=sum)
+            layer, full, below, block_input, s, b, units, autocast), key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept
                 working_set = max(working_set, sum(full.values()) + around)
             case "selective":
-                kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, ssd,
+                kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, units,
                                     autocast)
             case "none":
                 kept = full
@@ -662,7 +690,7 @@ def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_l
                     recompute: Recompute = "none", zero_stage: int = 0, dp: int = 1,
                     activation_dtype: DType | str = DType.bf16,
                     attention_kernel: AttentionKernel = "eager",
-                    residual_dtype: DType | str | None = None, ssd: SSDKernel = "mamba_ssm",
+                    residual_dtype: DType | str | None = None, units: Units = "kernels",
                     autocast: bool = False) -> TrainingMemory:
     """Model states over all unique parameters (every expert has weights, grads and Adam states)
     plus the peak of one micro-batch of `seq_len` tokens per sequence through the step. The step's
@@ -676,7 +704,7 @@ def training_memory(plan: ModelPlan, params: ParamCount, micro_batch: int, seq_l
         states=states,
         activations=activation_memory(plan, micro_batch, seq_len, recompute,
                                       activation_dtype=activation_dtype, attention_kernel=attention_kernel,
-                                      residual_dtype=residual_dtype, ssd=ssd, autocast=autocast),
+                                      residual_dtype=residual_dtype, units=units, autocast=autocast),
         tied_grad_sum=TIED_GRAD_COPIES * TIED_GRAD_BYTES * plan.vocab_size * plan.d_model if plan.tied else 0,
         optimizer_step=states.adam_v * ADAM_STEP_TEMP_BYTES // ADAM_VARIANCE_BYTES,
     )

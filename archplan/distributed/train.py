@@ -22,7 +22,8 @@ stream of fp32 weights, and with the attention kernel SDPA runs on the device (`
 in fp32, K = flash on CUDA (a fused kernel for every head size, no s x s
 probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's unequal q and v
 head sizes). Mamba layers are priced as archplan's units keep them, not as mamba_ssm's kernels
-(size's figure): `ssd="torch"` of `training_memory`. The step is the one that model describes: the
+(size's figure), and MoE layers with the routing metadata archplan's router keeps: `units="torch"`
+of `training_memory`. The step is the one that model describes: the
 logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).
 """
@@ -75,7 +76,7 @@ class TrainBench:
     activations_ok: bool
     total_ok: bool
     attention_kernel: str  # the one size's activations are priced with (`attention_kernel`)
-    ssd_unit: bool  # Mamba layers priced as archplan's units keep them (`ssd="torch"`)
+    ssd_unit: bool  # Mamba layers priced as archplan's units keep them (`units="torch"`)
     # what `activations_ok` judges: the activations after the forward less autocast's weight copies
     measured_activations: int
     # forward + backward of the step's sequences, attention causal (`training_flops_per_sequence`):
@@ -189,7 +190,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
 
     def step_bytes(built: ModelPlan, batch: int, seq: int) -> TrainingMemory:
         return training_memory(built, count_params(built), batch, seq, recompute, activation_dtype=dtype,
-                               attention_kernel=kernel, residual_dtype="fp32", ssd="torch", autocast=dtype == "bf16")
+                               attention_kernel=kernel, residual_dtype="fp32", units="torch", autocast=dtype == "bf16")
 
     refuse_unless_fits(plan, lambda built, b, s: step_bytes(built, b, s).total, batch, seq, device=dev.type,
                        free=free_memory(dev), run="--train", priced="size's training memory")

@@ -200,7 +200,14 @@ from typing_extensions import assert_never
 
 from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
 from archplan.analytic.mamba import ssd_chunks
-from archplan.analytic.memory import FP32_BYTES, RECOMPUTE_MODES, Recompute, activation_memory, ssd_unit_bytes
+from archplan.analytic.memory import (
+    FP32_BYTES,
+    RECOMPUTE_MODES,
+    Recompute,
+    activation_memory,
+    moe_routing_bytes,
+    ssd_unit_bytes,
+)
 from archplan.analytic.mtp import mtp_norm_names
 from archplan.errors import ArchplanError
 from archplan.hardware import FP8_TN_ONLY, Accelerator
@@ -904,32 +911,13 @@ def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
     return 2 * h if layer.ffn.shared is not None else h  # a shared gate comes with shared experts
 
 
-INDEX_BYTES = 8  # int64 indices: top-k choices, sort orders
-
-
 def _routing_bytes(layer: LayerPlan) -> tuple[int, int]:
-    """Per token, (routing, expert order): the bytes of routing metadata archplan's torch MoE
-    (`modules.moe`) keeps for its backward beyond the per-tensor model's k routing weights and E
-    probabilities at 16 bits, and what expert parallelism adds (`distributed.expert`); (0, 0)
-    elsewhere. Routing: the E scores in fp32 (PROB_BYTES, not 16 bits), the k top-k indices
-    (int64, which the weights' gather saves), the rows' gather index and its inverse (int64, 2k: the
-    dispatch's and the combine's), with normalised top-k weights the k weights before the division
-    and their sum (fp32), with a load-balancing loss each token's score sum (fp32, which its
-    renormalisation saves). The selection itself keeps nothing (a group-limited router's group
-    scores and mask included): its graph ends in the top-k's unused values, so autograd frees it
-    in the forward. Expert order: the received rows' sort order and its inverse, 2k int64. Per
-    layer, not per token and so left out: the E group ends and the loss's E expert fractions (4 B
-    each)."""
+    """Per token, an MoE layer's (routing, expert order) metadata in the torch modules, beyond the
+    per-tensor model's 16-bit probabilities and weights (`memory.moe_routing_bytes`); (0, 0)
+    elsewhere."""
     if not isinstance(layer.ffn, MoEPlan):
         return 0, 0
-    moe = layer.ffn
-    k, e = moe.top_k, moe.n_experts
-    routing = (PROB_BYTES - ACT_BYTES) * e + 3 * INDEX_BYTES * k
-    if moe.normalize_top_k:
-        routing += PROB_BYTES * (k + 1)
-    if moe.aux_loss_coef > 0:
-        routing += PROB_BYTES
-    return routing, 2 * INDEX_BYTES * k
+    return moe_routing_bytes(layer.ffn, ACT_BYTES)
 
 
 def _glu_width(layer: LayerPlan) -> int:
