@@ -306,13 +306,15 @@ def test_ffn_count_is_what_autograd_saves(kind: Any, act: Any, bias: bool) -> No
 
 @pytest.mark.parametrize("kind", ["mlp", "glu"])
 @pytest.mark.parametrize("input_shared", [False, True])
-def test_ffn_count_under_autocast_is_what_autograd_saves(kind: Any, input_shared: bool) -> None:
+@pytest.mark.parametrize("wide", [True, False])
+def test_ffn_count_under_autocast_is_what_autograd_saves(kind: Any, input_shared: bool, wide: bool) -> None:
     """Under torch autocast over fp32 weights the FFN reads the norm's fp32 output, and each of
     its projections casts it to bf16 on its own call (autocast's cast cache holds the weights
     only): a GLU's gate and up keep a copy each, where the per-tensor count has one
     (`_autocast_copies`). The bytes autograd saves equal the count, also with the input shared
     with the mixer (one norm, parallel block), whose count holds the input the FFN's casts read
-    from and none of the casts."""
+    from and none of the casts. A bf16 input (`wide` False: an MTP module's block, whose residual
+    stream is its projection's bf16 output) is no cast's: the projections keep the one tensor."""
     torch = pytest.importorskip("torch")
     from archplan.analytic.memory import _ffn_bytes
     from archplan.modules.ffn import build_ffn
@@ -321,14 +323,16 @@ def test_ffn_count_under_autocast_is_what_autograd_saves(kind: Any, input_shared
     plan, d_model, tokens = FFNPlan(kind, 48, "silu", False), 32, 10
     module = build_ffn(plan, d_model)
     # a norm's output, not a leaf: autocast caches the casts of leaves that require grad
-    x_BTD = torch.randn(2, tokens // 2, d_model, requires_grad=True) * 1.0
+    x_BTD = torch.randn(2, tokens // 2, d_model, dtype=torch.float32 if wide else torch.bfloat16,
+                        requires_grad=True) * 1.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         saved = saved_bytes(module, x_BTD) - autocast_weight_copies(module)
     counted = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=input_shared, dropout=False,
-                         autocast=True)["ffn"]
-    assert saved == counted
+                         autocast=True, wide=wide)["ffn"]
+    # a shared bf16 input is the one the mixer's count holds
+    assert saved == counted + (0 if wide or not input_shared else 2 * tokens * d_model)
     plain = _ffn_bytes("ffn", plan, tokens, d_model, input_shared=False, dropout=False)["ffn"]
-    assert saved - plain == (2 * tokens * d_model if kind == "glu" else 0)
+    assert saved - plain == (2 * tokens * d_model if kind == "glu" and wide else 0)
 
 
 @pytest.mark.parametrize("autocast", [False, True])

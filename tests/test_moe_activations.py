@@ -187,28 +187,31 @@ def test_routing_metadata_is_what_autograd_saves(router: str, ep: int) -> None:
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
-@pytest.mark.parametrize("autocast", [True, False])
-def test_bench_train_counts_the_routing_metadata(router: str, autocast: bool) -> None:
+@pytest.mark.parametrize(("autocast", "wide"), [(True, True), (True, False), (False, True)])
+def test_bench_train_counts_the_routing_metadata(router: str, autocast: bool, wide: bool) -> None:
     """`bench --train`'s step (fp32 weights, under autocast or in fp32): what the torch MoE's graph
     holds is size's count with archplan's units (`units="torch"`: the per-tensor router, experts
     and shared experts, autocast's copies of the input, and `memory.moe_routing_bytes`) plus the
     per-layer terms left out of it (the group ends, the loss's expert fractions and value) and,
     under autocast, its bf16 copies of the weights its matmuls cast (model states' copies, not
-    activations; the router runs in fp32 and has none). Before the routing was counted, tiny-moe's
-    `bench --train` activations at 128 tokens were 1.019 of size's."""
+    activations; the router runs in fp32 and has none). Under autocast the input is the norm's
+    fp32 output, or (`wide` False) a bf16 one, as in an MTP module's block, whose router keeps an
+    fp32 copy of it. Before the routing was counted, tiny-moe's `bench --train` activations at
+    128 tokens were 1.019 of size's."""
     plan, layer = _with_router(router)
     moe_plan = layer.ffn
     assert isinstance(moe_plan, MoEPlan)
     moe = MoEFFN(moe_plan, D_MODEL).train()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        saved = _saved(moe, D_MODEL, torch.float32)
+        saved = _saved(moe, D_MODEL, torch.float32 if wide else torch.bfloat16)
     act = 2 if autocast else 4
     counted = _ffn_bytes("ffn", moe_plan, SEQ, D_MODEL, input_shared=False, dropout=False, act=act,
-                         autocast=autocast, units="torch")
+                         autocast=autocast, units="torch", wide=wide)
     e = moe_plan.n_experts
     per_layer = 4 * e + (4 * e + 4 if moe_plan.aux_loss_coef > 0 else 0)
     router_params = sum(p.numel() for p in moe.router.parameters())
     copies = 2 * (sum(p.numel() for p in moe.parameters()) - router_params) if autocast else 0
     assert saved == sum(counted.values()) + per_layer + copies
-    plain = _ffn_bytes("ffn", moe_plan, SEQ, D_MODEL, input_shared=False, dropout=False, act=act, autocast=autocast)
+    plain = _ffn_bytes("ffn", moe_plan, SEQ, D_MODEL, input_shared=False, dropout=False, act=act, autocast=autocast,
+                       wide=wide)
     assert sum(counted.values()) - sum(plain.values()) == SEQ * moe_routing_bytes(moe_plan, act)[0] > 0

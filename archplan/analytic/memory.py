@@ -414,19 +414,27 @@ def _input_readers(module: MixerPlan | FFNPlan) -> int:
             return 1
 
 
-def _autocast_copies(module: MixerPlan | FFNPlan | MoEPlan, counted: int) -> int:
-    """The 16-bit copies of a mixer's or an FFN's fp32 input that its projections keep under torch
-    autocast beyond the `counted` (0 or 1) the per-tensor model counts (`_layer_bytes`): autocast
-    casts a matmul's input on every call (its cast cache holds leaf tensors only, the weights), so
-    each projection that reads the norm's fp32 output keeps a cast of its own. An MoE router keeps
-    the fp32 input itself (`modules.moe.Router`: `x.float()` of an fp32 tensor is that tensor),
-    two 16-bit copies' worth, and its shared experts and their gate cast it once per projection."""
+def _autocast_copies(module: MixerPlan | FFNPlan | MoEPlan, counted: int, wide: bool = True) -> int:
+    """The 16-bit copies of a mixer's or an FFN's input that its projections keep under torch
+    autocast beyond the `counted` (0 or 1) the per-tensor model counts (`_layer_bytes`). `wide`:
+    the input is the norm's fp32 output (an fp32 residual stream). Autocast casts a matmul's input
+    on every call (its cast cache holds leaf tensors only, the weights), so each projection that
+    reads it keeps a cast of its own. An MoE router keeps the fp32 input itself
+    (`modules.moe.Router`: `x.float()` of an fp32 tensor is that tensor), two 16-bit copies'
+    worth, and its shared experts and their gate cast it once per projection. A 16-bit input
+    (an MTP module's block, on its projection's output) is no cast's: the projections keep the
+    one tensor, and an MoE router keeps its fp32 copy (two 16-bit widths) instead of it, beside
+    the tensor itself where its shared experts read it."""
     match module:
-        case MoEPlan():
+        case MoEPlan() if wide:
             shared = _input_readers(module.shared) if module.shared is not None else 0
             return 2 - counted + shared + (1 if module.shared_gate else 0)
-        case _:
+        case MoEPlan():
+            return 2 - counted + (1 if module.shared is not None and counted else 0)
+        case _ if wide:
             return max(_input_readers(module) - counted, 0)
+        case _:
+            return 0
 
 
 INDEX_BYTES = 8  # int64 indices: top-k choices, sort orders
@@ -455,14 +463,14 @@ def moe_routing_bytes(moe: MoEPlan, act: int) -> tuple[int, int]:
 
 def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_shared: bool,
                dropout: bool, act: int = ACT_BYTES, autocast: bool = False,
-               units: Units = "kernels") -> dict[str, int]:
+               units: Units = "kernels", wide: bool = True) -> dict[str, int]:
     """Per module path. `input_shared`: a parallel block with one norm feeds the mixer and the FFN
     the same tensor, already counted with the mixer. `autocast`: the copies of the input its
-    projections cast (`_autocast_copies`), with the router's under MoE. `units`: "torch" adds an
-    MoE layer's routing metadata to its router (`moe_routing_bytes`)."""
+    projections cast (`_autocast_copies`, `wide` as there), with the router's under MoE. `units`:
+    "torch" adds an MoE layer's routing metadata to its router (`moe_routing_bytes`)."""
     x_bytes = 0 if input_shared else act * tokens * h
     if autocast:  # with the input shared with the mixer (one norm, parallel block) its count is the mixer's
-        x_bytes += act * tokens * h * _autocast_copies(ffn, counted=0 if input_shared else 1)
+        x_bytes += act * tokens * h * _autocast_copies(ffn, counted=0 if input_shared else 1, wide=wide)
     mask = MASK_BYTES * tokens * h if dropout else 0
     match ffn:
         case FFNPlan():
@@ -496,11 +504,13 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
     # normalise a sublayer's output
     out = {f"{layer.path}.{name}": (act if name.startswith("post_") else res) * tokens * h for name in layer.norms}
     out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, units, autocast)
+    wide = res > act  # the norms' outputs, in the residual stream's dtype
     if autocast:
-        out[f"{layer.path}.mixer"] += act * tokens * h * _autocast_copies(layer.mixer, counted=1)
+        out[f"{layer.path}.mixer"] += act * tokens * h * _autocast_copies(layer.mixer, counted=1, wide=wide)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
-        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act, autocast, units)
+        out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act, autocast, units,
+                          wide)
     return out
 
 
@@ -580,11 +590,12 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     core_backward = scan_backward = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added
 
-    def keep(layer: LayerPlan, around: int = 0) -> None:
+    def keep(layer: LayerPlan, around: int = 0, stream: int = res) -> None:
         """`around`: under full recompute, the bytes the checkpoint re-runs beside the block (an
-        MTP module's own parts, which keep its inputs instead of the block's)."""
+        MTP module's own parts, which keep its inputs instead of the block's); `stream`: the
+        bytes of the block's residual stream."""
         nonlocal working_set, core_backward, scan_backward, below
-        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, res, units, autocast)
+        full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, stream, units, autocast)
         block_input = res * tokens * h if recompute == "full" and not around else 0
         core_backward = max(core_backward, _attention_backward_bytes(
             layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
@@ -595,7 +606,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
                 kept = {layer.path: block_input}  # only the block input is kept
                 working_set = max(working_set, sum(full.values()) + around)
             case "selective":
-                kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, res, units,
+                kept = _layer_bytes(layer, plan, s, b, act, "selective", attention_kernel, dropout, stream, units,
                                     autocast)
             case "none":
                 kept = full
@@ -604,11 +615,11 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         out.update(kept)
         below += sum(kept.values())
 
-    def head(prefix: str, final_norm_kept: bool = True) -> None:
+    def head(prefix: str, final_norm_kept: bool = True, stream: int = res) -> None:
         nonlocal below
         # The LM-head input and the fp32 log-probabilities the cross-entropy keeps; with the final
         # norm's input this is Megatron's 4sbh(1 + V/h) (`theoretical_memory_usage.py`).
-        part = {f"{prefix}final_norm": res * tokens * h if final_norm_kept else 0} if plan.final_norm else {}
+        part = {f"{prefix}final_norm": stream * tokens * h if final_norm_kept else 0} if plan.final_norm else {}
         part[f"{prefix}lm_head"] = act * tokens * h
         part[f"{prefix}loss"] = LOGITS_BYTES * tokens * plan.vocab_size
         out.update(part)
@@ -617,24 +628,30 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     for layer in plan.layers:
         keep(layer)
     head("")
+    # Under autocast a module's block runs on its projection's 16-bit output, so its residual
+    # stream, its norms' inputs and its final norm's output are 16-bit (measured: `bench --train`)
+    stream = act if autocast else res
+    before = res  # the width of the hidden state the next module's hnorm reads
     for layer in plan.mtp:
         # DeepSeek-V3 §2.2: the rolled token ids and their embedding (enorm's input); the hidden
-        # state hnorm reads is the tensor the head before it already keeps, unless the residual
-        # stream is wider than that head's 16-bit input (autocast); the projection's input, the
-        # concatenation of both norms' outputs; then a block, its final norm, and a head pass of
-        # its own. Full recompute checkpoints the whole module (Megatron-Core's MTP layer under
-        # `recompute_granularity="full"`, as `bench --train` does): it keeps the two inputs alone.
+        # state hnorm reads is the tensor the head before it already keeps, unless it is wider
+        # than that head's 16-bit input (the main model's under autocast); the projection's
+        # input, the concatenation of both norms' outputs; then a block, its final norm, and a
+        # head pass of its own. Full recompute checkpoints the whole module (Megatron-Core's MTP
+        # layer under `recompute_granularity="full"`, as `bench --train` does): it keeps the two
+        # inputs alone.
         whole = recompute == "full"
         ids = TOKEN_ID_BYTES * tokens
         proj = act * tokens * 2 * h
-        final = res * tokens * h if plan.final_norm else 0
+        final = stream * tokens * h if plan.final_norm else 0
         own = {f"{layer.path}.enorm": ids + res * tokens * h,
-               f"{layer.path}.hnorm": 0 if res == act else res * tokens * h,
+               f"{layer.path}.hnorm": 0 if before == act else before * tokens * h,
                f"{layer.path}.proj": 0 if whole else proj}
         out.update(own)
         below += sum(own.values())
-        keep(layer, around=proj + final + res * tokens * h if whole else 0)
-        head(f"{layer.path}.", final_norm_kept=not whole)
+        keep(layer, around=proj + final + res * tokens * h if whole else 0, stream=stream)
+        head(f"{layer.path}.", final_norm_kept=not whole, stream=stream)
+        before = stream
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
     return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward, *scan_backward)
 
