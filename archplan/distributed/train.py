@@ -51,7 +51,7 @@ from archplan.distributed.tolerance import ACTIVATION_TOLERANCE, PEAK_TOLERANCE
 from archplan.dtypes import DType
 from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TrainingLoss, build_model, resolve_device
-from archplan.resolve import Mamba1Plan, Mamba2Plan, ModelPlan
+from archplan.resolve import Mamba1Plan, Mamba2Plan, ModelPlan, MoEPlan
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
 
@@ -77,6 +77,7 @@ class TrainBench:
     total_ok: bool
     attention_kernel: str  # the one size's activations are priced with (`attention_kernel`)
     ssd_unit: bool  # Mamba layers priced as archplan's units keep them (`units="torch"`)
+    moe_routing: bool  # MoE layers priced with the routing metadata archplan's router keeps (`units="torch"`)
     # what `activations_ok` judges: the activations after the forward less autocast's weight copies
     measured_activations: int
     # forward + backward of the step's sequences, attention causal (`training_flops_per_sequence`):
@@ -270,7 +271,8 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,
                       analytic_states, analytic.activations.kept, analytic.total, analytic.peak_phase,
                       states_ok, activations_ok, total_ok, kernel,
-                      any(isinstance(layer.mixer, Mamba1Plan | Mamba2Plan) for layer in plan.layers), acts,
+                      any(isinstance(layer.mixer, Mamba1Plan | Mamba2Plan) for layer in plan.layers),
+                      any(isinstance(layer.ffn, MoEPlan) for layer in (*plan.layers, *plan.mtp)), acts,
                       batch * training_flops_per_sequence(plan, seq, "causal"),
                       batch * training_flops_per_sequence(plan, seq, "causal", recompute),
                       peak.peak_flops, peak.source)

@@ -71,6 +71,8 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
     ssd = ", Mamba layers as archplan's units keep them (not mamba_ssm's kernels)" if r.ssd_unit else ""
+    if r.moe_routing:
+        ssd += ", MoE layers with the routing metadata archplan's router keeps (fp32 scores, int64 indices)"
     residual = (", under autocast: the residual stream in fp32, each projection's own 16-bit cast of its "
                 "input and S4's kernel in autocast's casts (size --autocast)" if r.dtype == "bf16" else "")
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
