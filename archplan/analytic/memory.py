@@ -354,6 +354,15 @@ def ssd_unit_bytes(m: Mamba2Plan, seq: int, act: int, contraction: int) -> int:
     return act * seq * m.conv_dim + contraction * (m.n_groups * chunks * q * q + (chunks - 1) * m.d_inner * m.d_state)
 
 
+def mla_view_widths(m: MLAPlan) -> tuple[int, int]:
+    """Per token, the widths archplan's MLA (as torchtitan's DeepSeek-V3 `Attention.forward`)
+    keeps alive through views, beyond what `_mixer_bytes` counts: the value is a `split` of the kv
+    up-projection's output, so a saved value keeps the keys' no-RoPE half too, every head's
+    qk_nope (Megatron-Core makes the value contiguous and frees it); the kv latent norm's saved
+    input is a `split` of the kv down-projection's output, which keeps its RoPE key part."""
+    return m.n_heads * m.qk_nope_head_dim, m.qk_rope_head_dim
+
+
 def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: Recompute,
                  kernel: AttentionKernel, dropout: bool, units: Units = "kernels", autocast: bool = False) -> int:
     tokens = s * b
@@ -376,6 +385,10 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             # input, q latent, kv latent norm input + kv_b input, o_proj input, and Q, K, V
             value = act * tokens * (h + q_latent + 2 * mixer.kv_lora_rank + mixer.n_heads * dv)
             value += _core_operand_bytes(core, recompute, act, tokens, mixer.n_heads, mixer.n_heads, qk, dv)
+            if units == "torch":
+                # torch's math kernel without recompute saves its own fp32 copy of the value
+                value_view, latent_view = mla_view_widths(mixer)
+                value += act * tokens * (latent_view + (0 if core == "math" and recompute == "none" else value_view))
             return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, core, dropout)
         case Mamba1Plan():
             unit = mamba1_unit_bytes(mixer, b, s, act) if units == "torch" else 0

@@ -205,6 +205,7 @@ from archplan.analytic.memory import (
     RECOMPUTE_MODES,
     Recompute,
     activation_memory,
+    mla_view_widths,
     moe_routing_bytes,
     ssd_unit_bytes,
 )
@@ -869,18 +870,14 @@ def _latent_bytes(layer: LayerPlan, seq: int) -> int:
 
 def _viewed_bytes(layer: LayerPlan, seq: int) -> tuple[int, int]:
     """Bytes of one sequence through an MLA layer that the torch modules keep because a saved
-    tensor is a view of a larger one, beyond what `analytic.memory._mixer_bytes` counts, and the
-    part of them whole on every tp rank; (0, 0) elsewhere. The value is a `split` of the kv
-    up-projection's output (torchtitan's DeepSeek-V3 `Attention.forward`, as `modules.mla`), so
-    the attention kernel's saved value keeps the keys' no-RoPE half too, every head's qk_nope
-    per token (split over tp by heads); the kv latent norm's saved input is a `split` of the kv
-    down-projection's output, which keeps its RoPE key part, qk_rope per token (whole, with the
-    latents)."""
+    tensor is a view of a larger one (`analytic.memory.mla_view_widths`), and the part of them
+    whole on every tp rank; (0, 0) elsewhere. The value's view keeps the keys' no-RoPE half, split
+    over tp by heads; the kv latent norm's input keeps the RoPE key part, whole with the latents."""
     if not isinstance(layer.mixer, MLAPlan):
         return 0, 0
-    m = layer.mixer
-    rope = ACT_BYTES * seq * m.qk_rope_head_dim
-    return ACT_BYTES * seq * m.n_heads * m.qk_nope_head_dim + rope, rope
+    value_view, latent_view = mla_view_widths(layer.mixer)
+    rope = ACT_BYTES * seq * latent_view
+    return ACT_BYTES * seq * value_view + rope, rope
 
 
 def _ssd_kept(layer: LayerPlan, seq: int) -> int:
