@@ -99,7 +99,7 @@ class SizeOptions:
     attention_kernel: AttentionKernel = "eager"
     activation_dtype: DType = DType.bf16
     residual_dtype: DType | None = None  # None: the activation dtype (fp32 under `autocast`)
-    autocast: bool = False  # torch.autocast over fp32 weights (`memory._autocast_copies`)
+    autocast: bool = False  # torch.autocast over fp32 weights (`memory.input_copies`)
     tokens: float | None = None
     gpu: str | None = None
     mfu: float = 0.4

@@ -981,7 +981,7 @@ def test_bench_train_states_exact(recompute: str, phase: str, kept: tuple[float,
     are size's with the fp32 residual stream of fp32 weights under autocast (`--residual-dtype
     fp32`): exact under full recompute (the layers' fp32 inputs), within 1% without it, where
     autocast casts the norm's output once for each of the q, k and v projections and the gate and
-    up projections, which keep a copy each (`memory._autocast_copies`). Before size counted those
+    up projections, which keep a copy each (`memory.input_copies`). Before size counted those
     copies and the layers shared one set of RoPE tables, +19%; before the norms kept what CUDA's
     keep and size counted the fp32 residual, +32% and +55%, and the exit code said ✗."""
     from typer.testing import CliRunner

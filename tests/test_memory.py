@@ -311,7 +311,7 @@ def test_ffn_count_under_autocast_is_what_autograd_saves(kind: Any, input_shared
     """Under torch autocast over fp32 weights the FFN reads the norm's fp32 output, and each of
     its projections casts it to bf16 on its own call (autocast's cast cache holds the weights
     only): a GLU's gate and up keep a copy each, where the per-tensor count has one
-    (`_autocast_copies`). The bytes autograd saves equal the count, also with the input shared
+    (`input_copies`). The bytes autograd saves equal the count, also with the input shared
     with the mixer (one norm, parallel block), whose count holds the input the FFN's casts read
     from and none of the casts. A bf16 input (`wide` False: an MTP module's block, whose residual
     stream is its projection's bf16 output) is no cast's: the projections keep the one tensor."""

@@ -412,7 +412,7 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
 
 def _input_readers(module: MixerPlan | FFNPlan) -> int:
     """How many of archplan's torch projections read a mixer's or an FFN's input, each through a
-    16-bit cast of its own under torch autocast (`_autocast_copies`): attention's q, k and v, MLA's
+    16-bit cast of its own under torch autocast (`input_copies`): attention's q, k and v, MLA's
     query and latent down-projections, a GLU's gate and up; one for the other mixers' input
     projections and a plain MLP's; none for S4, whose convolution reads its fp32 input
     (`s4_activation_bytes` counts it)."""
@@ -427,17 +427,18 @@ def _input_readers(module: MixerPlan | FFNPlan) -> int:
             return 1
 
 
-def _autocast_copies(module: MixerPlan | FFNPlan | MoEPlan, counted: int, wide: bool = True) -> int:
-    """The 16-bit copies of a mixer's or an FFN's input that its projections keep under torch
-    autocast beyond the `counted` (0 or 1) the per-tensor model counts (`_layer_bytes`). `wide`:
-    the input is the norm's fp32 output (an fp32 residual stream). Autocast casts a matmul's input
-    on every call (its cast cache holds leaf tensors only, the weights), so each projection that
-    reads it keeps a cast of its own. An MoE router keeps the fp32 input itself
-    (`modules.moe.Router`: `x.float()` of an fp32 tensor is that tensor), two 16-bit copies'
-    worth, and its shared experts and their gate cast it once per projection. A 16-bit input
-    (an MTP module's block, on its projection's output) is no cast's: the projections keep the
-    one tensor, and an MoE router keeps its fp32 copy (two 16-bit widths) instead of it, beside
-    the tensor itself where its shared experts read it."""
+def input_copies(module: MixerPlan | FFNPlan | MoEPlan, counted: int, wide: bool = True) -> int:
+    """The 16-bit copies of a mixer's or an FFN's input that archplan's torch projections keep
+    beyond the `counted` (0 or 1) the per-tensor model counts (`_layer_bytes`). `wide`: the input
+    is the norm's fp32 output (torch autocast over fp32 weights, an fp32 residual stream).
+    Autocast casts a matmul's input on every call (its cast cache holds leaf tensors only, the
+    weights), so each projection that reads it keeps a cast of its own. An MoE router keeps the
+    fp32 input itself (`modules.moe.Router`: `x.float()` of an fp32 tensor is that tensor), two
+    16-bit copies' worth, and its shared experts and their gate cast it once per projection. A
+    16-bit input (16-bit weights, as `plan`'s torch engine runs them, or an MTP module's block
+    under autocast, on its projection's output) is no cast's: the projections keep the one
+    tensor, and an MoE router keeps its fp32 copy (two 16-bit widths) instead of it, beside the
+    tensor itself where its shared experts read it."""
     match module:
         case MoEPlan() if wide:
             shared = _input_readers(module.shared) if module.shared is not None else 0
@@ -479,11 +480,11 @@ def _ffn_bytes(path: str, ffn: FFNPlan | MoEPlan, tokens: int, h: int, input_sha
                units: Units = "kernels", wide: bool = True) -> dict[str, int]:
     """Per module path. `input_shared`: a parallel block with one norm feeds the mixer and the FFN
     the same tensor, already counted with the mixer. `autocast`: the copies of the input its
-    projections cast (`_autocast_copies`, `wide` as there), with the router's under MoE. `units`:
+    projections cast (`input_copies`, `wide` as there), with the router's under MoE. `units`:
     "torch" adds an MoE layer's routing metadata to its router (`moe_routing_bytes`)."""
     x_bytes = 0 if input_shared else act * tokens * h
     if autocast:  # with the input shared with the mixer (one norm, parallel block) its count is the mixer's
-        x_bytes += act * tokens * h * _autocast_copies(ffn, counted=0 if input_shared else 1, wide=wide)
+        x_bytes += act * tokens * h * input_copies(ffn, counted=0 if input_shared else 1, wide=wide)
     mask = MASK_BYTES * tokens * h if dropout else 0
     match ffn:
         case FFNPlan():
@@ -519,7 +520,7 @@ def _layer_bytes(layer: LayerPlan, plan: ModelPlan, s: int, b: int, act: int, re
     out[f"{layer.path}.mixer"] = _mixer_bytes(layer.mixer, s, b, h, act, recompute, kernel, dropout, units, autocast)
     wide = res > act  # the norms' outputs, in the residual stream's dtype
     if autocast:
-        out[f"{layer.path}.mixer"] += act * tokens * h * _autocast_copies(layer.mixer, counted=1, wide=wide)
+        out[f"{layer.path}.mixer"] += act * tokens * h * input_copies(layer.mixer, counted=1, wide=wide)
     if layer.ffn is not None:
         shared_input = plan.residual == "parallel" and len(layer.norms) == 1
         out |= _ffn_bytes(f"{layer.path}.ffn", layer.ffn, tokens, h, shared_input, dropout, act, autocast, units,
@@ -586,7 +587,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     `autocast`: the step runs under torch.autocast (`bench --train` in bf16), whose matmuls keep
     their 16-bit casts where S4's kernel generation multiplies in fp32 otherwise
     (`s4_kernel_activation_bytes`), and which casts a matmul's fp32 input on every call, so each
-    projection reading a norm's output keeps a copy of its own (`_autocast_copies`: q, k and v, a
+    projection reading a norm's output keeps a copy of its own (`input_copies`: q, k and v, a
     GLU's gate and up); engines that cast the weights (Megatron, FSDP2) hand every projection
     one 16-bit tensor.
     """

@@ -70,13 +70,13 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
     table.add_row(f"peak total (±{PEAK_TOLERANCE:.0%}), {r.analytic_peak_phase}", nbytes(r.analytic_total),
                   nbytes(total), _mark(r.total_ok))
     Console().print(table)
-    ssd = ", Mamba layers as archplan's units keep them (not mamba_ssm's kernels)" if r.ssd_unit else ""
+    units = ", Mamba layers as archplan's units keep them (not mamba_ssm's kernels)" if r.ssd_unit else ""
     if r.moe_routing:
-        ssd += ", MoE layers with the routing metadata archplan's router keeps (fp32 scores, int64 indices)"
+        units += ", MoE layers with the routing metadata archplan's router keeps (fp32 scores, int64 indices)"
     residual = (", under autocast: the residual stream in fp32, each projection's own 16-bit cast of its "
                 "input and S4's kernel in autocast's casts (size --autocast)" if r.dtype == "bf16" else "")
     Console().print(f"  measured with {r.method}; size's activations with attention kernel "
-                    f"{r.attention_kernel}{residual}{ssd}; GiB = 2^30 B")
+                    f"{r.attention_kernel}{residual}{units}; GiB = 2^30 B")
     rerun = f"; with the recompute's re-run, HFU {percent(r.hfu)}" if r.hardware_flops != r.model_flops else ""
     Console().print(f"  speed: {flops(r.model_flops / step, 'FLOP/s')} of model FLOPs ({flops(r.model_flops)} per "
                     f"step: forward + backward, attention causal, 2 FLOPs per multiply-add), MFU "

@@ -191,7 +191,7 @@ its head's backward holds, multi-token prediction's passes before the main one's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal, NamedTuple, TypeVar
@@ -205,6 +205,7 @@ from archplan.analytic.memory import (
     RECOMPUTE_MODES,
     Recompute,
     activation_memory,
+    input_copies,
     mla_view_widths,
     moe_routing_bytes,
     ssd_unit_bytes,
@@ -897,15 +898,13 @@ def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
 
 def _fp32_cast_width(layer: LayerPlan, h: int) -> int:
     """Per token, the 16-bit elements the torch modules keep of a layer's inputs beyond the one
-    copy the per-tensor model counts, for the fp32 copies they make: an MoE router's
-    (`modules.moe.Router`: fp32 logits from `x.float()`, the copy kept for its weight's gradient),
-    twice the 16-bit input, and the shared experts and their gate keep that 16-bit input itself
-    beside it (the per-tensor model has them read the router's). The norms compute on fp32
-    copies too but keep their inputs in their own dtype (`modules.norms`' units), as fused norms
-    do."""
+    copy the per-tensor model counts, for the fp32 copies they make of a 16-bit input
+    (`analytic.memory.input_copies`): an MoE router's fp32 copy, the one kept for its weight's
+    gradient, beside the 16-bit input its shared experts read. The norms compute on fp32 copies
+    too but keep their inputs in their own dtype (`modules.norms`' units), as fused norms do."""
     if not isinstance(layer.ffn, MoEPlan):
         return 0
-    return 2 * h if layer.ffn.shared is not None else h  # a shared gate comes with shared experts
+    return h * input_copies(layer.ffn, counted=1, wide=False)
 
 
 def _routing_bytes(layer: LayerPlan) -> tuple[int, int]:
@@ -1162,15 +1161,19 @@ def in_flight(layout: Layout, microbatches: int, stage: int) -> tuple[int, ...]:
         return (min(p - stage, m),)
     forwards = min(m * v, 2 * (p - stage - 1) + (v - 1) * n + 1)
     counts = [0] * v
-    start = 0
-    while forwards > 0:
-        size = m - start if start + n >= m else n
+    for size in _round_sizes(m, n):
+        if not forwards:
+            break
         for chunk in range(v):
             take = min(size, forwards)
             counts[chunk] += take
             forwards -= take
-        start += size
     return tuple(counts)
+
+
+def _round_sizes(m: int, n: int) -> Iterator[int]:
+    """The interleaved schedule's rounds over m micro-batches: n each, the last the rest."""
+    return (min(n, m - start) for start in range(0, m, n))
 
 
 class PipelineMoment(NamedTuple):
@@ -1223,12 +1226,7 @@ def _interleaved_segments(p: int, v: int, m: int, n: int, stage: int) -> list[_S
     same rounds with the chunks reversed (Megatron-LM `get_schedule_table`, `get_model_chunk_id`);
     the warm-up forwards, then one forward and one backward alternately, then the remaining
     backwards. Runs, not events: a round of 10⁵ micro-batches is a few segments."""
-    sizes = []
-    start = 0
-    while start < m:
-        size = m - start if start + n >= m else n
-        sizes.append(size)
-        start += size
+    sizes = list(_round_sizes(m, n))
     forward = [[c, size] for size in sizes for c in range(v)]
     backward = [[c, size] for size in sizes for c in reversed(range(v))]
 
