@@ -31,9 +31,9 @@ app = typer.Typer(
         "  archplan size 70b\n\n"
         "  archplan compare llama-3-8b mixtral-8x7b\n\n"
         "  archplan verify deepseek-v3\n\n"
-        "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100\n\n"
+        "  archplan plan llama-3.1-405b --gpus 16384 --gpu h100 --seq 8192 --global-batch-tokens 16Mi\n\n"
         "  archplan bench 7b --device cuda\n\n"
-        "  archplan lint llama-3-8b mixtral-8x7b (or a folder of specs, in CI)"
+        "  archplan lint llama-3-8b mixtral-8x7b  # or a folder of specs, in CI"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,

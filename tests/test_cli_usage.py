@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,42 @@ def test_guidance_names_every_mode_and_no_pydantic_prefix(args: tuple[str, ...],
     """A bare `plan` named only the budget's options; a bad choice read "Value error, 'fp4' ..."."""
     proc = run(*args)
     assert proc.returncode == 2 and said in proc.stderr and "Value error" not in proc.stderr, proc.stderr
+
+
+def _help_examples() -> list[list[str]]:
+    """Every `archplan ...` line of every command's help, as argv, its `# comment` cut off."""
+    import shlex
+
+    import typer
+
+    from archplan.cli import app
+
+    examples = []
+    for _, command in _commands(typer.main.get_command(app)):
+        for line in (command.help or "").splitlines():
+            text = line.strip().split("  # ", 1)[0]
+            if text.startswith("archplan "):
+                examples.append(shlex.split(text)[1:])
+    return examples
+
+
+# commands an example may run in a test: no torch, no file of the user's (`configs/`, a config.json)
+_RUNNABLE = {"size", "compare", "presets", "plan"}
+
+
+def test_every_help_example_without_torch_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An example a user pastes from `--help` works: the 405B one ran at the SI 16M a step, short
+    of the 16Mi its own help names Llama 3's batch, and two plan examples ended in a note in
+    brackets, which bash reads as a syntax error (now a `# comment`)."""
+    from tests.test_bad_input import run_main
+
+    examples = _help_examples()
+    assert len(examples) >= 25 and all(not any(word.startswith("(") for word in argv) for argv in examples)
+    runnable = [argv for argv in examples if argv[0] in _RUNNABLE and not {">", "|", "&&"} & set(argv)]
+    assert len(runnable) >= 15
+    monkeypatch.chdir(tmp_path)
+    for argv in runnable:
+        outcome = run_main(argv, capsys, monkeypatch)
+        assert outcome.code == 0 and "Traceback" not in outcome.stderr, (argv, outcome.stderr[-400:])
+        assert "the pipeline never fills" not in outcome.stdout, argv
