@@ -189,6 +189,20 @@ def test_generated_specs_pass_verify(family: Family) -> None:
     assert result.ok
 
 
+@pytest.mark.parametrize(("family", "counted"), [
+    ("dense", "N counts every parameter"), ("hybrid", "N counts every parameter"),
+    ("moe", "N counts the active parameters"), ("hybrid-moe", "N counts the active parameters"),
+])
+def test_budget_header_says_what_n_counts_for_the_family(family: str, counted: str,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MoE is matched to the optimum by its active count, as its 6·N·D is; the header said "every
+    parameter" for every family, beside a generated spec whose total was 6× the N printed."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "--compute", "1e24", "--family", family)
+    header = " ".join(out.split()[:40])
+    assert code == 0 and counted in header, header
+
+
 def test_design_too_small_for_the_vocabulary() -> None:
     with pytest.raises(ArchplanError, match="vocab"):
         design(Family.dense, 5e7, vocab=128256)

@@ -266,7 +266,9 @@ def _ffn_text(spec: Spec) -> str:
     return "; ".join(parts)
 
 
-def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None) -> None:
+def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None, kind: str) -> None:
+    """`kind`: what N counts for the family (`design.target_kind`): every parameter, or for an MoE the
+    active ones a token's 6·N FLOPs run through."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -278,8 +280,10 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None)
     law_title = {"chinchilla": "Hoffmann et al. 2022 Approach 3 (as printed)",
                  "epoch": "Besiroglu et al. 2024 (Epoch AI replication)",
                  "20x": "20 tokens per parameter (Hoffmann Table 3)"}[result.law.value]
+    counted = ("every parameter, embeddings included" if kind == "total" else
+               "the active parameters, embeddings included: the dense law at N_active")
     console.print(f"[bold]Compute-optimal allocation[/] — {law_title}; C = {sci(result.compute)} FLOPs "
-                  "(C = 6·N·D; N counts every parameter, embeddings included)")
+                  f"(C = 6·N·D; N counts {counted})")
     console.print(f"  N_opt {count(opt.params)}   D_opt {count(opt.tokens)}   D/N "
                   f"{result.tokens_per_param:.1f}   predicted loss {opt.loss:.4f} "
                   f"({result.loss_law.title})")
@@ -1372,7 +1376,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
     for name, value, upper in (("--vocab", vocab, MAX_DIM), ("--seq", seq, MAX_SEQ_LEN)):
         if not 1 <= value <= upper:
             raise ArchplanError(f"{name} must be between 1 and {upper:,}, got {value:,}")
-    from archplan.planning.design import NoRecipe
+    from archplan.planning.design import NoRecipe, target_kind
 
     result, made = _budget(compute, params, tokens, family, law, vocab, seq)
     written = None  # no spec, nothing written: the allocation still prints, and the exit is 1
@@ -1386,7 +1390,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
     if as_json:
         echo(jsonout.dumps(_budget_json(result, made, written), indent=2))
     else:
-        _print_budget(result, made, written)
+        _print_budget(result, made, written, target_kind(family))
         if plot is not None:
             echo(f"figure written to {plot}")
     if isinstance(made, NoRecipe):
