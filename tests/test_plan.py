@@ -247,6 +247,27 @@ def test_solve_finds_mixtral_from_totals_with_experts_and_top_k_unknown(tmp_path
     assert result.nearest.values == {"moe.n_experts": 8, "moe.top_k": 2, "moe.expert.d_ff": 14336}
 
 
+def test_a_solved_spec_keeps_no_reference_count_it_contradicts(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial cut from a preset keeps its `reference`: the file `-o` wrote claimed Llama-2-7B's
+    6,738,415,616 beside sizes solved for 7e9, and lint refused it (AP017). A count the solve
+    reproduces stays; one it does not is dropped, the source kept."""
+    data = yaml.safe_load((PRESETS_DIR / "llama-2-7b.yaml").read_text())
+    data["ffn"]["d_ff"] = "solve"
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump(data, sort_keys=False))
+    for total, tol, kept in ((7e9, "0.01", None), (6_738_415_616, "0", 6_738_415_616)):
+        out = tmp_path / f"solved-{total:.0f}.yaml"
+        code, _, _ = run(capsys, monkeypatch, "plan", "--solve", str(partial), "--total", f"{total:.0f}",
+                         "--tol", tol, "-o", str(out))
+        reference = load_spec(out).reference
+        assert code == 0 and reference is not None and reference.source == data["reference"]["source"]
+        assert reference.total_params == reference.active_params == kept
+        code, out_text, _ = run(capsys, monkeypatch, "lint", str(out), "--format", "json")
+        assert "AP017" not in out_text
+
+
 def test_solve_dense_width_from_total(tmp_path: Path) -> None:
     path = _partial(tmp_path, "llama-3-8b", lambda d: d["ffn"].pop("d_ff"))
     result = solve(path, Targets(8_030_261_248, None), tolerance=0, multiple=256)

@@ -261,6 +261,18 @@ def _roundings(value: float, multiple: int) -> list[int]:
     return sorted({low, low + multiple})
 
 
+def _without_stale_counts(spec: Spec, total: int, active: int) -> Spec:
+    """The partial's `reference` counts belong to the model it was cut from, not to the sizes solved
+    for it: a count the solved spec does not have is dropped (its source and notes kept), so the spec
+    `-o` writes states no figure it contradicts (lint's AP017 refused every such file)."""
+    ref = spec.reference
+    if ref is None:
+        return spec
+    stale = {name: None for name, count in (("total_params", total), ("active_params", active))
+             if getattr(ref, name) not in (None, count)}
+    return spec.model_copy(update={"reference": ref.model_copy(update=stale)}) if stale else spec
+
+
 def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, multiple: int = 1,
           keep: int = 10) -> SolveResult:
     if targets.total is None and targets.active is None:
@@ -341,8 +353,8 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
             errors = {name: (total if name == "total" else active) / target - 1
                       for name, target in goals}
             key = tuple(sorted(values.items()))
-            candidates[key] = Candidate({dotted(p): v for p, v in values.items()}, spec, total,
-                                        active, errors)
+            candidates[key] = Candidate({dotted(p): v for p, v in values.items()},
+                                        _without_stale_counts(spec, total, active), total, active, errors)
     if not candidates:
         assert first_error is not None
         raise first_error
