@@ -88,6 +88,41 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+class Yaml11Number(str):
+    """An unquoted scalar that YAML 1.1 (PyYAML) reads as a number and YAML 1.2 does not: a leading
+    zero is octal (`010000` is 4096) and colons are base 60 (`3:20` is 200). Kept as its text, so a
+    name or a description keeps what was written and a number field refuses it, saying what 1.1
+    would have made of it (`reading`) instead of taking that number without a word."""
+
+    reading: str
+
+
+# the YAML 1.1 int and float forms that YAML 1.2 reads otherwise (PyYAML's resolver.py)
+_YAML11_ONLY = re.compile(r"""^(?:[-+]?0[0-7_]+
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)$""", re.X)
+_YAML11_TAG = "tag:archplan,2026:yaml11-number"
+
+
+def _construct_yaml11_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Yaml11Number:
+    text = Yaml11Number(loader.construct_scalar(node))
+    digits = text.lstrip("+-")
+    if ":" in text:
+        base60 = (yaml.constructor.SafeConstructor.construct_yaml_float if "." in text else
+                  yaml.constructor.SafeConstructor.construct_yaml_int)(loader, node)
+        text.reading = f"YAML 1.1 reads it in base 60, as {base60:,}"
+    else:
+        sign = "-" if text.startswith("-") else ""
+        text.reading = (f"YAML 1.1 reads a leading zero as octal, {sign}{int(digits.replace('_', ''), 8):,}; "
+                        f"write {sign}{digits.lstrip('0_') or '0'}")
+    return text
+
+
+# ahead of the inherited int resolver, which would match first
+for _first in "-+0123456789":
+    _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_YAML11_TAG, _YAML11_ONLY))
+_Loader.add_constructor(_YAML11_TAG, _construct_yaml11_number)
+
+
 def _check_shape(text: str, file: str) -> None:
     """Refuse a text that nests deeper than `_MAX_DEPTH` or holds more than MAX_YAML_NODES nodes,
     at the event where it does, from the parser's events alone (see `_MAX_DEPTH`)."""
@@ -284,6 +319,10 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
         message = _not_a_mapping(loaded, yaml_path, err.get("input"))
     elif kind in ("int_type", "float_type") and isinstance(err.get("input"), (bool, str, float)):
         message = _not_a_number("an integer" if kind == "int_type" else "a number", err["input"])
+    elif kind == "bool_type":
+        message = _not_a_boolean(err.get("input"))
+    elif kind in _BOUNDS:
+        message = f"expected a value {_BOUNDS[kind]} {_shown(next(iter(err['ctx'].values())))}, got {_shown(err['input'])}"
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         got = repr(err["input"])
         message = f"{message} (got {got[:80] + '…' if len(got) > 80 else got})"
@@ -310,10 +349,28 @@ def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
     return f"expected a mapping (key: value pairs), got {got}"
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "less_than_equal": "≤"}
+
+
+def _shown(value: Any) -> str:
+    """A bound or a value as the user writes it: integers with thousands separators."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+
+
+def _not_a_boolean(value: Any) -> str:
+    """The spec's booleans are strict (spec.py): YAML's true/false, unquoted."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+        return f"expected true or false, got the string {value!r}; write true or false without quotes"
+    shown = repr(value)
+    return f"expected true or false, got {shown[:40] + '…' if len(shown) > 40 else shown}"
+
+
 def _not_a_number(expected: str, value: bool | str | float) -> str:
     """The spec's numbers are strict (spec.py): say what YAML made of the value instead."""
     if isinstance(value, bool):
         return f"expected {expected}, got a boolean ({str(value).lower()})"
+    if isinstance(value, Yaml11Number):
+        return f"expected {expected}, got {str(value)}: {value.reading}"
     if isinstance(value, float):
         return f"expected {expected}, got {value!r}"
     shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}…"

@@ -25,6 +25,8 @@ MAX_BATCH = 1 << 20
 # refuse floats too (4096.0); strict numbers still take integers (`theta: 10000`). No number a
 # spec holds is meaningful as YAML's .inf or .nan.
 Int = Annotated[int, Strict()]
+# lax booleans took "true", "off", 1 and 0: a quoted "false" read as false by luck, `tied: 1` as true
+Bool = Annotated[bool, Strict()]
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Dim = Annotated[Int, Field(gt=0, le=MAX_DIM)]
 NonNegDim = Annotated[Int, Field(ge=0, le=MAX_DIM)]
@@ -40,9 +42,9 @@ class NormSpec(Frozen):
     """RMSNorm (Zhang & Sennrich 2019: weight only) or LayerNorm (Ba et al. 2016: weight + bias)."""
 
     kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    bias: bool = Field(True, description="LayerNorm only: learnable bias (MPT/OLMo drop it).")
+    bias: Bool = Field(True, description="LayerNorm only: learnable bias (MPT/OLMo drop it).")
     eps: Number = Field(1e-5, gt=0, lt=1)
-    affine: bool = Field(True, description="False: no learnable weight or bias (OLMo-1's LayerNorm).")
+    affine: Bool = Field(True, description="False: no learnable weight or bias (OLMo-1's LayerNorm).")
 
     @model_validator(mode="after")
     def _rms_has_no_bias(self) -> NormSpec:
@@ -134,8 +136,8 @@ class QKNorm(Frozen):
 class _HeadAttention(Frozen):
     n_heads: Dim
     head_dim: Dim | None = Field(None, description="Defaults to d_model / n_heads (must divide).")
-    qkv_bias: bool = False
-    out_bias: bool = False
+    qkv_bias: Bool = False
+    out_bias: Bool = False
     qk_norm: QKNorm | None = None
     sliding_window: Dim | None = Field(
         None, description="Window for the layers marked `S` in layout.mixers."
@@ -200,9 +202,9 @@ class Mamba1(Frozen):
     d_conv: Dim = 4
     expand: Dim = 2
     dt_rank: Dim | Literal["auto"] = Field("auto", description="auto = ceil(d_model / 16).")
-    conv_bias: bool = True
-    proj_bias: bool = False
-    inner_norms: bool = Field(False, description="Jamba's RMSNorms on dt, B and C.")
+    conv_bias: Bool = True
+    proj_bias: Bool = False
+    inner_norms: Bool = Field(False, description="Jamba's RMSNorms on dt, B and C.")
 
 
 class Mamba2(Frozen):
@@ -215,8 +217,8 @@ class Mamba2(Frozen):
     head_dim: Dim = 64
     n_groups: Dim = 1
     chunk_size: Dim = 256
-    conv_bias: bool = True
-    proj_bias: bool = False
+    conv_bias: Bool = True
+    proj_bias: Bool = False
 
 
 SSM = Annotated[Union[Mamba1, Mamba2], Field(discriminator="kind")]
@@ -228,7 +230,7 @@ class _S4Fields(Frozen):
     n_ssm: Dim | None = Field(
         None, description="Copies of (A, B): None = one per channel (d_model, the s4 code default); 1 in the published configs."
     )
-    ssm_buffers: bool = Field(
+    ssm_buffers: Bool = Field(
         False, description="A, B (and P) and log Δ registered as buffers (the s4 code's lr=0.0), not parameters."
     )
 
@@ -266,12 +268,12 @@ class Hyena(Frozen):
     emb_dim: Dim = Field(3, description="Positional features E = 1 + 2·bands (odd, >= 3): t, cos, sin.")
     short_filter: Dim = Field(3, description="Taps of the short causal depthwise conv.")
     l_max: Dim = Field(description="Longest filter; the positional table has l_max rows.")
-    trainable_positions: bool = Field(
+    trainable_positions: Bool = Field(
         True, description="Positional features z are a parameter (safari LM configs) or a buffer (HyenaDNA)."
     )
-    modulation: bool = Field(True, description="Exponential decay window on the filter (safari ExponentialModulation).")
+    modulation: Bool = Field(True, description="Exponential decay window on the filter (safari ExponentialModulation).")
     sin_freq: Number = Field(1.0, gt=0, le=1e4, description="Initial frequency w of the Sin activations (safari `w`; 14 in the Pile configs).")
-    bias: bool = Field(True, description="Biases of in_proj and out_proj.")
+    bias: Bool = Field(True, description="Biases of in_proj and out_proj.")
 
     @model_validator(mode="after")
     def _odd_features(self) -> Hyena:
@@ -291,7 +293,7 @@ class StripedHyena(Frozen):
 
     kind: Literal["stripedhyena"] = "stripedhyena"
     short_filter: Dim = 3
-    short_filter_bias: bool = True
+    short_filter_bias: Bool = True
     state_size: Dim = Field(2, description="Poles (and residues) per filter.")
     filter_groups: Dim = Field(1, description="Channels sharing one modal filter (hyena_filter_groups).")
 
@@ -306,7 +308,7 @@ class MLP(Frozen):
     kind: Literal["mlp"] = "mlp"
     d_ff: Dim
     activation: Literal["relu", "gelu", "gelu_tanh", "silu"] = "gelu"
-    bias: bool = False
+    bias: Bool = False
 
 
 class GLU(Frozen):
@@ -315,7 +317,7 @@ class GLU(Frozen):
     kind: Literal["glu"] = "glu"
     d_ff: Dim
     activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
-    bias: bool = False
+    bias: Bool = False
 
 
 FFN = Annotated[Union[MLP, GLU], Field(discriminator="kind")]
@@ -331,9 +333,9 @@ class Router(Frozen):
     """
 
     scoring: Literal["softmax", "sigmoid"] = "softmax"
-    normalize_top_k: bool = True
-    bias: bool = False
-    score_correction_bias: bool = Field(
+    normalize_top_k: Bool = True
+    bias: Bool = False
+    score_correction_bias: Bool = Field(
         False, description="DeepSeek-V3 aux-loss-free balancing bias: a buffer, not a parameter."
     )
     scale: Number = Field(1.0, gt=0, description="Routed output scale (DeepSeek-V3 routed_scaling_factor).")
@@ -357,7 +359,7 @@ class SharedExperts(Frozen):
 
     n: Dim = 1
     d_ff: Dim
-    gate: bool = Field(False, description="Qwen2-MoE: sigmoid(Linear(d_model, 1)) gate on the shared output.")
+    gate: Bool = Field(False, description="Qwen2-MoE: sigmoid(Linear(d_model, 1)) gate on the shared output.")
 
 
 class MoE(Frozen):
@@ -418,7 +420,7 @@ class Parallel(Frozen):
     """x + attn(norm(x)) + ffn(norm'(x)) (GPT-J, Falcon, GPT-NeoX); shared_norm: one norm (GPT-J, Falcon-7B)."""
 
     kind: Literal["parallel"] = "parallel"
-    shared_norm: bool = True
+    shared_norm: Bool = True
 
 
 class Sandwich(Frozen):
@@ -463,9 +465,9 @@ class Layout(Frozen):
 
 # ------------------------------------------------------------------------------------ the model
 class Embedding(Frozen):
-    tied: bool = Field(False, description="LM head shares the input embedding matrix.")
-    norm: bool = Field(False, description="Norm right after the embedding (BLOOM word_embeddings_layernorm).")
-    lm_head_bias: bool = False
+    tied: Bool = Field(False, description="LM head shares the input embedding matrix.")
+    norm: Bool = Field(False, description="Norm right after the embedding (BLOOM word_embeddings_layernorm).")
+    lm_head_bias: Bool = False
 
 
 class MultiTokenPrediction(Frozen):
@@ -496,7 +498,7 @@ class Reference(Frozen):
     source: str
     total_params: Int | None = Field(None, ge=0)
     active_params: Int | None = Field(None, ge=0)
-    rumour: bool = False
+    rumour: Bool = False
     notes: str | None = None
 
 
@@ -511,7 +513,7 @@ class Spec(Frozen):
     position: Position = Rope()
     norm: NormSpec = NormSpec()
     residual: Residual = PreNorm()
-    final_norm: bool = True
+    final_norm: Bool = True
     attention: Attention | None = None
     ssm: SSM | None = None
     long_conv: LongConv | None = None

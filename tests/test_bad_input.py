@@ -7,6 +7,7 @@ script in a subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def test_a_number_field_takes_an_integer(cli, tmp_path: Path) -> None:  # type: 
 ])
 def test_zero_or_negative_size(cli, tmp_path: Path, old: str, new: str, field: str) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace(old, new))
-    assert_one_line_error(cli("size", path), path, field, "greater than 0")
+    assert_one_line_error(cli("size", path), path, field, "expected a value > 0, got ")
 
 
 def test_heads_not_divisible_by_kv_heads(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -272,7 +273,36 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys: pytest.Captur
 
 def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 1000000000000"))
-    assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", "less than or equal")
+    assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model",
+                          "expected a value ≤ 16,777,216, got 1,000,000,000,000")
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ('"true"', "expected true or false, got the string 'true'; write true or false without quotes"),
+    ('"off"', "expected true or false, got the string 'off'; write true or false without quotes"),
+    ("1", "expected true or false, got 1"),
+])
+def test_a_boolean_field_takes_only_a_boolean(cli, tmp_path: Path, value: str, said: str) -> None:  # type: ignore[no-untyped-def]
+    """Lax booleans read `tied: "off"` as false and `tied: 1` as true without a word, where the
+    number fields refuse a quoted number."""
+    path = spec_file(tmp_path, BASE + f"embedding: {{tied: {value}}}\n")
+    assert_one_line_error(cli("size", path), "embedding.tied", said)
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("010000", "expected an integer, got 010000: YAML 1.1 reads a leading zero as octal, 4,096; write 10000"),
+    ("1:04", "expected an integer, got 1:04: YAML 1.1 reads it in base 60, as 64"),
+])
+def test_a_number_only_yaml_1_1_reads_is_refused(cli, tmp_path: Path, value: str, said: str) -> None:  # type: ignore[no-untyped-def]
+    """PyYAML follows YAML 1.1: `d_model: 010000` loaded as 4096 and `n_layers: 3:20` as 200."""
+    path = spec_file(tmp_path, BASE.replace("d_model: 64", f"d_model: {value}"))
+    assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", said)
+
+
+def test_a_name_keeps_what_yaml_1_1_would_read_as_a_number(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, "name: 10:30\n" + BASE.split("\n", 1)[1])
+    outcome = cli("size", path, "--json")
+    assert outcome.code == 0 and json.loads(outcome.stdout)["name"] == "10:30", outcome
 
 
 def test_python_tag_is_refused_and_never_runs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
