@@ -261,6 +261,7 @@ def test_exit_codes(tmp_path, monkeypatch, capsys) -> None:
     (["empty"], "no *.yaml or *.yml files"),
     (["clean.yaml", "--select", "AP999"], "unknown rule code 'AP999'"),
     (["clean.yaml", "--json", "--format", "sarif"], "contradict"),
+    (["clean.yaml", "--json", "--format", "text"], "--json and --format text contradict each other"),
 ])
 def test_unusable_invocation_exits_2(args, message, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
@@ -333,6 +334,9 @@ def test_discovery_recurses_skips_hidden_and_dedupes(tmp_path, monkeypatch) -> N
         write(tmp_path, name, CLEAN)
     found = discover([".", "a.yaml", "deep/*.yml"])
     assert [p.as_posix() for p in found] == ["a.yaml", "deep/b.yml"]
+    # one file by two paths, as a preset's name beside a symlinked presets/ folder: linted once
+    (tmp_path / "linked").symlink_to(tmp_path / "deep", target_is_directory=True)
+    assert [p.as_posix() for p in discover(["deep/b.yml", "linked/b.yml", "linked"])] == ["deep/b.yml"]
     with pytest.raises(ArchplanError):
         discover([])
 

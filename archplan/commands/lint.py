@@ -42,9 +42,10 @@ def register(app: typer.Typer) -> None:
     ))
     def lint(
         paths: PathsArg,
-        fmt: Annotated[Format, typer.Option(
-            "--format", help="text, json, github (workflow annotations) or sarif (2.1.0)."
-        )] = Format.text,
+        fmt: Annotated[Format | None, typer.Option(
+            "--format", help="text (the default), json, github (workflow annotations) or sarif (2.1.0).",
+            show_default=False,
+        )] = None,
         select: CodesOpt = [],
         ignore: CodesOpt = [],
         strict: Annotated[bool | None, typer.Option(
@@ -54,14 +55,14 @@ def register(app: typer.Typer) -> None:
         )] = None,
         as_json: JsonOpt = False,
     ) -> None:
-        if as_json and fmt not in (Format.text, Format.json):
+        if as_json and fmt not in (None, Format.json):
             raise ArchplanError(f"--json and --format {fmt.value} contradict each other")
         config = load_config(Path.cwd())
         selected = parse_codes(select) or config.select
         config = LintConfig(selected, config.ignore + parse_codes(ignore), config.strict if strict is None else strict,
                             config.source)
         result = lint_paths(paths, config)
-        echo(render(result, Format.json if as_json else fmt), nl=False)
+        echo(render(result, Format.json if as_json else fmt or Format.text), nl=False)
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it.
         raise SystemExit(result.exit_code(config.strict))

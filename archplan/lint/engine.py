@@ -127,7 +127,11 @@ def discover(paths: Sequence[str]) -> list[Path]:
             found.append(find_spec_path(arg))  # a bundled preset, by name as everywhere
         else:
             raise ArchplanError("no such file, folder or preset", file=arg)
-    unique = list(dict.fromkeys(found))
+    # keyed by the file itself: presets/ beside a preset's name, or a symlinked folder, is one file
+    first: dict[Path, Path] = {}
+    for path in found:
+        first.setdefault(path.resolve(), path)
+    unique = list(first.values())
     if not unique:
         raise ArchplanError(f"no *.yaml or *.yml files under {', '.join(paths)}")
     return unique
