@@ -708,6 +708,22 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
     return int(info.value.code or 0), out, err
 
 
+def test_a_config_without_a_context_length_is_said_to_default(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """BLOOM's config names no length (ALiBi has no position table): the spec took 4,096 without a
+    word, where the model trained at 2,048, and size's default sequence with it. Megatron-DeepSpeed's
+    `seq_length`, where a config keeps it, is read."""
+    path = FIXTURES / "hf-configs" / "bloom-560m.json"
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(path))
+    assert code == 0 and "the config states no context length; max_seq_len is the spec's default, 4,096" in err
+    data = {**json.loads(path.read_text()), "seq_length": 2048}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(tmp_path / "config.json"))
+    assert code == 0 and "context length" not in err and "max_seq_len: 2048" in out
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(FIXTURES / "hf-configs" / "llama-2-7b.json"))
+    assert code == 0 and "context length" not in err
+
+
 def test_cli_stdout_yaml_loads_back_equal(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     path = FIXTURES / "hf-configs" / "mixtral-8x7b-v0.1.json"
     code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(path))

@@ -1017,7 +1017,7 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
         aliases={"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"},
         # Megatron-DeepSpeed fusion/precision switches and tensor-parallel slicing: numerics only
         inert=("slow_but_exact", "masked_softmax_fusion", "bias_dropout_fusion", "skip_bias_add",
-                 "skip_bias_add_qkv", "attention_softmax_in_fp32", "offset_alibi", "seq_length"),
+                 "skip_bias_add_qkv", "attention_softmax_in_fp32", "offset_alibi"),
         even_heads=("hidden_size", "n_head"))
 def _bloom(cfg: HFConfig) -> dict[str, Any]:
     """modeling_bloom.py: ALiBi, LayerNorm after the embedding, biased fused qkv/dense, MLP of
@@ -1026,8 +1026,10 @@ def _bloom(cfg: HFConfig) -> dict[str, Any]:
               "a residual taken after the LayerNorm is not a residual kind archplan has")
     cfg.fixed("n_inner", None, "transformers' BloomMLP always builds 4·hidden_size")
     d, h = cfg.int_("hidden_size"), cfg.int_("n_head")
+    # ALiBi has no position table, so transformers reads no length; Megatron-DeepSpeed's seq_length,
+    # where the config keeps it, is the length the model was trained at
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"), n_heads=h,
-                n_kv=h, head_dim=d // h, max_pos=None)
+                n_kv=h, head_dim=d // h, max_pos=cfg.opt_int("seq_length", None))
     return {
         **base(dims, tied=tied(cfg), embed_norm=True),
         "position": Alibi(kind="alibi"),
