@@ -231,7 +231,7 @@ def _chinchilla_table(r: dict[str, Any]) -> _Section:
     if c["plan_tokens"] is not None and c["tokens_source"] not in ("--tokens", "spec training.tokens"):
         caption += (f"; `plan SPEC --gpus N` without --tokens or training.tokens prices "
                     f"{units.count(c['plan_tokens'])} tokens instead: the Epoch fit's compute-optimal D "
-                    f"for N = {c['plan_tokens_params']} params (--law sets the fit)")
+                    f"for N = {c['plan_tokens_params']} params (plan's --law chinchilla|epoch|20x sets the fit)")
     table = _table(f"Chinchilla budget: D = {units.count(c['tokens'])} token{'' if c['tokens'] == 1 else 's'} "
                    f"({c['tokens_source']}), "
                    f"C = {units.sci(c['training_flops'])} FLOPs", caption,

@@ -1247,27 +1247,30 @@ def test_recompute_modules_mla_up_proj_re_runs_nothing_in_other_attention() -> N
     assert plain.recompute == rerun.recompute == 0.0
 
 
-def test_every_help_example_that_needs_no_file_of_the_users_runs(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`plan --help` shows examples; each one runs as printed and exits 0 (the output file of `-o`
-    written under a temporary directory). The `--solve` example reads the user's partial spec,
-    which the solver's own tests cover."""
-    import shlex
+def test_the_footer_names_each_batch_the_layouts_shown_run(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layout rounds --global-batch-tokens to its own whole micro-batches: at 4.5M the footer
+    printed layout 1's 4,194,304 "as run", beside layouts running 4,718,592, and not the 4,500,000
+    asked."""
+    argv = ("plan", "llama-3-8b", "--gpus", "64", "--global-batch-tokens", "4.5M")
+    code, out, _ = run(capsys, monkeypatch, *argv, "--json")
+    batches = sorted({layout["global_batch_tokens"] for layout in json.loads(out)["layouts"]})
+    assert code == 0 and len(batches) > 1
+    code, out, _ = run(capsys, monkeypatch, *argv)
+    footer = " ".join(out[out.index("training on"):].split())
+    assert f"(the layouts shown run {batches[0]:,} to {batches[-1]:,}), for the 4,500,000 asked" in footer, footer
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "64", "--global-batch-tokens", "4Mi")
+    footer = " ".join(out[out.index("training on"):].split())
+    assert "4,194,304 tokens per step as run; MFU" in footer, footer
 
-    from archplan.commands.plan import HELP
 
-    monkeypatch.chdir(tmp_path)
-    examples = [line.strip().split("  (")[0] for line in HELP.splitlines() if line.strip().startswith("archplan plan")]
-    assert len(examples) >= 8
-    ran = 0
-    for example in examples:
-        argv = shlex.split(example)[1:]
-        if "--solve" in argv:
-            continue
-        code, _, err = run(capsys, monkeypatch, *argv)
-        assert code == 0, (example, err)
-        ran += 1
-    assert ran == len(examples) - 1
+def test_size_names_the_law_choices_plan_takes(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """size's caption sent the user to "--law", whose choices in size (hoffmann2022, besiroglu2024)
+    plan refuses: it names plan's own."""
+    code, out, _ = run(capsys, monkeypatch, "size", "llama-3-8b")
+    named = re.search(r"plan's --law (\S+) sets the fit", " ".join(out.split()))
+    assert code == 0 and named is not None and named.group(1).split("|") == [c.value for c in LawOption]
 
 
 def test_solve_json_keys_are_all_in_the_docs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

@@ -703,6 +703,18 @@ def _batch_notes(result: SearchResult) -> list[str]:
             f"micro-batches of dp·mb sequences: {runs}; ranked by time per token"]
 
 
+def _batch_as_run(result: SearchResult) -> str:
+    """Layout 1's tokens per step, beside the asked batch where it differs and the other layouts'
+    where theirs differ from it: each layout rounds --global-batch-tokens to its own whole micro-batches
+    (`_batch_notes` says why, where the difference is large)."""
+    best = result.shown[0].global_batch_tokens
+    batches = sorted({e.global_batch_tokens for e in result.shown})
+    text = f"{best:,} tokens per step as run" if len(batches) == 1 else (
+        f"{best:,} tokens per step as layout 1 runs them (the layouts shown run {batches[0]:,} to {batches[-1]:,})")
+    asked = result.asked_batch_tokens
+    return text + (f", for the {asked:,.0f} asked" if asked and round(asked) != best else "")
+
+
 def _pipeline_fill_notes(result: SearchResult) -> list[str]:
     """Layouts shown with fewer micro-batches than pipeline stages: the first stage runs out of
     forwards before the last one starts its first, so no moment has every stage busy (1F1B's
@@ -1070,8 +1082,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     for note in _all_notes(result, bound, model_notes, tokens):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
-    console.print(f"training on {count(tokens)} tokens ({source}): {best.global_batch_tokens:,} tokens "
-                  f"per step as run; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
+    console.print(f"training on {count(tokens)} tokens ({source}): {_batch_as_run(result)}; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
                   "causal, no recompute) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
@@ -1303,7 +1314,8 @@ def register(app: typer.Typer) -> None:
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
-        gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per NVLink domain [8].",
+        gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per NVLink domain (default: the GPU's, 8; 72 for gb200 "
+                                                          "and gb300, whose NVL72 rack is one domain).",
                                                           rich_help_panel=LAYOUT_PANEL)] = None,
         nvlink_gbs: Annotated[float | None, typer.Option("--nvlink-gbs", help="In-node bandwidth per GPU, GB/s one way.",
                                                          rich_help_panel=LAYOUT_PANEL)] = None,
