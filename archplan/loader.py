@@ -63,9 +63,12 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # a merge key's (`<<: *base`) entries come first and the mapping's own override them (YAML's
+    # merge type): only the mapping's own keys can repeat one another
+    own = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
     loader.flatten_mapping(node)
     seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
+    for key_node, _ in own:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, (str, int, float, bool)) and key is not None:
             raise yaml.constructor.ConstructorError(
@@ -201,10 +204,14 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
         problem = exc.problem or exc.context or "invalid YAML"
         if "could not determine a constructor" in str(exc):
             problem = f"tag not allowed ({exc.problem}); archplan loads YAML with a safe loader"
-        raise ArchplanError(
-            f"invalid YAML: {problem}", file=file,
-            line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
-        ) from None
+        elif "but found another document" in str(exc):
+            problem = "a second document (`---`); a spec is one YAML document a file"
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        lines = text.splitlines()
+        if line is not None and line > len(lines):
+            # the stream's end, after the last line: name the last line, as an editor shows it
+            line, column = max(len(lines), 1), len(lines[-1]) + 1 if lines else 1
+        raise ArchplanError(f"invalid YAML: {problem}", file=file, line=line, column=column) from None
     except yaml.YAMLError as exc:
         raise ArchplanError(f"invalid YAML: {exc}", file=file) from None
     except RecursionError:

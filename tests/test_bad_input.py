@@ -139,7 +139,7 @@ def test_non_mapping_yaml(cli, tmp_path: Path) -> None:  # type: ignore[no-untyp
 def test_malformed_yaml_has_line_and_column(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, "name: x\nvocab_size: [1, 2\n")
     line = assert_one_line_error(cli("size", path), "invalid YAML")
-    assert line.startswith(f"archplan: error: {path}:3:1:")
+    assert line.startswith(f"archplan: error: {path}:2:18:")  # the end of the last line, where the ] is missing
 
 
 def test_unknown_field_suggests_the_closest(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -368,6 +368,30 @@ def test_text_with_many_brackets_parses_as_usual(tmp_path: Path) -> None:
     assert loaded.locations[("d_model",)] == (4, 1)
     with pytest.raises(ArchplanError, match="duplicate key 'd_model'"):
         parse_yaml(padding + text + "d_model: 1\n", "x")
+
+
+def test_a_merge_key_is_overridden_by_the_mappings_own_keys() -> None:
+    """YAML's merge type: `{<<: *base, y: 3}` takes base's x and its own y. The duplicate-key check
+    counted the merged y against the own one and refused the file."""
+    from archplan.loader import parse_yaml
+
+    loaded = parse_yaml("a: &a {x: 1, y: 2}\nb: {<<: *a, y: 3}\n", "x")
+    assert loaded.data["b"] == {"x": 1, "y": 3}
+    with pytest.raises(ArchplanError, match="duplicate key 'y'"):
+        parse_yaml("a: &a {x: 1}\nb: {<<: *a, y: 3, y: 4}\n", "x")
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("name: a\n---\nname: b\n", "x:2:1: invalid YAML: a second document (`---`); a spec is one YAML document a file"),
+    ("name: t\nvocab_size: [1\n", "x:2:15: invalid YAML: did not find expected ',' or ']'"),
+])
+def test_a_yaml_error_names_a_line_the_file_has(text: str, said: str) -> None:
+    """The end of the stream is past the last line: `x:3:1` for a two-line file."""
+    from archplan.loader import parse_yaml
+
+    with pytest.raises(ArchplanError) as info:
+        parse_yaml(text, "x")
+    assert str(info.value) == said
 
 
 def test_compare_names_the_bad_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
