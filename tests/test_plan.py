@@ -203,6 +203,16 @@ def test_budget_header_says_what_n_counts_for_the_family(family: str, counted: s
     assert code == 0 and counted in header, header
 
 
+def test_a_written_spec_holds_whole_numbers_as_integers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`training: {tokens: 184260640754.0}`: a number field holds floats, and the file said so."""
+    out = tmp_path / "m.yaml"
+    code, _, _ = run(capsys, monkeypatch, "plan", "--compute", "1e22", "-o", str(out))
+    data = yaml.safe_load(out.read_text())
+    assert code == 0 and isinstance(data["training"]["tokens"], int) and isinstance(data["position"]["theta"], int)
+    assert load_spec(out).training.tokens == data["training"]["tokens"]
+
+
 def test_design_too_small_for_the_vocabulary() -> None:
     with pytest.raises(ArchplanError, match="vocab"):
         design(Family.dense, 5e7, vocab=128256)

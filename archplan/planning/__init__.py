@@ -30,8 +30,15 @@ def spec_data(model: BaseModel, always: frozenset[str] = ALWAYS_WRITTEN) -> dict
         info = fields[name]
         if name != "kind" and name not in always and not info.is_required() and value == info.default:
             continue
-        out[name] = spec_data(value, frozenset()) if isinstance(value, BaseModel) else value
+        out[name] = (spec_data(value, frozenset()) if isinstance(value, BaseModel) else
+                     _as_written(value))
     return out
+
+
+def _as_written(value: Any) -> Any:
+    """A whole number held as a float (a number field keeps `tokens: 2e11` as 200000000000.0) is
+    written as the integer: `tokens: 184260640754`, not `184260640754.0`. Number fields take either."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # Blocks of prose, written one field per line rather than as an inline mapping.
