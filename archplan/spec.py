@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 from typing_extensions import assert_never
 
 # Sizes above this are rejected as absurd: 2^40 would already be a 1-trillion-wide matrix side.
@@ -31,6 +31,19 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Dim = Annotated[Int, Field(gt=0, le=MAX_DIM)]
 NonNegDim = Annotated[Int, Field(ge=0, le=MAX_DIM)]
 PositiveInt = Annotated[Int, Field(gt=0)]
+
+
+def _printable(text: str, allowed: str) -> str:
+    """Names and prose reach the terminal as written: an escape sequence in a spec's name would
+    recolour or rewrite it. `allowed`: the control characters the field keeps (prose's line breaks)."""
+    bad = next((c for c in text if (ord(c) < 32 or 127 <= ord(c) < 160) and c not in allowed), None)
+    if bad is not None:
+        raise ValueError(f"control character {bad!r} at position {text.index(bad)}; write printable text")
+    return text
+
+
+Line = Annotated[str, AfterValidator(lambda text: _printable(text, ""))]
+Text = Annotated[str, AfterValidator(lambda text: _printable(text, "\n\t"))]
 
 
 class Frozen(BaseModel):
@@ -495,16 +508,16 @@ class Training(Frozen):
 class Reference(Frozen):
     """Where a preset comes from and what was published; golden tests read it."""
 
-    source: str
+    source: Text
     total_params: Int | None = Field(None, ge=0)
     active_params: Int | None = Field(None, ge=0)
     rumour: Bool = False
-    notes: str | None = None
+    notes: Text | None = None
 
 
 class Spec(Frozen):
-    name: str = Field(min_length=1, max_length=200)
-    description: str | None = None
+    name: Line = Field(min_length=1, max_length=200)
+    description: Text | None = None
     vocab_size: Dim
     d_model: Dim
     n_layers: Annotated[Int, Field(gt=0, le=MAX_LAYERS)]

@@ -394,6 +394,22 @@ def test_a_yaml_error_names_a_line_the_file_has(text: str, said: str) -> None:
     assert str(info.value) == said
 
 
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("name", '"a\\e[31mred"', "name: control character '\\x1b' at position 1; write printable text"),
+    ("name", '"two\\nlines"', "name: control character '\\n' at position 3; write printable text"),
+    ("description", '"a\\x07bell"', "description: control character '\\x07' at position 1"),
+])
+def test_a_name_or_prose_with_control_characters_is_refused(cli, tmp_path: Path, field: str, value: str,  # type: ignore[no-untyped-def]
+                                                            said: str) -> None:
+    """They reached the terminal as written: an ANSI escape in a spec's name recoloured `size`'s
+    output. A description keeps its line breaks."""
+    path = spec_file(tmp_path, BASE.replace("name: tiny", f"name: tiny\n{field}: {value}") if field != "name"
+                     else BASE.replace("name: tiny", f"name: {value}"))
+    assert_one_line_error(cli("size", path), said)
+    prose = spec_file(tmp_path, BASE + 'description: "first line\\nsecond line"\n', "prose.yaml")
+    assert cli("size", prose, "--json").code == 0
+
+
 def test_compare_names_the_bad_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     good = spec_file(tmp_path, BASE, "good.yaml")
     bad = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: -1"), "bad.yaml")
