@@ -15,11 +15,14 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
     """`path` as a place to write, or a one-line refusal naming `field`: a wrong suffix (when
     `suffixes` are given), a folder, an existing file without --force, a missing parent folder.
     Checked before any work, so that a refused write costs nothing."""
+    if not str(path).strip():
+        # Path("") is the current folder: an unset shell variable would name it
+        raise ArchplanError(f"{field}: an empty path; give a file name")
     target = Path(path)
-    if suffixes and target.suffix.lower() not in suffixes:
-        raise ArchplanError(f"must end in {', '.join(suffixes)}", file=str(path), field=field)
     if target.is_dir():
         raise ArchplanError("is a directory; expected a file", file=str(path), field=field)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ArchplanError(f"must end in {', '.join(suffixes)}", file=str(path), field=field)
     if target.exists() and not force:
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
     if not target.parent.is_dir():

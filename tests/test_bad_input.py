@@ -255,7 +255,9 @@ def test_force_without_plot_is_refused(cli, argv: list[str]) -> None:  # type: i
 
 
 @pytest.mark.parametrize("argv", [["size", ""], ["compare", "gpt2", " "], ["plan", "", "--gpus", "8"],
-                                  ["lint", ""]])
+                                  ["lint", ""], ["schema", "-o", ""], ["plan", "--compute", "1e22", "-o", ""],
+                                  ["import", "hf", str(Path(__file__).parent / "fixtures" / "hf-configs" / "gpt2.json"),
+                                   "-o", ""], ["size", "gpt2", "--plot", ""]])
 def test_an_empty_path_is_named_as_such(cli, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
     """Path("") is the current folder: not "is a directory", and lint does not walk it."""
     assert_one_line_error(cli(*argv), "empty")

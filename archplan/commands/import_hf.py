@@ -28,7 +28,7 @@ import_app = typer.Typer(
 SCHEMA_PATH = schema_file()
 
 
-def schema_reference(out: Path | None) -> str:
+def schema_reference(out: str | Path | None) -> str:
     """The schema path as the YAML file will see it: relative to where the YAML is written (the
     path as given, links not followed: an editor resolves the reference from the file it opened)."""
     base = (Path(os.path.abspath(out)).parent if out is not None else Path.cwd())
@@ -42,7 +42,8 @@ def schema_reference(out: Path | None) -> str:
 def hf(
     config: Annotated[str, typer.Argument(help="A Hugging Face config.json, or the model folder holding one.",
                                           show_default=False, metavar="CONFIG")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the spec here (default: stdout).",
+    # str, not Path: typer makes Path("") of an empty argument, the current folder
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Write the spec here (default: stdout).",
                                                 show_default=False)] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -84,9 +85,9 @@ def hf(
                    f"{spec.max_seq_len:,}: set it to the length the model was trained at", err=True)
     header = f"yaml-language-server: $schema={schema_reference(output)}"
     if output is not None:
-        write_spec(spec, str(output), force=force, header=header)
+        write_spec(spec, output, force=force, header=header)
     if as_json:
-        echo(jsonout.dumps({"output": str(output) if output else None, "ignored": list(imported.ignored),
+        echo(jsonout.dumps({"output": output, "ignored": list(imported.ignored),
                             "spec": spec_data(spec)}))
     elif output is None:
         echo(spec_yaml(spec, header), nl=False)

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         "  archplan schema --output archplan/spec.schema.json --force"
     ))
     def schema(
-        output: Annotated[Path | None, typer.Option(
+        output: Annotated[str | None, typer.Option(
             "--output", "-o", help="Write to this file instead of stdout.", show_default=False,
         )] = None,
         force: ForceOpt = False,
