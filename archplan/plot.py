@@ -111,7 +111,8 @@ def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: 
     right.set_xlabel("sequence length (tokens)")
     right.set_ylabel("GiB per replica")
     right.set_title(f"training memory, micro-batch {opts.micro_batch}\n{training_dtypes(report['memory']['training'])}")
-    right.legend(loc="upper left")
+    # the curves can run anywhere in the panel (gpt2's rise through its upper left): below the axes too
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     save(fig, target)
     plt.close(fig)
 
@@ -140,7 +141,9 @@ def plot_compare(reports: Sequence[dict[str, Any]], path: str, *, force: bool = 
             ax.bar(xs, [get(r) for _, get in series], width, label=r["name"])
         ax.set_xticks(range(len(series)), [name for name, _ in series])
         ax.set_title(title)
-    axes[0].legend()
+    # one legend for the panels, below them: inside a panel it covered the tallest bars
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(len(reports), 6))
     save(fig, target)
     plt.close(fig)
 
