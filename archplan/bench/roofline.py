@@ -21,8 +21,9 @@ the decode calibration), and the larger is the prediction (`with_host_floor`). A
 tokens of a 7-8B model an H200 finishes each layer's kernels in a fraction of their issue.
 
 Bytes moved per component (stated in docs/benchmarks.md):
-- prefill: its weights once (MoE: only the experts the B·T·K routed rows can reach, min(E, B·T·K)),
-  plus its activation input and output (2·B·T·D elements), plus, for attention, the K/V it writes;
+- prefill: its weights once (MoE: only the experts the B·T·K routed rows can reach, min(E, B·T·K);
+  the embedding only the B·T rows it looks up), plus its activation input and output (2·B·T·D
+  elements), plus, for attention, the K/V it writes;
 - decode (one token per sequence): its weights once (MoE: min(E, B·K) experts; the embedding only
   the B rows it looks up). The cache (KV, MLA latent or SSM state) is read by the attention and
   other ops whose replayed time is the overhead, so it is not priced again as bytes.
@@ -225,10 +226,19 @@ def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, p
         weight = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
         act = 2 * tokens * plan.d_model * dtype_bytes if _is_layer_body(path) else 0
         bytes_by_path[path] = weight + act + kv.by_component.get(path, 0)
-    bytes_by_path["lm_head"] = bytes_by_path.get("lm_head", 0) + (
-        plan.vocab_size * plan.d_model * dtype_bytes if plan.tied else 0
-    ) + tokens * plan.vocab_size * dtype_bytes
+    _price_lookups(plan, bytes_by_path, tokens, dtype_bytes)
+    bytes_by_path["lm_head"] += tokens * plan.vocab_size * dtype_bytes
     return _predict(plan, flops_by_path, bytes_by_path, peak, bandwidth)
+
+
+def _price_lookups(plan: ModelPlan, bytes_by_path: dict[str, float], rows: int, dtype_bytes: float) -> None:
+    """A lookup reads the `rows` it gathers, not its table (a prefill priced the whole table: 514 MB
+    of BLOOM's for 128 tokens); a tied head still reads the whole matrix."""
+    for table in ("embed", "pos_embed"):
+        if table in bytes_by_path:
+            bytes_by_path[table] = rows * plan.d_model * dtype_bytes
+    bytes_by_path["lm_head"] = bytes_by_path.get("lm_head", 0) + (
+        plan.vocab_size * plan.d_model * dtype_bytes if plan.tied else 0)
 
 
 def with_host_floor(prefill: Roofline, rates: DecodeRates, step_ops: dict[str, OpCount],
@@ -263,12 +273,7 @@ def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: 
     for path in params.by_component:
         routed = batch * _top_k_of(plan, path)
         bytes_by_path[path] = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
-    # a lookup reads B rows of the tables, not the tables; a tied head still reads the whole matrix
-    for table in ("embed", "pos_embed"):
-        if table in bytes_by_path:
-            bytes_by_path[table] = batch * plan.d_model * dtype_bytes
-    if plan.tied:
-        bytes_by_path["lm_head"] = bytes_by_path.get("lm_head", 0) + plan.vocab_size * plan.d_model * dtype_bytes
+    _price_lookups(plan, bytes_by_path, batch, dtype_bytes)
     counts = kind_counts(plan)
     flops_by_kind: dict[str, float] = defaultdict(float)
     bytes_by_kind: dict[str, float] = defaultdict(float)
