@@ -785,6 +785,19 @@ def test_refusals_are_one_line(fake_world: None) -> None:
         check_layout_run(mamba, layout, 32, microbatches=1)
 
 
+@pytest.mark.parametrize(("spec", "layout", "missing"), [
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=1,zero=0,recompute=none", "give mb="),
+    ("tiny-moe.yaml", "tp=1,pp=1,dp=1,zero=0,recompute=none,mb=1", "give cp=, ep="),
+])
+def test_a_layout_short_of_a_field_names_it(spec: str, layout: str, missing: str) -> None:
+    """The refusal listed every field; which one was missing was the user's to find."""
+    from archplan.distributed.render import given_layout
+    from archplan.errors import ArchplanError
+
+    with pytest.raises(ArchplanError, match=f"{missing}$"):
+        given_layout(resolve(load_spec(FIXTURES / spec)), layout, 32, "verify")
+
+
 @pytest.mark.parametrize(("spec", "layout"), [
     pytest.param("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", id="tp2"),
     # interleaved: each worker runs two model chunks (CI budget: the default run's pipelines on real

@@ -91,8 +91,10 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
         raise ArchplanError(f"--layout: {why}")
     layout = partial.for_model(experts).complete()
     if layout is None:
+        given = partial.for_model(experts).given
+        missing = [name for name in ("tp", "cp", "pp", "dp", "ep", "zero", "recompute", "mb") if name not in given]
         raise ArchplanError(f"--layout: {command} needs every field (tp, cp, pp, dp, zero, recompute, mb; ep "
-                            "for a model with routed experts)")
+                            f"for a model with routed experts): give {', '.join(f'{name}=' for name in missing)}")
     if layout.group:
         # torch's interleaved schedule has no round size to set: a given one would price a schedule
         # the run does not execute
