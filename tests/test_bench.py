@@ -326,6 +326,22 @@ def test_a_run_past_max_seq_len_or_beyond_every_layer_says_so(mode: list[str], c
     assert "note: --layers 9 builds all 4 layers of tiny-llama (no layer kind has more)" in said
     if not mode:  # nothing extrapolated: the median's spread is what was measured
         assert "full depth, extrapolated" not in proc.stdout
+    # a torchrun worker of another rank runs the same command: rank 0 alone says it
+    monkeypatch.setenv("RANK", "1")
+    proc = run_main(["bench", spec, "--device", "cpu", "--seq", "300", "--iters", "1", *mode, *extra],
+                    capsys, monkeypatch)
+    assert proc.code == 0 and "past tiny-llama's max_seq_len" not in proc.stderr
+
+
+def test_a_layout_run_past_max_seq_len_says_so(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench --layout` said nothing of it, where every other mode and `verify --layout` did."""
+    monkeypatch.setattr("archplan.distributed.bench.bench_layout", lambda *args, **kwargs: None)
+    spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    proc = run_main(["bench", spec, "--seq", "300", "--layout", "tp=1,cp=1,pp=1,dp=1,zero=0,recompute=none,mb=1"],
+                    capsys, monkeypatch)
+    assert proc.code == 0, proc.stderr
+    assert "note: seq 300 is past tiny-llama's max_seq_len (256): timed as asked" in " ".join(proc.stderr.split())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

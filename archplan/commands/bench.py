@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from enum import Enum
 from typing import Annotated
 
@@ -161,7 +163,8 @@ def bench(
     else:
         lengths, note = parse_lengths(seq), None
 
-    notes = ([] if note is None else [note]) + ([] if as_json or layout is not None else
+    # under torchrun every worker runs this command: rank 0 alone says what the run is past
+    notes = ([] if note is None else [note]) + ([] if as_json or os.environ.get("RANK", "0") != "0" else
                                                 _run_notes(list(specs), max(lengths), layers))
     sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
     mode = ("--layout" if layout is not None else "--train" if train
