@@ -112,10 +112,13 @@ def bench(
         "takes; several specs or --plot: a quarter, half and all of that]."), show_default=False)] = None,
     decode_tokens: Annotated[int, typer.Option(min=0, help="Incremental decode steps with the real cache.")] = 16,
     layers: Annotated[int | None, typer.Option(
-        min=1, help="Build K layers of each layer kind and extrapolate to the full depth.")] = None,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards first.")] = 2,
-    iters: Annotated[int, typer.Option(min=1, help="Timed forwards.")] = 5,
-    compile: Annotated[bool, typer.Option("--compile", help="Run the model under torch.compile.", metavar="")] = False,
+        min=1, help="Build K layers of each layer kind: prefill and decode extrapolate to the full depth; "
+                    "a --seq sweep and --train report the model as built.")] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed forwards first (--layout: untimed steps).")] = 2,
+    iters: Annotated[int, typer.Option(min=1, help="Timed forwards (--train, --layout: timed steps).")] = 5,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Run the prefill under torch.compile (the decode steps run eager).",
+        metavar="")] = False,
     attn_backend: Annotated[Backend, typer.Option(help="SDPA backend to force.")] = Backend.auto,
     compare_backends: Annotated[bool, typer.Option(
         "--compare-backends", help="Repeat the prefill under every SDPA backend available here.", metavar="")] = False,
@@ -253,7 +256,8 @@ def _render(result: object, name: str) -> None:
                   f"{nbytes(result.peak.bandwidth)}/s{host_floor}")
     if result.decode_seconds_per_token is not None:
         assert result.predicted_decode is not None
-        table.add_row("decode", f"{1e3 * result.decode_seconds_per_token:.2f} ms/token",
+        table.add_row("decode" + (" (eager)" if cfg.compile else ""),
+                      f"{1e3 * result.decode_seconds_per_token:.2f} ms/token",
                       f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; predicted "
                       f"{1e3 * result.predicted_decode.seconds:.2f} ms, error "
                       f"{100 * (result.decode_prediction_error or 0):+.1f}% (decode model, docs/benchmarks.md)")
@@ -290,7 +294,8 @@ BENCH_HELP = (
     "causal; --train: forward + backward of the step, without the recompute's re-run, which HFU "
     "counts) against the device's DENSE peak (datasheet for known GPUs; on CPU and unknown devices "
     "a matmul and a copy are calibrated in the same run). Peak memory: torch.cuda.max_memory_allocated "
-    "on GPU, peak RSS on CPU.\n\n"
+    "on GPU; on CPU the process's peak RSS (prefill and decode), the profiler's allocator peak of a "
+    "forward plus the weights (a --seq sweep, --compare-backends), torch's MemTracker (--train).\n\n"
     "Four modes: prefill and decode (one spec, one length), a --seq sweep, --train and --layout. An "
     "option that the chosen mode does not read (--batch with --layout, say) is refused, not ignored.\n\n"
     "Examples:\n\n"
