@@ -45,6 +45,7 @@ from archplan.analytic import count_params, forward_flops, kv_cache, training_fl
 from archplan.bench.device import free_memory
 from archplan.bench.fit import FIT_FRACTION
 from archplan.contraction import ContractionDetector
+from archplan.dtypes import DType
 from archplan.errors import ArchplanError, first_line
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
 from archplan.modules.model import ArchplanModel, build_model
@@ -768,12 +769,22 @@ def _real_check(
     progress: Progress | None,
 ) -> RealCheck:
     """Allocate the model (fp32), prefill the real cache, and let fvcore count the forward."""
+    from archplan.bench.runner import BenchConfig, estimate_bytes
+
+    # refused before allocating: past the host's memory the system kills the process. Priced as
+    # bench prices a prefill without decode steps: the weights alone let batch 65,536 × seq 256 of a
+    # tiny model through, to ask the allocator for 34 GB of logits
     weights = 4 * count_params(plan).total
+    need = estimate_bytes(plan, BenchConfig(dtype=DType.fp32, batch=batch, seq=seq_len, decode_tokens=0))
     free = free_memory(torch.device(device))
     if weights > FIT_FRACTION * free:
-        # refused before allocating: past the host's memory the system kills the process
         raise ArchplanError(f"--cpu-check builds the model in fp32 on {device}: its weights alone take "
                             f"{nbytes(weights)}, and {device} has {nbytes(free)} free; give --no-cpu-check")
+    if need > FIT_FRACTION * free:
+        raise ArchplanError(f"--cpu-check runs batch {batch} × seq {seq_len} through the fp32 model on {device}: "
+                            f"about {nbytes(need)} (its weights, the cache, the logits and a few activations of "
+                            f"width D), and {device} has {nbytes(free)} free; give a smaller --seq or --batch, "
+                            "or --no-cpu-check")
     if progress is not None:
         progress(f"build ({device}, fp32)", 0, 1)
     torch.manual_seed(0)

@@ -352,6 +352,19 @@ def test_a_real_instance_past_the_host_memory_is_refused_before_it_is_built(
     assert code == 2 and out == "" and "its weights alone take" in err and "give --no-cpu-check" in err
 
 
+def test_a_real_run_past_the_host_memory_is_refused_before_it_is_built(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    """The weights fit, the run does not: only the weights were priced, and batch 65,536 × seq 256
+    of a tiny model asked the allocator for 34 GB of logits after 27 s."""
+    monkeypatch.setattr(cc, "free_memory", lambda device: 1 << 30)
+    code, out, err = run(monkeypatch, capsys, str(tiny), "--cpu-check", "--batch", "65536", "--seq", "64",
+                         "--no-backward")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--cpu-check runs batch 65536 × seq 64 through the fp32 model on cpu" in err
+    assert "give a smaller --seq or --batch, or --no-cpu-check" in err
+
+
 def test_a_narrow_terminal_folds_names_and_keeps_figures_and_marks() -> None:
     """At 60 columns the component names fold; every ✓ and the exact totals stay whole (with every
     column unwrappable, rich cut the totals and dropped the ✓ column)."""
