@@ -1944,6 +1944,30 @@ def test_cli_a_searched_layout_given_back_prices_the_same(capsys: pytest.Capture
         assert given[key] == best[key], key
 
 
+@pytest.mark.parametrize("states", ["megatron", "fsdp2"])
+def test_cli_every_layout_a_moe_search_shows_is_priced_as_given(states: str, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's figures are each layout's own, whatever it priced before: under the torch
+    engine an MoE layer keeps its expert order only where ep > 1, and the per-layer activations were
+    memoised without ep, so mixtral's ep=8 layout read ep=1's 86,070,329,344 B (86,078,717,952 given)
+    and a search could show a layout as fitting that, given, did not."""
+    base = ("mixtral-8x7b", "--gpus", "64", "--gpu", "b200", "--seq", "4096", "--states", states)
+    code, out, _ = run(capsys, monkeypatch, "plan", *base, "--layout", "tp=1,cp=1,pp=1,dp=64,zero=1,recompute=none,mb=2",
+                       "--top", "10", "--json")
+    shown = json.loads(out)["layouts"]
+    assert code == 0 and {layout["ep"] for layout in shown} >= {4, 8}
+    from archplan.planning import cluster, parallel, pricing, shards
+
+    for layout in shown:
+        # each given layout priced afresh, as its own process would: the memos are what is under test
+        for module in (cluster, parallel, pricing, shards):
+            for value in vars(module).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
+        code, out, _ = run(capsys, monkeypatch, "plan", *base, "--layout", layout["layout"], "--json")
+        assert json.loads(out)["layouts"][0]["memory"] == layout["memory"], layout["layout"]
+
+
 def test_cli_the_search_never_straddles_a_node_with_tp(capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "48", "--gpu", "h100",

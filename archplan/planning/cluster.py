@@ -657,9 +657,9 @@ class ModelData:
                          engine: Engine, modules: frozenset[RecomputeModule] = frozenset(),
                          cp_comm: CPComm = "all_gather") -> int:
         """`_rank_activations`, once per split, activation layout and micro-batch count: the
-        ZeRO stage, dp and ep do not change it."""
+        ZeRO stage and dp do not change it, ep only by whether it routes across ranks (`layer_acts`)."""
         key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
-               layout.vpp, layout.group, stage, microbatches, kernel, engine, modules, cp_comm)
+               layout.vpp, layout.group, layout.ep > 1, stage, microbatches, kernel, engine, modules, cp_comm)
         if key not in self._activations:
             self._activations[key] = _rank_activations(self, layout, stage, microbatches, kernel, engine,
                                                        modules, cp_comm)
@@ -667,8 +667,11 @@ class ModelData:
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
                    engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> list[float]:
-        """Per layer, bytes one sequence keeps on one rank (before the cp split)."""
-        key = (layout.tp, layout.sequence_parallel, recompute, kernel, engine, modules)
+        """Per layer, bytes one sequence keeps on one rank (before the cp split). ep > 1 is in the
+        key: the torch engine's MoE keeps its expert order for the all-to-all's return (`_layer_act`);
+        without it, the first ep a search priced set every other's (86,070,329,344 B for mixtral's
+        ep=8 under fsdp2, where its own layout gives 86,078,717,952)."""
+        key = (layout.tp, layout.sequence_parallel, layout.ep > 1, recompute, kernel, engine, modules)
         if key not in self._acts:
             self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine, modules) for a in self.acts]
         return self._acts[key]
