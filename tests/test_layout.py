@@ -1572,6 +1572,10 @@ def test_interleaved_rounds_follow_the_engine() -> None:
     assert group_problem(Layout(pp=16, vpp=4), 33) is not None  # two rounds cannot split 33
     assert group_problem(Layout(pp=16, vpp=4, group=16), 15) is not None
     assert round_size(Layout(pp=4, vpp=2, group=6), 12) == 6
+    # fewer micro-batches than stages: the one round the search reports (group = m) can be given back
+    assert group_problem(Layout(pp=16, vpp=4, group=15), 15) is None
+    assert group_problem(Layout(pp=16, vpp=4, group=8), 15) == (
+        "group=8: m = 15 micro-batches, fewer than pp = 16, run in one round: group=15")
 
 
 def test_cli_unfit_layout_shows_its_breakdown(capsys: pytest.CaptureFixture[str],
@@ -1860,7 +1864,8 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
     # a partial layout: the example is an interleaved candidate and the rule it breaks, not one
     # that has no virtual stages
     (("llama-3.1-405b", "--gpus", "16384", "--gpu", "h100", "--seq", "8192", "--global-batch-tokens", "16M",
-      "--layout", "group=3"), "vpp=2,group=3,dp=1024,ep=1,zero=0,recompute=none,mb=1,sp=off: group=3 must lie in [pp, m]"),
+      "--layout", "group=3"), "vpp=2,group=3,dp=1024,ep=1,zero=0,recompute=none,mb=1,sp=off: group=3: m = 2 micro-batches, fewer "
+     "than pp = 16, run in one round: group=2"),
     (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--precision", "fp8", "--fp8-experts"),
      "--fp8-experts: this concerns the routed experts"),
     (("llama-3-8b", "--gpus", "16", "--gpu", "h100", "--overlap", "dp,dualpipe", "--dispatcher", "hierarchical"),
