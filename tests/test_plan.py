@@ -1323,6 +1323,11 @@ def test_a_target_past_the_specs_limits_names_the_target_not_the_file(tmp_path: 
     (("deepseek-v3", "--gpus", "256", "--recompute-modules", "mla_up_proj", "--layout", "recompute=full"),
      "and the given --layout has recompute=full"),
     (("llama-3-8b", "--gpus", "64", "--layout", ""), "--layout: no fields given"),
+    # as tp and pp are: nothing crosses ranks at ep=1 (they ran, and changed nothing)
+    (("mixtral-8x7b", "--gpus", "64", "--overlap", "dp,ep", "--layout", "ep=1"),
+     "--overlap ep hides the experts' all-to-all behind compute, and the given --layout has ep=1"),
+    (("mixtral-8x7b", "--gpus", "64", "--dispatcher", "hierarchical", "--layout", "ep=1"),
+     "the given --layout has ep=1, which sends none: drop --dispatcher"),
 ])
 def test_options_a_given_layout_makes_moot_are_refused(args: tuple[str, ...], message: str,
                                                         capsys: pytest.CaptureFixture[str],

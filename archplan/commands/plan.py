@@ -1528,10 +1528,15 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
                                 f"keeping ≥ {CP_MIN_TOKENS:,}), not at --seq {seq:,}: give --layout cp=N, or a "
                                 "longer --seq")
     for degree, what in (("tp", "the tensor-parallel traffic behind its GEMMs"),
-                         ("pp", "the pipeline's sends and receives behind compute")):
+                         ("pp", "the pipeline's sends and receives behind compute"),
+                         ("ep", "the experts' all-to-all behind compute")):
         if degree in settings.overlap and given.get(degree) == 1:
             raise ArchplanError(f"--overlap {degree} hides {what}, and the given --layout has {degree}=1: drop "
                                 f"{degree} from --overlap (a search applies it only where {degree} > 1)")
+    if settings.dispatcher != "auto" and given.get("ep") == 1:
+        raise ArchplanError(f"--dispatcher {settings.dispatcher} routes the experts' all-to-all across nodes, and "
+                            "the given --layout has ep=1, which sends none: drop --dispatcher (a search applies it "
+                            "only where ep > 1)")
     if settings.recompute_modules and given.get("recompute") == "full":
         raise ArchplanError(f"--recompute-modules {','.join(sorted(settings.recompute_modules))} re-runs modules "
                             "under recompute none or selective, and the given --layout has recompute=full (which "
