@@ -125,6 +125,10 @@ def duration(days: float) -> str:
 
 
 def percent(x: float) -> str:
+    """One decimal; a share too small for it keeps two significant digits (a tiny model's MFU on a
+    CPU read "0.0%", as if nothing ran)."""
+    if 0 < abs(x) < 0.0005:
+        return f"{100 * x:.2g}%"
     return f"{100 * x:.1f}%"
 
 

@@ -406,6 +406,16 @@ def test_human_units_past_the_largest_group_their_digits() -> None:
     assert flops(3e30) == "3,000,000 YFLOP"
 
 
+@pytest.mark.parametrize(("share", "text"), [
+    (0.0, "0.0%"), (0.00031, "0.031%"), (0.0005, "0.1%"), (0.4, "40.0%"), (15.232, "1523.2%"),
+])
+def test_a_share_too_small_for_one_decimal_keeps_its_digits(share: float, text: str) -> None:
+    """A tiny model's CPU MFU printed "0.0%", as if nothing ran."""
+    from archplan.units import percent
+
+    assert percent(share) == text
+
+
 @pytest.mark.parametrize(("n", "text"), [
     (1_023.9 * 2**20, "1.00 GiB"), (9.996 * 2**30, "10.0 GiB"), (99.97 * 2**30, "100 GiB"),
     (500, "500 B"), (1 << 30, "1.00 GiB"),
