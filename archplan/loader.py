@@ -329,7 +329,8 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
     elif kind == "bool_type":
         message = _not_a_boolean(err.get("input"))
     elif kind in _BOUNDS:
-        message = f"expected a value {_BOUNDS[kind]} {_shown(next(iter(err['ctx'].values())))}, got {_shown(err['input'])}"
+        bound = next(iter(err["ctx"].values()))
+        message = f"expected a value {_BOUNDS[kind]} {_shown(bound)}, got {_shown(err['input'])}"
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         got = repr(err["input"])
         message = f"{message} (got {got[:80] + '…' if len(got) > 80 else got})"

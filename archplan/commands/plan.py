@@ -1082,7 +1082,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     for note in _all_notes(result, bound, model_notes, tokens):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
-    console.print(f"training on {count(tokens)} tokens ({source}): {_batch_as_run(result)}; MFU = model FLOPs ({result.model_flops_per_token:,}/token, "
+    console.print(f"training on {count(tokens)} tokens ({source}): {_batch_as_run(result)}; MFU = model FLOPs "
+                  f"({result.model_flops_per_token:,}/token, "
                   "causal, no recompute) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
@@ -1314,9 +1315,9 @@ def register(app: typer.Typer) -> None:
         headroom: Annotated[float, typer.Option(
             "--headroom", help="Fraction of GPU memory kept free (allocator, NCCL buffers, fragmentation).",
             rich_help_panel=LAYOUT_PANEL)] = 0.1,
-        gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per NVLink domain (default: the GPU's, 8; 72 for gb200 "
-                                                          "and gb300, whose NVL72 rack is one domain).",
-                                                          rich_help_panel=LAYOUT_PANEL)] = None,
+        gpus_per_node: Annotated[int | None, typer.Option(
+            "--gpus-per-node", help="GPUs per NVLink domain (default: the GPU's, 8; 72 for gb200 and gb300, "
+                                    "whose NVL72 rack is one domain).", rich_help_panel=LAYOUT_PANEL)] = None,
         nvlink_gbs: Annotated[float | None, typer.Option("--nvlink-gbs", help="In-node bandwidth per GPU, GB/s one way.",
                                                          rich_help_panel=LAYOUT_PANEL)] = None,
         ib_gbs: Annotated[float | None, typer.Option("--ib-gbs", help="Inter-node bandwidth per GPU, GB/s one way.",
