@@ -7,6 +7,7 @@ import contextlib
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _best_seconds(run: Callable[[], object], device: torch.device, seconds: float, calls: int = 1) -> float:
+    """Seconds of one of `calls` calls of `run`, the best of as many timed batches of them as fit
+    in `seconds` (after one untimed call)."""
+    run()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
 def calibrate_matmul(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """Achieved FLOP/s of square matmuls (2·n³ FLOPs each), best of repeated timings, in both
     layouts a model's matmuls run: a·b, and a·bᵀ as `F.linear` passes its weight. Kernels differ by
@@ -40,17 +57,8 @@ def calibrate_matmul(device: torch.device, dtype: torch.dtype, size: int = 1024,
     model's linears run, at 21 (its MFU read 1,500%)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for other in (b, b.t()):
-        torch.mm(a, other)
-        deadline = time.perf_counter() + seconds / 2
-        while time.perf_counter() < deadline:
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(4):
-                torch.mm(a, other)
-            synchronize(device)
-            best = min(best, (time.perf_counter() - start) / 4)
+    best = min(_best_seconds(lambda other=other: torch.mm(a, other), device, seconds / 2, calls=4)
+               for other in (b, b.t()))
     return 2 * size**3 / best
 
 
@@ -58,16 +66,7 @@ def calibrate_copy(device: torch.device, n_bytes: int = 1 << 27, seconds: float 
     """Achieved bytes/s of a large tensor copy (read + write counted, as STREAM's Copy)."""
     src = torch.empty(n_bytes // 4, device=device, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n_bytes / best
+    return 2 * n_bytes / _best_seconds(lambda: dst.copy_(src), device, seconds)
 
 
 def device_peak(device: torch.device, dtype: DType) -> DevicePeak:
