@@ -89,12 +89,12 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
     partial = parse_layout(layout_text)
     if why := partial.sp_problem():
         raise ArchplanError(f"--layout: {why}")
-    layout = partial.for_model(experts).complete()
+    fixed = partial.for_model(experts)
+    layout = fixed.complete()
     if layout is None:
-        given = partial.for_model(experts).given
-        missing = [name for name in ("tp", "cp", "pp", "dp", "ep", "zero", "recompute", "mb") if name not in given]
+        give = ", ".join(f"{name}=" for name in fixed.missing())
         raise ArchplanError(f"--layout: {command} needs every field (tp, cp, pp, dp, zero, recompute, mb; ep "
-                            f"for a model with routed experts): give {', '.join(f'{name}=' for name in missing)}")
+                            f"for a model with routed experts): give {give}")
     if layout.group:
         # torch's interleaved schedule has no round size to set: a given one would price a schedule
         # the run does not execute

@@ -157,14 +157,15 @@ class PartialLayout:
         `for_model`, not from a choice, and it is not shown as one."""
         return self if routed else replace(self, ep=None)
 
+    def missing(self) -> tuple[str, ...]:
+        """The fields a complete layout needs that this does not give, in `LAYOUT_FIELDS` order (sp,
+        vpp and group have defaults; `for_model` gives a dense model its ep)."""
+        return tuple(name for name in LAYOUT_FIELDS if name not in {"sp", "vpp", "group"} | self.given.keys())
+
     def complete(self) -> Layout | None:
         """The one layout this fixes, when every field is given (sp, vpp and group default to on, 1
         and the engine's rounds, `round_size`; `for_model` gives a dense model its ep)."""
-        given = self.given
-        needed = set(LAYOUT_FIELDS) - {"sp", "vpp", "group"}
-        if not needed <= given.keys():
-            return None
-        return replace(Layout(), **given)
+        return None if self.missing() else replace(Layout(), **self.given)
 
 
 def _layout_text(items: Iterable[tuple[str, object]]) -> str:
