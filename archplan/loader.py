@@ -332,8 +332,7 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
         bound = next(iter(err["ctx"].values()))
         message = f"expected a value {_BOUNDS[kind]} {_shown(bound)}, got {_shown(err['input'])}"
     elif "input" in err and not isinstance(err["input"], (dict, list)):
-        got = repr(err["input"])
-        message = f"{message} (got {got[:80] + '…' if len(got) > 80 else got})"
+        message = f"{message} (got {_clipped(repr(err['input']), 80)})"
     return ArchplanError(
         message, file=file, line=line_col[0] if line_col else None,
         column=line_col[1] if line_col else None, field=field,
@@ -345,8 +344,7 @@ def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
     wrote. Say what the block takes instead, and how to write a bare kind (`position: rope`)."""
     models = _models_at(loaded, path)
     kinds = [k for k in map(_kind_of, models) if isinstance(k, str)] if len(models) > 1 else []
-    got = "a list" if isinstance(value, list) else repr(value)
-    got = got[:80] + "…" if len(got) > 80 else got
+    got = "a list" if isinstance(value, list) else _clipped(repr(value), 80)
     name = path[-1]
     if isinstance(value, str) and value in kinds:
         return f"expected a mapping, got {got}; write {name}: {{kind: {value}}}"
@@ -355,6 +353,11 @@ def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
     if models:
         return f"expected a mapping with the fields {', '.join(models[0].model_fields)}; got {got}"
     return f"expected a mapping (key: value pairs), got {got}"
+
+
+def _clipped(text: str, most: int) -> str:
+    """A value's text in a one-line message: its first `most` characters, "…" where it goes on."""
+    return text[:most] + "…" if len(text) > most else text
 
 
 _BOUNDS = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "less_than_equal": "≤"}
@@ -369,8 +372,7 @@ def _not_a_boolean(value: Any) -> str:
     """The spec's booleans are strict (spec.py): YAML's true/false, unquoted."""
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
         return f"expected true or false, got the string {value!r}; write true or false without quotes"
-    shown = repr(value)
-    return f"expected true or false, got {shown[:40] + '…' if len(shown) > 40 else shown}"
+    return f"expected true or false, got {_clipped(repr(value), 40)}"
 
 
 def _not_a_number(expected: str, value: bool | str | float) -> str:
