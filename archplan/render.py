@@ -229,9 +229,11 @@ def _chinchilla_table(r: dict[str, Any]) -> _Section:
                f"{c['tokens_per_param']} tokens/param = {units.count(c['optimal_tokens'])} tokens")
     # only where size's D is its own default: given tokens, plan prices the same ones
     if c["plan_tokens"] is not None and c["tokens_source"] not in ("--tokens", "spec training.tokens"):
+        from archplan.planning.optimal import LawChoice  # not at the CLI's start-up: it loads the analytic package
+
         caption += (f"; `plan SPEC --gpus N` without --tokens or training.tokens prices "
                     f"{units.count(c['plan_tokens'])} tokens instead: the Epoch fit's compute-optimal D "
-                    f"for N = {c['plan_tokens_params']} params (plan's --law chinchilla|epoch|20x sets the fit)")
+                    f"for N = {c['plan_tokens_params']} params (plan's --law {'|'.join(LawChoice)} sets the fit)")
     table = _table(f"Chinchilla budget: D = {units.count(c['tokens'])} token{'' if c['tokens'] == 1 else 's'} "
                    f"({c['tokens_source']}), "
                    f"C = {units.sci(c['training_flops'])} FLOPs", caption,

@@ -287,10 +287,10 @@ def group_problem(layout: Layout, microbatches: int) -> str | None:
                     f"pp = {p}, which do not divide them (give group=N, or a batch pp divides)")
         return None
     n = layout.group
-    if m < p and n != m:
+    if m < p:
         # fewer micro-batches than stages: one round of all m, the round the search reports
-        return f"group={n}: m = {m} micro-batches, fewer than pp = {p}, run in one round: group={m}"
-    if not min(p, m) <= n <= m:
+        return None if n == m else f"group={n}: m = {m} micro-batches, fewer than pp = {p}, run in one round: group={m}"
+    if not p <= n <= m:
         return f"group={n} must lie in [pp, m] = [{p}, {m}] (m micro-batches per step)"
     if 0 < m % n < p:
         return f"group={n}: the last round holds m mod N = {m % n} < pp = {p} micro-batches"
