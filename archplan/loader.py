@@ -375,6 +375,10 @@ def _not_a_boolean(value: Any) -> str:
     return f"expected true or false, got {_clipped(repr(value), 40)}"
 
 
+_SI_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmbgtp])\s*$", re.IGNORECASE)
+_SI_EXPONENT = {"k": 3, "m": 6, "b": 9, "g": 9, "t": 12, "p": 15}
+
+
 def _not_a_number(expected: str, value: bool | str | float) -> str:
     """The spec's numbers are strict (spec.py): say what YAML made of the value instead."""
     if isinstance(value, bool):
@@ -387,7 +391,15 @@ def _not_a_number(expected: str, value: bool | str | float) -> str:
     try:
         float(value.replace("_", ""))
     except ValueError:
-        return f"expected {expected}, got the string {shown}"
+        suffixed = _SI_AMOUNT.match(value)
+        if suffixed is None:
+            return f"expected {expected}, got the string {shown}"
+        # The command line reads 15T (parse_amount) and 128k (a length, 2^17); a spec is YAML, whose
+        # numbers have no suffixes. Only a real number's reading is unambiguous enough to offer.
+        digits, suffix = suffixed.groups()
+        written = "write the number in full" if "integer" in expected else \
+            f"write {digits}e{_SI_EXPONENT[suffix.lower()]}"
+        return f"expected {expected}, got the string {shown}; a spec's numbers take no suffix: {written}"
     return f"expected {expected}, got the string {shown}; write the number without quotes"
 
 

@@ -187,6 +187,11 @@ def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def
     ("n_kv_heads: 2}", "n_kv_heads: 2}\nposition: {kind: rope, theta: on}", "position.theta",
      "expected a number, got a boolean (true)"),
     ("n_kv_heads: 2}", "n_kv_heads: 2}\nnorm: {eps: '1e-5'}", "norm.eps", "expected a number, got the string"),
+    # the command line's suffixes (--tokens 15T) are not YAML's: say how to write the number
+    ("n_kv_heads: 2}", "n_kv_heads: 2}\ntraining: {tokens: 15T}", "training.tokens",
+     "expected a number, got the string '15T'; a spec's numbers take no suffix: write 15e12"),
+    ("d_model: 64", "d_model: 4k", "d_model",
+     "expected an integer, got the string '4k'; a spec's numbers take no suffix: write the number in full"),
 ])
 def test_booleans_and_strings_are_not_numbers(cli, tmp_path: Path, old: str, new: str, field: str, needle: str) -> None:  # type: ignore[no-untyped-def]
     # pydantic's lax mode read `true` as 1 and "32" as 32: a 1-layer model sized without a word

@@ -155,6 +155,8 @@ def test_help_cuts_nothing(command: str, columns: str) -> None:
     (("plan",), "give a budget (--compute, --params or --tokens), a spec to lay out (SPEC --gpus N)"),
     (("plan", "llama-3-8b"), "needs --gpus N (--gpu defaults to h100)"),
     (("size", "gpt2", "--kv-dtype", "fp4"), "Invalid value for '--kv-dtype': 'fp4' is not one of"),
+    # tf32 is a matmul mode, not a storage dtype: a cache "in tf32" is an fp32 cache
+    (("size", "gpt2", "--kv-dtype", "tf32"), "'tf32' is not one of 'fp32', 'bf16', 'fp16', 'fp8', 'int8', 'int4'"),
 ])
 def test_guidance_names_every_mode_and_no_pydantic_prefix(args: tuple[str, ...], said: str) -> None:
     """A bare `plan` named only the budget's options; a bad choice read "Value error, 'fp4' ..."."""

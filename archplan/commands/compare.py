@@ -17,6 +17,7 @@ from archplan.commands.size import (
     ContextOpt,
     GpuOpt,
     KernelOpt,
+    KVDTypeChoice,
     KVDtypeOpt,
     LawOpt,
     MemoryKernelChoice,
@@ -32,7 +33,6 @@ from archplan.commands.size import (
     size_options,
 )
 from archplan.console import echo
-from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 
 
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         specs: SpecsArg,
         context: ContextOpt = None,
         batch: BatchOpt = 1,
-        kv_dtype: KVDtypeOpt = DType.bf16,
+        kv_dtype: KVDtypeOpt = KVDTypeChoice.bf16,
         seq: SeqOpt = None,
         micro_batch: MicroBatchOpt = 1,
         recompute: RecomputeOpt = RecomputeChoice.none,

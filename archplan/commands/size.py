@@ -31,6 +31,16 @@ class ActDTypeChoice(str, Enum):
     fp32 = "fp32"
 
 
+class KVDTypeChoice(str, Enum):
+    """The KV cache's storage dtypes: DType less tf32, which is a matmul mode and stores as fp32."""
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp8 = "fp8"
+    int8 = "int8"
+    int4 = "int4"
+
+
 class LawChoice(str, Enum):
     hoffmann2022 = "hoffmann2022"
     hoffmann2022_tex = "hoffmann2022-tex"
@@ -64,7 +74,7 @@ ContextOpt = Annotated[int | None, typer.Option(
     "--context", parser=length_option, metavar="LENGTH",
     help="KV-cache context length, e.g. 8192 or 128k (default: the spec's max_seq_len).")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences in the KV cache.")]
-KVDtypeOpt = Annotated[DType, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
+KVDtypeOpt = Annotated[KVDTypeChoice, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
 SeqOpt = Annotated[int | None, typer.Option(
     "--seq", parser=length_option, metavar="LENGTH",
     help="Training/prefill sequence length for FLOPs and activations, e.g. 4096 or 4k "
@@ -108,7 +118,7 @@ PlotOpt = Annotated[str | None, typer.Option(
 PlotForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.", metavar="")]
 
 
-def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | None, micro_batch: int,
+def size_options(context: int | None, batch: int, kv_dtype: KVDTypeChoice, seq: int | None, micro_batch: int,
                  recompute: RecomputeChoice, tokens: str | None, gpu: str | None, mfu: float | None,
                  laws: list[LawChoice] | None, attention: AttentionChoice,
                  attention_kernel: MemoryKernelChoice = MemoryKernelChoice.eager,
@@ -123,7 +133,7 @@ def size_options(context: int | None, batch: int, kv_dtype: DType, seq: int | No
         raise ArchplanError("--mfu is the utilisation of --gpu's GPU-hours; give --gpu too")
 
     return SizeOptions(
-        context=context, batch=batch, kv_dtype=DType(kv_dtype), seq=seq, micro_batch=micro_batch,
+        context=context, batch=batch, kv_dtype=DType(kv_dtype.value), seq=seq, micro_batch=micro_batch,
         recompute=recompute.value, attention_kernel=attention_kernel.value,
         activation_dtype=DType(activation_dtype.value),
         residual_dtype=DType(residual_dtype.value) if residual_dtype is not None else None, autocast=autocast,
@@ -153,7 +163,7 @@ def register(app: typer.Typer) -> None:
         spec: SpecArg,
         context: ContextOpt = None,
         batch: BatchOpt = 1,
-        kv_dtype: KVDtypeOpt = DType.bf16,
+        kv_dtype: KVDtypeOpt = KVDTypeChoice.bf16,
         seq: SeqOpt = None,
         micro_batch: MicroBatchOpt = 1,
         recompute: RecomputeOpt = RecomputeChoice.none,
