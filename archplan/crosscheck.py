@@ -316,8 +316,10 @@ class CrossCheck:
 
 
 def _op_json(op: OpCount) -> dict[str, Any]:
+    # Only an op without a formula has its signatures examined (`_OpLog.contracting`): for one with
+    # a formula the question was never asked, and `false` would read as an answer.
     return {"op": op.op, "calls": op.calls, "flops": op.flops, "formula": op.formula,
-            "contracting": op.contracting}
+            "contracting": None if op.has_formula else op.contracting}
 
 
 def _row_json(row: Row) -> dict[str, Any]:

@@ -365,6 +365,10 @@ def test_an_unregistered_mv_fails_forward_and_backward(monkeypatch: pytest.Monke
     assert checks["forward FLOPs"].status == "mismatch" and "aten.mv" in checks["forward FLOPs"].detail
     assert checks["training FLOPs"].status == "mismatch"
     assert "aten.mv" in result.to_json()["uncounted_matmul_ops"]
+    # `contracting` answers for the ops without a formula only; a counted op's is null, not false
+    ops = {op["op"]: op for op in result.to_json()["ops"]}
+    assert ops["aten.mv"]["contracting"] is True and ops["aten.mm"]["contracting"] is None
+    assert any(op["contracting"] is False for op in ops.values())
 
 
 @torch.library.custom_op("archplan_test::project", mutates_args=())
