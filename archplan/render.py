@@ -100,16 +100,17 @@ def _params_tables(r: dict[str, Any]) -> list[_Section]:
     for name, value in rows:
         summary.add_row(name, units.count(value), f"{value:,}")
 
+    # The bar draws % total, so it sits beside that column, narrow enough for an 80-column terminal
     kinds = _table("Parameters by component", None, ("component", "left"), ("total", "right"),
-                   ("% total", "right"), ("active", "right"), ("% active", "right"), ("", "left"))
+                   ("% total", "right"), ("of total", "left"), ("active", "right"), ("% active", "right"))
     for kind, entry in p["by_kind"].items():
         if entry["total"] == 0:  # e.g. a tied LM head without bias
             continue
         # by_kind's embedding holds the position table too, which the summary lists apart
         label = "embedding + position table" if kind == "embedding" and p["position_embedding"] else kind
         kinds.add_row(label, units.count(entry["total"]), units.percent(entry["total"] / total),
-                      units.count(entry["active"]), units.percent(entry["active"] / active),
-                      bar(entry["total"] / total, 20))
+                      bar(entry["total"] / total, 12), units.count(entry["active"]),
+                      units.percent(entry["active"] / active))
     return [summary, kinds]
 
 

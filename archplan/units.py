@@ -92,8 +92,10 @@ def flops(n: float, unit: str = "FLOP") -> str:
 
 
 def sci(x: float) -> str:
-    """Scientific notation for budgets: 5.76e+23 (a round 1e+24 stays short)."""
-    return f"{x:.3g}"
+    """Scientific notation for budgets: 5.76e+23; a round 1e+24 stays short only where it is exact
+    (a given --compute), so a computed 9.996e+23 reads 1.00e+24, not as if someone had rounded it."""
+    short = f"{x:.3g}"
+    return short if float(short) == x else f"{x:.2e}"
 
 
 def sci_column(x: float) -> str:

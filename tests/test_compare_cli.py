@@ -13,7 +13,7 @@ from archplan.cli import app
 from archplan.loader import load_spec
 from archplan.render import compare_rows
 from archplan.report import SizeOptions, size_report
-from archplan.units import ratio
+from archplan.units import ratio, sci
 
 runner = CliRunner()
 
@@ -89,6 +89,14 @@ def test_small_ratios_keep_their_digits_and_the_budget_row_reads_evenly() -> Non
 ])
 def test_ratio_has_two_significant_digits_below_one_tenth(value: float, text: str) -> None:
     assert ratio(value) == text
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (1e24, "1e+24"), (5.76e23, "5.76e+23"), (9.996e23, "1.00e+24"), (2.5e19, "2.5e+19"), (2.5004e19, "2.50e+19"),
+])
+def test_sci_is_short_only_for_a_value_it_shows_exactly(value: float, text: str) -> None:
+    # size's model-FLOPs row showed a computed 9.996e+23 as 1e+24, as if it were a round input
+    assert sci(value) == text
 
 
 def test_gpu_hours_row_when_asked() -> None:
