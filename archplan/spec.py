@@ -87,11 +87,16 @@ class RopeScaling(Frozen):
     beta_slow: Number = Field(1.0, gt=0)
     mscale: Number = Field(1.0, ge=0)
     mscale_all_dim: Number = Field(0.0, ge=0)
+    truncate: Bool = Field(True, description="yarn only: round the ramp's ends to whole dimensions (floor, "
+                                             "ceil), as YaRN's reference code does; false keeps them fractional "
+                                             "(transformers' rope_parameters `truncate`).")
 
     @model_validator(mode="after")
     def _needs_original(self) -> RopeScaling:
         if self.kind in ("yarn", "llama3") and self.original_max_positions is None:
             raise ValueError(f"{self.kind} scaling needs original_max_positions")
+        if not self.truncate and self.kind != "yarn":
+            raise ValueError(f"truncate is a yarn field; {self.kind} scaling has no ramp ends to round")
         return self
 
 

@@ -547,6 +547,21 @@ def test_rope_fields_and_both_spellings() -> None:
     assert deepseek is not None and (deepseek.kind, deepseek.mscale) == ("yarn", 0.707)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
+def test_a_null_head_dim_is_refused_where_the_attention_has_no_fallback(family: str) -> None:
+    # Gemma's and Qwen3's attention read config.head_dim as is: null became hidden // heads, silently
+    error = refusal({**TINY[family].config, "head_dim": None})
+    assert error.field == "head_dim" and "got null" in str(error)
+
+
+def test_yarn_truncate_is_carried() -> None:
+    config = {**TINY["qwen3"].config, "max_position_embeddings": 256,
+              "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                               "truncate": False}}
+    scaling = spec_of(config).position.scaling
+    assert scaling is not None and (scaling.kind, scaling.truncate) == ("yarn", False)
+
+
 def test_mistral_window_defaults_to_4096_when_absent() -> None:
     config = {k: v for k, v in TINY["mistral-window"].config.items() if k != "sliding_window"}
     attn = spec_of(config).attention
@@ -611,6 +626,9 @@ def refusal(config: dict[str, Any]) -> ArchplanError:
     # values the spec refuses once read (they once ended in pydantic's traceback)
     ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
     ({"rope_theta": -5.0}, "rope_theta"),
+    # transformers requires llama3's two factors; the spec's defaults would be a guess
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}},
+     "rope_scaling.low_freq_factor"),
 ])
 def test_llama_refusals_name_the_field(change: dict[str, Any], field: str) -> None:
     assert refusal({**TINY["llama-biased-tied-llama3rope"].config, **change}).field == field

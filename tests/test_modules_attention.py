@@ -237,6 +237,33 @@ def test_rope_scaling_formulas() -> None:
     assert gain == pytest.approx(0.1 * math.log(8.0) + 1.0)
 
 
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_frequencies_are_transformers(truncate: bool) -> None:
+    """transformers' _compute_yarn_parameters, both ways of ending the ramp (its `truncate`)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.for_model(
+        "llama", hidden_size=256, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
+        vocab_size=32, max_position_embeddings=4096,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                      "rope_theta": 10000.0, "truncate": truncate})
+    theirs, their_gain = ROPE_INIT_FUNCTIONS["yarn"](config, torch.device("cpu"))
+    ours, gain = rope_frequencies(64, Rope(scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024,
+                                                               truncate=truncate)))
+    assert torch.tensor(ours, dtype=torch.float32) == pytest.approx(theirs, rel=1e-6)
+    assert gain == pytest.approx(their_gain)
+
+
+def test_yarn_truncate_changes_the_ramp_and_is_yarn_only() -> None:
+    cut = rope_frequencies(64, Rope(scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024)))[0]
+    kept = rope_frequencies(64, Rope(scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024,
+                                                         truncate=False)))[0]
+    assert cut != kept
+    with pytest.raises(ValueError, match="truncate is a yarn field"):
+        RopeScaling(kind="linear", factor=4.0, truncate=False)
+
+
 def test_alibi_slopes_press_et_al() -> None:
     """ofirpress/attention_with_linear_biases: 2^(−8i/n) for n = 2^k; else fill from 2n's odd slots."""
     assert alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]

@@ -274,6 +274,13 @@ def read_dims(cfg: HFConfig, *, head_dim_key: bool = True, kv_key: str | None = 
     (LlamaAttention and its copies); families whose modeling never reads a head_dim pass False."""
     d_model = cfg.int_("hidden_size")
     n_heads = cfg.int_("num_attention_heads")
+    if head_dim_key and cfg.defaults.get("head_dim") is not None and "head_dim" in cfg.data \
+            and cfg.data["head_dim"] is None:
+        # Gemma's and Qwen3's attention read config.head_dim as it is, with no hidden // heads
+        # fallback (transformers refuses the null): a derived width would be a guess
+        raise cfg.error("head_dim", f"expected an integer, got null ({cfg.model_type}'s attention has no "
+                                    f"hidden_size // num_attention_heads fallback; its default is "
+                                    f"{cfg.defaults['head_dim']})")
     # absent and without a family default = derived, as the getattr(...) fallbacks do
     n_kv = (cfg.opt_int(kv_key, cfg.defaults.get(kv_key)) if kv_key else None) or n_heads
     head_dim = (cfg.opt_int("head_dim", cfg.defaults.get("head_dim")) if head_dim_key else None) or d_model // n_heads
@@ -337,11 +344,12 @@ _ROPE_KINDS: dict[str, tuple[Literal["linear", "ntk", "yarn", "llama3"], frozens
     "llama3": ("llama3", frozenset({"factor", "original_max_position_embeddings",
                                     "low_freq_factor", "high_freq_factor"})),
 }
+_ROPE_REQUIRED = {"llama3": ("low_freq_factor", "high_freq_factor")}
 _ROPE_SCALING_FIELDS = {  # config key -> RopeScaling field
     "factor": "factor", "original_max_position_embeddings": "original_max_positions",
     "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
     "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
-    "mscale_all_dim": "mscale_all_dim",
+    "mscale_all_dim": "mscale_all_dim", "truncate": "truncate",
 }
 
 
@@ -374,6 +382,12 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         unknown = sorted(set(scaling_src) - keys - bookkeeping)
         if unknown:
             raise cfg.error(f"{where}.{unknown[0]}", f"cannot express this {kind_name} RoPE field")
+        # transformers' _validate_llama3_rope_parameters requires both factors (the spec's defaults are
+        # Llama 3.1's, which a config that omits them has not said it means)
+        for key in _ROPE_REQUIRED.get(kind_name, ()):
+            if scaling_src.get(key) is None:
+                raise cfg.error(f"{where}.{key}", f"required by {kind_name} RoPE scaling (transformers refuses "
+                                                  "a config without it)")
         values: dict[str, Any] = {
             _ROPE_SCALING_FIELDS[k]: v for k, v in scaling_src.items()
             if k in _ROPE_SCALING_FIELDS and v is not None

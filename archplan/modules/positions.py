@@ -35,8 +35,10 @@ def _yarn(freqs: list[float], dim: int, theta: float, s: RopeScaling) -> list[fl
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(s.original_max_positions / (rotations * 2 * math.pi))) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(s.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # HF: avoid a zero-width ramp
     out = []
