@@ -742,6 +742,21 @@ def test_a_config_without_a_context_length_is_said_to_default(tmp_path: Path, ca
     assert code == 0 and "context length" not in err
 
 
+def test_a_quantized_checkpoint_is_said_to_be_sized_by_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AWQ config imported without a word: the spec counts the parameters, and the user is told
+    where the 4-bit storage is priced."""
+    data = {**json.loads((FIXTURES / "hf-configs" / "llama-2-7b.json").read_text()),
+            "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(tmp_path / "config.json"))
+    assert code == 0 and "quantization_config (awq, 4-bit) describes the checkpoint's storage" in err
+    spec = spec_from_data(parse_yaml(out, "stdout"), "stdout")
+    assert spec.reference is not None and "int4-g128" in (spec.reference.notes or "")
+    assert spec == import_hf(FIXTURES / "hf-configs" / "llama-2-7b.json").model_copy(
+        update={"name": spec.name, "reference": spec.reference})
+
+
 def test_cli_stdout_yaml_loads_back_equal(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     path = FIXTURES / "hf-configs" / "mixtral-8x7b-v0.1.json"
     code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(path))

@@ -1518,6 +1518,7 @@ class Imported:
 
     spec: Spec
     ignored: tuple[str, ...]
+    quantized: str | None = None  # the checkpoint's weight format, which the spec does not carry
 
 
 def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: bool = False,
@@ -1560,6 +1561,9 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
     reference: dict[str, Any] = {"source": f"Hugging Face config.json: {file}"}
     if ignored:
         cfg.notes.append(f"keys not read (not known to change size or compute): {', '.join(ignored)}")
+    quantized = _quantization(data.get("quantization_config"))
+    if quantized is not None:
+        cfg.notes.append(quantized)
     if cfg.notes:
         reference["notes"] = "; ".join(cfg.notes)
     try:
@@ -1571,7 +1575,20 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
         )
     except ValidationError as exc:
         raise ArchplanError(f"the config maps to an invalid spec: {_pydantic_message(exc)}", file=file) from None
-    return Imported(spec, ignored)
+    return Imported(spec, ignored, quantized)
+
+
+def _quantization(block: Any) -> str | None:
+    """A quantized checkpoint's format, said once: the spec sizes the model's parameters, and its
+    storage is a question `size` answers per dtype (its inference table)."""
+    if not isinstance(block, Mapping):
+        return None
+    method = block.get("quant_method", "an unnamed method")
+    bits = block.get("bits", block.get("w_bit"))
+    width = f", {bits}-bit" if isinstance(bits, int) and not isinstance(bits, bool) else ""
+    return (f"quantization_config ({method}{width}) describes the checkpoint's storage, not the architecture: "
+            "the spec counts the parameters; size's inference memory prices them at fp8, int8, int4 and "
+            "int4-g128 (a 16-bit scale per 128 weights, as AWQ and GPTQ store them)")
 
 
 def spec_from_config(data: Mapping[str, Any], *, file: str, name: str, strict: bool = False) -> Spec:
