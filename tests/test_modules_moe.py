@@ -341,6 +341,29 @@ def test_grouped_dispatch_equals_expert_loop(
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("gate", [False, True])
+def test_shared_expert_and_its_gate_against_qwen2_moe(gate: bool) -> None:
+    """experts_loop adds the module's own shared path, so the comparison above cannot see it wrong:
+    here it is written out. DeepSeekMoE (Dai et al. 2024): the shared expert's output is added
+    ungated; Qwen2-MoE `Qwen2MoeSparseMoeBlock`: sigmoid(x·w_gate) · shared_expert(x), one scalar per
+    token. The routed part is experts_loop's without the shared term."""
+    torch.manual_seed(3)
+    d = 16
+    moe = MoEFFN(plan("glu", 24, shared=True, gate=gate), d).eval()
+    assert moe.shared is not None
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        x_ND = x.reshape(-1, d)
+        up, gate_proj, down = moe.shared.up_proj, moe.shared.gate_proj, moe.shared.down_proj
+        shared_ND = down(F.silu(gate_proj(x_ND)) * up(x_ND))
+        if gate:
+            assert moe.shared_gate is not None and moe.shared_gate.weight.shape == (1, d)
+            shared_ND = torch.sigmoid(x_ND @ moe.shared_gate.weight.T) * shared_ND
+        routed = experts_loop(moe, x).reshape(-1, d) - moe._shared(x_ND)
+        torch.testing.assert_close(moe(x).reshape(-1, d), routed + shared_ND, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(moe._shared(x_ND), shared_ND)
+
+
 @pytest.mark.parametrize(("d", "f"), [(16, 32), (12, 20)])  # bf16 rows aligned; unaligned (per-expert loop)
 def test_dispatch_bf16_matches_fp32_loop(d: int, f: int) -> None:
     torch.manual_seed(2)
