@@ -190,6 +190,49 @@ def test_mamba1_decode_equals_full_forward(inner_norms: bool) -> None:
     assert state.seen == 11
 
 
+def _rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM.eps) * weight
+
+
+@pytest.mark.parametrize("inner_norms", [False, True])
+def test_mamba1_mixer_against_mamba_simple_written_out(inner_norms: bool) -> None:
+    """The whole mixer as Gu & Dao 2023 Algorithm 2 and mamba_simple.Mamba write it, step by step
+    with plain ops: in_proj → causal depthwise conv → SiLU → x_proj (Δ, B, C) [→ Jamba's RMSNorms of
+    Δ, B and C, Lieber et al. 2024 §3] → softplus(dt_proj(Δ)) → h_t = exp(Δ·A)·h + Δ·B·x,
+    y = C·h + D·x → y·SiLU(z) → out_proj. A, D and the inner norms' weights are random, so a norm on
+    the wrong tensor or a skip left out cannot hide behind the init."""
+    torch.manual_seed(6)
+    p = m1_plan(inner_norms=inner_norms, proj_bias=True)
+    mixer = Mamba1Mixer(p, 8)
+    with torch.no_grad():
+        mixer.A_log.normal_(0.0, 0.5)
+        mixer.D.normal_()
+        for norm in (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm):
+            if norm is not None:
+                norm.weight.normal_()
+    b, t, i, n, r = 2, 9, p.d_inner, p.d_state, p.dt_rank
+    x = torch.randn(b, t, 8)
+    with torch.no_grad():
+        u, z = (x @ mixer.in_proj.weight.T + mixer.in_proj.bias).split([i, i], dim=-1)
+        padded = F.pad(u.transpose(1, 2), (p.d_conv - 1, 0))
+        u = F.silu(F.conv1d(padded, mixer.conv1d.weight, mixer.conv1d.bias, groups=i).transpose(1, 2))
+        delta, B, C = (u @ mixer.x_proj.weight.T).split([r, n, n], dim=-1)
+        if inner_norms:
+            assert mixer.dt_layernorm is not None and mixer.b_layernorm is not None and mixer.c_layernorm is not None
+            delta, B, C = (_rms(delta, mixer.dt_layernorm.weight), _rms(B, mixer.b_layernorm.weight),
+                           _rms(C, mixer.c_layernorm.weight))
+        delta = F.softplus(delta @ mixer.dt_proj.weight.T + mixer.dt_proj.bias)
+        A = -torch.exp(mixer.A_log)
+        h = torch.zeros(b, i, n)
+        ys = []
+        for s in range(t):
+            h = torch.exp(delta[:, s, :, None] * A) * h + (delta[:, s] * u[:, s])[..., None] * B[:, s, None, :]
+            ys.append((h * C[:, s, None, :]).sum(-1) + mixer.D * u[:, s])
+        y = torch.stack(ys, dim=1) * F.silu(z)
+        expected = y @ mixer.out_proj.weight.T + mixer.out_proj.bias
+        torch.testing.assert_close(mixer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_mamba1_conv_is_causal() -> None:
     torch.manual_seed(0)
     mixer = Mamba1Mixer(m1_plan(), 8)
