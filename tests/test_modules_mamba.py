@@ -436,6 +436,43 @@ def test_mamba2_decode_equals_full_forward(n_groups: int) -> None:
     assert state.seen == 11
 
 
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_mixer_against_mamba2_written_out(n_groups: int) -> None:
+    """The whole mixer as Dao & Gu 2024 (§7, Figure 6) and mamba2.Mamba2 write it, as a per-head
+    recurrence with plain ops: in_proj → [z, xBC, dt] → causal depthwise conv over xBC → SiLU →
+    x, B, C (head h reads group h·G/Hs) → Δ = softplus(dt + dt_bias), scalar A per head →
+    h_t = exp(Δ·A)·h + Δ·x_t ⊗ B_t, y = h·C + D·x → rmsnorm(y·SiLU(z)) per group of I/G channels,
+    × w → out_proj. A, D, dt_bias and the norm's weight are random."""
+    torch.manual_seed(7)
+    p = m2_plan(n_groups=n_groups, proj_bias=True)
+    mixer = Mamba2Mixer(p, 8)
+    with torch.no_grad():
+        for param in (mixer.A_log, mixer.D, mixer.dt_bias, mixer.norm.weight):
+            param.normal_(0.0, 0.5)
+    b, t, i, hs, hp, g, n = 2, 9, p.d_inner, p.n_heads, p.head_dim, n_groups, p.d_state
+    x = torch.randn(b, t, 8)
+    with torch.no_grad():
+        z, xbc, dt = (x @ mixer.in_proj.weight.T + mixer.in_proj.bias).split([i, i + 2 * g * n, hs], dim=-1)
+        padded = F.pad(xbc.transpose(1, 2), (p.d_conv - 1, 0))
+        conv = F.conv1d(padded, mixer.conv1d.weight, mixer.conv1d.bias, groups=i + 2 * g * n)
+        u, B, C = F.silu(conv.transpose(1, 2)).split([i, g * n, g * n], dim=-1)
+        u, B, C = u.reshape(b, t, hs, hp), B.reshape(b, t, g, n), C.reshape(b, t, g, n)
+        group = torch.arange(hs) * g // hs  # the group each head reads B and C from
+        delta = F.softplus(dt + mixer.dt_bias)
+        A = -torch.exp(mixer.A_log)
+        h = torch.zeros(b, hs, hp, n)
+        ys = []
+        for s in range(t):
+            decay = torch.exp(delta[:, s] * A)[..., None, None]
+            h = decay * h + (delta[:, s, :, None] * u[:, s])[..., None] * B[:, s, group, None, :]
+            ys.append((h * C[:, s, group, None, :]).sum(-1) + mixer.D[:, None] * u[:, s])
+        y = torch.stack(ys, dim=1).reshape(b, t, i) * F.silu(z)
+        y = y.unflatten(-1, (g, i // g))
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + NORM.eps)).flatten(-2) * mixer.norm.weight
+        expected = y @ mixer.out_proj.weight.T + mixer.out_proj.bias
+        torch.testing.assert_close(mixer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_mamba2_conv_is_causal() -> None:
     torch.manual_seed(0)
     mixer = Mamba2Mixer(m2_plan(), 8)
