@@ -109,6 +109,38 @@ def test_cached_mode_equals_full_forward(plan: HyenaPlan | StripedHyenaPlan, sch
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4)
 
 
+def _direct_causal_conv(v_BDT: torch.Tensor, h_DT: torch.Tensor) -> torch.Tensor:
+    """y_t = Σ_{s≤t} h_{t−s}·v_s per channel, the long convolution without an FFT."""
+    t = v_BDT.shape[-1]
+    return torch.stack([(h_DT[:, :i + 1].flip(-1) * v_BDT[..., :i + 1]).sum(-1) for i in range(t)], dim=-1)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_hyena_operator_against_safari_written_out(order: int) -> None:
+    """safari's HyenaOperator.forward (Poli et al. 2023, Algorithm 1) with plain ops: in_proj →
+    causal short conv → split x_0 … x_{N−1}, v → for x_{N−1} down to x_1: v = h_o ∗ (v·x) +
+    bias_o·(v·x) → y = v·x_0 → out_proj. The filters are the module's own (their closed form is
+    tested above); the order of the gates, the skip and the convolution are what this pins."""
+    torch.manual_seed(8)
+    mixer = HyenaMixer(hyena(order=order), D)
+    with torch.no_grad():
+        mixer.filter.bias.normal_()
+    t = 11
+    x = torch.randn(2, t, D)
+    with torch.no_grad():
+        u = (x @ mixer.in_proj.weight.T + mixer.in_proj.bias).transpose(1, 2)
+        k = mixer.short_filter.weight.shape[-1]
+        u = torch.nn.functional.conv1d(torch.nn.functional.pad(u, (k - 1, 0)), mixer.short_filter.weight,
+                                       mixer.short_filter.bias, groups=u.shape[1])
+        *xs, v = u.split(D, dim=1)
+        h = mixer.filter(t)
+        for o, gate in enumerate(reversed(xs[1:])):
+            v = v * gate
+            v = _direct_causal_conv(v, h[o * D:(o + 1) * D]) + v * mixer.filter.bias[o * D:(o + 1) * D, None]
+        expected = (v * xs[0]).transpose(1, 2) @ mixer.out_proj.weight.T + mixer.out_proj.bias
+        torch.testing.assert_close(mixer(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_stripedhyena_filter_is_the_modal_sum() -> None:
     """h(t) = Re Σ_s r_s·p_s^t (stripedhyena `compute_filter`), against complex powers."""
     m = build(striped(groups=2))
