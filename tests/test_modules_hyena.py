@@ -141,6 +141,31 @@ def test_hyena_operator_against_safari_written_out(order: int) -> None:
         torch.testing.assert_close(mixer(x), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_stripedhyena_mixer_against_its_engine_written_out(groups: int) -> None:
+    """stripedhyena's ParallelGatedConvBlock mixer (`parallel_fir` then `parallel_iir`) with plain ops:
+    projections → causal short conv → split x2, x1, v → u = x1·v → y = h ∗ u with h_c the modal
+    filter Re Σ_s r_s·p_s^t of filter c // g (`hyena_filter_groups` channels share one) → x2·(y + D·u)
+    → out_filter_dense."""
+    m = build(striped(groups=groups), seed=9)
+    t = 10
+    x = torch.randn(2, t, D)
+    with torch.no_grad():
+        z = (x @ m.projections.weight.T + m.projections.bias).transpose(1, 2)
+        k = m.short_filter_weight.shape[-1]
+        z = torch.nn.functional.conv1d(torch.nn.functional.pad(z, (k - 1, 0)), m.short_filter_weight,
+                                       m.short_filter_bias, groups=3 * D)
+        x2, x1, v = z.split(D, dim=1)
+        poles = torch.view_as_complex(m.poles[:, :, 0].contiguous())
+        residues = torch.view_as_complex(m.residues[:, :, 0].contiguous())
+        h = torch.stack([(residues * poles**i).sum(-1).real for i in range(t)], -1)
+        u = x1 * v
+        y = _direct_causal_conv(u, h.repeat_interleave(groups, dim=0))
+        out = (x2 * (y + m.D[:, None] * u)).transpose(1, 2)
+        expected = out @ m.out_filter_dense.weight.T + m.out_filter_dense.bias
+        torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_stripedhyena_filter_is_the_modal_sum() -> None:
     """h(t) = Re Σ_s r_s·p_s^t (stripedhyena `compute_filter`), against complex powers."""
     m = build(striped(groups=2))
