@@ -51,6 +51,25 @@ def test_fft_causal_conv_is_the_direct_convolution() -> None:
 
 
 @pytest.mark.parametrize("dplr", [False, True])
+def test_layer_against_state_spaces_written_out(dplr: bool) -> None:
+    """state-spaces/s4 `S4Block` as the LM configs run it, with plain ops: y = K ∗ u + D·u per
+    channel (K the layer's own kernel, whose closed form is tested below), GELU, then the output
+    linear to 2·H and a GLU. A random D, so the skip shows."""
+    m = mixer(plan(dplr), seed=10)
+    with torch.no_grad():
+        m.D.normal_()
+    t = 9
+    x = torch.randn(2, t, D_MODEL)
+    with torch.no_grad():
+        k = m._kernel_and_state(t, None)[0]
+        u = x.transpose(1, 2)
+        y = torch.stack([(k[:, :i + 1].flip(-1) * u[..., :i + 1]).sum(-1) for i in range(t)], dim=-1)
+        y = torch.nn.functional.gelu(y + m.D[:, None] * u).transpose(1, 2)
+        a, gate = (y @ m.output_linear.weight.T + m.output_linear.bias).chunk(2, dim=-1)
+        torch.testing.assert_close(m(x), a * torch.sigmoid(gate), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
 def test_kernel_equals_the_naive_closed_form(dplr: bool) -> None:
     """S4D: K_l = 2·Re Σ C·B̄·Ā^l (ZOH); S4: Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A), A = Λ − p·p*, by dense
     complex linear algebra (torch.linalg), against the Woodbury + doubling path."""
