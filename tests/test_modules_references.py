@@ -18,6 +18,7 @@ from torch import Tensor
 
 from archplan.modules.model import build_model
 from archplan.modules.attention import Attention
+from archplan.modules.mla import MLA
 from archplan.spec import Spec
 
 D, H, HKV, DH = 32, 4, 2, 8
@@ -112,3 +113,53 @@ def test_layer_norm_reference_is_torchs() -> None:
     torch.manual_seed(2)
     x, w, b = torch.randn(3, 5, D), torch.randn(D), torch.randn(D)
     torch.testing.assert_close(_layer_norm(x, w, b), F.layer_norm(x, (D,), w, b, EPS))
+
+
+def _rope_half_split(x_BHTR: Tensor, theta: float) -> Tensor:
+    """RoPE (Su et al. 2021) at positions 0..T−1, GPT-NeoX's half-split pairing: dim i with i + R/2."""
+    t, r = x_BHTR.shape[-2], x_BHTR.shape[-1]
+    angles = torch.arange(t)[:, None] * theta ** (-torch.arange(0, r, 2) / r)[None]
+    cos, sin = torch.cos(angles).repeat(1, 2), torch.sin(angles).repeat(1, 2)
+    first, second = x_BHTR.chunk(2, dim=-1)
+    return x_BHTR * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def _rms(x: Tensor, weight: Tensor) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * weight
+
+
+@pytest.mark.parametrize("q_lora", [None, 12])
+def test_mla_against_deepseek_v2_written_out(q_lora: int | None) -> None:
+    """DeepSeek-V2 §2.1 (eqs. 9-19) with plain ops: q = W_UQ·rms(W_DQ·x) (or W_Q·x), split per head
+    into [q_nope | q_pe]; [c_kv | k_pe] = W_DKV·x, c_kv normed; [k_nope | v] = W_UKV·c_kv per head;
+    q_pe and the one shared k_pe rotated; keys [k_nope | k_pe]; causal softmax at 1/√(Dn + R);
+    out = W_O·concat(heads). Norm weights random."""
+    h, dn, r, dv, c = 4, 6, 4, 5, 10
+    mla = dict(kind="mla", n_heads=h, q_lora_rank=q_lora, kv_lora_rank=c, qk_nope_head_dim=dn,
+               qk_rope_head_dim=r, v_head_dim=dv)
+    torch.manual_seed(3)
+    spec = _spec(attention=mla, position=dict(kind="rope", theta=500.0), norm=dict(kind="rmsnorm", eps=EPS))
+    model = build_model(spec, device="cpu")
+    attn = model.layers[0].mixer
+    assert isinstance(attn, MLA)
+    _randomise_norms(attn)
+    b, t = 2, 7
+    x = torch.randn(b, t, D)
+    with torch.no_grad():
+        if q_lora is None:
+            assert attn.q_proj is not None
+            q = attn.q_proj(x)
+        else:
+            assert attn.q_a_proj is not None and attn.q_a_norm is not None and attn.q_b_proj is not None
+            q = attn.q_b_proj(_rms(attn.q_a_proj(x), attn.q_a_norm.weight))
+        q_nope, q_pe = q.view(b, t, h, dn + r).transpose(1, 2).split([dn, r], dim=-1)
+        ckv, k_pe = attn.kv_a_proj_with_mqa(x).split([c, r], dim=-1)
+        k_nope, v = attn.kv_b_proj(_rms(ckv, attn.kv_a_norm.weight)).view(b, t, h, dn + dv).transpose(1, 2) \
+            .split([dn, dv], dim=-1)
+        k_pe = _rope_half_split(k_pe[:, None], 500.0).expand(b, h, t, r)
+        queries = torch.cat([q_nope, _rope_half_split(q_pe, 500.0)], dim=-1)
+        keys = torch.cat([k_nope, k_pe], dim=-1)
+        scores = queries @ keys.transpose(-1, -2) / (dn + r) ** 0.5
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        heads = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, h * dv)
+        torch.testing.assert_close(attn(x), attn.o_proj(heads))
