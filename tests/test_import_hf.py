@@ -562,6 +562,18 @@ def test_yarn_truncate_is_carried() -> None:
     assert scaling is not None and (scaling.kind, scaling.truncate) == ("yarn", False)
 
 
+def test_dynamic_ntk_is_said_to_be_fixed_at_one_length() -> None:
+    """transformers' dynamic scaling moves θ with the running length; the spec's ntk cannot, and the
+    import says so (counts and FLOPs do not depend on θ)."""
+    config = {**TINY["llama-biased-tied-llama3rope"].config,
+              "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}
+    imported = convert_config(config, file="config.json", name="t")
+    scaling = imported.spec.position.scaling
+    assert scaling is not None and scaling.kind == "ntk"
+    assert any(note.startswith("dynamic NTK RoPE scaling") for note in imported.said)
+    assert "dynamic NTK" in (imported.spec.reference.notes or "")
+
+
 def test_mistral_window_defaults_to_4096_when_absent() -> None:
     config = {k: v for k, v in TINY["mistral-window"].config.items() if k != "sliding_window"}
     attn = spec_of(config).attention

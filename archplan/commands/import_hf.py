@@ -79,8 +79,8 @@ def hf(
         # one line, so scripts can grep it; the keys also go into the spec's reference.notes
         typer.echo(f"{config}: ignored keys (not read by the importer; --strict refuses them): "
                    f"{', '.join(imported.ignored)}", err=True)
-    if imported.quantized is not None:
-        typer.echo(f"{config}: {imported.quantized}", err=True)
+    for note in imported.said:
+        typer.echo(f"{config}: {note}", err=True)
     if "max_seq_len" not in spec.model_fields_set:
         # size's and verify's default sequence is the spec's max_seq_len: a silent default moves them
         typer.echo(f"{config}: the config states no context length; max_seq_len is the spec's default, "

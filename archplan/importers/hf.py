@@ -140,6 +140,7 @@ class HFConfig:
         self.used: set[str] = {"model_type"}
         self.unread_nested: list[str] = []  # "attn_config.x": unknown keys inside a sub-config
         self.notes: list[str] = []
+        self.said: list[str] = []  # notes the import also says on stderr: what the spec reads otherwise
         # `import hf --mtp`: build the multi-token-prediction modules a config declares, which
         # transformers does not (so the count is then archplan's, not transformers')
         self.mtp = False
@@ -392,6 +393,12 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
             _ROPE_SCALING_FIELDS[k]: v for k, v in scaling_src.items()
             if k in _ROPE_SCALING_FIELDS and v is not None
         }
+        if kind_name == "dynamic":
+            cfg.said.append(
+                "dynamic NTK RoPE scaling: transformers grows θ with the running length past "
+                "max_position_embeddings; the spec's ntk fixes θ·factor^(R/(R−2)), transformers' θ at "
+                "(2 − 1/factor)·max_position_embeddings tokens: counts and FLOPs are the same, the rotary "
+                "frequencies at other lengths are not")
         if kind in ("yarn", "llama3") and "original_max_positions" not in values and dims.max_pos:
             # transformers' _compute_yarn_parameters falls back to max_position_embeddings
             values["original_max_positions"] = dims.max_pos
@@ -1518,7 +1525,7 @@ class Imported:
 
     spec: Spec
     ignored: tuple[str, ...]
-    quantized: str | None = None  # the checkpoint's weight format, which the spec does not carry
+    said: tuple[str, ...] = ()  # what the spec reads otherwise than the checkpoint, said on stderr
 
 
 def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: bool = False,
@@ -1563,9 +1570,9 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
         cfg.notes.append(f"keys not read (not known to change size or compute): {', '.join(ignored)}")
     quantized = _quantization(data.get("quantization_config"))
     if quantized is not None:
-        cfg.notes.append(quantized)
-    if cfg.notes:
-        reference["notes"] = "; ".join(cfg.notes)
+        cfg.said.append(quantized)
+    if cfg.notes or cfg.said:
+        reference["notes"] = "; ".join([*cfg.notes, *cfg.said])
     try:
         spec = Spec(
             name=name,
@@ -1575,7 +1582,7 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
         )
     except ValidationError as exc:
         raise ArchplanError(f"the config maps to an invalid spec: {_pydantic_message(exc)}", file=file) from None
-    return Imported(spec, ignored, quantized)
+    return Imported(spec, ignored, tuple(cfg.said))
 
 
 def _quantization(block: Any) -> str | None:

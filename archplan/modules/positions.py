@@ -74,7 +74,9 @@ def rope_frequencies(rotary_dim: int, rope: Rope) -> tuple[list[float], float]:
     theta = rope.theta
     s = rope.scaling
     if s is not None and s.kind == "ntk":
-        # NTK-aware base change (bloc97 2023; HF `_compute_dynamic_ntk_parameters` at its max length)
+        # NTK-aware base change (bloc97 2023), fixed at the factor: HF's dynamic form
+        # (`_compute_dynamic_ntk_parameters`) grows θ with the running length L past the original
+        # M, θ·(s·L/M − (s − 1))^(R/(R−2)), which is this θ at L = (2 − 1/s)·M
         theta = theta * s.factor ** (rotary_dim / (rotary_dim - 2)) if rotary_dim > 2 else theta
     freqs = [theta ** (-(2 * i) / rotary_dim) for i in range(rotary_dim // 2)]
     if s is None:
