@@ -41,8 +41,16 @@ def test_docs_hold_the_tables_as_now_priced(bench: Any, rows: list[Any]) -> None
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         bench.markdown(rows)
+    lines = [line for line in printed.getvalue().splitlines() if line]
+    # an empty printout would leave nothing missing: each source's table holds a row for each of
+    # its fixture runs at each of the run's recompute modes, in the fixture's order
+    fixture = bench.load()
+    expected = [[f"| {run['name']}", recompute] for source in fixture["sources"]
+                for run in fixture["runs"] if run["source"] == source for recompute in run["recompute"]]
+    printed_rows = [line for line in lines if line.startswith("| ") and not line.startswith("| run |")]
+    assert expected and [row.split(" | ")[:2] for row in printed_rows] == expected
     doc = (ROOT / "docs" / "validation.md").read_text(encoding="utf-8")
-    missing = [line for line in printed.getvalue().splitlines() if line and line not in doc]
+    missing = [line for line in lines if line not in doc]
     assert not missing, "regenerate with `python benchmarks/blind_checks.py --markdown`"
 
 

@@ -830,14 +830,15 @@ def test_bench_nproc_two_gloo_workers(spec: str, layout: str) -> None:
     assert result["predicted_step_seconds"] is None  # CPU: plan models GPUs only
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_bench_nproc_refuses_an_unusable_device_before_launching() -> None:
+def test_bench_nproc_refuses_an_unusable_device_before_launching(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from archplan.cli import app
 
     from archplan.errors import ArchplanError
 
+    # a machine without CUDA, on every machine: `modules.model.resolve_device` asks torch.cuda.is_available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--nproc", "2", "--device", "cuda",
                                    "--seq", "32", "--layout", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"])
     # the entry point prints an ArchplanError as one line and exits 2
