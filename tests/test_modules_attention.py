@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic.attention import mla_decode_flops
@@ -22,6 +23,7 @@ from archplan.modules.positions import (
     alibi_slopes,
     apply_rotary,
     rope_frequencies,
+    yarn_mscale,
 )
 from archplan.resolve import AttentionPlan, MLAPlan, NormPlan, QKNormPlan
 from archplan.spec import Rope, RopeScaling
@@ -138,27 +140,76 @@ def test_alibi_runs_the_cpus_flash_kernel(kind: str) -> None:
         torch.testing.assert_close(y.detach(), module(x), rtol=1e-5, atol=1e-6)
 
 
-def _copy_attention(src: Attention, dst: Attention, repeat_kv: int) -> None:
-    """dst gets src's weights; its K/V heads are src's repeated `repeat_kv` times (group-major)."""
-    dh = src.plan.head_dim
-    with torch.no_grad():
-        dst.q_proj.weight.copy_(src.q_proj.weight)
-        dst.o_proj.weight.copy_(src.o_proj.weight)
-        for name in ("k_proj", "v_proj"):
-            w = getattr(src, name).weight.view(src.plan.n_kv_heads, dh, D)
-            getattr(dst, name).weight.copy_(w.repeat_interleave(repeat_kv, dim=0).reshape(-1, D))
+def _reference_attention(module: Attention, x_BTD: torch.Tensor) -> torch.Tensor:
+    """The module's causal attention written out in fp64 with its weights: RoPE at θ = 10⁴ over the
+    whole head (GPT-NeoX half split), each KV head expanded onto its H/Hkv consecutive query heads
+    with repeat_interleave (Ainslie et al. 2023; HF `repeat_kv`), and a plain masked softmax."""
+    p = module.plan
+    assert p.rotary_dim == p.head_dim and p.window is None and module.alibi is None
+    b, t, _ = x_BTD.shape
+    x = x_BTD.double()
+
+    def heads(proj: torch.nn.Linear, n: int) -> torch.Tensor:
+        bias = proj.bias.double() if proj.bias is not None else None
+        return F.linear(x, proj.weight.double(), bias).view(b, t, n, p.head_dim).transpose(1, 2)
+
+    inv_freq = ROPE.theta ** (-torch.arange(0, p.head_dim, 2, dtype=torch.float64) / p.head_dim)
+    half = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angle = torch.cat([half, half], dim=-1)
+    cos, sin = angle.cos(), angle.sin()
+
+    def rotate(z: torch.Tensor) -> torch.Tensor:
+        z1, z2 = z.chunk(2, dim=-1)
+        return z * cos + torch.cat([-z2, z1], dim=-1) * sin
+
+    group = p.n_heads // p.n_kv_heads
+    q = rotate(heads(module.q_proj, p.n_heads))
+    k = rotate(heads(module.k_proj, p.n_kv_heads)).repeat_interleave(group, dim=1)
+    v = heads(module.v_proj, p.n_kv_heads).repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(p.head_dim)
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    out = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+    o = module.o_proj
+    o_bias = o.bias.double() if o.bias is not None else None
+    return F.linear(out.transpose(1, 2).reshape(b, t, -1), o.weight.double(), o_bias).float()
 
 
-@pytest.mark.parametrize("n_kv", [4, 1])
-def test_gqa_against_expanded_mha(n_kv: int) -> None:
-    """GQA with Hkv heads equals MHA whose K/V heads repeat each KV head H/Hkv times (Ainslie et al. 2023)."""
+def _prefill_then_decode(module: Attention, x_BTD: torch.Tensor, prefill: int) -> torch.Tensor:
+    """The outputs of a cached prefill of the first `prefill` tokens, then one decode step per token."""
+    b, t, _ = x_BTD.shape
+    state = module.new_state(b, t, x_BTD.device, x_BTD.dtype)
+    steps = [module(x_BTD[:, :prefill], state)] + [module(x_BTD[:, i : i + 1], state) for i in range(prefill, t)]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize(("n_heads", "n_kv"), [(4, 2), (6, 3), (4, 1)], ids=["gqa_4q_2kv", "gqa_6q_3kv", "mqa"])
+def test_gqa_against_expanded_mha(n_heads: int, n_kv: int) -> None:
+    """GQA with Hkv KV heads is MHA whose query head h reads KV head h // (H/Hkv) (Ainslie et al.
+    2023), prefill and cached decode alike: catches K/V tiled instead of interleaved onto the query
+    heads (head h reading KV head h % Hkv), which only real groups (1 < Hkv < H) can show."""
     torch.manual_seed(1)
-    gqa = Attention(attn_plan(n_kv=n_kv), D, ROPE, alibi=False)
-    mha = Attention(attn_plan(n_kv=4), D, ROPE, alibi=False)
-    _copy_attention(gqa, mha, 4 // n_kv)
+    module = Attention(attn_plan(n_heads=n_heads, n_kv=n_kv), D, ROPE, alibi=False)
+    x = torch.randn(2, 7, D)
+    want = _reference_attention(module, x)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_prefill_then_decode(module, x, prefill=4), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: sdpa's CUDA-only K/V repeat for GQA")
+def test_gqa_on_cuda_is_gqa_on_cpu() -> None:
+    """On CUDA `sdpa` repeats K/V per query group itself (the fused kernels refuse `enable_gqa`);
+    on CPU SDPA's `enable_gqa` groups them: the same weights give the same prefill and decode
+    outputs, so a CUDA repeat that tiles the heads, or groups them otherwise than SDPA, fails."""
+    torch.manual_seed(6)
+    cpu = Attention(attn_plan(n_kv=2), D, ROPE, alibi=False)
+    cuda = Attention(attn_plan(n_kv=2), D, ROPE, alibi=False).cuda()
+    cuda.load_state_dict(cpu.state_dict())
     x = torch.randn(2, 7, D)
     with torch.no_grad():
-        torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cuda(x.cuda()).cpu(), cpu(x))
+        torch.testing.assert_close(_prefill_then_decode(cuda, x.cuda(), prefill=4).cpu(),
+                                   _prefill_then_decode(cpu, x, prefill=4))
 
 
 def test_gqa_with_all_kv_heads_is_mha() -> None:
@@ -237,22 +288,67 @@ def test_rope_scaling_formulas() -> None:
     assert gain == pytest.approx(0.1 * math.log(8.0) + 1.0)
 
 
-@pytest.mark.parametrize("truncate", [True, False])
-def test_yarn_frequencies_are_transformers(truncate: bool) -> None:
-    """transformers' _compute_yarn_parameters, both ways of ending the ramp (its `truncate`)."""
+def _transformers_rope(rope_type: str, parameters: dict[str, float | int | bool], max_positions: int = 4096,
+                       seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """transformers' own inverse frequencies and cos/sin gain (`ROPE_INIT_FUNCTIONS`) for a
+    64-wide rotary head at θ = 10⁴ (fp32, as it computes them)."""
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = AutoConfig.for_model(
         "llama", hidden_size=256, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
-        vocab_size=32, max_position_embeddings=4096,
-        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-                      "rope_theta": 10000.0, "truncate": truncate})
-    theirs, their_gain = ROPE_INIT_FUNCTIONS["yarn"](config, torch.device("cpu"))
+        vocab_size=32, max_position_embeddings=max_positions,
+        rope_scaling={"rope_type": rope_type, "rope_theta": 10000.0, **parameters})
+    length = {} if seq_len is None else {"seq_len": seq_len}
+    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **length)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_frequencies_are_transformers(truncate: bool) -> None:
+    """transformers' _compute_yarn_parameters, both ways of ending the ramp (its `truncate`)."""
+    theirs, their_gain = _transformers_rope(
+        "yarn", {"factor": 4.0, "original_max_position_embeddings": 1024, "truncate": truncate})
     ours, gain = rope_frequencies(64, Rope(scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024,
                                                                truncate=truncate)))
     assert torch.tensor(ours, dtype=torch.float32) == pytest.approx(theirs, rel=1e-6)
     assert gain == pytest.approx(their_gain)
+
+
+@pytest.mark.parametrize(("scaling", "rope_type", "parameters", "max_positions", "seq_len", "blended"), [
+    pytest.param(RopeScaling(kind="llama3", factor=8.0, original_max_positions=1024, low_freq_factor=2.0,
+                             high_freq_factor=8.0),
+                 "llama3", {"factor": 8.0, "original_max_position_embeddings": 1024, "low_freq_factor": 2.0,
+                            "high_freq_factor": 8.0}, 8192, None, True, id="llama3_low2_high8"),
+    pytest.param(RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024, beta_fast=16.0, beta_slow=2.0),
+                 "yarn", {"factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 16.0,
+                          "beta_slow": 2.0}, 4096, None, True, id="yarn_beta16_2"),
+    pytest.param(RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024, mscale=0.707, mscale_all_dim=1.0),
+                 "yarn", {"factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 0.707,
+                          "mscale_all_dim": 1.0}, 4096, None, True, id="yarn_mscale"),
+    pytest.param(RopeScaling(kind="linear", factor=4.0), "linear", {"factor": 4.0}, 4096, None, False, id="linear"),
+    # transformers' dynamic NTK multiplies θ by (factor·seq_len/max_positions − (factor − 1))^(R/(R−2)):
+    # archplan's static θ·factor^(R/(R−2)) is it at seq_len = (2 − 1/factor)·max_positions (at
+    # max_positions itself dynamic leaves θ as it is)
+    pytest.param(RopeScaling(kind="ntk", factor=4.0), "dynamic", {"factor": 4.0}, 1024, 1792, False, id="ntk"),
+])
+def test_rope_scalings_are_transformers(scaling: RopeScaling, rope_type: str,
+                                        parameters: dict[str, float | int | bool], max_positions: int,
+                                        seq_len: int | None, blended: bool) -> None:
+    """Every frequency and the gain of each scaling with non-default options against transformers'
+    own: catches llama3's low/high_freq_factor or yarn's beta_fast/beta_slow ignored, swapped or
+    misused in the ramp (the blended middle band, which the endpoints in
+    `test_rope_scaling_formulas` never reach), the mscale / mscale_all_dim gain, and a wrong
+    linear or NTK base."""
+    theirs, their_gain = _transformers_rope(rope_type, parameters, max_positions, seq_len)
+    ours, gain = rope_frequencies(64, Rope(theta=10000.0, scaling=scaling))
+    assert torch.tensor(ours, dtype=torch.float32) == pytest.approx(theirs, rel=1e-6)
+    assert gain == pytest.approx(their_gain)
+    if blended:  # some frequencies lie strictly between f/factor and f: the ramp's middle is compared
+        base = rope_frequencies(64, Rope(theta=10000.0))[0]
+        assert any(f / scaling.factor < g < f for f, g in zip(base, ours))
+    if scaling.mscale_all_dim:
+        assert gain == pytest.approx(yarn_mscale(scaling.factor, scaling.mscale)
+                                     / yarn_mscale(scaling.factor, scaling.mscale_all_dim))
 
 
 def test_yarn_truncate_changes_the_ramp_and_is_yarn_only() -> None:

@@ -36,11 +36,17 @@ def test_rms_norm_keeps_input_and_rstd_with_plain_autograd_gradients(affine: boo
     assert torch.autograd.gradcheck(lambda *t: rms_norm(t[0], t[1] if affine else None, 1e-5), tuple(wanted))
 
 
-@pytest.mark.parametrize("norm", [RMSNorm(32, 1e-5), LayerNorm(32, 1e-5, bias=True)], ids=["rms", "layer"])
+@pytest.mark.parametrize("norm", [
+    RMSNorm(32, 1e-5), LayerNorm(32, 1e-5, bias=True), LayerNorm(32, 1e-5, bias=False),
+    LayerNorm(32, 1e-5, bias=True, affine=False),
+], ids=["rms", "layer", "layer_no_bias", "layer_no_affine"])
 def test_bf16_norm_keeps_its_bf16_input_once_with_plain_autograds_values(norm: RMSNorm | LayerNorm) -> None:
     """A bf16 model's norm computes in fp32 but keeps its bf16 input, not the fp32 copy plain
     autograd keeps (twice the bytes), beside the per-row statistics and its weights; its output and
-    gradients are plain autograd's, bit for bit."""
+    gradients are plain autograd's, bit for bit. The LayerNorm unit's weight-only and parameterless
+    forms pass None for the missing tensors through `native_layer_norm` and its backward's mask:
+    a weight dropped when there is no bias, a gradient returned for an absent weight or bias, or a
+    wrong input gradient without them fails here."""
     torch.manual_seed(0)
     with torch.no_grad():
         for p in norm.parameters():
@@ -52,12 +58,13 @@ def test_bf16_norm_keeps_its_bf16_input_once_with_plain_autograds_values(norm: R
     full_width = [t for t in saved if t.shape == x.shape]
     assert storages(full_width) == storages([x])
     assert {t.dtype for t in saved if t.shape == (3, 4, 1)} == {torch.float32}
-    weights = [p.float() for p in norm.parameters()]
+    weight = norm.weight.float() if norm.weight is not None else None
     plain_x = x.detach().requires_grad_()
     if isinstance(norm, RMSNorm):
-        plain = F.rms_norm(plain_x.float(), (32,), weights[0], 1e-5).type_as(x)
+        plain = F.rms_norm(plain_x.float(), (32,), weight, 1e-5).type_as(x)
     else:
-        plain = F.layer_norm(plain_x.float(), (32,), weights[0], weights[1], 1e-5).type_as(x)
+        bias = norm.bias.float() if norm.bias is not None else None
+        plain = F.layer_norm(plain_x.float(), (32,), weight, bias, 1e-5).type_as(x)
     assert torch.equal(y, plain)
     probe = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, *norm.parameters()], probe)
