@@ -292,10 +292,10 @@ def _transformers_rope(rope_type: str, parameters: dict[str, float | int | bool]
                        seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """transformers' own inverse frequencies and cos/sin gain (`ROPE_INIT_FUNCTIONS`) for a
     64-wide rotary head at θ = 10⁴ (fp32, as it computes them)."""
-    from transformers import AutoConfig
+    transformers = pytest.importorskip("transformers")  # Python 3.11+ (README)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = AutoConfig.for_model(
+    config = transformers.AutoConfig.for_model(
         "llama", hidden_size=256, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
         vocab_size=32, max_position_embeddings=max_positions,
         rope_scaling={"rope_type": rope_type, "rope_theta": 10000.0, **parameters})
