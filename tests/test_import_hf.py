@@ -765,6 +765,8 @@ def test_a_quantized_checkpoint_is_said_to_be_sized_by_dtype(tmp_path: Path, cap
     assert code == 0 and "quantization_config (awq, 4-bit) describes the checkpoint's storage" in err
     spec = spec_from_data(parse_yaml(out, "stdout"), "stdout")
     assert spec.reference is not None and "int4-g128" in (spec.reference.notes or "")
+    code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(tmp_path / "config.json"), "--json")
+    assert code == 0 and json.loads(out)["said"][0].startswith("quantization_config (awq, 4-bit)")
     assert spec == import_hf(FIXTURES / "hf-configs" / "llama-2-7b.json").model_copy(
         update={"name": spec.name, "reference": spec.reference})
 

@@ -89,7 +89,7 @@ def hf(
     if output is not None:
         write_spec(spec, output, force=force, header=header)
     if as_json:
-        echo(jsonout.dumps({"output": output, "ignored": list(imported.ignored),
+        echo(jsonout.dumps({"output": output, "ignored": list(imported.ignored), "said": list(imported.said),
                             "spec": spec_data(spec)}))
     elif output is None:
         echo(spec_yaml(spec, header), nl=False)
