@@ -2168,3 +2168,18 @@ def test_no_split_names_the_searched_cp_floor() -> None:
                fixed=parse_layout("tp=2,pp=2,dp=2"))
     given = search(_plan("llama-3-8b"), H100, 64, seq=8192, global_batch_tokens=4e6, net=NET, fixed=parse_layout("tp=2,cp=8,pp=2,dp=2"))
     assert given.ranked and all(e.layout.cp == 8 for e in given.ranked)
+
+
+@pytest.mark.parametrize(("kind", "group", "wire"), [
+    ("all_reduce", 8, 1750.0), ("all_gather", 8, 875.0), ("reduce_scatter", 8, 875.0), ("all_to_all", 8, 875.0),
+    ("send", 8, 1000.0), ("recv", 2, 1000.0), ("all_reduce", 2, 1000.0), ("all_reduce", 1, 0.0),
+    ("all_gather", 1, 0.0),
+])
+def test_wire_bytes_are_the_ring_factors(kind: str, group: int, wire: float) -> None:
+    """Bytes a rank sends per call of 1,000 B, written out: a ring all-reduce is a reduce-scatter
+    then an all-gather, 2(n−1)/n of the buffer; all-gather, reduce-scatter and all-to-all (n−1)/n;
+    point-to-point the buffer; nothing in a group of one (Patarasuk & Yuan 2009; NCCL's bus-bandwidth
+    factors)."""
+    from archplan.planning.records import Collective
+
+    assert Collective(kind, "dp", group, 1000, 1, "test").wire_bytes == wire  # type: ignore[arg-type]

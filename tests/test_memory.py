@@ -75,8 +75,9 @@ def test_zero_figure_1() -> None:
 
 def test_zero_llama3_8b_dp8() -> None:
     psi = 8_030_261_248  # docs/formulas.md §4.2: 128.484 / 44.166 / 30.113 / 16.061 GB
-    got = [zero_model_states(psi, stage, dp=8).total / 1e9 for stage in range(4)]
-    assert got == pytest.approx([128.484, 44.166, 30.113, 16.061], abs=5e-4)
+    got = [zero_model_states(psi, stage, dp=8).total for stage in range(4)]
+    # 16Ψ; 2Ψ + 2Ψ + 12Ψ/8; 2Ψ + 14Ψ/8; 16Ψ/8 (Rajbhandari et al. 2020, Figure 1), to the byte
+    assert got == [128_484_179_968, 44_166_436_864, 30_113_479_680, 16_060_522_496]
 
 
 def test_zero_breakdown_is_16_bytes_per_param() -> None:
@@ -471,6 +472,19 @@ def test_training_memory_totals() -> None:
     assert mem.total == 16 * params.total + max(mem.activations.peak, mem.optimizer_step, mem.tied_grad_sum)
     sharded = training_memory(plan, params, micro_batch=2, seq_len=64, zero_stage=1, dp=4)
     assert sharded.optimizer_step == math.ceil(params.total / 4) * 4
+
+
+def test_a_tied_embedding_adds_two_fp32_vocab_gradients() -> None:
+    """gpt2 (tied): the embedding's and the head's V x D gradients, in fp32, both alive before they
+    are summed: 2 · 4 · 50,257 · 768 = 308,779,008 B (an untied model has none; the test above
+    runs an untied block)."""
+    from archplan.analytic import count_params
+    from archplan.loader import load_spec
+
+    plan = resolve(load_spec("gpt2"))
+    assert plan.tied
+    mem = training_memory(plan, count_params(plan), micro_batch=1, seq_len=64)
+    assert mem.tied_grad_sum == 308_779_008
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
