@@ -1766,3 +1766,62 @@ def test_mtp_layouts_the_stages_do_not_build_are_refused(fake_world: None, tmp_p
     assert layout is not None
     with pytest.raises(ArchplanError, match=said):
         check_layout_run(plan, layout, 64, microbatches=1)
+
+
+LAYOUT_DP2 = "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1"
+
+
+@pytest.mark.parametrize("planted", ["a priced call missing", "a measured call not priced", "parameters off by one"])
+def test_fake_verify_fails_on_a_planted_disagreement(fake_world: None, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str], planted: str) -> None:
+    """Every other test of verify --layout asserts through its verdicts (`row.ok`, `LayoutCheck.ok`):
+    here they are shown to say no. The model side is given one collective too few, one the run never
+    makes, or one byte of parameters too many, and the check, its JSON and the command's exit code
+    must all report it."""
+    import dataclasses
+    import sys
+
+    from archplan.cli import main
+    from archplan.planning import cluster
+    from archplan.planning.records import Collective
+
+    collectives, rank_memory = cluster.step_collectives, cluster.rank_memory
+
+    def fewer(*args: object, **kwargs: object) -> tuple[Collective, ...]:
+        return collectives(*args, **kwargs)[:-1]  # type: ignore[arg-type]
+
+    def more(*args: object, **kwargs: object) -> tuple[Collective, ...]:
+        return (*collectives(*args, **kwargs), Collective("all_to_all", "dp", 2, 4096, 1, "planted"))  # type: ignore[arg-type]
+
+    def heavier(*args: object, **kwargs: object) -> object:
+        memory = rank_memory(*args, **kwargs)  # type: ignore[arg-type]
+        return dataclasses.replace(memory, parameters=memory.parameters + 1)
+
+    replacement = {"a priced call missing": ("step_collectives", fewer),
+                   "a measured call not priced": ("step_collectives", more),
+                   "parameters off by one": ("rank_memory", heavier)}[planted]
+    monkeypatch.setattr(cluster, *replacement)
+    monkeypatch.setattr(sys, "argv", ["archplan", "verify", str(FIXTURES / "tiny-llama.yaml"), "--seq", "32",
+                                      "--layout", LAYOUT_DP2, "--json"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    result = json.loads(capsys.readouterr().out)
+    assert exit_info.value.code == 1 and result["ok"] is False
+    wrong = [r for r in result["collectives"] if not r["ok"]] + [r for r in result["memory"] if r["ok"] is False]
+    assert len(wrong) == 1
+    if planted == "parameters off by one":
+        assert wrong[0]["category"] == "parameters" and wrong[0]["analytic"] == wrong[0]["measured"] + 1
+    elif planted == "a measured call not priced":
+        assert (wrong[0]["kind"], wrong[0]["analytic"], wrong[0]["measured"]) == ("all_to_all", 1, 0)
+    else:
+        assert wrong[0]["analytic"] == wrong[0]["measured"] - 1
+
+
+@pytest.mark.parametrize(("measured", "ok"), [(75, True), (125, True), (74, False), (126, False)])
+def test_a_judged_activation_row_passes_within_its_tolerance_only(measured: int, ok: bool) -> None:
+    """The activation row's window is ±25% of the analytic bytes, both ends included."""
+    from archplan.distributed.check import MemoryRow
+    from archplan.distributed.tolerance import ACTIVATION_TOLERANCE
+
+    assert ACTIVATION_TOLERANCE == 0.25
+    assert MemoryRow("activations", 100, measured, "±25%").ok is ok
