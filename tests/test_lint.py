@@ -440,3 +440,35 @@ def test_every_validation_problem_of_a_file_in_one_run() -> None:
     typo = lint_text("name: x\nvocab_size: 100\nd_modl: 64\nn_layers: 2\nattention: {kind: mha, n_heads: 4}\n"
                      "ffn: {kind: glu, d_ff: 128}\n", "typo.yaml")
     assert [(f.code, f.field) for f in typo] == [("AP002", "d_modl")]
+
+
+def _active_params(text: str) -> int:
+    from archplan.analytic import count_params
+    from archplan.loader import parse_yaml, spec_from_data
+    from archplan.resolve import resolve
+
+    return count_params(resolve(spec_from_data(parse_yaml(text, "x.yaml"), "x.yaml"))).active
+
+
+@pytest.mark.parametrize(("per_param", "code"), [(9.9, "AP013"), (10.1, None), (99.0, None), (101.0, "AP014")])
+def test_token_budget_rules_fire_at_their_thresholds(per_param: float, code: str | None) -> None:
+    """AP013 below 20/2 tokens per active parameter, AP014 above 5·20 (docs/rules.md): the fixtures sit
+    far from both, so the thresholds themselves are pinned here."""
+    tokens = round(per_param * _active_params(CLEAN))
+    found = [f.code for f in lint_text(CLEAN + f"training: {{tokens: {tokens}}}\n", "x.yaml")]
+    assert found == ([code] if code else [])
+
+
+MOE = CLEAN.replace("ffn: {kind: glu, d_ff: 1408}", "moe: {n_experts: N, top_k: 8, expert: {kind: glu, d_ff: 256}}")
+
+
+@pytest.mark.parametrize(("experts", "fires"), [(63, False), (64, True)])
+def test_moe_without_shared_expert_fires_from_64_experts(experts: int, fires: bool) -> None:
+    found = [f.code for f in lint_text(MOE.replace("n_experts: N", f"n_experts: {experts}"), "x.yaml")]
+    assert ("AP011" in found) is fires
+
+
+@pytest.mark.parametrize(("layers", "fires"), [(24, False), (25, True)])
+def test_post_norm_depth_fires_past_24_layers(layers: int, fires: bool) -> None:
+    text = CLEAN.replace("n_layers: 4", f"n_layers: {layers}") + "residual: {kind: post}\n"
+    assert ("AP016" in [f.code for f in lint_text(text, "x.yaml")]) is fires
