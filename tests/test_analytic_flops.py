@@ -221,3 +221,18 @@ def test_s4_decode_step_is_the_output_linear_plus_an_elementwise_recurrence(dplr
         per_mode = 18 + (16 if dplr else 0)
         discretise = (60 if dplr else 20) * 8 * 2
         assert step.elementwise_by_component["layers.0.mixer"] == 3 * 8 * (per_mode * 2 + 15) + discretise + 3 * 8
+
+
+def test_norm_and_router_estimates_written_out() -> None:
+    """The elementwise estimates size prints as "analytic only", per token, written out: LayerNorm
+    5 per element (fvcore's norm_flop_counter); a softmax router 3·E (Chinchilla App. F) + 2·K to
+    renormalise the top-k; a sigmoid router 4·E + 2·K (DeepSeek-V3); K experts' SiLU (4 per element)
+    and gate product over F, their weighted sum 2·K·D, and the residual add D."""
+    t = 10
+    gpt2 = forward_flops(resolve(load_spec("gpt2")), t).elementwise_by_component
+    assert gpt2["final_norm"] == t * 5 * 768
+    mixtral = forward_flops(resolve(load_spec("mixtral-8x7b")), t).elementwise_by_component
+    assert mixtral["layers.3.ffn.router"] == t * (3 * 8 + 2 * 2)
+    assert mixtral["layers.3.ffn.experts"] == t * (2 * (4 * 14336 + 14336) + 2 * 2 * 4096 + 4096)
+    deepseek = forward_flops(resolve(load_spec("deepseek-v3")), t).elementwise_by_component
+    assert deepseek["layers.3.ffn.router"] == t * (4 * 256 + 2 * 8)
