@@ -7,6 +7,8 @@ import math
 import pytest
 
 from archplan.analytic.scaling import (
+    APPROACH1_A,
+    APPROACH1_K,
     LAWS,
     approach1,
     compute_optimal,
@@ -100,6 +102,17 @@ def test_table3_rows_within_five_percent(params: float, compute: float, tokens: 
         n, d = fit(compute)
         assert n == pytest.approx(params, rel=0.05), fit.__name__
         assert d == pytest.approx(tokens, rel=0.05), fit.__name__
+
+
+def test_approach1_constants_are_the_least_squares_fit_of_table3() -> None:
+    """docs/formulas.md §5.2: K and a are the fit of log N on log C over Table 3's rows, not
+    constants to trust: refit here, they agree to the five figures the code keeps."""
+    xs = [math.log(c) for _, c, _ in TABLE3]
+    ys = [math.log(n) for n, _, _ in TABLE3]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    a = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    k = math.exp(mean_y - a * mean_x)
+    assert (round(k, 6), round(a, 5)) == (APPROACH1_K, APPROACH1_A)
 
 
 def test_training_flops_and_gpu_hours() -> None:
