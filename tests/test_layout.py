@@ -2183,3 +2183,24 @@ def test_wire_bytes_are_the_ring_factors(kind: str, group: int, wire: float) -> 
     from archplan.planning.records import Collective
 
     assert Collective(kind, "dp", group, 1000, 1, "test").wire_bytes == wire  # type: ignore[arg-type]
+
+
+def test_long_conv_hbm_bytes_written_out() -> None:
+    """A Hyena layer's FFT traffic, fp32 over length 2T per channel and sequence (pricing.py): the
+    rfft reads 4·2T and writes 8·T, the spectrum product reads two spectra and writes one (24·T),
+    the irfft reads 8·T and writes 4·2T: 56 B per position; each filter's rfft, 16 B per position,
+    once a micro-batch, and the decay window writes and reads the filter (8 B). Pointwise work at 2 B
+    an element: the short conv over (N+1)·D channels (2 each), per order the gate and bias skip (6),
+    the final gate (3)."""
+    from archplan.planning.pricing import _long_conv
+    from archplan.resolve import HyenaPlan
+
+    hyena = HyenaPlan(order=2, filter_order=64, filter_depth=2, emb_dim=33, short_filter=3, l_max=2048,
+                      trainable_positions=True, modulation=True, bias=True, sin_freq=14.0)
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1").complete()
+    assert layout is not None
+    rates = rates_for(H100, kernel_efficiency(H100)[0], None, "bf16")
+    d, seq = 768, 1024
+    per_token, per_micro, gemm = _long_conv(hyena, d, layout, seq, rates)
+    assert per_token == 2 * d * (2 * 3 + 6 + 3) + (8 + 8 + 24 + 8 + 8) * d
+    assert per_micro == (8 + 8) * seq * d + 8 * seq * d and gemm == 0.0
