@@ -2204,3 +2204,31 @@ def test_long_conv_hbm_bytes_written_out() -> None:
     per_token, per_micro, gemm = _long_conv(hyena, d, layout, seq, rates)
     assert per_token == 2 * d * (2 * 3 + 6 + 3) + (8 + 8 + 24 + 8 + 8) * d
     assert per_micro == (8 + 8) * seq * d + 8 * seq * d and gemm == 0.0
+
+
+def test_data_parallel_traffic_hides_all_but_the_last_layers_bucket() -> None:
+    """Overlapped, a step's gradient reduction and parameter gathers hide behind compute but for
+    the last layer's share, which runs after the last backward (Megatron's and FSDP's buckets):
+    with ample compute 1/L of each stays exposed; with none, all of it; without overlap, all of it."""
+    from archplan.planning.pricing import _dp_exposed, _MicroBatch
+
+    ample, none = _MicroBatch(gemm_fwd=100.0, gemm_bwd=100.0), _MicroBatch()
+    assert _dp_exposed(1, 4, 10.0, 0.0, ample, 10, True) == 1.0
+    assert _dp_exposed(1, 4, 10.0, 0.0, none, 10, True) == 10.0
+    assert _dp_exposed(1, 4, 10.0, 5.0, ample, 10, False) == 15.0
+    # ZeRO-3: per micro-batch, half the gathers in the forward and half with the gradients
+    assert _dp_exposed(3, 2, 4.0, 8.0, ample, 10, True) == pytest.approx(1.2)
+    assert _dp_exposed(3, 2, 4.0, 8.0, none, 10, True) == 12.0
+
+
+def test_interleaved_pipeline_blocks_on_its_warm_up_and_flush_transfers() -> None:
+    """Megatron-LM's interleaved 1F1B with p2p overlap: stage 0 of p = 4, v = 2, m = 8 runs
+    2(p − 1) + (v − 1)·p + 1 = 11 warm-up forwards of its m·v = 16 chunk forwards, 10 before the
+    first steady one, so 10/16 of its transfers block; the rest hide behind ample compute."""
+    from archplan.planning.pricing import _MicroBatch, pp_exposed
+
+    layout = parse_layout("tp=1,cp=1,pp=4,vpp=2,dp=1,ep=1,zero=1,recompute=none,mb=1").complete()
+    assert layout is not None
+    assert sum(cluster.in_flight(layout, 8, 0)) == 11
+    assert pp_exposed(1.6, _MicroBatch(gemm_fwd=1.0), layout, 8, 0) == pytest.approx(1.0)
+    assert pp_exposed(1.6, _MicroBatch(), layout, 8, 0) == pytest.approx(1.6)
