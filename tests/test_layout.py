@@ -2232,3 +2232,20 @@ def test_interleaved_pipeline_blocks_on_its_warm_up_and_flush_transfers() -> Non
     assert sum(cluster.in_flight(layout, 8, 0)) == 11
     assert pp_exposed(1.6, _MicroBatch(gemm_fwd=1.0), layout, 8, 0) == pytest.approx(1.0)
     assert pp_exposed(1.6, _MicroBatch(), layout, 8, 0) == pytest.approx(1.6)
+
+
+@pytest.mark.parametrize("states", ["megatron", "zero"])
+def test_zero3_holds_two_gathered_layers_at_a_time(states: str) -> None:
+    """ZeRO-3 under the Megatron and ZeRO conventions: the layer computing and the next one being
+    prefetched are gathered in bf16, 2 · 2 B · a layer's parameters; below stage 3 nothing is
+    gathered. Llama-3-8B's layer, written out: q, k, v, o 4096·(4096 + 1024 + 1024 + 4096), the
+    SwiGLU 3·4096·14,336, two RMSNorms 2·4096 = 218,112,000 parameters."""
+    convention = {"megatron": cluster.MEGATRON, "zero": cluster.ZERO}[states]
+    plan = _plan("llama-3-8b")
+    layer = 4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336 + 2 * 4096
+    temporary = {}
+    for zero in (2, 3):
+        layout = parse_layout(f"tp=1,cp=1,pp=1,dp=8,ep=1,zero={zero},recompute=full,mb=1").complete()
+        assert layout is not None
+        temporary[zero] = cluster.rank_memory(plan, layout, 4096, microbatches=4, states=convention).temporary
+    assert temporary == {2: 0, 3: 2 * 2 * layer}
