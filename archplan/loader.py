@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from archplan.errors import ArchplanError
 from archplan.outfile import SPEC_SUFFIXES
 from archplan.spec import Spec
+from archplan.units import SI_EXPONENTS
 
 # The presets are package data (pyproject.toml `package-data`): found through the package, so an
 # installed wheel and a checkout read the same files.
@@ -375,8 +376,7 @@ def _not_a_boolean(value: Any) -> str:
     return f"expected true or false, got {_clipped(repr(value), 40)}"
 
 
-_SI_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmbgtp])\s*$", re.IGNORECASE)
-_SI_EXPONENT = {"k": 3, "m": 6, "b": 9, "g": 9, "t": 12, "p": 15}
+_SI_AMOUNT = re.compile(rf"^\s*([0-9]*\.?[0-9]+)\s*([{''.join(SI_EXPONENTS)}])\s*$", re.IGNORECASE)
 
 
 def _not_a_number(expected: str, value: bool | str | float) -> str:
@@ -398,7 +398,7 @@ def _not_a_number(expected: str, value: bool | str | float) -> str:
         # numbers have no suffixes. Only a real number's reading is unambiguous enough to offer.
         digits, suffix = suffixed.groups()
         written = "write the number in full" if "integer" in expected else \
-            f"write {digits}e{_SI_EXPONENT[suffix.lower()]}"
+            f"write {digits}e{SI_EXPONENTS[suffix.lower()]}"
         return f"expected {expected}, got the string {shown}; a spec's numbers take no suffix: {written}"
     return f"expected {expected}, got the string {shown}; write the number without quotes"
 

@@ -7,6 +7,9 @@ import math
 import re
 
 _COUNT = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+# The SI suffixes an amount may be written with (--tokens 15T), as powers of ten: the command line
+# reads them (commands/size.py `parse_amount`), and a spec's refusal of one says how to write it
+SI_EXPONENTS = {"k": 3, "m": 6, "b": 9, "g": 9, "t": 12, "p": 15}
 _BYTES = ((1 << 60, "EiB"), (1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 _FLOPS = ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
 

@@ -13,6 +13,7 @@ from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg, leng
 from archplan.console import echo
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
+from archplan.units import SI_EXPONENTS
 
 if TYPE_CHECKING:
     from archplan.report import SizeOptions
@@ -54,9 +55,10 @@ class AttentionChoice(str, Enum):
 
 # SI by default (a 15T-token dataset is 15·10¹²); Ki, Mi, Gi, Ti binary, for batches quoted in
 # powers of two (Llama 3's "16M tokens" a step is 2,048 × 8,192 = 16·2²⁰, i.e. 16Mi)
-_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15,
+_SUFFIX = {"": 1.0, **{suffix: 10.0**exponent for suffix, exponent in SI_EXPONENTS.items()},
            "ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
-_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgtp]|[kmgt]i)?\s*$", re.IGNORECASE)
+_AMOUNT = re.compile(rf"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([{''.join(SI_EXPONENTS)}]|[kmgt]i)?\s*$",
+                     re.IGNORECASE)
 
 
 def parse_amount(text: str, option: str) -> float:
