@@ -357,7 +357,7 @@ def test_a_run_past_max_seq_len_or_beyond_every_layer_says_so(mode: list[str], c
 def test_a_layout_run_past_max_seq_len_says_so(capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """`bench --layout` said nothing of it, where every other mode and `verify --layout` did."""
-    monkeypatch.setattr("archplan.distributed.bench.bench_layout", lambda *args, **kwargs: None)
+    monkeypatch.setattr("archplan.distributed.bench.bench_layout", lambda *args, **kwargs: True)
     spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
     proc = run_main(["bench", spec, "--seq", "300", "--layout", "tp=1,cp=1,pp=1,dp=1,zero=0,recompute=none,mb=1"],
                     capsys, monkeypatch)
@@ -625,11 +625,14 @@ def test_the_layout_table_prints_the_median_its_rates_come_from(capsys: pytest.C
     from archplan.distributed.bench import render
     from archplan.distributed.workers import DistBench
 
+    states = {"parameters": 1 << 18, "gradients": 1 << 18, "optimizer": 1 << 19}
     render(DistBench("tiny", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1", 2, "gloo", "cpu", 64, 1, 2,
                      [0.1, 0.2], [0.05, 0.05], 64, 64 / 0.15, 64 / 0.05, 755_000_000, 1.78e11, "calibrated", 0.1,
-                     [1 << 20, 1 << 20], "VmHWM", None, "—"))
+                     [1 << 20, 1 << 20], "VmHWM", None, "—",
+                     [{"rank": r, "stage": 0, "measured": states, "plan": states, "ok": True} for r in (0, 1)], True))
     out = capsys.readouterr().out
     assert "150.0 ms" in out and "427" in out
+    assert "1.00 MiB / 1.00 MiB" in out and "✓ plan's FSDP2 figures" in out
     assert "755 MFLOP/token" in out and "178 GFLOP/s per device" in out
 
 

@@ -828,6 +828,57 @@ def test_bench_nproc_two_gloo_workers(spec: str, layout: str) -> None:
     assert len(result["peak_memory_bytes"]) == 2 and min(result["peak_memory_bytes"]) > 0
     assert 0 < result["mfu"] < 1
     assert result["predicted_step_seconds"] is None  # CPU: plan models GPUs only
+    # every rank's model states, counted from its tensors, are plan's for its stage (each stage's
+    # first rank exactly; these fixtures split evenly, so every rank)
+    stage_ranks = parse_layout(layout).complete().stage_ranks
+    assert result["states_ok"] is True and len(result["states"]) == 2
+    for row in result["states"]:
+        assert row["stage"] == row["rank"] // stage_ranks
+        assert row["measured"] == row["plan"] and min(row["measured"].values()) > 0, row
+
+
+def test_bench_nproc_judges_each_ranks_states() -> None:
+    """A stage's first rank must hold plan's model states exactly; the others, which FSDP2's
+    rounded-down shards leave lighter, at most them. One byte off either way is judged."""
+    from archplan.distributed.workers import _judged_states
+    from archplan.planning.cluster import FSDP2, rank_memory
+
+    plan = resolve(load_spec(FIXTURES / "tiny-s4d.yaml"))
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=2,ep=1,zero=2,recompute=none,mb=1").complete()
+    priced = rank_memory(plan, layout, 32, microbatches=1, states=FSDP2, loss="eager")
+    exact = {"parameters": priced.parameters, "gradients": priced.gradients, "optimizer": priced.optimizer}
+
+    def verdicts(first: dict[str, int], second: dict[str, int]) -> list[bool]:
+        return [bool(row["ok"]) for row in _judged_states(plan, layout, 32, 1, [first, second])]
+
+    lighter = {**exact, "parameters": exact["parameters"] - 256}
+    assert verdicts(exact, lighter) == [True, True]
+    assert verdicts(lighter, exact) == [False, True]
+    assert verdicts(exact, {**exact, "optimizer": exact["optimizer"] + 1}) == [True, False]
+
+
+def test_bench_nproc_names_a_rank_whose_states_differ_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the parent prints and returns when the workers report a rank off plan's states."""
+    from typer.testing import CliRunner
+
+    import archplan.distributed.bench as bench
+    from archplan.cli import app
+    from archplan.distributed.workers import DistBench
+
+    measured = {"parameters": 1024, "gradients": 0, "optimizer": 2048}
+    priced = {"parameters": 1024, "gradients": 1024, "optimizer": 2048}
+    rows: list[dict[str, object]] = [{"rank": 0, "stage": 0, "measured": measured, "plan": priced, "ok": False},
+                                     {"rank": 1, "stage": 0, "measured": priced, "plan": priced, "ok": True}]
+    result = DistBench("tiny-llama", "tp=2,cp=1,pp=1,vpp=1,dp=1,ep=1,zero=3,recompute=none,mb=1,sp=on", 2, "gloo",
+                       "cpu", 32, 1, 1, [0.1], [0.05], 32, 320.0, 640.0, 1_000_000, 2e11, "calibrated", 0.001,
+                       [1 << 28, 1 << 28], "VmHWM", None, "no prediction on CPU", rows, False)
+    monkeypatch.setattr(bench, "launch", lambda argv, n: result)
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--nproc", "2", "--seq", "32",
+                                   "--device", "cpu", "--layout", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 1, out.output
+    assert "✗ rank 0: parameters 1.00 KiB + gradients 0 B + optimizer 2.00 KiB, plan parameters 1.00 KiB + " \
+           "gradients 1.00 KiB" in out.output
 
 
 def test_bench_nproc_refuses_an_unusable_device_before_launching(monkeypatch: pytest.MonkeyPatch) -> None:

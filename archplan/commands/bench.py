@@ -129,7 +129,8 @@ def bench(
     layout: Annotated[str | None, typer.Option(
         help="Run a cluster layout on torch.distributed, every field given (tp cp pp dp zero recompute mb; "
              "ep with routed experts; vpp, sp optional; see the examples): timed training steps and prefill "
-             "through the sharded modules (docs/distributed.md).",
+             "through the sharded modules, and each rank's model states counted from its tensors against "
+             "plan's, exit 1 where they differ (docs/distributed.md).",
         show_default=False)] = None,
     nproc: Annotated[int | None, typer.Option(
         min=1, help="With --layout: start this many local workers through torchrun (default: the layout's "
@@ -188,8 +189,8 @@ def bench(
         else:
             from archplan.distributed.bench import bench_layout  # imports torch.distributed
 
-            bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
-                         warmup=warmup, steps=iters, as_json=as_json, device=device.value)
+            ok = bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
+                              warmup=warmup, steps=iters, as_json=as_json, device=device.value)
     elif sweep:
         from archplan.bench.sweep import SweepConfig, sweep_command
 

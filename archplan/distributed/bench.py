@@ -26,7 +26,9 @@ from archplan.units import count, flops, nbytes, percent, things
 
 
 def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, microbatches: int | None,
-                 warmup: int, steps: int, as_json: bool, device: str = "auto") -> None:
+                 warmup: int, steps: int, as_json: bool, device: str = "auto") -> bool:
+    """Run (or, under a launcher, take part in) the layout's benchmark and print it; whether every
+    rank's model states are plan's (True on the workers that print nothing)."""
     plan = resolve(load_spec(spec))
     layout = given_layout(plan, layout_text, seq, "bench")
     plan.check_length(seq, "--seq")
@@ -39,8 +41,9 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
                                 "torchrun, or unset RANK and WORLD_SIZE and let bench launch its own (--nproc)")
         result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)
         if result is None:
-            return
-        write_result(result)
+            return True
+        if write_result(result):
+            return True  # `launch` started this worker: the parent process judges and exits
     else:
         n = nproc or layout.world
         if n != layout.world:
@@ -55,8 +58,9 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             result = launch(argv, n)
     if as_json:
         echo(jsonout.dumps(asdict(result), indent=2))
-    elif not under_launcher() or result is not None:
+    else:
         render(result)
+    return result.states_ok
 
 
 def _check_splits(plan: ModelPlan, layout: Layout) -> None:
@@ -100,6 +104,10 @@ def _check_host_memory(plan: ModelPlan, layout: Layout, seq: int, microbatches: 
                             f"{nbytes(available)} this machine has available; try a smaller spec or a shorter --seq")
 
 
+def _states_text(states: dict[str, int]) -> str:
+    return " + ".join(f"{name} {nbytes(b)}" for name, b in states.items())
+
+
 def render(r: DistBench) -> None:
     table = Table(title=f"{escape(r.name)}: {r.layout} on {r.world} {r.device} processes ({r.backend}), seq {r.seq}, "
                         f"{things(r.microbatches, 'micro-batch')}")
@@ -117,4 +125,11 @@ def render(r: DistBench) -> None:
     table.add_row("peak memory per rank", " / ".join(nbytes(b) for b in r.peak_memory_bytes), r.peak_memory_method)
     predicted = f"{1e3 * r.predicted_step_seconds:.1f} ms" if r.predicted_step_seconds is not None else "—"
     table.add_row("plan's predicted step", predicted, r.prediction_note)
+    wrong = [row for row in r.states if not row["ok"]]
+    verdict = ("✓ plan's FSDP2 figures" if not wrong else
+               "✗ " + "; ".join(f"rank {row['rank']}: {_states_text(row['measured'])}, plan "
+                                f"{_states_text(row['plan'])}" for row in wrong))
+    table.add_row("model states per rank", " / ".join(nbytes(sum(row["measured"].values())) for row in r.states),
+                  f"{verdict} (parameters + gradients + AdamW moments, counted from each rank's tensors; "
+                  "exact on each stage's first rank)")
     Console().print(table)

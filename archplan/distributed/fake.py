@@ -38,7 +38,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _UpdateType, _WeakRefInfo
 from torch._C import _get_dispatch_stack_at, _len_torch_dispatch_stack
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
@@ -47,7 +46,7 @@ from torch.utils._pytree import tree_leaves
 
 from archplan.distributed.comms import CollectiveRecorder, fsdp2_accumulation_counted
 from archplan.distributed.mesh import build_mesh, init_fake_world, stage_rank
-from archplan.distributed.shard import Sharded, shard_stage
+from archplan.distributed.shard import Sharded, accumulated_grad_bytes, shard_stage
 from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.planning.layout import Layout
@@ -211,18 +210,6 @@ def _cast_filed_as_gradient(tracker: StepTracker) -> Iterator[None]:
 
 def _name(reftype: object) -> str:
     return reftype.value if isinstance(reftype, Enum) else str(reftype)
-
-
-def _accumulated_grad_bytes(units: tuple[FSDPModule, ...]) -> int:
-    total = 0
-    for unit in units:
-        group = unit._get_fsdp_state()._fsdp_param_group
-        for param in group.fsdp_params if group is not None else ():
-            grad = param.unsharded_accumulated_grad
-            if grad is not None:
-                local = grad.to_local() if isinstance(grad, DTensor) else grad
-                total += local.numel() * local.element_size()
-    return total
 
 
 def _file_accumulated(snapshot: dict[str, int], accumulated: int) -> dict[str, int]:
@@ -729,7 +716,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
 
         def sample() -> None:
             current = dict(next(iter(tracker.get_tracker_snapshot("current").values()), {}))
-            samples.append(_file_accumulated(current, _accumulated_grad_bytes(units)))
+            samples.append(_file_accumulated(current, accumulated_grad_bytes(units)))
 
         runner = StageRunner(chunks, mesh, optimizer, hidden, DEVICE, before_forward=forget,
                              sample=sample)
@@ -750,7 +737,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
             runner.train_step(batches[:1 if layout.vpp == 1 else layout.pp])
         samples.clear()
         tracker.recorder = recorder
-        tracker.accumulated = lambda: _accumulated_grad_bytes(units)
+        tracker.accumulated = lambda: accumulated_grad_bytes(units)
         with tracker, fsdp2_accumulation_counted(recorder), _cast_filed_as_gradient(tracker):
             runner.train_step(batches)
     peak = _file_accumulated(dict(next(iter(tracker.get_tracker_snapshot("peak").values()))),

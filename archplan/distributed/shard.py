@@ -34,10 +34,11 @@ from torch import Tensor, nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
                                                parallelize_module)
 from torch.distributed.tensor.parallel.style import ParallelStyle
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from archplan.distributed.context import ContextShard, apply_context_parallel, summed_over
 from archplan.distributed.expert import ExpertParallel
@@ -261,6 +262,30 @@ def _fsdp(stage: Stage, mesh: LayoutMesh, policy: MixedPrecisionPolicy) -> tuple
         units.append(unit(stage.embed, mesh["dp"]))
     units.append(unit(stage, mesh["dp"]))
     return tuple(units)
+
+
+def local_bytes(t: Tensor) -> int:
+    """Bytes of this rank's part of `t` (its local shard of a DTensor)."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def _fsdp_params(units: tuple[FSDPModule, ...]) -> Iterator[FSDPParam]:
+    for unit in units:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        yield from group.fsdp_params if group is not None else ()
+
+
+def sharded_params(units: tuple[FSDPModule, ...]) -> list[nn.Parameter]:
+    """Every parameter of the units as FSDP2 keeps it between uses: this rank's fp32 shard."""
+    return [param.sharded_param for param in _fsdp_params(units)]
+
+
+def accumulated_grad_bytes(units: tuple[FSDPModule, ...]) -> int:
+    """Bytes of the unsharded gradients FSDP2 accumulates over ZeRO-0/1's micro-batches (held on
+    its FSDPParams, not as `.grad`, until the last backward reduces them)."""
+    grads = (param.unsharded_accumulated_grad for param in _fsdp_params(units))
+    return sum(local_bytes(grad) for grad in grads if grad is not None)
 
 
 def shard_stage(stage: Stage, mesh: LayoutMesh, *, balanced: bool, mixed: bool = True) -> Sharded:

@@ -4,7 +4,11 @@ Each worker (a torchrun process: gloo on CPU, NCCL on CUDA) builds its pipeline 
 archplan's modules, shards it exactly as `verify --layout` does (`shard.shard_stage`), and times
 training steps (1F1B micro-batches, backward, AdamW; `step.StageRunner`) and forward-only prefill
 through the same sharded modules. Rank 0 gathers every rank's peak memory and reports tokens/s,
-MFU and `plan`'s predicted step time for the layout on that GPU.
+MFU and `plan`'s predicted step time for the layout on that GPU. After the timed work, one more
+step counts each rank's model states from its tensors (its shards of the parameters, of their
+gradients, FSDP2's unsharded ZeRO-0/1 accumulation included, and AdamW's moments), judged exactly
+against `plan`'s FSDP2 figures for that rank's pipeline stage, as `verify --layout` judges one
+rank on the fake process group.
 
 On one machine `launch` starts the workers itself through `torch.distributed.run`; under a user's
 torchrun / SLURM launcher (RANK and WORLD_SIZE set) the same `archplan bench` runs as a worker.
@@ -32,14 +36,17 @@ from archplan.bench.device import device_peak, peak_memory, reset_peak_memory, s
 from archplan.dtypes import DType
 from archplan.distributed.context import shard_sequence
 from archplan.distributed.mesh import build_mesh
-from archplan.distributed.shard import unit_view_outputs, shard_stage
+from archplan.distributed.shard import (Sharded, accumulated_grad_bytes, local_bytes, shard_stage, sharded_params,
+                                       unit_view_outputs)
 from archplan.distributed.stage import build_chunks
 from archplan.distributed.step import MicroBatch, StageRunner
 from archplan.errors import ArchplanError
 from archplan.modules.model import resolve_device
+from archplan.planning.cluster import FSDP2, rank_memory
 from archplan.planning.layout import Layout
 from archplan.resolve import ModelPlan
 
+STATES = ("parameters", "gradients", "optimizer")
 OUT_ENV = "ARCHPLAN_BENCH_OUT"  # where rank 0 writes its JSON when `launch` started the workers
 SEED = 0
 
@@ -67,6 +74,9 @@ class DistBench:
     peak_memory_method: str
     predicted_step_seconds: float | None
     prediction_note: str
+    # per rank: {"rank", "stage", "measured": {STATES: bytes}, "plan": {STATES: bytes}, "ok"}
+    states: list[dict[str, object]]
+    states_ok: bool
 
 
 def _device(kind: str) -> torch.device:
@@ -76,6 +86,47 @@ def _device(kind: str) -> torch.device:
     if device.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+class _StateCount:
+    """A rank's model states counted from its tensors: parameters and AdamW's moments (its 0-d
+    `step` tensors aside, as `verify --layout` leaves them) after a step, and the gradients at
+    their most, sampled where `StageRunner` samples: before each backward (ZeRO-0/1's accumulated
+    micro-batches) and before the optimizer step (every gradient)."""
+
+    def __init__(self, chunks: tuple[Sharded, ...], optimizer: torch.optim.Optimizer) -> None:
+        self.units = tuple(u for c in chunks for u in c.units)
+        # FSDP2's sharded parameters, which hold the gradients: between a ZeRO-1/2 forward and its
+        # step the module's attributes are the gathered bf16 copies instead
+        self.params = sharded_params(self.units)
+        self.optimizer = optimizer
+        self.gradients = 0
+
+    def sample(self) -> None:
+        held = sum(local_bytes(p.grad) for p in self.params if p.grad is not None)
+        self.gradients = max(self.gradients, held + accumulated_grad_bytes(self.units))
+
+    def counted(self) -> dict[str, int]:
+        moments = sum(local_bytes(t) for state in self.optimizer.state.values() for t in state.values()
+                      if isinstance(t, torch.Tensor) and t.dim() > 0)
+        return {"parameters": sum(local_bytes(p) for p in self.params), "gradients": self.gradients,
+                "optimizer": moments}
+
+
+def _judged_states(plan: ModelPlan, layout: Layout, seq: int, m: int,
+                   counted: list[dict[str, int]]) -> list[dict[str, object]]:
+    """Each rank's counted states beside plan's FSDP2 figures for its pipeline stage. plan prices
+    a stage's first rank, which holds the most: FSDP2 splits dim 0 as torch.chunk does, the
+    first ranks taking the rounded-up share. So the first rank of each stage must equal plan's
+    figures and the others may hold less, never more."""
+    rows: list[dict[str, object]] = []
+    for rank, measured in enumerate(counted):
+        stage, first = divmod(rank, layout.stage_ranks)
+        priced = rank_memory(plan, layout, seq, microbatches=m, stage=stage, states=FSDP2, loss="eager")
+        expected = {name: getattr(priced, name) for name in STATES}
+        ok = all(measured[n] == expected[n] if first == 0 else measured[n] <= expected[n] for n in STATES)
+        rows.append({"rank": rank, "stage": stage, "measured": measured, "plan": expected, "ok": ok})
+    return rows
 
 
 def _prediction(plan: ModelPlan, layout: Layout, seq: int, m: int, device: torch.device) -> tuple[float | None, str]:
@@ -168,6 +219,11 @@ def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, 
     step_s = _timed(lambda: runner.train_step(batches), device, steps)
     memory, method = peak_memory(device)
     prefill_s = _timed(lambda: _prefill(runner, batches), device, steps)
+    states = _StateCount(chunks, optimizer)
+    runner.sample = states.sample
+    runner.train_step(batches)
+    counted: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(counted, states.counted())
     memories: list[int | None] = [None] * dist.get_world_size()
     dist.all_gather_object(memories, memory)
     if dist.get_rank() != 0:
@@ -177,11 +233,13 @@ def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, 
     flops_per_token = training_flops_per_token(plan, seq, "causal", "none")
     peak = device_peak(device, DType.bf16)  # FSDP2 computes in bf16 (shard.MIXED)
     predicted, note = _prediction(plan, layout, seq, microbatches, device)
+    judged = _judged_states(plan, layout, seq, microbatches, [c for c in counted if c is not None])
     return DistBench(
         plan.name, layout.spec, layout.world, dist.get_backend(), device.type, seq, microbatches, steps,
         step_s, prefill_s, tokens, tokens / step, tokens / prefill, flops_per_token, peak.peak_flops,
         peak.source, flops_per_token * tokens / step / (layout.world * peak.peak_flops),
-        [int(m) for m in memories if m is not None], method, predicted, note)
+        [int(m) for m in memories if m is not None], method, predicted, note, judged,
+        all(row["ok"] for row in judged))
 
 
 def under_launcher() -> bool:
@@ -189,10 +247,12 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def write_result(result: DistBench) -> None:
+def write_result(result: DistBench) -> bool:
+    """Hand rank 0's result to the `launch` that started the workers, if one did."""
     out = os.environ.get(OUT_ENV)
     if out:
         Path(out).write_text(json.dumps(asdict(result)))
+    return bool(out)
 
 
 def launch(argv: list[str], nproc: int) -> DistBench:
