@@ -122,7 +122,7 @@ held: `_embedding_between_backwards`), the eager loss's backward gradients (any 
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
-(`_head_gradients`), and at the end of the backward the root unit's reduction
+(`_head_gradients`), Mamba-2's SSD unit's backward (`_scan_backward`), and at the end of the backward the root unit's reduction
 (`_root_reduction_at_end`) and the embedding lookup's gradient beside the head's
 (`_lookup_gradient_at_end`).
 
@@ -199,7 +199,7 @@ from typing import Literal, NamedTuple, TypeVar
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
-from archplan.analytic.mamba import ssd_chunks
+from archplan.analytic.mamba import ssd_backward_bytes, ssd_chunks
 from archplan.analytic.memory import (
     FP32_BYTES,
     RECOMPUTE_MODES,
@@ -1695,13 +1695,13 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     else:
         gradients = states.grad_bytes * ((shard if grads_sharded else full) + first_extra + last_extra)
     optimizer = states.optimizer_bytes * (shard if zero >= 1 else full)
-    temporary = held = 0
+    temporary = held = copies_at_backward = 0
     if states.compute_copy_bytes:
         # reshard_after_forward=False (zero 1 and 2; `replicate`, zero 0, has no reshard after the
         # forward either): the stage's bf16 copies are held from the forward into the backward
         stage_copies = states.compute_copy_bytes * full
         two_layers = states.compute_copy_bytes * FSDP_PREFETCH_LAYERS * biggest_layer
-        temporary = stage_copies if zero <= 2 else two_layers
+        temporary = copies_at_backward = stage_copies if zero <= 2 else two_layers
         # still held when the last backward ends, unless that backward reshards (zero 1, one
         # micro-batch; zero 3); zero 0 reshards each unit after its backward and holds two
         # layers' copies there
@@ -1721,6 +1721,8 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     reduction = _unit_reduction(data, layout, chunks, microbatches, states) if torch_engine else 0
     temporary += max(held_reduce + max(_head_reduction_transient(data, layout, chunks, states), layer_gradient),
                      reduction)
+    if torch_engine:
+        temporary = max(temporary, copies_at_backward + held_reduce + _scan_backward(data, layout, chunks))
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
@@ -1919,6 +1921,30 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
     if root or not chunk.layers:
         return root
     return tuple(t for t in data.layer_tensors[chunk.layers.start] if not _own_unit(t, layout.tp, layout.ep))
+
+
+def _scan_backward(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
+    """Bytes archplan's Mamba-2 SSD unit holds in its backward beyond what its layer kept
+    (`analytic.mamba.ssd_backward_bytes`), for the rank's largest share of a Mamba-2 layer: its
+    heads and channels split over tp (and over cp, whose exchange hands each rank whole sequences
+    of its heads: `mamba_exchange`), its groups as `_group_spread` places them, each micro-batch
+    of mb sequences. The unit recomputes its elementwise operands in fp32 from the bf16 inputs
+    FSDP2 computes in; the price is the autocast form's (bf16 casts beside the fp32
+    recomputation), which a live-bytes trace of the bf16 mixer's backward puts at +0.1% … +8.5%
+    of what it holds over five shapes, where the fp32 form is 2% … 16% short
+    (tests/test_memory.py). mamba_ssm's kernels, Megatron's engine, hold none of it; Mamba-1's
+    chunked scan is not priced (docs/distributed.md)."""
+    tp, cp = layout.tp, layout.cp
+    held = 0
+    for i in {i for chunk in chunks for i in chunk.layers}:
+        m = data.plan.layers[i].mixer
+        if not isinstance(m, Mamba2Plan):
+            continue
+        g, r = _group_spread(m, tp, cp)
+        share = replace(m, d_inner=m.d_inner // (tp * cp), n_heads=m.n_heads // (tp * cp),
+                        n_groups=max(g * r // cp, 1))
+        held = max(held, ssd_backward_bytes(share, layout.mb, data.seq, autocast=True))
+    return held
 
 
 def _layer_gradient(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
