@@ -917,14 +917,16 @@ def nodes_reached(moe: MoEPlan, nodes: int) -> float:
     C(n_group − n_group/nodes, topk_group) / C(n_group, topk_group): DeepSeek-V3 over 8 nodes 4, its
     bound, over 4 nodes 3.14 of a bound of 4. A group that spans nodes gives the bound
     (`nodes_per_token`). Without a group limit a node holding E/nodes experts is missed with
-    probability C(E − E/nodes, k) / C(E, k): Qwen3-30B-A3B over two nodes 1.99 (128 experts, top 8)."""
+    probability C(E − E/nodes, k) / C(E, k): Qwen3-30B-A3B over two nodes 1.99 (128 experts, top 8).
+    k copies reach k nodes at most, which bounds a router picking more groups than copies
+    (topk_group > k, which no published router does)."""
     if moe.n_group is not None and moe.topk_group is not None and moe.n_group % nodes == 0:
         units, picked = moe.n_group, moe.topk_group  # the groups, whole on each node
     elif (bound := nodes_per_token(moe, nodes)) is not None:
         return bound
     else:
         units, picked = moe.n_experts, moe.top_k
-    return nodes * (1 - math.comb(units - units // nodes, picked) / math.comb(units, picked))
+    return min(moe.top_k, nodes * (1 - math.comb(units - units // nodes, picked) / math.comb(units, picked)))
 
 
 def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency,

@@ -1,0 +1,140 @@
+"""Edges of the layout model, the solver, the designer and the scaling-law optima that a mutation
+audit (2026-12-05) found no test pinned: each test fails on a plausible wrong change that passed
+the suite, and its expected value is derived here from the rule the code documents."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+import archplan
+from archplan.analytic import count_params
+from archplan.hardware import accelerator, kernel_efficiency
+from archplan.loader import load_spec
+from archplan.planning.design import Family, design
+from archplan.planning.layout import Layout
+from archplan.planning.optimal import LawChoice, isoflop_curve, law_params, optimum
+from archplan.planning.parallel import interconnect
+from archplan.planning.pricing import Network, collective_time, ep_all_to_all_time, nodes_reached, uniform_moe
+from archplan.planning.records import Collective
+from archplan.planning.shards import Tensor
+from archplan.planning.solve import Targets, solve
+from archplan.planning.zero3_fetch import modules
+from archplan.resolve import resolve
+from archplan.spec import Spec
+
+PRESETS = Path(archplan.__file__).parent / "presets"
+
+
+def test_a_members_ring_never_outruns_the_in_node_link() -> None:
+    """A ring over its members' NICs still leaves each rank over its own link to the node: on
+    PCIe H100s eight 50 GB/s NICs would be 400 GB/s, but a rank's share goes out at 64 GB/s."""
+    gpu = accelerator("h100-pcie")
+    eff, _ = kernel_efficiency(gpu)
+    net = interconnect(gpu)
+    members = Network(net.intra_node, net.inter_node, net.gpus_per_node, "members")
+    reduce = Collective("all_reduce", "dp", 16, 10**9, 1, "grads")
+    expected = 2 * 15 / 16 * 1e9 / (64e9 * eff.intra_link) + eff.latency  # ring all-reduce, 2(n−1)/n
+    assert collective_time(reduce, Layout(dp=16), members, eff) == pytest.approx(expected)
+
+
+def test_an_ep_group_spans_the_nodes_its_ranks_need() -> None:
+    """128 EP ranks over 72-GPU NVL72 domains take 2 of them (⌈128/72⌉, not ⌊⌋): DeepSeek-V3's 8
+    groups, 4 per token, reach 2·(1 − C(4,4)/C(8,4)) nodes; the dispatch and combine each cost the
+    slower of the inter-node and the NVLink leg (`ep_all_to_all_time`)."""
+    moe = uniform_moe(resolve(load_spec("deepseek-v3")))
+    gpu = accelerator("gb200")
+    eff, _ = kernel_efficiency(gpu)
+    net = interconnect(gpu)
+    per_copy = 2 * 4096 * 7168  # bf16 hidden states of a 4,096-token micro-batch
+    record = Collective("all_to_all", "ep", 128, 8 * per_copy, 2, "dispatch + combine")
+    reach = 2 * (1 - math.comb(4, 4) / math.comb(8, 4))
+    inter = 8 * per_copy / 8 * reach / 2 / (50e9 * eff.inter_link)
+    nvlink = 8 * per_copy * 63 / 64 / (900e9 * eff.intra_link)
+    time = ep_all_to_all_time(record, Layout(dp=128, ep=128), Network(net.intra_node, net.inter_node,
+                                                                       net.gpus_per_node), eff, moe, False)
+    assert time == pytest.approx(2 * (max(inter, nvlink) + eff.latency))
+
+
+def test_k_routed_copies_reach_k_nodes_at_most() -> None:
+    """A router picking more groups than copies (DeepSeek-V3's 4 of 8 groups at top-2) reaches at
+    most 2 nodes: it read 4."""
+    moe = replace(uniform_moe(resolve(load_spec("deepseek-v3"))), top_k=2)
+    assert nodes_reached(moe, 8) <= 2
+    assert nodes_reached(uniform_moe(resolve(load_spec("deepseek-v3"))), 8) == 4
+
+
+def test_a_parameter_at_the_persistence_threshold_is_fetched() -> None:
+    """DeepSpeed ZeRO-3 keeps parameters under `stage3_param_persistence_threshold` (10⁵) gathered:
+    one of exactly 10⁵ elements is fetched, one of 99,999 is not."""
+    assert [m.gathered for m, _ in modules([Tensor("a.w", (100_000,), "replicated")], 1, 1)] == [100_000]
+    assert modules([Tensor("b.w", (99_999,), "replicated")], 1, 1) == []
+
+
+def test_the_solver_tries_top_k_up_to_16(tmp_path: Path) -> None:
+    """`top_k: solve` tries 1 … min(E, 16) (docs/plan.md): Mixtral with 16 experts at top-12
+    is found from its own counts."""
+    data = yaml.safe_load((PRESETS / "mixtral-8x7b.yaml").read_text())
+    data.pop("reference", None)
+    data["moe"].update(n_experts=16, top_k=12)
+    counts = count_params(resolve(Spec.model_validate(data)))
+    data["moe"]["top_k"] = "solve"
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = solve(partial, Targets(counts.total, counts.active), tolerance=0)
+    assert result.solved and result.nearest.values == {"moe.top_k": 12}
+
+
+def test_the_dense_recipe_is_llama_3_8b_at_its_size() -> None:
+    """The dense recipe's anchor: Llama 3 8B's non-embedding trunk (8,030,261,248 less its two
+    128,256 × 4,096 matrices) is 32 layers of width 4,096."""
+    made = design(Family.dense, 8_030_261_248, vocab=128256)
+    assert made.recipe_layers == pytest.approx(32) and made.recipe_width == pytest.approx(4096)
+
+
+def test_the_design_score_weighs_the_width_twice() -> None:
+    """At 3B the documented score (width deviation counted twice) picks 18 × 3,072 with d_ff
+    10,752 over 19 layers of d_ff 9,984, which weighing the width once would pick."""
+    spec = design(Family.dense, 3e9, vocab=128256).spec
+    assert (spec.n_layers, spec.d_model, spec.ffn.d_ff) == (18, 3072, 10752)
+
+
+@pytest.mark.parametrize("target", [9e9, 6e10])
+def test_an_moe_tokens_experts_add_up_to_the_dense_width(target: float) -> None:
+    """The MoE recipe splits a dense FFN's 3.5·d over the k routed experts and the shared one
+    (8 + 1): each expert's d_ff within a 128 rounding of 3.5·d/9."""
+    spec = design(Family.moe, target, vocab=128256).spec
+    assert abs(spec.moe.expert.d_ff - 3.5 * spec.d_model / 9) <= 128
+
+
+def test_small_designs_keep_one_kv_head_per_query_head() -> None:
+    """Below 8 heads the designer keeps multi-head attention (one KV head per query head)."""
+    attention = design(Family.dense, 1e8, vocab=32000).spec.attention
+    assert attention.n_heads == attention.n_kv_heads == 7
+
+
+def test_the_isoflop_curve_spans_a_decade_each_side() -> None:
+    optimal = optimum(LawChoice.epoch, 1e21)
+    n, curve = optimal.optimal.params, isoflop_curve(optimal)
+    assert [curve[i].params for i in (0, 40, -1)] == [pytest.approx(n / 10), pytest.approx(n), pytest.approx(10 * n)]
+
+
+def test_the_isoflop_factors_are_the_documented_ones() -> None:
+    assert [f for f, _ in optimum(LawChoice.epoch, 1e22).isoflop] == [0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+def test_the_20x_rule_is_scored_with_besiroglus_fit() -> None:
+    """The 20-tokens-per-parameter rule's loss is Besiroglu et al. 2024's fit (E 1.8172, A 482.01,
+    α 0.3478, B 2085.43, β 0.3658) at N = √(C/120), D = 20N."""
+    n = math.sqrt(1e24 / 120)
+    expected = 1.8172 + 482.01 / n**0.3478 + 2085.43 / (20 * n) ** 0.3658
+    assert optimum(LawChoice.twenty, 1e24).optimal.loss == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_laws_read_active_parameters_of_routed_models() -> None:
+    assert law_params(46_702_792_704, 12_879_925_248, True) == (12_879_925_248, "active")
+    assert law_params(8_030_261_248, 8_030_261_248, False) == (8_030_261_248, "total")
