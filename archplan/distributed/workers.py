@@ -118,12 +118,14 @@ def _judged_states(plan: ModelPlan, layout: Layout, seq: int, m: int,
     """Each rank's counted states beside plan's FSDP2 figures for its pipeline stage. plan prices
     a stage's first rank, which holds the most: FSDP2 splits dim 0 as torch.chunk does, the
     first ranks taking the rounded-up share. So the first rank of each stage must equal plan's
-    figures and the others may hold less, never more."""
+    figures and the others may hold less, never more. plan's figures are one set per stage, priced
+    once each, not once per rank."""
+    priced = [rank_memory(plan, layout, seq, microbatches=m, stage=stage, states=FSDP2, loss="eager")
+              for stage in range(layout.pp)]
     rows: list[dict[str, object]] = []
     for rank, measured in enumerate(counted):
         stage, first = divmod(rank, layout.stage_ranks)
-        priced = rank_memory(plan, layout, seq, microbatches=m, stage=stage, states=FSDP2, loss="eager")
-        expected = {name: getattr(priced, name) for name in STATES}
+        expected = {name: getattr(priced[stage], name) for name in STATES}
         ok = all(measured[n] == expected[n] if first == 0 else measured[n] <= expected[n] for n in STATES)
         rows.append({"rank": rank, "stage": stage, "measured": measured, "plan": expected, "ok": ok})
     return rows
