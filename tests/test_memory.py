@@ -293,6 +293,47 @@ def _ssd_backward_held(shape: tuple[int, ...], *, autocast: bool, bf16_weights: 
     return mixer_plan, tracer.peak - start - states
 
 
+@pytest.mark.parametrize("mode", ["bf16 weights", "autocast", "fp32"])
+@pytest.mark.parametrize("shape", [
+    # (batch, seq, d_model, d_state): the first three peak in the last channel block's backward
+    # (the middle one with a padded last chunk), the last two in dC's pass over every channel
+    (1, 256, 64, 16), (1, 390, 96, 8), (2, 500, 160, 16), (1, 100, 96, 32), (1, 64, 64, 16),
+])
+def test_the_mamba1_scans_backward_holds_what_mamba1_scan_backward_bytes_prices(
+        shape: tuple[int, int, int, int], mode: str) -> None:
+    """Independent check of Mamba-1's `scan backward` moment: archplan's Mamba-1 mixer run forward
+    and backward under a live-bytes trace (bf16 weights without autocast, the torch engine's
+    case; fp32 weights under bf16 autocast, bench --train's; fp32), the backward's peak beyond
+    what was alive when it began, less out_proj's weight gradient (a model state), is
+    `mamba1_scan_backward_bytes` within the spread its docstring states (15 shapes)."""
+    torch = pytest.importorskip("torch")
+    from live_bytes import LiveBytes
+
+    from archplan.analytic.mamba import mamba1_scan_backward_bytes
+    from archplan.modules.mamba1 import Mamba1Mixer
+
+    b, t, d, n = shape
+    plan = plan_of(vocab_size=64, d_model=d, n_layers=1, position={"kind": "none"}, layout={"mixers": "M"},
+                   ssm={"kind": "mamba1", "d_state": n, "expand": 2})
+    mixer_plan = plan.layers[0].mixer
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if mode == "bf16 weights" else torch.float32
+    mixer = Mamba1Mixer(mixer_plan, d).to(dtype)
+    x = torch.randn(b, t, d, dtype=dtype, requires_grad=True)
+    tracer = LiveBytes()
+    with tracer:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            y = mixer(x)
+        grad = torch.randn_like(y)
+        start = tracer.mark()
+        y.backward(grad)
+    measured = tracer.peak - start - mixer.out_proj.weight.grad.untyped_storage().nbytes()
+    inputs = 4 if mode == "fp32" else 2
+    priced = mamba1_scan_backward_bytes(mixer_plan, b, t, inputs, autocast=mode == "autocast")
+    low, high = {"bf16 weights": (0.99, 1.01), "autocast": (1.0, 1.045), "fp32": (0.999, 1.02)}[mode]
+    assert low < priced / measured < high
+
+
 def test_gqa_stores_smaller_k_and_v() -> None:
     s, b = 16, 1
     common = dict(vocab_size=100, d_model=256, n_layers=1, ffn={"kind": "glu", "d_ff": 512})

@@ -102,6 +102,60 @@ def mamba1_unit_bytes(m: Mamba1Plan, batch: int, seq_len: int, act_bytes: int) -
     return act_bytes * batch * seq_len * m.d_inner - _scan_kernel_states(m, batch, seq_len)
 
 
+def _scan_chunks(seq_len: int) -> tuple[int, int]:
+    """archplan's chunked scan cuts T into n_c chunks of L = ⌈√T⌉ tokens (the last padded): (L, n_c)."""
+    length = math.isqrt(max(seq_len, 1) - 1) + 1
+    return length, math.ceil(seq_len / length)
+
+
+def mamba1_scan_backward_bytes(m: Mamba1Plan, batch: int, seq_len: int, input_bytes: int, autocast: bool) -> int:
+    """Bytes archplan's torch Mamba-1 scan (`modules.mamba1._ChunkedScan`) holds at the peak of its
+    mixer's backward beyond what the layer kept. It keeps only its inputs and recomputes the
+    states in its backward: first dC over every channel one step at a time, then the other
+    gradients over blocks of ⌈I/N⌉ channels, each block's states, graph and step gradients alive
+    at once (one block's states are about one fp32 (B, T, I) tensor), the finished blocks'
+    gradients held until they are joined. mamba_ssm's kernel keeps its states on chip (Gu & Dao
+    2023 §3.3.2) and holds none of this; `size` prices that, this is `bench --train`'s and the
+    torch engine's.
+
+    No source gives it: it is read off a live-bytes trace of the mixer's backward (every op's
+    outputs until their storages are freed, docs/figures.md §5.3), where the peak falls at one of
+    three moments, each a fixed count of tensors of these shapes (b = batch, T = seq_len, L, n_c
+    and T' = n_c·L the chunks, I = d_inner, N = d_state, c = ⌈I/N⌉ a block's channels, k of them):
+      u: b·T·I; all: b·n_c·I·N (one step's states over every channel); st: b·n_c·c'·N (one step's
+      states over the last block's c' channels); tn: b·T·N (B, C and their gradients).
+    Beside them, from the gate's backward: the scan's fp32 output gradient and the gate input's
+    gradient (`input_bytes`), net of the scan output and out_proj's input it freed (`input_bytes`
+    each, kept by the layer). `input_bytes`: the unit's inputs' dtype, 2 under bf16 autocast or
+    with bf16 weights (the torch engine), 4 in fp32; under autocast the step gradients' matmuls
+    run in bf16 and are cast back. Against the trace over 15 shapes: −0.8% … +0.9% with bf16
+    weights, +0.9% … +4.0% under autocast, +0.0% … +1.6% in fp32 (tests/test_memory.py)."""
+    length, n_chunks = _scan_chunks(seq_len)
+    padded = n_chunks * length
+    i, n = m.d_inner, m.d_state
+    block = -(-i // n)
+    blocks = -(-i // block)
+    last = i - (blocks - 1) * block
+    u, every, tn = batch * seq_len * i, batch * n_chunks * i * n, batch * seq_len * n
+    step = batch * n_chunks * last * n
+    f32 = FP32_BYTES
+    gate = (f32 - input_bytes) * u
+    # a finished block's du and dΔ (the inputs' dtype), dB (fp32, B read in fp32), dA and dD
+    finished = 2 * input_bytes * batch * seq_len * block + f32 * (tn + block * n + block)
+    return gate + max(
+        # dC's pass: every channel's chunk-entering states stacked, beside the fp32 chunk splits
+        # of Δ, Δ·u, the output gradient and B, and Δ itself
+        f32 * (4 * every + batch * i * n + 3 * batch * padded * i + batch * padded * n + u),
+        # the last block's: its recomputed states and decays (two passes), step gradients and
+        # chunk splits, beside dC, B in fp32 and the finished blocks' gradients
+        f32 * (2 * tn + (5 * length + 4) * step + 7 * batch * padded * last + 3 * batch * padded * n
+               + 3 * batch * seq_len * last) + 6 * tn + (blocks - 1) * finished
+        + (2 * length * step if autocast else 0),
+        # the blocks' gradients joined: du and dΔ concatenated, dB's parts stacked and summed
+        f32 * (2 * tn + (blocks + 1) * tn + i * n) + blocks * finished + 2 * input_bytes * u,
+    )
+
+
 def mamba1_state_elements(m: Mamba1Plan) -> int:
     """conv_state d_inner×d_conv + ssm_state d_inner×N per sequence (docs/formulas.md §6.2)."""
     return m.d_inner * m.d_conv + m.d_inner * m.d_state

@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes
-from archplan.analytic.mamba import mamba1_activation_bytes, mamba1_unit_bytes, ssd_backward_bytes, ssd_chunks
+from archplan.analytic.mamba import (
+    mamba1_activation_bytes,
+    mamba1_scan_backward_bytes,
+    mamba1_unit_bytes,
+    ssd_backward_bytes,
+    ssd_chunks,
+)
 from archplan.analytic.s4 import s4_activation_bytes
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
@@ -274,8 +280,8 @@ class ActivationMemory:
     activations alive while an attention core that materialises its probabilities runs its
     backward, at the layer where that moment is largest (0 for fused kernels), and
     `core_gradients` the s×s gradients it forms then. `scan_backward` and `scan_transient`: the
-    same for archplan's torch SSD unit (`units="torch"`), whose backward recomputes its operands
-    (`mamba.ssd_backward_bytes`; 0 with mamba_ssm's kernels).
+    same for archplan's torch scan units (`units="torch"`), whose backward recomputes their operands
+    (`mamba.ssd_backward_bytes`, `mamba.mamba1_scan_backward_bytes`; 0 with mamba_ssm's kernels).
     """
 
     micro_batch: int
@@ -300,7 +306,7 @@ class ActivationMemory:
         (everything kept + the cross-entropy's two fp32 n×V gradients), under full recompute the
         re-run of the largest layer, when the loss and head tensors are already freed, and the
         backward of an attention core that forms its s×s gradients (`core_backward` +
-        `core_gradients`), and that of archplan's SSD unit (`scan_backward` + `scan_transient`)."""
+        `core_gradients`), and that of archplan's scan units (`scan_backward` + `scan_transient`)."""
         ends = sum(self.by_component.get(k, 0) for k in END_COMPONENTS)
         return {"loss backward": self.kept + self.loss_backward,
                 "layer re-run": self.kept - ends + self.working_set if self.working_set else 0,
@@ -555,14 +561,21 @@ def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
 
 
 def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
-                         b: int, units: Units, autocast: bool) -> tuple[int, int]:
-    """Activations alive while archplan's SSD unit runs its backward in `layer`, and what that
-    backward holds beyond them (`mamba.ssd_backward_bytes`); (0, 0) for any other mixer and for
-    mamba_ssm's kernels."""
-    if not isinstance(layer.mixer, Mamba2Plan) or units != "torch":
+                         b: int, act: int, units: Units, autocast: bool) -> tuple[int, int]:
+    """Activations alive while archplan's scan unit runs its backward in `layer`, and what that
+    backward holds beyond them (`mamba.ssd_backward_bytes`, `mamba.mamba1_scan_backward_bytes`,
+    whose inputs are in the activation dtype); (0, 0) for any other mixer and for mamba_ssm's
+    kernels."""
+    if units != "torch":
         return 0, 0
-    return (_alive_at_mixer_backward(layer, kept, before, block_input),
-            ssd_backward_bytes(layer.mixer, b, s, autocast))
+    match layer.mixer:
+        case Mamba2Plan() as m:
+            held = ssd_backward_bytes(m, b, s, autocast)
+        case Mamba1Plan() as m:
+            held = mamba1_scan_backward_bytes(m, b, s, act, autocast)
+        case _:
+            return 0, 0
+    return _alive_at_mixer_backward(layer, kept, before, block_input), held
 
 
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
@@ -614,7 +627,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         core_backward = max(core_backward, _attention_backward_bytes(
             layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
         scan_backward = max(scan_backward, _scan_backward_bytes(
-            layer, full, below, block_input, s, b, units, autocast), key=sum)
+            layer, full, below, block_input, s, b, act, units, autocast), key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept

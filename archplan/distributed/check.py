@@ -75,6 +75,16 @@ class LayoutCheck:
     accumulate_bytes: int  # analytic FSDP2 accumulation bytes per step (`pricing.fsdp2_accumulation_bytes`)
 
     @property
+    def step_peak(self) -> tuple[int, int]:
+        """The rank's peak as one moment, shown, not judged: the analytic categories' sum (they are
+        priced at one moment) and the tracker's snapshot at its highest total, less AdamW's 0-d
+        `step` tensors. The measured rows are each category's most over the step's samples, which
+        need not coincide (a layer's re-run holds the most activations, its backward the most
+        temporaries), so their sum can exceed any moment's."""
+        m = self.measured
+        return sum(r.analytic for r in self.memory), m.peak_by_reftype["Total"] - m.adam_step_bytes
+
+    @property
     def copies_ok(self) -> bool:
         return self.copy_bytes == self.measured.fsdp2_copy_bytes
 
@@ -96,6 +106,7 @@ class LayoutCheck:
             "memory": [{"category": r.category, "analytic": r.analytic, "measured": r.measured,
                         "judged": r.judged, "ok": r.ok} for r in self.memory],
             "tracker_peak": m.peak_by_reftype,
+            "step_peak": dict(zip(("analytic", "measured"), self.step_peak)),
             "collectives": [{"kind": r.kind, "mesh_dim": r.mesh_dim, "group_size": r.group_size,
                              "bytes": r.bytes, "analytic": r.analytic, "measured": r.measured,
                              "ok": r.ok} for r in self.collectives],

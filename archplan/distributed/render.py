@@ -63,6 +63,10 @@ def render(result: LayoutCheck, console: Console) -> None:
     console.print(table)
     console.print(f"  (AdamW's 0-d `step` tensors, kept on the host beside CUDA parameters: {m.adam_step_bytes:,} B, "
                   "not counted)")
+    analytic, measured = result.step_peak
+    console.print(f"  step peak, one moment (shown): analytic {units.nbytes(analytic)}, measured {units.nbytes(measured)} "
+                  f"({analytic / max(measured, 1):.3f}×; the tracker's snapshot at its highest: the measured rows are each "
+                  "category's most over the step, which need not coincide)")
     console.print("  (temporary: the analytic row prices FSDP2's bf16 compute copies or gathered layers and the "
                   "gradient copies it makes for the end stages' embedding and head where they are known exactly; "
                   "the measured row is what is alive at the step's peak, the other gradient copies, a layer "

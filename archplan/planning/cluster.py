@@ -122,7 +122,7 @@ held: `_embedding_between_backwards`), the eager loss's backward gradients (any 
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
-(`_head_gradients`), Mamba-2's SSD unit's backward (`_scan_backward`), and at the end of the backward the root unit's reduction
+(`_head_gradients`), the Mamba units' scan backward (`_scan_backward`), and at the end of the backward the root unit's reduction
 (`_root_reduction_at_end`) and the embedding lookup's gradient beside the head's
 (`_lookup_gradient_at_end`).
 
@@ -199,7 +199,7 @@ from typing import Literal, NamedTuple, TypeVar
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
-from archplan.analytic.mamba import ssd_backward_bytes, ssd_chunks
+from archplan.analytic.mamba import mamba1_scan_backward_bytes, ssd_backward_bytes, ssd_chunks
 from archplan.analytic.memory import (
     FP32_BYTES,
     RECOMPUTE_MODES,
@@ -585,6 +585,7 @@ class ModelData:
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
         self._activations: dict[tuple[object, ...], int] = {}
+        self._scan_moments: dict[tuple[object, ...], int] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
         self._stage_fp8: dict[tuple[int, ...], tuple[int, int]] = {}
@@ -664,6 +665,17 @@ class ModelData:
             self._activations[key] = _rank_activations(self, layout, stage, microbatches, kernel, engine,
                                                        modules, cp_comm)
         return self._activations[key]
+
+    def scan_backward(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
+                      engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+        """`_scan_backward`, once per what `rank_activations` depends on (the ZeRO stage and dp do
+        not change it either)."""
+        key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
+               layout.vpp, layout.group, layout.ep > 1, stage, microbatches, kernel, engine, modules, cp_comm)
+        if key not in self._scan_moments:
+            self._scan_moments[key] = _scan_backward(self, layout, stage, microbatches, kernel, engine, modules,
+                                                     cp_comm)
+        return self._scan_moments[key]
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
                    engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> list[float]:
@@ -1721,8 +1733,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     reduction = _unit_reduction(data, layout, chunks, microbatches, states) if torch_engine else 0
     temporary += max(held_reduce + max(_head_reduction_transient(data, layout, chunks, states), layer_gradient),
                      reduction)
-    if torch_engine:
-        temporary = max(temporary, copies_at_backward + held_reduce + _scan_backward(data, layout, chunks))
+    scan = data.scan_backward(layout, stage, microbatches, kernel, states.engine, modules, cp_comm) if torch_engine else 0
+    if scan:
+        temporary = max(temporary, copies_at_backward + held_reduce + scan - activations)
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
@@ -1923,28 +1936,56 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
     return tuple(t for t in data.layer_tensors[chunk.layers.start] if not _own_unit(t, layout.tp, layout.ep))
 
 
-def _scan_backward(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
-    """Bytes archplan's Mamba-2 SSD unit holds in its backward beyond what its layer kept
-    (`analytic.mamba.ssd_backward_bytes`), for the rank's largest share of a Mamba-2 layer: its
-    heads and channels split over tp (and over cp, whose exchange hands each rank whole sequences
-    of its heads: `mamba_exchange`), its groups as `_group_spread` places them, each micro-batch
-    of mb sequences. The unit recomputes its elementwise operands in fp32 from the bf16 inputs
-    FSDP2 computes in; the price is the autocast form's (bf16 casts beside the fp32
+def _scan_backward(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
+                   engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+    """Bytes alive while archplan's scan unit runs its backward in one of the rank's Mamba layers,
+    at the largest (0 without one): what the schedule's moment before that chunk's backward holds
+    (`_rank_activations`), less what the layers above it keep for the micro-batch whose backward
+    runs (freed before it, with the head's tensors), plus the layer's re-run under full recompute
+    and what the unit holds beyond its layer's kept tensors (`_scan_unit`)."""
+    chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
+    units = {i: _scan_unit(data.plan.layers[i].mixer, layout.tp, layout.cp, layout.mb, data.seq)
+             for chunk in chunks for i in chunk.layers}
+    if not any(units.values()):
+        return 0
+    held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
+    reruns = _reruns(data, layout, chunks, kernel, engine, cp_comm)
+    moments = pipeline_moments(layout, microbatches, stage)
+    alive = 0.0
+    for k, chunk in enumerate(chunks):
+        before = max((sum(map(math.prod, zip(moment.counts, held.per_count)))
+                      for moment in moments if moment.backward == k), default=0.0)
+        for i in chunk.layers:
+            if units[i]:
+                above = sum(held.per_layer[j] for j in chunk.layers if j > i)
+                alive = max(alive, held.shared + before - above + reruns.get(i, 0.0) + units[i])
+    return math.ceil(alive)
+
+
+@lru_cache(maxsize=4096)
+def _scan_unit(mixer: object, tp: int, cp: int, mb: int, seq: int) -> int:
+    """Bytes archplan's scan unit holds in its backward beyond what a layer of `mixer` kept, for
+    the rank's share of it: its heads and channels split over tp (and over cp, whose exchange
+    hands each rank whole sequences of its heads or channels: `mamba_exchange`), each
+    micro-batch of mb sequences of seq tokens; 0 for any other mixer. Both units recompute in fp32 from the bf16 inputs FSDP2
+    computes in. Mamba-2's SSD unit (`analytic.mamba.ssd_backward_bytes`, its groups as
+    `_group_spread` places them) is priced by the autocast form (bf16 casts beside the fp32
     recomputation), which a live-bytes trace of the bf16 mixer's backward puts at +0.1% … +8.5%
-    of what it holds over five shapes, where the fp32 form is 2% … 16% short
-    (tests/test_memory.py). mamba_ssm's kernels, Megatron's engine, hold none of it; Mamba-1's
-    chunked scan is not priced (docs/distributed.md)."""
-    tp, cp = layout.tp, layout.cp
-    held = 0
-    for i in {i for chunk in chunks for i in chunk.layers}:
-        m = data.plan.layers[i].mixer
-        if not isinstance(m, Mamba2Plan):
-            continue
-        g, r = _group_spread(m, tp, cp)
-        share = replace(m, d_inner=m.d_inner // (tp * cp), n_heads=m.n_heads // (tp * cp),
-                        n_groups=max(g * r // cp, 1))
-        held = max(held, ssd_backward_bytes(share, layout.mb, data.seq, autocast=True))
-    return held
+    of what it holds over five shapes, where the fp32 form is 2% … 16% short; Mamba-1's chunked
+    scan (`analytic.mamba.mamba1_scan_backward_bytes`) has a bf16-weights form of its own, −0.8% …
+    +0.9% of the trace (tests/test_memory.py). mamba_ssm's kernels, Megatron's engine, hold none
+    of it."""
+    match mixer:
+        case Mamba1Plan() as m:
+            return mamba1_scan_backward_bytes(replace(m, d_inner=m.d_inner // (tp * cp)), mb, seq, ACT_BYTES,
+                                              autocast=False)
+        case Mamba2Plan() as m:
+            g, r = _group_spread(m, tp, cp)
+            share = replace(m, d_inner=m.d_inner // (tp * cp), n_heads=m.n_heads // (tp * cp),
+                            n_groups=max(g * r // cp, 1))
+            return ssd_backward_bytes(share, mb, seq, autocast=True)
+        case _:
+            return 0
 
 
 def _layer_gradient(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
@@ -2092,43 +2133,69 @@ def _head_tensors(data: ModelData, layout: Layout, engine: Engine) -> tuple[floa
     return ends + data.logits_act / tp, mtp
 
 
-def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
-                      kernel: AttentionKernel, engine: Engine,
-                      modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather") -> int:
-    """Activation bytes of pipeline rank `stage` at the schedule's peak (the module docstring)."""
-    mb, cp = layout.mb, layout.cp
-    scale = mb / cp  # sequences per micro-batch, split over the context-parallel ranks
-    mode = layout.recompute
-    activations = 0.0
-    per_layer = data.layer_acts(layout, mode, kernel, engine, modules)
-    head = main_pass = 0.0
-    chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
-    per_count = []  # each chunk's bytes per micro-batch it holds
+class _HeldByChunk(NamedTuple):
+    """What the chunks of a pipeline rank hold besides what a schedule's moment adds: the bytes
+    every chunk shares (cp's, ALiBi's and rotary's tables), each chunk's bytes per micro-batch it
+    holds, and each layer's share of its chunk's (`_held_by_chunk`)."""
+    shared: float
+    per_count: list[float]
+    per_layer: dict[int, float]
+
+
+def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: AttentionKernel,
+                   engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> _HeldByChunk:
+    scale = layout.mb / layout.cp  # sequences per micro-batch, split over the context-parallel ranks
+    per_layer = data.layer_acts(layout, layout.recompute, kernel, engine, modules)
+    shared = 0.0
+    per_count = []
+    by_layer: dict[int, float] = {}
     for chunk in chunks:
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
             per_mb += data.first_act  # token ids (int64), whole on every tp rank
         per_mb += _held_output(data, layout, chunk, engine)
         per_mb *= scale
-        activations += (_cp_shared(data, layout, chunk.layers, engine, cp_comm)
-                        + _alibi_bias(data, layout, chunk.layers, engine) + _rope_tables(data, layout, chunk.layers, engine))
-        if mode != "full":
-            per_mb += sum(_filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
-                          for i in chunk.layers)
+        shared += (_cp_shared(data, layout, chunk.layers, engine, cp_comm)
+                   + _alibi_bias(data, layout, chunk.layers, engine) + _rope_tables(data, layout, chunk.layers, engine))
+        kept = {i: _filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
+                if layout.recompute != "full" else 0.0 for i in chunk.layers}
+        if layout.recompute != "full":
+            per_mb += sum(kept.values())
         per_count.append(per_mb)
-        if chunk.last:
-            passes, mtp = _head_tensors(data, layout, engine)
-            head = (passes + mtp) * scale
-            # the main pass's share of the head's tensors, and the MTP modules' kept inputs
-            main_pass = (passes / (1 + data.mtp_depth) + mtp) * scale
-    reruns: dict[int, float] = {}
-    if mode == "full":
-        # a layer is re-run in the backward after the loss's and the head's backward freed the
-        # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
-        whole = data.layer_acts(layout, "none", kernel, engine)
-        reruns = {i: (whole[i] + _combine_working_set(data.acts[i], layout)) * scale
-                  + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout)
-                  for chunk in chunks for i in chunk.layers}
+        by_layer.update({i: per_layer[i] * scale + kept[i] for i in chunk.layers})
+    return _HeldByChunk(shared, per_count, by_layer)
+
+
+def _reruns(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: AttentionKernel, engine: Engine,
+            cp_comm: CPComm) -> dict[int, float]:
+    """Under full recompute, each layer's bytes while it re-runs in the backward: the whole
+    layer's activations, a combine's working set, cp's and a filter's kept tensors."""
+    if layout.recompute != "full":
+        return {}
+    scale = layout.mb / layout.cp
+    whole = data.layer_acts(layout, "none", kernel, engine)
+    return {i: (whole[i] + _combine_working_set(data.acts[i], layout)) * scale
+            + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout)
+            for chunk in chunks for i in chunk.layers}
+
+
+def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
+                      kernel: AttentionKernel, engine: Engine,
+                      modules: frozenset[RecomputeModule] = frozenset(), cp_comm: CPComm = "all_gather") -> int:
+    """Activation bytes of pipeline rank `stage` at the schedule's peak (the module docstring)."""
+    scale = layout.mb / layout.cp
+    mode = layout.recompute
+    chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
+    held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
+    head = main_pass = 0.0
+    if chunks[-1].last:
+        passes, mtp = _head_tensors(data, layout, engine)
+        head = (passes + mtp) * scale
+        # the main pass's share of the head's tensors, and the MTP modules' kept inputs
+        main_pass = (passes / (1 + data.mtp_depth) + mtp) * scale
+    # a layer is re-run in the backward after the loss's and the head's backward freed the
+    # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
+    reruns = _reruns(data, layout, chunks, kernel, engine, cp_comm)
     combines = [max((_combine_working_set(data.acts[i], layout) * scale for i in chunk.layers), default=0.0)
                 for chunk in chunks]
     last = len(chunks) - 1 if chunks[-1].last else None  # the model's last chunk, where the rank holds it
@@ -2153,9 +2220,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
             moments.append(main_pass + max(reruns[i] for i in chunks[last].layers if i >= data.n_main))
         return max(moments)
 
-    activations += max(sum(map(math.prod, zip(moment.counts, per_count))) + beside(moment)
-                       for moment in pipeline_moments(layout, microbatches, stage))
-    return math.ceil(activations)
+    return math.ceil(held.shared + max(sum(map(math.prod, zip(moment.counts, held.per_count))) + beside(moment)
+                                       for moment in pipeline_moments(layout, microbatches, stage)))
 
 
 def _check(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, stage: int | None,
