@@ -224,6 +224,7 @@ from archplan.resolve import (
     LayerPlan,
     Mamba1Plan,
     Mamba2Plan,
+    MixerPlan,
     MLAPlan,
     ModelPlan,
     MoEPlan,
@@ -1963,12 +1964,12 @@ def _scan_backward(data: ModelData, layout: Layout, stage: int, microbatches: in
 
 
 @lru_cache(maxsize=4096)
-def _scan_unit(mixer: object, tp: int, cp: int, mb: int, seq: int) -> int:
+def _scan_unit(mixer: MixerPlan, tp: int, cp: int, mb: int, seq: int) -> int:
     """Bytes archplan's scan unit holds in its backward beyond what a layer of `mixer` kept, for
     the rank's share of it: its heads and channels split over tp (and over cp, whose exchange
     hands each rank whole sequences of its heads or channels: `mamba_exchange`), each
-    micro-batch of mb sequences of seq tokens; 0 for any other mixer. Both units recompute in fp32 from the bf16 inputs FSDP2
-    computes in. Mamba-2's SSD unit (`analytic.mamba.ssd_backward_bytes`, its groups as
+    micro-batch of mb sequences of seq tokens; 0 for any other mixer. Both units recompute in
+    fp32 from the bf16 inputs FSDP2 computes in. Mamba-2's SSD unit (`analytic.mamba.ssd_backward_bytes`, its groups as
     `_group_spread` places them) is priced by the autocast form (bf16 casts beside the fp32
     recomputation), which a live-bytes trace of the bf16 mixer's backward puts at +0.1% … +8.5%
     of what it holds over five shapes, where the fp32 form is 2% … 16% short; Mamba-1's chunked
@@ -2157,11 +2158,10 @@ def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], ker
         per_mb *= scale
         shared += (_cp_shared(data, layout, chunk.layers, engine, cp_comm)
                    + _alibi_bias(data, layout, chunk.layers, engine) + _rope_tables(data, layout, chunk.layers, engine))
+        # what a layer keeps beside its activations (full recompute keeps only its input)
         kept = {i: _filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
                 if layout.recompute != "full" else 0.0 for i in chunk.layers}
-        if layout.recompute != "full":
-            per_mb += sum(kept.values())
-        per_count.append(per_mb)
+        per_count.append(per_mb + sum(kept.values()))
         by_layer.update({i: per_layer[i] * scale + kept[i] for i in chunk.layers})
     return _HeldByChunk(shared, per_count, by_layer)
 
