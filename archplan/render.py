@@ -216,8 +216,8 @@ def _peak_parts(t: dict[str, Any]) -> list[tuple[str, int]]:
                     ("attention's s×s gradients (dP, dS)", gradients)]
         case "scan backward":
             transient = t["scan_backward"]
-            return [kept, ("of which alive at the SSD unit's backward", alive - transient),
-                    ("the SSD unit's recomputed operands and gradients", transient)]
+            return [kept, ("of which alive at the scan unit's backward", alive - transient),
+                    ("the scan unit's recomputed operands and gradients", transient)]
         case "tied gradient sum" | "optimizer step":
             return [("activations kept (freed by then)", t["activations"])]
     raise ValueError(f"unknown phase {phase!r}")

@@ -120,16 +120,18 @@ def mamba1_scan_backward_bytes(m: Mamba1Plan, batch: int, seq_len: int, input_by
 
     No source gives it: it is read off a live-bytes trace of the mixer's backward (every op's
     outputs until their storages are freed, docs/figures.md §5.3), where the peak falls at one of
-    three moments, each a fixed count of tensors of these shapes (b = batch, T = seq_len, L, n_c
-    and T' = n_c·L the chunks, I = d_inner, N = d_state, c = ⌈I/N⌉ a block's channels, k of them):
-      u: b·T·I; all: b·n_c·I·N (one step's states over every channel); st: b·n_c·c'·N (one step's
-      states over the last block's c' channels); tn: b·T·N (B, C and their gradients).
+    three phases (dC's pass, a block's backward, the join), each a fixed count of tensors of these
+    shapes (b = batch, T = seq_len, L, n_c and T' = n_c·L the chunks, I = d_inner, N = d_state,
+    c = ⌈I/N⌉ a block's channels, the last block's c' ≤ c):
+      u: b·T·I; all: b·n_c·I·N (one step's states over every channel); st: b·n_c·c·N or b·n_c·c'·N
+      (one step's states over a block's channels); tn: b·T·N (B, C and their gradients).
     Beside them, from the gate's backward: the scan's fp32 output gradient and the gate input's
     gradient (`input_bytes`), net of the scan output and out_proj's input it freed (`input_bytes`
     each, kept by the layer). `input_bytes`: the unit's inputs' dtype, 2 under bf16 autocast or
     with bf16 weights (the torch engine), 4 in fp32; under autocast the step gradients' matmuls
-    run in bf16 and are cast back. Against the trace over 15 shapes: −0.8% … +0.9% with bf16
-    weights, +0.9% … +4.0% under autocast, +0.0% … +1.6% in fp32 (tests/test_memory.py)."""
+    run in bf16 and are cast back. Against the trace over 17 shapes (batch, length, width and
+    state size varied; 6 of them in tests/test_memory.py, one with a narrow last block): −0.8% …
+    +0.9% with bf16 weights, +0.9% … +4.0% under autocast, +0.0% … +1.6% in fp32."""
     length, n_chunks = _scan_chunks(seq_len)
     padded = n_chunks * length
     i, n = m.d_inner, m.d_state
@@ -137,20 +139,27 @@ def mamba1_scan_backward_bytes(m: Mamba1Plan, batch: int, seq_len: int, input_by
     blocks = -(-i // block)
     last = i - (blocks - 1) * block
     u, every, tn = batch * seq_len * i, batch * n_chunks * i * n, batch * seq_len * n
-    step = batch * n_chunks * last * n
     f32 = FP32_BYTES
     gate = (f32 - input_bytes) * u
     # a finished block's du and dΔ (the inputs' dtype), dB (fp32, B read in fp32), dA and dD
     finished = 2 * input_bytes * batch * seq_len * block + f32 * (tn + block * n + block)
+
+    def block_backward(channels: int, done: int) -> int:
+        """A block of `channels` channels: its recomputed states and decays (two passes), step
+        gradients and chunk splits, beside dC, B in fp32 and `done` finished blocks' gradients."""
+        step = batch * n_chunks * channels * n
+        return (f32 * (2 * tn + (5 * length + 4) * step + 7 * batch * padded * channels + 3 * batch * padded * n
+                       + 3 * batch * seq_len * channels) + 6 * tn + done * finished
+                + (2 * length * step if autocast else 0))
+
     return gate + max(
         # dC's pass: every channel's chunk-entering states stacked, beside the fp32 chunk splits
         # of Δ, Δ·u, the output gradient and B, and Δ itself
         f32 * (4 * every + batch * i * n + 3 * batch * padded * i + batch * padded * n + u),
-        # the last block's: its recomputed states and decays (two passes), step gradients and
-        # chunk splits, beside dC, B in fp32 and the finished blocks' gradients
-        f32 * (2 * tn + (5 * length + 4) * step + 7 * batch * padded * last + 3 * batch * padded * n
-               + 3 * batch * seq_len * last) + 6 * tn + (blocks - 1) * finished
-        + (2 * length * step if autocast else 0),
+        # the last block's, after every other; where it is narrower than the rest, the last full
+        # one's, one finished block fewer beside it, can be larger
+        block_backward(last, blocks - 1),
+        block_backward(block, blocks - 2) if blocks > 1 else 0,
         # the blocks' gradients joined: du and dΔ concatenated, dB's parts stacked and summed
         f32 * (2 * tn + (blocks + 1) * tn + i * n) + blocks * finished + 2 * input_bytes * u,
     )

@@ -76,9 +76,9 @@ class LayoutCheck:
 
     @property
     def step_peak(self) -> tuple[int, int]:
-        """The rank's peak as one moment, shown, not judged: the analytic categories' sum (they are
-        priced at one moment) and the tracker's snapshot at its highest total, less AdamW's 0-d
-        `step` tensors. The measured rows are each category's most over the step's samples, which
+        """The rank's peak as one moment, shown, not judged: the analytic categories' sum (plan's
+        peak, each category at its most) and the tracker's snapshot at its highest total, less
+        AdamW's 0-d `step` tensors. The measured rows are each category's most over the step's samples, which
         need not coincide (a layer's re-run holds the most activations, its backward the most
         temporaries), so their sum can exceed any moment's."""
         m = self.measured

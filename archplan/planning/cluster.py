@@ -586,7 +586,6 @@ class ModelData:
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
         self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
         self._activations: dict[tuple[object, ...], int] = {}
-        self._scan_moments: dict[tuple[object, ...], int] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
         self._stage_fp8: dict[tuple[int, ...], tuple[int, int]] = {}
@@ -658,25 +657,27 @@ class ModelData:
     def rank_activations(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
                          engine: Engine, modules: frozenset[RecomputeModule] = frozenset(),
                          cp_comm: CPComm = "all_gather") -> int:
-        """`_rank_activations`, once per split, activation layout and micro-batch count: the
-        ZeRO stage and dp do not change it, ep only by whether it routes across ranks (`layer_acts`)."""
-        key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
-               layout.vpp, layout.group, layout.ep > 1, stage, microbatches, kernel, engine, modules, cp_comm)
-        if key not in self._activations:
-            self._activations[key] = _rank_activations(self, layout, stage, microbatches, kernel, engine,
-                                                       modules, cp_comm)
-        return self._activations[key]
+        """`_rank_activations`, once per what it depends on (`_per_activation_layout`)."""
+        return self._per_activation_layout(_rank_activations, layout, stage, microbatches, kernel, engine, modules,
+                                           cp_comm)
 
     def scan_backward(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
                       engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
-        """`_scan_backward`, once per what `rank_activations` depends on (the ZeRO stage and dp do
-        not change it either)."""
-        key = (layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute, layout.pp,
-               layout.vpp, layout.group, layout.ep > 1, stage, microbatches, kernel, engine, modules, cp_comm)
-        if key not in self._scan_moments:
-            self._scan_moments[key] = _scan_backward(self, layout, stage, microbatches, kernel, engine, modules,
-                                                     cp_comm)
-        return self._scan_moments[key]
+        """`_scan_backward`, once per what it depends on (`_per_activation_layout`)."""
+        return self._per_activation_layout(_scan_backward, layout, stage, microbatches, kernel, engine, modules,
+                                           cp_comm)
+
+    def _per_activation_layout(self, compute: Callable[..., int], layout: Layout, stage: int, microbatches: int,
+                               kernel: AttentionKernel, engine: Engine, modules: frozenset[RecomputeModule],
+                               cp_comm: CPComm) -> int:
+        """`compute`'s figure once per split, activation layout and micro-batch count: the ZeRO
+        stage and dp do not change it, ep only by whether it routes across ranks (`layer_acts`)."""
+        key = (compute.__name__, layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute,
+               layout.pp, layout.vpp, layout.group, layout.ep > 1, stage, microbatches, kernel, engine, modules,
+               cp_comm)
+        if key not in self._activations:
+            self._activations[key] = compute(self, layout, stage, microbatches, kernel, engine, modules, cp_comm)
+        return self._activations[key]
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
                    engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> list[float]:
@@ -1943,7 +1944,12 @@ def _scan_backward(data: ModelData, layout: Layout, stage: int, microbatches: in
     at the largest (0 without one): what the schedule's moment before that chunk's backward holds
     (`_rank_activations`), less what the layers above it keep for the micro-batch whose backward
     runs (freed before it, with the head's tensors), plus the layer's re-run under full recompute
-    and what the unit holds beyond its layer's kept tensors (`_scan_unit`)."""
+    and what the unit holds beyond its layer's kept tensors (`_scan_unit`). A Mamba block of a
+    multi-token prediction module is priced the same way, without the main pass's head tensors
+    that wait beside the module's re-run (`_rank_activations`): on tiny-mamba with one module at
+    ZeRO-3 with full recompute, plan's total with them beside the scan was 1.089 times the step's
+    measured one-moment peak (verify --layout), without them 1.027 (1.020 without recompute),
+    so they are not held there."""
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     units = {i: _scan_unit(data.plan.layers[i].mixer, layout.tp, layout.cp, layout.mb, data.seq)
              for chunk in chunks for i in chunk.layers}
@@ -2145,6 +2151,8 @@ class _HeldByChunk(NamedTuple):
 
 def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: AttentionKernel,
                    engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> _HeldByChunk:
+    """The rank's chunks' activations per micro-batch they hold, as `_rank_activations` sums them
+    over a schedule's moments, with each layer's share."""
     scale = layout.mb / layout.cp  # sequences per micro-batch, split over the context-parallel ranks
     per_layer = data.layer_acts(layout, layout.recompute, kernel, engine, modules)
     shared = 0.0

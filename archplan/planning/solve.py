@@ -358,6 +358,8 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     if not candidates:
         assert first_error is not None
         raise first_error
+    # the nearest first, then the smaller model; a stable sort keeps equal ones in the order tried
+    # (docs/plan.md)
     ranked = sorted(candidates.values(), key=lambda c: (c.worst, sum(c.values.values())))
     return SolveResult(
         unknowns=tuple(dotted(p) for p in unknown), tied=tuple(dotted(p) for p in tied),
