@@ -454,6 +454,41 @@ def test_one_layer_a_chunk_leaves_the_embedding_and_the_head_alone() -> None:
     assert 4 in _vpps(32, 8) and _vpps(6, 2) == [1, 2, 3, 4]
 
 
+@given(n=st.integers(1, 200), pp=st.integers(1, 64), vpp=st.integers(1, 8))
+def test_the_heads_chunk_never_holds_more_layers_than_another(n: int, pp: int, vpp: int) -> None:
+    """Where the layers do not divide the chunks, the embedding and the head count as a layer each
+    and the extra layers go first (torchtitan's `generate_llm_fqn_per_model_part`); where they
+    divide, every chunk holds as many (Megatron-LM's default)."""
+    chunks = pp * vpp
+    assume(chunks <= n + 2)  # `layout_problem`'s bound
+    split = pipeline_chunks(n, pp, vpp)
+    sizes = [len(split[c % pp][c // pp]) for c in range(chunks)]
+    assert [layer for c in range(chunks) for layer in split[c % pp][c // pp]] == list(range(n))
+    assert sizes[-1] == min(sizes)
+    if n % chunks == 0:
+        assert set(sizes) == {n // chunks}
+    else:  # the embedding and the head a layer each: no chunk's work more than one above another's
+        work = [size + (c == 0) + (c == chunks - 1) for c, size in enumerate(sizes)]
+        assert max(work) - min(work) <= 1
+
+
+def test_a_model_with_more_work_is_not_priced_faster_on_the_same_layout(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSeek-V3 with its multi-token-prediction module does 4% more work a token than without.
+    When 61 layers split over 16 stages with the extra ones on the last stages, the plain model's
+    head sat beside four layers there and its step came out slower than the MTP model's (the MTP
+    split keeps the last stage light); with the head counted as a layer both bottlenecks are a
+    four-layer stage."""
+    steps = {}
+    for preset in ("deepseek-v3", "deepseek-v3-mtp"):
+        code, out, _ = run(capsys, monkeypatch, "plan", preset, "--gpus", "1024", "--gpu", "h100",
+                           "--seq", "4096", "--global-batch-tokens", "16M", "--headroom", "0", "--json",
+                           "--layout", "tp=2,cp=1,pp=16,vpp=1,dp=32,ep=32,zero=1,recompute=none,mb=1")
+        assert code == 0
+        steps[preset] = json.loads(out)["layouts"][0]["step_time"]["total"]
+    assert steps["deepseek-v3-mtp"] >= steps["deepseek-v3"]
+
+
 # ----------------------------------------------------------------------------------- collectives
 def _by(records: tuple[Any, ...], mesh: str) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}

@@ -321,10 +321,15 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_laye
         raise ArchplanError(f"--layout: {why}")
 
 
-def _even(blocks: int, chunks: int) -> list[int]:
-    """`blocks` over `chunks` as evenly as they split, the extra ones on the last chunks."""
-    base, extra = divmod(blocks, chunks)
-    return [base + (1 if c >= chunks - extra else 0) for c in range(chunks)]
+def _balanced(blocks: int, chunks: int) -> list[int]:
+    """`blocks` over `chunks` with the embedding and the head counted as one block each (torchtitan's
+    `generate_llm_fqn_per_model_part`): the blocks + 2 as evenly as they split, the extra ones on
+    the first chunks, less one block on the first chunk and one on the last."""
+    base, extra = divmod(blocks + 2, chunks)
+    sizes = [base + (1 if c < extra else 0) for c in range(chunks)]
+    sizes[0] -= 1
+    sizes[-1] -= 1
+    return sizes
 
 
 # cached: the search asks for the same few (pp, vpp) splits once per layout and stage
@@ -333,14 +338,17 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tupl
     """Layer ranges per pipeline rank, one range per virtual stage (model chunk).
 
     Chunk c (of pp·vpp, in model order) lives on rank c % pp (Narayanan et al. 2021 §2.2.2,
-    interleaved schedule). When the embedding and the LM head, each counted as one layer's worth
-    of work, make the chunks even — n_layers + 2 divisible by pp·vpp — the first chunk holds one
-    layer fewer (it also holds the embedding) and the last one fewer (it holds the head), as the
-    Llama 3 405B run did (Llama Team 2024 §3.3.2: 126 layers on 16 stages). At one layer a chunk,
-    that leaves the first chunk the embedding alone and the last the head alone, as that run's
-    v = 8 did (Megatron-LM's `--pipeline-model-parallel-layout` writes such stages `E` and `L`).
-    Otherwise the layers split as evenly as they can, the extra ones on the last chunks: their
-    ranks hold fewer in-flight micro-batches under 1F1B, so they have memory to spare.
+    interleaved schedule). Where n_layers divide the chunks, every chunk holds as many, the
+    embedding and the head beside the first and the last (Megatron-LM's default, which asks for
+    that division). Otherwise the embedding and the LM head count as one layer's worth of work
+    each, and the n_layers + 2 split as torchtitan's `generate_llm_fqn_per_model_part` splits them
+    (input and output weight 1): as evenly as they can, the extra ones on the first chunks, then the
+    first chunk gives one layer up for the embedding and the last one for the head, so the head's
+    chunk never holds more layers than another. Where n_layers + 2 divide the chunks this is the
+    Llama 3 405B run's split (Llama Team 2024 §3.3.2: 126 layers on 16 stages, one layer fewer on
+    the first and the last); at one layer a chunk the first chunk holds the embedding alone and the
+    last the head alone, as that run's v = 8 did (Megatron-LM's `--pipeline-model-parallel-layout`
+    writes such stages `E` and `L`).
 
     `tail`: blocks that follow the n_layers and must sit on the last chunk, beside the head (the
     multi-token-prediction modules', which Megatron-Core builds on the last stage; indices n_layers
@@ -355,15 +363,12 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tupl
     front = math.ceil(n_layers / chunks)
     if tail and chunks > 1 and n_layers - front * (chunks - 1) >= 1:
         sizes = [front] * (chunks - 1) + [n_layers - front * (chunks - 1) + tail]
-    elif chunks > 1 and (n_layers + tail + 2) % chunks == 0:
-        size = (n_layers + tail + 2) // chunks
-        sizes = [size] * chunks
-        sizes[0] -= 1
-        sizes[-1] -= 1
+    elif (n_layers + tail) % chunks == 0:
+        sizes = [(n_layers + tail) // chunks] * chunks
     else:
-        sizes = _even(n_layers + tail, chunks)
-    if sizes[-1] < tail:  # an even split would leave an MTP module off the last chunk, which runs them
-        sizes = _even(n_layers, chunks)
+        sizes = _balanced(n_layers + tail, chunks)
+    if sizes[-1] < tail:  # a balanced split would leave an MTP module off the last chunk, which runs them
+        sizes = _balanced(n_layers, chunks)
         sizes[-1] += tail
     ranges, start = [], 0
     for size in sizes:
