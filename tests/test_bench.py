@@ -29,7 +29,7 @@ from archplan.cli import app
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
-from archplan.resolve import resolve
+from archplan.resolve import FFNPlan, resolve
 from archplan.spec import Spec
 from test_bad_input import assert_one_line_error, run_main
 
@@ -186,6 +186,21 @@ def test_prefill_reads_the_embedding_rows_it_looks_up() -> None:
     tied = plan_of(TINY | {"embedding": {"tied": True}})
     head = next(r for r in predict_prefill(tied, 1, 32, 2, peak=1e12, bandwidth=1e11).rows if r.kind == "embed+head")
     assert head.bytes == 2 * (32 * 64 + 64 + 256 * 64 + 32 * 256)
+
+
+def test_inference_rooflines_leave_the_mtp_modules_out() -> None:
+    """Inference does not run the multi-token-prediction modules: prefill and decode read none of
+    their weights. An MoE module behind a dense first layer had its experts looked up on layer 0,
+    an AssertionError on every `bench` of such a spec (tests/fixtures/distributed/tiny-mtp.yaml)."""
+    spec = Path(__file__).parent / "fixtures" / "distributed" / "tiny-mtp.yaml"
+    plan = resolve(load_spec(spec))
+    without = resolve(load_spec(spec).model_copy(update={"mtp": None}))
+    free = {kind: 0.0 for kind in {r.kind for r in predict_prefill(plan, 1, 8, 2, 1e12, 1e11).rows}}
+    rates = DecodeRates(dict.fromkeys(free, 1e9), 0.0, free, free, overlap=False)
+    for model in (plan, without):
+        assert isinstance(model.layers[0].ffn, FFNPlan)
+    assert predict_prefill(plan, 1, 8, 2, 1e12, 1e11) == predict_prefill(without, 1, 8, 2, 1e12, 1e11)
+    assert predict_decode_step(plan, 1, 8, 2, rates, {}) == predict_decode_step(without, 1, 8, 2, rates, {})
 
 
 def test_the_cpu_peak_is_calibrated_in_both_layouts_a_model_s_matmuls_run(monkeypatch: pytest.MonkeyPatch) -> None:

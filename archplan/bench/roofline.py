@@ -170,6 +170,12 @@ def _experts_touched(moe: MoEPlan, routed_rows: int) -> int:
     return min(moe.n_experts, routed_rows)
 
 
+def _inference_components(by_component: dict[str, int]) -> list[str]:
+    """The components an inference pass reads: all but the multi-token-prediction modules, which
+    only training runs (DeepSeek-AI 2024 §2.2: discarded at inference; `ArchplanModel.forward`)."""
+    return [path for path in by_component if path.split(".")[0] != "mtp"]
+
+
 def _component_weight_elems(plan: ModelPlan, path: str, by_component: dict[str, int],
                             routed_rows: int) -> float:
     """Weights a component reads once; MoE experts only as many as routed rows can reach."""
@@ -221,7 +227,7 @@ def predict_prefill(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float, p
         for path, (full, causal) in _attention_cores(plan, batch, seq).items():
             flops_by_path[path] -= full - causal
     bytes_by_path: dict[str, float] = {}
-    for path, elems in params.by_component.items():
+    for path in _inference_components(params.by_component):
         routed = tokens * _top_k_of(plan, path)
         weight = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
         act = 2 * tokens * plan.d_model * dtype_bytes if _is_layer_body(path) else 0
@@ -270,7 +276,7 @@ def predict_decode_step(plan: ModelPlan, batch: int, context: int, dtype_bytes: 
     params = count_params(plan)
     flops_by_path = decode_flops(plan, context, batch).counted_by_component
     bytes_by_path: dict[str, float] = {}
-    for path in params.by_component:
+    for path in _inference_components(params.by_component):
         routed = batch * _top_k_of(plan, path)
         bytes_by_path[path] = _component_weight_elems(plan, path, params.by_component, routed) * dtype_bytes
     _price_lookups(plan, bytes_by_path, batch, dtype_bytes)
