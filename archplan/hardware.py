@@ -24,6 +24,11 @@ from typing_extensions import assert_never
 from archplan.errors import ArchplanError
 
 TERA = 1e12
+# the lowest fraction of peak `--efficiency` and size's `--mfu` take, and the lowest link speed
+# `--nvlink-gbs` / `--ib-gbs` take: no training run sits below 1% of its GPU's peak or on a link
+# under 0.1 GB/s, and a subnormal fraction or speed made step times overflow to infinity
+MIN_FRACTION_OF_PEAK = 0.01
+MIN_LINK_GBS = 0.1
 
 
 @dataclass(frozen=True)

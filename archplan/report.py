@@ -36,7 +36,7 @@ from archplan.analytic.scaling import (
 )
 from archplan.dtypes import BYTES, DType
 from archplan.errors import ArchplanError
-from archplan.hardware import accelerator
+from archplan.hardware import MIN_FRACTION_OF_PEAK, accelerator
 from archplan.planning.optimal import LawChoice, allocate, law_params
 from archplan.planning.optimal import budget as optimal_budget
 from archplan.resolve import (
@@ -124,8 +124,8 @@ class SizeOptions:
         if self.tokens is not None and not 1 <= self.tokens <= MAX_TOKENS:
             raise ArchplanError(f"must be between 1 and {MAX_TOKENS:.0e}, got {self.tokens:.10g}",
                                 field="--tokens")
-        if not 0 < self.mfu <= 1:
-            raise ArchplanError(f"must be in (0, 1], got {self.mfu:g}", field="--mfu")
+        if not MIN_FRACTION_OF_PEAK <= self.mfu <= 1:
+            raise ArchplanError(f"must be in [{MIN_FRACTION_OF_PEAK}, 1], got {self.mfu:g}", field="--mfu")
         if self.autocast and BYTES[self.activation_dtype] > 2:
             raise ArchplanError("autocast runs the matmuls in 16 bits; fp32 activations are a run without it: "
                                 "drop --autocast or --activation-dtype fp32", field="--autocast")

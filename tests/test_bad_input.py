@@ -441,7 +441,9 @@ def test_bad_option_values(cli, tmp_path: Path, option: str, value: str, needle:
 
 def test_mfu_is_checked_and_needs_a_gpu(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     spec = spec_file(tmp_path, BASE)
-    assert_one_line_error(cli("size", spec, "--gpu", "h100", "--mfu", "1.5"), "--mfu", "must be in (0, 1]")
+    assert_one_line_error(cli("size", spec, "--gpu", "h100", "--mfu", "1.5"), "--mfu", "must be in [0.01, 1]")
+    # a subnormal fraction made the GPU-hours infinite and `units` raised OverflowError
+    assert_one_line_error(cli("size", spec, "--gpu", "h100", "--mfu", "1e-320"), "--mfu", "must be in [0.01, 1]")
     assert_one_line_error(cli("size", spec, "--mfu", "0.5"), "--mfu", "give --gpu too")
 
 

@@ -18,6 +18,8 @@ from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
 from archplan.hardware import (
+    MIN_FRACTION_OF_PEAK,
+    MIN_LINK_GBS,
     SM100_GPUS,
     Accelerator,
     FlashImpl,
@@ -128,8 +130,8 @@ def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs:
                  gpus_per_node: int | None = None) -> Interconnect:
     """The GPU's table entry, with any of its figures overridden (GB/s = 1e9 bytes/s, one way)."""
     for name, value in (("--nvlink-gbs", intra_gbs), ("--ib-gbs", inter_gbs)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ArchplanError(f"{name} must be a positive number of GB/s, got {value}")
+        if value is not None and not (math.isfinite(value) and value >= MIN_LINK_GBS):
+            raise ArchplanError(f"{name} must be a number of GB/s of at least {MIN_LINK_GBS}, got {value}")
     if gpus_per_node is not None and gpus_per_node < 1:
         raise ArchplanError(f"--gpus-per-node must be positive, got {gpus_per_node}")
     base = INTERCONNECTS.get(gpu.key)
@@ -605,8 +607,8 @@ def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: flo
                   settings: Settings) -> int:
     if not 1 <= gpus <= MAX_GPUS:
         raise ArchplanError(f"--gpus must be between 1 and {MAX_GPUS:,}, got {gpus:,}")
-    if settings.efficiency is not None and not 0 < settings.efficiency <= 1:
-        raise ArchplanError(f"--efficiency must be in (0, 1], got {settings.efficiency}")
+    if settings.efficiency is not None and not MIN_FRACTION_OF_PEAK <= settings.efficiency <= 1:
+        raise ArchplanError(f"--efficiency must be in [{MIN_FRACTION_OF_PEAK}, 1], got {settings.efficiency}")
     if not 0 <= headroom < 1:
         raise ArchplanError(f"--headroom must be in [0, 1), got {headroom}")
     if seq < 1:
