@@ -881,6 +881,21 @@ def test_cli_plot_without_matplotlib(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 2 and "matplotlib" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("figure", ["bad.txt", "taken.png", "nodir/x.png", "matplotlib-missing.png"])
+def test_a_refused_plot_writes_no_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch, figure: str) -> None:
+    """Every place `plan` writes is checked before it writes any: the -o spec was written and the
+    --plot refused after it, so a rerun with a good --plot was refused for the spec it had left."""
+    (tmp_path / "taken.png").write_bytes(b"mine")
+    if figure == "matplotlib-missing.png":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    spec = tmp_path / "m.yaml"
+    code, _, err = run(capsys, monkeypatch, "plan", "--compute", "1e22", "-o", str(spec),
+                       "--plot", str(tmp_path / figure))
+    assert code == 2 and err.count("\n") == 1 and not spec.exists()
+    assert (tmp_path / "taken.png").read_bytes() == b"mine"
+
+
 def test_cli_solve_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     path = _partial(tmp_path, "mixtral-8x7b", lambda d: d["moe"]["expert"].update(d_ff="solve"))

@@ -1371,10 +1371,17 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_output(output: str | None, force: bool, plot: str | None = None) -> None:
+    """Every place the command writes, checked before it writes any: a refused --plot must not
+    leave the -o spec behind (a rerun would then refuse -o as existing)."""
     if force and output is None and plot is None:
         raise ArchplanError("--force overwrites the -o spec or the --plot figure; without either nothing is written")
     if output is not None:
         check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
+    if plot is not None:
+        from archplan.plot import figure_target, pyplot
+
+        figure_target(plot, force=force)
+        pyplot()
 
 
 def _run_budget(compute: float | None, params: float | None, tokens: float | None,
