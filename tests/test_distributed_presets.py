@@ -66,7 +66,8 @@ HEAVY = {"70b", "claude-3-opus-rumored", "deepseek-v3", "deepseek-v3-mtp", "fron
 # one). The default run keeps one preset per kind of layer and sharding; these run with `-m heavy`
 # only, each beside one kept of its kind: dense GQA/MHA 7B (llama-3-8b), dense 70B deeper (70b),
 # an MoE stand-in (deepseek-v3, jamba-v0.1), long convolution (hyena-153m, s4d-lm), and the small
-# MHA + GELU + LayerNorm model at TP2 + SP, ZeRO-1, pp = 1 (gpt2; bloom-560m is the same sharding
+# MHA + GELU + LayerNorm model at its top layout (gpt2: TP2 + SP, ZeRO-1, pp = 1 when this was written,
+# TP1 DP1024 since later pricing; bloom-560m is the same sharding
 # with ALiBi, whose per-rank slopes the gloo pair's tp2-mqa-alibi case checks, 37 s in CI), and
 # Qwen3's fine-grained MoE with per-head q/k norms (qwen3-30b-a3b at its top layout, 53 s on the
 # 2-core host, 2026-12-02).
