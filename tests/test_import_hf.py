@@ -823,6 +823,22 @@ def test_cli_invalid_json_names_line_and_column(tmp_path: Path, capsys: pytest.C
     assert len(err.strip().splitlines()) == 1
 
 
+def test_cli_refuses_a_repeated_key_and_reads_a_byte_order_mark(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """json keeps the last of two equal keys without a word (a config with two hidden_size imported
+    the second); the YAML loader refuses them, and so does import now. A UTF-8 byte-order mark is
+    read, as the YAML loader reads it."""
+    config = json.loads((FIXTURES / "hf-configs" / "gpt2.json").read_text())
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps(config)[:-1] + ', "n_embd": 64}')
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(twice))
+    assert code == 2 and out == "" and "'n_embd' appears twice" in err and len(err.strip().splitlines()) == 1
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode())
+    code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(marked), "--json")
+    assert code == 0 and json.loads(out)["spec"]["position"] == {"kind": "learned"}
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     ('[1, 2]', "JSON object"),
     ('{"vocab_size": 10}', "model_type"),

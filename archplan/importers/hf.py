@@ -1495,14 +1495,33 @@ def config_path(path: str | Path) -> Path:
     return p
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refused when a key repeats (json keeps the last one silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
 def read_config(path: Path) -> dict[str, Any]:
     raw = read_capped(path, MAX_CONFIG_BYTES, "a config.json", "not a regular file or folder")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is UTF-8 too, as the YAML loader reads it
     except UnicodeDecodeError:
         raise ArchplanError("not UTF-8 text (binary file?)", file=str(path)) from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ArchplanError(f"key '{exc.key}' appears twice in one object (transformers would keep the "
+                            "last one without a word): keep one", file=str(path)) from None
     except json.JSONDecodeError as exc:
         raise ArchplanError(f"invalid JSON: {exc.msg}", file=str(path), line=exc.lineno, column=exc.colno) from None
     except RecursionError:
