@@ -625,6 +625,9 @@ def _check_attention_dims(spec: Spec) -> None:
     if isinstance(spec.position, Rope) and rotary % 2:
         field = "position.fraction" if rotary != head_dim else "attention.head_dim"
         raise ValueError(f"{field}: rotary dimension {rotary} is odd; RoPE rotates pairs of dimensions")
+    if isinstance(spec.position, Rope) and rotary == 0:
+        raise ValueError(f"position.fraction: {spec.position.fraction:g} of a {head_dim}-wide head rotates no "
+                         "dimension, so the model has no positions; raise it, or set position.kind: none")
 
 
 def _check_ssm_dims(spec: Spec) -> None:

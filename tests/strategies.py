@@ -251,12 +251,13 @@ def _member(draw: Draw, union: str, only: Mapping[str, type[BaseModel]], d_model
 
 
 def _fix_rotary(attention: dict[str, Any], position: dict[str, Any], d_model: int) -> None:
-    """RoPE rotates pairs: shrink `fraction` until the rotated dims are even (spec._check_attention_dims)."""
+    """RoPE rotates pairs, at least one: shrink `fraction` until the rotated dims are even and not
+    none (spec._check_attention_dims)."""
     if position["kind"] != "rope" or attention["kind"] == "mla":
         return
     head_dim = attention.get("head_dim") or d_model // attention["n_heads"]
     for fraction in (position["fraction"], 0.5, 1.0):
-        if int(head_dim * fraction + 1e-9) % 2 == 0:
+        if (rotary := int(head_dim * fraction + 1e-9)) % 2 == 0 and rotary > 0:
             position["fraction"] = fraction
             return
 

@@ -231,6 +231,13 @@ def test_odd_rotary_dimension(cli, tmp_path: Path) -> None:  # type: ignore[no-u
     assert_one_line_error(cli("size", path), path, "rotary dimension 7 is odd")
 
 
+def test_a_rotary_fraction_that_rotates_nothing(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """0.05 of a 16-wide head is 0 dimensions: even, so the odd check let it through, a RoPE model
+    with no positions."""
+    path = spec_file(tmp_path, BASE + "position: {kind: rope, fraction: 0.05}\n")
+    assert_one_line_error(cli("size", path), f"{path}:7:", "position.fraction", "rotates no dimension")
+
+
 def test_top_k_exceeds_experts(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     moe = "moe: {n_experts: 4, top_k: 5, expert: {kind: glu, d_ff: 32}}"
     path = spec_file(tmp_path, BASE.replace("ffn: {kind: glu, d_ff: 128}", moe))
