@@ -243,9 +243,13 @@ def read_capped(path: Path, limit: int, what: str, not_regular: str = "not a reg
     return raw
 
 
+# a link whose target is missing, or links that lead to each other: `exists()` is False for both
+DANGLING_LINK = "a symbolic link to nothing: its target is missing, or the links loop"
+
+
 def read_text(path: Path) -> str:
     if not path.exists():
-        raise ArchplanError("no such file", file=str(path))
+        raise ArchplanError(DANGLING_LINK if path.is_symlink() else "no such file", file=str(path))
     if path.is_dir():
         raise ArchplanError("is a directory; expected a YAML spec file", file=str(path))
     raw = read_capped(path, MAX_FILE_BYTES, "a spec", "not a regular file; expected a YAML spec file")

@@ -341,6 +341,25 @@ def test_discovery_recurses_skips_hidden_and_dedupes(tmp_path, monkeypatch) -> N
         discover([])
 
 
+def test_a_dangling_link_or_a_link_loop_is_a_finding_not_skipped(tmp_path, monkeypatch, capsys) -> None:
+    """A folder's *.yaml link to a file that is gone, or two links to each other, were dropped
+    without a word ("1 file checked"), so a CI gate passed beside a broken spec; given by name they
+    read "no such file". Each is an AP001 error saying what it is; `size` says the same."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "ok.yaml", CLEAN)
+    Path("gone.yaml").symlink_to("missing.yaml")
+    Path("loop1.yaml").symlink_to("loop2.yaml")
+    Path("loop2.yaml").symlink_to("loop1.yaml")
+    for args in ((".",), ("*.yaml",)):
+        code, out, _ = run_cli(monkeypatch, capsys, "lint", *args)
+        assert code == 1 and "4 files checked: 3 errors" in out
+        assert out.count("AP001 error: a symbolic link to nothing") == 3
+    code, _, err = run_cli(monkeypatch, capsys, "lint", "gone.yaml")
+    assert code == 2 and "gone.yaml: a symbolic link to nothing" in err and err.count("\n") == 1
+    code, _, err = run_cli(monkeypatch, capsys, "size", "loop1.yaml")
+    assert code == 2 and "loop1.yaml: a symbolic link to nothing" in err and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------------- formats
 def test_text_format_has_location_code_and_fix(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)

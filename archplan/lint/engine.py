@@ -22,7 +22,7 @@ else:  # the same parser, packaged for Python 3.10
 
 from archplan.errors import ArchplanError
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
-from archplan.loader import LoadedYaml, find_spec_path, parse_yaml, preset_names, read_text, spec_from_data
+from archplan.loader import DANGLING_LINK, LoadedYaml, find_spec_path, parse_yaml, preset_names, read_text, spec_from_data
 from archplan.outfile import SPEC_SUFFIXES
 
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -95,7 +95,7 @@ def _walk_yaml(root: Path) -> Iterable[Path]:
         for name in sorted(files):
             if name.endswith(SPEC_SUFFIXES) and not name.startswith("."):
                 path = Path(folder, name)
-                if path.is_file():
+                if path.is_file() or path.is_symlink():  # a dangling link is a finding, not skipped
                     yield path
 
 
@@ -114,7 +114,8 @@ def discover(paths: Sequence[str]) -> list[Path]:
                 raise ArchplanError("glob matches nothing", file=arg)
             for match in matches:
                 path = Path(match)
-                found.extend(_walk_yaml(path) if path.is_dir() else [path] if path.is_file() else [])
+                found.extend(_walk_yaml(path) if path.is_dir()
+                             else [path] if path.is_file() or path.is_symlink() else [])
             continue
         path = Path(arg)
         if path.is_dir():
@@ -125,12 +126,15 @@ def discover(paths: Sequence[str]) -> list[Path]:
             raise ArchplanError("not a regular file or folder", file=arg)
         elif arg in preset_names():
             found.append(find_spec_path(arg))  # a bundled preset, by name as everywhere
+        elif path.is_symlink():
+            raise ArchplanError(DANGLING_LINK, file=arg)
         else:
             raise ArchplanError("no such file, folder or preset", file=arg)
     # keyed by the file itself: presets/ beside a preset's name, or a symlinked folder, is one file
     first: dict[Path, Path] = {}
     for path in found:
-        first.setdefault(path.resolve(), path)
+        # a dangling link or a loop has no file to resolve to (`resolve` raises on a loop)
+        first.setdefault(path.resolve() if path.exists() else path.absolute(), path)
     unique = list(first.values())
     if not unique:
         raise ArchplanError(f"no *.yaml or *.yml files under {', '.join(paths)}")
