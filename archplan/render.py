@@ -235,6 +235,12 @@ def _chinchilla_table(r: dict[str, Any]) -> _Section:
         caption += (f"; `plan SPEC --gpus N` without --tokens or training.tokens prices "
                     f"{units.count(c['plan_tokens'])} tokens instead: the Epoch fit's compute-optimal D "
                     f"for N = {c['plan_tokens_params']} params (plan's --law {'|'.join(LawChoice)} sets the fit)")
+    if c["extrapolated"]:
+        from archplan.analytic.scaling import FIT_DATA_PARAMS, FIT_DATA_TOKENS  # not at the CLI's start-up
+
+        caption += (f"; N or D lies outside the runs the fits were fitted on ({units.count(FIT_DATA_PARAMS[0])}–"
+                    f"{units.count(FIT_DATA_PARAMS[1])} parameters, {units.count(FIT_DATA_TOKENS[0])}–"
+                    f"{units.count(FIT_DATA_TOKENS[1])} tokens, Hoffmann et al. 2022 §3): its losses are extrapolated")
     table = _table(f"Chinchilla budget: D = {units.count(c['tokens'])} token{'' if c['tokens'] == 1 else 's'} "
                    f"({c['tokens_source']}), "
                    f"C = {units.sci(c['training_flops'])} FLOPs", caption,

@@ -32,6 +32,7 @@ from archplan.analytic.scaling import (
     gpu_hours,
     law,
     loss,
+    outside_fit_data,
     training_flops,
 )
 from archplan.dtypes import BYTES, DType
@@ -363,6 +364,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
             "plan_tokens_params": plan_kind,
             "training_flops": budget,
             "laws": laws,
+            "extrapolated": outside_fit_data(n_chinchilla, tokens),
             "gpu": gpu,
         },
     }

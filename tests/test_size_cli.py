@@ -548,3 +548,15 @@ def test_amounts_take_si_and_binary_suffixes(text: str, value: float) -> None:
     from archplan.commands.size import parse_amount
 
     assert parse_amount(text, "--tokens") == value
+
+
+def test_a_loss_outside_the_fits_runs_is_marked_extrapolated() -> None:
+    """A 214 K-parameter model on 1 token printed losses of 418.65 and 2,093.99 as any other:
+    outside the 70 M–16 B parameters and 5 B–500 B tokens the Approach-3 fits were fitted on
+    (Hoffmann et al. 2022 §3), `size` says they are extrapolated."""
+    tiny = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    assert size_json(tiny, "--tokens", "1")["chinchilla"]["extrapolated"] is True
+    assert size_json("llama-3-8b")["chinchilla"]["extrapolated"] is False  # 8.03 B on 161 B tokens
+    assert size_json("llama-3-8b", "--tokens", "15T")["chinchilla"]["extrapolated"] is True
+    result = CliRunner().invoke(app, ["size", tiny, "--tokens", "1"])
+    assert result.exit_code == 0 and "its losses are extrapolated" in " ".join(result.output.split())

@@ -20,6 +20,19 @@ from archplan.errors import ArchplanError
 TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022 Table 3 (D/N 20.0-21.6) and Chinchilla itself (70B, 1.4T)
 FLOPS_PER_PARAM_TOKEN = 6  # C ≈ 6ND (Hoffmann eq. 4, Kaplan §2.1): forward 2N + backward 4N
 
+# the runs the Approach-3 fits were fitted on: "over 400 language models ranging from 70 million
+# to over 16 billion parameters on 5 to 500 billion tokens" (Hoffmann et al. 2022, abstract and §3;
+# Besiroglu et al. 2024 refit the same runs); a loss outside them is an extrapolation
+FIT_DATA_PARAMS = (70e6, 16e9)
+FIT_DATA_TOKENS = (5e9, 500e9)
+
+
+def outside_fit_data(n_params: float, tokens: float) -> bool:
+    """Whether N or D lies outside the runs the Approach-3 fits were fitted on."""
+    return not (FIT_DATA_PARAMS[0] <= n_params <= FIT_DATA_PARAMS[1]
+                and FIT_DATA_TOKENS[0] <= tokens <= FIT_DATA_TOKENS[1])
+
+
 # Approach 1 prefactor and exponent, fitted over Table 3 (docs/formulas.md §5.2, DERIVED): N_opt ≈ k·C^a
 APPROACH1_K = 0.099159
 APPROACH1_A = 0.49810
