@@ -2168,11 +2168,19 @@ def test_a_layouts_text_says_sp_as_it_runs() -> None:
 
 
 def test_cli_json_has_no_infinity(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A figure that overflows prints as null: strict parsers refuse Infinity."""
-    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--nvlink-gbs",
+    """A figure that overflows prints as null: strict parsers refuse Infinity. A link of 1e-300 GB/s
+    made the training days infinite; such a link is refused now (at least 0.1 GB/s), and the
+    slowest link it takes still gives finite figures."""
+    from archplan import jsonout
+
+    assert json.loads(jsonout.dumps({"days": math.inf, "mfu": [math.nan, 0.5]})) == {"days": None, "mfu": [None, 0.5]}
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--nvlink-gbs",
                        "1e-300", "--layout", "tp=8,cp=1,pp=1,dp=1,zero=0,recompute=none,mb=1", "--json")
+    assert code == 2 and "--nvlink-gbs" in err and err.count("\n") == 1
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--nvlink-gbs",
+                       "0.1", "--layout", "tp=8,cp=1,pp=1,dp=1,zero=0,recompute=none,mb=1", "--json")
     layout = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))["layouts"][0]
-    assert code == 0 and layout["training_days"] is None
+    assert code == 0 and math.isfinite(layout["training_days"])
 
 
 def test_cli_json_keys_are_all_in_the_docs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
