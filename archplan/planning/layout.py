@@ -368,7 +368,10 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tupl
     else:
         sizes = _balanced(n_layers + tail, chunks)
     if sizes[-1] < tail:  # a balanced split would leave an MTP module off the last chunk, which runs them
-        sizes = _balanced(n_layers, chunks)
+        # the main layers alone, where the chunks outnumber them and the ends (the tail is what
+        # fills the n_layers + tail + 2 chunks): the first chunks hold none
+        sizes = (_balanced(n_layers, chunks) if chunks <= n_layers + 2
+                 else [0] * (chunks - n_layers) + [1] * n_layers)
         sizes[-1] += tail
     ranges, start = [], 0
     for size in sizes:
