@@ -22,7 +22,15 @@ else:  # the same parser, packaged for Python 3.10
 
 from archplan.errors import ArchplanError
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
-from archplan.loader import DANGLING_LINK, LoadedYaml, find_spec_path, parse_yaml, preset_names, read_text, spec_from_data
+from archplan.loader import (
+    DANGLING_LINK,
+    LoadedYaml,
+    find_spec_path,
+    parse_yaml,
+    preset_names,
+    read_text,
+    spec_from_data,
+)
 from archplan.outfile import SPEC_SUFFIXES
 
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
