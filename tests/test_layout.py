@@ -1661,7 +1661,11 @@ def test_cli_says_when_the_pipeline_never_fills(capsys: pytest.CaptureFixture[st
     assert code == 0 and data["layouts"][0]["microbatches"] == 15
     assert ("fewer micro-batches than pipeline stages, so the pipeline never fills (layout 1: m = 15 for pp = 16, "
             "filled by 16,777,216 tokens per step); --global-batch-tokens takes binary units too "
-            "(16Mi = 16·2²⁰)") in data["notes"]
+            "(16Mi = 16·2²⁰); Megatron-Core runs no interleaved schedule (vpp > 1) on fewer micro-batches "
+            "than pp: priced as torch's one round") in data["notes"]
+    # Megatron-Core refuses a round outside [pp, m]; torch's schedule runs it, so under fsdp2 no such word
+    code, out, _ = run(capsys, monkeypatch, *asked, "--global-batch-tokens", "16M", "--states", "fsdp2")
+    assert code in (0, 1) and not any("Megatron-Core runs no" in note for note in json.loads(out)["notes"])
     code, out, _ = run(capsys, monkeypatch, *asked, "--global-batch-tokens", "16Mi")
     data = json.loads(out)
     assert code == 0 and data["layouts"][0]["microbatches"] == 16

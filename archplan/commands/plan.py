@@ -734,7 +734,13 @@ def _pipeline_fill_notes(result: SearchResult) -> list[str]:
     asked = result.asked_batch_tokens
     near = asked and any(0 < fill / asked - 1 <= BATCH_NOTE_ABOVE for _, _, fill in groups)
     binary = "; --global-batch-tokens takes binary units too (16Mi = 16·2²⁰)" if near else ""
-    return [f"fewer micro-batches than pipeline stages, so the pipeline never fills ({runs}){binary}"]
+    # Megatron-Core's interleaved schedule refuses a round outside [pp, m] (a ValueError in
+    # `forward_backward_pipelining_with_interleaving`); torch's runs m < pp as one round, as priced
+    interleaved = (result.settings.states.engine == "megatron"
+                   and any(e.layout.vpp > 1 and e.microbatches < e.layout.pp for e in result.shown))
+    megatron = ("; Megatron-Core runs no interleaved schedule (vpp > 1) on fewer micro-batches than pp: "
+                "priced as torch's one round" if interleaved else "")
+    return [f"fewer micro-batches than pipeline stages, so the pipeline never fills ({runs}){binary}{megatron}"]
 
 
 def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
