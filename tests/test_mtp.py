@@ -106,7 +106,7 @@ def test_every_split_keeps_the_tail_whole_on_the_last_chunk(n: int, pp: int, vpp
     in_order = [chunks[c % pp][c // pp] for c in range(pp * vpp)]
     assert [r.start for r in in_order[1:]] == [r.stop for r in in_order[:-1]] and in_order[0].start == 0
     assert in_order[-1].stop == n + tail and len(in_order[-1]) >= tail
-    assert all(len(r) >= 0 for r in in_order) and sum(map(len, in_order)) == n + tail
+    assert sum(map(len, in_order)) == n + tail  # no chunk of negative size hidden by the chain above
 
 
 def test_plan_puts_the_mtp_module_and_an_embedding_copy_on_the_last_stage() -> None:
