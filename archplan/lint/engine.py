@@ -93,6 +93,12 @@ class LintResult:
 
 
 # ------------------------------------------------------------------------------ discovery
+def _lint_input(path: Path) -> bool:
+    """A file to lint: a regular one, or a symbolic link, whose target may be missing or loop (a
+    finding, AP001, not something to skip)."""
+    return path.is_file() or path.is_symlink()
+
+
 def _walk_yaml(root: Path) -> Iterable[Path]:
     """YAML files under a folder, recursively; hidden folders/files (.git, .github) are skipped.
 
@@ -103,7 +109,7 @@ def _walk_yaml(root: Path) -> Iterable[Path]:
         for name in sorted(files):
             if name.endswith(SPEC_SUFFIXES) and not name.startswith("."):
                 path = Path(folder, name)
-                if path.is_file() or path.is_symlink():  # a dangling link is a finding, not skipped
+                if _lint_input(path):
                     yield path
 
 
@@ -122,8 +128,7 @@ def discover(paths: Sequence[str]) -> list[Path]:
                 raise ArchplanError("glob matches nothing", file=arg)
             for match in matches:
                 path = Path(match)
-                found.extend(_walk_yaml(path) if path.is_dir()
-                             else [path] if path.is_file() or path.is_symlink() else [])
+                found.extend(_walk_yaml(path) if path.is_dir() else [path] if _lint_input(path) else [])
             continue
         path = Path(arg)
         if path.is_dir():
