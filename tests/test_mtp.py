@@ -92,16 +92,15 @@ def test_the_mtp_blocks_sit_on_the_last_chunk_as_megatron_bridge_splits_them() -
         assert pipeline_chunks(61, pp, vpp, 1)[(pp * vpp - 1) % pp][-1].stop == 62
     # deeper MTP over more chunks than the even split leaves room for: the main layers split alone
     assert sizes(2, 2, 2, 2) == [0, 1, 1, 0 + 2]
-    # DeepSeek-V3 with its module on 64 chunks (pp 8 × v 8, n + tail + 2 = 64, which the search
-    # offers): the 61 layers alone leave the first three chunks empty (the last held nothing, and
-    # the torch engine's pricing of the module's re-run failed on it)
-    assert sizes(61, 8, 8, 1) == [0, 0, 0] + [1] * 60 + [1 + 1]
+    # DeepSeek-V3 with its module on n + 2 = 63 chunks: the embedding alone, a layer each, and the
+    # module beside the head (Megatron-LM's layout string `E|(t|)*61mL`)
+    assert sizes(61, 63, 1, 1) == [0] + [1] * 61 + [0 + 1]
 
 
 @given(n=st.integers(1, 70), pp=st.integers(1, 16), vpp=st.integers(1, 4), tail=st.integers(0, 4))
 def test_every_split_keeps_the_tail_whole_on_the_last_chunk(n: int, pp: int, vpp: int, tail: int) -> None:
     """The last chunk runs the MTP modules (`distributed.stage.Stage`): none may sit elsewhere."""
-    assume(pp * vpp <= n + tail + 2)  # `layout_problem`'s bound, the MTP blocks among the layers
+    assume(pp * vpp <= n + 2)  # `layout_problem`'s bound: the MTP blocks share the head's chunk
     chunks = pipeline_chunks(n, pp, vpp, tail)
     in_order = [chunks[c % pp][c // pp] for c in range(pp * vpp)]
     assert [r.start for r in in_order[1:]] == [r.stop for r in in_order[:-1]] and in_order[0].start == 0
@@ -153,6 +152,23 @@ def test_commands_with_mtp(tiny_mtp: str, capsys: pytest.CaptureFixture[str],
     trained = run_main(["bench", tiny_mtp, "--device", "cpu", "--iters", "1", "--train",
                         "--seq", "128", "--batch", "2", "--json"], capsys, monkeypatch)
     assert trained.code == 0, trained.stdout
+
+
+def test_plan_and_verify_bound_the_chunks_alike(tiny_mtp: str, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MTP blocks share the head's chunk, so 2 layers fill at most 4 chunks for `plan` as for
+    `verify --layout` (plan once counted the 2 blocks among the layers and searched pp 2 × v 3,
+    with empty chunks, which verify refused)."""
+    deep = "tp=1,cp=1,pp=5,dp=1,ep=1,zero=1,recompute=none,mb=1"
+    planned = run_main(["plan", tiny_mtp, "--gpus", "5", "--gpu", "h100", "--seq", "128", "--tokens", "1B",
+                        "--layout", deep], capsys, monkeypatch)
+    verified = run_main(["verify", tiny_mtp, "--seq", "16", "--layout", deep], capsys, monkeypatch)
+    bound = "more than the 2 layers with the embedding and the head (4) can fill"
+    assert planned.code == verified.code == 2 and bound in planned.stderr and bound in verified.stderr
+    searched = run_main(["plan", tiny_mtp, "--gpus", "8", "--gpu", "h100", "--seq", "128", "--tokens", "1B",
+                         "--layout", "pp=2", "--top", "100", "--json"], capsys, monkeypatch)
+    assert searched.code == 0, searched.stderr
+    assert max(r["pp"] * r["vpp"] for r in json.loads(searched.stdout)["layouts"]) <= 4
 
 
 @pytest.mark.parametrize("sp", [True, False])

@@ -357,7 +357,8 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tupl
     (61 layers on 16 chunks: 4 each and 1; on 8: 8 each and 5; on 4: 16, 16, 16, 13). Where that
     leaves the last chunk no layer of its own to drop, the n_layers + tail blocks split as above,
     unless that would leave part of the tail on another chunk: then the n_layers split alone and the
-    whole tail joins the last chunk.
+    whole tail joins the last chunk. The tail shares the head's chunk, so the chunks are at most
+    n_layers + 2, with or without it (`layout_problem`).
     """
     chunks = pp * vpp
     front = math.ceil(n_layers / chunks)
@@ -368,10 +369,7 @@ def pipeline_chunks(n_layers: int, pp: int, vpp: int = 1, tail: int = 0) -> tupl
     else:
         sizes = _balanced(n_layers + tail, chunks)
     if sizes[-1] < tail:  # a balanced split would leave an MTP module off the last chunk, which runs them
-        # the main layers alone, where the chunks outnumber them and the ends (the tail is what
-        # fills the n_layers + tail + 2 chunks): the first chunks hold none
-        sizes = (_balanced(n_layers, chunks) if chunks <= n_layers + 2
-                 else [0] * (chunks - n_layers) + [1] * n_layers)
+        sizes = _balanced(n_layers, chunks)
         sizes[-1] += tail
     ranges, start = [], 0
     for size in sizes:

@@ -655,7 +655,10 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     """Every layout the fixed fields admit, and why some were skipped: per TP degree that cannot
     split the model, and the first rule a layout completing the given fields broke (None: none did,
     or nothing was given)."""
-    n_layers = len(data.plan.layers)  # with the multi-token-prediction blocks: the last chunk's
+    # the chunks' bound counts the main layers: the multi-token-prediction blocks sit on the last
+    # chunk beside the head (`pipeline_chunks`), as `verify --layout` builds them; an even split
+    # counts them among the layers (Megatron-Bridge's PP8×v4 for DeepSeek-V3 with its module)
+    n_layers, blocks = data.n_main, len(data.plan.layers)
     out: list[Layout] = []
     tp_reasons: dict[int, str] = {}
     broken: str | None = None
@@ -686,7 +689,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
             if (gpus // tp) % cp or seq % cp or cp_problem(plan, tp, cp):
                 continue
             rest = gpus // (tp * cp)
-            pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= n_layers]
+            pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= blocks]
             for pp in pps:
                 if rest % pp:
                     continue
@@ -695,7 +698,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                     continue
                 eps = [g["ep"]] if "ep" in g else (
                     _divisors(math.gcd(data.n_experts, tp * cp * dp)) if data.n_experts else [1])
-                vpps = [g["vpp"]] if "vpp" in g else _vpps(n_layers, pp)
+                vpps = [g["vpp"]] if "vpp" in g else _vpps(blocks, pp)
                 # ZeRO shards the dense states over dp·cp and the experts' over tp·cp·dp / ep
                 # (`cluster._stage_params`): with both groups one rank there is nothing to shard,
                 # Megatron's stages price alike and would list one layout up to four times (FSDP2
@@ -742,7 +745,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         gpu.peak("fp8")  # one-line error for a GPU without fp8 tensor cores
     usable = int(gpu.memory_bytes * (1 - headroom))
     evaluator = Evaluator(plan, gpu, net, seq, settings, usable)
-    n_layers, n_experts = len(evaluator.data.plan.layers), evaluator.data.n_experts
+    n_layers, n_experts = evaluator.data.n_main, evaluator.data.n_experts
     by_user = bool(fixed.given)
     fixed = fixed.for_model(n_experts)
     check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node, n_layers=n_layers, n_experts=n_experts,
