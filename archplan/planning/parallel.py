@@ -80,8 +80,9 @@ TP_DEGREES: tuple[int, ...] = (1, 2, 4, 8, 16)
 CP_DEGREES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 MAX_VPP = 8
 # Context parallelism is searched only where each rank keeps at least this many tokens of a
-# sequence: below it the K/V exchange outweighs the attention it splits (Llama 3 used CP only at
-# 128K, Llama Team 2024 §3.3.2).
+# sequence. This is practice, not this model's pricing: Llama 3 used CP only at 128K (Llama Team
+# 2024 §3.3.2), while the model already prices CP2 at 8K a few percent faster; a floor of 4,096
+# agreed with fewer published searches (docs/validation.md, "The search's CP floor at 4,096").
 CP_MIN_TOKENS = 8192
 
 
