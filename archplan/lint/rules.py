@@ -22,7 +22,7 @@ from typing import Literal, Union
 
 from archplan.loader import LoadedYaml
 from archplan.resolve import ModelPlan, resolve
-from archplan.spec import GQA, MHA, MQA, PostNorm, Rope, Spec
+from archplan.spec import GQA, MHA, MLA, MQA, PostNorm, Rope, Spec
 from archplan.units import count, nbytes
 
 Severity = Literal["error", "warning", "info"]
@@ -370,6 +370,34 @@ def check_reference_counts(ctx: SpecContext) -> Iterator[Hit]:
             )
 
 
+def check_mla_compression(ctx: SpecContext) -> Iterator[Hit]:
+    """MLA's down-projections exist to compress: a rank not below d_model widens instead, and a
+    cached latent no smaller than the K/V it expands to saves no cache."""
+    attn = ctx.spec.attention
+    if not isinstance(attn, MLA):
+        return
+    d = ctx.spec.d_model
+    for field, rank in (("q_lora_rank", attn.q_lora_rank), ("kv_lora_rank", attn.kv_lora_rank)):
+        if rank is not None and rank >= d:
+            plain = "; or drop q_lora_rank for a plain q_proj (DeepSeek-V2-Lite)" if field == "q_lora_rank" else ""
+            yield Hit(
+                ("attention", field),
+                f"attention.{field} {rank:,} is not below d_model {d:,}: the low-rank path widens the "
+                "hidden state instead of compressing it, paying a second projection's parameters and FLOPs",
+                f"a rank well below d_model (DeepSeek-V3: q 1,536 and kv 512 for d_model 7,168){plain}",
+            )
+    cached = attn.kv_lora_rank + attn.qk_rope_head_dim
+    expanded = attn.n_heads * (attn.qk_nope_head_dim + attn.qk_rope_head_dim + attn.v_head_dim)
+    if cached >= expanded:
+        yield Hit(
+            ("attention", "kv_lora_rank"),
+            f"the cached latent, kv_lora_rank + qk_rope_head_dim = {cached:,} per token and layer, is no "
+            f"smaller than the keys and values it expands to, n_heads · (qk_nope + qk_rope + v) = {expanded:,}",
+            "a latent of a few head widths (DeepSeek-V3 caches 512 + 64 for 128 heads of 128 + 64 + 128), "
+            "or MHA/GQA, whose cache is no larger and needs no up-projections",
+        )
+
+
 # ------------------------------------------------------------------------------- registry
 _NVIDIA_GEMM = (
     "NVIDIA Deep Learning Performance Guide, 'Matrix Multiplication Background' (§2.2 Tensor Core "
@@ -542,6 +570,16 @@ RULES: tuple[Rule, ...] = (
         "Touvron et al. 2023, Llama 2 (arXiv:2307.09288); Hugging Face transformers' model classes, "
         "whose parameter counts the presets match (docs/import.md)",
         check_reference_counts,
+    ),
+    Rule(
+        "AP018", "mla-no-compression", "warning", "MLA latent that does not compress",
+        "Multi-head latent attention caches one latent per token (kv_lora_rank + qk_rope_head_dim) "
+        "and projects queries through a low rank, in place of every head's keys and values and a "
+        "full query projection. A rank not below d_model, or a latent no smaller than the keys and "
+        "values it expands to, costs the extra projections and saves nothing.",
+        "DeepSeek-AI 2024, DeepSeek-V2 (arXiv:2405.04434) §2.1.2 (d_c ≪ d_h·n_h; d_c = 512, "
+        "d_c' = 1,536 for d = 5,120) and Table 1; DeepSeek-V3 (arXiv:2412.19437) §4.2",
+        check_mla_compression,
     ),
 )
 
