@@ -456,6 +456,18 @@ def test_memory_per_gpu_decreases_with_zero_stage() -> None:
     assert totals[3] == 18 * math.ceil(psi / 8)
 
 
+
+def test_zero3_on_one_data_parallel_rank_gathers_nothing() -> None:
+    """With dp·cp = 1 (and no expert replicas) ZeRO-3 shards nothing, so no layer is gathered:
+    its memory is ZeRO-1's. Where the experts still have replicas, their gathers are priced."""
+    plan = resolve(load_spec("llama-3-8b"))
+    one = {z: rank_memory(plan, Layout(tp=8, pp=1, dp=1, zero=z, recompute="none", mb=1), 4096, microbatches=2)
+           for z in (1, 3)}
+    assert one[3].temporary == one[1].temporary and one[3].total == one[1].total
+    moe = resolve(load_spec("mixtral-8x7b"))
+    folded = rank_memory(moe, Layout(tp=4, pp=2, dp=1, ep=2, zero=3, recompute="full", mb=1), 4096, microbatches=2)
+    assert folded.temporary > 0
+
 TOP_CASES = [
     ("qwen3-30b-a3b", 64, {}),
     ("qwen3-30b-a3b", 64, {"settings": Settings(overlap=frozenset({"dp", "ep"}), precision="fp8")}),

@@ -1724,7 +1724,7 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     elif zero >= 3 and states.module_fetch:
         # DeepSpeed holds the modules its rules keep gathered and the next one arriving
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
-    elif zero >= 3:
+    elif zero >= 3 and shard < full:  # one data-parallel rank shards nothing, so gathers nothing
         temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
