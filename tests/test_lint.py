@@ -15,6 +15,7 @@ from archplan.cli import main
 from archplan.lint import RULES, lint_file, lint_text
 from archplan.lint.engine import discover, load_config
 from archplan.errors import ArchplanError
+from archplan.units import nbytes
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "lint_fixtures"
@@ -88,6 +89,25 @@ def test_a_kv_cache_just_over_its_budget_says_by_how_much() -> None:
     assert finding.message.endswith("over target_device_memory_gib 0.001 GiB (1.02 MiB)")
     assert finding.fix is not None and finding.fix.startswith("not even one sequence fits: fewer KV heads")
 
+
+
+def test_the_kv_cache_rule_holds_hyena_filters_once_for_the_batch(tmp_path: Path, monkeypatch, capsys) -> None:
+    """AP015 reads `size`'s cache at training.batch: a Hyena layer's fp32 filters over the context
+    are held once for the batch, not once a sequence (it counted them per sequence: 1.63 GiB at
+    batch 4 where size says 898 MiB, and 'batch ≤ 2')."""
+    spec = ("name: kvl\nvocab_size: 32000\nd_model: 512\nn_layers: 4\nmax_seq_len: 65536\n"
+            "position: {kind: none}\nlong_conv: {kind: hyena, l_max: 65536}\n"
+            "attention: {kind: gqa, n_heads: 8, n_kv_heads: 2, sliding_window: 1024}\n"
+            "ffn: {kind: glu, d_ff: 1408}\nlayout: {mixers: HAHS}\n")
+    budget = "training: {batch: %d, target_device_memory_gib: 1}\n"
+    assert not [f for f in lint_text(spec + budget % 4, "k.yaml") if f.code == "AP015"]
+    (finding,) = [f for f in lint_text(spec + budget % 8, "k.yaml") if f.code == "AP015"]
+    path = write(tmp_path, "k.yaml", spec + budget % 8)
+    code, out, _ = run_cli(monkeypatch, capsys, "size", str(path), "--batch", "8", "--json")
+    assert code == 0 and f"is {nbytes(json.loads(out)['kv_cache']['bytes'])} (bf16;" in finding.message
+    assert "256 MiB once for the batch" in finding.message
+    # 4 sequences fit (0.88 GiB), 5 do not (1.03 GiB)
+    assert finding.fix is not None and finding.fix.startswith("batch ≤ 4 fits")
 
 def test_the_presets_schema_modeline_resolves_from_the_repository_root() -> None:
     """presets/ links to archplan/presets/; an editor resolves `../spec.schema.json` from the link's

@@ -319,21 +319,25 @@ def check_kv_cache(ctx: SpecContext) -> Iterator[Hit]:
     from archplan.analytic import kv_cache
 
     context = ctx.spec.max_seq_len
-    per_sequence = kv_cache(ctx.plan, context, batch=1, dtype_bytes=KV_DTYPE_BYTES).bytes
-    total = per_sequence * training.batch  # KV and SSM state are both per sequence, linear in batch
+    cache = kv_cache(ctx.plan, context, batch=training.batch, dtype_bytes=KV_DTYPE_BYTES)
+    total = cache.bytes  # `size`'s figure at training.batch
+    # KV and SSM state are per sequence; Hyena's filters over the context are held once for the batch
+    shared = cache.filter_cache_bytes
+    per_sequence = kv_cache(ctx.plan, context, batch=1, dtype_bytes=KV_DTYPE_BYTES).bytes - shared
     budget = training.target_device_memory_gib * (1 << 30)
     if total > budget:
-        fits = int(budget // per_sequence)
+        fits = int((budget - shared) // per_sequence) if budget > shared and per_sequence else 0
         # rounded alike, the two sizes would read equal: the excess in bytes says by how much
         by = f" by {total - budget:,.0f} B" if nbytes(total) == nbytes(budget) else ""
         # a budget under 1 GiB reads in the unit the cache is printed in
         gib = training.target_device_memory_gib
         target = f"{gib:g} GiB" + (f" ({nbytes(budget)})" if gib < 1 else "")
         smaller = "fewer KV heads (GQA/MQA/MLA), a sliding window, or an 8-bit cache (half the bytes)"
+        filters = f"; with Hyena's fp32 filters, {nbytes(shared)} once for the batch" if shared else ""
         yield Hit(
             ("training", "target_device_memory_gib"),
             f"the KV cache alone at max_seq_len {context:,} × batch {training.batch:,} is {nbytes(total)} "
-            f"(bf16), over target_device_memory_gib {target}{by}",
+            f"(bf16{filters}), over target_device_memory_gib {target}{by}",
             f"batch ≤ {fits:,} fits the cache; or {smaller}" if fits else f"not even one sequence fits: {smaller}",
         )
 
@@ -546,8 +550,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "AP015", "kv-cache-memory", "error", "KV cache exceeds the target device memory",
         "At max_seq_len and training.batch the KV cache (bf16, per attention layer 2·n_kv·head_dim "
-        "per token, MLA its latent, sliding windows capped, SSM layers their constant state) must "
-        "fit in training.target_device_memory_gib before any weight is loaded.",
+        "per token, MLA its latent, sliding windows capped, SSM layers their constant state, Hyena "
+        "layers their fp32 filters once for the batch) must fit in training.target_device_memory_gib "
+        "before any weight is loaded: `size`'s cache at training.batch.",
         "DeepSeek-V2 (arXiv:2405.04434) §2.1.4 Table 1; Mistral 7B (arXiv:2310.06825) §2 (rolling "
         "buffer); archplan/analytic/kv.py",
         check_kv_cache,
