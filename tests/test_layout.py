@@ -1970,7 +1970,7 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
     (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--global-batch-tokens", "0.5"),
      "--global-batch-tokens must be between 1 and 1e+18, got 0.5"),
     (("llama-3-8b", "--gpus", "64", "--gpu", "h100", "--global-batch-tokens", "4000.5"),
-     "--global-batch-tokens 4,000.5 is less than one sequence of 8,192 tokens"),
+     "--global-batch-tokens 4,000.5 is under half a sequence of 8,192 tokens"),
     (("--compute", "1e24", "--seq", "67108865"), "--seq must be between 1 and 67,108,864"),
     (("--compute", "1e24", "--vocab", "16777217"), "--vocab must be between 1 and 16,777,216"),
 ])

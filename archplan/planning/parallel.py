@@ -617,10 +617,12 @@ def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: flo
     plan.check_length(seq, "--seq")  # past max_seq_len a long-context stage is priced as asked
     if settings.grad_reduce not in (None, 2, 4):
         raise ArchplanError(f"gradient reduction must be 2 (bf16) or 4 (fp32) bytes, got {settings.grad_reduce}")
-    sequences = round(global_batch_tokens / seq)
+    # the nearest whole number of sequences, a half rounding up as `_microbatches` rounds
+    sequences = math.floor(global_batch_tokens / seq + 0.5)
     if sequences < 1:
         raise ArchplanError(
-            f"--global-batch-tokens {global_batch_tokens:,.10g} is less than one sequence of {seq:,} tokens")
+            f"--global-batch-tokens {global_batch_tokens:,.10g} is under half a sequence of {seq:,} tokens: a step "
+            "runs a whole number of sequences, the nearest to --global-batch-tokens / --seq, here 0")
     return sequences
 
 
