@@ -88,3 +88,13 @@ def test_refusals_name_the_field(change: dict[str, object], field: str) -> None:
 def test_the_published_configs_have_no_unread_key() -> None:
     for name in ("stripedhyena-7b", "evo-1-8k-base", "evo-1-131k-base"):
         spec_from_config(json.loads((FIXTURES / f"{name}.json").read_text()), file=name, name=name, strict=True)
+
+
+def test_a_config_without_hyena_layers_imports_its_attention_blocks() -> None:
+    """Every index in attn_layer_idxs: the reference builds AttentionBlocks only, so the spec has
+    no long_conv block (it had one, which the validator refused for want of an H layer)."""
+    config = json.loads((FIXTURES / "stripedhyena-7b.json").read_text(encoding="utf-8"))
+    config.update(num_layers=2, attn_layer_idxs=[0, 1], hyena_layer_idxs=[])
+    spec = spec_from_config(config, file="config.json", name="all-attention", strict=True)
+    assert spec.long_conv is None and spec.layout.mixers == "A"
+    assert count_params(resolve(spec)).total == 2 * attention_block(4096, 14336, 8, 32, False, False) + 2 * 32000 * 4096 + 4096

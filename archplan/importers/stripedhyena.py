@@ -86,13 +86,16 @@ def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
         "position": built(cfg, "rotary_emb_base", Rope, theta=cfg.float_("rotary_emb_base"), scaling=scaling),
         "norm": built(cfg, "eps", NormSpec, kind="rmsnorm", eps=cfg.float_("eps")),
         "final_norm": cfg.bool_("final_norm"),
-        "long_conv": StripedHyena(
-            short_filter=cfg.int_("short_filter_length"), short_filter_bias=cfg.bool_("short_filter_bias"),
-            state_size=cfg.int_("state_size"), filter_groups=cfg.int_("hyena_filter_groups"),
-        ),
         "ffn": glu(_inner_mlp_size(cfg, d), cfg.activation("mlp_activation")),
         "layout": Layout(mixers=compress_mixers(letters)),
     }
+    if "H" in letters:
+        spec["long_conv"] = StripedHyena(
+            short_filter=cfg.int_("short_filter_length"), short_filter_bias=cfg.bool_("short_filter_bias"),
+            state_size=cfg.int_("state_size"), filter_groups=cfg.int_("hyena_filter_groups"),
+        )
+    else:  # every layer an AttentionBlock: the reference builds no hyena block to read these for
+        cfg.inert("short_filter_length", "short_filter_bias", "state_size", "hyena_filter_groups")
     if attn:
         bias = dict(qkv_bias=cfg.bool_("qkv_proj_bias"), out_bias=cfg.bool_("mha_out_proj_bias"))
         spec["attention"] = (
