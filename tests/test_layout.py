@@ -1633,7 +1633,7 @@ def test_cli_unfit_layout_shows_its_breakdown(capsys: pytest.CaptureFixture[str]
                        "tp=8,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1")
     assert code == 1 and "hidden at" not in out and "┃" in out
     assert max(len(line) for line in out.splitlines()) <= 200
-    assert "does not fit: pipeline rank 0 needs 856 GiB > 72.0 GiB usable (parameters 94.5 GiB" in out
+    assert "does not fit: pipeline rank 0 needs 855 GiB > 72.0 GiB usable (parameters 94.5 GiB" in out
 
 
 def test_cli_a_run_shorter_than_one_step_says_so(capsys: pytest.CaptureFixture[str],

@@ -778,7 +778,7 @@ def test_interconnect_overrides() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"settings": Settings(efficiency=0.0)}, {"headroom": 1.0},
-                                    {"global_batch_tokens": 2048}])
+                                    {"global_batch_tokens": 2047}])
 def test_search_rejects_bad_input(kwargs: dict[str, Any]) -> None:
     args = {"seq": 4096, "global_batch_tokens": 4e6, "net": NET} | kwargs
     with pytest.raises(ArchplanError):

@@ -535,9 +535,8 @@ def _notes(result: SearchResult) -> list[str]:
     if (given is not None and given.zero > 0 and given.dp * given.cp == 1 and result.settings.states.engine == "megatron"
             and (not result.routed or given.expert_dp == 1)):
         experts = " (and the experts' over 1)" if result.routed else ""
-        buffers = ", beside ZeRO-3's gather buffers" if given.zero == 3 else ""
         notes.append(f"zero={given.zero} shards the states over dp·cp = 1 rank{experts}: nothing to shard, so "
-                     f"they are zero=0's{buffers}")
+                     "they are zero=0's")
     per_node = result.net.gpus_per_node
     if result.gpus > per_node and result.gpus % per_node:
         whole, rest = divmod(result.gpus, per_node)
