@@ -43,6 +43,23 @@ _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     """SafeLoader that keeps the position of every mapping key and rejects duplicate keys."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's scalar constructors raise plain Python errors on a value their tag cannot take
+        # (`2024-13-45` as a date, `!!bool maybe`, `!!int abc`, an integer of more digits than
+        # Python converts): name the node's place and say what went wrong, as a syntax error does
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(None, None, _unreadable(node, exc), node.start_mark) from None
+
+
+def _unreadable(node: yaml.Node, exc: Exception) -> str:
+    """Why a node's value could not be read as its (implicit or explicit) tag, for one line."""
+    kind = node.tag.rsplit(":", 1)[-1]
+    shown = repr(_clipped(str(node.value), 40)) if isinstance(node, yaml.ScalarNode) else "this node"
+    reason = _clipped(str(exc), 80) if isinstance(exc, ValueError) else "not written as one"
+    return f"{shown} cannot be read as a YAML {kind} ({reason}); quote it if it is text"
+
 
 # libyaml's parser keeps its own stack, but PyYAML's C composer recurses once per level with no
 # limit: `[[[...]]]` or `- - - ...` some 25,000 deep overflowed the C stack and killed the process.

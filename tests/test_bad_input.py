@@ -408,6 +408,34 @@ def test_a_yaml_error_names_a_line_the_file_has(text: str, said: str) -> None:
     assert str(info.value) == said
 
 
+@pytest.mark.parametrize(("value", "said"), [
+    ("2024-13-45", "x:2:11: invalid YAML: '2024-13-45' cannot be read as a YAML timestamp (month must be in "
+                   "1..12); quote it if it is text"),
+    ("!!int abc", "x:2:11: invalid YAML: 'abc' cannot be read as a YAML int (invalid literal for int() with "
+                  "base 10: 'abc'); quote it if it is text"),
+    ("!!bool maybe", "x:2:11: invalid YAML: 'maybe' cannot be read as a YAML bool (not written as one); quote it "
+                     "if it is text"),
+    ("!!timestamp hello", "x:2:11: invalid YAML: 'hello' cannot be read as a YAML timestamp (not written as one); "
+                          "quote it if it is text"),
+    ("1" * 5000, "x:2:11: invalid YAML: '" + "1" * 40 + "…' cannot be read as a YAML int (Exceeds the limit (4300 "
+                 "digits) for integer string conversion: value has 5000 di…); quote it if it is text"),
+])
+def test_a_value_its_tag_cannot_take_is_a_yaml_error(value: str, said: str) -> None:
+    """PyYAML's constructors raise plain ValueError, KeyError or AttributeError on these (a
+    traceback, exit 1, and `lint` stopped at the file); each is a YAML error at the value now."""
+    from archplan.loader import parse_yaml
+
+    with pytest.raises(ArchplanError) as info:
+        parse_yaml(f"name: t\nn_layers: {value}\n", "x")
+    assert str(info.value) == said
+
+
+def test_an_integer_json_cannot_hold_is_a_json_error(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "llama", "hidden_size": ' + "1" * 5000 + "}")
+    assert_one_line_error(cli("import", "hf", str(path)), "invalid JSON: Exceeds the limit (4300 digits)")
+
+
 @pytest.mark.parametrize(("field", "value", "said"), [
     ("name", '"a\\e[31mred"', "name: control character '\\x1b' at position 1; write printable text"),
     ("name", '"two\\nlines"', "name: control character '\\n' at position 3; write printable text"),

@@ -1524,6 +1524,8 @@ def read_config(path: Path) -> dict[str, Any]:
                             "last one without a word): keep one", file=str(path)) from None
     except json.JSONDecodeError as exc:
         raise ArchplanError(f"invalid JSON: {exc.msg}", file=str(path), line=exc.lineno, column=exc.colno) from None
+    except ValueError as exc:  # a number json parses but Python cannot hold (an int past 4,300 digits)
+        raise ArchplanError(f"invalid JSON: {str(exc).split(';')[0]}", file=str(path)) from None
     except RecursionError:
         raise ArchplanError("invalid JSON: nests too deeply", file=str(path)) from None
     if not isinstance(data, dict):

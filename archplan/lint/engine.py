@@ -178,7 +178,7 @@ def load_config(start: Path) -> LintConfig:
         return LintConfig()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # TOML and UTF-8 decode errors, an int past 4,300 digits
         raise ArchplanError(f"cannot read: {exc}", file=str(path)) from None
     source = str(path)
     # Any pyproject.toml may have `tool = 3`: each level of tool.archplan.lint must be a table.
