@@ -328,8 +328,13 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
          units.nbytes),
         ("train memory / replica", lambda r: r["memory"]["training_bytes"], units.nbytes),
         ("tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
-        ("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci_column),
     ]
+    sources = {r["chinchilla"]["tokens_source"] for r in reports}
+    if sources & {"--tokens", "spec training.tokens"}:
+        # the D the budget and the losses below are priced at, where --tokens or a spec sets it
+        label = f"tokens D ({sources.pop()})" if len(sources) == 1 else "tokens D (each spec's)"
+        figures.append((label, lambda r: r["chinchilla"]["tokens"], units.count))
+    figures.append(("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci_column))
     for key in first["chinchilla"]["laws"]:
         figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}"))
         figures.append((f"N_opt ({key})", _law_value(key, "optimal_params"), units.count))

@@ -127,3 +127,15 @@ def test_a_spec_name_is_printed_as_written_not_read_as_markup(name: str, tmp_pat
                  ["verify", str(spec), "--no-cpu-check", "--no-backward"]):
         result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
         assert result.exit_code == 0 and name in result.output, (args, result.output[-500:])
+
+
+def test_the_tokens_the_budget_is_priced_at_are_shown() -> None:
+    """With --tokens (or a spec's training.tokens) the budget and loss rows price that D: the table
+    shows it beside the 20-per-parameter reference, which they do not use."""
+    rows = dict(compare_rows([size_report(load_spec(name), SizeOptions(tokens=15e12))
+                              for name in ("llama-3-8b", "llama-3-70b")]))
+    assert rows["tokens D (--tokens)"] == [15e12, 15e12]
+    assert rows["tokens 20/param"] == [20 * 8_030_261_248, 20 * 70_553_706_496]
+    assert rows["budget 6ND"] == [6 * 8_030_261_248 * 15e12, 6 * 70_553_706_496 * 15e12]
+    plain = dict(compare_rows([size_report(load_spec("gpt2"), SizeOptions())]))
+    assert not any(name.startswith("tokens D") for name in plain)
