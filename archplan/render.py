@@ -6,6 +6,7 @@ Each table carries its convention in its caption.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,15 +30,18 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 
 PIPED_WIDTH = 200
+# Narrower than this no table of archplan's reads (`COLUMNS=0` had rich print nothing at all)
+MIN_WIDTH = 40
 
 
 def report_console(table: Table | None = None) -> Console:
-    """A console at the terminal's width, or, piped or captured (no width to honour), at
-    `PIPED_WIDTH` columns or `table`'s full width if wider, so that long component names and
-    table rows stay on one line and no figure is cut."""
+    """A console at the terminal's width, or at COLUMNS' where that is set, never narrower than
+    `MIN_WIDTH`; piped or captured with neither (no width to honour), at `PIPED_WIDTH` columns or
+    `table`'s full width if wider, so that long component names and table rows stay on one line
+    and no figure is cut."""
     console = Console()
-    if console.is_terminal:
-        return console
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console if console.width >= MIN_WIDTH else Console(width=MIN_WIDTH)
     return Console(width=PIPED_WIDTH if table is None else max(PIPED_WIDTH, table_width(table)))
 
 
@@ -283,7 +287,7 @@ def size_renderable(r: dict[str, Any]) -> Group:
 
 
 def print_size(r: dict[str, Any], console: Console | None = None) -> None:
-    (console or Console()).print(size_renderable(r))
+    (console or report_console()).print(size_renderable(r))
 
 
 # ----------------------------------------------------------------------------------- compare

@@ -25,6 +25,9 @@ from hypothesis import settings
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The CLI honours a COLUMNS the user sets (`render.report_console`); a shell that exports its own
+# would change every captured table. Tests that mean a width set it themselves.
+os.environ.pop("COLUMNS", None)
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):

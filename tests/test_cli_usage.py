@@ -201,3 +201,36 @@ def test_every_help_example_without_torch_runs(tmp_path: Path, capsys: pytest.Ca
         outcome = run_main(argv, capsys, monkeypatch)
         assert outcome.code == 0 and "Traceback" not in outcome.stderr, (argv, outcome.stderr[-400:])
         assert "the pipeline never fills" not in outcome.stdout, argv
+
+
+@pytest.mark.parametrize("argv", [["size", "gpt2"], ["plan", "gpt2", "--gpus", "8"], ["presets"],
+                                  ["compare", "gpt2", "bloom-560m"]])
+def test_a_zero_or_tiny_columns_still_prints_the_report(argv: list[str]) -> None:
+    """`COLUMNS=0` had rich print nothing at all (exit 0) and `COLUMNS=1` a column of single
+    characters: a width below `render.MIN_WIDTH` is taken as that width."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.render import MIN_WIDTH
+
+    for columns in ("0", "1"):
+        result = CliRunner().invoke(app, argv, env={"COLUMNS": columns})
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert len(lines) > 5 and max(len(line) for line in lines) <= MIN_WIDTH
+        assert "gpt2" in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["size", "deepseek-v3"], ["plan", "deepseek-v3", "--gpus", "256"], ["presets"]])
+def test_piped_output_is_as_wide_as_compares(argv: list[str]) -> None:
+    """Piped with no COLUMNS (CI logs, files), `plan`, `size` and `presets` print at the width
+    `compare` does (`render.PIPED_WIDTH`), not rich's 80, where `plan` hid six columns."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.render import PIPED_WIDTH
+
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "hidden at" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= PIPED_WIDTH

@@ -181,9 +181,9 @@ def _token_count(text: str, option: str = "--tokens") -> float:
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from archplan.render import report_console
 
-    return Console()
+    return report_console()
 
 
 # ------------------------------------------------------------------------------------- budget

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from archplan import units
-        from rich.console import Console
+        from archplan.render import report_console
 
         table = Table(title="Bundled presets", title_justify="left", show_edge=False, pad_edge=False,
                       caption="archplan size NAME | archplan compare NAME NAME", caption_justify="left")
@@ -54,4 +54,4 @@ def register(app: typer.Typer) -> None:
         for row in rows:
             table.add_row(row["name"], units.count(row["total"]), units.count(row["active"]),
                           textwrap.shorten(row["description"] or "", DESCRIPTION_WIDTH, placeholder=" …"))
-        Console().print(table)
+        report_console(table).print(table)
