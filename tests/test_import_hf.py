@@ -547,6 +547,18 @@ def test_rope_fields_and_both_spellings() -> None:
     assert deepseek is not None and (deepseek.kind, deepseek.mscale) == ("yarn", 0.707)
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 1.0}, {"type": "dynamic", "factor": 1},
+                                     {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_scaling_by_a_factor_of_one_is_plain_rope(scaling: dict[str, Any]) -> None:
+    """transformers takes these (the frequencies are RoPE's own); the spec's scaling needs a factor
+    above 1, and the import refused them: it imports plain RoPE and says so."""
+    config = {**TINY["llama-biased-tied-llama3rope"].config, "rope_scaling": scaling}
+    imported = convert_config(config, file="config.json", name="t")
+    assert imported.spec.position.kind == "rope" and imported.spec.position.scaling is None
+    assert any("a factor of 1 changes no frequency" in note for note in imported.said)
+
+
 @pytest.mark.parametrize("family", ["gemma2", "qwen3"])
 def test_a_null_head_dim_is_refused_where_the_attention_has_no_fallback(family: str) -> None:
     # Gemma's and Qwen3's attention read config.head_dim as is: null became hidden // heads, silently

@@ -393,7 +393,14 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
             _ROPE_SCALING_FIELDS[k]: v for k, v in scaling_src.items()
             if k in _ROPE_SCALING_FIELDS and v is not None
         }
-        if kind_name == "dynamic":
+        unscaled = values.get("factor") == 1 and kind in ("linear", "ntk", "llama3")
+        if unscaled:
+            # at factor 1 these frequencies are RoPE's own (positions / 1, θ·1, llama3's ramp between
+            # a frequency and itself; YaRN's attention factor may still scale): transformers builds
+            # it, the spec has no scaling to say it with
+            cfg.said.append(f"{where}: {kind_name} scaling by a factor of 1 changes no frequency; imported as "
+                            "plain RoPE")
+        elif kind_name == "dynamic":
             cfg.said.append(
                 "dynamic NTK RoPE scaling: transformers grows θ with the running length past "
                 "max_position_embeddings; the spec's ntk fixes θ·factor^(R/(R−2)), transformers' θ at "
@@ -403,7 +410,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
             # transformers' _compute_yarn_parameters falls back to max_position_embeddings
             values["original_max_positions"] = dims.max_pos
         try:
-            scaling = RopeScaling(kind=kind, **values)
+            scaling = None if unscaled else RopeScaling(kind=kind, **values)
         except ValidationError as exc:
             raise cfg.error(where, _pydantic_message(exc)) from None
     out: dict[str, Any] = {"kind": "rope", "theta": theta}
