@@ -723,20 +723,26 @@ def test_fake_verify_prices_the_scan_units_backward(fake_world: None, spec: str,
     assert 1.0 <= analytic / measured < 1.07
 
 
-@pytest.mark.parametrize(("recompute", "within"), [("none", (1.0, 1.03)), ("full", (1.0, 1.04))])
-def test_fake_verify_prices_an_mtp_modules_scan_backward(fake_world: None, tmp_path: Path, recompute: str,
-                                                         within: tuple[float, float]) -> None:
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_fake_verify_prices_an_mtp_modules_scan_backward(fake_world: None, tmp_path: Path, recompute: str) -> None:
     """A multi-token prediction module whose block is Mamba-1 (tiny-mamba with one module): its
     scan's backward is priced as a main layer's, without the main pass's head tensors, which
-    wait beside the module's re-run but are not held at its scan (`cluster._scan_backward`):
-    plan's total is 1.020 and 1.027 of the one-moment peak (1.089 with them, full recompute)."""
+    wait beside the module's re-run but are not held at its scan (`cluster._scan_backward`;
+    with them, plan's total was 1.089 of the one-moment peak under full recompute). The step's
+    one micro-batch peaks at its loss backward, before any gradient exists (the tracker's
+    gradients are 0 there), while plan's total counts every category at its most: the peak lies
+    between plan's total less its gradients and plan's total (1.039 and 1.041 of the peak, none
+    and full; 1.020 and 1.027 while Mamba-1's activations were priced as mamba_ssm's kernels
+    keep them, 0.962 and 0.921 of the measured, and are now 0.994 and 0.955)."""
     from archplan.distributed.check import check_layout_run
 
     plan = resolve(load_spec(variant(tmp_path, "tiny-mamba.yaml", "tiny-mamba-mtp",
                                      mtp={"depth": 1, "loss_weight": 0.3})))
     layout = parse_layout(f"tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute={recompute},mb=1").complete()
-    analytic, measured = check_layout_run(plan, layout, 256, microbatches=1).step_peak
-    assert within[0] <= analytic / measured < within[1]
+    result = check_layout_run(plan, layout, 256, microbatches=1)
+    analytic, measured = result.step_peak
+    gradients = {r.category: r for r in result.memory}["gradients"].analytic
+    assert analytic - gradients <= measured <= analytic
 
 
 def test_mamba2_with_fewer_groups_than_tp_is_refused(fake_world: None) -> None:
@@ -1602,14 +1608,21 @@ def test_fake_verify_full_recompute_reruns_in_the_cool_down(fake_world: None, mi
     holds only the head. Its steady-state backwards are all the head's, so under full recompute
     the layer is re-run only in the cool-down, where no forward precedes the backward. The moments
     were taken after forwards only, and the activations measured 1.51 times plan's (✗, found by
-    `test_fake_verify_random_layouts`); they are within 2% now."""
+    `test_fake_verify_random_layouts`); they are short by the few small tensors named below now
+    (the analytic figure was above the measured until its re-run stopped counting the block input
+    twice, `cluster._reruns`)."""
     from archplan.distributed.check import check_layout_run
 
     layout = parse_layout("tp=1,cp=1,pp=2,vpp=2,dp=1,ep=1,zero=0,recompute=full,mb=1").complete()
     result = check_layout_run(resolve(load_spec(FIXTURES / "tiny-mamba.yaml")), layout, 32,
                               microbatches=microbatches, stage=1)
-    rows = {r.category: r for r in result.memory}
-    assert 0.98 <= rows["activations"].measured / rows["activations"].analytic <= 1.0
+    activations = {r.category: r for r in result.memory}["activations"]
+    # what the torch engine leaves unpriced, read off the tracker's live tensors at the re-run's
+    # end: the re-run layer's five RMSNorms' fp32 rstd (32 tokens · 4 B each) and the fp32 copies
+    # of their weights (2 · 64 + 3 · 8 weights · 4 B), two micro-batches' int64 labels on the
+    # head's stage (2 · 32 · 8 B) and four fp32 loss scalars
+    unpriced = 5 * 32 * 4 + (2 * 64 + 3 * 8) * 4 + 2 * 32 * 8 + 4 * 4
+    assert activations.measured - activations.analytic == unpriced
     assert result.ok
 
 

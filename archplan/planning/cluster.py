@@ -107,8 +107,10 @@ micro-batch (Megatron: all of them once per step, fp32), full recompute stops ea
 kept until its backward (`_held_output`), MLA's latents are kept whole on every tp rank
 (`_latent_bytes`), a model chunk's rotary layers share one set of bf16 cos and sin tables
 (`_rope_tables`); and its "flash" kernel is SDPA in plain autograd (act(gate) kept, an MoE
-router's fp32 input copy, what Mamba-2's unit keeps beyond mamba_ssm: `_ssd_kept`), and its
-ALiBi is one shared bias per model chunk (`_alibi_bias`). Its DP records are
+router's fp32 input copy, what the Mamba units keep beyond mamba_ssm: `_ssd_kept`,
+`_mamba1_kept`; Mamba-1's x_proj output whole on every rank, `_x_proj_bytes`), a layer's re-run
+does not count its block's input twice (`_rerun_saves_kept_input`), and its ALiBi is one shared
+bias per model chunk (`_alibi_bias`). Its DP records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
@@ -199,7 +201,7 @@ from typing import Literal, NamedTuple, TypeVar
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
-from archplan.analytic.mamba import mamba1_scan_backward_bytes, ssd_backward_bytes, ssd_chunks
+from archplan.analytic.mamba import mamba1_scan_backward_bytes, mamba1_unit_bytes, ssd_backward_bytes, ssd_chunks
 from archplan.analytic.memory import (
     FP32_BYTES,
     RECOMPUTE_MODES,
@@ -480,6 +482,8 @@ class LayerActs:
     viewed: int  # what the torch modules keep through views beyond the per-tensor model (`_viewed_bytes`)
     viewed_latent: int  # of which whole on every tp rank, with the latents
     ssd_kept: int  # what a Mamba-2 layer's torch modules keep beyond mamba_ssm's kernels (`_ssd_kept`)
+    mamba1_kept: int  # and a Mamba-1 layer's, negative where it keeps less (`_mamba1_kept`)
+    x_proj_whole: int  # Mamba-1's x_proj output and inner norms' outputs, whole on every tp rank (`_x_proj_bytes`)
     filters: HyenaFilterActs  # a Hyena layer's, kept once per forward whatever the micro-batch (`_filter_kept`)
 
 
@@ -558,7 +562,8 @@ class ModelData:
                                        _combine_rows(layer, seq, h),
                                        seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
                                        _latent_bytes(layer, seq), *_viewed_bytes(layer, seq),
-                                       _ssd_kept(layer, seq), filters))
+                                       _ssd_kept(layer, seq), _mamba1_kept(layer, seq),
+                                       _x_proj_bytes(layer, seq), filters))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -753,6 +758,8 @@ def uses_early_stop(states: StatesConvention, early_stop: bool | None) -> bool:
 
 # Residuals that normalize each sub-block's reduced output (`modules.block.Block.forward`)
 NORM_AFTER_OUTPUT: frozenset[str] = frozenset({"post", "deepnorm", "sandwich", "reordered"})
+# Residuals whose block starts with a norm of its input (`modules.block.Block.forward`)
+NORM_ON_INPUT: frozenset[str] = frozenset({"pre", "parallel", "sandwich"})
 
 
 def recompute_skips_last_gemm(layer: LayerPlan, residual: str) -> bool:
@@ -905,6 +912,29 @@ def _ssd_kept(layer: LayerPlan, seq: int) -> int:
     if not isinstance(layer.mixer, Mamba2Plan):
         return 0
     return ssd_unit_bytes(layer.mixer, seq, ACT_BYTES, FP32_BYTES)
+
+
+def _mamba1_kept(layer: LayerPlan, seq: int) -> int:
+    """Bytes of one sequence a Mamba-1 layer's torch modules keep beyond what mamba_ssm's kernels
+    keep (`analytic.mamba.mamba1_unit_bytes`: the conv's output before its SiLU, and not the
+    selective-scan kernel's fp32 chunk states); 0 elsewhere."""
+    if not isinstance(layer.mixer, Mamba1Plan):
+        return 0
+    return mamba1_unit_bytes(layer.mixer, 1, seq, ACT_BYTES)
+
+
+def _x_proj_bytes(layer: LayerPlan, seq: int) -> int:
+    """Bytes of one sequence a Mamba-1 layer keeps of x_proj's output [dt | B | C] (dt_rank +
+    2·d_state per token; `analytic.mamba.mamba1_activation_bytes` counts it) and of Jamba's dt/B/C
+    norms' outputs: x_proj contracts a rank's channels, and its partial sums are all-reduced over
+    tp (and over cp, on whole sequences: `distributed.plans.mamba1_plan`, `distributed.context`),
+    so every rank keeps the whole sum and the norms run on it whole, where the rest of the mixer
+    splits by channels. 0 elsewhere."""
+    if not isinstance(layer.mixer, Mamba1Plan):
+        return 0
+    m = layer.mixer
+    width = m.dt_rank + 2 * m.d_state
+    return ACT_BYTES * seq * width * (2 if m.inner_norms else 1)
 
 
 def _combine_working_set(acts: LayerActs, layout: Layout) -> float:
@@ -1377,11 +1407,12 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
         case "flash" if engine == "torch":
             # a fused SDPA kernel inside plain autograd: act(gate) is kept, an MoE router's fp32
             # input copy (`_fp32_cast_width`) and routing metadata (`_routing_bytes`), and what
-            # Mamba-2's unit keeps beyond mamba_ssm (`_ssd_kept`); selective recompute
-            # checkpoints the kernel alone, which then keeps no log-sum-exp
+            # the Mamba units keep beyond mamba_ssm (`_ssd_kept`, `_mamba1_kept`); selective
+            # recompute checkpoints the kernel alone, which then keeps no log-sum-exp
             lse = acts.lse if recompute == "none" else 0
             routing = acts.routing + (acts.expert_order if layout.ep > 1 else 0)
-            kept = acts.kept["selective"] - dropped + lse + acts.fp32_inputs + routing + acts.ssd_kept
+            kept = (acts.kept["selective"] - dropped + lse + acts.fp32_inputs + routing + acts.ssd_kept
+                    + acts.mamba1_kept)
         case "flash":
             # Megatron-Core with Transformer Engine's fusions: a fused SwiGLU, memory-efficient
             # norms, and routed copies weighted inside the experts (`_weighting_delta`)
@@ -1393,9 +1424,9 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
         case _:
             assert_never(kernel)
     whole = 0
-    if engine == "torch":  # `_latent_bytes`, `_viewed_bytes`
+    if engine == "torch":  # `_latent_bytes`, `_viewed_bytes`, `_x_proj_bytes`
         kept += acts.viewed
-        whole = acts.latent + acts.viewed_latent
+        whole = acts.latent + acts.viewed_latent + acts.x_proj_whole
     if sp:
         match engine:
             case "megatron":  # the column input kept sequence-sharded, re-gathered in the backward
@@ -1456,6 +1487,9 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine,
                 mixer.qk_head_dim + mixer.qk_nope_head_dim + mixer.v_head_dim)
         case Mamba2Plan():
             return layout.mb * _group_repeat_bytes(mixer, data.seq, tp, cp)
+        case Mamba1Plan() if layout.recompute != "full":
+            # x_proj's output, all-reduced over cp on whole sequences, and its norms' (`_x_proj_bytes`)
+            per_sequence = data.acts[layer].x_proj_whole
         case _:
             return 0.0
     return layout.mb * per_sequence * (cp - 1) / cp
@@ -2182,9 +2216,28 @@ def _reruns(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: At
         return {}
     scale = layout.mb / layout.cp
     whole = data.layer_acts(layout, "none", kernel, engine)
-    return {i: (whole[i] + _combine_working_set(data.acts[i], layout)) * scale
+    # the block input the checkpoint keeps, which a pre-norm block's first norm saves again as
+    # the same tensor in the torch engine (its norms keep their inputs; `whole` counts it)
+    block_input = data.layer_acts(layout, "full", kernel, engine)
+    return {i: (whole[i] - (block_input[i] if _rerun_saves_kept_input(data, i, layout, engine) else 0.0)
+                + _combine_working_set(data.acts[i], layout)) * scale
             + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout)
             for chunk in chunks for i in chunk.layers}
+
+
+def _rerun_saves_kept_input(data: ModelData, i: int, layout: Layout, engine: Engine) -> bool:
+    """Whether layer i's re-run saves the block input full recompute keeps as one of its own
+    tensors, the same storage, which `whole` counts a second time: in the torch engine, a main
+    layer whose block starts with a norm of its input (pre, parallel, sandwich: the norm saves
+    it), or whose mixer reads it first (post, DeepNorm, reordered) through projections that save
+    it as it is, without SP (under SP DTensor's matmul saves the gathered input, a new tensor).
+    Megatron's fused norms keep no input (`_layer_act`); an MTP module is checkpointed whole and
+    its re-run makes its block's input again. Measured by verify --layout on tiny-mamba with each
+    residual at 256 tokens, full recompute, measured / analytic activations: TP1 ZeRO-3 and TP2
+    without SP 0.962 … 1.000 before, 1.005 … 1.018 after (docs/distributed.md)."""
+    if engine != "torch" or i >= data.n_main:
+        return False
+    return data.plan.residual in NORM_ON_INPUT or not layout.sequence_parallel
 
 
 def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
@@ -2217,7 +2270,10 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         received = _received_gradient(data, layout, chunks[moment.backward]) * scale
         if mode != "full":
             return max(head_now, combines[moment.forward] if moment.forward is not None else 0.0, received)
-        rerun = [reruns[i] for i in chunks[moment.backward].layers]
+        layers = chunks[moment.backward].layers
+        # the layers above a re-run one have run their backward, which freed the inputs their
+        # checkpoints kept for this micro-batch (`_scan_backward` takes them off alike)
+        rerun = [reruns[i] - sum(held.per_layer[j] for j in layers if j > i) for i in layers]
         # the received output gradient waits beside the chunk's first re-run
         moments = [head_now, received + max(rerun, default=0.0)]
         if engine == "torch" and data.mtp_depth and moment.backward == last:
