@@ -23,7 +23,7 @@ from typing import Literal, Union
 from archplan.loader import LoadedYaml
 from archplan.resolve import ModelPlan, resolve
 from archplan.spec import GQA, MHA, MLA, MQA, PostNorm, Rope, Spec
-from archplan.units import count, nbytes
+from archplan.units import amount, count, nbytes
 
 Severity = Literal["error", "warning", "info"]
 FieldPath = tuple[Union[str, int], ...]
@@ -282,6 +282,11 @@ def _tokens_per_param(ctx: SpecContext) -> tuple[float, int, float] | None:
     return training.tokens, n_params, training.tokens / n_params
 
 
+def _tokens(n: float) -> str:
+    """'1 token', '15.0 T tokens'."""
+    return f"{count(n)} token" + ("" if n == 1 else "s")
+
+
 def check_undertrained(ctx: SpecContext) -> Iterator[Hit]:
     budget = _tokens_per_param(ctx)
     if budget is None:
@@ -290,8 +295,8 @@ def check_undertrained(ctx: SpecContext) -> Iterator[Hit]:
     if ratio < CHINCHILLA_TOKENS_PER_PARAM / FAR_BELOW:
         yield Hit(
             ("training", "tokens"),
-            f"{count(tokens)} tokens for {count(n_params)} active parameters is {ratio:.1f} tokens/param, "
-            f"{CHINCHILLA_TOKENS_PER_PARAM / ratio:.1f}× below the compute-optimal ~20",
+            f"{_tokens(tokens)} for {count(n_params)} active parameters is {amount(ratio)} tokens/param, "
+            f"{amount(CHINCHILLA_TOKENS_PER_PARAM / ratio)}× below the compute-optimal ~20",
             f"train on ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens, or size the model to "
             f"≈{count(tokens / CHINCHILLA_TOKENS_PER_PARAM)} parameters for this budget",
         )
@@ -305,7 +310,7 @@ def check_overtrained(ctx: SpecContext) -> Iterator[Hit]:
     if ratio > FAR_ABOVE * CHINCHILLA_TOKENS_PER_PARAM:
         yield Hit(
             ("training", "tokens"),
-            f"{count(tokens)} tokens for {count(n_params)} active parameters is {ratio:,.0f} tokens/param, "
+            f"{_tokens(tokens)} for {count(n_params)} active parameters is {ratio:,.0f} tokens/param, "
             f"{ratio / CHINCHILLA_TOKENS_PER_PARAM:.1f}× the compute-optimal ~20",
             "fine if deliberate (a smaller model trained longer is cheaper to serve); "
             f"compute-optimal for these parameters is ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens",
