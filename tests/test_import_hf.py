@@ -547,6 +547,11 @@ def test_rope_fields_and_both_spellings() -> None:
     assert deepseek is not None and (deepseek.kind, deepseek.mscale) == ("yarn", 0.707)
 
 
+def test_falcon_kv_heads_that_do_not_divide_name_falcons_field() -> None:
+    error = refusal({**TINY["falcon-new-arch"].config, "num_kv_heads": 3})
+    assert error.field == "num_kv_heads" and "4 query heads are not divisible by 3" in str(error)
+
+
 @pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 1.0}, {"type": "dynamic", "factor": 1},
                                      {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])

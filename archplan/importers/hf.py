@@ -267,6 +267,7 @@ class Dims:
     n_kv: int
     head_dim: int
     max_pos: int | None
+    kv_key: str = "num_key_value_heads"  # the field n_kv was read from, for an error to name
 
 
 def read_dims(cfg: HFConfig, *, head_dim_key: bool = True, kv_key: str | None = "num_key_value_heads",
@@ -311,7 +312,7 @@ def attention(cfg: HFConfig, dims: Dims, *, qkv_bias: bool = False, out_bias: bo
     if dims.n_kv == 1:
         return MQA(kind="mqa", **common)
     if dims.n_heads % dims.n_kv:
-        raise cfg.error("num_key_value_heads",
+        raise cfg.error(dims.kv_key,
                         f"{dims.n_heads} query heads are not divisible by {dims.n_kv} key/value heads")
     return GQA(kind="gqa", n_kv_heads=dims.n_kv, **common)
 
@@ -1019,7 +1020,8 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
     if not new_arch:
         n_kv = 1 if multi_query else h
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
-                n_heads=h, n_kv=n_kv, head_dim=d // h, max_pos=cfg.int_("max_position_embeddings"))
+                n_heads=h, n_kv=n_kv, head_dim=d // h, max_pos=cfg.int_("max_position_embeddings"),
+                kv_key="num_kv_heads")
     bias = cfg.bool_("bias")
     if parallel:
         residual: Parallel | PreNorm = Parallel(kind="parallel", shared_norm=n_ln != 2)
