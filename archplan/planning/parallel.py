@@ -385,10 +385,11 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
         match mixer:
             case AttentionPlan():
                 if not mixer.splits_over(tp):
-                    return f"{mixer.n_heads} query / {mixer.n_kv_heads} KV heads do not split {tp} ways"
+                    return (f"{mixer.n_heads} query / {mixer.n_kv_heads} KV "
+                            f"{'head does' if mixer.n_kv_heads == 1 else 'heads do'} not split {tp} ways")
             case MLAPlan():
                 if mixer.n_heads % tp:
-                    return f"{mixer.n_heads} heads do not split {tp} ways"
+                    return f"{things(mixer.n_heads, 'head')} do{'es' if mixer.n_heads == 1 else ''} not split {tp} ways"
             case Mamba1Plan():
                 if mixer.d_inner % tp:
                     return f"d_inner {mixer.d_inner} does not split {tp} ways"
