@@ -723,6 +723,31 @@ def test_fake_verify_prices_the_scan_units_backward(fake_world: None, spec: str,
     assert 1.0 <= analytic / measured < 1.07
 
 
+@pytest.mark.parametrize(("spec", "layout", "fields"), [
+    ("tiny-s4d.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", {"residual": {"kind": "post"}}),
+    ("tiny-mamba.yaml", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=0,recompute=full,mb=1", {}),
+    ("tiny-mamba.yaml", "tp=2,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1,sp=off", {}),
+    ("tiny-llama.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1,sp=off", {"vocab_size": 32}),
+    ("tiny-llama.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", {"vocab_size": 32,
+                                                                               "residual": {"kind": "post"}}),
+], ids=["s4d-post", "mamba1-cp2", "mamba1-tp2-cp2", "llama-tp2", "llama-post"])
+def test_fake_verify_a_layers_rerun_counts_its_input_once(fake_world: None, tmp_path: Path, spec: str,
+                                                         layout: str, fields: dict[str, object]) -> None:
+    """Full recompute, the re-run the peak (a 32-token vocabulary keeps the head's logits below it):
+    the block input the checkpoint keeps is the tensor the re-run's first norm, or its first
+    projections without SP, save again (`cluster._rerun_saves_kept_input`; S4's mixer reads an
+    fp32 copy), and Mamba-1's x_proj output is whole on every cp rank in the re-run too. Measured /
+    analytic activations before: 1.017 → 1.061 → 1.017 (S4 post, while S4 was taken for a
+    projection), 1.025 and 1.017 (Mamba-1 at cp 2, the x_proj term dropped in re-runs: 1.033 and
+    1.054), 0.939 and 0.953 (the block input counted twice); now 1.017, 1.009, 1.017, 1.011, 1.004."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(variant(tmp_path, spec, "variant", **fields) if fields else FIXTURES / spec))
+    result = check_layout_run(plan, parse_layout(layout).complete(), 256, microbatches=1)
+    activations = {r.category: r for r in result.memory}["activations"]
+    assert 0.99 <= activations.measured / activations.analytic <= 1.025
+
+
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_fake_verify_prices_an_mtp_modules_scan_backward(fake_world: None, tmp_path: Path, recompute: str) -> None:
     """A multi-token prediction module whose block is Mamba-1 (tiny-mamba with one module): its

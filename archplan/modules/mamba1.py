@@ -505,8 +505,13 @@ class Mamba1Mixer(nn.Module):
         conv_BIT = into_state(causal_depthwise_conv(x_BTI.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                                     conv_state), conv_state)
         # token-major once: SiLU keeps this copy, and x_proj and the scan read its output as a
-        # view, where a transposed SiLU output was copied again by x_proj's matmul at batch > 1
-        x_BTI = F.silu(conv_BIT.transpose(1, 2).contiguous())
+        # view, where a transposed SiLU output was copied again by x_proj's matmul at batch > 1;
+        # the channel-major original goes at once, not at the return: a full-recompute re-run
+        # that stops early inside out_proj kept it alive in this frame (verify --layout,
+        # mamba-2.8b: a d_inner/tp × T tensor a layer's re-run)
+        x_BTI = conv_BIT.transpose(1, 2).contiguous()
+        del conv_BIT
+        x_BTI = F.silu(x_BTI)
         dt_BTR, b_BTN, c_BTN = self.x_proj(x_BTI).split([r, n, n], dim=-1)
         if self.dt_layernorm is not None and self.b_layernorm is not None and self.c_layernorm is not None:
             dt_BTR, b_BTN, c_BTN = self.dt_layernorm(dt_BTR), self.b_layernorm(b_BTN), self.c_layernorm(c_BTN)

@@ -1471,7 +1471,8 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine,
     [c_kv | k_pe] (kv_b_proj's input, `_kv_bytes`), kv_b_proj's output [K_nope | V] (Dn + Dv per
     head, V a view of it) and SDPA's K (Dn + R per head). Megatron's
     all-gather CP (Transformer Engine) re-gathers them in the backward instead. A Mamba-2 layer
-    whose groups span cp ranks keeps their repeated B and C (`_group_repeat_bytes`)."""
+    whose groups span cp ranks keeps their repeated B and C (`_group_repeat_bytes`), a Mamba-1
+    layer x_proj's output, all-reduced over cp on whole sequences (`_x_proj_bytes`)."""
     if not _cp_keeps_gathered(layout, engine):
         return 0.0
     plan, cp, tp = data.plan, layout.cp, layout.tp
@@ -1487,7 +1488,7 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine,
                 mixer.qk_head_dim + mixer.qk_nope_head_dim + mixer.v_head_dim)
         case Mamba2Plan():
             return layout.mb * _group_repeat_bytes(mixer, data.seq, tp, cp)
-        case Mamba1Plan() if layout.recompute != "full":
+        case Mamba1Plan():
             # x_proj's output, all-reduced over cp on whole sequences, and its norms' (`_x_proj_bytes`)
             per_sequence = data.acts[layer].x_proj_whole
         case _:
@@ -2231,13 +2232,16 @@ def _rerun_saves_kept_input(data: ModelData, i: int, layout: Layout, engine: Eng
     layer whose block starts with a norm of its input (pre, parallel, sandwich: the norm saves
     it), or whose mixer reads it first (post, DeepNorm, reordered) through projections that save
     it as it is, without SP (under SP DTensor's matmul saves the gathered input, a new tensor).
-    Megatron's fused norms keep no input (`_layer_act`); an MTP module is checkpointed whole and
-    its re-run makes its block's input again. Measured by verify --layout on tiny-mamba with each
+    S4's mixer reads it through an fp32 copy (`modules.s4`), which is new storage. Megatron's
+    fused norms keep no input (`_layer_act`); an MTP module is checkpointed whole and its re-run
+    makes its block's input again. Measured by verify --layout on tiny-mamba with each
     residual at 256 tokens, full recompute, measured / analytic activations: TP1 ZeRO-3 and TP2
     without SP 0.962 … 1.000 before, 1.005 … 1.018 after (docs/distributed.md)."""
     if engine != "torch" or i >= data.n_main:
         return False
-    return data.plan.residual in NORM_ON_INPUT or not layout.sequence_parallel
+    if data.plan.residual in NORM_ON_INPUT:
+        return True
+    return not layout.sequence_parallel and not isinstance(data.plan.layers[i].mixer, S4Plan)
 
 
 def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches: int,
