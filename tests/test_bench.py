@@ -469,6 +469,10 @@ def test_check_positions_boundary() -> None:
     with pytest.raises(ArchplanError, match="129 positions"):
         check_positions(learned, replace(FAST, seq=124, decode_tokens=4))
     check_positions(plan_of(TINY), replace(FAST, seq=4096))
+    # a prompt past the table with more steps than the table holds: neither fix alone suffices
+    # (the message ended at "use ")
+    with pytest.raises(ArchplanError, match=r"use --seq 128 or less with --decode-tokens 0 \(prefill only\)$"):
+        check_positions(learned, replace(FAST, seq=256, decode_tokens=200))
 
 
 def test_compare_backends_runs_each_available_backend() -> None:

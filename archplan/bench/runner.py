@@ -284,6 +284,8 @@ def check_positions(plan: ModelPlan, cfg: BenchConfig) -> None:
     if cfg.seq <= most:  # d ≥ 1 decode steps need seq + d + 1 positions, none (prefill only) seq
         most_steps = max(most - cfg.seq - 1, 0)
         fixes.append(f"--decode-tokens {most_steps} or fewer" if most_steps else "--decode-tokens 0 (prefill only)")
+    if not fixes:  # neither alone suffices: the prompt is too long and the steps leave it no room
+        fixes.append(f"--seq {most} or less with --decode-tokens 0 (prefill only)")
     need = (f"--seq {cfg.seq} and --decode-tokens {cfg.decode_tokens} need a cache of {cfg.seq + steps} positions "
             "(the prompt, one recorded step and the timed steps)" if steps else f"--seq {cfg.seq} needs {cfg.seq} positions")
     raise ArchplanError(f"{need}, beyond {limit.what} ({limit.field} {most}): use {', or '.join(fixes)}")
