@@ -109,6 +109,18 @@ def test_exit_2_on_a_missing_spec(
     assert err.count("\n") == 1 and "no such file" in err
 
 
+def test_a_layout_run_too_short_for_the_mtp_targets_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One MTP module needs 3 tokens (the next one and one ahead), as `training_loss` refuses on
+    one device; `verify --layout` ran 2 and reported a mismatch, exit 1."""
+    spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-mtp.yaml")
+    code, out, err = run(monkeypatch, capsys, spec, "--seq", "2",
+                         "--layout", "tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1")
+    assert code == 2 and out == ""
+    assert "a training sequence needs at least 3 tokens" in err and err.count("\n") == 1
+
+
 def test_seq_past_max_seq_len_is_verified_with_rope_and_exits_2_past_a_learned_table(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path, tmp_path: Path
 ) -> None:
