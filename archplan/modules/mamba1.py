@@ -126,8 +126,11 @@ def selective_scan(
     """y (B, T, I), plus the D skip u·D when `D_I` is given, and the final state (B, I, N); fp32.
     Δ is `dt_BTI`, or softplus(dt_BTI) with `dt_softplus` (mamba_ssm `selective_scan_fn`'s
     delta_softplus, which the mixer uses so the scan's saved Δ is the dt_proj output). One token
-    (a decode step) by `selective_step`, more by `chunked_scan`."""
-    if u_BTI.shape[1] == 1:
+    with no gradient to keep for (a decode step) by `selective_step`, else by `chunked_scan`,
+    whose backward recomputes the states that a one-token training step through
+    `selective_step` would keep (`bench --train --seq 1` measured more than at 2 tokens)."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (u_BTI, dt_BTI, A_IN, B_BTN, C_BTN))
+    if u_BTI.shape[1] == 1 and not needs_grad:
         y_B1I, h_BIN = selective_step(u_BTI, _delta(dt_BTI, dt_softplus), A_IN, B_BTN, C_BTN, h0_BIN)
         return _with_skip(y_B1I, u_BTI, D_I), h_BIN
     return chunked_scan(u_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h0_BIN, D_I=D_I, dt_softplus=dt_softplus)
