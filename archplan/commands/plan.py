@@ -1087,7 +1087,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     for note in _all_notes(result, bound, model_notes, tokens):
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
-    console.print(f"training on {count(tokens)} token{'' if tokens == 1 else 's'} ({source}): {_batch_as_run(result)}; MFU = model FLOPs "
+    noun = "token" if tokens == 1 else "tokens"
+    console.print(f"training on {count(tokens)} {noun} ({source}): {_batch_as_run(result)}; MFU = model FLOPs "
                   f"({result.model_flops_per_token:,}/token, "
                   "causal, no recompute) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
