@@ -52,6 +52,7 @@ from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.positions import Alibi, SinusoidalPositions
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
+from archplan.units import things
 
 
 def chunk_positions(rank: int, cp: int, t: int, device: torch.device | str = "cpu") -> Tensor:
@@ -317,7 +318,9 @@ def _channel_problem(mixer: LongConv, cp: int) -> str | None:
     match mixer:
         case StripedHyenaMixer():
             filters = mixer.poles.shape[0]
-            return None if d % cp == 0 and filters % cp == 0 else f"{d} channels / {filters} filters over cp={cp}"
+            if d % cp == 0 and filters % cp == 0:
+                return None
+            return f"{d} channels / {things(filters, 'filter')} over cp={cp}"
         case S4Mixer():
             n = mixer.plan.n_ssm
             if d % cp or n % cp and n != 1:

@@ -677,7 +677,9 @@ def refusal(module: nn.Module, plan: ModelPlan, tp: int) -> str | None:
         case HyenaMixer() | StripedHyenaMixer():
             d = module.d_model
             filters = module.poles.shape[0] if isinstance(module, StripedHyenaMixer) else d
-            return None if d % tp == 0 and filters % tp == 0 else f"{d} channels / {filters} filters over tp={tp}"
+            if d % tp == 0 and filters % tp == 0:
+                return None
+            return f"{d} channels / {things(filters, 'filter')} over tp={tp}"
         case MLP() | GLU():
             return None if module.up_proj.out_features % tp == 0 else f"d_ff {module.up_proj.out_features} over tp={tp}"
         case _:
