@@ -328,7 +328,7 @@ def check_kv_cache(ctx: SpecContext) -> Iterator[Hit]:
     total = cache.bytes  # `size`'s figure at training.batch
     # KV and SSM state are per sequence; Hyena's filters over the context are held once for the batch
     shared = cache.filter_cache_bytes
-    per_sequence = kv_cache(ctx.plan, context, batch=1, dtype_bytes=KV_DTYPE_BYTES).bytes - shared
+    per_sequence = (total - shared) // training.batch
     budget = training.target_device_memory_gib * (1 << 30)
     if total > budget:
         fits = int((budget - shared) // per_sequence) if budget > shared and per_sequence else 0

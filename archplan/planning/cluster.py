@@ -2264,6 +2264,11 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     combines = [max((_combine_working_set(data.acts[i], layout) * scale for i in chunk.layers), default=0.0)
                 for chunk in chunks]
     last = len(chunks) - 1 if chunks[-1].last else None  # the model's last chunk, where the rank holds it
+    # per chunk, its largest layer re-run: the layers above a re-run one have run their backward,
+    # which freed the inputs their checkpoints kept for this micro-batch (`_scan_backward` takes
+    # them off alike)
+    rerun_most = [max((reruns[i] - sum(held.per_layer[j] for j in chunk.layers if j > i) for i in chunk.layers),
+                      default=0.0) for chunk in chunks] if mode == "full" else []
 
     def beside(moment: PipelineMoment) -> float:
         """What the moment holds beyond the chunks' kept activations: the head's tensors after the
@@ -2274,12 +2279,8 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         received = _received_gradient(data, layout, chunks[moment.backward]) * scale
         if mode != "full":
             return max(head_now, combines[moment.forward] if moment.forward is not None else 0.0, received)
-        layers = chunks[moment.backward].layers
-        # the layers above a re-run one have run their backward, which freed the inputs their
-        # checkpoints kept for this micro-batch (`_scan_backward` takes them off alike)
-        rerun = [reruns[i] - sum(held.per_layer[j] for j in layers if j > i) for i in layers]
         # the received output gradient waits beside the chunk's first re-run
-        moments = [head_now, received + max(rerun, default=0.0)]
+        moments = [head_now, received + rerun_most[moment.backward]]
         if engine == "torch" and data.mtp_depth and moment.backward == last:
             # except the MTP modules' re-run: the torch engine's loss adds the main pass's first
             # (`distributed.stage.Stage`), so autograd runs the modules' backward, and their

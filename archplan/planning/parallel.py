@@ -618,8 +618,7 @@ def _check_inputs(plan: ModelPlan, gpus: int, seq: int, global_batch_tokens: flo
     plan.check_length(seq, "--seq")  # past max_seq_len a long-context stage is priced as asked
     if settings.grad_reduce not in (None, 2, 4):
         raise ArchplanError(f"gradient reduction must be 2 (bf16) or 4 (fp32) bytes, got {settings.grad_reduce}")
-    # the nearest whole number of sequences, a half rounding up as `_microbatches` rounds
-    sequences = math.floor(global_batch_tokens / seq + 0.5)
+    sequences = _nearest(global_batch_tokens / seq)  # as `_microbatches` rounds
     if sequences < 1:
         raise ArchplanError(
             f"--global-batch-tokens {global_batch_tokens:,.10g} is under half a sequence of {seq:,} tokens: a step "
@@ -637,11 +636,16 @@ def batch_problem(layout: Layout, sequences: int) -> str | None:
     return None
 
 
+def _nearest(x: float) -> int:
+    """The nearest whole number, a half rounding up (Python's `round` takes a half to even)."""
+    return math.floor(x + 0.5)
+
+
 def _microbatches(batch: float, dp: int, mb: int) -> int:
     """The micro-batches per step nearest the batch asked for: `batch` is --global-batch-tokens /
     --seq unrounded, and a half rounds up (rounding the sequences first, then the quotient half to
     even, made 30 of 1M tokens' 30.52 at dp 4, seq 8192)."""
-    return max(1, math.floor(batch / (dp * mb) + 0.5))
+    return max(1, _nearest(batch / (dp * mb)))
 
 
 def _vpps(n_layers: int, pp: int) -> list[int]:
