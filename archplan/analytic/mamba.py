@@ -81,8 +81,13 @@ def mamba1_activation_bytes(m: Mamba1Plan, d_model: int, batch: int, seq_len: in
     width = d_model + 2 * di + di + (r + 2 * n) + di + di + di
     if m.inner_norms:
         width += r + 2 * n
-    a_copies = 2 * FP32_BYTES * di * n
-    return act_bytes * batch * seq_len * width + _scan_kernel_states(m, batch, seq_len) + a_copies
+    return act_bytes * batch * seq_len * width + _scan_kernel_states(m, batch, seq_len) + mamba1_a_bytes(m)
+
+
+def mamba1_a_bytes(m: Mamba1Plan) -> int:
+    """A = −exp(A_log.float()) (d_inner, N) fp32, saved by the scan, and exp's output, saved by
+    autograd's exp: once per forward, whatever the batch (mamba_simple.py `Mamba.forward`)."""
+    return 2 * FP32_BYTES * m.d_inner * m.d_state
 
 
 def _scan_kernel_states(m: Mamba1Plan, batch: int, seq_len: int) -> int:

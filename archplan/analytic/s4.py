@@ -145,13 +145,22 @@ def s4_state_fp32_elements(m: S4Plan, d_model: int) -> int:
 def s4_activation_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int,
                         autocast: bool = False) -> int:
     """Saved for the backward (our count of eager autograd): the layer input and its fp32 copy,
-    both spectra (complex64, n/2 + 1 bins), the conv output, GELU input and output, GLU input (2H);
-    and S4's kernel generation (`s4_kernel_activation_bytes`), once a micro-batch whatever its size."""
+    the input's spectrum (complex64, n/2 + 1 bins), the conv output, GELU input and output, GLU
+    input (2H); and the kernel's spectrum and generation (`s4_kernel_once_bytes`), once a
+    micro-batch whatever its size."""
     h, tokens = d_model, batch * seq_len
     bins = fft_length(seq_len) // 2 + 1
-    spectra = 8 * (batch * h + h) * bins
-    kernel = s4_kernel_activation_bytes(m, h, seq_len, autocast) if m.dplr else 0
-    return act_bytes * tokens * (h + h + h + 2 * h) + 4 * tokens * h + spectra + kernel
+    return (act_bytes * tokens * (h + h + h + 2 * h) + 4 * tokens * h + 8 * batch * h * bins
+            + s4_kernel_once_bytes(m, h, seq_len, autocast))
+
+
+def s4_kernel_once_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
+    """What one forward keeps of S4's kernel, whatever the batch (the kernel depends on the
+    parameters and the length alone): its fp32 spectrum (complex64, n/2 + 1 bins a channel) and
+    its generation (`s4_kernel_activation_bytes`, DPLR only). Every term is per channel."""
+    bins = fft_length(seq_len) // 2 + 1
+    kernel = s4_kernel_activation_bytes(m, d_model, seq_len, autocast) if m.dplr else 0
+    return 8 * d_model * bins + kernel
 
 
 def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:

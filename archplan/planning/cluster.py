@@ -200,8 +200,15 @@ from typing import Literal, NamedTuple, TypeVar
 
 from typing_extensions import assert_never
 
-from archplan.analytic.hyena import HyenaFilterActs, hyena_filter_activation_bytes
-from archplan.analytic.mamba import mamba1_scan_backward_bytes, mamba1_unit_bytes, ssd_backward_bytes, ssd_chunks
+from archplan.analytic.hyena import hyena_filter_activation_bytes
+from archplan.analytic.s4 import s4_kernel_once_bytes
+from archplan.analytic.mamba import (
+    mamba1_a_bytes,
+    mamba1_scan_backward_bytes,
+    mamba1_unit_bytes,
+    ssd_backward_bytes,
+    ssd_chunks,
+)
 from archplan.analytic.memory import (
     FP32_BYTES,
     RECOMPUTE_MODES,
@@ -462,6 +469,41 @@ def _fsdp_end_units(data: ModelData, first: bool, last: bool, pp: int) -> tuple[
 
 # ----------------------------------------------------------------------------- per-layer data
 @dataclass(frozen=True)
+class OncePerForward:
+    """What one forward of a long-convolution layer keeps of its filters, whatever the micro-batch
+    (they depend on the parameters and the length alone), by how a rank's share of it is cut."""
+
+    channels: float  # per channel of the first convolution: split over tp and over cp
+    tp_channels: float  # per channel, but made whole on every cp rank: split over tp only
+    whole: float  # replicated over tp and cp
+
+    @property
+    def total(self) -> float:
+        return self.channels + self.tp_channels + self.whole
+
+
+def _once_per_forward(mixer: MixerPlan, h: int, seq: int) -> OncePerForward:
+    """A Hyena layer's filters: the spectra of the rank's channels (split over tp by
+    `distributed.plans.hyena_plan`, over cp by the channel exchange of `distributed.context`), the
+    decay window of its tp channels (the filter runs whole on every cp rank), the filter MLP's
+    trunk (replicated over tp). S4's kernel, spectrum and generation, per channel of the rank's
+    tp·cp share (`distributed.plans.s4_plan`, `distributed.context.long_conv_context`); in fp32,
+    as FSDP2 hands the module fp32 SSM tensors. Mamba-1's two fp32 copies of A, per channel of
+    d_inner, which splits over tp and cp (`distributed.plans.mamba1_plan`, `distributed.context`).
+    Measured by verify --layout at mb = 1 and 4."""
+    match mixer:
+        case HyenaPlan():
+            f = hyena_filter_activation_bytes(mixer, h, seq, ACT_BYTES)
+            return OncePerForward(f.spectra, f.window, f.trunk)
+        case S4Plan():
+            return OncePerForward(s4_kernel_once_bytes(mixer, h, seq, autocast=False), 0, 0)
+        case Mamba1Plan():
+            return OncePerForward(mamba1_a_bytes(mixer), 0, 0)
+        case _:
+            return OncePerForward(0, 0, 0)
+
+
+@dataclass(frozen=True)
 class LayerActs:
     """Activation bytes of one sequence of `seq` tokens through one layer, unsharded."""
 
@@ -484,7 +526,7 @@ class LayerActs:
     ssd_kept: int  # what a Mamba-2 layer's torch modules keep beyond mamba_ssm's kernels (`_ssd_kept`)
     mamba1_kept: int  # and a Mamba-1 layer's, negative where it keeps less (`_mamba1_kept`)
     x_proj_whole: int  # Mamba-1's x_proj output and inner norms' outputs, whole on every tp rank (`_x_proj_bytes`)
-    filters: HyenaFilterActs  # a Hyena layer's, kept once per forward whatever the micro-batch (`_filter_kept`)
+    once: OncePerForward  # a long convolution's filters, kept once per forward whatever the micro-batch
 
 
 @dataclass(frozen=True)
@@ -545,9 +587,8 @@ class ModelData:
         per_layer = {mode: _by_layer(acts[mode], [layer.path for layer in plan.layers])
                      for mode in ("none", "selective")}
         for layer in plan.layers:
-            filters = (hyena_filter_activation_bytes(layer.mixer, h, seq, ACT_BYTES)
-                       if isinstance(layer.mixer, HyenaPlan) else HyenaFilterActs(0, 0, 0))
-            kept = {mode: per_layer[mode][layer.path] - filters.total for mode in ("none", "selective")}
+            once = _once_per_forward(layer.mixer, h, seq)
+            kept = {mode: per_layer[mode][layer.path] - once.total for mode in ("none", "selective")}
             kept["full"] = acts["full"][layer.path]
             shared_input = plan.residual == "parallel" and len(layer.norms) == 1
             ffn_column = _tp_ffn(layer) and not shared_input
@@ -563,7 +604,7 @@ class ModelData:
                                        seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
                                        _latent_bytes(layer, seq), *_viewed_bytes(layer, seq),
                                        _ssd_kept(layer, seq), _mamba1_kept(layer, seq),
-                                       _x_proj_bytes(layer, seq), filters))
+                                       _x_proj_bytes(layer, seq), once))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -1438,13 +1479,11 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     return replicated + whole + (kept - replicated - whole) / tp
 
 
-def _filter_kept(acts: LayerActs, layout: Layout) -> float:
-    """Bytes one micro-batch's forward keeps of a Hyena layer's filters on one rank: the spectra
-    of the rank's channels (split over tp by `distributed.plans.hyena_plan`, over cp by the
-    channel exchange of `distributed.context`), the decay window of its tp channels (the filter
-    runs whole on every cp rank), the filter MLP's trunk whole (replicated over tp)."""
-    f = acts.filters
-    return f.spectra / (layout.tp * layout.cp) + f.window / layout.tp + f.trunk
+def _once_kept(acts: LayerActs, layout: Layout) -> float:
+    """Bytes one micro-batch's forward keeps of a long convolution's filters on one rank
+    (`OncePerForward`)."""
+    f = acts.once
+    return f.channels / (layout.tp * layout.cp) + f.tp_channels / layout.tp + f.whole
 
 
 def _cp_keeps_gathered(layout: Layout, engine: Engine) -> bool:
@@ -2202,7 +2241,7 @@ def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], ker
         shared += (_cp_shared(data, layout, chunk.layers, engine, cp_comm)
                    + _alibi_bias(data, layout, chunk.layers, engine) + _rope_tables(data, layout, chunk.layers, engine))
         # what a layer keeps beside its activations (full recompute keeps only its input)
-        kept = {i: _filter_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
+        kept = {i: _once_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
                 if layout.recompute != "full" else 0.0 for i in chunk.layers}
         per_count.append(per_mb + sum(kept.values()))
         by_layer.update({i: per_layer[i] * scale + kept[i] for i in chunk.layers})
@@ -2221,9 +2260,23 @@ def _reruns(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: At
     # the same tensor in the torch engine (its norms keep their inputs; `whole` counts it)
     block_input = data.layer_acts(layout, "full", kernel, engine)
     return {i: (whole[i] - (block_input[i] if _rerun_saves_kept_input(data, i, layout, engine) else 0.0)
-                + _combine_working_set(data.acts[i], layout)) * scale
-            + _cp_kept(data, layout, i, engine, cp_comm) + _filter_kept(data.acts[i], layout)
+                + _combine_working_set(data.acts[i], layout)
+                + (_mtp_rerun_input(data, layout, engine) if i >= data.n_main else 0.0)) * scale
+            + _cp_kept(data, layout, i, engine, cp_comm) + _once_kept(data.acts[i], layout)
             for chunk in chunks for i in chunk.layers}
+
+
+def _mtp_rerun_input(data: ModelData, layout: Layout, engine: Engine) -> float:
+    """What an MTP module's re-run makes before its block, for one sequence: the normed pair
+    [enorm(emb) | hnorm(h)] (2·d a token, sequence-sharded under SP), alive through the block's
+    re-run as the module's local, and its projection's saved input, the pair itself but under the
+    torch engine's SP, where DTensor saves the gathered whole (`shard._mtp_parallel`). Measured
+    by verify --layout on a 2-layer model with one and two modules at 64 tokens under full
+    recompute: at tp = 1 the re-run's end held 10,512 B the re-run term did not count, 8,192 of
+    them the pair."""
+    pair = data.mtp_proj_act / data.mtp_depth
+    sp = layout.sequence_parallel
+    return pair / (layout.tp if sp else 1) + (pair if engine == "torch" and sp else 0.0)
 
 
 def _rerun_saves_kept_input(data: ModelData, i: int, layout: Layout, engine: Engine) -> bool:
@@ -2252,12 +2305,15 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     mode = layout.recompute
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
-    head = main_pass = 0.0
+    head = main_pass = mtp_pass = 0.0
     if chunks[-1].last:
         passes, mtp = _head_tensors(data, layout, engine)
         head = (passes + mtp) * scale
         # the main pass's share of the head's tensors, and the MTP modules' kept inputs
         main_pass = (passes / (1 + data.mtp_depth) + mtp) * scale
+        # an MTP pass's: the head's input and the logits (its final norm is inside the module,
+        # which full recompute checkpoints whole)
+        mtp_pass = (data.head_input_act + data.logits_act / layout.tp) / (1 + data.mtp_depth) * scale
     # a layer is re-run in the backward after the loss's and the head's backward freed the
     # logits and the head's inputs: the two peaks do not coexist (measured by verify --layout)
     reruns = _reruns(data, layout, chunks, kernel, engine, cp_comm)
@@ -2283,10 +2339,11 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
         moments = [head_now, received + rerun_most[moment.backward]]
         if engine == "torch" and data.mtp_depth and moment.backward == last:
             # except the MTP modules' re-run: the torch engine's loss adds the main pass's first
-            # (`distributed.stage.Stage`), so autograd runs the modules' backward, and their
-            # re-run, while the main pass's head tensors still wait for theirs (Megatron-Core
-            # computes the main loss last: its backward frees them first)
-            moments.append(main_pass + max(reruns[i] for i in chunks[last].layers if i >= data.n_main))
+            # (`distributed.stage.Stage`), so autograd runs the modules' backward, the deepest
+            # first, and module k's re-run while the head tensors of the main pass and of the
+            # modules before k still wait for theirs (Megatron-Core computes the main loss last:
+            # its backward frees them first)
+            moments.append(main_pass + max(k * mtp_pass + reruns[data.n_main + k] for k in range(data.mtp_depth)))
         return max(moments)
 
     return math.ceil(held.shared + max(sum(map(math.prod, zip(moment.counts, held.per_count))) + beside(moment)
