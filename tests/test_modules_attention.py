@@ -625,3 +625,34 @@ def test_alibi_bias_is_built_once_for_the_layers_and_the_steps() -> None:
         model(tokens)
     assert not cache.built
     model(tokens).sum().backward()
+
+
+def test_a_sliding_window_mask_is_built_once_for_the_layers() -> None:
+    """A model's sliding-window layers share one additive mask per window (`BiasCache`), which
+    SDPA keeps for the backward as it is given: a boolean mask, converted by SDPA on every call,
+    kept a (T, T) copy a layer (2·T² bytes in bf16, measured by bench --train and verify
+    --layout). Full causal layers of the same model take SDPA's is_causal and no mask. The
+    logits are those of the boolean mask each layer built before."""
+    from archplan.modules.model import ArchplanModel
+    from archplan.resolve import resolve
+    from archplan.spec import Spec
+
+    spec = Spec.model_validate({
+        "name": "swa", "vocab_size": 64, "d_model": 32, "n_layers": 3, "max_seq_len": 32,
+        "position": {"kind": "rope"}, "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "sliding_window": 4},
+        "ffn": {"kind": "glu", "d_ff": 64}, "layout": {"mixers": "SSA"},
+    })
+    torch.manual_seed(0)
+    model = ArchplanModel(resolve(spec))
+    tokens = torch.randint(0, 64, (2, 12))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        logits = model(tokens)
+    masks = [t for t in kept if tuple(t.shape) == (12, 12)]
+    assert len(masks) == 2 and len({t.data_ptr() for t in masks}) == 1
+    pos = torch.arange(12)
+    allowed = attention_mask(pos, pos, 4, None, torch.float32)
+    assert masks[0].dtype == torch.float32 and torch.equal(masks[0] == 0, allowed)
+    for layer in model.layers:
+        layer.mixer.biases = None  # each layer builds its boolean mask, as before the cache
+    assert torch.allclose(model(tokens), logits, atol=1e-6)

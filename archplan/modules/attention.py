@@ -3,7 +3,7 @@
 Masks: causal, sliding window (key j visible from query i iff i − W < j ≤ i, HF Mistral), ALiBi
 biases. Without a cache and without window/ALiBi the call is `is_causal=True` so GPU kernels
 (flash / memory-efficient) apply; otherwise an explicit mask from absolute positions. A model's
-ALiBi layers share one bias (`BiasCache`). On meta,
+layers share one ALiBi bias, or one additive mask per sliding window (`BiasCache`). On meta,
 SDPA is counted as the full T² square over the query heads (docs/architecture.md, FLOPs).
 
 The KV cache (`cache.KVState`) is written in place; sliding layers use a rolling buffer of the
@@ -85,25 +85,32 @@ def attention_mask(
 
 
 class BiasCache:
-    """The ALiBi biases of a model's (or pipeline stage's) attention layers, built once and shared
-    by the layers, the micro-batches and the re-runs of recompute, as the context-parallel mask is
-    (`SequenceShard.mask`): SDPA keeps the bias it is given for the backward, so a bias built per
-    layer kept H·T·S elements a layer, and one built in a re-run added its fp32 working set to the
-    backward's peak. Hugging Face's BLOOM builds its ALiBi once per forward. Only a fresh sequence's
-    bias (no cache: positions 0 … T − 1 in every layer) is kept, and only the last length's."""
+    """The ALiBi biases, or the sliding windows' masks, of a model's (or pipeline stage's)
+    attention layers, built once and shared by the layers, the micro-batches and the re-runs of
+    recompute, as the context-parallel mask is (`SequenceShard.mask`): SDPA keeps the mask it is
+    given for the backward, so a bias built per layer kept H·T·S elements a layer, and one built
+    in a re-run added its fp32 working set to the backward's peak. Hugging Face's BLOOM builds its
+    ALiBi once per forward, and its Mistral one sliding-window mask. A window's mask is additive
+    (0 or −inf) in the compute dtype: SDPA converts a boolean mask to one of those on every call
+    (`convert_boolean_attn_mask`), and keeps the copy, T·S elements a layer. Only a fresh
+    sequence's masks (no cache: positions 0 … T − 1 in every layer) are kept, and only the last
+    length's."""
 
     def __init__(self) -> None:
         self.shape: tuple[object, ...] | None = None  # (T, S, dtype, device) of the biases built
         self.built: dict[tuple[object, ...], Tensor] = {}  # by slopes and window
 
-    def mask(self, qpos_T: Tensor, kpos_S: Tensor, window: int | None, alibi: Alibi,
+    def mask(self, qpos_T: Tensor, kpos_S: Tensor, window: int | None, alibi: Alibi | None,
              dtype: torch.dtype) -> Tensor:
         shape = (qpos_T.shape[0], kpos_S.shape[0], dtype, qpos_T.device)
         if shape != self.shape:  # a new length, dtype or device: the old biases are not used again
             self.shape, self.built = shape, {}
-        key = (alibi.signature(), window)
+        key = (alibi.signature() if alibi is not None else None, window)
         if key not in self.built:
-            self.built[key] = attention_mask(qpos_T, kpos_S, window, alibi, dtype)
+            built = attention_mask(qpos_T, kpos_S, window, alibi, dtype)
+            if built.dtype == torch.bool:
+                built = torch.zeros(built.shape, dtype=dtype, device=built.device).masked_fill_(~built, float("-inf"))
+            self.built[key] = built
         return self.built[key]
 
 
@@ -160,7 +167,7 @@ def sdpa(
     `gqa` comes from the plan's integers, not from tensor shapes, so a JIT trace (fvcore) sees a
     Python bool. `mask`: one already built (context parallelism: the keys are not in sequence
     order, and the layers share one mask, `SequenceShard.mask`); `biases`: the layers' shared
-    ALiBi biases (`BiasCache`).
+    ALiBi biases and window masks (`BiasCache`).
     """
     if gqa and q_BHTD.device.type == "cuda":
         # CUDA's fused kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch
@@ -181,8 +188,7 @@ def sdpa(
             if q_BHTD.shape[2] == 1:
                 # one new token sees every cached key: no mask, so GPU decode keeps the fused kernels
                 return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSDv, scale=scale, enable_gqa=gqa)
-        if mask is None and alibi is not None and biases is not None and not cached \
-                and not torch.is_inference_mode_enabled():
+        if mask is None and biases is not None and not cached and not torch.is_inference_mode_enabled():
             # an inference tensor could not be saved by a later training step's SDPA
             mask = biases.mask(qpos_T, kpos_S, window, alibi, q_BHTD.dtype)
         if mask is None:

@@ -110,7 +110,7 @@ kept until its backward (`_held_output`), MLA's latents are kept whole on every 
 router's fp32 input copy, what the Mamba units keep beyond mamba_ssm: `_ssd_kept`,
 `_mamba1_kept`; Mamba-1's x_proj output whole on every rank, `_x_proj_bytes`), a layer's re-run
 does not count its block's input twice (`_rerun_saves_kept_input`), and its ALiBi is one shared
-bias per model chunk (`_alibi_bias`). Its DP records are
+bias per model chunk, a sliding window one shared mask (`_shared_bias`). Its DP records are
 FSDP2's units (`_fsdp_end_units`: the embedding alone, the rest of the ends in the stage's root
 unit), its tied-embedding all-reduce across stages is of the rank's FSDP2 shard,
 without SP its pipeline sends carry the whole hidden states (no scatter over tp), and its
@@ -1587,16 +1587,20 @@ def _shared_masks(data: ModelData, layout: Layout, attention: list[AttentionPlan
     return len(windows) * ACT_BYTES * heads * (data.seq // layout.cp) * data.seq
 
 
-def _alibi_bias(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
-    """Bytes of the ALiBi biases a model chunk holds on a rank of the torch engine outside context
-    parallelism: per distinct window, one (H/tp, T, T) additive bias in the compute dtype, built
-    once and shared by the chunk's layers, micro-batches and re-runs (`modules.attention.BiasCache`),
-    and kept by SDPA for the backward. Under context parallelism the shard's masks are
-    `_cp_shared`'s; FlashAttention's own ALiBi (slopes, no bias tensor) and Megatron-Core keep none."""
+def _shared_bias(data: ModelData, layout: Layout, layers: range, engine: Engine) -> int:
+    """Bytes of the ALiBi biases and sliding-window masks a model chunk holds on a rank of the
+    torch engine outside context parallelism: per distinct window, one (H/tp, T, T) additive
+    ALiBi bias, or without ALiBi one (T, T) additive mask per sliding window, in the compute dtype,
+    built once and shared by the chunk's layers, micro-batches and re-runs
+    (`modules.attention.BiasCache`), and kept by SDPA for the backward. Under context parallelism
+    the shard's masks are `_cp_shared`'s; FlashAttention's own ALiBi and windows (slopes and
+    bounds, no tensor) and Megatron-Core keep none."""
     plan = data.plan
-    if engine != "torch" or layout.cp > 1 or plan.position != "alibi":
+    if engine != "torch" or layout.cp > 1:
         return 0
     attention = [plan.layers[i].mixer for i in layers if isinstance(plan.layers[i].mixer, AttentionPlan | MLAPlan)]
+    if plan.position != "alibi":  # full causal attention runs SDPA's is_causal, with no mask
+        attention = [m for m in attention if m.window is not None]
     return _shared_masks(data, layout, attention) if attention else 0
 
 
@@ -2239,7 +2243,7 @@ def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], ker
         per_mb += _held_output(data, layout, chunk, engine)
         per_mb *= scale
         shared += (_cp_shared(data, layout, chunk.layers, engine, cp_comm)
-                   + _alibi_bias(data, layout, chunk.layers, engine) + _rope_tables(data, layout, chunk.layers, engine))
+                   + _shared_bias(data, layout, chunk.layers, engine) + _rope_tables(data, layout, chunk.layers, engine))
         # what a layer keeps beside its activations (full recompute keeps only its input)
         kept = {i: _once_kept(data.acts[i], layout) + _cp_kept(data, layout, i, engine, cp_comm)
                 if layout.recompute != "full" else 0.0 for i in chunk.layers}
