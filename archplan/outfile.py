@@ -3,6 +3,7 @@ A file that exists is the user's and is replaced only with --force (principle 6)
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from archplan.errors import ArchplanError
@@ -13,7 +14,8 @@ SCHEMA_SUFFIXES = (".json",)
 
 def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[str, ...] = ()) -> Path:
     """`path` as a place to write, or a one-line refusal naming `field`: a wrong suffix (when
-    `suffixes` are given), a folder, an existing file without --force, a missing parent folder.
+    `suffixes` are given), a folder, an existing file without --force, a missing parent folder or
+    one that takes no file.
     Checked before any work, so that a refused write costs nothing."""
     if not str(path).strip():
         # Path("") is the current folder: an unset shell variable would name it
@@ -27,6 +29,11 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
     if not target.parent.is_dir():
         raise ArchplanError("directory does not exist", file=str(path), field=field)
+    try:  # a read-only file system or folder refuses a scratch file, which leaves nothing behind
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as exc:
+        raise ArchplanError(f"cannot write in its directory: {exc.strerror}", file=str(path), field=field) from None
     return target
 
 

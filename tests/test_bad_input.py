@@ -526,6 +526,20 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
     assert_one_line_error(cli(*command, str(tmp_path / "none" / f"x{suffix}")), "directory does not exist")
     wrong = {".png": "x.txt", ".json": "x.yaml", ".yaml": "x.json"}[suffix]
     assert_one_line_error(cli(*command, str(tmp_path / wrong)), "must end in")
+    if Path("/proc/self").is_dir():  # a folder that takes no file, even from root
+        assert_one_line_error(cli(*command, f"/proc/x{suffix}"), "cannot write in its directory")
+
+
+def test_a_plot_nowhere_to_write_is_refused_before_the_sweep(tmp_path: Path) -> None:
+    """bench --seq a,b --plot PATH checks PATH before it measures anything (it failed after the
+    sweep, on matplotlib's write)."""
+    pytest.importorskip("torch")
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs a folder that takes no file (/proc)")
+    proc = subprocess.run([sys.executable, "-m", "archplan.cli", "bench", "gpt2", "--layers", "1", "--seq", "8,16",
+                           "--plot", "/proc/x.png"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot write in its directory" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_a_field_of_another_kind_names_that_kind(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
