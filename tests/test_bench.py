@@ -660,3 +660,24 @@ def test_no_layout_names_only_what_the_user_fixed(capsys: pytest.CaptureFixture[
     """A dense model's ep=1 is the model's, not a choice: the reason names no `with ep=1`."""
     proc = run_main(["plan", "llama-3.1-405b", "--gpus", "1000000000", "--gpu", "h100"], capsys, monkeypatch)
     assert proc.code == 2 and "no layout: 1,000,000,000 GPUs admit no" in proc.stderr and "with ep" not in proc.stderr
+
+
+def test_compile_warnings_become_notes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torch.compile warns while the warm-up compiles (inductor: "no code generation for
+    complex operators" on S4's and Hyena's FFTs) is the result's `compile_warnings`, each once,
+    printed as notes under the table rather than as raw warnings with torch's file paths. A
+    stand-in for torch.compile that warns on each call keeps this test free of inductor's minutes
+    of compiling."""
+    import warnings
+
+    def compile_warning(model: torch.nn.Module) -> object:
+        def run(*args: object, **kwargs: object) -> object:
+            warnings.warn("no code generation for complex operators", UserWarning, stacklevel=2)
+            return model(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_warning)
+    result = run_bench(plan_of(TINY), BenchConfig(**{**FAST.__dict__, "compile": True, "warmup": 2}))
+    assert result.compile_warnings == ("no code generation for complex operators",)
+    assert result.to_json()["compile_warnings"] == ["no code generation for complex operators"]
+    assert run_bench(plan_of(TINY), FAST).compile_warnings == ()

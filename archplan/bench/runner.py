@@ -95,6 +95,9 @@ class BenchResult:
     extrapolation: Extrapolation | None
     decode_model: DecodeModel | None = None
     backends: list[dict[str, object]] = field(default_factory=list)
+    # what torch.compile warned while it compiled (e.g. inductor's "no code generation for complex
+    # operators": S4's and Hyena's FFTs run eager), each once, printed as notes instead of raw warnings
+    compile_warnings: tuple[str, ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
@@ -198,6 +201,7 @@ class BenchResult:
                 "rest_seconds": self.extrapolation.rest_seconds,
             },
             "backends": self.backends,
+            "compile_warnings": list(self.compile_warnings),
         }
 
 
@@ -480,7 +484,9 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
             return forward(tokens)
 
     with progress_bar(console) as progress:
-        time_calls(prefill, device, cfg.warmup, progress, "warm-up")
+        # the warm-up compiles: its warnings become the result's notes (`compile_warnings`)
+        with warnings.catch_warnings(record=True) if cfg.compile else contextlib.nullcontext() as compiled:
+            time_calls(prefill, device, cfg.warmup, progress, "warm-up")
         timing = time_calls(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")
         extrapolation = None
         if cfg.layers is not None and built.n_layers < plan.n_layers:
@@ -528,6 +534,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
         peak_memory_bytes=peak_bytes, peak_memory_method=method, analytic_memory_bytes=analytic_mem,
         predicted_prefill=predicted_prefill,
         predicted_decode=predicted_decode, extrapolation=extrapolation, decode_model=decode_model,
+        compile_warnings=tuple(dict.fromkeys(str(w.message) for w in compiled or ())),
     )
 
 

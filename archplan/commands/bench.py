@@ -265,6 +265,8 @@ def _render(result: object, name: str) -> None:
     table.add_row("peak memory", nbytes(result.peak_memory_bytes), result.peak_memory_method)
     table.add_row("analytic memory", nbytes(result.analytic_memory_bytes), "weights + cache of what was built")
     console.print(table)
+    for message in result.compile_warnings:
+        console.print(f"  torch.compile warned: {escape(message)}", style="dim")
 
     kinds = Table(title="roofline by layer kind", show_header=True)
     for col in ("kind", "layers", "FLOPs", "bytes", "predicted", "bound"):
