@@ -3,7 +3,7 @@
 
 - model states (parameters, gradients, optimizer states): exact, under the FSDP2 convention of
   `cluster` (what this side runs) and its fp32 gradient reduction (`shard.MIXED.reduce_dtype`);
-- activations: within ACTIVATION_TOLERANCE of the analytic figure (the "flash" kernel of
+- activations: within ACTIVATION_TOLERANCE of the analytic figure, or ACTIVATION_FLOOR_BYTES (the "flash" kernel of
   `cluster`, what SDPA is on CPU: no s×s probabilities kept). Plain torch autograd keeps tensors the
   analytic per-tensor model of fused kernels does not (RoPE's cos/sin casts, small statistics);
 - collectives: the tally of (kind, mesh dim, group size, bytes) → calls, exact on both sides:
@@ -21,7 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from archplan.distributed.fake import Measured, measure
-from archplan.distributed.tolerance import ACTIVATION_TOLERANCE
+from archplan.distributed.tolerance import (
+    ACTIVATION_FLOOR_BYTES,
+    ACTIVATION_JUDGED,
+    ACTIVATION_TOLERANCE,
+    activations_within,
+)
 from archplan.modules.model import check_mtp_length
 from archplan.planning import cluster
 from archplan.planning.layout import Layout
@@ -38,7 +43,7 @@ class MemoryRow:
     category: str
     analytic: int
     measured: int
-    judged: str  # "exact" | "±25%" | "shown"
+    judged: str  # "exact" | ACTIVATION_JUDGED | "shown"
 
     @property
     def ok(self) -> bool | None:
@@ -49,7 +54,7 @@ class MemoryRow:
             case "shown":
                 return None
             case _:
-                return abs(self.measured - self.analytic) <= ACTIVATION_TOLERANCE * max(self.analytic, 1)
+                return activations_within(self.analytic, self.measured)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ class LayoutCheck:
         return {
             "name": self.name, "layout": m.layout.spec, "world": m.layout.world, "stage": m.stage,
             "rank": m.rank, "seq": m.seq, "microbatches": m.microbatches, "in_flight": m.in_flight,
-            "layers": list(m.layers), "mtp_modules": list(m.mtp), "ok": self.ok, "activation_tolerance": ACTIVATION_TOLERANCE,
+            "layers": list(m.layers), "mtp_modules": list(m.mtp), "ok": self.ok,
+            "activation_tolerance": ACTIVATION_TOLERANCE, "activation_floor_bytes": ACTIVATION_FLOOR_BYTES,
             "memory": [{"category": r.category, "analytic": r.analytic, "measured": r.measured,
                         "judged": r.judged, "ok": r.ok} for r in self.memory],
             "tracker_peak": m.peak_by_reftype,
@@ -120,7 +126,7 @@ class LayoutCheck:
 
 def _memory_rows(analytic: RankMemory, measured: RankMemory) -> tuple[MemoryRow, ...]:
     def judged(name: str) -> str:
-        return "exact" if name in EXACT else f"±{ACTIVATION_TOLERANCE:.0%}" if name == "activations" else "shown"
+        return "exact" if name in EXACT else ACTIVATION_JUDGED if name == "activations" else "shown"
 
     return tuple(MemoryRow(name, getattr(analytic, name), getattr(measured, name), judged(name))
                  for name in MEMORY_CATEGORIES)

@@ -47,7 +47,7 @@ from archplan.analytic import count_params, training_flops_per_sequence
 from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
 from archplan.bench.device import device_peak, free_memory, synchronize
 from archplan.bench.fit import refuse_unless_fits
-from archplan.distributed.tolerance import ACTIVATION_TOLERANCE, PEAK_TOLERANCE
+from archplan.distributed.tolerance import PEAK_TOLERANCE, activations_within
 from archplan.dtypes import DType
 from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TrainingLoss, build_model, resolve_device
@@ -265,7 +265,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     states_ok = measured["Parameter"] + measured["Gradient"] + measured["Optstate"] == analytic_states
     acts = measured["Activation"] - measured["WeightCopies"]
     kept = analytic.activations.kept
-    activations_ok = abs(acts - kept) <= ACTIVATION_TOLERANCE * kept
+    activations_ok = activations_within(kept, acts)
     total_ok = abs(total - analytic.total) <= PEAK_TOLERANCE * analytic.total
     peak = device_peak(dev, DType(dtype))
     return TrainBench(plan.name, str(dev), dtype, batch, seq, recompute, samples, measured, method,

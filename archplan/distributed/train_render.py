@@ -11,7 +11,7 @@ from rich.table import Table
 from archplan import jsonout
 from archplan.console import echo
 from archplan.bench.fit import truncate
-from archplan.distributed.tolerance import ACTIVATION_TOLERANCE, PEAK_TOLERANCE
+from archplan.distributed.tolerance import ACTIVATION_JUDGED, PEAK_TOLERANCE
 from archplan.distributed.train import TrainBench, train_bench
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
@@ -59,7 +59,7 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
     m = r.measured
     states = m["Parameter"] + m["Gradient"] + m["Optstate"]
     table.add_row("model states (16 B/param)", nbytes(r.analytic_states), nbytes(states), _mark(r.states_ok))
-    table.add_row(f"activations kept (±{ACTIVATION_TOLERANCE:.0%})", nbytes(r.analytic_activations),
+    table.add_row(f"activations kept ({ACTIVATION_JUDGED})", nbytes(r.analytic_activations),
                   nbytes(r.measured_activations), _mark(r.activations_ok))
     table.add_row("autocast weight copies (beside the states)", "", nbytes(m["WeightCopies"]), "")
     if "Temp" in m:
