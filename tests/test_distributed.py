@@ -2022,3 +2022,33 @@ def test_a_judged_activation_row_passes_within_its_tolerance_only(analytic: int,
 
     assert (ACTIVATION_TOLERANCE, ACTIVATION_FLOOR_BYTES, ACTIVATION_JUDGED) == (0.25, 4096, "±25% or 4 KiB")
     assert MemoryRow("activations", analytic, measured, ACTIVATION_JUDGED).ok is ok
+
+
+@pytest.mark.parametrize(("shape", "n", "dim"), [((10, 4), 3, 0), ((2, 6), 8, 0), ((4, 8), 4, 1), ((0, 3), 5, 0)])
+def test_rank_chunks_read_as_fsdp2s_list(shape: tuple[int, ...], n: int, dim: int) -> None:
+    """`shard._RankChunks` reads, index by index, as FSDP2's `_chunk_with_empty` list does: the
+    same pieces (views of the same storage) and empty ones after them."""
+    import torch
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _chunk_with_empty
+
+    from archplan.distributed.shard import _RankChunks
+
+    tensor = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    listed, lazy = _chunk_with_empty(tensor, n, dim), _RankChunks(tensor, n, dim)
+    assert len(lazy) == len(listed) == n
+    for i in (*range(n), -1):
+        assert lazy[i].shape == listed[i].shape and torch.equal(lazy[i], listed[i])
+        assert lazy[i].numel() == 0 or lazy[i].data_ptr() == listed[i].data_ptr()
+    with pytest.raises(IndexError):
+        lazy[n]
+
+
+def test_fake_verify_a_million_data_parallel_ranks(fake_world: None) -> None:
+    """dp = 1,000,000 under ZeRO-3: every check as at dp = 2, in seconds (FSDP2 made one empty
+    tensor per rank per parameter, `shard._RankChunks`: past two minutes before)."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    result = check_layout_run(plan, parse_layout("tp=1,cp=1,pp=1,dp=1000000,ep=1,zero=3,recompute=none,mb=1")
+                              .complete(), 16, microbatches=1)
+    assert result.ok, [r for r in (*result.memory, *result.collectives) if not r.ok]
