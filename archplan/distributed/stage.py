@@ -39,7 +39,8 @@ class Stage(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(plan.layers[i], plan) for i in layers if i < n_main})
         self.mtp = nn.ModuleDict({str(i - n_main): MTPLayer(plan.mtp[i - n_main], plan)
                                   for i in layers if i >= n_main})
-        share_biases(self.layers)
+        # the MTP modules attend over the same positions from 0 as the layers: the same masks
+        share_biases(self)
         share_rope_tables(self)
         self.final_norm = model.final_norm if last else None
         self.lm_head = model.lm_head if last else None
