@@ -29,11 +29,13 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
     if not target.parent.is_dir():
         raise ArchplanError("directory does not exist", file=str(path), field=field)
-    try:  # a read-only file system or folder refuses a scratch file, which leaves nothing behind
-        with tempfile.TemporaryFile(dir=target.parent):
-            pass
-    except OSError as exc:
-        raise ArchplanError(f"cannot write in its directory: {exc.strerror}", file=str(path), field=field) from None
+    if not target.exists():  # a file replaced in place needs no new entry in its folder
+        try:  # a read-only file system or folder refuses a scratch file, which leaves nothing behind
+            with tempfile.TemporaryFile(dir=target.parent):
+                pass
+        except OSError as exc:
+            raise ArchplanError(f"cannot create a file in its directory ({exc.strerror})",
+                                file=str(path), field=field) from None
     return target
 
 

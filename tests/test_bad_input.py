@@ -527,7 +527,25 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
     wrong = {".png": "x.txt", ".json": "x.yaml", ".yaml": "x.json"}[suffix]
     assert_one_line_error(cli(*command, str(tmp_path / wrong)), "must end in")
     if Path("/proc/self").is_dir():  # a folder that takes no file, even from root
-        assert_one_line_error(cli(*command, f"/proc/x{suffix}"), "cannot write in its directory")
+        assert_one_line_error(cli(*command, f"/proc/x{suffix}"), "cannot create a file in its directory")
+
+
+def test_a_file_replaced_in_place_needs_no_new_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that takes no new file (read-only to a user who can still write the file itself)
+    refuses a new name, and still lets --force replace an existing file in place."""
+    import tempfile
+
+    from archplan.outfile import check_target
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    assert check_target(mine, force=True, field="-o") == mine
+    with pytest.raises(ArchplanError, match=r"cannot create a file in its directory \(Permission denied\)"):
+        check_target(tmp_path / "new.json", force=False, field="-o")
 
 
 def test_a_plot_nowhere_to_write_is_refused_before_the_sweep(tmp_path: Path) -> None:
@@ -538,7 +556,7 @@ def test_a_plot_nowhere_to_write_is_refused_before_the_sweep(tmp_path: Path) -> 
         pytest.skip("needs a folder that takes no file (/proc)")
     proc = subprocess.run([sys.executable, "-m", "archplan.cli", "bench", "gpt2", "--layers", "1", "--seq", "8,16",
                            "--plot", "/proc/x.png"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "cannot write in its directory" in proc.stderr
+    assert proc.returncode == 2 and "cannot create a file in its directory" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
