@@ -685,3 +685,6 @@ def test_compile_warnings_become_notes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.compile_warnings == ("no code generation for complex operators",)
     assert result.to_json()["compile_warnings"] == ["no code generation for complex operators"]
     assert run_bench(plan_of(TINY), FAST).compile_warnings == ()
+    # --warmup 0: the first timed call compiles
+    cold = run_bench(plan_of(TINY), BenchConfig(**{**FAST.__dict__, "compile": True, "warmup": 0}))
+    assert cold.compile_warnings == ("no code generation for complex operators",)

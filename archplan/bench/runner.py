@@ -96,7 +96,8 @@ class BenchResult:
     decode_model: DecodeModel | None = None
     backends: list[dict[str, object]] = field(default_factory=list)
     # what torch.compile warned while it compiled (e.g. inductor's "no code generation for complex
-    # operators": S4's and Hyena's FFTs run eager), each once, printed as notes instead of raw warnings
+    # operators": S4's and Hyena's FFTs run eager), each once, printed as notes instead of raw
+    # warnings; a compile served from inductor's on-disk cache may warn nothing
     compile_warnings: tuple[str, ...] = ()
 
     @property
@@ -484,10 +485,11 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
             return forward(tokens)
 
     with progress_bar(console) as progress:
-        # the warm-up compiles: its warnings become the result's notes (`compile_warnings`)
+        # the first call compiles (in the timed ones under --warmup 0): what it warns becomes the
+        # result's notes (`compile_warnings`)
         with warnings.catch_warnings(record=True) if cfg.compile else contextlib.nullcontext() as compiled:
             time_calls(prefill, device, cfg.warmup, progress, "warm-up")
-        timing = time_calls(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")
+            timing = time_calls(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")
         extrapolation = None
         if cfg.layers is not None and built.n_layers < plan.n_layers:
             # as many passes again with block hooks, on the eager model: each one's split
