@@ -2060,6 +2060,7 @@ def test_rank_chunks_read_as_fsdp2s_list(shape: tuple[int, ...], n: int, dim: in
         assert lazy[i].numel() == 0 or lazy[i].data_ptr() == listed[i].data_ptr()
     with pytest.raises(IndexError):
         lazy[n]
+    assert [t.shape for t in lazy[1:]] == [t.shape for t in listed[1:]]
 
 
 def test_fake_verify_a_million_data_parallel_ranks(fake_world: None) -> None:

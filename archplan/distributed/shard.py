@@ -233,18 +233,27 @@ class _RankChunks(Sequence[Tensor]):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> Tensor | list[Tensor]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._piece(i) for i in range(*index.indices(self.n))]
         i = index + self.n if index < 0 else index
         if not 0 <= i < self.n:
             raise IndexError(index)
+        return self._piece(i)
+
+    def _piece(self, i: int) -> Tensor:
         return self.pieces[i] if i < len(self.pieces) else self.pieces[0].new_empty(0)
 
 
 @contextmanager
 def _chunks_read_lazily() -> Iterator[None]:
-    """FSDP2's parameter sharding with `_RankChunks` for its `_chunk_with_empty`, which is only
-    read by index (torch 2.13 `_fsdp_param.py`); restored after."""
-    original = fsdp_param._chunk_with_empty
+    """FSDP2's parameter sharding with `_RankChunks` for its `_chunk_with_empty`, which torch 2.13
+    reads by index only (`_fsdp_param.py`); restored after. A torch without that helper shards as
+    it does, only slower at a large dp."""
+    original = getattr(fsdp_param, "_chunk_with_empty", None)
+    if original is None:
+        yield
+        return
     fsdp_param._chunk_with_empty = _RankChunks
     try:
         yield
