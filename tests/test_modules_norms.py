@@ -36,6 +36,27 @@ def test_rms_norm_keeps_input_and_rstd_with_plain_autograd_gradients(affine: boo
     assert torch.autograd.gradcheck(lambda *t: rms_norm(t[0], t[1] if affine else None, 1e-5), tuple(wanted))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_forward_holds_one_fp32_copy_past_its_statistics(dtype: torch.dtype) -> None:
+    """The unit's forward normalises x's fp32 copy in place where the copy is new (a narrower x):
+    at most two fp32 tensors of x's size alive at once (the copy and its square, for the mean),
+    where out of place held three at its end (the copy, x̂ and x̂·w), and a full-recompute re-run
+    ending in a norm (an MTP module's final norm) peaked there. An fp32 x is not written."""
+    from live_bytes import LiveBytes
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 64, dtype=dtype)
+    kept = x.clone()
+    w = torch.randn(64, dtype=dtype)
+    fp32_size = 4 * x.numel()
+    tracer = LiveBytes()
+    with tracer:
+        y = rms_norm(x, w, 1e-5)
+    assert tracer.peak <= 2 * fp32_size + 4 * 4 * 256  # and the per-row statistics
+    assert torch.equal(x, kept)
+    assert torch.equal(y, F.rms_norm(x.float(), (64,), w.float(), 1e-5))
+
+
 @pytest.mark.parametrize("norm", [
     RMSNorm(32, 1e-5), LayerNorm(32, 1e-5, bias=True), LayerNorm(32, 1e-5, bias=False),
     LayerNorm(32, 1e-5, bias=True, affine=False),

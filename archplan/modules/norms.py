@@ -67,8 +67,10 @@ class _RMSNormKeepingInput(torch.autograd.Function):
         x32 = _wide(x)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, rstd, weight)
-        y = x32 * rstd
-        return y if weight is None else y * weight
+        # in place on x's own fp32 copy (a new tensor only where x is narrower): one fp32 tensor of
+        # x's size alive after rstd, where out of place held three (x32, x̂ and x̂·w) at the end
+        y = x32.mul_(rstd) if x32 is not x else x32 * rstd
+        return y if weight is None else y.mul_(weight)
 
     @staticmethod
     def backward(  # type: ignore[override]
