@@ -658,15 +658,17 @@ MAMBA1_WIDE_STATE = {"kind": "mamba1", "d_state": 64, "d_conv": 4, "expand": 2, 
     ("tiny-s4d.yaml", {}, 256, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=4"),
     ("tiny-mamba.yaml", {"ssm": MAMBA1_WIDE_STATE}, 16, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=4"),
     ("tiny-mamba.yaml", {"ssm": MAMBA1_WIDE_STATE}, 16, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=4"),
-], ids=["s4", "s4-tp2-cp2", "s4d", "mamba1-tp2", "mamba1-full-recompute"])
+    ("tiny-stripedhyena.yaml", {}, 64, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=4"),
+], ids=["s4", "s4-tp2-cp2", "s4d", "mamba1-tp2", "mamba1-full-recompute", "stripedhyena-full-recompute"])
 def test_fake_verify_what_a_forward_keeps_once_whatever_the_micro_batch(
         fake_world: None, tmp_path: Path, fixture: str, fields: dict[str, object], seq: int, layout: str) -> None:
-    """S4's kernel (its spectrum, and the DPLR generation's tensors) and Mamba-1's two fp32 copies
-    of A depend on the parameters and the length, not the batch: one forward of a 4-sequence
-    micro-batch keeps them once, on the rank's tp·cp share of the channels
-    (`cluster._once_per_forward`). Measured / analytic activations were 0.431 and 0.462 (S4),
-    0.910 (S4D), 0.780 and 0.619 (Mamba-1 with 64 states at 16 tokens) while they were scaled by
-    the micro-batch; now 1.003, 1.008, 1.008, 1.011 and 1.007."""
+    """S4's kernel (its spectrum, and the DPLR generation's tensors), Mamba-1's two fp32 copies of
+    A and StripedHyena's modal filters' spectra depend on the parameters and the length, not the
+    batch: one forward of a 4-sequence micro-batch keeps them once, on the rank's tp·cp share of
+    the channels (`cluster._once_per_forward`). Measured / analytic activations were 0.431 and
+    0.462 (S4), 0.910 (S4D), 0.780 and 0.619 (Mamba-1 with 64 states at 16 tokens) and 0.978
+    (StripedHyena) while they were scaled by the micro-batch; now 1.003, 1.008, 1.008, 1.011,
+    1.007 and 1.007."""
     from archplan.distributed.check import check_layout_run
 
     spec = variant(tmp_path, fixture, "variant", **fields) if fields else FIXTURES / fixture

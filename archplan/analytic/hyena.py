@@ -229,5 +229,11 @@ def striped_activation_bytes(m: StripedHyenaPlan, d_model: int, batch: int, seq_
     the conv output, out_filter_dense input."""
     tokens = batch * seq_len
     bins = fft_length(seq_len) // 2 + 1
-    spectra = 8 * (batch * d_model + striped_filters(m, d_model)) * bins
-    return act_bytes * tokens * (d_model + 3 * d_model + 3 * d_model + 3 * d_model) + spectra
+    return (act_bytes * tokens * (d_model + 3 * d_model + 3 * d_model + 3 * d_model) + 8 * batch * d_model * bins
+            + striped_filter_once_bytes(m, d_model, seq_len))
+
+
+def striped_filter_once_bytes(m: StripedHyenaPlan, d_model: int, seq_len: int) -> int:
+    """The modal filters' fp32 spectra (complex64, fft_length / 2 + 1 bins a filter), made once a
+    forward whatever the batch (they depend on the parameters and the length alone)."""
+    return 8 * striped_filters(m, d_model) * (fft_length(seq_len) // 2 + 1)

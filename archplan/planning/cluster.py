@@ -200,7 +200,7 @@ from typing import Literal, NamedTuple, TypeVar
 
 from typing_extensions import assert_never
 
-from archplan.analytic.hyena import hyena_filter_activation_bytes
+from archplan.analytic.hyena import hyena_filter_activation_bytes, striped_filter_once_bytes
 from archplan.analytic.s4 import s4_kernel_once_bytes
 from archplan.analytic.mamba import (
     mamba1_a_bytes,
@@ -488,9 +488,10 @@ def _once_per_forward(mixer: MixerPlan, h: int, seq: int) -> OncePerForward:
     decay window of its tp channels (the filter runs whole on every cp rank), the filter MLP's
     trunk (replicated over tp). S4's kernel, spectrum and generation, per channel of the rank's
     tp·cp share (`distributed.plans.s4_plan`, `distributed.context.long_conv_context`); in fp32,
-    as FSDP2 hands the module fp32 SSM tensors. Mamba-1's two fp32 copies of A, per channel of
-    d_inner, which splits over tp and cp (`distributed.plans.mamba1_plan`, `distributed.context`).
-    Measured by verify --layout at mb = 1 and 4."""
+    as FSDP2 hands the module fp32 SSM tensors. StripedHyena's modal filters' spectra, per filter
+    (the filters split with the channels over tp and cp). Mamba-1's two fp32 copies of A, per
+    channel of d_inner, which splits over tp and cp (`distributed.plans.mamba1_plan`,
+    `distributed.context`). Measured by verify --layout at mb = 1 and 4."""
     match mixer:
         case HyenaPlan():
             f = hyena_filter_activation_bytes(mixer, h, seq, ACT_BYTES)
@@ -499,6 +500,8 @@ def _once_per_forward(mixer: MixerPlan, h: int, seq: int) -> OncePerForward:
             return OncePerForward(s4_kernel_once_bytes(mixer, h, seq, autocast=False), 0, 0)
         case Mamba1Plan():
             return OncePerForward(mamba1_a_bytes(mixer), 0, 0)
+        case StripedHyenaPlan():
+            return OncePerForward(striped_filter_once_bytes(mixer, h, seq), 0, 0)
         case _:
             return OncePerForward(0, 0, 0)
 
