@@ -3,6 +3,7 @@ A file that exists is the user's and is replaced only with --force (principle 6)
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -29,13 +30,16 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
     if not target.parent.is_dir():
         raise ArchplanError("directory does not exist", file=str(path), field=field)
-    if not target.exists():  # a file replaced in place needs no new entry in its folder
-        try:  # a read-only file system or folder refuses a scratch file, which leaves nothing behind
-            with tempfile.TemporaryFile(dir=target.parent):
-                pass
-        except OSError as exc:
-            raise ArchplanError(f"cannot create a file in its directory ({exc.strerror})",
-                                file=str(path), field=field) from None
+    if target.exists():  # replaced in place: the file itself must take writes (a read-only mount refuses even root)
+        if not os.access(target, os.W_OK):
+            raise ArchplanError("cannot write this file (read-only)", file=str(path), field=field)
+        return target
+    try:  # a read-only file system or folder refuses a scratch file, which leaves nothing behind
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as exc:
+        raise ArchplanError(f"cannot create a file in its directory ({exc.strerror})",
+                            file=str(path), field=field) from None
     return target
 
 

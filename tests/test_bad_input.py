@@ -532,7 +532,8 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
 
 def test_a_file_replaced_in_place_needs_no_new_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder that takes no new file (read-only to a user who can still write the file itself)
-    refuses a new name, and still lets --force replace an existing file in place."""
+    refuses a new name, and still lets --force replace an existing file in place; a file that
+    takes no write (a read-only mount) is refused up front too."""
     import tempfile
 
     from archplan.outfile import check_target
@@ -546,6 +547,10 @@ def test_a_file_replaced_in_place_needs_no_new_entry(tmp_path: Path, monkeypatch
     assert check_target(mine, force=True, field="-o") == mine
     with pytest.raises(ArchplanError, match=r"cannot create a file in its directory \(Permission denied\)"):
         check_target(tmp_path / "new.json", force=False, field="-o")
+    # a read-only mount refuses the file itself, even to root: refused before any work
+    monkeypatch.setattr(os, "access", lambda *_args, **_kwargs: False)
+    with pytest.raises(ArchplanError, match=r"cannot write this file \(read-only\)"):
+        check_target(mine, force=True, field="-o")
 
 
 def test_a_plot_nowhere_to_write_is_refused_before_the_sweep(tmp_path: Path) -> None:

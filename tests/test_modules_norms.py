@@ -57,6 +57,19 @@ def test_rms_norm_forward_holds_one_fp32_copy_past_its_statistics(dtype: torch.d
     assert torch.equal(y, F.rms_norm(x.float(), (64,), w.float(), 1e-5))
 
 
+def test_rms_norm_weight_that_broadcasts_wider_or_promotes_is_applied_out_of_place() -> None:
+    """A weight whose broadcast grows the output, or whose dtype is wider than the fp32 output,
+    is applied out of place, as before the in-place forward (no module passes one today)."""
+    from archplan.modules.norms import _RMSNormKeepingInput
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 5, 8)
+    w = torch.randn(4, 1, 8)
+    assert torch.equal(_RMSNormKeepingInput.apply(x, w, 1e-5), F.rms_norm(x, (8,), None, 1e-5) * w)
+    wide = torch.randn(8, dtype=torch.float64)
+    assert _RMSNormKeepingInput.apply(x.bfloat16(), wide, 1e-5).dtype == torch.float64
+
+
 @pytest.mark.parametrize("norm", [
     RMSNorm(32, 1e-5), LayerNorm(32, 1e-5, bias=True), LayerNorm(32, 1e-5, bias=False),
     LayerNorm(32, 1e-5, bias=True, affine=False),

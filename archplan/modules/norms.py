@@ -70,7 +70,10 @@ class _RMSNormKeepingInput(torch.autograd.Function):
         # in place on x's own fp32 copy (a new tensor only where x is narrower): one fp32 tensor of
         # x's size alive after rstd, where out of place held three (x32, x̂ and x̂·w) at the end
         y = x32.mul_(rstd) if x32 is not x else x32 * rstd
-        return y if weight is None else y.mul_(weight)
+        if weight is None:
+            return y
+        fits = torch.broadcast_shapes(y.shape, weight.shape) == y.shape
+        return y.mul_(weight) if fits and torch.promote_types(y.dtype, weight.dtype) == y.dtype else y * weight
 
     @staticmethod
     def backward(  # type: ignore[override]
