@@ -201,7 +201,6 @@ from typing import Literal, NamedTuple, TypeVar
 from typing_extensions import assert_never
 
 from archplan.analytic.hyena import hyena_filter_activation_bytes, striped_filter_once_bytes
-from archplan.analytic.s4 import s4_kernel_once_bytes
 from archplan.analytic.mamba import (
     mamba1_a_bytes,
     mamba1_scan_backward_bytes,
@@ -220,6 +219,7 @@ from archplan.analytic.memory import (
     ssd_unit_bytes,
 )
 from archplan.analytic.mtp import mtp_norm_names
+from archplan.analytic.s4 import s4_kernel_once_bytes
 from archplan.errors import ArchplanError
 from archplan.hardware import FP8_TN_ONLY, Accelerator
 from archplan.planning.layout import Layout, pipeline_chunks, round_size
@@ -470,8 +470,9 @@ def _fsdp_end_units(data: ModelData, first: bool, last: bool, pp: int) -> tuple[
 # ----------------------------------------------------------------------------- per-layer data
 @dataclass(frozen=True)
 class OncePerForward:
-    """What one forward of a long-convolution layer keeps of its filters, whatever the micro-batch
-    (they depend on the parameters and the length alone), by how a rank's share of it is cut."""
+    """What one forward of a long-convolution or Mamba-1 layer keeps of its filters (Mamba-1: of A),
+    whatever the micro-batch (they depend on the parameters and the length alone), by how a rank's
+    share of it is cut."""
 
     channels: float  # per channel of the first convolution: split over tp and over cp
     tp_channels: float  # per channel, but made whole on every cp rank: split over tp only
@@ -529,7 +530,7 @@ class LayerActs:
     ssd_kept: int  # what a Mamba-2 layer's torch modules keep beyond mamba_ssm's kernels (`_ssd_kept`)
     mamba1_kept: int  # and a Mamba-1 layer's, negative where it keeps less (`_mamba1_kept`)
     x_proj_whole: int  # Mamba-1's x_proj output and inner norms' outputs, whole on every tp rank (`_x_proj_bytes`)
-    once: OncePerForward  # a long convolution's filters, kept once per forward whatever the micro-batch
+    once: OncePerForward  # a long convolution's filters or Mamba-1's A, once per forward whatever the mb
 
 
 @dataclass(frozen=True)
@@ -1483,8 +1484,8 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
 
 
 def _once_kept(acts: LayerActs, layout: Layout) -> float:
-    """Bytes one micro-batch's forward keeps of a long convolution's filters on one rank
-    (`OncePerForward`)."""
+    """Bytes one micro-batch's forward keeps of a long convolution's filters or Mamba-1's A on one
+    rank (`OncePerForward`)."""
     f = acts.once
     return f.channels / (layout.tp * layout.cp) + f.tp_channels / layout.tp + f.whole
 
