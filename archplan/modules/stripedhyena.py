@@ -174,6 +174,7 @@ class StripedHyenaMixer(nn.Module):
             else:
                 h_GT = _ModalFilter.apply(p_GS2, r_GS2, t)
             y_BDT = fft_causal_conv(u_BDT, h_GT, expand=g)
+            del h_GT
             if state is not None:
                 basis_GNT = _modal_basis(p_GS2, t)
                 # x_T = Σ_j p^(T−1−j)·u_j per channel: the basis read backwards, contracted with u
@@ -181,8 +182,14 @@ class StripedHyenaMixer(nn.Module):
                 x_DNB = basis_DNT @ u_BDT.permute(1, 2, 0)
                 s = self.plan.state_size
                 state.modal_BDS2.copy_(x_DNB.reshape(d, 2, s, -1).permute(3, 0, 2, 1).detach())
+        # u and the filter are read by the convolution (which keeps their spectra) and nothing
+        # after it: freed here, not held by this frame through the skip and out_filter_dense (a
+        # re-run that stops early inside out_filter_dense kept them, fp32 at T×D/tp and G×T)
+        del u_BDT
         if state is not None:
             state.fir_BCJ.copy_(next_tail.detach())
             state.advance(t)
-        y_BDT = gated_skip(x2_BDT, x1_BDT, v_BDT, y_BDT, self.D)
-        return self.out_filter_dense(y_BDT.transpose(1, 2).to(x_BTD.dtype))
+        # the skip's fp32 output is only cast: not held through out_filter_dense
+        gated_BTD = gated_skip(x2_BDT, x1_BDT, v_BDT, y_BDT, self.D).transpose(1, 2).to(x_BTD.dtype)
+        del y_BDT
+        return self.out_filter_dense(gated_BTD)
