@@ -130,6 +130,7 @@ class _FFTConv(torch.autograd.Function):
         # fft_c2r_backward: rfft of the (zero-extended) gradient, the bins irfft counts twice doubled
         dy_BCN = F.pad(dy_BCT.float(), (0, n - t))
         dp_f = torch.ops.aten._fft_r2c(dy_BCN, [dy_BCN.dim() - 1], _NORM_BY_N, True)
+        del dy_BCN  # read by the rfft only: not held through the two input gradients
         dp_f[..., 1 : n - dp_f.shape[-1] + 1] *= 2
         du = dk = None
         if ctx.needs_input_grad[0]:
