@@ -44,7 +44,7 @@ from archplan.distributed.mesh import LayoutMesh
 from archplan.distributed.plans import Parts, rank_channels
 from archplan.distributed.stage import Stage
 from archplan.errors import ArchplanError
-from archplan.modules.attention import Attention, attention_mask
+from archplan.modules.attention import Attention, additive_mask
 from archplan.modules.mla import MLA
 from archplan.modules.hyena import HyenaMixer
 from archplan.modules.mamba1 import Mamba1Mixer
@@ -191,11 +191,7 @@ class ContextShard:
     def mask(self, t: int, window: int | None, alibi: Alibi | None, dtype: torch.dtype,
              device: torch.device) -> Tensor:
         def build() -> Tensor:
-            allowed = attention_mask(self.positions(t, device), self.key_positions(t, device), window, alibi, dtype)
-            if alibi is not None:
-                return allowed  # already the additive bias in `dtype`
-            # additive, in the compute dtype: SDPA would convert a boolean mask on every call
-            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            return additive_mask(self.positions(t, device), self.key_positions(t, device), window, alibi, dtype)
 
         return self._cached(("mask", t, window, alibi is not None, dtype, device), build)
 

@@ -84,6 +84,17 @@ def attention_mask(
     return bias_HTS.to(dtype)[None]
 
 
+def additive_mask(qpos_T: Tensor, kpos_S: Tensor, window: int | None, alibi: Alibi | None,
+                  dtype: torch.dtype) -> Tensor:
+    """`attention_mask` as an additive mask in `dtype` (0 or −inf; ALiBi's bias as it is): the
+    form a mask shared by many calls takes, since SDPA converts a boolean mask to this on every
+    call and keeps the copy (`convert_boolean_attn_mask`)."""
+    allowed = attention_mask(qpos_T, kpos_S, window, alibi, dtype)
+    if allowed.dtype != torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 class BiasCache:
     """The ALiBi biases, or the sliding windows' masks, of a model's (or pipeline stage's)
     attention layers, built once and shared by the layers, the micro-batches and the re-runs of
@@ -91,10 +102,9 @@ class BiasCache:
     given for the backward, so a bias built per layer kept H·T·S elements a layer, and one built
     in a re-run added its fp32 working set to the backward's peak. Hugging Face's BLOOM builds its
     ALiBi once per forward, and its Mistral one sliding-window mask. A window's mask is additive
-    (0 or −inf) in the compute dtype: SDPA converts a boolean mask to one of those on every call
-    (`convert_boolean_attn_mask`), and keeps the copy, T·S elements a layer. Only a fresh
-    sequence's masks (no cache: positions 0 … T − 1 in every layer) are kept, and only the last
-    length's."""
+    (`additive_mask`): a boolean one, converted by SDPA on every call, kept a copy, T·S elements a
+    layer. Only a fresh sequence's masks (no cache: positions 0 … T − 1 in every layer) are kept,
+    and only the last length's."""
 
     def __init__(self) -> None:
         self.shape: tuple[object, ...] | None = None  # (T, S, dtype, device) of the biases built
@@ -107,10 +117,7 @@ class BiasCache:
             self.shape, self.built = shape, {}
         key = (alibi.signature() if alibi is not None else None, window)
         if key not in self.built:
-            built = attention_mask(qpos_T, kpos_S, window, alibi, dtype)
-            if built.dtype == torch.bool:
-                built = torch.zeros(built.shape, dtype=dtype, device=built.device).masked_fill_(~built, float("-inf"))
-            self.built[key] = built
+            self.built[key] = additive_mask(qpos_T, kpos_S, window, alibi, dtype)
         return self.built[key]
 
 

@@ -44,13 +44,13 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
     return embedding
 
 
-
 def check_mtp_length(depth: int, seq: int) -> None:
     """A training sequence with `depth` multi-token-prediction modules needs a target for the main
     head and for each module: depth + 2 tokens (`training_loss` and `verify --layout` alike)."""
     if seq < depth + 2:
         raise ArchplanError(f"a training sequence needs at least {depth + 2} tokens (the next one, and "
                             f"{depth} more ahead for multi-token prediction); got {seq}")
+
 
 class TiedLMHead(nn.Module):
     """The LM head of a tied model: logits = x · embed.weightᵀ (+ its own bias, the only parameter)."""
