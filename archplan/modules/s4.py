@@ -96,12 +96,15 @@ def _spectra_per_channel(k_f_KF: Tensor, expand: int) -> Tensor:
 _NORM_NONE, _NORM_BY_N = 0, 2
 
 
-def _rfft_input_grad(d_f: Tensor, n: int, t: int) -> Tensor:
-    """The gradient of rfft(x, n) with respect to its first t inputs: torch's `fft_r2c_backward`
-    (the half spectrum zero-extended to n bins, one inverse complex FFT, its real part) and the
-    padding's backward (a slice)."""
-    full = F.pad(d_f, (0, n - d_f.shape[-1]))
-    return torch.ops.aten._fft_c2c(full, [full.dim() - 1], _NORM_NONE, False).real[..., :t]
+def _rfft_input_grad(d_f: Tensor, n: int, t: int, dtype: torch.dtype) -> Tensor:
+    """The gradient of rfft(x, n) with respect to its first t inputs, in x's dtype: torch's
+    `fft_r2c_backward` (the half spectrum zero-extended to n bins, one inverse complex FFT, its real
+    part) and the padding's backward (a slice). Copied out (`.contiguous()` where the dtype is
+    already x's), it does not hold the inverse FFT's complex n-bin storage, four times its size,
+    through the rest of the backward."""
+    # the zero-extended spectrum is an argument only: freed once the inverse FFT has read it
+    inverse = torch.ops.aten._fft_c2c(F.pad(d_f, (0, n - d_f.shape[-1])), [d_f.dim() - 1], _NORM_NONE, False)
+    return inverse.real[..., :t].to(dtype).contiguous()
 
 
 class _FFTConv(torch.autograd.Function):
@@ -134,12 +137,12 @@ class _FFTConv(torch.autograd.Function):
         dp_f[..., 1 : n - dp_f.shape[-1] + 1] *= 2
         du = dk = None
         if ctx.needs_input_grad[0]:
-            du = _rfft_input_grad(dp_f * _spectra_per_channel(k_f, expand).conj(), n, t).to(ctx.dtypes[0])
+            du = _rfft_input_grad(dp_f * _spectra_per_channel(k_f, expand).conj(), n, t, ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             dk_f = (dp_f * u_f.conj()).sum(0)
             if expand > 1:
                 dk_f = dk_f.unflatten(0, (-1, expand)).sum(1)
-            dk = _rfft_input_grad(dk_f, n, t).to(ctx.dtypes[1])
+            dk = _rfft_input_grad(dk_f, n, t, ctx.dtypes[1])
         return du, dk, None
 
 
