@@ -222,6 +222,10 @@ def _peak_parts(t: dict[str, Any]) -> list[tuple[str, int]]:
             transient = t["scan_backward"]
             return [kept, ("of which alive at the scan unit's backward", alive - transient),
                     ("the scan unit's recomputed operands and gradients", transient)]
+        case "long-conv backward":
+            transient = t["long_conv_backward"]
+            return [kept, ("of which alive at the mixer's backward", alive - transient),
+                    ("its FFT convolution's or filter's gradients", transient)]
         case "tied gradient sum" | "optimizer step":
             return [("activations kept (freed by then)", t["activations"])]
     raise ValueError(f"unknown phase {phase!r}")

@@ -340,6 +340,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                 "loss_backward": train_mem.activations.loss_backward,
                 "attention_backward": train_mem.activations.core_gradients,
                 "scan_backward": train_mem.activations.scan_transient,
+                "long_conv_backward": train_mem.activations.conv_transient,
                 "tied_grad_sum": train_mem.tied_grad_sum,
                 "optimizer_step": train_mem.optimizer_step,
                 "phases": dict(train_mem.phases),

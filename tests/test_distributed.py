@@ -740,7 +740,7 @@ def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: s
 ])
 def test_fake_verify_prices_the_scan_units_backward(fake_world: None, spec: str, layout: str) -> None:
     """The step of a Mamba model under the torch engine can peak in its scan unit's backward, which
-    recomputes its operands in fp32 (`cluster._scan_backward`), beside what the layers below and
+    recomputes its operands in fp32 (`cluster._unit_backward`), beside what the layers below and
     the layer's own mixer still keep. plan's total against the tracker's snapshot at its highest
     (`step_peak`): 1.012 and 1.062 for tiny-mamba2, 1.057 and 1.051 for tiny-mamba (Mamba-1
     under full recompute, where the peak is that backward's: 0.963 and 1.051 before Mamba-1's
@@ -752,6 +752,30 @@ def test_fake_verify_prices_the_scan_units_backward(fake_world: None, spec: str,
     result = check_layout_run(plan, parse_layout(layout).complete(), 256, microbatches=1)
     analytic, measured = result.step_peak
     assert 1.0 <= analytic / measured < 1.07
+
+
+@pytest.mark.parametrize("layout", ["tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1",
+                                    "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1",
+                                    "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1"])
+@pytest.mark.parametrize(("name", "seq", "fields"), [
+    ("wide-s4d", 256, {"long_conv": {"kind": "s4d", "d_state": 64, "n_ssm": 1}, "d_model": 256}),
+    ("eight-pole-stripedhyena", 512, {"long_conv": {"kind": "stripedhyena", "short_filter": 3, "short_filter_bias": True,
+                                                    "state_size": 8, "filter_groups": 1}}),
+])
+def test_fake_verify_prices_a_long_convolutions_backward(fake_world: None, tmp_path: Path, layout: str, name: str,
+                                                         seq: int, fields: dict[str, object]) -> None:
+    """A one-layer model whose long convolution dominates (no FFN, a 64-token vocabulary) peaks in
+    the mixer's backward: the FFT convolution's complex spectra, S4D's kernel unit or the modal
+    filter recomputed with their gradients (`cluster._unit_backward`). plan's total against the
+    tracker's snapshot at its highest (`step_peak`): 0.981 … 1.008 for these six (0.136 … 0.348
+    before the moment was priced)."""
+    from archplan.distributed.check import check_layout_run
+
+    spec = variant(tmp_path, "tiny-s4d.yaml", name, vocab_size=64, n_layers=1, ffn=None,
+                   norm={"kind": "rmsnorm"}, **fields)
+    result = check_layout_run(resolve(load_spec(spec)), parse_layout(layout).complete(), seq, microbatches=1)
+    analytic, measured = result.step_peak
+    assert 0.96 <= analytic / measured < 1.04
 
 
 @pytest.mark.parametrize(("spec", "layout", "fields"), [
@@ -783,7 +807,7 @@ def test_fake_verify_a_layers_rerun_counts_its_input_once(fake_world: None, tmp_
 def test_fake_verify_prices_an_mtp_modules_scan_backward(fake_world: None, tmp_path: Path, recompute: str) -> None:
     """A multi-token prediction module whose block is Mamba-1 (tiny-mamba with one module): its
     scan's backward is priced as a main layer's, without the main pass's head tensors, which
-    wait beside the module's re-run but are not held at its scan (`cluster._scan_backward`;
+    wait beside the module's re-run but are not held at its scan (`cluster._unit_backward`;
     with them, plan's total was 1.089 of the one-moment peak under full recompute). The step's
     one micro-batch peaks at its loss backward, before any gradient exists (the tracker's
     gradients are 0 there), while plan's total counts every category at its most: the peak lies

@@ -179,7 +179,7 @@ def test_full_recompute_peak_is_the_largest_of_loss_rerun_and_core_backward() ->
         up_to_core = sum(last[k] for k in ("layers.2.norm1", "layers.2.mixer"))
         core = full.kept - ends + up_to_core + 2 * 2 * a * s * s * b
         assert full.phases == {"loss backward": full.kept + full.loss_backward, "layer re-run": rerun,
-                               "attention backward": core, "scan backward": 0}
+                               "attention backward": core, "scan backward": 0, "long-conv backward": 0}
         assert full.peak == full.phases[phase] == max(full.phases.values())
     # a fused kernel forms no s×s gradients
     assert activation_memory(gpt_block(h, a, layers=3, vocab=50), b, s, "full",
@@ -253,7 +253,7 @@ def test_the_ssd_units_backward_holds_what_ssd_backward_bytes_prices(
                                    (2, 390, 96, 24, 20, 2, 48), (1, 512, 128, 64, 64, 1, 64),
                                    (1, 100, 96, 24, 40, 2, 128)])
 def test_the_bf16_ssd_units_backward_is_priced_from_above(shape: tuple[int, ...]) -> None:
-    """The torch engine's case (`planning.cluster._scan_backward`): FSDP2 computes in bf16 weights
+    """The torch engine's case (`planning.cluster._unit_backward`): FSDP2 computes in bf16 weights
     without autocast, so the unit recomputes in fp32 from bf16 inputs, between the two traced forms.
     The autocast form prices it at +0.1% … +8.5% over these shapes (the first is tiny-mamba2's
     layer); the fp32 form would be up to 16% short."""
@@ -333,6 +333,106 @@ def test_the_mamba1_scans_backward_holds_what_mamba1_scan_backward_bytes_prices(
     priced = mamba1_scan_backward_bytes(mixer_plan, b, t, inputs, autocast=mode == "autocast")
     low, high = {"bf16 weights": (0.99, 1.01), "autocast": (1.0, 1.045), "fp32": (0.999, 1.02)}[mode]
     assert low < priced / measured < high
+
+
+def _mixer_backward_held(mixer: Any, shape: tuple[int, int, int], autocast: bool) -> int:
+    """`mixer` (fp32 weights) run forward (bf16 autocast or fp32) and backward on a (batch, seq,
+    d_model) input under a live-bytes trace: the backward's peak beyond what was alive when it
+    began, less its parameters' gradients (model states)."""
+    torch = pytest.importorskip("torch")
+    from live_bytes import LiveBytes
+
+    b, t, d = shape
+    x = torch.randn(b, t, d, requires_grad=True)
+    tracer = LiveBytes()
+    with tracer:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = mixer(x)
+        grad = torch.randn_like(y)
+        start = tracer.mark()
+        y.backward(grad)
+    states = sum(p.grad.untyped_storage().nbytes() for p in mixer.parameters() if p.grad is not None)
+    return tracer.peak - start - states
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("shape", [
+    # (batch, seq, d_model, d_state): the first three and the partial chunk (300) peak in the
+    # kernel unit's backward, the long and the batched ones in the FFT convolution's
+    (1, 256, 512, 64), (1, 512, 256, 64), (1, 300, 256, 64), (1, 2048, 128, 32), (2, 512, 256, 64),
+    (1, 1000, 128, 32),
+])
+def test_the_s4d_mixers_backward_holds_what_s4_backward_bytes_prices(shape: tuple[int, ...], autocast: bool) -> None:
+    """Independent check of the `long-conv backward` moment for S4D: archplan's S4D mixer run
+    forward and backward under a live-bytes trace holds what `s4_backward_bytes` prices, within
+    the spread its docstring states (10 shapes, both dtypes)."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.s4 import s4_backward_bytes
+    from archplan.modules.s4 import S4Mixer
+
+    b, t, d, n = shape
+    mixer_plan = plan_of(vocab_size=64, d_model=d, n_layers=1, position={"kind": "none"}, layout={"mixers": "H"},
+                         long_conv={"kind": "s4d", "d_state": n, "n_ssm": 1}).layers[0].mixer
+    torch.manual_seed(0)
+    measured = _mixer_backward_held(S4Mixer(mixer_plan, d), (b, t, d), autocast)
+    priced = s4_backward_bytes(mixer_plan, d, b, t, 2 if autocast else 4, autocast)
+    assert 0.96 < priced / measured < 1.07
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("length", [256, 300, 512, 1000, 2048])
+@pytest.mark.parametrize(("channels", "d_state"), [(256, 64), (128, 128), (512, 16)])
+def test_the_s4d_kernels_backward_holds_what_s4d_kernel_backward_bytes_prices(
+        channels: int, d_state: int, length: int, autocast: bool) -> None:
+    """S4D's kernel unit alone (`_S4DKernel`, every input needing a gradient) under a live-bytes
+    trace: its backward's peak beyond what was alive when it began, less the inputs' gradients,
+    is `s4d_kernel_backward_bytes` within the spread its docstring states (27 shapes)."""
+    torch = pytest.importorskip("torch")
+    from live_bytes import LiveBytes
+
+    from archplan.analytic.s4 import s4d_kernel_backward_bytes
+    from archplan.modules.s4 import _S4DKernel
+    from archplan.resolve import S4Plan
+
+    h, m = channels, d_state // 2
+    torch.manual_seed(0)
+    inputs = [torch.randn(*shape, requires_grad=True) for shape in ((h,), (h, m), (h, m), (h, m, 2), (h, m, 2))]
+    tracer = LiveBytes()
+    with tracer:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            kernel = _S4DKernel.apply(length, *inputs)
+        grad = torch.randn_like(kernel)
+        start = tracer.mark()
+        kernel.backward(grad)
+    measured = tracer.peak - start - sum(x.grad.untyped_storage().nbytes() for x in inputs)
+    priced = s4d_kernel_backward_bytes(S4Plan(False, d_state, 1, False), h, length, autocast)
+    assert 0.97 < priced / measured < 1.04
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("shape", [
+    # (batch, seq, d_model, poles, filter_groups): one filter a channel peaks in the modal filter's
+    # backward, grouped filters in the FFT convolution's
+    (1, 256, 32, 2, 1), (1, 1024, 64, 2, 1), (2, 512, 128, 4, 1), (1, 2048, 64, 8, 1), (1, 512, 128, 2, 4),
+    (4, 256, 64, 2, 2), (1, 300, 96, 3, 1), (2, 1000, 64, 2, 8),
+])
+def test_the_striped_hyena_mixers_backward_holds_what_striped_backward_bytes_prices(
+        shape: tuple[int, ...], autocast: bool) -> None:
+    """Independent check of the `long-conv backward` moment for StripedHyena: archplan's mixer run
+    forward and backward under a live-bytes trace holds what `striped_backward_bytes` prices,
+    within the spread its docstring states (these 8 shapes, both dtypes)."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.hyena import striped_backward_bytes
+    from archplan.modules.stripedhyena import StripedHyenaMixer
+
+    b, t, d, poles, groups = shape
+    mixer_plan = plan_of(vocab_size=64, d_model=d, n_layers=1, position={"kind": "none"}, layout={"mixers": "H"},
+                         long_conv={"kind": "stripedhyena", "short_filter": 3, "short_filter_bias": True,
+                                    "state_size": poles, "filter_groups": groups}).layers[0].mixer
+    torch.manual_seed(0)
+    measured = _mixer_backward_held(StripedHyenaMixer(mixer_plan, d), (b, t, d), autocast)
+    priced = striped_backward_bytes(mixer_plan, d, b, t, 2 if autocast else 4, autocast)
+    assert 0.97 < priced / measured < 1.06
 
 
 def test_gqa_stores_smaller_k_and_v() -> None:

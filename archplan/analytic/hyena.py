@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from archplan.analytic.s4 import fft_conv_flops, fft_length
+from archplan.analytic.s4 import fft_conv_backward_bytes, fft_conv_flops, fft_length
 from archplan.resolve import HyenaPlan, StripedHyenaPlan
 
 _SIN = 4  # sin(freq·x): our estimate, as for the other transcendental activations
@@ -237,3 +237,28 @@ def striped_filter_once_bytes(m: StripedHyenaPlan, d_model: int, seq_len: int) -
     """The modal filters' fp32 spectra (complex64, fft_length / 2 + 1 bins a filter), made once a
     forward whatever the batch (they depend on the parameters and the length alone)."""
     return 8 * striped_filters(m, d_model) * (fft_length(seq_len) // 2 + 1)
+
+
+def striped_backward_bytes(m: StripedHyenaPlan, d_model: int, batch: int, seq_len: int, act_bytes: int,
+                           autocast: bool) -> int:
+    """What StripedHyena's mixer holds at the peak of its backward beyond what the layer kept: the
+    FFT convolution's moment (`s4.fft_conv_backward_bytes`) beside the gated skip's gradients (the
+    convolution output's in fp32, x1's, v's and x2's in the activation dtype) and net of what is
+    freed by then, (2·act − 1) bytes a token and channel in all; or the modal filter unit's
+    (`modules.stripedhyena._ModalFilter`, which keeps only poles and residues) where that is
+    larger: its backward recomputes the basis [Re; Im] p^t, W = 4·G·2S·T bytes in fp32 for G
+    filters of S poles, with its powers, cos, sin, products and (under autocast) the bmm's casts
+    alive: 6.5·W under autocast, 6·W in fp32, net of the tensors freed by then. No source gives it:
+    the filter's terms are a fit to a live-bytes trace of the mixer's backward over 8 shapes (batch,
+    length, width, poles and groups varied) and both dtypes; the mixer's peak is priced within
+    −2.3% … +5.4% of that trace (tests/test_memory.py)."""
+    d, t = d_model, seq_len
+    g = striped_filters(m, d)
+    tokens = batch * t * d
+    fft = fft_conv_backward_bytes(batch, d, g, t) + (2 * act_bytes - 1) * tokens
+    basis = 4 * g * 2 * m.state_size * t
+    if autocast:
+        filt = (13 * basis - 9 * tokens - 3 * d * t) // 2 - 7 * g * t
+    else:
+        filt = 6 * basis - tokens // 2 - d * t - 5 * g * t
+    return max(fft, filt)

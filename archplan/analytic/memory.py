@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 from typing_extensions import assert_never
 
-from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes
+from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes, striped_backward_bytes
 from archplan.analytic.mamba import (
     mamba1_activation_bytes,
     mamba1_scan_backward_bytes,
@@ -33,7 +33,7 @@ from archplan.analytic.mamba import (
     ssd_backward_bytes,
     ssd_chunks,
 )
-from archplan.analytic.s4 import s4_activation_bytes
+from archplan.analytic.s4 import s4_activation_bytes, s4_backward_bytes
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
     AttentionPlan,
@@ -70,8 +70,8 @@ CoreKernel = Literal["eager", "flash", "math"]
 # its conv's output before the SiLU and not the kernel's chunk states (`mamba.mamba1_unit_bytes`),
 # an MoE layer its routing metadata (`moe_routing_bytes`).
 Units = Literal["kernels", "torch"]
-Phase = Literal["loss backward", "layer re-run", "attention backward", "scan backward", "tied gradient sum",
-                "optimizer step"]
+Phase = Literal["loss backward", "layer re-run", "attention backward", "scan backward", "long-conv backward",
+                "tied gradient sum", "optimizer step"]
 
 # Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
 ACT_BYTES = 2
@@ -282,6 +282,9 @@ class ActivationMemory:
     `core_gradients` the s×s gradients it forms then. `scan_backward` and `scan_transient`: the
     same for archplan's torch scan units (`units="torch"`), whose backward recomputes their operands
     (`mamba.ssd_backward_bytes`, `mamba.mamba1_scan_backward_bytes`; 0 with mamba_ssm's kernels).
+    `conv_backward` and `conv_transient`: the same for a long convolution's mixer (S4, S4D,
+    StripedHyena), whose FFT convolution and filter units form their gradients there
+    (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`).
     """
 
     micro_batch: int
@@ -294,6 +297,8 @@ class ActivationMemory:
     core_gradients: int
     scan_backward: int = 0
     scan_transient: int = 0
+    conv_backward: int = 0
+    conv_transient: int = 0
 
     @property
     def kept(self) -> int:
@@ -306,12 +311,14 @@ class ActivationMemory:
         (everything kept + the cross-entropy's two fp32 n×V gradients), under full recompute the
         re-run of the largest layer, when the loss and head tensors are already freed, and the
         backward of an attention core that forms its s×s gradients (`core_backward` +
-        `core_gradients`), and that of archplan's scan units (`scan_backward` + `scan_transient`)."""
+        `core_gradients`), that of archplan's scan units (`scan_backward` + `scan_transient`) and
+        that of a long convolution's mixer (`conv_backward` + `conv_transient`)."""
         ends = sum(self.by_component.get(k, 0) for k in END_COMPONENTS)
         return {"loss backward": self.kept + self.loss_backward,
                 "layer re-run": self.kept - ends + self.working_set if self.working_set else 0,
                 "attention backward": self.core_backward + self.core_gradients,
-                "scan backward": self.scan_backward + self.scan_transient}
+                "scan backward": self.scan_backward + self.scan_transient,
+                "long-conv backward": self.conv_backward + self.conv_transient}
 
     @property
     def peak(self) -> int:
@@ -578,6 +585,21 @@ def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, bl
     return _alive_at_mixer_backward(layer, kept, before, block_input), held
 
 
+def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
+                              b: int, h: int, act: int, autocast: bool) -> tuple[int, int]:
+    """Activations alive while a long convolution's mixer runs its backward in `layer`, and what
+    that backward holds beyond them (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`); (0, 0)
+    for any other mixer. Hyena's (its filter an MLP in plain autograd) is not priced."""
+    match layer.mixer:
+        case S4Plan() as m:
+            held = s4_backward_bytes(m, h, b, s, act, autocast)
+        case StripedHyenaPlan() as m:
+            held = striped_backward_bytes(m, h, b, s, act, autocast)
+        case _:
+            return 0, 0
+    return _alive_at_mixer_backward(layer, kept, before, block_input), held
+
+
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
                       dropout: bool = False, activation_dtype: DType | str = DType.bf16,
                       attention_kernel: AttentionKernel = "eager",
@@ -614,20 +636,22 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     if plan.embed_norm:
         out["embed_norm"] = res * tokens * h
     working_set = 0
-    core_backward = scan_backward = (0, 0)
+    core_backward = scan_backward = conv_backward = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added
 
     def keep(layer: LayerPlan, around: int = 0, stream: int = res) -> None:
         """`around`: under full recompute, the bytes the checkpoint re-runs beside the block (an
         MTP module's own parts, which keep its inputs instead of the block's); `stream`: the
         bytes of the block's residual stream."""
-        nonlocal working_set, core_backward, scan_backward, below
+        nonlocal working_set, core_backward, scan_backward, conv_backward, below
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, stream, units, autocast)
         block_input = res * tokens * h if recompute == "full" and not around else 0
         core_backward = max(core_backward, _attention_backward_bytes(
             layer, full, below, block_input, s, b, act, attention_kernel), key=sum)
         scan_backward = max(scan_backward, _scan_backward_bytes(
             layer, full, below, block_input, s, b, act, units, autocast), key=sum)
+        conv_backward = max(conv_backward, _long_conv_backward_bytes(
+            layer, full, below, block_input, s, b, h, act, autocast), key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept
@@ -680,7 +704,8 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         head(f"{layer.path}.", final_norm_kept=not whole, stream=stream)
         before = stream
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
-    return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward, *scan_backward)
+    return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward, *scan_backward,
+                            *conv_backward)
 
 
 # ---------------------------------------------------------------------------------- training

@@ -197,3 +197,67 @@ def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: 
     squared = 16 * modes * modes if steps >= 2 else 0
     discrete = h * (100 * modes + 60) + h * (12 * modes + squared if autocast else 16 * modes)
     return basis + doubling + discrete
+
+
+def fft_conv_backward_bytes(batch: int, channels: int, filters: int, seq_len: int) -> int:
+    """What the FFT convolution's backward (`modules.s4._FFTConv`) holds at its peak beyond its two
+    saved spectra, over `channels` channels per sequence and `filters` distinct filters: the larger
+    of two moments, each while an inverse complex FFT of length n = 2T runs on a zero-extended
+    spectrum (torch's `fft_r2c_backward`), that spectrum and the FFT's output complex64 side by side.
+    The input's gradient: the pair at (B, C, n), beside the output gradient's spectrum and its
+    product with the filters' (B, C, n/2 + 1 each). The filters' gradient: the pair at (K, n), beside
+    the output gradient's spectrum, the filters' gradient spectrum (K, n/2 + 1) and the finished
+    input gradient (fp32, (B, C, T)). Counted from the unit's code and checked, with each mixer's
+    own terms (`s4_backward_bytes`, `hyena.striped_backward_bytes`), against a live-bytes trace."""
+    n = fft_length(seq_len)
+    bins = n // 2 + 1
+    spectrum = 8 * batch * channels * bins
+    inputs = 2 * 8 * batch * channels * n + 2 * spectrum
+    kernel = 4 * batch * channels * seq_len + spectrum + 8 * filters * bins + 2 * 8 * filters * n
+    return max(inputs, kernel)
+
+
+def s4d_basis_chunk(seq_len: int) -> int:
+    """S4D's kernel splits T positions into chunks of c, a power of two near √T (its module's
+    two-level Vandermonde product: one basis of c powers and ⌈T/c⌉ chunk starts)."""
+    return 1 << (seq_len.bit_length() // 2)
+
+
+def s4d_kernel_backward_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
+    """What S4D's kernel unit (`modules.s4._S4DKernel`, which keeps only its (H, M) inputs) holds at
+    the peak of its backward: it recomputes the chunk starts' rows and the basis as one autograd
+    graph, runs the chunk contraction's two bmm backwards and differentiates that graph with its
+    gradients alive. In H channels, M = N/2 modes, c = `s4d_basis_chunk(T)` and S = ⌈T/c⌉ chunks,
+    with X = 8·H·M·c (one complex64 (H, M, c) tensor: the basis, its powers, their cos, sin and
+    products) and Y = 8·H·M·S (the same at the chunk starts): 4.5·X + 11.5·Y + 2·H·T bytes under
+    autocast (the bmm's 16-bit casts), 4·X + 11·Y + 4·H·T in fp32, 2·X more where a partial last
+    chunk makes a second bmm. No source gives it: read off a live-bytes trace of the unit alone
+    over 27 shapes (H 128 … 512, M 8 … 64, T 256 … 8,192, chunks whole and partial), −2.9% …
+    +2.8% under autocast, −1.6% … +3.8% in fp32. state-spaces/s4's Vandermonde CUDA kernel holds
+    none of this (it recomputes the powers on chip)."""
+    c = s4d_basis_chunk(seq_len)
+    chunks = -(-seq_len // c)
+    x = 8 * d_model * m.modes * c
+    y = 8 * d_model * m.modes * chunks
+    partial = 2 * x if seq_len % c else 0
+    if autocast:
+        return (9 * x + 23 * y) // 2 + 2 * d_model * seq_len + partial
+    return 4 * x + 11 * y + 4 * d_model * seq_len + partial
+
+
+def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int, autocast: bool) -> int:
+    """What an S4 layer's mixer holds at the peak of its backward beyond what the layer kept: the
+    FFT convolution's moment (`fft_conv_backward_bytes`) beside the output gradient and D·u's (fp32,
+    (B, H, T) each) and without the GLU's input and the GELU's output and input, freed by then
+    ((3·act + 4) bytes a token and channel); for S4D the kernel unit's backward
+    (`s4d_kernel_backward_bytes`) where that is larger, net of those freed tensors and of the
+    convolution's gradient read by then (a fit: (3·act + 7)·B·H·T + 6·H·T). S4's (DPLR) doubling is
+    plain autograd, its backward not priced. Against a live-bytes trace of the mixer's backward
+    over 10 shapes and both dtypes (tests/test_memory.py): −3.1% … +6.2%."""
+    h, t = d_model, seq_len
+    tokens = batch * t * h
+    fft = fft_conv_backward_bytes(batch, h, h, t) + (8 - (3 * act_bytes + 4)) * tokens
+    if m.dplr:
+        return fft
+    kernel = s4d_kernel_backward_bytes(m, h, t, autocast) - (3 * act_bytes + 7) * tokens - 6 * h * t
+    return max(fft, kernel)
