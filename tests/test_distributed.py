@@ -778,6 +778,21 @@ def test_fake_verify_prices_a_long_convolutions_backward(fake_world: None, tmp_p
     assert 0.96 <= analytic / measured < 1.04
 
 
+def test_fake_verify_an_s4d_rerun_frees_its_kernel(fake_world: None, tmp_path: Path) -> None:
+    """Full recompute, one S4D layer without an FFN (d_model 512, 64 states, 256 tokens): the
+    re-run's end is the activations' peak, where the mixer's frame held its fp32 kernel (H·T) that
+    only the convolution reads; the mixer frees it once read (`modules.s4`). Measured / analytic
+    activations 1.250 (✗) before, 1.126 now."""
+    from archplan.distributed.check import check_layout_run
+
+    spec = variant(tmp_path, "tiny-s4d.yaml", "wide-s4d", n_layers=1, ffn=None, norm={"kind": "rmsnorm"}, d_model=512,
+                   long_conv={"kind": "s4d", "d_state": 64, "n_ssm": 1})
+    layout = parse_layout("tp=1,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1").complete()
+    activations = {r.category: r for r in check_layout_run(resolve(load_spec(spec)), layout, 256, microbatches=1).memory}[
+        "activations"]
+    assert activations.ok and 1.0 <= activations.measured / activations.analytic < 1.15
+
+
 @pytest.mark.parametrize(("spec", "layout", "fields"), [
     ("tiny-s4d.yaml", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1", {"residual": {"kind": "post"}}),
     ("tiny-mamba.yaml", "tp=1,cp=2,pp=1,dp=1,ep=1,zero=0,recompute=full,mb=1", {}),

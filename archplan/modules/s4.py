@@ -438,6 +438,9 @@ class S4Mixer(nn.Module):
         else:
             k_HT, x_BHM = self._kernel_and_state(t, u_BHT if state is not None else None)
             y_BHT = fft_causal_conv(u_BHT, k_HT)
+            # the kernel is read by the convolution (which keeps its spectrum) and nothing after it:
+            # freed here, not held by this frame through the GELU and output_linear (fp32, H·T)
+            del k_HT
             if state is not None and x_BHM is not None:
                 state.x_BHM2.copy_(torch.view_as_real(x_BHM.detach()))
         if state is not None:
