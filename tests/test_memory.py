@@ -435,6 +435,29 @@ def test_the_striped_hyena_mixers_backward_holds_what_striped_backward_bytes_pri
     assert 0.97 < priced / measured < 1.06
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("shape", [
+    # (batch, seq, d_model, order)
+    (1, 512, 128, 2), (1, 2048, 128, 2), (2, 1024, 64, 2), (4, 256, 128, 2), (1, 1024, 96, 3), (1, 300, 128, 2),
+    (2, 512, 256, 2), (1, 1024, 64, 4),
+])
+def test_the_hyena_mixers_backward_holds_what_hyena_backward_bytes_prices(shape: tuple[int, ...], autocast: bool) -> None:
+    """Independent check of the `long-conv backward` moment for Hyena: archplan's mixer run forward
+    and backward under a live-bytes trace holds what `hyena_backward_bytes` prices, within the
+    spread its docstring states (these 8 shapes, both dtypes)."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.hyena import hyena_backward_bytes
+    from archplan.modules.hyena import HyenaMixer
+
+    b, t, d, order = shape
+    mixer_plan = plan_of(vocab_size=64, d_model=d, n_layers=1, position={"kind": "none"}, layout={"mixers": "H"},
+                         max_seq_len=4096, long_conv={"kind": "hyena", "order": order, "filter_order": 64,
+                                                      "l_max": 4096}).layers[0].mixer
+    torch.manual_seed(0)
+    measured = _mixer_backward_held(HyenaMixer(mixer_plan, d), (b, t, d), autocast)
+    assert 0.94 < hyena_backward_bytes(d, b, t) / measured < 1.17
+
+
 def test_gqa_stores_smaller_k_and_v() -> None:
     s, b = 16, 1
     common = dict(vocab_size=100, d_model=256, n_layers=1, ffn={"kind": "glu", "d_ff": 512})

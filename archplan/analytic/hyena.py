@@ -239,6 +239,18 @@ def striped_filter_once_bytes(m: StripedHyenaPlan, d_model: int, seq_len: int) -
     return 8 * striped_filters(m, d_model) * (fft_length(seq_len) // 2 + 1)
 
 
+def hyena_backward_bytes(d_model: int, batch: int, seq_len: int) -> int:
+    """What a Hyena mixer holds at the peak of its backward beyond what the layer kept: its long
+    convolutions' FFT moment (`s4.fft_conv_backward_bytes`, D channels and D filters each, one
+    order at a time), net of what is freed by then, 2 bytes a token and channel in all. The filter
+    MLP's backward (plain autograd, positions × its width) holds less in every shape traced. No
+    source gives the net term: a fit to a live-bytes trace of the mixer's backward over 8 shapes
+    (batch, length, width and order varied) and both dtypes, −5.7% … +16.8% (the high end at a
+    length that is no power of two; tests/test_memory.py)."""
+    tokens = batch * seq_len * d_model
+    return fft_conv_backward_bytes(batch, d_model, d_model, seq_len) - 2 * tokens
+
+
 def striped_backward_bytes(m: StripedHyenaPlan, d_model: int, batch: int, seq_len: int, act_bytes: int,
                            autocast: bool) -> int:
     """What StripedHyena's mixer holds at the peak of its backward beyond what the layer kept: the

@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Literal
 
 from typing_extensions import assert_never
 
-from archplan.analytic.hyena import hyena_activation_bytes, striped_activation_bytes, striped_backward_bytes
+from archplan.analytic.hyena import (
+    hyena_activation_bytes,
+    hyena_backward_bytes,
+    striped_activation_bytes,
+    striped_backward_bytes,
+)
 from archplan.analytic.mamba import (
     mamba1_activation_bytes,
     mamba1_scan_backward_bytes,
@@ -282,9 +287,9 @@ class ActivationMemory:
     `core_gradients` the s×s gradients it forms then. `scan_backward` and `scan_transient`: the
     same for archplan's torch scan units (`units="torch"`), whose backward recomputes their operands
     (`mamba.ssd_backward_bytes`, `mamba.mamba1_scan_backward_bytes`; 0 with mamba_ssm's kernels).
-    `conv_backward` and `conv_transient`: the same for a long convolution's mixer (S4, S4D,
+    `conv_backward` and `conv_transient`: the same for a long convolution's mixer (S4, S4D, Hyena,
     StripedHyena), whose FFT convolution and filter units form their gradients there
-    (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`).
+    (`s4.s4_backward_bytes`, `hyena.hyena_backward_bytes`, `hyena.striped_backward_bytes`).
     """
 
     micro_batch: int
@@ -588,13 +593,15 @@ def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, bl
 def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
                               b: int, h: int, act: int, autocast: bool) -> tuple[int, int]:
     """Activations alive while a long convolution's mixer runs its backward in `layer`, and what
-    that backward holds beyond them (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`); (0, 0)
-    for any other mixer. Hyena's (its filter an MLP in plain autograd) is not priced."""
+    that backward holds beyond them (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`,
+    `hyena.hyena_backward_bytes`); (0, 0) for any other mixer."""
     match layer.mixer:
         case S4Plan() as m:
             held = s4_backward_bytes(m, h, b, s, act, autocast)
         case StripedHyenaPlan() as m:
             held = striped_backward_bytes(m, h, b, s, act, autocast)
+        case HyenaPlan():
+            held = hyena_backward_bytes(h, b, s)
         case _:
             return 0, 0
     return _alive_at_mixer_backward(layer, kept, before, block_input), held

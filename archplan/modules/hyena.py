@@ -190,6 +190,11 @@ class HyenaMixer(nn.Module):
             # the skip term in fp32 by type promotion, as safari's fftconv_ref (`u * D`): the
             # product keeps the gated input in its own dtype, where an explicit fp32 copy is kept
             v_BDT = (conv_BDT + v_BDT * bias_C[o * d:(o + 1) * d, None].float()).to(act_dtype)
+            # the convolution's output is a view of its fp32 2T-column result, read by the sum
+            # alone: freed here, not held by this frame through the next order and out_proj
+            del conv_BDT
+        # the filters are read by the convolutions (which keep their spectra) and nothing after
+        del h_CL
         if state is not None:
             state.tail_BCJ.copy_(next_tail.detach())
             state.advance(t)

@@ -200,7 +200,12 @@ from typing import Literal, NamedTuple, TypeVar
 
 from typing_extensions import assert_never
 
-from archplan.analytic.hyena import hyena_filter_activation_bytes, striped_backward_bytes, striped_filter_once_bytes
+from archplan.analytic.hyena import (
+    hyena_backward_bytes,
+    hyena_filter_activation_bytes,
+    striped_backward_bytes,
+    striped_filter_once_bytes,
+)
 from archplan.analytic.mamba import (
     mamba1_a_bytes,
     mamba1_scan_backward_bytes,
@@ -2023,7 +2028,7 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
 def _unit_backward(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
                    engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
     """Bytes alive while archplan's scan unit runs its backward in one of the rank's Mamba layers,
-    or a long convolution's FFT or filter unit in an S4 or StripedHyena layer, at the largest (0
+    or a long convolution's FFT or filter unit in an S4, Hyena or StripedHyena layer, at the largest (0
     without one): what the schedule's moment before that chunk's backward holds
     (`_rank_activations`), less what the layers above it keep for the micro-batch whose backward
     runs (freed before it, with the head's tensors), plus the layer's re-run under full recompute
@@ -2059,16 +2064,17 @@ def _mixer_unit(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, seq: 
     mixer's backward beyond what a layer of `mixer` kept, for the rank's share of it: its heads and
     channels split over tp (and over cp, whose exchange hands each rank whole sequences of its
     heads or channels: `mamba_exchange`, `long_conv_exchange`), each micro-batch of mb sequences
-    of seq tokens; 0 for attention and Hyena (whose filter is plain autograd). Both units recompute in
+    of seq tokens; 0 for attention. Both units recompute in
     fp32 from the bf16 inputs FSDP2 computes in. Mamba-2's SSD unit (`analytic.mamba.ssd_backward_bytes`, its groups as
     `_group_spread` places them) is priced by the autocast form (bf16 casts beside the fp32
     recomputation), which a live-bytes trace of the bf16 mixer's backward puts at +0.1% … +8.5%
     of what it holds over five shapes, where the fp32 form is 2% … 16% short; Mamba-1's chunked
     scan (`analytic.mamba.mamba1_scan_backward_bytes`) has a bf16-weights form of its own, −0.8% …
     +0.9% of the trace (tests/test_memory.py). mamba_ssm's kernels, Megatron's engine, hold none
-    of it. S4, S4D and StripedHyena (`analytic.s4.s4_backward_bytes`,
-    `analytic.hyena.striped_backward_bytes`) on the rank's channels, the bf16 weights' form: no
-    autocast (the units compute in fp32 from fp32 casts), 16-bit tensors around them."""
+    of it. S4, S4D, Hyena and StripedHyena (`analytic.s4.s4_backward_bytes`,
+    `analytic.hyena.hyena_backward_bytes`, `analytic.hyena.striped_backward_bytes`) on the rank's
+    channels, the bf16 weights' form: no autocast (the units compute in fp32 from fp32 casts),
+    16-bit tensors around them."""
     match mixer:
         case Mamba1Plan() as m:
             return mamba1_scan_backward_bytes(replace(m, d_inner=m.d_inner // (tp * cp)), mb, seq, ACT_BYTES,
@@ -2082,6 +2088,8 @@ def _mixer_unit(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, seq: 
             return s4_backward_bytes(m, d_model // (tp * cp), mb, seq, ACT_BYTES, autocast=False)
         case StripedHyenaPlan() as m:
             return striped_backward_bytes(m, d_model // (tp * cp), mb, seq, ACT_BYTES, autocast=False)
+        case HyenaPlan():
+            return hyena_backward_bytes(d_model // (tp * cp), mb, seq)
         case _:
             return 0
 
