@@ -270,8 +270,6 @@ def _ssd_backward_held(shape: tuple[int, ...], *, autocast: bool, bf16_weights: 
     was alive when it began, less the two parameter gradients formed before the SSD unit's
     backward (out_proj's and the gated norm's, model states)."""
     torch = pytest.importorskip("torch")
-    from live_bytes import LiveBytes
-
     from archplan.modules.mamba2 import Mamba2Mixer
 
     b, t, d, p, n, g, q = shape
@@ -281,16 +279,9 @@ def _ssd_backward_held(shape: tuple[int, ...], *, autocast: bool, bf16_weights: 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if bf16_weights else torch.float32
     mixer = Mamba2Mixer(mixer_plan, d).to(dtype)
-    x = torch.randn(b, t, d, dtype=dtype, requires_grad=True)
-    tracer = LiveBytes()
-    with tracer:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = mixer(x)
-        grad = torch.randn_like(y)
-        start = tracer.mark()
-        y.backward(grad)
+    held = _backward_peak(mixer, torch.randn(b, t, d, dtype=dtype, requires_grad=True), autocast)
     states = sum(w.grad.untyped_storage().nbytes() for w in (mixer.out_proj.weight, mixer.norm.weight))
-    return mixer_plan, tracer.peak - start - states
+    return mixer_plan, held - states
 
 
 @pytest.mark.parametrize("mode", ["bf16 weights", "autocast", "fp32"])
@@ -308,8 +299,6 @@ def test_the_mamba1_scans_backward_holds_what_mamba1_scan_backward_bytes_prices(
     what was alive when it began, less out_proj's weight gradient (a model state), is
     `mamba1_scan_backward_bytes` within the spread its docstring states (17 shapes)."""
     torch = pytest.importorskip("torch")
-    from live_bytes import LiveBytes
-
     from archplan.analytic.mamba import mamba1_scan_backward_bytes
     from archplan.modules.mamba1 import Mamba1Mixer
 
@@ -320,30 +309,20 @@ def test_the_mamba1_scans_backward_holds_what_mamba1_scan_backward_bytes_prices(
     torch.manual_seed(0)
     dtype = torch.bfloat16 if mode == "bf16 weights" else torch.float32
     mixer = Mamba1Mixer(mixer_plan, d).to(dtype)
-    x = torch.randn(b, t, d, dtype=dtype, requires_grad=True)
-    tracer = LiveBytes()
-    with tracer:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-            y = mixer(x)
-        grad = torch.randn_like(y)
-        start = tracer.mark()
-        y.backward(grad)
-    measured = tracer.peak - start - mixer.out_proj.weight.grad.untyped_storage().nbytes()
+    held = _backward_peak(mixer, torch.randn(b, t, d, dtype=dtype, requires_grad=True), mode == "autocast")
+    measured = held - mixer.out_proj.weight.grad.untyped_storage().nbytes()
     inputs = 4 if mode == "fp32" else 2
     priced = mamba1_scan_backward_bytes(mixer_plan, b, t, inputs, autocast=mode == "autocast")
     low, high = {"bf16 weights": (0.99, 1.01), "autocast": (1.0, 1.045), "fp32": (0.999, 1.02)}[mode]
     assert low < priced / measured < high
 
 
-def _mixer_backward_held(mixer: Any, shape: tuple[int, int, int], autocast: bool) -> int:
-    """`mixer` (fp32 weights) run forward (bf16 autocast or fp32) and backward on a (batch, seq,
-    d_model) input under a live-bytes trace: the backward's peak beyond what was alive when it
-    began, less its parameters' gradients (model states)."""
+def _backward_peak(mixer: Any, x: Any, autocast: bool) -> int:
+    """`mixer` run forward on `x` (under bf16 autocast or not) and backward under a live-bytes
+    trace: the backward's peak beyond what was alive when it began."""
     torch = pytest.importorskip("torch")
     from live_bytes import LiveBytes
 
-    b, t, d = shape
-    x = torch.randn(b, t, d, requires_grad=True)
     tracer = LiveBytes()
     with tracer:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -351,8 +330,16 @@ def _mixer_backward_held(mixer: Any, shape: tuple[int, int, int], autocast: bool
         grad = torch.randn_like(y)
         start = tracer.mark()
         y.backward(grad)
-    states = sum(p.grad.untyped_storage().nbytes() for p in mixer.parameters() if p.grad is not None)
-    return tracer.peak - start - states
+    return tracer.peak - start
+
+
+def _mixer_backward_held(mixer: Any, shape: tuple[int, int, int], autocast: bool) -> int:
+    """`mixer` (fp32 weights) on a (batch, seq, d_model) input: the backward's peak beyond what was
+    alive when it began (`_backward_peak`), less its parameters' gradients (model states)."""
+    torch = pytest.importorskip("torch")
+
+    held = _backward_peak(mixer, torch.randn(*shape, requires_grad=True), autocast)
+    return held - sum(p.grad.untyped_storage().nbytes() for p in mixer.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("autocast", [True, False])
