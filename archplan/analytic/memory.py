@@ -10,10 +10,11 @@ Sources:
 - activations: Korthikanti et al. 2022 (arXiv:2205.05198) §4.1 / Table 2, generalised per saved
   tensor to GQA, MLA, gated FFNs, MoE and Mamba layers (see `_mixer_bytes`, `_ffn_bytes`).
 - the peak of one step (`TrainingMemory.total`): archplan's own accounting, measured with
-  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of five
+  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of seven
   moments: the loss backward (everything the forward kept + the cross-entropy's two fp32 n×V
   gradients), the re-run of a layer under full recompute, the backward of an attention core that
-  forms its s×s gradients, a tied weight's gradient sum, and AdamW's step temporary.
+  forms its s×s gradients, of archplan's scan units, of a long convolution's mixer, a tied
+  weight's gradient sum, and AdamW's step temporary.
 """
 
 from __future__ import annotations
