@@ -231,14 +231,18 @@ def s4d_kernel_backward_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: b
     with X = 8·H·M·c (one complex64 (H, M, c) tensor: the basis, its powers, their cos, sin and
     products) and Y = 8·H·M·S (the same at the chunk starts): 4.5·X + 11.5·Y + 2·H·T bytes under
     autocast (the bmm's 16-bit casts), 4·X + 11·Y + 4·H·T in fp32, 2·X more where a partial last
-    chunk makes a second bmm. No source gives it: read off a live-bytes trace of the unit alone
-    over 27 shapes (H 128 … 512, M 8 … 64, T 256 … 8,192, chunks whole and partial), −2.9% …
-    +2.8% under autocast, −1.6% … +3.8% in fp32. state-spaces/s4's Vandermonde CUDA kernel holds
-    none of this (it recomputes the powers on chip)."""
+    chunk makes a second bmm. With `ssm_buffers` only C needs a gradient: the recomputation runs
+    without a graph for Δ, A and B, X + 6.5·Y + 2·H·T under autocast, X + 6·Y + 4·H·T in fp32.
+    No source gives it: read off a live-bytes trace of the unit alone over 27 shapes (H 128 … 512,
+    M 8 … 64, T 256 … 8,192, chunks whole and partial), −2.9% … +2.8% under autocast, −1.6% …
+    +3.8% in fp32; with `ssm_buffers` +0.1% … +0.9%. state-spaces/s4's Vandermonde CUDA kernel
+    holds none of this (it recomputes the powers on chip)."""
     c = s4d_basis_chunk(seq_len)
     chunks = -(-seq_len // c)
     x = 8 * d_model * m.modes * c
     y = 8 * d_model * m.modes * chunks
+    if m.ssm_buffers:
+        return x + (13 * y // 2 + 2 * d_model * seq_len if autocast else 6 * y + 4 * d_model * seq_len)
     partial = 2 * x if seq_len % c else 0
     if autocast:
         return (9 * x + 23 * y) // 2 + 2 * d_model * seq_len + partial
@@ -253,7 +257,8 @@ def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_byt
     (`s4d_kernel_backward_bytes`) where that is larger, net of those freed tensors and of the
     convolution's gradient read by then (a fit: (3·act + 7)·B·H·T + 6·H·T). S4's (DPLR) doubling is
     plain autograd, its backward not priced. Against a live-bytes trace of the mixer's backward
-    over 10 shapes and both dtypes (tests/test_memory.py): −3.1% … +6.2%."""
+    over 10 shapes and both dtypes (tests/test_memory.py): −3.1% … +6.2%; with `ssm_buffers` over
+    6 of them −0.1% … +10.8%."""
     h, t = d_model, seq_len
     tokens = batch * t * h
     fft = fft_conv_backward_bytes(batch, h, h, t) + (8 - (3 * act_bytes + 4)) * tokens
