@@ -694,8 +694,8 @@ def test_train_prices_an_s4d_models_peak_at_its_long_conv_backward(tmp_path: Pat
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A model whose S4D layer dominates (d_model 512, 64 states, 256 tokens, no FFN) peaks in the
     mixer's backward, where the kernel unit recomputes its Vandermonde basis with its gradients:
-    27 MB of a 50 MB step the other moments left out (2.2x the analytic total before the
-    `long-conv backward` moment; 1.00x with it)."""
+    temporaries of 34 MiB in a 50.5 MiB step, which the other moments left out (2.2x the analytic
+    total before the `long-conv backward` moment; 1.00x with it)."""
     spec = tmp_path / "s4d-wide.yaml"
     spec.write_text("name: s4d-wide\nvocab_size: 512\nd_model: 512\nn_layers: 1\nmax_seq_len: 4096\n"
                     "norm: {kind: rmsnorm}\nposition: {kind: none}\nlong_conv: {kind: s4d, d_state: 64}\n"

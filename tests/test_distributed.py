@@ -740,7 +740,7 @@ def test_fake_verify_ssm_and_long_conv_mixers_under_tp(fake_world: None, spec: s
 ])
 def test_fake_verify_prices_the_scan_units_backward(fake_world: None, spec: str, layout: str) -> None:
     """The step of a Mamba model under the torch engine can peak in its scan unit's backward, which
-    recomputes its operands in fp32 (`cluster._unit_backward`), beside what the layers below and
+    recomputes its operands in fp32 (`cluster._mixer_backward`), beside what the layers below and
     the layer's own mixer still keep. plan's total against the tracker's snapshot at its highest
     (`step_peak`): 1.012 and 1.062 for tiny-mamba2, 1.057 and 1.051 for tiny-mamba (Mamba-1
     under full recompute, where the peak is that backward's: 0.963 and 1.051 before Mamba-1's
@@ -768,7 +768,7 @@ def test_fake_verify_prices_a_long_convolutions_backward(fake_world: None, tmp_p
                                                          seq: int, fields: dict[str, object]) -> None:
     """A one-layer model whose long convolution dominates (no FFN, a 64-token vocabulary) peaks in
     the mixer's backward: the FFT convolution's complex spectra, S4D's kernel unit or the modal
-    filter recomputed with their gradients (`cluster._unit_backward`). plan's total against the
+    filter recomputed with their gradients (`cluster._mixer_backward`). plan's total against the
     tracker's snapshot at its highest (`step_peak`): 0.981 … 1.008 for these nine (0.136 … 0.714
     before the moment was priced). Hyena's re-run also held its last convolution's 2T-column
     output and its filters in the mixer's frame, the activations' peak under full recompute:
@@ -828,7 +828,7 @@ def test_fake_verify_a_layers_rerun_counts_its_input_once(fake_world: None, tmp_
 def test_fake_verify_prices_an_mtp_modules_scan_backward(fake_world: None, tmp_path: Path, recompute: str) -> None:
     """A multi-token prediction module whose block is Mamba-1 (tiny-mamba with one module): its
     scan's backward is priced as a main layer's, without the main pass's head tensors, which
-    wait beside the module's re-run but are not held at its scan (`cluster._unit_backward`;
+    wait beside the module's re-run but are not held at its scan (`cluster._mixer_backward`;
     with them, plan's total was 1.089 of the one-moment peak under full recompute). The step's
     one micro-batch peaks at its loss backward, before any gradient exists (the tracker's
     gradients are 0 there), while plan's total counts every category at its most: the peak lies

@@ -253,7 +253,7 @@ def test_the_ssd_units_backward_holds_what_ssd_backward_bytes_prices(
                                    (2, 390, 96, 24, 20, 2, 48), (1, 512, 128, 64, 64, 1, 64),
                                    (1, 100, 96, 24, 40, 2, 128)])
 def test_the_bf16_ssd_units_backward_is_priced_from_above(shape: tuple[int, ...]) -> None:
-    """The torch engine's case (`planning.cluster._unit_backward`): FSDP2 computes in bf16 weights
+    """The torch engine's case (`planning.cluster._mixer_backward`): FSDP2 computes in bf16 weights
     without autocast, so the unit recomputes in fp32 from bf16 inputs, between the two traced forms.
     The autocast form prices it at +0.1% … +8.5% over these shapes (the first is tiny-mamba2's
     layer); the fp32 form would be up to 16% short."""
@@ -335,7 +335,9 @@ def _backward_peak(mixer: Any, x: Any, autocast: bool) -> int:
 
 def _mixer_backward_held(mixer: Any, shape: tuple[int, int, int], autocast: bool) -> int:
     """`mixer` (fp32 weights) on a (batch, seq, d_model) input: the backward's peak beyond what was
-    alive when it began (`_backward_peak`), less its parameters' gradients (model states)."""
+    alive when it began (`_backward_peak`), less its parameters' gradients (model states, which
+    `bench --train` counts whole from the start: those not yet formed at the peak make the
+    measured transient that much smaller)."""
     torch = pytest.importorskip("torch")
 
     held = _backward_peak(mixer, torch.randn(*shape, requires_grad=True), autocast)
@@ -377,7 +379,7 @@ def test_the_s4d_kernels_backward_holds_what_s4d_kernel_backward_bytes_prices(
     """S4D's kernel unit alone (`_S4DKernel`; every input needing a gradient, or only C as with
     `ssm_buffers`) under a live-bytes trace: its backward's peak beyond what was alive when it
     began, less the inputs' gradients, is `s4d_kernel_backward_bytes` within the spread its
-    docstring states (27 shapes)."""
+    docstring states (15 of its 27 shapes)."""
     torch = pytest.importorskip("torch")
     from live_bytes import LiveBytes
 
@@ -700,3 +702,21 @@ def test_mla_math_kernel_count_is_what_autograd_saves(q_lora_rank: int | None) -
     heads, qk, v = 4, 24, 16
     operands = b * s * heads * (2 * qk + v)
     assert counted - flash == (4 - 2) * operands + 4 * heads * b * s * s - 4 * heads * b * s
+
+
+def test_s4ds_chunk_is_the_modules_and_its_kernel_unit_is_archplans_alone() -> None:
+    """The analytic side's chunk length is its own copy of the module's (the two never share
+    code): they agree at every length to 2¹⁶. `size` (fused kernels) leaves S4D's kernel unit out
+    of the `long-conv backward` moment, as state-spaces/s4's Vandermonde kernel holds none of its
+    recomputation; `bench --train` (archplan's torch units) prices it."""
+    pytest.importorskip("torch")
+    from archplan.analytic.s4 import s4_backward_bytes, s4d_basis_chunk
+    from archplan.modules.s4 import basis_chunk
+
+    assert all(s4d_basis_chunk(t) == basis_chunk(t) for t in range(1, 1 << 16))
+    plan = plan_of(vocab_size=64, d_model=512, n_layers=1, position={"kind": "none"}, layout={"mixers": "H"},
+                   long_conv={"kind": "s4d", "d_state": 64})
+    kernels, torch_units = (activation_memory(plan, 1, 256, units=units, autocast=True) for units in ("kernels", "torch"))
+    m = plan.layers[0].mixer
+    assert kernels.conv_transient == s4_backward_bytes(m, 512, 1, 256, 2, True, kernel_unit=False)
+    assert torch_units.conv_transient == s4_backward_bytes(m, 512, 1, 256, 2, True) > 2 * kernels.conv_transient

@@ -243,10 +243,13 @@ def hyena_backward_bytes(d_model: int, batch: int, seq_len: int) -> int:
     """What a Hyena mixer holds at the peak of its backward beyond what the layer kept: its long
     convolutions' FFT moment (`s4.fft_conv_backward_bytes`, D channels and D filters each, one
     order at a time), net of what is freed by then, 2 bytes a token and channel in all. The filter
-    MLP's backward (plain autograd, positions × its width) holds less in every shape traced. No
-    source gives the net term: a fit to a live-bytes trace of the mixer's backward over 8 shapes
-    (batch, length, width and order varied) and both dtypes, −5.7% … +16.8% (the high end at a
-    length that is no power of two; tests/test_memory.py)."""
+    MLP's backward (plain autograd, positions × its width) is not priced: it holds less than the
+    convolutions where the MLP is narrower than the channels, as in every preset (a 512-wide MLP
+    at d_model 16 holds about three times this). No source gives the net term: a fit to a
+    live-bytes trace of the mixer's backward over 8 shapes (batch, length, width and order varied)
+    and both dtypes, −5.7% … +16.8% (tests/test_memory.py). It prices from above where the batch
+    and the length are small, the parameters' gradients then a large share of the trace's
+    accounting: 1.2 at 1 × 256 tokens, d_model 64, and 1.5–2.6 at 1 × 128."""
     tokens = batch * seq_len * d_model
     return fft_conv_backward_bytes(batch, d_model, d_model, seq_len) - 2 * tokens
 

@@ -592,13 +592,15 @@ def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, bl
 
 
 def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
-                              b: int, h: int, act: int, autocast: bool) -> tuple[int, int]:
+                              b: int, h: int, act: int, units: Units, autocast: bool) -> tuple[int, int]:
     """Activations alive while a long convolution's mixer runs its backward in `layer`, and what
     that backward holds beyond them (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`,
-    `hyena.hyena_backward_bytes`); (0, 0) for any other mixer."""
+    `hyena.hyena_backward_bytes`); (0, 0) for any other mixer. S4D's kernel unit is archplan's
+    (`units="torch"`); with the kernels, state-spaces/s4's Vandermonde kernel holds none of its
+    recomputation. The FFT convolutions and the filters are plain torch in the references too."""
     match layer.mixer:
         case S4Plan() as m:
-            held = s4_backward_bytes(m, h, b, s, act, autocast)
+            held = s4_backward_bytes(m, h, b, s, act, autocast, kernel_unit=units == "torch")
         case StripedHyenaPlan() as m:
             held = striped_backward_bytes(m, h, b, s, act, autocast)
         case HyenaPlan():
@@ -659,7 +661,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         scan_backward = max(scan_backward, _scan_backward_bytes(
             layer, full, below, block_input, s, b, act, units, autocast), key=sum)
         conv_backward = max(conv_backward, _long_conv_backward_bytes(
-            layer, full, below, block_input, s, b, h, act, autocast), key=sum)
+            layer, full, below, block_input, s, b, h, act, units, autocast), key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept

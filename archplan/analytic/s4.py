@@ -207,8 +207,10 @@ def fft_conv_backward_bytes(batch: int, channels: int, filters: int, seq_len: in
     The input's gradient: the pair at (B, C, n), beside the output gradient's spectrum and its
     product with the filters' (B, C, n/2 + 1 each). The filters' gradient: the pair at (K, n), beside
     the output gradient's spectrum, the filters' gradient spectrum (K, n/2 + 1) and the finished
-    input gradient (fp32, (B, C, T)). Counted from the unit's code and checked, with each mixer's
-    own terms (`s4_backward_bytes`, `hyena.striped_backward_bytes`), against a live-bytes trace."""
+    input gradient ((B, C, T), counted at 4 bytes: S4's and StripedHyena's convolution input is
+    fp32; Hyena's net term absorbs its 16-bit one under autocast). Counted from the unit's code and
+    checked, with each mixer's own terms (`s4_backward_bytes`, `hyena.hyena_backward_bytes`,
+    `hyena.striped_backward_bytes`), against a live-bytes trace."""
     n = fft_length(seq_len)
     bins = n // 2 + 1
     spectrum = 8 * batch * channels * bins
@@ -234,8 +236,9 @@ def s4d_kernel_backward_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: b
     chunk makes a second bmm. With `ssm_buffers` only C needs a gradient: the recomputation runs
     without a graph for Δ, A and B, X + 6.5·Y + 2·H·T under autocast, X + 6·Y + 4·H·T in fp32.
     No source gives it: read off a live-bytes trace of the unit alone over 27 shapes (H 128 … 512,
-    M 8 … 64, T 256 … 8,192, chunks whole and partial), −2.9% … +2.8% under autocast, −1.6% …
-    +3.8% in fp32; with `ssm_buffers` +0.1% … +0.9%. state-spaces/s4's Vandermonde CUDA kernel
+    M 8 … 64, T 256 … 8,192, chunks whole and partial; 15 of them, to T = 2,048, in
+    tests/test_memory.py), −2.9% … +2.8% under autocast, −1.6% … +3.8% in fp32; with
+    `ssm_buffers` +0.1% … +0.9%. state-spaces/s4's Vandermonde CUDA kernel
     holds none of this (it recomputes the powers on chip)."""
     c = s4d_basis_chunk(seq_len)
     chunks = -(-seq_len // c)
@@ -249,20 +252,23 @@ def s4d_kernel_backward_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: b
     return 4 * x + 11 * y + 4 * d_model * seq_len + partial
 
 
-def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int, autocast: bool) -> int:
+def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int, autocast: bool,
+                      kernel_unit: bool = True) -> int:
     """What an S4 layer's mixer holds at the peak of its backward beyond what the layer kept: the
     FFT convolution's moment (`fft_conv_backward_bytes`) beside the output gradient and D·u's (fp32,
     (B, H, T) each) and without the GLU's input and the GELU's output and input, freed by then
     ((3·act + 4) bytes a token and channel); for S4D the kernel unit's backward
     (`s4d_kernel_backward_bytes`) where that is larger, net of those freed tensors and of the
-    convolution's gradient read by then (a fit: (3·act + 7)·B·H·T + 6·H·T). S4's (DPLR) doubling is
-    plain autograd, its backward not priced. Against a live-bytes trace of the mixer's backward
-    over 10 shapes and both dtypes (tests/test_memory.py): −3.1% … +6.2%; with `ssm_buffers` over
-    6 of them −0.1% … +10.8%."""
+    convolution's gradient read by then (a fit: (3·act + 7)·B·H·T + 6·H·T). `kernel_unit=False`:
+    state-spaces/s4's Vandermonde kernel instead, which recomputes its powers on chip and holds
+    none of that (`size`'s figure, as mamba_ssm's kernels are for the scans). S4's (DPLR) doubling
+    is plain autograd, its backward not priced. Against a live-bytes trace of the mixer's backward
+    over 10 shapes and both dtypes (6 of them in tests/test_memory.py): −3.1% … +6.2%; with
+    `ssm_buffers`, over those 6, −0.1% … +10.8%."""
     h, t = d_model, seq_len
     tokens = batch * t * h
     fft = fft_conv_backward_bytes(batch, h, h, t) + (8 - (3 * act_bytes + 4)) * tokens
-    if m.dplr:
+    if m.dplr or not kernel_unit:
         return fft
     kernel = s4d_kernel_backward_bytes(m, h, t, autocast) - (3 * act_bytes + 7) * tokens - 6 * h * t
     return max(fft, kernel)

@@ -124,7 +124,7 @@ held: `_embedding_between_backwards`), the eager loss's backward gradients (any 
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
-(`_head_gradients`), the Mamba and long-conv units' backward (`_unit_backward`), and at the end of the backward the root unit's reduction
+(`_head_gradients`), the Mamba and long-conv mixers' backward (`_mixer_backward`), and at the end of the backward the root unit's reduction
 (`_root_reduction_at_end`) and the embedding lookup's gradient beside the head's
 (`_lookup_gradient_at_end`).
 
@@ -716,10 +716,10 @@ class ModelData:
         return self._per_activation_layout(_rank_activations, layout, stage, microbatches, kernel, engine, modules,
                                            cp_comm)
 
-    def unit_backward(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
+    def mixer_backward(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
                       engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
-        """`_unit_backward`, once per what it depends on (`_per_activation_layout`)."""
-        return self._per_activation_layout(_unit_backward, layout, stage, microbatches, kernel, engine, modules,
+        """`_mixer_backward`, once per what it depends on (`_per_activation_layout`)."""
+        return self._per_activation_layout(_mixer_backward, layout, stage, microbatches, kernel, engine, modules,
                                            cp_comm)
 
     def _per_activation_layout(self, compute: Callable[..., int], layout: Layout, stage: int, microbatches: int,
@@ -1822,9 +1822,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     reduction = _unit_reduction(data, layout, chunks, microbatches, states) if torch_engine else 0
     temporary += max(held_reduce + max(_head_reduction_transient(data, layout, chunks, states), layer_gradient),
                      reduction)
-    scan = data.unit_backward(layout, stage, microbatches, kernel, states.engine, modules, cp_comm) if torch_engine else 0
-    if scan:
-        temporary = max(temporary, copies_at_backward + held_reduce + scan - activations)
+    mixer = data.mixer_backward(layout, stage, microbatches, kernel, states.engine, modules, cp_comm) if torch_engine else 0
+    if mixer:
+        temporary = max(temporary, copies_at_backward + held_reduce + mixer - activations)
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
@@ -2025,14 +2025,14 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
     return tuple(t for t in data.layer_tensors[chunk.layers.start] if not _own_unit(t, layout.tp, layout.ep))
 
 
-def _unit_backward(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
+def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
                    engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
     """Bytes alive while archplan's scan unit runs its backward in one of the rank's Mamba layers,
     or a long convolution's FFT or filter unit in an S4, Hyena or StripedHyena layer, at the largest (0
     without one): what the schedule's moment before that chunk's backward holds
     (`_rank_activations`), less what the layers above it keep for the micro-batch whose backward
     runs (freed before it, with the head's tensors), plus the layer's re-run under full recompute
-    and what the unit holds beyond its layer's kept tensors (`_mixer_unit`). A Mamba block of a
+    and what the unit holds beyond its layer's kept tensors (`_mixer_transient`). A Mamba block of a
     multi-token prediction module is priced the same way, without the main pass's head tensors
     that wait beside the module's re-run (`_rank_activations`): on tiny-mamba with one module at
     ZeRO-3 with full recompute, plan's total with them beside the scan was 1.089 times the step's
@@ -2040,7 +2040,7 @@ def _unit_backward(data: ModelData, layout: Layout, stage: int, microbatches: in
     so they are not held there."""
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     h = data.plan.d_model
-    units = {i: _mixer_unit(data.plan.layers[i].mixer, h, layout.tp, layout.cp, layout.mb, data.seq)
+    units = {i: _mixer_transient(data.plan.layers[i].mixer, h, layout.tp, layout.cp, layout.mb, data.seq)
              for chunk in chunks for i in chunk.layers}
     if not any(units.values()):
         return 0
@@ -2059,12 +2059,12 @@ def _unit_backward(data: ModelData, layout: Layout, stage: int, microbatches: in
 
 
 @lru_cache(maxsize=4096)
-def _mixer_unit(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, seq: int) -> int:
+def _mixer_transient(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, seq: int) -> int:
     """Bytes archplan's scan unit, or a long convolution's FFT and filter units, hold in the
     mixer's backward beyond what a layer of `mixer` kept, for the rank's share of it: its heads and
     channels split over tp (and over cp, whose exchange hands each rank whole sequences of its
     heads or channels: `mamba_exchange`, `long_conv_exchange`), each micro-batch of mb sequences
-    of seq tokens; 0 for attention. Both units recompute in
+    of seq tokens; 0 for any other mixer. The two scan units recompute in
     fp32 from the bf16 inputs FSDP2 computes in. Mamba-2's SSD unit (`analytic.mamba.ssd_backward_bytes`, its groups as
     `_group_spread` places them) is priced by the autocast form (bf16 casts beside the fp32
     recomputation), which a live-bytes trace of the bf16 mixer's backward puts at +0.1% … +8.5%
@@ -2346,7 +2346,7 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
                 for chunk in chunks]
     last = len(chunks) - 1 if chunks[-1].last else None  # the model's last chunk, where the rank holds it
     # per chunk, its largest layer re-run: the layers above a re-run one have run their backward,
-    # which freed the inputs their checkpoints kept for this micro-batch (`_unit_backward` takes
+    # which freed the inputs their checkpoints kept for this micro-batch (`_mixer_backward` takes
     # them off alike)
     rerun_most = [max((reruns[i] - sum(held.per_layer[j] for j in chunk.layers if j > i) for i in chunk.layers),
                       default=0.0) for chunk in chunks] if mode == "full" else []
