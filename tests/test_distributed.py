@@ -763,13 +763,14 @@ def test_fake_verify_prices_the_scan_units_backward(fake_world: None, spec: str,
                                                     "state_size": 8, "filter_groups": 1}}),
     ("wide-hyena", 1024, {"long_conv": {"kind": "hyena", "order": 2, "filter_order": 64, "l_max": 1024},
                           "d_model": 128, "max_seq_len": 1024}),
+    ("wide-s4", 256, {"long_conv": {"kind": "s4", "d_state": 32, "n_ssm": 1}, "d_model": 128}),
 ])
 def test_fake_verify_prices_a_long_convolutions_backward(fake_world: None, tmp_path: Path, layout: str, name: str,
                                                          seq: int, fields: dict[str, object]) -> None:
     """A one-layer model whose long convolution dominates (no FFN, a 64-token vocabulary) peaks in
     the mixer's backward: the FFT convolution's complex spectra, S4D's kernel unit or the modal
     filter recomputed with their gradients (`cluster._mixer_backward`). plan's total against the
-    tracker's snapshot at its highest (`step_peak`): 0.981 … 1.008 for these nine (0.136 … 0.714
+    tracker's snapshot at its highest (`step_peak`): 0.981 … 1.030 for these twelve (0.136 … 0.851
     before the moment was priced). Hyena's re-run also held its last convolution's 2T-column
     output and its filters in the mixer's frame, the activations' peak under full recompute:
     1.281 (✗) at CP2 before they were freed once read (`modules.hyena`), 1.032 now."""

@@ -452,6 +452,30 @@ def test_the_hyena_mixers_backward_holds_what_hyena_backward_bytes_prices(shape:
     assert 0.94 < hyena_backward_bytes(d, b, t) / measured < 1.17
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("shape", [
+    # (batch, seq, d_model, d_state): whole and partial doublings (300, 200, 700), batches 1 to 4;
+    # all peak in the doubling's backward but two in fp32 (1,024 and 128 tokens: the FFT's)
+    (1, 256, 128, 32), (1, 300, 96, 32), (1, 1024, 64, 16), (1, 200, 64, 64), (2, 700, 32, 32), (4, 128, 128, 64),
+    (1, 128, 256, 16),
+])
+def test_the_s4_mixers_backward_holds_what_s4_backward_bytes_prices(shape: tuple[int, ...], autocast: bool) -> None:
+    """Independent check of the `long-conv backward` moment for S4 (DPLR), whose doubling is plain
+    autograd (`s4_doubling_backward_bytes`): within the spread `s4_backward_bytes` states, 7 of its
+    20 shapes, the one it prices 25% over (1 × 128 tokens at d_model 256, autocast) among them."""
+    torch = pytest.importorskip("torch")
+    from archplan.analytic.s4 import s4_backward_bytes
+    from archplan.modules.s4 import S4Mixer
+
+    b, t, d, n = shape
+    mixer_plan = plan_of(vocab_size=64, d_model=d, n_layers=1, position={"kind": "none"}, layout={"mixers": "H"},
+                         long_conv={"kind": "s4", "d_state": n, "n_ssm": 1}).layers[0].mixer
+    torch.manual_seed(0)
+    measured = _mixer_backward_held(S4Mixer(mixer_plan, d), (b, t, d), autocast)
+    priced = s4_backward_bytes(mixer_plan, d, b, t, 2 if autocast else 4, autocast)
+    assert 0.97 < priced / measured < (1.26 if shape == (1, 128, 256, 16) else 1.1)
+
+
 def test_gqa_stores_smaller_k_and_v() -> None:
     s, b = 16, 1
     common = dict(vocab_size=100, d_model=256, n_layers=1, ffn={"kind": "glu", "d_ff": 512})

@@ -259,16 +259,43 @@ def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_byt
     (B, H, T) each) and without the GLU's input and the GELU's output and input, freed by then
     ((3·act + 4) bytes a token and channel); for S4D the kernel unit's backward
     (`s4d_kernel_backward_bytes`) where that is larger, net of those freed tensors and of the
-    convolution's gradient read by then (a fit: (3·act + 7)·B·H·T + 6·H·T). `kernel_unit=False`:
-    state-spaces/s4's Vandermonde kernel instead, which recomputes its powers on chip and holds
-    none of that (`size`'s figure, as mamba_ssm's kernels are for the scans). S4's (DPLR) doubling
-    is plain autograd, its backward not priced. Against a live-bytes trace of the mixer's backward
-    over 10 shapes and both dtypes (6 of them in tests/test_memory.py): −3.1% … +6.2%; with
-    `ssm_buffers`, over those 6, −0.1% … +10.8%."""
+    convolution's gradient read by then (a fit: (3·act + 7)·B·H·T + 6·H·T); for S4 (DPLR) its
+    doubling's backward where that is larger (`s4_doubling_backward_bytes`). `kernel_unit=False`:
+    state-spaces/s4's kernels instead (the Vandermonde kernel, the Cauchy kernel), which compute
+    on chip and hold none of that (`size`'s figure, as mamba_ssm's kernels are for the scans).
+    Against a live-bytes trace of the mixer's backward over 10 shapes and both dtypes (6 of them
+    in tests/test_memory.py): −3.1% … +6.2%; with `ssm_buffers`, over those 6, −0.1% … +10.8%;
+    S4 over 20 shapes −2.1% … +9.0% but one, +25% (1 × 128 tokens, d_model 256, 16 states,
+    autocast)."""
     h, t = d_model, seq_len
     tokens = batch * t * h
     fft = fft_conv_backward_bytes(batch, h, h, t) + (8 - (3 * act_bytes + 4)) * tokens
-    if m.dplr or not kernel_unit:
+    if not kernel_unit:
         return fft
+    if m.dplr:
+        return max(fft, s4_doubling_backward_bytes(m, h, batch, t, act_bytes, autocast))
     kernel = s4d_kernel_backward_bytes(m, h, t, autocast) - (3 * act_bytes + 7) * tokens - 6 * h * t
     return max(fft, kernel)
+
+
+def s4_doubling_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int,
+                               autocast: bool) -> int:
+    """What S4's (DPLR) kernel generation holds in its backward beyond what the layer kept, net of
+    the layer's tensors freed by then: the doubling (`modules.s4.S4Mixer._dplr_basis`) is plain
+    autograd, and its backward runs through every step's concatenation with the basis' fp32
+    gradient (H, N, T) alive. In fp32 that gradient is the peak, 4·H·N·T; under autocast the last
+    step's, whose slice of the first `prev` columns (the columns before that step) is
+    zero-extended and summed into them in fp32 beside its 16-bit gradient: 10·H·N·prev. Net of
+    the GLU's, GELU's and the convolution's tensors freed by then, 5.5·act (fp32) or 9·act
+    (autocast) bytes a token and channel. No source gives it: a fit to a live-bytes trace of the
+    mixer's backward over 20 shapes (batch 1–4, T 96 … 2,048 whole and partial doublings, H
+    32 … 256, N 16 … 64) and both dtypes."""
+    h, n, t = d_model, m.d_state, seq_len
+    cols, prev = 1, 0
+    while cols < t:
+        prev = cols
+        cols += min(cols, t - cols)
+    tokens = batch * t * h
+    if autocast:
+        return 10 * h * n * prev - 9 * act_bytes * tokens
+    return 4 * h * n * t - 11 * act_bytes * tokens // 2
