@@ -157,9 +157,11 @@ def s4_activation_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_b
 def s4_kernel_once_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
     """What one forward keeps of S4's kernel, whatever the batch (the kernel depends on the
     parameters and the length alone): its fp32 spectrum (complex64, n/2 + 1 bins a channel) and
-    its generation (`s4_kernel_activation_bytes`, DPLR only). Every term is per channel."""
+    its generation: S4's (`s4_kernel_activation_bytes`), or the per-channel inputs S4D's kernel
+    unit saves, log(−Re A), Im A and B repeated from the SSM copies to every channel in fp32 (4·M
+    floats a channel; log Δ and C are the parameters themselves). Every term is per channel."""
     bins = fft_length(seq_len) // 2 + 1
-    kernel = s4_kernel_activation_bytes(m, d_model, seq_len, autocast) if m.dplr else 0
+    kernel = s4_kernel_activation_bytes(m, d_model, seq_len, autocast) if m.dplr else 4 * d_model * 4 * m.modes
     return 8 * d_model * bins + kernel
 
 
