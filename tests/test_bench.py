@@ -702,7 +702,7 @@ def test_train_prices_a_long_convolutions_peak_at_its_backward(mixer: str, width
     the mixer's backward: the FFT convolution's inverse FFTs, and S4D's kernel unit or the modal
     filter recomputing its basis with its gradients. S4D at d_model 512 and 64 states held
     temporaries of 34 MiB in a 50.5 MiB step, which the other moments left out. Measured / analytic
-    total before the `long-conv backward` moment: 2.87, 6.62 and 1.47 (✗); 1.01, 1.01 and 1.05 with it."""
+    total before the `long-conv backward` moment: 2.87, 6.62 and 1.47 (✗); 1.00, 1.01 and 1.05 with it."""
     spec = tmp_path / "long-conv.yaml"
     spec.write_text(f"name: long-conv\nvocab_size: 64\nd_model: {width}\nn_layers: 1\nmax_seq_len: 4096\n"
                     f"norm: {{kind: rmsnorm}}\nposition: {{kind: none}}\nlong_conv: {mixer}\nlayout: {{mixers: H}}\n")
