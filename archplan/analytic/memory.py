@@ -595,9 +595,10 @@ def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
                               b: int, h: int, act: int, units: Units, autocast: bool) -> tuple[int, int]:
     """Activations alive while a long convolution's mixer runs its backward in `layer`, and what
     that backward holds beyond them (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`,
-    `hyena.hyena_backward_bytes`); (0, 0) for any other mixer. S4D's kernel unit is archplan's
-    (`units="torch"`); with the kernels, state-spaces/s4's Vandermonde kernel holds none of its
-    recomputation. The FFT convolutions and the filters are plain torch in the references too."""
+    `hyena.hyena_backward_bytes`); (0, 0) for any other mixer. S4's and S4D's kernel generation is
+    archplan's torch (`units="torch"`); with the kernels, state-spaces/s4's Cauchy and Vandermonde
+    kernels hold none of its recomputation. The FFT convolutions and the filters are plain torch in
+    the references too."""
     match layer.mixer:
         case S4Plan() as m:
             held = s4_backward_bytes(m, h, b, s, act, autocast, kernel_unit=units == "torch")
