@@ -124,7 +124,8 @@ held: `_embedding_between_backwards`), the eager loss's backward gradients (any 
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
-(`_head_gradients`), the Mamba and long-conv mixers' backward (`_mixer_backward`), and at the end of the backward the root unit's reduction
+(`_head_gradients`), the Mamba and long-conv mixers' backward (`_mixer_backward`), and at the end
+of the backward the root unit's reduction
 (`_root_reduction_at_end`) and the embedding lookup's gradient beside the head's
 (`_lookup_gradient_at_end`).
 
@@ -717,7 +718,7 @@ class ModelData:
                                            cp_comm)
 
     def mixer_backward(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                      engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+                       engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
         """`_mixer_backward`, once per what it depends on (`_per_activation_layout`)."""
         return self._per_activation_layout(_mixer_backward, layout, stage, microbatches, kernel, engine, modules,
                                            cp_comm)
@@ -2026,10 +2027,10 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
 
 
 def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                   engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+                    engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
     """Bytes alive while archplan's scan unit runs its backward in one of the rank's Mamba layers,
-    or a long convolution's FFT or filter unit in an S4, Hyena or StripedHyena layer, at the largest (0
-    without one): what the schedule's moment before that chunk's backward holds
+    or a long convolution's FFT or filter unit in an S4, Hyena or StripedHyena layer, at the
+    largest (0 without one): what the schedule's moment before that chunk's backward holds
     (`_rank_activations`), less what the layers above it keep for the micro-batch whose backward
     runs (freed before it, with the head's tensors), plus the layer's re-run under full recompute
     and what the unit holds beyond its layer's kept tensors (`_mixer_transient`). A Mamba block of a
@@ -2064,9 +2065,9 @@ def _mixer_transient(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, 
     mixer's backward beyond what a layer of `mixer` kept, for the rank's share of it: its heads and
     channels split over tp (and over cp, whose exchange hands each rank whole sequences of its
     heads or channels: `mamba_exchange`, `long_conv_exchange`), each micro-batch of mb sequences
-    of seq tokens; 0 for any other mixer. The two scan units recompute in
-    fp32 from the bf16 inputs FSDP2 computes in. Mamba-2's SSD unit (`analytic.mamba.ssd_backward_bytes`, its groups as
-    `_group_spread` places them) is priced by the autocast form (bf16 casts beside the fp32
+    of seq tokens; 0 for any other mixer. The two scan units recompute in fp32 from the bf16
+    inputs FSDP2 computes in. Mamba-2's SSD unit (`analytic.mamba.ssd_backward_bytes`, its groups
+    as `_group_spread` places them) is priced by the autocast form (bf16 casts beside the fp32
     recomputation), which a live-bytes trace of the bf16 mixer's backward puts at +0.1% … +8.5%
     of what it holds over five shapes, where the fp32 form is 2% … 16% short; Mamba-1's chunked
     scan (`analytic.mamba.mamba1_scan_backward_bytes`) has a bf16-weights form of its own, −0.8% …
