@@ -226,6 +226,10 @@ def _peak_parts(t: dict[str, Any]) -> list[tuple[str, int]]:
             transient = t["long_conv_backward"]
             return [kept, ("of which alive at the mixer's backward", alive - transient),
                     ("its FFT convolution's or filter's gradients", transient)]
+        case "kernel generation":
+            transient = t["kernel_generation"]
+            return [kept, ("of which alive at S4's kernel generation", alive - transient),
+                    ("its doubling's last step (forward)", transient)]
         case "tied gradient sum" | "optimizer step":
             return [("activations kept (freed by then)", t["activations"])]
     raise ValueError(f"unknown phase {phase!r}")

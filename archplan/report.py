@@ -341,6 +341,7 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                 "attention_backward": train_mem.activations.core_gradients,
                 "scan_backward": train_mem.activations.scan_transient,
                 "long_conv_backward": train_mem.activations.conv_transient,
+                "kernel_generation": train_mem.activations.generation_transient,
                 "tied_grad_sum": train_mem.tied_grad_sum,
                 "optimizer_step": train_mem.optimizer_step,
                 "phases": dict(train_mem.phases),

@@ -179,7 +179,8 @@ def test_full_recompute_peak_is_the_largest_of_loss_rerun_and_core_backward() ->
         up_to_core = sum(last[k] for k in ("layers.2.norm1", "layers.2.mixer"))
         core = full.kept - ends + up_to_core + 2 * 2 * a * s * s * b
         assert full.phases == {"loss backward": full.kept + full.loss_backward, "layer re-run": rerun,
-                               "attention backward": core, "scan backward": 0, "long-conv backward": 0}
+                               "attention backward": core, "scan backward": 0, "long-conv backward": 0,
+                               "kernel generation": 0}
         assert full.peak == full.phases[phase] == max(full.phases.values())
     # a fused kernel forms no s×s gradients
     assert activation_memory(gpt_block(h, a, layers=3, vocab=50), b, s, "full",
@@ -474,6 +475,39 @@ def test_the_s4_mixers_backward_holds_what_s4_backward_bytes_prices(shape: tuple
     measured = _mixer_backward_held(S4Mixer(mixer_plan, d), (b, t, d), autocast)
     priced = s4_backward_bytes(mixer_plan, d, b, t, 2 if autocast else 4, autocast)
     assert 0.97 < priced / measured < (1.26 if shape == (1, 128, 256, 16) else 1.1)
+
+
+@pytest.mark.parametrize("shape", [
+    # (batch, seq, d_model, d_state): whole and partial doublings (300, 200), batches 1 to 4
+    (1, 256, 128, 32), (1, 512, 64, 32), (2, 256, 128, 16), (1, 1024, 64, 16), (1, 300, 96, 32), (4, 128, 128, 64),
+    (1, 128, 256, 16), (1, 200, 64, 64),
+])
+def test_s4s_kernel_generation_holds_what_s4_generation_transient_bytes_prices(shape: tuple[int, ...]) -> None:
+    """Independent check of the `kernel generation` moment: archplan's S4 (DPLR) mixer run forward
+    under bf16 autocast and a live-bytes trace peaks, beyond what was alive when it began, at its
+    fp32 input copy, the generation's kept tensors and the doubling's last step
+    (`s4_generation_transient_bytes`), within the spread that docstring states (these 8 shapes)."""
+    torch = pytest.importorskip("torch")
+    from live_bytes import LiveBytes
+
+    from archplan.analytic.s4 import s4_generation_transient_bytes, s4_kernel_activation_bytes
+    from archplan.modules.s4 import S4Mixer
+
+    b, t, d, n = shape
+    mixer_plan = plan_of(vocab_size=64, d_model=d, n_layers=1, position={"kind": "none"}, layout={"mixers": "H"},
+                         long_conv={"kind": "s4", "d_state": n, "n_ssm": 1}).layers[0].mixer
+    torch.manual_seed(0)
+    mixer = S4Mixer(mixer_plan, d)
+    x = torch.randn(b, t, d, requires_grad=True)
+    tracer = LiveBytes()
+    with tracer:
+        start = tracer.mark()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixer(x)
+    priced = 4 * b * t * d + s4_kernel_activation_bytes(mixer_plan, d, t, True) + s4_generation_transient_bytes(
+        mixer_plan, d, t, True)
+    assert 0.87 < priced / (tracer.peak - start) < 1.08
+    assert s4_generation_transient_bytes(mixer_plan, d, t, False) == 0
 
 
 def test_gqa_stores_smaller_k_and_v() -> None:

@@ -10,11 +10,11 @@ Sources:
 - activations: Korthikanti et al. 2022 (arXiv:2205.05198) §4.1 / Table 2, generalised per saved
   tensor to GQA, MLA, gated FFNs, MoE and Mamba layers (see `_mixer_bytes`, `_ffn_bytes`).
 - the peak of one step (`TrainingMemory.total`): archplan's own accounting, measured with
-  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of seven
+  `archplan bench --train` (docs/figures.md §5.3): the model states plus the largest of eight
   moments: the loss backward (everything the forward kept + the cross-entropy's two fp32 n×V
   gradients), the re-run of a layer under full recompute, the backward of an attention core that
-  forms its s×s gradients, of archplan's scan units, of a long convolution's mixer, a tied
-  weight's gradient sum, and AdamW's step temporary.
+  forms its s×s gradients, of archplan's scan units, of a long convolution's mixer, S4's kernel
+  generation in a forward, a tied weight's gradient sum, and AdamW's step temporary.
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ from archplan.analytic.mamba import (
     ssd_backward_bytes,
     ssd_chunks,
 )
-from archplan.analytic.s4 import s4_activation_bytes, s4_backward_bytes
+from archplan.analytic.s4 import (
+    s4_activation_bytes,
+    s4_backward_bytes,
+    s4_generation_transient_bytes,
+    s4_kernel_activation_bytes,
+)
 from archplan.dtypes import BYTES, DType
 from archplan.resolve import (
     AttentionPlan,
@@ -77,7 +82,7 @@ CoreKernel = Literal["eager", "flash", "math"]
 # an MoE layer its routing metadata (`moe_routing_bytes`).
 Units = Literal["kernels", "torch"]
 Phase = Literal["loss backward", "layer re-run", "attention backward", "scan backward", "long-conv backward",
-                "tied gradient sum", "optimizer step"]
+                "kernel generation", "tied gradient sum", "optimizer step"]
 
 # Korthikanti et al. 2022 §4.1: activations are stored in 16-bit, dropout masks in one byte.
 ACT_BYTES = 2
@@ -291,6 +296,8 @@ class ActivationMemory:
     `conv_backward` and `conv_transient`: the same for a long convolution's mixer (S4, S4D, Hyena,
     StripedHyena), whose FFT convolution and filter units form their gradients there
     (`s4.s4_backward_bytes`, `hyena.hyena_backward_bytes`, `hyena.striped_backward_bytes`).
+    `generation_forward` and `generation_transient`: a forward's moment, S4's (DPLR) kernel
+    generation by archplan's torch doubling under autocast (`s4.s4_generation_transient_bytes`).
     """
 
     micro_batch: int
@@ -305,6 +312,8 @@ class ActivationMemory:
     scan_transient: int = 0
     conv_backward: int = 0
     conv_transient: int = 0
+    generation_forward: int = 0
+    generation_transient: int = 0
 
     @property
     def kept(self) -> int:
@@ -317,14 +326,16 @@ class ActivationMemory:
         (everything kept + the cross-entropy's two fp32 n×V gradients), under full recompute the
         re-run of the largest layer, when the loss and head tensors are already freed, and the
         backward of an attention core that forms its s×s gradients (`core_backward` +
-        `core_gradients`), that of archplan's scan units (`scan_backward` + `scan_transient`) and
-        that of a long convolution's mixer (`conv_backward` + `conv_transient`)."""
+        `core_gradients`), that of archplan's scan units (`scan_backward` + `scan_transient`),
+        that of a long convolution's mixer (`conv_backward` + `conv_transient`), and in a forward
+        S4's kernel generation (`generation_forward` + `generation_transient`)."""
         ends = sum(self.by_component.get(k, 0) for k in END_COMPONENTS)
         return {"loss backward": self.kept + self.loss_backward,
                 "layer re-run": self.kept - ends + self.working_set if self.working_set else 0,
                 "attention backward": self.core_backward + self.core_gradients,
                 "scan backward": self.scan_backward + self.scan_transient,
-                "long-conv backward": self.conv_backward + self.conv_transient}
+                "long-conv backward": self.conv_backward + self.conv_transient,
+                "kernel generation": self.generation_forward + self.generation_transient}
 
     @property
     def peak(self) -> int:
@@ -611,6 +622,22 @@ def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
     return _alive_at_mixer_backward(layer, kept, before, block_input), held
 
 
+def _generation_forward_bytes(layer: LayerPlan, kept: dict[str, int], below: int, s: int, b: int, h: int,
+                              units: Units, autocast: bool) -> tuple[int, int]:
+    """Activations alive while S4's (DPLR) kernel generation runs in `layer`'s forward, and what it
+    holds beyond them (`s4.s4_generation_transient_bytes`): what the layers below keep, the norm
+    before the mixer, the mixer's fp32 copy of its input and the generation's kept tensors
+    (`s4.s4_kernel_activation_bytes`). (0, 0) for any other mixer, without autocast (nothing
+    beyond what it keeps), and with state-spaces/s4's Cauchy kernel (`units="kernels"`)."""
+    match layer.mixer:
+        case S4Plan(dplr=True) as m if units == "torch" and autocast:
+            alive = (below + kept.get(f"{layer.path}.norm1", 0) + FP32_BYTES * b * s * h
+                     + s4_kernel_activation_bytes(m, h, s, autocast))
+            return alive, s4_generation_transient_bytes(m, h, s, autocast)
+        case _:
+            return 0, 0
+
+
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",
                       dropout: bool = False, activation_dtype: DType | str = DType.bf16,
                       attention_kernel: AttentionKernel = "eager",
@@ -647,14 +674,14 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     if plan.embed_norm:
         out["embed_norm"] = res * tokens * h
     working_set = 0
-    core_backward = scan_backward = conv_backward = (0, 0)
+    core_backward = scan_backward = conv_backward = generation = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added
 
     def keep(layer: LayerPlan, around: int = 0, stream: int = res) -> None:
         """`around`: under full recompute, the bytes the checkpoint re-runs beside the block (an
         MTP module's own parts, which keep its inputs instead of the block's); `stream`: the
         bytes of the block's residual stream."""
-        nonlocal working_set, core_backward, scan_backward, conv_backward, below
+        nonlocal working_set, core_backward, scan_backward, conv_backward, generation, below
         full = _layer_bytes(layer, plan, s, b, act, "none", attention_kernel, dropout, stream, units, autocast)
         block_input = res * tokens * h if recompute == "full" and not around else 0
         core_backward = max(core_backward, _attention_backward_bytes(
@@ -663,6 +690,9 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
             layer, full, below, block_input, s, b, act, units, autocast), key=sum)
         conv_backward = max(conv_backward, _long_conv_backward_bytes(
             layer, full, below, block_input, s, b, h, act, units, autocast), key=sum)
+        if recompute != "full":  # a checkpointed forward keeps nothing; its re-run is the layer's
+            generation = max(generation, _generation_forward_bytes(layer, full, below, s, b, h, units, autocast),
+                             key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept
@@ -716,7 +746,7 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         before = stream
     loss_backward = CE_BACKWARD_TENSORS * LOGITS_BYTES * tokens * plan.vocab_size
     return ActivationMemory(b, s, recompute, out, working_set, loss_backward, *core_backward, *scan_backward,
-                            *conv_backward)
+                            *conv_backward, *generation)
 
 
 # ---------------------------------------------------------------------------------- training

@@ -280,6 +280,25 @@ def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_byt
     return max(fft, kernel)
 
 
+def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
+    """What S4's (DPLR) kernel generation holds at its forward's peak beyond what it keeps: the
+    doubling's last step (`modules.s4.S4Mixer._dplr_basis`) concatenates the new fp32 basis
+    (H, N, T) beside the one before it (H, N, prev) and the step's 16-bit product (H, N, need), none
+    of which autograd keeps under autocast (the matmuls keep their 16-bit casts). In fp32 the
+    matmuls keep the bases themselves (`s4_kernel_activation_bytes`) and nothing more is held: 0.
+    With what the mixer keeps by then (its input's fp32 copy and the generation's kept tensors),
+    a live-bytes trace of the mixer's forward under autocast over 8 shapes (batch 1–4, T 128 …
+    1,024 whole and partial doublings, H 64 … 256, N 16 … 64) reads 0.88 … 1.07 of this."""
+    if not autocast:
+        return 0
+    h, n, t = d_model, m.d_state, seq_len
+    cols, prev, need = 1, 0, 0
+    while cols < t:
+        prev, need = cols, min(cols, t - cols)
+        cols += need
+    return 4 * h * n * prev + 2 * h * n * need + 4 * h * n * t
+
+
 def s4_doubling_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int,
                                autocast: bool) -> int:
     """What S4's (DPLR) kernel generation holds in its backward beyond what the layer kept, net of
