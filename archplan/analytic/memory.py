@@ -624,9 +624,9 @@ def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
 
 def _generation_forward_bytes(layer: LayerPlan, kept: dict[str, int], below: int, s: int, b: int, h: int,
                               units: Units, autocast: bool) -> tuple[int, int]:
-    """Activations alive while S4's (DPLR) kernel generation runs in `layer`'s forward, and what it
-    holds beyond them (`s4.s4_generation_transient_bytes`): what the layers below keep, the norm
-    before the mixer, the mixer's fp32 copy of its input and the generation's kept tensors
+    """Activations alive while S4's (DPLR) kernel generation runs in `layer`'s forward (or its
+    re-run), and what it holds beyond them (`s4.s4_generation_transient_bytes`): what the layers
+    below keep (`below`, with the layer's own input under full recompute), the norm before the mixer, the mixer's fp32 copy of its input and the generation's kept tensors
     (`s4.s4_kernel_activation_bytes`). (0, 0) for any other mixer, without autocast (nothing
     beyond what it keeps), and with state-spaces/s4's Cauchy kernel (`units="kernels"`)."""
     match layer.mixer:
@@ -690,9 +690,10 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
             layer, full, below, block_input, s, b, act, units, autocast), key=sum)
         conv_backward = max(conv_backward, _long_conv_backward_bytes(
             layer, full, below, block_input, s, b, h, act, units, autocast), key=sum)
-        if recompute != "full":  # a checkpointed forward keeps nothing; its re-run is the layer's
-            generation = max(generation, _generation_forward_bytes(layer, full, below, s, b, h, units, autocast),
-                             key=sum)
+        # under full recompute at the layer's re-run, beside the block inputs (a checkpointed
+        # forward keeps nothing)
+        generation = max(generation, _generation_forward_bytes(layer, full, below + block_input, s, b, h, units,
+                                                               autocast), key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept
