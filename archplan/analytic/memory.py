@@ -626,7 +626,8 @@ def _generation_forward_bytes(layer: LayerPlan, kept: dict[str, int], below: int
                               units: Units, autocast: bool) -> tuple[int, int]:
     """Activations alive while S4's (DPLR) kernel generation runs in `layer`'s forward (or its
     re-run), and what it holds beyond them (`s4.s4_generation_transient_bytes`): what the layers
-    below keep (`below`, with the layer's own input under full recompute), the norm before the mixer, the mixer's fp32 copy of its input and the generation's kept tensors
+    below keep (`below`, with the layer's own input under full recompute), the norm before the
+    mixer, the mixer's fp32 copy of its input and the generation's kept tensors
     (`s4.s4_kernel_activation_bytes`). (0, 0) for any other mixer, without autocast (nothing
     beyond what it keeps), and with state-spaces/s4's Cauchy kernel (`units="kernels"`)."""
     match layer.mixer:
