@@ -202,34 +202,33 @@ def _training_table(r: dict[str, Any]) -> _Section:
     return table
 
 
+# The peak phases that are what is alive at one moment plus a transient: the transient's key in
+# the JSON, then how the table names what is alive then and the transient.
+_TRANSIENT_PHASES: dict[str, tuple[str, str, str]] = {
+    "layer re-run": ("activations_working_set", "of which alive at the re-run", "one layer re-run"),
+    "attention backward": ("attention_backward", "of which alive at the core's backward",
+                           "attention's s×s gradients (dP, dS)"),
+    "scan backward": ("scan_backward", "of which alive at the scan unit's backward",
+                      "the scan unit's recomputed operands and gradients"),
+    "long-conv backward": ("long_conv_backward", "of which alive at the mixer's backward",
+                           "its FFT convolution's or filter's gradients"),
+    "kernel generation": ("kernel_generation", "of which alive at S4's kernel generation",
+                          "its doubling's last step (forward)"),
+}
+
+
 def _peak_parts(t: dict[str, Any]) -> list[tuple[str, int]]:
     """What the forward kept, then the peak phase's own parts: what is alive then, and the
     transient that makes it the peak (the step peak row above is their sum)."""
     phase = t["peak_phase"]
-    alive = t["phases"][phase]
     kept = ("activations kept", t["activations"])
+    if phase in _TRANSIENT_PHASES:
+        key, alive_then, transient_name = _TRANSIENT_PHASES[phase]
+        transient = t[key]
+        return [kept, (alive_then, t["phases"][phase] - transient), (transient_name, transient)]
     match phase:
         case "loss backward":
             return [kept, ("loss backward (2 fp32 n×V)", t["loss_backward"])]
-        case "layer re-run":
-            working = t["activations_working_set"]
-            return [kept, ("of which alive at the re-run", alive - working), ("one layer re-run", working)]
-        case "attention backward":
-            gradients = t["attention_backward"]
-            return [kept, ("of which alive at the core's backward", alive - gradients),
-                    ("attention's s×s gradients (dP, dS)", gradients)]
-        case "scan backward":
-            transient = t["scan_backward"]
-            return [kept, ("of which alive at the scan unit's backward", alive - transient),
-                    ("the scan unit's recomputed operands and gradients", transient)]
-        case "long-conv backward":
-            transient = t["long_conv_backward"]
-            return [kept, ("of which alive at the mixer's backward", alive - transient),
-                    ("its FFT convolution's or filter's gradients", transient)]
-        case "kernel generation":
-            transient = t["kernel_generation"]
-            return [kept, ("of which alive at S4's kernel generation", alive - transient),
-                    ("its doubling's last step (forward)", transient)]
         case "tied gradient sum" | "optimizer step":
             return [("activations kept (freed by then)", t["activations"])]
     raise ValueError(f"unknown phase {phase!r}")
