@@ -705,7 +705,7 @@ def test_train_prices_a_long_convolutions_peak(mixer: str, width: int, seq: int,
     temporaries of 34 MiB in a 50.5 MiB step, which the other moments left out. Measured / analytic
     total before the `long-conv backward` moment: 2.87, 6.62 and 1.47 (✗); 1.00, 1.01 and 1.05 with it.
     S4 (DPLR) peaks in its forward, where the doubling concatenates its fp32 basis: 1.50 before
-    either moment, 1.17 (✗) with the backward's alone, 1.03 with the `kernel generation` moment."""
+    either moment, 1.17 (✗) with the backward's alone, 0.99 with the `kernel generation` moment."""
     spec = tmp_path / "long-conv.yaml"
     spec.write_text(f"name: long-conv\nvocab_size: 64\nd_model: {width}\nn_layers: 1\nmax_seq_len: 4096\n"
                     f"norm: {{kind: rmsnorm}}\nposition: {{kind: none}}\nlong_conv: {mixer}\nlayout: {{mixers: H}}\n")

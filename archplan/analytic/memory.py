@@ -297,7 +297,7 @@ class ActivationMemory:
     StripedHyena), whose FFT convolution and filter units form their gradients there
     (`s4.s4_backward_bytes`, `hyena.hyena_backward_bytes`, `hyena.striped_backward_bytes`).
     `generation_forward` and `generation_transient`: a forward's moment, S4's (DPLR) kernel
-    generation by archplan's torch doubling under autocast (`s4.s4_generation_transient_bytes`).
+    generation by archplan's doubling (`s4.s4_generation_transient_bytes`).
     """
 
     micro_batch: int
@@ -603,16 +603,15 @@ def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, bl
 
 
 def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, block_input: int, s: int,
-                              b: int, h: int, act: int, units: Units, autocast: bool) -> tuple[int, int]:
+                              b: int, h: int, act: int, autocast: bool) -> tuple[int, int]:
     """Activations alive while a long convolution's mixer runs its backward in `layer`, and what
     that backward holds beyond them (`s4.s4_backward_bytes`, `hyena.striped_backward_bytes`,
-    `hyena.hyena_backward_bytes`); (0, 0) for any other mixer. S4's and S4D's kernel generation is
-    archplan's torch (`units="torch"`); with the kernels, state-spaces/s4's Cauchy and Vandermonde
-    kernels hold none of its recomputation. The FFT convolutions and the filters are plain torch in
-    the references too."""
+    `hyena.hyena_backward_bytes`); (0, 0) for any other mixer. The kernel generations are
+    archplan's, in `size` as in `bench --train`, as the kept tensors are (`s4.s4_activation_bytes`):
+    unlike the scans (mamba_ssm's kernels), no fused alternative is modelled."""
     match layer.mixer:
         case S4Plan() as m:
-            held = s4_backward_bytes(m, h, b, s, act, autocast, kernel_unit=units == "torch")
+            held = s4_backward_bytes(m, h, b, s, act, autocast)
         case StripedHyenaPlan() as m:
             held = striped_backward_bytes(m, h, b, s, act, autocast)
         case HyenaPlan():
@@ -623,15 +622,14 @@ def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
 
 
 def _generation_forward_bytes(layer: LayerPlan, kept: dict[str, int], below: int, s: int, b: int, h: int,
-                              units: Units, autocast: bool) -> tuple[int, int]:
+                              autocast: bool) -> tuple[int, int]:
     """Activations alive while S4's (DPLR) kernel generation runs in `layer`'s forward (or its
     re-run), and what it holds beyond them (`s4.s4_generation_transient_bytes`): what the layers
     below keep (`below`, with the layer's own input under full recompute), the norm before the
     mixer, the mixer's fp32 copy of its input and the generation's kept tensors
-    (`s4.s4_kernel_activation_bytes`). (0, 0) for any other mixer, without autocast (nothing
-    beyond what it keeps), and with state-spaces/s4's Cauchy kernel (`units="kernels"`)."""
+    (`s4.s4_kernel_activation_bytes`). (0, 0) for any other mixer."""
     match layer.mixer:
-        case S4Plan(dplr=True) as m if units == "torch" and autocast:
+        case S4Plan(dplr=True) as m:
             alive = (below + kept.get(f"{layer.path}.norm1", 0) + FP32_BYTES * b * s * h
                      + s4_kernel_activation_bytes(m, h, s, autocast))
             return alive, s4_generation_transient_bytes(m, h, s, autocast)
@@ -690,11 +688,11 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         scan_backward = max(scan_backward, _scan_backward_bytes(
             layer, full, below, block_input, s, b, act, units, autocast), key=sum)
         conv_backward = max(conv_backward, _long_conv_backward_bytes(
-            layer, full, below, block_input, s, b, h, act, units, autocast), key=sum)
+            layer, full, below, block_input, s, b, h, act, autocast), key=sum)
         # under full recompute at the layer's re-run, beside the block inputs (a checkpointed
         # forward keeps nothing)
-        generation = max(generation, _generation_forward_bytes(layer, full, below + block_input, s, b, h, units,
-                                                               autocast), key=sum)
+        generation = max(generation, _generation_forward_bytes(layer, full, below + block_input, s, b, h, autocast),
+                         key=sum)
         match recompute:
             case "full":
                 kept = {layer.path: block_input}  # only the block input is kept

@@ -254,26 +254,23 @@ def s4d_kernel_backward_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: b
     return 4 * x + 11 * y + 4 * d_model * seq_len + partial
 
 
-def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int, autocast: bool,
-                      kernel_unit: bool = True) -> int:
+def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int, autocast: bool) -> int:
     """What an S4 layer's mixer holds at the peak of its backward beyond what the layer kept: the
     FFT convolution's moment (`fft_conv_backward_bytes`) beside the output gradient and D·u's (fp32,
     (B, H, T) each) and without the GLU's input and the GELU's output and input, freed by then
     ((3·act + 4) bytes a token and channel); for S4D the kernel unit's backward
     (`s4d_kernel_backward_bytes`) where that is larger, net of those freed tensors and of the
     convolution's gradient read by then (a fit: (3·act + 7)·B·H·T + 6·H·T); for S4 (DPLR) its
-    doubling's backward where that is larger (`s4_doubling_backward_bytes`). `kernel_unit=False`:
-    state-spaces/s4's kernels instead (the Vandermonde kernel, the Cauchy kernel), which compute
-    on chip and hold none of that (`size`'s figure, as mamba_ssm's kernels are for the scans).
-    Against a live-bytes trace of the mixer's backward over 10 shapes and both dtypes (6 of them
-    in tests/test_memory.py): −3.1% … +6.2%; with `ssm_buffers`, over those 6, −0.1% … +10.8%;
+    doubling's backward where that is larger (`s4_doubling_backward_bytes`). These are archplan's
+    kernel generations, whose kept tensors `s4_activation_bytes` counts too (state-spaces/s4's
+    Cauchy and Vandermonde CUDA kernels hold neither: no figure here is theirs). Against a
+    live-bytes trace of the mixer's backward over 10 shapes and both dtypes (6 of them in
+    tests/test_memory.py): −3.1% … +6.2%; with `ssm_buffers`, over those 6, −0.1% … +10.8%;
     S4 over 20 shapes −2.1% … +9.0% but one, +25% (1 × 128 tokens, d_model 256, 16 states,
     autocast)."""
     h, t = d_model, seq_len
     tokens = batch * t * h
     fft = fft_conv_backward_bytes(batch, h, h, t) + (8 - (3 * act_bytes + 4)) * tokens
-    if not kernel_unit:
-        return fft
     if m.dplr:
         return max(fft, s4_doubling_backward_bytes(m, h, batch, t, act_bytes, autocast))
     kernel = s4d_kernel_backward_bytes(m, h, t, autocast) - (3 * act_bytes + 7) * tokens - 6 * h * t
@@ -283,20 +280,24 @@ def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_byt
 def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
     """What S4's (DPLR) kernel generation holds at its forward's peak beyond what it keeps: the
     doubling's last step (`modules.s4.S4Mixer._dplr_basis`) concatenates the new fp32 basis
-    (H, N, T) beside the one before it (H, N, prev) and the step's 16-bit product (H, N, need), none
-    of which autograd keeps under autocast (the matmuls keep their 16-bit casts). In fp32 the
-    matmuls keep the bases themselves (`s4_kernel_activation_bytes`) and nothing more is held: 0.
-    With what the mixer keeps by then (its input's fp32 copy and the generation's kept tensors),
-    a live-bytes trace of the mixer's forward under autocast over 8 shapes (batch 1–4, T 128 …
-    1,024 whole and partial doublings, H 64 … 256, N 16 … 64) reads 0.88 … 1.07 of this."""
-    if not autocast:
-        return 0
+    (H, N, T) beside the one before it (H, N, prev) and the step's product (H, N, need), while the
+    frame holds Ā (complex, H·M·M), its real block form (fp32 H·N·N) and the last power. Under
+    autocast autograd keeps none of them (its matmuls keep their 16-bit casts): 1.5·H·N·prev +
+    3·H·N·need + 4.5·H·N·T + 8·H·N² bytes. In fp32 the matmuls keep the bases themselves
+    (`s4_kernel_activation_bytes`), less is transient: 4·H·N·T + 8·H·N². No source gives it: with
+    what the mixer keeps by then (its input's fp32 copy and the generation's kept tensors), a fit
+    to a live-bytes trace of the mixer's forward over 11 shapes (batch 1–4, T 128 … 1,024 whole and
+    partial doublings, H 64 … 256, N 16 … 64), with and without `ssm_buffers`: −2.4% … +4.8% under
+    autocast; in fp32 −7.9% … +23.1%, and −13.5% … +2.5% with `ssm_buffers` (no graph: the old
+    basis and the products are transient too)."""
     h, n, t = d_model, m.d_state, seq_len
+    if not autocast:
+        return 4 * h * n * t + 8 * h * n * n
     cols, prev, need = 1, 0, 0
     while cols < t:
         prev, need = cols, min(cols, t - cols)
         cols += need
-    return 4 * h * n * prev + 2 * h * n * need + 4 * h * n * t
+    return (3 * h * n * prev + 6 * h * n * need + 9 * h * n * t) // 2 + 8 * h * n * n
 
 
 def s4_doubling_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int,
@@ -310,7 +311,8 @@ def s4_doubling_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int
     the GLU's, GELU's and the convolution's tensors freed by then, 5.5·act (fp32) or 9·act
     (autocast) bytes a token and channel. No source gives it: a fit to a live-bytes trace of the
     mixer's backward over 20 shapes (batch 1–4, T 96 … 2,048 whole and partial doublings, H
-    32 … 256, N 16 … 64) and both dtypes."""
+    32 … 256, N 16 … 64) and both dtypes. At large batches it is negative, the FFT convolution's
+    moment then the larger: it is only read beside that one (`s4_backward_bytes`)."""
     h, n, t = d_model, m.d_state, seq_len
     cols, prev = 1, 0
     while cols < t:
