@@ -165,6 +165,17 @@ def s4_kernel_once_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) 
     return 8 * d_model * bins + kernel
 
 
+def _doubling_steps(seq_len: int) -> list[tuple[int, int]]:
+    """S4's doubling (`modules.s4.S4Mixer._dplr_basis`), step by step: the columns of the basis
+    built before the step and the columns it adds, min(cols, T − cols), until T."""
+    steps, cols = [], 1
+    while cols < seq_len:
+        need = min(cols, seq_len - cols)
+        steps.append((cols, need))
+        cols += need
+    return steps
+
+
 def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
     """What S4's (DPLR) kernel generation keeps for the backward, per channel H of d_model, with
     N = 2·M real rows for its M complex modes (`S4Mixer._dplr_basis`, `_discrete`). S4D's kernel
@@ -188,15 +199,11 @@ def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: 
     basis = act_bytes * h * n * t
     if m.ssm_buffers:
         return basis
-    cols, steps, kept = 1, 0, 0
-    while cols < t:
-        need = min(cols, t - cols)
-        kept += need if autocast else cols
-        cols += need
-        steps += 1
-    doubling = act_bytes * h * n * kept + act_bytes * h * n * n * steps
+    steps = _doubling_steps(t)
+    kept = sum(need if autocast else cols for cols, need in steps)
+    doubling = act_bytes * h * n * kept + act_bytes * h * n * n * len(steps)
     # autocast's bf16 casts of the (H, N, N) block: two beside the steps' own once it is squared
-    squared = 16 * modes * modes if steps >= 2 else 0
+    squared = 16 * modes * modes if len(steps) >= 2 else 0
     discrete = h * (100 * modes + 60) + h * (12 * modes + squared if autocast else 16 * modes)
     return basis + doubling + discrete
 
@@ -293,10 +300,7 @@ def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocas
     h, n, t = d_model, m.d_state, seq_len
     if not autocast:
         return 4 * h * n * t + 8 * h * n * n
-    cols, prev, need = 1, 0, 0
-    while cols < t:
-        prev, need = cols, min(cols, t - cols)
-        cols += need
+    prev, need = _doubling_steps(t)[-1] if t > 1 else (0, 0)
     return (3 * h * n * prev + 6 * h * n * need + 9 * h * n * t) // 2 + 8 * h * n * n
 
 
@@ -314,10 +318,7 @@ def s4_doubling_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int
     32 … 256, N 16 … 64) and both dtypes. At large batches it is negative, the FFT convolution's
     moment then the larger: it is only read beside that one (`s4_backward_bytes`)."""
     h, n, t = d_model, m.d_state, seq_len
-    cols, prev = 1, 0
-    while cols < t:
-        prev = cols
-        cols += min(cols, t - cols)
+    prev = _doubling_steps(t)[-1][0] if t > 1 else 0
     tokens = batch * t * h
     if autocast:
         return 10 * h * n * prev - 9 * act_bytes * tokens
