@@ -2076,6 +2076,7 @@ def _mixer_transient(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, 
     `analytic.hyena.hyena_backward_bytes`, `analytic.hyena.striped_backward_bytes`) on the rank's
     channels, the bf16 weights' form: no autocast (the units compute in fp32 from fp32 casts),
     16-bit tensors around them."""
+    channels = d_model // (tp * cp)  # a long convolution's, after the cp channel exchange
     match mixer:
         case Mamba1Plan() as m:
             return mamba1_scan_backward_bytes(replace(m, d_inner=m.d_inner // (tp * cp)), mb, seq, ACT_BYTES,
@@ -2086,11 +2087,11 @@ def _mixer_transient(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, 
                             n_groups=max(g * r // cp, 1))
             return ssd_backward_bytes(share, mb, seq, autocast=True)
         case S4Plan() as m:
-            return s4_backward_bytes(m, d_model // (tp * cp), mb, seq, ACT_BYTES, autocast=False)
+            return s4_backward_bytes(m, channels, mb, seq, ACT_BYTES, autocast=False)
         case StripedHyenaPlan() as m:
-            return striped_backward_bytes(m, d_model // (tp * cp), mb, seq, ACT_BYTES, autocast=False)
+            return striped_backward_bytes(m, channels, mb, seq, ACT_BYTES, autocast=False)
         case HyenaPlan():
-            return hyena_backward_bytes(d_model // (tp * cp), mb, seq)
+            return hyena_backward_bytes(channels, mb, seq)
         case _:
             return 0
 
