@@ -488,9 +488,11 @@ def test_the_s4_mixers_backward_holds_what_s4_backward_bytes_prices(shape: tuple
 def test_s4s_kernel_generation_holds_what_s4_generation_transient_bytes_prices(
         shape: tuple[int, ...], autocast: bool, buffers: bool) -> None:
     """Independent check of the `kernel generation` moment: archplan's S4 (DPLR) mixer run forward
-    under a live-bytes trace peaks, beyond what was alive when it began, at its fp32 input copy,
-    the generation's kept tensors and the doubling's last step beside Ā's forms
-    (`s4_generation_transient_bytes`), within the spread that docstring states (these 11 shapes)."""
+    under a live-bytes trace holds, at the generation's peak, beyond what was alive when the mixer
+    began, its fp32 input copy, the generation's kept tensors and the doubling's last step beside
+    Ā's forms (`s4_generation_transient_bytes`), within the spread that docstring states (these
+    11 shapes). The peak is read within the generation: where tokens outweigh the kernel, the
+    mixer's forward peaks later, in its convolution, which this moment does not price."""
     torch = pytest.importorskip("torch")
     from live_bytes import LiveBytes
 
@@ -504,14 +506,23 @@ def test_s4s_kernel_generation_holds_what_s4_generation_transient_bytes_prices(
     mixer = S4Mixer(mixer_plan, d)
     x = torch.randn(b, t, d, requires_grad=True)
     tracer = LiveBytes()
+    generation_peaks = []
+    generate = mixer._dplr_basis
+
+    def traced(length: int) -> object:
+        tracer.mark()
+        basis = generate(length)
+        generation_peaks.append(tracer.peak)
+        return basis
+
+    mixer._dplr_basis = traced
     with tracer:
         start = tracer.mark()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             mixer(x)
     priced = (4 * b * t * d + s4_kernel_activation_bytes(mixer_plan, d, t, autocast)
               + s4_generation_transient_bytes(mixer_plan, d, t, autocast))
-    low, high = (0.97, 1.05) if autocast else (0.86, 1.04) if buffers else (0.92, 1.24)
-    assert low < priced / (tracer.peak - start) < high
+    assert 0.97 < priced / (generation_peaks[0] - start) < 1.07
 
 
 def test_gqa_stores_smaller_k_and_v() -> None:

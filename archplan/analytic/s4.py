@@ -288,19 +288,26 @@ def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocas
     """What S4's (DPLR) kernel generation holds at its forward's peak beyond what it keeps: the
     doubling's last step (`modules.s4.S4Mixer._dplr_basis`) concatenates the new fp32 basis
     (H, N, T) beside the one before it (H, N, prev) and the step's product (H, N, need), while the
-    frame holds Ā (complex, H·M·M), its real block form (fp32 H·N·N) and the last power. Under
-    autocast autograd keeps none of them (its matmuls keep their 16-bit casts): 1.5·H·N·prev +
-    3·H·N·need + 4.5·H·N·T + 8·H·N² bytes. In fp32 the matmuls keep the bases themselves
-    (`s4_kernel_activation_bytes`), less is transient: 4·H·N·T + 8·H·N². No source gives it: with
-    what the mixer keeps by then (its input's fp32 copy and the generation's kept tensors), a fit
-    to a live-bytes trace of the mixer's forward over 11 shapes (batch 1–4, T 128 … 1,024 whole and
-    partial doublings, H 64 … 256, N 16 … 64), with and without `ssm_buffers`: −2.4% … +4.8% under
-    autocast; in fp32 −7.9% … +23.1%, and −13.5% … +2.5% with `ssm_buffers` (no graph: the old
-    basis and the products are transient too)."""
+    frame holds Ā (complex, H·M·M = 2·H·N² bytes), its real block form (fp32 H·N·N) and the last
+    power. Counted in fp32, where the matmuls keep their operands (`s4_kernel_activation_bytes`):
+    the product and Ā, 4·H·N·need + 2·H·N²; with `ssm_buffers` no graph keeps the doubling, so the
+    old basis, the block and the last power (one tensor before a second step squares it) are
+    transient too: 4·H·N·T + 10·H·N² (6·H·N² for one step). Under autocast autograd keeps none of
+    them (its matmuls keep their 16-bit casts): 1.5·H·N·prev + 3·H·N·need + 4.5·H·N·T + 8·H·N²
+    bytes, a fit. Against a live-bytes trace of the mixer's forward at the generation's peak
+    (what the mixer keeps by then, its input's fp32 copy and the generation's kept tensors, beside
+    these) over 11 shapes (batch 1–4, T 128 … 1,024 whole and partial doublings, H 64 … 256, N
+    16 … 64; tests/test_memory.py): fp32 +0.1% … +5.1%, with `ssm_buffers` −0.5% … +6.7%;
+    autocast, with and without, −2.4% … +4.8%. The fp32 forms were a fit to the mixer's whole
+    forward before (4·H·N·T + 8·H·N² for both): +20% … +27% of the generation's moment without
+    `ssm_buffers`, −8% … +4% with."""
     h, n, t = d_model, m.d_state, seq_len
+    steps = _doubling_steps(t) if t > 1 else [(0, 0)]
+    prev, need = steps[-1]
     if not autocast:
-        return 4 * h * n * t + 8 * h * n * n
-    prev, need = _doubling_steps(t)[-1] if t > 1 else (0, 0)
+        if m.ssm_buffers:
+            return 4 * h * n * t + (10 if len(steps) >= 2 else 6) * h * n * n
+        return 4 * h * n * need + 2 * h * n * n
     return (3 * h * n * prev + 6 * h * n * need + 9 * h * n * t) // 2 + 8 * h * n * n
 
 

@@ -229,7 +229,7 @@ def _categories(snapshot: dict[str, int]) -> dict[str, int]:
     return totals
 
 
-def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]], peak_in_forward: bool) -> RankMemory:
+def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]], peak_in_run: bool) -> RankMemory:
     """Each category's largest value over the snapshots: the tracker's peak (where the transient
     gathered weights and collective buffers are largest), one before each backward (where the
     in-flight micro-batches' activations are, the most of them before the first backward, and
@@ -238,17 +238,19 @@ def _rank_memory(peak: dict[str, int], samples: list[dict[str, int]], peak_in_fo
     one before the optimizer step (where every gradient exists). The tracker files what AdamW's
     step allocates while it runs (foreach intermediates) as optimizer state: at the peak,
     whatever exceeds the states held between steps (the samples') is temporary. It files what a
-    forward allocates as activations, its transients too; every tensor a forward keeps for the
-    backward is alive at the sample before that backward, so at a peak inside a forward the
+    forward allocates as activations, its transients too, and so what a layer's re-run allocates;
+    every tensor a forward keeps for the backward is alive at the sample before that backward, and
+    every tensor a re-run keeps at the sample at its end, so at a peak inside either the
     activations beyond the most any sample held are transients no backward reads (the last head
-    pass's bf16 logits and their fp32 copy for the loss, docs/distributed.md), and are temporary."""
+    pass's bf16 logits and their fp32 copy for the loss; S4's kernel generation re-run,
+    docs/distributed.md), and are temporary."""
     per = [_categories(s) for s in samples]
     at_peak = _categories(peak)
     held = max(p["optimizer"] for p in per)
     step_buffers = max(at_peak["optimizer"] - held, 0)
     at_peak["optimizer"] -= step_buffers
     at_peak["temporary"] += step_buffers
-    if peak_in_forward:
+    if peak_in_run:
         transients = max(at_peak["activations"] - max(p["activations"] for p in per), 0)
         at_peak["activations"] -= transients
         at_peak["temporary"] += transients
@@ -504,15 +506,15 @@ class RecomputeAsActivations(FSDPMemTracker):
     # set: `measure` files them at the peak as its samples do
     accumulated: Callable[[], int] | None = None
     peak_accumulated: int = 0
-    # whether the peak fell in a forward (outside the backward and its re-runs): `_rank_memory`
-    # files that forward's transients as temporary
-    peak_in_forward: bool = False
+    # whether the peak fell where activations are made, a forward or a layer's re-run in the
+    # backward: `_rank_memory` files that run's transients as temporary
+    peak_in_run: bool = False
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         peaks = dict(self._peak_mem)
         super()._update_peak_stats(peak_state)
         if self._peak_mem != peaks:
-            self.peak_in_forward = not self._mod_tracker.is_bw
+            self.peak_in_run = not self._mod_tracker.is_bw or self._in_ac
             if self.accumulated is not None:
                 self.peak_accumulated = self.accumulated()
 
@@ -573,7 +575,7 @@ class StepTracker(RecomputeAsActivations):
             if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
                 self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
-                self.peak_in_forward = not self._mod_tracker.is_bw
+                self.peak_in_run = not self._mod_tracker.is_bw or self._in_ac
                 if self.accumulated is not None:
                     self.peak_accumulated = self.accumulated()
 
@@ -743,7 +745,7 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
     peak = _file_accumulated(dict(next(iter(tracker.get_tracker_snapshot("peak").values()))),
                              tracker.peak_accumulated)
     steps = sum(state["step"].numel() * state["step"].element_size() for state in optimizer.state.values())
-    memory = _rank_memory(peak, samples, tracker.peak_in_forward)
+    memory = _rank_memory(peak, samples, tracker.peak_in_run)
     layers = tuple(int(i) for c in chunks for i in c.stage.layers)
     mtp = tuple(int(k) for c in chunks for k in c.stage.mtp)
     return Measured(layout, stage, rank, seq, microbatches, runner.most_in_flight,

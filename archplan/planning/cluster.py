@@ -124,8 +124,9 @@ held: `_embedding_between_backwards`), the eager loss's backward gradients (any 
 `--cross-entropy eager`: `_loss_backward_transient`), the reduce-scatter input FSDP2 keeps
 from one micro-batch into the next at zero 2 and 3 (`_held_reduce_scatter`), the bf16 gradients
 its head's backward holds, multi-token prediction's passes before the main one's
-(`_head_gradients`), the Mamba and long-conv mixers' backward (`_mixer_backward`), and at the end
-of the backward the root unit's reduction
+(`_head_gradients`), the Mamba and long-conv mixers' backward (`_mixer_backward`), S4's kernel
+generation in a forward or a re-run (`_kernel_generation`), and at the end of the backward the
+root unit's reduction
 (`_root_reduction_at_end`) and the embedding lookup's gradient beside the head's
 (`_lookup_gradient_at_end`).
 
@@ -225,7 +226,12 @@ from archplan.analytic.memory import (
     ssd_unit_bytes,
 )
 from archplan.analytic.mtp import mtp_norm_names
-from archplan.analytic.s4 import s4_backward_bytes, s4_kernel_once_bytes
+from archplan.analytic.s4 import (
+    s4_backward_bytes,
+    s4_generation_transient_bytes,
+    s4_kernel_activation_bytes,
+    s4_kernel_once_bytes,
+)
 from archplan.errors import ArchplanError
 from archplan.hardware import FP8_TN_ONLY, Accelerator
 from archplan.planning.layout import Layout, pipeline_chunks, round_size
@@ -721,6 +727,12 @@ class ModelData:
                        engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
         """`_mixer_backward`, once per what it depends on (`_per_activation_layout`)."""
         return self._per_activation_layout(_mixer_backward, layout, stage, microbatches, kernel, engine, modules,
+                                           cp_comm)
+
+    def kernel_generation(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
+                          engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+        """`_kernel_generation`, once per what it depends on (`_per_activation_layout`)."""
+        return self._per_activation_layout(_kernel_generation, layout, stage, microbatches, kernel, engine, modules,
                                            cp_comm)
 
     def _per_activation_layout(self, compute: Callable[..., int], layout: Layout, stage: int, microbatches: int,
@@ -1826,6 +1838,12 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     mixer = data.mixer_backward(layout, stage, microbatches, kernel, states.engine, modules, cp_comm) if torch_engine else 0
     if mixer:
         temporary = max(temporary, copies_at_backward + held_reduce + mixer - activations)
+    # the forward's moment (or a re-run's) has the same copies beside it, and the reduce-scatter
+    # input held into the next micro-batch's forward
+    generation = data.kernel_generation(layout, stage, microbatches, kernel, states.engine, modules,
+                                        cp_comm) if torch_engine else 0
+    if generation:
+        temporary = max(temporary, copies_at_backward + held_reduce + generation - activations)
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
@@ -2057,6 +2075,58 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
                 above = sum(held.per_layer[j] for j in chunk.layers if j > i)
                 alive = max(alive, held.shared + before - above + reruns.get(i, 0.0) + units[i])
     return math.ceil(alive)
+
+
+def _kernel_generation(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
+                       engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+    """Bytes alive while S4's (DPLR) kernel generation runs in one of the rank's layers, at the
+    largest (0 without one): the forward of a micro-batch through the layer (or its re-run in the
+    backward under full recompute), where the schedule's moment holds that micro-batch's chunk
+    through the layers below it only, and the layer has made its norm's output and its mixer's
+    fp32 input, kept the generation's tensors and holds its transients (`_generation_unit`).
+    The forward's moments are the schedule's after a forward of the chunk (`pipeline_moments`),
+    the re-run's those before its backward. Measured by verify --layout: an S4 layer with
+    `ssm_buffers` at d_model 256, 64 states, 128 tokens, where the generation's fp32 bases and
+    Ā's (H, N, N) forms outweigh the tokens' tensors, plan's total read 0.66 of the step's peak
+    without this moment (docs/distributed.md)."""
+    chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
+    units = {i: _generation_unit(data.plan.layers[i].mixer, data.plan.d_model, layout.tp, layout.cp, layout.mb,
+                                 data.seq, layout.sequence_parallel)
+             for chunk in chunks for i in chunk.layers}
+    if not any(units.values()):
+        return 0
+    held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
+    rerun = layout.recompute == "full"
+    alive = 0.0
+    for k, chunk in enumerate(chunks):
+        before = max((sum(map(math.prod, zip(moment.counts, held.per_count)))
+                      for moment in pipeline_moments(layout, microbatches, stage)
+                      if moment.forward == k or rerun and moment.backward == k), default=0.0)
+        for i in chunk.layers:
+            if units[i]:
+                from_here = sum(held.per_layer[j] for j in chunk.layers if j >= i)
+                alive = max(alive, held.shared + before - from_here + units[i])
+    return math.ceil(alive)
+
+
+@lru_cache(maxsize=4096)
+def _generation_unit(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, seq: int, sp: bool) -> int:
+    """Bytes an S4 (DPLR) layer holds for one micro-batch of mb sequences at its kernel
+    generation's peak, on the rank's share (0 for any other mixer): the first norm's input and
+    output (bf16, each rank's tokens, sequence-split under SP), the mixer's fp32 copy of its
+    input on the rank's channels (`distributed.plans.s4_plan`; after cp's channel exchange whole
+    sequences of d_model / (tp·cp) channels), and the generation on those channels in fp32, as
+    FSDP2 hands the module its SSM tensors: its kept tensors (`analytic.s4.s4_kernel_activation_bytes`)
+    and its transients (`analytic.s4.s4_generation_transient_bytes`)."""
+    match mixer:
+        case S4Plan(dplr=True) as m:
+            channels = d_model // (tp * cp)
+            tokens = mb * seq // cp
+            norm = 2 * ACT_BYTES * tokens * d_model // (tp if sp else 1)
+            return (norm + FP32_BYTES * tokens * d_model // tp + s4_kernel_activation_bytes(m, channels, seq, False)
+                    + s4_generation_transient_bytes(m, channels, seq, False))
+        case _:
+            return 0
 
 
 @lru_cache(maxsize=4096)
