@@ -525,6 +525,7 @@ class LayerActs:
 
     kept: dict[str, int]  # recompute mode -> bytes kept (eager attention)
     replicated: int  # kept bytes not split over tp without SP (norm + column inputs)
+    reduced: int  # of which a row-parallel output's, sequence-split under SP (S4's GLU input, `_mixer_whole`)
     core: int  # eager attention's s×s tensors (dropped by flash and by selective recompute)
     lse: int  # flash attention's log-sum-exp (kept instead of `core`)
     block_input: int  # what full recompute keeps
@@ -608,9 +609,10 @@ class ModelData:
             kept["full"] = acts["full"][layer.path]
             shared_input = plan.residual == "parallel" and len(layer.norms) == 1
             ffn_column = _tp_ffn(layer) and not shared_input
-            replicated = ACT_BYTES * seq * (h * (len(layer.norms) + ffn_column) + _mixer_whole(layer, h))
+            gathered, reduced = _mixer_whole(layer, h)
+            replicated = ACT_BYTES * seq * (h * (len(layer.norms) + ffn_column) + gathered + reduced)
             heads = _heads(layer)
-            self.acts.append(LayerActs(kept, replicated, kept["none"] - kept["selective"],
+            self.acts.append(LayerActs(kept, replicated, ACT_BYTES * seq * reduced, kept["none"] - kept["selective"],
                                        LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
                                        ACT_BYTES * seq * _glu_width(layer),
                                        ACT_BYTES * seq * h * len(layer.norms),
@@ -1042,16 +1044,18 @@ def _glu_width(layer: LayerPlan) -> int:
             return 0
 
 
-def _mixer_whole(layer: LayerPlan, h: int) -> int:
-    """Per token, what the mixer keeps whole on every tp rank without SP: the input of its
-    column-parallel projection (h); S4 has none (it convolves its rank's slice of the input
-    channels, `shards._s4`) but keeps the 2h input of the GLU that follows its row-parallel
-    output_linear, reduced whole on every rank."""
+def _mixer_whole(layer: LayerPlan, h: int) -> tuple[int, int]:
+    """Per token, what the mixer keeps whole on every tp rank without SP, as (gathered, reduced):
+    the input of its column-parallel projection (h), which DTensor's matmul also saves gathered
+    under SP; S4 has none (it convolves its rank's slice of the input channels, `shards._s4`) but
+    keeps the 2h input of the GLU that follows its row-parallel output_linear, reduced whole on
+    every rank, and reduce-scattered into sequence shards under SP
+    (`distributed.plans.s4_plan`)."""
     match layer.mixer:
         case S4Plan():
-            return 2 * h
+            return 0, 2 * h
         case _:
-            return h
+            return h, 0
 
 
 def long_conv_exchange(layer: LayerPlan, h: int) -> tuple[int, int]:
@@ -1465,7 +1469,7 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     # rest of `kept`
     dropped = acts.up_proj if "mla_up_proj" in modules else 0
     kept, replicated = acts.kept[recompute] - dropped, acts.replicated
-    column = replicated - acts.norm_inputs  # the column-parallel projections' inputs
+    column = replicated - acts.norm_inputs - acts.reduced  # the column-parallel projections' inputs
     match kernel:
         case "flash" if engine == "torch":
             # a fused SDPA kernel inside plain autograd: act(gate) is kept, an MoE router's fp32
