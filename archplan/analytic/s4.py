@@ -285,30 +285,53 @@ def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_byt
 
 
 def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: bool) -> int:
-    """What S4's (DPLR) kernel generation holds at its forward's peak beyond what it keeps: the
-    doubling's last step (`modules.s4.S4Mixer._dplr_basis`) concatenates the new fp32 basis
-    (H, N, T) beside the one before it (H, N, prev) and the step's product (H, N, need), while the
-    frame holds Ā (complex, H·M·M = 2·H·N² bytes), its real block form (fp32 H·N·N) and the last
-    power. Counted in fp32, where the matmuls keep their operands (`s4_kernel_activation_bytes`):
-    the product and Ā, 4·H·N·need + 2·H·N²; with `ssm_buffers` no graph keeps the doubling, so the
-    old basis, the block and the last power (one tensor before a second step squares it) are
-    transient too: 4·H·N·T + 10·H·N² (6·H·N² for one step). Under autocast autograd keeps none of
-    them (its matmuls keep their 16-bit casts): 1.5·H·N·prev + 3·H·N·need + 4.5·H·N·T + 8·H·N²
-    bytes, a fit. Against a live-bytes trace of the mixer's forward at the generation's peak
-    (what the mixer keeps by then, its input's fp32 copy and the generation's kept tensors, beside
-    these) over 11 shapes (batch 1–4, T 128 … 1,024 whole and partial doublings, H 64 … 256, N
-    16 … 64; tests/test_memory.py): fp32 +0.1% … +5.1%, with `ssm_buffers` −0.5% … +6.7%;
-    autocast, with and without, −2.4% … +4.8%. The fp32 forms were a fit to the mixer's whole
-    forward before (4·H·N·T + 8·H·N² for both): +20% … +27% of the generation's moment without
-    `ssm_buffers`, −8% … +4% with."""
+    """What S4's (DPLR) kernel generation holds at its forward's peak beyond what it keeps
+    (`s4_kernel_activation_bytes`), counted from the code of `modules.s4.S4Mixer._dplr_basis`, in
+    H channels of N real rows, P = H·N² (Ā complex is 2·P bytes, its real block form 4·P in fp32):
+    the largest of its moments,
+    - building the block: Ā, the block's two (H, N/2, N) halves (2·P each) and the block (4·P);
+    - each doubling step's concatenation: the basis so far (fp32, `cols` columns), the step's
+      product (`add` columns: fp32; under autocast the matmul's bf16 result and the fp32 copy the
+      concatenation promotes it to) and the new basis, beside Ā, the block and the last power
+      (bf16 under autocast, where the squarings return bf16);
+    - each squaring between steps: the old and the new power beside Ā, the block and the basis so
+      far (under autocast the first one casts the block to bf16 twice).
+    What autograd keeps of these differs by mode. In fp32 its matmuls keep their operands, the
+    bases so far and the powers: the last step's product and Ā are the transient, or, with one
+    step or none, the block's halves and Ā where the later bases are not made yet. Under autocast
+    they keep their bf16 casts, so the fp32 bases, Ā and the block are transient, less what is
+    kept only later (the steps' casts after it, the squaring's casts of the block, the basis'
+    cast C's matmul saves). With `ssm_buffers` no graph is kept, everything is transient but the
+    basis, and the discretisation's (H, N/2) tensors stay in the frame, 16·H·N bytes.
+    Against a live-bytes trace of the mixer's forward read at the generation's peak over 55
+    shapes (T 1 … 2,048, whole and partial doublings, N 8 … 256, H 32 … 128, batch 1–4; 11 of
+    them in tests/test_memory.py): −2.7% … 0% in all four modes. The forms before this were the
+    last step's alone (a fit under autocast): 0.60 … 0.96 of the trace where N is large against
+    T (the block or a squaring the peak), and under autocast up to 1.14 over."""
     h, n, t = d_model, m.d_state, seq_len
-    steps = _doubling_steps(t) if t > 1 else [(0, 0)]
-    prev, need = steps[-1]
-    if not autocast:
-        if m.ssm_buffers:
-            return 4 * h * n * t + (10 if len(steps) >= 2 else 6) * h * n * n
-        return 4 * h * n * need + 2 * h * n * n
-    return (3 * h * n * prev + 6 * h * n * need + 9 * h * n * t) // 2 + 8 * h * n * n
+    p = h * n * n
+    steps = _doubling_steps(t)
+    if m.ssm_buffers:
+        power, product = (2 * p, 6) if autocast else (4 * p, 4)
+        moments = [10 * p]
+        for k, (cols, add) in enumerate(steps):
+            moments.append(6 * p + (power if k else 0) + h * n * (4 * cols + product * add + 4 * (cols + add)))
+            if k < len(steps) - 1:
+                old = power if k else 4 * p if autocast else 0
+                moments.append(6 * p + power + old + 4 * h * n * (cols + add))
+        return max(moments) + 16 * h * n - (2 if autocast else 4) * h * n * t
+    if autocast:
+        kept = 2 * h * n * (t + sum(add for _, add in steps)) + 2 * p * len(steps) + (4 * p if len(steps) >= 2 else 0)
+        moments = [10 * p - kept]
+        for k, (cols, add) in enumerate(steps):
+            later = 2 * h * n * t + sum(2 * h * n * a + 2 * p for _, a in steps[k + 1:])
+            later += 4 * p if k == 0 and len(steps) >= 2 else 0
+            moments.append(h * n * (4 * cols + 6 * add + 4 * (cols + add)) + 6 * p - later)
+        return max(moments)
+    need = steps[-1][1] if steps else 0
+    not_yet = 4 * h * n * (t + sum(cols for cols, _ in steps)) + 4 * p * max(len(steps) - 1, 0)
+    block = 6 * p + (0 if steps else 4 * p) - not_yet
+    return max(4 * h * n * need + 2 * p, block)
 
 
 def s4_doubling_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int,

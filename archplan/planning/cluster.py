@@ -2116,19 +2116,20 @@ def _kernel_generation(data: ModelData, layout: Layout, stage: int, microbatches
 @lru_cache(maxsize=4096)
 def _generation_unit(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, seq: int, sp: bool) -> int:
     """Bytes an S4 (DPLR) layer holds for one micro-batch of mb sequences at its kernel
-    generation's peak, on the rank's share (0 for any other mixer): the first norm's input and
-    output (bf16, each rank's tokens, sequence-split under SP), the mixer's fp32 copy of its
-    input on the rank's channels (`distributed.plans.s4_plan`; after cp's channel exchange whole
-    sequences of d_model / (tp·cp) channels), and the generation on those channels in fp32, as
+    generation's peak, on the rank's share (0 for any other mixer): the first norm's input (bf16,
+    each rank's tokens, sequence-split under SP), the mixer's input copies (`_s4_input_copies`)
+    and its fp32 copy on the rank's channels (after cp's channel exchange whole sequences of
+    d_model / (tp·cp) channels), and the generation on those channels in fp32, as
     FSDP2 hands the module its SSM tensors: its kept tensors (`analytic.s4.s4_kernel_activation_bytes`)
     and its transients (`analytic.s4.s4_generation_transient_bytes`)."""
     match mixer:
         case S4Plan(dplr=True) as m:
             channels = d_model // (tp * cp)
             tokens = mb * seq // cp
-            norm = 2 * ACT_BYTES * tokens * d_model // (tp if sp else 1)
-            return (norm + FP32_BYTES * tokens * d_model // tp + s4_kernel_activation_bytes(m, channels, seq, False)
-                    + s4_generation_transient_bytes(m, channels, seq, False))
+            norm_input = ACT_BYTES * tokens * d_model // (tp if sp else 1)
+            copies = math.ceil(_s4_input_copies(d_model, seq, tp, cp, sp) * mb / cp)
+            return (norm_input + copies + FP32_BYTES * tokens * d_model // tp
+                    + s4_kernel_activation_bytes(m, channels, seq, False) + s4_generation_transient_bytes(m, channels, seq, False))
         case _:
             return 0
 
@@ -2367,6 +2368,48 @@ def _reruns(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: At
             for chunk in chunks for i in chunk.layers}
 
 
+def _rerun_frame(plan: ModelPlan, layer: LayerPlan, seq: int, layout: Layout, engine: Engine) -> float:
+    """Bytes of one sequence a pre-norm layer's re-run holds beyond its saved tensors, in the
+    torch engine: the non-reentrant checkpoint stops the re-run once the layer's last sub-block
+    (its FFN, or its mixer without one) has recomputed the last tensor the backward needs, and
+    the exception that stops it keeps that sub-block's frame alive with its input, the norm's
+    output, which autograd does not save where the sub-block reads it through a copy: under SP
+    a column-parallel projection saves the gathered input (DTensor), so the rank's shard of the
+    norm's output (s·h/tp) is held beside it; an S4 mixer reads its input through bf16 channel
+    shards and an fp32 copy (`_s4_input_copies`), with SP or without. Elsewhere the input is
+    itself saved: without SP the projections', an MoE layer's router's. A block ending in a norm
+    (post, DeepNorm, sandwich, reordered) stops in that norm, its sub-blocks' frames returned; an
+    MTP module, checkpointed whole, is priced as it was (not measured for this). The frame is
+    released once the re-run returns, before the layer's backward.
+    Measured by verify --layout at full recompute: one S4D layer without an FFN at d_model 256,
+    256 tokens, the re-run's end held beyond the priced activations 134,156 B at TP1 (the norm's
+    131,072 B output), 135,180 at TP2 SP and 69,132 at TP4 SP (two tensors of s·h/tp), and with
+    the copies priced 1.001 … 1.006 of them from TP1 to TP4, with SP or without, at CP2 and at
+    TP2 × CP2; the tiny fixtures at TP2 SP, 64 tokens, two micro-batches, measured / analytic
+    activations before → after: S4D with its FFN 1.071 → 1.030, Mamba-2 (no FFN) 1.055 → 1.017,
+    Mamba-1 1.058 → 1.025, MLA 1.069 → 1.027, StripedHyena 1.059 → 1.024, Hyena 1.041 → 1.019."""
+    if engine != "torch" or plan.residual != "pre" or isinstance(layer.ffn, MoEPlan) or layer.where == "mtp":
+        return 0.0
+    if isinstance(layer.mixer, S4Plan) and layer.ffn is None:
+        return _s4_input_copies(plan.d_model, seq, layout.tp, layout.cp, layout.sequence_parallel)
+    return ACT_BYTES * seq * plan.d_model / layout.tp if layout.sequence_parallel else 0.0
+
+
+def _s4_input_copies(h: int, seq: int, tp: int, cp: int, sp: bool) -> float:
+    """Bytes of one sequence (before the cp split) an S4 mixer's input takes in the torch engine
+    besides its fp32 copy, bf16: the first norm's output (sequence-split under SP) and the
+    rank's channel shards, each the size of its share of the input: one under tp alone (the
+    all-to-all's output under SP, DTensor's contiguous slice of the replicated input without it:
+    `distributed.plans.ChannelShardedInput`), two under cp, with or without tp (the exchange's
+    contiguous send buffer and the whole sequences of the rank's channels it receives,
+    `distributed.context.long_conv_context`). Counted from verify --layout's re-run ends (one
+    S4D layer at d_model 256, 256 tokens: TP2 and TP4 with SP and without, CP2, CP4, TP2 × CP2
+    with SP and without, TP4 × CP2 and TP2 × CP4, all within 4.6 KB)."""
+    norm_output = ACT_BYTES * seq * h / (tp if sp else 1)
+    shards = 2 if cp > 1 else 1 if tp > 1 else 0
+    return norm_output + shards * ACT_BYTES * seq * h / tp
+
+
 def _mtp_rerun_input(data: ModelData, layout: Layout, engine: Engine) -> float:
     """What an MTP module's re-run makes before its block, for one sequence: the normed pair
     [enorm(emb) | hnorm(h)] (2·d a token, sequence-sharded under SP), alive through the block's
@@ -2423,8 +2466,10 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     last = len(chunks) - 1 if chunks[-1].last else None  # the model's last chunk, where the rank holds it
     # per chunk, its largest layer re-run: the layers above a re-run one have run their backward,
     # which freed the inputs their checkpoints kept for this micro-batch (`_mixer_backward` takes
-    # them off alike)
-    rerun_most = [max((reruns[i] - sum(held.per_layer[j] for j in chunk.layers if j > i) for i in chunk.layers),
+    # them off alike); at a re-run's end its stopped frame holds more (`_rerun_frame`), released
+    # before the layer's backward, which `_mixer_backward` prices without it
+    rerun_most = [max((reruns[i] + _rerun_frame(data.plan, data.plan.layers[i], data.seq, layout, engine) * scale
+                       - sum(held.per_layer[j] for j in chunk.layers if j > i) for i in chunk.layers),
                       default=0.0) for chunk in chunks] if mode == "full" else []
 
     def beside(moment: PipelineMoment) -> float:
