@@ -796,6 +796,7 @@ def test_fake_verify_prices_a_long_convolutions_backward(fake_world: None, tmp_p
     "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1,sp=off",
     "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1",
     "tp=2,cp=2,pp=1,dp=1,ep=1,zero=3,recompute=full,mb=1,sp=on",
+    "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=2,sp=on",
 ])
 def test_fake_verify_an_s4_layers_input_under_tp_and_cp(fake_world: None, tmp_path: Path, layout: str) -> None:
     """One S4D layer without an FFN (d_model 256, 64 states, 256 tokens), measured / analytic
@@ -804,7 +805,9 @@ def test_fake_verify_an_s4_layers_input_under_tp_and_cp(fake_world: None, tmp_pa
     projection's gathered input (`cluster._mixer_whole`): TP2 and TP4 read 0.915 and 0.795 while
     it was counted whole. Under full recompute the re-run stops inside the mixer, whose frame
     holds its input's bf16 copies (`cluster._rerun_frame`): 1.060 (TP1) … 1.179 (TP2 × CP2)
-    while they were not priced."""
+    while they were not priced. From mb 2 on output_linear copied its transposed input, which
+    the stopped frame held beside the copy: 1.063 at TP2 SP mb 2 before the mixer made it
+    contiguous (`modules.s4`), 1.003 now."""
     from archplan.distributed.check import check_layout_run
 
     spec = variant(tmp_path, "tiny-s4d.yaml", "wide-s4d", vocab_size=64, n_layers=1, ffn=None,
@@ -827,6 +830,27 @@ def test_fake_verify_a_rerun_holds_its_last_sub_blocks_input_under_sp(fake_world
     activations = {r.category: r for r in check_layout_run(resolve(load_spec(FIXTURES / spec)), layout, 64,
                                                            microbatches=2).memory}["activations"]
     assert 0.99 < activations.measured / activations.analytic < 1.04
+
+
+@pytest.mark.parametrize(("spec", "layout", "stage"), [
+    ("tiny-s4d.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1,sp=on", None),
+    ("tiny-s4d.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1,sp=off", None),
+    ("tiny-hyena.yaml", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=full,mb=1,sp=on", None),
+    ("tiny-llama.yaml", "tp=2,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=full,mb=1,sp=on", 0),
+])
+def test_fake_verify_a_parallel_blocks_rerun_frame(fake_world: None, tmp_path: Path, spec: str, layout: str,
+                                                   stage: int | None) -> None:
+    """A parallel block's re-run stops in its FFN with the mixer's partial sum and the norm's
+    output in the block's frame (`cluster._rerun_frame`): full recompute, 256 tokens, measured /
+    analytic activations 1.151 / 1.090 (S4D, with SP and without), 1.074 (Hyena), 1.143 (Llama,
+    first of PP2, two micro-batches) while unpriced; 1.009, 1.011, 1.006, 1.002 now."""
+    from archplan.distributed.check import check_layout_run
+
+    path = variant(tmp_path, spec, f"{spec.split('.')[0]}-parallel", residual={"kind": "parallel"})
+    parsed = parse_layout(layout).complete()
+    activations = {r.category: r for r in check_layout_run(resolve(load_spec(path)), parsed, 256,
+                                                           microbatches=parsed.pp, stage=stage).memory}["activations"]
+    assert 0.99 < activations.measured / activations.analytic < 1.03
 
 
 @pytest.mark.parametrize(("layers", "seq", "layout"), [

@@ -303,26 +303,32 @@ def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocas
     kept only later (the steps' casts after it, the squaring's casts of the block, the basis'
     cast C's matmul saves). With `ssm_buffers` no graph is kept, everything is transient but the
     basis, and the discretisation's (H, N/2) tensors stay in the frame, 16·H·N bytes.
-    Against a live-bytes trace of the mixer's forward read at the generation's peak over 55
-    shapes (T 1 … 2,048, whole and partial doublings, N 8 … 256, H 32 … 128, batch 1–4; 11 of
-    them in tests/test_memory.py): −2.7% … 0% in all four modes. The forms before this were the
-    last step's alone (a fit under autocast): 0.60 … 0.96 of the trace where N is large against
-    T (the block or a squaring the peak), and under autocast up to 1.14 over."""
+    With autograd the block's moment also holds the discretisation's B̄ (complex (H, N/2); with
+    its bf16 cast under autocast): 4·H·N or 6·H·N bytes. Against a live-bytes trace of the mixer's
+    forward read at the generation's peak over 64 shapes (T 1 … 2,048, whole and partial
+    doublings, N 8 … 256, H 32 … 256, batch 1–4; 17 of them in tests/test_memory.py): −2.8% … 0%
+    in all four modes (a review's further shapes, to T 4,096, N 512 and H 16 … 256: −0.1% … 0%).
+    The forms before this priced the last step alone: 0.27 (T = 1) and 0.60 … 0.96 of the trace
+    where N is large against T (the block or a squaring the peak), and under autocast up to 1.14
+    over."""
     h, n, t = d_model, m.d_state, seq_len
     p = h * n * n
     steps = _doubling_steps(t)
     if m.ssm_buffers:
-        power, product = (2 * p, 6) if autocast else (4 * p, 4)
+        # a power's bytes (bf16 under autocast, where the squarings return bf16), and the step's
+        # product's bytes per element (under autocast its bf16 result and its fp32 promotion)
+        power, product_bytes = (2 * p, 6) if autocast else (4 * p, 4)
         moments = [10 * p]
         for k, (cols, add) in enumerate(steps):
-            moments.append(6 * p + (power if k else 0) + h * n * (4 * cols + product * add + 4 * (cols + add)))
+            moments.append(6 * p + (power if k else 0) + h * n * (4 * cols + product_bytes * add + 4 * (cols + add)))
             if k < len(steps) - 1:
-                old = power if k else 4 * p if autocast else 0
+                # the power squared: the block itself at the first squaring (cast twice under autocast)
+                old = power if k else (4 * p if autocast else 0)
                 moments.append(6 * p + power + old + 4 * h * n * (cols + add))
         return max(moments) + 16 * h * n - (2 if autocast else 4) * h * n * t
     if autocast:
         kept = 2 * h * n * (t + sum(add for _, add in steps)) + 2 * p * len(steps) + (4 * p if len(steps) >= 2 else 0)
-        moments = [10 * p - kept]
+        moments = [10 * p + 6 * h * n - kept]
         for k, (cols, add) in enumerate(steps):
             later = 2 * h * n * t + sum(2 * h * n * a + 2 * p for _, a in steps[k + 1:])
             later += 4 * p if k == 0 and len(steps) >= 2 else 0
@@ -330,7 +336,7 @@ def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocas
         return max(moments)
     need = steps[-1][1] if steps else 0
     not_yet = 4 * h * n * (t + sum(cols for cols, _ in steps)) + 4 * p * max(len(steps) - 1, 0)
-    block = 6 * p + (0 if steps else 4 * p) - not_yet
+    block = 6 * p + (0 if steps else 4 * p) + 4 * h * n - not_yet
     return max(4 * h * n * need + 2 * p, block)
 
 

@@ -198,4 +198,6 @@ class HyenaMixer(nn.Module):
         if state is not None:
             state.tail_BCJ.copy_(next_tail.detach())
             state.advance(t)
-        return self.out_proj((v_BDT * xs[0]).transpose(1, 2))
+        # contiguous for out_proj, which from batch 2 on would save a contiguous copy of its
+        # transposed input: a re-run stopped inside out_proj would hold both
+        return self.out_proj((v_BDT * xs[0]).transpose(1, 2).contiguous())

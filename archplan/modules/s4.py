@@ -446,5 +446,7 @@ class S4Mixer(nn.Module):
         if state is not None:
             state.advance(t)
         y_BHT = y_BHT + self.D.float()[:, None] * u_BHT
-        y_BTD = F.gelu(y_BHT).transpose(1, 2).to(x_BTD.dtype)
+        # contiguous for output_linear, which from batch 2 on would save a contiguous copy of its
+        # transposed input beside it: a re-run stopped inside output_linear holds both
+        y_BTD = F.gelu(y_BHT).transpose(1, 2).to(x_BTD.dtype).contiguous()
         return F.glu(self.output_linear(y_BTD), dim=-1)

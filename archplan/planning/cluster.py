@@ -2377,22 +2377,37 @@ def _rerun_frame(plan: ModelPlan, layer: LayerPlan, seq: int, layout: Layout, en
     a column-parallel projection saves the gathered input (DTensor), so the rank's shard of the
     norm's output (s·h/tp) is held beside it; an S4 mixer reads its input through bf16 channel
     shards and an fp32 copy (`_s4_input_copies`), with SP or without. Elsewhere the input is
-    itself saved: without SP the projections', an MoE layer's router's. A block ending in a norm
-    (post, DeepNorm, sandwich, reordered) stops in that norm, its sub-blocks' frames returned; an
-    MTP module, checkpointed whole, is priced as it was (not measured for this). The frame is
-    released once the re-run returns, before the layer's backward.
+    itself saved: without SP the projections', an MoE layer's router's. A parallel block stops in
+    its FFN with the mixer's partial sum and the norm's output in the block's frame: three shards
+    under SP, and without SP the norm's output where the mixer does not save it (S4); measured,
+    not traced to each tensor. A block ending in a norm (post, DeepNorm, sandwich, reordered)
+    stops in that norm, its sub-blocks' frames returned; an MTP module, checkpointed whole, is
+    priced as it was (not measured for this). The frame is released once the re-run returns,
+    before the layer's backward. The S4 and Hyena mixers hand their output projection a
+    contiguous input: from batch 2 on a transposed one was copied by the projection, and the
+    stopped frame held both (`modules.s4`, `modules.hyena`).
     Measured by verify --layout at full recompute: one S4D layer without an FFN at d_model 256,
     256 tokens, the re-run's end held beyond the priced activations 134,156 B at TP1 (the norm's
     131,072 B output), 135,180 at TP2 SP and 69,132 at TP4 SP (two tensors of s·h/tp), and with
     the copies priced 1.001 … 1.006 of them from TP1 to TP4, with SP or without, at CP2 and at
     TP2 × CP2; the tiny fixtures at TP2 SP, 64 tokens, two micro-batches, measured / analytic
     activations before → after: S4D with its FFN 1.071 → 1.030, Mamba-2 (no FFN) 1.055 → 1.017,
-    Mamba-1 1.058 → 1.025, MLA 1.069 → 1.027, StripedHyena 1.059 → 1.024, Hyena 1.041 → 1.019."""
-    if engine != "torch" or plan.residual != "pre" or isinstance(layer.ffn, MoEPlan) or layer.where == "mtp":
+    Mamba-1 1.058 → 1.025, MLA 1.069 → 1.027, StripedHyena 1.059 → 1.024, Hyena 1.041 → 1.019;
+    parallel blocks at 256 tokens, S4D at TP1 / TP2 / TP2 SP 1.051 / 1.090 / 1.151 → 1.004 /
+    1.011 / 1.009, Hyena at TP2 SP 1.074 → 1.006, Mamba-2 with an FFN 1.089 → 1.004, Llama on
+    the first of PP2 and PP4 1.143 / 1.129 → 1.002 / 1.002."""
+    if engine != "torch" or plan.residual not in ("pre", "parallel") or isinstance(layer.ffn, MoEPlan) \
+            or layer.where == "mtp":
         return 0.0
+    sp, shard = layout.sequence_parallel, ACT_BYTES * seq * plan.d_model / layout.tp
+    if plan.residual == "parallel" and layer.ffn is not None:
+        # measured, not traced to each tensor: under SP three shards (the norm's output, the
+        # mixer's partial sum and the FFN's input among them); without SP the norm's output where
+        # the mixer does not save it (S4)
+        return 3 * shard if sp else ACT_BYTES * seq * plan.d_model if isinstance(layer.mixer, S4Plan) else 0.0
     if isinstance(layer.mixer, S4Plan) and layer.ffn is None:
-        return _s4_input_copies(plan.d_model, seq, layout.tp, layout.cp, layout.sequence_parallel)
-    return ACT_BYTES * seq * plan.d_model / layout.tp if layout.sequence_parallel else 0.0
+        return _s4_input_copies(plan.d_model, seq, layout.tp, layout.cp, sp)
+    return shard if sp else 0.0
 
 
 def _s4_input_copies(h: int, seq: int, tp: int, cp: int, sp: bool) -> float:
