@@ -2087,12 +2087,12 @@ def _kernel_generation(data: ModelData, layout: Layout, stage: int, microbatches
     largest (0 without one): the forward of a micro-batch through the layer (or its re-run in the
     backward under full recompute), where the schedule's moment holds that micro-batch's chunk
     through the layers below it only, and the layer has made its norm's output and its mixer's
-    fp32 input, kept the generation's tensors and holds its transients (`_generation_unit`).
+    input copies, kept the generation's tensors and holds its transients (`_generation_unit`).
     The forward's moments are the schedule's after a forward of the chunk (`pipeline_moments`),
     the re-run's those before its backward. Measured by verify --layout: an S4 layer with
     `ssm_buffers` at d_model 256, 64 states, 128 tokens, where the generation's fp32 bases and
     Ā's (H, N, N) forms outweigh the tokens' tensors, plan's total read 0.66 of the step's peak
-    without this moment (docs/distributed.md)."""
+    without this moment, 1.01 with it (docs/distributed.md)."""
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     units = {i: _generation_unit(data.plan.layers[i].mixer, data.plan.d_model, layout.tp, layout.cp, layout.mb,
                                  data.seq, layout.sequence_parallel)
