@@ -2069,16 +2069,10 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
         return 0
     held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
     reruns = _reruns(data, layout, chunks, kernel, engine, cp_comm)
-    moments = pipeline_moments(layout, microbatches, stage)
-    alive = 0.0
-    for k, chunk in enumerate(chunks):
-        before = max((sum(map(math.prod, zip(moment.counts, held.per_count)))
-                      for moment in moments if moment.backward == k), default=0.0)
-        for i in chunk.layers:
-            if units[i]:
-                above = sum(held.per_layer[j] for j in chunk.layers if j > i)
-                alive = max(alive, held.shared + before - above + reruns.get(i, 0.0) + units[i])
-    return math.ceil(alive)
+    # the layer's own kept tensors stay (its backward has not freed them), with its re-run
+    beside = {i: held.per_layer[i] + reruns.get(i, 0.0) + unit for i, unit in units.items() if unit}
+    return _most_alive_at_layer(held, chunks, pipeline_moments(layout, microbatches, stage),
+                                lambda moment, k: moment.backward == k, beside)
 
 
 def _kernel_generation(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
@@ -2101,15 +2095,26 @@ def _kernel_generation(data: ModelData, layout: Layout, stage: int, microbatches
         return 0
     held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
     rerun = layout.recompute == "full"
+    return _most_alive_at_layer(held, chunks, pipeline_moments(layout, microbatches, stage),
+                                lambda moment, k: moment.forward == k or rerun and moment.backward == k,
+                                {i: unit for i, unit in units.items() if unit})
+
+
+def _most_alive_at_layer(held: _HeldByChunk, chunks: Sequence[Chunk], moments: Sequence[PipelineMoment],
+                         at: Callable[[PipelineMoment, int], bool], beside: dict[int, float]) -> int:
+    """The most bytes alive at a moment inside one of the rank's layers, over the layers `beside`
+    names: the most the schedule holds at the moments `at` picks for the layer's chunk (by its
+    index), less what that chunk's layers from this one up keep for the micro-batch the moment is
+    about (not made yet in a forward, freed by their backward), plus what the layer holds then
+    (`beside`). `_mixer_backward` and `_kernel_generation` price their moments so."""
     alive = 0.0
     for k, chunk in enumerate(chunks):
-        before = max((sum(map(math.prod, zip(moment.counts, held.per_count)))
-                      for moment in pipeline_moments(layout, microbatches, stage)
-                      if moment.forward == k or rerun and moment.backward == k), default=0.0)
+        before = max((sum(map(math.prod, zip(moment.counts, held.per_count))) for moment in moments if at(moment, k)),
+                     default=0.0)
         for i in chunk.layers:
-            if units[i]:
+            if i in beside:
                 from_here = sum(held.per_layer[j] for j in chunk.layers if j >= i)
-                alive = max(alive, held.shared + before - from_here + units[i])
+                alive = max(alive, held.shared + before - from_here + beside[i])
     return math.ceil(alive)
 
 
