@@ -240,25 +240,29 @@ def s4d_kernel_backward_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: b
     graph, runs the chunk contraction's two bmm backwards and differentiates that graph with its
     gradients alive. In H channels, M = N/2 modes, c = `s4d_basis_chunk(T)` and S = ⌈T/c⌉ chunks,
     with X = 8·H·M·c (one complex64 (H, M, c) tensor: the basis, its powers, their cos, sin and
-    products) and Y = 8·H·M·S (the same at the chunk starts): 4.5·X + 11.5·Y + 2·H·T bytes under
-    autocast (the bmm's 16-bit casts), 4·X + 11·Y + 4·H·T in fp32, 2·X more where a partial last
-    chunk makes a second bmm. With `ssm_buffers` only C needs a gradient: the recomputation runs
-    without a graph for Δ, A and B, X + 6.5·Y + 2·H·T under autocast, X + 6·Y + 4·H·T in fp32.
-    No source gives it: read off a live-bytes trace of the unit alone over 27 shapes (H 128 … 512,
-    M 8 … 64, T 256 … 8,192, chunks whole and partial; 15 of them, to T = 2,048, in
-    tests/test_memory.py), −2.9% … +2.8% under autocast, −1.6% … +3.8% in fp32; with
-    `ssm_buffers` +0.1% … +0.9%. state-spaces/s4's Vandermonde CUDA kernel
+    products), Y = 8·H·M·S (the same at the chunk starts) and Z = 8·H·M (one complex64 (H, M)
+    tensor of the discretisation): 4.5·X + 11.5·Y + 2·H·T bytes under autocast (the bmm's 16-bit
+    casts), 4·X + 11·Y + 4·H·T in fp32, plus 4·Z and the fp32 exponent ranges, 4·(c + S), with
+    whole chunks, or 2·X where a partial last chunk makes a second bmm. With `ssm_buffers` only C needs a gradient: the recomputation runs
+    without a graph for Δ, A and B, X + 6.5·Y + 2·H·T − Z under autocast, X + 6·Y + 4·H·T − Z in
+    fp32. No source gives it: read off a live-bytes trace of the unit alone over 27 shapes (H 128
+    … 512, M 8 … 64, T 256 … 8,192, chunks whole and partial); the Z terms from short sequences
+    (H 64 … 512, M 8 … 64, T 5 … 2,048), where X and Y are small and the forms without them read
+    0.90 … 0.99 of the trace (1.01 … 1.07 with `ssm_buffers`). Whole chunks are then exact in
+    both dtypes; partial ones −6.9% at T = 5, −1.8% … +3.8% from T = 12; `ssm_buffers` exact
+    (tests/test_memory.py holds 24 of the shapes). state-spaces/s4's Vandermonde CUDA kernel
     holds none of this (it recomputes the powers on chip)."""
     c = s4d_basis_chunk(seq_len)
     chunks = -(-seq_len // c)
     x = 8 * d_model * m.modes * c
     y = 8 * d_model * m.modes * chunks
+    z = 8 * d_model * m.modes
     if m.ssm_buffers:
-        return x + (13 * y // 2 + 2 * d_model * seq_len if autocast else 6 * y + 4 * d_model * seq_len)
-    partial = 2 * x if seq_len % c else 0
+        return x + (13 * y // 2 + 2 * d_model * seq_len if autocast else 6 * y + 4 * d_model * seq_len) - z
+    beyond = 2 * x if seq_len % c else 4 * z + 4 * (c + chunks)
     if autocast:
-        return (9 * x + 23 * y) // 2 + 2 * d_model * seq_len + partial
-    return 4 * x + 11 * y + 4 * d_model * seq_len + partial
+        return (9 * x + 23 * y) // 2 + 2 * d_model * seq_len + beyond
+    return 4 * x + 11 * y + 4 * d_model * seq_len + beyond
 
 
 def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int, autocast: bool) -> int:
@@ -271,8 +275,10 @@ def s4_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_byt
     doubling's backward where that is larger (`s4_doubling_backward_bytes`). These are archplan's
     kernel generations, whose kept tensors `s4_activation_bytes` counts too (state-spaces/s4's
     Cauchy and Vandermonde CUDA kernels hold neither: no figure here is theirs). Against a
-    live-bytes trace of the mixer's backward over 10 shapes and both dtypes (6 of them in
-    tests/test_memory.py): −3.1% … +6.2%; with `ssm_buffers`, over those 6, −0.1% … +10.8%;
+    live-bytes trace of the mixer's backward, S4D over 10 shapes (T 16 … 2,048) and both dtypes
+    (7 of them in tests/test_memory.py): −3.2% … +6.2%; with `ssm_buffers`, over the 6 from
+    T = 256 on, −1.1% … +9.8%, and over more at short T under autocast (+11% … +22% from 64
+    down to 16 tokens: the fit's freed tensors are larger than what the peak still holds);
     S4 over 20 shapes −2.1% … +9.0% but one, +25% (1 × 128 tokens, d_model 256, 16 states,
     autocast)."""
     h, t = d_model, seq_len
