@@ -198,7 +198,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from typing_extensions import assert_never
 
@@ -603,26 +603,23 @@ class ModelData:
         self.acts: list[LayerActs] = []
         per_layer = {mode: _by_layer(acts[mode], [layer.path for layer in plan.layers])
                      for mode in ("none", "selective")}
+        # and each layer's as its mixer's backward finds it: in a pre-norm block the FFN and the
+        # norm before it have run their backward and freed what they kept (`_mixer_backward`)
+        self.acts_to_mixer: list[LayerActs] = []
         for layer in plan.layers:
             once = _once_per_forward(layer.mixer, h, seq)
             kept = {mode: per_layer[mode][layer.path] - once.total for mode in ("none", "selective")}
             kept["full"] = acts["full"][layer.path]
-            shared_input = plan.residual == "parallel" and len(layer.norms) == 1
-            ffn_column = _tp_ffn(layer) and not shared_input
-            gathered, reduced = _mixer_whole(layer, h)
-            replicated = ACT_BYTES * seq * (h * (len(layer.norms) + ffn_column) + gathered + reduced)
-            heads = _heads(layer)
-            self.acts.append(LayerActs(kept, replicated, ACT_BYTES * seq * reduced, kept["none"] - kept["selective"],
-                                       LSE_BYTES * heads * seq, ACT_BYTES * seq * h,
-                                       ACT_BYTES * seq * _glu_width(layer),
-                                       ACT_BYTES * seq * h * len(layer.norms),
-                                       ACT_BYTES * seq * _fp32_cast_width(layer, h),
-                                       *(seq * b for b in _routing_bytes(layer)),
-                                       _combine_rows(layer, seq, h),
-                                       seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
-                                       _latent_bytes(layer, seq), *_viewed_bytes(layer, seq),
-                                       _ssd_kept(layer, seq), _mamba1_kept(layer, seq),
-                                       _x_proj_bytes(layer, seq), once))
+            self.acts.append(_layer_acts(plan, layer, kept, once, seq))
+            before = _before_ffn(plan, layer)
+            if before is None:
+                self.acts_to_mixer.append(self.acts[-1])
+                continue
+            after = tuple(f"{layer.path}.{name}" for name in ("ffn", "norm2"))
+            freed = {mode: sum(v for key, v in acts[mode].items() if key.startswith(after))
+                     for mode in ("none", "selective")}
+            self.acts_to_mixer.append(_layer_acts(plan, before, {"full": kept["full"]} | {
+                mode: kept[mode] - freed[mode] for mode in ("none", "selective")}, once, seq))
         # elements of each replicated tensor whose gradient is summed over tp: under SP those that
         # see a rank's sequence shard (block norms, the ends' norms, an MoE layer's router and
         # shared gate, `_sp_summed`); with any tp > 1 MLA's latent down-projections and their
@@ -648,8 +645,8 @@ class ModelData:
                              default=0)
         self._numel: dict[tuple[int, int, bool], tuple[list[int], list[int]]] = {}
         self._fsdp: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
-        self._acts: dict[tuple[int, bool, str, str, str], list[float]] = {}
-        self._activations: dict[tuple[object, ...], int] = {}
+        self._acts: dict[tuple[object, ...], list[float]] = {}
+        self._activations: dict[tuple[object, ...], Any] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
         self._stage_fp8: dict[tuple[int, ...], tuple[int, int]] = {}
@@ -726,20 +723,21 @@ class ModelData:
                                            cp_comm)
 
     def mixer_backward(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                       engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+                       engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> dict[int, int]:
         """`_mixer_backward`, once per what it depends on (`_per_activation_layout`)."""
         return self._per_activation_layout(_mixer_backward, layout, stage, microbatches, kernel, engine, modules,
                                            cp_comm)
 
     def kernel_generation(self, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                          engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
+                          engine: Engine, modules: frozenset[RecomputeModule],
+                          cp_comm: CPComm) -> tuple[dict[int, int], dict[int, int]]:
         """`_kernel_generation`, once per what it depends on (`_per_activation_layout`)."""
         return self._per_activation_layout(_kernel_generation, layout, stage, microbatches, kernel, engine, modules,
                                            cp_comm)
 
-    def _per_activation_layout(self, compute: Callable[..., int], layout: Layout, stage: int, microbatches: int,
+    def _per_activation_layout(self, compute: Callable[..., T], layout: Layout, stage: int, microbatches: int,
                                kernel: AttentionKernel, engine: Engine, modules: frozenset[RecomputeModule],
-                               cp_comm: CPComm) -> int:
+                               cp_comm: CPComm) -> T:
         """`compute`'s figure once per split, activation layout and micro-batch count: the ZeRO
         stage and dp do not change it, ep only by whether it routes across ranks (`layer_acts`)."""
         key = (compute.__name__, layout.tp, layout.sequence_parallel, layout.cp, layout.mb, layout.recompute,
@@ -750,14 +748,17 @@ class ModelData:
         return self._activations[key]
 
     def layer_acts(self, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
-                   engine: Engine, modules: frozenset[RecomputeModule] = frozenset()) -> list[float]:
-        """Per layer, bytes one sequence keeps on one rank (before the cp split). ep > 1 is in the
+                   engine: Engine, modules: frozenset[RecomputeModule] = frozenset(),
+                   to_mixer: bool = False) -> list[float]:
+        """Per layer, bytes one sequence keeps on one rank (before the cp split); with `to_mixer`,
+        as the layer's mixer's backward finds them (`acts_to_mixer`). ep > 1 is in the
         key: the torch engine's MoE keeps its expert order for the all-to-all's return (`_layer_act`);
         without it, the first ep a search priced set every other's (86,070,329,344 B for mixtral's
         ep=8 under fsdp2, where its own layout gives 86,078,717,952)."""
-        key = (layout.tp, layout.sequence_parallel, layout.ep > 1, recompute, kernel, engine, modules)
+        key = (layout.tp, layout.sequence_parallel, layout.ep > 1, recompute, kernel, engine, modules, to_mixer)
         if key not in self._acts:
-            self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine, modules) for a in self.acts]
+            self._acts[key] = [_layer_act(a, layout, recompute, kernel, engine, modules)
+                               for a in (self.acts_to_mixer if to_mixer else self.acts)]
         return self._acts[key]
 
 
@@ -787,6 +788,35 @@ def _chunk_layers(data: ModelData, layers: range) -> ChunkLayers:
         sp_norms=_first_seen(n for i in layers for n in data.sp_norms[i]),
         tp_summed=_first_seen(n for i in layers for n in data.tp_summed[i]),
     )
+
+
+def _layer_acts(plan: ModelPlan, layer: LayerPlan, kept: dict[str, int], once: OncePerForward, seq: int) -> LayerActs:
+    """`LayerActs` of one sequence through `layer`, which keeps `kept` bytes per recompute mode."""
+    h = plan.d_model
+    shared_input = plan.residual == "parallel" and len(layer.norms) == 1
+    ffn_column = _tp_ffn(layer) and not shared_input
+    gathered, reduced = _mixer_whole(layer, h)
+    replicated = ACT_BYTES * seq * (h * (len(layer.norms) + ffn_column) + gathered + reduced)
+    return LayerActs(kept, replicated, ACT_BYTES * seq * reduced, kept["none"] - kept["selective"],
+                     LSE_BYTES * _heads(layer) * seq, ACT_BYTES * seq * h,
+                     ACT_BYTES * seq * _glu_width(layer),
+                     ACT_BYTES * seq * h * len(layer.norms),
+                     ACT_BYTES * seq * _fp32_cast_width(layer, h),
+                     *(seq * b for b in _routing_bytes(layer)),
+                     _combine_rows(layer, seq, h),
+                     seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
+                     _latent_bytes(layer, seq), *_viewed_bytes(layer, seq),
+                     _ssd_kept(layer, seq), _mamba1_kept(layer, seq),
+                     _x_proj_bytes(layer, seq), once)
+
+
+def _before_ffn(plan: ModelPlan, layer: LayerPlan) -> LayerPlan | None:
+    """A pre-norm layer with an FFN as its mixer's backward finds it, its FFN and the norm before
+    that gone (their backward ran first); None where the mixer's backward is not after the FFN's
+    alone (no FFN; post-norm and parallel blocks, whose norms and branches run otherwise)."""
+    if plan.residual != "pre" or layer.ffn is None or layer.norms != ("norm1", "norm2"):
+        return None
+    return replace(layer, ffn=None, norms=layer.norms[:1])
 
 
 def _by_layer(components: dict[str, int], paths: list[str]) -> dict[str, int]:
@@ -1839,15 +1869,23 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
     reduction = _unit_reduction(data, layout, chunks, microbatches, states) if torch_engine else 0
     temporary += max(held_reduce + max(_head_reduction_transient(data, layout, chunks, states), layer_gradient),
                      reduction)
-    mixer = data.mixer_backward(layout, stage, microbatches, kernel, states.engine, modules, cp_comm) if torch_engine else 0
-    if mixer:
-        temporary = max(temporary, copies_at_backward + held_reduce + mixer - activations)
-    # the forward's moment (or a re-run's) has the same copies beside it, and the reduce-scatter
-    # input held into the next micro-batch's forward
-    generation = data.kernel_generation(layout, stage, microbatches, kernel, states.engine, modules,
-                                        cp_comm) if torch_engine else 0
-    if generation:
-        temporary = max(temporary, copies_at_backward + held_reduce + generation - activations)
+    if torch_engine:
+        # a moment inside a layer: its chunk's root copy beside the layer's at zero 3, less the
+        # gradients not formed yet
+        in_forward, unformed = _unformed_gradients(data, layout, stage, microbatches, states)
+        roots = _root_copies(data, layout, chunks, states)
+        reducing = _reducing_above(data, layout, chunks, states, held_reduce)
+        mixer = data.mixer_backward(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
+        if mixer:
+            alive = max(held + roots.get(i, 0) + reducing[i] - unformed.get(i, 0) for i, held in mixer.items())
+            temporary = max(temporary, copies_at_backward + alive - activations)
+        # the forward's moment (or a re-run's) has the same copies beside it, and the reduce-scatter
+        # input held into the next micro-batch's forward
+        forward, rerun = data.kernel_generation(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
+        if forward:
+            alive = max([held + roots.get(i, 0) + held_reduce - in_forward for i, held in forward.items()]
+                        + [held + roots.get(i, 0) + reducing[i] - unformed.get(i, 0) for i, held in rerun.items()])
+            temporary = max(temporary, copies_at_backward + alive - activations)
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
     if loss_backward or head_gradients > 0:
@@ -2049,13 +2087,14 @@ def _reduced_last(data: ModelData, layout: Layout, chunk: Chunk) -> tuple[Tensor
 
 
 def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                    engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
-    """Bytes alive while archplan's scan unit runs its backward in one of the rank's Mamba layers,
-    or a long convolution's FFT or filter unit in an S4, Hyena or StripedHyena layer, at the
-    largest (0 without one): what the schedule's moment before that chunk's backward holds
+                    engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> dict[int, int]:
+    """Bytes alive while archplan's scan unit runs its backward in each of the rank's Mamba layers,
+    or a long convolution's FFT or filter unit in an S4, Hyena or StripedHyena layer, by layer
+    (none without one): what the schedule's moment before that chunk's backward holds
     (`_rank_activations`), less what the layers above it keep for the micro-batch whose backward
     runs (freed before it, with the head's tensors), plus the layer's re-run under full recompute
-    and what the unit holds beyond its layer's kept tensors (`_mixer_transient`). A Mamba block of a
+    and what the unit holds beyond its layer's kept tensors (`_mixer_transient`), and in the chunk
+    holding the head the head's gradients (`_head_chunk_gradients`). A Mamba block of a
     multi-token prediction module is priced the same way, without the main pass's head tensors
     that wait beside the module's re-run (`_rank_activations`): on tiny-mamba with one module at
     ZeRO-3 with full recompute, plan's total with them beside the scan was 1.089 times the step's
@@ -2066,20 +2105,76 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
     units = {i: _mixer_transient(data.plan.layers[i].mixer, h, layout.tp, layout.cp, layout.mb, data.seq)
              for chunk in chunks for i in chunk.layers}
     if not any(units.values()):
-        return 0
+        return {}
     held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
-    reruns = _reruns(data, layout, chunks, kernel, engine, cp_comm)
-    # the layer's own kept tensors stay (its backward has not freed them), with its re-run
-    beside = {i: held.per_layer[i] + reruns.get(i, 0.0) + unit for i, unit in units.items() if unit}
-    return _most_alive_at_layer(held, chunks, pipeline_moments(layout, microbatches, stage),
-                                lambda moment, k: moment.backward == k, beside)
+    reruns = _reruns(data, layout, chunks, kernel, engine, cp_comm, to_mixer=True)
+    grads = _head_chunk_gradients(data, layout, chunks[-1])
+    # the gradient of the mixer's output (the block's, in a pre-norm block after its FFN's
+    # backward), on the rank's tokens, sequence-split under SP, and beside it the output gradient
+    # a chunk that does not end the model received, which its runner holds through the backward
+    incoming = ACT_BYTES * layout.mb * (data.seq // layout.cp) * h / (layout.tp if layout.sequence_parallel else 1)
+    received = {i: _received_gradient(data, layout, chunk) * layout.mb / layout.cp
+                for chunk in chunks for i in chunk.layers}
+    # the layer's own kept tensors (but its FFN's, freed by its backward), with its re-run's, and
+    # the bf16 gradients of the parameters whose backward ran before the unit's
+    beside = {i: held.to_mixer[i] + reruns.get(i, 0.0) + unit + incoming + received[i] + grads.get(i, 0)
+              + ACT_BYTES * _before_unit_numel(data, layout, i)
+              for i, unit in units.items() if unit}
+    return _alive_at_layer(held, chunks, pipeline_moments(layout, microbatches, stage),
+                           lambda moment, k: moment.backward == k, beside)
+
+
+# The parameters of each scan or long-convolution mixer whose backward runs before its unit's: the
+# projection its output passes through (and Mamba-2's gated norm before it); `_before_unit_numel`
+MIXER_OUTPUT_PARAMS: dict[type, tuple[str, ...]] = {
+    Mamba1Plan: ("out_proj.",), Mamba2Plan: ("out_proj.", "norm."), S4Plan: ("output_linear.",),
+    HyenaPlan: ("out_proj.",), StripedHyenaPlan: ("out_filter_dense.",),
+}
+
+
+def _before_unit_numel(data: ModelData, layout: Layout, i: int) -> int:
+    """Elements of layer i's parameters on the rank whose bf16 gradient autograd has written when
+    its mixer's unit runs its backward, which FSDP2 holds until the layer's post-backward: the
+    mixer's output side (`MIXER_OUTPUT_PARAMS`) and, in a pre-norm block (`_before_ffn`), its FFN
+    and the norm before it. Routed experts of their own unit are reduced by then
+    (`_reducing_above`)."""
+    layer = data.plan.layers[i]
+    prefix = f"layers.{layer.index}."
+    parts = tuple(f"mixer.{name}" for name in MIXER_OUTPUT_PARAMS.get(type(layer.mixer), ()))
+    if _before_ffn(data.plan, layer) is not None:
+        parts += ("ffn.", "norm2.")
+    tensors = tuple(t for t in data.layer_tensors[i] if t.name.removeprefix(prefix).startswith(parts))
+    return _local_numel(tensors, layout.tp, layout.ep)[0]
+
+
+def _head_chunk_gradients(data: ModelData, layout: Layout, chunk: Chunk) -> dict[int, int]:
+    """Bytes of bf16 gradient autograd holds through each layer's backward in the chunk holding
+    the head (none in any other chunk), by layer: the head's backward wrote the head weight's (the
+    rank's vocabulary rows) and the final norm's, and FSDP2 reduces or accumulates them only in
+    the root unit's post-backward, which runs once the chunk's input has its gradient, at the
+    chunk's end (`_head_gradients`). A multi-token prediction module's layers run their backward
+    first, beside the gradient their own pass gave the head; the main layers, after every pass,
+    also beside the embedding lookup's whole-vocabulary gradient of the modules' shifted tokens
+    where the head is not tied to it. Measured by verify --layout: on PP2's last stage the head's
+    gradient is alive at the mixer's backward, where plan's total read 0.93 … 0.95 of the step's
+    peak (tiny-s4d at 64 tokens; tiny-mamba2 0.95 … 0.99), 1.00 … 1.04 with it and the moment's
+    other terms (docs/distributed.md, "The mixer's backward as the step finds it")."""
+    if not chunk.last:
+        return {}
+    whole, rows = _head_weight(data, layout)
+    norm = _local_numel(tuple(t for t in _root_tensors(data, layout, chunk) if t.name.startswith("final_norm.")),
+                        layout.tp, layout.ep)[0]
+    main = rows + norm + (whole if data.mtp_depth and not data.plan.tied else 0)
+    return {i: ACT_BYTES * (main if i < data.n_main else rows) for i in chunk.layers}
 
 
 def _kernel_generation(data: ModelData, layout: Layout, stage: int, microbatches: int, kernel: AttentionKernel,
-                       engine: Engine, modules: frozenset[RecomputeModule], cp_comm: CPComm) -> int:
-    """Bytes alive while S4's (DPLR) kernel generation runs in one of the rank's layers, at the
-    largest (0 without one): the forward of a micro-batch through the layer (or its re-run in the
-    backward under full recompute), where the schedule's moment holds that micro-batch's chunk
+                       engine: Engine, modules: frozenset[RecomputeModule],
+                       cp_comm: CPComm) -> tuple[dict[int, int], dict[int, int]]:
+    """Bytes alive while S4's (DPLR) kernel generation runs in each of the rank's layers, by layer
+    (none without one), in the forward of a micro-batch through the layer and in its re-run in the
+    backward under full recompute (with the head's gradients in the chunk holding the head,
+    `_head_chunk_gradients`), where the schedule's moment holds that micro-batch's chunk
     through the layers below it only, and the layer has made its norm's output and its mixer's
     input copies, kept the generation's tensors and holds its transients (`_generation_unit`).
     The forward's moments are the schedule's after a forward of the chunk (`pipeline_moments`),
@@ -2092,30 +2187,108 @@ def _kernel_generation(data: ModelData, layout: Layout, stage: int, microbatches
                                  data.seq, layout.sequence_parallel)
              for chunk in chunks for i in chunk.layers}
     if not any(units.values()):
-        return 0
+        return {}, {}
     held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
-    rerun = layout.recompute == "full"
-    return _most_alive_at_layer(held, chunks, pipeline_moments(layout, microbatches, stage),
-                                lambda moment, k: moment.forward == k or rerun and moment.backward == k,
-                                {i: unit for i, unit in units.items() if unit})
+    moments = pipeline_moments(layout, microbatches, stage)
+    generating = {i: unit for i, unit in units.items() if unit}
+    forward = _alive_at_layer(held, chunks, moments, lambda moment, k: moment.forward == k, generating)
+    if layout.recompute != "full":
+        return forward, {}
+    # a re-run is part of the layer's backward: after the head's, in the chunk holding it
+    grads = _head_chunk_gradients(data, layout, chunks[-1])
+    return forward, _alive_at_layer(held, chunks, moments, lambda moment, k: moment.backward == k,
+                                    {i: unit + grads.get(i, 0) for i, unit in generating.items()})
 
 
-def _most_alive_at_layer(held: _HeldByChunk, chunks: Sequence[Chunk], moments: Sequence[PipelineMoment],
-                         at: Callable[[PipelineMoment, int], bool], beside: dict[int, float]) -> int:
-    """The most bytes alive at a moment inside one of the rank's layers, over the layers `beside`
-    names: the most the schedule holds at the moments `at` picks for the layer's chunk (by its
-    index), less what that chunk's layers from this one up keep for the micro-batch the moment is
-    about (not made yet in a forward, freed by their backward), plus what the layer holds then
-    (`beside`). `_mixer_backward` and `_kernel_generation` price their moments so."""
-    alive = 0.0
+def _alive_at_layer(held: _HeldByChunk, chunks: Sequence[Chunk], moments: Sequence[PipelineMoment],
+                    at: Callable[[PipelineMoment, int], bool], beside: dict[int, float]) -> dict[int, int]:
+    """The most bytes alive at a moment inside each of the rank's layers `beside` names: the most
+    the schedule holds at the moments `at` picks for the layer's chunk (by its index), less what
+    that chunk's layers from this one up keep for the micro-batch the moment is about (not made
+    yet in a forward, freed by their backward), plus what the layer holds then (`beside`).
+    `_mixer_backward` and `_kernel_generation` price their moments so."""
+    alive: dict[int, int] = {}
     for k, chunk in enumerate(chunks):
         before = max((sum(map(math.prod, zip(moment.counts, held.per_count))) for moment in moments if at(moment, k)),
                      default=0.0)
         for i in chunk.layers:
             if i in beside:
                 from_here = sum(held.per_layer[j] for j in chunk.layers if j >= i)
-                alive = max(alive, held.shared + before - from_here + beside[i])
-    return math.ceil(alive)
+                alive[i] = math.ceil(held.shared + before - from_here + beside[i])
+    return alive
+
+
+def _root_copies(data: ModelData, layout: Layout, chunks: Sequence[Chunk], states: StatesConvention) -> dict[int, int]:
+    """At zero 3, the bytes of each chunk's root unit's bf16 copy, by layer of the chunk: FSDP2 does
+    not reshard the root after its forward, so the copy stays from the chunk's forward to its
+    root's post-backward at the chunk's end, beside the layers' two (`copies_at_backward`). Below
+    zero 3 the stage's copies count it already. Measured by verify --layout: tiny-mamba2 at DP2
+    ZeRO-3 holds its head's copy while its top layer's scan unit runs its backward."""
+    if layout.zero < 3 or not states.compute_copy_bytes:
+        return {}
+    return {i: states.compute_copy_bytes * _root_numel(data, layout, chunk) for chunk in chunks for i in chunk.layers}
+
+
+def _reducing_above(data: ModelData, layout: Layout, chunks: Sequence[Chunk], states: StatesConvention,
+                    held_reduce: int) -> dict[int, int]:
+    """By layer of the rank, the bytes of a gradient reduce-scatter input FSDP2 holds while the
+    layer runs its backward: a unit's post-backward issues its reduce-scatter and the next one waits
+    on it and releases its input (`FSDPCommContext.reduce_scatter_states`), so below its chunk's
+    top layer, the input of the layer above's unit (the whole padded unit in the reduce dtype,
+    fp32 here: the states' gradient bytes; its dense unit, reduced after the experts' own), in the
+    backwards that reduce (every one from zero 2 on, the step's last at zero 1); at the top layer,
+    what the previous micro-batch's last reduction left (`held_reduce`, `_held_reduce_scatter`).
+    A layer whose routed experts are a unit of their own (`_own_unit`) holds theirs instead, reduced
+    once their backward is done, before the mixer's.
+    `replicate` (zero 0) all-reduces instead, not measured here: only `held_reduce`. Measured by
+    verify --layout: tiny-mamba2 at DP2 ZeRO-3 with one micro-batch holds its top layer's
+    reduce-scatter input while its lower layer's scan unit runs its backward."""
+    reducing = {i: held_reduce for chunk in chunks for i in chunk.layers}
+    if layout.zero == 0:
+        return reducing
+    dp, edp = layout.dp * layout.cp, layout.expert_dp
+    dense, expert = data.fsdp(layout.tp, layout.ep, dp, edp)
+    for chunk in chunks:
+        for i in chunk.layers[:-1]:
+            reducing[i] = states.grad_bytes * dp * dense[i + 1]
+        for i in chunk.layers:
+            if expert[i]:  # the layer's own routed experts, reduced after their backward
+                reducing[i] = states.grad_bytes * edp * expert[i]
+    return reducing
+
+
+def _unformed_gradients(data: ModelData, layout: Layout, stage: int, microbatches: int,
+                        states: StatesConvention) -> tuple[int, dict[int, int]]:
+    """With one micro-batch, the bytes of the `gradients` row not formed yet: in the forward, all of
+    them; while layer i runs its backward, its own dense unit's (its routed experts' own unit
+    reduces first), those of the units below it in its chunk, the chunk's ends' (the root unit's
+    post-backward runs at the chunk's end, the embedding's backward last) and every lower chunk's
+    (their backward comes after). FSDP2 writes
+    a unit's gradient (the rank's shard from zero 1 on, whole under `replicate`) in the unit's
+    post-backward. `plan`'s total prices the row whole, beside every moment; a moment inside a
+    layer (`_mixer_backward`, `_kernel_generation`) is the step's own peak, and so is priced
+    without what does not exist yet. With several micro-batches every unit holds its gradient from
+    the first backward on, accumulated or reduced, and the last backward's moments hold as much as
+    the first's: nothing. Not priced with multi-token prediction, whose modules run their
+    backward before the layers below them: nothing."""
+    if microbatches > 1 or data.mtp_depth or states.engine != "torch":
+        return 0, {}
+    zero = layout.zero
+    sharded = zero >= 2 or (zero == 1 and states.params_always_sharded)  # `_memory`'s grads_sharded
+    _, _, _, per_chunk = data.stage_params(layout, stage, states.per_tensor)
+    dense, expert = (data.fsdp(layout.tp, layout.ep, layout.dp * layout.cp, layout.expert_dp) if sharded
+                     else data.numel(layout.tp, layout.ep))
+    unit = [states.grad_bytes * (d + e) for d, e in zip(dense, expert)]
+    unformed: dict[int, int] = {}
+    below = 0
+    for chunk, (whole, shard) in zip(rank_chunks(data.n_main, layout, stage, data.mtp_depth), per_chunk):
+        in_chunk = states.grad_bytes * (shard if sharded else whole)
+        ends = in_chunk - sum(unit[i] for i in chunk.layers)
+        for i in chunk.layers:
+            # a layer's own routed experts' unit has reduced its gradient before the mixer's backward
+            unformed[i] = below + ends + sum(unit[j] for j in chunk.layers if j < i) + states.grad_bytes * dense[i]
+        below += in_chunk
+    return below, unformed
 
 
 @lru_cache(maxsize=4096)
@@ -2324,10 +2497,12 @@ def _head_tensors(data: ModelData, layout: Layout, engine: Engine) -> tuple[floa
 class _HeldByChunk(NamedTuple):
     """What the chunks of a pipeline rank hold besides what a schedule's moment adds: the bytes
     every chunk shares (cp's, ALiBi's and rotary's tables), each chunk's bytes per micro-batch it
-    holds, and each layer's share of its chunk's (`_held_by_chunk`)."""
+    holds, each layer's share of its chunk's, and that share once the layer's FFN has run its
+    backward (`_held_by_chunk`, `ModelData.acts_to_mixer`)."""
     shared: float
     per_count: list[float]
     per_layer: dict[int, float]
+    to_mixer: dict[int, float]
 
 
 def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: AttentionKernel,
@@ -2336,9 +2511,11 @@ def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], ker
     over a schedule's moments, with each layer's share."""
     scale = layout.mb / layout.cp  # sequences per micro-batch, split over the context-parallel ranks
     per_layer = data.layer_acts(layout, layout.recompute, kernel, engine, modules)
+    to_mixer = data.layer_acts(layout, layout.recompute, kernel, engine, modules, to_mixer=True)
     shared = 0.0
     per_count = []
     by_layer: dict[int, float] = {}
+    by_layer_to_mixer: dict[int, float] = {}
     for chunk in chunks:
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
@@ -2352,22 +2529,25 @@ def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], ker
                 if layout.recompute != "full" else 0.0 for i in chunk.layers}
         per_count.append(per_mb + sum(kept.values()))
         by_layer.update({i: per_layer[i] * scale + kept[i] for i in chunk.layers})
-    return _HeldByChunk(shared, per_count, by_layer)
+        by_layer_to_mixer.update({i: to_mixer[i] * scale + kept[i] for i in chunk.layers})
+    return _HeldByChunk(shared, per_count, by_layer, by_layer_to_mixer)
 
 
 def _reruns(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: AttentionKernel, engine: Engine,
-            cp_comm: CPComm) -> dict[int, float]:
+            cp_comm: CPComm, to_mixer: bool = False) -> dict[int, float]:
     """Under full recompute, each layer's bytes while it re-runs in the backward: the whole
-    layer's activations, a combine's working set, cp's and a filter's kept tensors."""
+    layer's activations, a combine's working set, cp's and a filter's kept tensors; with
+    `to_mixer`, what is left of them once the layer's FFN has run its backward
+    (`ModelData.acts_to_mixer`: its combine's working set went with it)."""
     if layout.recompute != "full":
         return {}
     scale = layout.mb / layout.cp
-    whole = data.layer_acts(layout, "none", kernel, engine)
+    whole = data.layer_acts(layout, "none", kernel, engine, to_mixer=to_mixer)
     # the block input the checkpoint keeps, which a pre-norm block's first norm saves again as
     # the same tensor in the torch engine (its norms keep their inputs; `whole` counts it)
     block_input = data.layer_acts(layout, "full", kernel, engine)
     return {i: (whole[i] - (block_input[i] if _rerun_saves_kept_input(data, i, layout, engine) else 0.0)
-                + _combine_working_set(data.acts[i], layout)
+                + _combine_working_set((data.acts_to_mixer if to_mixer else data.acts)[i], layout)
                 + (_mtp_rerun_input(data, layout, engine) if i >= data.n_main else 0.0)) * scale
             + _cp_kept(data, layout, i, engine, cp_comm) + _once_kept(data.acts[i], layout)
             for chunk in chunks for i in chunk.layers}
