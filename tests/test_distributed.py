@@ -892,8 +892,9 @@ def test_fake_verify_prices_s4s_kernel_generation(fake_world: None, tmp_path: Pa
     ("tiny-mamba.yaml", 256, 1, 0, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=1"),
     ("tiny-mamba2-ffn", 256, 1, 0, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1"),
     ("tiny-mamba2-ffn", 256, 2, 0, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=none,mb=1"),
+    ("tiny-mamba2-mtp", 256, 2, 0, "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1"),
 ], ids=["s4d-pp2-last", "s4d-pp2-last-zero3", "mamba2-pp2-last", "mamba1-pp2-first", "mamba2-ffn-zero3",
-        "mamba2-ffn-tp2"])
+        "mamba2-ffn-tp2", "mamba2-mtp"])
 def test_fake_verify_prices_a_mixers_backward_as_the_step_finds_it(fake_world: None, tmp_path: Path, spec: str,
                                                                    seq: int, microbatches: int, stage: int,
                                                                    layout: str) -> None:
@@ -904,14 +905,20 @@ def test_fake_verify_prices_a_mixers_backward_as_the_step_finds_it(fake_world: N
     block, not the FFN's kept tensors, freed by its backward (`ModelData.acts_to_mixer`), but the
     bf16 gradients of the FFN and of the mixer's output projection (`_before_unit_numel`); the
     reduce-scatter input of the unit above (`_reducing_above`); at ZeRO-3 the root's copy
-    (`_root_copies`); with one micro-batch, no gradient not formed yet (`_unformed_gradients`).
-    plan's total against the tracker's snapshot at its highest, before → after: 0.948 → 0.999,
-    0.926 → 1.036, 0.985 → 1.000, 1.175 → 0.999, 1.065 → 1.000, 1.020 → 0.998 (Mamba-2 with an
-    FFN is a variant of tiny-mamba2)."""
+    (`_root_copies`); with one micro-batch, no gradient not formed yet (`_unformed_gradients`);
+    at an MTP module's block without recompute, the main pass's head tensors, whose loss runs its
+    backward after the module's. plan's total against the tracker's snapshot at its highest,
+    before → after: 0.948 → 0.999, 0.926 → 1.036, 0.985 → 1.000, 1.175 → 0.999, 1.065 → 1.000,
+    1.020 → 0.998, 0.956 → 0.991 (Mamba-2 with an FFN, and with an MTP module, are variants of
+    tiny-mamba2)."""
     from archplan.distributed.check import check_layout_run
 
-    path = (variant(tmp_path, "tiny-mamba2.yaml", spec, ffn={"kind": "glu", "activation": "silu", "d_ff": 128})
-            if spec == "tiny-mamba2-ffn" else FIXTURES / spec)
+    ffn = {"kind": "glu", "activation": "silu", "d_ff": 128}
+    variants: dict[str, dict[str, object]] = {
+        "tiny-mamba2-ffn": {"ffn": ffn},
+        "tiny-mamba2-mtp": {"ffn": ffn, "n_layers": 3, "mtp": {"depth": 1, "loss_weight": 0.3}},
+    }
+    path = variant(tmp_path, "tiny-mamba2.yaml", spec, **variants[spec]) if spec in variants else FIXTURES / spec
     result = check_layout_run(resolve(load_spec(path)), parse_layout(layout).complete(), seq,
                               microbatches=microbatches, stage=stage)
     analytic, measured = result.step_peak

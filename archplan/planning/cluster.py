@@ -819,6 +819,7 @@ def _before_ffn(plan: ModelPlan, layer: LayerPlan) -> LayerPlan | None:
     return replace(layer, ffn=None, norms=layer.norms[:1])
 
 
+
 def _by_layer(components: dict[str, int], paths: list[str]) -> dict[str, int]:
     """Per layer path, the sum of the components inside it (`path.…`), in one pass over the
     components (a scan of them per layer is quadratic in the layers: 126 for Llama 3.1 405B)."""
@@ -2095,11 +2096,11 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
     runs (freed before it, with the head's tensors), plus the layer's re-run under full recompute
     and what the unit holds beyond its layer's kept tensors (`_mixer_transient`), and in the chunk
     holding the head the head's gradients (`_head_chunk_gradients`). A Mamba block of a
-    multi-token prediction module is priced the same way, without the main pass's head tensors
-    that wait beside the module's re-run (`_rank_activations`): on tiny-mamba with one module at
-    ZeRO-3 with full recompute, plan's total with them beside the scan was 1.089 times the step's
-    measured one-moment peak (verify --layout), without them 1.027 (1.020 without recompute),
-    so they are not held there."""
+    multi-token prediction module is priced the same way. Under full recompute the main pass's
+    head tensors, which wait beside the module's re-run (`_rank_activations`), are not held at its
+    scan: on tiny-mamba with one module at ZeRO-3, plan's total with them beside the scan was
+    1.089 times the step's measured one-moment peak (verify --layout), without them 1.027. Without
+    recompute they are, the module's backward running before the main loss's (below)."""
     chunks = rank_chunks(data.n_main, layout, stage, data.mtp_depth)
     h = data.plan.d_model
     units = {i: _mixer_transient(data.plan.layers[i].mixer, h, layout.tp, layout.cp, layout.mb, data.seq)
@@ -2115,10 +2116,15 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
     incoming = ACT_BYTES * layout.mb * (data.seq // layout.cp) * h / (layout.tp if layout.sequence_parallel else 1)
     received = {i: _received_gradient(data, layout, chunk) * layout.mb / layout.cp
                 for chunk in chunks for i in chunk.layers}
+    # an MTP module's block runs its backward before the main pass's loss does: without full
+    # recompute the main pass's head tensors wait beside it (on a Mamba-2 model with one module,
+    # plan's total read 0.956 of the step's peak without them, 0.991 … 0.997 with them)
+    main_head = (_head_tensors(data, layout, engine)[0] / (1 + data.mtp_depth) * layout.mb / layout.cp
+                 if data.mtp_depth and layout.recompute != "full" else 0.0)
     # the layer's own kept tensors (but its FFN's, freed by its backward), with its re-run's, and
     # the bf16 gradients of the parameters whose backward ran before the unit's
     beside = {i: held.to_mixer[i] + reruns.get(i, 0.0) + unit + incoming + received[i] + grads.get(i, 0)
-              + ACT_BYTES * _before_unit_numel(data, layout, i)
+              + ACT_BYTES * _before_unit_numel(data, layout, i) + (main_head if i >= data.n_main else 0.0)
               for i, unit in units.items() if unit}
     return _alive_at_layer(held, chunks, pipeline_moments(layout, microbatches, stage),
                            lambda moment, k: moment.backward == k, beside)
@@ -2139,7 +2145,7 @@ def _before_unit_numel(data: ModelData, layout: Layout, i: int) -> int:
     and the norm before it. Routed experts of their own unit are reduced by then
     (`_reducing_above`)."""
     layer = data.plan.layers[i]
-    prefix = f"layers.{layer.index}."
+    prefix = f"{layer.path}."
     parts = tuple(f"mixer.{name}" for name in MIXER_OUTPUT_PARAMS.get(type(layer.mixer), ()))
     if _before_ffn(data.plan, layer) is not None:
         parts += ("ffn.", "norm2.")
@@ -2263,9 +2269,8 @@ def _unformed_gradients(data: ModelData, layout: Layout, stage: int, microbatche
     them; while layer i runs its backward, its own dense unit's (its routed experts' own unit
     reduces first), those of the units below it in its chunk, the chunk's ends' (the root unit's
     post-backward runs at the chunk's end, the embedding's backward last) and every lower chunk's
-    (their backward comes after). FSDP2 writes
-    a unit's gradient (the rank's shard from zero 1 on, whole under `replicate`) in the unit's
-    post-backward. `plan`'s total prices the row whole, beside every moment; a moment inside a
+    (their backward comes after). FSDP2 writes a unit's gradient (the rank's shard from zero 1
+    on, whole under `replicate`) in the unit's post-backward. `plan`'s total prices the row whole, beside every moment; a moment inside a
     layer (`_mixer_backward`, `_kernel_generation`) is the step's own peak, and so is priced
     without what does not exist yet. With several micro-batches every unit holds its gradient from
     the first backward on, accumulated or reduced, and the last backward's moments hold as much as
