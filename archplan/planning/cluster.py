@@ -2270,12 +2270,13 @@ def _unformed_gradients(data: ModelData, layout: Layout, stage: int, microbatche
     reduces first), those of the units below it in its chunk, the chunk's ends' (the root unit's
     post-backward runs at the chunk's end, the embedding's backward last) and every lower chunk's
     (their backward comes after). FSDP2 writes a unit's gradient (the rank's shard from zero 1
-    on, whole under `replicate`) in the unit's post-backward. `plan`'s total prices the row whole, beside every moment; a moment inside a
-    layer (`_mixer_backward`, `_kernel_generation`) is the step's own peak, and so is priced
-    without what does not exist yet. With several micro-batches every unit holds its gradient from
-    the first backward on, accumulated or reduced, and the last backward's moments hold as much as
-    the first's: nothing. Not priced with multi-token prediction, whose modules run their
-    backward before the layers below them: nothing."""
+    on, whole under `replicate`) in the unit's post-backward. `plan`'s total prices the row whole,
+    beside every moment; a moment inside a layer (`_mixer_backward`, `_kernel_generation`) is the
+    step's own peak, and so is priced without what does not exist yet. With several micro-batches
+    every unit holds its gradient from the first backward on, accumulated or reduced, and the last
+    backward's moments hold as much as the first's: nothing (at ZeRO 0/1 the last backward has
+    reduced those above the layer, an over-count left). Not priced with multi-token prediction,
+    whose modules run their backward before the layers below them: nothing."""
     if microbatches > 1 or data.mtp_depth or states.engine != "torch":
         return 0, {}
     zero = layout.zero
