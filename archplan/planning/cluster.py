@@ -2273,9 +2273,11 @@ def _unformed_gradients(data: ModelData, layout: Layout, stage: int, microbatche
     on, whole under `replicate`) in the unit's post-backward. `plan`'s total prices the row whole,
     beside every moment; a moment inside a layer (`_mixer_backward`, `_kernel_generation`) is the
     step's own peak, and so is priced without what does not exist yet. With several micro-batches
-    every unit holds its gradient from the first backward on, accumulated or reduced, and the last
-    backward's moments hold as much as the first's: nothing (at ZeRO 0/1 the last backward has
-    reduced those above the layer, an over-count left). Not priced with multi-token prediction,
+    every unit holds its gradient once the first backward is done, accumulated or reduced, and a
+    steady-state backward holds as many micro-batches in flight as the first: nothing (an
+    over-count where a rank has no more micro-batches than stages, and so no steady state: its
+    first backward has none yet of the units below the layer, and at ZeRO 0/1 its last, the one
+    that reduces, has freed the accumulations above it). Not priced with multi-token prediction,
     whose modules run their backward before the layers below them: nothing."""
     if microbatches > 1 or data.mtp_depth or states.engine != "torch":
         return 0, {}
