@@ -819,7 +819,6 @@ def _before_ffn(plan: ModelPlan, layer: LayerPlan) -> LayerPlan | None:
     return replace(layer, ffn=None, norms=layer.norms[:1])
 
 
-
 def _by_layer(components: dict[str, int], paths: list[str]) -> dict[str, int]:
     """Per layer path, the sum of the components inside it (`path.…`), in one pass over the
     components (a scan of them per layer is quadratic in the layers: 126 for Llama 3.1 405B)."""
@@ -1876,16 +1875,20 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         in_forward, unformed = _unformed_gradients(data, layout, stage, microbatches, states)
         roots = _root_copies(data, layout, chunks, states)
         reducing = _reducing_above(data, layout, chunks, states, held_reduce)
+
+        def in_backward(i: int, held: int) -> int:
+            return held + roots.get(i, 0) + reducing[i] - unformed.get(i, 0)
+
         mixer = data.mixer_backward(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
         if mixer:
-            alive = max(held + roots.get(i, 0) + reducing[i] - unformed.get(i, 0) for i, held in mixer.items())
+            alive = max(in_backward(i, held) for i, held in mixer.items())
             temporary = max(temporary, copies_at_backward + alive - activations)
         # the forward's moment (or a re-run's) has the same copies beside it, and the reduce-scatter
         # input held into the next micro-batch's forward
         forward, rerun = data.kernel_generation(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
         if forward:
             alive = max([held + roots.get(i, 0) + held_reduce - in_forward for i, held in forward.items()]
-                        + [held + roots.get(i, 0) + reducing[i] - unformed.get(i, 0) for i, held in rerun.items()])
+                        + [in_backward(i, held) for i, held in rerun.items()])
             temporary = max(temporary, copies_at_backward + alive - activations)
     loss_backward = _loss_backward_transient(data, layout, chunks, loss)
     head_gradients = _head_gradients(data, layout, chunks, loss_backward) if torch_engine else 0
@@ -2109,6 +2112,9 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
         return {}
     held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
     reruns = _reruns(data, layout, chunks, kernel, engine, cp_comm, to_mixer=True)
+    # what the layer's FFN kept, freed by its backward (`ModelData.acts_to_mixer`)
+    whole = data.layer_acts(layout, layout.recompute, kernel, engine, modules)
+    to_mixer = data.layer_acts(layout, layout.recompute, kernel, engine, modules, to_mixer=True)
     grads = _head_chunk_gradients(data, layout, chunks[-1])
     # the gradient of the mixer's output (the block's, in a pre-norm block after its FFN's
     # backward), on the rank's tokens, sequence-split under SP, and beside it the output gradient
@@ -2123,7 +2129,8 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
                  if data.mtp_depth and layout.recompute != "full" else 0.0)
     # the layer's own kept tensors (but its FFN's, freed by its backward), with its re-run's, and
     # the bf16 gradients of the parameters whose backward ran before the unit's
-    beside = {i: held.to_mixer[i] + reruns.get(i, 0.0) + unit + incoming + received[i] + grads.get(i, 0)
+    beside = {i: held.per_layer[i] - (whole[i] - to_mixer[i]) * layout.mb / layout.cp + reruns.get(i, 0.0) + unit
+              + incoming + received[i] + grads.get(i, 0)
               + ACT_BYTES * _before_unit_numel(data, layout, i) + (main_head if i >= data.n_main else 0.0)
               for i, unit in units.items() if unit}
     return _alive_at_layer(held, chunks, pipeline_moments(layout, microbatches, stage),
@@ -2315,7 +2322,8 @@ def _generation_unit(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, 
             norm_input = ACT_BYTES * tokens * d_model // (tp if sp else 1)
             copies = math.ceil(_s4_input_copies(d_model, seq, tp, cp, sp) * mb / cp)
             return (norm_input + copies + FP32_BYTES * tokens * d_model // tp
-                    + s4_kernel_activation_bytes(m, channels, seq, False) + s4_generation_transient_bytes(m, channels, seq, False))
+                    + s4_kernel_activation_bytes(m, channels, seq, False)
+                    + s4_generation_transient_bytes(m, channels, seq, False))
         case _:
             return 0
 
@@ -2505,12 +2513,10 @@ def _head_tensors(data: ModelData, layout: Layout, engine: Engine) -> tuple[floa
 class _HeldByChunk(NamedTuple):
     """What the chunks of a pipeline rank hold besides what a schedule's moment adds: the bytes
     every chunk shares (cp's, ALiBi's and rotary's tables), each chunk's bytes per micro-batch it
-    holds, each layer's share of its chunk's, and that share once the layer's FFN has run its
-    backward (`_held_by_chunk`, `ModelData.acts_to_mixer`)."""
+    holds, and each layer's share of its chunk's (`_held_by_chunk`)."""
     shared: float
     per_count: list[float]
     per_layer: dict[int, float]
-    to_mixer: dict[int, float]
 
 
 def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: AttentionKernel,
@@ -2519,11 +2525,9 @@ def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], ker
     over a schedule's moments, with each layer's share."""
     scale = layout.mb / layout.cp  # sequences per micro-batch, split over the context-parallel ranks
     per_layer = data.layer_acts(layout, layout.recompute, kernel, engine, modules)
-    to_mixer = data.layer_acts(layout, layout.recompute, kernel, engine, modules, to_mixer=True)
     shared = 0.0
     per_count = []
     by_layer: dict[int, float] = {}
-    by_layer_to_mixer: dict[int, float] = {}
     for chunk in chunks:
         per_mb = sum(per_layer[chunk.layers.start:chunk.layers.stop])
         if chunk.first:
@@ -2537,8 +2541,7 @@ def _held_by_chunk(data: ModelData, layout: Layout, chunks: Sequence[Chunk], ker
                 if layout.recompute != "full" else 0.0 for i in chunk.layers}
         per_count.append(per_mb + sum(kept.values()))
         by_layer.update({i: per_layer[i] * scale + kept[i] for i in chunk.layers})
-        by_layer_to_mixer.update({i: to_mixer[i] * scale + kept[i] for i in chunk.layers})
-    return _HeldByChunk(shared, per_count, by_layer, by_layer_to_mixer)
+    return _HeldByChunk(shared, per_count, by_layer)
 
 
 def _reruns(data: ModelData, layout: Layout, chunks: Sequence[Chunk], kernel: AttentionKernel, engine: Engine,
