@@ -354,10 +354,6 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
     return figures
 
 
-def compare_rows(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
-    return [(name, [get(r) for r in reports]) for name, get, _ in compare_figures(reports)]
-
-
 def training_dtypes(training: dict[str, Any]) -> str:
     """The dtypes a report's training activations were counted in (`memory.training`), for the
     compare caption and the --plot titles: the residual stream is named where it differs."""

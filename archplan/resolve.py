@@ -216,10 +216,6 @@ class LayerPlan:
     def path(self) -> str:
         return f"{self.where}.{self.index}"
 
-    @property
-    def is_attention(self) -> bool:
-        return isinstance(self.mixer, (AttentionPlan, MLAPlan))
-
 
 class PositionLimit(NamedTuple):
     positions: int  # the most positions one forward or one cache can hold

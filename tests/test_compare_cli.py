@@ -11,11 +11,16 @@ from typer.testing import CliRunner
 
 from archplan.cli import app
 from archplan.loader import load_spec
-from archplan.render import compare_rows
+from archplan.render import compare_figures
 from archplan.report import SizeOptions, size_report
 from archplan.units import ratio, sci
 
 runner = CliRunner()
+
+
+def compare_rows(reports: list[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
+    """Each figure of `compare`'s table with its value in each report, unformatted."""
+    return [(name, [get(r) for r in reports]) for name, get, _ in compare_figures(reports)]
 
 
 def compare_json(*argv: str) -> list[dict[str, Any]]:

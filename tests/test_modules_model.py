@@ -56,7 +56,7 @@ def buckets(model: ArchplanModel) -> dict[str, int]:
     for block, layer in zip(model.layers, model.plan.layers):
         for name in layer.norms:
             add("norm", getattr(block, name))
-        add("attention" if layer.is_attention else "ssm", block.mixer)
+        add("attention" if isinstance(block.mixer, (Attention, MLA)) else "ssm", block.mixer)
         if isinstance(block.ffn, MoEFFN):
             add("moe_router", block.ffn.router)
             add("moe_routed_experts", block.ffn.experts)

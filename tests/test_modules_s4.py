@@ -11,7 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autograd_units import assert_bf16_autocast_backward, assert_same_backward, saved_during, storages
 from archplan.analytic.s4 import (
-    complex_fft_flops,
     real_fft_flops,
     s4_buffer_elements,
     s4_counted_flops,
@@ -174,10 +173,17 @@ def test_flops_on_meta_match_analytic(dplr: bool, seq_len: int) -> None:
 
 
 def test_fft_convention() -> None:
-    """2.5·n·log2 n per real FFT, 5·n·log2 n per complex one; log2 rounded up off powers of two."""
+    """2.5·n·log2 n per real FFT, 5·n·log2 n per complex one; log2 rounded up off powers of two.
+    The analytic count and the formulas registered with FlopCounterMode, each against the rule."""
     assert real_fft_flops(4096) == 2.5 * 4096 * 12
-    assert complex_fft_flops(4096) == 5 * 4096 * 12
     assert real_fft_flops(6) == 5 * 6 * math.ceil(math.log2(6)) // 2
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.fft.fft(torch.randn(3, 4096, dtype=torch.complex64))
+        torch.fft.rfft(torch.randn(2, 6))
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts["aten._fft_c2c"] == 3 * 5 * 4096 * 12
+    assert counts["aten._fft_r2c"] == 2 * real_fft_flops(6)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 11, 16])

@@ -766,7 +766,6 @@ class TrainingMemory:
     activations: ActivationMemory
     tied_grad_sum: int
     optimizer_step: int
-    convention: str = STATES_CONVENTION
 
     @property
     def weights(self) -> int:

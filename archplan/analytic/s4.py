@@ -40,11 +40,6 @@ def real_fft_flops(n: int) -> int:
     return 5 * n * log2_ceil(n) // 2
 
 
-def complex_fft_flops(n: int) -> int:
-    """One complex FFT of length n: 5·n·⌈log2 n⌉."""
-    return 5 * n * log2_ceil(n)
-
-
 def fft_conv_flops(channels: int, kernels: int, batch: int, seq_len: int) -> tuple[int, int]:
     """(r2c FLOPs, c2r FLOPs) of y = irfft(rfft(u)·rfft(k)) over `channels` input channels per
     sequence and `kernels` distinct filters."""
