@@ -2836,244 +2836,332 @@ def _fetch_classes(counts: dict[str, int], found: Iterable[tuple[Module, tuple[T
     return out
 
 
+class _Calls(list[Collective]):
+    """The collectives one rank calls, in the order they are found; `add` drops the ones a degree
+    of 1 or a count of 0 makes vanish."""
+
+    def add(self, kind: str, mesh: str, size: int, nbytes: int, count: int, what: str,
+            overlappable: bool = False) -> None:
+        if size > 1 and count:
+            self.append(Collective(kind, mesh, size, nbytes, count, what, overlappable))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _ChunkScope:
+    """What every record of one model chunk of the rank reads."""
+
+    data: ModelData
+    layout: Layout
+    chunk: Chunk
+    counted: ChunkLayers
+    m: int  # micro-batches
+    engine: Engine
+    tp_over: bool  # TP communication hides behind compute ("tp" in the overlaps)
+
+    @property
+    def span(self) -> str:
+        return _span(self.chunk.layers)
+
+    @property
+    def tokens(self) -> int:
+        return self.layout.mb * self.data.seq // self.layout.cp
+
+    @property
+    def act(self) -> int:
+        """One micro-batch's bf16 residual stream on the rank's sequence shard of CP."""
+        return ACT_BYTES * self.tokens * self.data.plan.d_model
+
+    @property
+    def fwd(self) -> int:
+        return forward_passes(self.layout)
+
+
 def _collectives(data: ModelData, layout: Layout, stage: int, m: int, states: StatesConvention,
                  grad_reduce: int, cp_comm: CPComm, overlap: frozenset[str], early_stop: bool,
                  per_layer: bool = True) -> list[Collective]:
-    plan = data.plan
-    tp, cp, ep, sp = layout.tp, layout.cp, layout.ep, layout.sequence_parallel
-    tokens = layout.mb * data.seq // cp
-    act = ACT_BYTES * tokens * plan.d_model
-    fwd = forward_passes(layout)
     tp_over, ep_over = "tp" in overlap, bool(EP_OVERLAPS & overlap)
     pp_over = "pp" in overlap and layout.vpp > 1  # only the interleaved schedule overlaps (pricing.pp_exposed)
-    engine = states.engine
-    out: list[Collective] = []
+    calls = _Calls()
     norm_grads: dict[int, int] = {}  # elements -> tensors: replicated weights summed over tp
     counts = fetch_trace(data, layout, stage)[1] if states.module_fetch and layout.zero == 3 else None
-
-    def add(kind: str, mesh: str, size: int, nbytes: int, count: int, what: str,
-            overlappable: bool = False) -> None:
-        if size > 1 and count:
-            out.append(Collective(kind, mesh, size, nbytes, count, what, overlappable))  # type: ignore[arg-type]
-
-    stale = (fsdp2_stale_prefetch(layout, m, stage) if engine == "torch" and layout.zero >= 1
+    stale = (fsdp2_stale_prefetch(layout, m, stage) if states.engine == "torch" and layout.zero >= 1
              else (False,) * layout.vpp)
     for chunk, in_vain in zip(rank_chunks(data.n_main, layout, stage, data.mtp_depth), stale):
-        span = _span(chunk.layers)
-        counted = data.chunk_layers(chunk.layers)
-        s4, sub_blocks = counted.s4, counted.sub_blocks
-        # an early-stopping checkpoint ends the re-run once the last saved tensor is rebuilt,
-        # before each layer's last row-parallel reduction (`recompute_skips_last_gemm`)
-        skipped = counted.ends_tp if fwd == 2 and early_stop else 0
-        outputs = m * (sub_blocks * (fwd + 1) - skipped)
-        if sp:
-            # Megatron re-gathers the column input in the backward; DTensor saved it gathered
-            regather = 1 if engine == "megatron" else 0
-            add("all_gather", "tp", tp, act, m * sub_blocks * (fwd + 1 + regather), f"{span} SP inputs", tp_over)
-            add("reduce_scatter", "tp", tp, act, outputs, f"{span} SP outputs", tp_over)
-        else:
-            add("all_reduce", "tp", tp, act, outputs, f"{span} TP outputs", tp_over)
-        # S4 (shards._s4): no column projection; its channel slice of the input comes from the
-        # sequence shards by an all-to-all under SP (a free slice without), and the row-parallel
-        # output_linear reduces 2·d_model partial sums before the GLU
-        if sp:
-            add("all_to_all", "tp", tp, act // tp, m * s4 * (fwd + 1),
-                f"{span} S4 input to channel shards (SP)", tp_over)
-            add("reduce_scatter", "tp", tp, 2 * act, m * s4 * fwd,
-                f"{span} S4 output_linear, 2·d_model (SP)", tp_over)
-            add("all_gather", "tp", tp, 2 * act, m * s4, f"{span} S4 output_linear gradient (SP)", tp_over)
-        else:
-            add("all_reduce", "tp", tp, 2 * act, m * s4 * fwd, f"{span} S4 output_linear, 2·d_model (TP)",
-                tp_over)
-            add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
-        # Mamba-1 (`distributed.plans.mamba1_plan`): x_proj contracts the rank's d_inner channels;
-        # its dt_rank + 2·d_state partial sums are all-reduced in the forward (again under full
-        # recompute), and their gradient, returned in parts by each rank's channels, in the backward;
-        # under CP for the whole sequence of the rank's channels, over tp and then over cp
-        for width, n in _merged(counted.x_proj, lambda per_token: ACT_BYTES * tokens * cp * per_token):
-            add("all_reduce", "tp", tp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (TP)", tp_over)
-            add("all_reduce", "cp", cp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (CP)")
-        if chunk.first:
-            # Megatron-LM adds learned positions to the whole embedding output, all-reduced, and
-            # scatters the sum over the sequence (`LanguageModelEmbedding`: no reduce-scatter then)
-            scattered = sp and not (engine == "megatron" and plan.position == "learned")
-            add("reduce_scatter" if scattered else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
-            if sp:
-                add("all_gather", "tp", tp, act, m, "embedding output gradient (SP)")
-            if sp and engine == "torch" and plan.position == "learned":
-                # each rank adds its shard's rows of the replicated table; DTensor all-gathers their
-                # gradient (`distributed.plans.SequenceShardedPositions`), summed over the batch
-                add("all_gather", "tp", tp, ACT_BYTES * (data.seq // cp) * plan.d_model, m,
-                    "learned positions gradient (SP)")
-        if chunk.last:
-            passes = m * (1 + data.mtp_depth)  # the head runs once more per MTP module
-            add("all_gather" if sp else "all_reduce", "tp", tp, act, passes, "LM-head input (TP)")
-            if sp:
-                add("reduce_scatter", "tp", tp, act, passes, "LM-head input gradient (SP)")
-            add("all_reduce", "tp", tp, LOGIT_BYTES * tokens, 3 * passes,
-                "vocab-parallel cross-entropy max, sum-exp, target logit")
-            # each MTP module embeds the shifted tokens through the stage's vocabulary-parallel copy,
-            # then its column-parallel eh_proj reads the 2·d concatenation (gathered over the
-            # sequence under SP) and its output is gathered over the last dim and scattered back
-            # over the sequence (Megatron-Core's `MultiTokenPredictionLayer._concat_embeddings`)
-            # Full recompute re-runs each module with its projection, the embedding outside it
-            # (Megatron-Core checkpoints `_proj_and_transformer_layer`; archplan's torch engine the
-            # module: measured by verify --layout); Megatron's eh_proj re-gathers its input in the
-            # backward as every column-parallel GEMM under SP does, DTensor saved it gathered
-            mtp = m * data.mtp_depth
-            regather = 1 if engine == "megatron" else 0
-            add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, mtp, "MTP embedding output (TP)")
-            if sp:
-                add("all_gather", "tp", tp, act, mtp, "MTP embedding output gradient (SP)")
-                add("all_gather", "tp", tp, 2 * act, mtp * (fwd + regather), "MTP projection input, 2·d (SP)")
-                add("reduce_scatter", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (SP)")
-                add("all_gather", "tp", tp, act, mtp, "MTP projection output gradient (SP)")
-            else:
-                add("all_reduce", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (TP)")
-            add("all_gather", "tp", tp, act, mtp * fwd, "MTP projection output, over the last dim (TP)")
-        if sp and tp > 1:
-            _count_into(norm_grads, counted.sp_norms)
-            for flag, norms in ((chunk.first, data.sp_norms_first), (chunk.last, data.sp_norms_last)):
-                _count_into(norm_grads, ((n, 1) for n in norms) if flag else ())
-        if tp > 1:
-            _count_into(norm_grads, counted.tp_summed)
-            for n, count in counted.stats:  # forward (again under full recompute) and backward
-                add("all_reduce", "tp", tp, STAT_BYTES * n * tokens, m * count * (fwd + 1),
-                    f"{span} qk-norm statistics over the heads' width (TP)", tp_over)
-        kv_calls = _merged(counted.kv, lambda layer: _kv_bytes(layer, tokens * cp, tp, engine))
-        conv_calls = _merged(counted.conv, lambda channels: ACT_BYTES * tokens * channels // tp)
-        scan_calls = _merged(counted.scan,
-                             lambda key: ACT_BYTES * tokens * mamba_exchange(key[0], tp, cp, engine)[key[1]])
-        for kv, n in kv_calls:
-            match cp_comm:
-                case "all_gather":
-                    # Megatron (Transformer Engine) re-gathers K/V in the backward; torch's
-                    # autograd all-gather saved them gathered (`distributed/context.py`)
-                    regather = 1 if engine == "megatron" else 0
-                    add("all_gather", "cp", cp, kv, m * n * (fwd + regather), f"{span} K/V (CP)")
-                    add("reduce_scatter", "cp", cp, kv, m * n, f"{span} K/V gradients (CP)")
-                case "ring":
-                    steps = m * n * (cp - 1) * (fwd + 2)
-                    add("send", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
-                    add("recv", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
-                case _:
-                    assert_never(cp_comm)
-        # fewer KV heads than tp ranks: each layer gathers its K/V projection's output
-        what = "fused QKV output" if engine == "megatron" else "K and V outputs"
-        for layer, n in counted.kv:
-            gathered, calls = _qkv_gathered(layer, tokens, tp, engine)
-            add("all_gather", "tp", tp, gathered, m * n * calls * fwd,
-                f"{span} {what}, fewer KV heads than tp", tp_over)
-            add("reduce_scatter", "tp", tp, gathered, m * n * calls,
-                f"{span} {what} gradient, fewer KV heads than tp", tp_over)
-        for sent, n in conv_calls:  # forward (again under full recompute) and backward
-            add("all_to_all", "cp", cp, sent, m * n * (fwd + 1),
-                f"{span} long-conv sequence <-> channel shards (CP)")
-        for sent, n in scan_calls:  # forward (again under full recompute) and backward
-            add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} Mamba sequence <-> head shards (CP)")
-        out += ep_records(plan, counted, layout, data.seq, m, ep_over, span)
-        # a load-balancing loss sums its routed-pair counts (fp32, one row of E per sequence or per
-        # micro-batch) over the ranks splitting the micro-batch's tokens, tp under SP, then cp, in
-        # each forward (Megatron-Core's router, over its tp_cp_group; `modules.moe.TokenShards`)
-        for (experts, per_sequence), n in counted.aux:
-            summed = COUNT_BYTES * experts * (layout.mb if per_sequence else 1)
-            if sp:
-                add("all_reduce", "tp", tp, summed, m * n * fwd, f"{span} MoE load-balancing counts (SP)")
-            add("all_reduce", "cp", cp, summed, m * n * fwd, f"{span} MoE load-balancing counts (CP)")
-        # Narayanan et al. 2021 §4.1: scattered over the TP ranks, gathered on NVLink (Megatron); the
-        # torch engine sends what the stage holds: the sequence shard under SP, else the whole
-        p2p = act // tp if sp or engine == "megatron" else act
-        if not chunk.first:
-            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)", pp_over)
-            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)", pp_over)
-        if not chunk.last:
-            add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output (PP)", pp_over)
-            add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output gradient (PP)", pp_over)
-        # data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) + the ends,
-        # or, per_layer=False, one per chunk with the bytes summed (what pricing needs)
-        dp_over = "dp" in overlap
-        dp, edp = layout.dp * layout.cp, layout.expert_dp
-        numel_d, numel_e = data.numel(tp, ep)
-        fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
-        fp8_d, fp8_e = data.numel(tp, ep, fp8_only=True)
-        lo, hi = chunk.layers.start, chunk.layers.stop
+        scope = _ChunkScope(data, layout, chunk, data.chunk_layers(chunk.layers), m, states.engine, tp_over)
+        _tp_layer_calls(calls, scope, early_stop)
+        _tp_end_calls(calls, scope)
+        _count_replicated_grads(norm_grads, scope)
+        _qk_norm_stat_calls(calls, scope)
+        _cp_calls(calls, scope, cp_comm)
+        calls += ep_records(data.plan, scope.counted, layout, data.seq, m, ep_over, scope.span)
+        _aux_loss_calls(calls, scope)
+        _pp_calls(calls, scope, pp_over)
+        _dp_chunk_calls(calls, scope, states, grad_reduce, "dp" in overlap, counts, in_vain, per_layer)
+    _replicated_grad_calls(calls, norm_grads, layout, m, states, grad_reduce)
+    return calls
 
-        def fetched(*parts: int | End) -> dict[int, tuple[int, int]] | None:
-            if counts is None:
-                return None
-            return _fetch_classes(counts, (found for part in parts for found in data.modules(part, tp, ep)))
 
-        if per_layer:
-            for i in chunk.layers:
-                # the torch engine's MTP module is one FSDP2 unit, its input parts with its block
-                own = data.mtp_own(i) if engine == "torch" else ()
-                (od, oe), (sd, se), (fd, fe) = (_local_numel(own, tp, ep), _fsdp_numel(own, tp, ep, dp, edp),
-                                                _local_fp8_numel(own, tp, ep))
-                out += _dp_records((numel_d[i] + od, numel_e[i] + oe), (fsdp_d[i] + sd, fsdp_e[i] + se),
-                                   f"layers.{i}", layout, m, states, grad_reduce, dp_over, fetched(i),
-                                   (fp8_d[i] + fd, fp8_e[i] + fe))
-        elif hi > lo:
-            out += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
-                               (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), span, layout, m, states,
-                               grad_reduce, dp_over, fetched(*chunk.layers),
-                               (sum(fp8_d[lo:hi]), sum(fp8_e[lo:hi])))
-        end_units = _fsdp_end_units(data, chunk.first, chunk.last, layout.pp) if engine == "torch" else ()
-        root_params = any(tensors for tensors, what in end_units if what != "embedding")
-        if in_vain and not root_params and len(chunk.layers) > 1:
-            # the chunk's last layer, gathered in vain (`fsdp2_stale_prefetch`); a stage root
-            # unit with parameters is recorded last instead, and is still gathered then
-            i = chunk.layers.stop - 1
-            out += [replace(r, count=1, discarded=True,
-                            what=f"{r.what}, gathered in vain by FSDP2's backward prefetch")
-                    for r in _dp_records((numel_d[i], 0), (fsdp_d[i], 0), f"layers.{i}", layout, 1, states,
-                                         grad_reduce, dp_over, None, (fp8_d[i], 0))
-                    if r.kind == "all_gather"]
-        last: End = "last_tied_copy" if layout.pp > 1 else "last"
-        match engine:
-            case "megatron":
-                ends = ((data.first if chunk.first else (), "embedding", ("first",)),
-                        (data.ends(False, chunk.last, layout.pp), "final norm + LM head",
-                         (last,) if chunk.last else ()))
-            case "torch":
-                ends = tuple((tensors, what, ()) for tensors, what in end_units)
+def _tp_layer_calls(calls: _Calls, s: _ChunkScope, early_stop: bool) -> None:
+    """The layers' tensor-parallel traffic: each sub-block's output (and input under SP), S4's
+    channel exchange and Mamba-1's x_proj partial sums."""
+    layout, counted, m, fwd, act, span = s.layout, s.counted, s.m, s.fwd, s.act, s.span
+    tp, cp, sp, tp_over = layout.tp, layout.cp, layout.sequence_parallel, s.tp_over
+    # an early-stopping checkpoint ends the re-run once the last saved tensor is rebuilt,
+    # before each layer's last row-parallel reduction (`recompute_skips_last_gemm`)
+    skipped = counted.ends_tp if fwd == 2 and early_stop else 0
+    outputs = m * (counted.sub_blocks * (fwd + 1) - skipped)
+    if sp:
+        # Megatron re-gathers the column input in the backward; DTensor saved it gathered
+        regather = 1 if s.engine == "megatron" else 0
+        calls.add("all_gather", "tp", tp, act, m * counted.sub_blocks * (fwd + 1 + regather),
+                  f"{span} SP inputs", tp_over)
+        calls.add("reduce_scatter", "tp", tp, act, outputs, f"{span} SP outputs", tp_over)
+    else:
+        calls.add("all_reduce", "tp", tp, act, outputs, f"{span} TP outputs", tp_over)
+    # S4 (shards._s4): no column projection; its channel slice of the input comes from the
+    # sequence shards by an all-to-all under SP (a free slice without), and the row-parallel
+    # output_linear reduces 2·d_model partial sums before the GLU
+    s4 = counted.s4
+    if sp:
+        calls.add("all_to_all", "tp", tp, act // tp, m * s4 * (fwd + 1),
+                  f"{span} S4 input to channel shards (SP)", tp_over)
+        calls.add("reduce_scatter", "tp", tp, 2 * act, m * s4 * fwd,
+                  f"{span} S4 output_linear, 2·d_model (SP)", tp_over)
+        calls.add("all_gather", "tp", tp, 2 * act, m * s4, f"{span} S4 output_linear gradient (SP)", tp_over)
+    else:
+        calls.add("all_reduce", "tp", tp, 2 * act, m * s4 * fwd, f"{span} S4 output_linear, 2·d_model (TP)",
+                  tp_over)
+        calls.add("all_gather", "tp", tp, act, m * s4, f"{span} S4 input-gradient channel slices (TP)", tp_over)
+    # Mamba-1 (`distributed.plans.mamba1_plan`): x_proj contracts the rank's d_inner channels;
+    # its dt_rank + 2·d_state partial sums are all-reduced in the forward (again under full
+    # recompute), and their gradient, returned in parts by each rank's channels, in the backward;
+    # under CP for the whole sequence of the rank's channels, over tp and then over cp
+    for width, n in _merged(counted.x_proj, lambda per_token: ACT_BYTES * s.tokens * cp * per_token):
+        calls.add("all_reduce", "tp", tp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (TP)",
+                  tp_over)
+        calls.add("all_reduce", "cp", cp, width, m * n * (fwd + 1), f"{span} Mamba x_proj partial sums (CP)")
+
+
+def _tp_end_calls(calls: _Calls, s: _ChunkScope) -> None:
+    """The tensor-parallel traffic of the embedding (first chunk), the LM head, its loss and the
+    multi-token-prediction modules (last chunk)."""
+    data, layout, m, fwd, act = s.data, s.layout, s.m, s.fwd, s.act
+    tp, sp, plan = layout.tp, layout.sequence_parallel, data.plan
+    if s.chunk.first:
+        # Megatron-LM adds learned positions to the whole embedding output, all-reduced, and
+        # scatters the sum over the sequence (`LanguageModelEmbedding`: no reduce-scatter then)
+        scattered = sp and not (s.engine == "megatron" and plan.position == "learned")
+        calls.add("reduce_scatter" if scattered else "all_reduce", "tp", tp, act, m, "embedding output (TP)")
+        if sp:
+            calls.add("all_gather", "tp", tp, act, m, "embedding output gradient (SP)")
+        if sp and s.engine == "torch" and plan.position == "learned":
+            # each rank adds its shard's rows of the replicated table; DTensor all-gathers their
+            # gradient (`distributed.plans.SequenceShardedPositions`), summed over the batch
+            calls.add("all_gather", "tp", tp, ACT_BYTES * (data.seq // layout.cp) * plan.d_model, m,
+                      "learned positions gradient (SP)")
+    if not s.chunk.last:
+        return
+    passes = m * (1 + data.mtp_depth)  # the head runs once more per MTP module
+    calls.add("all_gather" if sp else "all_reduce", "tp", tp, act, passes, "LM-head input (TP)")
+    if sp:
+        calls.add("reduce_scatter", "tp", tp, act, passes, "LM-head input gradient (SP)")
+    calls.add("all_reduce", "tp", tp, LOGIT_BYTES * s.tokens, 3 * passes,
+              "vocab-parallel cross-entropy max, sum-exp, target logit")
+    # each MTP module embeds the shifted tokens through the stage's vocabulary-parallel copy,
+    # then its column-parallel eh_proj reads the 2·d concatenation (gathered over the
+    # sequence under SP) and its output is gathered over the last dim and scattered back
+    # over the sequence (Megatron-Core's `MultiTokenPredictionLayer._concat_embeddings`)
+    # Full recompute re-runs each module with its projection, the embedding outside it
+    # (Megatron-Core checkpoints `_proj_and_transformer_layer`; archplan's torch engine the
+    # module: measured by verify --layout); Megatron's eh_proj re-gathers its input in the
+    # backward as every column-parallel GEMM under SP does, DTensor saved it gathered
+    mtp = m * data.mtp_depth
+    regather = 1 if s.engine == "megatron" else 0
+    calls.add("reduce_scatter" if sp else "all_reduce", "tp", tp, act, mtp, "MTP embedding output (TP)")
+    if sp:
+        calls.add("all_gather", "tp", tp, act, mtp, "MTP embedding output gradient (SP)")
+        calls.add("all_gather", "tp", tp, 2 * act, mtp * (fwd + regather), "MTP projection input, 2·d (SP)")
+        calls.add("reduce_scatter", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (SP)")
+        calls.add("all_gather", "tp", tp, act, mtp, "MTP projection output gradient (SP)")
+    else:
+        calls.add("all_reduce", "tp", tp, 2 * act, mtp, "MTP projection input gradient, 2·d (TP)")
+    calls.add("all_gather", "tp", tp, act, mtp * fwd, "MTP projection output, over the last dim (TP)")
+
+
+def _count_replicated_grads(norm_grads: dict[int, int], s: _ChunkScope) -> None:
+    """The chunk's replicated weights whose gradients are summed over tp (`_replicated_grad_calls`)."""
+    tp, chunk = s.layout.tp, s.chunk
+    if s.layout.sequence_parallel and tp > 1:
+        _count_into(norm_grads, s.counted.sp_norms)
+        for flag, norms in ((chunk.first, s.data.sp_norms_first), (chunk.last, s.data.sp_norms_last)):
+            _count_into(norm_grads, ((n, 1) for n in norms) if flag else ())
+    if tp > 1:
+        _count_into(norm_grads, s.counted.tp_summed)
+
+
+def _qk_norm_stat_calls(calls: _Calls, s: _ChunkScope) -> None:
+    """A qk-norm over the heads' whole width sums its statistics over tp, in the forward (again
+    under full recompute) and the backward."""
+    if s.layout.tp > 1:
+        for n, count in s.counted.stats:
+            calls.add("all_reduce", "tp", s.layout.tp, STAT_BYTES * n * s.tokens, s.m * count * (s.fwd + 1),
+                      f"{s.span} qk-norm statistics over the heads' width (TP)", s.tp_over)
+
+
+def _cp_calls(calls: _Calls, s: _ChunkScope, cp_comm: CPComm) -> None:
+    """Attention's K/V over cp (and over tp where there are fewer KV heads than tp ranks), and the
+    long convolutions' and Mamba scans' sequence <-> channel exchanges over cp."""
+    layout, counted, m, fwd, span, engine = s.layout, s.counted, s.m, s.fwd, s.span, s.engine
+    tp, cp, tokens = layout.tp, layout.cp, s.tokens
+    for kv, n in _merged(counted.kv, lambda layer: _kv_bytes(layer, tokens * cp, tp, engine)):
+        match cp_comm:
+            case "all_gather":
+                # Megatron (Transformer Engine) re-gathers K/V in the backward; torch's
+                # autograd all-gather saved them gathered (`distributed/context.py`)
+                regather = 1 if engine == "megatron" else 0
+                calls.add("all_gather", "cp", cp, kv, m * n * (fwd + regather), f"{span} K/V (CP)")
+                calls.add("reduce_scatter", "cp", cp, kv, m * n, f"{span} K/V gradients (CP)")
+            case "ring":
+                steps = m * n * (cp - 1) * (fwd + 2)
+                calls.add("send", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
+                calls.add("recv", "cp", cp, kv // cp, steps, f"{span} K/V ring (CP)")
             case _:
-                assert_never(engine)
-        for tensors, what, parts in ends:
-            if tensors:
-                # the torch engine's embedding unit on a stage that also runs the MTP modules
-                # embeds their tokens once more per depth (`distributed.stage.Stage`)
-                calls = 1 + data.mtp_depth if engine == "torch" and what == "embedding" and chunk.last else 1
-                out += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
-                                   what, layout, m, states, grad_reduce, dp_over, fetched(*parts),
-                                   _local_fp8_numel(tensors, tp, ep), calls)
-        if (plan.tied or data.mtp_depth) and layout.pp > 1 and (chunk.first or chunk.last):
-            # Megatron all-reduces the whole main grad; FSDP2 (zero ≥ 1) the rank's dim-0 shard,
-            # split alike on both end stages (`distributed.step.StageRunner.sync_tied_gradient`)
-            sharded = engine == "torch" and layout.zero >= 1
-            embed = (_fsdp_numel((data.first[0],), tp, ep, dp, edp) if sharded
-                     else _local_numel((data.first[0],), tp, ep))[0]
-            add("all_reduce", "pp", 2, embed * grad_reduce, 1, "tied embedding gradient (first + last stage)")
-    # sequence-parallel norm weights see a rank's tokens only: their gradients are summed over tp
-    # (Korthikanti et al. 2022 §4.2.2); DTensor all-reduces each one's Partial bf16 gradient per
-    # micro-batch, Megatron-LM all its main grads at once per step (`_allreduce_layernorm_grads`)
+                assert_never(cp_comm)
+    # fewer KV heads than tp ranks: each layer gathers its K/V projection's output
+    what = "fused QKV output" if engine == "megatron" else "K and V outputs"
+    for layer, n in counted.kv:
+        gathered, per_layer = _qkv_gathered(layer, tokens, tp, engine)
+        calls.add("all_gather", "tp", tp, gathered, m * n * per_layer * fwd,
+                  f"{span} {what}, fewer KV heads than tp", s.tp_over)
+        calls.add("reduce_scatter", "tp", tp, gathered, m * n * per_layer,
+                  f"{span} {what} gradient, fewer KV heads than tp", s.tp_over)
+    for sent, n in _merged(counted.conv, lambda channels: ACT_BYTES * tokens * channels // tp):
+        # forward (again under full recompute) and backward
+        calls.add("all_to_all", "cp", cp, sent, m * n * (fwd + 1),
+                  f"{span} long-conv sequence <-> channel shards (CP)")
+    for sent, n in _merged(counted.scan,
+                           lambda key: ACT_BYTES * tokens * mamba_exchange(key[0], tp, cp, engine)[key[1]]):
+        calls.add("all_to_all", "cp", cp, sent, m * n * (fwd + 1), f"{span} Mamba sequence <-> head shards (CP)")
+
+
+def _aux_loss_calls(calls: _Calls, s: _ChunkScope) -> None:
+    """A load-balancing loss sums its routed-pair counts (fp32, one row of E per sequence or per
+    micro-batch) over the ranks splitting the micro-batch's tokens, tp under SP, then cp, in each
+    forward (Megatron-Core's router, over its tp_cp_group; `modules.moe.TokenShards`)."""
+    layout = s.layout
+    for (experts, per_sequence), n in s.counted.aux:
+        summed = COUNT_BYTES * experts * (layout.mb if per_sequence else 1)
+        if layout.sequence_parallel:
+            calls.add("all_reduce", "tp", layout.tp, summed, s.m * n * s.fwd,
+                      f"{s.span} MoE load-balancing counts (SP)")
+        calls.add("all_reduce", "cp", layout.cp, summed, s.m * n * s.fwd, f"{s.span} MoE load-balancing counts (CP)")
+
+
+def _pp_calls(calls: _Calls, s: _ChunkScope, pp_over: bool) -> None:
+    """The chunk's activations and their gradients to and from its neighbours. Narayanan et al.
+    2021 §4.1: scattered over the TP ranks, gathered on NVLink (Megatron); the torch engine sends
+    what the stage holds: the sequence shard under SP, else the whole."""
+    layout, chunk, m = s.layout, s.chunk, s.m
+    p2p = s.act // layout.tp if layout.sequence_parallel or s.engine == "megatron" else s.act
+    if not chunk.first:
+        calls.add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input (PP)", pp_over)
+        calls.add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} input gradient (PP)", pp_over)
+    if not chunk.last:
+        calls.add("send", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output (PP)", pp_over)
+        calls.add("recv", "pp", layout.pp, p2p, m, f"chunk {chunk.index} output gradient (PP)", pp_over)
+
+
+def _dp_chunk_calls(calls: _Calls, s: _ChunkScope, states: StatesConvention, grad_reduce: int, dp_over: bool,
+                    counts: dict[str, int] | None, in_vain: bool, per_layer: bool) -> None:
+    """Data parallelism: one record per layer (FSDP2 / torchtitan wrap each block) and the ends,
+    or, per_layer=False, one per chunk with the bytes summed (what pricing needs); the tied
+    embedding's gradient between the end stages."""
+    data, layout, chunk, m, engine = s.data, s.layout, s.chunk, s.m, s.engine
+    tp, ep = layout.tp, layout.ep
+    dp, edp = layout.dp * layout.cp, layout.expert_dp
+    numel_d, numel_e = data.numel(tp, ep)
+    fsdp_d, fsdp_e = data.fsdp(tp, ep, dp, edp) if states.per_tensor else (numel_d, numel_e)
+    fp8_d, fp8_e = data.numel(tp, ep, fp8_only=True)
+    lo, hi = chunk.layers.start, chunk.layers.stop
+
+    def fetched(*parts: int | End) -> dict[int, tuple[int, int]] | None:
+        if counts is None:
+            return None
+        return _fetch_classes(counts, (found for part in parts for found in data.modules(part, tp, ep)))
+
+    if per_layer:
+        for i in chunk.layers:
+            # the torch engine's MTP module is one FSDP2 unit, its input parts with its block
+            own = data.mtp_own(i) if engine == "torch" else ()
+            (od, oe), (sd, se), (fd, fe) = (_local_numel(own, tp, ep), _fsdp_numel(own, tp, ep, dp, edp),
+                                            _local_fp8_numel(own, tp, ep))
+            calls += _dp_records((numel_d[i] + od, numel_e[i] + oe), (fsdp_d[i] + sd, fsdp_e[i] + se),
+                                 f"layers.{i}", layout, m, states, grad_reduce, dp_over, fetched(i),
+                                 (fp8_d[i] + fd, fp8_e[i] + fe))
+    elif hi > lo:
+        calls += _dp_records((sum(numel_d[lo:hi]), sum(numel_e[lo:hi])),
+                             (sum(fsdp_d[lo:hi]), sum(fsdp_e[lo:hi])), s.span, layout, m, states,
+                             grad_reduce, dp_over, fetched(*chunk.layers),
+                             (sum(fp8_d[lo:hi]), sum(fp8_e[lo:hi])))
+    end_units = _fsdp_end_units(data, chunk.first, chunk.last, layout.pp) if engine == "torch" else ()
+    root_params = any(tensors for tensors, what in end_units if what != "embedding")
+    if in_vain and not root_params and len(chunk.layers) > 1:
+        # the chunk's last layer, gathered in vain (`fsdp2_stale_prefetch`); a stage root
+        # unit with parameters is recorded last instead, and is still gathered then
+        i = chunk.layers.stop - 1
+        calls += [replace(r, count=1, discarded=True,
+                          what=f"{r.what}, gathered in vain by FSDP2's backward prefetch")
+                  for r in _dp_records((numel_d[i], 0), (fsdp_d[i], 0), f"layers.{i}", layout, 1, states,
+                                       grad_reduce, dp_over, None, (fp8_d[i], 0))
+                  if r.kind == "all_gather"]
+    last: End = "last_tied_copy" if layout.pp > 1 else "last"
     match engine:
+        case "megatron":
+            ends = ((data.first if chunk.first else (), "embedding", ("first",)),
+                    (data.ends(False, chunk.last, layout.pp), "final norm + LM head",
+                     (last,) if chunk.last else ()))
+        case "torch":
+            ends = tuple((tensors, what, ()) for tensors, what in end_units)
+        case _:
+            assert_never(engine)
+    for tensors, what, parts in ends:
+        if tensors:
+            # the torch engine's embedding unit on a stage that also runs the MTP modules
+            # embeds their tokens once more per depth (`distributed.stage.Stage`)
+            forward_calls = 1 + data.mtp_depth if engine == "torch" and what == "embedding" and chunk.last else 1
+            calls += _dp_records(_local_numel(tensors, tp, ep), _fsdp_numel(tensors, tp, ep, dp, edp),
+                                 what, layout, m, states, grad_reduce, dp_over, fetched(*parts),
+                                 _local_fp8_numel(tensors, tp, ep), forward_calls)
+    if (data.plan.tied or data.mtp_depth) and layout.pp > 1 and (chunk.first or chunk.last):
+        # Megatron all-reduces the whole main grad; FSDP2 (zero ≥ 1) the rank's dim-0 shard,
+        # split alike on both end stages (`distributed.step.StageRunner.sync_tied_gradient`)
+        sharded = engine == "torch" and layout.zero >= 1
+        embed = (_fsdp_numel((data.first[0],), tp, ep, dp, edp) if sharded
+                 else _local_numel((data.first[0],), tp, ep))[0]
+        calls.add("all_reduce", "pp", 2, embed * grad_reduce, 1, "tied embedding gradient (first + last stage)")
+
+
+def _replicated_grad_calls(calls: _Calls, norm_grads: dict[int, int], layout: Layout, m: int,
+                           states: StatesConvention, grad_reduce: int) -> None:
+    """Sequence-parallel norm weights see a rank's tokens only: their gradients are summed over tp
+    (Korthikanti et al. 2022 §4.2.2); DTensor all-reduces each one's Partial bf16 gradient per
+    micro-batch, Megatron-LM all its main grads at once per step (`_allreduce_layernorm_grads`)."""
+    what = "replicated weight gradients summed over tp (SP norms, routers, MLA latents)"
+    tp = layout.tp
+    match states.engine:
         case "torch" if _fsdp_accumulates(layout, m):
             # the Partial gradients accumulate unreduced in fp32 (FSDP2's `unsharded_accumulated_grad`)
             # and are all-reduced once, at the last backward's gradient reduction
             for n, count in norm_grads.items():
-                add("all_reduce", "tp", tp, n * grad_reduce, count,
-                    "replicated weight gradients summed over tp (SP norms, routers, MLA latents)")
+                calls.add("all_reduce", "tp", tp, n * grad_reduce, count, what)
         case "torch":
             for n, count in norm_grads.items():
-                add("all_reduce", "tp", tp, n * ACT_BYTES, m * count,
-                    "replicated weight gradients summed over tp (SP norms, routers, MLA latents)")
+                calls.add("all_reduce", "tp", tp, n * ACT_BYTES, m * count, what)
         case "megatron":
             total = sum(n * count for n, count in norm_grads.items())
-            add("all_reduce", "tp", tp, total * states.grad_bytes, 1 if total else 0,
-                "replicated weight gradients summed over tp (SP norms, routers, MLA latents)")
+            calls.add("all_reduce", "tp", tp, total * states.grad_bytes, 1 if total else 0, what)
         case _:
-            assert_never(engine)
-    return out
+            assert_never(states.engine)
 
 
 def _count_into(counts: dict[int, int], more: Iterable[tuple[int, int]]) -> None:
