@@ -23,6 +23,7 @@ from archplan.analytic.memory import (
     training_memory,
     weights_bytes,
 )
+from archplan.analytic.kv import KVCache
 from archplan.analytic.model import ParamCount
 from archplan.analytic.mtp import mtp_own_params
 from archplan.analytic.scaling import (
@@ -209,15 +210,86 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
     seq = opts.seq if opts.seq is not None else min(DEFAULT_TRAIN_SEQ, plan.max_seq_len)
     for option, length in (("--context", context), ("--seq", seq)):
         plan.check_length(length, option)
-
-    fwd = forward_flops(plan, seq_len=seq, batch=1)
     # exact per token, as the forward's figures are (an integer where the total divides)
     training = {att: _per_token(training_flops_per_sequence(plan, seq, attention=att, recompute="none"), seq)
                 for att in ("full", "causal")}
+    kv = kv_cache(plan, context=context, batch=opts.batch, dtype_bytes=BYTES[opts.kv_dtype])
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "source": source,
+        "params": _params_section(plan, params),
+        "flops": _flops_section(plan, params, opts, seq, context, training),
+        "kv_cache": _kv_section(plan, kv, opts, context),
+        "memory": _memory_section(plan, params, kv, opts, seq),
+        "chinchilla": _chinchilla_section(spec, params, opts, training),
+    }
+
+
+def _params_section(plan: ModelPlan, params: ParamCount) -> dict[str, Any]:
+    return {
+        "total": params.total,
+        "active": params.active,
+        "embedding": params.embedding,
+        "position_embedding": params.position_embedding,
+        "lm_head": params.lm_head,
+        "non_embedding": params.non_embedding,
+        "matmul": params.matmul,
+        "matmul_active": params.matmul_active,
+        "tied_embeddings": plan.tied,
+        "by_kind": params_by_kind(plan, params),
+        "by_component": dict(params.by_component),
+        "active_by_component": dict(params.active_by_component),
+        "convention": PARAMS_CONVENTION,
+    }
+
+
+def _flops_section(plan: ModelPlan, params: ParamCount, opts: SizeOptions, seq: int, context: int,
+                   training: dict[str, int | float]) -> dict[str, Any]:
+    fwd = forward_flops(plan, seq_len=seq, batch=1)
     hardware = _per_token(training_flops_per_sequence(plan, seq, attention=opts.attention, recompute=opts.recompute),
                           seq)
-    kv = kv_cache(plan, context=context, batch=opts.batch, dtype_bytes=BYTES[opts.kv_dtype])
+    decode = decode_flops(plan, context, 1)
+    return {
+        "attention": opts.attention,
+        "seq_len": seq,
+        "forward_per_token": _per_token(fwd.forward(opts.attention), seq),
+        "training_per_token": training[opts.attention],
+        "forward_per_token_full": _per_token(fwd.forward("full"), seq),
+        "forward_per_token_causal": _per_token(fwd.forward("causal"), seq),
+        "training_per_token_full": training["full"],
+        "training_per_token_causal": training["causal"],
+        "recompute": opts.recompute,
+        "training_per_token_with_recompute": hardware,
+        "elementwise_per_token": _per_token(fwd.elementwise, seq),
+        "six_n_active": 6 * params.active,
+        "decode_per_token": decode.counted,
+        "decode_elementwise_per_token": decode.elementwise,
+        "decode_context": context,
+        "past_max_seq_len": plan.past_trained_note("seq", seq, "FLOPs and training memory are sized as asked"),
+        "convention": FLOPS_CONVENTION + (MTP_FLOPS_NOTE if plan.mtp else ""),
+    }
 
+
+def _kv_section(plan: ModelPlan, kv: KVCache, opts: SizeOptions, context: int) -> dict[str, Any]:
+    return {
+        "dtype": opts.kv_dtype.value,
+        "context": context,
+        "batch": opts.batch,
+        "bytes_per_token": kv.bytes_per_token,
+        "bytes": kv.bytes,
+        "ssm_state_bytes": kv.ssm_state_bytes,
+        "naive_mla_bytes_per_token": kv.naive_mla_bytes_per_token,
+        "conv_bytes_per_token": kv.conv_bytes_per_token,
+        "filter_cache_bytes": kv.filter_cache_bytes,
+        "by_component": dict(kv.by_component),
+        "past_max_seq_len": plan.past_trained_note("context", context, "the cache is sized as asked"),
+        "convention": KV_CONVENTION,
+    }
+
+
+def _memory_section(plan: ModelPlan, params: ParamCount, kv: KVCache, opts: SizeOptions,
+                    seq: int) -> dict[str, Any]:
     # inference holds the model its forward runs: the multi-token-prediction modules are training's
     served = count_params(replace(plan, mtp=())) if plan.mtp else params
     weights = {dtype.value: weights_bytes(served, dtype) for dtype in INFERENCE_DTYPES}
@@ -225,8 +297,47 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
     train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute,
                                 activation_dtype=opts.activation_dtype, attention_kernel=opts.attention_kernel,
                                 residual_dtype=opts.residual, autocast=opts.autocast)
-    states = train_mem.states
+    states, acts = train_mem.states, train_mem.activations
+    return {
+        "weights_dtype": "bf16",
+        "weights_bytes": weights["bf16"],
+        "weights_by_dtype": weights,
+        "inference_bytes_by_dtype": {dtype: value + kv.bytes for dtype, value in weights.items()},
+        "training_bytes": train_mem.total,
+        "training": {
+            "micro_batch": opts.micro_batch,
+            "seq_len": seq,
+            "recompute": opts.recompute,
+            "bytes_per_param": BYTES_PER_PARAM,
+            "weights": states.weights,
+            "grads": states.grads,
+            "master_weights": states.master_weights,
+            "adam_m": states.adam_m,
+            "adam_v": states.adam_v,
+            "optimizer": states.optimizer,
+            "activations": acts.kept,
+            "activations_working_set": acts.working_set,
+            "loss_backward": acts.loss_backward,
+            "attention_backward": acts.core_gradients,
+            "scan_backward": acts.scan_transient,
+            "long_conv_backward": acts.conv_transient,
+            "kernel_generation": acts.generation_transient,
+            "tied_grad_sum": train_mem.tied_grad_sum,
+            "optimizer_step": train_mem.optimizer_step,
+            "phases": dict(train_mem.phases),
+            "peak_phase": train_mem.peak_phase,
+            "attention_kernel": opts.attention_kernel,
+            "activation_dtype": opts.activation_dtype.value,
+            "residual_dtype": (opts.residual or opts.activation_dtype).value,
+            "autocast": opts.autocast,
+            "activations_by_component": dict(acts.by_component),
+            "convention": STATES_CONVENTION,
+        },
+    }
 
+
+def _chinchilla_section(spec: Spec, params: ParamCount, opts: SizeOptions,
+                        training: dict[str, int | float]) -> dict[str, Any]:
     n_chinchilla = params.total
     optimal_tokens = TOKENS_PER_PARAM * n_chinchilla
     # the run's tokens as plan prices them: --tokens, else the spec's training.tokens, else 20 a parameter
@@ -264,110 +375,19 @@ def size_report(spec: Spec, opts: SizeOptions, source: str | None = None) -> dic
                           "attention, no recompute) x tokens; gpu_hours_6nd: the 6·N_total·D budget; both at the "
                           "dense bf16 peak x MFU",
         }
-
-    decode = decode_flops(plan, context, 1)
     return {
-        "name": spec.name,
-        "description": spec.description,
-        "source": source,
-        "params": {
-            "total": params.total,
-            "active": params.active,
-            "embedding": params.embedding,
-            "position_embedding": params.position_embedding,
-            "lm_head": params.lm_head,
-            "non_embedding": params.non_embedding,
-            "matmul": params.matmul,
-            "matmul_active": params.matmul_active,
-            "tied_embeddings": plan.tied,
-            "by_kind": params_by_kind(plan, params),
-            "by_component": dict(params.by_component),
-            "active_by_component": dict(params.active_by_component),
-            "convention": PARAMS_CONVENTION,
-        },
-        "flops": {
-            "attention": opts.attention,
-            "seq_len": seq,
-            "forward_per_token": _per_token(fwd.forward(opts.attention), seq),
-            "training_per_token": training[opts.attention],
-            "forward_per_token_full": _per_token(fwd.forward("full"), seq),
-            "forward_per_token_causal": _per_token(fwd.forward("causal"), seq),
-            "training_per_token_full": training["full"],
-            "training_per_token_causal": training["causal"],
-            "recompute": opts.recompute,
-            "training_per_token_with_recompute": hardware,
-            "elementwise_per_token": _per_token(fwd.elementwise, seq),
-            "six_n_active": 6 * params.active,
-            "decode_per_token": decode.counted,
-            "decode_elementwise_per_token": decode.elementwise,
-            "decode_context": context,
-            "past_max_seq_len": plan.past_trained_note("seq", seq, "FLOPs and training memory are sized as asked"),
-            "convention": FLOPS_CONVENTION + (MTP_FLOPS_NOTE if plan.mtp else ""),
-        },
-        "kv_cache": {
-            "dtype": opts.kv_dtype.value,
-            "context": context,
-            "batch": opts.batch,
-            "bytes_per_token": kv.bytes_per_token,
-            "bytes": kv.bytes,
-            "ssm_state_bytes": kv.ssm_state_bytes,
-            "naive_mla_bytes_per_token": kv.naive_mla_bytes_per_token,
-            "conv_bytes_per_token": kv.conv_bytes_per_token,
-            "filter_cache_bytes": kv.filter_cache_bytes,
-            "by_component": dict(kv.by_component),
-            "past_max_seq_len": plan.past_trained_note("context", context, "the cache is sized as asked"),
-            "convention": KV_CONVENTION,
-        },
-        "memory": {
-            "weights_dtype": "bf16",
-            "weights_bytes": weights["bf16"],
-            "weights_by_dtype": weights,
-            "inference_bytes_by_dtype": {dtype: value + kv.bytes for dtype, value in weights.items()},
-            "training_bytes": train_mem.total,
-            "training": {
-                "micro_batch": opts.micro_batch,
-                "seq_len": seq,
-                "recompute": opts.recompute,
-                "bytes_per_param": BYTES_PER_PARAM,
-                "weights": states.weights,
-                "grads": states.grads,
-                "master_weights": states.master_weights,
-                "adam_m": states.adam_m,
-                "adam_v": states.adam_v,
-                "optimizer": states.optimizer,
-                "activations": train_mem.activations.kept,
-                "activations_working_set": train_mem.activations.working_set,
-                "loss_backward": train_mem.activations.loss_backward,
-                "attention_backward": train_mem.activations.core_gradients,
-                "scan_backward": train_mem.activations.scan_transient,
-                "long_conv_backward": train_mem.activations.conv_transient,
-                "kernel_generation": train_mem.activations.generation_transient,
-                "tied_grad_sum": train_mem.tied_grad_sum,
-                "optimizer_step": train_mem.optimizer_step,
-                "phases": dict(train_mem.phases),
-                "peak_phase": train_mem.peak_phase,
-                "attention_kernel": opts.attention_kernel,
-                "activation_dtype": opts.activation_dtype.value,
-                "residual_dtype": (opts.residual or opts.activation_dtype).value,
-                "autocast": opts.autocast,
-                "activations_by_component": dict(train_mem.activations.by_component),
-                "convention": STATES_CONVENTION,
-            },
-        },
-        "chinchilla": {
-            "n_params": n_chinchilla,
-            "n_params_kind": CHINCHILLA_N,
-            "active_params": params.active,
-            "tokens_per_param": TOKENS_PER_PARAM,
-            "optimal_tokens": optimal_tokens,
-            "tokens": tokens,
-            "tokens_source": tokens_source,
-            "plan_tokens": plan_tokens,
-            "plan_tokens_params": plan_kind,
-            "training_flops": budget,
-            "laws": laws,
-            "extrapolated": outside_fit_data(n_chinchilla, tokens),
-            "gpu": gpu,
-        },
+        "n_params": n_chinchilla,
+        "n_params_kind": CHINCHILLA_N,
+        "active_params": params.active,
+        "tokens_per_param": TOKENS_PER_PARAM,
+        "optimal_tokens": optimal_tokens,
+        "tokens": tokens,
+        "tokens_source": tokens_source,
+        "plan_tokens": plan_tokens,
+        "plan_tokens_params": plan_kind,
+        "training_flops": budget,
+        "laws": laws,
+        "extrapolated": outside_fit_data(n_chinchilla, tokens),
+        "gpu": gpu,
     }
 
