@@ -15,7 +15,7 @@ import traceback
 
 import typer
 
-from archplan.console import ReaderGone, keep_option_names_whole, quiet_on_closed_pipe
+from archplan.console import ReaderGone, keep_option_names_whole, quiet_on_closed_pipe, replace_unencodable
 from archplan.errors import ArchplanError, first_line
 
 COMMAND_MODULES = (
@@ -75,6 +75,7 @@ def _is_program() -> bool:
 
 def main() -> None:
     quiet_on_closed_pipe()
+    replace_unencodable()
     keep_option_names_whole()
     try:
         _main()

@@ -1,5 +1,6 @@
 """What archplan's output does on the edges of a terminal: a reader of a pipe that stops early
-(`archplan plan ... | head`), and a narrow terminal under typer's --help.
+(`archplan plan ... | head`), a stream whose encoding lacks archplan's glyphs, and a narrow
+terminal under typer's --help.
 
 rich's consoles (archplan's tables, typer's help, progress bars) and click's echo both exit with
 code 1 on a closed pipe, which archplan's commands use for "a check disagrees" or "no layout
@@ -8,6 +9,8 @@ fits"; a `pipefail` CI job would read it as a failure. The reader took what it w
 """
 
 from __future__ import annotations
+
+import sys
 
 import typer
 import typer.rich_utils
@@ -32,6 +35,17 @@ def quiet_on_closed_pipe() -> None:
     handler (`Console.on_broken_pipe`, its documented hook) exits 1. Set once, by `cli.main`: the
     consoles typer makes for `--help` are not archplan's to construct."""
     Console.on_broken_pipe = _reader_gone  # type: ignore[method-assign]
+
+
+def replace_unencodable() -> None:
+    """A character the output's encoding lacks (an ASCII locale, cp1252 where Windows redirects to
+    a file) is written as `?`. rich draws its table borders in ASCII there by itself, but the
+    memory bars, `Δ`, `⌈ ⌉`, `✓` and `·` are archplan's own text, and Python's default for the
+    standard streams is to raise UnicodeEncodeError on them. Set once, by `cli.main`."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and stream.encoding.lower().replace("-", "") != "utf8":
+            reconfigure(errors="replace")
 
 
 def echo(text: str, nl: bool = True) -> None:

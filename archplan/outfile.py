@@ -29,7 +29,8 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
     if target.exists() and not force:
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
     if not target.parent.is_dir():
-        raise ArchplanError("directory does not exist", file=str(path), field=field)
+        problem = "its parent is a file, not a directory" if target.parent.exists() else "directory does not exist"
+        raise ArchplanError(problem, file=str(path), field=field)
     if target.exists():  # replaced in place: the file itself must take writes (a read-only mount refuses even root)
         if not os.access(target, os.W_OK):
             raise ArchplanError("cannot write this file (read-only)", file=str(path), field=field)

@@ -505,7 +505,7 @@ class MultiTokenPrediction(Frozen):
 class Training(Frozen):
     """Optional training intent, read by `lint` and `plan`."""
 
-    tokens: Number | None = Field(None, gt=0, le=1e18, description="Planned training tokens.")
+    tokens: Number | None = Field(None, ge=1, le=1e18, description="Planned training tokens (1 to 1e18, the range --tokens takes).")
     target_device_memory_gib: Number | None = Field(None, gt=0)
     batch: PositiveInt = Field(1, le=MAX_BATCH, description="Sequences the KV cache holds (lint's AP015).")
 

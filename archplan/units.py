@@ -38,8 +38,9 @@ def _in_unit(n: float, scales: tuple[tuple[float, str], ...], suffix: str = "") 
     return None
 
 
-# Context lengths are binary: an "8K context" is 8,192 tokens, "1M" is 1,048,576.
-_LENGTH = re.compile(r"^\s*([0-9]+(?:_[0-9]+)*)\s*([km]?)\s*$", re.IGNORECASE)
+# Context lengths are binary: an "8K context" is 8,192 tokens, "1M" is 1,048,576; 8Ki and 1Mi,
+# the IEC spelling --global-batch-tokens takes for its binary units, mean the same.
+_LENGTH = re.compile(r"^\s*([0-9]+(?:_[0-9]+)*)\s*((?:[km]i?)?)\s*$", re.IGNORECASE)
 LENGTH_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20}
 
 
@@ -48,7 +49,7 @@ class NonPositiveLength(ValueError):
 
 
 def parse_length(text: str) -> int:
-    """A token count as every --seq takes it: '4096', '4_096', '4k' or '4K' (k = 1024, m = 1024²).
+    """A token count as every --seq takes it: '4096', '4_096', '4k', '4K' or '4Ki' (k = 1024, m = 1024²).
     NonPositiveLength for 0 or a negative one, ValueError otherwise (a fraction, as a spec's integer
     fields refuse one)."""
     match = _LENGTH.match(text)
@@ -56,7 +57,7 @@ def parse_length(text: str) -> int:
         raise NonPositiveLength(f"a length must be positive, got {text!r}")
     if match is None:
         raise ValueError(f"expected a length such as 4096 or 4k (k = 1024), got {text!r}")
-    length = int(match.group(1)) * LENGTH_SUFFIX[match.group(2).lower()]
+    length = int(match.group(1)) * LENGTH_SUFFIX[match.group(2)[:1].lower()]
     if length == 0:
         raise NonPositiveLength(f"a length must be positive, got {text.strip()!r}")
     return length
@@ -120,13 +121,22 @@ def ratio(x: float) -> str:
 _DAY_FRACTIONS = ((1.0, "d"), (1 / 24, "h"), (1 / 1440, "min"))
 
 
+# Past this no run is planned in days: 1,583,635,270.8 d reads better as 4.34 M years.
+_YEARS_FROM_DAYS = 10_000
+_DAYS_PER_YEAR = 365.25
+
+
 def duration(days: float) -> str:
     """A training time given in days: '33.8 d'; under a day in hours, minutes or seconds ('5.1 h',
-    '12.0 min', '40.0 s'), so a short run does not print as 0.0 days."""
+    '12.0 min', '40.0 s', '0.0012 s'), so a short run does not print as 0.0 days; past 10,000 days
+    in years ('4.34 M years')."""
+    if days >= _YEARS_FROM_DAYS:
+        return f"{count(days / _DAYS_PER_YEAR)} years"
     for scale, unit in _DAY_FRACTIONS:
         if days >= scale:
             return f"{days / scale:,.1f} {unit}"
-    return f"{days * 86400:.1f} s"
+    seconds = days * 86400
+    return f"{seconds:.1f} s" if seconds >= 0.05 or seconds == 0 else f"{seconds:.2g} s"
 
 
 def percent(x: float) -> str:

@@ -221,6 +221,13 @@ def test_zero_or_negative_size(cli, tmp_path: Path, old: str, new: str, field: s
     assert_one_line_error(cli("size", path), path, field, "expected a value > 0, got ")
 
 
+@pytest.mark.parametrize("command", [("size",), ("plan", "--gpus", "8")])
+def test_training_tokens_take_the_range_tokens_takes(cli, tmp_path: Path, command: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    """Half a token priced a run of 0.0 s; --tokens refuses it, and so does the spec."""
+    path = spec_file(tmp_path, BASE + "training: {tokens: 0.5}\n")
+    assert_one_line_error(cli(command[0], path, *command[1:]), path, "training.tokens", "expected a value ≥ 1.0, got 0.5")
+
+
 def test_heads_not_divisible_by_kv_heads(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("n_kv_heads: 2", "n_kv_heads: 3"))
     assert_one_line_error(cli("size", path), f"{path}:5:1", "attention", "divisible")
@@ -524,6 +531,7 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
     assert_one_line_error(cli(*command, str(mine)), "file exists; pass --force to overwrite")
     assert mine.read_text() == "mine"
     assert_one_line_error(cli(*command, str(tmp_path / "none" / f"x{suffix}")), "directory does not exist")
+    assert_one_line_error(cli(*command, str(mine / f"x{suffix}")), "its parent is a file, not a directory")
     wrong = {".png": "x.txt", ".json": "x.yaml", ".yaml": "x.json"}[suffix]
     assert_one_line_error(cli(*command, str(tmp_path / wrong)), "must end in")
     if Path("/proc/self").is_dir():  # a folder that takes no file, even from root

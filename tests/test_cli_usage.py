@@ -83,6 +83,21 @@ def test_a_reader_that_stops_early_is_not_a_failure(command: tuple[str, ...]) ->
     proc.stderr.close()
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "cp1252"])
+@pytest.mark.parametrize("command", [("size", "7b"), ("compare", "7b", "gpt2"), ("plan", "llama-3-70b", "--gpus", "64"),
+                                     ("plan", "--compute", "1e24"), ("plan", "--help")])
+def test_an_output_encoding_without_our_glyphs_is_not_a_crash(command: tuple[str, ...], encoding: str) -> None:
+    """An ASCII locale, or cp1252 where Windows redirects to a file: the memory bars, `Δ`, `⌈`, `·`
+    come out as `?`, the report whole and exit 0 (Python's default raises UnicodeEncodeError, a
+    traceback with exit 1, which `plan` uses for "no layout fits")."""
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", *command],
+                          capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert proc.returncode == 0, proc.stderr.decode(encoding, "replace")
+    assert proc.stderr == b""
+    out = proc.stdout.decode(encoding)
+    assert "?" in out and len(out.splitlines()) > 5
+
+
 def test_version() -> None:
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("archplan ")

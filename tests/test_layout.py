@@ -1146,6 +1146,9 @@ def test_cli_layout_that_does_not_fit_exits_1_with_its_breakdown(
     ("tp=8,cp=1,pp=16,dp=128,ep=2,zero=1,recompute=none,mb=1", "routed experts"),
     ("tp=8,pp=3", "divide"),
     ("tp=8,warp=2", "unknown field"),
+    # ASCII digits only: int() reads `1_6` as 16 and other scripts' digits as theirs
+    ("tp=8,pp=1_6", "pp=1_6 is not an integer"),
+    ("tp=\u0668", "is not an integer"),
 ])
 def test_cli_impossible_layout_is_one_line_exit_2(text: str, message: str,
                                                   capsys: pytest.CaptureFixture[str],

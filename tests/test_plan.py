@@ -364,7 +364,8 @@ def test_solve_refuses_widths_the_targets_cannot_separate(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda d: d.update(d_model="solve"), "cannot solve for d_model"),
+    # named where it is, as every error of the file is: FILE:LINE:COLUMN: d_model: ...
+    (lambda d: d.update(d_model="solve"), r"-partial\.yaml:\d+:1: d_model: cannot solve for this field"),
     (lambda d: None, "nothing to solve"),
     (lambda d: (d["moe"].update(shared={"n": 1, "d_ff": "solve"}),
                 d["moe"]["expert"].update(d_ff="solve")), "2 unknown widths"),
@@ -985,6 +986,14 @@ def test_cli_layout_table_fits_the_terminal(capsys: pytest.CaptureFixture[str],
     assert code == 0 and max(len(line) for line in out.splitlines()) <= 50
     table = out[out.index("layout, then its figures"):out.index("hidden at 50 columns")]
     assert all(word in table for word in ("TP8 PP16×v4 DP128", "total", "MFU", "tok/s per GPU", "time", "step (s)"))
+
+
+@pytest.mark.parametrize("option", ["--compute", "--params", "--tokens"])
+def test_an_overflowing_budget_is_named_out_of_range(option: str, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """1e400 reads as infinity: out of plan's range, not "must be a positive number"."""
+    code, _, err = run(capsys, monkeypatch, "plan", option, "1e400")
+    assert code == 2 and err == f"archplan: error: {option} implies a budget of inf FLOPs; plan works between 1e+15 and 1e+30 FLOPs\n"
 
 
 @pytest.mark.parametrize("argv", [

@@ -444,7 +444,8 @@ def test_flops_just_below_a_unit_print_in_the_unit_they_round_to() -> None:
 
 @pytest.mark.parametrize(("days", "text"), [
     (33.8, "33.8 d"), (1_234.56, "1,234.6 d"), (1.0, "1.0 d"), (0.25, "6.0 h"),
-    (30 / 1440, "30.0 min"), (40 / 86400, "40.0 s"),
+    (30 / 1440, "30.0 min"), (40 / 86400, "40.0 s"), (0.0012 / 86400, "0.0012 s"), (9_999.0, "9,999.0 d"),
+    (1_583_635_270.8, "4.34 M years"),
 ])
 def test_durations_never_print_as_zero_days(days: float, text: str) -> None:
     from archplan.units import duration
@@ -462,7 +463,8 @@ def test_amounts_keep_three_significant_digits(x: float, text: str) -> None:
 
 
 @pytest.mark.parametrize(("text", "tokens"), [("4096", 4096), ("4_096", 4096), ("4k", 4096), ("4K", 4096),
-                                             (" 1m ", 1 << 20), ("4096.0", None), ("-5", None), ("4kk", None)])
+                                             (" 1m ", 1 << 20), ("8Ki", 8192), ("1Mi", 1 << 20), ("4096.0", None),
+                                             ("-5", None), ("4kk", None), ("4i", None)])
 def test_every_seq_takes_the_same_lengths(text: str, tokens: int | None) -> None:
     """One parser for every --seq (size, compare, verify, plan, bench): k = 1024; a fraction is
     refused, as a spec's integer fields refuse one."""

@@ -34,6 +34,7 @@ Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti e
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
@@ -196,11 +197,11 @@ def parse_layout(text: str) -> PartialLayout:
                 raise ArchplanError(f"--layout: sp={raw} is not on or off")
             values[name] = raw in _ON
         else:
-            try:
-                number = int(raw)
-            except ValueError:
+            # plain ASCII digits: int() would also read `1_6` as 16 and other scripts' digits
+            if not re.fullmatch(r"[+-]?[0-9]+", raw):
                 hint = "; separate the fields with commas (tp=2,pp=4)" if "=" in raw or " " in raw else ""
-                raise ArchplanError(f"--layout: {name}={raw} is not an integer{hint}") from None
+                raise ArchplanError(f"--layout: {name}={raw} is not an integer{hint}")
+            number = int(raw)
             low = 0 if name == "zero" else 1
             if number < low or (name == "zero" and number > 3):
                 expected = "0, 1, 2 or 3" if name == "zero" else "a positive integer"

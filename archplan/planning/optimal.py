@@ -124,8 +124,10 @@ def budget(choice: LawChoice, *, compute: float | None = None, params: float | N
     if len(given) != 1:
         raise ArchplanError("give exactly one of --compute, --params or --tokens")
     name, value = given[0]
-    if not math.isfinite(value) or value <= 0:
+    if math.isnan(value) or value <= 0:
         raise ArchplanError(f"must be a positive number, got {value:g}", field=name)
+    if math.isinf(value):  # 1e400 overflows a float: out of range, not "not positive"
+        _check_compute(value, name)
     if compute is not None:
         result = compute
     elif params is not None:

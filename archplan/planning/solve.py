@@ -170,15 +170,21 @@ def _markers(node: Any, path: Path_ = ()) -> list[Path_]:
     return []
 
 
-def find_unknowns(data: dict) -> tuple[list[Path_], list[Path_]]:
-    """(unknown paths, tied widths). `moe.shared: solve` means an unknown count of shared experts."""
+def find_unknowns(loaded: LoadedYaml, file: str) -> tuple[list[Path_], list[Path_]]:
+    """(unknown paths, tied widths) of a partial spec's parsed YAML (its data is edited in place).
+    `moe.shared: solve` means an unknown count of shared experts."""
+    data = loaded.data
     if _is_marker(_get(data, ("moe", "shared"))):
         data["moe"]["shared"] = {"n": "solve"}
     unknown: list[Path_] = []
     for path in _markers(data):
         if path not in SOLVABLE:
+            # a list item's location is keyed by its index
+            key = tuple(int(part) if part.isdigit() else part for part in path)
+            line, column = loaded.locations.get(key, (None, None))
             raise ArchplanError(
-                f"cannot solve for {dotted(path)}; solvable: {', '.join(dotted(p) for p in SOLVABLE)}"
+                f"cannot solve for this field; solvable: {', '.join(dotted(p) for p in SOLVABLE)}",
+                file=file, line=line, column=column, field=dotted(path),
             )
         unknown.append(path)
     # required sizes left out are unknowns too
@@ -292,7 +298,7 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     if not isinstance(loaded.data, dict):
         raise ArchplanError("expected a mapping of spec fields at the top level", file=file)
     data = loaded.data
-    unknown, tied = find_unknowns(data)
+    unknown, tied = find_unknowns(loaded, file)
     if not unknown:
         # a value that is neither a size nor `solve` (`d_ff: solv`) is named as `size` names it
         spec_from_data(LoadedYaml(copy.deepcopy(data), loaded.locations), file)
