@@ -113,6 +113,8 @@ def _main() -> None:
         # error by its class name)
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(0)
+        if debug:  # the option parser's traceback, as ArchplanError's above
+            traceback.print_exc()
         message = _usage_message(exc, sys.argv[1:])
         if message is not None:
             typer.echo(f"archplan: error: {message}", err=True)

@@ -282,14 +282,20 @@ def test_an_empty_path_is_named_as_such(cli, argv: list[str]) -> None:  # type: 
     assert_one_line_error(cli(*argv), "empty")
 
 
-def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(("argv", "said"), [
+    (["size", "no-such-spec.yaml"], "no-such-spec.yaml: no such file"),
+    # an option's own parser refusing its value (typer's usage error) shows its traceback too
+    (["size", "gpt2", "--batch", "0"], "--batch: must be between 1 and 1,048,576, got 0"),
+])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(argv: list[str], said: str,
+                                                           capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["archplan", "size", "no-such-spec.yaml"])
+    monkeypatch.setattr(sys, "argv", ["archplan", *argv])
     monkeypatch.setenv("ARCHPLAN_DEBUG", "1")
     with pytest.raises(SystemExit) as ended:
         main()
     err = capsys.readouterr().err
-    assert ended.value.code == 2 and "Traceback" in err and err.endswith("archplan: error: no-such-spec.yaml: no such file\n")
+    assert ended.value.code == 2 and "Traceback" in err and err.endswith(f"archplan: error: {said}\n")
 
 
 def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -1233,6 +1233,31 @@ def test_bench_nproc_refuses_what_the_host_cannot_hold(monkeypatch: pytest.Monke
     assert isinstance(out.exception, ArchplanError) and "1.00 MiB this machine has available" in str(out.exception)
 
 
+def test_bench_nproc_counts_each_workers_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each CPU worker is an interpreter with torch of its own: gpt2 at dp 12 passed the check by
+    plan's figure (5.3 GiB) and took 12.6 GiB. Room for the tensors alone is not enough."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.distributed import bench
+    from archplan.errors import ArchplanError
+    from archplan.planning.cluster import FSDP2, rank_memory
+    from archplan.planning.layout import parse_layout
+
+    text = "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1"
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    layout = parse_layout(text).complete()
+    assert layout is not None
+    tensors = rank_memory(plan, layout, 32, microbatches=1, states=FSDP2, loss="eager").total
+    monkeypatch.setattr(bench, "_resident_bytes", lambda: 300 << 20)
+    monkeypatch.setattr(bench, "_available_host_bytes", lambda: 2 * tensors + (300 << 20))
+    monkeypatch.setattr(bench, "launch", lambda *a, **k: pytest.fail("workers were launched"))
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--seq", "32",
+                                   "--layout", text])
+    assert isinstance(out.exception, ArchplanError)
+    assert "a worker's runtime, 600 MiB" in str(out.exception)
+
+
 def test_workers_do_not_import_a_folder_named_archplan_from_the_working_folder(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`python -m` puts the working folder first on sys.path: run from the folder above a checkout,
@@ -1256,13 +1281,16 @@ def test_workers_do_not_import_a_folder_named_archplan_from_the_working_folder(
 
     (tmp_path / "archplan").mkdir()
     monkeypatch.setattr(workers.subprocess, "run", run)
-    with pytest.raises(ArchplanError):  # no worker ran: only what they would import is checked
+    with pytest.raises(ArchplanError) as failed:  # no worker ran: only what they would import is checked
         workers.launch(["x.yaml"], 2)
     assert imported[0].returncode == 0 and imported[0].stdout.strip() == archplan.__file__
+    # failed workers are not bad input: exit 3, not 2 (`cli.main` exits with the error's code)
+    assert isinstance(failed.value, workers.WorkersFailed) and failed.value.exit_code == 3
 
 
 def test_a_failed_worker_is_named_in_one_line() -> None:
-    """torchrun's failure summary becomes its root cause: which rank, its exit code and signal."""
+    """torchrun's failure summary becomes its root cause: which rank, its exit code and signal; a
+    signal outranks the errors its peers raise after it."""
     from archplan.distributed.workers import failure
 
     summary = """Traceback (most recent call last):
@@ -1282,11 +1310,19 @@ Root Cause (first observed failure):
     assert failure("noise\narchplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n" + summary) == (
         "--seq 64 exceeds the spec's max_seq_len (32)")
     assert failure("something broke\n=====\n") == "something broke"
+    # a rank that raised exits with code 1, and its exception is the cause
+    raised_exit = summary.replace("-9 (pid: 21540)  (SIGKILL)", "1 (pid: 21540)").replace(
+        "Signal 9 (SIGKILL) received by PID 21540", "To enable traceback see: ...")
     raised = "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n"
-    assert failure(raised + summary) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
+    assert failure(raised + raised_exit) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
+    assert failure(raised_exit) == "rank 1 exited with code 1"
     # torchrun prefixes each worker's lines with its rank
     prefixed = "[rank1]: Traceback (most recent call last):\n[rank1]:   File x\n[rank1]: RuntimeError: a dtype\n"
-    assert failure(prefixed + summary) == "RuntimeError: a dtype"
+    assert failure(prefixed + raised_exit) == "RuntimeError: a dtype"
+    # a killed rank's peers then fail on the broken connection: the kill is the cause, not their error
+    reset = "[rank0]: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:193: Connection reset by peer\n"
+    assert failure(reset + summary) == ("rank 1 exited with code -9 (SIGKILL: killed by the system, most often for "
+                                        "lack of memory)")
 
 
 TRAIN_PROBE = """

@@ -242,11 +242,31 @@ def kinds(plan: ModelPlan) -> dict[str, int]:
     return dict(counts)
 
 
+def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
+    """The most a prompt's attention masks take while built and held (`modules.attention`): the
+    int64 position differences and boolean masks, T·S elements each (ALiBi's float distances too);
+    with ALiBi the fp32 (H, T, S) bias and its masked copy, alive together, then the copy in the
+    run's dtype; a sliding window's additive mask, T·S in the run's dtype, one per window the
+    layers share (`BiasCache`). Plain causal attention builds none (SDPA's `is_causal`)."""
+    attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
+    windows = {mixer.window for mixer in attention if mixer.window is not None}
+    alibi_heads = max((mixer.n_heads for mixer in attention), default=0) if plan.position == "alibi" else 0
+    if not windows and not alibi_heads:
+        return 0
+    area = seq * seq
+    build = area * (8 + 1 + 1 + (8 + 4 if alibi_heads else 0))
+    if alibi_heads:
+        bias = alibi_heads * area
+        return build + bias * max(8, 4 + dtype_bytes) + (len(windows) - 1 if windows else 0) * bias * dtype_bytes
+    return build + len(windows) * area * dtype_bytes
+
+
 def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
     """What a bench run holds: weights, the cache, logits and a few activations of width D; under
     SDPA's math kernel also one layer's T × T scores and their softmax per head, which it builds
-    whole (the fused kernels work in tiles). At least the build's fp32 weights (`build_model`
-    initialises in fp32 and casts), which a 16-bit run needs before it runs."""
+    whole (the fused kernels work in tiles); an ALiBi bias or a sliding window's mask
+    (`mask_bytes`). At least the build's fp32 weights (`build_model` initialises in fp32 and
+    casts), which a 16-bit run needs before it runs."""
     b = nbytes(cfg.dtype)
     tokens = cfg.batch * cfg.seq
     params = count_params(plan).total
@@ -257,7 +277,8 @@ def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
     heads = max((layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))),
                 default=0)
     scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * b if cfg.attn_backend == "math" else 0
-    return int(max(weights + cache + logits + activations + scores, params * nbytes(DType.fp32)))
+    masks = mask_bytes(plan, cfg.seq, b)
+    return int(max(weights + cache + logits + activations + scores + masks, params * nbytes(DType.fp32)))
 
 
 def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str = "bench") -> None:
@@ -268,7 +289,7 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str
     refuse_unless_fits(built, lambda p, batch, seq: estimate_bytes(p, replace(cfg, batch=batch, seq=seq)),
                        cfg.batch, cfg.seq, device=device.type, free=free_memory(device), run=run,
                        priced=f"the larger of the fp32 weights the build starts from and the analytic "
-                              f"weights + cache + logits{scores}")
+                              f"weights + cache + logits + attention masks{scores}")
 
 
 def cache_steps(decode_tokens: int) -> int:
@@ -485,8 +506,8 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
             return forward(tokens)
 
     with progress_bar(console) as progress:
-        # the first call compiles (in the timed ones under --warmup 0): what it warns becomes the
-        # result's notes (`compile_warnings`)
+        # the first call compiles (a warm-up one: bench refuses --compile with --warmup 0): what it
+        # warns becomes the result's notes (`compile_warnings`)
         with warnings.catch_warnings(record=True) if cfg.compile else contextlib.nullcontext() as compiled:
             time_calls(prefill, device, cfg.warmup, progress, "warm-up")
             timing = time_calls(prefill, device, cfg.iters, progress, f"prefill {cfg.batch}×{cfg.seq}")

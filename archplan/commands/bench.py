@@ -175,6 +175,10 @@ def bench(
             else "a --seq sweep" if sweep else "prefill and decode")
     refuse_foreign_options(ctx, mode, MODE_OPTIONS)
     refuse_force_without_plot(force, plot)
+    if compile and warmup == 0:
+        # the first call compiles: timed, it would be reported as the prefill (18.6 s for gpt2's
+        # 20 ms), and the layer extrapolation would scale it up
+        raise ArchplanError("--compile needs --warmup 1 or more: the first call compiles the model")
     ok = True
     if train or layout is not None:
         if len(specs) > 1:

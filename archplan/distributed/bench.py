@@ -88,20 +88,37 @@ def _available_host_bytes() -> int | None:
     return None
 
 
+def _resident_bytes() -> int:
+    """This process's resident set (VmRSS of /proc/self/status, Linux), else 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
 def _check_host_memory(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, nproc: int) -> None:
     """CPU workers share the host's memory: refuse, before launching, a layout whose ranks need more
-    than it has available by `plan`'s own FSDP2 figure (a lower bound: each process adds torch
-    itself), rather than let the system kill a worker mid-step."""
+    than it has available, rather than let the system kill a worker mid-step. A rank needs `plan`'s
+    FSDP2 figure for its tensors and a runtime of its own: the interpreter with torch and archplan
+    loaded, as this process holds them (0.31 GiB), twice over for what gloo, the step's autograd and
+    the allocator's arenas add. gpt2 at dp 4 and 12, 16 tokens, measured 0.56–0.75 GiB a rank
+    (VmHWM) beyond plan's figure; 2 × 0.31 GiB was the runtime's share of it."""
     from archplan.planning.cluster import FSDP2, rank_memory
 
     available = _available_host_bytes()
     if available is None:
         return
-    need = nproc * rank_memory(plan, layout, seq, microbatches=microbatches, states=FSDP2, loss="eager").total
+    tensors = rank_memory(plan, layout, seq, microbatches=microbatches, states=FSDP2, loss="eager").total
+    runtime = 2 * _resident_bytes()
+    need = nproc * (tensors + runtime)
     if need > available:
-        raise ArchplanError(f"bench --nproc {nproc} on CPU: the ranks need at least {nbytes(need)} "
-                            f"(plan's FSDP2 figure for the most loaded stage, × {nproc}), more than the "
-                            f"{nbytes(available)} this machine has available; try a smaller spec or a shorter --seq")
+        raise ArchplanError(f"bench --nproc {nproc} on CPU: the ranks need about {nbytes(need)} "
+                            f"({nproc} × plan's FSDP2 figure for the most loaded stage, {nbytes(tensors)}, "
+                            f"and a worker's runtime, {nbytes(runtime)}), more than the {nbytes(available)} "
+                            "this machine has available; try a smaller spec, a shorter --seq or fewer ranks")
 
 
 def _states_text(states: dict[str, int]) -> str:

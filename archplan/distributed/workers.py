@@ -269,8 +269,15 @@ def launch(argv: list[str], nproc: int) -> DistBench:
                "-m", "archplan.cli", "bench", *argv]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not out.exists():
-            raise ArchplanError(f"bench --nproc {nproc}: the workers failed: {failure(done.stdout + done.stderr)}")
+            raise WorkersFailed(f"bench --nproc {nproc}: the workers failed: {failure(done.stdout + done.stderr)}")
         return DistBench(**json.loads(out.read_text()))
+
+
+class WorkersFailed(ArchplanError):
+    """The workers crashed or were killed: one line, as bad input is, but exit code 3, since the
+    input was not at fault (2 is bad input, 1 a check that disagrees)."""
+
+    exit_code = 3
 
 
 # the last line of a Python traceback: `torch.OutOfMemoryError: CUDA out of memory. ...`
@@ -279,28 +286,40 @@ _RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 
 
 def failure(output: str) -> str:
-    """Why the workers failed, in one line: a worker's own `archplan: error:` line, else the last
-    exception a worker raised (e.g. torch's out-of-memory error), else the root cause of torchrun's
-    failure summary (its rank, exit code and signal), else the last line that is not a rule."""
+    """Why the workers failed, in one line: a worker's own `archplan: error:` line, else a worker
+    killed by a signal (torchrun's root cause: the ranks that survive it then fail on the broken
+    connection, "Connection reset by peer", which is not why), else the last exception a worker
+    raised (e.g. torch's out-of-memory error), else the root cause's rank and exit code, else the
+    last line that is not a rule."""
     # torchrun prefixes what a worker prints with its rank ("[rank1]: RuntimeError: ...")
     lines = [_RANK_PREFIX.sub("", line.strip()).strip() for line in output.splitlines()]
     ours = [line for line in lines if line.startswith("archplan: error:")]
     if ours:
         return ours[-1].removeprefix("archplan: error:").strip()
+    root = _root_cause(lines)
+    if root is not None and root[2]:
+        return _root_cause_text(*root)
     raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line]
     if raised:
         return raised[-1]
-    if "Root Cause (first observed failure):" in lines:
-        root = lines[lines.index("Root Cause (first observed failure):"):]
-        pairs = (line.split(":", 1) for line in root if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in pairs}
-        rank = fields.get("rank", "?").split(" ")[0]
-        code = fields.get("exitcode", "?").split(" ")[0]
-        signal = re.search(r"\((SIG[A-Z]+)\)", fields.get("exitcode", ""))
-        why = ""
-        if signal:
-            oom = ": killed by the system, most often for lack of memory" if signal.group(1) == "SIGKILL" else ""
-            why = f" ({signal.group(1)}{oom})"
-        return f"rank {rank} exited with code {code}{why}"
+    if root is not None:
+        return _root_cause_text(*root)
     told = [line for line in lines if line and set(line) - set("=-")]
     return told[-1] if told else "no output"
+
+
+def _root_cause(lines: list[str]) -> tuple[str, str, str] | None:
+    """(rank, exit code, signal name or "") of torchrun's failure summary, if it printed one."""
+    if "Root Cause (first observed failure):" not in lines:
+        return None
+    root = lines[lines.index("Root Cause (first observed failure):"):]
+    pairs = (line.split(":", 1) for line in root if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in pairs}
+    signal = re.search(r"\((SIG[A-Z]+)\)", fields.get("exitcode", ""))
+    return (fields.get("rank", "?").split(" ")[0], fields.get("exitcode", "?").split(" ")[0],
+            signal.group(1) if signal else "")
+
+
+def _root_cause_text(rank: str, code: str, signal: str) -> str:
+    oom = ": killed by the system, most often for lack of memory" if signal == "SIGKILL" else ""
+    return f"rank {rank} exited with code {code}" + (f" ({signal}{oom})" if signal else "")
