@@ -44,8 +44,19 @@ def replace_unencodable() -> None:
     standard streams is to raise UnicodeEncodeError on them. Set once, by `cli.main`."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None and stream.encoding.lower().replace("-", "") != "utf8":
+        if reconfigure is not None and not _takes_unicode(stream):
             reconfigure(errors="replace")
+
+
+def stdout_takes_unicode() -> bool:
+    """Whether stdout writes any character as it is (UTF-8): where it does not, data that must
+    round-trip (`import hf`'s YAML) escapes what `replace_unencodable` would turn to `?`."""
+    return _takes_unicode(sys.stdout)
+
+
+def _takes_unicode(stream: object) -> bool:
+    encoding = getattr(stream, "encoding", None)
+    return encoding is None or encoding.lower().replace("-", "").replace("_", "") == "utf8"
 
 
 def echo(text: str, nl: bool = True) -> None:

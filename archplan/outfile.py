@@ -29,7 +29,9 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
     if target.exists() and not force:
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
     if not target.parent.is_dir():
-        problem = "its parent is a file, not a directory" if target.parent.exists() else "directory does not exist"
+        # the nearest folder on the path that exists: a file there is why, not a missing folder
+        found = next(p for p in target.parents if p.exists())
+        problem = f"{found} is a file, not a directory" if not found.is_dir() else "directory does not exist"
         raise ArchplanError(problem, file=str(path), field=field)
     if target.exists():  # replaced in place: the file itself must take writes (a read-only mount refuses even root)
         if not os.access(target, os.W_OK):

@@ -130,6 +130,8 @@ def duration(days: float) -> str:
     """A training time given in days: '33.8 d'; under a day in hours, minutes or seconds ('5.1 h',
     '12.0 min', '40.0 s', '0.0012 s'), so a short run does not print as 0.0 days; past 10,000 days
     in years ('4.34 M years')."""
+    if not math.isfinite(days):
+        return f"{days} d"
     if days >= _YEARS_FROM_DAYS:
         return f"{count(days / _DAYS_PER_YEAR)} years"
     for scale, unit in _DAY_FRACTIONS:

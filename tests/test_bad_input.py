@@ -285,7 +285,9 @@ def test_an_empty_path_is_named_as_such(cli, argv: list[str]) -> None:  # type: 
 @pytest.mark.parametrize(("argv", "said"), [
     (["size", "no-such-spec.yaml"], "no-such-spec.yaml: no such file"),
     # an option's own parser refusing its value (typer's usage error) shows its traceback too
-    (["size", "gpt2", "--batch", "0"], "--batch: must be between 1 and 1,048,576, got 0"),
+    (["size", "gpt2", "--seq", "abc"],
+     "Invalid value for '--seq': expected a length such as 4096 or 4k (k = 1024), got 'abc'; "
+     "see 'archplan size --help'"),
 ])
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(argv: list[str], said: str,
                                                            capsys: pytest.CaptureFixture[str],
@@ -537,7 +539,8 @@ def test_every_written_file_is_refused_alike(cli, tmp_path: Path, command: tuple
     assert_one_line_error(cli(*command, str(mine)), "file exists; pass --force to overwrite")
     assert mine.read_text() == "mine"
     assert_one_line_error(cli(*command, str(tmp_path / "none" / f"x{suffix}")), "directory does not exist")
-    assert_one_line_error(cli(*command, str(mine / f"x{suffix}")), "its parent is a file, not a directory")
+    assert_one_line_error(cli(*command, str(mine / f"x{suffix}")), f"{mine} is a file, not a directory")
+    assert_one_line_error(cli(*command, str(mine / "sub" / f"x{suffix}")), f"{mine} is a file, not a directory")
     wrong = {".png": "x.txt", ".json": "x.yaml", ".yaml": "x.json"}[suffix]
     assert_one_line_error(cli(*command, str(tmp_path / wrong)), "must end in")
     if Path("/proc/self").is_dir():  # a folder that takes no file, even from root

@@ -1288,6 +1288,21 @@ def test_workers_do_not_import_a_folder_named_archplan_from_the_working_folder(
     assert isinstance(failed.value, workers.WorkersFailed) and failed.value.exit_code == 3
 
 
+def test_a_workers_refusal_of_its_input_is_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that refused its input exited 2 as archplan does: exit 2 then, 3 for a crash."""
+    import subprocess
+
+    from archplan.distributed import workers
+    from archplan.errors import ArchplanError
+
+    refused = "[rank1]: archplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n"
+    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(cmd, 1, refused, ""))
+    with pytest.raises(ArchplanError) as failed:
+        workers.launch(["x.yaml"], 2)
+    assert not isinstance(failed.value, workers.WorkersFailed) and failed.value.exit_code == 2
+    assert str(failed.value).endswith("the workers failed: --seq 64 exceeds the spec's max_seq_len (32)")
+
+
 def test_a_failed_worker_is_named_in_one_line() -> None:
     """torchrun's failure summary becomes its root cause: which rank, its exit code and signal; a
     signal outranks the errors its peers raise after it."""

@@ -1160,3 +1160,16 @@ def test_cli_reports_ignored_keys_on_one_line(tmp_path: Path, capsys: pytest.Cap
     code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(config), "--strict")
     assert code == 2 and out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "flux_capacitor, warp" in err
+
+
+def test_yaml_to_a_stream_without_unicode_round_trips(tmp_path: Path) -> None:
+    """On an ASCII stdout `archplan import hf CONFIG > spec.yaml` escapes what it cannot write
+    (`"gemma-\\xE9"`) rather than write `?` in a name, which would load back as another spec."""
+    config = tmp_path / "gemma-é.json"
+    config.write_text((FIXTURES / "hf-configs" / "gemma-2b.json").read_text())
+    done = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "import", "hf", str(config)],
+                          capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "spec.yaml"
+    written.write_bytes(done.stdout)
+    assert load_spec(written).name == "gemma-é"

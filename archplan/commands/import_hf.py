@@ -15,7 +15,7 @@ import typer
 from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
 from archplan.commands.schema import schema_file
-from archplan.console import echo
+from archplan.console import echo, stdout_takes_unicode
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
 import_app = typer.Typer(
@@ -92,7 +92,7 @@ def hf(
         echo(jsonout.dumps({"output": output, "ignored": list(imported.ignored), "said": list(imported.said),
                             "spec": spec_data(spec)}))
     elif output is None:
-        echo(spec_yaml(spec, header), nl=False)
+        echo(spec_yaml(spec, header, allow_unicode=stdout_takes_unicode()), nl=False)
     else:
         typer.echo(f"wrote {output} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})", err=True)
 

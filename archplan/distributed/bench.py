@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import statistics
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,22 +90,28 @@ def _available_host_bytes() -> int | None:
     return None
 
 
+# What a worker's interpreter holds before its model: the CLI, torch, torch.distributed and
+# archplan's worker loaded, as VmRSS of /proc/self/status (Linux; 0 elsewhere, where the check is
+# skipped)
+_RESIDENT_PROBE = ("import archplan.cli, archplan.distributed.bench, re; "
+                   "print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+
+
 def _resident_bytes() -> int:
-    """This process's resident set (VmRSS of /proc/self/status, Linux), else 0."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+    """The resident set of a fresh interpreter with what a worker imports, measured in one (this
+    process's own may hold far more: a test run's, a notebook's)."""
+    if not Path("/proc/self/status").exists():
         return 0
-    return 0
+    probe = subprocess.run([sys.executable, "-c", _RESIDENT_PROBE], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONSAFEPATH": "1"})
+    return int(probe.stdout.strip()) * 1024 if probe.returncode == 0 and probe.stdout.strip().isdigit() else 0
 
 
 def _check_host_memory(plan: ModelPlan, layout: Layout, seq: int, microbatches: int, nproc: int) -> None:
     """CPU workers share the host's memory: refuse, before launching, a layout whose ranks need more
     than it has available, rather than let the system kill a worker mid-step. A rank needs `plan`'s
     FSDP2 figure for its tensors and a runtime of its own: the interpreter with torch and archplan
-    loaded, as this process holds them (0.31 GiB), twice over for what gloo, the step's autograd and
+    loaded, measured in a fresh one (0.31 GiB), twice over for what gloo, the step's autograd and
     the allocator's arenas add. gpt2 at dp 4 and 12, 16 tokens, measured 0.56–0.75 GiB a rank
     (VmHWM) beyond plan's figure; 2 × 0.31 GiB was the runtime's share of it."""
     from archplan.planning.cluster import FSDP2, rank_memory

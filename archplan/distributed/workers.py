@@ -269,7 +269,10 @@ def launch(argv: list[str], nproc: int) -> DistBench:
                "-m", "archplan.cli", "bench", *argv]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not out.exists():
-            raise WorkersFailed(f"bench --nproc {nproc}: the workers failed: {failure(done.stdout + done.stderr)}")
+            output = done.stdout + done.stderr
+            # a worker that refused its input exited 2 as archplan does: the input is at fault
+            error = ArchplanError if _refusals(output) else WorkersFailed
+            raise error(f"bench --nproc {nproc}: the workers failed: {failure(output)}")
         return DistBench(**json.loads(out.read_text()))
 
 
@@ -291,9 +294,8 @@ def failure(output: str) -> str:
     connection, "Connection reset by peer", which is not why), else the last exception a worker
     raised (e.g. torch's out-of-memory error), else the root cause's rank and exit code, else the
     last line that is not a rule."""
-    # torchrun prefixes what a worker prints with its rank ("[rank1]: RuntimeError: ...")
-    lines = [_RANK_PREFIX.sub("", line.strip()).strip() for line in output.splitlines()]
-    ours = [line for line in lines if line.startswith("archplan: error:")]
+    lines = _lines(output)
+    ours = _refusals(output)
     if ours:
         return ours[-1].removeprefix("archplan: error:").strip()
     root = _root_cause(lines)
@@ -306,6 +308,16 @@ def failure(output: str) -> str:
         return _root_cause_text(*root)
     told = [line for line in lines if line and set(line) - set("=-")]
     return told[-1] if told else "no output"
+
+
+def _lines(output: str) -> list[str]:
+    # torchrun prefixes what a worker prints with its rank ("[rank1]: RuntimeError: ...")
+    return [_RANK_PREFIX.sub("", line.strip()).strip() for line in output.splitlines()]
+
+
+def _refusals(output: str) -> list[str]:
+    """The workers' own `archplan: error:` lines."""
+    return [line for line in _lines(output) if line.startswith("archplan: error:")]
 
 
 def _root_cause(lines: list[str]) -> tuple[str, str, str] | None:

@@ -45,11 +45,12 @@ def _as_written(value: Any) -> Any:
 BLOCK_STYLE = frozenset({"reference"})
 
 
-def spec_yaml(spec: Spec, header: str) -> str:
-    """YAML in the presets' style: small sub-blocks inline, prose blocks one field per line."""
+def spec_yaml(spec: Spec, header: str, *, allow_unicode: bool = True) -> str:
+    """YAML in the presets' style: small sub-blocks inline, prose blocks one field per line.
+    `allow_unicode=False` escapes non-ASCII characters (`"\\xE9"`), for a stream that cannot write them."""
     comments = "".join(f"# {line}\n" for line in header.splitlines())
     body = "".join(
-        yaml.safe_dump({key: value}, sort_keys=False, width=100, allow_unicode=True,
+        yaml.safe_dump({key: value}, sort_keys=False, width=100, allow_unicode=allow_unicode,
                        default_flow_style=None if isinstance(value, dict) and key not in BLOCK_STYLE
                        else False)
         for key, value in spec_data(spec).items()

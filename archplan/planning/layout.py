@@ -201,7 +201,10 @@ def parse_layout(text: str) -> PartialLayout:
             if not re.fullmatch(r"[+-]?[0-9]+", raw):
                 hint = "; separate the fields with commas (tp=2,pp=4)" if "=" in raw or " " in raw else ""
                 raise ArchplanError(f"--layout: {name}={raw} is not an integer{hint}")
-            number = int(raw)
+            try:
+                number = int(raw)
+            except ValueError:  # past Python's 4,300-digit limit for int()
+                raise ArchplanError(f"--layout: {name}= has {len(raw):,} digits; no degree is that large") from None
             low = 0 if name == "zero" else 1
             if number < low or (name == "zero" and number > 3):
                 expected = "0, 1, 2 or 3" if name == "zero" else "a positive integer"

@@ -179,9 +179,9 @@ def find_unknowns(loaded: LoadedYaml, file: str) -> tuple[list[Path_], list[Path
     unknown: list[Path_] = []
     for path in _markers(data):
         if path not in SOLVABLE:
-            # a list item's location is keyed by its index
+            # a list item's location is keyed by its index (a digits key of a mapping by its text)
             key = tuple(int(part) if part.isdigit() else part for part in path)
-            line, column = loaded.locations.get(key, (None, None))
+            line, column = loaded.locations.get(key, loaded.locations.get(path, (None, None)))
             raise ArchplanError(
                 f"cannot solve for this field; solvable: {', '.join(dotted(p) for p in SOLVABLE)}",
                 file=file, line=line, column=column, field=dotted(path),
