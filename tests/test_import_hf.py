@@ -1173,3 +1173,26 @@ def test_yaml_to_a_stream_without_unicode_round_trips(tmp_path: Path) -> None:
     written = tmp_path / "spec.yaml"
     written.write_bytes(done.stdout)
     assert load_spec(written).name == "gemma-é"
+
+
+def test_an_empty_config_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path("") is the current folder: `import hf "$UNSET"` imported whatever config.json was there."""
+    (tmp_path / "config.json").write_text((FIXTURES / "hf-configs" / "gpt2.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArchplanError, match="CONFIG: an empty path"):
+        read_hf("")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_rope_scaling_without_a_type_is_not_dropped_unsaid(strict: bool) -> None:
+    """`{"factor": 4}` with no rope_type is plain RoPE to transformers, which warns of `factor`: the
+    import reports it ignored, and --strict refuses it."""
+    data = json.loads((FIXTURES / "hf-configs" / "llama-3-8b.json").read_text())
+    data["rope_scaling"] = {"factor": 4}
+    if strict:
+        with pytest.raises(ArchplanError, match="rope_scaling.factor"):
+            convert_config(data, file="config.json", name="x", strict=True)
+    else:
+        imported = convert_config(data, file="config.json", name="x")
+        assert "rope_scaling.factor" in imported.ignored
+        assert imported.spec.position.scaling is None  # type: ignore[union-attr]

@@ -91,6 +91,22 @@ def test_a_kv_cache_just_over_its_budget_says_by_how_much() -> None:
 
 
 
+@pytest.mark.parametrize(("mixer", "message", "fix"), [
+    # an SSM's state: no KV heads or window to cut, and the length does not matter
+    ("ssm: {kind: mamba2, d_state: 128}\nlayout: {mixers: M}\n", "the inference cache alone",
+     "batch ≤ 123 fits the cache (the state is per sequence, whatever the length)"),
+    # already windowed and grouped: neither is offered again as if it were not
+    ("attention: {kind: gqa, n_heads: 8, n_kv_heads: 1, sliding_window: 512}\nlayout: {mixers: S}\n"
+     "ffn: {kind: glu, d_ff: 2048}\n",
+     "the KV cache alone", "a shorter sliding window (or more windowed layers) or an 8-bit cache"),
+])
+def test_the_kv_cache_rule_offers_what_the_spec_does_not_do(mixer: str, message: str, fix: str) -> None:
+    spec = ("name: k\nvocab_size: 512\nd_model: 1024\nn_layers: 4\nmax_seq_len: 2048\nposition: {kind: none}\n"
+            + mixer + "training: {batch: 4096, target_device_memory_gib: 0.25}\n")
+    (finding,) = [f for f in lint_text(spec, "k.yaml") if f.code == "AP015"]
+    assert message in finding.message and finding.fix is not None and fix in finding.fix
+
+
 def test_the_kv_cache_rule_holds_hyena_filters_once_for_the_batch(tmp_path: Path, monkeypatch, capsys) -> None:
     """AP015 reads `size`'s cache at training.batch: a Hyena layer's fp32 filters over the context
     are held once for the batch, not once a sequence (it counted them per sequence: 1.63 GiB at

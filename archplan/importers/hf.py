@@ -375,12 +375,16 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     scaling_src, where = (legacy, "rope_scaling") if legacy else (params, "rope_parameters")
     kind_name = scaling_src.get("rope_type", scaling_src.get("type", "default"))
     scaling: RopeScaling | None = None
-    if kind_name != "default":
+    bookkeeping = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+    if kind_name == "default":
+        # `{"factor": 4}` with no type is plain RoPE to transformers, which warns of the keys it
+        # does not recognise: reported ignored here (refused under --strict), not dropped unsaid
+        cfg.unread_nested.extend(f"{where}.{key}" for key in sorted(set(scaling_src) - bookkeeping))
+    else:
         if kind_name not in _ROPE_KINDS:
             raise cfg.error(f"{where}.rope_type",
                             f"cannot express RoPE scaling {kind_name!r}; supported: {', '.join(_ROPE_KINDS)}")
         kind, keys = _ROPE_KINDS[kind_name]
-        bookkeeping = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
         unknown = sorted(set(scaling_src) - keys - bookkeeping)
         if unknown:
             raise cfg.error(f"{where}.{unknown[0]}", f"cannot express this {kind_name} RoPE field")
@@ -1494,6 +1498,9 @@ def _pydantic_message(exc: ValidationError) -> str:
 
 def config_path(path: str | Path) -> Path:
     """CONFIG may be the config.json itself or the model folder holding it."""
+    if not str(path).strip():
+        # Path("") is the current folder: an unset shell variable would import whatever is there
+        raise ArchplanError("CONFIG: an empty path; give a config.json or the folder holding it")
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"

@@ -337,14 +337,40 @@ def check_kv_cache(ctx: SpecContext) -> Iterator[Hit]:
         # a budget under 1 GiB reads in the unit the cache is printed in
         gib = training.target_device_memory_gib
         target = f"{gib:g} GiB" + (f" ({nbytes(budget)})" if gib < 1 else "")
-        smaller = "fewer KV heads (GQA/MQA/MLA), a sliding window, or an 8-bit cache (half the bytes)"
+        smaller = _cache_remedies(ctx.spec, cache.conv_bytes_per_token)
         filters = f"; with Hyena's fp32 filters, {nbytes(shared)} once for the batch" if shared else ""
+        what = "KV cache" if ctx.spec.attention is not None and not cache.ssm_state_bytes else "inference cache"
         yield Hit(
             ("training", "target_device_memory_gib"),
-            f"the KV cache alone at max_seq_len {context:,} × batch {training.batch:,} is {nbytes(total)} "
+            f"the {what} alone at max_seq_len {context:,} × batch {training.batch:,} is {nbytes(total)} "
             f"(bf16{filters}), over target_device_memory_gib {target}{by}",
-            f"batch ≤ {fits:,} fits the cache; or {smaller}" if fits else f"not even one sequence fits: {smaller}",
+            (f"batch ≤ {fits:,} fits the cache" + (f"; or {smaller}" if smaller else
+                                                     " (the state is per sequence, whatever the length)"))
+            if fits else f"not even one sequence fits: {smaller or 'a smaller state per sequence'}",
         )
+
+
+def _cache_remedies(spec: Spec, conv_bytes_per_token: int) -> str:
+    """What would shrink this spec's cache, of what it does not do already: fewer KV heads where
+    its attention caches more than one a layer, a sliding window (a shorter one, or more windowed
+    layers, where it has one), an 8-bit cache; a shorter context where a Hyena layer caches its
+    long convolution's inputs per token. None (""): an SSM's state, and a modal or S4 filter's, is
+    per sequence whatever the length."""
+    attention = spec.attention
+    remedies: list[str] = []
+    if conv_bytes_per_token:
+        remedies.append("a shorter max_seq_len (Hyena caches its long convolution's inputs per token)")
+    if isinstance(attention, (MHA, GQA)) and getattr(attention, "n_kv_heads", attention.n_heads) > 1:
+        remedies.append("fewer KV heads (GQA/MQA/MLA)")
+    if attention is not None:
+        window = getattr(attention, "sliding_window", None)
+        remedies.append("a sliding window" if window is None else "a shorter sliding window (or more windowed layers)")
+        remedies.append("an 8-bit cache (half the bytes)")
+    if not remedies:
+        return ""
+    if len(remedies) == 1:
+        return remedies[0]
+    return ", ".join(remedies[:-1]) + ("," if len(remedies) > 2 else "") + " or " + remedies[-1]
 
 
 def check_post_norm_depth(ctx: SpecContext) -> Iterator[Hit]:
