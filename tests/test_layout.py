@@ -439,6 +439,19 @@ def test_most_loaded_stage_is_searched_exactly() -> None:
     assert [len(r) for r in pipeline_chunks(126, 16)[0]] == [7]  # the first stage holds one fewer
 
 
+@pytest.mark.parametrize(("pp", "vpp"), [(32, 1), (8, 4)])
+def test_a_rank_of_dense_layers_does_not_stand_for_the_moe_ranks(pp: int, vpp: int) -> None:
+    """DeepSeek-V3's first three layers are dense. At PP32 pipeline rank 1 holds two of them, and
+    ranks of the same chunk sizes were taken as alike: rank 1 stood for ranks 2-30, whose MoE layers
+    need several times its memory (22 GiB against 74 GiB at TP4 PP32 DP2 EP8, 4,096 tokens). The
+    most loaded of every rank is the one found."""
+    plan = _plan("deepseek-v3")
+    layout = Layout(tp=4, pp=pp, vpp=vpp, dp=256 // (4 * pp), ep=8, zero=1, recompute="none")
+    every = [rank_memory(plan, layout, 4096, microbatches=2 * pp, stage=s).total for s in range(pp)]
+    stage = most_loaded_stage(plan, layout, 4096, microbatches=2 * pp)
+    assert every[stage] == max(every) and every[stage] > 1.2 * every[1]
+
+
 def test_one_layer_a_chunk_leaves_the_embedding_and_the_head_alone() -> None:
     """Llama Team 2024 §3.3.2: "the first model chunk on the first stage has only the embedding, and
     the last model chunk on the last stage has only output projection and loss calculation": 126

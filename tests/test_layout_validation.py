@@ -87,17 +87,20 @@ def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]
     up-projection recompute"), and −13.1% since its one multi-token-prediction module and its
     recipe's pipeline split are ("DeepSeek-V3's multi-token prediction and Megatron-Bridge's split"),
     which put 26.02.01's and 26.04's PP16 rows at +16.1% and +15.1%. The three rows without MTP
-    (25.09 on 1,024 H100 and on 256 B200, 26.02 on 256 B200) are +23.3%, +43.3% and +27.6% since
+    (25.09 on 1,024 H100 and on 256 B200, 26.02 on 256 B200) were +23.3%, +43.3% and +27.6% once
     the layers that do not divide the chunks split with the head counted as a layer ("The pipeline
     split where the layers do not divide"): the split before had put the head beside four layers
-    on the last stage, which neither their recipe's layout map nor torchtitan does."""
+    on the last stage, which neither their recipe's layout map nor torchtitan does. The first is
+    +7.5% since the pipeline ranks that stand for the others are told apart by their layers, not
+    their sizes alone ("A pipeline rank of dense layers stood for the MoE ones"): at PP8×v4 a rank
+    holding two of the three dense layers had stood for the ranks of MoE layers."""
     nvidia = [(run, row) for run, row in rows if row.name.startswith(("NeMo", "Megatron-Bridge"))
               and "Qwen3" not in row.name and not row.name.endswith(LATER_SYSTEMS)]
     assert len(nvidia) == 34 and all(row.holdout and row.fits for _, row in nvidia)
     deepseek = [(run["model"], row) for run, row in nvidia if "DeepSeek" in row.name]
     assert len(deepseek) == 6 and all(" none " in row.layout for _, row in deepseek)
     assert max(abs(row.error) for model, row in deepseek if model == "deepseek-v3-mtp") < 0.17
-    assert sorted(round(row.error, 3) for model, row in deepseek if model == "deepseek-v3") == [0.233, 0.276, 0.433]
+    assert sorted(round(row.error, 3) for model, row in deepseek if model == "deepseek-v3") == [0.075, 0.276, 0.433]
     nvidia = [row for _, row in nvidia]
     dense = [row for row in nvidia if "DeepSeek" not in row.name]
     assert len(dense) == 28

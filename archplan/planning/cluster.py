@@ -648,10 +648,22 @@ class ModelData:
         self._acts: dict[tuple[object, ...], list[float]] = {}
         self._activations: dict[tuple[object, ...], Any] = {}
         self._chunks: dict[tuple[int, int], ChunkLayers] = {}
+        # equal numbers for equal blocks (DeepSeek-V3's first three dense, the rest MoE; Jamba's
+        # periods): which pipeline ranks are alike (`representative_stages`)
+        kinds: dict[tuple[object, ...], int] = {}
+        self.layer_kinds = tuple(kinds.setdefault((layer.mixer, layer.ffn, layer.norms, layer.where), len(kinds))
+                                 for layer in plan.layers)
+        self._stages: dict[tuple[int, int], tuple[int, ...]] = {}
         self._stage_params: dict[tuple[int | bool, ...], StageParams] = {}
         self._stage_fp8: dict[tuple[int, ...], tuple[int, int]] = {}
         self._fetch: dict[tuple[object, ...], tuple[tuple[FetchUse, ...], dict[str, int], int]] = {}
         self._modules: dict[tuple[int | End, int, int], list[tuple[Module, tuple[Tensor, ...]]]] = {}
+
+    def representative_stages(self, pp: int, vpp: int) -> tuple[int, ...]:
+        """`representative_stages` of this model's blocks, once per split."""
+        if (pp, vpp) not in self._stages:
+            self._stages[pp, vpp] = representative_stages(self.n_main, pp, vpp, self.mtp_depth, self.layer_kinds)
+        return self._stages[pp, vpp]
 
     def chunk_layers(self, layers: range) -> ChunkLayers:
         key = (layers.start, layers.stop)
@@ -1283,14 +1295,19 @@ def _rank_chunks(n_layers: int, pp: int, vpp: int, stage: int, tail: int = 0) ->
 
 
 @lru_cache(maxsize=4096)
-def representative_stages(n_layers: int, pp: int, vpp: int, tail: int = 0) -> tuple[int, ...]:
-    """One pipeline rank per distinct set of chunk sizes and ends: the lowest, which holds the
-    most in-flight micro-batches of its group, so it is the group's most loaded rank (memory) and
-    every rank of the group takes the same time."""
+def representative_stages(n_layers: int, pp: int, vpp: int, tail: int = 0,
+                          kinds: Sequence[int] | None = None) -> tuple[int, ...]:
+    """One pipeline rank per distinct set of chunks and ends: the lowest, which holds the most
+    in-flight micro-batches of its group, so it is the group's most loaded rank (memory) and every
+    rank of the group takes the same time. Chunks are alike when their blocks are, in order
+    (`kinds`: equal numbers for equal blocks, `ModelData.layer_kinds`), else when their sizes are.
+    Sizes alone made DeepSeek-V3's stage 1 at PP32 (two of its three dense layers) stand for the
+    MoE stages after it: 40 GiB printed where they need 98 to 430 GiB."""
     seen: dict[tuple[object, ...], int] = {}
     for stage, ranges in enumerate(pipeline_chunks(n_layers, pp, vpp, tail)):
-        key = (tuple(len(r) for r in ranges), stage == 0, stage == pp - 1)
-        seen.setdefault(key, stage)
+        chunks = (tuple(len(r) for r in ranges) if kinds is None else
+                  tuple(tuple(kinds[r.start:r.stop]) for r in ranges))
+        seen.setdefault((chunks, stage == 0, stage == pp - 1), stage)
     return tuple(sorted(seen.values()))
 
 
@@ -2725,7 +2742,7 @@ def most_loaded_stage(plan: ModelPlan, layout: Layout, seq: int, *, microbatches
     """The pipeline rank whose rank needs the most memory (ties: the first)."""
     _check(plan, layout, seq, microbatches, None, attention_kernel)
     data = model_data(plan, seq)
-    stages = representative_stages(data.n_main, layout.pp, layout.vpp, data.mtp_depth)
+    stages = data.representative_stages(layout.pp, layout.vpp)
     totals = [_memory(data, layout, s, microbatches, states, attention_kernel, loss=loss).total for s in stages]
     return stages[totals.index(max(totals))]
 

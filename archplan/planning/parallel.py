@@ -39,7 +39,6 @@ from archplan.planning.cluster import (
     StatesConvention,
     _memory,
     model_data,
-    representative_stages,
     uses_early_stop,
 )
 from archplan.planning.layout import (Layout, PartialLayout, check_layout, check_partial, group_problem,
@@ -553,8 +552,7 @@ class Evaluator:
         s = self.settings
         return StageMemory({stage: _memory(self.data, layout, stage, m, self.states, s.attention_kernel,
                                            s.recompute_modules, s.cp_comm, s.cross_entropy)
-                            for stage in representative_stages(self.data.n_main, layout.pp, layout.vpp,
-                                                               self.data.mtp_depth)})
+                            for stage in self.data.representative_stages(layout.pp, layout.vpp)})
 
     def evaluate(self, layout: Layout, m: int, memory: StageMemory | None = None) -> Evaluated:
         s = self.settings

@@ -111,7 +111,6 @@ from archplan.planning.cluster import (
     in_flight,
     rank_chunks,
     recompute_skips_last_gemm,
-    representative_stages,
 )
 from archplan.planning.layout import Layout
 from archplan.planning.records import DATA_PARALLEL_DIMS, Collective, MeshDim, RankMemory
@@ -785,7 +784,7 @@ class Pricer:
             compute, a2a = self._cumulative(layout, kernel, net)
             head = _head_micro(self.data, layout, self.rates, self.loss).total
             slots = []
-            for stage in representative_stages(self.data.n_main, layout.pp, layout.vpp, self.data.mtp_depth):
+            for stage in self.data.representative_stages(layout.pp, layout.vpp):
                 chunks = rank_chunks(self.data.n_main, layout, stage, self.data.mtp_depth)
                 total = sum(compute[c.layers.stop] - compute[c.layers.start] + (head if c.last else 0.0)
                             for c in chunks)
@@ -1088,7 +1087,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
     m, p, v = microbatches, layout.pp, layout.vpp
     rates = pricer.rates
     best: tuple[float, int, _MicroBatch, dict[str, float], float, float, float] | None = None
-    stages = representative_stages(data.n_main, p, v, data.mtp_depth)
+    stages = data.representative_stages(p, v)
     for stage in stages:
         micro = pricer.stage(layout, stage, kernel)
         records = _collectives(data, layout, stage, m, states, grad_reduce, cp_comm, overlap,
