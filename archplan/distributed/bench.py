@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
