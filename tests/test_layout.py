@@ -39,7 +39,6 @@ from archplan.planning.cluster import (
     model_data,
     most_loaded_stage,
     rank_memory,
-    representative_stages,
     step_collectives,
 )
 from archplan.planning.layout import Layout, PartialLayout, layout_problem, parse_layout, pipeline_chunks
@@ -435,7 +434,7 @@ def test_most_loaded_stage_is_searched_exactly() -> None:
     every = [rank_memory(plan, layout, 8192, microbatches=16, stage=s).total for s in range(16)]
     stage = most_loaded_stage(plan, layout, 8192, microbatches=16)
     assert every[stage] == max(every)
-    assert stage in representative_stages(126, 16, 1)
+    assert stage in model_data(plan, 8192).representative_stages(16, 1)
     assert [len(r) for r in pipeline_chunks(126, 16)[0]] == [7]  # the first stage holds one fewer
 
 

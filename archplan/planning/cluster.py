@@ -1294,19 +1294,16 @@ def _rank_chunks(n_layers: int, pp: int, vpp: int, stage: int, tail: int = 0) ->
                  for v, layers in enumerate(chunks))
 
 
-@lru_cache(maxsize=4096)
-def representative_stages(n_layers: int, pp: int, vpp: int, tail: int = 0,
-                          kinds: Sequence[int] | None = None) -> tuple[int, ...]:
+def representative_stages(n_layers: int, pp: int, vpp: int, tail: int, kinds: Sequence[int]) -> tuple[int, ...]:
     """One pipeline rank per distinct set of chunks and ends: the lowest, which holds the most
     in-flight micro-batches of its group, so it is the group's most loaded rank (memory) and every
     rank of the group takes the same time. Chunks are alike when their blocks are, in order
-    (`kinds`: equal numbers for equal blocks, `ModelData.layer_kinds`), else when their sizes are.
-    Sizes alone made DeepSeek-V3's stage 1 at PP32 (two of its three dense layers) stand for the
-    MoE stages after it: 40 GiB printed where they need 98 to 430 GiB."""
+    (`kinds`: equal numbers for equal blocks, `ModelData.layer_kinds`, which caches the groups per
+    split). Chunk sizes alone made DeepSeek-V3's stage 1 at PP32 (two of its three dense layers)
+    stand for the MoE stages after it: 40 GiB printed where they need 98 to 430 GiB."""
     seen: dict[tuple[object, ...], int] = {}
     for stage, ranges in enumerate(pipeline_chunks(n_layers, pp, vpp, tail)):
-        chunks = (tuple(len(r) for r in ranges) if kinds is None else
-                  tuple(tuple(kinds[r.start:r.stop]) for r in ranges))
+        chunks = tuple(tuple(kinds[r.start:r.stop]) for r in ranges)
         seen.setdefault((chunks, stage == 0, stage == pp - 1), stage)
     return tuple(sorted(seen.values()))
 
