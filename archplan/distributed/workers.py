@@ -271,7 +271,7 @@ def launch(argv: list[str], nproc: int) -> DistBench:
         if done.returncode != 0 or not out.exists():
             output = done.stdout + done.stderr
             # a worker that refused its input exited 2 as archplan does: the input is at fault
-            error = ArchplanError if _refusals(output) else WorkersFailed
+            error = ArchplanError if _refusals(_lines(output)) else WorkersFailed
             raise error(f"bench --nproc {nproc}: the workers failed: {failure(output)}")
         return DistBench(**json.loads(out.read_text()))
 
@@ -295,7 +295,7 @@ def failure(output: str) -> str:
     raised (e.g. torch's out-of-memory error), else the root cause's rank and exit code, else the
     last line that is not a rule."""
     lines = _lines(output)
-    ours = _refusals(output)
+    ours = _refusals(lines)
     if ours:
         return ours[-1].removeprefix("archplan: error:").strip()
     root = _root_cause(lines)
@@ -315,9 +315,9 @@ def _lines(output: str) -> list[str]:
     return [_RANK_PREFIX.sub("", line.strip()).strip() for line in output.splitlines()]
 
 
-def _refusals(output: str) -> list[str]:
+def _refusals(lines: list[str]) -> list[str]:
     """The workers' own `archplan: error:` lines."""
-    return [line for line in _lines(output) if line.startswith("archplan: error:")]
+    return [line for line in lines if line.startswith("archplan: error:")]
 
 
 def _root_cause(lines: list[str]) -> tuple[str, str, str] | None:
