@@ -243,22 +243,18 @@ def kinds(plan: ModelPlan) -> dict[str, int]:
 
 
 def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
-    """The most a prompt's attention masks take while built and held (`modules.attention`): the
+    """The most a prompt's attention mask takes while built and held (`modules.attention`): the
     int64 position differences and boolean masks, T·S elements each (ALiBi's float distances too);
     with ALiBi the fp32 (H, T, S) bias and its masked copy, alive together, then the copy in the
-    run's dtype; a sliding window's additive mask, T·S in the run's dtype, one per window the
-    layers share (`BiasCache`). Plain causal attention builds none (SDPA's `is_causal`)."""
+    run's dtype (a window folded into it); a sliding window's additive mask, T·S in the run's
+    dtype (a spec has one window). Plain causal attention builds none (SDPA's `is_causal`)."""
     attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
-    windows = {mixer.window for mixer in attention if mixer.window is not None}
+    windowed = any(mixer.window is not None for mixer in attention)
     alibi_heads = max((mixer.n_heads for mixer in attention), default=0) if plan.position == "alibi" else 0
-    if not windows and not alibi_heads:
-        return 0
     area = seq * seq
-    build = area * (8 + 1 + 1 + (8 + 4 if alibi_heads else 0))
     if alibi_heads:
-        bias = alibi_heads * area
-        return build + bias * max(8, 4 + dtype_bytes) + (len(windows) - 1 if windows else 0) * bias * dtype_bytes
-    return build + len(windows) * area * dtype_bytes
+        return area * (8 + 1 + 1 + 8 + 4) + alibi_heads * area * max(8, 4 + dtype_bytes)
+    return area * (8 + 1 + 1 + dtype_bytes) if windowed else 0
 
 
 def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
