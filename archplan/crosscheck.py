@@ -785,8 +785,8 @@ def _real_check(
     if need > FIT_FRACTION * free:
         raise ArchplanError(f"--cpu-check runs batch {batch} × seq {seq_len} through the fp32 model on {device}: "
                             f"about {nbytes(need)} (its weights, the cache, the logits, a few activations of "
-                            f"width D and the attention masks), and {device} has {nbytes(free)} free; give a smaller --seq or --batch, "
-                            "or --no-cpu-check")
+                            f"width D and the attention masks), and {device} has {nbytes(free)} free; give a "
+                            "smaller --seq or --batch, or --no-cpu-check")
     if progress is not None:
         progress(f"build ({device}, fp32)", 0, 1)
     torch.manual_seed(0)

@@ -242,9 +242,8 @@ def s4d_kernel_backward_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: b
     needs a gradient: the recomputation runs without a graph for Δ, A and B, X + 6.5·Y + 2·H·T − Z
     under autocast, X + 6·Y + 4·H·T − Z in fp32. No source gives it: read off a live-bytes trace
     of the unit alone over 27 shapes (H 128 … 512, M 8 … 64, T 256 … 8,192, chunks whole and
-    partial); the Z terms from short sequences
-    (H 64 … 512, M 8 … 64, T 5 … 2,048), where X and Y are small and the forms without them read
-    0.90 … 0.99 of the trace (1.01 … 1.07 with `ssm_buffers`). Whole chunks are then exact in
+    partial); the Z terms from short sequences (H 64 … 512, M 8 … 64, T 5 … 2,048), where X and
+    Y are small and the forms without them read 0.90 … 0.99 of the trace (1.01 … 1.07 with `ssm_buffers`). Whole chunks are then exact in
     both dtypes; partial ones −6.9% at T = 5, −1.8% … +3.8% from T = 12; `ssm_buffers` exact
     (tests/test_memory.py holds 24 of the shapes). state-spaces/s4's Vandermonde CUDA kernel
     holds none of this (it recomputes the powers on chip)."""
