@@ -266,7 +266,8 @@ class S4D(_S4Fields):
 
 class S4(_S4Fields):
     """S4 with the diagonal-plus-low-rank A = Λ − P·P* (Gu et al. 2022, "Efficiently Modeling Long
-    Sequences with Structured State Spaces", §3; s4.py `SSMKernelDPLR`, rank 1, bilinear step)."""
+    Sequences with Structured State Spaces", §3; s4.py `SSMKernelDPLR`, rank 1, bilinear step),
+    initialised as s4.py's `dplr-lin` (S4D-Lin Λ, a random P), not the paper's HiPPO-LegS."""
 
     kind: Literal["s4"] = "s4"
 

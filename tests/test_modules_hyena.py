@@ -120,7 +120,9 @@ def test_hyena_operator_against_safari_written_out(order: int) -> None:
     """safari's HyenaOperator.forward (Poli et al. 2023, Algorithm 1) with plain ops: in_proj →
     causal short conv → split x_0 … x_{N−1}, v → for x_{N−1} down to x_1: v = h_o ∗ (v·x) +
     bias_o·(v·x) → y = v·x_0 → out_proj. The filters are the module's own (their closed form is
-    tested above); the order of the gates, the skip and the convolution are what this pins."""
+    tested above); the order of the gates, the skip and the convolution, and which filter rows each
+    order reads (safari's `(v o)`: interleaved, so every order gets the whole range of decays),
+    are what this pins."""
     torch.manual_seed(8)
     mixer = HyenaMixer(hyena(order=order), D)
     with torch.no_grad():
@@ -133,10 +135,12 @@ def test_hyena_operator_against_safari_written_out(order: int) -> None:
         u = torch.nn.functional.conv1d(torch.nn.functional.pad(u, (k - 1, 0)), mixer.short_filter.weight,
                                        mixer.short_filter.bias, groups=u.shape[1])
         *xs, v = u.split(D, dim=1)
-        h = mixer.filter(t)
+        # safari: rearrange(k, 'c l (v o) -> c o v l') and rearrange(bias, '(v o) -> o v')
+        h_OVL = mixer.filter(t).unflatten(0, (D, order - 1)).transpose(0, 1)
+        bias_OV = mixer.filter.bias.unflatten(0, (D, order - 1)).T
         for o, gate in enumerate(reversed(xs[1:])):
             v = v * gate
-            v = _direct_causal_conv(v, h[o * D:(o + 1) * D]) + v * mixer.filter.bias[o * D:(o + 1) * D, None]
+            v = _direct_causal_conv(v, h_OVL[o]) + v * bias_OV[o, :, None]
         expected = (v * xs[0]).transpose(1, 2) @ mixer.out_proj.weight.T + mixer.out_proj.bias
         torch.testing.assert_close(mixer(x), expected, rtol=1e-4, atol=1e-5)
 

@@ -335,7 +335,8 @@ def _channel_tensors(mixer: LongConv) -> tuple[Parts, dict[str, tuple[int, Parts
     match mixer:
         case HyenaMixer():
             o = mixer.plan.order
-            inner, filters = (d,) * (o + 1), (d,) * (o - 1)
+            # the filter rows interleave the orders (`order_channels`): one block of channels
+            inner, filters = (d,) * (o + 1), ((o - 1) * d,)
             tensors = {"short_filter.weight": (0, inner), "short_filter.bias": (0, inner),
                        "filter.bias": (0, filters)}
             return inner, tensors

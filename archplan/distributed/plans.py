@@ -531,9 +531,10 @@ def hyena_plan(module: HyenaMixer, sp: bool) -> TPPlan:
     long convolutions run on the rank's channels; the implicit filter's output layer mlp_out and
     its skip bias and decay per channel (a rank generates its channels' filters only); the
     filter's trunk (positional features, mlp_in, mlp_inner, the Sin frequency) replicated, run
-    whole on every rank, its gradients summed over tp; out_proj row-parallel."""
+    whole on every rank, its gradients summed over tp; out_proj row-parallel. The filter rows
+    interleave the orders (`order_channels`), so a rank's channels of every order are one block."""
     d, o = module.d_model, module.plan.order
-    inner, filters = (0, (d,) * (o + 1)), (d,) * (o - 1)
+    inner, filters = (0, (d,) * (o + 1)), ((o - 1) * d,)
     flt = module.filter
     trunk = ("freq", "z") if isinstance(flt.z, nn.Parameter) else ("freq",)
     styles: dict[str, ParallelStyle] = {

@@ -10,7 +10,8 @@ Sin, ExponentialModulation).
     y = out_proj(v·x_0)
 The filters h (N_o−1 of width D) come from an MLP over positional features z = [t, cos(f·w), −sin(f·w)]
 (E = 1 + 2·bands), with Sin(freq·x) activations (one `Sin`, hence one frequency vector, shared by
-every layer of the MLP, as safari builds it), times an exponential decay window exp(−t·|δ|).
+every layer of the MLP, as safari builds it), times an exponential decay window exp(−t·|δ|); their
+rows interleave the orders (`order_channels`).
 
 Decoding: Hyena has no constant-size state. The cache keeps the short conv's last k − 1 inputs and
 the inputs of each long convolution, (N_o − 1)·D values per past token, so a continuation convolves
@@ -35,6 +36,14 @@ from archplan.errors import ArchplanError
 from archplan.modules.cache import LayerState
 from archplan.modules.s4 import fft_causal_conv
 from archplan.resolve import HyenaPlan
+
+def order_channels(o: int, order: int) -> slice:
+    """Order o's rows of the (N_o−1)·D filters, biases and decays: channel c of order o is row
+    c·(N_o−1) + o, as safari's HyenaOperator reads them (`rearrange(k, 'c l (v o) -> c o v l')`).
+    The decays are a fixed linspace over all rows, so interleaving gives every order the whole range
+    of rates; blocks of D rows would give the first order only the slow ones."""
+    return slice(o, None, order - 1)
+
 
 # safari ExponentialModulation defaults
 _FAST_DECAY_PCT, _SLOW_DECAY_PCT, _TARGET = 0.3, 1.5, 1e-2
@@ -80,11 +89,11 @@ class HyenaState(LayerState):
     def tensors(self) -> list[Tensor]:
         return [self.tail_BCJ, self.history_BCL, self.filter_rev_CL]
 
-    def convolve(self, lo: int, hi: int, t: int) -> Tensor:
-        """Long convolution of channels lo:hi for the t newest cached inputs, fp32 (B, hi − lo, t)."""
+    def convolve(self, channels: slice, t: int) -> Tensor:
+        """Long convolution of one order's channels for the t newest cached inputs, fp32 (B, D, t)."""
         end = self.seen + t
-        history_BDP = self.history_BCL[:, lo:hi, :end].float()
-        taps_DP = self.filter_rev_CL[lo:hi, self.filter_rev_CL.shape[-1] - end:]
+        history_BDP = self.history_BCL[:, channels, :end].float()
+        taps_DP = self.filter_rev_CL[channels, self.filter_rev_CL.shape[-1] - end:]
         if t == 1:
             # Σ_j h[p − j]·v_j as a (D, B, P) × (D, P, 1) bmm: the real work of a step, counted
             return (history_BDP.transpose(0, 1) @ taps_DP[:, :, None]).permute(1, 0, 2)
@@ -180,16 +189,17 @@ class HyenaMixer(nn.Module):
         h_CL = self.filter(t) if state is None else None
         bias_C = self.filter.bias
         for o, x_BDT in enumerate(reversed(xs[1:])):
+            channels = order_channels(o, self.plan.order)
             v_BDT = v_BDT * x_BDT
             if h_CL is not None:
-                conv_BDT = fft_causal_conv(v_BDT, h_CL[o * d:(o + 1) * d])
+                conv_BDT = fft_causal_conv(v_BDT, h_CL[channels])
             else:
                 assert state is not None
-                state.history_BCL[:, o * d:(o + 1) * d, seen:seen + t] = v_BDT.detach()
-                conv_BDT = state.convolve(o * d, (o + 1) * d, t)
+                state.history_BCL[:, channels, seen:seen + t] = v_BDT.detach()
+                conv_BDT = state.convolve(channels, t)
             # the skip term in fp32 by type promotion, as safari's fftconv_ref (`u * D`): the
             # product keeps the gated input in its own dtype, where an explicit fp32 copy is kept
-            v_BDT = (conv_BDT + v_BDT * bias_C[o * d:(o + 1) * d, None].float()).to(act_dtype)
+            v_BDT = (conv_BDT + v_BDT * bias_C[channels, None].float()).to(act_dtype)
             # the convolution's output is a view of its fp32 2T-column result, read by the sum
             # alone: freed here, not held by this frame through the next order and out_proj
             del conv_BDT

@@ -296,7 +296,9 @@ class S4Mixer(nn.Module):
 
     def reset_parameters(self) -> None:
         """S4D-Lin (Gu et al. 2022, S4D §4.1): A_n = −½ + iπn, B = 1, C ~ N(0, ½) complex, D ~ N(0, 1),
-        Δ log-uniform; S4's low-rank P ~ N(0, 1/N') (any P keeps Re(eig A) ≤ −½: P·P* is PSD)."""
+        Δ log-uniform; S4's low-rank P ~ N(0, 1/N') (any P keeps Re(eig A) ≤ −½: P·P* is PSD), which
+        is state-spaces/s4's `init='dplr-lin'`, not the S4 paper's HiPPO-LegS (`init='legs'`, its
+        default): the same shapes and kernel math, another starting point."""
         m = self.plan.modes
         with torch.no_grad():
             n = torch.arange(m, dtype=torch.float32, device=self.D.device)
