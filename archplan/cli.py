@@ -125,6 +125,10 @@ def _main() -> None:
         if debug or not _is_tensor_size_error(exc):
             raise
         fix = SMALLER.get(_command_path(sys.argv[1:]).removeprefix("archplan "), "smaller sizes")
+        if TENSOR_SIZE_ERRORS[0] in str(exc):
+            # past what an index holds: a spec's own weights can be (every field within its bounds,
+            # their product not), where no --seq or --batch helps
+            fix += ", or a spec whose dimensions multiply to less (a weight can be past it too)"
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
                    f"give {fix}", err=True)
         sys.exit(2)

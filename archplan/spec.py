@@ -586,20 +586,27 @@ def _check_layout(spec: Spec) -> None:
         raise ValueError(
             f"layout.mixers: {len(layout.mixers)} letters for only {spec.n_layers} layers"
         )
-    moe_layers = sum(
-        1 for i in range(spec.n_layers)
-        if i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
-    )
+    def is_moe(i: int) -> bool:
+        return spec.moe is not None and i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
+
+    moe_layers = sum(map(is_moe, range(spec.n_layers)))
     if spec.moe is None:
         if layout.moe_every != 1 or layout.moe_offset or layout.first_dense:
             raise ValueError("layout: moe_every/moe_offset/first_dense need `moe`")
     elif moe_layers == 0:
         raise ValueError("moe: set, but the layout places it on no layer")
-    dense_layers = spec.n_layers - moe_layers if spec.moe is not None else spec.n_layers
+    dense_layers = spec.n_layers - moe_layers
+    # a multi-token-prediction block is the layer that would come next (`resolve`), dense or MoE
+    depth = spec.mtp.depth if spec.mtp is not None else 0
+    dense_mtp = [k for k in range(depth) if not is_moe(spec.n_layers + k)]
     if spec.moe is not None and dense_layers and spec.ffn is None:
         raise ValueError(f"ffn: {dense_layers} {'layer is' if dense_layers == 1 else 'layers are'} dense under "
                          "the layout but `ffn` is not set")
-    if spec.moe is not None and not dense_layers and spec.ffn is not None:
+    if spec.moe is not None and dense_mtp and spec.ffn is None:
+        k = dense_mtp[0]
+        raise ValueError(f"ffn: multi-token-prediction block {k} takes the place of layer {spec.n_layers + k}, "
+                         "which is dense under the layout, but `ffn` is not set")
+    if spec.moe is not None and not dense_layers and not dense_mtp and spec.ffn is not None:
         # as for an unused mixer: a field that changes nothing would read as if it counted
         raise ValueError("ffn: set, but the layout puts `moe` on every layer, so no layer is dense; remove it, "
                          "or make layers dense with layout.first_dense or layout.moe_every")
@@ -613,6 +620,10 @@ def _check_attention_dims(spec: Spec) -> None:
         return
     if isinstance(attn, MLA):
         rotary = head_dim = attn.qk_rope_head_dim
+        if isinstance(spec.position, Rope) and spec.position.fraction != 1.0:
+            # MLA's rotary part is its own width; rotating a fraction of it is not built
+            raise ValueError(f"position.fraction: MLA rotates the qk_rope_head_dim ({rotary}) dimensions set "
+                             "aside for it, all of them; set attention.qk_rope_head_dim instead")
     else:
         if attn.head_dim is None and spec.d_model % attn.n_heads:
             raise ValueError(

@@ -317,6 +317,8 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
     if has_conv:
         data["long_conv"] = _member(draw, "long_conv", only, d_model)
 
+    # DeepSeek-V3's multi-token prediction: its blocks continue the layout's pattern
+    mtp_depth = draw(st.integers(1, 2)) if draw(st.integers(0, 3)) == 0 else 0
     use_moe = draw(st.booleans())
     if use_moe:
         n_experts = draw(st.integers(1, 4))
@@ -350,7 +352,9 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         if _moe_layers(n_layers, every, offset, first_dense) == 0:
             offset, first_dense = 0, 0
         layout.update(moe_every=every, moe_offset=offset, first_dense=first_dense)
-        dense_layers = n_layers - _moe_layers(n_layers, every, offset, first_dense)
+        # the multi-token-prediction blocks continue the layout: a dense one needs `ffn` too
+        trained = n_layers + mtp_depth
+        dense_layers = trained - _moe_layers(trained, every, offset, first_dense)
         if not dense_layers and "ffn" in only:
             # no layer is dense (a spec may not set `ffn` then): the experts are the member drawn
             moe["expert"] = _member(draw, "ffn", only, d_model)
@@ -361,9 +365,8 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
     if need_ffn:
         data["ffn"] = _member(draw, "ffn", only, d_model)
     data["layout"] = layout
-    if draw(st.integers(0, 3)) == 0:
-        # DeepSeek-V3's multi-token prediction: its blocks continue the layout's pattern
-        data["mtp"] = {"depth": draw(st.integers(1, 2))}
+    if mtp_depth:
+        data["mtp"] = {"depth": mtp_depth}
 
     spec = Spec.model_validate(data)
     seq = draw(st.integers(1, 16))

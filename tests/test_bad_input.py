@@ -245,6 +245,17 @@ def test_a_rotary_fraction_that_rotates_nothing(cli, tmp_path: Path) -> None:  #
     assert_one_line_error(cli("size", path), f"{path}:7:", "position.fraction", "rotates no dimension")
 
 
+def test_a_rotary_fraction_of_mla_is_refused(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """MLA rotates its own qk_rope_head_dim dimensions; a fraction of them had been taken and
+    ignored by both the sizer and the builder."""
+    mla = ("attention: {kind: mla, n_heads: 4, q_lora_rank: 16, kv_lora_rank: 16, qk_nope_head_dim: 8, "
+           "qk_rope_head_dim: 4, v_head_dim: 8}")
+    spec = BASE.replace("attention: {kind: gqa, n_heads: 4, n_kv_heads: 2}", mla)
+    path = spec_file(tmp_path, spec + "position: {kind: rope, fraction: 0.5}\n")
+    assert_one_line_error(cli("size", path), f"{path}:7:", "position.fraction", "qk_rope_head_dim (4)")
+    assert cli("size", spec_file(tmp_path, spec, "whole.yaml")).code == 0
+
+
 def test_top_k_exceeds_experts(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     moe = "moe: {n_experts: 4, top_k: 5, expert: {kind: glu, d_ff: 32}}"
     path = spec_file(tmp_path, BASE.replace("ffn: {kind: glu, d_ff: 128}", moe))
@@ -263,6 +274,18 @@ def test_a_block_no_layer_uses_is_refused(cli, tmp_path: Path, layout: str,  # t
     with_dense = spec_file(tmp_path, BASE + "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 32}}\n"
                            "layout: {first_dense: 1}\n", "dense.yaml")
     assert cli("size", with_dense).code == 0
+
+
+def test_a_dense_multi_token_prediction_block_needs_an_ffn(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A multi-token-prediction block is the layer that would come next: one layer, routed, with MoE
+    on every second layer, so block 0 takes layer 1's place, dense, and needs `ffn` (it had been
+    built without one); given, `ffn` is not refused as a field no layer uses."""
+    one_layer = BASE.replace("n_layers: 2", "n_layers: 1")
+    moe, tail = "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 32}}\n", "layout: {moe_every: 2}\nmtp: {depth: 1}\n"
+    path = spec_file(tmp_path, one_layer.replace("ffn: {kind: glu, d_ff: 128}\n", moe) + tail)
+    needles = ("ffn: multi-token-prediction block 0 takes the place of layer 1", "dense under the layout")
+    assert_one_line_error(cli("size", path), path, *needles)
+    assert cli("size", spec_file(tmp_path, one_layer + moe + tail, "with-ffn.yaml")).code == 0
 
 
 @pytest.mark.parametrize("argv", [["size", "gpt2"], ["compare", "gpt2", "bloom-560m"],

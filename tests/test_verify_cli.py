@@ -357,6 +357,18 @@ def test_a_tensor_torch_cannot_size_is_one_line_exit_2(monkeypatch: pytest.Monke
     assert "Storage size calculation overflowed" in err and "give a smaller --seq" in err
 
 
+def test_a_weight_torch_cannot_size_names_the_spec(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Every field within its bounds, the attention's query weight (2^24 heads of 2^24 over 2^24)
+    past an index: no smaller --seq helps, so the spec is named as a way out too."""
+    spec = tmp_path / "huge.yaml"
+    spec.write_text("name: huge\nvocab_size: 64\nd_model: 16777216\nn_layers: 1\nmax_seq_len: 16\n"
+                    "attention: {kind: mha, n_heads: 16777216, head_dim: 16777216}\nffn: {kind: glu, d_ff: 64}\n")
+    code, out, err = run(monkeypatch, capsys, str(spec), "--seq", "1", "--no-cpu-check", "--no-backward")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "Storage size calculation overflowed" in err and "a spec whose dimensions multiply to less" in err
+
+
 def test_a_real_instance_past_the_host_memory_is_refused_before_it_is_built(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
 ) -> None:
