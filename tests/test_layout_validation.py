@@ -43,15 +43,18 @@ def test_visible_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]) -
 def test_the_search_agrees_with_the_visible_runs_or_names_their_constraint() -> None:
     """Issue 10 part 5 on the visible runs: the search, given only GPUs, GPU, sequence and batch
     (and the run's constraint where it has one), ranks a layout predicted at most SEARCH_GOAL faster
-    than the published one, or the row names what bound the run. 18 of the 21 are within it; the
-    three that are not (Narayanan's 18.4B and 39.1B, Korthikanti's 22B at full recompute) are
-    Megatron-LM runs of 2021-2022 held to full recompute without sequence parallelism."""
+    than the published one, or the row names what bound the run. 17 of the 21 are within it; the
+    four that are not (Narayanan's 3.6B, 18.4B and 39.1B, Korthikanti's 22B at full recompute) are
+    Megatron-LM runs of 2021-2022 held to full recompute without sequence parallelism. The 3.6B
+    left the goal when the pipeline's steady-state receives began to run with its sends
+    (2026-12-06): the search's TP1 PP8×v2 DP8 gained, the published TP2 DP32 has no pipeline
+    (+7.9% → +12.2%)."""
     bench = load_benchmark("published_runs")
     data = bench.load()
     found = [bench.evaluate_run(run, data["models"], data["gpt_sizes"], True)
              for run in data["runs"] if not run.get("holdout")]
     searched = [row for row in found if row.search_gap is not None]
-    assert bench.search_summary(found, False) == {"n": len(searched), "within_goal": 18} and len(searched) == 21
+    assert bench.search_summary(found, False) == {"n": len(searched), "within_goal": 17} and len(searched) == 21
     for row in searched:
         assert row.search_gap <= bench.SEARCH_GOAL or (row.constraint and row.constraint_reason), row.name
 
@@ -70,37 +73,30 @@ def test_every_run_of_the_issue_data_set_within_the_worst_goal(rows: list[tuple[
         assert abs(row.error) <= DEFAULT_TOLERANCE, (row.name, row.error)
 
 
+# 26.04.01 (PP8×v2 EP32), 25.09 on 1,024 H100, 26.04, 26.02.01, 26.02, 25.09 and 25.11 on 256 B200
+DEEPSEEK_DGX_ERRORS = [-0.13, -0.03, 0.17, 0.18, 0.23, 0.38, 0.45]
+
+
 def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]) -> None:
     """The 26 held-out fp8 rows of NeMo 24.07 and Megatron-Bridge, 20 on DGX-H100 and 6 on DGX-B200
-    (docs/validation.md, "The DGX-H100 round"), and the 8 rows of dense models and DeepSeek-V3 from
-    the archive's newer containers ("The archive's newer containers"), all fit. The 28 of dense
-    models: each within ±20% (GPT3-20B since the Hopper family's rings drive their members' NICs;
-    25.11's Llama 3.1 405B on 128 B200, +20.0% once its fp8 parameter gathers halved, at +16.9% since
-    B200's GEMMs run at its measured matmul rate: "Blackwell's GEMMs at their measured matmul rate"),
-    median within ±10%. The 6 DeepSeek-V3 rows are judged with the other MoE runs
-    (`accuracy.HELD_OUT_MOE`); since their recipes' recompute is read as Megatron-Core runs it
-    ("DeepSeek-V3's `mlp` recompute is the dense layers'") and their attention as Transformer
-    Engine runs it, cuDNN's ("Transformer Engine's attention is cuDNN's on Hopper and newer"), five
-    are within ±20%; 26.04.01's PP8×v2 EP32 over four nodes, priced too slow by its exposed
-    all-to-all (−24.2% before those, −19.3% after), is −20.5% since B200's GEMMs are slower, and
-    −21.1% since its recipe's recompute of the MLA up-projections is priced ("Megatron-Core's MLA
-    up-projection recompute"), and −13.1% since its one multi-token-prediction module and its
-    recipe's pipeline split are ("DeepSeek-V3's multi-token prediction and Megatron-Bridge's split"),
-    which put 26.02.01's and 26.04's PP16 rows at +16.1% and +15.1%. The three rows without MTP
-    (25.09 on 1,024 H100 and on 256 B200, 26.02 on 256 B200) were +23.3%, +43.3% and +27.6% once
-    the layers that do not divide the chunks split with the head counted as a layer ("The pipeline
-    split where the layers do not divide"): the split before had put the head beside four layers
-    on the last stage, which neither their recipe's layout map nor torchtitan does. The first is
-    +7.5% since the pipeline ranks that stand for the others are told apart by their layers, not
-    their sizes alone ("A pipeline rank of dense layers stood for the MoE ones"): at PP8×v4 a rank
-    holding two of the three dense layers had stood for the ranks of MoE layers."""
+    (docs/validation.md, "The DGX-H100 round"), the 8 rows of dense models and DeepSeek-V3 from
+    the archive's newer containers ("The archive's newer containers") and 25.11's DeepSeek-V3 on
+    B200 (added 2026-12-06), all fit. The 28 of dense models: each within ±20% (GPT3-20B since the
+    Hopper family's rings drive their members' NICs; 25.11's Llama 3.1 405B on 128 B200, +20.0% once
+    its fp8 parameter gathers halved, at +16.9% since B200's GEMMs run at its measured matmul rate:
+    "Blackwell's GEMMs at their measured matmul rate", +15.0% since the pipeline's steady-state
+    receives run with its sends), median within ±10%. The 7 DeepSeek-V3 rows, all of which trained
+    with the multi-token-prediction layer ("DeepSeek-V3's rows on B200 and H100 ran MTP"), are judged
+    with the other MoE runs (`accuracy.HELD_OUT_MOE`): 25.09 on 1,024 H100 and 26.04.01's PP8×v2
+    EP32 within ±20%, the PP16 EP8 rows on 256 B200 priced too fast, the more so at GBS 2,048 (25.09
+    and 25.11, 128 micro-batches) than at 4,096 (26.02 on), where the bubble explains 1.06× of the
+    1.19× to 1.32× the releases measured apart."""
     nvidia = [(run, row) for run, row in rows if row.name.startswith(("NeMo", "Megatron-Bridge"))
               and "Qwen3" not in row.name and not row.name.endswith(LATER_SYSTEMS)]
-    assert len(nvidia) == 34 and all(row.holdout and row.fits for _, row in nvidia)
+    assert len(nvidia) == 35 and all(row.holdout and row.fits for _, row in nvidia)
     deepseek = [(run["model"], row) for run, row in nvidia if "DeepSeek" in row.name]
-    assert len(deepseek) == 6 and all(" none " in row.layout for _, row in deepseek)
-    assert max(abs(row.error) for model, row in deepseek if model == "deepseek-v3-mtp") < 0.17
-    assert sorted(round(row.error, 3) for model, row in deepseek if model == "deepseek-v3") == [0.075, 0.276, 0.433]
+    assert len(deepseek) == 7 and all(" none " in row.layout and model == "deepseek-v3-mtp" for model, row in deepseek)
+    assert sorted(round(row.error, 2) for _, row in deepseek) == DEEPSEEK_DGX_ERRORS
     nvidia = [row for _, row in nvidia]
     dense = [row for row in nvidia if "DeepSeek" not in row.name]
     assert len(dense) == 28
@@ -302,13 +298,14 @@ def test_current_scaling_is_stated_where_the_recipes_run_it(rows: list[tuple[dic
     archive labels 25.11's rows FP8-CS (docs/validation.md, "Transformer Engine's current scaling").
     Priced, the Hopper Llama 3.1 405B rows move 5.8-6.2 points slower (to −0.7% … +8.6%), the Llama 3
     70B rows 4.3-4.4 (to −9.7% … −7.3%), the Qwen3-30B-A3B rows on 16 H100 5.4-9.7; no row crosses
-    ±20% either way."""
+    ±20% either way. Since the pipeline's steady-state receives run with its sends (2026-12-06) the
+    405B rows read −0.6% … +9.0% and the 70B rows −9.5% … −7.1%."""
     stated = {run["name"]: row for run, row in rows if run.get("fp8_scaling") == "current"}
     expected = {run["name"] for run, _ in rows if run.get("fp8_params") and " 25.09 " not in run["name"]}
     assert set(stated) == expected and len(stated) == 35
     assert all(run.get("fp8_scaling", "delayed") == "delayed" for run, _ in rows if " 25.09 " in run["name"])
     llama = [row for name, row in stated.items() if "Llama" in name and "H100" in name]
-    assert len(llama) == 10 and all(-0.10 < row.error < 0.09 for row in llama)
+    assert len(llama) == 10 and all(-0.10 < row.error < 0.095 for row in llama)
 
 
 def test_mxfp8_and_cudnn_norm_are_stated_where_the_recipes_run_them(rows: list[tuple[dict[str, Any], Any]]) -> None:
@@ -323,7 +320,7 @@ def test_mxfp8_and_cudnn_norm_are_stated_where_the_recipes_run_them(rows: list[t
     mxfp8 = {run["name"] for run, _ in rows if run.get("fp8_scaling") == "mxfp8"}
     expected = {run["name"] for run, _ in rows if run.get("precision") == "fp8" and run["gpu"] in blackwell
                 and not run.get("fp8_params")}
-    assert mxfp8 == expected and len(mxfp8) == 85
+    assert mxfp8 == expected and len(mxfp8) == 86
     cudnn = {run["name"] for run, _ in rows if run.get("cudnn_norm")}
     expected = ({run["name"] for run, _ in rows if run["name"] in mxfp8 and "DeepSeek-V3" in run["name"]
                  and run["gpu"] in ("gb200", "gb300")}
@@ -667,7 +664,8 @@ def test_qwen3_235b_fp8_on_b200_is_no_faster_than_bf16_as_pr_1760_measured() -> 
     """Megatron-Bridge PR 1760 (commit a6e92de5f): Qwen3-235B-A22B on 64 B200 (TP1 PP8 EP8, GBS 1,024,
     MBS 1, seq 4,096, the all-to-all not overlapped) at 16.0 s per step in BF16 (VP 4) and 16.9 s in
     MXFP8 (no VP): 1.06×. With Transformer Engine's experts at the bf16 rate and Megatron-Core's bf16
-    dispatch the model prices 1.03×; with DeepSeek's fp8 experts and dispatch 0.81×
+    dispatch the model prices 1.02× (1.03× until the pipeline's steady-state receives ran with its
+    sends, 2026-12-06); with DeepSeek's fp8 experts and dispatch 0.80× (0.81× before)
     (docs/validation.md, "The MoE dispatch's dtype, by framework")."""
     step = {(precision, fp8_moe): _megatron_moe_run(
                 "qwen3-235b-a22b", "b200", 64, 1024,
@@ -676,8 +674,8 @@ def test_qwen3_235b_fp8_on_b200_is_no_faster_than_bf16_as_pr_1760_measured() -> 
             for precision, vpp, fp8_moe in (("bf16", 4, False), ("fp8", 1, False), ("fp8", 1, True))}
     measured = 16.9 / 16.0
     ratio = step["fp8", False] / step["bf16", False]
-    assert ratio == pytest.approx(1.03, abs=0.01) and abs(ratio - measured) < 0.05
-    assert step["fp8", True] / step["bf16", False] == pytest.approx(0.81, abs=0.01)
+    assert ratio == pytest.approx(1.02, abs=0.01) and abs(ratio - measured) < 0.05
+    assert step["fp8", True] / step["bf16", False] == pytest.approx(0.80, abs=0.01)
 
 
 def test_fp8_experts_switch_only_the_routed_experts_grouped_gemms() -> None:

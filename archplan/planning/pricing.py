@@ -48,7 +48,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
 
 Communication (records from `cluster.step_collectives`): ring time wire_bytes / (link × achieved
 fraction) + a latency per call, in-node when the group's ranks share a node (ranks ordered tp, cp,
-dp, pp, Megatron's default). TP, CP, EP and PP transfers sit in each micro-batch's critical path
+dp, pp, Megatron's default); the pipeline's steady-state receives run with its sends
+(`pp_exchange`). TP, CP, EP and PP transfers sit in each micro-batch's critical path
 unless the run overlaps them ("tp", "ep", "dualpipe" in `overlap`: hidden behind that
 micro-batch's GEMMs / compute, TP at the SMs its overlap kernels take, `tp_overlap_cost`, the
 all-to-all in the share each schedule hides, `ep_exposed`; "pp": the interleaved
@@ -1028,8 +1029,24 @@ def pp_exposed(p2p: float, micro: _MicroBatch, layout: Layout, m: int, stage: in
     `--no-overlap-p2p-communication`), but blocks on those of the warm-up and the flush
     (`--overlap-p2p-communication-warmup-flush` is off): the rank's warm-up forwards
     (`cluster.in_flight`, less the first steady one) of its m·v, and as many backwards."""
-    share = min(1.0, (sum(in_flight(layout, m, stage)) - 1) / (m * layout.vpp))
+    share = warmup_share(layout, m, stage)
     return share * p2p + max(0.0, (1 - share) * (p2p - m * micro.total))
+
+
+def warmup_share(layout: Layout, m: int, stage: int) -> float:
+    """The share of a pipeline rank's m·v chunk forwards (and as many backwards) in the schedule's
+    warm-up and flush: its warm-up forwards (`cluster.in_flight`) less the first steady one."""
+    return min(1.0, (sum(in_flight(layout, m, stage)) - 1) / (m * layout.vpp))
+
+
+def pp_exchange(sends: float, recvs: float, layout: Layout, m: int, stage: int) -> float:
+    """Seconds a pipeline rank's sends and receives (all m micro-batches) take: in the steady
+    state Megatron-LM pairs each send with a receive in one batched isend/irecv
+    (`send_forward_recv_backward` and `send_backward_recv_forward` in 1F1B,
+    `send_forward_backward_recv_forward_backward` interleaved; `p2p_communication._communicate`),
+    both directions of the link at once, so the sends alone take the time; the warm-up's receives
+    and the flush's come alone (`recv_forward`, `recv_backward`)."""
+    return sends + warmup_share(layout, m, stage) * recvs
 
 
 def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, grad_reduce: int,
@@ -1093,7 +1110,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
         records = _collectives(data, layout, stage, m, states, grad_reduce, cp_comm, overlap,
                                pricer.early_stop, per_layer=False)
         comm: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
-        grads = gathers = ring = 0.0
+        grads = gathers = ring = pp_sends = pp_recvs = 0.0
         for record in records:
             if record.mesh_dim == "cp" and record.kind == "recv":
                 # ring CP: a step's receive runs with its send (one batched isend/irecv), so the
@@ -1107,6 +1124,10 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
                     ring += t
                 case "tp" | "cp" | "ep":
                     comm[record.mesh_dim] += t
+                case "pp" if record.kind == "send":
+                    pp_sends += t
+                case "pp" if record.kind == "recv":
+                    pp_recvs += t
                 case "pp":
                     comm["pp"] += t
                 case "dp" | "dp_cp" | "expert_dp":
@@ -1120,6 +1141,7 @@ def price(data: ModelData, pricer: Pricer, layout: Layout, microbatches: int, ne
                           + m * tp_overlap_cost(micro, layout, rates))
         comm["ep"] = ep_exposed(comm["ep"], m * micro.total, overlap)
         comm["cp"] += ring_cp_exposed(ring, m * (micro.attn_fwd + micro.attn_bwd))
+        comm["pp"] += pp_exchange(pp_sends, pp_recvs, layout, m, stage)
         if "pp" in overlap and v > 1:
             comm["pp"] = pp_exposed(comm["pp"], micro, layout, m, stage)
         copies = (fsdp2_copy_bytes(records, states, grad_reduce, layout, m) + fsdp2_accumulation_bytes(
