@@ -252,8 +252,11 @@ def _member(draw: Draw, union: str, only: Mapping[str, type[BaseModel]], d_model
 
 def _fix_rotary(attention: dict[str, Any], position: dict[str, Any], d_model: int) -> None:
     """RoPE rotates pairs, at least one: shrink `fraction` until the rotated dims are even and not
-    none (spec._check_attention_dims)."""
-    if position["kind"] != "rope" or attention["kind"] == "mla":
+    none (spec._check_attention_dims); MLA rotates all of its own rotary width, so no fraction."""
+    if position["kind"] != "rope":
+        return
+    if attention["kind"] == "mla":
+        position["fraction"] = 1.0
         return
     head_dim = attention.get("head_dim") or d_model // attention["n_heads"]
     for fraction in (position["fraction"], 0.5, 1.0):

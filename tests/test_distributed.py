@@ -1197,12 +1197,15 @@ def test_bench_nproc_refuses_an_unusable_device_before_launching(monkeypatch: py
      "not run on torch.distributed: 4 query / 2 key-value heads do not split over tp=8"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
      "RANK and WORLD_SIZE are set but MASTER_ADDR is not"),
+    ({}, "tp=1,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=1,recompute=none,mb=1 --microbatches 3",
+     "--microbatches 3: the interleaved schedule (vpp > 1) runs them in groups of pp=2"),
 ])
 def test_bench_layout_refuses_before_any_worker_starts(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
                                                        layout: str, said: str) -> None:
     """A head split the workers would refuse is refused before torchrun starts four of them (it
-    took 17 s to fail there), and a RANK/WORLD_SIZE left in the environment without torchrun's
-    rendezvous is one line, not init_process_group's traceback."""
+    took 17 s to fail there), a RANK/WORLD_SIZE left in the environment without torchrun's
+    rendezvous is one line, not init_process_group's traceback, and micro-batches the interleaved
+    schedule cannot group are refused as `verify` refuses them (the workers had been started first)."""
     from typer.testing import CliRunner
 
     from archplan.cli import app
@@ -1214,8 +1217,36 @@ def test_bench_layout_refuses_before_any_worker_starts(monkeypatch: pytest.Monke
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(bench, "launch", lambda *a, **k: pytest.fail("workers were launched"))
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--seq", "32",
-                                   "--layout", layout])
+                                   "--layout", *layout.split()])
     assert isinstance(out.exception, ArchplanError) and said in str(out.exception)
+
+
+@pytest.mark.parametrize(("args", "env", "said", "code"), [
+    (("--nproc", "2"), {"WORLD_SIZE": "2"}, "--nproc 2: under a launcher", 2),
+    ((), {"WORLD_SIZE": "4"}, "WORLD_SIZE 4: the layout has 2 ranks", 2),
+    ((), {"WORLD_SIZE": "2"}, "rank 0: DistStoreError: Timed out after 601 seconds waiting for clients", 3),
+])
+def test_bench_under_a_launcher_says_what_failed_in_one_line(monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...],
+                                                             env: dict[str, str], said: str, code: int) -> None:
+    """Under torchrun, an --nproc that would be ignored and a world the layout does not have are
+    refused; a rendezvous or collective that fails (a peer that never joined: torch's store waits
+    601 s, then raised a traceback with exit 1) is one line with exit 3, as the launching process
+    reports its workers' failures."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.distributed import bench
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29613", **env}.items():
+        monkeypatch.setenv(name, value)
+
+    def never_joined(*_args: object, **_kwargs: object) -> None:
+        raise torch.distributed.DistStoreError("Timed out after 601 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(bench, "run_worker", never_joined)
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--seq", "32", *args,
+                                   "--layout", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1"])
+    assert said in str(out.exception) and out.exception.exit_code == code  # type: ignore[union-attr]
 
 
 def test_bench_nproc_refuses_what_the_host_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:

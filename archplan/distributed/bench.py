@@ -17,7 +17,8 @@ from rich.table import Table
 from archplan import jsonout
 from archplan.console import echo
 from archplan.distributed.render import given_layout, schedule_name
-from archplan.distributed.workers import DistBench, launch, run_worker, under_launcher, write_result
+from archplan.distributed.step import interleaved_1f1b
+from archplan.distributed.workers import DistBench, WorkersFailed, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.modules.model import resolve_device
@@ -41,7 +42,18 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             # would stop at the missing rendezvous address with a traceback
             raise ArchplanError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: start the workers with "
                                 "torchrun, or unset RANK and WORLD_SIZE and let bench launch its own (--nproc)")
-        result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)
+        if nproc is not None:
+            raise ArchplanError(f"--nproc {nproc}: under a launcher (RANK and WORLD_SIZE set) this process is one "
+                                "worker and the launcher starts the others; drop --nproc")
+        if (world := os.environ["WORLD_SIZE"]) != str(layout.world):
+            raise ArchplanError(f"WORLD_SIZE {world}: the layout has {things(layout.world, 'rank')}")
+        try:
+            result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)
+        except torch.distributed.DistError as exc:
+            # the rendezvous or a collective failed (a peer that never joined or died, a network
+            # error): one line, exit 3, as the launching process reports its workers' failures
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise WorkersFailed(f"rank {os.environ.get('RANK', '?')}: {type(exc).__name__}: {first}") from exc
         if result is None:
             return True
         if write_result(result):
@@ -52,6 +64,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             raise ArchplanError(f"--nproc {n}: the layout has {things(layout.world, 'rank')}")
         kind = resolve_device(device).type  # an unusable device fails here, before any worker starts
         _check_splits(plan, layout)
+        interleaved_1f1b(0, layout.pp, layout.vpp, m)  # the schedule's refusal of m, before any worker
         if kind == "cpu":
             _check_host_memory(plan, layout, seq, m, n)
         argv = [spec, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),

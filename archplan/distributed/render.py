@@ -68,9 +68,11 @@ def render(result: LayoutCheck, console: Console) -> None:
                   f"({analytic / max(measured, 1):.3f}×; the tracker's snapshot at its highest: the measured rows are each "
                   "category's most over the step, which need not coincide)")
     console.print("  (temporary: the analytic row prices FSDP2's bf16 compute copies or gathered layers and the "
-                  "gradient copies it makes for the end stages' embedding and head where they are known exactly; "
-                  "the measured row is what is alive at the step's peak, the other gradient copies, a layer "
-                  "backward's own tensors and a forward's transients included: docs/distributed.md)")
+                  "gradient copies it makes for the end stages' embedding and head where they are known exactly, "
+                  "and the collective buffers too (the reduce-scatter input held into the next micro-batch, a "
+                  "gathered layer), so its collective-buffers row reads 0; the measured row is what is alive at the "
+                  "step's peak, the other gradient copies, a layer backward's own tensors and a forward's "
+                  "transients included: docs/distributed.md)")
     calls = Table(title="collectives per optimizer step (calls; bytes per call, records.py convention)")
     for col in ("kind", "mesh dim", "group", "bytes/call", "analytic", "measured", ""):
         calls.add_column(col, justify="left" if col in ("kind", "mesh dim") else "right")
@@ -102,9 +104,9 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
     if layout.group:
         # torch's interleaved schedule has no round size to set: a given one would price a schedule
         # the run does not execute
-        raise ArchplanError(f"--layout: group={layout.group}: {command} runs torch's ScheduleInterleaved1F1B, "
-                            "which sets its own rounds (max(1, m div pp) of them); drop group= (plan prices a "
-                            "given one)")
+        raise ArchplanError(f"--layout: group={layout.group}: {command} runs the order of torch's "
+                            "ScheduleInterleaved1F1B (its own p2p schedule, step.interleaved_1f1b), which sets "
+                            "its own rounds (max(1, m div pp) of them); drop group= (plan prices a given one)")
     check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts,
                  seq=seq)
     if why := mtp_refusal(plan, layout):

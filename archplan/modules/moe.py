@@ -180,8 +180,9 @@ def _grouped_linear(
     Static-shape routes to the same product, chosen from shapes/dtype/device only (`grouped_mm_path`):
     - grouped_mm, on meta after a cast to bf16 (the dtype its meta shape check wants; casting a
       meta tensor is free). It checks that rows start 16 bytes apart, not that widths are
-      multiples of 16 bytes, so unaligned widths (toy specs) run it on views at their true widths
-      into zero-padded copies, with the gradient handed on in such rows (`_AlignedRows`). The
+      multiples of 16 bytes, so an unaligned input width (toy specs) runs it on views at its true
+      width into zero-padded copies, with the gradient handed on in such rows (`_AlignedRows`);
+      the backward keeps those copies, which no memory figure prices (never at real widths). The
       product, and every count of it (FlopCounterMode, `verify`'s fvcore trace), is exactly
       2·M·I·O, and fake tensors (`verify --layout`) run it too. Never a per-row weight gather,
       which would materialise M·O·I values;
@@ -200,9 +201,11 @@ def _grouped_linear(
         if _aligned(i, x_run.dtype) == i and _aligned(o, x_run.dtype) == o:
             y_MO = F.grouped_mm(x_run, w_run.transpose(-2, -1), offs=offs_E)
         else:
+            # only an unaligned input width needs the copies (an aligned one with an unaligned
+            # output would save a needless padded copy of x and w for the backward)
             pad = _aligned(i, x_run.dtype) - i
-            x_view = F.pad(x_run, (0, pad))[:, :i]
-            w_view = F.pad(w_run, (0, pad))[..., :i]
+            x_view = F.pad(x_run, (0, pad))[:, :i] if pad else x_run
+            w_view = F.pad(w_run, (0, pad))[..., :i] if pad else w_run
             y_MO = _AlignedRows.apply(F.grouped_mm(x_view, w_view.transpose(-2, -1), offs=offs_E))
         y_MO = y_MO.to(x_MI.dtype)
     if b_EO is not None:

@@ -1,6 +1,7 @@
 """One cluster layout, parsed and validated once, read by both interpreters of it:
 `planning/` (analytic per-rank memory, collectives, step time) and `distributed/` (torch's
-DeviceMesh, DTensor plans, FSDP2, pipelining, the fake process group).
+DeviceMesh, DTensor plans, FSDP2, the fake process group, and torch's interleaved 1F1B order over
+point-to-point sends).
 
 Neither side re-derives degrees or pipeline-stage boundaries: both read `Layout` and
 `pipeline_chunks`.
