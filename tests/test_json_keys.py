@@ -41,3 +41,31 @@ def test_bench_keys_are_documented() -> None:
     listed = _listed("archplan bench SPEC --json")
     assert set(printed) - listed == set()
     assert set(printed["prefill"]) - listed == set() and set(printed["decode"]) - listed == set()
+
+
+def test_bench_train_keys_are_documented() -> None:
+    pytest.importorskip("torch")
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--train", "--device", "cpu",
+                                   "--seq", "16", "--iters", "1", "--json"])
+    printed = json.loads(out.stdout)
+    assert set(printed) - _listed("archplan bench SPEC --train --json") == set()
+
+
+def test_bench_layout_keys_are_documented() -> None:
+    """The fields of the object `bench --layout` prints (`workers.DistBench`, dumped whole), read
+    without launching workers."""
+    pytest.importorskip("torch")
+    from dataclasses import fields
+
+    from archplan.distributed.workers import DistBench
+
+    listed = _listed("archplan bench SPEC --layout ... --json")
+    assert {f.name for f in fields(DistBench)} - listed == set()
+
+
+def test_verify_layout_keys_are_documented() -> None:
+    pytest.importorskip("torch")
+    out = CliRunner().invoke(app, ["verify", str(FIXTURES / "tiny-llama.yaml"), "--seq", "16", "--json",
+                                   "--layout", "tp=1,cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1"])
+    printed = json.loads(out.stdout)
+    assert set(printed) - _listed("archplan verify SPEC --layout ... --json") == set()
