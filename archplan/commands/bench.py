@@ -311,8 +311,8 @@ BENCH_HELP = (
     "  archplan bench llama-3-8b --layers 2 --compare-backends\n\n"
     "  archplan bench gpt2 --train --seq 256 --recompute full\n\n"
     "  archplan bench llama-3-8b --nproc 2 --seq 128 "
-    "--layout tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1   (two GPUs: on CPU each rank "
-    "holds its stage's fp32 states, so a CPU host takes a small spec)\n\n"
+    "--layout tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1  # two GPUs: on CPU each rank "
+    "holds its stage's fp32 states, so a CPU host takes a small spec\n\n"
     "  archplan bench llama-3-8b mamba-2.8b --layers 1 --seq 1k,2k,4k --plot sweep.png"
 )
 
