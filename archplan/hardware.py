@@ -336,7 +336,7 @@ KERNEL_EFFICIENCY: dict[str, KernelEfficiency] = {
                 "per HDR NIC; ring_nics: one, as DeepSpeed's ZeRO-3 rows of Narayanan et al. 2021 Table 2 "
                 "require (docs/validation.md)"), ring_nics="one"),
     "hopper": KernelEfficiency(
-        "hopper (H100/H800/H200)", gemm=0.62, attention_fwd=335 * TERA, attention_bwd=290 * TERA,
+        "hopper (H100/H800/H200)", gemm=0.59, attention_fwd=335 * TERA, attention_bwd=290 * TERA,
         attention_hd64=0.80, hbm=0.80, intra_link=0.80, inter_link=0.90, latency=20e-6,
         source=("gemm: calibrated on Llama 3 Table 4 (docs/validation.md); attention: Shah et al. 2024 "
                 "(FlashAttention-3) Fig. 5-6, FlashAttention-2 on H100 causal hd128 ~335 TF/s forward, "

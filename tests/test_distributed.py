@@ -1225,13 +1225,14 @@ def test_bench_layout_refuses_before_any_worker_starts(monkeypatch: pytest.Monke
     (("--nproc", "2"), {"WORLD_SIZE": "2"}, "--nproc 2: under a launcher", 2),
     ((), {"WORLD_SIZE": "4"}, "WORLD_SIZE 4: the layout has 2 ranks", 2),
     ((), {"WORLD_SIZE": "2"}, "rank 0: DistStoreError: Timed out after 601 seconds waiting for clients", 3),
+    ((), {"WORLD_SIZE": "2", "PEER": "gone"}, "rank 0: RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:537]", 3),
 ])
 def test_bench_under_a_launcher_says_what_failed_in_one_line(monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...],
                                                              env: dict[str, str], said: str, code: int) -> None:
     """Under torchrun, an --nproc that would be ignored and a world the layout does not have are
     refused; a rendezvous or collective that fails (a peer that never joined: torch's store waits
-    601 s, then raised a traceback with exit 1) is one line with exit 3, as the launching process
-    reports its workers' failures."""
+    601 s, then raised a traceback with exit 1; a peer killed mid-step: gloo's plain RuntimeError)
+    is one line with exit 3, as the launching process reports its workers' failures."""
     from typer.testing import CliRunner
 
     from archplan.cli import app
@@ -1241,6 +1242,9 @@ def test_bench_under_a_launcher_says_what_failed_in_one_line(monkeypatch: pytest
         monkeypatch.setenv(name, value)
 
     def never_joined(*_args: object, **_kwargs: object) -> None:
+        if env.get("PEER") == "gone":  # gloo, when a peer dies mid-step (a plain RuntimeError)
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                               "[127.0.0.1]:29613: Connection reset by peer")
         raise torch.distributed.DistStoreError("Timed out after 601 seconds waiting for clients. 1/2 clients joined.")
 
     monkeypatch.setattr(bench, "run_worker", never_joined)

@@ -1691,7 +1691,7 @@ def test_cli_says_when_the_pipeline_never_fills(capsys: pytest.CaptureFixture[st
     starved = [note for note in data["notes"] if "never fills" in note]
     shown = [(e["microbatches"], e["pp"]) for e in data["layouts"]]
     assert code == 0 and len(starved) == 1 and all(m < pp for m, pp in shown)
-    assert "layouts 1, 2" in starved[0] and "16Mi" not in starved[0]
+    assert "layouts 1, 3, 5" in starved[0] and "16Mi" not in starved[0]
 
 
 def test_cli_micro_batches_are_the_nearest_to_the_batch_asked(capsys: pytest.CaptureFixture[str],

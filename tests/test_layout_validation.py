@@ -74,7 +74,7 @@ def test_every_run_of_the_issue_data_set_within_the_worst_goal(rows: list[tuple[
 
 
 # 26.04.01 (PP8×v2 EP32), 25.09 on 1,024 H100, 26.04, 26.02.01, 26.02, 25.09 and 25.11 on 256 B200
-DEEPSEEK_DGX_ERRORS = [-0.13, -0.03, 0.17, 0.18, 0.23, 0.38, 0.45]
+DEEPSEEK_DGX_ERRORS = [-0.15, -0.06, 0.13, 0.14, 0.18, 0.33, 0.4]
 
 
 def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]) -> None:
@@ -87,10 +87,10 @@ def test_nvidia_dgx_rows_within_the_goals(rows: list[tuple[dict[str, Any], Any]]
     "Blackwell's GEMMs at their measured matmul rate", +15.0% since the pipeline's steady-state
     receives run with its sends), median within ±10%. The 7 DeepSeek-V3 rows, all of which trained
     with the multi-token-prediction layer ("DeepSeek-V3's rows on B200 and H100 ran MTP"), are judged
-    with the other MoE runs (`accuracy.HELD_OUT_MOE`): 25.09 on 1,024 H100 and 26.04.01's PP8×v2
-    EP32 within ±20%, the PP16 EP8 rows on 256 B200 priced too fast, the more so at GBS 2,048 (25.09
-    and 25.11, 128 micro-batches) than at 4,096 (26.02 on), where the bubble explains 1.06× of the
-    1.19× to 1.32× the releases measured apart."""
+    with the other MoE runs (`accuracy.HELD_OUT_MOE`): 25.09 on 1,024 H100, 26.04.01's PP8×v2
+    EP32 and the PP16 EP8 rows at GBS 4,096 within ±20% (26.02's since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06)),
+    the PP16 EP8 rows at GBS 2,048 (25.09 and 25.11, 128 micro-batches) priced too fast, where the
+    bubble explains 1.06× of the 1.19× to 1.32× the releases measured apart."""
     nvidia = [(run, row) for run, row in rows if row.name.startswith(("NeMo", "Megatron-Bridge"))
               and "Qwen3" not in row.name and not row.name.endswith(LATER_SYSTEMS)]
     assert len(nvidia) == 35 and all(row.holdout and row.fits for _, row in nvidia)
@@ -216,12 +216,13 @@ def test_gb300_and_b300_rows_are_held_out_at_their_recipes(rows: list[tuple[dict
     −11.8%, so the dense rows within ±12%; the MoE rows of 26.06 on, on
     GB300, 21% to 27% slow as first evaluated (fused grouped MLP, full-iteration CUDA graphs and fp8
     attention, not priced), 17.5% to 25% since the fused grouped MLP is priced; B300's Qwen3-235B of 26.02 and 26.02.01, at the NCCL all-to-all, priced 2.1-2.2x their
-    measurement, which the same GPUs beat by 1.8-2.2x from 26.04 on."""
+    measurement, which the same GPUs beat by 1.8-2.2x from 26.04 on. Since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06) the
+    dense rows lie within ±16% and the 26.06-on MoE rows on GB300 19.7% to 26.1% slow."""
     later = {row.name: row for _, row in rows if row.name.endswith(("GB300", "B300"))}
     assert len(later) == 50 and all(row.holdout for row in later.values())
     odd = "Megatron-Bridge 26.02.01 Llama 3 70B MXFP8, 64 GB300"
     dense = [row for name, row in later.items() if "Llama" in name and name != odd]
-    assert len(dense) == 13 and all(abs(row.error) <= 0.12 and row.fits for row in dense)
+    assert len(dense) == 13 and all(abs(row.error) <= 0.16 and row.fits for row in dense)
     assert not later[odd].fits and later[odd].error < -0.2
     up_proj = ([later[f"Megatron-Bridge {r} DeepSeek-V3, 256 GB300"]
                 for r in ("26.02", "26.02.01", "26.04", "26.04.01")]
@@ -230,7 +231,7 @@ def test_gb300_and_b300_rows_are_held_out_at_their_recipes(rows: list[tuple[dict
     assert all(row.fits for row in up_proj)
     graphed = [row for name, row in later.items() if "GB300" in name and "Llama" not in name
                and any(f"Bridge {r} " in name for r in ("26.06", "26.06.01", "26.08"))]
-    assert len(graphed) == 10 and all(-0.25 < row.error < -0.17 for row in graphed)
+    assert len(graphed) == 10 and all(-0.27 < row.error < -0.19 for row in graphed)
     nccl = [later[f"Megatron-Bridge {r} Qwen3-235B-A22B, 256 B300"] for r in ("26.02", "26.02.01")]
     assert all(1.0 < row.error < 1.25 for row in nccl)
 
@@ -245,7 +246,9 @@ def test_fused_grouped_mlp_is_stated_where_the_recipes_set_it(rows: list[tuple[d
     GB300 and B300, but 26.06's DeepSeek-V3 on B300, whose v0.5.0 configs leave it off. Priced, it
     brings the three Qwen3-30B-A3B rows on 8 GB300 inside ±20% (−22.7% … −21.5% before) and moves
     every stated row 1.6 to 4.1 points, none of them further from its measurement (GB200's
-    DeepSeek-V3 rows at −10.4% … −9.4% since multi-token prediction and its split are priced)."""
+    DeepSeek-V3 rows at −10.4% … −9.4% since multi-token prediction and its split are priced).
+    Since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06) the stated rows lie −26.1% … −11.8%, and 26.06's Qwen3-30B-A3B on 8
+    GB300 is outside ±20% again (−21.0%)."""
     stated = {run["name"]: row for run, row in rows if run.get("fused_grouped_mlp")}
     expected = {f"Megatron-Bridge {r} {model}, {n} {gpu}"
                 for r in FUSED_RELEASES for gpu in ("GB200", "GB300")
@@ -253,9 +256,9 @@ def test_fused_grouped_mlp_is_stated_where_the_recipes_set_it(rows: list[tuple[d
     expected |= {"Megatron-Bridge 26.06 DeepSeek-V3 (GBS 15360), 256 GB300",
                  "Megatron-Bridge 26.06 Qwen3-30B-A3B, 8 B300"}
     assert set(stated) == expected
-    assert all(-0.25 < row.error < -0.09 for row in stated.values())
-    assert all(abs(stated[f"Megatron-Bridge {r} Qwen3-30B-A3B, 8 GB300"].error) <= DEFAULT_TOLERANCE
-               for r in FUSED_RELEASES)
+    assert all(-0.27 < row.error < -0.11 for row in stated.values())
+    assert [abs(stated[f"Megatron-Bridge {r} Qwen3-30B-A3B, 8 GB300"].error) <= DEFAULT_TOLERANCE
+            for r in FUSED_RELEASES] == [False, True, True]
 
 
 def test_fp8_attention_is_stated_where_the_recipes_set_it_and_a_rate_is_measured(
@@ -283,12 +286,13 @@ def test_fp8_lm_head_is_stated_where_the_recipes_set_it(rows: list[tuple[dict[st
     GB300, whose recipes set `fp8_output_proj` (docs/validation.md, "Megatron-Core's MXFP8 LM head").
     Priced, they move 1.4 (GB300) to 2.9 (GB200) points towards their measurements, and three of
     GB300's four come inside ±20%; the fourth (GBS 15,360) since multi-token prediction and its
-    split are priced (−20.2% → −19.8%)."""
+    split are priced (−20.2% → −19.8%). Since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06) the four on GB300 are −20.9% …
+    −22.2%, outside again; the three on GB200 inside (−12.8% … −11.8%)."""
     stated = {run["name"]: row for run, row in rows if run.get("fp8_lm_head")}
     expected = {f"Megatron-Bridge {r} DeepSeek-V3, 256 {gpu}" for r in FUSED_RELEASES for gpu in ("GB200", "GB300")}
     expected |= {"Megatron-Bridge 26.06 DeepSeek-V3 (GBS 15360), 256 GB300"}
     assert set(stated) == expected
-    assert sum(abs(row.error) <= DEFAULT_TOLERANCE for row in stated.values()) == 7
+    assert sum(abs(row.error) <= DEFAULT_TOLERANCE for row in stated.values()) == 3
 
 
 def test_current_scaling_is_stated_where_the_recipes_run_it(rows: list[tuple[dict[str, Any], Any]]) -> None:
@@ -298,14 +302,14 @@ def test_current_scaling_is_stated_where_the_recipes_run_it(rows: list[tuple[dic
     archive labels 25.11's rows FP8-CS (docs/validation.md, "Transformer Engine's current scaling").
     Priced, the Hopper Llama 3.1 405B rows move 5.8-6.2 points slower (to −0.7% … +8.6%), the Llama 3
     70B rows 4.3-4.4 (to −9.7% … −7.3%), the Qwen3-30B-A3B rows on 16 H100 5.4-9.7; no row crosses
-    ±20% either way. Since the pipeline's steady-state receives run with its sends (2026-12-06) the
-    405B rows read −0.6% … +9.0% and the 70B rows −9.5% … −7.1%."""
+    ±20% either way. Since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06) the 405B rows read −4.3% … +5.1% and the 70B rows
+    −12.7% … −10.4%."""
     stated = {run["name"]: row for run, row in rows if run.get("fp8_scaling") == "current"}
     expected = {run["name"] for run, _ in rows if run.get("fp8_params") and " 25.09 " not in run["name"]}
     assert set(stated) == expected and len(stated) == 35
     assert all(run.get("fp8_scaling", "delayed") == "delayed" for run, _ in rows if " 25.09 " in run["name"])
     llama = [row for name, row in stated.items() if "Llama" in name and "H100" in name]
-    assert len(llama) == 10 and all(-0.10 < row.error < 0.095 for row in llama)
+    assert len(llama) == 10 and all(-0.13 < row.error < 0.06 for row in llama)
 
 
 def test_mxfp8_and_cudnn_norm_are_stated_where_the_recipes_run_them(rows: list[tuple[dict[str, Any], Any]]) -> None:
@@ -315,7 +319,8 @@ def test_mxfp8_and_cudnn_norm_are_stated_where_the_recipes_run_them(rows: list[t
     recipe (`perf_plugins.py`, v0.2.0 … v0.5.1; v0.6.0's DeepSeek-V3 perf recipes): DeepSeek-V3's
     MXFP8 rows on GB200 and GB300, the Llama 3.1 405B FP8-CS rows there, and 25.11's Llama 3 8B FP8-CS
     on H100; 26 rows (docs/validation.md, "MXFP8's casts and cuDNN's norm"). Priced, the GB200 dense
-    MXFP8 rows move 2.4-2.8 points nearer (+7.5% … +16.4%) and no row crosses ±20%."""
+    MXFP8 rows move 2.4-2.8 points nearer (+7.5% … +16.4%) and no row crosses ±20%; +3.7% …
+    +12.2% since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06)."""
     blackwell = ("b200", "gb200", "b300", "gb300")
     mxfp8 = {run["name"] for run, _ in rows if run.get("fp8_scaling") == "mxfp8"}
     expected = {run["name"] for run, _ in rows if run.get("precision") == "fp8" and run["gpu"] in blackwell
@@ -328,7 +333,7 @@ def test_mxfp8_and_cudnn_norm_are_stated_where_the_recipes_run_them(rows: list[t
                 | {"Megatron-Bridge 25.11 Llama 3 8B, 8 H100"})
     assert cudnn == expected and len(cudnn) == 26
     gb200_mx = [row for run, row in rows if run["name"] in mxfp8 and "Llama" in run["name"] and run["gpu"] == "gb200"]
-    assert len(gb200_mx) == 9 and all(0.07 < row.error < 0.17 for row in gb200_mx)
+    assert len(gb200_mx) == 9 and all(0.03 < row.error < 0.13 for row in gb200_mx)
 
 
 @pytest.mark.parametrize("family", ["ampere", "hopper"])
@@ -644,7 +649,8 @@ def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measure
     4,096, seq 4,096: 3,848 tokens/s per GPU in BF16, 4,357 in MXFP8 (1.13×). Priced on B200 at that
     layout in a 72-GPU NVLink domain, with Megatron-Core's bf16 dispatch: 1.08× with the routed
     experts at the bf16 rate (the default, Transformer Engine's grouped GEMMs), 1.31× had they run
-    at the fp8 rate (`--fp8-experts`). The pair sits nearer the first."""
+    at the fp8 rate (`--fp8-experts`; 1.33× since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06)). The pair sits nearer the
+    first."""
     from archplan.planning.parallel import Settings
 
     assert not Settings().fp8_experts
@@ -655,7 +661,7 @@ def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measure
             for precision, fp8_experts in (("bf16", False), ("fp8", False), ("fp8", True))}
     measured = 4357 / 3848
     assert rate["fp8", False] / rate["bf16", False] == pytest.approx(1.08, abs=0.01)
-    assert rate["fp8", True] / rate["bf16", False] == pytest.approx(1.31, abs=0.01)
+    assert rate["fp8", True] / rate["bf16", False] == pytest.approx(1.33, abs=0.01)
     assert (abs(rate["fp8", False] / rate["bf16", False] - measured)
             < abs(rate["fp8", True] / rate["bf16", False] - measured) / 3)
 

@@ -49,9 +49,12 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             raise ArchplanError(f"WORLD_SIZE {world}: the layout has {things(layout.world, 'rank')}")
         try:
             result = run_worker(plan, layout, seq, microbatches=m, steps=steps, warmup=warmup, device_kind=device)
-        except torch.distributed.DistError as exc:
+        except RuntimeError as exc:
             # the rendezvous or a collective failed (a peer that never joined or died, a network
-            # error): one line, exit 3, as the launching process reports its workers' failures
+            # error): one line, exit 3, as the launching process reports its workers' failures.
+            # torch raises DistError for what it names; gloo's transport a plain RuntimeError
+            if not isinstance(exc, torch.distributed.DistError) and not _transport_error(exc):
+                raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise WorkersFailed(f"rank {os.environ.get('RANK', '?')}: {type(exc).__name__}: {first}") from exc
         if result is None:
@@ -76,6 +79,14 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
     else:
         render(result)
     return result.states_ok
+
+
+# what gloo's TCP transport says when a peer is gone (gloo/transport/tcp/pair.cc)
+_TRANSPORT_ERRORS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
+
+
+def _transport_error(exc: RuntimeError) -> bool:
+    return any(text in str(exc) for text in _TRANSPORT_ERRORS)
 
 
 def _check_splits(plan: ModelPlan, layout: Layout) -> None:

@@ -1028,25 +1028,40 @@ def pp_exposed(p2p: float, micro: _MicroBatch, layout: Layout, m: int, stage: in
     next chunk's compute in the steady state (`overlap_p2p_comm`, on unless
     `--no-overlap-p2p-communication`), but blocks on those of the warm-up and the flush
     (`--overlap-p2p-communication-warmup-flush` is off): the rank's warm-up forwards
-    (`cluster.in_flight`, less the first steady one) of its m·v, and as many backwards."""
-    share = warmup_share(layout, m, stage)
+    (`cluster.in_flight`, less the first steady one) of its m·v, and as many backwards. `p2p` is
+    the exchange as `pp_exchange` prices it, a paired send and receive taking a send's time."""
+    share = min(1.0, (sum(in_flight(layout, m, stage)) - 1) / (m * layout.vpp))
     return share * p2p + max(0.0, (1 - share) * (p2p - m * micro.total))
 
 
-def warmup_share(layout: Layout, m: int, stage: int) -> float:
-    """The share of a pipeline rank's m·v chunk forwards (and as many backwards) in the schedule's
-    warm-up and flush: its warm-up forwards (`cluster.in_flight`) less the first steady one."""
-    return min(1.0, (sum(in_flight(layout, m, stage)) - 1) / (m * layout.vpp))
-
-
 def pp_exchange(sends: float, recvs: float, layout: Layout, m: int, stage: int) -> float:
-    """Seconds a pipeline rank's sends and receives (all m micro-batches) take: in the steady
-    state Megatron-LM pairs each send with a receive in one batched isend/irecv
-    (`send_forward_recv_backward` and `send_backward_recv_forward` in 1F1B,
-    `send_forward_backward_recv_forward_backward` interleaved; `p2p_communication._communicate`),
-    both directions of the link at once, so the sends alone take the time; the warm-up's receives
-    and the flush's come alone (`recv_forward`, `recv_backward`)."""
-    return sends + warmup_share(layout, m, stage) * recvs
+    """Seconds a pipeline rank's sends and receives (all m micro-batches) take: Megatron-LM batches
+    a send with a receive into one isend/irecv wherever its schedule can
+    (`p2p_communication._communicate`), both directions of the link at once, so those receives
+    take no time of their own; the receives it issues alone are priced in full
+    (`lone_receive_share`)."""
+    return sends + lone_receive_share(layout, m, stage) * recvs
+
+
+def lone_receive_share(layout: Layout, m: int, stage: int) -> float:
+    """The share of a pipeline rank's receives that Megatron-LM issues without a send beside them
+    (its receives taken as alike in size: the activations a boundary passes each way).
+    1F1B (`forward_backward_pipelining_without_interleaving`): the w = min(p − r − 1, m) warm-up
+    forwards' `recv_forward`, the one before the steady state's first forward (stages after the
+    first; none when every micro-batch is in the warm-up) and the cool-down's w `recv_backward`
+    (stages before the last) come alone; the steady state pairs the rest
+    (`send_forward_recv_backward`, `send_backward_recv_forward`). Interleaved
+    (`forward_backward_pipelining_with_interleaving`): only the first `recv_forward`, before the
+    warm-up, comes alone; the warm-up pairs with `send_forward_recv_forward`, the steady state with
+    `send_forward_backward_recv_forward_backward`, the cool-down with `send_backward_recv_backward`."""
+    p, v = layout.pp, layout.vpp
+    if v > 1:
+        return (1 if stage else 0) / (2 * m * v)
+    warmup = min(p - stage - 1, m)
+    forwards = min(warmup + 1, m) if stage else 0
+    backwards = warmup if stage < p - 1 else 0
+    received = (m if stage else 0) + (m if stage < p - 1 else 0)
+    return (forwards + backwards) / received if received else 0.0
 
 
 def fsdp2_copy_bytes(records: Iterable[Collective], states: StatesConvention, grad_reduce: int,
