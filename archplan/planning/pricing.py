@@ -1051,9 +1051,13 @@ def lone_receive_share(layout: Layout, m: int, stage: int) -> float:
     first; none when every micro-batch is in the warm-up) and the cool-down's w `recv_backward`
     (stages before the last) come alone; the steady state pairs the rest
     (`send_forward_recv_backward`, `send_backward_recv_forward`). Interleaved
-    (`forward_backward_pipelining_with_interleaving`): only the first `recv_forward`, before the
-    warm-up, comes alone; the warm-up pairs with `send_forward_recv_forward`, the steady state with
-    `send_forward_backward_recv_forward_backward`, the cool-down with `send_backward_recv_backward`."""
+    (`forward_backward_pipelining_with_interleaving`): the first `recv_forward`, before the warm-up,
+    comes alone; the warm-up pairs with `send_forward_recv_forward`, the steady state with
+    `send_forward_backward_recv_forward_backward` (or, overlapped, `send_forward_recv_forward` and
+    `send_backward_recv_backward`), the cool-down with `send_backward_recv_backward`. A
+    simplification: overlapped, the end ranks receive m alone (a chunk-0 backward or last-chunk
+    forward sends nothing beside its receive), which moves no published row by more than 0.35
+    points (docs/validation.md, "The pipeline's paired sends and receives")."""
     p, v = layout.pp, layout.vpp
     if v > 1:
         return (1 if stage else 0) / (2 * m * v)
