@@ -586,6 +586,7 @@ def _check_layout(spec: Spec) -> None:
         raise ValueError(
             f"layout.mixers: {len(layout.mixers)} letters for only {spec.n_layers} layers"
         )
+
     def is_moe(i: int) -> bool:
         return spec.moe is not None and i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
 

@@ -48,8 +48,8 @@ Compute, per micro-batch on one rank (b·s/cp tokens):
 
 Communication (records from `cluster.step_collectives`): ring time wire_bytes / (link × achieved
 fraction) + a latency per call, in-node when the group's ranks share a node (ranks ordered tp, cp,
-dp, pp, Megatron's default); the pipeline's steady-state receives run with its sends
-(`pp_exchange`). TP, CP, EP and PP transfers sit in each micro-batch's critical path
+dp, pp, Megatron's default); the pipeline's receives run with its sends where its schedule pairs
+them (`pp_exchange`). TP, CP, EP and PP transfers sit in each micro-batch's critical path
 unless the run overlaps them ("tp", "ep", "dualpipe" in `overlap`: hidden behind that
 micro-batch's GEMMs / compute, TP at the SMs its overlap kernels take, `tp_overlap_cost`, the
 all-to-all in the share each schedule hides, `ep_exposed`; "pp": the interleaved
