@@ -480,7 +480,7 @@ def resolve(spec: Spec) -> ModelPlan:
         letter = pattern[i % len(pattern)]
         mixer = {"A": global_attn, "S": local_attn, "M": ssm, "H": long_conv}[letter]
         assert mixer is not None
-        is_moe = moe is not None and i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
+        is_moe = moe is not None and layout.routes(i)
         ffn: FFNOrMoE | None = moe if is_moe else dense
         return mixer, ffn, layer_norm_names(spec.residual, ffn is not None)
 

@@ -475,6 +475,10 @@ class Layout(Frozen):
     moe_offset: NonNegDim = 0
     first_dense: NonNegDim = 0
 
+    def routes(self, layer: int) -> bool:
+        """Whether layer `layer` (an MTP block's: n_layers + k) takes the routed experts, where a spec has them."""
+        return layer >= self.first_dense and layer % self.moe_every == self.moe_offset
+
     @model_validator(mode="after")
     def _offset_in_period(self) -> Layout:
         if self.moe_offset >= self.moe_every:
@@ -588,7 +592,7 @@ def _check_layout(spec: Spec) -> None:
         )
 
     def is_moe(i: int) -> bool:
-        return spec.moe is not None and i >= layout.first_dense and i % layout.moe_every == layout.moe_offset
+        return spec.moe is not None and layout.routes(i)
 
     moe_layers = sum(map(is_moe, range(spec.n_layers)))
     if spec.moe is None:

@@ -19,7 +19,7 @@ from archplan.console import echo
 from archplan.distributed.render import given_layout, schedule_name
 from archplan.distributed.step import interleaved_1f1b
 from archplan.distributed.workers import DistBench, WorkersFailed, launch, run_worker, under_launcher, write_result
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, first_line
 from archplan.loader import load_spec
 from archplan.modules.model import resolve_device
 from archplan.planning.layout import Layout, parse_layout
@@ -55,8 +55,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             # torch raises DistError for what it names; gloo's transport a plain RuntimeError
             if not isinstance(exc, torch.distributed.DistError) and not _transport_error(exc):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise WorkersFailed(f"rank {os.environ.get('RANK', '?')}: {type(exc).__name__}: {first}") from exc
+            raise WorkersFailed(f"rank {os.environ.get('RANK', '?')}: {type(exc).__name__}: {first_line(exc)}") from exc
         if result is None:
             return True
         if write_result(result):
