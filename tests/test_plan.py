@@ -130,7 +130,7 @@ def test_budget_rejects_bad_input(kwargs: dict[str, float]) -> None:
 
 
 # ----------------------------------------------------------------------------------- design
-def test_recipe_curve_passes_through_the_seed_recipes() -> None:
+def test_recipe_curve_passes_through_the_guide_recipes() -> None:
     for _, layers, width in RECIPES:
         spec = Spec(name="r", vocab_size=32000, d_model=width, n_layers=layers,
                     attention={"kind": "gqa", "n_heads": width // 128, "n_kv_heads": 8},
@@ -141,7 +141,7 @@ def test_recipe_curve_passes_through_the_seed_recipes() -> None:
 
 @pytest.mark.parametrize("preset", ["llama-3-8b", "llama-3-70b"])
 def test_dense_design_finds_the_llama3_recipe(preset: str) -> None:
-    """Llama 3 8B/70B are exactly the seed recipe (GQA-8, d_ff 3.5d, untied, vocab 128256)."""
+    """Llama 3 8B/70B are exactly the guide's recipe (GQA-8, d_ff 3.5d, untied, vocab 128256)."""
     reference = load_spec(preset)
     target = count_params(resolve(reference)).total
     made = design(Family.dense, target, vocab=128256)

@@ -1,6 +1,6 @@
-"""From a parameter target to a concrete spec that follows the seed's design recipes.
+"""From a parameter target to a concrete spec that follows archplan's design recipes.
 
-Recipes (issue 2 / the seed): head_dim 128, GQA with 8 KV heads, SwiGLU with d_ff ≈ 3.5·d_model
+Recipes (the architecture guide's, docs/plan.md section 2): head_dim 128, GQA with 8 KV heads, SwiGLU with d_ff ≈ 3.5·d_model
 rounded to a multiple of 256, RoPE, pre-RMSNorm, untied embeddings; depth and width in the
 proportions of the 7B (32×4096), 70B (80×8192) and 1T-MoE (120×16384 trunk) recipes.
 
@@ -81,7 +81,7 @@ HYBRID_MOE_EXPERTS = 16
 HYBRID_MOE_TOP_K = 2
 SSM_GROUPS = 8
 
-# The seed's recipes, (name, n_layers, d_model). The 1T recipe is a MoE; its 120×16384 trunk anchors
+# The guide's recipes, (name, n_layers, d_model). The 1T recipe is a MoE; its 120×16384 trunk anchors
 # the shape at the large end (its dense-equivalent trunk is ~0.4T).
 RECIPES: tuple[tuple[str, int, int], ...] = (
     ("7B", 32, 4096), ("70B", 80, 8192), ("1T MoE trunk", 120, 16384),
