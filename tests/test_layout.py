@@ -1583,8 +1583,6 @@ def test_hyena_filter_mlp_runs_per_position_not_per_token() -> None:
     (("gpt2", "--gpus", "16", "--layout", "pp=2,vpp=8"), "pp·vpp = 16 model chunks, more than the 12 layers"),
     (("qwen2.5-7b", "--gpus", "8", "--layout", "tp=8"), "tp=8: 28 query / 4 KV heads do not split 8 ways"),
     (("llama-3-8b", "--gpus", "6", "--layout", "cp=3"), "cp=3 does not divide --seq 8192"),
-    (("llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", "tp=8"),
-     "sequence parallelism splits each rank's 8191 tokens over tp=8"),
     (("llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", "tp=8,cp=1,pp=1,dp=1,zero=1,recompute=full,mb=1"),
      "sequence parallelism splits each rank's 8191 tokens over tp=8"),
 ])
@@ -1609,9 +1607,24 @@ def test_cli_partial_layout_candidates_all_exist(capsys: pytest.CaptureFixture[s
         layout = parse_layout(row["layout"]).complete()
         assert layout is not None and layout.pp > 1
         assert layout_problem(layout, n_layers=32, gpus_per_node=8, seq=8191) is None
-    # without sp=off, sequence parallelism needs a length tp divides: only tp = 1 is left
-    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8191", "--json")
-    assert code == 0 and {row["tp"] for row in json.loads(out)["layouts"]} == {1}
+
+
+def test_search_turns_sequence_parallelism_off_where_tp_does_not_split_the_tokens(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """sp not given is searched: on where each rank's tokens split over tp, off where they do not
+    (Megatron refuses SP there), so a length tp does not divide keeps its tp > 1 layouts, and a
+    partial --layout tp=8 completes to one instead of failing on a rule the search imposed."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8191", "--top", "100",
+                       "--json")
+    rows = json.loads(out)["layouts"]
+    assert code == 0 and {row["tp"] for row in rows} > {1}
+    assert all(row["layout"].endswith("sp=off") for row in rows)
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8192", "--top", "100",
+                       "--json")
+    assert code == 0 and all(row["layout"].endswith("sp=on") for row in json.loads(out)["layouts"] if row["tp"] > 1)
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", "tp=8",
+                       "--json")
+    assert code == 0 and {row["layout"].split(",")[-1] for row in json.loads(out)["layouts"]} == {"sp=off"}
 
 
 def test_cli_dense_layout_is_complete_without_ep(capsys: pytest.CaptureFixture[str],

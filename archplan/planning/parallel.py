@@ -683,7 +683,6 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     modes = [g["recompute"]] if "recompute" in g else (
         ["none", "full"] if settings.attention_kernel == "flash" else ["none", "selective", "full"])
     mbs = [g["mb"]] if "mb" in g else list(MICRO_BATCHES)
-    sp = g.get("sp", True)
     for tp in tps:
         if gpus % tp:
             continue
@@ -695,6 +694,10 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
             if (gpus // tp) % cp or seq % cp or cp_problem(plan, tp, cp):
                 continue
             rest = gpus // (tp * cp)
+            # not given, sequence parallelism is on wherever each rank's tokens split over tp (the
+            # norms' work and the activations between TP regions shrink by tp for the same
+            # traffic) and off where they do not, which Megatron then requires (`layout_problem`)
+            sp = g.get("sp", (seq // cp) % tp == 0)
             pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= blocks]
             for pp in pps:
                 if rest % pp:
