@@ -18,10 +18,13 @@ docs/architecture.md). What it compares (docs/architecture.md "Cross-check", doc
   updates) is shown as analytic-only;
 - training FLOPs: a real forward + backward on meta under the counter, against the analytic
   training FLOPs (backward = 2 x forward matmuls, Kaplan et al. 2020 §2.1; PaLM App. B);
+- the KV/SSM cache, measured on the meta model after a prefill with the real cache (bf16; a cache
+  tensor's size is its shape's, so this runs for any model, no memory allocated) against
+  `analytic.kv_cache`;
 - on a small real instance (CPU by default): fvcore's `FlopCountAnalysis` (multiply-adds, so x2;
   docs/formulas.md §2.7), with norms switched off since they are elementwise in our convention, compared
   per component on the ops fvcore counts, the ops it skips priced apart (`FvcoreRow`); and the
-  KV/SSM cache measured after a prefill with the real cache against `analytic.kv_cache`.
+  cache measured again on that instance (fp32), after a prefill with real values.
 
 Each check reports whether it ran (`CrossCheck.checks`): an fvcore that is absent or fails, or a
 check that was not requested, is "not run" with its reason, never a match.
@@ -199,6 +202,7 @@ class CrossCheck:
     training: Row | None  # one forward + backward at (batch, seq) against the analytic training FLOPs
     training_per_token: int | None  # analytic training_flops_per_token at seq (batch-independent)
     training_ops: Mapping[str, int]
+    kv: tuple[Row, ...]  # layers.i.mixer -> cache bytes after prefilling seq tokens on meta (bf16)
     real: RealCheck | None
     real_not_run: str  # why there is no real instance (when `real` is None)
     layer_kinds: Mapping[str, str]  # layers.i -> "gqa S4096 + moe", for display
@@ -229,6 +233,7 @@ class CrossCheck:
         rows: list[Row] = [row for row in (*self.params, *self.flops) if not row.ok]
         if self.training is not None and not self.training.ok:
             rows.append(self.training)
+        rows.extend(row for row in self.kv if not row.ok)
         if self.real is not None:
             rows.extend(row for row in self.real.kv if not row.ok)
         return tuple(rows)
@@ -250,8 +255,9 @@ class CrossCheck:
             _check("training FLOPs", None if self.training is not None else "no backward requested",
                    self.training is not None and self.training.ok and not uncounted(self.backward_ops),
                    uncounted(self.backward_ops) or "forward + backward total differs"),
-            _check("KV cache", None if real is not None else why_not_real,
-                   real is not None and all(row.ok for row in real.kv), "layers differ"),
+            _check("KV cache", None,
+                   all(row.ok for row in self.kv) and (real is None or all(row.ok for row in real.kv)),
+                   "layers differ"),
             _check("fvcore", why_not_real if fv is None else fv.not_run,
                    fv is not None and fv.ok, "components differ"),
         )
@@ -311,6 +317,7 @@ class CrossCheck:
             "ops": [_op_json(o) for o in self.ops],
             "backward_ops": [_op_json(o) for o in self.backward_ops],
             "uncounted_matmul_ops": [o.op for o in self.suspicious_ops],
+            "kv_cache": [_row_json(row) for row in self.kv],
             "real": real,
         }
 
@@ -734,6 +741,8 @@ def crosscheck(
         # is compared in total, not per token.
         training = Row("forward+backward", flops.training("full"), sum(training_ops.values()))
         training_per_token = training_flops_per_token(plan, seq_len)
+    model.eval()  # the cache is inference's, as on the real instance
+    kv_rows = _measure_cache(model, plan, tokens_BT, "meta", progress)
 
     real_check: RealCheck | None = None
     real_not_run = "no real instance requested"
@@ -755,9 +764,25 @@ def crosscheck(
         training=training,
         training_per_token=training_per_token,
         training_ops=training_ops,
+        kv=kv_rows,
         real=real_check,
         real_not_run=real_not_run,
         layer_kinds={layer.path: layer_kind(layer) for layer in plan.layers},
+    )
+
+
+def _measure_cache(model: ArchplanModel, plan: ModelPlan, tokens_BT: torch.Tensor, device: str,
+                   progress: Progress | None) -> tuple[Row, ...]:
+    """Each layer's cache bytes after prefilling `tokens_BT` through the model with its real cache
+    (`new_cache`, in the model's dtype), beside `analytic.kv_cache` in that dtype."""
+    batch, seq_len = tokens_BT.shape
+    cache = model.new_cache(batch, seq_len)
+    with torch.no_grad(), _layer_progress(model, f"prefill with the cache ({device})", progress):
+        model(tokens_BT, cache=cache)
+    analytic = kv_cache(plan, seq_len, batch, model.embed.weight.element_size())
+    return tuple(
+        Row(f"{layer.path}.mixer", analytic.by_component.get(f"{layer.path}.mixer", 0), state.nbytes())
+        for layer, state in zip(plan.layers, cache.layers, strict=True)
     )
 
 
@@ -797,15 +822,7 @@ def _real_check(
     tokens_BT = _model_inputs(plan, batch, seq_len, device)
     dtype_bytes = torch.finfo(torch.float32).bits // 8
 
-    cache = model.new_cache(batch, seq_len)
-    with torch.no_grad(), _layer_progress(model, f"prefill with the cache ({device})", progress):
-        model(tokens_BT, cache=cache)
-    analytic = kv_cache(plan, seq_len, batch, dtype_bytes)
-    kv_rows = tuple(
-        Row(f"{layer.path}.mixer", analytic.by_component.get(f"{layer.path}.mixer", 0), state.nbytes())
-        for layer, state in zip(plan.layers, cache.layers, strict=True)
-    )
-
+    kv_rows = _measure_cache(model, plan, tokens_BT, device, progress)
     fv = (
         _fvcore_check(model, tokens_BT, counted_by_component) if fvcore
         else FvcoreCheck(rows=(), not_run="not requested")

@@ -12,7 +12,8 @@ import torch
 from torch.utils.flop_counter import flop_registry
 
 from archplan import crosscheck as cc
-from archplan.analytic import FlopCount, ParamCount, count_params
+from archplan.analytic import FlopCount, ParamCount, count_params, kv_cache
+from archplan.analytic.kv import KVCache
 from archplan.contraction import ContractionDetector, contraction_shaped
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS
 from archplan.loader import load_spec, preset_names
@@ -138,13 +139,39 @@ def test_updates_and_elementwise_ops_are_not_contractions(
 
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_verifies_on_meta(preset: str) -> None:
+    """Every check that needs no allocated model, on every preset: parameters, forward FLOPs,
+    training FLOPs (a real backward on meta) and the cache the model's own cache holds after a
+    prefill (meta tensors have their shapes' sizes)."""
     plan = resolve(load_spec(preset))
-    result = cc.crosscheck(plan, seq_len=64, batch=1, backward=False, real=False)
+    result = cc.crosscheck(plan, seq_len=64, batch=1, backward=True, real=False)
     assert [r for r in result.params if not r.ok] == []
     assert [r for r in result.flops if not r.ok] == []
+    assert result.training is not None and result.training.ok, result.training
     assert result.suspicious_ops == ()
     assert result.params_built == count_params(plan).total
-    assert result.ok
+    assert len(result.kv) == len(plan.layers) and [r for r in result.kv if not r.ok] == []
+    assert sum(r.built for r in result.kv) == kv_cache(plan, 64, 1, 2).bytes > 0
+    assert {c.name: c.status for c in result.checks} == {
+        "parameters": "match", "forward FLOPs": "match", "training FLOPs": "match", "KV cache": "match",
+        "fvcore": "not run"}
+
+
+def test_a_cache_the_analytic_count_misses_is_a_kv_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The meta cache check compares layer by layer: an analytic figure off by one element fails it,
+    and the diff names the layer."""
+    real_kv = cc.kv_cache
+
+    def off_by_one(plan: ModelPlan, seq_len: int, batch: int, dtype_bytes: int) -> KVCache:
+        kv = real_kv(plan, seq_len, batch, dtype_bytes)
+        by = dict(kv.by_component)
+        by["layers.1.mixer"] += dtype_bytes
+        return dataclasses.replace(kv, by_component=by)
+
+    monkeypatch.setattr(cc, "kv_cache", off_by_one)
+    result = cc.crosscheck(resolve(TINY), seq_len=8, backward=False, real=False)
+    assert {c.name: c.status for c in result.checks}["KV cache"] == "mismatch" and not result.ok
+    assert [r.component for r in result.failures] == ["layers.1.mixer"]
+    assert [r["ok"] for r in result.to_json()["kv_cache"]].count(False) == 1
 
 
 def test_training_flops_of_a_tiny_hybrid_are_three_forwards() -> None:

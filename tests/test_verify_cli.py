@@ -236,9 +236,12 @@ def test_checks_that_did_not_run_on_a_big_model_are_named(
     code, out, _ = run(monkeypatch, capsys, "gpt2", "--seq", "8", "--no-backward")
     assert code == 0 and "all figures match" not in out
     assert _summary(out) == (
-        "match exactly: parameters, forward FLOPs; not run: training FLOPs (no backward requested), "
-        "KV cache (model ≥ 50M parameters), fvcore (model ≥ 50M parameters)"
+        "match exactly: parameters, forward FLOPs, KV cache; not run: training FLOPs (no backward requested), "
+        "fvcore (model ≥ 50M parameters)"
     )
+    # the cache is measured on meta whatever the size: a row per layer, folded where they repeat
+    assert "KV/SSM cache after a prefill of 8 tokens" in out
+    assert "layers.0-11.mixer" in out
 
 
 def test_all_figures_match_only_when_every_check_ran(

@@ -1,8 +1,9 @@
 """`archplan verify SPEC`: the analytic figures against a real model built from the same spec.
 
 Builds the model on meta, compares parameters and counted forward FLOPs component by component,
-checks training FLOPs with a real backward, and on small models also runs fvcore and measures the
-KV/SSM cache on a real instance (`archplan.crosscheck`). Exit 0 when no check disagrees, 1 with
+checks training FLOPs with a real backward, measures the KV/SSM cache the model's own cache holds
+after a prefill on meta, and on small models also runs fvcore and measures the cache again on a real
+instance (`archplan.crosscheck`). Exit 0 when no check disagrees, 1 with
 the diff, 2 on bad input; a check that did not run (fvcore absent or failing, no real instance)
 is reported as "not run" with its reason and never counted as a match. torch is imported inside
 the command only (cli.py loads every command module, and `size`/`lint` must stay torch-free).
@@ -54,7 +55,8 @@ def register(app: typer.Typer) -> None:
         help=(
             "Build the model (meta device) and check every analytic number against it, component by "
             "component: parameters (numel), forward FLOPs (FlopCounterMode), training FLOPs (a real "
-            "backward); on small models also fvcore and the measured KV cache. An op with no FLOP "
+            "backward), the KV/SSM cache the model's own cache holds after a prefill (meta, any size); on "
+            "small models also fvcore and the cache measured again on a real instance. An op with no FLOP "
             "formula and a matmul-shaped signature fails. Exit 0 when no check disagrees (checks that "
             "could not run are listed as not run), 1 with the diff, 2 on bad input.\n\n"
             "Examples:\n\n  archplan verify deepseek-v3 --seq 64 --json\n\n"
@@ -70,7 +72,7 @@ SeqOpt = Annotated[int | None, typer.Option(
     show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, max=MAX_BATCH, help="Batch of the counted forward.")]
 DeviceOpt = Annotated[Device, typer.Option(
-    "--device", help="Device of the real instance (fvcore, measured KV cache).")]
+    "--device", help="Device of the real instance (fvcore, the cache measured with real values).")]
 CpuCheckOpt = Annotated[bool | None, typer.Option(
     "--cpu-check/--no-cpu-check", show_default=False,
     help="Force (or skip) the real-instance checks (default: only below 50M parameters).", metavar="")]
@@ -360,6 +362,7 @@ def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
             f"training FLOPs (forward + backward on meta, one step at batch {result.batch} × seq "
             f"{result.seq_len}): analytic {t.analytic:,}, counted {t.built:,} {_mark(t.ok)}"
         )
+    _render_cache(result, console, aggregate=aggregate)
     _render_real(result, console)
     _render_diff(result, console)
 
@@ -383,19 +386,47 @@ def _render_ops(result: CrossCheck, console: Console) -> None:
                           + ", ".join(f"{op.op} ×{op.calls}" for op in zero))
 
 
+def _render_cache(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
+    """The cache measured on meta (bf16) and, where it ran, on the real instance, layer by layer;
+    folded as the component table is, runs of consecutive layers with equal, passing rows."""
+    real = result.real
+    per_layer = [(m,) if real is None else (m, r) for m, r in
+                 zip(result.kv, result.kv if real is None else real.kv, strict=True)]
+    runs: list[tuple[int, int]] = []  # (first index, count)
+    for i, rows in enumerate(per_layer):
+        same = (aggregate and runs and all(row.ok for row in rows)
+                and [(r.analytic, r.built, r.ok) for r in per_layer[runs[-1][0]]] == [(r.analytic, r.built, r.ok)
+                                                                                      for r in rows])
+        if same:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    where = "meta, 2 bytes/element" + ("" if real is None else f"; {real.device}, {real.dtype_bytes} bytes/element")
+    table = Table(title=f"KV/SSM cache after a prefill of {result.seq_len} tokens ({where})",
+                  caption="Folded rows (×n) show the per-layer figures." if len(runs) < len(per_layer) else None)
+    columns = ["component", "×", "analytic", "meta", ""]
+    if real is not None:
+        columns += ["analytic ", real.device, " "]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for first, count in runs:
+        rows = per_layer[first]
+        name = rows[0].component
+        if count > 1:
+            name = f"layers.{first}-{first + count - 1}.{_suffix(name)}"
+        cells = [name, str(count) if count > 1 else ""]
+        for row in rows:
+            cells += [f"{row.analytic:,}", f"{row.built:,}", _mark(row.ok)]
+        table.add_row(*cells)
+    console.print(table)
+
+
 def _render_real(result: CrossCheck, console: Console) -> None:
     real = result.real
     if real is None:
-        console.print(f"real-instance checks (fvcore, measured KV cache): not run ({result.real_not_run}; "
-                      "--cpu-check forces them)")
+        console.print(f"real-instance checks (fvcore, the cache prefilled with real values): not run "
+                      f"({result.real_not_run}; --cpu-check forces them)")
         return
-    table = Table(title=f"KV/SSM cache after a prefill of {result.seq_len} tokens ({real.device}, "
-                        f"{real.dtype_bytes} bytes/element)")
-    for col in ("component", "analytic bytes", "measured bytes", ""):
-        table.add_column(col, justify="left" if col == "component" else "right")
-    for row in real.kv:
-        table.add_row(row.component, f"{row.analytic:,}", f"{row.built:,}", _mark(row.ok))
-    console.print(table)
     fv = real.fvcore
     if fv.not_run is not None:
         console.print(f"[yellow]fvcore FlopCountAnalysis: not run[/yellow] ({fv.not_run})")
