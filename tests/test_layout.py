@@ -1177,6 +1177,8 @@ def test_cli_partial_layout_searches_the_rest(capsys: pytest.CaptureFixture[str]
     r = json.loads(out)
     assert all(row["tp"] == 2 and row["recompute"] == "full" for row in r["layouts"])
     assert r["efficiency"]["override"] == 0.5 and "--efficiency 0.5" in r["efficiency"]["description"]
+    # the override sets the GEMM and attention rates only: the text names the HBM share still applied
+    assert "elementwise and optimizer at 80% of HBM bandwidth" in r["efficiency"]["description"]
     assert r["efficiency"]["flash_fractions"] == []  # the user's rate has no length law
     assert r["accuracy"] is None  # the user's rates were not the ones validated
     assert all(row["training_days_range"] is None for row in r["layouts"])

@@ -755,7 +755,8 @@ def _efficiency_text(result: SearchResult) -> str:
     settings, k = result.settings, result.kernels
     if settings.efficiency is not None:
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
-                "of the dense peak (user-measured); elementwise and optimizer at HBM bandwidth")
+                f"of the dense peak (user-measured); elementwise and optimizer at {k.hbm:.0%} of HBM "
+                f"bandwidth ({k.family} constants)")
     from archplan.hardware import flash_speed
 
     calibrated = "" if result.calibrated else " [not calibrated on this GPU]"
@@ -1090,7 +1091,8 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     noun = "token" if tokens == 1 else "tokens"
     console.print(f"training on {count(tokens)} {noun} ({source}): {_batch_as_run(result)}; MFU = model FLOPs "
                   f"({result.model_flops_per_token:,}/token, "
-                  "causal, no recompute) / (step time × GPUs × bf16 peak)"
+                  "causal, no recompute; `size --attention causal` counts the same, its default full square "
+                  "more) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
     if accuracy and (spread := _time_spread(result)):
