@@ -2336,3 +2336,18 @@ def test_zero3_holds_two_gathered_layers_at_a_time(states: str) -> None:
         assert layout is not None
         temporary[zero] = cluster.rank_memory(plan, layout, 4096, microbatches=4, states=convention).temporary
     assert temporary == {2: 0, 3: 2 * 2 * layer}
+
+
+def test_an_moe_layout_with_tensor_parallelism_notes_the_expert_tp_it_prices(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experts are priced whole on every TP rank (expert TP 1); Megatron-Core's default expert
+    TP = tp is not, and a shown layout with tp > 1 says so. A dense model or tp = 1 gets no note."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4096",
+                       "--layout", "tp=8,cp=1,pp=1,dp=8,ep=1,zero=1,recompute=full,mb=1", "--json")
+    notes = json.loads(out)["notes"]
+    assert code == 1 and any(n.startswith("layout 1: the routed experts are whole on every tensor-parallel rank")
+                             for n in notes)
+    for args in (("mixtral-8x7b", "--layout", "tp=1,ep=8"), ("llama-3-8b", "--layout", "tp=8")):
+        code, out, _ = run(capsys, monkeypatch, "plan", args[0], "--gpus", "64", "--gpu", "h100", "--seq", "4096",
+                           *args[1:], "--json")
+        assert code == 0 and not any("expert tensor parallelism" in n for n in json.loads(out)["notes"])

@@ -537,6 +537,15 @@ def _notes(result: SearchResult) -> list[str]:
         experts = " (and the experts' over 1)" if result.routed else ""
         notes.append(f"zero={given.zero} shards the states over dp·cp = 1 rank{experts}: nothing to shard, so "
                      "they are zero=0's")
+    split = [i for i, e in enumerate(result.shown, 1) if e.layout.tp > 1]
+    if result.routed and split:
+        # Megatron-Core's parallel folding (Liu et al. 2025); its `expert_tensor_parallel_size`
+        # defaults to the tensor-parallel size, which Megatron-Bridge's MoE recipes set to 1
+        shown = ", ".join(map(str, split))
+        notes.append(f"layout{'s' if len(split) > 1 else ''} {shown}: the routed experts are whole on every "
+                     "tensor-parallel rank (expert tensor parallelism 1, as Megatron-Bridge's MoE recipes set "
+                     "it), sharded only over ep; Megatron-Core's default expert TP = tp, which splits each "
+                     "expert's weights tp ways and its tokens' GEMMs with them, is not priced")
     per_node = result.net.gpus_per_node
     if result.gpus > per_node and result.gpus % per_node:
         whole, rest = divmod(result.gpus, per_node)
