@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from archplan.analytic import count_params
 from archplan.cli import main
 from archplan.errors import ArchplanError
 from archplan.importers import FAMILIES, convert_config, import_hf, read_hf, spec_from_config
+from archplan.importers.hf import compress_mixers
 from archplan.loader import load_spec, parse_yaml, spec_from_data
 from archplan.planning import spec_yaml
 from archplan.resolve import resolve
+from archplan.spec import MAX_LAYERS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())["models"]
@@ -693,6 +696,46 @@ def test_refused_values_are_quoted_as_the_config_spells_them(change: dict[str, A
 def test_family_refusals_name_the_field(case: str, change: dict[str, Any], field: str) -> None:
     err = refusal({**TINY[case].config, **change})
     assert err.field == field
+
+
+@pytest.mark.parametrize("case", ["llama-biased-tied-llama3rope", "mixtral-window", "deepseek_v3", "jamba",
+                                  "qwen2-max-window-layers", "stripedhyena", "gpt2-n_inner", "mpt"])
+def test_a_layer_count_past_the_spec_limit_is_refused_before_its_layers_are_spelled(case: str) -> None:
+    """10⁹ layers once built per-layer lists first (MemoryError, or minutes), 10³⁰ overflowed an
+    index; every family refuses the count itself, naming its field."""
+    config = TINY[case].config
+    key = next(k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in config)
+    for count in (MAX_LAYERS + 1, 10**9, 10**30):
+        err = refusal({**config, key: count})
+        assert err.field == key and f"expected at most {MAX_LAYERS:,} layers" in err.message
+
+
+@pytest.mark.parametrize(("scaling_key", "scaling"), [
+    ("rope_scaling", {"rope_type": ["llama3"]}), ("rope_scaling", {"type": {}}), ("rope_parameters", {"rope_type": []}),
+])
+def test_a_rope_type_that_is_not_a_string_is_refused(scaling_key: str, scaling: dict[str, Any]) -> None:
+    config = {k: v for k, v in TINY["llama-biased-tied-llama3rope"].config.items() if k != "rope_scaling"}
+    err = refusal({**config, scaling_key: scaling})
+    assert err.field == f"{scaling_key}.{next(iter(scaling))}" and "expected a string, got" in err.message
+
+
+def test_the_mixer_pattern_is_the_layers_smallest_period() -> None:
+    """`compress_mixers` finds the shortest pattern Layout.mixers repeats into the layers, the
+    period that need not divide the count; checked against trying every period."""
+    def every_period(letters: list[str]) -> str:
+        n = len(letters)
+        return next("".join(letters[:p]) for p in range(1, n + 1)
+                    if all(letters[i] == letters[i % p] for i in range(n)))
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n, alphabet = rng.randint(1, 24), rng.choice(["AS", "AMH", "AAAS"])
+        base = [rng.choice(alphabet) for _ in range(rng.randint(1, 5))]
+        letters = [base[i % len(base)] for i in range(n)]
+        if rng.random() < 0.3:
+            letters[rng.randrange(n)] = rng.choice(alphabet)
+        assert compress_mixers(letters) == every_period(letters), letters
+    assert compress_mixers(list("ASASA")) == "AS" and compress_mixers(list("AAAS")) == "AAAS"
 
 
 def test_a_block_the_spec_refuses_is_one_error_not_a_traceback() -> None:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from archplan.errors import ArchplanError
 from archplan.loader import read_capped
 from archplan.spec import (
+    MAX_LAYERS,
     GLU,
     GQA,
     MHA,
@@ -180,6 +181,14 @@ class HFConfig:
             raise self.error(name, f"expected a positive integer, got {value}")
         return value
 
+    def layer_count(self, name: str) -> int:
+        """A number of layers, refused past the spec's `MAX_LAYERS` before any per-layer list is
+        built from it (a count of 10⁹ would exhaust memory spelling its layers out)."""
+        value = self.int_(name)
+        if value > MAX_LAYERS:
+            raise self.error(name, f"expected at most {MAX_LAYERS:,} layers (a spec's limit), got {value:,}")
+        return value
+
     def opt_int(self, name: str, default: Any = _ABSENT) -> int | None:
         """An integer or null (null = 'derive it', as transformers' `getattr(...) or ...` does)."""
         if self.get(name, default) is None:
@@ -289,7 +298,7 @@ def read_dims(cfg: HFConfig, *, head_dim_key: bool = True, kv_key: str | None = 
     return Dims(
         vocab=cfg.int_("vocab_size"),
         d_model=d_model,
-        n_layers=cfg.int_("num_hidden_layers"),
+        n_layers=cfg.layer_count("num_hidden_layers"),
         n_heads=n_heads,
         n_kv=n_kv,
         head_dim=head_dim,
@@ -373,7 +382,10 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     fraction = _number(cfg, "rope_parameters.partial_rotary_factor",
                        params.get("partial_rotary_factor", cfg.float_("partial_rotary_factor", fraction)))
     scaling_src, where = (legacy, "rope_scaling") if legacy else (params, "rope_parameters")
-    kind_name = scaling_src.get("rope_type", scaling_src.get("type", "default"))
+    type_key = "rope_type" if "rope_type" in scaling_src else "type"
+    kind_name = scaling_src.get(type_key, "default")
+    if not isinstance(kind_name, str):
+        raise cfg.error(f"{where}.{type_key}", f"expected a string, got {as_json(kind_name)}")
     scaling: RopeScaling | None = None
     bookkeeping = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
     if kind_name == "default":
@@ -427,12 +439,19 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
 
 
 def compress_mixers(letters: Sequence[str]) -> str:
-    """Shortest cyclic pattern that spells the per-layer letters (Layout.mixers repeats it)."""
+    """Shortest cyclic pattern that spells the per-layer letters (Layout.mixers repeats it): the
+    string's smallest period, n minus its longest proper border, from the Knuth-Morris-Pratt prefix
+    function in linear time (trying every period was quadratic: minutes at 100,000 layers)."""
     n = len(letters)
-    for period in range(1, n + 1):
-        if all(letters[i] == letters[i % period] for i in range(n)):
-            return "".join(letters[:period])
-    return "".join(letters)
+    if not n:
+        return ""
+    border = [0] * n  # border[i]: longest proper prefix of letters[:i + 1] that is also its suffix
+    for i in range(1, n):
+        k = border[i - 1]
+        while k and letters[i] != letters[k]:
+            k = border[k - 1]
+        border[i] = k + (letters[i] == letters[k])
+    return "".join(letters[:n - border[-1]])
 
 
 def window_letters(cfg: HFConfig, n_layers: int, window: int | None) -> list[str]:
@@ -699,7 +718,7 @@ def qwen_window(cfg: HFConfig, n_layers: int, default_sliding: Callable[[int, in
 def _qwen2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen2.py: Llama with q/k/v bias (o without); sliding layers i >= max_window_layers."""
     cfg.fixed("use_mrope", False, "multimodal RoPE sections (Qwen2-VL) are not a text-model feature")
-    window, mixers = qwen_window(cfg, cfg.int_("num_hidden_layers"), lambda i, m: i >= m)
+    window, mixers = qwen_window(cfg, cfg.layer_count("num_hidden_layers"), lambda i, m: i >= m)
     spec = _llama_like(cfg, qkv_bias=True, window=window)
     spec["layout"] = Layout(mixers=mixers)
     return spec
@@ -713,7 +732,7 @@ def qk_head_norm(cfg: HFConfig) -> QKNorm:
 @family("qwen3", defaults={**_QWEN2, "head_dim": 128})
 def _qwen3(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen3.py: Llama + per-head-dim q/k RMSNorm; head_dim defaults to 128, not d/H."""
-    window, mixers = qwen_window(cfg, cfg.int_("num_hidden_layers"), lambda i, m: i >= m)
+    window, mixers = qwen_window(cfg, cfg.layer_count("num_hidden_layers"), lambda i, m: i >= m)
     bias = cfg.bool_("attention_bias")
     spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, qk_norm=qk_head_norm(cfg), window=window)
     spec["layout"] = Layout(mixers=mixers)
@@ -747,7 +766,7 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen2_moe.py: routed experts + one shared expert behind a sigmoid(Linear(D,1)) gate;
     default sliding layers are the even ones below max_window_layers (Qwen2MoeConfig.__post_init__)."""
     _no_llama_biases(cfg, "Qwen2-MoE")
-    n_layers = cfg.int_("num_hidden_layers")
+    n_layers = cfg.layer_count("num_hidden_layers")
     window, mixers = qwen_window(cfg, n_layers, lambda i, m: bool((i + 1) % 2) and i < m)
     spec = _llama_like(cfg, qkv_bias=cfg.bool_("qkv_bias"), window=window)
     n_experts = cfg.count("num_experts")
@@ -776,7 +795,7 @@ def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen3_moe.py: Qwen3 attention (q/k head norm; head_dim = getattr or d/H, no 128
     default here) + routed experts; the window (if use_sliding_window) is on every layer."""
     window = sliding_window_if(cfg)
-    n_layers = cfg.int_("num_hidden_layers")
+    n_layers = cfg.layer_count("num_hidden_layers")
     bias = cfg.bool_("attention_bias")
     spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, qk_norm=qk_head_norm(cfg), window=window)
     n_experts = cfg.count("num_experts")
@@ -822,7 +841,7 @@ def _gemma(cfg: HFConfig) -> dict[str, Any]:
 def _gemma2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma2.py: four RMSNorms per block (sandwich), sliding window on even layers."""
     cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
-    n_layers = cfg.int_("num_hidden_layers")
+    n_layers = cfg.layer_count("num_hidden_layers")
     window = cfg.opt_int("sliding_window")
     if cfg.get("layer_types", None) is None:
         # Gemma2Config.__post_init__: "sliding_attention" if (i + 1) % 2 else "full_attention"
@@ -897,7 +916,7 @@ def _gpt2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gpt2.py: learned positions (wpe), pre-LayerNorm, biased Conv1D projections, tied head."""
     cfg.fixed("add_cross_attention", False, "cross-attention blocks belong to an encoder-decoder")
     d = cfg.int_("n_embd")
-    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"),
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layer"),
                 n_heads=cfg.int_("n_head"), n_kv=cfg.int_("n_head"), head_dim=d // cfg.int_("n_head"),
                 max_pos=cfg.int_("n_positions"))
     return {
@@ -951,7 +970,7 @@ def _gptj(cfg: HFConfig) -> dict[str, Any]:
     LM head with bias, RoPE on the first `rotary_dim` dims of each head (null = all)."""
     cfg.fixed("rotary", True, "GPT-J always rotates (the flag of the original mesh-transformer-jax config)")
     d, h = cfg.int_("n_embd"), cfg.int_("n_head")
-    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"), n_heads=h,
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layer"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("n_positions"))
     rot = cfg.opt_int("rotary_dim") or dims.head_dim
     if rot > dims.head_dim or rotary_dim(dims.head_dim, rot / dims.head_dim) != rot:
@@ -1023,7 +1042,7 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
                                         "multi_query (transformers' fused qkv is then 3·hidden_size)")
     if not new_arch:
         n_kv = 1 if multi_query else h
-    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("num_hidden_layers"),
                 n_heads=h, n_kv=n_kv, head_dim=d // h, max_pos=cfg.int_("max_position_embeddings"),
                 kv_key="num_kv_heads")
     bias = cfg.bool_("bias")
@@ -1062,7 +1081,7 @@ def _bloom(cfg: HFConfig) -> dict[str, Any]:
     d, h = cfg.int_("hidden_size"), cfg.int_("n_head")
     # ALiBi has no position table, so transformers reads no length; Megatron-DeepSpeed's seq_length,
     # where the config keeps it, is the length the model was trained at
-    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layer"), n_heads=h,
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layer"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.opt_int("seq_length", None))
     return {
         **base(dims, tied=tied(cfg), embed_norm=True),
@@ -1104,7 +1123,7 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
         if key not in _MPT_ATTN_FIXED and key not in _MPT_ATTN_INERT and key not in COMMON_KEYS:
             cfg.unread_nested.append(f"attn_config.{key}")
     d, h = cfg.int_("d_model"), cfg.int_("n_heads")
-    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("n_layers"), n_heads=h,
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layers"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("max_seq_len"))
     return {
         **base(dims, tied=tied(cfg)),
@@ -1360,7 +1379,7 @@ _MAMBA_INERT = ("residual_in_fp32", "time_step_scale", "time_step_min", "time_st
 _MAMBA_DERIVED = {
     "d_inner": Derived(lambda cfg: _expand(cfg, "expand") * cfg.int_("hidden_size"), "expand · hidden_size"),
     "d_model": Derived(lambda cfg: cfg.int_("hidden_size"), "hidden_size"),
-    "n_layer": Derived(lambda cfg: cfg.int_("num_hidden_layers"), "num_hidden_layers"),
+    "n_layer": Derived(lambda cfg: cfg.layer_count("num_hidden_layers"), "num_hidden_layers"),
 }
 
 # Mamba2Config keeps a file's intermediate_size but builds expand · hidden_size: one that disagrees
@@ -1384,7 +1403,7 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
     dt_rank = cfg.get("time_step_rank")
     if dt_rank != "auto":
         dt_rank = cfg.int_("time_step_rank")
-    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("num_hidden_layers"),
                 n_heads=1, n_kv=1, head_dim=d, max_pos=None)
     return {
         **base(dims, tied=tied(cfg)),
@@ -1414,7 +1433,7 @@ def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     if n_heads * head_dim != expand * d:
         raise cfg.error("num_heads", f"num_heads · head_dim = {n_heads * head_dim} must equal "
                                      f"expand · hidden_size = {expand * d} (Mamba2Config.validate_architecture)")
-    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.int_("num_hidden_layers"),
+    dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("num_hidden_layers"),
                 n_heads=1, n_kv=1, head_dim=d, max_pos=None)
     return {
         **base(dims, tied=tied(cfg)),

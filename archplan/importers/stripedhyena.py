@@ -53,7 +53,7 @@ def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
     cfg.fixed("bidirectional", False, "archplan's mixers are causal")
     cfg.fixed("long_fir_threshold", None, "a truncated long filter run as a direct conv is another operator")
     d = cfg.int_("hidden_size")
-    n_layers = cfg.int_("num_layers")
+    n_layers = cfg.layer_count("num_layers")
     heads = cfg.int_("num_attention_heads")
     groups = cfg.int_("proj_groups")
     if d % heads:
