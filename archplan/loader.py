@@ -34,6 +34,9 @@ Loc = tuple[int, int]  # 1-based line, column
 class LoadedYaml:
     data: Any
     locations: dict[tuple[str | int, ...], Loc]  # field path -> where its key/item starts
+    # the first mapping key that is not a field name (`1:`, `null:`), located: readable YAML, an
+    # invalid spec, raised by `spec_from_data` before pydantic (which names neither line nor key)
+    key_error: ArchplanError | None = None
 
 
 # libyaml's parser when present: 5x faster on `lint` of hundreds of specs.
@@ -190,6 +193,29 @@ def _count_nodes(node: yaml.Node, budget: list[int], file: str) -> None:
             _count_nodes(item, budget, file)
 
 
+_KEY_TAGS = {"tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"}  # a field name, or `<<` merging a mapping
+
+
+def _first_bad_key(node: yaml.Node, file: str) -> ArchplanError | None:
+    """The first mapping key that is not a field name: YAML reads `1:`, `null:` or `true:` as a
+    number, null or boolean, which no spec field is named (a key that is not a scalar at all the
+    constructor has refused already, `_Loader.construct_mapping`)."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if k.tag not in _KEY_TAGS:
+                return ArchplanError(f"key `{k.value}` (YAML reads it as {k.tag.rsplit(':', 1)[-1]}) is not a field "
+                                     "name; spec fields are names such as `n_layers` (quote it to use the text)",
+                                     file=file,
+                                     line=k.start_mark.line + 1, column=k.start_mark.column + 1)
+            if (inner := _first_bad_key(v, file)) is not None:
+                return inner
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            if (inner := _first_bad_key(item, file)) is not None:
+                return inner
+    return None
+
+
 def _locations(node: yaml.Node, path: tuple[str | int, ...], out: dict) -> None:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
@@ -236,7 +262,7 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
         raise ArchplanError("YAML nests too deeply", file=file) from None
     locations: dict[tuple[str | int, ...], Loc] = {}
     _locations(node, (), locations)
-    return LoadedYaml(data, locations)
+    return LoadedYaml(data, locations, _first_bad_key(node, file))
 
 
 def read_capped(path: Path, limit: int, what: str, not_regular: str = "not a regular file") -> bytes:
@@ -493,6 +519,8 @@ def _kind_of(model: type[BaseModel]) -> Any:
 
 
 def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
+    if loaded.key_error is not None:
+        raise loaded.key_error
     data = loaded.data
     if not isinstance(data, dict):
         raise ArchplanError(

@@ -148,6 +148,18 @@ def test_unknown_field_suggests_the_closest(cli, tmp_path: Path) -> None:  # typ
                           "did you mean 'n_layers'")
 
 
+@pytest.mark.parametrize(("key", "read_as"), [("1", "int"), ("null", "null"), ("true", "bool"), ("2.5", "float")])
+def test_a_key_yaml_reads_as_no_string_names_its_line(cli, tmp_path: Path, key: str,  # type: ignore[no-untyped-def]
+                                                     read_as: str) -> None:
+    """`1:` or `null:` is not a field name: the error names the key as written and its line (pydantic's
+    "Keys should be strings (got None)" named neither), and lint files it under AP002 at that line."""
+    path = spec_file(tmp_path, BASE.replace("ffn:", f"{key}: 2\nffn:"))
+    assert_one_line_error(cli("size", path), f"{path}:6:1", f"key `{key}` (YAML reads it as {read_as})",
+                          "is not a field name")
+    outcome = cli("lint", path)
+    assert outcome.code == 1 and f"{path}:6:1: AP002 error: key `{key}`" in outcome.stdout
+
+
 def test_unknown_nested_field(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_ff: 128", "dff: 128"))
     assert_one_line_error(cli("size", path), path, "ffn.dff", "did you mean 'd_ff'")

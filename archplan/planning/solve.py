@@ -295,6 +295,8 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
         raise ArchplanError(f"--multiple must be a positive integer, got {multiple}")
     file = str(partial)
     loaded = parse_yaml(read_text(find_partial_path(file)), file)
+    if loaded.key_error is not None:
+        raise loaded.key_error
     if not isinstance(loaded.data, dict):
         raise ArchplanError("expected a mapping of spec fields at the top level", file=file)
     data = loaded.data
