@@ -1239,3 +1239,28 @@ def test_rope_scaling_without_a_type_is_not_dropped_unsaid(strict: bool) -> None
         imported = convert_config(data, file="config.json", name="x")
         assert "rope_scaling.factor" in imported.ignored
         assert imported.spec.position.scaling is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0, "foo": 1},
+                                     {"rope_type": "linear", "factor": 2.0, "beta_fast": 32},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192, "bar": 2}],
+                         ids=["unknown", "another-types-key", "llama3-unknown"])
+def test_a_key_a_scaled_rope_does_not_read_is_reported_not_refused(strict: bool, scaling: dict[str, Any]) -> None:
+    """transformers warns of a key outside the rope type's and builds the same model: the import
+    reports it ignored and keeps the scaling (--strict refuses it), as for unknown top-level keys.
+    A key transformers reads that the spec cannot say (YaRN's attention_factor) is still refused."""
+    data = json.loads((FIXTURES / "hf-configs" / "llama-3-8b.json").read_text())
+    data["rope_scaling"] = scaling
+    extra = next(k for k in scaling if k in {"foo", "beta_fast", "bar"})
+    if strict:
+        with pytest.raises(ArchplanError, match=f"rope_scaling.{extra}"):
+            convert_config(data, file="config.json", name="x", strict=True)
+        return
+    imported = convert_config(data, file="config.json", name="x")
+    assert f"rope_scaling.{extra}" in imported.ignored
+    without = convert_config({**data, "rope_scaling": {k: v for k, v in scaling.items() if k != extra}},
+                             file="config.json", name="x")
+    assert imported.spec.position == without.spec.position  # type: ignore[union-attr]
+    assert imported.spec.position.scaling is not None  # type: ignore[union-attr]

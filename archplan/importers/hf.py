@@ -356,6 +356,10 @@ _ROPE_KINDS: dict[str, tuple[Literal["linear", "ntk", "yarn", "llama3"], frozens
                                     "low_freq_factor", "high_freq_factor"})),
 }
 _ROPE_REQUIRED = {"llama3": ("low_freq_factor", "high_freq_factor")}
+# keys transformers' rope validation reads for the type (`_validate_yarn_rope_parameters`'s optional
+# keys) that the spec cannot express: refused. Any other key outside the type's is one transformers
+# warns of and ignores ("Unrecognized keys in `rope_parameters`"): reported, refused under --strict.
+_ROPE_UNEXPRESSED = {"yarn": frozenset({"attention_factor"})}
 _ROPE_SCALING_FIELDS = {  # config key -> RopeScaling field
     "factor": "factor", "original_max_position_embeddings": "original_max_positions",
     "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
@@ -398,8 +402,10 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
                             f"cannot express RoPE scaling {kind_name!r}; supported: {', '.join(_ROPE_KINDS)}")
         kind, keys = _ROPE_KINDS[kind_name]
         unknown = sorted(set(scaling_src) - keys - bookkeeping)
-        if unknown:
-            raise cfg.error(f"{where}.{unknown[0]}", f"cannot express this {kind_name} RoPE field")
+        for key in unknown:
+            if key in _ROPE_UNEXPRESSED.get(kind_name, ()):
+                raise cfg.error(f"{where}.{key}", f"cannot express this {kind_name} RoPE field")
+        cfg.unread_nested.extend(f"{where}.{key}" for key in unknown)
         # transformers' _validate_llama3_rope_parameters requires both factors (the spec's defaults are
         # Llama 3.1's, which a config that omits them has not said it means)
         for key in _ROPE_REQUIRED.get(kind_name, ()):
@@ -408,7 +414,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
                                                   "a config without it)")
         values: dict[str, Any] = {
             _ROPE_SCALING_FIELDS[k]: v for k, v in scaling_src.items()
-            if k in _ROPE_SCALING_FIELDS and v is not None
+            if k in keys and v is not None
         }
         unscaled = values.get("factor") == 1 and kind in ("linear", "ntk", "llama3")
         if unscaled:
