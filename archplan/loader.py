@@ -316,17 +316,31 @@ class InvalidSpec(ArchplanError):
 
 def _pydantic_errors(exc: ValidationError, loaded: LoadedYaml, file: str) -> InvalidSpec:
     # A misspelt key also makes its intended field "missing": report the typo, it explains both.
+    # Only the field the typo's "did you mean" names: an unrelated unknown key (`foo`) explains no
+    # missing field beside it.
     errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
-    typo_parents = {tuple(e["loc"][:-1]) for e in errors if e["type"] == "extra_forbidden"}
-    shown = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"][:-1]) in typo_parents)]
-    first, *others = (_pydantic_error(err, loaded, file) for err in shown or errors)
+    meant = {(tuple(e["loc"][:-1]), guess) for e in errors if e["type"] == "extra_forbidden"
+             for guess in _typo_guess(loaded, tuple(e["loc"]))}
+    shown = [e for e in errors if not (e["type"] == "missing" and (tuple(e["loc"][:-1]), e["loc"][-1]) in meant)]
+    first, *others = (_pydantic_error(err, loaded, file) for err in shown)
     return InvalidSpec(first, others)
+
+
+def _yaml_path(loaded: LoadedYaml, loc: tuple) -> tuple:
+    """pydantic's location as the YAML's keys: without the discriminator tags (e.g. 'gqa') pydantic
+    inserts, which the YAML has no key for."""
+    return tuple(p for p in loc if p in _path_keys(loaded, loc))
+
+
+def _typo_guess(loaded: LoadedYaml, loc: tuple) -> list[str]:
+    """The field an unknown key at `loc` is a near-miss spelling of, if any (difflib's closest)."""
+    yaml_path = _yaml_path(loaded, loc)
+    return difflib.get_close_matches(str(yaml_path[-1]), _valid_names(loaded, yaml_path[:-1]), n=1)
 
 
 def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
     loc = tuple(err["loc"])
-    # pydantic inserts the discriminator tag (e.g. 'gqa') into the path; the YAML has no such key
-    yaml_path = tuple(p for p in loc if p in _path_keys(loaded, loc))
+    yaml_path = _yaml_path(loaded, loc)
     line_col = None
     for cut in range(len(yaml_path), 0, -1):
         line_col = loaded.locations.get(yaml_path[:cut])
@@ -338,7 +352,7 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
     if kind == "extra_forbidden":
         parent = yaml_path[:-1]
         names = _valid_names(loaded, parent)
-        guess = difflib.get_close_matches(str(yaml_path[-1]), names, n=1)
+        guess = _typo_guess(loaded, loc)
         owners = _kinds_with_field(loaded, parent, yaml_path[-1])
         if owners:
             # a field of another kind of the same block (n_kv_heads under kind: mha): name the kind

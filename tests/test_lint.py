@@ -495,6 +495,10 @@ def test_every_validation_problem_of_a_file_in_one_run() -> None:
     typo = lint_text("name: x\nvocab_size: 100\nd_modl: 64\nn_layers: 2\nattention: {kind: mha, n_heads: 4}\n"
                      "ffn: {kind: glu, d_ff: 128}\n", "typo.yaml")
     assert [(f.code, f.field) for f in typo] == [("AP002", "d_modl")]
+    # an unknown key that spells no field explains nothing missing beside it: both are reported
+    stray = lint_text("name: x\nd_model: 128\nn_layers: 2\nfoo: 1\nattention: {kind: mha, n_heads: 4}\n"
+                      "ffn: {kind: mlp, d_ff: 512}\n", "stray.yaml")
+    assert sorted((f.code, f.field, f.line) for f in stray) == [("AP002", "foo", 4), ("AP002", "vocab_size", 1)]
 
 
 def _active_params(text: str) -> int:
