@@ -1357,7 +1357,9 @@ Root Cause (first observed failure):
 ======================================================="""
     assert failure(summary) == ("rank 1 exited with code -9 (SIGKILL: killed by the system, most often for "
                                 "lack of memory)")
-    assert failure("noise\narchplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n" + summary) == (
+    # a worker's own error line names the cause where no rank was killed
+    refused_exit = summary.replace("-9 (pid: 21540)  (SIGKILL)", "2 (pid: 21540)")
+    assert failure("noise\narchplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n" + refused_exit) == (
         "--seq 64 exceeds the spec's max_seq_len (32)")
     assert failure("something broke\n=====\n") == "something broke"
     # a rank that raised exits with code 1, and its exception is the cause
@@ -1373,6 +1375,26 @@ Root Cause (first observed failure):
     reset = "[rank0]: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:193: Connection reset by peer\n"
     assert failure(reset + summary) == ("rank 1 exited with code -9 (SIGKILL: killed by the system, most often for "
                                         "lack of memory)")
+    # ... also where the survivor reported it in its own line (`WorkersFailed`, exit 3)
+    survivor = "[rank0]: archplan: error: rank 0: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error\n"
+    assert failure(survivor + summary).startswith("rank 1 exited with code -9 (SIGKILL")
+
+
+def test_a_killed_worker_is_a_failure_not_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank killed by a signal while its peer reports the broken connection in an `archplan:
+    error:` line (`WorkersFailed`, exit 3) is exit 3 naming the kill: that line is no refusal of
+    the input (it was taken for one: exit 2, the peer's error as the cause)."""
+    import subprocess
+
+    from archplan.distributed import workers
+
+    output = ("[rank0]: archplan: error: rank 0: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error: "
+              "Connection reset by peer\nRoot Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n"
+              "  exitcode  : -9 (pid: 21540)  (SIGKILL)\n")
+    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(cmd, 1, "", output))
+    with pytest.raises(workers.WorkersFailed) as failed:
+        workers.launch(["x.yaml"], 2)
+    assert failed.value.exit_code == 3 and "rank 1 exited with code -9 (SIGKILL" in str(failed.value)
 
 
 TRAIN_PROBE = """

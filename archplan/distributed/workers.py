@@ -270,8 +270,7 @@ def launch(argv: list[str], nproc: int) -> DistBench:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not out.exists():
             output = done.stdout + done.stderr
-            # a worker that refused its input exited 2 as archplan does: the input is at fault
-            error = ArchplanError if _refusals(_lines(output)) else WorkersFailed
+            error = ArchplanError if _input_refused(_lines(output)) else WorkersFailed
             raise error(f"bench --nproc {nproc}: the workers failed: {failure(output)}")
         return DistBench(**json.loads(out.read_text()))
 
@@ -288,19 +287,29 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(: |$)")
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 
 
+def _input_refused(lines: list[str]) -> bool:
+    """Whether a worker refused its input (exit 2, as archplan does): then the input is at fault.
+    torchrun's root cause says which exit came first where it printed one; a worker that reports
+    its peers' failure (`WorkersFailed`) prints an `archplan: error:` line too, but exits 3."""
+    root = _root_cause(lines)
+    if root is not None:
+        return root[1] == "2" and not root[2]
+    return bool(_refusals(lines))
+
+
 def failure(output: str) -> str:
-    """Why the workers failed, in one line: a worker's own `archplan: error:` line, else a worker
-    killed by a signal (torchrun's root cause: the ranks that survive it then fail on the broken
-    connection, "Connection reset by peer", which is not why), else the last exception a worker
-    raised (e.g. torch's out-of-memory error), else the root cause's rank and exit code, else the
-    last line that is not a rule."""
+    """Why the workers failed, in one line: a worker killed by a signal (torchrun's root cause: the
+    ranks that survive it then fail on the broken connection, "Connection reset by peer", and say
+    so in their own `archplan: error:` line, which is not why), else a worker's own `archplan:
+    error:` line, else the last exception a worker raised (e.g. torch's out-of-memory error), else
+    the root cause's rank and exit code, else the last line that is not a rule."""
     lines = _lines(output)
-    ours = _refusals(lines)
-    if ours:
-        return ours[-1].removeprefix("archplan: error:").strip()
     root = _root_cause(lines)
     if root is not None and root[2]:
         return _root_cause_text(*root)
+    ours = _refusals(lines)
+    if ours:
+        return ours[-1].removeprefix("archplan: error:").strip()
     raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line]
     if raised:
         return raised[-1]
