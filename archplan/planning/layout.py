@@ -314,11 +314,12 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_laye
         named = "·".join(f"{name}={value}" for name, value in degrees.items())
         raise ArchplanError(f"--layout: {named} = {product} ranks does not divide --gpus {gpus}")
     # the given fields on an otherwise neutral layout: ep's divisibility by the stage's ranks, vpp's need of a
-    # pipeline and sp's of a seq the tp group divides involve fields the search still chooses
+    # pipeline and sp's of a seq the tp group divides involve fields the search still chooses (sp
+    # itself where not given: off where the seq does not split, `parallel.candidates`)
     probe = Layout(tp=int(given.get("tp", 1)), cp=int(given.get("cp", 1)), pp=int(given.get("pp", 1)),
                    vpp=int(given.get("vpp", 1)) if "pp" in given else 1,
                    dp=int(given.get("ep", 1)), ep=int(given.get("ep", 1)),
-                   sp=bool(given.get("sp", True)) and "tp" in given and "cp" in given)
+                   sp=given.get("sp") is True and "tp" in given and "cp" in given)
     why = layout_problem(probe, n_layers=n_layers, gpus_per_node=gpus_per_node, n_experts=n_experts, seq=seq)
     if why:
         raise ArchplanError(f"--layout: {why}")

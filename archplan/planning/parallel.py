@@ -696,8 +696,10 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
             rest = gpus // (tp * cp)
             # not given, sequence parallelism is on wherever each rank's tokens split over tp (the
             # norms' work and the activations between TP regions shrink by tp for the same
-            # traffic) and off where they do not, which Megatron then requires (`layout_problem`)
-            sp = g.get("sp", (seq // cp) % tp == 0)
+            # traffic) and off where they do not, which Megatron then requires (`layout_problem`),
+            # but for expert parallelism beside tp, which Megatron-Core runs only with it
+            # (`expert_sp_problem`): kept on there, so that the length is the rule it breaks
+            splits = (seq // cp) % tp == 0
             pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= blocks]
             for pp in pps:
                 if rest % pp:
@@ -718,6 +720,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
 
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in stages(e) for r in modes):
+                    sp = g.get("sp", splits or expert_sp_problem(settings.states.engine, tp, ep, False) is not None)
                     if (dp * mb > sequences or states_problem(pp, zero, settings.states)
                             or schedule_problem(settings.overlap, pp, vpp)
                             or expert_sp_problem(settings.states.engine, tp, ep, sp)):
