@@ -1378,6 +1378,11 @@ Root Cause (first observed failure):
     # ... also where the survivor reported it in its own line (`WorkersFailed`, exit 3)
     survivor = "[rank0]: archplan: error: rank 0: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error\n"
     assert failure(survivor + summary).startswith("rank 1 exited with code -9 (SIGKILL")
+    # ... and where no rank was killed: a peer's exception or refusal is the cause, not the report
+    assert failure(survivor + raised + raised_exit) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
+    assert failure(survivor + "[rank1]: archplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n"
+                   + refused_exit) == "--seq 64 exceeds the spec's max_seq_len (32)"
+    assert failure(survivor + "=====\n") == "rank 0: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error"
 
 
 def test_a_killed_worker_is_a_failure_not_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1395,6 +1400,12 @@ def test_a_killed_worker_is_a_failure_not_bad_input(monkeypatch: pytest.MonkeyPa
     with pytest.raises(workers.WorkersFailed) as failed:
         workers.launch(["x.yaml"], 2)
     assert failed.value.exit_code == 3 and "rank 1 exited with code -9 (SIGKILL" in str(failed.value)
+    # without torchrun's summary, a report of a failed peer is no refusal either
+    alone = "[rank0]: archplan: error: rank 0: DistBackendError: NCCL communicator was aborted\n"
+    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(cmd, 1, "", alone))
+    with pytest.raises(workers.WorkersFailed) as failed:
+        workers.launch(["x.yaml"], 2)
+    assert str(failed.value).endswith("rank 0: DistBackendError: NCCL communicator was aborted")
 
 
 TRAIN_PROBE = """

@@ -55,6 +55,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             # torch raises DistError for what it names; gloo's transport a plain RuntimeError
             if not isinstance(exc, torch.distributed.DistError) and not _transport_error(exc):
                 raise
+            # "rank N: ..." is the form the launching process tells from a refusal (`workers._PEER_FAILED`)
             raise WorkersFailed(f"rank {os.environ.get('RANK', '?')}: {type(exc).__name__}: {first_line(exc)}") from exc
         if result is None:
             return True

@@ -285,6 +285,9 @@ class WorkersFailed(ArchplanError):
 # the last line of a Python traceback: `torch.OutOfMemoryError: CUDA out of memory. ...`
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(: |$)")
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
+# a worker's report that a collective or the rendezvous failed under it (bench's `WorkersFailed`
+# in the worker, exit 3): the peers' failure seen from one rank, not a refusal of the input
+_PEER_FAILED = re.compile(r"^archplan: error: rank (\d+|\?): ")
 
 
 def _input_refused(lines: list[str]) -> bool:
@@ -300,9 +303,10 @@ def _input_refused(lines: list[str]) -> bool:
 def failure(output: str) -> str:
     """Why the workers failed, in one line: a worker killed by a signal (torchrun's root cause: the
     ranks that survive it then fail on the broken connection, "Connection reset by peer", and say
-    so in their own `archplan: error:` line, which is not why), else a worker's own `archplan:
-    error:` line, else the last exception a worker raised (e.g. torch's out-of-memory error), else
-    the root cause's rank and exit code, else the last line that is not a rule."""
+    so in their own line, which is not why), else a worker's refusal of its input, else the last
+    exception a worker raised (e.g. torch's out-of-memory error, where its peers then report the
+    aborted collective), else a worker's report of its peers' failure, else the root cause's rank
+    and exit code, else the last line that is not a rule."""
     lines = _lines(output)
     root = _root_cause(lines)
     if root is not None and root[2]:
@@ -313,6 +317,9 @@ def failure(output: str) -> str:
     raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line]
     if raised:
         return raised[-1]
+    peers = [line for line in lines if _PEER_FAILED.match(line)]
+    if peers:
+        return peers[-1].removeprefix("archplan: error:").strip()
     if root is not None:
         return _root_cause_text(*root)
     told = [line for line in lines if line and set(line) - set("=-")]
@@ -325,8 +332,9 @@ def _lines(output: str) -> list[str]:
 
 
 def _refusals(lines: list[str]) -> list[str]:
-    """The workers' own `archplan: error:` lines."""
-    return [line for line in lines if line.startswith("archplan: error:")]
+    """The workers' refusals of their input: their own `archplan: error:` lines, but for the
+    reports of a failed peer (`_PEER_FAILED`)."""
+    return [line for line in lines if line.startswith("archplan: error:") and not _PEER_FAILED.match(line)]
 
 
 def _root_cause(lines: list[str]) -> tuple[str, str, str] | None:
