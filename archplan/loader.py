@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -34,9 +35,10 @@ Loc = tuple[int, int]  # 1-based line, column
 class LoadedYaml:
     data: Any
     locations: dict[tuple[str | int, ...], Loc]  # field path -> where its key/item starts
-    # the first mapping key that is not a field name (`1:`, `null:`), located: readable YAML, an
-    # invalid spec, raised by `spec_from_data` before pydantic (which names neither line nor key)
-    key_error: ArchplanError | None = None
+    # each mapping key that is not a field name (`1:`, `null:`), located: readable YAML, an invalid
+    # spec, which `spec_from_data` reports in place of pydantic's "Keys should be strings" (it names
+    # neither the line nor the key as written)
+    key_errors: tuple[ArchplanError, ...] = ()
 
 
 # libyaml's parser when present: 5x faster on `lint` of hundreds of specs.
@@ -196,24 +198,20 @@ def _count_nodes(node: yaml.Node, budget: list[int], file: str) -> None:
 _KEY_TAGS = {"tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"}  # a field name, or `<<` merging a mapping
 
 
-def _first_bad_key(node: yaml.Node, file: str) -> ArchplanError | None:
-    """The first mapping key that is not a field name: YAML reads `1:`, `null:` or `true:` as a
-    number, null or boolean, which no spec field is named (a key that is not a scalar at all the
+def _bad_keys(node: yaml.Node, file: str) -> Iterator[ArchplanError]:
+    """Each mapping key that is not a field name: YAML reads `1:`, `null:` or `true:` as a number,
+    null or boolean, which no spec field is named (a key that is not a scalar at all the
     constructor has refused already, `_Loader.construct_mapping`)."""
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             if k.tag not in _KEY_TAGS:
-                return ArchplanError(f"key `{k.value}` (YAML reads it as {k.tag.rsplit(':', 1)[-1]}) is not a field "
-                                     "name; spec fields are names such as `n_layers` (quote it to use the text)",
-                                     file=file,
-                                     line=k.start_mark.line + 1, column=k.start_mark.column + 1)
-            if (inner := _first_bad_key(v, file)) is not None:
-                return inner
+                yield ArchplanError(f"key `{k.value}` (YAML reads it as {k.tag.rsplit(':', 1)[-1]}) is not a field "
+                                    "name; spec fields are names such as `n_layers` (quote it to use the text)",
+                                    file=file, line=k.start_mark.line + 1, column=k.start_mark.column + 1)
+            yield from _bad_keys(v, file)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            if (inner := _first_bad_key(item, file)) is not None:
-                return inner
-    return None
+            yield from _bad_keys(item, file)
 
 
 def _locations(node: yaml.Node, path: tuple[str | int, ...], out: dict) -> None:
@@ -262,7 +260,7 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
         raise ArchplanError("YAML nests too deeply", file=file) from None
     locations: dict[tuple[str | int, ...], Loc] = {}
     _locations(node, (), locations)
-    return LoadedYaml(data, locations, _first_bad_key(node, file))
+    return LoadedYaml(data, locations, tuple(_bad_keys(node, file)))
 
 
 def read_capped(path: Path, limit: int, what: str, not_regular: str = "not a regular file") -> bytes:
@@ -317,12 +315,13 @@ class InvalidSpec(ArchplanError):
 def _pydantic_errors(exc: ValidationError, loaded: LoadedYaml, file: str) -> InvalidSpec:
     # A misspelt key also makes its intended field "missing": report the typo, it explains both.
     # Only the field the typo's "did you mean" names: an unrelated unknown key (`foo`) explains no
-    # missing field beside it.
-    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    # missing field beside it. A key that is not a string is the loader's to report, located.
+    errors = sorted((e for e in exc.errors(include_url=False) if e["type"] != "invalid_key"),
+                    key=lambda e: e["type"] != "extra_forbidden")
     meant = {(tuple(e["loc"][:-1]), guess) for e in errors if e["type"] == "extra_forbidden"
              for guess in _typo_guess(loaded, tuple(e["loc"]))}
     shown = [e for e in errors if not (e["type"] == "missing" and (tuple(e["loc"][:-1]), e["loc"][-1]) in meant)]
-    first, *others = (_pydantic_error(err, loaded, file) for err in shown)
+    first, *others = (*loaded.key_errors, *(_pydantic_error(err, loaded, file) for err in shown))
     return InvalidSpec(first, others)
 
 
@@ -533,8 +532,6 @@ def _kind_of(model: type[BaseModel]) -> Any:
 
 
 def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
-    if loaded.key_error is not None:
-        raise loaded.key_error
     data = loaded.data
     if not isinstance(data, dict):
         raise ArchplanError(
@@ -543,6 +540,7 @@ def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
+        # every spec block forbids extra keys, so a key that is no string fails validation too
         raise _pydantic_errors(exc, loaded, file) from None
 
 

@@ -158,6 +158,11 @@ def test_a_key_yaml_reads_as_no_string_names_its_line(cli, tmp_path: Path, key: 
                           "is not a field name")
     outcome = cli("lint", path)
     assert outcome.code == 1 and f"{path}:6:1: AP002 error: key `{key}`" in outcome.stdout
+    # beside the other problems of the same pass, each key at its own line
+    path = spec_file(tmp_path, BASE.replace("ffn:", f"{key}: 2\nffn:").replace("d_model", "d_modl").replace(
+        "n_heads: 4,", f"n_heads: 4, {key}: 1,"), "more.yaml")
+    found = [line.split(" error: ")[0] for line in cli("lint", path).stdout.splitlines() if " error: " in line]
+    assert found == [f"{path}:3:1: AP002", f"{path}:5:36: AP002", f"{path}:6:1: AP002"]
 
 
 def test_unknown_nested_field(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
-from archplan.loader import LoadedYaml, find_partial_path, parse_yaml, read_text, spec_from_data
+from archplan.loader import InvalidSpec, LoadedYaml, find_partial_path, parse_yaml, read_text, spec_from_data
 from archplan.resolve import resolve
 from archplan.spec import Spec
 
@@ -295,8 +295,9 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
         raise ArchplanError(f"--multiple must be a positive integer, got {multiple}")
     file = str(partial)
     loaded = parse_yaml(read_text(find_partial_path(file)), file)
-    if loaded.key_error is not None:
-        raise loaded.key_error
+    if loaded.key_errors:
+        first, *others = loaded.key_errors
+        raise InvalidSpec(first, others)
     if not isinstance(loaded.data, dict):
         raise ArchplanError("expected a mapping of spec fields at the top level", file=file)
     data = loaded.data
