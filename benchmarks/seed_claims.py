@@ -1,4 +1,4 @@
-"""The architecture guide's claims, checked with archplan's own numbers (issue 12, parts 6 and 7).
+"""The architecture guide's claims, checked with archplan's own numbers (docs/seed-claims.md).
 
 One command, deterministic inputs (seeded weights and tokens, generated specs), CPU fp32:
 
@@ -473,7 +473,8 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
         if name in members:
             r = members[name]
             gap = abs(r["time_exponent"] - r["time_exponent_analytic"])
-            out += [f"Goal (issue 12) for **{name}**: at {length(lengths[-1])} its forward is "
+            out += [f"Goal for **{name}** (faster than attention at the longest length, and O(n)): at "
+                    f"{length(lengths[-1])} its forward is "
                     f"{r['speedup_vs_attention_at_longest']:.2f}× attention's speed "
                     f"({'met' if r['speedup_vs_attention_at_longest'] > 1 else 'NOT met'}); its time exponent "
                     f"{r['time_exponent']:.2f} is {gap:.2f} from the analytic {r['time_exponent_analytic']:.2f} "

@@ -652,6 +652,7 @@ def refusal(config: dict[str, Any]) -> ArchplanError:
     ({"model_type": 5}, "model_type"),  # "expected a string", not "no model_type"
     ({"hidden_act": "quick_gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling.type"),  # the key the file has
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9}}, "rope_scaling.attention_factor"),
     ({"hidden_size": "64"}, "hidden_size"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),

@@ -398,7 +398,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         cfg.unread_nested.extend(f"{where}.{key}" for key in sorted(set(scaling_src) - bookkeeping))
     else:
         if kind_name not in _ROPE_KINDS:
-            raise cfg.error(f"{where}.rope_type",
+            raise cfg.error(f"{where}.{type_key}",
                             f"cannot express RoPE scaling {kind_name!r}; supported: {', '.join(_ROPE_KINDS)}")
         kind, keys = _ROPE_KINDS[kind_name]
         unknown = sorted(set(scaling_src) - keys - bookkeeping)
