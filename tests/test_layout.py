@@ -1624,10 +1624,10 @@ def test_search_turns_sequence_parallelism_off_where_tp_does_not_split_the_token
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8192", "--top", "100",
                        "--json")
     assert code == 0 and all(row["layout"].endswith("sp=on") for row in json.loads(out)["layouts"] if row["tp"] > 1)
-    for given in ("tp=8", "tp=8,cp=1", "tp=8,cp=1,pp=1"):
-        code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", given,
+    for partial in ("tp=8", "tp=8,cp=1", "tp=8,cp=1,pp=1"):
+        code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", partial,
                            "--json")
-        assert code == 0 and {row["layout"].split(",")[-1] for row in json.loads(out)["layouts"]} == {"sp=off"}, given
+        assert code == 0 and {row["layout"].split(",")[-1] for row in json.loads(out)["layouts"]} == {"sp=off"}, partial
     # Megatron-Core runs ep > 1 beside tp > 1 only with SP: there the length is the rule broken
     code, _, err = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4095",
                        "--layout", "tp=2,ep=2")
