@@ -51,7 +51,7 @@ from archplan.contraction import ContractionDetector
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError, first_line
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
-from archplan.modules.model import ArchplanModel, build_model
+from archplan.modules.model import ArchplanModel, build_model, check_mtp_length
 from archplan.resolve import (
     AttentionPlan,
     HyenaPlan,
@@ -682,6 +682,10 @@ def crosscheck(
     `real`: build an allocated instance for fvcore and the measured cache; None = only when the
     model has fewer than SMALL_MODEL_PARAMS parameters.
     """
+    if plan.mtp:
+        # the counted forward is training's, whose multi-token-prediction modules each need a
+        # target further ahead: a shorter step is one `training_loss` refuses, not one to count
+        check_mtp_length(len(plan.mtp), seq_len)
     params = count_params(plan)
     # the training forward (the MTP modules included) is what the meta model runs and counts; the
     # real instance's fvcore count and cache are inference's

@@ -372,5 +372,6 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         data["mtp"] = {"depth": mtp_depth}
 
     spec = Spec.model_validate(data)
-    seq = draw(st.integers(1, 16))
+    # a training step with multi-token prediction needs a target per module ahead (`check_mtp_length`)
+    seq = draw(st.integers(mtp_depth + 2 if mtp_depth else 1, 16))
     return Case(spec=spec, batch=draw(st.integers(1, 2)), seq=seq)

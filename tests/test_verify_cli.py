@@ -110,14 +110,16 @@ def test_exit_2_on_a_missing_spec(
     assert err.count("\n") == 1 and "no such file" in err
 
 
-def test_a_layout_run_too_short_for_the_mtp_targets_is_refused(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("layout", [("--layout", "tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1"), ()],
+                         ids=["layout", "model-check"])
+def test_a_run_too_short_for_the_mtp_targets_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], layout: tuple[str, ...]
 ) -> None:
     """One MTP module needs 3 tokens (the next one and one ahead), as `training_loss` refuses on
-    one device; `verify --layout` ran 2 and reported a mismatch, exit 1."""
+    one device; `verify --layout` ran 2 and reported a mismatch, exit 1, and the model check
+    counted a training forward at 2 and called it a step."""
     spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-mtp.yaml")
-    code, out, err = run(monkeypatch, capsys, spec, "--seq", "2",
-                         "--layout", "tp=1,cp=1,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=1")
+    code, out, err = run(monkeypatch, capsys, spec, "--seq", "2", *layout)
     assert code == 2 and out == ""
     assert "a training sequence needs at least 3 tokens" in err and err.count("\n") == 1
 
