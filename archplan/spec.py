@@ -42,8 +42,12 @@ def _printable(text: str, allowed: str) -> str:
     return text
 
 
-Line = Annotated[str, AfterValidator(lambda text: _printable(text, ""))]
-Text = Annotated[str, AfterValidator(lambda text: _printable(text, "\n\t"))]
+# the same rule in the JSON Schema, for editors (`archplan schema`): no C0 or C1 control character
+# but the ones the field keeps
+Line = Annotated[str, AfterValidator(lambda text: _printable(text, "")),
+                 Field(json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"})]
+Text = Annotated[str, AfterValidator(lambda text: _printable(text, "\n\t")),
+                 Field(json_schema_extra={"pattern": "^[^\\u0000-\\u0008\\u000b-\\u001f\\u007f-\\u009f]*$"})]
 
 
 class Frozen(BaseModel):
