@@ -98,20 +98,28 @@ def _invert(choice: LawChoice, target: float, index: int) -> float:
     N_opt(C) and D_opt(C) are increasing power laws of C for every rule, so bisection on log C
     inverts them without restating the closed forms here.
     """
-    lo, hi = math.log(MIN_COMPUTE) - 20, math.log(MAX_COMPUTE) + 20
+    start = lo, hi = math.log(MIN_COMPUTE) - 20, math.log(MAX_COMPUTE) + 20
     for _ in range(200):
         mid = (lo + hi) / 2
         if allocate(choice, math.exp(mid))[index] < target:
             lo = mid
         else:
             hi = mid
+    # past either end of the bracket the budget is not known, only out of range: 0 or inf, which
+    # `_check_compute` names as such instead of the bracket's end as if it were the budget
+    if hi == start[0]:
+        return 0.0
+    if lo == start[1]:
+        return math.inf
     return math.exp((lo + hi) / 2)
 
 
 def _check_compute(compute: float, what: str) -> None:
     if not math.isfinite(compute) or compute < MIN_COMPUTE or compute > MAX_COMPUTE:
+        implied = (f"far below {MIN_COMPUTE:.0e} FLOPs" if compute == 0 else
+                   f"far above {MAX_COMPUTE:.0e} FLOPs" if math.isinf(compute) else f"of {compute:.3g} FLOPs")
         raise ArchplanError(
-            f"{what} implies a budget of {compute:.3g} FLOPs; plan works between "
+            f"{what} implies a budget {implied}; plan works between "
             f"{MIN_COMPUTE:.0e} and {MAX_COMPUTE:.0e} FLOPs"
         )
 
