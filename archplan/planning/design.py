@@ -1,8 +1,9 @@
 """From a parameter target to a concrete spec that follows archplan's design recipes.
 
-Recipes (the architecture guide's, docs/plan.md section 2): head_dim 128, GQA with 8 KV heads, SwiGLU with d_ff ≈ 3.5·d_model
-rounded to a multiple of 256, RoPE, pre-RMSNorm, untied embeddings; depth and width in the
-proportions of the 7B (32×4096), 70B (80×8192) and 1T-MoE (120×16384 trunk) recipes.
+Recipes (the architecture guide's, docs/plan.md section 2): head_dim 128, GQA with 8 KV heads,
+SwiGLU with d_ff ≈ 3.5·d_model rounded to a multiple of 256, RoPE, pre-RMSNorm, untied embeddings;
+depth and width in the proportions of the 7B (32×4096), 70B (80×8192) and 1T-MoE (120×16384
+trunk) recipes.
 
 Which N the target is:
 - dense, hybrid: the total parameter count, embeddings included — the N of Hoffmann et al. 2022
