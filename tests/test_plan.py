@@ -27,7 +27,7 @@ from archplan.planning.optimal import LawChoice, budget, optimum
 from archplan.planning.cluster import STATES, rank_memory
 from archplan.planning.layout import Layout, parse_layout
 from archplan.planning.parallel import Settings, cp_problem, interconnect, search, tp_problem
-from archplan.planning.solve import Targets, solve
+from archplan.planning.solve import SolveResult, Targets, solve
 from archplan.resolve import ModelPlan, resolve
 from archplan.spec import Spec
 
@@ -327,19 +327,25 @@ def test_solve_reports_no_integer_solution_with_the_nearest(tmp_path: Path) -> N
         solve(path, Targets(MIXTRAL_ACTIVE, MIXTRAL_TOTAL), tolerance=0.01)
 
 
-def test_solve_shared_experts(tmp_path: Path) -> None:
-    """A DeepSeek-MoE-style spec with 2 shared experts of the expert width is found back."""
+def _shared_moe_solve(tmp_path: Path, shared_d_ff: int, shared: object) -> tuple[Spec, SolveResult]:
+    """A DeepSeek-MoE-style spec with 2 shared experts of `shared_d_ff`, solved back from its counts
+    with the expert width and the `shared` block (as given) unknown."""
     spec = Spec(name="small-moe", vocab_size=1000, d_model=256, n_layers=4,
                 attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
                 moe={"n_experts": 16, "top_k": 4, "expert": {"kind": "glu", "d_ff": 384},
-                     "shared": {"n": 2, "d_ff": 384}})
+                     "shared": {"n": 2, "d_ff": shared_d_ff}})
     params = count_params(resolve(spec))
     data = spec_data(spec)
-    data["moe"]["shared"] = "solve"
+    data["moe"]["shared"] = shared
     data["moe"]["expert"]["d_ff"] = "solve"
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    result = solve(path, Targets(params.total, params.active), tolerance=0)
+    return spec, solve(path, Targets(params.total, params.active), tolerance=0)
+
+
+def test_solve_shared_experts(tmp_path: Path) -> None:
+    """A DeepSeek-MoE-style spec with 2 shared experts of the expert width is found back."""
+    spec, result = _shared_moe_solve(tmp_path, 384, "solve")
     assert result.solved and result.tied == ("moe.shared.d_ff",)
     assert result.nearest.values == {"moe.expert.d_ff": 384, "moe.shared.n": 2}
     assert result.nearest.spec == spec
@@ -358,17 +364,7 @@ def test_solve_one_width_against_two_targets_finds_the_least_worst_error(tmp_pat
 def test_solve_shared_experts_whose_count_and_width_are_both_unknown(tmp_path: Path) -> None:
     """At `shared.n: 0` the shared width moves no count: that combination solves the expert width
     alone instead of stopping the whole solve as two widths moving the targets in proportion."""
-    spec = Spec(name="small-moe", vocab_size=1000, d_model=256, n_layers=4,
-                attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
-                moe={"n_experts": 16, "top_k": 4, "expert": {"kind": "glu", "d_ff": 384},
-                     "shared": {"n": 2, "d_ff": 768}})
-    params = count_params(resolve(spec))
-    data = spec_data(spec)
-    data["moe"]["shared"] = {"n": "solve", "d_ff": "solve"}
-    data["moe"]["expert"]["d_ff"] = "solve"
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    result = solve(path, Targets(params.total, params.active), tolerance=0)
+    _, result = _shared_moe_solve(tmp_path, 768, {"n": "solve", "d_ff": "solve"})
     # n · d_ff is all the counts see, so every split of the 1,536 shared width is exact
     exact = [c.values for c in result.candidates if not any(c.errors.values())]
     assert result.solved and {"moe.shared.n": 2, "moe.expert.d_ff": 384, "moe.shared.d_ff": 768} in exact
