@@ -8,10 +8,10 @@ from __future__ import annotations
 import difflib
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -319,7 +319,7 @@ def _pydantic_errors(exc: ValidationError, loaded: LoadedYaml, file: str) -> Inv
     errors = sorted((e for e in exc.errors(include_url=False) if e["type"] != "invalid_key"),
                     key=lambda e: e["type"] != "extra_forbidden")
     meant = {(tuple(e["loc"][:-1]), guess) for e in errors if e["type"] == "extra_forbidden"
-             for guess in _typo_guess(loaded, tuple(e["loc"]))}
+             for guess in _typo_guess(loaded, _yaml_path(loaded, tuple(e["loc"])))}
     shown = [e for e in errors if not (e["type"] == "missing" and (tuple(e["loc"][:-1]), e["loc"][-1]) in meant)]
     first, *others = (*loaded.key_errors, *(_pydantic_error(err, loaded, file) for err in shown))
     return InvalidSpec(first, others)
@@ -331,9 +331,8 @@ def _yaml_path(loaded: LoadedYaml, loc: tuple) -> tuple:
     return tuple(p for p in loc if p in _path_keys(loaded, loc))
 
 
-def _typo_guess(loaded: LoadedYaml, loc: tuple) -> list[str]:
-    """The field an unknown key at `loc` is a near-miss spelling of, if any (difflib's closest)."""
-    yaml_path = _yaml_path(loaded, loc)
+def _typo_guess(loaded: LoadedYaml, yaml_path: tuple) -> list[str]:
+    """The field an unknown key at `yaml_path` is a near-miss spelling of, if any (difflib's closest)."""
     return difflib.get_close_matches(str(yaml_path[-1]), _valid_names(loaded, yaml_path[:-1]), n=1)
 
 
@@ -351,7 +350,7 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
     if kind == "extra_forbidden":
         parent = yaml_path[:-1]
         names = _valid_names(loaded, parent)
-        guess = _typo_guess(loaded, loc)
+        guess = _typo_guess(loaded, yaml_path)
         owners = _kinds_with_field(loaded, parent, yaml_path[-1])
         if owners:
             # a field of another kind of the same block (n_kv_heads under kind: mha): name the kind
