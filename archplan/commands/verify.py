@@ -262,25 +262,35 @@ def _fold_layers(lines: list[_Line]) -> list[_Line]:
     return out
 
 
+def _runs(signatures: Sequence[object], passing: Sequence[bool]) -> list[tuple[int, int]]:
+    """(first index, count) of each run of consecutive layers with equal signatures, folded only
+    where the run's first layer passes (a failing layer keeps its own row)."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(signatures):
+        j = i + 1
+        while passing[i] and j < len(signatures) and signatures[j] == signatures[i]:
+            j += 1
+        runs.append((i, j - i))
+        i = j
+    return runs
+
+
 def _flush(blocks: list[tuple[int, list[_Line]]]) -> list[_Line]:
     out: list[_Line] = []
-    i = 0
-    while i < len(blocks):
-        start, block = blocks[i]
-        j = i + 1
-        passing = all(_line_ok(line) for line in block)
-        while passing and j < len(blocks) and _signature(blocks[j][1]) == _signature(block):
-            j += 1
-        end = blocks[j - 1][0]
-        if j - i == 1:
+    runs = _runs([_signature(block) for _, block in blocks],
+                 [all(_line_ok(line) for line in block) for _, block in blocks])
+    for first, count in runs:
+        start, block = blocks[first]
+        if count == 1:
             out.extend(block)
         else:
+            end = blocks[first + count - 1][0]
             out.extend(
                 _Line(f"layers.{start}-{end}.{_suffix(line.component)}", line.kind, line.params,
-                      line.flops, repeat=j - i)
+                      line.flops, repeat=count)
                 for line in block
             )
-        i = j
     return out
 
 
@@ -392,15 +402,9 @@ def _render_cache(result: CrossCheck, console: Console, *, aggregate: bool) -> N
     real = result.real
     per_layer = [(m,) if real is None else (m, r) for m, r in
                  zip(result.kv, result.kv if real is None else real.kv, strict=True)]
-    runs: list[tuple[int, int]] = []  # (first index, count)
-    for i, rows in enumerate(per_layer):
-        same = (aggregate and runs and all(row.ok for row in rows)
-                and [(r.analytic, r.built, r.ok) for r in per_layer[runs[-1][0]]] == [(r.analytic, r.built, r.ok)
-                                                                                      for r in rows])
-        if same:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
+    runs = (_runs([[(row.analytic, row.built, row.ok) for row in rows] for rows in per_layer],
+                  [all(row.ok for row in rows) for rows in per_layer])
+            if aggregate else [(i, 1) for i in range(len(per_layer))])
     where = "meta, 2 bytes/element" + ("" if real is None else f"; {real.device}, {real.dtype_bytes} bytes/element")
     table = Table(title=f"KV/SSM cache after a prefill of {result.seq_len} tokens ({where})",
                   caption="Folded rows (×n) show the per-layer figures." if len(runs) < len(per_layer) else None)
