@@ -369,6 +369,21 @@ def test_a_run_past_max_seq_len_or_beyond_every_layer_says_so(mode: list[str], c
     assert proc.code == 0 and "past tiny-llama's max_seq_len" not in proc.stderr
 
 
+def test_a_decode_past_max_seq_len_says_so(capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode cache holds the prompt and 1 + --decode-tokens more positions: a 250-token prompt
+    with 8 decode steps runs to 259 on tiny-llama's 256 and gets the note; 240 with 8 does not."""
+    spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    common = ["bench", spec, "--device", "cpu", "--layers", "1", "--warmup", "0", "--iters", "1",
+              "--decode-tokens", "8"]
+    proc = run_main([*common, "--seq", "250"], capsys, monkeypatch)
+    assert proc.code == 0, proc.stderr
+    assert ("note: seq 250 + 9 decode positions = 259 is past tiny-llama's max_seq_len (256): timed as asked"
+            in " ".join(proc.stderr.split()))
+    proc = run_main([*common, "--seq", "240"], capsys, monkeypatch)
+    assert proc.code == 0 and "max_seq_len" not in proc.stderr
+
+
 def test_a_layout_run_past_max_seq_len_says_so(capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """`bench --layout` said nothing of it, where every other mode and `verify --layout` did."""

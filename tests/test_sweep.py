@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -155,6 +156,8 @@ def test_cli_sweep_writes_the_plot_and_a_table(tiny_specs: list[str], tmp_path) 
     assert result.exit_code == 0, result.output
     assert target.stat().st_size > 10_000
     assert "exponent k" in result.stdout and "figure written to" in result.stdout
+    # a tiny model's analytic microseconds keep three digits (a fixed one decimal printed 0.0 ms)
+    assert re.search(r"│ +0\.0\d+ ms │", result.stdout) and " 0.0 ms " not in result.stdout
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -53,7 +53,7 @@ from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import ModelPlan
-from archplan.units import count, nbytes as fmt_bytes
+from archplan.units import amount, count, nbytes as fmt_bytes
 
 TIME_CONVENTION = ("fastest of the timed passes; analytic = roofline of the analytic forward FLOPs "
                    "(2 FLOPs/MAC, attention causal) and bytes against the device peak")
@@ -333,7 +333,7 @@ def render(results: list[SweepResult], console: Console | None = None) -> None:
         for col in ("seq", "prefill", "analytic", "tokens/s", "peak memory", "analytic memory"):
             table.add_column(col, justify="right")
         for p in r.points:
-            table.add_row(length(p.seq), f"{1e3 * p.seconds:.1f} ms", f"{1e3 * p.predicted_seconds:.1f} ms",
+            table.add_row(length(p.seq), f"{amount(1e3 * p.seconds)} ms", f"{amount(1e3 * p.predicted_seconds)} ms",
                           count(r.config.batch * p.seq / p.seconds), fmt_bytes(p.peak_bytes),
                           fmt_bytes(p.predicted_bytes))
         table.add_row("exponent k", f"{r.time_exponent:.2f}", f"{r.analytic_time_exponent:.2f}", "",

@@ -66,17 +66,19 @@ def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
     return seq, why
 
 
-def _run_notes(specs: list[str], seq: int, layers: int | None) -> list[str]:
-    """What `size` would say of these lengths (RoPE past max_seq_len), and a `--layers` beyond
-    every layer kind's count, which builds the whole model: runs as asked, but worth a line."""
+def _run_notes(specs: list[str], seq: int, cached: int, layers: int | None) -> list[str]:
+    """What `size` would say of these lengths (RoPE past max_seq_len), counting the `cached`
+    positions decode adds to the prompt, and a `--layers` beyond every layer kind's count, which
+    builds the whole model: runs as asked, but worth a line."""
     from archplan.bench.fit import truncate
     from archplan.loader import load_spec
     from archplan.resolve import resolve
 
+    what = f"seq {seq:,} + {cached} decode positions =" if cached else "seq"
     notes = []
     for spec in specs:
         plan = resolve(load_spec(spec))
-        past = plan.past_trained_note("seq", seq, "timed as asked")
+        past = plan.past_trained_note(what, seq + cached, "timed as asked")
         if past is not None:
             notes.append(f"note: {past}")
         if layers is not None and layers > 1 and truncate(plan, layers - 1).n_layers == plan.n_layers:
@@ -145,10 +147,10 @@ def bench(
 ) -> None:
     require_torch("bench")
     from archplan.bench.growth import parse_lengths
+    from archplan.bench.runner import cache_steps
     from archplan.dtypes import DType
 
     if seq is None:
-        from archplan.bench.runner import cache_steps
         from archplan.bench.sweep import length
 
         single = train or layout is not None
@@ -167,12 +169,13 @@ def bench(
     else:
         lengths, note = parse_lengths(seq), None
 
-    # under torchrun every worker runs this command: rank 0 alone says what the run is past
-    notes = ([] if note is None else [note]) + ([] if as_json or os.environ.get("RANK", "0") != "0" else
-                                                _run_notes(list(specs), max(lengths), layers))
     sweep = len(lengths) > 1 or len(specs) > 1 or plot is not None
     mode = ("--layout" if layout is not None else "--train" if train
             else "a --seq sweep" if sweep else "prefill and decode")
+    cached = cache_steps(decode_tokens) if mode == "prefill and decode" else 0
+    # under torchrun every worker runs this command: rank 0 alone says what the run is past
+    notes = ([] if note is None else [note]) + ([] if as_json or os.environ.get("RANK", "0") != "0" else
+                                                _run_notes(list(specs), max(lengths), cached, layers))
     refuse_foreign_options(ctx, mode, MODE_OPTIONS)
     refuse_force_without_plot(force, plot)
     if compile and warmup == 0:
