@@ -1632,6 +1632,14 @@ def test_search_turns_sequence_parallelism_off_where_tp_does_not_split_the_token
     code, _, err = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4095",
                        "--layout", "tp=2,ep=2")
     assert code == 2 and "sequence parallelism splits each rank's 4095 tokens over tp=2" in err
+    # torch's engine at any ep: under --states fsdp2 tp=2 ep=1 keeps SP and breaks the length rule;
+    # Megatron's states run it with sp=off
+    code, _, err = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4095",
+                       "--states", "fsdp2", "--layout", "tp=2,ep=1")
+    assert code == 2 and "sequence parallelism splits each rank's 4095 tokens over tp=2" in err
+    code, out, _ = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4095",
+                       "--states", "megatron", "--layout", "tp=2,ep=1", "--json")
+    assert code == 0 and {row["layout"].split(",")[-1] for row in json.loads(out)["layouts"]} == {"sp=off"}
 
 
 def test_cli_dense_layout_is_complete_without_ep(capsys: pytest.CaptureFixture[str],
@@ -1970,6 +1978,9 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "DualPipe runs its own schedule, not the interleaved one (vpp=2)"),
     (("mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--layout", "tp=2,ep=8,sp=off"),
      "runs expert parallelism (ep=8) beside tensor parallelism (tp=2) only with sequence parallelism"),
+    # torch's engine (what verify --layout runs) refuses MoE under tp > 1 without SP at any ep
+    (("mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--states", "fsdp2", "--layout", "tp=2,ep=1,sp=off"),
+     "routes an MoE layer's tokens under tensor parallelism (tp=2) only from sequence-parallel shards: sp=on"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--overlap", "dp,pp", "--layout", "pp=1"),
      "--overlap pp hides the pipeline's sends and receives behind compute, and the given --layout has pp=1"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--overlap", "tp", "--layout", "tp=1"),

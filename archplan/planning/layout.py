@@ -214,20 +214,28 @@ def parse_layout(text: str) -> PartialLayout:
     return PartialLayout(**values)  # type: ignore[arg-type]
 
 
-def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_experts: int = 0,
-                   seq: int | None = None) -> str | None:
-    """Why the layout cannot exist whatever the cluster's size (None: it can); fitting in memory is
-    not judged here (a layout that exists but does not fit is printed with its breakdown)."""
-    if layout.tp > gpus_per_node:
-        return (f"tp={layout.tp} spans more than one node of {gpus_per_node} GPUs "
-                "(tensor parallelism needs the in-node links)")
-    if gpus_per_node % layout.tp:
-        used = gpus_per_node // layout.tp * layout.tp
+def _node_problem(tp: int, gpus_per_node: int) -> str | None:
+    """Why tensor parallelism of `tp` cannot stay within nodes of `gpus_per_node` GPUs (None: it can)."""
+    if tp > gpus_per_node:
+        return f"tp={tp} spans more than one node of {gpus_per_node} GPUs (tensor parallelism needs the in-node links)"
+    if gpus_per_node % tp:
+        used = gpus_per_node // tp * tp
         # an NVL72 job often takes 64 GPUs of each rack: Slurm segments of 16 four-GPU trays
         hint = (f"; a job that uses {used} GPUs of each node says so with --gpus-per-node {used}"
                 if gpus_per_node > 8 else "")
-        return (f"tp={layout.tp} does not divide the node's {gpus_per_node} GPUs: TP groups of consecutive "
+        return (f"tp={tp} does not divide the node's {gpus_per_node} GPUs: TP groups of consecutive "
                 f"ranks would straddle two nodes (tensor parallelism needs the in-node links){hint}")
+    return None
+
+
+def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int | None, n_experts: int = 0,
+                   seq: int | None = None) -> str | None:
+    """Why the layout cannot exist whatever the cluster's size (None: it can); fitting in memory is
+    not judged here (a layout that exists but does not fit is printed with its breakdown).
+    `gpus_per_node` None: no nodes to keep tensor parallelism within (the fake process group, one
+    host's torchrun workers)."""
+    if gpus_per_node is not None and (why := _node_problem(layout.tp, gpus_per_node)):
+        return why
     if layout.stage_ranks % layout.ep:
         return (f"ep={layout.ep} must divide the {layout.stage_ranks} ranks of a pipeline stage "
                 f"(tp·cp·dp = {layout.tp}·{layout.cp}·{layout.dp}), over which the experts fold")
@@ -255,7 +263,7 @@ def layout_problem(layout: Layout, *, n_layers: int, gpus_per_node: int, n_exper
     return None
 
 
-def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_node: int,
+def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_node: int | None,
                  n_experts: int = 0, seq: int | None = None) -> None:
     """Raise ArchplanError (one line) when the layout cannot exist on `gpus` GPUs."""
     if gpus is not None and layout.world != gpus:

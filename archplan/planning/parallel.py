@@ -438,15 +438,23 @@ def schedule_problem(overlap: frozenset[str], pp: int | None, vpp: int | None) -
     return None
 
 
-def expert_sp_problem(engine: str, tp: int | None, ep: int | None, sp: bool | None) -> str | None:
-    """Why Megatron-Core cannot run these degrees (None: unknown ones pass): with experts split over
-    ep > 1 ranks and attention over tp > 1, its token dispatcher needs the sequence-parallel
-    layout (`TransformerConfig.__post_init__` raises "When using expert parallelism and tensor
-    parallelism, sequence parallelism must be used")."""
-    if engine == "megatron" and tp is not None and ep is not None and tp > 1 and ep > 1 and sp is False:
+def expert_sp_problem(engine: str, experts: bool, tp: int | None, ep: int | None, sp: bool | None) -> str | None:
+    """Why the engine cannot run a model with routed experts (`experts`) at these degrees (None:
+    unknown ones pass). Megatron-Core: with experts split over ep > 1 ranks and attention over
+    tp > 1, its token dispatcher needs the sequence-parallel layout (`TransformerConfig.__post_init__`
+    raises "When using expert parallelism and tensor parallelism, sequence parallelism must be
+    used"). torch's engine (`--states fsdp2`, what `verify --layout` runs) routes tokens only from
+    their sequence-parallel shards at any ep: without them every tp rank would route the same
+    tokens (`distributed.plans.model_refusal`)."""
+    if not experts or tp is None or tp == 1 or sp is not False:
+        return None
+    if engine == "torch":
+        return (f"torch's engine, whose states --states fsdp2 prices and `verify --layout` runs, routes an "
+                f"MoE layer's tokens under tensor parallelism (tp={tp}) only from sequence-parallel shards: "
+                "sp=on")
+    if ep is not None and ep > 1:
         return (f"Megatron-Core, whose engine the Megatron-style --states price, runs expert parallelism "
-                f"(ep={ep}) beside tensor parallelism (tp={tp}) only with sequence parallelism: sp=on, or "
-                "--states fsdp2")
+                f"(ep={ep}) beside tensor parallelism (tp={tp}) only with sequence parallelism: sp=on")
     return None
 
 
@@ -697,8 +705,9 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
             # not given, sequence parallelism is on wherever each rank's tokens split over tp (the
             # norms' work and the activations between TP regions shrink by tp for the same
             # traffic) and off where they do not, which Megatron then requires (`layout_problem`),
-            # but for expert parallelism beside tp, which Megatron-Core runs only with it
-            # (`expert_sp_problem`): kept on there, so that the length is the rule it breaks
+            # but where the engine routes experts' tokens only from SP shards (Megatron-Core beside
+            # ep > 1, torch's engine at any ep: `expert_sp_problem`): kept on there, so that the
+            # length is the rule it breaks
             splits = (seq // cp) % tp == 0
             pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= blocks]
             for pp in pps:
@@ -720,10 +729,11 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
 
                 for ep, vpp, mb, zero, mode in ((e, v, b, z, r) for e in eps for v in vpps
                                                 for b in mbs for z in stages(e) for r in modes):
-                    sp = g.get("sp", splits or expert_sp_problem(settings.states.engine, tp, ep, False) is not None)
+                    routed = bool(data.n_experts)
+                    sp = g.get("sp", splits or expert_sp_problem(settings.states.engine, routed, tp, ep, False) is not None)
                     if (dp * mb > sequences or states_problem(pp, zero, settings.states)
                             or schedule_problem(settings.overlap, pp, vpp)
-                            or expert_sp_problem(settings.states.engine, tp, ep, sp)):
+                            or expert_sp_problem(settings.states.engine, routed, tp, ep, sp)):
                         continue
                     # the interleaved schedule's round N stays the engine's (`layout.round_size`)
                     # unless given: in this model a longer round only lengthens the warm-up (its
@@ -773,7 +783,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
                 raise ArchplanError(f"--layout: cp={given['cp']}: {why}")
     why = (states_problem(int(given.get("pp", 1)), int(given.get("zero", 0)), settings.states)
            or schedule_problem(settings.overlap, fixed.pp, fixed.vpp)
-           or expert_sp_problem(settings.states.engine, fixed.tp, fixed.ep, fixed.sp))
+           or expert_sp_problem(settings.states.engine, bool(n_experts), fixed.tp, fixed.ep, fixed.sp))
     if why:
         raise ArchplanError(f"--layout: {why}")
     complete = fixed.complete()
