@@ -1221,6 +1221,22 @@ def test_bench_layout_refuses_before_any_worker_starts(monkeypatch: pytest.Monke
     assert isinstance(out.exception, ArchplanError) and said in str(out.exception)
 
 
+def test_bench_layout_refuses_a_run_too_short_for_the_mtp_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One MTP module needs 3 tokens, as `verify` and `bench --train` refuse: at 2 the workers
+    trained on a NaN loss (its mean over zero targets) and reported the states as plan's."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.distributed import bench
+    from archplan.errors import ArchplanError
+
+    monkeypatch.setattr(bench, "launch", lambda *a, **k: pytest.fail("workers were launched"))
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-mtp.yaml"), "--device", "cpu", "--seq", "2",
+                                   "--nproc", "2", "--layout", "tp=1,cp=1,pp=2,dp=1,ep=1,zero=1,recompute=none,mb=1"])
+    assert isinstance(out.exception, ArchplanError)
+    assert "a training sequence needs at least 3 tokens" in str(out.exception)
+
+
 @pytest.mark.parametrize(("args", "env", "said", "code"), [
     (("--nproc", "2"), {"WORLD_SIZE": "2"}, "--nproc 2: under a launcher", 2),
     ((), {"WORLD_SIZE": "4"}, "WORLD_SIZE 4: the layout has 2 ranks", 2),

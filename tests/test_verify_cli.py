@@ -433,3 +433,21 @@ def test_layout_measures_the_stage_asked(monkeypatch: pytest.MonkeyPatch, capsys
             dist.destroy_process_group()
     result = json.loads(out)
     assert code == 0 and result["stage"] == stage and result["layers"] == [stage]
+
+
+@pytest.mark.parametrize(("stage", "holds"), [(0, "the embedding alone"), (3, "the head alone")])
+def test_layout_header_of_a_stage_without_layers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                 tiny: Path, stage: int, holds: str) -> None:
+    """Four stages over two layers leave the end stages the embedding and the head: the header still
+    names the spec, the layout and the rank (it shrank to "stage N")."""
+    import torch.distributed as dist
+
+    try:
+        code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "16", "--stage", str(stage),
+                           "--layout", "tp=1,cp=1,pp=4,dp=1,ep=1,zero=1,recompute=none,mb=1")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    header = " ".join(out.split("per-rank peak memory")[0].split())
+    assert code == 0 and "archplan verify --layout — " in header
+    assert f"measured rank {stage} = pipeline stage {stage} ({holds}), " in header

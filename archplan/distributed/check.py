@@ -27,7 +27,6 @@ from archplan.distributed.tolerance import (
     ACTIVATION_TOLERANCE,
     activations_within,
 )
-from archplan.modules.model import check_mtp_length
 from archplan.planning import cluster
 from archplan.planning.layout import Layout
 from archplan.planning.pricing import fsdp2_accumulation_bytes, fsdp2_copy_bytes
@@ -140,8 +139,6 @@ def _collective_rows(analytic: tuple[Collective, ...], measured: tuple[Collectiv
 def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
                      stage: int | None = None) -> LayoutCheck:
     """`stage`'s rank measured against the analytic figures (None: the most loaded stage's)."""
-    if plan.mtp:  # the modules' targets, as a single-device training step refuses without them
-        check_mtp_length(len(plan.mtp), seq)
     states = cluster.FSDP2
     # the torch engine's loss: F.cross_entropy on fp32 logits (`step.StageRunner.loss`)
     loss: cluster.CrossEntropyImpl = "eager"

@@ -12,6 +12,7 @@ from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.distributed.fake import Measured
 from archplan.distributed.stage import mtp_refusal
 from archplan.errors import ArchplanError
+from archplan.modules.model import check_mtp_length
 from archplan.planning.layout import Layout, check_layout, parse_layout
 from archplan.planning.parallel import MAX_GPUS
 from archplan.render import busy, report_console
@@ -20,7 +21,6 @@ from archplan.spec import MAX_BATCH
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 SHOWN = "[dim]–[/dim]"  # a row shown, not judged (check.MemoryRow.ok is None)
-GPUS_PER_NODE = 8
 
 
 def _spans(layers: tuple[int, ...]) -> str:
@@ -35,11 +35,12 @@ def _spans(layers: tuple[int, ...]) -> str:
 
 
 def _blocks(m: Measured) -> str:
-    """The rank's main layers and multi-token-prediction modules: "layers 56–60, MTP module 0"."""
+    """The rank's main layers and multi-token-prediction modules: "layers 56–60, MTP module 0";
+    a stage of the embedding or the head alone (pp·vpp up to n + 2 chunks) says which."""
     parts = [f"layers {_spans(m.layers)}"] if m.layers else []
     if m.mtp:
         parts.append(f"MTP {'module' if len(m.mtp) == 1 else 'modules'} {_spans(m.mtp)}")
-    return ", ".join(parts)
+    return ", ".join(parts) or ("the embedding alone" if m.stage == 0 else "the head alone")
 
 
 def schedule_name(layout: Layout) -> str:
@@ -52,8 +53,7 @@ def render(result: LayoutCheck, console: Console) -> None:
     micro = units.things(m.microbatches, "micro-batch")
     console.print(f"[bold]archplan verify --layout[/bold] — {escape(result.name)}: {m.layout.label}, "
                   f"{units.things(m.layout.world, 'rank')} (fake process group), seq {m.seq}, {micro}; measured rank {m.rank} = "
-                  f"pipeline stage {m.stage} ({_blocks(m)}), {m.in_flight} in flight ({schedule})"
-                  if m.layers or m.mtp else f"stage {m.stage}")
+                  f"pipeline stage {m.stage} ({_blocks(m)}), {m.in_flight} in flight ({schedule})")
     table = Table(title="per-rank peak memory by category (analytic: planning.cluster, FSDP2 states)")
     for col in ("category", "analytic", "measured", "difference", "judged", ""):
         table.add_column(col, justify="left" if col in ("category", "judged") else "right")
@@ -107,8 +107,11 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
         raise ArchplanError(f"--layout: group={layout.group}: {command} runs the order of torch's "
                             "ScheduleInterleaved1F1B (its own p2p schedule, step.interleaved_1f1b), which sets "
                             "its own rounds (max(1, m div pp) of them); drop group= (plan prices a given one)")
-    check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=GPUS_PER_NODE, n_experts=experts,
-                 seq=seq)
+    # no node rule: the fake process group (and one host's torchrun workers) has no nodes, and what
+    # is checked, memory and collectives, does not depend on them; plan applies it with its --gpu's
+    check_layout(layout, n_layers=len(plan.layers), gpus=None, gpus_per_node=None, n_experts=experts, seq=seq)
+    if plan.mtp:  # the modules' targets, as a single-device training step refuses without them
+        check_mtp_length(len(plan.mtp), seq)
     if why := mtp_refusal(plan, layout):
         raise ArchplanError(f"--layout: {why}; `plan` prices it, `verify` without --layout and `bench --train` "
                             "run the model")
