@@ -451,3 +451,23 @@ def test_layout_header_of_a_stage_without_layers(monkeypatch: pytest.MonkeyPatch
     header = " ".join(out.split("per-rank peak memory")[0].split())
     assert code == 0 and "archplan verify --layout — " in header
     assert f"measured rank {stage} = pipeline stage {stage} ({holds}), " in header
+
+
+def test_layout_has_no_node_rule(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                 tmp_path: Path) -> None:
+    """The fake process group has no nodes: tp=6 (a GB200 rack's tp, which plan prices with its
+    --gpu's node) and tp=12 ran into "does not divide the node's 8 GPUs" / "spans more than one
+    node", a rule of plan's cluster the checked figures do not depend on."""
+    import torch.distributed as dist
+
+    spec = tmp_path / "six.yaml"
+    spec.write_text(TINY_YAML.replace("n_heads: 4, n_kv_heads: 2", "n_heads: 12, n_kv_heads: 12")
+                    .replace("d_model: 16", "d_model: 48").replace("d_ff: 24", "d_ff: 96"))
+    for tp in (6, 12):
+        try:
+            code, out, err = run(monkeypatch, capsys, str(spec), "--seq", "24", "--json",
+                                 "--layout", f"tp={tp},cp=1,pp=1,dp=2,ep=1,zero=1,recompute=none,mb=1")
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        assert code == 0 and json.loads(out)["ok"], (tp, err)
