@@ -92,6 +92,10 @@ def test_bf16_norm_keeps_its_bf16_input_once_with_plain_autograds_values(norm: R
     full_width = [t for t in saved if t.shape == x.shape]
     assert storages(full_width) == storages([x])
     assert {t.dtype for t in saved if t.shape == (3, 4, 1)} == {torch.float32}
+    # the bf16 weight and bias are kept as stored (FSDP2's gather), not as fp32 copies: 4 B per
+    # width per norm and micro-batch in flight that `verify --layout` measured and no term prices
+    width = [t for t in saved if t.shape == (32,)]
+    assert storages(width) <= storages(list(norm.parameters())) and all(t.dtype == torch.bfloat16 for t in width)
     weight = norm.weight.float() if norm.weight is not None else None
     plain_x = x.detach().requires_grad_()
     if isinstance(norm, RMSNorm):
@@ -192,6 +196,11 @@ def test_per_head_norm_keeps_its_bf16_input_once(kind: str) -> None:
     y, saved = saved_during(lambda: norm(x16))
     assert storages([t for t in saved if t.shape == x16.shape]) == storages([x16])
     torch.testing.assert_close(y, plain(x16))
+    # bf16 weights (FSDP2's gather) are kept as stored, views of the parameters, not fp32 copies
+    wide = HeadwiseNorm(3, 8, NormPlan(kind=kind, eps=1e-5, bias=True, affine=True)).bfloat16()
+    _, saved = saved_during(lambda: wide(x16))
+    per_head = [t for t in saved if t.numel() == 3 * 8]
+    assert per_head and storages(per_head) <= storages(list(wide.parameters()))
     # the units on per-head weights, in fp64: gradcheck, and plain autograd's values
     from archplan.modules.norms import _LayerNormKeepingInput, _RMSNormKeepingInput
 

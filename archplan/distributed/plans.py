@@ -183,8 +183,8 @@ def width_sharded_norm(norm: RMSNorm | LayerNorm, mesh: DeviceMesh, width: int, 
             mean, mean_sq = (_sum_over(width_moments(x, centred=True), mesh) / width).split(1, dim=-1)
         case _:
             assert_never(norm)
-    weight = norm.weight.to_local().float() if norm.weight is not None else None
-    bias = norm.bias.to_local().float() if isinstance(norm, LayerNorm) and norm.bias is not None else None
+    weight = norm.weight.to_local() if norm.weight is not None else None
+    bias = norm.bias.to_local() if isinstance(norm, LayerNorm) and norm.bias is not None else None
     return normalise_with(x, mean, mean_sq, weight, bias, norm.eps).type_as(x)
 
 

@@ -27,8 +27,7 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        return rms_norm(x, weight, self.eps).type_as(x)
+        return rms_norm(x, self.weight, self.eps).type_as(x)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -36,11 +35,28 @@ def _wide(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _wide_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _wide(t)
+
+
+def _stored(grad: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """A weight's gradient, computed in fp32, in the dtype the weight is stored in."""
+    return None if grad is None or dtype is None else grad.to(dtype)
+
+
+def _dtype(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """`F.rms_norm` of x in fp32 over its last dim, keeping for the backward x in its own dtype
     and the per-row rstd: what a fused norm kernel keeps (Megatron-Core's Transformer Engine
     RMSNorm reads the bf16 input and keeps it with the fp32 rsigma) and what the activation terms
-    count (`analytic.memory`, the norms' inputs at the residual stream's dtype).
+    count (`analytic.memory`, the norms' inputs at the residual stream's dtype). A 16-bit weight
+    (FSDP2's bf16 gather) is cast to fp32 in the forward and again in the backward, not kept as
+    an fp32 copy between them (4 B per width per norm and micro-batch in flight, which no
+    activation term prices: `verify --layout` measured it on a one-token model), as
+    `moe._Fp32Gating` does for the router.
 
     An fp32 input (autocast over fp32 weights) on CUDA runs the fused `_fused_rms_norm` (pytorch
     PR 153666), which keeps exactly that. Elsewhere torch's composite `rms_norm` would also keep
@@ -48,7 +64,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     the fp32 copy the norm computes from: twice its bytes. Under a jit trace (fvcore) the plain op
     runs: a trace sees an autograd Function as one opaque op."""
     if torch.jit.is_tracing() or (x.is_cuda and x.dtype == torch.float32):
-        return F.rms_norm(x.float(), (x.shape[-1],), weight, eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), _wide_or_none(weight), eps)
     return _RMSNormKeepingInput.apply(x, weight, eps)
 
 
@@ -72,21 +88,23 @@ class _RMSNormKeepingInput(torch.autograd.Function):
         y = x32.mul_(rstd) if x32 is not x else x32 * rstd
         if weight is None:
             return y
-        fits = torch.broadcast_shapes(y.shape, weight.shape) == y.shape
-        return y.mul_(weight) if fits and torch.promote_types(y.dtype, weight.dtype) == y.dtype else y * weight
+        w = _wide(weight)
+        fits = torch.broadcast_shapes(y.shape, w.shape) == y.shape
+        return y.mul_(w) if fits and torch.promote_types(y.dtype, w.dtype) == y.dtype else y * w
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
+        w = _wide_or_none(weight)
         # a copy even where x is already wide: it is overwritten below
         normed = x.to(torch.promote_types(x.dtype, torch.float32), copy=True).mul_(rstd)
         d_weight = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            d_weight = (d_out * normed).sum_to_size(weight.shape)
+        if w is not None and ctx.needs_input_grad[1]:
+            d_weight = _stored((d_out * normed).sum_to_size(w.shape), _dtype(weight))
         # y = x̂·w, x̂ = x·rstd: dx = rstd·(dx̂ − x̂·mean(dx̂·x̂)), dx̂ = dy·w
-        d_normed = d_out * weight if weight is not None else None
+        d_normed = d_out * w if w is not None else None
         d_dot = d_out if d_normed is None else d_normed
         mean_dot = (d_dot * normed).sum(-1, keepdim=True).div(x.shape[-1])
         # out of place: mean_dot may be a partial sum (DTensor), which x̂ in place could not take
@@ -108,7 +126,8 @@ def normalise_with(x: Tensor, mean: Tensor | None, mean_sq: Tensor, weight: Tens
     """x normalised in fp32 by the given per-row statistics (of the whole width): (x − mean)·rstd
     with rstd = (mean_sq − mean² + eps)^(-1/2) (LayerNorm), or x·(mean_sq + eps)^(-1/2) when mean
     is None (RMSNorm); then · weight + bias. Keeps x in its own dtype and rstd, where plain
-    autograd keeps x's fp32 copy and the normalised x for the weight's gradient."""
+    autograd keeps x's fp32 copy and the normalised x for the weight's gradient; the weight and
+    bias as stored, cast to fp32 where used (`rms_norm`)."""
     return _FromMoments.apply(x, mean, mean_sq, weight, bias, eps)
 
 
@@ -142,21 +161,22 @@ class _FromMoments(torch.autograd.Function):
         var = mean_sq if mean is None else mean_sq - mean.pow(2)
         rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.bias_shape = bias.shape if bias is not None else None
+        ctx.bias_shape, ctx.bias_dtype = (None, None) if bias is None else (bias.shape, bias.dtype)
         y = centred * rstd
         if weight is not None:
-            y = y * weight
-        return y if bias is None else y + bias
+            y = y * _wide(weight)
+        return y if bias is None else y + _wide(bias)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, None]:
         x, mean, rstd, weight = ctx.saved_tensors
+        w = _wide_or_none(weight)
         centred = _wide(x) if mean is None else _wide(x) - mean
-        d_weight = (d_out * (centred * rstd)).sum_to_size(weight.shape) if weight is not None else None
-        d_bias = d_out.sum_to_size(ctx.bias_shape) if ctx.bias_shape is not None else None
-        d_norm = d_out * weight if weight is not None else d_out
+        d_weight = _stored((d_out * (centred * rstd)).sum_to_size(w.shape), _dtype(weight)) if w is not None else None
+        d_bias = _stored(d_out.sum_to_size(ctx.bias_shape), ctx.bias_dtype) if ctx.bias_shape is not None else None
+        d_norm = d_out * w if w is not None else d_out
         d_centred = d_norm * rstd
         # rstd = (var + eps)^(-1/2): d var = d rstd · (−rstd³/2); var = mean_sq (− mean²)
         d_var = (d_norm * centred).sum(-1, keepdim=True) * (rstd.pow(3) * -0.5)
@@ -184,13 +204,12 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
         if torch.jit.is_tracing() or _wide(x) is x:
             # fvcore's trace, or an input the norm computes in as it is: plain autograd keeps x,
             # mean and rstd, as the unit does
-            return F.layer_norm(x.float(), self.shape, weight, bias, self.eps).type_as(x)
-        return _LayerNormKeepingInput.apply(x, weight, bias, self.eps).type_as(x)
+            return F.layer_norm(x.float(), self.shape, _wide_or_none(self.weight), _wide_or_none(self.bias),
+                                self.eps).type_as(x)
+        return _LayerNormKeepingInput.apply(x, self.weight, self.bias, self.eps).type_as(x)
 
 
 class _LayerNormKeepingInput(torch.autograd.Function):
@@ -200,7 +219,8 @@ class _LayerNormKeepingInput(torch.autograd.Function):
     with mu and rsigma); plain autograd would keep the fp32 copy, twice the bytes of a bf16 input.
     A weight and bias of the normalised width go into the op; broadcast ones (one per head,
     `HeadwiseNorm`) are applied after it, and their gradients re-form the normalised x, where
-    plain autograd would keep it. The gradient comes back in x's dtype, as the cast's would."""
+    plain autograd would keep it. The gradient comes back in x's dtype, as the cast's would; the
+    weight and bias are kept as stored and cast to fp32 where used (`rms_norm`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -209,12 +229,13 @@ class _LayerNormKeepingInput(torch.autograd.Function):
     ) -> Tensor:
         width = [x.shape[-1]]
         inside = weight is None or list(weight.shape) == width
+        w, b = _wide_or_none(weight), _wide_or_none(bias)
         y, mean, rstd = torch.ops.aten.native_layer_norm(
-            _wide(x), width, weight if inside else None, bias if inside else None, eps)
+            _wide(x), width, w if inside else None, b if inside else None, eps)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
         ctx.inside = inside
         if not inside:
-            y = y * weight if bias is None else torch.addcmul(bias, y, weight)
+            y = y * w if b is None else torch.addcmul(b, y, w)
         return y
 
     @staticmethod
@@ -222,17 +243,19 @@ class _LayerNormKeepingInput(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, mean, rstd, weight, bias = ctx.saved_tensors
+        w, b = _wide_or_none(weight), _wide_or_none(bias)
         x32, width = _wide(x), [x.shape[-1]]
         if ctx.inside:
             mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
             d_x, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
-                d_out, x32, width, mean, rstd, weight, bias, mask)
+                d_out, x32, width, mean, rstd, w, b, mask)
         else:
-            d_weight = (d_out * ((x32 - mean) * rstd)).sum_to_size(weight.shape)
-            d_bias = d_out.sum_to_size(bias.shape) if bias is not None else None
+            d_weight = (d_out * ((x32 - mean) * rstd)).sum_to_size(w.shape)
+            d_bias = d_out.sum_to_size(b.shape) if b is not None else None
             d_x, _, _ = torch.ops.aten.native_layer_norm_backward(
-                d_out * weight, x32, width, mean, rstd, None, None, [True, False, False])
-        return d_x.to(x.dtype) if d_x is not None else None, d_weight, d_bias, None
+                d_out * w, x32, width, mean, rstd, None, None, [True, False, False])
+        return (d_x.to(x.dtype) if d_x is not None else None, _stored(d_weight, _dtype(weight)),
+                _stored(d_bias, _dtype(bias)), None)
 
 
 class HeadwiseNorm(nn.Module):
@@ -256,15 +279,15 @@ class HeadwiseNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x_BHTDh: Tensor) -> Tensor:
-        weight = self.weight.float()[:, None, :] if self.weight is not None else None
-        bias = self.bias.float()[:, None, :] if self.bias is not None else None
+        weight = self.weight[:, None, :] if self.weight is not None else None
+        bias = self.bias[:, None, :] if self.bias is not None else None
         if torch.jit.is_tracing():
             # fvcore's trace: the plain ops (an autograd Function would be one opaque op)
             x = x_BHTDh.float()
             dh = (x.shape[-1],)
             y = F.rms_norm(x, dh, None, self.eps) if self.kind == "rmsnorm" else F.layer_norm(x, dh, None, None, self.eps)
-            y = y * weight if weight is not None else y
-            return (y + bias if bias is not None else y).type_as(x_BHTDh)
+            y = y * weight.float() if weight is not None else y
+            return (y + bias.float() if bias is not None else y).type_as(x_BHTDh)
         match self.kind:
             case "rmsnorm":
                 y = _RMSNormKeepingInput.apply(x_BHTDh, weight, self.eps)
