@@ -471,3 +471,38 @@ def test_layout_has_no_node_rule(monkeypatch: pytest.MonkeyPatch, capsys: pytest
             if dist.is_initialized():
                 dist.destroy_process_group()
         assert code == 0 and json.loads(out)["ok"], (tp, err)
+
+
+@pytest.mark.parametrize("layout", [
+    "tp=1,cp=1,pp=1,dp=4,ep=1,zero=1,recompute=none,mb=1",
+    "tp=1,cp=1,pp=1,dp=4,ep=1,zero=0,recompute=none,mb=1",
+    "tp=1,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=3,recompute=none,mb=1",
+    "tp=1,cp=1,pp=4,dp=1,ep=1,zero=1,recompute=none,mb=1",
+])
+def test_layout_by_default_checks_the_memory_plan_prints(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str], tiny: Path,
+                                                         layout: str) -> None:
+    """Without --microbatches, verify runs the fewest micro-batches at which the rank's memory is
+    plan's at its own batch (62,500 micro-batches here): at pp micro-batches a pp=1 layout
+    accumulated no gradients (ZeRO-1's whole fp32 gradients were checked sharded) and an
+    interleaved one stopped its warm-up short, so the figures verify judged were not plan's."""
+    import torch.distributed as dist
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    planned = CliRunner().invoke(app, ["plan", str(tiny), "--gpus", "4", "--gpu", "h100", "--seq", "16", "--tokens",
+                                       "1B", "--states", "fsdp2", "--cross-entropy", "eager", "--layout", layout,
+                                       "--json"])
+    assert planned.exit_code == 0, planned.output
+    priced = json.loads(planned.stdout)["layouts"][0]["memory"]
+    try:
+        code, out, err = run(monkeypatch, capsys, str(tiny), "--seq", "16", "--json", "--layout", layout)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    checked = json.loads(out)
+    assert code == 0 and checked["ok"] and checked["stage"] == priced["stage"], err
+    assert {row["category"]: row["analytic"] for row in checked["memory"]} == {
+        name: priced[name] for name in ("parameters", "gradients", "optimizer", "activations", "temporary",
+                                        "collective_buffers")}

@@ -139,7 +139,8 @@ def bench(
                     "world size); under torchrun / SLURM this process is a worker instead.",
         show_default=False)] = None,
     microbatches: Annotated[int | None, typer.Option(
-        min=1, help="With --layout: micro-batches per step (default: pp).", show_default=False)] = None,
+        min=1, help="With --layout: micro-batches per step (default: 2 at pp=1, pp, or 2·pp under vpp > 1, "
+                    "as verify's).", show_default=False)] = None,
     train: Annotated[bool, typer.Option(
         "--train", help="Time a single-device training step (forward + backward + AdamW) and compare its "
                         "peak memory with size's training memory.", metavar="")] = False,

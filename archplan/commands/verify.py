@@ -89,7 +89,9 @@ LayoutOpt = Annotated[str | None, typer.Option(
     "FSDP2's copies around them and its gradient accumulation beside plan's (docs/distributed.md).",
     show_default=False)]
 MicrobatchesOpt = Annotated[int | None, typer.Option(
-    "--microbatches", min=1, help="Micro-batches per step with --layout (default: pp).", show_default=False)]
+    "--microbatches", min=1, help="Micro-batches per step with --layout (default: the fewest at which plan's "
+                                  "memory for the layout holds: 2 at pp=1, pp, or 2·pp under vpp > 1).",
+    show_default=False)]
 StageOpt = Annotated[int | None, typer.Option(
     "--stage", min=0, help="Pipeline stage whose rank --layout measures, 0 to pp − 1 (default: the most loaded "
     "one by plan's memory model).", show_default=False)]

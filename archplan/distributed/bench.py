@@ -16,7 +16,7 @@ from rich.table import Table
 
 from archplan import jsonout
 from archplan.console import echo
-from archplan.distributed.render import given_layout, schedule_name
+from archplan.distributed.render import default_microbatches, given_layout, schedule_name
 from archplan.distributed.step import interleaved_1f1b
 from archplan.distributed.workers import DistBench, WorkersFailed, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError, first_line
@@ -35,7 +35,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
     plan = resolve(load_spec(spec))
     layout = given_layout(plan, layout_text, seq, "bench")
     plan.check_length(seq, "--seq")
-    m = microbatches or layout.pp
+    m = microbatches or default_microbatches(layout)
     if under_launcher():
         if "MASTER_ADDR" not in os.environ:
             # RANK and WORLD_SIZE left in the environment, not a torchrun worker: init_process_group

@@ -123,6 +123,17 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
     return layout
 
 
+def default_microbatches(layout: Layout) -> int:
+    """The fewest micro-batches at which the rank's memory is what `plan` prices for this layout at
+    any larger count (plan's own batch runs thousands): gradients accumulate across micro-batches
+    from 2 on, 1F1B's warm-up fills at pp in flight (Narayanan et al. 2021 §2.2.1), and the
+    interleaved one at (v − 1)·pp + 2·(pp − 1) + 1 model chunks on stage 0, which m·v reaches at
+    m = 2·pp (a multiple of pp, as the interleaved schedule runs them)."""
+    if layout.vpp > 1:
+        return 2 * layout.pp
+    return max(2, layout.pp)
+
+
 def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool,
                   stage: int | None = None) -> int:
     """Run and show `verify --layout` on `stage` (None: the most loaded); returns the exit code (1
@@ -132,7 +143,8 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
         raise ArchplanError(f"--stage {stage}: the layout has {units.things(layout.pp, 'pipeline stage')}, "
                             f"0 to {layout.pp - 1}")
     with busy(f"one rank's training step of {layout.spec} at {layout.world:,} fake ranks", enabled=not as_json):
-        result = check_layout_run(plan, layout, seq, microbatches=microbatches or layout.pp, stage=stage)
+        result = check_layout_run(plan, layout, seq, microbatches=microbatches or default_microbatches(layout),
+                                  stage=stage)
     if as_json:
         echo(jsonout.dumps(result.to_json(), indent=2))
     else:
