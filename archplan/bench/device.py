@@ -119,14 +119,15 @@ def reset_peak_memory(device: torch.device) -> None:
             f.write("5")
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak bytes and how they were measured."""
+def peak_memory(device: torch.device, since: str = "the model was built") -> tuple[int, str]:
+    """Peak bytes and how they were measured; `since` names the moment the caller reset the peak
+    (`reset_peak_memory`)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     with contextlib.suppress(OSError):
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "process peak RSS since the model was built (VmHWM)"
+                    return int(line.split()[1]) * 1024, f"process peak RSS since {since} (VmHWM)"
     # ru_maxrss is KiB on Linux: the process's lifetime high-water mark, torch import included.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (ru_maxrss)"
