@@ -101,6 +101,10 @@ def test_an_output_encoding_without_our_glyphs_is_not_a_crash(command: tuple[str
 def test_version() -> None:
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("archplan ")
+    # `python -m archplan` is the command too (it failed: the package had no __main__)
+    module = subprocess.run([sys.executable, "-m", "archplan", "--version"], capture_output=True, text=True,
+                            timeout=120)
+    assert module.returncode == 0 and module.stdout == proc.stdout
 
 
 @pytest.mark.parametrize("command", ["verify", "bench"])
@@ -116,6 +120,8 @@ def test_missing_torch_is_one_line(command: str, monkeypatch: pytest.MonkeyPatch
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert f"`archplan {command}` needs PyTorch" in err and "Traceback" not in err
+    # by the distribution's name: `-e '.[torch]'` installed whatever project the user stood in
+    assert "pip install 'archplan[torch]'" in err and "-e" not in err
 
 
 def _commands(command, name: str = "archplan"):  # type: ignore[no-untyped-def]

@@ -1996,10 +1996,10 @@ def test_fake_verify_full_recompute_reruns_in_the_cool_down(fake_world: None, mi
                               microbatches=microbatches, stage=1)
     activations = {r.category: r for r in result.memory}["activations"]
     # what the torch engine leaves unpriced, read off the tracker's live tensors at the re-run's
-    # end: the re-run layer's five RMSNorms' fp32 rstd (32 tokens · 4 B each) and the fp32 copies
-    # of their weights (2 · 64 + 3 · 8 weights · 4 B), two micro-batches' int64 labels on the
-    # head's stage (2 · 32 · 8 B) and four fp32 loss scalars
-    unpriced = 5 * 32 * 4 + (2 * 64 + 3 * 8) * 4 + 2 * 32 * 8 + 4 * 4
+    # end: the re-run layer's five RMSNorms' fp32 rstd (32 tokens · 4 B each), two micro-batches'
+    # int64 labels on the head's stage (2 · 32 · 8 B) and four fp32 loss scalars (the norms' fp32
+    # weight copies, (2 · 64 + 3 · 8) · 4 B more, are no longer kept: `modules.norms.rms_norm`)
+    unpriced = 5 * 32 * 4 + 2 * 32 * 8 + 4 * 4
     assert activations.measured - activations.analytic == unpriced
     assert result.ok
 

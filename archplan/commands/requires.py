@@ -15,7 +15,10 @@ from archplan.errors import ArchplanError
 # layout types and the FSDP memory-tracker internals that `verify --layout` follows.
 # pyproject.toml declares the same range.
 MIN_TORCH = (2, 13)
-INSTALL = "pip install 'torch>=2.13,<3' && pip install -e '.[torch]'"
+# by the distribution's name, as plot.py's hint: `-e '.[torch]'` meant the current directory,
+# which is archplan's checkout only for a developer (from a wheel install it failed, or installed
+# whatever project the user stood in)
+INSTALL = "pip install 'torch>=2.13,<3' && pip install 'archplan[torch]'"
 
 
 def require_torch(command: str) -> None:
