@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -176,18 +177,19 @@ def test_lm_head_counted_when_tied() -> None:
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "said"),
     [
-        lambda p: forward_flops(p, 0),
-        lambda p: forward_flops(p, 8, batch=-1),
-        lambda p: training_flops_per_token(p, 8, attention="half"),
-        lambda p: training_flops_per_token(p, 8, recompute="some"),
-        lambda p: decode_flops_per_token(p, 0),
-        lambda p: forward_flops(p, 8).forward("sparse"),
+        (lambda p: forward_flops(p, 0), "seq_len must be a positive integer (got 0)"),
+        (lambda p: forward_flops(p, 8, batch=-1), "batch must be a positive integer (got -1)"),
+        (lambda p: training_flops_per_token(p, 8, attention="half"), "attention must be one of full, causal (got 'half')"),
+        (lambda p: training_flops_per_token(p, 8, recompute="some"),
+         "recompute must be one of none, selective, full (got 'some')"),
+        (lambda p: decode_flops_per_token(p, 0), "context must be a positive integer (got 0)"),
+        (lambda p: forward_flops(p, 8).forward("sparse"), "attention must be one of full, causal (got 'sparse')"),
     ],
 )
-def test_bad_arguments(call: Any) -> None:
-    with pytest.raises(ArchplanError):
+def test_bad_arguments(call: Any, said: str) -> None:
+    with pytest.raises(ArchplanError, match=re.escape(said)):
         call(tiny_llama())
 
 

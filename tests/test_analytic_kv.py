@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -85,8 +86,11 @@ def test_sub_byte_dtype_rounds_up() -> None:
 
 
 @pytest.mark.parametrize(
-    ("context", "batch", "dtype_bytes"), [(0, 1, 2), (8, 0, 2), (8, 1, 0), (8, 1, -2.0)]
+    ("context", "batch", "dtype_bytes", "said"), [
+        (0, 1, 2, "context must be a positive integer (got 0)"), (8, 0, 2, "batch must be a positive integer (got 0)"),
+        (8, 1, 0, "dtype_bytes must be positive (got 0)"), (8, 1, -2.0, "dtype_bytes must be positive (got -2.0)"),
+    ]
 )
-def test_bad_arguments(context: int, batch: int, dtype_bytes: float) -> None:
-    with pytest.raises(ArchplanError):
+def test_bad_arguments(context: int, batch: int, dtype_bytes: float, said: str) -> None:
+    with pytest.raises(ArchplanError, match=re.escape(said)):
         kv_cache(resolve(load_spec("llama-2-7b")), context, batch=batch, dtype_bytes=dtype_bytes)

@@ -223,9 +223,17 @@ def test_a_number_field_is_finite(cli, tmp_path: Path, value: str) -> None:  # t
 
 
 def test_a_number_field_takes_an_integer(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """YAML's `10000` is an int and `1e-5` a string to YAML 1.1: both are the numbers they read as,
+    and the spec read is the one written with `10000.0` and `1.0e-5`."""
+    from archplan.loader import load_spec
+
     path = spec_file(tmp_path, BASE + "position: {kind: rope, theta: 10000}\nnorm: {eps: 1e-5}\n")
     outcome = cli("size", path, "--json")
     assert outcome.code == 0, outcome
+    spec = load_spec(path)
+    assert spec.position.theta == 10000.0 and spec.norm.eps == 1e-5  # type: ignore[union-attr]
+    same = spec_file(tmp_path, BASE + "position: {kind: rope, theta: 10000.0}\nnorm: {eps: 1.0e-5}\n", "same.yaml")
+    assert outcome.stdout.replace(path, same) == cli("size", same, "--json").stdout
 
 
 @pytest.mark.parametrize(("old", "new", "field"), [

@@ -47,9 +47,9 @@ def test_pipeline_rank_holds_layer_inputs_and_chunk_outputs(fake_world: None, la
     adds its whole activations, which `cluster` counts: the measurement files them as activations
     (`fake.RecomputeAsActivations`; FSDPMemTracker filed them as temporary, and the measured
     figure was the held tensors alone, below the analytic one). What the measurement holds
-    beyond the model here (+25 % at d_model 64) is small tensors the per-tensor model leaves out
-    (rotary tables' products) and the input gradients already sent, which the pending send works
-    hold until the step's end (torch's `PipelineScheduleMulti` waits on its sends there too)."""
+    beyond the model here (+1.2 % and +0.2 %, 2026-12-06) is small tensors the per-tensor model
+    leaves out (rotary tables' products); bounded at +5 %, so that the kept hidden states, or any
+    other leak, fail here."""
     from archplan.distributed.fake import measure
 
     plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
@@ -62,7 +62,7 @@ def test_pipeline_rank_holds_layer_inputs_and_chunk_outputs(fake_world: None, la
                         + (data.first_act if c.first else 0))
                for c, count in zip(cluster.rank_chunks(len(plan.layers), parsed, 0), cluster.in_flight(parsed, m, 0)))
     analytic = cluster.rank_memory(plan, parsed, seq, microbatches=m, stage=0, states=cluster.FSDP2).activations
-    assert held < analytic <= measured, (held, analytic, measured)
+    assert held < analytic <= measured <= 1.05 * analytic, (held, analytic, measured)
 
 
 def test_megatron_frees_chunk_outputs_torch_keeps_them() -> None:

@@ -121,3 +121,37 @@ def test_the_two_sides_share_only_the_plan() -> None:
     common = {name for name in analytic.keys() & modules.keys()
               if _within(name, "archplan") and not _within(name, ANALYTIC) and not _within(name, MODULES)}
     assert common <= SHARED, {name: (analytic[name], modules[name]) for name in common - SHARED}
+
+
+def test_the_arithmetic_both_sides_read_from_resolve_is_pinned_to_published_shapes() -> None:
+    """`archplan.resolve` is shared, so a mistake in the few derived sizes it holds would be made by
+    both sides alike and the cross-check would not see it: each is pinned here to a published
+    checkpoint's shape or a reference implementation's module list."""
+    from archplan.loader import load_spec
+    from archplan.resolve import MLAPlan, Mamba2Plan, S4Plan, layer_norm_names, resolve
+    from archplan.spec import Parallel, PostNorm, PreNorm, Reordered, Sandwich, Spec
+
+    # DeepSeek-V3's q_b_proj rows per head: qk_nope 128 + qk_rope 64 (HF config, 192 = 24,576 / 128)
+    mla = resolve(load_spec("deepseek-v3")).layers[0].mixer
+    assert isinstance(mla, MLAPlan) and mla.qk_head_dim == 192
+    # state-spaces/mamba2-2.7b's conv1d.weight is (5,376, 1, 4): d_inner 5,120 + 2 · 1 group ·
+    # d_state 128 (its config: d_model 2,560, expand 2, headdim 64, ngroups 1)
+    mamba2_27b = Spec.model_validate({
+        "name": "mamba2-2.7b", "vocab_size": 50_288, "d_model": 2560, "n_layers": 64, "max_seq_len": 2048,
+        "attention": None, "ffn": None, "position": {"kind": "none"},
+        "ssm": {"kind": "mamba2", "d_state": 128, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1},
+        "layout": {"mixers": "M"}})
+    mamba2 = resolve(mamba2_27b).layers[0].mixer
+    assert isinstance(mamba2, Mamba2Plan) and mamba2.conv_dim == 5376
+    # S4D keeps N/2 complex modes per channel, the conjugate halves implied (Gu et al. 2022 S4D
+    # §3, the reference S4DKernel's A_imag of shape (H, N // 2)): d_state 64 → 32
+    s4 = next(layer.mixer for layer in resolve(load_spec("s4d-lm")).layers if isinstance(layer.mixer, S4Plan))
+    assert (s4.d_state, s4.modes) == (64, 32)
+    # the norms of a block, by HF module names: Llama's 2, Falcon-7B's 1 (shared), GPT-NeoX's 2,
+    # Gemma-2's 4, OLMo-2's 2 after the sublayers; a Mamba block without an FFN, 1
+    assert len(layer_norm_names(PreNorm(), True)) == 2 and len(layer_norm_names(PostNorm(), True)) == 2
+    assert layer_norm_names(Parallel(shared_norm=True), True) == ("norm1",)
+    assert len(layer_norm_names(Parallel(shared_norm=False), True)) == 2
+    assert len(layer_norm_names(Sandwich(), True)) == 4
+    assert layer_norm_names(Reordered(), True) == ("post_norm1", "post_norm2")
+    assert len(layer_norm_names(PreNorm(), False)) == 1

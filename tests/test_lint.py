@@ -373,7 +373,7 @@ def test_discovery_recurses_skips_hidden_and_dedupes(tmp_path, monkeypatch) -> N
     # one file by two paths, as a preset's name beside a symlinked presets/ folder: linted once
     (tmp_path / "linked").symlink_to(tmp_path / "deep", target_is_directory=True)
     assert [p.as_posix() for p in discover(["deep/b.yml", "linked/b.yml", "linked"])] == ["deep/b.yml"]
-    with pytest.raises(ArchplanError):
+    with pytest.raises(ArchplanError, match="no paths given"):
         discover([])
 
 

@@ -87,9 +87,10 @@ def test_zero_breakdown_is_16_bytes_per_param() -> None:
     assert states.optimizer == 12_000 and states.total == 16_000
 
 
-@pytest.mark.parametrize(("stage", "dp"), [(4, 1), (0, 0)])
-def test_zero_rejects_bad_arguments(stage: int, dp: int) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("stage", "dp", "said"), [(4, 1, "ZeRO stage must be 0-3, got 4"),
+                                                   (0, 0, "data-parallel size must be >= 1, got 0")])
+def test_zero_rejects_bad_arguments(stage: int, dp: int, said: str) -> None:
+    with pytest.raises(ValueError, match=said):
         zero_model_states(10, stage, dp)
 
 

@@ -122,10 +122,15 @@ def test_budget_from_params_or_tokens_inverts_the_law(choice: LawChoice) -> None
     assert budget(choice, tokens=d) == pytest.approx(3e23, rel=1e-9)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"compute": 1e24, "params": 7e9}, {"compute": -1.0},
-                                    {"compute": 1e40}, {"params": float("nan")}])
-def test_budget_rejects_bad_input(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ArchplanError):
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({}, "give exactly one of --compute, --params or --tokens"),
+    ({"compute": 1e24, "params": 7e9}, "give exactly one of --compute, --params or --tokens"),
+    ({"compute": -1.0}, "--compute: must be a positive number, got -1"),
+    ({"compute": 1e40}, "--compute implies a budget of 1e+40 FLOPs; plan works between 1e+15 and 1e+30 FLOPs"),
+    ({"params": float("nan")}, "--params: must be a positive number, got nan"),
+])
+def test_budget_rejects_bad_input(kwargs: dict[str, float], said: str) -> None:
+    with pytest.raises(ArchplanError, match=re.escape(said)):
         budget(LawChoice.epoch, **kwargs)
 
 
@@ -803,7 +808,7 @@ def test_interconnect_overrides() -> None:
     assert (net.intra_node, net.inter_node, net.gpus_per_node) == (100e9, NET.inter_node, 4)
     assert net.source == "user-given; nodes of 4 GPUs (--gpus-per-node)"
     assert interconnect(H100, gpus_per_node=8).source == NET.source  # the node size it already has
-    with pytest.raises(ArchplanError):
+    with pytest.raises(ArchplanError, match="--ib-gbs must be a number of GB/s of at least 0.1, got -1"):
         interconnect(H100, inter_gbs=-1)
     # a slower fabric never makes the best layout faster
     slow = search(resolve(load_spec("llama-2-7b")), H100, 16, seq=4096, global_batch_tokens=4e6,
@@ -816,11 +821,14 @@ def test_interconnect_overrides() -> None:
     assert per_token(slow.ranked[0]) >= per_token(fast.ranked[0])
 
 
-@pytest.mark.parametrize("kwargs", [{"settings": Settings(efficiency=0.0)}, {"headroom": 1.0},
-                                    {"global_batch_tokens": 2047}])
-def test_search_rejects_bad_input(kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({"settings": Settings(efficiency=0.0)}, "--efficiency must be in [0.01, 1], got 0.0"),
+    ({"headroom": 1.0}, "--headroom must be in [0, 1), got 1.0"),
+    ({"global_batch_tokens": 2047}, "--global-batch-tokens 2,047 is under half a sequence of 4,096 tokens"),
+])
+def test_search_rejects_bad_input(kwargs: dict[str, Any], said: str) -> None:
     args = {"seq": 4096, "global_batch_tokens": 4e6, "net": NET} | kwargs
-    with pytest.raises(ArchplanError):
+    with pytest.raises(ArchplanError, match=re.escape(said)):
         search(resolve(load_spec("llama-2-7b")), H100, 8, **args)
 
 

@@ -53,9 +53,12 @@ def test_fit_is_the_least_squares_slope_of_noisy_points() -> None:
     assert fit_exponent(xs, ys) == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("xs, ys", [([1], [1]), ([1, 2], [1]), ([2, 2], [1, 3]), ([1, 2], [0, 1])])
-def test_fit_rejects_what_has_no_slope(xs: list[float], ys: list[float]) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("xs, ys, said", [
+    ([1], [1], "at least two"), ([1, 2], [1], "at least two"), ([2, 2], [1, 3], "two distinct x values"),
+    ([1, 2], [0, 1], "fit needs positive values"),
+])
+def test_fit_rejects_what_has_no_slope(xs: list[float], ys: list[float], said: str) -> None:
+    with pytest.raises(ValueError, match=said):
         fit_exponent(xs, ys)
 
 
