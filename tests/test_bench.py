@@ -454,6 +454,12 @@ def test_the_default_seq_fits_the_spec(capsys: pytest.CaptureFixture[str], monke
     assert decode.code == 0 and json.loads(decode.stdout)["seq"] == 239
     noted = run_main(["bench", tiny, *fast, "--decode-tokens", "0"], capsys, monkeypatch)
     assert noted.code == 0 and "note: --seq 256, not 512: the max_seq_len of tiny-gpt" in " ".join(noted.stderr.split())
+    # RoPE runs on past max_seq_len, but the default stays within it (it noted its own overrun)
+    rope = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    said = run_main(["bench", rope, *fast, "--layers", "1"], capsys, monkeypatch)
+    flat = " ".join(said.stderr.split())
+    assert said.code == 0 and "past tiny-llama's max_seq_len" not in flat
+    assert "note: --seq 239, not 512: the max_seq_len of tiny-llama less the decode cache's 17 positions" in flat
     # the note follows a run: a refusal stays one line
     assert_one_line_error(run_main(["bench", tiny, *fast, "--recompute", "full"], capsys, monkeypatch), "--recompute")
     # (its activations, a 2-layer model's at 256 tokens, are judged outside ±25%: exit 1, not 2)

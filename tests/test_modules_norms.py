@@ -215,3 +215,17 @@ def test_per_head_norm_keeps_its_bf16_input_once(kind: str) -> None:
         want = F.layer_norm(x, (8,), None, None, 1e-5) * w + b
         got = _LayerNormKeepingInput.apply(x, w, b, 1e-5)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", [RMSNorm(16, 1e-5), LayerNorm(16, 1e-5, bias=True)], ids=["rms", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fp64_weights_apply_as_fp32_at_any_input(norm: RMSNorm | LayerNorm, dtype: torch.dtype) -> None:
+    """A model built in fp64 (reference checks) runs its norms: the weights apply in fp32 as the
+    input's fp32 copy is scaled (`F.layer_norm` refused fp64 weights beside an fp32 input), and
+    their gradients come back in fp64."""
+    norm = norm.double()
+    x = torch.randn(2, 3, 16, dtype=dtype, requires_grad=True)
+    y = norm(x)
+    y.sum().backward()
+    assert y.dtype == dtype and x.grad is not None and x.grad.dtype == dtype
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in norm.parameters())

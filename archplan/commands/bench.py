@@ -45,8 +45,9 @@ DEFAULT_SEQ = 512
 
 
 def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
-    """--seq when not given: 512, or the most every spec takes (its max_seq_len and, with decode
-    steps, the positions its learned table or Hyena filter leaves for them: `runner.check_positions`),
+    """--seq when not given: 512, or the most every spec takes (its max_seq_len less the decode
+    steps, where some prompt is left, so that the run stays within the length it was trained to;
+    past a learned table or Hyena filter no position exists at all: `runner.check_positions`),
     and why it is less than 512."""
     from archplan.loader import load_spec
     from archplan.resolve import resolve
@@ -54,8 +55,10 @@ def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
     seq, why = DEFAULT_SEQ, None
     for spec in specs:
         plan = resolve(load_spec(spec))
-        if plan.max_seq_len < seq:
-            seq, why = plan.max_seq_len, f"the max_seq_len of {plan.name}"
+        trained = plan.max_seq_len - decode_steps if plan.max_seq_len > decode_steps else plan.max_seq_len
+        if trained < seq:
+            seq, why = trained, f"the max_seq_len of {plan.name}" + (
+                f" less the decode cache's {decode_steps} positions" if trained < plan.max_seq_len else "")
         limit = plan.position_limit()
         if limit is not None and decode_steps and limit.positions - decode_steps < seq:
             seq = limit.positions - decode_steps

@@ -42,7 +42,7 @@ from archplan.modules.mamba1 import Mamba1Mixer
 from archplan.modules.mamba2 import Mamba2Mixer
 from archplan.modules.mla import MLA
 from archplan.modules.moe import MoEFFN
-from archplan.modules.norms import LayerNorm, RMSNorm, normalise_with, width_moments
+from archplan.modules.norms import LayerNorm, RMSNorm, for_unit, normalise_with, width_moments
 from archplan.modules.positions import Alibi, alibi_slopes
 from archplan.modules.s4 import S4Mixer
 from archplan.modules.stripedhyena import StripedHyenaMixer
@@ -183,8 +183,8 @@ def width_sharded_norm(norm: RMSNorm | LayerNorm, mesh: DeviceMesh, width: int, 
             mean, mean_sq = (_sum_over(width_moments(x, centred=True), mesh) / width).split(1, dim=-1)
         case _:
             assert_never(norm)
-    weight = norm.weight.to_local() if norm.weight is not None else None
-    bias = norm.bias.to_local() if isinstance(norm, LayerNorm) and norm.bias is not None else None
+    weight = for_unit(norm.weight.to_local()) if norm.weight is not None else None
+    bias = for_unit(norm.bias.to_local()) if isinstance(norm, LayerNorm) and norm.bias is not None else None
     return normalise_with(x, mean, mean_sq, weight, bias, norm.eps).type_as(x)
 
 

@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps).type_as(x)
+        return rms_norm(x, for_unit(self.weight), self.eps).type_as(x)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -37,6 +37,13 @@ def _wide(x: Tensor) -> Tensor:
 
 def _wide_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else _wide(t)
+
+
+def for_unit(t: Tensor | None) -> Tensor | None:
+    """A module's weight or bias as it hands it to a unit: a 16-bit one as stored (FSDP2's bf16
+    gather), which the unit casts to fp32 in its forward and again in its backward; a wider one in
+    fp32, as the input's fp32 copy it scales (a model built in fp64 for reference checks)."""
+    return t if t is None or t.dtype.itemsize < 4 else t.float()
 
 
 def _stored(grad: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -64,7 +71,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     the fp32 copy the norm computes from: twice its bytes. Under a jit trace (fvcore) the plain op
     runs: a trace sees an autograd Function as one opaque op."""
     if torch.jit.is_tracing() or (x.is_cuda and x.dtype == torch.float32):
-        return F.rms_norm(x.float(), (x.shape[-1],), _wide_or_none(weight), eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps)
     return _RMSNormKeepingInput.apply(x, weight, eps)
 
 
@@ -207,9 +214,10 @@ class LayerNorm(nn.Module):
         if torch.jit.is_tracing() or _wide(x) is x:
             # fvcore's trace, or an input the norm computes in as it is: plain autograd keeps x,
             # mean and rstd, as the unit does
-            return F.layer_norm(x.float(), self.shape, _wide_or_none(self.weight), _wide_or_none(self.bias),
-                                self.eps).type_as(x)
-        return _LayerNormKeepingInput.apply(x, self.weight, self.bias, self.eps).type_as(x)
+            weight = None if self.weight is None else self.weight.float()
+            bias = None if self.bias is None else self.bias.float()
+            return F.layer_norm(x.float(), self.shape, weight, bias, self.eps).type_as(x)
+        return _LayerNormKeepingInput.apply(x, for_unit(self.weight), for_unit(self.bias), self.eps).type_as(x)
 
 
 class _LayerNormKeepingInput(torch.autograd.Function):
@@ -250,6 +258,7 @@ class _LayerNormKeepingInput(torch.autograd.Function):
             d_x, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
                 d_out, x32, width, mean, rstd, w, b, mask)
         else:
+            assert w is not None  # not inside: a weight of another shape than the width
             d_weight = (d_out * ((x32 - mean) * rstd)).sum_to_size(w.shape)
             d_bias = d_out.sum_to_size(b.shape) if b is not None else None
             d_x, _, _ = torch.ops.aten.native_layer_norm_backward(
@@ -279,8 +288,8 @@ class HeadwiseNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x_BHTDh: Tensor) -> Tensor:
-        weight = self.weight[:, None, :] if self.weight is not None else None
-        bias = self.bias[:, None, :] if self.bias is not None else None
+        weight = for_unit(self.weight[:, None, :]) if self.weight is not None else None
+        bias = for_unit(self.bias[:, None, :]) if self.bias is not None else None
         if torch.jit.is_tracing():
             # fvcore's trace: the plain ops (an autograd Function would be one opaque op)
             x = x_BHTDh.float()
