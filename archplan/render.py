@@ -138,8 +138,9 @@ def _flops_table(r: dict[str, Any]) -> _Section:
                   units.flops(f["decode_elementwise_per_token"]))
     table.add_row(Text("elementwise (analytic only, not in the above)", style="dim"),
                   units.flops(f["elementwise_per_token"]), "")
-    if f["past_max_seq_len"]:
-        table.note = f"{f['convention']}\n{f['past_max_seq_len']}"
+    notes = [note for note in (f["past_max_seq_len"], f["short_for_mtp"]) if note]
+    if notes:
+        table.note = "\n".join([f["convention"], *notes])
     return table
 
 
@@ -369,8 +370,8 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
                 f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. " + first["flops"]["convention"])
-    past = [note for r in reports for note in (r["flops"]["past_max_seq_len"], r["kv_cache"]["past_max_seq_len"])
-            if note]
+    past = [note for r in reports for note in (r["flops"]["past_max_seq_len"], r["flops"]["short_for_mtp"],
+                                               r["kv_cache"]["past_max_seq_len"]) if note]
     settings = "\n".join([settings, *past])
     table = _table("Comparison", settings, ("figure", "left"),
                    *[(escape(r["name"]), "right") for r in reports])

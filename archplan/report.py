@@ -267,6 +267,7 @@ def _flops_section(plan: ModelPlan, params: ParamCount, opts: SizeOptions, seq: 
         "decode_elementwise_per_token": decode.elementwise,
         "decode_context": context,
         "past_max_seq_len": plan.past_trained_note("seq", seq, "FLOPs and training memory are sized as asked"),
+        "short_for_mtp": plan.short_for_mtp_note(seq),
         "convention": FLOPS_CONVENTION + (MTP_FLOPS_NOTE if plan.mtp else ""),
     }
 

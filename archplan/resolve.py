@@ -297,6 +297,18 @@ class ModelPlan:
                 "RoPE was not trained there (give position.scaling and the new max_seq_len to plan a longer "
                 "window)")
 
+    def short_for_mtp_note(self, seq: int) -> str | None:
+        """Why a training sequence of `seq` tokens deserves a second look, or None: D multi-token-
+        prediction modules need a target D + 1 tokens ahead of some position, so D + 2 tokens at
+        least (DeepSeek-V3 §2.2); shorter, the step trains them on nothing (`verify` and `bench`
+        refuse it: `modules.model.check_mtp_length`)."""
+        need = len(self.mtp) + 2
+        if not self.mtp or seq >= need:
+            return None
+        return (f"seq {seq:,} is shorter than the {need} tokens a training sequence of {self.name} needs (the next "
+                f"one and {len(self.mtp)} more ahead for its multi-token prediction): training FLOPs and memory are "
+                "sized as asked, but such a step has no target for the modules (verify and bench refuse it)")
+
 
 def norm_plan(norm: NormSpec) -> NormPlan:
     return NormPlan(kind=norm.kind, bias=norm.has_bias, eps=norm.eps, affine=norm.affine)

@@ -194,6 +194,18 @@ def test_a_context_past_a_rope_models_length_is_sized_with_a_note() -> None:
         assert "seq 16,384 is past llama-2-7b's max_seq_len" in text
 
 
+def test_a_seq_too_short_for_the_mtp_targets_is_sized_with_a_note() -> None:
+    """verify and bench refuse a training sequence under depth + 2 tokens (no target for the
+    multi-token-prediction modules); size sizes it as asked and says so, in size and compare."""
+    short = size_json("deepseek-v3-mtp", "--seq", "2")["flops"]["short_for_mtp"]
+    assert short.startswith("seq 2 is shorter than the 3 tokens a training sequence of deepseek-v3-mtp needs")
+    assert size_json("deepseek-v3-mtp", "--seq", "3")["flops"]["short_for_mtp"] is None
+    assert size_json("deepseek-v3", "--seq", "1")["flops"]["short_for_mtp"] is None  # no MTP modules
+    for command in (["size", "deepseek-v3-mtp"], ["compare", "deepseek-v3", "deepseek-v3-mtp"]):
+        text = runner.invoke(app, [*command, "--seq", "2"], env={"COLUMNS": "300"}).stdout
+        assert "seq 2 is shorter than the 3 tokens" in " ".join(text.split())
+
+
 def test_ssm_state_and_sliding_window() -> None:
     jamba = size_json("jamba-v0.1", "--context", "1024")
     assert jamba["kv_cache"]["bytes_per_token"] == 16_384  # docs/formulas.md §3: 4 attention layers
