@@ -276,6 +276,8 @@ def _gpu_table(r: dict[str, Any]) -> _Section | None:
     table.add_row("GPU-hours", units.amount(g["gpu_hours"]))
     table.add_row("GPU-days", units.amount(g["gpu_hours"] / 24))
     table.add_row("GPU-hours for the 6·N·D budget", units.amount(g["gpu_hours_6nd"]))
+    if g["gpu_hours_6nd_active"] != g["gpu_hours_6nd"]:
+        table.add_row("GPU-hours for 6·N_active·D", units.amount(g["gpu_hours_6nd_active"]))
     return table
 
 
@@ -330,6 +332,12 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"],
          lambda x: units.nbytes(x) if x else "none"),
         ("KV cache at context", lambda r: r["kv_cache"]["bytes"], units.nbytes),
+        *[(f"  of which {what}", lambda r, key=key: r["kv_cache"][key], lambda x: units.nbytes(x) if x else "none")
+          # the parts not per token, so that per token × context need not match the row above
+          # unexplained (hyena-153m: 30.4 KiB × 2,048 = 60.8 MiB of 182 MiB, the rest its filters)
+          for what, key in (("Hyena filters (fp32, once for the batch)", "filter_cache_bytes"),
+                            ("SSM / S4 / FIR + modal state (constant)", "ssm_state_bytes"))
+          if any(r["kv_cache"][key] for r in reports)],
         ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"], units.nbytes),
         ("weights int4", lambda r: r["memory"]["weights_by_dtype"]["int4"], units.nbytes),
         ("inference bf16 + KV", lambda r: r["memory"]["inference_bytes_by_dtype"]["bf16"], units.nbytes),
@@ -385,7 +393,7 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
             value = get(r)
             if value is None:
                 cells.append("—")
-            elif i == 0 or not base:
+            elif i == 0 or not base or not value:  # a ratio of nothing says nothing: "none", not "none (0.00×)"
                 cells.append(fmt(value))
             else:
                 cells.append(f"{fmt(value)} ({units.ratio(value / base)})")

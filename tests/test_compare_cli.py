@@ -72,6 +72,19 @@ def test_a_model_without_a_per_token_cache_shows_none_not_0_b() -> None:
     assert result.exit_code == 0 and "none" in line and "512 KiB" in line and "0 B" not in line
 
 
+def test_the_cache_parts_not_per_token_are_rows_of_their_own() -> None:
+    """hyena-153m's 30.4 KiB a token × 2,048 is 60.8 MiB of its 182 MiB cache: the rest, its fp32
+    filters (shared by the batch) and the short convolutions' state, get rows as in `size`; a
+    comparison of attention models alone has neither row."""
+    result = runner.invoke(app, ["compare", "hyena-153m", "mamba-2.8b"], env={"COLUMNS": "200"})
+    lines = result.stdout.splitlines()
+    filters = next(ln for ln in lines if ln.startswith("  of which Hyena filters"))
+    state = next(ln for ln in lines if ln.startswith("  of which SSM"))
+    assert result.exit_code == 0 and "122 MiB" in filters and "12.5 MiB" in state
+    plain = runner.invoke(app, ["compare", "llama-2-7b", "mistral-7b"], env={"COLUMNS": "200"}).stdout
+    assert "of which" not in plain
+
+
 def test_the_caption_names_a_residual_stream_wider_than_the_activations() -> None:
     result = runner.invoke(app, ["compare", "gpt2", "llama-3-8b", "--residual-dtype", "fp32"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -131,6 +131,19 @@ def test_tokens_gpu_and_law_options() -> None:
     assert g["training_flops"] == pytest.approx(r["flops"]["training_per_token"] * 15e12)
     assert g["gpu_hours"] == pytest.approx(g["training_flops"] / (989.4e12 * 0.5) / 3600)
     assert g["gpu_hours_6nd"] == pytest.approx(c["training_flops"] / (989.4e12 * 0.5) / 3600)
+    assert g["gpu_hours_6nd_active"] == g["gpu_hours_6nd"]  # a dense model: every parameter is active
+
+
+def test_an_moe_prices_6nd_at_its_active_parameters_too() -> None:
+    """6·N_total·D overstates an MoE's compute by total / active (17.9× for DeepSeek-V3): the
+    active figure is printed beside it, near the model-FLOPs GPU-hours."""
+    r = size_json("deepseek-v3", "--tokens", "14.8T", "--gpu", "h100", "--mfu", "0.4")
+    g, active = r["chinchilla"]["gpu"], r["params"]["active"]
+    assert g["gpu_hours_6nd_active"] == pytest.approx(6 * active * 14.8e12 / (989.4e12 * 0.4) / 3600)
+    assert g["gpu_hours_6nd"] / g["gpu_hours_6nd_active"] == pytest.approx(r["params"]["total"] / active)
+    text = " ".join(CliRunner().invoke(app, ["size", "deepseek-v3", "--tokens", "14.8T", "--gpu", "h100", "--mfu",
+                                             "0.4"], env={"COLUMNS": "200"}).stdout.split())
+    assert "GPU-hours for 6·N_active·D │ 2,340,534" in text
 
 
 def test_attention_convention_and_recompute() -> None:
