@@ -1265,3 +1265,82 @@ def test_a_key_a_scaled_rope_does_not_read_is_reported_not_refused(strict: bool,
                              file="config.json", name="x")
     assert imported.spec.position == without.spec.position  # type: ignore[union-attr]
     assert imported.spec.position.scaling is not None  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ RoPE keys as each family reads them
+def _imported(config: dict[str, Any], strict: bool = False):  # noqa: ANN202 - importers.Imported
+    return convert_config(config, file="config.json", name="t", strict=strict)
+
+
+def test_gemma2_reads_gelu_as_exact_gelu() -> None:
+    """Only GemmaConfig maps the legacy "gelu" to the tanh form; Gemma2MLP runs ACT2FN["gelu"]."""
+    assert spec_of({**TINY["gemma2"].config, "hidden_activation": "gelu"}).ffn.activation == "gelu"
+    assert spec_of({**TINY["gemma"].config, "hidden_act": "gelu"}).ffn.activation == "gelu_tanh"
+
+
+def test_gptj_rotates_at_theta_10000_whatever_the_rope_keys_say() -> None:
+    """create_sinusoidal_positions hard-codes θ 10,000 over rotary_dim: rope_theta, rope_scaling and
+    partial_rotary_factor were applied (θ 500,000, a linear scaling, a fraction of 0.25 for a
+    rotary_dim of half the head); they are reported ignored."""
+    config = {**TINY["gptj"].config, "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+              "partial_rotary_factor": 0.25}
+    imported = _imported(config)
+    position = imported.spec.position
+    assert (position.theta, position.fraction, position.scaling) == (10000.0, 0.5, None)
+    assert {"rope_theta", "rope_scaling", "partial_rotary_factor"} <= set(imported.ignored)
+
+
+def test_gpt_neox_fills_its_rope_from_its_own_names_first() -> None:
+    """GPTNeoXConfig sets rope_parameters' θ from rotary_emb_base (else 10,000) and its fraction from
+    rotary_pct (else 0.25) before the top-level keys could: those are never read (reported);
+    inside rope_parameters they count."""
+    base = TINY["gpt_neox-parallel"].config
+    top = _imported({**base, "rope_theta": 500000.0, "partial_rotary_factor": 1.0})
+    assert (top.spec.position.theta, top.spec.position.fraction) == (10000.0, 0.25)
+    assert {"rope_theta", "partial_rotary_factor"} <= set(top.ignored)
+    both = spec_of({**base, "rotary_pct": 0.25, "partial_rotary_factor": 0.5}).position
+    assert both.fraction == 0.25
+    nested = spec_of({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0,
+                                                  "partial_rotary_factor": 0.5}}).position
+    assert (nested.theta, nested.fraction) == (50000.0, 0.5)
+
+
+def test_partial_rotary_factor_counts_only_where_the_family_reads_it() -> None:
+    """Llama and its copies rotate whole heads (their default RoPE sizes the table by head_dim): the
+    factor is reported ignored, and beside a scaled RoPE, whose initialiser does read it and whose
+    forward then fails in transformers, refused. Phi, Phi-3 and StableLM read it."""
+    llama = {k: v for k, v in TINY["llama-biased-tied-llama3rope"].config.items() if k != "rope_scaling"}
+    plain = _imported({**llama, "partial_rotary_factor": 0.5})
+    assert plain.spec.position.fraction == 1.0 and "partial_rotary_factor" in plain.ignored
+    err = refusal({**llama, "partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert err.field == "partial_rotary_factor" and "rotates whole heads" in err.message
+    assert spec_of({**TINY["phi3"].config, "partial_rotary_factor": 0.5}).position.fraction == 0.5
+    assert spec_of({**TINY["phi"].config, "partial_rotary_factor": 0.75}).position.fraction == 0.75
+
+
+def test_a_legacy_rope_scaling_replaces_rope_parameters_whole() -> None:
+    """convert_rope_params_to_dict: rope_parameters = rope_scaling or rope_parameters, so beside a
+    legacy dict θ comes from the top level or the default, not from the dict it replaced."""
+    llama = {k: v for k, v in TINY["llama-biased-tied-llama3rope"].config.items() if k not in ("rope_scaling",
+                                                                                              "rope_theta")}
+    imported = _imported({**llama, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}})
+    position = imported.spec.position
+    assert position.theta == 10000.0 and position.scaling is not None and position.scaling.kind == "linear"
+    assert "rope_parameters" in imported.ignored
+
+
+def test_phi3_takes_no_scaling_but_longrope() -> None:
+    """Phi3Config's validation refuses every RoPE type but LongRoPE (which archplan cannot express)."""
+    for kind in ("linear", "dynamic"):
+        err = refusal({**TINY["phi3"].config, "rope_scaling": {"rope_type": kind, "factor": 2.0}})
+        assert err.field == "rope_scaling" and "transformers refuses every type but LongRoPE" in err.message
+
+
+def test_an_all_dense_qwen_moe_config_passes_strict() -> None:
+    """A Qwen MoE config whose sparse step leaves no layer experts: its router keys size nothing and
+    are accepted quietly, as its other expert keys are (--strict refused norm_topk_prob)."""
+    config = {**TINY["qwen3_moe"].config, "decoder_sparse_step": 3, "norm_topk_prob": True,
+              "router_aux_loss_coef": 0.01}
+    config["num_hidden_layers"] = 2
+    assert _imported(config, strict=True).spec.moe is None

@@ -374,18 +374,41 @@ def _number(cfg: HFConfig, name: str, value: Any) -> float:
     return float(value)
 
 
-def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 10000.0) -> Rope:
+def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 10000.0, partial: bool = False,
+         top_level: bool = True) -> Rope:
     """RoPE from either spelling: legacy top-level `rope_theta`/`rope_scaling`/`partial_rotary_factor`
-    or transformers 5's `rope_parameters` dict (modeling_rope_utils.convert_rope_params_to_dict)."""
-    params = cfg.dict_("rope_parameters") or {}
+    or transformers 5's `rope_parameters` dict (modeling_rope_utils.convert_rope_params_to_dict:
+    `rope_parameters = rope_scaling or rope_parameters`, so a legacy dict replaces the new one
+    whole, and the top-level keys fill in what the dict leaves out). `fraction` and `theta` are the
+    family's defaults; `partial`: the family's rotary embedding reads partial_rotary_factor (Phi,
+    Phi-3, StableLM, GPT-NeoX; Llama's and its copies' rotate whole heads whatever it says);
+    `top_level`: the family reads the top-level keys at all (GPT-NeoX fills its dict from its own
+    names first, so a top-level rope_theta is never read)."""
     legacy = cfg.dict_("rope_scaling")
-    if any(isinstance(v, dict) for v in params.values()):
+    # beside a legacy dict, rope_parameters is never read (so reported, as transformers ignores it)
+    params = legacy or cfg.dict_("rope_parameters") or {}
+    params_key = "rope_scaling" if legacy else "rope_parameters"
+    if not legacy and any(isinstance(v, dict) for v in params.values()):
         raise cfg.error("rope_parameters", "cannot express per-layer-type RoPE parameters")
-    theta_key = "rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta"
-    theta = _number(cfg, theta_key, params.get("rope_theta", cfg.float_("rope_theta", theta)))
-    fraction = _number(cfg, "rope_parameters.partial_rotary_factor",
-                       params.get("partial_rotary_factor", cfg.float_("partial_rotary_factor", fraction)))
-    scaling_src, where = (legacy, "rope_scaling") if legacy else (params, "rope_parameters")
+    theta_key = f"{params_key}.rope_theta" if "rope_theta" in params else "rope_theta"
+    outer_theta = cfg.float_("rope_theta", theta) if top_level else theta
+    theta = _number(cfg, theta_key, params.get("rope_theta", outer_theta))
+    if partial:
+        outer = cfg.float_("partial_rotary_factor", fraction) if top_level else fraction
+        fraction = _number(cfg, f"{params_key}.partial_rotary_factor", params.get("partial_rotary_factor", outer))
+    elif params.get("partial_rotary_factor") is not None or cfg.data.get("partial_rotary_factor") is not None:
+        # not marked read: a top-level key is reported ignored as any unread key is
+        where_partial = (f"{params_key}.partial_rotary_factor" if "partial_rotary_factor" in params
+                         else "partial_rotary_factor")
+        if params.get("rope_type", params.get("type", "default")) not in ("default", None):
+            # the scaled initialisers read the factor and build a partial inv_freq, the attention
+            # rotates whole heads: transformers' forward fails on the shapes
+            raise cfg.error(where_partial, "cannot express a partial rotary factor in a family whose attention "
+                                           "rotates whole heads (transformers' scaled RoPE builds a partial "
+                                           "frequency table beside it and its forward fails)")
+        if where_partial != "partial_rotary_factor":
+            cfg.unread_nested.append(where_partial)
+    scaling_src, where = params, params_key
     type_key = "rope_type" if "rope_type" in scaling_src else "type"
     kind_name = scaling_src.get(type_key, "default")
     if not isinstance(kind_name, str):
@@ -601,13 +624,13 @@ _LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_h
 
 def _llama_like(cfg: HFConfig, *, qkv_bias: bool = False, out_bias: bool = False,
                 mlp_bias: bool = False, act: Activation | None = None, theta: float = 10000.0,
-                window: int | None = None, qk_norm: QKNorm | None = None) -> dict[str, Any]:
+                window: int | None = None, qk_norm: QKNorm | None = None, partial: bool = False) -> dict[str, Any]:
     """Llama (modeling_llama.py) and its copies: pre-RMSNorm, GQA, gated FFN, RoPE. Biases are the
     caller's: each family decides which config key (if any) transformers reads for them."""
     dims = read_dims(cfg)
     return {
         **base(dims, tied=tied(cfg)),
-        "position": rope(cfg, dims, theta=theta),
+        "position": rope(cfg, dims, theta=theta, partial=partial),
         "norm": rms(cfg),
         "attention": attention(cfg, dims, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm,
                                window=window),
@@ -753,7 +776,7 @@ def sparse_layers(cfg: HFConfig, n_layers: int, n_experts: int) -> list[int]:
 
 
 # what describes only the experts of a Qwen2/3-MoE config
-_QWEN_EXPERT_KEYS = ("num_experts_per_tok", "moe_intermediate_size")
+_QWEN_EXPERT_KEYS = ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef")
 
 
 def _sparse_fields(cfg: HFConfig) -> str:
@@ -855,7 +878,8 @@ def _gemma2(cfg: HFConfig) -> dict[str, Any]:
     else:
         letters = window_letters(cfg, n_layers, window)
     bias = cfg.bool_("attention_bias")
-    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, act=gemma_act(cfg, "hidden_activation"),
+    # Gemma2Config keeps "gelu" as exact GELU (only GemmaConfig maps the legacy value to tanh)
+    spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias, act=cfg.activation("hidden_activation"),
                        window=window if "S" in letters else None)
     spec["residual"] = Sandwich(kind="sandwich")
     spec["layout"] = Layout(mixers=compress_mixers(letters))
@@ -877,7 +901,7 @@ def _phi(cfg: HFConfig) -> dict[str, Any]:
                                     f"= {dims.d_model // dims.n_heads}, which cannot normalise heads of {dims.head_dim}")
     return {
         **base(dims, tied=tied(cfg), lm_head_bias=True),
-        "position": rope(cfg, dims, fraction=0.5),
+        "position": rope(cfg, dims, fraction=0.5, partial=True),
         "norm": layer_norm(cfg, "layer_norm_eps"),
         "residual": Parallel(kind="parallel", shared_norm=True),
         "attention": attention(cfg, dims, qkv_bias=True, out_bias=True, qk_norm=qk),
@@ -898,8 +922,12 @@ def _phi3(cfg: HFConfig) -> dict[str, Any]:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind in ("su", "yarn", "longrope"):
             raise cfg.error(key, f"cannot express Phi-3 {kind!r} (LongRoPE: per-dimension rescale factors)")
+        if kind not in (None, "default"):
+            # Phi3Config's validation admits LongRoPE alone ("type must be one of ['longrope']")
+            raise cfg.error(key, f"Phi-3 takes no {kind!r} RoPE scaling (transformers refuses every type but "
+                                 "LongRoPE, which archplan cannot express)")
     _no_llama_biases(cfg, "Phi-3")
-    return _llama_like(cfg, qkv_bias=False, out_bias=False, window=all_layers_window(cfg))
+    return _llama_like(cfg, qkv_bias=False, out_bias=False, window=all_layers_window(cfg), partial=True)
 
 
 _LN_EPS = 1e-5
@@ -944,16 +972,15 @@ def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gpt_neox.py: fused MHA qkv, biased MLP, two LayerNorms; parallel residual
     x + attn(ln1 x) + mlp(ln2 x) by default; partial RoPE `rotary_pct` (default 0.25)."""
     dims = read_dims(cfg, head_dim_key=False, kv_key=None)
-    if cfg.has("rotary_pct") and not cfg.has("partial_rotary_factor"):
-        fraction = cfg.float_("rotary_pct")
-    else:
-        fraction = 0.25
+    # GPTNeoXConfig.convert_rope_params_to_dict fills rope_parameters from its own names first
+    # (rotary_emb_base, rotary_pct), so a top-level rope_theta / partial_rotary_factor is never read
+    fraction = cfg.float_("rotary_pct") if cfg.has("rotary_pct") else 0.25
     theta = cfg.float_("rotary_emb_base") if cfg.has("rotary_emb_base") else 10000.0
     bias = cfg.bool_("attention_bias")
     parallel = cfg.bool_("use_parallel_residual")
     return {
         **base(dims, tied=tied(cfg)),
-        "position": rope(cfg, dims, fraction=fraction, theta=theta),
+        "position": rope(cfg, dims, fraction=fraction, theta=theta, partial=True, top_level=False),
         "norm": layer_norm(cfg, "layer_norm_eps"),
         "residual": Parallel(kind="parallel", shared_norm=False) if parallel else PreNorm(kind="pre"),
         "attention": attention(cfg, dims, qkv_bias=bias, out_bias=bias),
@@ -981,9 +1008,14 @@ def _gptj(cfg: HFConfig) -> dict[str, Any]:
     rot = cfg.opt_int("rotary_dim") or dims.head_dim
     if rot > dims.head_dim or rotary_dim(dims.head_dim, rot / dims.head_dim) != rot:
         raise cfg.error("rotary_dim", f"cannot express rotary_dim {rot} for head_dim {dims.head_dim}")
+    # create_sinusoidal_positions hard-codes θ 10,000 and no scaling, over rotary_dim: rope_theta,
+    # rope_scaling, rope_parameters and partial_rotary_factor are never read (so reported ignored)
+    fraction = rot / dims.head_dim
+    position = built(cfg, "rotary_dim", Rope, kind="rope", theta=10000.0,
+                     **({"fraction": fraction} if fraction != 1 else {}))
     return {
         **base(dims, tied=tied(cfg), lm_head_bias=True),
-        "position": rope(cfg, dims, fraction=rot / dims.head_dim),
+        "position": position,
         "norm": layer_norm(cfg, "layer_norm_epsilon"),
         "residual": Parallel(kind="parallel", shared_norm=True),
         "attention": attention(cfg, dims),
@@ -1155,7 +1187,7 @@ def _stablelm(cfg: HFConfig) -> dict[str, Any]:
     parallel = cfg.bool_("use_parallel_residual")
     return {
         **base(dims, tied=tied(cfg)),
-        "position": rope(cfg, dims, fraction=0.25),
+        "position": rope(cfg, dims, fraction=0.25, partial=True),
         "norm": layer_norm(cfg, "layer_norm_eps"),
         "residual": Parallel(kind="parallel", shared_norm=True) if parallel else PreNorm(kind="pre"),
         "attention": attention(cfg, dims, qkv_bias=cfg.bool_("use_qkv_bias"), qk_norm=qk),
