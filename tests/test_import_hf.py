@@ -1303,6 +1303,8 @@ def test_gpt_neox_fills_its_rope_from_its_own_names_first() -> None:
     nested = spec_of({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0,
                                                   "partial_rotary_factor": 0.5}}).position
     assert (nested.theta, nested.fraction) == (50000.0, 0.5)
+    # a refused θ is named by the key it came from
+    assert refusal({**base, "rotary_emb_base": 0.5}).field.startswith("rotary_emb_base")
 
 
 def test_partial_rotary_factor_counts_only_where_the_family_reads_it() -> None:
@@ -1314,6 +1316,9 @@ def test_partial_rotary_factor_counts_only_where_the_family_reads_it() -> None:
     assert plain.spec.position.fraction == 1.0 and "partial_rotary_factor" in plain.ignored
     err = refusal({**llama, "partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     assert err.field == "partial_rotary_factor" and "rotates whole heads" in err.message
+    # at 1.0 the scaled table is the whole head's, and transformers runs it: reported, not refused
+    whole = _imported({**llama, "partial_rotary_factor": 1.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert whole.spec.position.fraction == 1.0 and "partial_rotary_factor" in whole.ignored
     assert spec_of({**TINY["phi3"].config, "partial_rotary_factor": 0.5}).position.fraction == 0.5
     assert spec_of({**TINY["phi"].config, "partial_rotary_factor": 0.75}).position.fraction == 0.75
 
@@ -1335,6 +1340,10 @@ def test_phi3_takes_no_scaling_but_longrope() -> None:
     for kind in ("linear", "dynamic"):
         err = refusal({**TINY["phi3"].config, "rope_scaling": {"rope_type": kind, "factor": 2.0}})
         assert err.field == "rope_scaling" and "transformers refuses every type but LongRoPE" in err.message
+    # beside a legacy rope_scaling, rope_parameters is never read: its type refuses nothing
+    replaced = _imported({**TINY["phi3"].config, "rope_scaling": {"rope_type": "default", "rope_theta": 50000.0},
+                          "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+    assert replaced.spec.position.theta == 50000.0 and "rope_parameters" in replaced.ignored
 
 
 def test_an_all_dense_qwen_moe_config_passes_strict() -> None:

@@ -375,7 +375,7 @@ def _number(cfg: HFConfig, name: str, value: Any) -> float:
 
 
 def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 10000.0, partial: bool = False,
-         top_level: bool = True) -> Rope:
+         top_level: bool = True, names: tuple[str, str] = ("rope_theta", "partial_rotary_factor")) -> Rope:
     """RoPE from either spelling: legacy top-level `rope_theta`/`rope_scaling`/`partial_rotary_factor`
     or transformers 5's `rope_parameters` dict (modeling_rope_utils.convert_rope_params_to_dict:
     `rope_parameters = rope_scaling or rope_parameters`, so a legacy dict replaces the new one
@@ -383,14 +383,15 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     family's defaults; `partial`: the family's rotary embedding reads partial_rotary_factor (Phi,
     Phi-3, StableLM, GPT-NeoX; Llama's and its copies' rotate whole heads whatever it says);
     `top_level`: the family reads the top-level keys at all (GPT-NeoX fills its dict from its own
-    names first, so a top-level rope_theta is never read)."""
+    names first, so a top-level rope_theta is never read); `names`: the keys the defaults came
+    from, which an error about them names (GPT-NeoX's rotary_emb_base and rotary_pct)."""
     legacy = cfg.dict_("rope_scaling")
     # beside a legacy dict, rope_parameters is never read (so reported, as transformers ignores it)
     params = legacy or cfg.dict_("rope_parameters") or {}
     params_key = "rope_scaling" if legacy else "rope_parameters"
     if not legacy and any(isinstance(v, dict) for v in params.values()):
         raise cfg.error("rope_parameters", "cannot express per-layer-type RoPE parameters")
-    theta_key = f"{params_key}.rope_theta" if "rope_theta" in params else "rope_theta"
+    theta_key = f"{params_key}.rope_theta" if "rope_theta" in params else names[0]
     outer_theta = cfg.float_("rope_theta", theta) if top_level else theta
     theta = _number(cfg, theta_key, params.get("rope_theta", outer_theta))
     if partial:
@@ -400,7 +401,9 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         # not marked read: a top-level key is reported ignored as any unread key is
         where_partial = (f"{params_key}.partial_rotary_factor" if "partial_rotary_factor" in params
                          else "partial_rotary_factor")
-        if params.get("rope_type", params.get("type", "default")) not in ("default", None):
+        given = params.get("partial_rotary_factor", cfg.data.get("partial_rotary_factor"))
+        whole = rotary_dim(dims.head_dim, _number(cfg, where_partial, given)) == dims.head_dim
+        if not whole and params.get("rope_type", params.get("type", "default")) not in ("default", None):
             # the scaled initialisers read the factor and build a partial inv_freq, the attention
             # rotates whole heads: transformers' forward fails on the shapes
             raise cfg.error(where_partial, "cannot express a partial rotary factor in a family whose attention "
@@ -464,7 +467,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         out["fraction"] = fraction
     if scaling is not None:
         out["scaling"] = scaling
-    return built(cfg, theta_key if fraction == 1.0 else f"{theta_key} / partial_rotary_factor", Rope, **out)
+    return built(cfg, theta_key if fraction == 1.0 else f"{theta_key} / {names[1]}", Rope, **out)
 
 
 def compress_mixers(letters: Sequence[str]) -> str:
@@ -917,15 +920,16 @@ def _phi(cfg: HFConfig) -> dict[str, Any]:
 def _phi3(cfg: HFConfig) -> dict[str, Any]:
     """modeling_phi3.py: fused qkv_proj and gate_up_proj (same sizes as split), no biases, RMSNorm,
     optional window on every layer. LongRoPE ('su'/'longrope'; Phi3 maps 'yarn' to it) is refused."""
-    for key in ("rope_scaling", "rope_parameters"):
-        scaling = cfg.dict_(key) or {}
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind in ("su", "yarn", "longrope"):
-            raise cfg.error(key, f"cannot express Phi-3 {kind!r} (LongRoPE: per-dimension rescale factors)")
-        if kind not in (None, "default"):
-            # Phi3Config's validation admits LongRoPE alone ("type must be one of ['longrope']")
-            raise cfg.error(key, f"Phi-3 takes no {kind!r} RoPE scaling (transformers refuses every type but "
-                                 "LongRoPE, which archplan cannot express)")
+    # the dict transformers reads: a legacy rope_scaling replaces rope_parameters whole (`rope`)
+    key = "rope_scaling" if cfg.dict_("rope_scaling") else "rope_parameters"
+    scaling = cfg.dict_(key) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("su", "yarn", "longrope"):
+        raise cfg.error(key, f"cannot express Phi-3 {kind!r} (LongRoPE: per-dimension rescale factors)")
+    if kind not in (None, "default"):
+        # Phi3Config's validation admits LongRoPE alone ("type must be one of ['longrope']")
+        raise cfg.error(key, f"Phi-3 takes no {kind!r} RoPE scaling (transformers refuses every type but "
+                             "LongRoPE, which archplan cannot express)")
     _no_llama_biases(cfg, "Phi-3")
     return _llama_like(cfg, qkv_bias=False, out_bias=False, window=all_layers_window(cfg), partial=True)
 
@@ -980,7 +984,8 @@ def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
     parallel = cfg.bool_("use_parallel_residual")
     return {
         **base(dims, tied=tied(cfg)),
-        "position": rope(cfg, dims, fraction=fraction, theta=theta, partial=True, top_level=False),
+        "position": rope(cfg, dims, fraction=fraction, theta=theta, partial=True, top_level=False,
+                         names=("rotary_emb_base", "rotary_pct")),
         "norm": layer_norm(cfg, "layer_norm_eps"),
         "residual": Parallel(kind="parallel", shared_norm=False) if parallel else PreNorm(kind="pre"),
         "attention": attention(cfg, dims, qkv_bias=bias, out_bias=bias),
