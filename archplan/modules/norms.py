@@ -46,13 +46,9 @@ def for_unit(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.dtype.itemsize < 4 else t.float()
 
 
-def _stored(grad: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+def _stored(grad: Tensor | None, weight: Tensor | None) -> Tensor | None:
     """A weight's gradient, computed in fp32, in the dtype the weight is stored in."""
-    return None if grad is None or dtype is None else grad.to(dtype)
-
-
-def _dtype(t: Tensor | None) -> torch.dtype | None:
-    return None if t is None else t.dtype
+    return None if grad is None or weight is None else grad.to(weight.dtype)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -109,7 +105,7 @@ class _RMSNormKeepingInput(torch.autograd.Function):
         normed = x.to(torch.promote_types(x.dtype, torch.float32), copy=True).mul_(rstd)
         d_weight = None
         if w is not None and ctx.needs_input_grad[1]:
-            d_weight = _stored((d_out * normed).sum_to_size(w.shape), _dtype(weight))
+            d_weight = _stored((d_out * normed).sum_to_size(w.shape), weight)
         # y = x̂·w, x̂ = x·rstd: dx = rstd·(dx̂ − x̂·mean(dx̂·x̂)), dx̂ = dy·w
         d_normed = d_out * w if w is not None else None
         d_dot = d_out if d_normed is None else d_normed
@@ -167,8 +163,7 @@ class _FromMoments(torch.autograd.Function):
         centred = x32 if mean is None else x32 - mean
         var = mean_sq if mean is None else mean_sq - mean.pow(2)
         rstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.bias_shape, ctx.bias_dtype = (None, None) if bias is None else (bias.shape, bias.dtype)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
         y = centred * rstd
         if weight is not None:
             y = y * _wide(weight)
@@ -178,11 +173,11 @@ class _FromMoments(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, None]:
-        x, mean, rstd, weight = ctx.saved_tensors
+        x, mean, rstd, weight, bias = ctx.saved_tensors
         w = _wide_or_none(weight)
         centred = _wide(x) if mean is None else _wide(x) - mean
-        d_weight = _stored((d_out * (centred * rstd)).sum_to_size(w.shape), _dtype(weight)) if w is not None else None
-        d_bias = _stored(d_out.sum_to_size(ctx.bias_shape), ctx.bias_dtype) if ctx.bias_shape is not None else None
+        d_weight = _stored((d_out * (centred * rstd)).sum_to_size(w.shape), weight) if w is not None else None
+        d_bias = _stored(d_out.sum_to_size(bias.shape), bias) if bias is not None else None
         d_norm = d_out * w if w is not None else d_out
         d_centred = d_norm * rstd
         # rstd = (var + eps)^(-1/2): d var = d rstd · (−rstd³/2); var = mean_sq (− mean²)
@@ -263,8 +258,7 @@ class _LayerNormKeepingInput(torch.autograd.Function):
             d_bias = d_out.sum_to_size(b.shape) if b is not None else None
             d_x, _, _ = torch.ops.aten.native_layer_norm_backward(
                 d_out * w, x32, width, mean, rstd, None, None, [True, False, False])
-        return (d_x.to(x.dtype) if d_x is not None else None, _stored(d_weight, _dtype(weight)),
-                _stored(d_bias, _dtype(bias)), None)
+        return d_x.to(x.dtype) if d_x is not None else None, _stored(d_weight, weight), _stored(d_bias, bias), None
 
 
 class HeadwiseNorm(nn.Module):
