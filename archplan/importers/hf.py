@@ -374,6 +374,16 @@ def _number(cfg: HFConfig, name: str, value: Any) -> float:
     return float(value)
 
 
+def rope_source(cfg: HFConfig) -> tuple[str, dict[str, Any]]:
+    """The RoPE dict transformers reads, and its key: `rope_parameters = rope_scaling or
+    rope_parameters` (modeling_rope_utils.convert_rope_params_to_dict), so beside a legacy dict
+    rope_parameters is never read (and, unread, is reported ignored)."""
+    legacy = cfg.dict_("rope_scaling")
+    if legacy:
+        return "rope_scaling", legacy
+    return "rope_parameters", cfg.dict_("rope_parameters") or {}
+
+
 def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 10000.0, partial: bool = False,
          top_level: bool = True, names: tuple[str, str] = ("rope_theta", "partial_rotary_factor")) -> Rope:
     """RoPE from either spelling: legacy top-level `rope_theta`/`rope_scaling`/`partial_rotary_factor`
@@ -385,21 +395,18 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     `top_level`: the family reads the top-level keys at all (GPT-NeoX fills its dict from its own
     names first, so a top-level rope_theta is never read); `names`: the keys the defaults came
     from, which an error about them names (GPT-NeoX's rotary_emb_base and rotary_pct)."""
-    legacy = cfg.dict_("rope_scaling")
-    # beside a legacy dict, rope_parameters is never read (so reported, as transformers ignores it)
-    params = legacy or cfg.dict_("rope_parameters") or {}
-    params_key = "rope_scaling" if legacy else "rope_parameters"
-    if not legacy and any(isinstance(v, dict) for v in params.values()):
+    where, params = rope_source(cfg)
+    if where == "rope_parameters" and any(isinstance(v, dict) for v in params.values()):
         raise cfg.error("rope_parameters", "cannot express per-layer-type RoPE parameters")
-    theta_key = f"{params_key}.rope_theta" if "rope_theta" in params else names[0]
+    theta_key = f"{where}.rope_theta" if "rope_theta" in params else names[0]
     outer_theta = cfg.float_("rope_theta", theta) if top_level else theta
     theta = _number(cfg, theta_key, params.get("rope_theta", outer_theta))
     if partial:
         outer = cfg.float_("partial_rotary_factor", fraction) if top_level else fraction
-        fraction = _number(cfg, f"{params_key}.partial_rotary_factor", params.get("partial_rotary_factor", outer))
+        fraction = _number(cfg, f"{where}.partial_rotary_factor", params.get("partial_rotary_factor", outer))
     elif params.get("partial_rotary_factor") is not None or cfg.data.get("partial_rotary_factor") is not None:
         # not marked read: a top-level key is reported ignored as any unread key is
-        where_partial = (f"{params_key}.partial_rotary_factor" if "partial_rotary_factor" in params
+        where_partial = (f"{where}.partial_rotary_factor" if "partial_rotary_factor" in params
                          else "partial_rotary_factor")
         given = params.get("partial_rotary_factor", cfg.data.get("partial_rotary_factor"))
         whole = rotary_dim(dims.head_dim, _number(cfg, where_partial, given)) == dims.head_dim
@@ -411,9 +418,8 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
                                            "frequency table beside it and its forward fails)")
         if where_partial != "partial_rotary_factor":
             cfg.unread_nested.append(where_partial)
-    scaling_src, where = params, params_key
-    type_key = "rope_type" if "rope_type" in scaling_src else "type"
-    kind_name = scaling_src.get(type_key, "default")
+    type_key = "rope_type" if "rope_type" in params else "type"
+    kind_name = params.get(type_key, "default")
     if not isinstance(kind_name, str):
         raise cfg.error(f"{where}.{type_key}", f"expected a string, got {as_json(kind_name)}")
     scaling: RopeScaling | None = None
@@ -421,13 +427,13 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     if kind_name == "default":
         # `{"factor": 4}` with no type is plain RoPE to transformers, which warns of the keys it
         # does not recognise: reported ignored here (refused under --strict), not dropped unsaid
-        cfg.unread_nested.extend(f"{where}.{key}" for key in sorted(set(scaling_src) - bookkeeping))
+        cfg.unread_nested.extend(f"{where}.{key}" for key in sorted(set(params) - bookkeeping))
     else:
         if kind_name not in _ROPE_KINDS:
             raise cfg.error(f"{where}.{type_key}",
                             f"cannot express RoPE scaling {kind_name!r}; supported: {', '.join(_ROPE_KINDS)}")
         kind, keys = _ROPE_KINDS[kind_name]
-        unknown = sorted(set(scaling_src) - keys - bookkeeping)
+        unknown = sorted(set(params) - keys - bookkeeping)
         for key in unknown:
             if key in _ROPE_UNEXPRESSED.get(kind_name, ()):
                 raise cfg.error(f"{where}.{key}", f"cannot express this {kind_name} RoPE field")
@@ -435,11 +441,11 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         # transformers' _validate_llama3_rope_parameters requires both factors (the spec's defaults are
         # Llama 3.1's, which a config that omits them has not said it means)
         for key in _ROPE_REQUIRED.get(kind_name, ()):
-            if scaling_src.get(key) is None:
+            if params.get(key) is None:
                 raise cfg.error(f"{where}.{key}", f"required by {kind_name} RoPE scaling (transformers refuses "
                                                   "a config without it)")
         values: dict[str, Any] = {
-            _ROPE_SCALING_FIELDS[k]: v for k, v in scaling_src.items()
+            _ROPE_SCALING_FIELDS[k]: v for k, v in params.items()
             if k in keys and v is not None
         }
         unscaled = values.get("factor") == 1 and kind in ("linear", "ntk", "llama3")
@@ -920,9 +926,7 @@ def _phi(cfg: HFConfig) -> dict[str, Any]:
 def _phi3(cfg: HFConfig) -> dict[str, Any]:
     """modeling_phi3.py: fused qkv_proj and gate_up_proj (same sizes as split), no biases, RMSNorm,
     optional window on every layer. LongRoPE ('su'/'longrope'; Phi3 maps 'yarn' to it) is refused."""
-    # the dict transformers reads: a legacy rope_scaling replaces rope_parameters whole (`rope`)
-    key = "rope_scaling" if cfg.dict_("rope_scaling") else "rope_parameters"
-    scaling = cfg.dict_(key) or {}
+    key, scaling = rope_source(cfg)
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in ("su", "yarn", "longrope"):
         raise cfg.error(key, f"cannot express Phi-3 {kind!r} (LongRoPE: per-dimension rescale factors)")
