@@ -298,16 +298,22 @@ class ModelPlan:
                 "window)")
 
     def short_for_mtp_note(self, seq: int) -> str | None:
-        """Why a training sequence of `seq` tokens deserves a second look, or None: D multi-token-
-        prediction modules need a target D + 1 tokens ahead of some position, so D + 2 tokens at
-        least (DeepSeek-V3 §2.2); shorter, the step trains them on nothing (`verify` and `bench`
-        refuse it: `modules.model.check_mtp_length`)."""
-        need = len(self.mtp) + 2
+        """Why a training sequence of `seq` tokens deserves a second look, or None: shorter than
+        `mtp_training_tokens`, the step trains the multi-token-prediction modules on nothing
+        (`verify` and `bench` refuse it: `modules.model.check_mtp_length`)."""
+        need = mtp_training_tokens(len(self.mtp))
         if not self.mtp or seq >= need:
             return None
         return (f"seq {seq:,} is shorter than the {need} tokens a training sequence of {self.name} needs (the next "
                 f"one and {len(self.mtp)} more ahead for its multi-token prediction): training FLOPs and memory are "
                 "sized as asked, but such a step has no target for the modules (verify and bench refuse it)")
+
+
+def mtp_training_tokens(depth: int) -> int:
+    """The shortest training sequence with `depth` multi-token-prediction modules: module k's target
+    is k + 1 tokens past the main head's, so some position needs depth + 1 tokens ahead of it,
+    depth + 2 in all (DeepSeek-V3 §2.2)."""
+    return depth + 2
 
 
 def norm_plan(norm: NormSpec) -> NormPlan:
