@@ -30,6 +30,12 @@ class ArchplanError(Exception):
         return f"{where}{field}{self.message}"
 
 
+def dotted(path: tuple[object, ...]) -> str:
+    """A field path as `attention.n_kv_heads`; a YAML key holding a line break or another control
+    character is quoted as Python writes it, so the one-line error stays one line."""
+    return ".".join(str(part) if str(part).isprintable() else repr(str(part)) for part in path)
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type when it has none), for one-line errors."""
     text = str(exc).strip()

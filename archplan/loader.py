@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, dotted
 from archplan.outfile import SPEC_SUFFIXES
 from archplan.spec import Spec
 from archplan.units import SI_EXPONENTS
@@ -344,7 +344,7 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
         line_col = loaded.locations.get(yaml_path[:cut])
         if line_col:
             break
-    field = ".".join(str(p) for p in yaml_path) or None
+    field = dotted(yaml_path) or None
     kind = err["type"]
     message = err["msg"]
     if kind == "extra_forbidden":

@@ -165,6 +165,14 @@ def test_a_key_yaml_reads_as_no_string_names_its_line(cli, tmp_path: Path, key: 
     assert found == [f"{path}:3:1: AP002", f"{path}:5:36: AP002", f"{path}:6:1: AP002"]
 
 
+def test_a_key_with_a_line_break_keeps_the_error_on_one_line(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A quoted key "a\\nb" was printed raw: one finding split over two lines in `lint`'s text
+    output and in `size`'s error. The key is quoted as Python writes it."""
+    path = spec_file(tmp_path, BASE.replace("ffn:", '"we,ird:\\nkey": 1\nffn:'))
+    assert_one_line_error(cli("size", path), f"{path}:6:1: 'we,ird:\\nkey': unknown field")
+    outcome = cli("lint", path)
+    assert outcome.code == 1 and outcome.stdout.splitlines()[0].startswith(f"{path}:6:1: AP002 error: 'we,ird:\\nkey'")
+
 def test_unknown_nested_field(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("d_ff: 128", "dff: 128"))
     assert_one_line_error(cli("size", path), path, "ffn.dff", "did you mean 'd_ff'")

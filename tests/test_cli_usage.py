@@ -142,6 +142,21 @@ def test_help_paragraphs_have_no_hard_line_breaks() -> None:
             assert "\n" not in paragraph.strip(), (name, paragraph)
 
 
+
+def test_no_help_text_loses_brackets_to_rich_markup() -> None:
+    """rich markup mode reads `[word ...]` as a style tag and drops it: lint's --strict printed
+    no "[default: pyproject.toml's, else no-strict]". A bracket that starts like a tag is escaped."""
+    import re
+
+    import typer
+
+    from archplan.cli import app
+
+    tag = re.compile(r"(?<!\\)\[[a-z#/@][^\[]*?\]")
+    for name, command in _commands(typer.main.get_command(app)):
+        for text in [command.help or ""] + [getattr(param, "help", None) or "" for param in command.params]:
+            assert not tag.search(text), (name, tag.search(text))
+
 @pytest.mark.parametrize("command", ["size", "compare", "plan", "bench", "verify", "lint", "schema", "presets"])
 def test_no_flag_of_ours_shows_a_value_in_help(command: str) -> None:
     """`--json <bool>` read as if the flag took a value (`--json true` is an error): archplan's

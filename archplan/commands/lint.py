@@ -18,7 +18,8 @@ from archplan.lint.formats import Format, render
 
 PathsArg = Annotated[
     list[str],
-    typer.Argument(help="Spec files, folders (searched recursively for *.yaml/*.yml) or globs.",
+    typer.Argument(help="Spec files, folders (searched recursively for *.yaml/*.yml, through symlinked folders) or "
+                                      "globs (their matches, too, kept to *.yaml/*.yml).",
                    show_default=False, metavar="PATH"),
 ]
 CodesOpt = Annotated[
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
         ignore: CodesOpt = [],
         strict: Annotated[bool | None, typer.Option(
             "--strict/--no-strict", help="Warnings fail too (exit 1); --no-strict overrides "
-                                         "pyproject.toml's strict = true. [default: pyproject.toml's, "
+                                         "pyproject.toml's strict = true. \\[default: pyproject.toml's, "
                                          "else no-strict]", show_default=False, metavar=""
         )] = None,
         as_json: JsonOpt = False,

@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, packaged for Python 3.10
     import tomli as tomllib
 
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, dotted
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
 from archplan.loader import (
     DANGLING_LINK,
@@ -102,15 +102,30 @@ def _lint_input(path: Path) -> bool:
 def _walk_yaml(root: Path) -> Iterable[Path]:
     """YAML files under a folder, recursively; hidden folders/files (.git, .github) are skipped.
 
-    os.walk does not follow symlinked folders, so a link cycle cannot make this loop.
+    Symlinked folders are followed, as a glob's `**` follows them (a gate must not pass a folder
+    that links to a broken spec); each folder is entered once, so a link cycle ends.
     """
-    for folder, dirs, files in os.walk(root):
+    entered: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in entered:
+            dirs.clear()
+            continue
+        entered.add((status.st_dev, status.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.endswith(SPEC_SUFFIXES) and not name.startswith("."):
                 path = Path(folder, name)
                 if _lint_input(path):
                     yield path
+
+
+def _file_key(path: Path) -> str:
+    """The file a path names; a dangling or looping link names itself (two links to one missing
+    target are two findings). realpath, unlike Path.resolve, neither raises on a loop nor meets
+    ELOOP on a long path, as it follows one link at a time."""
+    target = os.path.realpath(path)
+    return target if os.path.exists(target) else os.path.join(os.path.realpath(path.parent), path.name)
 
 
 def discover(paths: Sequence[str]) -> list[Path]:
@@ -128,7 +143,11 @@ def discover(paths: Sequence[str]) -> list[Path]:
                 raise ArchplanError("glob matches nothing", file=arg)
             for match in matches:
                 path = Path(match)
-                found.extend(_walk_yaml(path) if path.is_dir() else [path] if _lint_input(path) else [])
+                if path.is_dir():
+                    found.extend(_walk_yaml(path))
+                elif path.name.endswith(SPEC_SUFFIXES) and _lint_input(path):
+                    # `configs/*` also matches the README and spec.schema.json beside the specs
+                    found.append(path)
             continue
         path = Path(arg)
         if path.is_dir():
@@ -143,12 +162,15 @@ def discover(paths: Sequence[str]) -> list[Path]:
             raise ArchplanError(DANGLING_LINK, file=arg)
         else:
             raise ArchplanError("no such file, folder or preset", file=arg)
-    # keyed by the file itself: presets/ beside a preset's name, or a symlinked folder, is one file
-    first: dict[Path, Path] = {}
+    # keyed by the file itself: presets/ beside a preset's name, or a symlinked folder, is one file.
+    # Of the paths to one file the shortest is kept: a `**` glob through a folder cycle also meets
+    # it too deep for the kernel to open (ELOOP), where it would read as a dangling link.
+    shortest: dict[str, Path] = {}
     for path in found:
-        # a dangling link or a loop has no file to resolve to (`resolve` raises on a loop)
-        first.setdefault(path.resolve() if path.exists() else path.absolute(), path)
-    unique = list(first.values())
+        key = _file_key(path)
+        if key not in shortest or len(path.parts) < len(shortest[key].parts):
+            shortest[key] = path
+    unique = list(shortest.values())
     if not unique:
         raise ArchplanError(f"no *.yaml or *.yml files under {', '.join(paths)}")
     return unique
@@ -249,10 +271,6 @@ def _locate(loaded: LoadedYaml, path: FieldPath) -> tuple[int, int]:
     return (1, 1)
 
 
-def _dotted(path: FieldPath) -> str:
-    return ".".join(map(str, path))
-
-
 def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str) -> list[Finding]:
     """A validation failure: a validator rule's code if its message is recognised, else AP002
     (under any selection: `Rule.on_load`)."""
@@ -266,7 +284,7 @@ def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str) -> list[F
         line, column = _locate(loaded, at) if at else (error.line or 1, error.column or 1)
         return [Finding(
             rule.code, rule.severity, file, line, column, error.message,
-            rule.detect.fix(match), _dotted(at) if at else error.field,
+            rule.detect.fix(match), dotted(at) if at else error.field,
         )]
     return _input_finding("AP002", error, file)
 
@@ -313,7 +331,7 @@ def lint_text(text: str, file: str, rules: Sequence[Rule] = RULES) -> list[Findi
 
 def _from_hit(rule: Rule, hit: Hit, loaded: LoadedYaml, file: str) -> Finding:
     line, column = _locate(loaded, hit.path)
-    return Finding(rule.code, rule.severity, file, line, column, hit.message, hit.fix, _dotted(hit.path))
+    return Finding(rule.code, rule.severity, file, line, column, hit.message, hit.fix, dotted(hit.path))
 
 
 def lint_file(path: Path, rules: Sequence[Rule] = RULES) -> list[Finding]:

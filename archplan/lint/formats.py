@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import quote
 
@@ -122,6 +122,17 @@ def _sarif_rule(rule: Rule) -> dict[str, Any]:
     }
 
 
+def _sarif_uri(file: str) -> str:
+    """A relative URI reference for a file under the current folder (code scanning resolves it
+    against the checkout), else a file:// URI: a bare absolute path is neither."""
+    path = Path(file)
+    if not path.is_absolute():
+        return quote(path.as_posix())
+    if path.is_relative_to(Path.cwd()):
+        return quote(path.relative_to(Path.cwd()).as_posix())
+    return path.as_uri()
+
+
 def render_sarif(result: LintResult) -> str:
     """SARIF 2.1.0 (OASIS), the format GitHub code scanning accepts via upload-sarif."""
     index = {rule.code: i for i, rule in enumerate(result.rules)}
@@ -135,7 +146,7 @@ def render_sarif(result: LintResult) -> str:
             "message": {"text": text},
             "locations": [{
                 "physicalLocation": {
-                    "artifactLocation": {"uri": quote(PurePath(f.file).as_posix())},
+                    "artifactLocation": {"uri": _sarif_uri(f.file)},
                     "region": {"startLine": f.line, "startColumn": f.column},
                 },
             }],
@@ -149,7 +160,7 @@ def render_sarif(result: LintResult) -> str:
                 "version": __version__,
                 "rules": [_sarif_rule(rule) for rule in result.rules],
             }},
-            "artifacts": [{"location": {"uri": quote(PurePath(f).as_posix())}} for f in result.files],
+            "artifacts": [{"location": {"uri": _sarif_uri(f)}} for f in result.files],
             "results": results,
         }],
     }

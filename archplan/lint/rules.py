@@ -258,7 +258,9 @@ def check_context(ctx: SpecContext) -> Iterator[Hit]:
         return
     scaling = spec.position.scaling
     original = scaling.original_max_positions
-    if original is None:
+    # Llama 3's factor divides only the low-frequency band; the length comes from long-context
+    # training, not from the product: Llama 3.1 ships factor 8 over 8,192 positions at 131,072.
+    if original is None or scaling.kind == "llama3":
         return
     reach = int(original * scaling.factor)
     if spec.max_seq_len > reach:
@@ -550,12 +552,15 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "AP012", "context-beyond-positions", "warning", "Context beyond the positional scheme's range",
-        "RoPE length-extension methods (linear/NTK/YaRN/Llama-3 scaling) stretch the trained range "
+        "RoPE length-extension methods (linear/NTK/YaRN) stretch the trained range "
         "original_max_positions by the scaling factor; a max_seq_len beyond that product relies on "
-        "extrapolation, which degrades quickly. (Learned position tables are sized from max_seq_len, "
-        "so they cannot be exceeded in a spec; ALiBi and sinusoids have no trained range.)",
+        "extrapolation, which degrades quickly. Llama 3's scaling is not checked: its factor divides "
+        "the frequencies of the low band only, and the length is what long-context training reached "
+        "(Llama 3.1 pairs factor 8 over 8,192 positions with 131,072, trained in six stages to 128K). "
+        "(Learned position tables are sized from max_seq_len, so they cannot be exceeded in a spec; "
+        "ALiBi and sinusoids have no trained range.)",
         "Peng et al. 2023, YaRN (arXiv:2309.00071) §2-3; Chen et al. 2023, Position Interpolation "
-        "(arXiv:2306.15595)",
+        "(arXiv:2306.15595); Llama Team 2024, The Llama 3 Herd of Models §3.4.2",
         check_context,
     ),
     Rule(
