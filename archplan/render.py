@@ -151,7 +151,10 @@ def _kv_table(r: dict[str, Any]) -> _Section:
     if kv["naive_mla_bytes_per_token"] is not None:
         table.add_row("per token, MLA without absorption", units.nbytes(kv["naive_mla_bytes_per_token"]))
     if kv.get("conv_bytes_per_token"):
-        table.add_row("  of which Hyena long-conv inputs (grow per token)", units.nbytes(kv["conv_bytes_per_token"]))
+        table.add_row("  of which Hyena long-conv inputs", units.nbytes(kv["conv_bytes_per_token"]))
+    if kv.get("filter_bytes_per_position"):
+        table.add_row("+ Hyena filters per position (fp32, once for the batch)",
+                      units.nbytes(kv["filter_bytes_per_position"]))
     table.add_row(f"context {kv['context']:,} x batch {kv['batch']:,}", units.nbytes(kv["bytes"]))
     if kv.get("filter_cache_bytes"):
         table.add_row("  of which Hyena filters (fp32, once for the batch)", units.nbytes(kv["filter_cache_bytes"]))
@@ -167,8 +170,8 @@ def _inference_table(r: dict[str, Any]) -> _Section:
     table = _table(
         "Inference memory",
         f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
-        "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128, the rest bf16; no runtime "
-        "overhead" + ("; the multi-token-prediction modules left out (training only)"
+        "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128 (4.125 bits a weight: "
+        "a row whose width 128 does not divide pays its last scale pro rata), the rest bf16; no runtime overhead" + ("; the multi-token-prediction modules left out (training only)"
                       if "multi-token prediction" in r["params"]["by_kind"] else ""),
         ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))
     peak = max(m["inference_bytes_by_dtype"].values())
@@ -331,6 +334,10 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         # "0 B" beside counts in B (billions) read as a count: a model with no per-token cache has none
         (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"],
          lambda x: units.nbytes(x) if x else "none"),
+        # once for the batch, beside the per-sequence row above: one more token grows the cache by both
+        *([("  + Hyena filters/position (fp32)", lambda r: r["kv_cache"]["filter_bytes_per_position"],
+            lambda x: units.nbytes(x) if x else "none")]
+          if any(r["kv_cache"]["filter_bytes_per_position"] for r in reports) else []),
         ("KV cache at context", lambda r: r["kv_cache"]["bytes"], units.nbytes),
         *[(f"  of which {what}", lambda r, key=key: r["kv_cache"][key], lambda x: units.nbytes(x) if x else "none")
           # the parts not per token, so that per token × context need not match the row above

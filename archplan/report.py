@@ -79,7 +79,8 @@ KV_CONVENTION = (
     "K and V of every attention layer (MLA: the absorbed latent + rope key); sliding windows cap a "
     "layer at its window; SSM layers hold a constant state per sequence (S4/S4D and StripedHyena's modal "
     "state in fp32 whatever the dtype, the other constant states in no less than 16 bits: an fp8, int8 or "
-    "int4 cache quantizes only what grows per token); Hyena layers keep their long-convolution inputs, (order−1)·D per token"
+    "int4 cache quantizes only what grows per token, at that dtype's width with no quantization scales or zero "
+    "points); Hyena layers keep their long-convolution inputs, (order−1)·D per token"
 )
 CHINCHILLA_N = "total"  # MoE: the scaling laws were fitted on dense models; N = every parameter
 
@@ -283,6 +284,7 @@ def _kv_section(plan: ModelPlan, kv: KVCache, opts: SizeOptions, context: int) -
         "naive_mla_bytes_per_token": kv.naive_mla_bytes_per_token,
         "conv_bytes_per_token": kv.conv_bytes_per_token,
         "filter_cache_bytes": kv.filter_cache_bytes,
+        "filter_bytes_per_position": kv.filter_bytes_per_position,
         "by_component": dict(kv.by_component),
         "past_max_seq_len": plan.past_trained_note("context", context, "the cache is sized as asked"),
         "convention": KV_CONVENTION,

@@ -77,6 +77,19 @@ def test_jamba_state_and_attention() -> None:
     assert list(kv.by_component) == [f"layers.{i}.mixer" for i in range(32)]
 
 
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_more_token_grows_the_cache_by_what_the_per_token_rows_say(batch: int) -> None:
+    """hyena-153m: the per-token row said 30.4 KiB where one more token costs 91.1 KiB at batch 1,
+    its fp32 filters growing with the context too (18 layers × 864 channels × 4 B, once for the
+    batch): `filter_bytes_per_position` states them, for every preset."""
+    for name in ("hyena-153m", "llama-3-8b", "mistral-7b", "jamba-v0.1", "stripedhyena-7b", "s4d-lm"):
+        p = resolve(load_spec(name))
+        short, long = kv_cache(p, 1000, batch=batch), kv_cache(p, 1001, batch=batch)
+        assert long.bytes - short.bytes == batch * short.bytes_per_token + short.filter_bytes_per_position, name
+    assert kv_cache(resolve(load_spec("hyena-153m")), 1).filter_bytes_per_position == 18 * 864 * 4
+    assert kv_cache(resolve(load_spec("llama-3-8b")), 1).filter_bytes_per_position == 0
+
 def test_sub_byte_dtype_rounds_up() -> None:
     p = plan(vocab_size=10, d_model=8, n_layers=1, attention={"kind": "mqa", "n_heads": 8},
              position={"kind": "none"},

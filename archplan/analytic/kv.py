@@ -63,6 +63,9 @@ class KVCache:
     conv_bytes_per_token: int = 0
     # Hyena layers' filters over the context, fp32, held once for the batch: part of `bytes`
     filter_cache_bytes: int = 0
+    # what those filters add per position: one more token grows the cache by this beside
+    # batch × bytes_per_token (hyena-153m: 60.8 KiB against 30.4 KiB of inputs per sequence)
+    filter_bytes_per_position: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
 
     state_bytes = max(dtype_bytes, STATE_MIN_BYTES)
     by_component: dict[str, int] = {}
-    per_token = state_elements = state_fp32 = conv_per_token = shared = 0
+    per_token = state_elements = state_fp32 = conv_per_token = shared = shared_per_position = 0
     naive_mla: int | None = None
     for layer in plan.layers:
         cache = _layer_cache(layer.mixer, plan.d_model)
@@ -120,6 +123,7 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
             _bytes(batch * positions * cache.per_token, dtype_bytes) + _bytes(batch * cache.state, state_bytes)
             + (batch * cache.state_fp32 + positions * cache.shared_fp32_per_token) * FP32_BYTES)
         shared += positions * cache.shared_fp32_per_token * FP32_BYTES
+        shared_per_position += cache.shared_fp32_per_token * FP32_BYTES
         per_token += cache.per_token
         state_elements += cache.state
         state_fp32 += cache.state_fp32
@@ -137,4 +141,5 @@ def kv_cache(plan: ModelPlan, context: int, batch: int = 1, dtype_bytes: float =
         naive_mla_bytes_per_token=_bytes(naive_mla, dtype_bytes) if naive_mla is not None else None,
         conv_bytes_per_token=_bytes(conv_per_token, dtype_bytes),
         filter_cache_bytes=shared,
+        filter_bytes_per_position=shared_per_position,
     )
