@@ -240,8 +240,9 @@ def _peak_parts(t: dict[str, Any]) -> list[tuple[str, int]]:
 
 def _chinchilla_table(r: dict[str, Any]) -> _Section:
     c = r["chinchilla"]
-    caption = (f"N = {c['n_params_kind']} parameters ({units.count(c['n_params'])}; active "
-               f"{units.count(c['active_params'])}); C = 6·N·D (Hoffmann et al. 2022 eq. 4); "
+    other = "total" if c["n_params_kind"] == "active" else "active"
+    caption = (f"N = {c['n_params_kind']} parameters ({units.count(c['n_params'])}; {other} "
+               f"{units.count(c[f'{other}_params'])}); C = 6·N·D (Hoffmann et al. 2022 eq. 4); "
                f"{c['tokens_per_param']} tokens/param = {units.count(c['optimal_tokens'])} tokens")
     # only where size's D is its own default: given tokens, plan prices the same ones
     if c["plan_tokens"] is not None and c["tokens_source"] not in ("--tokens", "spec training.tokens"):
@@ -278,9 +279,11 @@ def _gpu_table(r: dict[str, Any]) -> _Section | None:
     table.add_row("model FLOPs (training FLOPs/token x D)", units.sci(g["training_flops"]))
     table.add_row("GPU-hours", units.amount(g["gpu_hours"]))
     table.add_row("GPU-days", units.amount(g["gpu_hours"] / 24))
-    table.add_row("GPU-hours for the 6·N·D budget", units.amount(g["gpu_hours_6nd"]))
-    if g["gpu_hours_6nd_active"] != g["gpu_hours_6nd"]:
-        table.add_row("GPU-hours for 6·N_active·D", units.amount(g["gpu_hours_6nd_active"]))
+    if g["gpu_hours_6nd_active"] == g["gpu_hours_6nd"]:
+        table.add_row("GPU-hours for the 6·N·D budget", units.amount(g["gpu_hours_6nd"]))
+    else:
+        table.add_row("GPU-hours for 6·N_active·D (the budget)", units.amount(g["gpu_hours_6nd_active"]))
+        table.add_row("GPU-hours for 6·N_total·D", units.amount(g["gpu_hours_6nd"]))
     return table
 
 
@@ -354,7 +357,8 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         (f"train activations ({t['recompute']})", lambda r: r["memory"]["training"]["activations"],
          units.nbytes),
         ("train memory / replica", lambda r: r["memory"]["training_bytes"], units.nbytes),
-        ("tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
+        ("tokens 20/param" + (" (MoE: active)" if any(r["chinchilla"]["n_params_kind"] == "active" for r in reports)
+                              else ""), lambda r: r["chinchilla"]["optimal_tokens"], units.count),
     ]
     sources = {r["chinchilla"]["tokens_source"] for r in reports}
     if sources & {"--tokens", "spec training.tokens"}:

@@ -82,7 +82,6 @@ KV_CONVENTION = (
     "int4 cache quantizes only what grows per token, at that dtype's width with no quantization scales or zero "
     "points); Hyena layers keep their long-convolution inputs, (order−1)·D per token"
 )
-CHINCHILLA_N = "total"  # MoE: the scaling laws were fitted on dense models; N = every parameter
 
 # Display order of the component kinds (docs/figures.md §Parameters).
 KINDS = ("embedding", "attention", "ssm", "long conv", "ffn", "moe router", "moe routed experts",
@@ -341,7 +340,9 @@ def _memory_section(plan: ModelPlan, params: ParamCount, kv: KVCache, opts: Size
 
 def _chinchilla_section(spec: Spec, params: ParamCount, opts: SizeOptions,
                         training: dict[str, int | float]) -> dict[str, Any]:
-    n_chinchilla = params.total
+    # N as plan and lint read it: the active count for a model with routed experts, so that C = 6·N·D
+    # is the compute the run spends (Kaplan et al. 2020 §2.1); the total is printed beside it
+    n_chinchilla, n_kind = law_params(params.total, params.active, spec.moe is not None)
     optimal_tokens = TOKENS_PER_PARAM * n_chinchilla
     # the run's tokens as plan prices them: --tokens, else the spec's training.tokens, else 20 a parameter
     planned = spec.training.tokens if spec.training is not None else None
@@ -350,9 +351,8 @@ def _chinchilla_section(spec: Spec, params: ParamCount, opts: SizeOptions,
                              (float(optimal_tokens), f"{TOKENS_PER_PARAM} tokens/param"))
     budget = training_flops(n_chinchilla, tokens)
     # what `plan SPEC --gpus N` prices when neither --tokens nor the spec names the tokens
-    plan_n, plan_kind = law_params(params.total, params.active, spec.moe is not None)
     try:
-        plan_tokens: float | None = allocate(LawChoice.epoch, optimal_budget(LawChoice.epoch, params=plan_n))[1]
+        plan_tokens: float | None = allocate(LawChoice.epoch, optimal_budget(LawChoice.epoch, params=n_chinchilla))[1]
     except ArchplanError:
         plan_tokens = None
     laws = {}
@@ -373,27 +373,28 @@ def _chinchilla_section(spec: Spec, params: ParamCount, opts: SizeOptions,
             "key": acc.key, "name": acc.name, "dtype": "bf16", "peak_flops_per_s": peak, "mfu": opts.mfu,
             "training_flops": model_flops,
             "gpu_hours": gpu_hours(model_flops, peak, opts.mfu),
-            "gpu_hours_6nd": gpu_hours(budget, peak, opts.mfu),
+            "gpu_hours_6nd": gpu_hours(6 * params.total * tokens, peak, opts.mfu),
             # an MoE's token passes through its active parameters only: C ≈ 6·N·D with N the parameters
             # a token uses (Kaplan et al. 2020 §2.1) is 6·N_active·D there, 17.9× below 6·N_total·D
             # for DeepSeek-V3 (37.6 B of 671 B)
             "gpu_hours_6nd_active": gpu_hours(6 * params.active * tokens, peak, opts.mfu),
             "convention": f"gpu_hours: model FLOPs (training FLOPs per token at --seq, {opts.attention} "
-                          "attention, no recompute) x tokens; gpu_hours_6nd: the 6·N_total·D budget"
+                          "attention, no recompute) x tokens; gpu_hours_6nd: 6·N_total·D"
                           + ("; gpu_hours_6nd_active: 6·N_active·D, what each token's pass runs through the "
                              "routed experts" if params.active < params.total else "")
                           + "; all at the dense bf16 peak x MFU",
         }
     return {
         "n_params": n_chinchilla,
-        "n_params_kind": CHINCHILLA_N,
+        "n_params_kind": n_kind,
+        "total_params": params.total,
         "active_params": params.active,
         "tokens_per_param": TOKENS_PER_PARAM,
         "optimal_tokens": optimal_tokens,
         "tokens": tokens,
         "tokens_source": tokens_source,
         "plan_tokens": plan_tokens,
-        "plan_tokens_params": plan_kind,
+        "plan_tokens_params": n_kind,
         "training_flops": budget,
         "laws": laws,
         "extrapolated": outside_fit_data(n_chinchilla, tokens),

@@ -109,13 +109,15 @@ def test_chinchilla_block() -> None:
     c = r["chinchilla"]
     total, active = 46_702_792_704, 12_879_925_248
     assert (r["params"]["total"], r["params"]["active"]) == (total, active)
-    assert c["n_params_kind"] == "total" and c["n_params"] == total and c["active_params"] == active
-    assert c["optimal_tokens"] == 20 * total
-    assert c["tokens"] == 20 * total
-    assert c["training_flops"] == pytest.approx(6 * total * 20 * total)
+    # N = the active count for routed experts, as plan and lint read it: C = 6·N·D is the run's compute
+    assert c["n_params_kind"] == "active" and c["n_params"] == active
+    assert (c["total_params"], c["active_params"]) == (total, active)
+    assert c["optimal_tokens"] == 20 * active
+    assert c["tokens"] == 20 * active
+    assert c["training_flops"] == pytest.approx(6 * active * 20 * active)
     assert set(c["laws"]) == {"hoffmann2022", "besiroglu2024"}
     hoff = c["laws"]["hoffmann2022"]
-    assert hoff["loss"] == pytest.approx(1.69 + 406.4 / total**0.34 + 410.7 / (20 * total) ** 0.28)
+    assert hoff["loss"] == pytest.approx(1.69 + 406.4 / active**0.34 + 410.7 / (20 * active) ** 0.28)
     assert 6 * hoff["optimal_params"] * hoff["optimal_tokens"] == pytest.approx(c["training_flops"])
 
 
@@ -143,7 +145,8 @@ def test_an_moe_prices_6nd_at_its_active_parameters_too() -> None:
     assert g["gpu_hours_6nd"] / g["gpu_hours_6nd_active"] == pytest.approx(r["params"]["total"] / active)
     text = " ".join(CliRunner().invoke(app, ["size", "deepseek-v3", "--tokens", "14.8T", "--gpu", "h100", "--mfu",
                                              "0.4"], env={"COLUMNS": "200"}).stdout.split())
-    assert "GPU-hours for 6·N_active·D │ 2,340,534" in text
+    assert "GPU-hours for 6·N_active·D (the budget) │ 2,340,534" in text
+    assert g["gpu_hours_6nd_active"] == pytest.approx(r["chinchilla"]["training_flops"] / (989.4e12 * 0.4) / 3600)
 
 
 def test_attention_convention_and_recompute() -> None:
