@@ -274,6 +274,33 @@ def test_solve_finds_mixtral_from_totals_with_experts_and_top_k_unknown(tmp_path
     assert result.nearest.values == {"moe.n_experts": 8, "moe.top_k": 2, "moe.expert.d_ff": 14336}
 
 
+def test_law_beside_given_tokens_is_refused_not_ignored(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout search reads --law only to size the tokens: beside --tokens or a spec's
+    training.tokens it went unread with exit 0, where every other unread option is refused."""
+    spec = yaml.safe_load((PRESETS_DIR / "llama-3-8b.yaml").read_text())
+    spec["training"] = {"tokens": 15e12}
+    with_tokens = tmp_path / "trained.yaml"
+    with_tokens.write_text(yaml.safe_dump(spec, sort_keys=False))
+    for args, given in ((("llama-3-8b", "--tokens", "15T"), "--tokens"), ((str(with_tokens),), "spec training.tokens")):
+        code, _, err = run(capsys, monkeypatch, "plan", *args, "--gpus", "8", "--law", "chinchilla")
+        assert code == 2 and f"--law: sets the tokens from the model's size, which {given} gives already" in err
+        code, out, _ = run(capsys, monkeypatch, "plan", *args, "--gpus", "8", "--top", "1", "--json")
+        assert code == 0 and json.loads(out)["training_tokens"] == 15e12
+
+def test_solve_ranks_the_smaller_model_first_among_equally_near(tmp_path: Path) -> None:
+    """Given only --active, many (experts, top-k, width) meet it exactly: the sum of the solved
+    values ranked 2,386 × 128 experts (121.7 B parameters) first, as if adding an expert count to a
+    width measured a model. The total count decides, the smaller first (docs/plan.md)."""
+    def edit(d: dict) -> None:
+        d["moe"].update(n_experts="solve", top_k="?")
+        d["moe"]["expert"]["d_ff"] = "solve"
+
+    result = solve(_partial(tmp_path, "mixtral-8x7b", edit), Targets(None, MIXTRAL_ACTIVE), tolerance=0.01)
+    ranked = [(c.worst, c.total, c.active) for c in result.candidates]
+    assert ranked == sorted(ranked) and len(ranked) > 2
+    assert result.nearest.total == min(c.total for c in result.candidates if c.worst == 0) <= MIXTRAL_ACTIVE
+
 def test_a_solved_spec_keeps_no_reference_count_it_contradicts(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -455,8 +455,14 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------- layout
-def _training_tokens(spec: Spec, tokens: float | None, law: LawOption) -> tuple[float, str]:
-    """Tokens to price the training run: --tokens, else the spec's, else the law's D for its N."""
+def _training_tokens(spec: Spec, tokens: float | None, law: LawOption, law_given: bool) -> tuple[float, str]:
+    """Tokens to price the training run: --tokens, else the spec's, else the law's D for its N. A
+    --law beside the tokens would go unread: refused, as every option a mode does not read is."""
+    given = ("--tokens" if tokens is not None else
+             "spec training.tokens" if spec.training is not None and spec.training.tokens is not None else None)
+    if given is not None and law_given:
+        raise ArchplanError(f"sets the tokens from the model's size, which {given} gives already: drop one",
+                            field="--law")
     if tokens is not None:
         return tokens, "--tokens"
     if spec.training is not None and spec.training.tokens is not None:
@@ -1377,8 +1383,8 @@ def register(app: typer.Typer) -> None:
             if not 1 <= top <= MAX_TOP_LAYOUTS:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
-                        gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, as_json, plot, force, top,
-                        given_by_user(ctx, "top"))
+                        gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, given_by_user(ctx, "law"), as_json,
+                        plot, force, top, given_by_user(ctx, "top"))
         else:
             if gpus is not None or layout is not None:
                 raise ArchplanError("--gpus/--layout go with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
@@ -1581,7 +1587,7 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
 def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text: str,
                 layout_text: str | None, settings: Settings, headroom: float,
                 gpus_per_node: int | None, nvlink_gbs: float | None, ib_gbs: float | None,
-                tokens: float | None, law: LawOption, as_json: bool, plot: str | None, force: bool,
+                tokens: float | None, law: LawOption, law_given: bool, as_json: bool, plot: str | None, force: bool,
                 top: int = TOP_LAYOUTS, top_given: bool = False) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
@@ -1618,7 +1624,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     bound = _network_bound(result, plan)
     seq_note = plan.past_trained_note("seq", result.seq, "priced as asked")
     model_notes = _model_notes(result, plan)
-    train_tokens, source = _training_tokens(spec, tokens, law)
+    train_tokens, source = _training_tokens(spec, tokens, law, law_given)
     if plot is not None:
         _plot_layouts(result, plot, force)
     if as_json:
