@@ -274,6 +274,17 @@ def test_solve_finds_mixtral_from_totals_with_experts_and_top_k_unknown(tmp_path
     assert result.nearest.values == {"moe.n_experts": 8, "moe.top_k": 2, "moe.expert.d_ff": 14336}
 
 
+@pytest.mark.parametrize(("compute", "extrapolated"), [("1e21", False), ("1e25", True)])
+def test_a_budget_past_the_fitted_runs_says_its_loss_is_extrapolated(compute: str, extrapolated: bool,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`size` marked an N or D outside Hoffmann's runs (70 M–16 B, 5 B–500 B tokens); plan's budget
+    printed the same kind of loss, 1.9117 at 312 B and 5.34 T, without a word."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "--compute", compute, "--json")
+    assert code == 0 and json.loads(out)["optimal"]["extrapolated"] is extrapolated
+    code, out, _ = run(capsys, monkeypatch, "plan", "--compute", compute)
+    assert code == 0 and ("the losses are extrapolated" in " ".join(out.split())) is extrapolated
+
 def test_law_beside_given_tokens_is_refused_not_ignored(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The layout search reads --law only to size the tokens: beside --tokens or a spec's

@@ -212,6 +212,13 @@ def _budget(compute: float | None, params: float | None, tokens: float | None, f
     return result, made
 
 
+def _extrapolated(result: Optimum) -> bool:
+    """Whether the optimum's N or D lies outside the runs the laws were fitted on (as `size` marks it)."""
+    from archplan.analytic.scaling import outside_fit_data
+
+    return outside_fit_data(result.optimal.params, result.optimal.tokens)
+
+
 def _budget_json(result: Optimum, made: Design | NoRecipe, written: str | None) -> dict[str, Any]:
     from archplan.planning import spec_data
     from archplan.planning.design import NoRecipe
@@ -226,6 +233,7 @@ def _budget_json(result: Optimum, made: Design | NoRecipe, written: str | None) 
             "tokens": result.optimal.tokens,
             "loss": result.optimal.loss,
             "tokens_per_param": result.tokens_per_param,
+            "extrapolated": _extrapolated(result),
         },
         "isoflop": [
             {"factor": f, "params": p.params, "tokens": p.tokens, "loss": p.loss}
@@ -287,6 +295,12 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None,
     console.print(f"  N_opt {count(opt.params)}   D_opt {count(opt.tokens)}   D/N "
                   f"{result.tokens_per_param:.1f}   predicted loss {opt.loss:.4f} "
                   f"({result.loss_law.title})")
+    if _extrapolated(result):
+        from archplan.analytic.scaling import FIT_DATA_PARAMS, FIT_DATA_TOKENS
+
+        console.print(f"  N or D lies outside the runs the laws were fitted on ({count(FIT_DATA_PARAMS[0])}–"
+                      f"{count(FIT_DATA_PARAMS[1])} parameters, {count(FIT_DATA_TOKENS[0])}–"
+                      f"{count(FIT_DATA_TOKENS[1])} tokens, Hoffmann et al. 2022 §3): the losses are extrapolated")
     table = Table(title="IsoFLOP alternatives (same C)", title_justify="left")
     for col in ("N / N_opt", "N", "D", "D/N", "loss", "Δ loss"):
         table.add_column(col, justify="right")

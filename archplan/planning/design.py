@@ -31,7 +31,7 @@ from typing_extensions import assert_never
 from archplan.analytic import ParamCount, count_params
 from archplan.errors import ArchplanError
 from archplan.resolve import resolve
-from archplan.units import things
+from archplan.units import count, things
 from archplan.spec import (
     MAX_LAYERS,
     GLU,
@@ -229,6 +229,9 @@ def _depth(spec: Spec, kind: str) -> _Depth:
     return _Depth(_achieved(params, kind) - sum(per), tuple(per))
 
 
+# FFN widths tried, as a fraction of the recipe's width at that d_model (docs/plan.md)
+WIDTH_RANGE = (0.75, 4 / 3)
+
 # d_model candidates: multiples of 128 below 1024 (heads < 8: one KV head per query head), then
 # multiples of 1024 so that 8 KV heads divide the d/128 query heads.
 D_MODEL_CANDIDATES: tuple[int, ...] = tuple(range(256, 1024, 128)) + tuple(1024 * k for k in range(1, 129))
@@ -255,7 +258,9 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
             break
         f_r = _recipe_width(family, d)
         f0 = _round(f_r, step)
-        widths = sorted({max(step, f0 + j * step) for j in range(-8, 9)},
+        # within the recipe's range only: at d_model 256 the ±8 steps reached 0.19× to 7.7× it
+        widths = sorted({f for f in (max(step, f0 + j * step) for j in range(-8, 9))
+                         if WIDTH_RANGE[0] <= f / f_r <= WIDTH_RANGE[1]},
                         key=lambda f: abs(math.log(f / f_r)))
         for f in widths:
             if best is not None and bound + 2 * abs(math.log(f / f_r)) >= best[0]:
@@ -273,10 +278,14 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
                 if best is None or score < best[0]:
                     best = (score, d, layers, f, l_r, d_r)
     if best is None:
+        smallest = D_MODEL_CANDIDATES[0]
+        why = (f"the embeddings alone take 2·V·d = {count(2 * vocab * smallest)} at the smallest d_model "
+               f"({smallest})" if 2 * vocab * smallest >= (1 - tolerance) * target else
+               f"at this size one {family.value} period of {things(period, 'layer')}, with FFN widths "
+               f"{WIDTH_RANGE[0]:g}–{WIDTH_RANGE[1]:.3g}× the recipe's, is a step coarser than {tolerance:.0%}")
         raise NoRecipe(
             f"no {family.value} recipe spec within {tolerance:.0%} of {target:.3g} {kind} parameters "
-            f"at vocab {vocab}: the embeddings alone take 2·V·d, and a {family.value} recipe repeats a "
-            f"period of {things(period, 'layer')}; try a larger budget, a smaller --vocab"
+            f"at vocab {vocab}: {why}; try a larger budget, a smaller --vocab"
             + (" or --family dense" if family is not Family.dense else "")
         )
     _, d, layers, f, l_r, d_r = best
