@@ -8,7 +8,7 @@ and the torch builder read. Nothing here imports torch.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 from typing_extensions import assert_never
@@ -99,9 +99,20 @@ class RopeScaling(Frozen):
     def _needs_original(self) -> RopeScaling:
         if self.kind in ("yarn", "llama3") and self.original_max_positions is None:
             raise ValueError(f"{self.kind} scaling needs original_max_positions")
-        if not self.truncate and self.kind != "yarn":
-            raise ValueError(f"truncate is a yarn field; {self.kind} scaling has no ramp ends to round")
+        # a field of another kind changes nothing here: refused, so that it cannot read as if it counted
+        for kind, fields in _SCALING_FIELDS.items():
+            stray = sorted(set(fields) & self.model_fields_set) if self.kind != kind else []
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: {kind} field{'s' if len(stray) > 1 else ''}; "
+                                 f"{self.kind} scaling does not read {'them' if len(stray) > 1 else 'it'}")
         return self
+
+
+# the fields only one scaling kind reads
+_SCALING_FIELDS = {
+    "llama3": ("low_freq_factor", "high_freq_factor"),
+    "yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+}
 
 
 class Rope(Frozen):
@@ -372,6 +383,9 @@ class Router(Frozen):
     def _groups_paired(self) -> Router:
         if (self.n_group is None) != (self.topk_group is None):
             raise ValueError("n_group and topk_group go together (group-limited routing)")
+        if self.n_group is None and "group_score" in self.model_fields_set:
+            raise ValueError("group_score scores the groups of group-limited routing; set n_group and "
+                             "topk_group, or remove it")
         if self.n_group is not None and self.topk_group is not None and self.topk_group > self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
         return self
@@ -537,7 +551,7 @@ class Spec(Frozen):
     n_layers: Annotated[Int, Field(gt=0, le=MAX_LAYERS)]
     max_seq_len: Annotated[Int, Field(gt=0, le=MAX_SEQ_LEN)] = 4096
     embedding: Embedding = Embedding()
-    position: Position = Rope()
+    position: Position = Field(Rope(), description="rope by default; none for a model without attention, as RoPE and ALiBi act inside attention (learned and sinusoidal positions, added to the embeddings, still apply).")
     norm: NormSpec = NormSpec()
     residual: Residual = PreNorm()
     final_norm: Bool = True
@@ -550,6 +564,15 @@ class Spec(Frozen):
     mtp: MultiTokenPrediction | None = None
     training: Training | None = None
     reference: Reference | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_rope_without_attention(cls, data: Any) -> Any:
+        """RoPE, the default, acts inside attention: a model with none (Mamba, S4, Hyena) has no
+        positions unless it names embedding-side ones, so that no figure reads it as rotary."""
+        if isinstance(data, dict) and data.get("attention") is None and "position" not in data:
+            return {**data, "position": {"kind": "none"}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
@@ -575,6 +598,10 @@ def _check_layout(spec: Spec) -> None:
     letters = set(layout.mixers)
     if letters & {"A", "S"} and spec.attention is None:
         raise ValueError("layout.mixers: uses attention (A/S) but `attention` is not set")
+    if spec.attention is None and isinstance(spec.position, (Rope, Alibi)):
+        # as for an unused mixer: a field that changes nothing would read as if it counted
+        raise ValueError(f"position: {spec.position.kind} acts inside attention, and this model has none; "
+                         "remove it or set position: {kind: none}")
     if "M" in letters and spec.ssm is None:
         raise ValueError("layout.mixers: uses the SSM (M) but `ssm` is not set")
     if spec.attention is not None and not letters & {"A", "S"}:

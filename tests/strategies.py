@@ -315,6 +315,8 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
             attention["sliding_window"] = draw(st.integers(1, 12))
         _fix_rotary(attention, data["position"], d_model)
         data["attention"] = attention
+    elif data["position"]["kind"] in ("rope", "alibi"):
+        data["position"] = {"kind": "none"}  # both act inside attention: the spec refuses them without it
     if has_ssm:
         data["ssm"] = _member(draw, "ssm", only, d_model)
     if has_conv:

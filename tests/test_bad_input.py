@@ -184,6 +184,43 @@ def test_a_missing_kind_names_the_choices(cli, tmp_path: Path) -> None:  # type:
     assert "discriminator" not in line
 
 
+MAMBA = """\
+name: tiny
+vocab_size: 1000
+d_model: 64
+n_layers: 2
+ssm: {kind: mamba1}
+layout: {mixers: M}
+"""
+
+
+@pytest.mark.parametrize(("text", "needles"), [
+    # fields that change nothing were accepted: each is refused where it stands
+    (BASE.replace("n_layers: 2", "n_layers: 2\nposition: {kind: rope, scaling: {kind: linear, factor: 2.0, "
+                  "mscale: 0.5, beta_fast: 8}}"),
+     ("position.scaling", "beta_fast, mscale: yarn fields; linear scaling does not read them")),
+    (BASE.replace("n_layers: 2", "n_layers: 2\nposition: {kind: rope, scaling: {kind: yarn, factor: 2.0, "
+                  "original_max_positions: 512, high_freq_factor: 2}}"),
+     ("position.scaling", "high_freq_factor: llama3 field; yarn scaling does not read it")),
+    (MAMBA + "position: {kind: rope}\n", ("position: rope acts inside attention, and this model has none",)),
+    (MAMBA + "position: {kind: alibi}\n", ("position: alibi acts inside attention",)),
+    (BASE.replace("ffn: {kind: glu, d_ff: 128}", "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 64}, "
+                  "router: {group_score: max}}"),
+     ("moe.router", "group_score scores the groups of group-limited routing")),
+])
+def test_a_field_that_changes_nothing_is_refused(cli, tmp_path: Path, text: str,  # type: ignore[no-untyped-def]
+                                                needles: tuple[str, ...]) -> None:
+    assert_one_line_error(cli("size", spec_file(tmp_path, text)), *needles)
+
+
+def test_a_model_without_attention_has_no_rope_by_default(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`position` defaults to RoPE, which acts inside attention: a Mamba spec that left it out was
+    told "RoPE was not trained there" past its max_seq_len, by size, compare and verify alike."""
+    outcome = cli("size", spec_file(tmp_path, MAMBA), "--context", "100k", "--json")
+    report = json.loads(outcome.stdout)
+    assert outcome.code == 0 and report["kv_cache"]["past_max_seq_len"] is None
+    assert "RoPE" not in cli("size", spec_file(tmp_path, MAMBA), "--context", "100k").stdout
+
 @pytest.mark.parametrize(("old", "new", "needles"), [
     ("ffn: {kind: glu, d_ff: 128}", "ffn: glu", ("ffn", "got 'glu'", "write ffn: {kind: glu}")),
     ("ffn: {kind: glu, d_ff: 128}", "ffn: [glu]", ("ffn", "got a list", "kinds: mlp, glu")),

@@ -356,7 +356,7 @@ def test_yarn_truncate_changes_the_ramp_and_is_yarn_only() -> None:
     kept = rope_frequencies(64, Rope(scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024,
                                                          truncate=False)))[0]
     assert cut != kept
-    with pytest.raises(ValueError, match="truncate is a yarn field"):
+    with pytest.raises(ValueError, match="truncate: yarn field; linear scaling does not read it"):
         RopeScaling(kind="linear", factor=4.0, truncate=False)
 
 
