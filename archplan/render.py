@@ -95,7 +95,10 @@ def _params_tables(r: dict[str, Any]) -> list[_Section]:
     p = r["params"]
     total, active = p["total"], p["active"]
     summary = _table("Parameters", p["convention"], ("", "left"), ("count", "right"), ("exact", "right"))
-    rows = [("total", total), ("active per token", active), ("embedding (V·D)", p["embedding"])]
+    rows = [("total", total), ("active per token", active)]
+    if active < total:
+        rows.append(("  active without the input embedding", p["active_without_input_embedding"]))
+    rows.append(("embedding (V·D)", p["embedding"]))
     if p["position_embedding"]:
         rows.append(("position table", p["position_embedding"]))
     rows.append(("non-embedding", p["non_embedding"]))
@@ -357,8 +360,8 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         (f"train activations ({t['recompute']})", lambda r: r["memory"]["training"]["activations"],
          units.nbytes),
         ("train memory / replica", lambda r: r["memory"]["training_bytes"], units.nbytes),
-        ("tokens 20/param" + (" (MoE: active)" if any(r["chinchilla"]["n_params_kind"] == "active" for r in reports)
-                              else ""), lambda r: r["chinchilla"]["optimal_tokens"], units.count),
+        ("tokens 20/N (MoE: N act.)" if any(r["chinchilla"]["n_params_kind"] == "active" for r in reports)
+         else "tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
     ]
     sources = {r["chinchilla"]["tokens_source"] for r in reports}
     if sources & {"--tokens", "spec training.tokens"}:

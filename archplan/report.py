@@ -234,6 +234,9 @@ def _params_section(plan: ModelPlan, params: ParamCount) -> dict[str, Any]:
         "position_embedding": params.position_embedding,
         "lm_head": params.lm_head,
         "non_embedding": params.non_embedding,
+        # the input embedding is a lookup, no compute: DeepSeek-V3's model card counts its "activated"
+        # parameters without it (a tied matrix is also the head's, so it stays)
+        "active_without_input_embedding": params.active - (0 if plan.tied else params.embedding),
         "matmul": params.matmul,
         "matmul_active": params.matmul_active,
         "tied_embeddings": plan.tied,
