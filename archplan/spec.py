@@ -446,6 +446,8 @@ class DeepNorm(Frozen):
     """norm(alpha·x + f(x)), with beta-scaled init (Wang et al. 2022, DeepNet, Table 1).
 
     Defaults (decoder-only column): alpha = (2L)^(1/4), beta = (8L)^(-1/4); see `Spec.deepnorm_alpha`.
+    β scales attention's value and output projections and the FFN; DeepNet defines none for SSM or
+    long-convolution mixers, so a layout with M or H layers refuses it.
     """
 
     kind: Literal["deepnorm"] = "deepnorm"
@@ -598,6 +600,10 @@ def _check_layout(spec: Spec) -> None:
     letters = set(layout.mixers)
     if letters & {"A", "S"} and spec.attention is None:
         raise ValueError("layout.mixers: uses attention (A/S) but `attention` is not set")
+    if isinstance(spec.residual, DeepNorm) and letters & {"M", "H"}:
+        raise ValueError("residual: deepnorm's β initialisation (Wang et al. 2022, DeepNet Algorithm 1) scales "
+                         "attention's value and output projections and the FFN; DeepNet defines none for the "
+                         "SSM or long-convolution mixers (M/H) of this layout; use pre, post or sandwich")
     if spec.attention is None and isinstance(spec.position, (Rope, Alibi)):
         # as for an unused mixer: a field that changes nothing would read as if it counted
         raise ValueError(f"position: {spec.position.kind} acts inside attention, and this model has none; "

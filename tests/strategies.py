@@ -317,6 +317,8 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         data["attention"] = attention
     elif data["position"]["kind"] in ("rope", "alibi"):
         data["position"] = {"kind": "none"}  # both act inside attention: the spec refuses them without it
+    if (has_ssm or has_conv) and data["residual"]["kind"] == "deepnorm":
+        data["residual"] = {"kind": "post"}  # DeepNet's β init is defined for attention and FFN only
     if has_ssm:
         data["ssm"] = _member(draw, "ssm", only, d_model)
     if has_conv:

@@ -267,6 +267,27 @@ def test_deepnorm_beta_init() -> None:
             torch.testing.assert_close(getattr(b.ffn, name).weight, beta * getattr(a.ffn, name).weight)
 
 
+def test_deepnorm_beta_scales_mla_values_and_is_refused_beside_ssm_mixers() -> None:
+    """MLA's values are kv_b_proj's W_UV rows (v = W_UV·c_kv): only o_proj was scaled, its keys' W_UK
+    rows must not be. A Mamba, S4 or Hyena layer has no β in DeepNet, and was left unscaled while
+    accepted (a pure SSM model's β changed nothing): the spec refuses deepnorm there."""
+    mla = dict(kind="mla", n_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=6)
+    beta = (8 * 2) ** -0.25
+    torch.manual_seed(5)
+    plain = build_model(tiny(attention=mla), device="cpu")
+    torch.manual_seed(5)
+    deep = build_model(tiny(attention=mla, residual=dict(kind="deepnorm")), device="cpu")
+    for a, b in zip(plain.layers, deep.layers):
+        w_a, w_b = (m.mixer.kv_b_proj.weight.view(2, 4 + 6, 8) for m in (a, b))
+        torch.testing.assert_close(w_b[:, :4], w_a[:, :4])  # W_UK: keys, as q/k, untouched
+        torch.testing.assert_close(w_b[:, 4:], beta * w_a[:, 4:])  # W_UV: values
+        torch.testing.assert_close(b.mixer.o_proj.weight, beta * a.mixer.o_proj.weight)
+        torch.testing.assert_close(b.mixer.q_proj.weight, a.mixer.q_proj.weight)
+    for mixer in (dict(ssm=dict(kind="mamba1"), layout=dict(mixers="AM")),
+                  dict(long_conv=dict(kind="hyena", l_max=64), layout=dict(mixers="AH"))):
+        with pytest.raises(ValueError, match="DeepNet defines none for the SSM or long-convolution mixers"):
+            tiny(residual=dict(kind="deepnorm"), **mixer)
+
 def test_tied_head_shares_the_embedding() -> None:
     model = build_model(tiny(embedding=dict(tied=True, lm_head_bias=True)), device="cpu")
     assert [n for n, _ in model.lm_head.named_parameters()] == ["bias"]

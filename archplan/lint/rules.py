@@ -378,11 +378,15 @@ def _cache_remedies(spec: Spec, conv_bytes_per_token: int) -> str:
 def check_post_norm_depth(ctx: SpecContext) -> Iterator[Hit]:
     spec = ctx.spec
     if isinstance(spec.residual, PostNorm) and spec.n_layers > POST_NORM_MAX_LAYERS:
+        # DeepNet's β is defined for attention and FFN sublayers only: the spec refuses it beside SSM
+        # and long-convolution mixers, so only pre-norm is offered there
+        deepnorm = not set(spec.layout.mixers) & {"M", "H"}
         yield Hit(
             ("residual",),
             f"post-norm residual with {spec.n_layers} layers: Post-LN stacks this deep diverge "
             "without special care",
-            "use residual: {kind: deepnorm} (DeepNet: α = (2L)^¼, β = (8L)^-¼) or residual: {kind: pre}",
+            ("use residual: {kind: deepnorm} (DeepNet: α = (2L)^¼, β = (8L)^-¼) or residual: {kind: pre}"
+             if deepnorm else "use residual: {kind: pre}"),
         )
 
 

@@ -261,7 +261,9 @@ class TrainingLoss(nn.Module):
 
 def _deepnorm_init(model: ArchplanModel, beta: float) -> None:
     """Scale the value/output projections and every FFN matrix by β (Wang et al. 2022, DeepNet
-    Algorithm 1; microsoft/torchscale `Decoder.__init__` divides fc1/fc2/v_proj/out_proj by (8L)^(1/4))."""
+    Algorithm 1; microsoft/torchscale `Decoder.__init__` divides fc1/fc2/v_proj/out_proj by (8L)^(1/4)).
+    MLA's values are the W_UV rows of kv_b_proj (DeepSeek-V2 §2.1.2: v = W_UV·c_kv); the spec
+    refuses deepnorm beside SSM and long-convolution mixers, for which DeepNet defines no β."""
     with torch.no_grad():
         for layer in [*model.layers, *model.mtp]:  # an MTP block is one more layer of the same stack
             mixer = layer.mixer
@@ -269,7 +271,9 @@ def _deepnorm_init(model: ArchplanModel, beta: float) -> None:
             if isinstance(mixer, Attention):
                 matrices += [mixer.v_proj.weight, mixer.o_proj.weight]
             elif isinstance(mixer, MLA):
-                matrices.append(mixer.o_proj.weight)
+                h, dn, dv = mixer.plan.n_heads, mixer.plan.qk_nope_head_dim, mixer.plan.v_head_dim
+                w_uv = mixer.kv_b_proj.weight.view(h, dn + dv, -1)[:, dn:]
+                matrices += [w_uv, mixer.o_proj.weight]
             ffn = layer.ffn
             if isinstance(ffn, (MLP, GLU)):
                 matrices += [p for p in ffn.parameters() if p.dim() == 2]
