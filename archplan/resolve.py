@@ -191,6 +191,7 @@ class MoEPlan:
     normalize_top_k: bool
     router_bias: bool
     score_correction_bias: bool  # a buffer, never a parameter
+    bias_update_speed: float  # γ of its per-step update (`modules.moe.Router.balance`)
     routed_scale: float
     aux_loss_coef: float
     aux_loss_scope: Literal["batch", "sequence"] = "batch"
@@ -473,6 +474,7 @@ def _moe_plan(moe: MoE) -> MoEPlan:
         normalize_top_k=moe.router.normalize_top_k,
         router_bias=moe.router.bias,
         score_correction_bias=moe.router.score_correction_bias,
+        bias_update_speed=moe.router.bias_update_speed,
         routed_scale=moe.router.scale,
         aux_loss_coef=moe.aux_loss_coef,
         aux_loss_scope=moe.aux_loss_scope,

@@ -372,6 +372,10 @@ class Router(Frozen):
     score_correction_bias: Bool = Field(
         False, description="DeepSeek-V3 aux-loss-free balancing bias: a buffer, not a parameter."
     )
+    bias_update_speed: Number = Field(
+        0.001, ge=0, le=1, description="score_correction_bias only: γ, the step each training step moves an "
+        "expert's bias, down if it took more than the mean load, up if less (DeepSeek-V3 §2.1.2: 0.001 for "
+        "the first 14.3T tokens, then 0).")
     scale: Number = Field(1.0, gt=0, description="Routed output scale (DeepSeek-V3 routed_scaling_factor).")
     n_group: Dim | None = Field(None, description="Group-limited routing: number of equal expert groups.")
     topk_group: Dim | None = Field(None, description="Group-limited routing: groups each token may use.")
@@ -383,6 +387,9 @@ class Router(Frozen):
     def _groups_paired(self) -> Router:
         if (self.n_group is None) != (self.topk_group is None):
             raise ValueError("n_group and topk_group go together (group-limited routing)")
+        if not self.score_correction_bias and "bias_update_speed" in self.model_fields_set:
+            raise ValueError("bias_update_speed moves the score-correction bias; set score_correction_bias: "
+                             "true, or remove it")
         if self.n_group is None and "group_score" in self.model_fields_set:
             raise ValueError("group_score scores the groups of group-limited routing; set n_group and "
                              "topk_group, or remove it")

@@ -207,6 +207,9 @@ layout: {mixers: M}
     (BASE.replace("ffn: {kind: glu, d_ff: 128}", "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 64}, "
                   "router: {group_score: max}}"),
      ("moe.router", "group_score scores the groups of group-limited routing")),
+    (BASE.replace("ffn: {kind: glu, d_ff: 128}", "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 64}, "
+                  "router: {bias_update_speed: 0.01}}"),
+     ("moe.router", "bias_update_speed moves the score-correction bias; set score_correction_bias: true")),
 ])
 def test_a_field_that_changes_nothing_is_refused(cli, tmp_path: Path, text: str,  # type: ignore[no-untyped-def]
                                                 needles: tuple[str, ...]) -> None:

@@ -491,6 +491,18 @@ def test_json_format(tmp_path, monkeypatch, capsys) -> None:
     assert finding["code"] == "AP003" and finding["line"] == 5 and finding["field"] == "attention.n_kv_heads"
 
 
+def test_ap010_counts_a_correction_bias_that_never_moves_as_no_balancing() -> None:
+    """score_correction_bias with bias_update_speed 0 is a fixed bias: top-1 routing is as
+    unbalanced as without it, and AP010 says so."""
+    spec = ("name: t\nvocab_size: 512\nd_model: 64\nn_layers: 2\nattention: {kind: mha, n_heads: 1}\n"
+            "moe:\n  n_experts: 8\n  top_k: 1\n  aux_loss_coef: 0\n  expert: {kind: glu, d_ff: 64}\n"
+            "  router: {scoring: sigmoid, score_correction_bias: true, bias_update_speed: SPEED}\n")
+    codes = {speed: [f.code for f in lint_text(spec.replace("SPEED", speed), "x.yaml")] for speed in ("0", "0.001")}
+    assert "AP010" in codes["0"] and "AP010" not in codes["0.001"]
+    (finding,) = [f for f in lint_text(spec.replace("SPEED", "0"), "x.yaml") if f.code == "AP010"]
+    assert "a score_correction_bias whose bias_update_speed is 0" in finding.message
+
+
 # ---------------------------------------------------------------------------- presets, torch
 def test_presets_have_no_errors() -> None:
     from archplan.lint.engine import LintConfig, lint_paths

@@ -25,6 +25,7 @@ from archplan.modules.moe import (
     experts_loop,
     grouped_mm_path,
     load_balancing_loss,
+    balance_routers,
     per_expert_linear,
     route,
 )
@@ -48,6 +49,7 @@ def plan(
     scope: str = "batch",
     groups: tuple[int, int] | None = None,  # (n_group, topk_group)
     group_score: str = "top2_sum",
+    speed: float = 0.001,
 ) -> MoEPlan:
     act = "silu" if kind == "glu" else "gelu"
     return MoEPlan(
@@ -60,6 +62,7 @@ def plan(
         normalize_top_k=normalize,
         router_bias=bias,
         score_correction_bias=correction,
+        bias_update_speed=speed,
         routed_scale=scale,
         aux_loss_coef=coef,
         aux_loss_scope=scope,  # type: ignore[arg-type]
@@ -123,6 +126,50 @@ def test_correction_bias_steers_selection_not_weights() -> None:
     assert (experts == 0).all()
     torch.testing.assert_close(weights[:, 0], logits[:, 0].sigmoid())
 
+
+def test_the_correction_bias_balances_a_skewed_router_step_by_step() -> None:
+    """DeepSeek-V3 §2.1.2: after each step an expert's bias falls by γ if it took more than the mean
+    load, rises by γ if fewer. The bias was a buffer nothing updated, so `score_correction_bias`
+    balanced nothing. A router skewed to expert 0 (and a training loop of forwards and updates)
+    evens out; inference and untracked training forwards count nothing."""
+    torch.manual_seed(0)
+    gamma = 0.01
+    moe = MoEFFN(plan(n_experts=4, top_k=1, scoring="sigmoid", normalize=False, correction=True, coef=0.0,
+                      speed=gamma), 8)
+    with torch.no_grad():
+        moe.router.weight.normal_(0.0, 0.3)
+        moe.router.weight[0] += 1.0  # expert 0 leads for every token of positive features
+    x = torch.randn(1, 256, 8).abs()
+
+    def loads() -> list[int]:
+        with torch.no_grad():
+            experts, _, _ = route(moe.router(x.reshape(-1, 8)), moe.plan, moe.router.score_correction_bias)
+        return torch.bincount(experts.flatten(), minlength=4).tolist()
+
+    moe.train()
+    moe(x)
+    assert moe.router.load_E is None  # nothing tracked until a loop asks
+    balance_routers(moe, start=True)
+    first = loads()
+    assert first[0] == 256
+    moe(x)
+    moe(x)  # two micro-batches (or a recomputed forward): twice the counts, the same signs
+    assert moe.router.load_E.tolist() == [2 * n for n in first]
+    balance_routers(moe)
+    assert moe.router.score_correction_bias.tolist() == pytest.approx([-gamma, gamma, gamma, gamma])
+    assert moe.router.load_E is None
+    late = torch.zeros(4)
+    for step in range(200):
+        moe(x)
+        balance_routers(moe)
+        if step >= 150:
+            late += torch.tensor(loads(), dtype=torch.float32) / 50
+    # from all 256 tokens on one expert to each within 15% of the mean, averaged over the last 50
+    # steps (the ±γ steps keep the bias, and a step's loads, oscillating about the balance)
+    assert late.tolist() == pytest.approx([256 / 4] * 4, rel=0.15)
+    moe.eval()
+    moe(x)
+    assert moe.router.load_E is None  # inference counts nothing
 
 @pytest.mark.parametrize(("scoring", "correction", "groups", "group_score"), [
     ("sigmoid", True, (4, 2), "top2_sum"),  # DeepSeek-V3 noaux_tc

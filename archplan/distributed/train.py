@@ -51,6 +51,7 @@ from archplan.distributed.tolerance import PEAK_TOLERANCE, activations_within
 from archplan.dtypes import DType
 from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.model import TrainingLoss, build_model, resolve_device
+from archplan.modules.moe import balance_routers
 from archplan.resolve import Mamba1Plan, Mamba2Plan, ModelPlan, MoEPlan
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
@@ -202,6 +203,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     apply_recompute(model.mtp, recompute)  # the MTP blocks recompute as the layers do (`activation_memory`)
     training_loss = TrainingLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    balance_routers(model, start=True)  # DeepSeek-V3's aux-loss-free balancing is part of its step
     tokens = torch.randint(0, plan.vocab_size, (batch, seq), device=dev)
     labels = torch.roll(tokens, -1, dims=1)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
@@ -217,6 +219,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         probe("before step")  # parameters, every gradient, AdamW's states
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        balance_routers(model)
 
     for _ in range(WARMUP_STEPS):
         step()

@@ -227,10 +227,14 @@ def check_top1_balancing(ctx: SpecContext) -> Iterator[Hit]:
     moe = ctx.spec.moe
     if moe is None or moe.top_k != 1:
         return
-    if moe.aux_loss_coef == 0 and not moe.router.score_correction_bias:
+    router = moe.router
+    if moe.aux_loss_coef == 0 and not (router.score_correction_bias and router.bias_update_speed > 0):
+        # a correction bias whose update speed is 0 never moves: no balancing either
+        bias = ("a score_correction_bias whose bias_update_speed is 0" if router.score_correction_bias
+                else "no score_correction_bias")
         yield Hit(
             ("moe", "aux_loss_coef") if ctx.written(("moe", "aux_loss_coef")) else ("moe", "top_k"),
-            "top-1 routing with no load balancing (aux_loss_coef 0, no score_correction_bias): "
+            f"top-1 routing with no load balancing (aux_loss_coef 0, {bias}): "
             "the router collapses onto a few experts",
             "set moe.aux_loss_coef: 0.01 (Switch Transformer) or moe.router.score_correction_bias: true "
             "(DeepSeek-V3 auxiliary-loss-free balancing)",

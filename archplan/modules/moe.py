@@ -221,10 +221,12 @@ class Router(nn.Module):
 
     `score_correction_bias` is persistent (checkpoints carry it) but not trained by gradient
     (DeepSeek-V3 §2.1.2 updates it by ±γ steps, which bf16 would round away): a buffer, never a
-    parameter.
+    parameter. A training loop that balances calls `track_load` once, then `balance` after each
+    optimizer step (`balance_routers` does both for a model).
     """
 
-    def __init__(self, d_model: int, n_experts: int, *, bias: bool, correction: bool) -> None:
+    def __init__(self, d_model: int, n_experts: int, *, bias: bool, correction: bool,
+                 update_speed: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_experts, d_model, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(n_experts, dtype=torch.float32)) if bias else None
@@ -233,7 +235,37 @@ class Router(nn.Module):
             self.register_buffer("score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
         else:
             self.score_correction_bias = None
+        self.update_speed = update_speed
+        # tokens each expert took since the last `balance`; None until a loop asks (`track_load`), so
+        # that inference, `verify` and the measured steps of `--layout` allocate nothing for it
+        self.tracking = False
+        self.load_E: Tensor | None = None
         self.reset_parameters()
+
+    def track_load(self) -> None:
+        """Count the tokens each expert takes in training forwards, for `balance`."""
+        self.tracking = self.score_correction_bias is not None
+
+    def count(self, experts_NK: Tensor) -> None:
+        """Add one training forward's tokens per expert. A forward recomputed in the backward (full
+        recompute) counts twice, as every micro-batch of its layer does: the mean moves with the
+        loads, so no sign of `balance` changes."""
+        if not self.tracking:
+            return
+        counts_E = torch.bincount(experts_NK.flatten(), minlength=self.weight.shape[0])
+        self.load_E = counts_E if self.load_E is None else self.load_E + counts_E
+
+    def balance(self) -> None:
+        """DeepSeek-V3 §2.1.2 (aux-loss-free balancing): after a step, each expert's bias falls by γ if
+        it took more tokens than the mean since the last step, rises by γ if fewer (Megatron-Core's
+        `get_updated_expert_bias`: bias + γ·sign(mean − load)). One process's tokens: a data-parallel
+        run sums the loads over the ranks holding this layer first."""
+        if self.score_correction_bias is None or self.load_E is None:
+            return
+        load_E = self.load_E.float()
+        with torch.no_grad():
+            self.score_correction_bias.add_(self.update_speed * torch.sign(load_E.mean() - load_E))
+        self.load_E = None
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init (the same draws in the same order), a zero correction bias."""
@@ -418,7 +450,8 @@ class MoEFFN(nn.Module):
     def __init__(self, plan: MoEPlan, d_model: int) -> None:
         super().__init__()
         self.plan = plan
-        self.router = Router(d_model, plan.n_experts, bias=plan.router_bias, correction=plan.score_correction_bias)
+        self.router = Router(d_model, plan.n_experts, bias=plan.router_bias, correction=plan.score_correction_bias,
+                             update_speed=plan.bias_update_speed)
         self.experts = Experts(plan.expert, plan.n_experts, d_model)
         self.shared: MLP | GLU | None = build_ffn(plan.shared, d_model) if plan.shared else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if plan.shared_gate else None
@@ -433,6 +466,8 @@ class MoEFFN(nn.Module):
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
         experts_NK, weights_NK, scores_NE = route(self.router(x_ND), self.plan, self.router.score_correction_bias)
+        if self.training:
+            self.router.count(experts_NK)
         out_ND = self._dispatch(x_ND, experts_NK, weights_NK)
         if self.shared is not None:
             out_ND = out_ND + self._shared(x_ND)
@@ -477,6 +512,17 @@ class MoEFFN(nn.Module):
             # Qwen2-MoE `Qwen2MoeSparseMoeBlock`: sigmoid(shared_expert_gate(x)) · shared_expert(x)
             y_ND = torch.sigmoid(self.shared_gate(x_ND)) * y_ND
         return y_ND
+
+
+def balance_routers(model: nn.Module, *, start: bool = False) -> None:
+    """Every score-correction router of `model`: `start` begins counting loads, otherwise apply the
+    step's update (call after each optimizer step)."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            if start:
+                module.track_load()
+            else:
+                module.balance()
 
 
 def experts_loop(moe: MoEFFN, x_BTD: Tensor) -> Tensor:
