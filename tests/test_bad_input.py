@@ -369,6 +369,17 @@ def test_force_without_plot_is_refused(cli, argv: list[str]) -> None:  # type: i
     assert_one_line_error(cli(*argv, "--force"), "--force overwrites the --plot figure")
 
 
+def test_force_or_layout_that_a_command_would_not_read_is_refused(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`import hf --force` without -o had nothing to overwrite, and `plan --solve ... --layout
+    garbage` ran the solve with the layout unread: both exited 0, where every other unread option
+    is refused."""
+    config = str(Path(__file__).parent / "fixtures" / "hf-configs" / "llama-3-8b.json")
+    assert_one_line_error(cli("import", "hf", config, "--force"), "--force overwrites the -o spec")
+    partial = spec_file(tmp_path, BASE.replace("d_ff: 128", "d_ff: solve"))
+    for layout in ("tp=2", "garbage"):
+        assert_one_line_error(cli("plan", "--solve", partial, "--total", "1e6", "--layout", layout),
+                              "--solve takes --total/--active, not --tokens, --gpus or --layout")
+
 @pytest.mark.parametrize("argv", [["size", ""], ["compare", "gpt2", " "], ["plan", "", "--gpus", "8"],
                                   ["lint", ""], ["schema", "-o", ""], ["plan", "--compute", "1e22", "-o", ""],
                                   ["import", "hf", str(Path(__file__).parent / "fixtures" / "hf-configs" / "gpt2.json"),

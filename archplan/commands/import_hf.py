@@ -16,6 +16,7 @@ from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
 from archplan.commands.schema import schema_file
 from archplan.console import echo, stdout_takes_unicode
+from archplan.errors import ArchplanError
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
 import_app = typer.Typer(
@@ -73,6 +74,8 @@ def hf(
 
     if output is not None:
         check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
+    elif force:
+        raise ArchplanError("--force overwrites the -o spec; without -o the spec goes to stdout")
     imported = read_hf(config, strict=strict, mtp=mtp)
     spec = imported.spec
     if imported.ignored:

@@ -1372,8 +1372,8 @@ def register(app: typer.Typer) -> None:
         if solve is None and (total is not None or active is not None):
             raise ArchplanError("--total/--active go with --solve PARTIAL.yaml")
         if solve is not None:
-            if tokens is not None or gpus is not None:
-                raise ArchplanError("--solve takes --total/--active, not --tokens or --gpus")
+            if tokens is not None or gpus is not None or layout is not None:
+                raise ArchplanError("--solve takes --total/--active, not --tokens, --gpus or --layout")
             _run_solve(solve, total, active, tol, multiple, output, force, as_json, plot)
         elif spec is None and compute is None and params is None and tokens is None:
             # a bare `archplan plan`: name all three modes, not only the budget's options
