@@ -132,6 +132,15 @@ def _main() -> None:
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
                    f"give {fix}", err=True)
         sys.exit(2)
+    except MemoryError:
+        # Python's own allocation failing (a process limit, or a structure the sizes asked for
+        # grow past the host): one line as torch's refusal above
+        if debug:
+            raise
+        fix = SMALLER.get(_command_path(sys.argv[1:]).removeprefix("archplan "), "smaller sizes")
+        typer.echo(f"archplan: error: the sizes asked for need more memory than this process can have; give {fix}",
+                   err=True)
+        sys.exit(2)
     except ReaderGone:
         # the reader stopped early (`| head`): what it took was all it wanted (`archplan.console`).
         # Python would meet the closed pipe again when it flushes stdout at exit; stdout points at

@@ -68,6 +68,17 @@ def test_a_failed_write_is_one_line() -> None:
     assert proc.returncode == 1 and proc.stderr == "archplan: error: No space left on device\n"
 
 
+def test_python_running_out_of_memory_is_one_line() -> None:
+    """A MemoryError (a process limit, or a structure past the host) printed Python's traceback."""
+    code = ("import archplan.loader as loader\n"
+            "def out_of_memory(*args, **kwargs):\n    raise MemoryError\n"
+            "loader.load_spec = out_of_memory\n"  # before the commands import it
+            "from archplan.cli import main\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "verify", "gpt2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "archplan: error: the sizes asked for need more memory than this process can have; give a smaller --seq")
+    assert "Traceback" not in proc.stderr
+
 @pytest.mark.parametrize("command", [("plan", "llama-3-70b", "--gpus", "1024"), ("plan", "llama-3-70b", "--gpus", "1024", "--json"),
                                      ("size", "gpt2"), ("compare", "gpt2", "llama-2-7b"), ("--help",), ("plan", "--help")])
 def test_a_reader_that_stops_early_is_not_a_failure(command: tuple[str, ...]) -> None:

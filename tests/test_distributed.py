@@ -1278,11 +1278,26 @@ def test_bench_nproc_refuses_what_the_host_cannot_hold(monkeypatch: pytest.Monke
     from archplan.distributed import bench
     from archplan.errors import ArchplanError
 
-    monkeypatch.setattr(bench, "_available_host_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(bench, "available_host_bytes", lambda: 1 << 20)
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--nproc", "2", "--device", "cpu",
                                    "--seq", "32", "--layout", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"])
     assert isinstance(out.exception, ArchplanError) and "1.00 MiB this machine has available" in str(out.exception)
 
+
+def test_verify_refuses_a_world_whose_rank_lists_exceed_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify --layout at dp 10^8 built the fake process group's rank lists (478 B a rank) until
+    Python raised MemoryError with a traceback, or the system killed it: refused in one line first."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.distributed import mesh
+    from archplan.errors import ArchplanError
+
+    monkeypatch.setattr(mesh, "available_host_bytes", lambda: 1 << 30)
+    out = CliRunner().invoke(app, ["verify", str(FIXTURES / "tiny-llama.yaml"), "--seq", "16", "--layout",
+                                   "tp=1,cp=1,pp=1,dp=4194304,ep=1,zero=3,recompute=none,mb=1"])
+    assert isinstance(out.exception, ArchplanError)
+    assert "a world of 4,194,304 ranks" in str(out.exception) and "1.00 GiB this machine has available" in str(out.exception)
 
 def test_bench_nproc_counts_each_workers_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each CPU worker is an interpreter with torch of its own: gpt2 at dp 12 passed the check by
@@ -1301,7 +1316,7 @@ def test_bench_nproc_counts_each_workers_runtime(monkeypatch: pytest.MonkeyPatch
     assert layout is not None
     tensors = rank_memory(plan, layout, 32, microbatches=1, states=FSDP2, loss="eager").total
     monkeypatch.setattr(bench, "_resident_bytes", lambda: 300 << 20)
-    monkeypatch.setattr(bench, "_available_host_bytes", lambda: 2 * tensors + (300 << 20))
+    monkeypatch.setattr(bench, "available_host_bytes", lambda: 2 * tensors + (300 << 20))
     monkeypatch.setattr(bench, "launch", lambda *a, **k: pytest.fail("workers were launched"))
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--seq", "32",
                                    "--layout", text])

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from archplan import jsonout
 from archplan.console import echo
+from archplan.distributed.mesh import available_host_bytes
 from archplan.distributed.render import default_microbatches, given_layout, schedule_name
 from archplan.distributed.step import interleaved_1f1b
 from archplan.distributed.workers import DistBench, WorkersFailed, launch, run_worker, under_launcher, write_result
@@ -103,17 +104,6 @@ def _check_splits(plan: ModelPlan, layout: Layout) -> None:
     check_cp(stage, layout.cp)
 
 
-def _available_host_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 # What a worker's interpreter holds before its model: the CLI, torch, torch.distributed and
 # archplan's worker loaded, as VmRSS of /proc/self/status (Linux; 0 elsewhere, where the check is
 # skipped)
@@ -140,7 +130,7 @@ def _check_host_memory(plan: ModelPlan, layout: Layout, seq: int, microbatches: 
     (VmHWM) beyond plan's figure; 2 × 0.31 GiB was the runtime's share of it."""
     from archplan.planning.cluster import FSDP2, rank_memory
 
-    available = _available_host_bytes()
+    available = available_host_bytes()
     if available is None:
         return
     tensors = rank_memory(plan, layout, seq, microbatches=microbatches, states=FSDP2, loss="eager").total
