@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import re
 import stat
@@ -386,13 +387,21 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
         message = _not_a_mapping(loaded, yaml_path, err.get("input"))
     elif kind in ("int_type", "float_type") and isinstance(err.get("input"), (bool, str, float)):
         message = _not_a_number("an integer" if kind == "int_type" else "a number", err["input"])
+    elif kind in ("int_type", "float_type") and "input" in err:
+        message = f"expected {'an integer' if kind == 'int_type' else 'a number'}, got {_as_yaml(err['input'])}"
+    elif kind == "string_pattern_mismatch" and yaml_path[-1:] == ("mixers",):
+        message = (f"expected a pattern of the letters A (attention), S (sliding-window attention), M (the ssm) "
+                   f"and H (the long_conv), repeated over the layers (e.g. MMMMAMMM); got {_as_yaml(err.get('input'))}")
+    elif kind == "string_type" and "input" in err:
+        # YAML reads an unquoted 2024-01-01, 7 or true as no string
+        message = f"expected a string, got {_as_yaml(err['input'])}; quote it"
     elif kind == "bool_type":
         message = _not_a_boolean(err.get("input"))
     elif kind in _BOUNDS:
         bound = next(iter(err["ctx"].values()))
         message = f"expected a value {_BOUNDS[kind]} {_shown(bound)}, got {_shown(err['input'])}"
     elif "input" in err and not isinstance(err["input"], (dict, list)):
-        message = f"{message} (got {_clipped(repr(err['input']), 80)})"
+        message = f"{message} (got {_as_yaml(err['input'])})"
     return ArchplanError(
         message, file=file, line=line_col[0] if line_col else None,
         column=line_col[1] if line_col else None, field=field,
@@ -413,6 +422,24 @@ def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
     if models:
         return f"expected a mapping with the fields {', '.join(models[0].model_fields)}; got {got}"
     return f"expected a mapping (key: value pairs), got {got}"
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as YAML wrote it, not as Python prints it: `null`, not None; a date YAML read from
+    2024-01-01, not datetime.date(2024, 1, 1)."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, datetime.date):
+        return f"the date {value.isoformat()} (YAML reads an unquoted date as one)"
+    if isinstance(value, bytes):
+        return "binary data (!!binary)"
+    if isinstance(value, str) and not value:
+        return "an empty string"
+    return _clipped(repr(value), 80)
 
 
 def _clipped(text: str, most: int) -> str:

@@ -270,6 +270,21 @@ def test_a_number_field_is_finite(cli, tmp_path: Path, value: str) -> None:  # t
     assert_one_line_error(cli("size", path), path, "position.theta", "finite number")
 
 
+@pytest.mark.parametrize(("old", "new", "said"), [
+    ("n_layers: 2", "n_layers: null", "n_layers: expected an integer, got null"),
+    ("n_layers: 2", "n_layers: [2]", "n_layers: expected an integer, got a list"),
+    ("n_layers: 2", "n_layers: 2024-01-01", "n_layers: expected an integer, got the date 2024-01-01"),
+    ("n_layers: 2", "n_layers: !!binary aGVsbG8=", "n_layers: expected an integer, got binary data (!!binary)"),
+    ("name: tiny", "name: 2024-01-01", "name: expected a string, got the date 2024-01-01 (YAML reads an unquoted "
+                                       "date as one); quote it"),
+    ("n_layers: 2", 'n_layers: 2\nlayout: {mixers: ""}', "layout.mixers: expected a pattern of the letters A"),
+])
+def test_a_value_of_another_yaml_type_is_named_as_yaml_writes_it(cli, tmp_path: Path, old: str, new: str,  # type: ignore[no-untyped-def]
+                                                                said: str) -> None:
+    """pydantic's "(got None)", "(got datetime.date(2024, 1, 1))", "(got b'hello')" and a bare
+    regular expression for the mixers named Python's values, not what the file says."""
+    assert_one_line_error(cli("size", spec_file(tmp_path, BASE.replace(old, new))), said)
+
 def test_a_number_field_takes_an_integer(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """YAML's `10000` is an int and `1e-5` a string to YAML 1.1: both are the numbers they read as,
     and the spec read is the one written with `10000.0` and `1.0e-5`."""
