@@ -1206,6 +1206,16 @@ def test_cli_reports_ignored_keys_on_one_line(tmp_path: Path, capsys: pytest.Cap
     assert len(err.strip().splitlines()) == 1 and "flux_capacitor, warp" in err
 
 
+def test_a_key_with_a_line_break_keeps_the_report_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config key "bad\\nkey" split the ignored-keys line and --strict's error over two lines."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY["qwen3"].config, "bad\nkey": 1}))
+    code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(config))
+    assert code == 0 and err.strip().endswith("--strict refuses them): 'bad\\nkey'") and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(config), "--strict")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "'bad\\nkey': not read by the qwen3 importer" in err
+
 def test_yaml_to_a_stream_without_unicode_round_trips(tmp_path: Path) -> None:
     """On an ASCII stdout `archplan import hf CONFIG > spec.yaml` escapes what it cannot write
     (`"gemma-\\xE9"`) rather than write `?` in a name, which would load back as another spec."""

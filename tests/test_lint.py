@@ -4,6 +4,7 @@ rule selection, pyproject configuration and the four output formats."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -419,6 +420,21 @@ def test_symlinked_folders_are_followed_once_and_globs_keep_to_yaml(tmp_path, mo
     found = [p.as_posix() for p in discover(["configs/**/*.yaml"])]
     assert sorted(found) == ["configs/gone.yaml", "configs/gone2.yaml", "configs/ok.yaml", "configs/team/bad.yaml"]
 
+
+def test_a_recursive_glob_through_two_links_up_the_tree_ends(tmp_path: Path) -> None:
+    """`up -> ..` and `up2 -> ../..` beside each other: the glob module followed them at every depth
+    and `lint 'real/**/*.yaml'` ran for minutes (killed at 60 s); `**` is walked as a folder is, each
+    folder entered once. In a subprocess with a timeout, so that a regression fails, not hangs."""
+    write(tmp_path, "real/sub/bad.yaml", (FIXTURES / "AP003_fail.yaml").read_text(encoding="utf-8"))
+    write(tmp_path, "real/ok.yaml", CLEAN)
+    write(tmp_path, "real/.hidden/skipped.yaml", CLEAN)
+    (tmp_path / "real" / "sub" / "up").symlink_to("..", target_is_directory=True)
+    (tmp_path / "real" / "sub" / "up2").symlink_to("../..", target_is_directory=True)
+    for pattern in ("real/**/*.yaml", "**/*.yaml", "real/**", f"{tmp_path}/r*/**/*.yaml"):
+        proc = subprocess.run([sys.executable, "-m", "archplan", "lint", pattern], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stdout.endswith("2 files checked: 1 error\n"), (pattern, proc.stdout)
+
 # ----------------------------------------------------------------------------------- formats
 def test_text_format_has_location_code_and_fix(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
@@ -464,7 +480,19 @@ def test_sarif_format(tmp_path, monkeypatch, capsys) -> None:
     write(outside, "o w.yaml", WARNS)
     _, out, _ = run_cli(monkeypatch, capsys, "lint", str(tmp_path / "w.yaml"), str(outside), "--format", "sarif")
     uris = [a["location"]["uri"] for a in json.loads(out)["runs"][0]["artifacts"]]
-    assert uris == ["w.yaml", (outside / "o w.yaml").as_uri()] and uris[1].endswith("/o%20w.yaml")
+    real_outside = Path(os.path.realpath(outside))
+    assert uris == ["w.yaml", (real_outside / "o w.yaml").as_uri()] and uris[1].endswith("/o%20w.yaml")
+    # `../x.yaml` leaves the checkout too; a checkout named through a link is still the checkout
+    (tmp_path / "sub").mkdir()
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "sub")
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", f"../../{outside.name}/o w.yaml", "../w.yaml",
+                        str(tmp_path.parent / f"{tmp_path.name}-link" / "sub" / ".." / "w.yaml"), "--format", "sarif")
+    uris = [a["location"]["uri"] for a in json.loads(out)["runs"][0]["artifacts"]]
+    assert uris == [(real_outside / "o w.yaml").as_uri(), (Path(os.path.realpath(tmp_path)) / "w.yaml").as_uri()]
+    monkeypatch.chdir(tmp_path.parent / f"{tmp_path.name}-link")
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", str(tmp_path / "w.yaml"), "--format", "sarif")
+    assert [a["location"]["uri"] for a in json.loads(out)["runs"][0]["artifacts"]] == ["w.yaml"]
 
 
 @pytest.mark.parametrize("fmt", ["text", "github", "sarif"])

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, dotted
 from archplan.loader import read_capped
 from archplan.spec import (
     MAX_LAYERS,
@@ -260,7 +260,8 @@ class HFConfig:
 
     def unread(self) -> list[str]:
         """Keys no rule accounted for: the importer's `ignored` list."""
-        top = [k for k in self.data if k not in self.used and k not in COMMON_KEYS]
+        # a key with a line break is quoted (`dotted`), so the one-line report stays one line
+        top = [dotted((k,)) for k in self.data if k not in self.used and k not in COMMON_KEYS]
         return sorted(top + self.unread_nested)
 
 
@@ -427,7 +428,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
     if kind_name == "default":
         # `{"factor": 4}` with no type is plain RoPE to transformers, which warns of the keys it
         # does not recognise: reported ignored here (refused under --strict), not dropped unsaid
-        cfg.unread_nested.extend(f"{where}.{key}" for key in sorted(set(params) - bookkeeping))
+        cfg.unread_nested.extend(dotted((where, key)) for key in sorted(set(params) - bookkeeping))
     else:
         if kind_name not in _ROPE_KINDS:
             raise cfg.error(f"{where}.{type_key}",
@@ -437,7 +438,7 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         for key in unknown:
             if key in _ROPE_UNEXPRESSED.get(kind_name, ()):
                 raise cfg.error(f"{where}.{key}", f"cannot express this {kind_name} RoPE field")
-        cfg.unread_nested.extend(f"{where}.{key}" for key in unknown)
+        cfg.unread_nested.extend(dotted((where, key)) for key in unknown)
         # transformers' _validate_llama3_rope_parameters requires both factors (the spec's defaults are
         # Llama 3.1's, which a config that omits them has not said it means)
         for key in _ROPE_REQUIRED.get(kind_name, ()):
@@ -1168,7 +1169,7 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
         if key in _MPT_ATTN_FIXED and value != _MPT_ATTN_FIXED[key]:
             raise cfg.error(f"attn_config.{key}", f"cannot express {key}={value!r}: {why}")
         if key not in _MPT_ATTN_FIXED and key not in _MPT_ATTN_INERT and key not in COMMON_KEYS:
-            cfg.unread_nested.append(f"attn_config.{key}")
+            cfg.unread_nested.append(dotted(("attn_config", key)))
     d, h = cfg.int_("d_model"), cfg.int_("n_heads")
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layers"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("max_seq_len"))

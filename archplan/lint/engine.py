@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,12 +99,11 @@ def _lint_input(path: Path) -> bool:
     return path.is_file() or path.is_symlink()
 
 
-def _walk_yaml(root: Path) -> Iterable[Path]:
-    """YAML files under a folder, recursively; hidden folders/files (.git, .github) are skipped.
-
-    Symlinked folders are followed, as a glob's `**` follows them (a gate must not pass a folder
-    that links to a broken spec); each folder is entered once, so a link cycle ends.
-    """
+def _walk(root: str | Path) -> Iterator[tuple[str, list[str]]]:
+    """Each folder under `root` (itself first) with its files, sorted; hidden folders and files
+    (.git, .github) are skipped. Symlinked folders are followed, as a glob's `**` follows them (a
+    gate must not pass a folder that links to a broken spec); each folder is entered once, so a
+    link cycle ends."""
     entered: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         status = os.stat(folder)
@@ -113,11 +112,44 @@ def _walk_yaml(root: Path) -> Iterable[Path]:
             continue
         entered.add((status.st_dev, status.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.endswith(SPEC_SUFFIXES) and not name.startswith("."):
-                path = Path(folder, name)
-                if _lint_input(path):
-                    yield path
+        yield folder, sorted(name for name in files if not name.startswith("."))
+
+
+def _walk_yaml(root: Path) -> Iterable[Path]:
+    """YAML files under a folder, recursively (`_walk`)."""
+    for folder, files in _walk(root):
+        for name in files:
+            path = Path(folder, name)
+            if name.endswith(SPEC_SUFFIXES) and _lint_input(path):
+                yield path
+
+
+def _glob(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), but each `**` expanded by `_walk`: the glob module
+    follows a symlinked folder at every depth, and two links up a tree (`up -> ..`,
+    `up2 -> ../..`) made it run for minutes."""
+    parts = pattern.split("/")
+    if "**" not in parts:
+        return glob.glob(pattern)
+    at = parts.index("**")
+    prefix, rest = "/".join(parts[:at]), parts[at + 1:]
+    if at == 0:
+        bases = [""]  # the current folder, its paths shown relative as glob shows them
+    elif not prefix:
+        bases = ["/"]
+    else:
+        bases = glob.glob(prefix) if glob.has_magic(prefix) else [prefix]
+    found: list[str] = []
+    for base in bases:
+        if not os.path.isdir(base or "."):
+            continue
+        for folder, files in _walk(base or "."):
+            shown = folder if base else os.path.relpath(folder)
+            if rest:
+                found += _glob(os.path.join(shown, *rest))
+            else:  # a trailing `**`: every folder and file under the base, as glob gives them
+                found += [shown, *(os.path.join(shown, name) for name in files)]
+    return found
 
 
 def _file_key(path: Path) -> str:
@@ -138,7 +170,7 @@ def discover(paths: Sequence[str]) -> list[Path]:
             # Path("") is the current folder: an unset shell variable would lint all of it
             raise ArchplanError("an empty path; give a file, folder or glob (`.` for the current folder)")
         if glob.has_magic(arg) and not Path(arg).exists():
-            matches = sorted(glob.glob(arg, recursive=True))
+            matches = sorted(set(_glob(arg)))
             if not matches:
                 raise ArchplanError("glob matches nothing", file=arg)
             for match in matches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path, PurePath
 from typing import Any
@@ -124,13 +125,15 @@ def _sarif_rule(rule: Rule) -> dict[str, Any]:
 
 def _sarif_uri(file: str) -> str:
     """A relative URI reference for a file under the current folder (code scanning resolves it
-    against the checkout), else a file:// URI: a bare absolute path is neither."""
+    against the checkout), else a file:// URI: a bare absolute path, or `../x.yaml`, is neither.
+    Both sides are compared with their links resolved: $GITHUB_WORKSPACE may name the checkout
+    through a link that the current folder's physical path does not show."""
     path = Path(file)
-    if not path.is_absolute():
-        return quote(path.as_posix())
-    if path.is_relative_to(Path.cwd()):
-        return quote(path.relative_to(Path.cwd()).as_posix())
-    return path.as_uri()
+    here = Path(os.path.realpath(Path.cwd()))
+    folder = Path(os.path.realpath(path.parent))
+    if folder == here or folder.is_relative_to(here):
+        return quote((folder.relative_to(here) / path.name).as_posix())
+    return (folder / path.name).as_uri()
 
 
 def render_sarif(result: LintResult) -> str:
