@@ -1587,6 +1587,9 @@ def test_hyena_filter_mlp_runs_per_position_not_per_token() -> None:
     (("llama-3-8b", "--gpus", "6", "--layout", "cp=3"), "cp=3 does not divide --seq 8192"),
     (("llama-3-8b", "--gpus", "8", "--seq", "8191", "--layout", "tp=8,cp=1,pp=1,dp=1,zero=1,recompute=full,mb=1"),
      "sequence parallelism splits each rank's 8191 tokens over tp=8"),
+    # all four degrees given, their product short of --gpus: blamed on DP·mb and the batch before
+    (("llama-3-8b", "--gpus", "16", "--global-batch-tokens", "64M", "--layout", "tp=2,cp=1,pp=2,dp=2,zero=1"),
+     "tp·cp·pp·dp = 2·1·2·2 = 8 ranks, but --gpus is 16"),
 ])
 def test_cli_partial_layout_passes_what_a_given_one_does(args: tuple[str, ...], message: str,
                                                          capsys: pytest.CaptureFixture[str],

@@ -318,9 +318,13 @@ def check_partial(fixed: PartialLayout, *, gpus: int, gpus_per_node: int, n_laye
     given = fixed.given
     degrees = {name: int(given[name]) for name in ("tp", "cp", "pp", "dp") if name in given}
     product = math.prod(degrees.values())
+    named = "·".join(f"{name}={value}" for name, value in degrees.items())
     if gpus % product:
-        named = "·".join(f"{name}={value}" for name, value in degrees.items())
         raise ArchplanError(f"--layout: {named} = {product} ranks does not divide --gpus {gpus}")
+    if len(degrees) == 4 and product != gpus:
+        # all four given: nothing left for the search to fill, whatever mb or the batch
+        raise ArchplanError(f"--layout: tp·cp·pp·dp = {'·'.join(map(str, degrees.values()))} = {product} ranks, "
+                            f"but --gpus is {gpus}")
     # the given fields on an otherwise neutral layout: ep's divisibility by the stage's ranks, vpp's need of a
     # pipeline and sp's of a seq the tp group divides involve fields the search still chooses (sp
     # itself where not given: off where the seq does not split, `parallel.candidates`)
