@@ -80,7 +80,7 @@ def main() -> None:
     plan = MoEPlan(
         n_experts=e, top_k=k, expert=FFNPlan("glu", f, "silu", False), shared=None, shared_gate=False,
         scoring="softmax", normalize_top_k=True, router_bias=False, score_correction_bias=False,
-        routed_scale=1.0, aux_loss_coef=0.01,
+        bias_update_speed=0.0, routed_scale=1.0, aux_loss_coef=0.01,
     )
     moe = MoEFFN(plan, d).to(dtype)
     dense = GLU(FFNPlan("glu", k * f, "silu", False), d).to(dtype)

@@ -529,6 +529,7 @@ def test_ap010_counts_a_correction_bias_that_never_moves_as_no_balancing() -> No
     assert "AP010" in codes["0"] and "AP010" not in codes["0.001"]
     (finding,) = [f for f in lint_text(spec.replace("SPEED", "0"), "x.yaml") if f.code == "AP010"]
     assert "a score_correction_bias whose bias_update_speed is 0" in finding.message
+    assert finding.field == "moe.router.bias_update_speed" and "or moe.router.bias_update_speed: 0.001" in finding.fix
 
 
 # ---------------------------------------------------------------------------- presets, torch

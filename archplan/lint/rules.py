@@ -232,12 +232,15 @@ def check_top1_balancing(ctx: SpecContext) -> Iterator[Hit]:
         # a correction bias whose update speed is 0 never moves: no balancing either
         bias = ("a score_correction_bias whose bias_update_speed is 0" if router.score_correction_bias
                 else "no score_correction_bias")
+        speed = ("moe", "router", "bias_update_speed")
+        fixed = router.score_correction_bias and ctx.written(speed)
         yield Hit(
-            ("moe", "aux_loss_coef") if ctx.written(("moe", "aux_loss_coef")) else ("moe", "top_k"),
+            speed if fixed else ("moe", "aux_loss_coef") if ctx.written(("moe", "aux_loss_coef")) else ("moe", "top_k"),
             f"top-1 routing with no load balancing (aux_loss_coef 0, {bias}): "
             "the router collapses onto a few experts",
-            "set moe.aux_loss_coef: 0.01 (Switch Transformer) or moe.router.score_correction_bias: true "
-            "(DeepSeek-V3 auxiliary-loss-free balancing)",
+            "set moe.aux_loss_coef: 0.01 (Switch Transformer) or "
+            + ("moe.router.bias_update_speed: 0.001" if router.score_correction_bias else
+               "moe.router.score_correction_bias: true") + " (DeepSeek-V3 auxiliary-loss-free balancing)",
         )
 
 
