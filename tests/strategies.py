@@ -287,7 +287,10 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         raise KeyError(f"no strategy for unions {sorted(unknown)}")
     d_model = draw(st.sampled_from(D_MODELS))
     n_layers = draw(st.integers(1, 4))
-    shape = draw(st.sampled_from(("attention", "ssm", "hybrid", "conv", "conv hybrid")))
+    # DeepNet's β is defined for attention and FFN sublayers only: a forced deepnorm keeps to them
+    shapes = ("attention",) if only.get("residual") is DeepNorm else ("attention", "ssm", "hybrid", "conv",
+                                                                       "conv hybrid")
+    shape = draw(st.sampled_from(shapes))
     has_attention = "attention" in only or shape in ("attention", "hybrid", "conv hybrid")
     has_ssm = "ssm" in only or shape in ("ssm", "hybrid") or (shape == "conv hybrid" and draw(st.booleans()))
     has_conv = "long_conv" in only or shape in ("conv", "conv hybrid")

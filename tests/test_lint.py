@@ -404,11 +404,11 @@ def test_symlinked_folders_are_followed_once_and_globs_keep_to_yaml(tmp_path, mo
     good file too deep to open as a dangling one; `configs/*` linted the README and the
     spec.schema.json beside the specs as broken specs."""
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "shared/bad.yaml", (FIXTURES / "AP003_fail.yaml").read_text(encoding="utf-8"))
+    write(tmp_path, "common/bad.yaml", (FIXTURES / "AP003_fail.yaml").read_text(encoding="utf-8"))
     write(tmp_path, "configs/ok.yaml", CLEAN)
     write(tmp_path, "configs/README.md", "# specs\n")
     write(tmp_path, "configs/spec.schema.json", "{}\n")
-    Path("configs/team").symlink_to("../shared", target_is_directory=True)
+    Path("configs/team").symlink_to("../common", target_is_directory=True)
     Path("configs/up").symlink_to(".", target_is_directory=True)
     Path("configs/gone.yaml").symlink_to("missing.yaml")
     Path("configs/gone2.yaml").symlink_to("missing.yaml")
