@@ -150,7 +150,8 @@ def _flops_table(r: dict[str, Any]) -> _Section:
 def _kv_table(r: dict[str, Any]) -> _Section:
     kv = r["kv_cache"]
     table = _table(f"KV cache ({kv['dtype']})", kv["convention"], ("", "left"), ("bytes", "right"))
-    table.add_row("per token (one sequence)", units.nbytes(kv["bytes_per_token"]))
+    # "0 B" beside counts in B (billions) reads as a count, as compare's row says
+    table.add_row("per token (one sequence)", units.nbytes(kv["bytes_per_token"]) if kv["bytes_per_token"] else "none")
     if kv["naive_mla_bytes_per_token"] is not None:
         table.add_row("per token, MLA without absorption", units.nbytes(kv["naive_mla_bytes_per_token"]))
     if kv.get("conv_bytes_per_token"):
@@ -313,6 +314,16 @@ def print_size(r: dict[str, Any], console: Console | None = None) -> None:
 Figure = tuple[str, Callable[[dict[str, Any]], float | None], Callable[[float], str]]
 
 
+def _difference(value: float, base: float) -> str:
+    """A loss against the first column's: a difference in nats, which a ratio of two losses near 2
+    (1.00×) hides."""
+    return f"Δ {value - base:+.4f}"
+
+
+# figures compared by their difference to the first column, not their ratio
+_BY_DIFFERENCE = ("loss (",)
+
+
 def _law_value(key: str, field: str) -> Callable[[dict[str, Any]], float | None]:
     def get(r: dict[str, Any]) -> float | None:
         entry = r["chinchilla"]["laws"].get(key)
@@ -341,20 +352,21 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"],
          lambda x: units.nbytes(x) if x else "none"),
         # once for the batch, beside the per-sequence row above: one more token grows the cache by both
-        *([("  + Hyena filters/position (fp32)", lambda r: r["kv_cache"]["filter_bytes_per_position"],
+        *([("  + Hyena filters/position", lambda r: r["kv_cache"]["filter_bytes_per_position"],
             lambda x: units.nbytes(x) if x else "none")]
           if any(r["kv_cache"]["filter_bytes_per_position"] for r in reports) else []),
         ("KV cache at context", lambda r: r["kv_cache"]["bytes"], units.nbytes),
         *[(f"  of which {what}", lambda r, key=key: r["kv_cache"][key], lambda x: units.nbytes(x) if x else "none")
           # the parts not per token, so that per token × context need not match the row above
           # unexplained (hyena-153m: 30.4 KiB × 2,048 = 60.8 MiB of 182 MiB, the rest its filters)
-          for what, key in (("Hyena filters (fp32, once for the batch)", "filter_cache_bytes"),
-                            ("SSM / S4 / FIR + modal state (constant)", "ssm_state_bytes"))
+          # short labels: the figure column does not wrap, and 51 characters left an 80-column
+          # terminal 7 a value (the caption names what they hold)
+          for what, key in (("Hyena filters (fp32)", "filter_cache_bytes"), ("constant state", "ssm_state_bytes"))
           if any(r["kv_cache"][key] for r in reports)],
         ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"], units.nbytes),
         ("weights int4", lambda r: r["memory"]["weights_by_dtype"]["int4"], units.nbytes),
         ("inference bf16 + KV", lambda r: r["memory"]["inference_bytes_by_dtype"]["bf16"], units.nbytes),
-        ("train model states 16 B/p",
+        ("train model states",
          lambda r: r["memory"]["training"]["weights"] + r["memory"]["training"]["grads"]
          + r["memory"]["training"]["optimizer"], units.nbytes),
         (f"train activations ({t['recompute']})", lambda r: r["memory"]["training"]["activations"],
@@ -368,7 +380,7 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         # the D the budget and the losses below are priced at, where --tokens or a spec sets it
         label = f"tokens D ({sources.pop()})" if len(sources) == 1 else "tokens D (each spec's)"
         figures.append((label, lambda r: r["chinchilla"]["tokens"], units.count))
-    figures.append(("budget 6ND", lambda r: r["chinchilla"]["training_flops"], units.sci_column))
+    figures.append(("budget 6ND (FLOP)", lambda r: r["chinchilla"]["training_flops"], units.sci_column))
     for key in first["chinchilla"]["laws"]:
         figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}"))
         figures.append((f"N_opt ({key})", _law_value(key, "optimal_params"), units.count))
@@ -392,6 +404,14 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
                 f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. " + first["flops"]["convention"])
+    gpu = first["chinchilla"]["gpu"]
+    if gpu is not None:
+        settings += (f" GPU-hours: model FLOPs (training FLOPs/token × D, not 6ND) at the dense bf16 peak of the "
+                     f"{gpu['name']}, {units.flops(gpu['peak_flops_per_s'], 'FLOP/s')}, × MFU {units.percent(gpu['mfu'])}.")
+    if any(r["kv_cache"]["ssm_state_bytes"] for r in reports):
+        settings += " Constant state: SSM, S4/S4D, StripedHyena FIR + modal, per sequence."
+    settings += " Model states: 16 bytes/param (bf16 weights and gradients, fp32 Adam). Losses: their difference " \
+                "to the first column, not a ratio."
     past = [note for r in reports for note in (r["flops"]["past_max_seq_len"], r["flops"]["short_for_mtp"],
                                                r["kv_cache"]["past_max_seq_len"]) if note]
     settings = "\n".join([settings, *past])
@@ -409,6 +429,8 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
                 cells.append("—")
             elif i == 0 or not base or not value:  # a ratio of nothing says nothing: "none", not "none (0.00×)"
                 cells.append(fmt(value))
+            elif name.startswith(_BY_DIFFERENCE):
+                cells.append(f"{fmt(value)} ({_difference(value, base)})")
             else:
                 cells.append(f"{fmt(value)} ({units.ratio(value / base)})")
         table.add_row(name, *cells)

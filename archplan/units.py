@@ -109,9 +109,14 @@ def sci_column(x: float) -> str:
 
 
 def ratio(x: float) -> str:
-    """Two decimals (5.82×, 0.54×); below 0.1, two significant digits (0.0031×, not 0.00×)."""
+    """Two decimals (5.82×, 0.54×); below 0.1, two significant digits (0.0031×, not 0.00×); a ratio
+    that two decimals show as 1.00× but is not 1 gets the decimals that tell it apart (1.004×, up
+    to six: a loss 0.008 nat apart, or 4.01 GiB against 4.00, read as equal)."""
     if x == 0 or not math.isfinite(x) or abs(x) >= 0.1:
-        return f"{x:.2f}×"
+        shown = f"{x:.2f}"
+        if shown == "1.00" and x != 1:
+            shown = next((f"{x:.{d}f}" for d in range(3, 7) if f"{x:.{d}f}" != f"{1:.{d}f}"), shown)
+        return f"{shown}×"
     magnitude = math.floor(math.log10(abs(x)))
     if abs(round(x, 1 - magnitude)) >= 10.0 ** (magnitude + 1):
         magnitude += 1  # 0.0999 rounds up to the next decade: 0.10×, not 0.100×

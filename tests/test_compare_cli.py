@@ -79,7 +79,7 @@ def test_the_cache_parts_not_per_token_are_rows_of_their_own() -> None:
     result = runner.invoke(app, ["compare", "hyena-153m", "mamba-2.8b"], env={"COLUMNS": "200"})
     lines = result.stdout.splitlines()
     filters = next(ln for ln in lines if ln.startswith("  of which Hyena filters"))
-    state = next(ln for ln in lines if ln.startswith("  of which SSM"))
+    state = next(ln for ln in lines if ln.startswith("  of which constant state"))
     assert result.exit_code == 0 and "122 MiB" in filters and "12.5 MiB" in state
     plain = runner.invoke(app, ["compare", "llama-2-7b", "mistral-7b"], env={"COLUMNS": "200"}).stdout
     assert "of which" not in plain
@@ -96,7 +96,7 @@ def test_small_ratios_keep_their_digits_and_the_budget_row_reads_evenly() -> Non
     result = runner.invoke(app, ["compare", "mamba-2.8b", "llama-3-8b", "hyena-153m", "s4d-lm"],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    budget = next(ln for ln in result.stdout.splitlines() if ln.startswith("budget 6ND"))
+    budget = next(ln for ln in result.stdout.splitlines() if ln.startswith("budget 6ND (FLOP)"))
     assert re.findall(r"\d\.\d\de\+\d\d", budget) == ["9.20e+20", "7.74e+21", "2.83e+18", "1.45e+18"]
     assert "(0.0031×)" in budget and "0.00×" not in result.stdout
 
@@ -154,6 +154,24 @@ def test_the_tokens_the_budget_is_priced_at_are_shown() -> None:
                               for name in ("llama-3-8b", "llama-3-70b")]))
     assert rows["tokens D (--tokens)"] == [15e12, 15e12]
     assert rows["tokens 20/param"] == [20 * 8_030_261_248, 20 * 70_553_706_496]
-    assert rows["budget 6ND"] == [6 * 8_030_261_248 * 15e12, 6 * 70_553_706_496 * 15e12]
+    assert rows["budget 6ND (FLOP)"] == [6 * 8_030_261_248 * 15e12, 6 * 70_553_706_496 * 15e12]
     plain = dict(compare_rows([size_report(load_spec("gpt2"), SizeOptions())]))
     assert not any(name.startswith("tokens D") for name in plain)
+
+
+def test_near_equal_figures_are_told_apart_and_losses_compared_by_difference() -> None:
+    """"1.00×" stood beside 4.01 GiB against 4.00 GiB and beside losses 0.008 nat apart (a ratio of
+    two losses near 2 is always about 1): a ratio two decimals round to 1 gets more, a loss its
+    difference; and with an SSM model in the list the 51-character labels left an 80-column
+    terminal 7 columns a value, folding every cell."""
+    from archplan.units import ratio
+
+    assert [ratio(x) for x in (1.0, 1.0035, 0.9965, 0.99999, 5.82)] == ["1.00×", "1.004×", "0.997×", "0.99999×", "5.82×"]
+    out = runner.invoke(app, ["compare", "llama-3-8b", "qwen2.5-7b"], env={"COLUMNS": "200"}).stdout
+    loss = next(ln for ln in out.splitlines() if ln.startswith("loss (hoffmann2022)"))
+    assert "2.1711 (Δ +0.0076)" in loss and "×" not in loss
+    narrow = runner.invoke(app, ["compare", "llama-3-8b", "mixtral-8x7b", "mamba-2.8b"], env={"COLUMNS": "80"}).stdout
+    row = next(ln for ln in narrow.splitlines() if ln.startswith("params total"))
+    assert row.split("│")[-1].strip() == "2.77 B (0.34×)"  # whole on one line
+    size = runner.invoke(app, ["size", "mamba-2.8b"], env={"COLUMNS": "200"}).stdout
+    assert next(ln for ln in size.splitlines() if ln.startswith("per token (one sequence)")).split("│")[-1].strip() == "none"
