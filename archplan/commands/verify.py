@@ -407,12 +407,15 @@ def _render_cache(result: CrossCheck, console: Console, *, aggregate: bool) -> N
     runs = (_runs([[(row.analytic, row.built, row.ok) for row in rows] for rows in per_layer],
                   [all(row.ok for row in rows) for rows in per_layer])
             if aggregate else [(i, 1) for i in range(len(per_layer))])
-    where = "meta, 2 bytes/element" + ("" if real is None else f"; {real.device}, {real.dtype_bytes} bytes/element")
+    # the dtype is the cache's; S4/S4D and StripedHyena's modal states stay fp32 (complex64 for S4D)
+    # whatever it is, as `size`'s KV convention says
+    where = ("meta, a 2-byte cache" + ("" if real is None else f"; {real.device}, a {real.dtype_bytes}-byte cache")
+             + "; S4 and modal states fp32")
     table = Table(title=f"KV/SSM cache after a prefill of {result.seq_len} tokens ({where})",
                   caption="Folded rows (×n) show the per-layer figures." if len(runs) < len(per_layer) else None)
-    columns = ["component", "×", "analytic", "meta", ""]
+    columns = ["component", "×", "analytic bytes", "meta bytes", ""]
     if real is not None:
-        columns += ["analytic ", real.device, " "]
+        columns += ["analytic bytes ", f"{real.device} bytes", " "]
     for col in columns:
         table.add_column(col, justify="left" if col == "component" else "right")
     for first, count in runs:
