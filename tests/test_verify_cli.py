@@ -247,6 +247,19 @@ def test_checks_that_did_not_run_on_a_big_model_are_named(
     assert "layers.0-11.mixer" in out
 
 
+def test_the_fvcore_table_folds_identical_layers_as_the_others_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """gpt2 --cpu-check printed 61 fvcore rows, every layers.N row alike, where the component and
+    cache tables fold them (--all-layers keeps one row per layer everywhere)."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(TINY_YAML.replace("n_layers: 2", "n_layers: 10"))
+    code, out, _ = run(monkeypatch, capsys, str(deep), "--seq", "8", "--cpu-check")
+    fvcore = out[out.index("fvcore FlopCountAnalysis"):]
+    assert code == 0 and "layers.0-9.mixer" in fvcore and "layers.3.mixer" not in fvcore
+    code, out, _ = run(monkeypatch, capsys, str(deep), "--seq", "8", "--cpu-check", "--all-layers")
+    assert code == 0 and "layers.3.mixer" in out[out.index("fvcore FlopCountAnalysis"):]
+
 def test_all_figures_match_only_when_every_check_ran(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
 ) -> None:

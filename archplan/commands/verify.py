@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -375,7 +375,7 @@ def render(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
             f"{result.seq_len}): analytic {t.analytic:,}, counted {t.built:,} {_mark(t.ok)}"
         )
     _render_cache(result, console, aggregate=aggregate)
-    _render_real(result, console)
+    _render_real(result, console, aggregate=aggregate)
     _render_diff(result, console)
 
 
@@ -430,7 +430,36 @@ def _render_cache(result: CrossCheck, console: Console, *, aggregate: bool) -> N
     console.print(table)
 
 
-def _render_real(result: CrossCheck, console: Console) -> None:
+def _folded(rows: Sequence[Any], signature: Callable[[Any], object]) -> list[tuple[str, int, Any]]:
+    """(name, count, row) with runs of consecutive layers whose rows all pass and have equal
+    signatures folded into `layers.a-b.x` (count n), as the component table folds them."""
+    out: list[tuple[str, int, Any]] = []
+    blocks: list[tuple[int, list[Any]]] = []
+
+    def flush() -> None:
+        runs = _runs([tuple((_suffix(r.component), signature(r)) for r in block) for _, block in blocks],
+                     [all(r.ok for r in block) for _, block in blocks])
+        for first, count in runs:
+            start, block = blocks[first]
+            for row in block:
+                name = row.component if count == 1 else f"layers.{start}-{start + count - 1}.{_suffix(row.component)}"
+                out.append((name, count, row))
+        blocks.clear()
+
+    for row in rows:
+        layer = _layer_of(row.component)
+        if layer is None:
+            flush()
+            out.append((row.component, 1, row))
+        elif blocks and blocks[-1][0] == layer:
+            blocks[-1][1].append(row)
+        else:
+            blocks.append((layer, [row]))
+    flush()
+    return out
+
+
+def _render_real(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
     real = result.real
     if real is None:
         console.print(f"real-instance checks (fvcore, the cache prefilled with real values): not run "
@@ -445,11 +474,15 @@ def _render_real(result: CrossCheck, console: Console) -> None:
         caption="known: ops fvcore skips, priced by the counter's own formula from their traced "
                 "shapes; the row matches when analytic = fvcore × 2 + known.",
     )
-    for col in ("component", "analytic counted", "fvcore × 2", "known (skipped by fvcore)", ""):
+    rows = (_folded(fv.rows, lambda r: (r.analytic, r.fvcore, tuple(r.known.items()))) if aggregate
+            else [(r.component, 1, r) for r in fv.rows])
+    for col in ("component", "×", "analytic counted", "fvcore × 2", "known (skipped by fvcore)", ""):
         table.add_column(col, justify="left" if col in ("component", "known (skipped by fvcore)") else "right")
-    for r in fv.rows:
+    for name, count, r in rows:
         known = ", ".join(f"{op} {n:,}" for op, n in r.known.items())
-        table.add_row(r.component, f"{r.analytic:,}", f"{r.fvcore:,}", known, _mark(r.ok))
+        table.add_row(name, str(count) if count > 1 else "", f"{r.analytic:,}", f"{r.fvcore:,}", known, _mark(r.ok))
+    if len(rows) < len(fv.rows):
+        table.caption += " Folded rows (×n) show the per-layer figures."
     console.print(table)
 
 
