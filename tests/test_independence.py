@@ -143,6 +143,13 @@ def test_the_arithmetic_both_sides_read_from_resolve_is_pinned_to_published_shap
         "layout": {"mixers": "M"}})
     mamba2 = resolve(mamba2_27b).layers[0].mixer
     assert isinstance(mamba2, Mamba2Plan) and mamba2.conv_dim == 5376
+    # Mamba-1's dt_rank "auto" is ceil(d_model / 16) (state-spaces/mamba `mamba_simple.py`,
+    # `math.ceil(self.d_model / 16)`; transformers' MambaConfig time_step_rank the same): every
+    # preset's d_model is a multiple of 16, where floor would agree, so d_model 24 pins it (2, not 1)
+    mamba1 = Spec.model_validate({
+        "name": "mamba-24", "vocab_size": 64, "d_model": 24, "n_layers": 1, "ffn": None,
+        "ssm": {"kind": "mamba1"}, "layout": {"mixers": "M"}})
+    assert resolve(mamba1).layers[0].mixer.dt_rank == 2
     # S4D keeps N/2 complex modes per channel, the conjugate halves implied (Gu et al. 2022 S4D
     # §3, the reference S4DKernel's A_imag of shape (H, N // 2)): d_state 64 → 32
     s4 = next(layer.mixer for layer in resolve(load_spec("s4d-lm")).layers if isinstance(layer.mixer, S4Plan))
