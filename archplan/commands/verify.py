@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
 
 import typer
 from rich.console import Console
@@ -237,31 +237,16 @@ def _lines(result: CrossCheck, aggregate: bool) -> list[_Line]:
     return _fold_layers(lines)
 
 
-def _signature(block: Sequence[_Line]) -> tuple:
-    return tuple(
-        (_suffix(line.component), line.kind,
-         None if line.params is None else (line.params.analytic, line.params.built),
-         None if line.flops is None else (line.flops.analytic, line.flops.built, line.flops.elementwise))
-        for line in block
-    )
+def _line_figures(line: _Line) -> tuple:
+    return (line.kind,
+            None if line.params is None else (line.params.analytic, line.params.built),
+            None if line.flops is None else (line.flops.analytic, line.flops.built, line.flops.elementwise))
 
 
 def _fold_layers(lines: list[_Line]) -> list[_Line]:
     """Fold runs of consecutive layers with identical, passing rows into `layers.a-b.x ×n`."""
-    out: list[_Line] = []
-    blocks: list[tuple[int, list[_Line]]] = []
-    for line in lines:
-        layer = _layer_of(line.component)
-        if layer is None:
-            out.extend(_flush(blocks))
-            blocks = []
-            out.append(line)
-        elif blocks and blocks[-1][0] == layer:
-            blocks[-1][1].append(line)
-        else:
-            blocks.append((layer, [line]))
-    out.extend(_flush(blocks))
-    return out
+    return [line if count == 1 else replace(line, component=name, repeat=count)
+            for name, count, line in _folded(lines, _line_figures, _line_ok)]
 
 
 def _runs(signatures: Sequence[object], passing: Sequence[bool]) -> list[tuple[int, int]]:
@@ -278,21 +263,43 @@ def _runs(signatures: Sequence[object], passing: Sequence[bool]) -> list[tuple[i
     return runs
 
 
-def _flush(blocks: list[tuple[int, list[_Line]]]) -> list[_Line]:
-    out: list[_Line] = []
-    runs = _runs([_signature(block) for _, block in blocks],
-                 [all(_line_ok(line) for line in block) for _, block in blocks])
-    for first, count in runs:
-        start, block = blocks[first]
-        if count == 1:
-            out.extend(block)
-        else:
+class _Named(Protocol):
+    @property
+    def component(self) -> str: ...
+
+
+_Row = TypeVar("_Row", bound=_Named)
+
+
+def _folded(rows: Sequence[_Row], figures: Callable[[_Row], object],
+            ok: Callable[[_Row], bool]) -> list[tuple[str, int, _Row]]:
+    """(name, count, row) for each row shown: runs of consecutive layers whose rows all pass and
+    have equal figures fold into `layers.a-b.x` (count n); rows outside the layers stay as they are.
+    The component and fvcore tables fold through it; the cache table, one row per layer, through
+    `_runs` itself."""
+    out: list[tuple[str, int, _Row]] = []
+    blocks: list[tuple[int, list[_Row]]] = []
+
+    def flush() -> None:
+        runs = _runs([tuple((_suffix(r.component), figures(r)) for r in block) for _, block in blocks],
+                     [all(ok(r) for r in block) for _, block in blocks])
+        for first, count in runs:
+            start, block = blocks[first]
             end = blocks[first + count - 1][0]
-            out.extend(
-                _Line(f"layers.{start}-{end}.{_suffix(line.component)}", line.kind, line.params,
-                      line.flops, repeat=count)
-                for line in block
-            )
+            out.extend((r.component if count == 1 else f"layers.{start}-{end}.{_suffix(r.component)}", count, r)
+                       for r in block)
+        blocks.clear()
+
+    for row in rows:
+        layer = _layer_of(row.component)
+        if layer is None:
+            flush()
+            out.append((row.component, 1, row))
+        elif blocks and blocks[-1][0] == layer:
+            blocks[-1][1].append(row)
+        else:
+            blocks.append((layer, [row]))
+    flush()
     return out
 
 
@@ -430,35 +437,6 @@ def _render_cache(result: CrossCheck, console: Console, *, aggregate: bool) -> N
     console.print(table)
 
 
-def _folded(rows: Sequence[Any], signature: Callable[[Any], object]) -> list[tuple[str, int, Any]]:
-    """(name, count, row) with runs of consecutive layers whose rows all pass and have equal
-    signatures folded into `layers.a-b.x` (count n), as the component table folds them."""
-    out: list[tuple[str, int, Any]] = []
-    blocks: list[tuple[int, list[Any]]] = []
-
-    def flush() -> None:
-        runs = _runs([tuple((_suffix(r.component), signature(r)) for r in block) for _, block in blocks],
-                     [all(r.ok for r in block) for _, block in blocks])
-        for first, count in runs:
-            start, block = blocks[first]
-            for row in block:
-                name = row.component if count == 1 else f"layers.{start}-{start + count - 1}.{_suffix(row.component)}"
-                out.append((name, count, row))
-        blocks.clear()
-
-    for row in rows:
-        layer = _layer_of(row.component)
-        if layer is None:
-            flush()
-            out.append((row.component, 1, row))
-        elif blocks and blocks[-1][0] == layer:
-            blocks[-1][1].append(row)
-        else:
-            blocks.append((layer, [row]))
-    flush()
-    return out
-
-
 def _render_real(result: CrossCheck, console: Console, *, aggregate: bool) -> None:
     real = result.real
     if real is None:
@@ -474,8 +452,8 @@ def _render_real(result: CrossCheck, console: Console, *, aggregate: bool) -> No
         caption="known: ops fvcore skips, priced by the counter's own formula from their traced "
                 "shapes; the row matches when analytic = fvcore × 2 + known.",
     )
-    rows = (_folded(fv.rows, lambda r: (r.analytic, r.fvcore, tuple(r.known.items()))) if aggregate
-            else [(r.component, 1, r) for r in fv.rows])
+    rows = (_folded(fv.rows, lambda r: (r.analytic, r.fvcore, tuple(r.known.items())), lambda r: r.ok)
+            if aggregate else [(r.component, 1, r) for r in fv.rows])
     for col in ("component", "×", "analytic counted", "fvcore × 2", "known (skipped by fvcore)", ""):
         table.add_column(col, justify="left" if col in ("component", "known (skipped by fvcore)") else "right")
     for name, count, r in rows:
