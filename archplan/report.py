@@ -376,11 +376,11 @@ def _chinchilla_section(spec: Spec, params: ParamCount, opts: SizeOptions,
             "key": acc.key, "name": acc.name, "dtype": "bf16", "peak_flops_per_s": peak, "mfu": opts.mfu,
             "training_flops": model_flops,
             "gpu_hours": gpu_hours(model_flops, peak, opts.mfu),
-            "gpu_hours_6nd": gpu_hours(6 * params.total * tokens, peak, opts.mfu),
+            "gpu_hours_6nd": gpu_hours(training_flops(params.total, tokens), peak, opts.mfu),
             # an MoE's token passes through its active parameters only: C ≈ 6·N·D with N the parameters
             # a token uses (Kaplan et al. 2020 §2.1) is 6·N_active·D there, 17.9× below 6·N_total·D
             # for DeepSeek-V3 (37.6 B of 671 B)
-            "gpu_hours_6nd_active": gpu_hours(6 * params.active * tokens, peak, opts.mfu),
+            "gpu_hours_6nd_active": gpu_hours(training_flops(params.active, tokens), peak, opts.mfu),
             "convention": f"gpu_hours: model FLOPs (training FLOPs per token at --seq, {opts.attention} "
                           "attention, no recompute) x tokens; gpu_hours_6nd: 6·N_total·D"
                           + ("; gpu_hours_6nd_active: 6·N_active·D, what each token's pass runs through the "

@@ -103,7 +103,8 @@ def approach1(compute: float) -> tuple[float, float]:
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
-    """The scaling-law budget C = 6ND (Hoffmann eq. 4); N counts every parameter."""
+    """The scaling-law budget C = 6ND (Hoffmann eq. 4) of N parameters over D tokens; which N the laws
+    read (every parameter, or the active ones beside routed experts): `planning.optimal.law_params`."""
     return FLOPS_PER_PARAM_TOKEN * n_params * n_tokens
 
 
