@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console, Group
 from rich.markup import escape
@@ -147,11 +147,16 @@ def _flops_table(r: dict[str, Any]) -> _Section:
     return table
 
 
+def _bytes_or_none(n: float) -> str:
+    """Bytes, or "none": "0 B" beside counts in B (billions) reads as a count (a model with no
+    per-token cache, a part a model does not have)."""
+    return units.nbytes(n) if n else "none"
+
+
 def _kv_table(r: dict[str, Any]) -> _Section:
     kv = r["kv_cache"]
     table = _table(f"KV cache ({kv['dtype']})", kv["convention"], ("", "left"), ("bytes", "right"))
-    # "0 B" beside counts in B (billions) reads as a count, as compare's row says
-    table.add_row("per token (one sequence)", units.nbytes(kv["bytes_per_token"]) if kv["bytes_per_token"] else "none")
+    table.add_row("per token (one sequence)", _bytes_or_none(kv["bytes_per_token"]))
     if kv["naive_mla_bytes_per_token"] is not None:
         table.add_row("per token, MLA without absorption", units.nbytes(kv["naive_mla_bytes_per_token"]))
     if kv.get("conv_bytes_per_token"):
@@ -311,7 +316,8 @@ def print_size(r: dict[str, Any], console: Console | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------- compare
-Figure = tuple[str, Callable[[dict[str, Any]], float | None], Callable[[float], str]]
+def _ratio(value: float, base: float) -> str:
+    return units.ratio(value / base)
 
 
 def _difference(value: float, base: float) -> str:
@@ -320,8 +326,14 @@ def _difference(value: float, base: float) -> str:
     return f"Δ {value - base:+.4f}"
 
 
-# figures compared by their difference to the first column, not their ratio
-_BY_DIFFERENCE = ("loss (",)
+class Figure(NamedTuple):
+    """One row of `compare`: its label, its value in a report, how the value prints, and how it
+    stands against the first column's (a ratio, or a loss's difference)."""
+
+    name: str
+    get: Callable[[dict[str, Any]], float | None]
+    fmt: Callable[[float], str]
+    versus: Callable[[float, float], str] = _ratio
 
 
 def _law_value(key: str, field: str) -> Callable[[dict[str, Any]], float | None]:
@@ -335,7 +347,7 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
     first = reports[0]
     f, kv, t = first["flops"], first["kv_cache"], first["memory"]["training"]
     other = "training_per_token_causal" if f["attention"] == "full" else "training_per_token_full"
-    figures: list[Figure] = [
+    figures: list[tuple[Any, ...]] = [
         ("train seq", lambda r: r["flops"]["seq_len"], lambda x: f"{x:,.0f}"),
         ("KV context", lambda r: r["kv_cache"]["context"], lambda x: f"{x:,.0f}"),
         ("params total", lambda r: r["params"]["total"], units.count),
@@ -348,15 +360,12 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
          lambda r: r["flops"][other],
          units.flops),
         ("decode/token at context", lambda r: r["flops"]["decode_per_token"], units.flops),
-        # "0 B" beside counts in B (billions) read as a count: a model with no per-token cache has none
-        (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"],
-         lambda x: units.nbytes(x) if x else "none"),
+        (f"KV cache/token ({kv['dtype']})", lambda r: r["kv_cache"]["bytes_per_token"], _bytes_or_none),
         # once for the batch, beside the per-sequence row above: one more token grows the cache by both
-        *([("  + Hyena filters/position", lambda r: r["kv_cache"]["filter_bytes_per_position"],
-            lambda x: units.nbytes(x) if x else "none")]
+        *([("  + Hyena filters/position", lambda r: r["kv_cache"]["filter_bytes_per_position"], _bytes_or_none)]
           if any(r["kv_cache"]["filter_bytes_per_position"] for r in reports) else []),
         ("KV cache at context", lambda r: r["kv_cache"]["bytes"], units.nbytes),
-        *[(f"  of which {what}", lambda r, key=key: r["kv_cache"][key], lambda x: units.nbytes(x) if x else "none")
+        *[(f"  of which {what}", lambda r, key=key: r["kv_cache"][key], _bytes_or_none)
           # the parts not per token, so that per token × context need not match the row above
           # unexplained (hyena-153m: 30.4 KiB × 2,048 = 60.8 MiB of 182 MiB, the rest its filters)
           # short labels: the figure column does not wrap, and 51 characters left an 80-column
@@ -382,11 +391,11 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         figures.append((label, lambda r: r["chinchilla"]["tokens"], units.count))
     figures.append(("budget 6ND (FLOP)", lambda r: r["chinchilla"]["training_flops"], units.sci_column))
     for key in first["chinchilla"]["laws"]:
-        figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}"))
+        figures.append((f"loss ({key})", _law_value(key, "loss"), lambda x: f"{x:.4f}", _difference))
         figures.append((f"N_opt ({key})", _law_value(key, "optimal_params"), units.count))
     if first["chinchilla"]["gpu"] is not None:
         figures.append(("GPU-hours", lambda r: r["chinchilla"]["gpu"]["gpu_hours"], units.amount))
-    return figures
+    return [Figure(*figure) for figure in figures]
 
 
 def training_dtypes(training: dict[str, Any]) -> str:
@@ -420,7 +429,7 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     table.columns[0].no_wrap = True
     for column in table.columns[1:]:
         column.overflow = "fold"  # a narrow terminal wraps a figure's digits rather than cut them
-    for name, get, fmt in compare_figures(reports):
+    for name, get, fmt, versus in compare_figures(reports):
         base = get(first)
         cells = []
         for i, r in enumerate(reports):
@@ -429,10 +438,8 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
                 cells.append("—")
             elif i == 0 or not base or not value:  # a ratio of nothing says nothing: "none", not "none (0.00×)"
                 cells.append(fmt(value))
-            elif name.startswith(_BY_DIFFERENCE):
-                cells.append(f"{fmt(value)} ({_difference(value, base)})")
             else:
-                cells.append(f"{fmt(value)} ({units.ratio(value / base)})")
+                cells.append(f"{fmt(value)} ({versus(value, base)})")
         table.add_row(name, *cells)
     return table
 
