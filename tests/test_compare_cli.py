@@ -20,7 +20,7 @@ runner = CliRunner()
 
 def compare_rows(reports: list[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
     """Each figure of `compare`'s table with its value in each report, unformatted."""
-    return [(name, [get(r) for r in reports]) for name, get, _ in compare_figures(reports)]
+    return [(figure.name, [figure.get(r) for r in reports]) for figure in compare_figures(reports)]
 
 
 def compare_json(*argv: str) -> list[dict[str, Any]]:
