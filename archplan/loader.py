@@ -413,7 +413,7 @@ def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
     wrote. Say what the block takes instead, and how to write a bare kind (`position: rope`)."""
     models = _models_at(loaded, path)
     kinds = [k for k in map(_kind_of, models) if isinstance(k, str)] if len(models) > 1 else []
-    got = "a list" if isinstance(value, list) else _clipped(repr(value), 80)
+    got = _as_yaml(value)
     name = path[-1]
     if isinstance(value, str) and value in kinds:
         return f"expected a mapping, got {got}; write {name}: {{kind: {value}}}"
@@ -424,7 +424,7 @@ def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
     return f"expected a mapping (key: value pairs), got {got}"
 
 
-def _as_yaml(value: Any) -> str:
+def _as_yaml(value: Any, most: int = 80) -> str:
     """A value as YAML wrote it, not as Python prints it: `null`, not None; a date YAML read from
     2024-01-01, not datetime.date(2024, 1, 1)."""
     if value is None:
@@ -439,7 +439,7 @@ def _as_yaml(value: Any) -> str:
         return "binary data (!!binary)"
     if isinstance(value, str) and not value:
         return "an empty string"
-    return _clipped(repr(value), 80)
+    return _clipped(repr(value), most)
 
 
 def _clipped(text: str, most: int) -> str:
@@ -459,7 +459,7 @@ def _not_a_boolean(value: Any) -> str:
     """The spec's booleans are strict (spec.py): YAML's true/false, unquoted."""
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
         return f"expected true or false, got the string {value!r}; write true or false without quotes"
-    return f"expected true or false, got {_clipped(repr(value), 40)}"
+    return f"expected true or false, got {_as_yaml(value, 40)}"
 
 
 _SI_AMOUNT = re.compile(rf"^\s*([0-9]*\.?[0-9]+)\s*([{''.join(SI_EXPONENTS)}])\s*$", re.IGNORECASE)

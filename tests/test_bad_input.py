@@ -278,6 +278,9 @@ def test_a_number_field_is_finite(cli, tmp_path: Path, value: str) -> None:  # t
     ("name: tiny", "name: 2024-01-01", "name: expected a string, got the date 2024-01-01 (YAML reads an unquoted "
                                        "date as one); quote it"),
     ("n_layers: 2", 'n_layers: 2\nlayout: {mixers: ""}', "layout.mixers: expected a pattern of the letters A"),
+    ("n_layers: 2", "n_layers: 2\nnorm: null", "norm: expected a mapping with the fields kind, bias, eps, affine; "
+                                               "got null"),
+    ("n_layers: 2", "n_layers: 2\nfinal_norm: null", "final_norm: expected true or false, got null"),
 ])
 def test_a_value_of_another_yaml_type_is_named_as_yaml_writes_it(cli, tmp_path: Path, old: str, new: str,  # type: ignore[no-untyped-def]
                                                                 said: str) -> None:
