@@ -602,12 +602,18 @@ class Spec(Frozen):
         return self.residual.beta or (8 * self.n_layers) ** -0.25
 
 
+def takes_deepnorm(mixers: str) -> bool:
+    """Whether a layout's mixers all have DeepNet's β (Wang et al. 2022, Algorithm 1: attention's
+    value and output projections; none is defined for an SSM or a long convolution)."""
+    return not set(mixers) & {"M", "H"}
+
+
 def _check_layout(spec: Spec) -> None:
     layout = spec.layout
     letters = set(layout.mixers)
     if letters & {"A", "S"} and spec.attention is None:
         raise ValueError("layout.mixers: uses attention (A/S) but `attention` is not set")
-    if isinstance(spec.residual, DeepNorm) and letters & {"M", "H"}:
+    if isinstance(spec.residual, DeepNorm) and not takes_deepnorm(layout.mixers):
         raise ValueError("residual: deepnorm's β initialisation (Wang et al. 2022, DeepNet Algorithm 1) scales "
                          "attention's value and output projections and the FFN; DeepNet defines none for the "
                          "SSM or long-convolution mixers (M/H) of this layout; use pre, post or sandwich")

@@ -22,7 +22,7 @@ from typing import Literal, Union
 
 from archplan.loader import LoadedYaml
 from archplan.resolve import ModelPlan, resolve
-from archplan.spec import GQA, MHA, MLA, MQA, PostNorm, Rope, Spec
+from archplan.spec import GQA, MHA, MLA, MQA, PostNorm, Rope, Spec, takes_deepnorm
 from archplan.units import amount, count, nbytes
 
 Severity = Literal["error", "warning", "info"]
@@ -385,9 +385,8 @@ def _cache_remedies(spec: Spec, conv_bytes_per_token: int) -> str:
 def check_post_norm_depth(ctx: SpecContext) -> Iterator[Hit]:
     spec = ctx.spec
     if isinstance(spec.residual, PostNorm) and spec.n_layers > POST_NORM_MAX_LAYERS:
-        # DeepNet's β is defined for attention and FFN sublayers only: the spec refuses it beside SSM
-        # and long-convolution mixers, so only pre-norm is offered there
-        deepnorm = not set(spec.layout.mixers) & {"M", "H"}
+        # the spec refuses deepnorm beside SSM and long-convolution mixers: only pre-norm is offered there
+        deepnorm = takes_deepnorm(spec.layout.mixers)
         yield Hit(
             ("residual",),
             f"post-norm residual with {spec.n_layers} layers: Post-LN stacks this deep diverge "
