@@ -39,6 +39,11 @@ def _wide_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else _wide(t)
 
 
+def _fp32_or_none(t: Tensor | None) -> Tensor | None:
+    """A weight or bias for a plain op over the input's fp32 copy (the traced and fused paths)."""
+    return None if t is None else t.float()
+
+
 def for_unit(t: Tensor | None) -> Tensor | None:
     """A module's weight or bias as it hands it to a unit: a 16-bit one as stored (FSDP2's bf16
     gather), which the unit casts to fp32 in its forward and again in its backward; a wider one in
@@ -67,7 +72,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     the fp32 copy the norm computes from: twice its bytes. Under a jit trace (fvcore) the plain op
     runs: a trace sees an autograd Function as one opaque op."""
     if torch.jit.is_tracing() or (x.is_cuda and x.dtype == torch.float32):
-        return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), _fp32_or_none(weight), eps)
     return _RMSNormKeepingInput.apply(x, weight, eps)
 
 
@@ -209,9 +214,8 @@ class LayerNorm(nn.Module):
         if torch.jit.is_tracing() or _wide(x) is x:
             # fvcore's trace, or an input the norm computes in as it is: plain autograd keeps x,
             # mean and rstd, as the unit does
-            weight = None if self.weight is None else self.weight.float()
-            bias = None if self.bias is None else self.bias.float()
-            return F.layer_norm(x.float(), self.shape, weight, bias, self.eps).type_as(x)
+            return F.layer_norm(x.float(), self.shape, _fp32_or_none(self.weight), _fp32_or_none(self.bias),
+                                self.eps).type_as(x)
         return _LayerNormKeepingInput.apply(x, for_unit(self.weight), for_unit(self.bias), self.eps).type_as(x)
 
 
