@@ -193,6 +193,10 @@ ssm: {kind: mamba1}
 layout: {mixers: M}
 """
 
+# BASE with an MoE layer whose router takes the fields put in place of ROUTER
+MOE_ROUTER = BASE.replace("ffn: {kind: glu, d_ff: 128}",
+                          "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 64}, router: {ROUTER}}")
+
 
 @pytest.mark.parametrize(("text", "needles"), [
     # fields that change nothing were accepted: each is refused where it stands
@@ -204,11 +208,9 @@ layout: {mixers: M}
      ("position.scaling", "high_freq_factor: llama3 field; yarn scaling does not read it")),
     (MAMBA + "position: {kind: rope}\n", ("position: rope acts inside attention, and this model has none",)),
     (MAMBA + "position: {kind: alibi}\n", ("position: alibi acts inside attention",)),
-    (BASE.replace("ffn: {kind: glu, d_ff: 128}", "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 64}, "
-                  "router: {group_score: max}}"),
+    (MOE_ROUTER.replace("ROUTER", "group_score: max"),
      ("moe.router", "group_score scores the groups of group-limited routing")),
-    (BASE.replace("ffn: {kind: glu, d_ff: 128}", "moe: {n_experts: 4, top_k: 2, expert: {kind: glu, d_ff: 64}, "
-                  "router: {bias_update_speed: 0.01}}"),
+    (MOE_ROUTER.replace("ROUTER", "bias_update_speed: 0.01"),
      ("moe.router", "bias_update_speed moves the score-correction bias; set score_correction_bias: true")),
 ])
 def test_a_field_that_changes_nothing_is_refused(cli, tmp_path: Path, text: str,  # type: ignore[no-untyped-def]
