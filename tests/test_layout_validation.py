@@ -299,14 +299,15 @@ def test_current_scaling_is_stated_where_the_recipes_run_it(rows: list[tuple[dic
     """The rows priced under per-tensor current scaling are the Megatron-Bridge rows in per-tensor fp8
     (those that keep their weights in fp8, `fp8_params`) but 25.09's, which ran delayed scaling: the
     performance scripts of 26.02 on map "fp8_cs" to `bf16_with_fp8_current_scaling_mixed` and the
-    archive labels 25.11's rows FP8-CS (docs/validation.md, "Transformer Engine's current scaling").
+    archive labels 25.11's per-tensor rows FP8-CS (docs/validation.md, "Transformer Engine's current
+    scaling"); its B200 Qwen3 rows it labels FP8-MX, and they are MXFP8 rows (below).
     Priced, the Hopper Llama 3.1 405B rows move 5.8-6.2 points slower (to −0.7% … +8.6%), the Llama 3
     70B rows 4.3-4.4 (to −9.7% … −7.3%), the Qwen3-30B-A3B rows on 16 H100 5.4-9.7; no row crosses
     ±20% either way. Since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06) the 405B rows read −4.3% … +5.1% and the 70B rows
     −12.7% … −10.4%."""
     stated = {run["name"]: row for run, row in rows if run.get("fp8_scaling") == "current"}
     expected = {run["name"] for run, _ in rows if run.get("fp8_params") and " 25.09 " not in run["name"]}
-    assert set(stated) == expected and len(stated) == 35
+    assert set(stated) == expected and len(stated) == 33
     assert all(run.get("fp8_scaling", "delayed") == "delayed" for run, _ in rows if " 25.09 " in run["name"])
     llama = [row for name, row in stated.items() if "Llama" in name and "H100" in name]
     assert len(llama) == 10 and all(-0.13 < row.error < 0.06 for row in llama)
@@ -314,7 +315,8 @@ def test_current_scaling_is_stated_where_the_recipes_run_it(rows: list[tuple[dic
 
 def test_mxfp8_and_cudnn_norm_are_stated_where_the_recipes_run_them(rows: list[tuple[dict[str, Any], Any]]) -> None:
     """Every Blackwell fp8 row that does not keep per-tensor fp8 weights ran MXFP8 (the archive labels
-    them so from 26.02 on): 85 rows state `fp8_scaling: mxfp8`. cuDNN's norm
+    them so from 26.02 on, and 25.11's B200 Qwen3 rows FP8-MX: docs/validation.md, "25.11's B200 Qwen3
+    rows ran MXFP8"): 88 rows state `fp8_scaling: mxfp8`. cuDNN's norm
     (NVTE_NORM_FWD_USE_CUDNN=1) is stated where Megatron-Bridge's scripts keep it for the row's
     recipe (`perf_plugins.py`, v0.2.0 … v0.5.1; v0.6.0's DeepSeek-V3 perf recipes): DeepSeek-V3's
     MXFP8 rows on GB200 and GB300, the Llama 3.1 405B FP8-CS rows there, and 25.11's Llama 3 8B FP8-CS
@@ -325,7 +327,7 @@ def test_mxfp8_and_cudnn_norm_are_stated_where_the_recipes_run_them(rows: list[t
     mxfp8 = {run["name"] for run, _ in rows if run.get("fp8_scaling") == "mxfp8"}
     expected = {run["name"] for run, _ in rows if run.get("precision") == "fp8" and run["gpu"] in blackwell
                 and not run.get("fp8_params")}
-    assert mxfp8 == expected and len(mxfp8) == 86
+    assert mxfp8 == expected and len(mxfp8) == 88
     cudnn = {run["name"] for run, _ in rows if run.get("cudnn_norm")}
     expected = ({run["name"] for run, _ in rows if run["name"] in mxfp8 and "DeepSeek-V3" in run["name"]
                  and run["gpu"] in ("gb200", "gb300")}
