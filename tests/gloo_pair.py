@@ -54,6 +54,10 @@ TP2 = "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=2"
 MAMBA2_ONE_GROUP = {"kind": "mamba2", "d_state": 16, "d_conv": 4, "expand": 2, "head_dim": 32, "n_groups": 1,
                     "chunk_size": 8}
 
+TINY_MOE_PER_SEQUENCE = {"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "activation": "silu", "d_ff": 64},
+                         "router": {"scoring": "softmax", "normalize_top_k": True}, "aux_loss_coef": 0.02,
+                         "aux_loss_scope": "sequence"}
+
 # Every gloo equivalence case: (check in archplan.distributed.parity, fixture, top-level fields
 # replaced, layout). All of them run in ONE pair of processes: a pair per case paid two torch
 # imports and a process group each, which on a loaded 2-core machine cost minutes.
@@ -132,6 +136,10 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     "mtp-pp2": ("pipeline_parity", "tiny-mtp.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=selective,mb=1"),
     "mtp-dp2-full-recompute": ("pipeline_parity", "tiny-mtp.yaml", {},
                                "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
+    # two micro-batches a rank, each rank its own data: the step's gradient is the whole batch's,
+    # the load-balancing loss (per sequence) counting 1/m a micro-batch as the cross-entropy does
+    "ep2-two-microbatches": ("accumulation_parity", "tiny-moe.yaml", {"moe": TINY_MOE_PER_SEQUENCE},
+                             "tp=1,cp=1,pp=1,dp=2,ep=2,zero=2,recompute=none,mb=1"),
 }
 
 # CI budget: the default run keeps one case per sharded code path (S4D's exchange beside Hyena's,

@@ -59,6 +59,15 @@ def test_two_gloo_pipeline_stages_equal_one(gloo_results: Path, case: str) -> No
         assert json.loads((gloo_results / f"{case}-{rank}.json").read_text())["weights"] < TOLERANCE
 
 
+@pytest.mark.xdist_group("gloo")
+@pytest.mark.parametrize("case", _gloo_cases("accumulation_parity"))
+def test_two_gloo_processes_accumulate_micro_batches_as_one_batch(gloo_results: Path, case: str) -> None:
+    """A step of two micro-batches a rank applies the one-process gradient of the whole batch, the
+    MoE load-balancing loss's share included (`parity.accumulation_parity`)."""
+    for rank in range(2):
+        assert json.loads((gloo_results / f"{case}-{rank}.json").read_text())["grads"] < TOLERANCE
+
+
 @pytest.fixture()
 def fake_world():
     yield

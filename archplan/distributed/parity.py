@@ -91,18 +91,8 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
             first_loss = runner.loss(logits, labels)
         logit_diff = (full_logits(logits.detach()) - ref_logits.detach()).abs().max().item()
         first_loss.backward()
-    grad_diff = 0.0
-    views = _tp_views(stage)
-    for name, p in stage.named_parameters():
-        name = name.replace("_checkpoint_wrapped_module.", "")
-        grad = _full(p.grad)
-        if ".experts.local." in name:
-            full_name = name.replace(".experts.local.", ".experts.")
-            e_local = grad.shape[0]
-            expected = ref_grads[full_name].narrow(0, ep_rank * e_local, e_local)
-        else:
-            expected = views.get(name, lambda t: t)(ref_grads[name])
-        grad_diff = max(grad_diff, (grad - expected).abs().max().item())
+    grad_diff = _grad_diff({name: _full(p.grad) for name, p in stage.named_parameters()}, ref_grads,
+                           _tp_views(stage), ep_rank)
     # the compared forward and backward are the first of the `steps` training steps
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -111,6 +101,55 @@ def parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, steps: int = 3) ->
     losses = [float(first_loss.detach()), *(float(x) for x in runner.losses)]
     dist.barrier()
     return {"logits": logit_diff, "grads": grad_diff, "losses": losses}  # type: ignore[dict-item]
+
+
+def accumulation_parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, microbatches: int = 2) -> dict[str, float]:
+    """Max abs difference between the gradient one training step applies on this rank, each data-
+    parallel rank running its own `microbatches` micro-batches, and the one-process gradient of the
+    whole batch. The step's optimizer is SGD at lr 1, so the weights move by exactly that gradient.
+
+    The loss of the whole batch is the mean of the micro-batches' where every term is a mean over
+    equal parts: the cross-entropy over tokens, and a load-balancing loss scoped per sequence (a
+    mean over sequences, `moe.load_balancing_loss`). So each micro-batch's aux loss must count 1/m
+    of the step, as its cross-entropy does (`moe.scale_aux_gradients`)."""
+    torch.manual_seed(SEED)
+    reference = build_model(plan, "cpu", torch.float32)
+    mesh = build_mesh(layout, "cpu")
+    dp = layout.dp
+    tokens = torch.randint(0, plan.vocab_size, (dp * microbatches * layout.mb, seq),
+                           generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(tokens, -1, dims=1)
+    F.cross_entropy(reference(tokens).flatten(0, 1), labels.flatten()).backward()
+    ref_grads = {name: p.grad for name, p in reference.named_parameters()}
+
+    stage: Stage = build_stage(plan, layout, 0, "cpu", torch.float32)
+    stage.load_state_dict(reference.state_dict())
+    sharded = shard_stage(stage, mesh, balanced=False, mixed=False)
+    runner = StageRunner((sharded,), mesh, torch.optim.SGD(stage.parameters(), lr=1.0),
+                         (layout.mb, seq, plan.d_model), torch.device("cpu"))
+    before = {name: _full(p.detach()).clone() for name, p in stage.named_parameters()}
+    mine = tokens.chunk(dp)[mesh["dp"].get_local_rank()]
+    runner.train_step([MicroBatch(t, torch.roll(t, -1, dims=1)) for t in mine.chunk(microbatches)])
+    applied = {name: before[name] - _full(p.detach()) for name, p in stage.named_parameters()}
+    dist.barrier()
+    return {"grads": _grad_diff(applied, ref_grads, _tp_views(stage), mesh["ep"].get_local_rank())}
+
+
+def _grad_diff(grads: dict[str, torch.Tensor], ref_grads: dict[str, torch.Tensor],
+               views: dict[str, Callable[[torch.Tensor], torch.Tensor]], ep_rank: int) -> float:
+    """Max abs difference between a stage's gradients (whole tensors, by parameter name) and the
+    one-process model's: a rank's local experts against their rows of the one-process experts'."""
+    diff = 0.0
+    for name, grad in grads.items():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        if ".experts.local." in name:
+            full_name = name.replace(".experts.local.", ".experts.")
+            e_local = grad.shape[0]
+            expected = ref_grads[full_name].narrow(0, ep_rank * e_local, e_local)
+        else:
+            expected = views.get(name, lambda t: t)(ref_grads[name])
+        diff = max(diff, (grad - expected).abs().max().item())
+    return diff
 
 
 def pipeline_parity(plan: ModelPlan, layout: Layout, *, seq: int = 16, lr: float = 3e-3) -> dict[str, float]:

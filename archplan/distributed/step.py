@@ -36,6 +36,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from archplan.distributed.mesh import LayoutMesh
 from archplan.errors import ArchplanError
 from archplan.distributed.shard import Sharded, unit_view_outputs
+from archplan.modules.moe import scale_aux_gradients
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ class StageRunner:
 
     def train_step(self, batches: list[MicroBatch]) -> None:
         m = len(batches)
+        for chunk in self.chunks:
+            scale_aux_gradients(chunk.stage, 1 / m)
         layout = self.mesh.layout
         held: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
         done = [0] * len(self.chunks)

@@ -422,19 +422,21 @@ def load_balancing_loss(scores_NE: Tensor, experts_NK: Tensor, n_groups: int, co
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on the layer output whose backward also gives the aux loss a gradient of 1, so the
-    loss joins every gradient taken through the output and its graph lives exactly as long as the
-    output's (Megatron-LM `moe_utils.MoEAuxLossAutoScaler`)."""
+    """Identity on the layer output whose backward also gives the aux loss a gradient of `scale`
+    (1, or 1/m in a step of m micro-batches: `MoEFFN.aux_grad_scale`), so the loss joins every
+    gradient taken through the output and its graph lives exactly as long as the output's
+    (Megatron-LM `moe_utils.MoEAuxLossAutoScaler`, whose scale its schedules set to 1/m)."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, out: Tensor, aux: Tensor) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, out: Tensor, aux: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(aux)
+        ctx.scale = scale  # type: ignore[attr-defined]
         return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
         (aux,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad_out, torch.ones_like(aux)
+        return grad_out, torch.full_like(aux, ctx.scale), None  # type: ignore[attr-defined]
 
 
 class MoEFFN(nn.Module):
@@ -456,6 +458,9 @@ class MoEFFN(nn.Module):
         self.shared: MLP | GLU | None = build_ffn(plan.shared, d_model) if plan.shared else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if plan.shared_gate else None
         self.last_aux_loss: Tensor | None = None  # detached: no graph is kept between forwards
+        # the gradient the aux loss joins with: 1/m where a step's loss is the mean of m
+        # micro-batches' (`scale_aux_gradients`), as their cross-entropies are divided by m
+        self.aux_grad_scale = 1.0
         self.shards: TokenShards | None = None  # set where a parallel layout splits the tokens
 
     def reset_parameters(self) -> None:
@@ -477,7 +482,7 @@ class MoEFFN(nn.Module):
             aux = load_balancing_loss(scores_NE, experts_NK, groups, self.plan.aux_loss_coef, self.shards)
             self.last_aux_loss = aux.detach()
             if torch.is_grad_enabled() and aux.requires_grad:
-                out_ND = _AttachAuxLoss.apply(out_ND, aux)
+                out_ND = _AttachAuxLoss.apply(out_ND, aux, self.aux_grad_scale)
         return out_ND.reshape(b, t, d)
 
     def _dispatch(self, x_ND: Tensor, experts_NK: Tensor, weights_NK: Tensor) -> Tensor:
@@ -523,6 +528,15 @@ def balance_routers(model: nn.Module, *, start: bool = False) -> None:
                 module.track_load()
             else:
                 module.balance()
+
+
+def scale_aux_gradients(model: nn.Module, scale: float) -> None:
+    """Every MoE layer of `model` gives its load-balancing loss a gradient of `scale`: 1/m for a
+    step that averages m micro-batches' losses, so each micro-batch's aux loss counts 1/m as its
+    cross-entropy does (Megatron-LM sets `MoEAuxLossAutoScaler`'s scale to 1/m in its schedules)."""
+    for module in model.modules():
+        if isinstance(module, MoEFFN):
+            module.aux_grad_scale = scale
 
 
 def experts_loop(moe: MoEFFN, x_BTD: Tensor) -> Tensor:
