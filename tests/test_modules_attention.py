@@ -325,6 +325,10 @@ def test_yarn_frequencies_are_transformers(truncate: bool) -> None:
     pytest.param(RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024, mscale=0.707, mscale_all_dim=1.0),
                  "yarn", {"factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 0.707,
                           "mscale_all_dim": 1.0}, 4096, None, True, id="yarn_mscale"),
+    # mscale_all_dim alone: transformers' gain is 0.1·ln(factor) + 1 (it reads mscale only beside it)
+    pytest.param(RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024, mscale_all_dim=1.0),
+                 "yarn", {"factor": 4.0, "original_max_position_embeddings": 1024, "mscale_all_dim": 1.0},
+                 4096, None, True, id="yarn_mscale_all_dim_alone"),
     pytest.param(RopeScaling(kind="linear", factor=4.0), "linear", {"factor": 4.0}, 4096, None, False, id="linear"),
     # transformers' dynamic NTK multiplies θ by (factor·seq_len/max_positions − (factor − 1))^(R/(R−2)):
     # archplan's static θ·factor^(R/(R−2)) is it at seq_len = (2 − 1/factor)·max_positions (at
@@ -346,9 +350,11 @@ def test_rope_scalings_are_transformers(scaling: RopeScaling, rope_type: str,
     if blended:  # some frequencies lie strictly between f/factor and f: the ramp's middle is compared
         base = rope_frequencies(64, Rope(theta=10000.0))[0]
         assert any(f / scaling.factor < g < f for f, g in zip(base, ours))
-    if scaling.mscale_all_dim:
+    if scaling.mscale and scaling.mscale_all_dim:
         assert gain == pytest.approx(yarn_mscale(scaling.factor, scaling.mscale)
                                      / yarn_mscale(scaling.factor, scaling.mscale_all_dim))
+    elif scaling.kind == "yarn":
+        assert gain == pytest.approx(yarn_mscale(scaling.factor))
 
 
 def test_yarn_truncate_changes_the_ramp_and_is_yarn_only() -> None:
@@ -358,6 +364,17 @@ def test_yarn_truncate_changes_the_ramp_and_is_yarn_only() -> None:
     assert cut != kept
     with pytest.raises(ValueError, match="truncate: yarn field; linear scaling does not read it"):
         RopeScaling(kind="linear", factor=4.0, truncate=False)
+
+
+def test_yarn_mscale_without_mscale_all_dim_is_refused() -> None:
+    """transformers reads mscale only beside a nonzero mscale_all_dim: alone it would change nothing."""
+    for extra in ({}, {"mscale_all_dim": 0.0}):
+        with pytest.raises(ValueError, match="mscale: read only beside a nonzero mscale_all_dim"):
+            RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024, mscale=2.0, **extra)
+    # beside it, mscale moves the gain
+    gains = {rope_frequencies(64, Rope(scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024,
+                                                           mscale=m, mscale_all_dim=1.0)))[1] for m in (1.0, 2.0)}
+    assert len(gains) == 2
 
 
 def test_alibi_slopes_press_et_al() -> None:
