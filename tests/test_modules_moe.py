@@ -554,7 +554,22 @@ def test_grouped_mm_path_follows_the_documented_support() -> None:
     assert grouped_mm_path(cuda, torch.float32, (9, 0)) == "loop"
     assert grouped_mm_path(cuda, torch.bfloat16, (7, 5)) == "loop"
     assert grouped_mm_path(cpu, torch.float32, None) == "grouped"
+    assert grouped_mm_path(cpu, torch.float64, None) == "loop"  # the CPU kernel refuses fp64
     assert grouped_mm_path(meta, torch.float32, None) == "meta"
+
+
+def test_an_fp64_moe_model_runs_its_experts_in_fp64() -> None:
+    """An fp64 reference build of a routed model: grouped_mm's CPU kernel takes fp32/bf16/fp16 only,
+    so the experts take the per-expert loop, and forward and backward run."""
+    spec = dict(name="t", vocab_size=32, d_model=16, n_layers=1, max_seq_len=16, attention={"kind": "mha", "n_heads": 2},
+                ffn=None, moe={"n_experts": 4, "top_k": 2, "expert": {"kind": "glu", "d_ff": 16}})
+    torch.manual_seed(3)
+    model = build_model(Spec.model_validate(spec), device="cpu", dtype=torch.float64)
+    logits = model(torch.randint(0, 32, (2, 5)))
+    assert logits.dtype == torch.float64
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
+    assert {p.dtype for p in model.layers[0].ffn.experts.parameters()} == {torch.float64}  # the router stays fp32
 
 
 def test_per_expert_loop_equals_grouped_mm_and_counts_the_same() -> None:

@@ -44,6 +44,8 @@ flop_formulas.register()
 # values on CUDA devices with SM >= 80". Anything else on CUDA takes a loop of per-expert matmuls.
 _CUDA_GROUPED_MM_DTYPE = torch.bfloat16
 _CUDA_GROUPED_MM_MIN_SM = (8, 0)
+# its CPU kernel refuses other dtypes ("Expected mat_a to be Float32, BFloat16 or Float16 matrix")
+_CPU_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # grouped_mm's kernels want every stride of both operands to be a multiple of 16 bytes
 # (aten/src/ATen/native/GroupedMMUtils.h); on meta its shape check also wants bf16 inputs.
@@ -126,8 +128,8 @@ class Experts(nn.Module):
 def grouped_mm_path(device: torch.device, dtype: torch.dtype, sm: tuple[int, int] | None) -> str:
     """Which kernel runs the experts' grouped matmul (shapes, dtype and device only, never data):
     "meta" (grouped_mm after a free cast to bf16, the dtype its meta shape check wants), "grouped"
-    (grouped_mm: CPU in fp32/bf16, CUDA in bf16 on SM >= 80) or "loop" (CUDA otherwise: one matmul
-    per expert, exact in the model's dtype)."""
+    (grouped_mm: CPU in fp32/bf16/fp16, CUDA in bf16 on SM >= 80) or "loop" (otherwise, e.g. an
+    fp64 reference build: one matmul per expert, exact in the model's dtype)."""
     match device.type:
         case "meta":
             return "meta"
@@ -135,7 +137,7 @@ def grouped_mm_path(device: torch.device, dtype: torch.dtype, sm: tuple[int, int
             ok = dtype == _CUDA_GROUPED_MM_DTYPE and sm is not None and sm >= _CUDA_GROUPED_MM_MIN_SM
             return "grouped" if ok else "loop"
         case _:
-            return "grouped"
+            return "grouped" if dtype in _CPU_GROUPED_MM_DTYPES else "loop"
 
 
 class _AlignedRows(torch.autograd.Function):
