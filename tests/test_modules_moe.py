@@ -16,7 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autograd_units import saved_during
 
+from archplan.analytic import built_weights_bytes, count_params
 from archplan.analytic.moe import moe_counted_flops, moe_params
+from archplan.loader import load_spec
 from archplan.modules.flop_formulas import grouped_mm_flop, register
 from archplan.modules.model import build_model
 from archplan.modules.moe import (
@@ -29,7 +31,7 @@ from archplan.modules.moe import (
     per_expert_linear,
     route,
 )
-from archplan.resolve import FFNPlan, MoEPlan
+from archplan.resolve import FFNPlan, MoEPlan, resolve
 from archplan.spec import Spec
 
 
@@ -556,6 +558,19 @@ def test_grouped_mm_path_follows_the_documented_support() -> None:
     assert grouped_mm_path(cpu, torch.float32, None) == "grouped"
     assert grouped_mm_path(cpu, torch.float64, None) == "loop"  # the CPU kernel refuses fp64
     assert grouped_mm_path(meta, torch.float32, None) == "meta"
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-mtp", "qwen3-30b-a3b", "mixtral-8x7b", "llama-2-7b"])
+def test_the_built_weights_take_the_bytes_bench_prices(preset: str) -> None:
+    """A bf16 build holds every parameter in 2 bytes but the routers' 4 (fp32, as transformers'
+    DeepSeek-V3 keeps gate.weight): `built_weights_bytes`, which `bench` prices, is the build's own
+    sum (DeepSeek-V3 with MTP: 216,530,944 B above 2 B/param)."""
+    plan = resolve(load_spec(preset))
+    model = build_model(load_spec(preset), device="meta", dtype=torch.bfloat16)
+    built = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert built_weights_bytes(count_params(plan), 2) == built
+    if preset == "deepseek-v3-mtp":
+        assert built - 2 * count_params(plan).total == 216_530_944
 
 
 def test_an_fp64_moe_model_runs_its_experts_in_fp64() -> None:

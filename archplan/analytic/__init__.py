@@ -20,6 +20,7 @@ from archplan.analytic.memory import (
     TrainingMemory,
     activation_memory,
     training_memory,
+    built_weights_bytes,
     weights_bytes,
     zero_model_states,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "TrainingMemory",
     "activation_memory",
     "training_memory",
+    "built_weights_bytes",
     "weights_bytes",
     "zero_model_states",
     "LAWS",

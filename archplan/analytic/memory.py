@@ -200,6 +200,18 @@ def weights_bytes(params: ParamCount, dtype: DType | str) -> int:
     return dtype_bytes(params.total, dtype)
 
 
+# archplan's torch build keeps each MoE router (weight, bias) in fp32 whatever the model's dtype, as
+# transformers' DeepSeek-V3 keeps `gate.weight`: bf16 logits turn near-ties into other experts
+ROUTER_BYTES = 4
+
+
+def built_weights_bytes(params: ParamCount, bytes_per_param: float) -> float:
+    """The weights as archplan's torch build holds them in a model dtype of `bytes_per_param` bytes:
+    every parameter at that width but the MoE routers', in fp32 (`ROUTER_BYTES`)."""
+    routers = sum(n for path, n in params.by_component.items() if path.endswith(".ffn.router"))
+    return (params.total - routers) * bytes_per_param + routers * ROUTER_BYTES
+
+
 def int4_grouped_bytes(params: ParamCount, group: int = 128) -> int:
     """GPTQ/AWQ-style int4: matmul weights at 4 bits + one fp16 scale per `group` weights; the
     embedding, LM head, norms, biases and convolutions stay bf16 (docs/formulas.md §4.1: Llama-3-8B g=128

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal
 
-from archplan.analytic import activation_memory, count_params
+from archplan.analytic import activation_memory, built_weights_bytes, count_params
 from archplan.analytic.memory import ACT_BYTES
 from archplan.errors import ArchplanError
 from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
@@ -71,7 +71,7 @@ def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float
     scores when the core is materialised. The logits are (B, T, V) in the run's dtype.
     """
     tokens = batch * seq
-    weights = count_params(plan).total * dtype_bytes
+    weights = built_weights_bytes(count_params(plan), dtype_bytes)
     saved = activation_memory(plan, batch, seq, "selective").by_component
     per_layer: dict[str, int] = defaultdict(int)
     for path, value in saved.items():

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.flop_counter import FlopCounterMode
 
-from archplan.analytic import count_params, decode_flops, forward_flops, kv_cache
+from archplan.analytic import built_weights_bytes, count_params, decode_flops, forward_flops, kv_cache
 from archplan.bench.decode import RecordedStep, Replay, WeightStreams, count_pass, decode_rates, record_step
 from archplan.bench.device import (
     TORCH_DTYPES,
@@ -265,8 +265,9 @@ def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
     casts), which a 16-bit run needs before it runs."""
     b = nbytes(cfg.dtype)
     tokens = cfg.batch * cfg.seq
-    params = count_params(plan).total
-    weights = params * b
+    counted = count_params(plan)
+    params = counted.total
+    weights = built_weights_bytes(counted, b)
     cache = kv_cache(plan, cfg.seq + cache_steps(cfg.decode_tokens), cfg.batch, b).bytes
     logits = tokens * plan.vocab_size * b
     activations = 16 * tokens * plan.d_model * b
@@ -533,7 +534,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
     # the weights, and the decode cache as `_decode` allocates it (none for a prefill-only run)
     cache = kv_cache(built, cfg.seq + cache_steps(cfg.decode_tokens), cfg.batch, b).bytes if cfg.decode_tokens else 0
-    analytic_mem = int(count_params(built).total * b + cache)
+    analytic_mem = int(built_weights_bytes(count_params(built), b) + cache)
     decode_model = predicted_decode = None
     predicted_prefill = predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth)
     if recorded is not None and rates is not None:
