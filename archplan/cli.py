@@ -15,7 +15,14 @@ import traceback
 
 import typer
 
-from archplan.console import ReaderGone, keep_option_names_whole, quiet_on_closed_pipe, replace_unencodable
+from archplan.console import (
+    ReaderGone,
+    keep_option_names_whole,
+    quiet_on_closed_pipe,
+    replace_unencodable,
+    reset_verdict,
+    settled,
+)
 from archplan.errors import ArchplanError, first_line
 
 COMMAND_MODULES = (
@@ -90,6 +97,7 @@ def main() -> None:
 
 def _main() -> None:
     debug = os.environ.get("ARCHPLAN_DEBUG") == "1"
+    reset_verdict()
     try:
         # Without standalone mode, click returns typer.Exit's code instead of raising it.
         code = app(standalone_mode=False)
@@ -142,11 +150,12 @@ def _main() -> None:
                    err=True)
         sys.exit(2)
     except ReaderGone:
-        # the reader stopped early (`| head`): what it took was all it wanted (`archplan.console`).
-        # Python would meet the closed pipe again when it flushes stdout at exit; stdout points at
-        # /dev/null first (Python's `signal` docs, "Note on SIGPIPE").
+        # the reader stopped early (`| head`): what it took was all it wanted, and the command
+        # ends with the verdict it settled on before rendering (`archplan.console`). Python would
+        # meet the closed pipe again when it flushes stdout at exit; stdout points at /dev/null
+        # first (Python's `signal` docs, "Note on SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+        sys.exit(settled())
     except OSError as exc:
         if exc.filename is not None:
             # a path the user gave that the system refuses before it is read (a name too long

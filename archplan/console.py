@@ -5,7 +5,8 @@ terminal under typer's --help.
 rich's consoles (archplan's tables, typer's help, progress bars) and click's echo both exit with
 code 1 on a closed pipe, which archplan's commands use for "a check disagrees" or "no layout
 fits"; a `pipefail` CI job would read it as a failure. The reader took what it wanted: both raise
-`ReaderGone` instead (`quiet_on_closed_pipe`, `echo`), and `cli.main` ends with 0.
+`ReaderGone` instead (`quiet_on_closed_pipe`, `echo`), and `cli.main` ends with the exit code the
+command had settled on before it rendered (`settle`): 0, or its verdict, whatever the reader took.
 """
 
 from __future__ import annotations
@@ -23,6 +24,27 @@ from rich.text import Text
 class ReaderGone(Exception):
     """The reader of stdout closed it: nothing more to write, and not a failure. Not an OSError,
     so that click, which turns a broken pipe into exit 1, lets it through."""
+
+
+class _Verdict:
+    code = 0  # what the running command ends with if its reader stops early
+
+
+def settle(code: int) -> int:
+    """Record the exit code the running command has decided on (1: a check disagrees, no layout
+    fits, lint's gate fails), before it renders its report, and return it: a reader that stops
+    early then ends the command with it, as one that reads everything sees it."""
+    _Verdict.code = code
+    return code
+
+
+def settled() -> int:
+    """The exit code `settle` recorded (0 before any); `reset_verdict` starts a command afresh."""
+    return _Verdict.code
+
+
+def reset_verdict() -> None:
+    _Verdict.code = 0
 
 
 def _reader_gone(console: Console) -> None:

@@ -82,15 +82,38 @@ def test_python_running_out_of_memory_is_one_line() -> None:
 @pytest.mark.parametrize("command", [("plan", "llama-3-70b", "--gpus", "1024"), ("plan", "llama-3-70b", "--gpus", "1024", "--json"),
                                      ("size", "gpt2"), ("compare", "gpt2", "llama-2-7b"), ("--help",), ("plan", "--help")])
 def test_a_reader_that_stops_early_is_not_a_failure(command: tuple[str, ...]) -> None:
-    """`archplan ... | head` in a `pipefail` CI job: the closed pipe ends the command quietly with 0
-    (rich's and click's own handlers exit 1, which here means a check disagrees or no layout fits),
-    typer's help included."""
+    """`archplan ... | head` in a `pipefail` CI job: the closed pipe ends a command that succeeded
+    quietly with 0 (rich's and click's own handlers exit 1, which here means a check disagrees or
+    no layout fits), typer's help included."""
     proc = subprocess.Popen([sys.executable, "-c", "from archplan.cli import main; main()", *command],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # before the command writes a byte
     assert proc.wait(timeout=120) == 0
     assert proc.stderr.read() == b""
+    proc.stderr.close()
+
+
+NO_LAYOUT_FITS = ("plan", "llama-3.1-405b", "--gpus", "8", "--gpu", "h100")
+
+
+@pytest.mark.parametrize("command", [NO_LAYOUT_FITS, (*NO_LAYOUT_FITS, "--json"),
+                                     (*NO_LAYOUT_FITS, "--layout", "tp=8,cp=1,pp=1,dp=1,zero=1,recompute=none,mb=1"),
+                                     ("lint", "LINT_FIXTURE")])
+def test_a_reader_that_stops_early_keeps_the_verdict(command: tuple[str, ...]) -> None:
+    """No layout fits, or lint's gate fails: exit 1 whether the reader takes every line, none, or
+    (`--json`) the whole report in one write; `plan ... | head` under `pipefail` read 0 where
+    `plan --json | head` read 1 (the verdict is settled before the report renders)."""
+    command = tuple(str(Path(__file__).parent / "lint_fixtures" / "AP003_fail.yaml") if part == "LINT_FIXTURE"
+                    else part for part in command)
+    full = run(*command)
+    assert full.returncode == 1, full.stderr
+    proc = subprocess.Popen([sys.executable, "-c", "from archplan.cli import main; main()", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 1
+    assert b"Traceback" not in proc.stderr.read()
     proc.stderr.close()
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from archplan.commands.options import JsonOpt
-from archplan.console import echo
+from archplan.console import echo, settle
 from archplan.errors import ArchplanError
 from archplan.lint.engine import LintConfig, lint_paths, load_config, parse_codes
 from archplan.lint.formats import Format, render
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         config = LintConfig(selected, config.ignore + parse_codes(ignore), config.strict if strict is None else strict,
                             config.source)
         result = lint_paths(paths, config)
+        settle(result.exit_code(config.strict))
         echo(render(result, Format.json if as_json else fmt or Format.text), nl=False)
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it.

@@ -20,7 +20,7 @@ from archplan.commands.options import (
     length_option,
     refuse_foreign_options,
 )
-from archplan.console import echo
+from archplan.console import echo, settle
 from archplan.errors import ArchplanError
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
@@ -1444,6 +1444,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
         written = output
     if plot is not None:
         _plot_budget(result, made, plot, force)
+    settle(1 if isinstance(made, NoRecipe) else 0)
     if as_json:
         echo(jsonout.dumps(_budget_json(result, made, written), indent=2))
     else:
@@ -1473,6 +1474,7 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
             f"solved by archplan plan --solve {partial}{asked} --tol {tol:g} --multiple {multiple}: "
             + ", ".join(f"{k} = {v}" for k, v in best.values.items())))
         written = output
+    settle(0 if result.solved else 1)
     if as_json:
         echo(jsonout.dumps(_solve_json(result, written), indent=2))
     else:
@@ -1641,6 +1643,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     train_tokens, source = _training_tokens(spec, tokens, law, law_given)
     if plot is not None:
         _plot_layouts(result, plot, force)
+    settle(0 if result.feasible else 1)
     if as_json:
         echo(jsonout.dumps(_layout_json(spec, result, train_tokens, source, bound, seq_note, model_notes),
                            indent=2))

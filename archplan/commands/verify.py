@@ -25,7 +25,7 @@ from rich.table import Table
 from archplan import jsonout, units
 from archplan.commands.options import JsonOpt, SpecArg, length_option, refuse_foreign_options
 from archplan.commands.requires import require_torch
-from archplan.console import echo
+from archplan.console import echo, settle
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
@@ -159,11 +159,12 @@ def verify_model(
             plan, seq_len=seq_len, batch=batch, backward=backward, real=cpu_check,
             real_device=device.value, progress=progress,
         )
+    code = settle(0 if result.ok else 1)
     if as_json:
         echo(jsonout.dumps(result.to_json(), indent=2))
     else:
         render(result, console, aggregate=not all_layers and len(plan.layers) > AGGREGATE_ABOVE_LAYERS)
-    return 0 if result.ok else 1
+    return code
 
 
 def _seq_len(plan: ModelPlan, seq: int | None) -> int:

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
-from archplan.console import echo
+from archplan.console import echo, settle
 from archplan.distributed.mesh import available_host_bytes
 from archplan.distributed.render import default_microbatches, given_layout, schedule_name
 from archplan.distributed.step import interleaved_1f1b
@@ -75,6 +75,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
                 "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
         with busy(f"{n} torchrun workers ({kind}): warm-up and {things(steps, 'timed step')}", enabled=not as_json):
             result = launch(argv, n)
+    settle(0 if result.states_ok else 1)
     if as_json:
         echo(jsonout.dumps(asdict(result), indent=2))
     else:

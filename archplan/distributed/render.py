@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout, units
-from archplan.console import echo
+from archplan.console import echo, settle
 from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.distributed.fake import Measured
 from archplan.distributed.stage import mtp_refusal
@@ -145,8 +145,9 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
     with busy(f"one rank's training step of {layout.spec} at {layout.world:,} fake ranks", enabled=not as_json):
         result = check_layout_run(plan, layout, seq, microbatches=microbatches or default_microbatches(layout),
                                   stage=stage)
+    code = settle(0 if result.ok else 1)
     if as_json:
         echo(jsonout.dumps(result.to_json(), indent=2))
     else:
         render(result, report_console())
-    return 0 if result.ok else 1
+    return code

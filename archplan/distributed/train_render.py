@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
-from archplan.console import echo
+from archplan.console import echo, settle
 from archplan.bench.fit import truncate
 from archplan.distributed.tolerance import ACTIVATION_JUDGED, PEAK_TOLERANCE
 from archplan.distributed.train import TrainBench, train_bench
@@ -36,6 +36,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
               enabled=not as_json):
         result = train_bench(plan, device=device, dtype=dtype, batch=batch, seq=seq,
                              recompute=recompute, iters=iters)  # type: ignore[arg-type]
+    settle(0 if result.ok else 1)
     if as_json:
         echo(jsonout.dumps({**asdict(result), "layers_built": plan.n_layers, "layers_in_spec": in_spec,
                             "mfu": result.mfu, "hfu": result.hfu, "ok": result.ok}, indent=2))
