@@ -20,7 +20,7 @@ from archplan.planning import cluster
 from archplan.planning.layout import parse_layout, pipeline_chunks
 from archplan.resolve import resolve
 from archplan.spec import MultiTokenPrediction
-from tests.test_bad_input import run_main
+from test_bad_input import run_main
 
 TINY_MTP = """\
 name: tiny-mtp
