@@ -158,6 +158,23 @@ def test_missing_torch_is_one_line(command: str, monkeypatch: pytest.MonkeyPatch
     assert "pip install 'archplan[torch]'" in err and "-e" not in err
 
 
+def test_bench_layout_without_numpy_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """torch installed alone (no `[torch]` extra): its object collectives need NumPy, which torch does
+    not declare; the workers failed with exit 3 and "Numpy is not available"."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numpy" else real(name, *a))
+    monkeypatch.setattr(sys, "argv", ["archplan", "bench", "gpt2", "--nproc", "2",
+                                      "--layout", "tp=2,cp=1,pp=1,dp=1,zero=3,recompute=none,mb=1"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "`archplan bench --layout` needs NumPy" in err and "pip install 'archplan[torch]'" in err
+
+
 def _commands(command, name: str = "archplan"):  # type: ignore[no-untyped-def]
     yield name, command
     for sub_name, sub in getattr(command, "commands", {}).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -15,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
+from archplan.commands.requires import INSTALL
 from archplan.console import echo, settle
 from archplan.distributed.mesh import available_host_bytes
 from archplan.distributed.render import default_microbatches, given_layout, schedule_name
@@ -33,6 +35,9 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
                  warmup: int, steps: int, as_json: bool, device: str = "auto") -> bool:
     """Run (or, under a launcher, take part in) the layout's benchmark and print it; whether every
     rank's model states are plan's (True on the workers that print nothing)."""
+    if importlib.util.find_spec("numpy") is None:
+        # the ranks gather their counts with all_gather_object, which torch runs through NumPy
+        raise ArchplanError(f"`archplan bench --layout` needs NumPy, which is not installed: {INSTALL}")
     plan = resolve(load_spec(spec))
     layout = given_layout(plan, layout_text, seq, "bench")
     plan.check_length(seq, "--seq")
