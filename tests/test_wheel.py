@@ -115,3 +115,25 @@ def test_the_sources_parse_as_the_oldest_python_the_package_accepts() -> None:
                   and any(isinstance(item, ast.Starred) for item in node.slice.elts)
                   and not (ast.get_source_segment(source, node.slice) or "").startswith("(")]
     assert (major, minor) == (3, 10) and not found, found
+
+
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="builds with the installed setuptools")
+def test_the_sdist_is_the_package_its_docs_and_license(tmp_path: Path) -> None:
+    """MANIFEST.in: the license text and the docs beside the package; no tests or benchmarks, which
+    read the checkout's links and fixtures (setuptools shipped tests/test*.py alone, which failed)."""
+    import tarfile
+
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
+    out = tmp_path / "dist"
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
+                   cwd=source, check=True, capture_output=True, timeout=300)
+    (sdist,) = out.glob("archplan-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        info = archive.extractfile(next(n for n in archive.getnames() if n.endswith("/PKG-INFO") and n.count("/") == 1))
+        assert info is not None
+        metadata = info.read().decode()
+    assert {"LICENSE", "README.md", "docs/figures.md", "archplan/presets/gpt2.yaml", "archplan/spec.schema.json"} <= names
+    assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
