@@ -15,6 +15,10 @@ weights against the one-process model's, the tied embedding's copy on the last s
 (it matches only if the two copies' gradients were summed, `StageRunner.sync_tied_gradient`), and
 so is the copy the multi-token-prediction modules read, whose loss is the one-process model's
 `training_loss`.
+
+`accumulation_parity` checks gradient accumulation: a step of several micro-batches a rank, each
+data-parallel rank its own, applies the one-process gradient of the whole batch (SGD at lr 1, so the
+weights move by the gradient itself), the MoE load-balancing loss's 1/m share included.
 """
 
 from __future__ import annotations
