@@ -33,7 +33,7 @@ def _row(rows: list[Any], name_start: str, recompute: str = "full") -> Any:
 
 def test_every_run_at_every_bracketing_mode(bench: Any, rows: list[Any]) -> None:
     runs = bench.load()["runs"]
-    assert len(rows) == sum(len(run["recompute"]) for run in runs) == 30
+    assert len(rows) == sum(len(run["recompute"]) for run in runs) == 40
     assert {r.source for r in rows} == set(bench.load()["sources"])
 
 
