@@ -89,7 +89,7 @@ class RopeScaling(Frozen):
     # yarn (Peng et al. 2023, eq. 19-20; DeepSeek-V3 `yarn_get_mscale`)
     beta_fast: Number = Field(32.0, gt=0)
     beta_slow: Number = Field(1.0, gt=0)
-    mscale: Number | None = Field(None, ge=0, description="yarn only, and only beside a nonzero mscale_all_dim: "
+    mscale: Number | None = Field(None, ge=0, description="yarn only, nonzero, and only beside a nonzero mscale_all_dim: "
                                                           "the attention gain is then m(mscale) / m(mscale_all_dim), "
                                                           "m(x) = 0.1·x·ln(factor) + 1; without them it is m(1) "
                                                           "(transformers' yarn)")
@@ -108,10 +108,10 @@ class RopeScaling(Frozen):
             if stray:
                 raise ValueError(f"{', '.join(stray)}: {kind} field{'s' if len(stray) > 1 else ''}; "
                                  f"{self.kind} scaling does not read {'them' if len(stray) > 1 else 'it'}")
-        if self.kind == "yarn" and "mscale" in self.model_fields_set and not self.mscale_all_dim:
-            # transformers' _compute_yarn_parameters reads mscale only when mscale_all_dim is nonzero
-            raise ValueError("mscale: read only beside a nonzero mscale_all_dim; without it the attention gain "
-                             "is 0.1·ln(factor) + 1 whatever mscale says (transformers' yarn)")
+        if self.kind == "yarn" and "mscale" in self.model_fields_set and not (self.mscale and self.mscale_all_dim):
+            # transformers' _compute_yarn_parameters reads mscale only when it and mscale_all_dim are nonzero
+            raise ValueError("mscale: read only when it and mscale_all_dim are both nonzero; otherwise the "
+                             "attention gain is 0.1·ln(factor) + 1 whatever mscale says (transformers' yarn)")
         return self
 
 

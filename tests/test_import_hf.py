@@ -582,18 +582,19 @@ def test_yarn_truncate_is_carried() -> None:
     assert scaling is not None and (scaling.kind, scaling.truncate) == ("yarn", False)
 
 
-@pytest.mark.parametrize("all_dim", [None, 0.0])
-def test_yarn_mscale_without_mscale_all_dim_is_not_imported(all_dim: float | None) -> None:
-    """transformers reads mscale only beside a nonzero mscale_all_dim (its gain is then
-    0.1·ln(factor) + 1 whatever mscale says); the spec refuses mscale there, so the import leaves it
-    out and says so, and the gain stays transformers'."""
-    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 2.0}
+@pytest.mark.parametrize(("mscale", "all_dim"), [(2.0, None), (2.0, 0.0), (0.0, 1.0)])
+def test_yarn_mscale_without_mscale_all_dim_is_not_imported(mscale: float, all_dim: float | None) -> None:
+    """transformers reads mscale only when it and mscale_all_dim are both nonzero (its gain is
+    otherwise 0.1·ln(factor) + 1 whatever mscale says); the spec refuses mscale there, so the import
+    leaves it out and says so, and the gain stays transformers'."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": mscale}
     config = {**TINY["qwen3"].config, "max_position_embeddings": 256,
               "rope_scaling": rope | ({} if all_dim is None else {"mscale_all_dim": all_dim})}
     imported = convert_config(config, file="config.json", name="t")
     scaling = imported.spec.position.scaling
     assert scaling is not None and scaling.mscale is None
-    assert any("mscale: transformers reads it only beside a nonzero mscale_all_dim" in note for note in imported.said)
+    assert any("mscale: transformers reads it only when it and mscale_all_dim are both nonzero" in note
+               for note in imported.said)
 
 
 def test_dynamic_ntk_is_said_to_be_fixed_at_one_length() -> None:

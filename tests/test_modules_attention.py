@@ -368,9 +368,10 @@ def test_yarn_truncate_changes_the_ramp_and_is_yarn_only() -> None:
 
 def test_yarn_mscale_without_mscale_all_dim_is_refused() -> None:
     """transformers reads mscale only beside a nonzero mscale_all_dim: alone it would change nothing."""
-    for extra in ({}, {"mscale_all_dim": 0.0}):
-        with pytest.raises(ValueError, match="mscale: read only beside a nonzero mscale_all_dim"):
-            RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024, mscale=2.0, **extra)
+    # transformers' test is truthiness: a zero mscale beside mscale_all_dim is not read either
+    for fields in ({"mscale": 2.0}, {"mscale": 2.0, "mscale_all_dim": 0.0}, {"mscale": 0.0, "mscale_all_dim": 1.0}):
+        with pytest.raises(ValueError, match="mscale: read only when it and mscale_all_dim are both nonzero"):
+            RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024, **fields)
     # beside it, mscale moves the gain
     gains = {rope_frequencies(64, Rope(scaling=RopeScaling(kind="yarn", factor=4.0, original_max_positions=1024,
                                                            mscale=m, mscale_all_dim=1.0)))[1] for m in (1.0, 2.0)}

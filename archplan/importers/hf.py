@@ -462,11 +462,11 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
                 "max_position_embeddings; the spec's ntk fixes θ·factor^(R/(R−2)), transformers' θ at "
                 "(2 − 1/factor)·max_position_embeddings tokens: counts and FLOPs are the same, the rotary "
                 "frequencies at other lengths are not")
-        if kind == "yarn" and "mscale" in values and not values.get("mscale_all_dim"):
-            # transformers' _compute_yarn_parameters reads mscale only beside a nonzero mscale_all_dim
+        if kind == "yarn" and "mscale" in values and not (values["mscale"] and values.get("mscale_all_dim")):
+            # transformers' _compute_yarn_parameters reads mscale only when it and mscale_all_dim are nonzero
             del values["mscale"]
-            cfg.said.append(f"{where}.mscale: transformers reads it only beside a nonzero mscale_all_dim, "
-                            "which this config does not give; the attention gain is 0.1·ln(factor) + 1 "
+            cfg.said.append(f"{where}.mscale: transformers reads it only when it and mscale_all_dim are both "
+                            "nonzero, which this config does not give; the attention gain is 0.1·ln(factor) + 1 "
                             "whatever it says: not imported")
         if kind in ("yarn", "llama3") and "original_max_positions" not in values and dims.max_pos:
             # transformers' _compute_yarn_parameters falls back to max_position_embeddings

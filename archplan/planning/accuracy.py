@@ -11,8 +11,8 @@ kernel-efficiency family their GPU is priced with (`hardware.FAMILY_OF`), as a f
 are what the figures judge; GPUs outside every family fall under `UNCALIBRATED`.
 
 Within a family the runs differ by stack, and so does the model's error: on Hopper the runs on
-Megatron-style engines (NeMo, Megatron-Bridge) lean +1.9% with half within ±7.3%, the PyTorch FSDP
-runs (Composer's) +2.2% with half within ±3.6% (docs/validation.md). So `plan` quotes the runs
+Megatron-style engines (NeMo, Megatron-Bridge) lean −1.2% with half within ±5.1%, the PyTorch FSDP
+runs (Composer's) +2.2% with half within ±3.6%: opposite ways (docs/validation.md). So `plan` quotes the runs
 of the engine its `--states` runs on (`StatesConvention.engine`, `HELD_OUT_BY_ENGINE`) where a family
 has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise.
 
