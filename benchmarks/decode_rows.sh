@@ -32,6 +32,6 @@ for row in "${rows[@]}"; do
   timeout "${ROW_LIMIT:-300}" python3 -m archplan.cli bench $args --device "$DEVICE" --seq 128 --decode-tokens 8 --json \
     > "$OUT/$name.json" 2> "$OUT/$name.err" || { echo "$name failed: $(tail -1 "$OUT/$name.err")"; continue; }
   python3 -c "import json, sys; d = json.load(open(sys.argv[1]))['decode']
-print(sys.argv[2], f\"{d['ms_per_token']:.1f} ms measured, {d['predicted_ms_per_token']:.1f} ms predicted, {100 * d['error']:+.1f}%\")" \
+print(sys.argv[2], f\"{d['ms_per_step']:.1f} ms a step measured, {d['predicted_ms_per_step']:.1f} ms predicted, {100 * d['error']:+.1f}%\")" \
     "$OUT/$name.json" "$name"
 done

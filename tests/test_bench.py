@@ -62,7 +62,13 @@ def test_run_bench_structure_and_sanity() -> None:
     assert out["prefill"]["tokens_per_s"] == pytest.approx(2 * 16 / out["prefill"]["median_s"])
     assert 0 < out["prefill"]["mfu"] <= 1
     assert out["prefill"]["achieved_flops_per_s"] == pytest.approx(out["prefill"]["mfu"] * out["peak"]["flops_per_s"])
-    assert out["decode"]["ms_per_token"] > 0 and out["decode"]["steps"] == 3
+    # a decode step is one new token for each of the batch's 2 sequences
+    decode = out["decode"]
+    assert decode["ms_per_step"] > 0 and decode["steps"] == 3
+    assert decode["ms_per_token"] == pytest.approx(decode["ms_per_step"] / 2)
+    assert decode["tokens_per_s"] == pytest.approx(1e3 / decode["ms_per_token"])
+    assert decode["predicted_ms_per_token"] == pytest.approx(decode["predicted_ms_per_step"] / 2)
+    assert decode["p10_s"] <= decode["p90_s"] and ("noise" in decode)
     assert out["peak_memory_bytes"] > 0
     assert out["predicted"]["prefill_s"] > 0
     assert out["extrapolated"] is False

@@ -140,10 +140,17 @@ class BenchResult:
             assert self.predicted_decode is not None
             assert self.decode_model is not None
             dm = self.decode_model
+            batch = self.config.batch
             decode = {
-                "ms_per_token": 1e3 * self.decode_seconds_per_token,
-                "tokens_per_s": self.config.batch / self.decode_seconds_per_token,
-                "predicted_ms_per_token": 1e3 * self.predicted_decode.seconds,
+                # a step is one new token for each of the batch's sequences
+                "ms_per_step": 1e3 * self.decode_seconds_per_token,
+                "ms_per_token": 1e3 * self.decode_seconds_per_token / batch,
+                "tokens_per_s": batch / self.decode_seconds_per_token,
+                "predicted_ms_per_step": 1e3 * self.predicted_decode.seconds,
+                "predicted_ms_per_token": 1e3 * self.predicted_decode.seconds / batch,
+                "p10_s": self.decode.quantile(0.1) if self.decode is not None else None,
+                "p90_s": self.decode.quantile(0.9) if self.decode is not None else None,
+                "noise": self.decode.noise_note("decode step") if self.decode is not None else None,
                 "error": self.decode_prediction_error,
                 "steps": self.config.decode_tokens,
                 "context": dm.context,

@@ -227,7 +227,9 @@ def bench(
             echo(jsonout.dumps(result.to_json(), indent=2))
         else:
             _render(result, plan.name)
-            notes += [f"note: {line}" for line in (result.prefill.noise_note("prefill"), result.peak_note()) if line]
+            decode_noise = result.decode.noise_note("decode step") if result.decode is not None else None
+            notes += [f"note: {line}" for line in (result.prefill.noise_note("prefill"), decode_noise,
+                                                   result.peak_note()) if line]
     for line in notes:  # after the run: a refused option stays a one-line error
         Console(stderr=True).print(line)
     if not ok:
@@ -268,8 +270,11 @@ def _render(result: object, name: str) -> None:
                   f"{nbytes(result.peak.bandwidth)}/s{host_floor}")
     if result.decode_seconds_per_token is not None:
         assert result.predicted_decode is not None
+        # one step is one new token for each of the batch's sequences
+        per_token = "" if cfg.batch == 1 else f", {1e3 * result.decode_seconds_per_token / cfg.batch:.2f} ms a token"
         table.add_row("decode" + (" (eager)" if cfg.compile else ""),
-                      f"{1e3 * result.decode_seconds_per_token:.2f} ms/token",
+                      f"{1e3 * result.decode_seconds_per_token:.2f} ms/step",
+                      f"a step: {cfg.batch} × 1 new token{per_token}; "
                       f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; predicted "
                       f"{1e3 * result.predicted_decode.seconds:.2f} ms, error "
                       f"{100 * (result.decode_prediction_error or 0):+.1f}% (decode model, docs/benchmarks.md)")
