@@ -1492,6 +1492,22 @@ def test_bench_train_prices_the_mtp_modules_16_bit_stream(tmp_path: Path, depth:
     assert 1.0 < result.measured_activations / result.analytic_activations < 1.01
 
 
+def test_bench_train_says_when_its_steps_spread(tmp_path: Path) -> None:
+    """The timed training steps are judged as prefill's are (`Timing.noise_note`): a run whose p90
+    passes 1.5× its p10 says so (one busy host measured steps of 23 to 851 ms, its median 17× the
+    quiet runs', with no word)."""
+    from dataclasses import replace
+
+    from archplan.distributed.train import train_bench
+
+    result = train_bench(resolve(load_spec(FIXTURES / "tiny-llama.yaml")), device="cpu", dtype="fp32", batch=1,
+                         seq=32, recompute="none", iters=1)
+    quiet = replace(result, step_seconds=[0.020, 0.021, 0.022, 0.021, 0.020])
+    busy = replace(result, step_seconds=[0.404, 0.589, 0.023, 0.325, 0.851])
+    assert quiet.noise is None
+    assert busy.noise is not None and busy.noise.startswith("training step timings spread")
+
+
 @pytest.mark.parametrize(("recompute", "phase", "kept"), [("full", "optimizer step", (0.98, 1.02)),
                                                          ("none", "loss backward", (1.0, 1.01))])
 def test_bench_train_states_exact(recompute: str, phase: str, kept: tuple[float, float]) -> None:

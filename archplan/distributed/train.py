@@ -47,6 +47,7 @@ from archplan.analytic import count_params, training_flops_per_sequence
 from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
 from archplan.bench.device import device_peak, free_memory, synchronize
 from archplan.bench.fit import refuse_unless_fits
+from archplan.bench.timing import Timing
 from archplan.distributed.tolerance import PEAK_TOLERANCE, activations_within
 from archplan.dtypes import DType
 from archplan.modules.checkpointing import apply_recompute
@@ -95,6 +96,11 @@ class TrainBench:
     @property
     def median_seconds(self) -> float:
         return statistics.median(self.step_seconds)
+
+    @property
+    def noise(self) -> str | None:
+        """The timed steps' spread, judged as `bench`'s prefill is (`Timing.noise_note`)."""
+        return Timing(tuple(self.step_seconds)).noise_note("training step")
 
     @property
     def mfu(self) -> float:

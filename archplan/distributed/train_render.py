@@ -39,7 +39,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
     settle(0 if result.ok else 1)
     if as_json:
         echo(jsonout.dumps({**asdict(result), "layers_built": plan.n_layers, "layers_in_spec": in_spec,
-                            "mfu": result.mfu, "hfu": result.hfu, "ok": result.ok}, indent=2))
+                            "mfu": result.mfu, "hfu": result.hfu, "noise": result.noise, "ok": result.ok}, indent=2))
     else:
         render(result, plan.n_layers, in_spec)
     return result.ok
@@ -83,3 +83,5 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
                     f"step: forward + backward, attention causal, 2 FLOPs per multiply-add), MFU "
                     f"{percent(r.mfu)} of the dense {r.dtype} peak {flops(r.peak_flops, 'FLOP/s')} "
                     f"({r.peak_source}){rerun}")
+    if r.noise is not None:
+        Console(stderr=True).print(f"note: {r.noise}")
