@@ -168,7 +168,9 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 @contextlib.contextmanager
 def _silent_stderr() -> Iterator[None]:
-    """Kineto writes a line to file descriptor 2 when a profile starts and stops; drop just those."""
+    """Kineto writes a line to file descriptor 2 when a profile starts and stops, and c10's CPU
+    allocator one when the profiled run frees a block allocated before the profile began ("Memory
+    block of unknown size ..."); drop those, which describe the profiler, not the run."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -216,10 +218,9 @@ def _peak_bytes(model: torch.nn.Module, run: Callable[[], object], device: torch
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _silent_stderr():
         prof.start()
-    try:
-        run()
-    finally:
-        with _silent_stderr():
+        try:
+            run()
+        finally:
             prof.stop()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),  # type: ignore[union-attr]
                     key=lambda e: e.start_ns())
@@ -311,7 +312,8 @@ def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object
 
             peak, method = _peak_bytes(model, prefill, device)
             rows.append({"backend": name, "median_s": result.prefill_seconds, "tokens_per_s": result.tokens_per_s,
-                         "peak_memory_bytes": peak, "peak_memory_method": method})
+                         "peak_memory_bytes": peak, "peak_memory_method": method,
+                         "noise": result.prefill.noise_note(f"{name} backend's prefill")})
     return rows
 
 

@@ -18,7 +18,7 @@ from archplan.commands.requires import require_torch
 from archplan.commands.size import RecomputeChoice
 from archplan.console import echo
 from archplan.errors import ArchplanError
-from archplan.units import count, flops, nbytes, percent
+from archplan.units import count, flops, nbytes, percent, things
 
 
 class Device(str, Enum):
@@ -297,13 +297,22 @@ def _render(result: object, name: str) -> None:
         console.print(f"[bold]extrapolated[/bold] from the layers built to the full depth ({escape(depths)}): "
                       f"{EXTRAPOLATION_METHOD}")
     if result.backends:
-        backends = Table(title="SDPA backends", show_header=True)
+        # the medians are each backend's run as the main table's (extrapolated to the full depth under
+        # --layers); the memory is one forward of the model as built, by the sweep's method
+        built = sum(result.extrapolation.built_layers.values()) if result.extrapolation is not None else 0
+        depth = f"full depth, extrapolated from {things(built, 'layer')} built" if built else "as built"
+        backends = Table(title=f"SDPA backends (median: {depth}; peak memory: one forward of the model as built)",
+                         show_header=True)
         for col in ("backend", "median", "tokens/s", "peak memory"):
             backends.add_column(col)
         for row in result.backends:
             backends.add_row(str(row["backend"]), f"{1e3 * float(row['median_s']):.2f} ms",  # type: ignore[arg-type]
                              count(float(row["tokens_per_s"])), nbytes(float(row["peak_memory_bytes"])))  # type: ignore[arg-type]
         console.print(backends)
+        console.print(f"  backends' peak memory: {escape(str(result.backends[0]['peak_memory_method']))}", style="dim")
+        for row in result.backends:
+            if row.get("noise"):
+                Console(stderr=True).print(f"note: {row['noise']}")
 
 
 # help= as one string per paragraph: in rich markup mode a docstring's line breaks are printed
