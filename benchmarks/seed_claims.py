@@ -272,7 +272,7 @@ def flash_claim(plan: ModelPlan, scale: Scale, peak: DevicePeak) -> Claim:
         rows[m.seq] = {"speedup": m.seconds / f.seconds, "memory_ratio": m.peak_bytes / f.peak_bytes,
                        "math_s": m.seconds, "flash_s": f.seconds,
                        "math_bytes": m.peak_bytes, "flash_bytes": f.peak_bytes}
-    # `bench --compare-backends` itself (its peak memory is the process's peak RSS); not in --quick
+    # `bench --compare-backends` itself (its peak memory is the profiler's, as the sweep's); not in --quick
     middle = scale.backend_lengths[len(scale.backend_lengths) // 2]
     command = [] if scale.quick else compare_backends(
         plan, BenchConfig(device="cpu", dtype=DType.fp32, seq=middle, decode_tokens=0, warmup=1, iters=scale.iters))
@@ -449,7 +449,8 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
         "(specs in `benchmarks/specs/seed-*.yaml`). CPU, fp32, batch 1, the whole model's prefill through "
         "archplan's real modules (`archplan bench benchmarks/specs/seed-*.yaml --dtype fp32 --seq "
         + ",".join(length(t) for t in lengths) + "`). Time is the fastest of the timed passes; memory is "
-        "the peak of every tensor of the forward (torch `MemTracker`, weights included). The exponent k is "
+        "the weights plus the peak of the CPU allocator's allocations during the forward (`torch.profiler` "
+        "with profile_memory, which also sees a fused kernel's scratch). The exponent k is "
         "the least-squares slope of log y on log n over the sweep; the analytic k is the same fit of the "
         "roofline time (analytic FLOPs, attention causal, and bytes against the calibrated peak) and of "
         "the analytic peak memory. Attention runs SDPA's default CPU kernel (fused, O(n) memory). The sweep "
@@ -500,7 +501,7 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
     out += ["## 3. FlashAttention against SDPA's math backend", ""]
     if flash["details"]:
         out += ["The attention member of the family, whole-model prefill, SDPA forced to `math` (scores "
-                "materialised) and to `flash` (torch's fused CPU kernel). Memory by `MemTracker` as above.", ""]
+                "materialised) and to `flash` (torch's fused CPU kernel). Memory by the profiler as above.", ""]
         out += _table(["length", "math ms", "flash ms", "speed-up", "math peak", "flash peak", "memory ratio"],
                       [[length(int(t)), f"{1e3 * r['math_s']:,.0f}", f"{1e3 * r['flash_s']:,.0f}",
                         f"{r['speedup']:.2f}×", f"{r['math_bytes'] / 2**20:,.0f} MiB",

@@ -43,6 +43,16 @@ def test_bench_keys_are_documented() -> None:
     assert set(printed["prefill"]) - listed == set() and set(printed["decode"]) - listed == set()
 
 
+def test_bench_sweep_keys_are_documented() -> None:
+    """A --seq sweep's objects, each key and each point's and exponent's."""
+    pytest.importorskip("torch")
+    out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--seq", "16,32",
+                                   "--iters", "1", "--warmup", "0", "--json"])
+    (printed,) = json.loads(out.stdout)
+    keys = set(printed) | set(printed["points"][0]) | set(printed["exponent"])
+    assert keys - _listed("archplan bench SPEC --json") == set()
+
+
 def test_bench_train_keys_are_documented() -> None:
     pytest.importorskip("torch")
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--train", "--device", "cpu",

@@ -128,6 +128,9 @@ def peak_memory(device: torch.device, since: str = "the model was built") -> tup
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, f"process peak RSS since {since} (VmHWM)"
+                    # the whole process's resident set: the torch runtime (a few hundred MiB) too
+                    return (int(line.split()[1]) * 1024,
+                            f"process peak RSS since {since} (VmHWM), torch's runtime included")
     # ru_maxrss is KiB on Linux: the process's lifetime high-water mark, torch import included.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (ru_maxrss)"
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "process peak RSS (ru_maxrss), torch's runtime included")
