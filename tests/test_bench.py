@@ -791,3 +791,14 @@ def test_the_fit_estimate_holds_the_attention_mask_a_prompt_builds(position: str
         assert estimated == 0  # SDPA's is_causal: no mask is built
         return
     assert mask.numel() * mask.element_size() <= trace.peak <= estimated <= 4 / 3 * trace.peak
+
+
+def test_the_cpu_peak_memory_says_it_is_the_whole_process() -> None:
+    """On CPU the peak is the process's resident high-water mark: torch's runtime (a few hundred
+    MiB) is in it, which a tiny model's row printed beside its analytic kilobytes without a word."""
+    from archplan.bench.device import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    peak, method = peak_memory(cpu)
+    assert peak > 0 and method.startswith("process peak RSS") and "torch's runtime included" in method
