@@ -123,6 +123,11 @@ class BenchResult:
                 "compute bound are not meaningful here (another --dtype may calibrate a truer one)")
 
     @property
+    def decode_noise(self) -> str | None:
+        """The timed decode steps' spread, judged as prefill's is (None without decode steps)."""
+        return self.decode.noise_note("decode step") if self.decode is not None else None
+
+    @property
     def decode_prediction_error(self) -> float | None:
         """(predicted − measured) / measured for one decode step."""
         if self.decode_seconds_per_token is None or self.predicted_decode is None:
@@ -139,6 +144,7 @@ class BenchResult:
         if self.decode_seconds_per_token is not None:
             assert self.predicted_decode is not None
             assert self.decode_model is not None
+            assert self.decode is not None  # the timed steps behind decode_seconds_per_token
             dm = self.decode_model
             batch = self.config.batch
             decode = {
@@ -148,9 +154,9 @@ class BenchResult:
                 "tokens_per_s": batch / self.decode_seconds_per_token,
                 "predicted_ms_per_step": 1e3 * self.predicted_decode.seconds,
                 "predicted_ms_per_token": 1e3 * self.predicted_decode.seconds / batch,
-                "p10_s": self.decode.quantile(0.1) if self.decode is not None else None,
-                "p90_s": self.decode.quantile(0.9) if self.decode is not None else None,
-                "noise": self.decode.noise_note("decode step") if self.decode is not None else None,
+                "p10_s": self.decode.quantile(0.1),
+                "p90_s": self.decode.quantile(0.9),
+                "noise": self.decode_noise,
                 "error": self.decode_prediction_error,
                 "steps": self.config.decode_tokens,
                 "context": dm.context,

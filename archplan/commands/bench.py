@@ -227,8 +227,7 @@ def bench(
             echo(jsonout.dumps(result.to_json(), indent=2))
         else:
             _render(result, plan.name)
-            decode_noise = result.decode.noise_note("decode step") if result.decode is not None else None
-            notes += [f"note: {line}" for line in (result.prefill.noise_note("prefill"), decode_noise,
+            notes += [f"note: {line}" for line in (result.prefill.noise_note("prefill"), result.decode_noise,
                                                    result.peak_note()) if line]
     for line in notes:  # after the run: a refused option stays a one-line error
         Console(stderr=True).print(line)
