@@ -63,8 +63,8 @@ def register(app: typer.Typer) -> None:
         config = LintConfig(selected, config.ignore + parse_codes(ignore), config.strict if strict is None else strict,
                             config.source)
         result = lint_paths(paths, config)
-        settle(result.exit_code(config.strict))
+        code = settle(result.exit_code(config.strict))
         echo(render(result, Format.json if as_json else fmt or Format.text), nl=False)
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it.
-        raise SystemExit(result.exit_code(config.strict))
+        raise SystemExit(code)
