@@ -174,6 +174,10 @@ def _kv_table(r: dict[str, Any]) -> _Section:
     return table
 
 
+def _has_mtp(r: dict[str, Any]) -> bool:
+    return "multi-token prediction" in r["params"]["by_kind"]
+
+
 def _inference_table(r: dict[str, Any]) -> _Section:
     m, kv = r["memory"], r["kv_cache"]
     table = _table(
@@ -181,7 +185,7 @@ def _inference_table(r: dict[str, Any]) -> _Section:
         f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
         "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128 (4.125 bits a weight: "
         "a row whose width 128 does not divide pays its last scale pro rata), the rest bf16; no runtime overhead" + ("; the multi-token-prediction modules left out (training only)"
-                      if "multi-token prediction" in r["params"]["by_kind"] else ""),
+                      if _has_mtp(r) else ""),
         ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))
     peak = max(m["inference_bytes_by_dtype"].values())
     for dtype, weights in m["weights_by_dtype"].items():
@@ -408,11 +412,19 @@ def training_dtypes(training: dict[str, Any]) -> str:
 
 
 def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
+    from archplan.report import FLOPS_CONVENTION  # not at import: the CLI loads render before any report
+
     first = reports[0]
     t = first["memory"]["training"]
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
-                f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. " + first["flops"]["convention"])
+                f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. " + FLOPS_CONVENTION)
+    with_mtp = [r["name"] for r in reports if _has_mtp(r)]
+    if with_mtp:
+        # each column's own caveat, whatever the column order: `size` prints both beside the figures
+        settings += (f". {', '.join(with_mtp)}: training also runs the multi-token-prediction modules, which "
+                     "inference does not, so training is more than 3 x forward; the weights and inference rows "
+                     "leave those modules out.")
     gpu = first["chinchilla"]["gpu"]
     if gpu is not None:
         settings += (f" GPU-hours: model FLOPs (training FLOPs/token × D, not 6ND) at the dense bf16 peak of the "

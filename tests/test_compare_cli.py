@@ -175,3 +175,15 @@ def test_near_equal_figures_are_told_apart_and_losses_compared_by_difference() -
     assert row.split("│")[-1].strip() == "2.77 B (0.34×)"  # whole on one line
     size = runner.invoke(app, ["size", "mamba-2.8b"], env={"COLUMNS": "200"}).stdout
     assert next(ln for ln in size.splitlines() if ln.startswith("per token (one sequence)")).split("│")[-1].strip() == "none"
+
+
+@pytest.mark.parametrize("order", [("deepseek-v3", "deepseek-v3-mtp"), ("deepseek-v3-mtp", "deepseek-v3")])
+def test_the_mtp_caveats_follow_the_column_not_the_first_one(order: tuple[str, str]) -> None:
+    """The caption took its FLOP convention from the first column: with deepseek-v3 first, the
+    -mtp column's training FLOPs (more than 3 x forward) and its weights rows (which leave the
+    multi-token-prediction modules out) stood under a caption that said neither."""
+    out = " ".join(runner.invoke(app, ["compare", *order], env={"COLUMNS": "200"}).stdout.split())
+    assert ("deepseek-v3-mtp: training also runs the multi-token-prediction modules, which inference does not, "
+            "so training is more than 3 x forward; the weights and inference rows leave those modules out.") in out
+    assert "deepseek-v3: training" not in out
+    assert out.count("multi-token") == 1
