@@ -70,6 +70,9 @@ def test_schema_rejects_what_the_spec_rejects(validator) -> None:
     assert not validator.is_valid({**good, "n_layer": 4})  # unknown field (extra="forbid")
     assert not validator.is_valid({**good, "d_model": 0})  # out of range
     assert not validator.is_valid({**good, "position": {"kind": "rotary"}})  # unknown kind
+    # a tagged union's tag is required, as the loader's discriminated union requires it
+    assert not validator.is_valid({**good, "position": {"theta": 5e5}})
+    assert not validator.is_valid({**good, "attention": {"n_heads": 4}})
     # control characters: none in a name, prose keeps its line breaks and tabs, as the loader rules
     assert not validator.is_valid({**good, "name": "a\x1b[31mb"})
     assert not validator.is_valid({**good, "description": "x\x07"})

@@ -28,7 +28,28 @@ def render_schema() -> str:
     from archplan.spec import Spec
 
     schema = {"$schema": SCHEMA_DIALECT, **Spec.model_json_schema()}
+    _require_tags(schema, schema["$defs"])
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
+def _require_tags(node: object, defs: dict[str, dict]) -> None:
+    """Make each tagged union's tag required in its members, as the loader does. Pydantic leaves it
+    out of `required` because every member declares its tag with a default (`kind: Literal["rope"] =
+    "rope"`, so a member can be built in code without it), and a validator then passes
+    `position: {theta: 5e5}`, which the loader's discriminated union refuses: `kind` is missing."""
+    if isinstance(node, dict):
+        tag = node.get("discriminator")
+        if tag is not None:
+            for ref in tag["mapping"].values():
+                member = defs[ref.removeprefix("#/$defs/")]
+                required = member.setdefault("required", [])
+                if tag["propertyName"] not in required:
+                    required.insert(0, tag["propertyName"])
+        for value in node.values():
+            _require_tags(value, defs)
+    elif isinstance(node, list):
+        for value in node:
+            _require_tags(value, defs)
 
 
 def register(app: typer.Typer) -> None:
