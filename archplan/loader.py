@@ -217,9 +217,11 @@ def _bad_keys(node: yaml.Node, file: str) -> Iterator[ArchplanError]:
 
 def _locations(node: yaml.Node, path: tuple[str | int, ...], out: dict) -> None:
     if isinstance(node, yaml.MappingNode):
+        # after construction a merge (`<<: *base`) puts the merged keys first and the mapping's own
+        # after them, so the last place of a key is the one whose value the data holds
         for k, v in node.value:
             key_path = path + (k.value,)
-            out.setdefault(key_path, (k.start_mark.line + 1, k.start_mark.column + 1))
+            out[key_path] = (k.start_mark.line + 1, k.start_mark.column + 1)
             _locations(v, key_path, out)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):

@@ -535,6 +535,9 @@ def test_a_merge_key_is_overridden_by_the_mappings_own_keys() -> None:
     assert loaded.data["b"] == {"x": 1, "y": 3}
     with pytest.raises(ArchplanError, match="duplicate key 'y'"):
         parse_yaml("a: &a {x: 1}\nb: {<<: *a, y: 3, y: 4}\n", "x")
+    # an error on the own key names its line, not the anchor's, whose value the data does not hold
+    assert loaded.locations[("b", "y")] == (2, 13)
+    assert loaded.locations[("b", "x")] == (1, 8)
 
 
 @pytest.mark.parametrize(("text", "said"), [
