@@ -1378,3 +1378,30 @@ def test_an_all_dense_qwen_moe_config_passes_strict() -> None:
               "router_aux_loss_coef": 0.01}
     config["num_hidden_layers"] = 2
     assert _imported(config, strict=True).spec.moe is None
+
+
+@pytest.mark.parametrize(("change", "placement"), [
+    ({"num_hidden_layers": 8, "first_k_dense_replace": 10}, "first_k_dense_replace: all 8 layers dense"),
+    ({"n_routed_experts": None}, "n_routed_experts null: all 61 layers dense"),
+])
+def test_an_moe_config_with_no_expert_layer_is_said(change: dict[str, Any], placement: str) -> None:
+    """A DeepSeek config whose experts land on no layer imported as a dense model without a word,
+    its expert keys marked inert: a slip in first_k_dense_replace went unseen."""
+    data = {**json.loads((FIXTURES / "hf-configs" / "deepseek-v3.json").read_text()), **change}
+    imported = convert_config(data, file="config.json", name="t")
+    assert imported.spec.moe is None
+    assert any(note.startswith(f"no layer gets experts ({placement}), so num_experts_per_tok, n_shared_experts")
+               for note in imported.said)
+    plain = convert_config(json.loads((FIXTURES / "hf-configs" / "deepseek-v3.json").read_text()),
+                           file="config.json", name="t")
+    assert not any(note.startswith("no layer gets experts") for note in plain.said)
+
+
+def test_the_mtp_module_left_out_is_said_on_stderr() -> None:
+    """The checkpoint's 11.6 B multi-token-prediction module, which transformers does not build,
+    was left out with a note in the spec's reference only: nothing on stderr or in --json's said."""
+    data = json.loads((FIXTURES / "hf-configs" / "deepseek-v3.json").read_text())
+    assert any(note.startswith("num_nextn_predict_layers: transformers does not build")
+               for note in convert_config(data, file="config.json", name="t").said)
+    assert not any(note.startswith("num_nextn_predict_layers")
+                   for note in convert_config(data, file="config.json", name="t", mtp=True).said)

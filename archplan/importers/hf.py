@@ -705,6 +705,10 @@ def place_moe(cfg: HFConfig, spec: dict[str, Any], *, mixers: str, moe: Callable
     spec.pop("ffn")
     if not moe_layers:
         cfg.inert(*expert_keys)
+        given = [key for key in expert_keys if cfg.has(key) and cfg.get(key) is not None]
+        if given:  # an all-dense model from an MoE config: likely a slip in the experts' placement
+            cfg.said.append(f"no layer gets experts ({fields}: all {n_layers} layers dense), "
+                            f"so {', '.join(given)} size nothing")
         spec["ffn"] = glu(dense_ff, act)
         spec["layout"] = Layout(mixers=mixers)
         return spec
@@ -1324,8 +1328,8 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
     if depth and cfg.mtp:
         cfg.notes.append(f"num_nextn_predict_layers: built as `mtp: {{depth: {depth}}}` (--mtp); transformers "
                          "builds no multi-token-prediction module, so its count is the main model's")
-    elif depth:
-        cfg.notes.append("num_nextn_predict_layers: transformers does not build the multi-token-prediction "
+    elif depth:  # said on stderr: the checkpoint holds a module the spec sizes nothing of
+        cfg.said.append("num_nextn_predict_layers: transformers does not build the multi-token-prediction "
                          f"module, so neither does this spec; import with --mtp, or add `mtp: {{depth: {depth}}}`, "
                          "to size it as trained (the deepseek-v3-mtp preset)")
     dims = read_dims(cfg, head_dim_key=False, kv_key=None)
@@ -1375,7 +1379,8 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         spec["mtp"] = MultiTokenPrediction(depth=depth)
     # a dense DeepSeek (no routed experts, or no layer past first_k_dense_replace): no expert is built
     return place_moe(cfg, spec, mixers="A", moe=moe, moe_layers=layers,
-                     dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace",
+                     dense_ff=cfg.int_("intermediate_size"),
+                     fields="first_k_dense_replace" if n_routed is not None else "n_routed_experts null",
                      expert_keys=("num_experts_per_tok", "n_shared_experts", "norm_topk_prob",
                                   "routed_scaling_factor", "moe_intermediate_size", "n_group", "topk_group",
                                   "topk_method", "aux_loss_alpha", "seq_aux"))
