@@ -220,7 +220,7 @@ def test_s4_decode_step_is_the_output_linear_plus_an_elementwise_recurrence(dplr
     for context in (1, 9):
         step = decode_flops(p, context, 3)
         assert step.counted_by_component["layers.0.mixer"] == 3 * 2 * 8 * 16
-        per_mode = 18 + (16 if dplr else 0)
+        per_mode = 18 + (12 if dplr else 0)
         discretise = (60 if dplr else 20) * 8 * 2
         assert step.elementwise_by_component["layers.0.mixer"] == 3 * 8 * (per_mode * 2 + 15) + discretise + 3 * 8
 

@@ -68,32 +68,77 @@ def test_layer_against_state_spaces_written_out(dplr: bool) -> None:
         torch.testing.assert_close(m(x), a * torch.sigmoid(gate), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dplr", [False, True])
-def test_kernel_equals_the_naive_closed_form(dplr: bool) -> None:
-    """S4D: K_l = 2·Re Σ C·B̄·Ā^l (ZOH); S4: Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A), A = Λ − p·p*, by dense
-    complex linear algebra (torch.linalg), against the Woodbury + doubling path."""
-    m = mixer(plan(dplr))
-    length = 13
+def _conj(z: torch.Tensor) -> torch.Tensor:
+    """The N = 2M modes from the M kept ones: [z; z̄] along the last axis."""
+    return torch.cat([z, z.conj()], dim=-1)
+
+
+def _s4_full_space(m: S4Mixer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S4's system on all N = 2M modes, complex128, by dense linear algebra: (Δ, Ā, B̄, C, Λ·Δ) with
+    A = diag(Λ, Λ̄) − P·P*, P = [p; p̄], B = [b; b̄], C = [c; c̄] (state-spaces/s4 keeps the first
+    half and reaches the rest by `_conj`)."""
     dt = torch.exp(m.log_dt.detach()).double()
     rep = D_MODEL // m.plan.n_ssm
-    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double())
-    lam = lam.repeat_interleave(rep, 0)
+    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double()).repeat_interleave(rep, 0)
     b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
+    p = torch.view_as_complex(m.P.detach().double().contiguous()).repeat_interleave(rep, 0)
     c = torch.view_as_complex(m.C.detach().double().contiguous())
+    pf = _conj(p)
+    a = torch.diag_embed(_conj(lam)) - pf[:, :, None] * pf.conj()[:, None, :]
+    eye = torch.eye(a.shape[-1], dtype=a.dtype)
+    half = (dt / 2)[:, None, None]
+    inv = torch.linalg.inv(eye - half * a)
+    return dt, inv @ (eye + half * a), (inv @ (dt[:, None] * _conj(b))[..., None])[..., 0], _conj(c), lam * dt[:, None]
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+def test_kernel_equals_the_naive_closed_form(dplr: bool) -> None:
+    """S4D: K_l = 2·Re Σ C·B̄·Ā^l (ZOH); S4: K_l = C·Ā^l·B̄ on all N modes, Ā = (I − Δ/2·A)⁻¹(I +
+    Δ/2·A), A = diag(Λ, Λ̄) − P·P*, P = [p; p̄], by dense complex linear algebra (torch.linalg),
+    against the Woodbury + doubling path on the kept half. The rank-one term on the kept half
+    alone (two uncoupled halves) was 19% off in one channel here."""
+    m = mixer(plan(dplr))
+    length = 13
     if dplr:
-        p = torch.view_as_complex(m.P.detach().double().contiguous()).repeat_interleave(rep, 0)
-        a = torch.diag_embed(lam) - p[:, :, None] * p.conj()[:, None, :]
-        eye = torch.eye(lam.shape[1], dtype=a.dtype)
-        half = (dt / 2)[:, None, None]
-        inv = torch.linalg.inv(eye - half * a)
-        da = inv @ (eye + half * a)
-        db = (inv @ (dt[:, None] * b)[..., None])[..., 0]
-        powers = [torch.linalg.matrix_power(da, l) @ db[..., None] for l in range(length)]
-        ref = torch.stack([2 * (c * v[..., 0]).sum(-1).real for v in powers], dim=-1)
+        _, da, db, c, _ = _s4_full_space(m)
+        ref = torch.stack([(c * (torch.linalg.matrix_power(da, l) @ db[..., None])[..., 0]).sum(-1).real
+                           for l in range(length)], dim=-1)
     else:
+        dt = torch.exp(m.log_dt.detach()).double()
+        rep = D_MODEL // m.plan.n_ssm
+        lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double())
+        lam = lam.repeat_interleave(rep, 0)
+        b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
+        c = torch.view_as_complex(m.C.detach().double().contiguous())
         da = torch.exp(dt[:, None] * lam)
         db = (da - 1) / lam * b
         ref = torch.stack([2 * (c * db * da**l).sum(-1).real for l in range(length)], dim=-1)
+    torch.testing.assert_close(m.kernel(length).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_s4_kernel_is_state_spaces_cauchy_kernel() -> None:
+    """The kernel state-spaces/s4's `SSMKernelDPLR` computes in frequency space (Gu et al. 2022,
+    Alg. 1): at the roots of unity ω, z = 2(1 − ω)/(1 + ω), the Cauchy sums k(z) = Σ over all N
+    modes of v/(z − ΛΔ), v = Δ·C̃·B etc., the rank-one Woodbury correction
+    k_CB − k_CP·k_QB/(1 + k_QP), times 2/(1 + ω), then an inverse FFT. Its C̃ is C·(I − Ā^L),
+    which the truncated kernel's generating function needs."""
+    m = mixer(plan(True), seed=3)
+    length = 16
+    dt, da, _, c, lam_dt = _s4_full_space(m)
+    rep = D_MODEL // m.plan.n_ssm
+    b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
+    p = torch.view_as_complex(m.P.detach().double().contiguous()).repeat_interleave(rep, 0)
+    modes = b.shape[-1]
+    c_tilde = (c - (torch.linalg.matrix_power(da, length).transpose(-1, -2) @ c[..., None])[..., 0])[:, :modes]
+    omega = torch.exp(-2j * math.pi * torch.arange(length // 2 + 1, dtype=torch.float64) / length)
+    z = 2 * (1 - omega) / (1 + omega)
+
+    def cauchy(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        v = _conj(left * right * dt[:, None])
+        return (v[..., None] / (z - _conj(lam_dt)[..., None])).sum(-2)
+
+    k_f = cauchy(c_tilde, b) - cauchy(c_tilde, p) * cauchy(p.conj(), b) / (1 + cauchy(p.conj(), p))
+    ref = torch.fft.irfft(k_f * 2 / (1 + omega), n=length)
     torch.testing.assert_close(m.kernel(length).double(), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -236,13 +281,19 @@ def test_buffers_match_analytic(dplr: bool, buffers: bool) -> None:
 
 
 def test_dplr_step_is_the_dense_step() -> None:
-    """S4's step applies Ā = diag(a) + q·rᵀ in O(N) (a⊙x + q·(rᵀx)): equal to the dense Ā·x."""
+    """S4's step applies Ā in O(N) (a⊙x + q·2·Re(rᵀx)): equal to the dense Ā of all N modes on the
+    conjugate-extended state [x; x̄], kept half, and to the real block the kernel's basis doubles."""
     m = mixer(plan(True))
-    disc = m._discrete()
-    x = torch.randn(2, D_MODEL, m.plan.modes, dtype=torch.complex64)
+    disc = m._discrete()  # fp32, as the module always computes it
+    _, da, db, _, _ = _s4_full_space(m)
+    modes = m.plan.modes
+    x = torch.randn(2, D_MODEL, modes, dtype=torch.complex64)
     u = torch.randn(2, D_MODEL, 1)
-    dense = (disc.dense() @ x[..., None])[..., 0] + disc.b_HM * u
-    torch.testing.assert_close(disc.step(x, u).detach(), dense.detach(), rtol=1e-5, atol=1e-6)
+    dense = ((da @ _conj(x.to(torch.complex128))[..., None])[..., 0][..., :modes] + db[:, :modes] * u.double()).to(torch.complex64)
+    torch.testing.assert_close(disc.step(x, u).detach(), dense, rtol=1e-5, atol=1e-6)
+    pairs = disc.real_block().detach() @ torch.cat([x.real, x.imag], dim=-1)[..., None]
+    torch.testing.assert_close(torch.complex(pairs[..., :modes, 0], pairs[..., modes:, 0]) + disc.b_HM.detach() * u,
+                               dense, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dplr", [False, True])

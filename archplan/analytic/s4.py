@@ -113,7 +113,7 @@ def s4_elementwise(m: S4Plan, d_model: int, batch: int, seq_len: int) -> int:
 
 def s4_decode_counted_flops(d_model: int) -> int:
     """One decode step of one sequence, counted: the output Linear(H, 2H) only. The recurrence is
-    elementwise for both S4D (diagonal Ā) and S4 (Ā = diag(a) + q·rᵀ applied in O(N)), and a single
+    elementwise for both S4D (diagonal Ā) and S4 (Ā applied in O(N) as a⊙x + q·2·Re(rᵀx)), and a single
     token into a fresh state steps too (modules/s4.py), so no kernel or FFT runs while decoding."""
     return 2 * s4_matmul_params(d_model)
 
@@ -121,12 +121,12 @@ def s4_decode_counted_flops(d_model: int) -> int:
 def s4_decode_elementwise(m: S4Plan, d_model: int, batch: int) -> int:
     """Our estimate of one decode step, elementwise. Per sequence, channel and complex mode: the
     update a⊙x + B̄·u (10: a complex product, a complex-by-real product, an add) and the output
-    Re Σ C·x (8: a complex product and the complex sum); S4 adds q·(rᵀx) (16: two complex products
-    and their adds). Per sequence and channel: D skip (2),
+    Re Σ C·x (8: a complex product and the complex sum); S4 adds q·2·Re(rᵀx) (12: a complex
+    product and the complex sum, a complex-by-real product, an add). Per sequence and channel: D skip (2),
     GELU, GLU. Once for the batch: the discretisation Ā, B̄ from (Δ, A, B, P), recomputed each step,
     exp and a complex division per mode (S4D, 20) or the Woodbury terms (S4, 60)."""
     h = d_model
-    per_mode = 18 + (16 if m.dplr else 0)
+    per_mode = 18 + (12 if m.dplr else 0)
     discretise = (60 if m.dplr else 20) * h * m.modes
     return batch * h * (per_mode * m.modes + 2 + _GELU + _GLU) + discretise
 
@@ -182,10 +182,11 @@ def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: 
     - Otherwise the doubling's steps keep their operands: each step multiplies Ā^(2^k) (H, N, N) by
       the basis so far. In fp32 the operand is a view of the whole basis built so far (its storage:
       Σ cols before each step); under autocast it is its bf16 cast, of the columns read (Σ need).
-    - The Woodbury discretisation (`_discrete`) keeps 11 complex64 and 3 fp32 (H, M) tensors and
-      6 complex64 and 3 fp32 values per channel: 100·M + 60 bytes; beside it Ā = diag + q·rᵀ
-      (`_Discrete.dense`) and C's row keep 16·M in fp32, 12·M under autocast, which also casts the
-      (H, N, N) block twice more once a step squares it (16·M²).
+    - The Woodbury discretisation (`_discrete`) keeps 11 complex64 and 3 fp32 (H, M) tensors, and
+      8 fp32 and one complex64 values per channel: 100·M + 40 bytes. Ā's real block
+      (`_Discrete.real_block`) keeps its rank-one term's two fp32 factors (H, N): 16·M. C's row
+      keeps 8·M in fp32, its bf16 cast 4·M under autocast, which also casts the (H, N, N) block
+      twice more once a step squares it (16·M²).
     Counted by tracing autograd's saved tensors, for T ≥ 2 (tests/test_modules_s4.py holds the sum
     exactly over widths, modes, lengths and both dtypes)."""
     h, modes, t = d_model, m.modes, seq_len
@@ -199,7 +200,8 @@ def s4_kernel_activation_bytes(m: S4Plan, d_model: int, seq_len: int, autocast: 
     doubling = act_bytes * h * n * kept + act_bytes * h * n * n * len(steps)
     # autocast's bf16 casts of the (H, N, N) block: two beside the steps' own once it is squared
     squared = 16 * modes * modes if len(steps) >= 2 else 0
-    discrete = h * (100 * modes + 60) + h * (12 * modes + squared if autocast else 16 * modes)
+    c_row = 4 * modes + squared if autocast else 8 * modes
+    discrete = h * (100 * modes + 40) + h * (16 * modes + c_row)
     return basis + doubling + discrete
 
 
@@ -293,22 +295,27 @@ def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocas
     - building the block: Ā, the block's two (H, N/2, N) halves (2·P each) and the block (4·P);
     - each doubling step's concatenation: the basis so far (fp32, `cols` columns), the step's
       product (`add` columns: fp32; under autocast the matmul's bf16 result and the fp32 copy the
-      concatenation promotes it to) and the new basis, beside Ā, the block and the last power
-      (bf16 under autocast, where the squarings return bf16);
-    - each squaring between steps: the old and the new power beside Ā, the block and the basis so
+      concatenation promotes it to) and the new basis, beside the block and the last power
+      (bf16 under autocast, where the squarings return bf16); Ā's complex form is gone by then
+      (`_Discrete.real_block` builds the block from it and adds the rank-one term in place);
+    - each squaring between steps: the old and the new power beside the block and the basis so
       far (under autocast the first one casts the block to bf16 twice).
     What autograd keeps of these differs by mode. In fp32 its matmuls keep their operands, the
-    bases so far and the powers: the last step's product and Ā are the transient, or, with one
-    step or none, the block's halves and Ā where the later bases are not made yet. Under autocast
-    they keep their bf16 casts, so the fp32 bases, Ā and the block are transient, less what is
+    bases so far and the powers: the last step's product is the transient, or, with one step or
+    none, the block's halves and Ā where the later bases are not made yet. Under autocast they
+    keep their bf16 casts, so the fp32 bases and the block are transient, less what is
     kept only later (the steps' casts after it, the squaring's casts of the block, the basis'
     cast C's matmul saves). With `ssm_buffers` no graph is kept, everything is transient but the
     basis, and the discretisation's (H, N/2) tensors stay in the frame, 16·H·N bytes.
     With autograd the block's moment also holds the discretisation's B̄ (complex (H, N/2); with
-    its bf16 cast under autocast): 4·H·N or 6·H·N bytes. Against a live-bytes trace of the mixer's
-    forward read at the generation's peak over 64 shapes (T 1 … 2,048, whole and partial
-    doublings, N 8 … 256, H 32 … 256, batch 1–4; 17 of them in tests/test_memory.py): −2.8% … 0%
-    in all four modes (a review's further shapes, to T 4,096, N 512 and H 16 … 256: −0.1% … 0%).
+    its bf16 cast under autocast): 4·H·N or 6·H·N bytes. Not priced: the discretisation's Ā
+    diagonal and r (complex (H, N/2) each, 8·H·N bytes), which the step's `_Discrete` holds and
+    no gradient saves. Against a live-bytes trace of the mixer's forward read at the generation's
+    peak over the 17 shapes of tests/test_memory.py (T 1 … 1,024, whole and partial doublings,
+    N 16 … 256, H 64 … 256, batch 1–4): exact with `ssm_buffers`, −1.4% … +0.6% with autograd
+    (−8·H·N in fp32 and −10·H·N under autocast where a step is the peak, +4·H·N where the block
+    is). Before S4's rank-one term spanned both conjugate halves (2026-12-07) the same trace over
+    64 shapes gave −2.8% … 0%.
     The forms before this priced the last step alone: 0.27 (T = 1) and 0.60 … 0.96 of the trace
     where N is large against T (the block or a squaring the peak), and under autocast up to 1.14
     over."""
@@ -321,11 +328,11 @@ def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocas
         power, product_bytes = (2 * p, 6) if autocast else (4 * p, 4)
         moments = [10 * p]
         for k, (cols, add) in enumerate(steps):
-            moments.append(6 * p + (power if k else 0) + h * n * (4 * cols + product_bytes * add + 4 * (cols + add)))
+            moments.append(4 * p + (power if k else 0) + h * n * (4 * cols + product_bytes * add + 4 * (cols + add)))
             if k < len(steps) - 1:
                 # the power squared: the block itself at the first squaring (cast twice under autocast)
                 old = power if k else (4 * p if autocast else 0)
-                moments.append(6 * p + power + old + 4 * h * n * (cols + add))
+                moments.append(4 * p + power + old + 4 * h * n * (cols + add))
         return max(moments) + 16 * h * n - (2 if autocast else 4) * h * n * t
     if autocast:
         kept = 2 * h * n * (t + sum(add for _, add in steps)) + 2 * p * len(steps) + (4 * p if len(steps) >= 2 else 0)
@@ -333,12 +340,12 @@ def s4_generation_transient_bytes(m: S4Plan, d_model: int, seq_len: int, autocas
         for k, (cols, add) in enumerate(steps):
             later = 2 * h * n * t + sum(2 * h * n * a + 2 * p for _, a in steps[k + 1:])
             later += 4 * p if k == 0 and len(steps) >= 2 else 0
-            moments.append(h * n * (4 * cols + 6 * add + 4 * (cols + add)) + 6 * p - later)
+            moments.append(h * n * (4 * cols + 6 * add + 4 * (cols + add)) + 4 * p - later)
         return max(moments)
     need = steps[-1][1] if steps else 0
     not_yet = 4 * h * n * (t + sum(cols for cols, _ in steps)) + 4 * p * max(len(steps) - 1, 0)
     block = 6 * p + (0 if steps else 4 * p) + 4 * h * n - not_yet
-    return max(4 * h * n * need + 2 * p, block)
+    return max(4 * h * n * need, block)
 
 
 def s4_doubling_backward_bytes(m: S4Plan, d_model: int, batch: int, seq_len: int, act_bytes: int,

@@ -12,17 +12,19 @@ matmul as a real one, about 4 x low):
   2·Re Σ C·B̄·Ā^l is the Vandermonde product, split in two levels: l = s·c + j with c ≈ √T, one
   real bmm of the rows [Re w_s, −Im w_s] of every chunk start (w_s = C·B̄·Ā^(s·c)) with the
   basis [Re Ā^j; Im Ā^j], 2·H·N per position in all.
-- S4 (bilinear, Gu et al. 2022 App. C.2): Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A) with A = Λ − P·P*. The
-  inverse of the diagonal-plus-rank-one matrix is the Woodbury identity, so Ā = diag(d) + q·rᵀ and
-  B̄ come out elementwise, exactly. Instead of the Cauchy kernel at the FFT nodes (which computes
-  the same truncated kernel in frequency space), V = [B̄, Ā·B̄, Ā²·B̄, …] is built by doubling on
-  the real 2N' × 2N' block form [[Re Ā, −Im Ā], [Im Ā, Re Ā]]: T − 1 matrix-vector columns and
+- S4 (bilinear, Gu et al. 2022 App. C.2): Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A) with A = Λ − P·P*, P·P*
+  over all N modes (P = [p; p̄]: the rank-one term couples each kept mode with its conjugate, as
+  s4.py's Cauchy kernel and linear step do). The inverse of the diagonal-plus-rank-one matrix is
+  the Woodbury identity, so Ā, which maps the kept half x to a⊙x + q·2·Re(rᵀx), and B̄ come out
+  elementwise, exactly. Instead of the Cauchy kernel at the FFT nodes (which computes the same
+  truncated kernel in frequency space), V = [B̄, Ā·B̄, Ā²·B̄, …] is built by doubling on Ā's real
+  2N' × 2N' form on [Re x; Im x] (`_Discrete.real_block`): T − 1 matrix-vector columns and
   ⌈log2 T⌉ − 1 squarings, all real bmm; then the same C contraction. Exact in exact arithmetic.
 The convolution is y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T] (no wrap-around), then + D·u.
 
 Decode: x ← Ā·x + B̄·u, y = 2·Re(C·x) + D·u, with x (B, H, N', 2) in fp32 (complex64 in the
 reference), 4·B·H·N bytes per layer whatever the model dtype. The step is elementwise for both:
-S4D's Ā is diagonal, and S4 applies Ā = diag(a) + q·rᵀ in its DPLR form, a⊙x + q·(rᵀx), O(N)
+S4D's Ā is diagonal, and S4 applies Ā in its DPLR form, a⊙x + q·2·Re(rᵀx), O(N)
 per channel (state-spaces/s4 step mode "linear"), never the dense N × N matrix. A prefill of
 T > 1 tokens into a fresh state runs the convolution and takes the final state as
 Σ_j Ā^(T−1−j)·B̄·u_j (real matmuls over the same basis); a single token, or any continuation,
@@ -148,8 +150,12 @@ class _FFTConv(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class _Discrete:
-    """The discretised SSM per channel, complex: Ā = diag(a) + q·rᵀ (S4D: q = r = None), B̄, and
-    for S4D log a = Δ·A."""
+    """The discretised SSM per channel on the kept half of the conjugate modes, complex: Ā x =
+    a⊙x + q·2·Re(rᵀx) (S4D: q = r = None) and B̄, and for S4D log a = Δ·A.
+
+    S4's rank-one term lives on all N = 2M modes, P = [p; p̄] (`S4Mixer._discrete`), so it reads a
+    kept mode and its conjugate alike: on the kept half it is q·(rᵀx + r̄ᵀx̄) = q·2·Re(rᵀx), a real-
+    linear map, not a complex-linear one."""
 
     a_HM: Tensor
     b_HM: Tensor
@@ -157,18 +163,24 @@ class _Discrete:
     q_HM: Tensor | None = None
     r_HM: Tensor | None = None
 
-    def dense(self) -> Tensor:
-        """Ā as (H, M, M): diag(a) + q·rᵀ."""
-        dense_HMM = torch.diag_embed(self.a_HM)
+    def real_block(self) -> Tensor:
+        """Ā on the real pairs [Re x; Im x] as (H, 2M, 2M): the diagonal's [[Re a, −Im a], [Im a,
+        Re a]] plus, for S4, 2·[Re q; Im q]·[Re r, −Im r] (2·Re(rᵀx) = 2·(Re r·Re x − Im r·Im x))."""
+        a = torch.diag_embed(self.a_HM)
+        block_HNN = torch.cat([torch.cat([a.real, -a.imag], dim=2), torch.cat([a.imag, a.real], dim=2)], dim=1)
         if self.q_HM is not None and self.r_HM is not None:
-            dense_HMM = dense_HMM + self.q_HM[:, :, None] * self.r_HM[:, None, :]
-        return dense_HMM
+            q_HN = torch.cat([self.q_HM.real, self.q_HM.imag], dim=1)
+            r_HN = torch.cat([self.r_HM.real, -self.r_HM.imag], dim=1)
+            # in place and elementwise: no (H, N, N) outer product beside the block, and no matmul
+            # for the FLOP count (the rank-one term is not one of the kernel's counted bmm)
+            block_HNN.addcmul_(q_HN[:, :, None], r_HN[:, None, :], value=2)
+        return block_HNN
 
     def step(self, x_BHM: Tensor, u_BH1: Tensor) -> Tensor:
-        """x ← Ā·x + B̄·u, elementwise: a⊙x (+ q·(rᵀx) for S4)."""
+        """x ← Ā·x + B̄·u, elementwise: a⊙x (+ q·2·Re(rᵀx) for S4)."""
         next_BHM = self.a_HM * x_BHM + self.b_HM * u_BH1
         if self.q_HM is not None and self.r_HM is not None:
-            next_BHM = next_BHM + self.q_HM * (self.r_HM * x_BHM).sum(-1, keepdim=True)
+            next_BHM = next_BHM + self.q_HM * 2 * (self.r_HM * x_BHM).sum(-1, keepdim=True).real
         return next_BHM
 
 
@@ -332,27 +344,28 @@ class S4Mixer(nn.Module):
         b_HM = torch.view_as_complex(self._per_channel(self.B).contiguous())
         p_HM = torch.view_as_complex(self._per_channel(self.P).contiguous())
         half = (dt_H / 2)[:, None]
-        # A1 = (I − Δ/2·(Λ − p p*))⁻¹ = D0 − c·q·wᵀ (Woodbury), D0 = 1/(1 − Δ/2·Λ), q = D0·p,
-        # wᵀ = p*·D0, c = (Δ/2) / (1 + (Δ/2)·p*·D0·p); A0 = diag(a0) − Δ/2·p p*, a0 = 1 + Δ/2·Λ
+        # The state is the M kept modes of N = 2M conjugate pairs, and A = Λ − P·P* on all N, with
+        # P = [p; p̄] (state-spaces/s4: `_setup_linear`'s R = I + 2·Re(Q·D·P), and
+        # `_step_state_linear` contracts over `_conj(·)`): every sum over the modes is 2·Re of the
+        # kept half's. A1 = (I − Δ/2·A)⁻¹ = D0 − c·q·wᵀ (Woodbury), D0 = 1/(1 − Δ/2·Λ), q = D0·p,
+        # wᵀ = p*·D0, c = (Δ/2) / (1 + (Δ/2)·s), s = P*·D0·P = 2·Re(wᵀp), real;
+        # A0 = diag(a0) − Δ/2·P·P*, a0 = 1 + Δ/2·Λ
         d0_HM = 1 / (1 - half * lam_HM)
         q_HM = d0_HM * p_HM
         w_HM = p_HM.conj() * d0_HM
-        s_H1 = (w_HM * p_HM).sum(-1, keepdim=True)
+        s_H1 = 2 * (w_HM * p_HM).sum(-1, keepdim=True).real
         c_H1 = half / (1 + half * s_H1)
         a0_HM = 1 + half * lam_HM
-        # Ā = A1·A0 = diag(D0·a0) + q·rᵀ, r = −Δ/2·(1 − c·s)·p* − c·w·a0 (expanded by hand)
+        # Ā = A1·A0 = diag(D0·a0) + Q·Rᵀ, R = [r; r̄], r = −Δ/2·(1 − c·s)·p* − c·w·a0 (expanded by hand)
         r_HM = -half * (1 - c_H1 * s_H1) * p_HM.conj() - c_H1 * w_HM * a0_HM
         dt_b_HM = dt_H[:, None] * b_HM
-        dB_HM = d0_HM * dt_b_HM - c_H1 * q_HM * (w_HM * dt_b_HM).sum(-1, keepdim=True)
+        dB_HM = d0_HM * dt_b_HM - c_H1 * q_HM * 2 * (w_HM * dt_b_HM).sum(-1, keepdim=True).real
         return _Discrete(d0_HM * a0_HM, dB_HM, q_HM=q_HM, r_HM=r_HM)
 
     def _dplr_basis(self, length: int) -> Tensor:
         """S4: real (H, N, T), rows [Re; Im] of Ā^l·B̄ for l < T, by doubling (module docstring)."""
         disc = self._discrete()
-        dA, dB_HM = disc.dense(), disc.b_HM
-        block_HNN = torch.cat(
-            [torch.cat([dA.real, -dA.imag], dim=2), torch.cat([dA.imag, dA.real], dim=2)], dim=1
-        )
+        block_HNN, dB_HM = disc.real_block(), disc.b_HM
         v_HNT = torch.cat([dB_HM.real, dB_HM.imag], dim=1)[:, :, None]
         power_HNN, cols = block_HNN, 1
         while cols < length:
