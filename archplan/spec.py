@@ -726,7 +726,7 @@ def _check_long_conv(spec: Spec) -> None:
             return
         case S4D() | S4():
             if conv.d_state % 2:
-                raise ValueError(f"long_conv.d_state ({conv.d_state}) must be even: modes come in conjugate pairs")
+                raise ValueError(f"long_conv.d_state: {conv.d_state} is odd; it must be even: modes come in conjugate pairs")
             if conv.n_ssm is not None and spec.d_model % conv.n_ssm:
                 raise ValueError(
                     f"long_conv.n_ssm: d_model ({spec.d_model}) is not divisible by n_ssm ({conv.n_ssm})"
@@ -734,7 +734,7 @@ def _check_long_conv(spec: Spec) -> None:
         case Hyena():
             if conv.l_max < spec.max_seq_len:
                 raise ValueError(
-                    f"long_conv.l_max ({conv.l_max}) is shorter than max_seq_len ({spec.max_seq_len}): "
+                    f"long_conv.l_max: {conv.l_max} is shorter than max_seq_len ({spec.max_seq_len}): "
                     "the implicit filter has no positions beyond l_max"
                 )
         case StripedHyena():
