@@ -722,7 +722,7 @@ def test_a_field_of_another_kind_names_that_kind(cli, tmp_path: Path) -> None:  
 @pytest.mark.parametrize(("conv", "said"), [
     ("{kind: s4d, d_state: 15}", ":8:24: long_conv.d_state: 15 is odd; it must be even"),
     ("{kind: hyena, l_max: 16}", ":8:26: long_conv.l_max: 16 is shorter than max_seq_len (64)"),
-    ("{kind: s4, d_state: 8, n_ssm: 3}", ":8:33: long_conv.n_ssm: d_model (64) is not divisible by n_ssm (3)"),
+    ("{kind: s4, d_state: 8, n_ssm: 3}", ":8:35: long_conv.n_ssm: d_model (64) is not divisible by n_ssm (3)"),
 ])
 def test_a_long_convolutions_cross_field_error_names_its_line(cli, tmp_path: Path, conv: str, said: str) -> None:  # type: ignore[no-untyped-def]
     """Two of these checks began `long_conv.d_state (15) must be even`, which the loader does not
