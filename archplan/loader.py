@@ -117,37 +117,62 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 class Yaml11Number(str):
     """An unquoted scalar that YAML 1.1 (PyYAML) reads as a number and YAML 1.2 does not: a leading
-    zero is octal (`010000` is 4096) and colons are base 60 (`3:20` is 200). Kept as its text, so a
-    name or a description keeps what was written and a number field refuses it, saying what 1.1
-    would have made of it (`reading`) instead of taking that number without a word."""
+    zero is octal (`010000` is 4096), `0b` binary, colons base 60 (`3:20` is 200), and underscores
+    separate digits (`4_096`). YAML 1.2, which editors and the JSON Schema of `archplan schema`
+    follow, reads each as text. Kept as its text, so a name or a description keeps what was
+    written and a number field refuses it, saying what 1.1 would have made of it (`reading`)
+    instead of taking that number without a word."""
 
     reading: str
 
 
-# the YAML 1.1 int and float forms that YAML 1.2 reads otherwise (PyYAML's resolver.py)
+# the YAML 1.1 int and float forms that YAML 1.2 reads otherwise (PyYAML's resolver.py): octal,
+# base 60, binary, and digits with underscores (decimal ints start 1-9 there; floats as `_FLOAT`)
 _YAML11_ONLY = re.compile(r"""^(?:[-+]?0[0-7_]+
-    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)$""", re.X)
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?
+    |[-+]?0b[01_]+
+    |[-+]?0x[0-9a-fA-F_]*_[0-9a-fA-F_]*
+    |[-+]?[1-9][0-9_]*_[0-9_]*
+    |[-+]?[0-9][0-9_]*_[0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*_[0-9_]*[eE][-+]?[0-9]+
+    |[-+]?[0-9][0-9_]*\.[0-9_]*_[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |\.[0-9_]*_[0-9_]*(?:[eE][-+]?[0-9]+)?)$""", re.X)
 _YAML11_TAG = "tag:archplan,2026:yaml11-number"
 
 
 def _construct_yaml11_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Yaml11Number:
     text = Yaml11Number(loader.construct_scalar(node))
+    sign = "-" if text.startswith("-") else ""
     digits = text.lstrip("+-")
     if ":" in text:
         base60 = (yaml.constructor.SafeConstructor.construct_yaml_float if "." in text else
                   yaml.constructor.SafeConstructor.construct_yaml_int)(loader, node)
         text.reading = f"YAML 1.1 reads it in base 60, as {base60:,}"
-    else:
-        sign = "-" if text.startswith("-") else ""
+    elif digits.startswith("0b"):
+        value = int(digits[2:].replace("_", ""), 2)
+        text.reading = f"YAML 1.1 reads 0b as binary, {sign}{value:,}; write {sign}{value}"
+    elif re.fullmatch(r"0[0-7_]+", digits):
         text.reading = (f"YAML 1.1 reads a leading zero as octal, {sign}{int(digits.replace('_', ''), 8):,}; "
                         f"write {sign}{digits.lstrip('0_') or '0'}")
+    else:
+        plain = text.replace("_", "")
+        text.reading = f"YAML 1.1 reads the underscores as digit separators and YAML 1.2 as text; write {plain}"
     return text
 
 
 # ahead of the inherited int resolver, which would match first
-for _first in "-+0123456789":
+for _first in "-+0123456789.":
     _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_YAML11_TAG, _YAML11_ONLY))
 _Loader.add_constructor(_YAML11_TAG, _construct_yaml11_number)
+
+# YAML 1.2's booleans only. YAML 1.1 (PyYAML) also reads yes/no/on/off as booleans, which YAML 1.2,
+# editors and the JSON Schema read as text: `tied: yes` loaded as true where the editor flagged it,
+# and `name: no` was refused as a boolean. Now they are text, which a boolean field refuses
+# (`_not_a_boolean` says why) and a name keeps.
+_BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+for _first, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, _BOOL_12 if tag == "tag:yaml.org,2002:bool" else regexp) for tag, regexp in _resolvers]
 
 
 def _check_shape(text: str, file: str) -> None:
@@ -459,7 +484,11 @@ def _shown(value: Any) -> str:
 
 def _not_a_boolean(value: Any) -> str:
     """The spec's booleans are strict (spec.py): YAML's true/false, unquoted."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+    if isinstance(value, str) and value.strip().lower() in ("yes", "no", "on", "off"):
+        meant = "true" if value.strip().lower() in ("yes", "on") else "false"
+        return (f"expected true or false, got {value!r}, which YAML 1.2 (editors, the schema) reads as text "
+                f"and YAML 1.1 as {meant}; write {meant}")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return f"expected true or false, got the string {value!r}; write true or false without quotes"
     return f"expected true or false, got {_as_yaml(value, 40)}"
 

@@ -247,11 +247,11 @@ def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def
 
 @pytest.mark.parametrize(("old", "new", "field", "needle"), [
     ("n_layers: 2", "n_layers: true", "n_layers", "expected an integer, got a boolean (true)"),
-    ("d_ff: 128", "d_ff: yes", "ffn.d_ff", "expected an integer, got a boolean (true)"),
+    ("d_ff: 128", "d_ff: true", "ffn.d_ff", "expected an integer, got a boolean (true)"),
     ("n_layers: 2", 'n_layers: "32"', "n_layers",
      "expected an integer, got the string '32'; write the number without quotes"),
     ("d_model: 64", "d_model: 64.0", "d_model", "expected an integer, got 64.0"),
-    ("n_kv_heads: 2}", "n_kv_heads: 2}\nposition: {kind: rope, theta: on}", "position.theta",
+    ("n_kv_heads: 2}", "n_kv_heads: 2}\nposition: {kind: rope, theta: true}", "position.theta",
      "expected a number, got a boolean (true)"),
     ("n_kv_heads: 2}", "n_kv_heads: 2}\nnorm: {eps: '1e-5'}", "norm.eps", "expected a number, got the string"),
     # the command line's suffixes (--tokens 15T) are not YAML's: say how to write the number
@@ -435,7 +435,11 @@ def test_absurdly_large_value(cli, tmp_path: Path) -> None:  # type: ignore[no-u
 
 @pytest.mark.parametrize(("value", "said"), [
     ('"true"', "expected true or false, got the string 'true'; write true or false without quotes"),
-    ('"off"', "expected true or false, got the string 'off'; write true or false without quotes"),
+    ('"false"', "expected true or false, got the string 'false'; write true or false without quotes"),
+    # YAML 1.1's yes/no/on/off: text in YAML 1.2, which editors and the schema follow
+    ("off", "expected true or false, got 'off', which YAML 1.2 (editors, the schema) reads as text and YAML 1.1 as "
+            "false; write false"),
+    ("yes", "got 'yes', which YAML 1.2 (editors, the schema) reads as text and YAML 1.1 as true; write true"),
     ("1", "expected true or false, got 1"),
 ])
 def test_a_boolean_field_takes_only_a_boolean(cli, tmp_path: Path, value: str, said: str) -> None:  # type: ignore[no-untyped-def]
@@ -448,6 +452,9 @@ def test_a_boolean_field_takes_only_a_boolean(cli, tmp_path: Path, value: str, s
 @pytest.mark.parametrize(("value", "said"), [
     ("010000", "expected an integer, got 010000: YAML 1.1 reads a leading zero as octal, 4,096; write 10000"),
     ("1:04", "expected an integer, got 1:04: YAML 1.1 reads it in base 60, as 64"),
+    ("0b1000000", "expected an integer, got 0b1000000: YAML 1.1 reads 0b as binary, 64; write 64"),
+    ("6_4", "expected an integer, got 6_4: YAML 1.1 reads the underscores as digit separators and YAML 1.2 as "
+            "text; write 64"),
 ])
 def test_a_number_only_yaml_1_1_reads_is_refused(cli, tmp_path: Path, value: str, said: str) -> None:  # type: ignore[no-untyped-def]
     """PyYAML follows YAML 1.1: `d_model: 010000` loaded as 4096 and `n_layers: 3:20` as 200."""
@@ -455,10 +462,11 @@ def test_a_number_only_yaml_1_1_reads_is_refused(cli, tmp_path: Path, value: str
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", said)
 
 
-def test_a_name_keeps_what_yaml_1_1_would_read_as_a_number(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    path = spec_file(tmp_path, "name: 10:30\n" + BASE.split("\n", 1)[1])
+@pytest.mark.parametrize("name", ["10:30", "1_000", "no", "on"])
+def test_a_name_keeps_what_yaml_1_1_would_read_as_a_number_or_a_boolean(cli, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    path = spec_file(tmp_path, f"name: {name}\n" + BASE.split("\n", 1)[1])
     outcome = cli("size", path, "--json")
-    assert outcome.code == 0 and json.loads(outcome.stdout)["name"] == "10:30", outcome
+    assert outcome.code == 0 and json.loads(outcome.stdout)["name"] == name, outcome
 
 
 def test_python_tag_is_refused_and_never_runs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
