@@ -165,10 +165,14 @@ def test_recognised_validator_errors_carry_a_worked_fix() -> None:
 
 @pytest.mark.parametrize("d_model, n_heads, fix", [
     # nearest splits with an even head_dim (500 / 4 = 125 would fail AP005 under the default RoPE)
-    (500, 8, "use n_heads dividing d_model (nearest: 2, 5, 10), make d_model a multiple of n_heads (496 or 504)"),
+    # and d_model's multiples of 2·n_heads: 504 / 8 = 63 would fail AP005 the same way
+    (500, 8, "use n_heads dividing d_model (nearest: 2, 5, 10), make d_model a multiple of 2·n_heads, for an even "
+             "head_dim (496 or 512)"),
     # no split into several heads: the list was empty ("( are nearest)") or d_model heads of width 1
-    (1, 8, "d_model (1) cannot be split into several heads: make d_model a multiple of n_heads (8), or write"),
-    (509, 8, "d_model (509) cannot be split into several heads: make d_model a multiple of n_heads (504 or 512)"),
+    (1, 8, "d_model (1) cannot be split into several heads: make d_model a multiple of 2·n_heads, for an even "
+           "head_dim (16), or write"),
+    (509, 8, "d_model (509) cannot be split into several heads: make d_model a multiple of 2·n_heads, for an even "
+             "head_dim (496 or 512)"),
 ])
 def test_implicit_head_dim_fix_is_sensible_at_the_edges(d_model: int, n_heads: int, fix: str) -> None:
     text = CLEAN.replace("d_model: 512", f"d_model: {d_model}").replace(
@@ -186,6 +190,54 @@ def test_mla_odd_rope_is_the_rotary_rule_at_its_field() -> None:
     )
     (finding,) = lint_text(text, "mla.yaml")
     assert finding.code == "AP005" and finding.line == 10 and finding.field == "attention.qk_rope_head_dim"
+    # MLA has no head_dim and rotates all of its rope width: the fix names the one field it has
+    assert finding.fix == "set attention.qk_rope_head_dim to 32 or 34"
+
+
+def test_odd_rotary_points_at_the_odd_head_dim_not_a_written_fraction_of_one() -> None:
+    """With `fraction: 1.0` written, the finding went to position.fraction, where the validator and
+    `size` name head_dim, the width that is odd."""
+    text = CLEAN.replace("attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}",
+                         "position: {kind: rope, fraction: 1.0}\nattention: {kind: mha, n_heads: 8, head_dim: 65}")
+    (finding,) = lint_text(text, "x.yaml")
+    assert finding.code == "AP005" and finding.field == "attention.head_dim" and finding.line == 6
+    assert finding.fix == ("rotate 64 or 66 dimensions: change attention.head_dim (d_model / n_heads where it is "
+                           "not written) or position.fraction")
+
+
+def test_group_limited_top_k_is_the_top_k_rule() -> None:
+    """A top_k beyond the experts of the kept groups is AP006's problem, reported as a bare AP002
+    without a fix before."""
+    text = CLEAN + "moe:\n  n_experts: 16\n  top_k: 8\n  expert: {kind: glu, d_ff: 256}\n" \
+                   "  router: {n_group: 8, topk_group: 1}\n"
+    (finding,) = lint_text(text, "x.yaml")
+    assert finding.code == "AP006" and finding.field == "moe.top_k" and finding.line == 9
+    assert finding.fix is not None and finding.fix.startswith("top_k must be at most the 2 experts of the kept groups")
+
+
+@pytest.mark.parametrize(("head_dim", "padded"), [(96, None), (32, None), (192, None), (80, 96), (160, 192), (60, 64)])
+def test_head_dim_alignment_follows_flash_attentions_rounding(head_dim: int, padded: int | None) -> None:
+    """FlashAttention-2 rounds head_dim to a multiple of 32 up to 128 and of 64 above: Phi-3's and
+    GPT-NeoX-20B's 96 has its own kernel and was flagged as padded."""
+    text = CLEAN.replace("attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}",
+                         f"attention: {{kind: mha, n_heads: 8, head_dim: {head_dim}}}")
+    found = [f for f in lint_text(text, "x.yaml") if f.code == "AP009"]
+    if padded is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and f"attention kernels run it as {padded}" in found[0].message
+
+
+def test_overtraining_is_measured_against_chinchillas_20_not_called_compute_optimal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`plan --law chinchilla` writes a spec at Hoffmann's Approach 3 optimum, 153 tokens/param at
+    1e26 FLOPs, which AP014 called 7.6x "the compute-optimal ~20"."""
+    target = tmp_path / "a.yaml"
+    assert run_cli(monkeypatch, capsys, "plan", "--compute", "1e26", "--family", "dense", "--law", "chinchilla",
+                   "-o", str(target))[0] == 0
+    findings = [f for f in lint_text(target.read_text(), str(target)) if f.code == "AP014"]
+    assert findings and all("compute-optimal" not in f.message + (f.fix or "") for f in findings)
+    assert "Chinchilla's ~20" in findings[0].message
 
 
 def test_mla_and_mamba_are_not_checked_with_head_rules() -> None:

@@ -312,7 +312,11 @@ def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str) -> list[F
         match = rule.detect.pattern.search(error.message)
         if match is None:
             continue
-        at = next((p for p in rule.detect.at if p in loaded.locations), None)
+        # the validator's own field where it is one of the rule's and written (AP005: head_dim 65
+        # beside a written fraction of 1), else the first of the rule's fields that is written
+        named = tuple(error.field.split(".")) if error.field else None
+        at = named if named in rule.detect.at and named in loaded.locations else \
+            next((p for p in rule.detect.at if p in loaded.locations), None)
         line, column = _locate(loaded, at) if at else (error.line or 1, error.column or 1)
         return [Finding(
             rule.code, rule.severity, file, line, column, error.message,

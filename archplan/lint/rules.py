@@ -31,6 +31,8 @@ FieldPath = tuple[Union[str, int], ...]
 # Tensor-core alignment in elements for 16-bit operands on A100-class GPUs: 128 bytes = 64 halves
 # (NVIDIA Deep Learning Performance, "Matrix Multiplication Background", §2.2 Tensor Core Requirements).
 ALIGN = 64
+# FlashAttention-2 rounds a head_dim up to a multiple of 32 up to 128, of 64 (ALIGN) above
+HEAD_DIM_TILE = 32
 # ~20 training tokens per parameter: the D/N ratio of Hoffmann et al. 2022 Table 3 (20.0-21.6).
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # Beyond this many times the Chinchilla ratio we say so (Llama-3-8B: 15T tokens, ~94x).
@@ -150,7 +152,8 @@ def _head_dim_fix(m: re.Match[str]) -> str:
     splits = [h for h in _divisors(d_model) if 1 < h < d_model]
     even = [h for h in splits if (d_model // h) % 2 == 0]
     explicit = "write attention.head_dim explicitly (then n_heads·head_dim may differ from d_model, as in Gemma)"
-    multiples = f"make d_model a multiple of n_heads ({_multiples(d_model, n_heads)})"
+    # a multiple of 2·n_heads: an even head_dim, which the default RoPE needs (504 / 8 = 63 is AP005)
+    multiples = f"make d_model a multiple of 2·n_heads, for an even head_dim ({_multiples(d_model, 2 * n_heads)})"
     if not splits:
         return f"d_model ({d_model}) cannot be split into several heads: {multiples}, or {explicit}"
     near = _nearest(even or splits, n_heads)
@@ -158,12 +161,20 @@ def _head_dim_fix(m: re.Match[str]) -> str:
 
 
 def _rotary_fix(m: re.Match[str]) -> str:
-    # Both validator messages (head rotary width, MLA qk_rope_head_dim) carry the odd width.
-    dim = int(m["dim"] or m["dim2"])
-    return f"rotate {dim - 1} or {dim + 1} dimensions: change head_dim, position.fraction or qk_rope_head_dim"
+    # Both validator messages carry the odd width: a head's rotary part (MHA/GQA/MQA: head_dim,
+    # or d_model / n_heads where it is not written, times position.fraction) or MLA's own width.
+    if m["dim2"] is not None:
+        dim = int(m["dim2"])
+        return f"set attention.qk_rope_head_dim to {dim - 1} or {dim + 1}"
+    dim = int(m["dim"])
+    return (f"rotate {dim - 1} or {dim + 1} dimensions: change attention.head_dim (d_model / n_heads where it "
+            "is not written) or position.fraction")
 
 
 def _top_k_fix(m: re.Match[str]) -> str:
+    if m["grouped"] is not None:  # group-limited routing: only topk_group groups' experts are candidates
+        return (f"top_k must be at most the {m['grouped']} experts of the kept groups: raise "
+                "moe.router.topk_group or lower top_k; DeepSeek-V3 routes 8 of 256 from 4 of 8 groups")
     return f"top_k must be at most n_experts ({m['experts']}); Mixtral routes 2 of 8, DeepSeek-V3 8 of 256"
 
 
@@ -212,14 +223,18 @@ def check_head_dim(ctx: SpecContext) -> Iterator[Hit]:
     if attn is None:
         return
     head_dim = attn.head_dim or ctx.spec.d_model // attn.n_heads
-    if head_dim % ALIGN:
+    # FlashAttention-2's flash_api.cpp: head_size_rounded = round_multiple(head_size, head_size <= 128
+    # ? 32 : 64), one kernel per rounded width: 96 runs as it is, 80 as 96 and 160 as 192
+    tile = HEAD_DIM_TILE if head_dim <= 128 else ALIGN
+    if head_dim % tile:
         written = ctx.written(("attention", "head_dim"))
         path: FieldPath = ("attention", "head_dim") if written else ("attention", "n_heads")
         how = "" if written else f" (d_model {ctx.spec.d_model:,} / n_heads {attn.n_heads})"
         yield Hit(
             path,
-            f"head_dim {head_dim}{how} is not a multiple of {ALIGN}: QKᵀ and AV run on padded tiles",
-            f"head_dim {_aligned_choices(head_dim)}",
+            f"head_dim {head_dim}{how} is not a multiple of {tile}: attention kernels run it as "
+            f"{_round_up(head_dim, tile)}, QKᵀ and AV on padded tiles",
+            f"head_dim {_multiples(head_dim, tile)}",
         )
 
 
@@ -250,7 +265,7 @@ def check_shared_experts(ctx: SpecContext) -> Iterator[Hit]:
         return
     yield Hit(
         ("moe", "n_experts"),
-        f"{moe.n_experts} fine-grained experts and no shared expert: common knowledge is learnt "
+        f"{moe.n_experts} experts and no shared expert: common knowledge is learnt "
         "again by many experts",
         "consider moe.shared: {n: 1, d_ff: <expert d_ff>} (DeepSeekMoE shared-expert isolation; "
         "DeepSeek-V3: 256 routed + 1 shared)",
@@ -320,9 +335,12 @@ def check_overtrained(ctx: SpecContext) -> Iterator[Hit]:
         yield Hit(
             ("training", "tokens"),
             f"{_tokens(tokens)} for {count(n_params)} active parameters is {ratio:,.0f} tokens/param, "
-            f"{ratio / CHINCHILLA_TOKENS_PER_PARAM:.1f}× the compute-optimal ~20",
-            "fine if deliberate (a smaller model trained longer is cheaper to serve); "
-            f"compute-optimal for these parameters is ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens",
+            f"{ratio / CHINCHILLA_TOKENS_PER_PARAM:.1f}× Chinchilla's ~20",
+            # not "compute-optimal": Hoffmann's Approach 3 fit (`plan --law chinchilla`) puts the
+            # optimum at 153 tokens/param at 1e26 FLOPs, and that spec would contradict it
+            "fine if deliberate (a smaller model trained longer is cheaper to serve) or where a fitted law "
+            "puts the optimum higher (Hoffmann's Approach 3, `plan --law chinchilla`, at large budgets); "
+            f"at 20 tokens/param these parameters take ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens",
         )
 
 
@@ -513,7 +531,8 @@ RULES: tuple[Rule, ...] = (
         "A token cannot be routed to more distinct experts than exist.",
         "Shazeer et al. 2017, Outrageously Large Neural Networks (arXiv:1701.06538) §2.1 (top-k gating)",
         Recognise(
-            re.compile(r"top_k \((?P<k>\d+)\) exceeds n_experts \((?P<experts>\d+)\)"),
+            re.compile(r"top_k \((?P<k>\d+)\) exceeds (?:n_experts \((?P<experts>\d+)\)|"
+                       r"the (?P<grouped>\d+) experts of router\.topk_group)"),
             (("moe", "top_k"),),
             _top_k_fix,
         ),
@@ -537,11 +556,14 @@ RULES: tuple[Rule, ...] = (
         check_ffn_width,
     ),
     Rule(
-        "AP009", "head-dim-alignment", "warning", "Attention head_dim not a multiple of 64",
+        "AP009", "head-dim-alignment", "warning", "Attention head_dim off the attention kernels' tiles",
         "head_dim is the inner dimension of QKᵀ and the output width of AV in every head; attention "
-        "kernels (cuBLAS, FlashAttention) tile it in steps of 32-64 and pad the rest. MHA/GQA/MQA "
-        "only: MLA's per-head widths and Mamba heads are sized by their own designs.",
-        _NVIDIA_GEMM + "; Dao 2023, FlashAttention-2 (arXiv:2307.08691) §3",
+        "kernels compile one kernel per head width and pad the rest up to it: FlashAttention-2 rounds "
+        "a head_dim up to a multiple of 32 up to 128 and of 64 above (96 runs as it is, 80 as 96, "
+        "160 as 192). MHA/GQA/MQA only: MLA's per-head widths and Mamba heads are sized by their "
+        "own designs.",
+        _NVIDIA_GEMM + "; Dao 2023, FlashAttention-2 (arXiv:2307.08691) §3; flash-attention's "
+        "csrc/flash_attn/flash_api.cpp (head_size_rounded)",
         check_head_dim,
     ),
     Rule(
@@ -555,8 +577,9 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "AP011", "moe-no-shared", "info", "Many experts and no shared expert",
-        "Fine-grained MoE (dozens to hundreds of small experts) tends to relearn common knowledge in "
-        "many experts; isolating one or two always-active shared experts removes that redundancy.",
+        "MoE with dozens to hundreds of experts (fine-grained ones especially) tends to relearn common "
+        "knowledge in many experts; isolating one or two always-active shared experts removes that "
+        "redundancy.",
         "Dai et al. 2024, DeepSeekMoE (arXiv:2401.06066) §3.2 (shared expert isolation)",
         check_shared_experts,
     ),
