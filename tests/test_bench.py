@@ -330,18 +330,25 @@ def test_cli_json_contract() -> None:
         assert out["prefill"][key] > 0
     assert out["decode"]["ms_per_token"] > 0
     assert out["predicted"]["prefill_s"] > 0
+    # under --layers the step is the full depth's; the spread goes with the built layers' median,
+    # as prefill's with measured_median_s (a median 7x above its own p90 before)
+    decode = out["decode"]
+    assert decode["p10_s"] <= decode["measured_ms_per_step"] / 1e3 <= decode["p90_s"]
+    assert decode["ms_per_step"] > decode["measured_ms_per_step"]
 
 
 def test_cli_text_names_the_extrapolated_depths() -> None:
     """The depths per layer kind as words (gpt2: one mha+dense layer built for 12), not a dict."""
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "gpt2", "--device", "cpu", "--dtype", "fp32", "--layers", "1",
-                                 "--seq", "8", "--decode-tokens", "0", "--warmup", "0", "--iters", "1"],
-                           env={"COLUMNS": "200"})
+                                 "--seq", "8", "--decode-tokens", "2", "--warmup", "0", "--iters", "1"],
+                           env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "extrapolated from the layers built to the full depth (mha+dense 1 → 12)" in result.output
     # the median shown is the full depth's; the spread beside it, what the built layer measured
-    assert re.search(r"full depth, extrapolated; the built layers measured [\d.]+ ms, p10 [\d.]+ / p90", result.output)
+    text = " ".join(result.output.split())
+    assert re.search(r"full depth, extrapolated; the built layers measured [\d.]+ ms, p10 [\d.]+ / p90", text)
+    assert re.search(r"full depth, extrapolated; the built layers measured [\d.]+ ms/step, p10 [\d.]+ / p90", text)
     assert "{'" not in result.output
 
 

@@ -154,6 +154,9 @@ class BenchResult:
                 "tokens_per_s": batch / self.decode_seconds_per_token,
                 "predicted_ms_per_step": 1e3 * self.predicted_decode.seconds,
                 "predicted_ms_per_token": 1e3 * self.predicted_decode.seconds / batch,
+                # as prefill's: the spread is the built layers' steps, whose median this is (under
+                # --layers, ms_per_step is the full depth extrapolated step by step)
+                "measured_ms_per_step": 1e3 * self.decode.median,
                 "p10_s": self.decode.quantile(0.1),
                 "p90_s": self.decode.quantile(0.9),
                 "noise": self.decode_noise,

@@ -271,9 +271,14 @@ def _render(result: object, name: str) -> None:
         assert result.predicted_decode is not None
         # one step is one new token for each of the batch's sequences
         per_token = "" if cfg.batch == 1 else f", {1e3 * result.decode_seconds_per_token / cfg.batch:.2f} ms a token"
+        assert result.decode is not None  # the timed steps behind decode_seconds_per_token
+        d = result.decode
+        steps = f"p10 {1e3 * d.quantile(0.1):.2f} / p90 {1e3 * d.quantile(0.9):.2f} ms"
+        measured = (f"full depth, extrapolated; the built layers measured {1e3 * d.median:.2f} ms/step, {steps}; "
+                    if result.extrapolation else f"{steps} measured; ")
         table.add_row("decode" + (" (eager)" if cfg.compile else ""),
                       f"{1e3 * result.decode_seconds_per_token:.2f} ms/step",
-                      f"a step: {cfg.batch} × 1 new token{per_token}; "
+                      f"{measured}a step: {cfg.batch} × 1 new token{per_token}; "
                       f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; predicted "
                       f"{1e3 * result.predicted_decode.seconds:.2f} ms, error "
                       f"{100 * (result.decode_prediction_error or 0):+.1f}% (decode model, docs/benchmarks.md)")
