@@ -156,7 +156,11 @@ def _bytes_or_none(n: float) -> str:
 def _kv_table(r: dict[str, Any]) -> _Section:
     kv = r["kv_cache"]
     table = _table(f"KV cache ({kv['dtype']})", kv["convention"], ("", "left"), ("bytes", "right"))
-    table.add_row("per token (one sequence)", _bytes_or_none(kv["bytes_per_token"]))
+    grown = kv["bytes"] - kv["ssm_state_bytes"] - kv.get("filter_cache_bytes", 0)
+    # a window caps the cache once it fills: the per-token figure times the context overstates it
+    capped = grown < kv["bytes_per_token"] * kv["context"] * kv["batch"]
+    table.add_row("per token (one sequence)" + (", until windows fill" if capped else ""),
+                  _bytes_or_none(kv["bytes_per_token"]))
     if kv["naive_mla_bytes_per_token"] is not None:
         table.add_row("per token, MLA without absorption", units.nbytes(kv["naive_mla_bytes_per_token"]))
     if kv.get("conv_bytes_per_token"):

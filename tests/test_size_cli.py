@@ -590,3 +590,18 @@ def test_a_loss_outside_the_fits_runs_is_marked_extrapolated() -> None:
     assert size_json("llama-3-8b", "--tokens", "15T")["chinchilla"]["extrapolated"] is True
     result = CliRunner().invoke(app, ["size", tiny, "--tokens", "1"])
     assert result.exit_code == 0 and "its losses are extrapolated" in " ".join(result.output.split())
+
+
+def test_the_per_token_cache_row_says_when_windows_cap_it() -> None:
+    """Mistral at 32,768 tokens: 128 KiB a token beside 512 MiB, not 4 GiB, once its 4,096-token
+    windows fill; the row said neither."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    def row(*args: str) -> str:
+        out = CliRunner().invoke(app, ["size", "mistral-7b", *args], env={"COLUMNS": "200"}).stdout
+        return next(ln for ln in out.splitlines() if ln.startswith("per token (one sequence)"))
+
+    assert row("--context", "32768").startswith("per token (one sequence), until windows fill")
+    assert not row("--context", "2048").startswith("per token (one sequence), until")
