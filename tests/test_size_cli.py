@@ -595,7 +595,6 @@ def test_a_loss_outside_the_fits_runs_is_marked_extrapolated() -> None:
 def test_the_per_token_cache_row_says_when_windows_cap_it() -> None:
     """Mistral at 32,768 tokens: 128 KiB a token beside 512 MiB, not 4 GiB, once its 4,096-token
     windows fill; the row said neither."""
-    from archplan.cli import app
 
     def row(*args: str) -> str:
         out = CliRunner().invoke(app, ["size", "mistral-7b", *args], env={"COLUMNS": "200"}).stdout
