@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from archplan.analytic import count_params, forward_flops, kv_cache, training_flops_per_token
+from archplan.analytic import count_params, forward_flops, kv_cache
 from archplan.bench.device import free_memory
 from archplan.bench.fit import FIT_FRACTION
 from archplan.contraction import ContractionDetector
@@ -200,7 +200,9 @@ class CrossCheck:
     ops: tuple[OpCount, ...]  # forward
     backward_ops: tuple[OpCount, ...]  # backward only (empty without a backward)
     training: Row | None  # one forward + backward at (batch, seq) against the analytic training FLOPs
-    training_per_token: int | None  # analytic training_flops_per_token at seq (batch-independent)
+    # the analytic training total over the run's batch × seq tokens, rounded half up: a long
+    # convolution makes its filters once per batch, so it is the batch's, not batch 1's
+    training_per_token: int | None
     training_ops: Mapping[str, int]
     kv: tuple[Row, ...]  # layers.i.mixer -> cache bytes after prefilling seq tokens on meta (bf16)
     real: RealCheck | None
@@ -741,10 +743,10 @@ def crosscheck(
     if counts.training is not None:
         training_ops = dict(counts.training)
         # 3 x the analytic forward + the FFT convolutions' backward adjustment (analytic/s4.py),
-        # exactly: training_flops_per_token is this total divided by the tokens and rounded, so it
-        # is compared in total, not per token.
+        # exactly: compared in total; the per-token figure is that total over the tokens, rounded.
         training = Row("forward+backward", flops.training("full"), sum(training_ops.values()))
-        training_per_token = training_flops_per_token(plan, seq_len)
+        tokens = batch * seq_len
+        training_per_token = (2 * training.analytic + tokens) // (2 * tokens)
     model.eval()  # the cache is inference's, as on the real instance
     kv_rows = _measure_cache(model, plan, tokens_BT, "meta", progress)
 

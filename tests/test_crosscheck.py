@@ -296,6 +296,18 @@ def test_json_shape() -> None:
     assert out["training_flops"]["counted"] == 3 * out["flops"]["counted"]
 
 
+def test_training_flops_per_token_is_the_runs_total_over_its_tokens() -> None:
+    """A Hyena layer makes its filters once per batch: at batch 3 the per-token figure was batch
+    1's (25% above the total it stood beside, on this width)."""
+    spec = Spec.model_validate({
+        "name": "hy", "vocab_size": 64, "d_model": 96, "n_layers": 1, "max_seq_len": 2048,
+        "position": {"kind": "none"}, "layout": {"mixers": "H"},
+        "long_conv": {"kind": "hyena", "order": 2, "filter_order": 64, "emb_dim": 33, "l_max": 2048}})
+    for batch in (1, 3):
+        out = cc.crosscheck(resolve(spec), seq_len=5, batch=batch, backward=True, real=False).to_json()
+        assert out["training_flops"]["analytic_per_token"] == round(out["training_flops"]["analytic"] / (5 * batch))
+
+
 TINY_SSM_MOE = Spec.model_validate({
     "name": "tiny-ssm-moe", "vocab_size": 32, "d_model": 16, "n_layers": 2, "max_seq_len": 32,
     "ssm": {"kind": "mamba1", "d_state": 4}, "layout": {"mixers": "M"},
