@@ -1397,6 +1397,18 @@ def test_an_moe_config_with_no_expert_layer_is_said(change: dict[str, Any], plac
     assert not any(note.startswith("no layer gets experts") for note in plain.said)
 
 
+@pytest.mark.parametrize(("data", "reason"), [
+    ({**TINY["qwen3_moe"].config, "num_experts": 0}, "num_experts 0: all 4 layers dense"),
+    ({**json.loads((FIXTURES / "hf-configs" / "jamba-v0.1.json").read_text()), "num_experts": 1},
+     "num_experts 1: all 32 layers dense"),
+])
+def test_the_expert_count_is_named_when_it_is_what_leaves_every_layer_dense(data: dict[str, Any], reason: str) -> None:
+    """Qwen's experts need num_experts > 0 and Jamba's more than one: the note blamed the layers'
+    placement (decoder_sparse_step, expert_layer_period), which was not the cause."""
+    said = convert_config(data, file="config.json", name="t").said
+    assert any(note.startswith(f"no layer gets experts ({reason})") for note in said), said
+
+
 def test_the_mtp_module_left_out_is_said_on_stderr() -> None:
     """The checkpoint's 11.6 B multi-token-prediction module, which transformers does not build,
     was left out with a note in the spec's reference only: nothing on stderr or in --json's said."""

@@ -799,7 +799,10 @@ def sparse_layers(cfg: HFConfig, n_layers: int, n_experts: int) -> list[int]:
 _QWEN_EXPERT_KEYS = ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef")
 
 
-def _sparse_fields(cfg: HFConfig) -> str:
+def _sparse_fields(cfg: HFConfig, n_experts: int) -> str:
+    """What places Qwen's experts, as `place_moe` names it: with none, their count is the reason."""
+    if n_experts == 0:
+        return "num_experts 0"
     return "mlp_only_layers" if cfg.int_list("mlp_only_layers") else "decoder_sparse_step"
 
 
@@ -825,7 +828,7 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
                         "cannot express a zero-width shared expert (transformers still builds its gate)")
     return place_moe(
         cfg, spec, mixers=mixers, moe_layers=sparse_layers(cfg, n_layers, n_experts),
-        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg), expert_keys=_QWEN_EXPERT_KEYS,
+        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg, n_experts), expert_keys=_QWEN_EXPERT_KEYS,
         moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
                          expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
                          normalize=cfg.bool_("norm_topk_prob"),
@@ -850,7 +853,7 @@ def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
     n_experts = cfg.count("num_experts")
     return place_moe(
         cfg, spec, mixers=spec["layout"].mixers, moe_layers=sparse_layers(cfg, n_layers, n_experts),
-        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg), expert_keys=_QWEN_EXPERT_KEYS,
+        dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg, n_experts), expert_keys=_QWEN_EXPERT_KEYS,
         moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
                          expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
                          normalize=cfg.bool_("norm_topk_prob")),
@@ -1556,7 +1559,8 @@ def _jamba(cfg: HFConfig) -> dict[str, Any]:
     layers = [i for i in range(dims.n_layers) if i % e_period == e_offset] if n_experts > 1 else []
     return place_moe(
         cfg, spec, mixers=compress_mixers(letters), moe_layers=layers,
-        dense_ff=cfg.int_("intermediate_size"), fields="expert_layer_period",
+        dense_ff=cfg.int_("intermediate_size"),
+        fields="expert_layer_period" if n_experts > 1 else f"num_experts {n_experts}",
         expert_keys=("num_experts_per_tok", "router_aux_loss_coef"),
         # JambaSparseMoeBlock: softmax then top-k, the selected weights left unnormalised
         moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
