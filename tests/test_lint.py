@@ -203,6 +203,12 @@ def test_odd_rotary_points_at_the_odd_head_dim_not_a_written_fraction_of_one() -
     assert finding.code == "AP005" and finding.field == "attention.head_dim" and finding.line == 6
     assert finding.fix == ("rotate 64 or 66 dimensions: change attention.head_dim (d_model / n_heads where it is "
                            "not written) or position.fraction")
+    # a head_dim derived from d_model / n_heads: at n_heads, where the width comes from (504 / 8 = 63)
+    derived = CLEAN.replace("d_model: 512", "d_model: 504").replace(
+        "attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}",
+        "position: {kind: rope, fraction: 1.0}\nattention: {kind: gqa, n_heads: 8, n_kv_heads: 8}")
+    (finding,) = lint_text(derived, "x.yaml")
+    assert finding.code == "AP005" and finding.field == "attention.n_heads" and finding.line == 6
 
 
 def test_group_limited_top_k_is_the_top_k_rule() -> None:
@@ -215,17 +221,21 @@ def test_group_limited_top_k_is_the_top_k_rule() -> None:
     assert finding.fix is not None and finding.fix.startswith("top_k must be at most the 2 experts of the kept groups")
 
 
-@pytest.mark.parametrize(("head_dim", "padded"), [(96, None), (32, None), (192, None), (80, 96), (160, 192), (60, 64)])
-def test_head_dim_alignment_follows_flash_attentions_rounding(head_dim: int, padded: int | None) -> None:
-    """FlashAttention-2 rounds head_dim to a multiple of 32 up to 128 and of 64 above: Phi-3's and
-    GPT-NeoX-20B's 96 has its own kernel and was flagged as padded."""
+@pytest.mark.parametrize(("head_dim", "said"), [
+    (96, None), (32, None), (160, None), (192, None), (256, None), (320, None),
+    (80, "it runs as 96"), (100, "it runs as 128"), (60, "it runs as 64"), (200, "it runs as 256"),
+    (300, "past FlashAttention-2's widest kernel (256) and not a multiple of 64"),
+])
+def test_head_dim_alignment_follows_flash_attentions_kernel_widths(head_dim: int, said: str | None) -> None:
+    """FlashAttention-2 has a kernel for head_dim 32, 64, 96, 128, 160, 192 and 256 and pads to the
+    next: Phi-3's and GPT-NeoX-20B's 96 was flagged as "not a multiple of 64"."""
     text = CLEAN.replace("attention: {kind: gqa, n_heads: 8, n_kv_heads: 2}",
                          f"attention: {{kind: mha, n_heads: 8, head_dim: {head_dim}}}")
     found = [f for f in lint_text(text, "x.yaml") if f.code == "AP009"]
-    if padded is None:
+    if said is None:
         assert found == []
     else:
-        assert len(found) == 1 and f"attention kernels run it as {padded}" in found[0].message
+        assert len(found) == 1 and said in found[0].message, found
 
 
 def test_overtraining_is_measured_against_chinchillas_20_not_called_compute_optimal(

@@ -312,11 +312,13 @@ def _invalid_spec(error: ArchplanError, loaded: LoadedYaml, file: str) -> list[F
         match = rule.detect.pattern.search(error.message)
         if match is None:
             continue
-        # the validator's own field where it is one of the rule's and written (AP005: head_dim 65
-        # beside a written fraction of 1), else the first of the rule's fields that is written
+        # the validator's own field where it is one of the rule's (AP005: head_dim 65 beside a
+        # written fraction of 1); where it is derived, not written, the first written field after
+        # it in the rule's list, which lists what a field is derived from after it (head_dim:
+        # n_heads); else the first of the rule's fields that is written
         named = tuple(error.field.split(".")) if error.field else None
-        at = named if named in rule.detect.at and named in loaded.locations else \
-            next((p for p in rule.detect.at if p in loaded.locations), None)
+        candidates = rule.detect.at[rule.detect.at.index(named):] if named in rule.detect.at else rule.detect.at
+        at = next((p for p in candidates if p in loaded.locations), None)
         line, column = _locate(loaded, at) if at else (error.line or 1, error.column or 1)
         return [Finding(
             rule.code, rule.severity, file, line, column, error.message,

@@ -31,8 +31,9 @@ FieldPath = tuple[Union[str, int], ...]
 # Tensor-core alignment in elements for 16-bit operands on A100-class GPUs: 128 bytes = 64 halves
 # (NVIDIA Deep Learning Performance, "Matrix Multiplication Background", §2.2 Tensor Core Requirements).
 ALIGN = 64
-# FlashAttention-2 rounds a head_dim up to a multiple of 32 up to 128, of 64 (ALIGN) above
-HEAD_DIM_TILE = 32
+# FlashAttention-2's kernel widths (csrc/flash_attn/src/static_switch.h, HEADDIM_SWITCH): a head_dim
+# runs on the smallest that holds it
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
 # ~20 training tokens per parameter: the D/N ratio of Hoffmann et al. 2022 Table 3 (20.0-21.6).
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # Beyond this many times the Chinchilla ratio we say so (Llama-3-8B: 15T tokens, ~94x).
@@ -223,18 +224,26 @@ def check_head_dim(ctx: SpecContext) -> Iterator[Hit]:
     if attn is None:
         return
     head_dim = attn.head_dim or ctx.spec.d_model // attn.n_heads
-    # FlashAttention-2's flash_api.cpp: head_size_rounded = round_multiple(head_size, head_size <= 128
-    # ? 32 : 64), one kernel per rounded width: 96 runs as it is, 80 as 96 and 160 as 192
-    tile = HEAD_DIM_TILE if head_dim <= 128 else ALIGN
-    if head_dim % tile:
-        written = ctx.written(("attention", "head_dim"))
-        path: FieldPath = ("attention", "head_dim") if written else ("attention", "n_heads")
-        how = "" if written else f" (d_model {ctx.spec.d_model:,} / n_heads {attn.n_heads})"
+    if head_dim in KERNEL_HEAD_DIMS or (head_dim > KERNEL_HEAD_DIMS[-1] and head_dim % ALIGN == 0):
+        return
+    written = ctx.written(("attention", "head_dim"))
+    path: FieldPath = ("attention", "head_dim") if written else ("attention", "n_heads")
+    how = "" if written else f" (d_model {ctx.spec.d_model:,} / n_heads {attn.n_heads})"
+    if head_dim < KERNEL_HEAD_DIMS[-1]:
+        run_as = next(w for w in KERNEL_HEAD_DIMS if w > head_dim)
+        below = [w for w in KERNEL_HEAD_DIMS if w < head_dim]
         yield Hit(
             path,
-            f"head_dim {head_dim}{how} is not a multiple of {tile}: attention kernels run it as "
-            f"{_round_up(head_dim, tile)}, QKᵀ and AV on padded tiles",
-            f"head_dim {_multiples(head_dim, tile)}",
+            f"head_dim {head_dim}{how} is not one of FlashAttention-2's kernel widths "
+            f"({', '.join(map(str, KERNEL_HEAD_DIMS))}): it runs as {run_as}, QKᵀ and AV on padded tiles",
+            f"head_dim {below[-1]} or {run_as}" if below else f"head_dim {run_as}",
+        )
+    else:
+        yield Hit(
+            path,
+            f"head_dim {head_dim}{how} is past FlashAttention-2's widest kernel ({KERNEL_HEAD_DIMS[-1]}) "
+            f"and not a multiple of {ALIGN}: QKᵀ and AV run on padded tiles",
+            f"head_dim {_multiples(head_dim, ALIGN)}",
         )
 
 
@@ -558,12 +567,12 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "AP009", "head-dim-alignment", "warning", "Attention head_dim off the attention kernels' tiles",
         "head_dim is the inner dimension of QKᵀ and the output width of AV in every head; attention "
-        "kernels compile one kernel per head width and pad the rest up to it: FlashAttention-2 rounds "
-        "a head_dim up to a multiple of 32 up to 128 and of 64 above (96 runs as it is, 80 as 96, "
-        "160 as 192). MHA/GQA/MQA only: MLA's per-head widths and Mamba heads are sized by their "
-        "own designs.",
+        "kernels compile one kernel per head width and pad a head_dim up to the next one: "
+        "FlashAttention-2's are 32, 64, 96, 128, 160, 192 and 256 (80 runs as 96, 100 as 128); past "
+        "256, a multiple of 64 keeps the GEMM tiles full. MHA/GQA/MQA only: MLA's per-head widths "
+        "and Mamba heads are sized by their own designs.",
         _NVIDIA_GEMM + "; Dao 2023, FlashAttention-2 (arXiv:2307.08691) §3; flash-attention's "
-        "csrc/flash_attn/flash_api.cpp (head_size_rounded)",
+        "csrc/flash_attn/src/static_switch.h (HEADDIM_SWITCH)",
         check_head_dim,
     ),
     Rule(
