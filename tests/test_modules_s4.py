@@ -373,3 +373,18 @@ def test_s4_kernel_generation_keeps_what_the_analytic_count_says(buffers: bool, 
         kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
         measured = sum(n for ptr, n in kept.items() if ptr not in own)
         assert measured == s4_kernel_activation_bytes(m.plan, D_MODEL, length, autocast), (length, measured)
+
+
+@pytest.mark.parametrize("dplr", [False, True])
+def test_a_prefill_into_a_state_runs_under_bf16_autocast(dplr: bool) -> None:
+    """The prefill's final state came out of a bf16 matmul under autocast and torch.complex refused
+    it: a cached generation under autocast failed at its first chunk. The state is built in fp32,
+    and the chunked run equals the whole forward to bf16's rounding."""
+    m = mixer(plan(dplr))
+    x = torch.randn(2, 9, D_MODEL)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = m(x)
+        state = m.new_state(2, 16, "cpu", torch.float32)
+        chunked = torch.cat([m(x[:, :6], state), m(x[:, 6:], state)], dim=1)
+    assert state.x_BHM2.dtype == torch.float32
+    torch.testing.assert_close(chunked.float(), whole.float(), rtol=2e-2, atol=2e-2)

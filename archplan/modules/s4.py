@@ -270,6 +270,16 @@ class _S4DKernel(torch.autograd.Function):
         return (None, *found)
 
 
+def _fp32_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32 under any autocast: the prefill's final state, which the cache keeps in fp32
+    (and torch.complex takes no bf16), is not rounded to 16 bits on its way there."""
+    device = a.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # meta has no autocast to leave
+        with torch.autocast(device, enabled=False):
+            return a.float() @ b.float()
+    return a.float() @ b.float()
+
+
 @dataclass(eq=False)
 class S4State(LayerState):
     """(B, H, N', 2): the N' = N/2 complex modes of each channel as fp32 (real, imaginary) pairs."""
@@ -397,7 +407,7 @@ class S4Mixer(nn.Module):
             k_HT = 2 * (self._real_row(c_HM) @ basis_HNT)[:, 0]
             if u_rev_HTB is None:
                 return k_HT, None
-            x_HNB = basis_HNT @ u_rev_HTB
+            x_HNB = _fp32_matmul(basis_HNT, u_rev_HTB)
             m = self.plan.modes
             return k_HT, torch.complex(x_HNB[:, :m], x_HNB[:, m:]).permute(2, 0, 1)
         if u_rev_HTB is None and not torch.jit.is_tracing():
@@ -416,9 +426,9 @@ class S4Mixer(nn.Module):
         parts = []
         if full:
             u_HCX = u_rev_HTB[:, :full * chunk].unflatten(1, (full, chunk)).transpose(1, 2).flatten(2)
-            parts.append((base_HNC @ u_HCX).unflatten(2, (full, batch)))
+            parts.append(_fp32_matmul(base_HNC, u_HCX).unflatten(2, (full, batch)))
         if rest:
-            parts.append((base_HNC[:, :, :rest] @ u_rev_HTB[:, full * chunk:])[:, :, None])
+            parts.append(_fp32_matmul(base_HNC[:, :, :rest], u_rev_HTB[:, full * chunk:])[:, :, None])
         part_HNSB = torch.cat(parts, dim=2)
         x_HMB = (b_zs_HMS[..., None] * torch.complex(part_HNSB[:, :m], part_HNSB[:, m:])).sum(2)
         return k_HT, x_HMB.permute(2, 0, 1)
