@@ -421,7 +421,10 @@ class MoE(Frozen):
     expert: FFN
     shared: SharedExperts | None = None
     router: Router = Router()
-    aux_loss_coef: Number = Field(0.01, ge=0, description="Load-balancing loss weight (Switch α, DeepSeek aux_loss_alpha).")
+    aux_loss_coef: Number = Field(0.01, ge=0, description=(
+        "Load-balancing loss weight (Switch α, DeepSeek aux_loss_alpha), on f_e = an expert's share of the "
+        "T·top_k routed slots, so uniform routing costs α (as Megatron-Core takes it); transformers' "
+        "router_aux_loss_coef counts over T: it is α / top_k."))
     aux_loss_scope: Literal["batch", "sequence"] = Field(
         "batch", description="Balance pooled over the batch's tokens (Switch Transformer eq. 4-6, GShard) or "
                              "per sequence, then averaged (DeepSeek-V3 eq. 17-20; HF seq_aux).")

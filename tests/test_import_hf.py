@@ -1417,3 +1417,25 @@ def test_the_mtp_module_left_out_is_said_on_stderr() -> None:
                for note in convert_config(data, file="config.json", name="t").said)
     assert not any(note.startswith("num_nextn_predict_layers")
                    for note in convert_config(data, file="config.json", name="t", mtp=True).said)
+
+
+def test_router_aux_loss_coef_becomes_the_specs_coefficient_times_top_k() -> None:
+    """transformers' load_balancing_loss_func counts each expert's tokens over T, the spec's loss over
+    T·top_k: Mixtral's 0.02 balanced half as hard once imported, Qwen3's 0.001 an eighth. The
+    imported coefficient times archplan's loss equals transformers' coefficient times its own."""
+    transformers_moe = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    import torch
+
+    from archplan.modules.moe import load_balancing_loss
+
+    spec = import_hf(FIXTURES / "hf-configs" / "mixtral-8x7b-v0.1.json")
+    preset = load_spec("mixtral-8x7b").moe
+    assert spec.moe is not None and preset is not None
+    assert spec.moe.aux_loss_coef == pytest.approx(0.02 * 2) == preset.aux_loss_coef
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8)
+    scores = logits.softmax(-1)
+    experts = scores.topk(2, dim=-1).indices
+    ours = load_balancing_loss(scores, experts, 1, spec.moe.aux_loss_coef)
+    theirs = 0.02 * transformers_moe.load_balancing_loss_func((logits,), 8, 2)
+    torch.testing.assert_close(ours, theirs)

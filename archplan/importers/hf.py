@@ -684,10 +684,17 @@ def _moe(cfg: HFConfig, *, n_experts: int, top_k: int, expert_ff: int, act: Acti
     """A softmax top-k MoE (Switch/Mixtral routing) with the family's aux-loss coefficient."""
     if top_k > n_experts:
         raise cfg.error("num_experts_per_tok", f"top-k {top_k} exceeds the {n_experts} experts")
+    # transformers' load_balancing_loss_func (Mixtral, Qwen-MoE, OLMoE, Jamba) takes each expert's
+    # routed tokens over T, so uniform routing costs top_k·coef; the spec's loss (Switch eq. 4, as
+    # Megatron-Core and DeepSeek take it) over T·top_k, uniform = coef: the same pull is coef·top_k
+    coef = cfg.float_("router_aux_loss_coef")
+    if coef:
+        cfg.notes.append(f"router_aux_loss_coef {coef:g}: transformers' balance loss counts an expert's tokens "
+                         f"over T, the spec's over T·top_k, so aux_loss_coef is {coef:g} × top_k {top_k}")
     out: dict[str, Any] = dict(
         n_experts=n_experts, top_k=top_k, expert=glu(expert_ff, act),
         router=Router(scoring="softmax", normalize_top_k=normalize),
-        aux_loss_coef=cfg.float_("router_aux_loss_coef"),
+        aux_loss_coef=coef * top_k,
     )
     if shared is not None:
         out["shared"] = shared
