@@ -586,7 +586,7 @@ def test_ap010_counts_a_correction_bias_that_never_moves_as_no_balancing() -> No
     unbalanced as without it, and AP010 says so."""
     spec = ("name: t\nvocab_size: 512\nd_model: 64\nn_layers: 2\nattention: {kind: mha, n_heads: 1}\n"
             "moe:\n  n_experts: 8\n  top_k: 1\n  aux_loss_coef: 0\n  expert: {kind: glu, d_ff: 64}\n"
-            "  router: {scoring: sigmoid, score_correction_bias: true, bias_update_speed: SPEED}\n")
+            "  router: {scoring: sigmoid, score_correction_bias: true, bias_update_speed: SPEED, normalize_top_k: false}\n")
     codes = {speed: [f.code for f in lint_text(spec.replace("SPEED", speed), "x.yaml")] for speed in ("0", "0.001")}
     assert "AP010" in codes["0"] and "AP010" not in codes["0.001"]
     (finding,) = [f for f in lint_text(spec.replace("SPEED", "0"), "x.yaml") if f.code == "AP010"]
@@ -668,3 +668,20 @@ def test_moe_without_shared_expert_fires_from_64_experts(experts: int, fires: bo
 def test_post_norm_depth_fires_past_24_layers(layers: int, fires: bool) -> None:
     text = CLEAN.replace("n_layers: 4", f"n_layers: {layers}") + "residual: {kind: post}\n"
     assert ("AP016" in [f.code for f in lint_text(text, "x.yaml")]) is fires
+
+
+def test_top_1_routing_renormalised_to_one_is_said_to_give_the_router_no_gradient() -> None:
+    """One weight renormalised over itself is 1 for every token: the output does not depend on the
+    router, so the task loss trains it not at all (the docs' "good" AP010 example, balanced by a
+    correction bias, had a router that never learnt)."""
+    text = CLEAN.replace("ffn: {kind: glu, d_ff: 1408}\n", "") + \
+        "moe:\n  n_experts: 8\n  top_k: 1\n  aux_loss_coef: 0\n" \
+        "  router: {scoring: sigmoid, score_correction_bias: true}\n  expert: {kind: glu, d_ff: 256}\n"
+    (finding,) = lint_text(text, "x.yaml")
+    assert finding.code == "AP010" and finding.field == "moe.top_k"
+    assert "the task loss gives it no gradient" in finding.message
+    assert finding.fix == "set moe.router.normalize_top_k: false (Switch Transformer keeps the gate's probability, eq. 2)"
+    fixed = text.replace("score_correction_bias: true}", "score_correction_bias: true, normalize_top_k: false}")
+    assert lint_text(fixed, "x.yaml") == []
+    top_2 = text.replace("top_k: 1", "top_k: 2")
+    assert [f for f in lint_text(top_2, "x.yaml") if f.code == "AP010"] == []

@@ -266,6 +266,16 @@ def check_top1_balancing(ctx: SpecContext) -> Iterator[Hit]:
             + ("moe.router.bias_update_speed: 0.001" if router.score_correction_bias else
                "moe.router.score_correction_bias: true") + " (DeepSeek-V3 auxiliary-loss-free balancing)",
         )
+    if router.normalize_top_k:
+        # one weight renormalised over itself is 1 for every token: the layer's output no longer
+        # depends on the router's scores, so the task loss sends the router no gradient
+        where = ("moe", "router", "normalize_top_k")
+        yield Hit(
+            where if ctx.written(where) else ("moe", "top_k"),
+            "top-1 routing with normalize_top_k: every token's one routing weight is renormalised to 1, so "
+            "the output does not depend on the router's scores and the task loss gives it no gradient",
+            "set moe.router.normalize_top_k: false (Switch Transformer keeps the gate's probability, eq. 2)",
+        )
 
 
 def check_shared_experts(ctx: SpecContext) -> Iterator[Hit]:
@@ -576,12 +586,15 @@ RULES: tuple[Rule, ...] = (
         check_head_dim,
     ),
     Rule(
-        "AP010", "top1-no-balancing", "warning", "Top-1 routing without load balancing",
+        "AP010", "top1-no-balancing", "warning", "Top-1 routing without load balancing or a router gradient",
         "With a single expert per token and nothing pushing the router towards uniform load, a few "
         "experts win early and the rest starve (routing collapse). Switch Transformer adds an "
-        "auxiliary loss α·N·Σ f_i·P_i with α = 10⁻²; DeepSeek-V3 instead biases the routing scores.",
-        "Fedus et al. 2021, Switch Transformers (arXiv:2101.03961) §2.2 eq. 4; DeepSeek-V3 technical "
-        "report (arXiv:2412.19437) §2.1.2",
+        "auxiliary loss α·N·Σ f_i·P_i with α = 10⁻²; DeepSeek-V3 instead biases the routing scores. "
+        "And a single weight renormalised over itself (normalize_top_k) is 1 for every token: the "
+        "output no longer depends on the router, which then learns from the balance term alone, or "
+        "from nothing; Switch keeps the gate's probability p_i as the weight (eq. 2).",
+        "Fedus et al. 2021, Switch Transformers (arXiv:2101.03961) §2.1 eq. 2 and §2.2 eq. 4; "
+        "DeepSeek-V3 technical report (arXiv:2412.19437) §2.1.2",
         check_top1_balancing,
     ),
     Rule(
