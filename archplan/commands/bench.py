@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from enum import Enum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from archplan.commands.size import RecomputeChoice
 from archplan.console import echo
 from archplan.errors import ArchplanError
 from archplan.units import count, flops, nbytes, percent, things
+
+if TYPE_CHECKING:  # torch's: only the annotations name it
+    from archplan.bench.timing import Timing
 
 
 class Device(str, Enum):
@@ -235,6 +238,15 @@ def bench(
         raise typer.Exit(1)
 
 
+def _measured(timing: Timing, unit: str, extrapolated: bool) -> str:
+    """A row's note on its timed samples: under --layers the row's figure is the full depth,
+    extrapolated, while the median and spread here were measured on the layers built."""
+    spread = f"p10 {1e3 * timing.quantile(0.1):.2f} / p90 {1e3 * timing.quantile(0.9):.2f} ms"
+    if extrapolated:
+        return f"full depth, extrapolated; the built layers measured {1e3 * timing.median:.2f} {unit}, {spread}"
+    return f"{spread} measured"
+
+
 def _render(result: object, name: str) -> None:
     from archplan.bench.runner import EXTRAPOLATION_METHOD, BenchResult
 
@@ -248,12 +260,9 @@ def _render(result: object, name: str) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("note")
-    t = result.prefill
-    spread = f"p10 {1e3 * t.quantile(0.1):.2f} / p90 {1e3 * t.quantile(0.9):.2f} ms"
+    extrapolated = result.extrapolation is not None
     table.add_row("prefill median", f"{1e3 * result.prefill_seconds:.2f} ms",
-                  # the median is extrapolated to full depth, the spread only measured on what was built
-                  f"full depth, extrapolated; the built layers measured {1e3 * t.median:.2f} ms, {spread}"
-                  if result.extrapolation else f"{spread} measured")
+                  _measured(result.prefill, "ms", extrapolated))
     table.add_row("prefill tokens/s", count(result.tokens_per_s), "")
     table.add_row("achieved", flops(result.achieved_flops_per_s, "FLOP/s"),
                   f"analytic {flops(result.prefill_flops)} per forward, attention causal")
@@ -272,13 +281,9 @@ def _render(result: object, name: str) -> None:
         # one step is one new token for each of the batch's sequences
         per_token = "" if cfg.batch == 1 else f", {1e3 * result.decode_seconds_per_token / cfg.batch:.2f} ms a token"
         assert result.decode is not None  # the timed steps behind decode_seconds_per_token
-        d = result.decode
-        steps = f"p10 {1e3 * d.quantile(0.1):.2f} / p90 {1e3 * d.quantile(0.9):.2f} ms"
-        measured = (f"full depth, extrapolated; the built layers measured {1e3 * d.median:.2f} ms/step, {steps}; "
-                    if result.extrapolation else f"{steps} measured; ")
         table.add_row("decode" + (" (eager)" if cfg.compile else ""),
                       f"{1e3 * result.decode_seconds_per_token:.2f} ms/step",
-                      f"{measured}a step: {cfg.batch} × 1 new token{per_token}; "
+                      f"{_measured(result.decode, 'ms/step', extrapolated)}; a step: {cfg.batch} × 1 new token{per_token}; "
                       f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; predicted "
                       f"{1e3 * result.predicted_decode.seconds:.2f} ms, error "
                       f"{100 * (result.decode_prediction_error or 0):+.1f}% (decode model, docs/benchmarks.md)")
