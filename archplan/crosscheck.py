@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from archplan.analytic import count_params, forward_flops, kv_cache
+from archplan.analytic import count_params, forward_flops, kv_cache, per_token_rounded
 from archplan.bench.device import free_memory
 from archplan.bench.fit import FIT_FRACTION
 from archplan.contraction import ContractionDetector
@@ -745,8 +745,7 @@ def crosscheck(
         # 3 x the analytic forward + the FFT convolutions' backward adjustment (analytic/s4.py),
         # exactly: compared in total; the per-token figure is that total over the tokens, rounded.
         training = Row("forward+backward", flops.training("full"), sum(training_ops.values()))
-        tokens = batch * seq_len
-        training_per_token = (2 * training.analytic + tokens) // (2 * tokens)
+        training_per_token = per_token_rounded(training.analytic, batch * seq_len)
     model.eval()  # the cache is inference's, as on the real instance
     kv_rows = _measure_cache(model, plan, tokens_BT, "meta", progress)
 

@@ -10,6 +10,7 @@ from archplan.analytic.flops import (
     decode_flops,
     decode_flops_per_token,
     forward_flops,
+    per_token_rounded,
     training_flops_per_sequence,
     training_flops_per_token,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "decode_flops_per_token",
     "forward_flops",
     "kv_cache",
+    "per_token_rounded",
     "training_flops_per_sequence",
     "training_flops_per_token",
     "ActivationMemory",

@@ -294,7 +294,7 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1, mtp: bool = Fal
     )
 
 
-def _per_token(total: int, tokens: int) -> int:
+def per_token_rounded(total: int, tokens: int) -> int:
     """Integer FLOPs per token, rounded half up (exact whenever the total divides evenly)."""
     return (2 * total + tokens) // (2 * tokens)
 
@@ -306,7 +306,7 @@ def training_flops_per_token(
     recompute: Recompute = "none",
 ) -> int:
     """`training_flops_per_sequence` per token, rounded half up to an integer."""
-    return _per_token(training_flops_per_sequence(plan, seq_len, attention, recompute), seq_len)
+    return per_token_rounded(training_flops_per_sequence(plan, seq_len, attention, recompute), seq_len)
 
 
 def training_flops_per_sequence(
