@@ -243,7 +243,7 @@ def check_head_dim(ctx: SpecContext) -> Iterator[Hit]:
             path,
             f"head_dim {head_dim}{how} is past FlashAttention-2's widest kernel ({KERNEL_HEAD_DIMS[-1]}) "
             f"and not a multiple of {ALIGN}: QKᵀ and AV run on padded tiles",
-            f"head_dim {_multiples(head_dim, ALIGN)}",
+            f"head_dim {_aligned_choices(head_dim)}",
         )
 
 
