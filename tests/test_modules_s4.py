@@ -73,17 +73,25 @@ def _conj(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z, z.conj()], dim=-1)
 
 
+def _per_channel(m: S4Mixer, name: str) -> torch.Tensor:
+    """A (copies, M, 2) SSM tensor as (H, M) complex128, each copy serving H / copies channels."""
+    return torch.view_as_complex(getattr(m, name).detach().double().contiguous()).repeat_interleave(
+        D_MODEL // m.plan.n_ssm, 0)
+
+
+def _channels(m: S4Mixer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Δ, Λ, B, C) per channel on the M kept modes, float64 / complex128."""
+    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double())
+    return (torch.exp(m.log_dt.detach()).double(), lam.repeat_interleave(D_MODEL // m.plan.n_ssm, 0),
+            _per_channel(m, "B"), torch.view_as_complex(m.C.detach().double().contiguous()))
+
+
 def _s4_full_space(m: S4Mixer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """S4's system on all N = 2M modes, complex128, by dense linear algebra: (Δ, Ā, B̄, C, Λ·Δ) with
     A = diag(Λ, Λ̄) − P·P*, P = [p; p̄], B = [b; b̄], C = [c; c̄] (state-spaces/s4 keeps the first
     half and reaches the rest by `_conj`)."""
-    dt = torch.exp(m.log_dt.detach()).double()
-    rep = D_MODEL // m.plan.n_ssm
-    lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double()).repeat_interleave(rep, 0)
-    b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
-    p = torch.view_as_complex(m.P.detach().double().contiguous()).repeat_interleave(rep, 0)
-    c = torch.view_as_complex(m.C.detach().double().contiguous())
-    pf = _conj(p)
+    dt, lam, b, c = _channels(m)
+    pf = _conj(_per_channel(m, "P"))
     a = torch.diag_embed(_conj(lam)) - pf[:, :, None] * pf.conj()[:, None, :]
     eye = torch.eye(a.shape[-1], dtype=a.dtype)
     half = (dt / 2)[:, None, None]
@@ -104,12 +112,7 @@ def test_kernel_equals_the_naive_closed_form(dplr: bool) -> None:
         ref = torch.stack([(c * (torch.linalg.matrix_power(da, l) @ db[..., None])[..., 0]).sum(-1).real
                            for l in range(length)], dim=-1)
     else:
-        dt = torch.exp(m.log_dt.detach()).double()
-        rep = D_MODEL // m.plan.n_ssm
-        lam = torch.complex(-torch.exp(m.A_log_real.detach().double()), m.A_imag.detach().double())
-        lam = lam.repeat_interleave(rep, 0)
-        b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
-        c = torch.view_as_complex(m.C.detach().double().contiguous())
+        dt, lam, b, c = _channels(m)
         da = torch.exp(dt[:, None] * lam)
         db = (da - 1) / lam * b
         ref = torch.stack([2 * (c * db * da**l).sum(-1).real for l in range(length)], dim=-1)
@@ -125,9 +128,7 @@ def test_s4_kernel_is_state_spaces_cauchy_kernel() -> None:
     m = mixer(plan(True), seed=3)
     length = 16
     dt, da, _, c, lam_dt = _s4_full_space(m)
-    rep = D_MODEL // m.plan.n_ssm
-    b = torch.view_as_complex(m.B.detach().double().contiguous()).repeat_interleave(rep, 0)
-    p = torch.view_as_complex(m.P.detach().double().contiguous()).repeat_interleave(rep, 0)
+    b, p = _per_channel(m, "B"), _per_channel(m, "P")
     modes = b.shape[-1]
     c_tilde = (c - (torch.linalg.matrix_power(da, length).transpose(-1, -2) @ c[..., None])[..., 0])[:, :modes]
     omega = torch.exp(-2j * math.pi * torch.arange(length // 2 + 1, dtype=torch.float64) / length)
