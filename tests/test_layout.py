@@ -1230,7 +1230,7 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
         args = ("plan", model, "--gpus", gpus, "--seq", "4096", "--gpu", gpu, "--states", states)
         code, out, _ = run(capsys, monkeypatch, *args, "--json")
         r = json.loads(out)
-        assert code == 0 and r["accuracy"] == {**a.as_dict(), "gpu_in_runs": same}
+        assert code == 0 and r["accuracy"] == {**a.as_dict(), "gpu_in_runs": same, "mixers_in_runs": True}
         best = r["layouts"][0]
         # the duration the held-out runs bracket: measured time = predicted × (1 + error)
         days = best["training_days"]
@@ -1255,6 +1255,32 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
         assert ("its GEMMs' at" in text) is measured
         assert not measured or f"its GEMMs' at {matmul_ratio(accelerator(gpu)):.3f}× Hopper's" in text
 
+
+
+def test_cli_says_no_held_out_run_had_the_models_mixers(capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every held-out run is of a transformer, so for a model with Mamba, S4 or Hyena mixers their
+    figures are only the nearest check: the accuracy line says so, `--json` carries
+    `mixers_in_runs: false`, and no duration range is put on the transformer runs' spread."""
+    from archplan.planning.accuracy import HELD_OUT_BY_ENGINE, HELD_OUT_MOE
+
+    for model, gpu, kind, a, where in (
+            ("mamba-2.8b", "h100", "Mamba", HELD_OUT_BY_ENGINE["hopper", "megatron"], ""),
+            ("s4d-lm", "h100", "S4D", HELD_OUT_BY_ENGINE["hopper", "megatron"], ""),
+            ("stripedhyena-7b", "h100", "StripedHyena", HELD_OUT_BY_ENGINE["hopper", "megatron"], ""),
+            ("jamba-v0.1", "h100", "Mamba", HELD_OUT_MOE, ""),
+            ("hybrid-ssm-moe", "a100", "Mamba-2", HELD_OUT_MOE, " on the NVIDIA A100 SXM 80GB")):
+        args = ("plan", model, "--gpus", "64", "--seq", "2048", "--gpu", gpu)
+        code, out, _ = run(capsys, monkeypatch, *args, "--json")
+        r = json.loads(out)
+        assert code == 0 and r["accuracy"] == {**a.as_dict(), "gpu_in_runs": not where, "mixers_in_runs": False}
+        assert r["layouts"][0]["training_days_range"] is None
+        code, out, _ = run(capsys, monkeypatch, *args)
+        text = " ".join(out.split())
+        others = ("MoE " if a.moe else "") + "transformer runs" + (" on other GPUs" if where else "")
+        assert code == 0 and (f"accuracy: no published run of a model with {kind} mixers{where} was held out; "
+                              f"the nearest check is the {others}, on {a.runs} published {a.gpus} runs") in text
+        assert "held-out spread" not in text
 
 
 STATES_ARGS = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--layout",

@@ -822,35 +822,42 @@ def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
     return for_plan(result.gpu, result.settings.states.engine, result.routed)
 
 
-def _time_spread(result: SearchResult) -> tuple[float, float] | None:
+def _time_spread(spec: Spec, result: SearchResult) -> tuple[float, float] | None:
     """The factors on a predicted duration that nine held-out runs in ten of the GPU's own family
-    fell between; none where no run on it was held out (the figures are then a check on other
-    GPUs, too loose a link to put a range on a duration)."""
-    from archplan.planning.accuracy import own_runs
+    fell between; none where no run on it, or no run of a model with the spec's mixers, was held
+    out (the figures are then a check on other GPUs or other mixers, too loose a link to put a
+    range on a duration)."""
+    from archplan.planning.accuracy import own_runs, unjudged_mixers
 
     accuracy = _accuracy(result)
-    return accuracy.time_range() if accuracy and own_runs(result.gpu, accuracy) else None
+    judged = accuracy and own_runs(result.gpu, accuracy) and unjudged_mixers(spec) is None
+    return accuracy.time_range() if accuracy and judged else None
 
 
-def _accuracy_text(result: SearchResult, accuracy: HeldOutAccuracy) -> str:
-    from archplan.planning.accuracy import own_runs
+def _accuracy_text(spec: Spec, result: SearchResult, accuracy: HeldOutAccuracy) -> str:
+    from archplan.planning.accuracy import own_runs, unjudged_mixers
 
-    if own_runs(result.gpu, accuracy):
+    mixers, own = unjudged_mixers(spec), own_runs(result.gpu, accuracy)
+    if own and mixers is None:
         return accuracy.text()
-    if accuracy.moe:
-        missing, others = f"no published run of an MoE model on the {result.gpu.name}", "MoE runs on other GPU families"
+    subject = f"a model with {mixers} mixers" if mixers else "an MoE model" if accuracy.moe else None
+    run = "no published run" + (f" of {subject}" if subject else "") + ("" if own else f" on the {result.gpu.name}")
+    if mixers:
+        others = ("MoE " if accuracy.moe else "") + "transformer runs" + ("" if own else " on other GPUs")
+    elif accuracy.moe:
+        others = "MoE runs on other GPU families"
     else:
-        missing, others = f"no published run on the {result.gpu.name}", "other GPUs priced with Hopper's fractions"
-    return (f"accuracy: {missing} was held out; the nearest check is the {others}, "
+        others = "other GPUs priced with Hopper's fractions"
+    return (f"accuracy: {run} was held out; the nearest check is the {others}, "
             f"{accuracy.text().removeprefix('accuracy: ')}")
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
                  bound: RailBound | None, seq_note: str | None, model_notes: list[str]) -> dict[str, Any]:
-    from archplan.planning.accuracy import own_runs
+    from archplan.planning.accuracy import own_runs, unjudged_mixers
 
     settings = result.settings
-    spread = _time_spread(result)
+    spread = _time_spread(spec, result)
     shown = _table_rows(result)
     return {
         "mode": "layout",
@@ -862,7 +869,8 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result),
                        "flash_fractions": list(result.flash_fractions)},
-        "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu, accuracy)}
+        "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu, accuracy),
+                      "mixers_in_runs": unjudged_mixers(spec) is None}
                      if (accuracy := _accuracy(result)) else None),
         "states": {"convention": settings.states.key, "bytes_per_param": settings.states.bytes_per_param,
                    "optimizer_moment_bytes": settings.states.moment_bytes,
@@ -1065,7 +1073,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         f"GB/s across ({net.source}); {result.fitting:,} of {result.considered:,} layouts fit{fixed}")
     console.print(f"  {escape(_efficiency_text(result))}; {_ring_text(result)}")
     if accuracy := _accuracy(result):
-        console.print(f"  {escape(_accuracy_text(result, accuracy))}")
+        console.print(f"  {escape(_accuracy_text(spec, result, accuracy))}")
     overlap = ", ".join(sorted(settings.overlap)) or "none"
     if settings.states.module_fetch and "dp" in settings.overlap:
         overlap += " (dp: ZeRO 0-2; ZeRO-3 hides what DeepSpeed's fetch rules let it)"
@@ -1124,7 +1132,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
                   "more) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
-    if accuracy and (spread := _time_spread(result)):
+    if accuracy and (spread := _time_spread(spec, result)):
         days = training_days(best, tokens)
         console.print(f"held-out spread: nine in ten of the {accuracy.described('held-out')} "
                       f"took {spread[0]:.2f}× to {spread[1]:.2f}× the time predicted for them; for layout 1, "

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from archplan.hardware import FAMILY_OF, Accelerator, accelerator
 from archplan.planning.cluster import Engine
+from archplan.spec import Spec
 from archplan.units import percent
 
 UNCALIBRATED = "uncalibrated"
@@ -49,6 +50,19 @@ def family(gpu: Accelerator) -> str:
 def label(gpu: Accelerator) -> str:
     """How `HeldOutAccuracy.gpus` names a GPU: its key's model, h100-sxm -> H100."""
     return gpu.key.split("-")[0].upper()
+
+
+# how the accuracy line names the mixers no held-out run had
+MIXER_NAMES = {"mamba1": "Mamba", "mamba2": "Mamba-2", "s4": "S4", "s4d": "S4D", "hyena": "Hyena",
+               "stripedhyena": "StripedHyena"}
+
+
+def unjudged_mixers(spec: Spec) -> str | None:
+    """The mixers of `spec` that no held-out run had ("Mamba-2", "S4D", ...), or None. Every
+    held-out run is of a model whose mixers are all attention (the dense and MoE transformers of
+    both fixtures), so their errors say nothing of how the SSM or long-convolution pricing fares."""
+    kinds = [MIXER_NAMES[mixer.kind] for mixer in (spec.ssm, spec.long_conv) if mixer is not None]
+    return " and ".join(kinds) or None
 
 
 def own_runs(gpu: Accelerator, accuracy: HeldOutAccuracy) -> bool:
