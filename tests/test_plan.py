@@ -8,6 +8,7 @@ import re
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -733,6 +734,31 @@ def test_fused_qkv_concatenation_reads_the_ranks_columns_with_fewer_kv_heads_tha
                       if t.name.split(".")[-2] in ("q_proj", "k_proj", "v_proj") and t.name.endswith("weight"))
         assert columns == (32 + 2 * 4) * 128 // tp
         assert qkv_concat_bytes(model_data(plan, 256), 0, layout) == 2 * 2 * (2 * 256) * columns
+
+
+def test_a_rank_keeps_the_whole_kv_head_its_query_heads_read() -> None:
+    """With fewer K/V heads than tp ranks each rank keeps one whole K and V head (and K's qk-norm
+    input) as activations, not n_kv/tp of one: over tp the kept bytes fall by tp save that
+    shortfall, 2·s·d_head·(2 + qk-norm)·(1 − n_kv/tp) per attention layer and sequence, under either
+    engine and short of full recompute. Gemma 2B (MQA, d_head 256) and Qwen3-30B-A3B (4 K/V heads
+    with a qk-norm) at tp 8."""
+    from archplan.planning.cluster import _layer_act, model_data
+
+    for preset, qk_norm in (("gemma-2b", 0), ("qwen3-30b-a3b", 1)):
+        plan = resolve(load_spec(preset))
+        a = plan.layers[0].mixer
+        seq = 1024
+        acts = model_data(plan, seq).acts[0]
+        for engine in ("megatron", "torch"):
+            for recompute in ("none", "selective"):
+                for tp, sp in ((2, False), (8, False), (8, True)):
+                    layout = Layout(tp=tp, pp=1, dp=1, zero=1, recompute=recompute, mb=1, sp=sp)
+                    split = _layer_act(replace(acts, kv_heads=0), layout, recompute, "flash", engine)
+                    head = 2 * seq * a.head_dim * (2 + qk_norm)
+                    short = head * (1 - a.n_kv_heads / tp) if a.n_kv_heads < tp else 0
+                    assert _layer_act(acts, layout, recompute, "flash", engine) == pytest.approx(split + short)
+        full = Layout(tp=8, pp=1, dp=1, zero=1, recompute="full", mb=1)
+        assert _layer_act(acts, full, "full", "flash", "megatron") == acts.block_input / 8  # SP
 
 
 def test_eager_cross_entropy_bytes() -> None:

@@ -543,6 +543,8 @@ class LayerActs:
     ssd_kept: int  # what a Mamba-2 layer's torch modules keep beyond mamba_ssm's kernels (`_ssd_kept`)
     mamba1_kept: int  # and a Mamba-1 layer's, negative where it keeps less (`_mamba1_kept`)
     x_proj_whole: int  # Mamba-1's x_proj output and inner norms' outputs, whole on every tp rank (`_x_proj_bytes`)
+    kv_heads: int  # an attention mixer's K/V heads (0 for other mixers and for MLA, whose heads are all K/V)
+    kv_head_kept: int  # what one of those heads keeps: its K and V, and K's qk-norm input (`_kv_head_kept`)
     once: OncePerForward  # a long convolution's filters or Mamba-1's A, once per forward whatever the mb
 
 
@@ -820,7 +822,17 @@ def _layer_acts(plan: ModelPlan, layer: LayerPlan, kept: dict[str, int], once: O
                      seq * _weighting_delta(layer, h), _up_proj_bytes(layer, seq),
                      _latent_bytes(layer, seq), *_viewed_bytes(layer, seq),
                      _ssd_kept(layer, seq), _mamba1_kept(layer, seq),
-                     _x_proj_bytes(layer, seq), once)
+                     _x_proj_bytes(layer, seq), *_kv_head_kept(layer, seq), once)
+
+
+def _kv_head_kept(layer: LayerPlan, seq: int) -> tuple[int, int]:
+    """(K/V heads, bytes one of them keeps for one sequence) of an attention mixer: its K and V
+    (`analytic.memory._core_operand_bytes`) and K's qk-norm input. With fewer K/V heads than tp
+    ranks each rank keeps a whole head (`_layer_act`); (0, 0) for other mixers."""
+    a = layer.mixer
+    if not isinstance(a, AttentionPlan):
+        return 0, 0
+    return a.n_kv_heads, ACT_BYTES * seq * a.head_dim * (2 + (a.qk_norm is not None))
 
 
 def _before_ffn(plan: ModelPlan, layer: LayerPlan) -> LayerPlan | None:
@@ -1522,6 +1534,18 @@ def _layer_act(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: At
     tp, sp = layout.tp, layout.sequence_parallel
     if recompute == "full":
         return acts.block_input / (tp if sp else 1)
+    # with fewer K/V heads than tp ranks a rank keeps the whole head its query heads read, where
+    # splitting `kept` over tp leaves it n_kv/tp of one (Megatron-Core's `num_query_groups <
+    # world_size` branch, `distributed.plans.KVHeads`; `_qkv_gathered`)
+    shared_head = acts.kv_head_kept * (1 - acts.kv_heads / tp) if 0 < acts.kv_heads < tp else 0
+    return shared_head + _split_kept(acts, layout, recompute, kernel, engine, modules)
+
+
+def _split_kept(acts: LayerActs, layout: Layout, recompute: Recompute, kernel: AttentionKernel,
+                engine: Engine, modules: frozenset[RecomputeModule]) -> float:
+    """`_layer_act` short of full recompute, the kept bytes split over tp as the heads and
+    channels split."""
+    tp, sp = layout.tp, layout.sequence_parallel
     # what a module recompute drops: MLA's Q, K and V, split over the heads (so over tp) as the
     # rest of `kept`
     dropped = acts.up_proj if "mla_up_proj" in modules else 0
