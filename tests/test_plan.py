@@ -551,6 +551,22 @@ def test_zero3_on_one_data_parallel_rank_gathers_nothing() -> None:
     folded = rank_memory(moe, Layout(tp=4, pp=2, dp=1, ep=2, zero=3, recompute="full", mb=1), 4096, microbatches=2)
     assert folded.temporary > 0
 
+def test_zero3_gathers_the_embedding_and_the_head_where_they_run() -> None:
+    """Megatron-style ZeRO-3 holds the running unit and the prefetched next layer in bf16: two
+    layers inside the stack, but the whole embedding at the lookup and the whole head at its GEMM
+    (the larger of the two ends a rank holds; Gemma's tied head gathers the embedding again).
+    Llama 3 8B: a layer 218,112,000 elements, the head and final norm 525,340,672; Gemma 2B: a
+    layer 110,104,576, the tied embedding 524,288,000. A middle stage gathers two layers."""
+    for preset, layer, end in (("llama-3-8b", 218_112_000, 525_340_672), ("gemma-2b", 110_104_576, 524_288_000)):
+        plan = resolve(load_spec(preset))
+        mem = rank_memory(plan, Layout(tp=1, pp=1, dp=8, zero=3, recompute="full", mb=1), 4096, microbatches=4)
+        assert mem.temporary == 2 * (layer + end)
+    plan = resolve(load_spec("llama-3-8b"))
+    layout = Layout(tp=1, pp=4, dp=2, zero=3, recompute="full", mb=1)
+    middle = rank_memory(plan, layout, 4096, microbatches=8, stage=1)
+    assert middle.temporary == 2 * 2 * 218_112_000
+
+
 TOP_CASES = [
     ("qwen3-30b-a3b", 64, {}),
     ("qwen3-30b-a3b", 64, {"settings": Settings(overlap=frozenset({"dp", "ep"}), precision="fp8")}),

@@ -1910,7 +1910,9 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
         # DeepSpeed holds the modules its rules keep gathered and the next one arriving
         temporary = ACT_BYTES * fetch_trace(data, layout, stage)[2]
     elif zero >= 3 and shard < full:  # one data-parallel rank shards nothing, so gathers nothing
-        temporary = ACT_BYTES * FSDP_PREFETCH_LAYERS * biggest_layer
+        # the layer running and the next one prefetched; at the lookup and at the head the gathered
+        # embedding or head takes the running layer's place
+        temporary = ACT_BYTES * (biggest_layer + max(biggest_layer, _gathered_end(data, layout, chunks)))
     activations = data.rank_activations(layout, stage, microbatches, kernel, states.engine, modules, cp_comm)
     temporary += _cp_gathered_transient(data, layout, chunks, states.engine, cp_comm)
     held_reduce = _held_reduce_scatter(data, layout, chunks, microbatches, states)
@@ -1974,6 +1976,16 @@ def _memory(data: ModelData, layout: Layout, stage: int, microbatches: int,
             share = math.ceil(activations / sum(in_flight(layout, microbatches, stage)))
             temporary = max(temporary, between - share)
     return RankMemory(parameters, gradients, optimizer, activations, temporary)
+
+
+def _gathered_end(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
+    """The elements ZeRO-3 gathers on this rank for the embedding's lookup or the head's GEMM, the
+    larger where it holds both (a tied head at pp = 1 gathers the embedding again); 0 on a stage
+    with neither."""
+    first = _local_numel(data.first, layout.tp, layout.ep)[0] if chunks[0].first else 0
+    last = (_local_numel(data.ends(False, True, layout.pp), layout.tp, layout.ep)[0]
+            if chunks[-1].last else 0)
+    return max(first, last)
 
 
 def _embedding_between_backwards(data: ModelData, layout: Layout, chunks: Sequence[Chunk], microbatches: int,
