@@ -567,6 +567,22 @@ def test_zero3_gathers_the_embedding_and_the_head_where_they_run() -> None:
     assert middle.temporary == 2 * 2 * 218_112_000
 
 
+def test_megatrons_memory_efficient_final_norm_keeps_no_input() -> None:
+    """Under Megatron's fused kernels a memory-efficient norm keeps its output, which the next GEMM
+    keeps anyway, not its input: the block norms and the final norm alike. The final norm's input
+    (2·s·h bytes a sequence, 33,554,432 for Llama 3 8B at 4,096 tokens) is priced only where the
+    kernels are eager or the engine is torch's, whose norm saves its input."""
+    from archplan.planning.cluster import _head_tensors, model_data
+
+    data = model_data(resolve(load_spec("llama-3-8b")), 4096)
+    layout = Layout(tp=1, pp=1, dp=8, zero=0, recompute="none", mb=1)
+    norm_input = 2 * 4096 * 4096
+    assert data.final_norm_act == norm_input
+    fused = _head_tensors(data, layout, "megatron", "flash")[0]
+    for engine, kernel in (("megatron", "eager"), ("torch", "flash"), ("torch", "eager")):
+        assert _head_tensors(data, layout, engine, kernel)[0] - fused == norm_input
+
+
 TOP_CASES = [
     ("qwen3-30b-a3b", 64, {}),
     ("qwen3-30b-a3b", 64, {"settings": Settings(overlap=frozenset({"dp", "ep"}), precision="fp8")}),

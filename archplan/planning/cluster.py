@@ -2188,7 +2188,7 @@ def _mixer_backward(data: ModelData, layout: Layout, stage: int, microbatches: i
     # an MTP module's block runs its backward before the main pass's loss does: without full
     # recompute the main pass's head tensors wait beside it (on a Mamba-2 model with one module,
     # plan's total read 0.956 of the step's peak without them, 0.991 … 0.997 with them)
-    main_head = (_head_tensors(data, layout, engine)[0] / (1 + data.mtp_depth) * layout.mb / layout.cp
+    main_head = (_head_tensors(data, layout, engine, kernel)[0] / (1 + data.mtp_depth) * layout.mb / layout.cp
                  if data.mtp_depth and layout.recompute != "full" else 0.0)
     # the layer's own kept tensors (but its FFN's, freed by its backward), with its re-run's, and
     # the bf16 gradients of the parameters whose backward ran before the unit's
@@ -2521,7 +2521,7 @@ def _head_gradients(data: ModelData, layout: Layout, chunks: Sequence[Chunk], lo
     moments = [loss_backward + held, weight_gradient]
     if tied:
         moments.append(ACT_BYTES * _tied_gradient_sum(data, layout))
-    passes, mtp = _head_tensors(data, layout, "torch")
+    passes, mtp = _head_tensors(data, layout, "torch", "flash")
     freed = (passes * data.mtp_depth / (1 + data.mtp_depth) + mtp) * layout.mb / layout.cp
     return math.ceil(max(moments) - freed)
 
@@ -2555,16 +2555,18 @@ def _cp_gathered_transient(data: ModelData, layout: Layout, chunks: Sequence[Chu
     return 2 * layout.mb * widest
 
 
-def _head_tensors(data: ModelData, layout: Layout, engine: Engine) -> tuple[float, float]:
-    """Bytes the head's passes keep for one sequence on the last stage: the final norm's, the
-    head's inputs and the fp32 logits of every pass (the main one and one per MTP module); and the
-    MTP modules' kept inputs."""
+def _head_tensors(data: ModelData, layout: Layout, engine: Engine, kernel: AttentionKernel) -> tuple[float, float]:
+    """Bytes the head's passes keep for one sequence on the last stage: the final norm's input (but
+    where Megatron's fused kernels keep a memory-efficient norm's output, the head's input, as
+    `_layer_act` does for the block norms), the head's inputs and the fp32 logits of every pass
+    (the main one and one per MTP module); and the MTP modules' kept inputs."""
     tp = layout.tp
     sp_split = tp if layout.sequence_parallel else 1
     # a column-parallel GEMM's input (the LM head's, an MTP module's projection's): sequence-sharded
     # under Megatron's SP, gathered and saved whole by DTensor (`shard._mtp_parallel` for the MTP's)
     column_split = sp_split if engine == "megatron" else 1
-    ends = data.final_norm_act / sp_split + data.head_input_act / column_split
+    norm_input = 0 if kernel == "flash" and engine == "megatron" else data.final_norm_act / sp_split
+    ends = norm_input + data.head_input_act / column_split
     # an MTP module's embedding, sequence-sharded under SP, and its projection's input; full
     # recompute checkpoints the whole module, which keeps its inputs (its block's counted as the
     # layer's) and re-runs the projection (Megatron-Core's MTP layer)
@@ -2725,7 +2727,7 @@ def _rank_activations(data: ModelData, layout: Layout, stage: int, microbatches:
     held = _held_by_chunk(data, layout, chunks, kernel, engine, modules, cp_comm)
     head = main_pass = mtp_pass = 0.0
     if chunks[-1].last:
-        passes, mtp = _head_tensors(data, layout, engine)
+        passes, mtp = _head_tensors(data, layout, engine, kernel)
         head = (passes + mtp) * scale
         # the main pass's share of the head's tensors, and the MTP modules' kept inputs
         main_pass = (passes / (1 + data.mtp_depth) + mtp) * scale
