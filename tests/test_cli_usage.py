@@ -158,6 +158,26 @@ def test_missing_torch_is_one_line(command: str, monkeypatch: pytest.MonkeyPatch
     assert "pip install 'archplan[torch]'" in err and "-e" not in err
 
 
+@pytest.mark.parametrize("error", ["ImportError('numpy.core.multiarray failed to import')",
+                                   "OSError('libcudnn.so.9: cannot open shared object file')"])
+def test_a_torch_that_fails_to_import_is_one_line(error: str, tmp_path: Path) -> None:
+    """A torch installed at a supported version but broken (a CUDA wheel missing a library): one
+    line naming torch, exit 2; an OSError is not read as a report that could not be written."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(f"raise {error}\n")
+    (tmp_path / "torch-2.13.0.dist-info").mkdir()
+    (tmp_path / "torch-2.13.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    for command in ("verify", "bench"):
+        proc = subprocess.run([sys.executable, "-m", "archplan", command, "gpt2"], capture_output=True, text=True,
+                              env=env, timeout=120)
+        message = error.split("'")[1]
+        assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+        assert (f"`archplan {command}`: PyTorch 2.13.0 is installed but fails to import ({message})"
+                in proc.stderr)
+
+
 def test_bench_layout_without_numpy_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """torch installed alone (no `[torch]` extra): its object collectives need NumPy, which torch does

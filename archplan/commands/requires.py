@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import re
 
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, first_line
 
 # The oldest torch the whole suite passes on (2026-12-01: the suite run on 2.8, 2.10, 2.11, 2.12
 # and 2.14, 2.9's APIs probed): 2.8-2.9 lack `F.grouped_mm` (the MoE experts), 2.8 also
@@ -25,7 +26,8 @@ def require_torch(command: str) -> None:
     """`verify` and `bench` build real models; everything else runs without torch (a 2 GB wheel).
 
     The version is read from the installed distribution's metadata, so an old torch is refused
-    before anything imports it (an import would fail on the missing ops with a traceback).
+    before anything imports it (an import would fail on the missing ops with a traceback); a
+    recent one is then imported, so one that fails to is a line too.
     """
     if importlib.util.find_spec("torch") is None:
         raise ArchplanError(f"`archplan {command}` needs PyTorch, which is not installed: {INSTALL}")
@@ -35,6 +37,14 @@ def require_torch(command: str) -> None:
             f"`archplan {command}` needs PyTorch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer "
             f"(the oldest the test suite passes on); found {version}: {INSTALL}"
         )
+    try:
+        # a wheel installed but broken (a CUDA build missing libcudnn, an extension that will not
+        # load) passes both checks above; its failure is the install's, not the report's (cli.py
+        # reads OSError as a write that failed)
+        importlib.import_module("torch")
+    except (ImportError, OSError) as exc:
+        raise ArchplanError(f"`archplan {command}`: PyTorch {version} is installed but fails to import "
+                            f"({first_line(exc)}); reinstall it: {INSTALL}") from None
 
 
 def torch_release(version: str) -> tuple[int, int]:
