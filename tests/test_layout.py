@@ -1768,9 +1768,9 @@ def test_cli_an_overshoot_within_the_printed_digits_says_by_how_much(
     from archplan.units import overshoot
 
     monkeypatch.setenv("COLUMNS", "200")
-    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--seq", "3826",
-                       "--global-batch-tokens", "244864", "--layout", "tp=1,cp=1,pp=1,dp=8,zero=1,recompute=none,mb=1")
-    assert code == 1 and "needs 72.0 GiB > 72.0 GiB usable, over it by 3.06 MiB (parameters" in out
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--seq", "3833",
+                       "--global-batch-tokens", "245312", "--layout", "tp=1,cp=1,pp=1,dp=8,zero=1,recompute=none,mb=1")
+    assert code == 1 and "needs 72.0 GiB > 72.0 GiB usable, over it by 2.93 MiB (parameters" in out
     assert overshoot(80 * 2**30, 72 * 2**30) == "" and overshoot(72 * 2**30, 72 * 2**30) == ""
 
 
@@ -2369,18 +2369,21 @@ def test_interleaved_pipeline_blocks_on_its_warm_up_and_flush_transfers() -> Non
 @pytest.mark.parametrize("states", ["megatron", "zero"])
 def test_zero3_holds_two_gathered_layers_at_a_time(states: str) -> None:
     """ZeRO-3 under the Megatron and ZeRO conventions: the layer computing and the next one being
-    prefetched are gathered in bf16, 2 · 2 B · a layer's parameters; below stage 3 nothing is
-    gathered. Llama-3-8B's layer, written out: q, k, v, o 4096·(4096 + 1024 + 1024 + 4096), the
+    prefetched are gathered in bf16, 2 · 2 B · a layer's parameters on a middle pipeline stage, the
+    head and final norm (128,256·4096 + 4096) in a layer's place on the last; below stage 3 nothing
+    is gathered. Llama-3-8B's layer, written out: q, k, v, o 4096·(4096 + 1024 + 1024 + 4096), the
     SwiGLU 3·4096·14,336, two RMSNorms 2·4096 = 218,112,000 parameters."""
     convention = {"megatron": cluster.MEGATRON, "zero": cluster.ZERO}[states]
     plan = _plan("llama-3-8b")
     layer = 4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336 + 2 * 4096
+    head = 128256 * 4096 + 4096
     temporary = {}
     for zero in (2, 3):
-        layout = parse_layout(f"tp=1,cp=1,pp=1,dp=8,ep=1,zero={zero},recompute=full,mb=1").complete()
+        layout = parse_layout(f"tp=1,cp=1,pp=4,dp=2,ep=1,zero={zero},recompute=full,mb=1").complete()
         assert layout is not None
-        temporary[zero] = cluster.rank_memory(plan, layout, 4096, microbatches=4, states=convention).temporary
-    assert temporary == {2: 0, 3: 2 * 2 * layer}
+        temporary[zero] = [cluster.rank_memory(plan, layout, 4096, microbatches=8, stage=stage,
+                                               states=convention).temporary for stage in (1, 3)]
+    assert temporary == {2: [0, 0], 3: [2 * 2 * layer, 2 * (layer + head)]}
 
 
 def test_an_moe_layout_with_tensor_parallelism_notes_the_expert_tp_it_prices(
