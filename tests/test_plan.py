@@ -23,7 +23,7 @@ from archplan.errors import ArchplanError
 from archplan.hardware import accelerator
 from archplan.loader import PRESETS_DIR, load_spec
 from archplan.planning import spec_data, spec_yaml
-from archplan.planning.design import RECIPES, Family, design, recipe_shape
+from archplan.planning.design import RECIPES, SMALL_MODELS, Family, design, recipe_shape
 from archplan.planning.optimal import LawChoice, budget, optimum
 from archplan.planning.cluster import STATES, rank_memory
 from archplan.planning.layout import Layout, parse_layout
@@ -137,12 +137,25 @@ def test_budget_rejects_bad_input(kwargs: dict[str, float], said: str) -> None:
 
 # ----------------------------------------------------------------------------------- design
 def test_recipe_curve_passes_through_the_guide_recipes() -> None:
-    for _, layers, width in RECIPES:
+    for _, layers, width in SMALL_MODELS + RECIPES:
+        # below d_model 1024 the designer keeps one KV head per query head
         spec = Spec(name="r", vocab_size=32000, d_model=width, n_layers=layers,
-                    attention={"kind": "gqa", "n_heads": width // 128, "n_kv_heads": 8},
+                    attention={"kind": "gqa", "n_heads": width // 128, "n_kv_heads": min(8, width // 128)},
                     ffn={"kind": "glu", "d_ff": round(3.5 * width / 256) * 256})
         l_r, d_r = recipe_shape(count_params(resolve(spec)).non_embedding)
         assert (l_r, d_r) == (pytest.approx(layers), pytest.approx(width))
+
+
+def test_small_budgets_get_the_small_models_proportions() -> None:
+    """Below the 7B recipe the curve runs through GPT-2 small and Llama 3.2 1B / 3B: GPT-2 small's
+    total (124,439,808 at its 50,257-token vocabulary) designs 10 × 640, not the 3 × 896 the 7B-70B
+    segment extended down gave; d/L stays between 32 and 128 (GPT-2 small 64, Llama 3.2 1B 128) down
+    to a 20 M trunk."""
+    made = design(Family.dense, 124_439_808, vocab=50257)
+    assert (made.spec.n_layers, made.spec.d_model) == (10, 640)
+    for trunk in (2e7, 1e8, 1e9, 3e9):
+        layers, width = recipe_shape(trunk)
+        assert 32 <= width / layers <= 128, trunk
 
 
 @pytest.mark.parametrize("preset", ["llama-3-8b", "llama-3-70b"])

@@ -113,8 +113,8 @@ def test_an_moe_tokens_experts_add_up_to_the_dense_width(target: float) -> None:
 
 def test_small_designs_keep_one_kv_head_per_query_head() -> None:
     """Below 8 heads the designer keeps multi-head attention (one KV head per query head)."""
-    attention = design(Family.dense, 1e8, vocab=32000).spec.attention
-    assert attention.n_heads == attention.n_kv_heads == 7
+    made = design(Family.dense, 1e8, vocab=32000).spec
+    assert made.d_model == 640 and made.attention.n_heads == made.attention.n_kv_heads == 5
 
 
 def test_the_isoflop_curve_spans_a_decade_each_side() -> None:
@@ -178,3 +178,20 @@ def test_the_linear_per_layer_sums_equal_the_scans_they_replace() -> None:
     per_layer = [float(3 ** (i % 7)) for i in range(12)]
     layers = [8, 2, 5, 11, 3]
     assert dict(_held_above(per_layer, layers)) == {i: sum(per_layer[j] for j in layers if j > i) for i in layers}
+
+
+def test_no_spec_names_the_depth_floor_and_offers_dense_only_where_it_helps() -> None:
+    """A hybrid is never shallower than one period of its pattern: where that period alone is above
+    the target, the refusal says so (27.9 M total for the smallest hybrid against 24.7 M), not that
+    the step between depths is too coarse; where the embeddings are the obstacle, the dense family,
+    with the same embeddings, is not suggested."""
+    from archplan.planning.design import NoRecipe
+
+    with pytest.raises(NoRecipe) as hybrid:
+        design(Family.hybrid, 24.7e6, vocab=32000)
+    assert ("the smallest hybrid spec, one period of 8 layers at d_model 256, has 27.9 M total parameters"
+            in str(hybrid.value)) and str(hybrid.value).endswith("or --family dense")
+    for family in (Family.moe, Family.dense):
+        with pytest.raises(NoRecipe) as refused:
+            design(family, 56.4e6, vocab=128256)
+        assert "embeddings alone" in str(refused.value) and "--family dense" not in str(refused.value)

@@ -21,6 +21,7 @@ to the recipe shape wins (score: |ln d/d_r| + |ln L/L_r| + 2·|ln f/f_r| + 10·|
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -86,6 +87,13 @@ SSM_GROUPS = 8
 # the shape at the large end (its dense-equivalent trunk is ~0.4T).
 RECIPES: tuple[tuple[str, int, int], ...] = (
     ("7B", 32, 4096), ("70B", 80, 8192), ("1T MoE trunk", 120, 16384),
+)
+# Below the 7B recipe, published small models' (n_layers, d_model) anchor the shape: extended down
+# along the 7B-70B segment the curve gave 3 layers x 896 at GPT-2 small's size (d/L ~ 300 where
+# these models keep 64-128). GPT-2 small (Radford et al. 2019), Llama 3.2 1B and 3B (Meta 2024,
+# their config.json).
+SMALL_MODELS: tuple[tuple[str, int, int], ...] = (
+    ("GPT-2 small", 12, 768), ("Llama 3.2 1B", 16, 2048), ("Llama 3.2 3B", 28, 3072),
 )
 
 TOLERANCE = 0.02  # the spec's analytic N is within 2% of the target
@@ -177,9 +185,10 @@ def _round(value: float, multiple: int) -> int:
 
 @lru_cache(maxsize=1)
 def _anchors() -> tuple[tuple[float, float, float], ...]:
-    """(log trunk params, log L, log d) of each recipe; trunk = non-embedding params of the dense recipe."""
+    """(log trunk params, log L, log d) of each small model and recipe, by size; trunk =
+    non-embedding params of the dense family's spec at that shape."""
     out = []
-    for _, layers, width in RECIPES:
+    for _, layers, width in SMALL_MODELS + RECIPES:
         spec = build(Family.dense, d_model=width, n_layers=layers,
                      width=_round(FFN_RATIO * width, FFN_MULTIPLE), vocab=32000, seq=4096)
         out.append((math.log(count_params(resolve(spec)).non_embedding), math.log(layers),
@@ -188,10 +197,11 @@ def _anchors() -> tuple[tuple[float, float, float], ...]:
 
 
 def recipe_shape(trunk_params: float) -> tuple[float, float]:
-    """(L_r, d_r): log-linear interpolation through the recipes, extrapolated along the end segments."""
+    """(L_r, d_r): log-linear interpolation through the small models and the recipes, extrapolated
+    along the end segments."""
     anchors = _anchors()
     x = math.log(trunk_params)
-    i = 0 if x < anchors[1][0] else 1
+    i = min(max(bisect.bisect_right([a[0] for a in anchors], x) - 1, 0), len(anchors) - 2)
     (x0, l0, d0), (x1, l1, d1) = anchors[i], anchors[i + 1]
     t = (x - x0) / (x1 - x0)
     return math.exp(l0 + t * (l1 - l0)), math.exp(d0 + t * (d1 - d0))
@@ -244,6 +254,7 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
     kind = target_kind(family)
     period = len(HYBRID_MIXERS) if family in (Family.hybrid, Family.hybrid_moe) else 1
     best: tuple[float, int, int, int, float, float] | None = None  # score, d, L, f, L_r, d_r
+    shallowest = math.inf  # the fewest parameters one layout period reaches
     # Branch and bound: visit widths closest to the recipe first; the shape part of the score is a
     # lower bound, so stop once it exceeds the best score found.
     candidates = []
@@ -268,6 +279,7 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
             depth = _depth(build(family, d_model=d, n_layers=period, width=f, vocab=vocab, seq=seq),
                            kind)
             guess = period * (target - depth.fixed) / sum(depth.per_position)
+            shallowest = min(shallowest, depth.at(period))
             for layers in range(max(period, math.floor(guess) - 1),
                                 min(MAX_LAYERS, math.ceil(guess) + 2)):
                 error = depth.at(layers) / target - 1
@@ -279,14 +291,20 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
                     best = (score, d, layers, f, l_r, d_r)
     if best is None:
         smallest = D_MODEL_CANDIDATES[0]
-        why = (f"the embeddings alone take 2·V·d = {count(2 * vocab * smallest)} at the smallest d_model "
-               f"({smallest})" if 2 * vocab * smallest >= (1 - tolerance) * target else
-               f"at this size one {family.value} period of {things(period, 'layer')}, with FFN widths "
-               f"{WIDTH_RANGE[0]:g}–{WIDTH_RANGE[1]:.3g}× the recipe's, is a step coarser than {tolerance:.0%}")
+        embeddings = 2 * vocab * smallest >= (1 - tolerance) * target
+        if embeddings:
+            why = f"the embeddings alone take 2·V·d = {count(2 * vocab * smallest)} at the smallest d_model ({smallest})"
+        elif shallowest > (1 + tolerance) * target:
+            why = (f"the smallest {family.value} spec, one period of {things(period, 'layer')} at d_model "
+                   f"{smallest}, has {count(shallowest)} {kind} parameters")
+        else:
+            why = (f"at this size one {family.value} period of {things(period, 'layer')}, with FFN widths "
+                   f"{WIDTH_RANGE[0]:g}–{WIDTH_RANGE[1]:.3g}× the recipe's, is a step coarser than {tolerance:.0%}")
+        # the dense family has the same embeddings, so it helps only where the layers were the obstacle
         raise NoRecipe(
             f"no {family.value} recipe spec within {tolerance:.0%} of {target:.3g} {kind} parameters "
             f"at vocab {vocab}: {why}; try a larger budget, a smaller --vocab"
-            + (" or --family dense" if family is not Family.dense else "")
+            + (" or --family dense" if family is not Family.dense and not embeddings else "")
         )
     _, d, layers, f, l_r, d_r = best
     spec = build(family, d_model=d, n_layers=layers, width=f, vocab=vocab, seq=seq, name=name,
