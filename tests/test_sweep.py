@@ -97,6 +97,61 @@ def test_predicted_memory_starts_at_the_weights_and_grows_linearly_when_fused() 
     assert fit_exponent(sizes, scores) > 1.9
 
 
+def test_a_mask_is_held_beside_the_layer_and_the_math_kernel_builds_the_causal_one() -> None:
+    """An ALiBi bias (1, H, T, S) in the run's dtype stays alive beside every layer's working set,
+    and its build's transient is a floor under the peak (`mask_bytes`); the math kernel turns
+    `is_causal` into a boolean and an additive T × S mask beside its scores."""
+    from archplan.bench.growth import held_mask_bytes, mask_bytes
+
+    alibi = resolve(Spec.model_validate({**TINY, "name": "tiny-alibi", "position": {"kind": "alibi"}}))
+    plain = resolve(Spec.model_validate(TINY))
+    t = 256
+    assert held_mask_bytes(alibi, t, 4) == 2 * t * t * 4 and held_mask_bytes(plain, t, 4) == 0
+    assert mask_bytes(alibi, t, 4) > held_mask_bytes(alibi, t, 4)
+    assert (prefill_peak_bytes(alibi, 2, t, 4, "fused") - prefill_peak_bytes(plain, 2, t, 4, "fused")
+            >= held_mask_bytes(alibi, t, 4))
+    fused, materialised = (prefill_peak_bytes(plain, 2, t, 4, core) for core in ("fused", "materialised"))
+    layer = materialised - fused  # the logits (2·t·128·4) are below the layer here
+    assert layer >= 2 * 2 * 2 * t * t * 4 + t * t * 5
+
+
+def test_auto_prices_the_scores_where_sdpa_falls_back_to_math() -> None:
+    """On a CPU the flash kernel refuses MLA's unequal q and v head sizes, so `auto` runs the math
+    kernel and holds the scores: priced so, as a forced math backend is; a GQA model's `auto` runs
+    flash; a model without attention holds none."""
+    from archplan.bench.runner import materialises_scores
+    from archplan.dtypes import DType
+    from archplan.loader import load_spec
+
+    cpu = torch.device("cpu")
+    mla = resolve(load_spec("tests/fixtures/distributed/tiny-mla.yaml"))
+    plain = resolve(Spec.model_validate(TINY))
+    assert materialises_scores(mla, "auto", cpu, DType.fp32)
+    assert not materialises_scores(plain, "auto", cpu, DType.fp32)
+    assert materialises_scores(plain, "math", cpu, DType.fp32)
+    assert not materialises_scores(resolve(Spec.model_validate(TINY_MAMBA)), "auto", cpu, DType.fp32)
+
+
+def test_a_sweep_refuses_every_spec_before_timing_any(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A later spec's refusal (a length past its position table) comes before the first spec is
+    built or timed, as decode's position check does."""
+    from archplan.bench import sweep
+
+    def timed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a spec was timed before every spec was checked")
+
+    monkeypatch.setattr(sweep, "_run_sweep", timed)
+    short = {**TINY, "name": "tiny-short", "max_seq_len": 64, "position": {"kind": "learned"}}
+    paths = []
+    for raw in (TINY, short):
+        path = tmp_path / f"{raw['name']}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        paths.append(str(path))
+    result = CliRunner().invoke(app, ["bench", *paths, "--seq", "64,128", "--device", "cpu", "--dtype", "fp32"])
+    assert isinstance(result.exception, ArchplanError)  # `main` prints it in one line, exit 2
+    assert "128 exceeds the learned position table of tiny-short" in str(result.exception)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny forwards are dominated by thread synchronisation on a loaded machine."""

@@ -60,6 +60,30 @@ def _scores_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float) -> 
     return int(2 * max(heads, default=0) * batch * seq * seq * dtype_bytes)
 
 
+def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
+    """The most a prompt's attention mask takes while built and held (`modules.attention`): the
+    int64 position differences and boolean masks, T·S elements each (ALiBi's float distances too);
+    with ALiBi the fp32 (H, T, S) bias and its masked copy, alive together, then the copy in the
+    run's dtype (a window folded into it); a sliding window's additive mask, T·S in the run's
+    dtype (a spec has one window). Plain causal attention builds none (SDPA's `is_causal`)."""
+    attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
+    windowed = any(mixer.window is not None for mixer in attention)
+    alibi_heads = max((mixer.n_heads for mixer in attention), default=0) if plan.position == "alibi" else 0
+    area = seq * seq
+    if alibi_heads:
+        return area * (8 + 1 + 1 + 8 + 4) + alibi_heads * area * max(8, 4 + dtype_bytes)
+    return area * (8 + 1 + 1 + dtype_bytes) if windowed else 0
+
+
+def held_mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
+    """What of `mask_bytes` the layers see, once built: the ALiBi bias (1, H, T, S) or the window's
+    additive (T, S) mask, in the run's dtype (`modules.attention.additive_mask`)."""
+    attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
+    if plan.position == "alibi":
+        return max((mixer.n_heads for mixer in attention), default=0) * seq * seq * dtype_bytes
+    return seq * seq * dtype_bytes if any(mixer.window is not None for mixer in attention) else 0
+
+
 def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float,
                        core: AttentionCore = "fused") -> int:
     """Peak bytes of one inference prefill (no cache), as predicted from the analytic counts.
@@ -68,7 +92,9 @@ def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float
     the next layer starts, so one layer's worth is live: we take the tensors training would keep for
     that layer without the attention scores (Korthikanti et al. 2022 §4.1 generalised, as
     `activation_memory(..., "selective")`, at the run's dtype), plus the residual stream, plus the
-    scores when the core is materialised. The logits are (B, T, V) in the run's dtype.
+    scores when the core is materialised. The logits are (B, T, V) in the run's dtype. An ALiBi
+    bias or a sliding window's mask is built once for the whole forward (`mask_bytes` while it is
+    built) and held beside either (`held_mask_bytes`).
     """
     tokens = batch * seq
     weights = built_weights_bytes(count_params(plan), dtype_bytes)
@@ -80,7 +106,11 @@ def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float
             per_layer[parts[1]] += value
     layer = max(per_layer.values(), default=0) * dtype_bytes / ACT_BYTES
     residual = tokens * plan.d_model * dtype_bytes
-    if core == "materialised":
-        layer += _scores_bytes(plan, batch, seq, dtype_bytes)
+    held = held_mask_bytes(plan, seq, int(dtype_bytes))
+    scores = _scores_bytes(plan, batch, seq, dtype_bytes) if core == "materialised" else 0
+    if scores and not held:
+        # SDPA's math kernel turns `is_causal` into a T × S boolean mask and its additive form
+        scores += int(seq * seq * (dtype_bytes + 1))
+    layer += scores
     logits = tokens * plan.vocab_size * dtype_bytes
-    return int(weights + residual + max(layer, logits))
+    return int(weights + residual + max(mask_bytes(plan, seq, int(dtype_bytes)), held + max(layer, logits)))

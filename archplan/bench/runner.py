@@ -29,6 +29,7 @@ from archplan.bench.device import (
     reset_peak_memory,
 )
 from archplan.bench.fit import refuse_unless_fits, truncate
+from archplan.bench.growth import mask_bytes
 from archplan.bench.roofline import (
     DecodeRates,
     OpCount,
@@ -258,27 +259,25 @@ def kinds(plan: ModelPlan) -> dict[str, int]:
     return dict(counts)
 
 
-def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
-    """The most a prompt's attention mask takes while built and held (`modules.attention`): the
-    int64 position differences and boolean masks, T·S elements each (ALiBi's float distances too);
-    with ALiBi the fp32 (H, T, S) bias and its masked copy, alive together, then the copy in the
-    run's dtype (a window folded into it); a sliding window's additive mask, T·S in the run's
-    dtype (a spec has one window). Plain causal attention builds none (SDPA's `is_causal`)."""
-    attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
-    windowed = any(mixer.window is not None for mixer in attention)
-    alibi_heads = max((mixer.n_heads for mixer in attention), default=0) if plan.position == "alibi" else 0
-    area = seq * seq
-    if alibi_heads:
-        return area * (8 + 1 + 1 + 8 + 4) + alibi_heads * area * max(8, 4 + dtype_bytes)
-    return area * (8 + 1 + 1 + dtype_bytes) if windowed else 0
+def materialises_scores(plan: ModelPlan, backend: str, device: torch.device, dtype: DType) -> bool:
+    """Whether the model's attention core holds its T × S scores: under a forced math backend, and
+    under `auto` where no fused kernel takes the model's calls, so SDPA falls back to math (on a
+    CPU the flash kernel refuses MLA's unequal q and v head sizes and an explicit ALiBi or window
+    mask: `available_backends`)."""
+    if backend != "auto":
+        return backend == "math"
+    calls = attention_calls(plan)
+    return bool(calls) and not set(available_backends(device, TORCH_DTYPES[dtype], attention_mask_kind(plan),
+                                                      calls)) - {"math"}
 
 
-def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
+def estimate_bytes(plan: ModelPlan, cfg: BenchConfig, materialised: bool | None = None) -> int:
     """What a bench run holds: weights, the cache, logits and a few activations of width D; under
     SDPA's math kernel also one layer's T × T scores and their softmax per head, which it builds
     whole (the fused kernels work in tiles); an ALiBi bias or a sliding window's mask
     (`mask_bytes`). At least the build's fp32 weights (`build_model` initialises in fp32 and
-    casts), which a 16-bit run needs before it runs."""
+    casts), which a 16-bit run needs before it runs. `materialised`: whether the core holds the
+    scores (`materialises_scores`); by default where the backend is forced to math."""
     b = nbytes(cfg.dtype)
     tokens = cfg.batch * cfg.seq
     counted = count_params(plan)
@@ -289,7 +288,9 @@ def estimate_bytes(plan: ModelPlan, cfg: BenchConfig) -> int:
     activations = 16 * tokens * plan.d_model * b
     heads = max((layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))),
                 default=0)
-    scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * b if cfg.attn_backend == "math" else 0
+    if materialised is None:
+        materialised = cfg.attn_backend == "math"
+    scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * b if materialised else 0
     masks = mask_bytes(plan, cfg.seq, b)
     return int(max(weights + cache + logits + activations + scores + masks, params * nbytes(DType.fp32)))
 
@@ -298,8 +299,10 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str
     """Refuse a run of `plan`, built as `cfg` says (`--layers`), that `device` cannot hold, by
     `estimate_bytes`."""
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
-    scores = ", and the math kernel's attention scores" if cfg.attn_backend == "math" else ""
-    refuse_unless_fits(built, lambda p, batch, seq: estimate_bytes(p, replace(cfg, batch=batch, seq=seq)),
+    materialised = materialises_scores(built, cfg.attn_backend, device, cfg.dtype)
+    scores = ", and the math kernel's attention scores" if materialised else ""
+    refuse_unless_fits(built, lambda p, batch, seq: estimate_bytes(p, replace(cfg, batch=batch, seq=seq),
+                                                                   materialised),
                        cfg.batch, cfg.seq, device=device.type, free=free_memory(device), run=run,
                        priced=f"the larger of the fp32 weights the build starts from and the analytic "
                               f"weights + cache + logits + attention masks{scores}")

@@ -44,6 +44,7 @@ from archplan.bench.runner import (
     available_backends,
     check_backend,
     check_fits,
+    materialises_scores,
     run_bench,
     sdpa_backend,
 )
@@ -58,7 +59,8 @@ from archplan.units import amount, count, nbytes as fmt_bytes
 TIME_CONVENTION = ("fastest of the timed passes; analytic = roofline of the analytic forward FLOPs "
                    "(2 FLOPs/MAC, attention causal) and bytes against the device peak")
 MEMORY_CONVENTION = ("weights + the largest layer's activations + logits, at the run's dtype "
-                     "(attention scores only when the backend materialises them)")
+                     "(attention scores where the backend materialises them, auto's fallback to math "
+                     "included; an ALiBi bias or window mask beside them)")
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,6 @@ class SweepConfig:
     warmup: int = 1
     iters: int = 3
     attn_backend: str = "auto"
-
-    @property
-    def core(self) -> AttentionCore:
-        return "materialised" if self.attn_backend == "math" else "fused"
 
 
 @dataclass(frozen=True)
@@ -233,16 +231,24 @@ def _peak_bytes(model: torch.nn.Module, run: Callable[[], object], device: torch
             "profile_memory=True)")
 
 
-def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Console) -> SweepResult:
-    """Prefill of `plan` at every length of `cfg.lengths` through one built model."""
+def _check_sweep(plan: ModelPlan, cfg: SweepConfig) -> None:
+    """Refuse a spec the sweep cannot run (its backend, its positions, the device's memory)."""
     device = resolve_device(cfg.device)
     check_backend(plan, cfg.attn_backend, device, cfg.dtype)
     longest = max(cfg.lengths)
     plan.check_length(longest, "--seq")
     check_fits(plan, BenchConfig(device=cfg.device, dtype=cfg.dtype, batch=cfg.batch, seq=longest,
-                                 decode_tokens=0, layers=cfg.layers), device, run="the --seq sweep")
+                                 decode_tokens=0, layers=cfg.layers, attn_backend=cfg.attn_backend),
+               device, run="the --seq sweep")
+
+
+def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Console) -> SweepResult:
+    """Prefill of `plan` at every length of `cfg.lengths` through one built model (`_check_sweep`
+    passed)."""
+    device = resolve_device(cfg.device)
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
     b = nbytes(cfg.dtype)
+    core: AttentionCore = "materialised" if materialises_scores(built, cfg.attn_backend, device, cfg.dtype) else "fused"
 
     torch.manual_seed(0)
     model = build_model(built, device=device.type, dtype=TORCH_DTYPES[cfg.dtype]).eval()
@@ -267,7 +273,7 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
         points.append(SweepPoint(
             seq=t, samples=tuple(samples[t]), peak_bytes=measured,
             predicted_seconds=predict_prefill(built, cfg.batch, t, b, peak.peak_flops, peak.bandwidth).seconds,
-            predicted_bytes=prefill_peak_bytes(built, cfg.batch, t, b, cfg.core),
+            predicted_bytes=prefill_peak_bytes(built, cfg.batch, t, b, core),
             flops=forward_flops(built, t, cfg.batch).forward("causal"),
         ))
     return SweepResult(
@@ -286,6 +292,8 @@ def run_sweeps(plans: list[ModelPlan], cfg: SweepConfig, console: Console | None
                             "(e.g. --seq 1k,2k,4k); bench one spec at a time for prefill and decode", field="--seq")
     if cfg.dtype not in TORCH_DTYPES:
         raise ArchplanError(f"--dtype {cfg.dtype.value}: bench runs fp32, bf16 or fp16")
+    for plan in plans:  # every spec's refusal before any is timed
+        _check_sweep(plan, cfg)
     peak = peak or device_peak(resolve_device(cfg.device), cfg.dtype)
     return [_run_sweep(plan, cfg, peak, console or Console(stderr=True)) for plan in plans]
 
