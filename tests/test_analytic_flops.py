@@ -51,7 +51,8 @@ def test_llama_3_8b_training_and_decode() -> None:
 def test_recompute_modes() -> None:
     p = tiny_llama()
     f = forward_flops(p, 128)
-    assert training_flops_per_token(p, 128, recompute="full") * 128 == 4 * f.counted
+    # full recompute re-runs the blocks, not the LM head (no checkpoint wraps it)
+    assert training_flops_per_token(p, 128, recompute="full") * 128 == 4 * f.counted - f.counted_by_component["lm_head"]
     assert training_flops_per_token(p, 128, recompute="selective") * 128 == 3 * f.counted + f.attention_full
     causal = training_flops_per_token(p, 128, attention="causal", recompute="selective")
     assert causal * 128 == 3 * f.forward("causal") + f.attention_causal
@@ -238,3 +239,33 @@ def test_norm_and_router_estimates_written_out() -> None:
     assert mixtral["layers.3.ffn.experts"] == t * (2 * (4 * 14336 + 14336) + 2 * 2 * 4096 + 4096)
     deepseek = forward_flops(resolve(load_spec("deepseek-v3")), t).elementwise_by_component
     assert deepseek["layers.3.ffn.router"] == t * (4 * 256 + 2 * 8)
+
+
+@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-gpt", "tiny-moe", "tiny-mtp"])
+def test_recomputed_training_flops_are_what_a_checkpointed_step_counts(fixture: str) -> None:
+    """FlopCounterMode over one training step of the torch model, its layers and MTP modules
+    checkpointed as `bench --train` checkpoints them (early stop off, so each block re-runs whole;
+    the math SDPA kernel, whose matmuls FlopCounterMode sees): the analytic hardware FLOPs exactly,
+    with and without full recompute. The LM head runs once."""
+    torch = pytest.importorskip("torch")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from archplan.analytic import training_flops_per_sequence
+    from archplan.modules.checkpointing import apply_recompute
+    from archplan.modules.model import build_model
+
+    p = resolve(load_spec(f"tests/fixtures/distributed/{fixture}.yaml"))
+    seq = 32
+    for recompute in ("none", "full"):
+        torch.manual_seed(0)
+        model = build_model(p, "cpu", torch.float32)
+        apply_recompute(model.layers, recompute)
+        apply_recompute(model.mtp, recompute)
+        tokens = torch.randint(0, p.vocab_size, (1, seq))
+        with FlopCounterMode(display=False) as counted, sdpa_kernel([SDPBackend.MATH]):
+            with set_checkpoint_early_stop(False):
+                loss = model.training_loss(tokens)
+            loss.backward()
+        assert counted.get_total_flops() == training_flops_per_sequence(p, seq, "full", recompute)

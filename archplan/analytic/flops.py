@@ -318,8 +318,10 @@ def training_flops_per_sequence(
     """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B) of one
     sequence; FFT mixers' backward is their own count (`ForwardFlops.training`).
 
-    Full recompute re-runs every forward (+1 forward); selective recompute re-runs only the attention
-    core, QKᵀ/softmax/AV (Korthikanti et al. 2022 §5; docs/formulas.md §2.9 item 3).
+    Full recompute re-runs the checkpointed blocks' forward, the layers' and the MTP modules', not
+    the LM head, which no checkpoint wraps (Narayanan et al. 2021 eq. 3 counts the logit layer 3×);
+    selective recompute re-runs only the attention core, QKᵀ/softmax/AV (Korthikanti et al. 2022
+    §5; docs/formulas.md §2.9 item 3).
     """
     _check_choice("attention", attention, ATTENTION_CONVENTIONS)
     _check_choice("recompute", recompute, RECOMPUTE_MODES)
@@ -331,7 +333,7 @@ def training_flops_per_sequence(
         case "selective":
             extra = flops.attention_core(attention)
         case "full":
-            extra = forward
+            extra = forward - flops.counted_by_component["lm_head"]
         case _:
             assert_never(recompute)
     return flops.training(attention) + extra

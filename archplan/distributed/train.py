@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from archplan.analytic import count_params, training_flops_per_sequence
 from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
@@ -215,7 +216,10 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
     def step(probe: Callable[[str], None] = lambda _: None, copies: WeightCopies | None = None) -> None:
-        with autocast, copies if copies is not None else nullcontext():
+        # full recompute re-runs each block whole, the hardware FLOPs' convention (Megatron-LM's);
+        # torch's non-reentrant checkpoint would stop before the block's last GEMM, whose output no
+        # backward reads
+        with autocast, copies if copies is not None else nullcontext(), set_checkpoint_early_stop(False):
             # with multi-token prediction, the main loss and each module's, weighted λ/depth (DeepSeek-V3 §2.2)
             out = training_loss(tokens) if plan.mtp else model(tokens)
         loss = out if plan.mtp else F.cross_entropy(out.flatten(0, 1).float(), labels.flatten())
