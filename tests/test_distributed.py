@@ -17,8 +17,9 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 from gloo_pair import FIXTURES, GLOO_CASES, HEAVY_CASES, TP_EDGES, variant, wait  # noqa: E402
 
+from archplan.errors import ArchplanError  # noqa: E402
 from archplan.loader import load_spec  # noqa: E402
-from archplan.planning.layout import parse_layout  # noqa: E402
+from archplan.planning.layout import parse_layout, round_size  # noqa: E402
 from archplan.resolve import resolve  # noqa: E402
 
 if TYPE_CHECKING:
@@ -1206,8 +1207,8 @@ def test_bench_nproc_refuses_an_unusable_device_before_launching(monkeypatch: py
      "not run on torch.distributed: 4 query / 2 key-value heads do not split over tp=8"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1",
      "RANK and WORLD_SIZE are set but MASTER_ADDR is not"),
-    ({}, "tp=1,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=1,recompute=none,mb=1 --microbatches 3",
-     "--microbatches 3: the interleaved schedule (vpp > 1) runs them in groups of pp=2"),
+    ({}, "tp=1,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=1,recompute=none,mb=1 --microbatches 5",
+     "--microbatches 5: the interleaved schedule (vpp > 1) runs them in max(1, m div pp) = 2 rounds"),
 ])
 def test_bench_layout_refuses_before_any_worker_starts(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
                                                        layout: str, said: str) -> None:
@@ -1968,11 +1969,54 @@ def test_fake_verify_expert_parallel_selective(fake_world: None) -> None:
     assert all(row.ok for row in result.collectives)
 
 
+def test_fake_verify_runs_an_interleaved_count_that_is_no_multiple_of_pp(fake_world: None) -> None:
+    """m = 3 at PP2×v2 is one round of 3 in torch's schedule, and holds more than m = 4 (its
+    warm-up fills (v − 1)·3 + 2 chunks on stage 0): `plan` prices it, and verify runs and checks
+    it where it was refused as "not a multiple of pp"."""
+    from archplan.distributed.check import check_layout_run
+
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    layout = parse_layout("tp=1,cp=1,pp=2,vpp=2,dp=2,ep=1,zero=1,recompute=none,mb=1").complete()
+    three, four = (check_layout_run(plan, layout, 32, microbatches=m, stage=0) for m in (3, 4))
+    assert three.ok and four.ok
+    activations = {m: next(row.analytic for row in r.memory if row.category == "activations")
+                   for m, r in ((3, three), (4, four))}
+    assert activations[3] > activations[4]
+
+
+def test_interleaved_schedule_is_torchs_order() -> None:
+    """The order each rank runs is `ScheduleInterleaved1F1B`'s own (torch 2.13's
+    `_calculate_single_rank_operations`, its idle slots dropped) at every micro-batch count its
+    rounds divide, multiples of pp or not; a count they do not divide is refused, as torch does."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
+
+    from archplan.distributed.step import interleaved_1f1b
+
+    def torchs(rank: int, pp: int, vpp: int, m: int) -> list[tuple[str, int, int]]:
+        schedule = ScheduleInterleaved1F1B.__new__(ScheduleInterleaved1F1B)  # the order alone: no stages
+        schedule.n_local_stages, schedule.pp_group_size, schedule._n_microbatches = vpp, pp, m
+        schedule.microbatches_per_round = m // max(1, m // pp)
+        return [("F" if a.computation_type.name == "FORWARD" else "B", a.stage_index // pp, a.microbatch_index)
+                for a in schedule._calculate_single_rank_operations(rank) if a is not None]
+
+    for pp in (2, 3, 4):
+        for vpp in (2, 3):
+            for m in range(1, 3 * pp + 2):
+                if m % max(1, m // pp):
+                    with pytest.raises(ArchplanError, match="rounds, which must divide them"):
+                        interleaved_1f1b(0, pp, vpp, m)
+                    continue
+                for rank in range(pp):
+                    assert interleaved_1f1b(rank, pp, vpp, m) == torchs(rank, pp, vpp, m), (pp, vpp, m, rank)
+
+
 @pytest.mark.parametrize(("stage", "pp", "vpp", "m"), [(0, 4, 2, 8), (3, 4, 2, 8), (1, 2, 3, 4), (0, 4, 2, 4),
-                                                   (1, 2, 2, 4), (2, 4, 3, 12), (1, 8, 2, 32)])
+                                                   (1, 2, 2, 4), (2, 4, 3, 12), (1, 8, 2, 32),
+                                                   (0, 4, 2, 7), (0, 4, 2, 2), (1, 2, 2, 3), (0, 4, 2, 10)])
 def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, pp: int, vpp: int, m: int) -> None:
-    """Megatron's interleaved 1F1B: every (chunk, micro-batch) forward once, its backward once and
-    after it; the chunks' backwards in reverse; min(2(p − j − 1) + (v − 1)p, m·v) warm-up forwards,
+    """Megatron's interleaved 1F1B in torch's rounds of N (pp where pp divides m, one round of all m
+    below 2·pp): every (chunk, micro-batch) forward once, its backward once and after it; the
+    chunks' backwards in reverse; min(2(p − j − 1) + (v − 1)N, m·v) warm-up forwards,
     so the most held at once is what `cluster.in_flight` prices, and every mix of chunks held before
     a backward, with the chunk of the forward just run (None after a backward) and the backward's,
     is one of `cluster.pipeline_moments`; or, after a backward, holds no more of any chunk than one
@@ -1995,9 +2039,9 @@ def test_interleaved_schedule_runs_each_chunk_once_per_micro_batch(stage: int, p
         if k + 1 < len(order) and order[k + 1][0] == "B":
             counts = tuple(sum(1 for chunk, _ in held if chunk == j) for j in range(vpp))
             moments.add(cluster.PipelineMoment(counts, c if op == "F" else None, order[k + 1][1]))
-    warmup = min(2 * (pp - stage - 1) + (vpp - 1) * pp, m * vpp)
-    assert all(op == "F" for op, _, _ in order[:warmup]) and order[warmup + 1][0] == "B"
     layout = parse_layout(f"tp=1,cp=1,pp={pp},vpp={vpp},dp=1,ep=1,zero=3,recompute=none,mb=1").complete()
+    warmup = min(2 * (pp - stage - 1) + (vpp - 1) * round_size(layout, m), m * vpp)
+    assert all(op == "F" for op, _, _ in order[:warmup]) and (warmup == m * vpp or order[warmup + 1][0] == "B")
     assert most == sum(cluster.in_flight(layout, m, stage))
     priced = set(cluster.pipeline_moments(layout, m, stage))
     assert priced <= moments

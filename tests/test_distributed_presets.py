@@ -124,7 +124,7 @@ def test_every_preset_at_plans_top_layout(fake_world: None, name: str) -> None:
     layout = plan_top_layout(name)
     assert layout.world == GPUS
     seq = SEQ.get(name, 32)
-    # the interleaved schedule (vpp > 1) runs micro-batches in groups of pp
+    # one round of the interleaved schedule (vpp > 1): pp micro-batches
     _check(check_layout_run(plan, layout, seq, microbatches=layout.pp if layout.vpp > 1 else 1))
 
 

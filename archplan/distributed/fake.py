@@ -734,8 +734,8 @@ def measure(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, sta
             # the first step creates AdamW's states, and the measured one is not a first call:
             # state creation alone (FSDP2's lazy init, AdamW on zero gradients) left the measured
             # step with a different tracked peak (first-call work, e.g. DTensor's sharding-cache
-            # misses, is tracked). One micro-batch does it (the interleaved schedule runs them in
-            # groups of pp)
+            # misses, is tracked). One micro-batch does it (pp of them, one round, under the
+            # interleaved schedule)
             runner.train_step(batches[:1 if layout.vpp == 1 else layout.pp])
         samples.clear()
         tracker.recorder = recorder

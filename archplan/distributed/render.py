@@ -125,10 +125,11 @@ def given_layout(plan: ModelPlan, layout_text: str, seq: int, command: str) -> L
 
 def default_microbatches(layout: Layout) -> int:
     """The fewest micro-batches at which the rank's memory is what `plan` prices for this layout at
-    any larger count (plan's own batch runs thousands): gradients accumulate across micro-batches
-    from 2 on, 1F1B's warm-up fills at pp in flight (Narayanan et al. 2021 §2.2.1), and the
-    interleaved one at (v − 1)·pp + 2·(pp − 1) + 1 model chunks on stage 0, which m·v reaches at
-    m = 2·pp (a multiple of pp, as the interleaved schedule runs them)."""
+    its own batch (thousands of micro-batches, in rounds of pp under vpp > 1): gradients accumulate
+    across micro-batches from 2 on, 1F1B's warm-up fills at pp in flight (Narayanan et al. 2021
+    §2.2.1), and the interleaved one at (v − 1)·pp + 2·(pp − 1) + 1 model chunks on stage 0, which
+    m·v reaches at m = 2·pp. A smaller count can hold more under vpp > 1: one round of m, pp < m <
+    2·pp, fills (v − 1)·m + 2·(pp − 1) + 1 chunks; `--microbatches` runs it, as `plan` prices it."""
     if layout.vpp > 1:
         return 2 * layout.pp
     return max(2, layout.pp)

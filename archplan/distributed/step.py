@@ -8,10 +8,12 @@ the pp mesh dimension (what `PipelineStage` does, written out here: its shape-in
 and batched P2P need data that the fake process group does not move).
 
 Interleaved 1F1B (Narayanan et al. 2021 §2.2.2; Megatron-LM
-`forward_backward_pipelining_with_interleaving`): rank j holds v model chunks (each its own
-`Stage` and FSDP root, as torchtitan's model parts), runs min(2(p − j − 1) + (v − 1)·p, m·v)
-warm-up chunk forwards, then one forward and one backward alternately; forward k runs chunk
-(k mod p·v) div p on micro-batch (k div p·v)·p + k mod p, backwards the chunks in reverse. The
+`forward_backward_pipelining_with_interleaving`; torch's `ScheduleInterleaved1F1B`): rank j holds v
+model chunks (each its own `Stage` and FSDP root, as torchtitan's model parts) and runs the m
+micro-batches in max(1, m div p) rounds of N (p where p divides m; one round of all m below 2·p;
+the rounds must divide m), min(2(p − j − 1) + (v − 1)·N, m·v) warm-up chunk forwards, then one
+forward and one backward alternately; forward k runs chunk (k mod N·v) div N on micro-batch
+(k div N·v)·N + k mod N, backwards the chunks in reverse. The
 first chunk of rank 0 receives nothing and the last chunk of rank p − 1 sends nothing; every other
 chunk receives from rank j − 1 and sends to rank j + 1, modulo p.
 
@@ -62,17 +64,21 @@ def interleaved_1f1b(stage: int, pp: int, vpp: int, m: int) -> list[tuple[str, i
     """("F" | "B", chunk, micro-batch) in the order pipeline rank `stage` runs them."""
     if vpp == 1:
         return [(op, 0, i) for op, i in one_f_one_b(stage, pp, m)]
-    if m % pp:
-        raise ArchplanError(f"--microbatches {m}: the interleaved schedule (vpp > 1) runs them in groups of pp={pp}")
-    total, group = m * vpp, pp * vpp
-    warmup = min(2 * (pp - stage - 1) + (vpp - 1) * pp, total)
+    # torch's `ScheduleInterleaved1F1B`: max(1, m div pp) rounds of N micro-batches each
+    rounds = max(1, m // pp)
+    if m % rounds:
+        raise ArchplanError(f"--microbatches {m}: the interleaved schedule (vpp > 1) runs them in max(1, m div "
+                            f"pp) = {rounds} rounds, which must divide them (a multiple of pp={pp} always does)")
+    n = m // rounds
+    total, group = m * vpp, n * vpp
+    warmup = min(2 * (pp - stage - 1) + (vpp - 1) * n, total)
 
     def chunk(k: int, forward: bool) -> int:
-        c = (k % group) // pp
+        c = (k % group) // n
         return c if forward else vpp - 1 - c
 
     def micro(k: int) -> int:
-        return (k // group) * pp + k % pp
+        return (k // group) * n + k % n
 
     order = [("F", chunk(k, True), micro(k)) for k in range(warmup)]
     for i in range(total - warmup):
