@@ -428,6 +428,49 @@ def test_solve_shared_experts_whose_count_and_width_are_both_unknown(tmp_path: P
     assert all(v["moe.shared.n"] * v["moe.shared.d_ff"] == 1536 for v in exact)
 
 
+def test_solve_cli_shows_a_width_a_candidate_leaves_out(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate at `shared.n: 0` has no shared width: the table shows "—", `--json` leaves the
+    key out, `-o` writes the spec, and an unreachable target's note skips it (a KeyError traceback
+    each, after the file was written)."""
+    spec = Spec(name="small-moe", vocab_size=1000, d_model=256, n_layers=4,
+                attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+                moe={"n_experts": 16, "top_k": 4, "expert": {"kind": "glu", "d_ff": 384}})
+    params = count_params(resolve(spec))
+    data = spec_data(spec)
+    data["moe"]["shared"] = {"n": "solve", "d_ff": "solve"}
+    data["moe"]["expert"]["d_ff"] = "solve"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    targets = ("--total", str(params.total), "--active", str(params.active), "--tol", "0")
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), *targets, "-o", str(tmp_path / "s.yaml"))
+    assert code == 0 and "│       — │" in out and "moe.shared.n = 0" in out and (tmp_path / "s.yaml").exists()
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), *targets, "--json")
+    best = json.loads(out)["candidates"][0]["values"]
+    assert code == 0 and best == {"moe.expert.d_ff": 384, "moe.shared.n": 0}
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), "--total", "1e6", "--active", "5e5")
+    assert code == 1 and "no integer solution" in out
+
+
+def test_solve_counts_every_solution_and_breaks_ties_exactly(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """"solved: N" counts every candidate within tolerance, not the 10 kept; a target midway between
+    two widths ranks the smaller model first (in floats the two misses differed in the last bit)."""
+    per_unit = 2 * 1_179_648  # d_ff 16 → 17 in the Claude partial; the target is midway
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", "claude-3-opus-partial", "--total", "15609765888",
+                       "--tol", "0", "--json")
+    data = json.loads(out)
+    first, second = data["candidates"][:2]
+    assert code == 1 and first["values"] == {"ffn.d_ff": 16} and second["values"] == {"ffn.d_ff": 17}
+    assert second["total_params"] - first["total_params"] == per_unit
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", "gpt-4-partial", "--total", "1.8e12",
+                       "--active", "220e9", "--multiple", "128", "--tol", "0.3", "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["candidates"]) == 10 and data["solutions"] > 10
+
+
 def test_solve_two_widths_from_two_targets(tmp_path: Path) -> None:
     """Jamba: the dense FFN and the expert width are both unknown; total and active separate them."""
     reference = count_params(resolve(load_spec("jamba-v0.1")))

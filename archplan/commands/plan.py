@@ -404,6 +404,7 @@ def _solve_json(result: SolveResult, written: str | None) -> dict[str, Any]:
         "tolerance": result.tolerance,
         "multiple": result.multiple,
         "solved": result.solved,
+        "solutions": result.within,
         "candidates": [
             {"values": c.values, "total_params": c.total, "active_params": c.active,
              "errors": c.errors, "within_tolerance": c.worst <= result.tolerance}
@@ -444,13 +445,16 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
         table.add_column(f"Δ {name}", justify="right", overflow="fold")
     table.add_column("ok")
     for c in result.candidates[:TOP_LAYOUTS]:
-        table.add_row(*(f"{c.values[u]:,}" for u in result.unknowns), f"{c.total:,}", f"{c.active:,}",
+        # "—": a width the candidate's choices leave out (the shared experts' at n = 0)
+        table.add_row(*(f"{c.values[u]:,}" if u in c.values else "—" for u in result.unknowns),
+                      f"{c.total:,}", f"{c.active:,}",
                       *(_solve_error(c.errors[name]) for name, _ in result.targets.items()),
                       "✓" if c.worst <= result.tolerance else "✗")
     console.print(table)
     best = result.nearest
     if result.solved:
-        console.print(f"solved: {len(result.solutions)} candidate(s) within tolerance; best "
+        shown = f" (the best {len(result.candidates)} kept)" if result.within > len(result.candidates) else ""
+        console.print(f"solved: {result.within:,} candidate(s) within tolerance{shown}; best "
                       + ", ".join(f"{k} = {v:,}" for k, v in best.values.items()))
     else:
         console.print(

@@ -26,6 +26,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,10 +97,12 @@ class SolveResult:
     targets: Targets
     tolerance: float
     multiple: int
-    candidates: tuple[Candidate, ...]  # best first; the solutions are those within tolerance
+    candidates: tuple[Candidate, ...]  # the best `keep`, best first; the solutions are those within tolerance
+    within: int = 0  # the candidates within tolerance, all of them (not only those kept)
 
     @property
     def solutions(self) -> tuple[Candidate, ...]:
+        """The kept candidates within tolerance (`within` counts them all)."""
         return tuple(c for c in self.candidates if c.worst <= self.tolerance)
 
     @property
@@ -116,7 +119,8 @@ class SolveResult:
         holds more than a target asks, so the sizes the solve does not choose are what is too large
         (least squares wanted a width at or below zero)."""
         best = self.nearest
-        widths = [name for name in self.unknowns if name in {dotted(p) for p in WIDTHS}]
+        # a width the nearest combination leaves out (the shared experts' at n = 0) is not one of its
+        widths = [name for name in self.unknowns if name in {dotted(p) for p in WIDTHS} and name in best.values]
         if self.solved or not widths or any(best.values[w] != self.multiple for w in widths):
             return None
         over = [(name, best.count(name), target) for name, target in self.targets.items()
@@ -397,8 +401,14 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     # values adds expert counts to widths, and ranked Mixtral at 2,386 × 128 experts, 121.7 B, above
     # its own 14,336 × 8, 12.9 B, at one --active); a stable sort keeps equal ones in the order tried
     # (docs/plan.md)
-    ranked = sorted(candidates.values(), key=lambda c: (c.worst, c.total, c.active))
+    # The worst miss in exact arithmetic: in floats, two equal misses either side of a target
+    # (d_ff 16 and 17 at their midpoint) differ in the last bit, and the larger model ranked first.
+    def exact_worst(c: Candidate) -> Fraction:
+        return max(abs(Fraction(c.count(name)) - Fraction(target)) / Fraction(target) for name, target in goals)
+
+    ranked = sorted(candidates.values(), key=lambda c: (exact_worst(c), c.total, c.active))
     return SolveResult(
         unknowns=tuple(dotted(p) for p in unknown), tied=tuple(dotted(p) for p in tied),
         targets=targets, tolerance=tolerance, multiple=multiple, candidates=tuple(ranked[:keep]),
+        within=sum(c.worst <= tolerance for c in ranked),
     )
