@@ -1047,6 +1047,47 @@ def test_fp8_backward_gemms_pay_the_split_accumulator() -> None:
     assert flat.gemm_bwd == pytest.approx(2 * flat.gemm_fwd)
 
 
+def test_routed_copies_are_priced_over_the_tokens_a_rank_routes() -> None:
+    """Under SP each tp rank routes its own sequence shard to whole experts, so the permutation's
+    passes and the experts' activation run over mb·T/tp tokens' k copies, as the all-to-all and the
+    expert GEMMs already counted; without SP every rank routes every token. Mixtral (top-2, d_ff
+    14,336, d_model 4,096) at 4,096 tokens: 2·4,096·2·(2·3·14,336 + 4·2·4,096) bytes at tp 1. The
+    router scores the same rows."""
+    from archplan.planning.pricing import _gemm_shape, routed_copy_bytes
+
+    data = model_data(_plan("mixtral-8x7b"), 4096)
+    moe = data.plan.layers[0].ffn
+    one = routed_copy_bytes(data, moe, parse_layout("tp=1,cp=1,pp=1,dp=8,ep=8,zero=1,recompute=none,mb=2").complete(),
+                            False)
+    assert one == 2 * 4096 * 2 * (2 * 3 * 14336 + 4 * 2 * 4096)
+    for sp, share in (("on", 2), ("off", 1)):
+        layout = parse_layout(f"tp=2,cp=1,pp=1,dp=4,ep=8,zero=1,recompute=none,mb=2,sp={sp}").complete()
+        assert routed_copy_bytes(data, moe, layout, False) == one / share
+        [router] = [t for t in data.layer_tensors[0] if t.name.endswith("router.weight")]
+        assert _gemm_shape(data, data.plan.layers[0], router, layout)[0] == 2 * 4096 // share
+    fused = routed_copy_bytes(data, moe, parse_layout("tp=1,cp=1,pp=1,dp=8,ep=8,zero=1,recompute=none,mb=2").complete(),
+                              True)
+    assert fused == 2 * 4096 * 2 * 4 * 2 * 4096  # the activation in the GEMMs' epilogues
+
+
+def test_torchs_mla_expands_every_key_under_all_gather_cp() -> None:
+    """Under `--states fsdp2` with the all-gather CP each rank expands the whole sequence's keys
+    from the gathered latent (`modules.mla`): kv_b_proj's GEMM runs over mb·T tokens, not T/cp."""
+    from archplan.planning.pricing import _gemm_shape
+
+    data = model_data(_plan("deepseek-v3"), 4096)
+    layer = data.plan.layers[0]
+    [kv_b] = [t for t in data.layer_tensors[0] if t.name.endswith("mixer.kv_b_proj.weight")]
+    layout = parse_layout("tp=8,cp=2,pp=8,dp=4,ep=64,zero=1,recompute=full,mb=1").complete()
+    assert _gemm_shape(data, layer, kv_b, layout)[0] == 4096 // 2
+    assert _gemm_shape(data, layer, kv_b, layout, mla_keys_whole=True)[0] == 4096
+    settings = {"fsdp2": Settings(states=cluster.STATES["fsdp2"]), "megatron": Settings(),
+                "ring": Settings(states=cluster.STATES["fsdp2"], cp_comm="ring")}
+    whole = {key: Evaluator(data.plan, H100, NET, 4096, value, 72 * 2**30).pricer.rates.mla_keys_whole
+             for key, value in settings.items()}
+    assert whole == {"fsdp2": True, "megatron": False, "ring": False}
+
+
 @pytest.mark.parametrize(("name", "skipped"), [
     ("llama-3-8b", "layers.0.ffn.down_proj.weight"),  # the block ends in the FFN's down-projection
     ("mamba-2.8b", "layers.0.mixer.out_proj.weight"),  # no FFN: the mixer's output projection
@@ -1661,14 +1702,12 @@ def test_search_turns_sequence_parallelism_off_where_tp_does_not_split_the_token
     code, _, err = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4095",
                        "--layout", "tp=2,ep=2")
     assert code == 2 and "sequence parallelism splits each rank's 4095 tokens over tp=2" in err
-    # torch's engine at any ep: under --states fsdp2 tp=2 ep=1 keeps SP and breaks the length rule;
-    # Megatron's states run it with sp=off
-    code, _, err = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4095",
-                       "--states", "fsdp2", "--layout", "tp=2,ep=1")
-    assert code == 2 and "sequence parallelism splits each rank's 4095 tokens over tp=2" in err
-    code, out, _ = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq", "4095",
-                       "--states", "megatron", "--layout", "tp=2,ep=1", "--json")
-    assert code == 0 and {row["layout"].split(",")[-1] for row in json.loads(out)["layouts"]} == {"sp=off"}
+    # and at ep = 1 under either engine (Megatron-Core's MoELayer refuses tp > 1 without SP in
+    # training; torch's engine routes only from SP shards): tp=2 ep=1 keeps SP and breaks the length rule
+    for states in ("fsdp2", "megatron"):
+        code, _, err = run(capsys, monkeypatch, "plan", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--seq",
+                           "4095", "--states", states, "--layout", "tp=2,ep=1")
+        assert code == 2 and "sequence parallelism splits each rank's 4095 tokens over tp=2" in err
 
 
 def test_cli_dense_layout_is_complete_without_ep(capsys: pytest.CaptureFixture[str],
@@ -2007,6 +2046,9 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "DualPipe runs its own schedule, not the interleaved one (vpp=2)"),
     (("mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--layout", "tp=2,ep=8,sp=off"),
      "runs expert parallelism (ep=8) beside tensor parallelism (tp=2) only with sequence parallelism"),
+    # and at ep = 1 Megatron-Core's MoELayer refuses to train under tp > 1 without SP
+    (("mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--layout", "tp=2,ep=1,sp=off"),
+     "trains an MoE layer under tensor parallelism (tp=2) only with sequence parallelism"),
     # torch's engine (what verify --layout runs) refuses MoE under tp > 1 without SP at any ep
     (("mixtral-8x7b", "--gpus", "64", "--gpu", "h100", "--states", "fsdp2", "--layout", "tp=2,ep=1,sp=off"),
      "routes an MoE layer's tokens under tensor parallelism (tp=2) only from sequence-parallel shards: sp=on"),

@@ -443,7 +443,9 @@ def expert_sp_problem(engine: str, experts: bool, tp: int | None, ep: int | None
     unknown ones pass). Megatron-Core: with experts split over ep > 1 ranks and attention over
     tp > 1, its token dispatcher needs the sequence-parallel layout (`TransformerConfig.__post_init__`
     raises "When using expert parallelism and tensor parallelism, sequence parallelism must be
-    used"). torch's engine (`--states fsdp2`, what `verify --layout` runs) routes tokens only from
+    used"), and at ep = 1 its MoE layer refuses to train under tp > 1 without it (`MoELayer.forward`
+    raises "During training, performance may degrade if MoE and tensor parallelism are enabled
+    without also enabling sequence parallelism"). torch's engine (`--states fsdp2`, what `verify --layout` runs) routes tokens only from
     their sequence-parallel shards at any ep: without them every tp rank would route the same
     tokens (`distributed.plans.model_refusal`)."""
     if not experts or tp is None or tp == 1 or sp is not False:
@@ -455,7 +457,9 @@ def expert_sp_problem(engine: str, experts: bool, tp: int | None, ep: int | None
     if ep is not None and ep > 1:
         return (f"Megatron-Core, whose engine the Megatron-style --states price, runs expert parallelism "
                 f"(ep={ep}) beside tensor parallelism (tp={tp}) only with sequence parallelism: sp=on")
-    return None
+    return (f"Megatron-Core, whose engine the Megatron-style --states price, trains an MoE layer under "
+            f"tensor parallelism (tp={tp}) only with sequence parallelism (its MoELayer refuses it "
+            "without): sp=on")
 
 
 def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
@@ -544,12 +548,11 @@ class Evaluator:
         # the states as this GPU keeps them (fp8 weights take their transpose on TN-only GPUs)
         self.states = settings.states.on_gpu(gpu)
         self.kernels, self.calibrated = kernel_efficiency(gpu)
-        self.pricer = Pricer(self.data, rates_for(gpu, self.kernels, settings.efficiency,
-                                                  settings.precision, settings.flash_impl,
-                                                  settings.fp8_experts, settings.fp8_dispatch,
-                                                  settings.fused_grouped_mlp, settings.fp8_attention,
-                                                  settings.fp8_lm_head, settings.fp8_scaling,
-                                                  settings.cudnn_norm),
+        rates = rates_for(gpu, self.kernels, settings.efficiency, settings.precision, settings.flash_impl,
+                          settings.fp8_experts, settings.fp8_dispatch, settings.fused_grouped_mlp,
+                          settings.fp8_attention, settings.fp8_lm_head, settings.fp8_scaling, settings.cudnn_norm)
+        keys_whole = settings.states.engine == "torch" and settings.cp_comm == "all_gather"
+        self.pricer = Pricer(self.data, replace(rates, mla_keys_whole=keys_whole),
                              settings.stops_early, bias_grads=settings.bias_grad_pass,
                              qkv_concat=settings.qkv_concat_pass, loss=settings.cross_entropy,
                              dispatcher=settings.dispatcher, modules=settings.recompute_modules)
@@ -705,8 +708,8 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
             # not given, sequence parallelism is on wherever each rank's tokens split over tp (the
             # norms' work and the activations between TP regions shrink by tp for the same
             # traffic) and off where they do not, which Megatron then requires (`layout_problem`),
-            # but where the engine routes experts' tokens only from SP shards (Megatron-Core beside
-            # ep > 1, torch's engine at any ep: `expert_sp_problem`): kept on there, so that the
+            # but where the engine routes experts' tokens only from SP shards (Megatron-Core's and
+            # torch's engines with routed experts: `expert_sp_problem`): kept on there, so that the
             # length is the rule it breaks
             splits = (seq // cp) % tp == 0
             pps = [g["pp"]] if "pp" in g else [p for p in _divisors(rest) if p <= blocks]

@@ -214,6 +214,9 @@ class Rates:
     fp8_lm_head: bool = False  # the LM head's GEMMs at the fp8 rate (`Settings.fp8_lm_head`)
     fp8_scaling: FP8Scaling = "delayed"  # how fp8 scales are found (`Settings.fp8_scaling`)
     cudnn_norm: bool = False  # cuDNN's norm kernels (`Settings.cudnn_norm`)
+    # each CP rank expands every key of the sequence from the gathered MLA latent (torch's engine
+    # under the all-gather, `modules.mla`): its kv_b_proj runs over all mb·T tokens, not T/cp
+    mla_keys_whole: bool = False
 
     @property
     def sends_fp8(self) -> bool:
@@ -315,13 +318,28 @@ def _routing_tokens(data: ModelData, layout: Layout) -> int:
     return tokens // layout.tp if layout.sequence_parallel else tokens
 
 
-def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout
+def routed_copy_bytes(data: ModelData, moe: MoEPlan, layout: Layout, fused_grouped_mlp: bool) -> float:
+    """HBM bytes, one micro-batch's forward on one rank, of an MoE layer's passes over its routed
+    copies: the permutation's four passes over k·d_model a token, and the experts' activation
+    (its [gate | up] read, the product written), which the fused grouped MLP computes in the
+    GEMMs' epilogues instead, "avoiding memory round-trips" (NVIDIA, "Boosting MoE Training
+    Throughput with Advanced Fusion Kernels", 2026). Over the tokens this rank routes to whole
+    experts (`_routing_tokens`: its sequence shard under SP, every token without)."""
+    width = moe.expert.d_ff * (3 if moe.expert.kind == "glu" else 2)
+    activation = 0 if fused_grouped_mlp else ACT_BYTES * width
+    return _routing_tokens(data, layout) * moe.top_k * (activation + 4 * ACT_BYTES * data.plan.d_model)
+
+
+def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, mla_keys_whole: bool = False
                 ) -> tuple[int, int, int, int, bool] | None:
     """(M, N, K, count, runs in fp8) of the matmul that weight `t` of `layer` takes part in on one
-    rank, one micro-batch; None for norms, biases and other non-GEMM parameters."""
+    rank, one micro-batch; None for norms, biases and other non-GEMM parameters. `mla_keys_whole`:
+    MLA's kv_b_proj expands the whole sequence's keys (`Rates.mla_keys_whole`)."""
     tp, ep = layout.tp, layout.ep
     seq = data.seq
     tokens = layout.mb * seq // layout.cp
+    if mla_keys_whole and t.name.endswith(".mixer.kv_b_proj.weight"):
+        tokens = layout.mb * seq
     shape = t.local_shape(tp, ep)
     if t.expert and t.name.endswith(("_EFD", "_EDF")):
         moe = layer.ffn
@@ -333,7 +351,9 @@ def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout
         # its tensor-parallel shard of it over the full length), not per token, and in bf16
         # (like the router, a small precision-sensitive GEMM that fp8 recipes keep out of fp8)
         fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
-        return seq if t.per_position else tokens, shape[0], shape[1], 1, fp8
+        # the router scores the tokens this rank routes (its sequence shard under SP)
+        rows = seq if t.per_position else _routing_tokens(data, layout) if t.name.endswith("router.weight") else tokens
+        return rows, shape[0], shape[1], 1, fp8
     return None
 
 
@@ -345,7 +365,7 @@ def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,
     (`KernelEfficiency.fp8_split_acc`), unless the user gave their own `--efficiency`. A routed
     expert's GEMMs run at the bf16 rate unless the run's grouped GEMMs gain from fp8
     (`Settings.fp8_experts`)."""
-    shape = _gemm_shape(data, layer, t, layout)
+    shape = _gemm_shape(data, layer, t, layout, rates.mla_keys_whole)
     if shape is None:
         return 0.0, 0.0
     m, n, k, count, fp8 = shape
@@ -567,11 +587,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             elem += act_bytes(layer.ffn)
         case MoEPlan():
             moe = layer.ffn
-            # the fused grouped MLP computes the experts' activation (and its backward) in the
-            # GEMMs' epilogues, "avoiding memory round-trips" (NVIDIA, "Boosting MoE Training
-            # Throughput with Advanced Fusion Kernels", 2026); the permutation's passes remain
-            routed = 0.0 if rates.fused_grouped_mlp else moe.top_k * act_bytes(moe.expert)
-            elem += routed + 4 * ACT_BYTES * moe.top_k * h
+            elem_extra += routed_copy_bytes(data, moe, layout, rates.fused_grouped_mlp)
             if moe.shared is not None:
                 elem += act_bytes(moe.shared)
         case None:
