@@ -679,12 +679,14 @@ def test_the_spinner_of_a_long_step_prints_nothing_off_a_terminal(capsys: pytest
 
 
 def test_the_math_kernel_s_scores_are_in_the_fit_estimate() -> None:
-    """SDPA's math kernel builds one layer's T × T scores and their softmax whole, per head."""
+    """SDPA's math kernel builds one layer's T × T scores and their softmax whole, per head, in
+    fp32 whatever the inputs' dtype (it upcasts bf16: a bf16 sweep measured twice its 2-byte price)."""
     plan = resolve(load_spec("gpt2"))
-    fused = runner.BenchConfig(seq=1024, batch=2, dtype=DType.fp32)
-    math_kernel = replace(fused, attn_backend="math")
-    extra = runner.estimate_bytes(plan, math_kernel) - runner.estimate_bytes(plan, fused)
-    assert extra == 2 * 2 * 12 * 1024 * 1024 * 4
+    for dtype in (DType.fp32, DType.bf16):
+        fused = runner.BenchConfig(seq=1024, batch=2, dtype=dtype)
+        math_kernel = replace(fused, attn_backend="math")
+        extra = runner.estimate_bytes(plan, math_kernel) - runner.estimate_bytes(plan, fused)
+        assert extra == 2 * 2 * 12 * 1024 * 1024 * 4
 
 
 def test_the_layout_table_prints_the_median_its_rates_come_from(capsys: pytest.CaptureFixture[str]) -> None:

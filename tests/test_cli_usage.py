@@ -159,7 +159,8 @@ def test_missing_torch_is_one_line(command: str, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize("error", ["ImportError('numpy.core.multiarray failed to import')",
-                                   "OSError('libcudnn.so.9: cannot open shared object file')"])
+                                   "OSError('libcudnn.so.9: cannot open shared object file')",
+                                   "RuntimeError('CUDA driver version is insufficient')"])
 def test_a_torch_that_fails_to_import_is_one_line(error: str, tmp_path: Path) -> None:
     """A torch installed at a supported version but broken (a CUDA wheel missing a library): one
     line naming torch, exit 2; an OSError is not read as a report that could not be written."""

@@ -195,3 +195,10 @@ def test_no_spec_names_the_depth_floor_and_offers_dense_only_where_it_helps() ->
         with pytest.raises(NoRecipe) as refused:
             design(family, 56.4e6, vocab=128256)
         assert "embeddings alone" in str(refused.value) and "--family dense" not in str(refused.value)
+    # nor where dense fails at the same target for its own reason (a step too coarse)
+    target = optimum(LawChoice.epoch, 3e15).optimal.params
+    with pytest.raises(NoRecipe):
+        design(Family.dense, target, vocab=1000)
+    with pytest.raises(NoRecipe) as refused:
+        design(Family.moe, target, vocab=1000)
+    assert "--family dense" not in str(refused.value)

@@ -100,7 +100,8 @@ def test_predicted_memory_starts_at_the_weights_and_grows_linearly_when_fused() 
 def test_a_mask_is_held_beside_the_layer_and_the_math_kernel_builds_the_causal_one() -> None:
     """An ALiBi bias (1, H, T, S) in the run's dtype stays alive beside every layer's working set,
     and its build's transient is a floor under the peak (`mask_bytes`); the math kernel turns
-    `is_causal` into a boolean and an additive T × S mask beside its scores."""
+    `is_causal` into a boolean and an additive T × S mask beside its scores, all fp32 on 16-bit
+    inputs."""
     from archplan.bench.growth import held_mask_bytes, mask_bytes
 
     alibi = resolve(Spec.model_validate({**TINY, "name": "tiny-alibi", "position": {"kind": "alibi"}}))
@@ -110,9 +111,10 @@ def test_a_mask_is_held_beside_the_layer_and_the_math_kernel_builds_the_causal_o
     assert mask_bytes(alibi, t, 4) > held_mask_bytes(alibi, t, 4)
     assert (prefill_peak_bytes(alibi, 2, t, 4, "fused") - prefill_peak_bytes(plain, 2, t, 4, "fused")
             >= held_mask_bytes(alibi, t, 4))
-    fused, materialised = (prefill_peak_bytes(plain, 2, t, 4, core) for core in ("fused", "materialised"))
-    layer = materialised - fused  # the logits (2·t·128·4) are below the layer here
-    assert layer >= 2 * 2 * 2 * t * t * 4 + t * t * 5
+    for dtype_bytes in (4, 2):  # the math kernel upcasts bf16: its scores and mask are fp32 either way
+        fused, materialised = (prefill_peak_bytes(plain, 2, t, dtype_bytes, core) for core in ("fused", "materialised"))
+        layer = materialised - fused  # the logits (2·t·128·4) are below the layer here
+        assert layer >= 2 * 2 * 2 * t * t * 4 + t * t * 5
 
 
 def test_auto_prices_the_scores_where_sdpa_falls_back_to_math() -> None:

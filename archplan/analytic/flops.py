@@ -9,8 +9,8 @@ grouped expert matmuls over the B·T·K routed rows, the SSD einsums). A multipl
 activations, RoPE, scan updates, residual adds); `archplan verify` shows them as analytic-only.
 
 Training and decode per token follow docs/formulas.md §2.8-2.9 (PaLM App. B / torchtitan: backward =
-2 × forward; full recompute adds a forward; selective recompute re-runs the attention core,
-Korthikanti et al. 2022 §5).
+2 × forward; full recompute adds the checkpointed blocks' forward, not the LM head's; selective
+recompute re-runs the attention core, Korthikanti et al. 2022 §5).
 """
 
 from __future__ import annotations

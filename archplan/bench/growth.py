@@ -54,24 +54,33 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sxx
 
 
+# SDPA's math kernel works in fp32 on 16-bit inputs (`_scaled_dot_product_attention_math` upcasts
+# them; its scores and the additive causal mask it builds are fp32)
+MATH_BYTES = 4
+
+
 def _scores_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float) -> int:
-    """The largest layer's scores and their softmax when the core is materialised (2·B·H·T·T)."""
+    """The largest layer's scores and their softmax when the core is materialised (2·B·H·T·T), in
+    the math kernel's fp32 or the run's wider dtype."""
     heads = [layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, AttentionPlan | MLAPlan)]
-    return int(2 * max(heads, default=0) * batch * seq * seq * dtype_bytes)
+    return int(2 * max(heads, default=0) * batch * seq * seq * max(dtype_bytes, MATH_BYTES))
 
 
 def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
     """The most a prompt's attention mask takes while built and held (`modules.attention`): the
-    int64 position differences and boolean masks, T·S elements each (ALiBi's float distances too);
-    with ALiBi the fp32 (H, T, S) bias and its masked copy, alive together, then the copy in the
-    run's dtype (a window folded into it); a sliding window's additive mask, T·S in the run's
-    dtype (a spec has one window). Plain causal attention builds none (SDPA's `is_causal`)."""
+    int64 position differences and boolean masks, T·S elements each; with ALiBi, inside
+    `Alibi.forward`, its int64 and float distances too (freed when it returns), then the fp32
+    (H, T, S) bias and its masked copy, alive together, then the copy in the run's dtype (a window
+    folded into it); a sliding window's additive mask, T·S in the run's dtype (a spec has one
+    window). Plain causal attention builds none (SDPA's `is_causal`)."""
     attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
     windowed = any(mixer.window is not None for mixer in attention)
     alibi_heads = max((mixer.n_heads for mixer in attention), default=0) if plan.position == "alibi" else 0
     area = seq * seq
     if alibi_heads:
-        return area * (8 + 1 + 1 + 8 + 4) + alibi_heads * area * max(8, 4 + dtype_bytes)
+        # inside `Alibi.forward` the int64 and float distances beside the position masks; once it
+        # returns they are freed, and the fp32 bias and its masked copy live beside the masks
+        return max(area * (8 + 1 + 8 + 4), area * (8 + 1 + 1) + alibi_heads * area * max(8, 4 + dtype_bytes))
     return area * (8 + 1 + 1 + dtype_bytes) if windowed else 0
 
 
@@ -109,8 +118,8 @@ def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float
     held = held_mask_bytes(plan, seq, int(dtype_bytes))
     scores = _scores_bytes(plan, batch, seq, dtype_bytes) if core == "materialised" else 0
     if scores and not held:
-        # SDPA's math kernel turns `is_causal` into a T × S boolean mask and its additive form
-        scores += int(seq * seq * (dtype_bytes + 1))
+        # SDPA's math kernel turns `is_causal` into a T × S boolean mask and its additive (fp32) form
+        scores += int(seq * seq * (max(dtype_bytes, MATH_BYTES) + 1))
     layer += scores
     logits = tokens * plan.vocab_size * dtype_bytes
     return int(weights + residual + max(mask_bytes(plan, seq, int(dtype_bytes)), held + max(layer, logits)))

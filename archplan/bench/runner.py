@@ -29,7 +29,7 @@ from archplan.bench.device import (
     reset_peak_memory,
 )
 from archplan.bench.fit import refuse_unless_fits, truncate
-from archplan.bench.growth import mask_bytes
+from archplan.bench.growth import MATH_BYTES, mask_bytes
 from archplan.bench.roofline import (
     DecodeRates,
     OpCount,
@@ -290,7 +290,8 @@ def estimate_bytes(plan: ModelPlan, cfg: BenchConfig, materialised: bool | None 
                 default=0)
     if materialised is None:
         materialised = cfg.attn_backend == "math"
-    scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * b if materialised else 0
+    # the math kernel's scores are fp32 on 16-bit inputs (`growth.MATH_BYTES`)
+    scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * max(b, MATH_BYTES) if materialised else 0
     masks = mask_bytes(plan, cfg.seq, b)
     return int(max(weights + cache + logits + activations + scores + masks, params * nbytes(DType.fp32)))
 

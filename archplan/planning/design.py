@@ -247,6 +247,16 @@ WIDTH_RANGE = (0.75, 4 / 3)
 D_MODEL_CANDIDATES: tuple[int, ...] = tuple(range(256, 1024, 128)) + tuple(1024 * k for k in range(1, 129))
 
 
+def _dense_meets(target: float, vocab: int, seq: int, tolerance: float) -> bool:
+    """Whether the dense family has a spec for this target, which the refusal of another family
+    then suggests (it has the same embeddings, so where they were the obstacle it fails too)."""
+    try:
+        design(Family.dense, target, vocab=vocab, seq=seq, tolerance=tolerance)
+    except NoRecipe:
+        return False
+    return True
+
+
 def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: str = "plan",
            tokens: float | None = None, description: str | None = None,
            tolerance: float = TOLERANCE) -> Design:
@@ -300,11 +310,11 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
         else:
             why = (f"at this size one {family.value} period of {things(period, 'layer')}, with FFN widths "
                    f"{WIDTH_RANGE[0]:g}–{WIDTH_RANGE[1]:.3g}× the recipe's, is a step coarser than {tolerance:.0%}")
-        # the dense family has the same embeddings, so it helps only where the layers were the obstacle
         raise NoRecipe(
             f"no {family.value} recipe spec within {tolerance:.0%} of {target:.3g} {kind} parameters "
             f"at vocab {vocab}: {why}; try a larger budget, a smaller --vocab"
-            + (" or --family dense" if family is not Family.dense and not embeddings else "")
+            + (" or --family dense" if family is not Family.dense and _dense_meets(target, vocab, seq, tolerance)
+               else "")
         )
     _, d, layers, f, l_r, d_r = best
     spec = build(family, d_model=d, n_layers=layers, width=f, vocab=vocab, seq=seq, name=name,
