@@ -379,6 +379,11 @@ def matmul_ratio(gpu: Accelerator) -> float | None:
     return (achieved / gpu.peak("bf16")) / (MATMUL_ACHIEVED_BF16[h100.key] / h100.peak("bf16"))
 
 
+# NVIDIA GPUs before Hopper (compute capability below 9.0: Volta, Ampere, Ada), on which Transformer
+# Engine runs FlashAttention rather than cuDNN's fused attention (`get_attention_backend` prefers
+# cuDNN's kernel from sm90 on)
+PRE_HOPPER_NVIDIA: frozenset[str] = frozenset({"v100", "a100-40gb", "a100-80gb", "l4", "l40s", "rtx4090"})
+
 # Families without a calibration fall back to the Hopper fractions (stated in the output), their GEMM
 # fraction scaled by `matmul_ratio` where it is known.
 FAMILY_OF: dict[str, str] = {

@@ -1324,6 +1324,34 @@ def test_cli_says_no_held_out_run_had_the_models_mixers(capsys: pytest.CaptureFi
         assert "held-out spread" not in text
 
 
+def test_cli_header_and_notes_say_what_was_priced(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager attention is priced as GEMMs and a softmax, not at the FlashAttention rates the header
+    quoted; under --efficiency an uncalibrated GPU's matmul ratio is not applied, so neither line
+    claims it; with no layout that fits, the notes that need none print as --json carries them; the
+    cuDNN caveat covers every GPU before Hopper (Ada's L4 too), not A100 alone."""
+    monkeypatch.setenv("COLUMNS", "400")
+    layout = ("--layout", "tp=1,cp=1,pp=1,dp=8,zero=1,recompute=none,mb=1")
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--seq", "2048",
+                       "--attention", "eager", "--layout", "tp=1,cp=1,pp=1,dp=8,zero=3,recompute=full,mb=1")
+    text = " ".join(out.split())
+    assert code == 0 and "attention as batched GEMMs over the full square" in text and "TFLOP/s fwd/bwd" not in text
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--seq", "4096",
+                       "--efficiency", "0.5", *layout)
+    text = " ".join(out.split())
+    assert code == 0 and "0.637" not in text and "GEMMs and attention run at the --efficiency given" in text
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "12", "--gpu", "b200", "--seq", "8192")
+    text = " ".join(out.split())
+    code_json, out_json, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "12", "--gpu", "b200",
+                                 "--seq", "8192", "--json")
+    notes = json.loads(out_json)["notes"]
+    assert code == code_json == 1 and len(notes) == 2 and all(" ".join(n.split()) in text for n in notes)
+    for gpu, caveat in (("l4", True), ("a100", True), ("h100", False)):
+        code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", gpu, "--seq", "4096",
+                           "--flash-impl", "cudnn", *layout, "--json")
+        assert any(n.startswith("--flash-impl cudnn on NVIDIA") for n in json.loads(out)["notes"]) is caveat, gpu
+
+
 STATES_ARGS = ("plan", "llama-3-8b", "--gpus", "8", "--seq", "4096", "--layout",
                "tp=1,pp=1,dp=8,cp=1,ep=1,zero=1,recompute=full,mb=1", "--json")
 

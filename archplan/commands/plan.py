@@ -542,7 +542,7 @@ BATCH_NOTE_ABOVE = 0.1
 
 
 def _notes(result: SearchResult) -> list[str]:
-    from archplan.hardware import FAMILY_OF, matmul_ratio
+    from archplan.hardware import PRE_HOPPER_NVIDIA, matmul_ratio
 
     notes = []
     if result.ranked:
@@ -577,18 +577,21 @@ def _notes(result: SearchResult) -> list[str]:
                      f"and {rest} GPU{'s' if rest > 1 else ''} on another: collectives across nodes are "
                      f"priced as if every node held {per_node} (a partly filled node has fewer NICs for "
                      f"a ring); --gpus-per-node sets the node's size")
-    if not result.calibrated:
+    if not result.calibrated and result.settings.efficiency is not None:
+        notes.append(f"no calibration for {result.gpu.name}: its HBM bandwidth fraction is Hopper's; its "
+                     "GEMMs and attention run at the --efficiency given")
+    elif not result.calibrated:
         ratio = matmul_ratio(result.gpu)
         gemms = ("" if ratio is None else
                  f", its GEMMs' at {ratio:.3f}× Hopper's for its measured matmul rate against H100's")
         notes.append(f"no calibration for {result.gpu.name}: its kernel efficiencies are the Hopper "
                      f"fractions scaled to its peak{gemms}")
-    if result.settings.flash_impl == "cudnn" and FAMILY_OF.get(result.gpu.key) == "ampere":
-        # the ratio is H100's (Shah et al. 2024), and Transformer Engine runs FlashAttention on
-        # sm80 (`get_attention_backend` prefers cuDNN's kernel from sm90 on)
-        notes.append("--flash-impl cudnn on A100: cuDNN's attention is priced at its measured H100 ratio "
-                     "to FlashAttention-2, which no A100 measurement confirms; Transformer Engine itself "
-                     "runs FlashAttention there")
+    if result.settings.flash_impl == "cudnn" and result.gpu.key in PRE_HOPPER_NVIDIA:
+        # the ratio is H100's (Shah et al. 2024), and Transformer Engine runs FlashAttention before
+        # sm90 (`get_attention_backend` prefers cuDNN's kernel from sm90 on): Ampere and Ada
+        notes.append(f"--flash-impl cudnn on {result.gpu.name}: cuDNN's attention is priced at its measured "
+                     "H100 ratio to FlashAttention-2, which no measurement on this GPU confirms; Transformer "
+                     "Engine itself runs FlashAttention there")
     return notes
 
 
@@ -787,21 +790,24 @@ def _network_json(bound: RailBound | None) -> dict[str, Any] | None:
 def _efficiency_text(result: SearchResult) -> str:
     settings, k = result.settings, result.kernels
     if settings.efficiency is not None:
+        # the family's GEMM scaling (an uncalibrated GPU's matmul ratio) is not applied: the GEMMs run
+        # at the user's rate
+        source = f"{k.family} constants" if result.calibrated else "Hopper's fraction: no calibration on this GPU"
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
                 f"of the dense peak (user-measured); elementwise and optimizer at {k.hbm:.0%} of HBM "
-                f"bandwidth ({k.family} constants)")
+                f"bandwidth ({source})")
     from archplan.hardware import flash_speed
 
     calibrated = "" if result.calibrated else " [not calibrated on this GPU]"
     fwd, bwd = flash_speed(settings.flash_impl, 128)  # the rates quoted are at head dim 128
-    kernel = settings.attention_kernel
-    if kernel == "flash":
-        fractions = result.flash_fractions  # smallest first
-        shorter = ""
-        if fractions and fractions[0] < 1.0:
-            low, high = f"{fractions[0]:.0%}", f"{fractions[-1]:.0%}"
-            shorter = f", {low if low == high else f'{low}–{high}'} of that for this model at {result.seq:,} tokens"
-        kernel = f"flash, {settings.flash_impl}, long sequences{shorter}"
+    if settings.attention_kernel == "flash":
+        attention = (f"attention at {k.attention_fwd * fwd / 1e12:,.0f}/{k.attention_bwd * bwd / 1e12:,.0f} "
+                     f"TFLOP/s fwd/bwd (flash, {settings.flash_impl}, long sequences, head dim 128"
+                     f"{_fraction_text(result)})")
+    else:
+        # eager: the scores' and the values' batched GEMMs over the full square at the GEMM
+        # efficiency of their shape, the softmax's passes at HBM bandwidth (`pricing._layer_micro`)
+        attention = "attention as batched GEMMs over the full square by shape, its softmax at HBM bandwidth (eager)"
     fp8 = ""
     if settings.precision == "fp8":
         slower = (f"backward fp8 GEMMs {k.fp8_split_acc:g}× slower: split accumulator, "
@@ -810,9 +816,25 @@ def _efficiency_text(result: SearchResult) -> str:
                    if settings.fp8_experts else "routed experts' GEMMs at the bf16 rate, ")
         fp8 = f" ({slower}{experts}fp8 casts at HBM bandwidth)"
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
-            f"{settings.precision} peak by shape{fp8}, attention at {k.attention_fwd * fwd / 1e12:,.0f}/"
-            f"{k.attention_bwd * bwd / 1e12:,.0f} TFLOP/s fwd/bwd ({kernel}), elementwise "
+            f"{settings.precision} peak by shape{fp8}, {attention}, elementwise "
             f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
+
+
+def _fraction_text(result: SearchResult) -> str:
+    """What share of the quoted rates this model's attention layers run at (`flash_fractions`: the
+    length law, a head-dim-64 layer's share and speed, fp8 attention), where it is not all of them:
+    ", 68% of that for this model at 1,024 tokens", forward and backward apart where they differ."""
+    fractions = result.flash_fractions  # (forward, backward), smallest forward first
+    if not fractions or all(f == (1.0, 1.0) for f in fractions):
+        return ""
+
+    def span(values: list[float]) -> str:
+        low, high = f"{min(values):.0%}", f"{max(values):.0%}"
+        return low if low == high else f"{low}–{high}"
+
+    forward, backward = span([f for f, _ in fractions]), span([b for _, b in fractions])
+    share = forward if forward == backward else f"{forward}/{backward}"
+    return f"; {share} of that for this model at {result.seq:,} tokens"
 
 
 def _accuracy(result: SearchResult) -> HeldOutAccuracy | None:
@@ -872,7 +894,8 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "fixed": dict(result.fixed.chosen(result.routed).given),
         "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
                        "calibrated": result.calibrated, "description": _efficiency_text(result),
-                       "flash_fractions": list(result.flash_fractions)},
+                       "flash_fractions": [f for f, _ in result.flash_fractions],
+                       "flash_fractions_backward": [b for _, b in result.flash_fractions]},
         "accuracy": ({**accuracy.as_dict(), "gpu_in_runs": own_runs(result.gpu, accuracy),
                       "mixers_in_runs": unjudged_mixers(spec) is None}
                      if (accuracy := _accuracy(result)) else None),
@@ -1119,6 +1142,9 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         if result.tightest is not None:
             _print_table(console, (result.tightest,), result, tokens,
                          "the layout needing the least memory (does not fit)")
+        # the notes that need no ranked layout (a partly filled node, an uncalibrated GPU), as --json
+        for note in _all_notes(result, bound, model_notes, tokens):
+            console.print(f"[yellow]note:[/] {note}")
         return
     rows = result.shown
     title = ("the given layout" if result.fixed.complete() is not None else

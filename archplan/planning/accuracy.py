@@ -19,7 +19,7 @@ has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise.
 Models that route tokens to experts are judged apart (`HELD_OUT_MOE`): the model's pricing of
 fine-grained MoE misses by far more than its pricing of dense models (Megatron-Bridge's Qwen3-30B-A3B
 runs measured up to 3.0× slower than priced in the releases NVIDIA filed as a 2× regression, and
-Qwen3-235B-A22B's up to 2.1× at the NCCL all-to-all on B300, 1.6× elsewhere; docs/validation.md, "The Qwen3 MoE rows" and "The archive's newer
+Qwen3-235B-A22B's up to 2.1× at the NCCL all-to-all on B300, 1.8× elsewhere; docs/validation.md, "The Qwen3 MoE rows" and "The archive's newer
 containers"), and their misses would otherwise widen every dense plan's statement. The family and engine figures are over
 the dense runs; the MoE figures over every MoE run, whatever its GPU or engine (too few to split)."""
 

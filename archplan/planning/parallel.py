@@ -356,10 +356,10 @@ class SearchResult:
     fixed: PartialLayout = field(default_factory=PartialLayout)
     routed: bool = False  # some layer routes tokens to experts (`plan` quotes the MoE runs' accuracy)
     top: int | None = None  # the fastest layouts asked for (`search`); None: every fitting one
-    # the fractions of the long-sequence FlashAttention rate the attention layers are priced at on
-    # `seq` tokens (`pricing.flash_fractions`); empty under eager attention, under the user's own
+    # the (forward, backward) fractions of the long-sequence FlashAttention rates the attention
+    # layers are priced at on `seq` tokens (`pricing.flash_fractions`); empty under eager attention, under the user's own
     # `--efficiency` (no length law applies to it) or without attention layers
-    flash_fractions: tuple[float, ...] = ()
+    flash_fractions: tuple[tuple[float, float], ...] = ()
     asked_batch_tokens: float = 0.0  # --global-batch-tokens as given; each layout runs whole micro-batches
 
     @property
@@ -832,7 +832,8 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         ranked=tuple(e for e in ranked if e.fits or keep_unfit), considered=len(layouts),
         fitting=fitting, reasons=reasons, tightest=tightest or (ranked[0] if ranked and not fitting else None),
         fixed=fixed, routed=plan.routed, top=top, asked_batch_tokens=global_batch_tokens,
-        flash_fractions=(flash_fractions(plan, seq, settings.flash_impl)
+        flash_fractions=(flash_fractions(plan, seq, settings.flash_impl, evaluator.kernels,
+                                         evaluator.pricer.rates.fp8_attention)
                          if settings.attention_kernel == "flash" and settings.efficiency is None else ()),
     )
 

@@ -634,14 +634,25 @@ def flash_fraction(head_dim: int, window: int | None, seq: int, impl: FlashImpl)
     return flash_length_factor(min(seq, window) if window else seq, impl, head_dim)
 
 
-def flash_fractions(plan: ModelPlan, seq: int, impl: FlashImpl) -> tuple[float, ...]:
-    """The distinct `flash_fraction`s of the model's attention layers, smallest first (none without
-    attention), for `plan` to print beside the rates."""
+def flash_fractions(plan: ModelPlan, seq: int, impl: FlashImpl, eff: KernelEfficiency,
+                    fp8_attention: str | None = None) -> tuple[tuple[float, float], ...]:
+    """The distinct (forward, backward) fractions of the long-sequence head-dim-128 FlashAttention
+    rates of `impl` (what `plan` quotes) that the model's attention layers run at, as `_layer_micro`
+    prices them: the length law (`flash_fraction`), a head-dim-64 layer's share and `impl`'s speed
+    at that head dim, and cuDNN's MXFP8 speed-up under `fp8_attention`; smallest forward first
+    (none without attention)."""
+    quoted_fwd, quoted_bwd = flash_speed(impl, 128)
     found = set()
     for layer in plan.layers:
         match layer.mixer:
             case AttentionPlan(head_dim=dqk, window=window) | MLAPlan(qk_head_dim=dqk, window=window):
-                found.add(flash_fraction(flash_head_dim(dqk, impl), window, seq, impl))
+                qk = flash_head_dim(dqk, impl)
+                share = eff.attention_share(qk) * flash_fraction(qk, window, seq, impl)
+                fwd, bwd = flash_speed(impl, qk)
+                if fp8_attention is not None:
+                    faster_fwd, faster_bwd = fp8_attention_speed(fp8_attention, dqk, min(seq, window) if window else seq)
+                    fwd, bwd = fwd * faster_fwd, bwd * faster_bwd
+                found.add((share * fwd / quoted_fwd, share * bwd / quoted_bwd))
             case _:
                 pass
     return tuple(sorted(found))
