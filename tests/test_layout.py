@@ -1340,6 +1340,18 @@ def test_cli_header_and_notes_say_what_was_priced(capsys: pytest.CaptureFixture[
                        "--efficiency", "0.5", *layout)
     text = " ".join(out.split())
     assert code == 0 and "0.637" not in text and "GEMMs and attention run at the --efficiency given" in text
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--seq", "4096",
+                       "--efficiency", "0.5", *layout, "--json")
+    assert code == 0 and json.loads(out)["efficiency"]["family"] == "uncalibrated (AMD Instinct MI300X 192GB, Hopper fractions)"
+    # the user's rate replaces the attention's, fp8 attention's speed-up included
+    fp8 = ("plan", "llama-3-8b", "--gpus", "8", "--gpu", "gb300", "--seq", "8192", "--precision", "fp8",
+           "--fp8-scaling", "mxfp8", "--flash-impl", "cudnn", "--efficiency", "0.5", "--layout",
+           "tp=1,cp=1,pp=1,dp=8,ep=1,zero=3,recompute=full,mb=1", "--json")
+    attention = []
+    for flag in ("--fp8-attention", "--bf16-attention"):
+        code, out, _ = run(capsys, monkeypatch, *fp8, flag)
+        attention.append(json.loads(out)["layouts"][0]["step_time"]["attention"])
+    assert code == 0 and attention[0] == attention[1]
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "12", "--gpu", "b200", "--seq", "8192")
     text = " ".join(out.split())
     code_json, out_json, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "12", "--gpu", "b200",

@@ -792,7 +792,7 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.efficiency is not None:
         # the family's GEMM scaling (an uncalibrated GPU's matmul ratio) is not applied: the GEMMs run
         # at the user's rate
-        source = f"{k.family} constants" if result.calibrated else "Hopper's fraction: no calibration on this GPU"
+        source = f"{_family_label(result)} constants" if result.calibrated else "Hopper's fraction: no calibration on this GPU"
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
                 f"of the dense peak (user-measured); elementwise and optimizer at {k.hbm:.0%} of HBM "
                 f"bandwidth ({source})")
@@ -818,6 +818,14 @@ def _efficiency_text(result: SearchResult) -> str:
     return (f"compute model, {k.family} constants{calibrated}: GEMMs up to {k.gemm:.0%} of the "
             f"{settings.precision} peak by shape{fp8}, {attention}, elementwise "
             f"and optimizer at {k.hbm:.0%} of HBM bandwidth")
+
+
+def _family_label(result: SearchResult) -> str:
+    """The constants' family as `--json` names it; under `--efficiency` an uncalibrated GPU's
+    matmul-rate scaling of the GEMMs is left out of the name, since the user's rate replaces it."""
+    if result.settings.efficiency is None or result.calibrated:
+        return result.kernels.family
+    return f"uncalibrated ({result.gpu.name}, Hopper fractions)"
 
 
 def _fraction_text(result: SearchResult) -> str:
@@ -892,7 +900,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "gpu": result.gpu.key,
         "seq": result.seq,
         "fixed": dict(result.fixed.chosen(result.routed).given),
-        "efficiency": {"override": settings.efficiency, "family": result.kernels.family,
+        "efficiency": {"override": settings.efficiency, "family": _family_label(result),
                        "calibrated": result.calibrated, "description": _efficiency_text(result),
                        "flash_fractions": [f for f, _ in result.flash_fractions],
                        "flash_fractions_backward": [b for _, b in result.flash_fractions]},

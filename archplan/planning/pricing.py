@@ -556,9 +556,10 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                             else rates.eff.attention_fwd * share * fwd_speed)
                 bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
                             else rates.eff.attention_bwd * share * bwd_speed)
-                if rates.fp8_attention is not None:
+                if rates.fp8_attention is not None and rates.efficiency is None:
                     # cuDNN's MXFP8 attention at its measured speed over its BF16 one
-                    # (`hardware.FP8_ATTENTION_RATES`), at this head dim and length
+                    # (`hardware.FP8_ATTENTION_RATES`), at this head dim and length; under
+                    # --efficiency the user's rate replaces the attention's, as it does the kernel's
                     faster_fwd, faster_bwd = fp8_attention_speed(rates.fp8_attention, dqk,
                                                                  min(seq, window) if window else seq)
                     fwd_rate, bwd_rate = fwd_rate * faster_fwd, bwd_rate * faster_bwd
