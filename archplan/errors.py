@@ -20,7 +20,7 @@ class ArchplanError(Exception):
     def render(self) -> str:
         where = ""
         if self.file:
-            where = self.file
+            where = printable(self.file)
             if self.line is not None:
                 where += f":{self.line}"
                 if self.column is not None:
@@ -33,7 +33,13 @@ class ArchplanError(Exception):
 def dotted(path: tuple[object, ...]) -> str:
     """A field path as `attention.n_kv_heads`; a YAML key holding a line break or another control
     character is quoted as Python writes it, so the one-line error stays one line."""
-    return ".".join(str(part) if str(part).isprintable() else repr(str(part)) for part in path)
+    return ".".join(printable(str(part)) for part in path)
+
+
+def printable(text: str) -> str:
+    """`text` as is, or quoted as Python writes it where it holds a line break or another control
+    character (a YAML key, a file's name), so a one-line message stays one line."""
+    return text if text.isprintable() else repr(text)
 
 
 def first_line(exc: BaseException) -> str:

@@ -342,3 +342,23 @@ def test_piped_output_is_as_wide_as_compares(argv: list[str]) -> None:
     assert result.exit_code == 0, result.output
     assert "hidden at" not in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= PIPED_WIDTH
+
+
+def test_a_file_name_with_a_line_break_keeps_errors_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path holding a line break is quoted as Python writes it, as a YAML key is: the error, and
+    each lint finding, stay one line for the tools that read them line by line."""
+    odd = tmp_path / "n\nl.yaml"
+    odd.write_text("name: x\n")
+    for argv in (["archplan", "size", str(odd)], ["archplan", "size", str(tmp_path / "a\nb.yaml")]):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as info:
+            main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and "\\n" in err, err
+    monkeypatch.setattr(sys, "argv", ["archplan", "lint", str(odd)])
+    with pytest.raises(SystemExit):
+        main()
+    out = capsys.readouterr().out
+    finding = [line for line in out.splitlines() if "AP0" in line]
+    assert finding and all(line.startswith(repr(str(odd))) for line in finding)

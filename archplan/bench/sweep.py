@@ -51,7 +51,7 @@ from archplan.bench.runner import (
 from archplan.bench.timing import progress_bar, time_calls
 from archplan.console import echo
 from archplan.dtypes import DType, nbytes
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, printable
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import ModelPlan
 from archplan.units import amount, count, nbytes as fmt_bytes
@@ -376,4 +376,4 @@ def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json:
         return
     render(results)
     if plot is not None:
-        echo(f"figure written to {plot}")
+        echo(f"figure written to {printable(plot)}")

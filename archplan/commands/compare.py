@@ -33,7 +33,7 @@ from archplan.commands.size import (
     size_options,
 )
 from archplan.console import echo
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, printable
 
 
 def register(app: typer.Typer) -> None:
@@ -89,4 +89,4 @@ def register(app: typer.Typer) -> None:
 
             print_compare(reports)
             if plot is not None:
-                echo(f"figure written to {plot}")
+                echo(f"figure written to {printable(plot)}")

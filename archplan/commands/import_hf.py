@@ -16,7 +16,7 @@ from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
 from archplan.commands.schema import schema_file
 from archplan.console import echo, stdout_takes_unicode
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, printable
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
 import_app = typer.Typer(
@@ -97,7 +97,7 @@ def hf(
     elif output is None:
         echo(spec_yaml(spec, header, allow_unicode=stdout_takes_unicode()), nl=False)
     else:
-        typer.echo(f"wrote {output} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})", err=True)
+        typer.echo(f"wrote {printable(output)} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,7 +21,7 @@ from archplan.commands.options import (
     refuse_foreign_options,
 )
 from archplan.console import echo, settle
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, printable
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
 if TYPE_CHECKING:
@@ -329,7 +329,7 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None,
         f"{made.recipe_layers:.0f} × {made.recipe_width:,.0f})"
     )
     if written:
-        console.print(f"  written to {written}")
+        console.print(f"  written to {escape(printable(written))}")
 
 
 def _plot_budget(result: Optimum, made: Design | NoRecipe, path: str, force: bool) -> None:
@@ -469,7 +469,7 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
         if note := result.floor_note:
             console.print(f"[yellow]note:[/] {escape(note)}")
     if written:
-        console.print(f"written to {written}")
+        console.print(f"written to {escape(printable(written))}")
 
 
 # ------------------------------------------------------------------------------------- layout
@@ -1496,7 +1496,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
     else:
         _print_budget(result, made, written, target_kind(family))
         if plot is not None:
-            echo(f"figure written to {plot}")
+            echo(f"figure written to {printable(plot)}")
     if isinstance(made, NoRecipe):
         raise SystemExit(1)
 
@@ -1526,7 +1526,7 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
     else:
         _print_solve(result, written)
         if output is not None and not result.solved:
-            echo(f"nothing written to {output}: no candidate within tolerance")
+            echo(f"nothing written to {printable(output)}: no candidate within tolerance")
     if not result.solved:
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it.
@@ -1696,6 +1696,6 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     else:
         _print_layout(spec, result, train_tokens, source, bound, seq_note, model_notes)
         if plot is not None:
-            echo(f"figure written to {plot}")
+            echo(f"figure written to {printable(plot)}")
     if not result.feasible:
         raise SystemExit(1)

@@ -11,7 +11,7 @@ import typer
 
 from archplan.commands.options import ForceOpt
 from archplan.console import echo
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, printable
 from archplan.outfile import SCHEMA_SUFFIXES, check_target, write_text
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what Pydantic 2 generates
@@ -76,4 +76,4 @@ def register(app: typer.Typer) -> None:
             echo(text, nl=False)
             return
         write_text(check_target(output, force=force, field="-o", suffixes=SCHEMA_SUFFIXES), text)
-        typer.echo(f"wrote {output}", err=True)
+        typer.echo(f"wrote {printable(output)}", err=True)

@@ -12,7 +12,7 @@ from archplan import jsonout
 from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg, length_option, refuse_force_without_plot
 from archplan.console import echo
 from archplan.dtypes import DType
-from archplan.errors import ArchplanError
+from archplan.errors import ArchplanError, printable
 from archplan.units import SI_EXPONENTS
 
 if TYPE_CHECKING:
@@ -202,4 +202,4 @@ def register(app: typer.Typer) -> None:
 
             print_size(report)
             if plot is not None:
-                echo(f"figure written to {plot}")
+                echo(f"figure written to {printable(plot)}")

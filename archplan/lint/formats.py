@@ -12,6 +12,7 @@ from urllib.parse import quote
 from typing_extensions import assert_never
 
 from archplan import __version__
+from archplan.errors import printable
 from archplan.lint.engine import Finding, LintResult
 from archplan.lint.rules import Rule, Severity
 
@@ -39,7 +40,7 @@ def summary(result: LintResult) -> str:
 def render_text(result: LintResult) -> str:
     lines: list[str] = []
     for f in result.findings:
-        lines.append(f"{f.file}:{f.line}:{f.column}: {f.code} {f.severity}: {f.labelled}")
+        lines.append(f"{printable(f.file)}:{f.line}:{f.column}: {f.code} {f.severity}: {f.labelled}")
         if f.fix:
             lines.append(f"    fix: {f.fix}")
     lines.append(summary(result))
