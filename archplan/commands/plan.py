@@ -792,7 +792,7 @@ def _efficiency_text(result: SearchResult) -> str:
     if settings.efficiency is not None:
         # the family's GEMM scaling (an uncalibrated GPU's matmul ratio) is not applied: the GEMMs run
         # at the user's rate
-        source = f"{_family_label(result)} constants" if result.calibrated else "Hopper's fraction: no calibration on this GPU"
+        source = f"{k.family} constants" if result.calibrated else "Hopper's fraction: no calibration on this GPU"
         return (f"--efficiency {settings.efficiency:g}: GEMMs and attention at {settings.efficiency:.0%} "
                 f"of the dense peak (user-measured); elementwise and optimizer at {k.hbm:.0%} of HBM "
                 f"bandwidth ({source})")
