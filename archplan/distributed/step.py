@@ -39,6 +39,7 @@ from archplan.distributed.mesh import LayoutMesh
 from archplan.errors import ArchplanError
 from archplan.distributed.shard import Sharded, unit_view_outputs
 from archplan.modules.moe import scale_aux_gradients
+from archplan.planning.layout import torch_rounds
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ def interleaved_1f1b(stage: int, pp: int, vpp: int, m: int) -> list[tuple[str, i
     """("F" | "B", chunk, micro-batch) in the order pipeline rank `stage` runs them."""
     if vpp == 1:
         return [(op, 0, i) for op, i in one_f_one_b(stage, pp, m)]
-    # torch's `ScheduleInterleaved1F1B`: max(1, m div pp) rounds of N micro-batches each
-    rounds = max(1, m // pp)
+    rounds = torch_rounds(pp, m)  # torch's `ScheduleInterleaved1F1B`: rounds of N micro-batches each
     if m % rounds:
         raise ArchplanError(f"--microbatches {m}: the interleaved schedule (vpp > 1) runs them in max(1, m div "
                             f"pp) = {rounds} rounds, which must divide them (a multiple of pp={pp} always does)")

@@ -274,14 +274,20 @@ def check_layout(layout: Layout, *, n_layers: int, gpus: int | None, gpus_per_no
         raise ArchplanError(f"--layout: {why}")
 
 
+def torch_rounds(pp: int, microbatches: int) -> int:
+    """How many rounds torch's `ScheduleInterleaved1F1B` runs m micro-batches in: max(1, m div pp)
+    (`number_of_rounds`), each of m / rounds; it refuses an m the rounds do not divide."""
+    return max(1, microbatches // pp)
+
+
 def round_size(layout: Layout, microbatches: int) -> int:
     """N, the micro-batches a rank runs through one model chunk before the next, over m
     micro-batches: `group` when given (Megatron-LM's `microbatch_group_size_per_vp_stage`), else
-    torch's `ScheduleInterleaved1F1B` rounds, max(1, m div pp) of m / rounds each: pp (Megatron's
-    default) when pp divides m, one round of all m below 2·pp."""
+    torch's rounds (`torch_rounds`), m / rounds each: pp (Megatron's default) when pp divides m,
+    one round of all m below 2·pp."""
     if layout.group:
         return layout.group
-    return microbatches // max(1, microbatches // layout.pp)
+    return microbatches // torch_rounds(layout.pp, microbatches)
 
 
 def group_problem(layout: Layout, microbatches: int) -> str | None:
@@ -294,7 +300,7 @@ def group_problem(layout: Layout, microbatches: int) -> str | None:
                 if layout.group else None)
     p, m = layout.pp, microbatches
     if not layout.group:
-        rounds = max(1, m // p)
+        rounds = torch_rounds(p, m)
         if m % rounds:
             return (f"the interleaved schedule runs m = {m} micro-batches in {rounds} rounds of at least "
                     f"pp = {p}, which do not divide them (give group=N, or a batch pp divides)")
