@@ -549,20 +549,14 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
                 # the kernel computes on padded heads (`flash_head_dim`): MPT-30B's 112 as 128
                 qk, v = flash_head_dim(dqk, rates.flash), flash_head_dim(dv, rates.flash)
                 flops = 2 * mb * attended_pairs(seq, window) / cp * heads * (qk + v)
-                # the family's long-sequence head-dim-128 rates, at this head dim and length
-                share = rates.eff.attention_share(qk) * flash_fraction(qk, window, seq, rates.flash)
-                fwd_speed, bwd_speed = flash_speed(rates.flash, qk)
-                fwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_fwd * share * fwd_speed)
-                bwd_rate = (rates.efficiency * rates.peak if rates.efficiency is not None
-                            else rates.eff.attention_bwd * share * bwd_speed)
-                if rates.fp8_attention is not None and rates.efficiency is None:
-                    # cuDNN's MXFP8 attention at its measured speed over its BF16 one
-                    # (`hardware.FP8_ATTENTION_RATES`), at this head dim and length; under
-                    # --efficiency the user's rate replaces the attention's, as it does the kernel's
-                    faster_fwd, faster_bwd = fp8_attention_speed(rates.fp8_attention, dqk,
-                                                                 min(seq, window) if window else seq)
-                    fwd_rate, bwd_rate = fwd_rate * faster_fwd, bwd_rate * faster_bwd
+                if rates.efficiency is not None:
+                    # the user's rate replaces the attention's: the kernel's and fp8's speeds too
+                    fwd_rate = bwd_rate = rates.efficiency * rates.peak
+                else:
+                    share, fwd_speed, bwd_speed = flash_rate_factors(rates.eff, rates.flash, dqk, window, seq,
+                                                                     rates.fp8_attention)
+                    fwd_rate = rates.eff.attention_fwd * share * fwd_speed
+                    bwd_rate = rates.eff.attention_bwd * share * bwd_speed
                 attn_fwd = flops / fwd_rate
                 attn_bwd = 2.5 * flops / bwd_rate
             case "eager":
@@ -635,24 +629,34 @@ def flash_fraction(head_dim: int, window: int | None, seq: int, impl: FlashImpl)
     return flash_length_factor(min(seq, window) if window else seq, impl, head_dim)
 
 
+def flash_rate_factors(eff: KernelEfficiency, impl: FlashImpl, head_dim: int, window: int | None, seq: int,
+                       fp8_attention: str | None) -> tuple[float, float, float]:
+    """(share, forward speed, backward speed) of the family's long-sequence head-dim-128
+    FlashAttention-2 rates a layer of Q·K head dim `head_dim` runs at over `seq` tokens: the share
+    is a head-dim-64 layer's (`attention_share`) times the length law (`flash_fraction`), both at
+    the head the kernel computes (`flash_head_dim`: MPT-30B's 112 as 128); the speeds are `impl`'s
+    at that head dim (`flash_speed`), times cuDNN's measured MXFP8 speed over its BF16 one under
+    `fp8_attention` (`hardware.FP8_ATTENTION_RATES`), at this head dim and length."""
+    qk = flash_head_dim(head_dim, impl)
+    share = eff.attention_share(qk) * flash_fraction(qk, window, seq, impl)
+    fwd, bwd = flash_speed(impl, qk)
+    if fp8_attention is not None:
+        faster_fwd, faster_bwd = fp8_attention_speed(fp8_attention, head_dim, min(seq, window) if window else seq)
+        fwd, bwd = fwd * faster_fwd, bwd * faster_bwd
+    return share, fwd, bwd
+
+
 def flash_fractions(plan: ModelPlan, seq: int, impl: FlashImpl, eff: KernelEfficiency,
                     fp8_attention: str | None = None) -> tuple[tuple[float, float], ...]:
     """The distinct (forward, backward) fractions of the long-sequence head-dim-128 FlashAttention
     rates of `impl` (what `plan` quotes) that the model's attention layers run at, as `_layer_micro`
-    prices them: the length law (`flash_fraction`), a head-dim-64 layer's share and `impl`'s speed
-    at that head dim, and cuDNN's MXFP8 speed-up under `fp8_attention`; smallest forward first
-    (none without attention)."""
+    prices them (`flash_rate_factors`); smallest forward first (none without attention)."""
     quoted_fwd, quoted_bwd = flash_speed(impl, 128)
     found = set()
     for layer in plan.layers:
         match layer.mixer:
             case AttentionPlan(head_dim=dqk, window=window) | MLAPlan(qk_head_dim=dqk, window=window):
-                qk = flash_head_dim(dqk, impl)
-                share = eff.attention_share(qk) * flash_fraction(qk, window, seq, impl)
-                fwd, bwd = flash_speed(impl, qk)
-                if fp8_attention is not None:
-                    faster_fwd, faster_bwd = fp8_attention_speed(fp8_attention, dqk, min(seq, window) if window else seq)
-                    fwd, bwd = fwd * faster_fwd, bwd * faster_bwd
+                share, fwd, bwd = flash_rate_factors(eff, impl, dqk, window, seq, fp8_attention)
                 found.add((share * fwd / quoted_fwd, share * bwd / quoted_bwd))
             case _:
                 pass
