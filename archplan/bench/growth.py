@@ -66,6 +66,14 @@ def _scores_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float) -> 
     return int(2 * max(heads, default=0) * batch * seq * seq * max(dtype_bytes, MATH_BYTES))
 
 
+def _masks(plan: ModelPlan) -> tuple[int, bool]:
+    """(ALiBi heads, 0 without ALiBi; whether a layer has a sliding window): the explicit masks a
+    prompt's attention builds (`modules.attention.attention_mask`)."""
+    attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
+    alibi_heads = max((mixer.n_heads for mixer in attention), default=0) if plan.position == "alibi" else 0
+    return alibi_heads, any(mixer.window is not None for mixer in attention)
+
+
 def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
     """The most a prompt's attention mask takes while built and held (`modules.attention`): the
     int64 position differences and boolean masks, T·S elements each; with ALiBi, inside
@@ -73,9 +81,7 @@ def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
     (H, T, S) bias and its masked copy, alive together, then the copy in the run's dtype (a window
     folded into it); a sliding window's additive mask, T·S in the run's dtype (a spec has one
     window). Plain causal attention builds none (SDPA's `is_causal`)."""
-    attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
-    windowed = any(mixer.window is not None for mixer in attention)
-    alibi_heads = max((mixer.n_heads for mixer in attention), default=0) if plan.position == "alibi" else 0
+    alibi_heads, windowed = _masks(plan)
     area = seq * seq
     if alibi_heads:
         # inside `Alibi.forward` the int64 and float distances beside the position masks; once it
@@ -87,10 +93,10 @@ def mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
 def held_mask_bytes(plan: ModelPlan, seq: int, dtype_bytes: int) -> int:
     """What of `mask_bytes` the layers see, once built: the ALiBi bias (1, H, T, S) or the window's
     additive (T, S) mask, in the run's dtype (`modules.attention.additive_mask`)."""
-    attention = [layer.mixer for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))]
-    if plan.position == "alibi":
-        return max((mixer.n_heads for mixer in attention), default=0) * seq * seq * dtype_bytes
-    return seq * seq * dtype_bytes if any(mixer.window is not None for mixer in attention) else 0
+    alibi_heads, windowed = _masks(plan)
+    if alibi_heads:
+        return alibi_heads * seq * seq * dtype_bytes
+    return seq * seq * dtype_bytes if windowed else 0
 
 
 def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float,

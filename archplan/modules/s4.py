@@ -36,6 +36,7 @@ building a kernel). S4D's two levels cost O(H·N·√T) exponentials and memory 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -274,10 +275,9 @@ def _fp32_matmul(a: Tensor, b: Tensor) -> Tensor:
     """a @ b in fp32 under any autocast: the prefill's final state, which the cache keeps in fp32
     (and torch.complex takes no bf16), is not rounded to 16 bits on its way there."""
     device = a.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # meta has no autocast to leave
-        with torch.autocast(device, enabled=False):
-            return a.float() @ b.float()
-    return a.float() @ b.float()
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # meta has no autocast to leave
+    with torch.autocast(device, enabled=False) if autocast else nullcontext():
+        return a.float() @ b.float()
 
 
 @dataclass(eq=False)
