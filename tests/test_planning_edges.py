@@ -97,10 +97,18 @@ def test_the_dense_recipe_is_llama_3_8b_at_its_size() -> None:
 
 
 def test_the_design_score_weighs_the_width_twice() -> None:
-    """At 3B the documented score (width deviation counted twice) picks 18 × 3,072 with d_ff
-    10,752 over 19 layers of d_ff 9,984, which weighing the width once would pick."""
-    spec = design(Family.dense, 3e9, vocab=128256).spec
-    assert (spec.n_layers, spec.d_model, spec.ffn.d_ff) == (18, 3072, 10752)
+    """At 3.6B the documented score (width deviation counted twice) picks 23 × 3,072 with d_ff
+    10,496 over 24 layers of d_ff 9,984, which weighing the width once would pick."""
+    spec = design(Family.dense, 3.6e9, vocab=128256).spec
+    assert (spec.n_layers, spec.d_model, spec.ffn.d_ff) == (23, 3072, 10496)
+
+
+def test_a_small_model_is_not_pushed_to_d_model_2048() -> None:
+    """With a 128K vocabulary an 853M model was 6 x 2048 (d/L 341) where the recipe curve says
+    about 14 x 1,300: d_model 1,536, with 4 KV heads under its 12 query heads, sits between."""
+    spec = design(Family.dense, 853e6, vocab=128256).spec
+    assert (spec.n_layers, spec.d_model) == (15, 1536)
+    assert (spec.attention.n_heads, spec.attention.n_kv_heads) == (12, 4)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("target", [9e9, 6e10])

@@ -65,6 +65,9 @@ class Family(str, Enum):
 
 HEAD_DIM = 128  # Llama 2/3, Mistral, DeepSeek (v_head_dim) all use 128
 KV_HEADS = 8  # Llama-3 8B/70B/405B (Ainslie et al. 2023 GQA)
+# Where 8 does not divide the query heads but 4 does, 4 KV heads: Qwen2.5-7B (28 query heads of 128,
+# 4 KV heads; its config.json)
+KV_HEADS_HALF = 4
 FFN_RATIO = 3.5  # Llama-3 8B 14336/4096 and 70B 28672/8192
 FFN_MULTIPLE = 256  # Llama's `multiple_of` (meta-llama/llama model.py FeedForward)
 EXPERT_MULTIPLE = 128  # fine-grained experts are narrower: DeepSeek-V3 2048, Qwen2-MoE 1408
@@ -130,7 +133,10 @@ def target_kind(family: Family) -> str:
 
 def _heads(d_model: int) -> tuple[int, int]:
     n_heads = d_model // HEAD_DIM
-    return n_heads, KV_HEADS if n_heads % KV_HEADS == 0 else n_heads
+    for n_kv in (KV_HEADS, KV_HEADS_HALF):
+        if n_heads % n_kv == 0:
+            return n_heads, n_kv
+    return n_heads, n_heads
 
 
 def build(family: Family, *, d_model: int, n_layers: int, width: int, vocab: int, seq: int,
@@ -242,9 +248,12 @@ def _depth(spec: Spec, kind: str) -> _Depth:
 # FFN widths tried, as a fraction of the recipe's width at that d_model (docs/plan.md)
 WIDTH_RANGE = (0.75, 4 / 3)
 
-# d_model candidates: multiples of 128 below 1024 (heads < 8: one KV head per query head), then
-# multiples of 1024 so that 8 KV heads divide the d/128 query heads.
-D_MODEL_CANDIDATES: tuple[int, ...] = tuple(range(256, 1024, 128)) + tuple(1024 * k for k in range(1, 129))
+# d_model candidates: multiples of 128 below 1024 (heads < 8: one KV head per query head), multiples
+# of 512 up to 4096 (4 or 8 KV heads), then multiples of 1024 so that 8 KV heads divide the d/128 query
+# heads. Steps of 1024 from 1024 on made a 128K-vocabulary 853M model 6 x 2048 where the recipe curve
+# says 14 x 1306: 1536 sits between, as Qwen2.5-1.5B's d_model does.
+D_MODEL_CANDIDATES: tuple[int, ...] = (tuple(range(256, 1024, 128)) + tuple(range(1024, 4096, 512))
+                                       + tuple(1024 * k for k in range(4, 129)))
 
 
 def _dense_meets(target: float, vocab: int, seq: int, tolerance: float) -> bool:
