@@ -134,7 +134,7 @@ def _flops_table(r: dict[str, Any]) -> _Section:
         cells = ["", ""]
         cells[col - 1] = units.flops(f["training_per_token_with_recompute"])
         table.add_row(f"training with {f['recompute']} recompute", *cells)
-    table.add_row("6·N_active (approximation)", units.flops(f["six_n_active"]), "")
+    table.add_row("6·N_active (approximation, embedding included)", units.flops(f["six_n_active"]), "")
     table.add_row(f"decode, one token at context {f['decode_context']:,}", "",
                   units.flops(f["decode_per_token"]))
     table.add_row(Text("decode elementwise (analytic only, not in the above)", style="dim"), "",
@@ -188,7 +188,7 @@ def _inference_table(r: dict[str, Any]) -> _Section:
         "Inference memory",
         f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
         "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128 (4.125 bits a weight: "
-        "a row whose width 128 does not divide pays its last scale pro rata), the rest bf16; no runtime overhead" + ("; the multi-token-prediction modules left out (training only)"
+        "a row whose width 128 does not divide pays its last scale pro rata), the rest bf16; no activations, workspace or runtime overhead" + ("; the multi-token-prediction modules left out (training only)"
                       if _has_mtp(r) else ""),
         ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))
     peak = max(m["inference_bytes_by_dtype"].values())
@@ -416,7 +416,8 @@ def training_dtypes(training: dict[str, Any]) -> str:
 
 
 def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
-    from archplan.report import FLOPS_CONVENTION  # not at import: the CLI loads render before any report
+    # not at import: the CLI loads render before any report
+    from archplan.report import FLOPS_CONVENTION, MLA_DECODE_NOTE, MOE_FLOPS_NOTE
 
     first = reports[0]
     t = first["memory"]["training"]
@@ -429,6 +430,11 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
         settings += (f". {', '.join(with_mtp)}: training also runs the multi-token-prediction modules, which "
                      "inference does not, so training is more than 3 x forward; the weights and inference rows "
                      "leave those modules out.")
+    for note in (MOE_FLOPS_NOTE, MLA_DECODE_NOTE):
+        # each column's own convention, as `size` prints it
+        named = [r["name"] for r in reports if note in r["flops"]["convention"]]
+        if named:
+            settings += f". {', '.join(named)}: {note.removeprefix('; ')}"
     gpu = first["chinchilla"]["gpu"]
     if gpu is not None:
         settings += (f" GPU-hours: model FLOPs (training FLOPs/token × D, not 6ND) at the dense bf16 peak of the "

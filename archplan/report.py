@@ -74,6 +74,15 @@ MTP_FLOPS_NOTE = (
     "; training also runs the multi-token-prediction modules (DeepSeek-V3 §2.2: each one's projection, "
     "block and a head pass), which inference does not, so it is more than 3 x forward"
 )
+MOE_FLOPS_NOTE = (
+    "; MoE layers count the router (2·d·E a token), the shared experts and the top-k routed experts "
+    "(Megatron's 6·N formulas leave the router out)"
+)
+MLA_DECODE_NOTE = (
+    "; MLA decode reads the latent cache (the KV table's first row) and counts the cheaper of the absorbed "
+    "form and re-expanding every key (DeepSeek-V2 §2.1.2), the absorbed one from two keys on; a cache of "
+    "whole K and V (its naive row) would need fewer FLOPs and more bytes"
+)
 PARAMS_CONVENTION = "unique parameters (tied weights once, buffers excluded); active = what one token touches"
 KV_CONVENTION = (
     "K and V of every attention layer (MLA: the absorbed latent + rope key); sliding windows cap a "
@@ -271,8 +280,15 @@ def _flops_section(plan: ModelPlan, params: ParamCount, opts: SizeOptions, seq: 
         "decode_context": context,
         "past_max_seq_len": plan.past_trained_note("seq", seq, "FLOPs and training memory are sized as asked"),
         "short_for_mtp": plan.short_for_mtp_note(seq),
-        "convention": FLOPS_CONVENTION + (MTP_FLOPS_NOTE if plan.mtp else ""),
+        "convention": flops_convention(plan),
     }
+
+
+def flops_convention(plan: ModelPlan) -> str:
+    """The FLOP convention, with what this model's MTP modules, experts and MLA layers add to it."""
+    mla = any(isinstance(layer.mixer, MLAPlan) for layer in plan.layers)
+    return (FLOPS_CONVENTION + (MTP_FLOPS_NOTE if plan.mtp else "") + (MOE_FLOPS_NOTE if plan.routed else "")
+            + (MLA_DECODE_NOTE if mla else ""))
 
 
 def _kv_section(plan: ModelPlan, kv: KVCache, opts: SizeOptions, context: int) -> dict[str, Any]:

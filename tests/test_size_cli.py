@@ -253,6 +253,23 @@ def test_human_output_has_units_and_conventions() -> None:
         assert kind in out
 
 
+def test_the_convention_says_what_experts_and_mla_decode_count() -> None:
+    """The router counts in the FLOPs (Megatron's formulas leave it out), and MLA's decode figure is
+    the latent cache's: both said beside the numbers, only for the models that have them."""
+    dense, moe, mla = (size_json(name)["flops"]["convention"] for name in ("llama-3-8b", "mixtral-8x7b",
+                                                                             "deepseek-v3"))
+    assert "router" not in dense and "MLA" not in dense
+    assert "router" in moe and "MLA" not in moe
+    assert "router" in mla and "MLA decode reads the latent cache" in mla
+    result = runner.invoke(app, ["compare", "llama-3-8b", "deepseek-v3"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    caption = " ".join(result.stdout.split())
+    assert "deepseek-v3: MoE layers count the router" in caption
+    assert "deepseek-v3: MLA decode reads the latent cache" in caption
+    text = runner.invoke(app, ["size", "llama-3-8b"], env={"COLUMNS": "200"}).stdout
+    assert "embedding included" in text and "no activations, workspace or runtime overhead" in text
+
+
 def test_moe_component_kinds_in_table() -> None:
     result = runner.invoke(app, ["size", "deepseek-v3"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
