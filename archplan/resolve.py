@@ -78,6 +78,7 @@ class AttentionPlan:
     qk_norm: QKNormPlan | None
     window: int | None  # sliding window of this layer, None = global
     rotary_dim: int  # 0 when the model has no RoPE
+    scale: float | None = None  # the scores' factor where it is not 1/sqrt(head_dim) (spec scale_dim)
 
     def splits_over(self, tp: int) -> bool:
         """Whether tp ranks split the heads as Megatron-Core does: the query heads evenly, the KV
@@ -245,6 +246,7 @@ class ModelPlan:
     # training only; each module also holds two input norms, a 2·d → d projection and a final norm
     mtp: tuple[LayerPlan, ...] = ()
     mtp_loss_weight: float = 0.0
+    embed_scale: float = 1.0  # the embedding output's factor: sqrt(d_model) where spec embedding.scaled
 
     @property
     def n_layers(self) -> int:
@@ -376,6 +378,7 @@ def _attention_plan(spec: Spec, window: int | None) -> AttentionPlan | MLAPlan:
         ),
         window=window,
         rotary_dim=rotary_dim(head_dim, rope.fraction) if rope else 0,
+        scale=attn.scale_dim ** -0.5 if attn.scale_dim is not None else None,
     )
 
 
@@ -528,4 +531,5 @@ def resolve(spec: Spec) -> ModelPlan:
         layers=tuple(layers),
         mtp=mtp,
         mtp_loss_weight=spec.mtp.loss_weight if spec.mtp is not None else 0.0,
+        embed_scale=math.sqrt(spec.d_model) if spec.embedding.scaled else 1.0,
     )

@@ -182,6 +182,10 @@ class _HeadAttention(Frozen):
     sliding_window: Dim | None = Field(
         None, description="Window for the layers marked `S` in layout.mixers."
     )
+    scale_dim: Annotated[Number, Field(gt=0, le=MAX_DIM)] | None = Field(
+        None, description="Scores scaled by 1/sqrt(scale_dim) instead of 1/sqrt(head_dim) (Gemma 2's "
+                          "query_pre_attn_scalar: 144 for heads of 128 in Gemma-2-27B)."
+    )
 
 
 class MHA(_HeadAttention):
@@ -528,6 +532,8 @@ class Embedding(Frozen):
     tied: Bool = Field(False, description="LM head shares the input embedding matrix.")
     norm: Bool = Field(False, description="Norm right after the embedding (BLOOM word_embeddings_layernorm).")
     lm_head_bias: Bool = False
+    scaled: Bool = Field(False, description="Embedding output multiplied by sqrt(d_model), rounded to the "
+                                            "activation dtype (Gemma's normalizer; Vaswani et al. 2017 §3.4).")
 
 
 class MultiTokenPrediction(Frozen):

@@ -80,6 +80,8 @@ def _head_fields(draw: Draw, d_model: int) -> dict[str, Any]:
         fields["head_dim"] = head_dim
     if draw(st.booleans()):
         fields["qk_norm"] = {"scope": draw(st.sampled_from(("head", "per_head", "full"))), "norm": _norm(draw)}
+    if draw(st.booleans()):
+        fields["scale_dim"] = draw(st.sampled_from((3, 12.5)))
     return fields
 
 
@@ -305,6 +307,7 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
         "max_seq_len": draw(st.integers(16, 48)),
         "embedding": {
             "tied": draw(st.booleans()), "norm": draw(st.booleans()), "lm_head_bias": draw(st.booleans()),
+            "scaled": draw(st.booleans()),
         },
         "position": _member(draw, "position", only, d_model),
         "norm": _norm(draw),

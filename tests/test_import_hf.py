@@ -609,6 +609,24 @@ def test_dynamic_ntk_is_said_to_be_fixed_at_one_length() -> None:
     assert "dynamic NTK" in (imported.spec.reference.notes or "")
 
 
+def test_gemma_scales_its_embedding_and_gemma2_its_scores_and_says_the_soft_caps_are_not_modelled() -> None:
+    """GemmaModel multiplies the embedding by sqrt(D); Gemma2Attention scales the scores by
+    query_pre_attn_scalar**-0.5 (Gemma-2-27B: 144 over heads of 128); the soft-caps, which the spec
+    cannot say, are said on stderr and in the notes (the logits are checked against transformers in
+    tests/test_modules_model.py)."""
+    gemma = convert_config({"model_type": "gemma"}, file="config.json", name="g").spec
+    assert gemma.embedding.scaled and not gemma.reference.notes
+    config = {"model_type": "gemma2", "hidden_size": 4608, "num_attention_heads": 32, "num_key_value_heads": 16,
+              "head_dim": 128, "query_pre_attn_scalar": 144}
+    imported = convert_config(config, file="config.json", name="g2")
+    assert imported.spec.embedding.scaled and imported.spec.attention.scale_dim == 144
+    said = "attn_logit_softcapping 50, final_logit_softcapping 30: soft-capping"
+    assert any(note.startswith(said) for note in imported.said) and said in imported.spec.reference.notes
+    plain = convert_config({**config, "query_pre_attn_scalar": 128, "attn_logit_softcapping": None,
+                            "final_logit_softcapping": None}, file="config.json", name="g2")
+    assert plain.spec.attention.scale_dim is None and not plain.said
+
+
 def test_mistral_window_defaults_to_4096_when_absent() -> None:
     config = {k: v for k, v in TINY["mistral-window"].config.items() if k != "sliding_window"}
     attn = spec_of(config).attention

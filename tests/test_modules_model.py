@@ -510,6 +510,23 @@ def _fused_experts(rules: list[tuple[str, str]]) -> Callable[[StateDict], StateD
     return convert
 
 
+def _gemma(norms: tuple[tuple[str, str], ...]) -> Callable[[StateDict], StateDict]:
+    """Gemma's RMSNorm multiplies by (1 + w) where ours multiplies by w; the head is tied."""
+    rename = _renamer(_llama_pairs(norms))
+
+    def convert(sd: StateDict) -> StateDict:
+        out = rename(sd)
+        out.pop("lm_head.weight")
+        return {name: 1 + tensor if "norm" in name else tensor for name, tensor in out.items()}
+
+    return convert
+
+
+GEMMA2_NORMS = (("input_layernorm", "norm1"), ("post_attention_layernorm", "post_norm1"),
+                ("pre_feedforward_layernorm", "norm2"), ("post_feedforward_layernorm", "post_norm2"))
+GEMMA_FFN = {"kind": "glu", "d_ff": 48, "activation": "gelu_tanh"}
+
+
 MIXTRAL_RULES = [(r"^model\.embed_tokens\.", "embed."), (r"^model\.norm\.", "final_norm."),
                  (r"\.self_attn\.", ".mixer."), (r"\.input_layernorm\.", ".norm1."),
                  (r"\.post_attention_layernorm\.", ".norm2."), (r"\.mlp\.gate\.", ".ffn.router."),
@@ -560,6 +577,23 @@ HF_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Callable[[StateDi
          "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "qkv_bias": True,
                        "qk_norm": {"scope": "per_head", "norm": {"kind": "layernorm", "bias": False}}}},
         _stablelm,
+    ),
+    "gemma_scaled_embedding_mqa": (
+        "gemma",
+        {**HF, "num_key_value_heads": 1, "head_dim": 16},
+        {**OURS, "embedding": {"tied": True, "scaled": True}, "attention": {"kind": "mqa", "n_heads": 4, "head_dim": 16},
+         "ffn": GEMMA_FFN},
+        _gemma(PRE_NORMS),
+    ),
+    "gemma2_sandwich_query_scalar": (
+        "gemma2",
+        {**HF, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 5, "query_pre_attn_scalar": 12,
+         "attn_logit_softcapping": None, "final_logit_softcapping": None},
+        {**OURS, "embedding": {"tied": True, "scaled": True}, "residual": {"kind": "sandwich"},
+         "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "sliding_window": 5,
+                       "scale_dim": 12},
+         "ffn": GEMMA_FFN, "layout": {"mixers": "SA"}},
+        _gemma(GEMMA2_NORMS),
     ),
     "gpt2_learned_tied": (
         "gpt2",

@@ -17,9 +17,16 @@ from dataclasses import replace
 
 from archplan.errors import ArchplanError
 from archplan.modules.block import Block
-from archplan.modules.model import ArchplanModel, TiedLMHead, cross_entropy_ahead, resolve_device, share_biases
+from archplan.modules.model import (
+    ArchplanModel,
+    TiedLMHead,
+    cross_entropy_ahead,
+    embed_input,
+    resolve_device,
+    share_biases,
+)
 from archplan.modules.mtp import MTPLayer
-from archplan.modules.positions import SinusoidalPositions, share_rope_tables
+from archplan.modules.positions import share_rope_tables
 from archplan.planning.layout import Layout, pipeline_chunks
 from archplan.resolve import ModelPlan
 
@@ -107,14 +114,7 @@ class Stage(nn.Module):
 
     def _embed(self, tokens_BT: Tensor) -> Tensor:
         assert self.embed is not None
-        x = self.embed(tokens_BT)
-        if isinstance(self.pos_embed, nn.Embedding):
-            x = x + self.pos_embed(torch.arange(tokens_BT.shape[1], device=tokens_BT.device))
-        elif isinstance(self.pos_embed, SinusoidalPositions):
-            x = x + self.pos_embed(0, tokens_BT.shape[1]).to(x.dtype)
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        return x
+        return embed_input(self.plan, self.embed, self.pos_embed, self.embed_norm, tokens_BT)
 
     def _head(self, x: Tensor) -> Tensor:
         if isinstance(self.lm_head, TiedLMHead):

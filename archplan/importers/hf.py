@@ -879,21 +879,37 @@ def gemma_act(cfg: HFConfig, key: str) -> Activation:
     return "gelu_tanh" if act == "gelu" else act
 
 
+def scaled_embedding(spec: dict[str, Any]) -> dict[str, Any]:
+    """GemmaModel and Gemma2Model multiply the embedding by `normalizer = hidden_size**0.5`."""
+    spec["embedding"] = spec["embedding"].model_copy(update={"scaled": True})
+    return spec
+
+
 @family("gemma", defaults=_GEMMA, inert=("hidden_activation",))  # GemmaMLP reads hidden_act only
 def _gemma(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma.py: Llama with GeGLU, (1+w) RMSNorm (still D weights), head_dim default 256,
     tied head, embeddings scaled by sqrt(D) (no parameters)."""
     cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
     bias = cfg.bool_("attention_bias")
-    return _llama_like(cfg, qkv_bias=bias, out_bias=bias, act=gemma_act(cfg, "hidden_act"))
+    return scaled_embedding(_llama_like(cfg, qkv_bias=bias, out_bias=bias, act=gemma_act(cfg, "hidden_act")))
+
+
+def softcaps(cfg: HFConfig, keys: tuple[str, ...]) -> None:
+    """Gemma 2's soft-caps, c·tanh(x/c) on the attention scores and on the logits, said on stderr:
+    the spec has no field for them (no parameters, no matmul: counts and FLOPs are the same), so
+    the built model's scores and logits are not capped."""
+    caps = [f"{key} {cfg.float_(key):g}" for key in keys if cfg.get(key) is not None]
+    if caps:
+        cfg.said.append(f"{', '.join(caps)}: soft-capping c·tanh(x/c) is not in the spec; parameters and "
+                        "FLOPs are the same, the built model's scores and logits are not capped")
 
 
 @family("gemma2", defaults={**_GEMMA, "hidden_size": 2304, "intermediate_size": 9216,
                             "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-                            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096},
-        # Gemma2MLP reads hidden_activation; logit soft-capping and the query pre-attention scalar
-        # are elementwise scalings without parameters or matmuls
-        inert=("hidden_act", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
+                            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096,
+                            "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+                            "final_logit_softcapping": 30.0},
+        inert=("hidden_act",),  # Gemma2MLP reads hidden_activation
         # a legacy duplicate of sliding_window that transformers never reads
         derived={"sliding_window_size": Derived(lambda cfg: cfg.opt_int("sliding_window"), "sliding_window")},
         even_heads=_HIDDEN_HEADS)
@@ -913,7 +929,13 @@ def _gemma2(cfg: HFConfig) -> dict[str, Any]:
                        window=window if "S" in letters else None)
     spec["residual"] = Sandwich(kind="sandwich")
     spec["layout"] = Layout(mixers=compress_mixers(letters))
-    return spec
+    # Gemma2Attention: scaling = query_pre_attn_scalar**-0.5 (Gemma-2-27B: 144 over heads of 128)
+    scalar = cfg.float_("query_pre_attn_scalar")
+    if scalar != spec["attention"].head_dim:
+        spec["attention"] = built(cfg, "query_pre_attn_scalar", type(spec["attention"]),
+                                  **{**spec["attention"].model_dump(), "scale_dim": scalar})
+    softcaps(cfg, ("attn_logit_softcapping", "final_logit_softcapping"))
+    return scaled_embedding(spec)
 
 
 @family("phi", defaults=dict(vocab_size=51200, hidden_size=2048, intermediate_size=8192,

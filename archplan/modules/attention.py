@@ -303,7 +303,7 @@ class Attention(nn.Module):
         out_BHTDh = attention_core(
             self.recompute_core, q, k, v, qpos_T, kpos_S,
             window=p.window, alibi=self.alibi, cached=state is not None, gqa=p.n_kv_heads != p.n_heads,
-            biases=self.biases,
+            scale=p.scale, biases=self.biases,
         )
         return self.o_proj(out_BHTDh.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim))
 
@@ -321,4 +321,4 @@ class Attention(nn.Module):
         k, v = shard.gather(torch.stack([k, v]), 3).unbind(0)
         return attention_core(self.recompute_core, q, k, v, qpos_T, shard.key_positions(t, q.device),
                               window=p.window, alibi=self.alibi, cached=False, gqa=p.n_kv_heads != p.n_heads,
-                              mask=shard.mask(t, p.window, self.alibi, q.dtype, q.device))
+                              scale=p.scale, mask=shard.mask(t, p.window, self.alibi, q.dtype, q.device))

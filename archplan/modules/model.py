@@ -11,6 +11,8 @@ runs the multi-token-prediction modules where the spec has them (`mtp_logits`).
 
 from __future__ import annotations
 
+import struct
+
 from collections.abc import Iterator
 
 import torch
@@ -99,6 +101,38 @@ def cross_entropy_ahead(logits_BTV: Tensor, tokens_BT: Tensor, ahead: int, posit
     return total * shards / (b * (t - ahead))
 
 
+def rounded(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to nearest-even in `dtype`, in Python: no tensor op, so a trace, a compile or
+    a fake tensor sees a constant. bf16 keeps the top 16 bits of the float32 pattern."""
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", value))[0]
+    single = struct.unpack("<I", struct.pack("<f", value))[0]
+    if dtype == torch.bfloat16:
+        single = (single + 0x7FFF + ((single >> 16) & 1)) >> 16 << 16
+    elif dtype != torch.float32:
+        return value
+    return struct.unpack("<f", struct.pack("<I", single))[0]
+
+
+def embed_input(plan: ModelPlan, embed: nn.Embedding, pos_embed: nn.Module | None, embed_norm: nn.Module | None,
+                tokens_BT: Tensor, offset: int = 0) -> Tensor:
+    """The first layer's input (B, T, D) of tokens from position `offset`: the token embedding,
+    times sqrt(d_model) where the spec scales it (Gemma's normalizer, rounded to the activation
+    dtype as transformers' GemmaModel rounds it), + learned or sinusoidal positions, then the
+    embedding norm, where the model has them. The whole model and a pipeline's first stage share it."""
+    t = tokens_BT.shape[1]
+    x_BTD = embed(tokens_BT)
+    if plan.embed_scale != 1.0:
+        x_BTD = x_BTD * rounded(plan.embed_scale, x_BTD.dtype)
+    if isinstance(pos_embed, nn.Embedding):
+        x_BTD = x_BTD + pos_embed(torch.arange(offset, offset + t, device=tokens_BT.device))
+    elif isinstance(pos_embed, SinusoidalPositions):
+        x_BTD = x_BTD + pos_embed(offset, t).to(x_BTD.dtype)
+    if embed_norm is not None:
+        x_BTD = embed_norm(x_BTD)
+    return x_BTD
+
+
 class ArchplanModel(nn.Module):
     def __init__(self, plan: ModelPlan) -> None:
         super().__init__()
@@ -149,17 +183,10 @@ class ArchplanModel(nn.Module):
         """The input of the first layer (B, T, D): token embedding, + learned or sinusoidal positions
         from `offset`, then the embedding norm, where the model has them. The MTP modules take
         this same embedding of the tokens ahead (DeepSeek-V3 §2.2: the embedding layer is shared)."""
-        _, t = tokens_BT.shape
-        x_BTD = self.embed(tokens_BT)
-        if isinstance(self.pos_embed, nn.Embedding):
-            if offset + t > self.plan.max_seq_len:
-                raise ArchplanError(f"position {offset + t - 1} is beyond max_seq_len {self.plan.max_seq_len}")
-            x_BTD = x_BTD + self.pos_embed(torch.arange(offset, offset + t, device=tokens_BT.device))
-        elif isinstance(self.pos_embed, SinusoidalPositions):
-            x_BTD = x_BTD + self.pos_embed(offset, t).to(x_BTD.dtype)
-        if self.embed_norm is not None:
-            x_BTD = self.embed_norm(x_BTD)
-        return x_BTD
+        t = tokens_BT.shape[1]
+        if isinstance(self.pos_embed, nn.Embedding) and offset + t > self.plan.max_seq_len:
+            raise ArchplanError(f"position {offset + t - 1} is beyond max_seq_len {self.plan.max_seq_len}")
+        return embed_input(self.plan, self.embed, self.pos_embed, self.embed_norm, tokens_BT, offset)
 
     def trunk(self, x_BTD: Tensor, cache: ModelCache | None = None) -> Tensor:
         """The layers and the final norm: the main model's last hidden state, what the head reads."""
