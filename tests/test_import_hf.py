@@ -61,7 +61,7 @@ TINY: dict[str, Case] = {
     # D·S·2 each, out_filter_dense + bias) and one MHA block, both with two RMSNorms and the gated MLP
     "stripedhyena": Case(
         dict(model_type="stripedhyena", vocab_size=V, hidden_size=D, num_layers=3, num_attention_heads=4,
-             proj_groups=1, attn_layer_idxs=[1], inner_mlp_size=96, state_size=2, qkv_proj_bias=True, num_filters=D,
+             proj_groups=1, attn_layer_idxs=[1], hyena_layer_idxs=[0, 2], inner_mlp_size=96, state_size=2, qkv_proj_bias=True, num_filters=D,
              tie_embeddings=True),
         EMB + D
         + 2 * (lin(D, 3 * D, True) + 3 * D * 3 + 3 * D + D + 2 * D * 2 * 2 + lin(D, D, True) + 2 * D + 3 * D * 96)
@@ -625,6 +625,16 @@ def test_gemma_scales_its_embedding_and_gemma2_its_scores_and_says_the_soft_caps
     plain = convert_config({**config, "query_pre_attn_scalar": 128, "attn_logit_softcapping": None,
                             "final_logit_softcapping": None}, file="config.json", name="g2")
     assert plain.spec.attention.scale_dim is None and not plain.said
+
+
+def test_falcons_new_architecture_says_transformers_caches_every_head() -> None:
+    """FalconAttention broadcasts K and V to all heads before its cache: `size` reports the cache of
+    the KV heads the weights have, and the import says transformers holds n_head / n_kv times it."""
+    config = {"model_type": "falcon", "new_decoder_architecture": True, "hidden_size": 64,
+              "num_attention_heads": 8, "num_kv_heads": 2}
+    imported = convert_config(config, file="config.json", name="f")
+    assert any("all 8 heads, 4x the cache" in note for note in imported.said)
+    assert not convert_config({**config, "num_kv_heads": 8}, file="config.json", name="f").said
 
 
 def test_mistral_window_defaults_to_4096_when_absent() -> None:

@@ -65,7 +65,8 @@ def test_evo_131k_uses_linear_rope_interpolation() -> None:
 
 def test_a_tiny_stripedhyena_verifies_exactly() -> None:
     config = {"model_type": "stripedhyena", "vocab_size": 60, "hidden_size": 16, "num_layers": 3,
-              "num_attention_heads": 4, "proj_groups": 2, "attn_layer_idxs": [1], "inner_mlp_size": 24,
+              "num_attention_heads": 4, "proj_groups": 2, "attn_layer_idxs": [1], "hyena_layer_idxs": [0, 2],
+              "inner_mlp_size": 24,
               "state_size": 3, "hyena_filter_groups": 4, "max_seqlen": 64, "num_filters": 16}
     spec = spec_from_config(config, file="config.json", name="tiny")
     result = crosscheck(resolve(spec), seq_len=9, batch=2, fvcore=False)
@@ -78,9 +79,11 @@ def test_a_tiny_stripedhyena_verifies_exactly() -> None:
     ({"proj_groups": 3}, "proj_groups"),
     ({"num_filters": 3000}, "num_filters"),
     ({"mystery": 1}, "mystery"),  # an unknown key: refused under --strict (docs/import.md key policy)
+    ({"hyena_layer_idxs": [0]}, "layer 2 is in neither"),  # model.get_block raises NotImplementedError
 ])
 def test_refusals_name_the_field(change: dict[str, object], field: str) -> None:
-    config = {"model_type": "stripedhyena", "attn_layer_idxs": [1], **change}
+    config = {"model_type": "stripedhyena", "attn_layer_idxs": [1],
+              "hyena_layer_idxs": [i for i in range(32) if i != 1], **change}
     with pytest.raises(ArchplanError, match=field):
         spec_from_config(config, file="config.json", name="t", strict=True)
 
@@ -98,3 +101,17 @@ def test_a_config_without_hyena_layers_imports_its_attention_blocks() -> None:
     spec = spec_from_config(config, file="config.json", name="all-attention", strict=True)
     assert spec.long_conv is None and spec.layout.mixers == "A"
     assert count_params(resolve(spec)).total == 2 * attention_block(4096, 14336, 8, 32, False, False) + 2 * 32000 * 4096 + 4096
+
+
+def test_the_vocabulary_is_the_configs_and_a_model_without_attention_has_no_positions() -> None:
+    """The reference's VocabParallelEmbedding is built with vocab_size as given (only the HF wrapper's
+    attribute is padded to make_vocab_size_divisible_by); with no attention block there is no
+    rotary to carry."""
+    config = json.loads((FIXTURES / "stripedhyena-7b.json").read_text(encoding="utf-8"))
+    padded = spec_from_config({**config, "vocab_size": 32001}, file="config.json", name="odd", strict=True)
+    assert padded.vocab_size == 32001
+    assert count_params(resolve(padded)).total == 7_646_023_680 + 2 * 4096
+    hyena_only = spec_from_config({**config, "attn_layer_idxs": [], "hyena_layer_idxs": list(range(32))},
+                                  file="config.json", name="hyena", strict=True)
+    assert hyena_only.position.kind == "none" and hyena_only.attention is None
+    assert hyena_only.layout.mixers == "H"

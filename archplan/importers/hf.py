@@ -1132,6 +1132,11 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
                                         "multi_query (transformers' fused qkv is then 3·hidden_size)")
     if not new_arch:
         n_kv = 1 if multi_query else h
+    elif n_kv < h:
+        # FalconAttention._split_heads broadcasts K and V to every query head before the cache
+        cfg.said.append(f"new_decoder_architecture: transformers caches K and V broadcast to all {h} heads, "
+                        f"{h // n_kv}x the cache `size` reports, which is the {n_kv} KV heads the "
+                        "weights have (what a serving engine that keeps GQA holds)")
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("num_hidden_layers"),
                 n_heads=h, n_kv=n_kv, head_dim=d // h, max_pos=cfg.int_("max_position_embeddings"),
                 kv_key="num_kv_heads")

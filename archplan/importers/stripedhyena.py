@@ -2,10 +2,12 @@
 
 Layers in `attn_layer_idxs` are AttentionBlocks (pre RMSNorm, flash-attn MHA with GQA over
 num_attention_heads / proj_groups KV heads and full-head-dim rotary, post RMSNorm, gated MLP);
-every other index of range(num_layers) is a ParallelGatedConvBlock (pre RMSNorm, projections,
-short FIR, modal long filter, out_filter_dense, post RMSNorm, gated MLP). `hyena_layer_idxs` is
-not read: the reference builds a hyena block for every index not in attn_layer_idxs, and the
-published 7B config lists an out-of-range index 32 there. Defaults are the HF remote-code
+those in `hyena_layer_idxs` are ParallelGatedConvBlocks (pre RMSNorm, projections, short FIR,
+modal long filter, out_filter_dense, post RMSNorm, gated MLP); `model.get_block` raises
+NotImplementedError for an index in neither list, and so does the import. An index past the
+layers is never asked for (the published 7B config lists 32 in hyena_layer_idxs). The vocabulary
+is the config's: `VocabParallelEmbedding` is built with `vocab_size` as given, and only the HF
+wrapper's own `vocab_size` attribute is padded to make_vocab_size_divisible_by. Defaults are the HF remote-code
 `StripedHyenaConfig` (configuration_hyena.py); `ParallelGatedMLP` (layers.py) sizes a null
 `inner_mlp_size` as int(2·D·4/3) rounded up to inner_size_multiple_of · model_parallel_size.
 Registered in `archplan.importers.hf.FAMILIES` when that module is imported.
@@ -16,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from archplan.importers.hf import HFConfig, built, compress_mixers, family, glu
-from archplan.spec import GQA, MHA, Embedding, Layout, NormSpec, Rope, RopeScaling, StripedHyena
+from archplan.spec import GQA, MHA, Embedding, Layout, NormSpec, NoPositions, Rope, RopeScaling, StripedHyena
 
 _DEFAULTS = dict(
     vocab_size=32000, hidden_size=4096, num_filters=4096, inner_mlp_size=14336, attn_layer_idxs=[],
+    hyena_layer_idxs=[],
     num_layers=32, tie_embeddings=False, short_filter_length=3, num_attention_heads=32, proj_groups=4,
     hyena_filter_groups=1, model_parallel_size=1, short_filter_bias=True, mha_out_proj_bias=False,
     qkv_proj_bias=False, final_norm=True, max_seqlen=32768, eps=1e-5, state_size=2,
@@ -28,9 +31,10 @@ _DEFAULTS = dict(
 )
 
 # Runtime switches (kernels, dtypes, prefill method, checkpoint column order, parallel layout, init)
-# that change neither the parameters nor the FLOPs of one forward.
+# that change neither the parameters nor the FLOPs of one forward; the HF wrapper's vocabulary
+# padding, which the backbone does not read.
 _INERT = (
-    "hyena_layer_idxs", "split_k0", "column_split_hyena", "column_split", "pipe_parallel_size",
+    "make_vocab_size_divisible_by", "split_k0", "column_split_hyena", "column_split", "pipe_parallel_size",
     "pile_parallel_size", "use_flash_attn", "use_flash_attention_2", "use_flash_rmsnorm",
     "use_flash_depthwise", "use_flashfft", "use_laughing_hyena", "inference_mode", "prefill_style",
     "log_intermediate_values", "mlp_init_method", "mlp_output_init_method", "rng_fork", "tokenizer_type",
@@ -67,9 +71,11 @@ def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
     outside = sorted(i for i in attn if not 0 <= i < n_layers)
     if outside:
         raise cfg.error("attn_layer_idxs", f"layer {outside[0]} is outside range(num_layers={n_layers})")
-    # HF modeling_hyena.py pads the vocabulary up to make_vocab_size_divisible_by
-    multiple = cfg.int_("make_vocab_size_divisible_by")
-    vocab = -(-cfg.int_("vocab_size") // multiple) * multiple
+    hyena = set(cfg.int_list("hyena_layer_idxs"))
+    neither = [i for i in range(n_layers) if i not in attn | hyena]
+    if neither:
+        raise cfg.error("hyena_layer_idxs", f"layer {neither[0]} is in neither attn_layer_idxs nor hyena_layer_idxs: "
+                                            "the reference's get_block builds no block for it")
     letters = ["A" if i in attn else "H" for i in range(n_layers)]
     scaling = None
     if cfg.bool_("use_interpolated_rotary_pos_emb"):
@@ -78,12 +84,14 @@ def _stripedhyena(cfg: HFConfig) -> dict[str, Any]:
     else:
         cfg.inert("rotary_emb_scaling_factor")
     spec: dict[str, Any] = {
-        "vocab_size": vocab,
+        "vocab_size": cfg.int_("vocab_size"),
         "d_model": d,
         "n_layers": n_layers,
         "max_seq_len": cfg.int_("max_seqlen"),
         "embedding": Embedding(tied=cfg.bool_("tie_embeddings")),
-        "position": built(cfg, "rotary_emb_base", Rope, theta=cfg.float_("rotary_emb_base"), scaling=scaling),
+        # rotary acts inside the attention blocks: none, no positions
+        "position": (built(cfg, "rotary_emb_base", Rope, theta=cfg.float_("rotary_emb_base"), scaling=scaling)
+                     if attn else NoPositions()),
         "norm": built(cfg, "eps", NormSpec, kind="rmsnorm", eps=cfg.float_("eps")),
         "final_norm": cfg.bool_("final_norm"),
         "ffn": glu(_inner_mlp_size(cfg, d), cfg.activation("mlp_activation")),
