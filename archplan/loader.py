@@ -52,10 +52,11 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         # PyYAML's scalar constructors raise plain Python errors on a value their tag cannot take
         # (`2024-13-45` as a date, `!!bool maybe`, `!!int abc`, an integer of more digits than
-        # Python converts): name the node's place and say what went wrong, as a syntax error does
+        # Python converts, an empty `!!int` or `!!float`, which indexes past its text): name the
+        # node's place and say what went wrong, as a syntax error does
         try:
             return super().construct_object(node, deep=deep)
-        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError, IndexError) as exc:
             raise yaml.constructor.ConstructorError(None, None, _unreadable(node, exc), node.start_mark) from None
 
 
@@ -175,6 +176,12 @@ for _first, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
         (tag, _BOOL_12 if tag == "tag:yaml.org,2002:bool" else regexp) for tag, regexp in _resolvers]
 
 
+# A plain `=` or `<<` as a value: YAML 1.1's value and merge tags, which YAML 1.2, editors and the
+# JSON Schema read as text, as PyYAML reads them as keys (`flatten_mapping`: a `<<` key still merges).
+for _tag in ("tag:yaml.org,2002:value", "tag:yaml.org,2002:merge"):
+    _Loader.add_constructor(_tag, _Loader.construct_yaml_str)
+
+
 def _check_shape(text: str, file: str) -> None:
     """Refuse a text that nests deeper than `_MAX_DEPTH` or holds more than MAX_YAML_NODES nodes,
     at the event where it does, from the parser's events alone (see `_MAX_DEPTH`)."""
@@ -276,6 +283,8 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
             problem = f"tag not allowed ({exc.problem}); archplan loads YAML with a safe loader"
         elif "but found another document" in str(exc):
             problem = "a second document (`---`); a spec is one YAML document a file"
+        elif mark is not None and text[mark.index:mark.index + 1] == "\t":
+            problem = "a tab; YAML indents with spaces"
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         lines = text.splitlines()
         if line is not None and line > len(lines):
@@ -641,7 +650,7 @@ def find_spec_path(name_or_path: str) -> Path:
             return PRESETS_DIR / f"{name_or_path}.yaml"
         raise ArchplanError(f"is a directory; for the bundled preset give its name alone: {path.name}",
                             file=name_or_path)
-    if path.exists() or path.suffix in SPEC_SUFFIXES or "/" in name_or_path:
+    if path.exists() or path.suffix.lower() in SPEC_SUFFIXES or "/" in name_or_path:
         if not path.exists() and path.stem in preset_names():
             # e.g. the README's `presets/70b.yaml` run outside a checkout of the repository
             raise ArchplanError(f"no such file; the bundled preset '{path.stem}' is given by its name alone",

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 from typing_extensions import assert_never
 
 # Sizes above this are rejected as absurd: 2^40 would already be a 1-trillion-wide matrix side.
 MAX_DIM = 1 << 24
+MAX_ROPE_FACTOR = 1024.0  # the largest RoPE scaling factor a spec takes
 MAX_LAYERS = 100_000
 MAX_SEQ_LEN = 1 << 26
 # the most sequences one forward takes (size's --batch and --micro-batch, verify's --batch, a layout's mb)
@@ -81,7 +83,7 @@ class RopeScaling(Frozen):
     """RoPE length extension as shipped by Llama 3.1 (`llama3`), DeepSeek-V3 (`yarn`) and others."""
 
     kind: Literal["linear", "ntk", "yarn", "llama3"]
-    factor: Number = Field(gt=1.0, le=1024.0)
+    factor: Number = Field(gt=1.0, le=MAX_ROPE_FACTOR)
     original_max_positions: PositiveInt | None = None
     # llama3 (meta-llama/llama-models `apply_scaling`)
     low_freq_factor: Number = Field(1.0, gt=0)
@@ -249,6 +251,16 @@ class Mamba1(Frozen):
     conv_bias: Bool = True
     proj_bias: Bool = False
     inner_norms: Bool = Field(False, description="Jamba's RMSNorms on dt, B and C.")
+
+    @field_validator("dt_rank", mode="wrap")
+    @classmethod
+    def _rank_or_auto(cls, value: object, handler: ValidatorFunctionWrapHandler) -> int | str:
+        # one problem, one message: pydantic reports each member of the union apart
+        try:
+            return handler(value)
+        except ValidationError:
+            shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower()
+            raise ValueError(f"expected a positive integer (at most {MAX_DIM:,}) or 'auto', got {shown}") from None
 
 
 class Mamba2(Frozen):

@@ -738,3 +738,33 @@ def test_a_long_convolutions_cross_field_error_names_its_line(cli, tmp_path: Pat
     path = spec_file(tmp_path, "name: t\nvocab_size: 64\nd_model: 64\nn_layers: 1\nmax_seq_len: 64\n"
                                f"position: {{kind: none}}\nlayout: {{mixers: H}}\nlong_conv: {conv}\n")
     assert_one_line_error(cli("size", path), path + said)
+
+
+SMALL = "name: t\nvocab_size: 128\nd_model: 512\nn_layers: 4\nattention: {kind: mha, n_heads: 8}\nffn: {kind: glu, d_ff: 1408}\n"
+
+
+@pytest.mark.parametrize(("change", "needles"), [
+    # PyYAML's int and float constructors index past an empty text (IndexError)
+    (("vocab_size: 128", "vocab_size: !!int"), ("2:13", "'' cannot be read as a YAML int")),
+    (("vocab_size: 128", "vocab_size: !!float"), ("2:13", "'' cannot be read as a YAML float")),
+    (("attention: {kind: mha, n_heads: 8}", "attention:\n\tkind: mha"), ("6:1", "a tab; YAML indents with spaces")),
+    (("ffn: {kind: glu, d_ff: 1408}", "ssm: {kind: mamba1, dt_rank: foo}\nlayout: {mixers: M}\nffn: {kind: glu, d_ff: 1408}"),
+     ("ssm.dt_rank: expected a positive integer (at most 16,777,216) or 'auto', got 'foo'",)),
+])
+def test_odd_yaml_gets_one_line_with_its_place(change: tuple[str, str], needles: tuple[str, ...], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL.replace(*change))
+    assert_one_line_error(run_main(["size", str(path)], capsys, monkeypatch), *needles)
+
+
+@pytest.mark.parametrize("value", ["=", "<<"])
+def test_a_plain_equals_or_merge_sign_as_a_value_is_text(value: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """YAML 1.1's value and merge tags read these as tags; YAML 1.2, editors and the schema as text."""
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL + f"description: {value}\n")
+    outcome = run_main(["size", str(path), "--json"], capsys, monkeypatch)
+    assert outcome.code == 0 and json.loads(outcome.stdout)["description"] == value

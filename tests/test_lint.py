@@ -685,3 +685,32 @@ def test_top_1_routing_renormalised_to_one_is_said_to_give_the_router_no_gradien
     assert lint_text(fixed, "x.yaml") == []
     top_2 = text.replace("top_k: 1", "top_k: 2")
     assert [f for f in lint_text(top_2, "x.yaml") if f.code == "AP010"] == []
+
+
+def test_a_folder_yields_its_upper_case_spec_suffixes(tmp_path, monkeypatch) -> None:
+    """`plan -o`, `import hf -o` and `schema -o` take .YAML and .YML (the suffix check ignores
+    case): the folder walk and a glob find them too."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.YAML", "deep/b.Yml", "deep/c.txt"):
+        write(tmp_path, name, CLEAN)
+    assert [p.as_posix() for p in discover(["."])] == ["a.YAML", "deep/b.Yml"]
+    assert [p.as_posix() for p in discover(["deep/*"])] == ["deep/b.Yml"]
+
+
+def test_shared_experts_align_as_the_one_ffn_they_make() -> None:
+    """n shared experts are one FFN of n·d_ff: 2 x 96 = 192 is aligned; 2 x 100 is not, and 96 is
+    the nearest width that aligns it."""
+    spec = ("name: s\nvocab_size: 512\nd_model: 128\nn_layers: 2\nmax_seq_len: 256\nattention: {kind: mha, n_heads: 2}\n"
+            "moe: {n_experts: 8, top_k: 2, expert: {kind: glu, d_ff: 256}, shared: {n: 2, d_ff: 96}}\n")
+    assert [f.code for f in lint_text(spec, "s.yaml")] == []
+    (finding,) = lint_text(spec.replace("d_ff: 96", "d_ff: 100"), "s.yaml")
+    assert finding.code == "AP008" and "one FFN 200 wide" in finding.message and finding.fix.startswith("use 96 or 128")
+
+
+def test_the_context_fix_offers_no_factor_the_spec_refuses() -> None:
+    """4Mi positions over 2,048 would need factor 2,048, past the spec's 1,024: only the shorter
+    max_seq_len is offered."""
+    spec = ("name: c\nvocab_size: 512\nd_model: 128\nn_layers: 2\nmax_seq_len: 4194304\nattention: {kind: mha, n_heads: 2}\n"
+            "ffn: {kind: glu, d_ff: 384}\nposition: {kind: rope, scaling: {kind: yarn, factor: 4, original_max_positions: 2048}}\n")
+    (finding,) = lint_text(spec, "c.yaml")
+    assert finding.code == "AP012" and finding.fix.startswith("lower max_seq_len to 8,192")

@@ -120,7 +120,7 @@ def _walk_yaml(root: Path) -> Iterable[Path]:
     for folder, files in _walk(root):
         for name in files:
             path = Path(folder, name)
-            if name.endswith(SPEC_SUFFIXES) and _lint_input(path):
+            if name.lower().endswith(SPEC_SUFFIXES) and _lint_input(path):
                 yield path
 
 
@@ -177,7 +177,7 @@ def discover(paths: Sequence[str]) -> list[Path]:
                 path = Path(match)
                 if path.is_dir():
                     found.extend(_walk_yaml(path))
-                elif path.name.endswith(SPEC_SUFFIXES) and _lint_input(path):
+                elif path.name.lower().endswith(SPEC_SUFFIXES) and _lint_input(path):
                     # `configs/*` also matches the README and spec.schema.json beside the specs
                     found.append(path)
             continue

@@ -22,7 +22,7 @@ from typing import Literal, Union
 
 from archplan.loader import LoadedYaml
 from archplan.resolve import ModelPlan, resolve
-from archplan.spec import GQA, MHA, MLA, MQA, PostNorm, Rope, Spec, takes_deepnorm
+from archplan.spec import GQA, MAX_ROPE_FACTOR, MHA, MLA, MQA, PostNorm, Rope, Spec, takes_deepnorm
 from archplan.units import amount, count, nbytes
 
 Severity = Literal["error", "warning", "info"]
@@ -202,20 +202,25 @@ def check_vocab(ctx: SpecContext) -> Iterator[Hit]:
 
 def check_ffn_width(ctx: SpecContext) -> Iterator[Hit]:
     spec = ctx.spec
-    widths: list[tuple[FieldPath, int]] = []
+    # (path, d_ff, how many of them make one matmul): the shared experts are built as one FFN of
+    # n·d_ff (as Hugging Face's DeepSeek and Qwen2-MoE build them), which is what the kernels see
+    widths: list[tuple[FieldPath, int, int]] = []
     if spec.ffn is not None:
-        widths.append((("ffn", "d_ff"), spec.ffn.d_ff))
+        widths.append((("ffn", "d_ff"), spec.ffn.d_ff, 1))
     if spec.moe is not None:
-        widths.append((("moe", "expert", "d_ff"), spec.moe.expert.d_ff))
+        widths.append((("moe", "expert", "d_ff"), spec.moe.expert.d_ff, 1))
         if spec.moe.shared is not None:
-            widths.append((("moe", "shared", "d_ff"), spec.moe.shared.d_ff))
-    for path, d_ff in widths:
-        if d_ff % ALIGN:
+            widths.append((("moe", "shared", "d_ff"), spec.moe.shared.d_ff, spec.moe.shared.n))
+    for path, d_ff, n in widths:
+        if n * d_ff % ALIGN:
+            width = f"{d_ff:,}" if n == 1 else f"{d_ff:,} (x {n} shared experts, one FFN {n * d_ff:,} wide)"
             yield Hit(
                 path,
-                f"{'.'.join(map(str, path))} {d_ff:,} is not a multiple of {ALIGN}: every FFN matmul "
+                f"{'.'.join(map(str, path))} {width} is not a multiple of {ALIGN}: every FFN matmul "
                 "pays tile-quantisation waste",
-                f"use {_aligned_choices(d_ff)} (Llama rounds its SwiGLU width with multiple_of=256)",
+                # n·d_ff aligns where d_ff is a multiple of ALIGN / gcd(n, ALIGN)
+                f"use {_multiples(d_ff, ALIGN // math.gcd(n, ALIGN))} (Llama rounds its SwiGLU width with "
+                "multiple_of=256)",
             )
 
 
@@ -310,9 +315,16 @@ def check_context(ctx: SpecContext) -> Iterator[Hit]:
             f"max_seq_len {spec.max_seq_len:,} is {spec.max_seq_len / reach:.2f}× the range "
             f"{scaling.kind} scaling extends RoPE to (original_max_positions {original:,} × factor "
             f"{scaling.factor:g} = {reach:,})",
-            f"raise position.scaling.factor to {math.ceil(spec.max_seq_len / original)} or lower "
-            f"max_seq_len to {reach:,}, unless long-context training covers the rest",
+            _context_fix(spec.max_seq_len, original, reach),
         )
+
+
+def _context_fix(max_seq_len: int, original: int, reach: int) -> str:
+    """Raise the factor where the spec takes the one needed (at most MAX_ROPE_FACTOR), else lower
+    max_seq_len."""
+    needed = math.ceil(max_seq_len / original)
+    raise_factor = f"raise position.scaling.factor to {needed} or " if needed <= MAX_ROPE_FACTOR else ""
+    return f"{raise_factor}lower max_seq_len to {reach:,}, unless long-context training covers the rest"
 
 
 def _tokens_per_param(ctx: SpecContext) -> tuple[float, int, float] | None:
@@ -570,7 +582,8 @@ RULES: tuple[Rule, ...] = (
         "AP008", "ffn-alignment", "warning", "FFN width not a multiple of 64",
         "FFN matmuls are most of a dense model's FLOPs. With 16-bit operands, A100-class tensor "
         "cores reach full efficiency when the matrix dimensions are multiples of 64 elements "
-        "(128 bytes); other sizes waste part of the last tile (tile quantisation).",
+        "(128 bytes); other sizes waste part of the last tile (tile quantisation). Shared experts are "
+        "one FFN of n·d_ff, so that product is what must align.",
         _NVIDIA_GEMM + "; Touvron et al. 2023 / meta-llama model.py (FeedForward multiple_of)",
         check_ffn_width,
     ),
