@@ -208,6 +208,20 @@ def test_mamba1_decode_equals_full_forward(inner_norms: bool) -> None:
     assert state.seen == 11
 
 
+def test_the_scans_run_in_fp32_whatever_the_default_dtype() -> None:
+    """The scans' zero states are fp32 as their inputs are cast: under a float64 default dtype the
+    Mamba-1 chunked scan mixed the two and raised."""
+    torch.manual_seed(0)
+    mixers = (Mamba1Mixer(m1_plan(), 8), Mamba2Mixer(m2_plan(), 8))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for mixer in mixers:
+            assert mixer(torch.randn(2, 9, 8, dtype=torch.float32)).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM.eps) * weight
 

@@ -236,7 +236,7 @@ def _entering_states(
         return torch.addcmul(b_BCIN, a_BCIN, h_BCIN)
 
     b, i = u_BTI.shape[0], u_BTI.shape[2]
-    h_BCIN = torch.zeros(b, chunks.count, i, A.shape[1], device=u_BTI.device)
+    h_BCIN = torch.zeros(b, chunks.count, i, A.shape[1], device=u_BTI.device, dtype=torch.float32)
     for j in range(chunks.length):
         h_BCIN = step(j, h_BCIN)
 
@@ -441,7 +441,8 @@ def selective_scan_reference(
     """One timestep at a time, as state-spaces/mamba `selective_scan_ref` (tests only)."""
     b, t, i = u_BTI.shape
     A = A_IN.float()
-    h = h0_BIN.float() if h0_BIN is not None else torch.zeros(b, i, A.shape[1], device=u_BTI.device)
+    h = (h0_BIN.float() if h0_BIN is not None
+         else torch.zeros(b, i, A.shape[1], device=u_BTI.device, dtype=torch.float32))
     ys = []
     for s in range(t):
         dt = dt_BTI[:, s].float()

@@ -302,7 +302,8 @@ def ssd_reference(
     b, t, hs, p = x_BTHsP.shape
     g, n = B_BTGN.shape[-2:]
     per_group = hs // g
-    h = h0_BHsPN.float() if h0_BHsPN is not None else torch.zeros(b, hs, p, n, device=x_BTHsP.device)
+    h = (h0_BHsPN.float() if h0_BHsPN is not None
+         else torch.zeros(b, hs, p, n, device=x_BTHsP.device, dtype=torch.float32))
     ys = []
     for s in range(t):
         dt = dt_BTHs[:, s].float()

@@ -4,7 +4,10 @@ recurrent step mode, plus the FFT convolution the long-convolution mixers share.
 Layout follows state-spaces/s4 `models/s4/s4.py` (FFTConv + SSMKernelDiag / SSMKernelDPLR): over
 H = d_model channels, N' = N/2 complex modes stored as real pairs, S = n_ssm copies of (A, B, P);
 D skip, GELU, then output Linear(H, 2H) + GLU. `ssm_buffers` registers log Δ, B, A and P as
-buffers, as the reference's `register(name, tensor, lr=0.0)` does.
+buffers, as the reference's `register(name, tensor, lr=0.0)` does. One difference: copy s serves the H/S consecutive
+channels s·H/S … (s+1)·H/S − 1, so tensor-parallel ranks hold whole copies; the reference tiles
+them (`repeat(A, 't n -> (v t) n')`: channel c reads copy c mod S). The same parameters, FLOPs and
+family of functions; with 1 < n_ssm < d_model a reference checkpoint's copies load permuted.
 
 Kernel generation (the counted path uses real matmuls only: FlopCounterMode counts a complex
 matmul as a real one, about 4 x low):
