@@ -15,9 +15,9 @@ import archplan
 from archplan.analytic import count_params
 from archplan.hardware import accelerator, kernel_efficiency
 from archplan.loader import load_spec
-from archplan.planning.design import Family, design
+from archplan.planning.design import Family, NoRecipe, design
 from archplan.planning.layout import Layout
-from archplan.planning.optimal import LawChoice, isoflop_curve, law_params, optimum
+from archplan.planning.optimal import LawChoice, allocate, budget, isoflop_curve, law_params, optimum
 from archplan.planning.parallel import interconnect
 from archplan.planning.pricing import Network, collective_time, ep_all_to_all_time, nodes_reached, uniform_moe
 from archplan.planning.records import Collective
@@ -97,10 +97,27 @@ def test_the_dense_recipe_is_llama_3_8b_at_its_size() -> None:
 
 
 def test_the_design_score_weighs_the_width_twice() -> None:
-    """At 3.6B the documented score (width deviation counted twice) picks 23 × 3,072 with d_ff
-    10,496 over 24 layers of d_ff 9,984, which weighing the width once would pick."""
-    spec = design(Family.dense, 3.6e9, vocab=128256).spec
-    assert (spec.n_layers, spec.d_model, spec.ffn.d_ff) == (23, 3072, 10496)
+    """At 4.175B the documented score (width deviation counted twice) picks 27 × 3,072 with d_ff
+    10,752 (the recipe's 3.5 × d_model) over 28 layers of d_ff 10,496, which weighing the width
+    once would pick."""
+    spec = design(Family.dense, 4.175e9, vocab=128256).spec
+    assert (spec.n_layers, spec.d_model, spec.ffn.d_ff) == (27, 3072, 10752)
+
+
+@pytest.mark.parametrize("family", [Family.dense, Family.moe])
+def test_the_depth_moves_smoothly_with_the_budget(family: Family) -> None:
+    """Steps of 512 in d_model moved the depth 2-4x between budgets 1% apart (24 x 1024, then 8 x
+    1536, d/L 192): over 1e20 ... 1e26 FLOPs, neighbouring budgets 1.26x apart now differ by at most
+    1.5x in depth, and d/L stays within the recipes' band (7B 128, 70B 102, 1T trunk 137) widened
+    to 64 ... 192."""
+    previous = None
+    for exponent in range(200, 261):
+        n_opt, _ = allocate(LawChoice.epoch, 10 ** (exponent / 10))
+        spec = design(family, n_opt, vocab=128256).spec
+        assert 64 <= spec.d_model / spec.n_layers <= 192, (exponent, spec.n_layers, spec.d_model)
+        if previous is not None:
+            assert max(spec.n_layers / previous, previous / spec.n_layers) <= 1.5, (exponent, spec.n_layers)
+        previous = spec.n_layers
 
 
 def test_a_small_model_is_not_pushed_to_d_model_2048() -> None:
@@ -210,3 +227,20 @@ def test_no_spec_names_the_depth_floor_and_offers_dense_only_where_it_helps() ->
     with pytest.raises(NoRecipe) as refused:
         design(Family.moe, target, vocab=1000)
     assert "--family dense" not in str(refused.value)
+
+
+def test_a_refusal_offers_a_smaller_vocabulary_only_where_the_embeddings_are_in_the_way() -> None:
+    """At 2.33M parameters and vocab 1,000 one layer is the obstacle (a step coarser than 2%),
+    which no vocabulary changes; at 7.6M and vocab 128,256 the embeddings are."""
+    with pytest.raises(NoRecipe) as coarse:
+        design(Family.dense, 2.33e6, vocab=1000)
+    assert str(coarse.value).endswith("try a larger budget")
+    with pytest.raises(NoRecipe) as embeddings:
+        design(Family.dense, 7.6e6, vocab=128256)
+    assert "try a larger budget, a smaller --vocab" in str(embeddings.value)
+
+
+def test_the_optimum_at_the_lowest_budget_inverts_back_into_range() -> None:
+    """--params N_opt(1e15) found 1e15 less a rounding error and was refused as out of range."""
+    n_opt, _ = allocate(LawChoice.twenty, 1e15)
+    assert budget(LawChoice.twenty, params=n_opt) == pytest.approx(1e15)

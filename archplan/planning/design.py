@@ -1,6 +1,7 @@
 """From a parameter target to a concrete spec that follows archplan's design recipes.
 
-Recipes (the architecture guide's, docs/plan.md section 2): head_dim 128, GQA with 8 KV heads,
+Recipes (the architecture guide's, docs/plan.md section 2): head_dim 128, GQA with 8 KV heads (4
+or 2 where 8 do not divide the query heads),
 SwiGLU with d_ff ≈ 3.5·d_model rounded to a multiple of 256, RoPE, pre-RMSNorm, untied embeddings;
 depth and width in the proportions of the 7B (32×4096), 70B (80×8192) and 1T-MoE (120×16384
 trunk) recipes.
@@ -13,8 +14,8 @@ Which N the target is:
   matched to the dense optimum in compute per token. Its total is a multiple of that and is reported;
   the loss printed for it is the dense law at N_active (MoEs usually do better: a conservative figure).
 
-The search: for each candidate width d (a multiple of 1024 so 8 KV heads divide the d/128 query
-heads; multiples of 128 below 1024, where every head keeps its own KV head), FFN width f and depth L,
+The search: for each candidate width d (`D_MODEL_CANDIDATES`: multiples of 128 below 1024, where
+every head keeps its own KV head, of 256 up to 4096, then of 1024), FFN width f and depth L,
 the analytic `count_params` gives the exact N; among candidates within the tolerance the one closest
 to the recipe shape wins (score: |ln d/d_r| + |ln L/L_r| + 2·|ln f/f_r| + 10·|N/N_target − 1|).
 """
@@ -65,9 +66,9 @@ class Family(str, Enum):
 
 HEAD_DIM = 128  # Llama 2/3, Mistral, DeepSeek (v_head_dim) all use 128
 KV_HEADS = 8  # Llama-3 8B/70B/405B (Ainslie et al. 2023 GQA)
-# Where 8 does not divide the query heads but 4 does, 4 KV heads: Qwen2.5-7B (28 query heads of 128,
-# 4 KV heads; its config.json)
-KV_HEADS_HALF = 4
+# Where 8 does not divide the query heads, 4 KV heads (Qwen2.5-7B: 28 query heads of 128, 4 KV heads),
+# else 2 (Qwen2.5-1.5B: 12 query heads, 2 KV heads; their config.json files)
+KV_HEADS_FEWER = (4, 2)
 FFN_RATIO = 3.5  # Llama-3 8B 14336/4096 and 70B 28672/8192
 FFN_MULTIPLE = 256  # Llama's `multiple_of` (meta-llama/llama model.py FeedForward)
 EXPERT_MULTIPLE = 128  # fine-grained experts are narrower: DeepSeek-V3 2048, Qwen2-MoE 1408
@@ -79,7 +80,8 @@ MOE_TOP_K = 8
 MOE_SHARED = 1
 # Hybrid (Jamba, Lieber et al. 2024, HF JambaConfig: attn_layer_period 8, offset 4): one attention
 # layer in eight, the rest Mamba-2 (Dao & Gu 2024; d_state 128, head_dim 64, expand 2 as in
-# mamba_ssm Mamba2 and Nemotron-H's 8 groups); hybrid-moe adds Jamba's MoE every second layer,
+# mamba_ssm Mamba2 and Nemotron-H's 8 groups, or gcd(8, heads) where 8 do not divide the 2·d/64
+# heads: 4 at d_model 384, 640, 896); hybrid-moe adds Jamba's MoE every second layer,
 # 16 full-width experts, top-2.
 HYBRID_MIXERS = "MMMMAMMM"
 HYBRID_MOE_EXPERTS = 16
@@ -133,10 +135,11 @@ def target_kind(family: Family) -> str:
 
 def _heads(d_model: int) -> tuple[int, int]:
     n_heads = d_model // HEAD_DIM
-    for n_kv in (KV_HEADS, KV_HEADS_HALF):
-        if n_heads % n_kv == 0:
-            return n_heads, n_kv
-    return n_heads, n_heads
+    if n_heads > KV_HEADS:
+        for n_kv in (KV_HEADS, *KV_HEADS_FEWER):
+            if n_heads % n_kv == 0:
+                return n_heads, n_kv
+    return n_heads, min(n_heads, KV_HEADS)  # below d_model 1024 one KV head per query head
 
 
 def build(family: Family, *, d_model: int, n_layers: int, width: int, vocab: int, seq: int,
@@ -249,10 +252,12 @@ def _depth(spec: Spec, kind: str) -> _Depth:
 WIDTH_RANGE = (0.75, 4 / 3)
 
 # d_model candidates: multiples of 128 below 1024 (heads < 8: one KV head per query head), multiples
-# of 512 up to 4096 (4 or 8 KV heads), then multiples of 1024 so that 8 KV heads divide the d/128 query
-# heads. Steps of 1024 from 1024 on made a 128K-vocabulary 853M model 6 x 2048 where the recipe curve
-# says 14 x 1306: 1536 sits between, as Qwen2.5-1.5B's d_model does.
-D_MODEL_CANDIDATES: tuple[int, ...] = (tuple(range(256, 1024, 128)) + tuple(range(1024, 4096, 512))
+# of 256 up to 4096 (8, 4 or 2 KV heads), then multiples of 1024 so that 8 KV heads divide the d/128
+# query heads. Steps of 1024 from 1024 on made a 128K-vocabulary 853M model 6 x 2048 where the recipe
+# curve says 14 x 1306, and steps of 512 still moved the depth 2-4x between budgets 1% apart (24 x
+# 1024, then 8 x 1536): at a fixed N the depth goes as 1/d^2, so a d step of 1.5x is a depth step of
+# 2.25x. Published models of this size take these widths: Qwen2.5-1.5B 1536 (12 heads, 2 KV heads).
+D_MODEL_CANDIDATES: tuple[int, ...] = (tuple(range(256, 1024, 128)) + tuple(range(1024, 4096, 256))
                                        + tuple(1024 * k for k in range(4, 129)))
 
 
@@ -311,6 +316,7 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
     if best is None:
         smallest = D_MODEL_CANDIDATES[0]
         embeddings = 2 * vocab * smallest >= (1 - tolerance) * target
+        advice = "a larger budget, a smaller --vocab"  # the embeddings are in the way
         if embeddings:
             why = f"the embeddings alone take 2·V·d = {count(2 * vocab * smallest)} at the smallest d_model ({smallest})"
         elif shallowest > (1 + tolerance) * target:
@@ -319,9 +325,10 @@ def design(family: Family, target: float, *, vocab: int, seq: int = 8192, name: 
         else:
             why = (f"at this size one {family.value} period of {things(period, 'layer')}, with FFN widths "
                    f"{WIDTH_RANGE[0]:g}–{WIDTH_RANGE[1]:.3g}× the recipe's, is a step coarser than {tolerance:.0%}")
+            advice = "a larger budget"  # one period's share of N does not depend on the vocabulary
         raise NoRecipe(
             f"no {family.value} recipe spec within {tolerance:.0%} of {target:.3g} {kind} parameters "
-            f"at vocab {vocab}: {why}; try a larger budget, a smaller --vocab"
+            f"at vocab {vocab}: {why}; try {advice}"
             + (" or --family dense" if family is not Family.dense and _dense_meets(target, vocab, seq, tolerance)
                else "")
         )
