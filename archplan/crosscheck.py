@@ -51,7 +51,7 @@ from archplan.contraction import ContractionDetector
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError, first_line
 from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
-from archplan.modules.model import ArchplanModel, build_model, check_mtp_length
+from archplan.modules.model import ArchplanModel, build_model
 from archplan.resolve import (
     AttentionPlan,
     HyenaPlan,
@@ -63,6 +63,7 @@ from archplan.resolve import (
     MoEPlan,
     S4Plan,
     StripedHyenaPlan,
+    check_mtp_length,
 )
 from archplan.units import nbytes
 from typing_extensions import assert_never
@@ -231,14 +232,21 @@ class CrossCheck:
         return tuple(op for op in (*self.ops, *self.backward_ops) if op.suspicious)
 
     @property
-    def failures(self) -> tuple[Row, ...]:
-        rows: list[Row] = [row for row in (*self.params, *self.flops) if not row.ok]
-        if self.training is not None and not self.training.ok:
-            rows.append(self.training)
-        rows.extend(row for row in self.kv if not row.ok)
+    def labelled_failures(self) -> tuple[tuple[str, Row], ...]:
+        """Each disagreeing row with the figure it is: the same component can fail as parameters,
+        FLOPs and cache bytes on two devices, which a component name alone does not tell apart."""
+        groups: list[tuple[str, Iterable[Row]]] = [
+            ("parameters", self.params), ("forward FLOPs", self.flops),
+            ("training FLOPs", () if self.training is None else (self.training,)),
+            ("KV cache bytes (meta, bf16)", self.kv),
+        ]
         if self.real is not None:
-            rows.extend(row for row in self.real.kv if not row.ok)
-        return tuple(rows)
+            groups.append((f"KV cache bytes ({self.real.device}, {self.real.dtype_bytes}-byte)", self.real.kv))
+        return tuple((label, row) for label, rows in groups for row in rows if not row.ok)
+
+    @property
+    def failures(self) -> tuple[Row, ...]:
+        return tuple(row for _, row in self.labelled_failures)
 
     @property
     def checks(self) -> tuple[Check, ...]:

@@ -319,6 +319,14 @@ def mtp_training_tokens(depth: int) -> int:
     return depth + 2
 
 
+def check_mtp_length(depth: int, seq: int, field: str | None = None) -> None:
+    """A training sequence with `depth` multi-token-prediction modules needs a target for the main
+    head and for each module (`mtp_training_tokens`; `training_loss` and `verify --layout` alike)."""
+    if seq < (need := mtp_training_tokens(depth)):
+        raise ArchplanError(f"a training sequence needs at least {need} tokens (the next one, and "
+                            f"{depth} more ahead for multi-token prediction); got {seq}", field=field)
+
+
 def norm_plan(norm: NormSpec) -> NormPlan:
     return NormPlan(kind=norm.kind, bias=norm.has_bias, eps=norm.eps, affine=norm.affine)
 

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 
 from archplan.analytic import count_params, decode_flops_per_token, forward_flops, training_flops_per_token
-from archplan.analytic.attention import attended_pairs
+from archplan.analytic.attention import attended_pairs, mla_elementwise_per_token
+from archplan.analytic.mamba import mamba2_elementwise
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
-from archplan.resolve import ModelPlan, resolve
+from archplan.resolve import Mamba2Plan, MLAPlan, ModelPlan, NormPlan, resolve
 from archplan.spec import Spec
 
 
@@ -169,6 +170,25 @@ def test_elementwise_estimates() -> None:
     assert forward_flops(base, t).elementwise_by_component[mixer] - e_none == t * 3 * 32 * (8 + 2)
     assert e_none == 3 * 8 * t * t + t * 256  # softmax + residual add
     assert forward_flops(base, t).elementwise_by_component["layers.0.norm1"] == t * 4 * 256
+
+
+def test_mla_and_mamba2_elementwise_estimates_written_out() -> None:
+    """Pinned by hand, as the attention, Mamba-1 and router estimates are: verify shows these
+    analytic-only figures beside the counted ones, so only a test can hold them.
+    MLA (H 4, rope 8, latents 16 and 12): RoPE 3 per dimension on every query head's rope part and
+    the one shared rope key, 3·8·(4 + 1); RMSNorm 4 per element on both latents, 4·(16 + 12).
+    Mamba-2 (d_inner 16, H 4 of P 4, N 4, G 2, chunk 4) at T 10: chunks of 4, three of them; per
+    chunk 2·q²·H + 2·H·P·N; per token softplus and dt·A 4·H, 3·d_inner, SiLU 4 on the conv's
+    d_inner + 2·G·N channels, gate 5·d_inner, gated RMSNorm 4·d_inner."""
+    rms = NormPlan("rmsnorm", False, 1e-6)
+    mla = MLAPlan(n_heads=4, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=6, qk_rope_head_dim=8,
+                  v_head_dim=5, window=None, norm=rms)
+    assert mla_elementwise_per_token(mla) == 3 * 8 * 5 + 4 * (16 + 12)
+    ssd = Mamba2Plan(d_inner=16, d_state=4, d_conv=4, head_dim=4, n_heads=4, n_groups=2, chunk_size=4,
+                     conv_bias=True, proj_bias=False, norm=rms)
+    per_chunk = 2 * 4 * 4 * 4 + 2 * 4 * 4 * 4
+    per_token = 4 * 4 + 3 * 16 + 4 * (16 + 2 * 2 * 4) + 5 * 16 + 4 * 16
+    assert mamba2_elementwise(ssd, batch=2, seq_len=10) == 2 * (3 * per_chunk + 10 * per_token)
 
 
 def test_lm_head_counted_when_tied() -> None:

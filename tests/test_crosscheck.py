@@ -172,6 +172,7 @@ def test_a_cache_the_analytic_count_misses_is_a_kv_mismatch(monkeypatch: pytest.
     assert {c.name: c.status for c in result.checks}["KV cache"] == "mismatch" and not result.ok
     assert [r.component for r in result.failures] == ["layers.1.mixer"]
     assert [r["ok"] for r in result.to_json()["kv_cache"]].count(False) == 1
+    assert [label for label, _ in result.labelled_failures] == ["KV cache bytes (meta, bf16)"]
 
 
 def test_training_flops_of_a_tiny_hybrid_are_three_forwards() -> None:
@@ -240,6 +241,7 @@ def test_a_planted_parameter_disagreement_fails_on_that_component(monkeypatch: p
     result = cc.crosscheck(resolve(TINY), seq_len=8, backward=False, real=False)
     assert not result.ok
     assert [(r.component, r.built - r.analytic) for r in result.failures] == [("layers.1.mixer", -1)]
+    assert [label for label, _ in result.labelled_failures] == ["parameters"]
 
 
 def test_a_parameter_outside_every_component_is_a_failure_row(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -93,7 +93,7 @@ def test_exit_1_with_the_diff_on_a_disagreement(
     code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-cpu-check")
     assert code == 1
     assert "✗" in out
-    assert "layers.0.ffn: analytic" in out and "(diff -5)" in out
+    assert "parameters, layers.0.ffn: analytic" in out and "(diff -5)" in out
     code, out, _ = run(monkeypatch, capsys, str(tiny), "--seq", "8", "--no-cpu-check", "--json")
     assert code == 1
     data = json.loads(out)
@@ -121,7 +121,7 @@ def test_a_run_too_short_for_the_mtp_targets_is_refused(
     spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-mtp.yaml")
     code, out, err = run(monkeypatch, capsys, spec, "--seq", "2", *layout)
     assert code == 2 and out == ""
-    assert "a training sequence needs at least 3 tokens" in err and err.count("\n") == 1
+    assert "--seq: a training sequence needs at least 3 tokens" in err and err.count("\n") == 1
 
 
 def test_seq_past_max_seq_len_is_verified_with_rope_and_exits_2_past_a_learned_table(
@@ -352,6 +352,10 @@ def test_a_seq_past_max_seq_len_is_checked_with_a_note(
     spec = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
     code, _, err = run(monkeypatch, capsys, spec, "--seq", "300", "--no-backward")
     assert code == 0 and "note: seq 300 is past tiny-llama's max_seq_len (256): checked as asked" in " ".join(err.split())
+    code, out, err = run(monkeypatch, capsys, spec, "--seq", "300", "--no-backward", "--json")
+    data = json.loads(out)
+    assert code == 0 and err == "" and data["past_max_seq_len"].startswith("seq 300 is past tiny-llama's max_seq_len")
+    assert "2 per multiply-add" in data["convention"] and "bf16" in data["convention"]
 
 
 @pytest.mark.parametrize(("args", "said"), [

@@ -29,7 +29,7 @@ from archplan.console import echo, settle
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
-from archplan.resolve import ModelPlan, resolve
+from archplan.resolve import ModelPlan, check_mtp_length, resolve
 from archplan.spec import MAX_BATCH, MAX_SEQ_LEN
 
 if TYPE_CHECKING:
@@ -122,15 +122,16 @@ def verify(
     refuse_foreign_options(ctx, "--layout" if layout is not None else "the model check", VERIFY_MODES)
     plan = resolve(load_spec(spec))
     seq_len = _seq_len(plan, seq)
+    past = plan.past_trained_note("seq", seq_len, "checked as asked")
     if layout is not None:
         from archplan.distributed.render import verify_layout  # imports torch.distributed
 
-        code = verify_layout(plan, layout, seq_len, microbatches, as_json, stage)
+        code = verify_layout(plan, layout, seq_len, microbatches, as_json, stage, past_max_seq_len=past)
     else:
         code = verify_model(plan, seq_len=seq_len, batch=batch, device=device, cpu_check=cpu_check,
-                            backward=backward, all_layers=all_layers, as_json=as_json)
-    # after the run, which ended with its verdict: a refused option stays a one-line error
-    past = plan.past_trained_note("seq", seq_len, "checked as asked")
+                            backward=backward, all_layers=all_layers, as_json=as_json, past_max_seq_len=past)
+    # after the run, which ended with its verdict: a refused option stays a one-line error (--json
+    # carries it as `past_max_seq_len`)
     if past is not None and not as_json:
         Console(stderr=True).print(f"note: {past}")
     raise typer.Exit(code)
@@ -146,6 +147,7 @@ def verify_model(
     backward: bool,
     all_layers: bool,
     as_json: bool,
+    past_max_seq_len: str | None = None,
 ) -> int:
     """The model check: analytic figures against the built model; returns the exit code."""
     from archplan.crosscheck import crosscheck  # imports torch: only verify and bench may
@@ -161,7 +163,8 @@ def verify_model(
         )
     code = settle(0 if result.ok else 1)
     if as_json:
-        echo(jsonout.dumps(result.to_json(), indent=2))
+        echo(jsonout.dumps({**result.to_json(), "convention": JSON_CONVENTION, "past_max_seq_len": past_max_seq_len},
+                           indent=2))
     else:
         render(result, console, aggregate=not all_layers and len(plan.layers) > AGGREGATE_ABOVE_LAYERS)
     return code
@@ -173,6 +176,8 @@ def _seq_len(plan: ModelPlan, seq: int | None) -> int:
     if not 1 <= seq <= MAX_SEQ_LEN:
         raise ArchplanError(f"must be between 1 and {MAX_SEQ_LEN:,}, got {seq:,}", field="--seq")
     plan.check_length(seq, "--seq")
+    if plan.mtp:
+        check_mtp_length(len(plan.mtp), seq, "--seq")
     return seq
 
 
@@ -312,12 +317,16 @@ def _mark(ok: bool) -> str:
     return OK if ok else BAD
 
 
-FLOPS_CAPTION = (
+FLOPS_CONVENTION = (
     "FLOPs: counted by FlopCounterMode on meta for one forward (2 per multiply-add; matmuls, "
     "convs, attention full T², FFTs 2.5·n·⌈log2 n⌉ per real transform of length n = 2T). "
-    "elementwise: analytic-only (norms, softmax, activations, scan updates). Folded rows (×n) "
-    "show the per-layer figures."
+    "elementwise: analytic-only (norms, softmax, activations, scan updates)."
 )
+FLOPS_CAPTION = FLOPS_CONVENTION + " Folded rows (×n) show the per-layer figures."
+# what `--json` carries of the tables' captions and titles
+JSON_CONVENTION = (FLOPS_CONVENTION + " Parameters: unique elements, tied weights once, buffers excluded. "
+                   "kv_cache: bytes after a prefill on meta in bf16 (2 bytes an element); real.kv_cache: on "
+                   "the instance, in real.dtype_bytes an element.")
 
 
 def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: bool, flops: bool) -> Table:
@@ -466,13 +475,13 @@ def _render_real(result: CrossCheck, console: Console, *, aggregate: bool) -> No
 
 
 def _render_diff(result: CrossCheck, console: Console) -> None:
-    failures = result.failures
+    failures = result.labelled_failures
     if failures or result.suspicious_ops or not result.ok:
         console.print("[red]differences (analytic vs built):[/red]")
-    for row in failures:
+    for label, row in failures:
         ops = getattr(row, "ops", None)
         detail = f"  ops: {dict(ops)}" if ops else ""
-        console.print(f"  {row.component}: analytic {row.analytic:,}, built {row.built:,} "
+        console.print(f"  {label}, {row.component}: analytic {row.analytic:,}, built {row.built:,} "
                       f"(diff {row.built - row.analytic:+,}){detail}", markup=False)
     for op in result.suspicious_ops:
         phase = "forward" if op in result.ops else "backward"

@@ -12,11 +12,10 @@ from archplan.distributed.check import LayoutCheck, check_layout_run
 from archplan.distributed.fake import Measured
 from archplan.distributed.stage import mtp_refusal
 from archplan.errors import ArchplanError
-from archplan.modules.model import check_mtp_length
 from archplan.planning.layout import Layout, check_layout, parse_layout
 from archplan.planning.parallel import MAX_GPUS
 from archplan.render import busy, report_console
-from archplan.resolve import ModelPlan, MoEPlan
+from archplan.resolve import ModelPlan, MoEPlan, check_mtp_length
 from archplan.spec import MAX_BATCH
 
 OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
@@ -136,7 +135,7 @@ def default_microbatches(layout: Layout) -> int:
 
 
 def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int | None, as_json: bool,
-                  stage: int | None = None) -> int:
+                  stage: int | None = None, past_max_seq_len: str | None = None) -> int:
     """Run and show `verify --layout` on `stage` (None: the most loaded); returns the exit code (1
     where a figure disagrees)."""
     layout = given_layout(plan, layout_text, seq, "verify")
@@ -148,7 +147,7 @@ def verify_layout(plan: ModelPlan, layout_text: str, seq: int, microbatches: int
                                   stage=stage)
     code = settle(0 if result.ok else 1)
     if as_json:
-        echo(jsonout.dumps(result.to_json(), indent=2))
+        echo(jsonout.dumps({**result.to_json(), "past_max_seq_len": past_max_seq_len}, indent=2))
     else:
         render(result, report_console())
     return code

@@ -30,7 +30,7 @@ from archplan.modules.moe import MoEFFN
 from archplan.modules.mtp import MTPLayer
 from archplan.modules.norms import build_norm
 from archplan.modules.positions import SinusoidalPositions, share_rope_tables
-from archplan.resolve import ModelPlan, mtp_training_tokens, resolve
+from archplan.resolve import ModelPlan, check_mtp_length, resolve
 from archplan.spec import Spec
 
 
@@ -44,14 +44,6 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
     if weight_VD.device.type != "meta":
         embedding.reset_parameters()
     return embedding
-
-
-def check_mtp_length(depth: int, seq: int) -> None:
-    """A training sequence with `depth` multi-token-prediction modules needs a target for the main
-    head and for each module (`mtp_training_tokens`; `training_loss` and `verify --layout` alike)."""
-    if seq < (need := mtp_training_tokens(depth)):
-        raise ArchplanError(f"a training sequence needs at least {need} tokens (the next one, and "
-                            f"{depth} more ahead for multi-token prediction); got {seq}")
 
 
 class TiedLMHead(nn.Module):
