@@ -238,10 +238,10 @@ class CrossCheck:
         groups: list[tuple[str, Iterable[Row]]] = [
             ("parameters", self.params), ("forward FLOPs", self.flops),
             ("training FLOPs", () if self.training is None else (self.training,)),
-            ("KV cache bytes (meta, bf16)", self.kv),
+            ("KV cache bytes (meta, a 2-byte cache)", self.kv),
         ]
         if self.real is not None:
-            groups.append((f"KV cache bytes ({self.real.device}, {self.real.dtype_bytes}-byte)", self.real.kv))
+            groups.append((f"KV cache bytes ({self.real.device}, a {self.real.dtype_bytes}-byte cache)", self.real.kv))
         return tuple((label, row) for label, rows in groups for row in rows if not row.ok)
 
     @property

@@ -423,18 +423,18 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     t = first["memory"]["training"]
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
-                f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. " + FLOPS_CONVENTION)
+                f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. {FLOPS_CONVENTION}.")
     with_mtp = [r["name"] for r in reports if _has_mtp(r)]
     if with_mtp:
         # each column's own caveat, whatever the column order: `size` prints both beside the figures
-        settings += (f". {', '.join(with_mtp)}: training also runs the multi-token-prediction modules, which "
+        settings += (f" {', '.join(with_mtp)}: training also runs the multi-token-prediction modules, which "
                      "inference does not, so training is more than 3 x forward; the weights and inference rows "
                      "leave those modules out.")
     for note in (MOE_FLOPS_NOTE, MLA_DECODE_NOTE):
         # each column's own convention, as `size` prints it
         named = [r["name"] for r in reports if note in r["flops"]["convention"]]
         if named:
-            settings += f". {', '.join(named)}: {note.removeprefix('; ')}"
+            settings += f" {', '.join(named)}: {note.removeprefix('; ')}."
     gpu = first["chinchilla"]["gpu"]
     if gpu is not None:
         settings += (f" GPU-hours: model FLOPs (training FLOPs/token × D, not 6ND) at the dense bf16 peak of the "

@@ -79,9 +79,9 @@ MOE_FLOPS_NOTE = (
     "(Megatron's 6·N formulas leave the router out)"
 )
 MLA_DECODE_NOTE = (
-    "; MLA decode reads the latent cache (the KV table's first row) and counts the cheaper of the absorbed "
-    "form and re-expanding every key (DeepSeek-V2 §2.1.2), the absorbed one from two keys on; a cache of "
-    "whole K and V (its naive row) would need fewer FLOPs and more bytes"
+    "; MLA decode reads the absorbed latent cache and counts the cheaper of the absorbed form and "
+    "re-expanding every key (DeepSeek-V2 §2.1.2), the absorbed one from two keys on; a cache of whole K "
+    "and V (size's \"MLA without absorption\" row) would need fewer FLOPs and more bytes"
 )
 PARAMS_CONVENTION = "unique parameters (tied weights once, buffers excluded); active = what one token touches"
 KV_CONVENTION = (

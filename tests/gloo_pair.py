@@ -136,6 +136,15 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     "mtp-pp2": ("pipeline_parity", "tiny-mtp.yaml", {}, "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=selective,mb=1"),
     "mtp-dp2-full-recompute": ("pipeline_parity", "tiny-mtp.yaml", {},
                                "tp=1,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=full,mb=1"),
+    # Gemma's embedding × sqrt(d_model) and a query scalar other than head_dim: the scale in the
+    # context-parallel attention; the first stage's embedding and, with a norm eps large enough to
+    # show an unscaled input through the MTP module's norm, the last stage's embedding for it
+    "cp2-scaled-embedding-scale-dim": ("parity", "tiny-llama.yaml", {
+        "embedding": {"scaled": True}, "attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "scale_dim": 3}},
+        "tp=1,cp=2,pp=1,dp=1,ep=1,zero=1,recompute=none,mb=2"),
+    "mtp-pp2-scaled-embedding": ("pipeline_parity", "tiny-mtp.yaml", {
+        "embedding": {"scaled": True}, "norm": {"kind": "rmsnorm", "eps": 0.01}},
+        "tp=1,cp=1,pp=2,dp=1,ep=1,zero=0,recompute=selective,mb=1"),
     # two micro-batches a rank, each rank its own data: the step's gradient is the whole batch's,
     # the load-balancing loss (per sequence) counting 1/m a micro-batch as the cross-entropy does
     "ep2-two-microbatches": ("accumulation_parity", "tiny-moe.yaml", {"moe": TINY_MOE_PER_SEQUENCE},

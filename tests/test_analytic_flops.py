@@ -191,6 +191,16 @@ def test_mla_and_mamba2_elementwise_estimates_written_out() -> None:
     assert mamba2_elementwise(ssd, batch=2, seq_len=10) == 2 * (3 * per_chunk + 10 * per_token)
 
 
+def test_a_scaled_embedding_adds_one_multiply_per_element() -> None:
+    """Gemma's × sqrt(d_model): d elementwise FLOPs a token, in the estimate only."""
+    gemma = load_spec("gemma-2b")
+    scaled = forward_flops(resolve(gemma), 16)
+    plain = forward_flops(resolve(gemma.model_copy(update={"embedding": gemma.embedding.model_copy(
+        update={"scaled": False})})), 16)
+    assert scaled.elementwise_by_component["embed"] - plain.elementwise_by_component["embed"] == 16 * 2048
+    assert scaled.counted_by_component == plain.counted_by_component
+
+
 def test_lm_head_counted_when_tied() -> None:
     p = resolve(load_spec("gpt2"))
     assert forward_flops(p, 10).counted_by_component["lm_head"] == 2 * 10 * 768 * 50257

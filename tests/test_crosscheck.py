@@ -172,7 +172,7 @@ def test_a_cache_the_analytic_count_misses_is_a_kv_mismatch(monkeypatch: pytest.
     assert {c.name: c.status for c in result.checks}["KV cache"] == "mismatch" and not result.ok
     assert [r.component for r in result.failures] == ["layers.1.mixer"]
     assert [r["ok"] for r in result.to_json()["kv_cache"]].count(False) == 1
-    assert [label for label, _ in result.labelled_failures] == ["KV cache bytes (meta, bf16)"]
+    assert [label for label, _ in result.labelled_failures] == ["KV cache bytes (meta, a 2-byte cache)"]
 
 
 def test_training_flops_of_a_tiny_hybrid_are_three_forwards() -> None:

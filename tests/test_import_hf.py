@@ -637,6 +637,28 @@ def test_falcons_new_architecture_says_transformers_caches_every_head() -> None:
     assert not convert_config({**config, "num_kv_heads": 8}, file="config.json", name="f").said
 
 
+def test_attention_scalings_map_to_scale_dim_and_clamps_are_said() -> None:
+    """MptAttention multiplies the scores by softmax_scale s (scale_dim 1/s²); GPT2Attention skips
+    1/sqrt(head_dim) without scale_attn_weights (scale_dim 1). What the spec cannot say (clip_qkv's
+    clamp, MPT's other ALiBi slopes, GPT-2's per-layer 1/(i + 1)) is said, never dropped."""
+    mpt = {"model_type": "mpt", "d_model": 256, "n_heads": 4, "n_layers": 2, "max_seq_len": 512, "vocab_size": 1000,
+           "attn_config": {"softmax_scale": 0.5, "clip_qkv": 6.0, "alibi_bias_max": 16}}
+    imported = convert_config(mpt, file="config.json", name="m", strict=True)
+    assert imported.spec.attention.scale_dim == 4
+    assert [note.split(":")[0] for note in imported.said] == ["attn_config.clip_qkv 6", "attn_config.alibi_bias_max 16"]
+    plain = convert_config({**mpt, "attn_config": {"softmax_scale": None, "clip_qkv": None, "alibi_bias_max": 8}},
+                           file="config.json", name="m", strict=True)
+    assert plain.spec.attention.scale_dim is None and not plain.said
+    gpt2 = convert_config({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100,
+                           "scale_attn_weights": False, "scale_attn_by_inverse_layer_idx": True},
+                          file="config.json", name="g", strict=True)
+    assert gpt2.spec.attention.scale_dim == 1
+    assert [note.split(":")[0] for note in gpt2.said] == ["scale_attn_by_inverse_layer_idx true"]
+    for family in ("olmo", "olmoe"):
+        clipped = convert_config({"model_type": family, "clip_qkv": 8.0}, file="config.json", name="o", strict=True)
+        assert [note.split(":")[0] for note in clipped.said] == ["clip_qkv 8"]
+
+
 def test_mistral_window_defaults_to_4096_when_absent() -> None:
     config = {k: v for k, v in TINY["mistral-window"].config.items() if k != "sliding_window"}
     attn = spec_of(config).attention

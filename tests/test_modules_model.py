@@ -603,6 +603,15 @@ HF_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Callable[[StateDi
          "ffn": {"kind": "mlp", "d_ff": 48, "activation": "gelu_tanh", "bias": True}},
         _gpt2,
     ),
+    # GPT2Attention skips the 1/sqrt(head_dim) without scale_attn_weights: scale_dim 1
+    "gpt2_unscaled_attention": (
+        "gpt2",
+        dict(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48, scale_attn_weights=False),
+        {**OURS, "position": {"kind": "learned"}, "embedding": {"tied": True}, "norm": {"kind": "layernorm"},
+         "attention": {"kind": "mha", "n_heads": 4, "qkv_bias": True, "out_bias": True, "scale_dim": 1},
+         "ffn": {"kind": "mlp", "d_ff": 48, "activation": "gelu_tanh", "bias": True}},
+        _gpt2,
+    ),
     "bloom_alibi_6_heads": (
         "bloom",
         dict(vocab_size=50, hidden_size=48, n_layer=2, n_head=6),

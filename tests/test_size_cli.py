@@ -260,12 +260,13 @@ def test_the_convention_says_what_experts_and_mla_decode_count() -> None:
                                                                              "deepseek-v3"))
     assert "router" not in dense and "MLA" not in dense
     assert "router" in moe and "MLA" not in moe
-    assert "router" in mla and "MLA decode reads the latent cache" in mla
+    assert "router" in mla and "MLA decode reads the absorbed latent cache" in mla
     result = runner.invoke(app, ["compare", "llama-3-8b", "deepseek-v3"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     caption = " ".join(result.stdout.split())
     assert "deepseek-v3: MoE layers count the router" in caption
-    assert "deepseek-v3: MLA decode reads the latent cache" in caption
+    assert "deepseek-v3: MLA decode reads the absorbed latent cache" in caption
+    assert ".." not in caption and "more bytes." in caption
     text = runner.invoke(app, ["size", "llama-3-8b"], env={"COLUMNS": "200"}).stdout
     assert "embedding included" in text and "no activations, workspace or runtime overhead" in text
 

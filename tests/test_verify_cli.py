@@ -355,7 +355,7 @@ def test_a_seq_past_max_seq_len_is_checked_with_a_note(
     code, out, err = run(monkeypatch, capsys, spec, "--seq", "300", "--no-backward", "--json")
     data = json.loads(out)
     assert code == 0 and err == "" and data["past_max_seq_len"].startswith("seq 300 is past tiny-llama's max_seq_len")
-    assert "2 per multiply-add" in data["convention"] and "bf16" in data["convention"]
+    assert "2 per multiply-add" in data["convention"] and "a 2-byte cache" in data["convention"]
 
 
 @pytest.mark.parametrize(("args", "said"), [

@@ -249,6 +249,8 @@ def forward_flops(plan: ModelPlan, seq_len: int, batch: int = 1, mtp: bool = Fal
         elementwise["pos_embed"] = rows * position_add_flops(plan)
     else:
         elementwise["embed"] = rows * position_add_flops(plan)  # sinusoidal add, else 0
+    if plan.embed_scale != 1.0:
+        elementwise["embed"] += rows * d  # Gemma's × sqrt(d_model) on every embedded token
     if plan.embed_norm:
         counted["embed_norm"] = 0
         elementwise["embed_norm"] = norm

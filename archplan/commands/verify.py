@@ -324,9 +324,12 @@ FLOPS_CONVENTION = (
 )
 FLOPS_CAPTION = FLOPS_CONVENTION + " Folded rows (×n) show the per-layer figures."
 # what `--json` carries of the tables' captions and titles
+# S4/S4D and StripedHyena's modal states stay fp32 (complex64 for S4D) whatever the cache's dtype,
+# as `size`'s KV convention says
+STATES_FP32 = "S4 and modal states fp32"
 JSON_CONVENTION = (FLOPS_CONVENTION + " Parameters: unique elements, tied weights once, buffers excluded. "
-                   "kv_cache: bytes after a prefill on meta in bf16 (2 bytes an element); real.kv_cache: on "
-                   "the instance, in real.dtype_bytes an element.")
+                   "kv_cache: bytes after a prefill on meta, a 2-byte cache; real.kv_cache: on the instance, a "
+                   f"real.dtype_bytes cache; {STATES_FP32}.")
 
 
 def _check_table(result: CrossCheck, lines: list[_Line], title: str, *, params: bool, flops: bool) -> Table:
@@ -424,10 +427,8 @@ def _render_cache(result: CrossCheck, console: Console, *, aggregate: bool) -> N
     runs = (_runs([[(row.analytic, row.built, row.ok) for row in rows] for rows in per_layer],
                   [all(row.ok for row in rows) for rows in per_layer])
             if aggregate else [(i, 1) for i in range(len(per_layer))])
-    # the dtype is the cache's; S4/S4D and StripedHyena's modal states stay fp32 (complex64 for S4D)
-    # whatever it is, as `size`'s KV convention says
     where = ("meta, a 2-byte cache" + ("" if real is None else f"; {real.device}, a {real.dtype_bytes}-byte cache")
-             + "; S4 and modal states fp32")
+             + f"; {STATES_FP32}")
     table = Table(title=f"KV/SSM cache after a prefill of {result.seq_len} tokens ({where})",
                   caption="Folded rows (×n) show the per-layer figures." if len(runs) < len(per_layer) else None)
     columns = ["component", "×", "analytic bytes", "meta bytes", ""]

@@ -24,6 +24,7 @@ from archplan.modules.model import (
     embed_input,
     resolve_device,
     share_biases,
+    token_embedding,
 )
 from archplan.modules.mtp import MTPLayer
 from archplan.modules.positions import share_rope_tables
@@ -108,7 +109,7 @@ class Stage(nn.Module):
             # sequence shard of an embedding under SP or CP, which it could not roll
             # (`ArchplanModel._training_logits` rolls the embedding, the same tensor for an
             # embedding of the tokens alone)
-            x = module(x, embed(sequence_BT[:, (positions + k + 1) % t]))
+            x = module(x, token_embedding(self.plan, embed, sequence_BT[:, (positions + k + 1) % t]))
             loss = loss + self.plan.mtp_loss_weight / len(self.mtp) * ahead(self._head(x), k + 2)
         return loss
 

@@ -308,8 +308,10 @@ def read_dims(cfg: HFConfig, *, head_dim_key: bool = True, kv_key: str | None = 
 
 
 def attention(cfg: HFConfig, dims: Dims, *, qkv_bias: bool = False, out_bias: bool = False,
-              qk_norm: QKNorm | None = None, window: int | None = None) -> MHA | GQA | MQA:
-    """The attention kind follows from the head counts (Vaswani MHA, Shazeer MQA, Ainslie GQA)."""
+              qk_norm: QKNorm | None = None, window: int | None = None,
+              scale_dim: float | None = None) -> MHA | GQA | MQA:
+    """The attention kind follows from the head counts (Vaswani MHA, Shazeer MQA, Ainslie GQA);
+    `scale_dim`: the scores scaled by 1/sqrt(scale_dim), where the config's scale is not head_dim's."""
     common: dict[str, Any] = dict(
         n_heads=dims.n_heads, head_dim=dims.head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
     )
@@ -317,6 +319,8 @@ def attention(cfg: HFConfig, dims: Dims, *, qkv_bias: bool = False, out_bias: bo
         common["qk_norm"] = qk_norm
     if window is not None:
         common["sliding_window"] = window
+    if scale_dim is not None and scale_dim != dims.head_dim:
+        common["scale_dim"] = scale_dim
     if dims.n_kv == dims.n_heads:
         return MHA(kind="mha", **common)
     if dims.n_kv == 1:
@@ -894,14 +898,28 @@ def _gemma(cfg: HFConfig) -> dict[str, Any]:
     return scaled_embedding(_llama_like(cfg, qkv_bias=bias, out_bias=bias, act=gemma_act(cfg, "hidden_act")))
 
 
+def unmodelled(cfg: HFConfig, given: str, operation: str, built: str) -> None:
+    """An operation transformers runs that the spec has no field for, said on stderr and in the
+    notes: it holds no parameters and no matmul, so the counts and the matmul FLOPs are the same,
+    and the built model computes without it."""
+    cfg.said.append(f"{given}: {operation} is not in the spec; parameters and matmul FLOPs are the same, {built}")
+
+
 def softcaps(cfg: HFConfig, keys: tuple[str, ...]) -> None:
-    """Gemma 2's soft-caps, c·tanh(x/c) on the attention scores and on the logits, said on stderr:
-    the spec has no field for them (no parameters, no matmul: counts and FLOPs are the same), so
-    the built model's scores and logits are not capped."""
+    """Gemma 2's soft-caps, c·tanh(x/c) on the attention scores and on the logits."""
     caps = [f"{key} {cfg.float_(key):g}" for key in keys if cfg.get(key) is not None]
     if caps:
-        cfg.said.append(f"{', '.join(caps)}: soft-capping c·tanh(x/c) is not in the spec; parameters and "
-                        "FLOPs are the same, the built model's scores and logits are not capped")
+        unmodelled(cfg, ", ".join(caps), "soft-capping c·tanh(x/c)",
+                   "the built model's scores and logits are not capped")
+
+
+def clipped_qkv(cfg: HFConfig, key: str, value: object) -> None:
+    """OLMo's and MPT's clip_qkv: q, k and v clamped to ±clip_qkv before attention."""
+    if value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise cfg.error(key, f"expected a number, got {as_json(value)}")
+        unmodelled(cfg, f"{key} {value:g}", "clamping q, k and v to ±clip_qkv",
+                   "the built model's are not clamped")
 
 
 @family("gemma2", defaults={**_GEMMA, "hidden_size": 2304, "intermediate_size": 9216,
@@ -989,11 +1007,9 @@ _LN_EPS = 1e-5
                               tie_word_embeddings=True),
         aliases={"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
                  "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"},
-        # summary_*: the sequence-classification head; attention scalings and fp32 upcast change
-        # numerics, not size or matmuls
+        # summary_*: the sequence-classification head; the fp32 upcast changes rounding, not the function
         inert=("summary_type", "summary_use_proj", "summary_activation",
-                 "summary_proj_to_labels", "summary_first_dropout", "scale_attn_weights",
-                 "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"),
+                 "summary_proj_to_labels", "summary_first_dropout", "reorder_and_upcast_attn"),
         # n_ctx: the context of OpenAI's original hparams.json, a duplicate of n_positions
         derived={"n_ctx": Derived(lambda cfg: cfg.int_("n_positions"), "n_positions")},
         even_heads=("n_embd", "n_head"))
@@ -1004,11 +1020,16 @@ def _gpt2(cfg: HFConfig) -> dict[str, Any]:
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layer"),
                 n_heads=cfg.int_("n_head"), n_kv=cfg.int_("n_head"), head_dim=d // cfg.int_("n_head"),
                 max_pos=cfg.int_("n_positions"))
+    if cfg.bool_("scale_attn_by_inverse_layer_idx", False):
+        unmodelled(cfg, "scale_attn_by_inverse_layer_idx true", "scaling layer i's scores by 1/(i + 1)",
+                   "the built model's are not")
+    # GPT2Attention divides the scores by sqrt(head_dim) only when scale_attn_weights
+    unscaled = not cfg.bool_("scale_attn_weights", True)
     return {
         **base(dims, tied=tied(cfg)),
         "position": LearnedPositions(kind="learned"),
         "norm": layer_norm(cfg, "layer_norm_epsilon"),
-        "attention": attention(cfg, dims, qkv_bias=True, out_bias=True),
+        "attention": attention(cfg, dims, qkv_bias=True, out_bias=True, scale_dim=1 if unscaled else None),
         "ffn": mlp(cfg.opt_int("n_inner") or 4 * d, cfg.activation("activation_function"), bias=True),
     }
 
@@ -1188,10 +1209,13 @@ def _bloom(cfg: HFConfig) -> dict[str, Any]:
 
 
 _MPT_ATTN_FIXED = {"attn_type": "multihead_attention", "alibi": True, "qk_ln": False, "prefix_lm": False}
-# clip_qkv clamps, softmax_scale rescales, alibi_bias_max shapes the (parameter-free) slopes;
-# transformers 5 writes attn_config as a sub-config, with every PretrainedConfig key (COMMON_KEYS)
-_MPT_ATTN_INERT = frozenset({"attn_pdrop", "attn_impl", "clip_qkv", "softmax_scale",
-                               "attn_uses_sequence_id", "alibi_bias_max"})
+# read in `_mpt`: softmax_scale (the spec's scale_dim), clip_qkv and alibi_bias_max (said, not
+# modelled); transformers 5 writes attn_config as a sub-config, with every PretrainedConfig key
+# (COMMON_KEYS)
+_MPT_ATTN_READ = frozenset({"softmax_scale", "clip_qkv", "alibi_bias_max"})
+_MPT_ATTN_INERT = frozenset({"attn_pdrop", "attn_impl", "attn_uses_sequence_id"})
+# build_mpt_alibi_tensor's default: slopes 2^(-8·i/n), Press et al.'s, which the spec's ALiBi builds
+_MPT_ALIBI_BIAS_MAX = 8
 
 
 @family("mpt", defaults=dict(d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048, vocab_size=50368,
@@ -1215,16 +1239,27 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
     for key, value in attn_cfg.items():
         if key in _MPT_ATTN_FIXED and value != _MPT_ATTN_FIXED[key]:
             raise cfg.error(f"attn_config.{key}", f"cannot express {key}={value!r}: {why}")
-        if key not in _MPT_ATTN_FIXED and key not in _MPT_ATTN_INERT and key not in COMMON_KEYS:
+        if key not in _MPT_ATTN_FIXED and key not in _MPT_ATTN_READ | _MPT_ATTN_INERT and key not in COMMON_KEYS:
             cfg.unread_nested.append(dotted(("attn_config", key)))
     d, h = cfg.int_("d_model"), cfg.int_("n_heads")
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layers"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("max_seq_len"))
+    clipped_qkv(cfg, "attn_config.clip_qkv", attn_cfg.get("clip_qkv"))
+    bias_max = attn_cfg.get("alibi_bias_max", _MPT_ALIBI_BIAS_MAX)
+    if bias_max != _MPT_ALIBI_BIAS_MAX:
+        unmodelled(cfg, f"attn_config.alibi_bias_max {as_json(bias_max)}",
+                   f"ALiBi slopes for an alibi_bias_max other than {_MPT_ALIBI_BIAS_MAX} (Press et al.'s)",
+                   "the built model's slopes are Press et al.'s")
+    # MptAttention multiplies the scores by softmax_scale (null: 1/sqrt(head_dim))
+    softmax_scale = attn_cfg.get("softmax_scale")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not 0 < softmax_scale < math.inf):
+        raise cfg.error("attn_config.softmax_scale", f"expected a positive number, got {as_json(softmax_scale)}")
     return {
         **base(dims, tied=tied(cfg)),
         "position": Alibi(kind="alibi"),
         "norm": layer_norm(cfg, "layer_norm_epsilon", bias=False),
-        "attention": attention(cfg, dims),
+        "attention": attention(cfg, dims, scale_dim=softmax_scale ** -2 if softmax_scale is not None else None),
         "ffn": mlp(4 * d, "gelu", bias=False),
     }
 
@@ -1255,10 +1290,11 @@ def _stablelm(cfg: HFConfig) -> dict[str, Any]:
 _OLMO = {**_LLAMA, "vocab_size": 50304, "rms_norm_eps": 1e-5}
 
 
-@family("olmo", defaults=_OLMO, inert=("clip_qkv",))
+@family("olmo", defaults=_OLMO)
 def _olmo(cfg: HFConfig) -> dict[str, Any]:
     """modeling_olmo.py: Llama's attention and SwiGLU, but every norm is `OlmoLayerNorm`,
     F.layer_norm with no weight and no bias at a fixed eps 1e-5 (Groeneveld et al. 2024 §2.1)."""
+    clipped_qkv(cfg, "clip_qkv", cfg.get("clip_qkv", None))
     bias = cfg.bool_("attention_bias")
     spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias)
     spec["norm"] = NormSpec(kind="layernorm", affine=False, eps=1e-5)
@@ -1279,10 +1315,10 @@ def _olmo2(cfg: HFConfig) -> dict[str, Any]:
                            "num_attention_heads": 16, "max_position_embeddings": 4096,
                            "num_experts_per_tok": 8, "num_experts": 64, "norm_topk_prob": False,
                            "router_aux_loss_coef": 0.01},
-        aliases={"num_local_experts": "num_experts"},
-        inert=("clip_qkv",))  # clamps activations
+        aliases={"num_local_experts": "num_experts"})
 def _olmoe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_olmoe.py: pre-RMSNorm, full-width q/k RMSNorm, routed experts on every layer."""
+    clipped_qkv(cfg, "clip_qkv", cfg.get("clip_qkv", None))
     dims = read_dims(cfg)
     if dims.head_dim * dims.n_heads != dims.d_model:
         # OlmoeAttention sizes q_norm by hidden_size and k_norm by (hidden // heads) · n_kv

@@ -106,16 +106,21 @@ def rounded(value: float, dtype: torch.dtype) -> float:
     return struct.unpack("<f", struct.pack("<I", single))[0]
 
 
+def token_embedding(plan: ModelPlan, embed: nn.Embedding, tokens_BT: Tensor) -> Tensor:
+    """The embedding rows of the tokens, times sqrt(d_model) where the spec scales them (Gemma's
+    normalizer, rounded to the activation dtype as transformers' GemmaModel rounds it): what a
+    pipeline's last stage embeds for its multi-token-prediction modules too."""
+    x_BTD = embed(tokens_BT)
+    return x_BTD * rounded(plan.embed_scale, x_BTD.dtype) if plan.embed_scale != 1.0 else x_BTD
+
+
 def embed_input(plan: ModelPlan, embed: nn.Embedding, pos_embed: nn.Module | None, embed_norm: nn.Module | None,
                 tokens_BT: Tensor, offset: int = 0) -> Tensor:
-    """The first layer's input (B, T, D) of tokens from position `offset`: the token embedding,
-    times sqrt(d_model) where the spec scales it (Gemma's normalizer, rounded to the activation
-    dtype as transformers' GemmaModel rounds it), + learned or sinusoidal positions, then the
-    embedding norm, where the model has them. The whole model and a pipeline's first stage share it."""
+    """The first layer's input (B, T, D) of tokens from position `offset`: `token_embedding`, +
+    learned or sinusoidal positions, then the embedding norm, where the model has them. The whole
+    model and a pipeline's first stage share it."""
     t = tokens_BT.shape[1]
-    x_BTD = embed(tokens_BT)
-    if plan.embed_scale != 1.0:
-        x_BTD = x_BTD * rounded(plan.embed_scale, x_BTD.dtype)
+    x_BTD = token_embedding(plan, embed, tokens_BT)
     if isinstance(pos_embed, nn.Embedding):
         x_BTD = x_BTD + pos_embed(torch.arange(offset, offset + t, device=tokens_BT.device))
     elif isinstance(pos_embed, SinusoidalPositions):
