@@ -640,12 +640,22 @@ def test_falcons_new_architecture_says_transformers_caches_every_head() -> None:
 def test_attention_scalings_map_to_scale_dim_and_clamps_are_said() -> None:
     """MptAttention multiplies the scores by softmax_scale s (scale_dim 1/s²); GPT2Attention skips
     1/sqrt(head_dim) without scale_attn_weights (scale_dim 1). What the spec cannot say (clip_qkv's
-    clamp, MPT's other ALiBi slopes, GPT-2's per-layer 1/(i + 1)) is said, never dropped."""
+    clamp, GPT-2's per-layer 1/(i + 1), Mamba-2's clamp of Δ) is said, never dropped; what
+    transformers ignores and the original code honours (MPT's alibi_bias_max and logit_scale) is
+    refused."""
     mpt = {"model_type": "mpt", "d_model": 256, "n_heads": 4, "n_layers": 2, "max_seq_len": 512, "vocab_size": 1000,
-           "attn_config": {"softmax_scale": 0.5, "clip_qkv": 6.0, "alibi_bias_max": 16}}
+           "attn_config": {"softmax_scale": 0.5, "clip_qkv": 6.0}}
     imported = convert_config(mpt, file="config.json", name="m", strict=True)
     assert imported.spec.attention.scale_dim == 4
-    assert [note.split(":")[0] for note in imported.said] == ["attn_config.clip_qkv 6", "attn_config.alibi_bias_max 16"]
+    assert [note.split(":")[0] for note in imported.said] == ["attn_config.clip_qkv 6"]
+    for refused, field in (({"attn_config": {"alibi_bias_max": 16}}, "alibi_bias_max"),
+                           ({"logit_scale": 0.25}, "logit_scale")):
+        with pytest.raises(ArchplanError, match=field):
+            convert_config({**mpt, **refused}, file="config.json", name="m")
+    clamped = convert_config({"model_type": "mamba2", "time_step_limit": [0.0, 0.05]}, file="config.json", name="s")
+    assert [note.split(":")[0] for note in clamped.said] == ["time_step_limit [0.0, 0.05]"]
+    assert not convert_config({"model_type": "mamba2", "time_step_limit": [0.0, math.inf]}, file="config.json",
+                              name="s").said
     plain = convert_config({**mpt, "attn_config": {"softmax_scale": None, "clip_qkv": None, "alibi_bias_max": 8}},
                            file="config.json", name="m", strict=True)
     assert plain.spec.attention.scale_dim is None and not plain.said
@@ -657,6 +667,24 @@ def test_attention_scalings_map_to_scale_dim_and_clamps_are_said() -> None:
     for family in ("olmo", "olmoe"):
         clipped = convert_config({"model_type": family, "clip_qkv": 8.0}, file="config.json", name="o", strict=True)
         assert [note.split(":")[0] for note in clipped.said] == ["clip_qkv 8"]
+
+
+def test_keys_that_change_nothing_transformers_runs_are_not_refused_and_one_that_does_is() -> None:
+    """Gemma's use_bidirectional_attention: false is causal, as null is; a Qwen2-MoE with no sparse
+    layer builds no shared expert, so its zero width is no obstacle; BLOOM's sliced path
+    (slow_but_exact with pretraining_tp > 1) drops two biases Megatron-DeepSpeed adds: refused."""
+    for family in ("gemma", "gemma2"):
+        assert convert_config({"model_type": family, "use_bidirectional_attention": False}, file="config.json",
+                              name="g", strict=True).spec.embedding.scaled
+        with pytest.raises(ArchplanError, match="use_bidirectional_attention=true"):
+            convert_config({"model_type": family, "use_bidirectional_attention": True}, file="config.json", name="g")
+    dense = convert_config({"model_type": "qwen2_moe", "num_experts": 0, "shared_expert_intermediate_size": 0},
+                           file="config.json", name="q")
+    assert dense.spec.moe is None
+    with pytest.raises(ArchplanError, match="slow_but_exact"):
+        convert_config({"model_type": "bloom", "pretraining_tp": 2, "slow_but_exact": True}, file="config.json", name="b")
+    assert convert_config({"model_type": "bloom", "pretraining_tp": 4, "slow_but_exact": False}, file="config.json",
+                          name="b").spec.position.kind == "alibi"
 
 
 def test_mistral_window_defaults_to_4096_when_absent() -> None:

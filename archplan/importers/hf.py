@@ -834,16 +834,20 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
     spec = _llama_like(cfg, qkv_bias=cfg.bool_("qkv_bias"), window=window)
     n_experts = cfg.count("num_experts")
     shared_ff = cfg.count("shared_expert_intermediate_size")
-    if shared_ff == 0:
-        raise cfg.error("shared_expert_intermediate_size",
-                        "cannot express a zero-width shared expert (transformers still builds its gate)")
+
+    def moe() -> MoE:
+        # only a sparse layer builds the shared expert and its gate
+        if shared_ff == 0:
+            raise cfg.error("shared_expert_intermediate_size",
+                            "cannot express a zero-width shared expert (transformers still builds its gate)")
+        return _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
+                    expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
+                    normalize=cfg.bool_("norm_topk_prob"), shared=SharedExperts(n=1, d_ff=shared_ff, gate=True))
+
     return place_moe(
         cfg, spec, mixers=mixers, moe_layers=sparse_layers(cfg, n_layers, n_experts),
         dense_ff=cfg.int_("intermediate_size"), fields=_sparse_fields(cfg, n_experts), expert_keys=_QWEN_EXPERT_KEYS,
-        moe=lambda: _moe(cfg, n_experts=n_experts, top_k=cfg.int_("num_experts_per_tok"),
-                         expert_ff=cfg.int_("moe_intermediate_size"), act=cfg.activation("hidden_act"),
-                         normalize=cfg.bool_("norm_topk_prob"),
-                         shared=SharedExperts(n=1, d_ff=shared_ff, gate=True)),
+        moe=moe,
     )
 
 
@@ -883,6 +887,14 @@ def gemma_act(cfg: HFConfig, key: str) -> Activation:
     return "gelu_tanh" if act == "gelu" else act
 
 
+def causal_only(cfg: HFConfig) -> None:
+    """Gemma's attention is causal unless use_bidirectional_attention is true (`is_causal = not
+    getattr(config, "use_bidirectional_attention", False)`): false and null are the same model."""
+    if cfg.get("use_bidirectional_attention", None):
+        raise cfg.error("use_bidirectional_attention", "cannot express use_bidirectional_attention=true: "
+                                                       "bidirectional attention is not a causal LM")
+
+
 def scaled_embedding(spec: dict[str, Any]) -> dict[str, Any]:
     """GemmaModel and Gemma2Model multiply the embedding by `normalizer = hidden_size**0.5`."""
     spec["embedding"] = spec["embedding"].model_copy(update={"scaled": True})
@@ -893,7 +905,7 @@ def scaled_embedding(spec: dict[str, Any]) -> dict[str, Any]:
 def _gemma(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma.py: Llama with GeGLU, (1+w) RMSNorm (still D weights), head_dim default 256,
     tied head, embeddings scaled by sqrt(D) (no parameters)."""
-    cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
+    causal_only(cfg)
     bias = cfg.bool_("attention_bias")
     return scaled_embedding(_llama_like(cfg, qkv_bias=bias, out_bias=bias, act=gemma_act(cfg, "hidden_act")))
 
@@ -933,7 +945,7 @@ def clipped_qkv(cfg: HFConfig, key: str, value: object) -> None:
         even_heads=_HIDDEN_HEADS)
 def _gemma2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma2.py: four RMSNorms per block (sandwich), sliding window on even layers."""
-    cfg.fixed("use_bidirectional_attention", None, "bidirectional attention is not a causal LM")
+    causal_only(cfg)
     n_layers = cfg.layer_count("num_hidden_layers")
     window = cfg.opt_int("sliding_window")
     if cfg.get("layer_types", None) is None:
@@ -1194,6 +1206,13 @@ def _bloom(cfg: HFConfig) -> dict[str, Any]:
     cfg.fixed("apply_residual_connection_post_layernorm", False,
               "a residual taken after the LayerNorm is not a residual kind archplan has")
     cfg.fixed("n_inner", None, "transformers' BloomMLP always builds 4·hidden_size")
+    tp_slices = cfg.get("pretraining_tp", 1)
+    if cfg.bool_("slow_but_exact", False) and isinstance(tp_slices, int) and tp_slices > 1:
+        # BloomAttention/BloomMLP's sliced path runs F.linear on the slices without the dense and
+        # dense_4h_to_h biases, which Megatron-DeepSpeed's code adds
+        raise cfg.error("slow_but_exact", "cannot express slow_but_exact=true with pretraining_tp > 1: "
+                                          "transformers then drops the output projections' biases, which "
+                                          "Megatron-DeepSpeed's code adds; refusing to pick one")
     d, h = cfg.int_("hidden_size"), cfg.int_("n_head")
     # ALiBi has no position table, so transformers reads no length; Megatron-DeepSpeed's seq_length,
     # where the config keeps it, is the length the model was trained at
@@ -1208,22 +1227,22 @@ def _bloom(cfg: HFConfig) -> dict[str, Any]:
     }
 
 
-_MPT_ATTN_FIXED = {"attn_type": "multihead_attention", "alibi": True, "qk_ln": False, "prefix_lm": False}
-# read in `_mpt`: softmax_scale (the spec's scale_dim), clip_qkv and alibi_bias_max (said, not
-# modelled); transformers 5 writes attn_config as a sub-config, with every PretrainedConfig key
-# (COMMON_KEYS)
-_MPT_ATTN_READ = frozenset({"softmax_scale", "clip_qkv", "alibi_bias_max"})
+# alibi_bias_max: transformers' port always builds the slopes of 8 (build_mpt_alibi_tensor's
+# default), where MosaicML's code honours the key
+_MPT_ATTN_FIXED = {"attn_type": "multihead_attention", "alibi": True, "qk_ln": False, "prefix_lm": False,
+                   "alibi_bias_max": 8}
+# read in `_mpt`: softmax_scale (the spec's scale_dim) and clip_qkv (said, not modelled);
+# transformers 5 writes attn_config as a sub-config, with every PretrainedConfig key (COMMON_KEYS)
+_MPT_ATTN_READ = frozenset({"softmax_scale", "clip_qkv"})
 _MPT_ATTN_INERT = frozenset({"attn_pdrop", "attn_impl", "attn_uses_sequence_id"})
-# build_mpt_alibi_tensor's default: slopes 2^(-8·i/n), Press et al.'s, which the spec's ALiBi builds
-_MPT_ALIBI_BIAS_MAX = 8
 
 
 @family("mpt", defaults=dict(d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048, vocab_size=50368,
                              layer_norm_epsilon=_LN_EPS, tie_word_embeddings=True),
         aliases={"num_attention_heads": "n_heads", "hidden_size": "d_model", "num_hidden_layers": "n_layers"},
         # learned_pos_emb is unused when ALiBi is on (the only mode transformers builds);
-        # logit_scale multiplies logits; embedding_fraction scales embedding gradients; init_* are init
-        inert=("learned_pos_emb", "logit_scale", "embedding_fraction", "init_device", "init_config",
+        # embedding_fraction scales embedding gradients; init_* are init
+        inert=("learned_pos_emb", "embedding_fraction", "init_device", "init_config",
                  "verbose", "use_pad_tok_in_ffn"),
         even_heads=("d_model", "n_heads"))
 def _mpt(cfg: HFConfig) -> dict[str, Any]:
@@ -1232,6 +1251,9 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
     why = "transformers' MPT port ignores it (always 4·d_model, no biases, ALiBi, MHA)"
     cfg.fixed("expansion_ratio", 4, why)
     cfg.fixed("no_bias", True, why)
+    # MosaicML's MPTForCausalLM multiplies the logits by it; transformers' port never reads it
+    cfg.fixed("logit_scale", None, "transformers' MPT port ignores it while MosaicML's code scales the logits; "
+                                   "refusing to pick one")
     norm_type = cfg.str_("norm_type", "low_precision_layernorm")
     if norm_type not in ("low_precision_layernorm", "layernorm"):
         raise cfg.error("norm_type", f"cannot express norm_type={norm_type!r}: transformers' MPT builds LayerNorm")
@@ -1245,11 +1267,6 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layers"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("max_seq_len"))
     clipped_qkv(cfg, "attn_config.clip_qkv", attn_cfg.get("clip_qkv"))
-    bias_max = attn_cfg.get("alibi_bias_max", _MPT_ALIBI_BIAS_MAX)
-    if bias_max != _MPT_ALIBI_BIAS_MAX:
-        unmodelled(cfg, f"attn_config.alibi_bias_max {as_json(bias_max)}",
-                   f"ALiBi slopes for an alibi_bias_max other than {_MPT_ALIBI_BIAS_MAX} (Press et al.'s)",
-                   "the built model's slopes are Press et al.'s")
     # MptAttention multiplies the scores by softmax_scale (null: 1/sqrt(head_dim))
     softmax_scale = attn_cfg.get("softmax_scale")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
@@ -1554,11 +1571,17 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
                                 hidden_act="silu", chunk_size=256, tie_word_embeddings=False),
         # time_step_rank: Mamba2Mixer has no dt projection; norm_before_gate: transformers always
         # gates first (norm_before_gate=False); either order is the same weights, elementwise ops
-        inert=(*_MAMBA_INERT, "time_step_rank", "norm_before_gate"), derived=_MAMBA2_DERIVED)
+        inert=(*(k for k in _MAMBA_INERT if k != "time_step_limit"), "time_step_rank", "norm_before_gate"),
+        derived=_MAMBA2_DERIVED)
 def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mamba2.py: RMSNorm -> Mamba2Mixer (Dao & Gu 2024 SSD) with its gated RMSNorm."""
     cfg.fixed("rms_norm", True, "transformers' Mamba2Block always uses RMSNorm")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba-2 block gates with SiLU")
+    limit = cfg.get("time_step_limit", None)
+    if limit is not None and list(limit) != [0, math.inf]:
+        # Mamba2Mixer clamps Δ to it after the softplus (mamba2_chunk_scan's dt_limit)
+        unmodelled(cfg, f"time_step_limit {as_json(limit)}", "clamping Δ to [lo, hi] after its softplus",
+                   "the built model's Δ is not clamped")
     d = cfg.int_("hidden_size")
     expand = _expand(cfg, "expand")
     n_heads, head_dim = cfg.int_("num_heads"), cfg.int_("head_dim")
