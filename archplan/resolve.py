@@ -18,6 +18,7 @@ Module paths (the keys of every per-component result, and the names in the torch
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
 
@@ -31,6 +32,7 @@ from archplan.spec import (
     MQA,
     S4,
     S4D,
+    Alibi,
     DeepNorm,
     Hyena,
     Mamba1,
@@ -247,6 +249,7 @@ class ModelPlan:
     mtp: tuple[LayerPlan, ...] = ()
     mtp_loss_weight: float = 0.0
     embed_scale: float = 1.0  # the embedding output's factor: sqrt(d_model) where spec embedding.scaled
+    alibi_scale: float = 1.0  # the ALiBi slopes' factor: 1/sqrt(head_dim) where spec position.scaled
 
     @property
     def n_layers(self) -> int:
@@ -540,4 +543,13 @@ def resolve(spec: Spec) -> ModelPlan:
         mtp=mtp,
         mtp_loss_weight=spec.mtp.loss_weight if spec.mtp is not None else 0.0,
         embed_scale=math.sqrt(spec.d_model) if spec.embedding.scaled else 1.0,
+        alibi_scale=_alibi_scale(spec, layers),
     )
+
+
+def _alibi_scale(spec: Spec, layers: Sequence[LayerPlan]) -> float:
+    """1/sqrt(head_dim) where the bias joins the scores before their scale (spec Alibi.scaled), else 1."""
+    if not (isinstance(spec.position, Alibi) and spec.position.scaled):
+        return 1.0
+    mixer = next(layer.mixer for layer in layers if isinstance(layer.mixer, AttentionPlan | MLAPlan))
+    return (mixer.head_dim if isinstance(mixer, AttentionPlan) else mixer.qk_head_dim) ** -0.5

@@ -137,6 +137,9 @@ class Alibi(Frozen):
     """Linear attention biases (Press et al. 2022); slopes are fixed, no parameters."""
 
     kind: Literal["alibi"] = "alibi"
+    scaled: Bool = Field(False, description="The bias is added before the scores' 1/sqrt(head_dim) and "
+                                            "scaled with them: (q·k + bias)/sqrt(head_dim), Falcon-RW's "
+                                            "attention (transformers' FalconModel divides the ALiBi tensor).")
 
 
 class LearnedPositions(Frozen):

@@ -80,8 +80,9 @@ GLOO_CASES: dict[str, tuple[str, str, dict[str, object], str]] = {
     # sequence shard to whole experts, reduced over tp); full recompute re-runs both
     "tp2-mla-moe": ("parity", "tiny-mla-moe.yaml", {}, TP2),
     "tp2-mla-moe-full-recompute": ("parity", "tiny-mla-moe.yaml", {}, "tp=2,cp=1,pp=1,dp=1,ep=1,zero=2,recompute=full,mb=2"),
-    # one KV head over both tp ranks (k and v split by rows, the output gathered), each rank's ALiBi slopes
-    "tp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", {}, TP2),
+    # one KV head over both tp ranks (k and v split by rows, the output gathered), each rank's ALiBi
+    # slopes, scaled with the scores as Falcon-RW's are (`RankAlibi` keeps the scale)
+    "tp2-mqa-alibi": ("parity", "tiny-mqa-alibi.yaml", {"position": {"kind": "alibi", "scaled": True}}, TP2),
     # TP=2 with SP: the uneven vocabulary split (torch.chunk: 251 + 250 rows), each rank adding its
     # sequence shard's positions, qk-norm replicated, per head, or normalised across the ranks' heads
     **{f"tp2-{name}": ("parity", fixture, fields, TP2) for name, (fixture, fields) in TP_EDGES.items()},

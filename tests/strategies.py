@@ -228,7 +228,7 @@ MEMBERS: dict[str, dict[type[BaseModel], MemberStrategy]] = {
     "ffn": {MLP: _ffn("mlp"), GLU: _ffn("glu")},
     "position": {
         Rope: _rope,
-        Alibi: _fixed("alibi"),
+        Alibi: _fixed("alibi", scaled=lambda draw: draw(st.booleans())),
         LearnedPositions: _fixed("learned"),
         SinusoidalPositions: _fixed("sinusoidal"),
         NoPositions: _fixed("none"),

@@ -696,3 +696,30 @@ def test_logits_match_transformers(case: str) -> None:
         expected = reference(tokens).logits
         assert expected.std() > 0.1
         torch.testing.assert_close(ours(tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_falcon_alibi_scales_its_bias_with_the_scores() -> None:
+    """FalconModel divides the ALiBi tensor by sqrt(head_dim) (sdpa path; Falcon-RW's own code
+    scales q·k + alibi together): the import says `scaled`, and the logits match; without it they
+    do not. transformers' eager path adds the undivided tensor once more, which neither does."""
+    transformers = pytest.importorskip("transformers")
+    from archplan.importers import spec_from_config
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("falcon", vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, alibi=True)
+    config._attn_implementation = "sdpa"
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    spec = spec_from_config({**config.to_dict(), "model_type": "falcon"}, file="config.json", name="falcon-alibi")
+    assert spec.position.kind == "alibi" and spec.position.scaled
+    tokens = torch.randint(0, 50, (2, 24))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        for scaled, close in ((True, True), (False, False)):
+            variant = spec.model_copy(update={"position": spec.position.model_copy(update={"scaled": scaled})})
+            ours = build_model(variant, device="cpu").eval()
+            ours.load_state_dict(_falcon(reference.state_dict()), strict=True)
+            assert torch.allclose(ours(tokens), expected, rtol=1e-4, atol=1e-4) is close

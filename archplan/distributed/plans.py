@@ -69,23 +69,23 @@ class RankAlibi(Alibi):
     """The ALiBi slopes of one tp rank's heads: rows [start, start + count) of the global table
     (Press et al. 2022 §3; BLOOM's Megatron-DeepSpeed slices them the same way)."""
 
-    def __init__(self, total: int, start: int, count: int) -> None:
+    def __init__(self, total: int, start: int, count: int, scale: float) -> None:
         self.total, self.start = total, start
-        super().__init__(count)
+        super().__init__(count, scale)
 
     def signature(self) -> tuple[object, ...]:
-        return ("rank", self.total, self.start, self.n_heads)
+        return ("rank", self.total, self.start, self.n_heads, self.scale)
 
     def reset_buffers(self) -> None:
         table = alibi_slopes(self.total)[self.start:self.start + self.n_heads]
-        self.slopes = torch.tensor(table, dtype=torch.float32, device=self.slopes.device)
+        self.slopes = torch.tensor([s * self.scale for s in table], dtype=torch.float32, device=self.slopes.device)
 
 
 def _rank_alibi(module: nn.Module, rank: int, tp: int) -> None:
     alibi = getattr(module, "alibi", None)
     if alibi is not None:
         count = alibi.n_heads // tp
-        module.alibi = RankAlibi(alibi.n_heads, rank * count, count).to(alibi.slopes.device)
+        module.alibi = RankAlibi(alibi.n_heads, rank * count, count, alibi.scale).to(alibi.slopes.device)
 
 
 def _gathered_input(sp: bool) -> PrepareModuleInput:

@@ -1180,7 +1180,10 @@ def _falcon(cfg: HFConfig) -> dict[str, Any]:
         residual = PreNorm(kind="pre")
     if cfg.bool_("alibi"):
         cfg.inert("rope_theta", "rope_scaling", "rope_parameters")  # FalconModel builds no rotary then
-        position: Alibi | Rope = Alibi(kind="alibi")
+        # FalconModel divides the ALiBi tensor by sqrt(head_dim), as Falcon-RW's own code scales
+        # (q·k + alibi); its eager path also adds the undivided tensor, a second time, which the sdpa
+        # path and the original code do not: the spec follows those two
+        position: Alibi | Rope = Alibi(kind="alibi", scaled=True)
     else:
         position = rope(cfg, dims)
     return {

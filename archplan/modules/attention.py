@@ -245,7 +245,8 @@ class SequenceShard(Protocol):
 class Attention(nn.Module):
     """Params: D·H·Dh + 2·D·Hkv·Dh + H·Dh·D (+ H·Dh + 2·Hkv·Dh qkv bias, + D out bias, + qk-norms)."""
 
-    def __init__(self, plan: AttentionPlan, d_model: int, rope: Rope | None, alibi: bool) -> None:
+    def __init__(self, plan: AttentionPlan, d_model: int, rope: Rope | None, alibi: bool,
+                 alibi_scale: float = 1.0) -> None:
         super().__init__()
         self.plan = plan
         h, hkv, dh = plan.n_heads, plan.n_kv_heads, plan.head_dim
@@ -258,7 +259,7 @@ class Attention(nn.Module):
         if plan.qk_norm is not None:
             self.q_norm, self.k_norm = _qk_norms(plan.qk_norm, h, hkv, dh)
         self.rotary = RotaryEmbedding(plan.rotary_dim, rope) if rope is not None and plan.rotary_dim else None
-        self.alibi = Alibi(h) if alibi else None
+        self.alibi = Alibi(h, alibi_scale) if alibi else None
         self.context: SequenceShard | None = None
         self.recompute_core = False  # selective recompute (`attention_core`)
         self.biases: BiasCache | None = None  # the model's, shared by its layers (`model.share_biases`)

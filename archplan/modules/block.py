@@ -47,9 +47,9 @@ def build_mixer(mixer: MixerPlan, model: ModelPlan) -> nn.Module:
     alibi = model.position == "alibi"
     match mixer:
         case AttentionPlan():
-            return Attention(mixer, model.d_model, model.rope, alibi)
+            return Attention(mixer, model.d_model, model.rope, alibi, model.alibi_scale)
         case MLAPlan():
-            return MLA(mixer, model.d_model, model.rope, alibi)
+            return MLA(mixer, model.d_model, model.rope, alibi, model.alibi_scale)
         case Mamba1Plan():
             return Mamba1Mixer(mixer, model.d_model)
         case Mamba2Plan():

@@ -39,7 +39,8 @@ class MLA(nn.Module):
     """Params (DeepSeek-V2 §2.1; docs/formulas.md §1.4): D·Q + Q + Q·H·(Dn+R) (or D·H·(Dn+R)) + D·(C+R) + C
     + C·H·(Dn+Dv) + H·Dv·D."""
 
-    def __init__(self, plan: MLAPlan, d_model: int, rope: Rope | None, alibi: bool) -> None:
+    def __init__(self, plan: MLAPlan, d_model: int, rope: Rope | None, alibi: bool,
+                 alibi_scale: float = 1.0) -> None:
         super().__init__()
         self.plan = plan
         h, r = plan.n_heads, plan.qk_rope_head_dim
@@ -62,7 +63,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(plan.kv_lora_rank, h * (plan.qk_nope_head_dim + plan.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * plan.v_head_dim, d_model, bias=False)
         self.rotary = RotaryEmbedding(r, rope) if rope is not None else None
-        self.alibi = Alibi(h) if alibi else None
+        self.alibi = Alibi(h, alibi_scale) if alibi else None
         self.context: SequenceShard | None = None  # context parallelism (`distributed.context`)
         self.recompute_core = False  # selective recompute (`attention.attention_core`)
         self.biases: BiasCache | None = None  # the model's, shared by its layers (`model.share_biases`)

@@ -224,18 +224,20 @@ class Alibi(nn.Module):
 
     slopes: Tensor
 
-    def __init__(self, n_heads: int) -> None:
+    def __init__(self, n_heads: int, scale: float = 1.0) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.scale = scale  # 1/sqrt(head_dim) where the bias is scaled with the scores (Falcon-RW)
         self.register_buffer("slopes", torch.empty(n_heads), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        self.slopes = torch.tensor(alibi_slopes(self.n_heads), dtype=torch.float32, device=self.slopes.device)
+        self.slopes = torch.tensor([s * self.scale for s in alibi_slopes(self.n_heads)], dtype=torch.float32,
+                                   device=self.slopes.device)
 
     def signature(self) -> tuple[object, ...]:
         """What its slopes are a function of: layers with equal signatures have equal biases."""
-        return ("alibi", self.n_heads)
+        return ("alibi", self.n_heads, self.scale)
 
     def forward(self, qpos_T: Tensor, kpos_S: Tensor) -> Tensor:
         distance_TS = (kpos_S[None, :] - qpos_T[:, None]).float()
