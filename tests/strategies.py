@@ -291,11 +291,14 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
     n_layers = draw(st.integers(1, 4))
     # DeepNet's β is defined for attention and FFN sublayers only: a forced deepnorm keeps to them
     shapes = ("attention",) if only.get("residual") is DeepNorm else ("attention", "ssm", "hybrid", "conv",
-                                                                       "conv hybrid")
+                                                                       "conv hybrid", "ssm conv")
     shape = draw(st.sampled_from(shapes))
-    has_attention = "attention" in only or shape in ("attention", "hybrid", "conv hybrid")
-    has_ssm = "ssm" in only or shape in ("ssm", "hybrid") or (shape == "conv hybrid" and draw(st.booleans()))
-    has_conv = "long_conv" in only or shape in ("conv", "conv hybrid")
+    # RoPE and ALiBi act inside attention: a spec forced to one of them has it
+    has_attention = ("attention" in only or only.get("position") in (Rope, Alibi)
+                     or shape in ("attention", "hybrid", "conv hybrid"))
+    has_ssm = ("ssm" in only or shape in ("ssm", "hybrid", "ssm conv")
+               or (shape == "conv hybrid" and draw(st.booleans())))
+    has_conv = "long_conv" in only or shape in ("conv", "conv hybrid", "ssm conv")
     n_layers = max(n_layers, has_attention + has_ssm + has_conv)
     pattern = _pattern(draw, n_layers, has_attention, has_ssm, has_conv)
 

@@ -64,6 +64,7 @@ OPTIONS: dict[str, Callable[[Case], bool]] = {
     "attention/SSM hybrid": lambda c: {"A", "M"} <= set(c.spec.layout.mixers),
     "attention/long-conv hybrid": lambda c: {"A", "H"} <= set(c.spec.layout.mixers),
     "mamba/long-conv hybrid": lambda c: {"M", "H"} <= set(c.spec.layout.mixers),
+    "mamba/long-conv hybrid without attention": lambda c: set(c.spec.layout.mixers) == {"M", "H"},
     "blocks without FFN": lambda c: c.spec.ffn is None and c.spec.moe is None,
     "moe every 2nd layer": lambda c: c.spec.moe is not None and c.spec.layout.moe_every > 1,
     "moe first dense": lambda c: c.spec.moe is not None and c.spec.layout.first_dense > 0,
