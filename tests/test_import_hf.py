@@ -687,6 +687,29 @@ def test_keys_that_change_nothing_transformers_runs_are_not_refused_and_one_that
                           name="b").spec.position.kind == "alibi"
 
 
+@pytest.mark.parametrize(("config", "said"), [
+    ({"model_type": "mamba2", "time_step_limit": 5}, "time_step_limit: expected [lo, hi], got 5"),
+    ({"model_type": "mamba2", "time_step_limit": [0.0]}, "time_step_limit: expected [lo, hi], got [0.0]"),
+    ({"model_type": "mpt", "attn_config": {"softmax_scale": 1e-200}}, "attn_config.softmax_scale: cannot express"),
+    ({"model_type": "mpt", "attn_config": {"softmax_scale": 1e200}}, "attn_config.softmax_scale: cannot express"),
+])
+def test_a_malformed_scale_or_limit_is_one_line_naming_its_key(config: dict[str, Any], said: str) -> None:
+    with pytest.raises(ArchplanError) as refused:
+        convert_config(config, file="config.json", name="x")
+    assert said in str(refused.value)
+
+
+def test_a_written_out_default_scale_is_no_scale_dim_and_olmo_clamps_at_zero_too() -> None:
+    """MPT's softmax_scale of 1/sqrt(head_dim) as a float states the default again; OLMo clamps
+    whenever clip_qkv is not null, 0 included (MPT only when it is truthy)."""
+    mpt = convert_config({"model_type": "mpt", "d_model": 1024, "n_heads": 8,
+                          "attn_config": {"softmax_scale": 1 / math.sqrt(128)}}, file="config.json", name="m")
+    assert mpt.spec.attention.scale_dim is None
+    assert convert_config({"model_type": "olmo", "clip_qkv": 0}, file="config.json", name="o").said
+    assert not convert_config({"model_type": "mpt", "attn_config": {"clip_qkv": 0}}, file="config.json",
+                              name="m").said
+
+
 def test_mistral_window_defaults_to_4096_when_absent() -> None:
     config = {k: v for k, v in TINY["mistral-window"].config.items() if k != "sliding_window"}
     attn = spec_of(config).attention

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from archplan.errors import ArchplanError, dotted
 from archplan.loader import read_capped
 from archplan.spec import (
+    MAX_DIM,
     MAX_LAYERS,
     GLU,
     GQA,
@@ -319,7 +320,8 @@ def attention(cfg: HFConfig, dims: Dims, *, qkv_bias: bool = False, out_bias: bo
         common["qk_norm"] = qk_norm
     if window is not None:
         common["sliding_window"] = window
-    if scale_dim is not None and scale_dim != dims.head_dim:
+    # a config that writes the default scale out (1/sqrt(128) as a float) states head_dim again
+    if scale_dim is not None and not math.isclose(scale_dim, dims.head_dim, rel_tol=1e-9):
         common["scale_dim"] = scale_dim
     if dims.n_kv == dims.n_heads:
         return MHA(kind="mha", **common)
@@ -925,9 +927,10 @@ def softcaps(cfg: HFConfig, keys: tuple[str, ...]) -> None:
                    "the built model's scores and logits are not capped")
 
 
-def clipped_qkv(cfg: HFConfig, key: str, value: object) -> None:
-    """OLMo's and MPT's clip_qkv: q, k and v clamped to ±clip_qkv before attention."""
-    if value:
+def clipped_qkv(cfg: HFConfig, key: str, value: object, *, zero_clamps: bool) -> None:
+    """OLMo's and MPT's clip_qkv: q, k and v clamped to ±clip_qkv before attention. OLMo clamps
+    whenever it is not null (`zero_clamps`: a 0 clamps to zero); MPT only when it is truthy."""
+    if value is not None and (zero_clamps or value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise cfg.error(key, f"expected a number, got {as_json(value)}")
         unmodelled(cfg, f"{key} {value:g}", "clamping q, k and v to ±clip_qkv",
@@ -1269,17 +1272,25 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
     d, h = cfg.int_("d_model"), cfg.int_("n_heads")
     dims = Dims(vocab=cfg.int_("vocab_size"), d_model=d, n_layers=cfg.layer_count("n_layers"), n_heads=h,
                 n_kv=h, head_dim=d // h, max_pos=cfg.int_("max_seq_len"))
-    clipped_qkv(cfg, "attn_config.clip_qkv", attn_cfg.get("clip_qkv"))
+    clipped_qkv(cfg, "attn_config.clip_qkv", attn_cfg.get("clip_qkv"), zero_clamps=False)
     # MptAttention multiplies the scores by softmax_scale (null: 1/sqrt(head_dim))
     softmax_scale = attn_cfg.get("softmax_scale")
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-                                      or not 0 < softmax_scale < math.inf):
-        raise cfg.error("attn_config.softmax_scale", f"expected a positive number, got {as_json(softmax_scale)}")
+    scale_dim = None
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < math.inf:
+            raise cfg.error("attn_config.softmax_scale", f"expected a positive number, got {as_json(softmax_scale)}")
+        try:
+            scale_dim = softmax_scale ** -2
+        except OverflowError:
+            scale_dim = math.inf
+        if not 0 < scale_dim <= MAX_DIM:
+            raise cfg.error("attn_config.softmax_scale", f"cannot express a scale of {softmax_scale:g}: the spec's "
+                                                         f"scale_dim = 1/s² must lie in (0, {MAX_DIM:,}]")
     return {
         **base(dims, tied=tied(cfg)),
         "position": Alibi(kind="alibi"),
         "norm": layer_norm(cfg, "layer_norm_epsilon", bias=False),
-        "attention": attention(cfg, dims, scale_dim=softmax_scale ** -2 if softmax_scale is not None else None),
+        "attention": attention(cfg, dims, scale_dim=scale_dim),
         "ffn": mlp(4 * d, "gelu", bias=False),
     }
 
@@ -1314,7 +1325,7 @@ _OLMO = {**_LLAMA, "vocab_size": 50304, "rms_norm_eps": 1e-5}
 def _olmo(cfg: HFConfig) -> dict[str, Any]:
     """modeling_olmo.py: Llama's attention and SwiGLU, but every norm is `OlmoLayerNorm`,
     F.layer_norm with no weight and no bias at a fixed eps 1e-5 (Groeneveld et al. 2024 §2.1)."""
-    clipped_qkv(cfg, "clip_qkv", cfg.get("clip_qkv", None))
+    clipped_qkv(cfg, "clip_qkv", cfg.get("clip_qkv", None), zero_clamps=True)
     bias = cfg.bool_("attention_bias")
     spec = _llama_like(cfg, qkv_bias=bias, out_bias=bias)
     spec["norm"] = NormSpec(kind="layernorm", affine=False, eps=1e-5)
@@ -1338,7 +1349,7 @@ def _olmo2(cfg: HFConfig) -> dict[str, Any]:
         aliases={"num_local_experts": "num_experts"})
 def _olmoe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_olmoe.py: pre-RMSNorm, full-width q/k RMSNorm, routed experts on every layer."""
-    clipped_qkv(cfg, "clip_qkv", cfg.get("clip_qkv", None))
+    clipped_qkv(cfg, "clip_qkv", cfg.get("clip_qkv", None), zero_clamps=True)
     dims = read_dims(cfg)
     if dims.head_dim * dims.n_heads != dims.d_model:
         # OlmoeAttention sizes q_norm by hidden_size and k_norm by (hidden // heads) · n_kv
@@ -1581,7 +1592,10 @@ def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     cfg.fixed("rms_norm", True, "transformers' Mamba2Block always uses RMSNorm")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba-2 block gates with SiLU")
     limit = cfg.get("time_step_limit", None)
-    if limit is not None and list(limit) != [0, math.inf]:
+    if limit is not None and not (isinstance(limit, list) and len(limit) == 2
+                                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)):
+        raise cfg.error("time_step_limit", f"expected [lo, hi], got {as_json(limit)}")
+    if limit is not None and limit != [0, math.inf]:
         # Mamba2Mixer clamps Δ to it after the softplus (mamba2_chunk_scan's dt_limit)
         unmodelled(cfg, f"time_step_limit {as_json(limit)}", "clamping Δ to [lo, hi] after its softplus",
                    "the built model's Δ is not clamped")
