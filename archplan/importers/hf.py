@@ -1579,6 +1579,14 @@ def _mamba(cfg: HFConfig) -> dict[str, Any]:
     }
 
 
+def _json_float(value: object) -> object:
+    """transformers 5 writes a float JSON cannot spell as {"__float__": "Infinity"} (its default
+    time_step_limit, [0.0, inf]); the number it stands for, else the value as given."""
+    if isinstance(value, dict) and set(value) == {"__float__"} and value["__float__"] in ("Infinity", "-Infinity", "NaN"):
+        return float(value["__float__"].lower().replace("infinity", "inf"))
+    return value
+
+
 @family("mamba2", defaults=dict(num_heads=128, head_dim=64, vocab_size=32768, hidden_size=4096,
                                 state_size=128, num_hidden_layers=64, layer_norm_epsilon=_LN_EPS,
                                 expand=2, conv_kernel=4, n_groups=8, use_bias=False, use_conv_bias=True,
@@ -1591,10 +1599,11 @@ def _mamba2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mamba2.py: RMSNorm -> Mamba2Mixer (Dao & Gu 2024 SSD) with its gated RMSNorm."""
     cfg.fixed("rms_norm", True, "transformers' Mamba2Block always uses RMSNorm")
     cfg.fixed("hidden_act", "silu", "the spec's Mamba-2 block gates with SiLU")
-    limit = cfg.get("time_step_limit", None)
+    given = cfg.get("time_step_limit", None)
+    limit = [_json_float(v) for v in given] if isinstance(given, list) else given
     if limit is not None and not (isinstance(limit, list) and len(limit) == 2
                                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)):
-        raise cfg.error("time_step_limit", f"expected [lo, hi], got {as_json(limit)}")
+        raise cfg.error("time_step_limit", f"expected [lo, hi], got {as_json(given)}")
     if limit is not None and limit != [0, math.inf]:
         # Mamba2Mixer clamps Δ to it after the softplus (mamba2_chunk_scan's dt_limit)
         unmodelled(cfg, f"time_step_limit {as_json(limit)}", "clamping Δ to [lo, hi] after its softplus",

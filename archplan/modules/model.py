@@ -12,7 +12,6 @@ runs the multi-token-prediction modules where the spec has them (`mtp_logits`).
 from __future__ import annotations
 
 import struct
-
 from collections.abc import Iterator
 
 import torch
