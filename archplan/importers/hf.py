@@ -1280,7 +1280,7 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < math.inf:
             raise cfg.error("attn_config.softmax_scale", f"expected a positive number, got {as_json(softmax_scale)}")
         try:
-            scale_dim = softmax_scale ** -2
+            scale_dim = float(f"{softmax_scale ** -2:.12g}")  # 0.1 gives 100, not 99.99999999999999
         except OverflowError:
             scale_dim = math.inf
         if not 0 < scale_dim <= MAX_DIM:

@@ -66,8 +66,8 @@ class Family(str, Enum):
 
 HEAD_DIM = 128  # Llama 2/3, Mistral, DeepSeek (v_head_dim) all use 128
 KV_HEADS = 8  # Llama-3 8B/70B/405B (Ainslie et al. 2023 GQA)
-# Where 8 does not divide the query heads, 4 KV heads (Qwen2.5-7B: 28 query heads of 128, 4 KV heads),
-# else 2 (Qwen2.5-1.5B: 12 query heads, 2 KV heads; their config.json files)
+# Where 8 does not divide the query heads, 4 KV heads (Qwen2.5-7B: 28 query heads of 128, 4 KV heads,
+# its config.json), else 2 (10, 18, 22, 26 or 30 query heads: d_model 1280, 2304, 2816, 3328, 3840)
 KV_HEADS_FEWER = (4, 2)
 FFN_RATIO = 3.5  # Llama-3 8B 14336/4096 and 70B 28672/8192
 FFN_MULTIPLE = 256  # Llama's `multiple_of` (meta-llama/llama model.py FeedForward)
