@@ -415,7 +415,10 @@ def training_dtypes(training: dict[str, Any]) -> str:
         ", torch autocast" if training["autocast"] else "")
 
 
-def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
+def compare_table(reports: Sequence[dict[str, Any]], stacked: bool = False) -> _Section:
+    """`stacked`: each ratio on its own line below its figure, and the figure names wrapped, for a
+    terminal too narrow for the one-line rows (the break falls between a figure and its ratio,
+    never inside a number)."""
     # not at import: the CLI loads render before any report
     from archplan.report import FLOPS_CONVENTION, MLA_DECODE_NOTE, MOE_FLOPS_NOTE
 
@@ -448,9 +451,9 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
     settings = "\n".join([settings, *past])
     table = _table("Comparison", settings, ("figure", "left"),
                    *[(escape(r["name"]), "right") for r in reports])
-    table.columns[0].no_wrap = True
-    for column in table.columns[1:]:
-        column.overflow = "fold"  # a narrow terminal wraps a figure's digits rather than cut them
+    table.columns[0].no_wrap = not stacked
+    for column in table.columns:
+        column.overflow = "fold"  # past the stacked layout, a figure's digits wrap rather than be cut
     for name, get, fmt, versus in compare_figures(reports):
         base = get(first)
         cells = []
@@ -461,11 +464,26 @@ def compare_table(reports: Sequence[dict[str, Any]]) -> _Section:
             elif i == 0 or not base or not value:  # a ratio of nothing says nothing: "none", not "none (0.00×)"
                 cells.append(fmt(value))
             else:
-                cells.append(f"{fmt(value)} ({versus(value, base)})")
+                cells.append(f"{fmt(value)}{chr(10) if stacked else ' '}({versus(value, base)})")
         table.add_row(name, *cells)
     return table
 
 
+def _fits_unbroken(table: Table, width: int) -> bool:
+    """Whether `width` columns hold `table` with no word of a cell broken: at full width, or with
+    the unwrapped first column beside equal shares of what is left (Rich narrows the widest
+    columns first, so an equal share is the least any column gets)."""
+    if table_width(table) <= width:
+        return True
+    first, *values = table.columns
+    left = width - max(len(str(cell)) for cell in first.cells) - 3 * len(values)
+    longest = max(len(word) for column in values for cell in column.cells for word in str(cell).split())
+    return left // len(values) >= longest
+
+
 def print_compare(reports: Sequence[dict[str, Any]], console: Console | None = None) -> None:
     table = compare_table(reports)
-    (console or report_console(table)).print(_with_note(table))
+    console = console or report_console(table)
+    if not _fits_unbroken(table, console.width):
+        table = compare_table(reports, stacked=True)
+    console.print(_with_note(table))
