@@ -291,6 +291,14 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
             # the stream's end, after the last line: name the last line, as an editor shows it
             line, column = max(len(lines), 1), len(lines[-1]) + 1 if lines else 1
         raise ArchplanError(f"invalid YAML: {problem}", file=file, line=line, column=column) from None
+    except yaml.reader.ReaderError as exc:
+        # a character YAML does not allow in a stream (a control character, U+FFFE) carries no
+        # mark, only its offset in the text
+        before = text[:exc.position]
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        raise ArchplanError(f"invalid YAML: the character U+{ord(char):04X} is not allowed in YAML text",
+                            file=file, line=line, column=column) from None
     except yaml.YAMLError as exc:
         raise ArchplanError(f"invalid YAML: {exc}", file=file) from None
     except RecursionError:
@@ -404,7 +412,7 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
     elif kind == "missing":
         message = "required field is missing"
     elif kind == "union_tag_invalid":
-        message = f"unknown kind {err['input'].get('kind')!r}; expected one of {err['ctx']['expected_tags']}"
+        message = f"unknown kind {_as_yaml(err['input'].get('kind'))}; expected one of {err['ctx']['expected_tags']}"
     elif kind == "union_tag_not_found":
         # pydantic's own words ("Unable to extract tag using discriminator") name no choice
         kinds = ", ".join(repr(_kind_of(m)) for m in _models_at(loaded, yaml_path))
@@ -488,7 +496,7 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "
 
 def _shown(value: Any) -> str:
     """A bound or a value as the user writes it: integers with thousands separators."""
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+    return _clipped(f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value), 80)
 
 
 def _not_a_boolean(value: Any) -> str:
@@ -597,12 +605,30 @@ def _kind_of(model: type[BaseModel]) -> Any:
     return field.default if field is not None else None
 
 
+def _binary_values(data: Any, path: tuple[str | int, ...]) -> Iterator[tuple[str | int, ...]]:
+    """The field path of each !!binary value (bytes) in the loaded data."""
+    if isinstance(data, bytes):
+        yield path
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _binary_values(value, (*path, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _binary_values(value, (*path, i))
+
+
 def spec_from_data(loaded: LoadedYaml, file: str) -> Spec:
     data = loaded.data
     if not isinstance(data, dict):
         raise ArchplanError(
-            f"expected a mapping of spec fields at the top level, got {type(data).__name__}", file=file
+            f"expected a mapping of spec fields at the top level, got {_as_yaml(data)}", file=file
         )
+    binary = next(_binary_values(data, ()), None)
+    if binary is not None:
+        # pydantic reads bytes as a string field's text: `name: !!binary aGVsbG8=` became "hello" unsaid
+        line_col = loaded.locations.get(binary)
+        raise ArchplanError("binary data (!!binary) is no spec value", file=file, field=dotted(binary),
+                            line=line_col[0] if line_col else None, column=line_col[1] if line_col else None)
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:

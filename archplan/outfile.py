@@ -4,7 +4,9 @@ A file that exists is the user's and is replaced only with --force (principle 6)
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from archplan.errors import ArchplanError
@@ -16,29 +18,31 @@ SCHEMA_SUFFIXES = (".json",)
 def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[str, ...] = ()) -> Path:
     """`path` as a place to write, or a one-line refusal naming `field`: a wrong suffix (when
     `suffixes` are given), a folder, an existing file without --force, a missing parent folder or
-    one that takes no file.
+    one that takes no file. A symbolic link is judged by the file it points to, which is the one
+    written; a link to nothing is the user's all the same and wants --force.
     Checked before any work, so that a refused write costs nothing."""
     if not str(path).strip():
         # Path("") is the current folder: an unset shell variable would name it
         raise ArchplanError(f"{field}: an empty path; give a file name")
     target = Path(path)
-    if target.is_dir():
+    real = Path(os.path.realpath(target))
+    if real.is_dir():
         raise ArchplanError("is a directory; expected a file", file=str(path), field=field)
     if suffixes and target.suffix.lower() not in suffixes:
         raise ArchplanError(f"must end in {', '.join(suffixes)}", file=str(path), field=field)
-    if target.exists() and not force:
+    if (real.exists() or os.path.lexists(target)) and not force:
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
-    if not target.parent.is_dir():
+    if not real.parent.is_dir():
         # the nearest folder on the path that exists: a file there is why, not a missing folder
-        found = next(p for p in target.parents if p.exists())
+        found = next(p for p in real.parents if p.exists())
         problem = f"{found} is a file, not a directory" if not found.is_dir() else "directory does not exist"
         raise ArchplanError(problem, file=str(path), field=field)
-    if target.exists():  # replaced in place: the file itself must take writes (a read-only mount refuses even root)
-        if not os.access(target, os.W_OK):
+    if real.exists():  # replaced in place: the file itself must take writes (a read-only mount refuses even root)
+        if not os.access(real, os.W_OK):
             raise ArchplanError("cannot write this file (read-only)", file=str(path), field=field)
         return target
     try:  # a read-only file system or folder refuses a scratch file, which leaves nothing behind
-        with tempfile.TemporaryFile(dir=target.parent):
+        with tempfile.TemporaryFile(dir=real.parent):
             pass
     except OSError as exc:
         raise ArchplanError(f"cannot create a file in its directory ({exc.strerror})",
@@ -46,9 +50,55 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
     return target
 
 
-def write_text(target: Path, text: str) -> None:
-    """Write `text`, an OS refusal (permissions, a full disk) as one line."""
+def write_whole(target: Path, write: Callable[[Path], None]) -> None:
+    """Run `write` on a scratch file beside the file `target` names (through a link, its target),
+    then rename it over that file: a full disk or a failing writer leaves the old file, or none,
+    never half of one. The new file keeps the old one's permissions, else the umask's. What is no
+    regular file (/dev/stdout, a FIFO) is written in place, as a rename would replace the device;
+    so is a file whose folder takes no new entry (`check_target` let --force replace it)."""
+    real = Path(os.path.realpath(target))
+    if real.exists() and not real.is_file():
+        write(real)
+        return
     try:
-        target.write_text(text, encoding="utf-8")
+        handle, name = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=real.suffix)
+    except OSError:
+        if not real.exists():
+            raise
+        write(real)
+        return
+    os.close(handle)
+    scratch = Path(name)
+    try:
+        write(scratch)
+        os.chmod(scratch, stat.S_IMODE(real.stat().st_mode) if real.exists() else 0o666 & ~_umask())
+        os.replace(scratch, real)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's words for a failed write: an OSError's own, or the one a writer
+    turned into another error while it cleaned up (matplotlib's PDF backend raises AttributeError
+    from a full disk)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+def write_text(target: Path, text: str) -> None:
+    """Write `text` whole (`write_whole`), an OS refusal (permissions, a full disk) as one line."""
+    try:
+        write_whole(target, lambda scratch: scratch.write_text(text, encoding="utf-8"))
     except OSError as exc:
-        raise ArchplanError(f"cannot write: {exc.strerror}", file=str(target)) from None
+        raise ArchplanError(f"cannot write: {os_reason(exc)}", file=str(target)) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from archplan.errors import ArchplanError, first_line
-from archplan.outfile import check_target
+from archplan.outfile import check_target, os_reason, write_whole
 from archplan.render import training_dtypes
 
 if TYPE_CHECKING:
@@ -58,9 +58,9 @@ def sweep_lengths(limit: int) -> list[int]:
 
 def save(fig: Any, target: Path) -> None:
     try:
-        fig.savefig(target, bbox_inches="tight", dpi=120)
-    except OSError as exc:
-        raise ArchplanError(f"cannot write figure: {exc.strerror}", file=str(target)) from None
+        write_whole(target, lambda scratch: fig.savefig(scratch, format=target.suffix[1:].lower(), bbox_inches="tight", dpi=120))
+    except Exception as exc:  # matplotlib's backends turn a full disk into errors of their own
+        raise ArchplanError(f"cannot write figure: {os_reason(exc)}", file=str(target)) from None
 
 
 def plot_size(plan: ModelPlan, report: dict[str, Any], opts: SizeOptions, path: str, *,

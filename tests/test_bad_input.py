@@ -276,7 +276,7 @@ def test_a_number_field_is_finite(cli, tmp_path: Path, value: str) -> None:  # t
     ("n_layers: 2", "n_layers: null", "n_layers: expected an integer, got null"),
     ("n_layers: 2", "n_layers: [2]", "n_layers: expected an integer, got a list"),
     ("n_layers: 2", "n_layers: 2024-01-01", "n_layers: expected an integer, got the date 2024-01-01"),
-    ("n_layers: 2", "n_layers: !!binary aGVsbG8=", "n_layers: expected an integer, got binary data (!!binary)"),
+    ("n_layers: 2", "n_layers: !!binary aGVsbG8=", "n_layers: binary data (!!binary) is no spec value"),
     ("name: tiny", "name: 2024-01-01", "name: expected a string, got the date 2024-01-01 (YAML reads an unquoted "
                                        "date as one); quote it"),
     ("n_layers: 2", 'n_layers: 2\nlayout: {mixers: ""}', "layout.mixers: expected a pattern of the letters A"),
@@ -768,3 +768,98 @@ def test_a_plain_equals_or_merge_sign_as_a_value_is_text(value: str, tmp_path: P
     path.write_text(SMALL + f"description: {value}\n")
     outcome = run_main(["size", str(path), "--json"], capsys, monkeypatch)
     assert outcome.code == 0 and json.loads(outcome.stdout)["description"] == value
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    """A full disk while writing `schema -o` left 8 KiB of a 53 KB schema, and with --force a
+    user's file was emptied before the write failed: the file is written beside and renamed."""
+    import resource
+    import signal
+
+    mine = tmp_path / "mine.json"
+    mine.write_text("mine")
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    for target, force in ((mine, ["--force"]), (tmp_path / "new.json", [])):
+        proc = subprocess.run([sys.executable, "-m", "archplan.cli", "schema", "-o", str(target), *force],
+                              capture_output=True, text=True, timeout=60, preexec_fn=small_files)
+        assert proc.returncode == 2 and "cannot write: File too large" in proc.stderr, proc.stderr
+    assert mine.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.json"]
+
+
+def test_a_written_file_keeps_its_mode_and_a_device_stays_one(tmp_path: Path) -> None:
+    """The rename keeps an existing file's permissions; a FIFO (as /dev/stdout) is written into,
+    never replaced by a regular file."""
+    import stat
+    import threading
+
+    from archplan.outfile import write_text
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("old")
+    mine.chmod(0o640)
+    write_text(mine, "new")
+    assert mine.read_text() == "new" and stat.S_IMODE(mine.stat().st_mode) == 0o640
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    write_text(fifo, "through")
+    reader.join(timeout=30)
+    assert got == ["through"] and stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_link_is_judged_by_the_file_it_names(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A dangling link was written through without --force, and one into a missing folder
+    passed the up-front check and failed only after the work."""
+    link = tmp_path / "link.yaml"
+    link.symlink_to(tmp_path / "made.yaml")
+    assert_one_line_error(cli("plan", "--compute", "1e21", "-o", str(link)), "file exists; pass --force")
+    assert cli("plan", "--compute", "1e21", "-o", str(link), "--force").code == 0
+    assert link.is_symlink() and (tmp_path / "made.yaml").read_text().startswith("#")
+    lost = tmp_path / "lost.png"
+    lost.symlink_to(tmp_path / "none" / "fig.png")
+    assert_one_line_error(cli("size", "gpt2", "--plot", str(lost), "--force"), "directory does not exist")
+
+
+def test_hostile_text_gets_one_line(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A control character (PyYAML's ReaderError has no mark: two lines, no place), !!binary (read
+    as a name unsaid), a scalar document ("got str"), a 5,000-character kind or key and an integer
+    of 400 digits (the whole of each in the "one line")."""
+    line = assert_one_line_error(cli("size", spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 64\x07"))),
+                                 "spec.yaml:3:12: invalid YAML: the character U+0007 is not allowed")
+    assert "\n" not in line
+    assert_one_line_error(cli("size", spec_file(tmp_path, "name: !!binary aGVsbG8=\n" + BASE.split("\n", 1)[1])),
+                          "spec.yaml:1:1: name: binary data (!!binary) is no spec value")
+    assert_one_line_error(cli("size", spec_file(tmp_path, "just text\n")), "got 'just text'")
+    assert_one_line_error(cli("size", spec_file(tmp_path, "~\n")), "got null")
+    for text in (BASE + "position: {kind: " + "a" * 5000 + "}\n", BASE.replace("name: tiny", "? " + "k" * 5000 + "\n: 1"),
+                 BASE.replace("n_layers: 2", f"n_layers: {10**400}")):
+        assert len(assert_one_line_error(cli("size", spec_file(tmp_path, text)))) < 400
+
+
+def test_a_config_number_past_a_float_is_refused(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An integer of 400 digits for rope_theta raised OverflowError from math.isfinite."""
+    config = json.loads(Path(__file__).with_name("fixtures").joinpath("hf-configs", "llama-2-7b.json").read_text())
+    for key in ("rope_theta", "rms_norm_eps", "num_hidden_layers"):
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({**config, key: 10**400}))
+        line = assert_one_line_error(cli("import", "hf", str(path)), f"{key}: expected")
+        assert len(line) < 300
+
+
+def test_lint_does_not_pass_a_folder_it_cannot_read(tmp_path: Path) -> None:
+    """os.walk skips a folder it cannot list unless told: `lint DIR` passed, exit 0, with a
+    subfolder it never read; and a pyproject.toml of arrays 600 deep raised RecursionError."""
+    from archplan.lint.engine import _walk, load_config
+
+    with pytest.raises(ArchplanError, match="cannot read this folder"):
+        list(_walk(tmp_path / "gone"))
+    (tmp_path / "pyproject.toml").write_text("[tool.archplan.lint]\nselect = " + "[" * 600 + "]" * 600 + "\n")
+    with pytest.raises(ArchplanError, match="arrays nested too deeply"):
+        load_config(tmp_path)

@@ -117,11 +117,23 @@ _ABSENT = object()
 
 
 def as_json(value: Any) -> str:
-    """A config value as config.json spells it (null, true, "yes", [1]), for messages."""
+    """A config value as config.json spells it (null, true, "yes", [1]), for messages: its first
+    80 characters."""
     try:
-        return json.dumps(value)
+        text = json.dumps(value)
     except (TypeError, ValueError):
-        return repr(value)
+        text = repr(value)
+    return text[:80] + "…" if len(text) > 80 else text
+
+
+def is_number(value: Any) -> bool:
+    """A finite JSON number a float holds (an integer of 400 digits is none: float() overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # ------------------------------------------------------------------------------- config reader
@@ -179,7 +191,7 @@ class HFConfig:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(name, f"expected an integer, got {as_json(value)}")
         if value <= 0:
-            raise self.error(name, f"expected a positive integer, got {value}")
+            raise self.error(name, f"expected a positive integer, got {as_json(value)}")
         return value
 
     def layer_count(self, name: str) -> int:
@@ -187,7 +199,7 @@ class HFConfig:
         built from it (a count of 10⁹ would exhaust memory spelling its layers out)."""
         value = self.int_(name)
         if value > MAX_LAYERS:
-            raise self.error(name, f"expected at most {MAX_LAYERS:,} layers (a spec's limit), got {value:,}")
+            raise self.error(name, f"expected at most {MAX_LAYERS:,} layers (a spec's limit), got {as_json(value)}")
         return value
 
     def opt_int(self, name: str, default: Any = _ABSENT) -> int | None:
@@ -205,7 +217,7 @@ class HFConfig:
 
     def float_(self, name: str, default: Any = _ABSENT) -> float:
         value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise self.error(name, f"expected a number, got {as_json(value)}")
         return float(value)
 
@@ -376,7 +388,7 @@ _ROPE_SCALING_FIELDS = {  # config key -> RopeScaling field
 
 
 def _number(cfg: HFConfig, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise cfg.error(name, f"expected a number, got {as_json(value)}")
     return float(value)
 
@@ -931,7 +943,7 @@ def clipped_qkv(cfg: HFConfig, key: str, value: object, *, zero_clamps: bool) ->
     """OLMo's and MPT's clip_qkv: q, k and v clamped to ±clip_qkv before attention. OLMo clamps
     whenever it is not null (`zero_clamps`: a 0 clamps to zero); MPT only when it is truthy."""
     if value is not None and (zero_clamps or value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise cfg.error(key, f"expected a number, got {as_json(value)}")
         unmodelled(cfg, f"{key} {value:g}", "clamping q, k and v to ±clip_qkv",
                    "the built model's are not clamped")
@@ -1746,7 +1758,7 @@ def read_config(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise ArchplanError("invalid JSON: nests too deeply", file=str(path)) from None
     if not isinstance(data, dict):
-        raise ArchplanError(f"expected a JSON object at the top level, got {type(data).__name__}", file=str(path))
+        raise ArchplanError(f"expected a JSON object at the top level, got {as_json(data)}", file=str(path))
     return data
 
 

@@ -99,13 +99,18 @@ def _lint_input(path: Path) -> bool:
     return path.is_file() or path.is_symlink()
 
 
+def _unreadable_folder(exc: OSError) -> None:
+    # os.walk skips a folder it cannot list unless told: a gate would pass specs it never read
+    raise ArchplanError(f"cannot read this folder ({exc.strerror})", file=str(exc.filename))
+
+
 def _walk(root: str | Path) -> Iterator[tuple[str, list[str]]]:
     """Each folder under `root` (itself first) with its files, sorted; hidden folders and files
     (.git, .github) are skipped. Symlinked folders are followed, as a glob's `**` follows them (a
     gate must not pass a folder that links to a broken spec); each folder is entered once, so a
     link cycle ends."""
     entered: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    for folder, dirs, files in os.walk(root, onerror=_unreadable_folder, followlinks=True):
         status = os.stat(folder)
         if (status.st_dev, status.st_ino) in entered:
             dirs.clear()
@@ -234,6 +239,8 @@ def load_config(start: Path) -> LintConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # TOML and UTF-8 decode errors, an int past 4,300 digits
         raise ArchplanError(f"cannot read: {exc}", file=str(path)) from None
+    except RecursionError:  # tomllib recurses once per nested array
+        raise ArchplanError("cannot read: arrays nested too deeply", file=str(path)) from None
     source = str(path)
     # Any pyproject.toml may have `tool = 3`: each level of tool.archplan.lint must be a table.
     keys = ("tool", "archplan", "lint")
