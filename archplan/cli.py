@@ -100,7 +100,9 @@ def _main() -> None:
     reset_verdict()
     try:
         # Without standalone mode, click returns typer.Exit's code instead of raising it.
-        code = app(standalone_mode=False)
+        # prog_name: under `python -m archplan` click would name the program "python -m archplan",
+        # and --install-completion would register a broken completion for `python`
+        code = app(prog_name="archplan", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except ArchplanError as exc:
         if debug:

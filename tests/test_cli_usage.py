@@ -132,6 +132,15 @@ def test_an_output_encoding_without_our_glyphs_is_not_a_crash(command: tuple[str
     assert "?" in out and len(out.splitlines()) > 5
 
 
+def test_completion_is_for_archplan_under_python_m() -> None:
+    """Under `python -m archplan` click named the program "python -m archplan": the completion
+    script registered a function for `python` that called a program "_PYTHON _M ARCHPLAN"."""
+    proc = subprocess.run([sys.executable, "-m", "archplan", "--show-completion", "bash"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "SHELL": "/bin/bash"})
+    assert proc.returncode == 0 and "complete -o default -F _archplan_completion archplan" in proc.stdout
+    assert "_ARCHPLAN_COMPLETE" in proc.stdout and "python" not in proc.stdout
+
+
 def test_version() -> None:
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("archplan ")

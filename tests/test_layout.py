@@ -1520,6 +1520,40 @@ def test_members_per_node_follow_the_rank_order(mesh: MeshDim, layout: Layout, m
     assert members_per_node(mesh, layout, 8) == members
 
 
+def test_a_group_that_straddles_two_nodes_crosses_between_them(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups were judged by their size alone, as if each started at a node's first GPU: EP16 on
+    144 GB200 (two racks of 72) put ranks 64-79 half in each rack and priced their all-to-all on
+    NVLink (1.95 s of a 10.7 s step, ranked first); 9 H100 in DP9 drove 8 NICs from a node of 1."""
+    from archplan.planning.pricing import nodes_touched
+
+    straddled = Layout(dp=144, ep=16)
+    assert spans_nodes("ep", straddled, 72) and nodes_touched("ep", straddled, 72) == 2
+    assert not spans_nodes("ep", Layout(dp=144, ep=8), 72) and not spans_nodes("ep", Layout(dp=128, ep=16), 64)
+    assert members_per_node("dp", Layout(dp=9), 8) == 1 and members_per_node("dp", Layout(dp=12), 8) == 4
+    staged = Layout(pp=4, dp=6)  # stage 1 is ranks 6-11: two on the first node, four on the second
+    assert spans_nodes("dp", staged, 8) and members_per_node("dp", staged, 8) == 2
+    assert members_per_node("dp", Layout(tp=2, cp=2, dp=16), 8) == 2  # aligned: as before
+    code, out, _ = run(capsys, monkeypatch, "plan", "qwen3-235b-a22b", "--gpus", "144", "--gpu", "gb200", "--seq",
+                       "4096", "--global-batch-tokens", "8Mi", "--layout", "tp=1,pp=1,dp=144,ep=16,zero=2,recompute=none,mb=1",
+                       "--json")
+    step = json.loads(out)["layouts"][0]["step_time"]
+    assert code == 0 and step["ep"] > 2 * step["compute"]
+    code, out, _ = run(capsys, monkeypatch, "plan", "qwen3-235b-a22b", "--gpus", "144", "--gpu", "gb200", "--seq",
+                       "4096", "--global-batch-tokens", "8Mi", "--top", "3", "--json")
+    assert all(row["ep"] in (1, 2, 4, 8) for row in json.loads(out)["layouts"])
+
+
+def test_an_nvl72_job_that_does_not_fill_its_racks_runs_on_64_of_each() -> None:
+    """NVIDIA's Slurm guidance for GB200 NVL72 jobs of 128 GPUs and more is 16 of a rack's 18
+    four-GPU trays (--segment 16): 256 GPUs are four racks of 64, where EP32 stays in a rack;
+    144 GPUs fill two racks of 72; --gpus-per-node is the node, whatever the job."""
+    net = network(interconnect(accelerator("gb200")), "members")
+    assert [net.node(world) for world in (64, 72, 144, 256, 16384)] == [72, 72, 72, 64, 64]
+    assert network(interconnect(accelerator("gb200"), gpus_per_node=72), "members").node(256) == 72
+    assert network(interconnect(H100), "members").node(256) == 8
+
+
 def test_expert_parallelism_folds_over_the_stage_ranks() -> None:
     """Megatron-Core's parallel folding (ETP = 1): an EP group is ep consecutive ranks of a
     pipeline stage, so ep may exceed dp·cp and span the TP ranks (Qwen3-235B's TP2 DP16 EP32 on
@@ -2134,6 +2168,22 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
 def test_cli_plans_that_cannot_run_are_one_line_exit_2(
         args: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, err = run(capsys, monkeypatch, "plan", *args)
+    assert code == 2 and said in err and err.count("\n") == 1 and out == ""
+
+
+@pytest.mark.parametrize("args,said", [
+    (("gpt2", "--gpus", "1", "--overlap", "dp,pp,tp"), "--gpus 1 leaves tp=1"),
+    (("llama-3-8b", "--gpus", "8", "--layout", "tp=8,dp=1", "--overlap", "dp,pp"),
+     "--gpus 8 with the given --layout leaves pp=1"),
+    (("mixtral-8x7b", "--gpus", "8", "--layout", "pp=8", "--overlap", "dp,ep"), "leaves ep=1"),
+])
+def test_cli_an_overlap_of_a_degree_the_gpus_leave_at_1_is_refused(capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   args: tuple[str, ...], said: str) -> None:
+    """--overlap pp or tp where --gpus and the given degrees leave that degree 1 printed "overlap:
+    dp, pp, tp" beside a layout with neither, where --cp-comm ring was refused alike."""
+    code, out, err = run(capsys, monkeypatch, "plan", *args, "--gpu", "h100", "--seq", "1024",
+                         "--global-batch-tokens", "512Ki")
     assert code == 2 and said in err and err.count("\n") == 1 and out == ""
 
 

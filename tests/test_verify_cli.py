@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -303,6 +305,21 @@ def test_an_old_torch_is_refused_in_one_line(
     assert exit_info.value.code == 2 and out == ""
     assert err.count("\n") == 1
     assert "needs PyTorch 2.13 or newer" in err and "found 2.7.1+cpu" in err
+
+
+@pytest.mark.parametrize(("source", "said"), [
+    ('__version__ = "2.12.0+cpu"\n', "needs PyTorch 2.13 or newer (the oldest the test suite passes on); found 2.12.0"),
+    ("x = 1\n", "states no version, so it is no PyTorch build"),
+])
+def test_a_torch_without_its_metadata_is_judged_by_the_module(tmp_path: Path, source: str, said: str) -> None:
+    """A torch on PYTHONPATH with no distribution metadata raised PackageNotFoundError (a
+    traceback); one shadowing the installed wheel passed as the wheel's version."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(source)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "archplan.cli", "verify", "gpt2"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and said in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(("version", "release"), [

@@ -541,6 +541,13 @@ ZERO3_CAUTION_RANKS = 384
 BATCH_NOTE_ABOVE = 0.1
 
 
+def _node_size(result: SearchResult) -> int:
+    """The GPUs that share a node's links in this job (an NVL72 job of 256 GPUs: 64 of each rack)."""
+    from archplan.planning.parallel import network
+
+    return network(result.net, result.ring_nics).node(result.gpus)
+
+
 def _notes(result: SearchResult) -> list[str]:
     from archplan.hardware import PRE_HOPPER_NVIDIA, matmul_ratio
 
@@ -570,13 +577,13 @@ def _notes(result: SearchResult) -> list[str]:
                      "tensor-parallel rank (expert tensor parallelism 1, as Megatron-Bridge's MoE recipes set "
                      "it), sharded only over ep; Megatron-Core's default expert TP = tp, which splits each "
                      "expert's weights tp ways and its tokens' GEMMs with them, is not priced")
-    per_node = result.net.gpus_per_node
+    per_node = _node_size(result)
     if result.gpus > per_node and result.gpus % per_node:
         whole, rest = divmod(result.gpus, per_node)
         notes.append(f"{result.gpus:,} GPUs are {whole:,} whole node{'s' if whole > 1 else ''} of {per_node} "
-                     f"and {rest} GPU{'s' if rest > 1 else ''} on another: collectives across nodes are "
-                     f"priced as if every node held {per_node} (a partly filled node has fewer NICs for "
-                     f"a ring); --gpus-per-node sets the node's size")
+                     f"and {rest} GPU{'s' if rest > 1 else ''} on another: a group that reaches that node "
+                     f"drives its {rest} NIC{'s' if rest > 1 else ''} across nodes, and one that straddles "
+                     "two nodes crosses between them; --gpus-per-node sets the node's size")
     if not result.calibrated and result.settings.efficiency is not None:
         notes.append(f"no calibration for {result.gpu.name}: its HBM bandwidth fraction is Hopper's; its "
                      "GEMMs and attention run at the --efficiency given")
@@ -934,7 +941,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
         "usable_bytes_per_gpu": result.usable_bytes,
         "network": {"intra_node_bytes_per_s": result.net.intra_node,
                     "inter_node_bytes_per_s": result.net.inter_node,
-                    "gpus_per_node": result.net.gpus_per_node, "source": result.net.source,
+                    "gpus_per_node": _node_size(result), "source": result.net.source,
                     "ring_nics": result.ring_nics},
         "model_flops_per_token": result.model_flops_per_token,
         "training_tokens": tokens,
@@ -1626,6 +1633,14 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
         if degree in settings.overlap and given.get(degree) == 1:
             raise ArchplanError(f"--overlap {degree} hides {what}, and the given --layout has {degree}=1: drop "
                                 f"{degree} from --overlap (a search applies it only where {degree} > 1)")
+        # the other degrees given leave this one the GPUs over: none when they take them all (EP
+        # folds over a stage's ranks, so only pp bounds it)
+        bounding = ("pp",) if degree == "ep" else tuple(d for d in ("tp", "cp", "pp", "dp") if d != degree)
+        others = math.prod(int(given.get(d, 1)) for d in bounding)
+        if degree in settings.overlap and degree not in given and gpus <= others:
+            raise ArchplanError(f"--overlap {degree} hides {what}, and --gpus {gpus:,}"
+                                f"{' with the given --layout' if others > 1 else ''} leaves {degree}=1: drop "
+                                f"{degree} from --overlap")
     if settings.dispatcher != "auto" and given.get("ep") == 1:
         raise ArchplanError(f"--dispatcher {settings.dispatcher} routes the experts' all-to-all across nodes, and "
                             "the given --layout has ep=1, which sends none: drop --dispatcher (a search applies it "

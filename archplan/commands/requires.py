@@ -27,24 +27,41 @@ def require_torch(command: str) -> None:
 
     The version is read from the installed distribution's metadata, so an old torch is refused
     before anything imports it (an import would fail on the missing ops with a traceback); a
-    recent one is then imported, so one that fails to is a line too.
+    recent one is then imported, so one that fails to is a line too. A torch without metadata (a
+    source tree on PYTHONPATH) is imported first; the imported module's `__version__` decides.
     """
     if importlib.util.find_spec("torch") is None:
         raise ArchplanError(f"`archplan {command}` needs PyTorch, which is not installed: {INSTALL}")
-    version = importlib.metadata.version("torch")
+    try:
+        version: str | None = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a source tree or a copy on PYTHONPATH: no metadata
+        version = None
+    if version is not None:
+        check_release(command, version)
+    try:
+        # a wheel installed but broken (a CUDA build missing libcudnn, an extension that will not
+        # load) passes both checks above; its failure is the install's, not the report's (cli.py
+        # reads OSError as a write that failed)
+        torch = importlib.import_module("torch")
+    except Exception as exc:  # noqa: BLE001  whatever a broken build raises (ImportError, OSError, RuntimeError)
+        installed = f"PyTorch {version}" if version else "PyTorch"
+        raise ArchplanError(f"`archplan {command}`: {installed} is installed but fails to import "
+                            f"({first_line(exc)}); reinstall it: {INSTALL}") from None
+    # the module imported is the judge: a copy on PYTHONPATH shadows the installed distribution
+    imported = getattr(torch, "__version__", None)
+    if not isinstance(imported, str):
+        raise ArchplanError(f"`archplan {command}`: the torch module at {getattr(torch, '__file__', '?')} states no "
+                            f"version, so it is no PyTorch build: {INSTALL}")
+    check_release(command, imported)
+
+
+def check_release(command: str, version: str) -> None:
+    """An old torch refused in one line."""
     if torch_release(version) < MIN_TORCH:
         raise ArchplanError(
             f"`archplan {command}` needs PyTorch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer "
             f"(the oldest the test suite passes on); found {version}: {INSTALL}"
         )
-    try:
-        # a wheel installed but broken (a CUDA build missing libcudnn, an extension that will not
-        # load) passes both checks above; its failure is the install's, not the report's (cli.py
-        # reads OSError as a write that failed)
-        importlib.import_module("torch")
-    except Exception as exc:  # noqa: BLE001  whatever a broken build raises (ImportError, OSError, RuntimeError)
-        raise ArchplanError(f"`archplan {command}`: PyTorch {version} is installed but fails to import "
-                            f"({first_line(exc)}); reinstall it: {INSTALL}") from None
 
 
 def torch_release(version: str) -> tuple[int, int]:

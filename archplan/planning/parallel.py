@@ -93,6 +93,11 @@ class Interconnect:
     inter_node: float
     gpus_per_node: int
     source: str
+    # GPUs of one domain a job larger than the domain gets (`pricing.Network.node`); None: all
+    segment: int | None = None
+
+
+NVL72_SEGMENT = 64
 
 
 # Datasheet figures (per GPU, one direction = half the bidirectional figure NVIDIA prints) and the
@@ -106,13 +111,17 @@ INTERCONNECTS: dict[str, Interconnect] = {
                          "~160 GB/s); IB 400 Gb/s"),
     "h200": Interconnect(450 * GB, 50 * GB, 8, "NVLink 4 900 GB/s bidir.; NDR IB 400 Gb/s"),
     "b200": Interconnect(900 * GB, 50 * GB, 8, "NVLink 5 1.8 TB/s bidir.; ConnectX-7 400 Gb/s"),
-    # NVL72: one NVLink domain of 72 GPUs (NVLink switches in the rack), so "node" is the rack here
+    # NVL72: one NVLink domain of 72 GPUs (NVLink switches in the rack), so "node" is the rack here.
+    # A job of several racks that does not fill them runs on 64 GPUs of each, 16 of its 18 four-GPU
+    # trays: NVIDIA's Slurm guidance for jobs of 128 GPUs and more is `--segment 16` (NVIDIA
+    # technical blog, "Unlock exascale performance on GB200 NVL72 with Slurm topology-aware job
+    # scheduling", 2025), so 256 GPUs are four racks of 64 and groups of 2^k ranks stay in a rack
     "gb200": Interconnect(900 * GB, 50 * GB, 72, "NVLink 5 1.8 TB/s bidir. across the 72-GPU NVL72 "
-                          "domain; ConnectX-7 400 Gb/s per GPU"),
+                          "domain; ConnectX-7 400 Gb/s per GPU", NVL72_SEGMENT),
     # DGX B300 and GB300 NVL72: one ConnectX-8 SuperNIC of 800 Gb/s a GPU (their datasheets)
     "b300": Interconnect(900 * GB, 100 * GB, 8, "NVLink 5 1.8 TB/s bidir.; ConnectX-8 800 Gb/s"),
     "gb300": Interconnect(900 * GB, 100 * GB, 72, "NVLink 5 1.8 TB/s bidir. across the 72-GPU NVL72 "
-                          "domain; ConnectX-8 800 Gb/s per GPU"),
+                          "domain; ConnectX-8 800 Gb/s per GPU", NVL72_SEGMENT),
     "l4": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
     "l40s": Interconnect(32 * GB, 25 * GB, 8, "PCIe 4 x16 32 GB/s; 200 Gb/s"),
     "rtx4090": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
@@ -123,7 +132,7 @@ INTERCONNECTS: dict[str, Interconnect] = {
 
 def network(net: Interconnect, ring_nics: RingNics) -> Network:
     """What the pricing reads of an interconnect, with the rings' convention across nodes."""
-    return Network(net.intra_node, net.inter_node, net.gpus_per_node, ring_nics)
+    return Network(net.intra_node, net.inter_node, net.gpus_per_node, ring_nics, net.segment)
 
 
 def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs: float | None = None,
@@ -143,11 +152,16 @@ def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs:
     source = base.source if intra_gbs is None and inter_gbs is None else "user-given"
     if gpus_per_node is not None and gpus_per_node != base.gpus_per_node:
         source += f"; nodes of {gpus_per_node} GPUs (--gpus-per-node)"
+    segment = base.segment if gpus_per_node is None else None  # the user's node size is the node
+    if segment is not None:
+        source += (f"; a job over several domains that it does not fill runs on {segment} GPUs of each "
+                   "(Slurm's --segment 16)")
     return Interconnect(
         intra_gbs * GB if intra_gbs is not None else base.intra_node,
         inter_gbs * GB if inter_gbs is not None else base.inter_node,
         gpus_per_node or base.gpus_per_node,
         source,
+        segment,
     )
 
 
@@ -918,7 +932,7 @@ def rail_bound(result: SearchResult, plan: ModelPlan, e: Evaluated) -> RailBound
     """`e` re-priced under the ring convention it was not priced under (`pricing.collective_time`):
     the network's other end for its data-parallel traffic. Published runs fall on both sides
     (docs/validation.md, "The ring's NICs per GPU family"). None when the ring has one rail."""
-    k = rails(e.layout, result.net.gpus_per_node)
+    k = rails(e.layout, network(result.net, result.ring_nics).node(e.layout.world))
     if k < 2:
         return None
     other: RingNics = "one" if result.ring_nics == "members" else "members"

@@ -71,6 +71,7 @@ bubble (`layout.group_problem`), and a longer round changes the warm-up's memory
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -190,6 +191,15 @@ class Network:
     inter_node: float
     gpus_per_node: int
     ring_nics: RingNics = "one"
+    segment: int | None = None  # GPUs of a node a job over several gets, when not all (NVL72's 64)
+
+    def node(self, world: int) -> int:
+        """The ranks that share one node's links in a job of `world` GPUs: whole nodes where the
+        job fills them, else the `segment` of each where it fills those."""
+        if self.segment is not None and world > self.gpus_per_node and world % self.gpus_per_node \
+                and world % self.segment == 0:
+            return self.segment
+        return self.gpus_per_node
 
 
 @dataclass(frozen=True)
@@ -861,44 +871,89 @@ def _first_twins(data: ModelData) -> list[int]:
     return twins
 
 
-def spans_nodes(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> bool:
-    """Whether a group of this mesh dimension leaves the node (ranks ordered tp, cp, dp, pp; an EP
-    group is ep consecutive ranks of the stage, `layout.Layout.expert_dp`)."""
-    match mesh:  # a match, not a dict of every extent: called once per record of every layout
+def _group_shape(mesh: MeshDim, layout: Layout) -> tuple[int, int, int]:
+    """One group of this mesh dimension as (stride, size, block): `size` ranks `stride` apart,
+    one group starting at each of the first `stride` ranks of every `block` consecutive ranks.
+    Ranks are ordered tp, cp, dp, pp; an EP group is ep consecutive ranks of a stage, the experts'
+    replicas (`layout.Layout.expert_dp`) the ranks at one place of each, ep apart."""
+    match mesh:  # a match, not a dict of every shape: called once per record of every layout
         case "tp":
-            extent = layout.tp
+            return 1, layout.tp, layout.tp
         case "cp":
-            extent = layout.tp * layout.cp
+            return layout.tp, layout.cp, layout.tp * layout.cp
         case "ep":
-            extent = layout.ep
-        case "dp" | "dp_cp" | "expert_dp":
-            extent = layout.stage_ranks
+            return 1, layout.ep, layout.ep
+        case "dp":
+            return layout.tp * layout.cp, layout.dp, layout.stage_ranks
+        case "dp_cp":
+            return layout.tp, layout.dp * layout.cp, layout.stage_ranks
+        case "expert_dp":
+            return layout.ep, layout.expert_dp, layout.stage_ranks
         case "pp":
-            extent = layout.world
+            return layout.stage_ranks, layout.pp, layout.world
         case _:
             assert_never(mesh)
-    return extent > gpus_per_node
+
+
+def _aligned(block: int, world: int, gpus_per_node: int) -> bool:
+    """Whether every node holds whole blocks or every block whole nodes: the groups of each block
+    then meet the nodes alike, and a node is no group's edge."""
+    return world % gpus_per_node == 0 and (block % gpus_per_node == 0 or gpus_per_node % block == 0) \
+        or world <= gpus_per_node
+
+
+@functools.lru_cache(maxsize=4096)
+def _node_counts(stride: int, size: int, block: int, world: int, gpus_per_node: int) -> tuple[int, int]:
+    """Over every group of this shape: the most nodes one touches, and the fewest of its members
+    one of those nodes holds. Groups meet nodes alike when their first rank's place in its node
+    is the same, except where the last node is partial (`world` not a multiple of the node)."""
+    full = world // gpus_per_node * gpus_per_node
+    seen: set[int] = set()
+    most, fewest = 1, size
+    for first in (b + r for b in range(0, world, block) for r in range(stride)):
+        last = first + (size - 1) * stride
+        key = first % gpus_per_node if last < full else first + world
+        if key in seen:
+            continue
+        seen.add(key)
+        counts: dict[int, int] = {}
+        for rank in range(first, last + 1, stride):
+            counts[rank // gpus_per_node] = counts.get(rank // gpus_per_node, 0) + 1
+        most, fewest = max(most, len(counts)), min(fewest, min(counts.values()))
+    return most, fewest
+
+
+def spans_nodes(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> bool:
+    """Whether a group of this mesh dimension leaves its node: some group of it, where groups
+    do not tile the nodes alike (EP16 on GB200's 72-GPU domains: the group of ranks 64-79 is 8 in
+    each rack)."""
+    stride, size, block = _group_shape(mesh, layout)
+    if size <= 1:
+        return False
+    if _aligned(block, layout.world, gpus_per_node):
+        return (size - 1) * stride + 1 > gpus_per_node
+    return _node_counts(stride, size, block, layout.world, gpus_per_node)[0] > 1
+
+
+def nodes_touched(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> int:
+    """The most nodes one group of this mesh dimension reaches (`spans_nodes`)."""
+    stride, size, block = _group_shape(mesh, layout)
+    if _aligned(block, layout.world, gpus_per_node):
+        return max(1, math.ceil(((size - 1) * stride + 1) / gpus_per_node))
+    return _node_counts(stride, size, block, layout.world, gpus_per_node)[0]
 
 
 def members_per_node(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> int:
     """How many ranks of one group of this mesh dimension share a node, for the groups whose rings
-    can spread over several NICs (data and context parallelism; 1 for the others). Ranks are
-    ordered tp, cp, dp, pp; the EP groups are ep consecutive ranks of a stage, and the experts'
-    replicas (`layout.Layout.expert_dp`) the ranks at one place of each, ep apart."""
-    match mesh:
-        case "dp":
-            stride, size, inner = layout.tp * layout.cp, layout.dp, 1
-        case "dp_cp":
-            stride, size, inner = layout.tp, layout.dp * layout.cp, 1
-        case "cp":
-            stride, size, inner = layout.tp, layout.cp, 1
-        case "expert_dp":
-            stride, size, inner = layout.ep, layout.expert_dp, 1
-        case "tp" | "ep" | "pp":
-            return 1
-        case _:
-            assert_never(mesh)
-    return inner * min(size, max(1, gpus_per_node // stride))
+    can spread over several NICs (data and context parallelism; 1 for the others): where groups
+    meet the nodes unalike (a partial node, blocks that straddle nodes), the fewest any group has
+    on a node it reaches, as that node's NICs carry its whole share of the ring."""
+    if mesh in ("tp", "ep", "pp"):
+        return 1
+    stride, size, block = _group_shape(mesh, layout)
+    if _aligned(block, layout.world, gpus_per_node):
+        return min(size, max(1, gpus_per_node // stride))
+    return _node_counts(stride, size, block, layout.world, gpus_per_node)[1]
 
 
 # NCCL's ring collectives, which it can split over one ring per NIC; an all-to-all cannot spread
@@ -912,10 +967,11 @@ def collective_time(c: Collective, layout: Layout, net: Network, eff: KernelEffi
     (NCCL's rings, one per NIC), up to what NVLink carries inside the node."""
     if c.group_size <= 1:
         return 0.0
-    if not spans_nodes(c.mesh_dim, layout, net.gpus_per_node):
+    node = net.node(layout.world)
+    if not spans_nodes(c.mesh_dim, layout, node):
         bandwidth = net.intra_node * eff.intra_link
     elif net.ring_nics == "members" and c.kind in RING_KINDS:
-        nics = members_per_node(c.mesh_dim, layout, net.gpus_per_node)
+        nics = members_per_node(c.mesh_dim, layout, node)
         bandwidth = min(net.inter_node * eff.inter_link * nics, net.intra_node * eff.intra_link)
     else:
         bandwidth = net.inter_node * eff.inter_link
@@ -987,7 +1043,7 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
         return 0.0
     to_experts = FP8_BYTES + FP32_BYTES / FP8_SCALE_TILE if fp8_dispatch else ACT_BYTES
     scale = (to_experts + ACT_BYTES) / (2 * ACT_BYTES)
-    nodes = math.ceil(layout.ep / net.gpus_per_node)
+    nodes = nodes_touched("ep", layout, net.node(layout.world))
     reach: float | None = None
     if moe is not None and nodes > 1:
         match dispatcher:
