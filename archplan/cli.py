@@ -70,8 +70,27 @@ for _name in COMMAND_MODULES:
 
 
 # what makes a real tensor smaller, by the command that built it (its own options)
-SMALLER = {"verify": "a smaller --seq or --batch (with --layout, a smaller mb)",
-           "bench": "a smaller --seq or --batch, or --layers K (with --layout, a smaller mb)"}
+SMALLER = {"verify": "a smaller --seq or --batch", "bench": "a smaller --seq or --batch, or --layers K"}
+# under --layout the sizes are the layout's micro-batch and --seq: --batch and --layers are refused there
+SMALLER_LAYOUT = "a smaller --seq, or a smaller mb in --layout"
+
+
+def _smaller(argv: list[str]) -> str:
+    """What to give instead when the sizes asked for do not fit, for the command `argv` runs."""
+    if any(arg == "--layout" or arg.startswith("--layout=") for arg in argv):
+        return SMALLER_LAYOUT
+    return SMALLER.get(_command_path(argv).removeprefix("archplan "), "smaller sizes")
+
+
+def _size_failure_code() -> int:
+    """2 (the sizes asked for), but 3 in a torchrun worker of `bench --layout`: the launching
+    command's host-memory check accepted the sizes, so a worker's allocation failing is the
+    workers' failure, which the launcher reports as such (exit 3), not a refusal of its input."""
+    if "torch" not in sys.modules:
+        return 2
+    from archplan.distributed.workers import under_launcher
+
+    return 3 if under_launcher() else 2
 
 
 def _is_program() -> bool:
@@ -134,23 +153,22 @@ def _main() -> None:
         # device can allocate: verify and bench build real tensors of the user's --seq and --batch)
         if debug or not _is_tensor_size_error(exc):
             raise
-        fix = SMALLER.get(_command_path(sys.argv[1:]).removeprefix("archplan "), "smaller sizes")
+        fix = _smaller(sys.argv[1:])
         if TENSOR_SIZE_ERRORS[0] in str(exc):
             # past what an index holds: a spec's own weights can be (every field within its bounds,
             # their product not), where no --seq or --batch helps
             fix += ", or a spec whose dimensions multiply to less (a weight can be past it too)"
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
                    f"give {fix}", err=True)
-        sys.exit(2)
+        sys.exit(_size_failure_code())
     except MemoryError:
         # Python's own allocation failing (a process limit, or a structure the sizes asked for
         # grow past the host): one line as torch's refusal above
         if debug:
             raise
-        fix = SMALLER.get(_command_path(sys.argv[1:]).removeprefix("archplan "), "smaller sizes")
-        typer.echo(f"archplan: error: the sizes asked for need more memory than this process can have; give {fix}",
-                   err=True)
-        sys.exit(2)
+        typer.echo(f"archplan: error: the sizes asked for need more memory than this process can have; "
+                   f"give {_smaller(sys.argv[1:])}", err=True)
+        sys.exit(_size_failure_code())
     except ReaderGone:
         # the reader stopped early (`| head`): what it took was all it wanted, and the command
         # ends with the verdict it settled on before rendering (`archplan.console`). Python would

@@ -79,6 +79,23 @@ def test_python_running_out_of_memory_is_one_line() -> None:
         "archplan: error: the sizes asked for need more memory than this process can have; give a smaller --seq")
     assert "Traceback" not in proc.stderr
 
+def test_a_torchrun_worker_out_of_memory_is_the_workers_failure() -> None:
+    """A `bench --layout` worker whose allocation failed exited 2, which the launcher reads as a
+    refusal of the input (exit 2) its host-memory check had accepted, and named --batch and
+    --layers, which --layout refuses: exit 3 under torchrun, and the layout's sizes named."""
+    code = ("import archplan.loader as loader\n"
+            "def out_of_memory(*args, **kwargs):\n    raise RuntimeError('CUDA out of memory. Tried to allocate 2 GiB')\n"
+            "loader.load_spec = out_of_memory\n"
+            "import torch\nfrom archplan.cli import main\nmain()\n")
+    argv = ["bench", "gpt2", "--layout", "tp=1,cp=1,pp=1,dp=2,zero=3,recompute=none,mb=1"]
+    for env, exit_code in (({"RANK": "1", "WORLD_SIZE": "2"}, 3), ({}, 2)):
+        clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                              env={**clean, **env})
+        assert proc.returncode == exit_code, proc.stderr
+        assert proc.stderr.strip().endswith("give a smaller --seq, or a smaller mb in --layout"), proc.stderr
+
+
 @pytest.mark.parametrize("command", [("plan", "llama-3-70b", "--gpus", "1024"), ("plan", "llama-3-70b", "--gpus", "1024", "--json"),
                                      ("size", "gpt2"), ("compare", "gpt2", "llama-2-7b"), ("--help",), ("plan", "--help")])
 def test_a_reader_that_stops_early_is_not_a_failure(command: tuple[str, ...]) -> None:
