@@ -89,9 +89,13 @@ def main() -> None:
     elif args.json:
         print(json.dumps([asdict(r) | {"error": r.error} for r in found], indent=2))
     else:
-        for r in found:
-            print(f"{r.source:17} {r.name:62} {r.recompute:9} {r.published:>8,.0f} {r.predicted:>8,.0f} "
-                  f"{r.error:+7.1%}  {_gib(r.published_gib):>5} / {r.predicted_gib:5.1f} GiB")
+        head = ("source", "run", "recompute", "published tok/s/GPU", "predicted", "error",
+                "GiB published / predicted")
+        table = [head, *((r.source, r.name, r.recompute, f"{r.published:,.0f}", f"{r.predicted:,.0f}",
+                          f"{r.error:+.1%}", f"{_gib(r.published_gib)} / {r.predicted_gib:.1f}") for r in found)]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        for row in table:  # text left, figures right, each column as wide as its widest cell
+            print("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
 
 
 if __name__ == "__main__":

@@ -209,10 +209,10 @@ TIMED_SEARCHES: tuple[tuple[str, int, float], ...] = (
 )
 
 
-def time_search(repeat: int = 3) -> None:
+def time_search(repeat: int = 3) -> list[dict[str, object]]:
     """Wall time of each 16,384-GPU search as `plan` runs it (the fastest `TOP_LAYOUTS` priced
     exactly, `parallel.search(top=...)`), best of `repeat`, in this process (imports excluded),
-    beside the same search pricing every fitting layout."""
+    beside the same search pricing every fitting layout; one record a search."""
     import time
 
     from archplan.commands.plan import TOP_LAYOUTS
@@ -236,13 +236,16 @@ def time_search(repeat: int = 3) -> None:
         assert result is not None
         return best, result
 
+    records: list[dict[str, object]] = []
     for name, seq, batch in TIMED_SEARCHES:
         plan = resolve(load_spec(name))
         as_plan, result = timed(plan, seq, batch, TOP_LAYOUTS)
         every, _ = timed(plan, seq, batch, None)
-        print(f"{name} on 16,384 H100, seq {seq:,}, {batch / 2**20:g}Mi tokens: {result.considered:,} layouts, "
-              f"{result.fitting:,} fit, {len(result.ranked):,} priced; search {as_plan:.2f} s as plan runs it, "
-              f"{every:.2f} s pricing every fitting layout (best of {repeat})")
+        records.append({"spec": name, "gpus": 16384, "gpu": "h100", "seq": seq, "global_batch_tokens": batch,
+                        "layouts": result.considered, "fit": result.fitting, "priced": len(result.ranked),
+                        "seconds_as_plan_runs_it": as_plan, "seconds_pricing_every_fitting_layout": every,
+                        "best_of": repeat})
+    return records
 
 
 def _pct(value: float | None) -> str:
@@ -285,10 +288,19 @@ def main() -> None:
     parser.add_argument("--no-search", action="store_true", help="skip the expert-agreement searches")
     parser.add_argument("--markdown", action="store_true", help="the tables of docs/validation.md")
     parser.add_argument("--time-search", action="store_true",
-                        help="time the 16,384-GPU Llama 3.1 405B search (issue 10 goal: under 2 s)")
+                        help="time the 16,384-GPU searches of Llama 3.1 405B (issue 10's goal: under 2 s) and "
+                             "Qwen3-235B-A22B at 64Mi tokens, the widest")
     args = parser.parse_args()
     if args.time_search:
-        time_search()
+        records = time_search()
+        if args.json:
+            print(json.dumps(records, indent=2))
+            return
+        for r in records:
+            print(f"{r['spec']} on 16,384 H100, seq {r['seq']:,}, {r['global_batch_tokens'] / 2**20:g}Mi tokens: "
+                  f"{r['layouts']:,} layouts, {r['fit']:,} fit, {r['priced']:,} priced; search "
+                  f"{r['seconds_as_plan_runs_it']:.2f} s as plan runs it, {r['seconds_pricing_every_fitting_layout']:.2f} s "
+                  f"pricing every fitting layout (best of {r['best_of']})")
         return
     found = rows(not args.no_search)
     if args.markdown:

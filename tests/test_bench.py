@@ -525,6 +525,26 @@ def test_compare_backends_runs_each_available_backend() -> None:
     assert all("noise" in r for r in rows)
 
 
+def test_a_backend_that_would_not_fit_is_refused_before_anything_is_timed(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compare-backends at 32k timed the main prefill, then refused "bench" for the math
+    backend's scores: the refusal now comes first and names the backend."""
+    from archplan.bench import sweep
+
+    def fits(plan: object, cfg: BenchConfig, device: object, run: str = "bench") -> None:
+        if cfg.attn_backend == "math":
+            raise ArchplanError(f"{run} will not fit")
+
+    def timed(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a run was timed before the refusal")
+
+    monkeypatch.setattr(sweep, "check_fits", fits)
+    monkeypatch.setattr(runner, "run_bench", timed)
+    tiny = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml")
+    outcome = run_main(["bench", tiny, "--device", "cpu", "--seq", "32", "--compare-backends"], capsys, monkeypatch)
+    assert outcome.code == 2 and "--compare-backends' math backend will not fit" in outcome.stderr
+
+
 def test_the_profiled_forward_writes_nothing_to_stderr() -> None:
     """c10's allocator warns on fd 2 when the profiled run frees a block allocated before the
     profile began ("Memory block of unknown size ..."): a remark about the profiler, not the run.
@@ -811,3 +831,34 @@ def test_the_cpu_peak_memory_says_it_is_the_whole_process() -> None:
     reset_peak_memory(cpu)
     peak, method = peak_memory(cpu)
     assert peak > 0 and method.startswith("process peak RSS") and "torch's runtime included" in method
+
+
+def test_json_says_when_a_run_is_past_the_trained_length(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text mode notes a RoPE run past max_seq_len on stderr; --json said nothing of it in any
+    mode, where verify --json carries it as `past_max_seq_len`. A sweep's noisy lengths are
+    said too (its exponents are fitted on those times): in text on stderr, in JSON per point."""
+    tiny = Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml"
+    short = tmp_path / "short.yaml"
+    short.write_text(tiny.read_text().replace("max_seq_len: 256", "max_seq_len: 16"))
+    fast = ["--device", "cpu", "--warmup", "0", "--iters", "1"]
+    out = run_main(["bench", str(short), *fast, "--seq", "32", "--decode-tokens", "2", "--json"], capsys, monkeypatch)
+    assert out.code == 0 and "past short" not in out.stderr
+    assert "32 + 3 decode positions = 35 is past" in json.loads(out.stdout)["past_max_seq_len"]
+    out = run_main(["bench", str(short), str(tiny), *fast, "--seq", "8,32", "--json"], capsys, monkeypatch)
+    first, second = json.loads(out.stdout)
+    assert "seq 32 is past" in first["past_max_seq_len"] and second["past_max_seq_len"] is None
+    assert all("noise" in point for point in first["points"])
+    out = run_main(["bench", str(tiny), "--device", "cpu", "--warmup", "0", "--iters", "1", "--seq", "32",
+                    "--decode-tokens", "2", "--json"], capsys, monkeypatch)
+    assert json.loads(out.stdout)["past_max_seq_len"] is None
+
+
+def test_a_sweep_says_which_lengths_timed_noisily() -> None:
+    from archplan.bench.sweep import SweepPoint
+
+    steady = SweepPoint(64, (1.0, 1.01, 1.02), 0, 1.0, 0, 0)
+    noisy = SweepPoint(128, (1.0, 2.0, 3.0), 0, 1.0, 0, 0)
+    assert steady.noise_note("m") is None
+    note = noisy.noise_note("m")
+    assert note is not None and note.startswith("m at seq 128 timings spread 3.00×") and "the fastest pass" in note

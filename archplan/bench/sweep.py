@@ -23,7 +23,7 @@ import ctypes
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,7 +48,7 @@ from archplan.bench.runner import (
     run_bench,
     sdpa_backend,
 )
-from archplan.bench.timing import progress_bar, time_calls
+from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.console import echo
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError, printable
@@ -87,6 +87,11 @@ class SweepPoint:
     @property
     def seconds(self) -> float:
         return min(self.samples)
+
+    def noise_note(self, name: str) -> str | None:
+        """The line `Timing.noise_note` says when this length's passes spread as an idle host's do
+        not: the growth exponents are fitted on these times."""
+        return Timing(self.samples).noise_note(f"{name} at seq {self.seq:,}", reported="the fastest pass")
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class SweepResult:
                 "seq": p.seq,
                 "seconds": p.seconds,
                 "samples_s": list(p.samples),
+                "noise": p.noise_note(self.name),
                 "tokens_per_s": self.config.batch * p.seq / p.seconds,
                 "predicted_s": p.predicted_seconds,
                 "flops": p.flops,
@@ -298,6 +304,18 @@ def run_sweeps(plans: list[ModelPlan], cfg: SweepConfig, console: Console | None
     return [_run_sweep(plan, cfg, peak, console or Console(stderr=True)) for plan in plans]
 
 
+def compare_backend_names(plan: ModelPlan, cfg: BenchConfig) -> list[str]:
+    """The SDPA backends `compare_backends` times here, each refused before anything is timed if it
+    would not fit (the math backend materialises the scores the others never hold): a refusal after
+    the main run was timed threw that run away and blamed `bench`."""
+    device = resolve_device(cfg.device)
+    names = available_backends(device, TORCH_DTYPES[cfg.dtype], attention_mask_kind(plan), attention_calls(plan))
+    for name in names:
+        check_fits(plan, replace(cfg, attn_backend=name, decode_tokens=0), device,
+                   run=f"--compare-backends' {name} backend")
+    return names
+
+
 def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object]]:
     """The same prefill under each SDPA backend available here: its time from `run_bench`, its peak
     memory as the sweep measures it (`_peak_bytes`: the allocator's peak of one forward, weights
@@ -305,7 +323,7 @@ def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object
     process high-water mark would read the torch runtime's hundreds of MiB and the largest backend
     so far, and could not tell the backends apart."""
     device = resolve_device(cfg.device)
-    names = available_backends(device, TORCH_DTYPES[cfg.dtype], attention_mask_kind(plan), attention_calls(plan))
+    names = compare_backend_names(plan, cfg)
     timed = {name: run_bench(plan, replace(cfg, attn_backend=name, decode_tokens=0)) for name in names}
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
     torch.manual_seed(0)
@@ -355,8 +373,9 @@ def render(results: list[SweepResult], console: Console | None = None) -> None:
 
 
 def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json: bool, *,
-                  force: bool = False) -> None:
-    """`archplan bench SPEC... --seq a,b,c [--plot FILE [--force]] [--json]`."""
+                  force: bool = False, past: Sequence[str | None] = ()) -> None:
+    """`archplan bench SPEC... --seq a,b,c [--plot FILE [--force]] [--json]`; `past`, per spec,
+    the note on its longest length past max_seq_len, which `--json` carries."""
     from archplan.loader import load_spec
     from archplan.resolve import resolve
 
@@ -372,8 +391,12 @@ def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json:
 
         plot_sweep(report, plot, force=force)
     if as_json:
-        echo(jsonout.dumps(report, indent=2))
+        notes = list(past) or [None] * len(report)
+        echo(jsonout.dumps([{**entry, "past_max_seq_len": note} for entry, note in zip(report, notes)], indent=2))
         return
     render(results)
     if plot is not None:
         echo(f"figure written to {printable(plot)}")
+    noisy = [note for r in results for p in r.points if (note := p.noise_note(r.name))]
+    for note in noisy:  # on stderr, as the prefill's: the exponents above were fitted on these times
+        Console(stderr=True).print(f"note: {note}")

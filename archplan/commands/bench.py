@@ -72,21 +72,26 @@ def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
     return seq, why
 
 
-def _run_notes(specs: list[str], seq: int, cached: int, layers: int | None) -> list[str]:
-    """What `size` would say of these lengths (RoPE past max_seq_len), counting the `cached`
-    positions decode adds to the prompt, and a `--layers` beyond every layer kind's count, which
-    builds the whole model: runs as asked, but worth a line."""
-    from archplan.bench.fit import truncate
+def _past_notes(specs: list[str], seq: int, cached: int) -> list[str | None]:
+    """Per spec, what `size` would say of this length (RoPE past max_seq_len), counting the
+    `cached` positions decode adds to the prompt; `--json` carries it as `past_max_seq_len`."""
     from archplan.loader import load_spec
     from archplan.resolve import resolve
 
     what = f"seq {seq:,} + {cached} decode positions =" if cached else "seq"
-    notes = []
+    return [resolve(load_spec(spec)).past_trained_note(what, seq + cached, "timed as asked") for spec in specs]
+
+
+def _run_notes(specs: list[str], past: list[str | None], layers: int | None) -> list[str]:
+    """The `past` notes, and a `--layers` beyond every layer kind's count, which builds the whole
+    model: runs as asked, but worth a line."""
+    from archplan.bench.fit import truncate
+    from archplan.loader import load_spec
+    from archplan.resolve import resolve
+
+    notes = [f"note: {note}" for note in past if note is not None]
     for spec in specs:
         plan = resolve(load_spec(spec))
-        past = plan.past_trained_note(what, seq + cached, "timed as asked")
-        if past is not None:
-            notes.append(f"note: {past}")
         if layers is not None and layers > 1 and truncate(plan, layers - 1).n_layers == plan.n_layers:
             notes.append(f"note: --layers {layers} builds all {plan.n_layers} layers of {plan.name} (no layer kind "
                          "has more): nothing was extrapolated")
@@ -181,8 +186,9 @@ def bench(
             else "a --seq sweep" if sweep else "prefill and decode")
     cached = cache_steps(decode_tokens) if mode == "prefill and decode" else 0
     # under torchrun every worker runs this command: rank 0 alone says what the run is past
+    past = _past_notes(list(specs), max(lengths), cached)
     notes = ([] if note is None else [note]) + ([] if as_json or os.environ.get("RANK", "0") != "0" else
-                                                _run_notes(list(specs), max(lengths), cached, layers))
+                                                _run_notes(list(specs), past, layers))
     refuse_foreign_options(ctx, mode, MODE_OPTIONS)
     refuse_force_without_plot(force, plot)
     if compile and warmup == 0:
@@ -199,19 +205,23 @@ def bench(
             from archplan.distributed.train_render import bench_train
 
             ok = bench_train(specs[0], device=device.value, dtype=dtype.value, batch=batch, seq=lengths[0],
-                             recompute=recompute.value, iters=iters, as_json=as_json, layers=layers)
+                             recompute=recompute.value, iters=iters, as_json=as_json, layers=layers,
+                             past_max_seq_len=past[0])
         else:
             from archplan.distributed.bench import bench_layout  # imports torch.distributed
 
             ok = bench_layout(specs[0], layout, nproc=nproc, seq=lengths[0], microbatches=microbatches,
-                              warmup=warmup, steps=iters, as_json=as_json, device=device.value)
+                              warmup=warmup, steps=iters, as_json=as_json, device=device.value,
+                              past_max_seq_len=past[0])
     elif sweep:
         from archplan.bench.sweep import SweepConfig, sweep_command
 
         sweep_command(specs, SweepConfig(tuple(lengths), device.value, DType(dtype.value), batch, layers,
-                                         warmup, iters, attn_backend.value), plot, as_json, force=force)
+                                         warmup, iters, attn_backend.value), plot, as_json, force=force,
+                      past=past)
     else:
         from archplan.bench.runner import BenchConfig, attention_calls, run_bench
+        from archplan.bench.sweep import compare_backend_names
         from archplan.bench.sweep import compare_backends as run_backends
         from archplan.loader import load_spec
         from archplan.resolve import resolve
@@ -223,11 +233,13 @@ def bench(
         cfg = BenchConfig(device=device.value, dtype=DType(dtype.value), batch=batch, seq=lengths[0],
                           decode_tokens=decode_tokens, layers=layers, warmup=warmup, iters=iters,
                           compile=compile, attn_backend=attn_backend.value)
+        if compare_backends:
+            compare_backend_names(plan, cfg)
         result = run_bench(plan, cfg)
         if compare_backends:
             result.backends = run_backends(plan, cfg)
         if as_json:
-            echo(jsonout.dumps(result.to_json(), indent=2))
+            echo(jsonout.dumps({**result.to_json(), "past_max_seq_len": past[0]}, indent=2))
         else:
             _render(result, plan.name)
             notes += [f"note: {line}" for line in (result.prefill.noise_note("prefill"), result.decode_noise,

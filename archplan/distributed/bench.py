@@ -32,7 +32,8 @@ from archplan.units import count, flops, nbytes, percent, things
 
 
 def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, microbatches: int | None,
-                 warmup: int, steps: int, as_json: bool, device: str = "auto") -> bool:
+                 warmup: int, steps: int, as_json: bool, device: str = "auto",
+                 past_max_seq_len: str | None = None) -> bool:
     """Run (or, under a launcher, take part in) the layout's benchmark and print it; whether every
     rank's model states are plan's (True on the workers that print nothing)."""
     if importlib.util.find_spec("numpy") is None:
@@ -82,7 +83,7 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             result = launch(argv, n)
     settle(0 if result.states_ok else 1)
     if as_json:
-        echo(jsonout.dumps(asdict(result), indent=2))
+        echo(jsonout.dumps({**asdict(result), "past_max_seq_len": past_max_seq_len}, indent=2))
     else:
         render(result)
     return result.states_ok

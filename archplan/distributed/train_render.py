@@ -23,7 +23,7 @@ OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 
 
 def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, recompute: str, iters: int,
-                as_json: bool, layers: int | None = None) -> bool:
+                as_json: bool, layers: int | None = None, past_max_seq_len: str | None = None) -> bool:
     """Run and show `bench --train`; whether every figure is within its tolerance (exit 1 if not)."""
     if dtype not in ("bf16", "fp32"):
         raise ArchplanError(f"--train --dtype {dtype}: training runs fp32 weights with bf16 autocast or plain fp32")
@@ -39,7 +39,8 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
     settle(0 if result.ok else 1)
     if as_json:
         echo(jsonout.dumps({**asdict(result), "layers_built": plan.n_layers, "layers_in_spec": in_spec,
-                            "mfu": result.mfu, "hfu": result.hfu, "noise": result.noise, "ok": result.ok}, indent=2))
+                            "mfu": result.mfu, "hfu": result.hfu, "noise": result.noise, "ok": result.ok,
+                            "past_max_seq_len": past_max_seq_len}, indent=2))
     else:
         render(result, plan.n_layers, in_spec)
     return result.ok
