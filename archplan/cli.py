@@ -75,18 +75,22 @@ SMALLER = {"verify": "a smaller --seq or --batch", "bench": "a smaller --seq or 
 SMALLER_LAYOUT = "a smaller --seq, or a smaller mb in --layout"
 
 
+def _given_layout(argv: list[str]) -> bool:
+    return any(arg == "--layout" or arg.startswith("--layout=") for arg in argv)
+
+
 def _smaller(argv: list[str]) -> str:
     """What to give instead when the sizes asked for do not fit, for the command `argv` runs."""
-    if any(arg == "--layout" or arg.startswith("--layout=") for arg in argv):
+    if _given_layout(argv):
         return SMALLER_LAYOUT
     return SMALLER.get(_command_path(argv).removeprefix("archplan "), "smaller sizes")
 
 
-def _size_failure_code() -> int:
+def _size_failure_code(argv: list[str]) -> int:
     """2 (the sizes asked for), but 3 in a torchrun worker of `bench --layout`: the launching
     command's host-memory check accepted the sizes, so a worker's allocation failing is the
     workers' failure, which the launcher reports as such (exit 3), not a refusal of its input."""
-    if "torch" not in sys.modules:
+    if "torch" not in sys.modules or _command_path(argv) != "archplan bench" or not _given_layout(argv):
         return 2
     from archplan.distributed.workers import under_launcher
 
@@ -160,7 +164,7 @@ def _main() -> None:
             fix += ", or a spec whose dimensions multiply to less (a weight can be past it too)"
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
                    f"give {fix}", err=True)
-        sys.exit(_size_failure_code())
+        sys.exit(_size_failure_code(sys.argv[1:]))
     except MemoryError:
         # Python's own allocation failing (a process limit, or a structure the sizes asked for
         # grow past the host): one line as torch's refusal above
@@ -168,7 +172,7 @@ def _main() -> None:
             raise
         typer.echo(f"archplan: error: the sizes asked for need more memory than this process can have; "
                    f"give {_smaller(sys.argv[1:])}", err=True)
-        sys.exit(_size_failure_code())
+        sys.exit(_size_failure_code(sys.argv[1:]))
     except ReaderGone:
         # the reader stopped early (`| head`): what it took was all it wanted, and the command
         # ends with the verdict it settled on before rendering (`archplan.console`). Python would

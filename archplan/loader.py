@@ -293,8 +293,10 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
         raise ArchplanError(f"invalid YAML: {problem}", file=file, line=line, column=column) from None
     except yaml.reader.ReaderError as exc:
         # a character YAML does not allow in a stream (a control character, U+FFFE) carries no
-        # mark, only its offset in the text
-        before = text[:exc.position]
+        # mark, only its offset in the text: in characters from PyYAML's reader, in UTF-8 bytes
+        # from libyaml's
+        before = (text[:exc.position] if _BaseLoader is yaml.SafeLoader
+                  else text.encode("utf-8")[:exc.position].decode("utf-8", "ignore"))
         line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
         char = exc.character if isinstance(exc.character, str) else chr(exc.character)
         raise ArchplanError(f"invalid YAML: the character U+{ord(char):04X} is not allowed in YAML text",

@@ -3,6 +3,7 @@ A file that exists is the user's and is replaced only with --force (principle 6)
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -15,6 +16,17 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 SCHEMA_SUFFIXES = (".json",)
 
 
+def _special(path: Path) -> bool:
+    """Whether `path` (through any link) is an existing file that is no regular file: /dev/stdout,
+    a FIFO, a terminal. Judged by stat, which follows the link, not by the link's resolved name
+    (/dev/stdout feeding a pipe resolves to /proc/PID/fd/pipe:[N], which names nothing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[str, ...] = ()) -> Path:
     """`path` as a place to write, or a one-line refusal naming `field`: a wrong suffix (when
     `suffixes` are given), a folder, an existing file without --force, a missing parent folder or
@@ -25,17 +37,28 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
         # Path("") is the current folder: an unset shell variable would name it
         raise ArchplanError(f"{field}: an empty path; give a file name")
     target = Path(path)
+    try:
+        os.stat(target)
+    except OSError as exc:  # a loop of links names no file: realpath would pick one link to replace
+        if exc.errno == errno.ELOOP:
+            raise ArchplanError(f"cannot write: {exc.strerror}", file=str(path), field=field) from None
     real = Path(os.path.realpath(target))
     if real.is_dir():
         raise ArchplanError("is a directory; expected a file", file=str(path), field=field)
     if suffixes and target.suffix.lower() not in suffixes:
         raise ArchplanError(f"must end in {', '.join(suffixes)}", file=str(path), field=field)
-    if (real.exists() or os.path.lexists(target)) and not force:
+    if (real.exists() or os.path.lexists(target) or _special(target)) and not force:
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
+    if _special(target):  # written into, in place (`write_whole`)
+        if not os.access(target, os.W_OK):
+            raise ArchplanError("cannot write this file (read-only)", file=str(path), field=field)
+        return target
     if not real.parent.is_dir():
         # the nearest folder on the path that exists: a file there is why, not a missing folder
         found = next(p for p in real.parents if p.exists())
         problem = f"{found} is a file, not a directory" if not found.is_dir() else "directory does not exist"
+        if target.is_symlink():  # the folder missing is the link target's, not the link's
+            problem = f"links to {os.readlink(target)}, whose {problem}"
         raise ArchplanError(problem, file=str(path), field=field)
     if real.exists():  # replaced in place: the file itself must take writes (a read-only mount refuses even root)
         if not os.access(real, os.W_OK):
@@ -53,17 +76,24 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
 def write_whole(target: Path, write: Callable[[Path], None]) -> None:
     """Run `write` on a scratch file beside the file `target` names (through a link, its target),
     then rename it over that file: a full disk or a failing writer leaves the old file, or none,
-    never half of one. The new file keeps the old one's permissions, else the umask's. What is no
-    regular file (/dev/stdout, a FIFO) is written in place, as a rename would replace the device;
-    so is a file whose folder takes no new entry (`check_target` let --force replace it)."""
+    never half of one. The new file keeps the old one's permissions and owner, else the umask's.
+    Written in place instead, where a rename would not replace the same file: what is no regular
+    file (/dev/stdout, a FIFO), a file with other hard links (they would keep the old text), a
+    file whose folder takes no new entry or no rename over it (a sticky folder, `check_target`
+    let --force replace the file itself)."""
+    if _special(target):
+        write(target)
+        return
     real = Path(os.path.realpath(target))
-    if real.exists() and not real.is_file():
+    old = real.stat() if real.exists() else None
+    if old is not None and old.st_nlink > 1:
         write(real)
         return
     try:
-        handle, name = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=real.suffix)
+        # a short name: the target's own may already be near the file system's 255 bytes
+        handle, name = tempfile.mkstemp(dir=real.parent, prefix=".archplan-", suffix=".tmp")
     except OSError:
-        if not real.exists():
+        if old is None:
             raise
         write(real)
         return
@@ -71,8 +101,21 @@ def write_whole(target: Path, write: Callable[[Path], None]) -> None:
     scratch = Path(name)
     try:
         write(scratch)
-        os.chmod(scratch, stat.S_IMODE(real.stat().st_mode) if real.exists() else 0o666 & ~_umask())
-        os.replace(scratch, real)
+        os.chmod(scratch, stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~_umask())
+        if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+            try:  # root replacing a user's file gives it back to them
+                os.chown(scratch, old.st_uid, old.st_gid)
+            except PermissionError:  # another's file in a shared folder: written into, it stays theirs
+                scratch.unlink(missing_ok=True)
+                write(real)
+                return
+        try:
+            os.replace(scratch, real)
+        except PermissionError:
+            if old is None:
+                raise
+            scratch.unlink(missing_ok=True)
+            write(real)
     except BaseException:
         scratch.unlink(missing_ok=True)
         raise

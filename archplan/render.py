@@ -469,21 +469,34 @@ def compare_table(reports: Sequence[dict[str, Any]], stacked: bool = False) -> _
     return table
 
 
-def _fits_unbroken(table: Table, width: int) -> bool:
-    """Whether `width` columns hold `table` with no word of a cell broken: at full width, or with
-    the unwrapped first column beside equal shares of what is left (Rich narrows the widest
-    columns first, so an equal share is the least any column gets)."""
-    if table_width(table) <= width:
-        return True
+MIN_NAME_WIDTH = 8  # the figure names' column, folded, where a narrow terminal keeps the values whole
+
+
+def _hold_lines(table: Table, width: int) -> None:
+    """Give each value column of a stacked compare table the width of its longest line (a figure,
+    or its ratio) and the names' column what is left up to its longest word, where `width` leaves
+    the names `MIN_NAME_WIDTH`: Rich then never splits a figure or a ratio, and wraps the names at
+    their spaces where it can. Narrower, every column folds as Rich folds it."""
     first, *values = table.columns
-    left = width - max(len(str(cell)) for cell in first.cells) - 3 * len(values)
-    longest = max(len(word) for column in values for cell in column.cells for word in str(cell).split())
-    return left // len(values) >= longest
+    name = max(len(word) for cell in first.cells for word in str(cell).split())
+    lines = [max(len(line) for cell in column.cells for line in str(cell).splitlines()) for column in values]
+    room = width - sum(lines) - 3 * len(values)
+    if room < MIN_NAME_WIDTH:
+        return
+    for column, piece in zip(values, lines):
+        column.min_width = piece
+    if room >= name:
+        first.min_width = name
+    else:  # a figure's value before its name's words: fixed, so that Rich narrows no value column
+        first.width = room
 
 
 def print_compare(reports: Sequence[dict[str, Any]], console: Console | None = None) -> None:
     table = compare_table(reports)
     console = console or report_console(table)
-    if not _fits_unbroken(table, console.width):
+    if table_width(table) > console.width:  # a row wrapped in place splits "(Δ -0.18)" at its space
         table = compare_table(reports, stacked=True)
+        _hold_lines(table, console.width)
     console.print(_with_note(table))
+
+

@@ -814,6 +814,33 @@ def test_a_written_file_keeps_its_mode_and_a_device_stays_one(tmp_path: Path) ->
     assert got == ["through"] and stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+def test_a_replaced_file_stays_its_owners_and_keeps_its_links(tmp_path: Path) -> None:
+    """The rename gave root a user's file (`sudo archplan ... --force`) and cut its hard links
+    off; a name near 255 bytes failed on the scratch file's longer name; a link to /dev/stdout
+    feeding a pipe resolved to a name that is no file and was refused."""
+    from archplan.outfile import check_target, write_text
+
+    mine = tmp_path / "mine.json"
+    mine.write_text("old")
+    twin = tmp_path / "twin.json"
+    os.link(mine, twin)
+    write_text(mine, "new")
+    assert twin.read_text() == "new"
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs.json"
+        theirs.write_text("old")
+        os.chown(theirs, 65534, 65534)
+        write_text(theirs, "new")
+        assert (theirs.stat().st_uid, theirs.stat().st_gid, theirs.read_text()) == (65534, 65534, "new")
+    long = tmp_path / ("a" * 240 + ".json")
+    write_text(check_target(long, force=False, field="-o"), "{}")
+    assert long.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))  == []
+    proc = subprocess.run(f"ln -s /dev/stdout {tmp_path}/so.json && {sys.executable} -m archplan.cli schema "
+                          f"-o {tmp_path}/so.json --force | head -c 1", shell=True, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout == "{" and "error" not in proc.stderr
+
+
 def test_a_link_is_judged_by_the_file_it_names(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A dangling link was written through without --force, and one into a missing folder
     passed the up-front check and failed only after the work."""
@@ -824,7 +851,8 @@ def test_a_link_is_judged_by_the_file_it_names(cli, tmp_path: Path) -> None:  # 
     assert link.is_symlink() and (tmp_path / "made.yaml").read_text().startswith("#")
     lost = tmp_path / "lost.png"
     lost.symlink_to(tmp_path / "none" / "fig.png")
-    assert_one_line_error(cli("size", "gpt2", "--plot", str(lost), "--force"), "directory does not exist")
+    assert_one_line_error(cli("size", "gpt2", "--plot", str(lost), "--force"),
+                          f"links to {tmp_path / 'none' / 'fig.png'}, whose directory does not exist")
 
 
 def test_hostile_text_gets_one_line(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -834,6 +862,8 @@ def test_hostile_text_gets_one_line(cli, tmp_path: Path) -> None:  # type: ignor
     line = assert_one_line_error(cli("size", spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: 64\x07"))),
                                  "spec.yaml:3:12: invalid YAML: the character U+0007 is not allowed")
     assert "\n" not in line
+    # libyaml counts the offset in UTF-8 bytes: text before the character in any other script moved it
+    assert_one_line_error(cli("size", spec_file(tmp_path, "# 日本語の説明\nname: 😀\x07\n")), "spec.yaml:2:8: invalid YAML")
     assert_one_line_error(cli("size", spec_file(tmp_path, "name: !!binary aGVsbG8=\n" + BASE.split("\n", 1)[1])),
                           "spec.yaml:1:1: name: binary data (!!binary) is no spec value")
     assert_one_line_error(cli("size", spec_file(tmp_path, "just text\n")), "got 'just text'")

@@ -94,6 +94,10 @@ def test_a_torchrun_worker_out_of_memory_is_the_workers_failure() -> None:
                               env={**clean, **env})
         assert proc.returncode == exit_code, proc.stderr
         assert proc.stderr.strip().endswith("give a smaller --seq, or a smaller mb in --layout"), proc.stderr
+    # another command under RANK and WORLD_SIZE (a user's own launcher) is no bench worker
+    proc = subprocess.run([sys.executable, "-c", code, "verify", "gpt2"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("give a smaller --seq or --batch"), proc.stderr
 
 
 @pytest.mark.parametrize("command", [("plan", "llama-3-70b", "--gpus", "1024"), ("plan", "llama-3-70b", "--gpus", "1024", "--json"),

@@ -1544,12 +1544,18 @@ def test_a_group_that_straddles_two_nodes_crosses_between_them(capsys: pytest.Ca
     assert all(row["ep"] in (1, 2, 4, 8) for row in json.loads(out)["layouts"])
 
 
-def test_an_nvl72_job_that_does_not_fill_its_racks_runs_on_64_of_each() -> None:
+def test_an_nvl72_job_that_does_not_fill_its_racks_runs_on_64_of_each(capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """NVIDIA's Slurm guidance for GB200 NVL72 jobs of 128 GPUs and more is 16 of a rack's 18
     four-GPU trays (--segment 16): 256 GPUs are four racks of 64, where EP32 stays in a rack;
     144 GPUs fill two racks of 72; --gpus-per-node is the node, whatever the job."""
     net = network(interconnect(accelerator("gb200")), "members")
     assert [net.node(world) for world in (64, 72, 144, 256, 16384)] == [72, 72, 72, 64, 64]
+    # the node TP must divide is the job's too: TP16 on 256 GB200 (64 a rack), not on 144 (72 a rack)
+    gb200 = ("--gpu", "gb200", "--seq", "8192", "--global-batch-tokens", "4Mi", "--layout", "tp=16,pp=1")
+    assert run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "256", *gb200)[0] == 0
+    code, _, err = run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "144", *gb200)
+    assert code == 2 and "tp=16 does not divide the node's 72 GPUs" in err
     assert network(interconnect(accelerator("gb200"), gpus_per_node=72), "members").node(256) == 72
     assert network(interconnect(H100), "members").node(256) == 8
 
@@ -2176,6 +2182,9 @@ def test_cli_plans_that_cannot_run_are_one_line_exit_2(
     (("llama-3-8b", "--gpus", "8", "--layout", "tp=8,dp=1", "--overlap", "dp,pp"),
      "--gpus 8 with the given --layout leaves pp=1"),
     (("mixtral-8x7b", "--gpus", "8", "--layout", "pp=8", "--overlap", "dp,ep"), "leaves ep=1"),
+    (("llama-3-8b", "--gpus", "7", "--overlap", "dp,tp"), "leaves tp=1 (TP degrees are powers of two)"),
+    # degrees that do not divide --gpus: the layout's own refusal, not a word on --overlap
+    (("mixtral-8x7b", "--gpus", "4", "--layout", "tp=8", "--overlap", "pp"), "tp=8 = 8 ranks does not divide"),
 ])
 def test_cli_an_overlap_of_a_degree_the_gpus_leave_at_1_is_refused(capsys: pytest.CaptureFixture[str],
                                                                    monkeypatch: pytest.MonkeyPatch,
@@ -2240,17 +2249,19 @@ def test_cli_the_search_never_straddles_a_node_with_tp(capsys: pytest.CaptureFix
 
 def test_cli_a_partly_filled_node_is_named(capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """12 GPUs on 8-GPU nodes leave a node half full, which the ring model prices as a full one:
-    said in the notes, and not said where the GPUs fill whole nodes or part of one."""
+    """12 GPUs on 8-GPU nodes leave a node half full, whose 4 NICs carry a ring through it (it
+    was priced as a full node's 8): said in the notes, the NICs only where rings are priced per
+    node (--ring-nics members, Hopper's), and not said where the GPUs fill whole nodes or part
+    of one."""
     def notes(gpus: str) -> list[str]:
         code, out, _ = run(capsys, monkeypatch, "plan", "llama-2-7b", "--gpus", gpus, "--gpu", "h100",
                            "--top", "1", "--json")
         assert code == 0
         return [n for n in json.loads(out)["notes"] if "whole node" in n]
 
-    assert notes("12") == ["12 GPUs are 1 whole node of 8 and 4 GPUs on another: collectives across nodes "
-                           "are priced as if every node held 8 (a partly filled node has fewer NICs for a "
-                           "ring); --gpus-per-node sets the node's size"]
+    assert notes("12") == ["12 GPUs are 1 whole node of 8 and 4 GPUs on another: a data-parallel ring through "
+                           "that node drives its 4 NICs across nodes, and a group that straddles two nodes is "
+                           "priced across them; --gpus-per-node sets the node's size"]
     assert notes("16") == notes("4") == []
 
 

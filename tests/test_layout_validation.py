@@ -672,7 +672,8 @@ def _megatron_moe_run(model: str, gpu_key: str, gpus: int, global_batch: int, la
 def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measured() -> None:
     """Megatron-Bridge 25.11, DGX-GB300 (Blackwell), DeepSeek-V3 without MTP at TP1 PP2 VP4 EP32, GBS
     4,096, seq 4,096: 3,848 tokens/s per GPU in BF16, 4,357 in MXFP8 (1.13×). Priced on B200 at that
-    layout in a 72-GPU NVLink domain, with Megatron-Core's bf16 dispatch: 1.08× with the routed
+    layout in NVLink domains of 64 GPUs (the 64 of each 72-GPU rack a 256-GPU job runs on; at 72 an
+    EP32 group straddles two racks, which the run's did not), with Megatron-Core's bf16 dispatch: 1.08× with the routed
     experts at the bf16 rate (the default, Transformer Engine's grouped GEMMs), 1.31× had they run
     at the fp8 rate (`--fp8-experts`; 1.33× since the pipeline's paired sends and receives and Hopper's GEMM efficiency refitted, 0.62 → 0.59 (2026-12-06)). The pair sits nearer the
     first."""
@@ -681,7 +682,7 @@ def test_transformer_engine_experts_keep_the_bf16_rate_as_the_gb300_pair_measure
     assert not Settings().fp8_experts
     layout = "tp=1,pp=2,cp=1,dp=128,ep=32,zero=1,mb=1,vpp=4,recompute=none,sp=off"
     rate = {(precision, fp8_experts): _megatron_moe_run("deepseek-v3", "b200", 256, 4096, layout, precision,
-                                                        fp8_experts=fp8_experts, gpus_per_node=72
+                                                        fp8_experts=fp8_experts, gpus_per_node=64
                                                         ).tokens_per_s_per_gpu
             for precision, fp8_experts in (("bf16", False), ("fp8", False), ("fp8", True))}
     measured = 4357 / 3848

@@ -543,9 +543,7 @@ BATCH_NOTE_ABOVE = 0.1
 
 def _node_size(result: SearchResult) -> int:
     """The GPUs that share a node's links in this job (an NVL72 job of 256 GPUs: 64 of each rack)."""
-    from archplan.planning.parallel import network
-
-    return network(result.net, result.ring_nics).node(result.gpus)
+    return result.net.node(result.gpus)
 
 
 def _notes(result: SearchResult) -> list[str]:
@@ -580,10 +578,12 @@ def _notes(result: SearchResult) -> list[str]:
     per_node = _node_size(result)
     if result.gpus > per_node and result.gpus % per_node:
         whole, rest = divmod(result.gpus, per_node)
+        # the rings' NICs are priced per node only under --ring-nics members
+        nics = (f"a data-parallel ring through that node drives its {rest} NIC{'s' if rest > 1 else ''} across "
+                "nodes, and " if result.ring_nics == "members" else "")
         notes.append(f"{result.gpus:,} GPUs are {whole:,} whole node{'s' if whole > 1 else ''} of {per_node} "
-                     f"and {rest} GPU{'s' if rest > 1 else ''} on another: a group that reaches that node "
-                     f"drives its {rest} NIC{'s' if rest > 1 else ''} across nodes, and one that straddles "
-                     "two nodes crosses between them; --gpus-per-node sets the node's size")
+                     f"and {rest} GPU{'s' if rest > 1 else ''} on another: {nics}a group that straddles two "
+                     "nodes is priced across them; --gpus-per-node sets the node's size")
     if not result.calibrated and result.settings.efficiency is not None:
         notes.append(f"no calibration for {result.gpu.name}: its HBM bandwidth fraction is Hopper's; its "
                      "GEMMs and attention run at the --efficiency given")
@@ -1633,14 +1633,19 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
         if degree in settings.overlap and given.get(degree) == 1:
             raise ArchplanError(f"--overlap {degree} hides {what}, and the given --layout has {degree}=1: drop "
                                 f"{degree} from --overlap (a search applies it only where {degree} > 1)")
-        # the other degrees given leave this one the GPUs over: none when they take them all (EP
-        # folds over a stage's ranks, so only pp bounds it)
+        # the other degrees given leave this one the GPUs over (EP folds over a stage's ranks, so
+        # only pp bounds it): none when they take them all, and no TP degree (a power of two) in
+        # an odd count; degrees that do not divide --gpus are the layout check's to refuse
         bounding = ("pp",) if degree == "ep" else tuple(d for d in ("tp", "cp", "pp", "dp") if d != degree)
         others = math.prod(int(given.get(d, 1)) for d in bounding)
-        if degree in settings.overlap and degree not in given and gpus <= others:
+        if degree not in settings.overlap or degree in given or gpus % others:
+            continue
+        rest = gpus // others
+        if rest == 1 or (degree == "tp" and rest % 2):
             raise ArchplanError(f"--overlap {degree} hides {what}, and --gpus {gpus:,}"
-                                f"{' with the given --layout' if others > 1 else ''} leaves {degree}=1: drop "
-                                f"{degree} from --overlap")
+                                f"{' with the given --layout' if others > 1 else ''} leaves {degree}=1"
+                                f"{' (TP degrees are powers of two)' if rest > 1 else ''}: drop {degree} from "
+                                "--overlap")
     if settings.dispatcher != "auto" and given.get("ep") == 1:
         raise ArchplanError(f"--dispatcher {settings.dispatcher} routes the experts' all-to-all across nodes, and "
                             "the given --layout has ep=1, which sends none: drop --dispatcher (a search applies it "

@@ -1705,7 +1705,8 @@ def _pydantic_message(exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] != "value_error" and isinstance(err.get("input"), (int, float, str)):
-        msg += f" (got {err['input']!r})"
+        shown = repr(err["input"])
+        msg += f" (got {shown[:80] + '…' if len(shown) > 80 else shown})"
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -96,6 +96,11 @@ class Interconnect:
     # GPUs of one domain a job larger than the domain gets (`pricing.Network.node`); None: all
     segment: int | None = None
 
+    def node(self, world: int) -> int:
+        """The GPUs that share a node's links in a job of `world` (`pricing.Network.node`): the
+        node tensor parallelism must divide, and the one the collectives are priced over."""
+        return network(self, "one").node(world)
+
 
 NVL72_SEGMENT = 64
 
@@ -698,7 +703,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     # them where there is one, not a layout that breaks it by having no virtual stages
     interleaved_example = False
     # a given sp=on asks for sequence parallelism, which needs a TP group to split over
-    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.gpus_per_node and (t > 1 or g.get("sp") is not True)]
+    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.node(gpus) and (t > 1 or g.get("sp") is not True)]
     cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
     # FSDP2 runs every stage too (zero 0: `replicate`; 1: gradients accumulated unsharded;
     # 2: reshard_after_forward=False; 3: resharded; `distributed/shard.py`)
@@ -760,7 +765,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                     # what a fully given layout must pass (given fields and chosen ones together)
                     why = (group_problem(layout, _microbatches(batch, dp, mb))
                            or layout_problem(layout, n_layers=n_layers, n_experts=data.n_experts,
-                                             gpus_per_node=net.gpus_per_node, seq=seq))
+                                             gpus_per_node=net.node(gpus), seq=seq))
                     if why is None:
                         out.append(layout)
                     elif g and (broken is None or ("group" in g and vpp > 1 and not interleaved_example)):
@@ -787,7 +792,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     n_layers, n_experts = evaluator.data.n_main, evaluator.data.n_experts
     by_user = bool(fixed.given)
     fixed = fixed.for_model(n_experts)
-    check_partial(fixed, gpus=gpus, gpus_per_node=net.gpus_per_node, n_layers=n_layers, n_experts=n_experts,
+    check_partial(fixed, gpus=gpus, gpus_per_node=net.node(gpus), n_layers=n_layers, n_experts=n_experts,
                   seq=seq)
     given = fixed.given
     if "tp" in given:
@@ -805,7 +810,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         raise ArchplanError(f"--layout: {why}")
     complete = fixed.complete()
     if complete is not None:
-        check_layout(complete, n_layers=n_layers, gpus=gpus, gpus_per_node=net.gpus_per_node,
+        check_layout(complete, n_layers=n_layers, gpus=gpus, gpus_per_node=net.node(gpus),
                      n_experts=n_experts, seq=seq)
         why = (batch_problem(complete, sequences)
                or group_problem(complete, _microbatches(batch, complete.dp, complete.mb)))
@@ -886,7 +891,7 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
     if broken is not None:
         return f"{where}no layout{given}: every completion breaks a rule, e.g. {broken}"
     g = fixed.given
-    rules = [] if "tp" in g else [f"TP dividing a node of {net.gpus_per_node} (TP within a node)"]
+    rules = [] if "tp" in g else [f"TP dividing a node of {net.node(gpus)} (TP within a node)"]
     if "cp" not in g:
         most = max(c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS)
         rules.append(f"CP ≤ {most} (each rank keeping ≥ {CP_MIN_TOKENS:,} of a sequence's {seq:,} tokens; "
@@ -932,7 +937,7 @@ def rail_bound(result: SearchResult, plan: ModelPlan, e: Evaluated) -> RailBound
     """`e` re-priced under the ring convention it was not priced under (`pricing.collective_time`):
     the network's other end for its data-parallel traffic. Published runs fall on both sides
     (docs/validation.md, "The ring's NICs per GPU family"). None when the ring has one rail."""
-    k = rails(e.layout, network(result.net, result.ring_nics).node(e.layout.world))
+    k = rails(e.layout, result.net.node(e.layout.world))
     if k < 2:
         return None
     other: RingNics = "one" if result.ring_nics == "members" else "members"
