@@ -2142,7 +2142,7 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
      "1 GPU admits no TP×CP×PP×DP split"),
     (("llama-2-7b", "--gpus", "16", "--gpu", "h100", "--top", "3", "--layout",
       "tp=1,cp=1,pp=1,dp=16,zero=1,recompute=none,mb=1"), "--top 3 ranks a search, and the given --layout fixes"),
-    (("llama-3-70b", "--gpus", "128", "--gpu", "gb200", "--layout", "tp=16"),
+    (("llama-3-70b", "--gpus", "144", "--gpu", "gb200", "--layout", "tp=16"),
      "does not divide the node's 72 GPUs: TP groups of consecutive ranks would straddle two nodes (tensor "
      "parallelism needs the in-node links); a job that uses 64 GPUs of each node says so with --gpus-per-node 64"),
     (("llama-3-8b", "--gpus", "8", "--gpu", "mi300x", "--flash-impl", "cudnn"),
