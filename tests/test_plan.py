@@ -419,6 +419,34 @@ def test_solve_one_width_against_two_targets_finds_the_least_worst_error(tmp_pat
     assert max(abs(e) for e in result.nearest.errors.values()) < 0.01
 
 
+def test_solve_holds_a_width_at_its_least_and_solves_the_other_again(tmp_path: Path) -> None:
+    """DeepSeek-V3's dense and expert widths for 671e9 / 33e9 within 7%: least squares put the
+    dense width below zero, rounding raised it to 128 and kept the expert width that assumed it
+    negative, and "no integer solution" was printed though 128 / 1,920 is within 7% of both."""
+    def unknown_widths(d: dict) -> None:
+        d["ffn"]["d_ff"] = "solve"
+        d["moe"]["expert"]["d_ff"] = "solve"
+        d["moe"]["shared"] = {"n": 1}
+
+    path = _partial(tmp_path, "deepseek-v3", unknown_widths)
+    result = solve(path, Targets(671e9, 33e9), tolerance=0.07, multiple=128)
+    assert result.solved and result.nearest.values["ffn.d_ff"] == 128
+    assert result.nearest.values["moe.expert.d_ff"] == 1920
+
+
+def test_solve_judges_the_tolerance_exactly_and_tries_the_width_cap() -> None:
+    """d_ff 78,054 makes 1.01 × the target exactly, shown "+1.000% ✗" (in floats the miss is
+    0.010000000000000009); a target needing a width past the spec's cap was refused, though the cap
+    meets it within --tol; and a --multiple too coarse was blamed on the sizes not solved for."""
+    exact = solve("claude-3-opus-partial", Targets(197_745_868_800, None), multiple=78054)
+    assert exact.solved and exact.nearest.values == {"ffn.d_ff": 78054} and exact.nearest.errors["total"] > 0.01
+    capped = solve("claude-3-opus-partial", Targets(4e13, None), tolerance=0.02)
+    assert capped.solved and capped.nearest.values == {"ffn.d_ff": 1 << 24}
+    coarse = solve("claude-3-opus-partial", Targets(16e9, None), multiple=1024)
+    assert not coarse.solved and coarse.floor_note is not None and "a smaller --multiple" in coarse.floor_note
+    assert solve("claude-3-opus-partial", Targets(16e9, None)).solved
+
+
 def test_solve_shared_experts_whose_count_and_width_are_both_unknown(tmp_path: Path) -> None:
     """At `shared.n: 0` the shared width moves no count: that combination solves the expert width
     alone instead of stopping the whole solve as two widths moving the targets in proportion."""

@@ -407,7 +407,7 @@ def _solve_json(result: SolveResult, written: str | None) -> dict[str, Any]:
         "solutions": result.within,
         "candidates": [
             {"values": c.values, "total_params": c.total, "active_params": c.active,
-             "errors": c.errors, "within_tolerance": c.worst <= result.tolerance}
+             "errors": c.errors, "within_tolerance": c.within(result.tolerance)}
             for c in result.candidates
         ],
         "spec": spec_data(result.nearest.spec) if result.solved else None,
@@ -449,7 +449,7 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
         table.add_row(*(f"{c.values[u]:,}" if u in c.values else "—" for u in result.unknowns),
                       f"{c.total:,}", f"{c.active:,}",
                       *(_solve_error(c.errors[name]) for name, _ in result.targets.items()),
-                      "✓" if c.worst <= result.tolerance else "✗")
+                      "✓" if c.within(result.tolerance) else "✗")
     console.print(table)
     best = result.nearest
     if result.solved:

@@ -34,7 +34,7 @@ from archplan.analytic import count_params
 from archplan.errors import ArchplanError
 from archplan.loader import InvalidSpec, LoadedYaml, find_partial_path, parse_yaml, read_text, spec_from_data
 from archplan.resolve import resolve
-from archplan.spec import Spec
+from archplan.spec import MAX_DIM, Spec
 
 MARKERS = ("solve", "?")
 TOP_K_MAX = 16
@@ -80,10 +80,17 @@ class Candidate:
     total: int
     active: int
     errors: dict[str, float]  # "total"/"active" -> achieved/target - 1
+    miss: Fraction  # the worst |achieved/target - 1|, exact: what the ranking and the tolerance judge
+    fixed: dict[str, float]  # "total"/"active" -> the count with every solved width at 0 (affine intercept)
 
     @property
     def worst(self) -> float:
         return max(abs(e) for e in self.errors.values())
+
+    def within(self, tolerance: float) -> bool:
+        """Every target met within `tolerance`, exactly: 1.01 × a target is within 1% (in floats
+        199,723,327,488 / 197,745,868,800 − 1 is 0.010000000000000009)."""
+        return self.miss <= Fraction(tolerance)
 
     def count(self, target: Literal["total", "active"]) -> int:
         """The parameters a target names: the total or the active count."""
@@ -103,7 +110,7 @@ class SolveResult:
     @property
     def solutions(self) -> tuple[Candidate, ...]:
         """The kept candidates within tolerance (`within` counts them all)."""
-        return tuple(c for c in self.candidates if c.worst <= self.tolerance)
+        return tuple(c for c in self.candidates if c.within(self.tolerance))
 
     @property
     def solved(self) -> bool:
@@ -130,6 +137,10 @@ class SolveResult:
         held = " and ".join(f"{count:,} {name} parameters, above the --{name} {target:,.0f} asked"
                             for name, count, target in over)
         least = ", ".join(f"{w} = {self.multiple:,}" for w in widths)
+        if all(best.fixed[name] <= target * (1 + self.tolerance) for name, _, target in over):
+            # the sizes not solved for leave room: the step of --multiple is what overshoots
+            return (f"at their least ({least}) the widths leave {held}, and --multiple {self.multiple:,} "
+                    "allows nothing narrower: a smaller --multiple reaches the target")
         return (f"at their least ({least}) the widths leave {held}: the sizes the solve does not choose "
                 "(d_model, n_layers, the vocabulary and the rest) hold too much for that")
 
@@ -279,10 +290,34 @@ def _minimax(rows: list[tuple[float, list[float], float]]) -> list[float]:
 
 
 def _roundings(value: float, multiple: int) -> list[int]:
+    """The multiples of `multiple` either side of `value`, within the spec's widths (1 ..
+    MAX_DIM): a width wanted past the cap is tried at the cap, where the target may still be met
+    within the tolerance."""
+    top = multiple * (MAX_DIM // multiple)
     if not math.isfinite(value) or value <= multiple:
         return [multiple]
+    if value >= top:
+        return [top]
     low = multiple * math.floor(value / multiple)
-    return sorted({low, low + multiple})
+    return sorted({low, min(low + multiple, top)})
+
+
+def _held_at_least(rows: list[tuple[float, list[float], float]], optimum: list[float],
+                   multiple: int) -> list[list[float]]:
+    """For two widths where least squares put one at or below its least (`multiple`): that one
+    held there and the other solved again for the targets (its least squares and, against two
+    targets, its minimax), as rounding the first up leaves the second at a value that assumed it
+    lower (DeepSeek-V3's dense and expert widths for one --total and --active)."""
+    found: list[list[float]] = []
+    for i, width in enumerate(optimum):
+        if math.isfinite(width) and width > multiple:
+            continue
+        other = 1 - i
+        held = [(c + a[i] * multiple, [a[other]], t) for c, a, t in rows]
+        solved = [_least_squares(held)] + ([_minimax(held)] if len(held) == 2 else [])
+        for (w,) in solved:
+            found.append([float(multiple), w] if i == 0 else [w, float(multiple)])
+    return found
 
 
 def _without_stale_counts(spec: Spec, total: int, active: int) -> Spec:
@@ -375,6 +410,8 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
             continue
         if len(solving) == 1 and len(rows) == 2:
             optima.append(_minimax(rows))  # the nearest by the ranking's measure, the worst error
+        if len(solving) == 2:
+            optima += _held_at_least(rows, optima[0], multiple)
         tried = {rounded for optimum in optima
                  for rounded in itertools.product(*(_roundings(w, multiple) for w in optimum))}
         for rounded in sorted(tried):
@@ -391,9 +428,16 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
             total, active = _counts(spec)
             errors = {name: (total if name == "total" else active) / target - 1
                       for name, target in goals}
+            # the worst miss in exact arithmetic: in floats, two equal misses either side of a
+            # target (d_ff 16 and 17 at their midpoint) differ in the last bit, and the larger
+            # model ranked first
+            miss = max(abs(Fraction(total if name == "total" else active) - Fraction(target)) / Fraction(target)
+                       for name, target in goals)
+            fixed = {name: c for (c, _, _), (name, _) in zip(rows, goals)}
             key = tuple(sorted(values.items()))
             candidates[key] = Candidate({dotted(p): v for p, v in values.items()},
-                                        _without_stale_counts(spec, total, active), total, active, errors)
+                                        _without_stale_counts(spec, total, active), total, active, errors,
+                                        miss, fixed)
     if not candidates:
         assert first_error is not None
         raise first_error
@@ -401,14 +445,9 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     # values adds expert counts to widths, and ranked Mixtral at 2,386 × 128 experts, 121.7 B, above
     # its own 14,336 × 8, 12.9 B, at one --active); a stable sort keeps equal ones in the order tried
     # (docs/plan.md)
-    # The worst miss in exact arithmetic: in floats, two equal misses either side of a target
-    # (d_ff 16 and 17 at their midpoint) differ in the last bit, and the larger model ranked first.
-    def exact_worst(c: Candidate) -> Fraction:
-        return max(abs(Fraction(c.count(name)) - Fraction(target)) / Fraction(target) for name, target in goals)
-
-    ranked = sorted(candidates.values(), key=lambda c: (exact_worst(c), c.total, c.active))
+    ranked = sorted(candidates.values(), key=lambda c: (c.miss, c.total, c.active))
     return SolveResult(
         unknowns=tuple(dotted(p) for p in unknown), tied=tuple(dotted(p) for p in tied),
         targets=targets, tolerance=tolerance, multiple=multiple, candidates=tuple(ranked[:keep]),
-        within=sum(c.worst <= tolerance for c in ranked),
+        within=sum(c.within(tolerance) for c in ranked),
     )
