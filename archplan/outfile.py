@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -57,8 +59,8 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
         # the nearest folder on the path that exists: a file there is why, not a missing folder
         found = next(p for p in real.parents if p.exists())
         problem = f"{found} is a file, not a directory" if not found.is_dir() else "directory does not exist"
-        if target.is_symlink():  # the folder missing is the link target's, not the link's
-            problem = f"links to {os.readlink(target)}, whose {problem}"
+        if target.is_symlink():  # the folder missing is the (last) link target's, not the link's
+            problem = f"links to {real}, whose {problem}"
         raise ArchplanError(problem, file=str(path), field=field)
     if real.exists():  # replaced in place: the file itself must take writes (a read-only mount refuses even root)
         if not os.access(real, os.W_OK):
@@ -76,7 +78,8 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
 def write_whole(target: Path, write: Callable[[Path], None]) -> None:
     """Run `write` on a scratch file beside the file `target` names (through a link, its target),
     then rename it over that file: a full disk or a failing writer leaves the old file, or none,
-    never half of one. The new file keeps the old one's permissions and owner, else the umask's.
+    never half of one. The new file keeps the old one's permissions, ACLs and owner; a file new to
+    the folder gets what open() would give it.
     Written in place instead, where a rename would not replace the same file: what is no regular
     file (/dev/stdout, a FIFO), a file with other hard links (they would keep the old text), a
     file whose folder takes no new entry or no rename over it (a sticky folder, `check_target`
@@ -90,22 +93,26 @@ def write_whole(target: Path, write: Callable[[Path], None]) -> None:
         write(real)
         return
     try:
-        # a short name: the target's own may already be near the file system's 255 bytes
-        handle, name = tempfile.mkstemp(dir=real.parent, prefix=".archplan-", suffix=".tmp")
+        # a short name (the target's own may already be near the file system's 255 bytes), created
+        # as open() creates a file, so that the umask or the folder's default ACL applies
+        scratch = _scratch_in(real.parent)
     except OSError:
         if old is None:
             raise
         write(real)
         return
-    os.close(handle)
-    scratch = Path(name)
     try:
         write(scratch)
-        os.chmod(scratch, stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~_umask())
-        if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-            try:  # root replacing a user's file gives it back to them
-                os.chown(scratch, old.st_uid, old.st_gid)
-            except PermissionError:  # another's file in a shared folder: written into, it stays theirs
+        if old is not None:
+            # the old file's permissions and ACLs (extended attributes), its owner where that
+            # differs (root replacing a user's file; a setgid folder's group), the time of now
+            try:
+                shutil.copystat(real, scratch)
+                os.utime(scratch)
+                made = scratch.stat()
+                if (made.st_uid, made.st_gid) != (old.st_uid, old.st_gid):
+                    os.chown(scratch, old.st_uid, old.st_gid)
+            except PermissionError:  # another's file, or attributes only its owner sets: written into
                 scratch.unlink(missing_ok=True)
                 write(real)
                 return
@@ -121,10 +128,17 @@ def write_whole(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _scratch_in(folder: Path) -> Path:
+    """A new empty file in `folder` under a name no other file has, made with mode 0666 as open()
+    makes one (the umask, or the folder's default ACL, then applies)."""
+    for _ in range(100):
+        path = folder / f".archplan-{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free scratch name", str(folder))
 
 
 def os_reason(exc: BaseException) -> str:

@@ -473,22 +473,20 @@ MIN_NAME_WIDTH = 8  # the figure names' column, folded, where a narrow terminal 
 
 
 def _hold_lines(table: Table, width: int) -> None:
-    """Give each value column of a stacked compare table the width of its longest line (a figure,
-    or its ratio) and the names' column what is left up to its longest word, where `width` leaves
-    the names `MIN_NAME_WIDTH`: Rich then never splits a figure or a ratio, and wraps the names at
-    their spaces where it can. Narrower, every column folds as Rich folds it."""
+    """Fix each value column of a stacked compare table at the width of its longest line (a
+    figure, or its ratio) and the names' column at what is left, up to its longest name, where
+    `width` leaves the names `MIN_NAME_WIDTH`: Rich then never splits a figure or a ratio, folds
+    a spec's name in its header and wraps the figure names at their spaces. Fixed, not minimum,
+    widths: a header wider than its figures (claude-3-opus-rumored) would otherwise hold its
+    column wider and Rich crop the last one. Narrower, every column folds as Rich folds it."""
     first, *values = table.columns
-    name = max(len(word) for cell in first.cells for word in str(cell).split())
     lines = [max(len(line) for cell in column.cells for line in str(cell).splitlines()) for column in values]
     room = width - sum(lines) - 3 * len(values)
     if room < MIN_NAME_WIDTH:
         return
-    for column, piece in zip(values, lines):
-        column.min_width = piece
-    if room >= name:
-        first.min_width = name
-    else:  # a figure's value before its name's words: fixed, so that Rich narrows no value column
-        first.width = room
+    for column, line in zip(values, lines):
+        column.width = line
+    first.width = min(room, max(len(str(cell)) for cell in first.cells))
 
 
 def print_compare(reports: Sequence[dict[str, Any]], console: Console | None = None) -> None:

@@ -818,6 +818,8 @@ def test_a_replaced_file_stays_its_owners_and_keeps_its_links(tmp_path: Path) ->
     """The rename gave root a user's file (`sudo archplan ... --force`) and cut its hard links
     off; a name near 255 bytes failed on the scratch file's longer name; a link to /dev/stdout
     feeding a pipe resolved to a name that is no file and was refused."""
+    import stat
+
     from archplan.outfile import check_target, write_text
 
     mine = tmp_path / "mine.json"
@@ -832,6 +834,17 @@ def test_a_replaced_file_stays_its_owners_and_keeps_its_links(tmp_path: Path) ->
         os.chown(theirs, 65534, 65534)
         write_text(theirs, "new")
         assert (theirs.stat().st_uid, theirs.stat().st_gid, theirs.read_text()) == (65534, 65534, "new")
+    if os.geteuid() == 0:  # a setgid folder gives a new file its group: the replaced one keeps its own
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        os.chown(shared, 0, 100)
+        shared.chmod(0o2775)
+        kept = shared / "kept.json"
+        kept.write_text("old")
+        os.chown(kept, 0, 0)
+        kept.chmod(0o640)
+        write_text(kept, "new")
+        assert (kept.stat().st_gid, stat.S_IMODE(kept.stat().st_mode)) == (0, 0o640)
     long = tmp_path / ("a" * 240 + ".json")
     write_text(check_target(long, force=False, field="-o"), "{}")
     assert long.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))  == []
@@ -852,6 +865,10 @@ def test_a_link_is_judged_by_the_file_it_names(cli, tmp_path: Path) -> None:  # 
     lost = tmp_path / "lost.png"
     lost.symlink_to(tmp_path / "none" / "fig.png")
     assert_one_line_error(cli("size", "gpt2", "--plot", str(lost), "--force"),
+                          f"links to {tmp_path / 'none' / 'fig.png'}, whose directory does not exist")
+    chained = tmp_path / "chained.png"
+    chained.symlink_to(lost)  # a link to that link: the folder missing is still the last target's
+    assert_one_line_error(cli("size", "gpt2", "--plot", str(chained), "--force"),
                           f"links to {tmp_path / 'none' / 'fig.png'}, whose directory does not exist")
 
 

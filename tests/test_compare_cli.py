@@ -205,3 +205,30 @@ def test_a_narrow_terminal_breaks_between_a_figure_and_its_ratio_never_inside_a_
     assert all(not cell or re.fullmatch(r"[\d.,]+(e[+-]\d+)?( \w+)?|\(.+\)|none|—", cell) for cell in cells)
     wide = runner.invoke(app, ["compare", *specs, "--context", "2048", "--seq", "1024"], env={"COLUMNS": "100"})
     assert any(ln.startswith("forward/token (full)") for ln in wide.stdout.splitlines())  # names whole where they fit
+
+
+@pytest.mark.parametrize("specs", [
+    ("deepseek-v3", "qwen3-235b-a22b", "mixtral-8x7b", "llama-3.1-405b"),
+    ("gpt2", "claude-3-opus-rumored", "deepseek-v3-mtp", "qwen3-235b-a22b", "hybrid-ssm-moe", "stripedhyena-7b",
+     "frontier-1t-moe"),
+])
+def test_no_width_crops_a_figure(specs: tuple[str, ...]) -> None:
+    """A header wider than its column's figures (llama-3.1-405b, claude-3-opus-rumored) held the
+    stacked layout's columns wider than their share, and Rich cropped the last: "406 B" printed as
+    "406" at 72 columns. Every figure and ratio the wide table prints is whole at every width that
+    leaves the names their few columns."""
+    from archplan.render import MIN_NAME_WIDTH
+
+    wide = runner.invoke(app, ["compare", *specs, "--gpu", "h100"], env={"COLUMNS": "400"}).stdout
+    rows = [[re.split(r" (?=\()", cell.strip()) for cell in ln.split("│")[1:]]
+            for ln in wide.splitlines() if "│" in ln]
+    figures = {part for row in rows for cell in row for part in cell if part}
+    # the narrowest terminal the stacked layout holds: each value column its longest line
+    least = sum(max(len(part) for row in rows for part in row[i]) for i in range(len(specs)))
+    for columns in range(least + 3 * len(specs) + MIN_NAME_WIDTH, 200, 3):
+        out = runner.invoke(app, ["compare", *specs, "--gpu", "h100"], env={"COLUMNS": str(columns)}).stdout
+        table = [ln for ln in out.splitlines() if "│" in ln]
+        assert all(len(ln) <= columns for ln in table), columns
+        cells = {cell.strip() for ln in table for cell in ln.split("│")[1:]}
+        parts = {part for cell in cells for part in re.split(r" (?=\()", cell) if part}
+        assert figures <= parts, (columns, sorted(figures - parts)[:5])

@@ -1556,6 +1556,7 @@ def test_an_nvl72_job_that_does_not_fill_its_racks_runs_on_64_of_each(capsys: py
     assert run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "256", *gb200)[0] == 0
     code, _, err = run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "144", *gb200)
     assert code == 2 and "tp=16 does not divide the node's 72 GPUs" in err
+    assert run(capsys, monkeypatch, "plan", "llama-3-70b", "--gpus", "64", *gb200)[0] == 0  # one domain
     assert network(interconnect(accelerator("gb200"), gpus_per_node=72), "members").node(256) == 72
     assert network(interconnect(H100), "members").node(256) == 8
 
@@ -2182,7 +2183,10 @@ def test_cli_plans_that_cannot_run_are_one_line_exit_2(
     (("llama-3-8b", "--gpus", "8", "--layout", "tp=8,dp=1", "--overlap", "dp,pp"),
      "--gpus 8 with the given --layout leaves pp=1"),
     (("mixtral-8x7b", "--gpus", "8", "--layout", "pp=8", "--overlap", "dp,ep"), "leaves ep=1"),
-    (("llama-3-8b", "--gpus", "7", "--overlap", "dp,tp"), "leaves tp=1 (TP degrees are powers of two)"),
+    (("llama-3-8b", "--gpus", "7", "--overlap", "dp,tp"), "leaves tp=1 (no TP degree, a power of two within"),
+    (("llama-3-8b", "--gpus", "16", "--gpus-per-node", "1", "--overlap", "tp"), "within the node of 1, divides 16"),
+    # a given layout's own refusal is the cause, not the overlap it leaves nothing to hide
+    (("llama-3-8b", "--gpus", "16", "--layout", "tp=16", "--overlap", "pp"), "tp=16 spans more than one node"),
     # degrees that do not divide --gpus: the layout's own refusal, not a word on --overlap
     (("mixtral-8x7b", "--gpus", "4", "--layout", "tp=8", "--overlap", "pp"), "tp=8 = 8 ranks does not divide"),
 ])

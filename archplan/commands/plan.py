@@ -1605,6 +1605,33 @@ def _settings(efficiency: float | None, states: StatesChoice, attention: KernelC
     )
 
 
+_OVERLAPPED = (("tp", "the tensor-parallel traffic behind its GEMMs"),
+               ("pp", "the pipeline's sends and receives behind compute"),
+               ("ep", "the experts' all-to-all behind compute"))
+
+
+def _refuse_overlap_the_gpus_rule_out(settings: Settings, fixed: PartialLayout, gpus: int, tp_node: int) -> None:
+    """--overlap of a degree that --gpus and the degrees given leave at 1 would change nothing:
+    said in one line (after the given layout's own checks, whose refusal is the cause where it
+    applies). The other degrees given leave this one the GPUs over (EP folds over a stage's
+    ranks, so only pp bounds it): none when they take them all, and for TP none of its degrees
+    (powers of two, within the node) dividing what is left."""
+    from archplan.planning.parallel import TP_DEGREES
+
+    given = fixed.given
+    for degree, what in _OVERLAPPED:
+        bounding = ("pp",) if degree == "ep" else tuple(d for d in ("tp", "cp", "pp", "dp") if d != degree)
+        others = math.prod(int(given.get(d, 1)) for d in bounding)
+        if degree not in settings.overlap or degree in given or gpus % others:
+            continue
+        rest = gpus // others
+        if rest == 1 or (degree == "tp" and not any(rest % t == 0 for t in TP_DEGREES if 1 < t <= tp_node)):
+            why = "" if rest == 1 else f" (no TP degree, a power of two within the node of {tp_node}, divides {rest})"
+            raise ArchplanError(f"--overlap {degree} hides {what}, and --gpus {gpus:,}"
+                                f"{' with the given --layout' if others > 1 else ''} leaves {degree}=1{why}: "
+                                f"drop {degree} from --overlap")
+
+
 def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayout, seq: int,
                                           attention: bool, gpus: int) -> None:
     """An option about a degree or mode the given --layout, the search's rules or the states rule
@@ -1627,25 +1654,10 @@ def _refuse_settings_the_layout_rules_out(settings: Settings, fixed: PartialLayo
                                 f"the search tries cp > 1 only from {2 * CP_MIN_TOKENS:,} tokens (each rank "
                                 f"keeping ≥ {CP_MIN_TOKENS:,}), not at --seq {seq:,}: give --layout cp=N, or a "
                                 "longer --seq")
-    for degree, what in (("tp", "the tensor-parallel traffic behind its GEMMs"),
-                         ("pp", "the pipeline's sends and receives behind compute"),
-                         ("ep", "the experts' all-to-all behind compute")):
+    for degree, what in _OVERLAPPED:
         if degree in settings.overlap and given.get(degree) == 1:
             raise ArchplanError(f"--overlap {degree} hides {what}, and the given --layout has {degree}=1: drop "
                                 f"{degree} from --overlap (a search applies it only where {degree} > 1)")
-        # the other degrees given leave this one the GPUs over (EP folds over a stage's ranks, so
-        # only pp bounds it): none when they take them all, and no TP degree (a power of two) in
-        # an odd count; degrees that do not divide --gpus are the layout check's to refuse
-        bounding = ("pp",) if degree == "ep" else tuple(d for d in ("tp", "cp", "pp", "dp") if d != degree)
-        others = math.prod(int(given.get(d, 1)) for d in bounding)
-        if degree not in settings.overlap or degree in given or gpus % others:
-            continue
-        rest = gpus // others
-        if rest == 1 or (degree == "tp" and rest % 2):
-            raise ArchplanError(f"--overlap {degree} hides {what}, and --gpus {gpus:,}"
-                                f"{' with the given --layout' if others > 1 else ''} leaves {degree}=1"
-                                f"{' (TP degrees are powers of two)' if rest > 1 else ''}: drop {degree} from "
-                                "--overlap")
     if settings.dispatcher != "auto" and given.get("ep") == 1:
         raise ArchplanError(f"--dispatcher {settings.dispatcher} routes the experts' all-to-all across nodes, and "
                             "the given --layout has ep=1, which sends none: drop --dispatcher (a search applies it "
@@ -1673,7 +1685,8 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                 top: int = TOP_LAYOUTS, top_given: bool = False) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
-    from archplan.planning.layout import LAYOUT_FIELDS, PartialLayout, parse_layout
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import LAYOUT_FIELDS, PartialLayout, check_partial, parse_layout
     from archplan.planning.parallel import interconnect, search
     from archplan.resolve import resolve
 
@@ -1696,6 +1709,12 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                             f"none (drop {'them' if len(cudnn) > 1 else 'it'}{instead})")
     batch_tokens = _token_count(batch_text, "--global-batch-tokens")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
+    if settings.overlap & {"tp", "pp", "ep"} and fixed.given:
+        # the given layout's own refusal first: it is the cause where it applies
+        data = model_data(plan, seq)
+        check_partial(fixed.for_model(data.n_experts), gpus=gpus, gpus_per_node=net.tp_node(gpus),
+                      n_layers=data.n_main, n_experts=data.n_experts, seq=seq)
+    _refuse_overlap_the_gpus_rule_out(settings, fixed, gpus, net.tp_node(gpus))
     if plot is not None:
         from archplan.plot import figure_target
 

@@ -97,9 +97,14 @@ class Interconnect:
     segment: int | None = None
 
     def node(self, world: int) -> int:
-        """The GPUs that share a node's links in a job of `world` (`pricing.Network.node`): the
-        node tensor parallelism must divide, and the one the collectives are priced over."""
+        """The GPUs that share a node's links in a job of `world` (`pricing.Network.node`), the
+        node the collectives are priced over."""
         return network(self, "one").node(world)
+
+    def tp_node(self, world: int) -> int:
+        """What a TP group must divide: the job's node, or the whole job where it fits in one (64
+        GPUs of a 72-GPU NVL72 domain take TP16)."""
+        return min(self.node(world), world)
 
 
 NVL72_SEGMENT = 64
@@ -703,7 +708,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     # them where there is one, not a layout that breaks it by having no virtual stages
     interleaved_example = False
     # a given sp=on asks for sequence parallelism, which needs a TP group to split over
-    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.node(gpus) and (t > 1 or g.get("sp") is not True)]
+    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.tp_node(gpus) and (t > 1 or g.get("sp") is not True)]
     cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
     # FSDP2 runs every stage too (zero 0: `replicate`; 1: gradients accumulated unsharded;
     # 2: reshard_after_forward=False; 3: resharded; `distributed/shard.py`)
@@ -765,7 +770,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                     # what a fully given layout must pass (given fields and chosen ones together)
                     why = (group_problem(layout, _microbatches(batch, dp, mb))
                            or layout_problem(layout, n_layers=n_layers, n_experts=data.n_experts,
-                                             gpus_per_node=net.node(gpus), seq=seq))
+                                             gpus_per_node=net.tp_node(gpus), seq=seq))
                     if why is None:
                         out.append(layout)
                     elif g and (broken is None or ("group" in g and vpp > 1 and not interleaved_example)):
@@ -792,7 +797,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
     n_layers, n_experts = evaluator.data.n_main, evaluator.data.n_experts
     by_user = bool(fixed.given)
     fixed = fixed.for_model(n_experts)
-    check_partial(fixed, gpus=gpus, gpus_per_node=net.node(gpus), n_layers=n_layers, n_experts=n_experts,
+    check_partial(fixed, gpus=gpus, gpus_per_node=net.tp_node(gpus), n_layers=n_layers, n_experts=n_experts,
                   seq=seq)
     given = fixed.given
     if "tp" in given:
@@ -810,7 +815,7 @@ def search(plan: ModelPlan, gpu: Accelerator, gpus: int, *, seq: int, global_bat
         raise ArchplanError(f"--layout: {why}")
     complete = fixed.complete()
     if complete is not None:
-        check_layout(complete, n_layers=n_layers, gpus=gpus, gpus_per_node=net.node(gpus),
+        check_layout(complete, n_layers=n_layers, gpus=gpus, gpus_per_node=net.tp_node(gpus),
                      n_experts=n_experts, seq=seq)
         why = (batch_problem(complete, sequences)
                or group_problem(complete, _microbatches(batch, complete.dp, complete.mb)))
@@ -891,7 +896,7 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
     if broken is not None:
         return f"{where}no layout{given}: every completion breaks a rule, e.g. {broken}"
     g = fixed.given
-    rules = [] if "tp" in g else [f"TP dividing a node of {net.node(gpus)} (TP within a node)"]
+    rules = [] if "tp" in g else [f"TP dividing a node of {net.tp_node(gpus)} (TP within a node)"]
     if "cp" not in g:
         most = max(c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS)
         rules.append(f"CP ≤ {most} (each rank keeping ≥ {CP_MIN_TOKENS:,} of a sequence's {seq:,} tokens; "

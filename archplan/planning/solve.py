@@ -128,7 +128,18 @@ class SolveResult:
         best = self.nearest
         # a width the nearest combination leaves out (the shared experts' at n = 0) is not one of its
         widths = [name for name in self.unknowns if name in {dotted(p) for p in WIDTHS} and name in best.values]
-        if self.solved or not widths or any(best.values[w] != self.multiple for w in widths):
+        if self.solved or not widths:
+            return None
+        top = self.multiple * (MAX_DIM // self.multiple)
+        capped = [w for w in widths if best.values[w] == top]
+        under = [(name, best.count(name), target) for name, target in self.targets.items()
+                 if best.errors[name] < -self.tolerance]
+        if capped and under:
+            short = " and ".join(f"{count:,} {name} parameters, below the --{name} {target:,.0f} asked"
+                                 for name, count, target in under)
+            most = ", ".join(f"{w} = {top:,}" for w in capped)
+            return f"at the spec's most ({most}) the widths reach only {short}"
+        if any(best.values[w] != self.multiple for w in widths):
             return None
         over = [(name, best.count(name), target) for name, target in self.targets.items()
                 if best.errors[name] > self.tolerance]
