@@ -33,12 +33,13 @@ class ArchplanError(Exception):
 def dotted(path: tuple[object, ...]) -> str:
     """A field path as `attention.n_kv_heads`; a YAML key holding a line break or another control
     character is quoted as Python writes it, so the one-line error stays one line."""
-    return ".".join(_clipped_key(printable(str(part))) for part in path)
-
-
-def _clipped_key(key: str) -> str:
     # a key of half a megabyte (YAML's `? ...`) would be the whole "one line"
-    return key[:60] + "…" if len(key) > 60 else key
+    return ".".join(clipped(printable(str(part)), 60) for part in path)
+
+
+def clipped(text: str, most: int) -> str:
+    """A value's text in a one-line message: its first `most` characters, "…" where it goes on."""
+    return text[:most] + "…" if len(text) > most else text
 
 
 def printable(text: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from archplan.errors import ArchplanError, dotted
+from archplan.errors import ArchplanError, clipped, dotted
 from archplan.outfile import SPEC_SUFFIXES
 from archplan.spec import Spec
 from archplan.units import SI_EXPONENTS
@@ -63,8 +63,8 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
 def _unreadable(node: yaml.Node, exc: Exception) -> str:
     """Why a node's value could not be read as its (implicit or explicit) tag, for one line."""
     kind = node.tag.rsplit(":", 1)[-1]
-    shown = repr(_clipped(str(node.value), 40)) if isinstance(node, yaml.ScalarNode) else "this node"
-    reason = _clipped(str(exc), 80) if isinstance(exc, ValueError) else "not written as one"
+    shown = repr(clipped(str(node.value), 40)) if isinstance(node, yaml.ScalarNode) else "this node"
+    reason = clipped(str(exc), 80) if isinstance(exc, ValueError) else "not written as one"
     return f"{shown} cannot be read as a YAML {kind} ({reason}); quote it if it is text"
 
 
@@ -485,12 +485,7 @@ def _as_yaml(value: Any, most: int = 80) -> str:
         return "binary data (!!binary)"
     if isinstance(value, str) and not value:
         return "an empty string"
-    return _clipped(repr(value), most)
-
-
-def _clipped(text: str, most: int) -> str:
-    """A value's text in a one-line message: its first `most` characters, "…" where it goes on."""
-    return text[:most] + "…" if len(text) > most else text
+    return clipped(repr(value), most)
 
 
 _BOUNDS = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "less_than_equal": "≤"}
@@ -498,7 +493,7 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "
 
 def _shown(value: Any) -> str:
     """A bound or a value as the user writes it: integers with thousands separators."""
-    return _clipped(f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value), 80)
+    return clipped(f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value), 80)
 
 
 def _not_a_boolean(value: Any) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
-from archplan.errors import ArchplanError, dotted
+from archplan.errors import ArchplanError, clipped, dotted
 from archplan.loader import read_capped
 from archplan.spec import (
     MAX_DIM,
@@ -123,7 +123,7 @@ def as_json(value: Any) -> str:
         text = json.dumps(value)
     except (TypeError, ValueError):
         text = repr(value)
-    return text[:80] + "…" if len(text) > 80 else text
+    return clipped(text, 80)
 
 
 def is_number(value: Any) -> bool:
@@ -1705,8 +1705,7 @@ def _pydantic_message(exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] != "value_error" and isinstance(err.get("input"), (int, float, str)):
-        shown = repr(err["input"])
-        msg += f" (got {shown[:80] + '…' if len(shown) > 80 else shown})"
+        msg += f" (got {clipped(repr(err['input']), 80)})"
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -708,7 +708,8 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     # them where there is one, not a layout that breaks it by having no virtual stages
     interleaved_example = False
     # a given sp=on asks for sequence parallelism, which needs a TP group to split over
-    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= net.tp_node(gpus) and (t > 1 or g.get("sp") is not True)]
+    tp_node = net.tp_node(gpus)  # once: the layouts below are checked against it one by one
+    tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= tp_node and (t > 1 or g.get("sp") is not True)]
     cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
     # FSDP2 runs every stage too (zero 0: `replicate`; 1: gradients accumulated unsharded;
     # 2: reshard_after_forward=False; 3: resharded; `distributed/shard.py`)
@@ -770,7 +771,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
                     # what a fully given layout must pass (given fields and chosen ones together)
                     why = (group_problem(layout, _microbatches(batch, dp, mb))
                            or layout_problem(layout, n_layers=n_layers, n_experts=data.n_experts,
-                                             gpus_per_node=net.tp_node(gpus), seq=seq))
+                                             gpus_per_node=tp_node, seq=seq))
                     if why is None:
                         out.append(layout)
                     elif g and (broken is None or ("group" in g and vpp > 1 and not interleaved_example)):
