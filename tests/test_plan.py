@@ -526,8 +526,37 @@ def test_solve_refuses_widths_the_targets_cannot_separate(tmp_path: Path) -> Non
     data["moe"]["shared"]["d_ff"] = "solve"
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(ArchplanError, match="cannot separate"):
+    with pytest.raises(ArchplanError, match="ffn.d_ff and moe.shared.d_ff move the targets in proportion"):
         solve(path, Targets(params.total, params.active))
+
+
+def test_solve_names_the_combinations_the_targets_cannot_separate(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `shared.n` solved too, n = 0 leaves the dense width alone and solves; n = 1 … 4 keep a
+    dense and a shared width that move both counts in proportion. Those were passed over in silence:
+    the result now names them, printed and in `--json`."""
+    spec = Spec(name="mixed", vocab_size=1000, d_model=256, n_layers=4,
+                attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2},
+                ffn={"kind": "glu", "d_ff": 512}, layout={"moe_every": 2},
+                moe={"n_experts": 8, "top_k": 2, "expert": {"kind": "glu", "d_ff": 384}})
+    params = count_params(resolve(spec))
+    data = spec_data(spec)
+    data["ffn"]["d_ff"] = "solve"
+    data["moe"]["shared"] = {"n": "solve", "d_ff": "solve"}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = solve(path, Targets(params.total, params.active), tolerance=0)
+    assert result.solved and result.nearest.values == {"ffn.d_ff": 512, "moe.shared.n": 0}
+    assert result.skipped == ("not tried at moe.shared.n = 1; moe.shared.n = 2; moe.shared.n = 3; "
+                              "moe.shared.n = 4: there ffn.d_ff and moe.shared.d_ff move the targets in "
+                              "proportion (e.g. a dense FFN and shared experts, both always active), so the "
+                              "targets cannot separate them; fix one width to try them")
+    targets = ("--total", str(params.total), "--active", str(params.active), "--tol", "0")
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), *targets)
+    assert code == 0 and f"note: {result.skipped}" in out
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", str(path), *targets, "--json")
+    assert code == 0 and json.loads(out)["skipped"] == result.skipped
 
 
 @pytest.mark.parametrize("edit,message", [

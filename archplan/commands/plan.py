@@ -413,6 +413,7 @@ def _solve_json(result: SolveResult, written: str | None) -> dict[str, Any]:
         "spec": spec_data(result.nearest.spec) if result.solved else None,
         "nearest": spec_data(result.nearest.spec),
         "note": result.floor_note,
+        "skipped": result.skipped,
         "written": written,
     }
 
@@ -468,6 +469,8 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
         )
         if note := result.floor_note:
             console.print(f"[yellow]note:[/] {escape(note)}")
+    if result.skipped:
+        console.print(f"[yellow]note:[/] {escape(result.skipped)}")
     if written:
         console.print(f"written to {escape(printable(written))}")
 

@@ -40,6 +40,7 @@ MARKERS = ("solve", "?")
 TOP_K_MAX = 16
 EXPERT_CHOICES: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
 SHARED_MAX = 4
+_SHOWN = 4  # the skipped combinations a note names before "and N more"
 MAX_COMBINATIONS = 20_000  # enumeration guard: choices multiply
 
 Path_ = tuple[str, ...]
@@ -106,6 +107,7 @@ class SolveResult:
     multiple: int
     candidates: tuple[Candidate, ...]  # the best `keep`, best first; the solutions are those within tolerance
     within: int = 0  # the candidates within tolerance, all of them (not only those kept)
+    skipped: str | None = None  # the choice combinations not tried, and why
 
     @property
     def solutions(self) -> tuple[Candidate, ...]:
@@ -269,8 +271,13 @@ def _counts(spec: Spec) -> tuple[int, int]:
     return params.total, params.active
 
 
-def _least_squares(rows: list[tuple[float, list[float], float]]) -> list[float]:
-    """argmin_w Σ ((c + a·w − T)/T)² for one or two widths (normal equations, solved directly)."""
+PROPORTIONAL = ("move the targets in proportion (e.g. a dense FFN and shared experts, both always "
+                "active), so the targets cannot separate them")
+
+
+def _least_squares(rows: list[tuple[float, list[float], float]]) -> list[float] | None:
+    """argmin_w Σ ((c + a·w − T)/T)² for one or two widths (normal equations, solved directly);
+    None where two widths move the targets in proportion (a line of optima, none preferred)."""
     k = len(rows[0][1])
     ata = [[sum(a[i] * a[j] / t**2 for _, a, t in rows) for j in range(k)] for i in range(k)]
     atb = [sum(a[i] * (t - c) / t**2 for c, a, t in rows) for i in range(k)]
@@ -278,10 +285,7 @@ def _least_squares(rows: list[tuple[float, list[float], float]]) -> list[float]:
         return [atb[0] / ata[0][0]] if ata[0][0] else [math.nan]
     det = ata[0][0] * ata[1][1] - ata[0][1] * ata[1][0]
     if abs(det) <= 1e-9 * ata[0][0] * ata[1][1]:
-        raise ArchplanError(
-            "the two unknown widths move the targets in proportion (e.g. a dense FFN and shared "
-            "experts, both always active), so the targets cannot separate them; fix one"
-        )
+        return None
     return [(atb[0] * ata[1][1] - atb[1] * ata[0][1]) / det,
             (atb[1] * ata[0][0] - atb[0] * ata[1][0]) / det]
 
@@ -325,10 +329,21 @@ def _held_at_least(rows: list[tuple[float, list[float], float]], optimum: list[f
             continue
         other = 1 - i
         held = [(c + a[i] * multiple, [a[other]], t) for c, a, t in rows]
-        solved = [_least_squares(held)] + ([_minimax(held)] if len(held) == 2 else [])
+        # one width: least squares always has an answer (NaN where the width moves nothing)
+        solved = [_least_squares(held) or [math.nan]] + ([_minimax(held)] if len(held) == 2 else [])
         for (w,) in solved:
             found.append([float(multiple), w] if i == 0 else [w, float(multiple)])
     return found
+
+
+def _proportional_note(combos: list[dict[Path_, int]], widths: list[Path_]) -> str | None:
+    """The combinations whose two widths move the targets in proportion, named (the first few)."""
+    if not combos:
+        return None
+    names = " and ".join(dotted(p) for p in widths)
+    shown = "; ".join(", ".join(f"{dotted(p)} = {v:,}" for p, v in combo.items()) for combo in combos[:_SHOWN])
+    more = f" (and {len(combos) - _SHOWN:,} more)" if len(combos) > _SHOWN else ""
+    return f"not tried at {shown}{more}: there {names} {PROPORTIONAL}; fix one width to try them"
 
 
 def _without_stale_counts(spec: Spec, total: int, active: int) -> Spec:
@@ -393,6 +408,7 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     base_width = 1024
     candidates: dict[tuple, Candidate] = {}
     first_error: ArchplanError | None = None
+    proportional: list[dict[Path_, int]] = []
     for combo in _choice_combinations(choices, data):
         base = combo | {p: base_width for p in widths}
         try:
@@ -414,11 +430,13 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
         moving = [i for i, slope in enumerate(slopes) if any(slope)]
         rows = [(c, [a[i] for i in moving], target) for c, a, target in rows]
         solving = [widths[i] for i in moving]
-        try:
-            optima = [_least_squares(rows)] if solving else [[]]
-        except ArchplanError as exc:
-            first_error = first_error or exc
+        optimum = _least_squares(rows) if solving else []
+        if optimum is None:
+            # said beside the result: a solve that finds its answer elsewhere (at shared.n = 0)
+            # must not pass over these combinations in silence
+            proportional.append(combo)
             continue
+        optima = [optimum]
         if len(solving) == 1 and len(rows) == 2:
             optima.append(_minimax(rows))  # the nearest by the ranking's measure, the worst error
         if len(solving) == 2:
@@ -450,7 +468,8 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
                                         _without_stale_counts(spec, total, active), total, active, errors,
                                         miss, fixed)
     if not candidates:
-        assert first_error is not None
+        if first_error is None:
+            raise ArchplanError(f"{' and '.join(dotted(p) for p in widths)} {PROPORTIONAL}; fix one")
         raise first_error
     # the nearest first, then the smaller model (total, then active parameters: a sum of the solved
     # values adds expert counts to widths, and ranked Mixtral at 2,386 × 128 experts, 121.7 B, above
@@ -460,5 +479,5 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     return SolveResult(
         unknowns=tuple(dotted(p) for p in unknown), tied=tuple(dotted(p) for p in tied),
         targets=targets, tolerance=tolerance, multiple=multiple, candidates=tuple(ranked[:keep]),
-        within=sum(c.within(tolerance) for c in ranked),
+        within=sum(c.within(tolerance) for c in ranked), skipped=_proportional_note(proportional, widths),
     )
