@@ -613,6 +613,12 @@ class Family:
     # MPT's attention reshaping d_model into n_heads × (d_model // n_heads) at the first forward.
     # Elsewhere head_dim = hidden // heads (or the config's head_dim) builds and runs as read.
     even_heads: tuple[str, str] | None = None
+    # keys transformers 5.24's config refuses as null (a strict `int` field, or, for qwen2_moe, a
+    # null its attention cannot build with), where a llama-style reading would derive a value
+    # (MHA for num_key_value_heads, the whole head for GPT-J's rotary_dim)
+    non_null: frozenset[str] = frozenset()
+    # keys transformers refuses to set at all, with why (FalconConfig's head_dim is a read-only property)
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -620,11 +626,28 @@ FAMILIES: dict[str, Family] = {}
 
 def family(model_type: str, *, defaults: Mapping[str, Any], aliases: Mapping[str, str] | None = None,
            inert: Sequence[str] = (), derived: Mapping[str, Derived] | None = None,
-           even_heads: tuple[str, str] | None = None) -> Callable[[Converter], Converter]:
+           even_heads: tuple[str, str] | None = None, non_null: Sequence[str] = (),
+           refused: Mapping[str, str] | None = None) -> Callable[[Converter], Converter]:
     def register(fn: Converter) -> Converter:
-        FAMILIES[model_type] = Family(fn, defaults, aliases or {}, frozenset(inert), derived or {}, even_heads)
+        FAMILIES[model_type] = Family(fn, defaults, aliases or {}, frozenset(inert), derived or {}, even_heads,
+                                      frozenset(non_null), refused or {})
         return fn
     return register
+
+
+def check_refused(cfg: HFConfig, fam: Family) -> None:
+    """The keys transformers' config of this family refuses: a null where it wants an integer, and
+    a key it cannot set at all. Read otherwise, the spec would describe a model transformers never
+    builds from this file."""
+    for key in sorted(fam.non_null):
+        spelled = [key] + [alt for alt, canon in fam.aliases.items() if canon == key]
+        for name in spelled:
+            if name in cfg.data and cfg.data[name] is None:
+                raise cfg.error(name, f"expected an integer, got null (transformers' {cfg.model_type} config "
+                                      "refuses a null here)")
+    for key, why in fam.refused.items():
+        if key in cfg.data:
+            raise cfg.error(key, f"transformers' {cfg.model_type} config refuses this key: {why}")
 
 
 def check_even_heads(cfg: HFConfig, hidden_key: str, heads_key: str) -> None:
@@ -690,7 +713,7 @@ def _no_llama_biases(cfg: HFConfig, family_name: str) -> None:
     cfg.fixed("mlp_bias", False, f"transformers' {family_name} builds no MLP biases")
 
 
-@family("mistral", defaults=_MISTRAL)
+@family("mistral", defaults=_MISTRAL, non_null=("num_key_value_heads",))
 def _mistral(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mistral.py: Llama without biases; `sliding_window` (default 4096) on every layer."""
     _no_llama_biases(cfg, "Mistral")
@@ -747,7 +770,7 @@ def place_moe(cfg: HFConfig, spec: dict[str, Any], *, mixers: str, moe: Callable
 @family("mixtral", defaults={**_MISTRAL, "sliding_window": None, "rms_norm_eps": 1e-5,
                              "num_local_experts": 8, "num_experts_per_tok": 2,
                              "router_aux_loss_coef": 0.001},
-        aliases={"num_experts": "num_local_experts"})
+        aliases={"num_experts": "num_local_experts"}, non_null=("num_key_value_heads",))
 def _mixtral(cfg: HFConfig) -> dict[str, Any]:
     """modeling_mixtral.py: Mistral with a softmax top-k (renormalised) MoE on every layer."""
     _no_llama_biases(cfg, "Mixtral")
@@ -838,7 +861,7 @@ _QWEN_MOE = {**_QWEN2, "hidden_size": 2048, "num_hidden_layers": 24, "decoder_sp
 @family("qwen2_moe", defaults={**_QWEN_MOE, "intermediate_size": 5632, "num_attention_heads": 16,
                                "num_key_value_heads": 16, "moe_intermediate_size": 1408,
                                "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
-                               "num_experts": 60, "qkv_bias": True})
+                               "num_experts": 60, "qkv_bias": True}, non_null=("num_key_value_heads",))
 def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen2_moe.py: routed experts + one shared expert behind a sigmoid(Linear(D,1)) gate;
     default sliding layers are the even ones below max_window_layers (Qwen2MoeConfig.__post_init__)."""
@@ -871,7 +894,7 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
         aliases={"num_local_experts": "num_experts"},
         # Qwen3MoeConfig has no max_window_layers (Qwen3 configs carry it): unread, the window if
         # any is on every layer
-        inert=("max_window_layers",))
+        inert=("max_window_layers",), non_null=("num_key_value_heads",))
 def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
     """modeling_qwen3_moe.py: Qwen3 attention (q/k head norm; head_dim = getattr or d/H, no 128
     default here) + routed experts; the window (if use_sliding_window) is on every layer."""
@@ -915,7 +938,8 @@ def scaled_embedding(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-@family("gemma", defaults=_GEMMA, inert=("hidden_activation",))  # GemmaMLP reads hidden_act only
+@family("gemma", defaults=_GEMMA, inert=("hidden_activation",),  # GemmaMLP reads hidden_act only
+        non_null=("num_key_value_heads",))
 def _gemma(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma.py: Llama with GeGLU, (1+w) RMSNorm (still D weights), head_dim default 256,
     tied head, embeddings scaled by sqrt(D) (no parameters)."""
@@ -957,7 +981,7 @@ def clipped_qkv(cfg: HFConfig, key: str, value: object, *, zero_clamps: bool) ->
         inert=("hidden_act",),  # Gemma2MLP reads hidden_activation
         # a legacy duplicate of sliding_window that transformers never reads
         derived={"sliding_window_size": Derived(lambda cfg: cfg.opt_int("sliding_window"), "sliding_window")},
-        even_heads=_HIDDEN_HEADS)
+        even_heads=_HIDDEN_HEADS, non_null=("num_key_value_heads",))
 def _gemma2(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gemma2.py: four RMSNorms per block (sandwich), sliding window on even layers."""
     causal_only(cfg)
@@ -1097,7 +1121,7 @@ def _gpt_neox(cfg: HFConfig) -> dict[str, Any]:
         # sequence-classification head of the GPT-2 config it was copied from
         inert=("scale_attn_weights", "summary_type", "summary_use_proj", "summary_activation",
                  "summary_proj_to_labels", "summary_first_dropout"),
-        even_heads=("n_embd", "n_head"))
+        even_heads=("n_embd", "n_head"), non_null=("rotary_dim",))
 def _gptj(cfg: HFConfig) -> dict[str, Any]:
     """modeling_gptj.py: parallel block on one LayerNorm, unbiased q/k/v/out, biased MLP (4D default),
     LM head with bias, RoPE on the first `rotary_dim` dims of each head (null = all)."""
@@ -1150,7 +1174,8 @@ def _falcon_legacy_keys(cfg: HFConfig) -> None:
                                 new_decoder_architecture=False, multi_query=True, parallel_attn=True,
                                 bias=False, max_position_embeddings=2048, ffn_hidden_size=None,
                                 activation="gelu", tie_word_embeddings=True),
-        aliases={"n_embed": "hidden_size"})
+        aliases={"n_embed": "hidden_size"},
+        refused={"head_dim": "FalconConfig derives it as hidden_size // num_attention_heads (a read-only property)"})
 def _falcon(cfg: HFConfig) -> dict[str, Any]:
     """modeling_falcon.py FalconAttention/FalconDecoderLayer. K/V heads: new_decoder_architecture ->
     num_kv_heads (GQA); else multi_query -> 1; else all heads (qkv = 3·D). Norms: parallel with
@@ -1312,7 +1337,7 @@ def _mpt(cfg: HFConfig) -> dict[str, Any]:
                                   hidden_act="silu", max_position_embeddings=4096, layer_norm_eps=_LN_EPS,
                                   tie_word_embeddings=False, use_qkv_bias=False, qk_layernorm=False,
                                   use_parallel_residual=False),
-        even_heads=_HIDDEN_HEADS)
+        even_heads=_HIDDEN_HEADS, non_null=("num_key_value_heads",))
 def _stablelm(cfg: HFConfig) -> dict[str, Any]:
     """modeling_stablelm.py: LayerNorms with bias, SwiGLU, partial RoPE (default 0.25), optional q/k
     LayerNorm per head (a separate bias-free norm per head), optional parallel residual on one norm."""
@@ -1461,13 +1486,12 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
         "attention": attn,
         "ffn": glu(cfg.int_("intermediate_size"), act),
     }
-    n_routed = cfg.opt_int("n_routed_experts")
+    n_routed = cfg.int_("n_routed_experts")
     first = cfg.count("first_k_dense_replace")
-    # DeepseekV2/V3DecoderLayer: experts iff layer_idx >= first_k_dense_replace (none without experts)
-    layers = range(min(first, dims.n_layers), dims.n_layers) if n_routed is not None else range(0)
+    # DeepseekV2/V3DecoderLayer: experts iff layer_idx >= first_k_dense_replace
+    layers = range(min(first, dims.n_layers), dims.n_layers)
 
     def moe() -> MoE:
-        assert n_routed is not None
         top_k = cfg.opt_int("num_experts_per_tok")
         if top_k is None:
             raise cfg.error("num_experts_per_tok", "required when n_routed_experts is set")
@@ -1493,17 +1517,16 @@ def _deepseek(cfg: HFConfig, *, v3: bool) -> dict[str, Any]:
 
     if depth and cfg.mtp:
         spec["mtp"] = MultiTokenPrediction(depth=depth)
-    # a dense DeepSeek (no routed experts, or no layer past first_k_dense_replace): no expert is built
+    # a dense DeepSeek (no layer past first_k_dense_replace): no expert is built
     return place_moe(cfg, spec, mixers="A", moe=moe, moe_layers=layers,
-                     dense_ff=cfg.int_("intermediate_size"),
-                     fields="first_k_dense_replace" if n_routed is not None else "n_routed_experts null",
+                     dense_ff=cfg.int_("intermediate_size"), fields="first_k_dense_replace",
                      expert_keys=("num_experts_per_tok", "n_shared_experts", "norm_topk_prob",
                                   "routed_scaling_factor", "moe_intermediate_size", "n_group", "topk_group",
                                   "topk_method", "aux_loss_alpha", "seq_aux"))
 
 
 @family("deepseek_v2", defaults=_DEEPSEEK, aliases={"num_experts": "n_routed_experts"}, derived=_DEEPSEEK_DERIVED,
-        even_heads=_HIDDEN_HEADS)
+        even_heads=_HIDDEN_HEADS, non_null=("n_routed_experts",))
 def _deepseek_v2(cfg: HFConfig) -> dict[str, Any]:
     return _deepseek(cfg, v3=False)
 
@@ -1516,7 +1539,7 @@ def _deepseek_v2(cfg: HFConfig) -> dict[str, Any]:
                                  "norm_topk_prob": True, "max_position_embeddings": 4096,
                                  "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4},
         aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
-        derived=_DEEPSEEK_DERIVED)
+        derived=_DEEPSEEK_DERIVED, non_null=("n_routed_experts",))
 def _deepseek_v3(cfg: HFConfig) -> dict[str, Any]:
     return _deepseek(cfg, v3=True)
 
@@ -1649,7 +1672,8 @@ def _mamba2(cfg: HFConfig) -> dict[str, Any]:
                                mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False,
                                router_aux_loss_coef=0.001),
         aliases={"num_local_experts": "num_experts"},
-        inert=(*_MAMBA_INERT, "num_logits_to_keep"))  # logits of the last token only at inference
+        inert=(*_MAMBA_INERT, "num_logits_to_keep"),  # logits of the last token only at inference
+        non_null=("num_key_value_heads",))
 def _jamba(cfg: HFConfig) -> dict[str, Any]:
     """modeling_jamba.py: attention on i % attn_layer_period == attn_layer_offset, Mamba (with dt/B/C
     RMSNorms) elsewhere; experts on i % expert_layer_period == expert_layer_offset; no RoPE."""
@@ -1798,6 +1822,7 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
                             file=file, field="model_type")
     cfg = HFConfig(data, file=file, model_type=model_type, defaults=fam.defaults, aliases=fam.aliases)
     cfg.mtp = mtp
+    check_refused(cfg, fam)
     if fam.even_heads is not None:
         check_even_heads(cfg, *fam.even_heads)
     cfg.inert(*fam.inert)
