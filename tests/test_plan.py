@@ -83,7 +83,10 @@ def test_losses_at_the_gopher_budget() -> None:
 
 
 @pytest.mark.parametrize("choice,key", [(LawChoice.chinchilla, "hoffmann2022"),
-                                        (LawChoice.epoch, "besiroglu2024")])
+                                        (LawChoice.hoffmann2022, "hoffmann2022"),
+                                        (LawChoice.hoffmann2022_tex, "hoffmann2022-tex"),
+                                        (LawChoice.epoch, "besiroglu2024"),
+                                        (LawChoice.besiroglu2024, "besiroglu2024")])
 @pytest.mark.parametrize("compute", [3e19, 2e22, 7e25])
 def test_closed_form(choice: LawChoice, key: str, compute: float) -> None:
     """N_opt = G·(C/6)^a, D_opt = C/(6·N_opt), G = (αA/(βB))^(1/(α+β)), a = β/(α+β) (Hoffmann App. D.2),
@@ -432,6 +435,25 @@ def test_solve_holds_a_width_at_its_least_and_solves_the_other_again(tmp_path: P
     result = solve(path, Targets(671e9, 33e9), tolerance=0.07, multiple=128)
     assert result.solved and result.nearest.values["ffn.d_ff"] == 128
     assert result.nearest.values["moe.expert.d_ff"] == 1920
+
+
+@pytest.mark.parametrize("total", ["0.5", "1e30"])
+def test_solve_refuses_a_target_no_model_has(total: str, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--total 0.5 ran a search and its note said "the --total 0 asked"; 1e30 printed float noise
+    as digits. A count is between 1 and 1e18 parameters, as --tokens is."""
+    code, _, err = run(capsys, monkeypatch, "plan", "--solve", "gpt-4-partial", "--total", total)
+    assert code == 2 and f"--total: must be between 1 and 1e+18 parameters, got {float(total):g}" in err
+
+
+def test_plan_takes_the_tex_fit_by_its_name(capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TeX-source fit, the one that gives the paper's 40B at the Gopher budget, was `size`'s
+    only; `plan` takes it and `size`'s names for the other two."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "--compute", "5.76e23", "--law", "hoffmann2022-tex", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["law"] == "hoffmann2022-tex" and data["loss_law"] == "hoffmann2022-tex"
+    assert round(data["optimal"]["params"] / 1e9, 1) == 40.3
 
 
 def test_solve_judges_the_tolerance_exactly_and_tries_the_width_cap() -> None:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from archplan.analytic.memory import ATTENTION_KERNELS, RECOMPUTE_MODES
-from archplan.analytic.scaling import LAWS
+from archplan.analytic.scaling import LAW_SYNONYMS, LAWS
 from archplan.cli import app
 from archplan.commands.size import LawChoice, MemoryKernelChoice, RecomputeChoice, parse_amount
 from archplan.errors import ArchplanError
@@ -366,7 +366,14 @@ def test_attention_kernel_and_activation_dtype() -> None:
     # the 16-bit tensors double; token ids (int64), log-sum-exps and log-probabilities (fp32) do not
     fixed = 8 * 8 * 1024 + 12 * 4 * 12 * 1024 * 8 + 4 * 8 * 1024 * 50257
     assert fp32["activations"] - fixed == 2 * (flash["activations"] - fixed)
-    assert {m.value for m in LawChoice} == set(LAWS)
+    assert {m.value for m in LawChoice} == set(LAWS) | set(LAW_SYNONYMS)
+
+
+def test_plans_law_names_are_sizes_too() -> None:
+    """`plan --law chinchilla` and `size --law hoffmann2022` name one fit: each command refused the
+    other's names. Both now take both, and a fit asked twice by its two names is shown once."""
+    laws = size_json("gpt2", "--law", "chinchilla", "--law", "hoffmann2022", "--law", "epoch")["chinchilla"]["laws"]
+    assert list(laws) == ["hoffmann2022", "besiroglu2024"]
 
 
 def test_residual_dtype() -> None:

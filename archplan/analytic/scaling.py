@@ -70,6 +70,8 @@ LAWS: dict[str, Law] = {
                          E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658),
 }
 DEFAULT_LAWS: tuple[str, ...] = ("hoffmann2022", "besiroglu2024")
+# `plan --law`'s names for two of the fits, which `size --law` takes too: one option, one set of names
+LAW_SYNONYMS: dict[str, str] = {"chinchilla": "hoffmann2022", "epoch": "besiroglu2024"}
 
 
 def law(key: str) -> Law:

@@ -49,6 +49,9 @@ class LawOption(str, Enum):
     chinchilla = "chinchilla"
     epoch = "epoch"
     twenty = "20x"
+    hoffmann2022 = "hoffmann2022"
+    hoffmann2022_tex = "hoffmann2022-tex"
+    besiroglu2024 = "besiroglu2024"
 
 
 class StatesChoice(str, Enum):
@@ -286,7 +289,10 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None,
     console = _console()
     opt = result.optimal
     law_title = {"chinchilla": "Hoffmann et al. 2022 Approach 3 (as printed)",
+                 "hoffmann2022": "Hoffmann et al. 2022 Approach 3 (as printed)",
+                 "hoffmann2022-tex": "Hoffmann et al. 2022 Approach 3 (TeX-source values)",
                  "epoch": "Besiroglu et al. 2024 (Epoch AI replication)",
+                 "besiroglu2024": "Besiroglu et al. 2024 (Epoch AI replication)",
                  "20x": "20 tokens per parameter (Hoffmann Table 3)"}[result.law.value]
     counted = ("every parameter, embeddings included" if kind == "total" else
                "the active parameters, embeddings included: the dense law at N_active")
@@ -1243,7 +1249,8 @@ def register(app: typer.Typer) -> None:
         family: Annotated[FamilyChoice, typer.Option(
             "--family", help="Architecture family of the generated spec.")] = FamilyChoice.dense,
         law: Annotated[LawOption, typer.Option(
-            "--law", help="chinchilla: Hoffmann 2022 Approach 3; epoch: Besiroglu 2024 refit; 20x: D = 20N.")] = LawOption.epoch,
+            "--law", help="chinchilla (= hoffmann2022): Hoffmann 2022 Approach 3 as printed; hoffmann2022-tex: its "
+            "TeX-source values; epoch (= besiroglu2024): Besiroglu 2024 refit; 20x: D = 20N.")] = LawOption.epoch,
         vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary of the generated spec.")] = 128256,
         seq: Annotated[int | None, typer.Option(
             "--seq", parser=length_option, metavar="LENGTH",

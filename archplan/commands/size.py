@@ -46,6 +46,8 @@ class LawChoice(str, Enum):
     hoffmann2022 = "hoffmann2022"
     hoffmann2022_tex = "hoffmann2022-tex"
     besiroglu2024 = "besiroglu2024"
+    chinchilla = "chinchilla"  # plan's name for hoffmann2022
+    epoch = "epoch"  # plan's name for besiroglu2024
 
 
 class AttentionChoice(str, Enum):
@@ -112,7 +114,8 @@ GpuOpt = Annotated[str | None, typer.Option(
 MfuOpt = Annotated[float | None, typer.Option(
     "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4].", show_default=False)]
 LawOpt = Annotated[list[LawChoice] | None, typer.Option(
-    "--law", help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024).")]
+    "--law", help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024; plan's "
+    "names chinchilla and epoch are the same two).")]
 AttentionOpt = Annotated[AttentionChoice, typer.Option(
     "--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
 PlotOpt = Annotated[str | None, typer.Option(
@@ -127,7 +130,7 @@ def size_options(context: int | None, batch: int, kv_dtype: KVDTypeChoice, seq: 
                  activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16,
                  residual_dtype: ActDTypeChoice | None = None, autocast: bool = False) -> SizeOptions:
     """The typed options, shared by `size` and `compare`."""
-    from archplan.analytic.scaling import DEFAULT_LAWS
+    from archplan.analytic.scaling import DEFAULT_LAWS, LAW_SYNONYMS
     from archplan.errors import ArchplanError
     from archplan.report import SizeOptions
 
@@ -141,7 +144,7 @@ def size_options(context: int | None, batch: int, kv_dtype: KVDTypeChoice, seq: 
         residual_dtype=DType(residual_dtype.value) if residual_dtype is not None else None, autocast=autocast,
         tokens=parse_amount(tokens, "--tokens") if tokens is not None else None,
         gpu=gpu, **({"mfu": mfu} if mfu is not None else {}),
-        laws=tuple(x.value for x in laws) if laws else DEFAULT_LAWS,
+        laws=tuple(dict.fromkeys(LAW_SYNONYMS.get(x.value, x.value) for x in laws)) if laws else DEFAULT_LAWS,
         attention=attention.value,
     )
 

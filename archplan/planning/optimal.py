@@ -4,6 +4,9 @@ The laws themselves live in `archplan.analytic.scaling` (docs/formulas.md §5); 
 inverts it when the user gives N or D instead of C, and tabulates the IsoFLOP profile:
 - `chinchilla`: Hoffmann et al. 2022 Approach 3 with the constants as printed (App. D.2);
 - `epoch`: the Besiroglu et al. 2024 refit of Approach 3 (arXiv:2404.10102);
+- `hoffmann2022`, `hoffmann2022-tex`, `besiroglu2024`: the fits by the names `size --law` gives
+  them (the first and last are `chinchilla` and `epoch`; the TeX-source values are the ones that
+  give the paper's 40B at the Gopher budget, docs/formulas.md §5.1);
 - `20x`: D = 20·N with C = 6ND (Hoffmann Table 3's D/N ratio, docs/formulas.md §5.3). This rule has no
   loss of its own, so its predicted losses are evaluated with the Besiroglu fit (said in the output).
 N is every parameter, embeddings included (Hoffmann App. F); C = 6ND (Hoffmann eq. 4).
@@ -15,10 +18,9 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from typing_extensions import assert_never
-
 from archplan.analytic.scaling import (
     FLOPS_PER_PARAM_TOKEN,
+    LAW_SYNONYMS,
     LAWS,
     Law,
     compute_optimal,
@@ -32,11 +34,13 @@ class LawChoice(str, Enum):
     chinchilla = "chinchilla"
     epoch = "epoch"
     twenty = "20x"
+    hoffmann2022 = "hoffmann2022"
+    hoffmann2022_tex = "hoffmann2022-tex"
+    besiroglu2024 = "besiroglu2024"
 
 
 LAW_KEYS: dict[LawChoice, str] = {
-    LawChoice.chinchilla: "hoffmann2022",
-    LawChoice.epoch: "besiroglu2024",
+    **{choice: LAW_SYNONYMS.get(choice.value, choice.value) for choice in LawChoice if choice is not LawChoice.twenty},
     LawChoice.twenty: "besiroglu2024",  # the loss the 20x rule is scored with
 }
 
@@ -83,13 +87,9 @@ def law_params(total: int, active: int, routed: bool) -> tuple[int, str]:
 
 def allocate(choice: LawChoice, compute: float) -> tuple[float, float]:
     """(N_opt, D_opt) for C under the chosen rule."""
-    match choice:
-        case LawChoice.chinchilla | LawChoice.epoch:
-            return compute_optimal(LAWS[LAW_KEYS[choice]], compute)
-        case LawChoice.twenty:
-            return twenty_tokens(compute)
-        case _:
-            assert_never(choice)
+    if choice is LawChoice.twenty:
+        return twenty_tokens(compute)
+    return compute_optimal(LAWS[LAW_KEYS[choice]], compute)
 
 
 def _invert(choice: LawChoice, target: float, index: int) -> float:

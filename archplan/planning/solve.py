@@ -42,6 +42,7 @@ EXPERT_CHOICES: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
 SHARED_MAX = 4
 _SHOWN = 4  # the skipped combinations a note names before "and N more"
 MAX_COMBINATIONS = 20_000  # enumeration guard: choices multiply
+MAX_TARGET = 1e18  # the most parameters --total / --active may ask for (the range --tokens takes)
 
 Path_ = tuple[str, ...]
 FFN_D_FF: Path_ = ("ffn", "d_ff")
@@ -363,8 +364,10 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
     if targets.total is None and targets.active is None:
         raise ArchplanError("--solve needs --total and/or --active")
     for name, value in targets.items():
-        if not math.isfinite(value) or value <= 0:
-            raise ArchplanError(f"must be a positive number, got {value:g}", field=f"--{name}")
+        # a count below one parameter is no model; past 1e18 (a million GPT-4s) float noise shows in
+        # the digits printed (1e29 read "99,999,999,999,999,984 T")
+        if not math.isfinite(value) or not 1 <= value <= MAX_TARGET:
+            raise ArchplanError(f"must be between 1 and {MAX_TARGET:.0e} parameters, got {value:g}", field=f"--{name}")
     if targets.total is not None and targets.active is not None and targets.active > targets.total:
         raise ArchplanError(f"--active {targets.active:,.0f} exceeds --total {targets.total:,.0f}: a token's "
                             "parameters are some of the model's")
