@@ -208,6 +208,7 @@ class CrossCheck:
     kv: tuple[Row, ...]  # layers.i.mixer -> cache bytes after prefilling seq tokens on meta (bf16)
     real: RealCheck | None
     real_not_run: str  # why there is no real instance (when `real` is None)
+    real_hint: str  # how to get it ("--cpu-check forces them"; a smaller run where it would not fit)
     layer_kinds: Mapping[str, str]  # layers.i -> "gqa S4096 + moe", for display
 
     @property
@@ -758,10 +759,19 @@ def crosscheck(
     kv_rows = _measure_cache(model, plan, tokens_BT, "meta", progress)
 
     real_check: RealCheck | None = None
-    real_not_run = "no real instance requested"
-    if real is None:
-        real = params.total < SMALL_MODEL_PARAMS
-        real_not_run = f"model ≥ {SMALL_MODEL_PARAMS // 1_000_000}M parameters"
+    real_not_run, real_hint = "no real instance requested", "--cpu-check forces them"
+    if real is None and params.total >= SMALL_MODEL_PARAMS:
+        real, real_not_run = False, f"model ≥ {SMALL_MODEL_PARAMS // 1_000_000}M parameters"
+    elif real is None:
+        # verify's own choice, not the user's: a run that would not fit is a check not run, and the
+        # meta checks above still stand (only an explicit --cpu-check is refused for it)
+        short = _real_shortfall(plan, seq_len, batch, real_device)
+        real = short is None
+        if short is not None:
+            real_not_run = f"would not fit: it {short[0]}"
+            real_hint = "a smaller --seq or --batch lets them run" if short[1] else "they need more memory"
+    elif real and (short := _real_shortfall(plan, seq_len, batch, real_device)) is not None:
+        raise ArchplanError(f"--cpu-check {short[0]}; give {short[1]}--no-cpu-check")
     if real:
         real_check = _real_check(plan, seq_len, batch, real_device, fvcore, inference.counted_by_component,
                                  progress)
@@ -780,6 +790,7 @@ def crosscheck(
         kv=kv_rows,
         real=real_check,
         real_not_run=real_not_run,
+        real_hint=real_hint,
         layer_kinds={layer.path: layer_kind(layer) for layer in plan.layers},
     )
 
@@ -799,6 +810,27 @@ def _measure_cache(model: ArchplanModel, plan: ModelPlan, tokens_BT: torch.Tenso
     )
 
 
+def _real_shortfall(plan: ModelPlan, seq_len: int, batch: int, device: str) -> tuple[str, str] | None:
+    """Why the fp32 instance would not fit `device`'s free memory, and what a smaller run needs
+    ("a smaller --seq or --batch, or "), or None where it fits. Judged before allocating: past the
+    host's memory the system kills the process. Priced as bench prices a prefill without decode
+    steps: the weights alone let batch 65,536 × seq 256 of a tiny model through, to ask the
+    allocator for 34 GB of logits."""
+    from archplan.bench.runner import BenchConfig, estimate_bytes
+
+    weights = 4 * count_params(plan).total
+    free = free_memory(torch.device(device))
+    if weights > FIT_FRACTION * free:
+        return (f"builds the model in fp32 on {device}: its weights alone take {nbytes(weights)}, and {device} "
+                f"has {nbytes(free)} free", "")
+    need = estimate_bytes(plan, BenchConfig(dtype=DType.fp32, batch=batch, seq=seq_len, decode_tokens=0))
+    if need > FIT_FRACTION * free:
+        return (f"runs batch {batch} × seq {seq_len} through the fp32 model on {device}: about {nbytes(need)} "
+                f"(its weights, the cache, the logits, a few activations of width D and the attention masks), "
+                f"and {device} has {nbytes(free)} free", "a smaller --seq or --batch, or ")
+    return None
+
+
 def _real_check(
     plan: ModelPlan,
     seq_len: int,
@@ -809,22 +841,6 @@ def _real_check(
     progress: Progress | None,
 ) -> RealCheck:
     """Allocate the model (fp32), prefill the real cache, and let fvcore count the forward."""
-    from archplan.bench.runner import BenchConfig, estimate_bytes
-
-    # refused before allocating: past the host's memory the system kills the process. Priced as
-    # bench prices a prefill without decode steps: the weights alone let batch 65,536 × seq 256 of a
-    # tiny model through, to ask the allocator for 34 GB of logits
-    weights = 4 * count_params(plan).total
-    need = estimate_bytes(plan, BenchConfig(dtype=DType.fp32, batch=batch, seq=seq_len, decode_tokens=0))
-    free = free_memory(torch.device(device))
-    if weights > FIT_FRACTION * free:
-        raise ArchplanError(f"--cpu-check builds the model in fp32 on {device}: its weights alone take "
-                            f"{nbytes(weights)}, and {device} has {nbytes(free)} free; give --no-cpu-check")
-    if need > FIT_FRACTION * free:
-        raise ArchplanError(f"--cpu-check runs batch {batch} × seq {seq_len} through the fp32 model on {device}: "
-                            f"about {nbytes(need)} (its weights, the cache, the logits, a few activations of "
-                            f"width D and the attention masks), and {device} has {nbytes(free)} free; give a "
-                            "smaller --seq or --batch, or --no-cpu-check")
     if progress is not None:
         progress(f"build ({device}, fp32)", 0, 1)
     torch.manual_seed(0)

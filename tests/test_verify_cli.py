@@ -417,6 +417,22 @@ def test_a_real_instance_past_the_host_memory_is_refused_before_it_is_built(
     assert code == 2 and out == "" and "its weights alone take" in err and "give --no-cpu-check" in err
 
 
+def test_verifys_own_real_instance_past_the_host_memory_is_a_check_not_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
+) -> None:
+    """Without --cpu-check the real instance is verify's own choice for a small model: one that
+    would not fit aborted the whole run with exit 2, the meta checks' results thrown away. It is
+    now a check not run, with why, and the meta checks stand."""
+    monkeypatch.setattr(cc, "free_memory", lambda device: 1 << 30)
+    code, out, err = run(monkeypatch, capsys, str(tiny), "--batch", "65536", "--seq", "32", "--no-backward")
+    assert code == 0 and err == ""
+    assert "not run (would not fit: it runs batch 65536 × seq 32 through the fp32 model on cpu" in out
+    assert "a smaller --seq or --batch lets them run" in out and "--cpu-check forces them" not in out
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--batch", "65536", "--seq", "32", "--no-backward", "--json")
+    checks = {c["check"]: c for c in json.loads(out)["checks"]}
+    assert code == 0 and checks["fvcore"]["status"] == "not run" and "would not fit" in checks["fvcore"]["detail"]
+
+
 def test_a_real_run_past_the_host_memory_is_refused_before_it_is_built(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
 ) -> None:

@@ -75,7 +75,8 @@ DeviceOpt = Annotated[Device, typer.Option(
     "--device", help="Device of the real instance (fvcore, the cache measured with real values).")]
 CpuCheckOpt = Annotated[bool | None, typer.Option(
     "--cpu-check/--no-cpu-check", show_default=False,
-    help="Force (or skip) the real-instance checks (default: only below 50M parameters).", metavar="")]
+    help="Force (or skip) the real-instance checks (default: below 50M parameters, where the run fits the "
+    "free memory; forced, a run that does not fit is refused).", metavar="")]
 BackwardOpt = Annotated[bool, typer.Option(
     "--backward/--no-backward", help="Check training FLOPs with a forward+backward on meta.", metavar="")]
 AllLayersOpt = Annotated[bool, typer.Option(
@@ -452,7 +453,7 @@ def _render_real(result: CrossCheck, console: Console, *, aggregate: bool) -> No
     real = result.real
     if real is None:
         console.print(f"real-instance checks (fvcore, the cache prefilled with real values): not run "
-                      f"({result.real_not_run}; --cpu-check forces them)")
+                      f"({result.real_not_run}; {result.real_hint})")
         return
     fv = real.fvcore
     if fv.not_run is not None:
