@@ -386,7 +386,7 @@ FFN = Annotated[Union[MLP, GLU], Field(discriminator="kind")]
 class Router(Frozen):
     """Top-k router. softmax: Mixtral/Switch; sigmoid: DeepSeek-V3 (with a score-correction bias buffer).
 
-    Group-limited routing (DeepSeek-V2 §2.1.3 device-limited routing, DeepSeek-V3 §2.1.2 node-limited
+    Group-limited routing (DeepSeek-V2 §2.2.2 device-limited routing, DeepSeek-V3 §2.1.2 node-limited
     routing, as transformers' DeepseekV2/V3TopkRouter): the experts form `n_group` equal groups, each
     token keeps its `topk_group` best groups and picks its top_k experts inside them. It changes
     which experts a token uses, never a count.

@@ -355,7 +355,7 @@ def route(
 
 def _group_mask(select_NE: Tensor, plan: MoEPlan) -> Tensor:
     """(N, E) bool: expert e is in one of the token's topk_group best groups. Experts form n_group
-    contiguous groups (DeepSeek-V2 §2.1.3, V3 §2.1.2); a group scores its best expert ("max",
+    contiguous groups (DeepSeek-V2 §2.2.2, V3 §2.1.2); a group scores its best expert ("max",
     transformers' DeepseekV2TopkRouter group_limited_greedy) or its best two summed ("top2_sum",
     DeepseekV3TopkRouter), on the selection scores (correction bias included)."""
     assert plan.n_group is not None and plan.topk_group is not None
