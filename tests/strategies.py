@@ -42,8 +42,14 @@ from archplan.spec import (
     StripedHyena,
 )
 
-D_MODELS = (8, 16, 24, 32)
-HEADS = (1, 2, 4)  # all divide every D_MODELS entry, leaving an even head_dim
+# odd and unaligned widths too: a bf16 row of 9 or 15 values is not 16 bytes long, which the
+# grouped_mm path pads and a sequence of 3-wide heads rotates only in part
+D_MODELS = (6, 8, 9, 12, 15, 16, 24, 30, 32)
+HEADS = (1, 2, 3, 4)
+
+
+def _divisors(n: int, among: tuple[int, ...]) -> list[int]:
+    return [k for k in among if n % k == 0]
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,8 @@ def _norm(draw: Draw) -> dict[str, Any]:
 
 
 def _head_fields(draw: Draw, d_model: int) -> dict[str, Any]:
-    n_heads = draw(st.sampled_from(HEADS))
-    head_dim = draw(st.sampled_from((None, 2, 4, 6, 8)))
+    n_heads = draw(st.sampled_from(_divisors(d_model, HEADS)))
+    head_dim = draw(st.sampled_from((None, 2, 3, 4, 5, 6, 7, 8)))
     fields: dict[str, Any] = {
         "n_heads": n_heads,
         "qkv_bias": draw(st.booleans()),
@@ -126,7 +132,7 @@ def _mamba1(draw: Draw, d_model: int) -> dict[str, Any]:
 
 def _mamba2(draw: Draw, d_model: int) -> dict[str, Any]:
     expand = draw(st.integers(1, 2))
-    head_dim = draw(st.sampled_from((2, 4, 8)))  # divides expand·d_model for every D_MODELS entry
+    head_dim = draw(st.sampled_from(_divisors(expand * d_model, (1, 2, 3, 4, 5, 8))))
     n_heads = expand * d_model // head_dim
     return {
         "kind": "mamba2",
@@ -147,7 +153,7 @@ def _s4(kind: str) -> MemberStrategy:
         return {
             "kind": kind,
             "d_state": draw(st.sampled_from((2, 4, 6))),
-            "n_ssm": draw(st.sampled_from((None, 1, 2, 4, 8))),  # all divide every D_MODELS entry
+            "n_ssm": draw(st.sampled_from([None, *_divisors(d_model, (1, 2, 3, 4, 8))])),
             "ssm_buffers": draw(st.booleans()),
         }
 
@@ -176,7 +182,7 @@ def _stripedhyena(draw: Draw, d_model: int) -> dict[str, Any]:
         "short_filter": draw(st.integers(1, 4)),
         "short_filter_bias": draw(st.booleans()),
         "state_size": draw(st.integers(1, 3)),
-        "filter_groups": draw(st.sampled_from((1, 2, 4, 8))),
+        "filter_groups": draw(st.sampled_from(_divisors(d_model, (1, 2, 3, 4, 8)))),
     }
 
 
@@ -265,6 +271,9 @@ def _fix_rotary(attention: dict[str, Any], position: dict[str, Any], d_model: in
         if (rotary := int(head_dim * fraction + 1e-9)) % 2 == 0 and rotary > 0:
             position["fraction"] = fraction
             return
+    # an odd head (3, 5, 7 dims; every drawn head has 2 or more) under none of those: rotate its
+    # first pair (2/5 of 5 is 2)
+    position["fraction"] = 2 / head_dim
 
 
 def _pattern(draw: Draw, n_layers: int, attention: bool, ssm: bool, conv: bool) -> str:
