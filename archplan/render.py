@@ -353,7 +353,7 @@ def _law_value(key: str, field: str) -> Callable[[dict[str, Any]], float | None]
 
 def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
     first = reports[0]
-    f, kv, t = first["flops"], first["kv_cache"], first["memory"]["training"]
+    f, kv = first["flops"], first["kv_cache"]
     other = "training_per_token_causal" if f["attention"] == "full" else "training_per_token_full"
     figures: list[tuple[Any, ...]] = [
         ("train seq", lambda r: r["flops"]["seq_len"], lambda x: f"{x:,.0f}"),
@@ -386,8 +386,7 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
         ("train model states",
          lambda r: r["memory"]["training"]["weights"] + r["memory"]["training"]["grads"]
          + r["memory"]["training"]["optimizer"], units.nbytes),
-        (f"train activations ({t['recompute']})", lambda r: r["memory"]["training"]["activations"],
-         units.nbytes),
+        ("train activations", lambda r: r["memory"]["training"]["activations"], units.nbytes),
         ("train memory / replica", lambda r: r["memory"]["training_bytes"], units.nbytes),
         ("tokens 20/N (MoE: N act.)" if any(r["chinchilla"]["n_params_kind"] == "active" for r in reports)
          else "tokens 20/param", lambda r: r["chinchilla"]["optimal_tokens"], units.count),
@@ -426,7 +425,8 @@ def compare_table(reports: Sequence[dict[str, Any]], stacked: bool = False) -> _
     t = first["memory"]["training"]
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
-                f"{t['attention_kernel']} attention, micro-batch {t['micro_batch']}. {FLOPS_CONVENTION}.")
+                f"{t['attention_kernel']} attention, recompute {t['recompute']}, micro-batch {t['micro_batch']}. "
+                f"{FLOPS_CONVENTION}.")
     with_mtp = [r["name"] for r in reports if _has_mtp(r)]
     if with_mtp:
         # each column's own caveat, whatever the column order: `size` prints both beside the figures

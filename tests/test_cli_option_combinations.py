@@ -32,7 +32,7 @@ PLAN_OPTIONS: dict[str, list[str]] = {
     "--efficiency": ["0.5", "1", "1.5", "0", "-1", "1e-320", "0.009"],
     "--precision": ["bf16", "fp8", "fp16", "fp32", "int4"],
     "--states": ["megatron", "zero", "fsdp2", "deepspeed"],
-    "--attention": ["eager", "flash"],
+    "--attention-kernel": ["eager", "flash"],
     "--overlap": ["none", "dp", "dp,tp,pp", "dp,ep", "dualpipe", "ep,dualpipe", "xx"],
     "--grad-reduce": ["bf16", "fp32"],
     "--optimizer-moments": ["bf16", "fp32", "fp8"],
@@ -64,7 +64,7 @@ SIZE_OPTIONS: dict[str, list[str]] = {
     "--tokens": ["15T", "2.5B", "1e30", "0", "-1", "abc"],
     "--gpu": ["h100", "a100", "b200", "mi300x", "tpu-v9"],
     "--mfu": ["0.4", "1", "0", "1.5", "-1", "1e-320"],
-    "--law": ["hoffmann2022", "besiroglu2024", "hoffmann2022-tex"],
+    "--law": ["hoffmann2022", "besiroglu2024", "hoffmann2022-tex", "chinchilla", "epoch"],
     "--attention": ["full", "causal"],
 }
 

@@ -2151,8 +2151,8 @@ def test_mla_up_proj_recompute_drops_each_mla_layers_q_k_v_on_random_specs(case:
     # options that would change nothing are named, not ignored
     (("deepseek-v3", "--gpus", "256", "--gpu", "gb300", "--precision", "fp8", "--fp8-scaling", "mxfp8",
       "--fp8-params"), "--fp8-params: under --fp8-scaling mxfp8"),
-    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--attention", "eager", "--flash-impl", "triton"),
-     "--flash-impl triton picks a FlashAttention implementation, which --attention eager does not run"),
+    (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--attention-kernel", "eager", "--flash-impl", "triton"),
+     "--flash-impl triton picks a FlashAttention implementation, which --attention-kernel eager does not run"),
     (("mamba-2.8b", "--gpus", "8", "--gpu", "h100", "--fused-qkv", "--cp-comm", "ring"),
      "--cp-comm ring, --fused-qkv: these concern attention layers, and mamba-2.8b has none"),
     (("llama-3-70b", "--gpus", "64", "--gpu", "h100", "--cp-comm", "ring", "--layout", "cp=1"),

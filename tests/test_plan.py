@@ -1602,6 +1602,29 @@ def test_the_footer_names_each_batch_the_layouts_shown_run(capsys: pytest.Captur
     assert "4,194,304 tokens per step as run; MFU" in footer, footer
 
 
+def test_the_footer_says_a_batch_nobody_gave_is_the_default(capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --global-batch-tokens the footer said "for the 4,000,000 asked", where nobody asked:
+    a 16,384-GPU search ranked for that default leaves its pipelines unfilled, and the user should
+    see where the figure came from. Its MFU line names the --seq `size` must be given to count the
+    same FLOPs (`size` defaults to 4,096 tokens, `plan` to 8,192)."""
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3.1-405b", "--gpus", "16384", "--gpu", "h100")
+    footer = " ".join(out[out.index("training on"):].split())
+    assert "for the default 4,000,000 (--global-batch-tokens)" in footer and " asked" not in footer, footer
+    assert "`size --seq 8192 --attention causal` counts the same" in footer, footer
+
+
+def test_plans_attention_kernel_takes_sizes_name(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--attention` is the FLOP convention in size and compare and was the kernel in plan, which
+    refused size's `--attention-kernel`. plan takes that name now and its old one too."""
+    argv = ("plan", "llama-3-8b", "--gpus", "8", "--json")
+    kernels = {json.loads(run(capsys, monkeypatch, *argv, option, "eager")[1])["attention_kernel"]
+               for option in ("--attention-kernel", "--attention")}
+    assert kernels == {"eager"}
+
+
 def test_size_names_the_law_choices_plan_takes(capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """size's caption sent the user to "--law", whose choices in size (hoffmann2022, besiroglu2024)

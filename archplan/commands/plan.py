@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -116,7 +116,7 @@ class RingNicsChoice(str, Enum):
 
 
 class FlashImplChoice(str, Enum):
-    """Which FlashAttention implementation runs `--attention flash` (hardware.FLASH_IMPL_SPEED)."""
+    """Which FlashAttention implementation runs `--attention-kernel flash` (hardware.FLASH_IMPL_SPEED)."""
 
     fa2 = "fa2"
     triton = "triton"
@@ -750,7 +750,7 @@ def _batch_notes(result: SearchResult) -> list[str]:
         return []
     runs = "; ".join(f"layout {i} {e.global_batch_tokens:,} ({e.global_batch_tokens / asked - 1:+.0%})"
                      for i, e in off)
-    return [f"tokens per step as run differ from the {asked:,.0f} asked, since each layout runs whole "
+    return [f"tokens per step as run differ from {_asked(result)}, since each layout runs whole "
             f"micro-batches of dp·mb sequences: {runs}; ranked by time per token"]
 
 
@@ -763,7 +763,15 @@ def _batch_as_run(result: SearchResult) -> str:
     text = f"{best:,} tokens per step as run" if len(batches) == 1 else (
         f"{best:,} tokens per step as layout 1 runs them (the layouts shown run {batches[0]:,} to {batches[-1]:,})")
     asked = result.asked_batch_tokens
-    return text + (f", for the {asked:,.0f} asked" if asked and round(asked) != best else "")
+    return text + (f", for {_asked(result)}" if asked and round(asked) != best else "")
+
+
+def _asked(result: SearchResult) -> str:
+    """The batch asked for, or the default taken where none was: a user who gave none should know
+    the layouts were ranked for it (4M tokens leaves a 16,384-GPU pipeline unfilled)."""
+    asked = result.asked_batch_tokens
+    return (f"the default {asked:,.0f} (--global-batch-tokens)" if result.batch_default
+            else f"the {asked:,.0f} asked")
 
 
 def _pipeline_fill_notes(result: SearchResult) -> list[str]:
@@ -1182,7 +1190,7 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
     noun = "token" if tokens == 1 else "tokens"
     console.print(f"training on {count(tokens)} {noun} ({source}): {_batch_as_run(result)}; MFU = model FLOPs "
                   f"({result.model_flops_per_token:,}/token, "
-                  "causal, no recompute; `size --attention causal` counts the same, its default full square "
+                  f"causal, no recompute; `size --seq {result.seq} --attention causal` counts the same, its default full square "
                   "more) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
@@ -1291,7 +1299,9 @@ def register(app: typer.Typer) -> None:
             "fsdp2 (fp32 sharded params + grads, bf16 compute copies), deepspeed (zero's bytes; ZeRO-3 "
             "fetched module by module as DeepSpeed does).", rich_help_panel=MODEL_PANEL)] = StatesChoice.megatron,
         attention: Annotated[KernelChoice, typer.Option(
-            "--attention", help="flash: FlashAttention + fused kernels (no s×s memory); eager: plain torch autograd.",
+            "--attention-kernel", "--attention",
+            help="flash: FlashAttention + fused kernels (no s×s memory); eager: plain torch autograd (as size's "
+            "--attention-kernel; --attention, its older name, is read too).",
             rich_help_panel=MODEL_PANEL)] = KernelChoice.flash,
         grad_reduce: Annotated[StateDTypeChoice | None, typer.Option(
             "--grad-reduce", help=("Gradient reduction dtype \\[the states' gradient dtype]; under --states "
@@ -1461,7 +1471,7 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError(f"--top must be between 1 and {MAX_TOP_LAYOUTS}, got {top}")
             _run_layout(spec, gpus, gpu, seq, global_batch_tokens, layout, settings, headroom,
                         gpus_per_node, nvlink_gbs, ib_gbs, train_tokens, law, given_by_user(ctx, "law"), as_json,
-                        plot, force, top, given_by_user(ctx, "top"))
+                        plot, force, top, given_by_user(ctx, "top"), given_by_user(ctx, "global_batch_tokens"))
         else:
             if gpus is not None or layout is not None:
                 raise ArchplanError("--gpus/--layout go with a SPEC: archplan plan SPEC --gpus N --gpu KEY")
@@ -1692,7 +1702,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                 layout_text: str | None, settings: Settings, headroom: float,
                 gpus_per_node: int | None, nvlink_gbs: float | None, ib_gbs: float | None,
                 tokens: float | None, law: LawOption, law_given: bool, as_json: bool, plot: str | None, force: bool,
-                top: int = TOP_LAYOUTS, top_given: bool = False) -> None:
+                top: int = TOP_LAYOUTS, top_given: bool = False, batch_given: bool = True) -> None:
     from archplan.hardware import accelerator
     from archplan.loader import load_spec
     from archplan.planning.cluster import model_data
@@ -1732,6 +1742,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
     result = search(plan, device, gpus, seq=seq,
                     global_batch_tokens=batch_tokens, net=net, headroom=headroom, settings=settings,
                     fixed=fixed, keep_unfit=True, top=top)
+    result = replace(result, batch_default=not batch_given)
     bound = _network_bound(result, plan)
     seq_note = plan.past_trained_note("seq", result.seq, "priced as asked")
     model_notes = _model_notes(result, plan)

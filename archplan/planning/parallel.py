@@ -279,7 +279,7 @@ class Settings:
                                 "megatron, zero or deepspeed (a Megatron-style engine)")
         if self.flash_impl != "fa2" and self.attention_kernel != "flash":
             raise ArchplanError(f"--flash-impl {self.flash_impl} picks a FlashAttention implementation, which "
-                                "--attention eager does not run")
+                                "--attention-kernel eager does not run")
         if self.fp8_attention and (self.precision != "fp8" or self.attention_kernel != "flash"
                                    or self.flash_impl != "cudnn"):
             raise ArchplanError("--fp8-attention is cuDNN's fp8 attention (Transformer Engine's "
@@ -385,6 +385,7 @@ class SearchResult:
     # `--efficiency` (no length law applies to it) or without attention layers
     flash_fractions: tuple[tuple[float, float], ...] = ()
     asked_batch_tokens: float = 0.0  # --global-batch-tokens as given; each layout runs whole micro-batches
+    batch_default: bool = False  # --global-batch-tokens left at its default, which the notes then say
 
     @property
     def shown(self) -> tuple[Evaluated, ...]:
