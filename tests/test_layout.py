@@ -2441,8 +2441,10 @@ def test_a_search_with_no_layout_to_try_is_bad_input_either_way(layout: str | No
 
 def test_no_split_names_the_searched_cp_floor() -> None:
     """64 GPUs at tp=2,pp=2,dp=2 need cp=8, under the search's floor of 8,192 tokens a rank: the
-    error named TP, PP and DP rules that held and not that one."""
-    with pytest.raises(ArchplanError, match=r"CP = 1 \(a CP rank keeps ≥ 8,192 tokens .*a given cp= is not held"):
+    error named TP, PP and DP rules that held and not that one, and not the cp the three degrees
+    leave, which the same layout with cp= given says in its own words."""
+    with pytest.raises(ArchplanError, match=r"tp·pp·dp = 8 ranks leave cp = 8 for 64 GPUs, outside CP = 1 "
+                                            r"\(a CP rank keeps ≥ 8,192 tokens .*a given cp= is not held"):
         search(_plan("llama-3-8b"), H100, 64, seq=8192, global_batch_tokens=4e6, net=NET,
                fixed=parse_layout("tp=2,pp=2,dp=2"))
     given = search(_plan("llama-3-8b"), H100, 64, seq=8192, global_batch_tokens=4e6, net=NET, fixed=parse_layout("tp=2,cp=8,pp=2,dp=2"))

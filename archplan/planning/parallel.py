@@ -898,22 +898,32 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
     if broken is not None:
         return f"{where}no layout{given}: every completion breaks a rule, e.g. {broken}"
     g = fixed.given
-    rules = [] if "tp" in g else [f"TP dividing a node of {net.tp_node(gpus)} (TP within a node)"]
+    rules: dict[str, str] = {}
+    if "tp" not in g:
+        rules["tp"] = f"TP dividing a node of {net.tp_node(gpus)} (TP within a node)"
     if "cp" not in g:
         most = max(c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS)
-        rules.append(f"CP ≤ {most} (each rank keeping ≥ {CP_MIN_TOKENS:,} of a sequence's {seq:,} tokens; "
-                     "a given cp= is not held to it)" if seq >= 2 * CP_MIN_TOKENS else
-                     f"CP = 1 (a CP rank keeps ≥ {CP_MIN_TOKENS:,} tokens of a sequence, and these have "
-                     f"{seq:,}; a given cp= is not held to it)")
+        rules["cp"] = (f"CP ≤ {most} (each rank keeping ≥ {CP_MIN_TOKENS:,} of a sequence's {seq:,} tokens; "
+                       "a given cp= is not held to it)" if seq >= 2 * CP_MIN_TOKENS else
+                       f"CP = 1 (a CP rank keeps ≥ {CP_MIN_TOKENS:,} tokens of a sequence, and these have "
+                       f"{seq:,}; a given cp= is not held to it)")
     if "pp" not in g:
-        rules.append(f"PP ≤ {things(len(plan.layers), 'layer')}"
-                     + (", even and at least 2 (--overlap dualpipe)" if "dualpipe" in settings.overlap else ""))
+        rules["pp"] = (f"PP ≤ {things(len(plan.layers), 'layer')}"
+                       + (", even and at least 2 (--overlap dualpipe)" if "dualpipe" in settings.overlap else ""))
     if g.get("sp") is True and "tp" not in g:
-        rules.append("TP > 1 (sp=on)")
-    rules.append(f"DP·mb ≤ {things(sequences, 'sequence')} per step")
+        rules["sp"] = "TP > 1 (sp=on)"
+    rules["dp"] = f"DP·mb ≤ {things(sequences, 'sequence')} per step"
+    tp_notes = "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items())
+    degrees = [name for name in ("tp", "cp", "pp", "dp") if name in g]
+    if len(degrees) == 3:
+        # three degrees given fix the fourth: name it and the one rule it breaks, not every rule
+        left = next(name for name in ("tp", "cp", "pp", "dp") if name not in g)
+        implied = gpus // math.prod(int(g[name]) for name in degrees)
+        product = "·".join(degrees)
+        return (f"{where}no layout{given}: {product} = {gpus // implied:,} ranks leave {left} = {implied:,} "
+                f"for {things(gpus, 'GPU')}, outside {rules[left]}" + tp_notes)
     return (f"{where}no layout{given}: {things(gpus, 'GPU')} admit{'s' if gpus == 1 else ''} no TP×CP×PP×DP split "
-            f"with {', '.join(rules)}"
-            + "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items()))
+            f"with {', '.join(rules.values())}" + tp_notes)
 
 
 def training_days(result: Evaluated, tokens: float) -> float:
