@@ -415,6 +415,8 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
         message = "required field is missing"
     elif kind == "union_tag_invalid":
         message = f"unknown kind {_as_yaml(err['input'].get('kind'))}; expected one of {err['ctx']['expected_tags']}"
+        # at the `kind:` line that names it, not the block's
+        line_col = loaded.locations.get((*yaml_path, "kind"), line_col)
     elif kind == "union_tag_not_found":
         # pydantic's own words ("Unable to extract tag using discriminator") name no choice
         kinds = ", ".join(repr(_kind_of(m)) for m in _models_at(loaded, yaml_path))
@@ -422,11 +424,13 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
     elif message.startswith("Value error, "):
         message = message[len("Value error, "):]
         # Cross-field checks run on the whole spec; their message starts with the field to change.
+        # A block's own cross-field checks (GQA's groups, MoE's top_k) name theirs the same way,
+        # relative to the block: reported at that field, as `lint` reports it.
         named = _FIELD_PREFIX.match(message)
-        if named and not yaml_path:
-            yaml_path = tuple(named.group(1).split("."))
+        if named:
+            yaml_path = (*yaml_path, *named.group(1).split("."))
             message = named.group(2)
-            field = named.group(1)
+            field = dotted(yaml_path)
             line_col = next((loaded.locations[yaml_path[:cut]] for cut in range(len(yaml_path), 0, -1)
                              if yaml_path[:cut] in loaded.locations), None)
     elif kind in ("model_type", "model_attributes_type", "dict_type") and yaml_path:
@@ -517,7 +521,9 @@ def _not_a_number(expected: str, value: bool | str | float) -> str:
     if isinstance(value, Yaml11Number):
         return f"expected {expected}, got {str(value)}: {value.reading}"
     if isinstance(value, float):
-        return f"expected {expected}, got {value!r}"
+        # 1e5 is a float in YAML: an integer field wants its digits, which a whole float has
+        whole = ("integer" in expected and value.is_integer() and abs(value) < 1e18)
+        return f"expected {expected}, got {value!r}" + (f"; write {int(value)}" if whole else "")
     shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}…"
     try:
         float(value.replace("_", ""))

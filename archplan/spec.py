@@ -209,7 +209,7 @@ class GQA(_HeadAttention):
     def _groups_divide(self) -> GQA:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
-                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+                f"n_kv_heads: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
             )
         return self
 
@@ -235,7 +235,7 @@ class MLA(Frozen):
     @model_validator(mode="after")
     def _even_rope(self) -> MLA:
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (rotary pairs)")
+            raise ValueError(f"qk_rope_head_dim: qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (rotary pairs)")
         return self
 
 
@@ -338,7 +338,7 @@ class Hyena(Frozen):
     @model_validator(mode="after")
     def _odd_features(self) -> Hyena:
         if self.emb_dim < 3 or self.emb_dim % 2 == 0:
-            raise ValueError(f"emb_dim ({self.emb_dim}) must be odd and >= 3: 1 time feature + cos/sin pairs")
+            raise ValueError(f"emb_dim: emb_dim ({self.emb_dim}) must be odd and >= 3: 1 time feature + cos/sin pairs")
         return self
 
 
@@ -420,7 +420,7 @@ class Router(Frozen):
             raise ValueError("group_score scores the groups of group-limited routing; set n_group and "
                              "topk_group, or remove it")
         if self.n_group is not None and self.topk_group is not None and self.topk_group > self.n_group:
-            raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+            raise ValueError(f"topk_group: topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
         return self
 
 
@@ -451,7 +451,7 @@ class MoE(Frozen):
     @model_validator(mode="after")
     def _k_fits(self) -> MoE:
         if self.top_k > self.n_experts:
-            raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+            raise ValueError(f"top_k: top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
         groups, keep = self.router.n_group, self.router.topk_group
         if groups is not None and keep is not None:
             if self.n_experts % groups:
@@ -460,7 +460,7 @@ class MoE(Frozen):
             if self.router.group_score == "top2_sum" and per_group < 2:
                 raise ValueError(f"router.group_score top2_sum needs groups of 2+ experts (got {per_group})")
             if self.top_k > keep * per_group:
-                raise ValueError(f"top_k ({self.top_k}) exceeds the {keep * per_group} experts of "
+                raise ValueError(f"top_k: top_k ({self.top_k}) exceeds the {keep * per_group} experts of "
                                  f"router.topk_group ({keep}) groups")
         return self
 
@@ -538,7 +538,7 @@ class Layout(Frozen):
     @model_validator(mode="after")
     def _offset_in_period(self) -> Layout:
         if self.moe_offset >= self.moe_every:
-            raise ValueError(f"moe_offset ({self.moe_offset}) must be < moe_every ({self.moe_every})")
+            raise ValueError(f"moe_offset: moe_offset ({self.moe_offset}) must be < moe_every ({self.moe_every})")
         return self
 
 

@@ -250,7 +250,7 @@ def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def
     ("d_ff: 128", "d_ff: true", "ffn.d_ff", "expected an integer, got a boolean (true)"),
     ("n_layers: 2", 'n_layers: "32"', "n_layers",
      "expected an integer, got the string '32'; write the number without quotes"),
-    ("d_model: 64", "d_model: 64.0", "d_model", "expected an integer, got 64.0"),
+    ("d_model: 64", "d_model: 64.0", "d_model", "expected an integer, got 64.0; write 64"),
     ("n_kv_heads: 2}", "n_kv_heads: 2}\nposition: {kind: rope, theta: true}", "position.theta",
      "expected a number, got a boolean (true)"),
     ("n_kv_heads: 2}", "n_kv_heads: 2}\nnorm: {eps: '1e-5'}", "norm.eps", "expected a number, got the string"),
@@ -323,7 +323,8 @@ def test_training_tokens_take_the_range_tokens_takes(cli, tmp_path: Path, comman
 
 def test_heads_not_divisible_by_kv_heads(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, BASE.replace("n_kv_heads: 2", "n_kv_heads: 3"))
-    assert_one_line_error(cli("size", path), f"{path}:5:1", "attention", "divisible")
+    # at the field the rule names, as lint reports it (the block's line before)
+    assert_one_line_error(cli("size", path), f"{path}:5:", "attention.n_kv_heads: n_heads (4)", "divisible")
 
 
 def test_odd_rotary_dimension(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -349,10 +350,16 @@ def test_a_rotary_fraction_of_mla_is_refused(cli, tmp_path: Path) -> None:  # ty
     assert cli("size", spec_file(tmp_path, spec, "whole.yaml")).code == 0
 
 
+def test_an_unknown_kind_is_placed_at_its_kind_key(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`ffn: {kind: swiglu}` was reported at the block's line; the mistake is the kind's word."""
+    path = spec_file(tmp_path, BASE.replace("ffn: {kind: glu, d_ff: 128}", "ffn:\n  d_ff: 128\n  kind: swiglu"))
+    assert_one_line_error(cli("size", path), f"{path}:8:3", "ffn: unknown kind 'swiglu'")
+
+
 def test_top_k_exceeds_experts(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     moe = "moe: {n_experts: 4, top_k: 5, expert: {kind: glu, d_ff: 32}}"
     path = spec_file(tmp_path, BASE.replace("ffn: {kind: glu, d_ff: 128}", moe))
-    assert_one_line_error(cli("size", path), f"{path}:6:1", "moe", "top_k (5) exceeds n_experts (4)")
+    assert_one_line_error(cli("size", path), f"{path}:6:21", "moe.top_k: top_k (5) exceeds n_experts (4)")
 
 
 @pytest.mark.parametrize(("layout", "needles"), [
