@@ -417,6 +417,16 @@ def test_a_real_instance_past_the_host_memory_is_refused_before_it_is_built(
     assert code == 2 and out == "" and "its weights alone take" in err and "give --no-cpu-check" in err
 
 
+def test_device_auto_is_read_as_bench_reads_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                               tiny: Path) -> None:
+    """bench takes --device auto and verify refused it: auto is cuda where available, else cpu."""
+    import torch
+
+    code, out, _ = run(monkeypatch, capsys, str(tiny), "--device", "auto", "--seq", "8", "--no-backward")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert code == 0 and f"{expected} bytes" in out
+
+
 def test_verifys_own_real_instance_past_the_host_memory_is_a_check_not_run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Path
 ) -> None:

@@ -45,6 +45,7 @@ OK, BAD = "[green]✓[/green]", "[red]✗[/red]"
 
 
 class Device(str, Enum):
+    auto = "auto"  # as bench takes it: cuda where available, else cpu
     cpu = "cpu"
     cuda = "cuda"
 
@@ -72,7 +73,8 @@ SeqOpt = Annotated[int | None, typer.Option(
     show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, max=MAX_BATCH, help="Batch of the counted forward.")]
 DeviceOpt = Annotated[Device, typer.Option(
-    "--device", help="Device of the real instance (fvcore, the cache measured with real values).")]
+    "--device", help="Device of the real instance (fvcore, the cache measured with real values); auto: cuda "
+    "where available, as bench reads it.")]
 CpuCheckOpt = Annotated[bool | None, typer.Option(
     "--cpu-check/--no-cpu-check", show_default=False,
     help="Force (or skip) the real-instance checks (default: below 50M parameters, where the run fits the "
@@ -154,13 +156,13 @@ def verify_model(
     from archplan.crosscheck import crosscheck  # imports torch: only verify and bench may
     from archplan.modules.model import resolve_device
 
-    resolve_device(device.value)  # fail before the meta build, not after it
+    real_device = resolve_device(device.value).type  # fail before the meta build, not after it
 
     console = report_console()
     with _progress(enabled=not as_json and len(plan.layers) > PROGRESS_ABOVE_LAYERS) as progress:
         result = crosscheck(
             plan, seq_len=seq_len, batch=batch, backward=backward, real=cpu_check,
-            real_device=device.value, progress=progress,
+            real_device=real_device, progress=progress,
         )
     code = settle(0 if result.ok else 1)
     if as_json:
