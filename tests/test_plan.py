@@ -504,6 +504,14 @@ def test_solve_cli_shows_a_width_a_candidate_leaves_out(tmp_path: Path, capsys: 
     assert code == 1 and "no integer solution" in out
 
 
+def test_solve_names_the_best_candidates_size_in_human_units(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table's exact counts (1,710,796,800,000) beside the summary's 1.71 T."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "--solve", "gpt-4-partial", "--total", "1.8e12",
+                       "--active", "220e9", "--multiple", "128", "--tol", "0.07")
+    assert code == 0 and "moe.expert.d_ff = 25,088 (1.71 T total, 231 B active)" in " ".join(out.split())
+
+
 def test_solve_counts_every_solution_and_breaks_ties_exactly(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:

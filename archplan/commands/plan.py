@@ -462,7 +462,8 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
     if result.solved:
         shown = f" (the best {len(result.candidates)} kept)" if result.within > len(result.candidates) else ""
         console.print(f"solved: {result.within:,} candidate(s) within tolerance{shown}; best "
-                      + ", ".join(f"{k} = {v:,}" for k, v in best.values.items()))
+                      + ", ".join(f"{k} = {v:,}" for k, v in best.values.items())
+                      + f" ({count(best.total)} total, {count(best.active)} active)")
     else:
         console.print(
             "[bold red]no integer solution[/] within tolerance; nearest: "
