@@ -521,9 +521,11 @@ def _not_a_number(expected: str, value: bool | str | float) -> str:
     if isinstance(value, Yaml11Number):
         return f"expected {expected}, got {str(value)}: {value.reading}"
     if isinstance(value, float):
-        # 1e5 is a float in YAML: an integer field wants its digits, which a whole float has
+        # 1e5 is a float in YAML: an integer field wants its digits, which a whole float has (said as
+        # the form to write, not as a value the field's own bounds accept)
         whole = ("integer" in expected and value.is_integer() and abs(value) < 1e18)
-        return f"expected {expected}, got {value!r}" + (f"; write {int(value)}" if whole else "")
+        return f"expected {expected}, got {value!r}" + (
+            f"; an integer takes no decimal point or exponent ({int(value)})" if whole else "")
     shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}…"
     try:
         float(value.replace("_", ""))

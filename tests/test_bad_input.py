@@ -250,7 +250,7 @@ def test_wrong_type(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def
     ("d_ff: 128", "d_ff: true", "ffn.d_ff", "expected an integer, got a boolean (true)"),
     ("n_layers: 2", 'n_layers: "32"', "n_layers",
      "expected an integer, got the string '32'; write the number without quotes"),
-    ("d_model: 64", "d_model: 64.0", "d_model", "expected an integer, got 64.0; write 64"),
+    ("d_model: 64", "d_model: 64.0", "d_model", "expected an integer, got 64.0; an integer takes no decimal point or exponent (64)"),
     ("n_kv_heads: 2}", "n_kv_heads: 2}\nposition: {kind: rope, theta: true}", "position.theta",
      "expected a number, got a boolean (true)"),
     ("n_kv_heads: 2}", "n_kv_heads: 2}\nnorm: {eps: '1e-5'}", "norm.eps", "expected a number, got the string"),

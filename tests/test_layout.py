@@ -2439,6 +2439,22 @@ def test_a_search_with_no_layout_to_try_is_bad_input_either_way(layout: str | No
     assert all(needle in str(err.value) for needle in needles), str(err.value)
 
 
+@pytest.mark.parametrize(("model", "gpus", "seq", "layout", "needle"), [
+    ("llama-3-8b", 64, 8192, "cp=1,pp=2,dp=32,sp=on", "leave tp = 1 for 64 GPUs, outside TP > 1 (sp=on)"),
+    ("gpt2", 64, 1024, "cp=1,pp=1,dp=8", "leave tp = 8 for 64 GPUs, where 12 query / 12 KV heads do not split 8 ways"),
+    ("llama-3-8b", 48, 32768, "tp=2,pp=1,dp=8", "leave cp = 3 for 48 GPUs, outside the CP degrees the search tries"),
+    ("llama-3-8b", 8, 8192, "tp=1,cp=1,pp=1", "tp·cp·pp = 1 rank leaves dp = 8 for 8 GPUs, outside DP·mb ≤ 2 sequences"),
+])
+def test_no_split_names_the_rule_the_implied_degree_breaks(model: str, gpus: int, seq: int, layout: str,
+                                                           needle: str) -> None:
+    """Three degrees given leave the fourth: the error names the rule that one breaks. A first
+    version named the fourth degree's usual rule where it held (tp = 1 "outside TP dividing a node
+    of 8", cp = 3 "outside CP ≤ 4") and hid the rule it broke."""
+    with pytest.raises(ArchplanError) as err:
+        search(_plan(model), H100, gpus, seq=seq, global_batch_tokens=2 * seq, net=NET, fixed=parse_layout(layout))
+    assert needle in str(err.value), str(err.value)
+
+
 def test_no_split_names_the_searched_cp_floor() -> None:
     """64 GPUs at tp=2,pp=2,dp=2 need cp=8, under the search's floor of 8,192 tokens a rank: the
     error named TP, PP and DP rules that held and not that one, and not the cp the three degrees

@@ -560,6 +560,22 @@ def test_solve_refuses_widths_the_targets_cannot_separate(tmp_path: Path) -> Non
         solve(path, Targets(params.total, params.active))
 
 
+def test_solve_blames_the_proportional_widths_before_a_size_it_chose(tmp_path: Path) -> None:
+    """top_k 1 and 2 leave two widths in proportion and the router refuses top_k 3 and up: the
+    refusal blamed `top_k (3)`, a value the user never wrote, not the widths they can fix."""
+    path = tmp_path / "q.yaml"
+    path.write_text("name: q\nvocab_size: 1000\nd_model: 256\nn_layers: 4\n"
+                    "attention: {kind: gqa, n_heads: 4, n_kv_heads: 2}\nffn: {kind: glu, d_ff: solve}\n"
+                    "layout: {moe_every: 2}\nmoe:\n  n_experts: 16\n  top_k: solve\n"
+                    "  expert: {kind: glu, d_ff: 384}\n  shared: {n: 1, d_ff: solve}\n"
+                    "  router: {n_group: 8, topk_group: 1}\n")
+    with pytest.raises(ArchplanError) as err:
+        solve(path, Targets(20e6, 8e6))
+    message = str(err.value)
+    assert message.startswith("ffn.d_ff and moe.shared.d_ff move the targets in proportion")
+    assert "at moe.top_k = 1; moe.top_k = 2; fix one (the spec refuses the others, e.g. moe.top_k: top_k (3)" in message
+
+
 def test_solve_names_the_combinations_the_targets_cannot_separate(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """With `shared.n` solved too, n = 0 leaves the dense width alone and solves; n = 1 … 4 keep a

@@ -916,14 +916,40 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
     tp_notes = "".join(f"; TP{t}: {w}" for t, w in tp_reasons.items())
     degrees = [name for name in ("tp", "cp", "pp", "dp") if name in g]
     if len(degrees) == 3:
-        # three degrees given fix the fourth: name it and the one rule it breaks, not every rule
+        # three degrees given fix the fourth: name it and the rule it breaks, where one rule does
         left = next(name for name in ("tp", "cp", "pp", "dp") if name not in g)
         implied = gpus // math.prod(int(g[name]) for name in degrees)
-        product = "·".join(degrees)
-        return (f"{where}no layout{given}: {product} = {gpus // implied:,} ranks leave {left} = {implied:,} "
-                f"for {things(gpus, 'GPU')}, outside {rules[left]}" + tp_notes)
+        if (broken := _implied_breaks(left, implied, rules, tp_reasons, plan, gpus, seq, sequences, net,
+                                      settings)) is not None:
+            ranks = gpus // implied
+            return (f"{where}no layout{given}: {'·'.join(degrees)} = {things(ranks, 'rank')} leave{'s' if ranks == 1 else ''} "
+                    f"{left} = {implied:,} for {things(gpus, 'GPU')}, {broken}")
     return (f"{where}no layout{given}: {things(gpus, 'GPU')} admit{'s' if gpus == 1 else ''} no TP×CP×PP×DP split "
             f"with {', '.join(rules.values())}" + tp_notes)
+
+
+def _implied_breaks(left: str, implied: int, rules: dict[str, str], tp_reasons: dict[int, str], plan: ModelPlan,
+                    gpus: int, seq: int, sequences: int, net: Interconnect, settings: Settings) -> str | None:
+    """Why the one degree three given degrees leave cannot be, in `no_split`'s words ("outside"
+    the search's rule it breaks, or "where" the model refuses it); None where it breaks none of them
+    alone (the fields the search still chooses are then the cause, and every rule is listed)."""
+    match left:
+        case "tp":
+            if implied in tp_reasons:
+                return f"where {tp_reasons[implied]}"
+            if implied == 1 and "sp" in rules:
+                return f"outside {rules['sp']}"
+            return f"outside {rules['tp']}" if net.tp_node(gpus) % implied else None
+        case "cp":
+            if implied not in CP_DEGREES:
+                return (f"outside the CP degrees the search tries ({', '.join(map(str, CP_DEGREES))}; a given "
+                        "cp= is tried as given)")
+            return f"outside {rules['cp']}" if implied > 1 and seq // implied < CP_MIN_TOKENS else None
+        case "pp":
+            dualpipe = "dualpipe" in settings.overlap and (implied < 2 or implied % 2)
+            return f"outside {rules['pp']}" if implied > len(plan.layers) or dualpipe else None
+        case _:
+            return f"outside {rules['dp']}" if implied > sequences else None
 
 
 def training_days(result: Evaluated, tokens: float) -> float:

@@ -342,9 +342,13 @@ def _proportional_note(combos: list[dict[Path_, int]], widths: list[Path_]) -> s
     if not combos:
         return None
     names = " and ".join(dotted(p) for p in widths)
+    return f"not tried at {_combinations(combos)}: there {names} {PROPORTIONAL}; fix one width to try them"
+
+
+def _combinations(combos: list[dict[Path_, int]]) -> str:
+    """Choice combinations as a note names them: the first `_SHOWN`, then how many more."""
     shown = "; ".join(", ".join(f"{dotted(p)} = {v:,}" for p, v in combo.items()) for combo in combos[:_SHOWN])
-    more = f" (and {len(combos) - _SHOWN:,} more)" if len(combos) > _SHOWN else ""
-    return f"not tried at {shown}{more}: there {names} {PROPORTIONAL}; fix one width to try them"
+    return shown + (f" (and {len(combos) - _SHOWN:,} more)" if len(combos) > _SHOWN else "")
 
 
 def _without_stale_counts(spec: Spec, total: int, active: int) -> Spec:
@@ -471,8 +475,14 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
                                         _without_stale_counts(spec, total, active), total, active, errors,
                                         miss, fixed)
     if not candidates:
-        if first_error is None:
-            raise ArchplanError(f"{' and '.join(dotted(p) for p in widths)} {PROPORTIONAL}; fix one")
+        if proportional:
+            # the cause the user can act on, before a size the solve itself chose and the spec refused
+            at = "" if proportional == [{}] else f" at {_combinations(proportional)}"
+            others = "" if first_error is None else (
+                " (the spec refuses the others, e.g. "
+                + (f"{first_error.field}: " if first_error.field else "") + f"{first_error.message})")
+            raise ArchplanError(f"{' and '.join(dotted(p) for p in widths)} {PROPORTIONAL}{at}; fix one{others}")
+        assert first_error is not None
         raise first_error
     # the nearest first, then the smaller model (total, then active parameters: a sum of the solved
     # values adds expert counts to widths, and ranked Mixtral at 2,386 × 128 experts, 121.7 B, above
