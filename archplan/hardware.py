@@ -16,7 +16,8 @@ matmul FLOPS table (2026-08).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from typing_extensions import assert_never
@@ -104,10 +105,13 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("gb300", "NVIDIA GB300 (NVL72) 288GB",
                 _tf(fp32=80, tf32=1250, bf16=2500, fp16=2500, fp8=5000),
                 8.0e12, 284_208 * MiB, ("gb300-nvl72",), sms=160),
+    # GDDR6 with ECC on by default (the data-center parts' setting) keeps part of the nameplate from
+    # CUDA: nvidia-smi's totals, 23,034 MiB of the L4's 24 GiB and 46,068 MiB of the L40S's 48 GiB
     Accelerator("l4", "NVIDIA L4 24GB",
-                _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5), 300e9, 24 * GiB, sms=58),
+                _tf(fp32=30.3, tf32=60, bf16=121, fp16=121, fp8=242.5, int8=242.5), 300e9, 23_034 * MiB, sms=58),
     Accelerator("l40s", "NVIDIA L40S 48GB",
-                _tf(fp32=91.6, tf32=183, bf16=362.05, fp16=362.05, fp8=733, int8=733), 864e9, 48 * GiB, sms=142),
+                _tf(fp32=91.6, tf32=183, bf16=362.05, fp16=362.05, fp8=733, int8=733), 864e9, 46_068 * MiB,
+                sms=142),
     Accelerator("rtx4090", "NVIDIA GeForce RTX 4090 24GB",
                 _tf(fp32=82.6, tf32=82.6, bf16=165.2, fp16=165.2, fp8=330.3, int8=660.6),
                 1008e9, 24 * GiB, ("4090",), sms=128),
@@ -131,17 +135,33 @@ def accelerator(key: str) -> Accelerator:
     return found
 
 
+# Device-name words (torch.cuda.get_device_name, split at spaces, hyphens and underscores) -> the
+# entry, and the words of variants the table does not hold, which must not borrow a neighbour's
+# datasheet: H100 NVL (835 TF dense) and H200 NVL are not the SXM parts, an H800 PCIe is H100
+# PCIe-class, an RTX 4090 Laptop GPU is another chip, and "L40" is not "L4".
+_NAME_WORDS: tuple[tuple[str, str], ...] = (
+    ("h200", "h200"), ("h100", "h100-sxm"), ("h800", "h800"), ("gb200", "gb200"), ("b200", "b200"),
+    ("gb300", "gb300"), ("b300", "b300"), ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"),
+    ("mi300x", "mi300x"), ("v100", "v100"),
+)
+_UNLISTED_VARIANTS: dict[str, frozenset[str]] = {
+    "h100-sxm": frozenset({"nvl"}), "h200": frozenset({"nvl"}), "h800": frozenset({"pcie"}),
+    "rtx4090": frozenset({"laptop"}),
+}
+
+
 def match_device_name(name: str) -> Accelerator | None:
-    """Map a torch device name ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB') to a table entry, if any."""
-    lowered = name.lower()
-    # the rack parts before the HGX parts whose names they contain ("gb200" holds "b200")
-    for probe, key in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-sxm"), ("h800", "h800"),
-                       ("gb200", "gb200"), ("b200", "b200"), ("gb300", "gb300"), ("b300", "b300"),
-                       ("a100", "a100-80gb" if "80" in lowered else "a100-40gb"),
-                       ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"), ("mi300x", "mi300x"),
-                       ("v100", "v100")):
-        if probe in lowered:
-            return _BY_KEY[key]
+    """Map a torch device name ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB') to a table entry, if any:
+    whole words, so that no variant the table lacks borrows another part's figures (None: bench
+    calibrates the peak in the run instead)."""
+    words = set(re.split(r"[\s\-_]+", name.lower()))
+    if "a100" in words:
+        return _BY_KEY["a100-80gb" if any(w.startswith("80g") for w in words) else "a100-40gb"]
+    if "h100" in words and "pcie" in words:
+        return _BY_KEY["h100-pcie"]
+    for word, key in _NAME_WORDS:
+        if word in words:
+            return None if words & _UNLISTED_VARIANTS.get(key, frozenset()) else _BY_KEY[key]
     return None
 
 
@@ -390,6 +410,9 @@ FAMILY_OF: dict[str, str] = {
     "a100-40gb": "ampere", "a100-80gb": "ampere",
     "h100-sxm": "hopper", "h100-pcie": "hopper", "h200": "hopper", "h800": "hopper",
 }
+# The part each family's FlashAttention rates were measured on (Dao 2023 on A100 SXM, Shah et al.
+# 2024 on H100 SXM5): a member with a lower peak (H100 PCIe: 114 SMs, 756 TF) runs them in proportion
+FAMILY_REFERENCE: dict[str, str] = {"ampere": "a100-80gb", "hopper": "h100-sxm"}
 
 
 def kernel_efficiency(gpu: Accelerator) -> tuple[KernelEfficiency, bool]:
@@ -406,7 +429,15 @@ def kernel_efficiency(gpu: Accelerator) -> tuple[KernelEfficiency, bool]:
                                 hopper.attention_hd64, hopper.hbm, hopper.intra_link,
                                 hopper.inter_link, hopper.latency, hopper.source,
                                 ring_nics=hopper.ring_nics), False
-    return KERNEL_EFFICIENCY[family], True
+    constants = KERNEL_EFFICIENCY[family]
+    scale = gpu.peak("bf16") / ACCELERATORS_BY_KEY[FAMILY_REFERENCE[family]].peak("bf16")
+    if scale == 1.0:
+        return constants, True
+    # "hopper (H100/H800/H200)" -> "hopper (H100/H800/H200; attention × 0.764 by the bf16 peak)"
+    family_name = f"{constants.family.removesuffix(')')}; attention × {scale:.3f} by the bf16 peak)"
+    return replace(constants, family=family_name,
+                   attention_fwd=constants.attention_fwd * scale,
+                   attention_bwd=constants.attention_bwd * scale), True
 
 
 ACCELERATORS_BY_KEY = {a.key: a for a in ACCELERATORS}

@@ -192,14 +192,33 @@ def test_uncalibrated_gemms_run_at_their_measured_matmul_rate() -> None:
     assert matmul_ratio(accelerator("h100")) == 1.0
 
 
+def test_device_names_map_only_to_the_part_they_name() -> None:
+    """Substrings mapped an L40 to the L4, an H100 NVL to the H100 SXM (989 TF against its 835) and
+    an H800 PCIe to the H800 SXM: bench would report MFU against another part's datasheet. Whole
+    words now, and a variant the table lacks maps to none (bench calibrates the peak instead)."""
+    from archplan.hardware import match_device_name
+
+    named = {"NVIDIA H100 80GB HBM3": "h100-sxm", "NVIDIA H100 PCIe": "h100-pcie", "NVIDIA L4": "l4",
+             "NVIDIA L40S": "l40s", "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100 80GB PCIe": "a100-80gb",
+             "NVIDIA GeForce RTX 4090": "rtx4090", "AMD Instinct MI300X": "mi300x", "NVIDIA GB200": "gb200"}
+    for name, key in named.items():
+        gpu = match_device_name(name)
+        assert gpu is not None and gpu.key == key, name
+    for name in ("NVIDIA L40", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA H800 PCIe",
+                 "NVIDIA GeForce RTX 4090 Laptop GPU"):
+        assert match_device_name(name) is None, name
+
+
 def test_gpu_memory_is_what_cuda_sees() -> None:
     """Blackwell's nameplates mix units ("180GB" is 179.1 GiB on a B200, "288GB" 268.6 GiB on a B300
-    and 277.5 on a GB300), so those parts carry nvidia-smi's total; the binary nameplates of A100,
-    H100 and H200 are within 0.5% of theirs (docs/plan.md, "fits if")."""
+    and 277.5 on a GB300), and ECC keeps 6% of the L4's and L40S's GDDR6 from CUDA, so those parts
+    carry nvidia-smi's total; the binary nameplates of A100, H100 and H200 are within 0.5% of
+    theirs (docs/plan.md, "fits if")."""
     from archplan.hardware import accelerator
 
     mib = 1 << 20
-    for key, smi_total_mib in (("b200", 183_359), ("gb200", 189_471), ("b300", 275_040), ("gb300", 284_208)):
+    for key, smi_total_mib in (("b200", 183_359), ("gb200", 189_471), ("b300", 275_040), ("gb300", 284_208),
+                               ("l4", 23_034), ("l40s", 46_068)):
         assert accelerator(key).memory_bytes == smi_total_mib * mib
     for key, smi_total_mib in (("a100-80gb", 81_920), ("h100-sxm", 81_559)):
         assert abs(accelerator(key).memory_bytes / (smi_total_mib * mib) - 1) < 0.005

@@ -25,6 +25,7 @@ from archplan.errors import ArchplanError, printable
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
 if TYPE_CHECKING:
+    from archplan.hardware import Accelerator
     from archplan.planning.accuracy import HeldOutAccuracy
     from archplan.planning.design import Design, NoRecipe
     from archplan.planning.cluster import StatesConvention
@@ -483,6 +484,22 @@ def _print_solve(result: SolveResult, written: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------- layout
+def _refuse_cudnn_attention_before_hopper(settings: Settings, device: Accelerator) -> None:
+    """cuDNN's attention is priced at its measured ratio to FlashAttention-2 on H100 (Shah et al.
+    2024), and Transformer Engine runs FlashAttention, not cuDNN's kernel, before sm90
+    (`get_attention_backend`): on Ampere and Ada that ratio has no run behind it and priced A100's
+    attention at 98% of its bf16 peak, past what its GEMMs reach."""
+    from archplan.hardware import PRE_HOPPER_NVIDIA, flash_speed, kernel_efficiency
+
+    if settings.flash_impl != "cudnn" or device.key not in PRE_HOPPER_NVIDIA:
+        return
+    eff, _ = kernel_efficiency(device)
+    share = eff.attention_fwd * flash_speed("cudnn", 128)[0] / device.peak("bf16")
+    raise ArchplanError(f"--flash-impl cudnn: Transformer Engine runs FlashAttention before Hopper, and cuDNN's "
+                        f"measured speed-up is H100's, which on {device.name} would price attention at "
+                        f"{share:.0%} of the bf16 peak; use --flash-impl fa2")
+
+
 def _training_tokens(spec: Spec, tokens: float | None, law: LawOption, law_given: bool) -> tuple[float, str]:
     """Tokens to price the training run: --tokens, else the spec's, else the law's D for its N. A
     --law beside the tokens would go unread: refused, as every option a mode does not read is."""
@@ -557,7 +574,7 @@ def _node_size(result: SearchResult) -> int:
 
 
 def _notes(result: SearchResult) -> list[str]:
-    from archplan.hardware import PRE_HOPPER_NVIDIA, matmul_ratio
+    from archplan.hardware import matmul_ratio
 
     notes = []
     if result.ranked:
@@ -603,12 +620,6 @@ def _notes(result: SearchResult) -> list[str]:
                  f", its GEMMs' at {ratio:.3f}× Hopper's for its measured matmul rate against H100's")
         notes.append(f"no calibration for {result.gpu.name}: its kernel efficiencies are the Hopper "
                      f"fractions scaled to its peak{gemms}")
-    if result.settings.flash_impl == "cudnn" and result.gpu.key in PRE_HOPPER_NVIDIA:
-        # the ratio is H100's (Shah et al. 2024), and Transformer Engine runs FlashAttention before
-        # sm90 (`get_attention_backend` prefers cuDNN's kernel from sm90 on): Ampere and Ada
-        notes.append(f"--flash-impl cudnn on {result.gpu.name}: cuDNN's attention is priced at its measured "
-                     "H100 ratio to FlashAttention-2, which no measurement on this GPU confirms; Transformer "
-                     "Engine itself runs FlashAttention there")
     return notes
 
 
@@ -1728,6 +1739,7 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
         instead = "; --flash-impl fa2 or triton" if settings.flash_impl == "cudnn" else ""
         raise ArchplanError(f"{', '.join(cudnn)}: cuDNN is NVIDIA's library, and {device.name} runs "
                             f"none (drop {'them' if len(cudnn) > 1 else 'it'}{instead})")
+    _refuse_cudnn_attention_before_hopper(settings, device)
     batch_tokens = _token_count(batch_text, "--global-batch-tokens")
     net = interconnect(device, intra_gbs=nvlink_gbs, inter_gbs=ib_gbs, gpus_per_node=gpus_per_node)
     if settings.overlap & {"tp", "pp", "ep"} and fixed.given:

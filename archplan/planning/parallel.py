@@ -922,7 +922,8 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
         if (broken := _implied_breaks(left, implied, rules, tp_reasons, plan, gpus, seq, sequences, net,
                                       settings)) is not None:
             ranks = gpus // implied
-            return (f"{where}no layout{given}: {'·'.join(degrees)} = {things(ranks, 'rank')} leave{'s' if ranks == 1 else ''} "
+            leave = "leaves" if ranks == 1 else "leave"
+            return (f"{where}no layout{given}: {'·'.join(degrees)} = {things(ranks, 'rank')} {leave} "
                     f"{left} = {implied:,} for {things(gpus, 'GPU')}, {broken}")
     return (f"{where}no layout{given}: {things(gpus, 'GPU')} admit{'s' if gpus == 1 else ''} no TP×CP×PP×DP split "
             f"with {', '.join(rules.values())}" + tp_notes)
