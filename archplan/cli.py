@@ -19,6 +19,7 @@ from archplan.console import (
     ReaderGone,
     keep_option_names_whole,
     quiet_on_closed_pipe,
+    report_needs_stdout,
     replace_unencodable,
     reset_verdict,
     settled,
@@ -104,6 +105,7 @@ def _is_program() -> bool:
 
 
 def main() -> None:
+    report_needs_stdout()
     quiet_on_closed_pipe()
     replace_unencodable()
     keep_option_names_whole()

@@ -11,6 +11,8 @@ command had settled on before it rendered (`settle`): 0, or its verdict, whateve
 
 from __future__ import annotations
 
+import errno
+import io
 import sys
 
 import typer
@@ -59,6 +61,26 @@ def quiet_on_closed_pipe() -> None:
     Console.on_broken_pipe = _reader_gone  # type: ignore[method-assign]
 
 
+class _ClosedStdout(io.TextIOBase):
+    """Standard output the process was started without (`archplan size x >&-`): Python sets
+    sys.stdout to None, and rich and click then drop every write, so the report was lost with exit
+    0. Writing here fails as a full disk does, and `cli` says so in one line with exit 1."""
+
+    encoding = "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed: the report has nowhere to go")
+
+
+def report_needs_stdout() -> None:
+    """Set once, by `cli.main`, before anything is written."""
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+
+
 def replace_unencodable() -> None:
     """A character the output's encoding lacks (an ASCII locale, cp1252 where Windows redirects to
     a file) is written as `?`. rich draws its table borders in ASCII there by itself, but the
@@ -100,8 +122,9 @@ class _OptionsTable(Table):
     def add_row(self, *renderables: RenderableType | None, **kwargs: object) -> None:
         if len(renderables) in (6, 7) and all(isinstance(cell, (str, Text)) for cell in renderables[-6:-2]):
             *required, long, short, negative, negative_short, kind, help_text = renderables
-            names = Text("\n").join(Text(cell) if isinstance(cell, str) else cell
-                                     for cell in (long, short, negative, negative_short) if str(cell))
+            # two long names (`--attention-kernel,--attention`) come as one comma-joined cell
+            names = Text("\n").join(Text(name) for cell in (long, short, negative, negative_short)
+                                     for name in str(cell).split(",") if name)
             if not self.columns:
                 for _ in required:
                     self.add_column(no_wrap=True)
@@ -118,8 +141,11 @@ class _OptionsTable(Table):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if len(self.columns) >= 3 and self.columns[-1].ratio:
             # a choice list is one word (`<megatron|zero|fsdp2|deepspeed>`), which rich would keep
-            # whole at the help's expense: past two fifths of the width it folds
-            self.columns[-2].max_width = options.max_width * 2 // 5
+            # whole at the help's expense: past a quarter of the width it folds, and the help keeps
+            # a third of the width (at most 30), where at 80 columns it had 12 and `plan --help`
+            # ran to 771 lines of `FlashAttenti / on`
+            self.columns[-2].max_width = options.max_width // 4
+            self.columns[-1].min_width = min(30, options.max_width // 3)
         yield from super().__rich_console__(console, options)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class ArchplanError(Exception):
     """Bad input or an impossible request: shown as one line, exit code 2, no traceback."""
@@ -44,8 +46,19 @@ def clipped(text: str, most: int) -> str:
 
 def printable(text: str) -> str:
     """`text` as is, or quoted as Python writes it where it holds a line break or another control
-    character (a YAML key, a file's name), so a one-line message stays one line."""
+    character (a YAML key, a file's name), so a one-line message stays one line. A file name's
+    bytes an ASCII locale could not decode (surrogate escapes, `\udce6`) are read as UTF-8 first."""
+    text = as_text(text)
     return text if text.isprintable() else repr(text)
+
+
+def as_text(name: str) -> str:
+    """A file system name as text: under an ASCII locale (PYTHONUTF8=0, LC_ALL=C) Python decodes a
+    UTF-8 name's bytes to surrogate escapes, which a spec's name refuses and a message shows raw."""
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a str that never came from the file system, lone surrogates and all
+        return name
 
 
 def first_line(exc: BaseException) -> str:

@@ -289,6 +289,27 @@ def test_help_cuts_nothing(command: str, columns: str) -> None:
     assert names and all(name in words for name in names), sorted(set(names) - words)
 
 
+@pytest.mark.parametrize("args", [("presets",), ("size", "gpt2", "--json"), ("--help",)])
+def test_a_closed_stdout_is_one_line_and_exit_1(args: tuple[str, ...]) -> None:
+    """`archplan size x >&-`: Python sets sys.stdout to None, rich and click dropped every write,
+    and the report was lost with exit 0. It is now what a full disk is: one line, exit 1."""
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", *args],
+                          stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 1 and proc.stderr == "archplan: error: standard output is closed: the report has nowhere to go\n"
+
+
+def test_help_keeps_its_text_a_column_to_read_at_80() -> None:
+    """At 80 columns the names (`--attention-kernel,--attention` on one line) and a choice list
+    left plan's help text 12 characters (`FlashAttenti` / `on + fused`): 771 lines. The names now
+    go one a line, a choice list folds past a quarter of the width, and the help keeps 26."""
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "plan", "--help"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    rows = [line.split("│")[1] for line in proc.stdout.splitlines() if line.startswith("│ --attention-kernel")]
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) < 450 and rows
+    assert "--attention " not in rows[0] and "flash: FlashAttention +" in rows[0]
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("plan",), "give a budget (--compute, --params or --tokens), a spec to lay out (SPEC --gpus N)"),
     (("plan", "llama-3-8b"), "needs --gpus N (--gpu defaults to h100)"),

@@ -585,6 +585,16 @@ def test_a_null_transformers_refuses_is_refused(model_type: str, key: str) -> No
         assert spec.attention.kind == "mha"
 
 
+def test_a_folder_name_an_ascii_locale_could_not_decode_names_the_model(tmp_path: Path) -> None:
+    """Under PYTHONUTF8=0 LC_ALL=C Python decodes a UTF-8 folder name to surrogate escapes: the
+    spec's name refused them (a valid config exited 2), and messages showed `\\udce6`."""
+    from archplan.errors import printable
+    from archplan.importers.hf import model_name
+
+    escaped = "hf 模型".encode().decode("ascii", "surrogateescape")
+    assert model_name(tmp_path / escaped / "config.json") == "hf 模型" and printable(escaped) == "hf 模型"
+
+
 def test_a_head_dim_falcon_cannot_set_is_refused() -> None:
     """FalconConfig's head_dim is a read-only property: a config that sets it fails to load, and the
     key was reported ignored."""

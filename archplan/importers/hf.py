@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
-from archplan.errors import ArchplanError, clipped, dotted
+from archplan.errors import ArchplanError, as_text, clipped, dotted
 from archplan.loader import read_capped
 from archplan.spec import (
     MAX_DIM,
@@ -1789,8 +1789,8 @@ def read_config(path: Path) -> dict[str, Any]:
 def model_name(path: Path) -> str:
     """`.../Meta-Llama-3-8B/config.json` -> 'Meta-Llama-3-8B'; `llama-3-8b.json` -> 'llama-3-8b'."""
     if path.name == "config.json" and path.resolve().parent.name:
-        return path.resolve().parent.name
-    return path.stem
+        return as_text(path.resolve().parent.name)
+    return as_text(path.stem)
 
 
 @dataclass(frozen=True)
