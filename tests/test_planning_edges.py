@@ -30,6 +30,28 @@ from archplan.spec import Spec
 PRESETS = Path(archplan.__file__).parent / "presets"
 
 
+def test_a_pairwise_mesh_gives_a_group_one_link_per_other_member() -> None:
+    """MI300X's eight GPUs are linked pairwise (7 × 64 GB/s each), not through a switch: TP2 and
+    a pipeline send have one 64 GB/s link, TP4 three, and only TP8 all 448. Every group was priced
+    at 448, and the search ranked TP2 first on bandwidth no pair has. A user's --nvlink-gbs is
+    every group's, as through a switch."""
+    from archplan.planning.parallel import network
+
+    gpu = accelerator("mi300x")
+    eff, _ = kernel_efficiency(gpu)
+    net = network(interconnect(gpu), "one")
+    assert [net.intra(g) for g in (2, 4, 8)] == [64e9, 192e9, 448e9]
+    seconds = {size: collective_time(Collective("all_reduce", "tp", size, 10**9, 1, "tp"), Layout(tp=size, dp=8 // size),
+                                     net, eff) for size in (2, 8)}
+    # a ring all-reduce moves 2(g − 1)/g of the bytes
+    assert seconds[2] - eff.latency == pytest.approx(1e9 / (64e9 * eff.intra_link))
+    assert seconds[8] - eff.latency == pytest.approx(1.75e9 / (448e9 * eff.intra_link))
+    send = collective_time(Collective("send", "pp", 8, 10**9, 1, "pp"), Layout(pp=8), net, eff)
+    assert send - eff.latency == pytest.approx(1e9 / (64e9 * eff.intra_link))
+    assert network(interconnect(gpu, intra_gbs=448), "one").intra(2) == 448e9
+    assert network(interconnect(accelerator("h100")), "one").intra(2) == 450e9
+
+
 def test_a_members_ring_never_outruns_the_in_node_link() -> None:
     """A ring over its members' NICs still leaves each rank over its own link to the node: on
     PCIe H100s eight 50 GB/s NICs would be 400 GB/s, but a rank's share goes out at 64 GB/s."""

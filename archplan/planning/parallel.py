@@ -95,6 +95,9 @@ class Interconnect:
     source: str
     # GPUs of one domain a job larger than the domain gets (`pricing.Network.node`); None: all
     segment: int | None = None
+    # a node whose GPUs are linked pairwise, not through a switch (MI300X's Infinity Fabric: 7
+    # links of 64 GB/s a GPU): one peer's link, one way; a group of g reaches (g − 1) of them
+    peer_link: float | None = None
 
     def node(self, world: int) -> int:
         """The GPUs that share a node's links in a job of `world` (`pricing.Network.node`), the
@@ -135,14 +138,17 @@ INTERCONNECTS: dict[str, Interconnect] = {
     "l4": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
     "l40s": Interconnect(32 * GB, 25 * GB, 8, "PCIe 4 x16 32 GB/s; 200 Gb/s"),
     "rtx4090": Interconnect(32 * GB, 12.5 * GB, 8, "PCIe 4 x16 32 GB/s; 100 Gb/s Ethernet"),
-    "mi300x": Interconnect(448 * GB, 50 * GB, 8, "Infinity Fabric 7 × 64 GB/s; 400 Gb/s NIC"),
+    # a fully connected mesh of 8 (AMD's "Understanding RCCL Bandwidth and xGMI Performance on AMD
+    # Instinct MI300X", 2025): a pair of GPUs has one 64 GB/s link, only all 8 reach 448 GB/s
+    "mi300x": Interconnect(448 * GB, 50 * GB, 8, "Infinity Fabric mesh, 7 × 64 GB/s a GPU, 64 to each "
+                           "peer; 400 Gb/s NIC", peer_link=64 * GB),
     "v100": Interconnect(150 * GB, 12.5 * GB, 8, "NVLink 2 300 GB/s bidir.; EDR IB 100 Gb/s"),
 }
 
 
 def network(net: Interconnect, ring_nics: RingNics) -> Network:
     """What the pricing reads of an interconnect, with the rings' convention across nodes."""
-    return Network(net.intra_node, net.inter_node, net.gpus_per_node, ring_nics, net.segment)
+    return Network(net.intra_node, net.inter_node, net.gpus_per_node, ring_nics, net.segment, net.peer_link)
 
 
 def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs: float | None = None,
@@ -172,6 +178,8 @@ def interconnect(gpu: Accelerator, *, intra_gbs: float | None = None, inter_gbs:
         gpus_per_node or base.gpus_per_node,
         source,
         segment,
+        # the user's in-node figure is every group's, as through a switch
+        base.peer_link if intra_gbs is None else None,
     )
 
 

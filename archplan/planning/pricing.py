@@ -192,6 +192,15 @@ class Network:
     gpus_per_node: int
     ring_nics: RingNics = "one"
     segment: int | None = None  # GPUs of a node a job over several gets, when not all (NVL72's 64)
+    peer_link: float | None = None  # a pairwise-linked node's link to one peer (`parallel.Interconnect`)
+
+    def intra(self, members: int) -> float:
+        """In-node bandwidth of a rank whose group has `members` ranks on its node: the node's
+        figure through a switch; on a pairwise mesh, one link to each other member (a pipeline send
+        has one peer, TP2 one link, only a group of the whole node every link)."""
+        if self.peer_link is None:
+            return self.intra_node
+        return min(self.intra_node, max(1, members - 1) * self.peer_link)
 
     def node(self, world: int) -> int:
         """The ranks that share one node's links in a job of `world` GPUs: whole nodes where the
@@ -959,6 +968,7 @@ def members_per_node(mesh: MeshDim, layout: Layout, gpus_per_node: int) -> int:
 # NCCL's ring collectives, which it can split over one ring per NIC; an all-to-all cannot spread
 # over several NICs (nccl-tests issue 267), nor can a point-to-point send
 RING_KINDS = frozenset({"all_reduce", "all_gather", "reduce_scatter"})
+POINT_TO_POINT = frozenset({"send", "recv"})
 
 
 def collective_time(c: Collective, layout: Layout, net: Network, eff: KernelEfficiency) -> float:
@@ -968,11 +978,13 @@ def collective_time(c: Collective, layout: Layout, net: Network, eff: KernelEffi
     if c.group_size <= 1:
         return 0.0
     node = net.node(layout.world)
+    # a send or receive has one peer; a collective the group's members on the node
+    peers = 2 if c.kind in POINT_TO_POINT else c.group_size
     if not spans_nodes(c.mesh_dim, layout, node):
-        bandwidth = net.intra_node * eff.intra_link
+        bandwidth = net.intra(peers) * eff.intra_link
     elif net.ring_nics == "members" and c.kind in RING_KINDS:
         nics = members_per_node(c.mesh_dim, layout, node)
-        bandwidth = min(net.inter_node * eff.inter_link * nics, net.intra_node * eff.intra_link)
+        bandwidth = min(net.inter_node * eff.inter_link * nics, net.intra(nics) * eff.intra_link)
     else:
         bandwidth = net.inter_node * eff.inter_link
     return c.count * (c.wire_bytes / bandwidth + eff.latency)
@@ -1060,7 +1072,7 @@ def ep_all_to_all_time(c: Collective, layout: Layout, net: Network, eff: KernelE
     per_rank_node = layout.ep / nodes
     ib = c.bytes / moe.top_k * reach * (nodes - 1) / nodes
     nvlink = c.bytes * (per_rank_node - 1) / per_rank_node
-    seconds = max(ib / (net.inter_node * eff.inter_link), nvlink / (net.intra_node * eff.intra_link))
+    seconds = max(ib / (net.inter_node * eff.inter_link), nvlink / (net.intra(round(per_rank_node)) * eff.intra_link))
     return c.count * (scale * seconds + eff.latency)
 
 
