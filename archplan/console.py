@@ -11,6 +11,7 @@ command had settled on before it rendered (`settle`): 0, or its verdict, whateve
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
 import sys
@@ -81,15 +82,34 @@ def report_needs_stdout() -> None:
         sys.stdout = _ClosedStdout()
 
 
+# What the output's encoding lacks, written in ASCII: a memory bar of `?` meant nothing, `±5.1%`
+# read `?5.1%` and `PP16×v4` `PP16?v4`. Anything else becomes `?`.
+_ASCII_SPELLING: dict[str, str] = {
+    "█": "#", **dict.fromkeys("▏▎▍▌▋▊▉", "+"), "×": "x", "·": "*", "±": "+/-", "≤": "<=", "≥": ">=", "≈": "~", "⌈": "ceil(", "⌉": ")",
+    "Δ": "d", "✓": "ok", "✗": "x", "→": "->", "…": "...", "−": "-", "–": "-", "—": "--", "²": "^2",
+    "θ": "theta", "α": "alpha", "β": "beta", "§": "sec. ", "’": "'", "“": '"', "”": '"',
+}
+_ASCII_ERRORS = "archplan-ascii"
+
+
+def _spell_in_ascii(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start:error.end]
+    return "".join(_ASCII_SPELLING.get(char, "?") for char in text), error.end
+
+
 def replace_unencodable() -> None:
     """A character the output's encoding lacks (an ASCII locale, cp1252 where Windows redirects to
-    a file) is written as `?`. rich draws its table borders in ASCII there by itself, but the
-    memory bars, `Δ`, `⌈ ⌉`, `✓` and `·` are archplan's own text, and Python's default for the
-    standard streams is to raise UnicodeEncodeError on them. Set once, by `cli.main`."""
+    a file) is written in ASCII (`_ASCII_SPELLING`), else as `?`. rich draws its table borders in
+    ASCII there by itself, but the memory bars, `Δ`, `⌈ ⌉`, `✓` and `·` are archplan's own text, and
+    Python's default for the standard streams is to raise UnicodeEncodeError on them. Set once, by
+    `cli.main`."""
+    codecs.register_error(_ASCII_ERRORS, _spell_in_ascii)
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None and not _takes_unicode(stream):
-            reconfigure(errors="replace")
+            reconfigure(errors=_ASCII_ERRORS)
 
 
 def stdout_takes_unicode() -> bool:
