@@ -19,7 +19,6 @@ from archplan.console import (
     ReaderGone,
     keep_option_names_whole,
     quiet_on_closed_pipe,
-    report_needs_stdout,
     replace_unencodable,
     reset_verdict,
     settled,
@@ -54,7 +53,7 @@ def _version(value: bool) -> None:
     if value:
         from archplan import __version__
 
-        typer.echo(f"archplan {__version__}")
+        typer.echo(f"archplan {__version__}", file=sys.stdout)
         raise typer.Exit()
 
 
@@ -105,7 +104,13 @@ def _is_program() -> bool:
 
 
 def main() -> None:
-    report_needs_stdout()
+    if sys.stdout is None:
+        # started without a standard output (`archplan size x >&-`): Python sets sys.stdout to None,
+        # rich and click drop every write, and the report was lost with exit 0. Refused before any
+        # work, so that no file is written whose "written to" line is lost with the report
+        if sys.stderr is not None:
+            print("archplan: error: standard output is closed: the report has nowhere to go", file=sys.stderr)
+        sys.exit(1)
     quiet_on_closed_pipe()
     replace_unencodable()
     keep_option_names_whole()
@@ -133,12 +138,12 @@ def _main() -> None:
         if debug:
             # the traceback too, and still the error's own exit code
             traceback.print_exc()
-        typer.echo(f"archplan: error: {exc.render()}", err=True)
+        typer.echo(f"archplan: error: {exc.render()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        typer.echo("Aborted.", err=True)
+        typer.echo("Aborted.", file=sys.stderr)
         sys.exit(130)
     except typer.TyperException as exc:
         # Usage errors (unknown option, missing argument, bad value): one line, as every other
@@ -152,7 +157,7 @@ def _main() -> None:
             traceback.print_exc()
         message = _usage_message(exc, sys.argv[1:])
         if message is not None:
-            typer.echo(f"archplan: error: {message}", err=True)
+            typer.echo(f"archplan: error: {message}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
     except RuntimeError as exc:
         # torch refusing a tensor the sizes asked for (more bytes than an index holds, or than the
@@ -165,7 +170,7 @@ def _main() -> None:
             # their product not), where no --seq or --batch helps
             fix += ", or a spec whose dimensions multiply to less (a weight can be past it too)"
         typer.echo(f"archplan: error: the sizes asked for need a tensor the device cannot hold ({first_line(exc)}); "
-                   f"give {fix}", err=True)
+                   f"give {fix}", file=sys.stderr)
         sys.exit(_size_failure_code(sys.argv[1:]))
     except MemoryError:
         # Python's own allocation failing (a process limit, or a structure the sizes asked for
@@ -173,7 +178,7 @@ def _main() -> None:
         if debug:
             raise
         typer.echo(f"archplan: error: the sizes asked for need more memory than this process can have; "
-                   f"give {_smaller(sys.argv[1:])}", err=True)
+                   f"give {_smaller(sys.argv[1:])}", file=sys.stderr)
         sys.exit(_size_failure_code(sys.argv[1:]))
     except ReaderGone:
         # the reader stopped early (`| head`): what it took was all it wanted, and the command
@@ -186,10 +191,10 @@ def _main() -> None:
         if exc.filename is not None:
             # a path the user gave that the system refuses before it is read (a name too long
             # for it): bad input, named as the loader names the files it cannot read
-            typer.echo(f"archplan: error: {exc.filename}: {exc.strerror or exc}", err=True)
+            typer.echo(f"archplan: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             sys.exit(2)
         # writing the report failed (a full disk, a closed terminal): nothing left to show but why
-        typer.echo(f"archplan: error: {exc.strerror or exc}", err=True)
+        typer.echo(f"archplan: error: {exc.strerror or exc}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -12,8 +12,7 @@ command had settled on before it rendered (`settle`): 0, or its verdict, whateve
 from __future__ import annotations
 
 import codecs
-import errno
-import io
+import re
 import sys
 
 import typer
@@ -62,41 +61,27 @@ def quiet_on_closed_pipe() -> None:
     Console.on_broken_pipe = _reader_gone  # type: ignore[method-assign]
 
 
-class _ClosedStdout(io.TextIOBase):
-    """Standard output the process was started without (`archplan size x >&-`): Python sets
-    sys.stdout to None, and rich and click then drop every write, so the report was lost with exit
-    0. Writing here fails as a full disk does, and `cli` says so in one line with exit 1."""
-
-    encoding = "utf-8"
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        raise OSError(errno.EBADF, "standard output is closed: the report has nowhere to go")
-
-
-def report_needs_stdout() -> None:
-    """Set once, by `cli.main`, before anything is written."""
-    if sys.stdout is None:
-        sys.stdout = _ClosedStdout()
-
-
 # What the output's encoding lacks, written in ASCII: a memory bar of `?` meant nothing, `±5.1%`
 # read `?5.1%` and `PP16×v4` `PP16?v4`. Anything else becomes `?`.
 _ASCII_SPELLING: dict[str, str] = {
     "█": "#", **dict.fromkeys("▏▎▍▌▋▊▉", "+"), "×": "x", "·": "*", "±": "+/-", "≤": "<=", "≥": ">=", "≈": "~", "⌈": "ceil(", "⌉": ")",
     "Δ": "d", "✓": "ok", "✗": "x", "→": "->", "…": "...", "−": "-", "–": "-", "—": "--", "²": "^2",
     "θ": "theta", "α": "alpha", "β": "beta", "§": "sec. ", "’": "'", "“": '"', "”": '"',
+    "┃": "|", "¼": "1/4", "½": "1/2", "≠": "!=", "≪": "<<", "≫": ">>", "Σ": "sum", "λ": "lambda",
+    "γ": "gamma", "ᵀ": "^T", "∝": "~", "√": "sqrt", "∘": "o",
 }
+# an exponent (`10⁶`, `mean²`): a run of them is one `^` and its digits
+_SUPERSCRIPTS = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-"))
+_EXPONENT = re.compile(f"[{''.join(_SUPERSCRIPTS)}]+")
 _ASCII_ERRORS = "archplan-ascii"
 
 
 def _spell_in_ascii(error: UnicodeError) -> tuple[str, int]:
     if not isinstance(error, UnicodeEncodeError):
         raise error
-    text = error.object[error.start:error.end]
-    return "".join(_ASCII_SPELLING.get(char, "?") for char in text), error.end
+    text = _EXPONENT.sub(lambda run: "^" + "".join(_SUPERSCRIPTS[char] for char in run.group()),
+                         error.object[error.start:error.end])
+    return "".join(char if char.isascii() else _ASCII_SPELLING.get(char, "?") for char in text), error.end
 
 
 def replace_unencodable() -> None:
@@ -124,9 +109,10 @@ def _takes_unicode(stream: object) -> bool:
 
 
 def echo(text: str, nl: bool = True) -> None:
-    """`typer.echo` to stdout."""
+    """`typer.echo` to stdout, named: click wraps an ASCII stdout it finds itself in UTF-8, past
+    `replace_unencodable`'s spelling."""
     try:
-        typer.echo(text, nl=nl)
+        typer.echo(text, nl=nl, file=sys.stdout)
     except BrokenPipeError as exc:
         raise ReaderGone from exc
 
@@ -143,8 +129,9 @@ class _OptionsTable(Table):
         if len(renderables) in (6, 7) and all(isinstance(cell, (str, Text)) for cell in renderables[-6:-2]):
             *required, long, short, negative, negative_short, kind, help_text = renderables
             # two long names (`--attention-kernel,--attention`) come as one comma-joined cell
-            names = Text("\n").join(Text(name) for cell in (long, short, negative, negative_short)
-                                     for name in str(cell).split(",") if name)
+            names = Text("\n").join(name for cell in (long, short, negative, negative_short)
+                                     for name in (Text(cell) if isinstance(cell, str) else cell).split(",")
+                                     if name.plain)
             if not self.columns:
                 for _ in required:
                     self.add_column(no_wrap=True)

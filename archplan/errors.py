@@ -54,11 +54,14 @@ def printable(text: str) -> str:
 
 def as_text(name: str) -> str:
     """A file system name as text: under an ASCII locale (PYTHONUTF8=0, LC_ALL=C) Python decodes a
-    UTF-8 name's bytes to surrogate escapes, which a spec's name refuses and a message shows raw."""
+    UTF-8 name's bytes to surrogate escapes, which a spec's name refuses and a message shows raw.
+    Only those escapes are touched: text a locale decoded (Latin-1's "Modèle") stays as it is."""
+    if not any("\udc80" <= char <= "\udcff" for char in name):
+        return name
     try:
         return os.fsencode(name).decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a str that never came from the file system, lone surrogates and all
-        return name
+    except UnicodeEncodeError:  # escapes that never came from the file system
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def first_line(exc: BaseException) -> str:

@@ -138,7 +138,9 @@ def accelerator(key: str) -> Accelerator:
 # Device-name words (torch.cuda.get_device_name, split at spaces, hyphens and underscores) -> the
 # entry, and the words of variants the table does not hold, which must not borrow a neighbour's
 # datasheet: H100 NVL (835 TF dense) and H200 NVL are not the SXM parts, an H800 PCIe is H100
-# PCIe-class, an RTX 4090 Laptop GPU is another chip, and "L40" is not "L4".
+# PCIe-class, a V100 PCIe (112 TF) or 16 GB part is not the SXM2 32 GB, an RTX 4090 D (114 SMs) or
+# Laptop GPU is another chip, and "L40" is not "L4". An A100 PCIe keeps its SXM sibling's entry: the
+# same peaks and memory, 5% less bandwidth (1,935 GB/s against 2,039).
 _NAME_WORDS: tuple[tuple[str, str], ...] = (
     ("h200", "h200"), ("h100", "h100-sxm"), ("h800", "h800"), ("gb200", "gb200"), ("b200", "b200"),
     ("gb300", "gb300"), ("b300", "b300"), ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"),
@@ -146,7 +148,7 @@ _NAME_WORDS: tuple[tuple[str, str], ...] = (
 )
 _UNLISTED_VARIANTS: dict[str, frozenset[str]] = {
     "h100-sxm": frozenset({"nvl"}), "h200": frozenset({"nvl"}), "h800": frozenset({"pcie"}),
-    "rtx4090": frozenset({"laptop"}),
+    "rtx4090": frozenset({"laptop", "d"}), "v100": frozenset({"pcie", "16gb"}),
 }
 
 

@@ -160,6 +160,15 @@ def test_an_output_encoding_without_our_glyphs_is_not_a_crash(command: tuple[str
     assert "??" not in out, [line for line in out.splitlines() if "??" in line]
 
 
+def test_an_ascii_locale_spells_the_one_line_errors_too() -> None:
+    """click wraps an ASCII stream it finds itself in UTF-8: errors and `typer.echo` lines came out
+    as raw UTF-8 bytes (`tp\xc2\xb7pp`) past the ASCII spelling the reports got."""
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "plan", "llama-3-8b",
+                           "--gpus", "48", "--layout", "tp=2,pp=1,dp=8"], capture_output=True, timeout=120,
+                          env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""})
+    assert proc.returncode == 2 and proc.stderr.isascii() and b"tp*pp*dp" in proc.stderr, proc.stderr
+
+
 def test_completion_is_for_archplan_under_python_m() -> None:
     """Under `python -m archplan` click named the program "python -m archplan": the completion
     script registered a function for `python` that called a program "_PYTHON _M ARCHPLAN"."""

@@ -595,6 +595,20 @@ def test_a_folder_name_an_ascii_locale_could_not_decode_names_the_model(tmp_path
     assert model_name(tmp_path / escaped / "config.json") == "hf 模型" and printable(escaped) == "hf 模型"
 
 
+def test_a_spec_imported_from_an_undecodable_folder_name_loads(tmp_path: Path) -> None:
+    """The name was cleaned but `reference.source` kept the escapes, which YAML cannot carry: `-o`
+    wrote a spec that would not load ("invalid Unicode character escape code")."""
+    from archplan.loader import load_spec
+    from archplan.planning import spec_yaml
+
+    escaped = "hf 模型".encode().decode("ascii", "surrogateescape")
+    data = json.loads((FIXTURES / "hf-configs" / "gpt2.json").read_text())
+    spec = convert_config(data, file=f"{tmp_path}/{escaped}/config.json", name="t").spec
+    path = tmp_path / "out.yaml"
+    path.write_text(spec_yaml(spec, ""), encoding="utf-8")
+    assert "hf 模型/config.json" in load_spec(str(path)).reference.source
+
+
 def test_a_head_dim_falcon_cannot_set_is_refused() -> None:
     """FalconConfig's head_dim is a read-only property: a config that sets it fails to load, and the
     key was reported ignored."""

@@ -1858,7 +1858,7 @@ def test_cli_says_when_the_pipeline_never_fills(capsys: pytest.CaptureFixture[st
     assert code == 0 and data["layouts"][0]["microbatches"] == 15
     assert ("fewer micro-batches than pipeline stages, so the pipeline never fills (layout 1: m = 15 for pp = 16, "
             "filled by 16,777,216 tokens per step); --global-batch-tokens takes binary units too "
-            "(16Mi = 16·2²⁰); Megatron-Core runs no interleaved schedule (vpp > 1) on fewer micro-batches "
+            "(16Mi = 16·2^20); Megatron-Core runs no interleaved schedule (vpp > 1) on fewer micro-batches "
             "than pp: priced as torch's one round") in data["notes"]
     # Megatron-Core refuses a round outside [pp, m]; torch's schedule runs it, so under fsdp2 no such word
     code, out, _ = run(capsys, monkeypatch, *asked, "--global-batch-tokens", "16M", "--states", "fsdp2")

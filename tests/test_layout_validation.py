@@ -200,13 +200,30 @@ def test_device_names_map_only_to_the_part_they_name() -> None:
 
     named = {"NVIDIA H100 80GB HBM3": "h100-sxm", "NVIDIA H100 PCIe": "h100-pcie", "NVIDIA L4": "l4",
              "NVIDIA L40S": "l40s", "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100 80GB PCIe": "a100-80gb",
-             "NVIDIA GeForce RTX 4090": "rtx4090", "AMD Instinct MI300X": "mi300x", "NVIDIA GB200": "gb200"}
+             "NVIDIA GeForce RTX 4090": "rtx4090", "AMD Instinct MI300X": "mi300x", "NVIDIA GB200": "gb200",
+             "Tesla V100-SXM2-32GB": "v100"}
     for name, key in named.items():
         gpu = match_device_name(name)
         assert gpu is not None and gpu.key == key, name
     for name in ("NVIDIA L40", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA H800 PCIe",
-                 "NVIDIA GeForce RTX 4090 Laptop GPU"):
+                 "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA GeForce RTX 4090 D", "Tesla V100-PCIE-32GB",
+                 "Tesla V100-SXM2-16GB"):
         assert match_device_name(name) is None, name
+
+
+def test_a_family_member_of_a_lower_peak_runs_attention_in_proportion() -> None:
+    """The Hopper attention rates were measured on H100 SXM5 (989 TF): H100 PCIe (756 TF, 114 SMs)
+    ran them at their absolute 335/290 TFLOP/s, 44% of its peak against the SXM5's 34%. H200 and
+    H800 share the SXM5's peak, so theirs stand."""
+    from archplan.hardware import accelerator, kernel_efficiency
+
+    sxm, _ = kernel_efficiency(accelerator("h100-sxm"))
+    pcie, calibrated = kernel_efficiency(accelerator("h100-pcie"))
+    scale = 756 / 989.4
+    assert calibrated and pcie.attention_fwd == pytest.approx(sxm.attention_fwd * scale)
+    assert pcie.attention_bwd == pytest.approx(sxm.attention_bwd * scale) and pcie.gemm == sxm.gemm
+    assert "attention × 0.764 by the bf16 peak" in pcie.family
+    assert all(kernel_efficiency(accelerator(key))[0] == sxm for key in ("h200", "h800"))
 
 
 def test_gpu_memory_is_what_cuda_sees() -> None:

@@ -7,6 +7,7 @@ and reports. No torch: the importer and the spec are pure Python.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -78,16 +79,17 @@ def hf(
         raise ArchplanError("--force overwrites the -o spec; without -o the spec goes to stdout")
     imported = read_hf(config, strict=strict, mtp=mtp)
     spec = imported.spec
+    shown = printable(config)  # a name an ASCII locale could not decode, shown as text
     if imported.ignored:
         # one line, so scripts can grep it; the keys also go into the spec's reference.notes
-        typer.echo(f"{config}: ignored keys (not read by the importer; --strict refuses them): "
-                   f"{', '.join(imported.ignored)}", err=True)
+        typer.echo(f"{shown}: ignored keys (not read by the importer; --strict refuses them): "
+                   f"{', '.join(imported.ignored)}", file=sys.stderr)
     for note in imported.said:
-        typer.echo(f"{config}: {note}", err=True)
+        typer.echo(f"{shown}: {note}", file=sys.stderr)
     if "max_seq_len" not in spec.model_fields_set:
         # size's and verify's default sequence is the spec's max_seq_len: a silent default moves them
-        typer.echo(f"{config}: the config states no context length; max_seq_len is the spec's default, "
-                   f"{spec.max_seq_len:,}: set it to the length the model was trained at", err=True)
+        typer.echo(f"{shown}: the config states no context length; max_seq_len is the spec's default, "
+                   f"{spec.max_seq_len:,}: set it to the length the model was trained at", file=sys.stderr)
     header = f"yaml-language-server: $schema={schema_reference(output)}"
     if output is not None:
         write_spec(spec, output, force=force, header=header)
@@ -97,7 +99,8 @@ def hf(
     elif output is None:
         echo(spec_yaml(spec, header, allow_unicode=stdout_takes_unicode()), nl=False)
     else:
-        typer.echo(f"wrote {printable(output)} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})", err=True)
+        typer.echo(f"wrote {printable(output)} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})",
+                   file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

@@ -804,7 +804,7 @@ def _pipeline_fill_notes(result: SearchResult) -> list[str]:
                      f"filled by {fill:,} tokens per step" for (m, pp, fill), shown in groups.items())
     asked = result.asked_batch_tokens
     near = asked and any(0 < fill / asked - 1 <= BATCH_NOTE_ABOVE for _, _, fill in groups)
-    binary = "; --global-batch-tokens takes binary units too (16Mi = 16·2²⁰)" if near else ""
+    binary = "; --global-batch-tokens takes binary units too (16Mi = 16·2^20)" if near else ""
     # Megatron-Core's interleaved schedule refuses a round outside [pp, m] (a ValueError in
     # `forward_backward_pipelining_with_interleaving`); torch's runs m < pp as one round, as priced
     interleaved = (result.settings.states.engine == "megatron"
@@ -1294,8 +1294,8 @@ def register(app: typer.Typer) -> None:
                                          "gb300, mi300x, ...",
                                          rich_help_panel=LAYOUT_PANEL)] = "h100",
         global_batch_tokens: Annotated[str, typer.Option(
-            "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M (SI: 4·10⁶) or 16Mi (binary: "
-            "16·2²⁰, Llama 3's 2,048 sequences of 8,192); rounded to whole sequences of --seq.",
+            "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M (SI: 4·10^6) or 16Mi (binary: "
+            "16·2^20, Llama 3's 2,048 sequences of 8,192); rounded to whole sequences of --seq.",
             rich_help_panel=LAYOUT_PANEL)] = "4M",
         layout: Annotated[str | None, typer.Option(
             "--layout", help="Fix layout fields, e.g. tp=8,pp=16,vpp=2 (fields: tp cp pp vpp dp ep zero recompute "

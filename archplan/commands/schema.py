@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -76,4 +77,4 @@ def register(app: typer.Typer) -> None:
             echo(text, nl=False)
             return
         write_text(check_target(output, force=force, field="-o", suffixes=SCHEMA_SUFFIXES), text)
-        typer.echo(f"wrote {printable(output)}", err=True)
+        typer.echo(f"wrote {printable(output)}", file=sys.stderr)

@@ -1840,7 +1840,8 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
                                             "whether it changes the model (--strict; docs/import.md)")
     arch = data.get("architectures")
     described = f" ({arch[0]})" if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
-    reference: dict[str, Any] = {"source": f"Hugging Face config.json: {file}"}
+    # a file name an ASCII locale could not decode is text here, not escapes YAML cannot carry
+    reference: dict[str, Any] = {"source": f"Hugging Face config.json: {as_text(file)}"}
     if ignored:
         cfg.notes.append(f"keys not read (not known to change size or compute): {', '.join(ignored)}")
     quantized = _quantization(data.get("quantization_config"))
