@@ -93,6 +93,21 @@ def test_schema_command_prints_and_writes(tmp_path, monkeypatch, capsys) -> None
     assert target.read_text(encoding="utf-8") == render_schema()
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "cp1252"])
+def test_the_schema_survives_a_stream_without_its_characters(encoding: str) -> None:
+    """The descriptions' `Σ` and `→` came out as `?` on cp1252 (a Windows redirect) and as raw UTF-8
+    on ASCII: the document printed was not the schema. JSON's own escapes keep it whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "schema"],
+                          capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert proc.returncode == 0 and proc.stdout.isascii()
+    assert json.loads(proc.stdout) == json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
 def test_schema_names_a_force_or_folder_that_cannot_work(tmp_path, monkeypatch, capsys) -> None:
     """--force with nothing to overwrite, and a folder that is not there, worded as plan's -o."""
     assert run_cli(monkeypatch, "schema", "--force") == 2

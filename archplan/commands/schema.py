@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from archplan.commands.options import ForceOpt
-from archplan.console import echo
+from archplan.console import echo, stdout_takes_unicode
 from archplan.errors import ArchplanError, printable
 from archplan.outfile import SCHEMA_SUFFIXES, check_target, write_text
 
@@ -24,13 +24,15 @@ def schema_file() -> Path:
     return Path(str(resources.files("archplan") / SCHEMA_NAME))
 
 
-def render_schema() -> str:
-    """The text of the shipped `archplan/spec.schema.json`; stable, so a test compares it byte for byte."""
+def render_schema(ensure_ascii: bool = False) -> str:
+    """The text of the shipped `archplan/spec.schema.json`; stable, so a test compares it byte for
+    byte. `ensure_ascii`: JSON's own escapes for a stream that cannot write the descriptions' `Σ`
+    and `→`, the same document, where the stream's spelling would change them."""
     from archplan.spec import Spec
 
     schema = {"$schema": SCHEMA_DIALECT, **Spec.model_json_schema()}
     _require_tags(schema, schema["$defs"])
-    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(schema, indent=2, ensure_ascii=ensure_ascii) + "\n"
 
 
 def _require_tags(node: object, defs: dict[str, dict]) -> None:
@@ -70,11 +72,10 @@ def register(app: typer.Typer) -> None:
         )] = None,
         force: ForceOpt = False,
     ) -> None:
-        text = render_schema()
         if output is None:
             if force:
                 raise ArchplanError("--force overwrites the --output file; without it the schema goes to stdout")
-            echo(text, nl=False)
+            echo(render_schema(ensure_ascii=not stdout_takes_unicode()), nl=False)
             return
-        write_text(check_target(output, force=force, field="-o", suffixes=SCHEMA_SUFFIXES), text)
+        write_text(check_target(output, force=force, field="-o", suffixes=SCHEMA_SUFFIXES), render_schema())
         typer.echo(f"wrote {printable(output)}", file=sys.stderr)
