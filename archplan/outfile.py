@@ -49,9 +49,10 @@ def check_target(path: str | Path, *, force: bool, field: str, suffixes: tuple[s
         raise ArchplanError("is a directory; expected a file", file=str(path), field=field)
     if suffixes and target.suffix.lower() not in suffixes:
         raise ArchplanError(f"must end in {', '.join(suffixes)}", file=str(path), field=field)
-    if (real.exists() or os.path.lexists(target) or _special(target)) and not force:
+    special = _special(target)
+    if (real.exists() or os.path.lexists(target) or special) and not force:
         raise ArchplanError("file exists; pass --force to overwrite", file=str(path), field=field)
-    if _special(target):  # written into, in place (`write_whole`)
+    if special:  # written into, in place (`write_whole`)
         if not os.access(target, os.W_OK):
             raise ArchplanError("cannot write this file (read-only)", file=str(path), field=field)
         return target

@@ -719,7 +719,7 @@ def candidates(plan: ModelPlan, data: ModelData, gpus: int, seq: int, sequences:
     # a given sp=on asks for sequence parallelism, which needs a TP group to split over
     tp_node = net.tp_node(gpus)  # once: the layouts below are checked against it one by one
     tps = [g["tp"]] if "tp" in g else [t for t in TP_DEGREES if t <= tp_node and (t > 1 or g.get("sp") is not True)]
-    cps = [g["cp"]] if "cp" in g else [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
+    cps = [g["cp"]] if "cp" in g else searched_cp(seq)
     # FSDP2 runs every stage too (zero 0: `replicate`; 1: gradients accumulated unsharded;
     # 2: reshard_after_forward=False; 3: resharded; `distributed/shard.py`)
     zeros = [g["zero"]] if "zero" in g else list(ZERO_STAGES)
@@ -896,6 +896,12 @@ def _reasons(plan: ModelPlan, gpus: int, usable: int, gpu: Accelerator, tightest
             f"{nbytes(gpu.memory_bytes)}){overshoot(mem.total, usable)}; {why}",)
 
 
+def searched_cp(seq: int) -> list[int]:
+    """The CP degrees the search tries at `seq` tokens: each rank keeps ≥ CP_MIN_TOKENS of a
+    sequence (a given cp= is not held to it)."""
+    return [c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS]
+
+
 def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Interconnect, tp_reasons: dict[int, str],
              fixed: PartialLayout, broken: str | None, *, by_user: bool, settings: Settings = Settings()) -> str:
     """Why no layout exists: the first rule a completion of the given fields broke, else the
@@ -910,7 +916,7 @@ def no_split(plan: ModelPlan, gpus: int, seq: int, sequences: int, net: Intercon
     if "tp" not in g:
         rules["tp"] = f"TP dividing a node of {net.tp_node(gpus)} (TP within a node)"
     if "cp" not in g:
-        most = max(c for c in CP_DEGREES if c == 1 or seq // c >= CP_MIN_TOKENS)
+        most = max(searched_cp(seq))
         rules["cp"] = (f"CP ≤ {most} (each rank keeping ≥ {CP_MIN_TOKENS:,} of a sequence's {seq:,} tokens; "
                        "a given cp= is not held to it)" if seq >= 2 * CP_MIN_TOKENS else
                        f"CP = 1 (a CP rank keeps ≥ {CP_MIN_TOKENS:,} tokens of a sequence, and these have "
@@ -953,7 +959,7 @@ def _implied_breaks(left: str, implied: int, rules: dict[str, str], tp_reasons: 
             if implied not in CP_DEGREES:
                 return (f"outside the CP degrees the search tries ({', '.join(map(str, CP_DEGREES))}; a given "
                         "cp= is tried as given)")
-            return f"outside {rules['cp']}" if implied > 1 and seq // implied < CP_MIN_TOKENS else None
+            return f"outside {rules['cp']}" if implied not in searched_cp(seq) else None
         case "pp":
             dualpipe = "dualpipe" in settings.overlap and (implied < 2 or implied % 2)
             return f"outside {rules['pp']}" if implied > len(plan.layers) or dualpipe else None

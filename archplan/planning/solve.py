@@ -448,6 +448,7 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
             optima.append(_minimax(rows))  # the nearest by the ranking's measure, the worst error
         if len(solving) == 2:
             optima += _held_at_least(rows, optima[0], multiple)
+        fixed = {name: c for (c, _, _), (name, _) in zip(rows, goals)}  # the combination's intercepts
         tried = {rounded for optimum in optima
                  for rounded in itertools.product(*(_roundings(w, multiple) for w in optimum))}
         for rounded in sorted(tried):
@@ -469,7 +470,6 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
             # model ranked first
             miss = max(abs(Fraction(total if name == "total" else active) - Fraction(target)) / Fraction(target)
                        for name, target in goals)
-            fixed = {name: c for (c, _, _), (name, _) in zip(rows, goals)}
             key = tuple(sorted(values.items()))
             candidates[key] = Candidate({dotted(p): v for p, v in values.items()},
                                         _without_stale_counts(spec, total, active), total, active, errors,
