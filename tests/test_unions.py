@@ -4,14 +4,17 @@ A new variant added to spec.UNIONS without a strategy (and so without this proof
 
 from __future__ import annotations
 
+import ast
+import typing
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, find, settings
 from pydantic import BaseModel
 
 from archplan.crosscheck import crosscheck
-from archplan.resolve import resolve
+from archplan.resolve import MixerPlan, resolve
 from archplan.spec import UNIONS, Spec
 from strategies import MEMBERS, Case, cases
 
@@ -88,3 +91,30 @@ def test_the_strategy_reaches_each_option_and_it_verifies(option: str) -> None:
     case = find(cases(), OPTIONS[option], settings=FIND)
     result = crosscheck(resolve(case.spec), seq_len=case.seq, batch=case.batch, real=False)
     assert result.ok, result.failures
+
+
+MIXER_PLANS = {plan.__name__ for plan in typing.get_args(MixerPlan)}
+
+
+def _silent_defaults(source: Path) -> list[str]:
+    """The `case _:` of each `match` over the mixer plans in `source` that is not `assert_never`."""
+    found = []
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Match):
+            continue
+        named = {ast.unparse(p.cls) for case in node.cases for p in ast.walk(case.pattern)
+                 if isinstance(p, ast.MatchClass)}
+        last = node.cases[-1]
+        wildcard = isinstance(last.pattern, ast.MatchAs) and last.pattern.pattern is None
+        if named & MIXER_PLANS and wildcard and "assert_never" not in ast.unparse(last.body[0]):
+            found.append(f"{source}:{last.pattern.lineno}")
+    return found
+
+
+def test_no_match_over_the_mixers_prices_an_unnamed_one_by_default() -> None:
+    # a new mixer plan must be named wherever mixers are told apart: a silent `case _:` would
+    # price it 0 or as some other mixer, and the crosscheck above proves only params and FLOPs
+    package = Path(__file__).resolve().parent.parent / "archplan"
+    assert len(MIXER_PLANS) == 7
+    found = [site for source in sorted(package.rglob("*.py")) for site in _silent_defaults(source)]
+    assert found == []

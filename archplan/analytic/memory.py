@@ -465,8 +465,10 @@ def _input_readers(module: MixerPlan | FFNPlan) -> int:
             return 2
         case S4Plan():
             return 0
-        case _:
+        case Mamba1Plan() | Mamba2Plan() | HyenaPlan() | StripedHyenaPlan() | FFNPlan():
             return 1
+        case _:
+            assert_never(module)
 
 
 def input_copies(module: MixerPlan | FFNPlan | MoEPlan, counted: int, wide: bool = True) -> int:
@@ -588,8 +590,10 @@ def _attention_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
             v_dim = qk_dim
         case MLAPlan(qk_head_dim=qk_dim, v_head_dim=v_dim, n_heads=n_heads):
             pass
-        case _:
+        case Mamba1Plan() | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
             return 0, 0
+        case _:
+            assert_never(layer.mixer)
     gradients = _core_backward_bytes(_core_kernel(kernel, qk_dim, v_dim), n_heads, s, b, act)
     if not gradients:
         return 0, 0
@@ -609,8 +613,10 @@ def _scan_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: int, bl
             held = ssd_backward_bytes(m, b, s, autocast)
         case Mamba1Plan() as m:
             held = mamba1_scan_backward_bytes(m, b, s, act, autocast)
-        case _:
+        case AttentionPlan() | MLAPlan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
             return 0, 0
+        case _:
+            assert_never(layer.mixer)
     return _alive_at_mixer_backward(layer, kept, before, block_input), held
 
 
@@ -628,8 +634,10 @@ def _long_conv_backward_bytes(layer: LayerPlan, kept: dict[str, int], before: in
             held = striped_backward_bytes(m, h, b, s, act, autocast)
         case HyenaPlan():
             held = hyena_backward_bytes(h, b, s)
-        case _:
+        case AttentionPlan() | MLAPlan() | Mamba1Plan() | Mamba2Plan():
             return 0, 0
+        case _:
+            assert_never(layer.mixer)
     return _alive_at_mixer_backward(layer, kept, before, block_input), held
 
 
@@ -645,8 +653,11 @@ def _generation_forward_bytes(layer: LayerPlan, kept: dict[str, int], below: int
             alive = (below + kept.get(f"{layer.path}.norm1", 0) + FP32_BYTES * b * s * h
                      + s4_kernel_activation_bytes(m, h, s, autocast))
             return alive, s4_generation_transient_bytes(m, h, s, autocast)
-        case _:
+        case (AttentionPlan() | MLAPlan() | Mamba1Plan()
+              | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan()):
             return 0, 0
+        case _:
+            assert_never(layer.mixer)
 
 
 def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute: Recompute = "none",

@@ -141,7 +141,7 @@ def _kernels(q: Tensor, cached: bool) -> AbstractContextManager[object]:
 
 def attention_core(recompute: bool, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSDv: Tensor, qpos_T: Tensor,
                    kpos_S: Tensor, **options: Any) -> Tensor:
-    """`sdpa`, re-run in the backward under selective recompute (Korthikanti et al. 2022 §4.3: the
+    """`sdpa`, re-run in the backward under selective recompute (Korthikanti et al. 2022 §5: the
     attention core alone). A non-reentrant checkpoint of this one call keeps its inputs, which the
     fused kernel saves anyway, and drops what the kernel would keep beyond them (its output and
     log-sum-exp; the s×s probabilities of a non-fused path); the projections, norms and rotary

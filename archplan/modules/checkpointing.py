@@ -18,7 +18,7 @@ from archplan.modules.mla import MLA
 def apply_recompute(layers: nn.ModuleList | nn.ModuleDict, recompute: str) -> None:
     """Activation checkpointing per layer, before FSDP as torchtitan applies it: full keeps each
     layer's input and re-runs the layer in the backward; selective re-runs only the attention core
-    (Korthikanti et al. 2022 §4.3), a checkpoint of the one SDPA call (`attention.attention_core`).
+    (Korthikanti et al. 2022 §5), a checkpoint of the one SDPA call (`attention.attention_core`).
     Its region holds no FSDP unit and no collective (context parallelism gathers K/V before it).
     Until 2026-12-02 it was torch's selective checkpointing of the whole mixer with a policy saving
     every op but the core: that saved every op's output, those plain autograd frees included, and

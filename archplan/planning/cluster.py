@@ -515,8 +515,10 @@ def _once_per_forward(mixer: MixerPlan, h: int, seq: int) -> OncePerForward:
             return OncePerForward(mamba1_a_bytes(mixer), 0, 0)
         case StripedHyenaPlan():
             return OncePerForward(striped_filter_once_bytes(mixer, h, seq), 0, 0)
-        case _:
+        case AttentionPlan() | MLAPlan() | Mamba2Plan():
             return OncePerForward(0, 0, 0)
+        case _:
+            assert_never(mixer)
 
 
 @dataclass(frozen=True)
@@ -947,8 +949,10 @@ def _tp_summed(layer: LayerPlan, tensor: Tensor) -> bool:
                 return True
             # a qk-norm shared by the heads (scope `head`) runs replicated on each rank's heads
             return tensor.split == "replicated" and tensor.name.startswith((f"{mixer}q_norm.", f"{mixer}k_norm."))
-        case _:
+        case Mamba2Plan() | StripedHyenaPlan():
             return False
+        case _:
+            assert_never(layer.mixer)
 
 
 def width_sharded_stats(layer: LayerPlan) -> list[int]:
@@ -960,8 +964,11 @@ def width_sharded_stats(layer: LayerPlan) -> list[int]:
         case AttentionPlan(qk_norm=qk) if qk is not None and qk.scope == "full":
             stats = 1 if qk.norm.kind == "rmsnorm" else 2
             return [stats] * (1 if layer.mixer.n_kv_heads == 1 else 2)
-        case _:
+        case (AttentionPlan() | MLAPlan() | Mamba1Plan()
+              | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan()):
             return []
+        case _:
+            assert_never(layer.mixer)
 
 
 # Copies of an MoE layer's routed rows (k per token, d_model wide) alive at its combine beyond the
@@ -1121,8 +1128,10 @@ def _mixer_whole(layer: LayerPlan, h: int) -> tuple[int, int]:
     match layer.mixer:
         case S4Plan():
             return 0, 2 * h
-        case _:
+        case AttentionPlan() | MLAPlan() | Mamba1Plan() | Mamba2Plan() | HyenaPlan() | StripedHyenaPlan():
             return h, 0
+        case _:
+            assert_never(layer.mixer)
 
 
 def long_conv_exchange(layer: LayerPlan, h: int) -> tuple[int, int]:
@@ -1140,8 +1149,10 @@ def long_conv_exchange(layer: LayerPlan, h: int) -> tuple[int, int]:
             return (layer.mixer.order + 1) * h, h
         case StripedHyenaPlan():
             return 3 * h, h
-        case _:
+        case AttentionPlan() | MLAPlan() | Mamba1Plan() | Mamba2Plan():
             return 0, 0
+        case _:
+            assert_never(layer.mixer)
 
 
 def _group_spread(m: Mamba2Plan, tp: int, cp: int) -> tuple[int, int]:
@@ -1168,16 +1179,20 @@ def mamba_exchange(layer: LayerPlan, tp: int, cp: int, engine: Engine) -> tuple[
             i, (g, r) = mixer.d_inner // tp, _group_spread(mixer, tp, cp)
             back = 2 * i if r > 1 and engine == "torch" else i
             return 2 * i + 2 * g * r * mixer.d_state + mixer.n_heads // tp, back
-        case _:
+        case AttentionPlan() | MLAPlan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
             return ()
+        case _:
+            assert_never(mixer)
 
 
 def _heads(layer: LayerPlan) -> int:
     match layer.mixer:
         case AttentionPlan() | MLAPlan():
             return layer.mixer.n_heads
-        case _:
+        case Mamba1Plan() | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
             return 0
+        case _:
+            assert_never(layer.mixer)
 
 
 @lru_cache(maxsize=32)
@@ -1637,8 +1652,10 @@ def _cp_kept(data: ModelData, layout: Layout, layer: int, engine: Engine,
         case Mamba1Plan():
             # x_proj's output, all-reduced over cp on whole sequences, and its norms' (`_x_proj_bytes`)
             per_sequence = data.acts[layer].x_proj_whole
-        case _:
+        case S4Plan() | HyenaPlan() | StripedHyenaPlan():
             return 0.0
+        case _:
+            assert_never(mixer)
     return layout.mb * per_sequence * (cp - 1) / cp
 
 
@@ -2387,8 +2404,11 @@ def _generation_unit(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, 
             return (norm_input + copies + FP32_BYTES * tokens * d_model // tp
                     + s4_kernel_activation_bytes(m, channels, seq, False)
                     + s4_generation_transient_bytes(m, channels, seq, False))
-        case _:
+        case (AttentionPlan() | MLAPlan() | Mamba1Plan()
+              | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan()):
             return 0
+        case _:
+            assert_never(mixer)
 
 
 @lru_cache(maxsize=4096)
@@ -2424,8 +2444,10 @@ def _mixer_transient(mixer: MixerPlan, d_model: int, tp: int, cp: int, mb: int, 
             return striped_backward_bytes(m, channels, mb, seq, ACT_BYTES, autocast=False)
         case HyenaPlan():
             return hyena_backward_bytes(channels, mb, seq)
-        case _:
+        case AttentionPlan() | MLAPlan():
             return 0
+        case _:
+            assert_never(mixer)
 
 
 def _layer_gradient(data: ModelData, layout: Layout, chunks: Sequence[Chunk]) -> int:
@@ -2826,8 +2848,10 @@ def _kv_bytes(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> int:
                     return ACT_BYTES * tokens * (m.kv_lora_rank + m.qk_rope_head_dim)
                 case _:
                     assert_never(engine)
-        case _:
+        case Mamba1Plan() | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
             return 0
+        case _:
+            assert_never(layer.mixer)
 
 
 def _qkv_gathered(layer: LayerPlan, tokens: int, tp: int, engine: Engine) -> tuple[int, int]:

@@ -25,7 +25,7 @@ Degrees (Megatron-LM's conventions, Narayanan et al. 2021 §2–3; Korthikanti e
   pp, Megatron's default, when pp divides the micro-batches. Refused at vpp = 1, where it means nothing.
 - zero: 0 (plain DP), 1 (optimizer states sharded over dp), 2 (+ gradients), 3 (+ parameters,
   FSDP). Rajbhandari et al. 2020 §5.
-- recompute: none | selective (Korthikanti §4.3: the attention core) | full (every layer's input
+- recompute: none | selective (Korthikanti §5: the attention core) | full (every layer's input
   kept, the layer recomputed in the backward).
 - mb: sequences per micro-batch.
 - sp: sequence parallelism over the TP group for the norms/dropout regions (Korthikanti §4.2.2);

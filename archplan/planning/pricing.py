@@ -677,8 +677,10 @@ def flash_fractions(plan: ModelPlan, seq: int, impl: FlashImpl, eff: KernelEffic
             case AttentionPlan(head_dim=dqk, window=window) | MLAPlan(qk_head_dim=dqk, window=window):
                 share, fwd, bwd = flash_rate_factors(eff, impl, dqk, window, seq, fp8_attention)
                 found.add((share * fwd / quoted_fwd, share * bwd / quoted_bwd))
-            case _:
+            case Mamba1Plan() | Mamba2Plan() | S4Plan() | HyenaPlan() | StripedHyenaPlan():
                 pass
+            case _:
+                assert_never(layer.mixer)
     return tuple(sorted(found))
 
 
