@@ -221,6 +221,13 @@ class LayerPlan:
         return f"{self.where}.{self.index}"
 
 
+def layer_index(path: str) -> int | None:
+    """The main-model layer a component path lies in (`layers.3.mixer` → 3; `LayerPlan.path`), or
+    None for the embedding, the head and a multi-token-prediction module's block."""
+    parts = path.split(".")
+    return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() else None
+
+
 class PositionLimit(NamedTuple):
     positions: int  # the most positions one forward or one cache can hold
     what: str  # what sets it, for messages

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from archplan.analytic.memory import ATTENTION_KERNELS, RECOMPUTE_MODES
 from archplan.analytic.scaling import LAW_SYNONYMS, LAWS
 from archplan.cli import app
-from archplan.commands.size import LawChoice, MemoryKernelChoice, RecomputeChoice, parse_amount
+from archplan.commands.size import KVDTypeChoice, LawChoice, MemoryKernelChoice, RecomputeChoice, parse_amount
+from archplan.dtypes import DType
 from archplan.errors import ArchplanError
 from archplan.loader import preset_names
 
@@ -352,6 +353,8 @@ def test_a_negative_amount_is_named_as_negative(text: str) -> None:
 def test_cli_choices_match_the_library() -> None:
     assert tuple(m.value for m in RecomputeChoice) == RECOMPUTE_MODES
     assert tuple(m.value for m in MemoryKernelChoice) == ATTENTION_KERNELS
+    # every storage dtype but tf32, a matmul mode stored as fp32
+    assert {m.value for m in KVDTypeChoice} == {d.value for d in DType} - {"tf32"}
 
 
 def test_attention_kernel_and_activation_dtype() -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 from archplan.analytic import activation_memory, built_weights_bytes, count_params
 from archplan.analytic.memory import ACT_BYTES
 from archplan.errors import ArchplanError
-from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
+from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan, layer_index
 from archplan.units import NonPositiveLength, parse_length
 
 # "fused": the attention core never holds the T×S scores (FlashAttention, Dao et al. 2022; torch's
@@ -59,7 +59,7 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
 MATH_BYTES = 4
 
 
-def _scores_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float) -> int:
+def scores_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float) -> int:
     """The largest layer's scores and their softmax when the core is materialised (2·B·H·T·T), in
     the math kernel's fp32 or the run's wider dtype."""
     heads = [layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, AttentionPlan | MLAPlan)]
@@ -114,15 +114,14 @@ def prefill_peak_bytes(plan: ModelPlan, batch: int, seq: int, dtype_bytes: float
     tokens = batch * seq
     weights = built_weights_bytes(count_params(plan), dtype_bytes)
     saved = activation_memory(plan, batch, seq, "selective").by_component
-    per_layer: dict[str, int] = defaultdict(int)
+    per_layer: dict[int, int] = defaultdict(int)
     for path, value in saved.items():
-        parts = path.split(".")
-        if parts[0] == "layers":
-            per_layer[parts[1]] += value
+        if (index := layer_index(path)) is not None:
+            per_layer[index] += value
     layer = max(per_layer.values(), default=0) * dtype_bytes / ACT_BYTES
     residual = tokens * plan.d_model * dtype_bytes
     held = held_mask_bytes(plan, seq, int(dtype_bytes))
-    scores = _scores_bytes(plan, batch, seq, dtype_bytes) if core == "materialised" else 0
+    scores = scores_bytes(plan, batch, seq, dtype_bytes) if core == "materialised" else 0
     if scores and not held:
         # SDPA's math kernel turns `is_causal` into a T × S boolean mask and its additive (fp32) form
         scores += int(seq * seq * (max(dtype_bytes, MATH_BYTES) + 1))

@@ -55,6 +55,7 @@ from archplan.resolve import (
     MLAPlan,
     ModelPlan,
     MoEPlan,
+    layer_index,
 )
 from typing_extensions import assert_never
 
@@ -181,15 +182,12 @@ def _component_weight_elems(plan: ModelPlan, path: str, by_component: dict[str, 
     """Weights a component reads once; MoE experts only as many as routed rows can reach."""
     elems = by_component.get(path, 0)
     if path.endswith(".ffn.experts"):
-        layer = plan.layers[int(path.split(".")[1])]
+        index = layer_index(path)
+        assert index is not None
+        layer = plan.layers[index]
         assert isinstance(layer.ffn, MoEPlan)
         elems = elems * _experts_touched(layer.ffn, routed_rows) / layer.ffn.n_experts
     return elems
-
-
-def _layer_of(path: str) -> int | None:
-    parts = path.split(".")
-    return int(parts[1]) if parts[0] == "layers" else None
 
 
 def _predict(plan: ModelPlan, flops_by_path: dict[str, float], bytes_by_path: dict[str, float],
@@ -309,12 +307,12 @@ def kind_counts(plan: ModelPlan) -> dict[str, int]:
 
 
 def _kind_of(plan: ModelPlan, path: str) -> str:
-    index = _layer_of(path)
+    index = layer_index(path)
     return layer_kind(plan.layers[index]) if index is not None else "embed+head"
 
 
 def _top_k_of(plan: ModelPlan, path: str) -> int:
-    index = _layer_of(path)
+    index = layer_index(path)
     if index is None or not path.endswith(".ffn.experts"):
         return 1
     moe = plan.layers[index].ffn

@@ -29,7 +29,7 @@ from archplan.bench.device import (
     reset_peak_memory,
 )
 from archplan.bench.fit import refuse_unless_fits, truncate
-from archplan.bench.growth import MATH_BYTES, mask_bytes
+from archplan.bench.growth import mask_bytes, scores_bytes
 from archplan.bench.roofline import (
     DecodeRates,
     OpCount,
@@ -285,13 +285,13 @@ def estimate_bytes(plan: ModelPlan, cfg: BenchConfig, materialised: bool | None 
     weights = built_weights_bytes(counted, b)
     cache = kv_cache(plan, cfg.seq + cache_steps(cfg.decode_tokens), cfg.batch, b).bytes
     logits = tokens * plan.vocab_size * b
+    # one layer's transients of an inference forward, in D-wide tensors a token: the residual, the
+    # norm's output, q, k and v (5), and a GLU's gate, up, activation and product at Llama's
+    # d_ff = 8/3·D (4 · 8/3 ≈ 11)
     activations = 16 * tokens * plan.d_model * b
-    heads = max((layer.mixer.n_heads for layer in plan.layers if isinstance(layer.mixer, (AttentionPlan, MLAPlan))),
-                default=0)
     if materialised is None:
         materialised = cfg.attn_backend == "math"
-    # the math kernel's scores are fp32 on 16-bit inputs (`growth.MATH_BYTES`)
-    scores = 2 * cfg.batch * heads * cfg.seq * cfg.seq * max(b, MATH_BYTES) if materialised else 0
+    scores = scores_bytes(plan, cfg.batch, cfg.seq, b) if materialised else 0
     masks = mask_bytes(plan, cfg.seq, b)
     return int(max(weights + cache + logits + activations + scores + masks, params * nbytes(DType.fp32)))
 

@@ -29,7 +29,7 @@ from archplan.console import echo, settle
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.render import report_console, table_width
-from archplan.resolve import ModelPlan, check_mtp_length, resolve
+from archplan.resolve import ModelPlan, check_mtp_length, layer_index, resolve
 from archplan.spec import MAX_BATCH, MAX_SEQ_LEN
 
 if TYPE_CHECKING:
@@ -218,11 +218,6 @@ class _Line:
     repeat: int = 1
 
 
-def _layer_of(component: str) -> int | None:
-    parts = component.split(".")
-    return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() else None
-
-
 def _suffix(component: str) -> str:
     return ".".join(component.split(".")[2:])
 
@@ -236,7 +231,7 @@ def _lines(result: CrossCheck, aggregate: bool) -> list[_Line]:
     lines = []
     labelled: set[str] = set()
     for name in names:
-        layer = ".".join(name.split(".")[:2]) if _layer_of(name) is not None else ""
+        layer = ".".join(name.split(".")[:2]) if layer_index(name) is not None else ""
         # the layer's kind on its first row only
         kind = result.layer_kinds.get(layer, "") if layer and layer not in labelled else ""
         labelled.add(layer)
@@ -300,7 +295,7 @@ def _folded(rows: Sequence[_Row], figures: Callable[[_Row], object],
         blocks.clear()
 
     for row in rows:
-        layer = _layer_of(row.component)
+        layer = layer_index(row.component)
         if layer is None:
             flush()
             out.append((row.component, 1, row))

@@ -34,8 +34,6 @@ ALIGN = 64
 # FlashAttention-2's kernel widths (csrc/flash_attn/src/static_switch.h, HEADDIM_SWITCH): a head_dim
 # runs on the smallest that holds it
 KERNEL_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
-# ~20 training tokens per parameter: the D/N ratio of Hoffmann et al. 2022 Table 3 (20.0-21.6).
-CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # Beyond this many times the Chinchilla ratio we say so (Llama-3-8B: 15T tokens, ~94x).
 FAR_ABOVE = 5.0
 # Below the Chinchilla ratio by more than this factor we warn: the compute-optimal ratio is not one
@@ -343,6 +341,7 @@ def _tokens(n: float) -> str:
 
 
 def check_undertrained(ctx: SpecContext) -> Iterator[Hit]:
+    from archplan.analytic.scaling import TOKENS_PER_PARAM as CHINCHILLA_TOKENS_PER_PARAM
     budget = _tokens_per_param(ctx)
     if budget is None:
         return
@@ -358,6 +357,7 @@ def check_undertrained(ctx: SpecContext) -> Iterator[Hit]:
 
 
 def check_overtrained(ctx: SpecContext) -> Iterator[Hit]:
+    from archplan.analytic.scaling import TOKENS_PER_PARAM as CHINCHILLA_TOKENS_PER_PARAM
     budget = _tokens_per_param(ctx)
     if budget is None:
         return

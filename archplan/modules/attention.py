@@ -140,18 +140,18 @@ def _kernels(q: Tensor, cached: bool) -> AbstractContextManager[object]:
 
 
 def attention_core(recompute: bool, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSDv: Tensor, qpos_T: Tensor,
-                   kpos_S: Tensor, **options: Any) -> Tensor:
+                   kpos_S: Tensor, *, cached: bool, **options: Any) -> Tensor:
     """`sdpa`, re-run in the backward under selective recompute (Korthikanti et al. 2022 §5: the
     attention core alone). A non-reentrant checkpoint of this one call keeps its inputs, which the
     fused kernel saves anyway, and drops what the kernel would keep beyond them (its output and
     log-sum-exp; the s×s probabilities of a non-fused path); the projections, norms and rotary
     around it keep what plain autograd keeps, and nothing but the core is run twice."""
-    if recompute and torch.is_grad_enabled() and not options.get("cached"):
-        out = checkpoint(partial(sdpa, **options), q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S,
+    if recompute and torch.is_grad_enabled() and not cached:
+        out = checkpoint(partial(sdpa, cached=cached, **options), q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S,
                          use_reentrant=False, preserve_rng_state=False)
         assert isinstance(out, Tensor)
         return out
-    return sdpa(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, **options)
+    return sdpa(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, cached=cached, **options)
 
 
 def sdpa(

@@ -216,7 +216,10 @@ from archplan.analytic.mamba import (
     ssd_chunks,
 )
 from archplan.analytic.memory import (
+    ACT_BYTES,
     FP32_BYTES,
+    LSE_BYTES,
+    TOKEN_ID_BYTES,
     RECOMPUTE_MODES,
     Recompute,
     activation_memory,
@@ -282,12 +285,10 @@ Overlap = Literal["dp", "tp", "pp", "ep", "dualpipe"]
 OVERLAPS: tuple[Overlap, ...] = ("dp", "tp", "pp", "ep", "dualpipe")
 # the two ways a run hides the MoE all-to-all behind compute (`pricing.ep_exposed` prices each)
 EP_OVERLAPS: frozenset[Overlap] = frozenset({"ep", "dualpipe"})
-ACT_BYTES = 2
 FP8_BYTES = 1
 # how a convention's description states its fp8 weights, by their bytes at rest
 FP8_WEIGHTS_STATED: dict[int, str] = {1: "; GEMM weights in fp8 (1 B)",
                                       2: "; GEMM weights in fp8 (1 B + its 1 B transpose)"}
-LSE_BYTES = 4  # FlashAttention's fp32 log-sum-exp per head and query
 PROB_BYTES = 4  # an MoE router's routing probabilities, fp32 (Megatron-Core's `moe_router_dtype`)
 LOGIT_BYTES = 4
 # How the run computes its loss (`pricing.CROSS_ENTROPY_BYTES` holds each one's HBM traffic).
@@ -305,7 +306,6 @@ LOSS_BACKWARD_BYTES: dict[CrossEntropyImpl, tuple[int, int]] = {  # (tp = 1, tp 
     "fp32-fused": (0, 0), "bf16-fused": (0, 0), "eager": (8, 12)}
 STAT_BYTES = 4  # fp32 norm statistics
 COUNT_BYTES = 4  # fp32 routed-pair counts of a load-balancing loss, per expert
-TOKEN_ID_BYTES = 8
 # a 16- or 32-bit float state's bytes per element -> dtype (gradients on the wire, Adam's moments)
 STATE_DTYPES: dict[int, str] = {2: "bf16", 4: "fp32"}
 REMAINDER_BYTES = 2  # the 16 bits of an fp32 master weight that its bf16 copy lacks

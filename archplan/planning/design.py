@@ -32,7 +32,7 @@ from typing_extensions import assert_never
 
 from archplan.analytic import ParamCount, count_params
 from archplan.errors import ArchplanError
-from archplan.resolve import resolve
+from archplan.resolve import layer_index, resolve
 from archplan.units import count, things
 from archplan.spec import (
     MAX_LAYERS,
@@ -243,8 +243,8 @@ def _depth(spec: Spec, kind: str) -> _Depth:
     by = params.active_by_component if kind == "active" else params.by_component
     per = [0] * spec.n_layers
     for path, value in by.items():
-        if path.startswith("layers."):
-            per[int(path.split(".")[1])] += value
+        if (index := layer_index(path)) is not None:
+            per[index] += value
     return _Depth(_achieved(params, kind) - sum(per), tuple(per))
 
 

@@ -81,6 +81,7 @@ from typing import Literal
 from typing_extensions import assert_never
 
 from archplan.analytic.attention import attended_pairs
+from archplan.analytic.memory import FP32_BYTES
 from archplan.analytic.s4 import log2_ceil
 from archplan.hardware import (
     GEMM_HALF_DIM,
@@ -164,7 +165,6 @@ CROSS_ENTROPY_BYTES: dict[CrossEntropyImpl, int] = {"fp32-fused": 24, "bf16-fuse
 # HBM per transform: a lower bound for cuFFT's multi-pass plans of the longest lengths.
 FFT_CONV_BYTES = 56
 FFT_FILTER_BYTES = 16
-FP32_BYTES = 4
 # casting one bf16 element to fp8 for a GEMM: read 2 B, write 1 B as is and 1 B transposed
 # (Hopper's fp8 tensor cores take only the "TN" layout, so the backward's weight-gradient GEMM
 # needs the transposed copy: Transformer Engine's fused cast-transpose)
@@ -337,6 +337,18 @@ def _routing_tokens(data: ModelData, layout: Layout) -> int:
     return tokens // layout.tp if layout.sequence_parallel else tokens
 
 
+def _activation_passes(f: FFNPlan) -> int:
+    """d_ff-wide tensors an FFN's activation reads and writes a token: a GLU reads [gate | up] and
+    writes their product (3), a plain MLP reads its up projection and writes the activation (2)."""
+    match f.kind:
+        case "glu":
+            return 3
+        case "mlp":
+            return 2
+        case _:
+            assert_never(f.kind)
+
+
 def routed_copy_bytes(data: ModelData, moe: MoEPlan, layout: Layout, fused_grouped_mlp: bool) -> float:
     """HBM bytes, one micro-batch's forward on one rank, of an MoE layer's passes over its routed
     copies: the permutation's four passes over k·d_model a token, and the experts' activation
@@ -344,8 +356,7 @@ def routed_copy_bytes(data: ModelData, moe: MoEPlan, layout: Layout, fused_group
     GEMMs' epilogues instead, "avoiding memory round-trips" (NVIDIA, "Boosting MoE Training
     Throughput with Advanced Fusion Kernels", 2026). Over the tokens this rank routes to whole
     experts (`_routing_tokens`: its sequence shard under SP, every token without)."""
-    width = moe.expert.d_ff * (3 if moe.expert.kind == "glu" else 2)
-    activation = 0 if fused_grouped_mlp else ACT_BYTES * width
+    activation = 0 if fused_grouped_mlp else ACT_BYTES * moe.expert.d_ff * _activation_passes(moe.expert)
     return _routing_tokens(data, layout) * moe.top_k * (activation + 4 * ACT_BYTES * data.plan.d_model)
 
 
@@ -594,7 +605,7 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
     elem += sequence / tp if layout.sequence_parallel else sequence
 
     def act_bytes(f: FFNPlan) -> float:
-        return ACT_BYTES * f.d_ff * (3 if f.kind == "glu" else 2) / tp
+        return ACT_BYTES * f.d_ff * _activation_passes(f) / tp
 
     match layer.ffn:
         case FFNPlan():
