@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -25,17 +25,22 @@ from archplan.spec import (
     MLP,
     MQA,
     Alibi,
+    MoE,
     DeepNorm,
     Hyena,
     LearnedPositions,
     Mamba1,
     Mamba2,
     NoPositions,
+    NormSpec,
     Parallel,
     PostNorm,
     PreNorm,
+    QKNorm,
     Reordered,
     Rope,
+    RopeScaling,
+    Router,
     Sandwich,
     SinusoidalPositions,
     Spec,
@@ -61,12 +66,17 @@ class Case:
     seq: int
 
 
+def values(model: type[BaseModel], name: str) -> tuple[Any, ...]:
+    """Every value a `Literal` field of the spec accepts, so a value added there is drawn too."""
+    return get_args(model.model_fields[name].annotation)
+
+
 Draw = Callable[[st.SearchStrategy[Any]], Any]
 MemberStrategy = Callable[[Draw, int], dict[str, Any]]  # (draw, d_model) -> the member's fields
 
 
 def _norm(draw: Draw) -> dict[str, Any]:
-    kind = draw(st.sampled_from(("rmsnorm", "layernorm")))
+    kind = draw(st.sampled_from(values(NormSpec, "kind")))
     if not draw(st.integers(0, 3)):  # now and then parameter-free (OLMo-1's LayerNorm)
         return {"kind": kind, "affine": False}
     if kind == "rmsnorm":
@@ -85,7 +95,7 @@ def _head_fields(draw: Draw, d_model: int) -> dict[str, Any]:
     if head_dim is not None:
         fields["head_dim"] = head_dim
     if draw(st.booleans()):
-        fields["qk_norm"] = {"scope": draw(st.sampled_from(("head", "per_head", "full"))), "norm": _norm(draw)}
+        fields["qk_norm"] = {"scope": draw(st.sampled_from(values(QKNorm, "scope"))), "norm": _norm(draw)}
     if draw(st.booleans()):
         fields["scale_dim"] = draw(st.sampled_from((3, 12.5)))
     return fields
@@ -188,7 +198,7 @@ def _stripedhyena(draw: Draw, d_model: int) -> dict[str, Any]:
 
 def _ffn(kind: str) -> MemberStrategy:
     def draw_ffn(draw: Draw, d_model: int) -> dict[str, Any]:
-        acts = ("relu", "gelu", "gelu_tanh", "silu")
+        acts = values(MLP if kind == "mlp" else GLU, "activation")
         return {
             "kind": kind,
             "d_ff": draw(st.integers(1, 24)),
@@ -205,7 +215,7 @@ def _rope(draw: Draw, d_model: int) -> dict[str, Any]:
         "theta": draw(st.sampled_from((10000.0, 500000.0))),
         "fraction": draw(st.sampled_from((1.0, 0.5, 0.25))),
     }
-    scaling = draw(st.sampled_from((None, "linear", "ntk", "yarn", "llama3")))
+    scaling = draw(st.sampled_from((None, *values(RopeScaling, "kind"))))
     if scaling is not None:
         fields["scaling"] = {"kind": scaling, "factor": draw(st.sampled_from((2.0, 4.0, 8.0)))}
         if scaling in ("yarn", "llama3"):
@@ -352,21 +362,21 @@ def cases(draw: Draw, only: Mapping[str, type[BaseModel]] | None = None) -> Case
             "top_k": draw(st.integers(1, n_experts)),
             "expert": _member(draw, "ffn", {}, d_model),
             "router": {
-                "scoring": draw(st.sampled_from(("softmax", "sigmoid"))),
+                "scoring": draw(st.sampled_from(values(Router, "scoring"))),
                 "normalize_top_k": draw(st.booleans()),
                 "bias": draw(st.booleans()),
                 "score_correction_bias": draw(st.booleans()),
                 "scale": draw(st.sampled_from((1.0, 2.5))),
             },
             "aux_loss_coef": draw(st.sampled_from((0.0, 0.01))),
-            "aux_loss_scope": draw(st.sampled_from(("batch", "sequence"))),
+            "aux_loss_scope": draw(st.sampled_from(values(MoE, "aux_loss_scope"))),
         }
         if draw(st.booleans()):  # group-limited routing: n_group divides E, the kept groups hold top_k
             groups = draw(st.sampled_from([g for g in range(1, n_experts + 1) if n_experts % g == 0]))
             per = n_experts // groups
             moe["router"].update(
                 n_group=groups, topk_group=draw(st.integers(-(-moe["top_k"] // per), groups)),
-                group_score=draw(st.sampled_from(("max", "top2_sum") if per >= 2 else ("max",))))
+                group_score=draw(st.sampled_from(values(Router, "group_score") if per >= 2 else ("max",))))
         if draw(st.booleans()):
             moe["shared"] = {"n": draw(st.integers(1, 2)), "d_ff": draw(st.integers(1, 16)),
                              "gate": draw(st.booleans())}

@@ -1,13 +1,17 @@
-"""`size`, `compare` and `presets` never import torch (nor does loading the CLI): checked in a
-fresh interpreter, since this test process may already have torch loaded."""
+"""`size`, `compare`, `presets`, `lint`, `plan`, `schema` and `import` never import torch (nor does
+loading the CLI): checked in a fresh interpreter, since this test process may already have torch
+loaded."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import json, sys
@@ -26,7 +30,7 @@ sys.exit(code or 0)
 
 def loaded_modules(argv: list[str]) -> list[str]:
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     marker = proc.stderr.rsplit("MODULES=", 1)[1]
     return json.loads(marker)
@@ -37,6 +41,15 @@ def loaded_modules(argv: list[str]) -> list[str]:
     ["size", "jamba-v0.1", "--recompute", "selective", "--gpu", "h100"],
     ["compare", "llama-3-8b", "mixtral-8x7b", "hybrid-ssm-moe"],
     ["presets"],
+    ["lint", "presets/70b.yaml"],
+    ["plan", "7b", "--gpus", "64"],
+    ["plan", "7b", "--gpus", "64", "--layout", "tp=8,pp=1"],
+    ["plan", "--compute", "1e22"],
+    ["plan", "--solve", "gpt-4-partial", "--total", "1.8e12", "--active", "220e9",
+     "--multiple", "128", "--tol", "0.07"],
+    ["schema"],
+    ["import", "hf", "tests/fixtures/hf-configs/llama-3-8b.json"],
+    ["import", "hf", "tests/fixtures/hf-configs/evo-1-8k-base.json"],
 ])
 def test_command_never_imports_torch(argv: list[str]) -> None:
     assert loaded_modules(argv) == []  # neither torch nor fvcore

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from archplan.crosscheck import crosscheck
 from archplan.resolve import MixerPlan, resolve
-from archplan.spec import UNIONS, Spec
+from archplan.spec import UNIONS, MoE, Spec
 from strategies import MEMBERS, Case, cases
 
 # generate only (the first example that fits is enough; shrinking it would cost minutes), and
@@ -34,6 +34,22 @@ def uses(spec: Spec, union: str, member: type[BaseModel]) -> bool:
             return isinstance(spec.ffn, member) or (spec.moe is not None and isinstance(spec.moe.expert, member))
         case _:
             raise AssertionError(f"tests/test_unions.py does not know where union {union!r} is used")
+
+
+def _models(annotation: object) -> set[type[BaseModel]]:
+    """Every pydantic model an annotation names, through Optional, Union and Annotated."""
+    found = {annotation} if isinstance(annotation, type) and issubclass(annotation, BaseModel) else set()
+    for argument in typing.get_args(annotation):
+        found |= _models(argument)
+    return found
+
+
+def test_each_union_is_what_its_spec_field_accepts() -> None:
+    # a member added to the field's type without its union here would validate and reach no strategy
+    fields = {union: Spec.model_fields[union].annotation for union in UNIONS}
+    fields["moe expert"] = MoE.model_fields["expert"].annotation
+    for union, annotation in fields.items():
+        assert _models(annotation) == set(UNIONS[union.replace("moe expert", "ffn")]), union
 
 
 def test_every_union_has_a_strategy_for_exactly_its_members() -> None:

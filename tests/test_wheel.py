@@ -48,11 +48,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The installed setuptools builds offline; without one (Python 3.12 ships none) pip fetches
     # the build backend pyproject.toml names.
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp / "wheels"),
          str(source)],
-        check=True, capture_output=True, timeout=300,
+        capture_output=True, text=True, timeout=300,
     )
+    assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp / "wheels").glob("archplan-*.whl")
     env = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)],
@@ -126,8 +127,9 @@ def test_the_sdist_is_the_package_its_docs_and_license(tmp_path: Path) -> None:
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
     out = tmp_path / "dist"
-    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
-                   cwd=source, check=True, capture_output=True, timeout=300)
+    build = f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"
+    built = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
     (sdist,) = out.glob("archplan-*.tar.gz")
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
