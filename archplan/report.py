@@ -78,6 +78,15 @@ MOE_FLOPS_NOTE = (
     "; MoE layers count the router (2·d·E a token), the shared experts and the top-k routed experts "
     "(Megatron's 6·N formulas leave the router out)"
 )
+S4_FLOPS_NOTE = (
+    "; S4 (DPLR) layers count archplan's kernel generation (Ā's powers by doubling on its N × N real "
+    "form: 2·H·N²·(T−1), and 2·H·N³ a squaring), which grows as N², where the reference S4's Cauchy kernel "
+    "at the FFT nodes makes the same kernel in O(H·N·T)"
+)
+S4_MEMORY_NOTE = (
+    "; S4 (DPLR) layers keep what archplan's kernel generation keeps (its H·N·T fp32 basis and the "
+    "doubling's operands), not what the reference S4's Cauchy kernel keeps"
+)
 MLA_DECODE_NOTE = (
     "; MLA decode reads the absorbed latent cache and counts the cheaper of the absorbed form and "
     "re-expanding every key (DeepSeek-V2 §2.1.2), the absorbed one from two keys on; a cache of whole K "
@@ -284,11 +293,16 @@ def _flops_section(plan: ModelPlan, params: ParamCount, opts: SizeOptions, seq: 
     }
 
 
+def _dplr_s4(plan: ModelPlan) -> bool:
+    """Whether a layer is S4 with its diagonal-plus-low-rank A (not S4D)."""
+    return any(isinstance(layer.mixer, S4Plan) and layer.mixer.dplr for layer in plan.layers)
+
+
 def flops_convention(plan: ModelPlan) -> str:
-    """The FLOP convention, with what this model's MTP modules, experts and MLA layers add to it."""
+    """The FLOP convention, with what this model's MTP modules, experts, MLA and S4 layers add to it."""
     mla = any(isinstance(layer.mixer, MLAPlan) for layer in plan.layers)
     return (FLOPS_CONVENTION + (MTP_FLOPS_NOTE if plan.mtp else "") + (MOE_FLOPS_NOTE if plan.routed else "")
-            + (MLA_DECODE_NOTE if mla else ""))
+            + (MLA_DECODE_NOTE if mla else "") + (S4_FLOPS_NOTE if _dplr_s4(plan) else ""))
 
 
 def _kv_section(plan: ModelPlan, kv: KVCache, opts: SizeOptions, context: int) -> dict[str, Any]:
@@ -352,7 +366,7 @@ def _memory_section(plan: ModelPlan, params: ParamCount, kv: KVCache, opts: Size
             "residual_dtype": (opts.residual or opts.activation_dtype).value,
             "autocast": opts.autocast,
             "activations_by_component": dict(acts.by_component),
-            "convention": STATES_CONVENTION,
+            "convention": STATES_CONVENTION + (S4_MEMORY_NOTE if _dplr_s4(plan) else ""),
         },
     }
 

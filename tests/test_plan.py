@@ -15,21 +15,21 @@ from typing import Any
 import pytest
 import yaml
 
-from archplan.analytic import count_params
+from archplan.analytic import count_params, training_flops_per_token
 from archplan.analytic.scaling import LAWS
 from archplan.cli import main
 from archplan.commands.plan import FamilyChoice, LawOption
 from archplan.errors import ArchplanError
 from archplan.hardware import accelerator
-from archplan.loader import PRESETS_DIR, load_spec
+from archplan.loader import PRESETS_DIR, load_spec, preset_names
 from archplan.planning import spec_data, spec_yaml
 from archplan.planning.design import RECIPES, SMALL_MODELS, Family, design, recipe_shape
 from archplan.planning.optimal import LawChoice, budget, optimum
 from archplan.planning.cluster import STATES, rank_memory
 from archplan.planning.layout import Layout, parse_layout
-from archplan.planning.parallel import Settings, cp_problem, interconnect, search, tp_problem
+from archplan.planning.parallel import Evaluator, Settings, cp_problem, interconnect, search, tp_problem
 from archplan.planning.solve import SolveResult, Targets, solve
-from archplan.resolve import ModelPlan, resolve
+from archplan.resolve import HyenaPlan, ModelPlan, S4Plan, StripedHyenaPlan, resolve
 from archplan.spec import Spec
 
 DISTRIBUTED = Path(__file__).parent / "fixtures" / "distributed"
@@ -666,6 +666,48 @@ def test_rumoured_presets_are_solver_output(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- layout
 def _search(name: str, gpus: int, seq: int = 4096, **kw: Any) -> Any:
     return search(resolve(load_spec(name)), H100, gpus, seq=seq, global_batch_tokens=4e6, net=NET, **kw)
+
+
+def _s4_dplr(d_state: int) -> dict[str, Any]:
+    """s4d-lm with S4's diagonal-plus-low-rank A: its kernel generation grows as d_state²."""
+    data = yaml.safe_load((PRESETS_DIR / "s4d-lm.yaml").read_text(encoding="utf-8"))
+    data["long_conv"].update(kind="s4", d_state=d_state)
+    data.pop("reference")
+    return data
+
+
+def test_mfu_counts_a_micro_batchs_shared_filters_once() -> None:
+    """The step prices S4's kernel generation once per micro-batch; MFU's numerator counted it once
+    per sequence (size's batch-1 figure), so S4 at d_state 256 on 8 H100 printed 111.8% MFU."""
+    plan = resolve(Spec.model_validate(_s4_dplr(256)))
+    result = search(plan, H100, 8, seq=2048, global_batch_tokens=4e6, net=NET)
+    best = result.ranked[0]
+    assert best.layout.mb > 1
+    assert best.model_flops_per_token == training_flops_per_token(plan, 2048, "causal", "none", best.layout.mb)
+    assert best.model_flops_per_token < result.model_flops_per_token / 4
+    assert result.model_flops_per_token == training_flops_per_token(plan, 2048, "causal", "none")
+    assert all(0 < e.mfu < 1 for e in result.ranked)
+    # a model without long convolutions counts the same FLOPs a token at every micro-batch, its
+    # multi-token-prediction modules too (the layout model's own plan folds them into its layers)
+    for name in preset_names():
+        model = resolve(load_spec(name))
+        evaluator = Evaluator(model, H100, NET, 256, Settings(), 80 << 30)
+        long_conv = any(isinstance(layer.mixer, S4Plan | HyenaPlan | StripedHyenaPlan) for layer in model.layers)
+        assert (evaluator.model_flops_at(2) < evaluator.model_flops) == long_conv, name
+        assert evaluator.model_flops_at(2) <= evaluator.model_flops, name
+
+
+def test_size_states_s4s_kernel_generation_is_archplans(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    spec = tmp_path / "s4.yaml"
+    spec.write_text(yaml.safe_dump(_s4_dplr(64)), encoding="utf-8")
+    code, out, _ = run(capsys, monkeypatch, "size", str(spec), "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert "Cauchy kernel at the FFT nodes" in report["flops"]["convention"]
+    assert "Cauchy kernel keeps" in report["memory"]["training"]["convention"]
+    code, out, _ = run(capsys, monkeypatch, "size", "s4d-lm", "--json")
+    assert "Cauchy" not in out
 
 
 def test_7b_fits_on_8_gpus_without_tp() -> None:

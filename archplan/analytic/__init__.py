@@ -11,6 +11,7 @@ from archplan.analytic.flops import (
     decode_flops_per_token,
     forward_flops,
     per_token_rounded,
+    training_flops_of_batch,
     training_flops_per_sequence,
     training_flops_per_token,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "forward_flops",
     "kv_cache",
     "per_token_rounded",
+    "training_flops_of_batch",
     "training_flops_per_sequence",
     "training_flops_per_token",
     "ActivationMemory",

@@ -306,9 +306,11 @@ def training_flops_per_token(
     seq_len: int,
     attention: AttentionConvention = "full",
     recompute: Recompute = "none",
+    batch: int = 1,
 ) -> int:
-    """`training_flops_per_sequence` per token, rounded half up to an integer."""
-    return per_token_rounded(training_flops_per_sequence(plan, seq_len, attention, recompute), seq_len)
+    """`training_flops_of_batch` per token, rounded half up to an integer. At `batch` 1, `size`'s
+    figure; a layout's micro-batch shares a long convolution's filters among its sequences."""
+    return per_token_rounded(training_flops_of_batch(plan, seq_len, batch, attention, recompute), batch * seq_len)
 
 
 def training_flops_per_sequence(
@@ -317,8 +319,21 @@ def training_flops_per_sequence(
     attention: AttentionConvention = "full",
     recompute: Recompute = "none",
 ) -> int:
-    """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B) of one
-    sequence; FFT mixers' backward is their own count (`ForwardFlops.training`).
+    """`training_flops_of_batch` of one sequence alone."""
+    return training_flops_of_batch(plan, seq_len, 1, attention, recompute)
+
+
+def training_flops_of_batch(
+    plan: ModelPlan,
+    seq_len: int,
+    batch: int,
+    attention: AttentionConvention = "full",
+    recompute: Recompute = "none",
+) -> int:
+    """Forward + backward = 3 × forward counted FLOPs (Kaplan et al. 2020 §2.1; PaLM App. B) of a
+    batch of `batch` sequences; FFT mixers' backward is their own count (`ForwardFlops.training`).
+    Every count is `batch` times one sequence's but a long convolution's filter (and S4's kernel)
+    generation, which a batch runs once (`forward_flops`).
 
     Full recompute re-runs the checkpointed blocks' forward, the layers' and the MTP modules', not
     the LM head, which no checkpoint wraps (Narayanan et al. 2021 eq. 3 counts the logit layer 3×);
@@ -327,7 +342,7 @@ def training_flops_per_sequence(
     """
     _check_choice("attention", attention, ATTENTION_CONVENTIONS)
     _check_choice("recompute", recompute, RECOMPUTE_MODES)
-    flops = forward_flops(plan, seq_len, batch=1, mtp=True)
+    flops = forward_flops(plan, seq_len, batch=batch, mtp=True)
     forward = flops.forward(attention)
     match recompute:
         case "none":

@@ -554,6 +554,7 @@ def _layout_row(e: Evaluated, tokens: float, usable: int,
                    "fits": e.fits},
         "step_time": {"stage": e.time_stage, **e.time.as_dict()},
         "mfu": e.mfu,
+        "model_flops_per_token": e.model_flops_per_token,
         "tokens_per_s_per_gpu": e.tokens_per_s_per_gpu,
         "training_days": days,
         "training_days_range": [days * spread[0], days * spread[1]] if spread else None,
@@ -1200,10 +1201,13 @@ def _print_layout(spec: Spec, result: SearchResult, tokens: float, source: str,
         console.print(f"[yellow]note:[/] {note}")
     best = rows[0]
     noun = "token" if tokens == 1 else "tokens"
+    shared = ("; a micro-batch's sequences share the long convolutions' filters, so a layout counts them once "
+              f"per micro-batch: layout 1's mb {best.layout.mb}, {best.model_flops_per_token:,}/token"
+              if any(e.model_flops_per_token != result.model_flops_per_token for e in rows) else "")
     console.print(f"training on {count(tokens)} {noun} ({source}): {_batch_as_run(result)}; MFU = model FLOPs "
                   f"({result.model_flops_per_token:,}/token, "
                   f"causal, no recompute; `size --seq {result.seq} --attention causal` counts the same, its default full square "
-                  "more) / (step time × GPUs × bf16 peak)"
+                  f"more{shared}) / (step time × GPUs × bf16 peak)"
                   + ("; the GEMMs in fp8 run against the fp8 peak, so MFU can pass 100%"
                      if result.settings.precision == "fp8" else ""))
     if accuracy and (spread := _time_spread(spec, result)):

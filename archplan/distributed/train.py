@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-from archplan.analytic import count_params, training_flops_per_sequence
+from archplan.analytic import count_params, training_flops_of_batch
 from archplan.analytic.memory import AttentionKernel, Recompute, TrainingMemory, training_memory
 from archplan.bench.device import device_peak, free_memory, synchronize
 from archplan.bench.fit import refuse_unless_fits
@@ -83,7 +83,7 @@ class TrainBench:
     moe_routing: bool  # MoE layers priced with the routing metadata archplan's router keeps (`units="torch"`)
     # what `activations_ok` judges: the activations after the forward less autocast's weight copies
     measured_activations: int
-    # forward + backward of the step's sequences, attention causal (`training_flops_per_sequence`):
+    # forward + backward of the step's sequences, attention causal (`training_flops_of_batch`):
     # without the recompute's re-run (model FLOPs, MFU) and with it (hardware FLOPs, HFU)
     model_flops: int
     hardware_flops: int
@@ -286,6 +286,6 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
                       states_ok, activations_ok, total_ok, kernel,
                       any(isinstance(layer.mixer, Mamba1Plan | Mamba2Plan) for layer in plan.layers),
                       any(isinstance(layer.ffn, MoEPlan) for layer in (*plan.layers, *plan.mtp)), acts,
-                      batch * training_flops_per_sequence(plan, seq, "causal"),
-                      batch * training_flops_per_sequence(plan, seq, "causal", recompute),
+                      training_flops_of_batch(plan, seq, batch, "causal"),
+                      training_flops_of_batch(plan, seq, batch, "causal", recompute),
                       peak.peak_flops, peak.source)

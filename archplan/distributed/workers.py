@@ -235,7 +235,7 @@ def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, 
         return None
     tokens = microbatches * layout.mb * seq * layout.dp
     step, prefill = statistics.median(step_s), statistics.median(prefill_s)
-    flops_per_token = training_flops_per_token(plan, seq, "causal", "none")
+    flops_per_token = training_flops_per_token(plan, seq, "causal", "none", layout.mb)
     peak = device_peak(device, DType.bf16)  # FSDP2 computes in bf16 (shard.MIXED)
     predicted, note = _prediction(plan, layout, seq, microbatches, device)
     judged = _judged_states(plan, layout, seq, microbatches, [c for c in counted if c is not None])

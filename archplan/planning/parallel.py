@@ -362,6 +362,9 @@ class Evaluated:
     global_batch_tokens: int  # as run: m · dp · mb · seq
     mfu: float  # model FLOPs (causal, no recompute) / (step time · GPUs · bf16 peak)
     fits: bool
+    # training FLOPs per token (causal, no recompute) of a micro-batch of mb sequences, which share
+    # a long convolution's filters (`analytic.training_flops_per_token`); MFU's numerator
+    model_flops_per_token: int
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -591,6 +594,15 @@ class Evaluator:
                              dispatcher=settings.dispatcher, modules=settings.recompute_modules)
         self.network = network(net, settings.rings(self.kernels))
         self.model_flops = training_flops_per_token(plan, seq, "causal", "none")
+        self._model_flops_at: dict[int, int] = {1: self.model_flops}
+
+    def model_flops_at(self, mb: int) -> int:
+        """Training FLOPs per token (causal, no recompute) at a micro-batch of mb sequences: a long
+        convolution makes its filters once per micro-batch, as the step time prices them
+        (`pricing`'s filter generation), so MFU counts them once too."""
+        if mb not in self._model_flops_at:
+            self._model_flops_at[mb] = training_flops_per_token(self.plan, self.seq, "causal", "none", mb)
+        return self._model_flops_at[mb]
 
     def memory(self, layout: Layout, m: int) -> StageMemory:
         s = self.settings
@@ -606,8 +618,9 @@ class Evaluator:
         time, time_stage = price(self.data, self.pricer, layout, m, self.network, self.states,
                                  s.attention_kernel, s.reduce_bytes, s.cp_comm, s.overlap, memory.by_stage)
         tokens = self.tokens(layout, m)
-        mfu = self.model_flops * tokens / (time.total * layout.world * self.gpu.peak("bf16"))
-        return Evaluated(layout, m, stage, mem, time_stage, time, tokens, mfu, mem.total <= self.usable)
+        flops = self.model_flops_at(layout.mb)
+        mfu = flops * tokens / (time.total * layout.world * self.gpu.peak("bf16"))
+        return Evaluated(layout, m, stage, mem, time_stage, time, tokens, mfu, mem.total <= self.usable, flops)
 
     def tokens(self, layout: Layout, m: int) -> int:
         """The global batch as run: m · dp · mb · seq."""
