@@ -1,4 +1,5 @@
-"""Every top-level key the commands' `--json` prints is listed in docs/json.md."""
+"""Every key the commands' `--json` prints is listed in docs/json.md: the top level, and for `bench`
+and `verify` every nested object's too."""
 
 from __future__ import annotations
 
@@ -22,6 +23,28 @@ def _listed(item: str) -> set[str]:
     return {name for quoted in re.findall(r"`([^`]+)`", DOCS[start:end]) for name in re.findall(r"[a-z_0-9]+", quoted)}
 
 
+# objects keyed by data (an op, a layer kind, a component), not by names the docs list: their
+# values' keys are still checked
+DATA_KEYED = {"ops", "known", "skipped", "built_layers", "full_layers", "block_seconds", "gemv_bandwidth",
+              "attention_seconds", "op_seconds", "ops_per_layer", "by_component", "measured"}
+
+
+def _nested_keys(value: object) -> set[str]:
+    """Every key of every object in `value`, but those of the objects keyed by data."""
+    keys: set[str] = set()
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key in DATA_KEYED and isinstance(inner, dict):
+                for item in inner.values():
+                    keys |= _nested_keys(item)
+            else:
+                keys |= {key} | _nested_keys(inner)
+    elif isinstance(value, list):
+        for item in value:
+            keys |= _nested_keys(item)
+    return keys
+
+
 @pytest.mark.parametrize(("item", "argv"), [
     ("archplan verify SPEC --json", ["verify", "gpt2", "--seq", "16", "--no-backward", "--json"]),
     ("archplan lint --format json", ["lint", "gpt2", "--format", "json"]),
@@ -38,9 +61,17 @@ def test_bench_keys_are_documented() -> None:
     out = CliRunner().invoke(app, ["bench", str(FIXTURES / "tiny-llama.yaml"), "--device", "cpu", "--layers", "1",
                                    "--seq", "32", "--iters", "1", "--warmup", "0", "--decode-tokens", "2", "--json"])
     printed = json.loads(out.stdout)
-    listed = _listed("archplan bench SPEC --json")
-    assert set(printed) - listed == set()
-    assert set(printed["prefill"]) - listed == set() and set(printed["decode"]) - listed == set()
+    assert printed["extrapolation"] is not None and printed["decode"]["by_kind"]
+    assert _nested_keys(printed) - _listed("archplan bench SPEC --json") == set()
+
+
+def test_verify_nested_keys_are_documented() -> None:
+    """Each component's, each fvcore row's and each check's keys, with the CPU instance's check."""
+    pytest.importorskip("torch")
+    out = CliRunner().invoke(app, ["verify", str(FIXTURES / "tiny-llama.yaml"), "--seq", "16", "--json"])
+    printed = json.loads(out.stdout)
+    assert printed["real"]["fvcore"]["rows"]
+    assert _nested_keys(printed) - _listed("archplan verify SPEC --json") == set()
 
 
 def test_bench_sweep_keys_are_documented() -> None:
