@@ -57,7 +57,7 @@ from archplan.planning.pricing import (
     tp_overlap_cost,
 )
 from archplan.planning.records import Collective, MeshDim, tally
-from archplan.planning.shards import first_tensors, last_tensors, layer_tensors
+from archplan.planning.shards import first_tensors, fp8_weight, last_tensors, layer_tensors
 from archplan.resolve import AttentionPlan, MLAPlan, MoEPlan, StripedHyenaPlan, resolve
 from archplan.spec import MLA, S4, S4D, Hyena, StripedHyena
 from strategies import Case, cases
@@ -216,6 +216,30 @@ def test_flat_and_fsdp2_shards_pad_as_their_frameworks() -> None:
     # FSDP2's replicate (zero 0): everything whole
     z0 = rank_memory(plan, Layout(dp=dp, zero=0), 1024, microbatches=1, states=FSDP2)
     assert (z0.parameters, z0.gradients, z0.optimizer) == (4 * n, 4 * n, 8 * n)
+
+
+def test_fp8_primary_weights_are_the_linears_and_the_expert_banks() -> None:
+    """An expert bank (experts × rows × columns) is an expert-parallel linear's weight, kept in fp8;
+    the rule asked for two dimensions and left every routed expert bf16, while counting a per-head
+    qk-norm's weights, Mamba-1's A_log and an expert bias in fp8."""
+    mixtral = _plan("mixtral-8x7b")
+    picked = {t.name.rsplit(".", 1)[-1] for t in layer_tensors(mixtral.layers[0], mixtral) if fp8_weight(t)}
+    assert picked == {"weight", "w_gate_EFD", "w_up_EFD", "w_down_EDF"}
+    layer = mixtral.layers[0]
+    experts = 3 * 8 * 4096 * 14336
+    fp8 = MEGATRON.with_fp8_weights()
+    layout = Layout(dp=8, ep=8, zero=1)
+    bf16 = rank_memory(mixtral, layout, 4096, microbatches=1, states=MEGATRON)
+    kept = rank_memory(mixtral, layout, 4096, microbatches=1, states=fp8)
+    attention = 32 * 4096 * (2 * 4096 + 2 * 1024)
+    assert bf16.parameters - kept.parameters == attention + 32 * experts // 8
+    assert layer.ffn is not None
+    for name in ("mamba-2.8b", "qwen3-30b-a3b"):
+        plan = _plan(name)
+        others = [t.name for t in layer_tensors(plan.layers[0], plan) if fp8_weight(t) and t.role != "linear"
+                  and t.role != "experts"]
+        assert others == [] and not any(fp8_weight(t) for t in layer_tensors(plan.layers[0], plan)
+                                        if t.name.endswith(("A_log", "norm.weight", "router.weight")))
 
 
 def test_fp8_primary_weights_keep_the_gemm_weights_in_one_byte() -> None:

@@ -371,20 +371,29 @@ def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, ml
     if mla_keys_whole and t.name.endswith(".mixer.kv_b_proj.weight"):
         tokens = layout.mb * seq
     shape = t.local_shape(tp, ep)
-    if t.expert and t.name.endswith(("_EFD", "_EDF")):
-        moe = layer.ffn
-        assert isinstance(moe, MoEPlan)
-        routed = math.ceil(_routing_tokens(data, layout) * moe.top_k * ep / moe.n_experts)
-        return routed, shape[1], shape[2], shape[0], True
-    if len(shape) == 2 and t.name.endswith(".weight") and "norm" not in t.name:
-        # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
-        # its tensor-parallel shard of it over the full length), not per token, and in bf16
-        # (like the router, a small precision-sensitive GEMM that fp8 recipes keep out of fp8)
-        fp8 = not (t.per_position or t.name.endswith(("router.weight", "shared_gate.weight")))
-        # the router scores the tokens this rank routes (its sequence shard under SP)
-        rows = seq if t.per_position else _routing_tokens(data, layout) if t.name.endswith("router.weight") else tokens
-        return rows, shape[0], shape[1], 1, fp8
-    return None
+    match t.role:
+        case "experts":
+            moe = layer.ffn
+            assert isinstance(moe, MoEPlan)
+            routed = math.ceil(_routing_tokens(data, layout) * moe.top_k * ep / moe.n_experts)
+            return routed, shape[1], shape[2], shape[0], True
+        case "router":
+            # a small precision-sensitive GEMM that fp8 recipes keep out of fp8, over the tokens
+            # this rank routes (its sequence shard under SP)
+            return _routing_tokens(data, layout), shape[0], shape[1], 1, False
+        case "gate":
+            return tokens, shape[0], shape[1], 1, False
+        case "linear" if t.per_position:
+            # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
+            # its tensor-parallel shard of it over the full length), not per token, and in bf16
+            # (like the router)
+            return seq, shape[0], shape[1], 1, False
+        case "linear":
+            return tokens, shape[0], shape[1], 1, True
+        case "other":
+            return None
+        case _:
+            assert_never(t.role)
 
 
 def tensor_gemm(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout,

@@ -35,7 +35,7 @@ implicit filter MLP), not once per token: pricing runs them on seq rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from operator import mul
 from typing import Literal
@@ -59,6 +59,11 @@ from archplan.resolve import (
 )
 
 Split = Literal["column", "row", "vocab", "replicated", "expert_column", "expert_row"]
+# What a parameter does in the forward, for pricing: a linear layer's weight (one GEMM), an MoE
+# router's or the shared-expert gate's (a GEMM fp8 recipes keep in bf16, the router's over the tokens
+# a rank routes), an expert bank's (one grouped GEMM over the routed copies), or anything else:
+# norms, biases, convolutions, SSM parameters, positions, embeddings
+Role = Literal["linear", "router", "gate", "experts", "other"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Tensor:
     split: Split
     units: int = 0
     per_position: bool = False
+    role: Role = "other"
 
     @property
     def numel(self) -> int:
@@ -109,7 +115,7 @@ def fp8_weight(t: Tensor) -> bool:
     matrix of a tensor- or expert-parallel linear, Transformer Engine's. The embedding and the LM
     head (vocabulary-parallel, Megatron's own layers), norms, biases and routers stay bf16, and so,
     as priced here, do the replicated linears (MLA's latent down-projections): a small overcount."""
-    return len(t.shape) == 2 and t.split in ("column", "row", "expert_column", "expert_row")
+    return t.role in ("linear", "experts") and t.split in ("column", "row", "expert_column", "expert_row")
 
 
 def _norm(path: str, norm: NormPlan, width: int, split: Split = "replicated") -> list[Tensor]:
@@ -121,8 +127,9 @@ def _norm(path: str, norm: NormPlan, width: int, split: Split = "replicated") ->
     return out
 
 
-def _linear(path: str, out: int, inp: int, bias: bool, split: Split, units: int = 0) -> list[Tensor]:
-    tensors = [Tensor(f"{path}.weight", (out, inp), split, units)]
+def _linear(path: str, out: int, inp: int, bias: bool, split: Split, units: int = 0,
+            role: Role = "linear") -> list[Tensor]:
+    tensors = [Tensor(f"{path}.weight", (out, inp), split, units, role=role)]
     if bias:
         # a row-split linear adds its bias once, after the reduction: the bias stays whole
         tensors.append(Tensor(f"{path}.bias", (out,), "replicated" if split == "row" else split, units))
@@ -184,7 +191,7 @@ def _mamba1(path: str, m: Mamba1Plan, d: int) -> list[Tensor]:
     i, n, r = m.d_inner, m.d_state, m.dt_rank
     out = _linear(f"{path}.in_proj", 2 * i, d, m.proj_bias, "column")
     out += _conv(f"{path}.conv1d", i, m.d_conv, m.conv_bias)
-    out += [Tensor(f"{path}.x_proj.weight", (r + 2 * n, i), "row")]
+    out += [Tensor(f"{path}.x_proj.weight", (r + 2 * n, i), "row", role="linear")]
     out += _linear(f"{path}.dt_proj", i, r, True, "column")
     out += [Tensor(f"{path}.A_log", (i, n), "column"), Tensor(f"{path}.D", (i,), "column")]
     out += _linear(f"{path}.out_proj", d, i, m.proj_bias, "row")
@@ -246,7 +253,7 @@ def _hyena(path: str, m: HyenaPlan, d: int) -> list[Tensor]:
     for j in range(m.filter_depth):
         trunk += _linear(f"{flt}.mlp_inner.{j}", f, f, True, "replicated")
     trunk += _linear(f"{flt}.mlp_out", channels, f, False, "column")
-    out += [Tensor(t.name, t.shape, t.split, t.units, per_position=True) for t in trunk]
+    out += [replace(t, per_position=True) for t in trunk]
     out += [Tensor(f"{flt}.freq", (1, f), "replicated"), Tensor(f"{flt}.bias", (channels,), "column")]
     out += _linear(f"{path}.out_proj", d, d, m.bias, "row")
     return out
@@ -284,13 +291,13 @@ def _ffn(path: str, f: FFNPlan, d: int) -> list[Tensor]:
 
 def _moe(path: str, m: MoEPlan, d: int) -> list[Tensor]:
     e, f = m.n_experts, m.expert.d_ff
-    out = _linear(f"{path}.router", e, d, m.router_bias, "replicated")
+    out = _linear(f"{path}.router", e, d, m.router_bias, "replicated", role="router")
     glu = m.expert.kind == "glu"
     experts = f"{path}.experts"
     if glu:
-        out.append(Tensor(f"{experts}.w_gate_EFD", (e, f, d), "expert_column"))
-    out.append(Tensor(f"{experts}.w_up_EFD", (e, f, d), "expert_column"))
-    out.append(Tensor(f"{experts}.w_down_EDF", (e, d, f), "expert_row"))
+        out.append(Tensor(f"{experts}.w_gate_EFD", (e, f, d), "expert_column", role="experts"))
+    out.append(Tensor(f"{experts}.w_up_EFD", (e, f, d), "expert_column", role="experts"))
+    out.append(Tensor(f"{experts}.w_down_EDF", (e, d, f), "expert_row", role="experts"))
     if m.expert.bias:
         if glu:
             out.append(Tensor(f"{experts}.b_gate_EF", (e, f), "expert_column"))
@@ -299,7 +306,7 @@ def _moe(path: str, m: MoEPlan, d: int) -> list[Tensor]:
     if m.shared is not None:
         out += _ffn(f"{path}.shared", m.shared, d)
     if m.shared_gate:
-        out += _linear(f"{path}.shared_gate", 1, d, False, "replicated")
+        out += _linear(f"{path}.shared_gate", 1, d, False, "replicated", role="gate")
     return out
 
 
