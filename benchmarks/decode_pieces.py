@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+# a checkout runs these without installing archplan: its root first on the path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from archplan.bench.decode import Replay, WeightStreams, _weight_bytes, decode_rates, record_step
 from archplan.bench.roofline import predict_decode_step
 from archplan.bench.fit import truncate
+from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.modules.model import build_model
 from archplan.resolve import resolve
@@ -37,7 +42,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
-    plan = resolve(load_spec(args.spec))
+    try:
+        plan = resolve(load_spec(args.spec))
+    except ArchplanError as exc:
+        sys.exit(f"decode_pieces.py: {exc}")
     built = plan if args.layers is None else truncate(plan, args.layers)
     torch.manual_seed(0)
     model = build_model(built, device="cpu", dtype=DTYPES[args.dtype]).eval()

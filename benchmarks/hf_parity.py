@@ -74,11 +74,14 @@ def archplan_counts(config: dict[str, Any], name: str) -> tuple[int, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if importlib.util.find_spec("transformers") is None:
-        print("transformers is not installed; `pip install transformers` to run the parity benchmark")
+        skipped = "transformers is not installed; `pip install transformers` to run the parity benchmark"
+        print(skipped, file=sys.stderr)
+        if args.json:
+            print(json.dumps({"skipped": skipped}))
         return 0
     import transformers
     from transformers import CONFIG_MAPPING

@@ -85,7 +85,7 @@ def _time(cmd: list[str], repeat: int) -> tuple[list[float], subprocess.Complete
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=500, help="specs to generate")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each command")
     parser.add_argument("--seed", type=int, default=0)

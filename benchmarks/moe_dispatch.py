@@ -17,14 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+# a checkout runs these without installing archplan: its root first on the path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from archplan.modules.ffn import GLU
 from archplan.modules.moe import MoEFFN, experts_loop
 from archplan.resolve import FFNPlan, MoEPlan

@@ -227,7 +227,8 @@ def markdown(found: list[Row]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="the summary and misses of docs/validation.md")
     args = parser.parse_args()

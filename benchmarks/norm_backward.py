@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,8 @@ from rich.table import Table
 from torch import Tensor
 from torch.distributed._tools.mem_tracker import MemTracker
 
+# a checkout runs these without installing archplan: its root first on the path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from archplan.modules.norms import RMSNorm
 from moe_dispatch import parse_run_options, timed
 

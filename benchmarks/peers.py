@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+# a checkout runs these without installing archplan: its root first on the path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from archplan.analytic import forward_flops
 from archplan.bench.device import calibrate_matmul
 from archplan.modules.model import build_model
@@ -93,7 +97,8 @@ def main() -> None:
         have_peer = True
     except ImportError:
         have_peer = False
-        print("transformers is not installed: peers skipped (pip install transformers)")
+        # on stderr: `--json`'s stdout stays one JSON document, archplan's rows alone
+        print("transformers is not installed: peers skipped (pip install transformers)", file=sys.stderr)
 
     torch.manual_seed(0)
     peak = calibrate_matmul(torch.device("cpu"), torch.float32, size=1024, seconds=1.0)

@@ -283,7 +283,7 @@ def markdown(found: list[Row]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-search", action="store_true", help="skip the expert-agreement searches")
     parser.add_argument("--markdown", action="store_true", help="the tables of docs/validation.md")

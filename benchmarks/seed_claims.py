@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import yaml
 
+# a checkout runs these without installing archplan: its root first on the path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from archplan.analytic import count_params, kv_cache
 from archplan.analytic.scaling import compute_optimal, law
 from archplan.bench.runner import BenchConfig, available_backends
@@ -178,6 +180,7 @@ def frontier_variants() -> dict[str, dict[str, Any]]:
 
 
 def write_specs(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for raw in [*family(FULL).values(), *frontier_variants().values()]:
         path = directory / f"{raw['name']}.yaml"

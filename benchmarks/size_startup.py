@@ -44,8 +44,11 @@ def main() -> None:
         "archplan size": [sys.executable, "-m", "archplan.cli", "size", args.spec],
         "import torch": [sys.executable, "-c", "import torch"],
     }
-    for argv in commands.values():
-        wall(argv)  # warm-up
+    # the warm-up, checked: a spec `size` refuses would time its error, not its report
+    checked = subprocess.run(commands["archplan size"], capture_output=True, text=True, cwd=ROOT)
+    if checked.returncode != 0:
+        sys.exit(f"archplan size {args.spec} failed: {checked.stderr.strip()}")
+    wall(commands["import torch"])
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.repeat):
         for name, argv in commands.items():

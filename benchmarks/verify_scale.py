@@ -110,7 +110,12 @@ def main() -> None:
     verify_ok = None
     if verify_row.exit_code in (0, 1):
         verify_ok = verify_row.exit_code == 0
-    hf = rows[2] if len(rows) > 2 else None
+    # a ratio means something only where every run ran, and both builds are the same model
+    failed = [r.what for r in rows if r.exit_code != 0 and r is not verify_row] + (
+        [verify_row.what] if verify_ok is None else [])
+    if not failed and len(rows) > 2 and rows[1].output.strip() != rows[2].output.strip():
+        failed.append(f"the two builds count different models ({rows[1].output.strip()} vs {rows[2].output.strip()})")
+    hf = rows[2] if len(rows) > 2 and not failed else None
     summary = {
         "rows": [asdict(r) for r in rows],
         "verify_ok": verify_ok,
@@ -118,13 +123,17 @@ def main() -> None:
         "time_ratio_transformers_over_verify": (hf.seconds / verify_row.seconds) if hf else None,
         "time_ratio_transformers_over_build": (hf.seconds / rows[1].seconds) if hf else None,
         "verify_under_1_gib": verify_row.peak_rss_bytes < GIB,
+        "failed": failed,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
-        return
+        sys.exit(1 if failed else 0)
     print(f"{'what':<52} {'seconds':>8} {'peak RSS':>10} {'exit':>4}  output")
     for r in rows:
         print(f"{r.what:<52} {r.seconds:>8.2f} {r.peak_rss_bytes / GIB:>6.3f} GiB {r.exit_code:>4}  {r.output[:40]}")
+    if failed:
+        print(f"no ratio: {'; '.join(failed)} failed", file=sys.stderr)
+        sys.exit(1)
     if skipped:
         print(skipped)
     else:

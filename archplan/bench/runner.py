@@ -49,6 +49,11 @@ from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
 BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 
+# what a prefill's FLOPs count (`analytic.forward_flops`, the counted forward; size's convention)
+PREFILL_FLOPS_CONVENTION = ("analytic forward, 2 FLOPs per multiply-add, attention causal, LM head counted, "
+                            "embedding lookups not")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     device: str = "auto"
@@ -193,7 +198,7 @@ class BenchResult:
                 "noise": self.prefill.noise_note("prefill"),
                 "tokens_per_s": self.tokens_per_s,
                 "flops": self.prefill_flops,
-                "flops_convention": "analytic forward, 2 FLOPs/MAC, attention causal",
+                "flops_convention": PREFILL_FLOPS_CONVENTION,
                 "achieved_flops_per_s": self.achieved_flops_per_s,
                 "mfu": self.mfu,
                 "peak_note": self.peak_note(),

@@ -260,7 +260,7 @@ def _measured(timing: Timing, unit: str, extrapolated: bool) -> str:
 
 
 def _render(result: object, name: str) -> None:
-    from archplan.bench.runner import EXTRAPOLATION_METHOD, BenchResult
+    from archplan.bench.runner import EXTRAPOLATION_METHOD, PREFILL_FLOPS_CONVENTION, BenchResult
 
     assert isinstance(result, BenchResult)
     console = Console()
@@ -277,7 +277,7 @@ def _render(result: object, name: str) -> None:
                   _measured(result.prefill, "ms", extrapolated))
     table.add_row("prefill tokens/s", count(result.tokens_per_s), "")
     table.add_row("achieved", flops(result.achieved_flops_per_s, "FLOP/s"),
-                  f"analytic {flops(result.prefill_flops)} per forward, attention causal")
+                  f"{flops(result.prefill_flops)} per forward ({PREFILL_FLOPS_CONVENTION})")
     table.add_row("MFU", percent(result.mfu), f"peak {flops(result.peak.peak_flops, 'FLOP/s')} ({result.peak.source})")
     predicted = result.predicted_prefill
     host_floor = ""
