@@ -68,7 +68,8 @@ FLOPS_CONVENTION = (
     "training = 3 x forward (backward = 2 x forward; an FFT convolution's irfft backward is 1 x); "
     "FFTs: 2.5·n·⌈log2 n⌉ per real transform of length n = 2T, 5·n·⌈log2 n⌉ per complex one; "
     "per token of one sequence (batch 1): a long convolution makes its filters once per batch, so "
-    "a micro-batch of b sequences shares them (verify and bench count at their --batch)"
+    "a micro-batch of b sequences shares them (verify and bench count at their --batch, plan at each layout's "
+    "micro-batch)"
 )
 MTP_FLOPS_NOTE = (
     "; training also runs the multi-token-prediction modules (DeepSeek-V3 §2.2: each one's projection, "

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# a checkout runs this without installing archplan: its root first on the path
+sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT / "tests" / "fixtures"
 # keys removed before building, as expected.json's config_keys_dropped_before_build: remote code
 # pointers (built natively instead) and FP8 storage metadata (would build quantized layers)

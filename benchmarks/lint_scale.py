@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _spec(i: int, rng: random.Random) -> str:
     """One spec; many carry findings (alignment, budgets, post-norm depth, a few invalid GQA groups)."""
@@ -78,7 +80,7 @@ def _time(cmd: list[str], repeat: int) -> tuple[list[float], subprocess.Complete
     proc = None
     for _ in range(repeat):
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)  # this checkout's archplan
         times.append(time.perf_counter() - start)
     assert proc is not None
     return times, proc

@@ -111,8 +111,8 @@ def main() -> None:
     if verify_row.exit_code in (0, 1):
         verify_ok = verify_row.exit_code == 0
     # a ratio means something only where every run ran, and both builds are the same model
-    failed = [r.what for r in rows if r.exit_code != 0 and r is not verify_row] + (
-        [verify_row.what] if verify_ok is None else [])
+    failed = [f"{r.what} failed (exit {r.exit_code})" for r in rows
+              if r.exit_code != 0 and not (r is verify_row and verify_ok is not None)]
     if not failed and len(rows) > 2 and rows[1].output.strip() != rows[2].output.strip():
         failed.append(f"the two builds count different models ({rows[1].output.strip()} vs {rows[2].output.strip()})")
     hf = rows[2] if len(rows) > 2 and not failed else None
@@ -132,7 +132,7 @@ def main() -> None:
     for r in rows:
         print(f"{r.what:<52} {r.seconds:>8.2f} {r.peak_rss_bytes / GIB:>6.3f} GiB {r.exit_code:>4}  {r.output[:40]}")
     if failed:
-        print(f"no ratio: {'; '.join(failed)} failed", file=sys.stderr)
+        print(f"no ratio: {'; '.join(failed)}", file=sys.stderr)
         sys.exit(1)
     if skipped:
         print(skipped)

@@ -1493,6 +1493,18 @@ def test_bench_train_prices_the_mtp_modules_16_bit_stream(tmp_path: Path, depth:
     assert 1.0 < result.measured_activations / result.analytic_activations < 1.01
 
 
+def test_bench_train_counts_a_batchs_shared_filters_once() -> None:
+    """A long convolution makes its filters once for the step's batch: MFU's model FLOPs are the
+    batch's, below the batch times one sequence's (the count `bench --train` took before)."""
+    from archplan.analytic import training_flops_of_batch, training_flops_per_sequence
+    from archplan.distributed.train import train_bench
+
+    plan = resolve(load_spec(FIXTURES / "tiny-hyena.yaml"))
+    result = train_bench(plan, device="cpu", dtype="fp32", batch=2, seq=32, recompute="none", iters=1)
+    assert result.model_flops == training_flops_of_batch(plan, 32, 2, "causal")
+    assert result.model_flops < 2 * training_flops_per_sequence(plan, 32, "causal")
+
+
 def test_bench_train_says_when_its_steps_spread(tmp_path: Path) -> None:
     """The timed training steps are judged as prefill's are (`Timing.noise_note`): a run whose p90
     passes 1.5× its p10 says so (one busy host measured steps of 23 to 851 ms, its median 17× the

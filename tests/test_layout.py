@@ -240,6 +240,11 @@ def test_fp8_primary_weights_are_the_linears_and_the_expert_banks() -> None:
                   and t.role != "experts"]
         assert others == [] and not any(fp8_weight(t) for t in layer_tensors(plan.layers[0], plan)
                                         if t.name.endswith(("A_log", "norm.weight", "router.weight")))
+    # Hyena's filter MLP runs in bf16 once per position: its weights are no fp8 GEMM's
+    hyena = _plan("hyena-153m")
+    filters = [t for t in layer_tensors(hyena.layers[0], hyena) if t.per_position]
+    assert filters and not any(fp8_weight(t) for t in filters)
+    assert any(fp8_weight(t) for t in layer_tensors(hyena.layers[0], hyena))
 
 
 def test_fp8_primary_weights_keep_the_gemm_weights_in_one_byte() -> None:

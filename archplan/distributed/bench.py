@@ -166,7 +166,7 @@ def render(r: DistBench) -> None:
                   f"{count(r.tokens_per_step)} tokens")
     table.add_row("training tokens/s", count(r.train_tokens_per_s), "all ranks")
     table.add_row("MFU", percent(r.mfu), f"{flops(r.flops_per_token)}/token (training, causal, "
-                  f"2 per multiply-add); peak {flops(r.peak_flops, 'FLOP/s')} per device ({r.peak_source})")
+                  f"2 per multiply-add, at the layout's micro-batch); peak {flops(r.peak_flops, 'FLOP/s')} per device ({r.peak_source})")
     table.add_row("prefill tokens/s", count(r.prefill_tokens_per_s), "forward only, same sharded modules")
     table.add_row("peak memory per rank", " / ".join(nbytes(b) for b in r.peak_memory_bytes), r.peak_memory_method)
     predicted = f"{1e3 * r.predicted_step_seconds:.1f} ms" if r.predicted_step_seconds is not None else "—"

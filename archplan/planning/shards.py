@@ -114,8 +114,10 @@ def fp8_weight(t: Tensor) -> bool:
     """Whether Megatron-Core's FP8 primary weights (`--fp8-param-gather`) keep `t` in fp8: the weight
     matrix of a tensor- or expert-parallel linear, Transformer Engine's. The embedding and the LM
     head (vocabulary-parallel, Megatron's own layers), norms, biases and routers stay bf16, and so,
-    as priced here, do the replicated linears (MLA's latent down-projections): a small overcount."""
-    return t.role in ("linear", "experts") and t.split in ("column", "row", "expert_column", "expert_row")
+    as priced here, do the replicated linears (MLA's latent down-projections): a small overcount.
+    Hyena's filter MLP, run in bf16 once per position (`pricing._gemm_shape`), is no fp8 GEMM's."""
+    return (t.role in ("linear", "experts") and not t.per_position
+            and t.split in ("column", "row", "expert_column", "expert_row"))
 
 
 def _norm(path: str, norm: NormPlan, width: int, split: Split = "replicated") -> list[Tensor]:
