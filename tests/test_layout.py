@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from archplan.analytic import count_params
+from archplan.analytic.mamba import mamba1_a_bytes
+from archplan.analytic.memory import activation_memory
 from archplan.errors import ArchplanError
 from archplan.hardware import (
     FP8_TN_ONLY,
@@ -28,7 +31,7 @@ from archplan.hardware import (
     matmul_ratio,
 )
 from archplan.loader import PRESETS_DIR, load_spec
-from archplan.planning import cluster
+from archplan.planning import cluster, spec_data
 from archplan.planning.cluster import (
     DEEPSPEED,
     FSDP2,
@@ -58,8 +61,8 @@ from archplan.planning.pricing import (
 )
 from archplan.planning.records import Collective, MeshDim, tally
 from archplan.planning.shards import first_tensors, fp8_weight, last_tensors, layer_tensors
-from archplan.resolve import AttentionPlan, MLAPlan, MoEPlan, StripedHyenaPlan, resolve
-from archplan.spec import MLA, S4, S4D, Hyena, StripedHyena
+from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan, MoEPlan, StripedHyenaPlan, resolve
+from archplan.spec import MLA, S4, S4D, Hyena, Spec, StripedHyena
 from strategies import Case, cases
 from test_plan import run
 
@@ -880,6 +883,33 @@ def test_fp8_casts_of_experts_quantise_each_token_once_before_an_fp8_dispatch() 
     down_and_o = routed * moe.expert.d_ff + tokens * h  # the down-projections' input, o_proj's
     assert fp8_cast_bytes(data, 0, layout, fp8_dispatch=True) == 4 * (tokens * h + down_and_o)
     assert fp8_cast_bytes(data, 0, layout) == 4 * (routed * h + down_and_o)
+
+
+def test_a_mamba_layers_scan_streams_its_mixers_bytes_not_its_ffns() -> None:
+    """The scan and its convolution stream what the Mamba mixer keeps; the FFN's passes are priced
+    as every layer's are. The whole layer's bytes were taken, so a Mamba layer paid for its FFN
+    twice: widening the FFN added more time to a Mamba layer than to an attention layer."""
+    layout = Layout(tp=1, dp=1, zero=1, recompute="none", mb=1)
+    eff = kernel_efficiency(H100)[0]
+    elem: dict[int, list[float]] = {}
+    for d_ff in (256, 512):
+        data = model_data(_hybrid(d_ff), 64)
+        layers = Pricer(data, rates_for(H100, eff, None, "bf16")).layers(layout, "flash")
+        elem[d_ff] = [m.elem_fwd for m in layers]
+        kinds = [type(layer.mixer).__name__ for layer in data.plan.layers]
+        assert kinds == ["Mamba1Plan", "AttentionPlan"]
+        mixer = f"{data.plan.layers[0].path}.mixer"
+        assert data.mixer_kept[0] == activation_memory(data.plan, 1, 64, "none").by_component[mixer] - (
+            mamba1_a_bytes(data.plan.layers[0].mixer))
+    mamba, attention = (elem[512][i] - elem[256][i] for i in (0, 1))
+    assert mamba == pytest.approx(attention)
+
+
+def _hybrid(d_ff: int) -> ModelPlan:
+    """tiny-mamba (a Mamba-1 layer, then an attention layer) with GLUs of width d_ff."""
+    data = spec_data(load_spec(Path(__file__).parent / "fixtures" / "distributed" / "tiny-mamba.yaml"))
+    data["ffn"] = data["ffn"] | {"d_ff": d_ff}
+    return resolve(Spec.model_validate(data))
 
 
 def test_fused_grouped_mlp_drops_the_experts_activation_and_down_projection_cast() -> None:
@@ -2447,7 +2477,6 @@ def test_cli_json_keys_are_all_in_the_docs(capsys: pytest.CaptureFixture[str], m
     """docs/plan.md's `--json` paragraph names every key the layout search prints, and every key
     of a layout in `layouts[]`, so that the list cannot fall behind the output."""
     import re
-    from pathlib import Path
 
     code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--json")
     printed = json.loads(out)

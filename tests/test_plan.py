@@ -1427,6 +1427,33 @@ def test_stripedhyena_fixed_layout_is_evaluated(capsys: pytest.CaptureFixture[st
     assert best["step_time"]["tp"] > 0 and best["step_time"]["cp"] > 0 and best["step_time"]["bubble"] > 0
 
 
+def _tiny(name: str, **update: Any) -> ModelPlan:
+    data = spec_data(load_spec(DISTRIBUTED / f"{name}.yaml"))
+    for key, value in update.items():
+        data[key] = data[key] | value if isinstance(value, dict) else value
+    return resolve(Spec.model_validate(data))
+
+
+def test_tp_refuses_what_the_torch_engine_cannot_split_and_only_that() -> None:
+    """`plan` priced tensor-parallel layouts `verify --layout` refuses (`distributed.plans.refusal`),
+    with no tp reduction for the filters or copies several ranks held, and refused layouts it runs:
+    routed experts are whole on every tp rank, so their width need not divide tp."""
+    one_filter = _tiny("tiny-stripedhyena", long_conv={"filter_groups": 64})
+    assert tp_problem(one_filter, 2) == "1 modal filter does not split 2 ways"
+    assert tp_problem(_tiny("tiny-stripedhyena"), 4) is None  # 16 filters
+    copies = _tiny("tiny-s4d", long_conv={"n_ssm": 2})
+    assert tp_problem(copies, 4) == "2 S4 SSM copies do not split 4 ways"
+    assert tp_problem(copies, 2) is None and tp_problem(_tiny("tiny-s4d"), 4) is None  # one copy: replicated
+    full = _tiny("tiny-qk-norm")  # 2 KV heads, a full-scope qk-norm
+    assert tp_problem(full, 4) == "a full k-norm over 2 KV heads does not split 4 ways"
+    assert tp_problem(full, 2) is None
+    per_head = _tiny("tiny-qk-norm", attention={"qk_norm": {"scope": "per_head", "norm": {"kind": "rmsnorm"}}})
+    assert tp_problem(per_head, 4) == "a per_head k-norm over 2 KV heads does not split 4 ways"
+    moe = _tiny("tiny-moe", moe={"expert": {"kind": "glu", "d_ff": 56}}, d_model=96,
+                attention={"n_heads": 6, "n_kv_heads": 3})
+    assert tp_problem(moe, 3) is None
+
+
 def test_long_conv_tp_and_cp_must_split_the_channels() -> None:
     odd = resolve(load_spec("s4d-lm").model_copy(update={"d_model": 772}))
     assert tp_problem(odd, 4) is None

@@ -609,6 +609,10 @@ class ModelData:
                      for mode in ("none", "selective")}
         after_mixer = [f"{layer.path}.{name}" for layer in plan.layers for name in ("ffn", "norm2")]
         per_after = {mode: _by_layer(acts[mode], after_mixer, inclusive=True) for mode in ("none", "selective")}
+        mixers = _by_layer(acts["none"], [f"{layer.path}.mixer" for layer in plan.layers], inclusive=True)
+        # what each layer's mixer alone keeps of one sequence (no recompute, its once-per-forward
+        # tensors apart): the bytes a scan and its convolution stream (`pricing._layer_micro`)
+        self.mixer_kept: list[int] = []
         # and each layer's as its mixer's backward finds it: in a pre-norm block the FFN and the
         # norm before it have run their backward and freed what they kept (`_mixer_backward`)
         self.acts_to_mixer: list[LayerActs] = []
@@ -617,6 +621,7 @@ class ModelData:
             kept = {mode: per_layer[mode][layer.path] - once.total for mode in ("none", "selective")}
             kept["full"] = acts["full"][layer.path]
             self.acts.append(_layer_acts(plan, layer, kept, once, seq))
+            self.mixer_kept.append(mixers[f"{layer.path}.mixer"] - once.total)
             before = _before_ffn(plan, layer)
             if before is None:
                 self.acts_to_mixer.append(self.acts[-1])

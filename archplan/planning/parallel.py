@@ -14,6 +14,8 @@ import heapq
 import math
 from dataclasses import dataclass, field, replace
 
+from typing_extensions import assert_never
+
 from archplan.analytic import count_params
 from archplan.analytic.flops import training_flops_per_token
 from archplan.errors import ArchplanError
@@ -422,6 +424,11 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
                 if not mixer.splits_over(tp):
                     return (f"{mixer.n_heads} query / {mixer.n_kv_heads} KV "
                             f"{'head does' if mixer.n_kv_heads == 1 else 'heads do'} not split {tp} ways")
+                scope = mixer.qk_norm.scope if mixer.qk_norm is not None else None
+                if 1 < mixer.n_kv_heads < tp and scope in ("per_head", "full"):
+                    # the k-norm's weights are per KV head: a rank would need its group's rows of
+                    # them (`distributed.plans.refusal` builds none)
+                    return f"a {scope} k-norm over {mixer.n_kv_heads} KV heads does not split {tp} ways"
             case MLAPlan():
                 if mixer.n_heads % tp:
                     return f"{things(mixer.n_heads, 'head')} do{'es' if mixer.n_heads == 1 else ''} not split {tp} ways"
@@ -432,16 +439,29 @@ def tp_problem(plan: ModelPlan, tp: int) -> str | None:
                 # Megatron-Core's MambaMixer asserts ngroups % tp == 0: a rank holds whole B/C groups
                 if mixer.n_heads % tp or mixer.n_groups % tp:
                     return f"{mixer.n_heads} SSM heads / {mixer.n_groups} groups do not split {tp} ways"
-            case S4Plan() | HyenaPlan() | StripedHyenaPlan():
+            case S4Plan() | HyenaPlan() | StripedHyenaPlan() if plan.d_model % tp:
                 # long convolutions are per channel: TP splits the d_model channels
-                if plan.d_model % tp:
-                    return f"d_model {plan.d_model} does not split {tp} ways"
+                return f"d_model {plan.d_model} does not split {tp} ways"
+            case StripedHyenaPlan(filter_groups=g) if (plan.d_model // g) % tp:
+                # a rank holds whole modal filters, as cp_problem asks of tp·cp
+                n = plan.d_model // g
+                return f"{things(n, 'modal filter')} do{'es' if n == 1 else ''} not split {tp} ways"
+            case S4Plan(n_ssm=n) if n != 1 and n % tp:
+                # one SSM copy is replicated on every rank, more are split with their channels
+                return f"{n} S4 SSM copies do not split {tp} ways"
+            case (AttentionPlan() | MLAPlan() | Mamba1Plan() | Mamba2Plan()
+                  | S4Plan() | HyenaPlan() | StripedHyenaPlan()):
+                pass
+            case _:
+                assert_never(mixer)
         widths: list[int] = []
         match layer.ffn:
             case FFNPlan():
                 widths = [layer.ffn.d_ff]
             case MoEPlan():
-                widths = [layer.ffn.expert.d_ff] + ([layer.ffn.shared.d_ff] if layer.ffn.shared else [])
+                # routed experts are whole on every tp rank (expert tensor parallelism 1:
+                # `shards._moe`); the shared experts split as a dense FFN does
+                widths = [layer.ffn.shared.d_ff] if layer.ffn.shared else []
             case None:
                 pass
         for width in widths:
@@ -519,7 +539,9 @@ def cp_problem(plan: ModelPlan, tp: int, cp: int) -> str | None:
             case S4Plan() | HyenaPlan() | StripedHyenaPlan() if plan.d_model % shards:
                 return f"long convolutions split d_model {plan.d_model} over tp·cp = {shards} channel shards"
             case StripedHyenaPlan(filter_groups=g) if (plan.d_model // g) % shards:
-                return f"{plan.d_model // g} modal filters do not split over tp·cp = {shards} channel shards"
+                n = plan.d_model // g
+                return (f"{things(n, 'modal filter')} do{'es' if n == 1 else ''} not split over tp·cp = {shards} "
+                        "channel shards")
             case S4Plan(n_ssm=n) if n != 1 and n != tp and n % shards:
                 return f"{n} S4 SSM copies do not split over tp·cp = {shards} channel shards"
     return None

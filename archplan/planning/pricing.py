@@ -573,7 +573,8 @@ def _layer_micro(data: ModelData, i: int, layout: Layout, rates: Rates, kernel: 
             heads, dqk, dv, window = math.ceil(m.n_heads / tp), m.qk_head_dim, m.v_head_dim, m.window
         case Mamba1Plan() | Mamba2Plan():
             # the scan and the convolution stream the mixer's tensors: as many bytes as it keeps
-            elem += 2 * data.acts[i].kept["none"] / seq / tp
+            # (the mixer's alone: the FFN's and the norms' elementwise passes are priced below)
+            elem += 2 * data.mixer_kept[i] / seq / tp
         case S4Plan() | HyenaPlan() | StripedHyenaPlan():
             per_token, per_micro, filter_gemm = _long_conv(layer.mixer, h, layout, seq, rates)
             elem += per_token
