@@ -49,7 +49,9 @@ from archplan.planning.parallel import Evaluator, Settings, interconnect, networ
 from archplan.planning.pricing import (
     Pricer,
     Rates,
+    _gemm_shape,
     _head_micro,
+    bias_grad_bytes,
     collective_time,
     fp8_cast_bytes,
     gemm_time,
@@ -910,6 +912,35 @@ def _hybrid(d_ff: int) -> ModelPlan:
     data = spec_data(load_spec(Path(__file__).parent / "fixtures" / "distributed" / "tiny-mamba.yaml"))
     data["ffn"] = data["ffn"] | {"d_ff": d_ff}
     return resolve(Spec.model_validate(data))
+
+
+def test_bias_and_gate_rows_under_sequence_parallelism() -> None:
+    """Under SP only a row-parallel linear's bias adds after the reduce-scatter, on the rank's
+    shard: a router's bias (its GEMM already over the rank's routed tokens) was divided by tp a
+    second time. The shared-expert gate reads the rank's shard, as the router does."""
+    data_ = spec_data(load_spec(Path(__file__).parent / "fixtures" / "distributed" / "tiny-moe.yaml"))
+    data_["moe"] = data_["moe"] | {"router": {"scoring": "softmax", "bias": True},
+                                   "shared": {"n": 1, "d_ff": 32, "gate": True}}
+    data = model_data(resolve(Spec.model_validate(data_)), 64)
+    layout = Layout(tp=2, dp=1, zero=1, recompute="none", mb=1, sp=True)
+    routed = 64 // 2  # the rank's sequence shard
+    assert bias_grad_bytes(data, 0, layout) == 2 * routed * 4  # the router's 4-wide bias, 2 B a value
+    layer = data.plan.layers[0]
+    gate = next(t for t in data.layer_tensors[0] if t.role == "gate")
+    shape = _gemm_shape(data, layer, gate, layout)
+    assert shape is not None and shape[0] == routed
+
+
+def test_mamba1_dt_proj_pays_its_fp8_cast() -> None:
+    """dt_proj reads x_proj's Δ slice, which no norm writes: its fp8 cast is paid under every
+    recipe, where it was taken for in_proj's norm-fed input and charged nothing."""
+    data = model_data(_hybrid(128), 64)
+    layout = Layout(tp=1, dp=1, zero=1, recompute="none", mb=1)
+    mixer = data.plan.layers[0].mixer
+    dt = 64 * mixer.dt_rank  # M × K of dt_proj
+    x_proj, out_proj = 64 * mixer.d_inner, 64 * mixer.d_inner  # the row-parallel inputs
+    down = 64 * 128
+    assert fp8_cast_bytes(data, 0, layout) == 4 * (dt + x_proj + out_proj + down)
 
 
 def test_fused_grouped_mlp_drops_the_experts_activation_and_down_projection_cast() -> None:

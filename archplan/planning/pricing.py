@@ -382,7 +382,9 @@ def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, ml
             # this rank routes (its sequence shard under SP)
             return _routing_tokens(data, layout), shape[0], shape[1], 1, False
         case "gate":
-            return tokens, shape[0], shape[1], 1, False
+            # the shared-expert gate reads the layer's input where the router does: the rank's
+            # sequence shard under SP (its weight gradient is summed over tp: `cluster._sp_summed`)
+            return _routing_tokens(data, layout), shape[0], shape[1], 1, False
         case "linear" if t.per_position:
             # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
             # its tensor-parallel shard of it over the full length), not per token, and in bf16
@@ -450,6 +452,8 @@ def fp8_cast_bytes(data: ModelData, i: int, layout: Layout, fp8_dispatch: bool =
             continue
         m, _, k, count, _ = shape
         match t.split:
+            case "column" if t.name.endswith(UNNORMED_COLUMN_INPUTS):
+                total += m * k * count
             case "column" | "replicated":
                 source = _norm_source(t.name)
                 if source not in normed:
@@ -485,6 +489,8 @@ def mxfp8_scale_bytes(elements: int) -> int:
 
 # MLA's up-projections read the latents' own norms (q_a_norm, kv_a_norm), not the block's
 MLA_LATENT_READERS = (".q_b_proj.weight", ".kv_b_proj.weight")
+# column-parallel linears whose input no norm writes: Mamba-1's dt_proj reads x_proj's Δ slice
+UNNORMED_COLUMN_INPUTS = (".mixer.dt_proj.weight",)
 
 
 def _norm_source(name: str) -> str:
@@ -517,7 +523,10 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
         if shape is None:
             continue
         rows, _, _, count, _ = shape
-        if t.split == "replicated" and layout.sequence_parallel:
+        if weight.split == "row" and layout.sequence_parallel:
+            # a row-parallel linear adds its whole bias after the reduce-scatter, on the rank's
+            # sequence shard; a replicated linear's rows (a router's, Hyena's filter MLP's) are
+            # already what it runs on
             rows //= layout.tp
         total += ACT_BYTES * rows * t.local_shape(layout.tp, layout.ep)[0] * count
     return total
