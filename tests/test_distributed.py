@@ -20,7 +20,7 @@ from gloo_pair import FIXTURES, GLOO_CASES, HEAVY_CASES, TP_EDGES, variant, wait
 from archplan.errors import ArchplanError  # noqa: E402
 from archplan.loader import load_spec  # noqa: E402
 from archplan.planning.layout import parse_layout, round_size  # noqa: E402
-from archplan.resolve import resolve  # noqa: E402
+from archplan.resolve import MoEPlan, resolve  # noqa: E402
 
 if TYPE_CHECKING:
     from archplan.distributed.check import LayoutCheck
@@ -538,6 +538,44 @@ def test_eager_bias_gradients_are_a_pass_of_their_own() -> None:
     priced = sum(bias_grad_bytes(model_data(plan, seq), i, layout) for i in range(len(plan.layers)))
     # q, k, v, o: d_model wide each, and the MLP's up (d_ff = 128) and down (d_model)
     assert sums.read == priced == len(plan.layers) * 2 * seq * (5 * plan.d_model + 128)
+
+
+def test_eager_expert_bias_gradients_accumulate_the_routed_copies() -> None:
+    """An expert bank's bias is added to each routed copy by its expert's row (`b[e(r)]`): its
+    gradient is an index_put that reads the copies' whole output gradient, priced by
+    `pricing.bias_grad_bytes` since a review found expert biases left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from archplan.modules.model import build_model
+    from archplan.planning.cluster import model_data
+    from archplan.planning.layout import Layout
+    from archplan.planning.pricing import bias_grad_bytes
+
+    spec = load_spec(FIXTURES / "tiny-moe.yaml")
+    plan = resolve(spec.model_copy(update={"moe": spec.moe.model_copy(update={
+        "expert": spec.moe.expert.model_copy(update={"bias": True})})}))
+    seq = 32
+    model = build_model(plan, device="cpu", dtype=torch.bfloat16)
+    logits = model(torch.randint(0, plan.vocab_size, (1, seq)))
+    banks = {tuple(p.shape) for name, p in model.named_parameters() if ".b_" in name}
+
+    class IndexPuts(TorchDispatchMode):
+        read = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in (torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default) and tuple(
+                    args[0].shape) in banks:
+                self.read += args[2].numel() * args[2].element_size()
+            return func(*args, **(kwargs or {}))
+
+    with IndexPuts() as puts:
+        logits.float().sum().backward()
+    layout = Layout(tp=1, pp=1, dp=1, zero=0, recompute="none", mb=1)
+    priced = sum(bias_grad_bytes(model_data(plan, seq), i, layout) for i in range(len(plan.layers)))
+    moe = plan.layers[0].ffn
+    assert isinstance(moe, MoEPlan)
+    copies = seq * moe.top_k  # every routed copy: gate and up d_ff wide, down d_model wide
+    assert puts.read == priced == len(plan.layers) * 2 * copies * (2 * moe.expert.d_ff + plan.d_model)
 
 
 def test_fused_qkv_split_backward_is_a_concatenation() -> None:

@@ -392,7 +392,7 @@ def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, ml
             return seq, shape[0], shape[1], 1, False
         case "linear":
             return tokens, shape[0], shape[1], 1, True
-        case "other":
+        case "expert_bias" | "other":
             return None
         case _:
             assert_never(t.role)
@@ -507,7 +507,8 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
     reduced to the bias's size; on any device a `sum.dim_IntList` over the M×N output gradient),
     a pass of its own that reads the whole output gradient, 2 B per element. Per bias: the rows
     of its GEMM (`_gemm_shape`) times its local width; a row-parallel linear adds its whole bias
-    after the reduction, on the rank's sequence shard under SP. Transformer Engine computes it in
+    after the reduction, on the rank's sequence shard under SP. An expert bank's bias is gathered
+    per routed copy (`b[e(r)]`), and its gradient an index_put of the copies' output gradient. Transformer Engine computes it in
     the weight-gradient GEMM's epilogue (cuBLASLt's BGRADB), so the Megatron-style engines, priced
     as Megatron-Core with TE, pay none (Megatron-LM 2021 summed apart too; its rows are priced
     without it, 0.1-0.6 points: docs/validation.md, "The eager-autograd round"), nor do fp8
@@ -517,6 +518,14 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
     weights = {t.name.rsplit(".", 1)[0]: t for t in tensors if t.name.endswith(".weight")}
     total = 0
     for t in tensors:
+        if t.role == "expert_bias":
+            # b[e(r)] added to each routed copy: its gradient accumulates (index_put) the M×O
+            # output gradient of the rank's routed copies into the bank's rows
+            bank = next(w for w in tensors if w.role == "experts")
+            routed = _gemm_shape(data, layer, bank, layout)
+            assert routed is not None
+            total += ACT_BYTES * routed[0] * routed[3] * t.local_shape(layout.tp, layout.ep)[-1]
+            continue
         module, _, kind = t.name.rpartition(".")
         weight = weights.get(module)
         shape = None if kind != "bias" or weight is None else _gemm_shape(data, layer, weight, layout)

@@ -61,9 +61,10 @@ from archplan.resolve import (
 Split = Literal["column", "row", "vocab", "replicated", "expert_column", "expert_row"]
 # What a parameter does in the forward, for pricing: a linear layer's weight (one GEMM), an MoE
 # router's or the shared-expert gate's (a GEMM fp8 recipes keep in bf16, the router's over the tokens
-# a rank routes), an expert bank's (one grouped GEMM over the routed copies), or anything else:
-# norms, biases, convolutions, SSM parameters, positions, embeddings
-Role = Literal["linear", "router", "gate", "experts", "other"]
+# a rank routes), an expert bank's (one grouped GEMM over the routed copies) or its bias (added to
+# each routed copy by its expert's row), or anything else: norms, linear biases, convolutions, SSM
+# parameters, positions, embeddings
+Role = Literal["linear", "router", "gate", "experts", "expert_bias", "other"]
 
 
 @dataclass(frozen=True)
@@ -302,9 +303,9 @@ def _moe(path: str, m: MoEPlan, d: int) -> list[Tensor]:
     out.append(Tensor(f"{experts}.w_down_EDF", (e, d, f), "expert_row", role="experts"))
     if m.expert.bias:
         if glu:
-            out.append(Tensor(f"{experts}.b_gate_EF", (e, f), "expert_column"))
-        out.append(Tensor(f"{experts}.b_up_EF", (e, f), "expert_column"))
-        out.append(Tensor(f"{experts}.b_down_ED", (e, d), "expert_column"))
+            out.append(Tensor(f"{experts}.b_gate_EF", (e, f), "expert_column", role="expert_bias"))
+        out.append(Tensor(f"{experts}.b_up_EF", (e, f), "expert_column", role="expert_bias"))
+        out.append(Tensor(f"{experts}.b_down_ED", (e, d), "expert_column", role="expert_bias"))
     if m.shared is not None:
         out += _ffn(f"{path}.shared", m.shared, d)
     if m.shared_gate:
