@@ -540,6 +540,44 @@ def test_eager_bias_gradients_are_a_pass_of_their_own() -> None:
     assert sums.read == priced == len(plan.layers) * 2 * seq * (5 * plan.d_model + 128)
 
 
+def test_row_parallel_bias_gradients_read_every_row_under_sp(fake_world: None) -> None:
+    """torch's RowwiseParallel adds o_proj's and the MLP down-projection's bias before the
+    reduce-scatter, and sums the gathered output gradient: all of the rank's rows under SP, as
+    `bias_grad_bytes` prices them (it priced the sequence shard, Megatron's rule, half of it here)."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from archplan.distributed.mesh import build_mesh, init_fake_world
+    from archplan.distributed.shard import _tensor_parallel
+    from archplan.distributed.stage import build_stage
+    from archplan.planning.cluster import model_data
+    from archplan.planning.pricing import bias_grad_bytes
+
+    plan = resolve(load_spec(FIXTURES / "tiny-gpt.yaml"))
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=1,ep=1,zero=0,recompute=none,mb=1,sp=on").complete()
+    init_fake_world(2, 0)
+    stage = build_stage(plan, layout, 0, device="cpu")
+    _tensor_parallel(stage, build_mesh(layout, "cpu"))
+    seq = 32
+    out = stage(torch.randint(0, plan.vocab_size, (1, seq)))
+    out = out.to_local() if isinstance(out, DTensor) else out
+
+    class BiasSums(TorchDispatchMode):
+        read = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            res = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.sum.dim_IntList and res.numel() == args[0].shape[-1] < args[0].numel():
+                local = args[0].to_local() if isinstance(args[0], DTensor) else args[0]
+                self.read += local.numel() * 2  # priced in bf16
+            return res
+
+    with BiasSums() as sums:
+        out.float().sum().backward()
+    data = model_data(plan, seq)
+    assert sums.read == sum(bias_grad_bytes(data, i, layout) for i in range(len(plan.layers)))
+
+
 def test_eager_expert_bias_gradients_accumulate_the_routed_copies() -> None:
     """An expert bank's bias is added to each routed copy by its expert's row (`b[e(r)]`): its
     gradient is an index_put that reads the copies' whole output gradient, priced by

@@ -897,10 +897,11 @@ def test_torch_engine_pays_eager_bias_gradients(monkeypatch: pytest.MonkeyPatch)
     data = model_data(plan, 1024)
     rate = Evaluator(plan, H100, NET, 1024, Settings(), 72 * 2**30).pricer.rates.hbm
     per_micro = sum(bias_grad_bytes(data, i, layout) for i in range(len(plan.layers)))
-    # q, k, v and up are column-parallel (their tp share of every token); o and down add their
-    # whole bias after the reduction, on the rank's sequence shard under SP
+    # q, k, v and up are column-parallel (their tp share of every token); o and down are
+    # row-parallel, their whole bias summed over every row of the gathered output gradient
+    # (torch's RowwiseParallel adds it before the reduce-scatter)
     d, tokens = plan.d_model, 2 * 1024
-    assert per_micro == len(plan.layers) * 2 * (tokens * (3 * d + 4 * d) // 2 + tokens // 2 * 2 * d)
+    assert per_micro == len(plan.layers) * 2 * (tokens * (3 * d + 4 * d) // 2 + tokens * 2 * d)
     assert priced[("gpt2", "fsdp2")] - unpriced[("gpt2", "fsdp2")] == pytest.approx(4 * per_micro / rate, rel=1e-12)
     for key in (("gpt2", "megatron"), ("llama-3-8b", "fsdp2"), ("llama-3-8b", "megatron")):
         assert priced[key] == unpriced[key]
@@ -1452,6 +1453,9 @@ def test_tp_refuses_what_the_torch_engine_cannot_split_and_only_that() -> None:
     moe = _tiny("tiny-moe", moe={"expert": {"kind": "glu", "d_ff": 56}}, d_model=96,
                 attention={"n_heads": 6, "n_kv_heads": 3})
     assert tp_problem(moe, 3) is None
+    tied_bias = _tiny("tiny-gpt", embedding={"tied": True, "lm_head_bias": True})
+    assert tp_problem(tied_bias, 2) == "a tied head with a bias does not split 2 ways"
+    assert tp_problem(tied_bias, 1) is None
 
 
 def test_long_conv_tp_and_cp_must_split_the_channels() -> None:

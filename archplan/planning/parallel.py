@@ -417,6 +417,10 @@ class SearchResult:
 
 def tp_problem(plan: ModelPlan, tp: int) -> str | None:
     """Why TP degree tp cannot split this model (Megatron splits heads and FFN columns)."""
+    if tp > 1 and plan.tied and plan.lm_head_bias:
+        # the vocabulary-parallel head would split a bias its tied weight's embedding has no
+        # counterpart of (`distributed.plans.model_refusal`; Megatron's GPT head has no bias)
+        return f"a tied head with a bias does not split {tp} ways"
     for layer in plan.layers:
         mixer = layer.mixer
         match mixer:

@@ -489,7 +489,8 @@ def mxfp8_scale_bytes(elements: int) -> int:
 
 # MLA's up-projections read the latents' own norms (q_a_norm, kv_a_norm), not the block's
 MLA_LATENT_READERS = (".q_b_proj.weight", ".kv_b_proj.weight")
-# column-parallel linears whose input no norm writes: Mamba-1's dt_proj reads x_proj's Δ slice
+# column-parallel linears whose input no fused norm-linear writes: Mamba-1's dt_proj reads x_proj's
+# Δ slice, or Jamba's dt_layernorm of it, which no stack fuses into a `LayerNormLinear`
 UNNORMED_COLUMN_INPUTS = (".mixer.dt_proj.weight",)
 
 
@@ -506,8 +507,9 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
     gradient summed over the rows (`tools/autograd/derivatives.yaml`: `maybe_multiply(grad, beta)`
     reduced to the bias's size; on any device a `sum.dim_IntList` over the M×N output gradient),
     a pass of its own that reads the whole output gradient, 2 B per element. Per bias: the rows
-    of its GEMM (`_gemm_shape`) times its local width; a row-parallel linear adds its whole bias
-    after the reduction, on the rank's sequence shard under SP. An expert bank's bias is gathered
+    of its GEMM (`_gemm_shape`) times its local width, a row-parallel one's too: the torch engine
+    adds it before the reduction (`RowwiseParallel`), whose backward gathers the output gradient
+    whole. An expert bank's bias is gathered
     per routed copy (`b[e(r)]`), and its gradient an index_put of the copies' output gradient. Transformer Engine computes it in
     the weight-gradient GEMM's epilogue (cuBLASLt's BGRADB), so the Megatron-style engines, priced
     as Megatron-Core with TE, pay none (Megatron-LM 2021 summed apart too; its rows are priced
@@ -531,12 +533,10 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
         shape = None if kind != "bias" or weight is None else _gemm_shape(data, layer, weight, layout)
         if shape is None:
             continue
+        # every bias over its GEMM's rows: torch's RowwiseParallel adds a row-parallel linear's
+        # bias inside addmm, before the reduce-scatter, and sums the gathered output gradient
+        # (measured on a tp=2 SP stage); a router's rows are already the rank's shard
         rows, _, _, count, _ = shape
-        if weight.split == "row" and layout.sequence_parallel:
-            # a row-parallel linear adds its whole bias after the reduce-scatter, on the rank's
-            # sequence shard; a replicated linear's rows (a router's, Hyena's filter MLP's) are
-            # already what it runs on
-            rows //= layout.tp
         total += ACT_BYTES * rows * t.local_shape(layout.tp, layout.ep)[0] * count
     return total
 
