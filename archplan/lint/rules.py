@@ -341,37 +341,37 @@ def _tokens(n: float) -> str:
 
 
 def check_undertrained(ctx: SpecContext) -> Iterator[Hit]:
-    from archplan.analytic.scaling import TOKENS_PER_PARAM as CHINCHILLA_TOKENS_PER_PARAM
+    from archplan.analytic.scaling import TOKENS_PER_PARAM
     budget = _tokens_per_param(ctx)
     if budget is None:
         return
     tokens, n_params, ratio = budget
-    if ratio < CHINCHILLA_TOKENS_PER_PARAM / FAR_BELOW:
+    if ratio < TOKENS_PER_PARAM / FAR_BELOW:
         yield Hit(
             ("training", "tokens"),
             f"{_tokens(tokens)} for {count(n_params)} active parameters is {amount(ratio)} tokens/param, "
-            f"{amount(CHINCHILLA_TOKENS_PER_PARAM / ratio)}× below the compute-optimal ~20",
-            f"train on ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens, or size the model to "
-            f"≈{count(tokens / CHINCHILLA_TOKENS_PER_PARAM)} parameters for this budget",
+            f"{amount(TOKENS_PER_PARAM / ratio)}× below the compute-optimal ~20",
+            f"train on ≈{count(TOKENS_PER_PARAM * n_params)} tokens, or size the model to "
+            f"≈{count(tokens / TOKENS_PER_PARAM)} parameters for this budget",
         )
 
 
 def check_overtrained(ctx: SpecContext) -> Iterator[Hit]:
-    from archplan.analytic.scaling import TOKENS_PER_PARAM as CHINCHILLA_TOKENS_PER_PARAM
+    from archplan.analytic.scaling import TOKENS_PER_PARAM
     budget = _tokens_per_param(ctx)
     if budget is None:
         return
     tokens, n_params, ratio = budget
-    if ratio > FAR_ABOVE * CHINCHILLA_TOKENS_PER_PARAM:
+    if ratio > FAR_ABOVE * TOKENS_PER_PARAM:
         yield Hit(
             ("training", "tokens"),
             f"{_tokens(tokens)} for {count(n_params)} active parameters is {ratio:,.0f} tokens/param, "
-            f"{ratio / CHINCHILLA_TOKENS_PER_PARAM:.1f}× Chinchilla's ~20",
+            f"{ratio / TOKENS_PER_PARAM:.1f}× Chinchilla's ~20",
             # not "compute-optimal": Hoffmann's Approach 3 fit (`plan --law chinchilla`) puts the
             # optimum at 153 tokens/param at 1e26 FLOPs, and that spec would contradict it
             "fine if deliberate (a smaller model trained longer is cheaper to serve) or where a fitted law "
             "puts the optimum higher (Hoffmann's Approach 3, `plan --law chinchilla`, at large budgets); "
-            f"at 20 tokens/param these parameters take ≈{count(CHINCHILLA_TOKENS_PER_PARAM * n_params)} tokens",
+            f"at 20 tokens/param these parameters take ≈{count(TOKENS_PER_PARAM * n_params)} tokens",
         )
 
 

@@ -377,13 +377,10 @@ def _gemm_shape(data: ModelData, layer: LayerPlan, t: Tensor, layout: Layout, ml
             assert isinstance(moe, MoEPlan)
             routed = math.ceil(_routing_tokens(data, layout) * moe.top_k * ep / moe.n_experts)
             return routed, shape[1], shape[2], shape[0], True
-        case "router":
-            # a small precision-sensitive GEMM that fp8 recipes keep out of fp8, over the tokens
-            # this rank routes (its sequence shard under SP)
-            return _routing_tokens(data, layout), shape[0], shape[1], 1, False
-        case "gate":
-            # the shared-expert gate reads the layer's input where the router does: the rank's
-            # sequence shard under SP (its weight gradient is summed over tp: `cluster._sp_summed`)
+        case "router" | "gate":
+            # small precision-sensitive GEMMs that fp8 recipes keep out of fp8, over the tokens this
+            # rank routes (its sequence shard under SP); the shared-expert gate reads the layer's
+            # input where the router does (its weight gradient summed over tp: `cluster._sp_summed`)
             return _routing_tokens(data, layout), shape[0], shape[1], 1, False
         case "linear" if t.per_position:
             # Hyena's filter MLP runs once per position of the whole sequence (every CP rank runs
@@ -509,8 +506,8 @@ def bias_grad_bytes(data: ModelData, i: int, layout: Layout) -> int:
     a pass of its own that reads the whole output gradient, 2 B per element. Per bias: the rows
     of its GEMM (`_gemm_shape`) times its local width, a row-parallel one's too: the torch engine
     adds it before the reduction (`RowwiseParallel`), whose backward gathers the output gradient
-    whole. An expert bank's bias is gathered
-    per routed copy (`b[e(r)]`), and its gradient an index_put of the copies' output gradient. Transformer Engine computes it in
+    whole. An expert bank's bias is gathered per routed copy (`b[e(r)]`), and its gradient is an
+    index_put of the copies' output gradient. Transformer Engine computes it in
     the weight-gradient GEMM's epilogue (cuBLASLt's BGRADB), so the Megatron-style engines, priced
     as Megatron-Core with TE, pay none (Megatron-LM 2021 summed apart too; its rows are priced
     without it, 0.1-0.6 points: docs/validation.md, "The eager-autograd round"), nor do fp8
