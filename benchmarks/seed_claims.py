@@ -535,7 +535,8 @@ def render_doc(result: dict[str, Any], plot: Path | None, doc: Path) -> str:
     out += ["## 5. Tokens per parameter", "",
             "Compute-optimal D/N = argmin of L(N, D) = E + A/N^α + B/D^β under C = 6ND, for the two "
             "Approach-3 fits archplan carries (Hoffmann et al. 2022 as printed; Besiroglu et al. 2024's "
-            "replication). `size` and `plan` default to 20 tokens per parameter.", ""]
+            "replication). `size` defaults to 20 tokens per parameter; `plan` to the optimum of "
+            "`--law epoch`, Besiroglu et al. 2024's fit (the besiroglu2024 row).", ""]
     budgets = list(next(iter(tokens["details"]["tokens_per_param"].values())))
     out += _table(["fit", *(f"C = {c} FLOP" for c in budgets)],
                   [[k, *(f"{v:.0f}" for v in r.values())] for k, r in tokens["details"]["tokens_per_param"].items()])

@@ -714,3 +714,16 @@ def test_the_context_fix_offers_no_factor_the_spec_refuses() -> None:
             "ffn: {kind: glu, d_ff: 384}\nposition: {kind: rope, scaling: {kind: yarn, factor: 4, original_max_positions: 2048}}\n")
     (finding,) = lint_text(spec, "c.yaml")
     assert finding.code == "AP012" and finding.fix.startswith("lower max_seq_len to 8,192")
+
+
+def test_a_message_opening_with_its_last_name_only_keeps_the_section() -> None:
+    """`top_k (5) exceeds ...` under `moe.top_k` would lose `moe.` if only the last name were
+    matched; a message that opens with the whole path is left as it is."""
+    from archplan.lint.engine import Finding
+
+    def finding(field: str, message: str) -> Finding:
+        return Finding("AP006", "error", "x.yaml", 1, 1, message, field=field)
+
+    assert finding("moe.top_k", "top_k (5) exceeds n_experts (4)").labelled == (
+        "moe.top_k: top_k (5) exceeds n_experts (4)")
+    assert finding("vocab_size", "vocab_size 50,257 is odd").labelled == "vocab_size 50,257 is odd"

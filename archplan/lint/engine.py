@@ -56,12 +56,12 @@ class Finding:
     def labelled(self) -> str:
         """The message with its field path in front, as `archplan size` prints a spec error
         (`attention.n_heads: d_model (500) is not divisible ...`), for the formats that have no
-        field of their own (text, github, sarif). A message that already opens with the field
-        (`vocab_size 50,257 is not ...`) is left as it is."""
+        field of their own (text, github, sarif). A message that already opens with the whole
+        dotted path (`vocab_size 50,257 is not ...`) is left as it is; one that opens with its last
+        name only (`top_k (9) exceeds ...`) still gets the path, or the section would be lost."""
         if self.field is None:
             return self.message
-        names = (self.field, self.field.rsplit(".", 1)[-1])
-        if self.message.startswith(tuple(f"{name} " for name in names)):
+        if self.message.startswith(f"{self.field} "):
             return self.message
         return f"{self.field}: {self.message}"
 
