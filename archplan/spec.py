@@ -33,6 +33,7 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Dim = Annotated[Int, Field(gt=0, le=MAX_DIM)]
 NonNegDim = Annotated[Int, Field(ge=0, le=MAX_DIM)]
 PositiveInt = Annotated[Int, Field(gt=0)]
+NAME_MAX_CHARS = 200  # a spec's name, as tables and file names show it
 
 
 def _printable(text: str, allowed: str) -> str:
@@ -584,7 +585,7 @@ class Reference(Frozen):
 
 
 class Spec(Frozen):
-    name: Line = Field(min_length=1, max_length=200)
+    name: Line = Field(min_length=1, max_length=NAME_MAX_CHARS)
     description: Text | None = None
     vocab_size: Dim
     d_model: Dim

@@ -595,6 +595,49 @@ def test_a_folder_name_an_ascii_locale_could_not_decode_names_the_model(tmp_path
     assert model_name(tmp_path / escaped / "config.json") == "hf 模型" and printable(escaped) == "hf 模型"
 
 
+def test_a_config_in_the_hugging_face_cache_is_named_after_its_repository(tmp_path: Path) -> None:
+    """The cache's `snapshots/<revision>/config.json` is a link into `blobs/`: the name followed it
+    and every cached model was called `blobs`."""
+    from archplan.importers.hf import model_name
+
+    repo = tmp_path / "hub" / "models--meta-llama--Meta-Llama-3-8B"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "a1b2").write_text("{}")
+    (repo / "snapshots" / "8cde5ca8").mkdir(parents=True)
+    (repo / "snapshots" / "8cde5ca8" / "config.json").symlink_to("../../blobs/a1b2")
+    assert model_name(repo / "snapshots" / "8cde5ca8" / "config.json") == "Meta-Llama-3-8B"
+    link = tmp_path / "mine" / "config.json"
+    link.parent.mkdir()
+    link.symlink_to(repo / "blobs" / "a1b2")
+    assert model_name(link) == "mine"
+
+
+def test_a_file_name_the_spec_would_refuse_does_not_refuse_the_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tab in a folder's name, or a 230-character file name, made a valid config exit 2 ("the
+    config maps to an invalid spec: name: ..."): the name is not the config."""
+    source = tmp_path / "tab\tdir" / "config.json"
+    source.parent.mkdir()
+    source.write_text((FIXTURES / "hf-configs" / "gpt2.json").read_text())
+    long = tmp_path / f"{'x' * 230}.json"
+    long.write_text(source.read_text())
+    for path, name in ((source.parent, "tab dir"), (long, "x" * 200)):
+        code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(path), "--json")
+        assert code == 0, err
+        assert json.loads(out)["spec"]["name"] == name
+
+
+def test_an_absent_kv_head_count_says_whose_default_it_read() -> None:
+    """Without `num_key_value_heads` Gemma reads transformers' default, 16, which 8 query heads do
+    not divide: the error named a 16 the file does not hold."""
+    data = json.loads((FIXTURES / "hf-configs" / "gemma-2b.json").read_text())
+    del data["num_key_value_heads"]
+    error = refusal(data)
+    assert error.field == "num_key_value_heads"
+    assert str(error).endswith("not divisible by 16 key/value heads (absent: 16 is transformers' gemma default; "
+                               "give num_key_value_heads)")
+
+
 def test_a_spec_imported_from_an_undecodable_folder_name_loads(tmp_path: Path) -> None:
     """The name was cleaned but `reference.source` kept the escapes, which YAML cannot carry: `-o`
     wrote a spec that would not load ("invalid Unicode character escape code")."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from archplan.loader import read_capped
 from archplan.spec import (
     MAX_DIM,
     MAX_LAYERS,
+    NAME_MAX_CHARS,
     GLU,
     GQA,
     MHA,
@@ -340,8 +342,11 @@ def attention(cfg: HFConfig, dims: Dims, *, qkv_bias: bool = False, out_bias: bo
     if dims.n_kv == 1:
         return MQA(kind="mqa", **common)
     if dims.n_heads % dims.n_kv:
+        # an absent key reads transformers' default for the family, which the file does not show
+        absent = "" if cfg.has(dims.kv_key) else (
+            f" (absent: {dims.n_kv} is transformers' {cfg.model_type} default; give {dims.kv_key})")
         raise cfg.error(dims.kv_key,
-                        f"{dims.n_heads} query heads are not divisible by {dims.n_kv} key/value heads")
+                        f"{dims.n_heads} query heads are not divisible by {dims.n_kv} key/value heads{absent}")
     return GQA(kind="gqa", n_kv_heads=dims.n_kv, **common)
 
 
@@ -1787,10 +1792,24 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def model_name(path: Path) -> str:
-    """`.../Meta-Llama-3-8B/config.json` -> 'Meta-Llama-3-8B'; `llama-3-8b.json` -> 'llama-3-8b'."""
-    if path.name == "config.json" and path.resolve().parent.name:
-        return as_text(path.resolve().parent.name)
-    return as_text(path.stem)
+    """`.../Meta-Llama-3-8B/config.json` -> 'Meta-Llama-3-8B'; `llama-3-8b.json` -> 'llama-3-8b';
+    Hugging Face's cache, `.../models--meta-llama--Meta-Llama-3-8B/snapshots/<revision>/config.json`
+    (a link into the cache's `blobs/`, which the name must not follow) -> 'Meta-Llama-3-8B'. A file
+    name is not the config: control characters become spaces and the name is cut to the spec's
+    `name` limit, where the spec would refuse them."""
+    absolute = Path(os.path.abspath(path))
+    name = absolute.stem
+    if absolute.name == "config.json" and absolute.parent.name:
+        name = absolute.parent.name
+        repo = absolute.parent.parent.parent.name
+        if absolute.parent.parent.name == "snapshots" and repo.startswith(HF_CACHE_PREFIX):
+            # huggingface_hub's folder per repository, `models--{org}--{name}` ("--" is in no repo id)
+            name = repo.split("--")[-1]
+    text = "".join(" " if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in as_text(name))
+    return text[:NAME_MAX_CHARS]
+
+
+HF_CACHE_PREFIX = "models--"
 
 
 @dataclass(frozen=True)
