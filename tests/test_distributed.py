@@ -1423,21 +1423,79 @@ def test_workers_do_not_import_a_folder_named_archplan_from_the_working_folder(
     from archplan.errors import ArchplanError
 
     imported: list[subprocess.CompletedProcess[str]] = []
-    real_run = subprocess.run
 
-    def run(cmd: list[str], env: dict[str, str], **_: object) -> subprocess.CompletedProcess[str]:
+    def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         # what a worker's `import archplan` finds, in the launcher's environment, from that folder
-        imported.append(real_run([sys.executable, "-c", "import archplan; print(archplan.__file__)"],
+        imported.append(subprocess.run([sys.executable, "-c", "import archplan; print(archplan.__file__)"],
                                        env=env, capture_output=True, text=True, cwd=tmp_path))
         return subprocess.CompletedProcess(cmd, 1, "", "")
 
     (tmp_path / "archplan").mkdir()
-    monkeypatch.setattr(workers.subprocess, "run", run)
+    monkeypatch.setattr(workers, "_run_group", run)
     with pytest.raises(ArchplanError) as failed:  # no worker ran: only what they would import is checked
         workers.launch(["x.yaml"], 2)
     assert imported[0].returncode == 0 and imported[0].stdout.strip() == archplan.__file__
     # failed workers are not bad input: exit 3, not 2 (`cli.main` exits with the error's code)
     assert isinstance(failed.value, workers.WorkersFailed) and failed.value.exit_code == 3
+
+
+def test_workers_run_the_code_of_the_archplan_that_launched_them(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """The workers' sys.path starts with the folder the launcher imported archplan from: with
+    another archplan installed (or none), they ran that one ("No module named 'archplan'", or
+    another version's code) where the launcher ran a checkout."""
+    import os
+    import subprocess
+
+    import archplan
+    from archplan.distributed import workers
+
+    seen: list[str] = []
+
+    def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        seen.append(env["PYTHONPATH"])
+        return subprocess.CompletedProcess(cmd, 1, "", "")
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(workers, "_run_group", run)
+    with pytest.raises(workers.WorkersFailed):
+        workers.launch(["x.yaml"], 2)
+    root = str(Path(archplan.__file__).resolve().parent.parent)
+    assert seen == [f"{root}{os.pathsep}{tmp_path}"]
+
+
+def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Path) -> None:
+    """SIGTERM to the launcher alone (`kill`, a CI job's timeout) left torchrun and its workers
+    running. A stand-in for torchrun that starts a worker of its own, under `_run_group` in a
+    launcher process that is then terminated: both are gone, and the launcher exits 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    torchrun = ("import os, subprocess, sys, time; "
+                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}'); time.sleep(120)")
+    launcher = ("import os, sys; from archplan.distributed.workers import _run_group; "
+                f"_run_group([sys.executable, '-c', {torchrun!r}], dict(os.environ))")
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(pid) for pid in pids.read_text().split()]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # a zombie whose parent is gone is reaped by init; a live one is the defect
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "Z"
+        assert state == "Z", f"pid {pid} still running"
 
 
 def test_a_workers_refusal_of_its_input_is_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1448,7 +1506,7 @@ def test_a_workers_refusal_of_its_input_is_bad_input(monkeypatch: pytest.MonkeyP
     from archplan.errors import ArchplanError
 
     refused = "[rank1]: archplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n"
-    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(cmd, 1, refused, ""))
+    monkeypatch.setattr(workers, "_run_group", lambda cmd, env: subprocess.CompletedProcess(cmd, 1, refused, ""))
     with pytest.raises(ArchplanError) as failed:
         workers.launch(["x.yaml"], 2)
     assert not isinstance(failed.value, workers.WorkersFailed) and failed.value.exit_code == 2
@@ -1479,6 +1537,10 @@ Root Cause (first observed failure):
     assert failure("noise\narchplan: error: --seq 64 exceeds the spec's max_seq_len (32)\n" + refused_exit) == (
         "--seq 64 exceeds the spec's max_seq_len (32)")
     assert failure("something broke\n=====\n") == "something broke"
+    # `python -m` that finds no module prints one line and no traceback
+    unfound = ("[rank0]: /usr/bin/python: Error while finding module specification for 'archplan.cli' "
+               "(ModuleNotFoundError: No module named 'archplan')\n")
+    assert failure(unfound) == "ModuleNotFoundError: No module named 'archplan'"
     # a rank that raised exits with code 1, and its exception is the cause
     raised_exit = summary.replace("-9 (pid: 21540)  (SIGKILL)", "1 (pid: 21540)").replace(
         "Signal 9 (SIGKILL) received by PID 21540", "To enable traceback see: ...")

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -214,7 +216,8 @@ def run_worker(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int, 
     torch.manual_seed(SEED)  # every replica of a shard starts from the same weights
     chunks = tuple(shard_stage(chunk, mesh, balanced=False)
                    for chunk in build_chunks(plan, layout, mesh.stage, device, torch.float32))
-    optimizer = torch.optim.AdamW([p for c in chunks for p in c.stage.parameters()], lr=1e-4)
+    # fused, as `verify --layout` measures it (`fake.measure`) and `plan` prices the torch engine's
+    optimizer = torch.optim.AdamW([p for c in chunks for p in c.stage.parameters()], lr=1e-4, fused=True)
     local_seq = seq // layout.cp // (layout.tp if layout.sequence_parallel else 1)
     runner = StageRunner(chunks, mesh, optimizer, (layout.mb, local_seq, plan.d_model), device)
     batches = _batches(plan, layout, seq, microbatches, device, mesh.data_rank, mesh["cp"].get_local_rank())
@@ -265,17 +268,59 @@ def launch(argv: list[str], nproc: int) -> DistBench:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "rank0.json")
         # PYTHONSAFEPATH (Python 3.11+): `-m` would put the working folder first on sys.path, where
-        # a folder named archplan (the one above a checkout) would shadow the installed package
+        # a folder named archplan (the one above a checkout) would shadow the installed package;
+        # the folder this process imported archplan from goes first instead, so that the workers
+        # run the parent's code, not another install's (or none)
+        paths = [_package_root(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         env = {**os.environ, OUT_ENV: str(out), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "PYTHONSAFEPATH": "1"}
+               "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join(paths)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "archplan.cli", "bench", *argv]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = _run_group(cmd, env)
         if done.returncode != 0 or not out.exists():
             output = done.stdout + done.stderr
             error = ArchplanError if _input_refused(_lines(output)) else WorkersFailed
             raise error(f"bench --nproc {nproc}: the workers failed: {failure(output)}")
         return DistBench(**json.loads(out.read_text()))
+
+
+def _package_root() -> str:
+    """The folder holding the archplan package this process runs (a checkout, an editable
+    install's source, site-packages)."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+def _run_group(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run torchrun in a session of its own and take its whole process group down with this one:
+    a SIGTERM sent to this process alone (`kill`, a CI job's timeout, a supervisor) left torchrun
+    and its workers running, holding their devices, and Ctrl-C no longer reaches a new session."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if main_thread:
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it to its workers
+            try:
+                proc.wait(timeout=GROUP_STOP_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+# how long torchrun and its workers get to stop on SIGTERM before they are killed
+GROUP_STOP_S = 30
 
 
 class WorkersFailed(ArchplanError):
@@ -287,6 +332,9 @@ class WorkersFailed(ArchplanError):
 
 # the last line of a Python traceback: `torch.OutOfMemoryError: CUDA out of memory. ...`
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(: |$)")
+# `python -m` that finds no module prints no traceback, only this line:
+# `python: Error while finding module specification for 'archplan.cli' (ModuleNotFoundError: ...)`
+_MODULE_SPEC = re.compile(r"^.*Error while finding module specification for .*? \((\w+Error: .*)\)$")
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 # a worker's report that a collective or the rendezvous failed under it (bench's `WorkersFailed`
 # in the worker, exit 3): the peers' failure seen from one rank, not a refusal of the input
@@ -317,7 +365,8 @@ def failure(output: str) -> str:
     ours = _refusals(lines)
     if ours:
         return ours[-1].removeprefix("archplan: error:").strip()
-    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line]
+    raised = [_MODULE_SPEC.sub(r"\1", line) for line in lines
+              if (_EXCEPTION_LINE.match(line) or _MODULE_SPEC.match(line)) and "ChildFailedError" not in line]
     if raised:
         return raised[-1]
     peers = [line for line in lines if _PEER_FAILED.match(line)]
