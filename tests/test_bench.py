@@ -862,3 +862,69 @@ def test_a_sweep_says_which_lengths_timed_noisily() -> None:
     assert steady.noise_note("m") is None
     note = noisy.noise_note("m")
     assert note is not None and note.startswith("m at seq 128 timings spread 3.00×") and "the fastest pass" in note
+
+
+def test_train_prices_the_kv_copies_archplan_makes_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA archplan's attention repeats K and V to every query head before SDPA (`repeats_kv`:
+    the fused kernels refuse `enable_gqa`), and SDPA keeps the copies; the flash kernel's count
+    under archplan's units prices them. Run here with that branch forced, against the CPU's own
+    path: the kept activations grow by exactly what the count grows by, two bf16 copies of
+    n·(H − Hkv)·Dh a layer (1 of 4 heads shared in tiny-llama). Without recompute only: a
+    checkpoint keeps the core's inputs, from before the repeat."""
+    from archplan.distributed import train
+    from archplan.modules import attention
+
+    plan = resolve(load_spec(Path(__file__).parent / "fixtures" / "distributed" / "tiny-llama.yaml"))
+    mixer = plan.layers[0].mixer
+    seq = 128
+
+    def bench(recompute: str) -> tuple[int, int]:
+        run = train.train_bench(plan, device="cpu", dtype="bf16", batch=1, seq=seq, recompute=recompute, iters=1)
+        return run.measured_activations, run.analytic_activations
+
+    cpu = {mode: bench(mode) for mode in ("none", "selective")}
+    monkeypatch.setattr(attention, "repeats_kv", lambda q: True)
+    monkeypatch.setattr(train, "attention_kernel", lambda dev: "flash")
+    cuda = {mode: bench(mode) for mode in ("none", "selective")}
+    copies = 2 * 2 * seq * (mixer.n_heads - mixer.n_kv_heads) * mixer.head_dim * len(plan.layers)
+    assert copies > 0
+    assert [c - p for c, p in zip(cuda["none"], cpu["none"])] == [copies, copies]
+    assert cuda["selective"] == cpu["selective"]
+
+
+@pytest.mark.parametrize(("fixture", "dtype", "recompute"), [
+    ("tiny-llama", "fp32", "full"), ("tiny-gpt", "bf16", "full"), ("tiny-moe", "bf16", "full")])
+def test_train_measures_the_step_with_its_gradients_held(fixture: str, dtype: str, recompute: str) -> None:
+    """torch freed the gradients between steps (`set_to_none`), so at the loss backward it held
+    4 B/param fewer than size's convention prices: 0.85 of size's peak, ✗, where no autocast weight
+    copies made up for it (fp32, or a checkpoint freeing them). The step keeps them, as ZeRO's and
+    Megatron's buffers do: within 2% (bf16 holds autocast's copies above it)."""
+    from archplan.distributed.train import train_bench
+
+    plan = resolve(load_spec(Path(__file__).parent / "fixtures" / "distributed" / f"{fixture}.yaml"))
+    run = train_bench(plan, device="cpu", dtype=dtype, batch=2, seq=128, recompute=recompute, iters=1)
+    assert run.total_ok and run.states_ok
+    assert 1.0 <= run.measured["Total"] / run.analytic_total < 1.02
+
+
+@pytest.mark.parametrize(("position", "window"), [("alibi", None), ("rope", 64)], ids=["alibi", "window"])
+def test_train_prices_and_measures_the_shared_mask(position: str, window: int | None) -> None:
+    """An ALiBi bias (H, T, T) or a window's (T, T) mask is built once a forward and kept by SDPA:
+    built in the warm-up, before the tracker, it fell in no category (tiny-mqa-alibi at 1 × 256:
+    524,288 B unseen, the true activations 1.34× size's), and size's count did not price it."""
+    from archplan.analytic.memory import activation_memory
+    from archplan.distributed.train import train_bench
+
+    heads, seq = 4, 256
+    attention = {"kind": "mqa", "n_heads": heads, **({"sliding_window": window} if window else {})}
+    plan = resolve(Spec.model_validate({
+        "name": "masked", "vocab_size": 512, "d_model": 64, "n_layers": 2, "max_seq_len": seq,
+        "attention": attention, "position": {"kind": position}, "ffn": {"kind": "mlp", "d_ff": 128},
+        **({"layout": {"mixers": "S"}} if window else {})}))
+    mask = 2 * (heads if position == "alibi" else 1) * seq * seq
+    priced = activation_memory(plan, 1, seq, activation_dtype="bf16", attention_kernel="torch-cpu", units="torch")
+    assert priced.by_component["masks"] == mask
+    assert "masks" not in activation_memory(plan, 1, seq, attention_kernel="flash").by_component
+    run = train_bench(plan, device="cpu", dtype="bf16", batch=1, seq=seq, recompute="none", iters=1)
+    assert run.measured_activations > mask
+    assert abs(run.measured_activations / run.analytic_activations - 1) < 0.02

@@ -147,6 +147,21 @@ def _core_operand_bytes(kernel: CoreKernel, recompute: Recompute, act: int, toke
     return act * tokens * (n_heads * qk_dim + kv_heads * (qk_dim + v_dim))
 
 
+def shared_mask_bytes(plan: ModelPlan, seq_len: int, act: int) -> int:
+    """The additive masks archplan's attention modules build once per forward and share over the
+    layers, micro-batches and re-runs (`modules.attention.BiasCache`), which SDPA keeps for the
+    backward: per distinct (ALiBi heads, window), one (H, T, T) ALiBi bias, or without ALiBi one
+    (T, T) mask per sliding window, in the activation dtype (the queries'). Plain causal attention
+    runs SDPA's `is_causal` and builds none; a fused kernel's ALiBi and windows are slopes and
+    bounds, no tensor (`size`'s kernels)."""
+    attention = [layer.mixer for layer in (*plan.layers, *plan.mtp) if isinstance(layer.mixer, AttentionPlan | MLAPlan)]
+    if plan.position == "alibi":
+        keys = {(mixer.n_heads, mixer.window) for mixer in attention}
+    else:
+        keys = {(1, mixer.window) for mixer in attention if mixer.window is not None}
+    return sum(act * heads * seq_len * seq_len for heads, _ in keys)
+
+
 def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, act: int, recompute: Recompute,
                           kernel: CoreKernel, dropout: bool) -> int:
     """What the attention core keeps beyond its projections (Korthikanti et al. 2022 §4.1): eager,
@@ -413,9 +428,15 @@ def _mixer_bytes(mixer: MixerPlan, s: int, b: int, h: int, act: int, recompute: 
             q_width = mixer.n_heads * mixer.head_dim
             kv_width = mixer.n_kv_heads * mixer.head_dim
             core = _core_kernel(kernel, mixer.head_dim, mixer.head_dim)
+            kept_kv_heads = mixer.n_kv_heads
+            if units == "torch" and kernel == "flash" and recompute == "none":
+                # archplan's attention on CUDA repeats K and V to every query head before SDPA (the
+                # fused kernels refuse `enable_gqa`: `modules.attention.sdpa`), which keeps the copies;
+                # a selectively recomputed core keeps its inputs, from before the repeat
+                kept_kv_heads = mixer.n_heads
             # QKV input + output-projection input, and Q + K + V (Korthikanti: 2 + 2, and 4 + 2 for MHA)
             value = act * tokens * (h + q_width) + _core_operand_bytes(
-                core, recompute, act, tokens, mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.head_dim)
+                core, recompute, act, tokens, mixer.n_heads, kept_kv_heads, mixer.head_dim, mixer.head_dim)
             if mixer.qk_norm is not None:
                 value += act * tokens * (q_width + kv_width)  # the norms' inputs
             return value + _attention_core_bytes(mixer.n_heads, s, b, h, act, recompute, core, dropout)
@@ -678,7 +699,8 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `units`: what the Mamba
     and MoE layers keep, fused kernels' tensors (`size`) or archplan's torch units' (`bench
     --train`): Mamba-2's `ssd_unit_bytes` (its contractions in the activation dtype as under
-    autocast), Mamba-1's `mamba1_unit_bytes`, an MoE layer's `moe_routing_bytes`.
+    autocast), Mamba-1's `mamba1_unit_bytes`, an MoE layer's `moe_routing_bytes`, and the ALiBi
+    biases and window masks the attention modules share (`shared_mask_bytes`).
     `autocast`: the step runs under torch.autocast (`bench --train` in bf16), whose matmuls keep
     their 16-bit casts where S4's kernel generation multiplies in fp32 otherwise
     (`s4_kernel_activation_bytes`), and which casts a matmul's fp32 input on every call, so each
@@ -695,6 +717,8 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         out["embed"] += MASK_BYTES * tokens * h
     if plan.embed_norm:
         out["embed_norm"] = res * tokens * h
+    if units == "torch" and (masks := shared_mask_bytes(plan, s, act)):
+        out["masks"] = masks
     working_set = 0
     core_backward = scan_backward = conv_backward = generation = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added

@@ -154,6 +154,17 @@ def attention_core(recompute: bool, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSDv: Ten
     return sdpa(q_BHTD, k_BHSD, v_BHSDv, qpos_T, kpos_S, cached=cached, **options)
 
 
+def repeats_kv(q_BHTD: Tensor) -> bool:
+    """Whether `sdpa` repeats K and V to every query head before SDPA, which then keeps the copies
+    for the backward (`analytic.memory` prices them under archplan's units on CUDA). CUDA's fused
+    kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch 2.11 sdp_utils:
+    "both fused kernels require query, key and value to have the same num_heads"), so SDPA would
+    silently fall back to the math kernel and its T×S scores; repeating K/V per query group (as
+    Hugging Face's `repeat_kv` does) keeps them eligible. The FLOPs are the same, and meta/CPU
+    (where FLOPs are counted) keep `enable_gqa`."""
+    return q_BHTD.device.type == "cuda"
+
+
 def sdpa(
     q_BHTD: Tensor,
     k_BHSD: Tensor,
@@ -176,12 +187,7 @@ def sdpa(
     order, and the layers share one mask, `SequenceShard.mask`); `biases`: the layers' shared
     ALiBi biases and window masks (`BiasCache`).
     """
-    if gqa and q_BHTD.device.type == "cuda":
-        # CUDA's fused kernels (flash, memory-efficient) refuse `enable_gqa` on dense inputs (torch
-        # 2.11 sdp_utils: "both fused kernels require query, key and value to have the same
-        # num_heads"), so SDPA would silently fall back to the math kernel and its T×S scores.
-        # Repeating K/V per query group (as Hugging Face's `repeat_kv` does) keeps them eligible;
-        # the FLOPs are the same, and meta/CPU (where FLOPs are counted) keep `enable_gqa`.
+    if gqa and repeats_kv(q_BHTD):
         group = q_BHTD.shape[1] // k_BHSD.shape[1]
         k_BHSD = k_BHSD.repeat_interleave(group, dim=1)
         v_BHSDv = v_BHSDv.repeat_interleave(group, dim=1)
