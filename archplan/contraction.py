@@ -92,6 +92,13 @@ class _DecomposedFlops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.OpOverload) and func._can_decompose():
+            # run inside another mode (verify's counter), a composite op reaches this one whole:
+            # SDPA's math kernel, with no formula, whose own decomposition dispatches the products
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
         formula = self.registry.get(getattr(func, "_overloadpacket", None))
         if formula is not None:

@@ -123,6 +123,22 @@ def test_a_decomposition_tells_square_attention_from_an_update() -> None:
     assert detect(mv, (w, x), {}, mv(w, x))
 
 
+def test_square_attention_is_caught_inside_verifys_counter() -> None:
+    """Inside the counter's own dispatch mode, the decomposition's mode saw SDPA's math kernel as
+    one op with no formula, 0 FLOPs: square CPU attention went unlisted, and verify's safety net
+    did not fire where it runs."""
+    from archplan.crosscheck import _ListingCounter
+
+    class Attention(torch.nn.Module):
+        def forward(self, q_BHTD: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_BHTD, q_BHTD, q_BHTD)[0]
+
+    model = Attention()
+    with _ListingCounter(model) as counter:
+        model(torch.randn(1, 2, 8, 4))
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in counter.log.contracting
+
+
 @pytest.mark.parametrize(("operands", "outputs"), [
     ([(16, 4), (16, 4)], [(16, 4)]),  # softmax backward: grad and output, same shape
     ([(4, 4), (4, 4)], [(4, 4)]),  # ... square
