@@ -52,6 +52,13 @@ BACKENDS = ("math", "flash", "efficient", "cudnn")
 # what a prefill's FLOPs count (`analytic.forward_flops`, the counted forward; size's convention)
 PREFILL_FLOPS_CONVENTION = ("analytic forward, 2 FLOPs per multiply-add, attention causal, LM head counted, "
                             "embedding lookups not")
+# what a training step's model FLOPs count (`analytic.training_flops_of_batch`), MFU's numerator
+TRAINING_FLOPS_CONVENTION = ("analytic forward + backward (docs/formulas.md §2.7), 2 FLOPs per "
+                             "multiply-add, attention causal, LM head counted, embedding lookups not, "
+                             "no recompute (hardware FLOPs add the recompute's re-run)")
+# ... per token of a layout's step: its micro-batch's sequences share a long convolution's filters
+LAYOUT_FLOPS_CONVENTION = ("training, analytic forward + backward, 2 FLOPs per multiply-add, attention causal, "
+                           "LM head counted, embedding lookups not, no recompute, at the layout's micro-batch")
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,8 @@ class BenchResult:
                 "flops": dm.flops,
                 "flops_counted": dm.flops_counted,
                 "flops_convention": "one step, batch × 1 new token at `context` keys (itself included), "
-                                    "2 FLOPs/MAC; counted = FlopCounterMode on meta, full model",
+                                    "2 FLOPs/MAC, LM head counted, embedding lookups not, MLA absorbed where "
+                                    "that costs fewer multiply-adds; counted = FlopCounterMode on meta, full model",
                 "model": DECODE_MODEL,
                 "rates": dm.rates.__dict__,
                 "ops_per_layer": {kind: ops.__dict__ for kind, ops in dm.ops_by_kind.items()},
@@ -213,6 +221,7 @@ class BenchResult:
                 # CUDA: the roofline's sum and the host's issue of the pass's calls, the larger predicted
                 "roofline_s": self.predicted_prefill.work_seconds,
                 "host_issue_s": self.predicted_prefill.overhead_seconds if self.predicted_prefill.overlap else None,
+                "flops_convention": PREFILL_FLOPS_CONVENTION,
                 "by_kind": [r.__dict__ for r in self.predicted_prefill.rows],
             },
             "extrapolated": self.extrapolation is not None,

@@ -35,7 +35,7 @@ class Timing:
     def noise_note(self, what: str, reported: str = "the median") -> str | None:
         """A line when the timings spread past NOISY_SPREAD, which an idle host does not show: the
         `reported` figure still stands, but another process (or throttling) shared the run."""
-        if len(self.samples) < 3 or self.spread <= NOISY_SPREAD:
+        if len(self.samples) < MIN_JUDGED_SAMPLES or self.spread <= NOISY_SPREAD:
             return None
         load = ""
         if hasattr(os, "getloadavg"):
@@ -48,6 +48,8 @@ class Timing:
 # p90/p10 of repeated timings beyond which a run is called noisy: the same forward timed back to
 # back repeats its kernels, so only another load (or throttling) makes one take half again as long.
 NOISY_SPREAD = 1.5
+# fewer timed passes than this have no spread to judge: p10 and p90 are the same one or two
+MIN_JUDGED_SAMPLES = 3
 
 
 def progress_bar(console: Console) -> Progress:

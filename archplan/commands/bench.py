@@ -253,7 +253,12 @@ def bench(
 def _measured(timing: Timing, unit: str, extrapolated: bool) -> str:
     """A row's note on its timed samples: under --layers the row's figure is the full depth,
     extrapolated, while the median and spread here were measured on the layers built."""
+    from archplan.bench.timing import MIN_JUDGED_SAMPLES
+
     spread = f"p10 {1e3 * timing.quantile(0.1):.2f} / p90 {1e3 * timing.quantile(0.9):.2f} ms"
+    if len(timing.samples) < MIN_JUDGED_SAMPLES:
+        # one or two passes show no spread, which is not the same as none (`Timing.noise_note`)
+        spread = f"{things(len(timing.samples), 'timed pass')}: spread not judged (--iters {MIN_JUDGED_SAMPLES} or more)"
     if extrapolated:
         return f"full depth, extrapolated; the built layers measured {1e3 * timing.median:.2f} {unit}, {spread}"
     return f"{spread} measured"
@@ -305,7 +310,7 @@ def _render(result: object, name: str) -> None:
     for message in result.compile_warnings:
         console.print(f"  torch.compile warned: {escape(message)}", style="dim")
 
-    kinds = Table(title="roofline by layer kind", show_header=True)
+    kinds = Table(title="roofline by layer kind", show_header=True, caption=f"FLOPs: {PREFILL_FLOPS_CONVENTION}")
     for col in ("kind", "layers", "FLOPs", "bytes", "predicted", "bound"):
         kinds.add_column(col, justify="right" if col not in ("kind", "bound") else "left")
     for row in result.predicted_prefill.rows:

@@ -112,7 +112,9 @@ TokensOpt = Annotated[str | None, typer.Option(
 GpuOpt = Annotated[str | None, typer.Option(
     "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...")]
 MfuOpt = Annotated[float | None, typer.Option(
-    "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4].", show_default=False)]
+    "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4], over the model FLOPs of "
+                  "--attention (full by default; bench and plan measure MFU over causal attention, so "
+                  "give --attention causal with an MFU they printed).", show_default=False)]
 LawOpt = Annotated[list[LawChoice] | None, typer.Option(
     "--law", help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024; plan's "
     "names chinchilla and epoch are the same two).")]

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from archplan import jsonout
+from archplan.bench.runner import LAYOUT_FLOPS_CONVENTION
 from archplan.commands.requires import INSTALL
 from archplan.console import echo, settle
 from archplan.distributed.mesh import available_host_bytes
@@ -83,7 +84,8 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
             result = launch(argv, n)
     settle(0 if result.states_ok else 1)
     if as_json:
-        echo(jsonout.dumps({**asdict(result), "past_max_seq_len": past_max_seq_len}, indent=2))
+        echo(jsonout.dumps({**asdict(result), "flops_convention": LAYOUT_FLOPS_CONVENTION,
+                            "past_max_seq_len": past_max_seq_len}, indent=2))
     else:
         render(result)
     return result.states_ok
@@ -165,8 +167,8 @@ def render(r: DistBench) -> None:
                   f"{r.steps} timed; forward + backward ({schedule_name(parse_layout(r.layout).complete())}) + AdamW; "
                   f"{count(r.tokens_per_step)} tokens")
     table.add_row("training tokens/s", count(r.train_tokens_per_s), "all ranks")
-    table.add_row("MFU", percent(r.mfu), f"{flops(r.flops_per_token)}/token (training, causal, "
-                  f"2 per multiply-add, at the layout's micro-batch); peak {flops(r.peak_flops, 'FLOP/s')} per device ({r.peak_source})")
+    table.add_row("MFU", percent(r.mfu), f"{flops(r.flops_per_token)}/token ({LAYOUT_FLOPS_CONVENTION}); "
+                  f"peak {flops(r.peak_flops, 'FLOP/s')} per device ({r.peak_source})")
     table.add_row("prefill tokens/s", count(r.prefill_tokens_per_s), "forward only, same sharded modules")
     table.add_row("peak memory per rank", " / ".join(nbytes(b) for b in r.peak_memory_bytes), r.peak_memory_method)
     predicted = f"{1e3 * r.predicted_step_seconds:.1f} ms" if r.predicted_step_seconds is not None else "—"

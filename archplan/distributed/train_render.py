@@ -11,6 +11,7 @@ from rich.table import Table
 from archplan import jsonout
 from archplan.console import echo, settle
 from archplan.bench.fit import truncate
+from archplan.bench.runner import TRAINING_FLOPS_CONVENTION
 from archplan.distributed.tolerance import ACTIVATION_JUDGED, PEAK_TOLERANCE
 from archplan.distributed.train import TrainBench, train_bench
 from archplan.errors import ArchplanError
@@ -39,6 +40,7 @@ def bench_train(spec: str, *, device: str, dtype: str, batch: int, seq: int, rec
     settle(0 if result.ok else 1)
     if as_json:
         echo(jsonout.dumps({**asdict(result), "layers_built": plan.n_layers, "layers_in_spec": in_spec,
+                            "flops_convention": TRAINING_FLOPS_CONVENTION,
                             "mfu": result.mfu, "hfu": result.hfu, "noise": result.noise, "ok": result.ok,
                             "past_max_seq_len": past_max_seq_len}, indent=2))
     else:
@@ -81,7 +83,7 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
                     f"{r.attention_kernel}{residual}{units}; GiB = 2^30 B")
     rerun = f"; with the recompute's re-run, HFU {percent(r.hfu)}" if r.hardware_flops != r.model_flops else ""
     Console().print(f"  speed: {flops(r.model_flops / step, 'FLOP/s')} of model FLOPs ({flops(r.model_flops)} per "
-                    f"step: forward + backward, attention causal, 2 FLOPs per multiply-add), MFU "
+                    f"step: {TRAINING_FLOPS_CONVENTION}), MFU "
                     f"{percent(r.mfu)} of the dense {r.dtype} peak {flops(r.peak_flops, 'FLOP/s')} "
                     f"({r.peak_source}){rerun}")
     if r.noise is not None:
