@@ -870,6 +870,9 @@ def refusal(config: dict[str, Any]) -> ArchplanError:
     # transformers requires llama3's two factors; the spec's defaults would be a guess
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}},
      "rope_scaling.low_freq_factor"),
+    # ... and every scaled type's factor: a null one read as absent ("factor: Field required")
+    ({"rope_scaling": {"type": "linear", "factor": None}}, "rope_scaling.factor"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling.factor"),
 ])
 def test_llama_refusals_name_the_field(change: dict[str, Any], field: str) -> None:
     assert refusal({**TINY["llama-biased-tied-llama3rope"].config, **change}).field == field

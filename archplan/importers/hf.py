@@ -379,7 +379,10 @@ _ROPE_KINDS: dict[str, tuple[Literal["linear", "ntk", "yarn", "llama3"], frozens
     "llama3": ("llama3", frozenset({"factor", "original_max_position_embeddings",
                                     "low_freq_factor", "high_freq_factor"})),
 }
-_ROPE_REQUIRED = {"llama3": ("low_freq_factor", "high_freq_factor")}
+# transformers' rope validation requires `factor` of every scaled type (`required_keys`), and llama3's
+# two frequency factors too
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 # keys transformers' rope validation reads for the type (`_validate_yarn_rope_parameters`'s optional
 # keys) that the spec cannot express: refused. Any other key outside the type's is one transformers
 # warns of and ignores ("Unrecognized keys in `rope_parameters`"): reported, refused under --strict.
@@ -466,8 +469,9 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
         # Llama 3.1's, which a config that omits them has not said it means)
         for key in _ROPE_REQUIRED.get(kind_name, ()):
             if params.get(key) is None:
-                raise cfg.error(f"{where}.{key}", f"required by {kind_name} RoPE scaling (transformers refuses "
-                                                  "a config without it)")
+                given = ", null here" if key in params else ""
+                raise cfg.error(f"{where}.{key}", f"required by {kind_name} RoPE scaling{given} (transformers "
+                                                  "refuses a config without it)")
         values: dict[str, Any] = {
             _ROPE_SCALING_FIELDS[k]: v for k, v in params.items()
             if k in keys and v is not None
