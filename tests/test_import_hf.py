@@ -1142,6 +1142,15 @@ def test_cli_a_device_or_pipe_is_refused_unread(tmp_path: Path, kind: str) -> No
     assert proc.stderr == f"archplan: error: {shown}: not a regular file or folder\n"
 
 
+def test_cli_a_config_json_that_is_a_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder whose config.json is itself a folder was "not a regular file or folder"."""
+    (tmp_path / "config.json").mkdir()
+    code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(tmp_path))
+    assert code == 2 and out == ""
+    assert err == f"archplan: error: {tmp_path / 'config.json'}: a folder, where the config's JSON file was expected\n"
+
+
 def test_cli_uneven_heads_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "config.json"

@@ -1774,6 +1774,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    if path.is_dir():  # a model folder's config.json that is itself a folder
+        raise ArchplanError("a folder, where the config's JSON file was expected", file=str(path))
     raw = read_capped(path, MAX_CONFIG_BYTES, "a config.json", "not a regular file or folder")
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark is UTF-8 too, as the YAML loader reads it
