@@ -1575,13 +1575,13 @@ def test_a_killed_worker_is_a_failure_not_bad_input(monkeypatch: pytest.MonkeyPa
     output = ("[rank0]: archplan: error: rank 0: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error: "
               "Connection reset by peer\nRoot Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n"
               "  exitcode  : -9 (pid: 21540)  (SIGKILL)\n")
-    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(cmd, 1, "", output))
+    monkeypatch.setattr(workers, "_run_group", lambda cmd, env: subprocess.CompletedProcess(cmd, 1, "", output))
     with pytest.raises(workers.WorkersFailed) as failed:
         workers.launch(["x.yaml"], 2)
     assert failed.value.exit_code == 3 and "rank 1 exited with code -9 (SIGKILL" in str(failed.value)
     # without torchrun's summary, a report of a failed peer is no refusal either
     alone = "[rank0]: archplan: error: rank 0: DistBackendError: NCCL communicator was aborted\n"
-    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(cmd, 1, "", alone))
+    monkeypatch.setattr(workers, "_run_group", lambda cmd, env: subprocess.CompletedProcess(cmd, 1, "", alone))
     with pytest.raises(workers.WorkersFailed) as failed:
         workers.launch(["x.yaml"], 2)
     assert str(failed.value).endswith("rank 0: DistBackendError: NCCL communicator was aborted")
