@@ -698,6 +698,50 @@ def test_logits_match_transformers(case: str) -> None:
         torch.testing.assert_close(ours(tokens), expected, rtol=1e-4, atol=1e-4)
 
 
+DEEPSEEK_RULES = [(r"^model\.embed_tokens\.", "embed."), (r"^model\.norm\.", "final_norm."),
+                  (r"\.self_attn\.q_a_layernorm\.", ".mixer.q_a_norm."),
+                  (r"\.self_attn\.kv_a_layernorm\.", ".mixer.kv_a_norm."), (r"\.self_attn\.", ".mixer."),
+                  (r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."),
+                  (r"\.mlp\.gate\.e_score_correction_bias", ".ffn.router.score_correction_bias"),
+                  (r"\.mlp\.gate\.", ".ffn.router."), (r"\.mlp\.shared_experts\.", ".ffn.shared."),
+                  (r"\.mlp\.", ".ffn."), (r"^model\.", "")]
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_an_imported_deepseek_v3_computes_transformers_function(eps: float) -> None:
+    """The config through `archplan import hf`, not a spec written by hand: MLA with its q latent,
+    a dense first layer, then MoE layers with sigmoid scores, group-limited routing (2 groups, 1
+    kept), the score-correction bias, routed_scaling_factor and a shared expert; the logits of a
+    full forward and of a decode through archplan's cache. transformers builds the latent norms
+    with RMSNorm's default eps, 1e-6, whatever rms_norm_eps says: at 1e-2 the logits differed by
+    0.045 when the spec's norm eps was used there."""
+    transformers = pytest.importorskip("transformers")
+    from archplan.importers import spec_from_config
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        "deepseek_v3", **{**HF, "num_hidden_layers": 3, "num_key_value_heads": 4, "q_lora_rank": 12, **MLA_DIMS,
+                          "first_k_dense_replace": 1, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                          "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+                          "moe_intermediate_size": 8, "rope_interleave": False, "rms_norm_eps": eps})
+    config._attn_implementation = "eager"
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # the correction bias is a buffer: perturbed too, so that it picks experts
+        for tensor in (*reference.parameters(), *(b for n, b in reference.named_buffers() if "correction" in n)):
+            tensor.add_(0.1 * torch.randn_like(tensor))
+    spec = spec_from_config({**config.to_dict(), "model_type": "deepseek_v3"}, file="config.json", name="ds")
+    assert spec.moe is not None and spec.moe.router.n_group == 2 and spec.moe.router.score_correction_bias
+    ours = build_model(spec, device="cpu").eval()
+    ours.load_state_dict(_fused_experts(DEEPSEEK_RULES)(reference.state_dict()), strict=True)
+    tokens = torch.randint(0, 50, (2, 24))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        torch.testing.assert_close(ours(tokens), expected, rtol=1e-4, atol=1e-4)
+        cache = ours.new_cache(2, 24)
+        steps = [ours(tokens[:, :7], cache)] + [ours(tokens[:, t:t + 1], cache) for t in range(7, 24)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_falcon_alibi_scales_its_bias_with_the_scores() -> None:
     """FalconModel divides the ALiBi tensor by sqrt(head_dim) (sdpa path; Falcon-RW's own code
     scales q·k + alibi together): the import says `scaled`, and the logits match; without it they
