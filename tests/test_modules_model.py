@@ -3,6 +3,7 @@ every residual wiring, tied heads, DeepNorm init, devices."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import defaultdict
@@ -698,44 +699,171 @@ def test_logits_match_transformers(case: str) -> None:
         torch.testing.assert_close(ours(tokens), expected, rtol=1e-4, atol=1e-4)
 
 
-DEEPSEEK_RULES = [(r"^model\.embed_tokens\.", "embed."), (r"^model\.norm\.", "final_norm."),
-                  (r"\.self_attn\.q_a_layernorm\.", ".mixer.q_a_norm."),
-                  (r"\.self_attn\.kv_a_layernorm\.", ".mixer.kv_a_norm."), (r"\.self_attn\.", ".mixer."),
-                  (r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."),
-                  (r"\.mlp\.gate\.e_score_correction_bias", ".ffn.router.score_correction_bias"),
-                  (r"\.mlp\.gate\.", ".ffn.router."), (r"\.mlp\.shared_experts\.", ".ffn.shared."),
-                  (r"\.mlp\.", ".ffn."), (r"^model\.", "")]
+# Llama-style names (DeepSeek, Qwen, OLMoE, Mistral, Phi-3): `shared_experts` is DeepSeek's,
+# `shared_expert` and its sigmoid `shared_expert_gate` Qwen2-MoE's
+LLAMA_RULES = [(r"^model\.embed_tokens\.", "embed."), (r"^model\.norm\.", "final_norm."),
+               (r"\.self_attn\.(q_a|kv_a)_layernorm\.", r".mixer.\1_norm."), (r"\.self_attn\.", ".mixer."),
+               (r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."),
+               (r"\.mlp\.gate\.e_score_correction_bias", ".ffn.router.score_correction_bias"),
+               (r"\.mlp\.gate\.", ".ffn.router."), (r"\.mlp\.shared_experts?\.", ".ffn.shared."),
+               (r"\.mlp\.shared_expert_gate\.", ".ffn.shared_gate."), (r"\.mlp\.", ".ffn."), (r"^model\.", "")]
+DENSE_H_TO_4H = [(r"\.mlp\.dense_h_to_4h\.", ".ffn.up_proj."), (r"\.mlp\.dense_4h_to_h\.", ".ffn.down_proj.")]
+NEOX_RULES = [(r"^gpt_neox\.embed_in\.", "embed."), (r"^gpt_neox\.final_layer_norm\.", "final_norm."),
+              (r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."),
+              (r"\.attention\.dense\.", ".mixer.o_proj."), (r"\.attention\.query_key_value\.", ".mixer.qkv."),
+              *DENSE_H_TO_4H, (r"^gpt_neox\.", "")]
+FALCON_RULES = [(r"^transformer\.word_embeddings\.", "embed."), (r"^transformer\.ln_f\.", "final_norm."),
+                (r"\.ln_attn\.", ".norm1."), (r"\.ln_mlp\.", ".norm2."), (r"\.self_attention\.dense\.", ".mixer.o_proj."),
+                (r"\.self_attention\.query_key_value\.", ".mixer.qkv."), *DENSE_H_TO_4H, (r"^transformer\.h\.", "layers.")]
+MPT_RULES = [(r"^transformer\.wte\.", "embed."), (r"^transformer\.norm_f\.", "final_norm."), (r"\.norm_(\d)\.", r".norm\1."),
+             (r"\.attn\.out_proj\.", ".mixer.o_proj."), (r"\.attn\.Wqkv\.", ".mixer.qkv."), (r"^transformer\.blocks\.", "layers.")]
 
 
-@pytest.mark.parametrize("eps", [1e-6, 1e-2])
-def test_an_imported_deepseek_v3_computes_transformers_function(eps: float) -> None:
-    """The config through `archplan import hf`, not a spec written by hand: MLA with its q latent,
-    a dense first layer, then MoE layers with sigmoid scores, group-limited routing (2 groups, 1
-    kept), the score-correction bias, routed_scaling_factor and a shared expert; the logits of a
-    full forward and of a decode through archplan's cache. transformers builds the latent norms
-    with RMSNorm's default eps, 1e-6, whatever rms_norm_eps says: at 1e-2 the logits differed by
-    0.045 when the spec's norm eps was used there."""
+def _split(fused: str, groups: int = 1, **rows: int) -> Callable[[StateDict], StateDict]:
+    """Split a fused projection's weight and bias (`….{fused}.weight`) into its parts, beside it: the rows
+    are `groups` equal blocks, each the named parts in order. One block for Phi-3 and MPT ([q; k; v],
+    [gate; up]), one per head for GPT-NeoX ((H, 3, Dh)), one per KV head for Falcon's new decoder
+    ((KV, H/KV + 2, Dh): the group's queries, then its key, then its value)."""
+
+    def convert(sd: StateDict) -> StateDict:
+        out = {}
+        for key, tensor in sd.items():
+            stem, _, suffix = key.rpartition(".")
+            if not stem.endswith("." + fused):
+                out[key] = tensor
+                continue
+            blocks = tensor.unflatten(0, (groups, -1)).split(list(rows.values()), dim=1)
+            parent = stem.removesuffix(fused)
+            out.update({f"{parent}{part}.{suffix}": block.flatten(0, 1) for part, block in zip(rows, blocks)})
+        return out
+
+    return convert
+
+
+def _chain(*steps: Callable[[StateDict], StateDict]) -> Callable[[StateDict], StateDict]:
+    return lambda sd: functools.reduce(lambda acc, step: step(acc), steps, sd)
+
+
+LLAMA = _fused_experts(LLAMA_RULES)
+QWEN_MOE = {**HF, "num_hidden_layers": 3, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16}
+# model_type, the config's keys, the converter, and the spec fields the case exists for (so that it
+# cannot pass by the importer no longer producing them)
+IMPORT_CASES: dict[str, tuple[str, dict[str, Any], Callable[[StateDict], StateDict], dict[str, Any]]] = {
+    # group-limited sigmoid routing (2 groups, 1 kept), the score-correction bias, routed_scaling_factor,
+    # a shared expert, a dense first layer. transformers builds the latent norms with RMSNorm's default
+    # eps, 1e-6, whatever rms_norm_eps says: at 1e-2 the logits differed by 0.045 with the spec's eps there
+    **{f"deepseek_v3_mla_groups_eps_{eps:g}": (
+        "deepseek_v3",
+        {**HF, "num_hidden_layers": 3, "num_key_value_heads": 4, "q_lora_rank": 12, **MLA_DIMS, "first_k_dense_replace": 1,
+         "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "n_shared_experts": 1,
+         "routed_scaling_factor": 2.5, "moe_intermediate_size": 8, "rope_interleave": False, "rms_norm_eps": eps},
+        LLAMA,
+        {"attention.kind": "mla", "moe.router.n_group": 2, "moe.router.score_correction_bias": True,
+         "layout.first_dense": 1},
+    ) for eps in (1e-6, 1e-2)},
+    # qkv biases; layers from max_window_layers on slide
+    "qwen2_bias_max_window_layers": (
+        "qwen2",
+        {**HF, "num_hidden_layers": 3, "num_key_value_heads": 2, "use_sliding_window": True, "sliding_window": 5,
+         "max_window_layers": 1},
+        LLAMA,
+        {"attention.qkv_bias": True, "attention.sliding_window": 5, "layout.mixers": "ASS"},
+    ),
+    # shared expert behind a sigmoid gate; MoE on every decoder_sparse_step-th layer
+    "qwen2_moe_sparse_step_norm_topk": (
+        "qwen2_moe",
+        {**QWEN_MOE, "shared_expert_intermediate_size": 24, "decoder_sparse_step": 2, "norm_topk_prob": True},
+        LLAMA,
+        {"moe.shared.gate": True, "moe.router.normalize_top_k": True, "layout.moe_every": 2, "layout.moe_offset": 1},
+    ),
+    "qwen2_moe_mlp_only_layers": (
+        "qwen2_moe",
+        {**QWEN_MOE, "shared_expert_intermediate_size": 24, "mlp_only_layers": [1], "norm_topk_prob": False},
+        LLAMA,
+        {"moe.shared.gate": True, "moe.router.normalize_top_k": False, "layout.moe_every": 2, "layout.moe_offset": 0},
+    ),
+    "qwen3_moe_head_dim_norm_topk": (
+        "qwen3_moe",
+        {**QWEN_MOE, "head_dim": 12, "norm_topk_prob": True},
+        LLAMA,
+        {"attention.head_dim": 12, "attention.qk_norm.scope": "head", "moe.router.normalize_top_k": True},
+    ),
+    "olmoe_full_qk_norm": (
+        "olmoe",
+        {**HF, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2},
+        LLAMA,
+        {"attention.qk_norm.scope": "full", "moe.router.normalize_top_k": False, "moe.n_experts": 4},
+    ),
+    "gpt_neox_parallel": (
+        "gpt_neox",
+        dict(HF),
+        _chain(_regex_renamer(NEOX_RULES), _split("qkv", 4, q_proj=8, k_proj=8, v_proj=8)),
+        {"residual.kind": "parallel", "residual.shared_norm": False, "position.fraction": 0.25},
+    ),
+    "gpt_neox_sequential_half_rotary_tied": (
+        "gpt_neox",
+        {**HF, "use_parallel_residual": False, "rotary_pct": 0.5, "rotary_emb_base": 1000, "attention_bias": False,
+         "tie_word_embeddings": True},
+        _chain(_regex_renamer(NEOX_RULES, drop=("lm_head.weight",)), _split("qkv", 4, q_proj=8, k_proj=8, v_proj=8)),
+        {"residual.kind": "pre", "position.fraction": 0.5, "position.theta": 1000.0, "embedding.tied": True},
+    ),
+    "phi3_fused_window_partial": (
+        "phi3",
+        {**HF, "num_key_value_heads": 2, "pad_token_id": 0, "sliding_window": 6, "partial_rotary_factor": 0.5},
+        _chain(LLAMA, _split("qkv_proj", q_proj=32, k_proj=16, v_proj=16), _split("gate_up_proj", gate_proj=48, up_proj=48)),
+        {"attention.sliding_window": 6, "position.fraction": 0.5, "ffn.kind": "glu"},
+    ),
+    "falcon_new_decoder_gqa": (
+        "falcon",
+        dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+             num_kv_heads=2),
+        _chain(_regex_renamer(FALCON_RULES, drop=("lm_head.weight",)), _split("qkv", 2, q_proj=16, k_proj=8, v_proj=8)),
+        {"attention.n_kv_heads": 2, "residual.kind": "parallel", "residual.shared_norm": False},
+    ),
+    "mpt_alibi": (
+        "mpt",
+        dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
+        _chain(_regex_renamer(MPT_RULES, drop=("lm_head.weight",)), _split("qkv", q_proj=32, k_proj=32, v_proj=32)),
+        {"position.kind": "alibi", "norm.kind": "layernorm", "norm.bias": False},
+    ),
+    # the 7-token prefill is longer than the window: the cache keeps only what the window sees
+    "mistral_window_shorter_than_prefill": (
+        "mistral",
+        {**HF, "num_key_value_heads": 2, "sliding_window": 5},
+        LLAMA,
+        {"attention.sliding_window": 5, "layout.mixers": "S"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMPORT_CASES))
+def test_an_imported_config_computes_transformers_function(case: str) -> None:
+    """The config through `archplan import hf`, not a spec written by hand: test_logits_match_transformers
+    pins the modules' conventions with specs written to agree; here the importer's reading of each
+    family's keys (per-layer windows, MoE placement, routing and shared-expert gates, partial rotary,
+    residual wiring, ALiBi, head counts behind fused projections) is checked against the function
+    transformers computes, for the logits of a full forward and of a decode through archplan's cache
+    (a 7-token prefill, then one token at a time)."""
     transformers = pytest.importorskip("transformers")
     from archplan.importers import spec_from_config
 
+    model_type, hf_config, convert, reads = IMPORT_CASES[case]
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        "deepseek_v3", **{**HF, "num_hidden_layers": 3, "num_key_value_heads": 4, "q_lora_rank": 12, **MLA_DIMS,
-                          "first_k_dense_replace": 1, "n_routed_experts": 4, "num_experts_per_tok": 2,
-                          "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
-                          "moe_intermediate_size": 8, "rope_interleave": False, "rms_norm_eps": eps})
+    config = transformers.AutoConfig.for_model(model_type, **hf_config)
     config._attn_implementation = "eager"
     reference = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # the correction bias is a buffer: perturbed too, so that it picks experts
         for tensor in (*reference.parameters(), *(b for n, b in reference.named_buffers() if "correction" in n)):
             tensor.add_(0.1 * torch.randn_like(tensor))
-    spec = spec_from_config({**config.to_dict(), "model_type": "deepseek_v3"}, file="config.json", name="ds")
-    assert spec.moe is not None and spec.moe.router.n_group == 2 and spec.moe.router.score_correction_bias
+    spec = spec_from_config({**config.to_dict(), "model_type": model_type}, file="config.json", name=case)
+    assert {path: functools.reduce(getattr, path.split("."), spec) for path in reads} == reads
     ours = build_model(spec, device="cpu").eval()
-    ours.load_state_dict(_fused_experts(DEEPSEEK_RULES)(reference.state_dict()), strict=True)
+    ours.load_state_dict(convert(reference.state_dict()), strict=True)
     tokens = torch.randint(0, 50, (2, 24))
     with torch.no_grad():
         expected = reference(tokens).logits
+        assert expected.std() > 0.1
         torch.testing.assert_close(ours(tokens), expected, rtol=1e-4, atol=1e-4)
         cache = ours.new_cache(2, 24)
         steps = [ours(tokens[:, :7], cache)] + [ours(tokens[:, t:t + 1], cache) for t in range(7, 24)]
