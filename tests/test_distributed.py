@@ -1822,16 +1822,18 @@ def test_bench_train_prices_the_math_kernels_backward(recompute: str) -> None:
 
 
 @pytest.mark.parametrize(("recompute", "phase", "within"), [
-    ("none", "loss backward", (0.9, 1.0)), ("full", "scan backward", (0.98, 1.02))])
+    ("none", "loss backward", (1.03, 1.10)), ("full", "scan backward", (1.03, 1.10))])
 def test_bench_train_mamba_scan_backward_stays_within_the_peak(recompute: str, phase: str,
                                                                within: tuple[float, float]) -> None:
     """Mamba-1's scan backward recomputes its states a channel block at a time (and dC a step at a
     time): tiny-mamba's step peaks within PEAK_TOLERANCE of size's at 128 tokens. With every
     state recomputed at once its temporaries were 4.05 MiB and the peak 6.01 MiB, against size's
     3.41 MiB (none) and 2.77 MiB (full). Under full recompute the peak is that backward's (the
-    `scan backward` moment, `mamba.mamba1_scan_backward_bytes`): measured 0.996 of size's (1.016
-    before it was priced, the loss's backward then size's peak); without recompute it is the
-    loss's backward (0.93)."""
+    `scan backward` moment, `mamba.mamba1_scan_backward_bytes`); without recompute it is the
+    loss's backward. Measured 1.07 of size's either way since the step keeps its gradients between
+    steps (2026-12-07; 0.996 and 0.93 before, the gradients freed): above it by autocast's 16-bit
+    weight copies, which size's peak leaves beside the states (245,760 B of the 249,864 without
+    recompute)."""
     from typer.testing import CliRunner
 
     from archplan.cli import app
@@ -1850,7 +1852,9 @@ def test_bench_train_prices_archplans_ssd_unit() -> None:
     chunk states beyond mamba_ssm's kernels (`size`'s figure): priced with the unit's
     (`units="torch"`), tiny Mamba-2's kept activations are size's within 1% (1.28, ✗, against the
     kernels' figure). Its step peak is the unit's backward, which recomputes its operands in fp32
-    (the `scan backward` moment): 0.96 of size's (1.18, ✗, before that moment was priced)."""
+    (the `scan backward` moment): 1.03 of size's, autocast's weight copies above it, since the step
+    keeps its gradients between steps (0.96 with them freed; 1.18, ✗, before that moment was
+    priced)."""
     from typer.testing import CliRunner
 
     from archplan.cli import app
@@ -1861,7 +1865,7 @@ def test_bench_train_prices_archplans_ssd_unit() -> None:
     assert result["states_ok"] is True and result["activations_ok"] is True and result["ssd_unit"] is True
     assert 1.0 <= result["measured_activations"] / result["analytic_activations"] < 1.01
     assert result["analytic_peak_phase"] == "scan backward"
-    assert 0.93 < result["measured"]["Total"] / result["analytic_total"] < 1.0 and result["ok"] is True
+    assert 1.0 < result["measured"]["Total"] / result["analytic_total"] < 1.07 and result["ok"] is True
 
 
 def test_bench_train_layers_builds_the_truncated_model() -> None:
