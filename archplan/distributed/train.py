@@ -51,8 +51,10 @@ from archplan.bench.fit import refuse_unless_fits
 from archplan.bench.timing import Timing
 from archplan.distributed.tolerance import PEAK_TOLERANCE, activations_within
 from archplan.dtypes import DType
+from archplan.modules.attention import Attention
 from archplan.modules.checkpointing import apply_recompute
-from archplan.modules.model import TrainingLoss, build_model, resolve_device, share_biases
+from archplan.modules.mla import MLA
+from archplan.modules.model import TrainingLoss, build_model, resolve_device
 from archplan.modules.moe import balance_routers
 from archplan.resolve import Mamba1Plan, Mamba2Plan, ModelPlan, MoEPlan
 
@@ -150,6 +152,18 @@ def _storage_bytes(tensors: Iterable[torch.Tensor], dev: torch.device) -> int:
     return sum(storages.values())
 
 
+def shared_masks(model: nn.Module) -> list[torch.Tensor]:
+    """The ALiBi biases and window masks the attention modules share (`BiasCache`): built in the
+    warm-up and held from step to step, as in any run after its first step, so the measured step
+    finds them built (their fp32 build-up is no part of it). Neither tracker sees a tensor made
+    before it starts, so they are handed to it (MemTracker's `Other`; CUDA's allocator holds them
+    already) and added to the step's activations, where size's count keeps them
+    (`analytic.memory.shared_mask_bytes`)."""
+    caches = {id(module.biases): module.biases for module in model.modules()
+              if isinstance(module, Attention | MLA) and module.biases is not None}
+    return [tensor for cache in caches.values() for tensor in cache.built.values()]
+
+
 def _cuda_step(dev: torch.device, step: Callable[..., None], model: nn.Module,
                optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """One step measured by CUDA's caching allocator, in MemTracker's categories where it can.
@@ -165,7 +179,6 @@ def _cuda_step(dev: torch.device, step: Callable[..., None], model: nn.Module,
     torch._C._cuda_clearCublasWorkspaces()
     workspaces = before - torch.cuda.memory_allocated(dev)
     step()  # re-creates them
-    share_biases(model)  # a fresh mask cache: the measured step builds its masks after `start`
     synchronize(dev)
     probes: dict[str, int] = {}
     copies = WeightCopies()
@@ -184,7 +197,8 @@ def _cuda_step(dev: torch.device, step: Callable[..., None], model: nn.Module,
     start = torch.cuda.memory_allocated(dev)  # parameters, AdamW's states, the inputs, the workspaces
     step(probe, copies)
     return {"Parameter": probes["states"], "Gradient": probes["grads"], "Optstate": probes["optstate"],
-            "Activation": probes["after forward"] - start, "WeightCopies": probes["copies"],
+            "Activation": probes["after forward"] - start + _storage_bytes(shared_masks(model), dev),
+            "WeightCopies": probes["copies"],
             "Workspace": workspaces, "Total": torch.cuda.max_memory_allocated(dev) - workspaces}
 
 
@@ -253,7 +267,8 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         total = measured["Total"]
     else:
         tracker = MemTracker()
-        tracker.track_external(model, optimizer)
+        masks = shared_masks(model)
+        tracker.track_external(model, optimizer, *masks)
         probes: dict[str, dict[str, int]] = {}
 
         copies = WeightCopies()
@@ -262,7 +277,6 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
             snapshot = next(iter(tracker.get_tracker_snapshot("current").values()))
             probes[when] = {_name(k): v for k, v in snapshot.items()} | {"WeightCopies": copies.alive()}
 
-        share_biases(model)  # a fresh mask cache: the warm-up's masks were built before the tracker
         with tracker:
             step(probe, copies)
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
@@ -272,7 +286,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         measured = {
             "Parameter": at_step.get("Parameter", 0), "Gradient": at_step.get("Gradient", 0),
             "Optstate": at_step.get("Optstate", 0) - steps,
-            "Activation": probes["after forward"].get("Activation", 0),
+            "Activation": probes["after forward"].get("Activation", 0) + _storage_bytes(masks, dev),
             "WeightCopies": probes["after forward"]["WeightCopies"],
             "Temp": next((v for k, v in peak.items() if _name(k) == "Temp"), 0),
             "Total": next(v for k, v in peak.items() if _name(k) == "Total") - steps,
