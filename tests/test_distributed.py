@@ -1464,10 +1464,16 @@ def test_workers_run_the_code_of_the_archplan_that_launched_them(monkeypatch: py
     assert seen == [f"{root}{os.pathsep}{tmp_path}"]
 
 
-def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signame", "thread"), [("SIGTERM", False), ("SIGHUP", False), ("SIGTERM", True)],
+                         ids=["term", "hangup", "group-term-off-the-main-thread"])
+def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Path, signame: str,
+                                                                   thread: bool) -> None:
     """SIGTERM to the launcher alone (`kill`, a CI job's timeout) left torchrun and its workers
-    running. A stand-in for torchrun that starts a worker of its own, under `_run_group` in a
-    launcher process that is then terminated: both are gone, and the launcher exits 143."""
+    running, and, torchrun in a session of its own, so did a terminal's hangup. A stand-in for
+    torchrun that starts a worker of its own, under `_run_group` in a launcher process that is
+    then signalled: both are gone, and the launcher exits 128 + the signal. Off the main thread,
+    where no handler can be installed, torchrun stays in the launcher's group, which the signal
+    (GNU timeout's, a terminal's) reaches whole."""
     import os
     import signal
     import subprocess
@@ -1478,15 +1484,21 @@ def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Pat
     torchrun = ("import os, subprocess, sys, time; "
                 "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
                 f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}'); time.sleep(120)")
-    launcher = ("import os, sys; from archplan.distributed.workers import _run_group; "
-                f"_run_group([sys.executable, '-c', {torchrun!r}], dict(os.environ))")
-    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    call = f"[sys.executable, '-c', {torchrun!r}], dict(os.environ)"
+    run = f"threading.Thread(target=_run_group, args=({call})).start()" if thread else f"_run_group({call})"
+    launcher = f"import os, sys, threading; from archplan.distributed.workers import _run_group; {run}"
+    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=thread)
     deadline = time.monotonic() + 60
     while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
     children = [int(pid) for pid in pids.read_text().split()]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    signum = getattr(signal, signame)
+    if thread:
+        os.killpg(proc.pid, signum)
+        assert proc.wait(timeout=60) == -signum
+    else:
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 128 + signum
     time.sleep(0.5)
     for pid in children:
         try:

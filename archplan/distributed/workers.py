@@ -293,32 +293,51 @@ def _package_root() -> str:
 def _run_group(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run torchrun in a session of its own and take its whole process group down with this one:
     a SIGTERM sent to this process alone (`kill`, a CI job's timeout, a supervisor) left torchrun
-    and its workers running, holding their devices, and Ctrl-C no longer reaches a new session."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    and its workers running, holding their devices. A new session no longer hears the terminal's
+    Ctrl-C or hangup, so this process passes on every signal that would end it. Off the main
+    thread, where no handler can be installed, torchrun stays in this process's group instead,
+    and the signals sent to the group reach it directly."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    separate = main_thread and hasattr(os, "killpg")  # POSIX: Windows has no process groups to signal
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=separate)
+    passed_on = [getattr(signal, name) for name in ENDING_SIGNALS if hasattr(signal, name)] if separate else []
+    previous = {signum: signal.getsignal(signum) for signum in passed_on}
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    if main_thread:
-        signal.signal(signal.SIGTERM, stop)
+    for signum in passed_on:
+        signal.signal(signum, stop)
     try:
         stdout, stderr = proc.communicate()
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it to its workers
-            try:
-                proc.wait(timeout=GROUP_STOP_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc, separate)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def _stop(proc: subprocess.Popen[str], group: bool) -> None:
+    """SIGTERM to torchrun's group (torchrun passes it to its workers), SIGKILL after GROUP_STOP_S."""
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.terminate()
+    try:
+        proc.wait(timeout=GROUP_STOP_S)
+    except subprocess.TimeoutExpired:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+
+
+# the signals whose default action ends this process (Ctrl-C raises KeyboardInterrupt, which the
+# `finally` above sees already)
+ENDING_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT")
 # how long torchrun and its workers get to stop on SIGTERM before they are killed
 GROUP_STOP_S = 30
 
