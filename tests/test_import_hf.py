@@ -619,9 +619,12 @@ def test_a_file_name_the_spec_would_refuse_does_not_refuse_the_config(
     source = tmp_path / "tab\tdir" / "config.json"
     source.parent.mkdir()
     source.write_text((FIXTURES / "hf-configs" / "gpt2.json").read_text())
+    escape = tmp_path / "m\x1bx" / "config.json"  # the path also goes into reference.source, as prose
+    escape.parent.mkdir()
+    escape.write_text(source.read_text())
     long = tmp_path / f"{'x' * 230}.json"
     long.write_text(source.read_text())
-    for path, name in ((source.parent, "tab dir"), (long, "x" * 200)):
+    for path, name in ((source.parent, "tab dir"), (escape.parent, "m x"), (long, "x" * 200)):
         code, out, err = run_cli(capsys, monkeypatch, "import", "hf", str(path), "--json")
         assert code == 0, err
         assert json.loads(out)["spec"]["name"] == name

@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
-from archplan.errors import ArchplanError, as_text, clipped, dotted
+from archplan.errors import ArchplanError, as_text, clipped, dotted, printable
 from archplan.loader import read_capped
 from archplan.spec import (
     MAX_DIM,
@@ -465,8 +465,8 @@ def rope(cfg: HFConfig, dims: Dims, *, fraction: float = 1.0, theta: float = 100
             if key in _ROPE_UNEXPRESSED.get(kind_name, ()):
                 raise cfg.error(f"{where}.{key}", f"cannot express this {kind_name} RoPE field")
         cfg.unread_nested.extend(dotted((where, key)) for key in unknown)
-        # transformers' _validate_llama3_rope_parameters requires both factors (the spec's defaults are
-        # Llama 3.1's, which a config that omits them has not said it means)
+        # transformers' rope validation requires every scaled type's factor, and llama3's two frequency
+        # factors (the spec's defaults are Llama 3.1's, which a config that omits them has not said it means)
         for key in _ROPE_REQUIRED.get(kind_name, ()):
             if params.get(key) is None:
                 given = ", null here" if key in params else ""
@@ -1866,7 +1866,8 @@ def convert_config(data: Mapping[str, Any], *, file: str, name: str, strict: boo
     arch = data.get("architectures")
     described = f" ({arch[0]})" if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
     # a file name an ASCII locale could not decode is text here, not escapes YAML cannot carry
-    reference: dict[str, Any] = {"source": f"Hugging Face config.json: {as_text(file)}"}
+    # a path with a control character in it is quoted as Python writes it (prose keeps none)
+    reference: dict[str, Any] = {"source": f"Hugging Face config.json: {printable(file)}"}
     if ignored:
         cfg.notes.append(f"keys not read (not known to change size or compute): {', '.join(ignored)}")
     quantized = _quantization(data.get("quantization_config"))
