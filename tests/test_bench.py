@@ -933,3 +933,16 @@ def test_train_prices_and_measures_the_shared_mask(position: str, window: int | 
     assert run.measured_activations > mask
     assert abs(run.measured_activations / run.analytic_activations - 1) < 0.02
     assert run.total_ok and abs(run.measured["Total"] / run.analytic_total - 1) < 0.05
+
+
+def test_one_or_two_timed_passes_say_their_spread_is_not_judged() -> None:
+    """`--iters 1` printed `p10 111.37 / p90 111.37 ms measured`, a spread of none where none was
+    judged; the decode row's passes are `--decode-tokens`' steps, not `--iters`'."""
+    from archplan.bench.timing import Timing
+    from archplan.commands.bench import _measured
+
+    assert _measured(Timing((0.1, 0.2)), "ms/step", False, "--decode-tokens") == (
+        "2 timed passes: spread not judged (--decode-tokens 3 or more)")
+    assert _measured(Timing((0.1,)), "ms", True, "--iters").endswith(
+        "ms, 1 timed pass: spread not judged (--iters 3 or more)")
+    assert _measured(Timing((0.1, 0.1, 0.1)), "ms", False, "--iters") == "p10 100.00 / p90 100.00 ms measured"

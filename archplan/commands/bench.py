@@ -250,18 +250,21 @@ def bench(
         raise typer.Exit(1)
 
 
-def _measured(timing: Timing, unit: str, extrapolated: bool) -> str:
+def _measured(timing: Timing, unit: str, extrapolated: bool, samples_flag: str) -> str:
     """A row's note on its timed samples: under --layers the row's figure is the full depth,
-    extrapolated, while the median and spread here were measured on the layers built."""
+    extrapolated, while the median and spread here were measured on the layers built.
+    `samples_flag`: the option that sets how many samples there are."""
     from archplan.bench.timing import MIN_JUDGED_SAMPLES
 
     spread = f"p10 {1e3 * timing.quantile(0.1):.2f} / p90 {1e3 * timing.quantile(0.9):.2f} ms"
-    if len(timing.samples) < MIN_JUDGED_SAMPLES:
+    judged = len(timing.samples) >= MIN_JUDGED_SAMPLES
+    if not judged:
         # one or two passes show no spread, which is not the same as none (`Timing.noise_note`)
-        spread = f"{things(len(timing.samples), 'timed pass')}: spread not judged (--iters {MIN_JUDGED_SAMPLES} or more)"
+        spread = (f"{things(len(timing.samples), 'timed pass')}: spread not judged "
+                  f"({samples_flag} {MIN_JUDGED_SAMPLES} or more)")
     if extrapolated:
         return f"full depth, extrapolated; the built layers measured {1e3 * timing.median:.2f} {unit}, {spread}"
-    return f"{spread} measured"
+    return f"{spread} measured" if judged else spread
 
 
 def _render(result: object, name: str) -> None:
@@ -279,7 +282,7 @@ def _render(result: object, name: str) -> None:
     table.add_column("note")
     extrapolated = result.extrapolation is not None
     table.add_row("prefill median", f"{1e3 * result.prefill_seconds:.2f} ms",
-                  _measured(result.prefill, "ms", extrapolated))
+                  _measured(result.prefill, "ms", extrapolated, "--iters"))
     table.add_row("prefill tokens/s", count(result.tokens_per_s), "")
     table.add_row("achieved", flops(result.achieved_flops_per_s, "FLOP/s"),
                   f"{flops(result.prefill_flops)} per forward ({PREFILL_FLOPS_CONVENTION})")
@@ -300,7 +303,7 @@ def _render(result: object, name: str) -> None:
         assert result.decode is not None  # the timed steps behind decode_seconds_per_token
         table.add_row("decode" + (" (eager)" if cfg.compile else ""),
                       f"{1e3 * result.decode_seconds_per_token:.2f} ms/step",
-                      f"{_measured(result.decode, 'ms/step', extrapolated)}; a step: {cfg.batch} × 1 new token{per_token}; "
+                      f"{_measured(result.decode, 'ms/step', extrapolated, '--decode-tokens')}; a step: {cfg.batch} × 1 new token{per_token}; "
                       f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; predicted "
                       f"{1e3 * result.predicted_decode.seconds:.2f} ms, error "
                       f"{100 * (result.decode_prediction_error or 0):+.1f}% (decode model, docs/benchmarks.md)")
