@@ -679,17 +679,25 @@ HF_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Callable[[StateDi
 }
 
 
-@pytest.mark.parametrize("case", sorted(HF_CASES))
-def test_logits_match_transformers(case: str) -> None:
+def _reference(model_type: str, hf_config: dict[str, Any]) -> tuple[Any, torch.nn.Module]:
+    """transformers' config and model (eager attention), every weight moved by 0.1·N(0, 1): HF's
+    0.02-std init makes deep parts nearly vanish. DeepSeek's score-correction bias is a buffer:
+    moved too, so that it picks experts."""
     transformers = pytest.importorskip("transformers")
-    model_type, hf_config, spec_dict, convert = HF_CASES[case]
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(model_type, **hf_config)
     config._attn_implementation = "eager"
     reference = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # HF's 0.02-std init makes deep parts nearly vanish: make every weight count
-        for param in reference.parameters():
-            param.add_(0.1 * torch.randn_like(param))
+    with torch.no_grad():
+        for tensor in (*reference.parameters(), *(b for n, b in reference.named_buffers() if "correction" in n)):
+            tensor.add_(0.1 * torch.randn_like(tensor))
+    return config, reference
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_logits_match_transformers(case: str) -> None:
+    model_type, hf_config, spec_dict, convert = HF_CASES[case]
+    _, reference = _reference(model_type, hf_config)
     ours = build_model(Spec.model_validate(spec_dict), device="cpu").eval()
     ours.load_state_dict(convert(reference.state_dict()), strict=True)
     tokens = torch.randint(0, spec_dict["vocab_size"], (2, 24))  # longer than every window / original context
@@ -845,17 +853,10 @@ def test_an_imported_config_computes_transformers_function(case: str) -> None:
     residual wiring, ALiBi, head counts behind fused projections) is checked against the function
     transformers computes, for the logits of a full forward and of a decode through archplan's cache
     (a 7-token prefill, then one token at a time)."""
-    transformers = pytest.importorskip("transformers")
     from archplan.importers import spec_from_config
 
     model_type, hf_config, convert, reads = IMPORT_CASES[case]
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(model_type, **hf_config)
-    config._attn_implementation = "eager"
-    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # the correction bias is a buffer: perturbed too, so that it picks experts
-        for tensor in (*reference.parameters(), *(b for n, b in reference.named_buffers() if "correction" in n)):
-            tensor.add_(0.1 * torch.randn_like(tensor))
+    config, reference = _reference(model_type, hf_config)
     spec = spec_from_config({**config.to_dict(), "model_type": model_type}, file="config.json", name=case)
     assert {path: functools.reduce(getattr, path.split("."), spec) for path in reads} == reads
     ours = build_model(spec, device="cpu").eval()
