@@ -23,6 +23,8 @@ from archplan.planning.layout import parse_layout, round_size  # noqa: E402
 from archplan.resolve import MoEPlan, resolve  # noqa: E402
 
 if TYPE_CHECKING:
+    import subprocess
+
     from archplan.distributed.check import LayoutCheck
 
 TOLERANCE = 1e-4  # fp32: only the order of the sums differs between one and two processes
@@ -1464,18 +1466,10 @@ def test_workers_run_the_code_of_the_archplan_that_launched_them(monkeypatch: py
     assert seen == [f"{root}{os.pathsep}{tmp_path}"]
 
 
-@pytest.mark.parametrize(("signame", "thread"), [("SIGTERM", False), ("SIGHUP", False), ("SIGTERM", True)],
-                         ids=["term", "hangup", "group-term-off-the-main-thread"])
-def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Path, signame: str,
-                                                                   thread: bool) -> None:
-    """SIGTERM to the launcher alone (`kill`, a CI job's timeout) left torchrun and its workers
-    running, and, torchrun in a session of its own, so did a terminal's hangup. A stand-in for
-    torchrun that starts a worker of its own, under `_run_group` in a launcher process that is
-    then signalled: both are gone, and the launcher exits 128 + the signal. Off the main thread,
-    where no handler can be installed, torchrun stays in the launcher's group, which the signal
-    (GNU timeout's, a terminal's) reaches whole."""
-    import os
-    import signal
+def _stand_in_launcher(tmp_path: Path, thread: bool = False,
+                       prelude: str = "") -> tuple[subprocess.Popen[bytes], list[int]]:
+    """A launcher process running `_run_group` (on a thread of its own if `thread`, after `prelude`)
+    over a stand-in for torchrun that starts a worker of its own; its pid and theirs."""
     import subprocess
     import sys
     import time
@@ -1486,12 +1480,41 @@ def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Pat
                 f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}'); time.sleep(120)")
     call = f"[sys.executable, '-c', {torchrun!r}], dict(os.environ)"
     run = f"threading.Thread(target=_run_group, args=({call})).start()" if thread else f"_run_group({call})"
-    launcher = f"import os, sys, threading; from archplan.distributed.workers import _run_group; {run}"
+    launcher = (f"import os, signal, sys, threading; from archplan.distributed.workers import _run_group; "
+                f"{prelude}{run}")
     proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=thread)
     deadline = time.monotonic() + 60
     while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    children = [int(pid) for pid in pids.read_text().split()]
+    return proc, [int(pid) for pid in pids.read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (one whose parent is gone is reaped by init)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize(("signame", "thread"), [("SIGTERM", False), ("SIGHUP", False), ("SIGTERM", True)],
+                         ids=["term", "hangup", "group-term-off-the-main-thread"])
+def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Path, signame: str,
+                                                                   thread: bool) -> None:
+    """SIGTERM to the launcher alone (`kill`, a CI job's timeout) left torchrun and its workers
+    running, and, torchrun in a session of its own, so did a terminal's hangup. Under the
+    launcher, signalled, a stand-in for torchrun and its worker are both gone, and the launcher
+    exits 128 + the signal. Off the main thread, where no handler can be installed, torchrun stays
+    in the launcher's group, which the signal (GNU timeout's, a terminal's) reaches whole."""
+    import os
+    import signal
+    import time
+
+    proc, children = _stand_in_launcher(tmp_path, thread)
     signum = getattr(signal, signame)
     if thread:
         os.killpg(proc.pid, signum)
@@ -1500,14 +1523,23 @@ def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Pat
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum
     time.sleep(0.5)
-    for pid in children:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        # a zombie whose parent is gone is reaped by init; a live one is the defect
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "Z"
-        assert state == "Z", f"pid {pid} still running"
+    assert not any(_running(pid) for pid in children)
+
+
+def test_a_launcher_under_nohup_survives_the_hangup(tmp_path: Path) -> None:
+    """A SIGHUP the caller ignores (nohup) stays ignored: passing it on would end a run its user
+    meant to outlive the terminal. SIGTERM still takes it all down."""
+    import signal
+    import time
+
+    proc, children = _stand_in_launcher(tmp_path, prelude="signal.signal(signal.SIGHUP, signal.SIG_IGN); ")
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert proc.poll() is None and all(_running(pid) for pid in children)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert not any(_running(pid) for pid in children)
 
 
 def test_a_workers_refusal_of_its_input_is_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -301,7 +301,10 @@ def _run_group(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     separate = main_thread and hasattr(os, "killpg")  # POSIX: Windows has no process groups to signal
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=separate)
-    passed_on = [getattr(signal, name) for name in ENDING_SIGNALS if hasattr(signal, name)] if separate else []
+    # only the signals that would end this process as things stand: one ignored (nohup's SIGHUP) or
+    # handled by the caller keeps its meaning
+    passed_on = [getattr(signal, name) for name in ENDING_SIGNALS
+                 if separate and hasattr(signal, name) and signal.getsignal(getattr(signal, name)) == signal.SIG_DFL]
     previous = {signum: signal.getsignal(signum) for signum in passed_on}
 
     def stop(signum: int, _frame: object) -> None:
