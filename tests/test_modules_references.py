@@ -124,8 +124,12 @@ def _rope_half_split(x_BHTR: Tensor, theta: float) -> Tensor:
     return x_BHTR * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-def _rms(x: Tensor, weight: Tensor) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * weight
+# DeepSeek's latent norms: RMSNorm(rank), its default eps, whatever the model's norms use
+LATENT_EPS = 1e-6
+
+
+def _rms(x: Tensor, weight: Tensor, eps: float = EPS) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 @pytest.mark.parametrize("q_lora", [None, 12])
@@ -151,10 +155,10 @@ def test_mla_against_deepseek_v2_written_out(q_lora: int | None) -> None:
             q = attn.q_proj(x)
         else:
             assert attn.q_a_proj is not None and attn.q_a_norm is not None and attn.q_b_proj is not None
-            q = attn.q_b_proj(_rms(attn.q_a_proj(x), attn.q_a_norm.weight))
+            q = attn.q_b_proj(_rms(attn.q_a_proj(x), attn.q_a_norm.weight, LATENT_EPS))
         q_nope, q_pe = q.view(b, t, h, dn + r).transpose(1, 2).split([dn, r], dim=-1)
         ckv, k_pe = attn.kv_a_proj_with_mqa(x).split([c, r], dim=-1)
-        k_nope, v = attn.kv_b_proj(_rms(ckv, attn.kv_a_norm.weight)).view(b, t, h, dn + dv).transpose(1, 2) \
+        k_nope, v = attn.kv_b_proj(_rms(ckv, attn.kv_a_norm.weight, LATENT_EPS)).view(b, t, h, dn + dv).transpose(1, 2) \
             .split([dn, dv], dim=-1)
         k_pe = _rope_half_split(k_pe[:, None], 500.0).expand(b, h, t, r)
         queries = torch.cat([q_nope, _rope_half_split(q_pe, 500.0)], dim=-1)
