@@ -61,12 +61,6 @@ class NormPlan:
     affine: bool = True  # False: no weight and no bias (OLMo-1)
 
 
-# DeepSeek-V2/V3 build the q and kv latent norms as RMSNorm(rank) with its default eps, whatever the
-# model's norm eps says (DeepSeek-V3 inference/model.py `MLA.__init__`; transformers'
-# DeepseekV3Attention builds q_a_layernorm and kv_a_layernorm without config.rms_norm_eps)
-MLA_LATENT_NORM_EPS = 1e-6
-
-
 @dataclass(frozen=True)
 class QKNormPlan:
     scope: Literal["head", "per_head", "full"]
@@ -377,7 +371,7 @@ def _attention_plan(spec: Spec, window: int | None) -> AttentionPlan | MLAPlan:
             qk_rope_head_dim=attn.qk_rope_head_dim,
             v_head_dim=attn.v_head_dim,
             window=window,
-            norm=NormPlan("rmsnorm", False, MLA_LATENT_NORM_EPS),
+            norm=NormPlan("rmsnorm", False, attn.latent_norm_eps),
         )
     head_dim = attn.head_dim or spec.d_model // attn.n_heads
     match attn:

@@ -232,6 +232,10 @@ class MLA(Frozen):
     qk_rope_head_dim: Dim
     v_head_dim: Dim
     sliding_window: Dim | None = None
+    latent_norm_eps: Number = Field(
+        1e-6, gt=0, description="eps of the q and kv latent RMSNorms. DeepSeek-V2/V3 build them at "
+        "RMSNorm's default 1e-6 whatever the model's norm eps (DeepSeek-V3 inference/model.py; "
+        "transformers' DeepseekV3Attention); some later MLA models read the model's rms_norm_eps.")
 
     @model_validator(mode="after")
     def _even_rope(self) -> MLA:

@@ -949,3 +949,5 @@ def test_one_or_two_timed_passes_say_their_spread_is_not_judged() -> None:
     assert _measured(Timing((0.1,)), "ms", True, "--iters").endswith(
         "ms, 1 timed pass: spread not judged (--iters 3 or more)")
     assert _measured(Timing((0.1, 0.1, 0.1)), "ms", False, "--iters") == "p10 100.00 / p90 100.00 ms measured"
+    noisy = Timing((0.1, 0.1, 0.1, 0.3, 0.3)).noise_note("decode step", samples_flag="--decode-tokens")
+    assert noisy is not None and noisy.endswith("with more --decode-tokens before trusting it")

@@ -871,6 +871,16 @@ def test_an_imported_config_computes_transformers_function(case: str) -> None:
         torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_mla_latent_norms_take_their_own_eps() -> None:
+    """DeepSeek-V2/V3 build the latent norms at 1e-6 whatever the model's norm eps (the default);
+    a spec that says otherwise gets its own, and the block norms keep the model's."""
+    base = {**OURS, "norm": {"eps": 1e-2}, "attention": {"kind": "mla", "n_heads": 4, "q_lora_rank": 12, **MLA_DIMS}}
+    for given, eps in (({}, 1e-6), ({"latent_norm_eps": 1e-5}, 1e-5)):
+        model = build_model(Spec.model_validate({**base, "attention": {**base["attention"], **given}}))
+        mixer = model.layers[0].mixer
+        assert mixer.q_a_norm.eps == mixer.kv_a_norm.eps == eps and model.layers[0].norm1.eps == 1e-2
+
+
 def test_falcon_alibi_scales_its_bias_with_the_scores() -> None:
     """FalconModel divides the ALiBi tensor by sqrt(head_dim) (sdpa path; Falcon-RW's own code
     scales q·k + alibi together): the import says `scaled`, and the logits match; without it they

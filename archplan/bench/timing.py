@@ -32,9 +32,10 @@ class Timing:
         low = self.quantile(0.1)
         return self.quantile(0.9) / low if low > 0 else 1.0
 
-    def noise_note(self, what: str, reported: str = "the median") -> str | None:
+    def noise_note(self, what: str, reported: str = "the median", samples_flag: str = "--iters") -> str | None:
         """A line when the timings spread past NOISY_SPREAD, which an idle host does not show: the
-        `reported` figure still stands, but another process (or throttling) shared the run."""
+        `reported` figure still stands, but another process (or throttling) shared the run.
+        `samples_flag`: the option that sets how many samples there are."""
         if len(self.samples) < MIN_JUDGED_SAMPLES or self.spread <= NOISY_SPREAD:
             return None
         load = ""
@@ -42,7 +43,7 @@ class Timing:
             load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
         return (f"{what} timings spread {self.spread:.2f}× from p10 to p90 (past {NOISY_SPREAD:.1f}×, which "
                 f"one forward repeated back to back does not reach alone){load}: {reported} is reported, "
-                "but rerun on an idle machine or with more --iters before trusting it")
+                f"but rerun on an idle machine or with more {samples_flag} before trusting it")
 
 
 # p90/p10 of repeated timings beyond which a run is called noisy: the same forward timed back to

@@ -294,7 +294,8 @@ def _run_group(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     """Run torchrun in a session of its own and take its whole process group down with this one:
     a SIGTERM sent to this process alone (`kill`, a CI job's timeout, a supervisor) left torchrun
     and its workers running, holding their devices. A new session no longer hears the terminal's
-    Ctrl-C or hangup, so this process passes on every signal that would end it. Off the main
+    Ctrl-C or hangup, so this process passes on the signals a terminal, a CI job or a batch system
+    ends a process with (`ENDING_SIGNALS`; SIGKILL cannot be caught, and leaves them running). Off the main
     thread, where no handler can be installed, torchrun stays in this process's group instead,
     and the signals sent to the group reach it directly."""
     main_thread = threading.current_thread() is threading.main_thread()
@@ -338,9 +339,10 @@ def _stop(proc: subprocess.Popen[str], group: bool) -> None:
         proc.wait()
 
 
-# the signals whose default action ends this process (Ctrl-C raises KeyboardInterrupt, which the
-# `finally` above sees already)
-ENDING_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT")
+# the signals a terminal (hangup, quit), a CI job or supervisor (term) and a batch system's CPU
+# limit (xcpu) end a process with, by their default action (Ctrl-C raises KeyboardInterrupt, which
+# the `finally` above sees already)
+ENDING_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGXCPU")
 # how long torchrun and its workers get to stop on SIGTERM before they are killed
 GROUP_STOP_S = 30
 
