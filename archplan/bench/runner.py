@@ -139,7 +139,9 @@ class BenchResult:
     @property
     def decode_noise(self) -> str | None:
         """The timed decode steps' spread, judged as prefill's is (None without decode steps)."""
-        return self.decode.noise_note("decode step", samples_flag="--decode-tokens") if self.decode is not None else None
+        if self.decode is None:
+            return None
+        return self.decode.noise_note("decode step", samples_flag="--decode-tokens")
 
     @property
     def decode_prediction_error(self) -> float | None:

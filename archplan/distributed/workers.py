@@ -295,17 +295,17 @@ def _run_group(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     a SIGTERM sent to this process alone (`kill`, a CI job's timeout, a supervisor) left torchrun
     and its workers running, holding their devices. A new session no longer hears the terminal's
     Ctrl-C or hangup, so this process passes on the signals a terminal, a CI job or a batch system
-    ends a process with (`ENDING_SIGNALS`; SIGKILL cannot be caught, and leaves them running). Off the main
-    thread, where no handler can be installed, torchrun stays in this process's group instead,
-    and the signals sent to the group reach it directly."""
+    ends a process with (`ENDING_SIGNALS`; SIGKILL cannot be caught, and leaves them running). Off
+    the main thread, where no handler can be installed, torchrun stays in this process's group
+    instead, and the signals sent to the group reach it directly."""
     main_thread = threading.current_thread() is threading.main_thread()
     separate = main_thread and hasattr(os, "killpg")  # POSIX: Windows has no process groups to signal
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=separate)
     # only the signals that would end this process as things stand: one ignored (nohup's SIGHUP) or
     # handled by the caller keeps its meaning
-    passed_on = [getattr(signal, name) for name in ENDING_SIGNALS
-                 if separate and hasattr(signal, name) and signal.getsignal(getattr(signal, name)) == signal.SIG_DFL]
+    present = [getattr(signal, name) for name in ENDING_SIGNALS if hasattr(signal, name)] if separate else []
+    passed_on = [signum for signum in present if signal.getsignal(signum) == signal.SIG_DFL]
     previous = {signum: signal.getsignal(signum) for signum in passed_on}
 
     def stop(signum: int, _frame: object) -> None:
