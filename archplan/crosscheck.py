@@ -50,7 +50,7 @@ from archplan.bench.fit import FIT_FRACTION
 from archplan.contraction import ContractionDetector
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError, first_line
-from archplan.flop_registry import COUNTER_FORMULAS, FVCORE_FORMULAS, formula_source
+from archplan.flop_registry import FVCORE_FORMULAS, counter_mapping, formula_source
 from archplan.modules.model import ArchplanModel, build_model
 from archplan.resolve import (
     AttentionPlan,
@@ -579,8 +579,7 @@ class _ListingCounter(FlopCounterMode):
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        custom = {op: entry.formula for op, entry in COUNTER_FORMULAS.items()}
-        super().__init__(display=False, custom_mapping=custom)
+        super().__init__(display=False, custom_mapping=counter_mapping())
         self.mod_tracker = _ForwardTracker(model)  # type: ignore[assignment]
         self.log = _OpLog()
         self._contracts = ContractionDetector(self.flop_registry)

@@ -75,6 +75,11 @@ def fvcore_formula(jit_op: str, source: str) -> Callable[[TracedFormula], Traced
     return register
 
 
+def counter_mapping() -> dict[Any, Callable[..., int]]:
+    """The registered formulas as FlopCounterMode's `custom_mapping` takes them."""
+    return {op: entry.formula for op, entry in COUNTER_FORMULAS.items()}
+
+
 def formula_source(op: Any) -> str | None:
     """Where the counter's formula for `op` comes from: ours, torch's, or None (counted as 0)."""
     if op in COUNTER_FORMULAS:

@@ -42,7 +42,7 @@ from archplan.bench.roofline import (
 from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
-from archplan.flop_registry import COUNTER_FORMULAS
+from archplan.flop_registry import counter_mapping
 from archplan.modules.attention import attention_mask, sdpa
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
@@ -650,7 +650,6 @@ def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:
         if context > 1:
             model(torch.zeros(batch, context - 1, dtype=torch.long, device="meta"), cache=cache)
         # with the formulas verify adds (an FFT, a grouped matmul), which torch's own counter prices at 0
-        formulas = {op: entry.formula for op, entry in COUNTER_FORMULAS.items()}
-        with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
+        with FlopCounterMode(display=False, custom_mapping=counter_mapping()) as counter:
             model(torch.zeros(batch, 1, dtype=torch.long, device="meta"), cache=cache)
     return counter.get_total_flops()
