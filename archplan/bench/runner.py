@@ -50,16 +50,16 @@ from archplan.resolve import AttentionPlan, MLAPlan, ModelPlan
 BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 
-# what a prefill's FLOPs count (`analytic.forward_flops`, the counted forward; size's convention)
-PREFILL_FLOPS_CONVENTION = ("analytic forward, 2 FLOPs per multiply-add, attention causal, LM head counted, "
-                            "embedding lookups not")
-# what a training step's model FLOPs count (`analytic.training_flops_of_batch`), MFU's numerator
-TRAINING_FLOPS_CONVENTION = ("analytic forward + backward (docs/formulas.md §2.7), 2 FLOPs per "
-                             "multiply-add, attention causal, LM head counted, embedding lookups not, "
-                             "no recompute (hardware FLOPs add the recompute's re-run)")
+# what every FLOP figure bench prints counts (size's convention)
+_COUNTED = "2 FLOPs per multiply-add, attention causal, LM head counted, embedding lookups not"
+# a prefill's (`analytic.forward_flops`, the counted forward)
+PREFILL_FLOPS_CONVENTION = f"analytic forward, {_COUNTED}"
+# a training step's model FLOPs (`analytic.training_flops_of_batch`), MFU's numerator
+TRAINING_FLOPS_CONVENTION = (f"analytic forward + backward (docs/formulas.md §2.7), {_COUNTED}, no recompute "
+                             "(hardware FLOPs add the recompute's re-run)")
 # ... per token of a layout's step: its micro-batch's sequences share a long convolution's filters
-LAYOUT_FLOPS_CONVENTION = ("training, analytic forward + backward, 2 FLOPs per multiply-add, attention causal, "
-                           "LM head counted, embedding lookups not, no recompute, at the layout's micro-batch")
+LAYOUT_FLOPS_CONVENTION = (f"training, analytic forward + backward, {_COUNTED}, no recompute, at the layout's "
+                           "micro-batch")
 
 
 @dataclass(frozen=True)
