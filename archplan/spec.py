@@ -36,10 +36,15 @@ PositiveInt = Annotated[Int, Field(gt=0)]
 NAME_MAX_CHARS = 200  # a spec's name, as tables and file names show it
 
 
+def control_character(c: str) -> bool:
+    """A C0 or C1 control character (or DEL), which no name and, but line breaks and tabs, no prose keeps."""
+    return ord(c) < 32 or 127 <= ord(c) < 160
+
+
 def _printable(text: str, allowed: str) -> str:
     """Names and prose reach the terminal as written: an escape sequence in a spec's name would
     recolour or rewrite it. `allowed`: the control characters the field keeps (prose's line breaks)."""
-    bad = next((c for c in text if (ord(c) < 32 or 127 <= ord(c) < 160) and c not in allowed), None)
+    bad = next((c for c in text if control_character(c) and c not in allowed), None)
     if bad is not None:
         raise ValueError(f"control character {bad!r} at position {text.index(bad)}; write printable text")
     return text

@@ -57,6 +57,7 @@ from archplan.spec import (
     Sandwich,
     SharedExperts,
     Spec,
+    control_character,
     rotary_dim,
 )
 
@@ -1811,7 +1812,7 @@ def model_name(path: Path) -> str:
         if absolute.parent.parent.name == "snapshots" and repo.startswith(HF_CACHE_PREFIX):
             # huggingface_hub's folder per repository, `models--{org}--{name}` ("--" is in no repo id)
             name = repo.split("--")[-1]
-    text = "".join(" " if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in as_text(name))
+    text = "".join(" " if control_character(c) else c for c in as_text(name))
     return text[:NAME_MAX_CHARS]
 
 
