@@ -70,6 +70,12 @@ ACCELERATORS: tuple[Accelerator, ...] = (
                 _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 1555e9, 40 * GiB, sms=108),
     Accelerator("a100-80gb", "NVIDIA A100 SXM 80GB",
                 _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 2039e9, 80 * GiB, ("a100",), sms=108),
+    # the PCIe cards: the SXM parts' peaks (the datasheet's one column of tensor figures) and memory,
+    # their own HBM bandwidth (1,555 and 1,935 GB/s) and no NVSwitch (`INTERCONNECTS`)
+    Accelerator("a100-pcie-40gb", "NVIDIA A100 PCIe 40GB",
+                _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 1555e9, 40 * GiB, sms=108),
+    Accelerator("a100-pcie-80gb", "NVIDIA A100 PCIe 80GB",
+                _tf(fp32=19.5, tf32=156, bf16=312, fp16=312, int8=624), 1935e9, 80 * GiB, ("a100-pcie",), sms=108),
     Accelerator("h100-sxm", "NVIDIA H100 SXM5 80GB",
                 _tf(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9, int8=1978.9),
                 3.35e12, 80 * GiB, ("h100", "h100-80gb"), sms=132),
@@ -139,8 +145,8 @@ def accelerator(key: str) -> Accelerator:
 # entry, and the words of variants the table does not hold, which must not borrow a neighbour's
 # datasheet: H100 NVL (835 TF dense) and H200 NVL are not the SXM parts, an H800 PCIe is H100
 # PCIe-class, a V100 PCIe (112 TF) or 16 GB part is not the SXM2 32 GB, an RTX 4090 D (114 SMs) or
-# Laptop GPU is another chip, and "L40" is not "L4". An A100 PCIe keeps its SXM sibling's entry: the
-# same peaks and memory, 5% less bandwidth (1,935 GB/s against 2,039).
+# Laptop GPU is another chip, and "L40" is not "L4". An A100 is SXM unless its name says PCIe, 80GB
+# where its name says so.
 _NAME_WORDS: tuple[tuple[str, str], ...] = (
     ("h200", "h200"), ("h100", "h100-sxm"), ("h800", "h800"), ("gb200", "gb200"), ("b200", "b200"),
     ("gb300", "gb300"), ("b300", "b300"), ("l40s", "l40s"), ("l4", "l4"), ("4090", "rtx4090"),
@@ -158,7 +164,8 @@ def match_device_name(name: str) -> Accelerator | None:
     calibrates the peak in the run instead)."""
     words = set(re.split(r"[\s\-_]+", name.lower()))
     if "a100" in words:
-        return _BY_KEY["a100-80gb" if any(w.startswith("80g") for w in words) else "a100-40gb"]
+        form = "a100-pcie" if "pcie" in words else "a100"
+        return _BY_KEY[f"{form}-80gb" if any(w.startswith("80g") for w in words) else f"{form}-40gb"]
     if "h100" in words and "pcie" in words:
         return _BY_KEY["h100-pcie"]
     for word, key in _NAME_WORDS:
@@ -404,12 +411,13 @@ def matmul_ratio(gpu: Accelerator) -> float | None:
 # NVIDIA GPUs before Hopper (compute capability below 9.0: Volta, Ampere, Ada), on which Transformer
 # Engine runs FlashAttention rather than cuDNN's fused attention (`get_attention_backend` prefers
 # cuDNN's kernel from sm90 on)
-PRE_HOPPER_NVIDIA: frozenset[str] = frozenset({"v100", "a100-40gb", "a100-80gb", "l4", "l40s", "rtx4090"})
+PRE_HOPPER_NVIDIA: frozenset[str] = frozenset({"v100", "a100-40gb", "a100-80gb", "a100-pcie-40gb", "a100-pcie-80gb",
+                                               "l4", "l40s", "rtx4090"})
 
 # Families without a calibration fall back to the Hopper fractions (stated in the output), their GEMM
 # fraction scaled by `matmul_ratio` where it is known.
 FAMILY_OF: dict[str, str] = {
-    "a100-40gb": "ampere", "a100-80gb": "ampere",
+    "a100-40gb": "ampere", "a100-80gb": "ampere", "a100-pcie-40gb": "ampere", "a100-pcie-80gb": "ampere",
     "h100-sxm": "hopper", "h100-pcie": "hopper", "h200": "hopper", "h800": "hopper",
 }
 # The part each family's FlashAttention rates were measured on (Dao 2023 on A100 SXM, Shah et al.

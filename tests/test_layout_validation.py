@@ -199,7 +199,8 @@ def test_device_names_map_only_to_the_part_they_name() -> None:
     from archplan.hardware import match_device_name
 
     named = {"NVIDIA H100 80GB HBM3": "h100-sxm", "NVIDIA H100 PCIe": "h100-pcie", "NVIDIA L4": "l4",
-             "NVIDIA L40S": "l40s", "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100 80GB PCIe": "a100-80gb",
+             "NVIDIA L40S": "l40s", "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100 80GB PCIe": "a100-pcie-80gb",
+             "NVIDIA A100-PCIE-40GB": "a100-pcie-40gb", "NVIDIA A100-SXM4-80GB": "a100-80gb",
              "NVIDIA GeForce RTX 4090": "rtx4090", "AMD Instinct MI300X": "mi300x", "NVIDIA GB200": "gb200",
              "Tesla V100-SXM2-32GB": "v100"}
     for name, key in named.items():

@@ -52,6 +52,20 @@ def test_a_pairwise_mesh_gives_a_group_one_link_per_other_member() -> None:
     assert network(interconnect(accelerator("h100")), "one").intra(2) == 450e9
 
 
+def test_a_pcie_a100_is_priced_as_its_own_card() -> None:
+    """The PCIe A100s borrowed the SXM entries: NVLink 3's 300 GB/s for every group on the node,
+    where they reach each other over PCIe 4 (NVLink bridges join pairs only), and the SXM's HBM
+    bandwidth on the 80 GB card (2,039 GB/s against its 1,935). Peaks, memory and the Ampere
+    constants are the SXM parts'."""
+    for size, hbm in (("40gb", 1555e9), ("80gb", 1935e9)):
+        pcie, sxm = accelerator(f"a100-pcie-{size}"), accelerator(f"a100-{size}")
+        assert pcie.hbm_bytes_per_s == hbm and pcie.peak_flops == sxm.peak_flops
+        assert pcie.memory_bytes == sxm.memory_bytes
+        assert kernel_efficiency(pcie) == kernel_efficiency(sxm)
+        assert interconnect(pcie).intra_node == 32e9 and interconnect(sxm).intra_node == 300e9
+    assert accelerator("a100-pcie").key == "a100-pcie-80gb"
+
+
 def test_a_members_ring_never_outruns_the_in_node_link() -> None:
     """A ring over its members' NICs still leaves each rank over its own link to the node: on
     PCIe H100s eight 50 GB/s NICs would be 400 GB/s, but a rank's share goes out at 64 GB/s."""
