@@ -182,12 +182,21 @@ def _has_mtp(r: dict[str, Any]) -> bool:
     return "multi-token prediction" in r["params"]["by_kind"]
 
 
+_QUANTIZED = {
+    "all": "fp8, int8, int4: every parameter at that width, no scales (--quantize linear keeps the embedding, LM "
+           "head and norms in bf16)",
+    "linear": "fp8, int8, int4: the layers' matmul weights at that width, no scales; the embedding, LM head, norms, "
+              "biases and convolutions in bf16 (--quantize linear)",
+}
+
+
 def _inference_table(r: dict[str, Any]) -> _Section:
     m, kv = r["memory"], r["kv_cache"]
     table = _table(
         "Inference memory",
         f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
-        "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128 (4.125 bits a weight: "
+        + _QUANTIZED[m["weights_quantized"]] + "; "
+        "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128, no zero points (4.125 bits a weight: "
         "a row whose width 128 does not divide pays its last scale pro rata), the rest bf16; no activations, workspace or runtime overhead" + ("; the multi-token-prediction modules left out (training only)"
                       if _has_mtp(r) else ""),
         ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))
@@ -381,7 +390,8 @@ def compare_figures(reports: Sequence[dict[str, Any]]) -> list[Figure]:
           for what, key in (("Hyena filters (fp32)", "filter_cache_bytes"), ("constant state", "ssm_state_bytes"))
           if any(r["kv_cache"][key] for r in reports)],
         ("weights bf16", lambda r: r["memory"]["weights_by_dtype"]["bf16"], units.nbytes),
-        ("weights int4", lambda r: r["memory"]["weights_by_dtype"]["int4"], units.nbytes),
+        ("weights int4 (all)" if first["memory"]["weights_quantized"] == "all" else "weights int4 (linear)",
+         lambda r: r["memory"]["weights_by_dtype"]["int4"], units.nbytes),
         ("inference bf16 + KV", lambda r: r["memory"]["inference_bytes_by_dtype"]["bf16"], units.nbytes),
         ("train model states",
          lambda r: r["memory"]["training"]["weights"] + r["memory"]["training"]["grads"]
@@ -425,7 +435,8 @@ def compare_table(reports: Sequence[dict[str, Any]], stacked: bool = False) -> _
     t = first["memory"]["training"]
     settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
-                f"{t['attention_kernel']} attention, recompute {t['recompute']}, micro-batch {t['micro_batch']}. "
+                f"{t['attention_kernel']} attention, recompute {t['recompute']}, micro-batch {t['micro_batch']}; "
+                f"{_QUANTIZED[first['memory']['weights_quantized']].replace('fp8, int8, int4', 'int4')}. "
                 f"{FLOPS_CONVENTION}.")
     with_mtp = [r["name"] for r in reports if _has_mtp(r)]
     if with_mtp:

@@ -18,8 +18,10 @@ from archplan.analytic.memory import (
     INFERENCE_DTYPES,
     STATES_CONVENTION,
     AttentionKernel,
+    Quantize,
     Recompute,
     int4_grouped_bytes,
+    quantized_weights_bytes,
     training_memory,
     weights_bytes,
 )
@@ -70,6 +72,10 @@ FLOPS_CONVENTION = (
     "per token of one sequence (batch 1): a long convolution makes its filters once per batch, so "
     "a micro-batch of b sequences shares them (verify and bench count at their --batch, plan at each layout's "
     "micro-batch)"
+)
+CHINCHILLA_CONVENTION = (
+    "training_flops: C = 6·N·D (Hoffmann et al. 2022 eq. 4), N = n_params (embeddings included), D = tokens; "
+    "the scaling laws' budget, not the model FLOPs (flops.*) MFU is defined on"
 )
 MTP_FLOPS_NOTE = (
     "; training also runs the multi-token-prediction modules (DeepSeek-V3 §2.2: each one's projection, "
@@ -126,6 +132,7 @@ class SizeOptions:
     mfu: float = 0.4
     laws: tuple[str, ...] = field(default=DEFAULT_LAWS)
     attention: Attention = "full"
+    quantize: Quantize = "all"  # which weights the fp8, int8 and int4 rows store at that width
 
     @property
     def residual(self) -> DType | None:
@@ -328,7 +335,8 @@ def _memory_section(plan: ModelPlan, params: ParamCount, kv: KVCache, opts: Size
                     seq: int) -> dict[str, Any]:
     # inference holds the model its forward runs: the multi-token-prediction modules are training's
     served = count_params(replace(plan, mtp=())) if plan.mtp else params
-    weights = {dtype.value: weights_bytes(served, dtype) for dtype in INFERENCE_DTYPES}
+    weights = {dtype.value: quantized_weights_bytes(served, dtype, opts.quantize) if BYTES[dtype] < 2
+               else weights_bytes(served, dtype) for dtype in INFERENCE_DTYPES}
     weights["int4-g128"] = int4_grouped_bytes(served, 128)
     train_mem = training_memory(plan, params, opts.micro_batch, seq, opts.recompute,
                                 activation_dtype=opts.activation_dtype, attention_kernel=opts.attention_kernel,
@@ -338,6 +346,7 @@ def _memory_section(plan: ModelPlan, params: ParamCount, kv: KVCache, opts: Size
         "weights_dtype": "bf16",
         "weights_bytes": weights["bf16"],
         "weights_by_dtype": weights,
+        "weights_quantized": opts.quantize,
         "inference_bytes_by_dtype": {dtype: value + kv.bytes for dtype, value in weights.items()},
         "training_bytes": train_mem.total,
         "training": {
@@ -433,5 +442,6 @@ def _chinchilla_section(spec: Spec, params: ParamCount, opts: SizeOptions,
         "laws": laws,
         "extrapolated": outside_fit_data(n_chinchilla, tokens),
         "gpu": gpu,
+        "convention": CHINCHILLA_CONVENTION,
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -936,6 +937,34 @@ def test_train_prices_and_measures_the_shared_mask(position: str, window: int | 
     assert run.measured_activations > mask
     assert abs(run.measured_activations / run.analytic_activations - 1) < 0.02
     assert run.total_ok and abs(run.measured["Total"] / run.analytic_total - 1) < 0.05
+
+
+@pytest.mark.parametrize(("fixture", "dtype"), [("tiny-llama", "bf16"), ("tiny-mla", "fp32"), ("tiny-mtp", "bf16")])
+def test_train_prices_and_measures_the_shared_rope_tables(fixture: str, dtype: str) -> None:
+    """The rotary layers' cos and sin tables are built once a forward and shared (`RopeTables`);
+    built in the warm-up, before the tracker, MemTracker counted them in no category and size's
+    count under archplan's units did not price them. Now the tables the model holds after a step,
+    handed to the tracker, are the bytes `shared_rope_bytes` prices: one (T, R) cos and sin per
+    rotary width in the queries' dtype, here with partial rotary and MLA's rope head."""
+    from archplan.analytic.memory import activation_memory, shared_rope_bytes
+    from archplan.distributed.train import shared_tables
+    from archplan.modules.model import build_model
+
+    base = load_spec(Path(__file__).parent / "fixtures" / "distributed" / f"{fixture}.yaml")
+    rope = base.position.model_copy(update={"fraction": 0.5}) if fixture == "tiny-llama" else base.position
+    plan = resolve(base.model_copy(update={"position": rope}))
+    seq, act = 96, 2 if dtype == "bf16" else 4
+    torch.manual_seed(0)
+    model = build_model(plan, torch.device("cpu"), torch.float32)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    with autocast:
+        model(torch.randint(0, plan.vocab_size, (2, seq))).float().sum().backward()
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in shared_tables(model)}.values())
+    priced = shared_rope_bytes(plan, seq, act)
+    assert held == priced > 0
+    assert activation_memory(plan, 2, seq, activation_dtype=dtype, attention_kernel="torch-cpu",
+                             units="torch").by_component["rope"] == priced
+    assert "rope" not in activation_memory(plan, 2, seq, attention_kernel="flash").by_component
 
 
 def test_one_or_two_timed_passes_say_their_spread_is_not_judged() -> None:

@@ -62,7 +62,7 @@ def test_ratios_against_the_first_column() -> None:
     active = next(ln for ln in result.stdout.splitlines() if ln.startswith("params active"))
     assert f"({12_879_925_248 / 8_030_261_248:.2f}×)" in active
     assert "ratios (×) against llama-3-8b" in result.stdout
-    assert "training activations bf16, eager attention, recompute none, micro-batch 1." in " ".join(result.stdout.split())
+    assert "training activations bf16, eager attention, recompute none, micro-batch 1; int4: every parameter at that width" in " ".join(result.stdout.split())
 
 
 def test_a_model_without_a_per_token_cache_shows_none_not_0_b() -> None:

@@ -268,7 +268,7 @@ def test_the_convention_says_what_experts_and_mla_decode_count() -> None:
     assert "deepseek-v3: MoE layers count the router" in caption
     assert "deepseek-v3: MLA decode reads the absorbed latent cache" in caption
     assert ".." not in caption and "more bytes." in caption
-    text = runner.invoke(app, ["size", "llama-3-8b"], env={"COLUMNS": "200"}).stdout
+    text = " ".join(runner.invoke(app, ["size", "llama-3-8b"], env={"COLUMNS": "200"}).stdout.split())
     assert "embedding included" in text and "no activations, workspace or runtime overhead" in text
 
 
@@ -398,12 +398,37 @@ def test_residual_dtype() -> None:
     assert "a bf16 residual stream beside fp32 activations does not occur" in narrower.exception.render()
 
 
+def test_quantize_linear_leaves_the_embedding_head_and_norms_in_bf16() -> None:
+    """fp8, int8 and int4 stored every parameter at that width, the tied 524M embedding of
+    Gemma-2B included, where vLLM's fp8/int8 methods and GPTQ/AWQ quantise the layers' linear
+    weights only. `--quantize linear` prices that; the default stays docs/formulas.md §4.1's worked
+    figures, and the JSON and the caption say which. Counts by hand: Llama-3-8B's layers hold
+    6,979,321,856 matmul weights; Gemma-2B's 18 layers 18·(2·2048² + 2·2048·256 + 3·2048·16,384)."""
+    for name, linear, total in (("llama-3-8b", 6_979_321_856, 8_030_261_248),
+                                ("gemma-2b", 18 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 16384), 2_506_172_416)):
+        rest = 2 * (total - linear)  # bf16
+        default = size_json(name)["memory"]
+        quantized = size_json(name, "--quantize", "linear")["memory"]
+        assert (default["weights_quantized"], quantized["weights_quantized"]) == ("all", "linear")
+        assert default["weights_by_dtype"]["fp8"] == total and default["weights_by_dtype"]["int4"] == total // 2
+        weights = quantized["weights_by_dtype"]
+        assert weights["fp8"] == weights["int8"] == linear + rest
+        assert weights["int4"] == linear // 2 + rest
+        for dtype in ("fp32", "bf16", "int4-g128"):
+            assert weights[dtype] == default["weights_by_dtype"][dtype]
+    assert weights["int4"] == 2_039_631_872  # Gemma-2B: 1.90 GiB, where every parameter in int4 is 1.17
+    table = runner.invoke(app, ["compare", "llama-3-8b", "gemma-2b", "--quantize", "linear"], terminal_width=200)
+    assert table.exit_code == 0 and "weights int4 (linear)" in table.output
+    assert "int4: the layers' matmul weights at that width" in " ".join(table.output.split())
+
+
 def test_autocast() -> None:
     """--autocast: torch.autocast over fp32 weights. The residual stream is fp32 (as with
     --residual-dtype fp32), and each projection keeps its own 16-bit cast of the norm's output:
     gpt2's q, k and v two copies more per layer, 2 B × h per token each (its MLP has one input
-    projection). It is what bench --train prices in bf16 (tiny-llama on a CPU, the same figure);
-    the caption names it; fp32 activations or a 16-bit residual stream beside it are refused."""
+    projection). It is what bench --train prices in bf16 (tiny-llama on a CPU, the same figure
+    but for the rotary tables archplan's modules share, which only archplan's units hold); the
+    caption names it; fp32 activations or a 16-bit residual stream beside it are refused."""
     from archplan.analytic import count_params
     from archplan.analytic.memory import training_memory
     from archplan.loader import load_spec
@@ -421,7 +446,9 @@ def test_autocast() -> None:
     plan = resolve(load_spec(tiny))
     trained = training_memory(plan, count_params(plan), 1, 64, "none", activation_dtype="bf16",
                               attention_kernel="torch-cpu", residual_dtype="fp32", units="torch", autocast=True)
-    assert sized["activations"] == trained.activations.kept
+    tables = 2 * 2 * 64 * plan.layers[0].mixer.rotary_dim  # bf16 cos and sin
+    assert trained.activations.by_component["rope"] == tables
+    assert sized["activations"] == trained.activations.kept - tables
     for extra, message in ((("--activation-dtype", "fp32"), "autocast runs the matmuls in 16 bits"),
                            (("--residual-dtype", "bf16"), "autocast over fp32 weights keeps an fp32 residual stream")):
         refused = runner.invoke(app, ["size", *args, "--autocast", *extra])

@@ -162,6 +162,23 @@ def shared_mask_bytes(plan: ModelPlan, seq_len: int, act: int) -> int:
     return sum(act * heads * seq_len * seq_len for heads, _ in keys)
 
 
+def shared_rope_bytes(plan: ModelPlan, seq_len: int, act: int) -> int:
+    """The rotary tables archplan's rotary layers build once per forward and share over the layers,
+    micro-batches and re-runs (`modules.positions.RopeTables`), which the rotation's products keep
+    for the backward: per distinct rotary width, one (T, R) cos and one sin in the dtype of the
+    queries they rotate (the activation dtype). Fused kernels' engines build them per layer or in
+    fp32 at 4·R bytes a position beside a layer's tens of thousands a token (`size`'s count keeps
+    none)."""
+    if plan.rope is None:
+        return 0
+    widths: set[int] = set()
+    for layer in (*plan.layers, *plan.mtp):
+        match layer.mixer:
+            case AttentionPlan(rotary_dim=width) | MLAPlan(qk_rope_head_dim=width) if width:
+                widths.add(width)
+    return sum(2 * act * seq_len * width for width in widths)
+
+
 def _attention_core_bytes(n_heads: int, s: int, b: int, h: int, act: int, recompute: Recompute,
                           kernel: CoreKernel, dropout: bool) -> int:
     """What the attention core keeps beyond its projections (Korthikanti et al. 2022 §4.1): eager,
@@ -227,12 +244,34 @@ def built_weights_bytes(params: ParamCount, bytes_per_param: float) -> float:
     return (params.total - routers) * bytes_per_param + routers * ROUTER_BYTES
 
 
+# which weights a narrow inference dtype stores at its width: every parameter, or the layers'
+# matmul weights only
+Quantize = Literal["all", "linear"]
+
+
+def _linear_weights(params: ParamCount) -> int:
+    """The layers' matmul weights, the ones vLLM's fp8 and int8 methods (`LinearBase` and fused-MoE
+    layers) and GPTQ/AWQ quantise: P_matmul less the LM-head weight (V·D, tied or not)."""
+    return params.matmul - params.embedding
+
+
+def quantized_weights_bytes(params: ParamCount, dtype: DType | str, quantize: Quantize) -> int:
+    """The weights in a narrow dtype (fp8, int8, int4), no quantisation metadata (docs/formulas.md
+    §4.1): every parameter at that width (`all`), or the layers' matmul weights at it and the
+    embedding, LM head, norms, biases and convolutions in bf16 (`linear`), as quantisers leave them."""
+    if quantize == "all":
+        return weights_bytes(params, dtype)
+    quantised = _linear_weights(params)
+    return dtype_bytes(quantised, dtype) + dtype_bytes(params.total - quantised, DType.bf16)
+
+
 def int4_grouped_bytes(params: ParamCount, group: int = 128) -> int:
-    """GPTQ/AWQ-style int4: matmul weights at 4 bits + one fp16 scale per `group` weights; the
-    embedding, LM head, norms, biases and convolutions stay bf16 (docs/formulas.md §4.1: Llama-3-8B g=128
-    -> 5,700,591,616 B). The LM-head weight (V·D, also when tied) is part of P_matmul but is kept bf16.
+    """GPTQ/AWQ-style symmetric int4: matmul weights at 4 bits + one fp16 scale per `group` weights,
+    no zero points (a packed 4-bit zero point, AWQ's default, adds 4/group bits); the embedding, LM
+    head, norms, biases and convolutions stay bf16 (docs/formulas.md §4.1: Llama-3-8B g=128 ->
+    5,700,591,616 B). The LM-head weight (V·D, also when tied) is part of P_matmul but is kept bf16.
     """
-    quantised = params.matmul - params.embedding  # the LM-head weight is V·D, tied or not
+    quantised = _linear_weights(params)
     bits = Fraction(4) + Fraction(16, group)
     return math.ceil(quantised * bits / 8) + dtype_bytes(params.total - quantised, DType.bf16)
 
@@ -699,8 +738,9 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
     16-bit casts) and under Megatron-LM's `--fp32-residual-connection`. `units`: what the Mamba
     and MoE layers keep, fused kernels' tensors (`size`) or archplan's torch units' (`bench
     --train`): Mamba-2's `ssd_unit_bytes` (its contractions in the activation dtype as under
-    autocast), Mamba-1's `mamba1_unit_bytes`, an MoE layer's `moe_routing_bytes`, and the ALiBi
-    biases and window masks the attention modules share (`shared_mask_bytes`).
+    autocast), Mamba-1's `mamba1_unit_bytes`, an MoE layer's `moe_routing_bytes`, the ALiBi
+    biases and window masks the attention modules share (`shared_mask_bytes`) and their rotary
+    tables (`shared_rope_bytes`).
     `autocast`: the step runs under torch.autocast (`bench --train` in bf16), whose matmuls keep
     their 16-bit casts where S4's kernel generation multiplies in fp32 otherwise
     (`s4_kernel_activation_bytes`), and which casts a matmul's fp32 input on every call, so each
@@ -719,6 +759,8 @@ def activation_memory(plan: ModelPlan, micro_batch: int, seq_len: int, recompute
         out["embed_norm"] = res * tokens * h
     if units == "torch" and (masks := shared_mask_bytes(plan, s, act)):
         out["masks"] = masks
+    if units == "torch" and (tables := shared_rope_bytes(plan, s, act)):
+        out["rope"] = tables
     working_set = 0
     core_backward = scan_backward = conv_backward = generation = (0, 0)
     below = sum(out.values())  # what the layers so far keep, summed as they are added

@@ -25,6 +25,8 @@ from archplan.commands.size import (
     MicroBatchOpt,
     PlotForceOpt,
     PlotOpt,
+    QuantizeChoice,
+    QuantizeOpt,
     RecomputeChoice,
     RecomputeOpt,
     ResidualDTypeOpt,
@@ -60,6 +62,7 @@ def register(app: typer.Typer) -> None:
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         residual_dtype: ResidualDTypeOpt = None,
         autocast: AutocastOpt = False,
+        quantize: QuantizeOpt = QuantizeChoice.all,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = None,
@@ -76,7 +79,8 @@ def register(app: typer.Typer) -> None:
             raise ArchplanError("compare needs at least two specs (use `archplan size` for one)")
         refuse_force_without_plot(force, plot)
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention, attention_kernel, activation_dtype, residual_dtype, autocast)
+                            law, attention, attention_kernel, activation_dtype, residual_dtype, autocast,
+                            quantize)
         reports = [size_report(load_spec(spec), opts, source=spec) for spec in specs]
         if plot is not None:
             from archplan.plot import plot_compare

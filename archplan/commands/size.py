@@ -42,6 +42,11 @@ class KVDTypeChoice(str, Enum):
     int4 = "int4"
 
 
+class QuantizeChoice(str, Enum):
+    all = "all"
+    linear = "linear"
+
+
 class LawChoice(str, Enum):
     hoffmann2022 = "hoffmann2022"
     hoffmann2022_tex = "hoffmann2022-tex"
@@ -106,6 +111,11 @@ AutocastOpt = Annotated[bool, typer.Option(
                        "with bf16): the residual stream in fp32 and each projection's own 16-bit cast of its "
                        "input. The default is Megatron's and FSDP2's mixed precision, which casts the weights "
                        "and hands every projection one 16-bit tensor.", metavar="")]
+QuantizeOpt = Annotated[QuantizeChoice, typer.Option(
+    "--quantize", help="Which weights the fp8, int8 and int4 inference rows store at that width: all (every "
+                       "parameter) or linear (the layers' matmul weights; the embedding, LM head, norms, biases "
+                       "and convolutions in bf16, as vLLM's fp8 and int8 methods and GPTQ/AWQ leave them). "
+                       "int4-g128 is linear either way.")]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: the spec's training.tokens, else 20 per "
     "parameter).")]
@@ -130,7 +140,8 @@ def size_options(context: int | None, batch: int, kv_dtype: KVDTypeChoice, seq: 
                  laws: list[LawChoice] | None, attention: AttentionChoice,
                  attention_kernel: MemoryKernelChoice = MemoryKernelChoice.eager,
                  activation_dtype: ActDTypeChoice = ActDTypeChoice.bf16,
-                 residual_dtype: ActDTypeChoice | None = None, autocast: bool = False) -> SizeOptions:
+                 residual_dtype: ActDTypeChoice | None = None, autocast: bool = False,
+                 quantize: QuantizeChoice = QuantizeChoice.all) -> SizeOptions:
     """The typed options, shared by `size` and `compare`."""
     from archplan.analytic.scaling import DEFAULT_LAWS, LAW_SYNONYMS
     from archplan.errors import ArchplanError
@@ -147,7 +158,7 @@ def size_options(context: int | None, batch: int, kv_dtype: KVDTypeChoice, seq: 
         tokens=parse_amount(tokens, "--tokens") if tokens is not None else None,
         gpu=gpu, **({"mfu": mfu} if mfu is not None else {}),
         laws=tuple(dict.fromkeys(LAW_SYNONYMS.get(x.value, x.value) for x in laws)) if laws else DEFAULT_LAWS,
-        attention=attention.value,
+        attention=attention.value, quantize=quantize.value,
     )
 
 
@@ -159,7 +170,7 @@ def register(app: typer.Typer) -> None:
             "Chinchilla budget of one spec (analytic, no torch).\n\n"
             "Examples:\n\n"
             "  archplan size 70b\n\n"
-            "  archplan size llama-3-8b --context 8192 --batch 4 --kv-dtype fp8\n\n"
+            "  archplan size llama-3-8b --context 8192 --batch 4 --kv-dtype fp8 --quantize linear\n\n"
             "  archplan size mixtral-8x7b --seq 4096 --micro-batch 2 --recompute selective "
             "--tokens 2T --gpu h100 --mfu 0.4 --json\n\n"
             "  archplan size gpt2 --seq 1024 --micro-batch 8 --attention-kernel flash\n\n"
@@ -178,6 +189,7 @@ def register(app: typer.Typer) -> None:
         activation_dtype: ActDTypeOpt = ActDTypeChoice.bf16,
         residual_dtype: ResidualDTypeOpt = None,
         autocast: AutocastOpt = False,
+        quantize: QuantizeOpt = QuantizeChoice.all,
         tokens: TokensOpt = None,
         gpu: GpuOpt = None,
         mfu: MfuOpt = None,
@@ -192,7 +204,8 @@ def register(app: typer.Typer) -> None:
 
         refuse_force_without_plot(force, plot)
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
-                            law, attention, attention_kernel, activation_dtype, residual_dtype, autocast)
+                            law, attention, attention_kernel, activation_dtype, residual_dtype, autocast,
+                            quantize)
         loaded = load_spec(spec)
         report = size_report(loaded, opts, source=spec)
         if plot is not None:

@@ -56,6 +56,7 @@ from archplan.modules.checkpointing import apply_recompute
 from archplan.modules.mla import MLA
 from archplan.modules.model import TrainingLoss, build_model, resolve_device
 from archplan.modules.moe import balance_routers
+from archplan.modules.positions import RotaryEmbedding
 from archplan.resolve import Mamba1Plan, Mamba2Plan, ModelPlan, MoEPlan
 
 WARMUP_STEPS = 2  # the first creates AdamW's states
@@ -152,16 +153,19 @@ def _storage_bytes(tensors: Iterable[torch.Tensor], dev: torch.device) -> int:
     return sum(storages.values())
 
 
-def shared_masks(model: nn.Module) -> list[torch.Tensor]:
-    """The ALiBi biases and window masks the attention modules share (`BiasCache`): built in the
-    warm-up and held from step to step, as in any run after its first step, so the measured step
-    finds them built (their fp32 build-up is no part of it). Neither tracker sees a tensor made
-    before it starts, so they are handed to it (MemTracker's `Other`; CUDA's allocator holds them
-    already) and added to the step's activations, where size's count keeps them
-    (`analytic.memory.shared_mask_bytes`)."""
-    caches = {id(module.biases): module.biases for module in model.modules()
-              if isinstance(module, Attention | MLA) and module.biases is not None}
-    return [tensor for cache in caches.values() for tensor in cache.built.values()]
+def shared_tables(model: nn.Module) -> list[torch.Tensor]:
+    """The ALiBi biases and window masks the attention modules share (`BiasCache`) and the rotary
+    tables the rotary layers share (`RopeTables`): built in the warm-up and held from step to
+    step, as in any run after its first step, so the measured step finds them built (their fp32
+    build-up is no part of it). Neither tracker sees a tensor made before it starts, so they are
+    handed to it (MemTracker's `Other`; CUDA's allocator holds them already) and added to the
+    step's activations, where size's count keeps them (`analytic.memory.shared_mask_bytes`,
+    `shared_rope_bytes`)."""
+    masks = {id(module.biases): module.biases for module in model.modules()
+             if isinstance(module, Attention | MLA) and module.biases is not None}
+    rope = {id(module.tables): module.tables for module in model.modules() if isinstance(module, RotaryEmbedding)}
+    return [*(tensor for cache in masks.values() for tensor in cache.built.values()),
+            *(table for cache in rope.values() for tables, _ in cache.built.values() for table in tables)]
 
 
 def _cuda_step(dev: torch.device, step: Callable[..., None], model: nn.Module,
@@ -197,7 +201,7 @@ def _cuda_step(dev: torch.device, step: Callable[..., None], model: nn.Module,
     start = torch.cuda.memory_allocated(dev)  # parameters, AdamW's states, the inputs, the workspaces
     step(probe, copies)
     return {"Parameter": probes["states"], "Gradient": probes["grads"], "Optstate": probes["optstate"],
-            "Activation": probes["after forward"] - start + _storage_bytes(shared_masks(model), dev),
+            "Activation": probes["after forward"] - start + _storage_bytes(shared_tables(model), dev),
             "WeightCopies": probes["copies"],
             "Workspace": workspaces, "Total": torch.cuda.max_memory_allocated(dev) - workspaces}
 
@@ -267,8 +271,8 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         total = measured["Total"]
     else:
         tracker = MemTracker()
-        masks = shared_masks(model)
-        tracker.track_external(model, optimizer, *masks)
+        tables = shared_tables(model)
+        tracker.track_external(model, optimizer, *tables)
         probes: dict[str, dict[str, int]] = {}
 
         copies = WeightCopies()
@@ -286,7 +290,7 @@ def train_bench(plan: ModelPlan, *, device: str, dtype: str, batch: int, seq: in
         measured = {
             "Parameter": at_step.get("Parameter", 0), "Gradient": at_step.get("Gradient", 0),
             "Optstate": at_step.get("Optstate", 0) - steps,
-            "Activation": probes["after forward"].get("Activation", 0) + _storage_bytes(masks, dev),
+            "Activation": probes["after forward"].get("Activation", 0) + _storage_bytes(tables, dev),
             "WeightCopies": probes["after forward"]["WeightCopies"],
             "Temp": next((v for k, v in peak.items() if _name(k) == "Temp"), 0),
             "Total": next(v for k, v in peak.items() if _name(k) == "Total") - steps,
