@@ -1079,7 +1079,7 @@ def test_cli_output_through_a_link_loop_is_one_line(tmp_path: Path, capsys: pyte
         code, _, err = run_cli(capsys, monkeypatch, "import", "hf", str(FIXTURES / "hf-configs" / "gpt2.json"),
                                "-o", str(tmp_path / "a.yaml"), *force)
         assert code == 2
-        assert err == f"archplan: error: {tmp_path / 'a.yaml'}: -o: cannot write: Too many levels of symbolic links\n"
+        assert err == f"archplan: error: {tmp_path / 'a.yaml'}: -o/--output: cannot write: Too many levels of symbolic links\n"
     assert (tmp_path / "a.yaml").is_symlink() and (tmp_path / "b.yaml").is_symlink()
 
 

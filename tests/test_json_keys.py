@@ -48,6 +48,8 @@ def _nested_keys(value: object) -> set[str]:
 @pytest.mark.parametrize(("item", "argv"), [
     ("archplan verify SPEC --json", ["verify", "gpt2", "--seq", "16", "--no-backward", "--json"]),
     ("archplan lint --format json", ["lint", "gpt2", "--format", "json"]),
+    ("archplan import hf CONFIG --json", ["import", "hf", str(Path(__file__).parent / "fixtures" / "hf-configs"
+                                                            / "deepseek-v3.json"), "--json"]),
 ])
 def test_printed_keys_are_documented(item: str, argv: list[str]) -> None:
     pytest.importorskip("torch")

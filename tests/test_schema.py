@@ -113,4 +113,4 @@ def test_schema_names_a_force_or_folder_that_cannot_work(tmp_path, monkeypatch, 
     assert run_cli(monkeypatch, "schema", "--force") == 2
     assert "without it the schema goes to stdout" in capsys.readouterr().err
     assert run_cli(monkeypatch, "schema", "-o", str(tmp_path / "no" / "spec.schema.json")) == 2
-    assert "-o: directory does not exist" in capsys.readouterr().err
+    assert "-o/--output: directory does not exist" in capsys.readouterr().err

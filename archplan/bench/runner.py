@@ -51,12 +51,15 @@ BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 
 # what every FLOP figure bench prints counts (size's convention)
-_COUNTED = "2 FLOPs per multiply-add, attention causal, LM head counted, embedding lookups not"
+_COUNTED = ("2 FLOPs per multiply-add, attention causal, LM head counted, embedding lookups not, an FFT "
+            "2.5·n·⌈log2 n⌉ per real transform of length n = 2T (5·n·⌈log2 n⌉ complex), a long convolution's "
+            "filters made once for the batch")
 # a prefill's (`analytic.forward_flops`, the counted forward)
 PREFILL_FLOPS_CONVENTION = f"analytic forward, {_COUNTED}"
 # a training step's model FLOPs (`analytic.training_flops_of_batch`), MFU's numerator
-TRAINING_FLOPS_CONVENTION = (f"analytic forward + backward (docs/formulas.md §2.7), {_COUNTED}, no recompute "
-                             "(hardware FLOPs add the recompute's re-run)")
+TRAINING_FLOPS_CONVENTION = (f"analytic forward + backward (docs/formulas.md §2.9: the backward 2 × the forward, an "
+                             f"FFT convolution's irfft backward 1 ×), {_COUNTED}, no recompute (hardware FLOPs add "
+                             "the recompute's re-run)")
 # ... per token of a layout's step: its micro-batch's sequences share a long convolution's filters
 LAYOUT_FLOPS_CONVENTION = (f"training, analytic forward + backward, {_COUNTED}, no recompute, at the layout's "
                            "micro-batch")

@@ -74,7 +74,7 @@ def hf(
     from archplan.planning import spec_data, spec_yaml, write_spec
 
     if output is not None:
-        check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
+        check_target(output, force=force, field="-o/--output", suffixes=SPEC_SUFFIXES)
     elif force:
         raise ArchplanError("--force overwrites the -o spec; without -o the spec goes to stdout")
     imported = read_hf(config, strict=strict, mtp=mtp)

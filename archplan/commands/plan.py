@@ -223,7 +223,20 @@ def _extrapolated(result: Optimum) -> bool:
     return outside_fit_data(result.optimal.params, result.optimal.tokens)
 
 
-def _budget_json(result: Optimum, made: Design | NoRecipe, written: str | None) -> dict[str, Any]:
+# what `model_flops_per_token` and each layout's `mfu` count, as the text output's closing line says
+MFU_CONVENTION = ("model FLOPs per token: training (forward + backward), 2 FLOPs per multiply-add, attention "
+                  "causal, LM head counted, embedding lookups not, no recompute; a layout's own figure at its "
+                  "micro-batch, whose sequences share a long convolution's filters; mfu = model FLOPs / (step time "
+                  "× GPUs × bf16 peak), the GEMMs under --precision fp8 against the fp8 peak")
+
+
+def _counted(kind: str) -> str:
+    """What N counts in the budget's C = 6·N·D for a family whose `design.target_kind` is `kind`."""
+    return ("every parameter, embeddings included" if kind == "total" else
+            "the active parameters, embeddings included: the dense law at N_active")
+
+
+def _budget_json(result: Optimum, made: Design | NoRecipe, written: str | None, kind: str) -> dict[str, Any]:
     from archplan.planning import spec_data
     from archplan.planning.design import NoRecipe
 
@@ -232,6 +245,7 @@ def _budget_json(result: Optimum, made: Design | NoRecipe, written: str | None) 
         "law": result.law.value,
         "loss_law": result.loss_law.key,
         "compute": result.compute,
+        "compute_convention": f"C = 6·N·D; N counts {_counted(kind)}",
         "optimal": {
             "params": result.optimal.params,
             "tokens": result.optimal.tokens,
@@ -295,10 +309,8 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None,
                  "epoch": "Besiroglu et al. 2024 (Epoch AI replication)",
                  "besiroglu2024": "Besiroglu et al. 2024 (Epoch AI replication)",
                  "20x": "20 tokens per parameter (Hoffmann Table 3)"}[result.law.value]
-    counted = ("every parameter, embeddings included" if kind == "total" else
-               "the active parameters, embeddings included: the dense law at N_active")
     console.print(f"[bold]Compute-optimal allocation[/] — {law_title}; C = {sci(result.compute)} FLOPs "
-                  f"(C = 6·N·D; N counts {counted})")
+                  f"(C = 6·N·D; N counts {_counted(kind)})")
     console.print(f"  N_opt {count(opt.params)}   D_opt {count(opt.tokens)}   D/N "
                   f"{result.tokens_per_param:.1f}   predicted loss {opt.loss:.4f} "
                   f"({result.loss_law.title})")
@@ -974,6 +986,7 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
                     "gpus_per_node": _node_size(result), "source": result.net.source,
                     "ring_nics": result.ring_nics},
         "model_flops_per_token": result.model_flops_per_token,
+        "flops_convention": MFU_CONVENTION,
         "training_tokens": tokens,
         "training_tokens_source": source,
         "feasible": result.feasible,
@@ -1502,7 +1515,7 @@ def _check_output(output: str | None, force: bool, plot: str | None = None) -> N
     if force and output is None and plot is None:
         raise ArchplanError("--force overwrites the -o spec or the --plot figure; without either nothing is written")
     if output is not None:
-        check_target(output, force=force, field="-o", suffixes=SPEC_SUFFIXES)
+        check_target(output, force=force, field="-o/--output", suffixes=SPEC_SUFFIXES)
     if plot is not None:
         from archplan.plot import figure_target, pyplot
 
@@ -1535,7 +1548,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
         _plot_budget(result, made, plot, force)
     settle(1 if isinstance(made, NoRecipe) else 0)
     if as_json:
-        echo(jsonout.dumps(_budget_json(result, made, written), indent=2))
+        echo(jsonout.dumps(_budget_json(result, made, written, target_kind(family)), indent=2))
     else:
         _print_budget(result, made, written, target_kind(family))
         if plot is not None:

@@ -77,5 +77,5 @@ def register(app: typer.Typer) -> None:
                 raise ArchplanError("--force overwrites the --output file; without it the schema goes to stdout")
             echo(render_schema(ensure_ascii=not stdout_takes_unicode()), nl=False)
             return
-        write_text(check_target(output, force=force, field="-o", suffixes=SCHEMA_SUFFIXES), render_schema())
+        write_text(check_target(output, force=force, field="-o/--output", suffixes=SCHEMA_SUFFIXES), render_schema())
         typer.echo(f"wrote {printable(output)}", file=sys.stderr)

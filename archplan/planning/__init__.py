@@ -62,7 +62,7 @@ def write_spec(spec: Spec, path: str, *, force: bool, header: str) -> None:
     """Write `spec` to `path` (refusing to overwrite without force) and check it loads back equal."""
     from archplan.loader import load_spec
 
-    target = check_target(path, force=force, field="-o", suffixes=SPEC_SUFFIXES)
+    target = check_target(path, force=force, field="-o/--output", suffixes=SPEC_SUFFIXES)
     write_text(target, spec_yaml(spec, header))
     if load_spec(target) != spec:
         raise ArchplanError("written spec does not load back identical (please report)", file=path)
