@@ -967,6 +967,17 @@ def test_train_prices_and_measures_the_shared_rope_tables(fixture: str, dtype: s
     assert "rope" not in activation_memory(plan, 2, seq, attention_kernel="flash").by_component
 
 
+def test_bench_flop_conventions_state_the_fft_count() -> None:
+    """A long convolution's prefill and training FLOPs counted FFTs at 2.5·n·⌈log2 n⌉ and its filters
+    once for the batch, as size's and verify's conventions print, but bench's strings said neither."""
+    from archplan.bench.runner import LAYOUT_FLOPS_CONVENTION, PREFILL_FLOPS_CONVENTION, TRAINING_FLOPS_CONVENTION
+
+    for convention in (PREFILL_FLOPS_CONVENTION, TRAINING_FLOPS_CONVENTION, LAYOUT_FLOPS_CONVENTION):
+        assert "2.5·n·⌈log2 n⌉ per real transform of length n = 2T" in convention
+        assert "filters made once for the batch" in convention
+    assert "an FFT convolution's irfft backward 1 ×" in TRAINING_FLOPS_CONVENTION
+
+
 def test_one_or_two_timed_passes_say_their_spread_is_not_judged() -> None:
     """`--iters 1` printed `p10 111.37 / p90 111.37 ms measured`, a spread of none where none was
     judged; the decode row's passes are `--decode-tokens`' steps, not `--iters`'."""

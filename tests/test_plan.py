@@ -1731,6 +1731,20 @@ def test_size_names_the_law_choices_plan_takes(capsys: pytest.CaptureFixture[str
     assert code == 0 and named is not None and named.group(1).split("|") == [c.value for c in LawOption]
 
 
+def test_plan_json_names_its_flop_conventions(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout search's `model_flops_per_token` and `mfu`, and the budget's `compute`, came with
+    no convention in --json, where the text output states it beside them."""
+    code, out, _ = run(capsys, monkeypatch, "plan", "llama-3-8b", "--gpus", "64", "--gpu", "h100", "--json")
+    layouts = json.loads(out)
+    assert code == 0 and "attention causal" in layouts["flops_convention"]
+    assert "no recompute" in layouts["flops_convention"] and "bf16 peak" in layouts["flops_convention"]
+    for family, counted in (("dense", "every parameter"), ("moe", "the active parameters")):
+        code, out, _ = run(capsys, monkeypatch, "plan", "--compute", "1e22", "--family", family, "--json")
+        assert json.loads(out)["compute_convention"] == f"C = 6·N·D; N counts {counted}, embeddings included" + (
+            ": the dense law at N_active" if family == "moe" else "")
+
+
 def test_solve_json_keys_are_all_in_the_docs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Any) -> None:
     """docs/plan.md lists the solve mode's `--json` keys, as it lists the budget's and the layout
