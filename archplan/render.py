@@ -185,8 +185,8 @@ def _has_mtp(r: dict[str, Any]) -> bool:
 _QUANTIZED = {
     "all": "fp8, int8, int4: every parameter at that width, no scales (--quantize linear keeps the embedding, LM "
            "head and norms in bf16)",
-    "linear": "fp8, int8, int4: the layers' matmul weights at that width, no scales; the embedding, LM head, norms, "
-              "biases and convolutions in bf16 (--quantize linear)",
+    "linear": "fp8, int8, int4: the layers' matmul weights at that width, no scales; the embedding, LM head, MoE "
+              "routers, norms, biases and convolutions in bf16 (--quantize linear)",
 }
 
 
@@ -196,7 +196,7 @@ def _inference_table(r: dict[str, Any]) -> _Section:
         "Inference memory",
         f"+ KV cache at context {kv['context']:,} x batch {kv['batch']:,} in {kv['dtype']}; "
         + _QUANTIZED[m["weights_quantized"]] + "; "
-        "int4-g128: matmul weights but the LM head at 4 bits + an fp16 scale per 128, no zero points (4.125 bits a weight: "
+        "int4-g128: matmul weights but the LM head and MoE routers at 4 bits + an fp16 scale per 128, no zero points (4.125 bits a weight: "
         "a row whose width 128 does not divide pays its last scale pro rata), the rest bf16; no activations, workspace or runtime overhead" + ("; the multi-token-prediction modules left out (training only)"
                       if _has_mtp(r) else ""),
         ("weights dtype", "left"), ("weights", "right"), ("+ KV cache", "right"), ("", "left"))

@@ -421,6 +421,11 @@ def test_quantize_linear_leaves_the_embedding_head_and_norms_in_bf16() -> None:
         for dtype in ("fp32", "bf16", "int4-g128"):
             assert weights[dtype] == default["weights_by_dtype"][dtype]
     assert weights["int4"] == 2_039_631_872  # Gemma-2B: 1.90 GiB, where every parameter in int4 is 1.17
+    # Mixtral 8x7B: 32 layers of attention (2·4096² + 2·4096·1024) and 8 experts of 3·4096·14,336;
+    # the routers (32 × 4096·8) stay bf16 with the embeddings and norms, as vLLM and AutoAWQ keep them
+    linear = 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 8 * 3 * 4096 * 14336)
+    mixtral = size_json("mixtral-8x7b", "--quantize", "linear")["memory"]["weights_by_dtype"]
+    assert mixtral["fp8"] == linear + 2 * (46_702_792_704 - linear)
     table = runner.invoke(app, ["compare", "llama-3-8b", "gemma-2b", "--quantize", "linear"], terminal_width=200)
     assert table.exit_code == 0 and "weights int4 (linear)" in table.output
     assert "int4: the layers' matmul weights at that width" in " ".join(table.output.split())

@@ -237,10 +237,14 @@ def weights_bytes(params: ParamCount, dtype: DType | str) -> int:
 ROUTER_BYTES = 4
 
 
+def _router_params(params: ParamCount) -> int:
+    return sum(n for path, n in params.by_component.items() if path.endswith(".ffn.router"))
+
+
 def built_weights_bytes(params: ParamCount, bytes_per_param: float) -> float:
     """The weights as archplan's torch build holds them in a model dtype of `bytes_per_param` bytes:
     every parameter at that width but the MoE routers', in fp32 (`ROUTER_BYTES`)."""
-    routers = sum(n for path, n in params.by_component.items() if path.endswith(".ffn.router"))
+    routers = _router_params(params)
     return (params.total - routers) * bytes_per_param + routers * ROUTER_BYTES
 
 
@@ -251,8 +255,10 @@ Quantize = Literal["all", "linear"]
 
 def _linear_weights(params: ParamCount) -> int:
     """The layers' matmul weights, the ones vLLM's fp8 and int8 methods (`LinearBase` and fused-MoE
-    layers) and GPTQ/AWQ quantise: P_matmul less the LM-head weight (V·D, tied or not)."""
-    return params.matmul - params.embedding
+    layers) and GPTQ/AWQ quantise: P_matmul less the LM-head weight (V·D, tied or not) and the MoE
+    routers, which vLLM's MoE models build unquantised (`ReplicatedLinear(..., quant_config=None)`)
+    and AutoAWQ leaves out (`modules_to_not_convert = ["gate"]`)."""
+    return params.matmul - params.embedding - _router_params(params)
 
 
 def quantized_weights_bytes(params: ParamCount, dtype: DType | str, quantize: Quantize) -> int:
@@ -268,7 +274,7 @@ def quantized_weights_bytes(params: ParamCount, dtype: DType | str, quantize: Qu
 def int4_grouped_bytes(params: ParamCount, group: int = 128) -> int:
     """GPTQ/AWQ-style symmetric int4: matmul weights at 4 bits + one fp16 scale per `group` weights,
     no zero points (a packed 4-bit zero point, AWQ's default, adds 4/group bits); the embedding, LM
-    head, norms, biases and convolutions stay bf16 (docs/formulas.md §4.1: Llama-3-8B g=128 ->
+    head, MoE routers, norms, biases and convolutions stay bf16 (docs/formulas.md §4.1: Llama-3-8B g=128 ->
     5,700,591,616 B). The LM-head weight (V·D, also when tied) is part of P_matmul but is kept bf16.
     """
     quantised = _linear_weights(params)
