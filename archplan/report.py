@@ -74,7 +74,8 @@ FLOPS_CONVENTION = (
     "micro-batch)"
 )
 CHINCHILLA_CONVENTION = (
-    "training_flops: C = 6·N·D (Hoffmann et al. 2022 eq. 4), N = n_params (embeddings included), D = tokens; "
+    "training_flops: C = 6·N·D (Hoffmann et al. 2022 eq. 4), N = n_params (embeddings included; the active "
+    "count where n_params_kind is active, a model with routed experts), D = tokens; "
     "the scaling laws' budget, not the model FLOPs (flops.*) MFU is defined on"
 )
 MTP_FLOPS_NOTE = (

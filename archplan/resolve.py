@@ -306,7 +306,7 @@ class ModelPlan:
         (`position_limit`). `what` names the length ("context", "seq"), `sized` what was done."""
         if self.position != "rope" or length <= self.max_seq_len:
             return None
-        advice = ("raise position.scaling's factor and max_seq_len" if self.rope is not None and self.rope.scaling
+        advice = ("raise position.scaling.factor and max_seq_len" if self.rope is not None and self.rope.scaling
                   else "give position.scaling and the new max_seq_len")
         return (f"{what} {length:,} is past {self.name}'s max_seq_len ({self.max_seq_len:,}): {sized}, but "
                 f"RoPE was not trained there ({advice} to plan a longer window)")

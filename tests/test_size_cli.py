@@ -199,7 +199,7 @@ def test_a_context_past_a_rope_models_length_is_sized_with_a_note() -> None:
     assert "(give position.scaling and the new max_seq_len" in past["past_max_seq_len"]
     # a model already scaled (DeepSeek-V3's YaRN, factor 40) is told to raise its factor instead
     scaled = size_json("deepseek-v3", "--context", "1M")["kv_cache"]["past_max_seq_len"]
-    assert "(raise position.scaling's factor and max_seq_len" in scaled
+    assert "(raise position.scaling.factor and max_seq_len" in scaled
     assert size_json("llama-2-7b", "--context", "4096")["kv_cache"]["past_max_seq_len"] is None
     assert size_json("mamba-2.8b", "--context", "1000000")["kv_cache"]["past_max_seq_len"] is None
     assert size_json("bloom-560m", "--context", "65536")["kv_cache"]["past_max_seq_len"] is None

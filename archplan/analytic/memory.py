@@ -237,8 +237,10 @@ def weights_bytes(params: ParamCount, dtype: DType | str) -> int:
 ROUTER_BYTES = 4
 
 
-def _router_params(params: ParamCount) -> int:
-    return sum(n for path, n in params.by_component.items() if path.endswith(".ffn.router"))
+def _router_params(params: ParamCount, *, shared_gates: bool = False) -> int:
+    """The MoE routers' parameters, with the shared experts' sigmoid gates (Qwen-MoE) if asked."""
+    ends = (".ffn.router", ".ffn.shared_gate") if shared_gates else (".ffn.router",)
+    return sum(n for path, n in params.by_component.items() if path.endswith(ends))
 
 
 def built_weights_bytes(params: ParamCount, bytes_per_param: float) -> float:
@@ -255,10 +257,11 @@ Quantize = Literal["all", "linear"]
 
 def _linear_weights(params: ParamCount) -> int:
     """The layers' matmul weights, the ones vLLM's fp8 and int8 methods (`LinearBase` and fused-MoE
-    layers) and GPTQ/AWQ quantise: P_matmul less the LM-head weight (V·D, tied or not) and the MoE
-    routers, which vLLM's MoE models build unquantised (`ReplicatedLinear(..., quant_config=None)`)
-    and AutoAWQ leaves out (`modules_to_not_convert = ["gate"]`)."""
-    return params.matmul - params.embedding - _router_params(params)
+    layers) and GPTQ/AWQ quantise in attention and MLP layers (a Mamba layer's projections count
+    among them): P_matmul less the LM-head weight (V·D, tied or not) and the MoE routers and shared
+    experts' gates, which vLLM's MoE models build unquantised (`ReplicatedLinear(...,
+    quant_config=None)`) and AutoAWQ leaves out (`modules_to_not_convert = ["gate"]`)."""
+    return params.matmul - params.embedding - _router_params(params, shared_gates=True)
 
 
 def quantized_weights_bytes(params: ParamCount, dtype: DType | str, quantize: Quantize) -> int:

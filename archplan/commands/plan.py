@@ -227,7 +227,8 @@ def _extrapolated(result: Optimum) -> bool:
 MFU_CONVENTION = ("model FLOPs per token: training (forward + backward), 2 FLOPs per multiply-add, attention "
                   "causal, LM head counted, embedding lookups not, no recompute; a layout's own figure at its "
                   "micro-batch, whose sequences share a long convolution's filters; mfu = model FLOPs / (step time "
-                  "× GPUs × bf16 peak), the GEMMs under --precision fp8 against the fp8 peak")
+                  "× GPUs × bf16 peak), also under --precision fp8, whose GEMMs run against the fp8 peak, "
+                  "so that MFU can pass 100%")
 
 
 def _counted(kind: str) -> str:

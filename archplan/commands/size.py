@@ -113,9 +113,9 @@ AutocastOpt = Annotated[bool, typer.Option(
                        "and hands every projection one 16-bit tensor.", metavar="")]
 QuantizeOpt = Annotated[QuantizeChoice, typer.Option(
     "--quantize", help="Which weights the fp8, int8 and int4 inference rows store at that width: all (every "
-                       "parameter) or linear (the layers' matmul weights; the embedding, LM head, MoE routers, "
-                       "norms, biases and convolutions in bf16, as vLLM's fp8 and int8 methods and GPTQ/AWQ "
-                       "leave them). "
+                       "parameter) or linear (the layers' matmul weights, Mamba's projections among them; the "
+                       "embedding, LM head, MoE routers, norms, biases and convolutions in bf16, as vLLM's fp8 "
+                       "and int8 methods and GPTQ/AWQ leave a transformer's). "
                        "int4-g128 is linear either way.")]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: the spec's training.tokens, else 20 per "

@@ -22,7 +22,8 @@ stream of fp32 weights, and with the attention kernel SDPA runs on the device (`
 in fp32, K = flash on CUDA (a fused kernel for every head size, no s x s
 probabilities kept) and torch-cpu on a CPU (the same, but the math kernel for MLA's unequal q and v
 head sizes). Mamba layers are priced as archplan's units keep them, not as mamba_ssm's kernels
-(size's figure), and MoE layers with the routing metadata archplan's router keeps: `units="torch"`
+(size's figure), MoE layers with the routing metadata archplan's router keeps, and the rotary
+tables, ALiBi biases and window masks archplan's modules share once for the model: `units="torch"`
 of `training_memory`. The step is the one that model describes: the
 logits are dropped before the backward (torchtitan's train step does `del pred` for the same
 reason), and AdamW runs its foreach implementation on every device (torch's default on GPUs).

@@ -120,7 +120,7 @@ NVL72_SEGMENT = 64
 INTERCONNECTS: dict[str, Interconnect] = {
     "a100-40gb": Interconnect(300 * GB, 25 * GB, 8, "NVLink 3 600 GB/s bidir.; HDR IB 200 Gb/s"),
     "a100-80gb": Interconnect(300 * GB, 25 * GB, 8, "NVLink 3 600 GB/s bidir.; HDR IB 200 Gb/s"),
-    # NVLink bridges join PCIe A100s in pairs only: a group of more than two crosses PCIe
+    # priced without NVLink bridges, which join PCIe A100s in pairs only: every group crosses PCIe
     "a100-pcie-40gb": Interconnect(32 * GB, 25 * GB, 8, "PCIe 4 x16 32 GB/s; HDR IB 200 Gb/s"),
     "a100-pcie-80gb": Interconnect(32 * GB, 25 * GB, 8, "PCIe 4 x16 32 GB/s; HDR IB 200 Gb/s"),
     "h100-sxm": Interconnect(450 * GB, 50 * GB, 8, "NVLink 4 900 GB/s bidir.; NDR IB 400 Gb/s"),
