@@ -29,9 +29,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # would change every captured table. Tests that mean a width set it themselves.
 os.environ.pop("COLUMNS", None)
 
-settings.register_profile("ci", derandomize=True, print_blob=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+# no per-example deadline anywhere: tests check behaviour, and a loaded host must not fail a
+# property by its speed (hypothesis's default is 200 ms an example)
+settings.register_profile("local", deadline=None)
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "local")
 
 
 GLOO = "gloo"  # the xdist group of tests/test_distributed.py's equivalence cases

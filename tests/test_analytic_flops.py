@@ -191,6 +191,57 @@ def test_mla_and_mamba2_elementwise_estimates_written_out() -> None:
     assert mamba2_elementwise(ssd, batch=2, seq_len=10) == 2 * (3 * per_chunk + 10 * per_token)
 
 
+def test_windowed_mla_counts_causal_pairs_within_its_window() -> None:
+    """A sliding window caps MLA's causal pairs as it caps GQA's (Mistral 7B §2): at T 10 and W 4,
+    1+2+3+4 pairs and then 4 for each of the other 6 queries, 34 per head, against T(T+1)/2 = 55
+    unwindowed; QKᵀ over the nope + rope width and AV over v's, 2 FLOPs a multiply-add."""
+    from archplan.analytic.attention import mla_core_causal_flops
+
+    rms = NormPlan("rmsnorm", False, 1e-6)
+    windowed = MLAPlan(n_heads=4, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=6, qk_rope_head_dim=8,
+                       v_head_dim=5, window=4, norm=rms)
+    per_pair = 2 * 4 * (6 + 8 + 5)
+    assert mla_core_causal_flops(windowed, batch=2, seq_len=10) == 2 * 34 * per_pair
+    whole = MLAPlan(n_heads=4, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=6, qk_rope_head_dim=8,
+                    v_head_dim=5, window=None, norm=rms)
+    assert mla_core_causal_flops(whole, batch=2, seq_len=10) == 2 * 55 * per_pair
+    mla = {"kind": "mla", "n_heads": 4, "q_lora_rank": 12, "kv_lora_rank": 16, "qk_nope_head_dim": 6,
+           "qk_rope_head_dim": 8, "v_head_dim": 5}
+    full = forward_flops(tiny_llama(attention=mla), 10)
+    slid = forward_flops(tiny_llama(attention=mla | {"sliding_window": 4}, layout={"mixers": "S"}), 10)
+    assert full.forward("full") == slid.forward("full")
+    assert full.forward("causal") - slid.forward("causal") == 4 * (55 - 34) * per_pair  # 4 layers
+
+
+def test_activation_mamba1_and_deepnorm_estimates_written_out() -> None:
+    """The last analytic-only elementwise estimates no test held (a mutation audit, 2026-12-07):
+    gelu_tanh 8 FLOPs an element against relu's 1 (0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))));
+    Mamba-1's 7·d_inner·N scan remainder, D skip and gate, SiLU 4 on x and z and softplus 3 on dt;
+    DeepNorm's scaled residual, 2 a element where x + f(x) is 1."""
+    from archplan.analytic.mamba import mamba1_elementwise_per_token
+    from archplan.resolve import Mamba1Plan
+
+    t = 16
+    tanh = forward_flops(tiny_llama(ffn={"kind": "mlp", "d_ff": 688, "activation": "gelu_tanh"}), t)
+    relu = forward_flops(tiny_llama(ffn={"kind": "mlp", "d_ff": 688, "activation": "relu"}), t)
+    ffn = "layers.0.ffn"
+    assert tanh.elementwise_by_component[ffn] - relu.elementwise_by_component[ffn] == (8 - 1) * t * 688
+    mamba = Mamba1Plan(d_inner=12, d_state=4, d_conv=4, dt_rank=3, conv_bias=True, proj_bias=False,
+                       inner_norms=False, norm=NormPlan("rmsnorm", False, 1e-6))
+    assert mamba1_elementwise_per_token(mamba) == 7 * 12 * 4 + 2 * 12 + 2 * 4 * 12 + 3 * 12
+    deep = forward_flops(tiny_llama(residual={"kind": "deepnorm"}), t).elementwise_by_component
+    pre = forward_flops(tiny_llama(), t).elementwise_by_component
+    assert {k: deep[k] - pre[k] for k in deep if deep[k] != pre[k]} == {
+        f"layers.{i}.{part}": t * 256 for i in range(4) for part in ("mixer", "ffn")}
+
+
+def test_per_token_figures_round_half_up() -> None:
+    from archplan.analytic.flops import per_token_rounded
+
+    assert (per_token_rounded(10, 4), per_token_rounded(11, 4), per_token_rounded(9, 4)) == (3, 3, 2)
+    assert per_token_rounded(12, 4) == 3
+
+
 def test_a_scaled_embedding_adds_one_multiply_per_element() -> None:
     """Gemma's × sqrt(d_model): d elementwise FLOPs a token, in the estimate only."""
     gemma = load_spec("gemma-2b")

@@ -96,6 +96,12 @@ def test_sub_byte_dtype_rounds_up() -> None:
              ffn={"kind": "mlp", "d_ff": 8})
     assert kv_cache(p, 3, dtype_bytes=0.5).bytes == 3  # 2·1·1 elements x 3 tokens, 4 bits each
     assert kv_cache(p, 1, dtype_bytes=0.5).bytes_per_token == 1
+    # an odd count rounds up: MLA's latent 3 + rope key 2 = 5 elements a token, 2.5 B in int4
+    mla = plan(vocab_size=10, d_model=8, n_layers=1, position={"kind": "rope"}, ffn={"kind": "mlp", "d_ff": 8},
+               attention={"kind": "mla", "n_heads": 2, "kv_lora_rank": 3, "qk_nope_head_dim": 2,
+                          "qk_rope_head_dim": 2, "v_head_dim": 2})
+    assert kv_cache(mla, 1, dtype_bytes=0.5).bytes == 3
+    assert kv_cache(mla, 3, dtype_bytes=0.5).bytes == 8  # 15 elements, 7.5 B
 
 
 @pytest.mark.parametrize(

@@ -797,3 +797,24 @@ def test_s4ds_chunk_is_the_modules_and_size_prices_archplans_kernel_unit() -> No
     kernels, torch_units = (activation_memory(plan, 1, 256, units=units, autocast=True) for units in ("kernels", "torch"))
     m = plan.layers[0].mixer
     assert kernels.conv_transient == torch_units.conv_transient == s4_backward_bytes(m, 512, 1, 256, 2, True)
+
+
+def test_a_zero_shard_rounds_up_to_whole_bytes() -> None:
+    """7 parameters over 4 ranks: stage 3 holds ⌈14/4⌉ = 4 B of bf16 weights and gradients and
+    ⌈28/4⌉ = 7 B of each fp32 state; stage 1 shards the optimizer only."""
+    three = zero_model_states(7, stage=3, dp=4)
+    assert (three.weights, three.grads, three.master_weights, three.adam_m, three.adam_v) == (4, 4, 7, 7, 7)
+    one = zero_model_states(7, stage=1, dp=4)
+    assert (one.weights, one.grads, one.master_weights) == (14, 14, 7)
+    assert zero_model_states(5, stage=3, dp=2).weights == 5
+
+
+def test_the_scaling_laws_fit_data_edges() -> None:
+    """Hoffmann et al. 2022 fitted on 70 M to 16 B parameters and 5 B to 500 B tokens: each edge is
+    inside, a step past it outside."""
+    from archplan.analytic.scaling import outside_fit_data
+
+    for n, d in ((70e6, 100e9), (16e9, 100e9), (1e9, 5e9), (1e9, 500e9)):
+        assert not outside_fit_data(n, d)
+    for n, d in ((69e6, 100e9), (16.5e9, 100e9), (1e9, 4.9e9), (1e9, 510e9)):
+        assert outside_fit_data(n, d)

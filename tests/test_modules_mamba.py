@@ -370,6 +370,24 @@ def test_mamba1_bf16_runs() -> None:
     torch.testing.assert_close(y.float(), ref(x.float()), rtol=5e-2, atol=5e-2)
 
 
+def test_mamba2_gated_norm_takes_the_models_eps() -> None:
+    """Every module test ran the gated norm at 1e-5, the default, so a norm that ignored the model's
+    eps (an imported `layer_norm_epsilon`) passed: at 1e-2 it must be rmsnorm(y ⊙ SiLU(z)) over each
+    group of I/G channels with that eps, written out (mamba_ssm `RMSNormGated`, norm_before_gate=False)."""
+    plan = replace(m2_plan(), norm=NormPlan("rmsnorm", False, 1e-2))
+    mixer = Mamba2Mixer(plan, d_model=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mixer.norm.weight.uniform_(0.5, 1.5)
+    y, z = 0.1 * torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    g = (y * F.silu(z)).unflatten(-1, (2, 8))
+    expected = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-2)).flatten(-2) * mixer.norm.weight
+    assert mixer.norm.eps == 1e-2
+    torch.testing.assert_close(mixer.norm(y, z), expected, rtol=1e-5, atol=1e-6)
+    at_default = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)).flatten(-2) * mixer.norm.weight
+    assert (mixer.norm(y, z) - at_default).abs().max() > 1e-2
+
+
 # ------------------------------------------------------------------------------------- Mamba-2
 @pytest.mark.parametrize(("seq_len", "chunk"), [(8, 4), (13, 4), (3, 8), (1, 4), (16, 16)])
 @pytest.mark.parametrize("with_h0", [False, True])
