@@ -43,6 +43,7 @@ app = typer.Typer(
         "  archplan lint llama-3-8b mixtral-8x7b  # or a folder of specs, in CI"
     ),
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -143,6 +144,11 @@ def _main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
+        typer.echo("Aborted.", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        # Ctrl-C before click runs the command (typer still building it), where click's own
+        # conversion to Abort does not reach: the same exit, no traceback
         typer.echo("Aborted.", file=sys.stderr)
         sys.exit(130)
     except typer.TyperException as exc:

@@ -64,7 +64,7 @@ def quiet_on_closed_pipe() -> None:
 # What the output's encoding lacks, written in ASCII: a memory bar of `?` meant nothing, `±5.1%`
 # read `?5.1%` and `PP16×v4` `PP16?v4`. Anything else becomes `?`.
 _ASCII_SPELLING: dict[str, str] = {
-    "█": "#", **dict.fromkeys("▏▎▍▌▋▊▉", "+"), "×": "x", "·": "*", "±": "+/-", "≤": "<=", "≥": ">=",
+    "█": "#", "▓": "%", "▒": "=", "░": ":", **dict.fromkeys("▏▎▍▌▋▊▉", "+"), "×": "x", "·": "*", "±": "+/-", "≤": "<=", "≥": ">=",
     "≈": "~", "⌈": "ceil(", "⌉": ")", "Δ": "d", "✓": "ok", "✗": "x", "→": "->", "…": "...", "−": "-",
     "–": "-", "—": "--",
     "θ": "theta", "α": "alpha", "β": "beta", "§": "sec. ", "’": "'", "“": '"', "”": '"',
@@ -116,6 +116,19 @@ def echo(text: str, nl: bool = True) -> None:
         typer.echo(text, nl=nl, file=sys.stdout)
     except BrokenPipeError as exc:
         raise ReaderGone from exc
+
+
+def figure_written(plot: str | None, *, json_out: bool) -> None:
+    """Say where `--plot` wrote its figure: below the report, or on stderr beside `--json`, whose
+    stdout is the JSON alone."""
+    if plot is None:
+        return
+    from archplan.errors import printable
+
+    if json_out:
+        typer.echo(f"figure written to {printable(plot)}", file=sys.stderr)
+    else:
+        echo(f"figure written to {printable(plot)}")
 
 
 class _OptionsTable(Table):

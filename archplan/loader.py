@@ -690,8 +690,14 @@ def find_spec_path(name_or_path: str) -> Path:
     preset = PRESETS_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
-    guess = difflib.get_close_matches(name_or_path.lower(), preset_names(), n=1)
-    hint = f"; did you mean preset '{guess[0]}'?" if guess else "; `archplan presets` lists the bundled ones"
+    typed = name_or_path.lower()
+    # close spellings, then the names that contain what was typed, its dashes aside (gpt4 is in
+    # gpt-4-rumored), at most three
+    names = preset_names()
+    within = [name for name in names if typed.replace("-", "") in name.replace("-", "")]
+    guess = list(dict.fromkeys([*difflib.get_close_matches(typed, names, n=3), *within]))[:3]
+    hint = ("; did you mean " + " or ".join(f"preset '{name}'" for name in guess) + "?" if guess
+            else "; `archplan presets` lists the bundled ones")
     raise ArchplanError(f"no such file or preset{hint}", file=name_or_path)
 
 

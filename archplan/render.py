@@ -432,8 +432,9 @@ def compare_table(reports: Sequence[dict[str, Any]], stacked: bool = False) -> _
     from archplan.report import FLOPS_CONVENTION, MLA_DECODE_NOTE, MOE_FLOPS_NOTE
 
     first = reports[0]
+    headings = column_names(reports)
     t = first["memory"]["training"]
-    settings = (f"ratios (×) against {first['name']}; KV cache in {first['kv_cache']['dtype']} at batch "
+    settings = (f"ratios (×) against {headings[0]}; KV cache in {first['kv_cache']['dtype']} at batch "
                 f"{first['kv_cache']['batch']:,}; training {training_dtypes(t)}, "
                 f"{t['attention_kernel']} attention, recompute {t['recompute']}, micro-batch {t['micro_batch']}; "
                 f"{_QUANTIZED[first['memory']['weights_quantized']].replace('fp8, int8, int4', 'int4')}. "
@@ -461,7 +462,7 @@ def compare_table(reports: Sequence[dict[str, Any]], stacked: bool = False) -> _
                                                r["kv_cache"]["past_max_seq_len"]) if note]
     settings = "\n".join([settings, *past])
     table = _table("Comparison", settings, ("figure", "left"),
-                   *[(escape(r["name"]), "right") for r in reports])
+                   *[(escape(heading), "right") for heading in headings])
     table.columns[0].no_wrap = not stacked
     for column in table.columns:
         column.overflow = "fold"  # past the stacked layout, a figure's digits wrap rather than be cut
@@ -478,6 +479,15 @@ def compare_table(reports: Sequence[dict[str, Any]], stacked: bool = False) -> _
                 cells.append(f"{fmt(value)}{chr(10) if stacked else ' '}({versus(value, base)})")
         table.add_row(name, *cells)
     return table
+
+
+def column_names(reports: Sequence[dict[str, Any]]) -> list[str]:
+    """Each report's column heading: its spec's name, and where two specs share a name (a copy with
+    one field changed, the usual ablation) the argument it came from too, then its position."""
+    names = [r["name"] for r in reports]
+    shown = [f"{name} ({r['source']})" if names.count(name) > 1 and r["source"] != name else name
+             for name, r in zip(names, reports)]
+    return [f"{name} #{i + 1}" if shown.count(name) > 1 else name for i, name in enumerate(shown)]
 
 
 MIN_NAME_WIDTH = 8  # the figure names' column, folded, where a narrow terminal keeps the values whole

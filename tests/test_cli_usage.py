@@ -429,3 +429,72 @@ def test_a_file_name_with_a_line_break_keeps_errors_on_one_line(tmp_path: Path, 
     out = capsys.readouterr().out
     finding = [line for line in out.splitlines() if "AP0" in line]
     assert finding and all(line.startswith(repr(str(odd))) for line in finding)
+
+
+def test_h_is_help_too() -> None:
+    """`-h` answered "No such option: -h", on the app and on every command."""
+    for args in (("-h",), ("size", "-h"), ("plan", "-h")):
+        result = run(*args)
+        assert result.returncode == 0 and "Usage: archplan" in result.stdout, args
+
+
+def test_ctrl_c_before_the_command_runs_is_an_abort(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while typer still built the command (the first half second) printed a traceback:
+    click turns it into Abort only once the command runs."""
+    import archplan.cli as cli
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        cli._main()
+    assert stopped.value.code == 130 and capsys.readouterr().err == "Aborted.\n"
+
+
+def test_a_preset_typo_offers_every_close_name() -> None:
+    """`size gpt4` offered only gpt2, where gpt-4-rumored holds what was typed."""
+    result = run("size", "gpt4")
+    assert result.returncode == 2
+    assert "did you mean preset 'gpt2' or preset 'gpt-4-rumored'?" in result.stderr
+
+
+def test_compare_tells_specs_of_one_name_apart(tmp_path: Path) -> None:
+    """A copy of a spec with one field changed kept its name: both columns read `7b`."""
+    presets = Path(__file__).parents[1] / "archplan" / "presets"
+    one, two = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    one.write_text((presets / "7b.yaml").read_text())
+    two.write_text((presets / "7b.yaml").read_text().replace("n_layers: 32", "n_layers: 40"))
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    result = CliRunner().invoke(app, ["compare", str(one), str(two)], env={"COLUMNS": "300"})
+    head = " ".join(result.stdout.split())
+    assert result.exit_code == 0 and f"7b ({one})" in head and f"7b ({two})" in head
+    assert "ratios (×) against 7b (" in head
+    twice = CliRunner().invoke(app, ["compare", "llama-3-8b", "llama-3-8b"], env={"COLUMNS": "300"})
+    assert "llama-3-8b #1" in twice.stdout and "llama-3-8b #2" in twice.stdout
+
+
+def test_a_colourless_plan_tells_the_memory_categories_apart() -> None:
+    """Piped or under NO_COLOR every bar cell and legend key was the same █: one glyph a category."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--top", "1"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    assert "bars: █ parameters, ▓ gradients, ▒ optimizer, ░ activations, · temporary" in result.stdout
+    assert "m: micro-batches a step on each data-parallel rank" in result.stdout
+
+
+def test_a_figure_beside_json_is_said_on_stderr(tmp_path: Path) -> None:
+    """`size --json --plot f.png` wrote the figure and said nothing: stdout is the JSON alone."""
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "f.png"
+    result = run("size", "gpt2", "--json", "--plot", str(figure))
+    assert result.returncode == 0 and figure.exists()
+    assert result.stderr == f"figure written to {figure}\n" and result.stdout.lstrip().startswith("{")

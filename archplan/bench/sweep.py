@@ -49,9 +49,9 @@ from archplan.bench.runner import (
     sdpa_backend,
 )
 from archplan.bench.timing import Timing, progress_bar, time_calls
-from archplan.console import echo
+from archplan.console import echo, figure_written
 from archplan.dtypes import DType, nbytes
-from archplan.errors import ArchplanError, printable
+from archplan.errors import ArchplanError
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import ModelPlan
 from archplan.units import amount, count, nbytes as fmt_bytes
@@ -393,10 +393,10 @@ def sweep_command(specs: list[str], cfg: SweepConfig, plot: str | None, as_json:
     if as_json:
         notes = list(past) or [None] * len(report)
         echo(jsonout.dumps([{**entry, "past_max_seq_len": note} for entry, note in zip(report, notes)], indent=2))
+        figure_written(plot, json_out=True)
         return
     render(results)
-    if plot is not None:
-        echo(f"figure written to {printable(plot)}")
+    figure_written(plot, json_out=False)
     noisy = [note for r in results for p in r.points if (note := p.noise_note(r.name))]
     for note in noisy:  # on stderr, as the prefill's: the exponents above were fitted on these times
         Console(stderr=True).print(f"note: {note}")

@@ -34,8 +34,8 @@ from archplan.commands.size import (
     TokensOpt,
     size_options,
 )
-from archplan.console import echo
-from archplan.errors import ArchplanError, printable
+from archplan.console import echo, figure_written
+from archplan.errors import ArchplanError
 
 
 def register(app: typer.Typer) -> None:
@@ -92,5 +92,4 @@ def register(app: typer.Typer) -> None:
             from archplan.render import print_compare
 
             print_compare(reports)
-            if plot is not None:
-                echo(f"figure written to {printable(plot)}")
+        figure_written(plot, json_out=as_json)

@@ -20,7 +20,7 @@ from archplan.commands.options import (
     length_option,
     refuse_foreign_options,
 )
-from archplan.console import echo, settle
+from archplan.console import echo, figure_written, settle
 from archplan.errors import ArchplanError, printable
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
@@ -350,6 +350,8 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None,
     )
     if written:
         console.print(f"  written to {escape(printable(written))}")
+    else:
+        console.print("  (-o FILE.yaml writes it; --json prints it as `spec`)")
 
 
 def _plot_budget(result: Optimum, made: Design | NoRecipe, path: str, force: bool) -> None:
@@ -1001,22 +1003,34 @@ def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,
 
 
 BAR_WIDTH = 24
-BAR_STYLES = (("parameters", "blue"), ("gradients", "yellow"), ("optimizer", "green"),
-              ("activations", "red"), ("temporary", "magenta"))
+# each category's colour, and its glyph where the output has no colour (NO_COLOR, a pipe, a file),
+# so that the bar and its legend still tell the categories apart
+BAR_STYLES = (("parameters", "blue", "█"), ("gradients", "yellow", "▓"), ("optimizer", "green", "▒"),
+              ("activations", "red", "░"), ("temporary", "magenta", "·"))
 
 
-def _memory_bar(e: Evaluated, usable: int) -> Any:
+def _colourless(console: Any) -> bool:
+    return bool(console.no_color or console.color_system is None)
+
+
+def _bar_glyph(glyph: str, plain: bool) -> str:
+    return glyph if plain else "█"
+
+
+def _memory_bar(e: Evaluated, usable: int, plain: bool) -> Any:
     """Stacked bar of the per-GPU memory, full width = the usable memory; a layout that does not
     fit is drawn to its own total instead, with `OVER_MARK` where the usable memory ends (an
-    uncapped bar would push every other column off the terminal)."""
+    uncapped bar would push every other column off the terminal). `plain`: one glyph a category,
+    for output without colour."""
     from rich.text import Text
 
     scale = max(usable, e.memory.total)
-    cells = [style for name, style in BAR_STYLES for _ in range(round(BAR_WIDTH * getattr(e.memory, name) / scale))]
+    cells = [(style, glyph) for name, style, glyph in BAR_STYLES
+             for _ in range(round(BAR_WIDTH * getattr(e.memory, name) / scale))]
     bar = Text()
     limit = round(BAR_WIDTH * usable / scale) if scale > usable else None
-    for i, style in enumerate(cells):
-        bar.append(OVER_MARK if i == limit else "█", style="bold" if i == limit else style)
+    for i, (style, glyph) in enumerate(cells):
+        bar.append(OVER_MARK if i == limit else _bar_glyph(glyph, plain), style="bold" if i == limit else style)
     return bar
 
 
@@ -1042,10 +1056,13 @@ OVER_MARK = "┃"
 
 def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
     """The layout table's columns. A narrow terminal hides the memory categories first (the bar
-    still shows them, by colour), then the bar, the days and the communication share: the total,
-    step time, MFU and throughput, what a layout is chosen by, always stay."""
+    still shows them, by colour or, without colour, by glyph), then the bar, the days and the
+    communication share: the total, step time, MFU and throughput, what a layout is chosen by,
+    always stay."""
     from archplan.planning.parallel import training_days
     from archplan.units import amount, duration, nbytes, percent
+
+    plain = _colourless(_console())
 
     def mark(e: Evaluated) -> str:
         return nbytes(e.memory.total) + ("" if e.fits else " ✗")
@@ -1059,7 +1076,7 @@ def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
         _Column("activ.", lambda e: nbytes(e.memory.activations), 5, split=True),
         _Column("temp.", lambda e: nbytes(e.memory.temporary), 1, split=True),
         _Column("total", mark),
-        _Column(BAR_HEADER, lambda e: _memory_bar(e, result.usable_bytes), 6, "left", split=True),
+        _Column(BAR_HEADER, lambda e: _memory_bar(e, result.usable_bytes, plain), 6, "left", split=True),
         _Column("step\ns", lambda e: amount(e.time.total), one_line="step (s)"),
         _Column("comm +\nbubble", lambda e: percent(e.time.exposed / e.time.total), 8),
         _Column("MFU", lambda e: percent(e.mfu)),
@@ -1129,8 +1146,11 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
 
     table, hidden = _layout_table(rows, result, tokens, title, console.width)
     console.print(table)
+    console.print("m: micro-batches a step on each data-parallel rank (the global batch / (mb × DP))")
     if BAR_HEADER not in hidden:
-        console.print("bars: " + ", ".join(f"[{style}]█[/] {name}" for name, style in BAR_STYLES)
+        plain = _colourless(console)
+        console.print("bars: " + ", ".join(f"[{style}]{_bar_glyph(glyph, plain)}[/] {name}"
+                                           for name, style, glyph in BAR_STYLES)
                       + f"; full width = {nbytes(result.usable_bytes)}"
                       + ("" if all(e.fits for e in rows) else
                          f", or the total of a layout that does not fit, {OVER_MARK} where the usable ends"))
@@ -1552,8 +1572,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
         echo(jsonout.dumps(_budget_json(result, made, written, target_kind(family)), indent=2))
     else:
         _print_budget(result, made, written, target_kind(family))
-        if plot is not None:
-            echo(f"figure written to {printable(plot)}")
+    figure_written(plot, json_out=as_json)
     if isinstance(made, NoRecipe):
         raise SystemExit(1)
 
@@ -1786,7 +1805,6 @@ def _run_layout(name: str, gpus: int, gpu_key: str, seq: int | None, batch_text:
                            indent=2))
     else:
         _print_layout(spec, result, train_tokens, source, bound, seq_note, model_notes)
-        if plot is not None:
-            echo(f"figure written to {printable(plot)}")
+    figure_written(plot, json_out=as_json)
     if not result.feasible:
         raise SystemExit(1)

@@ -10,9 +10,9 @@ import typer
 
 from archplan import jsonout
 from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg, length_option, refuse_force_without_plot
-from archplan.console import echo
+from archplan.console import echo, figure_written
 from archplan.dtypes import DType
-from archplan.errors import ArchplanError, printable
+from archplan.errors import ArchplanError
 from archplan.units import SI_EXPONENTS
 
 if TYPE_CHECKING:
@@ -220,5 +220,4 @@ def register(app: typer.Typer) -> None:
             from archplan.render import print_size
 
             print_size(report)
-            if plot is not None:
-                echo(f"figure written to {printable(plot)}")
+        figure_written(plot, json_out=as_json)

@@ -163,7 +163,7 @@ def render(r: DistBench) -> None:
     table.add_column("value", justify="right")
     table.add_column("note")
     step = statistics.median(r.step_seconds)  # the median the tokens/s and MFU rows come from
-    table.add_row("training step median", f"{1e3 * step:.1f} ms",
+    table.add_row("training step median", f"{1e3 * step:,.1f} ms",
                   f"{r.steps} timed; forward + backward ({schedule_name(parse_layout(r.layout).complete())}) + AdamW; "
                   f"{count(r.tokens_per_step)} tokens")
     table.add_row("training tokens/s", count(r.train_tokens_per_s), "all ranks")
@@ -171,7 +171,7 @@ def render(r: DistBench) -> None:
                   f"peak {flops(r.peak_flops, 'FLOP/s')} per device ({r.peak_source})")
     table.add_row("prefill tokens/s", count(r.prefill_tokens_per_s), "forward only, same sharded modules")
     table.add_row("peak memory per rank", " / ".join(nbytes(b) for b in r.peak_memory_bytes), r.peak_memory_method)
-    predicted = f"{1e3 * r.predicted_step_seconds:.1f} ms" if r.predicted_step_seconds is not None else "—"
+    predicted = f"{1e3 * r.predicted_step_seconds:,.1f} ms" if r.predicted_step_seconds is not None else "—"
     table.add_row("plan's predicted step", predicted, r.prediction_note)
     wrong = [row for row in r.states if not row["ok"]]
     verdict = ("✓ plan's FSDP2 figures" if not wrong else

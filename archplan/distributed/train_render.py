@@ -57,7 +57,7 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
     # --layers K builds and compares the truncated model; its figures are not the spec's
     layers = f" ({built} of its {in_spec} layers, as built)" if built < in_spec else ""
     table = Table(title=f"{escape(r.name)}{layers} training step on {r.device}, {r.dtype}, batch {r.batch} × seq "
-                        f"{r.seq}, recompute {r.recompute}: {1e3 * step:.1f} ms median")
+                        f"{r.seq}, recompute {r.recompute}: {1e3 * step:,.1f} ms median")
     for col in ("figure", "analytic (size)", "measured", ""):
         table.add_column(col, justify="left" if col == "figure" else "right")
     m = r.measured
