@@ -498,3 +498,20 @@ def test_a_figure_beside_json_is_said_on_stderr(tmp_path: Path) -> None:
     result = run("size", "gpt2", "--json", "--plot", str(figure))
     assert result.returncode == 0 and figure.exists()
     assert result.stderr == f"figure written to {figure}\n" and result.stdout.lstrip().startswith("{")
+
+
+def test_shell_completion_offers_presets_spec_files_and_gpus(tmp_path: Path) -> None:
+    """Completing `archplan size llama` or `--gpu h` offered nothing: the presets' names, the spec
+    files and folders, and the hardware table's keys now complete."""
+    from archplan.commands.options import complete_gpu, complete_spec
+
+    (tmp_path / "mine.yaml").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "more").mkdir()
+    assert complete_spec("llama-3-") == ["llama-3-70b", "llama-3-8b"]
+    assert complete_spec(f"{tmp_path}/") == [f"{tmp_path}/mine.yaml", f"{tmp_path}/more/"]
+    assert complete_gpu("a100") == ["a100-40gb", "a100-80gb", "a100", "a100-pcie-40gb", "a100-pcie-80gb", "a100-pcie"]
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "_ARCHPLAN_COMPLETE": "complete_bash",
+                                                       "COMP_WORDS": "archplan plan x --gpu h2", "COMP_CWORD": "4"})
+    assert proc.stdout.split() == ["h200", "h200-sxm"]

@@ -11,14 +11,37 @@ import typer
 from archplan.errors import ArchplanError
 from archplan.units import parse_length
 
+def complete_spec(incomplete: str) -> list[str]:
+    """Shell completion of a SPEC: the bundled presets' names, then the spec files and folders
+    (a completion of our own replaces the shell's file names, so they are offered here)."""
+    import glob
+    import os
+
+    from archplan.loader import preset_names
+    from archplan.outfile import SPEC_SUFFIXES
+
+    files = [path + os.sep if os.path.isdir(path) else path for path in sorted(glob.glob(f"{incomplete}*"))
+             if os.path.isdir(path) or path.lower().endswith(SPEC_SUFFIXES)]
+    return [name for name in preset_names() if name.startswith(incomplete)] + files
+
+
+def complete_gpu(incomplete: str) -> list[str]:
+    """Shell completion of `--gpu`: the hardware table's keys and aliases."""
+    from archplan.hardware import ACCELERATORS
+
+    names = [name for a in ACCELERATORS for name in (a.key, *a.aliases)]
+    return [name for name in names if name.startswith(incomplete.lower())]
+
+
 SpecArg = Annotated[
     str,
     typer.Argument(help="Spec YAML path, or the name of a bundled preset (see `archplan presets`).",
-                   show_default=False, metavar="SPEC"),
+                   show_default=False, metavar="SPEC", autocompletion=complete_spec),
 ]
 SpecsArg = Annotated[
     list[str],
-    typer.Argument(help="Spec YAML paths or preset names.", show_default=False, metavar="SPEC"),
+    typer.Argument(help="Spec YAML paths or preset names.", show_default=False, metavar="SPEC",
+                   autocompletion=complete_spec),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).", metavar="")]
 # compare and presets print one object per spec: a JSON list

@@ -16,6 +16,7 @@ from archplan.commands.options import (
     ForceOpt,
     JsonOpt,
     KernelChoice,
+    complete_gpu,
     given_by_user,
     length_option,
     refuse_foreign_options,
@@ -1330,7 +1331,7 @@ def register(app: typer.Typer) -> None:
         gpus: Annotated[int | None, typer.Option("--gpus", help="Number of GPUs.", rich_help_panel=LAYOUT_PANEL)] = None,
         gpu: Annotated[str, typer.Option("--gpu", help="Accelerator: h100, a100-80gb, h800, h200, b200, gb200, b300, "
                                          "gb300, mi300x, ...",
-                                         rich_help_panel=LAYOUT_PANEL)] = "h100",
+                                         rich_help_panel=LAYOUT_PANEL, autocompletion=complete_gpu)] = "h100",
         global_batch_tokens: Annotated[str, typer.Option(
             "--global-batch-tokens", help="Tokens per optimizer step, e.g. 4M (SI: 4·10^6) or 16Mi (binary: "
             "16·2^20, Llama 3's 2,048 sequences of 8,192); rounded to whole sequences of --seq.",

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from archplan import jsonout
-from archplan.commands.options import JsonOpt, MemoryKernelChoice, SpecArg, length_option, refuse_force_without_plot
+from archplan.commands.options import (
+    JsonOpt,
+    MemoryKernelChoice,
+    SpecArg,
+    complete_gpu,
+    length_option,
+    refuse_force_without_plot,
+)
 from archplan.console import echo, figure_written
 from archplan.dtypes import DType
 from archplan.errors import ArchplanError
@@ -121,7 +128,8 @@ TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: the spec's training.tokens, else 20 per "
     "parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
-    "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...")]
+    "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...",
+    autocompletion=complete_gpu)]
 MfuOpt = Annotated[float | None, typer.Option(
     "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4], over the model FLOPs of "
                   "--attention (full by default; bench and plan measure MFU over causal attention, so "
