@@ -88,12 +88,13 @@ def parse_amount(text: str, option: str) -> float:
 
 ContextOpt = Annotated[int | None, typer.Option(
     "--context", parser=length_option, metavar="LENGTH",
-    help="KV-cache context length, e.g. 8192 or 128k (default: the spec's max_seq_len).")]
+    help="KV-cache context length, e.g. 8192 or 128k (k = 1024 here, as lengths are quoted; default: the "
+         "spec's max_seq_len).")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences in the KV cache.")]
 KVDtypeOpt = Annotated[KVDTypeChoice, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
 SeqOpt = Annotated[int | None, typer.Option(
     "--seq", parser=length_option, metavar="LENGTH",
-    help="Training/prefill sequence length for FLOPs and activations, e.g. 4096 or 4k "
+    help="Training/prefill sequence length for FLOPs and activations, e.g. 4096 or 4k (k = 1024) "
          "(default: min(4096, max_seq_len)).")]
 MicroBatchOpt = Annotated[int, typer.Option(
     "--micro-batch", help="Sequences per micro-batch for activation memory.")]
@@ -125,7 +126,7 @@ QuantizeOpt = Annotated[QuantizeChoice, typer.Option(
                        "and int8 methods and GPTQ/AWQ leave a transformer's). "
                        "int4-g128 is linear either way.")]
 TokensOpt = Annotated[str | None, typer.Option(
-    "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (default: the spec's training.tokens, else 20 per "
+    "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (SI: 1M = 10^6; default: the spec's training.tokens, else 20 per "
     "parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
     "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...",
