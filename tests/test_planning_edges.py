@@ -280,3 +280,54 @@ def test_the_optimum_at_the_lowest_budget_inverts_back_into_range() -> None:
     """--params N_opt(1e15) found 1e15 less a rounding error and was refused as out of range."""
     n_opt, _ = allocate(LawChoice.twenty, 1e15)
     assert budget(LawChoice.twenty, params=n_opt) == pytest.approx(1e15)
+
+
+def test_the_budget_examples_table_is_what_plan_prints(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/plan.md's table of budgets and the specs designed for them: a change to the design's
+    score (its weight on the error against N_opt) moved five of its rows and no test saw it."""
+    import json
+    import re
+    import sys
+
+    from archplan.cli import main
+
+    doc = (Path(archplan.__file__).parents[1] / "docs" / "plan.md").read_text()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in doc.splitlines() if re.match(r"\| 1e\d\d \| ", line)]
+    assert len(rows) == 11
+    for c, family, n_opt, d_opt, loss, shape, d_ff, expert_ff, total, active, error in rows:
+        monkeypatch.setattr(sys, "argv", ["archplan", "plan", "--compute", c, "--family", family, "--json"])
+        with pytest.raises(SystemExit) as ended:
+            main()
+        printed = json.loads(capsys.readouterr().out)
+        assert ended.value.code in (0, None)
+        made, spec = printed["design"], printed["spec"]
+        moe = spec.get("moe")
+        dense_ff = spec["ffn"]["d_ff"] if "ffn" in spec else None
+        assert (f"{printed['optimal']['params'] / 1e9:.1f}B", f"{printed['optimal']['tokens'] / 1e12:.2f}T",
+                f"{printed['optimal']['loss']:.3f}") == (n_opt, d_opt, loss), c
+        assert f"{made['n_layers']} × {made['d_model']}" == shape, (c, family)
+        assert (str(dense_ff) if dense_ff else "—", str(moe["expert"]["d_ff"]) if moe else "—") == (d_ff, expert_ff)
+        assert (f"{made['total_params'] / 1e9:.1f}B", f"{made['active_params'] / 1e9:.1f}B",
+                f"{made['error']:+.2%}") == (total, active, error), (c, family)
+
+
+def test_a_half_micro_batch_rounds_up() -> None:
+    """20 sequences over 8 ranks are 2.5 micro-batches a rank: 3, as docs/plan.md says (halves up),
+    where Python's round gives 2 (a third of the batch and the step time gone)."""
+    from archplan.planning.parallel import _microbatches
+
+    assert (_microbatches(20, 8, 1), _microbatches(36, 8, 1), _microbatches(12, 8, 1)) == (3, 5, 2)
+
+
+def test_the_receives_megatron_issues_alone() -> None:
+    """1F1B at p 4, m 8: rank r warms up w = min(p − r − 1, m) forwards; its lone receives are the w
+    warm-up `recv_forward`s and the one before the steady state (r > 0), and the w cool-down
+    `recv_backward`s (r < p − 1), over m forward receives (r > 0) and m backward ones (r < p − 1):
+    rank 0 3/8, rank 1 (2 + 1 + 2)/16, rank 2 (1 + 1 + 1)/16, rank 3 1/8. Interleaved (v 2): only
+    the first of 2·m·v receives, on every rank but the first."""
+    from archplan.planning.pricing import lone_receive_share
+
+    assert [lone_receive_share(Layout(pp=4, dp=1), 8, r) for r in range(4)] == [3 / 8, 5 / 16, 3 / 16, 1 / 8]
+    assert [lone_receive_share(Layout(pp=4, vpp=2, dp=1), 8, r) for r in range(4)] == [0, 1 / 32, 1 / 32, 1 / 32]
