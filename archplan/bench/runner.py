@@ -25,11 +25,10 @@ from archplan.bench.device import (
     DevicePeak,
     device_peak,
     free_memory,
-    peak_memory,
-    reset_peak_memory,
 )
 from archplan.bench.fit import refuse_unless_fits, truncate
-from archplan.bench.growth import mask_bytes, scores_bytes
+from archplan.bench.growth import AttentionCore, mask_bytes, prefill_peak_bytes, scores_bytes
+from archplan.bench.peak import forward_peak_bytes, keep_freed_memory
 from archplan.bench.roofline import (
     DecodeRates,
     OpCount,
@@ -106,7 +105,9 @@ class BenchResult:
     decode_seconds_per_token: float | None
     peak_memory_bytes: int
     peak_memory_method: str
-    analytic_memory_bytes: int  # weights + KV of what was built
+    # one prefill's peak as `growth.prefill_peak_bytes` predicts it (weights, the largest layer's
+    # working set, the logits), beside `peak_memory_bytes`, that prefill's measured peak
+    analytic_memory_bytes: int
     predicted_prefill: Roofline
     predicted_decode: Roofline | None
     extrapolation: Extrapolation | None
@@ -533,8 +534,6 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
 
     torch.manual_seed(0)
     model = build_model(built, device=device.type, dtype=torch_dtype).eval()
-    # the peak is the run's: the build initialises in fp32 and casts, a transient no run holds
-    reset_peak_memory(device)
     forward = torch.compile(model) if cfg.compile else model
     tokens = torch.randint(0, plan.vocab_size, (cfg.batch, cfg.seq), device=device)
 
@@ -567,14 +566,16 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
         if device.type == "cuda" and cfg.decode_tokens and not cfg.compile:
             with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
                 pass_ops = count_pass(model, built, lambda: model(tokens))
-        decode, decode_s, calibrated, (peak_bytes, method) = _decode(model, built, cfg, device, progress,
-                                                                     extrapolation is not None, plan)
+        decode, decode_s, calibrated = _decode(model, built, cfg, device, progress, extrapolation is not None, plan)
+    # one more prefill, its peak measured as the --seq sweep measures it and beside what
+    # `prefill_peak_bytes` predicts (the cache of a decode is freed by now)
+    with keep_freed_memory(device):
+        peak_bytes, method = forward_peak_bytes(model, prefill, device)
     recorded, rates = calibrated if calibrated is not None else (None, None)
     prefill_s = extrapolation.scale() if extrapolation else timing.median
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
-    # the weights, and the decode cache as `_decode` allocates it (none for a prefill-only run)
-    cache = kv_cache(built, cfg.seq + cache_steps(cfg.decode_tokens), cfg.batch, b).bytes if cfg.decode_tokens else 0
-    analytic_mem = int(built_weights_bytes(count_params(built), b) + cache)
+    core: AttentionCore = "materialised" if materialises_scores(built, cfg.attn_backend, device, cfg.dtype) else "fused"
+    analytic_mem = prefill_peak_bytes(built, cfg.batch, cfg.seq, b, core)
     decode_model = predicted_decode = None
     predicted_prefill = predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth)
     if recorded is not None and rates is not None:
@@ -600,15 +601,13 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
 
 def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
             progress: Progress, extrapolate: bool, full: ModelPlan
-            ) -> tuple[Timing | None, float | None, tuple[RecordedStep, DecodeRates] | None, tuple[int, str]]:
+            ) -> tuple[Timing | None, float | None, tuple[RecordedStep, DecodeRates] | None]:
     """Prefill into a real cache, record one step's dispatched calls (`bench/decode.py`; it is also
     the warm-up), time `decode_tokens` single-token steps with the calibration's samples between them
     (the same load on a shared machine); when extrapolating to full depth, block hooks time each
-    timed step's blocks.
-    The peak memory is read after the recorded step (every later step has its footprint), before
-    the calibration's fresh weights exist."""
+    timed step's blocks."""
     if cfg.decode_tokens == 0:
-        return None, None, None, peak_memory(device)
+        return None, None, None
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
         cache = model.new_cache(cfg.batch, cfg.seq + cache_steps(cfg.decode_tokens))  # type: ignore[operator]
         prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
@@ -618,7 +617,6 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
         recorded = record_step(model, built, step)
-        peak = peak_memory(device)
         replay, streams = Replay(recorded, device), WeightStreams(recorded, device)
 
         steps: list[dict[str, list[float]]] = []  # each timed step's blocks, when extrapolating
@@ -634,11 +632,11 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
                                 between=calibrate)
         calibrated = recorded, decode_rates(recorded, replay, streams)
     if not extrapolate:
-        return timing, timing.median, calibrated, peak
+        return timing, timing.median, calibrated
     # each timed step extrapolated from its own split between the blocks and the rest, then the
     # median: one step's split, multiplied by full/built layers, carries that step's noise
     full_depth = [_extrapolate(full, built, [(per_kind, t)], t).scale() for per_kind, t in zip(steps, timing.samples)]
-    return timing, statistics.median(full_depth), calibrated, peak
+    return timing, statistics.median(full_depth), calibrated
 
 
 def counted_decode_flops(plan: ModelPlan, context: int, batch: int) -> int:

@@ -9,21 +9,12 @@ of Python's `timeit`). Peak memory is measured in one extra pass per length: on 
 every allocation of the CPU allocator during the real forward (inside fused kernels too), added to
 the bytes of the weights. Both include the weights.
 
-On CPU under glibc the sweep keeps freed memory in the process (`mallopt`: no mmap, no trim), as
-torch's CUDA caching allocator does. By default glibc serves every block over 32 MiB by mmap and
-unmaps it on free, so from 8k-16k tokens each pass faults and zeroes its activations afresh: on
-seed-s4d at 16k, 348k page faults and 0.57 s of system time in a 1.09 s pass (8k -> 16k took 2.6x;
-0.72 s and 2.0x without them), a cost of the allocator's size class that no FLOP or byte count has.
+On CPU under glibc the sweep keeps freed memory in the process (`bench.peak.keep_freed_memory`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import platform
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,8 +24,9 @@ from rich.table import Table
 
 from archplan import jsonout
 from archplan.analytic import count_params, forward_flops
-from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak, synchronize
+from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak
 from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
+from archplan.bench.peak import forward_peak_bytes, keep_freed_memory
 from archplan.bench.roofline import predict_prefill
 from archplan.bench.fit import truncate
 from archplan.bench.runner import (
@@ -163,80 +155,6 @@ class SweepResult:
         }
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (tied weights once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers()]}
-    return sum(storages.values())
-
-
-@contextlib.contextmanager
-def _silent_stderr() -> Iterator[None]:
-    """Kineto writes a line to file descriptor 2 when a profile starts and stops, and c10's CPU
-    allocator one when the profiled run frees a block allocated before the profile began ("Memory
-    block of unknown size ..."); drop those, which describe the profiler, not the run."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-# glibc malloc.h: mallopt parameters and their defaults
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-
-
-@contextlib.contextmanager
-def _keep_freed_memory(device: torch.device) -> Iterator[None]:
-    """CPU under glibc: serve every block from the heap and never give it back (module docstring)."""
-    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
-        yield
-        return
-    libc = ctypes.CDLL(None)
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-
-
-def _peak_bytes(model: torch.nn.Module, run: Callable[[], object], device: torch.device) -> tuple[int, str]:
-    """Peak bytes of one forward, weights included."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    from torch.profiler import ProfilerActivity, profile
-
-    # The profiler's memory tracking records every allocation and free of the CPU allocator, also
-    # those inside a fused kernel (SDPA's scores), which a dispatch-level tracker cannot see.
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _silent_stderr():
-        prof.start()
-        try:
-            run()
-        finally:
-            prof.stop()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),  # type: ignore[union-attr]
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return (_weight_bytes(model) + peak,
-            "weights + the peak of the CPU allocator's allocations during the forward (torch.profiler, "
-            "profile_memory=True)")
-
-
 def _check_sweep(plan: ModelPlan, cfg: SweepConfig) -> None:
     """Refuse a spec the sweep cannot run (its backend, its positions, the device's memory)."""
     device = resolve_device(cfg.device)
@@ -265,7 +183,7 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
             return model(tokens[t])
 
     samples: dict[int, list[float]] = {t: [] for t in cfg.lengths}
-    with _keep_freed_memory(device), progress_bar(console) as progress:
+    with keep_freed_memory(device), progress_bar(console) as progress:
         for round_ in range(cfg.warmup + cfg.iters):
             for t in cfg.lengths:
                 label = f"{plan.name}: {'warm-up' if round_ < cfg.warmup else 'prefill'} {cfg.batch}×{t}"
@@ -275,7 +193,7 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
     points = []
     method = ""
     for t in cfg.lengths:
-        measured, method = _peak_bytes(model, lambda t=t: prefill(t), device)
+        measured, method = forward_peak_bytes(model, lambda t=t: prefill(t), device)
         points.append(SweepPoint(
             seq=t, samples=tuple(samples[t]), peak_bytes=measured,
             predicted_seconds=predict_prefill(built, cfg.batch, t, b, peak.peak_flops, peak.bandwidth).seconds,
@@ -318,7 +236,7 @@ def compare_backend_names(plan: ModelPlan, cfg: BenchConfig) -> list[str]:
 
 def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object]]:
     """The same prefill under each SDPA backend available here: its time from `run_bench`, its peak
-    memory as the sweep measures it (`_peak_bytes`: the allocator's peak of one forward, weights
+    memory as the sweep measures it (`bench.peak.forward_peak_bytes`: the allocator's peak of one forward, weights
     included), on one model built after the timed runs so that two are never alive at once. A
     process high-water mark would read the torch runtime's hundreds of MiB and the largest backend
     so far, and could not tell the backends apart."""
@@ -330,13 +248,13 @@ def compare_backends(plan: ModelPlan, cfg: BenchConfig) -> list[dict[str, object
     model = build_model(built, device=device.type, dtype=TORCH_DTYPES[cfg.dtype]).eval()
     tokens = torch.randint(0, plan.vocab_size, (cfg.batch, cfg.seq), device=device)
     rows: list[dict[str, object]] = []
-    with _keep_freed_memory(device):
+    with keep_freed_memory(device):
         for name, result in timed.items():
             def prefill(name: str = name) -> object:
                 with torch.inference_mode(), sdpa_backend(name):
                     return model(tokens)
 
-            peak, method = _peak_bytes(model, prefill, device)
+            peak, method = forward_peak_bytes(model, prefill, device)
             rows.append({"backend": name, "median_s": result.prefill_seconds, "tokens_per_s": result.tokens_per_s,
                          "peak_memory_bytes": peak, "peak_memory_method": method,
                          "noise": result.prefill.noise_note(f"{name} backend's prefill")})

@@ -307,8 +307,10 @@ def _render(result: object, name: str) -> None:
                       f"{count(cfg.batch / result.decode_seconds_per_token)} tokens/s; predicted "
                       f"{1e3 * result.predicted_decode.seconds:.2f} ms, error "
                       f"{100 * (result.decode_prediction_error or 0):+.1f}% (decode model, docs/benchmarks.md)")
-    table.add_row("peak memory", nbytes(result.peak_memory_bytes), result.peak_memory_method)
-    table.add_row("analytic memory", nbytes(result.analytic_memory_bytes), "weights + cache of what was built")
+    table.add_row("peak memory, one prefill", nbytes(result.peak_memory_bytes), result.peak_memory_method)
+    table.add_row("predicted", nbytes(result.analytic_memory_bytes),
+                  "weights + the largest layer's working set + the logits (as the --seq sweep predicts), "
+                  f"{result.peak_memory_bytes / result.analytic_memory_bytes:.2f}× measured / predicted")
     console.print(table)
     for message in result.compile_warnings:
         console.print(f"  torch.compile warned: {escape(message)}", style="dim")

@@ -167,7 +167,7 @@ def render(r: DistBench) -> None:
                   f"{r.steps} timed; forward + backward ({schedule_name(parse_layout(r.layout).complete())}) + AdamW; "
                   f"{count(r.tokens_per_step)} tokens")
     table.add_row("training tokens/s", count(r.train_tokens_per_s), "all ranks")
-    table.add_row("MFU", percent(r.mfu), f"{flops(r.flops_per_token)}/token ({LAYOUT_FLOPS_CONVENTION}); "
+    table.add_row("MFU", percent(r.mfu), f"{flops(r.flops_per_token)}/token (model FLOPs: below); "
                   f"peak {flops(r.peak_flops, 'FLOP/s')} per device ({r.peak_source})")
     table.add_row("prefill tokens/s", count(r.prefill_tokens_per_s), "forward only, same sharded modules")
     table.add_row("peak memory per rank", " / ".join(nbytes(b) for b in r.peak_memory_bytes), r.peak_memory_method)
@@ -180,4 +180,5 @@ def render(r: DistBench) -> None:
     table.add_row("model states per rank", " / ".join(nbytes(sum(row["measured"].values())) for row in r.states),
                   f"{verdict} (parameters + gradients + AdamW moments, counted from each rank's tensors; "
                   "exact on each stage's first rank)")
+    table.caption = f"model FLOPs: {LAYOUT_FLOPS_CONVENTION}"
     Console().print(table)
