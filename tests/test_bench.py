@@ -598,6 +598,24 @@ def test_backends_are_probed_with_the_model_s_mask(capsys: pytest.CaptureFixture
     assert [r["backend"] for r in rows] == available_backends(cpu, TORCH_DTYPES[FAST.dtype], "alibi")
 
 
+def test_compare_backends_names_the_backends_it_could_not_time(capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLA model on a CPU compared one backend, math, and said nothing of the three left out."""
+    mla = str(Path(__file__).parent / "fixtures" / "distributed" / "tiny-mla.yaml")
+    outcome = run_main(["bench", mla, "--device", "cpu", "--warmup", "1", "--iters", "1", "--seq", "16",
+                        "--decode-tokens", "0", "--compare-backends"], capsys, monkeypatch)
+    text = " ".join(outcome.stdout.split())
+    assert outcome.code == 0 and "not available here, so not timed: flash, efficient, cudnn" in text
+
+
+def test_no_prompt_fits_offers_the_decode_tokens_that_fit(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpt2's 1,024 learned positions take a 1-token prompt and 1,022 decode steps (the cache holds
+    one more, the recorded step): the refusal offered only --decode-tokens 0."""
+    outcome = run_main(["bench", "gpt2", "--device", "cpu", "--decode-tokens", "1023"], capsys, monkeypatch)
+    assert outcome.code == 2 and "give --decode-tokens 1022 or fewer, or --decode-tokens 0" in outcome.stderr
+
+
 def test_backends_are_probed_with_the_model_s_head_sizes(capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """MLA's q·k heads are wider than its v heads, which CPU's flash kernel refuses: the probe asks

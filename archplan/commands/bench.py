@@ -68,7 +68,8 @@ def _default_seq(specs: list[str], decode_steps: int) -> tuple[int, str | None]:
             why = (f"{limit.what} of {plan.name} ({limit.field} {limit.positions}) less the decode "
                    f"cache's {decode_steps} positions")
     if seq < 1:
-        raise ArchplanError(f"no prompt fits: {why}; give --decode-tokens 0 (prefill only)")
+        fewer = f"--decode-tokens {decode_steps + seq - 2} or fewer, or " if decode_steps + seq > 2 else ""
+        raise ArchplanError(f"no prompt fits: {why}; give {fewer}--decode-tokens 0 (prefill only)")
     return seq, why
 
 
@@ -268,7 +269,7 @@ def _measured(timing: Timing, unit: str, extrapolated: bool, samples_flag: str) 
 
 
 def _render(result: object, name: str) -> None:
-    from archplan.bench.runner import EXTRAPOLATION_METHOD, PREFILL_FLOPS_CONVENTION, BenchResult
+    from archplan.bench.runner import BACKENDS, EXTRAPOLATION_METHOD, PREFILL_FLOPS_CONVENTION, BenchResult
 
     assert isinstance(result, BenchResult)
     console = Console()
@@ -341,6 +342,11 @@ def _render(result: object, name: str) -> None:
                              count(float(row["tokens_per_s"])), nbytes(float(row["peak_memory_bytes"])))  # type: ignore[arg-type]
         console.print(backends)
         console.print(f"  backends' peak memory: {escape(str(result.backends[0]['peak_memory_method']))}", style="dim")
+        ran = {str(row["backend"]) for row in result.backends}
+        if left := [name for name in BACKENDS if name not in ran]:
+            console.print(f"  not available here, so not timed: {', '.join(left)} (on {escape(result.device)} in "
+                          f"{result.dtype} with this model's attention calls; `--attn-backend NAME` says why)",
+                          style="dim")
         for row in result.backends:
             if row.get("noise"):
                 Console(stderr=True).print(f"note: {row['noise']}")
