@@ -1,4 +1,4 @@
-"""The CPU sweep keeps freed memory in the process (bench/sweep.py): a block over glibc's 32 MiB
+"""The CPU sweep keeps freed memory in the process (bench/peak.py `keep_freed_memory`): a block over glibc's 32 MiB
 mmap threshold, freed and allocated again, faults no page the second time."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from archplan.bench.sweep import _keep_freed_memory
+from archplan.bench.peak import keep_freed_memory
 
 def _huge_pages_always() -> bool:
     """Transparent huge pages on for every mapping: a fresh 64 MiB block then faults 2 MiB at a
@@ -42,7 +42,7 @@ def _check_in_a_fresh_process() -> None:
     # glibc's defaults first: a 64 MiB block is mmapped and unmapped, every page faults anew (it
     # leaves the heap as it found it, so the setting's check below starts from a fresh heap too)
     assert _faults_of_a_fresh_block() > pages // 2
-    with _keep_freed_memory(torch.device("cpu")):
+    with keep_freed_memory(torch.device("cpu")):
         _faults_of_a_fresh_block()  # the heap grows once
         assert _faults_of_a_fresh_block() < pages // 10
 
