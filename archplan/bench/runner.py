@@ -292,6 +292,11 @@ def materialises_scores(plan: ModelPlan, backend: str, device: torch.device, dty
                                                       calls)) - {"math"}
 
 
+def attention_core(plan: ModelPlan, backend: str, device: torch.device, dtype: DType) -> AttentionCore:
+    """The attention core `growth.prefill_peak_bytes` prices for a run: its scores held or fused."""
+    return "materialised" if materialises_scores(plan, backend, device, dtype) else "fused"
+
+
 def estimate_bytes(plan: ModelPlan, cfg: BenchConfig, materialised: bool | None = None) -> int:
     """What a bench run holds: weights, the cache, logits and a few activations of width D; under
     SDPA's math kernel also one layer's T × T scores and their softmax per head, which it builds
@@ -574,8 +579,8 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     recorded, rates = calibrated if calibrated is not None else (None, None)
     prefill_s = extrapolation.scale() if extrapolation else timing.median
     flops = forward_flops(plan, cfg.seq, cfg.batch).forward("causal")
-    core: AttentionCore = "materialised" if materialises_scores(built, cfg.attn_backend, device, cfg.dtype) else "fused"
-    analytic_mem = prefill_peak_bytes(built, cfg.batch, cfg.seq, b, core)
+    analytic_mem = prefill_peak_bytes(built, cfg.batch, cfg.seq, b,
+                                      attention_core(built, cfg.attn_backend, device, cfg.dtype))
     decode_model = predicted_decode = None
     predicted_prefill = predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth)
     if recorded is not None and rates is not None:

@@ -25,18 +25,18 @@ from rich.table import Table
 from archplan import jsonout
 from archplan.analytic import count_params, forward_flops
 from archplan.bench.device import TORCH_DTYPES, DevicePeak, device_peak
-from archplan.bench.growth import AttentionCore, fit_exponent, prefill_peak_bytes
+from archplan.bench.growth import fit_exponent, prefill_peak_bytes
 from archplan.bench.peak import forward_peak_bytes, keep_freed_memory
 from archplan.bench.roofline import predict_prefill
 from archplan.bench.fit import truncate
 from archplan.bench.runner import (
     BenchConfig,
     attention_calls,
+    attention_core,
     attention_mask_kind,
     available_backends,
     check_backend,
     check_fits,
-    materialises_scores,
     run_bench,
     sdpa_backend,
 )
@@ -172,7 +172,7 @@ def _run_sweep(plan: ModelPlan, cfg: SweepConfig, peak: DevicePeak, console: Con
     device = resolve_device(cfg.device)
     built = plan if cfg.layers is None else truncate(plan, cfg.layers)
     b = nbytes(cfg.dtype)
-    core: AttentionCore = "materialised" if materialises_scores(built, cfg.attn_backend, device, cfg.dtype) else "fused"
+    core = attention_core(built, cfg.attn_backend, device, cfg.dtype)
 
     torch.manual_seed(0)
     model = build_model(built, device=device.type, dtype=TORCH_DTYPES[cfg.dtype]).eval()

@@ -1055,15 +1055,13 @@ BAR_HEADER = "of\nusable"
 OVER_MARK = "┃"
 
 
-def _layout_columns(result: SearchResult, tokens: float) -> tuple[_Column, ...]:
+def _layout_columns(result: SearchResult, tokens: float, plain: bool) -> tuple[_Column, ...]:
     """The layout table's columns. A narrow terminal hides the memory categories first (the bar
     still shows them, by colour or, without colour, by glyph), then the bar, the days and the
     communication share: the total, step time, MFU and throughput, what a layout is chosen by,
-    always stay."""
+    always stay. `plain`: the console shows no colour (`_colourless`)."""
     from archplan.planning.parallel import training_days
     from archplan.units import amount, duration, nbytes, percent
-
-    plain = _colourless(_console())
 
     def mark(e: Evaluated) -> str:
         return nbytes(e.memory.total) + ("" if e.fits else " ✗")
@@ -1104,11 +1102,11 @@ def _build_table(rows: tuple[Evaluated, ...], columns: list[_Column], title: str
 
 
 def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: float, title: str,
-                  width: int) -> tuple[Any, list[str]]:
+                  width: int, plain: bool) -> tuple[Any, list[str]]:
     """The table of `rows` at most `width` columns wide, and the headers it hid to get there."""
     from archplan.render import table_width
 
-    columns = list(_layout_columns(result, tokens))
+    columns = list(_layout_columns(result, tokens, plain))
     hidden: list[str] = []
     for col in sorted((c for c in columns if c.hide_rank is not None), key=lambda c: c.hide_rank or 0):
         if table_width(_build_table(rows, columns, title, narrowest=True)) <= width:
@@ -1118,7 +1116,7 @@ def _layout_table(rows: tuple[Evaluated, ...], result: SearchResult, tokens: flo
     else:
         if table_width(_build_table(rows, columns, title, narrowest=True)) > width:
             # the figures fold under each label, so all but the memory split (the bar's) come back
-            every = list(_layout_columns(result, tokens))
+            every = list(_layout_columns(result, tokens, plain))
             return (_stacked_table(rows, [c for c in every if not c.split], title),
                     [c.header for c in every if c.split])
     return _build_table(rows, columns, title), hidden
@@ -1145,11 +1143,11 @@ def _print_table(console: Any, rows: tuple[Evaluated, ...], result: SearchResult
     hidden columns named."""
     from archplan.units import nbytes
 
-    table, hidden = _layout_table(rows, result, tokens, title, console.width)
+    plain = _colourless(console)
+    table, hidden = _layout_table(rows, result, tokens, title, console.width, plain)
     console.print(table)
     console.print("m: micro-batches a step on each data-parallel rank (the global batch / (mb × DP))")
     if BAR_HEADER not in hidden:
-        plain = _colourless(console)
         console.print("bars: " + ", ".join(f"[{style}]{_bar_glyph(glyph, plain)}[/] {name}"
                                            for name, style, glyph in BAR_STYLES)
                       + f"; full width = {nbytes(result.usable_bytes)}"
