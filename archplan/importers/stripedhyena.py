@@ -3,8 +3,8 @@
 Layers in `attn_layer_idxs` are AttentionBlocks (pre RMSNorm, flash-attn MHA with GQA over
 num_attention_heads / proj_groups KV heads and full-head-dim rotary, post RMSNorm, gated MLP);
 those in `hyena_layer_idxs` are ParallelGatedConvBlocks (pre RMSNorm, projections, short FIR,
-modal long filter, out_filter_dense, post RMSNorm, gated MLP); `model.get_block` raises
-NotImplementedError for an index in neither list, and so does the import. An index past the
+modal long filter, out_filter_dense, post RMSNorm, gated MLP); `model.get_block` refuses an
+index in neither list, and the import refuses such a config in one line. An index past the
 layers is never asked for (the published 7B config lists 32 in hyena_layer_idxs). The vocabulary
 is the config's: `VocabParallelEmbedding` is built with `vocab_size` as given, and only the HF
 wrapper's own `vocab_size` attribute is padded to make_vocab_size_divisible_by. Defaults are the HF remote-code
