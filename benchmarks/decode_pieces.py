@@ -22,9 +22,10 @@ from torch.profiler import ProfilerActivity, profile
 
 # a checkout runs these without installing archplan: its root first on the path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from archplan.bench.decode import Replay, WeightStreams, _weight_bytes, decode_rates, record_step
+from archplan.bench.decode import Replay, WeightStreams, _weight_bytes, decode_rates, record_step_at
 from archplan.bench.roofline import predict_decode_step
 from archplan.bench.fit import truncate
+from archplan.bench.runner import decode_context
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.modules.model import build_model
@@ -56,7 +57,9 @@ def main() -> None:
         def step() -> None:
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
-        recorded = record_step(model, built, step)
+        context = decode_context(args.seq, args.steps)  # bench's sequence: record the median step, one untimed step
+        recorded = record_step_at(model, built, cache, step, context)
+        step()
         replay, streams = Replay(recorded, CPU), WeightStreams(recorded, CPU)
         marks: list[float] = []
         hooks = [b.register_forward_pre_hook(lambda _m, _a: marks.append(time.perf_counter())) for b in model.layers]
@@ -88,7 +91,6 @@ def main() -> None:
                 seconds, _ = streams.per_call(call)
                 print(f"  {kind} weight matmul {shapes}: {1e3 * seconds:.2f} ms, "
                       f"{_weight_bytes(call) / seconds / 1e9:.2f} GB/s")
-        context = args.seq + 1 + (args.steps + 1) // 2
         predicted = predict_decode_step(built, 1, context, torch.finfo(DTYPES[args.dtype]).bits // 8, rates,
                                         recorded.ops())
         print(f"built model: measured median {1e3 * statistics.median(totals):.1f} ms, "

@@ -317,7 +317,7 @@ def test_bench_mla_decode_flops_equal_size() -> None:
     """bench's counted decode FLOPs (meta, the absorbed step) equal `size`'s decode FLOPs × batch."""
     plan = plan_of(MLA_TINY)
     out = run_bench(plan, FAST).to_json()["decode"]
-    # the recorded step attends 17 keys, the timed ones 18, 19, 20: the median is priced
+    # the untimed first step attends 17 keys, the timed ones 18, 19, 20: the median is recorded and priced
     assert out["context"] == 16 + 3
     assert out["flops_counted"] == out["flops"] == FAST.batch * decode_flops_per_token(plan, out["context"])
     for key in ("gemv_bandwidth", "op_seconds"):
@@ -611,7 +611,7 @@ def test_compare_backends_names_the_backends_it_could_not_time(capsys: pytest.Ca
 def test_no_prompt_fits_offers_the_decode_tokens_that_fit(capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """gpt2's 1,024 learned positions take a 1-token prompt and 1,022 decode steps (the cache holds
-    one more, the recorded step): the refusal offered only --decode-tokens 0."""
+    one more, the untimed first step): the refusal offered only --decode-tokens 0."""
     outcome = run_main(["bench", "gpt2", "--device", "cpu", "--decode-tokens", "1023"], capsys, monkeypatch)
     assert outcome.code == 2 and "give --decode-tokens 1022 or fewer, or --decode-tokens 0" in outcome.stderr
 

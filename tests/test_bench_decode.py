@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,11 +15,12 @@ from archplan.bench.decode import (
     count_pass,
     decode_rates,
     record_step,
+    record_step_at,
 )
 from archplan.modules.model import build_model
 from archplan.resolve import resolve
 from archplan.spec import Spec
-from test_bench import TINY_HYBRID
+from test_bench import MLA_TINY, TINY_HYBRID
 
 CPU = torch.device("cpu")
 
@@ -55,6 +57,42 @@ def test_replay_leaves_the_model_state_alone() -> None:
     replayed, recorded = _decode(replay=True)
     assert torch.equal(plain, replayed)
     assert recorded.built == {"embed+head": 1, "mamba1+dense": 2, "gqa+moe": 2}
+
+
+@pytest.mark.parametrize("raw", [TINY_HYBRID, MLA_TINY])
+def test_a_step_recorded_at_another_context_leaves_the_decode_alone(raw: dict) -> None:
+    """bench records the step it prices at the median timed step's context, before the timed steps:
+    the recorded step attends that many keys (its calls are what the replays time), and the decode
+    after it is the decode without it, bit for bit (the recorded writes went into the replays'
+    private copies, the counters were set back): KV cache, MLA latent, Mamba conv/SSM state."""
+    plan = resolve(Spec.model_validate(raw))
+    torch.manual_seed(0)
+    model = build_model(plan, device="cpu", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (2, 40))
+
+    def decode(context: int | None) -> tuple[torch.Tensor, RecordedStep | None]:
+        logits, recorded = [], None
+        with torch.inference_mode():
+            cache = model.new_cache(2, 40)
+
+            def step() -> torch.Tensor:
+                return model(tokens[:, cache.seen:cache.seen + 1], cache=cache)
+
+            model(tokens[:, :16], cache=cache)
+            if context is not None:
+                recorded = record_step_at(model, plan, cache, step, context)
+                assert cache.seen == 16 and all(state.seen == 16 for state in cache.layers)
+            logits = [step() for _ in range(4)]
+        return torch.cat(logits), recorded
+
+    plain, _ = decode(None)
+    after, recorded = decode(30)
+    assert torch.equal(plain, after)
+    assert recorded is not None
+    kind = next(k for k in recorded.built if k.startswith(("gqa", "mla")))
+    attention = recorded.calls[kind]["attention"] + recorded.calls[kind]["others"]
+    lengths = {a.shape[-2] for call in attention for a in call.args if isinstance(a, torch.Tensor) and a.dim() == 4}
+    assert 30 in lengths and 17 not in lengths
 
 
 def test_recorded_groups() -> None:

@@ -1,8 +1,9 @@
 """What one decode step dispatches, and what it costs on this device (docs/benchmarks.md, "`bench`
 decode model"). Imports torch: only `archplan bench` uses it.
 
-A dispatch mode records one real decode step of the built model, call by call, by layer kind (block
-hooks set the kind; everything outside the blocks is "embed+head"), in three groups:
+A dispatch mode records one decode step of the built model, at the context of the median timed step
+(`record_step_at`), call by call, by layer kind (block hooks set the kind; everything outside the
+blocks is "embed+head"), in three groups:
 
 - weight matmuls: matmuls with an operand on a parameter's storage (mm, addmm, grouped_mm, ...).
   Their time is priced as the weights' bytes over a GEMV bandwidth calibrated on those same calls:
@@ -32,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from archplan.bench.device import synchronize
 from archplan.bench.roofline import DecodeRates, OpCount, kind_counts, layer_kind
+from archplan.modules.cache import ModelCache
 from archplan.resolve import ModelPlan
 
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution")
@@ -59,7 +61,14 @@ class Call:
 class StepRecorder(TorchDispatchMode):
     """Records the calls of a step by layer kind and group (see the module docstring); with
     `keep=False` it only counts them, keeping none of their tensors (a prefill's activations would
-    stay alive in a recording)."""
+    stay alive in a recording).
+
+    A recorded call that writes into a tensor (a cache write, an in-place update of an SSM state)
+    runs on the private copy its replays write into (`_private`), so recording a step leaves the
+    model's state as it was: only the cache's counters move (`record_step_at` sets them back).
+    What the step computes after such a write reads the unwritten tensor: its values are not a
+    decode's, its shapes, strides and kernels are, which is what the replays time.
+    """
 
     def __init__(self, parameters: Iterable[Tensor], keep: bool = True) -> None:
         super().__init__()
@@ -86,13 +95,14 @@ class StepRecorder(TorchDispatchMode):
             group = "others"
         kwargs = kwargs or {}
         self.counts[self.kind][group] += 1
-        if self.keep:
-            written = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-            names = [a.name for a in func._schema.arguments]
-            self.calls[self.kind][group].append(Call(
-                func, tuple(_private(a) if names[i] in written else a for i, a in enumerate(args)),
-                {k: _private(v) if k in written else v for k, v in kwargs.items()}, weight))
-        return func(*args, **kwargs)
+        if not self.keep:
+            return func(*args, **kwargs)
+        written = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        names = [a.name for a in func._schema.arguments]
+        call = Call(func, tuple(_private(a) if names[i] in written else a for i, a in enumerate(args)),
+                    {k: _private(v) if k in written else v for k, v in kwargs.items()}, weight)
+        self.calls[self.kind][group].append(call)
+        return call.run()
 
 
 def _private(arg: object) -> object:
@@ -142,11 +152,26 @@ def _run_by_kind(mode: StepRecorder, model: torch.nn.Module, plan: ModelPlan, st
 
 
 def record_step(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> RecordedStep:
-    """Run `step` once under a `StepRecorder`."""
+    """Run `step` once under a `StepRecorder` (its writes into private copies)."""
     recorder = StepRecorder(model.parameters())
     _run_by_kind(recorder, model, plan, step)
     built = kind_counts(plan)
     return RecordedStep({kind: {g: recorder.calls[kind][g] for g in GROUPS} for kind in built}, built)
+
+
+def record_step_at(model: torch.nn.Module, plan: ModelPlan, cache: ModelCache, step: Callable[[], object],
+                   context: int) -> RecordedStep:
+    """Record the decode `step` as it runs attending `context` keys (itself included), then set the
+    cache's counters back: the replays then re-issue the attention, and the ops on the cache, of
+    the step the decode model prices, not of the first step after the prompt (a prompt of 16 tokens
+    and 256 steps: 17 keys against a median 145). The cache's tensors are as they were: the
+    recorded writes went into private copies (`StepRecorder`)."""
+    seen = cache.seen
+    cache.seek(context - 1)
+    try:
+        return record_step(model, plan, step)
+    finally:
+        cache.seek(seen)
 
 
 def count_pass(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> dict[str, OpCount]:

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic import built_weights_bytes, count_params, decode_flops, forward_flops, kv_cache
-from archplan.bench.decode import RecordedStep, Replay, WeightStreams, count_pass, decode_rates, record_step
+from archplan.bench.decode import RecordedStep, Replay, WeightStreams, count_pass, decode_rates, record_step_at
 from archplan.bench.device import (
     TORCH_DTYPES,
     DevicePeak,
@@ -336,9 +336,16 @@ def check_fits(plan: ModelPlan, cfg: BenchConfig, device: torch.device, run: str
 
 
 def cache_steps(decode_tokens: int) -> int:
-    """Positions the decode cache holds beyond the prompt: the recorded step and the timed steps
-    (`_decode`); none for a prefill-only run."""
+    """Positions the decode cache holds beyond the prompt: the untimed first step and the timed
+    steps (`_decode`); none for a prefill-only run."""
     return decode_tokens + 1 if decode_tokens else 0
+
+
+def decode_context(seq: int, decode_tokens: int) -> int:
+    """Keys the median timed decode step attends, itself included: after a prompt of `seq` and one
+    untimed step, the timed steps attend seq + 2 … seq + decode_tokens + 1. The step the decode
+    model records and prices is this one."""
+    return seq + 1 + (decode_tokens + 1) // 2
 
 
 def check_positions(plan: ModelPlan, cfg: BenchConfig) -> None:
@@ -356,7 +363,7 @@ def check_positions(plan: ModelPlan, cfg: BenchConfig) -> None:
     if not fixes:  # neither alone suffices: the prompt is too long and the steps leave it no room
         fixes.append(f"--seq {most} or less with --decode-tokens 0 (prefill only)")
     need = (f"--seq {cfg.seq} and --decode-tokens {cfg.decode_tokens} need a cache of {cfg.seq + steps} positions "
-            "(the prompt, one recorded step and the timed steps)" if steps else f"--seq {cfg.seq} needs {cfg.seq} positions")
+            "(the prompt, one untimed step and the timed steps)" if steps else f"--seq {cfg.seq} needs {cfg.seq} positions")
     raise ArchplanError(f"{need}, beyond {limit.what} ({limit.field} {most}): use {', or '.join(fixes)}")
 
 
@@ -584,9 +591,7 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     decode_model = predicted_decode = None
     predicted_prefill = predict_prefill(plan, cfg.batch, cfg.seq, b, peak.peak_flops, peak.bandwidth)
     if recorded is not None and rates is not None:
-        # after the recorded step, the timed steps attend seq + 2 … seq + decode_tokens + 1 keys:
-        # price the median one
-        context = cfg.seq + 1 + (cfg.decode_tokens + 1) // 2
+        context = decode_context(cfg.seq, cfg.decode_tokens)
         ops_by_kind = recorded.ops()
         decode_model = DecodeModel(context, rates, ops_by_kind,
                                    decode_flops(plan, context, cfg.batch).counted,
@@ -607,10 +612,11 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
 def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
             progress: Progress, extrapolate: bool, full: ModelPlan
             ) -> tuple[Timing | None, float | None, tuple[RecordedStep, DecodeRates] | None]:
-    """Prefill into a real cache, record one step's dispatched calls (`bench/decode.py`; it is also
-    the warm-up), time `decode_tokens` single-token steps with the calibration's samples between them
-    (the same load on a shared machine); when extrapolating to full depth, block hooks time each
-    timed step's blocks."""
+    """Prefill into a real cache, record the dispatched calls of the step at the median timed step's
+    context (`bench/decode.py`, `record_step_at`: the cache is left as the prompt left it), run one
+    untimed step, then time `decode_tokens` single-token steps with the calibration's samples
+    between them (the same load on a shared machine); when extrapolating to full depth, block hooks
+    time each timed step's blocks."""
     if cfg.decode_tokens == 0:
         return None, None, None
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
@@ -621,7 +627,8 @@ def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: 
         def step() -> None:
             state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
 
-        recorded = record_step(model, built, step)
+        recorded = record_step_at(model, built, cache, step, decode_context(cfg.seq, cfg.decode_tokens))
+        step()
         replay, streams = Replay(recorded, device), WeightStreams(recorded, device)
 
         steps: list[dict[str, list[float]]] = []  # each timed step's blocks, when extrapolating

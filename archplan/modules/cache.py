@@ -101,3 +101,13 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(state.nbytes() for state in self.layers)
+
+    def seek(self, seen: int) -> None:
+        """Set every counter to `seen` tokens, forward or back, and nothing else: bench records the
+        step it prices at the timed steps' median context this way (`bench.decode.record_step_at`),
+        its writes kept out of the state. A state's tensors past `seen` are never read before the
+        next steps write them (a windowed buffer's ring excepted); a recurrent state (Mamba, S4)
+        holds whatever the steps since wrote, so a decode whose outputs matter does not seek."""
+        self.seen = seen
+        for state in self.layers:
+            state.seen = seen
