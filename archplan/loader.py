@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import math
 import re
 import stat
 from collections.abc import Iterator
@@ -447,6 +448,9 @@ def _pydantic_error(err: Any, loaded: LoadedYaml, file: str) -> ArchplanError:
         message = f"expected a string, got {_as_yaml(err['input'])}; quote it"
     elif kind == "bool_type":
         message = _not_a_boolean(err.get("input"))
+    elif kind == "literal_error":
+        # pydantic's "Input should be 'relu', ..." named no input for a mapping or a list
+        message = f"expected {err['ctx']['expected']}, got {_as_yaml(err['input'])}"
     elif kind in _BOUNDS:
         bound = next(iter(err["ctx"].values()))
         message = f"expected a value {_BOUNDS[kind]} {_shown(bound)}, got {_shown(err['input'])}"
@@ -489,6 +493,10 @@ def _as_yaml(value: Any, most: int = 80) -> str:
         return "binary data (!!binary)"
     if isinstance(value, str) and not value:
         return "an empty string"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
     return clipped(repr(value), most)
 
 
@@ -673,6 +681,9 @@ def find_spec_path(name_or_path: str) -> Path:
     if not name_or_path.strip():
         # Path("") is the current folder, which would be reported as "is a directory"
         raise ArchplanError("the spec path is empty: give a YAML file or a preset name (`archplan presets` lists them)")
+    if name_or_path == "-":
+        raise ArchplanError("a spec is read from a file or a preset name, not from standard input: save it first "
+                            "(`archplan import hf config.json -o spec.yaml`)", file=name_or_path)
     path = Path(name_or_path)
     if path.is_dir() and path.name in preset_names():
         # A folder is never a spec, so a bare name that is also a folder here (`mkdir gpt2`) can
@@ -694,7 +705,8 @@ def find_spec_path(name_or_path: str) -> Path:
     # close spellings, then the names that contain what was typed, its dashes aside (gpt4 is in
     # gpt-4-rumored), at most three
     names = preset_names()
-    within = [name for name in names if typed.replace("-", "") in name.replace("-", "")]
+    bare = typed.replace("-", "")
+    within = [name for name in names if bare in name.replace("-", "")] if bare else []
     guess = list(dict.fromkeys([*difflib.get_close_matches(typed, names, n=3), *within]))[:3]
     hint = ("; did you mean " + " or ".join(f"preset '{name}'" for name in guess) + "?" if guess
             else "; `archplan presets` lists the bundled ones")

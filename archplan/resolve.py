@@ -48,6 +48,7 @@ from archplan.spec import (
     Sandwich,
     Spec,
     StripedHyena,
+    mtp_training_tokens,
     rotary_dim,
 )
 from typing_extensions import assert_never
@@ -321,13 +322,6 @@ class ModelPlan:
         return (f"seq {seq:,} is shorter than the {need} tokens a training sequence of {self.name} needs (the next "
                 f"one and {len(self.mtp)} more ahead for its multi-token prediction): training FLOPs and memory are "
                 "sized as asked, but such a step has no target for the modules (verify and bench refuse it)")
-
-
-def mtp_training_tokens(depth: int) -> int:
-    """The shortest training sequence with `depth` multi-token-prediction modules: module k's target
-    is k + 1 tokens past the main head's, so some position needs depth + 1 tokens ahead of it,
-    depth + 2 in all (DeepSeek-V3 §2.2)."""
-    return depth + 2
 
 
 def check_mtp_length(depth: int, seq: int, field: str | None = None) -> None:

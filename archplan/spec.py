@@ -630,6 +630,7 @@ class Spec(Frozen):
         _check_attention_dims(self)
         _check_ssm_dims(self)
         _check_long_conv(self)
+        _check_mtp_positions(self)
         return self
 
     @property
@@ -641,6 +642,31 @@ class Spec(Frozen):
     def deepnorm_beta(self) -> float:
         assert isinstance(self.residual, DeepNorm)
         return self.residual.beta or (8 * self.n_layers) ** -0.25
+
+
+def mtp_training_tokens(depth: int) -> int:
+    """The shortest training sequence with `depth` multi-token-prediction modules: module k's target
+    is k + 1 tokens past the main head's, so some position needs depth + 1 tokens ahead of it,
+    depth + 2 in all (DeepSeek-V3 §2.2)."""
+    return depth + 2
+
+
+def _check_mtp_positions(spec: Spec) -> None:
+    """Multi-token prediction needs a training sequence of `mtp_training_tokens`; where positions
+    end (a learned table's max_seq_len rows, a Hyena filter's l_max) before that, no step of the
+    model has a target for its modules, and verify and bench refuse every length."""
+    if spec.mtp is None:
+        return
+    limits: list[tuple[int, str]] = []
+    if isinstance(spec.long_conv, Hyena) and "H" in spec.layout.mixers:
+        limits.append((spec.long_conv.l_max, "the Hyena filter length (long_conv.l_max)"))
+    if isinstance(spec.position, LearnedPositions):
+        limits.append((spec.max_seq_len, "the learned position table (max_seq_len)"))
+    need = mtp_training_tokens(spec.mtp.depth)
+    positions, what = min(limits, default=(need, ""))
+    if positions < need:
+        raise ValueError(f"mtp.depth: {spec.mtp.depth} needs training sequences of at least {need} tokens (the next "
+                         f"one and {spec.mtp.depth} more ahead), but {what} ends at {positions}")
 
 
 def takes_deepnorm(mixers: str) -> bool:

@@ -747,6 +747,26 @@ def test_a_long_convolutions_cross_field_error_names_its_line(cli, tmp_path: Pat
     assert_one_line_error(cli("size", path), path + said)
 
 
+@pytest.mark.parametrize(("body", "said"), [
+    ("max_seq_len: 2\nposition: {kind: learned}\nattention: {kind: mha, n_heads: 2}\nffn: {kind: mlp, d_ff: 4}\n"
+     "mtp: {depth: 1}\n",
+     ":9:7: mtp.depth: 1 needs training sequences of at least 3 tokens (the next one and 1 more ahead), but the "
+     "learned position table (max_seq_len) ends at 2"),
+    ("max_seq_len: 4\nlayout: {mixers: H}\nlong_conv: {kind: hyena, l_max: 4}\nmtp: {depth: 3}\n",
+     ":8:7: mtp.depth: 3 needs training sequences of at least 5 tokens (the next one and 3 more ahead), but the "
+     "Hyena filter length (long_conv.l_max) ends at 4"),
+])
+def test_multi_token_prediction_beyond_the_positions_is_refused(cli, tmp_path: Path, body: str,  # type: ignore[no-untyped-def]
+                                                                said: str) -> None:
+    """A spec whose positions end before its multi-token prediction has a target passed the schema,
+    size and lint, and verify then refused every --seq: too short for MTP, or past the positions."""
+    path = spec_file(tmp_path, f"name: c\nvocab_size: 7\nd_model: 8\nn_layers: 1\n{body}")
+    assert_one_line_error(cli("size", path), path + said)
+    one_more = body.replace("max_seq_len: 2", "max_seq_len: 3").replace("l_max: 4", "l_max: 5")
+    assert cli("size", spec_file(tmp_path, f"name: c\nvocab_size: 7\nd_model: 8\nn_layers: 1\n{one_more}",
+                                 "long-enough.yaml")).code == 0
+
+
 SMALL = "name: t\nvocab_size: 128\nd_model: 512\nn_layers: 4\nattention: {kind: mha, n_heads: 8}\nffn: {kind: glu, d_ff: 1408}\n"
 
 
@@ -917,3 +937,13 @@ def test_lint_does_not_pass_a_folder_it_cannot_read(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[tool.archplan.lint]\nselect = " + "[" * 600 + "]" * 600 + "\n")
     with pytest.raises(ArchplanError, match="arrays nested too deeply"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(("value", "got"), [("true", "got true"), ("{}", "got a mapping"), ("[gelu]", "got a list"),
+                                            ("1e400", "got .inf"), ("swish", "got 'swish'")])
+def test_a_choice_field_names_its_choices_and_what_yaml_wrote(cli, tmp_path: Path, value: str,  # type: ignore[no-untyped-def]
+                                                               got: str) -> None:
+    """A choice field said pydantic's "Input should be 'relu', ... (got True)": Python's True and inf,
+    not YAML's true and .inf, and nothing at all for a mapping or a list."""
+    path = spec_file(tmp_path, BASE.replace("d_ff: 128}", f"d_ff: 128, activation: {value}}}"))
+    assert_one_line_error(cli("size", path), f"ffn.activation: expected 'silu', 'gelu', 'gelu_tanh' or 'relu', {got}")

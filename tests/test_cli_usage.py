@@ -460,6 +460,16 @@ def test_a_preset_typo_offers_every_close_name() -> None:
     assert "did you mean preset 'gpt2' or preset 'gpt-4-rumored'?" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["size", "lint"])
+def test_a_dash_says_specs_are_not_read_from_stdin(command: str) -> None:
+    """`archplan import hf config.json | archplan size -` offered presets '70b', '7b' and
+    'bloom-560m': every name contains the empty string that `-` leaves without its dashes."""
+    result = run(command, "-")
+    assert result.returncode == 2 and "did you mean" not in result.stderr
+    assert "-: a spec is read from a file or a preset name, not from standard input" in result.stderr
+    assert "did you mean" not in run("size", "--", "--").stderr
+
+
 def test_compare_tells_specs_of_one_name_apart(tmp_path: Path) -> None:
     """A copy of a spec with one field changed kept its name: both columns read `7b`."""
     presets = Path(__file__).parents[1] / "archplan" / "presets"
@@ -515,3 +525,17 @@ def test_shell_completion_offers_presets_spec_files_and_gpus(tmp_path: Path) -> 
                           text=True, timeout=120, env={**os.environ, "_ARCHPLAN_COMPLETE": "complete_bash",
                                                        "COMP_WORDS": "archplan plan x --gpu h2", "COMP_CWORD": "4"})
     assert proc.stdout.split() == ["h200", "h200-sxm"]
+
+
+@pytest.mark.parametrize(("words", "offered"), [
+    ("archplan plan lla", ["llama-2-7b", "llama-3-70b", "llama-3-8b", "llama-3.1-405b"]),
+    ("archplan plan --solve gpt", ["gpt-4-partial"]),
+    ("archplan lint mix", ["mixtral-8x7b"]),
+])
+def test_plan_and_lint_complete_their_specs_too(words: str, offered: list[str]) -> None:
+    """`size`, `compare`, `verify` and `bench` completed a SPEC; `plan`'s SPEC, its --solve (the
+    bundled partial specs) and lint's PATH offered nothing."""
+    proc = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "_ARCHPLAN_COMPLETE": "complete_bash",
+                                                       "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)})
+    assert proc.stdout.split() == offered

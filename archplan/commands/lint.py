@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from archplan.commands.options import JsonOpt
+from archplan.commands.options import JsonOpt, complete_spec
 from archplan.console import echo, settle
 from archplan.errors import ArchplanError
 from archplan.lint.engine import LintConfig, lint_paths, load_config, parse_codes
@@ -20,7 +20,7 @@ PathsArg = Annotated[
     list[str],
     typer.Argument(help="Spec files, folders (searched recursively for *.yaml/*.yml, through symlinked folders) or "
                                       "globs (their matches, too, kept to *.yaml/*.yml).",
-                   show_default=False, metavar="PATH"),
+                   show_default=False, metavar="PATH", autocompletion=complete_spec),
 ]
 CodesOpt = Annotated[
     list[str],

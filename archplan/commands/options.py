@@ -11,18 +11,30 @@ import typer
 from archplan.errors import ArchplanError
 from archplan.units import parse_length
 
-def complete_spec(incomplete: str) -> list[str]:
-    """Shell completion of a SPEC: the bundled presets' names, then the spec files and folders
-    (a completion of our own replaces the shell's file names, so they are offered here)."""
+def _spec_files(incomplete: str) -> list[str]:
+    """The spec files and folders starting with `incomplete` (a completion of our own replaces the
+    shell's file names, so they are offered here)."""
     import glob
     import os
 
-    from archplan.loader import preset_names
     from archplan.outfile import SPEC_SUFFIXES
 
-    files = [path + os.sep if os.path.isdir(path) else path for path in sorted(glob.glob(f"{incomplete}*"))
-             if os.path.isdir(path) or path.lower().endswith(SPEC_SUFFIXES)]
-    return [name for name in preset_names() if name.startswith(incomplete)] + files
+    return [path + os.sep if os.path.isdir(path) else path for path in sorted(glob.glob(f"{incomplete}*"))
+            if os.path.isdir(path) or path.lower().endswith(SPEC_SUFFIXES)]
+
+
+def complete_spec(incomplete: str) -> list[str]:
+    """Shell completion of a SPEC (or lint's PATH): the bundled presets' names, then spec files."""
+    from archplan.loader import preset_names
+
+    return [name for name in preset_names() if name.startswith(incomplete)] + _spec_files(incomplete)
+
+
+def complete_partial(incomplete: str) -> list[str]:
+    """Shell completion of `plan --solve`: the bundled partial specs' names, then spec files."""
+    from archplan.loader import partial_names
+
+    return [name for name in partial_names() if name.startswith(incomplete)] + _spec_files(incomplete)
 
 
 def complete_gpu(incomplete: str) -> list[str]:

@@ -17,6 +17,8 @@ from archplan.commands.options import (
     JsonOpt,
     KernelChoice,
     complete_gpu,
+    complete_partial,
+    complete_spec,
     given_by_user,
     length_option,
     refuse_foreign_options,
@@ -1296,7 +1298,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         spec: Annotated[str | None, typer.Argument(
             help="Spec YAML or preset: search cluster layouts for it (with --gpus, --gpu).",
-            show_default=False, metavar="SPEC")] = None,
+            show_default=False, metavar="SPEC", autocompletion=complete_spec)] = None,
         compute: Annotated[str | None, typer.Option(
             "--compute", help="Training budget in FLOPs, e.g. 1e24.")] = None,
         params: Annotated[str | None, typer.Option(
@@ -1321,7 +1323,8 @@ def register(app: typer.Typer) -> None:
             "--plot", help="Figure (PNG/SVG/PDF): loss along the IsoFLOP curve, or the layouts' memory.")] = None,
         solve: Annotated[str | None, typer.Option(
             "--solve", help="Partial spec YAML: sizes marked `solve` (or left out) are solved for; "
-                            "gpt-4-partial and claude-3-opus-partial (the rumoured presets') are bundled.")] = None,
+                            "gpt-4-partial and claude-3-opus-partial (the rumoured presets') are bundled.",
+            autocompletion=complete_partial)] = None,
         total: Annotated[str | None, typer.Option("--total", help="Target total parameters, e.g. 1.8e12.")] = None,
         active: Annotated[str | None, typer.Option("--active", help="Target active parameters, e.g. 220e9.")] = None,
         tol: Annotated[float, typer.Option("--tol", help="Relative tolerance on each target.")] = 0.01,

@@ -193,8 +193,8 @@ def discover(paths: Sequence[str]) -> list[Path]:
             found.append(path)
         elif path.exists():
             raise ArchplanError("not a regular file or folder", file=arg)
-        elif arg in preset_names():
-            found.append(find_spec_path(arg))  # a bundled preset, by name as everywhere
+        elif arg in preset_names() or arg == "-":
+            found.append(find_spec_path(arg))  # a bundled preset, by name as everywhere; `-` is refused there
         elif path.is_symlink():
             raise ArchplanError(DANGLING_LINK, file=arg)
         else:
