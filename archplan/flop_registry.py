@@ -12,9 +12,11 @@ Two counters see the torch model, at two levels, and each has blind spots:
   FlopCounterMode applies, so crosscheck can take exactly that op out of fvcore's comparison
   (its FLOPs are shown apart, as "known") and still check everything else fvcore counts.
 
-Both are registries: a module that brings an op neither counter prices (an FFT, a custom
-kernel) registers its formula here with `counter_formula` / `fvcore_formula` at import time,
-and the op tables of `archplan verify` name the source. All figures are FLOPs, 2 per
+Both are registries. An op neither counter prices (the experts' grouped matmul, an FFT) has its
+formula in the module that brings it (`modules/flop_formulas.py`, `modules/fft_flops.py`), which
+registers it in torch's own `flop_registry` when imported; this module names each such formula,
+with its source, with `counter_formula` / `fvcore_formula`, and the op tables of `archplan
+verify` print that source. All figures are FLOPs, 2 per
 multiply-add (docs/formulas.md §2.7).
 """
 

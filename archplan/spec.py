@@ -527,7 +527,7 @@ Residual = Annotated[
 
 # --------------------------------------------------------------------------------------- layout
 class Layout(Frozen):
-    """Which mixer and which FFN each layer gets; `resolve.py` is the only reader.
+    """Which mixer and which FFN each layer gets; `resolve.py` turns it into per-layer plans.
 
     `mixers` is a pattern repeated cyclically over the layers (or spelled out in full):
     `A` global attention, `S` sliding-window attention, `M` the SSM (`ssm`: Mamba), `H` the long
