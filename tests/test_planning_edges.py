@@ -331,3 +331,13 @@ def test_the_receives_megatron_issues_alone() -> None:
 
     assert [lone_receive_share(Layout(pp=4, dp=1), 8, r) for r in range(4)] == [3 / 8, 5 / 16, 3 / 16, 1 / 8]
     assert [lone_receive_share(Layout(pp=4, vpp=2, dp=1), 8, r) for r in range(4)] == [0, 1 / 32, 1 / 32, 1 / 32]
+
+
+def test_hoffmanns_approach1_is_a_law_plan_takes() -> None:
+    """`analytic.scaling.approach1`, the fit over Hoffmann Table 3, was reachable from no command:
+    `plan --law approach1` allocates with it (Table 3's Gopher-budget row: 67B parameters, 1.5T
+    tokens as printed, 1.433T = C/(6N)) and scores its losses with Besiroglu's fit, as 20x does."""
+    result = optimum(LawChoice.approach1, 5.76e23)
+    assert result.optimal.params == pytest.approx(67e9, rel=0.02)
+    assert result.optimal.tokens == pytest.approx(1.433e12, rel=0.02)
+    assert result.loss_law.key == "besiroglu2024"

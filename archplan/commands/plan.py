@@ -53,6 +53,7 @@ class LawOption(str, Enum):
     chinchilla = "chinchilla"
     epoch = "epoch"
     twenty = "20x"
+    approach1 = "approach1"
     hoffmann2022 = "hoffmann2022"
     hoffmann2022_tex = "hoffmann2022-tex"
     besiroglu2024 = "besiroglu2024"
@@ -312,7 +313,8 @@ def _print_budget(result: Optimum, made: Design | NoRecipe, written: str | None,
                  "hoffmann2022-tex": "Hoffmann et al. 2022 Approach 3 (TeX-source values)",
                  "epoch": "Besiroglu et al. 2024 (Epoch AI replication)",
                  "besiroglu2024": "Besiroglu et al. 2024 (Epoch AI replication)",
-                 "20x": "20 tokens per parameter (Hoffmann Table 3)"}[result.law.value]
+                 "20x": "20 tokens per parameter (Hoffmann Table 3)",
+                 "approach1": "Hoffmann et al. 2022 Approach 1 (Table 3's projections, fitted)"}[result.law.value]
     console.print(f"[bold]Compute-optimal allocation[/] — {law_title}; C = {sci(result.compute)} FLOPs "
                   f"(C = 6·N·D; N counts {_counted(kind)})")
     console.print(f"  N_opt {count(opt.params)}   D_opt {count(opt.tokens)}   D/N "
@@ -1309,7 +1311,8 @@ def register(app: typer.Typer) -> None:
             "--family", help="Architecture family of the generated spec.")] = FamilyChoice.dense,
         law: Annotated[LawOption, typer.Option(
             "--law", help="chinchilla (= hoffmann2022): Hoffmann 2022 Approach 3 as printed; hoffmann2022-tex: its "
-            "TeX-source values; epoch (= besiroglu2024): Besiroglu 2024 refit; 20x: D = 20N.")] = LawOption.epoch,
+            "TeX-source values; epoch (= besiroglu2024): Besiroglu 2024 refit; 20x: D = 20N; approach1: Hoffmann "
+            "2022 Approach 1, fitted over its Table 3.")] = LawOption.epoch,
         vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary of the generated spec.")] = 128256,
         seq: Annotated[int | None, typer.Option(
             "--seq", parser=length_option, metavar="LENGTH",

@@ -7,8 +7,11 @@ inverts it when the user gives N or D instead of C, and tabulates the IsoFLOP pr
 - `hoffmann2022`, `hoffmann2022-tex`, `besiroglu2024`: the fits by the names `size --law` gives
   them (the first and last are `chinchilla` and `epoch`; the TeX-source values are the ones that
   give the paper's 40B at the Gopher budget, docs/formulas.md §5.1);
-- `20x`: D = 20·N with C = 6ND (Hoffmann Table 3's D/N ratio, docs/formulas.md §5.3). This rule has no
-  loss of its own, so its predicted losses are evaluated with the Besiroglu fit (said in the output).
+- `20x`: D = 20·N with C = 6ND (Hoffmann Table 3's D/N ratio, docs/formulas.md §5.3);
+- `approach1`: Hoffmann's Approach 1 (Table 3's projections) as the power law fitted over that table,
+  N_opt ≈ 0.099159·C^0.49810, D = C/(6N) (docs/formulas.md §5.2).
+These two rules have no loss of their own, so their predicted losses are evaluated with the Besiroglu
+fit (said in the output).
 N is every parameter, embeddings included (Hoffmann App. F); C = 6ND (Hoffmann eq. 4).
 """
 
@@ -23,6 +26,7 @@ from archplan.analytic.scaling import (
     LAW_SYNONYMS,
     LAWS,
     Law,
+    approach1,
     compute_optimal,
     loss,
     twenty_tokens,
@@ -34,14 +38,17 @@ class LawChoice(str, Enum):
     chinchilla = "chinchilla"
     epoch = "epoch"
     twenty = "20x"
+    approach1 = "approach1"
     hoffmann2022 = "hoffmann2022"
     hoffmann2022_tex = "hoffmann2022-tex"
     besiroglu2024 = "besiroglu2024"
 
 
+# the rules without a loss of their own: their allocation, and the fit their losses are scored with
+RULES = {LawChoice.twenty: twenty_tokens, LawChoice.approach1: approach1}
 LAW_KEYS: dict[LawChoice, str] = {
-    **{choice: LAW_SYNONYMS.get(choice.value, choice.value) for choice in LawChoice if choice is not LawChoice.twenty},
-    LawChoice.twenty: "besiroglu2024",  # the loss the 20x rule is scored with
+    **{choice: LAW_SYNONYMS.get(choice.value, choice.value) for choice in LawChoice if choice not in RULES},
+    **{choice: "besiroglu2024" for choice in RULES},
 }
 
 # The IsoFLOP view: N at these multiples of N_opt, D = C/(6N) (Hoffmann §3.2, Figure 3).
@@ -87,8 +94,8 @@ def law_params(total: int, active: int, routed: bool) -> tuple[int, str]:
 
 def allocate(choice: LawChoice, compute: float) -> tuple[float, float]:
     """(N_opt, D_opt) for C under the chosen rule."""
-    if choice is LawChoice.twenty:
-        return twenty_tokens(compute)
+    if choice in RULES:
+        return RULES[choice](compute)
     return compute_optimal(LAWS[LAW_KEYS[choice]], compute)
 
 
