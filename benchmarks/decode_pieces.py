@@ -22,10 +22,10 @@ from torch.profiler import ProfilerActivity, profile
 
 # a checkout runs these without installing archplan: its root first on the path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from archplan.bench.decode import Replay, WeightStreams, _weight_bytes, decode_rates, record_step_at
+from archplan.bench.decode import Replay, WeightStreams, _weight_bytes, decode_rates
 from archplan.bench.roofline import predict_decode_step
 from archplan.bench.fit import truncate
-from archplan.bench.runner import decode_context
+from archplan.bench.runner import decode_context, start_decode
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
 from archplan.modules.model import build_model
@@ -51,15 +51,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(built, device="cpu", dtype=DTYPES[args.dtype]).eval()
     with torch.inference_mode():
-        cache = model.new_cache(1, args.seq + args.steps + 4)
-        state = {"token": model(torch.randint(0, built.vocab_size, (1, args.seq)), cache=cache)[:, -1:].argmax(-1)}
-
-        def step() -> None:
-            state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
-
-        context = decode_context(args.seq, args.steps)  # bench's sequence: record the median step, one untimed step
-        recorded = record_step_at(model, built, cache, step, context)
-        step()
+        # bench's sequence: the median step recorded, one untimed step
+        step, recorded = start_decode(model, built, torch.randint(0, built.vocab_size, (1, args.seq)), args.steps)
+        context = decode_context(args.seq, args.steps)
         replay, streams = Replay(recorded, CPU), WeightStreams(recorded, CPU)
         marks: list[float] = []
         hooks = [b.register_forward_pre_hook(lambda _m, _a: marks.append(time.perf_counter())) for b in model.layers]

@@ -15,12 +15,14 @@ from archplan.bench.decode import (
     count_pass,
     decode_rates,
     record_step,
-    record_step_at,
 )
+from archplan.bench.roofline import kind_counts
+from archplan.bench.runner import decode_context, start_decode
 from archplan.modules.model import build_model
+from archplan.modules.positions import RotaryEmbedding
 from archplan.resolve import resolve
 from archplan.spec import Spec
-from test_bench import MLA_TINY, TINY_HYBRID
+from test_bench import MLA_TINY, TINY, TINY_HYBRID
 
 CPU = torch.device("cpu")
 
@@ -59,40 +61,75 @@ def test_replay_leaves_the_model_state_alone() -> None:
     assert recorded.built == {"embed+head": 1, "mamba1+dense": 2, "gqa+moe": 2}
 
 
-@pytest.mark.parametrize("raw", [TINY_HYBRID, MLA_TINY])
+ROPE_GQA = dict(TINY, name="tiny-rope", n_layers=2)
+
+
+@pytest.mark.parametrize("raw", [TINY_HYBRID, MLA_TINY, ROPE_GQA])
 def test_a_step_recorded_at_another_context_leaves_the_decode_alone(raw: dict) -> None:
-    """bench records the step it prices at the median timed step's context, before the timed steps:
-    the recorded step attends that many keys (its calls are what the replays time), and the decode
-    after it is the decode without it, bit for bit (the recorded writes went into the replays'
-    private copies, the counters were set back): KV cache, MLA latent, Mamba conv/SSM state."""
+    """bench records the step it prices at the median timed step's context, before the timed steps
+    (`start_decode`): the recorded step attends that many keys (its calls are what the replays
+    time), and bench's decode after it is the decode without it, bit for bit, token for token (the
+    recorded writes went into the replays' private copies, the counters were set back, the first
+    step starts from the prompt's own next token): KV cache, MLA latent, Mamba conv/SSM state, MoE
+    routing; and the rotary tables kept for the last positions are the plain decode's."""
     plan = resolve(Spec.model_validate(raw))
     torch.manual_seed(0)
     model = build_model(plan, device="cpu", dtype=torch.float32).eval()
-    tokens = torch.randint(0, 256, (2, 40))
+    prompt = torch.randint(0, 256, (2, 16))
+    fed: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(lambda _m, args: fed.append(args[0].clone()))
 
-    def decode(context: int | None) -> tuple[torch.Tensor, RecordedStep | None]:
-        logits, recorded = [], None
-        with torch.inference_mode():
-            cache = model.new_cache(2, 40)
+    def tables() -> list[list[object]]:
+        return [list(m.tables.built) for m in model.modules() if isinstance(m, RotaryEmbedding)]
 
-            def step() -> torch.Tensor:
-                return model(tokens[:, cache.seen:cache.seen + 1], cache=cache)
-
-            model(tokens[:, :16], cache=cache)
-            if context is not None:
-                recorded = record_step_at(model, plan, cache, step, context)
-                assert cache.seen == 16 and all(state.seen == 16 for state in cache.layers)
-            logits = [step() for _ in range(4)]
-        return torch.cat(logits), recorded
-
-    plain, _ = decode(None)
-    after, recorded = decode(30)
-    assert torch.equal(plain, after)
-    assert recorded is not None
+    with torch.inference_mode():
+        cache = model.new_cache(2, 16 + 5)
+        token = model(prompt, cache=cache)[:, -1:].argmax(-1)
+        plain, plain_tables = [], []
+        for _ in range(4):
+            plain.append(model(token, cache=cache))
+            token = plain[-1][:, -1:].argmax(-1)
+            plain_tables.append(tables())
+        plain_fed = fed[1:]  # the prompt aside
+        fed.clear()
+        step, recorded = start_decode(model, plan, prompt, decode_tokens=4)
+        assert tables() == plain_tables[0]  # the timed steps find the positions' tables a decode has
+        outputs = []
+        logits = model.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+        for _ in range(3):
+            step()
+        logits.remove()
+    hook.remove()
+    # the prompt, the recorded step, then the untimed first step and the timed ones: the plain decode's 4
+    assert torch.equal(torch.cat(fed[2:]), torch.cat(plain_fed))
+    assert torch.equal(torch.cat(outputs), torch.cat(plain[1:]))
+    assert tables() == plain_tables[-1]
+    assert recorded.built == kind_counts(plan)
     kind = next(k for k in recorded.built if k.startswith(("gqa", "mla")))
-    attention = recorded.calls[kind]["attention"] + recorded.calls[kind]["others"]
-    lengths = {a.shape[-2] for call in attention for a in call.args if isinstance(a, torch.Tensor) and a.dim() == 4}
-    assert 30 in lengths and 17 not in lengths
+    calls = recorded.calls[kind]["attention"] + recorded.calls[kind]["others"]
+    lengths = {a.shape[-2] for call in calls for a in call.args if isinstance(a, torch.Tensor) and a.dim() == 4}
+    context = decode_context(16, 4)
+    assert context in lengths and 17 not in lengths
+
+
+def test_the_recorded_writes_share_one_buffer_per_layout() -> None:
+    """A cache write's target is a one-position view whose strides span the layer's cache: a private
+    copy per call held a second cache for the recording. One buffer per layout holds one layer's."""
+    plan = resolve(Spec.model_validate(dict(TINY, n_layers=4)))
+    model = build_model(plan, device="cpu", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        _, recorded = start_decode(model, plan, torch.randint(0, 256, (2, 16)), decode_tokens=64)
+        cache = model.new_cache(2, 16 + 65)
+    written = {}
+    for groups in recorded.calls.values():
+        for call in (call for calls in groups.values() for call in calls):
+            names = {arg.name for arg in call.func._schema.arguments if arg.alias_info and arg.alias_info.is_write}
+            for arg, schema in zip(call.args, call.func._schema.arguments):
+                if schema.name in names and isinstance(arg, torch.Tensor):
+                    written[arg.untyped_storage().data_ptr()] = arg.untyped_storage().nbytes()
+    per_layer = cache.layers[0].tensors()[0].untyped_storage().nbytes()  # one layer's K
+    assert per_layer / 2 < max(written.values()) <= per_layer  # a cache write's copy spans most of it
+    assert sum(written.values()) < 2 * per_layer  # where a copy per call held 8 of them (K and V of 4 layers)
 
 
 def test_recorded_groups() -> None:

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from archplan.bench.device import synchronize
 from archplan.bench.roofline import DecodeRates, OpCount, kind_counts, layer_kind
 from archplan.modules.cache import ModelCache
+from archplan.modules.positions import RotaryEmbedding
 from archplan.resolve import ModelPlan
 
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_grouped_mm", "convolution")
@@ -68,11 +69,17 @@ class StepRecorder(TorchDispatchMode):
     model's state as it was: only the cache's counters move (`record_step_at` sets them back).
     What the step computes after such a write reads the unwritten tensor: its values are not a
     decode's, its shapes, strides and kernels are, which is what the replays time.
+
+    The copies are one buffer per layout, shared by every call that writes a tensor of that layout:
+    a cache write's target is a one-position view whose strides span the layer's whole cache, so a
+    copy per call held a second cache (every layer's K and V); shared, they hold one layer's. No
+    replay reads what another wrote back as a value that matters, only as an operand of its shape.
     """
 
     def __init__(self, parameters: Iterable[Tensor], keep: bool = True) -> None:
         super().__init__()
         self.storages = {p.untyped_storage().data_ptr() for p in parameters}
+        self.scratch: dict[tuple[object, ...], Tensor] = {}
         self.keep = keep
         self.kind = "embed+head"
         self.calls: dict[str, dict[str, list[Call]]] = defaultdict(lambda: defaultdict(list))
@@ -99,18 +106,22 @@ class StepRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         written = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         names = [a.name for a in func._schema.arguments]
-        call = Call(func, tuple(_private(a) if names[i] in written else a for i, a in enumerate(args)),
-                    {k: _private(v) if k in written else v for k, v in kwargs.items()}, weight)
+        call = Call(func, tuple(self._private(a) if names[i] in written else a for i, a in enumerate(args)),
+                    {k: self._private(v) if k in written else v for k, v in kwargs.items()}, weight)
         self.calls[self.kind][group].append(call)
         return call.run()
 
 
-def _private(arg: object) -> object:
-    """A copy, same layout and values, for a call that writes into `arg` (a cache write, an in-place
-    update of an SSM state) to write into when replayed: replays leave the model's state alone."""
-    if not isinstance(arg, Tensor):
-        return arg
-    return torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device=arg.device).copy_(arg)
+    def _private(self, arg: object) -> object:
+        """A copy, same layout and values, for a call that writes into `arg` (a cache write, an
+        in-place update of an SSM state) to write into, recorded and replayed: the model's state is
+        left alone. The layout's shared buffer (see the class docstring)."""
+        if not isinstance(arg, Tensor):
+            return arg
+        key = (arg.shape, arg.stride(), arg.dtype, arg.device)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device=arg.device)
+        return self.scratch[key].copy_(arg)
 
 
 @dataclass
@@ -165,13 +176,19 @@ def record_step_at(model: torch.nn.Module, plan: ModelPlan, cache: ModelCache, s
     cache's counters back: the replays then re-issue the attention, and the ops on the cache, of
     the step the decode model prices, not of the first step after the prompt (a prompt of 16 tokens
     and 256 steps: 17 keys against a median 145). The cache's tensors are as they were: the
-    recorded writes went into private copies (`StepRecorder`)."""
+    recorded writes went into private copies (`StepRecorder`), and the rotary tables the model
+    keeps for its last position sets are put back: the recorded step's would spare a timed step at
+    its position the work the priced step includes."""
     seen = cache.seen
+    tables = {id(m.tables): m.tables for m in model.modules() if isinstance(m, RotaryEmbedding)}
+    kept = {key: dict(t.built) for key, t in tables.items()}
     cache.seek(context - 1)
     try:
         return record_step(model, plan, step)
     finally:
         cache.seek(seen)
+        for key, t in tables.items():
+            t.built = kept[key]
 
 
 def count_pass(model: torch.nn.Module, plan: ModelPlan, step: Callable[[], object]) -> dict[str, OpCount]:

@@ -9,13 +9,14 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from archplan.analytic import built_weights_bytes, count_params, decode_flops, forward_flops, kv_cache
@@ -609,26 +610,37 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     )
 
 
+def start_decode(model: torch.nn.Module, built: ModelPlan, prompt: Tensor, decode_tokens: int
+                 ) -> tuple[Callable[[], None], RecordedStep]:
+    """Prefill `prompt` into a real cache, record the step at the median timed step's context
+    (`decode_context`; `record_step_at` leaves the cache as the prompt left it), run the untimed
+    first step from the prompt's own next token (not the recorded step's, which read a moved
+    cache), and return the step that decodes on, with the recording."""
+    seq = prompt.shape[1]
+    cache = model.new_cache(prompt.shape[0], seq + cache_steps(decode_tokens))  # type: ignore[operator]
+    state = {"token": model(prompt, cache=cache)[:, -1:].argmax(-1)}
+
+    def step() -> None:
+        state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
+
+    first = state["token"]
+    recorded = record_step_at(model, built, cache, step, decode_context(seq, decode_tokens))
+    state["token"] = first
+    step()
+    return step, recorded
+
+
 def _decode(model: torch.nn.Module, built: ModelPlan, cfg: BenchConfig, device: torch.device,
             progress: Progress, extrapolate: bool, full: ModelPlan
             ) -> tuple[Timing | None, float | None, tuple[RecordedStep, DecodeRates] | None]:
-    """Prefill into a real cache, record the dispatched calls of the step at the median timed step's
-    context (`bench/decode.py`, `record_step_at`: the cache is left as the prompt left it), run one
-    untimed step, then time `decode_tokens` single-token steps with the calibration's samples
-    between them (the same load on a shared machine); when extrapolating to full depth, block hooks
-    time each timed step's blocks."""
+    """`start_decode` (the recording and one untimed step), then time `decode_tokens` single-token
+    steps with the calibration's samples between them (the same load on a shared machine); when
+    extrapolating to full depth, block hooks time each timed step's blocks."""
     if cfg.decode_tokens == 0:
         return None, None, None
     with torch.inference_mode(), sdpa_backend(cfg.attn_backend):
-        cache = model.new_cache(cfg.batch, cfg.seq + cache_steps(cfg.decode_tokens))  # type: ignore[operator]
         prompt = torch.randint(0, built.vocab_size, (cfg.batch, cfg.seq), device=device)
-        state = {"token": model(prompt, cache=cache)[:, -1:].argmax(-1)}
-
-        def step() -> None:
-            state["token"] = model(state["token"], cache=cache)[:, -1:].argmax(-1)
-
-        recorded = record_step_at(model, built, cache, step, decode_context(cfg.seq, cfg.decode_tokens))
-        step()
+        step, recorded = start_decode(model, built, prompt, cfg.decode_tokens)
         replay, streams = Replay(recorded, device), WeightStreams(recorded, device)
 
         steps: list[dict[str, list[float]]] = []  # each timed step's blocks, when extrapolating
