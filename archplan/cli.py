@@ -73,7 +73,7 @@ for _name in COMMAND_MODULES:
 # what makes a real tensor smaller, by the command that built it (its own options)
 SMALLER = {"verify": "a smaller --seq or --batch", "bench": "a smaller --seq or --batch, or --layers K"}
 # under --layout the sizes are the layout's micro-batch and --seq: --batch and --layers are refused there
-SMALLER_LAYOUT = "a smaller --seq, or a smaller mb in --layout"
+SMALLER_LAYOUT = "a smaller --seq, a smaller mb in --layout, or smaller degrees"
 
 
 def _given_layout(argv: list[str]) -> bool:

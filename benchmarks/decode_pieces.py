@@ -52,7 +52,8 @@ def main() -> None:
     model = build_model(built, device="cpu", dtype=DTYPES[args.dtype]).eval()
     with torch.inference_mode():
         # bench's sequence: the median step recorded, one untimed step
-        step, recorded = start_decode(model, built, torch.randint(0, built.vocab_size, (1, args.seq)), args.steps)
+        step, recorded = start_decode(model, built, torch.randint(0, built.vocab_size, (1, args.seq)), args.steps,
+                                      spare=2)
         context = decode_context(args.seq, args.steps)
         replay, streams = Replay(recorded, CPU), WeightStreams(recorded, CPU)
         marks: list[float] = []

@@ -93,7 +93,8 @@ def test_a_torchrun_worker_out_of_memory_is_the_workers_failure() -> None:
         proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
                               env={**clean, **env})
         assert proc.returncode == exit_code, proc.stderr
-        assert proc.stderr.strip().endswith("give a smaller --seq, or a smaller mb in --layout"), proc.stderr
+        assert proc.stderr.strip().endswith("give a smaller --seq, a smaller mb in --layout, or smaller degrees"), \
+            proc.stderr
     # another command under RANK and WORLD_SIZE (a user's own launcher) is no bench worker
     proc = subprocess.run([sys.executable, "-c", code, "verify", "gpt2"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"})

@@ -2720,6 +2720,28 @@ def test_fake_verify_a_million_data_parallel_ranks(fake_world: None) -> None:
     assert result.ok, [r for r in (*result.memory, *result.collectives) if not r.ok]
 
 
+def test_tensor_parallel_parameters_share_their_concatenated_mesh(fake_world: None) -> None:
+    """Under tp FSDP2 concatenated the dp and tp meshes once per parameter, each a new DeviceMesh
+    holding a world-sized rank map (llama-3-8b at tp 8 × dp 32,768: 3.46 GB, past what
+    `init_fake_world` checks a world against): one mesh per list of meshes now, and torch's own
+    `_concatenate` is back after the sharding."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from archplan.distributed.mesh import build_mesh, init_fake_world
+    from archplan.distributed.shard import _fsdp_params, shard_stage
+    from archplan.distributed.stage import build_stage
+
+    original = DeviceMesh.__dict__["_concatenate"]
+    plan = resolve(load_spec(FIXTURES / "tiny-llama.yaml"))
+    layout = parse_layout("tp=2,cp=1,pp=1,dp=2,ep=1,zero=3,recompute=none,mb=1").complete()
+    init_fake_world(4, 0)
+    sharded = shard_stage(build_stage(plan, layout, 0, device="meta"), build_mesh(layout, "cpu"), balanced=True)
+    params = list(_fsdp_params(sharded.units))
+    spec_meshes = {id(param._sharding_spec.mesh) for param in params}
+    assert len(params) > 10 and len(spec_meshes) == 1
+    assert DeviceMesh.__dict__["_concatenate"] is original
+
+
 def test_bench_layout_predicts_the_step_with_the_loss_the_workers_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """The workers' loss is F.cross_entropy on fp32 logits: plan's prediction beside the measured
     step prices that one (`--cross-entropy eager`), not plan's default fused loss (gpt2's step 6.5%

@@ -610,14 +610,15 @@ def run_bench(plan: ModelPlan, cfg: BenchConfig, console: Console | None = None)
     )
 
 
-def start_decode(model: torch.nn.Module, built: ModelPlan, prompt: Tensor, decode_tokens: int
+def start_decode(model: torch.nn.Module, built: ModelPlan, prompt: Tensor, decode_tokens: int, spare: int = 0
                  ) -> tuple[Callable[[], None], RecordedStep]:
     """Prefill `prompt` into a real cache, record the step at the median timed step's context
     (`decode_context`; `record_step_at` leaves the cache as the prompt left it), run the untimed
     first step from the prompt's own next token (not the recorded step's, which read a moved
-    cache), and return the step that decodes on, with the recording."""
+    cache), and return the step that decodes on, with the recording. The cache holds `spare`
+    positions past the timed steps (`benchmarks/decode_pieces.py` profiles two more)."""
     seq = prompt.shape[1]
-    cache = model.new_cache(prompt.shape[0], seq + cache_steps(decode_tokens))  # type: ignore[operator]
+    cache = model.new_cache(prompt.shape[0], seq + cache_steps(decode_tokens) + spare)  # type: ignore[operator]
     state = {"token": model(prompt, cache=cache)[:, -1:].argmax(-1)}
 
     def step() -> None:

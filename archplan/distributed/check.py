@@ -35,6 +35,10 @@ from archplan.resolve import ModelPlan
 
 EXACT = ("parameters", "gradients", "optimizer")
 REDUCE_BYTES = 4  # fp32 gradient reduction (shard.MIXED)
+# the torch engine's loss: F.cross_entropy on fp32 logits (`step.StageRunner.loss`), so the analytic
+# side is plan's with FSDP2's states and the eager loss, which its default fused loss is not
+ANALYTIC_LOSS: cluster.CrossEntropyImpl = "eager"
+ANALYTIC_AS = f"planning.cluster as plan --states fsdp2 --cross-entropy {ANALYTIC_LOSS} prices it"
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ class LayoutCheck:
             "name": self.name, "layout": m.layout.spec, "world": m.layout.world, "stage": m.stage,
             "rank": m.rank, "seq": m.seq, "microbatches": m.microbatches, "in_flight": m.in_flight,
             "layers": list(m.layers), "mtp_modules": list(m.mtp), "ok": self.ok,
-            "activation_tolerance": ACTIVATION_TOLERANCE, "activation_floor_bytes": ACTIVATION_FLOOR_BYTES,
+            "analytic_as": ANALYTIC_AS, "activation_tolerance": ACTIVATION_TOLERANCE, "activation_floor_bytes": ACTIVATION_FLOOR_BYTES,
             "memory": [{"category": r.category, "analytic": r.analytic, "measured": r.measured,
                         "judged": r.judged, "ok": r.ok} for r in self.memory],
             "tracker_peak": m.peak_by_reftype,
@@ -139,9 +143,7 @@ def _collective_rows(analytic: tuple[Collective, ...], measured: tuple[Collectiv
 def check_layout_run(plan: ModelPlan, layout: Layout, seq: int, *, microbatches: int,
                      stage: int | None = None) -> LayoutCheck:
     """`stage`'s rank measured against the analytic figures (None: the most loaded stage's)."""
-    states = cluster.FSDP2
-    # the torch engine's loss: F.cross_entropy on fp32 logits (`step.StageRunner.loss`)
-    loss: cluster.CrossEntropyImpl = "eager"
+    states, loss = cluster.FSDP2, ANALYTIC_LOSS
     if stage is None:
         stage = cluster.most_loaded_stage(plan, layout, seq, microbatches=microbatches, states=states, loss=loss)
     analytic_memory = cluster.rank_memory(plan, layout, seq, microbatches=microbatches, stage=stage, states=states,

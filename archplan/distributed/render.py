@@ -8,7 +8,7 @@ from rich.table import Table
 
 from archplan import jsonout, units
 from archplan.console import echo, settle
-from archplan.distributed.check import LayoutCheck, check_layout_run
+from archplan.distributed.check import ANALYTIC_AS, LayoutCheck, check_layout_run
 from archplan.distributed.fake import Measured
 from archplan.distributed.stage import mtp_refusal
 from archplan.errors import ArchplanError
@@ -53,7 +53,7 @@ def render(result: LayoutCheck, console: Console) -> None:
     console.print(f"[bold]archplan verify --layout[/bold] — {escape(result.name)}: {m.layout.label}, "
                   f"{units.things(m.layout.world, 'rank')} (fake process group), seq {m.seq}, {micro}; measured rank {m.rank} = "
                   f"pipeline stage {m.stage} ({_blocks(m)}), {m.in_flight} in flight ({schedule})")
-    table = Table(title="per-rank peak memory by category (analytic: planning.cluster, FSDP2 states)")
+    table = Table(title=f"per-rank peak memory by category (analytic: {ANALYTIC_AS})")
     for col in ("category", "analytic", "measured", "difference", "judged", ""):
         table.add_column(col, justify="left" if col in ("category", "judged") else "right")
     for r in result.memory:
