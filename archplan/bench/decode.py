@@ -111,7 +111,6 @@ class StepRecorder(TorchDispatchMode):
         self.calls[self.kind][group].append(call)
         return call.run()
 
-
     def _private(self, arg: object) -> object:
         """A copy, same layout and values, for a call that writes into `arg` (a cache write, an
         in-place update of an SSM state) to write into, recorded and replayed: the model's state is
