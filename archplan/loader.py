@@ -670,7 +670,7 @@ def find_partial_path(name_or_path: str) -> Path:
     try:
         return find_spec_path(name_or_path)
     except ArchplanError as exc:
-        if Path(name_or_path).suffix or "/" in name_or_path:
+        if Path(name_or_path).suffix or "/" in name_or_path or name_or_path == "-":
             raise
         raise ArchplanError(f"no such file or bundled partial spec ({', '.join(partial_names())})",
                             file=name_or_path) from exc
@@ -681,7 +681,7 @@ def find_spec_path(name_or_path: str) -> Path:
     if not name_or_path.strip():
         # Path("") is the current folder, which would be reported as "is a directory"
         raise ArchplanError("the spec path is empty: give a YAML file or a preset name (`archplan presets` lists them)")
-    if name_or_path == "-":
+    if name_or_path == "-" and not Path(name_or_path).exists():  # a file named `-` is read, as lint reads it
         raise ArchplanError("a spec is read from a file or a preset name, not from standard input: save it first "
                             "(`archplan import hf config.json -o spec.yaml`)", file=name_or_path)
     path = Path(name_or_path)

@@ -1,7 +1,8 @@
 """Resolve a spec into one explicit plan per layer, with every size a final integer.
 
-This is the only reader of layout patterns (Jamba's attention-every-8th, DeepSeek's first-k-dense,
-sliding/global alternation). Everything downstream — analytic sizer and torch builder alike —
+This is the only code that turns layout patterns (Jamba's attention-every-8th, DeepSeek's
+first-k-dense, sliding/global alternation) into per-layer plans; which layers are MoE is one rule,
+`spec.Layout.routes`, which the spec's own checks call too. Everything downstream — analytic sizer and torch builder alike —
 iterates `ModelPlan.layers` and never looks at a layer index to decide what a layer is.
 
 Module paths (the keys of every per-component result, and the names in the torch model):

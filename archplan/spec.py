@@ -657,13 +657,15 @@ def _check_mtp_positions(spec: Spec) -> None:
     model has a target for its modules, and verify and bench refuse every length."""
     if spec.mtp is None:
         return
+    # the learned table first: l_max ≥ max_seq_len (`_check_long_conv`), so where both are short
+    # the table is, and naming l_max alone would leave it to fail next
     limits: list[tuple[int, str]] = []
-    if isinstance(spec.long_conv, Hyena) and "H" in spec.layout.mixers:
-        limits.append((spec.long_conv.l_max, "the Hyena filter length (long_conv.l_max)"))
     if isinstance(spec.position, LearnedPositions):
         limits.append((spec.max_seq_len, "the learned position table (max_seq_len)"))
+    if isinstance(spec.long_conv, Hyena):  # a long_conv is set only with H layers (`_check_layout`)
+        limits.append((spec.long_conv.l_max, "the Hyena filter length (long_conv.l_max)"))
     need = mtp_training_tokens(spec.mtp.depth)
-    positions, what = min(limits, default=(need, ""))
+    positions, what = min(limits, default=(need, ""), key=lambda limit: limit[0])
     if positions < need:
         raise ValueError(f"mtp.depth: {spec.mtp.depth} needs training sequences of at least {need} tokens (the next "
                          f"one and {spec.mtp.depth} more ahead), but {what} ends at {positions}")

@@ -41,8 +41,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="build K layers (default: all)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="timed decode steps (at least 1)")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be at least 1: the decode model is calibrated between timed steps")
     try:
         plan = resolve(load_spec(args.spec))
     except ArchplanError as exc:

@@ -755,6 +755,11 @@ def test_a_long_convolutions_cross_field_error_names_its_line(cli, tmp_path: Pat
     ("max_seq_len: 4\nlayout: {mixers: H}\nlong_conv: {kind: hyena, l_max: 4}\nmtp: {depth: 3}\n",
      ":8:7: mtp.depth: 3 needs training sequences of at least 5 tokens (the next one and 3 more ahead), but the "
      "Hyena filter length (long_conv.l_max) ends at 4"),
+    # both as short: the table is named, which raising l_max alone would leave failing
+    ("max_seq_len: 3\nposition: {kind: learned}\nlayout: {mixers: H}\nlong_conv: {kind: hyena, l_max: 3}\n"
+     "mtp: {depth: 2}\n",
+     ":9:7: mtp.depth: 2 needs training sequences of at least 4 tokens (the next one and 2 more ahead), but the "
+     "learned position table (max_seq_len) ends at 3"),
 ])
 def test_multi_token_prediction_beyond_the_positions_is_refused(cli, tmp_path: Path, body: str,  # type: ignore[no-untyped-def]
                                                                 said: str) -> None:
@@ -762,7 +767,8 @@ def test_multi_token_prediction_beyond_the_positions_is_refused(cli, tmp_path: P
     size and lint, and verify then refused every --seq: too short for MTP, or past the positions."""
     path = spec_file(tmp_path, f"name: c\nvocab_size: 7\nd_model: 8\nn_layers: 1\n{body}")
     assert_one_line_error(cli("size", path), path + said)
-    one_more = body.replace("max_seq_len: 2", "max_seq_len: 3").replace("l_max: 4", "l_max: 5")
+    one_more = (body.replace("max_seq_len: 2", "max_seq_len: 3").replace("l_max: 4", "l_max: 5")
+                .replace("max_seq_len: 3\nposition", "max_seq_len: 4\nposition").replace("l_max: 3", "l_max: 4"))
     assert cli("size", spec_file(tmp_path, f"name: c\nvocab_size: 7\nd_model: 8\nn_layers: 1\n{one_more}",
                                  "long-enough.yaml")).code == 0
 

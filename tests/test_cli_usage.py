@@ -469,6 +469,7 @@ def test_a_dash_says_specs_are_not_read_from_stdin(command: str) -> None:
     assert result.returncode == 2 and "did you mean" not in result.stderr
     assert "-: a spec is read from a file or a preset name, not from standard input" in result.stderr
     assert "did you mean" not in run("size", "--", "--").stderr
+    assert "not from standard input" in run("plan", "--solve", "-", "--total", "1e9").stderr
 
 
 def test_compare_tells_specs_of_one_name_apart(tmp_path: Path) -> None:
