@@ -64,7 +64,8 @@ def quiet_on_closed_pipe() -> None:
 # What the output's encoding lacks, written in ASCII: a memory bar of `?` meant nothing, `±5.1%`
 # read `?5.1%` and `PP16×v4` `PP16?v4`. Anything else becomes `?`.
 _ASCII_SPELLING: dict[str, str] = {
-    "█": "#", "▓": "%", "▒": "=", "░": ":", **dict.fromkeys("▏▎▍▌▋▊▉", "+"), "×": "x", "·": "*", "±": "+/-", "≤": "<=", "≥": ">=",
+    "█": "#", "▓": "%", "▒": "=", "░": ":", **dict.fromkeys("▏▎▍▌▋▊▉", "+"),
+    "×": "x", "·": "*", "±": "+/-", "≤": "<=", "≥": ">=",
     "≈": "~", "⌈": "ceil(", "⌉": ")", "Δ": "d", "✓": "ok", "✗": "x", "→": "->", "…": "...", "−": "-",
     "–": "-", "—": "--",
     "θ": "theta", "α": "alpha", "β": "beta", "§": "sec. ", "’": "'", "“": '"', "”": '"',

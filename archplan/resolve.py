@@ -2,8 +2,9 @@
 
 This is the only code that turns layout patterns (Jamba's attention-every-8th, DeepSeek's
 first-k-dense, sliding/global alternation) into per-layer plans; which layers are MoE is one rule,
-`spec.Layout.routes`, which the spec's own checks call too. Everything downstream — analytic sizer and torch builder alike —
-iterates `ModelPlan.layers` and never looks at a layer index to decide what a layer is.
+`spec.Layout.routes`, which the spec's own checks call too. Everything downstream — analytic sizer
+and torch builder alike — iterates `ModelPlan.layers` and never looks at a layer index to decide
+what a layer is.
 
 Module paths (the keys of every per-component result, and the names in the torch model):
   embed, pos_embed, embed_norm,
