@@ -1,15 +1,21 @@
 """Read a spec from YAML: safe loader, duplicate keys rejected, errors with file:line:col and field path.
 
-`load_spec` accepts a path or the name of a bundled preset (`archplan size llama-3-8b`).
+`load_spec` accepts a path, the name of a bundled preset (`archplan size llama-3-8b`) or `-` for
+standard input (`archplan import hf config.json | archplan size -`).
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import difflib
+import functools
 import math
 import re
+import shutil
 import stat
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -670,20 +676,61 @@ def find_partial_path(name_or_path: str) -> Path:
     try:
         return find_spec_path(name_or_path)
     except ArchplanError as exc:
-        if Path(name_or_path).suffix or "/" in name_or_path or name_or_path == "-":
+        if Path(name_or_path).suffix or "/" in name_or_path or name_or_path == STDIN:
             raise
         raise ArchplanError(f"no such file or bundled partial spec ({', '.join(partial_names())})",
                             file=name_or_path) from exc
 
 
+STDIN = "-"
+STDIN_LABEL = "<stdin>"
+
+
+@functools.cache
+def stdin_copy() -> Path:
+    """Standard input, read once and kept in a private file for the life of this process.
+
+    A file, because `bench` and `verify` load their spec more than once and `bench --nproc`'s
+    torchrun workers load it by path; read once, because a pipe can be read only once.
+    """
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ArchplanError("standard input is a terminal: pipe a spec in "
+                            "(`archplan import hf config.json | archplan size -`)", file=STDIN_LABEL)
+    try:
+        raw = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ArchplanError(f"cannot read: {exc.strerror}", file=STDIN_LABEL) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ArchplanError(f"over {MAX_FILE_BYTES:,} bytes; a spec is at most {MAX_FILE_BYTES:,}", file=STDIN_LABEL)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchplanError("not UTF-8 text (binary data?)", file=STDIN_LABEL) from None
+    folder = Path(tempfile.mkdtemp(prefix="archplan-stdin-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    copy = folder / "stdin.yaml"
+    copy.write_bytes(raw)
+    return copy
+
+
+def spec_label(path: Path) -> str:
+    """How a found spec file is named in messages: `<stdin>` for what was piped in."""
+    return STDIN_LABEL if stdin_copy.cache_info().currsize and path == stdin_copy() else str(path)
+
+
+def spec_source(name_or_path: str) -> str:
+    """How a spec given on the command line is named in messages and reports: `<stdin>` for `-`
+    (but for a file of that name, which is read as lint reads it)."""
+    return STDIN_LABEL if name_or_path == STDIN and not Path(name_or_path).exists() else name_or_path
+
+
 def find_spec_path(name_or_path: str) -> Path:
-    """A path, or the name of a bundled preset (with or without .yaml)."""
+    """A path, the name of a bundled preset (with or without .yaml), or `-`: standard input's copy."""
     if not name_or_path.strip():
         # Path("") is the current folder, which would be reported as "is a directory"
         raise ArchplanError("the spec path is empty: give a YAML file or a preset name (`archplan presets` lists them)")
-    if name_or_path == "-" and not Path(name_or_path).exists():  # a file named `-` is read, as lint reads it
-        raise ArchplanError("a spec is read from a file or a preset name, not from standard input: save it first "
-                            "(`archplan import hf config.json -o spec.yaml`)", file=name_or_path)
+    if name_or_path == STDIN and not Path(name_or_path).exists():  # a file named `-` is read, as lint reads it
+        return stdin_copy()
     path = Path(name_or_path)
     if path.is_dir() and path.name in preset_names():
         # A folder is never a spec, so a bare name that is also a folder here (`mkdir gpt2`) can
@@ -715,6 +762,7 @@ def find_spec_path(name_or_path: str) -> Path:
 
 def load_spec(name_or_path: str | Path) -> Spec:
     path = find_spec_path(str(name_or_path))
-    file = str(name_or_path) if not path.is_relative_to(PRESETS_DIR) else str(path.relative_to(PRESETS_DIR.parent))
+    file = (str(path.relative_to(PRESETS_DIR.parent)) if path.is_relative_to(PRESETS_DIR)
+            else spec_source(str(name_or_path)))
     text = read_text(path)
     return spec_from_data(parse_yaml(text, file), file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from archplan.cli import main
+from archplan.errors import ArchplanError
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -461,15 +463,53 @@ def test_a_preset_typo_offers_every_close_name() -> None:
     assert "did you mean preset 'gpt2' or preset 'gpt-4-rumored'?" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["size", "lint"])
-def test_a_dash_says_specs_are_not_read_from_stdin(command: str) -> None:
-    """`archplan import hf config.json | archplan size -` offered presets '70b', '7b' and
-    'bloom-560m': every name contains the empty string that `-` leaves without its dashes."""
-    result = run(command, "-")
-    assert result.returncode == 2 and "did you mean" not in result.stderr
-    assert "-: a spec is read from a file or a preset name, not from standard input" in result.stderr
+def piped(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", *args],
+                          input=stdin, capture_output=True, text=True, timeout=120)
+
+
+PRESETS = Path(__file__).parents[1] / "archplan" / "presets"
+
+
+def test_a_dash_reads_the_spec_from_standard_input() -> None:
+    """`archplan import hf config.json | archplan size -` was refused: `-` reads standard input, in
+    every command that takes a spec, and names it `<stdin>`."""
+    gpt2 = (PRESETS / "gpt2.yaml").read_text()
+    size = piped("size", "-", "--json", stdin=gpt2)
+    assert size.returncode == 0, size.stderr
+    report = json.loads(size.stdout)
+    assert report["source"] == "<stdin>" and report["params"]["total"] == 124_439_808
+    compare = piped("compare", "-", "gpt2", "--json", stdin=gpt2)
+    assert compare.returncode == 0, compare.stderr
+    assert [r["source"] for r in json.loads(compare.stdout)] == ["<stdin>", "gpt2"]
+    assert piped("plan", "-", "--gpus", "8", "--gpu", "h100", "--top", "1", stdin=gpt2).returncode == 0
+    broken = gpt2.replace("vocab_size: 50257", "vocab_size: -1")
+    for command, code in (("size", 2), ("lint", 1)):  # lint's findings exit 1
+        result = piped(command, "-", stdin=broken)
+        assert result.returncode == code and "<stdin>:" in result.stdout + result.stderr
+        assert "vocab_size" in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert "<stdin>: empty file" in piped("size", "-", stdin="").stderr
+    partial = (Path(__file__).parents[1] / "archplan" / "partials" / "gpt-4-partial.yaml").read_text()
+    solved = piped("plan", "--solve", "-", "--total", "1.8e12", "--json", stdin=partial)
+    assert solved.returncode == 0, solved.stderr
     assert "did you mean" not in run("size", "--", "--").stderr
-    assert "not from standard input" in run("plan", "--solve", "-", "--total", "1e9").stderr
+
+
+def test_a_dash_refuses_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`archplan size -` typed at a prompt would wait for a spec nobody pipes in."""
+    import io
+
+    from archplan import loader
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    loader.stdin_copy.cache_clear()
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    with pytest.raises(ArchplanError, match="standard input is a terminal: pipe a spec in"):
+        loader.load_spec("-")
+    loader.stdin_copy.cache_clear()
 
 
 def test_compare_tells_specs_of_one_name_apart(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         plot: PlotOpt = None,
         force: PlotForceOpt = False,
     ) -> None:
-        from archplan.loader import load_spec
+        from archplan.loader import load_spec, spec_source
         from archplan.report import size_report
 
         if len(specs) < 2:
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         opts = size_options(context, batch, kv_dtype, seq, micro_batch, recompute, tokens, gpu, mfu,
                             law, attention, attention_kernel, activation_dtype, residual_dtype, autocast,
                             quantize)
-        reports = [size_report(load_spec(spec), opts, source=spec) for spec in specs]
+        reports = [size_report(load_spec(spec), opts, source=spec_source(spec)) for spec in specs]
         if plot is not None:
             from archplan.plot import plot_compare
 

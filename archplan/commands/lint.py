@@ -19,7 +19,8 @@ from archplan.lint.formats import Format, render
 PathsArg = Annotated[
     list[str],
     typer.Argument(help="Spec files, folders (searched recursively for *.yaml/*.yml, through symlinked folders) or "
-                                      "globs (their matches, too, kept to *.yaml/*.yml).",
+                                      "globs (their matches, too, kept to *.yaml/*.yml); - reads a spec from standard "
+                                      "input.",
                    show_default=False, metavar="PATH", autocompletion=complete_spec),
 ]
 CodesOpt = Annotated[

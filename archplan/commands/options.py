@@ -47,12 +47,13 @@ def complete_gpu(incomplete: str) -> list[str]:
 
 SpecArg = Annotated[
     str,
-    typer.Argument(help="Spec YAML path, or the name of a bundled preset (see `archplan presets`).",
+    typer.Argument(help="Spec YAML path, the name of a bundled preset (see `archplan presets`), or - to read "
+                        "the spec from standard input.",
                    show_default=False, metavar="SPEC", autocompletion=complete_spec),
 ]
 SpecsArg = Annotated[
     list[str],
-    typer.Argument(help="Spec YAML paths or preset names.", show_default=False, metavar="SPEC",
+    typer.Argument(help="Spec YAML paths or preset names (- reads one from standard input).", show_default=False, metavar="SPEC",
                    autocompletion=complete_spec),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).", metavar="")]

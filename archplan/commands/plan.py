@@ -1325,8 +1325,8 @@ def register(app: typer.Typer) -> None:
         plot: Annotated[str | None, typer.Option(
             "--plot", help="Figure (PNG/SVG/PDF): loss along the IsoFLOP curve, or the layouts' memory.")] = None,
         solve: Annotated[str | None, typer.Option(
-            "--solve", help="Partial spec YAML: sizes marked `solve` (or left out) are solved for; "
-                            "gpt-4-partial and claude-3-opus-partial (the rumoured presets') are bundled.",
+            "--solve", help="Partial spec YAML (- for standard input): sizes marked `solve` (or left out) are "
+                            "solved for; gpt-4-partial and claude-3-opus-partial (the rumoured presets') are bundled.",
             autocompletion=complete_partial)] = None,
         total: Annotated[str | None, typer.Option("--total", help="Target total parameters, e.g. 1.8e12.")] = None,
         active: Annotated[str | None, typer.Option("--active", help="Target active parameters, e.g. 220e9.")] = None,

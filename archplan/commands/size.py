@@ -184,7 +184,8 @@ def register(app: typer.Typer) -> None:
             "  archplan size mixtral-8x7b --seq 4096 --micro-batch 2 --recompute selective "
             "--tokens 2T --gpu h100 --mfu 0.4 --json\n\n"
             "  archplan size gpt2 --seq 1024 --micro-batch 8 --attention-kernel flash\n\n"
-            "  archplan size llama-3-8b --seq 4096 --attention-kernel flash --autocast"
+            "  archplan size llama-3-8b --seq 4096 --attention-kernel flash --autocast\n\n"
+            "  archplan import hf config.json | archplan size -"
         ),
     )
     def size(
@@ -209,7 +210,7 @@ def register(app: typer.Typer) -> None:
         plot: PlotOpt = None,
         force: PlotForceOpt = False,
     ) -> None:
-        from archplan.loader import load_spec
+        from archplan.loader import load_spec, spec_source
         from archplan.report import size_report
 
         refuse_force_without_plot(force, plot)
@@ -217,7 +218,7 @@ def register(app: typer.Typer) -> None:
                             law, attention, attention_kernel, activation_dtype, residual_dtype, autocast,
                             quantize)
         loaded = load_spec(spec)
-        report = size_report(loaded, opts, source=spec)
+        report = size_report(loaded, opts, source=spec_source(spec))
         if plot is not None:
             from archplan.plot import plot_size
             from archplan.resolve import resolve

@@ -30,6 +30,7 @@ from archplan.loader import (
     preset_names,
     read_text,
     spec_from_data,
+    spec_label,
 )
 from archplan.outfile import SPEC_SUFFIXES
 
@@ -194,7 +195,7 @@ def discover(paths: Sequence[str]) -> list[Path]:
         elif path.exists():
             raise ArchplanError("not a regular file or folder", file=arg)
         elif arg in preset_names() or arg == "-":
-            found.append(find_spec_path(arg))  # a bundled preset, by name as everywhere; `-` is refused there
+            found.append(find_spec_path(arg))  # a bundled preset by name, as everywhere, or standard input
         elif path.is_symlink():
             raise ArchplanError(DANGLING_LINK, file=arg)
         else:
@@ -380,7 +381,7 @@ def _from_hit(rule: Rule, hit: Hit, loaded: LoadedYaml, file: str) -> Finding:
 
 
 def lint_file(path: Path, rules: Sequence[Rule] = RULES) -> list[Finding]:
-    file = str(path)
+    file = spec_label(path)
     try:
         text = read_text(path)
     except ArchplanError as error:
@@ -393,4 +394,4 @@ def lint_paths(paths: Sequence[str], config: LintConfig) -> LintResult:
     files = discover(paths)
     findings = [finding for path in files for finding in lint_file(path, rules)]
     findings.sort(key=lambda f: (f.file, f.line, f.column, f.code))
-    return LintResult([str(p) for p in files], findings, rules)
+    return LintResult([spec_label(p) for p in files], findings, rules)

@@ -32,7 +32,15 @@ from typing import Any, Literal
 
 from archplan.analytic import count_params
 from archplan.errors import ArchplanError
-from archplan.loader import InvalidSpec, LoadedYaml, find_partial_path, parse_yaml, read_text, spec_from_data
+from archplan.loader import (
+    InvalidSpec,
+    LoadedYaml,
+    find_partial_path,
+    parse_yaml,
+    read_text,
+    spec_from_data,
+    spec_source,
+)
 from archplan.resolve import resolve
 from archplan.spec import MAX_DIM, Spec
 
@@ -379,8 +387,8 @@ def solve(partial: str | Path, targets: Targets, *, tolerance: float = 0.01, mul
         raise ArchplanError(f"--tol must be in [0, 1), got {tolerance}")
     if multiple < 1:
         raise ArchplanError(f"--multiple must be a positive integer, got {multiple}")
-    file = str(partial)
-    loaded = parse_yaml(read_text(find_partial_path(file)), file)
+    file = spec_source(str(partial))
+    loaded = parse_yaml(read_text(find_partial_path(str(partial))), file)
     if loaded.key_errors:
         first, *others = loaded.key_errors
         raise InvalidSpec(first, others)
