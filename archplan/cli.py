@@ -43,7 +43,9 @@ app = typer.Typer(
         "  archplan lint llama-3-8b mixtral-8x7b  # or a folder of specs, in CI"
     ),
     no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # choices read in any case (`--kv-dtype BF16`, `--device CUDA`), as `--gpu H100` is; click
+    # applies this to option and command names and choice values, never to paths or free text
+    context_settings={"help_option_names": ["-h", "--help"], "token_normalize_func": str.lower},
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )

@@ -581,3 +581,19 @@ def test_plan_and_lint_complete_their_specs_too(words: str, offered: list[str]) 
                           text=True, timeout=120, env={**os.environ, "_ARCHPLAN_COMPLETE": "complete_bash",
                                                        "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)})
     assert proc.stdout.split() == offered
+
+
+def test_choices_read_in_any_case() -> None:
+    """`--kv-dtype BF16` was refused as "not one of 'fp32', 'bf16', ..." where `--gpu H100` was
+    taken; a spec's path keeps its case."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+
+    runner = CliRunner()
+    upper = runner.invoke(app, ["size", "gpt2", "--kv-dtype", "BF16", "--recompute", "Selective", "--json"])
+    lower = runner.invoke(app, ["size", "gpt2", "--kv-dtype", "bf16", "--recompute", "selective", "--json"])
+    assert upper.exit_code == 0 and upper.stdout == lower.stdout
+    plan = runner.invoke(app, ["plan", "gpt2", "--gpus", "8", "--gpu", "H100", "--states", "FSDP2", "--json"])
+    assert plan.exit_code == 0 and json.loads(plan.stdout)["states"]["convention"] == "fsdp2"
+    assert "no such file" in run("size", str(PRESETS / "GPT2.yaml")).stderr
