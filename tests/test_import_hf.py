@@ -1050,7 +1050,9 @@ def test_cli_stdout_yaml_loads_back_equal(capsys: pytest.CaptureFixture[str], mo
     path = FIXTURES / "hf-configs" / "mixtral-8x7b-v0.1.json"
     code, out, _ = run_cli(capsys, monkeypatch, "import", "hf", str(path))
     assert code == 0
-    assert out.startswith("# yaml-language-server: $schema=") and out.splitlines()[0].endswith("spec.schema.json")
+    # absolute: the YAML printed may be saved in any folder (`> elsewhere/spec.yaml`)
+    schema = Path(out.splitlines()[0].removeprefix("# yaml-language-server: $schema="))
+    assert schema.is_absolute() and schema.is_file() and schema.name == "spec.schema.json"
     spec = spec_from_data(parse_yaml(out, "stdout"), "stdout")
     assert spec == import_hf(path)
     assert spec.reference is not None and str(path) in spec.reference.source

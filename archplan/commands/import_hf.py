@@ -32,10 +32,12 @@ SCHEMA_PATH = schema_file()
 
 def schema_reference(out: str | Path | None) -> str:
     """The schema path as the YAML file will see it: relative to where the YAML is written (the
-    path as given, links not followed: an editor resolves the reference from the file it opened)."""
-    base = (Path(os.path.abspath(out)).parent if out is not None else Path.cwd())
+    path as given, links not followed: an editor resolves the reference from the file it opened);
+    absolute on stdout, whose YAML may be saved anywhere (`> spec.yaml`, a pipe into another folder)."""
+    if out is None:
+        return str(SCHEMA_PATH)
     try:
-        return os.path.relpath(SCHEMA_PATH, base)
+        return os.path.relpath(SCHEMA_PATH, Path(os.path.abspath(out)).parent)
     except ValueError:  # another drive (Windows): no relative path exists
         return str(SCHEMA_PATH)
 
