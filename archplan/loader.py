@@ -748,16 +748,21 @@ def find_spec_path(name_or_path: str) -> Path:
     preset = PRESETS_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
-    typed = name_or_path.lower()
+    raise unknown_preset(name_or_path, "no such file or preset")
+
+
+def unknown_preset(typed: str, what: str) -> ArchplanError:
+    """`what` (no such file or preset, ...) with the bundled names closest to what was typed."""
     # close spellings, then the names that contain what was typed, its dashes aside (gpt4 is in
     # gpt-4-rumored), at most three
     names = preset_names()
-    bare = typed.replace("-", "")
+    lowered = typed.lower()
+    bare = lowered.replace("-", "")
     within = [name for name in names if bare in name.replace("-", "")] if bare else []
-    guess = list(dict.fromkeys([*difflib.get_close_matches(typed, names, n=3), *within]))[:3]
+    guess = list(dict.fromkeys([*difflib.get_close_matches(lowered, names, n=3), *within]))[:3]
     hint = ("; did you mean " + " or ".join(f"preset '{name}'" for name in guess) + "?" if guess
             else "; `archplan presets` lists the bundled ones")
-    raise ArchplanError(f"no such file or preset{hint}", file=name_or_path)
+    return ArchplanError(f"{what}{hint}", file=typed)
 
 
 def load_spec(name_or_path: str | Path) -> Spec:

@@ -105,3 +105,52 @@ def test_hybrid_example_by_arithmetic() -> None:
     active = body + 12 * moe_active + 2 * 32000 * d + d
     params = count_params(resolve(load_spec("hybrid-ssm-moe")))
     assert (params.total, params.active) == (total, active)
+
+
+def test_presets_name_prints_and_writes_the_preset_to_start_from(tmp_path: Path) -> None:
+    """`archplan presets NAME` prints the preset's YAML, comments and all, its modeline pointed at
+    the installed schema; `-o` writes it (never over a file without --force), the modeline
+    relative to where the copy goes, and the copy sizes as the preset does."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.commands.schema import schema_file
+    from archplan.errors import ArchplanError
+
+    runner = CliRunner()
+    shipped = (PRESETS_DIR / "deepseek-v3.yaml").read_text()
+    printed = runner.invoke(app, ["presets", "deepseek-v3"])
+    assert printed.exit_code == 0
+    first, rest = printed.stdout.split("\n", 1)
+    assert first == f"# yaml-language-server: $schema={schema_file()}" and rest == shipped.split("\n", 1)[1]
+    copy = tmp_path / "specs" / "mine.yaml"
+    copy.parent.mkdir()
+    written = runner.invoke(app, ["presets", "deepseek-v3.yaml", "-o", str(copy)])
+    assert written.exit_code == 0 and "wrote" in written.stderr and written.stdout == ""
+    reference = copy.read_text().splitlines()[0].removeprefix("# yaml-language-server: $schema=")
+    assert (copy.parent / reference).resolve() == schema_file().resolve()
+    assert load_spec(str(copy)) == load_spec("deepseek-v3")
+    again = runner.invoke(app, ["presets", "gpt2", "-o", str(copy)])
+    assert isinstance(again.exception, ArchplanError) and "pass --force to overwrite" in str(again.exception)
+    assert runner.invoke(app, ["presets", "gpt2", "-o", str(copy), "--force"]).exit_code == 0
+    assert load_spec(str(copy)).name == "gpt2"
+    listed = json.loads(runner.invoke(app, ["presets", "gpt2", "--json"]).stdout)
+    assert listed[0]["name"] == "gpt2" and listed[0]["total"] == 124_439_808 and listed[0]["yaml"].startswith("#")
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["presets", "gpt3"], "gpt3: no such preset; did you mean preset 'gpt2'?"),
+    (["presets", "-o", "x.yaml"], "-o writes one preset: give its NAME"),
+    (["presets", "gpt2", "--force"], "--force overwrites the -o file"),
+    (["presets", "gpt2", "-o", "x.json"], "-o/--output"),
+])
+def test_presets_name_refusals(argv: list[str], said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.errors import ArchplanError
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, argv)
+    assert isinstance(result.exception, ArchplanError) and said in str(result.exception)
+    assert not list(tmp_path.iterdir())

@@ -6,16 +6,14 @@ and reports. No torch: the importer and the spec are pure Python.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
-from archplan.commands.schema import schema_file
+from archplan.commands.schema import schema_reference
 from archplan.console import echo, stdout_takes_unicode
 from archplan.errors import ArchplanError, printable
 from archplan.outfile import SPEC_SUFFIXES, check_target
@@ -25,21 +23,6 @@ import_app = typer.Typer(
     help="Turn another tool's model description into an archplan spec.",
     no_args_is_help=True,
 )
-
-# The JSON schema shipped in the package (beside presets/), wherever the package is installed.
-SCHEMA_PATH = schema_file()
-
-
-def schema_reference(out: str | Path | None) -> str:
-    """The schema path as the YAML file will see it: relative to where the YAML is written (the
-    path as given, links not followed: an editor resolves the reference from the file it opened);
-    absolute on stdout, whose YAML may be saved anywhere (`> spec.yaml`, a pipe into another folder)."""
-    if out is None:
-        return str(SCHEMA_PATH)
-    try:
-        return os.path.relpath(SCHEMA_PATH, Path(os.path.abspath(out)).parent)
-    except ValueError:  # another drive (Windows): no relative path exists
-        return str(SCHEMA_PATH)
 
 
 @import_app.command("hf")

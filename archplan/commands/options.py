@@ -11,6 +11,7 @@ import typer
 from archplan.errors import ArchplanError
 from archplan.units import parse_length
 
+
 def _spec_files(incomplete: str) -> list[str]:
     """The spec files and folders starting with `incomplete` (a completion of our own replaces the
     shell's file names, so they are offered here)."""
@@ -28,6 +29,13 @@ def complete_spec(incomplete: str) -> list[str]:
     from archplan.loader import preset_names
 
     return [name for name in preset_names() if name.startswith(incomplete)] + _spec_files(incomplete)
+
+
+def complete_preset(incomplete: str) -> list[str]:
+    """Shell completion of `presets NAME`: the bundled presets' names."""
+    from archplan.loader import preset_names
+
+    return [name for name in preset_names() if name.startswith(incomplete.lower())]
 
 
 def complete_partial(incomplete: str) -> list[str]:
