@@ -1,5 +1,6 @@
 """Human units for printing. Counts use SI prefixes (7.24 B); bytes use binary GiB = 2^30
-(docs/architecture.md "Counting conventions")."""
+(docs/architecture.md "Counting conventions"); bandwidths decimal GB/s and TB/s, as datasheets and
+nccl-tests quote them (an H100's 3.35 TB/s of HBM, `plan`'s 450 GB/s of NVLink)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,11 @@ def amount(x: float) -> str:
 def nbytes(n: float) -> str:
     """Bytes in binary units: 14,495,514,624 -> '13.5 GiB'."""
     return _in_unit(n, _BYTES) or f"{n:,.0f} B"
+
+
+def bandwidth(bytes_per_s: float) -> str:
+    """Bytes per second in decimal units: 3.35e12 -> '3.35 TB/s'."""
+    return _in_unit(bytes_per_s, _FLOPS, "B/s") or f"{bytes_per_s:.3g} B/s"
 
 
 def overshoot(needed: float, limit: float) -> str:

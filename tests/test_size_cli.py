@@ -536,6 +536,14 @@ def test_flops_just_below_a_unit_print_in_the_unit_they_round_to() -> None:
     assert flops(999.9e12) == "1.00 PFLOP" and flops(9.999e9, "FLOP/s") == "10.0 GFLOP/s"
 
 
+def test_bandwidths_print_in_decimal_units_as_datasheets_quote_them() -> None:
+    """bench printed an H100's HBM as 3.05 TiB/s beside plan's and the datasheet's GB/s and TB/s."""
+    from archplan.units import bandwidth
+
+    assert bandwidth(3.35e12) == "3.35 TB/s" and bandwidth(450e9) == "450 GB/s" and bandwidth(26.5e9) == "26.5 GB/s"
+    assert bandwidth(500) == "500 B/s"
+
+
 @pytest.mark.parametrize(("days", "text"), [
     (33.8, "33.8 d"), (1_234.56, "1,234.6 d"), (1.0, "1.0 d"), (0.25, "6.0 h"),
     (30 / 1440, "30.0 min"), (40 / 86400, "40.0 s"), (0.0012 / 86400, "0.0012 s"), (9_999.0, "9,999.0 d"),

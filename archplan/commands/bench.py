@@ -18,7 +18,7 @@ from archplan.commands.requires import require_torch
 from archplan.commands.size import RecomputeChoice
 from archplan.console import echo
 from archplan.errors import ArchplanError
-from archplan.units import count, flops, nbytes, percent, things
+from archplan.units import bandwidth, count, flops, nbytes, percent, things
 
 if TYPE_CHECKING:  # torch's: only the annotations name it
     from archplan.bench.timing import Timing
@@ -296,7 +296,7 @@ def _render(result: object, name: str) -> None:
                       f"{1e3 * predicted.overhead_seconds:.2f} ms at the decode calibration's cost per call")
     table.add_row("roofline prediction", f"{1e3 * predicted.seconds:.2f} ms",
                   f"error {100 * result.prediction_error:+.1f}% vs measured; bandwidth "
-                  f"{nbytes(result.peak.bandwidth)}/s{host_floor}")
+                  f"{bandwidth(result.peak.bandwidth)}{host_floor}")
     if result.decode_seconds_per_token is not None:
         assert result.predicted_decode is not None
         # one step is one new token for each of the batch's sequences
