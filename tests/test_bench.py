@@ -369,6 +369,18 @@ def test_cli_text_names_the_extrapolated_depths() -> None:
     assert "{'" not in result.output
 
 
+def test_piped_bench_is_as_wide_as_the_other_commands() -> None:
+    """Piped with no COLUMNS, bench printed at rich's 80 columns (its notes wrapped to a column of
+    words) where size, plan and compare print at `render.PIPED_WIDTH`."""
+    from archplan.render import PIPED_WIDTH
+
+    result = CliRunner().invoke(app, ["bench", "gpt2", "--device", "cpu", "--dtype", "fp32", "--layers", "1",
+                                      "--seq", "8", "--decode-tokens", "2", "--warmup", "0", "--iters", "1"])
+    assert result.exit_code == 0, result.output
+    widest = max(len(line) for line in result.stdout.splitlines())
+    assert 80 < widest <= PIPED_WIDTH
+
+
 @pytest.mark.parametrize("argv", [["--seq", "8", "--decode-tokens", "0"], ["--seq", "8,16"],
                                   ["--seq", "8", "--decode-tokens", "0", "--compare-backends"]])
 def test_a_run_off_a_terminal_writes_nothing_to_stderr(argv: list[str], capsys: pytest.CaptureFixture[str],

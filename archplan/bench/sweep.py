@@ -44,6 +44,7 @@ from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.console import echo, figure_written
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
+from archplan.render import report_console
 from archplan.modules.model import build_model, resolve_device
 from archplan.resolve import ModelPlan
 from archplan.units import amount, count, nbytes as fmt_bytes
@@ -270,7 +271,7 @@ def length(tokens: int) -> str:
 
 
 def render(results: list[SweepResult], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or report_console()
     for r in results:
         layers = (f"{r.built_layers} of {r.full_layers} layers built" if r.built_layers < r.full_layers
                   else f"{r.built_layers} layers")

@@ -18,6 +18,7 @@ from archplan.commands.requires import require_torch
 from archplan.commands.size import RecomputeChoice
 from archplan.console import echo
 from archplan.errors import ArchplanError
+from archplan.render import report_console
 from archplan.units import bandwidth, count, flops, nbytes, percent, things
 
 if TYPE_CHECKING:  # torch's: only the annotations name it
@@ -272,7 +273,7 @@ def _render(result: object, name: str) -> None:
     from archplan.bench.runner import BACKENDS, EXTRAPOLATION_METHOD, PREFILL_FLOPS_CONVENTION, BenchResult
 
     assert isinstance(result, BenchResult)
-    console = Console()
+    console = report_console()
     cfg = result.config
     title = (f"{escape(name)} on {result.device}, {result.dtype}, batch {cfg.batch} × seq {cfg.seq}"
              + (", torch.compile" if cfg.compile else "")

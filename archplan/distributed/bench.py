@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -27,7 +26,7 @@ from archplan.errors import ArchplanError, first_line
 from archplan.loader import STDIN, find_spec_path, load_spec
 from archplan.modules.model import resolve_device
 from archplan.planning.layout import Layout, parse_layout
-from archplan.render import busy
+from archplan.render import busy, report_console
 from archplan.resolve import ModelPlan, resolve
 from archplan.units import count, flops, nbytes, percent, things
 
@@ -182,4 +181,4 @@ def render(r: DistBench) -> None:
                   f"{verdict} (parameters + gradients + AdamW moments, counted from each rank's tensors; "
                   "exact on each stage's first rank)")
     table.caption = f"model FLOPs: {LAYOUT_FLOPS_CONVENTION}"
-    Console().print(table)
+    report_console(table).print(table)

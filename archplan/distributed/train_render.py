@@ -16,7 +16,7 @@ from archplan.distributed.tolerance import ACTIVATION_JUDGED, PEAK_TOLERANCE
 from archplan.distributed.train import TrainBench, train_bench
 from archplan.errors import ArchplanError
 from archplan.loader import load_spec
-from archplan.render import busy
+from archplan.render import busy, report_console
 from archplan.resolve import resolve
 from archplan.units import flops, nbytes, percent, things
 
@@ -73,17 +73,18 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
     total = m["Total"]
     table.add_row(f"peak total (±{PEAK_TOLERANCE:.0%}), {r.analytic_peak_phase}", nbytes(r.analytic_total),
                   nbytes(total), _mark(r.total_ok))
-    Console().print(table)
+    console = report_console(table)
+    console.print(table)
     units = ", Mamba layers as archplan's units keep them (not mamba_ssm's kernels)" if r.ssd_unit else ""
     if r.moe_routing:
         units += ", MoE layers with the routing metadata archplan's router keeps (fp32 scores, int64 indices)"
     residual = (", under autocast: the residual stream in fp32, each projection's own 16-bit cast of its "
                 "input and S4's kernel in autocast's casts (size --autocast)" if r.dtype == "bf16" else "")
-    Console().print(f"  measured with {r.method}; size's activations with attention kernel "
+    console.print(f"  measured with {r.method}; size's activations with attention kernel "
                     f"{r.attention_kernel}{residual}{units}, and the rotary tables, ALiBi biases and window masks "
                     "archplan's modules share, once for the model (size's count leaves them out); GiB = 2^30 B")
     rerun = f"; with the recompute's re-run, HFU {percent(r.hfu)}" if r.hardware_flops != r.model_flops else ""
-    Console().print(f"  speed: {flops(r.model_flops / step, 'FLOP/s')} of model FLOPs ({flops(r.model_flops)} per "
+    console.print(f"  speed: {flops(r.model_flops / step, 'FLOP/s')} of model FLOPs ({flops(r.model_flops)} per "
                     f"step: {TRAINING_FLOPS_CONVENTION}), MFU "
                     f"{percent(r.mfu)} of the dense {r.dtype} peak {flops(r.peak_flops, 'FLOP/s')} "
                     f"({r.peak_source}){rerun}")
