@@ -597,3 +597,17 @@ def test_choices_read_in_any_case() -> None:
     plan = runner.invoke(app, ["plan", "gpt2", "--gpus", "8", "--gpu", "H100", "--states", "FSDP2", "--json"])
     assert plan.exit_code == 0 and json.loads(plan.stdout)["states"]["convention"] == "fsdp2"
     assert "no such file" in run("size", str(PRESETS / "GPT2.yaml")).stderr
+
+
+@pytest.mark.parametrize("command", ["size", "compare"])
+def test_size_and_compare_group_their_options_as_the_report_does(command: str) -> None:
+    """size's 20 options were one list in --help: inference, training and budget options mixed."""
+    from typer.testing import CliRunner
+
+    from archplan.cli import app
+    from archplan.commands.size import BUDGET_PANEL, INFERENCE_PANEL, TRAINING_PANEL
+
+    text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"}).stdout
+    panels = [text.index(f"─ {panel} ─") for panel in (INFERENCE_PANEL, TRAINING_PANEL, BUDGET_PANEL)]
+    assert panels == sorted(panels)
+    assert panels[0] < text.index("--kv-dtype") < panels[1] < text.index("--recompute") < panels[2] < text.index("--mfu")

@@ -86,60 +86,65 @@ def parse_amount(text: str, option: str) -> float:
     return float(match.group(1)) * _SUFFIX[(match.group(2) or "").lower()]
 
 
+# size's and compare's options in three groups in --help, as the report's sections are
+INFERENCE_PANEL = "KV cache and inference memory"
+TRAINING_PANEL = "FLOPs and training memory"
+BUDGET_PANEL = "Token budget and GPU-hours"
+
 ContextOpt = Annotated[int | None, typer.Option(
-    "--context", parser=length_option, metavar="LENGTH",
+    "--context", rich_help_panel=INFERENCE_PANEL, parser=length_option, metavar="LENGTH",
     help="KV-cache context length, e.g. 8192 or 128k (k = 1024 here, as lengths are quoted; default: the "
          "spec's max_seq_len).")]
-BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences in the KV cache.")]
-KVDtypeOpt = Annotated[KVDTypeChoice, typer.Option("--kv-dtype", help="KV-cache storage dtype.")]
+BatchOpt = Annotated[int, typer.Option("--batch", rich_help_panel=INFERENCE_PANEL, help="Sequences in the KV cache.")]
+KVDtypeOpt = Annotated[KVDTypeChoice, typer.Option("--kv-dtype", rich_help_panel=INFERENCE_PANEL, help="KV-cache storage dtype.")]
 SeqOpt = Annotated[int | None, typer.Option(
-    "--seq", parser=length_option, metavar="LENGTH",
+    "--seq", rich_help_panel=TRAINING_PANEL, parser=length_option, metavar="LENGTH",
     help="Training/prefill sequence length for FLOPs and activations, e.g. 4096 or 4k (k = 1024) "
          "(default: min(4096, max_seq_len)).")]
 MicroBatchOpt = Annotated[int, typer.Option(
-    "--micro-batch", help="Sequences per micro-batch for activation memory.")]
+    "--micro-batch", rich_help_panel=TRAINING_PANEL, help="Sequences per micro-batch for activation memory.")]
 RecomputeOpt = Annotated[RecomputeChoice, typer.Option(
-    "--recompute", help="Activation recomputation (Korthikanti et al. 2022).")]
+    "--recompute", rich_help_panel=TRAINING_PANEL, help="Activation recomputation (Korthikanti et al. 2022).")]
 KernelOpt = Annotated[MemoryKernelChoice, typer.Option(
-    "--attention-kernel", help="Training activations of the attention core: eager keeps the s×s "
+    "--attention-kernel", rich_help_panel=TRAINING_PANEL, help="Training activations of the attention core: eager keeps the s×s "
                                "probabilities without recompute (Korthikanti's rows); flash (FlashAttention, "
                                "torch SDPA) keeps an fp32 log-sum-exp instead; torch-cpu is what torch's SDPA "
                                "runs on a CPU (flash, but its math kernel for MLA's unequal q and v head "
                                "sizes: fp32 q, k, v and probabilities), as bench --train measures there.")]
 ActDTypeOpt = Annotated[ActDTypeChoice, typer.Option(
-    "--activation-dtype", help="Dtype of the saved training activations (fp32: a run without autocast).")]
+    "--activation-dtype", rich_help_panel=TRAINING_PANEL, help="Dtype of the saved training activations (fp32: a run without autocast).")]
 ResidualDTypeOpt = Annotated[ActDTypeChoice | None, typer.Option(
-    "--residual-dtype", help="Dtype of the residual stream, which the norms' inputs and full recompute's "
+    "--residual-dtype", rich_help_panel=TRAINING_PANEL, help="Dtype of the residual stream, which the norms' inputs and full recompute's "
                              "layer inputs keep: fp32 under torch autocast with fp32 weights (what bench "
                              "--train runs) or Megatron-LM's --fp32-residual-connection (default: the "
                              "activation dtype).",
     show_default=False)]
 AutocastOpt = Annotated[bool, typer.Option(
-    "--autocast", help="torch.autocast over fp32 weights (bench --train in bf16; Hugging Face's Trainer "
+    "--autocast", rich_help_panel=TRAINING_PANEL, help="torch.autocast over fp32 weights (bench --train in bf16; Hugging Face's Trainer "
                        "with bf16): the residual stream in fp32 and each projection's own 16-bit cast of its "
                        "input. The default is Megatron's and FSDP2's mixed precision, which casts the weights "
                        "and hands every projection one 16-bit tensor.", metavar="")]
 QuantizeOpt = Annotated[QuantizeChoice, typer.Option(
-    "--quantize", help="Which weights the fp8, int8 and int4 inference rows store at that width: all (every "
+    "--quantize", rich_help_panel=INFERENCE_PANEL, help="Which weights the fp8, int8 and int4 inference rows store at that width: all (every "
                        "parameter) or linear (the layers' matmul weights, Mamba's projections among them; the "
                        "embedding, LM head, MoE routers, norms, biases and convolutions in bf16, as vLLM's fp8 "
                        "and int8 methods and GPTQ/AWQ leave a transformer's). "
                        "int4-g128 is linear either way.")]
 TokensOpt = Annotated[str | None, typer.Option(
-    "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (SI: 1M = 10^6; default: the spec's training.tokens, else 20 per "
+    "--tokens", rich_help_panel=BUDGET_PANEL, help="Training tokens, e.g. 15T or 1.4e12 (SI: 1M = 10^6; default: the spec's training.tokens, else 20 per "
     "parameter).")]
 GpuOpt = Annotated[str | None, typer.Option(
-    "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...",
+    "--gpu", rich_help_panel=BUDGET_PANEL, help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...",
     autocompletion=complete_gpu)]
 MfuOpt = Annotated[float | None, typer.Option(
-    "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4], over the model FLOPs of "
+    "--mfu", rich_help_panel=BUDGET_PANEL, help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4], over the model FLOPs of "
                   "--attention (full by default; bench and plan measure MFU over causal attention, so "
                   "give --attention causal with an MFU they printed).", show_default=False)]
 LawOpt = Annotated[list[LawChoice] | None, typer.Option(
-    "--law", help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024; plan's "
+    "--law", rich_help_panel=BUDGET_PANEL, help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024; plan's "
     "names chinchilla and epoch are the same two).")]
 AttentionOpt = Annotated[AttentionChoice, typer.Option(
-    "--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
+    "--attention", rich_help_panel=TRAINING_PANEL, help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
 PlotOpt = Annotated[str | None, typer.Option(
     "--plot", help="Write a figure (PNG/SVG/PDF by suffix); needs matplotlib.")]
 PlotForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.", metavar="")]
