@@ -610,4 +610,5 @@ def test_size_and_compare_group_their_options_as_the_report_does(command: str) -
     text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"}).stdout
     panels = [text.index(f"─ {panel} ─") for panel in (INFERENCE_PANEL, TRAINING_PANEL, BUDGET_PANEL)]
     assert panels == sorted(panels)
-    assert panels[0] < text.index("--kv-dtype") < panels[1] < text.index("--recompute") < panels[2] < text.index("--mfu")
+    rows = [text.index(f"│ {option} ") for option in ("--kv-dtype", "--recompute", "--mfu")]
+    assert panels[0] < rows[0] < panels[1] < rows[1] < panels[2] < rows[2]
