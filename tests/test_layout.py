@@ -1351,6 +1351,7 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
             ("llama-3-8b", "h200", "zero", HELD_OUT_BY_ENGINE["hopper", "megatron"], True),
             ("llama-3-8b", "a100", "megatron", HELD_OUT_BY_ENGINE["ampere", "megatron"], True),
             ("llama-3-8b", "a100", "fsdp2", HELD_OUT_BY_ENGINE["ampere", "torch"], True),
+            ("llama-3-8b", "a100-pcie", "megatron", HELD_OUT_BY_ENGINE["ampere", "megatron"], True),
             # the B200 and GB200 runs are all Megatron-style: the family's under PyTorch's engine
             ("llama-3-8b", "b200", "fsdp2", HELD_OUT[UNCALIBRATED], True),
             ("llama-3-8b", "gb200", "megatron", HELD_OUT_BY_ENGINE[UNCALIBRATED, "megatron"], True),
@@ -1374,7 +1375,10 @@ def test_cli_states_the_held_out_accuracy(capsys: pytest.CaptureFixture[str],
                   f"{1 + a.low:.2f}× to {1 + a.high:.2f}× the time predicted for them; for layout 1, "
                   f"{days * (1 + a.low):.1f} d to {days * (1 + a.high):.1f} d ({days:.1f} d predicted)")
         assert (spread in text) is same
-        assert code == 0 and f"on {a.runs} published {a.gpus} runs{stacks} held out from calibration" in text
+        # H200's figures are H100 runs and the PCIe card's the SXM module's, its family's: the
+        # line says none ran on it
+        none_on = {"h200": " (none on the H200)", "a100-pcie": " (none on the A100 PCIe)"}.get(gpu, "")
+        assert code == 0 and f"on {a.runs} published {a.gpus} runs{stacks}{none_on} held out from calibration" in text
         assert f"±{a.median:.1%}" in text and f"±{a.p90:.1%} for nine in ten" in text
         # a GPU no run of its family judged is told so
         missing = f"no published run{' of an MoE model' if a.moe else ''} on the {accelerator(gpu).name} was held out"

@@ -926,11 +926,11 @@ def _time_spread(spec: Spec, result: SearchResult) -> tuple[float, float] | None
 
 
 def _accuracy_text(spec: Spec, result: SearchResult, accuracy: HeldOutAccuracy) -> str:
-    from archplan.planning.accuracy import own_runs, unjudged_mixers
+    from archplan.planning.accuracy import label, model_in_runs, own_runs, unjudged_mixers
 
     mixers, own = unjudged_mixers(spec), own_runs(result.gpu, accuracy)
     if own and mixers is None:
-        return accuracy.text()
+        return accuracy.text(None if model_in_runs(result.gpu, accuracy) else label(result.gpu))
     subject = f"a model with {mixers} mixers" if mixers else "an MoE model" if accuracy.moe else None
     run = "no published run" + (f" of {subject}" if subject else "") + ("" if own else f" on the {result.gpu.name}")
     if mixers:

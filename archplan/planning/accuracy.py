@@ -48,8 +48,11 @@ def family(gpu: Accelerator) -> str:
 
 
 def label(gpu: Accelerator) -> str:
-    """How `HeldOutAccuracy.gpus` names a GPU: its key's model, h100-sxm -> H100."""
-    return gpu.key.split("-")[0].upper()
+    """How `HeldOutAccuracy.gpus` names a GPU: its key's model, h100-sxm -> H100; a PCIe card
+    apart from the SXM modules of its model (lower clocks and power, no NVSwitch), a100-pcie-80gb
+    -> A100 PCIe."""
+    model = gpu.key.split("-")[0].upper()
+    return f"{model} PCIe" if "-pcie" in gpu.key else model
 
 
 # how the accuracy line names the mixers no held-out run had
@@ -65,14 +68,19 @@ def unjudged_mixers(spec: Spec) -> str | None:
     return " and ".join(kinds) or None
 
 
+def model_in_runs(gpu: Accelerator, accuracy: HeldOutAccuracy) -> bool:
+    """Whether some of the runs behind `accuracy` ran on `gpu`'s own model (H200's are H100 runs:
+    its family's, not its own)."""
+    return label(gpu) in accuracy.gpus.split("/")
+
+
 def own_runs(gpu: Accelerator, accuracy: HeldOutAccuracy) -> bool:
     """Whether the runs behind `accuracy` judge `gpu`'s own constants: some of them ran on a GPU of
     its family (H200 is priced as H100); outside every family only on that very GPU. Otherwise
     (another vendor's GPU, say) they are merely the nearest check."""
-    labels = accuracy.gpus.split("/")
     if family(gpu) == UNCALIBRATED:
-        return label(gpu) in labels
-    return any(family(accelerator(name.lower())) == family(gpu) for name in labels)
+        return model_in_runs(gpu, accuracy)
+    return any(family(accelerator(name.lower())) == family(gpu) for name in accuracy.gpus.split("/"))
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,11 @@ class HeldOutAccuracy:
         return (f"{self.runs} {kind} {self.gpus} runs" + (" of MoE models" if self.moe else "")
                 + (f" on {ENGINE_RUNS[self.engine]} stacks" if self.engine else ""))
 
-    def text(self) -> str:
+    def text(self, none_on: str | None = None) -> str:
+        """The sentence; `none_on`: a GPU of the runs' family that none of them ran on, named."""
         leaning = "optimistic" if self.bias > 0 else "pessimistic" if self.bias < 0 else "no lean"
-        return (f"accuracy: on {self.described('published')} held out from calibration, tokens/s "
+        runs = self.described("published") + (f" (none on the {none_on})" if none_on else "")
+        return (f"accuracy: on {runs} held out from calibration, tokens/s "
                 f"per GPU within ±{percent(self.median)} of the measured for half, ±{percent(self.p90)} "
                 f"for nine in ten (median error {self.bias:+.1%}, {leaning}; docs/validation.md)")
 
