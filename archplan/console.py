@@ -147,6 +147,10 @@ class _OptionsTable(Table):
             names = Text("\n").join(name for cell in (long, short, negative, negative_short)
                                      for name in (Text(cell) if isinstance(cell, str) else cell).split(",")
                                      if name.plain)
+            if (kind.plain if isinstance(kind, Text) else kind) == "<bool>":
+                # typer's own flags (--help, --install-completion, --show-completion) typed as a
+                # value; archplan's hide it (metavar=""): a flag takes no value
+                kind = ""
             if not self.columns:
                 for _ in required:
                     self.add_column(no_wrap=True)
