@@ -241,17 +241,19 @@ def _usage_message(exc: Exception, argv: list[str]) -> str | None:
 
 
 def _command_path(argv: list[str]) -> str:
-    """The (sub)command `argv` names, as typed: 'archplan import hf'. Read from the arguments, not
-    the error's context, which click leaves out of some parse errors (an option missing its value)."""
+    """The (sub)command `argv` names: 'archplan import hf' (for `Import HF` too, which click
+    takes in any case). Read from the arguments, not the error's context, which click leaves out
+    of some parse errors (an option missing its value)."""
     commands = getattr(typer.main.get_command(app), "commands", {})
     path = ["archplan"]
     for token in argv:
         if token.startswith("-"):
             continue
-        if token not in commands:
+        name = token.lower()
+        if name not in commands:
             break
-        path.append(token)
-        commands = getattr(commands[token], "commands", {})
+        path.append(name)
+        commands = getattr(commands[name], "commands", {})
     return " ".join(path)
 
 

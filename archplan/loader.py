@@ -6,17 +6,16 @@ standard input (`archplan import hf config.json | archplan size -`).
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import difflib
 import functools
 import math
 import re
-import shutil
 import stat
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -342,16 +341,68 @@ def read_capped(path: Path, limit: int, what: str, not_regular: str = "not a reg
 DANGLING_LINK = "a symbolic link to nothing: its target is missing, or the links loop"
 
 
+STDIN = "-"
+STDIN_LABEL = "<stdin>"
+# What `find_spec_path` gives for `-`, and what `read_text` reads standard input for: not Path("-"),
+# which `./-`, a file of that name, also is
+STDIN_PATH = Path("/dev/stdin")
+PIPE_HINT = "pipe a spec in (`archplan import hf config.json | archplan size -`)"
+
+
+@functools.cache
+def stdin_bytes() -> bytes:
+    """Standard input, read once (a pipe can be read only once, and `bench` and `verify` load
+    their spec more than once), at most one byte past what a spec may be."""
+    if sys.stdin is None:  # started with it closed (`<&-`)
+        raise ArchplanError(f"standard input is closed: {PIPE_HINT}", file=STDIN_LABEL)
+    if sys.stdin.isatty():
+        raise ArchplanError(f"standard input is a terminal: {PIPE_HINT}", file=STDIN_LABEL)
+    try:
+        return sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ArchplanError(f"cannot read: {exc.strerror}", file=STDIN_LABEL) from None
+
+
+@contextmanager
+def spec_as_file(name_or_path: str) -> Iterator[str]:
+    """`name_or_path` as processes of their own can read it: standard input's text written to a
+    private folder for as long as the block runs (`bench --nproc`'s torchrun workers have no
+    standard input of theirs), anything else as given."""
+    if name_or_path != STDIN:
+        yield name_or_path
+        return
+    with tempfile.TemporaryDirectory(prefix="archplan-stdin-") as folder:
+        copy = Path(folder) / "stdin.yaml"
+        copy.write_text(read_text(STDIN_PATH), encoding="utf-8")
+        yield str(copy)
+
+
+def spec_label(path: Path) -> str:
+    """How a found spec file is named in messages: `<stdin>` for what was piped in."""
+    return STDIN_LABEL if path == STDIN_PATH else str(path)
+
+
+def spec_source(name_or_path: str) -> str:
+    """How a spec given on the command line is named in messages and reports: `<stdin>` for `-`."""
+    return STDIN_LABEL if name_or_path == STDIN else name_or_path
+
+
 def read_text(path: Path) -> str:
-    if not path.exists():
-        raise ArchplanError(DANGLING_LINK if path.is_symlink() else "no such file", file=str(path))
-    if path.is_dir():
-        raise ArchplanError("is a directory; expected a YAML spec file", file=str(path))
-    raw = read_capped(path, MAX_FILE_BYTES, "a spec", "not a regular file; expected a YAML spec file")
+    if path == STDIN_PATH:
+        raw = stdin_bytes()
+        if len(raw) > MAX_FILE_BYTES:
+            raise ArchplanError(f"over {MAX_FILE_BYTES:,} bytes; a spec is at most {MAX_FILE_BYTES:,}",
+                                file=STDIN_LABEL)
+    else:
+        if not path.exists():
+            raise ArchplanError(DANGLING_LINK if path.is_symlink() else "no such file", file=str(path))
+        if path.is_dir():
+            raise ArchplanError("is a directory; expected a YAML spec file", file=str(path))
+        raw = read_capped(path, MAX_FILE_BYTES, "a spec", "not a regular file; expected a YAML spec file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ArchplanError("not UTF-8 text (binary file?)", file=str(path)) from None
+        raise ArchplanError("not UTF-8 text (binary file?)", file=spec_label(path)) from None
 
 
 _FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", re.S)
@@ -676,61 +727,20 @@ def find_partial_path(name_or_path: str) -> Path:
     try:
         return find_spec_path(name_or_path)
     except ArchplanError as exc:
-        if Path(name_or_path).suffix or "/" in name_or_path or name_or_path == STDIN:
+        if Path(name_or_path).suffix or "/" in name_or_path:
             raise
         raise ArchplanError(f"no such file or bundled partial spec ({', '.join(partial_names())})",
                             file=name_or_path) from exc
 
 
-STDIN = "-"
-STDIN_LABEL = "<stdin>"
-
-
-@functools.cache
-def stdin_copy() -> Path:
-    """Standard input, read once and kept in a private file for the life of this process.
-
-    A file, because `bench` and `verify` load their spec more than once and `bench --nproc`'s
-    torchrun workers load it by path; read once, because a pipe can be read only once.
-    """
-    if sys.stdin is None or sys.stdin.isatty():
-        raise ArchplanError("standard input is a terminal: pipe a spec in "
-                            "(`archplan import hf config.json | archplan size -`)", file=STDIN_LABEL)
-    try:
-        raw = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ArchplanError(f"cannot read: {exc.strerror}", file=STDIN_LABEL) from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ArchplanError(f"over {MAX_FILE_BYTES:,} bytes; a spec is at most {MAX_FILE_BYTES:,}", file=STDIN_LABEL)
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ArchplanError("not UTF-8 text (binary data?)", file=STDIN_LABEL) from None
-    folder = Path(tempfile.mkdtemp(prefix="archplan-stdin-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    copy = folder / "stdin.yaml"
-    copy.write_bytes(raw)
-    return copy
-
-
-def spec_label(path: Path) -> str:
-    """How a found spec file is named in messages: `<stdin>` for what was piped in."""
-    return STDIN_LABEL if stdin_copy.cache_info().currsize and path == stdin_copy() else str(path)
-
-
-def spec_source(name_or_path: str) -> str:
-    """How a spec given on the command line is named in messages and reports: `<stdin>` for `-`
-    (but for a file of that name, which is read as lint reads it)."""
-    return STDIN_LABEL if name_or_path == STDIN and not Path(name_or_path).exists() else name_or_path
-
-
 def find_spec_path(name_or_path: str) -> Path:
-    """A path, the name of a bundled preset (with or without .yaml), or `-`: standard input's copy."""
+    """A path, the name of a bundled preset (with or without .yaml), or `-`: standard input, as
+    `cat` reads it (a file named `-` is `./-`)."""
     if not name_or_path.strip():
         # Path("") is the current folder, which would be reported as "is a directory"
         raise ArchplanError("the spec path is empty: give a YAML file or a preset name (`archplan presets` lists them)")
-    if name_or_path == STDIN and not Path(name_or_path).exists():  # a file named `-` is read, as lint reads it
-        return stdin_copy()
+    if name_or_path == STDIN:
+        return STDIN_PATH
     path = Path(name_or_path)
     if path.is_dir() and path.name in preset_names():
         # A folder is never a spec, so a bare name that is also a folder here (`mkdir gpt2`) can

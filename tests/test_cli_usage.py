@@ -473,7 +473,7 @@ def piped(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
 PRESETS = Path(__file__).parents[1] / "archplan" / "presets"
 
 
-def test_a_dash_reads_the_spec_from_standard_input() -> None:
+def test_a_dash_reads_the_spec_from_standard_input(tmp_path: Path) -> None:
     """`archplan import hf config.json | archplan size -` was refused: `-` reads standard input, in
     every command that takes a spec, and names it `<stdin>`."""
     gpt2 = (PRESETS / "gpt2.yaml").read_text()
@@ -492,13 +492,19 @@ def test_a_dash_reads_the_spec_from_standard_input() -> None:
         assert "vocab_size" in result.stdout + result.stderr and "Traceback" not in result.stderr
     assert "<stdin>: empty file" in piped("size", "-", stdin="").stderr
     partial = (Path(__file__).parents[1] / "archplan" / "partials" / "gpt-4-partial.yaml").read_text()
-    solved = piped("plan", "--solve", "-", "--total", "1.8e12", "--json", stdin=partial)
+    solved = piped("plan", "--solve", "-", "--total", "1.8e12", "-o", str(tmp_path / "solved.yaml"), stdin=partial)
     assert solved.returncode == 0, solved.stderr
+    # the header says what was solved; `-` would send a reader to a pipe long gone
+    assert "solved by archplan plan --solve <stdin> --total 1.8e12" in (tmp_path / "solved.yaml").read_text()
     assert "did you mean" not in run("size", "--", "--").stderr
 
 
-def test_a_dash_refuses_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`archplan size -` typed at a prompt would wait for a spec nobody pipes in."""
+@pytest.mark.parametrize(("stdin", "said"), [(None, "standard input is closed"),
+                                             ("terminal", "standard input is a terminal")])
+def test_a_dash_refuses_a_terminal_or_a_closed_stdin(stdin: str | None, said: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`archplan size -` typed at a prompt would wait for a spec nobody pipes in; with standard
+    input closed (`<&-`) it was said to be a terminal."""
     import io
 
     from archplan import loader
@@ -507,11 +513,38 @@ def test_a_dash_refuses_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
         def isatty(self) -> bool:
             return True
 
-    loader.stdin_copy.cache_clear()
-    monkeypatch.setattr(sys, "stdin", Terminal())
-    with pytest.raises(ArchplanError, match="standard input is a terminal: pipe a spec in"):
-        loader.load_spec("-")
-    loader.stdin_copy.cache_clear()
+    loader.stdin_bytes.cache_clear()
+    monkeypatch.setattr(sys, "stdin", Terminal() if stdin else None)
+    try:
+        with pytest.raises(ArchplanError, match=f"{said}: pipe a spec in"):
+            loader.load_spec("-")
+    finally:
+        loader.stdin_bytes.cache_clear()
+
+
+def test_a_dash_is_standard_input_even_beside_a_file_of_that_name(tmp_path: Path) -> None:
+    """A file named `-` in the folder was read in place of the pipe, which was dropped unsaid:
+    `-` is standard input, as `cat` reads it, and the file is `./-`."""
+    (tmp_path / "-").write_text((PRESETS / "gpt2.yaml").read_text())
+    broken = "name: [\n"
+    for command in ("size", "lint"):
+        result = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", command, "-"],
+                                input=broken, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert "<stdin>:1:" in result.stdout + result.stderr and result.returncode in (1, 2)
+    local = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "size", "./-", "--json"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert local.returncode == 0 and json.loads(local.stdout)["name"] == "gpt2"
+
+
+def test_lint_reports_unreadable_standard_input_as_it_reports_a_file() -> None:
+    """Binary or oversized input on `lint -` stopped the whole run (exit 2) where the same in a
+    file is an AP001 finding beside the other files' findings."""
+    result = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "lint", "-", "gpt2"],
+                            input=b"\xff\xfe\x00binary", capture_output=True, timeout=120)
+    out = result.stdout.decode()
+    assert result.returncode == 1 and "<stdin>:1:1: AP001 error: not UTF-8 text" in out and "2 files checked" in out
+    big = piped("lint", "-", stdin="# " + "x" * (1 << 20) + "\n")
+    assert big.returncode == 1 and "<stdin>:1:1: AP001 error: over 1,048,576 bytes" in big.stdout
 
 
 def test_compare_tells_specs_of_one_name_apart(tmp_path: Path) -> None:
@@ -599,6 +632,8 @@ def test_choices_read_in_any_case() -> None:
     plan = runner.invoke(app, ["plan", "gpt2", "--gpus", "8", "--gpu", "H100", "--states", "FSDP2", "--json"])
     assert plan.exit_code == 0 and json.loads(plan.stdout)["states"]["convention"] == "fsdp2"
     assert "no such file" in run("size", str(PRESETS / "GPT2.yaml")).stderr
+    # a command typed in capitals is the command its help pointer names
+    assert "; see 'archplan size --help'" in run("SIZE", "gpt2", "--kv-dtype", "nope").stderr
 
 
 @pytest.mark.parametrize("command", ["size", "compare"])

@@ -1267,7 +1267,7 @@ def test_bench_nproc_names_a_rank_whose_states_differ_and_exits_1(monkeypatch: p
 
 def test_bench_nproc_hands_its_workers_the_piped_spec_by_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The torchrun workers have no standard input of their own: `bench - --nproc 2` passes them
-    the copy of the piped spec that this process keeps."""
+    a copy of the piped spec, which lives as long as they run."""
     from typer.testing import CliRunner
 
     import archplan.distributed.bench as bench
@@ -1282,15 +1282,15 @@ def test_bench_nproc_hands_its_workers_the_piped_spec_by_path(monkeypatch: pytes
         assert Path(argv[0]).read_text() == text
         raise ArchplanError("stop here")
 
-    loader.stdin_copy.cache_clear()
+    loader.stdin_bytes.cache_clear()
     monkeypatch.setattr(bench, "launch", launch)
     try:
         out = CliRunner().invoke(app, ["bench", "-", "--nproc", "2", "--seq", "32", "--device", "cpu",
                                        "--layout", "tp=2,cp=1,pp=1,dp=1,ep=1,zero=3,recompute=none,mb=1"], input=text)
     finally:
-        loader.stdin_copy.cache_clear()
+        loader.stdin_bytes.cache_clear()
     assert isinstance(out.exception, ArchplanError) and str(out.exception) == "stop here"
-    assert len(started) == 1 and started[0][0] != "-"
+    assert len(started) == 1 and started[0][0] != "-" and not Path(started[0][0]).exists()
 
 
 def test_bench_nproc_refuses_an_unusable_device_before_launching(monkeypatch: pytest.MonkeyPatch) -> None:

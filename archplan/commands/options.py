@@ -35,7 +35,7 @@ def complete_preset(incomplete: str) -> list[str]:
     """Shell completion of `presets NAME`: the bundled presets' names."""
     from archplan.loader import preset_names
 
-    return [name for name in preset_names() if name.startswith(incomplete.lower())]
+    return [name for name in preset_names() if name.startswith(incomplete)]
 
 
 def complete_partial(incomplete: str) -> list[str]:

@@ -1299,7 +1299,7 @@ def register(app: typer.Typer) -> None:
     def plan(
         ctx: typer.Context,
         spec: Annotated[str | None, typer.Argument(
-            help="Spec YAML or preset: search cluster layouts for it (with --gpus, --gpu).",
+            help="Spec YAML, preset or - (standard input): search cluster layouts for it (with --gpus, --gpu).",
             show_default=False, metavar="SPEC", autocompletion=complete_spec)] = None,
         compute: Annotated[str | None, typer.Option(
             "--compute", help="Training budget in FLOPs, e.g. 1e24.")] = None,
@@ -1584,6 +1584,7 @@ def _run_budget(compute: float | None, params: float | None, tokens: float | Non
 
 def _run_solve(partial: str, total: str | None, active: str | None, tol: float, multiple: int,
                output: str | None, force: bool, as_json: bool, plot: str | None) -> None:
+    from archplan.loader import spec_source
     from archplan.planning import write_spec
     from archplan.planning.solve import Targets, solve
 
@@ -1598,7 +1599,7 @@ def _run_solve(partial: str, total: str | None, active: str | None, tol: float, 
         # the command's own targets beside what it solved: the file says how to solve it again
         asked = "".join(f" --{name} {text}" for name, text in (("total", total), ("active", active)) if text)
         write_spec(best.spec, output, force=force, header=(
-            f"solved by archplan plan --solve {partial}{asked} --tol {tol:g} --multiple {multiple}: "
+            f"solved by archplan plan --solve {spec_source(partial)}{asked} --tol {tol:g} --multiple {multiple}: "
             + ", ".join(f"{k} = {v}" for k, v in best.values.items())))
         written = output
     settle(0 if result.solved else 1)

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     def presets(
         name: Annotated[str | None, typer.Argument(
             help="A bundled preset whose YAML to print (or write with -o).", show_default=False,
-            metavar="[NAME]", autocompletion=complete_preset)] = None,
+            metavar="NAME", autocompletion=complete_preset)] = None,
         output: Annotated[str | None, typer.Option(
             "-o", "--output", help="With NAME: write the preset's YAML here instead of printing it.",
             show_default=False)] = None,

@@ -23,7 +23,7 @@ from archplan.distributed.render import default_microbatches, given_layout, sche
 from archplan.distributed.step import interleaved_1f1b
 from archplan.distributed.workers import DistBench, WorkersFailed, launch, run_worker, under_launcher, write_result
 from archplan.errors import ArchplanError, first_line
-from archplan.loader import STDIN, find_spec_path, load_spec
+from archplan.loader import load_spec, spec_as_file
 from archplan.modules.model import resolve_device
 from archplan.planning.layout import Layout, parse_layout
 from archplan.render import busy, report_console
@@ -77,10 +77,10 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         interleaved_1f1b(0, layout.pp, layout.vpp, m)  # the schedule's refusal of m, before any worker
         if kind == "cpu":
             _check_host_memory(plan, layout, seq, m, n)
-        # the workers have no standard input of their own: they read the copy this process made
-        argv = [str(find_spec_path(spec)) if spec == STDIN else spec, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
-                "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
-        with busy(f"{n} torchrun workers ({kind}): warm-up and {things(steps, 'timed step')}", enabled=not as_json):
+        with spec_as_file(spec) as path, busy(f"{n} torchrun workers ({kind}): warm-up and "
+                                              f"{things(steps, 'timed step')}", enabled=not as_json):
+            argv = [path, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
+                    "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
             result = launch(argv, n)
     settle(0 if result.states_ok else 1)
     if as_json:

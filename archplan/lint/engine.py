@@ -24,6 +24,9 @@ from archplan.errors import ArchplanError, dotted
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
 from archplan.loader import (
     DANGLING_LINK,
+    STDIN,
+    STDIN_LABEL,
+    STDIN_PATH,
     LoadedYaml,
     find_spec_path,
     parse_yaml,
@@ -162,6 +165,8 @@ def _file_key(path: Path) -> str:
     """The file a path names; a dangling or looping link names itself (two links to one missing
     target are two findings). realpath, unlike Path.resolve, neither raises on a loop nor meets
     ELOOP on a long path, as it follows one link at a time."""
+    if path == STDIN_PATH:
+        return STDIN_LABEL
     target = os.path.realpath(path)
     return target if os.path.exists(target) else os.path.join(os.path.realpath(path.parent), path.name)
 
@@ -187,6 +192,9 @@ def discover(paths: Sequence[str]) -> list[Path]:
                     # `configs/*` also matches the README and spec.schema.json beside the specs
                     found.append(path)
             continue
+        if arg == STDIN:  # standard input, as `cat` reads it: a file of that name is `./-`
+            found.append(STDIN_PATH)
+            continue
         path = Path(arg)
         if path.is_dir():
             found.extend(_walk_yaml(path))
@@ -194,8 +202,8 @@ def discover(paths: Sequence[str]) -> list[Path]:
             found.append(path)
         elif path.exists():
             raise ArchplanError("not a regular file or folder", file=arg)
-        elif arg in preset_names() or arg == "-":
-            found.append(find_spec_path(arg))  # a bundled preset by name, as everywhere, or standard input
+        elif arg in preset_names():
+            found.append(find_spec_path(arg))  # a bundled preset, by name as everywhere
         elif path.is_symlink():
             raise ArchplanError(DANGLING_LINK, file=arg)
         else:
