@@ -61,8 +61,8 @@ SpecArg = Annotated[
 ]
 SpecsArg = Annotated[
     list[str],
-    typer.Argument(help="Spec YAML paths or preset names (- reads one from standard input).", show_default=False, metavar="SPEC",
-                   autocompletion=complete_spec),
+    typer.Argument(help="Spec YAML paths or preset names (- reads one from standard input).", show_default=False,
+                   metavar="SPEC", autocompletion=complete_spec),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable).", metavar="")]
 # compare and presets print one object per spec: a JSON list

@@ -92,59 +92,74 @@ TRAINING_PANEL = "FLOPs and training memory"
 BUDGET_PANEL = "Token budget and GPU-hours"
 
 ContextOpt = Annotated[int | None, typer.Option(
-    "--context", rich_help_panel=INFERENCE_PANEL, parser=length_option, metavar="LENGTH",
+    "--context", parser=length_option, metavar="LENGTH",
     help="KV-cache context length, e.g. 8192 or 128k (k = 1024 here, as lengths are quoted; default: the "
-         "spec's max_seq_len).")]
-BatchOpt = Annotated[int, typer.Option("--batch", rich_help_panel=INFERENCE_PANEL, help="Sequences in the KV cache.")]
-KVDtypeOpt = Annotated[KVDTypeChoice, typer.Option("--kv-dtype", rich_help_panel=INFERENCE_PANEL, help="KV-cache storage dtype.")]
+         "spec's max_seq_len).",
+    rich_help_panel=INFERENCE_PANEL)]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch", help="Sequences in the KV cache.", rich_help_panel=INFERENCE_PANEL)]
+KVDtypeOpt = Annotated[KVDTypeChoice, typer.Option(
+    "--kv-dtype", help="KV-cache storage dtype.", rich_help_panel=INFERENCE_PANEL)]
 SeqOpt = Annotated[int | None, typer.Option(
-    "--seq", rich_help_panel=TRAINING_PANEL, parser=length_option, metavar="LENGTH",
+    "--seq", parser=length_option, metavar="LENGTH",
     help="Training/prefill sequence length for FLOPs and activations, e.g. 4096 or 4k (k = 1024) "
-         "(default: min(4096, max_seq_len)).")]
+         "(default: min(4096, max_seq_len)).",
+    rich_help_panel=TRAINING_PANEL)]
 MicroBatchOpt = Annotated[int, typer.Option(
-    "--micro-batch", rich_help_panel=TRAINING_PANEL, help="Sequences per micro-batch for activation memory.")]
+    "--micro-batch", help="Sequences per micro-batch for activation memory.",
+    rich_help_panel=TRAINING_PANEL)]
 RecomputeOpt = Annotated[RecomputeChoice, typer.Option(
-    "--recompute", rich_help_panel=TRAINING_PANEL, help="Activation recomputation (Korthikanti et al. 2022).")]
+    "--recompute", help="Activation recomputation (Korthikanti et al. 2022).",
+    rich_help_panel=TRAINING_PANEL)]
 KernelOpt = Annotated[MemoryKernelChoice, typer.Option(
-    "--attention-kernel", rich_help_panel=TRAINING_PANEL, help="Training activations of the attention core: eager keeps the s×s "
+    "--attention-kernel", help="Training activations of the attention core: eager keeps the s×s "
                                "probabilities without recompute (Korthikanti's rows); flash (FlashAttention, "
                                "torch SDPA) keeps an fp32 log-sum-exp instead; torch-cpu is what torch's SDPA "
                                "runs on a CPU (flash, but its math kernel for MLA's unequal q and v head "
-                               "sizes: fp32 q, k, v and probabilities), as bench --train measures there.")]
+                               "sizes: fp32 q, k, v and probabilities), as bench --train measures there.",
+    rich_help_panel=TRAINING_PANEL)]
 ActDTypeOpt = Annotated[ActDTypeChoice, typer.Option(
-    "--activation-dtype", rich_help_panel=TRAINING_PANEL, help="Dtype of the saved training activations (fp32: a run without autocast).")]
+    "--activation-dtype", help="Dtype of the saved training activations (fp32: a run without autocast).",
+    rich_help_panel=TRAINING_PANEL)]
 ResidualDTypeOpt = Annotated[ActDTypeChoice | None, typer.Option(
-    "--residual-dtype", rich_help_panel=TRAINING_PANEL, help="Dtype of the residual stream, which the norms' inputs and full recompute's "
+    "--residual-dtype", help="Dtype of the residual stream, which the norms' inputs and full recompute's "
                              "layer inputs keep: fp32 under torch autocast with fp32 weights (what bench "
                              "--train runs) or Megatron-LM's --fp32-residual-connection (default: the "
                              "activation dtype).",
-    show_default=False)]
+    show_default=False, rich_help_panel=TRAINING_PANEL)]
 AutocastOpt = Annotated[bool, typer.Option(
-    "--autocast", rich_help_panel=TRAINING_PANEL, help="torch.autocast over fp32 weights (bench --train in bf16; Hugging Face's Trainer "
+    "--autocast", help="torch.autocast over fp32 weights (bench --train in bf16; Hugging Face's Trainer "
                        "with bf16): the residual stream in fp32 and each projection's own 16-bit cast of its "
                        "input. The default is Megatron's and FSDP2's mixed precision, which casts the weights "
-                       "and hands every projection one 16-bit tensor.", metavar="")]
+                       "and hands every projection one 16-bit tensor.", metavar="",
+    rich_help_panel=TRAINING_PANEL)]
 QuantizeOpt = Annotated[QuantizeChoice, typer.Option(
-    "--quantize", rich_help_panel=INFERENCE_PANEL, help="Which weights the fp8, int8 and int4 inference rows store at that width: all (every "
+    "--quantize", help="Which weights the fp8, int8 and int4 inference rows store at that width: all (every "
                        "parameter) or linear (the layers' matmul weights, Mamba's projections among them; the "
                        "embedding, LM head, MoE routers, norms, biases and convolutions in bf16, as vLLM's fp8 "
                        "and int8 methods and GPTQ/AWQ leave a transformer's). "
-                       "int4-g128 is linear either way.")]
+                       "int4-g128 is linear either way.",
+    rich_help_panel=INFERENCE_PANEL)]
 TokensOpt = Annotated[str | None, typer.Option(
-    "--tokens", rich_help_panel=BUDGET_PANEL, help="Training tokens, e.g. 15T or 1.4e12 (SI: 1M = 10^6; default: the spec's training.tokens, else 20 per "
-    "parameter).")]
+    "--tokens", help="Training tokens, e.g. 15T or 1.4e12 (SI: 1M = 10^6; default: the spec's training.tokens, else 20 per "
+    "parameter).",
+    rich_help_panel=BUDGET_PANEL)]
 GpuOpt = Annotated[str | None, typer.Option(
-    "--gpu", rich_help_panel=BUDGET_PANEL, help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...",
-    autocompletion=complete_gpu)]
+    "--gpu", help="Accelerator for GPU-hours: h100, a100, h200, b200, gb200, mi300x, ...",
+    autocompletion=complete_gpu,
+    rich_help_panel=BUDGET_PANEL)]
 MfuOpt = Annotated[float | None, typer.Option(
-    "--mfu", rich_help_panel=BUDGET_PANEL, help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4], over the model FLOPs of "
+    "--mfu", help="Model-FLOPs utilisation for the GPU-hours of --gpu [0.4], over the model FLOPs of "
                   "--attention (full by default; bench and plan measure MFU over causal attention, so "
-                  "give --attention causal with an MFU they printed).", show_default=False)]
+                  "give --attention causal with an MFU they printed).", show_default=False,
+    rich_help_panel=BUDGET_PANEL)]
 LawOpt = Annotated[list[LawChoice] | None, typer.Option(
-    "--law", rich_help_panel=BUDGET_PANEL, help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024; plan's "
-    "names chinchilla and epoch are the same two).")]
+    "--law", help="Approach-3 fit(s) to show, repeatable (default: hoffmann2022 and besiroglu2024; plan's "
+    "names chinchilla and epoch are the same two).",
+    rich_help_panel=BUDGET_PANEL)]
 AttentionOpt = Annotated[AttentionChoice, typer.Option(
-    "--attention", rich_help_panel=TRAINING_PANEL, help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.")]
+    "--attention", help="Attention-core FLOPs in the headline figures: full T² square or causal pairs only.",
+    rich_help_panel=TRAINING_PANEL)]
 PlotOpt = Annotated[str | None, typer.Option(
     "--plot", help="Write a figure (PNG/SVG/PDF by suffix); needs matplotlib.")]
 PlotForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.", metavar="")]
