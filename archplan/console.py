@@ -167,10 +167,10 @@ class _OptionsTable(Table):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if len(self.columns) >= 3 and self.columns[-1].ratio:
             # a choice list is one word (`<megatron|zero|fsdp2|deepspeed>`), which rich would keep
-            # whole at the help's expense: past a quarter of the width it folds, and the help keeps
-            # a third of the width (at most 30), where at 80 columns it had 12 and `plan --help`
-            # ran to 771 lines of `FlashAttenti / on`
-            self.columns[-2].max_width = options.max_width // 4
+            # whole at the help's expense: past a quarter of the width (and the cell's two columns
+            # of padding) it folds, and the help keeps a third of the width (at most 30), where at
+            # 80 columns it had 12 and `plan --help` ran to 771 lines of `FlashAttenti / on`
+            self.columns[-2].max_width = options.max_width // 4 + 2
             self.columns[-1].min_width = min(30, options.max_width // 3)
         yield from super().__rich_console__(console, options)
 

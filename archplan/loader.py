@@ -346,7 +346,7 @@ STDIN_LABEL = "<stdin>"
 # What `find_spec_path` gives for `-`, and what `read_text` reads standard input for: not Path("-"),
 # which `./-`, a file of that name, also is
 STDIN_PATH = Path("/dev/stdin")
-PIPE_HINT = "pipe a spec in (`archplan import hf config.json | archplan size -`)"
+PIPE_HINT = "pipe a spec in (e.g. `archplan import hf config.json | archplan size -`)"
 
 
 @functools.cache
@@ -378,13 +378,17 @@ def spec_as_file(name_or_path: str) -> Iterator[str]:
 
 
 def spec_label(path: Path) -> str:
-    """How a found spec file is named in messages: `<stdin>` for what was piped in."""
-    return STDIN_LABEL if path == STDIN_PATH else str(path)
+    """How a found spec file is named in messages: `<stdin>` for what was piped in, `./-` for a
+    file named `-` (which, given as `-`, would read standard input)."""
+    if path == STDIN_PATH:
+        return STDIN_LABEL
+    return f"./{STDIN}" if str(path) == STDIN else str(path)
 
 
 def spec_source(name_or_path: str) -> str:
-    """How a spec given on the command line is named in messages and reports: `<stdin>` for `-`."""
-    return STDIN_LABEL if name_or_path == STDIN else name_or_path
+    """How a spec given on the command line is named in messages and reports: `<stdin>` for `-`
+    and /dev/stdin, anything else as typed."""
+    return STDIN_LABEL if name_or_path == STDIN or Path(name_or_path) == STDIN_PATH else name_or_path
 
 
 def read_text(path: Path) -> str:

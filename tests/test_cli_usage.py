@@ -534,6 +534,19 @@ def test_a_dash_is_standard_input_even_beside_a_file_of_that_name(tmp_path: Path
     local = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "size", "./-", "--json"],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert local.returncode == 0 and json.loads(local.stdout)["name"] == "gpt2"
+    # lint names that file as it was given, not `-`, which would read standard input
+    linted = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "lint", "./-"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert linted.stdout.startswith("./-:6:1: AP007 warning: vocab_size 50,257")
+
+
+def test_dev_stdin_is_standard_input_named_alike() -> None:
+    """`/dev/stdin` read the pipe in size but was "not a regular file or folder" to lint, and its
+    errors named /dev/stdin where `-`'s name <stdin>."""
+    broken = (PRESETS / "gpt2.yaml").read_text().replace("vocab_size: 50257", "vocab_size: -1")
+    for command, code in (("size", 2), ("lint", 1)):
+        result = piped(command, "/dev/stdin", stdin=broken)
+        assert result.returncode == code and "<stdin>:" in result.stdout + result.stderr, result.stderr
 
 
 def test_lint_reports_unreadable_standard_input_as_it_reports_a_file() -> None:

@@ -1554,6 +1554,47 @@ def test_a_terminated_launcher_takes_torchrun_and_its_workers_down(tmp_path: Pat
     assert not any(_running(pid) for pid in children)
 
 
+def test_a_launcher_inside_bench_s_signal_guard_still_takes_torchrun_down(tmp_path: Path) -> None:
+    """`bench --nproc` turns the ending signals into SystemExit before it writes a piped spec's
+    copy, and `_run_group` runs inside that guard: its own finds the handlers taken and installs
+    none, and a SIGTERM still stops the stand-in torchrun and its worker."""
+    import signal
+    import time
+
+    guard = "from archplan.distributed.workers import ending_signals_exit; ending_signals_exit().__enter__(); "
+    proc, children = _stand_in_launcher(tmp_path, prelude=guard)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert not any(_running(pid) for pid in children)
+
+
+def test_a_signal_before_torchrun_starts_still_removes_the_piped_spec_s_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM in the moment between the copy of a piped spec and torchrun's start killed the
+    process by its default action and left the copy in the system's temporary folder."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from archplan import loader
+    from archplan.distributed.workers import ending_signals_exit
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("the guard installs its handler on the main thread over the default action only")
+    monkeypatch.setattr(loader, "stdin_bytes", lambda: b"name: piped\n")
+    copies: list[Path] = []
+    with pytest.raises(SystemExit) as stopped:
+        with ending_signals_exit(), loader.spec_as_file("-") as path:
+            copies.append(Path(path))
+            assert copies[0].read_text() == "name: piped\n"
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here, in the main thread, at once
+    assert stopped.value.code == 128 + signal.SIGTERM and not copies[0].exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_a_launcher_under_nohup_survives_the_hangup(tmp_path: Path) -> None:
     """A SIGHUP the caller ignores (nohup) stays ignored: passing it on would end a run its user
     meant to outlive the terminal. SIGTERM still takes it all down."""

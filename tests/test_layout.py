@@ -2662,3 +2662,19 @@ def test_an_moe_layout_with_tensor_parallelism_notes_the_expert_tp_it_prices(
         code, out, _ = run(capsys, monkeypatch, "plan", args[0], "--gpus", "64", "--gpu", "h100", "--seq", "4096",
                            *args[1:], "--json")
         assert code == 0 and not any("expert tensor parallelism" in n for n in json.loads(out)["notes"])
+
+
+def test_a_pcie_card_s_runs_judge_its_family() -> None:
+    """The PCIe cards are labelled apart from their model's SXM modules ("A100 PCIe"), and a run
+    on one, once held out, reads back as a run of its family: the label was parsed as the GPU
+    name `a100 pcie`, which no GPU has, and every plan on that family would have stopped there."""
+    import dataclasses
+
+    from archplan.hardware import accelerator
+    from archplan.planning.accuracy import HELD_OUT, label, model_in_runs, own_runs
+
+    assert label(accelerator("a100-pcie")) == "A100 PCIe" and label(accelerator("a100-80gb")) == "A100"
+    with_pcie = dataclasses.replace(HELD_OUT["hopper"], gpus="H100 PCIe/H100")
+    assert own_runs(accelerator("h200"), with_pcie) and not model_in_runs(accelerator("h200"), with_pcie)
+    assert model_in_runs(accelerator("h100-pcie"), with_pcie)
+    assert not own_runs(accelerator("a100"), with_pcie)

@@ -44,8 +44,8 @@ from archplan.bench.timing import Timing, progress_bar, time_calls
 from archplan.console import echo, figure_written
 from archplan.dtypes import DType, nbytes
 from archplan.errors import ArchplanError
-from archplan.render import report_console
 from archplan.modules.model import build_model, resolve_device
+from archplan.render import report_console
 from archplan.resolve import ModelPlan
 from archplan.units import amount, count, nbytes as fmt_bytes
 

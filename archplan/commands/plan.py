@@ -929,8 +929,11 @@ def _accuracy_text(spec: Spec, result: SearchResult, accuracy: HeldOutAccuracy) 
     from archplan.planning.accuracy import label, model_in_runs, own_runs, unjudged_mixers
 
     mixers, own = unjudged_mixers(spec), own_runs(result.gpu, accuracy)
+    # a GPU judged by its family's runs on another model of it (H200 by H100 runs) is told so;
+    # one judged by none says so below
+    none_on = None if not own or model_in_runs(result.gpu, accuracy) else label(result.gpu)
     if own and mixers is None:
-        return accuracy.text(None if model_in_runs(result.gpu, accuracy) else label(result.gpu))
+        return accuracy.text(none_on)
     subject = f"a model with {mixers} mixers" if mixers else "an MoE model" if accuracy.moe else None
     run = "no published run" + (f" of {subject}" if subject else "") + ("" if own else f" on the {result.gpu.name}")
     if mixers:
@@ -940,7 +943,7 @@ def _accuracy_text(spec: Spec, result: SearchResult, accuracy: HeldOutAccuracy) 
     else:
         others = "other GPUs priced with Hopper's fractions"
     return (f"accuracy: {run} was held out; the nearest check is the {others}, "
-            f"{accuracy.text().removeprefix('accuracy: ')}")
+            f"{accuracy.text(none_on).removeprefix('accuracy: ')}")
 
 
 def _layout_json(spec: Spec, result: SearchResult, tokens: float, source: str,

@@ -21,7 +21,15 @@ from archplan.console import echo, settle
 from archplan.distributed.mesh import available_host_bytes
 from archplan.distributed.render import default_microbatches, given_layout, schedule_name
 from archplan.distributed.step import interleaved_1f1b
-from archplan.distributed.workers import DistBench, WorkersFailed, launch, run_worker, under_launcher, write_result
+from archplan.distributed.workers import (
+    DistBench,
+    WorkersFailed,
+    ending_signals_exit,
+    launch,
+    run_worker,
+    under_launcher,
+    write_result,
+)
 from archplan.errors import ArchplanError, first_line
 from archplan.loader import load_spec, spec_as_file
 from archplan.modules.model import resolve_device
@@ -77,8 +85,10 @@ def bench_layout(spec: str, layout_text: str, *, nproc: int | None, seq: int, mi
         interleaved_1f1b(0, layout.pp, layout.vpp, m)  # the schedule's refusal of m, before any worker
         if kind == "cpu":
             _check_host_memory(plan, layout, seq, m, n)
-        with spec_as_file(spec) as path, busy(f"{n} torchrun workers ({kind}): warm-up and "
-                                              f"{things(steps, 'timed step')}", enabled=not as_json):
+        # a signal that ends this process ends it through the block's exits from the start: a
+        # piped spec's copy is removed even if the signal comes before torchrun does
+        with ending_signals_exit(), spec_as_file(spec) as path, \
+                busy(f"{n} torchrun workers ({kind}): warm-up and {things(steps, 'timed step')}", enabled=not as_json):
             argv = [path, "--layout", layout.spec, "--seq", str(seq), "--microbatches", str(m),
                     "--warmup", str(warmup), "--iters", str(steps), "--device", kind]
             result = launch(argv, n)

@@ -81,12 +81,12 @@ def render(r: TrainBench, built: int, in_spec: int) -> None:
     residual = (", under autocast: the residual stream in fp32, each projection's own 16-bit cast of its "
                 "input and S4's kernel in autocast's casts (size --autocast)" if r.dtype == "bf16" else "")
     console.print(f"  measured with {r.method}; size's activations with attention kernel "
-                    f"{r.attention_kernel}{residual}{units}, and the rotary tables, ALiBi biases and window masks "
-                    "archplan's modules share, once for the model (size's count leaves them out); GiB = 2^30 B")
+                  f"{r.attention_kernel}{residual}{units}, and the rotary tables, ALiBi biases and window masks "
+                  "archplan's modules share, once for the model (size's count leaves them out); GiB = 2^30 B")
     rerun = f"; with the recompute's re-run, HFU {percent(r.hfu)}" if r.hardware_flops != r.model_flops else ""
     console.print(f"  speed: {flops(r.model_flops / step, 'FLOP/s')} of model FLOPs ({flops(r.model_flops)} per "
-                    f"step: {TRAINING_FLOPS_CONVENTION}), MFU "
-                    f"{percent(r.mfu)} of the dense {r.dtype} peak {flops(r.peak_flops, 'FLOP/s')} "
-                    f"({r.peak_source}){rerun}")
+                  f"step: {TRAINING_FLOPS_CONVENTION}), MFU "
+                  f"{percent(r.mfu)} of the dense {r.dtype} peak {flops(r.peak_flops, 'FLOP/s')} "
+                  f"({r.peak_source}){rerun}")
     if r.noise is not None:
         Console(stderr=True).print(f"note: {r.noise}")

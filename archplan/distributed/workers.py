@@ -26,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -274,8 +276,10 @@ def launch(argv: list[str], nproc: int) -> DistBench:
         paths = [_package_root(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         env = {**os.environ, OUT_ENV: str(out), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join(paths)}
+        # --log-dir: torchrun's own folder (its workers' error files) inside this one, removed with
+        # it; by default torchrun makes a torchelastic_* folder in the system's and leaves it there
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "archplan.cli", "bench", *argv]
+               f"--log-dir={Path(tmp, 'torchrun')}", "-m", "archplan.cli", "bench", *argv]
         done = _run_group(cmd, env)
         if done.returncode != 0 or not out.exists():
             output = done.stdout + done.stderr
@@ -298,29 +302,43 @@ def _run_group(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     ends a process with (`ENDING_SIGNALS`; SIGKILL cannot be caught, and leaves them running). Off
     the main thread, where no handler can be installed, torchrun stays in this process's group
     instead, and the signals sent to the group reach it directly."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    separate = main_thread and hasattr(os, "killpg")  # POSIX: Windows has no process groups to signal
+    separate = threading.current_thread() is threading.main_thread() and hasattr(os, "killpg")  # POSIX only
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=separate)
-    # only the signals that would end this process as things stand: one ignored (nohup's SIGHUP) or
-    # handled by the caller keeps its meaning
-    present = [getattr(signal, name) for name in ENDING_SIGNALS if hasattr(signal, name)] if separate else []
+    try:
+        with ending_signals_exit(enabled=separate):
+            stdout, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            _stop(proc, separate)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@contextmanager
+def ending_signals_exit(enabled: bool = True) -> Iterator[None]:
+    """While the block runs, the signals that would end this process by their default action
+    (`ENDING_SIGNALS`) raise SystemExit(128 + signum) instead, so that its `finally` and `with`
+    exits run: torchrun's group is taken down, the workers' private files removed. A signal
+    ignored (nohup's SIGHUP) or handled by the caller keeps its meaning; off the main thread no
+    handler can be installed, and the block runs as it is."""
+    enabled = enabled and threading.current_thread() is threading.main_thread()
+    present = [getattr(signal, name) for name in ENDING_SIGNALS if hasattr(signal, name)] if enabled else []
     passed_on = [signum for signum in present if signal.getsignal(signum) == signal.SIG_DFL]
     previous = {signum: signal.getsignal(signum) for signum in passed_on}
 
     def stop(signum: int, _frame: object) -> None:
+        # a second signal, while the exits run (torchrun's group stopping), ends the process
+        for passed, handler in previous.items():
+            signal.signal(passed, handler)
         raise SystemExit(128 + signum)
 
     for signum in passed_on:
         signal.signal(signum, stop)
     try:
-        stdout, stderr = proc.communicate()
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if proc.poll() is None:
-            _stop(proc, separate)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _stop(proc: subprocess.Popen[str], group: bool) -> None:

@@ -192,7 +192,7 @@ def discover(paths: Sequence[str]) -> list[Path]:
                     # `configs/*` also matches the README and spec.schema.json beside the specs
                     found.append(path)
             continue
-        if arg == STDIN:  # standard input, as `cat` reads it: a file of that name is `./-`
+        if arg == STDIN or Path(arg) == STDIN_PATH:  # standard input, as `cat` reads it: a file named `-` is `./-`
             found.append(STDIN_PATH)
             continue
         path = Path(arg)

@@ -19,9 +19,10 @@ has at least `MIN_ENGINE_RUNS` of them, and the family's figures otherwise.
 Models that route tokens to experts are judged apart (`HELD_OUT_MOE`): the model's pricing of
 fine-grained MoE misses by far more than its pricing of dense models (Megatron-Bridge's Qwen3-30B-A3B
 runs measured up to 3.0× slower than priced in the releases NVIDIA filed as a 2× regression, and
-Qwen3-235B-A22B's up to 2.1× at the NCCL all-to-all on B300, 1.8× elsewhere; docs/validation.md, "The Qwen3 MoE rows" and "The archive's newer
-containers"), and their misses would otherwise widen every dense plan's statement. The family and engine figures are over
-the dense runs; the MoE figures over every MoE run, whatever its GPU or engine (too few to split)."""
+Qwen3-235B-A22B's up to 2.1× at the NCCL all-to-all on B300, 1.8× elsewhere; docs/validation.md,
+"The Qwen3 MoE rows" and "The archive's newer containers"), and their misses would otherwise widen
+every dense plan's statement. The family and engine figures are over the dense runs; the MoE
+figures over every MoE run, whatever its GPU or engine (too few to split)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ def own_runs(gpu: Accelerator, accuracy: HeldOutAccuracy) -> bool:
     (another vendor's GPU, say) they are merely the nearest check."""
     if family(gpu) == UNCALIBRATED:
         return model_in_runs(gpu, accuracy)
-    return any(family(accelerator(name.lower())) == family(gpu) for name in accuracy.gpus.split("/"))
+    # the labels back to keys: "A100 PCIe" is a100-pcie
+    return any(family(accelerator(name.lower().replace(" ", "-"))) == family(gpu)
+               for name in accuracy.gpus.split("/"))
 
 
 @dataclass(frozen=True)
