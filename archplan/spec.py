@@ -234,7 +234,8 @@ class MLA(Frozen):
     q_lora_rank: Dim | None = Field(None, description="None: a plain q_proj (DeepSeek-V2-Lite).")
     kv_lora_rank: Dim
     qk_nope_head_dim: Dim
-    qk_rope_head_dim: Dim
+    # even: rotary pairs its dimensions (the loader's validator says so; the schema, for editors)
+    qk_rope_head_dim: Dim = Field(json_schema_extra={"multipleOf": 2})
     v_head_dim: Dim
     sliding_window: Dim | None = None
     latent_norm_eps: Number = Field(
@@ -295,7 +296,8 @@ SSM = Annotated[Union[Mamba1, Mamba2], Field(discriminator="kind")]
 
 # ------------------------------------------------------------------- long convolutions (letter H)
 class _S4Fields(Frozen):
-    d_state: Dim = Field(64, description="N: state size; N/2 complex modes are kept (conjugate pairs).")
+    d_state: Dim = Field(64, description="N: state size; N/2 complex modes are kept (conjugate pairs).",
+                         json_schema_extra={"multipleOf": 2})
     n_ssm: Dim | None = Field(
         None, description="Copies of (A, B): None = one per channel (d_model, the s4 code default); 1 in the published configs."
     )
@@ -335,7 +337,8 @@ class Hyena(Frozen):
     order: Annotated[Int, Field(ge=2, le=16)] = 2
     filter_order: Dim = Field(64, description="Width F of the implicit filter MLP.")
     filter_depth: Annotated[Int, Field(ge=0, le=64)] = Field(2, description="Inner Linear(F, F) + Sin layers.")
-    emb_dim: Dim = Field(3, description="Positional features E = 1 + 2·bands (odd, >= 3): t, cos, sin.")
+    emb_dim: Dim = Field(3, description="Positional features E = 1 + 2·bands (odd, >= 3): t, cos, sin.",
+                         json_schema_extra={"minimum": 3, "not": {"multipleOf": 2}})
     short_filter: Dim = Field(3, description="Taps of the short causal depthwise conv.")
     l_max: Dim = Field(description="Longest filter; the positional table has l_max rows.")
     trainable_positions: Bool = Field(

@@ -12,7 +12,8 @@ import pytest
 
 from archplan.cli import main
 from archplan.commands.schema import render_schema
-from archplan.loader import parse_yaml
+from archplan.errors import ArchplanError
+from archplan.loader import PRESETS_DIR, LoadedYaml, parse_yaml, spec_from_data
 
 pytestmark = pytest.mark.xdist_group("test_schema")
 
@@ -77,6 +78,26 @@ def test_schema_rejects_what_the_spec_rejects(validator) -> None:
     assert not validator.is_valid({**good, "name": "a\x1b[31mb"})
     assert not validator.is_valid({**good, "description": "x\x07"})
     assert validator.is_valid({**good, "description": "two\nlines\tand a tab"})
+
+
+@pytest.mark.parametrize(("block", "field", "value", "said"), [
+    ("long_conv", "emb_dim", 1, "must be odd and >= 3"),
+    ("long_conv", "emb_dim", 4, "must be odd and >= 3"),
+    ("long_conv", "d_state", 63, "is odd"),
+    ("attention", "qk_rope_head_dim", 7, "must be even"),
+])
+def test_the_schema_refuses_the_one_field_rules_the_loader_does(validator, block: str, field: str, value: int,
+                                                                said: str) -> None:
+    """An editor took an even Hyena emb_dim, an odd S4 d_state and an odd MLA rope head size that
+    `size` then refused: rules of one field each, which JSON Schema can state."""
+    base = {"long_conv": {"emb_dim": "hyena-153m", "d_state": "s4d-lm"},
+            "attention": {"qk_rope_head_dim": "deepseek-v3"}}[block][field]
+    data = parse_yaml((PRESETS_DIR / f"{base}.yaml").read_text(encoding="utf-8"), base).data
+    assert validator.is_valid(data)
+    broken = {**data, block: {**data[block], field: value}}
+    assert not validator.is_valid(broken)
+    with pytest.raises(ArchplanError, match=said):
+        spec_from_data(LoadedYaml(broken, {}), base)
 
 
 def test_schema_command_prints_and_writes(tmp_path, monkeypatch, capsys) -> None:
