@@ -57,7 +57,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         # PyYAML's scalar constructors raise plain Python errors on a value their tag cannot take
-        # (`2024-13-45` as a date, `!!bool maybe`, `!!int abc`, an integer of more digits than
+        # (`!!timestamp 2024-13-45`, `!!bool maybe`, `!!int abc`, an integer of more digits than
         # Python converts, an empty `!!int` or `!!float`, which indexes past its text): name the
         # node's place and say what went wrong, as a syntax error does
         try:
@@ -123,19 +123,24 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 
 class Yaml11Number(str):
-    """An unquoted scalar that YAML 1.1 (PyYAML) reads as a number and YAML 1.2 does not: a leading
-    zero is octal (`010000` is 4096), `0b` binary, colons base 60 (`3:20` is 200), and underscores
-    separate digits (`4_096`). YAML 1.2, which editors and the JSON Schema of `archplan schema`
-    follow, reads each as text. Kept as its text, so a name or a description keeps what was
-    written and a number field refuses it, saying what 1.1 would have made of it (`reading`)
-    instead of taking that number without a word."""
+    """An unquoted scalar that YAML 1.1 (PyYAML) and YAML 1.2 (editors, the JSON Schema of
+    `archplan schema`) read differently. To 1.1 a leading zero is octal (`010000` is 4096), `0b`
+    binary, colons base 60 (`3:20` is 200), and underscores separate digits (`4_096`); 1.2 reads a
+    leading zero as decimal (`010000` is 10000, `08` is 8), `0o` as octal (`0o100` is 64), and the
+    others as text, where 1.1 reads `08` and `0o100` as text. Kept as its text, so a name or a
+    description keeps what was written and a number field refuses it, saying what each version
+    makes of it (`reading`) instead of taking one number without a word."""
 
     reading: str
 
 
-# the YAML 1.1 int and float forms that YAML 1.2 reads otherwise (PyYAML's resolver.py): octal,
-# base 60, binary, and digits with underscores (decimal ints start 1-9 there; floats as `_FLOAT`)
+# the int and float forms YAML 1.1 and 1.2 read otherwise (PyYAML's resolver.py; the 1.2 core
+# schema): a leading zero (1.1's octal, 1.2's decimal; with an 8 or 9, 1.1's text), 1.2's `0o`
+# octal, base 60, binary, and digits with underscores (decimal ints start 1-9 in 1.1; floats as
+# `_FLOAT`)
 _YAML11_ONLY = re.compile(r"""^(?:[-+]?0[0-7_]+
+    |[-+]?0[0-9_]*[89][0-9_]*
+    |[-+]?0o[0-7_]+
     |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?
     |[-+]?0b[01_]+
     |[-+]?0x[0-9a-fA-F_]*_[0-9a-fA-F_]*
@@ -158,9 +163,17 @@ def _construct_yaml11_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> 
     elif digits.startswith("0b"):
         value = int(digits[2:].replace("_", ""), 2)
         text.reading = f"YAML 1.1 reads 0b as binary, {sign}{value:,}; write {sign}{value}"
+    elif digits.startswith("0o"):
+        value = int(digits[2:].replace("_", ""), 8)
+        text.reading = f"YAML 1.2 (editors) reads 0o as octal, {sign}{value:,}, and YAML 1.1 as text; write {sign}{value}"
     elif re.fullmatch(r"0[0-7_]+", digits):
-        text.reading = (f"YAML 1.1 reads a leading zero as octal, {sign}{int(digits.replace('_', ''), 8):,}; "
-                        f"write {sign}{digits.lstrip('0_') or '0'}")
+        decimal = int(digits.replace("_", ""))
+        text.reading = (f"YAML 1.1 reads a leading zero as octal, {sign}{int(digits.replace('_', ''), 8):,}, and "
+                        f"YAML 1.2 (editors) as decimal, {sign}{decimal:,}; write the one meant without it")
+    elif re.fullmatch(r"0[0-9_]+", digits):
+        decimal = int(digits.replace("_", ""))
+        text.reading = (f"YAML 1.2 (editors) reads a leading zero as decimal, {sign}{decimal:,}, and YAML 1.1 "
+                        f"as text, having no 8 or 9 in octal; write {sign}{decimal}")
     else:
         plain = text.replace("_", "")
         text.reading = f"YAML 1.1 reads the underscores as digit separators and YAML 1.2 as text; write {plain}"
@@ -171,6 +184,13 @@ def _construct_yaml11_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> 
 for _first in "-+0123456789.":
     _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_YAML11_TAG, _YAML11_ONLY))
 _Loader.add_constructor(_YAML11_TAG, _construct_yaml11_number)
+
+# No implicit dates: YAML 1.2's core schema, which editors follow, has none, so `name: 2024-06-01`
+# is the text an editor validated, not a date the loader refused (an explicit `!!timestamp` stays
+# one, and a field that wants a string or a number refuses it by name).
+for _first, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:timestamp"]
 
 # YAML 1.2's booleans only. YAML 1.1 (PyYAML) also reads yes/no/on/off as booleans, which YAML 1.2,
 # editors and the JSON Schema read as text: `tied: yes` loaded as true where the editor flagged it,
@@ -540,8 +560,8 @@ def _not_a_mapping(loaded: LoadedYaml, path: tuple, value: Any) -> str:
 
 
 def _as_yaml(value: Any, most: int = 80) -> str:
-    """A value as YAML wrote it, not as Python prints it: `null`, not None; a date YAML read from
-    2024-01-01, not datetime.date(2024, 1, 1)."""
+    """A value as YAML wrote it, not as Python prints it: `null`, not None; a date tagged
+    `!!timestamp 2024-01-01`, not datetime.date(2024, 1, 1)."""
     if value is None:
         return "null"
     if isinstance(value, list):
@@ -549,7 +569,7 @@ def _as_yaml(value: Any, most: int = 80) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, datetime.date):
-        return f"the date {value.isoformat()} (YAML reads an unquoted date as one)"
+        return f"the date {value.isoformat()} (!!timestamp)"
     if isinstance(value, bytes):
         return "binary data (!!binary)"
     if isinstance(value, str) and not value:

@@ -275,10 +275,12 @@ def test_a_number_field_is_finite(cli, tmp_path: Path, value: str) -> None:  # t
 @pytest.mark.parametrize(("old", "new", "said"), [
     ("n_layers: 2", "n_layers: null", "n_layers: expected an integer, got null"),
     ("n_layers: 2", "n_layers: [2]", "n_layers: expected an integer, got a list"),
-    ("n_layers: 2", "n_layers: 2024-01-01", "n_layers: expected an integer, got the date 2024-01-01"),
+    # YAML 1.2 (editors) has no implicit dates: the text, which a number field refuses by name
+    ("n_layers: 2", "n_layers: 2024-01-01", "n_layers: expected an integer, got the string '2024-01-01'"),
+    ("n_layers: 2", "n_layers: !!timestamp 2024-01-01", "n_layers: expected an integer, got the date 2024-01-01"),
     ("n_layers: 2", "n_layers: !!binary aGVsbG8=", "n_layers: binary data (!!binary) is no spec value"),
-    ("name: tiny", "name: 2024-01-01", "name: expected a string, got the date 2024-01-01 (YAML reads an unquoted "
-                                       "date as one); quote it"),
+    ("name: tiny", "name: !!timestamp 2024-01-01", "name: expected a string, got the date 2024-01-01 "
+                                                   "(!!timestamp); quote it"),
     ("n_layers: 2", 'n_layers: 2\nlayout: {mixers: ""}', "layout.mixers: expected a pattern of the letters A"),
     ("n_layers: 2", "n_layers: 2\nnorm: null", "norm: expected a mapping with the fields kind, bias, eps, affine; "
                                                "got null"),
@@ -457,7 +459,13 @@ def test_a_boolean_field_takes_only_a_boolean(cli, tmp_path: Path, value: str, s
 
 
 @pytest.mark.parametrize(("value", "said"), [
-    ("010000", "expected an integer, got 010000: YAML 1.1 reads a leading zero as octal, 4,096; write 10000"),
+    ("010000", "expected an integer, got 010000: YAML 1.1 reads a leading zero as octal, 4,096, and YAML 1.2 "
+               "(editors) as decimal, 10,000; write the one meant without it"),
+    # YAML 1.2's readings of what 1.1 reads as text: an editor took `08` and `0o100` as numbers
+    ("08", "expected an integer, got 08: YAML 1.2 (editors) reads a leading zero as decimal, 8, and YAML 1.1 as "
+           "text, having no 8 or 9 in octal; write 8"),
+    ("0o100", "expected an integer, got 0o100: YAML 1.2 (editors) reads 0o as octal, 64, and YAML 1.1 as text; "
+              "write 64"),
     ("1:04", "expected an integer, got 1:04: YAML 1.1 reads it in base 60, as 64"),
     ("0b1000000", "expected an integer, got 0b1000000: YAML 1.1 reads 0b as binary, 64; write 64"),
     ("6_4", "expected an integer, got 6_4: YAML 1.1 reads the underscores as digit separators and YAML 1.2 as "
@@ -469,7 +477,7 @@ def test_a_number_only_yaml_1_1_reads_is_refused(cli, tmp_path: Path, value: str
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", said)
 
 
-@pytest.mark.parametrize("name", ["10:30", "1_000", "no", "on"])
+@pytest.mark.parametrize("name", ["10:30", "1_000", "no", "on", "2024-06-01", "08", "0o17"])
 def test_a_name_keeps_what_yaml_1_1_would_read_as_a_number_or_a_boolean(cli, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, f"name: {name}\n" + BASE.split("\n", 1)[1])
     outcome = cli("size", path, "--json")
@@ -569,8 +577,8 @@ def test_a_yaml_error_names_a_line_the_file_has(text: str, said: str) -> None:
 
 
 @pytest.mark.parametrize(("value", "said"), [
-    ("2024-13-45", "x:2:11: invalid YAML: '2024-13-45' cannot be read as a YAML timestamp (month must be in "
-                   "1..12); quote it if it is text"),
+    ("!!timestamp 2024-13-45", "x:2:11: invalid YAML: '2024-13-45' cannot be read as a YAML timestamp (month "
+                               "must be in 1..12); quote it if it is text"),
     ("!!int abc", "x:2:11: invalid YAML: 'abc' cannot be read as a YAML int (invalid literal for int() with "
                   "base 10: 'abc'); quote it if it is text"),
     ("!!bool maybe", "x:2:11: invalid YAML: 'maybe' cannot be read as a YAML bool (not written as one); quote it "

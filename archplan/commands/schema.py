@@ -75,10 +75,12 @@ def register(app: typer.Typer) -> None:
         "Print the JSON Schema of a spec (Pydantic), for editor completion and validation.\n\n"
         "Put `# yaml-language-server: $schema=<path>/spec.schema.json` at the top of a spec to get "
         "completion and checking in editors that use yaml-language-server (VS Code YAML, Neovim). "
-        "The package ships it too (`archplan/spec.schema.json`, which `archplan import hf` points at).\n\n"
+        "The package ships it too (`archplan/spec.schema.json`, which `archplan import hf` and "
+        "`archplan presets NAME` point at). The rules across fields (GQA groups, layout letters "
+        "against the blocks, budgets) are checked by `archplan lint`, not by the schema.\n\n"
         "Examples:\n\n"
         "  archplan schema > spec.schema.json\n\n"
-        "  archplan schema --output archplan/spec.schema.json --force"
+        "  archplan schema -o configs/spec.schema.json --force"
     ))
     def schema(
         output: Annotated[str | None, typer.Option(
