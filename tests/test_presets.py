@@ -114,7 +114,7 @@ def test_presets_name_prints_and_writes_the_preset_to_start_from(tmp_path: Path)
     from typer.testing import CliRunner
 
     from archplan.cli import app
-    from archplan.commands.schema import schema_file
+    from archplan.modeline import schema_file
     from archplan.errors import ArchplanError
 
     runner = CliRunner()

@@ -72,7 +72,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_the_installed_wheel_is_what_runs(venv: Path, tmp_path: Path) -> None:
     out = _run(venv / "bin" / "python", "-c",
-               "import archplan, archplan.loader as l, archplan.commands.schema as s;"
+               "import archplan, archplan.loader as l, archplan.modeline as s;"
                "print(archplan.__file__); print(l.PRESETS_DIR); print(s.schema_file())", cwd=tmp_path)
     package, presets, schema = (Path(line) for line in out.stdout.splitlines())
     site = venv / "lib"

@@ -13,7 +13,7 @@ import typer
 
 from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
-from archplan.commands.schema import schema_reference
+from archplan.modeline import modeline
 from archplan.console import echo, stdout_takes_unicode
 from archplan.errors import ArchplanError, printable
 from archplan.outfile import SPEC_SUFFIXES, check_target
@@ -75,14 +75,13 @@ def hf(
         # size's and verify's default sequence is the spec's max_seq_len: a silent default moves them
         typer.echo(f"{shown}: the config states no context length; max_seq_len is the spec's default, "
                    f"{spec.max_seq_len:,}: set it to the length the model was trained at", file=sys.stderr)
-    header = f"yaml-language-server: $schema={schema_reference(output)}"
     if output is not None:
-        write_spec(spec, output, force=force, header=header)
+        write_spec(spec, output, force=force)
     if as_json:
         echo(jsonout.dumps({"output": output, "ignored": list(imported.ignored), "said": list(imported.said),
                             "spec": spec_data(spec)}))
     elif output is None:
-        echo(spec_yaml(spec, header, allow_unicode=stdout_takes_unicode()), nl=False)
+        echo(modeline(None) + "\n" + spec_yaml(spec, "", allow_unicode=stdout_takes_unicode()), nl=False)
     else:
         typer.echo(f"wrote {printable(output)} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})",
                    file=sys.stderr)

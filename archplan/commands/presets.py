@@ -15,7 +15,6 @@ from archplan.console import echo
 from archplan.errors import ArchplanError, printable
 
 DESCRIPTION_WIDTH = 90  # the table shows the start of each description; --json has it in full
-MODELINE = "# yaml-language-server: $schema="  # each preset's first line (tests/test_presets.py)
 
 
 def register(app: typer.Typer) -> None:
@@ -88,7 +87,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
 
 def _show(name: str, output: str | None, *, force: bool, as_json: bool) -> None:
     """The preset's text as shipped, its modeline pointed at the schema from where the copy goes."""
-    from archplan.commands.schema import schema_reference
+    from archplan.modeline import PREFIX, modeline
     from archplan.loader import PRESETS_DIR, preset_names, read_text, unknown_preset
     from archplan.outfile import SPEC_SUFFIXES, check_target, write_text
 
@@ -100,7 +99,7 @@ def _show(name: str, output: str | None, *, force: bool, as_json: bool) -> None:
     if target is None and force:
         raise ArchplanError("--force overwrites the -o file; without -o the preset goes to stdout")
     first, rest = read_text(PRESETS_DIR / f"{bare}.yaml").split("\n", 1)
-    text = (MODELINE + schema_reference(output) if first.startswith(MODELINE) else first) + "\n" + rest
+    text = (modeline(output) if first.startswith(PREFIX) else first) + "\n" + rest
     if target is not None:
         write_text(target, text)
     if as_json:

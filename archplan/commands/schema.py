@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-from importlib import resources
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,25 +14,6 @@ from archplan.errors import ArchplanError, printable
 from archplan.outfile import SCHEMA_SUFFIXES, check_target, write_text
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what Pydantic 2 generates
-SCHEMA_NAME = "spec.schema.json"  # package data of `archplan`, beside presets/ (whose modelines use it)
-
-
-def schema_file() -> Path:
-    """The schema shipped in the package, on disk: in the checkout or in site-packages alike."""
-    return Path(str(resources.files("archplan") / SCHEMA_NAME))
-
-
-def schema_reference(out: str | Path | None) -> str:
-    """The schema path as the YAML file will see it: relative to where the YAML is written (the
-    path as given, links not followed: an editor resolves the reference from the file it opened);
-    absolute on stdout, whose YAML may be saved anywhere (`> spec.yaml`, a pipe into another folder)."""
-    schema = schema_file()
-    if out is None:
-        return str(schema)
-    try:
-        return os.path.relpath(schema, Path(os.path.abspath(out)).parent)
-    except ValueError:  # another drive (Windows): no relative path exists
-        return str(schema)
 
 
 def render_schema(ensure_ascii: bool = False) -> str:

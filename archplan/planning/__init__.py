@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from archplan.errors import ArchplanError
+from archplan.modeline import modeline
 from archplan.outfile import SPEC_SUFFIXES, check_target, write_text
 from archplan.spec import Spec
 
@@ -58,11 +59,12 @@ def spec_yaml(spec: Spec, header: str, *, allow_unicode: bool = True) -> str:
     return comments + body
 
 
-def write_spec(spec: Spec, path: str, *, force: bool, header: str) -> None:
-    """Write `spec` to `path` (refusing to overwrite without force) and check it loads back equal."""
+def write_spec(spec: Spec, path: str, *, force: bool, header: str = "") -> None:
+    """Write `spec` to `path` (refusing to overwrite without force), its first line the modeline
+    that points an editor at the schema, then `header` as comments; check it loads back equal."""
     from archplan.loader import load_spec
 
     target = check_target(path, force=force, field="-o/--output", suffixes=SPEC_SUFFIXES)
-    write_text(target, spec_yaml(spec, header))
+    write_text(target, modeline(path) + "\n" + spec_yaml(spec, header))
     if load_spec(target) != spec:
         raise ArchplanError("written spec does not load back identical (please report)", file=path)
