@@ -534,16 +534,24 @@ def test_sarif_format(tmp_path, monkeypatch, capsys) -> None:
     for result in run["results"]:
         assert rules[result["ruleIndex"]]["id"] == result["ruleId"]
     region = run["results"][0]["locations"][0]["physicalLocation"]
-    assert region["artifactLocation"]["uri"] == "b.yaml"
+    assert region["artifactLocation"] == {"uri": "b.yaml", "uriBaseId": "%SRCROOT%"}
     assert region["region"] == {"startLine": 5, "startColumn": 36}
+    # SARIF 2.1.0: a relative reference names its base (§3.4.4), which the run resolves to the
+    # folder lint ran in (§3.14.14), and a run of text files says how its columns count (§3.14.27)
+    assert run["originalUriBaseIds"] == {"%SRCROOT%": {"uri": Path(os.path.realpath(tmp_path)).as_uri() + "/"}}
+    assert run["columnKind"] == "unicodeCodePoints"
+    # the help's link is the anchor of the rule's heading in docs/rules.md
+    assert rules[6]["help"]["text"].endswith("See docs/rules.md#ap007-vocab-alignment")
+    assert "## AP007 vocab-alignment" in (Path(__file__).parents[1] / "docs" / "rules.md").read_text()
     # an absolute path, as "$GITHUB_WORKSPACE/configs" gives: relative under the current folder,
     # a file:// URI elsewhere (a bare /abs/path maps to no file of the repository)
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
     write(outside, "o w.yaml", WARNS)
     _, out, _ = run_cli(monkeypatch, capsys, "lint", str(tmp_path / "w.yaml"), str(outside), "--format", "sarif")
-    uris = [a["location"]["uri"] for a in json.loads(out)["runs"][0]["artifacts"]]
+    artifacts = [a["location"] for a in json.loads(out)["runs"][0]["artifacts"]]
     real_outside = Path(os.path.realpath(outside))
-    assert uris == ["w.yaml", (real_outside / "o w.yaml").as_uri()] and uris[1].endswith("/o%20w.yaml")
+    assert artifacts == [{"uri": "w.yaml", "uriBaseId": "%SRCROOT%"}, {"uri": (real_outside / "o w.yaml").as_uri()}]
+    assert artifacts[1]["uri"].endswith("/o%20w.yaml")
     # `../x.yaml` leaves the checkout too; a checkout named through a link is still the checkout
     (tmp_path / "sub").mkdir()
     (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path, target_is_directory=True)
@@ -555,6 +563,22 @@ def test_sarif_format(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path.parent / f"{tmp_path.name}-link")
     _, out, _ = run_cli(monkeypatch, capsys, "lint", str(tmp_path / "w.yaml"), "--format", "sarif")
     assert [a["location"]["uri"] for a in json.loads(out)["runs"][0]["artifacts"]] == ["w.yaml"]
+
+
+def test_sarif_places_standard_input_in_no_file() -> None:
+    """`lint - --format sarif` pointed its results at a file named `%3Cstdin%3E`, which an upload
+    would show as an alert on a file the repository does not have: standard input is a stream
+    artifact, its results have no location, and their messages carry the line and column."""
+    import subprocess
+    import sys
+
+    text = (Path(__file__).parents[1] / "archplan" / "presets" / "gpt2.yaml").read_text()
+    out = subprocess.run([sys.executable, "-c", "from archplan.cli import main; main()", "lint", "-", "--format",
+                          "sarif"], input=text, capture_output=True, text=True, timeout=120).stdout
+    (run,) = json.loads(out)["runs"]
+    assert run["artifacts"] == [{"roles": ["standardStream"], "description": {"text": "standard input"}}]
+    (result,) = run["results"]
+    assert result["locations"] == [] and result["message"]["text"].startswith("<stdin>:6:1: vocab_size 50,257")
 
 
 @pytest.mark.parametrize("fmt", ["text", "github", "sarif"])

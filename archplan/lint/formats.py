@@ -15,6 +15,7 @@ from archplan import __version__
 from archplan.errors import printable
 from archplan.lint.engine import Finding, LintResult
 from archplan.lint.rules import Rule, Severity
+from archplan.loader import STDIN_LABEL
 
 
 class Format(str, Enum):
@@ -119,22 +120,45 @@ def _sarif_rule(rule: Rule) -> dict[str, Any]:
         "name": rule.name,
         "shortDescription": {"text": rule.title},
         "fullDescription": {"text": rule.rationale},
-        "help": {"text": f"{rule.rationale}\nSource: {rule.source}\nSee docs/rules.md#{rule.code.lower()}"},
+        # the anchor of the rule's heading in docs/rules.md (`## AP007 vocab-alignment`)
+        "help": {"text": f"{rule.rationale}\nSource: {rule.source}\n"
+                         f"See docs/rules.md#{rule.code.lower()}-{rule.name}"},
         "defaultConfiguration": {"level": _sarif_level(rule.severity)},
     }
 
 
-def _sarif_uri(file: str) -> str:
-    """A relative URI reference for a file under the current folder (code scanning resolves it
-    against the checkout), else a file:// URI: a bare absolute path, or `../x.yaml`, is neither.
-    Both sides are compared with their links resolved: $GITHUB_WORKSPACE may name the checkout
+# the base a relative URI is resolved against (SARIF 2.1.0 §3.4.4): the folder lint ran in, named in
+# the run's originalUriBaseIds, so that a consumer that did not run it there can still place it
+SRCROOT = "%SRCROOT%"
+
+
+def _here() -> Path:
+    """The current folder with its links resolved: $GITHUB_WORKSPACE may name the checkout
     through a link that the current folder's physical path does not show."""
+    return Path(os.path.realpath(Path.cwd()))
+
+
+def _sarif_artifact(file: str) -> dict[str, Any]:
+    """Where a finding's file is, as SARIF's artifactLocation (or artifact, for standard input):
+    a URI reference relative to `SRCROOT` for a file under the current folder, else a file://
+    URI (a bare absolute path, or `../x.yaml`, is neither); standard input is no file to point
+    at, but a stream (§3.24.6)."""
+    if file == STDIN_LABEL:
+        return {"description": {"text": "standard input"}}
     path = Path(file)
-    here = Path(os.path.realpath(Path.cwd()))
+    here = _here()
     folder = Path(os.path.realpath(path.parent))
     if folder == here or folder.is_relative_to(here):
-        return quote((folder.relative_to(here) / path.name).as_posix())
-    return (folder / path.name).as_uri()
+        return {"uri": quote((folder.relative_to(here) / path.name).as_posix()), "uriBaseId": SRCROOT}
+    return {"uri": (folder / path.name).as_uri()}
+
+
+def _sarif_location(file: str, line: int, column: int) -> list[dict[str, Any]]:
+    """A result's locations: none for standard input, which has no artifact to place it in."""
+    if file == STDIN_LABEL:
+        return []
+    return [{"physicalLocation": {"artifactLocation": _sarif_artifact(file),
+                                  "region": {"startLine": line, "startColumn": column}}}]
 
 
 def render_sarif(result: LintResult) -> str:
@@ -147,13 +171,9 @@ def render_sarif(result: LintResult) -> str:
             "ruleId": f.code,
             "ruleIndex": index[f.code],
             "level": _sarif_level(f.severity),
-            "message": {"text": text},
-            "locations": [{
-                "physicalLocation": {
-                    "artifactLocation": {"uri": _sarif_uri(f.file)},
-                    "region": {"startLine": f.line, "startColumn": f.column},
-                },
-            }],
+            # standard input's place, which no location can hold, is said in the message
+            "message": {"text": text if f.file != STDIN_LABEL else f"{f.file}:{f.line}:{f.column}: {text}"},
+            "locations": _sarif_location(f.file, f.line, f.column),
         })
     log = {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
@@ -164,7 +184,11 @@ def render_sarif(result: LintResult) -> str:
                 "version": __version__,
                 "rules": [_sarif_rule(rule) for rule in result.rules],
             }},
-            "artifacts": [{"location": {"uri": _sarif_uri(f)}} for f in result.files],
+            "originalUriBaseIds": {SRCROOT: {"uri": _here().as_uri() + "/"}},
+            # PyYAML counts a line's columns in characters (code points), not UTF-16 units (§3.14.27)
+            "columnKind": "unicodeCodePoints",
+            "artifacts": [{"roles": ["standardStream"], **_sarif_artifact(f)} if f == STDIN_LABEL
+                          else {"location": _sarif_artifact(f)} for f in result.files],
             "results": results,
         }],
     }
