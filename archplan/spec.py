@@ -89,8 +89,11 @@ class RopeScaling(Frozen):
     """RoPE length extension as shipped by Llama 3.1 (`llama3`), DeepSeek-V3 (`yarn`) and others."""
 
     kind: Literal["linear", "ntk", "yarn", "llama3"]
-    factor: Number = Field(gt=1.0, le=MAX_ROPE_FACTOR)
-    original_max_positions: PositiveInt | None = None
+    factor: Number = Field(gt=1.0, le=MAX_ROPE_FACTOR, description="How many times longer the context is than "
+                                                                     "the one trained on.")
+    original_max_positions: PositiveInt | None = Field(
+        None, description="Tokens of the context trained on before the extension (the config's "
+                          "original_max_position_embeddings).")
     # llama3 (meta-llama/llama-models `apply_scaling`)
     low_freq_factor: Number = Field(1.0, gt=0)
     high_freq_factor: Number = Field(4.0, gt=0)
@@ -191,7 +194,7 @@ class _HeadAttention(Frozen):
     out_bias: Bool = False
     qk_norm: QKNorm | None = None
     sliding_window: Dim | None = Field(
-        None, description="Window for the layers marked `S` in layout.mixers."
+        None, description="Tokens each query of the layers marked `S` in layout.mixers attends to (itself included)."
     )
     scale_dim: Annotated[Number, Field(gt=0, le=MAX_DIM)] | None = Field(
         None, description="Scores scaled by 1/sqrt(scale_dim) instead of 1/sqrt(head_dim) (Gemma 2's "
@@ -494,7 +497,7 @@ class PostNorm(Frozen):
 class DeepNorm(Frozen):
     """norm(alpha·x + f(x)), with beta-scaled init (Wang et al. 2022, DeepNet, Table 1).
 
-    Defaults (decoder-only column): alpha = (2L)^(1/4), beta = (8L)^(-1/4); see `Spec.deepnorm_alpha`.
+    Defaults (decoder-only column): alpha = (2L)^(1/4), beta = (8L)^(-1/4), L the spec's n_layers.
     β scales attention's value and output projections and the FFN; DeepNet defines none for SSM or
     long-convolution mixers, so a layout with M or H layers refuses it.
     """
@@ -530,7 +533,7 @@ Residual = Annotated[
 
 # --------------------------------------------------------------------------------------- layout
 class Layout(Frozen):
-    """Which mixer and which FFN each layer gets; `resolve.py` turns it into per-layer plans.
+    """Which mixer and which FFN each layer gets (layers counted from 0).
 
     `mixers` is a pattern repeated cyclically over the layers (or spelled out in full):
     `A` global attention, `S` sliding-window attention, `M` the SSM (`ssm`: Mamba), `H` the long
@@ -571,8 +574,7 @@ class MultiTokenPrediction(Frozen):
     from 2·d_model to d_model (no bias), runs one more block (the layer the pattern gives next, index
     n_layers + k − 1: DeepSeek-V3's is an MoE layer), normalises where the model has a final norm, and
     predicts the token k + 1 ahead through the shared head. Inference does not run it: it adds
-    parameters, training FLOPs and training memory, never KV cache or decode cost (docs/formulas.md,
-    "Multi-token prediction")."""
+    parameters, training FLOPs and training memory, never KV cache or decode cost."""
 
     depth: Annotated[Int, Field(gt=0, le=16, description="Modules, each predicting one more token ahead.")]
     loss_weight: Number = Field(0.3, gt=0, le=10, description="λ: the loss adds λ/depth · Σ_k L_k (report eq. 25).")
@@ -582,12 +584,15 @@ class Training(Frozen):
     """Optional training intent, read by `lint` and `plan`."""
 
     tokens: Number | None = Field(None, ge=1, le=1e18, description="Planned training tokens (1 to 1e18, the range --tokens takes).")
-    target_device_memory_gib: Number | None = Field(None, gt=0)
+    target_device_memory_gib: Number | None = Field(
+        None, gt=0, description="GiB (2^30 bytes) of one device's memory the KV cache of training.batch sequences at "
+                                "max_seq_len must fit (lint's AP015).")
     batch: PositiveInt = Field(1, le=MAX_BATCH, description="Sequences the KV cache holds (lint's AP015).")
 
 
 class Reference(Frozen):
-    """Where a preset comes from and what was published; golden tests read it."""
+    """Where a spec comes from and what was published: the tests hold each preset's counts to
+    total_params and active_params exactly."""
 
     source: Text
     total_params: Int | None = Field(None, ge=0)
@@ -597,12 +602,21 @@ class Reference(Frozen):
 
 
 class Spec(Frozen):
-    name: Line = Field(min_length=1, max_length=NAME_MAX_CHARS)
+    """An archplan model spec: one decoder-only language model, from which `size`, `compare`,
+    `plan`, `verify` and `bench` compute parameters, FLOPs, KV cache and memory. Each layer's
+    mixer is `attention`, `ssm` or `long_conv` and its feed-forward `ffn` or `moe`, as `layout`
+    assigns them; the rules across fields are the loader's and `archplan lint`'s."""
+
+    name: Line = Field(min_length=1, max_length=NAME_MAX_CHARS,
+                       description="The model's name, as reports and tables print it (one line).")
     description: Text | None = None
-    vocab_size: Dim
-    d_model: Dim
-    n_layers: Annotated[Int, Field(gt=0, le=MAX_LAYERS)]
-    max_seq_len: Annotated[Int, Field(gt=0, le=MAX_SEQ_LEN)] = 4096
+    vocab_size: Dim = Field(description="Tokens in the vocabulary: rows of the embedding and of the LM head.")
+    d_model: Dim = Field(description="Width of the residual stream (hidden size).")
+    n_layers: Annotated[Int, Field(gt=0, le=MAX_LAYERS)] = Field(
+        description="Blocks of the main model (a multi-token-prediction module's are extra).")
+    max_seq_len: Annotated[Int, Field(gt=0, le=MAX_SEQ_LEN)] = Field(
+        4096, description="Tokens of the longest context the model was trained for: the default --seq and "
+                          "--context, and the rows of a learned position table.")
     embedding: Embedding = Embedding()
     position: Position = Field(Rope(), description="rope by default; none for a model without attention, as RoPE and ALiBi act inside attention (learned and sinusoidal positions, added to the embeddings, still apply).")
     norm: NormSpec = NormSpec()
