@@ -88,7 +88,7 @@ _NODE = (yaml.ScalarEvent, *_OPEN)
 # YAML 1.1 (PyYAML) reads `2.0e12` (no exponent sign) as a string; YAML 1.2 and users mean a float.
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""", re.X)
 
@@ -148,32 +148,47 @@ _YAML11_ONLY = re.compile(r"""^(?:[-+]?0[0-7_]+
     |[-+]?[0-9][0-9_]*_[0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?[0-9][0-9_]*_[0-9_]*[eE][-+]?[0-9]+
     |[-+]?[0-9][0-9_]*\.[0-9_]*_[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |\.[0-9_]*_[0-9_]*(?:[eE][-+]?[0-9]+)?)$""", re.X)
+    |[-+]?\.[0-9_]*_[0-9_]*(?:[eE][-+]?[0-9]+)?)$""", re.X)
 _YAML11_TAG = "tag:archplan,2026:yaml11-number"
+
+
+def _base60(text: str) -> int | float:
+    """YAML 1.1's sexagesimal reading (`3:20` is 200, `1:30.5` 90.5), by hand: PyYAML's own
+    constructor reads a part with a leading zero (`08:00`) as octal and fails on it."""
+    parts = text.lstrip("+-").replace("_", "").split(":")
+    value: int | float = 0
+    for part in parts:
+        value = value * 60 + (float(part) if "." in part else int(part))
+    return -value if text.startswith("-") else value
 
 
 def _construct_yaml11_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Yaml11Number:
     text = Yaml11Number(loader.construct_scalar(node))
     sign = "-" if text.startswith("-") else ""
     digits = text.lstrip("+-")
+    bare = digits.replace("_", "")
     if ":" in text:
-        base60 = (yaml.constructor.SafeConstructor.construct_yaml_float if "." in text else
-                  yaml.constructor.SafeConstructor.construct_yaml_int)(loader, node)
-        text.reading = f"YAML 1.1 reads it in base 60, as {base60:,}"
+        text.reading = f"YAML 1.1 reads it in base 60, as {_base60(text):,}"
     elif digits.startswith("0b"):
-        value = int(digits[2:].replace("_", ""), 2)
+        value = int(bare[2:], 2)
         text.reading = f"YAML 1.1 reads 0b as binary, {sign}{value:,}; write {sign}{value}"
     elif digits.startswith("0o"):
-        value = int(digits[2:].replace("_", ""), 8)
-        text.reading = f"YAML 1.2 (editors) reads 0o as octal, {sign}{value:,}, and YAML 1.1 as text; write {sign}{value}"
-    elif re.fullmatch(r"0[0-7_]+", digits):
-        decimal = int(digits.replace("_", ""))
-        text.reading = (f"YAML 1.1 reads a leading zero as octal, {sign}{int(digits.replace('_', ''), 8):,}, and "
-                        f"YAML 1.2 (editors) as decimal, {sign}{decimal:,}; write the one meant without it")
+        value = int(bare[2:], 8)
+        # YAML 1.2's core schema writes its octal `0o[0-7]+`: no sign, no underscores
+        text.reading = (f"YAML 1.2 (editors) reads 0o as octal, {value:,}, and YAML 1.1 as text; write {value}"
+                        if re.fullmatch(r"0o[0-7]+", text) else
+                        f"YAML 1.1 and 1.2 both read it as text; write the number, {sign}{value} in decimal")
     elif re.fullmatch(r"0[0-9_]+", digits):
-        decimal = int(digits.replace("_", ""))
-        text.reading = (f"YAML 1.2 (editors) reads a leading zero as decimal, {sign}{decimal:,}, and YAML 1.1 "
-                        f"as text, having no 8 or 9 in octal; write {sign}{decimal}")
+        decimal = int(bare)
+        octal = int(bare, 8) if re.fullmatch(r"0[0-7_]+", digits) else None
+        one = (f"YAML 1.1 reads a leading zero as octal, {sign}{octal:,}" if octal is not None else
+               "YAML 1.1 reads it as text, having no 8 or 9 in octal")
+        # YAML 1.2's core schema: `[-+]?[0-9]+`, a leading zero decimal, no underscores
+        two = (f"YAML 1.2 (editors) as decimal, {sign}{decimal:,}" if "_" not in digits else
+               "YAML 1.2 (editors) as text, having no underscores in numbers")
+        write = ("write the one meant without the zero" if octal is not None and octal != decimal else
+                 f"write {sign}{decimal}")
+        text.reading = f"{one}, and {two}; {write}"
     else:
         plain = text.replace("_", "")
         text.reading = f"YAML 1.1 reads the underscores as digit separators and YAML 1.2 as text; write {plain}"
@@ -254,7 +269,9 @@ def _count_nodes(node: yaml.Node, budget: list[int], file: str) -> None:
             _count_nodes(item, budget, file)
 
 
-_KEY_TAGS = {"tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"}  # a field name, or `<<` merging a mapping
+# a field name, or `<<` merging a mapping; a number only to YAML 1.1 (`08`, `4_096`) is text to 1.2
+# and to editors, and a key that names no field is said so once, as an unknown field
+_KEY_TAGS = {"tag:yaml.org,2002:str", "tag:yaml.org,2002:merge", _YAML11_TAG}
 
 
 def _bad_keys(node: yaml.Node, file: str) -> Iterator[ArchplanError]:

@@ -23,14 +23,15 @@ def schema_file() -> Path:
 def schema_reference(out: str | Path | None) -> str:
     """The schema path as the YAML file will see it: relative to where the YAML is written (the
     path as given, links not followed: an editor resolves the reference from the file it opened);
-    absolute on stdout, whose YAML may be saved anywhere (`> spec.yaml`, a pipe into another folder)."""
+    absolute on stdout, whose YAML may be saved anywhere (`> spec.yaml`, a pipe into another folder).
+    A path with a space in it (`Program Files`, `/Users/Jane Doe`) is a file:// URI instead, its
+    space escaped: yaml-language-server reads the reference up to the first blank."""
     schema = schema_file()
-    if out is None:
-        return str(schema)
     try:
-        return os.path.relpath(schema, Path(os.path.abspath(out)).parent)
+        reference = str(schema) if out is None else os.path.relpath(schema, Path(os.path.abspath(out)).parent)
     except ValueError:  # another drive (Windows): no relative path exists
-        return str(schema)
+        reference = str(schema)
+    return schema.as_uri() if any(char.isspace() for char in reference) else reference
 
 
 def modeline(out: str | Path | None) -> str:

@@ -165,6 +165,20 @@ def test_a_key_yaml_reads_as_no_string_names_its_line(cli, tmp_path: Path, key: 
     assert found == [f"{path}:3:1: AP002", f"{path}:5:36: AP002", f"{path}:6:1: AP002"]
 
 
+@pytest.mark.parametrize("key", ["08", "010000", "0o17", "4_096"])
+def test_a_key_only_yaml_1_1_reads_as_a_number_is_an_unknown_field_once(cli, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                       key: str) -> None:
+    """`08:` was reported twice, once as a key "YAML reads as yaml11-number" (an internal tag's
+    name): to YAML 1.2 and to editors it is text, a field name no spec has."""
+    path = spec_file(tmp_path, BASE.replace("ffn:", f"{key}: 2\nffn:"))
+    outcome = cli("lint", path)
+    assert outcome.code == 1 and "yaml11" not in outcome.stdout
+    assert [line for line in outcome.stdout.splitlines() if " AP002 " in line] == [
+        f"{path}:6:1: AP002 error: {key}: unknown field (expected one of: attention, d_model, description, embedding, "
+        "ffn, final_norm, layout, long_conv, max_seq_len, moe, mtp, n_layers, name, norm, position, reference, "
+        "residual, ssm, training, vocab_size)"]
+
+
 def test_a_key_with_a_line_break_keeps_the_error_on_one_line(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A quoted key "a\\nb" was printed raw: one finding split over two lines in `lint`'s text
     output and in `size`'s error. The key is quoted as Python writes it."""
@@ -460,12 +474,17 @@ def test_a_boolean_field_takes_only_a_boolean(cli, tmp_path: Path, value: str, s
 
 @pytest.mark.parametrize(("value", "said"), [
     ("010000", "expected an integer, got 010000: YAML 1.1 reads a leading zero as octal, 4,096, and YAML 1.2 "
-               "(editors) as decimal, 10,000; write the one meant without it"),
+               "(editors) as decimal, 10,000; write the one meant without the zero"),
     # YAML 1.2's readings of what 1.1 reads as text: an editor took `08` and `0o100` as numbers
-    ("08", "expected an integer, got 08: YAML 1.2 (editors) reads a leading zero as decimal, 8, and YAML 1.1 as "
-           "text, having no 8 or 9 in octal; write 8"),
+    ("08", "expected an integer, got 08: YAML 1.1 reads it as text, having no 8 or 9 in octal, and YAML 1.2 "
+           "(editors) as decimal, 8; write 8"),
     ("0o100", "expected an integer, got 0o100: YAML 1.2 (editors) reads 0o as octal, 64, and YAML 1.1 as text; "
               "write 64"),
+    # YAML 1.2's core schema has no sign on 0o and no underscores: text to both versions
+    ("-0o17", "expected an integer, got -0o17: YAML 1.1 and 1.2 both read it as text; write the number, -15 in "
+              "decimal"),
+    ("0_8", "expected an integer, got 0_8: YAML 1.1 reads it as text, having no 8 or 9 in octal, and YAML 1.2 "
+            "(editors) as text, having no underscores in numbers; write 8"),
     ("1:04", "expected an integer, got 1:04: YAML 1.1 reads it in base 60, as 64"),
     ("0b1000000", "expected an integer, got 0b1000000: YAML 1.1 reads 0b as binary, 64; write 64"),
     ("6_4", "expected an integer, got 6_4: YAML 1.1 reads the underscores as digit separators and YAML 1.2 as "
@@ -477,7 +496,14 @@ def test_a_number_only_yaml_1_1_reads_is_refused(cli, tmp_path: Path, value: str
     assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model", said)
 
 
-@pytest.mark.parametrize("name", ["10:30", "1_000", "no", "on", "2024-06-01", "08", "0o17"])
+def test_a_signed_fraction_without_its_zero_is_a_number(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`-.5`, a number to both YAML versions, was the string '-.5', told to "write the number
+    without quotes" it did not have."""
+    path = spec_file(tmp_path, BASE.replace("d_model: 64", "d_model: -.5"))
+    assert_one_line_error(cli("size", path), f"{path}:3:1", "d_model: expected an integer, got -0.5")
+
+
+@pytest.mark.parametrize("name", ["10:30", "1_000", "no", "on", "2024-06-01", "08", "0o17", "08:00"])
 def test_a_name_keeps_what_yaml_1_1_would_read_as_a_number_or_a_boolean(cli, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
     path = spec_file(tmp_path, f"name: {name}\n" + BASE.split("\n", 1)[1])
     outcome = cli("size", path, "--json")

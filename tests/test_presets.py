@@ -114,8 +114,8 @@ def test_presets_name_prints_and_writes_the_preset_to_start_from(tmp_path: Path)
     from typer.testing import CliRunner
 
     from archplan.cli import app
-    from archplan.modeline import schema_file
     from archplan.errors import ArchplanError
+    from archplan.modeline import schema_file
 
     runner = CliRunner()
     shipped = (PRESETS_DIR / "deepseek-v3.yaml").read_text()

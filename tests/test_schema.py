@@ -135,3 +135,23 @@ def test_schema_names_a_force_or_folder_that_cannot_work(tmp_path, monkeypatch, 
     assert "without it the schema goes to stdout" in capsys.readouterr().err
     assert run_cli(monkeypatch, "schema", "-o", str(tmp_path / "no" / "spec.schema.json")) == 2
     assert "-o/--output: directory does not exist" in capsys.readouterr().err
+
+
+def test_a_modeline_to_a_schema_under_a_path_with_a_space_is_a_uri(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """yaml-language-server reads `$schema=` up to the first blank: an install under "Program
+    Files" or "/Users/Jane Doe" pointed editors at `.../Jane`. Such a path is a file:// URI."""
+    from archplan import modeline
+
+    schema = tmp_path / "with space" / "spec.schema.json"
+    schema.parent.mkdir()
+    schema.write_text("{}")
+    monkeypatch.setattr(modeline, "schema_file", lambda: schema)
+    for out in (None, str(tmp_path / "spec.yaml"), str(tmp_path / "with space" / "spec.yaml")):
+        line = modeline.modeline(out)
+        reference = line.removeprefix("# yaml-language-server: $schema=")
+        assert " " not in reference
+        if reference.startswith("file:"):
+            assert reference == schema.as_uri()
+        else:  # beside it: no space in the relative path
+            assert (Path(out or "").parent / reference).resolve() == schema.resolve()

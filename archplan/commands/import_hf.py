@@ -13,9 +13,9 @@ import typer
 
 from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
-from archplan.modeline import modeline
 from archplan.console import echo, stdout_takes_unicode
 from archplan.errors import ArchplanError, printable
+from archplan.modeline import modeline
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
 import_app = typer.Typer(

@@ -15,6 +15,7 @@ from archplan.console import echo, settle
 from archplan.errors import ArchplanError
 from archplan.lint.engine import LintConfig, lint_paths, load_config, parse_codes
 from archplan.lint.formats import Format, render
+from archplan.loader import STDIN_LABEL
 
 PathsArg = Annotated[
     list[str],
@@ -66,6 +67,11 @@ def register(app: typer.Typer) -> None:
         result = lint_paths(paths, config)
         code = settle(result.exit_code(config.strict))
         echo(render(result, Format.json if as_json else fmt or Format.text), nl=False)
+        if fmt is Format.sarif and any(f.file == STDIN_LABEL for f in result.findings):
+            # SARIF lets a result have no location, which standard input's are; GitHub code
+            # scanning refuses a whole upload that holds one (github/codeql-action#1738)
+            typer.echo("lint: standard input's findings have no file to point at, so GitHub code scanning "
+                       "refuses this SARIF log; lint the files themselves for an upload", err=True)
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where click
         # returns an Exit's code instead of exiting with it.
         raise SystemExit(code)

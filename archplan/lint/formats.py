@@ -184,7 +184,7 @@ def render_sarif(result: LintResult) -> str:
                 "version": __version__,
                 "rules": [_sarif_rule(rule) for rule in result.rules],
             }},
-            "originalUriBaseIds": {SRCROOT: {"uri": _here().as_uri() + "/"}},
+            "originalUriBaseIds": {SRCROOT: {"uri": _here().as_uri().rstrip("/") + "/"}},
             # PyYAML counts a line's columns in characters (code points), not UTF-16 units (§3.14.27)
             "columnKind": "unicodeCodePoints",
             "artifacts": [{"roles": ["standardStream"], **_sarif_artifact(f)} if f == STDIN_LABEL
