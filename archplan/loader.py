@@ -136,12 +136,13 @@ class Yaml11Number(str):
 
 # the int and float forms YAML 1.1 and 1.2 read otherwise (PyYAML's resolver.py; the 1.2 core
 # schema): a leading zero (1.1's octal, 1.2's decimal; with an 8 or 9, 1.1's text), 1.2's `0o`
-# octal, base 60, binary, and digits with underscores (decimal ints start 1-9 in 1.1; floats as
-# `_FLOAT`)
+# octal, base 60 (an int's first part 1-9, a float's any digits), binary, and digits with
+# underscores (decimal ints start 1-9 in 1.1; floats as `_FLOAT`)
 _YAML11_ONLY = re.compile(r"""^(?:[-+]?0[0-7_]+
     |[-+]?0[0-9_]*[89][0-9_]*
     |[-+]?0o[0-7_]+
-    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?
+    |[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
     |[-+]?0b[01_]+
     |[-+]?0x[0-9a-fA-F_]*_[0-9a-fA-F_]*
     |[-+]?[1-9][0-9_]*_[0-9_]*
@@ -153,8 +154,8 @@ _YAML11_TAG = "tag:archplan,2026:yaml11-number"
 
 
 def _base60(text: str) -> int | float:
-    """YAML 1.1's sexagesimal reading (`3:20` is 200, `1:30.5` 90.5), by hand: PyYAML's own
-    constructor reads a part with a leading zero (`08:00`) as octal and fails on it."""
+    """YAML 1.1's sexagesimal reading: `3:20` is 200, `1:30.5` 90.5 (an integer's first part
+    starts 1-9, so `08:00` is text to both versions; a float's may be `08:00.5`)."""
     parts = text.lstrip("+-").replace("_", "").split(":")
     value: int | float = 0
     for part in parts:

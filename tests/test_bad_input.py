@@ -486,6 +486,9 @@ def test_a_boolean_field_takes_only_a_boolean(cli, tmp_path: Path, value: str, s
     ("0_8", "expected an integer, got 0_8: YAML 1.1 reads it as text, having no 8 or 9 in octal, and YAML 1.2 "
             "(editors) as text, having no underscores in numbers; write 8"),
     ("1:04", "expected an integer, got 1:04: YAML 1.1 reads it in base 60, as 64"),
+    # a base-60 integer's first part starts 1-9 (`08:00` is text to both versions), a float's not
+    ("08:00.5", "expected an integer, got 08:00.5: YAML 1.1 reads it in base 60, as 480.5"),
+    ("08:00", "expected an integer, got the string '08:00'"),
     ("0b1000000", "expected an integer, got 0b1000000: YAML 1.1 reads 0b as binary, 64; write 64"),
     ("6_4", "expected an integer, got 6_4: YAML 1.1 reads the underscores as digit separators and YAML 1.2 as "
             "text; write 64"),
