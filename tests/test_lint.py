@@ -519,6 +519,26 @@ def test_github_format_is_workflow_commands(tmp_path, monkeypatch, capsys) -> No
     assert second.startswith("::warning file=w.yaml,line=2,col=1,title=AP007 vocab-alignment::")
 
 
+def test_github_annotations_are_placed_from_the_checkout_s_root(tmp_path, monkeypatch, capsys) -> None:
+    """The runner reads a relative `file=` from the checkout's root ($GITHUB_WORKSPACE): a lint
+    run in a subfolder (`working-directory: configs`) put `a.yaml`'s annotation on the root's
+    `a.yaml`. Under a workflow the path is the checkout's; outside the checkout, as given."""
+    (tmp_path / "configs").mkdir()
+    write(tmp_path / "configs", "w.yaml", WARNS)
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "configs")
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", "github")
+    assert out.startswith("::warning file=configs/w.yaml,line=2,col=1,")
+    # the SARIF log's relative URIs too, from the checkout's root, which code scanning reads them from
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", "sarif")
+    (run,) = json.loads(out)["runs"]
+    assert run["artifacts"] == [{"location": {"uri": "configs/w.yaml", "uriBaseId": "%SRCROOT%"}}]
+    assert run["originalUriBaseIds"]["%SRCROOT%"]["uri"] == Path(os.path.realpath(tmp_path)).as_uri() + "/"
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(tmp_path / "elsewhere"))
+    _, out, _ = run_cli(monkeypatch, capsys, "lint", ".", "--format", "github")
+    assert out.startswith("::warning file=w.yaml,line=2,col=1,")
+
+
 def test_sarif_format(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "w.yaml", WARNS)

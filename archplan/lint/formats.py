@@ -86,12 +86,27 @@ def _github_command(severity: Severity) -> str:
             assert_never(severity)
 
 
+def _github_file(file: str) -> str:
+    """A finding's file as GitHub places an annotation: relative to the checkout
+    ($GITHUB_WORKSPACE), as the runner itself rewrites an absolute path under it. A relative path
+    is read from the checkout's root, so one from a step run in a subfolder (`working-directory:
+    configs`) landed on the wrong file; outside a workflow, or outside the checkout, as given."""
+    workspace = os.environ.get("GITHUB_WORKSPACE")
+    if workspace and file != STDIN_LABEL:
+        path = Path(file)
+        target = Path(os.path.realpath(path.parent)) / path.name  # the file's own link kept, as SARIF's
+        root = Path(os.path.realpath(workspace))
+        if target.is_relative_to(root):
+            return target.relative_to(root).as_posix()
+    return PurePath(file).as_posix()
+
+
 def render_github(result: LintResult) -> str:
     """One workflow command per finding, so each shows inline on the pull request's diff."""
     lines = []
     for f in result.findings:
         props = ",".join((
-            f"file={_escape_property(PurePath(f.file).as_posix())}",
+            f"file={_escape_property(_github_file(f.file))}",
             f"line={f.line}",
             f"col={f.column}",
             f"title={_escape_property(f'{f.code} {f.rule.name}')}",
@@ -127,20 +142,28 @@ def _sarif_rule(rule: Rule) -> dict[str, Any]:
     }
 
 
-# the base a relative URI is resolved against (SARIF 2.1.0 §3.4.4): the folder lint ran in, named in
-# the run's originalUriBaseIds, so that a consumer that did not run it there can still place it
+# the base a relative URI is resolved against (SARIF 2.1.0 §3.4.4), named in the run's
+# originalUriBaseIds, so that a consumer that did not run lint there can still place it
 SRCROOT = "%SRCROOT%"
 
 
 def _here() -> Path:
-    """The current folder with its links resolved: $GITHUB_WORKSPACE may name the checkout
-    through a link that the current folder's physical path does not show."""
-    return Path(os.path.realpath(Path.cwd()))
+    """The base of the log's relative URIs: the checkout ($GITHUB_WORKSPACE) in a workflow step
+    run inside it, whose root code scanning resolves them from (a step's `working-directory:
+    configs` included), else the current folder; links resolved, as $GITHUB_WORKSPACE may name
+    the checkout through a link that the current folder's physical path does not show."""
+    here = Path(os.path.realpath(Path.cwd()))
+    workspace = os.environ.get("GITHUB_WORKSPACE")
+    if workspace:
+        root = Path(os.path.realpath(workspace))
+        if here.is_relative_to(root):
+            return root
+    return here
 
 
 def _sarif_artifact(file: str) -> dict[str, Any]:
     """Where a finding's file is, as SARIF's artifactLocation (or artifact, for standard input):
-    a URI reference relative to `SRCROOT` for a file under the current folder, else a file://
+    a URI reference relative to `SRCROOT` for a file under `_here()`, else a file://
     URI (a bare absolute path, or `../x.yaml`, is neither); standard input is no file to point
     at, but a stream (§3.24.6)."""
     if file == STDIN_LABEL:
