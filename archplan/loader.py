@@ -401,12 +401,17 @@ def stdin_bytes() -> bytes:
         raise ArchplanError(f"cannot read: {exc.strerror}", file=STDIN_LABEL) from None
 
 
+def is_stdin(name_or_path: str) -> bool:
+    """Whether a spec given on the command line is standard input: `-`, or /dev/stdin itself."""
+    return name_or_path == STDIN or Path(name_or_path) == STDIN_PATH
+
+
 @contextmanager
 def spec_as_file(name_or_path: str) -> Iterator[str]:
     """`name_or_path` as processes of their own can read it: standard input's text written to a
     private folder for as long as the block runs (`bench --nproc`'s torchrun workers have no
     standard input of theirs), anything else as given."""
-    if name_or_path != STDIN:
+    if not is_stdin(name_or_path):
         yield name_or_path
         return
     with tempfile.TemporaryDirectory(prefix="archplan-stdin-") as folder:
@@ -426,7 +431,7 @@ def spec_label(path: Path) -> str:
 def spec_source(name_or_path: str) -> str:
     """How a spec given on the command line is named in messages and reports: `<stdin>` for `-`
     and /dev/stdin, anything else as typed."""
-    return STDIN_LABEL if name_or_path == STDIN or Path(name_or_path) == STDIN_PATH else name_or_path
+    return STDIN_LABEL if is_stdin(name_or_path) else name_or_path
 
 
 def read_text(path: Path) -> str:

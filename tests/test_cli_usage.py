@@ -540,9 +540,15 @@ def test_a_dash_is_standard_input_even_beside_a_file_of_that_name(tmp_path: Path
     assert linted.stdout.startswith("./-:6:1: AP007 warning: vocab_size 50,257")
 
 
-def test_dev_stdin_is_standard_input_named_alike() -> None:
+def test_dev_stdin_is_standard_input_named_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     """`/dev/stdin` read the pipe in size but was "not a regular file or folder" to lint, and its
-    errors named /dev/stdin where `-`'s name <stdin>."""
+    errors named /dev/stdin where `-`'s name <stdin>; `bench --nproc` handed it to workers that
+    have no standard input, where `-` gets them a copy."""
+    from archplan import loader
+
+    monkeypatch.setattr(loader, "stdin_bytes", lambda: b"name: piped\n")
+    with loader.spec_as_file("/dev/stdin") as path:
+        assert path != "/dev/stdin" and Path(path).read_text() == "name: piped\n"
     broken = (PRESETS / "gpt2.yaml").read_text().replace("vocab_size: 50257", "vocab_size: -1")
     for command, code in (("size", 2), ("lint", 1)):
         result = piped(command, "/dev/stdin", stdin=broken)

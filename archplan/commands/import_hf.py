@@ -15,7 +15,6 @@ from archplan import jsonout
 from archplan.commands.options import ForceOpt, JsonOpt
 from archplan.console import echo, stdout_takes_unicode
 from archplan.errors import ArchplanError, printable
-from archplan.modeline import modeline
 from archplan.outfile import SPEC_SUFFIXES, check_target
 
 import_app = typer.Typer(
@@ -56,7 +55,7 @@ def hf(
       archplan import hf ~/models/DeepSeek-V3 --mtp -o deepseek-v3-mtp.yaml
     """
     from archplan.importers.hf import read_hf
-    from archplan.planning import spec_data, spec_yaml, write_spec
+    from archplan.planning import spec_data, spec_document, write_spec
 
     if output is not None:
         check_target(output, force=force, field="-o/--output", suffixes=SPEC_SUFFIXES)
@@ -81,7 +80,7 @@ def hf(
         echo(jsonout.dumps({"output": output, "ignored": list(imported.ignored), "said": list(imported.said),
                             "spec": spec_data(spec)}))
     elif output is None:
-        echo(modeline(None) + "\n" + spec_yaml(spec, "", allow_unicode=stdout_takes_unicode()), nl=False)
+        echo(spec_document(spec, None, allow_unicode=stdout_takes_unicode()), nl=False)
     else:
         typer.echo(f"wrote {printable(output)} ({spec.name}: {spec.n_layers} layers, d_model {spec.d_model})",
                    file=sys.stderr)

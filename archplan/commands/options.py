@@ -24,18 +24,16 @@ def _spec_files(incomplete: str) -> list[str]:
             if os.path.isdir(path) or path.lower().endswith(SPEC_SUFFIXES)]
 
 
-def complete_spec(incomplete: str) -> list[str]:
-    """Shell completion of a SPEC (or lint's PATH): the bundled presets' names, then spec files."""
-    from archplan.loader import preset_names
-
-    return [name for name in preset_names() if name.startswith(incomplete)] + _spec_files(incomplete)
-
-
 def complete_preset(incomplete: str) -> list[str]:
     """Shell completion of `presets NAME`: the bundled presets' names."""
     from archplan.loader import preset_names
 
     return [name for name in preset_names() if name.startswith(incomplete)]
+
+
+def complete_spec(incomplete: str) -> list[str]:
+    """Shell completion of a SPEC (or lint's PATH): the bundled presets' names, then spec files."""
+    return complete_preset(incomplete) + _spec_files(incomplete)
 
 
 def complete_partial(incomplete: str) -> list[str]:

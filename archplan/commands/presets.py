@@ -87,8 +87,8 @@ def _table(rows: list[dict[str, Any]]) -> None:
 
 def _show(name: str, output: str | None, *, force: bool, as_json: bool) -> None:
     """The preset's text as shipped, its modeline pointed at the schema from where the copy goes."""
-    from archplan.modeline import PREFIX, modeline
     from archplan.loader import PRESETS_DIR, preset_names, read_text, unknown_preset
+    from archplan.modeline import PREFIX, modeline
     from archplan.outfile import SPEC_SUFFIXES, check_target, write_text
 
     bare = name.removesuffix(".yaml")

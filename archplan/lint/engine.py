@@ -24,11 +24,11 @@ from archplan.errors import ArchplanError, dotted
 from archplan.lint.rules import BY_CODE, RULES, FieldPath, Hit, Recognise, Rule, Severity, SpecContext
 from archplan.loader import (
     DANGLING_LINK,
-    STDIN,
     STDIN_LABEL,
     STDIN_PATH,
     LoadedYaml,
     find_spec_path,
+    is_stdin,
     parse_yaml,
     preset_names,
     read_text,
@@ -192,7 +192,7 @@ def discover(paths: Sequence[str]) -> list[Path]:
                     # `configs/*` also matches the README and spec.schema.json beside the specs
                     found.append(path)
             continue
-        if arg == STDIN or Path(arg) == STDIN_PATH:  # standard input, as `cat` reads it: a file named `-` is `./-`
+        if is_stdin(arg):  # standard input, as `cat` reads it: a file named `-` is `./-`
             found.append(STDIN_PATH)
             continue
         path = Path(arg)

@@ -93,12 +93,19 @@ def _github_file(file: str) -> str:
     configs`) landed on the wrong file; outside a workflow, or outside the checkout, as given."""
     workspace = os.environ.get("GITHUB_WORKSPACE")
     if workspace and file != STDIN_LABEL:
-        path = Path(file)
-        target = Path(os.path.realpath(path.parent)) / path.name  # the file's own link kept, as SARIF's
-        root = Path(os.path.realpath(workspace))
-        if target.is_relative_to(root):
-            return target.relative_to(root).as_posix()
+        under = _under(file, Path(os.path.realpath(workspace)))
+        if under is not None:
+            return under.as_posix()
     return PurePath(file).as_posix()
+
+
+def _under(file: str, root: Path) -> PurePath | None:
+    """`file` relative to `root` (a folder with its links resolved), or None outside it. The
+    file's folder is resolved, not the file itself: a link keeps its own name, as it is the path
+    the user's repository holds."""
+    path = Path(file)
+    folder = Path(os.path.realpath(path.parent))
+    return folder.relative_to(root) / path.name if folder.is_relative_to(root) else None
 
 
 def render_github(result: LintResult) -> str:
@@ -168,12 +175,11 @@ def _sarif_artifact(file: str) -> dict[str, Any]:
     at, but a stream (§3.24.6)."""
     if file == STDIN_LABEL:
         return {"description": {"text": "standard input"}}
+    under = _under(file, _here())
+    if under is not None:
+        return {"uri": quote(under.as_posix()), "uriBaseId": SRCROOT}
     path = Path(file)
-    here = _here()
-    folder = Path(os.path.realpath(path.parent))
-    if folder == here or folder.is_relative_to(here):
-        return {"uri": quote((folder.relative_to(here) / path.name).as_posix()), "uriBaseId": SRCROOT}
-    return {"uri": (folder / path.name).as_uri()}
+    return {"uri": (Path(os.path.realpath(path.parent)) / path.name).as_uri()}
 
 
 def _sarif_location(file: str, line: int, column: int) -> list[dict[str, Any]]:

@@ -59,12 +59,18 @@ def spec_yaml(spec: Spec, header: str, *, allow_unicode: bool = True) -> str:
     return comments + body
 
 
+def spec_document(spec: Spec, out: str | None, header: str = "", *, allow_unicode: bool = True) -> str:
+    """A spec as archplan writes it to `out` (None: stdout): the modeline that points an editor at
+    the schema from there, then `header` as comments, then `spec_yaml`'s body."""
+    return modeline(out) + "\n" + spec_yaml(spec, header, allow_unicode=allow_unicode)
+
+
 def write_spec(spec: Spec, path: str, *, force: bool, header: str = "") -> None:
-    """Write `spec` to `path` (refusing to overwrite without force), its first line the modeline
-    that points an editor at the schema, then `header` as comments; check it loads back equal."""
+    """Write `spec_document` to `path` (refusing to overwrite without force); check it loads back
+    equal."""
     from archplan.loader import load_spec
 
     target = check_target(path, force=force, field="-o/--output", suffixes=SPEC_SUFFIXES)
-    write_text(target, modeline(path) + "\n" + spec_yaml(spec, header))
+    write_text(target, spec_document(spec, path, header))
     if load_spec(target) != spec:
         raise ArchplanError("written spec does not load back identical (please report)", file=path)
